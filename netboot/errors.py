@@ -1,0 +1,106 @@
+"""The one exception tree of netboot.
+
+Everything netboot raises on purpose derives from :class:`NetbootError`; the edges (HTTP API,
+CLI, UDP servers) translate these into status codes, exit codes or log lines. Anything else
+that escapes is a bug and is logged as one.
+"""
+
+from __future__ import annotations
+
+
+class NetbootError(Exception):
+    """Base of every error netboot raises deliberately."""
+
+
+class ConfigError(NetbootError):
+    """A configuration file, flag or environment value is wrong.
+
+    ``source`` names the file (or ``env``/``flag``), ``line`` the 1-based line when known,
+    ``key`` the dotted key and ``fix`` what to write instead.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.message = message
+        self.source = source
+        self.line = line
+        self.key = key
+        self.fix = fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.source or ""
+        if self.line is not None:
+            where += f":{self.line}"
+        parts = [f"{where}: " if where else ""]
+        if self.key:
+            parts.append(f"{self.key}: ")
+        parts.append(self.message)
+        if self.fix:
+            parts.append(f" (fix: {self.fix})")
+        return "".join(parts)
+
+
+class DecodeError(NetbootError):
+    """Bytes on the wire (or text in a request) could not be decoded.
+
+    ``field`` names the field and ``offset`` the byte offset when known, so that a log line
+    says exactly where a packet went wrong.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, offset: int | None = None):
+        self.message = message
+        self.field = field
+        self.offset = offset
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = []
+        if self.field:
+            where.append(self.field)
+        if self.offset is not None:
+            where.append(f"offset {self.offset}")
+        return f"{self.message} ({', '.join(where)})" if where else self.message
+
+
+class ValidationError(NetbootError):
+    """A value given by a user (API body, import row, CLI argument) is not acceptable.
+
+    ``field`` names the offending field so that the API can answer 400 naming it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class NotFound(NetbootError):
+    """The named object does not exist."""
+
+
+class Conflict(NetbootError):
+    """The change conflicts with what exists (a MAC or hostname already used, ...)."""
+
+
+class RenderError(NetbootError):
+    """A template failed to render, or its output failed validation."""
+
+
+class StoreError(NetbootError):
+    """The inventory failed (I/O, corruption, lock timeout). Never reported as "not found"."""
+
+
+class AuthError(NetbootError):
+    """Missing or wrong credentials (401)."""
+
+
+class Forbidden(NetbootError):
+    """Credentials are valid but do not allow this (403)."""

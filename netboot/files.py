@@ -1,0 +1,100 @@
+"""Root-restricted file lookup shared by TFTP and HTTP.
+
+A request path is untrusted text. It is resolved against each root of a search path in order;
+a path that is absolute, contains NUL, a ``..`` segment, a backslash trick, or that resolves
+(through symlinks) outside its root is refused with :class:`Forbidden`, never served.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import unquote
+
+from netboot.errors import Forbidden, NotFound
+from netboot.model import Blob
+
+_TYPES = {
+    ".ipxe": "text/plain; charset=utf-8",
+    ".efi": "application/efi",
+    ".iso": "application/vnd.efi-iso",
+    ".img": "application/vnd.efi-img",
+    ".kpxe": "application/octet-stream",
+    ".pxe": "application/octet-stream",
+    ".cfg": "text/plain; charset=utf-8",
+    ".yaml": "text/yaml; charset=utf-8",
+}
+
+
+def clean_relative(path: str, *, decode_percent: bool = False) -> str:
+    """Return a normalised relative path, or raise Forbidden naming what is wrong.
+
+    TFTP clients from the Windows world send ``\\`` as separator (dnsmasq converts it too), so
+    it is treated as ``/``. A leading ``/`` is accepted and stripped (PXE ROMs often send it),
+    but ``..`` anywhere is refused rather than collapsed: it is never a legitimate boot path.
+    """
+    if decode_percent:
+        path = unquote(path)
+    if "\x00" in path:
+        raise Forbidden("path contains a NUL byte")
+    path = path.replace("\\", "/")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise Forbidden("path contains '..'")
+    if not parts:
+        raise NotFound("empty path")
+    return "/".join(parts)
+
+
+class FileTree:
+    """A search path of directories; the first root that has the file wins."""
+
+    def __init__(self, roots: Sequence[Path]) -> None:
+        self.roots = [Path(r) for r in roots]
+
+    def resolve(self, path: str, *, decode_percent: bool = False) -> Path:
+        rel = clean_relative(path, decode_percent=decode_percent)
+        for root in self.roots:
+            try:
+                real_root = root.resolve(strict=True)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            candidate = (real_root / rel).resolve()
+            if candidate != real_root and real_root not in candidate.parents:
+                # A symlink inside the root points outside it.
+                raise Forbidden(f"{rel!r} resolves outside {root}")
+            try:
+                st = candidate.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISREG(st.st_mode):
+                return candidate
+        raise NotFound(f"{rel!r} not found")
+
+    def blob(self, path: str, *, decode_percent: bool = False) -> Blob:
+        found = self.resolve(path, decode_percent=decode_percent)
+        st = found.stat()
+        return Blob(
+            size=st.st_size,
+            path=str(found),
+            content_type=content_type(found.name),
+            mtime=st.st_mtime,
+        )
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.resolve(path)
+        except (NotFound, Forbidden):
+            return False
+        return True
+
+
+def content_type(name: str) -> str:
+    ext = os.path.splitext(name)[1].lower()
+    if ext in _TYPES:
+        return _TYPES[ext]
+    guessed, _ = mimetypes.guess_type(name)
+    return guessed or "application/octet-stream"

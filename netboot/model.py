@@ -1,0 +1,313 @@
+"""Frozen values shared by every layer: addresses, machines, profiles, clusters, boot plans.
+
+Nothing here does I/O. Validation that needs only the value itself lives here (a MAC parses or
+it does not); validation that needs the inventory (a cluster exists) lives in ``enroll.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid as uuidlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from netboot.errors import ValidationError
+
+_HEX = re.compile(r"^[0-9a-f]{12}$")
+
+
+@dataclass(frozen=True, slots=True)
+class MacAddress:
+    """A 48-bit Ethernet address, normalised whatever form it came in.
+
+    Accepted: ``aa:bb:cc:dd:ee:ff``, ``AA-BB-CC-DD-EE-FF``, ``aabb.ccdd.eeff`` (Cisco),
+    ``aabbccddeeff`` and pxelinux's ``01-aa-bb-...`` (ARP type prefix).
+    """
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != 6:
+            raise ValidationError("mac", f"a MAC address has 6 bytes, got {len(self.raw)}")
+
+    @classmethod
+    def parse(cls, text: str) -> MacAddress:
+        if not isinstance(text, str):
+            raise ValidationError("mac", "must be a string such as aa:bb:cc:dd:ee:ff")
+        s = text.strip().lower()
+        # pxelinux.cfg/01-<mac>: "01" is the ARP hardware type of Ethernet.
+        if len(s) == 20 and s.startswith("01-"):
+            s = s[3:]
+        compact = s.replace(":", "").replace("-", "").replace(".", "")
+        seps = {c for c in s if c in ":-."}
+        if len(seps) > 1 or not _HEX.match(compact):
+            raise ValidationError(
+                "mac", f"{text!r} is not a MAC address (use aa:bb:cc:dd:ee:ff)"
+            )
+        if seps:
+            sep = seps.pop()
+            groups = s.split(sep)
+            sizes = {len(g) for g in groups}
+            if not ((len(groups) == 6 and sizes == {2}) or (sep == "." and sizes == {4})):
+                raise ValidationError(
+                    "mac", f"{text!r} is not a MAC address (use aa:bb:cc:dd:ee:ff)"
+                )
+        return cls(bytes.fromhex(compact))
+
+    def __str__(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.raw)
+
+    @property
+    def hexhyp(self) -> str:
+        """``aa-bb-cc-dd-ee-ff``: iPXE's ``${net0/mac:hexhyp}`` and the form used in URLs."""
+        return "-".join(f"{b:02x}" for b in self.raw)
+
+    @property
+    def hexraw(self) -> str:
+        return self.raw.hex()
+
+    @property
+    def suffix(self) -> str:
+        """Last three bytes as hex, for hostname templates (``{mac_suffix}``)."""
+        return self.raw[3:].hex()
+
+    @property
+    def oui(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.raw[:3])
+
+
+class Arch(enum.StrEnum):
+    """CPU architecture of a client, derived from DHCP option 93 or iPXE's ``${buildarch}``."""
+
+    X86 = "x86"
+    X86_64 = "x86_64"
+    ARM32 = "arm32"
+    ARM64 = "arm64"
+    RISCV64 = "riscv64"
+    UNKNOWN = "unknown"
+
+
+class Firmware(enum.StrEnum):
+    """What is asking: the first stage that speaks to us decides what we can hand it."""
+
+    BIOS = "bios"  # legacy PXE ROM (arch 0, not iPXE)
+    UEFI = "uefi"  # UEFI PXE (PxeBcDxe)
+    UEFI_HTTP = "uefi-http"  # UEFI HTTP boot (HttpBootDxe, option 60 HTTPClient)
+    IPXE = "ipxe"  # iPXE, as ROM or chainloaded (option 77 "iPXE" / option 175)
+    UBOOT = "uboot"  # U-Boot (option 60 "U-Boot.*")
+    RPI = "rpi"  # Raspberry Pi bootloader (option 43/97 or OUI)
+    UNKNOWN = "unknown"
+
+
+class MachineState(enum.StrEnum):
+    DISCOVERED = "discovered"
+    ENROLLED = "enrolled"
+    BOOTING = "booting"
+    INSTALLING = "installing"
+    INSTALLED = "installed"
+    REGISTERED = "registered"
+    FAILED = "failed"
+    REINSTALL = "reinstall"
+
+
+class Role(enum.StrEnum):
+    SERVER = "server"
+    AGENT = "agent"
+
+
+class BootAction(enum.StrEnum):
+    INSTALL = "install"  # kernel + initrd + cmdline of the machine's profile
+    LOCAL = "local"  # boot the local disk (iPXE ``exit``, pxelinux ``localboot``)
+    HOLD = "hold"  # unknown machine waiting for approval: retry later
+    IGNORE = "ignore"  # stay silent / tell the firmware nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One step in a machine's life, recorded with its time (seconds since the epoch)."""
+
+    mac: str
+    time: float
+    kind: str
+    message: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    mac: MacAddress
+    state: MachineState = MachineState.ENROLLED
+    hostname: str | None = None
+    uuid: str | None = None
+    serial: str | None = None
+    asset: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    cluster: str | None = None
+    role: Role | None = None
+    profile: str | None = None
+    arch: Arch | None = None
+    firmware: Firmware | None = None
+    ipv4: str | None = None  # last address seen (registration or lease)
+    fixed_ipv4: str | None = None  # address to hand out in authoritative DHCP mode
+    facts: Mapping[str, str] = field(default_factory=dict)  # what firmware/OS told us
+    token_hash: str | None = None  # sha256 hex of the install token; the token is never stored
+    token_expires: float | None = None
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    path: str  # relative to the assets root
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What to install: kernel, initrds and command line (a template), and the config format."""
+
+    name: str
+    kernel: str  # asset path or absolute URL
+    initrds: tuple[str, ...] = ()
+    cmdline: str = ""  # Jinja2 template, one line after rendering
+    config_template: str = "k3os"  # "k3os" | "cloud-init" (templates/cloud-config/<name>...)
+    assets: tuple[Asset, ...] = ()
+    install_device: str = "/dev/sda"
+    iso_url: str | None = None
+    ssh_authorized_keys: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    server_url: str = "managed"  # an https:// k3s URL, or "managed"
+    token: str = ""  # k3s join secret; never logged, never listed
+    labels: Mapping[str, str] = field(default_factory=dict)  # node labels
+    taints: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def managed(self) -> bool:
+        return self.server_url == "managed"
+
+
+# Request labels that a group selector may name besides machine labels.
+SELECTOR_KEYS = (
+    "mac",
+    "uuid",
+    "serial",
+    "arch",
+    "firmware",
+    "hostname",
+    "manufacturer",
+    "product",
+    "asset",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Selector over request labels → profile, cluster, role. The most specific match wins."""
+
+    name: str
+    selector: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    profile: str | None = None
+    cluster: str | None = None
+    role: Role | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[str, ...] = ()
+    hostname_template: str | None = None
+
+    @property
+    def specificity(self) -> int:
+        return len(self.selector)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An address handed out in authoritative DHCP mode."""
+
+    mac: str
+    ipv4: str
+    expires: float
+    hostname: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BootRequest:
+    """What a client told us about itself, from whichever protocol it came in on."""
+
+    mac: MacAddress
+    arch: Arch = Arch.UNKNOWN
+    firmware: Firmware = Firmware.UNKNOWN
+    arch_code: int | None = None  # raw DHCP option 93 value
+    uuid: str | None = None
+    serial: str | None = None
+    manufacturer: str | None = None
+    product: str | None = None
+    asset: str | None = None
+    hostname: str | None = None
+    platform: str | None = None  # iPXE ${platform}: pcbios | efi
+    remote_addr: str | None = None
+    relay: str | None = None  # giaddr when relayed
+    via: str = "http"  # dhcp | tftp | http
+
+    def labels(self) -> dict[str, str]:
+        """The facts a selector can match, all as lowercase-insensitive strings."""
+        out = {"mac": str(self.mac), "arch": str(self.arch), "firmware": str(self.firmware)}
+        for key in ("uuid", "serial", "manufacturer", "product", "asset", "hostname"):
+            value = getattr(self, key)
+            if value:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BootPlan:
+    """The one decision of :mod:`netboot.boot`: what this machine boots now, and why."""
+
+    action: BootAction
+    mac: MacAddress
+    reason: str
+    kernel: str | None = None  # absolute URL (HTTP) or TFTP-relative path, per protocol
+    initrds: tuple[str, ...] = ()
+    cmdline: str = ""
+    retry_seconds: int = 0
+    machine: Machine | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FirstStage:
+    """What a firmware's DHCP answer points at.
+
+    ``path`` is a TFTP file name (``undionly.kpxe``) or, when ``http`` is true, a path on
+    netboot's HTTP server (``/boot.ipxe``) that the DHCP layer turns into an absolute URL with
+    the address it advertises on the interface the request came in on.
+    """
+
+    path: str
+    http: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """Bytes to serve over TFTP or HTTP: rendered in memory, or a file on disk to stream."""
+
+    size: int
+    data: bytes | None = None
+    path: str | None = None  # absolute path of a regular file when not in memory
+    content_type: str = "application/octet-stream"
+    mtime: float | None = None
+
+
+def normalise_uuid(text: str) -> str:
+    """Canonical lowercase UUID; raises ValidationError naming ``uuid``."""
+    try:
+        return str(uuidlib.UUID(text.strip()))
+    except (ValueError, AttributeError) as exc:
+        raise ValidationError("uuid", f"{text!r} is not a UUID") from exc

@@ -1,0 +1,177 @@
+"""The per-datagram error boundary shared by the DHCP, TFTP and DNS listeners.
+
+One bad datagram never stops a server (DESIGN.md §4.3): the size is checked first, then each
+datagram is handled inside a boundary where "not for us" is a debug line, a malformed packet is
+an info line naming the peer and reason (rate-limited per peer), and a bug is logged with its
+traceback, after which the listener keeps serving. Handlers may be sync or async; async ones run
+as tasks with a bound on how many are in flight, so a slow decision cannot pile up unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from netboot.errors import DecodeError, NetbootError
+
+Address = tuple[str, int]
+Reply = tuple[bytes, Address]
+Handler = Callable[[bytes, Address], Iterable[Reply] | Awaitable[Iterable[Reply]] | None]
+
+
+class RateLimitedLog:
+    """Logs at most ``burst`` lines per peer every ``window`` seconds, then counts silently.
+
+    The table of peers is bounded (LRU) so a flood from spoofed addresses cannot grow memory.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        burst: int = 5,
+        window: float = 60.0,
+        max_peers: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._window = window
+        self._max_peers = max_peers
+        self._clock = clock
+        self._peers: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def log(self, level: int, peer: str, msg: str, *args: Any) -> None:
+        now = self._clock()
+        start, count = self._peers.get(peer, (now, 0))
+        if now - start > self._window:
+            if count > self._burst:
+                self._logger.log(level, "%s: %d more lines suppressed", peer, count - self._burst)
+            start, count = now, 0
+        count += 1
+        self._peers[peer] = (start, count)
+        self._peers.move_to_end(peer)
+        while len(self._peers) > self._max_peers:
+            self._peers.popitem(last=False)
+        if count <= self._burst:
+            self._logger.log(level, msg, *args)
+
+
+class BoundaryProtocol(asyncio.DatagramProtocol):
+    """asyncio adapter: datagram in → handler → zero or more replies out, never crashing."""
+
+    def __init__(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        logger: logging.Logger,
+        max_size: int = 65535,
+        min_size: int = 1,
+        max_in_flight: int = 256,
+    ) -> None:
+        self.name = name
+        self._handler = handler
+        self._log = logger
+        self._limited = RateLimitedLog(logger)
+        self._max_size = max_size
+        self._min_size = min_size
+        self._max_in_flight = max_in_flight
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.dropped = 0
+        self.received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.transport = None
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a client that went away: nothing to do but note it.
+        self._log.debug("%s: socket error %s", self.name, exc)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        peer: Address = (addr[0], addr[1])
+        self.received += 1
+        if not self._min_size <= len(data) <= self._max_size:
+            self.dropped += 1
+            self._limited.log(
+                logging.INFO, peer[0], "%s: dropped %d-byte datagram from %s:%d (size)",
+                self.name, len(data), peer[0], peer[1],
+            )
+            return
+        try:
+            result = self._handler(data, peer)
+        except Exception as exc:  # the boundary: classify, log, keep serving
+            self._failed(exc, peer)
+            return
+        if inspect.isawaitable(result):
+            if len(self._tasks) >= self._max_in_flight:
+                self.dropped += 1
+                if hasattr(result, "close"):
+                    result.close()
+                self._limited.log(
+                    logging.WARNING, "busy", "%s: %d requests in flight, dropping one from %s",
+                    self.name, len(self._tasks), peer[0],
+                )
+                return
+            task = asyncio.ensure_future(self._await(result, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif result is not None:
+            self._send(result)
+
+    async def _await(self, result: Awaitable[Iterable[Reply] | None], peer: Address) -> None:
+        try:
+            replies = await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc, peer)
+            return
+        if replies is not None:
+            self._send(replies)
+
+    def _send(self, replies: Iterable[Reply]) -> None:
+        if self.transport is None:
+            return
+        for payload, dest in replies:
+            try:
+                self.transport.sendto(payload, dest)
+            except OSError as exc:
+                self._limited.log(
+                    logging.WARNING, dest[0], "%s: send to %s:%d failed: %s",
+                    self.name, dest[0], dest[1], exc,
+                )
+
+    def _failed(self, exc: Exception, peer: Address) -> None:
+        self.dropped += 1
+        if isinstance(exc, DecodeError):
+            self._limited.log(
+                logging.INFO, peer[0], "%s: malformed datagram from %s:%d: %s",
+                self.name, peer[0], peer[1], exc,
+            )
+        elif isinstance(exc, NetbootError):
+            self._limited.log(
+                logging.INFO, peer[0], "%s: request from %s:%d refused: %s",
+                self.name, peer[0], peer[1], exc,
+            )
+        else:
+            self._log.exception(
+                "%s: bug while handling a datagram from %s:%d", self.name, peer[0], peer[1]
+            )
+
+    async def drain(self) -> None:
+        """Wait for in-flight handlers (used at shutdown and by tests)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
