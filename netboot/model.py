@@ -177,6 +177,7 @@ class Profile:
     install_device: str = "/dev/sda"
     iso_url: str | None = None
     ssh_authorized_keys: tuple[str, ...] = ()
+    fdtdir: str | None = None  # pxelinux FDTDIR for U-Boot boards that need a device tree
     description: str = ""
 
 
@@ -266,18 +267,42 @@ class BootRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class K3sJoin:
+    """How a node joins its cluster: decided once, rendered into every config format."""
+
+    role: Role
+    server_url: str | None  # None for the first server of a managed cluster (cluster-init)
+    cluster_init: bool
+    token: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[str, ...] = ()
+    node_name: str = ""
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """k3OS ``k3s_args``: exec-style, first word server|agent (k3os pkg/config)."""
+        out: list[str] = [str(self.role)]
+        if self.cluster_init:
+            out.append("--cluster-init")
+        if self.node_name:
+            out += ["--node-name", self.node_name]
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class BootPlan:
     """The one decision of :mod:`netboot.boot`: what this machine boots now, and why."""
 
     action: BootAction
     mac: MacAddress
     reason: str
-    kernel: str | None = None  # absolute URL (HTTP) or TFTP-relative path, per protocol
-    initrds: tuple[str, ...] = ()
-    cmdline: str = ""
     retry_seconds: int = 0
     machine: Machine | None = None
     group: str | None = None
+    profile: Profile | None = None
+    cluster: Cluster | None = None
+    k3s: K3sJoin | None = None
+    token: str | None = None  # the install token, only in the plan that issued it
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,383 @@
+"""THE decision: what a machine boots, and why.
+
+Every protocol asks here: the DHCP layer for a first stage (or silence), iPXE and pxelinux for a
+boot plan. Nothing else decides. The rules, by machine state:
+
+* unknown / discovered → the discovery policy: ``ignore`` (silent), ``hold`` (a visible retry
+  loop until an operator approves), ``auto`` (rules assign cluster/role/profile, then install);
+* enrolled / booting / installing / reinstall → install with the profile of the machine or its
+  group, issuing a fresh install token;
+* installed / registered → boot the local disk (one-shot install), until reinstall is asked;
+* failed → hold, so that a broken install does not loop; ``reinstall`` brings it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from netboot import groups as grouping
+from netboot.enroll import Enroller
+from netboot.inventory.base import Store
+from netboot.model import (
+    Arch,
+    BootAction,
+    BootPlan,
+    BootRequest,
+    Cluster,
+    Event,
+    FirstStage,
+    Firmware,
+    Group,
+    K3sJoin,
+    Machine,
+    MachineState,
+    Profile,
+    Role,
+)
+
+INSTALL_STATES = frozenset(
+    {MachineState.ENROLLED, MachineState.BOOTING, MachineState.INSTALLING, MachineState.REINSTALL}
+)
+LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
+
+
+class AssetLookup(Protocol):
+    def exists(self, path: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class BootSettings:
+    policy: str = "ignore"  # ignore | hold | auto
+    hold_retry_seconds: int = 15
+    rules: tuple[Group, ...] = ()
+    token_ttl_seconds: int = 86_400
+    cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
+    k3s_port: int = 6443
+
+
+# First-stage loaders by firmware and architecture, in order of preference. snponly.efi binds
+# only to the NIC it was loaded from (protocols.md §2.2), so it is preferred for UEFI.
+_LOADERS: dict[tuple[Firmware, Arch], tuple[str, ...]] = {
+    (Firmware.BIOS, Arch.X86): ("undionly.kpxe", "undionly.pxe"),
+    (Firmware.BIOS, Arch.X86_64): ("undionly.kpxe", "undionly.pxe"),
+    (Firmware.BIOS, Arch.UNKNOWN): ("undionly.kpxe",),
+    (Firmware.UEFI, Arch.X86_64): ("snponly.efi", "ipxe.efi"),
+    (Firmware.UEFI, Arch.X86): ("i386/snponly.efi", "i386/ipxe.efi"),
+    (Firmware.UEFI, Arch.ARM64): ("arm64/snponly.efi", "arm64/snp.efi", "arm64/ipxe.efi"),
+    (Firmware.UEFI, Arch.ARM32): ("arm32/snp.efi", "arm32/ipxe.efi"),
+    (Firmware.UEFI_HTTP, Arch.X86_64): ("ipxe.efi", "snponly.efi"),
+    (Firmware.UEFI_HTTP, Arch.ARM64): ("arm64/ipxe.efi", "arm64/snp.efi"),
+}
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class BootService:
+    """Implements the DHCP layer's ``BootDecider`` and the HTTP/TFTP plan lookups."""
+
+    def __init__(
+        self,
+        store: Store,
+        assets: AssetLookup,
+        settings: BootSettings,
+        enroller: Enroller,
+        *,
+        clock: Callable[[], float] = time.time,
+        new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._store = store
+        self._assets = assets
+        self.settings = settings
+        self._enroller = enroller
+        self._clock = clock
+        self._new_token = new_token
+        self._log = logger or logging.getLogger(__name__)
+        self._background: set[asyncio.Task[None]] = set()
+        self._cluster_lock = asyncio.Lock()
+
+    # -- DHCP -------------------------------------------------------------------------
+    async def first_stage(self, request: BootRequest) -> FirstStage | None:
+        """What the firmware's DHCP answer points at, or None to stay silent.
+
+        Called on the DHCP path, which must answer within ~2 s (iPXE drops late proxy offers,
+        protocols.md §1.6): one indexed read, and writes happen in the background.
+        """
+        machine = await self._store.get_machine(str(request.mac))
+        if machine is None or machine.state == MachineState.DISCOVERED:
+            self._spawn(self._discover(request, machine))
+            if self.settings.policy == "ignore":
+                return None
+        else:
+            self._spawn(self._note(machine, request, "dhcp",
+                                   f"{request.firmware}/{request.arch} asked for a boot file"))
+        return self.loader(request)
+
+    def loader(self, request: BootRequest) -> FirstStage | None:
+        fw, arch = request.firmware, request.arch
+        if fw == Firmware.IPXE:
+            return FirstStage("/boot.ipxe", http=True, reason="iPXE gets the HTTP script")
+        if fw == Firmware.UBOOT:
+            # U-Boot's distro boot fetches boot.scr.uimg itself; netboot generates it.
+            return FirstStage("boot.scr.uimg", reason="U-Boot boot script")
+        if fw == Firmware.RPI:
+            return FirstStage("bootcode.bin", reason="Raspberry Pi bootloader")
+        for name in _LOADERS.get((fw, arch), ()):
+            if self._assets.exists(name):
+                if fw == Firmware.UEFI_HTTP:
+                    return FirstStage("/assets/" + name, http=True,
+                                      reason=f"UEFI HTTP boot of {name}")
+                return FirstStage(name, reason=f"{fw}/{arch} chainloads iPXE ({name})")
+        self._log.warning("no first-stage loader for mac=%s firmware=%s arch=%s; staying silent",
+                          request.mac, fw, arch)
+        return None
+
+    # -- iPXE / pxelinux ---------------------------------------------------------------
+    async def plan(self, request: BootRequest, *, record: bool = True) -> BootPlan:
+        mac = request.mac
+        machine = await self._store.get_machine(str(mac))
+        if machine is None or machine.state == MachineState.DISCOVERED:
+            machine = await self._discover(request, machine) if record else machine
+            if self.settings.policy == "auto" and record:
+                group = grouping.select(self.settings.rules, request.labels())
+                if group is not None:
+                    assert machine is not None
+                    machine = await self._enroller.auto_enroll(machine, group)
+            if machine is None or machine.state == MachineState.DISCOVERED:
+                return await self._unknown_plan(request, machine, record)
+        if machine.state in LOCAL_STATES:
+            plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state}: boot the local disk",
+                            machine=machine)
+            if record:
+                await self._event(machine, "local-boot", plan.reason, request)
+            return plan
+        if machine.state == MachineState.FAILED:
+            plan = BootPlan(BootAction.HOLD, mac,
+                            "the last install failed; run 'netboot machines reinstall' to retry",
+                            retry_seconds=self.settings.hold_retry_seconds, machine=machine)
+            if record:
+                await self._event(machine, "hold", plan.reason, request)
+            return plan
+        return await self._install_plan(request, machine, record)
+
+    async def _unknown_plan(self, request: BootRequest, machine: Machine | None,
+                            record: bool) -> BootPlan:
+        if self.settings.policy == "hold":
+            reason = "unknown machine held until an operator approves it"
+            if machine is not None and record:
+                await self._event(machine, "hold", reason, request)
+            return BootPlan(BootAction.HOLD, request.mac, reason,
+                            retry_seconds=self.settings.hold_retry_seconds, machine=machine)
+        reason = (f"unknown machine and discovery policy is {self.settings.policy!r}"
+                  + ("; no auto rule matched" if self.settings.policy == "auto" else ""))
+        return BootPlan(BootAction.IGNORE, request.mac, reason, machine=machine)
+
+    async def effective(self, machine: Machine, request: BootRequest | None = None,
+                        ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
+        """The machine's group, profile, cluster and role: its own settings win over the group's."""
+        labels = dict(machine.labels)
+        labels.update({k: v for k, v in machine.facts.items() if v})
+        if request is not None:
+            labels.update(request.labels())
+        labels["mac"] = str(machine.mac)
+        for key in ("uuid", "serial", "asset", "hostname"):
+            if getattr(machine, key):
+                labels[key] = getattr(machine, key)
+        if machine.arch:
+            labels.setdefault("arch", str(machine.arch))
+        if machine.firmware:
+            labels.setdefault("firmware", str(machine.firmware))
+        group = grouping.select(await self._store.list_groups(), labels)
+        profile_name = machine.profile or (group.profile if group else None)
+        cluster_name = machine.cluster or (group.cluster if group else None)
+        role = machine.role or (group.role if group else None) or Role.AGENT
+        profile = await self._store.get_profile(profile_name) if profile_name else None
+        cluster = await self._store.get_cluster(cluster_name) if cluster_name else None
+        return group, profile, cluster, role
+
+    async def _install_plan(self, request: BootRequest, machine: Machine,
+                            record: bool) -> BootPlan:
+        group, profile, cluster, role = await self.effective(machine, request)
+        if profile is None:
+            reason = ("no profile: set one on the machine or a group that selects it"
+                      + (f" (group {group.name!r} has none)" if group else ""))
+            if record:
+                await self._event(machine, "hold", reason, request)
+            return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                            retry_seconds=self.settings.hold_retry_seconds,
+                            group=group.name if group else None)
+        k3s = await self.k3s_join(machine, cluster, role, group) if cluster else None
+        token: str | None = None
+        if record:
+            token = self._new_token()
+            now = self._clock()
+            machine = replace(
+                machine,
+                state=MachineState.BOOTING,
+                token_hash=hash_token(token),
+                token_expires=now + self.settings.token_ttl_seconds,
+                arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
+                firmware=request.firmware if request.firmware != Firmware.UNKNOWN
+                else machine.firmware,
+                updated=now,
+            )
+            await self._store.update_machine(machine)
+            await self._event(machine, "install-plan",
+                              f"install profile {profile.name}"
+                              + (f" into cluster {cluster.name} as {role}" if cluster else ""),
+                              request)
+        return BootPlan(
+            BootAction.INSTALL, request.mac,
+            f"{machine.state}: install profile {profile.name}"
+            + (f" (group {group.name})" if group else ""),
+            machine=machine, group=group.name if group else None, profile=profile,
+            cluster=cluster, k3s=k3s, token=token,
+        )
+
+    async def k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
+                       group: Group | None) -> K3sJoin:
+        """Cluster formation: external server URL, or managed (first server runs cluster-init)."""
+        labels = dict(cluster.labels)
+        taints = list(cluster.taints)
+        if group is not None:
+            labels.update(group.labels)
+            taints += [t for t in group.taints if t not in taints]
+        node_name = machine.hostname or f"node-{machine.mac.hexhyp}"
+        if not cluster.managed:
+            return K3sJoin(role, cluster.server_url, False, cluster.token, labels,
+                           tuple(taints), node_name)
+        async with self._cluster_lock:
+            key = f"cluster-init/{cluster.name}"
+            init_mac = await self._store.get_setting(key)
+            if init_mac is None and role == Role.SERVER:
+                await self._store.put_setting(key, str(machine.mac))
+                init_mac = str(machine.mac)
+        if init_mac == str(machine.mac):
+            return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name)
+        return K3sJoin(role, await self._endpoint(cluster, init_mac), False, cluster.token,
+                       labels, tuple(taints), node_name)
+
+    async def _endpoint(self, cluster: Cluster, init_mac: str | None) -> str:
+        port = self.settings.k3s_port
+        if self.settings.cluster_domain:
+            return f"https://{cluster.name}.{self.settings.cluster_domain}:{port}"
+        init = await self._store.get_machine(init_mac) if init_mac else None
+        if init is not None:
+            host = init.ipv4 or init.fixed_ipv4 or init.hostname
+            if host:
+                return f"https://{host}:{port}"
+        # No server yet: point at the name the first server will get, so that agents retry
+        # until it exists rather than join nothing.
+        return f"https://{cluster.name}:{port}"
+
+    async def explain(self, mac: str) -> dict[str, Any]:
+        """Which group matched and why, which profile, which state (``netboot explain``)."""
+        machine = await self._store.get_machine(mac)
+        if machine is None:
+            return {"mac": mac, "known": False, "policy": self.settings.policy,
+                    "decision": "unknown machine: discovery policy " + self.settings.policy}
+        group, profile, cluster, role = await self.effective(machine)
+        request = BootRequest(mac=machine.mac, arch=machine.arch or Arch.UNKNOWN,
+                              firmware=machine.firmware or Firmware.UNKNOWN)
+        plan = await self.plan(request, record=False)
+        return {
+            "mac": mac, "known": True, "state": str(machine.state),
+            "group": group.name if group else None,
+            "group_selector": {k: list(v) for k, v in group.selector.items()} if group else None,
+            "profile": profile.name if profile else None,
+            "profile_source": "machine" if machine.profile else ("group" if group else None),
+            "cluster": cluster.name if cluster else None,
+            "role": str(role), "decision": str(plan.action), "reason": plan.reason,
+        }
+
+    # -- records -----------------------------------------------------------------------
+    async def _discover(self, request: BootRequest, machine: Machine | None) -> Machine:
+        """Record what an unknown machine's firmware told us (never loses earlier facts)."""
+        now = self._clock()
+        facts = dict(machine.facts) if machine else {}
+        for key, value in request.labels().items():
+            if key != "mac" and value and value != "unknown":
+                facts[key] = value
+        if request.remote_addr:
+            facts["remote_addr"] = request.remote_addr
+        if request.relay:
+            facts["relay"] = request.relay
+        if request.platform:
+            facts["platform"] = request.platform
+        if machine is None:
+            machine = Machine(
+                mac=request.mac, state=MachineState.DISCOVERED,
+                uuid=request.uuid, serial=request.serial, asset=request.asset,
+                arch=request.arch if request.arch != Arch.UNKNOWN else None,
+                firmware=request.firmware if request.firmware != Firmware.UNKNOWN else None,
+                facts=facts, created=now, updated=now,
+            )
+            try:
+                await self._store.create_machine(machine)
+            except Exception:  # a concurrent request created it first: read it back
+                existing = await self._store.get_machine(str(request.mac))
+                if existing is None:
+                    raise
+                return existing
+            await self._event(machine, "discovered",
+                              f"unknown {request.firmware}/{request.arch} machine seen via "
+                              f"{request.via}", request)
+            self._log.info("discovered mac=%s firmware=%s arch=%s uuid=%s via=%s",
+                           request.mac, request.firmware, request.arch, request.uuid, request.via)
+            return machine
+        updated = replace(
+            machine, facts=facts, updated=now,
+            uuid=machine.uuid or request.uuid, serial=machine.serial or request.serial,
+            asset=machine.asset or request.asset,
+            arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
+            # The first firmware seen is what the machine *is*; later iPXE stages don't
+            # overwrite it, since "UEFI PXE" is more telling than the iPXE it chainloads.
+            firmware=machine.firmware or (request.firmware
+                                          if request.firmware != Firmware.UNKNOWN else None),
+        )
+        if updated != machine:
+            await self._store.update_machine(updated)
+        return updated
+
+    async def _note(self, machine: Machine, request: BootRequest, kind: str, message: str) -> None:
+        updates: dict[str, Any] = {}
+        if request.arch != Arch.UNKNOWN and machine.arch is None:
+            updates["arch"] = request.arch
+        if request.firmware != Firmware.UNKNOWN and machine.firmware is None:
+            updates["firmware"] = request.firmware
+        if updates:
+            await self._store.update_machine(replace(machine, updated=self._clock(), **updates))
+        await self._event(machine, kind, message, request)
+
+    async def _event(self, machine: Machine, kind: str, message: str,
+                     request: BootRequest | None = None) -> None:
+        data: dict[str, str] = {}
+        if request is not None:
+            data = {"via": request.via, "firmware": str(request.firmware),
+                    "arch": str(request.arch)}
+            if request.remote_addr:
+                data["peer"] = request.remote_addr
+        await self._store.add_event(Event(str(machine.mac), self._clock(), kind, message, data))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("background inventory write failed: %s", task.exception())
+
+    async def drain(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,485 @@
+"""Command line: serve | machines | profiles | clusters | groups | import | render | explain |
+check-config | lab.
+
+Inventory commands open the same database the server uses (SQLite in WAL mode allows a second
+process), so they work whether or not the server runs. Tables where a person reads them,
+``--json`` where a script does. Logging is configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from netboot import __version__
+from netboot.config import Config, load
+from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
+from netboot.inventory import codec
+from netboot.inventory.base import MachineFilter, Store
+from netboot.model import BootAction, BootRequest, MacAddress, MachineState, Role
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line.rstrip()]
+    for r in cells:
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(out)
+
+
+def _labels(items: Sequence[str] | None, what: str = "--label") -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValidationError(what, f"{item!r} is not key=value")
+        out[k] = v
+    return out
+
+
+def _config(args: argparse.Namespace) -> Config:
+    flags = {k: getattr(args, k, None) for k in ("interface", "advertise", "data_dir",
+                                                  "log_level", "http_port", "dhcp_port",
+                                                  "pxe_port", "dhcp_mode", "tftp_port",
+                                                  "dns_port", "discovery")}
+    if flags.get("interface"):
+        flags["interface"] = list(flags["interface"])
+    path = getattr(args, "config", None) or os.environ.get("NETBOOT_CONFIG")
+    return load(path, flags=flags)
+
+
+async def _with_store(args: argparse.Namespace,
+                      fn: Callable[[Store, Config], Awaitable[int]]) -> int:
+    from netboot.service import open_store
+
+    cfg = _config(args)
+    store = open_store(cfg)
+    await store.open()
+    try:
+        return await fn(store, cfg)
+    finally:
+        await store.close()
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# -- machines ----------------------------------------------------------------------------
+async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    from netboot.enroll import Enroller, check_hostname
+
+    enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
+    if args.action == "add":
+        await enroller.validate_refs(args.cluster, args.profile)
+        mac = MacAddress.parse(args.mac)
+        data: dict[str, Any] = {"mac": str(mac), "labels": _labels(args.label)}
+        for key in ("hostname", "cluster", "role", "profile", "serial", "uuid", "asset",
+                    "fixed_ipv4"):
+            if getattr(args, key, None):
+                data[key] = getattr(args, key)
+        machine = codec.machine_from_dict(data)
+        now = time.time()
+        machine = replace(machine, created=now, updated=now,
+                          hostname=check_hostname(machine.hostname) if machine.hostname
+                          else await enroller.unique_hostname(cfg.enroll.hostname_template,
+                                                              machine, cluster=args.cluster,
+                                                              role=args.role))
+        await store.create_machine(machine)
+        await enroller.event(str(mac), "enrolled", "added with the CLI")
+        print(f"enrolled {mac} as {machine.hostname}")
+        return 0
+    if args.action == "ls":
+        st = MachineState(args.state) if args.state else None
+        flt = MachineFilter(state=st, cluster=args.cluster,
+                            labels=tuple(_labels(args.label).items()), limit=args.limit)
+        machines = await store.list_machines(flt)
+        if args.json:
+            _print_json([codec.machine_to_dict(m, secrets=False) for m in machines])
+        else:
+            print(_table([(m.mac, m.hostname, m.state, m.cluster, m.role, m.profile, m.arch,
+                           m.firmware, m.ipv4) for m in machines],
+                         ["mac", "hostname", "state", "cluster", "role", "profile", "arch",
+                          "firmware", "ipv4"]))
+        return 0
+    if args.action == "show":
+        mac = str(MacAddress.parse(args.mac))
+        machine = await store.get_machine(mac)
+        if machine is None:
+            raise NotFound(f"machine {mac} not found")
+        events = await store.list_events(mac)
+        if args.json:
+            _print_json({**codec.machine_to_dict(machine, secrets=False),
+                         "events": [codec.event_to_dict(e) for e in events]})
+            return 0
+        for key, value in codec.machine_to_dict(machine, secrets=False).items():
+            if value not in (None, {}, []):
+                print(f"{key:14} {value}")
+        print("\nevents:")
+        print(_table([(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time)), e.kind,
+                       e.message) for e in events], ["time", "kind", "message"]))
+        return 0
+    if args.action == "rm":
+        for text in args.macs:
+            await store.delete_machine(str(MacAddress.parse(text)))
+            print(f"removed {MacAddress.parse(text)}")
+        return 0
+    if args.action == "approve":
+        for text in args.macs:
+            m = await enroller.approve(text, cluster=args.cluster,
+                                       role=Role(args.role) if args.role else None,
+                                       profile=args.profile)
+            print(f"approved {m.mac} as {m.hostname} ({m.cluster or 'no cluster'})")
+        return 0
+    if args.action == "reinstall":
+        for text in args.macs:
+            m = await enroller.reinstall(text)
+            print(f"{m.mac} will install again on its next network boot")
+        return 0
+    raise ValidationError("action", f"unknown action {args.action!r}")
+
+
+async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    single = kind[:-1]
+    to_dict: Callable[[Any], dict[str, Any]] = {
+        "profiles": codec.profile_to_dict,
+        "clusters": lambda c: codec.cluster_to_dict(c, secrets=False),
+        "groups": codec.group_to_dict,
+    }[kind]
+    if args.action == "ls":
+        items = await getattr(store, f"list_{kind}")()
+        if args.json:
+            _print_json([to_dict(i) for i in items])
+        elif kind == "profiles":
+            print(_table([(p.name, p.kernel, ",".join(p.initrds), p.config_template)
+                          for p in items], ["name", "kernel", "initrds", "config"]))
+        elif kind == "clusters":
+            print(_table([(c.name, c.server_url, ",".join(f"{k}={v}" for k, v in c.labels.items()))
+                          for c in items], ["name", "server_url", "labels"]))
+        else:
+            print(_table([(g.name, " ".join(f"{k}={','.join(v)}" for k, v in g.selector.items()),
+                           g.profile, g.cluster, g.role) for g in items],
+                         ["name", "selector", "profile", "cluster", "role"]))
+        return 0
+    if args.action == "rm":
+        await getattr(store, f"delete_{single}")(args.name)
+        print(f"removed {single} {args.name}")
+        return 0
+    if args.action == "show":
+        item = await getattr(store, f"get_{single}")(args.name)
+        if item is None:
+            raise NotFound(f"{single} {args.name!r} not found")
+        nodes = []
+        if kind == "clusters":
+            nodes = await store.list_machines(MachineFilter(cluster=args.name, limit=100_000))
+        if args.json:
+            out = to_dict(item)
+            if kind == "clusters":
+                out["nodes"] = [codec.machine_to_dict(m, secrets=False) for m in nodes]
+            _print_json(out)
+            return 0
+        for key, value in to_dict(item).items():
+            print(f"{key:18} {value}")
+        if kind == "clusters":
+            print(f"\nnodes ({len(nodes)}):")
+            print(_table([(m.hostname, m.mac, m.role, m.state, m.ipv4) for m in nodes],
+                         ["hostname", "mac", "role", "state", "ipv4"]))
+        return 0
+    if args.action == "add":
+        if kind == "profiles":
+            data: dict[str, Any] = {"name": args.name, "kernel": args.kernel,
+                                    "initrds": args.initrd or [],
+                                    "config_template": args.config_template}
+            if args.cmdline:
+                data["cmdline"] = args.cmdline
+        elif kind == "clusters":
+            data = {"name": args.name, "server_url": args.server_url,
+                    "labels": _labels(args.label)}
+            if args.token:
+                data["token"] = args.token
+            elif args.server_url == "managed":
+                import secrets
+
+                data["token"] = secrets.token_hex(32)
+            else:
+                raise ValidationError("--token", "an external cluster needs its k3s node token")
+        else:
+            selector = {}
+            for item in args.selector or ():
+                k, sep, v = item.partition("=")
+                if not sep:
+                    raise ValidationError("--selector", f"{item!r} is not key=value[,value]")
+                selector[k] = v.split(",")
+            data = {"name": args.name, "selector": selector, "profile": args.profile,
+                    "cluster": args.cluster, "role": args.role, "labels": _labels(args.label)}
+        item = {"profiles": codec.profile_from_dict, "clusters": codec.cluster_from_dict,
+                "groups": codec.group_from_dict}[kind](data)
+        if kind == "groups":
+            from netboot import groups as grouping
+            from netboot.enroll import Enroller
+
+            await Enroller(store).validate_refs(item.cluster, item.profile)
+            grouping.check_groups([*(g for g in await store.list_groups() if g.name != item.name),
+                                   item])
+        await getattr(store, f"put_{single}")(item, create=True)
+        print(f"created {single} {args.name}")
+        return 0
+    raise ValidationError("action", f"unknown action {args.action!r}")
+
+
+async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    from netboot.enroll import Enroller, parse_import
+
+    path = Path(args.file)
+    fmt = args.format or path.suffix.lstrip(".").lower() or "csv"
+    text = path.read_text(encoding="utf-8")
+    rows = parse_import(text, fmt)
+    total = len(rows)
+    show = sys.stderr.isatty() and total >= 1000
+
+    def progress(n: int) -> None:
+        if show:
+            width = 40
+            done = int(width * n / max(total, 1))
+            print(f"\r[{'#' * done}{'.' * (width - done)}] {n}/{total}", end="", file=sys.stderr)
+
+    enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
+    report = await enroller.import_rows(rows, dry_run=args.dry_run, progress=progress)
+    if show:
+        print(f"\r[{'#' * 40}] {total}/{total}", file=sys.stderr)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        for err in report.errors:
+            print(f"{path}:{err}", file=sys.stderr)
+        verb = "would be" if args.dry_run else ("were" if report.applied else "would have been")
+        print(f"{len(report.created)} {verb} created, {len(report.changed)} changed, "
+              f"{len(report.unchanged)} left as they are")
+        if report.errors:
+            print(f"{len(report.errors)} bad rows: nothing was imported", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    from netboot.boot import BootService, BootSettings
+    from netboot.content import Content
+    from netboot.enroll import Enroller
+    from netboot.files import FileTree
+    from netboot.model import Firmware
+    from netboot.service import advertised_address, asset_roots, renderer_for
+
+    enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
+    assets = FileTree(asset_roots(cfg))
+    boot = BootService(store, assets, BootSettings(policy=cfg.discovery.policy,
+                                                   rules=cfg.discovery.rules), enroller)
+    mac = str(MacAddress.parse(args.mac))
+    if args.cmd == "explain":
+        result = await boot.explain(mac)
+        if args.json:
+            _print_json(result)
+        else:
+            for key, value in result.items():
+                print(f"{key:16} {value}")
+        return 0
+    base = cfg.http.public_url or f"http://{advertised_address(cfg)}:{cfg.http.port}"
+    content = Content(store, boot, renderer_for(cfg), assets, lambda: base, enroller)
+    machine = await store.get_machine(mac)
+    firmware = Firmware.UBOOT if args.kind == "pxelinux" else Firmware.IPXE
+    request = BootRequest(mac=MacAddress.parse(mac), firmware=firmware,
+                          arch=machine.arch if machine and machine.arch else
+                          BootRequest.__dataclass_fields__["arch"].default, via="cli")
+    plan = await boot.plan(request, record=False)
+    token = "<install-token>"
+    ctx_plan = replace(plan, token=token) if plan.action == BootAction.INSTALL else plan
+    renderer = renderer_for(cfg)
+    if args.kind == "ipxe":
+        name = {BootAction.INSTALL: "ipxe/install.ipxe", BootAction.LOCAL: "ipxe/local.ipxe",
+                BootAction.HOLD: "ipxe/hold.ipxe", BootAction.IGNORE: "ipxe/ignore.ipxe"}
+        print(renderer.ipxe(name[plan.action], content.context(ctx_plan)), end="")
+        return 0
+    if args.kind == "pxelinux":
+        name = {BootAction.INSTALL: "pxelinux/install.cfg", BootAction.LOCAL: "pxelinux/local.cfg",
+                BootAction.HOLD: "pxelinux/hold.cfg", BootAction.IGNORE: "pxelinux/hold.cfg"}
+        print(renderer.render(name[plan.action], content.context(ctx_plan)), end="")
+        return 0
+    if machine is None:
+        raise NotFound(f"machine {mac} not found")
+    group, profile, cluster, role = await boot.effective(machine)
+    k3s = await boot.k3s_join(machine, cluster, role, group) if cluster else None
+    from netboot.model import BootPlan
+
+    cplan = BootPlan(BootAction.INSTALL, machine.mac, "rendered by the CLI", machine=machine,
+                     profile=profile, cluster=cluster, k3s=k3s, token=token)
+    if args.kind == "config":
+        print(content.k3os_config(cplan), end="")
+    else:
+        for name in ("meta-data", "user-data", "vendor-data"):
+            print(f"--- {name}")
+            print(content.nocloud(cplan, name), end="")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    cfg = load(args.file, env={})
+    from netboot.service import renderer_for
+
+    renderer_for(cfg)
+    from netboot import groups as grouping
+
+    grouping.check_groups(cfg.discovery.rules)
+    print(f"{args.file}: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netboot", description="Network-boot provisioning "
+                                     "server for edge Kubernetes fleets.")
+    parser.add_argument("--version", action="version", version=f"netboot {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", help="YAML config file (or NETBOOT_CONFIG)")
+    common.add_argument("--data-dir", help="where the inventory and admin token live")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", parents=[common], help="run proxyDHCP, TFTP, HTTP (and DNS)")
+    s.add_argument("--interface", "-i", action="append", help="provisioning interface (repeat)")
+    s.add_argument("--advertise", help="address put in DHCP answers and URLs")
+    s.add_argument("--http-port", type=int)
+    s.add_argument("--dhcp-port", type=int)
+    s.add_argument("--pxe-port", type=int)
+    s.add_argument("--dhcp-mode", choices=["proxy", "authoritative", "off"])
+    s.add_argument("--tftp-port", type=int)
+    s.add_argument("--dns-port", type=int)
+    s.add_argument("--discovery", choices=["ignore", "hold", "auto"])
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("file")
+
+    m = sub.add_parser("machines", help="enrolled and discovered machines")
+    msub = m.add_subparsers(dest="action", required=True)
+    a = msub.add_parser("add", parents=[common])
+    a.add_argument("mac")
+    for flag in ("--hostname", "--cluster", "--profile", "--serial", "--uuid", "--asset",
+                 "--fixed-ipv4"):
+        a.add_argument(flag)
+    a.add_argument("--role", choices=["server", "agent"])
+    a.add_argument("--label", action="append")
+    ls = msub.add_parser("ls", parents=[common])
+    ls.add_argument("--state", choices=[s.value for s in MachineState])
+    ls.add_argument("--cluster")
+    ls.add_argument("--label", action="append")
+    ls.add_argument("--limit", type=int, default=1000)
+    sh = msub.add_parser("show", parents=[common])
+    sh.add_argument("mac")
+    for action in ("rm", "reinstall"):
+        x = msub.add_parser(action, parents=[common])
+        x.add_argument("macs", nargs="+")
+    ap = msub.add_parser("approve", parents=[common])
+    ap.add_argument("macs", nargs="+")
+    ap.add_argument("--cluster")
+    ap.add_argument("--role", choices=["server", "agent"])
+    ap.add_argument("--profile")
+
+    for kind in ("profiles", "clusters", "groups"):
+        k = sub.add_parser(kind, help=f"{kind} of the inventory")
+        ksub = k.add_subparsers(dest="action", required=True)
+        ksub.add_parser("ls", parents=[common])
+        for action in ("show", "rm"):
+            ksub.add_parser(action, parents=[common]).add_argument("name")
+        add = ksub.add_parser("add", parents=[common])
+        add.add_argument("name")
+        if kind == "profiles":
+            add.add_argument("--kernel", required=True)
+            add.add_argument("--initrd", action="append")
+            add.add_argument("--cmdline")
+            add.add_argument("--config-template", choices=["k3os", "cloud-init"],
+                             default="k3os")
+        elif kind == "clusters":
+            add.add_argument("--server-url", default="managed")
+            add.add_argument("--token")
+            add.add_argument("--label", action="append")
+        else:
+            add.add_argument("--selector", action="append", help="key=value[,value...]")
+            add.add_argument("--profile")
+            add.add_argument("--cluster")
+            add.add_argument("--role", choices=["server", "agent"])
+            add.add_argument("--label", action="append")
+
+    i = sub.add_parser("import", parents=[common], help="bulk-enroll from CSV, YAML or JSON")
+    i.add_argument("file")
+    i.add_argument("--format", choices=["csv", "yaml", "json"])
+    i.add_argument("--dry-run", action="store_true")
+
+    r = sub.add_parser("render", parents=[common], help="what a device would get")
+    r.add_argument("mac")
+    r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
+    e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
+    e.add_argument("mac")
+
+    try:
+        from netboot.lab import cli as lab_cli
+
+        lab_cli.add_parser(sub)
+    except ImportError:  # pragma: no cover - the lab module is part of the package
+        pass
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = getattr(args, "log_level", None) or os.environ.get("NETBOOT_SERVER_LOG_LEVEL",
+                                                               "info")
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "serve":
+            from netboot.service import serve
+
+            cfg = _config(args)
+            logging.getLogger().setLevel(cfg.server.log_level.upper())
+            asyncio.run(serve(cfg))
+            return 0
+        if args.cmd == "check-config":
+            return _check_config(args)
+        if args.cmd == "lab":
+            from netboot.lab import cli as lab_cli
+
+            return int(lab_cli.run(args))
+        if args.cmd == "machines":
+            return asyncio.run(_with_store(args, lambda s, c: _machines(args, s, c)))
+        if args.cmd in ("profiles", "clusters", "groups"):
+            return asyncio.run(_with_store(args, lambda s, c: _named(args.cmd, args, s, c)))
+        if args.cmd == "import":
+            return asyncio.run(_with_store(args, lambda s, c: _import(args, s, c)))
+        if args.cmd in ("render", "explain"):
+            return asyncio.run(_with_store(args, lambda s, c: _render_or_explain(args, s, c)))
+    except ConfigError as exc:
+        print(f"netboot: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"netboot: {exc.field}: {exc.message}", file=sys.stderr)
+        return 2
+    except NetbootError as exc:
+        print(f"netboot: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.cmd!r}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

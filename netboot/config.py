@@ -1,0 +1,425 @@
+"""Configuration: embedded defaults ← YAML file ← ``NETBOOT_*`` environment ← CLI flags.
+
+Every error names where the bad value came from (file and line, environment variable, or flag),
+the dotted key, and what to write instead, so that a bad file stops start-up with a fix rather
+than a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from netboot.errors import ConfigError, ValidationError
+from netboot.model import Group, Role
+
+DEFAULT_ASSET_DIRS = (
+    "/var/lib/netboot/assets",
+    "boot_assets",
+    "/usr/lib/ipxe",  # Debian/Ubuntu package "ipxe"
+    "/usr/share/ipxe",  # Fedora package "ipxe-bootimgs"
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    interfaces: tuple[str, ...] = ()  # provisioning interfaces; empty = all (no SO_BINDTODEVICE)
+    advertise: str | None = None  # address put in DHCP answers and URLs
+    data_dir: str = "/var/lib/netboot"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "0.0.0.0"
+    port: int = 8080
+    public_url: str | None = None  # e.g. http://boot.example:8080 when behind NAT/proxy
+    max_body_bytes: int = 1_048_576
+    max_event_bytes: int = 16_384
+
+
+@dataclass(frozen=True)
+class AuthoritativeConfig:
+    pool_start: str | None = None
+    pool_end: str | None = None
+    netmask: str = "255.255.255.0"
+    router: str | None = None
+    dns: tuple[str, ...] = ()
+    domain: str | None = None
+    lease_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    mode: Literal["proxy", "authoritative", "off"] = "proxy"
+    port: int = 67
+    pxe_port: int = 4011
+    uefi_option43: bool = False  # smee-style single offer for UEFI instead of the 4011 path
+    ack_on_67: bool = False
+    authoritative: AuthoritativeConfig = field(default_factory=AuthoritativeConfig)
+
+
+@dataclass(frozen=True)
+class TftpConfig:
+    enabled: bool = True
+    port: int = 69
+    max_transfers: int = 256
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    enabled: bool = False
+    port: int = 53
+    listen: str | None = None  # default: the advertised address, never 0.0.0.0
+    zone: str = "netboot.lan"
+    upstreams: tuple[str, ...] = ()
+    forward: bool = True
+    ttl: int = 60
+
+
+@dataclass(frozen=True)
+class AssetsConfig:
+    dirs: tuple[str, ...] = DEFAULT_ASSET_DIRS
+
+
+@dataclass(frozen=True)
+class TemplatesConfig:
+    dir: str | None = None  # site overrides, searched before the shipped templates
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    policy: Literal["ignore", "hold", "auto"] = "ignore"
+    hold_retry_seconds: int = 15
+    rules: tuple[Group, ...] = ()  # for policy "auto": selectors → cluster/role/profile
+
+
+@dataclass(frozen=True)
+class EnrollConfig:
+    hostname_template: str = "node-{mac_suffix}"
+    token_ttl_seconds: int = 86_400
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    backend: Literal["sqlite", "memory"] = "sqlite"
+    path: str | None = None  # default <data_dir>/netboot.db
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    dhcp: DhcpConfig = field(default_factory=DhcpConfig)
+    tftp: TftpConfig = field(default_factory=TftpConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    assets: AssetsConfig = field(default_factory=AssetsConfig)
+    templates: TemplatesConfig = field(default_factory=TemplatesConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    enroll: EnrollConfig = field(default_factory=EnrollConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.inventory.path) if self.inventory.path else self.data_dir / "netboot.db"
+
+
+# CLI flag → dotted key; the flag names are what error messages suggest.
+FLAGS: Mapping[str, str] = {
+    "interface": "server.interfaces",
+    "advertise": "server.advertise",
+    "data_dir": "server.data_dir",
+    "log_level": "server.log_level",
+    "http_port": "http.port",
+    "dhcp_port": "dhcp.port",
+    "pxe_port": "dhcp.pxe_port",
+    "dhcp_mode": "dhcp.mode",
+    "tftp_port": "tftp.port",
+    "dns_port": "dns.port",
+    "discovery": "discovery.policy",
+}
+
+
+def flag_for(key: str) -> str | None:
+    for flag, dotted in FLAGS.items():
+        if dotted == key:
+            return "--" + flag.replace("_", "-")
+    return None
+
+
+class _Source:
+    """Where a raw value came from, for error messages."""
+
+    def __init__(self, name: str, lines: Mapping[str, int] | None = None) -> None:
+        self.name = name
+        self.lines = lines or {}
+
+    def error(self, key: str, message: str, fix: str | None = None) -> ConfigError:
+        line = self.lines.get(key)
+        return ConfigError(message, source=self.name, line=line, key=key, fix=fix)
+
+
+def _yaml_with_lines(text: str, name: str) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and remember the line of every mapping key, by dotted path."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(
+            f"not valid YAML: {getattr(exc, 'problem', exc)}",
+            source=name,
+            line=line,
+            fix="check indentation and quoting on that line",
+        ) from exc
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node | None, path: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{path}.{k.value}" if path else str(k.value)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                key = f"{path}[{i}]"
+                lines[key] = v.start_mark.line + 1
+                walk(v, key)
+
+    walk(node, "")
+    data = yaml.safe_load(text) if node is not None else None
+    return data, lines
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _coerce(tp: Any, value: Any, key: str, src: _Source) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key, src)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise src.error(
+                key,
+                f"{value!r} is not one of {', '.join(map(str, choices))}",
+                fix=f"write one of: {', '.join(map(str, choices))}",
+            )
+        return value
+    if origin is tuple:
+        (item,) = get_args(tp)[:1]
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise src.error(key, f"expected a list, got {type(value).__name__}", "write [a, b]")
+        return tuple(_coerce(item, v, f"{key}[{i}]", src) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
+                                                         "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise src.error(key, f"expected true or false, got {value!r}", "write true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise src.error(key, f"expected a number, got {value!r}", "write a whole number")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise src.error(key, f"expected a number, got {value!r}", "write a whole number")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise src.error(key, f"expected text, got a {type(value).__name__}", "write a string")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, src)
+    raise src.error(key, f"unsupported type {tp!r}")  # a bug in this module's schema
+
+
+def _build(cls: Any, raw: Any, path: str, src: _Source) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise src.error(path or "(top level)", f"expected a mapping, got {type(raw).__name__}",
+                        "write key: value pairs")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
+            raise src.error(dotted, "unknown key", fix)
+        if cls is DiscoveryConfig and key == "rules":
+            kwargs[key] = _rules(value, dotted, src)
+        else:
+            kwargs[key] = _coerce(hints[key], value, dotted, src)
+    return cls(**kwargs)
+
+
+def _rules(value: Any, key: str, src: _Source) -> tuple[Group, ...]:
+    if not isinstance(value, list):
+        raise src.error(key, "expected a list of rules", "write - {selector: {...}, cluster: x}")
+    out = []
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        if not isinstance(item, Mapping):
+            raise src.error(k, "expected a mapping", "write selector/cluster/role/profile keys")
+        try:
+            out.append(group_from_mapping(item, default_name=f"rule-{i}"))
+        except ValidationError as exc:
+            raise src.error(f"{k}.{exc.field}", exc.message) from exc
+    return tuple(out)
+
+
+def group_from_mapping(item: Mapping[str, Any], *, default_name: str) -> Group:
+    """A group/rule from plain data (config file rules); the API uses the inventory codec."""
+    allowed = {"name", "selector", "profile", "cluster", "role", "labels", "taints",
+               "hostname_template"}
+    for key in item:
+        if key not in allowed:
+            raise ValidationError(str(key), f"unknown key (known: {', '.join(sorted(allowed))})")
+    sel_raw = item.get("selector") or {}
+    if not isinstance(sel_raw, Mapping):
+        raise ValidationError("selector", "expected a mapping of label: value or [values]")
+    selector = {
+        str(k): tuple(str(x) for x in (v if isinstance(v, list) else [v]))
+        for k, v in sel_raw.items()
+    }
+    role = item.get("role")
+    if role is not None and role not in ("server", "agent"):
+        raise ValidationError("role", f"{role!r} is not server or agent")
+    return Group(
+        name=str(item.get("name") or default_name),
+        selector=selector,
+        profile=item.get("profile"),
+        cluster=item.get("cluster"),
+        role=Role(role) if role else None,
+        labels={str(k): str(v) for k, v in (item.get("labels") or {}).items()},
+        taints=tuple(item.get("taints") or ()),
+        hostname_template=item.get("hostname_template"),
+    )
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``NETBOOT_HTTP_PORT=8081`` → {"http": {"port": "8081"}}; returns data and key→var."""
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for var, value in env.items():
+        if not var.startswith("NETBOOT_") or var in ("NETBOOT_CONFIG", "NETBOOT_E2E"):
+            continue
+        rest = var[len("NETBOOT_"):].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections or not key:
+            continue
+        out.setdefault(section, {})[key] = value
+        origin[f"{section}.{key}"] = var
+    return out, origin
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    section, key = dotted.split(".", 1)
+    data.setdefault(section, {})[key] = value
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config; raises ConfigError naming file/line/key and the fix."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    name = "defaults"
+    if path is not None:
+        name = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}", source=name,
+                              fix="check the path given to --config") from exc
+        raw, lines = _yaml_with_lines(text, name)
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ConfigError("expected a mapping at the top level", source=name, line=1,
+                              fix="start with sections such as 'http:' or 'dhcp:'")
+        data = dict(raw or {})
+    # Validate each layer on its own so that the error names the layer that is wrong.
+    file_cfg = _build(Config, data, "", _Source(name, lines))
+    env_data, env_origin = _env_overrides(env)
+    for dotted, var in env_origin.items():
+        probe: dict[str, Any] = {}
+        _set_dotted(probe, dotted, env_data[dotted.split(".")[0]][dotted.split(".", 1)[1]])
+        _build(Config, probe, "", _Source(f"environment variable {var}"))
+    flag_data: dict[str, Any] = {}
+    for flag, value in (flags or {}).items():
+        if value is None or flag not in FLAGS:
+            continue
+        _set_dotted(flag_data, FLAGS[flag], value)
+        probe = {}
+        _set_dotted(probe, FLAGS[flag], value)
+        _build(Config, probe, "", _Source("--" + flag.replace("_", "-")))
+    merged = _merge(_merge(data, env_data), flag_data)
+    cfg = _build(Config, merged, "", _Source(name, lines))
+    _check(cfg if (env_data or flag_data) else file_cfg, _Source(name, lines))
+    return cfg
+
+
+def _check(cfg: Config, src: _Source) -> None:
+    """Cross-field checks that a single value's type cannot express."""
+    for key, port in (("http.port", cfg.http.port), ("dhcp.port", cfg.dhcp.port),
+                      ("dhcp.pxe_port", cfg.dhcp.pxe_port), ("tftp.port", cfg.tftp.port),
+                      ("dns.port", cfg.dns.port)):
+        if not 0 <= port <= 65535:
+            raise src.error(key, f"port {port} is out of range", "use 1-65535 (0 = any free port)")
+    for key, addr in (("server.advertise", cfg.server.advertise),
+                      ("dhcp.authoritative.pool_start", cfg.dhcp.authoritative.pool_start),
+                      ("dhcp.authoritative.pool_end", cfg.dhcp.authoritative.pool_end),
+                      ("dhcp.authoritative.router", cfg.dhcp.authoritative.router)):
+        if addr is not None:
+            try:
+                ipaddress.IPv4Address(addr)
+            except ValueError:
+                raise src.error(key, f"{addr!r} is not an IPv4 address", "write e.g. 192.0.2.10")
+    auth = cfg.dhcp.authoritative
+    if cfg.dhcp.mode == "authoritative":
+        if not auth.pool_start or not auth.pool_end:
+            raise src.error("dhcp.authoritative", "authoritative mode needs an address pool",
+                            "set dhcp.authoritative.pool_start and pool_end")
+        if ipaddress.IPv4Address(auth.pool_start) > ipaddress.IPv4Address(auth.pool_end):
+            raise src.error("dhcp.authoritative.pool_end", "pool_end is before pool_start",
+                            "swap the two addresses")
+    if cfg.discovery.policy == "auto" and not cfg.discovery.rules:
+        raise src.error("discovery.rules", "policy 'auto' needs at least one rule",
+                        "add rules: - {selector: {product: X}, cluster: line-3, role: agent}")
+    if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
+        raise src.error("http.public_url", "must start with http:// or https://")

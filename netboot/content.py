@@ -1,0 +1,269 @@
+"""What TFTP and HTTP serve: root-restricted files plus rendered per-machine text.
+
+This module turns a :class:`BootPlan` into bytes (iPXE script, pxelinux config, k3OS config,
+cloud-init NoCloud files, U-Boot script image); it never decides what a machine boots.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from netboot.boot import BootService
+from netboot.enroll import Enroller, token_matches
+from netboot.errors import AuthError, NotFound, RenderError
+from netboot.files import FileTree, clean_relative
+from netboot.inventory.base import MachineFilter, Store
+from netboot.inventory.codec import cluster_to_dict, machine_to_dict, profile_to_dict
+from netboot.model import (
+    Arch,
+    Blob,
+    BootAction,
+    BootPlan,
+    BootRequest,
+    Firmware,
+    MacAddress,
+    Machine,
+)
+from netboot.render import Renderer
+from netboot.wire import uimage
+
+_HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
+_RPI_SERIAL = re.compile(r"^[0-9a-f]{8}$")
+
+
+@dataclass(frozen=True)
+class Urls:
+    base: str  # http://192.0.2.10:8080
+
+    def asset(self, path: str) -> str:
+        if path.startswith(("http://", "https://")):
+            return path
+        return f"{self.base}/assets/{quote(path.lstrip('/'))}"
+
+
+class Content:
+    def __init__(
+        self,
+        store: Store,
+        boot: BootService,
+        renderer: Renderer,
+        assets: FileTree,
+        base_url: Callable[[], str],
+        enroller: Enroller,
+        *,
+        clock: Callable[[], float] = time.time,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._store = store
+        self._boot = boot
+        self._render = renderer
+        self.assets = assets
+        self._base_url = base_url
+        self._enroller = enroller
+        self._clock = clock
+        self._log = logger or logging.getLogger(__name__)
+
+    @property
+    def urls(self) -> Urls:
+        return Urls(self._base_url())
+
+    # -- context ----------------------------------------------------------------------
+    def context(self, plan: BootPlan, *, token: str | None = None) -> dict[str, Any]:
+        urls = self.urls
+        mac = plan.mac
+        token = token if token is not None else (plan.token or "")
+        machine = plan.machine
+        mdict = machine_to_dict(machine, secrets=False) if machine else {"mac": str(mac)}
+        mdict.setdefault("hostname", None)
+        profile = plan.profile
+        pdict = profile_to_dict(profile) if profile else {}
+        config_url = f"{urls.base}/config/{mac.hexhyp}" + (f"?token={token}" if token else "")
+        nocloud_url = f"{urls.base}/nocloud/{mac.hexhyp}/" + (f"{token}/" if token else "")
+        register_url = f"{urls.base}/api/v1/register"
+        events_url = f"{urls.base}/api/v1/machines/{mac.hexhyp}/events"
+        k3s = plan.k3s
+        ctx: dict[str, Any] = {
+            "mac": str(mac), "mac_hexhyp": mac.hexhyp, "base_url": urls.base,
+            "machine": mdict, "profile": pdict,
+            "cluster": cluster_to_dict(plan.cluster, secrets=False) if plan.cluster else {},
+            "k3s": {
+                "role": str(k3s.role), "server_url": k3s.server_url,
+                "cluster_init": k3s.cluster_init, "token": k3s.token,
+                "labels": dict(k3s.labels), "taints": list(k3s.taints),
+                "node_name": k3s.node_name, "args": list(k3s.args),
+            } if k3s else {"role": "agent", "server_url": None, "cluster_init": False,
+                           "token": "", "labels": {}, "taints": [], "node_name": "",
+                           "args": ["agent"]},
+            "plan": {"action": str(plan.action), "reason": plan.reason,
+                     "retry_seconds": plan.retry_seconds},
+            "token": token, "config_url": config_url, "nocloud_url": nocloud_url,
+            "events_url": events_url, "register_url": register_url,
+            "register_command": register_command(register_url, str(mac), token,
+                                                 (k3s.node_name if k3s else "")),
+            "instance_serial": int(machine.updated) if machine else 0,
+        }
+        if profile is not None:
+            ctx["kernel_url"] = urls.asset(profile.kernel)
+            ctx["initrd_urls"] = [urls.asset(i) for i in profile.initrds]
+            ctx["initrd_names"] = [i.rstrip("/").rsplit("/", 1)[-1] for i in profile.initrds]
+            ctx["kernel_path"] = profile.kernel.lstrip("/")
+            ctx["initrd_paths"] = [i.lstrip("/") for i in profile.initrds]
+            source = profile.cmdline or self._default_cmdline(profile.config_template)
+            ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
+                                                  "cmdline")
+        return ctx
+
+    def _default_cmdline(self, config_template: str) -> str:
+        name = "cmdline/cloud-init.txt" if config_template == "cloud-init" else "cmdline/k3os.txt"
+        for directory in self._render.dirs:
+            path = directory / name
+            if path.is_file():
+                return path.read_text(encoding="utf-8")
+        raise RenderError(f"no default command line template {name}")
+
+    # -- iPXE ---------------------------------------------------------------------------
+    def bootstrap_ipxe(self) -> str:
+        return self._render.ipxe("ipxe/boot.ipxe", {"base_url": self.urls.base})
+
+    async def ipxe_script(self, request: BootRequest) -> tuple[BootPlan, str]:
+        plan = await self._boot.plan(request)
+        name = {BootAction.INSTALL: "ipxe/install.ipxe", BootAction.LOCAL: "ipxe/local.ipxe",
+                BootAction.HOLD: "ipxe/hold.ipxe", BootAction.IGNORE: "ipxe/ignore.ipxe"}
+        return plan, self._render.ipxe(name[plan.action], self.context(plan))
+
+    # -- pxelinux / U-Boot / TFTP -------------------------------------------------------
+    async def pxelinux(self, request: BootRequest) -> str:
+        plan = await self._boot.plan(request)
+        name = {BootAction.INSTALL: "pxelinux/install.cfg", BootAction.LOCAL: "pxelinux/local.cfg",
+                BootAction.HOLD: "pxelinux/hold.cfg"}.get(plan.action)
+        if name is None:
+            raise NotFound(f"no pxelinux config for {request.mac}: {plan.reason}")
+        text = self._render.render(name, self.context(plan))
+        if "\n  APPEND" in text and len(text.split("\n  APPEND", 1)[1].split("\n")[0]) > 4000:
+            raise RenderError("pxelinux APPEND line too long for U-Boot's 4 KiB buffer")
+        return text
+
+    def uboot_script(self) -> bytes:
+        text = self._render.render("uboot/boot.scr.txt", {"base_url": self.urls.base})
+        body = "".join(line + "\n" for line in text.splitlines()
+                       if line.strip() and not line.lstrip().startswith("#"))
+        # A fixed timestamp keeps the image byte-identical across restarts (cacheable, testable).
+        return uimage.script_image(body, timestamp=0, name="netboot")
+
+    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
+        """Dynamic per-machine files first (U-Boot/pxelinux lookup order), then assets."""
+        rel = clean_relative(path)
+        if rel == "boot.scr.uimg":
+            return _text_blob(self.uboot_script(), "application/octet-stream")
+        if rel.startswith("pxelinux.cfg/"):
+            return _text_blob(await self._pxelinux_file(rel.split("/", 1)[1], peer))
+        head, _, rest = rel.partition("/")
+        if rest and _RPI_SERIAL.match(head.lower()):
+            # Raspberry Pi bootloaders prefix every file with the board serial (TFTP_PREFIX=0).
+            return self.assets.blob("rpi/" + rest)
+        return self.assets.blob(rel)
+
+    async def _pxelinux_file(self, name: str, peer: tuple[str, int]) -> bytes:
+        """U-Boot order: <uuid>, 01-<mac>, hex IP prefixes, default-* (protocols.md §3.3)."""
+        machine: Machine | None = None
+        lower = name.lower()
+        if lower.startswith("01-") and len(lower) == 20:
+            mac = MacAddress.parse(lower)
+            return (await self.pxelinux(BootRequest(mac=mac, via="tftp", remote_addr=peer[0],
+                                                    firmware=Firmware.UBOOT,
+                                                    arch=await self._arch(mac)))).encode()
+        if re.match(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", lower):
+            machine = await self._by_uuid(lower)
+        elif _HEX_IP.match(name) and len(name) == 8:
+            ip = ".".join(str(int(name[i:i + 2], 16)) for i in range(0, 8, 2))
+            machine = await self._by_ip(ip)
+        if machine is None:
+            # Shorter hex prefixes and default-<arch>-<soc>-<board> are site files, if any.
+            return _read(self.assets.resolve("pxelinux.cfg/" + name))
+        return (await self.pxelinux(BootRequest(mac=machine.mac, via="tftp",
+                                                remote_addr=peer[0],
+                                                firmware=Firmware.UBOOT,
+                                                arch=machine.arch or Arch.UNKNOWN))).encode()
+
+    async def _arch(self, mac: MacAddress) -> Arch:
+        machine = await self._store.get_machine(str(mac))
+        return machine.arch if machine and machine.arch else Arch.UNKNOWN
+
+    async def _by_uuid(self, uuid: str) -> Machine | None:
+        for machine in await self._store.list_machines(MachineFilter(limit=100_000)):
+            if machine.uuid == uuid:
+                return machine
+        return None
+
+    async def _by_ip(self, ip: str) -> Machine | None:
+        for lease in await self._store.list_leases():
+            if lease.ipv4 == ip:
+                return await self._store.get_machine(lease.mac)
+        return None
+
+    # -- per-machine configs (need the install token: they carry cluster secrets) -------
+    async def authorised_plan(self, mac_text: str, token: str | None) -> BootPlan:
+        mac = MacAddress.parse(mac_text)
+        machine = await self._store.get_machine(str(mac))
+        if machine is None or not token_matches(machine, token, self._clock()):
+            # Same answer whether the MAC is unknown or the token wrong: leak nothing.
+            raise AuthError("a valid install token is required for this machine's config")
+        group, profile, cluster, role = await self._boot.effective(machine)
+        k3s = await self._boot.k3s_join(machine, cluster, role, group) if cluster else None
+        return BootPlan(BootAction.INSTALL, mac, f"config for {machine.state} machine",
+                        machine=machine, group=group.name if group else None, profile=profile,
+                        cluster=cluster, k3s=k3s, token=token)
+
+    async def config_fetched(self, plan: BootPlan, what: str) -> None:
+        if plan.machine is not None:
+            await self._enroller.config_fetched(plan.machine, what)
+
+    def asset(self, path: str) -> Blob:
+        return self.assets.blob(path)
+
+    def k3os_config(self, plan: BootPlan) -> str:
+        return self._render.yaml_document("cloud-config/k3os.yaml", self.context(plan))
+
+    def nocloud(self, plan: BootPlan, name: str) -> str:
+        if name not in ("meta-data", "user-data", "vendor-data"):
+            raise NotFound(f"no NoCloud file {name!r}")
+        header = "#cloud-config" if name != "meta-data" else ""
+        return self._render.yaml_document(f"cloud-config/cloud-init/{name}", self.context(plan),
+                                          header=header)
+
+
+def _text_blob(data: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Blob:
+    raw = data.encode() if isinstance(data, str) else data
+    return Blob(size=len(raw), data=raw, content_type=content_type)
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def register_command(url: str, mac: str, token: str, node_name: str) -> str:
+    """A POSIX shell one-liner the installed OS runs to register, retrying for up to an hour.
+
+    curl when present, busybox wget otherwise (k3OS and minimal images differ).
+    """
+    body = ('{"mac":"%s","token":"%s","hostname":"\'"$(hostname)"\'",'
+            '"addresses":["\'"$(hostname -i 2>/dev/null | cut -d" " -f1)"\'"],'
+            '"machine_id":"\'"$(cat /etc/machine-id 2>/dev/null)"\'","node_name":"%s"}'
+            % (mac, token, node_name))
+    data = "'" + body + "'"
+    u = shlex.quote(url)
+    return (
+        "i=0; while [ $i -lt 360 ]; do "
+        f"if command -v curl >/dev/null; then curl -fsS -H 'Content-Type: application/json' "
+        f"-d {data} {u} && break; "
+        f"else wget -q -O- --header 'Content-Type: application/json' --post-data {data} {u} "
+        "&& break; fi; i=$((i+1)); sleep 10; done"
+    )

@@ -1,0 +1,480 @@
+"""Enrollment: single machines, bulk import, approval, auto-enrollment, progress, registration.
+
+State changes a machine goes through come from what the server sees and are stored with their
+time, each as an event, so that ``netboot machines show`` tells where a device stands and why:
+
+    discovered → enrolled → booting → installing → installed → registered
+                                   ↘ failed ↗ reinstall
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import yaml
+
+from netboot.errors import AuthError, Conflict, NotFound, ValidationError
+from netboot.inventory.base import Batch, Store
+from netboot.model import (
+    Event,
+    Group,
+    MacAddress,
+    Machine,
+    MachineState,
+    Role,
+    normalise_uuid,
+)
+
+_HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+MAX_EVENT_KIND = 64
+MAX_EVENT_MESSAGE = 2048
+
+# Events an installer may post, and the state each one moves the machine to.
+EVENT_STATES: Mapping[str, MachineState] = {
+    "installing": MachineState.INSTALLING,
+    "installed": MachineState.INSTALLED,
+    "failed": MachineState.FAILED,
+}
+
+
+def check_hostname(name: str, field_name: str = "hostname") -> str:
+    lowered = name.strip().lower()
+    if len(lowered) > 253 or not _HOSTNAME.match(lowered):
+        raise ValidationError(
+            field_name, f"{name!r} is not a valid hostname (letters, digits, '-', max 63 a label)"
+        )
+    return lowered
+
+
+def token_matches(machine: Machine, token: str | None, now: float) -> bool:
+    """Constant-time check of an install token against the stored hash, with expiry."""
+    if not token or not machine.token_hash:
+        return False
+    if machine.token_expires is not None and now > machine.token_expires:
+        return False
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return hmac.compare_digest(digest, machine.token_hash)
+
+
+class _TemplateFields(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        raise ValidationError("hostname_template", f"unknown field {{{key}}}")
+
+
+def render_hostname(template: str, machine: Machine, *, cluster: str | None = None,
+                    role: str | None = None) -> str:
+    fields = _TemplateFields(
+        mac=machine.mac.hexhyp, mac_hexhyp=machine.mac.hexhyp, mac_suffix=machine.mac.suffix,
+        mac_hexraw=machine.mac.hexraw, serial=(machine.serial or machine.facts.get("serial", "")),
+        uuid=(machine.uuid or "")[:8], asset=machine.asset or "",
+        cluster=cluster or machine.cluster or "", role=role or str(machine.role or ""),
+        product=machine.facts.get("product", ""),
+    )
+    try:
+        raw = template.format_map(fields)
+    except (ValueError, IndexError) as exc:
+        raise ValidationError("hostname_template", f"{template!r}: {exc}") from exc
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    if not cleaned:
+        raise ValidationError("hostname_template", f"{template!r} gave an empty name")
+    return cleaned[:63].rstrip("-")
+
+
+@dataclass(frozen=True)
+class RowError:
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    created: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    errors: tuple[RowError, ...] = ()
+    applied: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "created": list(self.created), "changed": list(self.changed),
+            "unchanged": list(self.unchanged), "applied": self.applied,
+            "errors": [{"line": e.line, "field": e.field, "message": e.message}
+                       for e in self.errors],
+        }
+
+
+IMPORT_FIELDS = ("mac", "hostname", "serial", "asset", "uuid", "cluster", "role", "profile",
+                 "labels", "fixed_ipv4")
+
+
+def parse_import(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of a CSV, YAML or JSON import file, each with the line it starts on."""
+    if fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames is None:
+            raise ValidationError("file", "empty CSV file (need a header row with 'mac')")
+        rows = []
+        for row in reader:
+            clean: dict[str, Any] = {}
+            labels: dict[str, str] = {}
+            for key, value in row.items():
+                if key is None:
+                    raise ValidationError("file", f"line {reader.line_num}: more values than "
+                                                  "header columns")
+                key = key.strip()
+                value = (value or "").strip()
+                if key.startswith("label.") or key.startswith("labels."):
+                    if value:
+                        labels[key.split(".", 1)[1]] = value
+                elif key == "labels" and value:
+                    for pair in value.split(";"):
+                        k, sep, v = pair.partition("=")
+                        if not sep:
+                            raise ValidationError("labels", f"line {reader.line_num}: {pair!r} "
+                                                            "is not key=value")
+                        labels[k.strip()] = v.strip()
+                elif value:
+                    clean[key] = value
+            if labels:
+                clean["labels"] = labels
+            rows.append((reader.line_num, clean))
+        return rows
+    if fmt in ("yaml", "yml", "json"):
+        try:
+            if fmt == "json":
+                data = json.loads(text)
+                lines = None
+            else:
+                node = yaml.compose(text, Loader=yaml.SafeLoader)
+                data = yaml.safe_load(text)
+                lines = ([n.start_mark.line + 1 for n in node.value]
+                         if isinstance(node, yaml.SequenceNode) else None)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ValidationError("file", f"cannot parse {fmt}: {exc}") from exc
+        if isinstance(data, dict) and "machines" in data:
+            data = data["machines"]
+            lines = None
+        if not isinstance(data, list):
+            raise ValidationError("file", "expected a list of machines (or {machines: [...]})")
+        out = []
+        for i, item in enumerate(data):
+            line = lines[i] if lines else i + 1
+            if not isinstance(item, dict):
+                raise ValidationError("file", f"row {line}: expected a mapping")
+            out.append((line, item))
+        return out
+    raise ValidationError("format", f"{fmt!r} is not csv, yaml or json")
+
+
+class Enroller:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        hostname_template: str = "node-{mac_suffix}",
+        clock: Callable[[], float] = time.time,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._store = store
+        self.hostname_template = hostname_template
+        self._clock = clock
+        self._log = logger or logging.getLogger(__name__)
+
+    async def event(self, mac: str, kind: str, message: str = "",
+                    data: Mapping[str, Any] | None = None) -> None:
+        await self._store.add_event(Event(mac, self._clock(), kind, message, dict(data or {})))
+
+    # -- hostnames --------------------------------------------------------------------
+    async def unique_hostname(self, template: str, machine: Machine, *, cluster: str | None,
+                              role: str | None, taken: set[str] | None = None) -> str:
+        base = render_hostname(template, machine, cluster=cluster, role=role)
+        name = base
+        for n in range(2, 10_000):
+            other = await self._store.get_machine_by_hostname(name)
+            if (other is None or other.mac == machine.mac) and (taken is None
+                                                                  or name not in taken):
+                return name
+            name = f"{base[:58]}-{n}"
+        raise Conflict(f"no free hostname for template {template!r}")
+
+    # -- transitions ------------------------------------------------------------------
+    async def validate_refs(self, cluster: str | None, profile: str | None) -> None:
+        if cluster and await self._store.get_cluster(cluster) is None:
+            raise ValidationError("cluster", f"unknown cluster {cluster!r}")
+        if profile and await self._store.get_profile(profile) is None:
+            raise ValidationError("profile", f"unknown profile {profile!r}")
+
+    async def auto_enroll(self, machine: Machine, group: Group) -> Machine:
+        hostname = machine.hostname or await self.unique_hostname(
+            group.hostname_template or self.hostname_template, machine,
+            cluster=group.cluster, role=str(group.role) if group.role else None)
+        updated = replace(
+            machine, state=MachineState.ENROLLED, hostname=hostname,
+            cluster=machine.cluster or group.cluster, role=machine.role or group.role,
+            profile=machine.profile or group.profile,
+            labels={**group.labels, **machine.labels}, updated=self._clock(),
+        )
+        await self._store.update_machine(updated)
+        await self.event(str(machine.mac), "enrolled",
+                         f"auto-enrolled by rule {group.name!r} as {updated.hostname}")
+        self._log.info("auto-enrolled mac=%s rule=%s hostname=%s cluster=%s",
+                       machine.mac, group.name, updated.hostname, updated.cluster)
+        return updated
+
+    async def approve(self, mac: str, *, cluster: str | None, role: Role | None,
+                      profile: str | None, hostname: str | None = None) -> Machine:
+        machine = await self._get(mac)
+        await self.validate_refs(cluster, profile)
+        if machine.state not in (MachineState.DISCOVERED, MachineState.ENROLLED):
+            raise Conflict(f"{mac} is {machine.state}, not discovered; nothing to approve")
+        name = check_hostname(hostname) if hostname else machine.hostname
+        if not name:
+            name = await self.unique_hostname(self.hostname_template, machine, cluster=cluster,
+                                              role=str(role) if role else None)
+        updated = replace(machine, state=MachineState.ENROLLED, hostname=name,
+                          cluster=cluster or machine.cluster, role=role or machine.role,
+                          profile=profile or machine.profile, updated=self._clock())
+        await self._store.update_machine(updated)
+        await self.event(mac, "enrolled", f"approved as {name}"
+                         + (f" for cluster {updated.cluster}" if updated.cluster else ""))
+        return updated
+
+    async def reinstall(self, mac: str) -> Machine:
+        machine = await self._get(mac)
+        if machine.state == MachineState.DISCOVERED:
+            raise Conflict(f"{mac} is discovered, not enrolled; approve it first")
+        updated = replace(machine, state=MachineState.REINSTALL, token_hash=None,
+                          token_expires=None, updated=self._clock())
+        await self._store.update_machine(updated)
+        await self.event(mac, "reinstall", f"reinstall requested (was {machine.state})")
+        return updated
+
+    async def config_fetched(self, machine: Machine, what: str) -> None:
+        if machine.state in (MachineState.BOOTING, MachineState.ENROLLED,
+                             MachineState.REINSTALL):
+            await self._store.update_machine(
+                replace(machine, state=MachineState.INSTALLING, updated=self._clock()))
+        await self.event(str(machine.mac), "config", f"{what} fetched")
+
+    async def report(self, mac: str, body: Mapping[str, Any]) -> Event:
+        """A progress report from an installer (POST /api/v1/machines/<mac>/events)."""
+        machine = await self._get(mac)
+        kind = body.get("kind")
+        if not isinstance(kind, str) or not kind or len(kind) > MAX_EVENT_KIND \
+                or not re.match(r"^[a-z0-9][a-z0-9._-]*$", kind):
+            raise ValidationError("kind", "required: a short lowercase word such as "
+                                          "'installing', 'installed', 'failed', 'progress'")
+        message = body.get("message", "")
+        if not isinstance(message, str) or len(message) > MAX_EVENT_MESSAGE:
+            raise ValidationError("message", f"text of at most {MAX_EVENT_MESSAGE} characters")
+        data = body.get("data", {})
+        if not isinstance(data, dict):
+            raise ValidationError("data", "must be an object")
+        unknown = set(body) - {"kind", "message", "data"}
+        if unknown:
+            raise ValidationError(sorted(unknown)[0], "unknown field")
+        new_state = EVENT_STATES.get(kind)
+        if new_state is not None and machine.state != MachineState.REGISTERED:
+            await self._store.update_machine(
+                replace(machine, state=new_state, updated=self._clock()))
+        event = Event(mac, self._clock(), kind, message, data)
+        await self._store.add_event(event)
+        return event
+
+    async def register(self, body: Mapping[str, Any]) -> Machine:
+        """First boot of the installed OS: POST /api/v1/register with the install token."""
+        mac_text = body.get("mac")
+        if not isinstance(mac_text, str):
+            raise ValidationError("mac", "required")
+        mac = str(MacAddress.parse(mac_text))
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise ValidationError("token", "required: the install token from the kernel command "
+                                           "line or config")
+        machine = await self._store.get_machine(mac)
+        # Same answer for unknown MAC and wrong token: registration must not reveal the inventory.
+        if machine is None or not token_matches(machine, token, self._clock()):
+            raise AuthError("unknown machine or wrong/expired token")
+        addresses = body.get("addresses", [])
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise ValidationError("addresses", "must be a list of strings")
+        facts = dict(machine.facts)
+        for key in ("machine_id", "node_name", "os"):
+            value = body.get(key)
+            if value is not None:
+                if not isinstance(value, str) or len(value) > 256:
+                    raise ValidationError(key, "must be a string of at most 256 characters")
+                facts[key] = value
+        hostname = body.get("hostname")
+        if hostname is not None and not isinstance(hostname, str):
+            raise ValidationError("hostname", "must be a string")
+        ipv4 = next((a for a in addresses if re.match(r"^\d+\.\d+\.\d+\.\d+$", a)), machine.ipv4)
+        updated = replace(machine, state=MachineState.REGISTERED, ipv4=ipv4, facts=facts,
+                          updated=self._clock())
+        await self._store.update_machine(updated)
+        await self.event(mac, "registered",
+                         f"registered from {ipv4 or 'unknown address'}"
+                         + (f" as {hostname}" if hostname else ""),
+                         {"addresses": addresses})
+        self._log.info("registered mac=%s ip=%s cluster=%s", mac, ipv4, machine.cluster)
+        return updated
+
+    async def _get(self, mac: str) -> Machine:
+        machine = await self._store.get_machine(str(MacAddress.parse(mac)))
+        if machine is None:
+            raise NotFound(f"machine {mac} not found")
+        return machine
+
+    # -- bulk import ------------------------------------------------------------------
+    async def import_rows(self, rows: Sequence[tuple[int, Mapping[str, Any]]], *,
+                          dry_run: bool = False,
+                          progress: Callable[[int], None] | None = None) -> ImportReport:
+        """One transaction: every row applies or none; errors list every bad row."""
+        errors: list[RowError] = []
+        clusters = {c.name for c in await self._store.list_clusters()}
+        profiles = {p.name for p in await self._store.list_profiles()}
+        existing = {str(m.mac): m for m in await self._all_machines()}
+        by_host = {m.hostname: str(m.mac) for m in existing.values() if m.hostname}
+        seen_mac: dict[str, int] = {}
+        seen_host: dict[str, tuple[int, str]] = {}
+        create: list[Machine] = []
+        update: list[Machine] = []
+        unchanged: list[str] = []
+        now = self._clock()
+        for n, (line, row) in enumerate(rows):
+            if progress is not None and n % 1000 == 0:
+                progress(n)
+            try:
+                machine = self._row_machine(row, clusters, profiles)
+            except ValidationError as exc:
+                errors.append(RowError(line, exc.field, exc.message))
+                continue
+            mac = str(machine.mac)
+            if mac in seen_mac:
+                errors.append(RowError(line, "mac", f"duplicate of line {seen_mac[mac]}"))
+                continue
+            seen_mac[mac] = line
+            if machine.hostname:
+                if machine.hostname in seen_host:
+                    errors.append(RowError(line, "hostname", f"{machine.hostname!r} duplicates "
+                                           f"line {seen_host[machine.hostname][0]}"))
+                    continue
+                seen_host[machine.hostname] = (line, mac)
+                owner = by_host.get(machine.hostname)
+                if owner is not None and owner != mac:
+                    errors.append(RowError(line, "hostname", f"{machine.hostname!r} is used by "
+                                           f"{owner} in the inventory"))
+                    continue
+            old = existing.get(mac)
+            if old is None:
+                create.append(replace(machine, created=now, updated=now))
+            else:
+                merged = replace(
+                    old, hostname=machine.hostname or old.hostname,
+                    serial=machine.serial or old.serial, asset=machine.asset or old.asset,
+                    uuid=machine.uuid or old.uuid, cluster=machine.cluster or old.cluster,
+                    role=machine.role or old.role, profile=machine.profile or old.profile,
+                    labels={**old.labels, **machine.labels},
+                    fixed_ipv4=machine.fixed_ipv4 or old.fixed_ipv4,
+                    state=(MachineState.ENROLLED if old.state == MachineState.DISCOVERED
+                           else old.state),
+                )
+                if merged == old:
+                    unchanged.append(mac)
+                else:
+                    update.append(replace(merged, updated=now))
+        # Machines enrolled without a name get one from the hostname template, unique against
+        # both the inventory and the rest of the file.
+        taken = set(by_host) | set(seen_host)
+        for i, m in enumerate(create):
+            if m.hostname is None and not errors:
+                try:
+                    base = render_hostname(self.hostname_template, m)
+                except ValidationError as exc:
+                    errors.append(RowError(seen_mac[str(m.mac)], exc.field, exc.message))
+                    continue
+                name, n = base, 2
+                while name in taken:
+                    name, n = f"{base[:58]}-{n}", n + 1
+                taken.add(name)
+                create[i] = replace(m, hostname=name)
+        # A hostname freed by one row and taken by another in the same file is fine; a name
+        # taken from a machine the file does not rename is not.
+        renamed = {str(m.mac) for m in update}
+        for m in create + update:
+            owner = by_host.get(m.hostname or "")
+            if owner and owner != str(m.mac) and owner not in renamed:
+                line = seen_mac[str(m.mac)]
+                if not any(e.line == line for e in errors):
+                    errors.append(RowError(line, "hostname", f"{m.hostname!r} is used by {owner}"))
+        report = ImportReport(
+            created=tuple(str(m.mac) for m in create), changed=tuple(str(m.mac) for m in update),
+            unchanged=tuple(unchanged), errors=tuple(sorted(errors, key=lambda e: e.line)),
+        )
+        if errors or dry_run:
+            return report
+        await self._store.apply_batch(Batch(create=create, update=update))
+        for m in create:
+            await self.event(str(m.mac), "enrolled", "imported")
+        return replace(report, applied=True)
+
+    def _row_machine(self, row: Mapping[str, Any], clusters: set[str],
+                     profiles: set[str]) -> Machine:
+        unknown = [k for k in row if k not in IMPORT_FIELDS]
+        if unknown:
+            raise ValidationError(unknown[0], f"unknown column (known: {', '.join(IMPORT_FIELDS)})")
+        if not row.get("mac"):
+            raise ValidationError("mac", "required")
+        mac = MacAddress.parse(str(row["mac"]))
+        cluster = row.get("cluster") or None
+        if cluster is not None and cluster not in clusters:
+            raise ValidationError("cluster", f"unknown cluster {cluster!r}")
+        profile = row.get("profile") or None
+        if profile is not None and profile not in profiles:
+            raise ValidationError("profile", f"unknown profile {profile!r}")
+        role_text = row.get("role") or None
+        if role_text is not None and role_text not in ("server", "agent"):
+            raise ValidationError("role", f"{role_text!r} is not server or agent")
+        labels = row.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise ValidationError("labels", "must be a mapping of key: value")
+        hostname = check_hostname(str(row["hostname"])) if row.get("hostname") else None
+        uuid = normalise_uuid(str(row["uuid"])) if row.get("uuid") else None
+        fixed = row.get("fixed_ipv4") or None
+        if fixed is not None and not re.match(r"^\d+\.\d+\.\d+\.\d+$", str(fixed)):
+            raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address")
+        return Machine(
+            mac=mac, state=MachineState.ENROLLED, hostname=hostname,
+            serial=str(row["serial"]) if row.get("serial") else None,
+            asset=str(row["asset"]) if row.get("asset") else None, uuid=uuid,
+            cluster=cluster, role=Role(role_text) if role_text else None, profile=profile,
+            labels={str(k): str(v) for k, v in labels.items()},
+            fixed_ipv4=str(fixed) if fixed else None,
+        )
+
+    async def _all_machines(self) -> list[Machine]:
+        from netboot.inventory.base import MachineFilter
+
+        out: list[Machine] = []
+        offset = 0
+        while True:
+            page = await self._store.list_machines(MachineFilter(limit=5000, offset=offset))
+            out.extend(page)
+            if len(page) < 5000:
+                return out
+            offset += 5000
+

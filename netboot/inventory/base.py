@@ -1,0 +1,112 @@
+"""The inventory protocol: what every store (memory, SQLite, later PostgreSQL) provides.
+
+Stores hold frozen model values and nothing else: no policy, no rendering. Every method is a
+coroutine so that a networked store (PostgreSQL) fits the same shape. Errors: ``NotFound`` when
+the named object does not exist, ``Conflict`` when a unique key (MAC, hostname, lease address)
+is already used, ``StoreError`` when the store itself fails; a store failure is never reported
+as "not found".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from netboot.model import Cluster, Event, Group, Lease, Machine, MachineState, Profile
+
+
+@dataclass(frozen=True, slots=True)
+class MachineFilter:
+    state: MachineState | None = None
+    cluster: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()  # all must match
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A set of machine writes applied in one transaction: all or nothing."""
+
+    create: Sequence[Machine] = field(default_factory=tuple)
+    update: Sequence[Machine] = field(default_factory=tuple)
+
+
+class Store(Protocol):
+    """The async inventory. ``mac`` arguments are normalised ``aa:bb:cc:dd:ee:ff`` strings."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema; must be called before use."""
+
+    async def close(self) -> None: ...
+
+    # machines -------------------------------------------------------------------------
+    async def get_machine(self, mac: str) -> Machine | None: ...
+
+    async def get_machine_by_hostname(self, hostname: str) -> Machine | None: ...
+
+    async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]: ...
+
+    async def count_machines(self, flt: MachineFilter | None = None) -> int: ...
+
+    async def create_machine(self, machine: Machine) -> None:
+        """Conflict if the MAC or the hostname (case-insensitive) is already used."""
+
+    async def update_machine(self, machine: Machine) -> None:
+        """NotFound if absent; Conflict if the new hostname belongs to another machine."""
+
+    async def delete_machine(self, mac: str) -> None:
+        """NotFound if absent. Deletes its events and lease too."""
+
+    async def apply_batch(self, batch: Batch) -> None:
+        """All creates and updates in one transaction; Conflict/NotFound rolls back all."""
+
+    # profiles, clusters, groups (upsert by name) ----------------------------------------
+    async def get_profile(self, name: str) -> Profile | None: ...
+
+    async def list_profiles(self) -> list[Profile]: ...
+
+    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
+        """Insert or replace; with ``create=True`` Conflict if the name exists."""
+
+    async def delete_profile(self, name: str) -> None: ...
+
+    async def get_cluster(self, name: str) -> Cluster | None: ...
+
+    async def list_clusters(self) -> list[Cluster]: ...
+
+    async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None: ...
+
+    async def delete_cluster(self, name: str) -> None: ...
+
+    async def get_group(self, name: str) -> Group | None: ...
+
+    async def list_groups(self) -> list[Group]: ...
+
+    async def put_group(self, group: Group, *, create: bool = False) -> None: ...
+
+    async def delete_group(self, name: str) -> None: ...
+
+    # events --------------------------------------------------------------------------
+    async def add_event(self, event: Event) -> None: ...
+
+    async def list_events(self, mac: str, *, limit: int = 1000) -> list[Event]:
+        """Oldest first; at most the newest ``limit`` events."""
+
+    # leases (authoritative DHCP mode) ------------------------------------------------
+    async def list_leases(self) -> list[Lease]: ...
+
+    async def put_lease(self, lease: Lease) -> None:
+        """Insert or replace by MAC; Conflict if another MAC holds the address."""
+
+    async def delete_lease(self, mac: str) -> None:
+        """No error if absent (a RELEASE for an unknown lease is harmless)."""
+
+    async def fixed_address(self, mac: str) -> str | None:
+        """The enrolled machine's ``fixed_ipv4``, if any."""
+
+    # small key/value settings (admin token hash, schema facts, counters) -------------
+    async def get_setting(self, key: str) -> str | None: ...
+
+    async def put_setting(self, key: str, value: str) -> None: ...

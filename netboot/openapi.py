@@ -1,0 +1,180 @@
+"""The OpenAPI 3 document of ``/api/v1`` (served at ``/api/v1/openapi.json``).
+
+A test walks the aiohttp router and this document both ways, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STR = {"type": "string"}
+_NSTR = {"type": ["string", "null"]}
+_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_LIST = {"type": "array", "items": {"type": "string"}}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"],
+              "properties": {"error": _STR, "field": _STR}},
+    "MachineInput": {
+        "type": "object", "required": ["mac"], "additionalProperties": False,
+        "properties": {
+            "mac": {"type": "string", "description": "any common MAC form; normalised"},
+            "hostname": _NSTR, "uuid": _NSTR, "serial": _NSTR, "asset": _NSTR,
+            "labels": _MAP, "cluster": _NSTR,
+            "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
+            "profile": _NSTR, "fixed_ipv4": _NSTR,
+            "state": {"type": "string", "enum": ["discovered", "enrolled", "booting",
+                                                 "installing", "installed", "registered",
+                                                 "failed", "reinstall"]},
+        },
+    },
+    "Machine": {"allOf": [{"$ref": "#/components/schemas/MachineInput"}, {
+        "type": "object",
+        "properties": {"mac_hexhyp": _STR, "arch": _NSTR, "firmware": _NSTR, "ipv4": _NSTR,
+                       "facts": _MAP, "token_expires": {"type": ["number", "null"]},
+                       "created": {"type": "number"}, "updated": {"type": "number"}}}]},
+    "MachineList": {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}},
+        "total": {"type": "integer"}, "limit": {"type": "integer"},
+        "offset": {"type": "integer"}}},
+    "Profile": {"type": "object", "required": ["name", "kernel"], "properties": {
+        "name": _STR, "kernel": _STR, "initrds": _LIST, "cmdline": _STR,
+        "config_template": {"type": "string", "enum": ["k3os", "cloud-init"]},
+        "assets": {"type": "array", "items": {"type": "object", "properties": {
+            "path": _STR, "sha256": _NSTR}}},
+        "install_device": _STR, "iso_url": _NSTR, "ssh_authorized_keys": _LIST,
+        "fdtdir": _NSTR, "description": _STR}},
+    "Cluster": {"type": "object", "required": ["name"], "properties": {
+        "name": _STR, "server_url": {"type": "string",
+                                     "description": "https://… of the k3s API, or 'managed'"},
+        "token": {"type": "string", "writeOnly": True}, "labels": _MAP, "taints": _LIST,
+        "description": _STR}},
+    "Group": {"type": "object", "required": ["name"], "properties": {
+        "name": _STR, "selector": {"type": "object", "additionalProperties": _LIST},
+        "profile": _NSTR, "cluster": _NSTR, "role": _NSTR, "labels": _MAP, "taints": _LIST,
+        "hostname_template": _NSTR}},
+    "Event": {"type": "object", "properties": {
+        "mac": _STR, "time": {"type": "number"}, "kind": _STR, "message": _STR,
+        "data": {"type": "object"}}},
+    "EventInput": {"type": "object", "required": ["kind"], "properties": {
+        "kind": _STR, "message": _STR, "data": {"type": "object"}}},
+    "Register": {"type": "object", "required": ["mac", "token"], "properties": {
+        "mac": _STR, "token": _STR, "hostname": _STR, "addresses": _LIST,
+        "machine_id": _STR, "node_name": _STR, "os": _STR}},
+    "Bulk": {"type": "object", "required": ["machines"], "properties": {
+        "machines": {"type": "array", "items": {"$ref": "#/components/schemas/MachineInput"}},
+        "dry_run": {"type": "boolean"}}},
+    "ImportReport": {"type": "object", "properties": {
+        "created": _LIST, "changed": _LIST, "unchanged": _LIST, "applied": {"type": "boolean"},
+        "errors": {"type": "array", "items": {"type": "object", "properties": {
+            "line": {"type": "integer"}, "field": _STR, "message": _STR}}}}},
+    "Explanation": {"type": "object"},
+}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _op(summary: str, *, body: str | None = None, ok: int = 200, out: str | None = None,
+        admin: bool = False, errors: tuple[int, ...] = (400, 404),
+        params: tuple[str, ...] = ()) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {}}
+    if out == "array:Machine" or (out and out.startswith("array:")):
+        schema: dict[str, Any] = {"type": "array", "items": _ref(out.split(":", 1)[1])}
+    else:
+        schema = _ref(out) if out else {}
+    op["responses"][str(ok)] = {"description": "success",
+                                **({"content": {"application/json": {"schema": schema}}}
+                                   if out else {})}
+    codes = set(errors) | ({401} if admin else set())
+    for code in sorted(codes):
+        op["responses"][str(code)] = {"description": "error", "content": {
+            "application/json": {"schema": _ref("Error")}}}
+    if body:
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": _ref(body)}}}
+    if admin:
+        op["security"] = [{"bearer": []}]
+    if params:
+        op["parameters"] = [{"name": p, "in": "query", "required": False,
+                             "schema": {"type": "string"}} for p in params]
+    return op
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def document() -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/api/v1/openapi.json": {"get": {"summary": "this document",
+                                         "responses": {"200": {"description": "OpenAPI 3"}}}},
+        "/api/v1/machines": {
+            "get": _op("list machines", out="MachineList",
+                       params=("state", "cluster", "label", "limit", "offset")),
+            "post": _op("enroll a machine", body="MachineInput", ok=201, out="Machine",
+                        admin=True, errors=(400, 409, 413)),
+        },
+        "/api/v1/machines:bulk": {
+            "post": _op("bulk enrollment in one transaction", body="Bulk", ok=201,
+                        out="ImportReport", admin=True, errors=(400, 413)),
+        },
+        "/api/v1/machines/{mac}": {
+            "parameters": [_path_param("mac")],
+            "get": _op("one machine", out="Machine"),
+            "patch": _op("change a machine", body="MachineInput", out="Machine", admin=True,
+                         errors=(400, 404, 409)),
+            "delete": {**_op("remove a machine", ok=204, admin=True)},
+        },
+        "/api/v1/machines/{mac}/approve": {
+            "parameters": [_path_param("mac")],
+            "post": _op("approve a discovered machine", body="MachineInput", out="Machine",
+                        admin=True, errors=(400, 404, 409)),
+        },
+        "/api/v1/machines/{mac}/reinstall": {
+            "parameters": [_path_param("mac")],
+            "post": _op("install again on next boot", out="Machine", admin=True,
+                        errors=(404, 409)),
+        },
+        "/api/v1/machines/{mac}/explain": {
+            "parameters": [_path_param("mac")],
+            "get": _op("which group, profile and decision, and why", out="Explanation"),
+        },
+        "/api/v1/machines/{mac}/events": {
+            "parameters": [_path_param("mac")],
+            "get": _op("events, oldest first", out="array:Event", params=("limit",)),
+            "post": _op("progress report (install token or admin token)", body="EventInput",
+                        ok=201, out="Event", admin=True, errors=(400, 404, 413)),
+        },
+        "/api/v1/register": {
+            "post": _op("first boot of the installed OS, with its install token",
+                        body="Register", out="Machine", errors=(400, 401)),
+        },
+        "/api/v1/clusters/{name}/nodes": {
+            "parameters": [_path_param("name")],
+            "get": _op("machines of a cluster", out="array:Machine"),
+        },
+    }
+    for kind, schema in (("profiles", "Profile"), ("clusters", "Cluster"), ("groups", "Group")):
+        paths[f"/api/v1/{kind}"] = {
+            "get": _op(f"list {kind}", out=f"array:{schema}"),
+            "post": _op(f"create a {kind[:-1]}", body=schema, ok=201, out=schema, admin=True,
+                        errors=(400, 409, 413)),
+        }
+        paths[f"/api/v1/{kind}/{{name}}"] = {
+            "parameters": [_path_param("name")],
+            "get": _op(f"one {kind[:-1]}", out=schema),
+            "put": _op(f"replace a {kind[:-1]}", body=schema, out=schema, admin=True,
+                       errors=(400, 404, 409)),
+            "delete": _op(f"remove a {kind[:-1]}", ok=204, admin=True, errors=(404, 409)),
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "netboot", "version": "1",
+                 "description": "Enrollment and inventory API of the netboot provisioning "
+                                "server."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

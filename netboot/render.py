@@ -1,0 +1,106 @@
+"""Sandboxed, strict template rendering with checked output.
+
+Templates are operator-supplied text, so they run in Jinja2's immutable sandbox with
+``StrictUndefined``: a typo in a template is a :class:`RenderError`, never an empty string that
+silently boots a machine with half a command line. Output is validated before it leaves: an iPXE
+script starts with ``#!ipxe`` (iPXE decides the image type by it), a kernel command line is one
+line (iPXE and pxelinux read one line), and cloud-config parses as YAML.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from netboot.errors import ConfigError, RenderError
+
+
+def shipped_templates_dir() -> Path:
+    """The ``templates/`` directory of this checkout (next to the package)."""
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+class Renderer:
+    def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None) -> None:
+        existing = [Path(d) for d in dirs if Path(d).is_dir()]
+        if not existing:
+            raise ConfigError(
+                "no template directory found",
+                key="templates.dir",
+                fix=f"set templates.dir or run from a checkout that has {shipped_templates_dir()}",
+            )
+        self.dirs = existing
+        self._log = logger or logging.getLogger(__name__)
+        self._env = ImmutableSandboxedEnvironment(
+            loader=jinja2.FileSystemLoader([str(d) for d in existing]),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,  # none of our outputs is HTML
+            keep_trailing_newline=True,
+        )
+
+    def check_all(self) -> None:
+        """Compile every template once at start-up so that a syntax error stops the server."""
+        for name in self._env.list_templates():
+            if name.endswith(".md"):
+                continue
+            try:
+                self._env.get_template(name)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ConfigError(
+                    f"template syntax error: {exc.message}",
+                    source=exc.filename or name,
+                    line=exc.lineno,
+                    fix="fix the Jinja2 syntax on that line",
+                ) from exc
+
+    def render(self, name: str, context: Mapping[str, Any]) -> str:
+        try:
+            template = self._env.get_template(name)
+            return template.render(**context)
+        except jinja2.TemplateNotFound as exc:
+            raise RenderError(f"template {name!r} not found in {self._dirs_text()}") from exc
+        except jinja2.UndefinedError as exc:
+            raise RenderError(f"template {name!r}: {exc.message}") from exc
+        except jinja2.TemplateError as exc:
+            raise RenderError(f"template {name!r}: {exc}") from exc
+        except jinja2.sandbox.SecurityError as exc:  # type: ignore[attr-defined]
+            raise RenderError(f"template {name!r} tried something unsafe: {exc}") from exc
+
+    def render_string(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
+        try:
+            return self._env.from_string(source).render(**context)
+        except jinja2.TemplateError as exc:
+            raise RenderError(f"{what}: {exc}") from exc
+
+    def _dirs_text(self) -> str:
+        return ", ".join(str(d) for d in self.dirs)
+
+    # checked outputs ---------------------------------------------------------------
+    def ipxe(self, name: str, context: Mapping[str, Any]) -> str:
+        text = self.render(name, context)
+        if not text.startswith("#!ipxe"):
+            raise RenderError(f"template {name!r} must start with #!ipxe")
+        return text
+
+    def cmdline(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
+        text = " ".join(self.render_string(source, context, what=what).split())
+        # iPXE's tokenizer treats a token starting with '#' as a comment (exec.c).
+        if any(tok.startswith("#") for tok in text.split()):
+            raise RenderError(f"{what}: a kernel argument starts with '#', iPXE would drop it")
+        return text
+
+    def yaml_document(self, name: str, context: Mapping[str, Any], *, header: str = "") -> str:
+        text = self.render(name, context)
+        if header and not text.startswith(header):
+            raise RenderError(f"template {name!r} must start with {header!r}")
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RenderError(f"template {name!r} rendered invalid YAML: {exc}") from exc
+        return text

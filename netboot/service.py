@@ -1,0 +1,301 @@
+"""The one wiring point: build everything from a Config, run all servers on one loop, stop cleanly.
+
+Only this module (and ``cli.py``) names concrete classes; everything else receives its
+collaborators through narrow protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from netboot.api import ADMIN_TOKEN_KEY, Api
+from netboot.boot import BootService, BootSettings
+from netboot.config import Config
+from netboot.content import Content
+from netboot.enroll import Enroller
+from netboot.errors import ConfigError
+from netboot.files import FileTree
+from netboot.inventory.base import MachineFilter, Store
+from netboot.render import Renderer, shipped_templates_dir
+from netboot.servers.http import DeviceRoutes, errors_middleware
+
+log = logging.getLogger(__name__)
+
+
+def open_store(config: Config) -> Store:
+    if config.inventory.backend == "memory":
+        from netboot.inventory.memory import MemoryStore
+
+        return MemoryStore()
+    from netboot.inventory.sqlite import SqliteStore
+
+    config.db_path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore(config.db_path)
+
+
+def asset_roots(config: Config) -> list[Path]:
+    roots = [config.data_dir / "assets"]
+    for d in config.assets.dirs:
+        p = Path(d)
+        if not p.is_absolute():
+            # Relative asset dirs are relative to the checkout (boot_assets/), not the cwd.
+            p = shipped_templates_dir().parent / p
+        if p not in roots:
+            roots.append(p)
+    return roots
+
+
+def renderer_for(config: Config) -> Renderer:
+    dirs = [Path(config.templates.dir)] if config.templates.dir else []
+    dirs.append(shipped_templates_dir())
+    renderer = Renderer(dirs)
+    renderer.check_all()
+    return renderer
+
+
+def advertised_address(config: Config) -> str:
+    if config.server.advertise:
+        return config.server.advertise
+    if config.server.interfaces:
+        from netboot.servers.dhcp import interface_ipv4
+
+        try:
+            return interface_ipv4(config.server.interfaces[0])
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot read the IPv4 address of {config.server.interfaces[0]!r}: {exc}",
+                key="server.interfaces", fix="name an interface that has an IPv4 address, "
+                "or set server.advertise / --advertise") from exc
+    return "127.0.0.1"
+
+
+async def ensure_admin_token(store: Store, data_dir: Path) -> str | None:
+    """Create the admin token on first start: its hash in the store, the token in a 0600 file.
+
+    Returns the new token (to be shown once) or None when one already exists.
+    """
+    if await store.get_setting(ADMIN_TOKEN_KEY) is not None:
+        return None
+    token = secrets.token_urlsafe(32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "admin.token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.chmod(path, 0o600)
+    await store.put_setting(ADMIN_TOKEN_KEY, hashlib.sha256(token.encode()).hexdigest())
+    return token
+
+
+@dataclass
+class Service:
+    config: Config
+    store: Store
+    enroller: Enroller
+    boot: BootService
+    content: Content
+    app: web.Application
+    advertise: str
+    base_url: str
+    new_admin_token: str | None = None
+    runner: web.AppRunner | None = None
+    servers: list[Any] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    http_port: int = 0
+    url_holder: dict[str, str] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.http.listen, cfg.http.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _bind_error(exc, "HTTP", "tcp", cfg.http.port, "http.port",
+                              "--http-port") from exc
+        server = site._server
+        if server is not None and getattr(server, "sockets", None):
+            self.http_port = server.sockets[0].getsockname()[1]
+        else:
+            self.http_port = cfg.http.port
+        if cfg.tftp.enabled:
+            from netboot.servers.tftp import TftpServer
+
+            tftp = TftpServer(self.content, host="0.0.0.0", port=cfg.tftp.port,
+                              max_transfers=cfg.tftp.max_transfers, mtu=cfg.tftp.mtu,
+                              interfaces=list(cfg.server.interfaces) or None)
+            await tftp.start()
+            self.servers.append(tftp)
+        if cfg.dhcp.mode != "off":
+            from netboot.pxe import DhcpSettings
+            from netboot.servers.dhcp import DhcpServer
+
+            auth = cfg.dhcp.authoritative
+            settings = DhcpSettings(
+                mode=cfg.dhcp.mode, http_port=self.http_port,
+                uefi_option43=cfg.dhcp.uefi_option43, ack_on_67=cfg.dhcp.ack_on_67,
+                pool_start=auth.pool_start, pool_end=auth.pool_end, netmask=auth.netmask,
+                router=auth.router, dns_servers=auth.dns, domain=auth.domain,
+                lease_seconds=auth.lease_seconds)
+            dhcp = DhcpServer(settings, self.boot, self.store,
+                              interfaces=list(cfg.server.interfaces) or None,
+                              advertise=self.advertise, port=cfg.dhcp.port,
+                              pxe_port=cfg.dhcp.pxe_port)
+            await dhcp.start()
+            self.servers.append(dhcp)
+        if cfg.dns.enabled:
+            await self._start_dns()
+
+    async def _start_dns(self) -> None:
+        from netboot.names import Zone, ZoneHolder
+        from netboot.servers.dns import DnsServer
+
+        cfg = self.config
+
+        async def build() -> Zone:
+            machines = await self.store.list_machines(MachineFilter(limit=1_000_000))
+            clusters = await self.store.list_clusters()
+            return Zone.build(machines, clusters, zone=cfg.dns.zone,
+                              server_addrs=[self.advertise], ttl=cfg.dns.ttl,
+                              serial=int(time.time()))
+
+        holder = ZoneHolder(await build())
+        upstreams = []
+        for item in cfg.dns.upstreams:
+            host, _, port = item.partition("#")
+            upstreams.append((host, int(port or 53)))
+        dns = DnsServer(holder, host=cfg.dns.listen or self.advertise, port=cfg.dns.port,
+                        upstreams=upstreams, forward=cfg.dns.forward)
+        await dns.start()
+        self.servers.append(dns)
+
+        async def refresh() -> None:
+            # Registrations and failures change cluster endpoints; a bounded staleness of a
+            # couple of seconds keeps the answer path free of inventory reads.
+            while True:
+                await asyncio.sleep(2.0)
+                try:
+                    holder.replace(await build())
+                except Exception:
+                    log.exception("DNS zone rebuild failed; keeping the previous zone")
+
+        self.tasks.append(asyncio.ensure_future(refresh()))
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for server in reversed(self.servers):
+            await server.close()
+        self.servers.clear()
+        await self.boot.drain()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.store.close()
+
+    def summary(self) -> str:
+        cfg = self.config
+        lines = [
+            f"netboot serving on {self.advertise}",
+            f"  HTTP   {self.base_url}/  (iPXE chain URL: {self.base_url}/boot.ipxe)",
+            f"  TFTP   udp/{cfg.tftp.port}" if cfg.tftp.enabled else "  TFTP   off",
+            (f"  DHCP   {cfg.dhcp.mode} on udp/{cfg.dhcp.port} + udp/{cfg.dhcp.pxe_port}"
+             if cfg.dhcp.mode != "off" else "  DHCP   off"),
+            f"  DNS    udp+tcp/{cfg.dns.port} zone {cfg.dns.zone}" if cfg.dns.enabled
+            else "  DNS    off",
+            f"  inventory {cfg.db_path if cfg.inventory.backend == 'sqlite' else 'memory'}",
+            f"  assets {', '.join(str(r) for r in self.content.assets.roots if r.is_dir())}",
+            f"  discovery policy: {cfg.discovery.policy}",
+        ]
+        if self.new_admin_token:
+            lines.append(f"  admin token (shown once, also in {cfg.data_dir / 'admin.token'}):"
+                         f" {self.new_admin_token}")
+        return "\n".join(lines)
+
+
+def _bind_error(exc: OSError, what: str, proto: str, port: int, key: str,
+                flag: str) -> ConfigError:
+    if exc.errno == errno.EACCES:
+        return ConfigError(f"{what} port {port} needs root or CAP_NET_BIND_SERVICE", key=key,
+                           fix=f"run as root, grant CAP_NET_BIND_SERVICE, or use {flag} 8080")
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"{what} port {proto}/{port} is already in use by another service "
+                           f"(see: ss -lpn '( sport = :{port} )')", key=key,
+                           fix=f"stop the other service or choose another port with {flag}")
+    return ConfigError(f"cannot listen for {what} on port {port}: {exc.strerror}", key=key)
+
+
+async def build(config: Config) -> Service:
+    store = open_store(config)
+    await store.open()
+    try:
+        new_token = await ensure_admin_token(store, config.data_dir)
+        advertise = advertised_address(config)
+        base_url = (config.http.public_url or f"http://{advertise}:{config.http.port}").rstrip(
+            "/")
+        assets = FileTree(asset_roots(config))
+        renderer = renderer_for(config)
+        enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
+        from netboot import groups as grouping
+
+        grouping.check_groups(config.discovery.rules)
+        boot = BootService(
+            store, assets,
+            BootSettings(policy=config.discovery.policy,
+                         hold_retry_seconds=config.discovery.hold_retry_seconds,
+                         rules=config.discovery.rules,
+                         token_ttl_seconds=config.enroll.token_ttl_seconds,
+                         cluster_domain=config.dns.zone if config.dns.enabled else None),
+            enroller)
+        holder: dict[str, str] = {"base": base_url}
+        content = Content(store, boot, renderer, assets, lambda: holder["base"], enroller)
+        app = web.Application(middlewares=[errors_middleware],
+                              client_max_size=config.http.max_body_bytes)
+        app["log"] = logging.getLogger("netboot.http")
+        app["max_body"] = config.http.max_body_bytes
+        app["max_event"] = config.http.max_event_bytes
+        DeviceRoutes(content).add_to(app)
+        Api(store, enroller, boot, clock=time.time).add_to(app)
+        service = Service(config, store, enroller, boot, content, app, advertise, base_url,
+                          new_admin_token=new_token, url_holder=holder)
+    except BaseException:
+        await store.close()
+        raise
+    return service
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    service = await build(config)
+    try:
+        await service.start()
+        if config.http.port == 0 and not config.http.public_url:
+            service.base_url = f"http://{service.advertise}:{service.http_port}"
+            service.url_holder["base"] = service.base_url
+        print(service.summary(), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await service.close()
