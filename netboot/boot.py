@@ -32,8 +32,8 @@ from netboot.model import (
     BootRequest,
     Cluster,
     Event,
-    FirstStage,
     Firmware,
+    FirstStage,
     Group,
     K3sJoin,
     Machine,
@@ -216,6 +216,8 @@ class BootService:
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
         k3s = await self.k3s_join(machine, cluster, role, group) if cluster else None
+        reason = (f"{machine.state}: install profile {profile.name}"
+                  + (f" (group {group.name})" if group else ""))
         token: str | None = None
         if record:
             token = self._new_token()
@@ -236,10 +238,7 @@ class BootService:
                               + (f" into cluster {cluster.name} as {role}" if cluster else ""),
                               request)
         return BootPlan(
-            BootAction.INSTALL, request.mac,
-            f"{machine.state}: install profile {profile.name}"
-            + (f" (group {group.name})" if group else ""),
-            machine=machine, group=group.name if group else None, profile=profile,
+            BootAction.INSTALL, request.mac, reason, machine=machine, group=group.name if group else None, profile=profile,
             cluster=cluster, k3s=k3s, token=token,
         )
 

@@ -25,7 +25,7 @@ from netboot.config import Config, load
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import BootAction, BootRequest, MacAddress, MachineState, Role
+from netboot.model import Arch, BootAction, BootRequest, MacAddress, MachineState, Role
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -54,7 +54,7 @@ def _config(args: argparse.Namespace) -> Config:
                                                   "pxe_port", "dhcp_mode", "tftp_port",
                                                   "dns_port", "discovery")}
     if flags.get("interface"):
-        flags["interface"] = list(flags["interface"])
+        flags["interface"] = list(flags["interface"] or ())
     path = getattr(args, "config", None) or os.environ.get("NETBOOT_CONFIG")
     return load(path, flags=flags)
 
@@ -114,11 +114,12 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                           "firmware", "ipv4"]))
         return 0
     if args.action == "show":
-        mac = str(MacAddress.parse(args.mac))
-        machine = await store.get_machine(mac)
-        if machine is None:
-            raise NotFound(f"machine {mac} not found")
-        events = await store.list_events(mac)
+        key = str(MacAddress.parse(args.mac))
+        found = await store.get_machine(key)
+        if found is None:
+            raise NotFound(f"machine {key} not found")
+        machine = found
+        events = await store.list_events(key)
         if args.json:
             _print_json({**codec.machine_to_dict(machine, secrets=False),
                          "events": [codec.event_to_dict(e) for e in events]})
@@ -223,8 +224,10 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                 selector[k] = v.split(",")
             data = {"name": args.name, "selector": selector, "profile": args.profile,
                     "cluster": args.cluster, "role": args.role, "labels": _labels(args.label)}
-        item = {"profiles": codec.profile_from_dict, "clusters": codec.cluster_from_dict,
-                "groups": codec.group_from_dict}[kind](data)
+        parse: Callable[[Any], Any] = {"profiles": codec.profile_from_dict,
+                                       "clusters": codec.cluster_from_dict,
+                                       "groups": codec.group_from_dict}[kind]
+        item = parse(data)
         if kind == "groups":
             from netboot import groups as grouping
             from netboot.enroll import Enroller
@@ -297,21 +300,21 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
     machine = await store.get_machine(mac)
     firmware = Firmware.UBOOT if args.kind == "pxelinux" else Firmware.IPXE
     request = BootRequest(mac=MacAddress.parse(mac), firmware=firmware,
-                          arch=machine.arch if machine and machine.arch else
-                          BootRequest.__dataclass_fields__["arch"].default, via="cli")
+                          arch=machine.arch if machine and machine.arch else Arch.UNKNOWN,
+                          via="cli")
     plan = await boot.plan(request, record=False)
     token = "<install-token>"
     ctx_plan = replace(plan, token=token) if plan.action == BootAction.INSTALL else plan
     renderer = renderer_for(cfg)
     if args.kind == "ipxe":
-        name = {BootAction.INSTALL: "ipxe/install.ipxe", BootAction.LOCAL: "ipxe/local.ipxe",
+        ipxe_names = {BootAction.INSTALL: "ipxe/install.ipxe", BootAction.LOCAL: "ipxe/local.ipxe",
                 BootAction.HOLD: "ipxe/hold.ipxe", BootAction.IGNORE: "ipxe/ignore.ipxe"}
-        print(renderer.ipxe(name[plan.action], content.context(ctx_plan)), end="")
+        print(renderer.ipxe(ipxe_names[plan.action], content.context(ctx_plan)), end="")
         return 0
     if args.kind == "pxelinux":
-        name = {BootAction.INSTALL: "pxelinux/install.cfg", BootAction.LOCAL: "pxelinux/local.cfg",
+        cfg_names = {BootAction.INSTALL: "pxelinux/install.cfg", BootAction.LOCAL: "pxelinux/local.cfg",
                 BootAction.HOLD: "pxelinux/hold.cfg", BootAction.IGNORE: "pxelinux/hold.cfg"}
-        print(renderer.render(name[plan.action], content.context(ctx_plan)), end="")
+        print(renderer.render(cfg_names[plan.action], content.context(ctx_plan)), end="")
         return 0
     if machine is None:
         raise NotFound(f"machine {mac} not found")
@@ -478,7 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.cmd!r}")
-    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -252,7 +252,9 @@ def _coerce(tp: Any, value: Any, key: str, src: _Source) -> Any:
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise src.error(key, f"expected a number, got {value!r}", "write a whole number")
+            raise src.error(
+                key, f"expected a number, got {value!r}", "write a whole number"
+            ) from None
     if tp is str:
         if isinstance(value, (dict, list)):
             raise src.error(key, f"expected text, got a {type(value).__name__}", "write a string")
@@ -389,7 +391,7 @@ def load(
         _set_dotted(probe, FLAGS[flag], value)
         _build(Config, probe, "", _Source("--" + flag.replace("_", "-")))
     merged = _merge(_merge(data, env_data), flag_data)
-    cfg = _build(Config, merged, "", _Source(name, lines))
+    cfg: Config = _build(Config, merged, "", _Source(name, lines))
     _check(cfg if (env_data or flag_data) else file_cfg, _Source(name, lines))
     return cfg
 
@@ -409,7 +411,9 @@ def _check(cfg: Config, src: _Source) -> None:
             try:
                 ipaddress.IPv4Address(addr)
             except ValueError:
-                raise src.error(key, f"{addr!r} is not an IPv4 address", "write e.g. 192.0.2.10")
+                raise src.error(
+                    key, f"{addr!r} is not an IPv4 address", "write e.g. 192.0.2.10"
+                ) from None
     auth = cfg.dhcp.authoritative
     if cfg.dhcp.mode == "authoritative":
         if not auth.pool_start or not auth.pool_end:

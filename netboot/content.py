@@ -81,8 +81,8 @@ class Content:
         mac = plan.mac
         token = token if token is not None else (plan.token or "")
         machine = plan.machine
-        mdict = machine_to_dict(machine, secrets=False) if machine else {"mac": str(mac)}
-        mdict.setdefault("hostname", None)
+        mdict: dict[str, Any] = (machine_to_dict(machine, secrets=False) if machine
+                                 else {"mac": str(mac), "hostname": None})
         profile = plan.profile
         pdict = profile_to_dict(profile) if profile else {}
         config_url = f"{urls.base}/config/{mac.hexhyp}" + (f"?token={token}" if token else "")
@@ -254,10 +254,12 @@ def register_command(url: str, mac: str, token: str, node_name: str) -> str:
 
     curl when present, busybox wget otherwise (k3OS and minimal images differ).
     """
-    body = ('{"mac":"%s","token":"%s","hostname":"\'"$(hostname)"\'",'
-            '"addresses":["\'"$(hostname -i 2>/dev/null | cut -d" " -f1)"\'"],'
-            '"machine_id":"\'"$(cat /etc/machine-id 2>/dev/null)"\'","node_name":"%s"}'
-            % (mac, token, node_name))
+    # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts.
+    body = (
+        f'{{"mac":"{mac}","token":"{token}","hostname":"\'"$(hostname)"\'",'
+        '"addresses":["\'"$(hostname -i 2>/dev/null | cut -d" " -f1)"\'"],'
+        f'"machine_id":"\'"$(cat /etc/machine-id 2>/dev/null)"\'","node_name":"{node_name}"}}'
+    )
     data = "'" + body + "'"
     u = shlex.quote(url)
     return (

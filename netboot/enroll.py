@@ -131,12 +131,12 @@ def parse_import(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
         for row in reader:
             clean: dict[str, Any] = {}
             labels: dict[str, str] = {}
-            for key, value in row.items():
-                if key is None:
+            for raw_key, raw_value in row.items():
+                if raw_key is None:
                     raise ValidationError("file", f"line {reader.line_num}: more values than "
                                                   "header columns")
-                key = key.strip()
-                value = (value or "").strip()
+                key = raw_key.strip()
+                value = (raw_value or "").strip()
                 if key.startswith("label.") or key.startswith("labels."):
                     if value:
                         labels[key.split(".", 1)[1]] = value

@@ -127,11 +127,8 @@ class Service:
         except OSError as exc:
             raise _bind_error(exc, "HTTP", "tcp", cfg.http.port, "http.port",
                               "--http-port") from exc
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.http_port = server.sockets[0].getsockname()[1]
-        else:
-            self.http_port = cfg.http.port
+        sockets = getattr(site._server, "sockets", None)
+        self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
