@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from netboot.errors import DecodeError, NetbootError
 
@@ -88,8 +88,9 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         self.received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # The loop's UDP transport does not subclass asyncio.DatagramTransport on CPython 3.11
+        # (_SelectorDatagramTransport), so an isinstance check would refuse a working socket.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for task in self._tasks:

@@ -1,0 +1,464 @@
+"""asyncio DNS listeners (UDP and TCP on one port) and an asynchronous upstream forwarder.
+
+Thin adapters around :mod:`netboot.names`: bytes in → :func:`~netboot.names.parse_query` →
+:func:`~netboot.names.answer` against the current :class:`~netboot.names.Zone` snapshot →
+bytes out. dnslib is only the codec: its own server is threaded and its resolvers block
+(protocols.md §7.1), so nothing of it that does I/O is used here.
+
+Names outside the zone go to the configured upstream resolvers: the client's raw query is sent
+with only the ID rewritten to a fresh random one (so EDNS and DNSSEC bits survive), over one
+connected UDP socket per upstream; a reply counts only if it comes from that upstream, carries
+the ID we chose and echoes the question byte for byte. Each upstream gets ``timeout`` seconds,
+then the next one is tried, then the client gets SERVFAIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import secrets
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, Protocol, cast
+
+from dnslib import DNSBuffer, DNSError, DNSHeader, DNSQuestion
+
+from netboot.errors import ConfigError, DecodeError
+from netboot.names import (
+    DEFAULT_MAX_UDP,
+    REFUSED,
+    SERVFAIL,
+    Answer,
+    Forward,
+    Ignore,
+    Zone,
+    answer,
+    error_reply,
+    formerr_for,
+    parse_query,
+)
+from netboot.servers.udp import Address, BoundaryProtocol, RateLimitedLog, Reply
+
+_log = logging.getLogger(__name__)
+
+_HEADER = 12  # RFC 1035 §4.1.1: fixed header size; nothing shorter is a DNS message
+_PORT_ATTEMPTS = 10  # port 0: tries to find a number free for both UDP and TCP
+_ID_ATTEMPTS = 32  # random IDs tried before giving up on a free one (the table is bounded)
+
+
+class ZoneSource(Protocol):
+    """Where the answer path gets the current snapshot; never awaits the inventory."""
+
+    def zone(self) -> Zone: ...
+
+
+def _question_of(data: bytes) -> tuple[int, bool, int, tuple[bytes, ...], int, int] | None:
+    """ID, TC, RCODE and the (raw) question of a reply, without parsing its records.
+
+    Only the header and question are needed to match a reply to its query; parsing the
+    answer would make us drop replies whose record types dnslib does not know.
+    """
+    try:
+        buf = DNSBuffer(data)
+        header = DNSHeader.parse(buf)
+        if not header.qr or header.q != 1:
+            return None
+        q = DNSQuestion.parse(buf)
+    except (DNSError, ValueError, IndexError):
+        return None
+    return header.id, bool(header.tc), int(header.rcode), tuple(q.qname.label), q.qtype, q.qclass
+
+
+class _Upstream(asyncio.DatagramProtocol):
+    """One upstream resolver: a connected UDP socket and a table of queries in flight."""
+
+    def __init__(self, addr: Address) -> None:
+        self.addr = addr
+        self.transport: asyncio.DatagramTransport | None = None
+        self._pending: dict[int, tuple[asyncio.Future[bytes], tuple[Any, ...]]] = {}
+        self.rejected = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Python 3.11's selector transport does not subclass DatagramTransport: cast, no assert.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP unreachable on the connected socket: the query times out and the next
+        # upstream is tried; which query it belonged to is unknowable.
+        _log.debug("dns upstream %s:%d: socket error %s", self.addr[0], self.addr[1], exc)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        # The socket is connected, so the kernel already drops other sources; checked again
+        # because a reply we accept is handed to a client as is.
+        if (addr[0], addr[1]) != self.addr:
+            self.rejected += 1
+            _log.info("dns upstream: reply from unexpected %s:%d dropped", addr[0], addr[1])
+            return
+        parsed = _question_of(data)
+        if parsed is None:
+            self.rejected += 1
+            _log.info("dns upstream %s:%d: malformed reply dropped", *self.addr)
+            return
+        qid, _tc, _rcode, *question = parsed
+        entry = self._pending.get(qid)
+        if entry is None or tuple(question) != entry[1]:
+            # Late (after a timeout), or a spoofing attempt: either way not an answer.
+            self.rejected += 1
+            _log.info("dns upstream %s:%d: reply id %d does not match a query in flight",
+                      self.addr[0], self.addr[1], qid)
+            return
+        if not entry[0].done():
+            entry[0].set_result(data)
+
+    async def query(self, raw: bytes, question: tuple[Any, ...], timeout: float) -> bytes | None:
+        if self.transport is None:
+            return None
+        qid = secrets.randbelow(65536)
+        for _ in range(_ID_ATTEMPTS):
+            if qid not in self._pending:
+                break
+            qid = secrets.randbelow(65536)
+        else:
+            return None
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[qid] = (fut, question)
+        try:
+            self.transport.sendto(qid.to_bytes(2, "big") + raw[2:])
+            return await asyncio.wait_for(fut, timeout)
+        except (TimeoutError, OSError):
+            return None
+        finally:
+            self._pending.pop(qid, None)
+
+    async def query_tcp(
+        self, raw: bytes, question: tuple[Any, ...], timeout: float
+    ) -> bytes | None:
+        """RFC 7766 §5: a truncated UDP reply is retried over TCP (for our TCP clients)."""
+        qid = secrets.randbelow(65536)
+        message = qid.to_bytes(2, "big") + raw[2:]
+
+        async def exchange() -> bytes:
+            reader, writer = await asyncio.open_connection(*self.addr)
+            try:
+                writer.write(len(message).to_bytes(2, "big") + message)
+                await writer.drain()
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                return await reader.readexactly(size)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+        try:
+            data = await asyncio.wait_for(exchange(), timeout)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            return None
+        parsed = _question_of(data)
+        if parsed is None or parsed[0] != qid or tuple(parsed[3:]) != question:
+            return None
+        return data
+
+
+class Forwarder:
+    """Forwards raw queries to upstream resolvers, at most ``max_in_flight`` at a time."""
+
+    def __init__(
+        self, upstreams: Sequence[tuple[str, int]], *, timeout: float, max_in_flight: int
+    ) -> None:
+        self._upstreams = [_Upstream((host, port)) for host, port in upstreams]
+        self._timeout = timeout
+        self._max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.failures = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for upstream in self._upstreams:
+            try:
+                await loop.create_datagram_endpoint(lambda u=upstream: u,  # type: ignore[misc]
+                                                    remote_addr=upstream.addr)
+            except OSError as exc:
+                raise ConfigError(
+                    f"upstream {upstream.addr[0]}:{upstream.addr[1]} unusable: {exc}",
+                    key="dns.upstreams", fix="an IP address and port of a resolver",
+                ) from exc
+
+    def close(self) -> None:
+        for upstream in self._upstreams:
+            if upstream.transport is not None:
+                upstream.transport.close()
+
+    def reserve(self) -> bool:
+        """Take a slot synchronously (before a task exists), so a burst cannot overshoot."""
+        if self.in_flight >= self._max_in_flight:
+            return False
+        self.in_flight += 1
+        return True
+
+    async def forward(self, raw: bytes, question: tuple[Any, ...], *, tcp: bool) -> bytes | None:
+        """The upstream reply with the client's ID put back, or ``None`` (→ SERVFAIL).
+
+        The caller has :meth:`reserve`\\ d a slot; it is released here whatever happens.
+        """
+        try:
+            fallback: bytes | None = None
+            for upstream in self._upstreams:
+                reply = await upstream.query(raw, question, self._timeout)
+                if reply is None:
+                    continue
+                parsed = _question_of(reply)
+                if tcp and parsed is not None and parsed[1]:
+                    reply = await upstream.query_tcp(raw, question, self._timeout)
+                    if reply is None:
+                        continue
+                    parsed = _question_of(reply)
+                if parsed is not None and parsed[2] in (SERVFAIL, REFUSED):
+                    fallback = fallback or reply  # another upstream may do better
+                    continue
+                return raw[:2] + reply[2:]
+            if fallback is not None:
+                return raw[:2] + fallback[2:]
+            self.failures += 1
+            return None
+        finally:
+            self.in_flight -= 1
+
+
+class DnsServer:
+    """Authoritative for the zone of ``zone_source``, forwarding the rest (when enabled).
+
+    Constructing binds nothing; :meth:`start` binds UDP and TCP on the same port, and
+    :attr:`port` is the bound number afterwards (tests pass port 0).
+    """
+
+    def __init__(
+        self,
+        zone_source: ZoneSource,
+        *,
+        host: str,
+        port: int = 53,
+        upstreams: Sequence[tuple[str, int]] = (),
+        forward: bool = True,
+        timeout: float = 2.0,
+        max_in_flight: int = 256,
+        max_udp: int = DEFAULT_MAX_UDP,
+        max_connections: int = 64,
+        tcp_idle_timeout: float = 10.0,
+        max_queries_per_connection: int = 1000,
+    ) -> None:
+        self._source = zone_source
+        self._host = host
+        self._port = port
+        self._recursion = forward and bool(upstreams)
+        self._forwarder = Forwarder(upstreams, timeout=timeout, max_in_flight=max_in_flight)
+        self._max_udp = max_udp
+        self._max_connections = max_connections
+        self._idle = tcp_idle_timeout
+        self._max_queries = max_queries_per_connection
+        self._limited = RateLimitedLog(_log)
+        # The forwarder's reservation is the real bound; the boundary's is a backstop above
+        # it so it never drops a coroutine that already holds a slot.
+        self._protocol = BoundaryProtocol(
+            "dns", self._on_datagram, logger=_log, min_size=_HEADER,
+            max_in_flight=2 * max_in_flight + 8,
+        )
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.connections_refused = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def forwarder(self) -> Forwarder:
+        return self._forwarder
+
+    async def start(self) -> None:
+        if self._recursion:
+            await self._forwarder.start()
+        loop = asyncio.get_running_loop()
+        attempts = _PORT_ATTEMPTS if self._port == 0 else 1
+        for _ in range(attempts):
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: self._protocol, local_addr=(self._host, self._port)
+                )
+            except OSError as exc:
+                self._forwarder.close()
+                raise self._bind_error(exc, "UDP", self._port) from exc
+            port = int(transport.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(
+                    self._on_connection, self._host, port, reuse_address=True
+                )
+            except OSError as exc:
+                transport.close()
+                if self._port == 0 and exc.errno == errno.EADDRINUSE:
+                    continue  # the UDP number we got is taken for TCP: draw another
+                self._forwarder.close()
+                raise self._bind_error(exc, "TCP", port) from exc
+            self._udp = transport
+            self._port = port
+            _log.info("dns: listening on %s:%d (udp+tcp), forwarding %s",
+                      self._host, port, "on" if self._recursion else "off")
+            return
+        self._forwarder.close()
+        raise ConfigError(f"no port free for both UDP and TCP on {self._host} after "
+                          f"{attempts} attempts", key="dns.port", fix="set --dns-port")
+
+    def _bind_error(self, exc: OSError, proto: str, port: int) -> ConfigError:
+        where = f"{proto} {self._host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            return ConfigError(
+                f"{where} is already in use (another DNS server, e.g. dnsmasq or "
+                "systemd-resolved?)",
+                key="dns.port", fix="stop the other service, or choose a port with --dns-port",
+            )
+        if exc.errno == errno.EACCES:
+            return ConfigError(
+                f"{where}: permission denied; ports below 1024 need root or "
+                "CAP_NET_BIND_SERVICE",
+                key="dns.port", fix="grant CAP_NET_BIND_SERVICE or choose --dns-port above 1023",
+            )
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return ConfigError(
+                f"{where}: {self._host} is not an address of this host",
+                key="dns.address", fix="use the provisioning interface's address",
+            )
+        return ConfigError(f"{where}: {exc}", key="dns.port", fix="check --dns-port")
+
+    async def close(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._tcp.wait_closed()
+            self._tcp = None
+        await self._protocol.drain()
+        self._forwarder.close()
+
+    # -- the query path ----------------------------------------------------------------
+
+    def _on_datagram(
+        self, data: bytes, peer: Address
+    ) -> Iterable[Reply] | Coroutine[Any, Any, list[Reply]] | None:
+        try:
+            request = parse_query(data)
+        except DecodeError as exc:
+            self._limited.log(logging.INFO, peer[0], "dns: malformed query from %s:%d: %s",
+                              peer[0], peer[1], exc)
+            formerr = formerr_for(data)
+            return [(formerr, peer)] if formerr is not None else None
+        decision = answer(self._source.zone(), request, max_udp=self._max_udp,
+                          recursion=self._recursion)
+        if isinstance(decision, Answer):
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug("dns: %s:%d %r rcode %d%s", peer[0], peer[1], decision.qname,
+                           decision.rcode, " truncated" if decision.truncated else "")
+            return [(decision.data, peer)]
+        if isinstance(decision, Ignore):
+            _log.debug("dns: %s:%d ignored: %s", peer[0], peer[1], decision.reason)
+            return None
+        return self._forward(data, request, decision, peer, tcp=False)
+
+    def _forward(
+        self, data: bytes, request: Any, decision: Forward, peer: Address, *, tcp: bool
+    ) -> list[Reply] | Coroutine[Any, Any, list[Reply]]:
+        if not self._forwarder.reserve():
+            self._limited.log(logging.WARNING, "busy",
+                              "dns: %d forwarded queries in flight; SERVFAIL to %s:%d for %r",
+                              self._forwarder.in_flight, peer[0], peer[1], decision.qname)
+            return [(error_reply(request, SERVFAIL, recursion=True), peer)]
+        q = request.q
+        question = (tuple(q.qname.label), q.qtype, q.qclass)
+        return self._forwarded(data, request, question, decision.qname, peer, tcp=tcp)
+
+    async def _forwarded(
+        self, data: bytes, request: Any, question: tuple[Any, ...], qname: str, peer: Address,
+        *, tcp: bool,
+    ) -> list[Reply]:
+        reply = await self._forwarder.forward(data, question, tcp=tcp)
+        if reply is None:
+            self._limited.log(logging.WARNING, "upstream",
+                              "dns: no upstream answered %r for %s:%d; SERVFAIL",
+                              qname, peer[0], peer[1])
+            return [(error_reply(request, SERVFAIL, recursion=True), peer)]
+        _log.debug("dns: %s:%d %r forwarded", peer[0], peer[1], qname)
+        return [(reply, peer)]
+
+    # -- TCP (RFC 7766) ----------------------------------------------------------------
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        name = writer.get_extra_info("peername") or ("?", 0)
+        peer: Address = (str(name[0]), int(name[1]))
+        if len(self._writers) >= self._max_connections:
+            # RFC 7766 §6.2.2 lets a server close connections to protect its resources.
+            self.connections_refused += 1
+            self._limited.log(logging.WARNING, "tcp-busy",
+                              "dns: %d TCP connections open; closing one from %s:%d",
+                              len(self._writers), peer[0], peer[1])
+            writer.close()
+            return
+        self._writers.add(writer)
+        try:
+            await self._serve_connection(reader, writer, peer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the client went away or went quiet: normal end of a connection
+        except Exception:  # the boundary: a bug in one connection never stops the listener
+            _log.exception("dns: bug while serving TCP client %s:%d", peer[0], peer[1])
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Address
+    ) -> None:
+        # RFC 7766 §6.2.1: several queries per connection, each with a 2-byte length prefix;
+        # answered in order. §6.2.3: idle connections are closed after a timeout.
+        for _ in range(self._max_queries):
+            head = await asyncio.wait_for(reader.readexactly(2), self._idle)
+            size = int.from_bytes(head, "big")
+            if size < _HEADER:
+                self._limited.log(logging.INFO, peer[0], "dns: %d-byte TCP message from %s:%d",
+                                  size, peer[0], peer[1])
+                return
+            data = await asyncio.wait_for(reader.readexactly(size), self._idle)
+            reply = await self._tcp_reply(data, peer)
+            if reply is None:
+                continue
+            writer.write(len(reply).to_bytes(2, "big") + reply)
+            await asyncio.wait_for(writer.drain(), self._idle)
+
+    async def _tcp_reply(self, data: bytes, peer: Address) -> bytes | None:
+        try:
+            request = parse_query(data)
+        except DecodeError as exc:
+            self._limited.log(logging.INFO, peer[0], "dns: malformed TCP query from %s:%d: %s",
+                              peer[0], peer[1], exc)
+            return formerr_for(data)
+        decision = answer(self._source.zone(), request, max_udp=None, recursion=self._recursion)
+        if isinstance(decision, Answer):
+            _log.debug("dns: tcp %s:%d %r rcode %d", peer[0], peer[1], decision.qname,
+                       decision.rcode)
+            return decision.data
+        if isinstance(decision, Ignore):
+            return None
+        result = self._forward(data, request, decision, peer, tcp=True)
+        replies = result if isinstance(result, list) else await result
+        return replies[0][0]

@@ -1,0 +1,432 @@
+"""The DNS server on 127.0.0.1 port 0, queried with dig (bind9-dnsutils) and dnspython.
+
+Every upstream resolver here is a tiny asyncio responder started by the test on loopback.
+Nothing waits on wall-clock time except the short upstream timeouts that a test is about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import dns.asyncquery
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+from dnslib import QTYPE, RR, A, DNSRecord
+
+from netboot.errors import ConfigError
+from netboot.model import Cluster, MacAddress, Machine, MachineState, Role
+from netboot.names import Zone, ZoneHolder
+from netboot.servers.dns import DnsServer
+
+LOOPBACK = "127.0.0.1"
+DIG = shutil.which("dig")
+needs_dig = pytest.mark.skipif(DIG is None, reason="dig (bind9-dnsutils) not installed")
+
+
+def make_zone(servers: int = 80) -> Zone:
+    machines = [
+        Machine(
+            MacAddress(bytes([0x52, 0x54, 0, 0, 1, i])),
+            hostname=f"node{i}",
+            ipv4=f"10.0.1.{i}",
+            cluster="edge",
+            role=Role.SERVER,
+            state=MachineState.REGISTERED,
+        )
+        for i in range(1, servers + 1)
+    ]
+    machines.append(Machine(MacAddress(bytes([0x52, 0x54, 0, 0, 2, 1])), hostname="small",
+                            ipv4="10.0.2.1", cluster="tiny", role=Role.SERVER,
+                            state=MachineState.REGISTERED))
+    return Zone.build(machines, [Cluster("edge"), Cluster("tiny"), Cluster("empty")],
+                      zone="netboot.lan", server_addrs=["10.0.0.1", "fd00::1"], serial=2024)
+
+
+@contextlib.asynccontextmanager
+async def running(**kw: Any) -> AsyncIterator[DnsServer]:
+    server = DnsServer(ZoneHolder(kw.pop("zone", None) or make_zone()), host=LOOPBACK, port=0,
+                       **kw)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+class Upstream(asyncio.DatagramProtocol):
+    """A loopback resolver: answers every A query with 192.0.2.7, or stays silent."""
+
+    def __init__(self, behaviour: str = "answer") -> None:
+        self.behaviour = behaviour
+        self.seen: list[bytes] = []
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.seen.append(data)
+        if self.behaviour == "silent":
+            return
+        request = DNSRecord.parse(data)
+        reply = request.reply(ra=1, aa=0)
+        if self.behaviour == "wrong-question":
+            reply.q.qname = "elsewhere.example"
+        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("192.0.2.7"), ttl=30))
+        self.transport.sendto(reply.pack(), addr)
+
+
+@contextlib.asynccontextmanager
+async def upstream(behaviour: str = "answer") -> AsyncIterator[tuple[Upstream, int]]:
+    loop = asyncio.get_running_loop()
+    proto = Upstream(behaviour)
+    transport, _ = await loop.create_datagram_endpoint(lambda: proto, local_addr=(LOOPBACK, 0))
+    try:
+        yield proto, transport.get_extra_info("sockname")[1]
+    finally:
+        transport.close()
+
+
+async def dig(port: int, *args: str) -> str:
+    assert DIG is not None
+    proc = await asyncio.create_subprocess_exec(
+        DIG, f"@{LOOPBACK}", "-p", str(port), "+tries=1", "+time=5", *args,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return out.decode()
+
+
+def flags_of(out: str) -> set[str]:
+    line = next(x for x in out.splitlines() if x.startswith(";; flags:"))
+    return set(line.split(";")[2].split(":")[1].split())
+
+
+def status_of(out: str) -> str:
+    line = next(x for x in out.splitlines() if "status:" in x)
+    return line.split("status:")[1].split(",")[0].strip()
+
+
+async def udp_exchange(port: int, payload: bytes, *, expect_reply: bool = True) -> bytes | None:
+    """Send one datagram from a fresh socket; wait (bounded) for one reply."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[bytes] = loop.create_future()
+
+    class Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            if not received.done():
+                received.set_result(data)
+
+    transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=(LOOPBACK, port))
+    try:
+        transport.sendto(payload)
+        if not expect_reply:
+            return None
+        return await asyncio.wait_for(received, 10)
+    finally:
+        transport.close()
+
+
+# -- authoritative answers through dig ------------------------------------------------------
+
+
+@needs_dig
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["node3.netboot.lan", "A", "+short"], ["10.0.1.3"]),
+        (["netboot.netboot.lan", "AAAA", "+short"], ["fd00::1"]),
+        (["-x", "10.0.1.3", "+short"], ["node3.netboot.lan."]),
+        (["_k3s._tcp.tiny.netboot.lan", "SRV", "+short"], ["0 10 6443 small.netboot.lan."]),
+        (["_kubernetes._tcp.tiny.netboot.lan", "SRV", "+short"],
+         ["0 10 6443 small.netboot.lan."]),
+        (["netboot.lan", "NS", "+short"], ["netboot.netboot.lan."]),
+        (["netboot.lan", "SOA", "+short"],
+         ["netboot.netboot.lan. hostmaster.netboot.lan. 2024 3600 600 86400 60"]),
+        (["tiny.netboot.lan", "A", "+short"], ["10.0.2.1"]),
+    ],
+)
+async def test_dig_record_types(args: list[str], expected: list[str]) -> None:
+    async with running() as server:
+        out = await dig(server.port, *args)
+    assert out.split() == " ".join(expected).split()
+
+
+@needs_dig
+async def test_dig_flags_and_0x20_echo() -> None:
+    async with running() as server:
+        out = await dig(server.port, "NoDe3.NetBoot.Lan", "A")
+    assert status_of(out) == "NOERROR"
+    assert "aa" in flags_of(out)
+    assert "ra" not in flags_of(out)  # no upstreams: no recursion offered
+    assert ";NoDe3.NetBoot.Lan.\t" in out
+
+
+@needs_dig
+async def test_dig_nodata_and_nxdomain() -> None:
+    async with running() as server:
+        nodata = await dig(server.port, "node3.netboot.lan", "AAAA")
+        nxdomain = await dig(server.port, "nobody.netboot.lan", "A")
+        empty_cluster = await dig(server.port, "empty.netboot.lan", "A")
+    for out in (nodata, empty_cluster):
+        assert status_of(out) == "NOERROR"
+        assert "ANSWER: 0" in out
+        assert "AUTHORITY: 1" in out and "IN\tSOA" in out
+    assert status_of(nxdomain) == "NXDOMAIN"
+    assert "IN\tSOA" in nxdomain
+
+
+@needs_dig
+async def test_dig_truncation_then_tcp_retry() -> None:
+    async with running() as server:
+        udp_only = await dig(server.port, "edge.netboot.lan", "A", "+noedns", "+notcp",
+                             "+ignore")
+        retried = await dig(server.port, "edge.netboot.lan", "A", "+noedns")
+        tcp = await dig(server.port, "edge.netboot.lan", "A", "+tcp")
+    assert "tc" in flags_of(udp_only)
+    assert "Truncated, retrying in TCP mode" in retried
+    assert "ANSWER: 80" in retried
+    assert "(TCP)" in retried
+    assert "ANSWER: 80" in tcp
+
+
+# -- dnspython -----------------------------------------------------------------------------
+
+
+async def test_dnspython_udp_and_tcp() -> None:
+    async with running() as server:
+        q = dns.message.make_query("node7.netboot.lan", "A")
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=5)
+        assert r.rcode() == dns.rcode.NOERROR
+        assert r.flags & dns.flags.AA
+        assert [str(x) for x in r.answer[0]] == ["10.0.1.7"]
+
+        big = dns.message.make_query("edge.netboot.lan", "A", use_edns=False)
+        r = await dns.asyncquery.udp(big, LOOPBACK, port=server.port, timeout=5)
+        assert r.flags & dns.flags.TC
+        r = await dns.asyncquery.tcp(big, LOOPBACK, port=server.port, timeout=5)
+        assert not r.flags & dns.flags.TC
+        assert len(r.answer[0]) == 80
+
+        ptr = dns.message.make_query("7.1.0.10.in-addr.arpa", "PTR")
+        r = await dns.asyncquery.udp(ptr, LOOPBACK, port=server.port, timeout=5)
+        assert [str(x) for x in r.answer[0]] == ["node7.netboot.lan."]
+
+        nx = dns.message.make_query("ghost.netboot.lan", "A")
+        r = await dns.asyncquery.udp(nx, LOOPBACK, port=server.port, timeout=5)
+        assert r.rcode() == dns.rcode.NXDOMAIN
+        assert r.authority[0].rdtype == dns.rdatatype.SOA
+
+
+async def test_zone_swap_is_seen_by_next_query() -> None:
+    holder = ZoneHolder(make_zone(servers=2))
+    server = DnsServer(holder, host=LOOPBACK, port=0)
+    await server.start()
+    try:
+        q = dns.message.make_query("edge.netboot.lan", "A")
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=5)
+        assert len(r.answer[0]) == 2
+        holder.replace(make_zone(servers=3))
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=5)
+        assert len(r.answer[0]) == 3
+    finally:
+        await server.close()
+
+
+async def test_tcp_several_queries_per_connection() -> None:
+    async with running() as server:
+        reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
+        try:
+            names = ["node1.netboot.lan", "node2.netboot.lan", "node3.netboot.lan"]
+            for name in names:  # pipelined: all sent before any reply is read
+                wire = DNSRecord.question(name).pack()
+                writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            answers = []
+            for _ in names:
+                size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 10), "big")
+                reply = DNSRecord.parse(await asyncio.wait_for(reader.readexactly(size), 10))
+                answers.append(str(reply.rr[0].rdata))
+            assert answers == ["10.0.1.1", "10.0.1.2", "10.0.1.3"]
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+async def test_tcp_connection_bound() -> None:
+    async with running(max_connections=1) as server:
+        first_r, first_w = await asyncio.open_connection(LOOPBACK, server.port)
+        wire = DNSRecord.question("node1.netboot.lan").pack()
+        first_w.write(len(wire).to_bytes(2, "big") + wire)
+        await first_w.drain()
+        await asyncio.wait_for(first_r.readexactly(2), 10)  # the first one is being served
+        second_r, second_w = await asyncio.open_connection(LOOPBACK, server.port)
+        assert await asyncio.wait_for(second_r.read(), 10) == b""  # closed by the server
+        assert server.connections_refused == 1
+        for w in (first_w, second_w):
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+
+
+# -- robustness ----------------------------------------------------------------------------
+
+
+async def test_malformed_datagrams_do_not_stop_the_listener() -> None:
+    async with running() as server:
+        garbage = [b"\x00", b"\xff" * 11, b"\x12\x34\x01\x00\x00\x01" + b"\xff" * 40,
+                   bytes(range(256)), b"\x12\x34\x81\x80" + bytes(8)]
+        for payload in garbage:
+            await udp_exchange(server.port, payload, expect_reply=False)
+        # A query header with a broken question gets FORMERR with the same ID.
+        formerr = await udp_exchange(server.port, b"\x12\x34\x01\x00\x00\x01" + b"\xff" * 40)
+        assert formerr is not None
+        assert formerr[:4] == b"\x12\x34\x81\x01"
+        q = dns.message.make_query("node1.netboot.lan", "A")
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=5)
+        assert r.rcode() == dns.rcode.NOERROR
+
+
+async def test_malformed_tcp_message_closes_only_that_connection() -> None:
+    async with running() as server:
+        reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
+        junk = b"\x12\x34\x01\x00\x00\x01" + b"\xff" * 40
+        writer.write(len(junk).to_bytes(2, "big") + junk)
+        await writer.drain()
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 10), "big")
+        assert (await reader.readexactly(size))[3] & 0x0F == 1  # FORMERR
+        writer.close()
+        await writer.wait_closed()
+        q = dns.message.make_query("node1.netboot.lan", "A")
+        r = await dns.asyncquery.tcp(q, LOOPBACK, port=server.port, timeout=5)
+        assert r.rcode() == dns.rcode.NOERROR
+
+
+async def test_port_in_use_is_a_config_error() -> None:
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind((LOOPBACK, 0))
+    try:
+        server = DnsServer(ZoneHolder(make_zone(2)), host=LOOPBACK, port=taken.getsockname()[1])
+        with pytest.raises(ConfigError) as err:
+            await server.start()
+        assert err.value.key == "dns.port"
+        assert str(taken.getsockname()[1]) in str(err.value)
+    finally:
+        taken.close()
+
+
+# -- forwarding ----------------------------------------------------------------------------
+
+
+async def test_forwarding_to_upstream() -> None:
+    async with upstream() as (up, up_port), running(upstreams=[(LOOPBACK, up_port)]) as server:
+        q = dns.message.make_query("www.example.com", "A", want_dnssec=True)
+        q.id = 4321
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=5)
+        assert r.id == 4321
+        assert r.rcode() == dns.rcode.NOERROR
+        assert [str(x) for x in r.answer[0]] == ["192.0.2.7"]
+        assert r.flags & dns.flags.RA
+        assert not r.flags & dns.flags.AA
+        # The upstream got the client's bytes with only the ID rewritten (DO bit kept).
+        sent = q.to_wire()
+        assert len(up.seen) == 1
+        assert up.seen[0][2:] == sent[2:]
+        # Zone answers still come from the zone, and now advertise recursion.
+        r = await dns.asyncquery.udp(dns.message.make_query("node1.netboot.lan", "A"),
+                                     LOOPBACK, port=server.port, timeout=5)
+        assert r.flags & dns.flags.AA and r.flags & dns.flags.RA
+        assert len(up.seen) == 1
+
+
+@needs_dig
+async def test_forwarding_with_dig_over_udp_and_tcp() -> None:
+    async with upstream() as (_, up_port), running(upstreams=[(LOOPBACK, up_port)]) as server:
+        udp = await dig(server.port, "www.example.org", "A", "+short")
+        tcp = await dig(server.port, "www.example.org", "A", "+short", "+tcp")
+    assert udp.split() == ["192.0.2.7"]
+    assert tcp.split() == ["192.0.2.7"]
+
+
+async def test_upstream_timeout_gives_servfail() -> None:
+    async with upstream("silent") as (up, up_port), running(
+        upstreams=[(LOOPBACK, up_port)], timeout=0.2
+    ) as server:
+        q = dns.message.make_query("slow.example.com", "A")
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=10)
+        assert r.rcode() == dns.rcode.SERVFAIL
+        assert len(up.seen) == 1
+        assert server.forwarder.failures == 1
+
+
+async def test_next_upstream_tried_after_timeout() -> None:
+    async with upstream("silent") as (_, silent), upstream() as (good, good_port), running(
+        upstreams=[(LOOPBACK, silent), (LOOPBACK, good_port)], timeout=0.2
+    ) as server:
+        q = dns.message.make_query("www.example.net", "A")
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=10)
+        assert [str(x) for x in r.answer[0]] == ["192.0.2.7"]
+        assert len(good.seen) == 1
+
+
+async def test_reply_with_wrong_question_is_not_accepted() -> None:
+    async with upstream("wrong-question") as (_, up_port), running(
+        upstreams=[(LOOPBACK, up_port)], timeout=0.2
+    ) as server:
+        q = dns.message.make_query("victim.example.com", "A")
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=10)
+        assert r.rcode() == dns.rcode.SERVFAIL
+
+
+async def test_forwarding_off_refuses() -> None:
+    async with upstream() as (up, up_port), running(
+        upstreams=[(LOOPBACK, up_port)], forward=False
+    ) as server:
+        q = dns.message.make_query("www.example.com", "A")
+        r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=5)
+        assert r.rcode() == dns.rcode.REFUSED
+        assert not r.flags & dns.flags.RA
+        assert up.seen == []
+
+
+async def test_in_flight_bound_answers_servfail_at_once() -> None:
+    async with upstream("silent") as (up, up_port), running(
+        upstreams=[(LOOPBACK, up_port)], timeout=60, max_in_flight=2
+    ) as server:
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+        make: Callable[[], asyncio.DatagramProtocol] = lambda: _QueueClient(replies)  # noqa: E731
+        transport, _ = await loop.create_datagram_endpoint(make,
+                                                           remote_addr=(LOOPBACK, server.port))
+        try:
+            for i in range(3):  # loopback keeps the order: two take the slots, one is over
+                transport.sendto(DNSRecord.question(f"q{i}.example.com").pack())
+            reply = DNSRecord.parse(await asyncio.wait_for(replies.get(), 10))
+            assert str(reply.q.qname) == "q2.example.com."
+            assert reply.header.rcode == dns.rcode.SERVFAIL
+            assert server.forwarder.in_flight == 2
+            assert len(up.seen) <= 2
+        finally:
+            transport.close()
+
+
+class _QueueClient(asyncio.DatagramProtocol):
+    def __init__(self, queue: asyncio.Queue[bytes]) -> None:
+        self.queue = queue
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.queue.put_nowait(data)
