@@ -1,4 +1,4 @@
-"""Shared fixtures: a real netboot service (SQLite file in tmp_path) behind aiohttp's test client."""
+"""Shared fixtures: a real netboot service (SQLite file) behind aiohttp's test client."""
 
 from __future__ import annotations
 

@@ -1,0 +1,264 @@
+"""The address pool of authoritative DHCP mode: a pure, in-memory state machine.
+
+Every method takes ``now`` (seconds since the epoch) and returns a decision; nothing here does
+I/O. The DHCP adapter keeps the pool in memory so that a DISCOVER is answered in microseconds
+(iPXE gives up on offers after about two seconds, protocols.md §1.6) and persists the changes
+the pool reports through a :class:`LeaseStore` in the background. On start the adapter loads
+the store's leases back (:meth:`LeasePool.load`), so leases survive a restart.
+
+State is bounded by the size of the pool: one lease or offer per address, and one "declined"
+mark per address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from netboot.model import Lease
+
+
+class LeaseStore(Protocol):  # implemented by the inventory
+    async def list_leases(self) -> list[Lease]: ...
+    async def put_lease(self, lease: Lease) -> None: ...
+    async def delete_lease(self, mac: str) -> None: ...
+    async def fixed_address(self, mac: str) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    mac: str
+    ipv4: str
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What the adapter must persist after a pool operation."""
+
+    put: tuple[Lease, ...] = ()
+    delete: tuple[str, ...] = ()  # MACs whose lease is gone
+
+
+class LeasePool:
+    """Addresses ``start``..``end`` (inclusive) minus ``reserved``, handed out per MAC."""
+
+    def __init__(
+        self,
+        start: str,
+        end: str,
+        *,
+        lease_seconds: int,
+        decline_seconds: int,
+        offer_seconds: int = 60,
+        reserved: Iterable[str] = (),
+        network: ipaddress.IPv4Network | None = None,
+    ) -> None:
+        self._start = int(ipaddress.IPv4Address(start))
+        self._end = int(ipaddress.IPv4Address(end))
+        if self._start > self._end:
+            raise ValueError("pool start is after pool end")
+        self.lease_seconds = lease_seconds
+        self.decline_seconds = decline_seconds
+        self.offer_seconds = offer_seconds
+        self._reserved = frozenset(int(ipaddress.IPv4Address(a)) for a in reserved)
+        self._network = network
+        self._leases: dict[str, Lease] = {}  # mac -> lease
+        self._by_ip: dict[str, str] = {}  # ip -> mac (leases)
+        self._offers: dict[str, Offer] = {}  # mac -> pending offer
+        self._offered_ip: dict[str, str] = {}  # ip -> mac (offers)
+        self._declined: dict[str, float] = {}  # ip -> until
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._end - self._start + 1 - sum(
+            1 for r in self._reserved if self._start <= r <= self._end
+        )
+
+    def lease(self, mac: str) -> Lease | None:
+        return self._leases.get(mac)
+
+    def leases(self) -> list[Lease]:
+        return sorted(self._leases.values(), key=lambda lease: ipaddress.IPv4Address(lease.ipv4))
+
+    def in_pool(self, ip: str) -> bool:
+        try:
+            value = int(ipaddress.IPv4Address(ip))
+        except ValueError:
+            return False
+        return self._start <= value <= self._end and value not in self._reserved
+
+    def on_network(self, ip: str) -> bool:
+        if self._network is None:
+            return self.in_pool(ip)
+        try:
+            return ipaddress.IPv4Address(ip) in self._network
+        except ValueError:
+            return False
+
+    def declined(self, ip: str, now: float) -> bool:
+        until = self._declined.get(ip)
+        return until is not None and until > now
+
+    def _free_for(self, ip: str, mac: str, now: float) -> bool:
+        """``ip`` may be given to ``mac``: not leased or offered to another live client,
+        not recently declined."""
+        if self.declined(ip, now):
+            return False
+        holder = self._by_ip.get(ip)
+        if holder is not None and holder != mac:
+            lease = self._leases[holder]
+            if lease.expires > now:
+                return False
+        offered = self._offered_ip.get(ip)
+        if offered is not None and offered != mac:
+            offer = self._offers[offered]
+            if offer.expires > now:
+                return False
+        return True
+
+    # -- state changes -----------------------------------------------------------------------
+
+    def load(self, leases: Iterable[Lease], now: float) -> None:
+        """Take leases from the store at start-up; expired ones are dropped."""
+        for lease in leases:
+            if lease.expires > now:
+                self._set_lease(lease)
+
+    def _set_lease(self, lease: Lease) -> None:
+        old = self._leases.get(lease.mac)
+        if old is not None and self._by_ip.get(old.ipv4) == lease.mac:
+            del self._by_ip[old.ipv4]
+        previous_holder = self._by_ip.get(lease.ipv4)
+        if previous_holder is not None and previous_holder != lease.mac:
+            self._leases.pop(previous_holder, None)
+        self._leases[lease.mac] = lease
+        self._by_ip[lease.ipv4] = lease.mac
+        self._drop_offer(lease.mac)
+
+    def _drop_offer(self, mac: str) -> None:
+        offer = self._offers.pop(mac, None)
+        if offer is not None and self._offered_ip.get(offer.ipv4) == mac:
+            del self._offered_ip[offer.ipv4]
+
+    def _drop_lease(self, mac: str) -> Lease | None:
+        lease = self._leases.pop(mac, None)
+        if lease is not None and self._by_ip.get(lease.ipv4) == mac:
+            del self._by_ip[lease.ipv4]
+        return lease
+
+    def expire(self, now: float) -> Changes:
+        """Forget expired leases, offers and decline marks (RFC 2131 §4.4.6 lease expiry)."""
+        gone = [mac for mac, lease in self._leases.items() if lease.expires <= now]
+        for mac in gone:
+            self._drop_lease(mac)
+        for mac in [m for m, o in self._offers.items() if o.expires <= now]:
+            self._drop_offer(mac)
+        for ip in [ip for ip, until in self._declined.items() if until <= now]:
+            del self._declined[ip]
+        return Changes(delete=tuple(gone))
+
+    def offer(
+        self, mac: str, now: float, *, requested: str | None = None, fixed: str | None = None
+    ) -> str | None:
+        """Pick an address for a DISCOVER and hold it for ``offer_seconds`` (RFC 2131 §4.3.1:
+        the client's current binding, else the requested address if free, else a free one).
+        None when the pool is exhausted: the caller stays silent."""
+        ip = self._choose(mac, now, requested=requested, fixed=fixed)
+        if ip is None:
+            return None
+        self._drop_offer(mac)
+        self._offers[mac] = Offer(mac, ip, now + self.offer_seconds)
+        self._offered_ip[ip] = mac
+        return ip
+
+    def _choose(
+        self, mac: str, now: float, *, requested: str | None, fixed: str | None
+    ) -> str | None:
+        if fixed is not None:
+            # Enrolled machines with a fixed address get it even outside the pool; it is the
+            # operator's job not to put it inside another machine's range.
+            return fixed if not self.declined(fixed, now) else None
+        lease = self._leases.get(mac)
+        if lease is not None and self._free_for(lease.ipv4, mac, now) and self.in_pool(
+            lease.ipv4
+        ):
+            return lease.ipv4
+        offer = self._offers.get(mac)
+        if offer is not None and self._free_for(offer.ipv4, mac, now):
+            return offer.ipv4
+        if requested is not None and self.in_pool(requested) and self._free_for(
+            requested, mac, now
+        ):
+            return requested
+        for value in range(self._start, self._end + 1):
+            if value in self._reserved:
+                continue
+            ip = str(ipaddress.IPv4Address(value))
+            if self._free_for(ip, mac, now):
+                return ip
+        return None
+
+    def request(
+        self,
+        mac: str,
+        ip: str,
+        now: float,
+        *,
+        fixed: str | None = None,
+        hostname: str | None = None,
+        selecting: bool = False,
+    ) -> Lease | None:
+        """Bind ``ip`` to ``mac`` for a REQUEST (selecting, init-reboot, renewing or
+        rebinding, RFC 2131 §4.3.2). Returns the lease to ACK, or None to NAK.
+
+        While selecting the address must be the one offered; otherwise a client may keep
+        (or, this server being authoritative for its link, take) any free address of the pool.
+        """
+        if fixed is not None and ip != fixed:
+            return None  # the machine must move to its fixed address: NAK, it rediscovers
+        if selecting:
+            offer = self._offers.get(mac)
+            current = self._leases.get(mac)
+            if not (
+                (offer is not None and offer.ipv4 == ip)
+                or (current is not None and current.ipv4 == ip)
+                or ip == fixed
+            ):
+                return None
+        if ip != fixed and not (self.in_pool(ip) and self._free_for(ip, mac, now)):
+            return None
+        if self.declined(ip, now):
+            return None
+        lease = Lease(mac=mac, ipv4=ip, expires=now + self.lease_seconds, hostname=hostname)
+        self._set_lease(lease)
+        return lease
+
+    def not_selected(self, mac: str) -> None:
+        """The client chose another server's offer (REQUEST with another server id)."""
+        self._drop_offer(mac)
+
+    def decline(self, mac: str, ip: str, now: float) -> Changes:
+        """DHCPDECLINE: the client found ``ip`` in use (RFC 2131 §4.3.3). Mark it bad for
+        ``decline_seconds`` and drop the client's binding to it."""
+        if not self.on_network(ip):
+            return Changes()
+        self._declined[ip] = now + self.decline_seconds
+        self._drop_offer(mac)
+        lease = self._leases.get(mac)
+        if lease is not None and lease.ipv4 == ip:
+            self._drop_lease(mac)
+            return Changes(delete=(mac,))
+        return Changes()
+
+    def release(self, mac: str, ip: str) -> Changes:
+        """DHCPRELEASE (RFC 2131 §4.3.4): free the address if it is the client's."""
+        lease = self._leases.get(mac)
+        if lease is None or lease.ipv4 != ip:
+            return Changes()
+        self._drop_lease(mac)
+        return Changes(delete=(mac,))

@@ -1,0 +1,512 @@
+"""Who is asking, and what netboot's DHCP answer to it looks like.
+
+Pure functions over :mod:`netboot.wire.dhcp` values: classify a client request into a
+:class:`~netboot.model.BootRequest`, and build proxyDHCP offers/acks and authoritative
+OFFER/ACK/NAK packets. Every firmware quirk lives here, with the source that documents it
+(protocols.md §1-§5). Which loader a firmware gets is decided by ``netboot/boot.py`` (the
+:class:`BootDecider`); this module only turns a :class:`~netboot.model.FirstStage` into the
+bytes that firmware understands.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from netboot.errors import ConfigError
+from netboot.model import Arch, BootRequest, Firmware, FirstStage, MacAddress
+from netboot.wire.dhcp import (
+    BROADCAST_FLAG,
+    ZERO_IP,
+    MessageType,
+    Op,
+    Opt,
+    Option,
+    Packet,
+    ip_option,
+)
+
+
+class BootDecider(Protocol):  # implemented by netboot/boot.py
+    async def first_stage(self, request: BootRequest) -> FirstStage | None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+
+MODES = ("proxy", "authoritative")
+
+
+@dataclass(frozen=True, slots=True)
+class DhcpSettings:
+    """The DHCP part of the configuration (``dhcp.*`` keys)."""
+
+    mode: str = "proxy"  # "proxy" (beside the site's DHCP server) | "authoritative"
+    http_port: int = 8080  # netboot's HTTP port, for http:// boot URLs
+    # UEFI PXE: False = "BINL" style, no option 43 on the :67 offer so EDK2 asks :4011
+    # (dnsmasq, pixiecore); True = smee's single offer with 43 6=8 + file (protocols.md §1.3).
+    uefi_option43: bool = False
+    ack_on_67: bool = False  # smee-style ACK to REQUESTs on :67 in proxy mode (non-standard)
+    # Vendor-class prefixes treated as PXE clients (dnsmasq --dhcp-pxe-vendor; quirk 4).
+    pxe_vendor_classes: tuple[str, ...] = ("PXEClient", "HTTPClient")
+    # authoritative mode
+    pool_start: str | None = None
+    pool_end: str | None = None
+    netmask: str = "255.255.255.0"
+    router: str | None = None
+    dns_servers: tuple[str, ...] = ()
+    domain: str | None = None
+    lease_seconds: int = 3600
+    decline_seconds: int = 600
+    offer_seconds: int = 60  # how long an offered address is held for its client
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(
+                f"unknown mode {self.mode!r}", key="dhcp.mode", fix="proxy or authoritative"
+            )
+        if not 0 < self.http_port < 65536:
+            raise ConfigError(f"{self.http_port} is not a port", key="dhcp.http_port")
+        if self.mode == "authoritative":
+            for key in ("pool_start", "pool_end"):
+                if not getattr(self, key):
+                    raise ConfigError(
+                        "authoritative mode needs an address pool", key=f"dhcp.{key}",
+                        fix="e.g. pool_start: 192.0.2.100, pool_end: 192.0.2.199",
+                    )
+            for key in ("pool_start", "pool_end", "netmask", "router"):
+                value = getattr(self, key)
+                if value is not None:
+                    _check_ip(value, f"dhcp.{key}")
+            for value in self.dns_servers:
+                _check_ip(value, "dhcp.dns_servers")
+            start, end = self.pool_range()
+            if start > end:
+                raise ConfigError("pool_start is after pool_end", key="dhcp.pool_start")
+            if self.lease_seconds < 60:
+                raise ConfigError("lease shorter than 60 s", key="dhcp.lease_seconds")
+
+    def pool_range(self) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+        assert self.pool_start and self.pool_end
+        return ipaddress.IPv4Address(self.pool_start), ipaddress.IPv4Address(self.pool_end)
+
+    def network(self) -> ipaddress.IPv4Network:
+        assert self.pool_start
+        return ipaddress.IPv4Network(f"{self.pool_start}/{self.netmask}", strict=False)
+
+
+def _check_ip(value: str, key: str) -> None:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError as exc:
+        raise ConfigError(f"{value!r} is not an IPv4 address", key=key) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# classification
+
+# Option 93 (RFC 4578 §2.1, IANA "Processor Architecture Types"; protocols.md §2.1). 7 and 9
+# are both x86-64 UEFI: implementations use 7 = x64 and 9 = EBC while RFC 4578's text swaps
+# them (quirk 16), so treat both as x86-64 like pixiecore, dnsmasq and smee do.
+ARCH_CODES: dict[int, Arch] = {
+    0: Arch.X86,  # x86 BIOS (also Pi 3/4/5 bootloaders, see quirk 7)
+    6: Arch.X86,  # EFI IA32
+    7: Arch.X86_64,  # EFI x86-64
+    9: Arch.X86_64,  # EFI BC, in practice x86-64
+    10: Arch.ARM32,  # EFI ARM32
+    11: Arch.ARM64,  # EFI ARM64
+    15: Arch.X86,  # EFI IA32 HTTP
+    16: Arch.X86_64,  # EFI x86-64 HTTP
+    18: Arch.ARM32,  # EFI ARM32 HTTP
+    19: Arch.ARM64,  # EFI ARM64 HTTP
+    20: Arch.X86,  # x86 BIOS HTTP
+    21: Arch.ARM32,  # ARM 32-bit U-Boot
+    22: Arch.ARM64,  # ARM 64-bit U-Boot
+    27: Arch.RISCV64,  # RISC-V 64 UEFI
+    28: Arch.RISCV64,  # RISC-V 64 UEFI HTTP
+    41: Arch.ARM64,  # "arm rpiboot" (smee); Pis actually send 0
+}
+UEFI_PXE_CODES = frozenset({6, 7, 9, 10, 11, 27})
+UEFI_HTTP_CODES = frozenset({15, 16, 18, 19, 20, 28})
+UBOOT_CODES = frozenset({21, 22})
+
+# Raspberry Pi Foundation / Raspberry Pi Trading OUIs, as smee matches them (quirk 7).
+RPI_OUIS = frozenset({"b8:27:eb", "dc:a6:32", "e4:5f:01", "28:cd:c1", "d8:3a:dd"})
+# Pi 4/5 option 97 starts with a FourCC (boot-net.adoc); the byte order is not documented,
+# so accept it either way round.
+_RPI_FOURCCS = (b"RPi4", b"RPi5", b"4iPR", b"5iPR")
+
+# iPXE feature sub-option of option 175 for HTTP (features.h FEATURE_HTTP 0x13).
+IPXE_FEATURE_HTTP = 0x13
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A classified client request: the BootRequest plus the protocol facts the reply needs."""
+
+    request: BootRequest
+    message_type: MessageType | None
+    vendor_class: str  # option 60 as text ("" when absent)
+    pxe: bool  # a PXE/HTTP boot client we may answer as a proxy (60 prefix + option 93)
+    ipxe: bool
+    ipxe_http: bool  # this iPXE can fetch http:// URLs (protocols.md §2.3)
+    requested: frozenset[int]  # option 55
+
+    @property
+    def firmware(self) -> Firmware:
+        return self.request.firmware
+
+    @property
+    def http_client(self) -> bool:
+        return self.vendor_class.startswith("HTTPClient")
+
+
+def _etherboot_features(value: bytes) -> dict[int, bytes] | None:
+    """Option 175's sub-options (iPXE ``features.h``): code, length, value. None if garbled."""
+    out: dict[int, bytes] = {}
+    i = 0
+    while i < len(value):
+        code = value[i]
+        if code in (0, 255):
+            i += 1
+            continue
+        if i + 1 >= len(value) or i + 2 + value[i + 1] > len(value):
+            return None
+        out[code] = value[i + 2 : i + 2 + value[i + 1]]
+        i += 2 + value[i + 1]
+    return out
+
+
+def _uuid(raw: bytes | None, firmware: Firmware) -> str | None:
+    # Option 97: type 0 + 16 bytes (RFC 4578 §2.3; quirk 3 says some ROMs omit it). EFI and iPXE
+    # send the GUID in EFI byte order, first three fields little-endian (iPXE uuid_mangle(),
+    # EDK2 copies EFI_GUID raw); U-Boot sends pxeuuid in standard big-endian order
+    # (protocols.md §2.3). All-zero (QEMU without -uuid) and all-FF mean "no UUID".
+    if raw is None or len(raw) != 17 or raw[0] != 0 or firmware == Firmware.RPI:
+        return None
+    body = raw[1:]
+    if body in (bytes(16), b"\xff" * 16):
+        return None
+    if firmware == Firmware.UBOOT:
+        return str(uuidlib.UUID(bytes=body))
+    return str(uuidlib.UUID(bytes_le=body))
+
+
+def _text(raw: bytes | None) -> str:
+    return raw.decode("latin-1").rstrip("\0") if raw else ""
+
+
+def classify(packet: Packet, settings: DhcpSettings | None = None,
+             peer: str | None = None) -> Client:
+    """Classify a client request. Never raises on odd option contents: firmware varies, and
+    an unknown value is "unknown", not an error (quirk 15: U-Boot may send arch 0xFFFF)."""
+    settings = settings or DhcpSettings()
+    mac = MacAddress(packet.mac) if packet.hlen == 6 and packet.htype == 1 else None
+    if mac is None:  # not Ethernet: classify as unknown with a zero MAC placeholder
+        mac = MacAddress(packet.chaddr[:6].ljust(6, b"\0"))
+    vendor_class = _text(packet.option(Opt.VENDOR_CLASS))
+    arch_raw = packet.option(Opt.CLIENT_ARCH)
+    # RFC 4578 §2.1: a list of 16-bit codes, even length > 0; take the first (as smee does).
+    arch_code = int.from_bytes(arch_raw[:2], "big") if arch_raw and len(arch_raw) >= 2 else None
+    user_class = packet.option(Opt.USER_CLASS) or b""
+    etherboot = packet.option(Opt.ETHERBOOT)
+    uuid_raw = packet.option(Opt.CLIENT_UUID)
+    vendor_specific = packet.option(Opt.VENDOR_SPECIFIC) or b""
+
+    # iPXE sends 77 as the raw 4 bytes "iPXE", not RFC 3004 length-prefixed; accept both. Any
+    # option 175 also means iPXE (dnsmasq's "dhcp-match=set:ipxe,175").
+    ipxe = user_class in (b"iPXE", b"\x04iPXE") or etherboot is not None
+    features = _etherboot_features(etherboot) if etherboot is not None else None
+    if etherboot is None:
+        ipxe_http = ipxe
+    else:
+        ipxe_http = features is not None and IPXE_FEATURE_HTTP in features
+    rpi = vendor_class.startswith("PXEClient") and (
+        mac.oui in RPI_OUIS
+        or (uuid_raw is not None and any(f in uuid_raw for f in _RPI_FOURCCS))
+        or b"Raspberry Pi" in vendor_specific
+    )
+
+    if ipxe:
+        firmware = Firmware.IPXE
+    elif vendor_class.startswith("HTTPClient"):
+        firmware = Firmware.UEFI_HTTP
+    elif vendor_class.startswith("U-Boot"):
+        firmware = Firmware.UBOOT
+    elif rpi:
+        firmware = Firmware.RPI
+    elif arch_code == 0:
+        firmware = Firmware.BIOS
+    elif arch_code in UEFI_PXE_CODES:
+        firmware = Firmware.UEFI
+    elif arch_code in UEFI_HTTP_CODES:
+        firmware = Firmware.UEFI_HTTP
+    elif arch_code in UBOOT_CODES:
+        firmware = Firmware.UBOOT
+    else:
+        firmware = Firmware.UNKNOWN
+    arch = ARCH_CODES.get(arch_code, Arch.UNKNOWN) if arch_code is not None else Arch.UNKNOWN
+    if firmware == Firmware.RPI:
+        arch = Arch.ARM64  # the Pi reports x86 BIOS (quirk 7); its CPU is ARM
+    platform = None
+    if ipxe and arch_code is not None:
+        platform = "pcbios" if arch_code == 0 else "efi"
+
+    pxe = arch_code is not None and (
+        vendor_class.startswith(tuple(settings.pxe_vendor_classes))
+        or vendor_class.startswith("U-Boot")
+    )
+    hostname = _text(packet.option(Opt.HOSTNAME)) or None
+    request = BootRequest(
+        mac=mac, arch=arch, firmware=firmware, arch_code=arch_code,
+        uuid=_uuid(uuid_raw, firmware), hostname=hostname, platform=platform,
+        remote_addr=peer, relay=packet.giaddr if packet.giaddr != ZERO_IP else None, via="dhcp",
+    )
+    return Client(
+        request=request, message_type=packet.message_type, vendor_class=vendor_class, pxe=pxe,
+        ipxe=ipxe, ipxe_http=ipxe_http, requested=packet.requested_options,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# building answers
+
+# PXE discovery control = 8: "use the boot file if present, skip discovery", then END
+# (protocols.md §1.3, appendix A; pixiecore/smee send {6: [8]}).
+PXE_OPTION43 = bytes((6, 1, 8, 255))
+# dnsmasq's `pxe-service=0,"Raspberry Pi Boot"` encoding, byte for byte the Pi 3 capture in
+# the Pi docs (protocols.md §5, appendix A): 6=3, 10 = prompt "PXE", 9 = menu item type 0
+# "Raspberry Pi Boot" (the match string the Pi bootloader looks for), END.
+RPI_OPTION43 = (
+    bytes((6, 1, 3))
+    + bytes((10, 4, 0)) + b"PXE"
+    + bytes((9, 20, 0, 0, 17)) + b"Raspberry Pi Boot"
+    + bytes((255,))
+)
+MAX_FILE = 127  # the 128-byte file field, NUL-terminated (quirk 5)
+
+
+class Unanswerable(Exception):
+    """The FirstStage cannot be expressed to this client; the reason says why. Stay silent."""
+
+
+def boot_file(stage: FirstStage, client: Client, server_ip: str, http_port: int) -> str:
+    """The string that goes in ``file`` (and option 67) for this client.
+
+    Raises Unanswerable when it does not fit or the firmware cannot fetch it.
+    """
+    http_url = f"http://{server_ip}:{http_port}/{stage.path.lstrip('/')}"
+    if client.firmware == Firmware.UEFI_HTTP:
+        # HttpBootDxe needs an absolute URI, and a proxy offer is only usable with an IP
+        # literal host (HttpOfferTypeProxyIpUri; protocols.md §4). A bare path is taken as a
+        # path on netboot's HTTP server.
+        name = http_url
+    elif client.ipxe:
+        if stage.http and client.ipxe_http:
+            name = http_url
+        else:
+            # iPXE without the HTTP feature (175 lacks 0x13), or a TFTP first stage: a full
+            # tftp:// URL, as smee does, since with 43 6=8 iPXE will not go looking for a
+            # boot server (protocols.md §2.3).
+            name = f"tftp://{server_ip}/{stage.path.lstrip('/')}"
+    elif stage.http:
+        raise Unanswerable(f"{client.firmware} firmware cannot fetch {stage.path!r} over HTTP")
+    else:
+        name = stage.path
+    if len(name.encode()) > MAX_FILE:
+        raise Unanswerable(f"boot file {name!r} is longer than {MAX_FILE} bytes")
+    return name
+
+
+def _option43(client: Client, settings: DhcpSettings) -> bytes | None:
+    if client.firmware == Firmware.RPI:
+        return RPI_OPTION43
+    if client.firmware == Firmware.UEFI_HTTP or client.http_client:
+        return None  # HttpBootDxe: 43 and :4011 play no part (protocols.md §4)
+    if client.ipxe:
+        return PXE_OPTION43
+    code = client.request.arch_code
+    if code is not None and code >= 6 and not settings.uefi_option43:
+        # UEFI PXE "BINL" flow: no 43 so EDK2 re-requests at siaddr:4011 (quirk 1;
+        # pixiecore dhcp.go, dnsmasq "Redirect EFI clients to port 4011").
+        return None
+    return PXE_OPTION43
+
+
+def proxy_reply(
+    request: Packet,
+    client: Client,
+    stage: FirstStage,
+    *,
+    server_ip: str,
+    settings: DhcpSettings,
+    pxe_port: bool,
+) -> Packet:
+    """A proxyDHCP OFFER (to a :67 DISCOVER) or ACK (to a :4011 REQUEST/INFORM).
+
+    yiaddr stays 0 (EDK2 classifies proxy offers by it), siaddr/54/sname name us, 60 says
+    PXEClient or HTTPClient, 97 is echoed, 66/67 only when asked for in 55, and nothing that
+    configures the network (protocols.md §1.3). Raises Unanswerable when the stage cannot be
+    expressed to the client.
+    """
+    name = boot_file(stage, client, server_ip, settings.http_port)
+    msg = MessageType.OFFER if client.message_type == MessageType.DISCOVER else MessageType.ACK
+    vendor = b"HTTPClient" if client.http_client else b"PXEClient"
+    options = [
+        Option(Opt.MESSAGE_TYPE, bytes((msg,))),
+        Option(Opt.SERVER_ID, ip_option(server_ip)),
+        Option(Opt.VENDOR_CLASS, vendor),
+    ]
+    uuid_raw = request.option(Opt.CLIENT_UUID)
+    if uuid_raw is not None:
+        options.append(Option(Opt.CLIENT_UUID, uuid_raw))
+    opt43 = _option43(client, settings)
+    if opt43 is not None:
+        options.append(Option(Opt.VENDOR_SPECIFIC, opt43))
+    options.extend(_boot_name_options(client, name, server_ip, always_67=False))
+    # dnsmasq forces the broadcast flag on a DISCOVER answer (the client has no address);
+    # on :4011 the request came from an address and the answer goes back to it.
+    flags = request.flags | BROADCAST_FLAG if not pxe_port else request.flags
+    return Packet(
+        op=Op.REPLY, htype=request.htype, hlen=request.hlen, hops=0, xid=request.xid,
+        secs=0, flags=flags,
+        ciaddr=request.ciaddr if pxe_port else ZERO_IP,
+        yiaddr=ZERO_IP, siaddr=server_ip, giaddr=request.giaddr, chaddr=request.chaddr,
+        sname=server_ip.encode(), file=name.encode() + b"\0", options=tuple(options),
+    )
+
+
+def _boot_name_options(
+    client: Client, name: str, server_ip: str, *, always_67: bool
+) -> list[Option]:
+    out = []
+    # 66/67 NUL-terminated: "Some PXE ROMs have bugs ... need zero-terminated names" (dnsmasq),
+    # and EDK2 forces a NUL on 67 anyway (quirk 5, protocols.md §1.4).
+    if Opt.TFTP_SERVER_NAME in client.requested:
+        out.append(Option(Opt.TFTP_SERVER_NAME, server_ip.encode() + b"\0"))
+    if name and (always_67 or Opt.BOOTFILE_NAME in client.requested):
+        out.append(Option(Opt.BOOTFILE_NAME, name.encode() + b"\0"))
+    return out
+
+
+def proxy_should_answer(client: Client, *, pxe_port: bool, settings: DhcpSettings) -> bool:
+    """Which requests a proxy answers (protocols.md §1.2): DISCOVER on :67 from PXE clients;
+    REQUEST/INFORM (and DISCOVER, like dnsmasq) on :4011; REQUEST on :67 only if asked to."""
+    if not client.pxe:
+        return False
+    mt = client.message_type
+    if pxe_port:
+        return mt in (MessageType.REQUEST, MessageType.INFORM, MessageType.DISCOVER)
+    if mt == MessageType.DISCOVER:
+        return True
+    return mt == MessageType.REQUEST and settings.ack_on_67
+
+
+@dataclass(frozen=True, slots=True)
+class AddressGrant:
+    """What the lease logic granted, for :func:`authoritative_reply`."""
+
+    message_type: MessageType  # OFFER, ACK or NAK
+    yiaddr: str = ZERO_IP
+    lease_seconds: int | None = None  # None for INFORM/NAK (RFC 2131 §4.3.5: no lease time)
+    message: str | None = None  # option 56 text, for NAKs
+
+
+def authoritative_reply(
+    request: Packet,
+    client: Client,
+    grant: AddressGrant,
+    stage: FirstStage | None,
+    *,
+    server_ip: str,
+    settings: DhcpSettings,
+) -> Packet:
+    """An authoritative OFFER/ACK/NAK (RFC 2131 §4.3, table 3).
+
+    Boot clients get siaddr (next-server) and the boot file in both ``file`` and option 67 in
+    the same answer: U-Boot reads ``file`` then lets 67 override it, EDK2 prefers 67, iPXE
+    prefers ``file`` (protocols.md §1.4), and U-Boot never asks for 67 in its 55.
+    """
+    msg = grant.message_type
+    options = [
+        Option(Opt.MESSAGE_TYPE, bytes((msg,))),
+        Option(Opt.SERVER_ID, ip_option(server_ip)),
+    ]
+    if msg == MessageType.NAK:
+        # RFC 2131 table 3: a NAK carries only 53, 54, 56 (and client id); yiaddr 0.
+        if grant.message:
+            options.append(Option(Opt.MESSAGE, grant.message.encode()))
+        return Packet(
+            op=Op.REPLY, htype=request.htype, hlen=request.hlen, xid=request.xid,
+            flags=request.flags, giaddr=request.giaddr, chaddr=request.chaddr,
+            options=tuple(options),
+        )
+    if grant.lease_seconds is not None:
+        t = grant.lease_seconds
+        options += [
+            Option(Opt.LEASE_TIME, t.to_bytes(4, "big")),
+            # RFC 2131 §4.4.5 defaults: T1 = 0.5, T2 = 0.875 of the lease.
+            Option(Opt.RENEWAL_TIME, (t // 2).to_bytes(4, "big")),
+            Option(Opt.REBINDING_TIME, (t * 7 // 8).to_bytes(4, "big")),
+        ]
+    options.append(Option(Opt.SUBNET_MASK, ip_option(settings.netmask)))
+    if settings.router:
+        options.append(Option(Opt.ROUTER, ip_option(settings.router)))
+    if settings.dns_servers:
+        options.append(Option(Opt.DNS_SERVERS, ip_option(*settings.dns_servers)))
+    if settings.domain:
+        options.append(Option(Opt.DOMAIN_NAME, settings.domain.encode()))
+    name = ""
+    siaddr = ZERO_IP
+    if stage is not None:
+        name = boot_file(stage, client, server_ip, settings.http_port)
+        siaddr = server_ip
+        if client.http_client:
+            # HttpBootDxe only accepts an offer whose 60 says HTTPClient (protocols.md §4).
+            options.append(Option(Opt.VENDOR_CLASS, b"HTTPClient"))
+        elif client.firmware == Firmware.RPI:
+            options.append(Option(Opt.VENDOR_CLASS, b"PXEClient"))
+            options.append(Option(Opt.VENDOR_SPECIFIC, RPI_OPTION43))
+        uuid_raw = request.option(Opt.CLIENT_UUID)
+        if uuid_raw is not None and client.pxe:
+            options.append(Option(Opt.CLIENT_UUID, uuid_raw))
+        options.extend(_boot_name_options(client, name, server_ip, always_67=True))
+    flags = request.flags
+    return Packet(
+        op=Op.REPLY, htype=request.htype, hlen=request.hlen, hops=0, xid=request.xid,
+        flags=flags, ciaddr=request.ciaddr if msg == MessageType.ACK else ZERO_IP,
+        yiaddr=grant.yiaddr, siaddr=siaddr, giaddr=request.giaddr, chaddr=request.chaddr,
+        sname=server_ip.encode() if stage is not None else b"",
+        file=name.encode() + b"\0" if name else b"", options=tuple(options),
+    )
+
+
+def reply_destination(
+    request: Packet,
+    reply: Packet,
+    peer: tuple[str, int],
+    *,
+    pxe_port: bool,
+    broadcast: str = "255.255.255.255",
+    client_port: int = 68,
+    relay_port: int = 67,
+) -> tuple[str, int]:
+    """Where a reply goes (RFC 2131 §4.1; protocols.md §1.2, §1.5).
+
+    :4011 answers go back to the requester's address and port (EDK2 sends from 4011). Relayed
+    requests are answered to giaddr:67. A NAK, or a client without an address, gets a
+    broadcast: unicast to yiaddr would need the ARP-cache injection dnsmasq does. A client that
+    has an address (ciaddr, e.g. renewing or INFORM) gets unicast.
+    """
+    if pxe_port:
+        return peer
+    if request.giaddr != ZERO_IP:
+        return (request.giaddr, relay_port)
+    if reply.message_type == MessageType.NAK:
+        return (broadcast, client_port)
+    if request.ciaddr != ZERO_IP:
+        return (request.ciaddr, client_port)
+    return (broadcast, client_port)
+

@@ -1,0 +1,521 @@
+"""asyncio adapter for DHCP: sockets on :67 and :4011, per interface, around the pure logic.
+
+All decisions are made by :mod:`netboot.pxe` (what to answer) and :mod:`netboot.leases`
+(which address); this module parses, asks the decider under a timeout, sends, and persists
+lease changes in the background. Every datagram goes through :class:`BoundaryProtocol`, so a
+malformed packet is a log line and the listener keeps serving (DESIGN.md §4.3).
+
+Why the timeouts: iPXE moves on after about two seconds without a ProxyDHCP offer
+(``DHCP_DISC_PROXY_TIMEOUT_SEC``, protocols.md §1.6). The decider and the lease store are
+each given ``decide_timeout`` (1 s by default); when they do not answer in time the DHCP path
+stays silent (proxy) or answers without a boot file / fixed address (authoritative).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from netboot import pxe
+from netboot.errors import ConfigError, DecodeError
+from netboot.leases import Changes, LeasePool, LeaseStore
+from netboot.model import BootRequest, FirstStage, Lease
+from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
+from netboot.servers.udp import Address, BoundaryProtocol, Reply
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MIN_PACKET_SIZE, ZERO_IP, MessageType, Op, Opt
+
+_log = logging.getLogger(__name__)
+
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SIOCGIFADDR = 0x8915
+# Option 60 of the start-up probe: our own listener recognises and ignores it.
+PROBE_VENDOR_CLASS = b"netboot-probe"
+
+
+def interface_ipv4(name: str) -> str:
+    """The first IPv4 address of interface ``name`` (SIOCGIFADDR), or ConfigError."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read an IPv4 address of interface {name!r}: {exc.strerror}",
+                key="dhcp.interfaces",
+                fix="give an interface that has an IPv4 address, or set dhcp.advertise",
+            ) from exc
+    return socket.inet_ntoa(raw[20:24])
+
+
+@dataclass(frozen=True, slots=True)
+class _Listener:
+    interface: str | None
+    server_ip: str
+    pxe_port: bool
+
+
+class DhcpServer:
+    """proxyDHCP (default) or authoritative DHCP on :67, plus the PXE :4011 responder."""
+
+    def __init__(
+        self,
+        settings: DhcpSettings,
+        decider: BootDecider,
+        leases: LeaseStore,
+        *,
+        interfaces: list[str] | None,
+        advertise: str | None,
+        host: str = "0.0.0.0",
+        port: int = 67,
+        pxe_port: int = 4011,
+        decide_timeout: float = 1.0,
+        broadcast_address: str = "255.255.255.255",
+        client_port: int = 68,
+        relay_port: int = 67,
+        probe: bool = True,
+        probe_seconds: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._decider = decider
+        self._store = leases
+        self._interfaces = list(interfaces or [])
+        self._advertise = advertise
+        self._host = host
+        self._port = port
+        self._pxe_port = pxe_port
+        self._decide_timeout = decide_timeout
+        self._broadcast = broadcast_address
+        self._client_port = client_port
+        self._relay_port = relay_port
+        self._probe = probe
+        self._probe_seconds = probe_seconds
+        self._clock = clock
+        self.pool: LeasePool | None = None
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._protocols: list[BoundaryProtocol] = []
+        self._bound: list[tuple[_Listener, int]] = []
+        self._pending: dict[str, Lease | None] = {}  # mac -> lease to put, None = delete
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        """The (dhcp, pxe) ports actually bound by the first listener (useful with port 0)."""
+        dhcp_port = next(p for lst, p in self._bound if not lst.pxe_port)
+        pxe_port = next(p for lst, p in self._bound if lst.pxe_port)
+        return dhcp_port, pxe_port
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        targets: list[tuple[str | None, str]] = []
+        if self._interfaces:
+            for name in self._interfaces:
+                targets.append((name, self._advertise or interface_ipv4(name)))
+        else:
+            ip = self._advertise or (self._host if self._host != "0.0.0.0" else None)
+            if ip is None:
+                raise ConfigError(
+                    "cannot tell which address to advertise in DHCP answers",
+                    key="dhcp.advertise",
+                    fix="name the provisioning interface (--interface) or set dhcp.advertise",
+                )
+            targets.append((None, ip))
+        if self._settings.mode == "authoritative":
+            await self.load_pool([ip for _, ip in targets])
+        self._wake = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_leases(), name="dhcp-lease-writer")
+        try:
+            for interface, server_ip in targets:
+                for is_pxe, port, key, flag in (
+                    (False, self._port, "dhcp.port", "--dhcp-port"),
+                    (True, self._pxe_port, "dhcp.pxe_port", "--dhcp-pxe-port"),
+                ):
+                    listener = _Listener(interface, server_ip, is_pxe)
+                    sock = self._bind(port, interface, key, flag)
+                    protocol = BoundaryProtocol(
+                        f"dhcp{':' + interface if interface else ''}:{sock.getsockname()[1]}",
+                        self._handler(listener), logger=_log,
+                        min_size=1, max_size=4096, max_in_flight=256,
+                    )
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda p=protocol: p, sock=sock  # type: ignore[misc]
+                    )
+                    self._transports.append(transport)
+                    self._protocols.append(protocol)
+                    self._bound.append((listener, sock.getsockname()[1]))
+                    _log.info(
+                        "dhcp: %s mode listening on %s:%d%s, advertising %s",
+                        self._settings.mode, self._host, sock.getsockname()[1],
+                        f" ({interface})" if interface else "", server_ip,
+                    )
+        except BaseException:
+            await self.close()
+            raise
+        if self._settings.mode == "authoritative" and self._interfaces and self._probe:
+            self._probe_task = asyncio.create_task(
+                self._probe_for_servers(targets), name="dhcp-probe"
+            )
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+            self._probe_task = None
+        for transport in self._transports:
+            transport.close()
+        for protocol in self._protocols:
+            await protocol.drain()
+        self._transports.clear()
+        self._protocols.clear()
+        if self._writer is not None:
+            await self.flush_leases()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+
+    def _bind(self, port: int, interface: str | None, key: str, flag: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            if interface:
+                # One socket per interface on 0.0.0.0 (broadcasts only reach a 0.0.0.0 bind)
+                # needs SO_REUSEADDR to share the port, and SO_BINDTODEVICE so that we know
+                # the receiving interface and force the egress one (protocols.md §1.5).
+                # Without interfaces, no SO_REUSEADDR: then a second DHCP server on the port
+                # is a clear start-up error instead of two servers splitting the traffic.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+            sock.bind((self._host, port))
+            sock.setblocking(False)
+        except PermissionError as exc:
+            sock.close()
+            what = "SO_BINDTODEVICE needs CAP_NET_RAW" if interface else (
+                f"binding UDP port {port} needs root or CAP_NET_BIND_SERVICE"
+            )
+            raise ConfigError(
+                f"cannot listen on {self._host}:{port}: {what}", key=key,
+                fix=f"run as root, grant the capability, or change the port ({flag})",
+            ) from exc
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"UDP port {port} on {self._host} is already in use by another service "
+                    "(another DHCP server such as dnsmasq?)", key=key,
+                    fix=f"stop the other service or change the port ({flag})",
+                ) from exc
+            if exc.errno == errno.ENODEV:
+                raise ConfigError(
+                    f"no such interface {interface!r}", key="dhcp.interfaces",
+                    fix="name an existing interface (--interface)",
+                ) from exc
+            raise ConfigError(
+                f"cannot listen on {self._host}:{port}: {exc.strerror}", key=key,
+                fix=f"change the port ({flag}) or the address",
+            ) from exc
+        return sock
+
+    async def load_pool(self, server_ips: list[str]) -> None:
+        """Build the pool and load the leases from the store (start() does this; public for
+        socket-less tests)."""
+        settings = self._settings
+        assert settings.pool_start and settings.pool_end
+        reserved = [*server_ips]
+        if settings.router:
+            reserved.append(settings.router)
+        self.pool = LeasePool(
+            settings.pool_start, settings.pool_end,
+            lease_seconds=settings.lease_seconds, decline_seconds=settings.decline_seconds,
+            offer_seconds=settings.offer_seconds, reserved=reserved, network=settings.network(),
+        )
+        # Start-up may wait on the store; the DHCP path never does.
+        leases = await self._store.list_leases()
+        self.pool.load(leases, self._clock())
+        _log.info("dhcp: loaded %d leases from the store", len(self.pool.leases()))
+
+    # -- lease persistence (background) ------------------------------------------------------
+
+    def _persist(self, changes: Changes) -> None:
+        for lease in changes.put:
+            self._pending[lease.mac] = lease
+        for mac in changes.delete:
+            self._pending[mac] = None
+        if (changes.put or changes.delete) and self._wake is not None:
+            self._wake.set()
+
+    async def flush_leases(self) -> None:
+        while self._pending:
+            mac, lease = next(iter(self._pending.items()))
+            del self._pending[mac]
+            try:
+                if lease is None:
+                    await self._store.delete_lease(mac)
+                else:
+                    await self._store.put_lease(lease)
+            except Exception:
+                # The in-memory pool stays right; the store catches up with the next change.
+                _log.exception("dhcp: %s: persisting the lease failed", mac)
+
+    async def _write_leases(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush_leases()
+
+    # -- the DHCP path -----------------------------------------------------------------------
+
+    def _handler(self, listener: _Listener) -> Callable[[bytes, Address], Awaitable[list[Reply]]]:
+        async def handle(data: bytes, peer: Address) -> list[Reply]:
+            return await self.handle(
+                data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port
+            )
+
+        return handle
+
+    async def handle(
+        self, data: bytes, peer: Address, *, server_ip: str, pxe_port: bool
+    ) -> list[Reply]:
+        """One datagram in, the replies out (payload, destination). Raises DecodeError for a
+        malformed packet (the boundary logs it)."""
+        packet = dhcp.parse(data)
+        if packet.op != Op.REQUEST:
+            _log.debug("dhcp: xid %#010x from %s: a BOOTREPLY, not for us", packet.xid, peer[0])
+            return []
+        if packet.message_type is None:
+            _log.debug("dhcp: xid %#010x from %s: plain BOOTP, ignored", packet.xid, peer[0])
+            return []
+        if packet.option(Opt.VENDOR_CLASS) == PROBE_VENDOR_CLASS:
+            return []
+        client = pxe.classify(packet, self._settings, peer[0])
+        if pxe_port or self._settings.mode == "proxy":
+            return await self._proxy(packet, client, peer, server_ip, pxe_port)
+        return await self._authoritative(packet, client, peer, server_ip)
+
+    async def _decide(self, client: Client, xid: int) -> FirstStage | None:
+        request: BootRequest = client.request
+        try:
+            return await asyncio.wait_for(
+                self._decider.first_stage(request), self._decide_timeout
+            )
+        except TimeoutError:
+            _log.warning(
+                "dhcp: %s xid %#010x: no boot decision within %.1fs, staying silent",
+                request.mac, xid, self._decide_timeout,
+            )
+        except Exception:
+            _log.exception("dhcp: %s xid %#010x: boot decision failed", request.mac, xid)
+        return None
+
+    async def _fixed(self, mac: str, xid: int) -> str | None:
+        try:
+            return await asyncio.wait_for(self._store.fixed_address(mac), self._decide_timeout)
+        except TimeoutError:
+            _log.warning("dhcp: %s xid %#010x: fixed-address lookup timed out", mac, xid)
+        except Exception:
+            _log.exception("dhcp: %s xid %#010x: fixed-address lookup failed", mac, xid)
+        return None
+
+    def _reply(
+        self, packet: dhcp.Packet, reply: dhcp.Packet, peer: Address, pxe_port: bool
+    ) -> Reply:
+        dest = pxe.reply_destination(
+            packet, reply, peer, pxe_port=pxe_port, broadcast=self._broadcast,
+            client_port=self._client_port, relay_port=self._relay_port,
+        )
+        return dhcp.encode(reply, pad_to=MIN_PACKET_SIZE), dest
+
+    async def _proxy(
+        self, packet: dhcp.Packet, client: Client, peer: Address, server_ip: str, pxe_port: bool
+    ) -> list[Reply]:
+        mac = client.request.mac
+        if not pxe.proxy_should_answer(client, pxe_port=pxe_port, settings=self._settings):
+            _log.debug(
+                "dhcp: %s xid %#010x from %s: %s %r not a proxy request, ignored", mac,
+                packet.xid, peer[0], _name(client.message_type), client.vendor_class,
+            )
+            return []
+        stage = await self._decide(client, packet.xid)
+        if stage is None:
+            _log.info("dhcp: %s xid %#010x from %s: no boot for %s, silent", mac, packet.xid,
+                      peer[0], client.firmware)
+            return []
+        try:
+            reply = pxe.proxy_reply(
+                packet, client, stage, server_ip=server_ip, settings=self._settings,
+                pxe_port=pxe_port,
+            )
+        except Unanswerable as exc:
+            _log.warning("dhcp: %s xid %#010x from %s: cannot answer: %s", mac, packet.xid,
+                         peer[0], exc)
+            return []
+        out = self._reply(packet, reply, peer, pxe_port)
+        _log.info(
+            "dhcp: %s xid %#010x from %s: proxy %s (%s, arch %s) file %r to %s:%d", mac,
+            packet.xid, peer[0], _name(reply.message_type), client.firmware,
+            client.request.arch_code, reply.file_name, out[1][0], out[1][1],
+        )
+        return [out]
+
+    async def _authoritative(
+        self, packet: dhcp.Packet, client: Client, peer: Address, server_ip: str
+    ) -> list[Reply]:
+        pool = self.pool
+        assert pool is not None
+        mac = str(client.request.mac)
+        xid = packet.xid
+        now = self._clock()
+        self._persist(pool.expire(now))
+        if packet.giaddr != ZERO_IP and not pool.on_network(packet.giaddr):
+            _log.debug("dhcp: %s xid %#010x: relayed from %s, not our network", mac, xid,
+                       packet.giaddr)
+            return []
+        mt = client.message_type
+        server_id = _ip_opt(packet.option(Opt.SERVER_ID))
+        requested = _ip_opt(packet.option(Opt.REQUESTED_IP))
+
+        if mt == MessageType.DECLINE:
+            if server_id in (None, server_ip) and requested:
+                self._persist(pool.decline(mac, requested, now))
+                _log.warning("dhcp: %s xid %#010x: declined %s (address in use?), marked bad "
+                             "for %ds", mac, xid, requested, pool.decline_seconds)
+            return []
+        if mt == MessageType.RELEASE:
+            if server_id in (None, server_ip):
+                self._persist(pool.release(mac, packet.ciaddr))
+                _log.info("dhcp: %s xid %#010x: released %s", mac, xid, packet.ciaddr)
+            return []
+        if mt == MessageType.REQUEST and server_id is not None and server_id != server_ip:
+            pool.not_selected(mac)  # RFC 2131 §4.3.2: the client chose another server
+            return []
+        if mt not in (MessageType.DISCOVER, MessageType.REQUEST, MessageType.INFORM):
+            return []
+
+        stage_task = self._decide(client, xid) if client.pxe else _none()
+        fixed, stage = await asyncio.gather(self._fixed(mac, xid), stage_task)
+        hostname = client.request.hostname
+        if mt == MessageType.DISCOVER:
+            ip = pool.offer(mac, now, requested=requested, fixed=fixed)
+            if ip is None:
+                _log.warning("dhcp: %s xid %#010x: address pool exhausted, no offer", mac, xid)
+                return []
+            grant = AddressGrant(MessageType.OFFER, ip, pool.lease_seconds)
+        elif mt == MessageType.INFORM:
+            # RFC 2131 §4.3.5: configuration only; no yiaddr, no lease time, to ciaddr.
+            grant = AddressGrant(MessageType.ACK, ZERO_IP, None)
+        else:
+            ip = requested or (packet.ciaddr if packet.ciaddr != ZERO_IP else None)
+            if ip is None:
+                return []
+            lease = pool.request(mac, ip, now, fixed=fixed, hostname=hostname,
+                                 selecting=server_id is not None)
+            if lease is None:
+                grant = AddressGrant(MessageType.NAK, message=f"{ip} is not available")
+            else:
+                self._persist(Changes(put=(lease,)))
+                grant = AddressGrant(MessageType.ACK, ip, pool.lease_seconds)
+        boot = stage if grant.message_type != MessageType.NAK else None
+        try:
+            reply = pxe.authoritative_reply(
+                packet, client, grant, boot, server_ip=server_ip, settings=self._settings
+            )
+        except Unanswerable as exc:
+            _log.warning("dhcp: %s xid %#010x: no boot file: %s", mac, xid, exc)
+            reply = pxe.authoritative_reply(
+                packet, client, grant, None, server_ip=server_ip, settings=self._settings
+            )
+        out = self._reply(packet, reply, peer, False)
+        _log.info("dhcp: %s xid %#010x from %s: %s %s file %r to %s:%d", mac, xid, peer[0],
+                  _name(grant.message_type), grant.yiaddr, reply.file_name, out[1][0], out[1][1])
+        return [out]
+
+    # -- start-up probe for other DHCP servers -----------------------------------------------
+
+    async def _probe_for_servers(self, targets: list[tuple[str | None, str]]) -> None:
+        for interface, server_ip in targets:
+            if interface is None:
+                continue
+            try:
+                others = await self.probe_interface(interface, server_ip)
+            except OSError as exc:
+                _log.info("dhcp: %s: could not probe for other DHCP servers: %s", interface, exc)
+                continue
+            for other in others:
+                _log.warning(
+                    "dhcp: %s: ANOTHER DHCP SERVER (%s) answers on this link; authoritative "
+                    "mode will fight it. Use proxy mode (dhcp.mode: proxy) here.",
+                    interface, other,
+                )
+
+    async def probe_interface(self, interface: str, server_ip: str) -> list[str]:
+        """Broadcast one DISCOVER on ``interface`` and return the server ids of other servers
+        that offer within ``probe_seconds``. Only called on an explicit start."""
+        loop = asyncio.get_running_loop()
+        chaddr = bytes([0x02]) + os.urandom(5)  # locally administered: never a real NIC
+        xid = int.from_bytes(os.urandom(4), "big")
+        probe = dhcp.Packet(
+            op=Op.REQUEST, xid=xid, chaddr=chaddr, flags=dhcp.BROADCAST_FLAG,
+            options=(
+                dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.DISCOVER,))),
+                dhcp.Option(Opt.VENDOR_CLASS, PROBE_VENDOR_CLASS),
+            ),
+        )
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        found: list[str] = []
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+            sock.bind(("0.0.0.0", self._client_port))
+            sock.setblocking(False)
+            await loop.sock_sendto(
+                sock, dhcp.encode(probe, pad_to=MIN_PACKET_SIZE), (self._broadcast, self._port)
+            )
+            deadline = loop.time() + self._probe_seconds
+            while (left := deadline - loop.time()) > 0 and len(found) < 16:
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(sock, 4096), left)
+                except TimeoutError:
+                    break
+                try:
+                    answer = dhcp.parse(data)
+                except DecodeError:
+                    continue
+                if answer.xid != xid or answer.message_type != MessageType.OFFER:
+                    continue
+                other = _ip_opt(answer.option(Opt.SERVER_ID)) or answer.siaddr
+                if other != server_ip and other not in found:
+                    found.append(other)
+        finally:
+            sock.close()
+        return found
+
+
+def _name(mt: MessageType | None) -> str:
+    return mt.name if mt is not None else "BOOTP"
+
+
+async def _none() -> None:
+    return None
+
+
+def _ip_opt(value: bytes | None) -> str | None:
+    if value is None or len(value) != 4:
+        return None
+    return str(ipaddress.IPv4Address(value))

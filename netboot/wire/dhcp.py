@@ -1,0 +1,361 @@
+"""BOOTP/DHCP packets as values: ``parse(bytes) -> Packet`` and ``encode(Packet) -> bytes``.
+
+A pure codec (DESIGN.md §4.1): no sockets, no clock, nothing of ours imported but the error
+tree. Every option is kept in the order it came in, pads included, unknown codes untouched, so
+``encode(parse(x)) == x`` for any packet this module accepts. Anything truncated or
+inconsistent raises one :class:`~netboot.errors.DecodeError` naming the field and byte offset.
+
+Layout (RFC 2131 §2, protocols.md §1.1)::
+
+    op htype hlen hops | xid | secs flags | ciaddr | yiaddr | siaddr | giaddr
+    chaddr(16) sname(64) file(128) | magic cookie 63 82 53 63 | options ... 255 [padding]
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+from netboot.errors import DecodeError
+
+MAGIC_COOKIE = b"\x63\x82\x53\x63"
+HEADER = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
+HEADER_SIZE = HEADER.size  # 236
+OPTIONS_OFFSET = HEADER_SIZE + len(MAGIC_COOKIE)  # 240
+# RFC 2131 §2: "the minimum length of a BOOTP message is 300 octets" (BOOTP vend field of 64);
+# dnsmasq pads every reply to MIN_PACKETSZ 300 (protocols.md §1.1).
+MIN_PACKET_SIZE = 300
+BROADCAST_FLAG = 0x8000
+ZERO_IP = "0.0.0.0"
+
+_SNAME_OFFSET = 44
+_FILE_OFFSET = 108
+
+
+class Op(enum.IntEnum):
+    REQUEST = 1  # BOOTREQUEST, client → server
+    REPLY = 2  # BOOTREPLY, server → client
+
+
+class MessageType(enum.IntEnum):
+    """Option 53 (RFC 2132 §9.6)."""
+
+    DISCOVER = 1
+    OFFER = 2
+    REQUEST = 3
+    DECLINE = 4
+    ACK = 5
+    NAK = 6
+    RELEASE = 7
+    INFORM = 8
+
+
+# RFC 2131 §3.1/§4.3: which message types travel in which direction. Option 53 that disagrees
+# with ``op`` is an inconsistent packet (a DISCOVER in a BOOTREPLY is nobody's firmware).
+_CLIENT_TYPES = frozenset(
+    {MessageType.DISCOVER, MessageType.REQUEST, MessageType.DECLINE, MessageType.RELEASE,
+     MessageType.INFORM}
+)
+_SERVER_TYPES = frozenset({MessageType.OFFER, MessageType.ACK, MessageType.NAK})
+
+
+class Opt(enum.IntEnum):
+    """Option codes netboot reads or writes (RFC 2132, RFC 4578, iPXE ``dhcp.h``)."""
+
+    PAD = 0
+    SUBNET_MASK = 1
+    ROUTER = 3
+    DNS_SERVERS = 6
+    HOSTNAME = 12
+    DOMAIN_NAME = 15
+    BROADCAST_ADDRESS = 28
+    VENDOR_SPECIFIC = 43
+    REQUESTED_IP = 50
+    LEASE_TIME = 51
+    OVERLOAD = 52
+    MESSAGE_TYPE = 53
+    SERVER_ID = 54
+    PARAMETER_REQUEST_LIST = 55
+    MESSAGE = 56
+    MAX_MESSAGE_SIZE = 57
+    RENEWAL_TIME = 58
+    REBINDING_TIME = 59
+    VENDOR_CLASS = 60
+    CLIENT_ID = 61
+    TFTP_SERVER_NAME = 66
+    BOOTFILE_NAME = 67
+    USER_CLASS = 77
+    CLIENT_ARCH = 93
+    CLIENT_NDI = 94
+    CLIENT_UUID = 97
+    ETHERBOOT = 175  # iPXE's encapsulated feature list
+    END = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One TLV option. ``code`` 0 (pad) carries no data and encodes as a single byte."""
+
+    code: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """A BOOTP/DHCP message. Addresses are dotted-quad strings; byte fields stay raw.
+
+    ``chaddr``, ``sname`` and ``file`` hold the whole fixed-size field (16/64/128 bytes,
+    NUL padding included) so nothing is lost on a round trip; the properties give the
+    meaningful part. ``end`` is false for the rare packet whose options run to the end of the
+    datagram without an END (255) option; ``trailer`` is whatever followed END.
+    """
+
+    op: int
+    xid: int
+    chaddr: bytes
+    htype: int = 1
+    hlen: int = 6
+    hops: int = 0
+    secs: int = 0
+    flags: int = 0
+    ciaddr: str = ZERO_IP
+    yiaddr: str = ZERO_IP
+    siaddr: str = ZERO_IP
+    giaddr: str = ZERO_IP
+    sname: bytes = b""
+    file: bytes = b""
+    options: tuple[Option, ...] = field(default_factory=tuple)
+    end: bool = True
+    trailer: bytes = b""
+
+    # -- options -----------------------------------------------------------------------------
+
+    def option(self, code: int) -> bytes | None:
+        """The value of option ``code``, or None when absent.
+
+        Several instances of one code are concatenated in order (RFC 3396 §7, long options);
+        options overloaded into ``file``/``sname`` (option 52) are included, in the order
+        RFC 2131 §4.1 sets: options, then ``file``, then ``sname``.
+        """
+        parts = [o.data for o in self.all_options() if o.code == code]
+        return b"".join(parts) if parts else None
+
+    def has_option(self, code: int) -> bool:
+        return any(o.code == code for o in self.all_options())
+
+    def all_options(self) -> tuple[Option, ...]:
+        """Options including those overloaded into ``file``/``sname``; pads left out."""
+        out = [o for o in self.options if o.code != Opt.PAD]
+        overload = self._overload()
+        if overload & 1:
+            out.extend(_parse_overloaded(self.file, "file", _FILE_OFFSET))
+        if overload & 2:
+            out.extend(_parse_overloaded(self.sname, "sname", _SNAME_OFFSET))
+        return tuple(out)
+
+    def _overload(self) -> int:
+        for o in self.options:
+            if o.code == Opt.OVERLOAD and len(o.data) == 1:
+                return o.data[0]
+        return 0
+
+    @property
+    def message_type(self) -> MessageType | None:
+        value = self.option(Opt.MESSAGE_TYPE)
+        if value is None or len(value) != 1:
+            return None
+        try:
+            return MessageType(value[0])
+        except ValueError:
+            return None
+
+    @property
+    def requested_options(self) -> frozenset[int]:
+        """Option 55, the parameter request list."""
+        return frozenset(self.option(Opt.PARAMETER_REQUEST_LIST) or b"")
+
+    # -- fixed fields ------------------------------------------------------------------------
+
+    @property
+    def mac(self) -> bytes:
+        """The hardware address proper (``hlen`` bytes of ``chaddr``)."""
+        return self.chaddr[: min(self.hlen, 16)]
+
+    @property
+    def broadcast(self) -> bool:
+        return bool(self.flags & BROADCAST_FLAG)
+
+    @property
+    def file_name(self) -> str | None:
+        """The ``file`` field up to its NUL, or None when empty or overloaded with options."""
+        if self._overload() & 1:
+            return None
+        return _cstring(self.file)
+
+    @property
+    def server_name(self) -> str | None:
+        if self._overload() & 2:
+            return None
+        return _cstring(self.sname)
+
+    def with_options(self, options: Iterable[Option]) -> Packet:
+        return replace(self, options=tuple(options))
+
+
+def _cstring(raw: bytes) -> str | None:
+    text = raw.split(b"\0", 1)[0]
+    return text.decode("latin-1") if text else None
+
+
+def _ip(raw: bytes) -> str:
+    return str(ipaddress.IPv4Address(raw))
+
+
+def _ip_bytes(text: str, name: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(text).packed
+    except (ipaddress.AddressValueError, ValueError) as exc:
+        raise ValueError(f"{name}: {text!r} is not an IPv4 address") from exc
+
+
+def _iter_tlv(
+    data: bytes, base: int, where: str, *, stop_at_end: bool = True
+) -> Iterator[tuple[int, Option | None]]:
+    """Walk TLV options; yields (offset, option) and (offset, None) for END."""
+    i = 0
+    n = len(data)
+    while i < n:
+        code = data[i]
+        if code == Opt.PAD:
+            yield base + i, Option(Opt.PAD)
+            i += 1
+            continue
+        if code == Opt.END:
+            yield base + i, None
+            if stop_at_end:
+                return
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise DecodeError(
+                f"option {code} has no length byte", field=f"{where} option {code}",
+                offset=base + i,
+            )
+        length = data[i + 1]
+        if i + 2 + length > n:
+            raise DecodeError(
+                f"option {code} length {length} runs past the end ({n - i - 2} bytes left)",
+                field=f"{where} option {code}", offset=base + i,
+            )
+        yield base + i, Option(code, bytes(data[i + 2 : i + 2 + length]))
+        i += 2 + length
+
+
+def _parse_overloaded(raw: bytes, where: str, base: int) -> list[Option]:
+    return [o for _, o in _iter_tlv(raw, base, where) if o is not None and o.code != Opt.PAD]
+
+
+def parse(data: bytes) -> Packet:
+    """Decode one DHCP datagram. Raises DecodeError naming the offset of the first problem."""
+    if len(data) < OPTIONS_OFFSET:
+        raise DecodeError(
+            f"packet is {len(data)} bytes, a DHCP header and cookie need {OPTIONS_OFFSET}",
+            field="header", offset=len(data),
+        )
+    (op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr, sname,
+     file) = HEADER.unpack_from(data, 0)
+    if op not in (Op.REQUEST, Op.REPLY):
+        raise DecodeError(f"op {op} is neither BOOTREQUEST nor BOOTREPLY", field="op", offset=0)
+    if hlen > 16:
+        raise DecodeError(f"hlen {hlen} exceeds the 16-byte chaddr", field="hlen", offset=2)
+    if data[HEADER_SIZE:OPTIONS_OFFSET] != MAGIC_COOKIE:
+        raise DecodeError(
+            f"bad magic cookie {data[HEADER_SIZE:OPTIONS_OFFSET].hex()}", field="cookie",
+            offset=HEADER_SIZE,
+        )
+    options: list[Option] = []
+    end = False
+    trailer = b""
+    msg_type_offset = None
+    for offset, opt in _iter_tlv(data[OPTIONS_OFFSET:], OPTIONS_OFFSET, "options"):
+        if opt is None:
+            end = True
+            trailer = bytes(data[offset + 1 :])
+            break
+        if opt.code == Opt.MESSAGE_TYPE:
+            if len(opt.data) != 1:
+                raise DecodeError(
+                    f"option 53 has length {len(opt.data)}, expected 1", field="option 53",
+                    offset=offset,
+                )
+            msg_type_offset = offset
+        if opt.code == Opt.OVERLOAD and (len(opt.data) != 1 or opt.data[0] not in (1, 2, 3)):
+            raise DecodeError("option 52 must be 1 byte of 1, 2 or 3", field="option 52",
+                              offset=offset)
+        options.append(opt)
+    packet = Packet(
+        op=op, htype=htype, hlen=hlen, hops=hops, xid=xid, secs=secs, flags=flags,
+        ciaddr=_ip(ciaddr), yiaddr=_ip(yiaddr), siaddr=_ip(siaddr), giaddr=_ip(giaddr),
+        chaddr=bytes(chaddr), sname=bytes(sname), file=bytes(file), options=tuple(options),
+        end=end, trailer=trailer,
+    )
+    # Overloaded fields must decode too, so that a later .option() cannot raise.
+    packet.all_options()
+    if msg_type_offset is not None:
+        raw_type = data[msg_type_offset + 2]
+        allowed = _CLIENT_TYPES if op == Op.REQUEST else _SERVER_TYPES
+        if raw_type not in allowed:
+            raise DecodeError(
+                f"message type {raw_type} does not travel in a "
+                f"{'BOOTREQUEST' if op == Op.REQUEST else 'BOOTREPLY'}",
+                field="option 53", offset=msg_type_offset,
+            )
+    return packet
+
+
+def _fixed(raw: bytes, size: int, name: str) -> bytes:
+    if len(raw) > size:
+        raise ValueError(f"{name} is {len(raw)} bytes, the field holds {size}")
+    return raw.ljust(size, b"\0")
+
+
+def encode(packet: Packet, *, pad_to: int = 0) -> bytes:
+    """Encode ``packet``; zero bytes are appended after END until the datagram is ``pad_to``
+    bytes long. Option values over 255 bytes are split into several instances (RFC 3396).
+    Raises ValueError for values that cannot be encoded (a bug in the caller, not input)."""
+    head = HEADER.pack(
+        packet.op, packet.htype, packet.hlen, packet.hops, packet.xid & 0xFFFFFFFF,
+        packet.secs, packet.flags,
+        _ip_bytes(packet.ciaddr, "ciaddr"), _ip_bytes(packet.yiaddr, "yiaddr"),
+        _ip_bytes(packet.siaddr, "siaddr"), _ip_bytes(packet.giaddr, "giaddr"),
+        _fixed(packet.chaddr, 16, "chaddr"), _fixed(packet.sname, 64, "sname"),
+        _fixed(packet.file, 128, "file"),
+    )
+    out = bytearray(head)
+    out += MAGIC_COOKIE
+    for opt in packet.options:
+        if not 0 <= opt.code <= 254:
+            raise ValueError(f"option code {opt.code} cannot be encoded as an option")
+        if opt.code == Opt.PAD:
+            out.append(0)
+            continue
+        data = opt.data
+        if not data:
+            out += bytes((opt.code, 0))
+        for i in range(0, len(data), 255):
+            chunk = data[i : i + 255]
+            out += bytes((opt.code, len(chunk))) + chunk
+    if packet.end:
+        out.append(Opt.END)
+        out += packet.trailer
+    if len(out) < pad_to:
+        out += bytes(pad_to - len(out))
+    return bytes(out)
+
+
+def ip_option(*addresses: str) -> bytes:
+    """Option data for a list of IPv4 addresses (1, 3, 6, 54, ...)."""
+    return b"".join(_ip_bytes(a, "address") for a in addresses)

@@ -1,0 +1,42 @@
+"""Runs netboot's DHCP server for tests/servers/test_dhcp_netns.py inside a network namespace.
+
+Usage: ``ip netns exec NS python -m tests.servers.dhcp_netns_runner MODE INTERFACE``.
+Prints ``READY <advertised ip>`` on stdout once listening, serves until stdin closes (the test
+closes it, or dies), then shuts down cleanly. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from netboot.pxe import DhcpSettings
+from netboot.servers.dhcp import DhcpServer, interface_ipv4
+from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
+
+
+async def main(mode: str, interface: str) -> None:
+    if mode == "authoritative":
+        settings = DhcpSettings(
+            mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.109",
+            netmask="255.255.255.0", router="192.0.2.1", dns_servers=("192.0.2.1",),
+            lease_seconds=600,
+        )
+    else:
+        settings = DhcpSettings()
+    server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(), interfaces=[interface],
+                        advertise=None)
+    await server.start()
+    print("READY", interface_ipv4(interface), flush=True)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, sys.stdin.read)  # returns at EOF
+    finally:
+        await server.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(main(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,149 @@
+"""The DHCP server over real UDP sockets on 127.0.0.1 (ports chosen by the kernel)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from netboot.errors import ConfigError
+from netboot.pxe import DhcpSettings
+from netboot.servers.dhcp import DhcpServer
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Opt
+from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
+from tests.pcap import capture, dhcp_datagrams
+
+LOOPBACK = "127.0.0.1"
+
+
+def payload(name: str, number: int) -> bytes:
+    return next(d.payload for d in dhcp_datagrams(capture(name)) if d.frame == number)
+
+
+class Client:
+    """A UDP socket standing in for the firmware (its "port 68")."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    async def send(self, data: bytes, port: int) -> None:
+        await asyncio.get_running_loop().sock_sendto(self.sock, data, (LOOPBACK, port))
+
+    async def receive(self) -> tuple[dhcp.Packet, tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        data, addr = await asyncio.wait_for(loop.sock_recvfrom(self.sock, 4096), 5)
+        return dhcp.parse(data), addr
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Client]:
+    c = Client()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+async def server(client: Client) -> AsyncIterator[DhcpServer]:
+    # Broadcast replies go to the test client on loopback, never to 255.255.255.255.
+    s = DhcpServer(
+        DhcpSettings(), TableDecider(), MemoryLeaseStore(), interfaces=None, advertise=None,
+        host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK, client_port=client.port,
+    )
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_discover_gets_proxy_offer(server: DhcpServer, client: Client) -> None:
+    dhcp_port, _ = server.ports
+    await client.send(payload("uefi-edk2pxe", 8), dhcp_port)
+    offer, source = await client.receive()
+    assert source == (LOOPBACK, dhcp_port)
+    assert offer.message_type == MessageType.OFFER
+    assert offer.yiaddr == "0.0.0.0" and offer.siaddr == LOOPBACK
+    assert offer.file_name == "snponly.efi"
+    assert offer.option(Opt.VENDOR_SPECIFIC) is None
+
+
+async def test_4011_request_gets_ack_from_4011(server: DhcpServer, client: Client) -> None:
+    _, pxe_port = server.ports
+    await client.send(payload("uefi-edk2pxe", 19), pxe_port)
+    ack, source = await client.receive()
+    assert source == (LOOPBACK, pxe_port)  # iPXE drops proxy replies not from port 4011
+    assert ack.message_type == MessageType.ACK and ack.file_name == "snponly.efi"
+    assert ack.ciaddr == "192.0.2.151"
+
+
+async def test_malformed_datagram_dropped_server_keeps_answering(
+    server: DhcpServer, client: Client
+) -> None:
+    dhcp_port, _ = server.ports
+    good = payload("bios-ipxe", 14)
+    for junk in (b"\x01", good[:200], good[:236] + b"\0\0\0\0" + good[240:],
+                 good[:243] + b"\x3c\xff"):
+        await client.send(junk, dhcp_port)
+    await client.send(good, dhcp_port)
+    offer, _ = await client.receive()
+    assert offer.xid == dhcp.parse(good).xid
+    assert offer.file_name == f"http://{LOOPBACK}:8080/boot.ipxe"
+
+
+async def test_non_pxe_and_request_on_67_are_ignored(
+    server: DhcpServer, client: Client
+) -> None:
+    dhcp_port, _ = server.ports
+    await client.send(payload("bios-ipxe", 70), dhcp_port)  # busybox udhcpc
+    await client.send(payload("bios-ipxe", 17), dhcp_port)  # REQUEST to the site server
+    marker = payload("uefi-edk2pxe", 8)
+    await client.send(marker, dhcp_port)
+    offer, _ = await client.receive()  # the first answer is to the marker: others were silent
+    assert offer.xid == dhcp.parse(marker).xid
+
+
+async def test_slow_decider_means_silence() -> None:
+    c = Client()
+    s = DhcpServer(
+        DhcpSettings(), TableDecider(delay=30), MemoryLeaseStore(), interfaces=None,
+        advertise=LOOPBACK, host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK,
+        client_port=c.port, decide_timeout=0.05,
+    )
+    await s.start()
+    try:
+        replies = await s.handle(payload("uefi-edk2pxe", 8), ("0.0.0.0", 68),
+                                 server_ip=LOOPBACK, pxe_port=False)
+        assert replies == []
+    finally:
+        await s.close()
+        c.close()
+
+
+async def test_port_in_use_is_a_config_error() -> None:
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind((LOOPBACK, 0))
+    try:
+        port = holder.getsockname()[1]
+        s = DhcpServer(DhcpSettings(), TableDecider(), MemoryLeaseStore(), interfaces=None,
+                       advertise=None, host=LOOPBACK, port=port, pxe_port=0)
+        with pytest.raises(ConfigError) as err:
+            await s.start()
+        assert err.value.key == "dhcp.port" and "--dhcp-port" in str(err.value)
+        assert str(port) in str(err.value)
+    finally:
+        holder.close()
+
+
+async def test_no_address_to_advertise_is_a_config_error() -> None:
+    s = DhcpServer(DhcpSettings(), TableDecider(), MemoryLeaseStore(), interfaces=None,
+                   advertise=None, port=0, pxe_port=0)
+    with pytest.raises(ConfigError) as err:
+        await s.start()
+    assert err.value.key == "dhcp.advertise"

@@ -1,0 +1,188 @@
+"""The DHCP server against real clients across a veth pair between two network namespaces.
+
+Only namespaces this test creates are touched (``nbt-<random>-s`` / ``-c``); the veth pair is
+created inside them and never exists in the host namespace; addresses are from 192.0.2.0/24.
+Everything is torn down in the fixture's finally, and processes are ended by their own PID.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
+
+ROOT = Path(__file__).resolve().parents[2]
+UDHCPC = shutil.which("udhcpc") or shutil.which("busybox")
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2"),
+]
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+
+@dataclass
+class Link:
+    server_ns: str
+    client_ns: str
+    server_if: str = "nbs0"
+    client_if: str = "nbc0"
+
+
+@pytest.fixture
+def link() -> Iterator[Link]:
+    tag = secrets.token_hex(3)
+    lk = Link(f"nbt-{tag}-s", f"nbt-{tag}-c")
+    created: list[str] = []
+    try:
+        for ns in (lk.server_ns, lk.client_ns):
+            ip("netns", "add", ns)
+            created.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        # Created inside the server namespace, peer moved straight into the client's.
+        ip("-n", lk.server_ns, "link", "add", lk.server_if, "type", "veth", "peer", "name",
+           lk.client_if, "netns", lk.client_ns)
+        ip("-n", lk.server_ns, "addr", "add", "192.0.2.1/24", "dev", lk.server_if)
+        ip("-n", lk.server_ns, "link", "set", lk.server_if, "up")
+        ip("-n", lk.client_ns, "link", "set", lk.client_if, "up")
+        yield lk
+    finally:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+class Server:
+    def __init__(self, link: Link, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", link.server_ns, sys.executable, "-m",
+             "tests.servers.dhcp_netns_runner", mode, link.server_if],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("READY"):
+            self.stop()
+            raise AssertionError(f"server did not start: {line!r} {self.log()}")
+        self.address = line.split()[1]
+
+    def log(self) -> str:
+        return self._stderr if hasattr(self, "_stderr") else ""
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # the runner shuts down at EOF
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # this process only, by its own handle
+                self.proc.wait(timeout=10)
+        assert self.proc.stderr is not None
+        self._stderr = self.proc.stderr.read().decode(errors="replace")
+        return self._stderr
+
+
+@pytest.mark.skipif(UDHCPC is None, reason="needs busybox udhcpc")
+def test_udhcpc_gets_lease_from_authoritative_mode(link: Link) -> None:
+    server = Server(link, "authoritative")
+    try:
+        assert server.address == "192.0.2.1"
+        assert UDHCPC is not None
+        cmd = [UDHCPC] if UDHCPC.endswith("udhcpc") else [UDHCPC, "udhcpc"]
+        # -n: exit if no lease, -q: quit after obtaining one, -f: foreground; bounded tries.
+        result = subprocess.run(
+            ["ip", "netns", "exec", link.client_ns, *cmd, "-i", link.client_if, "-n", "-q",
+             "-f", "-t", "5", "-T", "2", "-s", "/bin/true"],
+            capture_output=True, timeout=60,
+        )
+        out = (result.stdout + result.stderr).decode(errors="replace")
+    finally:
+        log = server.stop()
+    assert result.returncode == 0, out + log
+    assert "lease of 192.0.2.100 obtained" in out, out + log
+    assert "from 192.0.2.1" in out
+    assert "Traceback" not in log and "ANOTHER DHCP SERVER" not in log, log
+
+
+def test_pxe_discover_gets_proxy_offer(link: Link) -> None:
+    # The client side needs an address only so the kernel can send a broadcast from a UDP
+    # socket; the DISCOVER itself says ciaddr 0.0.0.0 like firmware does.
+    ip("-n", link.client_ns, "addr", "add", "192.0.2.50/24", "dev", link.client_if)
+    server = Server(link, "proxy")
+    mac = bytes.fromhex("525400000077")
+    discover = dhcp.Packet(
+        op=Op.REQUEST, xid=0x5EED0001, chaddr=mac, flags=dhcp.BROADCAST_FLAG,
+        options=(
+            dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.DISCOVER,))),
+            dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 43, 60, 66, 67))),
+            dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
+            dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
+            dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01"),
+        ),
+    )
+    try:
+        reply = _exchange_in_namespace(link, dhcp.encode(discover, pad_to=300))
+    finally:
+        log = server.stop()
+    assert reply is not None, log
+    offer = dhcp.parse(reply)
+    assert offer.xid == 0x5EED0001 and offer.message_type == MessageType.OFFER
+    assert offer.yiaddr == "0.0.0.0" and offer.siaddr == "192.0.2.1"
+    assert offer.file_name == "undionly.kpxe"
+    assert offer.option(Opt.VENDOR_SPECIFIC) == bytes((6, 1, 8, 255))
+    assert offer.option(Opt.VENDOR_CLASS) == b"PXEClient"
+    assert offer.option(Opt.BOOTFILE_NAME) == b"undionly.kpxe\0"
+    assert len(reply) >= 300
+    assert "Traceback" not in log and "proxy OFFER" in log, log
+
+
+CLIENT_SCRIPT = r"""
+import socket, sys, select
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+sock.setsockopt(socket.SOL_SOCKET, 25, sys.argv[1].encode())  # SO_BINDTODEVICE
+sock.bind(("0.0.0.0", 68))
+data = bytes.fromhex(sys.argv[2])
+for attempt in range(5):
+    sock.sendto(data, ("255.255.255.255", 67))
+    ready, _, _ = select.select([sock], [], [], 2)
+    while ready:
+        reply, _ = sock.recvfrom(4096)
+        if reply[4:8] == data[4:8] and reply[0] == 2:
+            print(reply.hex())
+            sys.exit(0)
+        ready, _, _ = select.select([sock], [], [], 0.5)
+sys.exit(1)
+"""
+
+
+def _exchange_in_namespace(link: Link, payload: bytes) -> bytes | None:
+    """Broadcast ``payload`` from the client namespace and return the first matching reply
+    (a retransmitting client, like firmware: bounded to five tries)."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", link.client_ns, sys.executable, "-c", CLIENT_SCRIPT,
+         link.client_if, payload.hex()],
+        capture_output=True, timeout=60,
+    )
+    if result.returncode != 0:
+        return None
+    return bytes.fromhex(result.stdout.decode().strip())
+

@@ -1,0 +1,125 @@
+"""Config: defaults, YAML, NETBOOT_* environment, flags; errors name file, line, key and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from netboot.config import Config, load
+from netboot.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "netboot.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_embedded_defaults() -> None:
+    cfg = load(None, env={})
+    assert cfg == Config()
+    assert cfg.http.port == 8080
+    assert cfg.dhcp.mode == "proxy"
+    assert cfg.dhcp.port == 67 and cfg.dhcp.pxe_port == 4011
+    assert cfg.tftp.port == 69
+    assert "/usr/lib/ipxe" in cfg.assets.dirs and "/usr/share/ipxe" in cfg.assets.dirs
+    assert str(cfg.db_path) == "/var/lib/netboot/netboot.db"
+
+
+def test_file_env_and_flags_layer_in_order(tmp_path: Path) -> None:
+    path = write(tmp_path, "http:\n  port: 8081\ndhcp:\n  mode: authoritative\n"
+                           "  authoritative:\n    pool_start: 192.0.2.100\n"
+                           "    pool_end: 192.0.2.150\n")
+    cfg = load(path, env={"NETBOOT_HTTP_PORT": "8082", "NETBOOT_TFTP_PORT": "6969"})
+    assert cfg.http.port == 8082 and cfg.tftp.port == 6969
+    assert cfg.dhcp.authoritative.pool_start == "192.0.2.100"
+    cfg = load(path, env={"NETBOOT_HTTP_PORT": "8082"}, flags={"http_port": 9000,
+                                                                "interface": ["eth1"]})
+    assert cfg.http.port == 9000
+    assert cfg.server.interfaces == ("eth1",)
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
+    path = write(tmp_path, "http:\n  port: 8080\n  prot: 9\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    e = err.value
+    assert e.source == str(path) and e.line == 3 and e.key == "http.prot"
+    assert e.fix is not None and "port" in e.fix
+    assert f"{path}:3: http.prot: unknown key" in str(e)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "fix_word"),
+    [
+        ("http:\n  port: eighty\n", "http.port", 2, "number"),
+        ("dhcp:\n  mode: maybe\n", "dhcp.mode", 2, "proxy"),
+        ("dhcp:\n  uefi_option43: perhaps\n", "dhcp.uefi_option43", 2, "true"),
+        ("server:\n  advertise: 300.1.1.1\n", "server.advertise", 2, "192.0.2.10"),
+        ("http:\n  port: 70000\n", "http.port", 2, "1-65535"),
+        ("dhcp:\n  mode: authoritative\n", "dhcp.authoritative", None, "pool_start"),
+        ("discovery:\n  policy: auto\n", "discovery.rules", None, "rules"),
+        ("discovery:\n  rules:\n    - {selector: {product: X}, role: boss}\n",
+         "discovery.rules[0].role", None, None),
+        ("server: [1, 2]\n", "server", 1, "key: value"),
+    ],
+)
+def test_bad_values(tmp_path: Path, text: str, key: str, line: int | None,
+                    fix_word: str | None) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert err.value.key == key
+    if line is not None:
+        assert err.value.line == line
+    if fix_word is not None:
+        assert fix_word in (err.value.fix or "") + err.value.message
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "http:\n  port: 8080\n bad: [\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert err.value.source == str(path)
+    assert err.value.line is not None and err.value.line >= 3
+
+
+def test_env_error_names_variable() -> None:
+    with pytest.raises(ConfigError) as err:
+        load(None, env={"NETBOOT_HTTP_PORT": "x"})
+    assert "NETBOOT_HTTP_PORT" in str(err.value)
+
+
+def test_flag_error_names_flag() -> None:
+    with pytest.raises(ConfigError) as err:
+        load(None, env={}, flags={"dhcp_mode": "sideways"})
+    assert "--dhcp-mode" in str(err.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError) as err:
+        load("/nonexistent/netboot.yaml", env={})
+    assert "--config" in (err.value.fix or "")
+
+
+def test_discovery_rules_become_groups(tmp_path: Path) -> None:
+    path = write(tmp_path, "discovery:\n  policy: auto\n  rules:\n"
+                           "    - selector: {product: [X, Y]}\n      cluster: line-3\n"
+                           "      role: agent\n      hostname_template: 'l3-{mac_suffix}'\n")
+    cfg = load(path, env={})
+    (rule,) = cfg.discovery.rules
+    assert rule.selector == {"product": ("X", "Y")}
+    assert rule.cluster == "line-3" and str(rule.role) == "agent"
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from netboot.cli import main
+
+    good = write(tmp_path, "http:\n  port: 8080\n")
+    assert main(["check-config", str(good)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tftp:\n  enabled: true\n  portt: 69\n")
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3: tftp.portt: unknown key" in err and "port" in err

@@ -1,0 +1,317 @@
+"""Authoritative mode: the pure lease pool, and the DHCP conversation through the handler."""
+
+from __future__ import annotations
+
+import pytest
+
+from netboot.leases import LeasePool
+from netboot.model import Lease
+from netboot.pxe import DhcpSettings
+from netboot.servers.dhcp import DhcpServer
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
+from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
+from tests.pcap import capture, dhcp_datagrams
+
+A = "52:54:00:00:00:0a"
+B = "52:54:00:00:00:0b"
+C = "52:54:00:00:00:0c"
+T0 = 1_000_000.0
+
+
+def pool(**kw: object) -> LeasePool:
+    args: dict[str, object] = {"lease_seconds": 3600, "decline_seconds": 600,
+                               "offer_seconds": 60}
+    args.update(kw)
+    return LeasePool("192.0.2.100", "192.0.2.102", **args)  # type: ignore[arg-type]
+
+
+def test_allocation_is_stable_per_mac() -> None:
+    p = pool()
+    assert p.offer(A, T0) == "192.0.2.100"
+    assert p.offer(B, T0) == "192.0.2.101"
+    assert p.offer(A, T0 + 1) == "192.0.2.100"  # same client, same offer
+    lease = p.request(A, "192.0.2.100", T0 + 2, selecting=True)
+    assert lease == Lease(A, "192.0.2.100", T0 + 2 + 3600)
+    assert p.offer(A, T0 + 10) == "192.0.2.100"  # existing binding first (RFC 2131 §4.3.1)
+
+
+def test_requested_address_honoured_when_free() -> None:
+    p = pool()
+    assert p.offer(A, T0, requested="192.0.2.102") == "192.0.2.102"
+    assert p.offer(B, T0, requested="192.0.2.102") == "192.0.2.100"  # held for A
+    assert p.offer(C, T0, requested="198.51.100.7") == "192.0.2.101"  # not ours
+
+
+def test_reserved_addresses_skipped() -> None:
+    p = pool(reserved=["192.0.2.100"])
+    assert p.offer(A, T0) == "192.0.2.101"
+    assert p.size == 2
+
+
+def test_renew_extends_lease() -> None:
+    p = pool()
+    p.offer(A, T0)
+    p.request(A, "192.0.2.100", T0, selecting=True)
+    renewed = p.request(A, "192.0.2.100", T0 + 1800)
+    assert renewed is not None and renewed.expires == T0 + 1800 + 3600
+
+
+def test_selecting_wrong_address_is_nak() -> None:
+    p = pool()
+    p.offer(A, T0)
+    assert p.request(A, "192.0.2.101", T0, selecting=True) is None
+
+
+def test_request_for_someone_elses_address_is_nak() -> None:
+    p = pool()
+    p.offer(A, T0)
+    p.request(A, "192.0.2.100", T0, selecting=True)
+    assert p.request(B, "192.0.2.100", T0) is None
+    assert p.request(B, "192.0.2.150", T0) is None  # outside the pool
+
+
+def test_expiry_frees_the_address() -> None:
+    p = pool()
+    p.offer(A, T0)
+    p.request(A, "192.0.2.100", T0, selecting=True)
+    assert p.expire(T0 + 3599).delete == ()
+    changes = p.expire(T0 + 3600)
+    assert changes.delete == (A,)
+    assert p.lease(A) is None
+    assert p.offer(B, T0 + 3601) == "192.0.2.100"
+
+
+def test_offers_expire() -> None:
+    p = pool()
+    for mac in (A, B, C):
+        assert p.offer(mac, T0) is not None
+    assert p.offer("52:54:00:00:00:0d", T0 + 30) is None  # exhausted while offers are held
+    assert p.offer("52:54:00:00:00:0d", T0 + 61) == "192.0.2.100"
+
+
+def test_decline_marks_address_bad_for_a_while() -> None:
+    p = pool()
+    p.offer(A, T0)
+    p.request(A, "192.0.2.100", T0, selecting=True)
+    changes = p.decline(A, "192.0.2.100", T0 + 1)
+    assert changes.delete == (A,)
+    assert p.declined("192.0.2.100", T0 + 2)
+    assert p.offer(A, T0 + 2) == "192.0.2.101"
+    assert p.request(B, "192.0.2.100", T0 + 3) is None
+    p.expire(T0 + 601)
+    assert not p.declined("192.0.2.100", T0 + 601)
+
+
+def test_release() -> None:
+    p = pool()
+    p.offer(A, T0)
+    p.request(A, "192.0.2.100", T0, selecting=True)
+    assert p.release(B, "192.0.2.100").delete == ()  # not B's
+    assert p.release(A, "192.0.2.101").delete == ()  # not that address
+    assert p.release(A, "192.0.2.100").delete == (A,)
+    assert p.lease(A) is None
+
+
+def test_fixed_address_wins_even_outside_pool() -> None:
+    p = pool()
+    assert p.offer(A, T0, fixed="192.0.2.50") == "192.0.2.50"
+    lease = p.request(A, "192.0.2.50", T0, fixed="192.0.2.50", selecting=True)
+    assert lease is not None and lease.ipv4 == "192.0.2.50"
+    # A client holding a pool address is moved to its fixed address: NAK, then rediscover.
+    p.offer(B, T0)
+    p.request(B, "192.0.2.100", T0, selecting=True)
+    assert p.request(B, "192.0.2.100", T0 + 10, fixed="192.0.2.60") is None
+
+
+def test_exhaustion() -> None:
+    p = pool()
+    for i, mac in enumerate((A, B, C)):
+        ip = p.offer(mac, T0)
+        assert ip is not None
+        assert p.request(mac, ip, T0, selecting=True) is not None, i
+    assert p.offer("52:54:00:00:00:0d", T0 + 100) is None
+
+
+def test_load_drops_expired() -> None:
+    p = pool()
+    p.load([Lease(A, "192.0.2.101", T0 + 10), Lease(B, "192.0.2.102", T0 - 1)], T0)
+    assert p.lease(A) is not None and p.lease(B) is None
+    assert p.offer(C, T0) == "192.0.2.100"
+    assert p.offer(A, T0) == "192.0.2.101"
+
+
+# -- the conversation through DhcpServer.handle (no sockets) ----------------------------------
+
+SERVER = "192.0.2.1"
+SETTINGS = DhcpSettings(
+    mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.109",
+    netmask="255.255.255.0", router="192.0.2.1", dns_servers=("192.0.2.53",),
+    domain="edge.example", lease_seconds=3600, decline_seconds=600,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def make_server(store: MemoryLeaseStore, clock: Clock) -> DhcpServer:
+    server = DhcpServer(SETTINGS, TableDecider(), store, interfaces=None, advertise=SERVER,
+                        clock=clock)
+    await server.load_pool([SERVER])
+    return server
+
+
+def message(mtype: MessageType, mac: bytes, **kw: object) -> bytes:
+    opts = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,)))]
+    for code, value in kw.pop("opts", {}).items():  # type: ignore[attr-defined]
+        opts.append(dhcp.Option(code, value))
+    return dhcp.encode(dhcp.Packet(op=Op.REQUEST, xid=0x1234, chaddr=mac, options=tuple(opts),
+                                   **kw))  # type: ignore[arg-type]
+
+
+async def ask(server: DhcpServer, raw: bytes, peer: tuple[str, int] = ("0.0.0.0", 68)
+              ) -> list[tuple[dhcp.Packet, tuple[str, int]]]:
+    replies = await server.handle(raw, peer, server_ip=SERVER, pxe_port=False)
+    return [(dhcp.parse(data), dest) for data, dest in replies]
+
+
+MAC = bytes.fromhex("52540000000a")
+
+
+def ip(text: str) -> bytes:
+    return bytes(int(x) for x in text.split("."))
+
+
+async def test_discover_request_ack_and_persist() -> None:
+    store, clock = MemoryLeaseStore(), Clock()
+    server = await make_server(store, clock)
+    [(offer, dest)] = await ask(server, message(MessageType.DISCOVER, MAC, flags=0x8000))
+    assert offer.message_type == MessageType.OFFER and offer.yiaddr == "192.0.2.100"
+    assert dest == ("255.255.255.255", 68)
+    assert offer.option(Opt.SUBNET_MASK) == ip("255.255.255.0")
+    assert offer.option(Opt.ROUTER) == ip("192.0.2.1")
+    assert offer.option(Opt.DNS_SERVERS) == ip("192.0.2.53")
+    assert offer.option(Opt.DOMAIN_NAME) == b"edge.example"
+    assert offer.option(Opt.LEASE_TIME) == (3600).to_bytes(4, "big")
+    assert offer.option(Opt.SERVER_ID) == ip(SERVER)
+    assert offer.file_name is None and offer.siaddr == "0.0.0.0"  # not a boot client
+    raw = message(MessageType.REQUEST, MAC, opts={Opt.SERVER_ID: ip(SERVER),
+                                                  Opt.REQUESTED_IP: ip("192.0.2.100")})
+    [(ack, _)] = await ask(server, raw)
+    assert ack.message_type == MessageType.ACK and ack.yiaddr == "192.0.2.100"
+    await server.flush_leases()
+    assert store.leases[A] == Lease(A, "192.0.2.100", T0 + 3600)
+
+
+async def test_request_for_other_server_is_silent() -> None:
+    server = await make_server(MemoryLeaseStore(), Clock())
+    await ask(server, message(MessageType.DISCOVER, MAC))
+    raw = message(MessageType.REQUEST, MAC, opts={Opt.SERVER_ID: ip("192.0.2.254"),
+                                                  Opt.REQUESTED_IP: ip("192.0.2.100")})
+    assert await ask(server, raw) == []
+
+
+async def test_nak_for_wrong_address_is_broadcast() -> None:
+    server = await make_server(MemoryLeaseStore(), Clock())
+    raw = message(MessageType.REQUEST, MAC, opts={Opt.REQUESTED_IP: ip("198.51.100.9")})
+    [(nak, dest)] = await ask(server, raw)
+    assert nak.message_type == MessageType.NAK and nak.yiaddr == "0.0.0.0"
+    assert dest == ("255.255.255.255", 68)
+    assert not nak.has_option(Opt.LEASE_TIME)
+
+
+async def test_restart_reloads_leases_from_store() -> None:
+    store, clock = MemoryLeaseStore(), Clock()
+    first = await make_server(store, clock)
+    await ask(first, message(MessageType.DISCOVER, MAC))
+    await ask(first, message(MessageType.REQUEST, MAC, opts={
+        Opt.SERVER_ID: ip(SERVER), Opt.REQUESTED_IP: ip("192.0.2.100")}))
+    await first.flush_leases()
+    clock.now += 100
+    second = await make_server(store, clock)
+    other = bytes.fromhex("52540000000b")
+    [(offer, _)] = await ask(second, message(MessageType.DISCOVER, other))
+    assert offer.yiaddr == "192.0.2.101"  # .100 is still A's after the restart
+    # INIT-REBOOT: A asks for its old address without a server id and gets it.
+    [(ack, _)] = await ask(second, message(MessageType.REQUEST, MAC, opts={
+        Opt.REQUESTED_IP: ip("192.0.2.100")}))
+    assert ack.message_type == MessageType.ACK and ack.yiaddr == "192.0.2.100"
+
+
+async def test_decline_release_and_inform() -> None:
+    store, clock = MemoryLeaseStore(), Clock()
+    server = await make_server(store, clock)
+    await ask(server, message(MessageType.DISCOVER, MAC))
+    await ask(server, message(MessageType.REQUEST, MAC, opts={
+        Opt.SERVER_ID: ip(SERVER), Opt.REQUESTED_IP: ip("192.0.2.100")}))
+    assert await ask(server, message(MessageType.DECLINE, MAC, opts={
+        Opt.SERVER_ID: ip(SERVER), Opt.REQUESTED_IP: ip("192.0.2.100")})) == []
+    await server.flush_leases()
+    assert A not in store.leases
+    [(offer, _)] = await ask(server, message(MessageType.DISCOVER, MAC))
+    assert offer.yiaddr == "192.0.2.101"  # .100 is marked bad
+    await ask(server, message(MessageType.REQUEST, MAC, opts={
+        Opt.SERVER_ID: ip(SERVER), Opt.REQUESTED_IP: ip("192.0.2.101")}))
+    assert await ask(server, message(MessageType.RELEASE, MAC, ciaddr="192.0.2.101",
+                                     opts={Opt.SERVER_ID: ip(SERVER)})) == []
+    await server.flush_leases()
+    assert A not in store.leases
+    # INFORM: configuration only, no address, no lease time, unicast to ciaddr (§4.3.5).
+    [(ack, dest)] = await ask(server, message(MessageType.INFORM, MAC, ciaddr="192.0.2.77"),
+                              peer=("192.0.2.77", 68))
+    assert ack.message_type == MessageType.ACK and ack.yiaddr == "0.0.0.0"
+    assert not ack.has_option(Opt.LEASE_TIME) and ack.option(Opt.ROUTER) == ip("192.0.2.1")
+    assert dest == ("192.0.2.77", 68)
+
+
+async def test_fixed_address_from_store() -> None:
+    store = MemoryLeaseStore(fixed={A: "192.0.2.20"})
+    server = await make_server(store, Clock())
+    [(offer, _)] = await ask(server, message(MessageType.DISCOVER, MAC))
+    assert offer.yiaddr == "192.0.2.20"
+
+
+async def test_pool_exhaustion_means_no_offer() -> None:
+    server = await make_server(MemoryLeaseStore(), Clock())
+    for i in range(10):
+        mac = bytes.fromhex("5254000001") + bytes((i,))
+        [(offer, _)] = await ask(server, message(MessageType.DISCOVER, mac))
+        assert offer.yiaddr == f"192.0.2.{100 + i}"
+    assert await ask(server, message(MessageType.DISCOVER, bytes.fromhex("5254000002ff"))) == []
+
+
+def uboot_discover() -> bytes:
+    for d in dhcp_datagrams(capture("uboot-arm64")):
+        if d.frame == 6:
+            return d.payload
+    raise LookupError
+
+
+@pytest.mark.parametrize("frame_payload", [uboot_discover()])
+async def test_uboot_gets_address_next_server_and_file_in_one_answer(
+    frame_payload: bytes,
+) -> None:
+    server = await make_server(MemoryLeaseStore(), Clock())
+    [(offer, _dest)] = await ask(server, frame_payload)
+    assert offer.message_type == MessageType.OFFER and offer.yiaddr == "192.0.2.100"
+    assert offer.siaddr == SERVER  # next-server: U-Boot TFTPs from here
+    assert offer.file_name == "boot.scr.uimg"
+    assert offer.option(Opt.BOOTFILE_NAME) == b"boot.scr.uimg\0"
+    assert offer.option(Opt.SUBNET_MASK) is not None and offer.option(Opt.ROUTER) is not None
+    assert not offer.has_option(Opt.VENDOR_SPECIFIC)
+    assert len(dhcp.encode(offer)) >= 300
+
+
+async def test_uefi_http_authoritative_answer_echoes_httpclient() -> None:
+    payload = next(d.payload for d in dhcp_datagrams(capture("uefi-httpboot"))
+                   if d.frame == 7)
+    server = await make_server(MemoryLeaseStore(), Clock())
+    [(offer, _)] = await ask(server, payload)
+    assert offer.yiaddr == "192.0.2.100"
+    assert offer.option(Opt.VENDOR_CLASS) == b"HTTPClient"
+    assert offer.file_name == "http://192.0.2.1:8080/assets/ipxe.efi"

@@ -1,0 +1,269 @@
+"""The DHCP codec against every DHCP datagram of the lab captures, plus error cases and fuzzing."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netboot.errors import DecodeError
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
+from tests.pcap import all_captures, capture, dhcp_datagrams
+
+CAPTURES = all_captures()
+DATAGRAMS = [(p.stem, d) for p in CAPTURES for d in dhcp_datagrams(p)]
+
+
+def find(name: str, frame: int) -> bytes:
+    for d in dhcp_datagrams(capture(name)):
+        if d.frame == frame:
+            return d.payload
+    raise LookupError(f"{name} frame {frame}")
+
+
+def test_captures_are_present_and_hold_dhcp() -> None:
+    assert len(CAPTURES) >= 10
+    assert len(DATAGRAMS) > 150
+
+
+@pytest.mark.parametrize(
+    ("name", "datagram"), DATAGRAMS, ids=[f"{n}-{d.frame}" for n, d in DATAGRAMS]
+)
+def test_every_captured_packet_decodes_and_round_trips(name: str, datagram: object) -> None:
+    payload = datagram.payload  # type: ignore[attr-defined]
+    packet = dhcp.parse(payload)
+    assert dhcp.encode(packet) == payload
+    # Direction and message type agree with the ports the packet travelled on.
+    # In the lab the servers are 192.0.2.1 (site DHCP) and 192.0.2.10 (proxy).
+    if datagram.src in ("192.0.2.1", "192.0.2.10"):  # type: ignore[attr-defined]
+        assert packet.op == Op.REPLY
+    else:
+        assert packet.op == Op.REQUEST
+    assert packet.message_type is not None
+
+
+def test_golden_edk2_pxe_discover() -> None:
+    p = dhcp.parse(find("uefi-edk2pxe", 8))
+    assert p.op == Op.REQUEST and p.xid == 0xE25CCFB3
+    assert p.flags == dhcp.BROADCAST_FLAG and p.broadcast
+    assert p.mac == bytes.fromhex("525400000011")
+    assert p.ciaddr == p.yiaddr == p.siaddr == p.giaddr == "0.0.0.0"
+    assert p.message_type == MessageType.DISCOVER
+    assert [o.code for o in p.options] == [53, 57, 55, 97, 94, 93, 60]
+    assert p.option(Opt.MAX_MESSAGE_SIZE) == (1472).to_bytes(2, "big")
+    assert p.option(Opt.VENDOR_CLASS) == b"PXEClient:Arch:00007:UNDI:003000"
+    assert p.option(Opt.CLIENT_ARCH) == b"\x00\x07"
+    assert p.option(Opt.CLIENT_NDI) == b"\x01\x03\x00"
+    assert p.option(Opt.CLIENT_UUID) == bytes(17)
+    assert len(p.requested_options) == 35 and {43, 60, 66, 67, 97} <= p.requested_options
+    assert p.file_name is None and p.server_name is None
+
+
+def test_golden_ipxe_bios_discover() -> None:
+    p = dhcp.parse(find("bios-ipxe", 14))
+    assert [o.code for o in p.options] == [53, 57, 93, 94, 60, 77, 55, 175, 61, 97]
+    assert p.option(Opt.USER_CLASS) == b"iPXE"
+    assert p.option(Opt.VENDOR_CLASS) == b"PXEClient:Arch:00000:UNDI:002001"
+    assert p.option(Opt.CLIENT_ID) == b"\x01" + bytes.fromhex("525400000011")
+    ether = p.option(Opt.ETHERBOOT)
+    assert ether is not None and ether.startswith(bytes.fromhex("b105011af41000"))
+
+
+def test_golden_dnsmasq_proxy_4011_ack() -> None:
+    """dnsmasq's :4011 ACK in the lab: yiaddr 0, siaddr 192.0.2.10, file set, 43 echoed."""
+    p = dhcp.parse(find("uefi-edk2pxe", 20))
+    assert p.op == Op.REPLY and p.message_type == MessageType.ACK
+    assert p.yiaddr == "0.0.0.0" and p.siaddr == "192.0.2.10"
+    assert p.file_name == "snponly.efi"
+    assert p.option(Opt.VENDOR_CLASS) == b"PXEClient"
+    assert len(dhcp.encode(p)) == 300
+
+
+def test_golden_uboot_discover_has_file_and_no_uuid() -> None:
+    p = dhcp.parse(find("uboot-arm64", 6))
+    assert p.option(Opt.VENDOR_CLASS) == b"U-Boot.armv8"
+    assert p.option(Opt.CLIENT_ARCH) == b"\x00\x16"
+    assert p.option(Opt.CLIENT_UUID) is None
+    assert p.file_name == "boot.scr.uimg"
+    assert p.trailer == bytes(len(p.trailer))  # zero padding after END, kept for round trip
+
+
+def test_golden_httpboot_proxy_offer() -> None:
+    p = dhcp.parse(find("uefi-httpboot-viaproxy", 7))
+    assert p.message_type == MessageType.OFFER
+    assert p.yiaddr == "0.0.0.0" and p.siaddr == "192.0.2.10"
+    assert p.option(Opt.VENDOR_CLASS) == b"HTTPClient"
+    assert p.file_name == "http://192.0.2.10:8080/ipxe.efi"
+
+
+# -- building -------------------------------------------------------------------------------
+
+def _discover(**kw: object) -> dhcp.Packet:
+    base: dict[str, object] = {
+        "op": Op.REQUEST, "xid": 0x01020304, "chaddr": bytes.fromhex("525400000011"),
+        "options": (dhcp.Option(Opt.MESSAGE_TYPE, b"\x01"),),
+    }
+    base.update(kw)
+    return dhcp.Packet(**base)  # type: ignore[arg-type]
+
+
+def test_encode_pads_and_fixes_field_sizes() -> None:
+    raw = dhcp.encode(_discover(), pad_to=300)
+    assert len(raw) == 300
+    assert raw[236:240] == dhcp.MAGIC_COOKIE
+    assert raw[240:244] == bytes((53, 1, 1, 255))
+    back = dhcp.parse(raw)
+    assert back.chaddr == bytes.fromhex("525400000011") + bytes(10)
+    assert len(back.sname) == 64 and len(back.file) == 128
+
+
+def test_long_option_split_and_concatenated_rfc3396() -> None:
+    value = bytes(range(256)) * 2  # 512 bytes
+    p = _discover(options=(dhcp.Option(Opt.MESSAGE_TYPE, b"\x01"), dhcp.Option(200, value)))
+    back = dhcp.parse(dhcp.encode(p))
+    assert [o.code for o in back.options] == [53, 200, 200, 200]
+    assert back.option(200) == value
+
+
+def test_unknown_options_and_pads_preserved_in_order() -> None:
+    opts = (
+        dhcp.Option(Opt.MESSAGE_TYPE, b"\x01"), dhcp.Option(0), dhcp.Option(250, b"xyz"),
+        dhcp.Option(0), dhcp.Option(224, b""),
+    )
+    raw = dhcp.encode(_discover(options=opts))
+    assert dhcp.parse(raw).options == opts
+
+
+def test_option_overload_is_read() -> None:
+    file_opts = bytes((12, 3)) + b"abc" + b"\xff"
+    p = _discover(
+        options=(dhcp.Option(Opt.MESSAGE_TYPE, b"\x01"), dhcp.Option(Opt.OVERLOAD, b"\x01")),
+        file=file_opts,
+    )
+    back = dhcp.parse(dhcp.encode(p))
+    assert back.option(Opt.HOSTNAME) == b"abc"
+    assert back.file_name is None  # EDK2/U-Boot: an overloaded file is not a boot file name
+
+
+def test_missing_end_is_accepted_and_round_trips() -> None:
+    raw = dhcp.encode(_discover(end=False))
+    p = dhcp.parse(raw)
+    assert not p.end and dhcp.encode(p) == raw
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def _raw(**kw: object) -> bytearray:
+    return bytearray(dhcp.encode(_discover(**kw)))
+
+
+def test_short_packet() -> None:
+    with pytest.raises(DecodeError) as err:
+        dhcp.parse(bytes(100))
+    assert err.value.offset == 100 and err.value.field == "header"
+
+
+def test_bad_cookie() -> None:
+    raw = _raw()
+    raw[236:240] = b"\x00\x00\x00\x00"
+    with pytest.raises(DecodeError) as err:
+        dhcp.parse(bytes(raw))
+    assert err.value.offset == 236 and err.value.field == "cookie"
+
+
+def test_option_past_the_end() -> None:
+    raw = _raw()[:240] + bytes((53, 1, 1, 60, 20)) + b"PXE"
+    with pytest.raises(DecodeError) as err:
+        dhcp.parse(bytes(raw))
+    assert err.value.offset == 243 and "option 60" in str(err.value)
+
+
+def test_option_without_length_byte() -> None:
+    raw = _raw()[:240] + bytes((53, 1, 1, 60))
+    with pytest.raises(DecodeError) as err:
+        dhcp.parse(bytes(raw))
+    assert err.value.offset == 243
+
+
+def test_op_and_message_type_disagree() -> None:
+    raw = _raw(options=(dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.OFFER,))),))
+    with pytest.raises(DecodeError) as err:
+        dhcp.parse(bytes(raw))
+    assert err.value.field == "option 53" and err.value.offset == 240
+    raw = _raw(op=Op.REPLY)  # a DISCOVER in a BOOTREPLY
+    with pytest.raises(DecodeError):
+        dhcp.parse(bytes(raw))
+
+
+def test_bad_op_hlen_and_type_length() -> None:
+    raw = _raw()
+    raw[0] = 7
+    with pytest.raises(DecodeError) as err:
+        dhcp.parse(bytes(raw))
+    assert err.value.offset == 0
+    raw = _raw()
+    raw[2] = 17
+    with pytest.raises(DecodeError) as err:
+        dhcp.parse(bytes(raw))
+    assert err.value.offset == 2
+    raw = _raw(options=(dhcp.Option(Opt.MESSAGE_TYPE, b"\x01\x01"),))
+    with pytest.raises(DecodeError):
+        dhcp.parse(bytes(raw))
+
+
+def test_bad_overloaded_file_raises_decode_error() -> None:
+    raw = _raw(
+        options=(dhcp.Option(Opt.MESSAGE_TYPE, b"\x01"), dhcp.Option(Opt.OVERLOAD, b"\x01")),
+        file=bytes((12, 200)),
+    )
+    with pytest.raises(DecodeError) as err:
+        dhcp.parse(bytes(raw))
+    assert err.value.offset == 108
+
+
+# -- fuzzing --------------------------------------------------------------------------------
+
+SEEDS = [d.payload for _, d in DATAGRAMS[:40]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=700))
+def test_fuzz_random_bytes_only_decode_error(data: bytes) -> None:
+    try:
+        p = dhcp.parse(data)
+    except DecodeError:
+        return
+    assert dhcp.encode(p) == data
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(SEEDS),
+    st.lists(st.tuples(st.integers(min_value=0, max_value=699), st.integers(0, 255)),
+             max_size=8),
+    st.integers(min_value=0, max_value=700),
+)
+def test_fuzz_mutated_captures_only_decode_error(
+    seed: bytes, flips: list[tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(seed)
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    data = data[: max(cut, 0)] if cut < len(data) else data
+    try:
+        p = dhcp.parse(bytes(data))
+    except DecodeError:
+        return
+    assert dhcp.encode(p) == bytes(data)
+    # Accessors never raise on a packet that decoded.
+    p.all_options()
+    _ = (p.message_type, p.requested_options, p.file_name, p.server_name, p.mac)
+
+
+def test_header_struct_is_rfc2131_size() -> None:
+    assert dhcp.HEADER_SIZE == 236
+    assert struct.calcsize("!BBBBIHH") == 12
