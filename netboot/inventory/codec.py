@@ -1,0 +1,450 @@
+"""Model values to and from JSON-ready dicts: one codec for the stores and the REST API.
+
+``*_to_dict`` gives plain JSON types: enums as their string values, ``MacAddress`` as
+``aa:bb:cc:dd:ee:ff``, mappings as dicts, tuples as lists. ``*_from_dict`` is strict because the
+API parses request bodies with it: unknown fields, wrong types and missing required fields raise
+:class:`~netboot.errors.ValidationError` naming the field (``labels.rack``, ``assets[1].path``),
+so the edge can answer 400 with that name. Only value-level checks live here (a MAC parses, an
+address is IPv4); checks that need the inventory belong to ``enroll.py``.
+
+Both stores round-trip what they are given through these functions, so a value that could not
+be read back (a label that is not a string, NaN in event data) is refused on write, not on a
+later read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from netboot.errors import ValidationError
+from netboot.inventory.base import MachineFilter
+from netboot.model import (
+    Arch,
+    Asset,
+    Cluster,
+    Event,
+    Firmware,
+    Group,
+    Lease,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Role,
+)
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+# Sentinel for "field absent", distinct from an explicit JSON null.
+_ABSENT: Any = object()
+
+
+def _names(cls: type[Any]) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+_MACHINE_FIELDS = _names(Machine)
+_PROFILE_FIELDS = _names(Profile)
+_ASSET_FIELDS = _names(Asset)
+_CLUSTER_FIELDS = _names(Cluster)
+_GROUP_FIELDS = _names(Group)
+_EVENT_FIELDS = _names(Event)
+_LEASE_FIELDS = _names(Lease)
+
+
+# --- encoding helpers ---------------------------------------------------------------------
+
+
+def dumps(value: Mapping[str, Any], field: str = "data") -> str:
+    """Compact JSON text; ValidationError naming ``field`` if it is not JSON-representable.
+
+    ``allow_nan=False`` because NaN/Infinity are not JSON and other readers reject them.
+    """
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(field, f"not representable as JSON: {exc}") from exc
+
+
+def normalise_mac(text: str, field: str = "mac") -> str:
+    """``aa:bb:cc:dd:ee:ff`` for any accepted spelling; ValidationError naming ``field``."""
+    try:
+        return str(MacAddress.parse(text))
+    except ValidationError as exc:
+        raise ValidationError(field, exc.message) from exc
+
+
+def check_filter(flt: MachineFilter) -> None:
+    """Negative limits/offsets mean "everything" to SQLite; refuse them rather than guess."""
+    if flt.limit < 0:
+        raise ValidationError("limit", "must be 0 or more")
+    if flt.offset < 0:
+        raise ValidationError("offset", "must be 0 or more")
+
+
+# --- decoding helpers (each names the field it rejects) ----------------------------------
+
+
+def _object(value: object, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValidationError(what, f"must be an object, got {_type(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ValidationError(what, f"keys must be strings, got {key!r}")
+    return value
+
+
+def _type(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _fields(data: Mapping[str, Any], allowed: frozenset[str], prefix: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValidationError(
+            prefix + unknown[0],
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(allowed))}",
+        )
+
+
+def _get(data: Mapping[str, Any], key: str, prefix: str, required: bool) -> Any:
+    value = data.get(key, _ABSENT)
+    if value is _ABSENT and required:
+        raise ValidationError(prefix + key, "is required")
+    return value
+
+
+def _str(data: Mapping[str, Any], key: str, prefix: str = "", *, default: Any = _ABSENT) -> str:
+    value = _get(data, key, prefix, default is _ABSENT)
+    if value is _ABSENT:
+        return str(default)
+    if not isinstance(value, str):
+        raise ValidationError(prefix + key, f"must be a string, got {_type(value)}")
+    return value
+
+
+def _name(data: Mapping[str, Any], key: str, prefix: str = "") -> str:
+    value = _str(data, key, prefix)
+    if not value.strip():
+        raise ValidationError(prefix + key, "must not be empty")
+    return value
+
+
+def _opt_str(data: Mapping[str, Any], key: str, prefix: str = "") -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(prefix + key, f"must be a string or null, got {_type(value)}")
+    return value
+
+
+def _number(value: object, field: str) -> float:
+    # bool is an int subclass; true/false as a time is a client bug, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(field, f"must be a number, got {_type(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValidationError(field, "must be a finite number")
+    return number
+
+
+def _float(data: Mapping[str, Any], key: str, prefix: str = "", *, default: Any = _ABSENT) -> float:
+    value = _get(data, key, prefix, default is _ABSENT)
+    if value is _ABSENT:
+        return float(default)
+    return _number(value, prefix + key)
+
+
+def _opt_float(data: Mapping[str, Any], key: str, prefix: str = "") -> float | None:
+    value = data.get(key)
+    return None if value is None else _number(value, prefix + key)
+
+
+def _enum(value: object, cls: type[_E], field: str) -> _E:
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, got {_type(value)}")
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in cls)
+        raise ValidationError(field, f"{value!r} is not one of {choices}") from None
+
+
+def _opt_enum(data: Mapping[str, Any], key: str, cls: type[_E], prefix: str = "") -> _E | None:
+    value = data.get(key)
+    return None if value is None else _enum(value, cls, prefix + key)
+
+
+def _str_map(data: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, str]:
+    value = data.get(key, _ABSENT)
+    if value is _ABSENT:
+        return {}
+    obj = _object(value, prefix + key)
+    out: dict[str, str] = {}
+    for k, v in obj.items():
+        if not isinstance(v, str):
+            raise ValidationError(f"{prefix}{key}.{k}", f"must be a string, got {_type(v)}")
+        out[k] = v
+    return out
+
+
+def _str_list(value: object, field: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValidationError(field, f"must be an array of strings, got {_type(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValidationError(f"{field}[{i}]", f"must be a string, got {_type(item)}")
+    return tuple(value)
+
+
+def _str_tuple(data: Mapping[str, Any], key: str, prefix: str = "") -> tuple[str, ...]:
+    value = data.get(key, _ABSENT)
+    return () if value is _ABSENT else _str_list(value, prefix + key)
+
+
+def _ipv4(value: str | None, field: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValidationError(field, f"{value!r} is not an IPv4 address") from None
+
+
+# --- machines -----------------------------------------------------------------------------
+
+
+def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]:
+    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash`` (API listings)."""
+    out: dict[str, Any] = {
+        "mac": str(machine.mac),
+        "state": machine.state.value,
+        "hostname": machine.hostname,
+        "uuid": machine.uuid,
+        "serial": machine.serial,
+        "asset": machine.asset,
+        "labels": dict(machine.labels),
+        "cluster": machine.cluster,
+        "role": None if machine.role is None else machine.role.value,
+        "profile": machine.profile,
+        "arch": None if machine.arch is None else machine.arch.value,
+        "firmware": None if machine.firmware is None else machine.firmware.value,
+        "ipv4": machine.ipv4,
+        "fixed_ipv4": machine.fixed_ipv4,
+        "facts": dict(machine.facts),
+        "token_hash": machine.token_hash,
+        "token_expires": machine.token_expires,
+        "created": machine.created,
+        "updated": machine.updated,
+    }
+    if not secrets:
+        del out["token_hash"]
+    return out
+
+
+def machine_from_dict(data: object) -> Machine:
+    """Strict parse; only ``mac`` is required. ValidationError names the offending field."""
+    d = _object(data, "machine")
+    _fields(d, _MACHINE_FIELDS, "")
+    mac_text = _str(d, "mac")
+    state = d.get("state", MachineState.ENROLLED.value)
+    return Machine(
+        mac=MacAddress.parse(mac_text),
+        state=_enum(state, MachineState, "state"),
+        hostname=_opt_str(d, "hostname"),
+        uuid=_opt_str(d, "uuid"),
+        serial=_opt_str(d, "serial"),
+        asset=_opt_str(d, "asset"),
+        labels=_str_map(d, "labels"),
+        cluster=_opt_str(d, "cluster"),
+        role=_opt_enum(d, "role", Role),
+        profile=_opt_str(d, "profile"),
+        arch=_opt_enum(d, "arch", Arch),
+        firmware=_opt_enum(d, "firmware", Firmware),
+        ipv4=_ipv4(_opt_str(d, "ipv4"), "ipv4"),
+        fixed_ipv4=_ipv4(_opt_str(d, "fixed_ipv4"), "fixed_ipv4"),
+        facts=_str_map(d, "facts"),
+        token_hash=_opt_str(d, "token_hash"),
+        token_expires=_opt_float(d, "token_expires"),
+        created=_float(d, "created", default=0.0),
+        updated=_float(d, "updated", default=0.0),
+    )
+
+
+# --- profiles -----------------------------------------------------------------------------
+
+
+def profile_to_dict(profile: Profile) -> dict[str, Any]:
+    return {
+        "name": profile.name,
+        "kernel": profile.kernel,
+        "initrds": list(profile.initrds),
+        "cmdline": profile.cmdline,
+        "config_template": profile.config_template,
+        "assets": [{"path": a.path, "sha256": a.sha256} for a in profile.assets],
+        "install_device": profile.install_device,
+        "iso_url": profile.iso_url,
+        "ssh_authorized_keys": list(profile.ssh_authorized_keys),
+        "fdtdir": profile.fdtdir,
+        "description": profile.description,
+    }
+
+
+def _asset_from_dict(data: object, prefix: str) -> Asset:
+    d = _object(data, prefix.rstrip("."))
+    _fields(d, _ASSET_FIELDS, prefix)
+    return Asset(path=_name(d, "path", prefix), sha256=_opt_str(d, "sha256", prefix))
+
+
+def profile_from_dict(data: object) -> Profile:
+    """Strict parse; ``name`` and ``kernel`` are required."""
+    d = _object(data, "profile")
+    _fields(d, _PROFILE_FIELDS, "")
+    raw_assets = d.get("assets", [])
+    if not isinstance(raw_assets, list | tuple):
+        raise ValidationError("assets", f"must be an array of objects, got {_type(raw_assets)}")
+    defaults = Profile(name="-", kernel="-")
+    return Profile(
+        name=_name(d, "name"),
+        kernel=_name(d, "kernel"),
+        initrds=_str_tuple(d, "initrds"),
+        cmdline=_str(d, "cmdline", default=defaults.cmdline),
+        config_template=_str(d, "config_template", default=defaults.config_template),
+        assets=tuple(_asset_from_dict(a, f"assets[{i}].") for i, a in enumerate(raw_assets)),
+        install_device=_str(d, "install_device", default=defaults.install_device),
+        iso_url=_opt_str(d, "iso_url"),
+        ssh_authorized_keys=_str_tuple(d, "ssh_authorized_keys"),
+        fdtdir=_opt_str(d, "fdtdir"),
+        description=_str(d, "description", default=""),
+    )
+
+
+# --- clusters -----------------------------------------------------------------------------
+
+
+def cluster_to_dict(cluster: Cluster, *, secrets: bool = True) -> dict[str, Any]:
+    """``secrets=False`` leaves out the join ``token`` (it is never listed by the API)."""
+    out: dict[str, Any] = {
+        "name": cluster.name,
+        "server_url": cluster.server_url,
+        "token": cluster.token,
+        "labels": dict(cluster.labels),
+        "taints": list(cluster.taints),
+        "description": cluster.description,
+    }
+    if not secrets:
+        del out["token"]
+    return out
+
+
+def cluster_from_dict(data: object) -> Cluster:
+    """Strict parse; only ``name`` is required."""
+    d = _object(data, "cluster")
+    _fields(d, _CLUSTER_FIELDS, "")
+    return Cluster(
+        name=_name(d, "name"),
+        server_url=_str(d, "server_url", default="managed"),
+        token=_str(d, "token", default=""),
+        labels=_str_map(d, "labels"),
+        taints=_str_tuple(d, "taints"),
+        description=_str(d, "description", default=""),
+    )
+
+
+# --- groups -------------------------------------------------------------------------------
+
+
+def group_to_dict(group: Group) -> dict[str, Any]:
+    return {
+        "name": group.name,
+        "selector": {k: list(v) for k, v in group.selector.items()},
+        "profile": group.profile,
+        "cluster": group.cluster,
+        "role": None if group.role is None else group.role.value,
+        "labels": dict(group.labels),
+        "taints": list(group.taints),
+        "hostname_template": group.hostname_template,
+    }
+
+
+def group_from_dict(data: object) -> Group:
+    """Strict parse; ``name`` is required; selector values are arrays of strings."""
+    d = _object(data, "group")
+    _fields(d, _GROUP_FIELDS, "")
+    selector = _object(d.get("selector", {}), "selector")
+    return Group(
+        name=_name(d, "name"),
+        selector={k: _str_list(v, f"selector.{k}") for k, v in selector.items()},
+        profile=_opt_str(d, "profile"),
+        cluster=_opt_str(d, "cluster"),
+        role=_opt_enum(d, "role", Role),
+        labels=_str_map(d, "labels"),
+        taints=_str_tuple(d, "taints"),
+        hostname_template=_opt_str(d, "hostname_template"),
+    )
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    return {
+        "mac": event.mac,
+        "time": event.time,
+        "kind": event.kind,
+        "message": event.message,
+        "data": dict(event.data),
+    }
+
+
+def event_from_dict(data: object) -> Event:
+    """Strict parse; ``mac``, ``time`` and ``kind`` are required; ``data`` must be JSON."""
+    d = _object(data, "event")
+    _fields(d, _EVENT_FIELDS, "")
+    payload = dict(_object(d.get("data", {}), "data"))
+    dumps(payload, "data")  # refuse what a JSON store could not keep
+    return Event(
+        mac=normalise_mac(_str(d, "mac")),
+        time=_float(d, "time"),
+        kind=_name(d, "kind"),
+        message=_str(d, "message", default=""),
+        data=payload,
+    )
+
+
+# --- leases -------------------------------------------------------------------------------
+
+
+def lease_to_dict(lease: Lease) -> dict[str, Any]:
+    return {
+        "mac": lease.mac,
+        "ipv4": lease.ipv4,
+        "expires": lease.expires,
+        "hostname": lease.hostname,
+    }
+
+
+def lease_from_dict(data: object) -> Lease:
+    """Strict parse; ``mac``, ``ipv4`` and ``expires`` are required."""
+    d = _object(data, "lease")
+    _fields(d, _LEASE_FIELDS, "")
+    ipv4 = _ipv4(_str(d, "ipv4"), "ipv4")
+    assert ipv4 is not None  # _str never returns None
+    return Lease(
+        mac=normalise_mac(_str(d, "mac")),
+        ipv4=ipv4,
+        expires=_float(d, "expires"),
+        hostname=_opt_str(d, "hostname"),
+    )

@@ -1,0 +1,266 @@
+"""An inventory in dicts, for tests and ``--memory`` runs; nothing survives the process.
+
+It keeps the SQLite store's semantics exactly (the contract suite runs against both): values are
+round-tripped through :mod:`netboot.inventory.codec` on write, so what one store refuses the
+other refuses too and a caller mutating its dict afterwards changes nothing here; hostnames are
+unique under ASCII case folding, which is what SQLite's ``lower()`` does; machines list in MAC
+order; batches are validated in full before anything is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TypeVar
+
+from netboot.errors import Conflict, NotFound, StoreError, ValidationError
+from netboot.inventory import codec
+from netboot.inventory.base import Batch, MachineFilter
+from netboot.model import Cluster, Event, Group, Lease, Machine, Profile
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# SQLite's lower() folds ASCII only; folding the same way keeps both stores' uniqueness equal.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_hostname(hostname: str) -> str:
+    return hostname.translate(_ASCII_LOWER)
+
+
+class MemoryStore:
+    """:class:`~netboot.inventory.base.Store` in dicts. ``open``/``close`` only flip a flag."""
+
+    def __init__(self) -> None:
+        self._open = False
+        self._machines: dict[str, Machine] = {}
+        self._hostnames: dict[str, str] = {}  # folded hostname -> mac
+        self._profiles: dict[str, Profile] = {}
+        self._clusters: dict[str, Cluster] = {}
+        self._groups: dict[str, Group] = {}
+        self._events: dict[str, list[Event]] = {}
+        self._leases: dict[str, Lease] = {}
+        self._lease_addrs: dict[str, str] = {}  # ipv4 -> mac
+        self._settings: dict[str, str] = {}
+
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    def _check_open(self) -> None:
+        # Same failure as a closed SQLite store, so callers' shutdown bugs show in tests.
+        if not self._open:
+            raise StoreError("the inventory is not open")
+
+    # machines -------------------------------------------------------------------------
+    async def get_machine(self, mac: str) -> Machine | None:
+        self._check_open()
+        return self._machines.get(codec.normalise_mac(mac))
+
+    async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
+        self._check_open()
+        mac = self._hostnames.get(fold_hostname(hostname))
+        return None if mac is None else self._machines[mac]
+
+    def _matching(self, flt: MachineFilter) -> list[Machine]:
+        out = []
+        for machine in self._machines.values():
+            if flt.state is not None and machine.state != flt.state:
+                continue
+            if flt.cluster is not None and machine.cluster != flt.cluster:
+                continue
+            if any(machine.labels.get(k) != v for k, v in flt.labels):
+                continue
+            out.append(machine)
+        return out
+
+    async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]:
+        self._check_open()
+        flt = flt or MachineFilter()
+        codec.check_filter(flt)
+        found = sorted(self._matching(flt), key=lambda m: str(m.mac))
+        return found[flt.offset : flt.offset + flt.limit]
+
+    async def count_machines(self, flt: MachineFilter | None = None) -> int:
+        self._check_open()
+        return len(self._matching(flt or MachineFilter()))
+
+    async def create_machine(self, machine: Machine) -> None:
+        await self.apply_batch(Batch(create=(machine,)))
+
+    async def update_machine(self, machine: Machine) -> None:
+        await self.apply_batch(Batch(update=(machine,)))
+
+    async def delete_machine(self, mac: str) -> None:
+        self._check_open()
+        key = codec.normalise_mac(mac)
+        machine = self._machines.pop(key, None)
+        if machine is None:
+            raise NotFound(f"machine {key} not found")
+        if machine.hostname is not None:
+            self._hostnames.pop(fold_hostname(machine.hostname), None)
+        self._events.pop(key, None)
+        self._drop_lease(key)
+
+    async def apply_batch(self, batch: Batch) -> None:
+        """Creates in order, then updates in order, each checked against the state so far.
+
+        The work happens on copies that replace the live dicts only when every row passed,
+        which is the all-or-nothing a SQLite transaction gives.
+        """
+        self._check_open()
+        creates = [_copy_machine(m) for m in batch.create]
+        updates = [_copy_machine(m) for m in batch.update]
+        machines = dict(self._machines)
+        hostnames = dict(self._hostnames)
+        for machine in creates:
+            mac = str(machine.mac)
+            if mac in machines:
+                raise Conflict(f"machine {mac} already exists")
+            _claim_hostname(hostnames, machine)
+            machines[mac] = machine
+        for machine in updates:
+            mac = str(machine.mac)
+            old = machines.get(mac)
+            if old is None:
+                raise NotFound(f"machine {mac} not found")
+            if old.hostname is not None:
+                hostnames.pop(fold_hostname(old.hostname), None)
+            _claim_hostname(hostnames, machine)
+            machines[mac] = machine
+        self._machines = machines
+        self._hostnames = hostnames
+
+    # profiles, clusters, groups ----------------------------------------------------------
+    async def get_profile(self, name: str) -> Profile | None:
+        self._check_open()
+        return self._profiles.get(name)
+
+    async def list_profiles(self) -> list[Profile]:
+        self._check_open()
+        return [self._profiles[k] for k in sorted(self._profiles)]
+
+    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
+        self._check_open()
+        value = codec.profile_from_dict(codec.profile_to_dict(profile))
+        _put(self._profiles, "profile", value.name, value, create)
+
+    async def delete_profile(self, name: str) -> None:
+        self._check_open()
+        _delete(self._profiles, "profile", name)
+
+    async def get_cluster(self, name: str) -> Cluster | None:
+        self._check_open()
+        return self._clusters.get(name)
+
+    async def list_clusters(self) -> list[Cluster]:
+        self._check_open()
+        return [self._clusters[k] for k in sorted(self._clusters)]
+
+    async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
+        self._check_open()
+        value = codec.cluster_from_dict(codec.cluster_to_dict(cluster))
+        _put(self._clusters, "cluster", value.name, value, create)
+
+    async def delete_cluster(self, name: str) -> None:
+        self._check_open()
+        _delete(self._clusters, "cluster", name)
+
+    async def get_group(self, name: str) -> Group | None:
+        self._check_open()
+        return self._groups.get(name)
+
+    async def list_groups(self) -> list[Group]:
+        self._check_open()
+        return [self._groups[k] for k in sorted(self._groups)]
+
+    async def put_group(self, group: Group, *, create: bool = False) -> None:
+        self._check_open()
+        value = codec.group_from_dict(codec.group_to_dict(group))
+        _put(self._groups, "group", value.name, value, create)
+
+    async def delete_group(self, name: str) -> None:
+        self._check_open()
+        _delete(self._groups, "group", name)
+
+    # events --------------------------------------------------------------------------
+    async def add_event(self, event: Event) -> None:
+        self._check_open()
+        # Through JSON text, as SQLite does: tuples in data come back as lists in both stores.
+        value = codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(event))))
+        self._events.setdefault(value.mac, []).append(value)
+
+    async def list_events(self, mac: str, *, limit: int = 1000) -> list[Event]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        return list(self._events.get(codec.normalise_mac(mac), [])[-limit:])
+
+    # leases --------------------------------------------------------------------------
+    async def list_leases(self) -> list[Lease]:
+        self._check_open()
+        return [self._leases[k] for k in sorted(self._leases)]
+
+    async def put_lease(self, lease: Lease) -> None:
+        self._check_open()
+        value = codec.lease_from_dict(codec.lease_to_dict(lease))
+        holder = self._lease_addrs.get(value.ipv4)
+        if holder is not None and holder != value.mac:
+            raise Conflict(f"address {value.ipv4} is leased to {holder}")
+        self._drop_lease(value.mac)
+        self._leases[value.mac] = value
+        self._lease_addrs[value.ipv4] = value.mac
+
+    async def delete_lease(self, mac: str) -> None:
+        self._check_open()
+        self._drop_lease(codec.normalise_mac(mac))
+
+    def _drop_lease(self, mac: str) -> None:
+        old = self._leases.pop(mac, None)
+        if old is not None:
+            self._lease_addrs.pop(old.ipv4, None)
+
+    async def fixed_address(self, mac: str) -> str | None:
+        machine = await self.get_machine(mac)
+        return None if machine is None else machine.fixed_ipv4
+
+    # settings ------------------------------------------------------------------------
+    async def get_setting(self, key: str) -> str | None:
+        self._check_open()
+        return self._settings.get(key)
+
+    async def put_setting(self, key: str, value: str) -> None:
+        self._check_open()
+        if not isinstance(value, str):
+            raise ValidationError("value", "a setting is a string")
+        self._settings[key] = value
+
+
+def _copy_machine(machine: Machine) -> Machine:
+    return codec.machine_from_dict(codec.machine_to_dict(machine))
+
+
+def _claim_hostname(hostnames: dict[str, str], machine: Machine) -> None:
+    if machine.hostname is None:
+        return
+    mac = str(machine.mac)
+    key = fold_hostname(machine.hostname)
+    holder = hostnames.get(key)
+    if holder is not None and holder != mac:
+        raise Conflict(f"hostname {machine.hostname!r} is used by {holder}")
+    hostnames[key] = mac
+
+
+def _put(table: dict[str, _T], kind: str, name: str, value: _T, create: bool) -> None:
+    if create and name in table:
+        raise Conflict(f"{kind} {name!r} already exists")
+    table[name] = value
+
+
+def _delete(table: dict[str, _T], kind: str, name: str) -> None:
+    if table.pop(name, None) is None:
+        raise NotFound(f"{kind} {name!r} not found")

@@ -1,0 +1,619 @@
+"""The default inventory: one SQLite file in WAL mode, safe for several processes.
+
+Why it looks like this:
+
+* All sqlite work runs on ONE worker thread that owns the one connection: sqlite3 connections
+  are not shareable across threads, and one thread serialises this process's writes so the
+  event loop never blocks on disk or on another process's lock.
+* WAL lets readers proceed while a writer commits (the HTTP API keeps answering during a bulk
+  import); ``busy_timeout`` makes a second process wait for the write lock instead of failing
+  at once; ``synchronous=NORMAL`` is durable across process crashes in WAL mode and loses at
+  most the last commits on power loss, which a re-sent boot event tolerates.
+* Every write takes the write lock up front (``BEGIN IMMEDIATE``): a deferred transaction that
+  reads and then writes can fail with SQLITE_BUSY without waiting, whatever the timeout.
+* Schema changes are an ordered list of migrations recorded in ``PRAGMA user_version``, applied
+  inside the same write transaction that re-reads the version, so two processes opening a new
+  file at once migrate it once. A file newer than this code is refused, never downgraded.
+* Model values are kept as JSON produced by :mod:`netboot.inventory.codec`; the columns beside
+  it exist only to be indexed (hostname uniqueness, filters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
+from netboot.inventory import codec
+from netboot.inventory.base import Batch, MachineFilter
+from netboot.model import Cluster, Event, Group, Lease, Machine, Profile
+
+log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
+
+BUSY_TIMEOUT_MS = 5000
+
+# Ordered; index i brings a database from user_version i to i + 1. Append, never edit: a
+# released migration has already run on someone's disk.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE machines (
+            mac TEXT PRIMARY KEY NOT NULL,
+            hostname TEXT,
+            state TEXT NOT NULL,
+            cluster TEXT,
+            data TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        ) WITHOUT ROWID""",
+        # Case-insensitive uniqueness (RFC 4343: DNS names compare without case). lower()
+        # folds ASCII only; hostnames are ASCII (RFC 1123, IDNs arrive as punycode).
+        "CREATE UNIQUE INDEX machines_hostname ON machines (lower(hostname))"
+        " WHERE hostname IS NOT NULL",
+        "CREATE INDEX machines_state ON machines (state, mac)",
+        "CREATE INDEX machines_cluster ON machines (cluster, mac)",
+        # A row per label so that filters are exact string matches on an index, with no
+        # JSON-path quoting of keys that contain dots or quotes.
+        """CREATE TABLE machine_labels (
+            mac TEXT NOT NULL REFERENCES machines (mac) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (mac, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX machine_labels_kv ON machine_labels (key, value, mac)",
+        "CREATE TABLE profiles (name TEXT PRIMARY KEY NOT NULL, data TEXT NOT NULL)",
+        "CREATE TABLE clusters (name TEXT PRIMARY KEY NOT NULL, data TEXT NOT NULL)",
+        "CREATE TABLE groups (name TEXT PRIMARY KEY NOT NULL, data TEXT NOT NULL)",
+        # No foreign key to machines: unknown machines have events too (discovery, ignore),
+        # which is what `netboot explain` shows for a device nobody enrolled.
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            mac TEXT NOT NULL,
+            time REAL NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX events_mac ON events (mac, id)",
+        # Leases may belong to machines not in the inventory (authoritative DHCP for anyone).
+        """CREATE TABLE leases (
+            mac TEXT PRIMARY KEY NOT NULL,
+            ipv4 TEXT NOT NULL UNIQUE,
+            expires REAL NOT NULL,
+            hostname TEXT
+        )""",
+        "CREATE TABLE settings (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_INSERT_MACHINE = (
+    "INSERT INTO machines (mac, hostname, state, cluster, data, created, updated)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE_MACHINE = (
+    "UPDATE machines SET hostname = ?, state = ?, cluster = ?, data = ?, created = ?,"
+    " updated = ? WHERE mac = ?"
+)
+_INSERT_LABEL = "INSERT INTO machine_labels (mac, key, value) VALUES (?, ?, ?)"
+_DELETE_LABELS = "DELETE FROM machine_labels WHERE mac = ?"
+
+_TABLES = {"profile": "profiles", "cluster": "clusters", "group": "groups"}
+
+
+class _Row:
+    """A machine ready for SQL: column values, JSON text and label rows."""
+
+    __slots__ = ("created", "data", "labels", "mac", "machine", "updated")
+
+    def __init__(self, machine: Machine) -> None:
+        as_dict = codec.machine_to_dict(machine)
+        # Round trip so that what would not read back is refused now (see codec's docstring).
+        self.machine = codec.machine_from_dict(as_dict)
+        self.mac = as_dict["mac"]
+        self.data = codec.dumps(as_dict, "machine")
+        self.labels = [(self.mac, k, v) for k, v in as_dict["labels"].items()]
+        self.created = as_dict["created"]
+        self.updated = as_dict["updated"]
+
+    def insert_params(self) -> tuple[Any, ...]:
+        m = self.machine
+        state, cluster = m.state.value, m.cluster
+        return (self.mac, m.hostname, state, cluster, self.data, self.created, self.updated)
+
+    def update_params(self) -> tuple[Any, ...]:
+        m = self.machine
+        state, cluster = m.state.value, m.cluster
+        return (m.hostname, state, cluster, self.data, self.created, self.updated, self.mac)
+
+
+class _Retry(Exception):
+    """The fast path of a batch hit a problem; replay row by row to name it."""
+
+
+class SqliteStore:
+    """:class:`~netboot.inventory.base.Store` on one SQLite file.
+
+    The constructor does no I/O; :meth:`open` creates the worker thread, opens the file and
+    migrates it; :meth:`close` closes the connection and stops the thread.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
+
+    # plumbing ----------------------------------------------------------------------------
+    async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
+        if self._executor is None:
+            raise StoreError(f"the inventory {self.path} is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._guard, fn, args)
+
+    def _guard(self, fn: Callable[..., _R], args: Sequence[Any]) -> _R:
+        """Translate sqlite3 errors on the worker thread, where they happen."""
+        conn = self._conn
+        if conn is None:
+            raise StoreError(f"the inventory {self.path} is not open")
+        try:
+            return fn(conn, *args)
+        except NetbootError:
+            raise
+        except sqlite3.IntegrityError as exc:
+            # Only reached for a constraint the explicit checks did not foresee.
+            raise Conflict(f"inventory constraint failed: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"inventory {self.path}: {exc}") from exc
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netboot-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._open_on_worker)
+        except BaseException:
+            executor, self._executor = self._executor, None
+            executor.shutdown(wait=True)
+            raise
+
+    def _open_on_worker(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open inventory {self.path}: {exc}") from exc
+        try:
+            _configure(conn, self.path)
+            _migrate(conn, self.path)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        log.info("inventory %s open, schema version %d", self.path, SCHEMA_VERSION)
+
+    async def close(self) -> None:
+        executor = self._executor
+        if executor is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(executor, self._close_on_worker)
+        finally:
+            self._executor = None
+            executor.shutdown(wait=True)
+
+    def _close_on_worker(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                # Lets SQLite refresh query-planner statistics it found stale; cheap.
+                conn.execute("PRAGMA optimize")
+            except sqlite3.Error as exc:
+                log.warning("inventory %s: PRAGMA optimize failed: %s", self.path, exc)
+            conn.close()
+
+    # machines -------------------------------------------------------------------------
+    async def get_machine(self, mac: str) -> Machine | None:
+        return await self._run(_get_machine, codec.normalise_mac(mac))
+
+    async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
+        return await self._run(_get_machine_by_hostname, hostname)
+
+    async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]:
+        flt = flt or MachineFilter()
+        codec.check_filter(flt)
+        return await self._run(_list_machines, flt)
+
+    async def count_machines(self, flt: MachineFilter | None = None) -> int:
+        return await self._run(_count_machines, flt or MachineFilter())
+
+    async def create_machine(self, machine: Machine) -> None:
+        await self.apply_batch(Batch(create=(machine,)))
+
+    async def update_machine(self, machine: Machine) -> None:
+        await self.apply_batch(Batch(update=(machine,)))
+
+    async def delete_machine(self, mac: str) -> None:
+        await self._run(_delete_machine, codec.normalise_mac(mac))
+
+    async def apply_batch(self, batch: Batch) -> None:
+        """One ``BEGIN IMMEDIATE`` transaction: creates in order, then updates in order."""
+        if batch.create or batch.update:
+            await self._run(_apply_batch, batch.create, batch.update)
+
+    # profiles, clusters, groups ----------------------------------------------------------
+    async def get_profile(self, name: str) -> Profile | None:
+        data = await self._run(_get_named, "profile", name)
+        return None if data is None else codec.profile_from_dict(data)
+
+    async def list_profiles(self) -> list[Profile]:
+        return [codec.profile_from_dict(d) for d in await self._run(_list_named, "profile")]
+
+    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
+        data = codec.profile_to_dict(profile)
+        codec.profile_from_dict(data)
+        await self._run(_put_named, "profile", profile.name, codec.dumps(data, "profile"), create)
+
+    async def delete_profile(self, name: str) -> None:
+        await self._run(_delete_named, "profile", name)
+
+    async def get_cluster(self, name: str) -> Cluster | None:
+        data = await self._run(_get_named, "cluster", name)
+        return None if data is None else codec.cluster_from_dict(data)
+
+    async def list_clusters(self) -> list[Cluster]:
+        return [codec.cluster_from_dict(d) for d in await self._run(_list_named, "cluster")]
+
+    async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
+        data = codec.cluster_to_dict(cluster)
+        codec.cluster_from_dict(data)
+        await self._run(_put_named, "cluster", cluster.name, codec.dumps(data, "cluster"), create)
+
+    async def delete_cluster(self, name: str) -> None:
+        await self._run(_delete_named, "cluster", name)
+
+    async def get_group(self, name: str) -> Group | None:
+        data = await self._run(_get_named, "group", name)
+        return None if data is None else codec.group_from_dict(data)
+
+    async def list_groups(self) -> list[Group]:
+        return [codec.group_from_dict(d) for d in await self._run(_list_named, "group")]
+
+    async def put_group(self, group: Group, *, create: bool = False) -> None:
+        data = codec.group_to_dict(group)
+        codec.group_from_dict(data)
+        await self._run(_put_named, "group", group.name, codec.dumps(data, "group"), create)
+
+    async def delete_group(self, name: str) -> None:
+        await self._run(_delete_named, "group", name)
+
+    # events --------------------------------------------------------------------------
+    async def add_event(self, event: Event) -> None:
+        value = codec.event_from_dict(codec.event_to_dict(event))
+        data = codec.dumps(dict(value.data), "data")
+        await self._run(_add_event, value, data)
+
+    async def list_events(self, mac: str, *, limit: int = 1000) -> list[Event]:
+        key = codec.normalise_mac(mac)
+        if limit <= 0:
+            return []
+        return await self._run(_list_events, key, limit)
+
+    # leases --------------------------------------------------------------------------
+    async def list_leases(self) -> list[Lease]:
+        return await self._run(_list_leases)
+
+    async def put_lease(self, lease: Lease) -> None:
+        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)))
+
+    async def delete_lease(self, mac: str) -> None:
+        await self._run(_delete_lease, codec.normalise_mac(mac))
+
+    async def fixed_address(self, mac: str) -> str | None:
+        machine = await self.get_machine(mac)
+        return None if machine is None else machine.fixed_ipv4
+
+    # settings ------------------------------------------------------------------------
+    async def get_setting(self, key: str) -> str | None:
+        return await self._run(_get_setting, key)
+
+    async def put_setting(self, key: str, value: str) -> None:
+        if not isinstance(value, str):
+            raise ValidationError("value", "a setting is a string")
+        await self._run(_put_setting, key, value)
+
+
+# --- worker-thread functions: each takes the connection first --------------------------------
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = _journal_mode_wal(conn)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open inventory {path}: {exc}") from exc
+    if str(mode).lower() != "wal":
+        # e.g. a network file system without shared memory: refuse rather than run unsafely.
+        raise StoreError(f"inventory {path}: cannot use WAL journal mode (got {mode!r})")
+
+
+def _journal_mode_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL, waiting out another process doing the same.
+
+    Switching needs an exclusive lock and SQLite answers "database is locked" at once, without
+    calling the busy handler, when another connection holds a lock at that moment (two
+    processes opening a new file together). So retry here until the busy timeout. A file that
+    is already in WAL mode (the mode is persistent) needs no switch and no lock.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+            if mode.lower() == "wal":
+                return mode
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        with _immediate(conn):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"inventory {path} has schema version {version}, newer than this netboot "
+                    f"knows ({SCHEMA_VERSION}); run the netboot release that wrote it, or a "
+                    "newer one"
+                )
+            for index in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[index]:
+                    conn.execute(statement)
+                # Inside the transaction: the version and the schema change commit together.
+                conn.execute(f"PRAGMA user_version = {index + 1}")
+                log.info("inventory %s: migrated schema to version %d", path, index + 1)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot migrate inventory {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _machine(data: str) -> Machine:
+    return codec.machine_from_dict(json.loads(data))
+
+
+def _get_machine(conn: sqlite3.Connection, mac: str) -> Machine | None:
+    row = conn.execute("SELECT data FROM machines WHERE mac = ?", (mac,)).fetchone()
+    return None if row is None else _machine(row[0])
+
+
+def _get_machine_by_hostname(conn: sqlite3.Connection, hostname: str) -> Machine | None:
+    row = conn.execute(
+        "SELECT data FROM machines WHERE lower(hostname) = lower(?) AND hostname IS NOT NULL",
+        (hostname,),
+    ).fetchone()
+    return None if row is None else _machine(row[0])
+
+
+def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if flt.state is not None:
+        clauses.append("m.state = ?")
+        params.append(flt.state.value)
+    if flt.cluster is not None:
+        clauses.append("m.cluster = ?")
+        params.append(flt.cluster)
+    for key, value in flt.labels:
+        clauses.append(
+            "EXISTS (SELECT 1 FROM machine_labels l"
+            " WHERE l.mac = m.mac AND l.key = ? AND l.value = ?)"
+        )
+        params.extend((key, value))
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _list_machines(conn: sqlite3.Connection, flt: MachineFilter) -> list[Machine]:
+    where, params = _where(flt)
+    rows = conn.execute(
+        f"SELECT m.data FROM machines m{where} ORDER BY m.mac LIMIT ? OFFSET ?",  # noqa: S608 - clauses are constants, values bound
+        (*params, flt.limit, flt.offset),
+    ).fetchall()
+    return [_machine(r[0]) for r in rows]
+
+
+def _count_machines(conn: sqlite3.Connection, flt: MachineFilter) -> int:
+    where, params = _where(flt)
+    row = conn.execute(f"SELECT count(*) FROM machines m{where}", params).fetchone()  # noqa: S608
+    return int(row[0])
+
+
+def _delete_machine(conn: sqlite3.Connection, mac: str) -> None:
+    with _immediate(conn):
+        # Labels go by ON DELETE CASCADE; events and leases have no foreign key (see schema).
+        if conn.execute("DELETE FROM machines WHERE mac = ?", (mac,)).rowcount == 0:
+            raise NotFound(f"machine {mac} not found")
+        conn.execute("DELETE FROM events WHERE mac = ?", (mac,))
+        conn.execute("DELETE FROM leases WHERE mac = ?", (mac,))
+
+
+def _apply_batch(
+    conn: sqlite3.Connection, create: Sequence[Machine], update: Sequence[Machine]
+) -> None:
+    # Encode (and so validate) on the worker, not the event loop: 100k rows take a second of
+    # CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before BEGIN,
+    # so a bad row costs no lock time.
+    creates = [_Row(m) for m in create]
+    updates = [_Row(m) for m in update]
+    with _immediate(conn):
+        conn.execute("SAVEPOINT fast")
+        try:
+            _fast_batch(conn, creates, updates)
+        except (sqlite3.IntegrityError, _Retry):
+            # executemany cannot say which row failed; replay one by one under the same lock
+            # to name it. The replay succeeds, and commits, when only the fast path's shape
+            # failed: one machine updated twice has its labels inserted twice.
+            conn.execute("ROLLBACK TO fast")
+            _slow_batch(conn, creates, updates)
+        conn.execute("RELEASE fast")
+
+
+def _fast_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Row]) -> None:
+    if creates:
+        conn.executemany(_INSERT_MACHINE, (r.insert_params() for r in creates))
+        conn.executemany(_INSERT_LABEL, (lab for r in creates for lab in r.labels))
+    if updates:
+        cur = conn.executemany(_UPDATE_MACHINE, (r.update_params() for r in updates))
+        if cur.rowcount != len(updates):  # some MAC is missing, or listed twice
+            raise _Retry
+        conn.executemany(_DELETE_LABELS, ((r.mac,) for r in updates))
+        conn.executemany(_INSERT_LABEL, (lab for r in updates for lab in r.labels))
+
+
+def _slow_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Row]) -> None:
+    """The same writes with the checks MemoryStore makes, in the same order and words."""
+    for row in creates:
+        if conn.execute("SELECT 1 FROM machines WHERE mac = ?", (row.mac,)).fetchone():
+            raise Conflict(f"machine {row.mac} already exists")
+        _check_hostname(conn, row)
+        conn.execute(_INSERT_MACHINE, row.insert_params())
+        conn.executemany(_INSERT_LABEL, row.labels)
+    for row in updates:
+        if not conn.execute("SELECT 1 FROM machines WHERE mac = ?", (row.mac,)).fetchone():
+            raise NotFound(f"machine {row.mac} not found")
+        _check_hostname(conn, row)
+        conn.execute(_UPDATE_MACHINE, row.update_params())
+        conn.execute(_DELETE_LABELS, (row.mac,))
+        conn.executemany(_INSERT_LABEL, row.labels)
+
+
+def _check_hostname(conn: sqlite3.Connection, row: _Row) -> None:
+    hostname = row.machine.hostname
+    if hostname is None:
+        return
+    holder = conn.execute(
+        "SELECT mac FROM machines WHERE lower(hostname) = lower(?) AND hostname IS NOT NULL"
+        " AND mac <> ?",
+        (hostname, row.mac),
+    ).fetchone()
+    if holder is not None:
+        raise Conflict(f"hostname {hostname!r} is used by {holder[0]}")
+
+
+def _get_named(conn: sqlite3.Connection, kind: str, name: str) -> Any:
+    row = conn.execute(
+        f"SELECT data FROM {_TABLES[kind]} WHERE name = ?",  # noqa: S608 - table from a constant map
+        (name,),
+    ).fetchone()
+    return None if row is None else json.loads(row[0])
+
+
+def _list_named(conn: sqlite3.Connection, kind: str) -> list[Any]:
+    rows = conn.execute(f"SELECT data FROM {_TABLES[kind]} ORDER BY name").fetchall()  # noqa: S608
+    return [json.loads(r[0]) for r in rows]
+
+
+def _put_named(conn: sqlite3.Connection, kind: str, name: str, data: str, create: bool) -> None:
+    table = _TABLES[kind]
+    if create:
+        try:
+            conn.execute(f"INSERT INTO {table} (name, data) VALUES (?, ?)", (name, data))  # noqa: S608
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"{kind} {name!r} already exists") from exc
+    else:
+        conn.execute(
+            f"INSERT INTO {table} (name, data) VALUES (?, ?)"  # noqa: S608
+            " ON CONFLICT (name) DO UPDATE SET data = excluded.data",
+            (name, data),
+        )
+
+
+def _delete_named(conn: sqlite3.Connection, kind: str, name: str) -> None:
+    cur = conn.execute(f"DELETE FROM {_TABLES[kind]} WHERE name = ?", (name,))  # noqa: S608
+    if cur.rowcount == 0:
+        raise NotFound(f"{kind} {name!r} not found")
+
+
+def _add_event(conn: sqlite3.Connection, event: Event, data: str) -> None:
+    conn.execute(
+        "INSERT INTO events (mac, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+        (event.mac, event.time, event.kind, event.message, data),
+    )
+
+
+def _list_events(conn: sqlite3.Connection, mac: str, limit: int) -> list[Event]:
+    # Newest `limit` by id (insertion order, not the caller's clock), then oldest first.
+    rows = conn.execute(
+        "SELECT time, kind, message, data FROM events WHERE mac = ? ORDER BY id DESC LIMIT ?",
+        (mac, limit),
+    ).fetchall()
+    return [
+        Event(mac=mac, time=t, kind=k, message=msg, data=json.loads(d))
+        for t, k, msg, d in reversed(rows)
+    ]
+
+
+def _list_leases(conn: sqlite3.Connection) -> list[Lease]:
+    rows = conn.execute("SELECT mac, ipv4, expires, hostname FROM leases ORDER BY mac")
+    return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
+
+
+def _put_lease(conn: sqlite3.Connection, lease: Lease) -> None:
+    with _immediate(conn):
+        holder = conn.execute(
+            "SELECT mac FROM leases WHERE ipv4 = ? AND mac <> ?", (lease.ipv4, lease.mac)
+        ).fetchone()
+        if holder is not None:
+            raise Conflict(f"address {lease.ipv4} is leased to {holder[0]}")
+        conn.execute(
+            "INSERT INTO leases (mac, ipv4, expires, hostname) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (mac) DO UPDATE SET ipv4 = excluded.ipv4,"
+            " expires = excluded.expires, hostname = excluded.hostname",
+            (lease.mac, lease.ipv4, lease.expires, lease.hostname),
+        )
+
+
+def _delete_lease(conn: sqlite3.Connection, mac: str) -> None:
+    conn.execute("DELETE FROM leases WHERE mac = ?", (mac,))
+
+
+def _get_setting(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _put_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )

@@ -1,0 +1,268 @@
+"""The JSON codec: plain JSON out, strict parsing in, every error naming its field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from netboot.errors import ValidationError
+from netboot.inventory import codec
+from netboot.inventory.base import MachineFilter
+from netboot.model import (
+    Arch,
+    Asset,
+    Cluster,
+    Event,
+    Firmware,
+    Group,
+    Lease,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Role,
+)
+
+MAC = "aa:bb:cc:dd:ee:ff"
+
+MACHINE = Machine(
+    mac=MacAddress.parse(MAC),
+    state=MachineState.REGISTERED,
+    hostname="n1",
+    uuid="4c4c4544-0042-3510-8052-b2c04f4e3032",
+    labels={"rack": "r1"},
+    role=Role.SERVER,
+    arch=Arch.X86_64,
+    firmware=Firmware.UEFI,
+    ipv4="10.0.0.1",
+    facts={"vendor": "x"},
+    token_hash="ff" * 32,
+    token_expires=10.0,
+    created=1.0,
+    updated=2.0,
+)
+
+
+def test_machine_to_dict_is_plain_json() -> None:
+    d = codec.machine_to_dict(MACHINE)
+    assert d["mac"] == MAC
+    assert d["state"] == "registered" and type(d["state"]) is str
+    assert d["role"] == "server" and type(d["role"]) is str
+    assert d["arch"] == "x86_64" and d["firmware"] == "uefi"
+    assert d["labels"] == {"rack": "r1"} and type(d["labels"]) is dict
+    assert d["serial"] is None
+    assert set(d) == {f for f in Machine.__dataclass_fields__}
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_secrets_left_out_on_request() -> None:
+    assert "token_hash" not in codec.machine_to_dict(MACHINE, secrets=False)
+    cluster = Cluster(name="c", token="s3cret")
+    assert "token" not in codec.cluster_to_dict(cluster, secrets=False)
+    assert codec.cluster_to_dict(cluster)["token"] == "s3cret"
+
+
+def test_profile_to_dict_lists() -> None:
+    p = Profile(name="p", kernel="k", initrds=("a", "b"), assets=(Asset("a", "00"),))
+    d = codec.profile_to_dict(p)
+    assert d["initrds"] == ["a", "b"] and d["assets"] == [{"path": "a", "sha256": "00"}]
+
+
+@pytest.mark.parametrize(
+    ("to_dict", "from_dict", "value"),
+    [
+        (codec.machine_to_dict, codec.machine_from_dict, MACHINE),
+        (codec.machine_to_dict, codec.machine_from_dict, Machine(mac=MacAddress.parse(MAC))),
+        (
+            codec.profile_to_dict,
+            codec.profile_from_dict,
+            Profile(
+                name="p",
+                kernel="k",
+                initrds=("i",),
+                assets=(Asset("k", "ab"), Asset("i")),
+                iso_url="http://x/iso",
+                ssh_authorized_keys=("ssh-ed25519 A",),
+            ),
+        ),
+        (
+            codec.cluster_to_dict,
+            codec.cluster_from_dict,
+            Cluster(name="c", labels={"a": "b"}, taints=("t",)),
+        ),
+        (
+            codec.group_to_dict,
+            codec.group_from_dict,
+            Group(name="g", selector={"arch": ("arm64", "x86_64")}, role=Role.AGENT),
+        ),
+        (
+            codec.event_to_dict,
+            codec.event_from_dict,
+            Event(mac=MAC, time=1.0, kind="k", data={"a": [1]}),
+        ),
+        (codec.lease_to_dict, codec.lease_from_dict, Lease(mac=MAC, ipv4="10.0.0.1", expires=3.0)),
+    ],
+)
+def test_round_trip_through_json_text(
+    to_dict: Callable[[Any], dict[str, Any]], from_dict: Callable[[object], Any], value: object
+) -> None:
+    assert from_dict(json.loads(json.dumps(to_dict(value)))) == value
+
+
+def test_from_dict_minimal_and_normalising() -> None:
+    m = codec.machine_from_dict({"mac": "AA-BB-CC-DD-EE-FF"})
+    assert m == Machine(mac=MacAddress.parse(MAC))
+    assert codec.event_from_dict({"mac": "AABBCCDDEEFF", "time": 1, "kind": "k"}).mac == MAC
+    assert codec.machine_from_dict({"mac": MAC, "created": 5}).created == 5.0
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ("not an object", "machine"),
+        ([], "machine"),
+        ({}, "mac"),  # required
+        ({"mac": None}, "mac"),
+        ({"mac": 12}, "mac"),
+        ({"mac": "zz:bb:cc:dd:ee:ff"}, "mac"),
+        ({"mac": MAC, "colour": "red"}, "colour"),  # unknown
+        ({"mac": MAC, "state": "sleeping"}, "state"),
+        ({"mac": MAC, "state": None}, "state"),
+        ({"mac": MAC, "state": 3}, "state"),
+        ({"mac": MAC, "hostname": 5}, "hostname"),
+        ({"mac": MAC, "labels": ["a"]}, "labels"),
+        ({"mac": MAC, "labels": {"rack": 1}}, "labels.rack"),
+        ({"mac": MAC, "facts": {"x": None}}, "facts.x"),
+        ({"mac": MAC, "role": "master"}, "role"),
+        ({"mac": MAC, "arch": "sparc"}, "arch"),
+        ({"mac": MAC, "firmware": True}, "firmware"),
+        ({"mac": MAC, "ipv4": "10.0.0"}, "ipv4"),
+        ({"mac": MAC, "fixed_ipv4": "fe80::1"}, "fixed_ipv4"),
+        ({"mac": MAC, "token_expires": "soon"}, "token_expires"),
+        ({"mac": MAC, "created": True}, "created"),
+        ({"mac": MAC, "updated": float("nan")}, "updated"),
+    ],
+)
+def test_machine_errors_name_the_field(data: object, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.machine_from_dict(data)
+    assert err.value.field == field
+
+
+def test_unknown_fields_all_listed() -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.machine_from_dict({"mac": MAC, "zeta": 1, "alpha": 2})
+    assert err.value.field == "alpha"
+    assert "'alpha'" in err.value.message and "'zeta'" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"kernel": "k"}, "name"),
+        ({"name": "p"}, "kernel"),
+        ({"name": "", "kernel": "k"}, "name"),
+        ({"name": "p", "kernel": "k", "initrds": "one"}, "initrds"),
+        ({"name": "p", "kernel": "k", "initrds": ["a", 2]}, "initrds[1]"),
+        ({"name": "p", "kernel": "k", "assets": {}}, "assets"),
+        ({"name": "p", "kernel": "k", "assets": ["x"]}, "assets[0]"),
+        (
+            {"name": "p", "kernel": "k", "assets": [{"path": "a"}, {"sha256": "00"}]},
+            "assets[1].path",
+        ),
+        ({"name": "p", "kernel": "k", "assets": [{"path": "a", "size": 1}]}, "assets[0].size"),
+        ({"name": "p", "kernel": "k", "cmdline": None}, "cmdline"),
+        ({"name": "p", "kernel": "k", "iso_url": 1}, "iso_url"),
+        ({"name": "p", "kernel": "k", "bogus": 1}, "bogus"),
+    ],
+)
+def test_profile_errors_name_the_field(data: object, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.profile_from_dict(data)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({}, "name"),
+        ({"name": "c", "token": 5}, "token"),
+        ({"name": "c", "labels": {"a": 1}}, "labels.a"),
+        ({"name": "c", "taints": [None]}, "taints[0]"),
+        ({"name": "c", "nodes": 3}, "nodes"),
+    ],
+)
+def test_cluster_errors_name_the_field(data: object, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.cluster_from_dict(data)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({}, "name"),
+        ({"name": "g", "selector": ["arch"]}, "selector"),
+        ({"name": "g", "selector": {"arch": "arm64"}}, "selector.arch"),
+        ({"name": "g", "selector": {"arch": ["arm64", 1]}}, "selector.arch[1]"),
+        ({"name": "g", "role": "boss"}, "role"),
+        ({"name": "g", "priority": 1}, "priority"),
+    ],
+)
+def test_group_errors_name_the_field(data: object, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.group_from_dict(data)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"time": 1, "kind": "k"}, "mac"),
+        ({"mac": "nope", "time": 1, "kind": "k"}, "mac"),
+        ({"mac": MAC, "kind": "k"}, "time"),
+        ({"mac": MAC, "time": "1", "kind": "k"}, "time"),
+        ({"mac": MAC, "time": 1}, "kind"),
+        ({"mac": MAC, "time": 1, "kind": "k", "data": []}, "data"),
+        ({"mac": MAC, "time": 1, "kind": "k", "data": {"x": float("inf")}}, "data"),
+        ({"mac": MAC, "time": 1, "kind": "k", "level": "info"}, "level"),
+    ],
+)
+def test_event_errors_name_the_field(data: object, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.event_from_dict(data)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"ipv4": "10.0.0.1", "expires": 1}, "mac"),
+        ({"mac": MAC, "expires": 1}, "ipv4"),
+        ({"mac": MAC, "ipv4": "10.0.0.300", "expires": 1}, "ipv4"),
+        ({"mac": MAC, "ipv4": "10.0.0.1"}, "expires"),
+        ({"mac": MAC, "ipv4": "10.0.0.1", "expires": None}, "expires"),
+        ({"mac": MAC, "ipv4": "10.0.0.1", "expires": 1, "hostname": 1}, "hostname"),
+    ],
+)
+def test_lease_errors_name_the_field(data: object, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.lease_from_dict(data)
+    assert err.value.field == field
+
+
+def test_dumps_refuses_what_json_cannot_hold() -> None:
+    assert codec.dumps({"a": "é"}) == '{"a":"é"}'
+    with pytest.raises(ValidationError) as err:
+        codec.dumps({"a": float("nan")}, "data")
+    assert err.value.field == "data"
+
+
+def test_check_filter() -> None:
+    codec.check_filter(MachineFilter(limit=0, offset=0))
+    with pytest.raises(ValidationError) as err:
+        codec.check_filter(MachineFilter(offset=-5))
+    assert err.value.field == "offset"

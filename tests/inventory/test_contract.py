@@ -1,0 +1,572 @@
+"""The Store contract: every store (memory, SQLite, later PostgreSQL) passes this one suite."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from netboot.errors import Conflict, NotFound, StoreError, ValidationError
+from netboot.inventory.base import Batch, MachineFilter, Store
+from netboot.inventory.memory import MemoryStore
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import (
+    Arch,
+    Asset,
+    Cluster,
+    Event,
+    Firmware,
+    Group,
+    Lease,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Role,
+)
+
+MAC1 = "02:00:00:00:00:01"
+MAC2 = "02:00:00:00:00:02"
+MAC3 = "02:00:00:00:00:03"
+
+
+def mac(i: int) -> str:
+    return str(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")))
+
+
+def machine(m: str = MAC1, **kw: object) -> Machine:
+    return Machine(mac=MacAddress.parse(m), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "inv.db")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# --- machines: create / get ------------------------------------------------------------------
+
+
+async def test_get_missing_is_none(store: Store) -> None:
+    assert await store.get_machine(MAC1) is None
+    assert await store.get_machine_by_hostname("nope") is None
+
+
+async def test_round_trip_every_machine_field(store: Store) -> None:
+    full = Machine(
+        mac=MacAddress.parse(MAC1),
+        state=MachineState.INSTALLING,
+        hostname="Node-1",
+        uuid="4c4c4544-0042-3510-8052-b2c04f4e3032",
+        serial="SN123",
+        asset="A-7",
+        labels={"rack": "r1", "site": "edge.1", "quote'key": 'va"l'},
+        cluster="c1",
+        role=Role.SERVER,
+        profile="k3os",
+        arch=Arch.ARM64,
+        firmware=Firmware.UEFI_HTTP,
+        ipv4="10.0.0.5",
+        fixed_ipv4="10.0.0.6",
+        facts={"manufacturer": "Dell", "bios": "2.1"},
+        token_hash="ab" * 32,
+        token_expires=1_700_000_123.5,
+        created=1_700_000_000.25,
+        updated=1_700_000_001.75,
+    )
+    await store.create_machine(full)
+    got = await store.get_machine(MAC1)
+    assert got == full
+    assert got is not None and isinstance(got.state, MachineState)
+    assert isinstance(got.role, Role) and isinstance(got.arch, Arch)
+    assert isinstance(got.firmware, Firmware) and isinstance(got.mac, MacAddress)
+
+
+async def test_round_trip_defaults_and_none(store: Store) -> None:
+    bare = machine(MAC2)
+    await store.create_machine(bare)
+    got = await store.get_machine(MAC2)
+    assert got == bare
+    assert got is not None
+    assert got.hostname is None and got.role is None and got.arch is None
+    assert got.firmware is None and got.token_expires is None
+    assert dict(got.labels) == {} and dict(got.facts) == {}
+
+
+async def test_get_accepts_any_mac_spelling(store: Store) -> None:
+    await store.create_machine(machine(MAC1))
+    got = await store.get_machine("02-00-00-00-00-01".upper())
+    assert got is not None and str(got.mac) == MAC1
+
+
+async def test_stored_value_is_detached_from_caller(store: Store) -> None:
+    labels = {"rack": "r1"}
+    await store.create_machine(machine(MAC1, labels=labels))
+    labels["rack"] = "changed"
+    got = await store.get_machine(MAC1)
+    assert got is not None and got.labels == {"rack": "r1"}
+
+
+async def test_create_duplicate_mac_conflicts(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="a"))
+    with pytest.raises(Conflict, match=MAC1):
+        await store.create_machine(machine(MAC1, hostname="b"))
+    got = await store.get_machine(MAC1)
+    assert got is not None and got.hostname == "a"
+
+
+async def test_create_duplicate_hostname_case_insensitive(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="Node-1"))
+    with pytest.raises(Conflict) as err:
+        await store.create_machine(machine(MAC2, hostname="nODE-1"))
+    assert "'nODE-1'" in str(err.value) and MAC1 in str(err.value)
+    assert await store.get_machine(MAC2) is None
+
+
+async def test_many_machines_without_hostname(store: Store) -> None:
+    await store.create_machine(machine(MAC1))
+    await store.create_machine(machine(MAC2))
+    assert await store.count_machines() == 2
+
+
+async def test_get_by_hostname_case_insensitive(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="Node-1"))
+    got = await store.get_machine_by_hostname("NODE-1")
+    assert got is not None and str(got.mac) == MAC1 and got.hostname == "Node-1"
+
+
+async def test_invalid_value_refused_on_write(store: Store) -> None:
+    with pytest.raises(ValidationError) as err:
+        await store.create_machine(machine(MAC1, labels={"rack": 7}))
+    assert err.value.field == "labels.rack"
+    assert await store.get_machine(MAC1) is None
+
+
+async def test_invalid_mac_argument(store: Store) -> None:
+    with pytest.raises(ValidationError) as err:
+        await store.get_machine("not-a-mac")
+    assert err.value.field == "mac"
+
+
+# --- machines: update / delete ---------------------------------------------------------------
+
+
+async def test_update_replaces(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="a", labels={"x": "1"}))
+    new = machine(MAC1, hostname="b", labels={"y": "2"}, state=MachineState.INSTALLED)
+    await store.update_machine(new)
+    assert await store.get_machine(MAC1) == new
+    assert await store.get_machine_by_hostname("a") is None
+    assert await store.count_machines(MachineFilter(labels=(("x", "1"),))) == 0
+    assert await store.count_machines(MachineFilter(labels=(("y", "2"),))) == 1
+
+
+async def test_update_missing_not_found(store: Store) -> None:
+    with pytest.raises(NotFound, match=MAC1):
+        await store.update_machine(machine(MAC1))
+
+
+async def test_update_hostname_taken_conflicts(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="a"))
+    await store.create_machine(machine(MAC2, hostname="b"))
+    with pytest.raises(Conflict, match=MAC1):
+        await store.update_machine(machine(MAC2, hostname="A"))
+    got = await store.get_machine(MAC2)
+    assert got is not None and got.hostname == "b"
+
+
+async def test_update_keeps_own_hostname_with_new_case(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="node"))
+    await store.update_machine(machine(MAC1, hostname="NODE"))
+    got = await store.get_machine_by_hostname("node")
+    assert got is not None and got.hostname == "NODE"
+
+
+async def test_update_frees_old_hostname(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="a"))
+    await store.update_machine(machine(MAC1, hostname=None))
+    await store.create_machine(machine(MAC2, hostname="a"))
+    got = await store.get_machine_by_hostname("a")
+    assert got is not None and str(got.mac) == MAC2
+
+
+async def test_delete(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="a", labels={"k": "v"}))
+    await store.add_event(Event(mac=MAC1, time=1.0, kind="boot"))
+    await store.add_event(Event(mac=MAC2, time=1.0, kind="boot"))
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.9", expires=100.0))
+    await store.delete_machine(MAC1)
+    assert await store.get_machine(MAC1) is None
+    assert await store.list_events(MAC1) == []
+    assert len(await store.list_events(MAC2)) == 1  # others untouched
+    assert await store.list_leases() == []
+    assert await store.count_machines(MachineFilter(labels=(("k", "v"),))) == 0
+    # hostname and address are free again
+    await store.create_machine(machine(MAC2, hostname="A"))
+    await store.put_lease(Lease(mac=MAC2, ipv4="10.0.0.9", expires=100.0))
+
+
+async def test_delete_missing_not_found(store: Store) -> None:
+    with pytest.raises(NotFound, match=MAC1):
+        await store.delete_machine(MAC1)
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+async def test_batch_creates_and_updates(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="one"))
+    await store.apply_batch(
+        Batch(
+            create=[machine(MAC2, hostname="two"), machine(MAC3, hostname="three")],
+            update=[machine(MAC1, hostname="uno", state=MachineState.FAILED)],
+        )
+    )
+    assert await store.count_machines() == 3
+    got = await store.get_machine(MAC1)
+    assert got is not None and got.hostname == "uno" and got.state == MachineState.FAILED
+
+
+async def test_empty_batch(store: Store) -> None:
+    await store.apply_batch(Batch())
+    assert await store.count_machines() == 0
+
+
+@pytest.mark.parametrize(
+    ("batch", "error", "text"),
+    [
+        # the last create collides with an existing MAC
+        (Batch(create=[machine(MAC2), machine(MAC1)]), Conflict, f"machine {MAC1}"),
+        # a hostname already used, in another case
+        (Batch(create=[machine(MAC2), machine(MAC3, hostname="EXISTING")]), Conflict, MAC1),
+        # two rows of one batch collide with each other
+        (Batch(create=[machine(MAC2, hostname="x"), machine(MAC3, hostname="X")]), Conflict, MAC2),
+        (Batch(create=[machine(MAC2), machine(MAC2)]), Conflict, MAC2),
+        # an update of a machine that does not exist
+        (Batch(create=[machine(MAC2)], update=[machine(MAC3)]), NotFound, MAC3),
+        # an update taking a hostname created earlier in the batch
+        (
+            Batch(create=[machine(MAC2, hostname="new")], update=[machine(MAC1, hostname="NEW")]),
+            Conflict,
+            MAC2,
+        ),
+    ],
+)
+async def test_batch_all_or_nothing(
+    store: Store, batch: Batch, error: type[Exception], text: str
+) -> None:
+    before = machine(MAC1, hostname="existing", labels={"k": "v"})
+    await store.create_machine(before)
+    with pytest.raises(error, match=text):
+        await store.apply_batch(batch)
+    assert await store.list_machines() == [before]
+    assert await store.count_machines(MachineFilter(labels=(("k", "v"),))) == 1
+
+
+async def test_batch_update_same_machine_twice_last_wins(store: Store) -> None:
+    await store.create_machine(machine(MAC1, labels={"a": "1"}))
+    await store.apply_batch(
+        Batch(update=[machine(MAC1, labels={"a": "2"}), machine(MAC1, labels={"a": "3"})])
+    )
+    got = await store.get_machine(MAC1)
+    assert got is not None and got.labels == {"a": "3"}
+
+
+async def test_batch_invalid_row_refused_whole(store: Store) -> None:
+    with pytest.raises(ValidationError):
+        await store.apply_batch(Batch(create=[machine(MAC1), machine(MAC2, fixed_ipv4="x")]))
+    assert await store.count_machines() == 0
+
+
+async def test_large_batch(store: Store) -> None:
+    rows = [machine(mac(i), hostname=f"n{i}", labels={"i": str(i % 3)}) for i in range(2000)]
+    await store.apply_batch(Batch(create=rows))
+    assert await store.count_machines() == 2000
+    assert await store.count_machines(MachineFilter(labels=(("i", "0"),))) == 667
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+async def _fleet(store: Store) -> None:
+    await store.apply_batch(
+        Batch(
+            create=[
+                machine(MAC3, state=MachineState.ENROLLED, cluster="a", labels={"r": "1"}),
+                machine(MAC1, state=MachineState.INSTALLED, cluster="a", labels={"r": "1"}),
+                machine(
+                    MAC2, state=MachineState.ENROLLED, cluster="b", labels={"r": "2", "g": "x"}
+                ),
+                machine(mac(4), state=MachineState.ENROLLED, labels={"r": "1", "g": "x"}),
+            ]
+        )
+    )
+
+
+def macs(found: list[Machine]) -> list[str]:
+    return [str(m.mac) for m in found]
+
+
+@pytest.mark.parametrize(
+    ("flt", "expected"),
+    [
+        (None, [MAC1, MAC2, MAC3, mac(4)]),
+        (MachineFilter(state=MachineState.ENROLLED), [MAC2, MAC3, mac(4)]),
+        (MachineFilter(cluster="a"), [MAC1, MAC3]),
+        (MachineFilter(state=MachineState.ENROLLED, cluster="a"), [MAC3]),
+        (MachineFilter(labels=(("r", "1"),)), [MAC1, MAC3, mac(4)]),
+        (MachineFilter(labels=(("r", "1"), ("g", "x"))), [mac(4)]),
+        (MachineFilter(labels=(("g", "x"),), cluster="b"), [MAC2]),
+        (MachineFilter(labels=(("r", "3"),)), []),
+        (MachineFilter(labels=(("nokey", "1"),)), []),
+        (MachineFilter(state=MachineState.FAILED), []),
+    ],
+)
+async def test_list_and_count_filters(
+    store: Store, flt: MachineFilter | None, expected: list[str]
+) -> None:
+    await _fleet(store)
+    assert macs(await store.list_machines(flt)) == expected
+    assert await store.count_machines(flt) == len(expected)
+
+
+async def test_pagination_stable_by_mac(store: Store) -> None:
+    # created out of order: listing is by MAC, whatever the insertion order
+    await store.apply_batch(Batch(create=[machine(mac(i)) for i in (7, 3, 9, 1, 5, 2, 8, 4, 6)]))
+    pages = [
+        macs(await store.list_machines(MachineFilter(limit=4, offset=o))) for o in (0, 4, 8, 12)
+    ]
+    assert pages == [
+        [mac(1), mac(2), mac(3), mac(4)],
+        [mac(5), mac(6), mac(7), mac(8)],
+        [mac(9)],
+        [],
+    ]
+    assert await store.count_machines(MachineFilter(limit=1, offset=5)) == 9
+    assert await store.list_machines(MachineFilter(limit=0)) == []
+
+
+async def test_pagination_with_filter(store: Store) -> None:
+    await _fleet(store)
+    flt = MachineFilter(state=MachineState.ENROLLED, limit=2, offset=1)
+    assert macs(await store.list_machines(flt)) == [MAC3, mac(4)]
+
+
+@pytest.mark.parametrize("flt", [MachineFilter(limit=-1), MachineFilter(offset=-1)])
+async def test_negative_page_refused(store: Store, flt: MachineFilter) -> None:
+    with pytest.raises(ValidationError):
+        await store.list_machines(flt)
+
+
+async def test_default_limit_is_100(store: Store) -> None:
+    await store.apply_batch(Batch(create=[machine(mac(i)) for i in range(150)]))
+    assert len(await store.list_machines()) == 100
+    assert await store.count_machines() == 150
+
+
+# --- profiles, clusters, groups --------------------------------------------------------------
+
+PROFILE = Profile(
+    name="k3os",
+    kernel="k3os/vmlinuz",
+    initrds=("k3os/initrd", "extra.img"),
+    cmdline="k3os.mode=install console=ttyS0",
+    config_template="cloud-init",
+    assets=(Asset("k3os/vmlinuz", "aa" * 32), Asset("k3os/initrd", None)),
+    install_device="/dev/nvme0n1",
+    iso_url="https://example.invalid/k3os.iso",
+    ssh_authorized_keys=("ssh-ed25519 AAAA test",),
+    description="k3OS installer",
+)
+CLUSTER = Cluster(
+    name="edge",
+    server_url="https://10.0.0.1:6443",
+    token="s3cret",
+    labels={"zone": "a"},
+    taints=("dedicated=edge:NoSchedule",),
+    description="edge site",
+)
+GROUP = Group(
+    name="rack1",
+    selector={"arch": ("x86_64", "arm64"), "manufacturer": ("Dell",)},
+    profile="k3os",
+    cluster="edge",
+    role=Role.AGENT,
+    labels={"rack": "1"},
+    taints=("t=1:NoSchedule",),
+    hostname_template="edge-{mac_suffix}",
+)
+
+
+async def test_profiles(store: Store) -> None:
+    assert await store.get_profile("k3os") is None
+    await store.put_profile(PROFILE)
+    assert await store.get_profile("k3os") == PROFILE
+    with pytest.raises(Conflict, match="k3os"):
+        await store.put_profile(PROFILE, create=True)
+    changed = Profile(name="k3os", kernel="other")
+    await store.put_profile(changed)  # upsert
+    await store.put_profile(Profile(name="alpine", kernel="k"), create=True)
+    assert [p.name for p in await store.list_profiles()] == ["alpine", "k3os"]
+    assert await store.get_profile("k3os") == changed
+    await store.delete_profile("k3os")
+    assert await store.get_profile("k3os") is None
+    with pytest.raises(NotFound):
+        await store.delete_profile("k3os")
+
+
+async def test_clusters(store: Store) -> None:
+    await store.put_cluster(CLUSTER, create=True)
+    assert await store.get_cluster("edge") == CLUSTER
+    with pytest.raises(Conflict, match="edge"):
+        await store.put_cluster(Cluster(name="edge"), create=True)
+    assert await store.get_cluster("edge") == CLUSTER
+    await store.put_cluster(Cluster(name="edge"))
+    await store.put_cluster(Cluster(name="core"))
+    assert await store.list_clusters() == [Cluster(name="core"), Cluster(name="edge")]
+    await store.delete_cluster("edge")
+    assert await store.get_cluster("edge") is None
+    with pytest.raises(NotFound):
+        await store.delete_cluster("edge")
+
+
+async def test_groups(store: Store) -> None:
+    await store.put_group(GROUP, create=True)
+    got = await store.get_group("rack1")
+    assert got == GROUP
+    assert got is not None and got.selector["arch"] == ("x86_64", "arm64")
+    with pytest.raises(Conflict, match="rack1"):
+        await store.put_group(GROUP, create=True)
+    await store.put_group(Group(name="all"))
+    assert [g.name for g in await store.list_groups()] == ["all", "rack1"]
+    await store.delete_group("rack1")
+    assert await store.get_group("rack1") is None
+    with pytest.raises(NotFound):
+        await store.delete_group("rack1")
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+async def test_events_oldest_first_and_limit_newest(store: Store) -> None:
+    # Times deliberately not monotonic: order is insertion order, not the caller's clock.
+    times = [5.0, 1.0, 3.0, 2.0, 4.0]
+    for i, t in enumerate(times):
+        await store.add_event(Event(mac=MAC1, time=t, kind=f"k{i}", message=f"m{i}"))
+    await store.add_event(Event(mac=MAC2, time=0.0, kind="other"))
+    every = await store.list_events(MAC1)
+    assert [e.kind for e in every] == ["k0", "k1", "k2", "k3", "k4"]
+    assert [e.time for e in every] == times
+    assert [e.kind for e in await store.list_events(MAC1, limit=2)] == ["k3", "k4"]
+    assert [e.kind for e in await store.list_events(MAC1, limit=99)] == [e.kind for e in every]
+    assert await store.list_events(MAC1, limit=0) == []
+    assert await store.list_events(MAC3) == []
+
+
+async def test_event_round_trip(store: Store) -> None:
+    event = Event(
+        mac=MAC1,
+        time=1_700_000_000.5,
+        kind="install.progress",
+        message="50% done",
+        data={"percent": 50, "nested": {"a": [1, "b", None]}, "ok": True},
+    )
+    await store.add_event(event)
+    assert await store.list_events(MAC1) == [event]
+
+
+async def test_event_for_unknown_machine_is_kept(store: Store) -> None:
+    await store.add_event(Event(mac="02-00-00-00-00-01", time=1.0, kind="discover"))
+    events = await store.list_events(MAC1)
+    assert len(events) == 1 and events[0].mac == MAC1
+
+
+async def test_event_data_must_be_json(store: Store) -> None:
+    with pytest.raises(ValidationError) as err:
+        await store.add_event(Event(mac=MAC1, time=1.0, kind="k", data={"x": object()}))
+    assert err.value.field == "data"
+    assert await store.list_events(MAC1) == []
+
+
+# --- leases ----------------------------------------------------------------------------------
+
+
+async def test_leases(store: Store) -> None:
+    await store.put_lease(Lease(mac=MAC2, ipv4="10.0.0.2", expires=200.0, hostname="b"))
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=100.0))
+    assert await store.list_leases() == [
+        Lease(mac=MAC1, ipv4="10.0.0.1", expires=100.0),
+        Lease(mac=MAC2, ipv4="10.0.0.2", expires=200.0, hostname="b"),
+    ]
+    # replace by MAC, including moving to another address (the old one is freed)
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.3", expires=300.0))
+    await store.put_lease(Lease(mac=MAC3, ipv4="10.0.0.1", expires=300.0))
+    assert {(x.mac, x.ipv4) for x in await store.list_leases()} == {
+        (MAC1, "10.0.0.3"),
+        (MAC2, "10.0.0.2"),
+        (MAC3, "10.0.0.1"),
+    }
+
+
+async def test_lease_address_conflict(store: Store) -> None:
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=100.0))
+    with pytest.raises(Conflict) as err:
+        await store.put_lease(Lease(mac=MAC2, ipv4="10.0.0.1", expires=100.0))
+    assert "10.0.0.1" in str(err.value) and MAC1 in str(err.value)
+    assert await store.list_leases() == [Lease(mac=MAC1, ipv4="10.0.0.1", expires=100.0)]
+
+
+async def test_lease_renewal_same_address(store: Store) -> None:
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=100.0))
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=500.0))
+    assert [x.expires for x in await store.list_leases()] == [500.0]
+
+
+async def test_delete_lease(store: Store) -> None:
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=100.0))
+    await store.delete_lease(MAC1)
+    await store.delete_lease(MAC1)  # absent: harmless
+    assert await store.list_leases() == []
+    await store.put_lease(Lease(mac=MAC2, ipv4="10.0.0.1", expires=100.0))
+
+
+async def test_lease_address_validated(store: Store) -> None:
+    with pytest.raises(ValidationError) as err:
+        await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.256", expires=1.0))
+    assert err.value.field == "ipv4"
+
+
+async def test_fixed_address(store: Store) -> None:
+    assert await store.fixed_address(MAC1) is None
+    await store.create_machine(machine(MAC1, fixed_ipv4="10.1.0.5"))
+    await store.create_machine(machine(MAC2))
+    assert await store.fixed_address(MAC1) == "10.1.0.5"
+    assert await store.fixed_address(MAC2) is None
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+async def test_settings(store: Store) -> None:
+    assert await store.get_setting("admin_token") is None
+    await store.put_setting("admin_token", "h1")
+    await store.put_setting("admin_token", "h2")
+    await store.put_setting("other", "")
+    assert await store.get_setting("admin_token") == "h2"
+    assert await store.get_setting("other") == ""
+
+
+# --- lifecycle -------------------------------------------------------------------------------
+
+
+async def test_use_after_close_is_store_error(store: Store) -> None:
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.get_machine(MAC1)
+    await store.close()  # twice is harmless
+    await store.open()  # and the fixture's close still works

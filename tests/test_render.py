@@ -1,0 +1,207 @@
+"""Golden tests for every shipped template, and the sandbox/validation rules of render.py.
+
+Regenerate the golden files after a deliberate template change with
+``NETBOOT_UPDATE_GOLDEN=1 python -m pytest tests/test_render.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from netboot.content import Content, register_command
+from netboot.errors import ConfigError, RenderError
+from netboot.model import (
+    BootAction,
+    BootPlan,
+    Cluster,
+    K3sJoin,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Role,
+)
+from netboot.render import Renderer, shipped_templates_dir
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+MAC = MacAddress.parse("52:54:00:00:00:11")
+MACHINE = Machine(mac=MAC, state=MachineState.BOOTING, hostname="edge-1", cluster="edge",
+                  role=Role.AGENT, uuid="8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4",
+                  serial="SN123", updated=1_700_000_000.0, created=1_700_000_000.0)
+PROFILE = Profile(name="k3os", kernel="k3os/vmlinuz", initrds=("k3os/initrd",),
+                  install_device="/dev/vda", iso_url="http://192.0.2.10:8080/assets/k3os.iso",
+                  ssh_authorized_keys=("ssh-ed25519 AAAAC3Nza test@lab",))
+CLUSTER = Cluster(name="edge", server_url="https://192.0.2.50:6443", token="s3cret",
+                  labels={"site": "lab"})
+K3S = K3sJoin(Role.AGENT, "https://192.0.2.50:6443", False, "s3cret", {"site": "lab"},
+              ("dedicated=edge:NoSchedule",), "edge-1")
+
+
+def renderer() -> Renderer:
+    return Renderer([shipped_templates_dir()])
+
+
+def content() -> Content:
+    return Content(None, None, renderer(), None, lambda: "http://192.0.2.10:8080",  # type: ignore[arg-type]
+                   None)  # type: ignore[arg-type]
+
+
+def plan(action: BootAction, **kw: object) -> BootPlan:
+    base: dict[str, object] = {"machine": MACHINE, "profile": PROFILE, "cluster": CLUSTER,
+                               "k3s": K3S, "token": "TOKEN123"}
+    base.update(kw)
+    return BootPlan(action, MAC, f"test {action}", retry_seconds=15, **base)  # type: ignore[arg-type]
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("NETBOOT_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), f"golden {name} differs"
+
+
+@pytest.mark.parametrize("action", list(BootAction))
+def test_ipxe_templates(action: BootAction) -> None:
+    c = content()
+    text = c._render.ipxe(f"ipxe/{action}.ipxe", c.context(plan(action)))
+    golden(f"ipxe-{action}.ipxe", text)
+    assert text.startswith("#!ipxe\n")
+
+
+def test_ipxe_install_is_complete() -> None:
+    c = content()
+    text = c._render.ipxe("ipxe/install.ipxe", c.context(plan(BootAction.INSTALL)))
+    (kernel_line,) = [ln for ln in text.splitlines() if ln.startswith("kernel ")]
+    assert kernel_line.startswith("kernel http://192.0.2.10:8080/assets/k3os/vmlinuz initrd=initrd ")
+    for arg in ("k3os.mode=install", "k3os.install.silent=true", "k3os.install.device=/dev/vda",
+                "k3os.install.config_url=http://192.0.2.10:8080/config/52-54-00-00-00-11?token=TOKEN123",
+                "k3os.install.iso_url=http://192.0.2.10:8080/assets/k3os.iso"):
+        assert arg in kernel_line.split()
+    assert "initrd --name initrd http://192.0.2.10:8080/assets/k3os/initrd" in text
+    assert text.rstrip().endswith("boot")
+
+
+def test_bootstrap_golden() -> None:
+    text = content().bootstrap_ipxe()
+    golden("boot.ipxe", text)
+    for var in ("${net0/mac:hexhyp}", "${uuid}", "${buildarch}", "${platform}",
+                "${serial:uristring}", "${manufacturer:uristring}", "${product:uristring}",
+                "${asset:uristring}"):
+        assert var in text
+    assert "goto retry" in text
+
+
+@pytest.mark.parametrize("action", [BootAction.INSTALL, BootAction.LOCAL, BootAction.HOLD])
+def test_pxelinux_templates(action: BootAction) -> None:
+    c = content()
+    text = c._render.render(f"pxelinux/{action}.cfg", c.context(plan(action)))
+    golden(f"pxelinux-{action}.cfg", text)
+    if action == BootAction.INSTALL:
+        assert "  KERNEL k3os/vmlinuz\n" in text and "  INITRD k3os/initrd\n" in text
+        (append,) = [ln for ln in text.splitlines() if ln.strip().startswith("APPEND")]
+        assert "config_url=http://192.0.2.10:8080/config/52-54-00-00-00-11?token=TOKEN123" in append
+
+
+def test_k3os_config_golden_and_valid() -> None:
+    text = content().k3os_config(plan(BootAction.INSTALL))
+    golden("k3os-config.yaml", text)
+    doc = yaml.safe_load(text)
+    assert doc["hostname"] == "edge-1"
+    assert doc["k3os"]["server_url"] == "https://192.0.2.50:6443"
+    assert doc["k3os"]["token"] == "s3cret"
+    assert doc["k3os"]["labels"] == {"site": "lab"}
+    assert doc["k3os"]["taints"] == ["dedicated=edge:NoSchedule"]
+    assert doc["k3os"]["k3s_args"] == ["agent", "--node-name", "edge-1"]
+    assert "/api/v1/register" in doc["run_cmd"][0] and "TOKEN123" in doc["run_cmd"][0]
+
+
+def test_k3os_cluster_init() -> None:
+    k3s = K3sJoin(Role.SERVER, None, True, "s3cret", {}, (), "edge-1")
+    doc = yaml.safe_load(content().k3os_config(plan(BootAction.INSTALL, k3s=k3s)))
+    assert "server_url" not in doc["k3os"]
+    assert doc["k3os"]["k3s_args"] == ["server", "--cluster-init", "--node-name", "edge-1"]
+
+
+@pytest.mark.parametrize("name", ["meta-data", "user-data", "vendor-data"])
+def test_nocloud_golden_and_valid(name: str) -> None:
+    text = content().nocloud(plan(BootAction.INSTALL), name)
+    golden(f"nocloud-{name}", text)
+    doc = yaml.safe_load(text)
+    if name == "user-data":
+        assert text.startswith("#cloud-config\n")
+        k3s = yaml.safe_load(doc["write_files"][0]["content"])
+        assert k3s["server"] == "https://192.0.2.50:6443" and k3s["token"] == "s3cret"
+        assert any("/api/v1/register" in " ".join(cmd) for cmd in doc["runcmd"])
+    if name == "meta-data":
+        assert doc["local-hostname"] == "edge-1"
+
+
+def test_uboot_script_image() -> None:
+    from netboot.wire import uimage
+
+    image = uimage.decode(content().uboot_script())
+    (script,) = image.scripts
+    assert b"pxe get && pxe boot" in script
+    assert not any(line.startswith(b"#") for line in script.splitlines())
+
+
+def test_default_cmdline_for_cloud_init() -> None:
+    p = Profile(name="ci", kernel="vmlinuz", config_template="cloud-init")
+    ctx = content().context(plan(BootAction.INSTALL, profile=p))
+    assert ctx["cmdline"].startswith(
+        "ds=nocloud;s=http://192.0.2.10:8080/nocloud/52-54-00-00-00-11/TOKEN123/ ")
+
+
+def test_cmdline_must_be_one_line_and_no_hash() -> None:
+    p = Profile(name="x", kernel="vmlinuz", cmdline="a=1\n  b=2\tc={{ mac_hexhyp }}")
+    assert content().context(plan(BootAction.INSTALL, profile=p))["cmdline"] == \
+        "a=1 b=2 c=52-54-00-00-00-11"
+    bad = Profile(name="x", kernel="vmlinuz", cmdline="quiet #comment")
+    with pytest.raises(RenderError, match="starts with '#'"):
+        content().context(plan(BootAction.INSTALL, profile=bad))
+
+
+def test_strict_undefined_and_sandbox(tmp_path: Path) -> None:
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "local.ipxe").write_text("#!ipxe\necho {{ no_such_thing }}\n")
+    (tmp_path / "ipxe" / "hold.ipxe").write_text("#!ipxe\n{{ ''.__class__.__mro__ }}\n")
+    (tmp_path / "ipxe" / "ignore.ipxe").write_text("not a script\n")
+    r = Renderer([tmp_path, shipped_templates_dir()])
+    with pytest.raises(RenderError, match="no_such_thing"):
+        r.ipxe("ipxe/local.ipxe", {})
+    with pytest.raises(RenderError):
+        r.ipxe("ipxe/hold.ipxe", {})
+    with pytest.raises(RenderError, match="#!ipxe"):
+        r.ipxe("ipxe/ignore.ipxe", {})
+    # Site overrides win; files not overridden come from the shipped set.
+    assert r.render("uboot/boot.scr.txt", {}).startswith("# netboot")
+
+
+def test_invalid_yaml_output_is_render_error(tmp_path: Path) -> None:
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "k3os.yaml").write_text("a: [unclosed\n")
+    r = Renderer([tmp_path, shipped_templates_dir()])
+    with pytest.raises(RenderError, match="invalid YAML"):
+        r.yaml_document("cloud-config/k3os.yaml", {})
+
+
+def test_syntax_error_stops_startup_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "local.ipxe").write_text("#!ipxe\n\n{% if %}\n")
+    with pytest.raises(ConfigError) as err:
+        Renderer([tmp_path]).check_all()
+    assert err.value.line == 3 and "local.ipxe" in (err.value.source or "")
+
+
+def test_register_command_is_valid_shell(tmp_path: Path) -> None:
+    import subprocess
+
+    cmd = register_command("http://192.0.2.10:8080/api/v1/register", "52:54:00:00:00:11",
+                           "tok", "edge-1")
+    # sh -n parses without running: the quoting of the JSON holes must be balanced.
+    subprocess.run(["sh", "-n", "-c", cmd], check=True)
