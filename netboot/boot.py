@@ -230,6 +230,10 @@ class BootService:
                 arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
                 firmware=request.firmware if request.firmware != Firmware.UNKNOWN
                 else machine.firmware,
+                # Bind the machine to the cluster and role it installs into, so that the
+                # cluster lists it and a later group edit does not move an installed node.
+                cluster=machine.cluster or (cluster.name if cluster else None),
+                role=machine.role or (role if cluster else None),
                 updated=now,
             )
             await self._store.update_machine(machine)
@@ -238,7 +242,8 @@ class BootService:
                               + (f" into cluster {cluster.name} as {role}" if cluster else ""),
                               request)
         return BootPlan(
-            BootAction.INSTALL, request.mac, reason, machine=machine, group=group.name if group else None, profile=profile,
+            BootAction.INSTALL, request.mac, reason, machine=machine,
+            group=group.name if group else None, profile=profile,
             cluster=cluster, k3s=k3s, token=token,
         )
 

@@ -300,7 +300,8 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
     machine = await store.get_machine(mac)
     firmware = Firmware.UBOOT if args.kind == "pxelinux" else Firmware.IPXE
     request = BootRequest(mac=MacAddress.parse(mac), firmware=firmware,
-                          arch=machine.arch if machine and machine.arch else Arch.UNKNOWN,
+                          arch=Arch(args.arch) if args.arch else
+                          machine.arch if machine and machine.arch else Arch.UNKNOWN,
                           via="cli")
     plan = await boot.plan(request, record=False)
     token = "<install-token>"
@@ -312,13 +313,14 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
         print(renderer.ipxe(ipxe_names[plan.action], content.context(ctx_plan)), end="")
         return 0
     if args.kind == "pxelinux":
-        cfg_names = {BootAction.INSTALL: "pxelinux/install.cfg", BootAction.LOCAL: "pxelinux/local.cfg",
+        cfg_names = {BootAction.INSTALL: "pxelinux/install.cfg",
+                     BootAction.LOCAL: "pxelinux/local.cfg",
                 BootAction.HOLD: "pxelinux/hold.cfg", BootAction.IGNORE: "pxelinux/hold.cfg"}
         print(renderer.render(cfg_names[plan.action], content.context(ctx_plan)), end="")
         return 0
     if machine is None:
         raise NotFound(f"machine {mac} not found")
-    group, profile, cluster, role = await boot.effective(machine)
+    group, profile, cluster, role = await boot.effective(machine, request)
     k3s = await boot.k3s_join(machine, cluster, role, group) if cluster else None
     from netboot.model import BootPlan
 
@@ -428,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", parents=[common], help="what a device would get")
     r.add_argument("mac")
     r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
+    r.add_argument("--arch", choices=[a.value for a in Arch],
+                   help="architecture the device reports (default: last seen)")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
     e.add_argument("mac")
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import ipaddress
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -174,10 +175,27 @@ class _Source:
         return ConfigError(message, source=self.name, line=line, key=key, fix=fix)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 numbers: YAML 1.1 reads an unquoted ``52:54:00:00:00:11``
+    (a MAC in a selector) as a base-60 integer."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9]*)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"), list("-+.0123456789"))
+
+
 def _yaml_with_lines(text: str, name: str) -> tuple[Any, dict[str, int]]:
     """Parse YAML and remember the line of every mapping key, by dotted path."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -202,7 +220,7 @@ def _yaml_with_lines(text: str, name: str) -> tuple[Any, dict[str, int]]:
                 walk(v, key)
 
     walk(node, "")
-    data = yaml.safe_load(text) if node is not None else None
+    data = yaml.load(text, Loader=_Loader) if node is not None else None  # noqa: S506
     return data, lines
 
 

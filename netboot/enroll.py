@@ -159,8 +159,10 @@ def parse_import(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
                 data = json.loads(text)
                 lines = None
             else:
-                node = yaml.compose(text, Loader=yaml.SafeLoader)
-                data = yaml.safe_load(text)
+                # BaseLoader keeps every scalar a string: YAML 1.1 would read an unquoted
+                # 52:54:00:00:00:01 as a base-60 integer and lose the MAC.
+                node = yaml.compose(text, Loader=yaml.BaseLoader)
+                data = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader is safe
                 lines = ([n.start_mark.line + 1 for n in node.value]
                          if isinstance(node, yaml.SequenceNode) else None)
         except (ValueError, yaml.YAMLError) as exc:

@@ -123,3 +123,12 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3: tftp.portt: unknown key" in err and "port" in err
+
+
+def test_unquoted_mac_in_selector_stays_a_mac(tmp_path: Path) -> None:
+    path = write(tmp_path, "discovery:\n  policy: auto\n  rules:\n"
+                           "    - {selector: {mac: 52:54:00:00:00:11}, cluster: c}\n"
+                           "http:\n  port: 8081\n")
+    cfg = load(path, env={})
+    assert cfg.discovery.rules[0].selector == {"mac": ("52:54:00:00:00:11",)}
+    assert cfg.http.port == 8081

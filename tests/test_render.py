@@ -77,7 +77,8 @@ def test_ipxe_install_is_complete() -> None:
     c = content()
     text = c._render.ipxe("ipxe/install.ipxe", c.context(plan(BootAction.INSTALL)))
     (kernel_line,) = [ln for ln in text.splitlines() if ln.startswith("kernel ")]
-    assert kernel_line.startswith("kernel http://192.0.2.10:8080/assets/k3os/vmlinuz initrd=initrd ")
+    assert kernel_line.startswith(
+        "kernel http://192.0.2.10:8080/assets/k3os/vmlinuz initrd=initrd ")
     for arg in ("k3os.mode=install", "k3os.install.silent=true", "k3os.install.device=/dev/vda",
                 "k3os.install.config_url=http://192.0.2.10:8080/config/52-54-00-00-00-11?token=TOKEN123",
                 "k3os.install.iso_url=http://192.0.2.10:8080/assets/k3os.iso"):

@@ -1,0 +1,94 @@
+"""The CLI against a real SQLite inventory: tables for people, --json for scripts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from netboot.cli import main
+from tests.conftest import write_config
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> str:
+    return str(write_config(tmp_path))
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_enroll_render_explain(cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "clusters", "add", "edge", "--server-url", "https://192.0.2.50:6443",
+               "--token", "sekret", "--config", cfg)[0] == 0
+    assert run(capsys, "profiles", "add", "k3os", "--kernel", "vmlinuz", "--initrd",
+               "initrd.img", "--config", cfg)[0] == 0
+    assert run(capsys, "groups", "add", "x86", "--selector", "arch=x86_64", "--profile", "k3os",
+               "--cluster", "edge", "--role", "agent", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "machines", "add", "AA-BB-CC-DD-EE-01", "--hostname", "edge-1",
+                     "--label", "rack=r1", "--cluster", "edge", "--config", cfg)
+    assert rc == 0 and "aa:bb:cc:dd:ee:01" in out
+    rc, out, _ = run(capsys, "machines", "ls", "--config", cfg)
+    assert "MAC" in out and "edge-1" in out and "enrolled" in out
+    rc, out, _ = run(capsys, "machines", "ls", "--json", "--label", "rack=r1", "--config", cfg)
+    assert json.loads(out)[0]["hostname"] == "edge-1"
+    rc, out, _ = run(capsys, "render", "aabbccddee01", "ipxe", "--config", cfg)
+    assert rc == 0 and "no profile" in out and "approve" not in out  # arch not seen yet
+    rc, out, _ = run(capsys, "render", "aabbccddee01", "ipxe", "--arch", "x86_64",
+                     "--config", cfg)
+    assert rc == 0 and out.startswith("#!ipxe") and "kernel http://192.0.2.10:" in out
+    rc, out, _ = run(capsys, "render", "aa:bb:cc:dd:ee:01", "config", "--arch", "x86_64",
+                     "--config", cfg)
+    assert rc == 0 and "server_url: \"https://192.0.2.50:6443\"" in out
+    rc, out, _ = run(capsys, "render", "aa:bb:cc:dd:ee:01", "nocloud", "--arch", "x86_64",
+                     "--config", cfg)
+    assert "--- user-data" in out and "#cloud-config" in out
+    rc, out, _ = run(capsys, "render", "aa:bb:cc:dd:ee:01", "pxelinux", "--arch", "x86_64",
+                     "--config", cfg)
+    assert "LABEL install" in out
+    rc, out, _ = run(capsys, "explain", "aa:bb:cc:dd:ee:01", "--json", "--config", cfg)
+    explained = json.loads(out)
+    assert explained["group"] == "x86" or explained["decision"] in ("install", "hold")
+    # render is read-only: the machine is still enrolled, not booting.
+    rc, out, _ = run(capsys, "machines", "show", "aa:bb:cc:dd:ee:01", "--json", "--config", cfg)
+    shown = json.loads(out)
+    assert shown["state"] == "enrolled" and [e["kind"] for e in shown["events"]] == ["enrolled"]
+    rc, out, _ = run(capsys, "clusters", "show", "edge", "--config", cfg)
+    assert "nodes (1)" in out and "edge-1" in out and "sekret" not in out
+    rc, out, _ = run(capsys, "machines", "reinstall", "aa:bb:cc:dd:ee:01", "--config", cfg)
+    assert rc == 0
+    assert run(capsys, "machines", "rm", "aa:bb:cc:dd:ee:01", "--config", cfg)[0] == 0
+
+
+def test_errors_are_one_line(cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(capsys, "machines", "add", "not-a-mac", "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: mac:")
+    rc, _, err = run(capsys, "machines", "show", "aa:bb:cc:dd:ee:09", "--config", cfg)
+    assert rc == 1 and "not found" in err
+    rc, _, err = run(capsys, "machines", "add", "aa:bb:cc:dd:ee:02", "--cluster", "nope",
+                     "--config", cfg)
+    assert rc == 2 and "unknown cluster" in err
+
+
+def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "fleet.csv"
+    good.write_text("mac,serial\n02:00:00:00:00:01,S1\n02:00:00:00:00:02,S2\n")
+    rc, out, _ = run(capsys, "import", str(good), "--dry-run", "--config", cfg)
+    assert rc == 0 and "2 would be created" in out
+    rc, out, _ = run(capsys, "import", str(good), "--config", cfg)
+    assert rc == 0 and "2 were created" in out
+    rc, out, _ = run(capsys, "import", str(good), "--config", cfg)
+    assert "0 were created, 0 changed, 2 left" in out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mac,role\n02:00:00:00:00:03,agent\nxx,agent\n02:00:00:00:00:04,king\n")
+    rc, out, err = run(capsys, "import", str(bad), "--config", cfg)
+    assert rc == 1
+    assert f"{bad}:line 3: mac:" in err and f"{bad}:line 4: role:" in err
+    assert "nothing was imported" in err
+    rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
+    assert len(json.loads(out)) == 2

@@ -1,0 +1,81 @@
+"""TFTP content: per-machine files generated on request in U-Boot's lookup order, then assets."""
+
+from __future__ import annotations
+
+import pytest
+
+from netboot.errors import Forbidden, NotFound
+from netboot.model import Lease
+from netboot.wire import uimage
+from tests.conftest import KERNEL, Env
+
+PEER = ("192.0.2.101", 2000)
+
+
+async def test_boot_script_image(env: Env) -> None:
+    blob = await env.service.content.tftp_open("boot.scr.uimg", PEER)
+    assert blob.data is not None and blob.size == len(blob.data)
+    (script,) = uimage.decode(blob.data).scripts
+    assert b"pxe get && pxe boot" in script
+
+
+async def test_pxelinux_by_mac_follows_the_machine_state(env: Env) -> None:
+    await env.seed()
+    # Behind a site DHCP server netboot never sees U-Boot's DHCP, so the TFTP request carries
+    # no architecture: an arch selector cannot match it; a MAC glob can.
+    await env.post("/api/v1/groups", {"name": "arm", "selector": {"mac": ["52:54:00:00:00:2*"],
+                                                                      "firmware": ["uboot"]},
+                                      "profile": "k3os", "cluster": "edge"}, status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:21", "hostname": "arm-1"},
+                   status=201)
+    content = env.service.content
+    with pytest.raises(NotFound):
+        # Unknown machine, policy ignore: no config, U-Boot goes on down its list.
+        await content.tftp_open("pxelinux.cfg/01-52-54-00-00-00-99", PEER)
+    text = (await content.tftp_open("pxelinux.cfg/01-52-54-00-00-00-21", PEER)).data
+    assert text is not None and b"LABEL install" in text and b"KERNEL vmlinuz" in text
+    events = await env.get("/api/v1/machines/52:54:00:00:00:21/events")
+    assert events[-1]["kind"] == "install-plan" and events[-1]["data"]["via"] == "tftp"
+    await env.post("/api/v1/machines/52:54:00:00:00:21/events", {"kind": "installed"},
+                   status=201)
+    text = (await content.tftp_open("pxelinux.cfg/01-52-54-00-00-00-21", PEER)).data
+    assert text is not None and b"LOCALBOOT 0" in text
+
+
+async def test_pxelinux_by_uuid_and_hex_ip(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:21", "hostname": "arm-1",
+                                        "profile": "k3os",
+                                        "uuid": "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"},
+                   status=201)
+    content = env.service.content
+    by_uuid = await content.tftp_open("pxelinux.cfg/8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4", PEER)
+    assert by_uuid.data is not None and b"LABEL install" in by_uuid.data
+    await env.service.store.put_lease(Lease("52:54:00:00:00:21", "192.0.2.101", 2e9))
+    by_ip = await content.tftp_open("pxelinux.cfg/C0000265", PEER)
+    assert by_ip.data is not None and b"LABEL install" in by_ip.data
+    for miss in ("pxelinux.cfg/C000026", "pxelinux.cfg/C0000299", "pxelinux.cfg/default-arm"):
+        with pytest.raises(NotFound):
+            await content.tftp_open(miss, PEER)
+
+
+async def test_site_default_file_and_assets(env: Env) -> None:
+    root = env.service.content.assets.roots[-1]
+    (root / "pxelinux.cfg").mkdir()
+    (root / "pxelinux.cfg" / "default").write_text("DEFAULT site\n")
+    content = env.service.content
+    blob = await content.tftp_open("pxelinux.cfg/default", PEER)
+    assert blob.data == b"DEFAULT site\n"
+    kernel = await content.tftp_open("/vmlinuz", PEER)
+    assert kernel.size == len(KERNEL) and kernel.path is not None
+    (root / "rpi").mkdir()
+    (root / "rpi" / "start4.elf").write_bytes(b"pi")
+    pi = await content.tftp_open("9ffefdef/start4.elf", PEER)
+    assert pi.path is not None and pi.path.endswith("rpi/start4.elf")
+
+
+@pytest.mark.parametrize("path", ["../etc/passwd", "a/../../etc/passwd", "x\x00y",
+                                  "..\\..\\etc\\passwd"])
+async def test_traversal_refused(env: Env, path: str) -> None:
+    with pytest.raises(Forbidden):
+        await env.service.content.tftp_open(path, PEER)

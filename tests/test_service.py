@@ -1,0 +1,82 @@
+"""The wired service on real loopback sockets: start, serve, refuse busy ports, restart intact."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from netboot.config import load
+from netboot.errors import ConfigError
+from netboot.service import build
+from tests.conftest import write_config
+
+
+async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "tftp:\n  enabled: true\n  port: 0\n")
+    text = path.read_text().replace("tftp:\n  enabled: false\n", "")
+    path.write_text(text)
+    cfg = load(path, env={})
+    service = await build(cfg)
+    token = service.new_admin_token
+    assert token
+    token_file = cfg.data_dir / "admin.token"
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert token_file.read_text().strip() == token
+    await service.start()
+    try:
+        port = service.http_port
+        assert port > 0
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}"
+            async with http.get(f"{url}/healthz") as resp:
+                assert resp.status == 200
+            async with http.post(f"{url}/api/v1/machines", json={"mac": "52:54:00:00:00:11"},
+                                 headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 201
+        (tftp,) = service.servers
+        assert tftp.port > 0
+        assert "iPXE chain URL" in service.summary() and token in service.summary()
+    finally:
+        await service.close()
+    again = await build(cfg)
+    try:
+        assert again.new_admin_token is None  # shown once, never regenerated
+        machine = await again.store.get_machine("52:54:00:00:00:11")
+        assert machine is not None and machine.hostname == "node-000011"
+    finally:
+        await again.store.close()
+
+
+async def test_busy_http_port_names_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write_config(tmp_path)
+        path.write_text(
+            path.read_text().replace("  port: 0", f"  port: {port}\n  listen: 127.0.0.1"))
+        service = await build(load(path, env={}))
+        with pytest.raises(ConfigError) as err:
+            await service.start()
+        await service.close()
+    assert "already in use" in str(err.value) and "--http-port" in str(err.value)
+    assert err.value.key == "http.port"
+
+
+async def test_serve_prints_summary_and_stops_on_signal(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from netboot.service import serve
+
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(serve(load(write_config(tmp_path), env={}), ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    out = capsys.readouterr().out
+    assert "netboot serving on 192.0.2.10" in out and "/boot.ipxe" in out
+    os.kill(os.getpid(), __import__("signal").SIGTERM)
+    await asyncio.wait_for(task, 10)
