@@ -77,6 +77,11 @@ _LOADERS: dict[tuple[Firmware, Arch], tuple[str, ...]] = {
 }
 
 
+def loader_names() -> tuple[str, ...]:
+    """Every first-stage file name netboot may hand out (pinned in the asset tree)."""
+    return tuple(sorted({name for names in _LOADERS.values() for name in names}))
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

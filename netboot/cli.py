@@ -275,7 +275,7 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
 
 
 async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    from netboot.boot import BootService, BootSettings
+    from netboot.boot import BootService, BootSettings, loader_names
     from netboot.content import Content
     from netboot.enroll import Enroller
     from netboot.files import FileTree
@@ -283,7 +283,7 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
     from netboot.service import advertised_address, asset_roots, renderer_for
 
     enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
-    assets = FileTree(asset_roots(cfg))
+    assets = FileTree(asset_roots(cfg), pinned=loader_names())
     boot = BootService(store, assets, BootSettings(policy=cfg.discovery.policy,
                                                    rules=cfg.discovery.rules), enroller)
     mac = str(MacAddress.parse(args.mac))
@@ -333,6 +333,69 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
             print(f"--- {name}")
             print(content.nocloud(cplan, name), end="")
     return 0
+
+
+async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    """Which first-stage loaders and profile assets are found, and do their checksums match."""
+    import hashlib
+
+    from netboot.boot import loader_names
+    from netboot.errors import Forbidden
+    from netboot.files import FileTree
+    from netboot.render import shipped_templates_dir
+    from netboot.service import asset_roots
+
+    tree = FileTree(asset_roots(cfg), pinned=loader_names())
+    known: dict[str, str] = {}
+    sums = shipped_templates_dir().parent / "boot_assets" / "checksums.sha256"
+    if sums.is_file():
+        for line in sums.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                digest, name = line.split(None, 1)
+                known[digest] = name.strip()
+
+    def digest_of(path: Path) -> str:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    for name in loader_names():
+        path = tree.pinned.get(name)
+        if path is None:
+            rows.append({"kind": "loader", "name": name, "status": "missing", "path": None})
+            continue
+        d = digest_of(path)
+        status = "ok (known build)" if known.get(d) == Path(name).name else "unknown build"
+        rows.append({"kind": "loader", "name": name, "status": status, "path": str(path),
+                     "sha256": d})
+    for profile in await store.list_profiles():
+        wanted = {a.path: a.sha256 for a in profile.assets}
+        for ref in (profile.kernel, *profile.initrds):
+            if not ref.startswith(("http://", "https://")):
+                wanted.setdefault(ref, None)
+        for ref, expected in wanted.items():
+            try:
+                path = tree.resolve(ref)
+            except (NotFound, Forbidden) as exc:
+                bad += 1
+                rows.append({"kind": f"profile {profile.name}", "name": ref,
+                             "status": f"missing ({exc})", "path": None})
+                continue
+            d = digest_of(path)
+            status = "ok" if expected in (None, d) else "CHECKSUM MISMATCH"
+            bad += status != "ok"
+            rows.append({"kind": f"profile {profile.name}", "name": ref, "status": status,
+                         "path": str(path), "sha256": d})
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table([(r["kind"], r["name"], r["status"], r["path"]) for r in rows],
+                     ["for", "file", "status", "path"]))
+    return 1 if bad else 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -432,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
     r.add_argument("--arch", choices=[a.value for a in Arch],
                    help="architecture the device reports (default: last seen)")
+    sub.add_parser("assets", parents=[common],
+                   help="which loaders and profile assets are found; checksums")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
     e.add_argument("mac")
 
@@ -471,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_with_store(args, lambda s, c: _named(args.cmd, args, s, c)))
         if args.cmd == "import":
             return asyncio.run(_with_store(args, lambda s, c: _import(args, s, c)))
+        if args.cmd == "assets":
+            return asyncio.run(_with_store(args, lambda s, c: _assets(args, s, c)))
         if args.cmd in ("render", "explain"):
             return asyncio.run(_with_store(args, lambda s, c: _render_or_explain(args, s, c)))
     except ConfigError as exc:

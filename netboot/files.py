@@ -50,13 +50,31 @@ def clean_relative(path: str, *, decode_percent: bool = False) -> str:
 
 
 class FileTree:
-    """A search path of directories; the first root that has the file wins."""
+    """A search path of directories; the first root that has the file wins.
 
-    def __init__(self, roots: Sequence[Path]) -> None:
+    ``pinned`` names (the well-known first-stage loaders) are resolved once, at start-up, with
+    symlinks followed: distribution packages link them out of their directory (Debian's
+    ``/usr/lib/ipxe/ipxe.efi`` → ``/boot/ipxe.efi``). Only those exact names get that trust;
+    every other request path must stay inside its root.
+    """
+
+    def __init__(self, roots: Sequence[Path], *, pinned: Sequence[str] = ()) -> None:
         self.roots = [Path(r) for r in roots]
+        self.pinned: dict[str, Path] = {}
+        for name in pinned:
+            for root in self.roots:
+                candidate = root / name
+                try:
+                    if candidate.is_file():
+                        self.pinned[name] = candidate.resolve(strict=True)
+                        break
+                except OSError:
+                    continue
 
     def resolve(self, path: str, *, decode_percent: bool = False) -> Path:
         rel = clean_relative(path, decode_percent=decode_percent)
+        if rel in self.pinned:
+            return self.pinned[rel]
         for root in self.roots:
             try:
                 real_root = root.resolve(strict=True)

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from netboot.api import ADMIN_TOKEN_KEY, Api
-from netboot.boot import BootService, BootSettings
+from netboot.boot import BootService, BootSettings, loader_names
 from netboot.config import Config
 from netboot.content import Content
 from netboot.enroll import Enroller
@@ -246,7 +246,7 @@ async def build(config: Config) -> Service:
         advertise = advertised_address(config)
         base_url = (config.http.public_url or f"http://{advertise}:{config.http.port}").rstrip(
             "/")
-        assets = FileTree(asset_roots(config))
+        assets = FileTree(asset_roots(config), pinned=loader_names())
         renderer = renderer_for(config)
         enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
         from netboot import groups as grouping

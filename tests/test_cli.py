@@ -92,3 +92,22 @@ def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
     assert "nothing was imported" in err
     rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
     assert len(json.loads(out)) == 2
+
+
+def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    from tests.conftest import KERNEL
+
+    digest = hashlib.sha256(KERNEL).hexdigest()
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img",
+               "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rc == 0
+    assert rows["vmlinuz"]["status"] == "ok" and rows["vmlinuz"]["sha256"] == digest
+    assert rows["undionly.kpxe"]["status"] in ("ok (known build)", "unknown build")
+    assert rows["arm64/ipxe.efi"]["status"] == "missing"
+    (tmp_path / "assets" / "initrd.img").unlink()
+    rc, out, _ = run(capsys, "assets", "--config", cfg)
+    assert rc == 1 and "missing" in out

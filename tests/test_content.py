@@ -79,3 +79,22 @@ async def test_site_default_file_and_assets(env: Env) -> None:
 async def test_traversal_refused(env: Env, path: str) -> None:
     with pytest.raises(Forbidden):
         await env.service.content.tftp_open(path, PEER)
+
+
+async def test_pinned_loader_follows_package_symlink(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Debian links /usr/lib/ipxe/ipxe.efi to /boot/ipxe.efi: the loader is served, but the same
+    kind of symlink under any other name is still refused."""
+    from netboot.files import FileTree
+
+    outside = tmp_path / "boot"
+    outside.mkdir()
+    (outside / "ipxe.efi").write_bytes(b"MZ")
+    root = tmp_path / "ipxe"
+    root.mkdir()
+    (root / "ipxe.efi").symlink_to(outside / "ipxe.efi")
+    (root / "other.efi").symlink_to(outside / "ipxe.efi")
+    tree = FileTree([root], pinned=["ipxe.efi", "snponly.efi"])
+    assert tree.blob("ipxe.efi").size == 2
+    assert tree.exists("ipxe.efi") and not tree.exists("snponly.efi")
+    with pytest.raises(Forbidden):
+        tree.blob("other.efi")
