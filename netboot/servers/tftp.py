@@ -1,0 +1,551 @@
+"""asyncio TFTP server: a thin adapter around :mod:`netboot.wire.tftp`.
+
+Read-only, RFC 1350 + options (RFC 2347 OACK, 2348 blksize, 2349 tsize/timeout, 7440
+windowsize). protocols.md §6.3 explains why tftpy's server is not used.
+
+* A listener on (host, port), built on :class:`BoundaryProtocol`, so one bad datagram never
+  stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped.
+* Each transfer gets its own socket on (the listener's address, port 0): its port is the
+  server's TID (RFC 1350 §4). A datagram from any other (ip, port) gets ERROR 5 and the
+  transfer goes on (dnsmasq: "TID mismatch").
+* Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
+  first reply was lost, so the first reply is resent instead of starting a second transfer.
+* Concurrent transfers are bounded overall and per client address. Past the bound an RRQ is
+  dropped without a reply, so the client retries it later (every boot ROM retransmits its
+  RRQ) instead of aborting the boot on an ERROR.
+* Files on disk are read with ``os.pread`` on a descriptor held for the transfer, one read
+  per window, so big images come from the page cache without being read whole; in-memory
+  blobs are sliced through a memoryview.
+* ``netascii`` is accepted and served as ``octet``, like pixiecore and tftpy: boot files are
+  binary, converting line ends would make ``tsize`` wrong, and a netascii client turns our
+  plain ``\\n`` into its local line end itself.
+* Paths: ``\\`` counts as ``/`` and a leading ``/`` is dropped (dnsmasq does both); ``..``
+  and NUL are refused with ERROR 2 before the content layer is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import socket
+import stat
+from collections import Counter
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound
+from netboot.files import clean_relative
+from netboot.model import Blob
+from netboot.servers.udp import Address, BoundaryProtocol, RateLimitedLog, Reply
+from netboot.wire.tftp import (
+    Ack,
+    Error,
+    ErrorCode,
+    MemorySource,
+    Opcode,
+    Outcome,
+    Policy,
+    ReadRequest,
+    Sender,
+    Source,
+    Step,
+    WriteRequest,
+    error_packet,
+    negotiate,
+    parse,
+)
+
+log = logging.getLogger(__name__)
+
+# An RRQ is at most 512 bytes per RFC 2347, but U-Boot allows 512-byte paths plus options.
+MAX_REQUEST = 2048
+PORT_KEY = "tftp.port"
+PORT_FLAG = "--tftp-port"
+
+
+class TftpFiles(Protocol):
+    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob: ...
+
+    # raises NotFound (→ ERROR 1) or Forbidden (→ ERROR 2); anything else → ERROR 0 + logged
+    # ``path`` arrives normalised: relative, "/"-separated, no "..", no NUL.
+
+
+@dataclass(slots=True)
+class TftpStats:
+    """Counters for tests, metrics and ``netboot explain``."""
+
+    requests: int = 0
+    started: int = 0
+    completed: int = 0
+    probes: int = 0
+    failed: int = 0
+    not_found: int = 0
+    refused: int = 0
+    busy: int = 0
+    duplicate_requests: int = 0
+    unknown_tid: int = 0
+
+
+class _FileSource:
+    """Reads a window at a time with pread on a descriptor held open for the transfer."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+
+class _Transfer(asyncio.DatagramProtocol):
+    """One read transfer: socket events and timer → :class:`Sender` → datagrams."""
+
+    def __init__(
+        self,
+        server: TftpServer,
+        peer: Address,
+        path: str,
+        sender: Sender,
+        fd: int | None,
+    ) -> None:
+        self.peer = peer
+        self.path = path
+        self._server = server
+        self._sender = sender
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed: float | None = None
+        self._closed = False
+
+    # -- asyncio protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not an isinstance check: on 3.11 the selector transport is no DatagramTransport.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("tftp %s:%d %r: socket error %s", *self.peer, self.path, exc)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        src = (addr[0], addr[1])
+        if src != self.peer:
+            # RFC 1350 §4: answer the stranger with ERROR 5, keep the transfer going.
+            self._server.stats.unknown_tid += 1
+            self._server.limited.log(
+                logging.INFO, src[0], "tftp %s:%d %r: packet from unknown TID %s:%d (ERROR 5)",
+                *self.peer, self.path, *src,
+            )
+            self._sendto(error_packet(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), src)
+            return
+        if len(data) >= 4 and data[0] == 0 and data[1] == Opcode.ACK:
+            # The hot path: one ACK per window, no dataclass needed.
+            block = (data[2] << 8) | data[3]
+            now = self._loop.time()
+            self._guard(lambda: self._sender.ack(block, now))
+            return
+        try:
+            packet = parse(data)
+        except DecodeError as exc:
+            self._server.limited.log(
+                logging.INFO, src[0], "tftp %s:%d %r: malformed datagram ignored: %s",
+                *self.peer, self.path, exc,
+            )
+            return
+        now = self._loop.time()
+        if isinstance(packet, Ack):
+            self._guard(lambda: self._sender.ack(packet.block, now))
+        elif isinstance(packet, Error):
+            self._guard(lambda: self._sender.error(packet.code, packet.message, now))
+        else:
+            log.debug(
+                "tftp %s:%d %r: ignored %s during the transfer",
+                *self.peer, self.path, type(packet).__name__,
+            )
+
+    # -- driving the sender --------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._guard(lambda: self._sender.start(self._loop.time()))
+
+    def duplicate_request(self) -> None:
+        self._guard(lambda: self._sender.duplicate_request(self._loop.time()))
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._armed = None
+        self._guard(lambda: self._sender.timeout(self._loop.time()))
+
+    def _guard(self, event: _Event) -> None:
+        if self._closed:
+            return
+        try:
+            step = event()
+        except Exception:  # the transfer's boundary: a bug or I/O error ends this one only
+            log.exception("tftp %s:%d %r: transfer failed", *self.peer, self.path)
+            self._server.stats.failed += 1
+            self._sendto(error_packet(ErrorCode.NOT_DEFINED, "internal error"), self.peer)
+            self.close()
+            return
+        self._apply(step)
+
+    def _apply(self, step: Step) -> None:
+        for datagram in step.send:
+            self._sendto(datagram, self.peer)
+        if step.done:
+            self._finished(step)
+            return
+        # Lazy timer: most ACKs move the deadline later, and re-arming a TimerHandle per ACK
+        # costs more than the ACK itself. An early wake-up is a stale timeout for the
+        # sender, which answers with its current deadline, and the timer is set again.
+        if step.deadline is None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._armed = None
+        elif self._armed is None or step.deadline < self._armed:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._armed = step.deadline
+            self._timer = self._loop.call_at(step.deadline, self._on_timer)
+
+    def _sendto(self, datagram: bytes, dest: Address) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.sendto(datagram, dest)
+
+    def _finished(self, step: Step) -> None:
+        s, stats = self._sender, self._server.stats
+        if step.outcome is Outcome.COMPLETE:
+            stats.completed += 1
+            log.info(
+                "tftp %s:%d %r: sent %d bytes in %d blocks (blksize %d, windowsize %d, "
+                "%d retransmissions)",
+                *self.peer, self.path, s.size, s.blocks, s.blksize, s.windowsize,
+                s.retransmissions,
+            )
+        elif step.outcome is Outcome.PROBE:
+            # EDK2 and PXE ROMs ask for tsize, then abort: the normal size probe.
+            stats.probes += 1
+            log.debug("tftp %s:%d %r: size probe ended (%s)", *self.peer, self.path, step.reason)
+        else:
+            stats.failed += 1
+            log.info(
+                "tftp %s:%d %r: transfer ended at block %d of %d: %s",
+                *self.peer, self.path, s.acked, s.blocks, step.reason,
+            )
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._server._forget(self.peer, self)
+
+
+class _Event(Protocol):
+    def __call__(self) -> Step: ...
+
+
+class TftpServer:
+    """Read-only TFTP on (host, port); ``port=0`` picks a free port, see :attr:`port`."""
+
+    def __init__(
+        self,
+        files: TftpFiles,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 69,
+        max_transfers: int = 64,
+        max_per_client: int = 8,
+        mtu: int = 1500,
+        interfaces: list[str] | None = None,
+        retransmit: float = 1.0,
+        max_retries: int = 6,
+        max_windowsize: int = 64,
+    ) -> None:
+        self._files = files
+        self.host = host
+        self.port = port
+        self.max_transfers = max_transfers
+        self.max_per_client = max_per_client
+        self.interfaces = list(interfaces) if interfaces else []
+        self._settings = (mtu, retransmit, max_retries, max_windowsize)
+        self.policy: Policy | None = None
+        self.stats = TftpStats()
+        self.limited = RateLimitedLog(log)
+        self._listeners: list[tuple[asyncio.BaseTransport, BoundaryProtocol]] = []
+        self._transfers: dict[Address, _Transfer] = {}
+        self._opening: set[Address] = set()
+        self._per_client: Counter[str] = Counter()
+        self._closing = False
+
+    @property
+    def transfers(self) -> int:
+        """Transfers running now (including ones whose file is being opened)."""
+        return len(self._transfers) + len(self._opening)
+
+    async def start(self) -> None:
+        mtu, retransmit, max_retries, max_windowsize = self._settings
+        try:
+            self.policy = Policy(
+                mtu=mtu,
+                retransmit=retransmit,
+                max_retries=max_retries,
+                max_windowsize=max_windowsize,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="tftp", fix="check tftp.mtu and timers") from None
+        if self.max_transfers < 1 or self.max_per_client < 1:
+            raise ConfigError("must be at least 1", key="tftp.max_transfers")
+        try:
+            ifaces: list[str | None] = [*self.interfaces] or [None]
+            for iface in ifaces:
+                await self._listen(iface)
+        except BaseException:
+            await self.close()
+            raise
+        log.info(
+            "tftp listening on %s:%d%s (max blksize %d)",
+            self.host, self.port,
+            f" on {', '.join(self.interfaces)}" if self.interfaces else "",
+            self.policy.max_blksize,
+        )
+
+    async def _listen(self, iface: str | None) -> None:
+        sock = self._bind(self.host, self.port, iface, listener=True)
+        # With port 0 the first bind picks the port; further interfaces reuse it.
+        self.port = sock.getsockname()[1]
+        boundary = BoundaryProtocol(
+            f"tftp[{iface}]" if iface else "tftp",
+            functools.partial(self._handle, iface),
+            logger=log,
+            min_size=2,
+            max_size=MAX_REQUEST,
+        )
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: boundary, sock=sock)
+        self._listeners.append((transport, boundary))
+
+    async def close(self) -> None:
+        self._closing = True
+        for transport, _ in self._listeners:
+            transport.close()
+        for _, proto in self._listeners:
+            await proto.drain()
+        self._listeners.clear()
+        for transfer in list(self._transfers.values()):
+            transfer.close()
+
+    # -- sockets -------------------------------------------------------------------------
+
+    def _bind(self, host: str, port: int, iface: str | None, *, listener: bool) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if iface:
+                # asyncio cannot tell which interface a datagram came in on: bind per
+                # interface instead (DESIGN.md §5).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            if not listener:
+                raise
+            raise self._bind_error(exc, host, port, iface) from None
+        return sock
+
+    @staticmethod
+    def _bind_error(exc: OSError, host: str, port: int, iface: str | None) -> ConfigError:
+        where = f"{host}:{port}" + (f" on {iface}" if iface else "")
+        if exc.errno == errno.EADDRINUSE:
+            return ConfigError(
+                f"UDP port {port} ({where}) is already in use, probably by another TFTP "
+                "server (tftpd-hpa, dnsmasq --enable-tftp)",
+                key=PORT_KEY,
+                fix=f"stop the other service or pick another port with {PORT_FLAG}",
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            if iface and port >= 1024:
+                return ConfigError(
+                    f"binding to interface {iface} needs CAP_NET_RAW ({exc.strerror})",
+                    key="tftp.interfaces",
+                    fix="run as root or grant CAP_NET_RAW, or drop --interface",
+                )
+            return ConfigError(
+                f"UDP port {port} ({where}) needs root or CAP_NET_BIND_SERVICE",
+                key=PORT_KEY,
+                fix=f"grant CAP_NET_BIND_SERVICE or use {PORT_FLAG} with a port >= 1024",
+            )
+        if exc.errno == errno.ENODEV:
+            return ConfigError(
+                f"no network interface named {iface!r}",
+                key="tftp.interfaces",
+                fix="name an existing interface with --interface",
+            )
+        return ConfigError(f"cannot bind UDP {where}: {exc.strerror}", key=PORT_KEY)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _handle(
+        self, iface: str | None, data: bytes, peer: Address
+    ) -> list[Reply] | Awaitable[list[Reply]] | None:
+        packet = parse(data)  # DecodeError → the boundary logs it, rate-limited
+        if isinstance(packet, WriteRequest):
+            self.stats.refused += 1
+            self.limited.log(
+                logging.INFO, peer[0], "tftp %s:%d %r: write request refused (read-only)",
+                *peer, packet.filename,
+            )
+            return [(error_packet(ErrorCode.ACCESS_VIOLATION, "read-only server"), peer)]
+        if not isinstance(packet, ReadRequest):
+            log.debug("tftp %s:%d: %s on the listener ignored", *peer, type(packet).__name__)
+            return None
+        self.stats.requests += 1
+        running = self._transfers.get(peer)
+        if running is not None or peer in self._opening:
+            # Our first reply was lost: resend it rather than start a second transfer.
+            self.stats.duplicate_requests += 1
+            log.debug("tftp %s:%d %r: duplicate request", *peer, packet.filename)
+            if running is not None:
+                running.duplicate_request()
+            return None
+        if packet.mode.lower() not in ("octet", "netascii"):
+            self.stats.refused += 1
+            self.limited.log(
+                logging.INFO, peer[0], "tftp %s:%d %r: unsupported mode %r",
+                *peer, packet.filename, packet.mode,
+            )
+            return [(error_packet(ErrorCode.ILLEGAL_OPERATION, "unsupported mode"), peer)]
+        try:
+            path = clean_relative(packet.filename)
+        except Forbidden as exc:
+            self.stats.refused += 1
+            self.limited.log(
+                logging.INFO, peer[0], "tftp %s:%d %r: refused: %s", *peer, packet.filename, exc
+            )
+            return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
+        except NotFound:
+            self.stats.not_found += 1
+            return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
+        if self._closing:
+            return None
+        if self.transfers >= self.max_transfers or (
+            self._per_client[peer[0]] >= self.max_per_client
+        ):
+            # No reply: the client retransmits its RRQ and gets a slot later; an ERROR
+            # would abort the boot of a machine that merely came up with a thousand others.
+            self.stats.busy += 1
+            self.limited.log(
+                logging.WARNING, "busy", "tftp %s:%d %r: %d transfers running, request dropped",
+                *peer, path, self.transfers,
+            )
+            return None
+        self._opening.add(peer)
+        self._per_client[peer[0]] += 1
+        return self._open(iface, packet, path, peer)
+
+    async def _open(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address
+    ) -> list[Reply]:
+        registered = False
+        try:
+            try:
+                blob = await self._files.tftp_open(path, peer)
+            except NotFound as exc:
+                self.stats.not_found += 1
+                # U-Boot's pxelinux.cfg lookup misses up to 14 files in a row (§3.3).
+                level = logging.DEBUG if path.startswith("pxelinux.cfg/") else logging.INFO
+                log.log(level, "tftp %s:%d %r: not found: %s", *peer, path, exc)
+                return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
+            except Forbidden as exc:
+                self.stats.refused += 1
+                self.limited.log(
+                    logging.INFO, peer[0], "tftp %s:%d %r: refused: %s", *peer, path, exc
+                )
+                return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
+            except Exception:
+                log.exception("tftp %s:%d %r: content lookup failed", *peer, path)
+                return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
+            if self._closing:
+                return []
+            transfer = await self._start_transfer(iface, request, path, peer, blob)
+            if transfer is None:
+                return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
+            registered = True
+            transfer.begin()
+            return []
+        finally:
+            self._opening.discard(peer)
+            if not registered:
+                self._release(peer)
+
+    async def _start_transfer(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, blob: Blob
+    ) -> _Transfer | None:
+        assert self.policy is not None
+        fd: int | None = None
+        sock: socket.socket | None = None
+        try:
+            source: Source
+            if blob.data is not None:
+                size, source = len(blob.data), MemorySource(blob.data)
+            elif blob.path is not None:
+                fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                # The size of what we hold open, not of what was stat'ed earlier.
+                size, source = st.st_size, _FileSource(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            else:
+                raise ValueError("blob has neither data nor path")
+            negotiated = negotiate(request.options, size, self.policy)
+            sender = Sender(negotiated, size, source, self.policy)
+            sock = self._bind(self.host, 0, iface, listener=False)
+            loop = asyncio.get_running_loop()
+            _, proto = await loop.create_datagram_endpoint(
+                lambda: _Transfer(self, peer, path, sender, fd), sock=sock
+            )
+        except Exception:
+            log.exception("tftp %s:%d %r: cannot start the transfer", *peer, path)
+            if sock is not None:
+                sock.close()
+            if fd is not None:
+                os.close(fd)
+            return None
+        assert isinstance(proto, _Transfer)
+        self._transfers[peer] = proto
+        self.stats.started += 1
+        n = sender.negotiated
+        log.info(
+            "tftp %s:%d %r: sending %d bytes (blksize %d, windowsize %d%s%s)",
+            *peer, path, size, n.blksize, n.windowsize,
+            ", OACK" if n.oack else "", ", netascii as octet"
+            if request.mode.lower() == "netascii" else "",
+        )
+        return proto
+
+    def _release(self, peer: Address) -> None:
+        self._per_client[peer[0]] -= 1
+        if self._per_client[peer[0]] <= 0:
+            del self._per_client[peer[0]]
+
+    def _forget(self, peer: Address, transfer: _Transfer) -> None:
+        if self._transfers.get(peer) is transfer:
+            del self._transfers[peer]
+            self._release(peer)
+

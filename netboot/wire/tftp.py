@@ -1,0 +1,588 @@
+"""TFTP: a pure codec and a pure read-transfer state machine. No sockets, no clock.
+
+Codec: RFC 1350 packets (RRQ, WRQ, DATA, ACK, ERROR) and the RFC 2347 OACK, each a frozen
+dataclass; :func:`parse` raises only :class:`DecodeError` naming the field and offset;
+:func:`encode` is its inverse for well-formed values.
+
+Transfer: :func:`negotiate` turns the options of an RRQ into what the server grants (RFC 2347
+/ 2348 / 2349 / 7440), and :class:`Sender` runs one read transfer. Events go in
+(``start``, ``ack``, ``error``, ``timeout``, ``duplicate_request``), each with ``now`` passed
+in; a :class:`Step` comes out: datagrams to send, when to call ``timeout`` next, and whether
+the transfer is over and how. The adapter in ``netboot/servers/tftp.py`` does the I/O.
+
+Quirks handled here, with where they come from (``protocols.md`` §3.7, §6):
+
+* Option names are case-insensitive (RFC 2347); only options the client asked for go into
+  the OACK; the client's own spelling of each name is echoed, so case-sensitive clients
+  (tftpy compares names case-sensitively) find the name they sent.
+* ``timeout`` is echoed exactly as sent: U-Boot aborts with "Invalid timeout val" when the
+  OACK carries a different value.
+* ``blksize`` never exceeds the request (RFC 2348; U-Boot aborts with "Invalid blk size") nor
+  ``mtu - 32`` (IP fragmentation breaks many boot ROMs; dnsmasq caps the same way).
+* Block numbers wrap 65535 → 0 after ``65535 * blksize`` bytes, as U-Boot, iPXE, dnsmasq and
+  tftpy all expect; internally blocks are counted without wrapping.
+* A duplicate ACK never triggers a resend (the Sorcerer's Apprentice bug, RFC 1123 §4.2.3.1);
+  only the retransmission timer resends.
+* An ERROR from the client right after the OACK (or DATA 1) is the usual size/existence probe
+  of PXE ROMs and EDK2, not a failure.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from netboot.errors import DecodeError
+
+__all__ = [
+    "MAX_BLKSIZE",
+    "MIN_BLKSIZE",
+    "Ack",
+    "Data",
+    "Error",
+    "ErrorCode",
+    "MemorySource",
+    "Negotiated",
+    "Opcode",
+    "OptionAck",
+    "Outcome",
+    "Packet",
+    "Phase",
+    "Policy",
+    "ReadRequest",
+    "Sender",
+    "Source",
+    "Step",
+    "WriteRequest",
+    "data_packet",
+    "encode",
+    "error_packet",
+    "negotiate",
+    "parse",
+]
+
+DEFAULT_BLKSIZE = 512  # RFC 1350
+MIN_BLKSIZE = 8  # RFC 2348: valid values range between 8 and 65464
+MAX_BLKSIZE = 65464
+MAX_WINDOWSIZE = 65535  # RFC 7440: 1..65535
+MIN_TIMEOUT, MAX_TIMEOUT = 1, 255  # RFC 2349
+_BLOCK_MOD = 0x10000
+
+_HEAD = struct.Struct("!H")
+_HEAD2 = struct.Struct("!HH")
+
+
+class Opcode(enum.IntEnum):
+    RRQ = 1
+    WRQ = 2
+    DATA = 3
+    ACK = 4
+    ERROR = 5
+    OACK = 6  # RFC 2347
+
+
+class ErrorCode(enum.IntEnum):
+    NOT_DEFINED = 0
+    FILE_NOT_FOUND = 1
+    ACCESS_VIOLATION = 2
+    DISK_FULL = 3
+    ILLEGAL_OPERATION = 4
+    UNKNOWN_TID = 5
+    FILE_EXISTS = 6
+    NO_SUCH_USER = 7
+    OPTION_NEGOTIATION = 8  # RFC 2347
+
+
+Options = tuple[tuple[str, str], ...]
+
+
+def _check_block(block: int) -> None:
+    if not 0 <= block <= 0xFFFF:
+        raise ValueError(f"block number {block} does not fit 16 bits")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    filename: str
+    mode: str = "octet"
+    options: Options = ()  # in wire order, names and values as sent
+
+    def option(self, name: str) -> str | None:
+        """The first value of option ``name``, compared case-insensitively (RFC 2347)."""
+        return _lookup(self.options, name)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    filename: str
+    mode: str = "octet"
+    options: Options = ()
+
+    def option(self, name: str) -> str | None:
+        return _lookup(self.options, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    block: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_block(self.block)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    block: int
+
+    def __post_init__(self) -> None:
+        _check_block(self.block)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    code: int
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.code <= 0xFFFF:
+            raise ValueError(f"error code {self.code} does not fit 16 bits")
+
+
+@dataclass(frozen=True, slots=True)
+class OptionAck:
+    options: Options
+
+    def option(self, name: str) -> str | None:
+        return _lookup(self.options, name)
+
+
+Packet = ReadRequest | WriteRequest | Data | Ack | Error | OptionAck
+
+
+def _lookup(options: Options, name: str) -> str | None:
+    want = name.lower()
+    for key, value in options:
+        if key.lower() == want:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------- codec
+
+
+def _cstring(data: bytes, start: int, field: str) -> tuple[bytes, int]:
+    end = data.find(b"\x00", start)
+    if end < 0:
+        raise DecodeError(f"{field} is not NUL-terminated", field=field, offset=start)
+    return data[start:end], end + 1
+
+
+def _ascii(raw: bytes, field: str, offset: int) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(
+            f"{field} is not ASCII", field=field, offset=offset + exc.start
+        ) from None
+
+
+def _parse_options(data: bytes, pos: int) -> Options:
+    options: list[tuple[str, str]] = []
+    while pos < len(data):
+        name_at = pos
+        name, pos = _cstring(data, pos, "option name")
+        if not name:
+            # Some PXE ROMs pad requests with NULs after the last option: stop there.
+            if data[name_at:].strip(b"\x00"):
+                raise DecodeError("empty option name", field="option name", offset=name_at)
+            break
+        value_at = pos
+        if pos >= len(data):
+            raise DecodeError(
+                f"option {name!r} has no value", field="option value", offset=value_at
+            )
+        value, pos = _cstring(data, pos, "option value")
+        options.append(
+            (_ascii(name, "option name", name_at), _ascii(value, "option value", value_at))
+        )
+    return tuple(options)
+
+
+def _parse_request(data: bytes, opcode: int) -> ReadRequest | WriteRequest:
+    raw_name, pos = _cstring(data, 2, "filename")
+    try:
+        filename = raw_name.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(
+            "filename is not UTF-8", field="filename", offset=2 + exc.start
+        ) from None
+    mode_at = pos
+    raw_mode, pos = _cstring(data, pos, "mode")
+    mode = _ascii(raw_mode, "mode", mode_at)
+    options = _parse_options(data, pos)
+    cls = ReadRequest if opcode == Opcode.RRQ else WriteRequest
+    return cls(filename, mode, options)
+
+
+def parse(data: bytes) -> Packet:
+    """Decode one TFTP datagram. Raises only :class:`DecodeError`."""
+    if len(data) < 2:
+        raise DecodeError("datagram shorter than an opcode", field="opcode", offset=0)
+    (opcode,) = _HEAD.unpack_from(data, 0)
+    if opcode in (Opcode.RRQ, Opcode.WRQ):
+        return _parse_request(data, opcode)
+    if opcode == Opcode.DATA:
+        if len(data) < 4:
+            raise DecodeError("DATA without a block number", field="block", offset=2)
+        (block,) = _HEAD.unpack_from(data, 2)
+        return Data(block, bytes(data[4:]))
+    if opcode == Opcode.ACK:
+        if len(data) < 4:
+            raise DecodeError("ACK without a block number", field="block", offset=2)
+        # Trailing bytes after the block number are ignored (dnsmasq does the same).
+        (block,) = _HEAD.unpack_from(data, 2)
+        return Ack(block)
+    if opcode == Opcode.ERROR:
+        if len(data) < 4:
+            raise DecodeError("ERROR without an error code", field="code", offset=2)
+        (code,) = _HEAD.unpack_from(data, 2)
+        # RFC 1350 terminates the message with NUL; some clients do not. Only ever logged.
+        raw = data[4:]
+        end = raw.find(b"\x00")
+        message = (raw if end < 0 else raw[:end]).decode("utf-8", errors="replace")
+        return Error(code, message)
+    if opcode == Opcode.OACK:
+        return OptionAck(_parse_options(data, 2))
+    raise DecodeError(f"unknown opcode {opcode}", field="opcode", offset=0)
+
+
+def _encode_options(options: Options) -> bytes:
+    out = bytearray()
+    for name, value in options:
+        if not name or "\x00" in name or "\x00" in value:
+            raise ValueError(f"option {name!r}={value!r} cannot be encoded")
+        out += name.encode("ascii") + b"\x00" + value.encode("ascii") + b"\x00"
+    return bytes(out)
+
+
+def encode(packet: Packet) -> bytes:
+    """Encode a packet value; raises ValueError for values that cannot be put on the wire."""
+    if isinstance(packet, ReadRequest | WriteRequest):
+        if "\x00" in packet.filename or "\x00" in packet.mode:
+            raise ValueError("filename and mode cannot contain NUL")
+        opcode = Opcode.RRQ if isinstance(packet, ReadRequest) else Opcode.WRQ
+        return (
+            _HEAD.pack(opcode)
+            + packet.filename.encode("utf-8")
+            + b"\x00"
+            + packet.mode.encode("ascii")
+            + b"\x00"
+            + _encode_options(packet.options)
+        )
+    if isinstance(packet, Data):
+        return data_packet(packet.block, packet.data)
+    if isinstance(packet, Ack):
+        return _HEAD2.pack(Opcode.ACK, packet.block)
+    if isinstance(packet, Error):
+        return error_packet(packet.code, packet.message)
+    return _HEAD.pack(Opcode.OACK) + _encode_options(packet.options)
+
+
+def data_packet(block: int, payload: bytes | memoryview) -> bytes:
+    """DATA for a 16-bit block number: the hot path, one copy of the payload."""
+    return _HEAD2.pack(Opcode.DATA, block) + payload
+
+
+def error_packet(code: int, message: str) -> bytes:
+    return _HEAD2.pack(Opcode.ERROR, code) + message.encode("utf-8", errors="replace") + b"\x00"
+
+
+# ----------------------------------------------------------------------------- negotiation
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Server-side limits and timers of a transfer (seconds)."""
+
+    mtu: int = 1500
+    max_windowsize: int = 64  # dnsmasq uses 32; RFC 7440 allows 65535
+    retransmit: float = 1.0  # first retransmission when the client named no timeout
+    backoff: float = 2.0  # each further retransmission waits this much longer ...
+    max_interval: float = 10.0  # ... up to this
+    max_retries: int = 6  # retransmissions without progress before giving up
+    stall: float = 120.0  # no progress for this long: give up (dnsmasq TFTP_TRANSFER_TIME)
+
+    def __post_init__(self) -> None:
+        if self.mtu - 32 < MIN_BLKSIZE:
+            raise ValueError(f"mtu {self.mtu} is too small for TFTP")
+        if self.max_windowsize < 1:
+            raise ValueError("max_windowsize must be at least 1")
+        if self.retransmit <= 0 or self.backoff < 1 or self.max_retries < 0:
+            raise ValueError("retransmit must be > 0, backoff >= 1, max_retries >= 0")
+
+    @property
+    def max_blksize(self) -> int:
+        # IPv4 + UDP + TFTP headers = 20 + 8 + 4; dnsmasq caps at mtu - 32 as well.
+        return min(MAX_BLKSIZE, self.mtu - 32)
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """What the server grants; ``oack`` is empty when no option was accepted (then DATA 1
+    is sent straight away, RFC 2347)."""
+
+    blksize: int = DEFAULT_BLKSIZE
+    windowsize: int = 1
+    timeout: int | None = None  # seconds, as the client asked
+    tsize: int | None = None
+    oack: Options = ()
+
+
+def _number(text: str) -> int | None:
+    # Strict decimal: int() would also take " 5", "+5" or non-ASCII digits.
+    if not text or not text.isascii() or not text.isdigit() or len(text) > 10:
+        return None
+    return int(text)
+
+
+def negotiate(options: Options, size: int | None, policy: Policy) -> Negotiated:
+    """Grant the options of an RRQ. Unknown or invalid options are left out, not refused:
+    RFC 2347 lets the server ignore any option, and an ERROR 8 would abort the boot."""
+    blksize, windowsize, timeout, tsize = DEFAULT_BLKSIZE, 1, None, None
+    oack: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name, value in options:
+        key = name.lower()
+        if key in seen:
+            continue  # first occurrence wins
+        seen.add(key)
+        number = _number(value)
+        if key == "blksize":
+            # RFC 2348: the reply must not exceed the request; below 8 is invalid, so the
+            # option is ignored and the default 512 applies.
+            if number is None or number < MIN_BLKSIZE:
+                continue
+            blksize = min(number, policy.max_blksize)
+            oack.append((name, str(blksize)))
+        elif key == "tsize":
+            # RFC 2349: the client sends 0 in an RRQ; answer only with a known size
+            # (pixiecore: a tsize of 0 upsets capricious clients).
+            if number is None or size is None:
+                continue
+            tsize = size
+            oack.append((name, str(size)))
+        elif key == "timeout":
+            # U-Boot: an OACK timeout different from the request aborts the transfer, so
+            # echo the client's exact text or leave the option out.
+            if number is None or not MIN_TIMEOUT <= number <= MAX_TIMEOUT:
+                continue
+            timeout = number
+            oack.append((name, value))
+        elif key == "windowsize":
+            if number is None or not 1 <= number <= MAX_WINDOWSIZE:
+                continue
+            windowsize = min(number, policy.max_windowsize)
+            oack.append((name, str(windowsize)))
+    return Negotiated(blksize, windowsize, timeout, tsize, tuple(oack))
+
+
+# ---------------------------------------------------------------------------- the sender
+
+
+class Source(Protocol):
+    """Where the bytes of a transfer come from. ``read`` must return exactly ``length``
+    bytes unless the underlying file shrank (then the transfer fails cleanly)."""
+
+    def read(self, offset: int, length: int) -> bytes | memoryview: ...
+
+
+class MemorySource:
+    """Bytes in memory, served by memoryview slicing (no copy until the DATA packet)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+
+    def read(self, offset: int, length: int) -> memoryview:
+        return self._view[offset : offset + length]
+
+
+class Phase(enum.Enum):
+    OACK = "oack"  # OACK sent, waiting for ACK 0
+    DATA = "data"
+    DONE = "done"
+
+
+class Outcome(enum.Enum):
+    COMPLETE = "complete"
+    PROBE = "probe"  # client ERROR after OACK / DATA 1: a size or existence probe
+    CLIENT_ERROR = "client-error"  # client ERROR later in the transfer
+    TIMED_OUT = "timed-out"
+    SOURCE_ERROR = "source-error"  # the file changed under the transfer
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What the adapter must do after an event."""
+
+    send: tuple[bytes, ...] = ()
+    deadline: float | None = None  # call ``timeout`` at this time; None once done
+    outcome: Outcome | None = None  # set when the transfer is over
+    reason: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+
+class Sender:
+    """One read transfer. Blocks are counted from 1 without wrapping; the wire carries the
+    number modulo 65536."""
+
+    def __init__(
+        self, negotiated: Negotiated, size: int, source: Source, policy: Policy
+    ) -> None:
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        self.negotiated = negotiated
+        self.size = size
+        self.blksize = negotiated.blksize
+        self.windowsize = negotiated.windowsize
+        self._source = source
+        self._policy = policy
+        # The last block is shorter than blksize, possibly empty (RFC 1350 / RFC 2348).
+        self.blocks = size // self.blksize + 1
+        self.phase = Phase.OACK if negotiated.oack else Phase.DATA
+        self.acked = 0  # highest block acknowledged in order
+        self.sent = 0  # highest block sent
+        self.retries = 0  # consecutive timeouts without progress
+        self.retransmissions = 0
+        self.duplicate_acks = 0
+        self.outcome: Outcome | None = None
+        self._base = (
+            float(negotiated.timeout) if negotiated.timeout is not None else policy.retransmit
+        )
+        self._deadline: float | None = None
+        self._progress = 0.0
+
+    # -- events --------------------------------------------------------------------------
+
+    def start(self, now: float) -> Step:
+        self._progress = now
+        if self.phase is Phase.OACK:
+            return self._arm(now, (self._oack(),))
+        return self._send_window(now)
+
+    def ack(self, block: int, now: float) -> Step:
+        if self.phase is Phase.DONE:
+            return self._over()
+        if self.phase is Phase.OACK:
+            if block != 0:
+                return self._wait()
+            self.phase = Phase.DATA
+            self._advance(now)
+            return self._send_window(now)
+        n = self.acked + ((block - self.acked) % _BLOCK_MOD)
+        if n == self.acked:
+            # Duplicate: never resend on it (Sorcerer's Apprentice); the timer will.
+            self.duplicate_acks += 1
+            return self._wait()
+        if n > self.sent:
+            return self._wait()  # an old ACK from before a wrap, or for a block not sent
+        self.acked = n
+        self._advance(now)
+        if n == self.blocks:
+            return self._finish(Outcome.COMPLETE, "")
+        # RFC 7440 §4: on loss the receiver ACKs the last in-order block and the sender
+        # restarts the window after it; on a full window this is simply the next window.
+        return self._send_window(now)
+
+    def error(self, code: int, message: str, now: float) -> Step:
+        if self.phase is Phase.DONE:
+            return self._over()
+        probe = self.phase is Phase.OACK or self.acked == 0
+        reason = f"client error {code}: {message}"
+        return self._finish(Outcome.PROBE if probe else Outcome.CLIENT_ERROR, reason)
+
+    def timeout(self, now: float) -> Step:
+        if self.phase is Phase.DONE:
+            return self._over()
+        if self._deadline is not None and now < self._deadline:
+            return self._wait()  # a stale timer
+        if self.retries >= self._policy.max_retries or now - self._progress >= self._policy.stall:
+            return self._finish(
+                Outcome.TIMED_OUT,
+                f"no ACK after {self.retries} retransmissions (block {self.acked + 1})",
+                error_packet(ErrorCode.NOT_DEFINED, "timed out"),
+            )
+        self.retries += 1
+        self.retransmissions += 1
+        return self._resend(now)
+
+    def duplicate_request(self, now: float) -> Step:
+        """The client sent its RRQ again: our first reply was lost. Resend it at once, but
+        only before anything was acknowledged; later it is a stray and is ignored."""
+        if self.phase is Phase.OACK or (self.phase is Phase.DATA and self.acked == 0):
+            self.retransmissions += 1
+            return self._resend(now)
+        return self._wait()
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _oack(self) -> bytes:
+        return _HEAD.pack(Opcode.OACK) + _encode_options(self.negotiated.oack)
+
+    def _advance(self, now: float) -> None:
+        self.retries = 0
+        self._progress = now
+
+    def _resend(self, now: float) -> Step:
+        if self.phase is Phase.OACK:
+            return self._arm(now, (self._oack(),))
+        return self._send_window(now)
+
+    def _send_window(self, now: float) -> Step:
+        first = self.acked + 1
+        last = min(self.acked + self.windowsize, self.blocks)
+        bs = self.blksize
+        start = (first - 1) * bs
+        end = min(last * bs, self.size)
+        chunk = self._source.read(start, end - start)
+        if len(chunk) != end - start:
+            return self._finish(
+                Outcome.SOURCE_ERROR,
+                f"read {len(chunk)} bytes at offset {start}, expected {end - start}"
+                " (file changed during the transfer?)",
+                error_packet(ErrorCode.NOT_DEFINED, "file changed"),
+            )
+        view = memoryview(chunk)
+        packets = tuple(
+            data_packet(block % _BLOCK_MOD, view[(block - first) * bs : (block - first + 1) * bs])
+            for block in range(first, last + 1)
+        )
+        self.sent = max(self.sent, last)
+        return self._arm(now, packets)
+
+    def _arm(self, now: float, packets: tuple[bytes, ...]) -> Step:
+        p = self._policy
+        interval = min(self._base * p.backoff**self.retries, max(p.max_interval, self._base))
+        self._deadline = now + interval
+        return Step(packets, self._deadline)
+
+    def _wait(self) -> Step:
+        return Step((), self._deadline)
+
+    def _finish(self, outcome: Outcome, reason: str, *farewell: bytes) -> Step:
+        self.phase = Phase.DONE
+        self.outcome = outcome
+        self._deadline = None
+        return Step(farewell, None, outcome, reason)
+
+    def _over(self) -> Step:
+        return Step((), None, self.outcome, "")

@@ -1,0 +1,580 @@
+"""The TFTP server on 127.0.0.1 port 0 with real sockets: interop with independent clients
+(tftpy, tftp-hpa, busybox) and a hand-rolled client for each edge case of protocols.md §10."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from netboot.errors import ConfigError
+from netboot.servers.tftp import TftpServer
+from netboot.wire.tftp import Ack, Data, Error, ErrorCode, OptionAck, WriteRequest
+from tests.servers.tftp_client import LOOPBACK, DirFiles, RawClient, fetch, until
+
+SMALL = bytes(range(256)) * 20 + b"tail"  # 5124 bytes: 11 blocks at 512
+EXACT = b"x" * 1024  # a multiple of 512: ends with an empty DATA
+TEXT = b"DEFAULT install\nLABEL install\n  KERNEL /k/Image\n"
+
+
+def pattern(size: int) -> bytes:
+    # A 251-byte period (prime): a block served at the wrong offset shows up.
+    unit = bytes((i * 7) & 0xFF for i in range(251))
+    return (unit * (size // 251 + 1))[:size]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    (r / "sub").mkdir(parents=True)
+    (r / "small.bin").write_bytes(SMALL)
+    (r / "exact.bin").write_bytes(EXACT)
+    (r / "empty.bin").write_bytes(b"")
+    (r / "sub" / "file.bin").write_bytes(b"in a subdirectory")
+    (r / "pxelinux.cfg").mkdir()
+    (r / "pxelinux.cfg" / "default").write_bytes(TEXT)
+    (r / "big.bin").write_bytes(pattern(3_000_000))
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"secret")
+    (r / "escape").symlink_to(outside)
+    return r
+
+
+@pytest.fixture
+def files(root: Path) -> DirFiles:
+    return DirFiles(root, {"mem.bin": pattern(100_000), "boot.scr.uimg": b"script"})
+
+
+async def started(files: DirFiles, **kwargs: object) -> TftpServer:
+    server = TftpServer(files, host=LOOPBACK, port=0, **kwargs)  # type: ignore[arg-type]
+    await server.start()
+    return server
+
+
+@pytest.fixture
+async def server(files: DirFiles) -> AsyncIterator[TftpServer]:
+    # Long enough that no retransmission interleaves with a test's own steps, even on a
+    # loaded CI machine; tests about the timer start their own server.
+    srv = await started(files, retransmit=5.0)
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[RawClient]:
+    c = RawClient()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def addr(server: TftpServer) -> tuple[str, int]:
+    return LOOPBACK, server.port
+
+
+# ------------------------------------------------------------------ independent clients
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        ("small.bin", {}, SMALL),
+        ("small.bin", {"blksize": 1468}, SMALL),
+        ("big.bin", {"blksize": 1468, "tsize": 0}, pattern(3_000_000)),
+        ("exact.bin", {"tsize": 0}, EXACT),
+        ("mem.bin", {"blksize": 1024}, pattern(100_000)),
+        ("empty.bin", {}, b""),
+    ],
+    ids=["plain", "blksize", "blksize-tsize", "exact-tsize", "memory", "empty"],
+)
+async def test_tftpy_client(
+    server: TftpServer, tmp_path: Path, name: str, options: dict[str, int], expected: bytes
+) -> None:
+    import tftpy
+
+    out = tmp_path / "out"
+
+    def download() -> None:
+        client = tftpy.TftpClient(LOOPBACK, server.port, options=dict(options))
+        client.download(name, str(out), timeout=5)
+
+    await asyncio.wait_for(asyncio.to_thread(download), 60)
+    assert out.read_bytes() == expected
+    await until(lambda: server.stats.completed == 1)
+
+
+async def run(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+needs_hpa = pytest.mark.skipif(shutil.which("tftp") is None, reason="tftp-hpa not installed")
+needs_busybox = pytest.mark.skipif(shutil.which("busybox") is None, reason="no busybox")
+
+
+@needs_hpa
+@pytest.mark.parametrize(
+    ("name", "expected"), [("small.bin", SMALL), ("big.bin", None)], ids=["small", "big"]
+)
+async def test_tftp_hpa_binary(
+    server: TftpServer, tmp_path: Path, name: str, expected: bytes | None
+) -> None:
+    rc, out = await run(
+        ["tftp", LOOPBACK, str(server.port), "-m", "binary", "-c", "get", name, "out"], tmp_path
+    )
+    assert rc == 0, out
+    want = expected if expected is not None else pattern(3_000_000)
+    assert (tmp_path / "out").read_bytes() == want
+
+
+@needs_hpa
+async def test_tftp_hpa_netascii_is_served_as_octet(server: TftpServer, tmp_path: Path) -> None:
+    # tftp-hpa's ascii mode turns CR LF into LF on receipt; a file with LF arrives unchanged.
+    rc, out = await run(
+        [
+            "tftp",
+            LOOPBACK,
+            str(server.port),
+            "-m",
+            "ascii",
+            "-c",
+            "get",
+            "pxelinux.cfg/default",
+            "out",
+        ],
+        tmp_path,
+    )
+    assert rc == 0, out
+    assert (tmp_path / "out").read_bytes() == TEXT
+
+
+@needs_hpa
+async def test_tftp_hpa_not_found(server: TftpServer, tmp_path: Path) -> None:
+    _rc, out = await run(
+        ["tftp", LOOPBACK, str(server.port), "-m", "binary", "-c", "get", "nope.bin", "out"],
+        tmp_path,
+    )
+    assert "not found" in out.lower() or "error code 1" in out.lower(), out
+
+
+@needs_busybox
+@pytest.mark.parametrize("blksize", [512, 1468, 65464])  # busybox itself refuses > 65464
+async def test_busybox_tftp(server: TftpServer, tmp_path: Path, blksize: int) -> None:
+    rc, out = await run(
+        [
+            "busybox",
+            "tftp",
+            "-g",
+            "-r",
+            "big.bin",
+            "-l",
+            "out",
+            "-b",
+            str(blksize),
+            LOOPBACK,
+            str(server.port),
+        ],
+        tmp_path,
+    )
+    assert rc == 0, out
+    assert (tmp_path / "out").read_bytes() == pattern(3_000_000)
+
+
+# ------------------------------------------------------------------- negotiation edges
+
+
+async def test_uppercase_option_names_are_honoured_and_echoed(
+    server: TftpServer, client: RawClient
+) -> None:
+    got = await fetch(client, addr(server), "small.bin", [("BLKSIZE", "1024"), ("TSize", "0")])
+    assert got.oack is not None
+    assert got.oack.options == (("BLKSIZE", "1024"), ("TSize", str(len(SMALL))))
+    assert got.data == SMALL
+    assert len(got.wire_blocks) == len(SMALL) // 1024 + 1
+
+
+async def test_timeout_is_echoed_exactly(server: TftpServer, client: RawClient) -> None:
+    # U-Boot's RRQ (net/tftp.c): timeout 5, tsize 0, blksize 1468.
+    opts = [("timeout", "5"), ("tsize", "0"), ("blksize", "1468")]
+    got = await fetch(client, addr(server), "big.bin", opts)
+    assert got.oack is not None
+    assert got.oack.options == (("timeout", "5"), ("tsize", "3000000"), ("blksize", "1468"))
+    assert got.data == pattern(3_000_000)
+
+
+async def test_only_requested_options_in_oack(server: TftpServer, client: RawClient) -> None:
+    got = await fetch(client, addr(server), "small.bin", [("tsize", "0"), ("color", "blue")])
+    assert got.oack is not None
+    assert got.oack.options == (("tsize", str(len(SMALL))),)
+
+
+async def test_blksize_70000_is_clamped_without_crash(
+    server: TftpServer, client: RawClient
+) -> None:
+    got = await fetch(client, addr(server), "big.bin", [("blksize", "70000")])
+    assert got.oack is not None and got.oack.option("blksize") == "1468"  # mtu 1500 - 32
+    assert got.data == pattern(3_000_000)
+    # ... and the server still serves (tftpy's listener died here, protocols.md §6.3).
+    with RawClient() as other:
+        assert (await fetch(other, addr(server), "small.bin")).data == SMALL
+
+
+async def test_blksize_below_8_is_ignored(server: TftpServer, client: RawClient) -> None:
+    got = await fetch(client, addr(server), "small.bin", [("blksize", "4")])
+    assert got.oack is None  # nothing acceptable was asked: DATA 1 straight away
+    assert got.data == SMALL
+
+
+async def test_exact_multiple_ends_with_empty_block(server: TftpServer, client: RawClient) -> None:
+    got = await fetch(client, addr(server), "exact.bin")
+    assert got.data == EXACT
+    assert got.wire_blocks == [1, 2, 3]
+
+
+async def test_windowsize_4_with_a_dropped_block(files: DirFiles, client: RawClient) -> None:
+    server = await started(files, retransmit=0.05)
+    try:
+        opts = [("blksize", "512"), ("windowsize", "4")]
+        # Block 7 is inside a window (5-8): the client ACKs 6 and the server goes on from 7
+        # at once. Block 9 starts a window: the client's ACK 8 is a duplicate, so the
+        # retransmission timer resends the window.
+        got = await fetch(client, addr(server), "mem.bin", opts, drop=[7, 9])
+        assert got.oack is not None and got.oack.option("windowsize") == "4"
+        assert got.data == pattern(100_000)
+        await until(lambda: server.stats.completed == 1)
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("window", [1, 16])
+async def test_rollover_past_65535_blocks(
+    files: DirFiles, root: Path, client: RawClient, window: int
+) -> None:
+    size = 65_600 * 512 + 100  # 33,587,300 bytes: past the wrap at 33,553,920
+    data = pattern(size)
+    (root / "rollover.bin").write_bytes(data)
+    server = await started(files, retransmit=1.0)
+    try:
+        opts = [("blksize", "512"), ("windowsize", str(window))]
+        got = await fetch(client, addr(server), "rollover.bin", opts, timeout=5)
+    finally:
+        await server.close()
+    assert hashlib.sha256(got.data).digest() == hashlib.sha256(data).digest()
+    blocks = got.wire_blocks
+    assert len(blocks) == 65_601
+    assert blocks[65_534:65_537] == [65_535, 0, 1]  # wraps to 0, as U-Boot expects
+    assert blocks[-1] == 65_601 % 65_536
+
+
+# --------------------------------------------------------------------- transfer edges
+
+
+async def test_duplicate_acks_do_not_cause_resends(files: DirFiles, client: RawClient) -> None:
+    # A long retransmit interval keeps the timer out of it: any extra DATA would come from
+    # the duplicate ACKs (Sorcerer's Apprentice) and would arrive before DATA 5.
+    server = await started(files, retransmit=30.0)
+    try:
+        client.rrq(addr(server), "small.bin")
+        for n in range(1, 4):
+            pkt, tid = await client.recv()
+            assert pkt == Data(n, SMALL[(n - 1) * 512 : n * 512])
+            client.send(Ack(n), tid)
+        client.send(Ack(3), tid)
+        client.send(Ack(3), tid)
+        client.send(Ack(2), tid)  # an old one, too
+        pkt, _ = await client.recv()
+        assert isinstance(pkt, Data) and pkt.block == 4
+        client.send(Ack(4), tid)
+        pkt, _ = await client.recv()
+        assert isinstance(pkt, Data) and pkt.block == 5
+    finally:
+        await server.close()
+
+
+async def test_error_after_oack_is_a_quiet_probe(server: TftpServer, client: RawClient) -> None:
+    client.rrq(addr(server), "big.bin", [("tsize", "0")])
+    pkt, tid = await client.recv()
+    assert isinstance(pkt, OptionAck) and pkt.option("tsize") == "3000000"
+    client.send(Error(ErrorCode.OPTION_NEGOTIATION, "just wanted the size"), tid)
+    await until(lambda: server.transfers == 0)
+    assert server.stats.probes == 1 and server.stats.failed == 0
+
+
+async def test_duplicate_rrq_is_not_a_second_transfer(
+    server: TftpServer, client: RawClient
+) -> None:
+    client.rrq(addr(server), "small.bin")
+    first, tid = await client.recv()
+    client.rrq(addr(server), "small.bin")  # as if DATA 1 had been lost
+    again, tid2 = await client.recv()
+    assert first == again and isinstance(first, Data) and first.block == 1
+    assert tid2 == tid
+    assert server.stats.started == 1 and server.stats.duplicate_requests == 1
+    client.send(Ack(1), tid)
+    pkt, _ = await client.recv()
+    assert isinstance(pkt, Data) and pkt.block == 2
+
+
+async def test_unknown_tid_gets_error_5_and_transfer_goes_on(
+    server: TftpServer, client: RawClient
+) -> None:
+    client.rrq(addr(server), "small.bin")
+    pkt, tid = await client.recv()
+    with RawClient() as stranger:
+        stranger.send(Ack(1), tid)
+        err, src = await stranger.recv()
+        assert isinstance(err, Error) and err.code == ErrorCode.UNKNOWN_TID
+        assert src == tid
+    out = bytearray(pkt.data if isinstance(pkt, Data) else b"")
+    for n in range(1, 20):
+        client.send(Ack(n), tid)
+        pkt, _ = await client.recv()
+        assert isinstance(pkt, Data) and pkt.block == n + 1
+        out += pkt.data
+        if len(pkt.data) < 512:
+            client.send(Ack(pkt.block), tid)
+            break
+    assert bytes(out) == SMALL
+    assert server.stats.unknown_tid == 1
+
+
+async def test_retransmits_with_backoff_then_gives_up(files: DirFiles, client: RawClient) -> None:
+    server = await started(files, retransmit=0.02, max_retries=3)
+    try:
+        client.rrq(addr(server), "small.bin")
+        seen = []
+        for _ in range(10):
+            pkt, _ = await client.recv()
+            seen.append(pkt)
+            if isinstance(pkt, Error):
+                break
+        assert seen[:4] == [Data(1, SMALL[:512])] * 4  # first send + 3 retransmissions
+        assert seen[4] == Error(ErrorCode.NOT_DEFINED, "timed out")
+        await until(lambda: server.transfers == 0)
+        assert server.stats.failed == 1
+    finally:
+        await server.close()
+
+
+async def test_lost_oack_is_resent(files: DirFiles, client: RawClient) -> None:
+    server = await started(files, retransmit=0.02, max_retries=5)
+    try:
+        client.rrq(addr(server), "small.bin", [("blksize", "1024")])
+        first, tid = await client.recv()
+        second, tid2 = await client.recv()  # not acknowledged: sent again by the timer
+        assert first == second == OptionAck((("blksize", "1024"),)) and tid == tid2
+        client.send(Ack(0), tid)
+        pkt = None
+        for _ in range(10):  # skip OACK retransmissions already in flight
+            pkt, _ = await client.recv()
+            if isinstance(pkt, Data):
+                break
+        assert pkt == Data(1, SMALL[:1024])
+    finally:
+        await server.close()
+
+
+# ----------------------------------------------------------------------- path handling
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("../secret.txt", ErrorCode.ACCESS_VIOLATION),
+        ("sub/../../secret.txt", ErrorCode.ACCESS_VIOLATION),
+        ("..\\secret.txt", ErrorCode.ACCESS_VIOLATION),
+        ("escape", ErrorCode.ACCESS_VIOLATION),  # symlink inside the root pointing out
+        ("/etc/passwd", ErrorCode.FILE_NOT_FOUND),  # absolute: taken relative to the root
+        ("nope.bin", ErrorCode.FILE_NOT_FOUND),
+        ("sub", ErrorCode.FILE_NOT_FOUND),  # a directory
+        ("", ErrorCode.FILE_NOT_FOUND),
+    ],
+)
+async def test_paths_outside_the_root_are_refused(
+    server: TftpServer, client: RawClient, name: str, code: ErrorCode
+) -> None:
+    client.rrq(addr(server), name)
+    pkt, _ = await client.recv()
+    assert isinstance(pkt, Error) and pkt.code == code, pkt
+
+
+async def test_nul_in_the_name_is_not_a_path(server: TftpServer, client: RawClient) -> None:
+    # The name ends at the first NUL; what follows is read as the mode and refused.
+    client.send(b"\x00\x01small.bin\x00../../etc/passwd\x00", addr(server))
+    pkt, _ = await client.recv()
+    assert isinstance(pkt, Error) and pkt.code == ErrorCode.ILLEGAL_OPERATION
+
+
+@pytest.mark.parametrize("name", ["sub\\file.bin", "/sub/file.bin", "\\sub\\file.bin"])
+async def test_backslash_and_leading_slash(
+    server: TftpServer, client: RawClient, name: str
+) -> None:
+    got = await fetch(client, addr(server), name)
+    assert got.data == b"in a subdirectory"
+
+
+async def test_wrq_is_refused(server: TftpServer, client: RawClient, root: Path) -> None:
+    client.send(WriteRequest("upload.bin", "octet"), addr(server))
+    pkt, _ = await client.recv()
+    assert isinstance(pkt, Error) and pkt.code == ErrorCode.ACCESS_VIOLATION
+    assert not (root / "upload.bin").exists()
+
+
+async def test_content_bug_is_error_0(server: TftpServer, client: RawClient) -> None:
+    client.rrq(addr(server), "boom")
+    pkt, _ = await client.recv()
+    assert isinstance(pkt, Error) and pkt.code == ErrorCode.NOT_DEFINED
+
+
+async def test_unsupported_mode(server: TftpServer, client: RawClient) -> None:
+    client.rrq(addr(server), "small.bin", mode="mail")
+    pkt, _ = await client.recv()
+    assert isinstance(pkt, Error) and pkt.code == ErrorCode.ILLEGAL_OPERATION
+
+
+# ------------------------------------------------------------------ robustness, limits
+
+
+async def test_malformed_datagrams_do_not_stop_the_server(
+    server: TftpServer, client: RawClient
+) -> None:
+    junk = [
+        b"\x00",
+        b"\x00\x01no-terminator",
+        b"\x00\x01name\x00octet\x00blksize\x00",
+        b"\x00\x09abc",
+        b"\xff\xff",
+        b"\x00\x01\xff\xfe\x00octet\x00",
+        b"\x00\x01" + b"a" * 5000 + b"\x00octet\x00",
+        b"\x00\x04\x00\x01",  # an ACK to the listener
+    ]
+    for datagram in junk:
+        client.send(datagram, addr(server))
+    got = await fetch(client, addr(server), "small.bin")
+    assert got.data == SMALL
+
+
+async def test_malformed_datagram_on_a_transfer_is_ignored(
+    server: TftpServer, client: RawClient
+) -> None:
+    client.rrq(addr(server), "small.bin", [("blksize", "1024")])
+    pkt, tid = await client.recv()
+    assert isinstance(pkt, OptionAck)
+    client.send(b"\x00", tid)
+    client.send(b"\x00\x07zz", tid)
+    client.send(Ack(0), tid)
+    pkt, _ = await client.recv()
+    for _ in range(10):  # a retransmitted OACK may still be in flight
+        if not isinstance(pkt, OptionAck):
+            break
+        pkt, _ = await client.recv()
+    assert pkt == Data(1, SMALL[:1024])
+
+
+async def test_concurrent_transfer_bound(files: DirFiles) -> None:
+    server = await started(files, max_transfers=2, retransmit=30.0)
+    a, b, c = RawClient(), RawClient(), RawClient()
+    try:
+        for cl in (a, b):
+            cl.rrq(addr(server), "small.bin")
+            pkt, _ = await cl.recv()
+            assert isinstance(pkt, Data)
+        c.rrq(addr(server), "small.bin")
+        # Dropped without a reply, so the client retries instead of aborting its boot.
+        await until(lambda: server.stats.busy == 1)
+        assert server.transfers == 2
+        # a gives up; c's retransmitted RRQ is then served.
+        pkt_a_tid = await _tid_of(server, a)
+        a.send(Error(ErrorCode.NOT_DEFINED, "bye"), pkt_a_tid)
+        await until(lambda: server.transfers == 1)
+        got = await fetch(c, addr(server), "small.bin")
+        assert got.data == SMALL
+    finally:
+        for cl in (a, b, c):
+            cl.close()
+        await server.close()
+
+
+async def test_per_client_bound(files: DirFiles) -> None:
+    server = await started(files, max_transfers=10, max_per_client=1, retransmit=30.0)
+    a, b = RawClient(), RawClient()
+    try:
+        a.rrq(addr(server), "small.bin")
+        assert isinstance((await a.recv())[0], Data)
+        b.rrq(addr(server), "small.bin")  # same address 127.0.0.1, another port
+        await until(lambda: server.stats.busy == 1)
+        assert server.transfers == 1
+    finally:
+        a.close()
+        b.close()
+        await server.close()
+
+
+async def _tid_of(server: TftpServer, client: RawClient) -> tuple[str, int]:
+    transfer = server._transfers[client.address]
+    assert transfer._transport is not None
+    host, port = transfer._transport.get_extra_info("sockname")
+    return host, port
+
+
+async def test_close_ends_running_transfers(files: DirFiles, client: RawClient) -> None:
+    server = await started(files, retransmit=30.0)
+    client.rrq(addr(server), "big.bin")
+    await client.recv()
+    assert server.transfers == 1
+    await server.close()
+    assert server.transfers == 0
+
+
+async def test_interface_binding_on_loopback(files: DirFiles, client: RawClient) -> None:
+    try:
+        server = await started(files, interfaces=["lo"])
+    except ConfigError as exc:
+        pytest.skip(f"SO_BINDTODEVICE not permitted here: {exc}")
+    try:
+        got = await fetch(client, addr(server), "small.bin", [("blksize", "1468")])
+        assert got.data == SMALL
+    finally:
+        await server.close()
+
+
+# ----------------------------------------------------------------------- start-up errors
+
+
+async def test_port_in_use_is_a_config_error(files: DirFiles) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind((LOOPBACK, 0))
+        port = taken.getsockname()[1]
+        server = TftpServer(files, host=LOOPBACK, port=port)
+        with pytest.raises(ConfigError) as info:
+            await server.start()
+    assert info.value.key == "tftp.port"
+    assert str(port) in str(info.value) and "--tftp-port" in str(info.value)
+
+
+def test_privilege_error_names_the_flag() -> None:
+    exc = TftpServer._bind_error(OSError(errno.EACCES, "Permission denied"), "0.0.0.0", 69, None)
+    assert exc.key == "tftp.port"
+    assert "69" in str(exc) and "CAP_NET_BIND_SERVICE" in str(exc) and "--tftp-port" in str(exc)
+
+
+def test_constructor_binds_nothing(files: DirFiles) -> None:
+    server = TftpServer(files, host=LOOPBACK, port=0)
+    assert server.port == 0 and server.transfers == 0

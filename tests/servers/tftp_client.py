@@ -1,0 +1,190 @@
+"""Test helpers for the TFTP server: a content class over a directory plus in-memory blobs, and
+a hand-rolled asyncio client on real loopback sockets that can misbehave on purpose.
+
+Every receive is bounded by a timeout; every loop by a count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from netboot.files import FileTree
+from netboot.model import Blob
+from netboot.wire.tftp import (
+    Ack,
+    Data,
+    Error,
+    OptionAck,
+    Packet,
+    ReadRequest,
+    encode,
+    parse,
+)
+
+Address = tuple[str, int]
+LOOPBACK = "127.0.0.1"
+
+
+class DirFiles:
+    """A real :class:`TftpFiles`: FileTree over a directory plus in-memory blobs."""
+
+    def __init__(self, root: Path, memory: dict[str, bytes] | None = None) -> None:
+        self.tree = FileTree([root])
+        self.memory = dict(memory or {})
+        self.opened: list[tuple[str, Address]] = []
+
+    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
+        self.opened.append((path, peer))
+        if path in self.memory:
+            data = self.memory[path]
+            return Blob(size=len(data), data=data)
+        if path == "boom":
+            raise RuntimeError("a bug in the content layer")
+        return self.tree.blob(path)
+
+
+async def until(predicate: Callable[[], bool], *, timeout: float = 5.0) -> None:
+    """Wait for server-side state to change, bounded in time (no fixed sleeps)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.002)
+
+
+class RawClient:
+    """A UDP socket on 127.0.0.1 speaking TFTP by hand."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+
+    @property
+    def address(self) -> Address:
+        host, port = self.sock.getsockname()
+        return host, port
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, packet: Packet | bytes, dest: Address) -> None:
+        data = packet if isinstance(packet, bytes) else encode(packet)
+        self.sock.sendto(data, dest)
+
+    async def recv_raw(self, timeout: float = 3.0) -> tuple[bytes, Address]:
+        async with asyncio.timeout(timeout):
+            data, addr = await self.loop.sock_recvfrom(self.sock, 70000)
+        return data, (addr[0], addr[1])
+
+    async def recv(self, timeout: float = 3.0) -> tuple[Packet, Address]:
+        data, addr = await self.recv_raw(timeout)
+        return parse(data), addr
+
+    async def nothing(self, timeout: float = 0.2) -> bool:
+        """True if no datagram arrives within ``timeout`` (used only to show silence)."""
+        try:
+            await self.recv_raw(timeout)
+        except TimeoutError:
+            return True
+        return False
+
+    def rrq(
+        self,
+        server: Address,
+        name: str,
+        options: Iterable[tuple[str, str]] = (),
+        mode: str = "octet",
+    ) -> None:
+        self.send(ReadRequest(name, mode, tuple(options)), server)
+
+
+@dataclass
+class Fetched:
+    data: bytes
+    oack: OptionAck | None
+    tid: Address
+    wire_blocks: list[int] = field(default_factory=list)  # block numbers as received, in order
+    acks: int = 0
+
+
+async def fetch(
+    client: RawClient,
+    server: Address,
+    name: str,
+    options: Iterable[tuple[str, str]] = (),
+    *,
+    drop: Iterable[int] = (),
+    max_packets: int = 200_000,
+    timeout: float = 3.0,
+) -> Fetched:
+    """Download ``name`` like an RFC 7440 receiver (U-Boot's behaviour, protocols.md §3.7).
+
+    ``drop`` lists absolute block numbers (1-based, unwrapped) to drop the first time they
+    arrive. Out of order: one ACK for the last in-order block, then wait for it.
+    """
+    opts = tuple(options)
+    client.rrq(server, name, opts)
+    to_drop = set(drop)
+    first, tid = await client.recv(timeout)
+    oack: OptionAck | None = None
+    blksize, window = 512, 1
+    if isinstance(first, OptionAck):
+        oack = first
+        blksize = int(first.option("blksize") or 512)
+        window = int(first.option("windowsize") or 1)
+        client.send(Ack(0), tid)
+        pending: Packet | None = None
+    elif isinstance(first, Data):
+        pending = first
+    else:
+        raise AssertionError(f"unexpected first reply {first!r}")
+    out = bytearray()
+    result = Fetched(b"", oack, tid)
+    expected = 1  # absolute
+    last_acked = 0
+    complained = False
+    for _ in range(max_packets):
+        if pending is None:
+            pkt, src = await client.recv(timeout)
+            assert src == tid, f"reply from {src}, transfer TID is {tid}"
+        else:
+            pkt, pending = pending, None
+        if isinstance(pkt, Error):
+            raise AssertionError(f"server sent ERROR {pkt.code} {pkt.message!r}")
+        assert isinstance(pkt, Data), pkt
+        absolute = expected if pkt.block == expected % 65536 else None
+        if absolute is not None and absolute in to_drop:
+            to_drop.discard(absolute)
+            continue
+        if absolute is None:
+            # Out of order (a block was lost) or a duplicate: one ACK for the last good block.
+            if not complained and pkt.block != (expected - 1) % 65536:
+                complained = True
+                last_acked = expected - 1
+                client.send(Ack(last_acked % 65536), tid)
+                result.acks += 1
+            continue
+        complained = False
+        result.wire_blocks.append(pkt.block)
+        out += pkt.data
+        expected += 1
+        last = len(pkt.data) < blksize
+        if last or expected - 1 - last_acked >= window:
+            last_acked = expected - 1
+            client.send(Ack(last_acked % 65536), tid)
+            result.acks += 1
+        if last:
+            result.data = bytes(out)
+            return result
+    raise AssertionError("too many packets")
