@@ -13,6 +13,7 @@ import csv
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import re
@@ -82,12 +83,22 @@ def render_hostname(template: str, machine: Machine, *, cluster: str | None = No
     )
     try:
         raw = template.format_map(fields)
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, AttributeError, TypeError) as exc:
+        # "{mac.x}" or "{serial:d}" fail at format time; a bad operator template is a 400 or
+        # a start-up error (check_hostname_template), never a 500 in a device's boot request.
         raise ValidationError("hostname_template", f"{template!r}: {exc}") from exc
     cleaned = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
     if not cleaned:
         raise ValidationError("hostname_template", f"{template!r} gave an empty name")
     return cleaned[:63].rstrip("-")
+
+
+def check_hostname_template(template: str) -> str:
+    """Refuse a template with unknown fields or bad syntax before any machine needs it."""
+    sample = Machine(mac=MacAddress(bytes(6)), serial="s", uuid="u", asset="a",
+                     facts={"product": "p"})
+    render_hostname(template, sample, cluster="c", role="r")
+    return template
 
 
 @dataclass(frozen=True)
@@ -429,9 +440,9 @@ class Enroller:
         )
         if errors or dry_run:
             return report
-        await self._store.apply_batch(Batch(create=create, update=update))
-        for m in create:
-            await self.event(str(m.mac), "enrolled", "imported")
+        events = [Event(str(m.mac), now, "enrolled", "imported") for m in create]
+        events += [Event(str(m.mac), now, "updated", "changed by an import") for m in update]
+        await self._store.apply_batch(Batch(create=create, update=update, events=events))
         return replace(report, applied=True)
 
     def _row_machine(self, row: Mapping[str, Any], clusters: set[str],
@@ -439,6 +450,17 @@ class Enroller:
         unknown = [k for k in row if k not in IMPORT_FIELDS]
         if unknown:
             raise ValidationError(unknown[0], f"unknown column (known: {', '.join(IMPORT_FIELDS)})")
+        for key, value in row.items():
+            # CSV gives text and YAML may give a number (serial: 12345); a list, an object or
+            # true/false in a scalar column is a mistake to report, not to str() into a value.
+            if key != "labels" and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, str | int)):
+                raise ValidationError(key, f"must be text, got {type(value).__name__}")
+        labels_value = row.get("labels")
+        if isinstance(labels_value, dict):
+            for k, v in labels_value.items():
+                if isinstance(v, bool) or not isinstance(v, str | int | float):
+                    raise ValidationError(f"labels.{k}", f"must be text, got {type(v).__name__}")
         if not row.get("mac"):
             raise ValidationError("mac", "required")
         mac = MacAddress.parse(str(row["mac"]))
@@ -457,8 +479,13 @@ class Enroller:
         hostname = check_hostname(str(row["hostname"])) if row.get("hostname") else None
         uuid = normalise_uuid(str(row["uuid"])) if row.get("uuid") else None
         fixed = row.get("fixed_ipv4") or None
-        if fixed is not None and not re.match(r"^\d+\.\d+\.\d+\.\d+$", str(fixed)):
-            raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address")
+        if fixed is not None:
+            # The same check as the store's codec, so that a dry run does not pass a row
+            # (999.1.1.1) that the real import then refuses without naming its line.
+            try:
+                fixed = str(ipaddress.IPv4Address(str(fixed)))
+            except ValueError:
+                raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
         return Machine(
             mac=mac, state=MachineState.ENROLLED, hostname=hostname,
             serial=str(row["serial"]) if row.get("serial") else None,

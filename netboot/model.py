@@ -57,12 +57,12 @@ class MacAddress:
         return cls(bytes.fromhex(compact))
 
     def __str__(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.raw)
+        return self.raw.hex(":")
 
     @property
     def hexhyp(self) -> str:
         """``aa-bb-cc-dd-ee-ff``: iPXE's ``${net0/mac:hexhyp}`` and the form used in URLs."""
-        return "-".join(f"{b:02x}" for b in self.raw)
+        return self.raw.hex("-")
 
     @property
     def hexraw(self) -> str:
@@ -75,7 +75,7 @@ class MacAddress:
 
     @property
     def oui(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.raw[:3])
+        return self.raw[:3].hex(":")
 
 
 class Arch(enum.StrEnum):

@@ -38,6 +38,8 @@ async def test_csv_import_creates_and_is_idempotent(store) -> None:  # type: ign
     assert report.applied and len(report.created) == 3 and not report.errors
     m2 = await store.get_machine("52:54:00:00:00:02")
     assert m2 is not None and m2.hostname == "edge-s2"  # from the template
+    # Events are written in the same transaction as the machines.
+    assert [e.kind for e in await store.list_events("52:54:00:00:00:02")] == ["enrolled"]
     m3 = await store.get_machine("52:54:00:00:00:03")
     assert m3 is not None and m3.labels == {"rack": "r2"}
     again = await e.import_rows(parse_import(CSV, "csv"))

@@ -27,10 +27,11 @@ class MachineFilter:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """A set of machine writes applied in one transaction: all or nothing."""
+    """A set of machine writes (and their events) applied in one transaction: all or nothing."""
 
     create: Sequence[Machine] = field(default_factory=tuple)
     update: Sequence[Machine] = field(default_factory=tuple)
+    events: Sequence[Event] = field(default_factory=tuple)
 
 
 class Store(Protocol):

@@ -132,8 +132,12 @@ class MemoryStore:
                 hostnames.pop(fold_hostname(old.hostname), None)
             _claim_hostname(hostnames, machine)
             machines[mac] = machine
+        events = [codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(e))))
+                  for e in batch.events]
         self._machines = machines
         self._hostnames = hostnames
+        for event in events:
+            self._events.setdefault(event.mac, []).append(event)
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:

@@ -248,8 +248,11 @@ class SqliteStore:
 
     async def apply_batch(self, batch: Batch) -> None:
         """One ``BEGIN IMMEDIATE`` transaction: creates in order, then updates in order."""
-        if batch.create or batch.update:
-            await self._run(_apply_batch, batch.create, batch.update)
+        if batch.create or batch.update or batch.events:
+            events = [(codec.event_from_dict(codec.event_to_dict(e)), e) for e in batch.events]
+            rows = [(v.mac, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
+                    for v, _ in events]
+            await self._run(_apply_batch, batch.create, batch.update, rows)
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:
@@ -467,7 +470,10 @@ def _delete_machine(conn: sqlite3.Connection, mac: str) -> None:
 
 
 def _apply_batch(
-    conn: sqlite3.Connection, create: Sequence[Machine], update: Sequence[Machine]
+    conn: sqlite3.Connection,
+    create: Sequence[Machine],
+    update: Sequence[Machine],
+    events: Sequence[tuple[str, float, str, str, str]] = (),
 ) -> None:
     # Encode (and so validate) on the worker, not the event loop: 100k rows take a second of
     # CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before BEGIN,
@@ -484,6 +490,10 @@ def _apply_batch(
             # failed: one machine updated twice has its labels inserted twice.
             conn.execute("ROLLBACK TO fast")
             _slow_batch(conn, creates, updates)
+        if events:
+            conn.executemany(
+                "INSERT INTO events (mac, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+                events)
         conn.execute("RELEASE fast")
 
 
