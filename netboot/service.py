@@ -116,6 +116,10 @@ class Service:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http_port: int = 0
     url_holder: dict[str, str] = field(default_factory=dict)
+    dns_port: int = 0
+    _zone_holder: Any = None
+    _zone_fingerprint: int | None = None
+    _zone_serial: int = 0
 
     async def start(self) -> None:
         cfg = self.config
@@ -158,27 +162,24 @@ class Service:
             await self._start_dns()
 
     async def _start_dns(self) -> None:
-        from netboot.names import Zone, ZoneHolder
+        from netboot.names import ZoneHolder
         from netboot.servers.dns import DnsServer
 
         cfg = self.config
-
-        async def build() -> Zone:
-            machines = await self.store.list_machines(MachineFilter(limit=1_000_000))
-            clusters = await self.store.list_clusters()
-            return Zone.build(machines, clusters, zone=cfg.dns.zone,
-                              server_addrs=[self.advertise], ttl=cfg.dns.ttl,
-                              serial=int(time.time()))
-
-        holder = ZoneHolder(await build())
+        self._zone_holder = ZoneHolder(await self._build_zone())
         upstreams = []
         for item in cfg.dns.upstreams:
             host, _, port = item.partition("#")
-            upstreams.append((host, int(port or 53)))
-        dns = DnsServer(holder, host=cfg.dns.listen or self.advertise, port=cfg.dns.port,
-                        upstreams=upstreams, forward=cfg.dns.forward)
+            try:
+                upstreams.append((host, int(port or 53)))
+            except ValueError:
+                raise ConfigError(f"{item!r} is not addr or addr#port", key="dns.upstreams",
+                                  fix="write e.g. 192.0.2.53 or 192.0.2.53#5353") from None
+        dns = DnsServer(self._zone_holder, host=cfg.dns.listen or self.advertise,
+                        port=cfg.dns.port, upstreams=upstreams, forward=cfg.dns.forward)
         await dns.start()
         self.servers.append(dns)
+        self.dns_port = dns.port
 
         async def refresh() -> None:
             # Registrations and failures change cluster endpoints; a bounded staleness of a
@@ -186,11 +187,35 @@ class Service:
             while True:
                 await asyncio.sleep(2.0)
                 try:
-                    holder.replace(await build())
+                    await self.refresh_zone()
                 except Exception:
                     log.exception("DNS zone rebuild failed; keeping the previous zone")
 
         self.tasks.append(asyncio.ensure_future(refresh()))
+
+    async def _build_zone(self) -> Any:
+        from netboot.names import Zone
+
+        cfg = self.config
+        machines = await self.store.list_machines(MachineFilter(limit=10_000_000))
+        clusters = await self.store.list_clusters()
+        fingerprint = hash((
+            tuple((str(m.mac), m.hostname, m.ipv4, m.state, m.role, m.cluster) for m in machines),
+            tuple(c.name for c in clusters)))
+        if fingerprint == self._zone_fingerprint and self._zone_holder is not None:
+            return self._zone_holder.zone()
+        self._zone_fingerprint = fingerprint
+        self._zone_serial = max(self._zone_serial + 1, int(time.time()))
+        zone = Zone.build(machines, clusters, zone=cfg.dns.zone, server_addrs=[self.advertise],
+                          ttl=cfg.dns.ttl, serial=self._zone_serial)
+        for problem in (*zone.conflicts, *zone.skipped):
+            log.warning("dns zone %s: %s", cfg.dns.zone, problem)
+        return zone
+
+    async def refresh_zone(self) -> None:
+        """Rebuild the DNS snapshot now if the inventory changed (also runs every 2 s)."""
+        if self._zone_holder is not None:
+            self._zone_holder.replace(await self._build_zone())
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -238,6 +263,23 @@ def _bind_error(exc: OSError, what: str, proto: str, port: int, key: str,
     return ConfigError(f"cannot listen for {what} on port {port}: {exc.strerror}", key=key)
 
 
+def _check_hostname_templates(config: Config) -> None:
+    """A template typo must stop start-up, not fail every matching device's boot request."""
+    from netboot.enroll import check_hostname_template
+    from netboot.errors import ValidationError
+
+    templates = [("enroll.hostname_template", config.enroll.hostname_template)]
+    templates += [(f"discovery.rules[{i}].hostname_template", rule.hostname_template)
+                  for i, rule in enumerate(config.discovery.rules) if rule.hostname_template]
+    for key, template in templates:
+        try:
+            check_hostname_template(template)
+        except ValidationError as exc:
+            raise ConfigError(exc.message, key=key,
+                              fix="use {mac_suffix}, {mac}, {serial}, {uuid}, {asset}, "
+                                  "{cluster}, {role} or {product}") from exc
+
+
 async def build(config: Config) -> Service:
     store = open_store(config)
     await store.open()
@@ -252,6 +294,7 @@ async def build(config: Config) -> Service:
         from netboot import groups as grouping
 
         grouping.check_groups(config.discovery.rules)
+        _check_hostname_templates(config)
         boot = BootService(
             store, assets,
             BootSettings(policy=config.discovery.policy,

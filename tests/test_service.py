@@ -80,3 +80,37 @@ async def test_serve_prints_summary_and_stops_on_signal(tmp_path: Path,
     assert "netboot serving on 192.0.2.10" in out and "/boot.ipxe" in out
     os.kill(os.getpid(), __import__("signal").SIGTERM)
     await asyncio.wait_for(task, 10)
+
+
+async def test_dns_answers_from_the_inventory(tmp_path: Path) -> None:
+    """Cluster endpoint names follow registrations (issue 6 through the wired service)."""
+    import dns.asyncquery
+    import dns.message
+    import dns.rcode
+
+    path = write_config(tmp_path, "dns:\n  enabled: true\n  listen: 127.0.0.1\n  port: 0\n"
+                                  "  zone: netboot.lan\n  forward: false\n")
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        store = service.store
+        from netboot.model import Cluster, MacAddress, Machine, MachineState, Role
+
+        await store.put_cluster(Cluster(name="edge", token="t"))
+        await store.create_machine(Machine(mac=MacAddress.parse("52:54:00:00:00:11"),
+                                           hostname="edge-1", cluster="edge", role=Role.SERVER,
+                                           state=MachineState.REGISTERED, ipv4="192.0.2.101"))
+        await service.refresh_zone()
+
+        async def ask(name: str) -> dns.message.Message:
+            q = dns.message.make_query(name, "A")
+            return await dns.asyncquery.udp(q, "127.0.0.1", port=service.dns_port, timeout=5)
+
+        answer = await ask("edge-1.netboot.lan")
+        assert [rr.to_text() for rrset in answer.answer for rr in rrset] == ["192.0.2.101"]
+        answer = await ask("edge.netboot.lan")
+        assert [rr.to_text() for rrset in answer.answer for rr in rrset] == ["192.0.2.101"]
+        answer = await ask("nope.netboot.lan")
+        assert answer.rcode() == dns.rcode.NXDOMAIN
+    finally:
+        await service.close()
