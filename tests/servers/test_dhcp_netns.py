@@ -186,3 +186,39 @@ def _exchange_in_namespace(link: Link, payload: bytes) -> bytes | None:
         return None
     return bytes.fromhex(result.stdout.decode().strip())
 
+
+
+def test_authoritative_mode_warns_about_another_dhcp_server(link: Link, tmp_path: Path) -> None:
+    """Start-up probe (issue 3): a second DHCP server on the link is reported loudly."""
+    dnsmasq = shutil.which("dnsmasq")
+    assert dnsmasq is not None, "dnsmasq-base is needed (tests/install-deps.sh installs it)"
+    ip("-n", link.client_ns, "addr", "add", "192.0.2.2/24", "dev", link.client_if)
+    other = subprocess.Popen(
+        ["ip", "netns", "exec", link.client_ns, dnsmasq, "--keep-in-foreground", "--port=0",
+         f"--interface={link.client_if}", "--bind-interfaces", "--no-ping",
+         "--dhcp-range=192.0.2.200,192.0.2.210,255.255.255.0,5m",
+         f"--dhcp-leasefile={tmp_path / 'leases'}", f"--pid-file={tmp_path / 'pid'}",
+         "--log-facility=-"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    server = None
+    try:
+        server = Server(link, "authoritative")
+        assert server.proc.stderr is not None
+        seen = ""
+        for _ in range(200):  # bounded: at most 200 lines or 20 s without one
+            ready, _, _ = select.select([server.proc.stderr], [], [], 20)
+            if not ready:
+                break
+            line = server.proc.stderr.readline().decode(errors="replace")
+            if not line:
+                break
+            seen += line
+            if "ANOTHER DHCP SERVER" in line:
+                break
+        assert "ANOTHER DHCP SERVER (192.0.2.2)" in seen, seen
+    finally:
+        if server is not None:
+            server.stop()
+        other.terminate()  # the dnsmasq this test started, by its own handle
+        other.wait(timeout=10)
