@@ -220,7 +220,8 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
-        k3s = await self.k3s_join(machine, cluster, role, group) if cluster else None
+        k3s = (await self.k3s_join(machine, cluster, role, group, claim=record)
+               if cluster else None)
         reason = (f"{machine.state}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
@@ -253,8 +254,12 @@ class BootService:
         )
 
     async def k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
-                       group: Group | None) -> K3sJoin:
-        """Cluster formation: external server URL, or managed (first server runs cluster-init)."""
+                       group: Group | None, *, claim: bool = True) -> K3sJoin:
+        """Cluster formation: external server URL, or managed (first server runs cluster-init).
+
+        ``claim=False`` answers what would happen without recording this machine as the
+        cluster-init node (``explain`` and other dry runs must not change the decision).
+        """
         labels = dict(cluster.labels)
         taints = list(cluster.taints)
         if group is not None:
@@ -268,7 +273,8 @@ class BootService:
             key = f"cluster-init/{cluster.name}"
             init_mac = await self._store.get_setting(key)
             if init_mac is None and role == Role.SERVER:
-                await self._store.put_setting(key, str(machine.mac))
+                if claim:
+                    await self._store.put_setting(key, str(machine.mac))
                 init_mac = str(machine.mac)
         if init_mac == str(machine.mac):
             return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name)
@@ -320,6 +326,8 @@ class BootService:
             facts["remote_addr"] = request.remote_addr
         if request.relay:
             facts["relay"] = request.relay
+        if request.interface:
+            facts["interface"] = request.interface
         if request.platform:
             facts["platform"] = request.platform
         if machine is None:

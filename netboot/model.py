@@ -254,6 +254,7 @@ class BootRequest:
     platform: str | None = None  # iPXE ${platform}: pcbios | efi
     remote_addr: str | None = None
     relay: str | None = None  # giaddr when relayed
+    interface: str | None = None  # provisioning interface the request came in on
     via: str = "http"  # dhcp | tftp | http
 
     def labels(self) -> dict[str, str]:

@@ -91,12 +91,13 @@ async def test_unknown_machine_ignored_but_discovered(
         setup: tuple[BootService, MemoryStore, Clock]) -> None:
     boot, store, _ = setup
     uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
-    assert await boot.first_stage(req(Firmware.UEFI, uuid=uuid, relay="192.0.2.1")) is None
+    assert await boot.first_stage(req(Firmware.UEFI, uuid=uuid, relay="192.0.2.1",
+                                      interface="eth1")) is None
     await boot.drain()
     m = await store.get_machine(str(MAC))
     assert m is not None and m.state == MachineState.DISCOVERED
     assert m.arch == Arch.X86_64 and m.firmware == Firmware.UEFI and m.uuid == uuid
-    assert m.facts["relay"] == "192.0.2.1"
+    assert m.facts["relay"] == "192.0.2.1" and m.facts["interface"] == "eth1"
     assert [e.kind for e in await store.list_events(str(MAC))] == ["discovered"]
     plan = await boot.plan(req(Firmware.IPXE, serial="SN1", product="Box"))
     assert plan.action == BootAction.IGNORE

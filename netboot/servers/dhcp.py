@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from netboot import pxe
 from netboot.errors import ConfigError, DecodeError
@@ -284,13 +284,15 @@ class DhcpServer:
     def _handler(self, listener: _Listener) -> Callable[[bytes, Address], Awaitable[list[Reply]]]:
         async def handle(data: bytes, peer: Address) -> list[Reply]:
             return await self.handle(
-                data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port
+                data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
+                interface=listener.interface,
             )
 
         return handle
 
     async def handle(
-        self, data: bytes, peer: Address, *, server_ip: str, pxe_port: bool
+        self, data: bytes, peer: Address, *, server_ip: str, pxe_port: bool,
+        interface: str | None = None,
     ) -> list[Reply]:
         """One datagram in, the replies out (payload, destination). Raises DecodeError for a
         malformed packet (the boundary logs it)."""
@@ -304,6 +306,9 @@ class DhcpServer:
         if packet.option(Opt.VENDOR_CLASS) == PROBE_VENDOR_CLASS:
             return []
         client = pxe.classify(packet, self._settings, peer[0])
+        if interface is not None:
+            # The link a machine was seen on is part of what discovery records.
+            client = replace(client, request=replace(client.request, interface=interface))
         if pxe_port or self._settings.mode == "proxy":
             return await self._proxy(packet, client, peer, server_ip, pxe_port)
         return await self._authoritative(packet, client, peer, server_ip)
