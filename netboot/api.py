@@ -19,11 +19,11 @@ from aiohttp import web
 
 from netboot import groups as grouping
 from netboot.boot import BootService
-from netboot.enroll import Enroller, check_hostname, token_matches
+from netboot.enroll import Enroller, check_hostname, check_hostname_template, token_matches
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Cluster, MacAddress, Machine, MachineState, Role
+from netboot.model import Cluster, MacAddress, Machine, MachineState, Role, normalise_uuid
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_TOKEN_KEY = "admin-token-sha256"
@@ -43,10 +43,24 @@ async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     if not raw:
         raise ValidationError("body", "a JSON body is required")
+    return loads(raw)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(raw: bytes) -> Any:
+    """Strict JSON: Python's json accepts NaN/Infinity and lone surrogates (\\ud800), which
+    no store or client can take back; refuse them here as a 400 naming the body."""
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = json.loads(raw, parse_constant=_no_constant)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("body", "not valid JSON: text with a lone surrogate") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ValidationError("body", f"not valid JSON: {exc}") from exc
+    return value
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -66,6 +80,15 @@ def _int_query(request: web.Request, key: str, default: int, low: int, high: int
     if not low <= value <= high:
         raise ValidationError(key, f"must be between {low} and {high}")
     return value
+
+
+def _check_name(name: str) -> None:
+    # Names are path segments of /api/v1/<kind>/<name> and appear in iPXE script comments:
+    # a '/' would make the object unaddressable, a newline would end the comment line.
+    if ("/" in name or name != name.strip() or len(name) > 253
+            or any(not ch.isprintable() for ch in name)):
+        raise ValidationError("name", f"{name!r}: use printable text without '/' or "
+                                      "surrounding spaces (at most 253 characters)")
 
 
 class Api:
@@ -156,6 +179,10 @@ class Api:
         machine = codec.machine_from_dict(body)
         if machine.hostname:
             machine = replace(machine, hostname=check_hostname(machine.hostname))
+        if machine.uuid:
+            # Canonical form, as firmware UUIDs are normalised before they are matched
+            # (bulk import does the same); garbage is a 400, not a machine no request matches.
+            machine = replace(machine, uuid=normalise_uuid(machine.uuid))
         await self._enroll.validate_refs(machine.cluster, machine.profile)
         return machine
 
@@ -209,6 +236,9 @@ class Api:
         unknown = sorted(set(body) - {"cluster", "role", "profile", "hostname"})
         if unknown:
             raise ValidationError(unknown[0], "unknown field")
+        for key in ("cluster", "role", "profile", "hostname"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise ValidationError(key, "must be a string or null")
         role = body.get("role")
         if role is not None and role not in ("server", "agent"):
             raise ValidationError("role", f"{role!r} is not server or agent")
@@ -245,10 +275,7 @@ class Api:
         if len(raw) > request.app["max_event"]:
             raise web.HTTPRequestEntityTooLarge(max_size=request.app["max_event"],
                                                 actual_size=len(raw))
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError as exc:
-            raise ValidationError("body", f"not valid JSON: {exc}") from exc
+        body = loads(raw or b"null")
         event = await self._enroll.report(str(machine.mac), _object(body))
         self._log.info("event mac=%s kind=%s message=%r", machine.mac, event.kind, event.message)
         return web.json_response(codec.event_to_dict(event), status=201)
@@ -260,6 +287,9 @@ class Api:
 
     async def bulk(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
+        unknown = sorted(set(body) - {"machines", "dry_run"})
+        if unknown:
+            raise ValidationError(unknown[0], "unknown field (known: machines, dry_run)")
         rows = body.get("machines")
         if not isinstance(rows, list):
             raise ValidationError("machines", "required: a list of machine objects")
@@ -322,6 +352,7 @@ class Api:
                 if await getattr(self._store, f"get_{kind[:-1]}")(name) is None:
                     raise NotFound(f"{kind[:-1]} {name!r} not found")
             item = parse(body)
+            _check_name(item.name)
             if kind == "clusters":
                 item = await self._check_cluster(item, body, create=create)
             elif kind == "groups":
@@ -348,6 +379,8 @@ class Api:
         return cluster
 
     async def _check_group(self, group: Any) -> None:
+        if group.hostname_template:
+            check_hostname_template(group.hostname_template)
         if group.profile and await self._store.get_profile(group.profile) is None:
             raise ValidationError("profile", f"unknown profile {group.profile!r}")
         if group.cluster and await self._store.get_cluster(group.cluster) is None:
@@ -363,9 +396,28 @@ class Api:
                 for g in await self._store.list_groups():
                     if getattr(g, ref) == name:
                         raise Conflict(f"{ref} {name!r} is used by group {g.name!r}")
+                # Machines name their cluster/profile directly too; deleting it under them
+                # would silently boot them without one (effective() finds nothing).
+                user = await self._machine_using(ref, name)
+                if user is not None:
+                    raise Conflict(f"{ref} {name!r} is used by machine {user}")
             await getattr(self._store, f"delete_{kind[:-1]}")(name)
             return web.Response(status=204)
         return handler
+
+    async def _machine_using(self, ref: str, name: str) -> str | None:
+        if ref == "cluster":
+            found = await self._store.list_machines(MachineFilter(cluster=name, limit=1))
+            return str(found[0].mac) if found else None
+        offset = 0
+        while True:
+            page = await self._store.list_machines(MachineFilter(limit=1000, offset=offset))
+            for m in page:
+                if m.profile == name:
+                    return str(m.mac)
+            if len(page) < 1000:
+                return None
+            offset += 1000
 
     async def openapi(self, request: web.Request) -> web.Response:
         from netboot.openapi import document

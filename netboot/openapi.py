@@ -12,27 +12,32 @@ _NSTR = {"type": ["string", "null"]}
 _MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _LIST = {"type": "array", "items": {"type": "string"}}
 
+_MACHINE_PROPS: dict[str, Any] = {
+    "mac": {"type": "string", "description": "any common MAC form; normalised"},
+    "hostname": _NSTR, "uuid": _NSTR, "serial": _NSTR, "asset": _NSTR,
+    "labels": _MAP, "cluster": _NSTR,
+    "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
+    "profile": _NSTR, "fixed_ipv4": _NSTR,
+    "state": {"type": "string", "enum": ["discovered", "enrolled", "booting", "installing",
+                                         "installed", "registered", "failed", "reinstall"]},
+}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"],
               "properties": {"error": _STR, "field": _STR}},
-    "MachineInput": {
-        "type": "object", "required": ["mac"], "additionalProperties": False,
-        "properties": {
-            "mac": {"type": "string", "description": "any common MAC form; normalised"},
-            "hostname": _NSTR, "uuid": _NSTR, "serial": _NSTR, "asset": _NSTR,
-            "labels": _MAP, "cluster": _NSTR,
-            "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
-            "profile": _NSTR, "fixed_ipv4": _NSTR,
-            "state": {"type": "string", "enum": ["discovered", "enrolled", "booting",
-                                                 "installing", "installed", "registered",
-                                                 "failed", "reinstall"]},
-        },
-    },
-    "Machine": {"allOf": [{"$ref": "#/components/schemas/MachineInput"}, {
-        "type": "object",
-        "properties": {"mac_hexhyp": _STR, "arch": _NSTR, "firmware": _NSTR, "ipv4": _NSTR,
-                       "facts": _MAP, "token_expires": {"type": ["number", "null"]},
-                       "created": {"type": "number"}, "updated": {"type": "number"}}}]},
+    "MachineInput": {"type": "object", "required": ["mac"], "additionalProperties": False,
+                     "properties": _MACHINE_PROPS},
+    # PATCH merges into the stored machine: every field optional; "mac" may only repeat it.
+    "MachinePatch": {"type": "object", "additionalProperties": False,
+                     "properties": _MACHINE_PROPS},
+    "Approve": {"type": "object", "additionalProperties": False, "properties": {
+        "cluster": _NSTR, "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
+        "profile": _NSTR, "hostname": _NSTR}},
+    # Not allOf MachineInput: its additionalProperties=false would reject every response.
+    "Machine": {"type": "object", "required": ["mac", "state"], "properties": {
+        **_MACHINE_PROPS, "mac_hexhyp": _STR, "arch": _NSTR, "firmware": _NSTR, "ipv4": _NSTR,
+        "facts": _MAP, "token_expires": {"type": ["number", "null"]},
+        "created": {"type": "number"}, "updated": {"type": "number"}}},
     "MachineList": {"type": "object", "properties": {
         "items": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}},
         "total": {"type": "integer"}, "limit": {"type": "integer"},
@@ -61,7 +66,8 @@ SCHEMAS: dict[str, Any] = {
     "Register": {"type": "object", "required": ["mac", "token"], "properties": {
         "mac": _STR, "token": _STR, "hostname": _STR, "addresses": _LIST,
         "machine_id": _STR, "node_name": _STR, "os": _STR}},
-    "Bulk": {"type": "object", "required": ["machines"], "properties": {
+    "Bulk": {"type": "object", "required": ["machines"], "additionalProperties": False,
+             "properties": {
         "machines": {"type": "array", "items": {"$ref": "#/components/schemas/MachineInput"}},
         "dry_run": {"type": "boolean"}}},
     "ImportReport": {"type": "object", "properties": {
@@ -78,7 +84,7 @@ def _ref(name: str) -> dict[str, Any]:
 
 def _op(summary: str, *, body: str | None = None, ok: int = 200, out: str | None = None,
         admin: bool = False, errors: tuple[int, ...] = (400, 404),
-        params: tuple[str, ...] = ()) -> dict[str, Any]:
+        params: tuple[str, ...] = (), body_required: bool = True) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": {}}
     if out == "array:Machine" or (out and out.startswith("array:")):
         schema: dict[str, Any] = {"type": "array", "items": _ref(out.split(":", 1)[1])}
@@ -92,7 +98,7 @@ def _op(summary: str, *, body: str | None = None, ok: int = 200, out: str | None
         op["responses"][str(code)] = {"description": "error", "content": {
             "application/json": {"schema": _ref("Error")}}}
     if body:
-        op["requestBody"] = {"required": True,
+        op["requestBody"] = {"required": body_required,
                              "content": {"application/json": {"schema": _ref(body)}}}
     if admin:
         op["security"] = [{"bearer": []}]
@@ -123,14 +129,14 @@ def document() -> dict[str, Any]:
         "/api/v1/machines/{mac}": {
             "parameters": [_path_param("mac")],
             "get": _op("one machine", out="Machine"),
-            "patch": _op("change a machine", body="MachineInput", out="Machine", admin=True,
+            "patch": _op("change a machine", body="MachinePatch", out="Machine", admin=True,
                          errors=(400, 404, 409)),
             "delete": {**_op("remove a machine", ok=204, admin=True)},
         },
         "/api/v1/machines/{mac}/approve": {
             "parameters": [_path_param("mac")],
-            "post": _op("approve a discovered machine", body="MachineInput", out="Machine",
-                        admin=True, errors=(400, 404, 409)),
+            "post": _op("approve a discovered machine", body="Approve", out="Machine",
+                        admin=True, errors=(400, 404, 409), body_required=False),
         },
         "/api/v1/machines/{mac}/reinstall": {
             "parameters": [_path_param("mac")],
@@ -156,6 +162,13 @@ def document() -> dict[str, Any]:
             "get": _op("machines of a cluster", out="array:Machine"),
         },
     }
+    # Bulk: 200 for a dry run, and 400 carries the per-row report (or an Error for a bad
+    # envelope).
+    bulk = paths["/api/v1/machines:bulk"]["post"]["responses"]
+    bulk["200"] = {"description": "dry run: what would change",
+                   "content": {"application/json": {"schema": _ref("ImportReport")}}}
+    bulk["400"]["content"]["application/json"]["schema"] = {
+        "anyOf": [_ref("ImportReport"), _ref("Error")]}
     for kind, schema in (("profiles", "Profile"), ("clusters", "Cluster"), ("groups", "Group")):
         paths[f"/api/v1/{kind}"] = {
             "get": _op(f"list {kind}", out=f"array:{schema}"),

@@ -111,3 +111,87 @@ async def make_env(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[EnvFact
 @pytest.fixture
 async def env(make_env: EnvFactory) -> Env:
     return await make_env()
+
+
+# --- helpers added for the HTTP surface tests ------------------------------------------------
+#
+# ``Env.post``/``Env.get`` cover the common cases; the helpers below give the status, the
+# headers and the body of any request, and a raw HTTP/1.1 request over loopback for request
+# targets that an HTTP client library would normalise before sending (``..``, ``%2e%2e``).
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+async def call(env: Env, method: str, path: str, *, json_body: Any = None,
+               data: bytes | str | None = None, headers: dict[str, str] | None = None,
+               admin: bool = True) -> Reply:
+    """Any request through the test client; the admin token is sent unless ``admin=False``."""
+    hdrs = dict(env.auth if admin else {})
+    hdrs.update(headers or {})
+    kwargs: dict[str, Any] = {"headers": hdrs}
+    if json_body is not None:
+        kwargs["json"] = json_body
+    if data is not None:
+        kwargs["data"] = data
+    resp = await env.client.request(method, path, **kwargs)
+    body = await resp.read()
+    return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
+
+
+async def raw_get(env: Env, target: str, *, method: str = "GET") -> Reply:
+    """Send ``target`` byte for byte (no client-side normalisation) to the test server."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(env.client.host, env.client.port)
+    try:
+        writer.write(f"{method} {target} HTTP/1.1\r\nHost: 192.0.2.10\r\n"
+                     "Connection: close\r\n\r\n".encode("latin-1"))
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return Reply(status, headers, body)
+
+
+BASE = "http://192.0.2.10:8080"
+
+
+async def boot(env: Env, mac: str, *, arch: str = "x86_64", **facts: str) -> str:
+    """What iPXE gets from ``GET /ipxe`` for this machine (the query /boot.ipxe builds)."""
+    resp = await env.client.get("/ipxe", params={"mac": mac, "arch": arch, **facts})
+    text = await resp.text()
+    assert resp.status == 200, (resp.status, text)
+    assert text.startswith("#!ipxe"), text
+    return text
+
+
+def install_token(script: str) -> str:
+    """The install token in the kernel command line of an install script."""
+    import re
+
+    found = re.search(r"/config/[0-9a-f-]{17}\?token=([A-Za-z0-9_-]+)", script) or re.search(
+        r"/nocloud/[0-9a-f-]{17}/([A-Za-z0-9_-]+)/", script)
+    assert found is not None, script
+    return found.group(1)

@@ -72,6 +72,21 @@ def ipxe_request(query: Any, remote: str | None) -> BootRequest:
     )
 
 
+def loggable_target(request: web.Request) -> str:
+    """The request target without the install token (in the query or the NoCloud path).
+
+    The install token opens a machine's config, which carries the cluster join secret, so it
+    must not end up in log files.
+    """
+    path = request.path
+    token = request.match_info.get("token")
+    if token:
+        path = path.replace(f"/{token}/", "/<token>/")
+    query = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
+             for key, value in request.query.items()]
+    return path + ("?" + "&".join(query) if query else "")
+
+
 def error_response(exc: Exception, log: logging.Logger, request: web.Request) -> web.Response:
     """The one place HTTP errors are translated (DESIGN.md §4.5)."""
     if isinstance(exc, ValidationError):
@@ -82,18 +97,22 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
         return web.json_response({"error": str(exc)}, status=401,
                                  headers={"WWW-Authenticate": "Bearer"})
     if isinstance(exc, Forbidden):
-        return web.json_response({"error": str(exc)}, status=403)
+        # The detail names the server's own directories ("resolves outside /srv/..."): log it,
+        # answer generically, as TFTP does with "access violation".
+        log.info("refused %s %s from %s: %s", request.method, loggable_target(request),
+                 request.remote, exc)
+        return web.json_response({"error": "access denied"}, status=403)
     if isinstance(exc, NotFound):
         return web.json_response({"error": str(exc)}, status=404)
     if isinstance(exc, Conflict):
         return web.json_response({"error": str(exc)}, status=409)
     if isinstance(exc, RenderError):
-        log.error("render failed for %s %s: %s", request.method, request.path_qs, exc)
+        log.error("render failed for %s %s: %s", request.method, loggable_target(request), exc)
         return web.json_response({"error": f"render failed: {exc}"}, status=500)
     if isinstance(exc, StoreError):
-        log.error("inventory failed for %s %s: %s", request.method, request.path_qs, exc)
+        log.error("inventory failed for %s %s: %s", request.method, loggable_target(request), exc)
         return web.json_response({"error": "inventory unavailable"}, status=503)
-    log.exception("bug handling %s %s", request.method, request.path_qs)
+    log.exception("bug handling %s %s", request.method, loggable_target(request))
     return web.json_response({"error": "internal error"}, status=500)
 
 

@@ -1,0 +1,542 @@
+"""Device endpoints (netboot.servers.http) through aiohttp's test client.
+
+/healthz, /boot.ipxe, /ipxe, /assets/<path> (Range, HEAD, validators, path traversal),
+/config/<mac> and /nocloud/<mac>/<token>/<file>, and the error middleware's mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import (
+    BASE,
+    INITRD,
+    KERNEL,
+    Env,
+    EnvFactory,
+    boot,
+    call,
+    install_token,
+    raw_get,
+)
+
+MAC = "52:54:00:12:34:56"
+HEXHYP = "52-54-00-12-34-56"
+
+
+async def enrolled(env: Env, mac: str = MAC, **fields: object) -> str:
+    """Seed the inventory, enroll ``mac`` and return the install script it boots."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": mac, **fields}, status=201)
+    return await boot(env, mac)
+
+
+def assets_dir(env: Env) -> Path:
+    return Path(env.service.config.assets.dirs[0])
+
+
+# --- /healthz, /boot.ipxe ------------------------------------------------------------------
+
+
+async def test_healthz(env: Env) -> None:
+    assert await env.get("/healthz") == "ok\n"
+
+
+async def test_bootstrap_chains_to_ipxe_with_every_identity_setting(env: Env) -> None:
+    resp = await env.client.get("/boot.ipxe")
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    script = await resp.text()
+    assert script.startswith("#!ipxe\n")
+    chain = next(line for line in script.splitlines() if line.startswith("chain "))
+    url = chain.split()[2]
+    assert url.startswith(f"{BASE}/ipxe?mac=${{net0/mac:hexhyp}}&")
+    for setting in ("uuid=${uuid}", "arch=${buildarch}", "platform=${platform}",
+                    "serial=${serial:uristring}", "manufacturer=${manufacturer:uristring}",
+                    "product=${product:uristring}", "asset=${asset:uristring}"):
+        assert setting in url.split("?", 1)[1].split("&"), setting
+    # A failed chain retries (bounded) instead of leaving a dead machine.
+    assert "|| " in chain or chain.endswith("||")
+    assert "goto retry" in script
+    assert "iseq ${netboot-try}" in script
+    assert ":retry" in script.splitlines()
+
+
+# --- /ipxe -----------------------------------------------------------------------------------
+
+
+async def test_ipxe_requires_a_mac(env: Env) -> None:
+    body = await env.get("/ipxe", status=400)
+    assert body["field"] == "mac"
+    body = await env.get("/ipxe?mac=not-a-mac&arch=x86_64", status=400)
+    assert body["field"] == "mac"
+    body = await env.get("/ipxe?mac=52:54:00:12:34", status=400)
+    assert body["field"] == "mac"
+
+
+async def test_ipxe_unknown_machine_with_policy_ignore_exits(env: Env) -> None:
+    resp = await env.client.get("/ipxe", params={"mac": HEXHYP, "arch": "x86_64"})
+    assert resp.status == 200
+    assert resp.headers["Cache-Control"] == "no-store"
+    script = await resp.text()
+    assert script.startswith("#!ipxe")
+    assert script.rstrip().splitlines()[-1] == "exit"
+    assert "kernel" not in script
+
+
+async def test_ipxe_install_script(env: Env) -> None:
+    script = await enrolled(env)
+    lines = script.splitlines()
+    kernel = [line for line in lines if line.startswith("kernel ")]
+    assert len(kernel) == 1  # the whole command line on one line
+    assert kernel[0].startswith(f"kernel {BASE}/assets/vmlinuz ")
+    assert "initrd=initrd.img" in kernel[0]
+    token = install_token(script)
+    assert f"k3os.install.config_url={BASE}/config/{HEXHYP}?token={token}" in kernel[0]
+    assert f"initrd --name initrd.img {BASE}/assets/initrd.img" in lines
+    assert lines[-1] == "boot"
+
+
+async def test_ipxe_garbage_uuid_and_odd_facts_still_boot(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC, "profile": "k3os", "cluster": "edge"},
+                   status=201)
+    script = await boot(env, "52:54:00:12:34:56", uuid="not-a-uuid", arch="weird",
+                        serial="x" * 1000, platform="efi")
+    assert "kernel " in script  # the machine's own settings still decide
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["uuid"] is None
+
+
+async def test_ipxe_each_request_issues_a_fresh_token(env: Env) -> None:
+    first = install_token(await enrolled(env))
+    second = install_token(await boot(env, MAC))
+    assert first != second
+    # Only the newest token opens the config: the old plan's token is gone.
+    await env.get(f"/config/{HEXHYP}?token={first}", status=401)
+    await env.get(f"/config/{HEXHYP}?token={second}", status=200)
+
+
+async def test_ipxe_render_failure_is_a_500_with_json(make_env: EnvFactory, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "ipxe").mkdir(parents=True)
+    (site / "ipxe" / "install.ipxe").write_text("#!ipxe\necho {{ no_such_variable }}\n")
+    env = await make_env(f"templates:\n  dir: {site}\n")
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    resp = await env.client.get("/ipxe", params={"mac": MAC, "arch": "x86_64"})
+    assert resp.status == 500
+    body = await resp.json()
+    assert "no_such_variable" in body["error"]
+
+
+# --- /assets ---------------------------------------------------------------------------------
+
+
+async def test_asset_get_has_length_and_body(env: Env) -> None:
+    r = await call(env, "GET", "/assets/vmlinuz", admin=False)
+    assert r.status == 200
+    assert r.body == KERNEL
+    assert int(r.headers["content-length"]) == len(KERNEL)
+    assert r.headers["accept-ranges"] == "bytes"
+    assert r.headers["etag"]
+    assert r.headers["last-modified"]
+    r = await call(env, "GET", "/assets/initrd.img", admin=False)
+    assert r.body == INITRD
+
+
+async def test_asset_head(env: Env) -> None:
+    r = await call(env, "HEAD", "/assets/vmlinuz", admin=False)
+    assert r.status == 200
+    assert r.body == b""
+    assert int(r.headers["content-length"]) == len(KERNEL)
+    r = await call(env, "HEAD", "/assets/missing.efi", admin=False)
+    assert r.status == 404
+
+
+async def test_asset_in_a_subdirectory(env: Env) -> None:
+    sub = assets_dir(env) / "arm64"
+    sub.mkdir()
+    (sub / "snp.efi").write_bytes(b"MZarm")
+    r = await call(env, "GET", "/assets/arm64/snp.efi", admin=False)
+    assert (r.status, r.body) == (200, b"MZarm")
+
+
+@pytest.mark.parametrize(("spec", "start", "end"), [
+    ("bytes=0-99", 0, 99),
+    ("bytes=100-", 100, len(KERNEL) - 1),
+    ("bytes=-10", len(KERNEL) - 10, len(KERNEL) - 1),
+    ("bytes=16000-16383", 16000, 16383),
+    (f"bytes=5-{len(KERNEL) + 1000}", 5, len(KERNEL) - 1),  # end clamped to the size
+])
+async def test_asset_single_range(env: Env, spec: str, start: int, end: int) -> None:
+    r = await call(env, "GET", "/assets/vmlinuz", headers={"Range": spec}, admin=False)
+    assert r.status == 206
+    assert r.headers["content-range"] == f"bytes {start}-{end}/{len(KERNEL)}"
+    assert r.body == KERNEL[start:end + 1]
+    assert int(r.headers["content-length"]) == end - start + 1
+
+
+@pytest.mark.parametrize("spec", [f"bytes={len(KERNEL)}-", f"bytes={len(KERNEL) + 10}-"
+                                  f"{len(KERNEL) + 20}"])
+async def test_asset_unsatisfiable_range(env: Env, spec: str) -> None:
+    r = await call(env, "GET", "/assets/vmlinuz", headers={"Range": spec}, admin=False)
+    assert r.status == 416
+    assert r.headers["content-range"] == f"bytes */{len(KERNEL)}"
+    assert KERNEL[:64] not in r.body
+
+
+async def test_asset_conditional_requests(env: Env) -> None:
+    first = await call(env, "GET", "/assets/vmlinuz", admin=False)
+    etag = first.headers["etag"]
+    r = await call(env, "GET", "/assets/vmlinuz", headers={"If-None-Match": etag}, admin=False)
+    assert r.status == 304
+    assert r.body == b""
+    r = await call(env, "GET", "/assets/vmlinuz", headers={"If-None-Match": '"other"'},
+                   admin=False)
+    assert r.status == 200
+    assert r.body == KERNEL
+    r = await call(env, "GET", "/assets/vmlinuz",
+                   headers={"If-Modified-Since": first.headers["last-modified"]}, admin=False)
+    assert r.status == 304
+    old = formatdate(0, usegmt=True)
+    r = await call(env, "GET", "/assets/vmlinuz", headers={"If-Modified-Since": old},
+                   admin=False)
+    assert r.status == 200
+
+
+async def test_asset_etag_changes_with_content(env: Env) -> None:
+    first = await call(env, "GET", "/assets/vmlinuz", admin=False)
+    path = assets_dir(env) / "vmlinuz"
+    path.write_bytes(KERNEL + b"v2")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    r = await call(env, "GET", "/assets/vmlinuz", headers={"If-None-Match": first.headers["etag"]},
+                   admin=False)
+    assert r.status == 200
+    assert r.body == KERNEL + b"v2"
+
+
+async def test_asset_missing_is_404_json(env: Env) -> None:
+    body = await env.get("/assets/nothing-here.efi", status=404)
+    assert "error" in body
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A secret next to (not inside) the assets root, plus symlinks that point at it."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT\n")
+    return secret
+
+
+TRAVERSALS = [
+    "/assets/../netboot.yaml",
+    "/assets/../../secret.txt",
+    "/assets/./../netboot.yaml",
+    "/assets/arm64/../../netboot.yaml",
+    "/assets/%2e%2e/netboot.yaml",
+    "/assets/%2e%2e%2fnetboot.yaml",
+    "/assets/%2E%2E%2F%2E%2E%2Fsecret.txt",
+    "/assets/..%2fnetboot.yaml",
+    "/assets/.%2e/netboot.yaml",
+    "/assets/%252e%252e%252fnetboot.yaml",
+    "/assets/%25252e%25252e%25252fnetboot.yaml",
+    "/assets/..%5cnetboot.yaml",
+    "/assets/%2e%2e%5cnetboot.yaml",
+    "/assets/..\\netboot.yaml",
+    "/assets/%2f..%2fnetboot.yaml",
+    "/assets//../netboot.yaml",
+    "/assets/%00../netboot.yaml",
+    "/assets/vmlinuz%00",
+    "/assets/vmlinuz%00.txt",
+    "/assets/%2500",
+    "/assets/..%00/netboot.yaml",
+    "/assets/%c0%ae%c0%ae/netboot.yaml",
+    "/assets/%2fetc%2fpasswd",
+    "/assets//etc/passwd",
+    "/assets/%2f%2fetc/passwd",
+    "/assets/link-out",
+    "/assets/dir-out/secret.txt",
+    "/assets/dir-out/../netboot.yaml",
+    "/assets/data-link/admin.token",
+]
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+async def test_asset_path_traversal_is_refused(env: Env, outside: Path, target: str) -> None:
+    root = assets_dir(env)
+    (root / "arm64").mkdir(exist_ok=True)
+    (root / "link-out").symlink_to(outside)
+    (root / "dir-out").symlink_to(outside.parent)
+    (root / "data-link").symlink_to(env.service.config.data_dir)
+    secrets = [outside.read_bytes().strip(), b"advertise: 192.0.2.10", env.admin.encode(),
+               b"root:x:0:0"]
+    for method in ("GET", "HEAD"):
+        r = await raw_get(env, target, method=method)
+        assert r.status in (400, 403, 404), (target, r.status, r.body[:200])
+        for secret in secrets:
+            assert secret not in r.body, (target, secret)
+        # Nor where the server keeps its files.
+        assert str(outside.parent).encode() not in r.body, (target, r.body)
+        if method == "GET" and r.status in (403, 404):
+            assert r.headers["content-type"].startswith("application/json"), r.headers
+
+
+async def test_asset_symlink_inside_the_root_is_served(env: Env) -> None:
+    root = assets_dir(env)
+    (root / "ipxe").mkdir()
+    (root / "ipxe" / "default.efi").symlink_to(root / "ipxe.efi")
+    r = await raw_get(env, "/assets/ipxe/default.efi")
+    assert r.status == 200
+    assert r.body == (root / "ipxe.efi").read_bytes()
+
+
+async def test_asset_percent_encoded_name_is_decoded_once(env: Env) -> None:
+    (assets_dir(env) / "a b.efi").write_bytes(b"space")
+    r = await raw_get(env, "/assets/a%20b.efi")
+    assert (r.status, r.body) == (200, b"space")
+    # %2520 decodes once to the literal name "a%20b.efi", which does not exist.
+    r = await raw_get(env, "/assets/a%2520b.efi")
+    assert r.status == 404
+
+
+async def test_asset_directory_is_not_listed(env: Env) -> None:
+    (assets_dir(env) / "arm64").mkdir()
+    for target in ("/assets/arm64", "/assets/arm64/", "/assets/."):
+        r = await raw_get(env, target)
+        assert r.status in (403, 404), (target, r.status)
+        assert b"vmlinuz" not in r.body
+
+
+# --- /config/<mac> ---------------------------------------------------------------------------
+
+
+async def test_config_with_token_is_k3os_yaml(env: Env) -> None:
+    script = await enrolled(env, hostname="edge-1")
+    token = install_token(script)
+    resp = await env.client.get(f"/config/{HEXHYP}", params={"token": token})
+    assert resp.status == 200
+    assert resp.headers["Cache-Control"] == "no-store"
+    doc = yaml.safe_load(await resp.text())
+    assert doc["hostname"] == "edge-1"
+    assert doc["k3os"]["server_url"] == "https://192.0.2.50:6443"
+    assert doc["k3os"]["token"] == "k3s-secret-token"
+    assert doc["k3os"]["labels"] == {"site": "lab"}
+    assert doc["k3os"]["k3s_args"][0] == "agent"
+    register = doc["run_cmd"][0]
+    assert f"{BASE}/api/v1/register" in register
+    assert token in register and MAC in register
+
+
+async def test_config_token_in_authorization_header(env: Env) -> None:
+    token = install_token(await enrolled(env))
+    r = await call(env, "GET", f"/config/{MAC}", headers={"Authorization": f"Bearer {token}"},
+                   admin=False)
+    assert r.status == 200
+    assert yaml.safe_load(r.text)["k3os"]["token"] == "k3s-secret-token"
+
+
+async def test_config_refusals_leak_nothing(env: Env) -> None:
+    token = install_token(await enrolled(env))
+    cases = [
+        f"/config/{HEXHYP}",  # no token
+        f"/config/{HEXHYP}?token=",  # empty token
+        f"/config/{HEXHYP}?token=wrong-token",
+        f"/config/{HEXHYP}?token={token}x",
+        f"/config/52-54-00-99-99-99?token={token}",  # unknown MAC, someone else's token
+        "/config/52-54-00-99-99-99",
+    ]
+    bodies = set()
+    for path in cases:
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 401, (path, r.status)
+        assert b"k3s-secret-token" not in r.body
+        assert token.encode() not in r.body
+        bodies.add(r.body)
+    assert len(bodies) == 1, bodies  # unknown MAC and wrong token look the same
+    # The admin token is not an install token either.
+    r = await call(env, "GET", f"/config/{HEXHYP}")
+    assert r.status == 401
+    assert r.body in bodies
+
+
+async def test_config_bad_mac_is_400(env: Env) -> None:
+    body = await env.get("/config/not-a-mac?token=x", status=400)
+    assert body["field"] == "mac"
+
+
+async def test_config_expired_token_is_refused(env: Env) -> None:
+    token = install_token(await enrolled(env))
+    store = env.service.store
+    machine = await store.get_machine(MAC)
+    assert machine is not None
+    await store.update_machine(dataclasses.replace(machine, token_expires=1.0))
+    r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
+    assert r.status == 401
+    assert b"k3s-secret-token" not in r.body
+
+
+async def test_config_fetch_moves_machine_to_installing(env: Env) -> None:
+    token = install_token(await enrolled(env))
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "booting"
+    await env.get(f"/config/{HEXHYP}?token={token}")
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "installing"
+
+
+async def test_config_render_failure_is_500_json_not_404(make_env: EnvFactory,
+                                                         tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "cloud-config").mkdir(parents=True)
+    (site / "cloud-config" / "k3os.yaml").write_text("hostname: {{ undefined_thing }}\n")
+    env = await make_env(f"templates:\n  dir: {site}\n")
+    token = install_token(await enrolled(env))
+    r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
+    assert r.status == 500
+    assert r.headers["content-type"].startswith("application/json")
+    assert "undefined_thing" in r.json()["error"]
+    assert b"k3s-secret-token" not in r.body
+
+
+async def test_config_invalid_yaml_output_is_500(make_env: EnvFactory, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "cloud-config").mkdir(parents=True)
+    (site / "cloud-config" / "k3os.yaml").write_text("hostname: [unclosed\n")
+    env = await make_env(f"templates:\n  dir: {site}\n")
+    token = install_token(await enrolled(env))
+    r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
+    assert r.status == 500
+    assert "error" in r.json()
+
+
+# --- /nocloud --------------------------------------------------------------------------------
+
+
+async def cloud_init_env(env: Env) -> str:
+    await env.seed()
+    await env.post("/api/v1/profiles", {"name": "ubuntu", "kernel": "vmlinuz",
+                                        "initrds": ["initrd.img"],
+                                        "config_template": "cloud-init"}, status=201)
+    await env.post("/api/v1/machines", {"mac": MAC, "profile": "ubuntu", "hostname": "ci-1"},
+                   status=201)
+    return await boot(env, MAC)
+
+
+async def test_nocloud_files(env: Env) -> None:
+    script = await cloud_init_env(env)
+    token = install_token(script)
+    kernel = next(line for line in script.splitlines() if line.startswith("kernel "))
+    assert f"ds=nocloud;s={BASE}/nocloud/{HEXHYP}/{token}/" in kernel
+    meta = yaml.safe_load(await env.get(f"/nocloud/{HEXHYP}/{token}/meta-data"))
+    assert meta["local-hostname"] == "ci-1"
+    assert meta["instance-id"].startswith(f"netboot-{HEXHYP}")
+    user_text = await env.get(f"/nocloud/{HEXHYP}/{token}/user-data")
+    assert user_text.startswith("#cloud-config")
+    user = yaml.safe_load(user_text)
+    assert user["hostname"] == "ci-1"
+    k3s = yaml.safe_load(user["write_files"][0]["content"])
+    assert k3s["server"] == "https://192.0.2.50:6443"
+    assert k3s["token"] == "k3s-secret-token"
+    assert k3s["node-label"] == ["site=lab"]
+    assert any(f"{BASE}/api/v1/register" in " ".join(cmd) for cmd in user["runcmd"])
+    vendor = await env.get(f"/nocloud/{HEXHYP}/{token}/vendor-data")
+    assert vendor.startswith("#cloud-config")
+    assert yaml.safe_load(vendor) == {}
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "installing"
+
+
+async def test_nocloud_token_in_header_and_without_it(env: Env) -> None:
+    token = install_token(await cloud_init_env(env))
+    r = await call(env, "GET", f"/nocloud/{HEXHYP}/meta-data",
+                   headers={"Authorization": f"Bearer {token}"}, admin=False)
+    assert r.status == 200
+    r = await call(env, "GET", f"/nocloud/{HEXHYP}/user-data", admin=False)
+    assert r.status == 401
+    assert b"k3s-secret-token" not in r.body
+
+
+async def test_nocloud_refusals(env: Env) -> None:
+    token = install_token(await cloud_init_env(env))
+    r = await call(env, "GET", f"/nocloud/{HEXHYP}/wrong/user-data", admin=False)
+    assert r.status == 401
+    r2 = await call(env, "GET", f"/nocloud/52-54-00-99-99-99/{token}/user-data", admin=False)
+    assert r2.status == 401
+    assert r.body == r2.body
+    assert b"k3s-secret-token" not in r.body + r2.body
+    # An unknown file name with a valid token is a 404; without one, nothing is revealed.
+    r = await call(env, "GET", f"/nocloud/{HEXHYP}/{token}/network-config", admin=False)
+    assert r.status == 404
+    r = await call(env, "GET", f"/nocloud/{HEXHYP}/bad/network-config", admin=False)
+    assert r.status == 401
+
+
+# --- events: size bound, auth ----------------------------------------------------------------
+
+
+async def test_event_with_install_token_and_size_bound(env: Env) -> None:
+    token = install_token(await enrolled(env))
+    device = {"Authorization": f"Bearer {token}"}
+    r = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/events",
+                   json_body={"kind": "progress", "message": "50%"}, headers=device,
+                   admin=False)
+    assert r.status == 201, r.text
+    big = {"kind": "progress", "message": "x" * 20_000}
+    r = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/events", json_body=big,
+                   headers=device, admin=False)
+    assert r.status == 413
+    assert r.json()["field"] == "body"
+    r = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/events",
+                   json_body={"kind": "progress"}, admin=False)
+    assert r.status == 401
+    r = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/events",
+                   json_body={"kind": "progress"}, headers={"Authorization": "Bearer nope"},
+                   admin=False)
+    assert r.status == 401
+
+
+async def test_event_oversized_chunked_body_is_413(env: Env) -> None:
+    token = install_token(await enrolled(env))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"kind": "progress", "message": "'
+        for _ in range(40):
+            yield b"y" * 1024
+        yield b'"}'
+
+    resp = await env.client.post(f"/api/v1/machines/{HEXHYP}/events", data=chunks(),
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    assert resp.status == 413
+
+
+# --- the error middleware ---------------------------------------------------------------------
+
+
+async def test_unknown_route_is_404_and_wrong_method_405(env: Env) -> None:
+    r = await call(env, "GET", "/nope", admin=False)
+    assert r.status == 404
+    r = await call(env, "POST", "/boot.ipxe", admin=False)
+    assert r.status == 405
+
+
+async def test_store_failure_is_503_not_404(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from netboot.errors import StoreError
+
+    async def broken(mac: str) -> None:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(env.service.store, "get_machine", broken)
+    r = await call(env, "GET", f"/config/{HEXHYP}?token=x", admin=False)
+    assert r.status == 503
+    r = await call(env, "GET", f"/ipxe?mac={HEXHYP}", admin=False)
+    assert r.status == 503
+    r = await call(env, "GET", f"/api/v1/machines/{HEXHYP}")
+    assert r.status == 503
+    assert "locked" not in r.text

@@ -1,0 +1,477 @@
+"""A machine's whole life over HTTP, the way a device and an operator drive it.
+
+boot request → install script (token) → config with the token → progress events → register
+→ next boot is local; plus discovery policies, reinstall and managed-cluster formation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from typing import Any
+
+import yaml
+
+from tests.conftest import BASE, Env, EnvFactory, boot, call, install_token
+
+MAC = "52:54:00:12:34:56"
+HEXHYP = "52-54-00-12-34-56"
+UUID = "4c4c4544-0042-3510-8052-b3c04f4e3132"
+
+
+def kernel_line(script: str) -> str:
+    lines = [line for line in script.splitlines() if line.startswith("kernel ")]
+    assert len(lines) == 1, script
+    return lines[0]
+
+
+async def state(env: Env, mac: str = MAC) -> str:
+    out: str = (await env.get(f"/api/v1/machines/{mac}"))["state"]
+    return out
+
+
+async def kinds(env: Env, mac: str = MAC) -> list[str]:
+    return [e["kind"] for e in await env.get(f"/api/v1/machines/{mac}/events")]
+
+
+async def device_event(env: Env, token: str, kind: str, mac: str = HEXHYP,
+                       status: int = 201) -> Any:
+    r = await call(env, "POST", f"/api/v1/machines/{mac}/events",
+                   json_body={"kind": kind, "message": f"{kind} from the installer"},
+                   headers={"Authorization": f"Bearer {token}"}, admin=False)
+    assert r.status == status, (r.status, r.text)
+    return r.json()
+
+
+async def register(env: Env, token: str, address: str, mac: str = MAC,
+                   status: int = 200) -> Any:
+    r = await call(env, "POST", "/api/v1/register",
+                   json_body={"mac": mac, "token": token, "hostname": "whatever",
+                              "addresses": [address, "fe80::1"], "machine_id": "abc"},
+                   admin=False)
+    assert r.status == status, (r.status, r.text)
+    return r.json()
+
+
+def k3os(text: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
+
+
+# --- the whole state machine -------------------------------------------------------------------
+
+
+async def test_one_machine_through_the_whole_state_machine(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52-54-00-12-34-56", "hostname": "edge-1"},
+                   status=201)
+    assert await state(env) == "enrolled"
+
+    # Firmware: DHCP pointed iPXE at /boot.ipxe, which chains to /ipxe with its settings.
+    bootstrap = await env.get("/boot.ipxe")
+    assert f"{BASE}/ipxe?mac=${{net0/mac:hexhyp}}" in bootstrap
+    script = await boot(env, HEXHYP, uuid=UUID, platform="efi", serial="SER1",
+                        manufacturer="QEMU", product="Standard PC")
+    assert await state(env) == "booting"
+    kernel = kernel_line(script)
+    token = install_token(script)
+    config_url = f"{BASE}/config/{HEXHYP}?token={token}"
+    assert f"k3os.install.config_url={config_url}" in kernel.split()
+    assert "k3os.mode=install" in kernel.split()
+
+    # The installer fetches its config with the token from the command line.
+    config = k3os(await env.get(config_url.removeprefix(BASE)))
+    assert await state(env) == "installing"
+    assert config["hostname"] == "edge-1"
+    assert config["k3os"]["server_url"] == "https://192.0.2.50:6443"
+    assert config["k3os"]["token"] == "k3s-secret-token"
+    assert config["k3os"]["labels"] == {"site": "lab"}
+    assert config["k3os"]["k3s_args"] == ["agent", "--node-name", "edge-1"]
+    command = config["run_cmd"][0]
+    assert f"{BASE}/api/v1/register" in command
+    shlex.split(command)  # a well-formed shell command
+
+    await device_event(env, token, "installing")
+    assert await state(env) == "installing"
+    await device_event(env, token, "installed")
+    assert await state(env) == "installed"
+
+    # Installed but not yet registered: the next network boot already goes to disk.
+    assert (await boot(env, HEXHYP)).rstrip().endswith("exit")
+
+    registered = await register(env, token, "192.0.2.101")
+    assert registered["state"] == "registered"
+    assert registered["ipv4"] == "192.0.2.101"
+    assert "token_hash" not in registered
+
+    local = await boot(env, HEXHYP)
+    assert local.rstrip().splitlines()[-1] == "exit"
+    assert "kernel" not in local
+    assert await state(env) == "registered"
+
+    events = await kinds(env)
+    expected = ["enrolled", "install-plan", "config", "installing", "installed", "local-boot",
+                "registered", "local-boot"]
+    assert events == expected
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["arch"] == "x86_64"
+    assert machine["firmware"] == "ipxe"
+
+
+async def test_events_are_recorded_in_stage_order(env: Env) -> None:
+    """install-plan, config, installing, installed, registered, local-boot: in that order."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    await env.get(f"/config/{HEXHYP}?token={token}")
+    await device_event(env, token, "installing")
+    await device_event(env, token, "installed")
+    await register(env, token, "192.0.2.101")
+    await boot(env, MAC)
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    order = [e["kind"] for e in events]
+    assert order == ["enrolled", "install-plan", "config", "installing", "installed",
+                     "registered", "local-boot"]
+    times = [e["time"] for e in events]
+    assert times == sorted(times)
+    assert events[1]["data"]["via"] == "http"
+
+
+async def test_install_token_scope(env: Env) -> None:
+    """The token opens this machine's config and events only, and only until it expires."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:12:34:57"}, status=201)
+    token = install_token(await boot(env, MAC))
+    other = install_token(await boot(env, "52:54:00:12:34:57"))
+    # Not another machine's config, events or registration.
+    await env.get(f"/config/52-54-00-12-34-57?token={token}", status=401)
+    await device_event(env, token, "installing", mac="52-54-00-12-34-57", status=401)
+    await register(env, token, "192.0.2.9", mac="52:54:00:12:34:57", status=401)
+    assert await state(env, "52:54:00:12:34:57") == "booting"
+    # Expired: the config, events and registration all refuse it.
+    machine = await env.service.store.get_machine(MAC)
+    assert machine is not None
+    await env.service.store.update_machine(dataclasses.replace(machine, token_expires=1.0))
+    r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
+    assert r.status == 401
+    assert b"k3s-secret-token" not in r.body
+    await device_event(env, token, "installed", status=401)
+    await register(env, token, "192.0.2.101", status=401)
+    assert await state(env) == "booting"
+    await env.get(f"/config/52-54-00-12-34-57?token={other}", status=200)
+
+
+async def test_failed_install_holds_until_reinstall(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    await device_event(env, token, "failed")
+    assert await state(env) == "failed"
+    held = await boot(env, MAC)
+    assert "kernel" not in held
+    assert f"chain --autofree {BASE}/boot.ipxe" in held
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/reinstall")
+    assert r.status == 200
+    assert "kernel " in await boot(env, MAC)
+
+
+async def test_reinstall_brings_an_installed_machine_back_to_install(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    old = install_token(await boot(env, MAC))
+    await env.get(f"/config/{HEXHYP}?token={old}")
+    await device_event(env, old, "installed")
+    await register(env, old, "192.0.2.101")
+    assert (await boot(env, MAC)).rstrip().endswith("exit")
+
+    r = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/reinstall")
+    assert r.status == 200
+    assert r.json()["state"] == "reinstall"
+    # The old install token is void as soon as reinstall is asked.
+    await env.get(f"/config/{HEXHYP}?token={old}", status=401)
+    script = await boot(env, MAC)
+    new = install_token(script)
+    assert new != old
+    assert await state(env) == "booting"
+    await env.get(f"/config/{HEXHYP}?token={new}")
+    await device_event(env, new, "installed")
+    await register(env, new, "192.0.2.101")
+    assert (await boot(env, MAC)).rstrip().endswith("exit")
+    events = await kinds(env)
+    assert events.index("reinstall") < len(events) - 1 - events[::-1].index("install-plan")
+
+
+# --- discovery ---------------------------------------------------------------------------------
+
+
+FACTS = {"uuid": UUID.upper(), "serial": "SER-42", "manufacturer": "Dell Inc.",
+         "product": "PowerEdge R240", "asset": "A-1", "platform": "pcbios"}
+
+
+async def test_discovery_ignore_records_the_machine_and_exits(env: Env) -> None:
+    script = await boot(env, HEXHYP, **FACTS)
+    assert script.rstrip().endswith("exit")
+    assert "kernel" not in script
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["state"] == "discovered"
+    assert machine["uuid"] == UUID
+    assert machine["serial"] == "SER-42"
+    assert machine["arch"] == "x86_64"
+    assert machine["facts"]["manufacturer"] == "Dell Inc."
+    assert machine["facts"]["product"] == "PowerEdge R240"
+    assert machine["facts"]["platform"] == "pcbios"
+    assert await kinds(env) == ["discovered"]
+
+
+async def test_discovery_hold_then_approve_then_install(make_env: EnvFactory) -> None:
+    env = await make_env("discovery:\n  policy: hold\n  hold_retry_seconds: 20\n")
+    await env.seed()
+    script = await boot(env, HEXHYP, **FACTS)
+    lines = script.splitlines()
+    assert "sleep 20" in lines
+    assert lines[-1] == f"chain --autofree {BASE}/boot.ipxe"
+    assert "kernel" not in script
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["state"] == "discovered"
+    assert (machine["uuid"], machine["serial"], machine["arch"]) == (UUID, "SER-42", "x86_64")
+    assert machine["facts"]["manufacturer"] == "Dell Inc."
+    assert machine["facts"]["product"] == "PowerEdge R240"
+    # Still held on the next try; facts are kept.
+    await boot(env, HEXHYP, arch="x86_64")
+    again = await env.get(f"/api/v1/machines/{MAC}")
+    assert again["state"] == "discovered"
+    assert again["facts"]["product"] == "PowerEdge R240"
+
+    r = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/approve",
+                   json_body={"cluster": "edge", "role": "server", "hostname": "edge-srv-1"})
+    assert r.status == 200, r.text
+    assert (r.json()["state"], r.json()["cluster"], r.json()["role"]) == ("enrolled", "edge",
+                                                                          "server")
+    script = await boot(env, HEXHYP)
+    token = install_token(script)
+    config = k3os(await env.get(f"/config/{HEXHYP}?token={token}"))
+    assert config["hostname"] == "edge-srv-1"
+    assert config["k3os"]["k3s_args"][0] == "server"
+    assert await kinds(env) == ["discovered", "hold", "hold", "enrolled", "install-plan",
+                                "config"]
+
+
+AUTO = """discovery:
+  policy: auto
+  rules:
+    - selector: {product: ["X"]}
+      cluster: edge
+      role: agent
+      profile: k3os
+      hostname_template: "line3-{mac_suffix}"
+"""
+
+
+async def test_discovery_auto_rules_assign_cluster_role_profile_hostname(
+        make_env: EnvFactory) -> None:
+    env = await make_env(AUTO)
+    await env.seed(role="server")  # the seeded group's role must not win over the rule's
+    script = await boot(env, HEXHYP, product="X", serial="S1")
+    assert "kernel " in script
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert (machine["state"], machine["cluster"], machine["role"], machine["profile"],
+            machine["hostname"]) == ("booting", "edge", "agent", "k3os", "line3-123456")
+    token = install_token(script)
+    config = k3os(await env.get(f"/config/{HEXHYP}?token={token}"))
+    assert config["hostname"] == "line3-123456"
+    assert config["k3os"]["k3s_args"][0] == "agent"
+    assert await kinds(env) == ["discovered", "enrolled", "install-plan", "config"]
+
+    # No rule matches: ignored (policy auto never installs a machine no rule selects).
+    other = await boot(env, "52:54:00:aa:bb:cc", product="Y")
+    assert other.rstrip().endswith("exit")
+    assert "kernel" not in other
+    assert (await env.get("/api/v1/machines/52:54:00:aa:bb:cc"))["state"] == "discovered"
+
+
+async def test_discovery_auto_hostnames_stay_unique(make_env: EnvFactory) -> None:
+    env = await make_env(AUTO)
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "aa:bb:cc:00:00:01", "hostname": "line3-123456"},
+                   status=201)
+    await boot(env, HEXHYP, product="x")  # selector values match case-insensitively
+    name = (await env.get(f"/api/v1/machines/{MAC}"))["hostname"]
+    assert name.startswith("line3-123456") and name != "line3-123456"
+
+
+# --- managed cluster formation ------------------------------------------------------------------
+
+
+async def test_managed_cluster_first_server_inits_and_others_join_it(env: Env) -> None:
+    await env.seed(server_url="managed")
+    macs = {"srv1": "52:54:00:00:01:01", "srv2": "52:54:00:00:01:02",
+            "agent": "52:54:00:00:01:03"}
+    for name, mac in macs.items():
+        await env.post("/api/v1/machines", {"mac": mac, "hostname": name, "cluster": "edge",
+                                            "role": "agent" if name == "agent" else "server"},
+                       status=201)
+    managed = await env.service.store.get_cluster("edge")
+    assert managed is not None and managed.token
+
+    async def install(name: str) -> tuple[dict[str, Any], str]:
+        mac = macs[name]
+        token = install_token(await boot(env, mac))
+        hexhyp = mac.replace(":", "-")
+        return k3os(await env.get(f"/config/{hexhyp}?token={token}")), token
+
+    first, token1 = await install("srv1")
+    assert "server_url" not in first["k3os"]
+    assert first["k3os"]["k3s_args"][:2] == ["server", "--cluster-init"]
+    assert first["k3os"]["token"] == managed.token
+    # The first server's config stays the same when fetched again (idempotent decision).
+    again = k3os(await env.get(f"/config/52-54-00-00-01-01?token={token1}"))
+    assert again["k3os"]["k3s_args"][:2] == ["server", "--cluster-init"]
+    await register(env, token1, "192.0.2.101", mac=macs["srv1"])
+
+    second, _ = await install("srv2")
+    assert second["k3os"]["server_url"] == "https://192.0.2.101:6443"
+    assert "--cluster-init" not in second["k3os"]["k3s_args"]
+    assert second["k3os"]["k3s_args"][0] == "server"
+    assert second["k3os"]["token"] == managed.token
+    agent, _ = await install("agent")
+    assert agent["k3os"]["server_url"] == "https://192.0.2.101:6443"
+    assert agent["k3os"]["k3s_args"][0] == "agent"
+    assert "--cluster-init" not in agent["k3os"]["k3s_args"]
+    assert agent["k3os"]["labels"] == {"site": "lab"}
+
+
+async def test_managed_cluster_agent_first_does_not_init(env: Env) -> None:
+    await env.seed(server_url="managed")
+    await env.post("/api/v1/machines", {"mac": MAC, "cluster": "edge", "role": "agent"},
+                   status=201)
+    token = install_token(await boot(env, MAC))
+    config = k3os(await env.get(f"/config/{HEXHYP}?token={token}"))
+    assert "--cluster-init" not in config["k3os"]["k3s_args"]
+    assert config["k3os"]["server_url"].startswith("https://")
+
+
+# --- cloud-init profile ---------------------------------------------------------------------
+
+
+async def test_cloud_init_machine_flow(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/profiles", {"name": "ubuntu", "kernel": "vmlinuz",
+                                        "initrds": ["initrd.img"],
+                                        "config_template": "cloud-init"}, status=201)
+    await env.post("/api/v1/machines", {"mac": MAC, "profile": "ubuntu", "hostname": "u1"},
+                   status=201)
+    script = await boot(env, MAC)
+    token = install_token(script)
+    seed = f"{BASE}/nocloud/{HEXHYP}/{token}/"
+    assert f"ds=nocloud;s={seed}" in kernel_line(script).split()
+    user_text = await env.get(f"/nocloud/{HEXHYP}/{token}/user-data")
+    assert user_text.startswith("#cloud-config\n")
+    user = yaml.safe_load(user_text)
+    k3s = yaml.safe_load(user["write_files"][0]["content"])
+    assert (k3s["server"], k3s["token"], k3s["node-label"]) == (
+        "https://192.0.2.50:6443", "k3s-secret-token", ["site=lab"])
+    assert any(f"{BASE}/api/v1/register" in part for cmd in user["runcmd"] for part in cmd)
+    assert any(token in part for cmd in user["runcmd"] for part in cmd)
+    await device_event(env, token, "installed")
+    await register(env, token, "192.0.2.77")
+    assert (await boot(env, MAC)).rstrip().endswith("exit")
+    assert await kinds(env) == ["enrolled", "install-plan", "config", "installed",
+                                "registered", "local-boot"]
+
+
+async def test_custom_profile_cmdline_is_one_line_with_the_token(env: Env) -> None:
+    await env.seed(cmdline="console=ttyS0\n  k3os.install.config_url={{ config_url }}\n"
+                           "  extra=1\n")
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    script = await boot(env, MAC)
+    kernel = kernel_line(script)
+    token = install_token(script)
+    assert f"k3os.install.config_url={BASE}/config/{HEXHYP}?token={token}" in kernel.split()
+    assert kernel.endswith("extra=1")
+
+
+async def test_undefined_variable_in_profile_cmdline_is_a_500(env: Env) -> None:
+    await env.seed(cmdline="console=ttyS0 x={{ nope }}")
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    r = await call(env, "GET", f"/ipxe?mac={HEXHYP}&arch=x86_64", admin=False)
+    assert r.status == 500
+    assert "nope" in r.json()["error"]
+
+
+async def test_site_template_render_failure_is_500_not_404(make_env: EnvFactory,
+                                                          tmp_path: Any) -> None:
+    site = tmp_path / "site"
+    (site / "cloud-config" / "cloud-init").mkdir(parents=True)
+    (site / "cloud-config" / "k3os.yaml").write_text("hostname: {{ machine.nickname }}\n")
+    (site / "cloud-config" / "cloud-init" / "user-data").write_text(
+        "#cloud-config\nhostname: {{ missing_var }}\n")
+    env = await make_env(f"templates:\n  dir: {site}\n")
+    await env.seed()
+    await env.post("/api/v1/profiles", {"name": "ubuntu", "kernel": "vmlinuz",
+                                        "config_template": "cloud-init"}, status=201)
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:12:34:57", "profile": "ubuntu"},
+                   status=201)
+    token = install_token(await boot(env, MAC))
+    r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
+    assert r.status == 500
+    assert r.headers["content-type"].startswith("application/json")
+    assert "nickname" in r.json()["error"]
+    token2 = install_token(await boot(env, "52:54:00:12:34:57"))
+    r = await call(env, "GET", f"/nocloud/52-54-00-12-34-57/{token2}/user-data", admin=False)
+    assert r.status == 500
+    assert "missing_var" in r.json()["error"]
+    # A failed render is not a fetched config: the machine has not moved on.
+    assert await state(env) == "booting"
+
+
+async def test_explain_does_not_claim_cluster_init(env: Env) -> None:
+    """explain is read-only: asking about a server must not make it the cluster-init node."""
+    await env.seed(server_url="managed")
+    first, second = "52:54:00:00:01:01", "52:54:00:00:01:02"
+    for mac in (first, second):
+        await env.post("/api/v1/machines", {"mac": mac, "cluster": "edge", "role": "server",
+                                            "profile": "k3os"}, status=201)
+    explained = await env.get(f"/api/v1/machines/{second}/explain")
+    assert explained["decision"] == "install"
+    token = install_token(await boot(env, first))
+    config = k3os(await env.get(f"/config/52-54-00-00-01-01?token={token}"))
+    assert config["k3os"]["k3s_args"][:2] == ["server", "--cluster-init"]
+    assert "server_url" not in config["k3os"]
+
+
+async def test_bad_hostname_template_in_rules_stops_start_up(make_env: EnvFactory) -> None:
+    import pytest
+
+    from netboot.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        await make_env(AUTO.replace("line3-{mac_suffix}", "line3-{rack}"))
+    assert "hostname_template" in str(info.value)
+
+
+async def test_group_with_bad_hostname_template_is_400(env: Env) -> None:
+    r = await call(env, "POST", "/api/v1/groups",
+                   json_body={"name": "g", "selector": {"product": ["X"]},
+                              "hostname_template": "n-{nope}"})
+    assert r.status == 400, r.text
+    assert r.json()["field"] == "hostname_template"
+
+
+async def test_install_tokens_are_not_logged(make_env: EnvFactory, tmp_path: Any,
+                                             caplog: Any) -> None:
+    site = tmp_path / "site"
+    (site / "cloud-config" / "cloud-init").mkdir(parents=True)
+    (site / "cloud-config" / "k3os.yaml").write_text("hostname: {{ oops }}\n")
+    (site / "cloud-config" / "cloud-init" / "user-data").write_text("#cloud-config\n{{ oops }}\n")
+    env = await make_env(f"templates:\n  dir: {site}\n")
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    caplog.set_level("DEBUG")
+    for path in (f"/config/{HEXHYP}?token={token}", f"/nocloud/{HEXHYP}/{token}/user-data"):
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 500
+    assert "render failed" in caplog.text
+    assert token not in caplog.text
