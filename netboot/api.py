@@ -192,8 +192,8 @@ class Api:
         now = self._clock()
         machine = replace(machine, created=now, updated=now)
         if machine.hostname is None:
-            machine = replace(machine, hostname=await self._enroll.unique_hostname(
-                self._enroll.hostname_template, machine, cluster=machine.cluster,
+            machine = replace(machine, hostname=await self._enroll.name_for(
+                machine, cluster=machine.cluster,
                 role=str(machine.role) if machine.role else None))
         await self._store.create_machine(machine)
         await self._enroll.event(str(machine.mac), "enrolled", "created through the API")

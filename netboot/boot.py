@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from netboot import groups as grouping
 from netboot.enroll import Enroller
-from netboot.inventory.base import Store
+from netboot.inventory.base import MachineFilter, Store
 from netboot.model import (
     Arch,
     BootAction,
@@ -170,7 +170,7 @@ class BootService:
                             "the last install failed; run 'netboot machines reinstall' to retry",
                             retry_seconds=self.settings.hold_retry_seconds, machine=machine)
             if record:
-                await self._event(machine, "hold", plan.reason, request)
+                await self._event(machine, "hold", plan.reason, request, once=True)
             return plan
         return await self._install_plan(request, machine, record)
 
@@ -179,7 +179,7 @@ class BootService:
         if self.settings.policy == "hold":
             reason = "unknown machine held until an operator approves it"
             if machine is not None and record:
-                await self._event(machine, "hold", reason, request)
+                await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason,
                             retry_seconds=self.settings.hold_retry_seconds, machine=machine)
         reason = (f"unknown machine and discovery policy is {self.settings.policy!r}"
@@ -216,7 +216,7 @@ class BootService:
             reason = ("no profile: set one on the machine or a group that selects it"
                       + (f" (group {group.name!r} has none)" if group else ""))
             if record:
-                await self._event(machine, "hold", reason, request)
+                await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
@@ -272,22 +272,37 @@ class BootService:
         async with self._cluster_lock:
             key = f"cluster-init/{cluster.name}"
             init_mac = await self._store.get_setting(key)
-            if init_mac is None and role == Role.SERVER:
+            if init_mac is not None and await self._store.get_machine(init_mac) is None:
+                init_mac = None  # the node that formed the cluster was deleted
+            # Registered servers other than this machine: a cluster that already runs.
+            running = [m for m in await self._store.list_machines(
+                MachineFilter(cluster=cluster.name, state=MachineState.REGISTERED,
+                              limit=100_000))
+                       if m.role == Role.SERVER and m.mac != machine.mac]
+            if init_mac is None and role == Role.SERVER and not running:
                 if claim:
                     await self._store.put_setting(key, str(machine.mac))
                 init_mac = str(machine.mac)
-        if init_mac == str(machine.mac):
+        # Only the init node, and only while no other server runs, initialises: reinstalling
+        # the first server of a live cluster must join it, not start a second cluster.
+        if init_mac == str(machine.mac) and not running:
             return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name)
-        return K3sJoin(role, await self._endpoint(cluster, init_mac), False, cluster.token,
-                       labels, tuple(taints), node_name)
+        return K3sJoin(role, await self._endpoint(cluster, init_mac, running), False,
+                       cluster.token, labels, tuple(taints), node_name)
 
-    async def _endpoint(self, cluster: Cluster, init_mac: str | None) -> str:
+    async def _endpoint(self, cluster: Cluster, init_mac: str | None,
+                        running: list[Machine]) -> str:
         port = self.settings.k3s_port
         if self.settings.cluster_domain:
+            # netboot's DNS answers <cluster>.<zone> with every registered server.
             return f"https://{cluster.name}.{self.settings.cluster_domain}:{port}"
         init = await self._store.get_machine(init_mac) if init_mac else None
-        if init is not None:
-            host = init.ipv4 or init.fixed_ipv4 or init.hostname
+        # Running servers, the init node first; a not-yet-registered init node last.
+        candidates = sorted(running, key=lambda m: init is None or m.mac != init.mac)
+        if init is not None and all(m.mac != init.mac for m in running):
+            candidates.append(init)
+        for node in candidates:
+            host = node.ipv4 or node.fixed_ipv4 or node.hostname
             if host:
                 return f"https://{host}:{port}"
         # No server yet: point at the name the first server will get, so that agents retry
@@ -376,7 +391,13 @@ class BootService:
         await self._event(machine, kind, message, request)
 
     async def _event(self, machine: Machine, kind: str, message: str,
-                     request: BootRequest | None = None) -> None:
+                     request: BootRequest | None = None, *, once: bool = False) -> None:
+        if once:
+            # A held machine retries every few seconds; one event says it, thousands bury
+            # the rest of its history.
+            last = await self._store.list_events(str(machine.mac), limit=1)
+            if last and last[0].kind == kind and last[0].message == message:
+                return
         data: dict[str, str] = {}
         if request is not None:
             data = {"via": request.via, "firmware": str(request.firmware),

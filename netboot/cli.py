@@ -93,9 +93,8 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         now = time.time()
         machine = replace(machine, created=now, updated=now,
                           hostname=check_hostname(machine.hostname) if machine.hostname
-                          else await enroller.unique_hostname(cfg.enroll.hostname_template,
-                                                              machine, cluster=args.cluster,
-                                                              role=args.role))
+                          else await enroller.name_for(machine, cluster=args.cluster,
+                                                       role=args.role))
         await store.create_machine(machine)
         await enroller.event(str(mac), "enrolled", "added with the CLI")
         print(f"enrolled {mac} as {machine.hostname}")

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
+from netboot.groups import select as select_group
 from netboot.inventory.base import Batch, Store
 from netboot.model import (
     Event,
@@ -224,6 +225,26 @@ class Enroller:
             name = f"{base[:58]}-{n}"
         raise Conflict(f"no free hostname for template {template!r}")
 
+    def template_for(self, machine: Machine, groups: Sequence[Group]) -> str:
+        """The hostname template of the most specific group selecting this machine by what is
+        known at enrollment (MAC, serial, UUID, asset, labels, facts), else the default."""
+        labels = {**machine.facts, **machine.labels, "mac": str(machine.mac)}
+        for key in ("serial", "uuid", "asset"):
+            if getattr(machine, key):
+                labels[key] = getattr(machine, key)
+        if machine.arch:
+            labels["arch"] = str(machine.arch)
+        if machine.firmware:
+            labels["firmware"] = str(machine.firmware)
+        group = select_group(groups, labels)
+        return group.hostname_template if group and group.hostname_template \
+            else self.hostname_template
+
+    async def name_for(self, machine: Machine, *, cluster: str | None = None,
+                       role: str | None = None) -> str:
+        template = self.template_for(machine, await self._store.list_groups())
+        return await self.unique_hostname(template, machine, cluster=cluster, role=role)
+
     # -- transitions ------------------------------------------------------------------
     async def validate_refs(self, cluster: str | None, profile: str | None) -> None:
         if cluster and await self._store.get_cluster(cluster) is None:
@@ -256,8 +277,7 @@ class Enroller:
             raise Conflict(f"{mac} is {machine.state}, not discovered; nothing to approve")
         name = check_hostname(hostname) if hostname else machine.hostname
         if not name:
-            name = await self.unique_hostname(self.hostname_template, machine, cluster=cluster,
-                                              role=str(role) if role else None)
+            name = await self.name_for(machine, cluster=cluster, role=str(role) if role else None)
         updated = replace(machine, state=MachineState.ENROLLED, hostname=name,
                           cluster=cluster or machine.cluster, role=role or machine.role,
                           profile=profile or machine.profile, updated=self._clock())
@@ -413,10 +433,11 @@ class Enroller:
         # Machines enrolled without a name get one from the hostname template, unique against
         # both the inventory and the rest of the file.
         taken = set(by_host) | set(seen_host)
+        groups = await self._store.list_groups()
         for i, m in enumerate(create):
             if m.hostname is None and not errors:
                 try:
-                    base = render_hostname(self.hostname_template, m)
+                    base = render_hostname(self.template_for(m, groups), m)
                 except ValidationError as exc:
                     errors.append(RowError(seen_mac[str(m.mac)], exc.field, exc.message))
                     continue

@@ -191,3 +191,38 @@ async def test_explain(setup: tuple[BootService, MemoryStore, Clock]) -> None:
     assert (await store.get_machine(str(MAC))).state == MachineState.ENROLLED  # type: ignore[union-attr]
     unknown = await boot.explain("52:54:00:99:99:99")
     assert unknown["known"] is False
+
+
+async def test_reinstalled_init_node_joins_the_running_cluster(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+    first = Machine(mac=MacAddress.parse("52:54:00:00:00:02"), hostname="s1", cluster="m",
+                    role=Role.SERVER, profile="p")
+    await store.create_machine(first)
+    cluster = await store.get_cluster("m")
+    assert cluster is not None
+    assert (await boot.k3s_join(first, cluster, Role.SERVER, None)).cluster_init
+    second = Machine(mac=MacAddress.parse("52:54:00:00:00:03"), hostname="s2", cluster="m",
+                     role=Role.SERVER, profile="p", state=MachineState.REGISTERED,
+                     ipv4="192.0.2.102")
+    await store.create_machine(second)
+    again = await boot.k3s_join(first, cluster, Role.SERVER, None)
+    assert not again.cluster_init and again.server_url == "https://192.0.2.102:6443"
+    # The init node deleted: a new server joins the one that runs, none re-initialises.
+    await store.delete_machine(str(first.mac))
+    third = Machine(mac=MacAddress.parse("52:54:00:00:00:04"), hostname="s3", cluster="m",
+                    role=Role.SERVER, profile="p")
+    await store.create_machine(third)
+    j3 = await boot.k3s_join(third, cluster, Role.SERVER, None)
+    assert not j3.cluster_init and j3.server_url == "https://192.0.2.102:6443"
+
+
+async def test_hold_is_recorded_once_per_reason(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    boot.settings = replace(boot.settings, policy="hold")
+    for _ in range(5):
+        assert (await boot.plan(req(Firmware.IPXE))).action == BootAction.HOLD
+    kinds = [e.kind for e in await store.list_events(str(MAC))]
+    assert kinds == ["discovered", "hold"]

@@ -112,3 +112,19 @@ async def test_large_import_in_one_batch(tmp_path) -> None:  # type: ignore[no-u
         assert await store.count_machines() == 5000
     finally:
         await store.close()
+
+
+async def test_group_hostname_template_names_new_machines(store) -> None:  # type: ignore[no-untyped-def]
+    from netboot.model import Group
+
+    await store.put_group(Group(name="rack7", selector={"mac": ("02:00:00:07:*",)},
+                                hostname_template="r7-{serial}"))
+    e = Enroller(store, hostname_template="node-{mac_suffix}")
+    rows = [(2, {"mac": "02:00:00:07:00:01", "serial": "A1"}),
+            (3, {"mac": "02:00:00:08:00:01", "serial": "B1"})]
+    report = await e.import_rows(rows)
+    assert report.applied
+    assert (await store.get_machine("02:00:00:07:00:01")).hostname == "r7-a1"
+    assert (await store.get_machine("02:00:00:08:00:01")).hostname == "node-080001"
+    m = Machine(mac=MacAddress.parse("02:00:00:07:00:02"), serial="A2")
+    assert await e.name_for(m) == "r7-a2"

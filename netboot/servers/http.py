@@ -139,11 +139,12 @@ class DeviceRoutes:
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/boot.ipxe", self.boot_ipxe)
-        app.router.add_get("/ipxe", self.ipxe)
+        # These have effects (an install token, a state change): HEAD must not run them.
+        app.router.add_get("/ipxe", self.ipxe, allow_head=False)
         app.router.add_get("/assets/{path:.+}", self.asset)  # also answers HEAD
-        app.router.add_get("/config/{mac}", self.config)
-        app.router.add_get("/nocloud/{mac}/{name}", self.nocloud)
-        app.router.add_get("/nocloud/{mac}/{token}/{name}", self.nocloud)
+        app.router.add_get("/config/{mac}", self.config, allow_head=False)
+        app.router.add_get("/nocloud/{mac}/{name}", self.nocloud, allow_head=False)
+        app.router.add_get("/nocloud/{mac}/{token}/{name}", self.nocloud, allow_head=False)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

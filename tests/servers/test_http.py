@@ -540,3 +540,11 @@ async def test_store_failure_is_503_not_404(env: Env, monkeypatch: pytest.Monkey
     r = await call(env, "GET", f"/api/v1/machines/{HEXHYP}")
     assert r.status == 503
     assert "locked" not in r.text
+
+
+async def test_head_does_not_run_endpoints_with_effects(env: Env) -> None:
+    for path in ("/ipxe?mac=52-54-00-00-00-11", "/config/52-54-00-00-00-11",
+                 "/nocloud/52-54-00-00-00-11/meta-data"):
+        resp = await env.client.head(path)
+        assert resp.status == 405, path
+    assert await env.service.store.get_machine("52:54:00:00:00:11") is None
