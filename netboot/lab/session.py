@@ -1,0 +1,345 @@
+"""The lab wired together: topology, site DHCP, netboot in its namespace, guests, diagnostics.
+
+Used by the end-to-end fixtures (``tests/e2e/conftest.py``) and by ``netboot lab``. One
+:class:`LabSession` owns one run directory holding every log, config, capture and NVRAM copy,
+and a ``state.json`` that lets a later ``netboot lab down`` find what ``up`` started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from netboot.lab import capture
+from netboot.lab.client import ApiClient
+from netboot.lab.qemu import Kind, Vm, VmSpec
+from netboot.lab.sitedhcp import SiteDhcp, SiteDhcpConfig
+from netboot.lab.topology import (
+    SRV_IP,
+    LabError,
+    ProcessTable,
+    Topology,
+    load_state,
+    new_prefix,
+    save_state,
+)
+
+log = logging.getLogger(__name__)
+
+NETBOOT = "netboot"
+HTTP_PORT = 8080
+
+# Fixed identities, so a run is deterministic and logs are comparable between runs.
+DEVICES: Mapping[str, VmSpec] = MappingProxyType({
+    "bios": VmSpec("bios-1", Kind.BIOS, "52:54:00:00:00:11",
+                   "4e455442-4f4f-5400-0000-000000000011", "NB-BIOS-1", "tap0"),
+    "uefi": VmSpec("uefi-1", Kind.UEFI, "52:54:00:00:00:12",
+                   "4e455442-4f4f-5400-0000-000000000012", "NB-UEFI-1", "tap0"),
+    "uefi-pxe": VmSpec("uefi-pxe-1", Kind.UEFI_PXE, "52:54:00:00:00:13",
+                       "4e455442-4f4f-5400-0000-000000000013", "NB-UEFIPXE-1", "tap0"),
+    "uefi-http": VmSpec("uefi-http-1", Kind.UEFI_HTTP, "52:54:00:00:00:14",
+                        "4e455442-4f4f-5400-0000-000000000014", "NB-UEFIHTTP-1", "tap0"),
+    "uboot-arm64": VmSpec("uboot-auth-1", Kind.UBOOT_ARM64, "52:54:00:00:00:21",
+                          "4e455442-4f4f-5400-0000-000000000021", "NB-UBOOT-1", "tap1"),
+    "uboot-arm64-site": VmSpec("uboot-site-1", Kind.UBOOT_ARM64, "52:54:00:00:00:22",
+                               "4e455442-4f4f-5400-0000-000000000022", "NB-UBOOT-2", "tap1"),
+    "unknown": VmSpec("unknown-1", Kind.BIOS, "52:54:00:00:00:99",
+                      "4e455442-4f4f-5400-0000-000000000099", "NB-UNKNOWN-1", "tap0"),
+})
+
+CMDLINE = (
+    "console={console} netboot.config={{{{ config_url }}}} netboot.events={{{{ events_url }}}}"
+    " netboot.register={{{{ register_url }}}} netboot.token={{{{ token }}}}"
+    " netboot.mac={{{{ mac }}}}"
+)
+
+
+@dataclass
+class NetbootConfig:
+    """What the lab writes as netboot's YAML config (``netboot serve --config``)."""
+
+    data_dir: Path
+    assets_dirs: Sequence[Path]
+    mode: str = "proxy"  # or "authoritative" (no site DHCP server on the link)
+    discovery_policy: str = "ignore"
+    http_port: int = HTTP_PORT
+    tftp_port: int = 69
+
+    def to_yaml(self) -> str:
+        doc: dict[str, Any] = {
+            "server": {
+                "interfaces": ["eth0"],
+                "advertise": SRV_IP,
+                "data_dir": str(self.data_dir),
+            },
+            "http": {"port": self.http_port},
+            "dhcp": {"mode": self.mode},
+            "tftp": {"port": self.tftp_port},
+            "assets": {"dirs": [str(d) for d in self.assets_dirs]},
+            "discovery": {"policy": self.discovery_policy},
+            "dns": {"enabled": False},
+        }
+        if self.mode == "authoritative":
+            doc["dhcp"]["authoritative"] = {
+                "pool_start": "192.0.2.100",
+                "pool_end": "192.0.2.150",
+                "netmask": "255.255.255.0",
+                "router": "192.0.2.1",
+                "lease_seconds": 600,
+            }
+        return yaml.safe_dump(doc, sort_keys=False)
+
+
+def server_command() -> list[str]:
+    """How to run netboot: ``$NETBOOT_E2E_SERVE`` (shell words) or ``python -m netboot``."""
+    env = os.environ.get("NETBOOT_E2E_SERVE")
+    if env:
+        return shlex.split(env)
+    return [sys.executable, "-m", "netboot"]
+
+
+def _tail(path: Path, offset: int = 0, lines: int = 150) -> str:
+    try:
+        data = path.read_bytes()[offset:].decode(errors="replace")
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    out = data.splitlines()
+    if len(out) > lines:
+        out = [f"... ({len(out) - lines} earlier lines in {path})", *out[-lines:]]
+    return "\n".join(out)
+
+
+@dataclass
+class Boot:
+    """One guest boot with its capture, recorded for diagnostics."""
+
+    vm: Vm
+    pcap: Path | None
+
+
+@dataclass
+class LabSession:
+    run_dir: Path
+    prefix: str = field(default_factory=new_prefix)
+    capture: bool = True
+    detach: bool = False  # the CLI's processes outlive the command that started them
+
+    def __post_init__(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.topo = Topology(self.prefix)
+        self.procs = ProcessTable()
+        self.site = SiteDhcp(self.topo, self.procs, self.run_dir, detach=self.detach)
+        self.netboot_config: NetbootConfig | None = None
+        self.netboot_log = self.run_dir / "netboot.log"
+        self.boots: list[Boot] = []
+        self.boot_count: dict[str, int] = {}
+        self.api = ApiClient(self.topo.srv, SRV_IP, HTTP_PORT)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def up(self, site: SiteDhcpConfig | None = None) -> None:
+        self.topo.up()
+        self.save()
+        if site is not None:
+            self.site.start(site)
+        self.save()
+
+    def down(self) -> list[str]:
+        with contextlib.suppress(LabError):
+            self.stop_netboot()
+        warnings = self.topo.down(self.procs)
+        self.save(down=True)
+        return warnings
+
+    def state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def save(self, *, down: bool = False) -> None:
+        save_state(
+            self.state_path(),
+            {
+                "prefix": self.prefix,
+                "run_dir": str(self.run_dir),
+                "up": not down,
+                "procs": self.procs.to_json(),
+                "netboot_data_dir": str(self.netboot_config.data_dir)
+                if self.netboot_config
+                else None,
+            },
+        )
+
+    @classmethod
+    def load(cls, run_dir: Path) -> LabSession | None:
+        state = load_state(run_dir / "state.json")
+        if state is None or not state.get("up"):
+            return None
+        s = cls(run_dir=run_dir, prefix=state["prefix"], detach=True)
+        s.procs = ProcessTable.from_json(state["procs"])
+        s.site = SiteDhcp(s.topo, s.procs, run_dir, detach=True)
+        if state.get("netboot_data_dir"):
+            s.netboot_config = NetbootConfig(Path(state["netboot_data_dir"]), [])
+        return s
+
+    # --- site DHCP ---------------------------------------------------------------------
+
+    def site_dhcp(self, cfg: SiteDhcpConfig | None) -> None:
+        """Run the site DHCP server with ``cfg`` (restarting it when different), or none."""
+        if cfg is None:
+            if self.site.running():
+                self.site.stop()
+        elif self.site.config != cfg or not self.site.running():
+            self.site.start(cfg)
+        self.save()
+
+    # --- netboot -----------------------------------------------------------------------
+
+    def start_netboot(self, cfg: NetbootConfig, *, ready_timeout: float = 30.0) -> None:
+        self.stop_netboot()
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.run_dir / "netboot.yaml"
+        conf.write_text(cfg.to_yaml())
+        argv = [*server_command(), "serve", "--config", str(conf)]
+        env_argv = ["env", "PYTHONUNBUFFERED=1", *argv]
+        with self.netboot_log.open("ab") as out:
+            out.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(argv)}\n".encode())
+            out.flush()
+            self.procs.start(
+                NETBOOT, self.topo.ns_exec(self.topo.srv, env_argv), stdout=out,
+                stderr=subprocess.STDOUT, detach=self.detach,
+            )
+        self.netboot_config = cfg
+        self.save()
+        try:
+            self._wait_netboot(ready_timeout)
+        except LabError as exc:
+            raise LabError(f"{exc}\n--- netboot log:\n{_tail(self.netboot_log)}") from exc
+        self.api.token = self.admin_token()
+
+    def _wait_netboot(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            t = self.procs.procs.get(NETBOOT)
+            if t is None or not t.alive():
+                rc = t.popen.poll() if t is not None and t.popen is not None else None
+                raise LabError(f"netboot exited during start-up (exit code {rc})")
+            try:
+                self.api.wait_healthy(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+                return
+            except LabError:
+                continue
+        raise LabError(f"netboot did not answer GET /healthz with 200 within {timeout} s")
+
+    def stop_netboot(self) -> None:
+        if NETBOOT in self.procs.procs:
+            self.procs.stop(NETBOOT)
+            self.save()
+
+    def admin_token(self, timeout: float = 10.0) -> str:
+        """netboot writes ``<data_dir>/admin.token`` (0600) on first start."""
+        if self.netboot_config is None:
+            raise LabError("netboot was not started by this lab")
+        path = self.netboot_config.data_dir / "admin.token"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_text().strip():
+                return path.read_text().strip()
+            time.sleep(0.1)
+        raise LabError(f"{path} not written within {timeout} s")
+
+    # --- guests ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def boot(self, spec: VmSpec) -> Iterator[Vm]:
+        """Boot ``spec`` (with a capture on br0); the VM and capture end when the block does."""
+        n = self.boot_count.get(spec.name, 0) + 1
+        # `netboot lab boot` runs each boot in a new process: skip numbers already logged.
+        while (self.run_dir / f"{spec.name}.boot{n}.serial.log").exists():
+            n += 1
+        self.boot_count[spec.name] = n
+        run_name = f"{spec.name}.boot{n}"
+        cap = None
+        if self.capture and capture.available():
+            cap = capture.Capture(self.topo, self.procs, self.run_dir / f"{run_name}.pcap")
+            cap.start()
+        vm = Vm(spec, self.topo, self.procs, self.run_dir, run_name)
+        self.boots.append(Boot(vm, cap.pcap if cap else None))
+        try:
+            vm.start()
+            yield vm
+        finally:
+            vm.stop()
+            if cap is not None:
+                cap.stop()
+
+    # --- diagnostics -------------------------------------------------------------------
+
+    def log_offsets(self) -> dict[str, int]:
+        return {
+            str(p): (p.stat().st_size if p.exists() else 0)
+            for p in (self.netboot_log, self.site.log_path)
+        }
+
+    def diagnostics(
+        self, since: Mapping[str, int] | None = None, boots: Sequence[Boot] = ()
+    ) -> list[tuple[str, str]]:
+        """Sections (title, text) that explain a failure: consoles, logs, DHCP/TFTP traffic."""
+        since = since or {}
+        out: list[tuple[str, str]] = []
+        for b in boots:
+            out.append((f"serial console {b.vm.run_name}", _tail(b.vm.serial_log, lines=200)))
+            err = _tail(b.vm.err_log, lines=30)
+            if err.strip() and "does not exist" not in err:
+                out.append((f"qemu stderr {b.vm.run_name}", err))
+        out.append(("netboot log", _tail(self.netboot_log, since.get(str(self.netboot_log), 0))))
+        out.append(
+            ("site DHCP log", _tail(self.site.log_path, since.get(str(self.site.log_path), 0)))
+        )
+        for b in boots:
+            if b.pcap is not None:
+                out.append((f"DHCP/TFTP/HTTP exchange {b.vm.run_name}", capture.decode(b.pcap)))
+        return out
+
+
+# --- enrollment used by the tests and `netboot lab up --enroll` ------------------------------
+
+
+def profile_body(arch: str) -> dict[str, Any]:
+    console = "ttyAMA0" if arch == "arm64" else "ttyS0"
+    return {
+        "name": f"test-{arch}",
+        "kernel": f"vmlinuz-{arch}",
+        "initrds": [f"initrd-{arch}.cpio.gz"],
+        "cmdline": CMDLINE.format(console=console),
+        "config_template": "k3os",
+    }
+
+
+def enroll(api: ApiClient, devices: Sequence[VmSpec]) -> None:
+    """The standard lab enrollment: cluster ``edge``, a profile and group per arch, devices."""
+    api.expect(
+        "POST", "/api/v1/clusters",
+        {"name": "edge", "server_url": "https://192.0.2.50:6443", "token": "sekret"},
+    )
+    # A BIOS PXE client reports arch 0 ("x86"; QEMU's BIOS iPXE ROM is an i386 build) even
+    # on a 64-bit CPU, so the amd64 group selects both x86 and x86_64 (selector values OR).
+    for arch, sel in (("amd64", ["x86_64", "x86"]), ("arm64", ["arm64"])):
+        api.expect("POST", "/api/v1/profiles", profile_body(arch))
+        api.expect(
+            "POST", "/api/v1/groups",
+            {"name": "x86" if arch == "amd64" else "arm64", "selector": {"arch": sel},
+             "profile": f"test-{arch}", "cluster": "edge", "role": "agent"},
+        )
+    for d in devices:
+        api.expect("POST", "/api/v1/machines", {"mac": d.mac, "hostname": d.name})

@@ -1,0 +1,63 @@
+#!/bin/sh
+# Install what the whole test suite needs on Debian 12 (bookworm), as root. Idempotent.
+#
+#   tests/install-deps.sh            packages + arm64 dpkg architecture + .venv with
+#                                    `pip install -e '.[test]'` (what .ci/run expects)
+#   NO_PIP=1 tests/install-deps.sh   packages only
+#
+# The arm64 kernel and busybox-static:arm64 are not installed: the e2e harness fetches them
+# with `apt-get download` (netboot/lab/artifacts.py), which needs the arm64 architecture
+# and its package lists, hence --add-architecture + apt-get update here.
+set -eu
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps.sh: run as root" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+updated=""
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    dpkg --add-architecture arm64
+fi
+# Update once; again only when the arm64 lists are missing (architecture just added).
+if ! apt-cache show linux-image-arm64:arm64 >/dev/null 2>&1; then
+    apt-get update -q
+    updated=1
+fi
+
+# qemu + firmware: the guests; dnsmasq-base: the site DHCP server (not the `dnsmasq` package,
+# which would enable a system DNS service on :53); busybox-static/cpio/kmod: initramfs build;
+# tftp-hpa, bind9-dnsutils, isc-dhcp-client, udhcpc: clients used by the server tests;
+# tcpdump captures the lab bridge, tshark (optional) decodes it on failure.
+PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-tools \
+dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
+isc-dhcp-client udhcpc python3 python3-pip python3-venv ca-certificates"
+
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" \
+        || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    [ -n "$updated" ] || apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+
+# tshark is optional (decoding only); its debconf question is pre-answered.
+if ! command -v tshark >/dev/null 2>&1; then
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+    apt-get install -y -q --no-install-recommends tshark \
+        || echo "install-deps.sh: tshark not installed (optional; tcpdump decodes instead)" >&2
+fi
+
+if [ -z "${NO_PIP:-}" ]; then
+    # A venv, not the system interpreter: Debian's python3 refuses pip installs (PEP 668).
+    cd "$(dirname "$0")/.."
+    venv="${NETBOOT_VENV:-.venv}"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    "$venv/bin/python" -m pip install -q -e '.[test]'
+fi
+echo "install-deps.sh: done"
