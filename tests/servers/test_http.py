@@ -58,7 +58,10 @@ async def test_bootstrap_chains_to_ipxe_with_every_identity_setting(env: Env) ->
     chain = next(line for line in script.splitlines() if line.startswith("chain "))
     url = chain.split()[2]
     assert url.startswith(f"{BASE}/ipxe?mac=${{net0/mac:hexhyp}}&")
-    for setting in ("uuid=${uuid}", "arch=${buildarch}", "platform=${platform}",
+    # arch is ${buildarch}, raised to x86_64 where cpuid shows long mode (BIOS iPXE is i386).
+    assert "set netboot-arch ${buildarch}" in script.splitlines()
+    assert "cpuid --ext 29 && set netboot-arch x86_64" in script
+    for setting in ("uuid=${uuid}", "arch=${netboot-arch}", "platform=${platform}",
                     "serial=${serial:uristring}", "manufacturer=${manufacturer:uristring}",
                     "product=${product:uristring}", "asset=${asset:uristring}"):
         assert setting in url.split("?", 1)[1].split("&"), setting
