@@ -336,11 +336,9 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
 
 async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     """Which first-stage loaders and profile assets are found, and do their checksums match."""
-    import hashlib
-
     from netboot.boot import loader_names
     from netboot.errors import Forbidden
-    from netboot.files import FileTree
+    from netboot.files import FileTree, sha256_file
     from netboot.render import shipped_templates_dir
     from netboot.service import asset_roots
 
@@ -353,13 +351,6 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                 digest, name = line.split(None, 1)
                 known[digest] = name.strip()
 
-    def digest_of(path: Path) -> str:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
     rows: list[dict[str, Any]] = []
     bad = 0
     for name in loader_names():
@@ -367,7 +358,7 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         if path is None:
             rows.append({"kind": "loader", "name": name, "status": "missing", "path": None})
             continue
-        d = digest_of(path)
+        d = sha256_file(path)
         status = "ok (known build)" if known.get(d) == Path(name).name else "unknown build"
         rows.append({"kind": "loader", "name": name, "status": status, "path": str(path),
                      "sha256": d})
@@ -384,7 +375,7 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                 rows.append({"kind": f"profile {profile.name}", "name": ref,
                              "status": f"missing ({exc})", "path": None})
                 continue
-            d = digest_of(path)
+            d = sha256_file(path)
             status = "ok" if expected in (None, d) else "CHECKSUM MISMATCH"
             bad += status != "ok"
             rows.append({"kind": f"profile {profile.name}", "name": ref, "status": status,

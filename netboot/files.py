@@ -7,6 +7,7 @@ a path that is absolute, contains NUL, a ``..`` segment, a backslash trick, or t
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 import os
 import stat
@@ -108,6 +109,15 @@ class FileTree:
         except (NotFound, Forbidden):
             return False
         return True
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (kernels and images are large)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def content_type(name: str) -> str:

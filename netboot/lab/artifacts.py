@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from netboot.files import sha256_file
 from netboot.lab.installer import INIT_SCRIPT, UDHCPC_SCRIPT
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,6 @@ def _run(argv: Sequence[str], *, cwd: Path | None = None) -> str:
             f"{' '.join(argv)} failed (rc {res.returncode}): {res.stderr.strip()[-800:]}"
         )
     return res.stdout
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -328,7 +321,7 @@ def build_arch(arch: str, cache: Path) -> Path:
             if saved_stamp == stamp:
                 digest = saved.strip()
         if digest is None:
-            digest = _sha256(deb)
+            digest = sha256_file(deb)
             memo.write_text(f"{stamp}\n{digest}\n")
         key.update(digest.encode())
     out = cache / "build" / f"{arch}-{key.hexdigest()[:16]}"
