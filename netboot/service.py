@@ -79,7 +79,38 @@ def advertised_address(config: Config) -> str:
                 f"cannot read the IPv4 address of {config.server.interfaces[0]!r}: {exc}",
                 key="server.interfaces", fix="name an interface that has an IPv4 address, "
                 "or set server.advertise / --advertise") from exc
+    # Embedded defaults: the address of the interface that carries the default route, read
+    # from /proc/net/route (no traffic is sent to find it).
+    from netboot.servers.dhcp import interface_ipv4
+
+    name = default_route_interface()
+    if name is not None:
+        try:
+            address = interface_ipv4(name)
+        except Exception:
+            address = None
+        if address:
+            log.warning("no --interface or --advertise given: advertising %s (%s, the default "
+                        "route's interface); name the provisioning interface with --interface",
+                        address, name)
+            return address
+    log.warning("no --interface or --advertise given and no default route: advertising "
+                "127.0.0.1, which only local clients can reach")
     return "127.0.0.1"
+
+
+def default_route_interface(route_table: str = "/proc/net/route") -> str | None:
+    """The interface of the IPv4 default route, or None."""
+    try:
+        lines = Path(route_table).read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # Iface Destination Gateway Flags ...: destination 00000000 is the default route.
+        if len(fields) > 3 and fields[1] == "00000000" and int(fields[3], 16) & 1:
+            return fields[0]
+    return None
 
 
 async def ensure_admin_token(store: Store, data_dir: Path) -> str | None:

@@ -114,3 +114,17 @@ async def test_dns_answers_from_the_inventory(tmp_path: Path) -> None:
         assert answer.rcode() == dns.rcode.NXDOMAIN
     finally:
         await service.close()
+
+
+def test_default_route_interface(tmp_path: Path) -> None:
+    from netboot.service import default_route_interface
+
+    table = tmp_path / "route"
+    table.write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "eth1\t0002000C\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+        "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n")
+    assert default_route_interface(str(table)) == "eth0"
+    table.write_text("Iface\tDestination\tGateway\tFlags\n")
+    assert default_route_interface(str(table)) is None
+    assert default_route_interface(str(tmp_path / "missing")) is None
