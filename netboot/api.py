@@ -24,6 +24,7 @@ from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import Cluster, MacAddress, Machine, MachineState, Role, normalise_uuid
+from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_TOKEN_KEY = "admin-token-sha256"
@@ -36,9 +37,9 @@ def _sha(text: str) -> str:
 
 
 async def read_json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > request.app[
-            "max_body"]:
-        raise web.HTTPRequestEntityTooLarge(max_size=request.app["max_body"],
+    limit = request.app[MAX_BODY_KEY]
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit,
                                             actual_size=request.content_length)
     raw = await request.read()
     if not raw:
@@ -267,13 +268,13 @@ class Api:
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         if not (token_matches(machine, token, self._clock()) or await self.is_admin(request)):
             raise AuthError("send 'Authorization: Bearer <install token>' of this machine")
-        if request.content_length is not None and request.content_length > request.app[
-                "max_event"]:
-            raise web.HTTPRequestEntityTooLarge(max_size=request.app["max_event"],
+        limit = request.app[MAX_EVENT_KEY]
+        if request.content_length is not None and request.content_length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit,
                                                 actual_size=request.content_length)
-        raw = await request.content.read(request.app["max_event"] + 1)
-        if len(raw) > request.app["max_event"]:
-            raise web.HTTPRequestEntityTooLarge(max_size=request.app["max_event"],
+        raw = await request.content.read(request.app[MAX_EVENT_KEY] + 1)
+        if len(raw) > request.app[MAX_EVENT_KEY]:
+            raise web.HTTPRequestEntityTooLarge(max_size=request.app[MAX_EVENT_KEY],
                                                 actual_size=len(raw))
         body = loads(raw or b"null")
         event = await self._enroll.report(str(machine.mac), _object(body))

@@ -30,7 +30,13 @@ from netboot.errors import ConfigError
 from netboot.files import FileTree
 from netboot.inventory.base import MachineFilter, Store
 from netboot.render import Renderer, shipped_templates_dir
-from netboot.servers.http import DeviceRoutes, errors_middleware
+from netboot.servers.http import (
+    LOG_KEY,
+    MAX_BODY_KEY,
+    MAX_EVENT_KEY,
+    DeviceRoutes,
+    errors_middleware,
+)
 
 log = logging.getLogger(__name__)
 
@@ -338,9 +344,9 @@ async def build(config: Config) -> Service:
         content = Content(store, boot, renderer, assets, lambda: holder["base"], enroller)
         app = web.Application(middlewares=[errors_middleware],
                               client_max_size=config.http.max_body_bytes)
-        app["log"] = logging.getLogger("netboot.http")
-        app["max_body"] = config.http.max_body_bytes
-        app["max_event"] = config.http.max_event_bytes
+        app[LOG_KEY] = logging.getLogger("netboot.http")
+        app[MAX_BODY_KEY] = config.http.max_body_bytes
+        app[MAX_EVENT_KEY] = config.http.max_event_bytes
         DeviceRoutes(content).add_to(app)
         Api(store, enroller, boot, clock=time.time).add_to(app)
         service = Service(config, store, enroller, boot, content, app, advertise, base_url,

@@ -25,6 +25,11 @@ from netboot.errors import (
 )
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
 
+# Typed keys for what the wiring puts on the application (aiohttp's AppKey).
+LOG_KEY = web.AppKey("log", logging.Logger)
+MAX_BODY_KEY = web.AppKey("max_body", int)
+MAX_EVENT_KEY = web.AppKey("max_event", int)
+
 _BUILDARCH = {"i386": Arch.X86, "x86_64": Arch.X86_64, "arm32": Arch.ARM32,
               "arm64": Arch.ARM64, "riscv64": Arch.RISCV64}
 
@@ -118,7 +123,7 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    log = request.app["log"]
+    log = request.app[LOG_KEY]
     try:
         resp: web.StreamResponse = await handler(request)
         return resp
