@@ -82,6 +82,34 @@ def loader_names() -> tuple[str, ...]:
     return tuple(sorted({name for names in _LOADERS.values() for name in names}))
 
 
+_FACT_KEYS = ("manufacturer", "product", "hostname", "platform", "relay", "interface")
+
+
+def learn(machine: Machine, request: BootRequest, now: float) -> Machine:
+    """The machine with what this request told about it added; nothing known is lost.
+
+    Identity fields (UUID, serial, asset) are kept once known; the newest architecture wins
+    (iPXE's cpuid check is better than option 93's "x86"); the first firmware seen is what the
+    machine *is* ("UEFI PXE" tells more than the iPXE it chainloads).
+    """
+    facts = dict(machine.facts)
+    for key in _FACT_KEYS:
+        value = getattr(request, key)
+        if value:
+            facts["dhcp_hostname" if key == "hostname" else key] = value
+    if request.remote_addr:
+        facts["remote_addr"] = request.remote_addr
+    updated = replace(
+        machine, facts=facts,
+        uuid=machine.uuid or request.uuid, serial=machine.serial or request.serial,
+        asset=machine.asset or request.asset,
+        arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
+        firmware=machine.firmware or (request.firmware
+                                      if request.firmware != Firmware.UNKNOWN else None),
+    )
+    return replace(updated, updated=now) if updated != machine else machine
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -229,13 +257,10 @@ class BootService:
             token = self._new_token()
             now = self._clock()
             machine = replace(
-                machine,
+                learn(machine, request, now),
                 state=MachineState.BOOTING,
                 token_hash=hash_token(token),
                 token_expires=now + self.settings.token_ttl_seconds,
-                arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
-                firmware=request.firmware if request.firmware != Firmware.UNKNOWN
-                else machine.firmware,
                 # Bind the machine to the cluster and role it installs into, so that the
                 # cluster lists it and a later group edit does not move an installed node.
                 cluster=machine.cluster or (cluster.name if cluster else None),
@@ -333,26 +358,9 @@ class BootService:
     async def _discover(self, request: BootRequest, machine: Machine | None) -> Machine:
         """Record what an unknown machine's firmware told us (never loses earlier facts)."""
         now = self._clock()
-        facts = dict(machine.facts) if machine else {}
-        for key, value in request.labels().items():
-            if key != "mac" and value and value != "unknown":
-                facts[key] = value
-        if request.remote_addr:
-            facts["remote_addr"] = request.remote_addr
-        if request.relay:
-            facts["relay"] = request.relay
-        if request.interface:
-            facts["interface"] = request.interface
-        if request.platform:
-            facts["platform"] = request.platform
         if machine is None:
-            machine = Machine(
-                mac=request.mac, state=MachineState.DISCOVERED,
-                uuid=request.uuid, serial=request.serial, asset=request.asset,
-                arch=request.arch if request.arch != Arch.UNKNOWN else None,
-                firmware=request.firmware if request.firmware != Firmware.UNKNOWN else None,
-                facts=facts, created=now, updated=now,
-            )
+            machine = learn(Machine(mac=request.mac, state=MachineState.DISCOVERED,
+                                    created=now), request, now)
             try:
                 await self._store.create_machine(machine)
             except Exception:  # a concurrent request created it first: read it back
@@ -366,29 +374,16 @@ class BootService:
             self._log.info("discovered mac=%s firmware=%s arch=%s uuid=%s via=%s",
                            request.mac, request.firmware, request.arch, request.uuid, request.via)
             return machine
-        updated = replace(
-            machine, facts=facts, updated=now,
-            uuid=machine.uuid or request.uuid, serial=machine.serial or request.serial,
-            asset=machine.asset or request.asset,
-            arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
-            # The first firmware seen is what the machine *is*; later iPXE stages don't
-            # overwrite it, since "UEFI PXE" is more telling than the iPXE it chainloads.
-            firmware=machine.firmware or (request.firmware
-                                          if request.firmware != Firmware.UNKNOWN else None),
-        )
+        updated = learn(machine, request, now)
         if updated != machine:
             await self._store.update_machine(updated)
         return updated
 
     async def _note(self, machine: Machine, request: BootRequest, kind: str, message: str) -> None:
-        updates: dict[str, Any] = {}
-        if request.arch != Arch.UNKNOWN and machine.arch is None:
-            updates["arch"] = request.arch
-        if request.firmware != Firmware.UNKNOWN and machine.firmware is None:
-            updates["firmware"] = request.firmware
-        if updates:
-            await self._store.update_machine(replace(machine, updated=self._clock(), **updates))
-        await self._event(machine, kind, message, request)
+        updated = learn(machine, request, self._clock())
+        if updated != machine:
+            await self._store.update_machine(updated)
+        await self._event(updated, kind, message, request)
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:

@@ -226,3 +226,15 @@ async def test_hold_is_recorded_once_per_reason(
         assert (await boot.plan(req(Firmware.IPXE))).action == BootAction.HOLD
     kinds = [e.kind for e in await store.list_events(str(MAC))]
     assert kinds == ["discovered", "hold"]
+
+
+async def test_install_records_what_the_firmware_told(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    await enrolled(store)
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
+    await boot.plan(req(Firmware.IPXE, uuid=uuid, serial="SN7", product="Box",
+                        platform="efi"))
+    m = await store.get_machine(str(MAC))
+    assert m is not None and m.uuid == uuid and m.serial == "SN7"
+    assert m.facts["product"] == "Box" and m.facts["platform"] == "efi"
