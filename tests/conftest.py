@@ -9,9 +9,16 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import settings
 
 from netboot.config import Config, load
 from netboot.service import Service, build
+
+# Every landing runs the same examples (a flaky test blocks them all), and no per-example
+# deadline: a loaded 2-core CI machine is not a bug in the code under test.
+settings.register_profile("netboot", deadline=None, derandomize=True, database=None,
+                          print_blob=True)
+settings.load_profile("netboot")
 
 KERNEL = b"\x7fKERNEL" + bytes(range(256)) * 64  # 16 KiB + 7 bytes of not-quite-random data
 INITRD = b"070701" + b"\x00" * 5000
