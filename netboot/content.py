@@ -167,8 +167,7 @@ class Content:
             return _text_blob(await self._pxelinux_file(rel.split("/", 1)[1], peer))
         head, _, rest = rel.partition("/")
         if rest and _RPI_SERIAL.match(head.lower()):
-            # Raspberry Pi bootloaders prefix every file with the board serial (TFTP_PREFIX=0).
-            return self.assets.blob("rpi/" + rest)
+            return await self._rpi_file(head.lower(), rest, peer)
         return self.assets.blob(rel)
 
     async def _pxelinux_file(self, name: str, peer: tuple[str, int]) -> bytes:
@@ -192,6 +191,37 @@ class Content:
                                                 remote_addr=peer[0],
                                                 firmware=Firmware.UBOOT,
                                                 arch=machine.arch or Arch.UNKNOWN))).encode()
+
+    async def _rpi_file(self, serial: str, rest: str, peer: tuple[str, int]) -> Blob:
+        """Raspberry Pi 4/5 bootloaders prefix every file with the board serial (TFTP_PREFIX=0,
+        protocols.md §5). Only a machine enrolled with that serial and due to install gets
+        files: for any other answer the prefix is refused, the bootloader clears it, finds
+        nothing at the root either, and goes on to its next BOOT_ORDER entry (the local disk).
+        ``cmdline.txt`` is the profile's rendered command line with a fresh install token;
+        everything else comes from the ``rpi/`` asset directory.
+        """
+        machine = await self._by_serial(serial)
+        if machine is None:
+            raise NotFound(f"no machine enrolled with Raspberry Pi serial {serial}")
+        request = BootRequest(mac=machine.mac, firmware=Firmware.RPI, arch=Arch.ARM64,
+                              serial=serial, via="tftp", remote_addr=peer[0])
+        if rest != "cmdline.txt":
+            plan = await self._boot.plan(request, record=False)
+            if plan.action != BootAction.INSTALL:
+                raise NotFound(f"{machine.mac}: {plan.reason}")
+            return self.assets.blob("rpi/" + rest)
+        plan = await self._boot.plan(request)
+        if plan.action != BootAction.INSTALL:
+            raise NotFound(f"{machine.mac}: {plan.reason}")
+        return _text_blob(self.context(plan)["cmdline"] + "\n")
+
+    async def _by_serial(self, serial: str) -> Machine | None:
+        # The Pi prints its serial with leading zeros in the prefix ("0a1b2c3d"); operators
+        # copy it from /proc/cpuinfo ("100000000a1b2c3d") or the label: compare the last 8.
+        for machine in await self._store.list_machines(MachineFilter(limit=100_000)):
+            if machine.serial and machine.serial.lower()[-8:].rjust(8, "0") == serial:
+                return machine
+        return None
 
     async def _arch(self, mac: MacAddress) -> Arch:
         machine = await self._store.get_machine(str(mac))

@@ -68,10 +68,6 @@ async def test_site_default_file_and_assets(env: Env) -> None:
     assert blob.data == b"DEFAULT site\n"
     kernel = await content.tftp_open("/vmlinuz", PEER)
     assert kernel.size == len(KERNEL) and kernel.path is not None
-    (root / "rpi").mkdir()
-    (root / "rpi" / "start4.elf").write_bytes(b"pi")
-    pi = await content.tftp_open("9ffefdef/start4.elf", PEER)
-    assert pi.path is not None and pi.path.endswith("rpi/start4.elf")
 
 
 @pytest.mark.parametrize("path", ["../etc/passwd", "a/../../etc/passwd", "x\x00y",
@@ -98,3 +94,31 @@ async def test_pinned_loader_follows_package_symlink(tmp_path) -> None:  # type:
     assert tree.exists("ipxe.efi") and not tree.exists("snponly.efi")
     with pytest.raises(Forbidden):
         tree.blob("other.efi")
+
+
+async def test_raspberry_pi_serial_prefix(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/profiles", {"name": "pi", "kernel": "kernel8.img",
+                                        "cmdline": "console=serial0 ds=nocloud;s={{ nocloud_url }}",
+                                        "config_template": "cloud-init"}, status=201)
+    await env.post("/api/v1/machines", {"mac": "dc:a6:32:01:36:c2", "hostname": "pi-1",
+                                        "serial": "100000009ffefdef", "profile": "pi",
+                                        "cluster": "edge"}, status=201)
+    root = env.service.content.assets.roots[-1]
+    (root / "rpi").mkdir()
+    (root / "rpi" / "start4.elf").write_bytes(b"pi")
+    content = env.service.content
+    pi = await content.tftp_open("9ffefdef/start4.elf", PEER)
+    assert pi.path is not None and pi.path.endswith("rpi/start4.elf")
+    cmdline = await content.tftp_open("9ffefdef/cmdline.txt", PEER)
+    assert cmdline.data is not None
+    text = cmdline.data.decode()
+    assert text.startswith("console=serial0 ds=nocloud;s=http://192.0.2.10:8080/nocloud/"
+                           "dc-a6-32-01-36-c2/") and text.endswith("/\n")
+    with pytest.raises(NotFound):
+        await content.tftp_open("0badf00d/start4.elf", PEER)  # not enrolled
+    await env.post("/api/v1/machines/dc:a6:32:01:36:c2/events", {"kind": "installed"},
+                   status=201)
+    for name in ("start4.elf", "cmdline.txt"):  # installed: fall through to the local disk
+        with pytest.raises(NotFound):
+            await content.tftp_open(f"9ffefdef/{name}", PEER)
