@@ -216,22 +216,20 @@ class Content:
         return _text_blob(self.context(plan)["cmdline"] + "\n")
 
     async def _by_serial(self, serial: str) -> Machine | None:
-        # The Pi prints its serial with leading zeros in the prefix ("0a1b2c3d"); operators
-        # copy it from /proc/cpuinfo ("100000000a1b2c3d") or the label: compare the last 8.
-        for machine in await self._store.list_machines(MachineFilter(limit=100_000)):
-            if machine.serial and machine.serial.lower()[-8:].rjust(8, "0") == serial:
-                return machine
-        return None
+        # The Pi prints its serial as 8 hex digits in the prefix ("0a1b2c3d"); operators copy
+        # it from the label, or from /proc/cpuinfo with a 10000000/00000000 prefix.
+        forms = tuple(f"{head}{s}" for s in (serial, serial.upper())
+                      for head in ("", "10000000", "00000000"))
+        found = await self._store.list_machines(MachineFilter(serials=forms, limit=1))
+        return found[0] if found else None
 
     async def _arch(self, mac: MacAddress) -> Arch:
         machine = await self._store.get_machine(str(mac))
         return machine.arch if machine and machine.arch else Arch.UNKNOWN
 
     async def _by_uuid(self, uuid: str) -> Machine | None:
-        for machine in await self._store.list_machines(MachineFilter(limit=100_000)):
-            if machine.uuid == uuid:
-                return machine
-        return None
+        found = await self._store.list_machines(MachineFilter(uuid=uuid, limit=1))
+        return found[0] if found else None
 
     async def _by_ip(self, ip: str) -> Machine | None:
         for lease in await self._store.list_leases():

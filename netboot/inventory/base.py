@@ -21,6 +21,8 @@ class MachineFilter:
     state: MachineState | None = None
     cluster: str | None = None
     labels: tuple[tuple[str, str], ...] = ()  # all must match
+    uuid: str | None = None  # exact, canonical lowercase form
+    serials: tuple[str, ...] = ()  # any of these exact serials
     limit: int = 100
     offset: int = 0
 

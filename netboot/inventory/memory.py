@@ -75,6 +75,10 @@ class MemoryStore:
                 continue
             if any(machine.labels.get(k) != v for k, v in flt.labels):
                 continue
+            if flt.uuid is not None and machine.uuid != flt.uuid:
+                continue
+            if flt.serials and machine.serial not in flt.serials:
+                continue
             out.append(machine)
         return out
 

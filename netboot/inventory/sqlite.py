@@ -93,6 +93,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE settings (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
     ),
+    (
+        # Lookups by firmware identity on the boot path (U-Boot's pxelinux.cfg/<uuid>, a
+        # Raspberry Pi's serial prefix): expression indexes over the stored document, so
+        # no write path changes and no scan of every machine per TFTP request.
+        "CREATE INDEX machines_uuid ON machines (json_extract(data, '$.uuid'))",
+        "CREATE INDEX machines_serial ON machines (json_extract(data, '$.serial'))",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -436,6 +443,12 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     if flt.cluster is not None:
         clauses.append("m.cluster = ?")
         params.append(flt.cluster)
+    if flt.uuid is not None:
+        clauses.append("json_extract(m.data, '$.uuid') = ?")
+        params.append(flt.uuid)
+    if flt.serials:
+        clauses.append(f"json_extract(m.data, '$.serial') IN ({','.join('?' * len(flt.serials))})")
+        params.extend(flt.serials)
     for key, value in flt.labels:
         clauses.append(
             "EXISTS (SELECT 1 FROM machine_labels l"

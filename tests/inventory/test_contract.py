@@ -570,3 +570,20 @@ async def test_use_after_close_is_store_error(store: Store) -> None:
         await store.get_machine(MAC1)
     await store.close()  # twice is harmless
     await store.open()  # and the fixture's close still works
+
+
+async def test_filter_by_uuid_and_serials(store: Store) -> None:
+    from netboot.model import MacAddress, Machine
+
+    a = Machine(mac=MacAddress.parse("02:00:00:00:00:01"), hostname="a",
+                uuid="8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4", serial="S1")
+    b = Machine(mac=MacAddress.parse("02:00:00:00:00:02"), hostname="b", serial="S2")
+    await store.create_machine(a)
+    await store.create_machine(b)
+    found = await store.list_machines(MachineFilter(uuid=a.uuid))
+    assert [m.hostname for m in found] == ["a"]
+    nobody = "00000000-0000-0000-0000-000000000000"
+    assert await store.list_machines(MachineFilter(uuid=nobody)) == []
+    found = await store.list_machines(MachineFilter(serials=("S2", "nope")))
+    assert [m.hostname for m in found] == ["b"]
+    assert await store.count_machines(MachineFilter(serials=("S1", "S2"))) == 2
