@@ -280,7 +280,9 @@ def _read(path: Path) -> bytes:
 def register_command(url: str, mac: str, token: str, node_name: str) -> str:
     """A POSIX shell one-liner the installed OS runs to register, retrying for up to an hour.
 
-    curl when present, busybox wget otherwise (k3OS and minimal images differ).
+    curl when present, busybox wget otherwise (k3OS and minimal images differ). k3OS runs
+    ``run_cmd`` on every boot; a marker file makes later boots skip the call (the install
+    token expires, and an hour of retries on each reboot would only delay the node).
     """
     # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts.
     body = (
@@ -290,10 +292,14 @@ def register_command(url: str, mac: str, token: str, node_name: str) -> str:
     )
     data = "'" + body + "'"
     u = shlex.quote(url)
-    return (
-        "i=0; while [ $i -lt 360 ]; do "
+    post = (
         f"if command -v curl >/dev/null; then curl -fsS -H 'Content-Type: application/json' "
-        f"-d {data} {u} && break; "
-        f"else wget -q -O- --header 'Content-Type: application/json' --post-data {data} {u} "
-        "&& break; fi; i=$((i+1)); sleep 10; done"
+        f"-d {data} {u}; "
+        f"else wget -q -O- --header 'Content-Type: application/json' --post-data {data} {u}; fi"
+    )
+    marker = "/var/lib/netboot/registered"
+    return (
+        f"[ -f {marker} ] || {{ i=0; while [ $i -lt 360 ]; do "
+        f"if {{ {post}; }}; then mkdir -p /var/lib/netboot && touch {marker}; break; fi; "
+        "i=$((i+1)); sleep 10; done; }"
     )

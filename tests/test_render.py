@@ -206,3 +206,23 @@ def test_register_command_is_valid_shell(tmp_path: Path) -> None:
                            "tok", "edge-1")
     # sh -n parses without running: the quoting of the JSON holes must be balanced.
     subprocess.run(["sh", "-n", "-c", cmd], check=True)
+
+
+def test_register_command_posts_once_then_skips(tmp_path: Path) -> None:
+    """Run the command for real against a fake curl: it registers, and a rerun is a no-op."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "curl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 0\n')
+    (bin_dir / "curl").chmod(0o755)
+    root = tmp_path / "root"
+    cmd = register_command("http://192.0.2.10:8080/api/v1/register", "52:54:00:00:00:11",
+                           "tok", "edge-1").replace("/var/lib/netboot", str(root))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    for _ in range(2):
+        subprocess.run(["sh", "-c", cmd], check=True, env=env, timeout=30)
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 1 and '"token":"tok"' in lines[0] and '"node_name":"edge-1"' in lines[0]
+    assert (root / "registered").exists()
