@@ -4,7 +4,10 @@
 
 Each server under test runs in its own process (so the client does not share its GIL) and is
 described by a :class:`Peer`: how to start it on a directory and which port it listens on.
-Only netboot is wired today; a tftpd-hpa (or dnsmasq) column is one more ``Peer`` entry.
+Peers run side by side with the same client and file: netboot, tftpd-hpa (``in.tftpd`` from
+Debian's ``tftpd-hpa``) and dnsmasq's TFTP (``dnsmasq-base``); a peer that is not installed is
+left out and said so. Ratios are netboot's rate over the peer's. Install the peers without
+starting tftpd-hpa's system service, e.g. with a policy-rc.d that exits 101.
 The client is a plain blocking RFC 7440 receiver; every receive has a timeout.
 Not part of pytest.
 """
@@ -15,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -33,6 +37,7 @@ HOST = "127.0.0.1"
 class Peer:
     name: str
     start: Callable[[Path], contextlib.AbstractContextManager[int]]  # root → listening port
+    binary: str | None = None  # needed on PATH; the peer is left out without it
 
 
 @contextlib.contextmanager
@@ -57,7 +62,60 @@ def netboot_server(root: Path) -> Iterator[int]:
             proc.wait()
 
 
-PEERS = [Peer("netboot", netboot_server)]  # e.g. Peer("tftpd-hpa", tftpd_hpa_server)
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _process(argv: list[str], port: int) -> Iterator[int]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Ready once a request gets an answer (bounded: 50 tries).
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.settimeout(0.1)
+                probe.sendto(b"\x00\x01no-such-file\x00octet\x00", (HOST, port))
+                try:
+                    probe.recvfrom(1024)
+                    break
+                except OSError:
+                    continue
+        yield port
+    finally:
+        proc.terminate()  # the peer this benchmark started, by its own handle
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def tftpd_hpa_server(root: Path) -> Iterator[int]:
+    port = _free_udp_port()
+    with _process(["in.tftpd", "--listen", "--foreground", "--address", f"{HOST}:{port}", "--secure",
+                   "--user", "root", str(root)], port) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def dnsmasq_server(root: Path) -> Iterator[int]:
+    # dnsmasq's TFTP listens on port 69 only; bound to loopback alone.
+    port = 69
+    with _process(["dnsmasq", "--keep-in-foreground", "--port=0", "--enable-tftp",
+                   f"--tftp-root={root}", f"--listen-address={HOST}",
+                   "--bind-interfaces", "--conf-file=/dev/null", "--user=root",
+                   "--pid-file="], port) as p:
+        yield p
+
+
+PEERS = [
+    Peer("netboot", netboot_server),
+    Peer("tftpd-hpa", tftpd_hpa_server, "in.tftpd"),
+    Peer("dnsmasq", dnsmasq_server, "dnsmasq"),
+]
 
 
 def serve(root: Path) -> None:
@@ -144,7 +202,10 @@ def main() -> None:
         root = Path(tmp)
         (root / "big.bin").write_bytes(os.urandom(args.size))
         results: dict[tuple[str, int], float] = {}
-        for peer in PEERS:
+        peers = [p for p in PEERS if p.binary is None or shutil.which(p.binary)]
+        for missing in (p for p in PEERS if p not in peers):
+            print(f"{missing.name}: {missing.binary} not installed, left out")
+        for peer in peers:
             with peer.start(root) as port:
                 for window in windows:
                     best = float("inf")
@@ -155,11 +216,17 @@ def main() -> None:
                         if n != args.size:
                             raise RuntimeError(f"{peer.name}: got {n} bytes of {args.size}")
                     results[peer.name, window] = args.size / best / 1e6
-    names = [p.name for p in PEERS]
-    print(f"{args.size / 1e6:.0f} MB file, blksize {args.blksize}, best of {args.repeat}, MB/s")
-    print(f"{'windowsize':>10}  " + "  ".join(f"{n:>10}" for n in names))
+    names = [p.name for p in peers]
+    others = names[1:]
+    print(f"{args.size / 1e6:.0f} MB file, blksize {args.blksize}, best of {args.repeat}, MB/s"
+          " (windowsize is what the client asked; a peer may grant 1)")
+    print(f"{'windowsize':>10}  " + "  ".join(f"{n:>10}" for n in names)
+          + "".join(f"  {'÷ ' + n:>12}" for n in others))
     for window in windows:
-        print(f"{window:>10}  " + "  ".join(f"{results[n, window]:>10.1f}" for n in names))
+        row = f"{window:>10}  " + "  ".join(f"{results[n, window]:>10.1f}" for n in names)
+        row += "".join(f"  {results['netboot', window] / results[n, window]:>11.2f}x"
+                       for n in others)
+        print(row)
 
 
 if __name__ == "__main__":
