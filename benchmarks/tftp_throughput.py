@@ -95,8 +95,8 @@ def _process(argv: list[str], port: int) -> Iterator[int]:
 @contextlib.contextmanager
 def tftpd_hpa_server(root: Path) -> Iterator[int]:
     port = _free_udp_port()
-    with _process(["in.tftpd", "--listen", "--foreground", "--address", f"{HOST}:{port}", "--secure",
-                   "--user", "root", str(root)], port) as p:
+    with _process(["in.tftpd", "--listen", "--foreground", "--address", f"{HOST}:{port}",
+                   "--secure", "--user", "root", str(root)], port) as p:
         yield p
 
 
