@@ -2,8 +2,9 @@
 
 Loopback only. Sends a bounded number of queries (default 20,000) with a bounded window of
 queries outstanding, stops after at most ``--max-seconds``, and prints one row per target.
-Targets are listed in ``TARGETS`` so a peer (e.g. dnsmasq serving the same names from a hosts
-file) can be added later as another row; the ratio column is relative to the first row.
+Targets are listed in ``TARGETS``: netboot, and dnsmasq (Debian's ``dnsmasq-base``) serving
+the same names from a hosts file and SRV lines, side by side with the same client and query
+mix; the ratio column is relative to the first row (netboot).
 
     python benchmarks/dns_qps.py [--queries 20000] [--window 64] [--max-seconds 30]
 """
@@ -117,7 +118,7 @@ async def fire(port: int, payloads: list[bytes], *, window: int, max_seconds: fl
 
 
 @contextlib.asynccontextmanager
-async def netboot_server(zone: Zone) -> AsyncIterator[int]:
+async def netboot_server(zone: Zone, machines: int) -> AsyncIterator[int]:
     server = DnsServer(ZoneHolder(zone), host=LOOPBACK, port=0, forward=False)
     await server.start()
     try:
@@ -126,10 +127,56 @@ async def netboot_server(zone: Zone) -> AsyncIterator[int]:
         await server.close()
 
 
-# name → factory of an async context manager yielding the port to query. A peer such as
-# dnsmasq would start its process here (on loopback, by its own PID) and stop it on exit.
-TARGETS: dict[str, Callable[[Zone], contextlib.AbstractAsyncContextManager[int]]] = {
+@contextlib.asynccontextmanager
+async def dnsmasq_server(zone: Zone, machines: int) -> AsyncIterator[int]:
+    """dnsmasq on loopback answering the same inventory: A/PTR from a hosts file, the cluster
+    SRV records as --srv-host, authoritative for the zone (--local), no upstreams."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    if shutil.which("dnsmasq") is None:
+        raise FileNotFoundError("dnsmasq (Debian package dnsmasq-base) is not installed")
+    count = machines
+    with tempfile.TemporaryDirectory() as tmp:
+        hosts = os.path.join(tmp, "hosts")
+        with open(hosts, "w") as fh:
+            for i in range(count):
+                fh.write(f"10.{i >> 16 & 0xFF}.{i >> 8 & 0xFF}.{i & 0xFF} node{i}.netboot.lan\n")
+        srv = [f"--srv-host=_k3s._tcp.c{c}.netboot.lan,node{s}.netboot.lan,6443"
+               for c in range(10) for s in range(c, 30, 10)]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((LOOPBACK, 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", f"--port={port}", f"--listen-address={LOOPBACK}",
+             "--bind-interfaces", "--conf-file=/dev/null", "--no-hosts", "--no-resolv",
+             f"--addn-hosts={hosts}", "--local=/netboot.lan/", "--domain=netboot.lan",
+             "--user=root", "--pid-file=", *srv],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            query = queries(1, machines)[0]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(0.2)
+                for _ in range(50):  # ready once it answers (bounded: 10 s)
+                    s.sendto(query, (LOOPBACK, port))
+                    try:
+                        s.recvfrom(4096)
+                        break
+                    except OSError:
+                        continue
+            yield port
+        finally:
+            proc.terminate()  # the peer this benchmark started, by its own handle
+            proc.wait(timeout=10)
+
+
+# name → factory of an async context manager yielding the port to query.
+TARGETS: dict[str, Callable[[Zone, int], contextlib.AbstractAsyncContextManager[int]]] = {
     "netboot": netboot_server,
+    "dnsmasq": dnsmasq_server,
 }
 
 
@@ -148,7 +195,7 @@ async def main() -> None:
     print(f"zone: {args.machines} machines, {len(zone)} names, built in {build:.2f} s")
     results = []
     for name, factory in TARGETS.items():
-        async with factory(zone) as port:
+        async with factory(zone, args.machines) as port:
             results.append(await fire(port, payloads, window=args.window,
                                       max_seconds=args.max_seconds, target=name))
     base = results[0].qps or 1.0
