@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,25 @@ settings.load_profile("netboot")
 
 KERNEL = b"\x7fKERNEL" + bytes(range(256)) * 64  # 16 KiB + 7 bytes of not-quite-random data
 INITRD = b"070701" + b"\x00" * 5000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "requires(tool, package): the test runs this tool; missing, it fails")
+    config.addinivalue_line("markers", "root: the test needs root (network namespaces)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A missing tool fails the test with the package to install, never skips it: a suite
+    that quietly skips on a machine without the tool proves nothing there."""
+    for mark in item.iter_markers("requires"):
+        tool, package = mark.args
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: install the Debian package {package} "
+                        "(tests/install-deps.sh does)", pytrace=False)
+    if item.get_closest_marker("root") is not None and os.geteuid() != 0:
+        pytest.fail("needs root (network namespaces); run the suite as root, as CI does",
+                    pytrace=False)
 
 
 def write_config(tmp: Path, extra: str = "") -> Path:

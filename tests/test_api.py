@@ -831,7 +831,7 @@ async def test_openapi_optional_request_bodies_are_documented_as_optional(env: E
 
 
 async def test_responses_validate_against_the_documented_schemas(env: Env) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
     doc = document()
 
     def check(path: str, method: str, reply: Reply) -> None:

@@ -70,6 +70,65 @@ def _question_of(data: bytes) -> tuple[int, bool, int, tuple[bytes, ...], int, i
     return header.id, bool(header.tc), int(header.rcode), tuple(q.qname.label), q.qtype, q.qclass
 
 
+def cache_key(data: bytes) -> tuple[bytes, int] | None:
+    """Key of a plain query for the answer cache, and where its question ends.
+
+    Only a query with one question, no answer or authority records and at most one
+    additional (the EDNS OPT) qualifies; the name is compared without case (RFC 4343) but
+    its bytes are echoed from each query, so 0x20 case randomisation still works. The key
+    keeps the flags (RD, CD), the counts, qtype/qclass and the OPT record as they came.
+    """
+    if len(data) < 17 or data[2] & 0x80 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None
+    if data[10:12] not in (b"\x00\x00", b"\x00\x01"):
+        return None
+    i = 12
+    while True:
+        if i >= len(data):
+            return None
+        n = data[i]
+        if n == 0:
+            break
+        if n & 0xC0:
+            return None  # a compression pointer in a query: leave it to the full parser
+        i += 1 + n
+    qend = i + 5
+    if qend > len(data):
+        return None
+    # Lower only the name: qtype/qclass bytes may fall in A-Z (type 65 is 0x0041).
+    return data[2:12] + data[12:i].lower() + data[i:], qend
+
+
+class _AnswerCache:
+    """Packed answers by query shape, valid for one zone snapshot (DNS boot storms ask the
+    same few names, a cluster endpoint above all). Bounded; emptied when the zone changes."""
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self._limit = limit
+        self._zone: object | None = None
+        self._answers: dict[bytes, bytes] = {}
+        self.hits = 0
+
+    def get(self, zone: object, key: bytes, data: bytes, qend: int) -> bytes | None:
+        if zone is not self._zone:
+            self._zone = zone
+            self._answers.clear()
+            return None
+        cached = self._answers.get(key)
+        if cached is None:
+            return None
+        self.hits += 1
+        # The query's own ID and question bytes (same length: same name but for case).
+        return data[:2] + cached[2:12] + data[12:qend] + cached[qend:]
+
+    def put(self, zone: object, key: bytes, reply: bytes) -> None:
+        if zone is not self._zone:
+            return
+        if len(self._answers) >= self._limit:
+            self._answers.clear()
+        self._answers[key] = reply
+
+
 class _Upstream(asyncio.DatagramProtocol):
     """One upstream resolver: a connected UDP socket and a table of queries in flight."""
 
@@ -259,6 +318,7 @@ class DnsServer:
         self._recursion = forward and bool(upstreams)
         self._forwarder = Forwarder(upstreams, timeout=timeout, max_in_flight=max_in_flight)
         self._max_udp = max_udp
+        self._cache = _AnswerCache()
         self._max_connections = max_connections
         self._idle = tcp_idle_timeout
         self._max_queries = max_queries_per_connection
@@ -354,6 +414,12 @@ class DnsServer:
     def _on_datagram(
         self, data: bytes, peer: Address
     ) -> Iterable[Reply] | Coroutine[Any, Any, list[Reply]] | None:
+        zone = self._source.zone()
+        shape = cache_key(data)
+        if shape is not None:
+            hit = self._cache.get(zone, shape[0], data, shape[1])
+            if hit is not None:
+                return [(hit, peer)]
         try:
             request = parse_query(data)
         except DecodeError as exc:
@@ -361,9 +427,10 @@ class DnsServer:
                               peer[0], peer[1], exc)
             formerr = formerr_for(data)
             return [(formerr, peer)] if formerr is not None else None
-        decision = answer(self._source.zone(), request, max_udp=self._max_udp,
-                          recursion=self._recursion)
+        decision = answer(zone, request, max_udp=self._max_udp, recursion=self._recursion)
         if isinstance(decision, Answer):
+            if shape is not None:
+                self._cache.put(zone, shape[0], decision.data)
             if _log.isEnabledFor(logging.DEBUG):
                 _log.debug("dns: %s:%d %r rcode %d%s", peer[0], peer[1], decision.qname,
                            decision.rcode, " truncated" if decision.truncated else "")

@@ -27,8 +27,8 @@ UDHCPC = shutil.which("udhcpc") or shutil.which("busybox")
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for ip netns"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2"),
+    pytest.mark.root,
+    pytest.mark.requires("ip", "iproute2"),
 ]
 
 
@@ -99,7 +99,7 @@ class Server:
         return self._stderr
 
 
-@pytest.mark.skipif(UDHCPC is None, reason="needs busybox udhcpc")
+@pytest.mark.requires("busybox", "busybox-static")
 def test_udhcpc_gets_lease_from_authoritative_mode(link: Link) -> None:
     server = Server(link, "authoritative")
     try:

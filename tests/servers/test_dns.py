@@ -29,7 +29,7 @@ from netboot.servers.dns import DnsServer
 
 LOOPBACK = "127.0.0.1"
 DIG = shutil.which("dig")
-needs_dig = pytest.mark.skipif(DIG is None, reason="dig (bind9-dnsutils) not installed")
+needs_dig = pytest.mark.requires("dig", "bind9-dnsutils")
 
 
 def make_zone(servers: int = 80) -> Zone:
@@ -430,3 +430,45 @@ class _QueueClient(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.queue.put_nowait(data)
+
+
+def test_cache_key_shapes() -> None:
+    from dnslib import DNSRecord
+
+    from netboot.servers.dns import cache_key
+
+    def raw(name: str, qtype: str, qid: int = 1) -> bytes:
+        q = DNSRecord.question(name, qtype)
+        q.header.id = qid
+        return bytes(q.pack())
+
+    a = cache_key(raw("Node1.NetBoot.lan", "A", 1))
+    b = cache_key(raw("node1.netboot.LAN", "A", 2))
+    assert a is not None and b is not None and a == b  # ID and name case do not matter
+    # Type 65 (HTTPS, 0x0041 = "A") and type 97 must not fold together like letters would.
+    h = cache_key(raw("node1.netboot.lan", "TYPE65"))
+    t = cache_key(raw("node1.netboot.lan", "TYPE97"))
+    assert h is not None and t is not None and h[0] != t[0]
+    response = bytearray(raw("x.netboot.lan", "A"))
+    response[2] |= 0x80
+    assert cache_key(bytes(response)) is None  # a response is never a cache key
+    assert cache_key(b"\x00" * 11) is None
+
+
+async def test_cached_answers_echo_each_querys_id_and_case() -> None:
+    from dnslib import DNSRecord
+
+    async with running() as server:
+        replies = []
+        for qid, name in ((11, "NODE1.netboot.lan"), (22, "node1.NETBOOT.LAN"),
+                          (33, "nOdE1.NeTbOoT.lAn")):
+            q = DNSRecord.question(name, "A")
+            q.header.id = qid
+            data = await udp_exchange(server.port, bytes(q.pack()))
+            assert data is not None
+            reply = DNSRecord.parse(data)
+            assert reply.header.id == qid
+            assert str(reply.q.qname) == name + "."  # 0x20: the asker's case comes back
+            replies.append([str(rr.rdata) for rr in reply.rr])
+        assert replies[0] == replies[1] == replies[2] == ["10.0.1.1"]
+        assert server._cache.hits >= 2  # the second and third came from the cache

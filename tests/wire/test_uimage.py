@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import zlib
 from pathlib import Path
@@ -31,7 +30,7 @@ BOOT_TXT = (
     "booti ${kernel_addr_r} - ${fdt_addr_r}\n"
 )
 
-needs_mkimage = pytest.mark.skipif(shutil.which("mkimage") is None, reason="no u-boot-tools")
+needs_mkimage = pytest.mark.requires("mkimage", "u-boot-tools")
 
 
 def mkimage(tmp_path: Path, files: list[bytes], *args: str) -> bytes:
@@ -92,9 +91,8 @@ def test_mkimage_lists_it_as_a_script(tmp_path: Path) -> None:
 
 
 @needs_mkimage
+@pytest.mark.requires("dumpimage", "u-boot-tools")
 def test_dumpimage_extracts_the_script(tmp_path: Path) -> None:
-    if shutil.which("dumpimage") is None:
-        pytest.skip("no dumpimage")
     image = tmp_path / "boot.scr.uimg"
     image.write_bytes(script_image(BOOT_TXT, timestamp=STAMP))
     out = tmp_path / "extracted.txt"
