@@ -303,24 +303,20 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
                           machine.arch if machine and machine.arch else Arch.UNKNOWN,
                           via="cli")
     plan = await boot.plan(request, record=False)
+    # Read-only: no token is issued, so a placeholder stands where the device's would be.
     token = "<install-token>"
     ctx_plan = replace(plan, token=token) if plan.action == BootAction.INSTALL else plan
-    renderer = renderer_for(cfg)
     if args.kind == "ipxe":
-        ipxe_names = {BootAction.INSTALL: "ipxe/install.ipxe", BootAction.LOCAL: "ipxe/local.ipxe",
-                BootAction.HOLD: "ipxe/hold.ipxe", BootAction.IGNORE: "ipxe/ignore.ipxe"}
-        print(renderer.ipxe(ipxe_names[plan.action], content.context(ctx_plan)), end="")
+        print(content.render_ipxe(ctx_plan), end="")
         return 0
     if args.kind == "pxelinux":
-        cfg_names = {BootAction.INSTALL: "pxelinux/install.cfg",
-                     BootAction.LOCAL: "pxelinux/local.cfg",
-                BootAction.HOLD: "pxelinux/hold.cfg", BootAction.IGNORE: "pxelinux/hold.cfg"}
-        print(renderer.render(cfg_names[plan.action], content.context(ctx_plan)), end="")
+        print(content.render_pxelinux(ctx_plan), end="")
         return 0
     if machine is None:
         raise NotFound(f"machine {mac} not found")
     group, profile, cluster, role = await boot.effective(machine, request)
-    k3s = await boot.k3s_join(machine, cluster, role, group) if cluster else None
+    k3s = (await boot.k3s_join(machine, cluster, role, group, claim=False)
+           if cluster else None)
     from netboot.model import BootPlan
 
     cplan = BootPlan(BootAction.INSTALL, machine.mac, "rendered by the CLI", machine=machine,

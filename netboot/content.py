@@ -135,18 +135,21 @@ class Content:
 
     async def ipxe_script(self, request: BootRequest) -> tuple[BootPlan, str]:
         plan = await self._boot.plan(request)
-        name = {BootAction.INSTALL: "ipxe/install.ipxe", BootAction.LOCAL: "ipxe/local.ipxe",
-                BootAction.HOLD: "ipxe/hold.ipxe", BootAction.IGNORE: "ipxe/ignore.ipxe"}
-        return plan, self._render.ipxe(name[plan.action], self.context(plan))
+        return plan, self.render_ipxe(plan)
+
+    def render_ipxe(self, plan: BootPlan) -> str:
+        """The iPXE script of a plan (one template per boot action)."""
+        return self._render.ipxe(f"ipxe/{plan.action}.ipxe", self.context(plan))
 
     # -- pxelinux / U-Boot / TFTP -------------------------------------------------------
     async def pxelinux(self, request: BootRequest) -> str:
-        plan = await self._boot.plan(request)
-        name = {BootAction.INSTALL: "pxelinux/install.cfg", BootAction.LOCAL: "pxelinux/local.cfg",
-                BootAction.HOLD: "pxelinux/hold.cfg"}.get(plan.action)
-        if name is None:
-            raise NotFound(f"no pxelinux config for {request.mac}: {plan.reason}")
-        text = self._render.render(name, self.context(plan))
+        return self.render_pxelinux(await self._boot.plan(request))
+
+    def render_pxelinux(self, plan: BootPlan) -> str:
+        """The pxelinux config of a plan; an ignored machine gets none (U-Boot moves on)."""
+        if plan.action == BootAction.IGNORE:
+            raise NotFound(f"no pxelinux config for {plan.mac}: {plan.reason}")
+        text = self._render.render(f"pxelinux/{plan.action}.cfg", self.context(plan))
         if "\n  APPEND" in text and len(text.split("\n  APPEND", 1)[1].split("\n")[0]) > 4000:
             raise RenderError("pxelinux APPEND line too long for U-Boot's 4 KiB buffer")
         return text

@@ -111,3 +111,17 @@ def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     (tmp_path / "assets" / "initrd.img").unlink()
     rc, out, _ = run(capsys, "assets", "--config", cfg)
     assert rc == 1 and "missing" in out
+
+
+def test_render_does_not_claim_the_managed_cluster(cfg: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """'render' shows what a device would get without deciding anything for it."""
+    assert run(capsys, "clusters", "add", "m", "--config", cfg)[0] == 0  # managed
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--config", cfg)[0] == 0
+    for mac, name in (("02:00:00:00:00:01", "s1"), ("02:00:00:00:00:02", "s2")):
+        assert run(capsys, "machines", "add", mac, "--hostname", name, "--cluster", "m",
+                   "--role", "server", "--profile", "p", "--config", cfg)[0] == 0
+    for mac in ("02:00:00:00:00:01", "02:00:00:00:00:02"):
+        rc, out, err = run(capsys, "render", mac, "config", "--config", cfg)
+        assert rc == 0, err
+        assert '"--cluster-init"' in out  # each would init: neither rendering claimed it
