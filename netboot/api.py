@@ -19,7 +19,13 @@ from aiohttp import web
 
 from netboot import groups as grouping
 from netboot.boot import BootService
-from netboot.enroll import Enroller, check_hostname, check_hostname_template, token_matches
+from netboot.enroll import (
+    Enroller,
+    check_hostname,
+    check_hostname_template,
+    fleet_status,
+    token_matches,
+)
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
@@ -124,6 +130,7 @@ class Api:
             r.add_put(f"{p}/{kind}/{{name}}", self.admin(self._put(kind, create=False)))
             r.add_delete(f"{p}/{kind}/{{name}}", self.admin(self._delete(kind)))
         r.add_get(f"{p}/clusters/{{name}}/nodes", self.cluster_nodes)
+        r.add_get(f"{p}/status", self.status)
 
     # -- auth -------------------------------------------------------------------------
     async def is_admin(self, request: web.Request) -> bool:
@@ -305,6 +312,9 @@ class Api:
         report = await self._enroll.import_rows(items, dry_run=dry_run)
         status = 400 if report.errors else (200 if dry_run else 201)
         return web.json_response(report.as_dict(), status=status)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await fleet_status(self._store))
 
     async def cluster_nodes(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -330,6 +330,25 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
     return 0
 
 
+async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    from netboot.enroll import fleet_status
+
+    status = await fleet_status(store)
+    if args.json:
+        _print_json(status)
+        return 0
+    states = [s.value for s in MachineState]
+    print(_table([["all", status["total"], *(status["by_state"][s] for s in states)]]
+                 + [[name, sum(c.values()), *(c.get(s, 0) for s in states)]
+                    for name, c in sorted(status["clusters"].items())],
+                 ["cluster", "machines", *states]))
+    if status["failed"]:
+        print("\nfailed (see 'netboot machines show MAC'):")
+        print(_table([(f["mac"], f["hostname"], f["cluster"]) for f in status["failed"]],
+                     ["mac", "hostname", "cluster"]))
+    return 0
+
+
 async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     """Which first-stage loaders and profile assets are found, and do their checksums match."""
     from netboot.boot import loader_names
@@ -481,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
     r.add_argument("--arch", choices=[a.value for a in Arch],
                    help="architecture the device reports (default: last seen)")
+    sub.add_parser("status", parents=[common],
+                   help="machines per state, overall and per cluster; the failed ones")
     sub.add_parser("assets", parents=[common],
                    help="which loaders and profile assets are found; checksums")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
@@ -524,6 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_with_store(args, lambda s, c: _named(args.cmd, args, s, c)))
         if args.cmd == "import":
             return asyncio.run(_with_store(args, lambda s, c: _import(args, s, c)))
+        if args.cmd == "status":
+            return asyncio.run(_with_store(args, lambda s, c: _status(args, s, c)))
         if args.cmd == "assets":
             return asyncio.run(_with_store(args, lambda s, c: _assets(args, s, c)))
         if args.cmd in ("render", "explain"):

@@ -194,6 +194,32 @@ def parse_import(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
     raise ValidationError("format", f"{fmt!r} is not csv, yaml or json")
 
 
+async def fleet_status(store: Store) -> dict[str, Any]:
+    """Where the fleet stands: machines per state, overall and per cluster, and the failed.
+
+    What an operator enrolling a thousand devices watches (``netboot status``,
+    ``GET /api/v1/status``); counts come from indexed queries, not a scan.
+    """
+    from netboot.inventory.base import MachineFilter
+
+    by_state = {s.value: await store.count_machines(MachineFilter(state=s))
+                for s in MachineState}
+    clusters: dict[str, dict[str, int]] = {}
+    for cluster in await store.list_clusters():
+        counts = {s.value: await store.count_machines(MachineFilter(cluster=cluster.name,
+                                                                    state=s))
+                  for s in MachineState}
+        clusters[cluster.name] = {k: v for k, v in counts.items() if v}
+    failed = await store.list_machines(MachineFilter(state=MachineState.FAILED, limit=20))
+    return {
+        "total": sum(by_state.values()),
+        "by_state": by_state,
+        "clusters": clusters,
+        "failed": [{"mac": str(m.mac), "hostname": m.hostname, "cluster": m.cluster}
+                   for m in failed],
+    }
+
+
 class Enroller:
     def __init__(
         self,

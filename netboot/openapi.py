@@ -75,6 +75,13 @@ SCHEMAS: dict[str, Any] = {
         "errors": {"type": "array", "items": {"type": "object", "properties": {
             "line": {"type": "integer"}, "field": _STR, "message": _STR}}}}},
     "Explanation": {"type": "object"},
+    "Status": {"type": "object", "required": ["total", "by_state", "clusters", "failed"],
+               "properties": {
+                   "total": {"type": "integer"},
+                   "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
+                   "clusters": {"type": "object", "additionalProperties": {
+                       "type": "object", "additionalProperties": {"type": "integer"}}},
+                   "failed": {"type": "array", "items": {"type": "object"}}}},
 }
 
 
@@ -156,6 +163,10 @@ def document() -> dict[str, Any]:
         "/api/v1/register": {
             "post": _op("first boot of the installed OS, with its install token",
                         body="Register", out="Machine", errors=(400, 401)),
+        },
+        "/api/v1/status": {
+            "get": _op("machines per state, overall and per cluster; the failed ones",
+                       out="Status", errors=()),
         },
         "/api/v1/clusters/{name}/nodes": {
             "parameters": [_path_param("name")],

@@ -887,3 +887,12 @@ async def test_responses_validate_against_the_documented_schemas(env: Env) -> No
         check(f"/api/v1/{kind}/{{name}}", "delete",
               await call(env, "DELETE", f"/api/v1/{kind}/new-{kind}"))
     check("/api/v1/machines/{mac}", "delete", await call(env, "DELETE", f"/api/v1/machines/{MAC2}"))
+
+
+async def test_status_endpoint(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:11", "cluster": "edge"},
+                   status=201)
+    status = await env.get("/api/v1/status")
+    assert status["total"] == 1 and status["by_state"]["enrolled"] == 1
+    assert status["clusters"] == {"edge": {"enrolled": 1}} and status["failed"] == []

@@ -125,3 +125,20 @@ def test_render_does_not_claim_the_managed_cluster(cfg: str,
         rc, out, err = run(capsys, "render", mac, "config", "--config", cfg)
         assert rc == 0, err
         assert '"--cluster-init"' in out  # each would init: neither rendering claimed it
+
+
+def test_status_counts_per_state_and_cluster(cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "clusters", "add", "edge", "--config", cfg)[0] == 0
+    for i in range(3):
+        assert run(capsys, "machines", "add", f"02:00:00:00:00:0{i}", "--cluster", "edge",
+                   "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "02:00:00:00:01:00", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "status", "--json", "--config", cfg)
+    status = json.loads(out)
+    assert rc == 0 and status["total"] == 4 and status["by_state"]["enrolled"] == 4
+    assert status["clusters"] == {"edge": {"enrolled": 3}}
+    rc, out, _ = run(capsys, "status", "--config", cfg)
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["CLUSTER", "MACHINES", "DISCOVERED", "ENROLLED"]
+    assert lines[1].split()[:4] == ["all", "4", "0", "4"]
+    assert lines[2].split()[:4] == ["edge", "3", "0", "3"]
