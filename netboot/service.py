@@ -160,7 +160,10 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
-        self.runner = web.AppRunner(self.app, access_log=None)
+        # One line per request (peer, request line, status, bytes, seconds): what a device
+        # fetched, and how long its kernel took, is the first thing a failed boot needs.
+        self.runner = web.AppRunner(self.app, access_log=logging.getLogger("netboot.access"),
+                                    access_log_format='%a "%r" %s %b %Tf')
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.http.listen, cfg.http.port, reuse_address=True)
         try:
