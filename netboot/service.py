@@ -34,6 +34,7 @@ from netboot.servers.http import (
     LOG_KEY,
     MAX_BODY_KEY,
     MAX_EVENT_KEY,
+    AccessLogger,
     DeviceRoutes,
     errors_middleware,
 )
@@ -160,10 +161,8 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
-        # One line per request (peer, request line, status, bytes, seconds): what a device
-        # fetched, and how long its kernel took, is the first thing a failed boot needs.
         self.runner = web.AppRunner(self.app, access_log=logging.getLogger("netboot.access"),
-                                    access_log_format='%a "%r" %s %b %Tf')
+                                    access_log_class=AccessLogger)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.http.listen, cfg.http.port, reuse_address=True)
         try:

@@ -128,3 +128,28 @@ def test_default_route_interface(tmp_path: Path) -> None:
     table.write_text("Iface\tDestination\tGateway\tFlags\n")
     assert default_route_interface(str(table)) is None
     assert default_route_interface(str(tmp_path / "missing")) is None
+
+
+async def test_access_log_never_holds_the_install_token(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    service = await build(load(write_config(tmp_path), env={}))
+    await service.start()
+    try:
+        base = f"http://127.0.0.1:{service.http_port}"
+        async with aiohttp.ClientSession() as http:
+            with caplog.at_level(logging.INFO, logger="netboot.access"):
+                for path in ("/config/52-54-00-00-00-11?token=SECRETTOKEN",
+                             "/nocloud/52-54-00-00-00-11/SECRETTOKEN/user-data",
+                             "/healthz"):
+                    async with http.get(base + path) as resp:
+                        await resp.read()
+    finally:
+        await service.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
+    assert len(lines) == 3, lines
+    assert all("SECRETTOKEN" not in line for line in lines), lines
+    assert "GET /config/52-54-00-00-00-11?token=<redacted> 401" in lines[0]
+    assert "/nocloud/52-54-00-00-00-11/<token>/user-data 401" in lines[1]
+    assert "GET /healthz 200" in lines[2]

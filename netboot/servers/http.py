@@ -12,6 +12,7 @@ import logging
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from netboot.errors import (
     AuthError,
@@ -90,6 +91,17 @@ def loggable_target(request: web.Request) -> str:
     query = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
              for key, value in request.query.items()]
     return path + ("?" + "&".join(query) if query else "")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: peer, method, target without the install token, status, bytes,
+    seconds. What a device fetched, and how long its kernel took, is the first thing a failed
+    or slow boot needs."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        target = loggable_target(request) if isinstance(request, web.Request) else request.path
+        self.logger.info("%s %s %s %d %s %.3f", request.remote, request.method, target,
+                         response.status, response.body_length, time)
 
 
 def error_response(exc: Exception, log: logging.Logger, request: web.Request) -> web.Response:
