@@ -29,7 +29,7 @@ from netboot.enroll import (
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Cluster, MacAddress, Machine, MachineState, Role, normalise_uuid
+from netboot.model import Arch, Cluster, MacAddress, Machine, MachineState, Role, normalise_uuid
 from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -261,7 +261,13 @@ class Api:
 
     async def explain(self, request: web.Request) -> web.Response:
         mac = str(MacAddress.parse(request.match_info["mac"]))
-        return web.json_response(await self._boot.explain(mac))
+        arch_text = request.query.get("arch")
+        try:
+            arch = Arch(arch_text) if arch_text else None
+        except ValueError:
+            raise ValidationError("arch", f"{arch_text!r} is not one of "
+                                  f"{', '.join(a.value for a in Arch)}") from None
+        return web.json_response(await self._boot.explain(mac, arch=arch))
 
     async def list_events(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)

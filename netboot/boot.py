@@ -334,15 +334,19 @@ class BootService:
         # until it exists rather than join nothing.
         return f"https://{cluster.name}:{port}"
 
-    async def explain(self, mac: str) -> dict[str, Any]:
-        """Which group matched and why, which profile, which state (``netboot explain``)."""
+    async def explain(self, mac: str, *, arch: Arch | None = None) -> dict[str, Any]:
+        """Which group matched and why, which profile, which state (``netboot explain``).
+
+        ``arch`` answers for a machine that has not booted yet (selectors on arch cannot
+        match an architecture nobody has reported); otherwise the last one seen is used.
+        """
         machine = await self._store.get_machine(mac)
         if machine is None:
             return {"mac": mac, "known": False, "policy": self.settings.policy,
                     "decision": "unknown machine: discovery policy " + self.settings.policy}
-        group, profile, cluster, role = await self.effective(machine)
-        request = BootRequest(mac=machine.mac, arch=machine.arch or Arch.UNKNOWN,
+        request = BootRequest(mac=machine.mac, arch=arch or machine.arch or Arch.UNKNOWN,
                               firmware=machine.firmware or Firmware.UNKNOWN)
+        group, profile, cluster, role = await self.effective(machine, request)
         plan = await self.plan(request, record=False)
         return {
             "mac": mac, "known": True, "state": str(machine.state),
@@ -352,6 +356,7 @@ class BootService:
             "profile_source": "machine" if machine.profile else ("group" if group else None),
             "cluster": cluster.name if cluster else None,
             "role": str(role), "decision": str(plan.action), "reason": plan.reason,
+            "arch": str(request.arch) + ("" if arch or machine.arch else " (not seen yet)"),
         }
 
     # -- records -----------------------------------------------------------------------

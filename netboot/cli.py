@@ -287,7 +287,7 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
                                                    rules=cfg.discovery.rules), enroller)
     mac = str(MacAddress.parse(args.mac))
     if args.cmd == "explain":
-        result = await boot.explain(mac)
+        result = await boot.explain(mac, arch=Arch(args.arch) if args.arch else None)
         if args.json:
             _print_json(result)
         else:
@@ -506,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which loaders and profile assets are found; checksums")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
     e.add_argument("mac")
+    e.add_argument("--arch", choices=[a.value for a in Arch],
+                   help="answer for this architecture (default: last seen)")
 
     try:
         from netboot.lab import cli as lab_cli

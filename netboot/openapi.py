@@ -152,7 +152,8 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/machines/{mac}/explain": {
             "parameters": [_path_param("mac")],
-            "get": _op("which group, profile and decision, and why", out="Explanation"),
+            "get": _op("which group, profile and decision, and why", out="Explanation",
+                       params=("arch",)),
         },
         "/api/v1/machines/{mac}/events": {
             "parameters": [_path_param("mac")],

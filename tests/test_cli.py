@@ -142,3 +142,19 @@ def test_status_counts_per_state_and_cluster(cfg: str, capsys: pytest.CaptureFix
     assert lines[0].split()[:4] == ["CLUSTER", "MACHINES", "DISCOVERED", "ENROLLED"]
     assert lines[1].split()[:4] == ["all", "4", "0", "4"]
     assert lines[2].split()[:4] == ["edge", "3", "0", "3"]
+
+
+def test_explain_for_an_architecture_not_seen_yet(cfg: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--config", cfg)[0] == 0
+    assert run(capsys, "groups", "add", "x86", "--selector", "arch=x86_64", "--profile", "p",
+               "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "02:00:00:00:00:01", "--config", cfg)[0] == 0
+    _, out, _ = run(capsys, "explain", "02:00:00:00:00:01", "--json", "--config", cfg)
+    before = json.loads(out)
+    assert before["group"] is None and before["arch"] == "unknown (not seen yet)"
+    rc, out, _ = run(capsys, "explain", "02:00:00:00:00:01", "--arch", "x86_64", "--json",
+                     "--config", cfg)
+    assert rc == 0
+    after = json.loads(out)
+    assert (after["group"], after["profile"], after["decision"]) == ("x86", "p", "install")
