@@ -18,6 +18,7 @@ import hashlib
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -136,6 +137,8 @@ class BootService:
         self._new_token = new_token
         self._log = logger or logging.getLogger(__name__)
         self._background: set[asyncio.Task[None]] = set()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
         self._cluster_lock = asyncio.Lock()
 
     # -- DHCP -------------------------------------------------------------------------
@@ -146,14 +149,30 @@ class BootService:
         protocols.md §1.6): one indexed read, and writes happen in the background.
         """
         machine = await self._store.get_machine(str(request.mac))
-        if machine is None or machine.state == MachineState.DISCOVERED:
-            self._spawn(self._discover(request, machine))
-            if self.settings.policy == "ignore":
-                return None
-        else:
-            self._spawn(self._note(machine, request, "dhcp",
-                                   f"{request.firmware}/{request.arch} asked for a boot file"))
+        self._spawn(self._record_dhcp(request))
+        if (machine is None or machine.state == MachineState.DISCOVERED) \
+                and self.settings.policy == "ignore":
+            return None
         return self.loader(request)
+
+    async def _record_dhcp(self, request: BootRequest) -> None:
+        # Under the machine's lock, from a fresh read: a write from a stale snapshot would
+        # undo what a concurrent /ipxe plan just stored (its state and install token).
+        async with self._lock(str(request.mac)):
+            machine = await self._store.get_machine(str(request.mac))
+            if machine is None or machine.state == MachineState.DISCOVERED:
+                await self._discover(request, machine)
+            else:
+                await self._note(machine, request, "dhcp",
+                                 f"{request.firmware}/{request.arch} asked for a boot file")
+
+    def _lock(self, mac: str) -> asyncio.Lock:
+        """One lock per machine for read-modify-write on the boot path (collected when idle)."""
+        lock = self._locks.get(mac)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[mac] = lock
+        return lock
 
     def loader(self, request: BootRequest) -> FirstStage | None:
         fw, arch = request.firmware, request.arch
@@ -176,6 +195,12 @@ class BootService:
 
     # -- iPXE / pxelinux ---------------------------------------------------------------
     async def plan(self, request: BootRequest, *, record: bool = True) -> BootPlan:
+        if not record:
+            return await self._plan(request, record=False)
+        async with self._lock(str(request.mac)):
+            return await self._plan(request, record=True)
+
+    async def _plan(self, request: BootRequest, *, record: bool) -> BootPlan:
         mac = request.mac
         machine = await self._store.get_machine(str(mac))
         if machine is None or machine.state == MachineState.DISCOVERED:

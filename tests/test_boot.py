@@ -238,3 +238,21 @@ async def test_install_records_what_the_firmware_told(
     m = await store.get_machine(str(MAC))
     assert m is not None and m.uuid == uuid and m.serial == "SN7"
     assert m.facts["product"] == "Box" and m.facts["platform"] == "efi"
+
+
+async def test_dhcp_record_never_undoes_a_concurrent_install_plan(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """DHCP notes are written in the background; the /ipxe plan that follows at once must
+    keep its state and token even when the DHCP write runs after it."""
+    import asyncio
+
+    boot, store, _ = setup
+    await enrolled(store)
+    stage, plan = await asyncio.gather(
+        boot.first_stage(req(Firmware.IPXE, uuid="8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4")),
+        boot.plan(req(Firmware.IPXE)))
+    await boot.drain()
+    assert stage is not None and plan.action == BootAction.INSTALL
+    m = await store.get_machine(str(MAC))
+    assert m is not None and m.state == MachineState.BOOTING and m.token_hash is not None
+    assert m.uuid == "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"  # and the DHCP facts are kept
