@@ -159,17 +159,27 @@ class SqliteStore:
         self.path = Path(path)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
+        # Reads run on a second thread and connection: in WAL mode they never wait for a
+        # writer, so a DHCP answer's machine lookup is not queued behind a 100k-row import.
+        self._reader: ThreadPoolExecutor | None = None
+        self._rconn: sqlite3.Connection | None = None  # touched only on the reader thread
 
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._executor is None:
             raise StoreError(f"the inventory {self.path} is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._guard, fn, args)
+        return await loop.run_in_executor(self._executor, self._guard, fn, args, False)
 
-    def _guard(self, fn: Callable[..., _R], args: Sequence[Any]) -> _R:
+    async def _read(self, fn: Callable[..., _R], *args: Any) -> _R:
+        if self._reader is None:
+            raise StoreError(f"the inventory {self.path} is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._guard, fn, args, True)
+
+    def _guard(self, fn: Callable[..., _R], args: Sequence[Any], reader: bool) -> _R:
         """Translate sqlite3 errors on the worker thread, where they happen."""
-        conn = self._conn
+        conn = self._rconn if reader else self._conn
         if conn is None:
             raise StoreError(f"the inventory {self.path} is not open")
         try:
@@ -193,6 +203,12 @@ class SqliteStore:
             executor, self._executor = self._executor, None
             executor.shutdown(wait=True)
             raise
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netboot-sqlite-r")
+        try:
+            await loop.run_in_executor(self._reader, self._open_reader)
+        except BaseException:
+            await self.close()
+            raise
 
     def _open_on_worker(self) -> None:
         try:
@@ -208,7 +224,28 @@ class SqliteStore:
         self._conn = conn
         log.info("inventory %s open, schema version %d", self.path, SCHEMA_VERSION)
 
+    def _open_reader(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only = ON")  # this connection never writes
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open inventory {self.path}: {exc}") from exc
+        self._rconn = conn
+
+    def _close_reader(self) -> None:
+        conn, self._rconn = self._rconn, None
+        if conn is not None:
+            conn.close()
+
     async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(reader, self._close_reader)
+            finally:
+                reader.shutdown(wait=True)
         executor = self._executor
         if executor is None:
             return
@@ -231,18 +268,18 @@ class SqliteStore:
 
     # machines -------------------------------------------------------------------------
     async def get_machine(self, mac: str) -> Machine | None:
-        return await self._run(_get_machine, codec.normalise_mac(mac))
+        return await self._read(_get_machine, codec.normalise_mac(mac))
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
-        return await self._run(_get_machine_by_hostname, hostname)
+        return await self._read(_get_machine_by_hostname, hostname)
 
     async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]:
         flt = flt or MachineFilter()
         codec.check_filter(flt)
-        return await self._run(_list_machines, flt)
+        return await self._read(_list_machines, flt)
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
-        return await self._run(_count_machines, flt or MachineFilter())
+        return await self._read(_count_machines, flt or MachineFilter())
 
     async def create_machine(self, machine: Machine) -> None:
         await self.apply_batch(Batch(create=(machine,)))
@@ -263,11 +300,11 @@ class SqliteStore:
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:
-        data = await self._run(_get_named, "profile", name)
+        data = await self._read(_get_named, "profile", name)
         return None if data is None else codec.profile_from_dict(data)
 
     async def list_profiles(self) -> list[Profile]:
-        return [codec.profile_from_dict(d) for d in await self._run(_list_named, "profile")]
+        return [codec.profile_from_dict(d) for d in await self._read(_list_named, "profile")]
 
     async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
         data = codec.profile_to_dict(profile)
@@ -278,11 +315,11 @@ class SqliteStore:
         await self._run(_delete_named, "profile", name)
 
     async def get_cluster(self, name: str) -> Cluster | None:
-        data = await self._run(_get_named, "cluster", name)
+        data = await self._read(_get_named, "cluster", name)
         return None if data is None else codec.cluster_from_dict(data)
 
     async def list_clusters(self) -> list[Cluster]:
-        return [codec.cluster_from_dict(d) for d in await self._run(_list_named, "cluster")]
+        return [codec.cluster_from_dict(d) for d in await self._read(_list_named, "cluster")]
 
     async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
         data = codec.cluster_to_dict(cluster)
@@ -293,11 +330,11 @@ class SqliteStore:
         await self._run(_delete_named, "cluster", name)
 
     async def get_group(self, name: str) -> Group | None:
-        data = await self._run(_get_named, "group", name)
+        data = await self._read(_get_named, "group", name)
         return None if data is None else codec.group_from_dict(data)
 
     async def list_groups(self) -> list[Group]:
-        return [codec.group_from_dict(d) for d in await self._run(_list_named, "group")]
+        return [codec.group_from_dict(d) for d in await self._read(_list_named, "group")]
 
     async def put_group(self, group: Group, *, create: bool = False) -> None:
         data = codec.group_to_dict(group)
@@ -317,11 +354,11 @@ class SqliteStore:
         key = codec.normalise_mac(mac)
         if limit <= 0:
             return []
-        return await self._run(_list_events, key, limit)
+        return await self._read(_list_events, key, limit)
 
     # leases --------------------------------------------------------------------------
     async def list_leases(self) -> list[Lease]:
-        return await self._run(_list_leases)
+        return await self._read(_list_leases)
 
     async def put_lease(self, lease: Lease) -> None:
         await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)))
@@ -335,7 +372,7 @@ class SqliteStore:
 
     # settings ------------------------------------------------------------------------
     async def get_setting(self, key: str) -> str | None:
-        return await self._run(_get_setting, key)
+        return await self._read(_get_setting, key)
 
     async def put_setting(self, key: str, value: str) -> None:
         if not isinstance(value, str):

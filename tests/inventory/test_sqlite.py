@@ -236,3 +236,32 @@ async def test_two_processes_write_one_database(tmp_path: Path) -> None:
     with raw(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 400
+
+
+async def test_reads_do_not_queue_behind_a_write(tmp_path: Path) -> None:
+    """A DHCP answer's lookup must not wait for a long write (a 100k-row import)."""
+    from netboot.model import MacAddress, Machine
+
+    store = SqliteStore(tmp_path / "inv.db")
+    await store.open()
+    try:
+        await store.create_machine(Machine(mac=MacAddress.parse("02:00:00:00:00:01")))
+        gate = threading.Event()
+
+        def long_write(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
+            gate.wait(20)  # bounded; released below as soon as the read has answered
+            conn.execute("COMMIT")
+
+        writer = asyncio.ensure_future(store._run(long_write))
+        try:
+            found = await asyncio.wait_for(store.get_machine("02:00:00:00:00:01"), 10)
+            assert found is not None
+            assert await store.get_setting("k") is None  # the open write is not visible yet
+        finally:
+            gate.set()
+            await writer
+        assert await store.get_setting("k") == "v"
+    finally:
+        await store.close()
