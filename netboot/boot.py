@@ -413,7 +413,8 @@ class BootService:
         updated = learn(machine, request, self._clock())
         if updated != machine:
             await self._store.update_machine(updated)
-        await self._event(updated, kind, message, request)
+        # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
+        await self._event(updated, kind, message, request, once=True)
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
