@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dnslib import DNSHeader, DNSQuestion, DNSRecord
+from peers import stop, wait_for_udp_answer
 
 from netboot.model import Cluster, MacAddress, Machine, MachineState, Role
 from netboot.names import Zone, ZoneHolder
@@ -157,20 +158,10 @@ async def dnsmasq_server(zone: Zone, machines: int) -> AsyncIterator[int]:
              "--user=root", "--pid-file=", *srv],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            query = queries(1, machines)[0]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(0.2)
-                for _ in range(50):  # ready once it answers (bounded: 10 s)
-                    s.sendto(query, (LOOPBACK, port))
-                    try:
-                        s.recvfrom(4096)
-                        break
-                    except OSError:
-                        continue
+            wait_for_udp_answer(LOOPBACK, port, queries(1, machines)[0])
             yield port
         finally:
-            proc.terminate()  # the peer this benchmark started, by its own handle
-            proc.wait(timeout=10)
+            stop(proc)
 
 
 # name → factory of an async context manager yielding the port to query.

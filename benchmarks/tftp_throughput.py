@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from peers import stop, wait_for_udp_answer
+
 HOST = "127.0.0.1"
 
 
@@ -72,24 +74,11 @@ def _free_udp_port() -> int:
 def _process(argv: list[str], port: int) -> Iterator[int]:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Ready once a request gets an answer (bounded: 50 tries).
-        for _ in range(50):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                probe.settimeout(0.1)
-                probe.sendto(b"\x00\x01no-such-file\x00octet\x00", (HOST, port))
-                try:
-                    probe.recvfrom(1024)
-                    break
-                except OSError:
-                    continue
+        # Ready once a request gets an answer (an ERROR for a file that is not there).
+        wait_for_udp_answer(HOST, port, b"\x00\x01no-such-file\x00octet\x00")
         yield port
     finally:
-        proc.terminate()  # the peer this benchmark started, by its own handle
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @contextlib.contextmanager
