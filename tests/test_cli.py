@@ -158,3 +158,17 @@ def test_explain_for_an_architecture_not_seen_yet(cfg: str,
     assert rc == 0
     after = json.loads(out)
     assert (after["group"], after["profile"], after["decision"]) == ("x86", "p", "install")
+
+
+def test_import_shows_a_progress_bar_on_a_terminal(cfg: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    rows = "\n".join(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}" for i in range(2500))
+    fleet = tmp_path / "big.csv"
+    fleet.write_text("mac\n" + rows + "\n")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc, out, err = run(capsys, "import", str(fleet), "--config", cfg)
+    assert rc == 0 and "2500 were created" in out
+    assert "] 1000/2500" in err and "] 2500/2500" in err  # the bar advanced, then finished
