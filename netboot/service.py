@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -38,6 +37,7 @@ from netboot.servers.http import (
     DeviceRoutes,
     errors_middleware,
 )
+from netboot.servers.sockets import bind_error
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def advertised_address(config: Config) -> str:
     if config.server.advertise:
         return config.server.advertise
     if config.server.interfaces:
-        from netboot.servers.dhcp import interface_ipv4
+        from netboot.servers.sockets import interface_ipv4
 
         try:
             return interface_ipv4(config.server.interfaces[0])
@@ -88,7 +88,7 @@ def advertised_address(config: Config) -> str:
                 "or set server.advertise / --advertise") from exc
     # Embedded defaults: the address of the interface that carries the default route, read
     # from /proc/net/route (no traffic is sent to find it).
-    from netboot.servers.dhcp import interface_ipv4
+    from netboot.servers.sockets import interface_ipv4
 
     name = default_route_interface()
     if name is not None:
@@ -168,8 +168,8 @@ class Service:
         try:
             await site.start()
         except OSError as exc:
-            raise _bind_error(exc, "HTTP", "tcp", cfg.http.port, "http.port",
-                              "--http-port") from exc
+            raise bind_error(exc, what="HTTP", proto="TCP", host=cfg.http.listen,
+                             port=cfg.http.port, key="http.port", flag="--http-port") from exc
         sockets = getattr(site._server, "sockets", None)
         self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
         if cfg.tftp.enabled:
@@ -288,18 +288,6 @@ class Service:
             lines.append(f"  admin token (shown once, also in {cfg.data_dir / 'admin.token'}):"
                          f" {self.new_admin_token}")
         return "\n".join(lines)
-
-
-def _bind_error(exc: OSError, what: str, proto: str, port: int, key: str,
-                flag: str) -> ConfigError:
-    if exc.errno == errno.EACCES:
-        return ConfigError(f"{what} port {port} needs root or CAP_NET_BIND_SERVICE", key=key,
-                           fix=f"run as root, grant CAP_NET_BIND_SERVICE, or use {flag} 8080")
-    if exc.errno == errno.EADDRINUSE:
-        return ConfigError(f"{what} port {proto}/{port} is already in use by another service "
-                           f"(see: ss -lpn '( sport = :{port} )')", key=key,
-                           fix=f"stop the other service or choose another port with {flag}")
-    return ConfigError(f"cannot listen for {what} on port {port}: {exc.strerror}", key=key)
 
 
 def _check_hostname_templates(config: Config) -> None:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import ipaddress
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -31,30 +28,20 @@ from netboot.errors import ConfigError, DecodeError
 from netboot.leases import Changes, LeasePool, LeaseStore
 from netboot.model import BootRequest, FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
+from netboot.servers import sockets
 from netboot.servers.udp import Address, BoundaryProtocol, Reply
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MIN_PACKET_SIZE, ZERO_IP, MessageType, Op, Opt
 
 _log = logging.getLogger(__name__)
 
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-SIOCGIFADDR = 0x8915
 # Option 60 of the start-up probe: our own listener recognises and ignores it.
 PROBE_VENDOR_CLASS = b"netboot-probe"
 
 
 def interface_ipv4(name: str) -> str:
-    """The first IPv4 address of interface ``name`` (SIOCGIFADDR), or ConfigError."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read an IPv4 address of interface {name!r}: {exc.strerror}",
-                key="dhcp.interfaces",
-                fix="give an interface that has an IPv4 address, or set dhcp.advertise",
-            ) from exc
-    return socket.inet_ntoa(raw[20:24])
+    """The first IPv4 address of interface ``name``, or ConfigError."""
+    return sockets.interface_ipv4(name, key="dhcp.interfaces")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,34 +187,14 @@ class DhcpServer:
                 # Without interfaces, no SO_REUSEADDR: then a second DHCP server on the port
                 # is a clear start-up error instead of two servers splitting the traffic.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+                sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, interface.encode())
             sock.bind((self._host, port))
             sock.setblocking(False)
-        except PermissionError as exc:
-            sock.close()
-            what = "SO_BINDTODEVICE needs CAP_NET_RAW" if interface else (
-                f"binding UDP port {port} needs root or CAP_NET_BIND_SERVICE"
-            )
-            raise ConfigError(
-                f"cannot listen on {self._host}:{port}: {what}", key=key,
-                fix=f"run as root, grant the capability, or change the port ({flag})",
-            ) from exc
         except OSError as exc:
             sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"UDP port {port} on {self._host} is already in use by another service "
-                    "(another DHCP server such as dnsmasq?)", key=key,
-                    fix=f"stop the other service or change the port ({flag})",
-                ) from exc
-            if exc.errno == errno.ENODEV:
-                raise ConfigError(
-                    f"no such interface {interface!r}", key="dhcp.interfaces",
-                    fix="name an existing interface (--interface)",
-                ) from exc
-            raise ConfigError(
-                f"cannot listen on {self._host}:{port}: {exc.strerror}", key=key,
-                fix=f"change the port ({flag}) or the address",
+            raise sockets.bind_error(
+                exc, what="DHCP", proto="UDP", host=self._host, port=port, key=key, flag=flag,
+                interface=interface, interface_key="dhcp.interfaces", others="dnsmasq",
             ) from exc
         return sock
 
@@ -486,7 +453,7 @@ class DhcpServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+            sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, interface.encode())
             sock.bind(("0.0.0.0", self._client_port))
             sock.setblocking(False)
             await loop.sock_sendto(

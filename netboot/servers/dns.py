@@ -38,6 +38,7 @@ from netboot.names import (
     formerr_for,
     parse_query,
 )
+from netboot.servers import sockets
 from netboot.servers.udp import Address, BoundaryProtocol, RateLimitedLog, Reply
 
 _log = logging.getLogger(__name__)
@@ -376,25 +377,10 @@ class DnsServer:
                           f"{attempts} attempts", key="dns.port", fix="set --dns-port")
 
     def _bind_error(self, exc: OSError, proto: str, port: int) -> ConfigError:
-        where = f"{proto} {self._host}:{port}"
-        if exc.errno == errno.EADDRINUSE:
-            return ConfigError(
-                f"{where} is already in use (another DNS server, e.g. dnsmasq or "
-                "systemd-resolved?)",
-                key="dns.port", fix="stop the other service, or choose a port with --dns-port",
-            )
-        if exc.errno == errno.EACCES:
-            return ConfigError(
-                f"{where}: permission denied; ports below 1024 need root or "
-                "CAP_NET_BIND_SERVICE",
-                key="dns.port", fix="grant CAP_NET_BIND_SERVICE or choose --dns-port above 1023",
-            )
-        if exc.errno == errno.EADDRNOTAVAIL:
-            return ConfigError(
-                f"{where}: {self._host} is not an address of this host",
-                key="dns.address", fix="use the provisioning interface's address",
-            )
-        return ConfigError(f"{where}: {exc}", key="dns.port", fix="check --dns-port")
+        return sockets.bind_error(
+            exc, what="DNS", proto=proto, host=self._host, port=port, key="dns.port",
+            flag="--dns-port", address_key="dns.address", others="dnsmasq or systemd-resolved",
+        )
 
     async def close(self) -> None:
         if self._udp is not None:

@@ -40,6 +40,7 @@ from typing import Protocol, cast
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound
 from netboot.files import clean_relative
 from netboot.model import Blob
+from netboot.servers import sockets
 from netboot.servers.udp import Address, BoundaryProtocol, RateLimitedLog, Reply
 from netboot.wire.tftp import (
     Ack,
@@ -359,7 +360,7 @@ class TftpServer:
             if iface:
                 # asyncio cannot tell which interface a datagram came in on: bind per
                 # interface instead (DESIGN.md §5).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+                sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, iface.encode())
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
@@ -370,33 +371,11 @@ class TftpServer:
 
     @staticmethod
     def _bind_error(exc: OSError, host: str, port: int, iface: str | None) -> ConfigError:
-        where = f"{host}:{port}" + (f" on {iface}" if iface else "")
-        if exc.errno == errno.EADDRINUSE:
-            return ConfigError(
-                f"UDP port {port} ({where}) is already in use, probably by another TFTP "
-                "server (tftpd-hpa, dnsmasq --enable-tftp)",
-                key=PORT_KEY,
-                fix=f"stop the other service or pick another port with {PORT_FLAG}",
-            )
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            if iface and port >= 1024:
-                return ConfigError(
-                    f"binding to interface {iface} needs CAP_NET_RAW ({exc.strerror})",
-                    key="tftp.interfaces",
-                    fix="run as root or grant CAP_NET_RAW, or drop --interface",
-                )
-            return ConfigError(
-                f"UDP port {port} ({where}) needs root or CAP_NET_BIND_SERVICE",
-                key=PORT_KEY,
-                fix=f"grant CAP_NET_BIND_SERVICE or use {PORT_FLAG} with a port >= 1024",
-            )
-        if exc.errno == errno.ENODEV:
-            return ConfigError(
-                f"no network interface named {iface!r}",
-                key="tftp.interfaces",
-                fix="name an existing interface with --interface",
-            )
-        return ConfigError(f"cannot bind UDP {where}: {exc.strerror}", key=PORT_KEY)
+        return sockets.bind_error(
+            exc, what="TFTP", proto="UDP", host=host, port=port, key=PORT_KEY, flag=PORT_FLAG,
+            interface=iface, interface_key="tftp.interfaces",
+            others="tftpd-hpa or dnsmasq --enable-tftp",
+        )
 
     # -- requests ------------------------------------------------------------------------
 
