@@ -187,7 +187,7 @@ class Zone:
                 server_ips.append(ipaddress.ip_address(text))
             except ValueError as exc:
                 raise ConfigError(
-                    f"{text!r} is not an IP address", key="dns.server_addrs"
+                    f"{text!r} is not an IP address", key="server.advertise"
                 ) from exc
         builder.claim(server_key, "the server's own name")
         for ip in server_ips:

@@ -68,25 +68,26 @@ class DhcpSettings:
                 f"unknown mode {self.mode!r}", key="dhcp.mode", fix="proxy or authoritative"
             )
         if not 0 < self.http_port < 65536:
-            raise ConfigError(f"{self.http_port} is not a port", key="dhcp.http_port")
+            raise ConfigError(f"{self.http_port} is not a port", key="http.port")
         if self.mode == "authoritative":
             for key in ("pool_start", "pool_end"):
                 if not getattr(self, key):
                     raise ConfigError(
-                        "authoritative mode needs an address pool", key=f"dhcp.{key}",
+                        "authoritative mode needs an address pool", key=f"dhcp.authoritative.{key}",
                         fix="e.g. pool_start: 192.0.2.100, pool_end: 192.0.2.199",
                     )
             for key in ("pool_start", "pool_end", "netmask", "router"):
                 value = getattr(self, key)
                 if value is not None:
-                    _check_ip(value, f"dhcp.{key}")
+                    _check_ip(value, f"dhcp.authoritative.{key}")
             for value in self.dns_servers:
-                _check_ip(value, "dhcp.dns_servers")
+                _check_ip(value, "dhcp.authoritative.dns")
             start, end = self.pool_range()
             if start > end:
-                raise ConfigError("pool_start is after pool_end", key="dhcp.pool_start")
+                raise ConfigError("pool_start is after pool_end",
+                                  key="dhcp.authoritative.pool_start")
             if self.lease_seconds < 60:
-                raise ConfigError("lease shorter than 60 s", key="dhcp.lease_seconds")
+                raise ConfigError("lease shorter than 60 s", key="dhcp.authoritative.lease_seconds")
 
     def pool_range(self) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
         assert self.pool_start and self.pool_end

@@ -381,7 +381,7 @@ def test_settings_validation() -> None:
     assert err.value.key == "dhcp.mode"
     with pytest.raises(ConfigError) as err:
         DhcpSettings(mode="authoritative")
-    assert err.value.key == "dhcp.pool_start"
+    assert err.value.key == "dhcp.authoritative.pool_start"
     with pytest.raises(ConfigError):
         DhcpSettings(mode="authoritative", pool_start="192.0.2.200", pool_end="192.0.2.100")
     ok = DhcpSettings(mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.199")

@@ -41,7 +41,7 @@ PROBE_VENDOR_CLASS = b"netboot-probe"
 
 def interface_ipv4(name: str) -> str:
     """The first IPv4 address of interface ``name``, or ConfigError."""
-    return sockets.interface_ipv4(name, key="dhcp.interfaces")
+    return sockets.interface_ipv4(name, key="server.interfaces")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +117,8 @@ class DhcpServer:
             if ip is None:
                 raise ConfigError(
                     "cannot tell which address to advertise in DHCP answers",
-                    key="dhcp.advertise",
-                    fix="name the provisioning interface (--interface) or set dhcp.advertise",
+                    key="server.advertise",
+                    fix="name the provisioning interface (--interface) or set --advertise",
                 )
             targets.append((None, ip))
         if self._settings.mode == "authoritative":
@@ -194,7 +194,7 @@ class DhcpServer:
             sock.close()
             raise sockets.bind_error(
                 exc, what="DHCP", proto="UDP", host=self._host, port=port, key=key, flag=flag,
-                interface=interface, interface_key="dhcp.interfaces", others="dnsmasq",
+                interface=interface, interface_key="server.interfaces", others="dnsmasq",
             ) from exc
         return sock
 

@@ -379,7 +379,7 @@ class DnsServer:
     def _bind_error(self, exc: OSError, proto: str, port: int) -> ConfigError:
         return sockets.bind_error(
             exc, what="DNS", proto=proto, host=self._host, port=port, key="dns.port",
-            flag="--dns-port", address_key="dns.address", others="dnsmasq or systemd-resolved",
+            flag="--dns-port", address_key="dns.listen", others="dnsmasq or systemd-resolved",
         )
 
     async def close(self) -> None:

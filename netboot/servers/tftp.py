@@ -373,7 +373,7 @@ class TftpServer:
     def _bind_error(exc: OSError, host: str, port: int, iface: str | None) -> ConfigError:
         return sockets.bind_error(
             exc, what="TFTP", proto="UDP", host=host, port=port, key=PORT_KEY, flag=PORT_FLAG,
-            interface=iface, interface_key="tftp.interfaces",
+            interface=iface, interface_key="server.interfaces",
             others="tftpd-hpa or dnsmasq --enable-tftp",
         )
 

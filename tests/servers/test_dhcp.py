@@ -146,4 +146,4 @@ async def test_no_address_to_advertise_is_a_config_error() -> None:
                    advertise=None, port=0, pxe_port=0)
     with pytest.raises(ConfigError) as err:
         await s.start()
-    assert err.value.key == "dhcp.advertise"
+    assert err.value.key == "server.advertise"
