@@ -30,7 +30,7 @@ from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import Arch, Cluster, MacAddress, Machine, MachineState, Role, normalise_uuid
-from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY
+from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_TOKEN_KEY = "admin-token-sha256"
@@ -134,11 +134,11 @@ class Api:
 
     # -- auth -------------------------------------------------------------------------
     async def is_admin(self, request: web.Request) -> bool:
-        auth = request.headers.get("Authorization", "")
-        if not auth.lower().startswith("bearer "):
+        token = bearer_token(request)
+        if token is None:
             return False
         stored = await self._store.get_setting(ADMIN_TOKEN_KEY)
-        return stored is not None and hmac.compare_digest(_sha(auth[7:].strip()), stored)
+        return stored is not None and hmac.compare_digest(_sha(token), stored)
 
     def admin(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -277,8 +277,7 @@ class Api:
 
     async def post_event(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
-        auth = request.headers.get("Authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        token = bearer_token(request)
         if not (token_matches(machine, token, self._clock()) or await self.is_admin(request)):
             raise AuthError("send 'Authorization: Bearer <install token>' of this machine")
         limit = request.app[MAX_EVENT_KEY]

@@ -78,6 +78,12 @@ def ipxe_request(query: Any, remote: str | None) -> BootRequest:
     )
 
 
+def bearer_token(request: web.BaseRequest) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (RFC 6750 §2.1), if any."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
 def loggable_target(request: web.Request) -> str:
     """The request target without the install token (in the query or the NoCloud path).
 
@@ -189,10 +195,10 @@ class DeviceRoutes:
         return resp
 
     def _token(self, request: web.Request) -> str | None:
-        auth = request.headers.get("Authorization", "")
-        if auth.lower().startswith("bearer "):
-            return auth[7:].strip()
-        return request.match_info.get("token") or request.query.get("token")
+        # Installers that can send headers use Bearer; cloud-init's NoCloud seed URL and a
+        # kernel command line can only carry it in the path or the query.
+        return (bearer_token(request) or request.match_info.get("token")
+                or request.query.get("token"))
 
     async def config(self, request: web.Request) -> web.Response:
         plan = await self._content.authorised_plan(request.match_info["mac"], self._token(request))
