@@ -303,6 +303,17 @@ class BootService:
             cluster=cluster, k3s=k3s, token=token,
         )
 
+    async def config_plan(self, machine: Machine, *, token: str | None, reason: str,
+                          request: BootRequest | None = None, claim: bool = True) -> BootPlan:
+        """What a machine's per-machine config (k3OS, cloud-init) carries: its profile, cluster
+        and how it joins. ``claim=False`` for dry runs that must not pick the init node."""
+        group, profile, cluster, role = await self.effective(machine, request)
+        k3s = (await self.k3s_join(machine, cluster, role, group, claim=claim)
+               if cluster else None)
+        return BootPlan(BootAction.INSTALL, machine.mac, reason, machine=machine,
+                        group=group.name if group else None, profile=profile, cluster=cluster,
+                        k3s=k3s, token=token)
+
     async def k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
                        group: Group | None, *, claim: bool = True) -> K3sJoin:
         """Cluster formation: external server URL, or managed (first server runs cluster-init).

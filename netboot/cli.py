@@ -314,13 +314,8 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
         return 0
     if machine is None:
         raise NotFound(f"machine {mac} not found")
-    group, profile, cluster, role = await boot.effective(machine, request)
-    k3s = (await boot.k3s_join(machine, cluster, role, group, claim=False)
-           if cluster else None)
-    from netboot.model import BootPlan
-
-    cplan = BootPlan(BootAction.INSTALL, machine.mac, "rendered by the CLI", machine=machine,
-                     profile=profile, cluster=cluster, k3s=k3s, token=token)
+    cplan = await boot.config_plan(machine, token=token, reason="rendered by the CLI",
+                                   request=request, claim=False)
     if args.kind == "config":
         print(content.k3os_config(cplan), end="")
     else:

@@ -247,11 +247,8 @@ class Content:
         if machine is None or not token_matches(machine, token, self._clock()):
             # Same answer whether the MAC is unknown or the token wrong: leak nothing.
             raise AuthError("a valid install token is required for this machine's config")
-        group, profile, cluster, role = await self._boot.effective(machine)
-        k3s = await self._boot.k3s_join(machine, cluster, role, group) if cluster else None
-        return BootPlan(BootAction.INSTALL, mac, f"config for {machine.state} machine",
-                        machine=machine, group=group.name if group else None, profile=profile,
-                        cluster=cluster, k3s=k3s, token=token)
+        return await self._boot.config_plan(machine, token=token,
+                                            reason=f"config for {machine.state} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:
         if plan.machine is not None:
