@@ -156,13 +156,6 @@ FLAGS: Mapping[str, str] = {
 }
 
 
-def flag_for(key: str) -> str | None:
-    for flag, dotted in FLAGS.items():
-        if dotted == key:
-            return "--" + flag.replace("_", "-")
-    return None
-
-
 class _Source:
     """Where a raw value came from, for error messages."""
 
