@@ -147,17 +147,26 @@ class Service:
     content: Content
     app: web.Application
     advertise: str
-    base_url: str
     new_admin_token: str | None = None
     runner: web.AppRunner | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http_port: int = 0
+    # The base URL lives in one box that Content reads on every render, so that the port
+    # bound at start (http.port 0) reaches the URLs without rebuilding anything.
     url_holder: dict[str, str] = field(default_factory=dict)
     dns_port: int = 0
     _zone_holder: Any = None
     _zone_fingerprint: int | None = None
     _zone_serial: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return self.url_holder["base"]
+
+    @base_url.setter
+    def base_url(self, value: str) -> None:
+        self.url_holder["base"] = value
 
     async def start(self) -> None:
         cfg = self.config
@@ -339,7 +348,7 @@ async def build(config: Config) -> Service:
         app[MAX_EVENT_KEY] = config.http.max_event_bytes
         DeviceRoutes(content).add_to(app)
         Api(store, enroller, boot, clock=time.time).add_to(app)
-        service = Service(config, store, enroller, boot, content, app, advertise, base_url,
+        service = Service(config, store, enroller, boot, content, app, advertise,
                           new_admin_token=new_token, url_holder=holder)
     except BaseException:
         await store.close()
@@ -353,7 +362,6 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         await service.start()
         if config.http.port == 0 and not config.http.public_url:
             service.base_url = f"http://{service.advertise}:{service.http_port}"
-            service.url_holder["base"] = service.base_url
         print(service.summary(), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -127,7 +127,7 @@ async def make_env(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[EnvFact
         services.append(service)
         client = await aiohttp_client(service.app)
         token = service.new_admin_token or (cfg.data_dir / "admin.token").read_text().strip()
-        service.url_holder["base"] = "http://192.0.2.10:8080"
+        service.base_url = "http://192.0.2.10:8080"
         return Env(service, client, token)
 
     yield factory
