@@ -26,7 +26,7 @@ import yaml
 
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.groups import select as select_group
-from netboot.inventory.base import Batch, Store
+from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
     Event,
     Group,
@@ -200,8 +200,6 @@ async def fleet_status(store: Store) -> dict[str, Any]:
     What an operator enrolling a thousand devices watches (``netboot status``,
     ``GET /api/v1/status``); counts come from indexed queries, not a scan.
     """
-    from netboot.inventory.base import MachineFilter
-
     by_state = {s.value: await store.count_machines(MachineFilter(state=s))
                 for s in MachineState}
     clusters: dict[str, dict[str, int]] = {}
@@ -543,8 +541,6 @@ class Enroller:
         )
 
     async def _all_machines(self) -> list[Machine]:
-        from netboot.inventory.base import MachineFilter
-
         out: list[Machine] = []
         offset = 0
         while True:
