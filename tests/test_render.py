@@ -90,7 +90,7 @@ def test_ipxe_install_is_complete() -> None:
 def test_bootstrap_golden() -> None:
     text = content().bootstrap_ipxe()
     golden("boot.ipxe", text)
-    for var in ("${net0/mac:hexhyp}", "${uuid}", "${buildarch}", "${platform}",
+    for var in ("${netX/mac:hexhyp}", "${uuid}", "${buildarch}", "${platform}",
                 "${serial:uristring}", "${manufacturer:uristring}", "${product:uristring}",
                 "${asset:uristring}"):
         assert var in text
