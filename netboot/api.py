@@ -18,23 +18,24 @@ from typing import Any
 from aiohttp import web
 
 from netboot import groups as grouping
+from netboot import identity
 from netboot.boot import BootService
 from netboot.enroll import (
     Enroller,
-    check_hostname,
     check_hostname_template,
     fleet_status,
+    machine_input,
     token_matches,
 )
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Arch, Cluster, MacAddress, Machine, MachineState, Role, normalise_uuid
+from netboot.model import Arch, Cluster, MacAddress, Machine, MachineState, Role
 from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_TOKEN_KEY = "admin-token-sha256"
-MACHINE_INPUT = {"mac", "hostname", "uuid", "serial", "asset", "labels", "cluster", "role",
+MACHINE_INPUT = {"mac", "macs", "hostname", "uuid", "serial", "asset", "labels", "cluster", "role",
                  "profile", "fixed_ipv4", "state"}
 
 
@@ -114,14 +115,15 @@ class Api:
         r.add_get(f"{p}/machines", self.list_machines)
         r.add_post(f"{p}/machines", self.admin(self.create_machine))
         r.add_post(f"{p}/machines:bulk", self.admin(self.bulk))
-        r.add_get(f"{p}/machines/{{mac}}", self.get_machine)
-        r.add_patch(f"{p}/machines/{{mac}}", self.admin(self.patch_machine))
-        r.add_delete(f"{p}/machines/{{mac}}", self.admin(self.delete_machine))
-        r.add_post(f"{p}/machines/{{mac}}/approve", self.admin(self.approve))
-        r.add_post(f"{p}/machines/{{mac}}/reinstall", self.admin(self.reinstall))
-        r.add_get(f"{p}/machines/{{mac}}/explain", self.explain)
-        r.add_get(f"{p}/machines/{{mac}}/events", self.list_events)
-        r.add_post(f"{p}/machines/{{mac}}/events", self.post_event)
+        # {ref}: one of the machine's MACs (any spelling) or its id (netboot.identity.by_ref).
+        r.add_get(f"{p}/machines/{{ref}}", self.get_machine)
+        r.add_patch(f"{p}/machines/{{ref}}", self.admin(self.patch_machine))
+        r.add_delete(f"{p}/machines/{{ref}}", self.admin(self.delete_machine))
+        r.add_post(f"{p}/machines/{{ref}}/approve", self.admin(self.approve))
+        r.add_post(f"{p}/machines/{{ref}}/reinstall", self.admin(self.reinstall))
+        r.add_get(f"{p}/machines/{{ref}}/explain", self.explain)
+        r.add_get(f"{p}/machines/{{ref}}/events", self.list_events)
+        r.add_post(f"{p}/machines/{{ref}}/events", self.post_event)
         r.add_post(f"{p}/register", self.register)
         for kind in ("profiles", "clusters", "groups"):
             r.add_get(f"{p}/{kind}", self._list(kind))
@@ -153,7 +155,9 @@ class Api:
     # -- machines ---------------------------------------------------------------------
     def _machine_out(self, m: Machine) -> dict[str, Any]:
         out = codec.machine_to_dict(m, secrets=False)
-        out["mac_hexhyp"] = m.mac.hexhyp
+        # The primary NIC, for clients written when a machine had one MAC.
+        out["mac"] = str(m.mac) if m.mac else None
+        out["mac_hexhyp"] = m.mac.hexhyp if m.mac else None
         return out
 
     async def list_machines(self, request: web.Request) -> web.Response:
@@ -178,41 +182,25 @@ class Api:
         return web.json_response({"items": [self._machine_out(m) for m in items],
                                   "total": total, "limit": flt.limit, "offset": flt.offset})
 
-    async def _parse_machine(self, body: dict[str, Any], *, mac: str | None = None) -> Machine:
+    async def _parse_machine(self, body: dict[str, Any]) -> Machine:
         unknown = sorted(set(body) - MACHINE_INPUT)
         if unknown:
             raise ValidationError(unknown[0], "unknown or read-only field")
-        if mac is not None:
-            body = {**body, "mac": mac}
-        machine = codec.machine_from_dict(body)
-        if machine.hostname:
-            machine = replace(machine, hostname=check_hostname(machine.hostname))
-        if machine.uuid:
-            # Canonical form, as firmware UUIDs are normalised before they are matched
-            # (bulk import does the same); garbage is a 400, not a machine no request matches.
-            machine = replace(machine, uuid=normalise_uuid(machine.uuid))
+        # UUIDs in canonical form, as firmware UUIDs are before they are matched (bulk import
+        # does the same); garbage or a placeholder is a 400, not a machine nothing matches.
+        machine = machine_input(body)
         await self._enroll.validate_refs(machine.cluster, machine.profile)
         return machine
 
     async def create_machine(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
         machine = await self._parse_machine(body)
-        now = self._clock()
-        machine = replace(machine, created=now, updated=now)
-        if machine.hostname is None:
-            machine = replace(machine, hostname=await self._enroll.name_for(
-                machine, cluster=machine.cluster,
-                role=str(machine.role) if machine.role else None))
-        await self._store.create_machine(machine)
-        await self._enroll.event(str(machine.mac), "enrolled", "created through the API")
+        machine = await self._enroll.enroll(replace(machine, updated=self._clock()),
+                                            "created through the API")
         return web.json_response(self._machine_out(machine), status=201)
 
     async def _machine(self, request: web.Request) -> Machine:
-        mac = str(MacAddress.parse(request.match_info["mac"]))
-        machine = await self._store.get_machine(mac)
-        if machine is None:
-            raise NotFound(f"machine {mac} not found")
-        return machine
+        return await identity.require_ref(self._store, request.match_info["ref"])
 
     async def get_machine(self, request: web.Request) -> web.Response:
         return web.json_response(self._machine_out(await self._machine(request)))
@@ -220,12 +208,19 @@ class Api:
     async def patch_machine(self, request: web.Request) -> web.Response:
         old = await self._machine(request)
         body = _object(await read_json(request))
-        if "mac" in body and str(MacAddress.parse(str(body["mac"]))) != str(old.mac):
-            raise ValidationError("mac", "cannot change a machine's MAC; delete and re-add")
+        if "mac" in body and "macs" not in body:
+            # One-NIC clients may repeat the MAC they address the machine by; to change the
+            # NICs, send "macs" (the whole list).
+            if not isinstance(body["mac"], str) or MacAddress.parse(body["mac"]) not in old.macs:
+                raise ValidationError("mac", "not one of this machine's MACs; send 'macs' to "
+                                             "change its NICs")
+            body = {k: v for k, v in body.items() if k != "mac"}
         merged = {k: v for k, v in codec.machine_to_dict(old).items() if k in MACHINE_INPUT}
         merged.update(body)
         parsed = await self._parse_machine(merged)
-        machine = replace(old, hostname=parsed.hostname, uuid=parsed.uuid, serial=parsed.serial,
+        identity.require(parsed)
+        machine = replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
+                          serial=parsed.serial,
                           asset=parsed.asset, labels=parsed.labels, cluster=parsed.cluster,
                           role=parsed.role, profile=parsed.profile,
                           fixed_ipv4=parsed.fixed_ipv4, state=parsed.state,
@@ -235,11 +230,11 @@ class Api:
 
     async def delete_machine(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
-        await self._store.delete_machine(str(machine.mac))
+        await self._store.delete_machine(machine.id)
         return web.Response(status=204)
 
     async def approve(self, request: web.Request) -> web.Response:
-        mac = request.match_info["mac"]
+        ref = request.match_info["ref"]
         body = _object(await read_json(request)) if request.can_read_body else {}
         unknown = sorted(set(body) - {"cluster", "role", "profile", "hostname"})
         if unknown:
@@ -251,28 +246,29 @@ class Api:
         if role is not None and role not in ("server", "agent"):
             raise ValidationError("role", f"{role!r} is not server or agent")
         machine = await self._enroll.approve(
-            mac, cluster=body.get("cluster"), role=Role(role) if role else None,
+            ref, cluster=body.get("cluster"), role=Role(role) if role else None,
             profile=body.get("profile"), hostname=body.get("hostname"))
         return web.json_response(self._machine_out(machine))
 
     async def reinstall(self, request: web.Request) -> web.Response:
-        machine = await self._enroll.reinstall(request.match_info["mac"])
+        machine = await self._enroll.reinstall(request.match_info["ref"])
         return web.json_response(self._machine_out(machine))
 
     async def explain(self, request: web.Request) -> web.Response:
-        mac = str(MacAddress.parse(request.match_info["mac"]))
+        ref = request.match_info["ref"]
         arch_text = request.query.get("arch")
         try:
             arch = Arch(arch_text) if arch_text else None
         except ValueError:
             raise ValidationError("arch", f"{arch_text!r} is not one of "
                                   f"{', '.join(a.value for a in Arch)}") from None
-        return web.json_response(await self._boot.explain(mac, arch=arch))
+        # An unknown machine is explained too: what the discovery policy gives it.
+        return web.json_response(await self._boot.explain(ref, arch=arch))
 
     async def list_events(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
         limit = _int_query(request, "limit", 1000, 1, 10000)
-        events = await self._store.list_events(str(machine.mac), limit=limit)
+        events = await self._store.list_events(machine.id, limit=limit)
         return web.json_response([codec.event_to_dict(e) for e in events])
 
     async def post_event(self, request: web.Request) -> web.Response:
@@ -289,7 +285,7 @@ class Api:
             raise web.HTTPRequestEntityTooLarge(max_size=request.app[MAX_EVENT_KEY],
                                                 actual_size=len(raw))
         body = loads(raw or b"null")
-        event = await self._enroll.report(str(machine.mac), _object(body))
+        event = await self._enroll.report(machine.id, _object(body))
         self._log.info("event mac=%s kind=%s message=%r", machine.mac, event.kind, event.message)
         return web.json_response(codec.event_to_dict(event), status=201)
 
@@ -424,13 +420,13 @@ class Api:
     async def _machine_using(self, ref: str, name: str) -> str | None:
         if ref == "cluster":
             found = await self._store.list_machines(MachineFilter(cluster=name, limit=1))
-            return str(found[0].mac) if found else None
+            return found[0].ref if found else None
         offset = 0
         while True:
             page = await self._store.list_machines(MachineFilter(limit=1000, offset=offset))
             for m in page:
                 if m.profile == name:
-                    return str(m.mac)
+                    return m.ref
             if len(page) < 1000:
                 return None
             offset += 1000

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from netboot import __version__
+from netboot import __version__, identity
 from netboot.config import Config, load
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
@@ -78,26 +78,21 @@ def _print_json(value: Any) -> None:
 
 # -- machines ----------------------------------------------------------------------------
 async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    from netboot.enroll import Enroller, check_hostname
+    from netboot.enroll import Enroller, machine_input
 
     enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
     if args.action == "add":
         await enroller.validate_refs(args.cluster, args.profile)
-        mac = MacAddress.parse(args.mac)
-        data: dict[str, Any] = {"mac": str(mac), "labels": _labels(args.label)}
+        data: dict[str, Any] = {"macs": args.more_macs or [], "labels": _labels(args.label)}
+        if args.mac:
+            data["mac"] = args.mac
         for key in ("hostname", "cluster", "role", "profile", "serial", "uuid", "asset",
                     "fixed_ipv4"):
             if getattr(args, key, None):
                 data[key] = getattr(args, key)
-        machine = codec.machine_from_dict(data)
-        now = time.time()
-        machine = replace(machine, created=now, updated=now,
-                          hostname=check_hostname(machine.hostname) if machine.hostname
-                          else await enroller.name_for(machine, cluster=args.cluster,
-                                                       role=args.role))
-        await store.create_machine(machine)
-        await enroller.event(str(mac), "enrolled", "added with the CLI")
-        print(f"enrolled {mac} as {machine.hostname}")
+        machine = await enroller.enroll(replace(machine_input(data), updated=time.time()),
+                                        "added with the CLI")
+        print(f"enrolled {machine.ref} as {machine.hostname} (id {machine.id})")
         return 0
     if args.action == "ls":
         st = MachineState(args.state) if args.state else None
@@ -107,18 +102,15 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         if args.json:
             _print_json([codec.machine_to_dict(m, secrets=False) for m in machines])
         else:
-            print(_table([(m.mac, m.hostname, m.state, m.cluster, m.role, m.profile, m.arch,
-                           m.firmware, m.ipv4) for m in machines],
-                         ["mac", "hostname", "state", "cluster", "role", "profile", "arch",
-                          "firmware", "ipv4"]))
+            print(_table([(" ".join(map(str, m.macs)) or "-", m.hostname, m.state, m.cluster,
+                           m.role, m.profile, m.arch, m.firmware, m.ipv4, m.id)
+                          for m in machines],
+                         ["macs", "hostname", "state", "cluster", "role", "profile", "arch",
+                          "firmware", "ipv4", "id"]))
         return 0
     if args.action == "show":
-        key = str(MacAddress.parse(args.mac))
-        found = await store.get_machine(key)
-        if found is None:
-            raise NotFound(f"machine {key} not found")
-        machine = found
-        events = await store.list_events(key)
+        machine = await identity.require_ref(store, args.mac)
+        events = await store.list_events(machine.id)
         if args.json:
             _print_json({**codec.machine_to_dict(machine, secrets=False),
                          "events": [codec.event_to_dict(e) for e in events]})
@@ -132,20 +124,21 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         return 0
     if args.action == "rm":
         for text in args.macs:
-            await store.delete_machine(str(MacAddress.parse(text)))
-            print(f"removed {MacAddress.parse(text)}")
+            machine = await identity.require_ref(store, text)
+            await store.delete_machine(machine.id)
+            print(f"removed {machine.ref} (id {machine.id})")
         return 0
     if args.action == "approve":
         for text in args.macs:
             m = await enroller.approve(text, cluster=args.cluster,
                                        role=Role(args.role) if args.role else None,
                                        profile=args.profile)
-            print(f"approved {m.mac} as {m.hostname} ({m.cluster or 'no cluster'})")
+            print(f"approved {m.ref} as {m.hostname} ({m.cluster or 'no cluster'})")
         return 0
     if args.action == "reinstall":
         for text in args.macs:
             m = await enroller.reinstall(text)
-            print(f"{m.mac} will install again on its next network boot")
+            print(f"{m.ref} will install again on its next network boot")
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
 
@@ -285,9 +278,8 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
     assets = FileTree(asset_roots(cfg), pinned=loader_names())
     boot = BootService(store, assets, BootSettings(policy=cfg.discovery.policy,
                                                    rules=cfg.discovery.rules), enroller)
-    mac = str(MacAddress.parse(args.mac))
     if args.cmd == "explain":
-        result = await boot.explain(mac, arch=Arch(args.arch) if args.arch else None)
+        result = await boot.explain(args.mac, arch=Arch(args.arch) if args.arch else None)
         if args.json:
             _print_json(result)
         else:
@@ -296,12 +288,19 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
         return 0
     base = cfg.http.public_url or f"http://{advertised_address(cfg)}:{cfg.http.port}"
     content = Content(store, boot, renderer_for(cfg), assets, lambda: base, enroller)
-    machine = await store.get_machine(mac)
+    machine = await identity.by_ref(store, args.mac)
     firmware = Firmware.UBOOT if args.kind == "pxelinux" else Firmware.IPXE
-    request = BootRequest(mac=MacAddress.parse(mac), firmware=firmware,
-                          arch=Arch(args.arch) if args.arch else
-                          machine.arch if machine and machine.arch else Arch.UNKNOWN,
-                          via="cli")
+    arch = Arch(args.arch) if args.arch else \
+        machine.arch if machine and machine.arch else Arch.UNKNOWN
+    if machine is not None:
+        request = identity.request_for(machine, firmware=firmware, arch=arch, via="cli")
+        if _is_mac(args.mac):  # as if it booted from the NIC named
+            request = replace(request, mac=MacAddress.parse(args.mac))
+    elif _is_mac(args.mac):  # an unknown machine gets what the discovery policy says
+        request = BootRequest(mac=MacAddress.parse(args.mac), firmware=firmware, arch=arch,
+                              via="cli")
+    else:
+        raise NotFound(f"machine {args.mac} not found (give one of its MACs or its id)")
     plan = await boot.plan(request, record=False)
     # Read-only: no token is issued, so a placeholder stands where the device's would be.
     token = "<install-token>"
@@ -313,9 +312,9 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
         print(content.render_pxelinux(ctx_plan), end="")
         return 0
     if machine is None:
-        raise NotFound(f"machine {mac} not found")
+        raise NotFound(f"machine {args.mac} not found")
     cplan = await boot.config_plan(machine, token=token, reason="rendered by the CLI",
-                                   request=request, claim=False)
+                                   request=request, claim=False, mac=request.mac)
     if args.kind == "config":
         print(content.k3os_config(cplan), end="")
     else:
@@ -323,6 +322,14 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
             print(f"--- {name}")
             print(content.nocloud(cplan, name), end="")
     return 0
+
+
+def _is_mac(text: str) -> bool:
+    try:
+        MacAddress.parse(text)
+    except ValidationError:
+        return False
+    return True
 
 
 async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
@@ -437,8 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("machines", help="enrolled and discovered machines")
     msub = m.add_subparsers(dest="action", required=True)
-    a = msub.add_parser("add", parents=[common])
-    a.add_argument("mac")
+    a = msub.add_parser("add", parents=[common],
+                        help="enroll a machine by MAC(s), serial, asset tag or UUID")
+    a.add_argument("mac", nargs="?", help="its (first) MAC")
+    a.add_argument("--mac", dest="more_macs", action="append", metavar="MAC",
+                   help="a MAC of the machine; repeat for each NIC")
     for flag in ("--hostname", "--cluster", "--profile", "--serial", "--uuid", "--asset",
                  "--fixed-ipv4"):
         a.add_argument(flag)
@@ -450,12 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--label", action="append")
     ls.add_argument("--limit", type=int, default=1000)
     sh = msub.add_parser("show", parents=[common])
-    sh.add_argument("mac")
+    sh.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     for action in ("rm", "reinstall"):
         x = msub.add_parser(action, parents=[common])
-        x.add_argument("macs", nargs="+")
+        x.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
     ap = msub.add_parser("approve", parents=[common])
-    ap.add_argument("macs", nargs="+")
+    ap.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
     ap.add_argument("--cluster")
     ap.add_argument("--role", choices=["server", "agent"])
     ap.add_argument("--profile")
@@ -491,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dry-run", action="store_true")
 
     r = sub.add_parser("render", parents=[common], help="what a device would get")
-    r.add_argument("mac")
+    r.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
     r.add_argument("--arch", choices=[a.value for a in Arch],
                    help="architecture the device reports (default: last seen)")
@@ -500,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("assets", parents=[common],
                    help="which loaders and profile assets are found; checksums")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
-    e.add_argument("mac")
+    e.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     e.add_argument("--arch", choices=[a.value for a in Arch],
                    help="answer for this architecture (default: last seen)")
 

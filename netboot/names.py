@@ -215,7 +215,7 @@ class Zone:
                 continue
             host = machine.hostname.lower()
             if not valid_label(host):
-                builder.skipped.append(f"{machine.mac}: hostname {machine.hostname!r}"
+                builder.skipped.append(f"{machine.ref}: hostname {machine.hostname!r}"
                                        " is not a DNS label")
                 continue
             addr = machine.ipv4 or machine.fixed_ipv4
@@ -224,10 +224,10 @@ class Zone:
             try:
                 ip = ipaddress.IPv4Address(addr)
             except ValueError:
-                builder.skipped.append(f"{machine.mac}: address {addr!r} is not IPv4")
+                builder.skipped.append(f"{machine.ref}: address {addr!r} is not IPv4")
                 continue
             hkey = (host.encode(), *origin)
-            if not builder.claim(hkey, f"machine {machine.mac}"):
+            if not builder.claim(hkey, f"machine {machine.ref}"):
                 continue
             builder.address(hkey, ip)
             machine_ips.append((hkey, ip))

@@ -29,7 +29,7 @@ from netboot.render import Renderer, shipped_templates_dir
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 MAC = MacAddress.parse("52:54:00:00:00:11")
-MACHINE = Machine(mac=MAC, state=MachineState.BOOTING, hostname="edge-1", cluster="edge",
+MACHINE = Machine(macs=(MAC,), state=MachineState.BOOTING, hostname="edge-1", cluster="edge",
                   role=Role.AGENT, uuid="8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4",
                   serial="SN123", updated=1_700_000_000.0, created=1_700_000_000.0)
 PROFILE = Profile(name="k3os", kernel="k3os/vmlinuz", initrds=("k3os/initrd",),
