@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from netboot import groups as grouping
+from netboot import lifecycle
 from netboot.boot import BootService
 from netboot.enroll import (
     Enroller,
@@ -35,7 +36,7 @@ from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_TOKEN_KEY = "admin-token-sha256"
 MACHINE_INPUT = {"mac", "hostname", "uuid", "serial", "asset", "labels", "cluster", "role",
-                 "profile", "fixed_ipv4", "state"}
+                 "profile", "fixed_ipv4"}
 
 
 def _sha(text: str) -> str:
@@ -179,6 +180,10 @@ class Api:
                                   "total": total, "limit": flt.limit, "offset": flt.offset})
 
     async def _parse_machine(self, body: dict[str, Any], *, mac: str | None = None) -> Machine:
+        if "state" in body:
+            # A state is what happened to the machine (netboot.lifecycle), not a setting.
+            raise ValidationError("state", "is set by what happens to the machine: use "
+                                  "POST /api/v1/machines/{mac}/approve or .../reinstall")
         unknown = sorted(set(body) - MACHINE_INPUT)
         if unknown:
             raise ValidationError(unknown[0], "unknown or read-only field")
@@ -198,7 +203,8 @@ class Api:
         body = _object(await read_json(request))
         machine = await self._parse_machine(body)
         now = self._clock()
-        machine = replace(machine, created=now, updated=now)
+        machine = replace(machine, created=now, updated=now, state=lifecycle.first_state(
+            lifecycle.Trigger.ENROLL, subject=str(machine.mac)))
         if machine.hostname is None:
             machine = replace(machine, hostname=await self._enroll.name_for(
                 machine, cluster=machine.cluster,
@@ -228,8 +234,7 @@ class Api:
         machine = replace(old, hostname=parsed.hostname, uuid=parsed.uuid, serial=parsed.serial,
                           asset=parsed.asset, labels=parsed.labels, cluster=parsed.cluster,
                           role=parsed.role, profile=parsed.profile,
-                          fixed_ipv4=parsed.fixed_ipv4, state=parsed.state,
-                          updated=self._clock())
+                          fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
         await self._store.update_machine(machine)
         return web.json_response(self._machine_out(machine))
 

@@ -5,10 +5,12 @@ boot plan. Nothing else decides. The rules, by machine state:
 
 * unknown / discovered → the discovery policy: ``ignore`` (silent), ``hold`` (a visible retry
   loop until an operator approves), ``auto`` (rules assign cluster/role/profile, then install);
-* enrolled / booting / installing / reinstall → install with the profile of the machine or its
-  group, issuing a fresh install token;
 * installed / registered → boot the local disk (one-shot install), until reinstall is asked;
-* failed → hold, so that a broken install does not loop; ``reinstall`` brings it back.
+* failed → hold, so that a broken install does not loop; ``reinstall`` brings it back;
+* any state whose lifecycle allows an install plan (:mod:`netboot.lifecycle`) → install with
+  the profile of the machine or its group, issuing a fresh install token.
+
+The states themselves change only through :mod:`netboot.lifecycle`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from netboot import groups as grouping
+from netboot import lifecycle
 from netboot.enroll import Enroller
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import (
@@ -43,9 +46,6 @@ from netboot.model import (
     Role,
 )
 
-INSTALL_STATES = frozenset(
-    {MachineState.ENROLLED, MachineState.BOOTING, MachineState.INSTALLING, MachineState.REINSTALL}
-)
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
 
 
@@ -218,9 +218,11 @@ class BootService:
             if record:
                 await self._event(machine, "local-boot", plan.reason, request)
             return plan
-        if machine.state == MachineState.FAILED:
-            plan = BootPlan(BootAction.HOLD, mac,
-                            "the last install failed; run 'netboot machines reinstall' to retry",
+        if not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN):
+            reason = ("the last install failed; run 'netboot machines reinstall' to retry"
+                      if machine.state == MachineState.FAILED else
+                      f"{machine.state}: no install until 'netboot machines reinstall'")
+            plan = BootPlan(BootAction.HOLD, mac, reason,
                             retry_seconds=self.settings.hold_retry_seconds, machine=machine)
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
@@ -281,16 +283,14 @@ class BootService:
         if record:
             token = self._new_token()
             now = self._clock()
-            machine = replace(
-                learn(machine, request, now),
-                state=MachineState.BOOTING,
+            machine = lifecycle.advance(
+                learn(machine, request, now), lifecycle.Trigger.INSTALL_PLAN, now,
                 token_hash=hash_token(token),
                 token_expires=now + self.settings.token_ttl_seconds,
                 # Bind the machine to the cluster and role it installs into, so that the
                 # cluster lists it and a later group edit does not move an installed node.
                 cluster=machine.cluster or (cluster.name if cluster else None),
                 role=machine.role or (role if cluster else None),
-                updated=now,
             )
             await self._store.update_machine(machine)
             await self._event(machine, "install-plan",
@@ -400,8 +400,8 @@ class BootService:
         """Record what an unknown machine's firmware told us (never loses earlier facts)."""
         now = self._clock()
         if machine is None:
-            machine = learn(Machine(mac=request.mac, state=MachineState.DISCOVERED,
-                                    created=now), request, now)
+            machine = learn(Machine(mac=request.mac, created=now, state=lifecycle.first_state(
+                lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now)
             try:
                 await self._store.create_machine(machine)
             except Exception:  # a concurrent request created it first: read it back

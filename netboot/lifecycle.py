@@ -1,0 +1,142 @@
+"""The machine lifecycle: every state, every event, one table. Nothing else writes a state.
+
+A machine's state changes only because something happened to it: its firmware was seen, an
+operator approved it, iPXE was handed an install script, the installer fetched its config or
+reported progress, the installed OS registered, an operator asked for a reinstall. Each of
+those is a :class:`Trigger`; :data:`TRANSITIONS` says, for each (state, trigger), the state it
+leads to. A pair missing from the table is refused with :class:`~netboot.errors.
+TransitionRefused` (a Conflict: 409 in the API), naming the current state and what it allows.
+As in h11's ``_state.py``, the rules are data, so a test can walk every pair.
+
+The rows below read as the product's rules:
+
+* ``None`` is "not in the inventory": firmware seen → discovered; enrolled by an operator
+  (API, CLI, import) → enrolled.
+* discovered → enrolled by approval, an auto-enroll rule or an import naming it.
+* enrolled / reinstall → booting when an install script (with a fresh install token) is
+  issued. booting and installing may get one again: a machine that reboots mid-install starts
+  over with a new token.
+* booting → installing when its config is fetched or the installer says so; → installed or
+  failed as the installer reports; → registered when the installed OS registers (an installer
+  that reports nothing is proven installed by its registration).
+* installed / registered boot the local disk (one-shot install: nothing sends them back to
+  install but an explicit reinstall). Repeated reports (a retried POST, cloud-init reading its
+  seed again on a later boot) leave them where they are.
+* failed holds until reinstall, so a broken install does not loop.
+* reinstall can be asked for any enrolled machine, from any state but discovered.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from netboot.errors import TransitionRefused
+from netboot.model import Machine, MachineState
+
+
+class Trigger(enum.StrEnum):
+    """What happened to a machine (the value is the word used in messages)."""
+
+    DISCOVER = "discover"  # its firmware asked for a boot and nobody knew it
+    ENROLL = "enroll"  # an operator added it (API, CLI, bulk import)
+    APPROVE = "approve"  # an operator approved a discovered machine
+    AUTO_ENROLL = "auto-enroll"  # a discovery rule selected it
+    INSTALL_PLAN = "install-plan"  # iPXE/pxelinux got an install script with a fresh token
+    CONFIG_FETCHED = "config-fetched"  # the installer fetched its per-machine config
+    INSTALLING = "installing"  # installer progress report
+    INSTALLED = "installed"  # installer progress report
+    FAILED = "failed"  # installer progress report
+    REGISTER = "register"  # the installed OS registered with its install token
+    REINSTALL = "reinstall"  # an operator asked for a fresh install
+
+
+S = MachineState
+T = Trigger
+
+# (state before, what happened) → state after. ``None``: the machine is not in the inventory.
+TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = {
+    (None, T.DISCOVER): S.DISCOVERED,
+    (None, T.ENROLL): S.ENROLLED,
+
+    (S.DISCOVERED, T.ENROLL): S.ENROLLED,
+    (S.DISCOVERED, T.APPROVE): S.ENROLLED,
+    (S.DISCOVERED, T.AUTO_ENROLL): S.ENROLLED,
+
+    (S.ENROLLED, T.APPROVE): S.ENROLLED,  # change cluster, role or profile before it first boots
+    (S.ENROLLED, T.INSTALL_PLAN): S.BOOTING,
+    (S.ENROLLED, T.REINSTALL): S.REINSTALL,
+
+    (S.BOOTING, T.INSTALL_PLAN): S.BOOTING,
+    (S.BOOTING, T.CONFIG_FETCHED): S.INSTALLING,
+    (S.BOOTING, T.INSTALLING): S.INSTALLING,
+    (S.BOOTING, T.INSTALLED): S.INSTALLED,
+    (S.BOOTING, T.FAILED): S.FAILED,
+    (S.BOOTING, T.REGISTER): S.REGISTERED,
+    (S.BOOTING, T.REINSTALL): S.REINSTALL,
+
+    (S.INSTALLING, T.INSTALL_PLAN): S.BOOTING,
+    (S.INSTALLING, T.CONFIG_FETCHED): S.INSTALLING,
+    (S.INSTALLING, T.INSTALLING): S.INSTALLING,
+    (S.INSTALLING, T.INSTALLED): S.INSTALLED,
+    (S.INSTALLING, T.FAILED): S.FAILED,
+    (S.INSTALLING, T.REGISTER): S.REGISTERED,
+    (S.INSTALLING, T.REINSTALL): S.REINSTALL,
+
+    (S.INSTALLED, T.CONFIG_FETCHED): S.INSTALLED,
+    (S.INSTALLED, T.INSTALLED): S.INSTALLED,
+    (S.INSTALLED, T.REGISTER): S.REGISTERED,
+    (S.INSTALLED, T.REINSTALL): S.REINSTALL,
+
+    (S.REGISTERED, T.CONFIG_FETCHED): S.REGISTERED,
+    (S.REGISTERED, T.REGISTER): S.REGISTERED,
+    (S.REGISTERED, T.REINSTALL): S.REINSTALL,
+
+    (S.FAILED, T.FAILED): S.FAILED,
+    (S.FAILED, T.REINSTALL): S.REINSTALL,
+
+    (S.REINSTALL, T.INSTALL_PLAN): S.BOOTING,
+    (S.REINSTALL, T.REINSTALL): S.REINSTALL,
+}
+
+STATES: tuple[MachineState | None, ...] = (None, *MachineState)
+
+
+def allowed(state: MachineState | None) -> tuple[Trigger, ...]:
+    """The triggers the table accepts in ``state``, in declaration order."""
+    return tuple(t for t in Trigger if (state, t) in TRANSITIONS)
+
+
+def allows(state: MachineState | None, trigger: Trigger) -> bool:
+    return (state, trigger) in TRANSITIONS
+
+
+def apply(state: MachineState | None, trigger: Trigger, *, subject: str = "the machine",
+          ) -> MachineState:
+    """The state after ``trigger`` in ``state``; raises TransitionRefused if the table has no
+    such edge. Pure: no store, no clock."""
+    try:
+        return TRANSITIONS[(state, trigger)]
+    except KeyError:
+        raise TransitionRefused(subject, state, trigger, allowed(state)) from None
+
+
+def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> Machine:
+    """``machine`` after ``trigger``: the new state, any other field ``changes`` made in the
+    same step (a new token, the address it registered from), and ``updated`` set to ``now``.
+
+    A step that changes nothing (a repeated report) returns ``machine`` itself, ``updated``
+    untouched: it feeds cloud-init's instance id, which must not move when a seed is re-read.
+    """
+    if "state" in changes or "updated" in changes:
+        raise TypeError("advance() sets state and updated itself")
+    state = apply(machine.state, trigger, subject=str(machine.mac))
+    after = replace(machine, state=state, **changes)
+    return machine if after == machine else replace(after, updated=now)
+
+
+def first_state(trigger: Trigger, *, subject: str = "the machine") -> MachineState:
+    """The state a machine is created in (discovered by its firmware, or enrolled)."""
+    return apply(None, trigger, subject=subject)
