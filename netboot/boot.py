@@ -60,6 +60,7 @@ class BootSettings:
     rules: tuple[Group, ...] = ()
     token_ttl_seconds: int = 86_400
     cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
+    default_profile: str | None = None  # for machines whose own settings and group name none
     k3s_port: int = 6443
 
 
@@ -236,14 +237,34 @@ class BootService:
             if machine is not None and record:
                 await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason,
-                            retry_seconds=self.settings.hold_retry_seconds, machine=machine)
+                            retry_seconds=self.settings.hold_retry_seconds, machine=machine,
+                            command=await self.approve_command(machine or Machine(
+                                mac=request.mac), request))
         reason = (f"unknown machine and discovery policy is {self.settings.policy!r}"
                   + ("; no auto rule matched" if self.settings.policy == "auto" else ""))
         return BootPlan(BootAction.IGNORE, request.mac, reason, machine=machine)
 
+    async def approve_command(self, machine: Machine, request: BootRequest | None = None,
+                              ) -> str:
+        """The ``netboot machines approve`` line that installs this machine: it names what no
+        group or default gives it (a cluster, a role, a profile), with the real name when the
+        inventory has only one to choose from."""
+        group, profile, cluster, _ = await self.effective(machine, request)
+        parts = ["netboot machines approve", str(machine.mac)]
+        if cluster is None:
+            names = [c.name for c in await self._store.list_clusters()]
+            parts.append("--cluster " + (names[0] if len(names) == 1 else "NAME"))
+        if machine.role is None and (group is None or group.role is None):
+            parts.append("--role agent")
+        if profile is None:
+            names = [p.name for p in await self._store.list_profiles()]
+            parts.append("--profile " + (names[0] if len(names) == 1 else "NAME"))
+        return " ".join(parts)
+
     async def effective(self, machine: Machine, request: BootRequest | None = None,
                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
-        """The machine's group, profile, cluster and role: its own settings win over the group's."""
+        """The machine's group, profile, cluster and role: its own settings win over the
+        group's; the configured default profile comes last."""
         labels = dict(machine.labels)
         labels.update({k: v for k, v in machine.facts.items() if v})
         if request is not None:
@@ -257,7 +278,8 @@ class BootService:
         if machine.firmware:
             labels.setdefault("firmware", str(machine.firmware))
         group = grouping.select(await self._store.list_groups(), labels)
-        profile_name = machine.profile or (group.profile if group else None)
+        profile_name = (machine.profile or (group.profile if group else None)
+                        or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)
         role = machine.role or (group.role if group else None) or Role.AGENT
         profile = await self._store.get_profile(profile_name) if profile_name else None
@@ -268,7 +290,8 @@ class BootService:
                             record: bool) -> BootPlan:
         group, profile, cluster, role = await self.effective(machine, request)
         if profile is None:
-            reason = ("no profile: set one on the machine or a group that selects it"
+            reason = ("no profile: set one on the machine, a group that selects it or "
+                      "enroll.default_profile"
                       + (f" (group {group.name!r} has none)" if group else ""))
             if record:
                 await self._event(machine, "hold", reason, request, once=True)
@@ -389,11 +412,20 @@ class BootService:
             "group": group.name if group else None,
             "group_selector": {k: list(v) for k, v in group.selector.items()} if group else None,
             "profile": profile.name if profile else None,
-            "profile_source": "machine" if machine.profile else ("group" if group else None),
+            "profile_source": self._profile_source(machine, group, profile),
             "cluster": cluster.name if cluster else None,
             "role": str(role), "decision": str(plan.action), "reason": plan.reason,
             "arch": str(request.arch) + ("" if arch or machine.arch else " (not seen yet)"),
         }
+
+    @staticmethod
+    def _profile_source(machine: Machine, group: Group | None, profile: Profile | None,
+                        ) -> str | None:
+        if profile is None:
+            return None
+        if machine.profile:
+            return "machine"
+        return "group" if group is not None and group.profile else "default"
 
     # -- records -----------------------------------------------------------------------
     async def _discover(self, request: BootRequest, machine: Machine | None) -> Machine:

@@ -506,7 +506,7 @@ async def test_approve_errors(env: Env) -> None:
                                                                            "edge-1")
     await env.post("/api/v1/machines", {"mac": MAC2}, status=201)
     error(await call(env, "POST", f"/api/v1/machines/{MAC2}/approve",
-                     json_body={"hostname": "edge-1"}), 409)
+                     json_body={"hostname": "edge-1", "profile": "k3os"}), 409)
     token = install_token(await boot(env, MAC))
     r = await call(env, "POST", f"/api/v1/machines/{MAC}/events",
                    json_body={"kind": "installed"}, headers={"Authorization": f"Bearer {token}"},
@@ -517,6 +517,7 @@ async def test_approve_errors(env: Env) -> None:
 
 
 async def test_approve_without_body(env: Env) -> None:
+    await env.seed()  # its group gives it a profile: nothing else to name
     await boot(env, MAC)
     r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve")
     assert r.status == 200, r.text
@@ -833,6 +834,7 @@ async def test_openapi_request_bodies_match_what_the_server_accepts(env: Env) ->
 
 
 async def test_openapi_optional_request_bodies_are_documented_as_optional(env: Env) -> None:
+    await env.seed()
     await boot(env, MAC)
     doc = document()
     r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve")
