@@ -42,8 +42,10 @@ from netboot.model import (
 KINDS = ("profiles", "clusters", "groups")
 RENDER_KINDS = ("ipxe", "pxelinux", "config", "nocloud")
 NOCLOUD_FILES = ("meta-data", "user-data", "vendor-data")
-# What a render shows where a device's one-time install token would be (none is issued).
-TOKEN_PLACEHOLDER = "<install-token>"
+# What a render shows where a device's one-time install token would be (none is issued). In
+# a token's own alphabet (URL-safe base64), so it is quoted and escaped exactly as a real one
+# (in URLs, JSON, shell), and the rest of the text is byte for byte what the device gets.
+TOKEN_PLACEHOLDER = "INSTALL-TOKEN"
 MACHINE_INPUT = frozenset({"mac", "hostname", "uuid", "serial", "asset", "labels", "cluster",
                            "role", "profile", "fixed_ipv4"})
 APPROVE_INPUT = ("cluster", "role", "profile", "hostname")

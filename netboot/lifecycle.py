@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 from netboot.errors import TransitionRefused
@@ -57,7 +58,7 @@ S = MachineState
 T = Trigger
 
 # (state before, what happened) → state after. ``None``: the machine is not in the inventory.
-TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = {
+TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = MappingProxyType({
     (None, T.DISCOVER): S.DISCOVERED,
     (None, T.ENROLL): S.ENROLLED,
 
@@ -99,7 +100,7 @@ TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = {
 
     (S.REINSTALL, T.INSTALL_PLAN): S.BOOTING,
     (S.REINSTALL, T.REINSTALL): S.REINSTALL,
-}
+})
 
 STATES: tuple[MachineState | None, ...] = (None, *MachineState)
 
