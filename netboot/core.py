@@ -264,19 +264,24 @@ class Core:
         if ref == "profile" and name == self.boot.settings.default_profile:
             users.append("the configuration (enroll.default_profile)")
         if ref == "cluster":
-            found = await self.store.list_machines(MachineFilter(cluster=name, limit=most))
-            users += [f"machine {m.mac}" for m in found]
+            flt = MachineFilter(cluster=name, limit=most)
+            macs = [str(m.mac) for m in await self.store.list_machines(flt)]
+            total = await self.store.count_machines(flt)
         else:
-            # Machines are not indexed by profile: page through them, stop at a few names.
-            offset, found_users = 0, 0
-            while found_users < most:
+            # Machines are not indexed by profile: page through them all (proving that none
+            # uses it takes the whole scan anyway), naming a few.
+            macs, total, offset = [], 0, 0
+            while True:
                 page = await self.store.list_machines(MachineFilter(limit=1000, offset=offset))
-                named = [f"machine {m.mac}" for m in page if m.profile == name]
-                users += named[:most - found_users]
-                found_users += len(named)
+                using = [str(m.mac) for m in page if m.profile == name]
+                macs += using[:most - len(macs)]
+                total += len(using)
                 if len(page) < 1000:
                     break
                 offset += 1000
+        users += [f"machine {mac}" for mac in macs]
+        if total > len(macs):
+            users.append(f"{total - len(macs)} more machines")
         return users
 
     # -- what a device gets -----------------------------------------------------------------

@@ -236,3 +236,19 @@ async def test_render_and_explain_give_what_the_server_serves(
              for name in NOCLOUD_FILES]
     assert nocloud == "".join(f"--- {name}\n{text}" for name, text in files).replace(
         token, TOKEN_PLACEHOLDER)
+
+
+@pytest.mark.parametrize("kind", ["profiles", "clusters"])
+async def test_rm_names_a_few_users_and_counts_the_rest(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        kind: str) -> None:
+    env, cli = await start(make_env, tmp_path, capsys)
+    await env.seed()
+    await call(env, "DELETE", "/api/v1/groups/all-x86")
+    name = "k3os" if kind == "profiles" else "edge"
+    for i in range(7):
+        await env.post("/api/v1/machines", {"mac": f"52:54:00:00:00:{i:02x}", kind[:-1]: name},
+                       status=201)
+    message = same_refusal(await cli(kind, "rm", name),
+                           await call(env, "DELETE", f"/api/v1/{kind}/{name}"), 409)
+    assert message.count("machine 52:54:00:00:00:") == 5 and "2 more machines" in message
