@@ -2,8 +2,10 @@
 check-config | lab.
 
 Inventory commands open the same database the server uses (SQLite in WAL mode allows a second
-process), so they work whether or not the server runs. Tables where a person reads them,
-``--json`` where a script does. Logging is configured here and nowhere else.
+process), so they work whether or not the server runs. They are a thin face over
+:mod:`netboot.core`, as the API is: the same rules, defaults and renders, whichever is asked.
+Tables where a person reads them, ``--json`` where a script does. Logging is configured here
+and nowhere else.
 """
 
 from __future__ import annotations
@@ -136,8 +138,10 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             print(f"removed {(await core.delete_machine(text)).mac}")
         return 0
     if args.action == "approve":
+        if args.hostname and len(args.macs) > 1:
+            raise ValidationError("--hostname", "names one machine: approve one MAC with it")
         for text in args.macs:
-            m = await core.approve(text, _given(args, "cluster", "role", "profile"))
+            m = await core.approve(text, _given(args, "cluster", "role", "profile", "hostname"))
             print(f"approved {m.mac} as {m.hostname} ({m.cluster or 'no cluster'})")
         return 0
     if args.action == "reinstall":
@@ -391,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cluster")
     ap.add_argument("--role", choices=["server", "agent"])
     ap.add_argument("--profile")
+    ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
 
     for kind in ("profiles", "clusters", "groups"):
         k = sub.add_parser(kind, help=f"{kind} of the inventory")

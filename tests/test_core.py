@@ -177,11 +177,14 @@ async def test_the_held_machines_console_prints_a_command_that_works(
     assert command == f"netboot machines approve {MAC} --cluster edge --role agent " \
                       "--profile k3os"
     argv = shlex.split(command)[1:]
-    rc, out, err = await cli(*argv)
+    rc, _, err = await cli(*argv[:3], "52:54:00:12:34:57", *argv[3:], "--hostname", "edge-1")
+    assert rc == 2 and "--hostname" in err  # one name for two machines
+    rc, out, err = await cli(*argv, "--hostname", "edge-1")
     assert rc == 0 and out.startswith(f"approved {MAC}"), err
     script = await boot(env, MAC)
     assert "kernel " in script and install_token(script)
-    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "booting"
+    got = await env.get(f"/api/v1/machines/{MAC}")
+    assert (got["state"], got["hostname"], got["profile"]) == ("booting", "edge-1", "k3os")
 
 
 async def test_default_profile_is_used_and_checked_at_start_up(
