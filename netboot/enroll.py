@@ -1,10 +1,8 @@
 """Enrollment: single machines, bulk import, approval, auto-enrollment, progress, registration.
 
-State changes a machine goes through come from what the server sees and are stored with their
-time, each as an event, so that ``netboot machines show`` tells where a device stands and why:
-
-    discovered → enrolled → booting → installing → installed → registered
-                                   ↘ failed ↗ reinstall
+Each step is stored with its time as an event, so that ``netboot machines show`` tells where a
+device stands and why. Which state a step leads to, and which steps a state refuses, is the
+table in :mod:`netboot.lifecycle`; this module only says which step happened.
 """
 
 from __future__ import annotations
@@ -24,11 +22,10 @@ from typing import Any
 
 import yaml
 
-from netboot import identity
+from netboot import identity, lifecycle
 from netboot.errors import AuthError, Conflict, ValidationError
 from netboot.groups import select as select_group
 from netboot.identity import Identity
-from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
     Event,
@@ -43,11 +40,11 @@ _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-
 MAX_EVENT_KIND = 64
 MAX_EVENT_MESSAGE = 2048
 
-# Events an installer may post, and the state each one moves the machine to.
-EVENT_STATES: Mapping[str, MachineState] = {
-    "installing": MachineState.INSTALLING,
-    "installed": MachineState.INSTALLED,
-    "failed": MachineState.FAILED,
+# Event kinds an installer may post that are lifecycle steps; any other kind is only recorded.
+REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
+    "installing": lifecycle.Trigger.INSTALLING,
+    "installed": lifecycle.Trigger.INSTALLED,
+    "failed": lifecycle.Trigger.FAILED,
 }
 
 
@@ -58,30 +55,6 @@ def check_hostname(name: str, field_name: str = "hostname") -> str:
             field_name, f"{name!r} is not a valid hostname (letters, digits, '-', max 63 a label)"
         )
     return lowered
-
-
-def machine_input(body: Mapping[str, Any]) -> Machine:
-    """A machine as an operator describes it (API body, CLI flags): ``macs`` and, kept for
-    clients that know one NIC, ``mac`` (its first NIC); the hostname checked and the UUID,
-    serial and asset tag normalised, a firmware placeholder refused naming its field. Whether
-    there is at least one identifier is checked at enrollment (:meth:`Enroller.enroll`)."""
-    data = dict(body)
-    mac_text = data.pop("mac", None)
-    macs = list(codec.macs_from_list(data.pop("macs", None) or []))
-    if mac_text is not None:
-        if not isinstance(mac_text, str):
-            raise ValidationError("mac", "must be a string such as aa:bb:cc:dd:ee:ff")
-        mac = MacAddress.parse(mac_text)
-        macs = [mac, *(m for m in macs if m != mac)]
-    machine = replace(codec.machine_from_dict(data), macs=tuple(macs))
-    if machine.hostname:
-        machine = replace(machine, hostname=check_hostname(machine.hostname))
-
-    def checked(kind: str, value: str | None) -> str | None:
-        return identity.enrolled_value(kind, value) if value else None
-
-    return replace(machine, uuid=checked("uuid", machine.uuid),
-                   serial=checked("serial", machine.serial), asset=checked("asset", machine.asset))
 
 
 def token_matches(machine: Machine, token: str | None, now: float) -> bool:
@@ -355,9 +328,13 @@ class Enroller:
                               macs=(*machine.macs, *(m for m in keep.macs
                                                      if m not in machine.macs)),
                               facts={**keep.facts, **machine.facts},
-                              arch=keep.arch, firmware=keep.firmware)
+                              arch=keep.arch, firmware=keep.firmware,
+                              state=lifecycle.apply(keep.state, lifecycle.Trigger.ENROLL,
+                                                    subject=keep.ref))
         else:
-            machine = replace(machine, created=now)
+            machine = replace(machine, created=now,
+                              state=lifecycle.first_state(lifecycle.Trigger.ENROLL,
+                                                          subject=machine.ref))
         machine = identity.merge(machine, absorb, now)
         if machine.hostname is None:
             machine = replace(machine, hostname=await self.name_for(
@@ -383,11 +360,11 @@ class Enroller:
         hostname = machine.hostname or await self.unique_hostname(
             group.hostname_template or self.hostname_template, machine,
             cluster=group.cluster, role=str(group.role) if group.role else None)
-        updated = replace(
-            machine, state=MachineState.ENROLLED, hostname=hostname,
+        updated = lifecycle.advance(
+            machine, lifecycle.Trigger.AUTO_ENROLL, self._clock(), hostname=hostname,
             cluster=machine.cluster or group.cluster, role=machine.role or group.role,
             profile=machine.profile or group.profile,
-            labels={**group.labels, **machine.labels}, updated=self._clock(),
+            labels={**group.labels, **machine.labels},
         )
         await self._store.update_machine(updated)
         await self.event(machine.id, "enrolled",
@@ -400,14 +377,14 @@ class Enroller:
                       profile: str | None, hostname: str | None = None) -> Machine:
         machine = await identity.require_ref(self._store, ref)
         await self.validate_refs(cluster, profile)
-        if machine.state not in (MachineState.DISCOVERED, MachineState.ENROLLED):
-            raise Conflict(f"{ref} is {machine.state}, not discovered; nothing to approve")
+        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
         name = check_hostname(hostname) if hostname else machine.hostname
         if not name:
             name = await self.name_for(machine, cluster=cluster, role=str(role) if role else None)
-        updated = replace(machine, state=MachineState.ENROLLED, hostname=name,
-                          cluster=cluster or machine.cluster, role=role or machine.role,
-                          profile=profile or machine.profile, updated=self._clock())
+        updated = lifecycle.advance(machine, lifecycle.Trigger.APPROVE, self._clock(),
+                                    hostname=name, cluster=cluster or machine.cluster,
+                                    role=role or machine.role,
+                                    profile=profile or machine.profile)
         await self._store.update_machine(updated)
         await self.event(machine.id, "enrolled", f"approved as {name}"
                          + (f" for cluster {updated.cluster}" if updated.cluster else ""))
@@ -415,19 +392,16 @@ class Enroller:
 
     async def reinstall(self, ref: str) -> Machine:
         machine = await identity.require_ref(self._store, ref)
-        if machine.state == MachineState.DISCOVERED:
-            raise Conflict(f"{ref} is discovered, not enrolled; approve it first")
-        updated = replace(machine, state=MachineState.REINSTALL, token_hash=None,
-                          token_expires=None, updated=self._clock())
+        updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
+                                    token_hash=None, token_expires=None)
         await self._store.update_machine(updated)
         await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
-        if machine.state in (MachineState.BOOTING, MachineState.ENROLLED,
-                             MachineState.REINSTALL):
-            await self._store.update_machine(
-                replace(machine, state=MachineState.INSTALLING, updated=self._clock()))
+        updated = lifecycle.advance(machine, lifecycle.Trigger.CONFIG_FETCHED, self._clock())
+        if updated is not machine:
+            await self._store.update_machine(updated)
         await self.event(machine.id, "config", f"{what} fetched")
 
     async def report(self, ref: str, body: Mapping[str, Any]) -> Event:
@@ -447,10 +421,11 @@ class Enroller:
         unknown = set(body) - {"kind", "message", "data"}
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
-        new_state = EVENT_STATES.get(kind)
-        if new_state is not None and machine.state != MachineState.REGISTERED:
-            await self._store.update_machine(
-                replace(machine, state=new_state, updated=self._clock()))
+        step = REPORTED_STEPS.get(kind)
+        if step is not None:
+            updated = lifecycle.advance(machine, step, self._clock())
+            if updated is not machine:
+                await self._store.update_machine(updated)
         event = Event(machine.id, self._clock(), kind, message, data)
         await self._store.add_event(event)
         return event
@@ -483,8 +458,8 @@ class Enroller:
         if hostname is not None and not isinstance(hostname, str):
             raise ValidationError("hostname", "must be a string")
         ipv4 = next((a for a in addresses if re.match(r"^\d+\.\d+\.\d+\.\d+$", a)), machine.ipv4)
-        updated = replace(machine, state=MachineState.REGISTERED, ipv4=ipv4, facts=facts,
-                          updated=self._clock())
+        updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
+                                    ipv4=ipv4, facts=facts)
         await self._store.update_machine(updated)
         await self.event(machine.id, "registered",
                          f"registered from {ipv4 or 'unknown address'}"
@@ -562,9 +537,11 @@ class Enroller:
                 role=machine.role or old.role, profile=machine.profile or old.profile,
                 labels={**old.labels, **machine.labels},
                 fixed_ipv4=machine.fixed_ipv4 or old.fixed_ipv4,
-                state=(MachineState.ENROLLED if old.state == MachineState.DISCOVERED
-                       else old.state),
             ), absorb, old.updated)
+            if lifecycle.allows(old.state, lifecycle.Trigger.ENROLL):
+                # Naming a discovered machine in an import enrolls it; for any other state
+                # the row only updates its fields.
+                merged = lifecycle.advance(merged, lifecycle.Trigger.ENROLL, now)
             if merged == old:
                 unchanged.append(old.ref)
             else:
@@ -684,8 +661,8 @@ class Enroller:
             except ValueError:
                 raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
         machine = Machine(
-            macs=macs, state=MachineState.ENROLLED, hostname=hostname,
-            serial=ids["serial"], asset=ids["asset"], uuid=ids["uuid"],
+            macs=macs, state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
+            hostname=hostname, serial=ids["serial"], asset=ids["asset"], uuid=ids["uuid"],
             cluster=cluster, role=Role(role_text) if role_text else None, profile=profile,
             labels={str(k): str(v) for k, v in labels.items()},
             fixed_ipv4=str(fixed) if fixed else None,
