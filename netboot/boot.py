@@ -298,8 +298,12 @@ class BootService:
         labels.update({k: v for k, v in machine.facts.items() if v})
         if request is not None:
             labels.update(request.labels())
-        if machine.mac is not None and request is None:
+        # A selector on "mac" sees the machine's first NIC whichever port it booted from, so
+        # that what a machine installs does not depend on the cable.
+        if machine.mac is not None:
             labels["mac"] = str(machine.mac)
+        else:
+            labels.pop("mac", None)
         for key in ("uuid", "serial", "asset", "hostname"):
             if getattr(machine, key):
                 labels[key] = getattr(machine, key)

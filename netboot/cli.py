@@ -276,9 +276,9 @@ async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                     for name, c in sorted(status["clusters"].items())],
                  ["cluster", "machines", *states]))
     if status["failed"]:
-        print("\nfailed (see 'netboot machines show MAC'):")
-        print(_table([(f["mac"], f["hostname"], f["cluster"]) for f in status["failed"]],
-                     ["mac", "hostname", "cluster"]))
+        print("\nfailed (see 'netboot machines show MAC|ID'):")
+        print(_table([(f["mac"] or f["id"], f["hostname"], f["cluster"])
+                      for f in status["failed"]], ["machine", "hostname", "cluster"]))
     return 0
 
 

@@ -245,7 +245,8 @@ async def fleet_status(store: Store) -> dict[str, Any]:
         "total": sum(by_state.values()),
         "by_state": by_state,
         "clusters": clusters,
-        "failed": [{"mac": str(m.mac), "hostname": m.hostname, "cluster": m.cluster}
+        "failed": [{"mac": str(m.mac) if m.mac else None, "id": m.id, "hostname": m.hostname,
+                    "cluster": m.cluster}
                    for m in failed],
     }
 

@@ -399,3 +399,28 @@ async def test_explain_and_dry_runs_of_a_machine_without_a_mac(
     assert out["decision"] == "install"
     got = await store.get_machine(m.id)
     assert got == m and await store.list_events(m.id) == []  # a dry run records nothing
+
+
+async def test_group_by_mac_follows_the_first_nic_whichever_port_boots(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    await store.put_group(Group(name="by-nic", selector={"mac": (str(NIC1),)}, profile="p"))
+    m = Machine(macs=(NIC1, NIC2), hostname="two")
+    await store.create_machine(m)
+    for nic in (NIC2, NIC1):
+        plan = await boot.plan(ipxe(nic))
+        assert plan.action == BootAction.INSTALL and plan.group == "by-nic"
+
+
+async def test_uuid_enrolled_machine_is_recognised_by_dhcp_option_97(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
+    m = Machine(uuid=uuid, hostname="by-uuid", profile="p")
+    await store.create_machine(m)
+    stage = await boot.first_stage(req(Firmware.UEFI, uuid=uuid))
+    assert stage is not None and stage.path == "snponly.efi"
+    await boot.drain()
+    stored = await store.machine_by("mac", str(MAC))
+    assert stored is not None and stored.id == m.id  # attached by the DHCP record
+    assert await store.count_machines() == 1
