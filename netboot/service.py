@@ -34,9 +34,14 @@ from netboot.servers.http import (
     MAX_BODY_KEY,
     MAX_EVENT_KEY,
     AccessLogger,
+    ConnectionGuard,
     DeviceRoutes,
+    GuardedSite,
+    HttpLimits,
+    body_timeout_middleware,
     errors_middleware,
 )
+from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
 
 log = logging.getLogger(__name__)
@@ -149,6 +154,7 @@ class Service:
     advertise: str
     new_admin_token: str | None = None
     runner: web.AppRunner | None = None
+    http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http_port: int = 0
@@ -170,22 +176,31 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
-        self.runner = web.AppRunner(self.app, access_log=logging.getLogger("netboot.access"),
-                                    access_log_class=AccessLogger)
+        access = logging.getLogger("netboot.access")
+        self.runner = web.AppRunner(self.app, access_log=access, access_log_class=AccessLogger)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.http.listen, cfg.http.port, reuse_address=True)
+        http = cfg.http
+        self.http_guard = ConnectionGuard(HttpLimits(
+            max_connections=http.max_connections,
+            max_connections_per_source=http.max_connections_per_source,
+            header_timeout=http.header_timeout, body_timeout=http.body_timeout,
+            keepalive_timeout=http.keepalive_timeout, send_timeout=http.send_timeout,
+        ), logging.getLogger("netboot.http"))
+        raise_fd_limit(cfg)
+        site = GuardedSite(self.runner, http.listen, http.port, guard=self.http_guard,
+                           handler_args={"access_log": access, "access_log_class": AccessLogger})
         try:
             await site.start()
         except OSError as exc:
-            raise bind_error(exc, what="HTTP", proto="TCP", host=cfg.http.listen,
-                             port=cfg.http.port, key="http.port", flag="--http-port") from exc
-        sockets = getattr(site._server, "sockets", None)
-        self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
+            raise bind_error(exc, what="HTTP", proto="TCP", host=http.listen,
+                             port=http.port, key="http.port", flag="--http-port") from exc
+        self.http_port = site.port
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
             tftp = TftpServer(self.content, host="0.0.0.0", port=cfg.tftp.port,
-                              max_transfers=cfg.tftp.max_transfers, mtu=cfg.tftp.mtu,
+                              max_transfers=cfg.tftp.max_transfers,
+                              max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
                               interfaces=list(cfg.server.interfaces) or None)
             await tftp.start()
             self.servers.append(tftp)
@@ -299,6 +314,32 @@ class Service:
         return "\n".join(lines)
 
 
+def raise_fd_limit(config: Config) -> None:
+    """Make room for the configured connections and transfers in the descriptor limit.
+
+    systemd starts services with a soft limit of 1024 and a high hard limit, expecting a
+    program that needs more to raise its own soft limit (as nginx does with
+    worker_rlimit_nofile). Each HTTP connection takes one descriptor, each TFTP transfer two
+    (socket and file); 256 more cover the listeners, the database and asset files.
+    """
+    import resource
+
+    need = config.http.max_connections + 2 * config.tftp.max_transfers + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ConfigError(
+            f"the open-files limit is {soft}, below the {need} descriptors that "
+            f"http.max_connections ({config.http.max_connections}) and tftp.max_transfers "
+            f"({config.tftp.max_transfers}) need", key="http.max_connections",
+            fix="lower http.max_connections / tftp.max_transfers, or raise LimitNOFILE= "
+                "(systemd) / ulimit -n")
+
+
 def _check_hostname_templates(config: Config) -> None:
     """A template typo must stop start-up, not fail every matching device's boot request."""
     from netboot.enroll import check_hostname_template
@@ -341,8 +382,9 @@ async def build(config: Config) -> Service:
             enroller)
         holder: dict[str, str] = {"base": base_url}
         content = Content(store, boot, renderer, assets, lambda: holder["base"], enroller)
-        app = web.Application(middlewares=[errors_middleware],
+        app = web.Application(middlewares=[errors_middleware, body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
+        install_http(app, body_timeout=config.http.body_timeout)
         app[LOG_KEY] = logging.getLogger("netboot.http")
         app[MAX_BODY_KEY] = config.http.max_body_bytes
         app[MAX_EVENT_KEY] = config.http.max_event_bytes

@@ -25,6 +25,7 @@ from typing import Any, Protocol, cast
 from dnslib import DNSBuffer, DNSError, DNSHeader, DNSQuestion
 
 from netboot.errors import ConfigError, DecodeError
+from netboot.logs import RateLimitedLog
 from netboot.names import (
     DEFAULT_MAX_UDP,
     REFUSED,
@@ -39,7 +40,7 @@ from netboot.names import (
     parse_query,
 )
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, RateLimitedLog, Reply
+from netboot.servers.udp import Address, BoundaryProtocol, Reply
 
 _log = logging.getLogger(__name__)
 

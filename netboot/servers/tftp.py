@@ -39,9 +39,10 @@ from typing import Protocol, cast
 
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound
 from netboot.files import clean_relative
+from netboot.logs import RateLimitedLog
 from netboot.model import Blob
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, RateLimitedLog, Reply
+from netboot.servers.udp import Address, BoundaryProtocol, Reply
 from netboot.wire.tftp import (
     Ack,
     Error,
