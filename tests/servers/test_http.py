@@ -715,3 +715,9 @@ async def test_server_header_names_no_versions(env: Env) -> None:
     for path in ("/healthz", "/assets/vmlinuz", "/nothing-here"):
         resp = await env.client.get(path)
         assert resp.headers["Server"] == "netboot", path
+
+
+async def test_asset_name_too_long_for_the_os_is_404_not_500(env: Env) -> None:
+    for name in ("a" * 300, "sub/" + "b" * 5000):
+        resp = await env.client.get(f"/assets/{name}")
+        assert resp.status == 404, (resp.status, await resp.text())
