@@ -86,9 +86,9 @@ class Summary:
 
     DHCP sees every broadcast on the segment; one INFO line per packet is 100 MB of log in a
     boot storm. Each event is still logged at DEBUG by the caller; this class gives the
-    operator the INFO view: ``dhcp: last 60 s: 812 offer, 3 ignored``. ``note`` flushes when
-    the interval has passed, so no timer task is needed; ``flush`` writes what is pending
-    (at shutdown).
+    operator the INFO view: ``dhcp: last 60 s: 812 proxy OFFER, 3 silent``. ``note``
+    flushes when the interval has passed; the owner also calls ``flush`` on a timer (so a
+    burst followed by silence is reported) and at shutdown.
     """
 
     def __init__(
@@ -101,7 +101,7 @@ class Summary:
     ) -> None:
         self._logger = logger
         self._what = what
-        self._interval = interval
+        self.interval = interval
         self._clock = clock
         self._counts: Counter[str] = Counter()
         self._since = clock()
@@ -113,7 +113,7 @@ class Summary:
 
     def note(self, kind: str) -> None:
         self._counts[kind] += 1
-        if self._clock() - self._since >= self._interval:
+        if self._clock() - self._since >= self.interval:
             self.flush()
 
     def flush(self) -> None:
