@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import hashlib
 import logging
 import os
@@ -54,7 +55,12 @@ def open_store(config: Config) -> Store:
         return MemoryStore()
     from netboot.inventory.sqlite import SqliteStore
 
-    config.db_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        config.db_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        key = "inventory.path" if config.inventory.path else "server.data_dir"
+        raise ConfigError(f"cannot create {config.db_path.parent}: {exc.strerror}", key=key,
+                          fix="create it, or point --data-dir at a writable directory") from exc
     return SqliteStore(config.db_path)
 
 
@@ -399,6 +405,10 @@ async def build(config: Config) -> Service:
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    # A fatal signal in C code (SIGSEGV, SIGBUS from a mapped file) still ends the process,
+    # but with the Python stacks of every thread on stderr rather than without a line.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     service = await build(config)
     try:
         await service.start()

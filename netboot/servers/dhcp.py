@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from netboot import pxe
-from netboot.errors import ConfigError, DecodeError
+from netboot.errors import ConfigError, DecodeError, StoreError
 from netboot.leases import Changes, LeasePool, LeaseStore
 from netboot.logs import RateLimitedLog, Summary
 from netboot.model import BootRequest, FirstStage, Lease
@@ -314,6 +314,10 @@ class DhcpServer:
                 "dhcp: %s xid %#010x: no boot decision within %.1fs, staying silent",
                 request.mac, xid, self._decide_timeout,
             )
+        except StoreError as exc:  # the disk or the database, not a bug: no traceback
+            self._limited.log(logging.WARNING, "store",
+                              "dhcp: %s xid %#010x: no boot decision, inventory unavailable: %s",
+                              request.mac, xid, exc)
         except Exception:
             _log.exception("dhcp: %s xid %#010x: boot decision failed", request.mac, xid)
         return None
@@ -324,6 +328,10 @@ class DhcpServer:
         except TimeoutError:
             self._limited.log(logging.WARNING, "fixed",
                               "dhcp: %s xid %#010x: fixed-address lookup timed out", mac, xid)
+        except StoreError as exc:
+            self._limited.log(logging.WARNING, "store",
+                              "dhcp: %s xid %#010x: fixed-address lookup failed: %s", mac, xid,
+                              exc)
         except Exception:
             _log.exception("dhcp: %s xid %#010x: fixed-address lookup failed", mac, xid)
         return None

@@ -44,7 +44,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound
+from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, escape
 from netboot.model import Blob
@@ -474,6 +474,12 @@ class TftpServer:
                     logging.INFO, peer[0], "tftp %s:%d %r: refused: %s", *peer, path, exc
                 )
                 return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
+            except StoreError as exc:  # a per-machine file needs the inventory
+                self.stats.failed += 1
+                self.limited.log(logging.WARNING, "store",
+                                 "tftp %s:%d %r: inventory unavailable: %s", *peer,
+                                 escape(path), exc)
+                return [(error_packet(ErrorCode.NOT_DEFINED, "inventory unavailable"), peer)]
             except OSError as exc:  # the disk, not a bug: no traceback
                 self.stats.failed += 1
                 self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot read: %s",
