@@ -26,9 +26,10 @@ from netboot.boot import BootService, BootSettings, loader_names
 from netboot.config import Config
 from netboot.content import Content
 from netboot.enroll import Enroller
-from netboot.errors import ConfigError
+from netboot.errors import ConfigError, StoreError
 from netboot.files import FileTree
 from netboot.inventory.base import MachineFilter, Store
+from netboot.logs import RateLimitedLog
 from netboot.render import Renderer, shipped_templates_dir
 from netboot.servers.http import (
     LOG_KEY,
@@ -139,12 +140,16 @@ async def ensure_admin_token(store: Store, data_dir: Path) -> str | None:
     if await store.get_setting(ADMIN_TOKEN_KEY) is not None:
         return None
     token = secrets.token_urlsafe(32)
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "admin.token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    os.chmod(path, 0o600)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}", key="server.data_dir",
+                          fix="point --data-dir at a directory netboot can write") from exc
     await store.put_setting(ADMIN_TOKEN_KEY, hashlib.sha256(token.encode()).hexdigest())
     return token
 
@@ -250,6 +255,8 @@ class Service:
         self.servers.append(dns)
         self.dns_port = dns.port
 
+        limited = RateLimitedLog(log)
+
         async def refresh() -> None:
             # Registrations and failures change cluster endpoints; a bounded staleness of a
             # couple of seconds keeps the answer path free of inventory reads.
@@ -257,6 +264,9 @@ class Service:
                 await asyncio.sleep(2.0)
                 try:
                     await self.refresh_zone()
+                except StoreError as exc:  # every 2 s while the disk is broken: no traceback
+                    limited.log(logging.WARNING, "zone", "DNS zone rebuild failed, keeping "
+                                "the previous zone: %s", exc)
                 except Exception:
                     log.exception("DNS zone rebuild failed; keeping the previous zone")
 
