@@ -26,6 +26,8 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 * ``netascii`` is accepted and served as ``octet``, like pixiecore and tftpy: boot files are
   binary, converting line ends would make ``tsize`` wrong, and a netascii client turns our
   plain ``\\n`` into its local line end itself.
+* Log lines quote the client's file name with ``%r``, whose escapes keep a control
+  character in a name from forging or garbling a line.
 * Paths: ``\\`` counts as ``/`` and a leading ``/`` is dropped (dnsmasq does both); ``..``
   and NUL are refused with ERROR 2 before the content layer is asked.
 """
@@ -46,7 +48,7 @@ from typing import Protocol, cast
 
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape
+from netboot.logs import RateLimitedLog
 from netboot.model import Blob
 from netboot.servers import sockets
 from netboot.servers.udp import Address, BoundaryProtocol, Reply
@@ -437,7 +439,7 @@ class TftpServer:
             self.limited.log(
                 logging.WARNING, peer[0],
                 "tftp %s:%d %r: %s already has %d transfers running (tftp.max_per_client), "
-                "answered ERROR busy", *peer, escape(path), peer[0], self.max_per_client,
+                "answered ERROR busy", *peer, path, peer[0], self.max_per_client,
             )
             return [(error_packet(ErrorCode.NOT_DEFINED,
                                   "server busy: too many transfers from your address"), peer)]
@@ -448,7 +450,7 @@ class TftpServer:
             self.limited.log(
                 logging.WARNING, "busy",
                 "tftp %s:%d %r: %d transfers running (tftp.max_transfers), request dropped "
-                "for the client to retry", *peer, escape(path), self.transfers,
+                "for the client to retry", *peer, path, self.transfers,
             )
             return None
         self._opening.add(peer)
@@ -465,8 +467,11 @@ class TftpServer:
             except NotFound as exc:
                 self.stats.not_found += 1
                 # U-Boot's pxelinux.cfg lookup misses up to 14 files in a row (§3.3).
-                level = logging.DEBUG if path.startswith("pxelinux.cfg/") else logging.INFO
-                log.log(level, "tftp %s:%d %r: not found: %s", *peer, path, exc)
+                if path.startswith("pxelinux.cfg/"):
+                    log.debug("tftp %s:%d %r: not found: %s", *peer, path, exc)
+                else:
+                    self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: not found: %s",
+                                     *peer, path, exc)
                 return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
             except Forbidden as exc:
                 self.stats.refused += 1
@@ -478,15 +483,15 @@ class TftpServer:
                 self.stats.failed += 1
                 self.limited.log(logging.WARNING, "store",
                                  "tftp %s:%d %r: inventory unavailable: %s", *peer,
-                                 escape(path), exc)
+                                 path, exc)
                 return [(error_packet(ErrorCode.NOT_DEFINED, "inventory unavailable"), peer)]
             except OSError as exc:  # the disk, not a bug: no traceback
                 self.stats.failed += 1
                 self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot read: %s",
-                                 *peer, escape(path), exc)
+                                 *peer, path, exc)
                 return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
             except Exception:
-                log.exception("tftp %s:%d %r: content lookup failed", *peer, escape(path))
+                log.exception("tftp %s:%d %r: content lookup failed", *peer, path)
                 return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
             if self._closing:
                 return []
@@ -495,14 +500,14 @@ class TftpServer:
             except PermissionError as exc:
                 self.stats.refused += 1
                 self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: refused: %s",
-                                 *peer, escape(path), exc)
+                                 *peer, path, exc)
                 return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
             except OSError as exc:
                 # A file removed since the lookup, a name too long, no descriptors left:
                 # the client is told, the log says why, and nothing else is disturbed.
                 self.stats.failed += 1
                 self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot start: %s",
-                                 *peer, escape(path), exc)
+                                 *peer, path, exc)
                 if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):
                     return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
                 return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
@@ -552,7 +557,7 @@ class TftpServer:
                 raise  # the caller answers the client and logs it without a traceback
             if not isinstance(exc, Exception):
                 raise
-            log.exception("tftp %s:%d %r: cannot start the transfer", *peer, escape(path))
+            log.exception("tftp %s:%d %r: cannot start the transfer", *peer, path)
             return None
         assert isinstance(proto, _Transfer)
         self._transfers[peer] = proto
