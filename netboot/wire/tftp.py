@@ -25,6 +25,9 @@ Quirks handled here, with where they come from (``protocols.md`` §3.7, §6):
   only the retransmission timer resends.
 * An ERROR from the client right after the OACK (or DATA 1) is the usual size/existence probe
   of PXE ROMs and EDK2, not a failure.
+* Until the client acknowledges anything, the first OACK/DATA is resent only
+  ``Policy.first_retries`` times without backoff (~3 s): a client that never answered is gone
+  or spoofed, and the full backoff would let a few RRQs a second hold every slot.
 """
 
 from __future__ import annotations
