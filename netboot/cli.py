@@ -196,6 +196,18 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
             print(_table([(m.hostname, m.mac, m.role, m.state, m.ipv4) for m in nodes],
                          ["hostname", "mac", "role", "state", "ipv4"]))
         return 0
+    if args.action == "set" and kind == "clusters":
+        # Changes only what is named; the join token and everything else stay as they are.
+        old = await store.get_cluster(args.name)
+        if old is None:
+            raise NotFound(f"cluster {args.name!r} not found")
+        changed = codec.cluster_to_dict(old)
+        if args.endpoint is not None:
+            changed["endpoint"] = args.endpoint or None  # "" clears it
+        cluster = codec.cluster_from_dict(changed)
+        await store.put_cluster(cluster)
+        print(f"cluster {cluster.name}: endpoint {cluster.endpoint or 'unset (first server)'}")
+        return 0
     if args.action == "add":
         if kind == "profiles":
             data: dict[str, Any] = {"name": args.name, "kernel": args.kernel,
@@ -205,7 +217,7 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                 data["cmdline"] = args.cmdline
         elif kind == "clusters":
             data = {"name": args.name, "server_url": args.server_url,
-                    "labels": _labels(args.label)}
+                    "labels": _labels(args.label), "endpoint": args.endpoint or None}
             if args.token:
                 data["token"] = args.token
             elif args.server_url == "managed":
@@ -478,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
             add.add_argument("--server-url", default="managed")
             add.add_argument("--token")
             add.add_argument("--label", action="append")
+            endpoint_help = ("where nodes reach a managed cluster's servers (a VIP or DNS "
+                             "name): host, host:port or https://host:port; default: the "
+                             "first registered server")
+            add.add_argument("--endpoint", help=endpoint_help)
+            cset = ksub.add_parser("set", parents=[common], help="change a cluster")
+            cset.add_argument("name")
+            cset.add_argument("--endpoint", help=endpoint_help + " ('' unsets it)")
         else:
             add.add_argument("--selector", action="append", help="key=value[,value...]")
             add.add_argument("--profile")

@@ -265,3 +265,26 @@ async def test_reads_do_not_queue_behind_a_write(tmp_path: Path) -> None:
         assert await store.get_setting("k") == "v"
     finally:
         await store.close()
+
+
+async def test_cluster_written_before_endpoints_existed_reads_without_one(tmp_path: Path) -> None:
+    """Clusters are JSON documents: a new optional field needs no schema migration, and a
+    document from an older netboot (no "endpoint" key) reads back as "no endpoint"."""
+    import sqlite3
+
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.put_cluster(Cluster(name="c", token="t", endpoint="vip.example"))
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE clusters SET data = ? WHERE name = 'c'",
+                     ('{"name":"c","server_url":"managed","token":"t","labels":{},'
+                      '"taints":[],"description":""}',))
+    conn.close()
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        assert await again.get_cluster("c") == Cluster(name="c", token="t")
+    finally:
+        await again.close()
