@@ -317,6 +317,10 @@ class BootService:
                               f"install profile {profile.name}"
                               + (f" into cluster {cluster.name} as {role}" if cluster else ""),
                               request)
+        else:
+            # A dry run renders for the machine as this request describes it (its arch picks
+            # the kernel console), exactly as the recorded plan would, without storing it.
+            machine = learn(machine, request, machine.updated)
         return BootPlan(
             BootAction.INSTALL, request.mac, reason, machine=machine,
             group=group.name if group else None, profile=profile,
