@@ -283,7 +283,7 @@ class BootService:
         if cluster is not None and k3s is not None and k3s.waiting:
             # Held without a state change or a token: the retry loop asks again and installs
             # by itself once a server registers (no power cycle, no operator).
-            reason = self.waiting_reason(cluster)
+            reason = await self._waiting_reason(cluster)
             if record:
                 # What the firmware told (its arch) is kept, so that `explain` answers for
                 # the machine as it boots; learn() changes nothing on later retries.
@@ -337,7 +337,7 @@ class BootService:
         if cluster is not None and k3s is not None and k3s.waiting:
             # Its install plan had an endpoint, which has gone since (the server was removed
             # or is reinstalling): a config without one would install a node that never joins.
-            raise Conflict(self.waiting_reason(cluster))
+            raise Conflict(await self._waiting_reason(cluster))
         return BootPlan(BootAction.INSTALL, machine.mac, reason, machine=machine,
                         group=group.name if group else None, profile=profile, cluster=cluster,
                         k3s=k3s, token=token)
@@ -414,11 +414,16 @@ class BootService:
             names.append(f"{cluster.name.lower()}.{self.settings.cluster_domain}")
         return tuple(names)
 
-    @staticmethod
-    def waiting_reason(cluster: Cluster) -> str:
+    async def _waiting_reason(self, cluster: Cluster) -> str:
+        fix = f"or give the cluster one: netboot clusters set {cluster.name} --endpoint HOST"
+        servers = await self._store.list_machines(MachineFilter(
+            cluster=cluster.name, state=MachineState.REGISTERED, limit=100_000))
+        if any(m.role == Role.SERVER for m in servers):
+            # Registered, but from no address another node could reach (all were refused).
+            return (f"waiting for an address of cluster {cluster.name}'s servers: they "
+                    f"registered without one other nodes can reach ({fix})")
         return (f"waiting for cluster {cluster.name}'s first server to register: its nodes "
-                "have no endpoint to join yet (or give the cluster one: netboot clusters set "
-                f"{cluster.name} --endpoint HOST)")
+                f"have no endpoint to join yet ({fix})")
 
     async def explain(self, mac: str, *, arch: Arch | None = None) -> dict[str, Any]:
         """Which group matched and why, which profile, which state (``netboot explain``).

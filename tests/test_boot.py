@@ -268,6 +268,10 @@ async def test_agent_before_its_server_holds_then_installs_by_itself(
     assert splan.k3s.cluster_init
     booted = await store.get_machine(str(server.mac))
     assert booted is not None
+    await store.update_machine(replace(booted, state=MachineState.REGISTERED))
+    # Registered, but every address it had was refused: still nothing to join, and why.
+    plan = await boot.plan(req(Firmware.IPXE))
+    assert plan.action == BootAction.HOLD and "registered without one" in plan.reason
     await store.update_machine(replace(booted, state=MachineState.REGISTERED,
                                        ipv4="192.0.2.60"))
     plan = await boot.plan(req(Firmware.IPXE))
