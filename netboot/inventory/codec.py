@@ -369,12 +369,7 @@ def cluster_from_dict(data: object) -> Cluster:
 def _endpoint(d: Mapping[str, Any]) -> str | None:
     # Documents written before clusters had an endpoint have no key: None, nothing to migrate.
     text = _opt_str(d, "endpoint")
-    if not text:
-        return None
-    if _str(d, "server_url", default="managed") != "managed":
-        raise ValidationError("endpoint", "only a managed cluster has one: an external "
-                                          "cluster's server_url already is its endpoint")
-    return check_endpoint(text)
+    return check_endpoint(text) if text else None
 
 
 # --- groups -------------------------------------------------------------------------------
