@@ -349,12 +349,12 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     from netboot.boot import loader_names
     from netboot.errors import Forbidden
     from netboot.files import FileTree, sha256_file
-    from netboot.render import shipped_templates_dir
     from netboot.service import asset_roots
+    from netboot.shipped import boot_assets_dir
 
     tree = FileTree(asset_roots(cfg), pinned=loader_names())
     known: dict[str, str] = {}
-    sums = shipped_templates_dir().parent / "boot_assets" / "checksums.sha256"
+    sums = boot_assets_dir() / "checksums.sha256"
     if sums.is_file():
         for line in sums.read_text().splitlines():
             if line.strip() and not line.startswith("#"):

@@ -28,7 +28,7 @@ from netboot.enroll import Enroller
 from netboot.errors import ConfigError
 from netboot.files import FileTree
 from netboot.inventory.base import MachineFilter, Store
-from netboot.render import Renderer, shipped_templates_dir
+from netboot.render import Renderer
 from netboot.servers.http import (
     LOG_KEY,
     MAX_BODY_KEY,
@@ -38,6 +38,7 @@ from netboot.servers.http import (
     errors_middleware,
 )
 from netboot.servers.sockets import bind_error
+from netboot.shipped import shipped_root, templates_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ def asset_roots(config: Config) -> list[Path]:
     for d in config.assets.dirs:
         p = Path(d)
         if not p.is_absolute():
-            # Relative asset dirs are relative to the checkout (boot_assets/), not the cwd.
-            p = shipped_templates_dir().parent / p
+            # Relative asset dirs name netboot's shipped data (the default "boot_assets"), the
+            # same directory whether it runs from a checkout or an installed wheel, not the cwd.
+            p = shipped_root() / p
         if p not in roots:
             roots.append(p)
     return roots
@@ -67,7 +69,7 @@ def asset_roots(config: Config) -> list[Path]:
 
 def renderer_for(config: Config) -> Renderer:
     dirs = [Path(config.templates.dir)] if config.templates.dir else []
-    dirs.append(shipped_templates_dir())
+    dirs.append(templates_dir())
     renderer = Renderer(dirs)
     renderer.check_all()
     return renderer
