@@ -63,6 +63,19 @@ def dependency_wheels() -> Path:
     return target
 
 
+def source_digest(*extra: Path) -> str:
+    """A digest of what a build reads (the sources, plus ``extra`` files): a cache key."""
+    h = hashlib.sha256()
+    for path in sorted(p for name in SOURCES for p in
+                       ((ROOT / name).rglob("*") if (ROOT / name).is_dir() else [ROOT / name])):
+        if path.is_file() and not {"__pycache__", "_shipped"} & set(path.parts):
+            h.update(f"{path.relative_to(ROOT)}\0{path.stat().st_size}\0".encode())
+            h.update(path.read_bytes())
+    for path in extra:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build_netboot_wheel(dest: Path, deps: Path) -> Path:
     """Build netboot's wheel into ``dest`` without an index (the backend comes from ``deps``)."""
     src = dest / "src"
