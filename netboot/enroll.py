@@ -214,14 +214,15 @@ async def fleet_status(store: Store) -> dict[str, Any]:
                   for s in MachineState}
         clusters[cluster.name] = {k: v for k, v in counts.items() if v}
     groups = await store.list_groups()
+    groups_give_clusters = any(g.cluster for g in groups)
 
     def cluster_of(machine: Machine) -> str | None:
-        if machine.cluster or not any(g.cluster for g in groups):
+        if machine.cluster or not groups_give_clusters:
             return machine.cluster
         group = select_group(groups, machine_labels(machine))
         return group.cluster if group else None
 
-    if total and any(g.cluster for g in groups):
+    if total and groups_give_clusters:
         for machine in await store.list_machines(MachineFilter(limit=total)):
             # Machines with a cluster of their own were counted by the queries above.
             if not machine.cluster and (name := cluster_of(machine)):

@@ -76,7 +76,7 @@ def image(podman_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
         shutil.copy2(wheel, wheelhouse)
         result = subprocess.run([str(build_script), tag], env={**podman_env,
                                 "WHEELHOUSE": str(wheelhouse)}, capture_output=True,
-                                text=True, timeout=1200, check=False)
+                                text=True, timeout=540, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
         # Older test images are stale: keep only this one.
         listed = podman(podman_env, "images", "--format", "{{.Repository}}:{{.Tag}}", IMAGE)

@@ -130,7 +130,8 @@ def served(installed: Installed) -> Iterator[tuple[subprocess.Popen[str], int]]:
     env = {**clean_env(), "NETBOOT_HTTP_LISTEN": "127.0.0.1"}
     proc = subprocess.Popen([str(installed.bin / "netboot"), "serve",
                              "--data-dir", str(installed.home / "serve-data"),
-                             "--advertise", "127.0.0.1", "--http-port", str(port),
+                             # Loopback only: TFTP binds to the lo device, HTTP to 127.0.0.1.
+                             "--interface", "lo", "--http-port", str(port),
                              "--dhcp-mode", "off", "--tftp-port", str(free_port())],
                             cwd=installed.home, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
