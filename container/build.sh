@@ -8,8 +8,9 @@
 #
 #   container/build.sh [TAG]        default TAG: localhost/netboot
 #
-# PYTHON  interpreter whose pip builds the wheels (default python3). The image runs Debian 12's
-#         Python 3.11, so the wheels must be built by a Python 3.11, as Debian 12's python3 is.
+# PYTHON  interpreter whose pip builds the wheels (default python3, with Debian's python3-pip;
+#         or a venv's python). The image runs Debian 12's Python 3.11, so the wheels must be
+#         built by a Python 3.11, as Debian 12's python3 is.
 # WHEELHOUSE  a directory of wheels already built (netboot and its dependencies): skips step 2.
 set -eu
 
