@@ -6,8 +6,8 @@ loopback device only; HTTP listens on 127.0.0.1. Nothing leaves the machine and 
 created (the build runs with --network=none, and podman's default here is no network).
 
 The image is cached between runs, tagged by a digest of everything it is built from, so only a
-change to netboot, the Containerfile or the build script rebuilds it. (`/metrics` is asserted
-where it is built, not here.)
+change to netboot, the Containerfile or the build script rebuilds it. (The container should
+answer `/metrics` too; netboot has no `/metrics` yet, so that is not asked here.)
 """
 
 from __future__ import annotations
