@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from netboot.addresses import parse_peer
-from netboot.core import Core, public_dict
+from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, token_matches
 from netboot.errors import AuthError, ValidationError
 from netboot.inventory import codec
@@ -138,11 +138,7 @@ class Api:
 
     # -- machines ---------------------------------------------------------------------
     def _machine_out(self, m: Machine) -> dict[str, Any]:
-        out = codec.machine_to_dict(m, secrets=False)
-        # The primary NIC, for clients written when a machine had one MAC.
-        out["mac"] = str(m.mac) if m.mac else None
-        out["mac_hexhyp"] = m.mac.hexhyp if m.mac else None
-        return out
+        return machine_dict(m)
 
     async def list_machines(self, request: web.Request) -> web.Response:
         state = request.query.get("state")

@@ -59,6 +59,15 @@ def check_name(name: str) -> None:
                                       "surrounding spaces (at most 253 characters)")
 
 
+def machine_dict(machine: Machine) -> dict[str, Any]:
+    """A machine as the API and ``--json`` show it: every field but its token hash, and its
+    first NIC as ``mac`` (and ``mac_hexhyp``) for clients written when a machine had one."""
+    out = codec.machine_to_dict(machine, secrets=False)
+    out["mac"] = str(machine.mac) if machine.mac else None
+    out["mac_hexhyp"] = machine.mac.hexhyp if machine.mac else None
+    return out
+
+
 def public_dict(kind: str, item: Any) -> dict[str, Any]:
     """A profile, cluster or group as the API and ``--json`` show it (never a cluster token)."""
     if kind == "profiles":
