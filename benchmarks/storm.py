@@ -52,6 +52,7 @@ import json
 import os
 import random
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -61,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,16 @@ def namespaces() -> Iterator[tuple[str, str]]:
         for ns in created:
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
                            timeout=30)
+
+
+def udp_drops(ns: str) -> int:
+    """Datagrams the namespace's kernel dropped (UDP InErrors, which counts full receive
+    buffers, plus SndbufErrors): tells a server or a load generator that did not keep up."""
+    text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], check=True,
+                          capture_output=True, text=True, timeout=30).stdout
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp:")]
+    udp = dict(zip(rows[0], rows[1], strict=False))
+    return int(udp.get("InErrors", 0)) + int(udp.get("SndbufErrors", 0))
 
 
 # --- CPU of a server and its children ----------------------------------------------------------
@@ -305,7 +316,8 @@ def start_standins(ns: str, run: Path, work: Workload) -> list[Proc]:
         "--bind-interfaces", "--conf-file=/dev/null", "--user=root", "--pid-file=",
         f"--dhcp-leasefile={run / 'dnsmasq.leases'}", f"--dhcp-range={SERVER_IP},proxy",
         f"--pxe-service=x86-64_EFI,storm,{LOADER}", "--enable-tftp", f"--tftp-root={work.assets}",
-        f"--tftp-max={max(50, work.devices * 2)}", "--log-facility=-",
+        f"--tftp-max={max(50, work.devices * 2)}", "--log-facility=-", "--quiet-dhcp",
+        "--quiet-tftp",
     ], run / "dnsmasq.log")
     (run / "nginx").mkdir()
     conf = run / "nginx" / "nginx.conf"
@@ -344,6 +356,10 @@ class Failed(Exception):
     pass
 
 
+class _Done(Exception):
+    """The device has done the last stage asked for (--until)."""
+
+
 @dataclass
 class Device:
     k: int
@@ -370,34 +386,183 @@ class Spec:
     slow_acks_ms: float
     device_timeout: float
     seed: int
+    until: str | None = None
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+class UdpSocket:
+    """A non-blocking UDP socket whose every readiness drains the receive queue.
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.queue.put_nowait((data, (addr[0], addr[1])))
+    asyncio's datagram transport reads one datagram per socket per loop iteration; with a
+    thousand devices' sockets in one loop an iteration takes tens of milliseconds, so the
+    shared :68 socket would hand out offers at a few dozen a second and the devices would time
+    out with their answers queued in the kernel (seen on the wire: dnsmasq answered every
+    DISCOVER within 16 ms). Here the load generator reads all that is queued at once."""
 
-    def error_received(self, exc: Exception) -> None:  # ICMP unreachable: the retry handles it
-        pass
+    def __init__(self, sock: socket.socket,
+                 on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self.on_datagram = on_datagram
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._ready)
+
+    @classmethod
+    def bound(cls, address: tuple[str, int],
+              on_datagram: Callable[[bytes, tuple[str, int]], None]) -> UdpSocket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, on_datagram)
+
+    def _ready(self) -> None:
+        for _ in range(10_000):
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error queued on the socket: the retry handles it
+                continue
+            self.on_datagram(data, (addr[0], addr[1]))
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+            self.sock.sendto(data, address)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
-class DhcpPort(asyncio.DatagramProtocol):
+class TftpReceiver:
+    """A TFTP read as a firmware does it, driven by callbacks (no await per packet: the load
+    generator must stay cheaper than the servers it loads). ``loss`` drops received DATA and
+    sent ACKs at random; ``slow`` delays every ACK. Retransmits after 1 s without progress,
+    gives up after 6 tries (EDK2's MTFTP waits 4 s a try; iPXE 1-3 s)."""
+
+    def __init__(self, done: asyncio.Future[int], rrq: bytes, probe: bool, loss: float,
+                 slow: float, rng: random.Random) -> None:
+        self.done, self.rrq, self.probe = done, rrq, probe
+        self.loss, self.slow, self.rng = loss, slow, rng
+        self.tid: tuple[str, int] | None = None
+        self.blksize, self.window = 512, 1
+        self.expected, self.last_acked, self.total, self.tries, self.packets = 1, 0, 0, 0, 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, transport: UdpSocket) -> None:
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.transport.sendto(self.rrq, (SERVER_IP, 69))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(1.0, self._timeout)
+
+    def _finish(self, result: int | Exception) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.done.done():
+            if isinstance(result, Exception):
+                self.done.set_exception(result)
+            else:
+                self.done.set_result(result)
+
+    def _timeout(self) -> None:
+        self.tries += 1
+        if self.tries > 6:
+            self._finish(Failed("tftp timeout"))
+            return
+        if self.tid is None:
+            self.transport.sendto(self.rrq, (SERVER_IP, 69))
+        else:
+            self._send_ack(self.last_acked)
+        self._arm()
+
+    def _ack(self, block: int) -> None:
+        self.last_acked = block
+        if self.slow:
+            self.loop.call_later(self.slow, self._send_ack, block)
+        else:
+            self._send_ack(block)
+
+    def _send_ack(self, block: int) -> None:
+        if self.done.done() and block != self.last_acked:
+            return
+        if not (self.loss and self.rng.random() < self.loss) and self.tid is not None:
+            self.transport.sendto(struct.pack("!HH", 4, block & 0xFFFF), self.tid)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.done.done():
+            return
+        self.packets += 1
+        if self.packets > 200_000:
+            self._finish(Failed("tftp: too many packets"))
+            return
+        if self.loss and self.rng.random() < self.loss:
+            return
+        if self.tid is None:
+            self.tid = addr
+        elif addr != self.tid:
+            return
+        opcode = int.from_bytes(data[:2], "big")
+        if opcode == 5:
+            self._finish(Failed(f"tftp error {data[4:-1].decode(errors='replace')[:40]}"))
+            return
+        if opcode == 6:
+            fields = data[2:].split(b"\0")
+            got = {k.decode().lower(): v.decode()
+                   for k, v in zip(fields[0::2], fields[1::2], strict=False) if k}
+            if self.probe:
+                # EDK2 ends the size probe with an ERROR once it has the OACK.
+                self.transport.sendto(b"\x00\x05\x00\x08size probe\x00", self.tid)
+                self._finish(int(got["tsize"]) if "tsize" in got
+                             else Failed("no tsize in OACK"))
+                return
+            self.blksize = int(got.get("blksize", 512))
+            self.window = int(got.get("windowsize", 1))
+            self.tries = 0
+            self._arm()
+            self._ack(0)
+            return
+        if opcode != 3:
+            self._finish(Failed(f"tftp opcode {opcode}"))
+            return
+        block = int.from_bytes(data[2:4], "big")
+        if block != self.expected & 0xFFFF:
+            if block != (self.expected - 1) & 0xFFFF:
+                self._ack(self.expected - 1)  # a gap: ask for the rest of the window again
+            return
+        self.tries = 0
+        self._arm()
+        payload = len(data) - 4
+        self.total += payload
+        self.expected += 1
+        last = payload < self.blksize
+        if last or self.expected - 1 - self.last_acked >= self.window:
+            self._ack(self.expected - 1)
+        if last:
+            self._finish(Failed("no OACK to the size probe") if self.probe else self.total)
+
+
+class DhcpPort:
     """The one :68 socket of the client side: proxy offers come back broadcast to it, and are
     handed to the device waiting for that xid."""
 
     def __init__(self) -> None:
         self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self.late = 0  # offers that came after their device gave up
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) >= 240 and data[0] == 2:
             fut = self.waiting.get(int.from_bytes(data[4:8], "big"))
             if fut is not None and not fut.done():
                 fut.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        pass
+            else:
+                self.late += 1
 
 
 class Generator:
@@ -408,7 +573,9 @@ class Generator:
         self.failures: dict[str, dict[str, int]] = {}
         self.base = f"http://{SERVER_IP}:{HTTP_PORT}"
         self.dhcp: DhcpPort | None = None
-        self.dhcp_transport: asyncio.DatagramTransport | None = None
+        self.dhcp_transport: UdpSocket | None = None
+        self.cpu0 = 0.0
+        self.lags: list[float] = []
 
     # -- DHCP -----------------------------------------------------------------------------
     def _packet(self, dev: Device, xid: int, mtype: int, extra: tuple[Any, ...] = (),
@@ -466,7 +633,8 @@ class Generator:
                 break
             i += 2 + length
         loop = asyncio.get_running_loop()
-        transport, proto = await loop.create_datagram_endpoint(_Udp, local_addr=(dev.ip, 0))
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+        transport = UdpSocket.bound((dev.ip, 0), lambda data, _: replies.put_nowait(data))
         try:
             payload = self._packet(dev, xid, 3, extra, ciaddr=dev.ip)
             for wait in (2.0, 4.0):
@@ -474,7 +642,7 @@ class Generator:
                 deadline = loop.time() + wait
                 while (left := deadline - loop.time()) > 0:
                     try:
-                        data, _ = await asyncio.wait_for(proto.queue.get(), left)
+                        data = await asyncio.wait_for(replies.get(), left)
                     except TimeoutError:
                         break
                     if data[4:8] == payload[4:8] and data[0] == 2:
@@ -491,85 +659,17 @@ class Generator:
     async def tftp(self, dev: Device, name: str, options: dict[str, str], *, probe: bool
                    ) -> int:
         """One RRQ. probe: read the OACK's tsize and abort (EDK2's size probe). Otherwise
-        download, acking each window (RFC 7440) and returning the byte count. ``--loss`` drops
-        received DATA and sent ACKs at random; ``--slow-acks`` delays every ACK."""
+        download, acking each window (RFC 7440), and return the byte count."""
         loop = asyncio.get_running_loop()
-        transport, proto = await loop.create_datagram_endpoint(_Udp, local_addr=(dev.ip, 0))
-        loss, slow = self.spec.loss, self.spec.slow_acks_ms / 1000
-        server = (SERVER_IP, 69)
+        done: asyncio.Future[int] = loop.create_future()
         opts = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in options.items())
         rrq = b"\x00\x01" + name.encode() + b"\x00octet\x00" + opts
-        tid: tuple[str, int] | None = None
-        blksize, window = 512, 1
-        expected, last_acked, total, tries = 1, 0, 0, 0
-
-        async def ack(block: int) -> None:
-            nonlocal last_acked
-            last_acked = block
-            if slow:
-                await asyncio.sleep(slow)
-            if not (loss and self.rng.random() < loss):
-                assert tid is not None
-                transport.sendto(struct.pack("!HH", 4, block & 0xFFFF), tid)
-
+        receiver = TftpReceiver(done, rrq, probe, self.spec.loss, self.spec.slow_acks_ms / 1000,
+                                self.rng)
+        transport = UdpSocket.bound((dev.ip, 0), receiver.datagram_received)
+        receiver.start(transport)
         try:
-            transport.sendto(rrq, server)
-            for _ in range(200_000):
-                try:
-                    # EDK2's MTFTP times out after 4 s a try; iPXE 1-3 s. 1 s, 6 tries.
-                    data, addr = await asyncio.wait_for(proto.queue.get(), 1.0)
-                except TimeoutError:
-                    tries += 1
-                    if tries > 6:
-                        raise Failed("tftp timeout") from None
-                    if tid is None:
-                        transport.sendto(rrq, server)
-                    else:
-                        await ack(last_acked)
-                    continue
-                if loss and self.rng.random() < loss:
-                    continue
-                if tid is None:
-                    tid = addr
-                elif addr != tid:
-                    continue
-                opcode = int.from_bytes(data[:2], "big")
-                if opcode == 5:
-                    raise Failed(f"tftp error {data[4:-1].decode(errors='replace')[:40]}")
-                if opcode == 6:
-                    fields = data[2:].split(b"\0")
-                    got = {k.decode().lower(): v.decode() for k, v in
-                           zip(fields[0::2], fields[1::2], strict=False) if k}
-                    if probe:
-                        # EDK2 ends the size probe with an ERROR once it has the OACK.
-                        transport.sendto(b"\x00\x05\x00\x08size probe\x00", tid)
-                        if "tsize" not in got:
-                            raise Failed("no tsize in OACK")
-                        return int(got["tsize"])
-                    blksize = int(got.get("blksize", 512))
-                    window = int(got.get("windowsize", 1))
-                    tries = 0
-                    await ack(0)
-                    continue
-                if opcode != 3:
-                    raise Failed(f"tftp opcode {opcode}")
-                block = int.from_bytes(data[2:4], "big")
-                if block != expected & 0xFFFF:
-                    if block != (expected - 1) & 0xFFFF:
-                        await ack(expected - 1)  # a gap: ask for the window again
-                    continue
-                tries = 0
-                payload = len(data) - 4
-                total += payload
-                expected += 1
-                last = payload < blksize
-                if last or expected - 1 - last_acked >= window:
-                    await ack(expected - 1)
-                if last:
-                    if probe:
-                        raise Failed("no OACK to the size probe")
-                    return total
-            raise Failed("tftp: too many packets")
+            return await done
         finally:
             transport.close()
 
@@ -584,6 +684,8 @@ class Generator:
             t0 = time.perf_counter()
             result = await coro
             self.times[name].append(time.perf_counter() - t0)
+            if name == self.spec.until:
+                raise _Done
             return result
 
         async def get(url: str, expect: int | None = None) -> bytes:
@@ -629,11 +731,12 @@ class Generator:
                 if not (script.startswith("#!ipxe") and kernel and initrds and config and token):
                     raise Failed("script without kernel/initrd/config token")
                 await timed("kernel", get(kernel.group(1), self.spec.kernel_size))
-                t0 = time.perf_counter()
-                stage = "initrd"
-                for url in initrds:
-                    await get(url, self.spec.initrd_size)
-                self.times["initrd"].append(time.perf_counter() - t0)
+
+                async def all_initrds() -> None:
+                    for url in initrds:
+                        await get(url, self.spec.initrd_size)
+
+                await timed("initrd", all_initrds())
                 await timed("config", get(config.group(1)))
                 events = f"{self.base}/api/v1/machines/{dev.hexhyp}/events"
                 tok = token.group(1)
@@ -645,12 +748,15 @@ class Generator:
                     "mac": dev.mac, "token": tok, "hostname": f"edge-{dev.index:06d}",
                     "addresses": [dev.ip], "machine_id": f"{dev.index:032x}",
                     "node_name": f"edge-{dev.index:06d}"}, tok))
-            self.times["total"].append(time.perf_counter() - t_start)
+        except _Done:
+            pass
         except Exception as exc:  # one failed device is a counted result, never the end
             reason = ("timeout" if isinstance(exc, TimeoutError)
                       else str(exc) if isinstance(exc, Failed) else type(exc).__name__)
             per = self.failures.setdefault(stage, {})
             per[reason] = per.get(reason, 0) + 1
+            return
+        self.times["total"].append(time.perf_counter() - t_start)
 
     async def ready(self) -> None:
         """Until the server answers HTTP and TFTP (bounded: 120 s, a big inventory loads)."""
@@ -663,7 +769,8 @@ class Generator:
                     async with session.get(f"{self.base}/boot.ipxe",
                                            timeout=aiohttp.ClientTimeout(total=2)) as r:
                         if r.status == 200:
-                            await self.tftp(probe, LOADER, {"tsize": "0"}, probe=True)
+                            await asyncio.wait_for(self.tftp(probe, LOADER, {"tsize": "0"},
+                                                             probe=True), 10)
                             return
                 except (OSError, aiohttp.ClientError, TimeoutError, Failed):
                     pass
@@ -671,16 +778,24 @@ class Generator:
                     raise SystemExit("server did not become ready within 120 s")
                 await asyncio.sleep(0.2)
 
+    async def _lag(self) -> None:
+        """How late the generator's own loop wakes up: when it lags, the client is the
+        bottleneck and the figures say more about it than about the server."""
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.lags.append(time.perf_counter() - t0 - 0.01)
+
     async def run(self) -> dict[str, Any]:
         import aiohttp
-        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, CLIENT_IF.encode())
         sock.bind(("0.0.0.0", 68))
-        self.dhcp_transport, self.dhcp = await loop.create_datagram_endpoint(DhcpPort, sock=sock)
+        self.dhcp = DhcpPort()
+        self.dhcp_transport = UdpSocket(sock, self.dhcp.datagram_received)
         spec = self.spec
         step = max(1, spec.enrolled // spec.devices)
         devices = [Device(k, k * step, CLIENT_IPS[k % len(CLIENT_IPS)])
@@ -690,8 +805,11 @@ class Generator:
             connector=aiohttp.TCPConnector(local_addr=(ip, 0), limit=0, force_close=False),
             timeout=aiohttp.ClientTimeout(total=spec.device_timeout),
             auto_decompress=False) for ip in CLIENT_IPS]
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu0 = usage.ru_utime + usage.ru_stime
         t0 = time.perf_counter()
         tasks = []
+        lag = asyncio.create_task(self._lag())
         try:
             for dev in devices:
                 # Power-on times spread evenly over --within seconds.
@@ -703,10 +821,14 @@ class Generator:
             await asyncio.gather(*tasks)
             wall = time.perf_counter() - t0
         finally:
+            lag.cancel()
             for s in sessions:
                 await s.close()
             self.dhcp_transport.close()
-        return {"wall": wall, "times": self.times, "failures": self.failures}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"wall": wall, "times": self.times, "failures": self.failures,
+                "generator_cpu": usage.ru_utime + usage.ru_stime - self.cpu0,
+                "late_offers": self.dhcp.late, "loop_lag": self.lags}
 
 
 def generate(spec_json: str) -> None:
@@ -734,6 +856,9 @@ class Result:
     target: str
     wall: float = 0.0
     cpu: float = 0.0
+    generator_cpu: float = 0.0
+    server_drops: int = 0
+    client_drops: int = 0
     times: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
@@ -763,15 +888,23 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
             raise RuntimeError(f"not ready ({said or line.strip()!r}; exited: {dead}); "
                                f"see {run}")
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        drops0 = udp_drops(server_ns), udp_drops(client_ns)
         gen.stdin.write("GO\n")
         gen.stdin.flush()
         out = gen.stdout.readline()
         cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        result.server_drops = udp_drops(server_ns) - drops0[0]
+        result.client_drops = udp_drops(client_ns) - drops0[1]
         if not out.strip():
             raise RuntimeError(f"{target}: the generator ended without a result; see {run}")
         data = json.loads(out)
         result.wall, result.cpu = data["wall"], cpu1 - cpu0
         result.times, result.failures = data["times"], data["failures"]
+        result.generator_cpu = data["generator_cpu"]
+        lags = data["loop_lag"]
+        print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
+              f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
+              f"DHCP answers after their device gave up (or twice): {data['late_offers']}")
     except RuntimeError as exc:
         result.error = str(exc)
     finally:
@@ -816,13 +949,14 @@ def report(results: list[Result], spec: Spec) -> None:
                     f" / {max(v) * 1e3:.1f} ({len(v)})" if v else "-")
             row += f"  {cell:>34}"
         print(row)
-    print(f"\n{'target':<12} {'wall s':>8} {'server CPU s':>13} {'devices ok':>11} {'failed':>7}"
-          "  failures")
+    print(f"\n{'target':<12} {'wall s':>8} {'server CPU s':>13} {'client CPU s':>13} "
+          f"{'devices ok':>11} {'failed':>7} {'UDP drops s/c':>14}  failures")
     for r in ok:
         fails = "; ".join(f"{s}: {', '.join(f'{k} x{n}' for k, n in v.items())}"
                           for s, v in r.failures.items())
-        print(f"{r.target:<12} {r.wall:>8.2f} {r.cpu:>13.2f} {len(r.times.get('total', [])):>11}"
-              f" {r.failed:>7}  {fails}")
+        print(f"{r.target:<12} {r.wall:>8.2f} {r.cpu:>13.2f} {r.generator_cpu:>13.2f} "
+              f"{len(r.times.get('total', [])):>11} {r.failed:>7} "
+              f"{f'{r.server_drops}/{r.client_drops}':>14}  {fails}")
     nb = next((r for r in ok if r.target == "netboot"), None)
     si = next((r for r in ok if r.target != "netboot"), None)
     if nb and si:
@@ -847,6 +981,8 @@ def main() -> None:
     parser.add_argument("--slow-acks", type=float, default=0.0, metavar="MS",
                         help="delay every TFTP ACK by MS milliseconds")
     parser.add_argument("--device-timeout", type=float, default=120.0)
+    parser.add_argument("--until", choices=STAGES,
+                        help="each device stops after this stage (e.g. dhcp_offer)")
     parser.add_argument("--only", choices=["netboot", "standins"])
     parser.add_argument("--order", choices=["netboot-first", "standins-first"],
                         default="netboot-first")
@@ -861,9 +997,11 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         raise SystemExit("needs root: it creates network namespaces")
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: servers stopped, namespaces deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     enrolled = max(args.enrolled or args.devices, args.devices)
     spec = Spec(args.devices, args.within, enrolled, args.kernel_size, args.initrd_size,
-                args.loss, args.slow_acks, args.device_timeout, args.seed)
+                args.loss, args.slow_acks, args.device_timeout, args.seed, args.until)
     targets = ["netboot", "standins"]
     if args.order == "standins-first":
         targets.reverse()
