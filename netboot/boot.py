@@ -5,10 +5,12 @@ boot plan. Nothing else decides. The rules, by machine state:
 
 * unknown / discovered → the discovery policy: ``ignore`` (silent), ``hold`` (a visible retry
   loop until an operator approves), ``auto`` (rules assign cluster/role/profile, then install);
-* enrolled / booting / installing / reinstall → install with the profile of the machine or its
-  group, issuing a fresh install token;
 * installed / registered → boot the local disk (one-shot install), until reinstall is asked;
-* failed → hold, so that a broken install does not loop; ``reinstall`` brings it back.
+* failed → hold, so that a broken install does not loop; ``reinstall`` brings it back;
+* any state whose lifecycle allows an install plan (:mod:`netboot.lifecycle`) → install with
+  the profile of the machine or its group, issuing a fresh install token.
+
+The states themselves change only through :mod:`netboot.lifecycle`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from netboot import groups as grouping
+from netboot import lifecycle
 from netboot.enroll import Enroller
+from netboot.errors import Conflict
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import (
     Arch,
@@ -41,11 +45,12 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    endpoint_host,
+    endpoint_url,
+    url_host,
 )
+from netboot.names import serves_cluster, valid_label
 
-INSTALL_STATES = frozenset(
-    {MachineState.ENROLLED, MachineState.BOOTING, MachineState.INSTALLING, MachineState.REINSTALL}
-)
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
 
 
@@ -60,6 +65,7 @@ class BootSettings:
     rules: tuple[Group, ...] = ()
     token_ttl_seconds: int = 86_400
     cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
+    default_profile: str | None = None  # for machines whose own settings and group name none
     k3s_port: int = 6443
 
 
@@ -218,9 +224,11 @@ class BootService:
             if record:
                 await self._event(machine, "local-boot", plan.reason, request)
             return plan
-        if machine.state == MachineState.FAILED:
-            plan = BootPlan(BootAction.HOLD, mac,
-                            "the last install failed; run 'netboot machines reinstall' to retry",
+        if not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN):
+            reason = ("the last install failed; run 'netboot machines reinstall' to retry"
+                      if machine.state == MachineState.FAILED else
+                      f"{machine.state}: no install until 'netboot machines reinstall'")
+            plan = BootPlan(BootAction.HOLD, mac, reason,
                             retry_seconds=self.settings.hold_retry_seconds, machine=machine)
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
@@ -234,28 +242,38 @@ class BootService:
             if machine is not None and record:
                 await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason,
-                            retry_seconds=self.settings.hold_retry_seconds, machine=machine)
+                            retry_seconds=self.settings.hold_retry_seconds, machine=machine,
+                            command=await self.approve_command(machine or Machine(
+                                mac=request.mac), request))
         reason = (f"unknown machine and discovery policy is {self.settings.policy!r}"
                   + ("; no auto rule matched" if self.settings.policy == "auto" else ""))
         return BootPlan(BootAction.IGNORE, request.mac, reason, machine=machine)
 
+    async def approve_command(self, machine: Machine, request: BootRequest | None = None,
+                              ) -> str:
+        """The ``netboot machines approve`` line that installs this machine: it names what no
+        group or default gives it (a cluster, a role, a profile), with the real name when the
+        inventory has only one to choose from."""
+        group, profile, cluster, _ = await self.effective(machine, request)
+        parts = ["netboot machines approve", str(machine.mac)]
+        if cluster is None:
+            names = [c.name for c in await self._store.list_clusters()]
+            parts.append("--cluster " + (names[0] if len(names) == 1 else "NAME"))
+        if machine.role is None and (group is None or group.role is None):
+            parts.append("--role agent")
+        if profile is None:
+            names = [p.name for p in await self._store.list_profiles()]
+            parts.append("--profile " + (names[0] if len(names) == 1 else "NAME"))
+        return " ".join(parts)
+
     async def effective(self, machine: Machine, request: BootRequest | None = None,
                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
-        """The machine's group, profile, cluster and role: its own settings win over the group's."""
-        labels = dict(machine.labels)
-        labels.update({k: v for k, v in machine.facts.items() if v})
-        if request is not None:
-            labels.update(request.labels())
-        labels["mac"] = str(machine.mac)
-        for key in ("uuid", "serial", "asset", "hostname"):
-            if getattr(machine, key):
-                labels[key] = getattr(machine, key)
-        if machine.arch:
-            labels.setdefault("arch", str(machine.arch))
-        if machine.firmware:
-            labels.setdefault("firmware", str(machine.firmware))
+        """The machine's group, profile, cluster and role: its own settings win over the
+        group's; the configured default profile comes last."""
+        labels = grouping.machine_labels(machine, request.labels() if request else None)
         group = grouping.select(await self._store.list_groups(), labels)
-        profile_name = machine.profile or (group.profile if group else None)
+        profile_name = (machine.profile or (group.profile if group else None)
+                        or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)
         role = machine.role or (group.role if group else None) or Role.AGENT
         profile = await self._store.get_profile(profile_name) if profile_name else None
@@ -266,7 +284,8 @@ class BootService:
                             record: bool) -> BootPlan:
         group, profile, cluster, role = await self.effective(machine, request)
         if profile is None:
-            reason = ("no profile: set one on the machine or a group that selects it"
+            reason = ("no profile: set one on the machine, a group that selects it or "
+                      "enroll.default_profile"
                       + (f" (group {group.name!r} has none)" if group else ""))
             if record:
                 await self._event(machine, "hold", reason, request, once=True)
@@ -275,28 +294,45 @@ class BootService:
                             group=group.name if group else None)
         k3s = (await self.k3s_join(machine, cluster, role, group, claim=record)
                if cluster else None)
+        if cluster is not None and k3s is not None and k3s.waiting:
+            # Held without a state change or a token: the retry loop asks again and installs
+            # by itself once a server registers (no power cycle, no operator).
+            reason = await self._waiting_reason(cluster)
+            if record:
+                # What the firmware told (its arch) is kept, so that `explain` answers for
+                # the machine as it boots; learn() changes nothing on later retries.
+                learned = learn(machine, request, self._clock())
+                if learned != machine:
+                    machine = learned
+                    await self._store.update_machine(machine)
+                await self._event(machine, "hold", reason, request, once=True)
+            return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                            retry_seconds=self.settings.hold_retry_seconds,
+                            group=group.name if group else None, cluster=cluster)
         reason = (f"{machine.state}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
         if record:
             token = self._new_token()
             now = self._clock()
-            machine = replace(
-                learn(machine, request, now),
-                state=MachineState.BOOTING,
+            machine = lifecycle.advance(
+                learn(machine, request, now), lifecycle.Trigger.INSTALL_PLAN, now,
                 token_hash=hash_token(token),
                 token_expires=now + self.settings.token_ttl_seconds,
                 # Bind the machine to the cluster and role it installs into, so that the
                 # cluster lists it and a later group edit does not move an installed node.
                 cluster=machine.cluster or (cluster.name if cluster else None),
                 role=machine.role or (role if cluster else None),
-                updated=now,
             )
             await self._store.update_machine(machine)
             await self._event(machine, "install-plan",
                               f"install profile {profile.name}"
                               + (f" into cluster {cluster.name} as {role}" if cluster else ""),
                               request)
+        else:
+            # A dry run renders for the machine as this request describes it (its arch picks
+            # the kernel console), exactly as the recorded plan would, without storing it.
+            machine = learn(machine, request, machine.updated)
         return BootPlan(
             BootAction.INSTALL, request.mac, reason, machine=machine,
             group=group.name if group else None, profile=profile,
@@ -310,6 +346,10 @@ class BootService:
         group, profile, cluster, role = await self.effective(machine, request)
         k3s = (await self.k3s_join(machine, cluster, role, group, claim=claim)
                if cluster else None)
+        if cluster is not None and k3s is not None and k3s.waiting:
+            # Its install plan had an endpoint, which has gone since (the server was removed
+            # or is reinstalling): a config without one would install a node that never joins.
+            raise Conflict(await self._waiting_reason(cluster))
         return BootPlan(BootAction.INSTALL, machine.mac, reason, machine=machine,
                         group=group.name if group else None, profile=profile, cluster=cluster,
                         k3s=k3s, token=token)
@@ -318,8 +358,11 @@ class BootService:
                        group: Group | None, *, claim: bool = True) -> K3sJoin:
         """Cluster formation: external server URL, or managed (first server runs cluster-init).
 
-        ``claim=False`` answers what would happen without recording this machine as the
-        cluster-init node (``explain`` and other dry runs must not change the decision).
+        Every other node of a managed cluster joins its endpoint (:meth:`_endpoint`); while
+        there is none the join is ``waiting`` and the node is held, not installed with a
+        name it cannot reach. ``claim=False`` answers what would happen without recording this
+        machine as the cluster-init node (``explain`` and other dry runs must not change the
+        decision).
         """
         labels = dict(cluster.labels)
         taints = list(cluster.taints)
@@ -344,31 +387,55 @@ class BootService:
                 if claim:
                     await self._store.put_setting(key, str(machine.mac))
                 init_mac = str(machine.mac)
+        san = self._tls_san(cluster)
         # Only the init node, and only while no other server runs, initialises: reinstalling
         # the first server of a live cluster must join it, not start a second cluster.
         if init_mac == str(machine.mac) and not running:
-            return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name)
-        return K3sJoin(role, await self._endpoint(cluster, init_mac, running), False,
-                       cluster.token, labels, tuple(taints), node_name)
+            return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name,
+                           san)
+        # The first server first, so that every node joins the same one.
+        running.sort(key=lambda m: str(m.mac) != init_mac)
+        return K3sJoin(role, self._endpoint(cluster, running), False, cluster.token, labels,
+                       tuple(taints), node_name, san)
 
-    async def _endpoint(self, cluster: Cluster, init_mac: str | None,
-                        running: list[Machine]) -> str:
+    def _endpoint(self, cluster: Cluster, running: list[Machine]) -> str | None:
+        """Where a node of a managed cluster reaches its servers, or None while nowhere.
+
+        A configured endpoint (a VIP) wins; then ``<cluster>.<zone>`` when netboot's DNS
+        answers it with a registered server; then the registered address of the first server.
+        Never a name that nothing resolves (the cluster's bare name) nor an address a node
+        reported about itself without it being checked (registration refuses loopback).
+        """
         port = self.settings.k3s_port
-        if self.settings.cluster_domain:
-            # netboot's DNS answers <cluster>.<zone> with every registered server.
-            return f"https://{cluster.name}.{self.settings.cluster_domain}:{port}"
-        init = await self._store.get_machine(init_mac) if init_mac else None
-        # Running servers, the init node first; a not-yet-registered init node last.
-        candidates = sorted(running, key=lambda m: init is None or m.mac != init.mac)
-        if init is not None and all(m.mac != init.mac for m in running):
-            candidates.append(init)
-        for node in candidates:
-            host = node.ipv4 or node.fixed_ipv4 or node.hostname
+        if cluster.endpoint:
+            return endpoint_url(cluster.endpoint, port)
+        domain = self.settings.cluster_domain
+        if domain and serves_cluster(cluster.name, running):
+            return f"https://{cluster.name.lower()}.{domain}:{port}"
+        for node in running:
+            host = node.ipv4 or node.facts.get("ipv6") or node.fixed_ipv4
             if host:
-                return f"https://{host}:{port}"
-        # No server yet: point at the name the first server will get, so that agents retry
-        # until it exists rather than join nothing.
-        return f"https://{cluster.name}:{port}"
+                return f"https://{url_host(host)}:{port}"
+        return None
+
+    def _tls_san(self, cluster: Cluster) -> tuple[str, ...]:
+        names = []
+        if cluster.endpoint:
+            names.append(endpoint_host(cluster.endpoint))
+        if self.settings.cluster_domain and valid_label(cluster.name.lower()):
+            names.append(f"{cluster.name.lower()}.{self.settings.cluster_domain}")
+        return tuple(names)
+
+    async def _waiting_reason(self, cluster: Cluster) -> str:
+        fix = f"or give the cluster one: netboot clusters set {cluster.name} --endpoint HOST"
+        servers = await self._store.list_machines(MachineFilter(
+            cluster=cluster.name, state=MachineState.REGISTERED, limit=100_000))
+        if any(m.role == Role.SERVER for m in servers):
+            # Registered, but from no address another node could reach (all were refused).
+            return (f"waiting for an address of cluster {cluster.name}'s servers: they "
+                    f"registered without one other nodes can reach ({fix})")
+        return (f"waiting for cluster {cluster.name}'s first server to register: its nodes "
+                f"have no endpoint to join yet ({fix})")
 
     async def explain(self, mac: str, *, arch: Arch | None = None) -> dict[str, Any]:
         """Which group matched and why, which profile, which state (``netboot explain``).
@@ -389,19 +456,28 @@ class BootService:
             "group": group.name if group else None,
             "group_selector": {k: list(v) for k, v in group.selector.items()} if group else None,
             "profile": profile.name if profile else None,
-            "profile_source": "machine" if machine.profile else ("group" if group else None),
+            "profile_source": self._profile_source(machine, group, profile),
             "cluster": cluster.name if cluster else None,
             "role": str(role), "decision": str(plan.action), "reason": plan.reason,
             "arch": str(request.arch) + ("" if arch or machine.arch else " (not seen yet)"),
         }
+
+    @staticmethod
+    def _profile_source(machine: Machine, group: Group | None, profile: Profile | None,
+                        ) -> str | None:
+        if profile is None:
+            return None
+        if machine.profile:
+            return "machine"
+        return "group" if group is not None and group.profile else "default"
 
     # -- records -----------------------------------------------------------------------
     async def _discover(self, request: BootRequest, machine: Machine | None) -> Machine:
         """Record what an unknown machine's firmware told us (never loses earlier facts)."""
         now = self._clock()
         if machine is None:
-            machine = learn(Machine(mac=request.mac, state=MachineState.DISCOVERED,
-                                    created=now), request, now)
+            machine = learn(Machine(mac=request.mac, created=now, state=lifecycle.first_state(
+                lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now)
             try:
                 await self._store.create_machine(machine)
             except Exception:  # a concurrent request created it first: read it back

@@ -2,30 +2,35 @@
 check-config | lab.
 
 Inventory commands open the same database the server uses (SQLite in WAL mode allows a second
-process), so they work whether or not the server runs. Tables where a person reads them,
-``--json`` where a script does. Logging is configured here and nowhere else.
+process), so they work whether or not the server runs. They are a thin face over
+:mod:`netboot.core`, as the API is: the same rules, defaults and renders, whichever is asked.
+Tables and local ISO 8601 times with how long ago where a person reads them; ``--json`` where
+a script does, on every command that prints a result (the API's shapes, times as Unix seconds).
+Logging is configured here and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from netboot import __version__
 from netboot.config import Config, load
+from netboot.core import Core, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Arch, BootAction, BootRequest, MacAddress, MachineState, Role
+from netboot.model import Arch, MachineState
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -36,6 +41,51 @@ def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     for r in cells:
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(out)
+
+
+def _ago(t: float, now: float) -> str:
+    """How long ago ``t`` was (or how long until it, for expiries), in its largest unit."""
+    seconds = abs(now - t)
+    if seconds < 1:
+        return "just now"
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60), ("s", 1)):
+        if seconds >= size:
+            amount = f"{int(seconds // size)} {unit}"
+            break
+    return f"in {amount}" if t > now else f"{amount} ago"
+
+
+def _when(t: float | None, now: float) -> str:
+    """Local ISO 8601 time with its UTC offset, and how long ago: ``2026-12-01T14:57:23+01:00
+    (3 min ago)``. Empty when the time was never set (stored as 0 or null)."""
+    if not t:
+        return ""
+    stamp = datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+    return f"{stamp} ({_ago(t, now)})"
+
+
+def _human(value: Any) -> str:
+    """A field value as a person reads it: mappings as ``k=v, k=v``, lists comma-separated."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_human(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_human(v) for v in value)
+    return str(value)
+
+
+# Fields of the codec dicts that hold Unix times.
+_TIME_FIELDS = frozenset({"created", "updated", "token_expires", "time", "expires"})
+
+
+def _print_fields(fields: Mapping[str, Any], width: int, now: float, *,
+                  skip_empty: bool = True) -> None:
+    for key, value in fields.items():
+        if value in (None, {}, [], ""):
+            if not skip_empty:
+                print(f"{key:{width}} -")
+            continue
+        shown = _when(value, now) if key in _TIME_FIELDS else _human(value)
+        print(f"{key:{width}} {shown}")
 
 
 def _labels(items: Sequence[str] | None, what: str = "--label") -> dict[str, str]:
@@ -76,28 +126,41 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _report(args: argparse.Namespace, text: str, value: Any) -> None:
+    """The result of a change: a line for a person, or ``value`` as JSON with ``--json``."""
+    if getattr(args, "json", False):
+        _print_json(value)
+    else:
+        print(text)
+
+
+def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
+    """The same core the server builds, with its settings; URLs as the server would give."""
+    from netboot.service import advertised_address, build_core, public_base_url
+
+    @functools.cache
+    def base_url() -> str:
+        return public_base_url(cfg, advertised_address(cfg))
+
+    return build_core(cfg, store, base_url, check_templates=check_templates)
+
+
+def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
+    """The flags the user gave, under their API field names (argparse: --fixed-ipv4 →
+    fixed_ipv4), so that the core sees the same data as from a request body."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
 # -- machines ----------------------------------------------------------------------------
 async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    from netboot.enroll import Enroller, check_hostname
-
-    enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
+    core = _core(store, cfg)
     if args.action == "add":
-        await enroller.validate_refs(args.cluster, args.profile)
-        mac = MacAddress.parse(args.mac)
-        data: dict[str, Any] = {"mac": str(mac), "labels": _labels(args.label)}
-        for key in ("hostname", "cluster", "role", "profile", "serial", "uuid", "asset",
-                    "fixed_ipv4"):
-            if getattr(args, key, None):
-                data[key] = getattr(args, key)
-        machine = codec.machine_from_dict(data)
-        now = time.time()
-        machine = replace(machine, created=now, updated=now,
-                          hostname=check_hostname(machine.hostname) if machine.hostname
-                          else await enroller.name_for(machine, cluster=args.cluster,
-                                                       role=args.role))
-        await store.create_machine(machine)
-        await enroller.event(str(mac), "enrolled", "added with the CLI")
-        print(f"enrolled {mac} as {machine.hostname}")
+        data = {"mac": args.mac, "labels": _labels(args.label),
+                **_given(args, "hostname", "cluster", "role", "profile", "serial", "uuid",
+                         "asset", "fixed_ipv4")}
+        machine = await core.create_machine(data, note="added with the CLI")
+        _report(args, f"enrolled {machine.mac} as {machine.hostname}",
+                codec.machine_to_dict(machine, secrets=False))
         return 0
     if args.action == "ls":
         st = MachineState(args.state) if args.state else None
@@ -107,60 +170,63 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         if args.json:
             _print_json([codec.machine_to_dict(m, secrets=False) for m in machines])
         else:
+            now = time.time()
             print(_table([(m.mac, m.hostname, m.state, m.cluster, m.role, m.profile, m.arch,
-                           m.firmware, m.ipv4) for m in machines],
+                           m.firmware, m.ipv4, _ago(m.updated, now) if m.updated else "")
+                          for m in machines],
                          ["mac", "hostname", "state", "cluster", "role", "profile", "arch",
-                          "firmware", "ipv4"]))
+                          "firmware", "ipv4", "updated"]))
         return 0
     if args.action == "show":
-        key = str(MacAddress.parse(args.mac))
-        found = await store.get_machine(key)
-        if found is None:
-            raise NotFound(f"machine {key} not found")
-        machine = found
-        events = await store.list_events(key)
+        machine = await core.machine(args.mac)
+        events = await store.list_events(str(machine.mac))
         if args.json:
             _print_json({**codec.machine_to_dict(machine, secrets=False),
                          "events": [codec.event_to_dict(e) for e in events]})
             return 0
-        for key, value in codec.machine_to_dict(machine, secrets=False).items():
-            if value not in (None, {}, []):
-                print(f"{key:14} {value}")
+        now = time.time()
+        _print_fields(codec.machine_to_dict(machine, secrets=False), 14, now)
         print("\nevents:")
-        print(_table([(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time)), e.kind,
-                       e.message) for e in events], ["time", "kind", "message"]))
+        print(_table([(_when(e.time, now), e.kind, e.message) for e in events],
+                     ["time", "kind", "message"]))
         return 0
     if args.action == "rm":
+        removed = []
         for text in args.macs:
-            await store.delete_machine(str(MacAddress.parse(text)))
-            print(f"removed {MacAddress.parse(text)}")
+            removed.append(str((await core.delete_machine(text)).mac))
+            if not args.json:
+                print(f"removed {removed[-1]}")
+        if args.json:
+            _print_json({"removed": removed})
         return 0
-    if args.action == "approve":
+    if args.action in ("approve", "reinstall"):
+        if args.action == "approve" and args.hostname and len(args.macs) > 1:
+            raise ValidationError("--hostname", "names one machine: approve one MAC with it")
+        changed = []
         for text in args.macs:
-            m = await enroller.approve(text, cluster=args.cluster,
-                                       role=Role(args.role) if args.role else None,
-                                       profile=args.profile)
-            print(f"approved {m.mac} as {m.hostname} ({m.cluster or 'no cluster'})")
-        return 0
-    if args.action == "reinstall":
-        for text in args.macs:
-            m = await enroller.reinstall(text)
-            print(f"{m.mac} will install again on its next network boot")
+            if args.action == "approve":
+                m = await core.approve(text, _given(args, "cluster", "role", "profile",
+                                                    "hostname"))
+                line = f"approved {m.mac} as {m.hostname} ({m.cluster or 'no cluster'})"
+            else:
+                m = await core.reinstall(text)
+                line = f"{m.mac} will install again on its next network boot"
+            changed.append(codec.machine_to_dict(m, secrets=False))
+            if not args.json:
+                print(line)
+        if args.json:
+            _print_json(changed)
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
 
 
 async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config) -> int:
     single = kind[:-1]
-    to_dict: Callable[[Any], dict[str, Any]] = {
-        "profiles": codec.profile_to_dict,
-        "clusters": lambda c: codec.cluster_to_dict(c, secrets=False),
-        "groups": codec.group_to_dict,
-    }[kind]
+    core = _core(store, cfg)
     if args.action == "ls":
-        items = await getattr(store, f"list_{kind}")()
+        items = await core.list_items(kind)
         if args.json:
-            _print_json([to_dict(i) for i in items])
+            _print_json([public_dict(kind, i) for i in items])
         elif kind == "profiles":
             print(_table([(p.name, p.kernel, ",".join(p.initrds), p.config_template)
                           for p in items], ["name", "kernel", "initrds", "config"]))
@@ -173,47 +239,43 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                          ["name", "selector", "profile", "cluster", "role"]))
         return 0
     if args.action == "rm":
-        await getattr(store, f"delete_{single}")(args.name)
-        print(f"removed {single} {args.name}")
+        await core.delete(kind, args.name)
+        _report(args, f"removed {single} {args.name}", {"removed": args.name})
         return 0
     if args.action == "show":
-        item = await getattr(store, f"get_{single}")(args.name)
-        if item is None:
-            raise NotFound(f"{single} {args.name!r} not found")
+        item = await core.get(kind, args.name)
         nodes = []
         if kind == "clusters":
             nodes = await store.list_machines(MachineFilter(cluster=args.name, limit=100_000))
         if args.json:
-            out = to_dict(item)
+            out = public_dict(kind, item)
             if kind == "clusters":
                 out["nodes"] = [codec.machine_to_dict(m, secrets=False) for m in nodes]
             _print_json(out)
             return 0
-        for key, value in to_dict(item).items():
-            print(f"{key:18} {value}")
+        _print_fields(public_dict(kind, item), 18, time.time())
         if kind == "clusters":
             print(f"\nnodes ({len(nodes)}):")
             print(_table([(m.hostname, m.mac, m.role, m.state, m.ipv4) for m in nodes],
                          ["hostname", "mac", "role", "state", "ipv4"]))
         return 0
+    if args.action == "set" and kind == "clusters":
+        # Changes only what is named; the join token (absent from the public form, so the
+        # core keeps it) and everything else stay as they are.
+        changed = public_dict(kind, await core.get(kind, args.name))
+        if args.endpoint is not None:
+            changed["endpoint"] = args.endpoint or None  # "" clears it
+        cluster = await core.put(kind, changed, create=False)
+        print(f"cluster {cluster.name}: endpoint {cluster.endpoint or 'unset (first server)'}")
+        return 0
     if args.action == "add":
+        data: dict[str, Any] = {"name": args.name}
         if kind == "profiles":
-            data: dict[str, Any] = {"name": args.name, "kernel": args.kernel,
-                                    "initrds": args.initrd or [],
-                                    "config_template": args.config_template}
-            if args.cmdline:
-                data["cmdline"] = args.cmdline
+            data |= {"initrds": args.initrd or [],
+                     **_given(args, "kernel", "cmdline", "config_template")}
         elif kind == "clusters":
-            data = {"name": args.name, "server_url": args.server_url,
-                    "labels": _labels(args.label)}
-            if args.token:
-                data["token"] = args.token
-            elif args.server_url == "managed":
-                import secrets
-
-                data["token"] = secrets.token_hex(32)
-            else:
-                raise ValidationError("--token", "an external cluster needs its k3s node token")
+            data |= {"labels": _labels(args.label),
+                     **_given(args, "server_url", "token", "endpoint")}
         else:
             selector = {}
             for item in args.selector or ():
@@ -221,21 +283,10 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                 if not sep:
                     raise ValidationError("--selector", f"{item!r} is not key=value[,value]")
                 selector[k] = v.split(",")
-            data = {"name": args.name, "selector": selector, "profile": args.profile,
-                    "cluster": args.cluster, "role": args.role, "labels": _labels(args.label)}
-        parse: Callable[[Any], Any] = {"profiles": codec.profile_from_dict,
-                                       "clusters": codec.cluster_from_dict,
-                                       "groups": codec.group_from_dict}[kind]
-        item = parse(data)
-        if kind == "groups":
-            from netboot import groups as grouping
-            from netboot.enroll import Enroller
-
-            await Enroller(store).validate_refs(item.cluster, item.profile)
-            grouping.check_groups([*(g for g in await store.list_groups() if g.name != item.name),
-                                   item])
-        await getattr(store, f"put_{single}")(item, create=True)
-        print(f"created {single} {args.name}")
+            data |= {"selector": selector, "labels": _labels(args.label),
+                     **_given(args, "profile", "cluster", "role")}
+        item = await core.put(kind, data, create=True)
+        _report(args, f"created {single} {args.name}", public_dict(kind, item))
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
 
@@ -274,54 +325,16 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
 
 
 async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    from netboot.boot import BootService, BootSettings, loader_names
-    from netboot.content import Content
-    from netboot.enroll import Enroller
-    from netboot.files import FileTree
-    from netboot.model import Firmware
-    from netboot.service import advertised_address, asset_roots, renderer_for
-
-    enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
-    assets = FileTree(asset_roots(cfg), pinned=loader_names())
-    boot = BootService(store, assets, BootSettings(policy=cfg.discovery.policy,
-                                                   rules=cfg.discovery.rules), enroller)
-    mac = str(MacAddress.parse(args.mac))
+    core = _core(store, cfg, check_templates=True)
     if args.cmd == "explain":
-        result = await boot.explain(mac, arch=Arch(args.arch) if args.arch else None)
+        result = await core.explain(args.mac, arch=args.arch)
         if args.json:
             _print_json(result)
         else:
-            for key, value in result.items():
-                print(f"{key:16} {value}")
+            # Every line, empty ones too: "group -" is the answer to "which group matched?".
+            _print_fields(result, 16, time.time(), skip_empty=False)
         return 0
-    base = cfg.http.public_url or f"http://{advertised_address(cfg)}:{cfg.http.port}"
-    content = Content(store, boot, renderer_for(cfg), assets, lambda: base, enroller)
-    machine = await store.get_machine(mac)
-    firmware = Firmware.UBOOT if args.kind == "pxelinux" else Firmware.IPXE
-    request = BootRequest(mac=MacAddress.parse(mac), firmware=firmware,
-                          arch=Arch(args.arch) if args.arch else
-                          machine.arch if machine and machine.arch else Arch.UNKNOWN,
-                          via="cli")
-    plan = await boot.plan(request, record=False)
-    # Read-only: no token is issued, so a placeholder stands where the device's would be.
-    token = "<install-token>"
-    ctx_plan = replace(plan, token=token) if plan.action == BootAction.INSTALL else plan
-    if args.kind == "ipxe":
-        print(content.render_ipxe(ctx_plan), end="")
-        return 0
-    if args.kind == "pxelinux":
-        print(content.render_pxelinux(ctx_plan), end="")
-        return 0
-    if machine is None:
-        raise NotFound(f"machine {mac} not found")
-    cplan = await boot.config_plan(machine, token=token, reason="rendered by the CLI",
-                                   request=request, claim=False)
-    if args.kind == "config":
-        print(content.k3os_config(cplan), end="")
-    else:
-        for name in ("meta-data", "user-data", "vendor-data"):
-            print(f"--- {name}")
-            print(content.nocloud(cplan, name), end="")
+    print(await core.render(args.mac, args.kind, arch=args.arch), end="")
     return 0
 
 
@@ -349,12 +362,12 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     from netboot.boot import loader_names
     from netboot.errors import Forbidden
     from netboot.files import FileTree, sha256_file
-    from netboot.render import shipped_templates_dir
     from netboot.service import asset_roots
+    from netboot.shipped import boot_assets_dir
 
     tree = FileTree(asset_roots(cfg), pinned=loader_names())
     known: dict[str, str] = {}
-    sums = shipped_templates_dir().parent / "boot_assets" / "checksums.sha256"
+    sums = boot_assets_dir() / "checksums.sha256"
     if sums.is_file():
         for line in sums.read_text().splitlines():
             if line.strip() and not line.startswith("#"):
@@ -406,7 +419,7 @@ def _check_config(args: argparse.Namespace) -> int:
     from netboot import groups as grouping
 
     grouping.check_groups(cfg.discovery.rules)
-    print(f"{args.file}: OK")
+    _report(args, f"{args.file}: OK", {"file": args.file, "ok": True})
     return 0
 
 
@@ -414,15 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netboot", description="Network-boot provisioning "
                                      "server for edge Kubernetes fleets.")
     parser.add_argument("--version", action="version", version=f"netboot {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", help="YAML config file (or NETBOOT_CONFIG)")
-    common.add_argument("--data-dir", help="where the inventory and admin token live")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--config", "-c", help="YAML config file (or NETBOOT_CONFIG)")
+    where.add_argument("--data-dir", help="where the inventory and admin token live")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true",
+                        help="machine-readable output (times as Unix seconds)")
+    common = argparse.ArgumentParser(add_help=False, parents=[where, output])
+    # The address a device is told: serve puts it in answers, render in the scripts it prints.
+    address = argparse.ArgumentParser(add_help=False)
+    address.add_argument("--interface", "-i", action="append",
+                         help="provisioning interface (repeat)")
+    address.add_argument("--advertise", help="address put in DHCP answers and URLs")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", parents=[common], help="run proxyDHCP, TFTP, HTTP (and DNS)")
-    s.add_argument("--interface", "-i", action="append", help="provisioning interface (repeat)")
-    s.add_argument("--advertise", help="address put in DHCP answers and URLs")
+    s = sub.add_parser("serve", parents=[where, address],
+                       help="run proxyDHCP, TFTP, HTTP (and DNS)")
     s.add_argument("--http-port", type=int)
     s.add_argument("--dhcp-port", type=int)
     s.add_argument("--pxe-port", type=int)
@@ -432,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--discovery", choices=["ignore", "hold", "auto"])
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
-    c = sub.add_parser("check-config", help="validate a config file")
+    c = sub.add_parser("check-config", parents=[output], help="validate a config file")
     c.add_argument("file")
 
     m = sub.add_parser("machines", help="enrolled and discovered machines")
@@ -459,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cluster")
     ap.add_argument("--role", choices=["server", "agent"])
     ap.add_argument("--profile")
+    ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
 
     for kind in ("profiles", "clusters", "groups"):
         k = sub.add_parser(kind, help=f"{kind} of the inventory")
@@ -478,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
             add.add_argument("--server-url", default="managed")
             add.add_argument("--token")
             add.add_argument("--label", action="append")
+            endpoint_help = ("where nodes reach a managed cluster's servers (a VIP or DNS "
+                             "name): host, host:port or https://host:port; default: the "
+                             "first registered server")
+            add.add_argument("--endpoint", help=endpoint_help)
+            cset = ksub.add_parser("set", parents=[common], help="change a cluster")
+            cset.add_argument("name")
+            cset.add_argument("--endpoint", help=endpoint_help + " ('' unsets it)")
         else:
             add.add_argument("--selector", action="append", help="key=value[,value...]")
             add.add_argument("--profile")
@@ -490,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=["csv", "yaml", "json"])
     i.add_argument("--dry-run", action="store_true")
 
-    r = sub.add_parser("render", parents=[common], help="what a device would get")
+    r = sub.add_parser("render", parents=[where, address], help="what a device would get")
     r.add_argument("mac")
     r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
     r.add_argument("--arch", choices=[a.value for a in Arch],

@@ -36,6 +36,29 @@ from netboot.render import Renderer
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
+
+# Default kernel consoles by CPU architecture (the ``console`` of the default command lines).
+# The last console= is /dev/console, where init and the installer write. x86 (and a machine
+# whose architecture nobody reported) keeps VGA last with the 8250 UART at ttyS0 beside it;
+# ARM boards and QEMU's virt machine have a PL011 UART, ttyAMA0, and often no display, so the
+# serial port comes last there; RISC-V virt boards have an 8250-compatible ttyS0.
+_CONSOLES = {
+    Arch.X86: "console=ttyS0 console=tty1",
+    Arch.X86_64: "console=ttyS0 console=tty1",
+    Arch.ARM64: "console=tty1 console=ttyAMA0",
+    Arch.ARM32: "console=tty1 console=ttyAMA0",
+    Arch.RISCV64: "console=tty1 console=ttyS0",
+}
+# The Raspberry Pi firmware rewrites serial0 into whichever UART the board routes to its
+# header pins (the mini UART ttyS0 on a Pi 3/4 with Bluetooth, else ttyAMA0).
+_RPI_CONSOLE = "console=tty1 console=serial0,115200"
+
+
+def default_console(arch: Arch | None, firmware: Firmware | None = None) -> str:
+    """The kernel console arguments for a machine's architecture (and Raspberry Pi firmware)."""
+    if firmware == Firmware.RPI:
+        return _RPI_CONSOLE
+    return _CONSOLES.get(arch or Arch.UNKNOWN, _CONSOLES[Arch.X86_64])
 _RPI_SERIAL = re.compile(r"^[0-9a-f]{8}$")
 
 
@@ -103,12 +126,14 @@ class Content:
                            "token": "", "labels": {}, "taints": [], "node_name": "",
                            "args": ["agent"]},
             "plan": {"action": str(plan.action), "reason": plan.reason,
-                     "retry_seconds": plan.retry_seconds},
+                     "retry_seconds": plan.retry_seconds, "command": plan.command},
             "token": token, "config_url": config_url, "nocloud_url": nocloud_url,
             "events_url": events_url, "register_url": register_url,
             "register_command": register_command(register_url, str(mac), token,
                                                  (k3s.node_name if k3s else "")),
             "instance_serial": int(machine.updated) if machine else 0,
+            "console": default_console(machine.arch if machine else None,
+                                       machine.firmware if machine else None),
         }
         if profile is not None:
             ctx["kernel_url"] = urls.asset(profile.kernel)
@@ -247,7 +272,13 @@ class Content:
         if machine is None or not token_matches(machine, token, self._clock()):
             # Same answer whether the MAC is unknown or the token wrong: leak nothing.
             raise AuthError("a valid install token is required for this machine's config")
-        return await self._boot.config_plan(machine, token=token,
+        return await self.config_plan(machine, token)
+
+    async def config_plan(self, machine: Machine, token: str | None, *, claim: bool = True,
+                          request: BootRequest | None = None) -> BootPlan:
+        """The plan a per-machine config is rendered from (the server's and ``netboot render``'s
+        alike). ``claim=False`` for dry runs that must not pick the cluster-init node."""
+        return await self._boot.config_plan(machine, token=token, request=request, claim=claim,
                                             reason=f"config for {machine.state} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:

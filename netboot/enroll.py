@@ -1,10 +1,8 @@
 """Enrollment: single machines, bulk import, approval, auto-enrollment, progress, registration.
 
-State changes a machine goes through come from what the server sees and are stored with their
-time, each as an event, so that ``netboot machines show`` tells where a device stands and why:
-
-    discovered → enrolled → booting → installing → installed → registered
-                                   ↘ failed ↗ reinstall
+Each step is stored with its time as an event, so that ``netboot machines show`` tells where a
+device stands and why. Which state a step leads to, and which steps a state refuses, is the
+table in :mod:`netboot.lifecycle`; this module only says which step happened.
 """
 
 from __future__ import annotations
@@ -24,7 +22,11 @@ from typing import Any
 
 import yaml
 
+from netboot import lifecycle
+from netboot.addresses import IPAddress
+from netboot.addresses import choose as choose_address
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
+from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
@@ -41,11 +43,11 @@ _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-
 MAX_EVENT_KIND = 64
 MAX_EVENT_MESSAGE = 2048
 
-# Events an installer may post, and the state each one moves the machine to.
-EVENT_STATES: Mapping[str, MachineState] = {
-    "installing": MachineState.INSTALLING,
-    "installed": MachineState.INSTALLED,
-    "failed": MachineState.FAILED,
+# Event kinds an installer may post that are lifecycle steps; any other kind is only recorded.
+REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
+    "installing": lifecycle.Trigger.INSTALLING,
+    "installed": lifecycle.Trigger.INSTALLED,
+    "failed": lifecycle.Trigger.FAILED,
 }
 
 
@@ -198,22 +200,41 @@ async def fleet_status(store: Store) -> dict[str, Any]:
     """Where the fleet stands: machines per state, overall and per cluster, and the failed.
 
     What an operator enrolling a thousand devices watches (``netboot status``,
-    ``GET /api/v1/status``); counts come from indexed queries, not a scan.
+    ``GET /api/v1/status``). A machine counts in its own cluster, else in the cluster of the
+    group that selects it, as it would boot. Counts come from indexed queries; only when a
+    group gives a cluster are the machines without one read once, since a selector matches
+    facts that no index holds.
     """
     by_state = {s.value: await store.count_machines(MachineFilter(state=s))
                 for s in MachineState}
+    total = sum(by_state.values())
     clusters: dict[str, dict[str, int]] = {}
     for cluster in await store.list_clusters():
         counts = {s.value: await store.count_machines(MachineFilter(cluster=cluster.name,
                                                                     state=s))
                   for s in MachineState}
         clusters[cluster.name] = {k: v for k, v in counts.items() if v}
+    groups = await store.list_groups()
+    groups_give_clusters = any(g.cluster for g in groups)
+
+    def cluster_of(machine: Machine) -> str | None:
+        if machine.cluster or not groups_give_clusters:
+            return machine.cluster
+        group = select_group(groups, machine_labels(machine))
+        return group.cluster if group else None
+
+    if total and groups_give_clusters:
+        for machine in await store.list_machines(MachineFilter(limit=total)):
+            # Machines with a cluster of their own were counted by the queries above.
+            if not machine.cluster and (name := cluster_of(machine)):
+                counts = clusters.setdefault(name, {})
+                counts[machine.state.value] = counts.get(machine.state.value, 0) + 1
     failed = await store.list_machines(MachineFilter(state=MachineState.FAILED, limit=20))
     return {
-        "total": sum(by_state.values()),
+        "total": total,
         "by_state": by_state,
         "clusters": clusters,
-        "failed": [{"mac": str(m.mac), "hostname": m.hostname, "cluster": m.cluster}
+        "failed": [{"mac": str(m.mac), "hostname": m.hostname, "cluster": cluster_of(m)}
                    for m in failed],
     }
 
@@ -280,11 +301,11 @@ class Enroller:
         hostname = machine.hostname or await self.unique_hostname(
             group.hostname_template or self.hostname_template, machine,
             cluster=group.cluster, role=str(group.role) if group.role else None)
-        updated = replace(
-            machine, state=MachineState.ENROLLED, hostname=hostname,
+        updated = lifecycle.advance(
+            machine, lifecycle.Trigger.AUTO_ENROLL, self._clock(), hostname=hostname,
             cluster=machine.cluster or group.cluster, role=machine.role or group.role,
             profile=machine.profile or group.profile,
-            labels={**group.labels, **machine.labels}, updated=self._clock(),
+            labels={**group.labels, **machine.labels},
         )
         await self._store.update_machine(updated)
         await self.event(str(machine.mac), "enrolled",
@@ -297,14 +318,14 @@ class Enroller:
                       profile: str | None, hostname: str | None = None) -> Machine:
         machine = await self._get(mac)
         await self.validate_refs(cluster, profile)
-        if machine.state not in (MachineState.DISCOVERED, MachineState.ENROLLED):
-            raise Conflict(f"{mac} is {machine.state}, not discovered; nothing to approve")
+        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=str(machine.mac))
         name = check_hostname(hostname) if hostname else machine.hostname
         if not name:
             name = await self.name_for(machine, cluster=cluster, role=str(role) if role else None)
-        updated = replace(machine, state=MachineState.ENROLLED, hostname=name,
-                          cluster=cluster or machine.cluster, role=role or machine.role,
-                          profile=profile or machine.profile, updated=self._clock())
+        updated = lifecycle.advance(machine, lifecycle.Trigger.APPROVE, self._clock(),
+                                    hostname=name, cluster=cluster or machine.cluster,
+                                    role=role or machine.role,
+                                    profile=profile or machine.profile)
         await self._store.update_machine(updated)
         await self.event(mac, "enrolled", f"approved as {name}"
                          + (f" for cluster {updated.cluster}" if updated.cluster else ""))
@@ -312,19 +333,16 @@ class Enroller:
 
     async def reinstall(self, mac: str) -> Machine:
         machine = await self._get(mac)
-        if machine.state == MachineState.DISCOVERED:
-            raise Conflict(f"{mac} is discovered, not enrolled; approve it first")
-        updated = replace(machine, state=MachineState.REINSTALL, token_hash=None,
-                          token_expires=None, updated=self._clock())
+        updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
+                                    token_hash=None, token_expires=None)
         await self._store.update_machine(updated)
         await self.event(mac, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
-        if machine.state in (MachineState.BOOTING, MachineState.ENROLLED,
-                             MachineState.REINSTALL):
-            await self._store.update_machine(
-                replace(machine, state=MachineState.INSTALLING, updated=self._clock()))
+        updated = lifecycle.advance(machine, lifecycle.Trigger.CONFIG_FETCHED, self._clock())
+        if updated is not machine:
+            await self._store.update_machine(updated)
         await self.event(str(machine.mac), "config", f"{what} fetched")
 
     async def report(self, mac: str, body: Mapping[str, Any]) -> Event:
@@ -344,16 +362,24 @@ class Enroller:
         unknown = set(body) - {"kind", "message", "data"}
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
-        new_state = EVENT_STATES.get(kind)
-        if new_state is not None and machine.state != MachineState.REGISTERED:
-            await self._store.update_machine(
-                replace(machine, state=new_state, updated=self._clock()))
+        step = REPORTED_STEPS.get(kind)
+        if step is not None:
+            updated = lifecycle.advance(machine, step, self._clock())
+            if updated is not machine:
+                await self._store.update_machine(updated)
         event = Event(mac, self._clock(), kind, message, data)
         await self._store.add_event(event)
         return event
 
-    async def register(self, body: Mapping[str, Any]) -> Machine:
-        """First boot of the installed OS: POST /api/v1/register with the install token."""
+    async def register(self, body: Mapping[str, Any], peer: IPAddress | None) -> Machine:
+        """First boot of the installed OS: POST /api/v1/register with the install token.
+
+        ``peer`` is the address the request came from; it is registered unless it is not
+        routable and the device reports one that is (:func:`netboot.addresses.choose`).
+        A reported entry that is not a usable address is ignored with an event, not a 400:
+        the device builds the list from ``hostname -i`` on its own, and refusing the whole
+        registration would leave it retrying, unregistered, for something it cannot fix.
+        """
         mac_text = body.get("mac")
         if not isinstance(mac_text, str):
             raise ValidationError("mac", "required")
@@ -379,14 +405,24 @@ class Enroller:
         hostname = body.get("hostname")
         if hostname is not None and not isinstance(hostname, str):
             raise ValidationError("hostname", "must be a string")
-        ipv4 = next((a for a in addresses if re.match(r"^\d+\.\d+\.\d+\.\d+$", a)), machine.ipv4)
-        updated = replace(machine, state=MachineState.REGISTERED, ipv4=ipv4, facts=facts,
-                          updated=self._clock())
+        choice = choose_address(peer, addresses)
+        ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
+        if choice.ipv6:
+            facts["ipv6"] = str(choice.ipv6)
+        updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
+                                    ipv4=ipv4, facts=facts)
         await self._store.update_machine(updated)
-        await self.event(mac, "registered",
-                         f"registered from {ipv4 or 'unknown address'}"
-                         + (f" as {hostname}" if hostname else ""),
-                         {"addresses": addresses})
+        where = (f"{choice.address} ({'the request' if choice.source == 'peer' else 'reported'})"
+                 if choice.address else f"no usable address (kept {machine.ipv4 or 'none'})")
+        # What was refused is said in the one event of this step, where an operator reading
+        # why agents join some address looks.
+        refused = "".join(f"; ignored {r.source} address {r.text!r} ({r.reason})"
+                          for r in choice.refused)
+        await self.event(mac, "registered", f"registered at {where}"
+                         + (f" as {hostname}" if hostname else "") + refused,
+                         {"addresses": addresses, "peer": str(peer) if peer else None,
+                          "refused": [{"address": r.text, "reason": r.reason,
+                                       "source": r.source} for r in choice.refused]})
         self._log.info("registered mac=%s ip=%s cluster=%s", mac, ipv4, machine.cluster)
         return updated
 
@@ -447,9 +483,11 @@ class Enroller:
                     role=machine.role or old.role, profile=machine.profile or old.profile,
                     labels={**old.labels, **machine.labels},
                     fixed_ipv4=machine.fixed_ipv4 or old.fixed_ipv4,
-                    state=(MachineState.ENROLLED if old.state == MachineState.DISCOVERED
-                           else old.state),
                 )
+                if lifecycle.allows(old.state, lifecycle.Trigger.ENROLL):
+                    # Naming a discovered machine in an import enrolls it; for any other
+                    # state the row only updates its fields.
+                    merged = lifecycle.advance(merged, lifecycle.Trigger.ENROLL, now)
                 if merged == old:
                     unchanged.append(mac)
                 else:
@@ -532,7 +570,8 @@ class Enroller:
             except ValueError:
                 raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
         return Machine(
-            mac=mac, state=MachineState.ENROLLED, hostname=hostname,
+            mac=mac, state=lifecycle.first_state(lifecycle.Trigger.ENROLL, subject=str(mac)),
+            hostname=hostname,
             serial=str(row["serial"]) if row.get("serial") else None,
             asset=str(row["asset"]) if row.get("asset") else None, uuid=uuid,
             cluster=cluster, role=Role(role_text) if role_text else None, profile=profile,

@@ -45,7 +45,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                     pytrace=False)
 
 
-def write_config(tmp: Path, extra: str = "") -> Path:
+def write_config(tmp: Path, extra: str = "", *, http: str = "") -> Path:
+    """A config for tests; ``extra`` adds sections, ``http`` adds indented lines to ``http:``."""
     assets = tmp / "assets"
     assets.mkdir(parents=True, exist_ok=True)
     (assets / "vmlinuz").write_bytes(KERNEL)
@@ -60,7 +61,7 @@ def write_config(tmp: Path, extra: str = "") -> Path:
   data_dir: {tmp / "data"}
 http:
   port: 0
-dhcp:
+{http}dhcp:
   mode: "off"
 tftp:
   enabled: false
@@ -121,8 +122,8 @@ EnvFactory = Callable[..., Awaitable[Env]]
 async def make_env(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[EnvFactory]:
     services: list[Service] = []
 
-    async def factory(extra: str = "", *, sub: str = "a") -> Env:
-        cfg: Config = load(write_config(tmp_path / sub, extra), env={})
+    async def factory(extra: str = "", *, sub: str = "a", http: str = "") -> Env:
+        cfg: Config = load(write_config(tmp_path / sub, extra, http=http), env={})
         service = await build(cfg)
         services.append(service)
         client = await aiohttp_client(service.app)
@@ -206,9 +207,21 @@ async def raw_get(env: Env, target: str, *, method: str = "GET") -> Reply:
 BASE = "http://192.0.2.10:8080"
 
 
+def ipxe_uristring(value: str) -> str:
+    """``${setting:uristring}`` as iPXE formats it (core/uri.c ``uri_encode`` field 0): %XX
+    for non-printing bytes, space, '%' and ``/#:@?=&``; everything else, '+' included, as is.
+    (aiohttp's ``params=`` would form-encode a space as '+', which iPXE never sends.)"""
+    return "".join(f"%{b:02X}" if b <= 0x20 or b >= 0x7f or chr(b) in "%/#:@?=&" else chr(b)
+                   for b in value.encode())
+
+
 async def boot(env: Env, mac: str, *, arch: str = "x86_64", **facts: str) -> str:
     """What iPXE gets from ``GET /ipxe`` for this machine (the query /boot.ipxe builds)."""
-    resp = await env.client.get("/ipxe", params={"mac": mac, "arch": arch, **facts})
+    from yarl import URL
+
+    query = "&".join(f"{k}={ipxe_uristring(v)}"
+                     for k, v in {"mac": mac, "arch": arch, **facts}.items())
+    resp = await env.client.get(URL(f"/ipxe?{query}", encoded=True))
     text = await resp.text()
     assert resp.status == 200, (resp.status, text)
     assert text.startswith("#!ipxe"), text
