@@ -241,7 +241,7 @@ def main() -> None:
             mib = f"{m.rps * row.size / (1 << 20):.0f}" if row.size else "-"
             line += f" {m.rps:>14,.0f} {m.p99_ms:>8.1f} {mib:>8} {m.errors:>6}"
         if len(servers) > 1:
-            line += f"  {results['netboot', row.name].rps / results['nginx', row.name].rps:.3f}x"
+            line += f"  {results['netboot', row.name].rps / results['nginx', row.name].rps:.2g}x"
         print(line)
 
 
