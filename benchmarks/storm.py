@@ -139,6 +139,15 @@ def udp_drops(ns: str) -> int:
     return int(udp.get("InErrors", 0)) + int(udp.get("SndbufErrors", 0))
 
 
+def listen_drops(ns: str) -> int:
+    """Connections the namespace's kernel dropped at a full accept queue (TcpExt ListenDrops):
+    a client then waits out SYN retransmissions (1, 2, 4, … s)."""
+    text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/netstat"], check=True,
+                          capture_output=True, text=True, timeout=30).stdout
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("TcpExt:")]
+    return int(dict(zip(rows[0], rows[1], strict=False)).get("ListenDrops", 0))
+
+
 # --- CPU of a server and its children ----------------------------------------------------------
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -861,6 +870,7 @@ class Result:
     generator_cpu: float = 0.0
     server_drops: int = 0
     client_drops: int = 0
+    listen_drops: int = 0
     times: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
@@ -890,13 +900,14 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
             raise RuntimeError(f"not ready ({said or line.strip()!r}; exited: {dead}); "
                                f"see {run}")
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
-        drops0 = udp_drops(server_ns), udp_drops(client_ns)
+        drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
         gen.stdin.write("GO\n")
         gen.stdin.flush()
         out = gen.stdout.readline()
         cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
         result.server_drops = udp_drops(server_ns) - drops0[0]
         result.client_drops = udp_drops(client_ns) - drops0[1]
+        result.listen_drops = listen_drops(server_ns) - drops0[2]
         if not out.strip():
             raise RuntimeError(f"{target}: the generator ended without a result; see {run}")
         data = json.loads(out)
@@ -952,13 +963,14 @@ def report(results: list[Result], spec: Spec) -> None:
             row += f"  {cell:>34}"
         print(row)
     print(f"\n{'target':<12} {'wall s':>8} {'server CPU s':>13} {'client CPU s':>13} "
-          f"{'devices ok':>11} {'failed':>7} {'UDP drops s/c':>14}  failures")
+          f"{'devices ok':>11} {'failed':>7} {'UDP drops s/c':>14} {'TCP listen drops':>17}"
+          "  failures")
     for r in ok:
         fails = "; ".join(f"{s}: {', '.join(f'{k} x{n}' for k, n in v.items())}"
                           for s, v in r.failures.items())
         print(f"{r.target:<12} {r.wall:>8.2f} {r.cpu:>13.2f} {r.generator_cpu:>13.2f} "
               f"{len(r.times.get('total', [])):>11} {r.failed:>7} "
-              f"{f'{r.server_drops}/{r.client_drops}':>14}  {fails}")
+              f"{f'{r.server_drops}/{r.client_drops}':>14} {r.listen_drops:>17}  {fails}")
     nb = next((r for r in ok if r.target == "netboot"), None)
     si = next((r for r in ok if r.target != "netboot"), None)
     if nb and si:
