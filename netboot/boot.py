@@ -42,6 +42,7 @@ from netboot.model import (
     FirstStage,
     Group,
     K3sJoin,
+    LoaderChain,
     MacAddress,
     Machine,
     MachineState,
@@ -71,24 +72,56 @@ class BootSettings:
     k3s_port: int = 6443
 
 
-# First-stage loaders by firmware and architecture, in order of preference. snponly.efi binds
-# only to the NIC it was loaded from (protocols.md §2.2), so it is preferred for UEFI.
-_LOADERS: dict[tuple[Firmware, Arch], tuple[str, ...]] = {
-    (Firmware.BIOS, Arch.X86): ("undionly.kpxe", "undionly.pxe"),
-    (Firmware.BIOS, Arch.X86_64): ("undionly.kpxe", "undionly.pxe"),
-    (Firmware.BIOS, Arch.UNKNOWN): ("undionly.kpxe",),
-    (Firmware.UEFI, Arch.X86_64): ("snponly.efi", "ipxe.efi"),
-    (Firmware.UEFI, Arch.X86): ("i386/snponly.efi", "i386/ipxe.efi"),
-    (Firmware.UEFI, Arch.ARM64): ("arm64/snponly.efi", "arm64/snp.efi", "arm64/ipxe.efi"),
-    (Firmware.UEFI, Arch.ARM32): ("arm32/snp.efi", "arm32/ipxe.efi"),
-    (Firmware.UEFI_HTTP, Arch.X86_64): ("ipxe.efi", "snponly.efi"),
-    (Firmware.UEFI_HTTP, Arch.ARM64): ("arm64/ipxe.efi", "arm64/snp.efi"),
+# First-stage loaders by chain, firmware and architecture, in order of preference.
+# iPXE: snponly.efi binds only to the NIC it was loaded from (protocols.md §2.2), so it is
+# preferred for UEFI. shim-grub: shim (Microsoft-signed) loads grub<arch>.efi from its own
+# directory; Debian's signed netboot GRUB (grubnet*.efi.signed, served under that name) then
+# reads $prefix/grub.cfg with its built-in prefix "/grub". Where shim is not installed for an
+# arch (arm64 boxes rarely enforce Secure Boot), the signed GRUB is handed out directly.
+_LOADERS: dict[tuple[LoaderChain, Firmware, Arch], tuple[str, ...]] = {
+    (LoaderChain.IPXE, Firmware.BIOS, Arch.X86): ("undionly.kpxe", "undionly.pxe"),
+    (LoaderChain.IPXE, Firmware.BIOS, Arch.X86_64): ("undionly.kpxe", "undionly.pxe"),
+    (LoaderChain.IPXE, Firmware.BIOS, Arch.UNKNOWN): ("undionly.kpxe",),
+    (LoaderChain.IPXE, Firmware.UEFI, Arch.X86_64): ("snponly.efi", "ipxe.efi"),
+    (LoaderChain.IPXE, Firmware.UEFI, Arch.X86): ("i386/snponly.efi", "i386/ipxe.efi"),
+    (LoaderChain.IPXE, Firmware.UEFI, Arch.ARM64): ("arm64/snponly.efi", "arm64/snp.efi",
+                                                    "arm64/ipxe.efi"),
+    (LoaderChain.IPXE, Firmware.UEFI, Arch.ARM32): ("arm32/snp.efi", "arm32/ipxe.efi"),
+    (LoaderChain.IPXE, Firmware.UEFI_HTTP, Arch.X86_64): ("ipxe.efi", "snponly.efi"),
+    (LoaderChain.IPXE, Firmware.UEFI_HTTP, Arch.ARM64): ("arm64/ipxe.efi", "arm64/snp.efi"),
+    (LoaderChain.SHIM_GRUB, Firmware.UEFI, Arch.X86_64): ("shimx64.efi",),
+    (LoaderChain.SHIM_GRUB, Firmware.UEFI, Arch.ARM64): ("shimaa64.efi", "grubaa64.efi"),
+    (LoaderChain.SHIM_GRUB, Firmware.UEFI_HTTP, Arch.X86_64): ("shimx64.efi",),
+    (LoaderChain.SHIM_GRUB, Firmware.UEFI_HTTP, Arch.ARM64): ("shimaa64.efi", "grubaa64.efi"),
+}
+
+# What the first stage of the shim-grub chain fetches next from its own directory, under the
+# name shim asks for (shim's DEFAULT_LOADER), and where Debian's packages install it; the
+# asset tree serves the first file found (netboot.files.FileTree aliases).
+SIGNED_FILES: dict[str, tuple[str, ...]] = {
+    "shimx64.efi": ("shimx64.efi", "shimx64.efi.signed"),
+    "shimaa64.efi": ("shimaa64.efi", "shimaa64.efi.signed"),
+    "grubx64.efi": ("grubx64.efi", "x86_64-efi-signed/grubnetx64.efi.signed"),
+    "grubaa64.efi": ("grubaa64.efi", "arm64-efi-signed/grubnetaa64.efi.signed"),
 }
 
 
 def loader_names() -> tuple[str, ...]:
     """Every first-stage file name netboot may hand out (pinned in the asset tree)."""
-    return tuple(sorted({name for names in _LOADERS.values() for name in names}))
+    names = {name for names in _LOADERS.values() for name in names} | set(SIGNED_FILES)
+    return tuple(sorted(names))
+
+
+def loader_aliases() -> dict[str, tuple[str, ...]]:
+    """Pinned name → the file names it may be found under (the packages' own names)."""
+    return {name: SIGNED_FILES.get(name, (name,)) for name in loader_names()}
+
+
+def default_chain(firmware: Firmware, arch: Arch) -> LoaderChain:
+    """The chain when no machine, group or profile chooses: Debian has no arm64 iPXE."""
+    if firmware in (Firmware.UEFI, Firmware.UEFI_HTTP) and arch == Arch.ARM64:
+        return LoaderChain.SHIM_GRUB
+    return LoaderChain.IPXE
 
 
 _FACT_KEYS = ("manufacturer", "product", "hostname", "platform", "relay", "interface")
@@ -172,7 +205,9 @@ class BootService:
         if (machine is None or machine.state == MachineState.DISCOVERED) \
                 and self.settings.policy == "ignore" and not await self._awaiting_nic():
             return None
-        return self.loader(request)
+        if request.firmware not in (Firmware.UEFI, Firmware.UEFI_HTTP):
+            return self.loader(request)
+        return self.loader(request, *await self.chain(machine, request))
 
     async def _awaiting_nic(self) -> bool:
         """Whether some machine was enrolled without a MAC (by serial, asset or UUID).
@@ -207,7 +242,14 @@ class BootService:
             self._locks[mac] = lock
         return lock
 
-    def loader(self, request: BootRequest) -> FirstStage | None:
+    def loader(self, request: BootRequest, chain: LoaderChain | None = None,
+               why: str = "") -> FirstStage | None:
+        """The first stage for this firmware and arch from ``chain`` (None: the default).
+
+        A chain chosen for the machine is kept even when its files are missing (the firmware
+        of a Secure Boot machine would refuse the other one anyway): netboot stays silent and
+        says why. The default chain falls back to the other one.
+        """
         fw, arch = request.firmware, request.arch
         if fw == Firmware.IPXE:
             return FirstStage("/boot.ipxe", http=True, reason="iPXE gets the HTTP script")
@@ -216,15 +258,40 @@ class BootService:
             return FirstStage("boot.scr.uimg", reason="U-Boot boot script")
         if fw == Firmware.RPI:
             return FirstStage("bootcode.bin", reason="Raspberry Pi bootloader")
-        for name in _LOADERS.get((fw, arch), ()):
-            if self._assets.exists(name):
+        chains = [chain] if chain is not None else [default_chain(fw, arch)]
+        if chain is None:
+            chains += [c for c in LoaderChain if c not in chains]
+            why = why or "default for the architecture"
+        for which in chains:
+            for name in _LOADERS.get((which, fw, arch), ()):
+                if not self._assets.exists(name):
+                    continue
+                what = ("chainloads iPXE" if which == LoaderChain.IPXE
+                        else "signed chain shim → GRUB" if name.startswith("shim")
+                        else "signed GRUB")
+                reason = f"{fw}/{arch} {what} ({name}; chain {which}: {why})"
                 if fw == Firmware.UEFI_HTTP:
                     return FirstStage("/assets/" + name, http=True,
-                                      reason=f"UEFI HTTP boot of {name}")
-                return FirstStage(name, reason=f"{fw}/{arch} chainloads iPXE ({name})")
-        self._log.warning("no first-stage loader for mac=%s firmware=%s arch=%s; staying silent",
-                          request.mac, fw, arch)
+                                      reason=f"UEFI HTTP boot: {reason}", chain=which)
+                return FirstStage(name, reason=reason, chain=which)
+        self._log.warning("no first-stage loader for mac=%s firmware=%s arch=%s chain=%s; "
+                          "staying silent", request.mac, fw, arch,
+                          "/".join(str(c) for c in chains))
         return None
+
+    async def chain(self, machine: Machine | None, request: BootRequest,
+                    ) -> tuple[LoaderChain | None, str]:
+        """The loader chain chosen for a machine and who chose it (None: the default)."""
+        if machine is None:
+            return None, "default for the architecture"
+        if machine.loader is not None:
+            return machine.loader, "set on the machine"
+        group, profile, _, _ = await self.effective(machine, request)
+        if group is not None and group.loader is not None:
+            return group.loader, f"set on group {group.name}"
+        if profile is not None and profile.loader is not None:
+            return profile.loader, f"set on profile {profile.name}"
+        return None, "default for the architecture"
 
     # -- iPXE / pxelinux ---------------------------------------------------------------
     async def plan(self, request: BootRequest, *, record: bool = True) -> BootPlan:
@@ -495,7 +562,22 @@ class BootService:
             "cluster": cluster.name if cluster else None,
             "role": str(role), "decision": str(plan.action), "reason": plan.reason,
             "arch": str(request.arch) + ("" if arch or machine.arch else " (not seen yet)"),
+            **await self._explain_chain(machine, request),
         }
+
+    async def _explain_chain(self, machine: Machine, request: BootRequest) -> dict[str, Any]:
+        """Which UEFI first-stage chain the machine gets and why (what its firmware is sent)."""
+        chain, why = await self.chain(machine, request)
+        fw = machine.firmware if machine.firmware in (Firmware.UEFI, Firmware.UEFI_HTTP) \
+            else Firmware.UEFI
+        stage = self.loader(replace(request, firmware=fw), chain, why)
+        effective = (stage.chain if stage is not None and stage.chain is not None
+                     else chain or default_chain(fw, request.arch))
+        return {"loader": str(effective), "loader_source": why,
+                "first_stage": stage.path if stage else None,
+                "first_stage_reason": (stage.reason if stage else
+                                       f"no {effective} loader installed for {fw}/"
+                                       f"{request.arch}: the firmware gets no answer")}
 
     @staticmethod
     def _profile_source(machine: Machine, group: Group | None, profile: Profile | None,

@@ -30,7 +30,7 @@ from netboot.core import Core, machine_dict, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Arch, MachineState
+from netboot.model import Arch, LoaderChain, MachineState
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -74,6 +74,8 @@ def _human(value: Any) -> str:
 
 
 # Fields of the codec dicts that hold Unix times.
+LOADER_HELP = ("UEFI first-stage chain: ipxe, or shim-grub (signed shim, GRUB and kernel, "
+               "for Secure Boot); default: the group's, the profile's, else by architecture")
 _TIME_FIELDS = frozenset({"created", "updated", "token_expires", "time", "expires"})
 
 
@@ -157,7 +159,7 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     if args.action == "add":
         data = {"macs": args.more_macs or [], "labels": _labels(args.label),
                 **_given(args, "mac", "hostname", "cluster", "role", "profile", "serial",
-                         "uuid", "asset", "fixed_ipv4")}
+                         "uuid", "asset", "fixed_ipv4", "loader")}
         machine = await core.create_machine(data, note="added with the CLI")
         _report(args, f"enrolled {machine.ref} as {machine.hostname} (id {machine.id})",
                 machine_dict(machine))
@@ -274,7 +276,7 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
         data: dict[str, Any] = {"name": args.name}
         if kind == "profiles":
             data |= {"initrds": args.initrd or [],
-                     **_given(args, "kernel", "cmdline", "config_template")}
+                     **_given(args, "kernel", "cmdline", "config_template", "loader")}
         elif kind == "clusters":
             data |= {"labels": _labels(args.label),
                      **_given(args, "server_url", "token", "endpoint")}
@@ -286,7 +288,7 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                     raise ValidationError("--selector", f"{item!r} is not key=value[,value]")
                 selector[k] = v.split(",")
             data |= {"selector": selector, "labels": _labels(args.label),
-                     **_given(args, "profile", "cluster", "role")}
+                     **_given(args, "profile", "cluster", "role", "loader")}
         item = await core.put(kind, data, create=True)
         _report(args, f"created {single} {args.name}", public_dict(kind, item))
         return 0
@@ -361,13 +363,13 @@ async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
 
 async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     """Which first-stage loaders and profile assets are found, and do their checksums match."""
-    from netboot.boot import loader_names
+    from netboot.boot import loader_aliases, loader_names
     from netboot.errors import Forbidden
     from netboot.files import FileTree, sha256_file
     from netboot.service import asset_roots
     from netboot.shipped import boot_assets_dir
 
-    tree = FileTree(asset_roots(cfg), pinned=loader_names())
+    tree = FileTree(asset_roots(cfg), pinned=loader_aliases())
     known: dict[str, str] = {}
     sums = boot_assets_dir() / "checksums.sha256"
     if sums.is_file():
@@ -385,8 +387,9 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             continue
         d = sha256_file(path)
         status = "ok (known build)" if known.get(d) == Path(name).name else "unknown build"
+        signed = _signed(path)
         rows.append({"kind": "loader", "name": name, "status": status, "path": str(path),
-                     "sha256": d})
+                     "sha256": d, "signed": signed})
     for profile in await store.list_profiles():
         wanted = {a.path: a.sha256 for a in profile.assets}
         for ref in (profile.kernel, *profile.initrds):
@@ -408,9 +411,26 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     if args.json:
         _print_json(rows)
     else:
-        print(_table([(r["kind"], r["name"], r["status"], r["path"]) for r in rows],
-                     ["for", "file", "status", "path"]))
+        print(_table([(r["kind"], r["name"], r["status"], _signature(r.get("signed")),
+                       r["path"]) for r in rows],
+                     ["for", "file", "status", "signature", "path"]))
     return 1 if bad else 0
+
+
+def _signature(signed: object) -> str:
+    # Secure Boot firmware refuses an unsigned EFI loader; "-" for a BIOS one (not PE/COFF).
+    return "-" if signed is None else "signed" if signed else "UNSIGNED"
+
+
+def _signed(path: Path) -> bool | None:
+    """Whether an EFI loader carries an Authenticode signature (Secure Boot firmware refuses
+    one without); None for a file that is not PE/COFF (a BIOS .kpxe)."""
+    from netboot.wire.pe import signature
+
+    try:
+        return signature(path.read_bytes()).signed
+    except ValidationError:
+        return None
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -469,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument(flag)
     a.add_argument("--role", choices=["server", "agent"])
     a.add_argument("--label", action="append")
+    a.add_argument("--loader", choices=[c.value for c in LoaderChain], help=LOADER_HELP)
     ls = msub.add_parser("ls", parents=[common])
     ls.add_argument("--state", choices=[s.value for s in MachineState])
     ls.add_argument("--cluster")
@@ -500,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
             add.add_argument("--cmdline")
             add.add_argument("--config-template", choices=["k3os", "cloud-init"],
                              default="k3os")
+            add.add_argument("--loader", choices=[c.value for c in LoaderChain],
+                             help=LOADER_HELP)
         elif kind == "clusters":
             add.add_argument("--server-url", default="managed")
             add.add_argument("--token")
@@ -517,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
             add.add_argument("--cluster")
             add.add_argument("--role", choices=["server", "agent"])
             add.add_argument("--label", action="append")
+            add.add_argument("--loader", choices=[c.value for c in LoaderChain],
+                             help=LOADER_HELP)
 
     i = sub.add_parser("import", parents=[common], help="bulk-enroll from CSV, YAML or JSON")
     i.add_argument("file")
@@ -525,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("render", parents=[where, address], help="what a device would get")
     r.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
-    r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
+    r.add_argument("kind", choices=["ipxe", "pxelinux", "grub", "config", "nocloud"])
     r.add_argument("--arch", choices=[a.value for a in Arch],
                    help="architecture the device reports (default: last seen)")
     sub.add_parser("status", parents=[common],

@@ -29,6 +29,8 @@ DEFAULT_ASSET_DIRS = (
     "boot_assets",
     "/usr/lib/ipxe",  # Debian/Ubuntu package "ipxe"
     "/usr/share/ipxe",  # Fedora package "ipxe-bootimgs"
+    "/usr/lib/shim",  # Debian "shim-signed": shimx64.efi.signed
+    "/usr/lib/grub",  # Debian "grub-efi-{amd64,arm64}-signed": <arch>-efi-signed/grubnet*
 )
 
 

@@ -187,13 +187,63 @@ class Content:
         # A fixed timestamp keeps the image byte-identical across restarts (cacheable, testable).
         return uimage.script_image(body, timestamp=0, name="netboot")
 
+    # -- GRUB (the shim-grub chain) ---------------------------------------------------
+    async def grub_file(self, name: str, peer: tuple[str, int], via: str) -> bytes:
+        """A file under GRUB's prefix ``/grub`` (Debian's signed netboot images have it built
+        in). They read ``grub.cfg`` only (after ``<platform>/grub.cfg``, which is not found
+        here), so that dispatches to ``grub.cfg-01-<mac>`` (colons as ``$net_default_mac``
+        has them, or dashes as upstream GRUB's own lookup asks), then ``grub.cfg-<HEX IP>``."""
+        if name == "grub.cfg":
+            return self._render.render("grub/grub.cfg", {"base_url": self.urls.base}).encode()
+        lower = name.lower()
+        if lower.startswith("grub.cfg-01-") and len(lower) == 29:
+            mac = MacAddress.parse(lower[len("grub.cfg-01-"):])
+            machine = await self._store.machine_by("mac", str(mac))
+            request = BootRequest(mac=mac, via=via, remote_addr=peer[0],
+                                  firmware=machine.firmware if machine and machine.firmware
+                                  else Firmware.UEFI,
+                                  arch=machine.arch if machine and machine.arch
+                                  else Arch.UNKNOWN)
+            return self.render_grub(await self._boot.plan(request), via=via).encode()
+        if lower.startswith("grub.cfg-") and _HEX_IP.match(name[len("grub.cfg-"):]) \
+                and len(name) == len("grub.cfg-") + 8:
+            hexip = name[len("grub.cfg-"):]
+            machine = await self._by_ip(".".join(str(int(hexip[i:i + 2], 16))
+                                                 for i in range(0, 8, 2)))
+            if machine is not None:
+                return self.render_grub(await self._boot.plan(identity.request_for(
+                    machine, via=via, remote_addr=peer[0],
+                    firmware=machine.firmware or Firmware.UEFI,
+                    arch=machine.arch or Arch.UNKNOWN)), via=via).encode()
+        # <platform>/grub.cfg, fonts, locales: site files if any, else not found (GRUB goes on).
+        return _read(self.assets.resolve("grub/" + name))
+
+    def render_grub(self, plan: BootPlan, *, via: str = "tftp") -> str:
+        """The per-machine grub.cfg of a plan (one template per boot action). The kernel and
+        initrds come from the same server and protocol GRUB was loaded over: TFTP paths, or
+        ``/assets/...`` for UEFI HTTP boot (GRUB's ``$root`` is that server either way)."""
+        ctx = self.context(plan)
+        if plan.action == BootAction.INSTALL and plan.profile is not None:
+            refs = (plan.profile.kernel, *plan.profile.initrds)
+            remote = [r for r in refs if r.startswith(("http://", "https://"))]
+            if remote:
+                raise RenderError(f"profile {plan.profile.name}: GRUB fetches the kernel and "
+                                  f"initrds from netboot itself; {remote[0]} is a URL, put "
+                                  "it in netboot's assets")
+            head = "/assets/" if via == "http" else "/"
+            ctx["grub_kernel"] = head + ctx["kernel_path"]
+            ctx["grub_initrds"] = [head + p for p in ctx["initrd_paths"]]
+        return self._render.render(f"grub/{plan.action}.cfg", ctx)
+
     async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
-        """Dynamic per-machine files first (U-Boot/pxelinux lookup order), then assets."""
+        """Dynamic per-machine files first (U-Boot/pxelinux/GRUB lookup order), then assets."""
         rel = clean_relative(path)
         if rel == "boot.scr.uimg":
             return _text_blob(self.uboot_script(), "application/octet-stream")
         if rel.startswith("pxelinux.cfg/"):
             return _text_blob(await self._pxelinux_file(rel.split("/", 1)[1], peer))
+        if rel.startswith("grub/"):
+            return _text_blob(await self.grub_file(rel.split("/", 1)[1], peer, "tftp"))
         head, _, rest = rel.partition("/")
         if rest and _RPI_SERIAL.match(head.lower()):
             return await self._rpi_file(head.lower(), rest, peer)

@@ -39,14 +39,14 @@ from netboot.model import (
 )
 
 KINDS = ("profiles", "clusters", "groups")
-RENDER_KINDS = ("ipxe", "pxelinux", "config", "nocloud")
+RENDER_KINDS = ("ipxe", "pxelinux", "grub", "config", "nocloud")
 NOCLOUD_FILES = ("meta-data", "user-data", "vendor-data")
 # What a render shows where a device's one-time install token would be (none is issued). In
 # a token's own alphabet (URL-safe base64), so it is quoted and escaped exactly as a real one
 # (in URLs, JSON, shell), and the rest of the text is byte for byte what the device gets.
 TOKEN_PLACEHOLDER = "INSTALL-TOKEN"
 MACHINE_INPUT = frozenset({"mac", "macs", "hostname", "uuid", "serial", "asset", "labels",
-                           "cluster", "role", "profile", "fixed_ipv4"})
+                           "cluster", "role", "profile", "loader", "fixed_ipv4"})
 APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
 
 
@@ -173,7 +173,7 @@ class Core:
         machine = replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
                           serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
                           cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,
-                          fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
+                          loader=parsed.loader, fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
         await self.store.update_machine(machine)
         return machine
 
@@ -336,8 +336,9 @@ class Core:
         if machine is None and key is None:
             raise NotFound(f"machine {ref} not found (give one of its MACs or its id)")
         wanted = _arch(arch)
-        if kind in ("ipxe", "pxelinux"):
-            firmware = Firmware.UBOOT if kind == "pxelinux" else Firmware.IPXE
+        if kind in ("ipxe", "pxelinux", "grub"):
+            firmware = {"pxelinux": Firmware.UBOOT, "grub": Firmware.UEFI}.get(kind,
+                                                                               Firmware.IPXE)
             arch_now = wanted or (machine.arch if machine and machine.arch else Arch.UNKNOWN)
             if machine is not None:
                 request = identity.request_for(machine, firmware=firmware, arch=arch_now,
@@ -352,6 +353,8 @@ class Core:
                 plan = replace(plan, token=TOKEN_PLACEHOLDER)
             if kind == "ipxe":
                 return self.content.render_ipxe(plan)
+            if kind == "grub":
+                return self.content.render_grub(plan)
             return self.content.render_pxelinux(plan)
         if machine is None:
             raise NotFound(f"machine {ref} not found")

@@ -11,7 +11,7 @@ import hashlib
 import mimetypes
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -59,18 +59,29 @@ class FileTree:
     every other request path must stay inside its root.
     """
 
-    def __init__(self, roots: Sequence[Path], *, pinned: Sequence[str] = ()) -> None:
+    def __init__(self, roots: Sequence[Path], *,
+                 pinned: Sequence[str] | Mapping[str, Sequence[str]] = ()) -> None:
         self.roots = [Path(r) for r in roots]
         self.pinned: dict[str, Path] = {}
-        for name in pinned:
-            for root in self.roots:
+        # A pinned name may be found under other names (Debian installs the signed GRUB as
+        # x86_64-efi-signed/grubnetx64.efi.signed; shim asks for grubx64.efi): each root is
+        # searched for each of them, in order, before the next root.
+        aliases = pinned if isinstance(pinned, Mapping) else {name: (name,) for name in pinned}
+        for name, alternatives in aliases.items():
+            found = self._first(alternatives)
+            if found is not None:
+                self.pinned[name] = found
+
+    def _first(self, names: Sequence[str]) -> Path | None:
+        for root in self.roots:
+            for name in names:
                 candidate = root / name
                 try:
                     if candidate.is_file():
-                        self.pinned[name] = candidate.resolve(strict=True)
-                        break
+                        return candidate.resolve(strict=True)
                 except OSError:
                     continue
+        return None
 
     def resolve(self, path: str, *, decode_percent: bool = False) -> Path:
         rel = clean_relative(path, decode_percent=decode_percent)

@@ -105,6 +105,18 @@ class Firmware(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+class LoaderChain(enum.StrEnum):
+    """The first-stage chain a UEFI machine is given (the rest of the boot is the same).
+
+    ``ipxe``: snponly.efi/ipxe.efi, then netboot's iPXE script (Debian does not sign iPXE, so
+    firmware enforcing Secure Boot refuses it). ``shim-grub``: shim (signed by Microsoft's UEFI
+    CA) loads GRUB and GRUB the kernel, each signed by Debian, then netboot's grub.cfg.
+    """
+
+    IPXE = "ipxe"
+    SHIM_GRUB = "shim-grub"
+
+
 class MachineState(enum.StrEnum):
     DISCOVERED = "discovered"
     ENROLLED = "enrolled"
@@ -176,6 +188,7 @@ class Machine:
     cluster: str | None = None
     role: Role | None = None
     profile: str | None = None
+    loader: LoaderChain | None = None  # None: the group's, else the profile's, else by arch
     arch: Arch | None = None
     firmware: Firmware | None = None
     ipv4: str | None = None  # last address seen (registration or lease)
@@ -217,6 +230,7 @@ class Profile:
     iso_url: str | None = None
     ssh_authorized_keys: tuple[str, ...] = ()
     fdtdir: str | None = None  # pxelinux FDTDIR for U-Boot boards that need a device tree
+    loader: LoaderChain | None = None  # first-stage chain for UEFI; None: by architecture
     description: str = ""
 
 
@@ -264,6 +278,7 @@ class Group:
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[str, ...] = ()
     hostname_template: str | None = None
+    loader: LoaderChain | None = None  # first-stage chain of its machines (over the profile's)
 
     @property
     def specificity(self) -> int:
@@ -373,6 +388,7 @@ class FirstStage:
     path: str
     http: bool = False
     reason: str = ""
+    chain: LoaderChain | None = None  # for UEFI: the loader chain this first stage starts
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,10 @@ _NSTR = {"type": ["string", "null"]}
 _MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _LIST = {"type": "array", "items": {"type": "string"}}
 
+_LOADER = {"type": ["string", "null"], "enum": ["ipxe", "shim-grub", None],
+           "description": "UEFI first-stage chain: ipxe (unsigned iPXE) or shim-grub (shim, "
+                          "GRUB and kernel signed: Secure Boot); unset, the group's, then the "
+                          "profile's, else shim-grub for arm64 (no iPXE) and ipxe otherwise"}
 _MACHINE_PROPS: dict[str, Any] = {
     "mac": {"type": ["string", "null"],
             "description": "its first NIC, any common MAC form; normalised"},
@@ -20,7 +24,7 @@ _MACHINE_PROPS: dict[str, Any] = {
     "hostname": _NSTR, "uuid": _NSTR, "serial": _NSTR, "asset": _NSTR,
     "labels": _MAP, "cluster": _NSTR,
     "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
-    "profile": _NSTR, "fixed_ipv4": _NSTR,
+    "profile": _NSTR, "loader": _LOADER, "fixed_ipv4": _NSTR,
 }
 # Read-only: a state changes only by what happens to the machine (netboot.lifecycle), so the
 # input schemas do not have it and the API answers 400 naming "state".
@@ -64,7 +68,7 @@ SCHEMAS: dict[str, Any] = {
         "assets": {"type": "array", "items": {"type": "object", "properties": {
             "path": _STR, "sha256": _NSTR}}},
         "install_device": _STR, "iso_url": _NSTR, "ssh_authorized_keys": _LIST,
-        "fdtdir": _NSTR, "description": _STR}},
+        "fdtdir": _NSTR, "loader": _LOADER, "description": _STR}},
     "Cluster": {"type": "object", "required": ["name"], "properties": {
         "name": _STR, "server_url": {"type": "string",
                                      "description": "https://… of the k3s API, or 'managed'"},
@@ -77,7 +81,7 @@ SCHEMAS: dict[str, Any] = {
     "Group": {"type": "object", "required": ["name"], "properties": {
         "name": _STR, "selector": {"type": "object", "additionalProperties": _LIST},
         "profile": _NSTR, "cluster": _NSTR, "role": _NSTR, "labels": _MAP, "taints": _LIST,
-        "hostname_template": _NSTR}},
+        "hostname_template": _NSTR, "loader": _LOADER}},
     "Event": {"type": "object", "properties": {
         "machine": _STR, "time": {"type": "number"}, "kind": _STR, "message": _STR,
         "data": {"type": "object"}}},

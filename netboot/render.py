@@ -39,6 +39,8 @@ class Renderer:
             autoescape=False,  # none of our outputs is HTML
             keep_trailing_newline=True,
         )
+        self._env.filters["grub_quote"] = grub_quote
+        self._env.filters["grub_args"] = grub_args
 
     def check_all(self) -> None:
         """Compile every template once at start-up so that a syntax error stops the server."""
@@ -100,3 +102,18 @@ class Renderer:
         except yaml.YAMLError as exc:
             raise RenderError(f"template {name!r} rendered invalid YAML: {exc}") from exc
         return text
+
+
+def grub_quote(text: str) -> str:
+    """One GRUB script word: single-quoted, so that ``$``, ``;``, ``&`` and spaces in a token
+    or URL stay literal (GRUB expands nothing inside single quotes, like sh); ``'`` itself is
+    closed, escaped and reopened. A newline would end the command: refused."""
+    if "\n" in text or "\r" in text:
+        raise RenderError("a GRUB word cannot contain a line break")
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def grub_args(cmdline: str) -> str:
+    """A kernel command line as GRUB ``linux`` arguments, each word quoted (GRUB joins them
+    with single spaces into the command line it hands the kernel)."""
+    return " ".join(grub_quote(word) for word in cmdline.split())

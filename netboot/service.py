@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from netboot.api import ADMIN_TOKEN_KEY, Api
-from netboot.boot import BootService, BootSettings, loader_names
+from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.config import Config
 from netboot.content import Content
 from netboot.core import Core
@@ -109,7 +109,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     """The operations below the API and the CLI, built the same way for both, so that
     ``netboot render`` and ``explain`` answer with the server's settings (DNS zone, default
     profile, discovery policy, token lifetime)."""
-    assets = FileTree(asset_roots(config), pinned=loader_names())
+    assets = FileTree(asset_roots(config), pinned=loader_aliases())
     enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
     boot = BootService(store, assets, boot_settings(config), enroller)
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,

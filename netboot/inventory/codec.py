@@ -34,6 +34,7 @@ from netboot.model import (
     Firmware,
     Group,
     Lease,
+    LoaderChain,
     MacAddress,
     Machine,
     MachineState,
@@ -262,6 +263,7 @@ def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]
         "cluster": machine.cluster,
         "role": None if machine.role is None else machine.role.value,
         "profile": machine.profile,
+        "loader": None if machine.loader is None else machine.loader.value,
         "arch": None if machine.arch is None else machine.arch.value,
         "firmware": None if machine.firmware is None else machine.firmware.value,
         "ipv4": machine.ipv4,
@@ -316,6 +318,7 @@ def machine_from_dict(data: object) -> Machine:
         cluster=_opt_str(d, "cluster"),
         role=_opt_enum(d, "role", Role),
         profile=_opt_str(d, "profile"),
+        loader=_opt_enum(d, "loader", LoaderChain),
         arch=_opt_enum(d, "arch", Arch),
         firmware=_opt_enum(d, "firmware", Firmware),
         ipv4=_ipv4(_opt_str(d, "ipv4"), "ipv4"),
@@ -343,6 +346,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         "iso_url": profile.iso_url,
         "ssh_authorized_keys": list(profile.ssh_authorized_keys),
         "fdtdir": profile.fdtdir,
+        "loader": None if profile.loader is None else profile.loader.value,
         "description": profile.description,
     }
 
@@ -372,6 +376,7 @@ def profile_from_dict(data: object) -> Profile:
         iso_url=_opt_str(d, "iso_url"),
         ssh_authorized_keys=_str_tuple(d, "ssh_authorized_keys"),
         fdtdir=_opt_str(d, "fdtdir"),
+        loader=_opt_enum(d, "loader", LoaderChain),
         description=_str(d, "description", default=""),
     )
 
@@ -429,6 +434,7 @@ def group_to_dict(group: Group) -> dict[str, Any]:
         "labels": dict(group.labels),
         "taints": list(group.taints),
         "hostname_template": group.hostname_template,
+        "loader": None if group.loader is None else group.loader.value,
     }
 
 
@@ -446,6 +452,7 @@ def group_from_dict(data: object) -> Group:
         labels=_str_map(d, "labels"),
         taints=_str_tuple(d, "taints"),
         hostname_template=_opt_str(d, "hostname_template"),
+        loader=_opt_enum(d, "loader", LoaderChain),
     )
 
 

@@ -35,6 +35,7 @@ from netboot.errors import (
     TransitionRefused,
     ValidationError,
 )
+from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, escape
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
 
@@ -65,6 +66,8 @@ class DeviceContent(Protocol):
     async def config_fetched(self, plan: BootPlan, what: str) -> None: ...
 
     def asset(self, path: str) -> Blob: ...
+
+    async def grub_file(self, name: str, peer: tuple[str, int], via: str) -> bytes: ...
 
 
 def uri_query(raw: str) -> dict[str, str]:
@@ -242,6 +245,8 @@ class DeviceRoutes:
         # These have effects (an install token, a state change): HEAD must not run them.
         app.router.add_get("/ipxe", self.ipxe, allow_head=False)
         app.router.add_get("/assets/{path:.+}", self.asset)  # also answers HEAD
+        # GRUB loaded by UEFI HTTP boot reads its built-in prefix /grub from this server.
+        app.router.add_get("/grub/{name:.+}", self.grub, allow_head=False)
         app.router.add_get("/config/{mac}", self.config, allow_head=False)
         app.router.add_get("/nocloud/{mac}/{name}", self.nocloud, allow_head=False)
         app.router.add_get("/nocloud/{mac}/{token}/{name}", self.nocloud, allow_head=False)
@@ -270,6 +275,13 @@ class DeviceRoutes:
         resp = CountingFileResponse(blob.path)
         resp.content_type = blob.content_type.split(";")[0]
         return resp
+
+    async def grub(self, request: web.Request) -> web.Response:
+        peer = (request.remote or "", 0)
+        name = clean_relative(request.match_info["name"])
+        text = await self._content.grub_file(name, peer, "http")
+        return web.Response(body=text, content_type="text/plain",
+                            headers={"Cache-Control": "no-store"})
 
     def _token(self, request: web.Request) -> str | None:
         # Installers that can send headers use Bearer; cloud-init's NoCloud seed URL and a
