@@ -98,11 +98,13 @@ _LOADERS: dict[tuple[LoaderChain, Firmware, Arch], tuple[str, ...]] = {
 # What the first stage of the shim-grub chain fetches next from its own directory, under the
 # name shim asks for (shim's DEFAULT_LOADER), and where Debian's packages install it; the
 # asset tree serves the first file found (netboot.files.FileTree aliases).
+# The signed name comes first: /usr/lib/shim holds an unsigned shimx64.efi beside
+# shimx64.efi.signed, which Secure Boot firmware would refuse ("Access Denied").
 SIGNED_FILES: dict[str, tuple[str, ...]] = {
-    "shimx64.efi": ("shimx64.efi", "shimx64.efi.signed"),
-    "shimaa64.efi": ("shimaa64.efi", "shimaa64.efi.signed"),
-    "grubx64.efi": ("grubx64.efi", "x86_64-efi-signed/grubnetx64.efi.signed"),
-    "grubaa64.efi": ("grubaa64.efi", "arm64-efi-signed/grubnetaa64.efi.signed"),
+    "shimx64.efi": ("shimx64.efi.signed", "shimx64.efi"),
+    "shimaa64.efi": ("shimaa64.efi.signed", "shimaa64.efi"),
+    "grubx64.efi": ("x86_64-efi-signed/grubnetx64.efi.signed", "grubx64.efi"),
+    "grubaa64.efi": ("arm64-efi-signed/grubnetaa64.efi.signed", "grubaa64.efi"),
 }
 
 

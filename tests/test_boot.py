@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from netboot.boot import BootService, BootSettings
+from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
 from netboot.files import FileTree
 from netboot.inventory.memory import MemoryStore
@@ -19,6 +19,7 @@ from netboot.model import (
     Event,
     Firmware,
     Group,
+    LoaderChain,
     MacAddress,
     Machine,
     MachineState,
@@ -522,3 +523,95 @@ async def test_uuid_enrolled_machine_is_recognised_by_dhcp_option_97(
     stored = await store.machine_by("mac", str(MAC))
     assert stored is not None and stored.id == m.id  # attached by the DHCP record
     assert await store.count_machines() == 1
+
+
+# -- the loader chain (ipxe | shim-grub) ------------------------------------------------------
+
+def signed_tree(root: Path) -> FileTree:
+    """Debian's layout: /usr/lib/shim/shimx64.efi(.signed), /usr/lib/grub/<arch>-efi-signed/."""
+    for name in ("snponly.efi", "ipxe.efi", "shimx64.efi", "shimx64.efi.signed",
+                 "x86_64-efi-signed/grubnetx64.efi.signed",
+                 "arm64-efi-signed/grubnetaa64.efi.signed"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(name.encode())
+    return FileTree([root], pinned=loader_aliases())
+
+
+async def chain_setup(root: Path) -> tuple[BootService, MemoryStore]:
+    store = MemoryStore()
+    await store.open()
+    boot = BootService(store, signed_tree(root), BootSettings(policy="hold"), Enroller(store))
+    await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+    return boot, store
+
+
+def test_signed_names_win_over_unsigned_ones(tmp_path: Path) -> None:
+    """/usr/lib/shim has an unsigned shimx64.efi beside shimx64.efi.signed: firmware
+    enforcing Secure Boot refuses the former, so the pinned name serves the latter."""
+    tree = signed_tree(tmp_path)
+    assert tree.resolve("shimx64.efi").name == "shimx64.efi.signed"
+    assert tree.resolve("grubx64.efi").name == "grubnetx64.efi.signed"
+    assert tree.resolve("grubaa64.efi").name == "grubnetaa64.efi.signed"
+
+
+@pytest.mark.parametrize(
+    ("fw", "arch", "path", "chain"),
+    [
+        (Firmware.UEFI, Arch.X86_64, "snponly.efi", LoaderChain.IPXE),
+        (Firmware.UEFI, Arch.ARM64, "grubaa64.efi", LoaderChain.SHIM_GRUB),
+        (Firmware.UEFI_HTTP, Arch.ARM64, "/assets/grubaa64.efi", LoaderChain.SHIM_GRUB),
+        (Firmware.BIOS, Arch.X86, "undionly.kpxe", LoaderChain.IPXE),
+    ],
+)
+async def test_default_chain_by_arch(tmp_path: Path, fw: Firmware, arch: Arch, path: str,
+                                     chain: LoaderChain | None) -> None:
+    """No iPXE exists for arm64 in Debian: GRUB is its default; x86 keeps iPXE."""
+    (tmp_path / "undionly.kpxe").write_bytes(b"x")
+    boot, _ = await chain_setup(tmp_path)
+    stage = await boot.first_stage(req(fw, arch))
+    assert stage is not None and stage.path == path and stage.chain == chain
+    await boot.drain()
+
+
+@pytest.mark.parametrize("where", ["machine", "group", "profile"])
+async def test_chain_chosen_by_machine_group_or_profile(tmp_path: Path, where: str) -> None:
+    boot, store = await chain_setup(tmp_path)
+    shim = LoaderChain.SHIM_GRUB
+    await store.put_profile(Profile(name="p", kernel="vmlinuz",
+                                    loader=shim if where == "profile" else None))
+    await store.put_group(Group(name="g", selector={"arch": ("x86_64",)}, profile="p",
+                                loader=shim if where == "group" else None))
+    await store.create_machine(Machine(macs=(MAC,), loader=shim if where == "machine" else None))
+    stage = await boot.first_stage(req(Firmware.UEFI, Arch.X86_64))
+    assert stage is not None and stage.path == "shimx64.efi" and stage.chain == shim
+    http = await boot.first_stage(req(Firmware.UEFI_HTTP, Arch.X86_64))
+    assert http is not None and http.path == "/assets/shimx64.efi"
+    why = await boot.explain(str(MAC), arch=Arch.X86_64)
+    assert why["loader"] == "shim-grub" and why["first_stage"] == "shimx64.efi"
+    assert why["loader_source"] == {"machine": "set on the machine", "group": "set on group g",
+                                    "profile": "set on profile p"}[where]
+    await boot.drain()
+
+
+async def test_machine_overrides_group_chain(tmp_path: Path) -> None:
+    boot, store = await chain_setup(tmp_path)
+    await store.put_group(Group(name="g", selector={"arch": ("x86_64",)}, profile="p",
+                                loader=LoaderChain.SHIM_GRUB))
+    await store.create_machine(Machine(macs=(MAC,), loader=LoaderChain.IPXE))
+    stage = await boot.first_stage(req(Firmware.UEFI, Arch.X86_64))
+    assert stage is not None and stage.path == "snponly.efi"
+    await boot.drain()
+
+
+async def test_chosen_chain_without_its_files_stays_silent(tmp_path: Path) -> None:
+    """A Secure Boot machine would refuse iPXE anyway: no fallback, silence and a reason."""
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    store = MemoryStore()
+    await store.open()
+    boot = BootService(store, FileTree([tmp_path], pinned=loader_aliases()),
+                       BootSettings(policy="hold"), Enroller(store))
+    await store.create_machine(Machine(macs=(MAC,), loader=LoaderChain.SHIM_GRUB))
+    assert await boot.first_stage(req(Firmware.UEFI, Arch.X86_64)) is None
+    why = await boot.explain(str(MAC), arch=Arch.X86_64)
+    assert why["first_stage"] is None and "no shim-grub loader" in why["first_stage_reason"]
+    await boot.drain()

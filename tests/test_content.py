@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from netboot.errors import Forbidden, NotFound
-from netboot.model import Arch, Firmware, Lease
+from netboot.model import Arch, Firmware, Lease, MachineState
 from netboot.wire import uimage
 from tests.conftest import KERNEL, Env, boot
 
@@ -168,3 +168,52 @@ async def test_raspberry_pi_console_is_the_firmware_serial0_alias(env: Env) -> N
     blob = await env.service.content.tftp_open("0a1b2c3d/cmdline.txt", PEER)
     assert blob.data is not None
     assert blob.data.decode().rstrip("\n").endswith(" console=tty1 console=serial0,115200")
+
+
+# -- GRUB (shim-grub chain): $prefix is /grub in Debian's signed netboot images -------------
+
+async def test_grub_dispatch_then_per_machine_config(env: Env) -> None:
+    await env.seed(cmdline="console=ttyS0 netboot.config={{ config_url }} x=$y;z")
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:31", "hostname": "sb-1",
+                                        "profile": "k3os", "cluster": "edge",
+                                        "loader": "shim-grub"}, status=201)
+    content = env.service.content
+    top = (await content.tftp_open("grub/grub.cfg", PEER)).data
+    assert top is not None and b"configfile $prefix/grub.cfg-01-$net_default_mac" in top
+    with pytest.raises(NotFound):  # read first by the signed image, then grub.cfg
+        await content.tftp_open("grub/x86_64-efi/grub.cfg", PEER)
+    # $net_default_mac has colons; upstream GRUB's own search asks with dashes.
+    for name in ("grub/grub.cfg-01-52:54:00:00:00:31", "grub/grub.cfg-01-52-54-00-00-00-31"):
+        text = (await content.tftp_open(name, PEER)).data
+        assert text is not None
+        lines = text.decode().splitlines()
+        linux = next(line for line in lines if line.startswith("linux "))
+        # Single-quoted words: GRUB must not expand the $ or split at the ; of the cmdline.
+        assert linux.startswith("linux '/vmlinuz' 'console=ttyS0' 'netboot.config=http")
+        assert "'x=$y;z'" in linux and "?token=" in linux
+        assert "initrd '/initrd.img'" in lines and lines[-1] == "boot"
+    over_http = await content.grub_file("grub.cfg-01-52-54-00-00-00-31", PEER, "http")
+    assert b"linux '/assets/vmlinuz'" in over_http
+    await env.post("/api/v1/machines/52:54:00:00:00:31/events", {"kind": "installed"},
+                   status=201)
+    local = (await content.tftp_open("grub/grub.cfg-01-52-54-00-00-00-31", PEER)).data
+    assert local is not None and b"netboot: booting from local disk" in local \
+        and b"\nexit\n" in local and b"linux" not in local
+
+
+async def test_grub_hold_rereads_its_file_and_unknown_exits(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:32", "hostname": "sb-2",
+                                        "profile": "k3os"}, status=201)
+    machine = await env.service.store.machine_by("mac", "52:54:00:00:00:32")
+    assert machine is not None
+    await env.service.store.update_machine(dataclasses.replace(machine,
+                                                               state=MachineState.FAILED))
+    content = env.service.content
+    held = (await content.tftp_open("grub/grub.cfg-01-52-54-00-00-00-32", PEER)).data
+    assert held is not None
+    assert b"sleep " in held and held.rstrip().endswith(
+        b"configfile $prefix/grub.cfg-01-$net_default_mac")
+    ignored = (await content.tftp_open("grub/grub.cfg-01-52-54-00-00-00-99", PEER)).data
+    assert ignored is not None and ignored.rstrip().endswith(b"exit")
+

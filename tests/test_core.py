@@ -265,3 +265,18 @@ async def test_rm_names_a_few_users_and_counts_the_rest(
     message = same_refusal(await cli(kind, "rm", name),
                            await call(env, "DELETE", f"/api/v1/{kind}/{name}"), 409)
     assert message.count("machine 52:54:00:00:00:") == 5 and "2 more machines" in message
+
+
+async def test_render_grub_and_explain_the_chain(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env, cli = await start(make_env, tmp_path, capsys, "")
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1",
+                                        "loader": "shim-grub"}, status=201)
+    rc, text, err = await cli("render", MAC, "grub", "--arch", "x86_64")
+    assert rc == 0, err
+    assert "linux '/vmlinuz'" in text and "INSTALL-TOKEN" in text and text.endswith("boot\n")
+    rc, explained, err = await cli("explain", MAC, "--arch", "x86_64", "--json")
+    assert rc == 0, err
+    why = json.loads(explained)
+    assert (why["loader"], why["loader_source"]) == ("shim-grub", "set on the machine")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
 from netboot import pxe
+from netboot.boot import BootService, BootSettings, loader_aliases
+from netboot.enroll import Enroller
 from netboot.errors import ConfigError
-from netboot.model import Arch, Firmware, FirstStage
+from netboot.files import FileTree
+from netboot.inventory.memory import MemoryStore
+from netboot.model import Arch, Firmware, FirstStage, LoaderChain
 from netboot.pxe import Client, DhcpSettings, Unanswerable
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
@@ -386,3 +391,33 @@ def test_settings_validation() -> None:
         DhcpSettings(mode="authoritative", pool_start="192.0.2.200", pool_end="192.0.2.100")
     ok = DhcpSettings(mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.199")
     assert str(ok.network()) == "192.0.2.0/24"
+
+
+async def test_arm64_uefi_offer_from_the_real_decision(tmp_path: Path) -> None:
+    """Arch 11 (arm64 UEFI): Debian has no arm64 iPXE, so this was silence; with the signed
+    arm64 GRUB installed the offer names it, by the same rules as every UEFI PXE answer."""
+    request = frame("uboot-arm64-proxyonly-FAIL", 69)
+    client = pxe.classify(request, SETTINGS, "0.0.0.0")
+    assert client.request.arch_code == 11
+
+    async def decide() -> FirstStage | None:
+        store = MemoryStore()
+        await store.open()
+        boot = BootService(store, FileTree([tmp_path], pinned=loader_aliases()),
+                           BootSettings(policy="hold"), Enroller(store))
+        stage = await boot.first_stage(client.request)
+        await boot.drain()
+        return stage
+
+    assert await decide() is None
+    (tmp_path / "arm64-efi-signed").mkdir()
+    (tmp_path / "arm64-efi-signed" / "grubnetaa64.efi.signed").write_bytes(b"MZ")
+    stage = await decide()
+    assert stage is not None and stage.chain == LoaderChain.SHIM_GRUB
+    reply = pxe.proxy_reply(request, client, stage, server_ip=SERVER, settings=SETTINGS,
+                            pxe_port=False)
+    raw = dhcp.encode(reply, pad_to=dhcp.MIN_PACKET_SIZE)
+    parsed = dhcp.parse(raw)
+    check_rules(request, parsed, raw, client, pxe_port=False)
+    assert parsed.file_name == "grubaa64.efi"
+    assert parsed.option(Opt.VENDOR_SPECIFIC) is None  # UEFI: no option 43 (protocols.md §1.4)

@@ -16,6 +16,8 @@ Console lines:
     ``NETBOOT-INSTALLER[<uptime>]: ...``                  progress, for humans
     ``NETBOOT-INSTALLER: result=ok mac=<mac> ip=<ip>``    success (what the tests wait for)
     ``NETBOOT-INSTALLER: result=fail reason=<reason>``    any fatal failure
+    ``NETBOOT-INSTALLER[<uptime>]: secureboot=on|off|...`` what the firmware enforced (also
+                                                          in the ``installed`` event)
 
 Busybox 1.35 (Debian's busybox-static) ``wget`` supports ``--header`` and ``--post-data`` and
 exits 0 on any 2xx status and 1 on 4xx/5xx (checked against a local server), which is what the
@@ -59,6 +61,18 @@ event() { # KIND MESSAGE: retried, fatal when the server never accepts it
 }
 
 say "start: kernel $(uname -r) $(uname -m)"
+# Secure Boot as the firmware told the kernel: the SecureBoot variable (EFI global GUID; its
+# last byte is 1 when enforced), else the x86 kernel's own "secureboot:" line.
+SB=unknown
+[ -d /sys/firmware/efi ] || SB=no-efi
+mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
+V=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+if [ -r "$V" ]; then
+  case "$(tail -c 1 "$V" | od -An -tu1 | tr -d ' ')" in 1) SB=on ;; 0) SB=off ;; esac
+elif dmesg | grep -q "secureboot: Secure boot enabled"; then SB=on
+elif dmesg | grep -q "secureboot: Secure boot disabled"; then SB=off
+fi
+say "secureboot=$SB"
 for a in $(cat /proc/cmdline); do
   case "$a" in
     netboot.config=*) CFG=${a#netboot.config=} ;;
@@ -120,7 +134,7 @@ HOST=$(sed -n 's/^hostname:[[:space:]]*//p' /tmp/config | head -n 1 | tr -cd 'A-
 hostname "$HOST"
 if [ -s /etc/machine-id ]; then MID=$(cat /etc/machine-id)
 else MID=$(tr -d '-' < /proc/sys/kernel/random/uuid); fi
-event installed "config ok, hostname $HOST"
+event installed "config ok, hostname $HOST, secureboot $SB"
 
 BODY="{\"mac\":\"$MAC\",\"token\":\"$TOKEN\",\"hostname\":\"$HOST\",\"addresses\":[\"$IP\"],\"machine_id\":\"$MID\",\"node_name\":\"$HOST\"}"
 n=0

@@ -8,6 +8,9 @@ uefi           OVMF + QEMU's iPXE EFI NIC ROM (efi-virtio.rom)
 uefi-pxe       OVMF's own PXE (NIC ``romfile=`` empty → VirtioNetDxe + PxeBcDxe)
 uefi-http      OVMF HTTP boot: ``romfile=`` + PXE switched off through fw_cfg, so BDS goes
                straight to "UEFI HTTPv4"
+uefi-sb        OVMF with Secure Boot enforced (``*.ms.fd``: Microsoft keys enrolled, SMM-protected
+               variables, q35 ``smm=on`` + secure pflash), its own PXE: only signed loaders run
+uefi-arm64     AAVMF (qemu-efi-aarch64) on ``virt``/cortex-a57, its own PXE (arch 11)
 uboot-arm64    U-Boot 2023.01 ``qemu_arm64`` on ``virt``/cortex-a57 with an **e1000** NIC:
                its virtio-net driver puts 52:52:52:52:52:52 on the wire (lab gotcha 6)
 =============  ============================================================================
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 OVMF_DIRS = (Path("/usr/share/OVMF"), Path("/usr/share/ovmf"))
 UBOOT_ARM64 = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
+AAVMF_DIR = Path("/usr/share/AAVMF")
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
 NONPRINT = re.compile(rb"[^\x20-\x7e\t]")
 
@@ -50,15 +54,21 @@ class Kind(enum.StrEnum):
     UEFI_PXE = "uefi-pxe"
     UEFI_HTTP = "uefi-http"
     UBOOT_ARM64 = "uboot-arm64"
+    UEFI_SB = "uefi-sb"
+    UEFI_ARM64 = "uefi-arm64"
 
     @property
     def arch(self) -> str:
         """Debian arch of the kernel this guest runs."""
-        return "arm64" if self is Kind.UBOOT_ARM64 else "amd64"
+        return "arm64" if self in (Kind.UBOOT_ARM64, Kind.UEFI_ARM64) else "amd64"
 
     @property
     def default_timeout(self) -> float:
         # 15-22 s TCG boots leave room; a failing boot costs its full timeout (REPORT §10).
+        # SMM emulation and a whole UEFI on an emulated arm64 CPU are several times slower,
+        # and GRUB fetches the kernel over TFTP.
+        if self in (Kind.UEFI_SB, Kind.UEFI_ARM64):
+            return 300.0
         return 90.0 if self is Kind.UBOOT_ARM64 else 60.0
 
 
@@ -86,19 +96,30 @@ class VmSpec:
     def mem(self) -> int:
         if self.memory_mb:
             return self.memory_mb
-        return 1024 if self.kind is Kind.UBOOT_ARM64 else 512
+        return 1024 if self.kind in (Kind.UBOOT_ARM64, Kind.UEFI_ARM64) else 512
 
 
-def find_ovmf() -> tuple[Path, Path]:
+def find_ovmf(*, secure: bool = False) -> tuple[Path, Path]:
+    """OVMF code + variables template; ``secure``: the Secure Boot build, Microsoft keys
+    enrolled (``*.ms.fd``)."""
+    kind = ".ms" if secure else ""
     for d in OVMF_DIRS:
-        code, vars_ = d / "OVMF_CODE_4M.fd", d / "OVMF_VARS_4M.fd"
+        code, vars_ = d / f"OVMF_CODE_4M{kind}.fd", d / f"OVMF_VARS_4M{kind}.fd"
         if code.exists() and vars_.exists():
             return code, vars_
-    raise LabError("OVMF_CODE_4M.fd / OVMF_VARS_4M.fd not found: apt-get install ovmf")
+    raise LabError(f"OVMF_CODE_4M{kind}.fd / OVMF_VARS_4M{kind}.fd not found: "
+                   "apt-get install ovmf")
+
+
+def find_aavmf() -> tuple[Path, Path]:
+    code, vars_ = AAVMF_DIR / "AAVMF_CODE.fd", AAVMF_DIR / "AAVMF_VARS.fd"
+    if code.exists() and vars_.exists():
+        return code, vars_
+    raise LabError("AAVMF_CODE.fd / AAVMF_VARS.fd not found: apt-get install qemu-efi-aarch64")
 
 
 def qemu_binary(kind: Kind) -> str:
-    return "qemu-system-aarch64" if kind is Kind.UBOOT_ARM64 else "qemu-system-x86_64"
+    return "qemu-system-aarch64" if kind.arch == "arm64" else "qemu-system-x86_64"
 
 
 def qemu_argv(spec: VmSpec, run_dir: Path) -> list[str]:
@@ -125,6 +146,8 @@ def qemu_argv(spec: VmSpec, run_dir: Path) -> list[str]:
         ]
         return argv
     nic = f"virtio-net-pci,netdev=n0,mac={spec.mac},bootindex=1"
+    if kind in (Kind.UEFI_SB, Kind.UEFI_ARM64):
+        return argv + _uefi_native(spec, run_dir, nic + ",romfile=")
     if kind in (Kind.UEFI_PXE, Kind.UEFI_HTTP):
         # No option ROM: OVMF's own VirtioNetDxe + PxeBcDxe/HttpBootDxe do the network boot.
         nic += ",romfile="
@@ -147,6 +170,26 @@ def qemu_argv(spec: VmSpec, run_dir: Path) -> list[str]:
             "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
         ]
     return argv
+
+
+def _uefi_native(spec: VmSpec, run_dir: Path, nic: str) -> list[str]:
+    """Secure Boot OVMF or AAVMF, booting from the firmware's own PXE (no option ROM)."""
+    vars_copy = run_dir / f"{spec.name}.vars.fd"
+    if spec.kind is Kind.UEFI_ARM64:
+        code, vars_template = find_aavmf()
+        machine = ["-M", "virt", "-cpu", "cortex-a57"]
+    else:
+        code, vars_template = find_ovmf(secure=True)
+        # The Secure Boot build keeps its variables in SMM: without smm=on and a secure
+        # pflash it does not start (and without SMM the keys would be writable by anyone).
+        machine = ["-M", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
+    if not vars_copy.exists():
+        shutil.copyfile(vars_template, vars_copy)
+    return [
+        *machine, "-device", nic,
+        "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+        "-drive", f"if=pflash,format=raw,file={vars_copy}",
+    ]
 
 
 class Console:
