@@ -32,7 +32,11 @@ fi
 # tcpdump captures the lab bridge, tshark (optional) decodes it on failure;
 # podman, runc and mmdebstrap build and run the container image (tests/test_container.py):
 # runc, not crun, because crun fails on hosts with a hybrid cgroup layout.
+# shim-signed + grub-efi-amd64-signed: the Secure Boot chain (shim → signed GRUB); the arm64
+# signed GRUB is fetched by the harness like the arm64 kernel (its grub-common:arm64 cannot
+# be installed beside the amd64 one); qemu-efi-aarch64: AAVMF, arm64 UEFI.
 PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-tools \
+shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
 isc-dhcp-client udhcpc python3 python3-pip python3-venv ca-certificates \
 podman runc mmdebstrap"
