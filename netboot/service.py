@@ -13,24 +13,28 @@ import logging
 import os
 import secrets
 import signal
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from netboot.api import ADMIN_TOKEN_KEY, Api
 from netboot.boot import BootService, BootSettings, loader_names
 from netboot.config import Config
-from netboot.content import Content
+from netboot.content import Content, Trust
 from netboot.core import Core
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError
 from netboot.files import FileTree
 from netboot.inventory.base import MachineFilter, Store
+from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer, shipped_templates_dir
+from netboot.sealing import Sealer, read_key, write_key
 from netboot.servers.http import (
     LOG_KEY,
     MAX_BODY_KEY,
@@ -44,15 +48,142 @@ from netboot.servers.sockets import bind_error
 log = logging.getLogger(__name__)
 
 
-def open_store(config: Config) -> Store:
+SECRET_KEY_FILE = "secret.key"
+# The id of the key that sealed this inventory's secrets: a different key file is refused at
+# start rather than discovered at the first config request.
+SEAL_KEY_SETTING = "secrets-key-id"
+
+
+def open_store(config: Config, sealer: Sealer | None = None) -> Store:
     if config.inventory.backend == "memory":
         from netboot.inventory.memory import MemoryStore
 
         return MemoryStore()
     from netboot.inventory.sqlite import SqliteStore
 
-    config.db_path.parent.mkdir(parents=True, exist_ok=True)
-    return SqliteStore(config.db_path)
+    private_database(config.db_path)
+    return SqliteStore(config.db_path, sealer=sealer)
+
+
+def secure_data_dir(path: Path) -> None:
+    """The data dir holds the inventory, the secrets key, the CA key and the admin token:
+    0700, tightened if netboot owns it and it is looser (a package's 0755 /var/lib dir)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data dir {path}: {exc.strerror}",
+                          key="server.data_dir",
+                          fix="create it (mode 0700) for the user netboot runs as, or name "
+                              "another with --data-dir") from exc
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        if st.st_uid == os.geteuid():
+            os.chmod(path, 0o700)
+            log.warning("data dir %s was mode %04o; now 0700 (it holds keys and secrets)",
+                        path, mode)
+        else:
+            log.warning("data dir %s is mode %04o and owned by uid %d: other users may read "
+                        "the inventory; chmod 0700 it", path, mode, st.st_uid)
+
+
+def private_database(path: Path) -> None:
+    """Create the database file 0600 before SQLite does: SQLite gives its -wal and -shm files
+    the database file's mode, so this one mode covers all three (an empty file is an empty
+    database to SQLite). Files of an older netboot (0644) are tightened."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise ConfigError(f"cannot create the inventory {path}: {exc.strerror}",
+                          key="inventory.path",
+                          fix="make its directory writable by netboot's user, or name "
+                              "another with --data-dir") from exc
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(p.stat().st_mode) & 0o077:
+                os.chmod(p, 0o600)
+
+
+async def open_inventory(config: Config) -> tuple[Store, Sealer]:
+    """The inventory, open, with its secrets key (made on first start) checked against it.
+
+    The key must be the one that sealed the inventory's join tokens: a missing or different
+    key file is a start-up error that names the file and the fix, never garbage tokens. An
+    inventory written before sealing existed is sealed here, once.
+    """
+    secure_data_dir(config.data_dir)
+    key_path = config.data_dir / SECRET_KEY_FILE
+    sealer = read_key(key_path)
+    new_key = sealer is None
+    if sealer is None:
+        sealer = Sealer.generate()
+    store = open_store(config, sealer)
+    await store.open()
+    try:
+        recorded = await store.get_setting(SEAL_KEY_SETTING)
+        if recorded is not None and recorded != sealer.key_id:
+            fix = (f"restore {key_path} from a backup of {config.data_dir}; the join tokens "
+                   "cannot be read without it (else move the inventory away and enroll again)")
+            if new_key:
+                raise ConfigError(f"the secrets key {key_path} is missing, and the inventory "
+                                  f"{config.db_path} holds join tokens sealed with key "
+                                  f"{recorded}", key="server.data_dir", fix=fix)
+            raise ConfigError(f"{key_path} is key {sealer.key_id}, but the inventory "
+                              f"{config.db_path} was sealed with key {recorded}",
+                              key="server.data_dir", fix=fix)
+        if new_key:
+            try:
+                write_key(key_path, sealer)
+            except FileExistsError:
+                # Another netboot process (a CLI command) made it a moment ago: use that one.
+                await store.close()
+                return await open_inventory(config)
+            log.warning("created the secrets key %s: back it up, apart from the inventory; "
+                        "without it the join tokens in the inventory cannot be read", key_path)
+        if recorded is None:
+            await _seal_clusters(store, sealer)
+    except BaseException:
+        await store.close()
+        raise
+    return store, sealer
+
+
+async def _seal_clusters(store: Store, sealer: Sealer) -> None:
+    """Rewrite every cluster so that the store seals its join token (an inventory written
+    before sealing existed), then record the key; rerun in full if interrupted."""
+    clusters = await store.list_clusters()
+    for cluster in clusters:
+        await store.put_cluster(cluster)
+    await store.put_setting(SEAL_KEY_SETTING, sealer.key_id)
+    sealed = sum(1 for c in clusters if c.token)
+    if sealed:
+        log.info("sealed the join tokens of %d existing clusters with key %s", sealed,
+                 sealer.key_id)
+
+
+def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
+    """The HTTPS certificate: the operator's files, checked, or netboot's own CA's (made on
+    first start, re-issued when it no longer names the advertised address)."""
+    https = config.https
+    if not https.enabled:
+        return None
+    if https.cert_file:
+        return operator_files(https.cert_file, https.key_file, https.ca_file)
+    names = server_names(advertise, config.http.public_url, (
+        *([h] if (h := _url_host(https.public_url)) else []), *https.names))
+    authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
+    return authority.server_certificate(names)
+
+
+def _url_host(url: str | None) -> str | None:
+    return urlsplit(url).hostname if url else None
+
+
+def trust_for(config: Config, tls: Tls | None, https_base: str) -> Trust:
+    if tls is None:
+        return Trust()
+    return Trust(https_base=https_base, ca_pem=tls.ca_pem, ca_fingerprint=tls.ca_fingerprint)
 
 
 def asset_roots(config: Config) -> list[Path]:
@@ -81,6 +212,11 @@ def public_base_url(config: Config, advertise: str) -> str:
     return (config.http.public_url or f"http://{advertise}:{config.http.port}").rstrip("/")
 
 
+def public_https_url(config: Config, advertise: str) -> str:
+    """The HTTPS base of the API and configs (before the port is known when it is 0)."""
+    return (config.https.public_url or f"https://{advertise}:{config.https.port}").rstrip("/")
+
+
 def boot_settings(config: Config) -> BootSettings:
     return BootSettings(policy=config.discovery.policy,
                         hold_retry_seconds=config.discovery.hold_retry_seconds,
@@ -91,7 +227,7 @@ def boot_settings(config: Config) -> BootSettings:
 
 
 def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
-               check_templates: bool = True) -> Core:
+               check_templates: bool = True, trust: Callable[[], Trust] = Trust) -> Core:
     """The operations below the API and the CLI, built the same way for both, so that
     ``netboot render`` and ``explain`` answer with the server's settings (DNS zone, default
     profile, discovery policy, token lifetime)."""
@@ -99,7 +235,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
     boot = BootService(store, assets, boot_settings(config), enroller)
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
-                      base_url, enroller)
+                      base_url, enroller, trust=trust)
     return Core(store, enroller, boot, content)
 
 
@@ -159,10 +295,11 @@ def default_route_interface(route_table: str = "/proc/net/route") -> str | None:
     return None
 
 
-async def ensure_admin_token(store: Store, data_dir: Path) -> str | None:
+async def ensure_admin_token(store: Store, data_dir: Path) -> Path | None:
     """Create the admin token on first start: its hash in the store, the token in a 0600 file.
 
-    Returns the new token (to be shown once) or None when one already exists.
+    Returns the file's path when it was made now, None when a token already exists. The token
+    itself is never printed: standard output ends up in journals and CI logs.
     """
     if await store.get_setting(ADMIN_TOKEN_KEY) is not None:
         return None
@@ -174,7 +311,7 @@ async def ensure_admin_token(store: Store, data_dir: Path) -> str | None:
         fh.write(token + "\n")
     os.chmod(path, 0o600)
     await store.put_setting(ADMIN_TOKEN_KEY, hashlib.sha256(token.encode()).hexdigest())
-    return token
+    return path
 
 
 @dataclass
@@ -186,11 +323,13 @@ class Service:
     content: Content
     app: web.Application
     advertise: str
-    new_admin_token: str | None = None
+    new_admin_token_file: Path | None = None
+    tls: Tls | None = None
     runner: web.AppRunner | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http_port: int = 0
+    https_port: int = 0
     # The base URL lives in one box that Content reads on every render, so that the port
     # bound at start (http.port 0) reaches the URLs without rebuilding anything.
     url_holder: dict[str, str] = field(default_factory=dict)
@@ -220,6 +359,20 @@ class Service:
                              port=cfg.http.port, key="http.port", flag="--http-port") from exc
         sockets = getattr(site._server, "sockets", None)
         self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
+        if self.tls is not None:
+            # The same application on both listeners: one set of routes, one error mapping.
+            host = cfg.https.listen or cfg.http.listen
+            tls_site = web.TCPSite(self.runner, host, cfg.https.port, reuse_address=True,
+                                   ssl_context=self.tls.ssl_context())
+            try:
+                await tls_site.start()
+            except OSError as exc:
+                raise bind_error(exc, what="HTTPS", proto="TCP", host=host,
+                                 port=cfg.https.port, key="https.port",
+                                 flag="--https-port") from exc
+            tls_sockets = getattr(tls_site._server, "sockets", None)
+            self.https_port = (tls_sockets[0].getsockname()[1] if tls_sockets
+                               else cfg.https.port)
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
@@ -323,6 +476,9 @@ class Service:
         lines = [
             f"netboot serving on {self.advertise}",
             f"  HTTP   {self.base_url}/  (iPXE chain URL: {self.base_url}/boot.ipxe)",
+            (f"  HTTPS  {self.url_holder.get('https', '')}/  (API; CA fingerprint SHA256 "
+             f"{self.tls.ca_fingerprint or 'n/a'}: netboot ca export)" if self.tls
+             else "  HTTPS  off"),
             f"  TFTP   udp/{cfg.tftp.port}" if cfg.tftp.enabled else "  TFTP   off",
             (f"  DHCP   {cfg.dhcp.mode} on udp/{cfg.dhcp.port} + udp/{cfg.dhcp.pxe_port}"
              if cfg.dhcp.mode != "off" else "  DHCP   off"),
@@ -332,9 +488,9 @@ class Service:
             f"  assets {', '.join(str(r) for r in self.content.assets.roots if r.is_dir())}",
             f"  discovery policy: {cfg.discovery.policy}",
         ]
-        if self.new_admin_token:
-            lines.append(f"  admin token (shown once, also in {cfg.data_dir / 'admin.token'}):"
-                         f" {self.new_admin_token}")
+        if self.new_admin_token_file:
+            lines.append(f"  admin token created in {self.new_admin_token_file} (mode 0600; "
+                         "send it as 'Authorization: Bearer <token>')")
         return "\n".join(lines)
 
 
@@ -356,18 +512,20 @@ def _check_hostname_templates(config: Config) -> None:
 
 
 async def build(config: Config) -> Service:
-    store = open_store(config)
-    await store.open()
+    store, sealer = await open_inventory(config)
     try:
         new_token = await ensure_admin_token(store, config.data_dir)
         advertise = advertised_address(config)
+        tls = prepare_tls(config, advertise, sealer)
         from netboot import groups as grouping
 
         grouping.check_groups(config.discovery.rules)
         _check_hostname_templates(config)
         await check_default_profile(config, store)
-        holder: dict[str, str] = {"base": public_base_url(config, advertise)}
-        core = build_core(config, store, lambda: holder["base"])
+        holder: dict[str, str] = {"base": public_base_url(config, advertise),
+                                  "https": public_https_url(config, advertise)}
+        core = build_core(config, store, lambda: holder["base"],
+                          trust=lambda: trust_for(config, tls, holder["https"]))
         app = web.Application(middlewares=[errors_middleware],
                               client_max_size=config.http.max_body_bytes)
         app[LOG_KEY] = logging.getLogger("netboot.http")
@@ -376,7 +534,7 @@ async def build(config: Config) -> Service:
         DeviceRoutes(core.content).add_to(app)
         Api(core, clock=time.time).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
-                          new_admin_token=new_token, url_holder=holder)
+                          new_admin_token_file=new_token, tls=tls, url_holder=holder)
     except BaseException:
         await store.close()
         raise
@@ -389,6 +547,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         await service.start()
         if config.http.port == 0 and not config.http.public_url:
             service.base_url = f"http://{service.advertise}:{service.http_port}"
+        if config.https.port == 0 and not config.https.public_url:
+            service.url_holder["https"] = f"https://{service.advertise}:{service.https_port}"
         print(service.summary(), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -36,6 +36,17 @@ class Batch:
     events: Sequence[Event] = field(default_factory=tuple)
 
 
+class Sealer(Protocol):
+    """Seals secret values (cluster join tokens) before a store writes them to disk
+    (:class:`netboot.sealing.Sealer`). ``context`` is authenticated with the value."""
+
+    key_id: str
+
+    def seal(self, value: str, *, context: str) -> str: ...
+
+    def unseal(self, value: str, *, context: str) -> str: ...
+
+
 class Store(Protocol):
     """The async inventory. ``mac`` arguments are normalised ``aa:bb:cc:dd:ee:ff`` strings."""
 

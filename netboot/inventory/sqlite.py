@@ -16,6 +16,8 @@ Why it looks like this:
   file at once migrate it once. A file newer than this code is refused, never downgraded.
 * Model values are kept as JSON produced by :mod:`netboot.inventory.codec`; the columns beside
   it exist only to be indexed (hostname uniqueness, filters).
+* A cluster's join token is sealed (``Sealer``, injected) in the stored JSON and opened on
+  read: the file, its WAL and its backups never hold it in clear. Callers see plain values.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, TypeVar
 
 from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, MachineFilter
+from netboot.inventory.base import Batch, MachineFilter, Sealer
 from netboot.model import Cluster, Event, Group, Lease, Machine, Profile
 
 log = logging.getLogger(__name__)
@@ -155,8 +157,9 @@ class SqliteStore:
     migrates it; :meth:`close` closes the connection and stops the thread.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, sealer: Sealer | None = None) -> None:
         self.path = Path(path)
+        self._sealer = sealer
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
         # Reads run on a second thread and connection: in WAL mode they never wait for a
@@ -316,15 +319,23 @@ class SqliteStore:
 
     async def get_cluster(self, name: str) -> Cluster | None:
         data = await self._read(_get_named, "cluster", name)
-        return None if data is None else codec.cluster_from_dict(data)
+        return None if data is None else self._open_cluster(data)
 
     async def list_clusters(self) -> list[Cluster]:
-        return [codec.cluster_from_dict(d) for d in await self._read(_list_named, "cluster")]
+        return [self._open_cluster(d) for d in await self._read(_list_named, "cluster")]
 
     async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
         data = codec.cluster_to_dict(cluster)
         codec.cluster_from_dict(data)
+        if self._sealer is not None and data["token"]:
+            data["token"] = self._sealer.seal(data["token"], context=_token_context(cluster.name))
         await self._run(_put_named, "cluster", cluster.name, codec.dumps(data, "cluster"), create)
+
+    def _open_cluster(self, data: Any) -> Cluster:
+        if self._sealer is not None and isinstance(data, dict) and data.get("token"):
+            name = str(data.get("name"))
+            data["token"] = self._sealer.unseal(str(data["token"]), context=_token_context(name))
+        return codec.cluster_from_dict(data)
 
     async def delete_cluster(self, name: str) -> None:
         await self._run(_delete_named, "cluster", name)
@@ -378,6 +389,11 @@ class SqliteStore:
         if not isinstance(value, str):
             raise ValidationError("value", "a setting is a string")
         await self._run(_put_setting, key, value)
+
+
+def _token_context(cluster: str) -> str:
+    # Authenticated with the sealed token: a token copied to another cluster's row won't open.
+    return f"join token of cluster {cluster!r}"
 
 
 # --- worker-thread functions: each takes the connection first --------------------------------
