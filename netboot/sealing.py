@@ -72,6 +72,9 @@ class Sealer:
                              f"{self.key_id})") from exc
         return clear.decode()
 
+    def is_sealed(self, value: str) -> bool:
+        return is_sealed(value)
+
     def key_text(self) -> str:
         """The key as the key file holds it (base64), for :func:`write_key` only."""
         return base64.b64encode(self._key).decode()

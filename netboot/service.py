@@ -109,8 +109,8 @@ async def open_inventory(config: Config) -> tuple[Store, Sealer]:
     """The inventory, open, with its secrets key (made on first start) checked against it.
 
     The key must be the one that sealed the inventory's join tokens: a missing or different
-    key file is a start-up error that names the file and the fix, never garbage tokens. An
-    inventory written before sealing existed is sealed here, once.
+    key file is a start-up error that names the file and the fix, never garbage tokens. The
+    store seals the tokens of an inventory written before sealing existed as it opens.
     """
     secure_data_dir(config.data_dir)
     key_path = config.data_dir / SECRET_KEY_FILE
@@ -142,24 +142,13 @@ async def open_inventory(config: Config) -> tuple[Store, Sealer]:
             log.warning("created the secrets key %s: back it up, apart from the inventory; "
                         "without it the join tokens in the inventory cannot be read", key_path)
         if recorded is None:
-            await _seal_clusters(store, sealer)
+            # The store sealed any clear join tokens as it opened; from now on this key is the
+            # inventory's.
+            await store.put_setting(SEAL_KEY_SETTING, sealer.key_id)
     except BaseException:
         await store.close()
         raise
     return store, sealer
-
-
-async def _seal_clusters(store: Store, sealer: Sealer) -> None:
-    """Rewrite every cluster so that the store seals its join token (an inventory written
-    before sealing existed), then record the key; rerun in full if interrupted."""
-    clusters = await store.list_clusters()
-    for cluster in clusters:
-        await store.put_cluster(cluster)
-    await store.put_setting(SEAL_KEY_SETTING, sealer.key_id)
-    sealed = sum(1 for c in clusters if c.token)
-    if sealed:
-        log.info("sealed the join tokens of %d existing clusters with key %s", sealed,
-                 sealer.key_id)
 
 
 def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:

@@ -46,6 +46,8 @@ class Sealer(Protocol):
 
     def unseal(self, value: str, *, context: str) -> str: ...
 
+    def is_sealed(self, value: str) -> bool: ...
+
 
 class Store(Protocol):
     """The async inventory. ``mac`` arguments are normalised ``aa:bb:cc:dd:ee:ff`` strings."""

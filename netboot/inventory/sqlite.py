@@ -18,6 +18,9 @@ Why it looks like this:
   it exist only to be indexed (hostname uniqueness, filters).
 * A cluster's join token is sealed (``Sealer``, injected) in the stored JSON and opened on
   read: the file, its WAL and its backups never hold it in clear. Callers see plain values.
+  Tokens an older netboot stored in clear are sealed at open, with ``secure_delete`` on (it
+  zeroes the space a rewritten row leaves behind) and the WAL checkpointed into the file and
+  truncated, so no clear copy survives in either.
 """
 
 from __future__ import annotations
@@ -221,6 +224,8 @@ class SqliteStore:
         try:
             _configure(conn, self.path)
             _migrate(conn, self.path)
+            if self._sealer is not None:
+                _seal_clear_tokens(conn, self.path, self._sealer)
         except BaseException:
             conn.close()
             raise
@@ -391,6 +396,28 @@ class SqliteStore:
         await self._run(_put_setting, key, value)
 
 
+def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> None:
+    """Seal the join tokens an older netboot stored in clear (one transaction), then move the
+    rewritten pages into the file and empty the WAL."""
+    try:
+        with _immediate(conn):
+            rows = conn.execute("SELECT name, data FROM clusters").fetchall()
+            sealed = 0
+            for name, text in rows:
+                data = json.loads(text)
+                token = data.get("token")
+                if isinstance(token, str) and token and not sealer.is_sealed(token):
+                    data["token"] = sealer.seal(token, context=_token_context(name))
+                    conn.execute("UPDATE clusters SET data = ? WHERE name = ?",
+                                 (codec.dumps(data, "cluster"), name))
+                    sealed += 1
+        if sealed:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            log.info("inventory %s: sealed the join tokens of %d clusters", path, sealed)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
+
+
 def _token_context(cluster: str) -> str:
     # Authenticated with the sealed token: a token copied to another cluster's row won't open.
     return f"join token of cluster {cluster!r}"
@@ -405,6 +432,9 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         mode = _journal_mode_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Zero what a delete or a rewrite frees: old (sealed) secrets and token hashes do not
+        # linger in free pages of the file.
+        conn.execute("PRAGMA secure_delete = ON")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open inventory {path}: {exc}") from exc
     if str(mode).lower() != "wal":
