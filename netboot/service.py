@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import hashlib
 import logging
 import os
@@ -29,9 +30,10 @@ from netboot.config import Config
 from netboot.content import Content, Trust
 from netboot.core import Core
 from netboot.enroll import Enroller
-from netboot.errors import ConfigError
+from netboot.errors import ConfigError, StoreError
 from netboot.files import FileTree
 from netboot.inventory.base import MachineFilter, Store
+from netboot.logs import RateLimitedLog
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer, shipped_templates_dir
 from netboot.sealing import Sealer, read_key, write_key
@@ -40,9 +42,14 @@ from netboot.servers.http import (
     MAX_BODY_KEY,
     MAX_EVENT_KEY,
     AccessLogger,
+    ConnectionGuard,
     DeviceRoutes,
+    GuardedSite,
+    HttpLimits,
+    body_timeout_middleware,
     errors_middleware,
 )
+from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,8 @@ def open_store(config: Config, sealer: Sealer | None = None) -> Store:
         return MemoryStore()
     from netboot.inventory.sqlite import SqliteStore
 
-    private_database(config.db_path)
+    private_database(config.db_path,
+                     "inventory.path" if config.inventory.path else "server.data_dir")
     return SqliteStore(config.db_path, sealer=sealer)
 
 
@@ -78,16 +86,19 @@ def secure_data_dir(path: Path) -> None:
                               "another with --data-dir") from exc
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
-        if st.st_uid == os.geteuid():
+        try:
+            if st.st_uid != os.geteuid():
+                raise PermissionError("owned by another user")
             os.chmod(path, 0o700)
             log.warning("data dir %s was mode %04o; now 0700 (it holds keys and secrets)",
                         path, mode)
-        else:
-            log.warning("data dir %s is mode %04o and owned by uid %d: other users may read "
-                        "the inventory; chmod 0700 it", path, mode, st.st_uid)
+        except OSError:
+            log.warning("data dir %s is mode %04o (owner uid %d) and netboot cannot change "
+                        "it: other users may read the inventory; chmod 0700 it", path, mode,
+                        st.st_uid)
 
 
-def private_database(path: Path) -> None:
+def private_database(path: Path, key: str = "server.data_dir") -> None:
     """Create the database file 0600 before SQLite does: SQLite gives its -wal and -shm files
     the database file's mode, so this one mode covers all three (an empty file is an empty
     database to SQLite). Files of an older netboot (0644) are tightened."""
@@ -95,14 +106,16 @@ def private_database(path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     except OSError as exc:
-        raise ConfigError(f"cannot create the inventory {path}: {exc.strerror}",
-                          key="inventory.path",
-                          fix="make its directory writable by netboot's user, or name "
-                              "another with --data-dir") from exc
+        raise ConfigError(f"cannot create the inventory {path}: {exc.strerror}", key=key,
+                          fix="create it, or point --data-dir at a writable directory") from exc
     for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
             if stat.S_IMODE(p.stat().st_mode) & 0o077:
-                os.chmod(p, 0o600)
+                try:
+                    os.chmod(p, 0o600)
+                except OSError as exc:
+                    log.warning("%s is readable by others and cannot be made 0600: %s", p,
+                                exc.strerror)
 
 
 async def open_inventory(config: Config) -> tuple[Store, Sealer]:
@@ -293,12 +306,16 @@ async def ensure_admin_token(store: Store, data_dir: Path) -> Path | None:
     if await store.get_setting(ADMIN_TOKEN_KEY) is not None:
         return None
     token = secrets.token_urlsafe(32)
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "admin.token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    os.chmod(path, 0o600)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}", key="server.data_dir",
+                          fix="point --data-dir at a directory netboot can write") from exc
     await store.put_setting(ADMIN_TOKEN_KEY, hashlib.sha256(token.encode()).hexdigest())
     return path
 
@@ -315,6 +332,7 @@ class Service:
     new_admin_token_file: Path | None = None
     tls: Tls | None = None
     runner: web.AppRunner | None = None
+    http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http_port: int = 0
@@ -337,21 +355,32 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
-        self.runner = web.AppRunner(self.app, access_log=logging.getLogger("netboot.access"),
-                                    access_log_class=AccessLogger)
+        access = logging.getLogger("netboot.access")
+        self.runner = web.AppRunner(self.app, access_log=access, access_log_class=AccessLogger)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.http.listen, cfg.http.port, reuse_address=True)
+        http = cfg.http
+        self.http_guard = ConnectionGuard(HttpLimits(
+            max_connections=http.max_connections,
+            max_connections_per_source=http.max_connections_per_source,
+            header_timeout=http.header_timeout, body_timeout=http.body_timeout,
+            keepalive_timeout=http.keepalive_timeout, send_timeout=http.send_timeout,
+        ), logging.getLogger("netboot.http"))
+        raise_fd_limit(cfg)
+        site = GuardedSite(self.runner, http.listen, http.port, guard=self.http_guard,
+                           handler_args={"access_log": access, "access_log_class": AccessLogger})
         try:
             await site.start()
         except OSError as exc:
-            raise bind_error(exc, what="HTTP", proto="TCP", host=cfg.http.listen,
-                             port=cfg.http.port, key="http.port", flag="--http-port") from exc
-        sockets = getattr(site._server, "sockets", None)
-        self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
+            raise bind_error(exc, what="HTTP", proto="TCP", host=http.listen,
+                             port=http.port, key="http.port", flag="--http-port") from exc
+        self.http_port = site.port
         if self.tls is not None:
-            # The same application on both listeners: one set of routes, one error mapping.
-            host = cfg.https.listen or cfg.http.listen
-            tls_site = web.TCPSite(self.runner, host, cfg.https.port, reuse_address=True,
+            # The same application on both listeners: one set of routes, one error mapping,
+            # one connection cap (the guard counts both).
+            host = cfg.https.listen or http.listen
+            tls_site = GuardedSite(self.runner, host, cfg.https.port, guard=self.http_guard,
+                                   handler_args={"access_log": access,
+                                                 "access_log_class": AccessLogger},
                                    ssl_context=self.tls.ssl_context())
             try:
                 await tls_site.start()
@@ -359,14 +388,13 @@ class Service:
                 raise bind_error(exc, what="HTTPS", proto="TCP", host=host,
                                  port=cfg.https.port, key="https.port",
                                  flag="--https-port") from exc
-            tls_sockets = getattr(tls_site._server, "sockets", None)
-            self.https_port = (tls_sockets[0].getsockname()[1] if tls_sockets
-                               else cfg.https.port)
+            self.https_port = tls_site.port
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
             tftp = TftpServer(self.content, host="0.0.0.0", port=cfg.tftp.port,
-                              max_transfers=cfg.tftp.max_transfers, mtu=cfg.tftp.mtu,
+                              max_transfers=cfg.tftp.max_transfers,
+                              max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
                               interfaces=list(cfg.server.interfaces) or None)
             await tftp.start()
             self.servers.append(tftp)
@@ -410,6 +438,8 @@ class Service:
         self.servers.append(dns)
         self.dns_port = dns.port
 
+        limited = RateLimitedLog(log)
+
         async def refresh() -> None:
             # Registrations and failures change cluster endpoints; a bounded staleness of a
             # couple of seconds keeps the answer path free of inventory reads.
@@ -417,6 +447,9 @@ class Service:
                 await asyncio.sleep(2.0)
                 try:
                     await self.refresh_zone()
+                except StoreError as exc:  # every 2 s while the disk is broken: no traceback
+                    limited.log(logging.WARNING, "zone", "DNS zone rebuild failed, keeping "
+                                "the previous zone: %s", exc)
                 except Exception:
                     log.exception("DNS zone rebuild failed; keeping the previous zone")
 
@@ -483,6 +516,32 @@ class Service:
         return "\n".join(lines)
 
 
+def raise_fd_limit(config: Config) -> None:
+    """Make room for the configured connections and transfers in the descriptor limit.
+
+    systemd starts services with a soft limit of 1024 and a high hard limit, expecting a
+    program that needs more to raise its own soft limit (as nginx does with
+    worker_rlimit_nofile). Each HTTP connection takes one descriptor, each TFTP transfer two
+    (socket and file); 256 more cover the listeners, the database and asset files.
+    """
+    import resource
+
+    need = config.http.max_connections + 2 * config.tftp.max_transfers + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ConfigError(
+            f"the open-files limit is {soft}, below the {need} descriptors that "
+            f"http.max_connections ({config.http.max_connections}) and tftp.max_transfers "
+            f"({config.tftp.max_transfers}) need", key="http.max_connections",
+            fix="lower http.max_connections / tftp.max_transfers, or raise LimitNOFILE= "
+                "(systemd) / ulimit -n")
+
+
 def _check_hostname_templates(config: Config) -> None:
     """A template typo must stop start-up, not fail every matching device's boot request."""
     from netboot.enroll import check_hostname_template
@@ -515,8 +574,9 @@ async def build(config: Config) -> Service:
                                   "https": public_https_url(config, advertise)}
         core = build_core(config, store, lambda: holder["base"],
                           trust=lambda: trust_for(config, tls, holder["https"]))
-        app = web.Application(middlewares=[errors_middleware],
+        app = web.Application(middlewares=[errors_middleware, body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
+        install_http(app, body_timeout=config.http.body_timeout)
         app[LOG_KEY] = logging.getLogger("netboot.http")
         app[MAX_BODY_KEY] = config.http.max_body_bytes
         app[MAX_EVENT_KEY] = config.http.max_event_bytes
@@ -531,6 +591,10 @@ async def build(config: Config) -> Service:
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    # A fatal signal in C code (SIGSEGV, SIGBUS from a mapped file) still ends the process,
+    # but with the Python stacks of every thread on stderr rather than without a line.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     service = await build(config)
     try:
         await service.start()
