@@ -68,8 +68,13 @@ def open_store(config: Config, sealer: Sealer | None = None) -> Store:
         return MemoryStore()
     from netboot.inventory.sqlite import SqliteStore
 
-    private_database(config.db_path,
-                     "inventory.path" if config.inventory.path else "server.data_dir")
+    try:
+        config.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        key = "inventory.path" if config.inventory.path else "server.data_dir"
+        raise ConfigError(f"cannot create {config.db_path.parent}: {exc.strerror}", key=key,
+                          fix="create it, or point --data-dir at a writable directory") from exc
+    private_database(config.db_path)
     return SqliteStore(config.db_path, sealer=sealer)
 
 
@@ -80,10 +85,8 @@ def secure_data_dir(path: Path) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = path.stat()
     except OSError as exc:
-        raise ConfigError(f"cannot create the data dir {path}: {exc.strerror}",
-                          key="server.data_dir",
-                          fix="create it (mode 0700) for the user netboot runs as, or name "
-                              "another with --data-dir") from exc
+        raise ConfigError(f"cannot create {path}: {exc.strerror}", key="server.data_dir",
+                          fix="create it, or point --data-dir at a writable directory") from exc
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         try:
@@ -98,16 +101,13 @@ def secure_data_dir(path: Path) -> None:
                         st.st_uid)
 
 
-def private_database(path: Path, key: str = "server.data_dir") -> None:
+def private_database(path: Path) -> None:
     """Create the database file 0600 before SQLite does: SQLite gives its -wal and -shm files
     the database file's mode, so this one mode covers all three (an empty file is an empty
-    database to SQLite). Files of an older netboot (0644) are tightened."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    database to SQLite). Files of an older netboot (0644) are tightened. A file that cannot
+    be created is left to the store, which names the cause (a read-only file system)."""
+    with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    except OSError as exc:
-        raise ConfigError(f"cannot create the inventory {path}: {exc.strerror}", key=key,
-                          fix="create it, or point --data-dir at a writable directory") from exc
     for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
             if stat.S_IMODE(p.stat().st_mode) & 0o077:
