@@ -113,8 +113,10 @@ async def test_clear_tokens_of_an_older_inventory_are_sealed_on_first_start(
     old = SqliteStore(cfg.db_path)  # an older netboot: no sealing, 0644 files
     await old.open()
     await old.put_cluster(Cluster(name="edge", server_url="managed", token=JOIN_TOKEN))
+    # A long description puts the row on overflow pages, which a rewrite frees whole: without
+    # secure_delete their old bytes (the clear token) would stay in the file.
     await old.put_cluster(Cluster(name="ext", server_url="https://192.0.2.50:6443",
-                                  token=JOIN_TOKEN + "x"))
+                                  token=JOIN_TOKEN + "x", description="d" * 20_000))
     await old.close()
     os.chmod(cfg.db_path, 0o644)
     os.chmod(cfg.data_dir, 0o755)
