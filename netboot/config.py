@@ -470,7 +470,8 @@ def _check(cfg: Config, src: _Source) -> None:
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
         raise src.error("http.public_url", "must start with http:// or https://")
     if cfg.https.public_url and not cfg.https.public_url.startswith("https://"):
-        raise src.error("https.public_url", "must start with https://")
+        raise src.error("https.public_url", "must start with https://",
+                        "write e.g. https://boot.example:8443, or leave it unset")
     if (cfg.https.key_file or cfg.https.ca_file) and not cfg.https.cert_file:
         raise src.error("https.cert_file", "https.key_file/ca_file given without a certificate",
                         "set https.cert_file too, or remove them to use netboot's own CA")

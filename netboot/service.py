@@ -498,9 +498,9 @@ class Service:
         lines = [
             f"netboot serving on {self.advertise}",
             f"  HTTP   {self.base_url}/  (iPXE chain URL: {self.base_url}/boot.ipxe)",
-            (f"  HTTPS  {self.url_holder.get('https', '')}/  (API; CA fingerprint SHA256 "
-             f"{self.tls.ca_fingerprint or 'n/a'}: netboot ca export)" if self.tls
-             else "  HTTPS  off"),
+            (f"  HTTPS  {self.url_holder.get('https', '')}/  (API and configs; CA SHA-256 "
+             f"{self.tls.ca_fingerprint or 'not given'}, printed by: netboot ca export)"
+             if self.tls else "  HTTPS  off"),
             f"  TFTP   udp/{cfg.tftp.port}" if cfg.tftp.enabled else "  TFTP   off",
             (f"  DHCP   {cfg.dhcp.mode} on udp/{cfg.dhcp.port} + udp/{cfg.dhcp.pxe_port}"
              if cfg.dhcp.mode != "off" else "  DHCP   off"),

@@ -228,10 +228,28 @@ async def test_bad_operator_files_stop_start_up_naming_the_key(
     assert err.value.key == key and err.value.fix
 
 
-def test_a_certificate_without_its_key_is_a_config_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("https", "key"), [
+    ("  cert_file: /etc/ssl/x.pem\n", "https.key_file"),
+    ("  key_file: /etc/ssl/x.key\n", "https.cert_file"),
+    ("  public_url: http://boot.example:8443\n", "https.public_url"),
+    ("  port: 70000\n", "https.port"),
+])
+def test_https_settings_that_cannot_work_are_config_errors(tmp_path: Path, https: str,
+                                                           key: str) -> None:
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("  port: 0\n  listen: 127.0.0.1\n", https))
     with pytest.raises(ConfigError) as err:
-        load(write_config(tmp_path, https="  cert_file: /etc/ssl/x.pem\n"), env={})
-    assert err.value.key == "https.key_file"
+        load(path, env={})
+    assert err.value.key == key and err.value.fix
+
+
+def test_https_on_the_http_port_is_a_config_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path, extra="")
+    path.write_text(path.read_text().replace("http:\n  port: 0", "http:\n  port: 8080")
+                    .replace("  port: 0\n  listen: 127.0.0.1\n", "  port: 8080\n"))
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert err.value.key == "https.port"
 
 
 # --- ca export and what installers get ---------------------------------------------------------
