@@ -283,7 +283,8 @@ async def test_installers_are_given_the_ca(tmp_path: Path,
         from netboot.core import Core  # the server's own renders, as `netboot render` shows
 
         core: Core = Core(service.store, service.enroller, service.boot, service.content)
-        await core.put("clusters", {"name": "edge", "server_url": "managed"}, create=True)
+        await core.put("clusters", {"name": "edge", "server_url": "https://192.0.2.50:6443",
+                                    "token": "k3s-join"}, create=True)
         await core.put("profiles", {"name": "k3os", "kernel": "vmlinuz"}, create=True)
         await core.put("profiles", {"name": "ci", "kernel": "vmlinuz",
                                     "config_template": "cloud-init"}, create=True)
