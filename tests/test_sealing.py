@@ -240,3 +240,12 @@ async def test_join_token_is_in_the_config_and_in_no_log_line_or_file_byte(
     lines = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
     assert any("config" in line for line in lines)  # the flow was logged, and
     assert not [line for line in lines if JOIN_TOKEN in line or admin in line]
+
+
+def test_a_cluster_or_join_plan_in_a_log_line_does_not_carry_the_token() -> None:
+    from netboot.model import K3sJoin, Role
+
+    cluster = Cluster(name="edge", server_url="managed", token=JOIN_TOKEN)
+    join = K3sJoin(Role.AGENT, "https://192.0.2.50:6443", False, JOIN_TOKEN)
+    assert JOIN_TOKEN not in repr(cluster) + str(cluster) + repr(join) + str(join)
+    assert "edge" in repr(cluster) and "192.0.2.50" in repr(join)
