@@ -15,6 +15,9 @@ Why it looks like this:
   on start, and the reason logged; devices that trust the CA keep trusting the new one.
 * Operator files (``https.cert_file``/``key_file``, optionally ``ca_file``) are used as given,
   checked at start-up: readable, PEM, and the key belongs to the certificate.
+* A running server checks again twice a day (the service re-runs the same preparation and
+  reloads the files into its TLS context), so a server that runs for a year renews its own
+  certificate, and an operator's renewed files are picked up without a restart.
 """
 
 from __future__ import annotations
@@ -61,8 +64,12 @@ class Tls:
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # iPXE speaks TLS 1.2
-        ctx.load_cert_chain(self.cert_file, self.key_file)
+        self.load_into(ctx)
         return ctx
+
+    def load_into(self, ctx: ssl.SSLContext) -> None:
+        """(Re)load the certificate and key: later handshakes use them, open ones go on."""
+        ctx.load_cert_chain(self.cert_file, self.key_file)
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -134,8 +141,10 @@ def covered(cert: x509.Certificate, names: Sequence[str]) -> list[str]:
 class Authority:
     """netboot's CA in ``directory``: made on first use, then loaded."""
 
-    def __init__(self, directory: Path, passphrase: bytes) -> None:
+    def __init__(self, directory: Path, passphrase: bytes, *,
+                 clock: Callable[[], datetime.datetime] = _now) -> None:
         self.directory = directory
+        self._clock = clock
         self._passphrase = passphrase
         self.cert_path = directory / "ca.pem"
         self.private_file = directory / "ca.key"
@@ -150,7 +159,7 @@ class Authority:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "netboot"),
             x509.NameAttribute(NameOID.COMMON_NAME, f"netboot CA {secrets.token_hex(4)}"),
         ])
-        now = _now()
+        now = self._clock()
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
@@ -220,14 +229,14 @@ class Authority:
         missing = covered(cert, names)
         if missing:
             return f"the previous one does not cover {', '.join(missing)}"
-        if cert.not_valid_after_utc - _now() < RENEW_BEFORE:
+        if cert.not_valid_after_utc - self._clock() < RENEW_BEFORE:
             return f"the previous one ends {cert.not_valid_after_utc:%Y-%m-%d}"
         return None
 
     def _issue(self, cert_path: Path, private_file: Path, ca_cert: x509.Certificate,
                ca_key: rsa.RSAPrivateKey, names: Sequence[str]) -> None:
         key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-        now = _now()
+        now = self._clock()
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import stat
 import time
 from collections.abc import Callable
@@ -333,6 +334,9 @@ class Service:
     advertise: str
     new_admin_token_file: Path | None = None
     tls: Tls | None = None
+    # Prepares the certificate again (re-issued if due, or the operator's files re-read).
+    tls_source: Callable[[], Tls | None] | None = None
+    tls_context: ssl.SSLContext | None = None
     runner: web.AppRunner | None = None
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
@@ -380,10 +384,11 @@ class Service:
             # The same application on both listeners: one set of routes, one error mapping,
             # one connection cap (the guard counts both).
             host = cfg.https.listen or http.listen
+            self.tls_context = self.tls.ssl_context()
             tls_site = GuardedSite(self.runner, host, cfg.https.port, guard=self.http_guard,
                                    handler_args={"access_log": access,
                                                  "access_log_class": AccessLogger},
-                                   ssl_context=self.tls.ssl_context())
+                                   ssl_context=self.tls_context)
             try:
                 await tls_site.start()
             except OSError as exc:
@@ -391,6 +396,7 @@ class Service:
                                  port=cfg.https.port, key="https.port",
                                  flag="--https-port") from exc
             self.https_port = tls_site.port
+            self.tasks.append(asyncio.ensure_future(self._renew_tls_periodically()))
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
@@ -419,6 +425,26 @@ class Service:
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
+
+    def reload_tls(self) -> None:
+        """Prepare the certificate again and load it into the listener's context: netboot's
+        CA re-issues it when it is due; an operator's renewed files are read again."""
+        if self.tls_source is None or self.tls_context is None:
+            return
+        tls = self.tls_source()
+        if tls is not None:
+            tls.load_into(self.tls_context)
+            self.tls = tls
+
+    async def _renew_tls_periodically(self) -> None:
+        # Twice a day is far inside the 30 days of RENEW_BEFORE; a failure keeps the loaded
+        # certificate (still valid for weeks) and is logged, not fatal.
+        while True:
+            await asyncio.sleep(12 * 3600)
+            try:
+                self.reload_tls()
+            except (ConfigError, OSError, ssl.SSLError) as exc:
+                log.error("HTTPS certificate not renewed, keeping the loaded one: %s", exc)
 
     async def _start_dns(self) -> None:
         from netboot.names import ZoneHolder
@@ -574,8 +600,9 @@ async def build(config: Config) -> Service:
         await check_default_profile(config, store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
+        # Late-bound: renders read the service's current certificate (reload_tls replaces it).
         core = build_core(config, store, lambda: holder["base"],
-                          trust=lambda: trust_for(config, tls, holder["https"]))
+                          trust=lambda: trust_for(config, service.tls, holder["https"]))
         app = web.Application(middlewares=[errors_middleware, body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
         install_http(app, body_timeout=config.http.body_timeout)
@@ -585,7 +612,8 @@ async def build(config: Config) -> Service:
         DeviceRoutes(core.content).add_to(app)
         Api(core, clock=time.time).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
-                          new_admin_token_file=new_token, tls=tls, url_holder=holder)
+                          new_admin_token_file=new_token, tls=tls, url_holder=holder,
+                          tls_source=lambda: prepare_tls(config, advertise, sealer))
     except BaseException:
         await store.close()
         raise

@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 from netboot.cli import main
 from netboot.config import load
 from netboot.errors import ConfigError
+from netboot.model import BootAction, BootPlan, MacAddress
 from netboot.service import Service, build
 from tests.conftest import write_config
 
@@ -309,3 +310,48 @@ async def test_installers_are_given_the_ca(tmp_path: Path,
     args = ["render", "52:54:00:00:00:21", "config", "--config", str(path)]
     assert await asyncio.to_thread(main, args) == 0  # the CLI runs its own event loop
     assert capsys.readouterr().out.rstrip("\n") == served.rstrip("\n")
+
+
+# --- renewal ------------------------------------------------------------------------------------
+
+
+def test_a_certificate_near_its_end_is_reissued(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from netboot.pki import Authority
+
+    now = datetime.datetime.now(datetime.UTC)
+    first = Authority(tmp_path, b"passphrase", clock=lambda: now).server_certificate([ADVERTISE])
+    issued = x509.load_pem_x509_certificates(first.cert_file.read_bytes())[0]
+    caplog.set_level(logging.INFO, logger="netboot.pki")
+    later = now + datetime.timedelta(days=380)  # within 30 days of its end
+    Authority(tmp_path, b"passphrase", clock=lambda: later).server_certificate([ADVERTISE])
+    renewed = x509.load_pem_x509_certificates(first.cert_file.read_bytes())[0]
+    assert renewed.serial_number != issued.serial_number
+    assert renewed.not_valid_after_utc > issued.not_valid_after_utc
+    assert any("the previous one ends" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_running_server_serves_renewed_files_without_a_restart(tmp_path: Path) -> None:
+    cert, key, ca = operator_pki(tmp_path / "site")
+    service = await started(tmp_path, https=f"  cert_file: {cert}\n  key_file: {key}\n"
+                                            f"  ca_file: {ca}\n")
+    try:
+        old_ca = ca.read_text()
+        assert (await tls_get(service.https_port, client_context(old_ca), ADVERTISE,
+                              "/healthz")).startswith(b"HTTP/1.1 200")
+        # The operator's tooling renews the files in place (a new CA, to tell them apart).
+        operator_pki(tmp_path / "site")
+        service.reload_tls()
+        new_ca = ca.read_text()
+        assert new_ca != old_ca
+        assert (await tls_get(service.https_port, client_context(new_ca), ADVERTISE,
+                              "/healthz")).startswith(b"HTTP/1.1 200")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await tls_get(service.https_port, client_context(old_ca), ADVERTISE, "/healthz")
+        assert service.tls is not None and service.tls.ca_pem == new_ca
+        # What installers are given follows: the renders carry the new CA.
+        assert service.content.context(BootPlan(
+            mac=MacAddress.parse("52:54:00:00:00:31"), action=BootAction.LOCAL,
+            reason="test"))["ca_pem"] == new_ca
+    finally:
+        await service.close()
