@@ -462,6 +462,10 @@ def _check_config(args: argparse.Namespace) -> int:
     from netboot import groups as grouping
 
     grouping.check_groups(cfg.discovery.rules)
+    if cfg.https.enabled and cfg.https.cert_file:
+        from netboot.pki import operator_files
+
+        operator_files(cfg.https.cert_file, cfg.https.key_file, cfg.https.ca_file)
     _report(args, f"{args.file}: OK", {"file": args.file, "ok": True})
     return 0
 

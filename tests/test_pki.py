@@ -222,11 +222,13 @@ async def test_bad_operator_files_stop_start_up_naming_the_key(
         _, private, _ = operator_pki(tmp_path / "other")
     else:
         ca = tmp_path / "nope-ca.pem"
-    cfg = load(write_config(tmp_path, https=f"  cert_file: {cert}\n  key_file: {private}\n"
-                                            f"  ca_file: {ca}\n"), env={})
+    path = write_config(tmp_path, https=f"  cert_file: {cert}\n  key_file: {private}\n"
+                                         f"  ca_file: {ca}\n")
     with pytest.raises(ConfigError) as err:
-        await build(cfg)
+        await build(load(path, env={}))
     assert err.value.key == key and err.value.fix
+    # check-config finds it too, before any start.
+    assert main(["check-config", str(path)]) == 2
 
 
 @pytest.mark.parametrize(("https", "key"), [
