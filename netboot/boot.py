@@ -8,7 +8,10 @@ boot plan. Nothing else decides. The rules, by machine state:
 * installed / registered → boot the local disk (one-shot install), until reinstall is asked;
 * failed → hold, so that a broken install does not loop; ``reinstall`` brings it back;
 * any state whose lifecycle allows an install plan (:mod:`netboot.lifecycle`) → install with
-  the profile of the machine or its group, issuing a fresh install token.
+  the profile of the machine or its group, issuing a fresh install token that lives for the
+  profile's ``install_timeout`` (else ``token_ttl_seconds``);
+* booting / installing (an install under way, the device rebooted) → the same install with
+  the same token, held once that token has expired.
 
 The states themselves change only through :mod:`netboot.lifecycle`.
 """
@@ -65,7 +68,7 @@ class BootSettings:
     policy: str = "ignore"  # ignore | hold | auto
     hold_retry_seconds: int = 15
     rules: tuple[Group, ...] = ()
-    token_ttl_seconds: int = 86_400
+    token_ttl_seconds: int = 3600  # install token lifetime when the profile names none
     cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
     default_profile: str | None = None  # for machines whose own settings and group name none
     k3s_port: int = 6443
@@ -128,6 +131,10 @@ def learn(machine: Machine, request: BootRequest, now: float,
                                       if request.firmware != Firmware.UNKNOWN else None),
     )
     return replace(updated, updated=now) if updated != machine else machine
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
 
 def hash_token(token: str) -> str:
@@ -252,7 +259,8 @@ class BootService:
             if record:
                 await self._event(machine, "local-boot", plan.reason, request)
             return plan
-        if not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN):
+        if not (lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN)
+                or lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)):
             reason = ("the last install failed; run 'netboot machines reinstall' to retry"
                       if machine.state == MachineState.FAILED else
                       f"{machine.state}: no install until 'netboot machines reinstall'")
@@ -340,13 +348,36 @@ class BootService:
         reason = (f"{machine.state}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
-        if record:
+        if record and lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN):
+            # An install under way: the same token, never a new one (an unauthenticated
+            # /ipxe must not void the real installer's token), and only until it expires.
+            now = self._clock()
+            if not machine.install_token or (machine.token_expires is not None
+                                             and now > machine.token_expires):
+                reason = (f"{machine.state}: its install token expired"
+                          + (f" at {_utc(machine.token_expires)}"
+                             if machine.token_expires is not None else "")
+                          + f" before the install finished; run 'netboot machines reinstall "
+                          f"{machine.ref}' for a new one")
+                await self._event(machine, "token expired", reason, request, once=True)
+                return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                                retry_seconds=self.settings.hold_retry_seconds,
+                                group=group.name if group else None)
+            token = machine.install_token
+            machine = lifecycle.advance(learn(machine, request, now, _taken(res)),
+                                        lifecycle.Trigger.INSTALL_AGAIN, now)
+            await self._store.update_machine(machine)
+            await self._event(machine, "install-plan",
+                              f"install script again for the install under way (profile "
+                              f"{profile.name}, the same install token)", request, once=True)
+        elif record:
             token = self._new_token()
             now = self._clock()
             machine = lifecycle.advance(
                 learn(machine, request, now, _taken(res)), lifecycle.Trigger.INSTALL_PLAN, now,
-                token_hash=hash_token(token),
-                token_expires=now + self.settings.token_ttl_seconds,
+                token_hash=hash_token(token), install_token=token,
+                token_expires=now + (profile.install_timeout
+                                     or self.settings.token_ttl_seconds),
                 # Bind the machine to the cluster and role it installs into, so that the
                 # cluster lists it and a later group edit does not move an installed node.
                 cluster=machine.cluster or (cluster.name if cluster else None),

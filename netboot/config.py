@@ -118,7 +118,10 @@ class DiscoveryConfig:
 @dataclass(frozen=True)
 class EnrollConfig:
     hostname_template: str = "node-{mac_suffix}"
-    token_ttl_seconds: int = 86_400
+    # Lifetime of an install token when the profile names no install_timeout: long enough for
+    # an install and its first boot's registration, short enough that a token read off a
+    # network or a console log is soon worth nothing.
+    token_ttl_seconds: int = 3600
     # Profile of machines that neither name one nor are given one by a group; without it,
     # approving such a machine is refused (it would only be held). Checked at start-up.
     default_profile: str | None = None

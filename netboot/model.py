@@ -181,8 +181,12 @@ class Machine:
     ipv4: str | None = None  # last address seen (registration or lease)
     fixed_ipv4: str | None = None  # address to hand out in authoritative DHCP mode
     facts: Mapping[str, str] = field(default_factory=dict)  # what firmware/OS told us
-    token_hash: str | None = None  # sha256 hex of the install token; the token is never stored
+    token_hash: str | None = None  # sha256 hex of the install token: what checks it
     token_expires: float | None = None
+    # The install token itself, kept only while its install is under way so that a device that
+    # reboots mid-install gets the same one again (netboot.boot); sealed at rest by the store,
+    # never listed, never in a repr. Cleared at registration and by a reinstall.
+    install_token: str | None = field(default=None, repr=False)
     created: float = 0.0
     updated: float = 0.0
 
@@ -218,6 +222,9 @@ class Profile:
     ssh_authorized_keys: tuple[str, ...] = ()
     fdtdir: str | None = None  # pxelinux FDTDIR for U-Boot boards that need a device tree
     description: str = ""
+    # How long an install of this profile may take, seconds: the lifetime of the install token
+    # issued with its script. None: the server's enroll.token_ttl_seconds.
+    install_timeout: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,10 @@ SCHEMAS: dict[str, Any] = {
         "assets": {"type": "array", "items": {"type": "object", "properties": {
             "path": _STR, "sha256": _NSTR}}},
         "install_device": _STR, "iso_url": _NSTR, "ssh_authorized_keys": _LIST,
-        "fdtdir": _NSTR, "description": _STR}},
+        "fdtdir": _NSTR, "description": _STR,
+        "install_timeout": {"type": ["integer", "null"], "minimum": 60, "maximum": 604800,
+                            "description": "seconds an install may take: the install token's "
+                                           "lifetime (null: enroll.token_ttl_seconds)"}}},
     "Cluster": {"type": "object", "required": ["name"], "properties": {
         "name": _STR, "server_url": {"type": "string",
                                      "description": "https://… of the k3s API, or 'managed'"},

@@ -249,7 +249,8 @@ def _ipv4(value: str | None, field: str) -> str | None:
 
 
 def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]:
-    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash`` (API listings)."""
+    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash`` and the install
+    token (API listings)."""
     out: dict[str, Any] = {
         "id": machine.id,
         "macs": [str(m) for m in machine.macs],
@@ -269,11 +270,12 @@ def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]
         "facts": dict(machine.facts),
         "token_hash": machine.token_hash,
         "token_expires": machine.token_expires,
+        "install_token": machine.install_token,
         "created": machine.created,
         "updated": machine.updated,
     }
     if not secrets:
-        del out["token_hash"]
+        del out["token_hash"], out["install_token"]
     return out
 
 
@@ -323,6 +325,7 @@ def machine_from_dict(data: object) -> Machine:
         facts=_str_map(d, "facts"),
         token_hash=_opt_str(d, "token_hash"),
         token_expires=_opt_float(d, "token_expires"),
+        install_token=_opt_str(d, "install_token"),
         created=_float(d, "created", default=0.0),
         updated=_float(d, "updated", default=0.0),
     )
@@ -344,6 +347,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         "ssh_authorized_keys": list(profile.ssh_authorized_keys),
         "fdtdir": profile.fdtdir,
         "description": profile.description,
+        "install_timeout": profile.install_timeout,
     }
 
 
@@ -373,7 +377,20 @@ def profile_from_dict(data: object) -> Profile:
         ssh_authorized_keys=_str_tuple(d, "ssh_authorized_keys"),
         fdtdir=_opt_str(d, "fdtdir"),
         description=_str(d, "description", default=""),
+        install_timeout=_install_timeout(d),
     )
+
+
+def _install_timeout(d: Mapping[str, Any]) -> int | None:
+    value = d.get("install_timeout")
+    if value is None:
+        return None
+    # bool is an int in Python; "true" is not a number of seconds.
+    if isinstance(value, bool) or not isinstance(value, int) or not 60 <= value <= 7 * 86_400:
+        raise ValidationError("install_timeout", "seconds an install may take: an integer "
+                                                 "from 60 to 604800, or null for the server's "
+                                                 "enroll.token_ttl_seconds")
+    return value
 
 
 # --- clusters -----------------------------------------------------------------------------
