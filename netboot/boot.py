@@ -68,6 +68,7 @@ class BootSettings:
     policy: str = "ignore"  # ignore | hold | auto
     hold_retry_seconds: int = 15
     rules: tuple[Group, ...] = ()
+    trusted_rules: frozenset[str] = frozenset()  # rules that install on request strings
     token_ttl_seconds: int = 3600  # install token lifetime when the profile names none
     cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
     default_profile: str | None = None  # for machines whose own settings and group name none
@@ -250,6 +251,8 @@ class BootService:
                 group = grouping.select(self.settings.rules, request.labels())
                 if group is not None:
                     assert machine is not None
+                    if group.name not in self.settings.trusted_rules:
+                        return await self._untrusted_match(request, machine, group)
                     machine = await self._enroller.auto_enroll(machine, group)
             if machine is None or machine.state == MachineState.DISCOVERED:
                 return await self._unknown_plan(request, machine, record)
@@ -284,6 +287,25 @@ class BootService:
         reason = (f"unknown machine and discovery policy is {self.settings.policy!r}"
                   + ("; no auto rule matched" if self.settings.policy == "auto" else ""))
         return BootPlan(BootAction.IGNORE, request.mac, reason, machine=machine)
+
+    async def _untrusted_match(self, request: BootRequest, machine: Machine, group: Group,
+                               ) -> BootPlan:
+        """An auto rule matched on what the request says (product, serial, UUID, MAC: any host
+        can send ``/ipxe?mac=…&product=…``), and the operator did not trust the rule with
+        that: held for approval, with the command that enrolls it as the rule would have."""
+        matched = ", ".join(f"{key}={request.labels().get(key, '')!r}"
+                            for key in sorted(group.selector))
+        reason = (f"auto rule {group.name!r} matched on {matched}, which any host can send; "
+                  "held until an operator approves it (or the rule sets "
+                  "trust_firmware_strings: true)")
+        await self._event(machine, "hold", reason, request, once=True)
+        parts = ["netboot machines approve", machine.ref]
+        parts += [f"--{key} {value}" for key, value in (
+            ("cluster", group.cluster), ("role", group.role), ("profile", group.profile))
+            if value]
+        return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                        retry_seconds=self.settings.hold_retry_seconds, group=group.name,
+                        command=" ".join(parts))
 
     async def approve_command(self, machine: Machine, request: BootRequest | None = None,
                               ) -> str:

@@ -113,6 +113,9 @@ class DiscoveryConfig:
     policy: Literal["ignore", "hold", "auto"] = "ignore"
     hold_retry_seconds: int = 15
     rules: tuple[Group, ...] = ()  # for policy "auto": selectors → cluster/role/profile
+    # Names of the rules with ``trust_firmware_strings: true`` (written in the rule, not here):
+    # only they install a machine they match; the others hold it for approval.
+    trusted_rules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -306,25 +309,48 @@ def _build(cls: Any, raw: Any, path: str, src: _Source) -> Any:
             fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
             raise src.error(dotted, "unknown key", fix)
         if cls is DiscoveryConfig and key == "rules":
-            kwargs[key] = _rules(value, dotted, src)
+            kwargs[key], kwargs["trusted_rules"] = _rules(value, dotted, src)
+        elif cls is DiscoveryConfig and key == "trusted_rules":
+            raise src.error(dotted, "unknown key",
+                            "write trust_firmware_strings: true in the rule itself")
         else:
             kwargs[key] = _coerce(hints[key], value, dotted, src)
     return cls(**kwargs)
 
 
-def _rules(value: Any, key: str, src: _Source) -> tuple[Group, ...]:
+def _rules(value: Any, key: str, src: _Source) -> tuple[tuple[Group, ...], tuple[str, ...]]:
+    """The auto-enroll rules, and the names of those trusted to install on what they match.
+
+    Everything a rule can select on (product, serial, UUID, even the MAC) comes from the
+    request, which any host on the provisioning network can write: ``trust_firmware_strings``
+    is the operator saying that, on this network, it is good enough to hand out a join token.
+    """
     if not isinstance(value, list):
         raise src.error(key, "expected a list of rules", "write - {selector: {...}, cluster: x}")
-    out = []
+    out: list[Group] = []
+    trusted: list[str] = []
     for i, item in enumerate(value):
         k = f"{key}[{i}]"
         if not isinstance(item, Mapping):
             raise src.error(k, "expected a mapping", "write selector/cluster/role/profile keys")
+        fields = dict(item)
+        trust = fields.pop("trust_firmware_strings", False)
+        if not isinstance(trust, bool):
+            raise src.error(f"{k}.trust_firmware_strings", f"{trust!r} is not true or false",
+                            "write trust_firmware_strings: true to let this rule install what "
+                            "it matches, or leave it out to hold those machines for approval")
         try:
-            out.append(group_from_mapping(item, default_name=f"rule-{i}"))
+            rule = group_from_mapping(fields, default_name=f"rule-{i}")
         except ValidationError as exc:
             raise src.error(f"{k}.{exc.field}", exc.message) from exc
-    return tuple(out)
+        if any(r.name == rule.name for r in out):
+            # Events and trust name a rule: two of one name would be told apart by neither.
+            raise src.error(f"{k}.name", f"a second rule named {rule.name!r}",
+                            "give each rule its own name")
+        out.append(rule)
+        if trust:
+            trusted.append(rule.name)
+    return tuple(out), tuple(trusted)
 
 
 def group_from_mapping(item: Mapping[str, Any], *, default_name: str) -> Group:

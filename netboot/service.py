@@ -99,6 +99,7 @@ def boot_settings(config: Config) -> BootSettings:
     return BootSettings(policy=config.discovery.policy,
                         hold_retry_seconds=config.discovery.hold_retry_seconds,
                         rules=config.discovery.rules,
+                        trusted_rules=frozenset(config.discovery.trusted_rules),
                         token_ttl_seconds=config.enroll.token_ttl_seconds,
                         cluster_domain=config.dns.zone if config.dns.enabled else None,
                         default_profile=config.enroll.default_profile)

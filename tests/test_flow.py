@@ -265,6 +265,7 @@ AUTO = """discovery:
       role: agent
       profile: k3os
       hostname_template: "line3-{mac_suffix}"
+      trust_firmware_strings: true
 """
 
 
@@ -609,3 +610,25 @@ async def test_the_token_lives_as_long_as_the_profile_says(env: Env) -> None:
     r = await call(env, "PUT", "/api/v1/profiles/k3os", json_body={**profile,
                                                                    "install_timeout": True})
     assert r.status == 400 and r.json()["field"] == "install_timeout"
+
+
+async def test_an_auto_rule_not_trusted_with_firmware_strings_holds_what_it_matches(
+        make_env: EnvFactory) -> None:
+    """The issue's chain: ``/ipxe?mac=<any>&product=EdgeBox-3`` from any host auto-enrolled an
+    unknown MAC whose config carried the join token. Without the rule's opt-in it is held."""
+    env = await make_env(AUTO.replace("      trust_firmware_strings: true\n", ""))
+    await env.seed()
+    for _ in range(2):
+        held = await boot(env, HEXHYP, product="X")
+        assert "kernel" not in held and "token" not in held
+        assert "trust_firmware_strings" in held
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["state"] == "discovered" and machine["cluster"] is None
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    assert [e["kind"] for e in events] == ["discovered", "hold"]
+    assert "product='X'" in events[1]["message"] and "any host" in events[1]["message"]
+    # The operator's approval is what installs it, with the rule's assignments.
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve",
+                   json_body={"cluster": "edge", "role": "agent", "profile": "k3os"})
+    assert r.status == 200, r.text
+    assert "kernel " in await boot(env, HEXHYP, product="X")
