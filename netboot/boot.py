@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
+from netboot.discovery import DiscoveryGuard, DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import Conflict
 from netboot.identity import Identity, Resolution
@@ -154,6 +155,7 @@ class BootService:
         *,
         clock: Callable[[], float] = time.time,
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+        discovery: DiscoveryLimits | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self._store = store
@@ -167,6 +169,9 @@ class BootService:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
         self._cluster_lock = asyncio.Lock()
+        # What unknown devices may write (records per source, in all); its counters are read
+        # by metrics.
+        self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
 
     # -- DHCP -------------------------------------------------------------------------
     async def first_stage(self, request: BootRequest) -> FirstStage | None:
@@ -249,8 +254,7 @@ class BootService:
             machine = await self._discover(request, machine, res) if record else machine
             if self.settings.policy == "auto" and record:
                 group = grouping.select(self.settings.rules, request.labels())
-                if group is not None:
-                    assert machine is not None
+                if group is not None and machine is not None:
                     if group.name not in self.settings.trusted_rules:
                         return await self._untrusted_match(request, machine, group)
                     machine = await self._enroller.auto_enroll(machine, group)
@@ -597,15 +601,21 @@ class BootService:
         return updated
 
     async def _discover(self, request: BootRequest, machine: Machine | None,
-                        res: Resolution) -> Machine:
-        """Record what an unknown machine's firmware told us (never loses earlier facts)."""
+                        res: Resolution) -> Machine | None:
+        """Record what an unknown machine's firmware told us (never loses earlier facts).
+
+        None when a new record is over the discovery budget (:mod:`netboot.discovery`): the
+        request is answered as for an unknown machine, and nothing is written."""
         now = self._clock()
         if machine is None:
             machine = learn(Machine(macs=(request.mac,), created=now, state=lifecycle.first_state(
                 lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now, _taken(res))
+            if not await self.discovery.reserve(request, machine.id, now):
+                return None
             try:
                 await self._store.create_machine(machine)
             except Conflict:  # a concurrent request created it first: read it back
+                self.discovery.release(machine.id)
                 existing = (await self._resolve(request)).machine
                 if existing is None:
                     raise

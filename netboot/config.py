@@ -113,6 +113,12 @@ class DiscoveryConfig:
     policy: Literal["ignore", "hold", "auto"] = "ignore"
     hold_retry_seconds: int = 15
     rules: tuple[Group, ...] = ()  # for policy "auto": selectors → cluster/role/profile
+    # Bounds on the records unknown devices cause (netboot.discovery): the oldest discovered
+    # record is evicted beyond max_discovered; each source (relay, address, interface) adds at
+    # most burst_per_source at once and rate_per_source a second after that.
+    max_discovered: int = 10_000
+    rate_per_source: int = 2
+    burst_per_source: int = 20
     # Names of the rules with ``trust_firmware_strings: true`` (written in the rule, not here):
     # only they install a machine they match; the others hold it for approval.
     trusted_rules: tuple[str, ...] = ()
@@ -494,6 +500,9 @@ def _check_limits(cfg: Config, src: _Source) -> None:
         ("http.send_timeout", http.send_timeout, "seconds; nginx uses 60"),
         ("tftp.max_transfers", tftp.max_transfers, "e.g. 256"),
         ("tftp.max_per_client", tftp.max_per_client, "e.g. 64"),
+        ("discovery.max_discovered", cfg.discovery.max_discovered, "e.g. 10000"),
+        ("discovery.burst_per_source", cfg.discovery.burst_per_source, "e.g. 20"),
+        ("discovery.rate_per_source", cfg.discovery.rate_per_source, "records a second, e.g. 2"),
     ):
         if value < 1:
             raise src.error(key, f"{value} is below 1", f"write a whole number >= 1 ({fix})")

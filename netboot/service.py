@@ -27,6 +27,7 @@ from netboot.boot import BootService, BootSettings, loader_names
 from netboot.config import Config
 from netboot.content import Content
 from netboot.core import Core
+from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
 from netboot.files import FileTree
@@ -112,7 +113,11 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     profile, discovery policy, token lifetime)."""
     assets = FileTree(asset_roots(config), pinned=loader_names())
     enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
-    boot = BootService(store, assets, boot_settings(config), enroller)
+    boot = BootService(store, assets, boot_settings(config), enroller,
+                       discovery=DiscoveryLimits(
+                           max_discovered=config.discovery.max_discovered,
+                           rate_per_source=config.discovery.rate_per_source,
+                           burst_per_source=config.discovery.burst_per_source))
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
                       base_url, enroller)
     return Core(store, enroller, boot, content)
