@@ -16,8 +16,10 @@ Why it looks like this:
   file at once migrate it once. A file newer than this code is refused, never downgraded.
 * Model values are kept as JSON produced by :mod:`netboot.inventory.codec`; the columns beside
   it exist only to be indexed (hostname uniqueness, filters).
-* A cluster's join token is sealed (``Sealer``, injected) in the stored JSON and opened on
-  read: the file, its WAL and its backups never hold it in clear. Callers see plain values.
+* A cluster's join token, and a machine's install token while its install is under way, are
+  sealed (``Sealer``, injected) in the stored JSON and opened on read, each bound to its
+  cluster or machine: the file, its WAL and its backups never hold them in clear. Callers
+  see plain values.
   Tokens an older netboot stored in clear are sealed at open, with ``secure_delete`` on (it
   zeroes the space a rewritten row leaves behind) and the WAL checkpointed into the file and
   truncated, so no clear copy survives in either.
@@ -435,18 +437,35 @@ class SqliteStore:
 
     # machines -------------------------------------------------------------------------
     async def get_machine(self, machine_id: str) -> Machine | None:
-        return await self._read(_get_machine, machine_id)
+        return self._open_machine(await self._read(_get_machine, machine_id))
 
     async def machine_by(self, kind: str, value: str) -> Machine | None:
-        return await self._read(_machine_by, *codec.claim_key(kind, value))
+        return self._open_machine(await self._read(_machine_by, *codec.claim_key(kind, value)))
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
-        return await self._read(_get_machine_by_hostname, hostname)
+        return self._open_machine(await self._read(_get_machine_by_hostname, hostname))
 
     async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]:
         flt = flt or MachineFilter()
         codec.check_filter(flt)
-        return await self._read(_list_machines, flt)
+        return [m for m in map(self._open_machine, await self._read(_list_machines, flt))
+                if m is not None]
+
+    # A machine's install token (kept during its install so that a device rebooting
+    # mid-install gets it again) opens its config, which carries the join token: sealed like
+    # the join token, to the machine it belongs to.
+    def _seal_machine(self, machine: Machine) -> Machine:
+        token = machine.install_token
+        if self._sealer is None or not token or self._sealer.is_sealed(token):
+            return machine
+        return replace(machine, install_token=self._sealer.seal(
+            token, context=_install_token_context(machine.id)))
+
+    def _open_machine(self, machine: Machine | None) -> Machine | None:
+        if machine is None or self._sealer is None or not machine.install_token:
+            return machine
+        return replace(machine, install_token=self._sealer.unseal(
+            machine.install_token, context=_install_token_context(machine.id)))
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         return await self._read(_count_machines, flt or MachineFilter())
@@ -466,7 +485,8 @@ class SqliteStore:
             events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
             rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
                     for v in events]
-            await self._run(_apply_batch, batch.create, batch.update, rows, batch.merge)
+            await self._run(_apply_batch, [self._seal_machine(m) for m in batch.create],
+                            [self._seal_machine(m) for m in batch.update], rows, batch.merge)
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:
@@ -577,6 +597,10 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
             log.info("inventory %s: sealed the join tokens of %d clusters", path, sealed)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
+
+
+def _install_token_context(machine_id: str) -> str:
+    return f"install token of machine {machine_id}"
 
 
 def _token_context(cluster: str) -> str:
