@@ -378,12 +378,12 @@ class BootService:
             # An install under way: the same token, never a new one (an unauthenticated
             # /ipxe must not void the real installer's token), and only until it expires.
             now = self._clock()
-            if not machine.install_token or (machine.token_expires is not None
-                                             and now > machine.token_expires):
-                reason = (f"{machine.state}: its install token expired"
-                          + (f" at {_utc(machine.token_expires)}"
-                             if machine.token_expires is not None else "")
-                          + f" before the install finished; run 'netboot machines reinstall "
+            expires = machine.token_expires
+            if not machine.install_token or (expires is not None and now > expires):
+                why = (f"its install token expired at {_utc(expires)} before the install "
+                       "finished" if expires is not None and now > expires else
+                       "its install token was not kept (issued by an older netboot)")
+                reason = (f"{machine.state}: {why}; run 'netboot machines reinstall "
                           f"{machine.ref}' for a new one")
                 await self._event(machine, "token expired", reason, request, once=True)
                 return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
