@@ -147,7 +147,7 @@ event installed "config ok, hostname $HOST"
 rm -rf /tmp/run_cmd && mkdir /tmp/run_cmd
 cfg run_cmd /tmp/run_cmd/ || fail "run_cmd-unreadable"
 for f in $(ls /tmp/run_cmd | sort -n); do
-  say "run_cmd $f: $(head -c 100 "/tmp/run_cmd/$f") ..."
+  say "run_cmd $f: $(head -c 40 "/tmp/run_cmd/$f") ..."
   # Bounded: a command that retries for an hour gets two minutes here.
   timeout 120 sh -c "$(cat "/tmp/run_cmd/$f")"; rc=$?
   echo

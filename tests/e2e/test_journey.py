@@ -49,9 +49,12 @@ def _uuid(n: int) -> str:
     return f"4e455442-4f4f-5400-0000-0000000000{n:02x}"
 
 
-def _spec(name: str, n: int, kind: Kind = Kind.BIOS, **kw: Any) -> VmSpec:
-    """A guest with a fixed MAC 52:54:00:00:00:<n>, UUID and serial derived from ``n``."""
-    return VmSpec(name, kind, f"52:54:00:00:00:{n:02x}", _uuid(n), f"NB-{name.upper()}", "tap0",
+def _spec(name: str, n: int, kind: Kind = Kind.BIOS, tap: str = "tap0", **kw: Any) -> VmSpec:
+    """A guest with a fixed MAC 52:54:00:00:00:<n>, UUID and serial derived from ``n``.
+
+    Guests that run at the same time need taps of their own.
+    """
+    return VmSpec(name, kind, f"52:54:00:00:00:{n:02x}", _uuid(n), f"NB-{name.upper()}", tap,
                   **kw)
 
 
@@ -118,7 +121,7 @@ def test_agent_joins_the_first_server_of_a_managed_cluster(j: E2ELab) -> None:
     """A managed cluster's first server installs, registers and serves 6443; an agent
     enrolled and booted after it gets that server's address in ``server_url`` and joins."""
     managed_cluster(j, "j1")
-    server, agent = _spec("j1-server", 0x31), _spec("j1-agent", 0x32)
+    server, agent = _spec("j1-server", 0x31), _spec("j1-agent", 0x32, tap="tap1")
     enroll(j, server, mac=server.mac, cluster="j1", role="server", profile=JOURNEY_PROFILE)
     enroll(j, agent, mac=agent.mac, cluster="j1", role="agent", profile=JOURNEY_PROFILE)
 
@@ -151,12 +154,12 @@ def test_agent_powered_on_before_any_server_waits_then_installs(j: E2ELab) -> No
     loop, an event, explain says why) and installs by itself once the first server has
     registered, in the same power-on: any reset would end QEMU (-no-reboot)."""
     managed_cluster(j, "j2")
-    agent, server = _spec("j2-agent", 0x33), _spec("j2-server", 0x34)
+    agent, server = _spec("j2-agent", 0x33), _spec("j2-server", 0x34, tap="tap1")
     enroll(j, agent, mac=agent.mac, cluster="j2", role="agent", profile=JOURNEY_PROFILE)
     enroll(j, server, mac=server.mac, cluster="j2", role="server", profile=JOURNEY_PROFILE)
 
     with j.boot(agent) as agt:
-        held = agt.wait_for(rf"{HELD}|{RESULT}")
+        held = agt.wait_for(rf"{HELD}|{K3S_LINE}")
         assert held.group(0).startswith("netboot:"), (
             f"agent booted before any server of j2 was not held: {held.group(0)}")
         j.wait_event(agent.mac, "hold")
