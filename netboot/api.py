@@ -7,35 +7,26 @@ its machine's install token instead. Errors are translated in one place
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
-from netboot import groups as grouping
-from netboot.boot import BootService
-from netboot.enroll import (
-    Enroller,
-    check_hostname,
-    check_hostname_template,
-    fleet_status,
-    token_matches,
-)
-from netboot.errors import AuthError, Conflict, NotFound, ValidationError
+from netboot.core import Core, public_dict
+from netboot.enroll import fleet_status, token_matches
+from netboot.errors import AuthError, ValidationError
 from netboot.inventory import codec
-from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Arch, Cluster, MacAddress, Machine, MachineState, Role, normalise_uuid
+from netboot.inventory.base import MachineFilter
+from netboot.model import Machine, MachineState
 from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMIN_TOKEN_KEY = "admin-token-sha256"
-MACHINE_INPUT = {"mac", "hostname", "uuid", "serial", "asset", "labels", "cluster", "role",
-                 "profile", "fixed_ipv4", "state"}
 
 
 def _sha(text: str) -> str:
@@ -89,21 +80,14 @@ def _int_query(request: web.Request, key: str, default: int, low: int, high: int
     return value
 
 
-def _check_name(name: str) -> None:
-    # Names are path segments of /api/v1/<kind>/<name> and appear in iPXE script comments:
-    # a '/' would make the object unaddressable, a newline would end the comment line.
-    if ("/" in name or name != name.strip() or len(name) > 253
-            or any(not ch.isprintable() for ch in name)):
-        raise ValidationError("name", f"{name!r}: use printable text without '/' or "
-                                      "surrounding spaces (at most 253 characters)")
-
-
 class Api:
-    def __init__(self, store: Store, enroller: Enroller, boot: BootService, *,
-                 clock: Callable[[], float], logger: logging.Logger | None = None) -> None:
-        self._store = store
-        self._enroll = enroller
-        self._boot = boot
+    """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""
+
+    def __init__(self, core: Core, *, clock: Callable[[], float],
+                 logger: logging.Logger | None = None) -> None:
+        self._core = core
+        self._store = core.store
+        self._enroll = core.enroller
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
 
@@ -178,96 +162,39 @@ class Api:
         return web.json_response({"items": [self._machine_out(m) for m in items],
                                   "total": total, "limit": flt.limit, "offset": flt.offset})
 
-    async def _parse_machine(self, body: dict[str, Any], *, mac: str | None = None) -> Machine:
-        unknown = sorted(set(body) - MACHINE_INPUT)
-        if unknown:
-            raise ValidationError(unknown[0], "unknown or read-only field")
-        if mac is not None:
-            body = {**body, "mac": mac}
-        machine = codec.machine_from_dict(body)
-        if machine.hostname:
-            machine = replace(machine, hostname=check_hostname(machine.hostname))
-        if machine.uuid:
-            # Canonical form, as firmware UUIDs are normalised before they are matched
-            # (bulk import does the same); garbage is a 400, not a machine no request matches.
-            machine = replace(machine, uuid=normalise_uuid(machine.uuid))
-        await self._enroll.validate_refs(machine.cluster, machine.profile)
-        return machine
-
     async def create_machine(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
-        machine = await self._parse_machine(body)
-        now = self._clock()
-        machine = replace(machine, created=now, updated=now)
-        if machine.hostname is None:
-            machine = replace(machine, hostname=await self._enroll.name_for(
-                machine, cluster=machine.cluster,
-                role=str(machine.role) if machine.role else None))
-        await self._store.create_machine(machine)
-        await self._enroll.event(str(machine.mac), "enrolled", "created through the API")
+        machine = await self._core.create_machine(body, note="created through the API")
         return web.json_response(self._machine_out(machine), status=201)
-
-    async def _machine(self, request: web.Request) -> Machine:
-        mac = str(MacAddress.parse(request.match_info["mac"]))
-        machine = await self._store.get_machine(mac)
-        if machine is None:
-            raise NotFound(f"machine {mac} not found")
-        return machine
 
     async def get_machine(self, request: web.Request) -> web.Response:
         return web.json_response(self._machine_out(await self._machine(request)))
 
+    async def _machine(self, request: web.Request) -> Machine:
+        return await self._core.machine(request.match_info["mac"])
+
     async def patch_machine(self, request: web.Request) -> web.Response:
-        old = await self._machine(request)
+        await self._machine(request)  # 404 before 400: the path is checked first
         body = _object(await read_json(request))
-        if "mac" in body and str(MacAddress.parse(str(body["mac"]))) != str(old.mac):
-            raise ValidationError("mac", "cannot change a machine's MAC; delete and re-add")
-        merged = {k: v for k, v in codec.machine_to_dict(old).items() if k in MACHINE_INPUT}
-        merged.update(body)
-        parsed = await self._parse_machine(merged)
-        machine = replace(old, hostname=parsed.hostname, uuid=parsed.uuid, serial=parsed.serial,
-                          asset=parsed.asset, labels=parsed.labels, cluster=parsed.cluster,
-                          role=parsed.role, profile=parsed.profile,
-                          fixed_ipv4=parsed.fixed_ipv4, state=parsed.state,
-                          updated=self._clock())
-        await self._store.update_machine(machine)
+        machine = await self._core.update_machine(request.match_info["mac"], body)
         return web.json_response(self._machine_out(machine))
 
     async def delete_machine(self, request: web.Request) -> web.Response:
-        machine = await self._machine(request)
-        await self._store.delete_machine(str(machine.mac))
+        await self._core.delete_machine(request.match_info["mac"])
         return web.Response(status=204)
 
     async def approve(self, request: web.Request) -> web.Response:
-        mac = request.match_info["mac"]
         body = _object(await read_json(request)) if request.can_read_body else {}
-        unknown = sorted(set(body) - {"cluster", "role", "profile", "hostname"})
-        if unknown:
-            raise ValidationError(unknown[0], "unknown field")
-        for key in ("cluster", "role", "profile", "hostname"):
-            if body.get(key) is not None and not isinstance(body[key], str):
-                raise ValidationError(key, "must be a string or null")
-        role = body.get("role")
-        if role is not None and role not in ("server", "agent"):
-            raise ValidationError("role", f"{role!r} is not server or agent")
-        machine = await self._enroll.approve(
-            mac, cluster=body.get("cluster"), role=Role(role) if role else None,
-            profile=body.get("profile"), hostname=body.get("hostname"))
+        machine = await self._core.approve(request.match_info["mac"], body)
         return web.json_response(self._machine_out(machine))
 
     async def reinstall(self, request: web.Request) -> web.Response:
-        machine = await self._enroll.reinstall(request.match_info["mac"])
+        machine = await self._core.reinstall(request.match_info["mac"])
         return web.json_response(self._machine_out(machine))
 
     async def explain(self, request: web.Request) -> web.Response:
-        mac = str(MacAddress.parse(request.match_info["mac"]))
-        arch_text = request.query.get("arch")
-        try:
-            arch = Arch(arch_text) if arch_text else None
-        except ValueError:
-            raise ValidationError("arch", f"{arch_text!r} is not one of "
-                                  f"{', '.join(a.value for a in Arch)}") from None
-        return web.json_response(await self._boot.explain(mac, arch=arch))
+        return web.json_response(await self._core.explain(request.match_info["mac"],
+                                                          arch=request.query.get("arch")))
 
     async def list_events(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
@@ -323,40 +250,27 @@ class Api:
 
     async def cluster_nodes(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if await self._store.get_cluster(name) is None:
-            raise NotFound(f"cluster {name!r} not found")
+        await self._core.get("clusters", name)
         nodes = await self._store.list_machines(MachineFilter(cluster=name, limit=100_000))
         return web.json_response([self._machine_out(m) for m in nodes])
 
     # -- profiles, clusters, groups -----------------------------------------------------
-    def _codec(self, kind: str) -> tuple[Callable[[Any], Any], Callable[[Any], dict[str, Any]]]:
-        if kind == "profiles":
-            return codec.profile_from_dict, codec.profile_to_dict
-        if kind == "clusters":
-            return codec.cluster_from_dict, lambda c: codec.cluster_to_dict(c, secrets=False)
-        return codec.group_from_dict, codec.group_to_dict
-
     def _list(self, kind: str) -> Handler:
-        _, out = self._codec(kind)
+        out = functools.partial(public_dict, kind)
 
         async def handler(request: web.Request) -> web.Response:
-            items = await getattr(self._store, f"list_{kind}")()
-            return web.json_response([out(x) for x in items])
+            return web.json_response([out(x) for x in await self._core.list_items(kind)])
         return handler
 
     def _get(self, kind: str) -> Handler:
-        _, out = self._codec(kind)
+        out = functools.partial(public_dict, kind)
 
         async def handler(request: web.Request) -> web.Response:
-            name = request.match_info["name"]
-            item = await getattr(self._store, f"get_{kind[:-1]}")(name)
-            if item is None:
-                raise NotFound(f"{kind[:-1]} {name!r} not found")
-            return web.json_response(out(item))
+            return web.json_response(out(await self._core.get(kind, request.match_info["name"])))
         return handler
 
     def _put(self, kind: str, *, create: bool) -> Handler:
-        parse, out = self._codec(kind)
+        out = functools.partial(public_dict, kind)
 
         async def handler(request: web.Request) -> web.Response:
             body = _object(await read_json(request))
@@ -365,75 +279,15 @@ class Api:
                 if "name" in body and body["name"] != name:
                     raise ValidationError("name", "does not match the URL")
                 body = {**body, "name": name}
-                if await getattr(self._store, f"get_{kind[:-1]}")(name) is None:
-                    raise NotFound(f"{kind[:-1]} {name!r} not found")
-            item = parse(body)
-            _check_name(item.name)
-            if kind == "clusters":
-                item = await self._check_cluster(item, body, create=create)
-            elif kind == "groups":
-                await self._check_group(item)
-            await getattr(self._store, f"put_{kind[:-1]}")(item, create=create)
+            item = await self._core.put(kind, body, create=create)
             return web.json_response(out(item), status=201 if create else 200)
         return handler
 
-    async def _check_cluster(self, cluster: Cluster, body: dict[str, Any], *,
-                             create: bool) -> Cluster:
-        if not cluster.managed and not cluster.server_url.startswith("https://"):
-            raise ValidationError("server_url", "an https:// URL of the k3s API, or 'managed'")
-        if not cluster.token:
-            if not create and "token" not in body:
-                old = await self._store.get_cluster(cluster.name)
-                if old is not None:
-                    return replace(cluster, token=old.token)
-            if cluster.managed:
-                import secrets
-
-                # Managed clusters get a generated join secret; it is never returned or logged.
-                return replace(cluster, token=secrets.token_hex(32))
-            raise ValidationError("token", "required for an external cluster (k3s node token)")
-        return cluster
-
-    async def _check_group(self, group: Any) -> None:
-        if group.hostname_template:
-            check_hostname_template(group.hostname_template)
-        if group.profile and await self._store.get_profile(group.profile) is None:
-            raise ValidationError("profile", f"unknown profile {group.profile!r}")
-        if group.cluster and await self._store.get_cluster(group.cluster) is None:
-            raise ValidationError("cluster", f"unknown cluster {group.cluster!r}")
-        others = [g for g in await self._store.list_groups() if g.name != group.name]
-        grouping.check_groups([*others, group])
-
     def _delete(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:
-            name = request.match_info["name"]
-            if kind in ("profiles", "clusters"):
-                ref = "profile" if kind == "profiles" else "cluster"
-                for g in await self._store.list_groups():
-                    if getattr(g, ref) == name:
-                        raise Conflict(f"{ref} {name!r} is used by group {g.name!r}")
-                # Machines name their cluster/profile directly too; deleting it under them
-                # would silently boot them without one (effective() finds nothing).
-                user = await self._machine_using(ref, name)
-                if user is not None:
-                    raise Conflict(f"{ref} {name!r} is used by machine {user}")
-            await getattr(self._store, f"delete_{kind[:-1]}")(name)
+            await self._core.delete(kind, request.match_info["name"])
             return web.Response(status=204)
         return handler
-
-    async def _machine_using(self, ref: str, name: str) -> str | None:
-        if ref == "cluster":
-            found = await self._store.list_machines(MachineFilter(cluster=name, limit=1))
-            return str(found[0].mac) if found else None
-        offset = 0
-        while True:
-            page = await self._store.list_machines(MachineFilter(limit=1000, offset=offset))
-            for m in page:
-                if m.profile == name:
-                    return str(m.mac)
-            if len(page) < 1000:
-                return None
-            offset += 1000
 
     async def openapi(self, request: web.Request) -> web.Response:
         from netboot.openapi import document

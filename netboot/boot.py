@@ -5,10 +5,12 @@ boot plan. Nothing else decides. The rules, by machine state:
 
 * unknown / discovered → the discovery policy: ``ignore`` (silent), ``hold`` (a visible retry
   loop until an operator approves), ``auto`` (rules assign cluster/role/profile, then install);
-* enrolled / booting / installing / reinstall → install with the profile of the machine or its
-  group, issuing a fresh install token;
 * installed / registered → boot the local disk (one-shot install), until reinstall is asked;
-* failed → hold, so that a broken install does not loop; ``reinstall`` brings it back.
+* failed → hold, so that a broken install does not loop; ``reinstall`` brings it back;
+* any state whose lifecycle allows an install plan (:mod:`netboot.lifecycle`) → install with
+  the profile of the machine or its group, issuing a fresh install token.
+
+The states themselves change only through :mod:`netboot.lifecycle`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from netboot import groups as grouping
+from netboot import lifecycle
 from netboot.enroll import Enroller
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import (
@@ -43,9 +46,6 @@ from netboot.model import (
     Role,
 )
 
-INSTALL_STATES = frozenset(
-    {MachineState.ENROLLED, MachineState.BOOTING, MachineState.INSTALLING, MachineState.REINSTALL}
-)
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
 
 
@@ -60,6 +60,7 @@ class BootSettings:
     rules: tuple[Group, ...] = ()
     token_ttl_seconds: int = 86_400
     cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
+    default_profile: str | None = None  # for machines whose own settings and group name none
     k3s_port: int = 6443
 
 
@@ -218,9 +219,11 @@ class BootService:
             if record:
                 await self._event(machine, "local-boot", plan.reason, request)
             return plan
-        if machine.state == MachineState.FAILED:
-            plan = BootPlan(BootAction.HOLD, mac,
-                            "the last install failed; run 'netboot machines reinstall' to retry",
+        if not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN):
+            reason = ("the last install failed; run 'netboot machines reinstall' to retry"
+                      if machine.state == MachineState.FAILED else
+                      f"{machine.state}: no install until 'netboot machines reinstall'")
+            plan = BootPlan(BootAction.HOLD, mac, reason,
                             retry_seconds=self.settings.hold_retry_seconds, machine=machine)
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
@@ -234,14 +237,34 @@ class BootService:
             if machine is not None and record:
                 await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason,
-                            retry_seconds=self.settings.hold_retry_seconds, machine=machine)
+                            retry_seconds=self.settings.hold_retry_seconds, machine=machine,
+                            command=await self.approve_command(machine or Machine(
+                                mac=request.mac), request))
         reason = (f"unknown machine and discovery policy is {self.settings.policy!r}"
                   + ("; no auto rule matched" if self.settings.policy == "auto" else ""))
         return BootPlan(BootAction.IGNORE, request.mac, reason, machine=machine)
 
+    async def approve_command(self, machine: Machine, request: BootRequest | None = None,
+                              ) -> str:
+        """The ``netboot machines approve`` line that installs this machine: it names what no
+        group or default gives it (a cluster, a role, a profile), with the real name when the
+        inventory has only one to choose from."""
+        group, profile, cluster, _ = await self.effective(machine, request)
+        parts = ["netboot machines approve", str(machine.mac)]
+        if cluster is None:
+            names = [c.name for c in await self._store.list_clusters()]
+            parts.append("--cluster " + (names[0] if len(names) == 1 else "NAME"))
+        if machine.role is None and (group is None or group.role is None):
+            parts.append("--role agent")
+        if profile is None:
+            names = [p.name for p in await self._store.list_profiles()]
+            parts.append("--profile " + (names[0] if len(names) == 1 else "NAME"))
+        return " ".join(parts)
+
     async def effective(self, machine: Machine, request: BootRequest | None = None,
                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
-        """The machine's group, profile, cluster and role: its own settings win over the group's."""
+        """The machine's group, profile, cluster and role: its own settings win over the
+        group's; the configured default profile comes last."""
         labels = dict(machine.labels)
         labels.update({k: v for k, v in machine.facts.items() if v})
         if request is not None:
@@ -255,7 +278,8 @@ class BootService:
         if machine.firmware:
             labels.setdefault("firmware", str(machine.firmware))
         group = grouping.select(await self._store.list_groups(), labels)
-        profile_name = machine.profile or (group.profile if group else None)
+        profile_name = (machine.profile or (group.profile if group else None)
+                        or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)
         role = machine.role or (group.role if group else None) or Role.AGENT
         profile = await self._store.get_profile(profile_name) if profile_name else None
@@ -266,7 +290,8 @@ class BootService:
                             record: bool) -> BootPlan:
         group, profile, cluster, role = await self.effective(machine, request)
         if profile is None:
-            reason = ("no profile: set one on the machine or a group that selects it"
+            reason = ("no profile: set one on the machine, a group that selects it or "
+                      "enroll.default_profile"
                       + (f" (group {group.name!r} has none)" if group else ""))
             if record:
                 await self._event(machine, "hold", reason, request, once=True)
@@ -281,16 +306,14 @@ class BootService:
         if record:
             token = self._new_token()
             now = self._clock()
-            machine = replace(
-                learn(machine, request, now),
-                state=MachineState.BOOTING,
+            machine = lifecycle.advance(
+                learn(machine, request, now), lifecycle.Trigger.INSTALL_PLAN, now,
                 token_hash=hash_token(token),
                 token_expires=now + self.settings.token_ttl_seconds,
                 # Bind the machine to the cluster and role it installs into, so that the
                 # cluster lists it and a later group edit does not move an installed node.
                 cluster=machine.cluster or (cluster.name if cluster else None),
                 role=machine.role or (role if cluster else None),
-                updated=now,
             )
             await self._store.update_machine(machine)
             await self._event(machine, "install-plan",
@@ -389,19 +412,28 @@ class BootService:
             "group": group.name if group else None,
             "group_selector": {k: list(v) for k, v in group.selector.items()} if group else None,
             "profile": profile.name if profile else None,
-            "profile_source": "machine" if machine.profile else ("group" if group else None),
+            "profile_source": self._profile_source(machine, group, profile),
             "cluster": cluster.name if cluster else None,
             "role": str(role), "decision": str(plan.action), "reason": plan.reason,
             "arch": str(request.arch) + ("" if arch or machine.arch else " (not seen yet)"),
         }
+
+    @staticmethod
+    def _profile_source(machine: Machine, group: Group | None, profile: Profile | None,
+                        ) -> str | None:
+        if profile is None:
+            return None
+        if machine.profile:
+            return "machine"
+        return "group" if group is not None and group.profile else "default"
 
     # -- records -----------------------------------------------------------------------
     async def _discover(self, request: BootRequest, machine: Machine | None) -> Machine:
         """Record what an unknown machine's firmware told us (never loses earlier facts)."""
         now = self._clock()
         if machine is None:
-            machine = learn(Machine(mac=request.mac, state=MachineState.DISCOVERED,
-                                    created=now), request, now)
+            machine = learn(Machine(mac=request.mac, created=now, state=lifecycle.first_state(
+                lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now)
             try:
                 await self._store.create_machine(machine)
             except Exception:  # a concurrent request created it first: read it back

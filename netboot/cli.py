@@ -2,30 +2,33 @@
 check-config | lab.
 
 Inventory commands open the same database the server uses (SQLite in WAL mode allows a second
-process), so they work whether or not the server runs. Tables where a person reads them,
-``--json`` where a script does. Logging is configured here and nowhere else.
+process), so they work whether or not the server runs. They are a thin face over
+:mod:`netboot.core`, as the API is: the same rules, defaults and renders, whichever is asked.
+Tables where a person reads them, ``--json`` where a script does. Logging is configured here
+and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from netboot import __version__
 from netboot.config import Config, load
+from netboot.core import Core, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Arch, BootAction, BootRequest, MacAddress, MachineState, Role
+from netboot.model import Arch, MachineState
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -76,28 +79,32 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
+    """The same core the server builds, with its settings; URLs as the server would give."""
+    from netboot.service import advertised_address, build_core, public_base_url
+
+    @functools.cache
+    def base_url() -> str:
+        return public_base_url(cfg, advertised_address(cfg))
+
+    return build_core(cfg, store, base_url, check_templates=check_templates)
+
+
+def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
+    """The flags the user gave, under their API field names (argparse: --fixed-ipv4 →
+    fixed_ipv4), so that the core sees the same data as from a request body."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
 # -- machines ----------------------------------------------------------------------------
 async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    from netboot.enroll import Enroller, check_hostname
-
-    enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
+    core = _core(store, cfg)
     if args.action == "add":
-        await enroller.validate_refs(args.cluster, args.profile)
-        mac = MacAddress.parse(args.mac)
-        data: dict[str, Any] = {"mac": str(mac), "labels": _labels(args.label)}
-        for key in ("hostname", "cluster", "role", "profile", "serial", "uuid", "asset",
-                    "fixed_ipv4"):
-            if getattr(args, key, None):
-                data[key] = getattr(args, key)
-        machine = codec.machine_from_dict(data)
-        now = time.time()
-        machine = replace(machine, created=now, updated=now,
-                          hostname=check_hostname(machine.hostname) if machine.hostname
-                          else await enroller.name_for(machine, cluster=args.cluster,
-                                                       role=args.role))
-        await store.create_machine(machine)
-        await enroller.event(str(mac), "enrolled", "added with the CLI")
-        print(f"enrolled {mac} as {machine.hostname}")
+        data = {"mac": args.mac, "labels": _labels(args.label),
+                **_given(args, "hostname", "cluster", "role", "profile", "serial", "uuid",
+                         "asset", "fixed_ipv4")}
+        machine = await core.create_machine(data, note="added with the CLI")
+        print(f"enrolled {machine.mac} as {machine.hostname}")
         return 0
     if args.action == "ls":
         st = MachineState(args.state) if args.state else None
@@ -113,12 +120,8 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                           "firmware", "ipv4"]))
         return 0
     if args.action == "show":
-        key = str(MacAddress.parse(args.mac))
-        found = await store.get_machine(key)
-        if found is None:
-            raise NotFound(f"machine {key} not found")
-        machine = found
-        events = await store.list_events(key)
+        machine = await core.machine(args.mac)
+        events = await store.list_events(str(machine.mac))
         if args.json:
             _print_json({**codec.machine_to_dict(machine, secrets=False),
                          "events": [codec.event_to_dict(e) for e in events]})
@@ -132,19 +135,18 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         return 0
     if args.action == "rm":
         for text in args.macs:
-            await store.delete_machine(str(MacAddress.parse(text)))
-            print(f"removed {MacAddress.parse(text)}")
+            print(f"removed {(await core.delete_machine(text)).mac}")
         return 0
     if args.action == "approve":
+        if args.hostname and len(args.macs) > 1:
+            raise ValidationError("--hostname", "names one machine: approve one MAC with it")
         for text in args.macs:
-            m = await enroller.approve(text, cluster=args.cluster,
-                                       role=Role(args.role) if args.role else None,
-                                       profile=args.profile)
+            m = await core.approve(text, _given(args, "cluster", "role", "profile", "hostname"))
             print(f"approved {m.mac} as {m.hostname} ({m.cluster or 'no cluster'})")
         return 0
     if args.action == "reinstall":
         for text in args.macs:
-            m = await enroller.reinstall(text)
+            m = await core.reinstall(text)
             print(f"{m.mac} will install again on its next network boot")
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
@@ -152,15 +154,11 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
 
 async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config) -> int:
     single = kind[:-1]
-    to_dict: Callable[[Any], dict[str, Any]] = {
-        "profiles": codec.profile_to_dict,
-        "clusters": lambda c: codec.cluster_to_dict(c, secrets=False),
-        "groups": codec.group_to_dict,
-    }[kind]
+    core = _core(store, cfg)
     if args.action == "ls":
-        items = await getattr(store, f"list_{kind}")()
+        items = await core.list_items(kind)
         if args.json:
-            _print_json([to_dict(i) for i in items])
+            _print_json([public_dict(kind, i) for i in items])
         elif kind == "profiles":
             print(_table([(p.name, p.kernel, ",".join(p.initrds), p.config_template)
                           for p in items], ["name", "kernel", "initrds", "config"]))
@@ -173,23 +171,21 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                          ["name", "selector", "profile", "cluster", "role"]))
         return 0
     if args.action == "rm":
-        await getattr(store, f"delete_{single}")(args.name)
+        await core.delete(kind, args.name)
         print(f"removed {single} {args.name}")
         return 0
     if args.action == "show":
-        item = await getattr(store, f"get_{single}")(args.name)
-        if item is None:
-            raise NotFound(f"{single} {args.name!r} not found")
+        item = await core.get(kind, args.name)
         nodes = []
         if kind == "clusters":
             nodes = await store.list_machines(MachineFilter(cluster=args.name, limit=100_000))
         if args.json:
-            out = to_dict(item)
+            out = public_dict(kind, item)
             if kind == "clusters":
                 out["nodes"] = [codec.machine_to_dict(m, secrets=False) for m in nodes]
             _print_json(out)
             return 0
-        for key, value in to_dict(item).items():
+        for key, value in public_dict(kind, item).items():
             print(f"{key:18} {value}")
         if kind == "clusters":
             print(f"\nnodes ({len(nodes)}):")
@@ -197,23 +193,12 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                          ["hostname", "mac", "role", "state", "ipv4"]))
         return 0
     if args.action == "add":
+        data: dict[str, Any] = {"name": args.name}
         if kind == "profiles":
-            data: dict[str, Any] = {"name": args.name, "kernel": args.kernel,
-                                    "initrds": args.initrd or [],
-                                    "config_template": args.config_template}
-            if args.cmdline:
-                data["cmdline"] = args.cmdline
+            data |= {"initrds": args.initrd or [],
+                     **_given(args, "kernel", "cmdline", "config_template")}
         elif kind == "clusters":
-            data = {"name": args.name, "server_url": args.server_url,
-                    "labels": _labels(args.label)}
-            if args.token:
-                data["token"] = args.token
-            elif args.server_url == "managed":
-                import secrets
-
-                data["token"] = secrets.token_hex(32)
-            else:
-                raise ValidationError("--token", "an external cluster needs its k3s node token")
+            data |= {"labels": _labels(args.label), **_given(args, "server_url", "token")}
         else:
             selector = {}
             for item in args.selector or ():
@@ -221,20 +206,9 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                 if not sep:
                     raise ValidationError("--selector", f"{item!r} is not key=value[,value]")
                 selector[k] = v.split(",")
-            data = {"name": args.name, "selector": selector, "profile": args.profile,
-                    "cluster": args.cluster, "role": args.role, "labels": _labels(args.label)}
-        parse: Callable[[Any], Any] = {"profiles": codec.profile_from_dict,
-                                       "clusters": codec.cluster_from_dict,
-                                       "groups": codec.group_from_dict}[kind]
-        item = parse(data)
-        if kind == "groups":
-            from netboot import groups as grouping
-            from netboot.enroll import Enroller
-
-            await Enroller(store).validate_refs(item.cluster, item.profile)
-            grouping.check_groups([*(g for g in await store.list_groups() if g.name != item.name),
-                                   item])
-        await getattr(store, f"put_{single}")(item, create=True)
+            data |= {"selector": selector, "labels": _labels(args.label),
+                     **_given(args, "profile", "cluster", "role")}
+        await core.put(kind, data, create=True)
         print(f"created {single} {args.name}")
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
@@ -274,54 +248,16 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
 
 
 async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    from netboot.boot import BootService, BootSettings, loader_names
-    from netboot.content import Content
-    from netboot.enroll import Enroller
-    from netboot.files import FileTree
-    from netboot.model import Firmware
-    from netboot.service import advertised_address, asset_roots, renderer_for
-
-    enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
-    assets = FileTree(asset_roots(cfg), pinned=loader_names())
-    boot = BootService(store, assets, BootSettings(policy=cfg.discovery.policy,
-                                                   rules=cfg.discovery.rules), enroller)
-    mac = str(MacAddress.parse(args.mac))
+    core = _core(store, cfg, check_templates=True)
     if args.cmd == "explain":
-        result = await boot.explain(mac, arch=Arch(args.arch) if args.arch else None)
+        result = await core.explain(args.mac, arch=args.arch)
         if args.json:
             _print_json(result)
         else:
             for key, value in result.items():
                 print(f"{key:16} {value}")
         return 0
-    base = cfg.http.public_url or f"http://{advertised_address(cfg)}:{cfg.http.port}"
-    content = Content(store, boot, renderer_for(cfg), assets, lambda: base, enroller)
-    machine = await store.get_machine(mac)
-    firmware = Firmware.UBOOT if args.kind == "pxelinux" else Firmware.IPXE
-    request = BootRequest(mac=MacAddress.parse(mac), firmware=firmware,
-                          arch=Arch(args.arch) if args.arch else
-                          machine.arch if machine and machine.arch else Arch.UNKNOWN,
-                          via="cli")
-    plan = await boot.plan(request, record=False)
-    # Read-only: no token is issued, so a placeholder stands where the device's would be.
-    token = "<install-token>"
-    ctx_plan = replace(plan, token=token) if plan.action == BootAction.INSTALL else plan
-    if args.kind == "ipxe":
-        print(content.render_ipxe(ctx_plan), end="")
-        return 0
-    if args.kind == "pxelinux":
-        print(content.render_pxelinux(ctx_plan), end="")
-        return 0
-    if machine is None:
-        raise NotFound(f"machine {mac} not found")
-    cplan = await boot.config_plan(machine, token=token, reason="rendered by the CLI",
-                                   request=request, claim=False)
-    if args.kind == "config":
-        print(content.k3os_config(cplan), end="")
-    else:
-        for name in ("meta-data", "user-data", "vendor-data"):
-            print(f"--- {name}")
-            print(content.nocloud(cplan, name), end="")
+    print(await core.render(args.mac, args.kind, arch=args.arch), end="")
     return 0
 
 
@@ -459,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cluster")
     ap.add_argument("--role", choices=["server", "agent"])
     ap.add_argument("--profile")
+    ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
 
     for kind in ("profiles", "clusters", "groups"):
         k = sub.add_parser(kind, help=f"{kind} of the inventory")

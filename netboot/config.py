@@ -110,6 +110,9 @@ class DiscoveryConfig:
 class EnrollConfig:
     hostname_template: str = "node-{mac_suffix}"
     token_ttl_seconds: int = 86_400
+    # Profile of machines that neither name one nor are given one by a group; without it,
+    # approving such a machine is refused (it would only be held). Checked at start-up.
+    default_profile: str | None = None
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class Content:
                            "token": "", "labels": {}, "taints": [], "node_name": "",
                            "args": ["agent"]},
             "plan": {"action": str(plan.action), "reason": plan.reason,
-                     "retry_seconds": plan.retry_seconds},
+                     "retry_seconds": plan.retry_seconds, "command": plan.command},
             "token": token, "config_url": config_url, "nocloud_url": nocloud_url,
             "events_url": events_url, "register_url": register_url,
             "register_command": register_command(register_url, str(mac), token,
@@ -248,7 +248,13 @@ class Content:
         if machine is None or not token_matches(machine, token, self._clock()):
             # Same answer whether the MAC is unknown or the token wrong: leak nothing.
             raise AuthError("a valid install token is required for this machine's config")
-        return await self._boot.config_plan(machine, token=token,
+        return await self.config_plan(machine, token)
+
+    async def config_plan(self, machine: Machine, token: str | None, *, claim: bool = True,
+                          request: BootRequest | None = None) -> BootPlan:
+        """The plan a per-machine config is rendered from (the server's and ``netboot render``'s
+        alike). ``claim=False`` for dry runs that must not pick the cluster-init node."""
+        return await self._boot.config_plan(machine, token=token, request=request, claim=claim,
                                             reason=f"config for {machine.state} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:

@@ -1,10 +1,8 @@
 """Enrollment: single machines, bulk import, approval, auto-enrollment, progress, registration.
 
-State changes a machine goes through come from what the server sees and are stored with their
-time, each as an event, so that ``netboot machines show`` tells where a device stands and why:
-
-    discovered → enrolled → booting → installing → installed → registered
-                                   ↘ failed ↗ reinstall
+Each step is stored with its time as an event, so that ``netboot machines show`` tells where a
+device stands and why. Which state a step leads to, and which steps a state refuses, is the
+table in :mod:`netboot.lifecycle`; this module only says which step happened.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from netboot import lifecycle
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.groups import select as select_group
 from netboot.inventory.base import Batch, MachineFilter, Store
@@ -41,11 +40,11 @@ _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-
 MAX_EVENT_KIND = 64
 MAX_EVENT_MESSAGE = 2048
 
-# Events an installer may post, and the state each one moves the machine to.
-EVENT_STATES: Mapping[str, MachineState] = {
-    "installing": MachineState.INSTALLING,
-    "installed": MachineState.INSTALLED,
-    "failed": MachineState.FAILED,
+# Event kinds an installer may post that are lifecycle steps; any other kind is only recorded.
+REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
+    "installing": lifecycle.Trigger.INSTALLING,
+    "installed": lifecycle.Trigger.INSTALLED,
+    "failed": lifecycle.Trigger.FAILED,
 }
 
 
@@ -280,11 +279,11 @@ class Enroller:
         hostname = machine.hostname or await self.unique_hostname(
             group.hostname_template or self.hostname_template, machine,
             cluster=group.cluster, role=str(group.role) if group.role else None)
-        updated = replace(
-            machine, state=MachineState.ENROLLED, hostname=hostname,
+        updated = lifecycle.advance(
+            machine, lifecycle.Trigger.AUTO_ENROLL, self._clock(), hostname=hostname,
             cluster=machine.cluster or group.cluster, role=machine.role or group.role,
             profile=machine.profile or group.profile,
-            labels={**group.labels, **machine.labels}, updated=self._clock(),
+            labels={**group.labels, **machine.labels},
         )
         await self._store.update_machine(updated)
         await self.event(str(machine.mac), "enrolled",
@@ -297,14 +296,14 @@ class Enroller:
                       profile: str | None, hostname: str | None = None) -> Machine:
         machine = await self._get(mac)
         await self.validate_refs(cluster, profile)
-        if machine.state not in (MachineState.DISCOVERED, MachineState.ENROLLED):
-            raise Conflict(f"{mac} is {machine.state}, not discovered; nothing to approve")
+        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=str(machine.mac))
         name = check_hostname(hostname) if hostname else machine.hostname
         if not name:
             name = await self.name_for(machine, cluster=cluster, role=str(role) if role else None)
-        updated = replace(machine, state=MachineState.ENROLLED, hostname=name,
-                          cluster=cluster or machine.cluster, role=role or machine.role,
-                          profile=profile or machine.profile, updated=self._clock())
+        updated = lifecycle.advance(machine, lifecycle.Trigger.APPROVE, self._clock(),
+                                    hostname=name, cluster=cluster or machine.cluster,
+                                    role=role or machine.role,
+                                    profile=profile or machine.profile)
         await self._store.update_machine(updated)
         await self.event(mac, "enrolled", f"approved as {name}"
                          + (f" for cluster {updated.cluster}" if updated.cluster else ""))
@@ -312,19 +311,16 @@ class Enroller:
 
     async def reinstall(self, mac: str) -> Machine:
         machine = await self._get(mac)
-        if machine.state == MachineState.DISCOVERED:
-            raise Conflict(f"{mac} is discovered, not enrolled; approve it first")
-        updated = replace(machine, state=MachineState.REINSTALL, token_hash=None,
-                          token_expires=None, updated=self._clock())
+        updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
+                                    token_hash=None, token_expires=None)
         await self._store.update_machine(updated)
         await self.event(mac, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
-        if machine.state in (MachineState.BOOTING, MachineState.ENROLLED,
-                             MachineState.REINSTALL):
-            await self._store.update_machine(
-                replace(machine, state=MachineState.INSTALLING, updated=self._clock()))
+        updated = lifecycle.advance(machine, lifecycle.Trigger.CONFIG_FETCHED, self._clock())
+        if updated is not machine:
+            await self._store.update_machine(updated)
         await self.event(str(machine.mac), "config", f"{what} fetched")
 
     async def report(self, mac: str, body: Mapping[str, Any]) -> Event:
@@ -344,10 +340,11 @@ class Enroller:
         unknown = set(body) - {"kind", "message", "data"}
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
-        new_state = EVENT_STATES.get(kind)
-        if new_state is not None and machine.state != MachineState.REGISTERED:
-            await self._store.update_machine(
-                replace(machine, state=new_state, updated=self._clock()))
+        step = REPORTED_STEPS.get(kind)
+        if step is not None:
+            updated = lifecycle.advance(machine, step, self._clock())
+            if updated is not machine:
+                await self._store.update_machine(updated)
         event = Event(mac, self._clock(), kind, message, data)
         await self._store.add_event(event)
         return event
@@ -380,8 +377,8 @@ class Enroller:
         if hostname is not None and not isinstance(hostname, str):
             raise ValidationError("hostname", "must be a string")
         ipv4 = next((a for a in addresses if re.match(r"^\d+\.\d+\.\d+\.\d+$", a)), machine.ipv4)
-        updated = replace(machine, state=MachineState.REGISTERED, ipv4=ipv4, facts=facts,
-                          updated=self._clock())
+        updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
+                                    ipv4=ipv4, facts=facts)
         await self._store.update_machine(updated)
         await self.event(mac, "registered",
                          f"registered from {ipv4 or 'unknown address'}"
@@ -447,9 +444,11 @@ class Enroller:
                     role=machine.role or old.role, profile=machine.profile or old.profile,
                     labels={**old.labels, **machine.labels},
                     fixed_ipv4=machine.fixed_ipv4 or old.fixed_ipv4,
-                    state=(MachineState.ENROLLED if old.state == MachineState.DISCOVERED
-                           else old.state),
                 )
+                if lifecycle.allows(old.state, lifecycle.Trigger.ENROLL):
+                    # Naming a discovered machine in an import enrolls it; for any other
+                    # state the row only updates its fields.
+                    merged = lifecycle.advance(merged, lifecycle.Trigger.ENROLL, now)
                 if merged == old:
                     unchanged.append(mac)
                 else:
@@ -532,7 +531,8 @@ class Enroller:
             except ValueError:
                 raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
         return Machine(
-            mac=mac, state=MachineState.ENROLLED, hostname=hostname,
+            mac=mac, state=lifecycle.first_state(lifecycle.Trigger.ENROLL, subject=str(mac)),
+            hostname=hostname,
             serial=str(row["serial"]) if row.get("serial") else None,
             asset=str(row["asset"]) if row.get("asset") else None, uuid=uuid,
             cluster=cluster, role=Role(role_text) if role_text else None, profile=profile,

@@ -90,6 +90,25 @@ class Conflict(NetbootError):
     """The change conflicts with what exists (a MAC or hostname already used, ...)."""
 
 
+class TransitionRefused(Conflict):
+    """A machine's lifecycle does not allow this step in its current state (netboot.lifecycle).
+
+    ``state`` is the current state (None: not in the inventory), ``event`` what was refused and
+    ``allowed`` what the state accepts, so that the message tells the operator what to do.
+    """
+
+    def __init__(self, subject: str, state: str | None, event: str,
+                 allowed: tuple[str, ...]) -> None:
+        self.subject = subject
+        self.state = state
+        self.event = event
+        self.allowed = allowed
+        where = "is not in the inventory" if state is None else f"is {state}"
+        choices = ", ".join(allowed) or "nothing"
+        super().__init__(f"{subject} {where}; {str(event)!r} is not allowed "
+                         f"(allowed: {choices})")
+
+
 class RenderError(NetbootError):
     """A template failed to render, or its output failed validation."""
 

@@ -304,6 +304,7 @@ class BootPlan:
     cluster: Cluster | None = None
     k3s: K3sJoin | None = None
     token: str | None = None  # the install token, only in the plan that issued it
+    command: str | None = None  # for a held machine: what an operator runs to move it on
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,13 +18,19 @@ _MACHINE_PROPS: dict[str, Any] = {
     "labels": _MAP, "cluster": _NSTR,
     "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
     "profile": _NSTR, "fixed_ipv4": _NSTR,
-    "state": {"type": "string", "enum": ["discovered", "enrolled", "booting", "installing",
-                                         "installed", "registered", "failed", "reinstall"]},
 }
+# Read-only: a state changes only by what happens to the machine (netboot.lifecycle), so the
+# input schemas do not have it and the API answers 400 naming "state".
+_STATE = {"type": "string", "readOnly": True,
+          "enum": ["discovered", "enrolled", "booting", "installing", "installed", "registered",
+                   "failed", "reinstall"]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"],
-              "properties": {"error": _STR, "field": _STR}},
+              "properties": {"error": _STR, "field": _STR,
+                             "state": {**_STATE, "description": "409 of a refused lifecycle "
+                                       "step: the machine's current state"},
+                             "event": {"type": "string", "readOnly": True}}},
     "MachineInput": {"type": "object", "required": ["mac"], "additionalProperties": False,
                      "properties": _MACHINE_PROPS},
     # PATCH merges into the stored machine: every field optional; "mac" may only repeat it.
@@ -35,7 +41,8 @@ SCHEMAS: dict[str, Any] = {
         "profile": _NSTR, "hostname": _NSTR}},
     # Not allOf MachineInput: its additionalProperties=false would reject every response.
     "Machine": {"type": "object", "required": ["mac", "state"], "properties": {
-        **_MACHINE_PROPS, "mac_hexhyp": _STR, "arch": _NSTR, "firmware": _NSTR, "ipv4": _NSTR,
+        **_MACHINE_PROPS, "state": _STATE, "mac_hexhyp": _STR, "arch": _NSTR,
+        "firmware": _NSTR, "ipv4": _NSTR,
         "facts": _MAP, "token_expires": {"type": ["number", "null"]},
         "created": {"type": "number"}, "updated": {"type": "number"}}},
     "MachineList": {"type": "object", "properties": {
@@ -159,11 +166,11 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("mac")],
             "get": _op("events, oldest first", out="array:Event", params=("limit",)),
             "post": _op("progress report (install token or admin token)", body="EventInput",
-                        ok=201, out="Event", admin=True, errors=(400, 404, 413)),
+                        ok=201, out="Event", admin=True, errors=(400, 404, 409, 413)),
         },
         "/api/v1/register": {
             "post": _op("first boot of the installed OS, with its install token",
-                        body="Register", out="Machine", errors=(400, 401)),
+                        body="Register", out="Machine", errors=(400, 401, 409)),
         },
         "/api/v1/status": {
             "get": _op("machines per state, overall and per cluster; the failed ones",

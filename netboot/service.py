@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from netboot.api import ADMIN_TOKEN_KEY, Api
 from netboot.boot import BootService, BootSettings, loader_names
 from netboot.config import Config
 from netboot.content import Content
+from netboot.core import Core
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError
 from netboot.files import FileTree
@@ -65,12 +67,49 @@ def asset_roots(config: Config) -> list[Path]:
     return roots
 
 
-def renderer_for(config: Config) -> Renderer:
+def renderer_for(config: Config, *, check: bool = True) -> Renderer:
     dirs = [Path(config.templates.dir)] if config.templates.dir else []
     dirs.append(shipped_templates_dir())
     renderer = Renderer(dirs)
-    renderer.check_all()
+    if check:
+        renderer.check_all()
     return renderer
+
+
+def public_base_url(config: Config, advertise: str) -> str:
+    """The base of every URL a device is given (before the HTTP port is known when it is 0)."""
+    return (config.http.public_url or f"http://{advertise}:{config.http.port}").rstrip("/")
+
+
+def boot_settings(config: Config) -> BootSettings:
+    return BootSettings(policy=config.discovery.policy,
+                        hold_retry_seconds=config.discovery.hold_retry_seconds,
+                        rules=config.discovery.rules,
+                        token_ttl_seconds=config.enroll.token_ttl_seconds,
+                        cluster_domain=config.dns.zone if config.dns.enabled else None,
+                        default_profile=config.enroll.default_profile)
+
+
+def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
+               check_templates: bool = True) -> Core:
+    """The operations below the API and the CLI, built the same way for both, so that
+    ``netboot render`` and ``explain`` answer with the server's settings (DNS zone, default
+    profile, discovery policy, token lifetime)."""
+    assets = FileTree(asset_roots(config), pinned=loader_names())
+    enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
+    boot = BootService(store, assets, boot_settings(config), enroller)
+    content = Content(store, boot, renderer_for(config, check=check_templates), assets,
+                      base_url, enroller)
+    return Core(store, enroller, boot, content)
+
+
+async def check_default_profile(config: Config, store: Store) -> None:
+    """A default profile that does not exist would hold every machine it is meant for."""
+    name = config.enroll.default_profile
+    if name is not None and await store.get_profile(name) is None:
+        raise ConfigError(f"profile {name!r} does not exist", key="enroll.default_profile",
+                          fix=f"create it (netboot profiles add {name} --kernel ...; the CLI "
+                              "works while the server is stopped) or remove the key")
 
 
 def advertised_address(config: Config) -> str:
@@ -322,33 +361,21 @@ async def build(config: Config) -> Service:
     try:
         new_token = await ensure_admin_token(store, config.data_dir)
         advertise = advertised_address(config)
-        base_url = (config.http.public_url or f"http://{advertise}:{config.http.port}").rstrip(
-            "/")
-        assets = FileTree(asset_roots(config), pinned=loader_names())
-        renderer = renderer_for(config)
-        enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
         from netboot import groups as grouping
 
         grouping.check_groups(config.discovery.rules)
         _check_hostname_templates(config)
-        boot = BootService(
-            store, assets,
-            BootSettings(policy=config.discovery.policy,
-                         hold_retry_seconds=config.discovery.hold_retry_seconds,
-                         rules=config.discovery.rules,
-                         token_ttl_seconds=config.enroll.token_ttl_seconds,
-                         cluster_domain=config.dns.zone if config.dns.enabled else None),
-            enroller)
-        holder: dict[str, str] = {"base": base_url}
-        content = Content(store, boot, renderer, assets, lambda: holder["base"], enroller)
+        await check_default_profile(config, store)
+        holder: dict[str, str] = {"base": public_base_url(config, advertise)}
+        core = build_core(config, store, lambda: holder["base"])
         app = web.Application(middlewares=[errors_middleware],
                               client_max_size=config.http.max_body_bytes)
         app[LOG_KEY] = logging.getLogger("netboot.http")
         app[MAX_BODY_KEY] = config.http.max_body_bytes
         app[MAX_EVENT_KEY] = config.http.max_event_bytes
-        DeviceRoutes(content).add_to(app)
-        Api(store, enroller, boot, clock=time.time).add_to(app)
-        service = Service(config, store, enroller, boot, content, app, advertise,
+        DeviceRoutes(core.content).add_to(app)
+        Api(core, clock=time.time).add_to(app)
+        service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
                           new_admin_token=new_token, url_holder=holder)
     except BaseException:
         await store.close()

@@ -45,7 +45,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                     pytrace=False)
 
 
-def write_config(tmp: Path, extra: str = "") -> Path:
+def write_config(tmp: Path, extra: str = "", *, http: str = "") -> Path:
+    """A config for tests; ``extra`` adds sections, ``http`` adds indented lines to ``http:``."""
     assets = tmp / "assets"
     assets.mkdir(parents=True, exist_ok=True)
     (assets / "vmlinuz").write_bytes(KERNEL)
@@ -60,7 +61,7 @@ def write_config(tmp: Path, extra: str = "") -> Path:
   data_dir: {tmp / "data"}
 http:
   port: 0
-dhcp:
+{http}dhcp:
   mode: "off"
 tftp:
   enabled: false
@@ -121,8 +122,8 @@ EnvFactory = Callable[..., Awaitable[Env]]
 async def make_env(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[EnvFactory]:
     services: list[Service] = []
 
-    async def factory(extra: str = "", *, sub: str = "a") -> Env:
-        cfg: Config = load(write_config(tmp_path / sub, extra), env={})
+    async def factory(extra: str = "", *, sub: str = "a", http: str = "") -> Env:
+        cfg: Config = load(write_config(tmp_path / sub, extra, http=http), env={})
         service = await build(cfg)
         services.append(service)
         client = await aiohttp_client(service.app)

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netboot.lifecycle import Trigger, advance
 from netboot.openapi import document
 from tests.conftest import Env, Reply, boot, call, install_token
 
@@ -241,9 +242,14 @@ async def test_patch_machine_errors(env: Env) -> None:
     error(await call(env, "PATCH", path, json_body={"arch": "x86_64"}), 400, "arch")
     error(await call(env, "PATCH", path, json_body=[1]), 400, "body")
     error(await call(env, "PATCH", "/api/v1/machines/not-a-mac", json_body={}), 400, "mac")
-    r = await call(env, "PATCH", path, json_body={"mac": "5254.0012.3456", "state": "installed"})
+    # A state is not a setting: PATCH refuses it and points at the endpoints that change it.
+    refused = error(await call(env, "PATCH", path, json_body={"mac": "5254.0012.3456",
+                                                              "state": "installed"}), 400, "state")
+    assert "approve" in refused["error"] and "reinstall" in refused["error"]
+    assert (await env.get(path))["state"] == "enrolled"
+    r = await call(env, "PATCH", path, json_body={"mac": "5254.0012.3456", "role": "server"})
     assert r.status == 200, r.text
-    assert r.json()["state"] == "installed"
+    assert (r.json()["state"], r.json()["role"]) == ("enrolled", "server")
 
 
 async def test_bad_mac_in_path_is_400(env: Env) -> None:
@@ -270,8 +276,13 @@ async def test_list_machines_paginates_and_filters(env: Env) -> None:
             "mac": f"52:54:00:00:00:{i:02x}",
             "cluster": "edge" if i % 2 else "core",
             "labels": {"rack": f"r{i % 3}", "zone": "a"},
-            "state": "installed" if i < 2 else "enrolled",
         }, status=201)
+    for i in range(2):  # two of them installed, through the steps that get a machine there
+        m = await env.service.store.get_machine(f"52:54:00:00:00:{i:02x}")
+        assert m is not None
+        for step in (Trigger.INSTALL_PLAN, Trigger.INSTALLED):
+            m = advance(m, step, 1.0)
+        await env.service.store.update_machine(m)
     page = await env.get("/api/v1/machines?limit=3")
     assert (page["total"], page["limit"], page["offset"], len(page["items"])) == (7, 3, 0, 3)
     seen = [m["mac"] for m in page["items"]]
@@ -495,12 +506,18 @@ async def test_approve_errors(env: Env) -> None:
                                                                            "edge-1")
     await env.post("/api/v1/machines", {"mac": MAC2}, status=201)
     error(await call(env, "POST", f"/api/v1/machines/{MAC2}/approve",
-                     json_body={"hostname": "edge-1"}), 409)
-    await call(env, "PATCH", f"/api/v1/machines/{MAC}", json_body={"state": "installed"})
-    error(await call(env, "POST", path, json_body={}), 409)
+                     json_body={"hostname": "edge-1", "profile": "k3os"}), 409)
+    token = install_token(await boot(env, MAC))
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/events",
+                   json_body={"kind": "installed"}, headers={"Authorization": f"Bearer {token}"},
+                   admin=False)
+    assert r.status == 201, r.text
+    refused = error(await call(env, "POST", path, json_body={}), 409)
+    assert refused["state"] == "installed" and "is installed" in refused["error"]
 
 
 async def test_approve_without_body(env: Env) -> None:
+    await env.seed()  # its group gives it a profile: nothing else to name
     await boot(env, MAC)
     r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve")
     assert r.status == 200, r.text
@@ -817,6 +834,7 @@ async def test_openapi_request_bodies_match_what_the_server_accepts(env: Env) ->
 
 
 async def test_openapi_optional_request_bodies_are_documented_as_optional(env: Env) -> None:
+    await env.seed()
     await boot(env, MAC)
     doc = document()
     r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve")

@@ -22,6 +22,7 @@ from netboot.errors import (
     NotFound,
     RenderError,
     StoreError,
+    TransitionRefused,
     ValidationError,
 )
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
@@ -127,6 +128,11 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
         return web.json_response({"error": "access denied"}, status=403)
     if isinstance(exc, NotFound):
         return web.json_response({"error": str(exc)}, status=404)
+    if isinstance(exc, TransitionRefused):
+        # The current state, machine-readable: a client can tell "already installed" from
+        # "failed, reinstall first" without parsing the message.
+        return web.json_response({"error": str(exc), "state": exc.state, "event": exc.event},
+                                 status=409)
     if isinstance(exc, Conflict):
         return web.json_response({"error": str(exc)}, status=409)
     if isinstance(exc, RenderError):

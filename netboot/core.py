@@ -1,0 +1,321 @@
+"""Operations shared by the API and the CLI: one rule for each, whichever face is asked.
+
+Validation, referential integrity and defaults for machines, profiles, clusters and groups;
+approval and reinstall; and what a device would get (``render``, ``explain``), computed by the
+very calls the HTTP server makes. ``api.py`` and ``cli.py`` turn a request or the command line
+into plain data (the JSON shapes of the API), call here and format the answer; neither decides
+anything itself (as matchbox's ``server.Server`` sits below its HTTP and gRPC faces).
+
+Errors are the ones of :mod:`netboot.errors`: ValidationError naming the field (400, exit 2),
+NotFound (404), Conflict (409) naming what is in the way.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from netboot import groups as grouping
+from netboot import lifecycle
+from netboot.boot import BootService
+from netboot.content import Content
+from netboot.enroll import Enroller, check_hostname, check_hostname_template
+from netboot.errors import Conflict, NotFound, ValidationError
+from netboot.inventory import codec
+from netboot.inventory.base import MachineFilter, Store
+from netboot.model import (
+    Arch,
+    BootAction,
+    BootRequest,
+    Cluster,
+    Firmware,
+    Group,
+    MacAddress,
+    Machine,
+    Role,
+    normalise_uuid,
+)
+
+KINDS = ("profiles", "clusters", "groups")
+RENDER_KINDS = ("ipxe", "pxelinux", "config", "nocloud")
+NOCLOUD_FILES = ("meta-data", "user-data", "vendor-data")
+# What a render shows where a device's one-time install token would be (none is issued). In
+# a token's own alphabet (URL-safe base64), so it is quoted and escaped exactly as a real one
+# (in URLs, JSON, shell), and the rest of the text is byte for byte what the device gets.
+TOKEN_PLACEHOLDER = "INSTALL-TOKEN"
+MACHINE_INPUT = frozenset({"mac", "hostname", "uuid", "serial", "asset", "labels", "cluster",
+                           "role", "profile", "fixed_ipv4"})
+APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
+
+
+def check_name(name: str) -> None:
+    # Names are path segments of /api/v1/<kind>/<name> and appear in iPXE script comments:
+    # a '/' would make the object unaddressable, a newline would end the comment line.
+    if ("/" in name or name != name.strip() or len(name) > 253
+            or any(not ch.isprintable() for ch in name)):
+        raise ValidationError("name", f"{name!r}: use printable text without '/' or "
+                                      "surrounding spaces (at most 253 characters)")
+
+
+def public_dict(kind: str, item: Any) -> dict[str, Any]:
+    """A profile, cluster or group as the API and ``--json`` show it (never a cluster token)."""
+    if kind == "profiles":
+        return codec.profile_to_dict(item)
+    if kind == "clusters":
+        return codec.cluster_to_dict(item, secrets=False)
+    return codec.group_to_dict(item)
+
+
+def _kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValidationError("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+    return kind[:-1]
+
+
+def _arch(text: str | None) -> Arch | None:
+    try:
+        return Arch(text) if text else None
+    except ValueError:
+        raise ValidationError("arch", f"{text!r} is not one of "
+                              f"{', '.join(a.value for a in Arch)}") from None
+
+
+class Core:
+    def __init__(self, store: Store, enroller: Enroller, boot: BootService, content: Content,
+                 *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.enroller = enroller
+        self.boot = boot
+        self.content = content
+        self._clock = clock
+
+    # -- machines -----------------------------------------------------------------------
+    async def machine(self, mac: str) -> Machine:
+        key = str(MacAddress.parse(mac))
+        found = await self.store.get_machine(key)
+        if found is None:
+            raise NotFound(f"machine {key} not found")
+        return found
+
+    async def _parse_machine(self, data: Mapping[str, Any]) -> Machine:
+        if "state" in data:
+            # A state is what happened to the machine (netboot.lifecycle), not a setting.
+            raise ValidationError("state", "is set by what happens to the machine: use "
+                                  "POST /api/v1/machines/{mac}/approve or .../reinstall "
+                                  "(netboot machines approve|reinstall)")
+        unknown = sorted(set(data) - MACHINE_INPUT)
+        if unknown:
+            raise ValidationError(unknown[0], "unknown or read-only field")
+        machine = codec.machine_from_dict(dict(data))
+        if machine.hostname:
+            machine = replace(machine, hostname=check_hostname(machine.hostname))
+        if machine.uuid:
+            # Canonical form, as firmware UUIDs are normalised before they are matched
+            # (bulk import does the same); garbage is a 400, not a machine no request matches.
+            machine = replace(machine, uuid=normalise_uuid(machine.uuid))
+        await self.enroller.validate_refs(machine.cluster, machine.profile)
+        return machine
+
+    async def create_machine(self, data: Mapping[str, Any], *, note: str) -> Machine:
+        """Enroll one machine; ``note`` says how (the message of its 'enrolled' event)."""
+        machine = await self._parse_machine(data)
+        now = self._clock()
+        machine = replace(machine, created=now, updated=now, state=lifecycle.first_state(
+            lifecycle.Trigger.ENROLL, subject=str(machine.mac)))
+        if machine.hostname is None:
+            machine = replace(machine, hostname=await self.enroller.name_for(
+                machine, cluster=machine.cluster,
+                role=str(machine.role) if machine.role else None))
+        await self.store.create_machine(machine)
+        await self.enroller.event(str(machine.mac), "enrolled", note)
+        return machine
+
+    async def update_machine(self, mac: str, changes: Mapping[str, Any]) -> Machine:
+        """Change the given fields; the others are kept. The MAC is the machine's key."""
+        old = await self.machine(mac)
+        if "mac" in changes and str(MacAddress.parse(str(changes["mac"]))) != str(old.mac):
+            raise ValidationError("mac", "cannot change a machine's MAC; delete and re-add")
+        merged = {k: v for k, v in codec.machine_to_dict(old).items() if k in MACHINE_INPUT}
+        merged.update(changes)
+        parsed = await self._parse_machine(merged)
+        machine = replace(old, hostname=parsed.hostname, uuid=parsed.uuid, serial=parsed.serial,
+                          asset=parsed.asset, labels=parsed.labels, cluster=parsed.cluster,
+                          role=parsed.role, profile=parsed.profile,
+                          fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
+        await self.store.update_machine(machine)
+        return machine
+
+    async def delete_machine(self, mac: str) -> Machine:
+        machine = await self.machine(mac)
+        await self.store.delete_machine(str(machine.mac))
+        return machine
+
+    async def approve(self, mac: str, data: Mapping[str, Any]) -> Machine:
+        """Let a discovered machine install: cluster, role, profile and hostname are optional,
+        but it must end up with a profile (its own, a group's or ``enroll.default_profile``),
+        or approving would leave it held with nothing said."""
+        unknown = sorted(set(data) - set(APPROVE_INPUT))
+        if unknown:
+            raise ValidationError(unknown[0], "unknown field")
+        for key in APPROVE_INPUT:
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ValidationError(key, "must be a string or null")
+        role_text = data.get("role")
+        if role_text is not None and role_text not in ("server", "agent"):
+            raise ValidationError("role", f"{role_text!r} is not server or agent")
+        role = Role(role_text) if role_text else None
+        machine = await self.machine(mac)
+        cluster, profile = data.get("cluster"), data.get("profile")
+        await self.enroller.validate_refs(cluster, profile)
+        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=str(machine.mac))
+        await self._check_installable(replace(machine, cluster=cluster or machine.cluster,
+                                              role=role or machine.role,
+                                              profile=profile or machine.profile))
+        return await self.enroller.approve(mac, cluster=cluster, role=role, profile=profile,
+                                           hostname=data.get("hostname"))
+
+    async def _check_installable(self, machine: Machine) -> None:
+        group, profile, _, _ = await self.boot.effective(machine)
+        if profile is not None:
+            return
+        names = sorted(p.name for p in await self.store.list_profiles())
+        where = f"group {group.name!r} gives none" if group else "no group selects it"
+        choose = (f"one of: {', '.join(names)}" if names
+                  else "none exists yet: netboot profiles add NAME --kernel ...")
+        raise ValidationError(
+            "profile", f"{machine.mac} would stay held without a profile: {where} and "
+            f"enroll.default_profile is not set; name one with --profile (API: \"profile\"), "
+            f"{choose}")
+
+    async def reinstall(self, mac: str) -> Machine:
+        return await self.enroller.reinstall(mac)
+
+    # -- profiles, clusters, groups -------------------------------------------------------
+    async def get(self, kind: str, name: str) -> Any:
+        single = _kind(kind)
+        item = await getattr(self.store, f"get_{single}")(name)
+        if item is None:
+            raise NotFound(f"{single} {name!r} not found")
+        return item
+
+    async def list_items(self, kind: str) -> list[Any]:
+        _kind(kind)
+        items: list[Any] = await getattr(self.store, f"list_{kind}")()
+        return items
+
+    async def put(self, kind: str, data: Mapping[str, Any], *, create: bool) -> Any:
+        """Create (``create``) or replace a profile, cluster or group from its JSON shape."""
+        single = _kind(kind)
+        if not create:
+            await self.get(kind, str(data.get("name")))  # replacing needs it to exist
+        parse: Callable[[Any], Any] = {"profile": codec.profile_from_dict,
+                                       "cluster": codec.cluster_from_dict,
+                                       "group": codec.group_from_dict}[single]
+        item = parse(dict(data))
+        check_name(item.name)
+        if single == "cluster":
+            item = await self._check_cluster(item, data, create=create)
+        elif single == "group":
+            await self._check_group(item)
+        await getattr(self.store, f"put_{single}")(item, create=create)
+        return item
+
+    async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
+                             create: bool) -> Cluster:
+        if not cluster.managed and not cluster.server_url.startswith("https://"):
+            raise ValidationError("server_url", f"{cluster.server_url!r}: an https:// URL of "
+                                  "the k3s API, or 'managed'")
+        if cluster.token:
+            return cluster
+        if not create and "token" not in data:
+            old = await self.store.get_cluster(cluster.name)
+            if old is not None:
+                return replace(cluster, token=old.token)
+        if cluster.managed:
+            # Managed clusters get a generated join secret; it is never returned or logged.
+            return replace(cluster, token=secrets.token_hex(32))
+        raise ValidationError("token", "required for an external cluster (k3s node token)")
+
+    async def _check_group(self, group: Group) -> None:
+        if group.hostname_template:
+            check_hostname_template(group.hostname_template)
+        await self.enroller.validate_refs(group.cluster, group.profile)
+        others = [g for g in await self.store.list_groups() if g.name != group.name]
+        grouping.check_groups([*others, group])
+
+    async def delete(self, kind: str, name: str) -> None:
+        """Remove a profile, cluster or group; refused while anything still uses it, since
+        a machine whose profile or cluster vanished would boot without one, silently."""
+        single = _kind(kind)
+        await self.get(kind, name)
+        if single in ("profile", "cluster"):
+            users = await self._users(single, name)
+            if users:
+                raise Conflict(f"{single} {name!r} is used by {', '.join(users)}; "
+                               "change or remove those first")
+        await getattr(self.store, f"delete_{single}")(name)
+
+    async def _users(self, ref: str, name: str, most: int = 5) -> list[str]:
+        users = [f"group {g.name!r}" for g in await self.store.list_groups()
+                 if getattr(g, ref) == name]
+        if ref == "profile" and name == self.boot.settings.default_profile:
+            users.append("the configuration (enroll.default_profile)")
+        if ref == "cluster":
+            flt = MachineFilter(cluster=name, limit=most)
+            macs = [str(m.mac) for m in await self.store.list_machines(flt)]
+            total = await self.store.count_machines(flt)
+        else:
+            # Machines are not indexed by profile: page through them all (proving that none
+            # uses it takes the whole scan anyway), naming a few.
+            macs, total, offset = [], 0, 0
+            while True:
+                page = await self.store.list_machines(MachineFilter(limit=1000, offset=offset))
+                using = [str(m.mac) for m in page if m.profile == name]
+                macs += using[:most - len(macs)]
+                total += len(using)
+                if len(page) < 1000:
+                    break
+                offset += 1000
+        users += [f"machine {mac}" for mac in macs]
+        if total > len(macs):
+            users.append(f"{total - len(macs)} more machines")
+        return users
+
+    # -- what a device gets -----------------------------------------------------------------
+    async def explain(self, mac: str, *, arch: str | None = None) -> dict[str, Any]:
+        return await self.boot.explain(str(MacAddress.parse(mac)), arch=_arch(arch))
+
+    async def render(self, mac: str, kind: str, *, arch: str | None = None) -> str:
+        """Exactly what the server would serve this machine now, by the same calls, without
+        recording anything; :data:`TOKEN_PLACEHOLDER` stands where its install token goes."""
+        if kind not in RENDER_KINDS:
+            raise ValidationError("kind", f"{kind!r} is not one of {', '.join(RENDER_KINDS)}")
+        key = MacAddress.parse(mac)
+        machine = await self.store.get_machine(str(key))
+        wanted = _arch(arch)
+        if kind in ("ipxe", "pxelinux"):
+            request = BootRequest(
+                mac=key, firmware=Firmware.UBOOT if kind == "pxelinux" else Firmware.IPXE,
+                arch=wanted or (machine.arch if machine and machine.arch else Arch.UNKNOWN),
+                via="cli")
+            plan = await self.boot.plan(request, record=False)
+            if plan.action == BootAction.INSTALL:
+                plan = replace(plan, token=TOKEN_PLACEHOLDER)
+            if kind == "ipxe":
+                return self.content.render_ipxe(plan)
+            return self.content.render_pxelinux(plan)
+        if machine is None:
+            raise NotFound(f"machine {key} not found")
+        # The server's config request carries no facts of its own; an --arch asks "as if it
+        # reported this architecture" (for a machine that has not booted yet).
+        facts = (BootRequest(mac=key, arch=wanted, firmware=machine.firmware or Firmware.UNKNOWN,
+                             via="cli") if wanted else None)
+        plan = await self.content.config_plan(machine, TOKEN_PLACEHOLDER, claim=False,
+                                              request=facts)
+        if kind == "config":
+            return self.content.k3os_config(plan)
+        return "".join(f"--- {name}\n{self.content.nocloud(plan, name)}"
+                       for name in NOCLOUD_FILES)

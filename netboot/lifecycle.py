@@ -1,0 +1,143 @@
+"""The machine lifecycle: every state, every event, one table. Nothing else writes a state.
+
+A machine's state changes only because something happened to it: its firmware was seen, an
+operator approved it, iPXE was handed an install script, the installer fetched its config or
+reported progress, the installed OS registered, an operator asked for a reinstall. Each of
+those is a :class:`Trigger`; :data:`TRANSITIONS` says, for each (state, trigger), the state it
+leads to. A pair missing from the table is refused with :class:`~netboot.errors.
+TransitionRefused` (a Conflict: 409 in the API), naming the current state and what it allows.
+As in h11's ``_state.py``, the rules are data, so a test can walk every pair.
+
+The rows below read as the product's rules:
+
+* ``None`` is "not in the inventory": firmware seen → discovered; enrolled by an operator
+  (API, CLI, import) → enrolled.
+* discovered → enrolled by approval, an auto-enroll rule or an import naming it.
+* enrolled / reinstall → booting when an install script (with a fresh install token) is
+  issued. booting and installing may get one again: a machine that reboots mid-install starts
+  over with a new token.
+* booting → installing when its config is fetched or the installer says so; → installed or
+  failed as the installer reports; → registered when the installed OS registers (an installer
+  that reports nothing is proven installed by its registration).
+* installed / registered boot the local disk (one-shot install: nothing sends them back to
+  install but an explicit reinstall). Repeated reports (a retried POST, cloud-init reading its
+  seed again on a later boot) leave them where they are.
+* failed holds until reinstall, so a broken install does not loop.
+* reinstall can be asked for any enrolled machine, from any state but discovered.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
+
+from netboot.errors import TransitionRefused
+from netboot.model import Machine, MachineState
+
+
+class Trigger(enum.StrEnum):
+    """What happened to a machine (the value is the word used in messages)."""
+
+    DISCOVER = "discover"  # its firmware asked for a boot and nobody knew it
+    ENROLL = "enroll"  # an operator added it (API, CLI, bulk import)
+    APPROVE = "approve"  # an operator approved a discovered machine
+    AUTO_ENROLL = "auto-enroll"  # a discovery rule selected it
+    INSTALL_PLAN = "install-plan"  # iPXE/pxelinux got an install script with a fresh token
+    CONFIG_FETCHED = "config-fetched"  # the installer fetched its per-machine config
+    INSTALLING = "installing"  # installer progress report
+    INSTALLED = "installed"  # installer progress report
+    FAILED = "failed"  # installer progress report
+    REGISTER = "register"  # the installed OS registered with its install token
+    REINSTALL = "reinstall"  # an operator asked for a fresh install
+
+
+_S = MachineState
+_T = Trigger
+
+# (state before, what happened) → state after. ``None``: the machine is not in the inventory.
+TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = MappingProxyType({
+    (None, _T.DISCOVER): _S.DISCOVERED,
+    (None, _T.ENROLL): _S.ENROLLED,
+
+    (_S.DISCOVERED, _T.ENROLL): _S.ENROLLED,
+    (_S.DISCOVERED, _T.APPROVE): _S.ENROLLED,
+    (_S.DISCOVERED, _T.AUTO_ENROLL): _S.ENROLLED,
+
+    (_S.ENROLLED, _T.APPROVE): _S.ENROLLED,  # change cluster, role or profile before it first boots
+    (_S.ENROLLED, _T.INSTALL_PLAN): _S.BOOTING,
+    (_S.ENROLLED, _T.REINSTALL): _S.REINSTALL,
+
+    (_S.BOOTING, _T.INSTALL_PLAN): _S.BOOTING,
+    (_S.BOOTING, _T.CONFIG_FETCHED): _S.INSTALLING,
+    (_S.BOOTING, _T.INSTALLING): _S.INSTALLING,
+    (_S.BOOTING, _T.INSTALLED): _S.INSTALLED,
+    (_S.BOOTING, _T.FAILED): _S.FAILED,
+    (_S.BOOTING, _T.REGISTER): _S.REGISTERED,
+    (_S.BOOTING, _T.REINSTALL): _S.REINSTALL,
+
+    (_S.INSTALLING, _T.INSTALL_PLAN): _S.BOOTING,
+    (_S.INSTALLING, _T.CONFIG_FETCHED): _S.INSTALLING,
+    (_S.INSTALLING, _T.INSTALLING): _S.INSTALLING,
+    (_S.INSTALLING, _T.INSTALLED): _S.INSTALLED,
+    (_S.INSTALLING, _T.FAILED): _S.FAILED,
+    (_S.INSTALLING, _T.REGISTER): _S.REGISTERED,
+    (_S.INSTALLING, _T.REINSTALL): _S.REINSTALL,
+
+    (_S.INSTALLED, _T.CONFIG_FETCHED): _S.INSTALLED,
+    (_S.INSTALLED, _T.INSTALLED): _S.INSTALLED,
+    (_S.INSTALLED, _T.REGISTER): _S.REGISTERED,
+    (_S.INSTALLED, _T.REINSTALL): _S.REINSTALL,
+
+    (_S.REGISTERED, _T.CONFIG_FETCHED): _S.REGISTERED,
+    (_S.REGISTERED, _T.REGISTER): _S.REGISTERED,
+    (_S.REGISTERED, _T.REINSTALL): _S.REINSTALL,
+
+    (_S.FAILED, _T.FAILED): _S.FAILED,
+    (_S.FAILED, _T.REINSTALL): _S.REINSTALL,
+
+    (_S.REINSTALL, _T.INSTALL_PLAN): _S.BOOTING,
+    (_S.REINSTALL, _T.REINSTALL): _S.REINSTALL,
+})
+
+STATES: tuple[MachineState | None, ...] = (None, *MachineState)
+
+
+def allowed(state: MachineState | None) -> tuple[Trigger, ...]:
+    """The triggers the table accepts in ``state``, in declaration order."""
+    return tuple(t for t in Trigger if (state, t) in TRANSITIONS)
+
+
+def allows(state: MachineState | None, trigger: Trigger) -> bool:
+    return (state, trigger) in TRANSITIONS
+
+
+def apply(state: MachineState | None, trigger: Trigger, *, subject: str = "the machine",
+          ) -> MachineState:
+    """The state after ``trigger`` in ``state``; raises TransitionRefused if the table has no
+    such edge. Pure: no store, no clock."""
+    try:
+        return TRANSITIONS[(state, trigger)]
+    except KeyError:
+        raise TransitionRefused(subject, state, trigger, allowed(state)) from None
+
+
+def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> Machine:
+    """``machine`` after ``trigger``: the new state, any other field ``changes`` made in the
+    same step (a new token, the address it registered from), and ``updated`` set to ``now``.
+
+    A step that changes nothing (a repeated report) returns ``machine`` itself, ``updated``
+    untouched: it feeds cloud-init's instance id, which must not move when a seed is re-read.
+    """
+    if "state" in changes or "updated" in changes:
+        raise TypeError("advance() sets state and updated itself")
+    state = apply(machine.state, trigger, subject=str(machine.mac))
+    after = replace(machine, state=state, **changes)
+    return machine if after == machine else replace(after, updated=now)
+
+
+def first_state(trigger: Trigger, *, subject: str = "the machine") -> MachineState:
+    """The state a machine is created in (discovered by its firmware, or enrolled)."""
+    return apply(None, trigger, subject=subject)

@@ -1,0 +1,257 @@
+"""One core below the CLI and the API: the same case through both faces, the same outcome.
+
+Each test runs the CLI against the very inventory (SQLite file, same config file) that the
+HTTP server in the test serves, so a rule kept by one face and not the other shows up here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netboot.cli import main
+from netboot.core import NOCLOUD_FILES, TOKEN_PLACEHOLDER
+from netboot.errors import ConfigError
+from tests.conftest import BASE, Env, EnvFactory, Reply, boot, call, install_token, write_config
+
+MAC = "52:54:00:12:34:56"
+HEXHYP = "52-54-00-12-34-56"
+PUBLIC = f"  public_url: {BASE}\n"  # the URL the test server's scripts use, for both faces
+
+
+class Cli:
+    """``netboot …`` with the server's config file, run in a thread (it runs its own loop)."""
+
+    def __init__(self, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.config = str(config)
+        self.capsys = capsys
+
+    async def __call__(self, *args: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        rc = await asyncio.to_thread(main, [*args, "--config", self.config])
+        out, err = self.capsys.readouterr()
+        return rc, out, err
+
+
+async def start(make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                extra: str = "") -> tuple[Env, Cli]:
+    env = await make_env(extra, http=PUBLIC)
+    return env, Cli(tmp_path / "a" / "netboot.yaml", capsys)
+
+
+def same_refusal(cli: tuple[int, str, str], api: Reply, status: int,
+                 field: str | None = None) -> str:
+    """Both refused: non-zero exit and the error status, with the same message."""
+    rc, _, err = cli
+    assert api.status == status, (api.status, api.text)
+    body = api.json()
+    assert rc != 0, err
+    assert body.get("field") == field, body
+    expected = f"netboot: {field}: {body['error']}" if field else f"netboot: {body['error']}"
+    assert err.strip() == expected
+    message: str = body["error"]
+    return message
+
+
+# --- referential integrity: rm while in use ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "name", "user"), [
+    ("profiles", "k3os", "machine"), ("profiles", "k3os", "group"),
+    ("clusters", "edge", "machine"), ("clusters", "edge", "group"),
+])
+async def test_rm_in_use_is_refused_by_both(make_env: EnvFactory, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str], kind: str,
+                                           name: str, user: str) -> None:
+    env, cli = await start(make_env, tmp_path, capsys)
+    await env.seed()
+    if user == "machine":
+        await call(env, "DELETE", "/api/v1/groups/all-x86")
+        await env.post("/api/v1/machines", {"mac": MAC, kind[:-1]: name}, status=201)
+    message = same_refusal(await cli(kind, "rm", name),
+                           await call(env, "DELETE", f"/api/v1/{kind}/{name}"), 409)
+    assert (f"machine {MAC}" if user == "machine" else "group 'all-x86'") in message
+    assert (await env.get(f"/api/v1/{kind}/{name}"))["name"] == name  # nothing removed
+    # Once nothing uses it, both remove it.
+    if user == "machine":
+        await call(env, "DELETE", f"/api/v1/machines/{MAC}")
+    else:
+        await call(env, "DELETE", "/api/v1/groups/all-x86")
+    assert (await cli(kind, "rm", name))[0] == 0
+    assert (await call(env, "DELETE", f"/api/v1/{kind}/{name}")).status == 404
+
+
+async def test_default_profile_cannot_be_removed(make_env: EnvFactory, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    extra = "enroll:\n  default_profile: k3os\n"
+    cli = Cli(write_config(tmp_path / "a", extra, http=PUBLIC), capsys)
+    assert (await cli("profiles", "add", "k3os", "--kernel", "vmlinuz"))[0] == 0
+    env = await make_env(extra, http=PUBLIC)
+    message = same_refusal(await cli("profiles", "rm", "k3os"),
+                           await call(env, "DELETE", "/api/v1/profiles/k3os"), 409)
+    assert "enroll.default_profile" in message
+
+
+# --- validation: the same field named by both ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "body", "field"), [
+    (["--server-url", "ftp://nope"], {"server_url": "ftp://nope"}, "server_url"),
+    (["--server-url", "ftp://nope", "--token", "t"], {"server_url": "ftp://nope", "token": "t"},
+     "server_url"),
+    (["--server-url", "https://192.0.2.50:6443"], {"server_url": "https://192.0.2.50:6443"},
+     "token"),
+])
+async def test_bad_cluster_is_refused_by_both(make_env: EnvFactory, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              flags: list[str], body: dict[str, Any],
+                                              field: str) -> None:
+    env, cli = await start(make_env, tmp_path, capsys)
+    same_refusal(await cli("clusters", "add", "c", *flags),
+                 await call(env, "POST", "/api/v1/clusters", json_body={"name": "c", **body}),
+                 400, field)
+    assert await env.get("/api/v1/clusters") == []
+
+
+@pytest.mark.parametrize(("flags", "body", "field"), [
+    (["--uuid", "not-a-uuid"], {"uuid": "not-a-uuid"}, "uuid"),
+    (["--fixed-ipv4", "300.1.1.1"], {"fixed_ipv4": "300.1.1.1"}, "fixed_ipv4"),
+    (["--profile", "nope"], {"profile": "nope"}, "profile"),
+    (["--hostname", "bad_name!"], {"hostname": "bad_name!"}, "hostname"),
+])
+async def test_bad_machine_is_refused_by_both(make_env: EnvFactory, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              flags: list[str], body: dict[str, Any],
+                                              field: str) -> None:
+    env, cli = await start(make_env, tmp_path, capsys)
+    same_refusal(await cli("machines", "add", MAC, *flags),
+                 await call(env, "POST", "/api/v1/machines", json_body={"mac": MAC, **body}),
+                 400, field)
+    assert (await env.get("/api/v1/machines"))["total"] == 0
+
+
+async def test_uuid_is_stored_in_one_form_by_both(make_env: EnvFactory, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    env, cli = await start(make_env, tmp_path, capsys)
+    upper = "4C4C4544-0000-1000-8000-000000000001"
+    assert (await cli("machines", "add", MAC, "--uuid", upper))[0] == 0
+    await env.post("/api/v1/machines", {"mac": "52:54:00:12:34:57", "uuid": upper.replace(
+        "01", "02")}, status=201)
+    got = (await env.get("/api/v1/machines"))["items"]
+    assert [m["uuid"] for m in got] == [upper.lower(), upper.lower().replace("01", "02")]
+
+
+# --- approve: a profile or a clear error; the console's command works ---------------------------
+
+
+async def test_approve_without_any_profile_is_refused_by_both(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env, cli = await start(make_env, tmp_path, capsys, "discovery:\n  policy: hold\n")
+    await env.post("/api/v1/clusters", {"name": "edge", "server_url": "managed"}, status=201)
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz"}, status=201)
+    await env.post("/api/v1/profiles", {"name": "ubuntu", "kernel": "vmlinuz"}, status=201)
+    await boot(env, MAC)
+    message = same_refusal(
+        await cli("machines", "approve", MAC, "--cluster", "edge", "--role", "agent"),
+        await call(env, "POST", f"/api/v1/machines/{MAC}/approve",
+                   json_body={"cluster": "edge", "role": "agent"}), 400, "profile")
+    assert "--profile" in message and "enroll.default_profile" in message
+    assert "k3os, ubuntu" in message
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "discovered"
+
+
+async def test_the_held_machines_console_prints_a_command_that_works(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env, cli = await start(make_env, tmp_path, capsys, "discovery:\n  policy: hold\n")
+    await env.post("/api/v1/clusters", {"name": "edge", "server_url": "managed"}, status=201)
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz"}, status=201)
+    held = await boot(env, MAC)
+    lines = [line for line in held.splitlines() if "netboot machines approve" in line]
+    assert len(lines) == 1, held
+    command = lines[0].split("run: ", 1)[1]
+    assert command == f"netboot machines approve {MAC} --cluster edge --role agent " \
+                      "--profile k3os"
+    argv = shlex.split(command)[1:]
+    rc, _, err = await cli(*argv[:3], "52:54:00:12:34:57", *argv[3:], "--hostname", "edge-1")
+    assert rc == 2 and "--hostname" in err  # one name for two machines
+    rc, out, err = await cli(*argv, "--hostname", "edge-1")
+    assert rc == 0 and out.startswith(f"approved {MAC}"), err
+    script = await boot(env, MAC)
+    assert "kernel " in script and install_token(script)
+    got = await env.get(f"/api/v1/machines/{MAC}")
+    assert (got["state"], got["hostname"], got["profile"]) == ("booting", "edge-1", "k3os")
+
+
+async def test_default_profile_is_used_and_checked_at_start_up(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = "discovery:\n  policy: hold\nenroll:\n  default_profile: k3os\n"
+    with pytest.raises(ConfigError) as info:
+        await make_env(extra, sub="empty", http=PUBLIC)
+    assert info.value.key == "enroll.default_profile" and "profiles add k3os" in str(info.value)
+    cli = Cli(write_config(tmp_path / "a", extra, http=PUBLIC), capsys)
+    assert (await cli("profiles", "add", "k3os", "--kernel", "vmlinuz"))[0] == 0
+    assert (await cli("profiles", "add", "other", "--kernel", "vmlinuz"))[0] == 0
+    assert (await cli("clusters", "add", "edge"))[0] == 0
+    env = await make_env(extra, http=PUBLIC)
+    held = await boot(env, MAC)
+    command = next(line.split("run: ", 1)[1] for line in held.splitlines() if "run: " in line)
+    assert "--profile" not in command  # the default gives it one
+    rc, _, err = await cli(*shlex.split(command)[1:])
+    assert rc == 0, err
+    explained = await env.get(f"/api/v1/machines/{MAC}/explain")
+    assert (explained["profile"], explained["profile_source"]) == ("k3os", "default")
+    assert "kernel " in await boot(env, MAC)
+
+
+# --- render and explain: exactly what the server serves -----------------------------------------
+
+
+async def test_render_and_explain_give_what_the_server_serves(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env, cli = await start(make_env, tmp_path, capsys, "dns:\n  enabled: true\n")
+    await env.seed(server_url="managed")
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1"}, status=201)
+
+    rc, explained, err = await cli("explain", MAC, "--arch", "x86_64", "--json")
+    assert rc == 0, err
+    assert json.loads(explained) == await env.get(f"/api/v1/machines/{MAC}/explain?arch=x86_64")
+    rc, ipxe, err = await cli("render", MAC, "ipxe", "--arch", "x86_64")
+    assert rc == 0, err
+    served = await boot(env, HEXHYP)
+    token = install_token(served)
+    assert ipxe == served.replace(token, TOKEN_PLACEHOLDER)
+
+    # The machine is booting now; what its installer fetches next, rendered first by the CLI
+    # (fetching it moves the machine on, and the reason in the config's comment with it).
+    rc, config, err = await cli("render", MAC, "config")
+    assert rc == 0, err
+    served_config = await env.get(f"/config/{HEXHYP}?token={token}")
+    assert config == served_config.replace(token, TOKEN_PLACEHOLDER)
+    assert 'server_url: "https://edge.netboot.lan:6443"' in config  # netboot's DNS name
+    rc, nocloud, err = await cli("render", MAC, "nocloud")
+    assert rc == 0, err
+    files = [(name, await env.get(f"/nocloud/{HEXHYP}/{token}/{name}"))
+             for name in NOCLOUD_FILES]
+    assert nocloud == "".join(f"--- {name}\n{text}" for name, text in files).replace(
+        token, TOKEN_PLACEHOLDER)
+
+
+@pytest.mark.parametrize("kind", ["profiles", "clusters"])
+async def test_rm_names_a_few_users_and_counts_the_rest(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        kind: str) -> None:
+    env, cli = await start(make_env, tmp_path, capsys)
+    await env.seed()
+    await call(env, "DELETE", "/api/v1/groups/all-x86")
+    name = "k3os" if kind == "profiles" else "edge"
+    for i in range(7):
+        await env.post("/api/v1/machines", {"mac": f"52:54:00:00:00:{i:02x}", kind[:-1]: name},
+                       status=201)
+    message = same_refusal(await cli(kind, "rm", name),
+                           await call(env, "DELETE", f"/api/v1/{kind}/{name}"), 409)
+    assert message.count("machine 52:54:00:00:00:") == 5 and "2 more machines" in message

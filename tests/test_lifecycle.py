@@ -1,0 +1,266 @@
+"""The machine lifecycle: every allowed and every refused (state, event) pair, the product's
+rules read off the table, the one-writer rule, and what the API and CLI answer when a step is
+refused."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netboot.cli import main
+from netboot.errors import Conflict, TransitionRefused
+from netboot.lifecycle import (
+    STATES,
+    TRANSITIONS,
+    Trigger,
+    advance,
+    allowed,
+    allows,
+    apply,
+    first_state,
+)
+from netboot.model import MacAddress, Machine, MachineState
+from tests.conftest import Env, Reply, boot, call, install_token, write_config
+
+S = MachineState
+MAC = "52:54:00:12:34:56"
+HEXHYP = "52-54-00-12-34-56"
+
+ALLOWED = sorted(TRANSITIONS.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))
+REFUSED = [(state, trigger) for state, trigger in itertools.product(STATES, Trigger)
+           if (state, trigger) not in TRANSITIONS]
+
+
+def pair_id(value: Any) -> str:
+    return str(value) if value is not None else "new"
+
+
+# --- the table, pair by pair -----------------------------------------------------------------
+
+
+def test_the_walk_covers_the_whole_product() -> None:
+    assert len(ALLOWED) + len(REFUSED) == len(STATES) * len(Trigger)
+    assert set(STATES) == {None, *MachineState}
+
+
+@pytest.mark.parametrize(("pair", "after"), ALLOWED, ids=[
+    f"{pair_id(s)}+{t}" for (s, t), _ in ALLOWED])
+def test_every_allowed_step(pair: tuple[MachineState | None, Trigger], after: MachineState,
+                            ) -> None:
+    state, trigger = pair
+    assert allows(state, trigger) and trigger in allowed(state)
+    assert apply(state, trigger) == after
+    if state is None:
+        assert first_state(trigger) == after
+        return
+    machine = Machine(mac=MacAddress.parse(MAC), state=state, updated=1.0)
+    moved = advance(machine, trigger, 2.0)
+    assert moved.state == after
+    # A real change is stamped; a repeat that changes nothing is the same machine, unstamped.
+    assert moved.updated == (2.0 if after != state else 1.0)
+    assert advance(machine, trigger, 3.0, hostname="h").updated == 3.0
+
+
+@pytest.mark.parametrize(("state", "trigger"), REFUSED, ids=[
+    f"{pair_id(s)}+{t}" for s, t in REFUSED])
+def test_every_refused_step(state: MachineState | None, trigger: Trigger) -> None:
+    assert not allows(state, trigger) and trigger not in allowed(state)
+    with pytest.raises(TransitionRefused) as info:
+        apply(state, trigger, subject=MAC)
+    exc = info.value
+    assert isinstance(exc, Conflict)  # the API's 409
+    assert (exc.state, exc.event) == (state, trigger)
+    text = str(exc)
+    assert text.startswith(MAC)
+    assert (f"is {state};" if state is not None else "is not in the inventory;") in text
+    assert f"'{trigger}' is not allowed" in text
+    assert f"(allowed: {', '.join(allowed(state)) or 'nothing'})" in text
+    if state is not None:
+        machine = Machine(mac=MacAddress.parse(MAC), state=state, updated=1.0)
+        with pytest.raises(TransitionRefused):
+            advance(machine, trigger, 2.0, hostname="changed")
+
+
+def test_message_reads_as_an_answer() -> None:
+    with pytest.raises(TransitionRefused) as info:
+        apply(S.INSTALLED, Trigger.INSTALLING, subject=MAC)
+    assert str(info.value) == (f"{MAC} is installed; 'installing' is not allowed "
+                               "(allowed: config-fetched, installed, register, reinstall)")
+
+
+def test_advance_does_not_take_a_state() -> None:
+    machine = Machine(mac=MacAddress.parse(MAC), state=S.ENROLLED)
+    with pytest.raises(TypeError):
+        advance(machine, Trigger.INSTALL_PLAN, 1.0, state=S.REGISTERED)
+
+
+# --- the product's rules, read off the table -------------------------------------------------
+
+
+def reachable(start: MachineState | None) -> set[MachineState]:
+    seen: set[MachineState] = set()
+    todo = [start]
+    while todo:
+        state = todo.pop()
+        for trigger in allowed(state):
+            after = apply(state, trigger)
+            if after not in seen:
+                seen.add(after)
+                todo.append(after)
+    return seen
+
+
+def test_every_state_is_reachable_and_every_machine_can_end_registered() -> None:
+    assert reachable(None) == set(MachineState)
+    for state in MachineState:
+        assert S.REGISTERED in reachable(state), state
+
+
+def test_one_shot_install() -> None:
+    """Installed and registered machines never go back to installing by themselves."""
+    for state in (S.INSTALLED, S.REGISTERED):
+        for trigger in allowed(state):
+            after = apply(state, trigger)
+            assert after in (S.INSTALLED, S.REGISTERED) or trigger == Trigger.REINSTALL
+        assert not allows(state, Trigger.INSTALL_PLAN)
+
+
+def test_failed_holds_until_reinstall() -> None:
+    assert set(allowed(S.FAILED)) == {Trigger.FAILED, Trigger.REINSTALL}
+    assert apply(S.FAILED, Trigger.FAILED) == S.FAILED
+
+
+def test_only_an_install_plan_leads_to_booting_and_only_an_operator_to_reinstall() -> None:
+    for (_, trigger), after in TRANSITIONS.items():
+        if after == S.BOOTING:
+            assert trigger == Trigger.INSTALL_PLAN
+        if after == S.REINSTALL:
+            assert trigger == Trigger.REINSTALL
+
+
+def test_discovered_needs_enrolment_first() -> None:
+    assert set(allowed(S.DISCOVERED)) == {Trigger.ENROLL, Trigger.APPROVE, Trigger.AUTO_ENROLL}
+    assert {first_state(Trigger.DISCOVER), first_state(Trigger.ENROLL)} == {S.DISCOVERED,
+                                                                            S.ENROLLED}
+
+
+# --- one writer --------------------------------------------------------------------------------
+
+
+PKG = Path(__file__).resolve().parent.parent / "netboot"
+
+
+def test_nothing_but_the_lifecycle_writes_a_state() -> None:
+    """``replace(..., state=...)`` and ``Machine(state=...)`` only with a value straight from
+    the table (a ``lifecycle.`` call). The inventory's codec decodes stored states, which is
+    reading, not writing."""
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if rel in ("lifecycle.py", "inventory/codec.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(
+                node.func, "attr", "")
+            for kw in node.keywords:
+                if kw.arg != "state" or name not in ("replace", "Machine"):
+                    continue
+                value = kw.value
+                from_table = (isinstance(value, ast.Call)
+                              and isinstance(value.func, ast.Attribute)
+                              and isinstance(value.func.value, ast.Name)
+                              and value.func.value.id == "lifecycle")
+                if not from_table:
+                    bad.append(f"{rel}:{node.lineno}")
+    assert not bad, f"state written outside netboot.lifecycle: {bad}"
+
+
+# --- at the edges: 409 naming the state, 400 for a state in a body ----------------------------
+
+
+def refused(reply: Reply, state: str) -> dict[str, Any]:
+    assert reply.status == 409, (reply.status, reply.text)
+    body: dict[str, Any] = reply.json()
+    assert body["state"] == state and f"is {state};" in body["error"], body
+    return body
+
+
+async def device(env: Env, token: str, kind: str) -> Reply:
+    return await call(env, "POST", f"/api/v1/machines/{HEXHYP}/events",
+                      json_body={"kind": kind}, headers={"Authorization": f"Bearer {token}"},
+                      admin=False)
+
+
+async def state_of(env: Env) -> str:
+    out: str = (await env.get(f"/api/v1/machines/{MAC}"))["state"]
+    return out
+
+
+async def test_api_refuses_illegal_steps_with_409_naming_the_state(env: Env) -> None:
+    await env.seed()
+    await boot(env, MAC)  # discovered (policy ignore records it)
+    body = refused(await call(env, "POST", f"/api/v1/machines/{MAC}/reinstall"), "discovered")
+    assert body["event"] == "reinstall" and "approve" in body["error"]
+    assert (await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={})).status \
+        == 200
+    token = install_token(await boot(env, MAC))
+    assert await state_of(env) == "booting"
+    refused(await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={}), "booting")
+    assert (await device(env, token, "installed")).status == 201
+    body = refused(await device(env, token, "installing"), "installed")
+    assert "'installing' is not allowed" in body["error"] and "reinstall" in body["error"]
+    refused(await device(env, token, "failed"), "installed")
+    assert (await device(env, token, "installed")).status == 201  # a retried report is fine
+    assert (await device(env, token, "progress")).status == 201  # not a step: recorded only
+    assert await state_of(env) == "installed"
+    # The refused reports left no trace but the refusal: the machine's story stays true.
+    kinds = [e["kind"] for e in await env.get(f"/api/v1/machines/{MAC}/events")]
+    assert kinds.count("installing") == 0 and kinds.count("failed") == 0
+
+
+async def test_failed_machine_gets_neither_config_nor_registration(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    assert (await device(env, token, "failed")).status == 201
+    refused(await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False), "failed")
+    r = await call(env, "POST", "/api/v1/register", admin=False,
+                   json_body={"mac": MAC, "token": token, "addresses": ["192.0.2.7"]})
+    refused(r, "failed")
+    assert await state_of(env) == "failed"
+    assert (await call(env, "POST", f"/api/v1/machines/{MAC}/reinstall")).status == 200
+    assert await state_of(env) == "reinstall"
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+@pytest.mark.parametrize("value", ["installed", "enrolled", "registered", None, "melted"])
+async def test_api_cannot_set_a_state(env: Env, method: str, value: Any) -> None:
+    await env.seed()
+    if method == "PATCH":
+        await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    path = "/api/v1/machines" + (f"/{MAC}" if method == "PATCH" else "")
+    r = await call(env, method, path, json_body={"mac": MAC, "state": value})
+    assert r.status == 400, r.text
+    assert r.json()["field"] == "state"
+    assert "approve" in r.json()["error"] and "reinstall" in r.json()["error"]
+    after = await env.get("/api/v1/machines")
+    assert [m["state"] for m in after["items"]] == (["enrolled"] if method == "PATCH" else [])
+
+
+def test_cli_names_the_state_it_refuses(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = str(write_config(tmp_path))
+    assert main(["machines", "add", MAC, "--config", cfg]) == 0
+    assert main(["machines", "reinstall", MAC, "--config", cfg]) == 0
+    capsys.readouterr()
+    rc = main(["machines", "approve", MAC, "--config", cfg])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.strip() == (f"netboot: {MAC} is reinstall; 'approve' is not allowed "
+                           "(allowed: install-plan, reinstall)")
