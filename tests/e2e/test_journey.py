@@ -168,6 +168,9 @@ def test_agent_powered_on_before_any_server_waits_then_installs(j: E2ELab) -> No
         assert j.machine(agent.mac).get("state") not in ("installing", "installed",
                                                            "registered")
         with j.boot(server) as srv:
+            k3s = srv.wait_for(K3S_LINE)
+            assert (k3s.group("role"), k3s.group("init")) == ("server", "yes"), (
+                f"the held agent must not take cluster-init from j2's server: {k3s.group(0)}")
             server_ip = installed_os(srv, server.mac)
             assert_registered_from_wire(j, server.mac, server_ip, server.name)
             # No power cycle: the held iPXE loop asks again and now gets the install.
