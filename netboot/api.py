@@ -184,7 +184,7 @@ class Api:
         return web.Response(status=204)
 
     async def approve(self, request: web.Request) -> web.Response:
-        body = _object(await read_json(request)) if request.can_read_body else {}
+        body = _object(await read_json(request)) if request.body_exists else {}
         machine = await self._core.approve(request.match_info["mac"], body)
         return web.json_response(self._machine_out(machine))
 
@@ -211,7 +211,7 @@ class Api:
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit,
                                                 actual_size=request.content_length)
-        raw = await request.content.read(request.app[MAX_EVENT_KEY] + 1)
+        raw = await request.read()  # cached by the body-timeout middleware, client_max_size
         if len(raw) > request.app[MAX_EVENT_KEY]:
             raise web.HTTPRequestEntityTooLarge(max_size=request.app[MAX_EVENT_KEY],
                                                 actual_size=len(raw))

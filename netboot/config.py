@@ -47,6 +47,13 @@ class HttpConfig:
     public_url: str | None = None  # e.g. http://boot.example:8080 when behind NAT/proxy
     max_body_bytes: int = 1_048_576
     max_event_bytes: int = 16_384
+    # Bounds with nginx's defaults as the bar (README, "Resource limits").
+    max_connections: int = 1024
+    max_connections_per_source: int = 128
+    header_timeout: int = 60  # seconds
+    body_timeout: int = 60
+    keepalive_timeout: int = 75
+    send_timeout: int = 60
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class TftpConfig:
     enabled: bool = True
     port: int = 69
     max_transfers: int = 256
+    # Devices behind one relay or NAT address share this; past it an RRQ gets ERROR 0 "busy".
+    max_per_client: int = 64
     mtu: int = 1500
 
 
@@ -439,5 +448,32 @@ def _check(cfg: Config, src: _Source) -> None:
     if cfg.discovery.policy == "auto" and not cfg.discovery.rules:
         raise src.error("discovery.rules", "policy 'auto' needs at least one rule",
                         "add rules: - {selector: {product: X}, cluster: line-3, role: agent}")
+    _check_limits(cfg, src)
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
         raise src.error("http.public_url", "must start with http:// or https://")
+
+
+def _check_limits(cfg: Config, src: _Source) -> None:
+    """Resource bounds: each at least 1, and a per-source cap that fits in the overall one."""
+    http, tftp = cfg.http, cfg.tftp
+    for key, value, fix in (
+        ("http.max_connections", http.max_connections, "nginx's worker_connections is 512-1024"),
+        ("http.max_connections_per_source", http.max_connections_per_source, "e.g. 128"),
+        ("http.header_timeout", http.header_timeout, "seconds; nginx uses 60"),
+        ("http.body_timeout", http.body_timeout, "seconds; nginx uses 60"),
+        ("http.keepalive_timeout", http.keepalive_timeout, "seconds; nginx uses 75"),
+        ("http.send_timeout", http.send_timeout, "seconds; nginx uses 60"),
+        ("tftp.max_transfers", tftp.max_transfers, "e.g. 256"),
+        ("tftp.max_per_client", tftp.max_per_client, "e.g. 64"),
+    ):
+        if value < 1:
+            raise src.error(key, f"{value} is below 1", f"write a whole number >= 1 ({fix})")
+    if http.max_connections_per_source > http.max_connections:
+        raise src.error("http.max_connections_per_source",
+                        f"{http.max_connections_per_source} is above http.max_connections "
+                        f"({http.max_connections})",
+                        "lower it, or raise http.max_connections")
+    if tftp.max_per_client > tftp.max_transfers:
+        raise src.error("tftp.max_per_client",
+                        f"{tftp.max_per_client} is above tftp.max_transfers "
+                        f"({tftp.max_transfers})", "lower it, or raise tftp.max_transfers")

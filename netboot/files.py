@@ -81,7 +81,10 @@ class FileTree:
                 real_root = root.resolve(strict=True)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            candidate = (real_root / rel).resolve()
+            try:
+                candidate = (real_root / rel).resolve()
+            except RuntimeError:  # a symlink loop (Python < 3.13 raises this, not OSError)
+                raise Forbidden(f"{rel!r} is a symlink loop") from None
             if candidate != real_root and real_root not in candidate.parents:
                 # A symlink inside the root points outside it.
                 raise Forbidden(f"{rel!r} resolves outside {root}")
@@ -89,13 +92,22 @@ class FileTree:
                 st = candidate.stat()
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            except PermissionError:
+                raise Forbidden(f"{rel!r} is not readable by netboot") from None
+            except OSError as exc:
+                # ENAMETOOLONG (a 300-byte file name), ELOOP: a request for a name that
+                # cannot exist is "not found", not a server failure.
+                raise NotFound(f"{rel[:64]!r}...: {exc.strerror}") from None
             if stat.S_ISREG(st.st_mode):
                 return candidate
         raise NotFound(f"{rel!r} not found")
 
     def blob(self, path: str, *, decode_percent: bool = False) -> Blob:
         found = self.resolve(path, decode_percent=decode_percent)
-        st = found.stat()
+        try:
+            st = found.stat()
+        except OSError as exc:  # removed or replaced since resolve()
+            raise NotFound(f"{path[:64]!r}: {exc.strerror}") from None
         return Blob(
             size=st.st_size,
             path=str(found),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import hashlib
 import logging
 import os
@@ -27,18 +28,24 @@ from netboot.config import Config
 from netboot.content import Content
 from netboot.core import Core
 from netboot.enroll import Enroller
-from netboot.errors import ConfigError
+from netboot.errors import ConfigError, StoreError
 from netboot.files import FileTree
 from netboot.inventory.base import MachineFilter, Store
+from netboot.logs import RateLimitedLog
 from netboot.render import Renderer, shipped_templates_dir
 from netboot.servers.http import (
     LOG_KEY,
     MAX_BODY_KEY,
     MAX_EVENT_KEY,
     AccessLogger,
+    ConnectionGuard,
     DeviceRoutes,
+    GuardedSite,
+    HttpLimits,
+    body_timeout_middleware,
     errors_middleware,
 )
+from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
 
 log = logging.getLogger(__name__)
@@ -51,7 +58,12 @@ def open_store(config: Config) -> Store:
         return MemoryStore()
     from netboot.inventory.sqlite import SqliteStore
 
-    config.db_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        config.db_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        key = "inventory.path" if config.inventory.path else "server.data_dir"
+        raise ConfigError(f"cannot create {config.db_path.parent}: {exc.strerror}", key=key,
+                          fix="create it, or point --data-dir at a writable directory") from exc
     return SqliteStore(config.db_path)
 
 
@@ -167,12 +179,16 @@ async def ensure_admin_token(store: Store, data_dir: Path) -> str | None:
     if await store.get_setting(ADMIN_TOKEN_KEY) is not None:
         return None
     token = secrets.token_urlsafe(32)
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "admin.token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    os.chmod(path, 0o600)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}", key="server.data_dir",
+                          fix="point --data-dir at a directory netboot can write") from exc
     await store.put_setting(ADMIN_TOKEN_KEY, hashlib.sha256(token.encode()).hexdigest())
     return token
 
@@ -188,6 +204,7 @@ class Service:
     advertise: str
     new_admin_token: str | None = None
     runner: web.AppRunner | None = None
+    http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http_port: int = 0
@@ -209,22 +226,31 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
-        self.runner = web.AppRunner(self.app, access_log=logging.getLogger("netboot.access"),
-                                    access_log_class=AccessLogger)
+        access = logging.getLogger("netboot.access")
+        self.runner = web.AppRunner(self.app, access_log=access, access_log_class=AccessLogger)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.http.listen, cfg.http.port, reuse_address=True)
+        http = cfg.http
+        self.http_guard = ConnectionGuard(HttpLimits(
+            max_connections=http.max_connections,
+            max_connections_per_source=http.max_connections_per_source,
+            header_timeout=http.header_timeout, body_timeout=http.body_timeout,
+            keepalive_timeout=http.keepalive_timeout, send_timeout=http.send_timeout,
+        ), logging.getLogger("netboot.http"))
+        raise_fd_limit(cfg)
+        site = GuardedSite(self.runner, http.listen, http.port, guard=self.http_guard,
+                           handler_args={"access_log": access, "access_log_class": AccessLogger})
         try:
             await site.start()
         except OSError as exc:
-            raise bind_error(exc, what="HTTP", proto="TCP", host=cfg.http.listen,
-                             port=cfg.http.port, key="http.port", flag="--http-port") from exc
-        sockets = getattr(site._server, "sockets", None)
-        self.http_port = sockets[0].getsockname()[1] if sockets else cfg.http.port
+            raise bind_error(exc, what="HTTP", proto="TCP", host=http.listen,
+                             port=http.port, key="http.port", flag="--http-port") from exc
+        self.http_port = site.port
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
             tftp = TftpServer(self.content, host="0.0.0.0", port=cfg.tftp.port,
-                              max_transfers=cfg.tftp.max_transfers, mtu=cfg.tftp.mtu,
+                              max_transfers=cfg.tftp.max_transfers,
+                              max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
                               interfaces=list(cfg.server.interfaces) or None)
             await tftp.start()
             self.servers.append(tftp)
@@ -268,6 +294,8 @@ class Service:
         self.servers.append(dns)
         self.dns_port = dns.port
 
+        limited = RateLimitedLog(log)
+
         async def refresh() -> None:
             # Registrations and failures change cluster endpoints; a bounded staleness of a
             # couple of seconds keeps the answer path free of inventory reads.
@@ -275,6 +303,9 @@ class Service:
                 await asyncio.sleep(2.0)
                 try:
                     await self.refresh_zone()
+                except StoreError as exc:  # every 2 s while the disk is broken: no traceback
+                    limited.log(logging.WARNING, "zone", "DNS zone rebuild failed, keeping "
+                                "the previous zone: %s", exc)
                 except Exception:
                     log.exception("DNS zone rebuild failed; keeping the previous zone")
 
@@ -338,6 +369,32 @@ class Service:
         return "\n".join(lines)
 
 
+def raise_fd_limit(config: Config) -> None:
+    """Make room for the configured connections and transfers in the descriptor limit.
+
+    systemd starts services with a soft limit of 1024 and a high hard limit, expecting a
+    program that needs more to raise its own soft limit (as nginx does with
+    worker_rlimit_nofile). Each HTTP connection takes one descriptor, each TFTP transfer two
+    (socket and file); 256 more cover the listeners, the database and asset files.
+    """
+    import resource
+
+    need = config.http.max_connections + 2 * config.tftp.max_transfers + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ConfigError(
+            f"the open-files limit is {soft}, below the {need} descriptors that "
+            f"http.max_connections ({config.http.max_connections}) and tftp.max_transfers "
+            f"({config.tftp.max_transfers}) need", key="http.max_connections",
+            fix="lower http.max_connections / tftp.max_transfers, or raise LimitNOFILE= "
+                "(systemd) / ulimit -n")
+
+
 def _check_hostname_templates(config: Config) -> None:
     """A template typo must stop start-up, not fail every matching device's boot request."""
     from netboot.enroll import check_hostname_template
@@ -368,8 +425,9 @@ async def build(config: Config) -> Service:
         await check_default_profile(config, store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise)}
         core = build_core(config, store, lambda: holder["base"])
-        app = web.Application(middlewares=[errors_middleware],
+        app = web.Application(middlewares=[errors_middleware, body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
+        install_http(app, body_timeout=config.http.body_timeout)
         app[LOG_KEY] = logging.getLogger("netboot.http")
         app[MAX_BODY_KEY] = config.http.max_body_bytes
         app[MAX_EVENT_KEY] = config.http.max_event_bytes
@@ -384,6 +442,10 @@ async def build(config: Config) -> Service:
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    # A fatal signal in C code (SIGSEGV, SIGBUS from a mapped file) still ends the process,
+    # but with the Python stacks of every thread on stderr rather than without a line.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     service = await build(config)
     try:
         await service.start()

@@ -63,6 +63,13 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
         ("discovery:\n  rules:\n    - {selector: {product: X}, role: boss}\n",
          "discovery.rules[0].role", None, None),
         ("server: [1, 2]\n", "server", 1, "key: value"),
+        ("http:\n  max_connections: 0\n", "http.max_connections", 2, "worker_connections"),
+        ("http:\n  header_timeout: -5\n", "http.header_timeout", 2, ">= 1"),
+        ("http:\n  max_connections: 100\n  max_connections_per_source: 200\n",
+         "http.max_connections_per_source", 3, "raise http.max_connections"),
+        ("tftp:\n  max_per_client: 0\n", "tftp.max_per_client", 2, ">= 1"),
+        ("tftp:\n  max_transfers: 10\n  max_per_client: 11\n", "tftp.max_per_client", 3,
+         "raise tftp.max_transfers"),
     ],
 )
 def test_bad_values(tmp_path: Path, text: str, key: str, line: int | None,

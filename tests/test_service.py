@@ -153,3 +153,43 @@ async def test_access_log_never_holds_the_install_token(tmp_path: Path,
     assert "GET /config/52-54-00-00-00-11?token=<redacted> 401" in lines[0]
     assert "/nocloud/52-54-00-00-00-11/<token>/user-data 401" in lines[1]
     assert "GET /healthz 200" in lines[2]
+
+
+@pytest.mark.root
+@pytest.mark.requires("unshare", "util-linux")
+def test_read_only_or_missing_data_dir_is_named_at_start(tmp_path: Path) -> None:
+    """`netboot serve` on a read-only file system says so and names the setting, instead of
+    SQLite's "unable to open database file" (a private mount namespace holds the mount)."""
+    import subprocess
+    import sys
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = (
+        f"mount -t tmpfs -o ro,size=1m tmpfs {ro} && "
+        f"{sys.executable} -m netboot serve --data-dir {ro} --http-port 0 --dhcp-mode off; "
+        f"echo rc=$?; "
+        f"{sys.executable} -m netboot serve --data-dir {ro}/sub --http-port 0 --dhcp-mode off;"
+        f" echo rc=$?")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=120, env=env)
+    text = out.stdout + out.stderr
+    assert f"{ro} is on a read-only file system" in text, text
+    assert f"server.data_dir: cannot create {ro}/sub: Read-only file system" in text, text
+    assert "rc=1" in text and "rc=2" in text and "Traceback" not in text, text
+
+
+def test_open_files_limit_too_low_for_the_caps_is_a_config_error(tmp_path: Path) -> None:
+    """A hard limit of 512 descriptors cannot hold 1024 connections and 256 transfers: start
+    stops naming the setting, instead of failing accept() with EMFILE under load."""
+    import subprocess
+    import sys
+
+    script = (f"ulimit -n 512 && exec {sys.executable} -m netboot serve --data-dir "
+              f"{tmp_path / 'data'} --http-port 0 --tftp-port 0 --dhcp-mode off")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "http.max_connections: the open-files limit is 512" in out.stderr, out.stderr

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 _R = TypeVar("_R")
 
 BUSY_TIMEOUT_MS = 5000
+# The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
+# pages are reserved on disk up to this size at open, so that a later full disk cannot turn
+# a touch of a mapped page into a SIGBUS (autocheckpoint keeps the WAL near 1000 frames).
+SHM_RESERVE = 4 * 32768
 
 # Ordered; index i brings a database from user_version i to i + 1. Append, never edit: a
 # released migration has already run on someone's disk.
@@ -163,6 +168,8 @@ class SqliteStore:
         # writer, so a DHCP answer's machine lookup is not queued behind a 100k-row import.
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None  # touched only on the reader thread
+        self._shm = self.path.with_name(self.path.name + "-shm")
+        self._shm_size = 0  # what SQLite may have mapped; the file must not shrink below it
 
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
@@ -182,6 +189,7 @@ class SqliteStore:
         conn = self._rconn if reader else self._conn
         if conn is None:
             raise StoreError(f"the inventory {self.path} is not open")
+        self._check_shm()
         try:
             return fn(conn, *args)
         except NetbootError:
@@ -191,6 +199,44 @@ class SqliteStore:
             raise Conflict(f"inventory constraint failed: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"inventory {self.path}: {exc}") from exc
+
+    def _reserve_shm(self, size: int) -> None:
+        """Allocate the -shm file's blocks up to ``size`` (never shrinking it)."""
+        fd = os.open(self._shm, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+
+    def _check_shm(self) -> None:
+        """Touching a mapped -shm page beyond the file's end is a SIGBUS: the whole process,
+        DHCP, TFTP, DNS and HTTP with it, dies without a log line. If the file shrank under
+        us (truncated by another program, or a disk-cleaning script), give it back its size
+        before SQLite touches it; zeroed pages are an invalid WAL index, which SQLite
+        rebuilds from the WAL. If even that fails, this request fails, not the process."""
+        if not self._shm_size:
+            return
+        try:
+            size = os.stat(self._shm).st_size
+        except FileNotFoundError:
+            # Unlinked: our mapping keeps the old file alive, so nothing can fault; but other
+            # processes will not share it any more.
+            log.error("inventory %s: %s was removed by another program; restart netboot "
+                      "before using the CLI on this database", self.path, self._shm.name)
+            self._shm_size = 0
+            return
+        except OSError:
+            size = 0
+        if size >= self._shm_size:
+            return
+        log.error("inventory %s: %s shrank to %d bytes (was %d; truncated by another "
+                  "program?): restoring its size", self.path, self._shm.name, size,
+                  self._shm_size)
+        try:
+            self._reserve_shm(self._shm_size)
+        except OSError as exc:
+            raise StoreError(f"inventory {self.path}: cannot restore {self._shm.name}: "
+                             f"{exc.strerror}") from exc
 
     async def open(self) -> None:
         if self._executor is not None:
@@ -214,14 +260,30 @@ class SqliteStore:
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open inventory {self.path}: {exc}") from exc
+            raise _unopenable(self.path, exc) from exc
         try:
             _configure(conn, self.path)
             _migrate(conn, self.path)
+        except StoreError as exc:
+            conn.close()
+            if not any(w in str(exc) for w in ("unable to open", "readonly", "disk I/O")):
+                raise
+            raise _unopenable(self.path, exc) from exc
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+        # SQLite has created and mapped the WAL index by now (first connection: it truncated
+        # it, then wrote region 0 page by page).
+        try:
+            self._reserve_shm(SHM_RESERVE)
+        except OSError as exc:
+            log.warning("inventory %s: cannot reserve %d bytes for %s: %s", self.path,
+                        SHM_RESERVE, self._shm.name, exc.strerror)
+        try:
+            self._shm_size = os.stat(self._shm).st_size
+        except OSError:
+            self._shm_size = 0
         log.info("inventory %s open, schema version %d", self.path, SCHEMA_VERSION)
 
     def _open_reader(self) -> None:
@@ -229,8 +291,9 @@ class SqliteStore:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA query_only = ON")  # this connection never writes
+            conn.execute("PRAGMA mmap_size = 0")  # see _configure
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open inventory {self.path}: {exc}") from exc
+            raise _unopenable(self.path, exc) from exc
         self._rconn = conn
 
     def _close_reader(self) -> None:
@@ -389,11 +452,48 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         mode = _journal_mode_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # No memory-mapped I/O on the database file: with it, a file truncated or unreadable
+        # under us is a SIGBUS that kills every server in the process; with read() it is an
+        # SQLITE_IOERR, a StoreError, a 503. (The WAL index, -shm, is always mapped; SQLite
+        # writes every page of it before mapping it, so a full disk fails that write with
+        # an error instead of a SIGBUS later.)
+        conn.execute("PRAGMA mmap_size = 0")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open inventory {path}: {exc}") from exc
     if str(mode).lower() != "wal":
         # e.g. a network file system without shared memory: refuse rather than run unsafely.
         raise StoreError(f"inventory {path}: cannot use WAL journal mode (got {mode!r})")
+
+
+def _unopenable(path: Path, exc: BaseException) -> StoreError:
+    """SQLite says only "unable to open database file" or "attempt to write a readonly
+    database": name the cause an operator can fix."""
+    directory = path.parent
+    try:
+        read_only_fs = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only_fs = False
+    if not directory.is_dir():
+        reason = (f"the directory {directory} does not exist; create it, or point "
+                  "server.data_dir (--data-dir) or inventory.path elsewhere")
+    elif read_only_fs:
+        reason = (f"{directory} is on a read-only file system; point server.data_dir "
+                  "(--data-dir) or inventory.path at a writable directory")
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        reason = (f"the directory {directory} is not writable by uid {os.geteuid()}, and "
+                  f"SQLite creates {path.name}-wal and {path.name}-shm beside the database; "
+                  "fix its owner or mode, or point server.data_dir elsewhere")
+    else:
+        unwritable = [p for p in (path, path.with_name(path.name + "-wal"),
+                                  path.with_name(path.name + "-shm"))
+                      if p.exists() and not os.access(p, os.R_OK | os.W_OK)]
+        if unwritable:
+            reason = (f"{', '.join(map(str, unwritable))} not readable and writable by uid "
+                      f"{os.geteuid()}; fix the owner or mode")
+        else:
+            detail = str(exc).removeprefix(f"cannot open inventory {path}: ")
+            reason = detail
+    return StoreError(f"cannot open inventory {path}: {reason}")
 
 
 def _journal_mode_wal(conn: sqlite3.Connection) -> str:

@@ -24,8 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from netboot import pxe
-from netboot.errors import ConfigError, DecodeError
+from netboot.errors import ConfigError, DecodeError, StoreError
 from netboot.leases import Changes, LeasePool, LeaseStore
+from netboot.logs import RateLimitedLog, Summary
 from netboot.model import BootRequest, FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
@@ -72,6 +73,7 @@ class DhcpServer:
         probe: bool = True,
         probe_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
+        summary_seconds: float = 60.0,
     ) -> None:
         self._settings = settings
         self._decider = decider
@@ -96,6 +98,12 @@ class DhcpServer:
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._summarise: asyncio.Task[None] | None = None
+        # Every broadcast on the segment reaches us: one INFO line per packet was 100 MB of
+        # log in a storm. Per-packet lines are DEBUG; INFO gets a count per kind every
+        # summary_seconds, and warnings about one MAC or peer are rate-limited.
+        self.summary = Summary(_log, "dhcp", interval=summary_seconds)
+        self._limited = RateLimitedLog(_log)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -125,6 +133,7 @@ class DhcpServer:
             await self.load_pool([ip for _, ip in targets])
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._write_leases(), name="dhcp-lease-writer")
+        self._summarise = asyncio.create_task(self._summaries(), name="dhcp-summary")
         try:
             for interface, server_ip in targets:
                 for is_pxe, port, key, flag in (
@@ -167,6 +176,12 @@ class DhcpServer:
             transport.close()
         for protocol in self._protocols:
             await protocol.drain()
+        if self._summarise is not None:
+            self._summarise.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._summarise
+            self._summarise = None
+        self.summary.flush()
         self._transports.clear()
         self._protocols.clear()
         if self._writer is not None:
@@ -175,6 +190,12 @@ class DhcpServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             self._writer = None
+
+    async def _summaries(self) -> None:
+        # A quiet period after a burst still gets its summary line.
+        while True:
+            await asyncio.sleep(self.summary.interval)
+            self.summary.flush()
 
     def _bind(self, port: int, interface: str | None, key: str, flag: str) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -287,10 +308,16 @@ class DhcpServer:
                 self._decider.first_stage(request), self._decide_timeout
             )
         except TimeoutError:
-            _log.warning(
+            self.summary.note("decision timed out")
+            self._limited.log(
+                logging.WARNING, "decide",
                 "dhcp: %s xid %#010x: no boot decision within %.1fs, staying silent",
                 request.mac, xid, self._decide_timeout,
             )
+        except StoreError as exc:  # the disk or the database, not a bug: no traceback
+            self._limited.log(logging.WARNING, "store",
+                              "dhcp: %s xid %#010x: no boot decision, inventory unavailable: %s",
+                              request.mac, xid, exc)
         except Exception:
             _log.exception("dhcp: %s xid %#010x: boot decision failed", request.mac, xid)
         return None
@@ -299,7 +326,12 @@ class DhcpServer:
         try:
             return await asyncio.wait_for(self._store.fixed_address(mac), self._decide_timeout)
         except TimeoutError:
-            _log.warning("dhcp: %s xid %#010x: fixed-address lookup timed out", mac, xid)
+            self._limited.log(logging.WARNING, "fixed",
+                              "dhcp: %s xid %#010x: fixed-address lookup timed out", mac, xid)
+        except StoreError as exc:
+            self._limited.log(logging.WARNING, "store",
+                              "dhcp: %s xid %#010x: fixed-address lookup failed: %s", mac, xid,
+                              exc)
         except Exception:
             _log.exception("dhcp: %s xid %#010x: fixed-address lookup failed", mac, xid)
         return None
@@ -325,8 +357,9 @@ class DhcpServer:
             return []
         stage = await self._decide(client, packet.xid)
         if stage is None:
-            _log.info("dhcp: %s xid %#010x from %s: no boot for %s, silent", mac, packet.xid,
-                      peer[0], client.firmware)
+            self.summary.note("silent (no boot)")
+            _log.debug("dhcp: %s xid %#010x from %s: no boot for %s, silent", mac, packet.xid,
+                       peer[0], client.firmware)
             return []
         try:
             reply = pxe.proxy_reply(
@@ -334,11 +367,14 @@ class DhcpServer:
                 pxe_port=pxe_port,
             )
         except Unanswerable as exc:
-            _log.warning("dhcp: %s xid %#010x from %s: cannot answer: %s", mac, packet.xid,
-                         peer[0], exc)
+            self.summary.note("unanswerable")
+            self._limited.log(logging.WARNING, str(mac),
+                              "dhcp: %s xid %#010x from %s: cannot answer: %s", mac,
+                              packet.xid, peer[0], exc)
             return []
         out = self._reply(packet, reply, peer, pxe_port)
-        _log.info(
+        self.summary.note(f"proxy {_name(reply.message_type)}")
+        _log.debug(
             "dhcp: %s xid %#010x from %s: proxy %s (%s, arch %s) file %r to %s:%d", mac,
             packet.xid, peer[0], _name(reply.message_type), client.firmware,
             client.request.arch_code, reply.file_name, out[1][0], out[1][1],
@@ -365,13 +401,16 @@ class DhcpServer:
         if mt == MessageType.DECLINE:
             if server_id in (None, server_ip) and requested:
                 self._persist(pool.decline(mac, requested, now))
-                _log.warning("dhcp: %s xid %#010x: declined %s (address in use?), marked bad "
-                             "for %ds", mac, xid, requested, pool.decline_seconds)
+                self.summary.note("declined")
+                self._limited.log(logging.WARNING, mac,
+                                  "dhcp: %s xid %#010x: declined %s (address in use?), marked "
+                                  "bad for %ds", mac, xid, requested, pool.decline_seconds)
             return []
         if mt == MessageType.RELEASE:
             if server_id in (None, server_ip):
                 self._persist(pool.release(mac, packet.ciaddr))
-                _log.info("dhcp: %s xid %#010x: released %s", mac, xid, packet.ciaddr)
+                self.summary.note("released")
+                _log.debug("dhcp: %s xid %#010x: released %s", mac, xid, packet.ciaddr)
             return []
         if mt == MessageType.REQUEST and server_id is not None and server_id != server_ip:
             pool.not_selected(mac)  # RFC 2131 §4.3.2: the client chose another server
@@ -385,7 +424,10 @@ class DhcpServer:
         if mt == MessageType.DISCOVER:
             ip = pool.offer(mac, now, requested=requested, fixed=fixed)
             if ip is None:
-                _log.warning("dhcp: %s xid %#010x: address pool exhausted, no offer", mac, xid)
+                self.summary.note("pool exhausted")
+                self._limited.log(logging.WARNING, "pool",
+                                  "dhcp: %s xid %#010x: address pool exhausted, no offer",
+                                  mac, xid)
                 return []
             grant = AddressGrant(MessageType.OFFER, ip, pool.lease_seconds)
         elif mt == MessageType.INFORM:
@@ -408,12 +450,14 @@ class DhcpServer:
                 packet, client, grant, boot, server_ip=server_ip, settings=self._settings
             )
         except Unanswerable as exc:
-            _log.warning("dhcp: %s xid %#010x: no boot file: %s", mac, xid, exc)
+            self._limited.log(logging.WARNING, mac, "dhcp: %s xid %#010x: no boot file: %s",
+                              mac, xid, exc)
             reply = pxe.authoritative_reply(
                 packet, client, grant, None, server_ip=server_ip, settings=self._settings
             )
         out = self._reply(packet, reply, peer, False)
-        _log.info("dhcp: %s xid %#010x from %s: %s %s file %r to %s:%d", mac, xid, peer[0],
+        self.summary.note(_name(grant.message_type))
+        _log.debug("dhcp: %s xid %#010x from %s: %s %s file %r to %s:%d", mac, xid, peer[0],
                   _name(grant.message_type), grant.yiaddr, reply.file_name, out[1][0], out[1][1])
         return [out]
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol, cast
 from dnslib import DNSBuffer, DNSError, DNSHeader, DNSQuestion
 
 from netboot.errors import ConfigError, DecodeError
+from netboot.logs import RateLimitedLog
 from netboot.names import (
     DEFAULT_MAX_UDP,
     REFUSED,
@@ -39,7 +40,7 @@ from netboot.names import (
     parse_query,
 )
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, RateLimitedLog, Reply
+from netboot.servers.udp import Address, BoundaryProtocol, Reply
 
 _log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class _Upstream(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._pending: dict[int, tuple[asyncio.Future[bytes], tuple[Any, ...]]] = {}
         self.rejected = 0
+        # A spoofing attempt is a flood of wrong replies: one line per window, not per packet.
+        self._limited = RateLimitedLog(_log)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Python 3.11's selector transport does not subclass DatagramTransport: cast, no assert.
@@ -159,20 +162,23 @@ class _Upstream(asyncio.DatagramProtocol):
         # because a reply we accept is handed to a client as is.
         if (addr[0], addr[1]) != self.addr:
             self.rejected += 1
-            _log.info("dns upstream: reply from unexpected %s:%d dropped", addr[0], addr[1])
+            self._limited.log(logging.INFO, addr[0],
+                              "dns upstream: reply from unexpected %s:%d dropped", *addr[:2])
             return
         parsed = _question_of(data)
         if parsed is None:
             self.rejected += 1
-            _log.info("dns upstream %s:%d: malformed reply dropped", *self.addr)
+            self._limited.log(logging.INFO, "malformed",
+                              "dns upstream %s:%d: malformed reply dropped", *self.addr)
             return
         qid, _tc, _rcode, *question = parsed
         entry = self._pending.get(qid)
         if entry is None or tuple(question) != entry[1]:
             # Late (after a timeout), or a spoofing attempt: either way not an answer.
             self.rejected += 1
-            _log.info("dns upstream %s:%d: reply id %d does not match a query in flight",
-                      self.addr[0], self.addr[1], qid)
+            self._limited.log(logging.INFO, "mismatch",
+                              "dns upstream %s:%d: reply id %d does not match a query in flight",
+                              self.addr[0], self.addr[1], qid)
             return
         if not entry[0].done():
             entry[0].set_result(data)

@@ -8,11 +8,19 @@ resumes with Range, protocols.md §4), ETag/Last-Modified and sendfile.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Any, Protocol
+import re
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import IO, Any, Protocol
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
+from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
+from aiohttp.web_fileresponse import NOSENDFILE
 
 from netboot.errors import (
     AuthError,
@@ -25,12 +33,17 @@ from netboot.errors import (
     TransitionRefused,
     ValidationError,
 )
+from netboot.logs import RateLimitedLog, escape
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
 
 # Typed keys for what the wiring puts on the application (aiohttp's AppKey).
 LOG_KEY = web.AppKey("log", logging.Logger)
 MAX_BODY_KEY = web.AppKey("max_body", int)
 MAX_EVENT_KEY = web.AppKey("max_event", int)
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
+
+# What the Server header says: no Python or aiohttp version for a scanner to match against.
+SERVER_NAME = "netboot"
 
 _BUILDARCH = {"i386": Arch.X86, "x86_64": Arch.X86_64, "arm32": Arch.ARM32,
               "arm64": Arch.ARM64, "riscv64": Arch.RISCV64}
@@ -85,30 +98,63 @@ def bearer_token(request: web.BaseRequest) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def loggable_target(request: web.Request) -> str:
-    """The request target without the install token (in the query or the NoCloud path).
+# /nocloud/{mac}/{token}/{name}: the one route with the install token in the path.
+_NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/[^/]+)$")
+
+
+def loggable_target(request: web.BaseRequest) -> str:
+    """The request target without the install token (in the query or the NoCloud path),
+    with control characters escaped.
 
     The install token opens a machine's config, which carries the cluster join secret, so it
-    must not end up in log files.
+    must not end up in log files. Works from the path alone, not from the matched route: a
+    request that never reached routing (a malformed request line) has no route to ask.
     """
-    path = request.path
-    token = request.match_info.get("token")
-    if token:
-        path = path.replace(f"/{token}/", "/<token>/")
+    path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", request.path)
     query = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
              for key, value in request.query.items()]
-    return path + ("?" + "&".join(query) if query else "")
+    return escape(path + ("?" + "&".join(query) if query else ""), limit=1024)
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: peer, method, target without the install token, status, bytes,
-    seconds. What a device fetched, and how long its kernel took, is the first thing a failed
-    or slow boot needs."""
+    """One line per request: peer, method, target without the install token, status, bytes
+    sent, seconds, user agent. What a device fetched, and how long its kernel took, is the
+    first thing a failed or slow boot needs. Everything the client chose is escaped, so a
+    ``%0a`` in a URL cannot forge a second line."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        target = loggable_target(request) if isinstance(request, web.Request) else request.path
-        self.logger.info("%s %s %s %d %s %.3f", request.remote, request.method, target,
-                         response.status, response.body_length, time)
+        sent = response.body_length
+        if isinstance(response, CountingFileResponse):
+            sent += response.sendfile_bytes
+        self.logger.info("%s %s %s %d %d %.3f \"%s\"", request.remote, escape(request.method),
+                         loggable_target(request), response.status, sent, time,
+                         escape(request.headers.get("User-Agent"), limit=256))
+
+
+class CountingFileResponse(web.FileResponse):
+    """FileResponse that remembers how many bytes sendfile() moved.
+
+    aiohttp counts only what passes through its writer, so with sendfile the access log said
+    258 bytes for an 8 MB kernel. ``loop.sendfile`` returns the count; the fallback path
+    (no sendfile, compression) goes through the writer and is counted there already.
+    """
+
+    sendfile_bytes = 0
+
+    async def _sendfile(
+        self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        if NOSENDFILE or self.compression or request.transport is None:
+            return await super()._sendfile(request, fobj, offset, count)
+        writer = await web.StreamResponse.prepare(self, request)
+        assert writer is not None
+        loop = asyncio.get_running_loop()
+        try:
+            self.sendfile_bytes = await loop.sendfile(request.transport, fobj, offset, count)
+        except NotImplementedError:
+            return await self._sendfile_fallback(writer, fobj, offset, count)
+        await web.StreamResponse.write_eof(self)
+        return writer
 
 
 def error_response(exc: Exception, log: logging.Logger, request: web.Request) -> web.Response:
@@ -196,7 +242,7 @@ class DeviceRoutes:
         if blob.data is not None:
             return web.Response(body=blob.data, content_type=blob.content_type.split(";")[0])
         assert blob.path is not None
-        resp = web.FileResponse(blob.path)
+        resp = CountingFileResponse(blob.path)
         resp.content_type = blob.content_type.split(";")[0]
         return resp
 
@@ -222,3 +268,243 @@ class DeviceRoutes:
             await self._content.config_fetched(plan, "cloud-init user-data")
         return web.Response(text=text, content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
+
+
+# --- connection limits ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Bounds on connections, with nginx's defaults as the bar (seconds, counts).
+
+    nginx: client_header_timeout 60s, client_body_timeout 60s, keepalive_timeout 75s,
+    send_timeout 60s, worker_connections 512-1024. aiohttp alone keeps an idle connection for
+    an hour and accepts until the process runs out of file descriptors.
+    """
+
+    max_connections: int = 1024
+    max_connections_per_source: int = 128
+    header_timeout: float = 60.0  # connect → complete request head
+    body_timeout: float = 60.0  # request head → complete body
+    keepalive_timeout: float = 75.0  # idle between requests on one connection
+    send_timeout: float = 60.0  # sent data unacknowledged by the client (TCP_USER_TIMEOUT)
+
+
+# Written to a connection over the cap before it is closed: a client sees why, and no request
+# is read from it.
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME.encode()
+         + b"\r\nContent-Length: 0\r\nRetry-After: 5\r\nConnection: close\r\n\r\n")
+
+
+class ConnectionGuard:
+    """Counts open connections overall and per source address and keeps both under their caps.
+
+    At the overall cap the connection idle longest (connected or kept alive, but with no
+    request being handled) is closed to make room, as nginx reuses keep-alive connections
+    when worker_connections run out: a flood of idle connections then churns through the
+    cap while real requests are served. Past the per-source cap, or when every connection is
+    busy, the new connection gets a 503 and is closed at once, so its descriptor comes back
+    right away and a flood costs a counter bump per attempt, not a handler task. Refusals are
+    logged once per window (rate-limited), never once per connection.
+    """
+
+    def __init__(self, limits: HttpLimits, logger: logging.Logger) -> None:
+        self.limits = limits
+        self.log = logger
+        self.limited = RateLimitedLog(logger, burst=1)
+        self.refused = 0
+        self.evicted = 0
+        self.timed_out = 0
+        self._per_source: Counter[str] = Counter()
+        self._open: dict[GuardedHandler, str] = {}  # in the order they were admitted
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    def admit(self, handler: GuardedHandler, source: str) -> bool:
+        lim = self.limits
+        if self._per_source[source] >= lim.max_connections_per_source:
+            self.refused += 1
+            self.limited.log(logging.WARNING, source,
+                             "http: %s has %d connections open "
+                             "(http.max_connections_per_source), refusing new ones",
+                             source, self._per_source[source])
+            return False
+        if len(self._open) >= lim.max_connections:
+            idle = next((h for h in self._open if h.idle), None)
+            if idle is None:
+                self.refused += 1
+                self.limited.log(logging.WARNING, "http-busy",
+                                 "http: %d connections open and busy (http.max_connections), "
+                                 "refusing new ones (%d refused so far)", len(self._open),
+                                 self.refused)
+                return False
+            self.evicted += 1
+            self.limited.log(logging.WARNING, "http-full",
+                             "http: %d connections open (http.max_connections), closing the "
+                             "longest idle to make room (%d so far)", len(self._open),
+                             self.evicted)
+            self.release(idle)
+            idle.force_close()
+        self._open[handler] = source
+        self._per_source[source] += 1
+        return True
+
+    def release(self, handler: GuardedHandler) -> None:
+        source = self._open.pop(handler, None)
+        if source is None:
+            return
+        self._per_source[source] -= 1
+        if self._per_source[source] <= 0:
+            del self._per_source[source]
+
+
+class GuardedHandler(web.RequestHandler):
+    """aiohttp's connection handler with netboot's bounds: the connection cap, a deadline for
+    the first request head, a kernel send timeout, and one quiet line for a malformed request
+    instead of aiohttp's ERROR traceback per request."""
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard,
+                 loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        super().__init__(manager, loop=loop, keepalive_timeout=guard.limits.keepalive_timeout,
+                         **kwargs)
+        self._guard = guard
+        self._source: str | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if peer else "-"
+        if not self._guard.admit(self, source):
+            # aiohttp never sees this connection: no handler task, no parser state.
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self._source = source
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            # The kernel drops the connection when sent data stays unacknowledged this long,
+            # including a client that stopped reading (zero window): nginx's send_timeout,
+            # without a timer per write.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                int(self._guard.limits.send_timeout * 1000))
+        super().connection_made(transport)
+        self._head_timer = self._loop.call_later(self._guard.limits.header_timeout,
+                                                 self._head_deadline)
+
+    def _head_deadline(self) -> None:
+        self._head_timer = None
+        # aiohttp counts parsed request heads; none yet means a slow or silent client
+        # (slowloris). Later requests are bounded by keepalive_timeout, which aiohttp
+        # re-arms after each response.
+        if getattr(self, "_request_count", 1) == 0 and self.transport is not None:
+            self._guard.timed_out += 1
+            self._guard.limited.log(logging.INFO, self._source or "-",
+                                    "http: %s sent no complete request in %.0f s "
+                                    "(http.header_timeout), closed", self._source,
+                                    self._guard.limits.header_timeout)
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._source is None:
+            return  # refused in connection_made: nothing of aiohttp's to tear down
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._guard.release(self)
+        self._source = None
+        super().connection_lost(exc)
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a request (a fresh or kept-alive connection), none being handled."""
+        waiter = getattr(self, "_waiter", None)
+        return waiter is not None and not waiter.done()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            resp = super().handle_error(request, status, exc, message)  # a bug: traceback
+            resp.headers["Server"] = SERVER_NAME
+            return resp
+        # A malformed request is the peer's doing: one info line, rate-limited per peer.
+        self._guard.limited.log(logging.INFO, request.remote or "-",
+                                "http: bad request from %s: %s", request.remote,
+                                escape(str(getattr(exc, "message", None) or exc or message)))
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started, cannot send an error")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        resp = web.Response(status=status, text=f"{status} {phrase}\n",
+                            headers={"Server": SERVER_NAME})
+        resp.force_close()
+        return resp
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP site whose connections are :class:`GuardedHandler`\\ s (aiohttp's TCPSite would
+    create plain handlers)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard,
+                 handler_args: dict[str, Any], backlog: int = 511) -> None:
+        # backlog 511: nginx's default listen backlog.
+        super().__init__(runner, backlog=backlog)
+        self._host, self._port = host, port
+        self._guard = guard
+        self._handler_args = handler_args
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        server = self._server
+        sockets = getattr(server, "sockets", None) if server is not None else None
+        return int(sockets[0].getsockname()[1]) if sockets else self._port
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        manager = self._runner.server
+        assert manager is not None
+        self._server = await loop.create_server(
+            lambda: GuardedHandler(manager, guard=self._guard, loop=loop, **self._handler_args),
+            self._host, self._port, reuse_address=True, backlog=self._backlog)
+
+
+@web.middleware
+async def body_timeout_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Read the request body within ``http.body_timeout`` (nginx client_body_timeout): a
+    client that announces a body and trickles it must not hold the connection forever. The
+    body is cached, so handlers' ``request.json()`` reads it from memory."""
+    if request.body_exists:
+        try:
+            await asyncio.wait_for(request.read(), request.app[BODY_TIMEOUT_KEY])
+        except TimeoutError:
+            request.app[LOG_KEY].info("http: body from %s not complete in %.0f s "
+                                      "(http.body_timeout), closed", request.remote,
+                                      request.app[BODY_TIMEOUT_KEY])
+            timed_out = web.json_response({"error": "request body timed out"}, status=408)
+            timed_out.force_close()
+            return timed_out
+    resp: web.StreamResponse = await handler(request)
+    return resp
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_NAME
+
+
+def install(app: web.Application, *, body_timeout: float) -> None:
+    """What every netboot HTTP application gets: the Server header and the body timeout (the
+    middleware itself is listed by the wiring, inside the error middleware)."""
+    app[BODY_TIMEOUT_KEY] = body_timeout
+    app.on_response_prepare.append(_server_header)

@@ -10,15 +10,24 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   transfer goes on (dnsmasq: "TID mismatch").
 * Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
   first reply was lost, so the first reply is resent instead of starting a second transfer.
-* Concurrent transfers are bounded overall and per client address. Past the bound an RRQ is
-  dropped without a reply, so the client retries it later (every boot ROM retransmits its
-  RRQ) instead of aborting the boot on an ERROR.
+* Concurrent transfers are bounded overall and per client address. Past the overall bound
+  an RRQ is dropped without a reply, so the client retries it later (every boot ROM
+  retransmits its RRQ) instead of aborting the boot on an ERROR. Past the per-address bound
+  (``tftp.max_per_client``) the RRQ is answered with ERROR 0 "busy": that address already
+  holds that many transfers, so it is a relay or NAT with many devices behind it or a flood,
+  and a device behind it must see why it failed rather than time out silently. Both are
+  logged, rate-limited.
+* A transfer whose first OACK/DATA is never answered ends after ``Policy.first_retries``
+  retransmissions (about 3 s) instead of the full backoff (~45 s), so spoofed or abandoned
+  RRQs cannot hold every slot.
 * Files on disk are read with ``os.pread`` on a descriptor held for the transfer, one read
   per window, so big images come from the page cache without being read whole; in-memory
   blobs are sliced through a memoryview.
 * ``netascii`` is accepted and served as ``octet``, like pixiecore and tftpy: boot files are
   binary, converting line ends would make ``tsize`` wrong, and a netascii client turns our
   plain ``\\n`` into its local line end itself.
+* Log lines quote the client's file name with ``%r``, whose escapes keep a control
+  character in a name from forging or garbling a line.
 * Paths: ``\\`` counts as ``/`` and a leading ``/`` is dropped (dnsmasq does both); ``..``
   and NUL are refused with ERROR 2 before the content layer is asked.
 """
@@ -37,11 +46,12 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound
+from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
+from netboot.logs import RateLimitedLog
 from netboot.model import Blob
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, RateLimitedLog, Reply
+from netboot.servers.udp import Address, BoundaryProtocol, Reply
 from netboot.wire.tftp import (
     Ack,
     Error,
@@ -236,8 +246,10 @@ class _Transfer(asyncio.DatagramProtocol):
             log.debug("tftp %s:%d %r: size probe ended (%s)", *self.peer, self.path, step.reason)
         else:
             stats.failed += 1
-            log.info(
-                "tftp %s:%d %r: transfer ended at block %d of %d: %s",
+            # Rate-limited per address: a flood of RRQs that are never answered would
+            # otherwise write one line per spoofed request.
+            self._server.limited.log(
+                logging.INFO, self.peer[0], "tftp %s:%d %r: transfer ended at block %d of %d: %s",
                 *self.peer, self.path, s.acked, s.blocks, step.reason,
             )
         self.close()
@@ -271,7 +283,7 @@ class TftpServer:
         host: str = "0.0.0.0",
         port: int = 69,
         max_transfers: int = 64,
-        max_per_client: int = 8,
+        max_per_client: int = 64,
         mtu: int = 1500,
         interfaces: list[str] | None = None,
         retransmit: float = 1.0,
@@ -422,15 +434,23 @@ class TftpServer:
             return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
         if self._closing:
             return None
-        if self.transfers >= self.max_transfers or (
-            self._per_client[peer[0]] >= self.max_per_client
-        ):
+        if self._per_client[peer[0]] >= self.max_per_client:
+            self.stats.busy += 1
+            self.limited.log(
+                logging.WARNING, peer[0],
+                "tftp %s:%d %r: %s already has %d transfers running (tftp.max_per_client), "
+                "answered ERROR busy", *peer, path, peer[0], self.max_per_client,
+            )
+            return [(error_packet(ErrorCode.NOT_DEFINED,
+                                  "server busy: too many transfers from your address"), peer)]
+        if self.transfers >= self.max_transfers:
             # No reply: the client retransmits its RRQ and gets a slot later; an ERROR
             # would abort the boot of a machine that merely came up with a thousand others.
             self.stats.busy += 1
             self.limited.log(
-                logging.WARNING, "busy", "tftp %s:%d %r: %d transfers running, request dropped",
-                *peer, path, self.transfers,
+                logging.WARNING, "busy",
+                "tftp %s:%d %r: %d transfers running (tftp.max_transfers), request dropped "
+                "for the client to retry", *peer, path, self.transfers,
             )
             return None
         self._opening.add(peer)
@@ -447,8 +467,11 @@ class TftpServer:
             except NotFound as exc:
                 self.stats.not_found += 1
                 # U-Boot's pxelinux.cfg lookup misses up to 14 files in a row (§3.3).
-                level = logging.DEBUG if path.startswith("pxelinux.cfg/") else logging.INFO
-                log.log(level, "tftp %s:%d %r: not found: %s", *peer, path, exc)
+                if path.startswith("pxelinux.cfg/"):
+                    log.debug("tftp %s:%d %r: not found: %s", *peer, path, exc)
+                else:
+                    self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: not found: %s",
+                                     *peer, path, exc)
                 return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
             except Forbidden as exc:
                 self.stats.refused += 1
@@ -456,12 +479,38 @@ class TftpServer:
                     logging.INFO, peer[0], "tftp %s:%d %r: refused: %s", *peer, path, exc
                 )
                 return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
+            except StoreError as exc:  # a per-machine file needs the inventory
+                self.stats.failed += 1
+                self.limited.log(logging.WARNING, "store",
+                                 "tftp %s:%d %r: inventory unavailable: %s", *peer,
+                                 path, exc)
+                return [(error_packet(ErrorCode.NOT_DEFINED, "inventory unavailable"), peer)]
+            except OSError as exc:  # the disk, not a bug: no traceback
+                self.stats.failed += 1
+                self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot read: %s",
+                                 *peer, path, exc)
+                return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
             except Exception:
                 log.exception("tftp %s:%d %r: content lookup failed", *peer, path)
                 return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
             if self._closing:
                 return []
-            transfer = await self._start_transfer(iface, request, path, peer, blob)
+            try:
+                transfer = await self._start_transfer(iface, request, path, peer, blob)
+            except PermissionError as exc:
+                self.stats.refused += 1
+                self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: refused: %s",
+                                 *peer, path, exc)
+                return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
+            except OSError as exc:
+                # A file removed since the lookup, a name too long, no descriptors left:
+                # the client is told, the log says why, and nothing else is disturbed.
+                self.stats.failed += 1
+                self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot start: %s",
+                                 *peer, path, exc)
+                if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):
+                    return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
+                return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
             if transfer is None:
                 return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
             registered = True
@@ -499,18 +548,23 @@ class TftpServer:
             _, proto = await loop.create_datagram_endpoint(
                 lambda: _Transfer(self, peer, path, sender, fd), sock=sock
             )
-        except Exception:
-            log.exception("tftp %s:%d %r: cannot start the transfer", *peer, path)
+        except BaseException as exc:
             if sock is not None:
                 sock.close()
             if fd is not None:
                 os.close(fd)
+            if isinstance(exc, OSError):
+                raise  # the caller answers the client and logs it without a traceback
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("tftp %s:%d %r: cannot start the transfer", *peer, path)
             return None
         assert isinstance(proto, _Transfer)
         self._transfers[peer] = proto
         self.stats.started += 1
         n = sender.negotiated
-        log.info(
+        # DEBUG: the INFO line is the outcome (sent, failed), one per transfer, not two.
+        log.debug(
             "tftp %s:%d %r: sending %d bytes (blksize %d, windowsize %d%s%s)",
             *peer, path, size, n.blksize, n.windowsize,
             ", OACK" if n.oack else "", ", netascii as octet"

@@ -12,54 +12,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from netboot.errors import DecodeError, NetbootError
+from netboot.logs import RateLimitedLog
 
 Address = tuple[str, int]
 Reply = tuple[bytes, Address]
 Handler = Callable[[bytes, Address], Iterable[Reply] | Awaitable[Iterable[Reply]] | None]
-
-
-class RateLimitedLog:
-    """Logs at most ``burst`` lines per peer every ``window`` seconds, then counts silently.
-
-    The table of peers is bounded (LRU) so a flood from spoofed addresses cannot grow memory.
-    """
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        *,
-        burst: int = 5,
-        window: float = 60.0,
-        max_peers: int = 1024,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._logger = logger
-        self._burst = burst
-        self._window = window
-        self._max_peers = max_peers
-        self._clock = clock
-        self._peers: OrderedDict[str, tuple[float, int]] = OrderedDict()
-
-    def log(self, level: int, peer: str, msg: str, *args: Any) -> None:
-        now = self._clock()
-        start, count = self._peers.get(peer, (now, 0))
-        if now - start > self._window:
-            if count > self._burst:
-                self._logger.log(level, "%s: %d more lines suppressed", peer, count - self._burst)
-            start, count = now, 0
-        count += 1
-        self._peers[peer] = (start, count)
-        self._peers.move_to_end(peer)
-        while len(self._peers) > self._max_peers:
-            self._peers.popitem(last=False)
-        if count <= self._burst:
-            self._logger.log(level, msg, *args)
 
 
 class BoundaryProtocol(asyncio.DatagramProtocol):

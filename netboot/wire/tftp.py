@@ -25,6 +25,9 @@ Quirks handled here, with where they come from (``protocols.md`` §3.7, §6):
   only the retransmission timer resends.
 * An ERROR from the client right after the OACK (or DATA 1) is the usual size/existence probe
   of PXE ROMs and EDK2, not a failure.
+* Until the client acknowledges anything, the first OACK/DATA is resent only
+  ``Policy.first_retries`` times without backoff (~3 s): a client that never answered is gone
+  or spoofed, and the full backoff would let a few RRQs a second hold every slot.
 """
 
 from __future__ import annotations
@@ -313,6 +316,11 @@ class Policy:
     backoff: float = 2.0  # each further retransmission waits this much longer ...
     max_interval: float = 10.0  # ... up to this
     max_retries: int = 6  # retransmissions without progress before giving up
+    # Before the client answered anything (OACK or DATA 1 unacknowledged): this many
+    # retransmissions at the base interval, no backoff, about 3 s in all. A client that asked
+    # and then never answered is gone or was never there (a spoofed RRQ); the full backoff
+    # would hold its slot for ~45 s, and a few RRQs per second would hold every slot.
+    first_retries: int = 2
     stall: float = 120.0  # no progress for this long: give up (dnsmasq TFTP_TRANSFER_TIME)
 
     def __post_init__(self) -> None:
@@ -320,8 +328,10 @@ class Policy:
             raise ValueError(f"mtu {self.mtu} is too small for TFTP")
         if self.max_windowsize < 1:
             raise ValueError("max_windowsize must be at least 1")
-        if self.retransmit <= 0 or self.backoff < 1 or self.max_retries < 0:
-            raise ValueError("retransmit must be > 0, backoff >= 1, max_retries >= 0")
+        if (self.retransmit <= 0 or self.backoff < 1 or self.max_retries < 0
+                or self.first_retries < 0):
+            raise ValueError("retransmit must be > 0, backoff >= 1, max_retries and "
+                             "first_retries >= 0")
 
     @property
     def max_blksize(self) -> int:
@@ -466,6 +476,7 @@ class Sender:
         )
         self._deadline: float | None = None
         self._progress = 0.0
+        self.answered = False  # the client acknowledged something: the transfer has begun
 
     # -- events --------------------------------------------------------------------------
 
@@ -511,10 +522,13 @@ class Sender:
             return self._over()
         if self._deadline is not None and now < self._deadline:
             return self._wait()  # a stale timer
-        if self.retries >= self._policy.max_retries or now - self._progress >= self._policy.stall:
+        p = self._policy
+        retries = p.max_retries if self.answered else p.first_retries
+        if self.retries >= retries or now - self._progress >= p.stall:
+            what = f"block {self.acked + 1}" if self.answered else "the client never answered"
             return self._finish(
                 Outcome.TIMED_OUT,
-                f"no ACK after {self.retries} retransmissions (block {self.acked + 1})",
+                f"no ACK after {self.retries} retransmissions ({what})",
                 error_packet(ErrorCode.NOT_DEFINED, "timed out"),
             )
         self.retries += 1
@@ -541,6 +555,7 @@ class Sender:
     def _advance(self, now: float) -> None:
         self.retries = 0
         self._progress = now
+        self.answered = True
 
     def _resend(self, now: float) -> Step:
         if self.phase is Phase.OACK:
@@ -571,7 +586,8 @@ class Sender:
 
     def _arm(self, now: float, packets: tuple[bytes, ...]) -> Step:
         p = self._policy
-        interval = min(self._base * p.backoff**self.retries, max(p.max_interval, self._base))
+        backoff = p.backoff**self.retries if self.answered else 1.0
+        interval = min(self._base * backoff, max(p.max_interval, self._base))
         self._deadline = now + interval
         return Step(packets, self._deadline)
 

@@ -265,3 +265,59 @@ async def test_reads_do_not_queue_behind_a_write(tmp_path: Path) -> None:
         assert await store.get_setting("k") == "v"
     finally:
         await store.close()
+
+
+async def test_missing_directory_is_named_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(StoreError) as err:
+        await SqliteStore(tmp_path / "no" / "such" / "dir.db").open()
+    assert f"the directory {tmp_path / 'no' / 'such'} does not exist" in str(err.value)
+    assert "server.data_dir" in str(err.value)
+
+
+async def test_database_file_is_not_memory_mapped(tmp_path: Path) -> None:
+    """A truncated or unreadable file must be an I/O error (a StoreError, a 503), not a
+    SIGBUS that kills DHCP, TFTP, DNS and HTTP with it."""
+    store = SqliteStore(tmp_path / "inv.db")
+    await store.open()
+    try:
+        def mmap_size(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("PRAGMA mmap_size").fetchone()[0])
+
+        assert await store._run(mmap_size) == 0
+        assert await store._read(mmap_size) == 0
+    finally:
+        await store.close()
+
+
+SHM_CHILD = """
+import asyncio, os, sys
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import MacAddress, Machine
+
+async def main(path):
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.create_machine(Machine(mac=MacAddress(bytes(6)), hostname="a"))
+        for i in range(3):
+            os.truncate(path + "-shm", 0)  # another program, or a disk cleaner
+            assert await store.get_machine("00:00:00:00:00:00") is not None
+            await store.create_machine(
+                Machine(mac=MacAddress(bytes([2, 0, 0, 0, 1, i])), hostname=f"b{i}"))
+        print("machines", len(await store.list_machines()))
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_truncated_shm_is_restored_not_a_sigbus(tmp_path: Path) -> None:
+    """Touching a mapped -shm page past the file's end is a SIGBUS that kills every server
+    in the process. The store restores the file's size before SQLite touches it (run in a
+    child process, so that a regression kills the child, not the test run)."""
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", SHM_CHILD,
+                          str(tmp_path / "inv.db")], capture_output=True, text=True,
+                         timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "machines 4" in out.stdout, out.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 
@@ -147,3 +148,28 @@ async def test_no_address_to_advertise_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as err:
         await s.start()
     assert err.value.key == "server.advertise"
+
+
+async def test_per_packet_lines_are_debug_and_info_is_a_summary(
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """200 DISCOVERs: no INFO line per packet; one summary line counts them at close."""
+    caplog.set_level(logging.INFO, logger="netboot.servers.dhcp")
+    s = DhcpServer(
+        DhcpSettings(), TableDecider(), MemoryLeaseStore(), interfaces=None, advertise=None,
+        host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK, client_port=client.port,
+        summary_seconds=3600,
+    )
+    await s.start()
+    try:
+        dhcp_port, _ = s.ports
+        for _ in range(200):
+            await client.send(payload("uefi-edk2pxe", 8), dhcp_port)
+            await client.receive()
+        assert s.summary.counts["proxy OFFER"] == 200
+    finally:
+        await s.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.servers.dhcp"]
+    assert not [line for line in lines if "proxy OFFER (" in line], lines[:3]
+    summaries = [line for line in lines if "last" in line]
+    assert len(summaries) == 1 and "200 proxy OFFER" in summaries[0], lines
+    assert len(lines) < 10, lines

@@ -6,15 +6,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
+from netboot.config import load
+from netboot.service import Service, build
 from tests.conftest import (
     BASE,
     INITRD,
@@ -25,6 +32,7 @@ from tests.conftest import (
     call,
     install_token,
     raw_get,
+    write_config,
 )
 
 MAC = "52:54:00:12:34:56"
@@ -551,3 +559,165 @@ async def test_head_does_not_run_endpoints_with_effects(env: Env) -> None:
         resp = await env.client.head(path)
         assert resp.status == 405, path
     assert await env.service.store.get_machine("52:54:00:00:00:11") is None
+
+
+# --- the wired server: access log, limits, Server header (real sockets) --------------------
+
+
+@contextlib.asynccontextmanager
+async def wired(tmp_path: Path, http_extra: str = "") -> AsyncIterator[Service]:
+    """The service as ``netboot serve`` runs it, with extra ``http:`` settings."""
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("http:\n  port: 0\n",
+                                             "http:\n  port: 0\n" + http_extra))
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.close()
+
+
+async def raw_exchange(port: int, data: bytes, *, source: str = "127.0.0.1") -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_malformed_requests_get_400_one_quiet_line_and_no_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with wired(tmp_path) as service:
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nUser-Agent: a\x1bb\r\n\r\n", b"\x16\x03\x01\x00\xa5"):
+            reply = await raw_exchange(service.http_port, raw)
+            assert re.match(rb"HTTP/1\.[01] 400 ", reply), reply
+            assert b"\r\nServer: netboot\r\n" in reply, reply
+    assert tracebacks(caplog) == []
+    access = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
+    assert len(access) == 4 and all(" 400 " in line for line in access), access
+
+
+async def test_access_log_escapes_what_the_client_chose(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    forged = "/x%0a127.0.0.1%20GET%20/healthz%20200%203%200.001%20%1b[31m%e2%80%a8"
+    async with wired(tmp_path) as service:
+        reply = await raw_exchange(
+            service.http_port,
+            f"GET {forged} HTTP/1.1\r\nHost: a\r\nUser-Agent: iPXE/1.21\tx\r\n"
+            "Connection: close\r\n\r\n".encode())
+        assert reply.startswith(b"HTTP/1.1 404 "), reply
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
+    assert "\n" not in line and "\x1b" not in line and "\u2028" not in line, repr(line)
+    assert "/x\\n127.0.0.1 GET /healthz" in line and "\\x1b[31m" in line, line
+    assert line.endswith('"iPXE/1.21\\tx"'), line
+
+
+async def test_access_log_counts_the_bytes_sendfile_sent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    big = os.urandom(1 << 20) * 8  # 8 MiB
+    (tmp_path / "assets" / "big.img").parent.mkdir(parents=True, exist_ok=True)
+    async with wired(tmp_path) as service:
+        (tmp_path / "assets" / "big.img").write_bytes(big)
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{service.http_port}/assets/big.img") as resp:
+            assert resp.status == 200
+            assert resp.headers["Server"] == "netboot"
+            assert await resp.read() == big
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
+    sent = int(line.split()[4])
+    assert len(big) <= sent < len(big) + 1024, line
+
+
+async def test_idle_connection_flood_is_bounded_and_real_requests_still_succeed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """2,000 idle connections from 8 addresses against a cap of 256 (64 per source): the
+    excess is refused at once, descriptors stay bounded, a real client is served meanwhile,
+    and the log holds a bounded number of lines and no traceback."""
+    caplog.set_level(logging.INFO)
+    flood: list[asyncio.StreamWriter] = []
+    async with wired(tmp_path, "  max_connections: 256\n  max_connections_per_source: 64\n"
+                     ) as service:
+        port, guard = service.http_port, service.http_guard
+        assert guard is not None
+        fds_before = len(os.listdir("/proc/self/fd"))
+        refused = 0
+        for i in range(2000):
+            source = f"127.0.1.{i % 8 + 1}"
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                           local_addr=(source, 0))
+            flood.append(writer)
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # let the server accept what is queued
+        # Wait (bounded) until the server has seen every connection: each is either open
+        # or refused.
+        for _ in range(500):
+            if guard.open + guard.refused + guard.evicted >= 2000:
+                break
+            await asyncio.sleep(0.01)
+        assert guard.open <= 256, guard.open
+        assert guard.refused + guard.evicted >= 2000 - 256, (guard.refused, guard.evicted)
+        refused = guard.refused + guard.evicted
+        # The server side holds at most the cap; the client side holds the 2,000 we opened.
+        assert len(os.listdir("/proc/self/fd")) - fds_before <= 2000 + 256 + 16
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200  # from 127.0.0.1, which is not flooding
+        for writer in flood:
+            writer.close()
+        flood.clear()
+        for _ in range(500):
+            if guard.open == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert guard.open == 0
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200
+    assert refused >= 1744
+    assert tracebacks(caplog) == []
+    http_lines = [r for r in caplog.records if r.name == "netboot.http"]
+    assert len(http_lines) <= 20, [r.getMessage() for r in http_lines]
+
+
+async def test_silent_and_slow_clients_are_closed(tmp_path: Path) -> None:
+    async with wired(tmp_path, "  header_timeout: 1\n  body_timeout: 1\n") as service:
+        port = service.http_port
+        # Connected, sent nothing: closed without a reply after header_timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+        # Half a request head (slowloris): closed too.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+        # A body announced and never completed: 408.
+        reply = await raw_exchange(
+            port, b"POST /api/v1/register HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n"
+                  b"Content-Type: application/json\r\n\r\n{\"mac\":")
+        assert reply.startswith(b"HTTP/1.1 408 "), reply
+        assert service.http_guard is not None and service.http_guard.timed_out == 2
+
+
+async def test_server_header_names_no_versions(env: Env) -> None:
+    for path in ("/healthz", "/assets/vmlinuz", "/nothing-here"):
+        resp = await env.client.get(path)
+        assert resp.headers["Server"] == "netboot", path
+
+
+async def test_asset_name_too_long_for_the_os_is_404_not_500(env: Env) -> None:
+    for name in ("a" * 300, "sub/" + "b" * 5000):
+        resp = await env.client.get(f"/assets/{name}")
+        assert resp.status == 404, (resp.status, await resp.text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from netboot.errors import ConfigError
 from netboot.servers.tftp import TftpServer
-from netboot.wire.tftp import Ack, Data, Error, ErrorCode, OptionAck, WriteRequest
+from netboot.wire.tftp import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest
 from tests.servers.tftp_client import LOOPBACK, DirFiles, RawClient, fetch, until
 
 SMALL = bytes(range(256)) * 20 + b"tail"  # 5124 bytes: 11 blocks at 512
@@ -358,13 +359,16 @@ async def test_retransmits_with_backoff_then_gives_up(files: DirFiles, client: R
     server = await started(files, retransmit=0.02, max_retries=3)
     try:
         client.rrq(addr(server), "small.bin")
+        pkt, tid = await client.recv()
+        assert pkt == Data(1, SMALL[:512])
+        client.send(Ack(1), tid)  # the client answers once, then goes silent
         seen = []
         for _ in range(10):
             pkt, _ = await client.recv()
             seen.append(pkt)
             if isinstance(pkt, Error):
                 break
-        assert seen[:4] == [Data(1, SMALL[:512])] * 4  # first send + 3 retransmissions
+        assert seen[:4] == [Data(2, SMALL[512:1024])] * 4  # first send + 3 retransmissions
         assert seen[4] == Error(ErrorCode.NOT_DEFINED, "timed out")
         await until(lambda: server.transfers == 0)
         assert server.stats.failed == 1
@@ -518,8 +522,11 @@ async def test_per_client_bound(files: DirFiles) -> None:
         a.rrq(addr(server), "small.bin")
         assert isinstance((await a.recv())[0], Data)
         b.rrq(addr(server), "small.bin")  # same address 127.0.0.1, another port
-        await until(lambda: server.stats.busy == 1)
-        assert server.transfers == 1
+        # Answered, not dropped: a device behind a busy relay or NAT sees why it failed.
+        pkt, _ = await b.recv()
+        assert pkt == Error(ErrorCode.NOT_DEFINED,
+                            "server busy: too many transfers from your address")
+        assert server.stats.busy == 1 and server.transfers == 1
     finally:
         a.close()
         b.close()
@@ -574,3 +581,57 @@ def test_privilege_error_names_the_flag() -> None:
 def test_constructor_binds_nothing(files: DirFiles) -> None:
     server = TftpServer(files, host=LOOPBACK, port=0)
     assert server.port == 0 and server.transfers == 0
+
+
+async def test_a_flood_of_unanswered_requests_cannot_hold_the_slots(
+        files: DirFiles, caplog: pytest.LogCaptureFixture) -> None:
+    """400 RRQs from 8 loopback addresses that never ACK fill every slot; they are given up
+    after first_retries, and a real client that retransmits its RRQ (as boot ROMs do) gets
+    its file. Log lines stay bounded and no traceback appears."""
+    caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
+    server = await started(files, max_transfers=64, max_per_client=32, retransmit=0.5)
+    # One socket per request: every RRQ is a new client TID (a retransmission would reuse it).
+    spoofers = [RawClient(f"127.0.0.{n % 8 + 2}") for n in range(400)]
+    real = RawClient()
+    try:
+        for n, spoofer in enumerate(spoofers):
+            spoofer.send(ReadRequest("small.bin", "octet", ()), addr(server))
+            if n % 10 == 9:
+                await asyncio.sleep(0.01)  # pace the burst below the socket's buffer
+        # Every slot is held by a client that will never answer.
+        await until(lambda: server.transfers == 64 and server.stats.busy > 0, timeout=30)
+        got: bytes | None = None
+        for _ in range(40):  # a boot ROM's RRQ retransmissions, bounded
+            real.rrq(addr(server), "small.bin")
+            try:
+                pkt, tid = await real.recv(timeout=1.0)
+            except TimeoutError:
+                continue
+            assert isinstance(pkt, Data), pkt
+            data = pkt.data
+            while len(pkt.data) == 512:
+                real.send(Ack(pkt.block), tid)
+                pkt, _ = await real.recv()
+                assert isinstance(pkt, Data)
+                data += pkt.data
+            real.send(Ack(pkt.block), tid)
+            got = data
+            break
+        assert got == SMALL
+        await until(lambda: server.transfers == 0, timeout=30)
+    finally:
+        for cl in (*spoofers, real):
+            cl.close()
+        await server.close()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert len(caplog.records) < 100, len(caplog.records)
+
+
+async def test_a_file_name_too_long_for_the_os_is_not_found(
+        server: TftpServer, client: RawClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
+    for name in ("a" * 300, "sub/" + "b" * 1000 + ".efi"):
+        client.rrq(addr(server), name)
+        pkt, _ = await client.recv()
+        assert pkt == Error(ErrorCode.FILE_NOT_FOUND, "file not found")
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

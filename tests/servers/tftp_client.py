@@ -55,12 +55,12 @@ async def until(predicate: Callable[[], bool], *, timeout: float = 5.0) -> None:
 
 
 class RawClient:
-    """A UDP socket on 127.0.0.1 speaking TFTP by hand."""
+    """A UDP socket on 127.0.0.1 (or another loopback address) speaking TFTP by hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = LOOPBACK) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind((LOOPBACK, 0))
+        self.sock.bind((host, 0))
         self.sock.setblocking(False)
         self.loop = asyncio.get_running_loop()
 

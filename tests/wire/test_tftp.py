@@ -348,12 +348,13 @@ def test_ack_across_the_wrap_is_progress_not_duplicate() -> None:
 
 def test_timeout_backoff_then_give_up() -> None:
     s, _ = sender(5000)
-    step = s.start(0.0)
+    s.start(0.0)
+    step = s.ack(1, 0.0)  # the client answered: the full backoff applies from here
     deadlines = [step.deadline]
     for _ in range(3):
         assert step.deadline is not None
         step = s.timeout(step.deadline)
-        assert blocks(step) == [1]
+        assert blocks(step) == [2]
         deadlines.append(step.deadline)
     assert deadlines == [1.0, 3.0, 7.0, 15.0]  # 1, 2, 4, 8 (capped at max_interval 8)
     assert step.deadline is not None
@@ -366,12 +367,32 @@ def test_timeout_backoff_then_give_up() -> None:
 def test_backoff_capped_and_reset_on_progress() -> None:
     policy = Policy(retransmit=1.0, backoff=3.0, max_interval=5.0, max_retries=10)
     s, _ = sender(5000, policy=policy)
-    step = s.start(0.0)
+    s.start(0.0)
+    s.ack(1, 0.0)
     step = s.timeout(1.0)  # retry 1 → +3
     step = s.timeout(4.0)  # retry 2 → +5 (capped)
     assert step.deadline == 9.0
-    step = s.ack(1, 5.0)
+    step = s.ack(2, 5.0)
     assert step.deadline == 6.0 and s.retries == 0
+
+
+@pytest.mark.parametrize("options", [(), (("blksize", "1024"),)])
+def test_a_client_that_never_answers_is_given_up_quickly(
+        options: tuple[tuple[str, str], ...]) -> None:
+    """First DATA (or OACK) unanswered: first_retries resends at the base interval, no
+    backoff, then TIMED_OUT, about 3 s instead of the ~45 s a started transfer may wait."""
+    policy = Policy(retransmit=1.0, max_retries=6, first_retries=2)
+    s = Sender(negotiate(options, 5000, policy), 5000, MemorySource(b"x" * 5000), policy)
+    step = s.start(0.0)
+    deadlines = [step.deadline]
+    for _ in range(2):
+        assert step.deadline is not None
+        step = s.timeout(step.deadline)
+        assert len(step.send) == 1
+        deadlines.append(step.deadline)
+    assert deadlines == [1.0, 2.0, 3.0]
+    step = s.timeout(3.0)
+    assert step.outcome is Outcome.TIMED_OUT and "never answered" in step.reason
 
 
 def test_stale_timer_is_ignored() -> None:
