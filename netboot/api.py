@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from netboot.addresses import parse_peer
 from netboot.core import Core, public_dict
 from netboot.enroll import fleet_status, token_matches
 from netboot.errors import AuthError, ValidationError
@@ -222,7 +223,9 @@ class Api:
 
     async def register(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
-        machine = await self._enroll.register(body)
+        # The transport's peer, typed here at the edge: what the device reports about its own
+        # address is checked against it (k3OS reports 127.0.1.1, netboot.addresses).
+        machine = await self._enroll.register(body, parse_peer(request.remote))
         return web.json_response(self._machine_out(machine))
 
     async def bulk(self, request: web.Request) -> web.Response:

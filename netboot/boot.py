@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from netboot import groups as grouping
 from netboot import lifecycle
 from netboot.enroll import Enroller
+from netboot.errors import Conflict
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import (
     Arch,
@@ -44,7 +45,11 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    endpoint_host,
+    endpoint_url,
+    url_host,
 )
+from netboot.names import serves_cluster, valid_label
 
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
 
@@ -300,6 +305,21 @@ class BootService:
                             group=group.name if group else None)
         k3s = (await self.k3s_join(machine, cluster, role, group, claim=record)
                if cluster else None)
+        if cluster is not None and k3s is not None and k3s.waiting:
+            # Held without a state change or a token: the retry loop asks again and installs
+            # by itself once a server registers (no power cycle, no operator).
+            reason = await self._waiting_reason(cluster)
+            if record:
+                # What the firmware told (its arch) is kept, so that `explain` answers for
+                # the machine as it boots; learn() changes nothing on later retries.
+                learned = learn(machine, request, self._clock())
+                if learned != machine:
+                    machine = learned
+                    await self._store.update_machine(machine)
+                await self._event(machine, "hold", reason, request, once=True)
+            return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                            retry_seconds=self.settings.hold_retry_seconds,
+                            group=group.name if group else None, cluster=cluster)
         reason = (f"{machine.state}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
@@ -320,6 +340,10 @@ class BootService:
                               f"install profile {profile.name}"
                               + (f" into cluster {cluster.name} as {role}" if cluster else ""),
                               request)
+        else:
+            # A dry run renders for the machine as this request describes it (its arch picks
+            # the kernel console), exactly as the recorded plan would, without storing it.
+            machine = learn(machine, request, machine.updated)
         return BootPlan(
             BootAction.INSTALL, request.mac, reason, machine=machine,
             group=group.name if group else None, profile=profile,
@@ -333,6 +357,10 @@ class BootService:
         group, profile, cluster, role = await self.effective(machine, request)
         k3s = (await self.k3s_join(machine, cluster, role, group, claim=claim)
                if cluster else None)
+        if cluster is not None and k3s is not None and k3s.waiting:
+            # Its install plan had an endpoint, which has gone since (the server was removed
+            # or is reinstalling): a config without one would install a node that never joins.
+            raise Conflict(await self._waiting_reason(cluster))
         return BootPlan(BootAction.INSTALL, machine.mac, reason, machine=machine,
                         group=group.name if group else None, profile=profile, cluster=cluster,
                         k3s=k3s, token=token)
@@ -341,8 +369,11 @@ class BootService:
                        group: Group | None, *, claim: bool = True) -> K3sJoin:
         """Cluster formation: external server URL, or managed (first server runs cluster-init).
 
-        ``claim=False`` answers what would happen without recording this machine as the
-        cluster-init node (``explain`` and other dry runs must not change the decision).
+        Every other node of a managed cluster joins its endpoint (:meth:`_endpoint`); while
+        there is none the join is ``waiting`` and the node is held, not installed with a
+        name it cannot reach. ``claim=False`` answers what would happen without recording this
+        machine as the cluster-init node (``explain`` and other dry runs must not change the
+        decision).
         """
         labels = dict(cluster.labels)
         taints = list(cluster.taints)
@@ -367,31 +398,55 @@ class BootService:
                 if claim:
                     await self._store.put_setting(key, str(machine.mac))
                 init_mac = str(machine.mac)
+        san = self._tls_san(cluster)
         # Only the init node, and only while no other server runs, initialises: reinstalling
         # the first server of a live cluster must join it, not start a second cluster.
         if init_mac == str(machine.mac) and not running:
-            return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name)
-        return K3sJoin(role, await self._endpoint(cluster, init_mac, running), False,
-                       cluster.token, labels, tuple(taints), node_name)
+            return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name,
+                           san)
+        # The first server first, so that every node joins the same one.
+        running.sort(key=lambda m: str(m.mac) != init_mac)
+        return K3sJoin(role, self._endpoint(cluster, running), False, cluster.token, labels,
+                       tuple(taints), node_name, san)
 
-    async def _endpoint(self, cluster: Cluster, init_mac: str | None,
-                        running: list[Machine]) -> str:
+    def _endpoint(self, cluster: Cluster, running: list[Machine]) -> str | None:
+        """Where a node of a managed cluster reaches its servers, or None while nowhere.
+
+        A configured endpoint (a VIP) wins; then ``<cluster>.<zone>`` when netboot's DNS
+        answers it with a registered server; then the registered address of the first server.
+        Never a name that nothing resolves (the cluster's bare name) nor an address a node
+        reported about itself without it being checked (registration refuses loopback).
+        """
         port = self.settings.k3s_port
-        if self.settings.cluster_domain:
-            # netboot's DNS answers <cluster>.<zone> with every registered server.
-            return f"https://{cluster.name}.{self.settings.cluster_domain}:{port}"
-        init = await self._store.get_machine(init_mac) if init_mac else None
-        # Running servers, the init node first; a not-yet-registered init node last.
-        candidates = sorted(running, key=lambda m: init is None or m.mac != init.mac)
-        if init is not None and all(m.mac != init.mac for m in running):
-            candidates.append(init)
-        for node in candidates:
-            host = node.ipv4 or node.fixed_ipv4 or node.hostname
+        if cluster.endpoint:
+            return endpoint_url(cluster.endpoint, port)
+        domain = self.settings.cluster_domain
+        if domain and serves_cluster(cluster.name, running):
+            return f"https://{cluster.name.lower()}.{domain}:{port}"
+        for node in running:
+            host = node.ipv4 or node.facts.get("ipv6") or node.fixed_ipv4
             if host:
-                return f"https://{host}:{port}"
-        # No server yet: point at the name the first server will get, so that agents retry
-        # until it exists rather than join nothing.
-        return f"https://{cluster.name}:{port}"
+                return f"https://{url_host(host)}:{port}"
+        return None
+
+    def _tls_san(self, cluster: Cluster) -> tuple[str, ...]:
+        names = []
+        if cluster.endpoint:
+            names.append(endpoint_host(cluster.endpoint))
+        if self.settings.cluster_domain and valid_label(cluster.name.lower()):
+            names.append(f"{cluster.name.lower()}.{self.settings.cluster_domain}")
+        return tuple(names)
+
+    async def _waiting_reason(self, cluster: Cluster) -> str:
+        fix = f"or give the cluster one: netboot clusters set {cluster.name} --endpoint HOST"
+        servers = await self._store.list_machines(MachineFilter(
+            cluster=cluster.name, state=MachineState.REGISTERED, limit=100_000))
+        if any(m.role == Role.SERVER for m in servers):
+            # Registered, but from no address another node could reach (all were refused).
+            return (f"waiting for an address of cluster {cluster.name}'s servers: they "
+                    f"registered without one other nodes can reach ({fix})")
+        return (f"waiting for cluster {cluster.name}'s first server to register: its nodes "
+                f"have no endpoint to join yet ({fix})")
 
     async def explain(self, mac: str, *, arch: Arch | None = None) -> dict[str, Any]:
         """Which group matched and why, which profile, which state (``netboot explain``).

@@ -192,13 +192,23 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
             print(_table([(m.hostname, m.mac, m.role, m.state, m.ipv4) for m in nodes],
                          ["hostname", "mac", "role", "state", "ipv4"]))
         return 0
+    if args.action == "set" and kind == "clusters":
+        # Changes only what is named; the join token (absent from the public form, so the
+        # core keeps it) and everything else stay as they are.
+        changed = public_dict(kind, await core.get(kind, args.name))
+        if args.endpoint is not None:
+            changed["endpoint"] = args.endpoint or None  # "" clears it
+        cluster = await core.put(kind, changed, create=False)
+        print(f"cluster {cluster.name}: endpoint {cluster.endpoint or 'unset (first server)'}")
+        return 0
     if args.action == "add":
         data: dict[str, Any] = {"name": args.name}
         if kind == "profiles":
             data |= {"initrds": args.initrd or [],
                      **_given(args, "kernel", "cmdline", "config_template")}
         elif kind == "clusters":
-            data |= {"labels": _labels(args.label), **_given(args, "server_url", "token")}
+            data |= {"labels": _labels(args.label),
+                     **_given(args, "server_url", "token", "endpoint")}
         else:
             selector = {}
             for item in args.selector or ():
@@ -415,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
             add.add_argument("--server-url", default="managed")
             add.add_argument("--token")
             add.add_argument("--label", action="append")
+            endpoint_help = ("where nodes reach a managed cluster's servers (a VIP or DNS "
+                             "name): host, host:port or https://host:port; default: the "
+                             "first registered server")
+            add.add_argument("--endpoint", help=endpoint_help)
+            cset = ksub.add_parser("set", parents=[common], help="change a cluster")
+            cset.add_argument("name")
+            cset.add_argument("--endpoint", help=endpoint_help + " ('' unsets it)")
         else:
             add.add_argument("--selector", action="append", help="key=value[,value...]")
             add.add_argument("--profile")

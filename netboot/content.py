@@ -37,6 +37,29 @@ from netboot.render import Renderer
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
+
+# Default kernel consoles by CPU architecture (the ``console`` of the default command lines).
+# The last console= is /dev/console, where init and the installer write. x86 (and a machine
+# whose architecture nobody reported) keeps VGA last with the 8250 UART at ttyS0 beside it;
+# ARM boards and QEMU's virt machine have a PL011 UART, ttyAMA0, and often no display, so the
+# serial port comes last there; RISC-V virt boards have an 8250-compatible ttyS0.
+_CONSOLES = {
+    Arch.X86: "console=ttyS0 console=tty1",
+    Arch.X86_64: "console=ttyS0 console=tty1",
+    Arch.ARM64: "console=tty1 console=ttyAMA0",
+    Arch.ARM32: "console=tty1 console=ttyAMA0",
+    Arch.RISCV64: "console=tty1 console=ttyS0",
+}
+# The Raspberry Pi firmware rewrites serial0 into whichever UART the board routes to its
+# header pins (the mini UART ttyS0 on a Pi 3/4 with Bluetooth, else ttyAMA0).
+_RPI_CONSOLE = "console=tty1 console=serial0,115200"
+
+
+def default_console(arch: Arch | None, firmware: Firmware | None = None) -> str:
+    """The kernel console arguments for a machine's architecture (and Raspberry Pi firmware)."""
+    if firmware == Firmware.RPI:
+        return _RPI_CONSOLE
+    return _CONSOLES.get(arch or Arch.UNKNOWN, _CONSOLES[Arch.X86_64])
 _RPI_SERIAL = re.compile(r"^[0-9a-f]{8}$")
 
 
@@ -110,6 +133,8 @@ class Content:
             "register_command": register_command(register_url, str(mac), token,
                                                  (k3s.node_name if k3s else "")),
             "instance_serial": int(machine.updated) if machine else 0,
+            "console": default_console(machine.arch if machine else None,
+                                       machine.firmware if machine else None),
         }
         if profile is not None:
             ctx["kernel_url"] = urls.asset(profile.kernel)

@@ -228,6 +228,9 @@ class Core:
         if not cluster.managed and not cluster.server_url.startswith("https://"):
             raise ValidationError("server_url", f"{cluster.server_url!r}: an https:// URL of "
                                   "the k3s API, or 'managed'")
+        if cluster.endpoint and not cluster.managed:
+            raise ValidationError("endpoint", "only a managed cluster has one: an external "
+                                              "cluster's server_url already is its endpoint")
         if cluster.token:
             return cluster
         if not create and "token" not in data:

@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 from netboot import lifecycle
+from netboot.addresses import IPAddress
+from netboot.addresses import choose as choose_address
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
 from netboot.groups import select as select_group
 from netboot.inventory.base import Batch, MachineFilter, Store
@@ -349,8 +351,15 @@ class Enroller:
         await self._store.add_event(event)
         return event
 
-    async def register(self, body: Mapping[str, Any]) -> Machine:
-        """First boot of the installed OS: POST /api/v1/register with the install token."""
+    async def register(self, body: Mapping[str, Any], peer: IPAddress | None) -> Machine:
+        """First boot of the installed OS: POST /api/v1/register with the install token.
+
+        ``peer`` is the address the request came from; it is registered unless it is not
+        routable and the device reports one that is (:func:`netboot.addresses.choose`).
+        A reported entry that is not a usable address is ignored with an event, not a 400:
+        the device builds the list from ``hostname -i`` on its own, and refusing the whole
+        registration would leave it retrying, unregistered, for something it cannot fix.
+        """
         mac_text = body.get("mac")
         if not isinstance(mac_text, str):
             raise ValidationError("mac", "required")
@@ -376,14 +385,24 @@ class Enroller:
         hostname = body.get("hostname")
         if hostname is not None and not isinstance(hostname, str):
             raise ValidationError("hostname", "must be a string")
-        ipv4 = next((a for a in addresses if re.match(r"^\d+\.\d+\.\d+\.\d+$", a)), machine.ipv4)
+        choice = choose_address(peer, addresses)
+        ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
+        if choice.ipv6:
+            facts["ipv6"] = str(choice.ipv6)
         updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
                                     ipv4=ipv4, facts=facts)
         await self._store.update_machine(updated)
-        await self.event(mac, "registered",
-                         f"registered from {ipv4 or 'unknown address'}"
-                         + (f" as {hostname}" if hostname else ""),
-                         {"addresses": addresses})
+        where = (f"{choice.address} ({'the request' if choice.source == 'peer' else 'reported'})"
+                 if choice.address else f"no usable address (kept {machine.ipv4 or 'none'})")
+        # What was refused is said in the one event of this step, where an operator reading
+        # why agents join some address looks.
+        refused = "".join(f"; ignored {r.source} address {r.text!r} ({r.reason})"
+                          for r in choice.refused)
+        await self.event(mac, "registered", f"registered at {where}"
+                         + (f" as {hostname}" if hostname else "") + refused,
+                         {"addresses": addresses, "peer": str(peer) if peer else None,
+                          "refused": [{"address": r.text, "reason": r.reason,
+                                       "source": r.source} for r in choice.refused]})
         self._log.info("registered mac=%s ip=%s cluster=%s", mac, ipv4, machine.cluster)
         return updated
 

@@ -60,7 +60,11 @@ SCHEMAS: dict[str, Any] = {
         "name": _STR, "server_url": {"type": "string",
                                      "description": "https://… of the k3s API, or 'managed'"},
         "token": {"type": "string", "writeOnly": True}, "labels": _MAP, "taints": _LIST,
-        "description": _STR}},
+        "description": _STR,
+        "endpoint": {"type": ["string", "null"], "description":
+                     "managed clusters: where nodes reach the servers (a VIP or DNS name): "
+                     "host, host:port or https://host[:port]; unset, the first registered "
+                     "server's address, and nodes wait until one registers"}}},
     "Group": {"type": "object", "required": ["name"], "properties": {
         "name": _STR, "selector": {"type": "object", "additionalProperties": _LIST},
         "profile": _NSTR, "cluster": _NSTR, "role": _NSTR, "labels": _MAP, "taints": _LIST,
@@ -71,7 +75,11 @@ SCHEMAS: dict[str, Any] = {
     "EventInput": {"type": "object", "required": ["kind"], "properties": {
         "kind": _STR, "message": _STR, "data": {"type": "object"}}},
     "Register": {"type": "object", "required": ["mac", "token"], "properties": {
-        "mac": _STR, "token": _STR, "hostname": _STR, "addresses": _LIST,
+        "mac": _STR, "token": _STR, "hostname": _STR,
+        "addresses": {**_LIST, "description":
+                      "the device's own addresses; the request's source address wins unless "
+                      "it is not routable. Entries that are loopback, link-local, unspecified, "
+                      "multicast, broadcast or not addresses are ignored (an event says so)"},
         "machine_id": _STR, "node_name": _STR, "os": _STR}},
     "Bulk": {"type": "object", "required": ["machines"], "additionalProperties": False,
              "properties": {

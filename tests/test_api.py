@@ -413,9 +413,60 @@ async def test_managed_cluster_gets_a_generated_token(env: Env) -> None:
     ({"name": "c", "taints": "x"}, "taints"),
     ({"server_url": "managed"}, "name"),
     ({"name": "c", "secret": "x"}, "secret"),
+    ({"name": "c", "endpoint": "127.0.1.1"}, "endpoint"),
+    ({"name": "c", "endpoint": "http://vip.example"}, "endpoint"),
+    ({"name": "c", "endpoint": "vip.example/k8s"}, "endpoint"),
+    ({"name": "c", "endpoint": "vip.example:0"}, "endpoint"),
+    ({"name": "c", "endpoint": "under_score.example"}, "endpoint"),
+    ({"name": "c", "endpoint": 6443}, "endpoint"),
+    ({"name": "c", "server_url": "https://192.0.2.50:6443", "token": "t",
+      "endpoint": "vip.example"}, "endpoint"),
 ])
 async def test_cluster_bad_input(env: Env, body: dict[str, Any], field: str) -> None:
     error(await call(env, "POST", "/api/v1/clusters", json_body=body), 400, field)
+
+
+async def test_cluster_endpoint_is_stored_canonical_and_returned(env: Env) -> None:
+    created = await env.post("/api/v1/clusters", {"name": "m", "endpoint": "VIP.Example"},
+                             status=201)
+    assert created["endpoint"] == "vip.example"
+    r = await call(env, "PUT", "/api/v1/clusters/m",
+                   json_body={"endpoint": "2001:db8::10"})
+    assert r.status == 200 and r.json()["endpoint"] == "[2001:db8::10]"
+    assert (await env.get("/api/v1/clusters/m"))["endpoint"] == "[2001:db8::10]"
+    stored = await env.service.store.get_cluster("m")
+    assert stored is not None and stored.endpoint == "[2001:db8::10]" and stored.token
+
+
+async def test_register_records_the_peer_not_a_claimed_loopback(env: Env) -> None:
+    """The transport's peer reaches the registration decision: the request is sent from
+    127.0.0.2, so the refused peer in the event is that address, not the test client's."""
+    import asyncio
+
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    body = json.dumps({"mac": MAC, "token": token,
+                       "addresses": ["127.0.0.1", "198.51.100.7"]}).encode()
+    reader, writer = await asyncio.open_connection(env.client.host, env.client.port,
+                                                   local_addr=("127.0.0.2", 0))
+    try:
+        writer.write(b"POST /api/v1/register HTTP/1.1\r\nHost: 192.0.2.10\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert raw.startswith(b"HTTP/1.1 200"), raw
+    registered = await env.get(f"/api/v1/machines/{MAC}")
+    assert registered["ipv4"] == "198.51.100.7"  # a loopback peer: the routable claim
+    event = (await env.get(f"/api/v1/machines/{MAC}/events"))[-1]
+    assert event["kind"] == "registered" and event["data"]["peer"] == "127.0.0.2"
+    assert {(r["address"], r["source"], r["reason"]) for r in event["data"]["refused"]} == {
+        ("127.0.0.2", "peer", "loopback"), ("127.0.0.1", "reported", "loopback")}
+    assert "ignored reported address '127.0.0.1' (loopback)" in event["message"]
 
 
 async def test_cluster_crud_and_nodes(env: Env) -> None:

@@ -168,17 +168,115 @@ async def test_managed_cluster_first_server_inits(
         await store.create_machine(m)
     cluster = await store.get_cluster("m")
     assert cluster is not None
-    # An agent before any server does not become the init node.
+    # An agent before any server does not become the init node, and has nothing to join.
     ja = await boot.k3s_join(a, cluster, Role.AGENT, None)
-    assert not ja.cluster_init
+    assert not ja.cluster_init and ja.waiting
     j1 = await boot.k3s_join(s1, cluster, Role.SERVER, None)
     assert j1.cluster_init and j1.server_url is None and "--cluster-init" in j1.args
+    assert not j1.waiting
+    # The first server has an address (a lease) but has not registered: nothing runs there.
+    j2 = await boot.k3s_join(s2, cluster, Role.SERVER, None)
+    assert not j2.cluster_init and j2.waiting
+    await store.update_machine(replace(s1, state=MachineState.REGISTERED))
     j2 = await boot.k3s_join(s2, cluster, Role.SERVER, None)
     assert not j2.cluster_init and j2.server_url == "https://192.0.2.101:6443"
+    assert (await boot.k3s_join(a, cluster, Role.AGENT, None)).server_url == \
+        "https://192.0.2.101:6443"
     assert (await boot.k3s_join(s1, cluster, Role.SERVER, None)).cluster_init  # stable
+
+
+async def test_endpoint_is_dns_name_only_when_netboot_dns_serves_it(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
     boot.settings = replace(boot.settings, cluster_domain="netboot.lan")
-    ja = await boot.k3s_join(a, cluster, Role.AGENT, None)
-    assert ja.server_url == "https://m.netboot.lan:6443"
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+    cluster = await store.get_cluster("m")
+    assert cluster is not None
+    agent = Machine(mac=MacAddress.parse("52:54:00:00:00:01"), hostname="a1", cluster="m",
+                    role=Role.AGENT, profile="p")
+    await store.create_machine(agent)
+    # DNS on, but no registered server: m.netboot.lan answers nothing, so nobody is sent there.
+    assert (await boot.k3s_join(agent, cluster, Role.AGENT, None)).waiting
+    server = Machine(mac=MacAddress.parse("52:54:00:00:00:02"), hostname="bad_name",
+                     cluster="m", role=Role.SERVER, profile="p",
+                     state=MachineState.REGISTERED, ipv4="192.0.2.101")
+    await store.create_machine(server)
+    # A hostname that is not a DNS label is left out of the zone: the address is used.
+    assert (await boot.k3s_join(agent, cluster, Role.AGENT, None)).server_url == \
+        "https://192.0.2.101:6443"
+    await store.update_machine(replace(server, hostname="s1"))
+    join = await boot.k3s_join(agent, cluster, Role.AGENT, None)
+    assert join.server_url == "https://m.netboot.lan:6443"
+    server_join = await boot.k3s_join(replace(agent, role=Role.SERVER), cluster, Role.SERVER,
+                                      None)
+    assert server_join.args[-2:] == ("--tls-san", "m.netboot.lan")
+
+
+async def test_configured_endpoint_wins_and_the_first_server_still_inits(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t",
+                                    endpoint="vip.example"))
+    cluster = await store.get_cluster("m")
+    assert cluster is not None
+    agent = Machine(mac=MacAddress.parse("52:54:00:00:00:01"), hostname="a1", cluster="m",
+                    role=Role.AGENT, profile="p")
+    first = Machine(mac=MacAddress.parse("52:54:00:00:00:02"), hostname="s1", cluster="m",
+                    role=Role.SERVER, profile="p")
+    second = Machine(mac=MacAddress.parse("52:54:00:00:00:03"), hostname="s2", cluster="m",
+                     role=Role.SERVER, profile="p")
+    for m in (agent, first, second):
+        await store.create_machine(m)
+    # No server yet, but the VIP is where k3s will answer: the agent installs and retries.
+    ja = await boot.k3s_join(agent, cluster, Role.AGENT, None)
+    assert ja.server_url == "https://vip.example:6443" and "--tls-san" not in ja.args
+    j1 = await boot.k3s_join(first, cluster, Role.SERVER, None)
+    assert j1.cluster_init and j1.args[-2:] == ("--tls-san", "vip.example")
+    await store.update_machine(replace(first, state=MachineState.REGISTERED,
+                                       ipv4="192.0.2.101"))
+    j2 = await boot.k3s_join(second, cluster, Role.SERVER, None)
+    assert not j2.cluster_init and j2.server_url == "https://vip.example:6443"
+    with_port = replace(cluster, endpoint="https://[2001:db8::10]:7443")
+    assert (await boot.k3s_join(agent, with_port, Role.AGENT, None)).server_url == \
+        "https://[2001:db8::10]:7443"
+
+
+async def test_agent_before_its_server_holds_then_installs_by_itself(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+    agent = Machine(mac=MAC, hostname="a1", cluster="m", role=Role.AGENT, profile="p")
+    server = Machine(mac=MacAddress.parse("52:54:00:00:00:02"), hostname="s1", cluster="m",
+                     role=Role.SERVER, profile="p")
+    await store.create_machine(agent)
+    await store.create_machine(server)
+    for _ in range(3):  # the retry loop asks again and again
+        plan = await boot.plan(req(Firmware.IPXE))
+        assert plan.action == BootAction.HOLD and plan.token is None
+        assert "waiting for cluster m's first server to register" in plan.reason
+        assert plan.retry_seconds > 0
+    held = await store.get_machine(str(MAC))
+    assert held is not None and held.state == MachineState.ENROLLED and held.token_hash is None
+    events = [e for e in await store.list_events(str(MAC)) if e.kind == "hold"]
+    assert len(events) == 1 and "first server" in events[0].message
+    assert (await boot.explain(str(MAC)))["decision"] == "hold"
+    assert "waiting for cluster m" in (await boot.explain(str(MAC)))["reason"]
+    # The first server is never held: it forms the cluster.
+    splan = await boot.plan(BootRequest(mac=server.mac, firmware=Firmware.IPXE,
+                                        arch=Arch.X86_64))
+    assert splan.action == BootAction.INSTALL and splan.k3s is not None
+    assert splan.k3s.cluster_init
+    booted = await store.get_machine(str(server.mac))
+    assert booted is not None
+    await store.update_machine(replace(booted, state=MachineState.REGISTERED))
+    # Registered, but every address it had was refused: still nothing to join, and why.
+    plan = await boot.plan(req(Firmware.IPXE))
+    assert plan.action == BootAction.HOLD and "registered without one" in plan.reason
+    await store.update_machine(replace(booted, state=MachineState.REGISTERED,
+                                       ipv4="192.0.2.60"))
+    plan = await boot.plan(req(Firmware.IPXE))
+    assert plan.action == BootAction.INSTALL and plan.k3s is not None
+    assert plan.k3s.server_url == "https://192.0.2.60:6443" and not plan.k3s.cluster_init
 
 
 async def test_explain(setup: tuple[BootService, MemoryStore, Clock]) -> None:

@@ -172,3 +172,28 @@ def test_import_shows_a_progress_bar_on_a_terminal(cfg: str, tmp_path: Path,
     rc, out, err = run(capsys, "import", str(fleet), "--config", cfg)
     assert rc == 0 and "2500 were created" in out
     assert "] 1000/2500" in err and "] 2500/2500" in err  # the bar advanced, then finished
+
+
+def test_cluster_endpoint_add_set_and_refused(cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "clusters", "add", "edge", "--endpoint", "VIP.example:7443",
+               "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)
+    shown = json.loads(out)
+    assert shown["endpoint"] == "vip.example:7443" and "token" not in shown
+    rc, _, err = run(capsys, "clusters", "add", "bad", "--endpoint", "127.0.1.1",
+                     "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: endpoint: ")
+    rc, _, err = run(capsys, "clusters", "add", "ext", "--server-url", "https://192.0.2.50:6443",
+                     "--token", "t", "--endpoint", "vip.example", "--config", cfg)
+    assert rc == 2 and "endpoint" in err
+    assert run(capsys, "clusters", "set", "edge", "--endpoint", "https://192.0.2.5",
+               "--config", cfg)[0] == 0
+    rc, _, err = run(capsys, "clusters", "set", "edge", "--endpoint", "ftp://x", "--config", cfg)
+    assert rc == 2 and "endpoint" in err
+    rc, out, _ = run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)
+    assert json.loads(out)["endpoint"] == "https://192.0.2.5"
+    assert run(capsys, "clusters", "set", "edge", "--endpoint", "", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)
+    assert json.loads(out)["endpoint"] is None
+    rc, _, err = run(capsys, "clusters", "set", "nope", "--endpoint", "x", "--config", cfg)
+    assert rc == 1 and "not found" in err

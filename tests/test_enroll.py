@@ -128,3 +128,36 @@ async def test_group_hostname_template_names_new_machines(store) -> None:  # typ
     assert (await store.get_machine("02:00:00:08:00:01")).hostname == "node-080001"
     m = Machine(mac=MacAddress.parse("02:00:00:07:00:02"), serial="A2")
     assert await e.name_for(m) == "r7-a2"
+
+
+async def test_register_keeps_the_peer_over_a_claimed_loopback(store) -> None:  # type: ignore[no-untyped-def]
+    """k3OS's `hostname -i` says 127.0.1.1 (and a user may claim 127.0.0.1); the request came
+    from 192.0.2.60 on the provisioning network, which is what other nodes reach."""
+    import hashlib
+    import ipaddress
+
+    from netboot.model import MachineState
+
+    mac = MacAddress.parse("52:54:00:00:00:09")
+    await store.create_machine(Machine(
+        mac=mac, hostname="s1", state=MachineState.INSTALLED, cluster="edge",
+        token_hash=hashlib.sha256(b"tok").hexdigest(), token_expires=None))
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    peer = ipaddress.ip_address("192.0.2.60")
+    body = {"mac": str(mac), "token": "tok", "addresses": ["127.0.0.1", "127.0.1.1", "nope"]}
+    registered = await enroller.register(body, peer)
+    assert registered.state == MachineState.REGISTERED and registered.ipv4 == "192.0.2.60"
+    stored = await store.get_machine(str(mac))
+    assert stored is not None and stored.ipv4 == "192.0.2.60"
+    event = (await store.list_events(str(mac)))[-1]
+    assert event.kind == "registered" and "192.0.2.60 (the request)" in event.message
+    assert [(r["address"], r["reason"]) for r in event.data["refused"]] == [
+        ("127.0.0.1", "loopback"), ("127.0.1.1", "loopback"), ("nope", "not an IP address")]
+    # A loopback peer and only loopback claims: nothing usable, nothing stored, and an
+    # earlier good address is kept rather than replaced by 127.0.1.1.
+    again = await enroller.register({**body, "addresses": ["127.0.1.1"]},
+                                    ipaddress.ip_address("127.0.0.1"))
+    assert again.ipv4 == "192.0.2.60"
+    # A global IPv6 peer keeps ipv4 meaning IPv4, and is recorded beside it.
+    v6 = await enroller.register({**body, "addresses": []}, ipaddress.ip_address("2001:db8::9"))
+    assert v6.ipv4 == "192.0.2.60" and v6.facts["ipv6"] == "2001:db8::9"

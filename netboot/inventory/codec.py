@@ -37,6 +37,7 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    check_endpoint,
 )
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -343,6 +344,7 @@ def cluster_to_dict(cluster: Cluster, *, secrets: bool = True) -> dict[str, Any]
         "labels": dict(cluster.labels),
         "taints": list(cluster.taints),
         "description": cluster.description,
+        "endpoint": cluster.endpoint,
     }
     if not secrets:
         del out["token"]
@@ -360,7 +362,14 @@ def cluster_from_dict(data: object) -> Cluster:
         labels=_str_map(d, "labels"),
         taints=_str_tuple(d, "taints"),
         description=_str(d, "description", default=""),
+        endpoint=_endpoint(d),
     )
+
+
+def _endpoint(d: Mapping[str, Any]) -> str | None:
+    # Documents written before clusters had an endpoint have no key: None, nothing to migrate.
+    text = _opt_str(d, "endpoint")
+    return check_endpoint(text) if text else None
 
 
 # --- groups -------------------------------------------------------------------------------

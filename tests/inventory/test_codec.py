@@ -94,6 +94,11 @@ def test_profile_to_dict_lists() -> None:
             Cluster(name="c", labels={"a": "b"}, taints=("t",)),
         ),
         (
+            codec.cluster_to_dict,
+            codec.cluster_from_dict,
+            Cluster(name="c", endpoint="https://[2001:db8::10]:7443"),
+        ),
+        (
             codec.group_to_dict,
             codec.group_from_dict,
             Group(name="g", selector={"arch": ("arm64", "x86_64")}, role=Role.AGENT),

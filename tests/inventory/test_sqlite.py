@@ -321,3 +321,24 @@ def test_truncated_shm_is_restored_not_a_sigbus(tmp_path: Path) -> None:
                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert "machines 4" in out.stdout, out.stdout
+
+
+async def test_cluster_written_before_endpoints_existed_reads_without_one(tmp_path: Path) -> None:
+    """Clusters are JSON documents: a new optional field needs no schema migration, and a
+    document from an older netboot (no "endpoint" key) reads back as "no endpoint"."""
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.put_cluster(Cluster(name="c", token="t", endpoint="vip.example"))
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE clusters SET data = ? WHERE name = 'c'",
+                     ('{"name":"c","server_url":"managed","token":"t","labels":{},'
+                      '"taints":[],"description":""}',))
+    conn.close()
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        assert await again.get_cluster("c") == Cluster(name="c", token="t")
+    finally:
+        await again.close()

@@ -126,6 +126,34 @@ async def test_ipxe_garbage_uuid_and_odd_facts_still_boot(env: Env) -> None:
     assert machine["uuid"] is None
 
 
+async def test_ipxe_firmware_strings_keep_their_plus(env: Env) -> None:
+    """Byte for byte what iPXE sends for QEMU q35's SMBIOS product with ${product:uristring}:
+    space is %20 and '+' is left alone, so '+' is a plus, not a form-encoded space."""
+    await env.seed()
+    product = "Standard PC (Q35 + ICH9, 2009)"
+    await env.post("/api/v1/groups", {"name": "q35", "profile": "k3os", "cluster": "edge",
+                                      "selector": {"product": [product], "arch": ["x86_64"]}},
+                   status=201)
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    reply = await raw_get(env, f"/ipxe?mac={HEXHYP}&uuid=&arch=x86_64&platform=pcbios"
+                               "&serial=SN+1%26x%3D%25&manufacturer=QEMU"
+                               "&product=Standard%20PC%20(Q35%20+%20ICH9,%202009)&asset=")
+    assert reply.status == 200, reply.text
+    assert "kernel " in reply.text and "(group q35)" in reply.text
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["facts"]["product"] == product
+    assert machine["serial"] == "SN+1&x=%"
+
+
+def test_uri_query_is_uri_component_decoding() -> None:
+    from netboot.servers.http import uri_query
+
+    assert uri_query("a=1+2&b=%2B%20&c=&d&a=again&=x&&e=%ZZ") == {
+        "a": "1+2", "b": "+ ", "c": "", "d": "", "": "x", "e": "%ZZ"}
+    assert uri_query("p=caf%C3%A9&q=%FF") == {"p": "café", "q": "\ufffd"}
+    assert uri_query("") == {}
+
+
 async def test_ipxe_each_request_issues_a_fresh_token(env: Env) -> None:
     first = install_token(await enrolled(env))
     second = install_token(await boot(env, MAC))
