@@ -270,18 +270,7 @@ class BootService:
                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
         """The machine's group, profile, cluster and role: its own settings win over the
         group's; the configured default profile comes last."""
-        labels = dict(machine.labels)
-        labels.update({k: v for k, v in machine.facts.items() if v})
-        if request is not None:
-            labels.update(request.labels())
-        labels["mac"] = str(machine.mac)
-        for key in ("uuid", "serial", "asset", "hostname"):
-            if getattr(machine, key):
-                labels[key] = getattr(machine, key)
-        if machine.arch:
-            labels.setdefault("arch", str(machine.arch))
-        if machine.firmware:
-            labels.setdefault("firmware", str(machine.firmware))
+        labels = grouping.machine_labels(machine, request.labels() if request else None)
         group = grouping.select(await self._store.list_groups(), labels)
         profile_name = (machine.profile or (group.profile if group else None)
                         or self.settings.default_profile)

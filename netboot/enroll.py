@@ -26,6 +26,7 @@ from netboot import lifecycle
 from netboot.addresses import IPAddress
 from netboot.addresses import choose as choose_address
 from netboot.errors import AuthError, Conflict, NotFound, ValidationError
+from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
@@ -199,22 +200,41 @@ async def fleet_status(store: Store) -> dict[str, Any]:
     """Where the fleet stands: machines per state, overall and per cluster, and the failed.
 
     What an operator enrolling a thousand devices watches (``netboot status``,
-    ``GET /api/v1/status``); counts come from indexed queries, not a scan.
+    ``GET /api/v1/status``). A machine counts in its own cluster, else in the cluster of the
+    group that selects it, as it would boot. Counts come from indexed queries; only when a
+    group gives a cluster are the machines without one read once, since a selector matches
+    facts that no index holds.
     """
     by_state = {s.value: await store.count_machines(MachineFilter(state=s))
                 for s in MachineState}
+    total = sum(by_state.values())
     clusters: dict[str, dict[str, int]] = {}
     for cluster in await store.list_clusters():
         counts = {s.value: await store.count_machines(MachineFilter(cluster=cluster.name,
                                                                     state=s))
                   for s in MachineState}
         clusters[cluster.name] = {k: v for k, v in counts.items() if v}
+    groups = await store.list_groups()
+    groups_give_clusters = any(g.cluster for g in groups)
+
+    def cluster_of(machine: Machine) -> str | None:
+        if machine.cluster or not groups_give_clusters:
+            return machine.cluster
+        group = select_group(groups, machine_labels(machine))
+        return group.cluster if group else None
+
+    if total and groups_give_clusters:
+        for machine in await store.list_machines(MachineFilter(limit=total)):
+            # Machines with a cluster of their own were counted by the queries above.
+            if not machine.cluster and (name := cluster_of(machine)):
+                counts = clusters.setdefault(name, {})
+                counts[machine.state.value] = counts.get(machine.state.value, 0) + 1
     failed = await store.list_machines(MachineFilter(state=MachineState.FAILED, limit=20))
     return {
-        "total": sum(by_state.values()),
+        "total": total,
         "by_state": by_state,
         "clusters": clusters,
-        "failed": [{"mac": str(m.mac), "hostname": m.hostname, "cluster": m.cluster}
+        "failed": [{"mac": str(m.mac), "hostname": m.hostname, "cluster": cluster_of(m)}
                    for m in failed],
     }
 

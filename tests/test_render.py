@@ -25,7 +25,8 @@ from netboot.model import (
     Profile,
     Role,
 )
-from netboot.render import Renderer, shipped_templates_dir
+from netboot.render import Renderer
+from netboot.shipped import templates_dir
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 MAC = MacAddress.parse("52:54:00:00:00:11")
@@ -42,7 +43,7 @@ K3S = K3sJoin(Role.AGENT, "https://192.0.2.50:6443", False, "s3cret", {"site": "
 
 
 def renderer() -> Renderer:
-    return Renderer([shipped_templates_dir()])
+    return Renderer([templates_dir()])
 
 
 def content() -> Content:
@@ -172,7 +173,7 @@ def test_strict_undefined_and_sandbox(tmp_path: Path) -> None:
     (tmp_path / "ipxe" / "local.ipxe").write_text("#!ipxe\necho {{ no_such_thing }}\n")
     (tmp_path / "ipxe" / "hold.ipxe").write_text("#!ipxe\n{{ ''.__class__.__mro__ }}\n")
     (tmp_path / "ipxe" / "ignore.ipxe").write_text("not a script\n")
-    r = Renderer([tmp_path, shipped_templates_dir()])
+    r = Renderer([tmp_path, templates_dir()])
     with pytest.raises(RenderError, match="no_such_thing"):
         r.ipxe("ipxe/local.ipxe", {})
     with pytest.raises(RenderError):
@@ -186,7 +187,7 @@ def test_strict_undefined_and_sandbox(tmp_path: Path) -> None:
 def test_invalid_yaml_output_is_render_error(tmp_path: Path) -> None:
     (tmp_path / "cloud-config").mkdir()
     (tmp_path / "cloud-config" / "k3os.yaml").write_text("a: [unclosed\n")
-    r = Renderer([tmp_path, shipped_templates_dir()])
+    r = Renderer([tmp_path, templates_dir()])
     with pytest.raises(RenderError, match="invalid YAML"):
         r.yaml_document("cloud-config/k3os.yaml", {})
 
