@@ -19,7 +19,7 @@ from netboot.errors import NotFound, StoreError
 from netboot.inventory import sqlite as sqlite_store
 from netboot.inventory.base import MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
-from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile
+from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile, Scope
 
 MAC1 = "02:00:00:00:00:01"
 REPO = Path(netboot.__file__).resolve().parent.parent
@@ -342,3 +342,27 @@ async def test_cluster_written_before_endpoints_existed_reads_without_one(tmp_pa
         assert await again.get_cluster("c") == Cluster(name="c", token="t")
     finally:
         await again.close()
+
+
+async def test_the_admin_token_of_older_versions_becomes_a_named_token(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A database from before named tokens: its one admin token's hash sat in the settings.
+    path = tmp_path / "inv.db"
+    before = next(i for i, m in enumerate(sqlite_store.MIGRATIONS)
+                  if any("api_tokens" in statement for statement in m))
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:before])
+        patch.setattr(sqlite_store, "SCHEMA_VERSION", before)
+        old = SqliteStore(path)
+        await old.open()
+        await old.put_setting("admin-token-sha256", "f" * 64)
+        await old.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        token = await store.token_by_hash("f" * 64)
+        assert token is not None and (token.name, token.scope) == ("admin", Scope.ADMIN)
+        assert token.created > 0 and token.expires is None
+        assert await store.get_setting("admin-token-sha256") is None
+    finally:
+        await store.close()
