@@ -26,7 +26,7 @@ from typing import Any
 
 from netboot import __version__
 from netboot.config import Config, load
-from netboot.core import Core, public_dict
+from netboot.core import Core, machine_dict, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
@@ -155,12 +155,12 @@ def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
 async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     core = _core(store, cfg)
     if args.action == "add":
-        data = {"mac": args.mac, "labels": _labels(args.label),
-                **_given(args, "hostname", "cluster", "role", "profile", "serial", "uuid",
-                         "asset", "fixed_ipv4")}
+        data = {"macs": args.more_macs or [], "labels": _labels(args.label),
+                **_given(args, "mac", "hostname", "cluster", "role", "profile", "serial",
+                         "uuid", "asset", "fixed_ipv4")}
         machine = await core.create_machine(data, note="added with the CLI")
-        _report(args, f"enrolled {machine.mac} as {machine.hostname}",
-                codec.machine_to_dict(machine, secrets=False))
+        _report(args, f"enrolled {machine.ref} as {machine.hostname} (id {machine.id})",
+                machine_dict(machine))
         return 0
     if args.action == "ls":
         st = MachineState(args.state) if args.state else None
@@ -168,24 +168,25 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                             labels=tuple(_labels(args.label).items()), limit=args.limit)
         machines = await store.list_machines(flt)
         if args.json:
-            _print_json([codec.machine_to_dict(m, secrets=False) for m in machines])
+            _print_json([machine_dict(m) for m in machines])
         else:
             now = time.time()
-            print(_table([(m.mac, m.hostname, m.state, m.cluster, m.role, m.profile, m.arch,
-                           m.firmware, m.ipv4, _ago(m.updated, now) if m.updated else "")
+            print(_table([(m.id, " ".join(map(str, m.macs)) or "-", m.hostname, m.state,
+                           m.cluster, m.role, m.profile, m.arch, m.firmware, m.ipv4,
+                           _ago(m.updated, now) if m.updated else "")
                           for m in machines],
-                         ["mac", "hostname", "state", "cluster", "role", "profile", "arch",
+                         ["id", "macs", "hostname", "state", "cluster", "role", "profile", "arch",
                           "firmware", "ipv4", "updated"]))
         return 0
     if args.action == "show":
         machine = await core.machine(args.mac)
-        events = await store.list_events(str(machine.mac))
+        events = await store.list_events(machine.id)
         if args.json:
-            _print_json({**codec.machine_to_dict(machine, secrets=False),
+            _print_json({**machine_dict(machine),
                          "events": [codec.event_to_dict(e) for e in events]})
             return 0
         now = time.time()
-        _print_fields(codec.machine_to_dict(machine, secrets=False), 14, now)
+        _print_fields(machine_dict(machine), 14, now)
         print("\nevents:")
         print(_table([(_when(e.time, now), e.kind, e.message) for e in events],
                      ["time", "kind", "message"]))
@@ -193,9 +194,10 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     if args.action == "rm":
         removed = []
         for text in args.macs:
-            removed.append(str((await core.delete_machine(text)).mac))
+            gone = await core.delete_machine(text)
+            removed.append(gone.ref)
             if not args.json:
-                print(f"removed {removed[-1]}")
+                print(f"removed {gone.ref} (id {gone.id})")
         if args.json:
             _print_json({"removed": removed})
         return 0
@@ -207,11 +209,11 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             if args.action == "approve":
                 m = await core.approve(text, _given(args, "cluster", "role", "profile",
                                                     "hostname"))
-                line = f"approved {m.mac} as {m.hostname} ({m.cluster or 'no cluster'})"
+                line = f"approved {m.ref} as {m.hostname} ({m.cluster or 'no cluster'})"
             else:
                 m = await core.reinstall(text)
-                line = f"{m.mac} will install again on its next network boot"
-            changed.append(codec.machine_to_dict(m, secrets=False))
+                line = f"{m.ref} will install again on its next network boot"
+            changed.append(machine_dict(m))
             if not args.json:
                 print(line)
         if args.json:
@@ -250,7 +252,7 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
         if args.json:
             out = public_dict(kind, item)
             if kind == "clusters":
-                out["nodes"] = [codec.machine_to_dict(m, secrets=False) for m in nodes]
+                out["nodes"] = [machine_dict(m) for m in nodes]
             _print_json(out)
             return 0
         _print_fields(public_dict(kind, item), 18, time.time())
@@ -351,9 +353,9 @@ async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                     for name, c in sorted(status["clusters"].items())],
                  ["cluster", "machines", *states]))
     if status["failed"]:
-        print("\nfailed (see 'netboot machines show MAC'):")
-        print(_table([(f["mac"], f["hostname"], f["cluster"]) for f in status["failed"]],
-                     ["mac", "hostname", "cluster"]))
+        print("\nfailed (see 'netboot machines show MAC|ID'):")
+        print(_table([(f["mac"] or f["id"], f["hostname"], f["cluster"])
+                      for f in status["failed"]], ["machine", "hostname", "cluster"]))
     return 0
 
 
@@ -457,8 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("machines", help="enrolled and discovered machines")
     msub = m.add_subparsers(dest="action", required=True)
-    a = msub.add_parser("add", parents=[common])
-    a.add_argument("mac")
+    a = msub.add_parser("add", parents=[common],
+                        help="enroll a machine by MAC(s), serial, asset tag or UUID")
+    a.add_argument("mac", nargs="?", help="its (first) MAC")
+    a.add_argument("--mac", dest="more_macs", action="append", metavar="MAC",
+                   help="a MAC of the machine; repeat for each NIC")
     for flag in ("--hostname", "--cluster", "--profile", "--serial", "--uuid", "--asset",
                  "--fixed-ipv4"):
         a.add_argument(flag)
@@ -470,12 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--label", action="append")
     ls.add_argument("--limit", type=int, default=1000)
     sh = msub.add_parser("show", parents=[common])
-    sh.add_argument("mac")
+    sh.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     for action in ("rm", "reinstall"):
         x = msub.add_parser(action, parents=[common])
-        x.add_argument("macs", nargs="+")
+        x.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
     ap = msub.add_parser("approve", parents=[common])
-    ap.add_argument("macs", nargs="+")
+    ap.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
     ap.add_argument("--cluster")
     ap.add_argument("--role", choices=["server", "agent"])
     ap.add_argument("--profile")
@@ -519,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dry-run", action="store_true")
 
     r = sub.add_parser("render", parents=[where, address], help="what a device would get")
-    r.add_argument("mac")
+    r.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
     r.add_argument("--arch", choices=[a.value for a in Arch],
                    help="architecture the device reports (default: last seen)")
@@ -528,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("assets", parents=[common],
                    help="which loaders and profile assets are found; checksums")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
-    e.add_argument("mac")
+    e.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     e.add_argument("--arch", choices=[a.value for a in Arch],
                    help="answer for this architecture (default: last seen)")
 

@@ -65,7 +65,12 @@ def machine_labels(machine: Machine,
     labels.update({k: v for k, v in machine.facts.items() if v})
     if reported is not None:
         labels.update(reported)
-    labels["mac"] = str(machine.mac)
+    # A selector on "mac" sees the machine's first NIC whichever port it booted from, so that
+    # what a machine installs does not depend on the cable; one enrolled by serial has none.
+    if machine.mac is not None:
+        labels["mac"] = str(machine.mac)
+    else:
+        labels.pop("mac", None)
     for key in ("uuid", "serial", "asset", "hostname"):
         if getattr(machine, key):
             labels[key] = getattr(machine, key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import secrets
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class MacAddress:
 
     @property
     def hexhyp(self) -> str:
-        """``aa-bb-cc-dd-ee-ff``: iPXE's ``${net0/mac:hexhyp}`` and the form used in URLs."""
+        """``aa-bb-cc-dd-ee-ff``: iPXE's ``${netX/mac:hexhyp}`` and the form used in URLs."""
         return self.raw.hex("-")
 
     @property
@@ -129,18 +130,43 @@ class BootAction(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One step in a machine's life, recorded with its time (seconds since the epoch)."""
+    """One step in a machine's life, recorded with its time (seconds since the epoch).
 
-    mac: str
+    ``machine`` is the machine's id (:attr:`Machine.id`), not a MAC: a machine has several NICs
+    or none known yet, and its history follows it whichever NIC it booted from.
+    """
+
+    machine: str
     time: float
     kind: str
     message: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
+ID_PREFIX = "m-"
+
+
+def new_machine_id() -> str:
+    """A fresh machine id: ``m-`` and 12 hex digits.
+
+    The ``m-`` prefix keeps an id from ever parsing as a MAC (12 hex digits alone would), so
+    that ``/machines/{ref}`` and ``netboot explain REF`` can take either without ambiguity.
+    """
+    return ID_PREFIX + secrets.token_hex(6)
+
+
 @dataclass(frozen=True, slots=True)
 class Machine:
-    mac: MacAddress
+    """A device, whichever of its NICs it boots from.
+
+    ``id`` is its stable key in the inventory. ``macs`` are all its NICs, the first being the
+    one named first at enrollment (or the first seen booting); it may be empty for a machine
+    enrolled by serial, asset tag or UUID that has not booted yet. ``uuid``, ``serial`` and
+    ``asset`` each identify it too (see :mod:`netboot.identity` for how a boot is matched).
+    """
+
+    macs: tuple[MacAddress, ...] = ()
+    id: str = field(default_factory=new_machine_id)
     state: MachineState = MachineState.ENROLLED
     hostname: str | None = None
     uuid: str | None = None
@@ -159,6 +185,16 @@ class Machine:
     token_expires: float | None = None
     created: float = 0.0
     updated: float = 0.0
+
+    @property
+    def mac(self) -> MacAddress | None:
+        """The primary NIC, where one MAC is needed (hostnames, node names); None if unknown."""
+        return self.macs[0] if self.macs else None
+
+    @property
+    def ref(self) -> str:
+        """How logs, messages and URLs name the machine: its primary MAC, else its id."""
+        return str(self.macs[0]) if self.macs else self.id
 
 
 @dataclass(frozen=True, slots=True)

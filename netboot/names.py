@@ -246,11 +246,11 @@ class Zone:
             if named is None:
                 continue
             if isinstance(named, str):
-                builder.skipped.append(f"{machine.mac}: {named}")
+                builder.skipped.append(f"{machine.ref}: {named}")
                 continue
             host, ip = named
             hkey = (host.encode(), *origin)
-            if not builder.claim(hkey, f"machine {machine.mac}"):
+            if not builder.claim(hkey, f"machine {machine.ref}"):
                 continue
             builder.address(hkey, ip)
             machine_ips.append((hkey, ip))

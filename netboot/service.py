@@ -320,7 +320,7 @@ class Service:
         machines = await self.store.list_machines(MachineFilter(limit=10_000_000))
         clusters = await self.store.list_clusters()
         fingerprint = hash((
-            tuple((str(m.mac), m.hostname, m.ipv4, m.state, m.role, m.cluster) for m in machines),
+            tuple((m.id, m.hostname, m.ipv4, m.state, m.role, m.cluster) for m in machines),
             tuple(c.name for c in clusters)))
         if fingerprint == self._zone_fingerprint and self._zone_holder is not None:
             return self._zone_holder.zone()

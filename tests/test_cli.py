@@ -174,6 +174,39 @@ def test_import_shows_a_progress_bar_on_a_terminal(cfg: str, tmp_path: Path,
     assert "] 1000/2500" in err and "] 2500/2500" in err  # the bar advanced, then finished
 
 
+def test_machines_add_by_several_macs_or_serial_and_refs(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "machines", "add", "--mac", "02:00:00:00:0a:01", "--mac",
+                     "02-00-00-00-0a-02", "--hostname", "two", "--config", cfg)
+    assert rc == 0 and "02:00:00:00:0a:01" in out
+    rc, out, _ = run(capsys, "machines", "add", "--serial", "CZ-9", "--config", cfg)
+    assert rc == 0
+    rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
+    listed = json.loads(out)
+    assert [m["macs"] for m in listed] == [["02:00:00:00:0a:01", "02:00:00:00:0a:02"], []]
+    serial_only = listed[1]
+    assert serial_only["serial"] == "CZ-9" and serial_only["id"].startswith("m-")
+    # show / explain / render take the second NIC or the id.
+    rc, out, _ = run(capsys, "machines", "show", "02:00:00:00:0a:02", "--json", "--config", cfg)
+    assert rc == 0 and json.loads(out)["hostname"] == "two"
+    rc, out, _ = run(capsys, "explain", serial_only["id"], "--json", "--config", cfg)
+    assert rc == 0 and json.loads(out)["id"] == serial_only["id"]
+    rc, out, _ = run(capsys, "render", serial_only["id"], "ipxe", "--config", cfg)
+    assert rc == 0 and out.startswith("#!ipxe")
+    # Conflicts and missing identity: one line naming the field and the other machine.
+    rc, _, err = run(capsys, "machines", "add", "02:00:00:00:0b:01", "--serial", "CZ-9",
+                     "--config", cfg)
+    assert rc != 0 and "serial CZ-9" in err and serial_only["id"] in err
+    assert err.count("\n") == 1
+    rc, _, err = run(capsys, "machines", "add", "--hostname", "anon", "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: mac:")
+    rc, _, err = run(capsys, "machines", "add", "--serial", "Default string", "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: serial:")
+    assert run(capsys, "machines", "rm", serial_only["id"], "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
+    assert len(json.loads(out)) == 1
+
+
 def test_status_counts_a_machine_in_the_cluster_its_group_gives_it(
         cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("edge", "lab"):

@@ -147,7 +147,7 @@ async def test_default_kernel_console_follows_the_architecture(
     assert kernel.count("console=") == 2
     await env.post(f"/api/v1/machines/{mac}/reinstall", {}, status=200)
     store = env.service.store
-    machine = await store.get_machine(mac)
+    machine = await store.machine_by("mac", mac)
     assert machine is not None and machine.arch == Arch(arch)
     await store.update_machine(dataclasses.replace(machine, firmware=None))
     blob = await env.service.content.tftp_open("pxelinux.cfg/01-52-54-00-00-00-31", PEER)
@@ -162,7 +162,7 @@ async def test_raspberry_pi_console_is_the_firmware_serial0_alias(env: Env) -> N
     await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:32", "profile": "k3os",
                                         "serial": "0a1b2c3d"}, status=201)
     store = env.service.store
-    machine = await store.get_machine("52:54:00:00:00:32")
+    machine = await store.machine_by("mac", "52:54:00:00:00:32")
     assert machine is not None
     await store.update_machine(dataclasses.replace(machine, firmware=Firmware.RPI))
     blob = await env.service.content.tftp_open("0a1b2c3d/cmdline.txt", PEER)

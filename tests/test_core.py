@@ -224,7 +224,7 @@ async def test_render_and_explain_give_what_the_server_serves(
     # A registered server, so that netboot's DNS answers edge.netboot.lan (with none, the
     # agent would wait rather than be sent to a name that resolves to nothing).
     await env.service.store.create_machine(Machine(
-        mac=MacAddress.parse("52:54:00:00:00:60"), hostname="server-1", cluster="edge",
+        macs=(MacAddress.parse("52:54:00:00:00:60"),), hostname="server-1", cluster="edge",
         role=Role.SERVER, state=MachineState.REGISTERED, ipv4="192.0.2.60"))
 
     rc, explained, err = await cli("explain", MAC, "--arch", "x86_64", "--json")

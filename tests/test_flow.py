@@ -69,7 +69,7 @@ async def test_one_machine_through_the_whole_state_machine(env: Env) -> None:
 
     # Firmware: DHCP pointed iPXE at /boot.ipxe, which chains to /ipxe with its settings.
     bootstrap = await env.get("/boot.ipxe")
-    assert f"{BASE}/ipxe?mac=${{net0/mac:hexhyp}}" in bootstrap
+    assert f"{BASE}/ipxe?mac=${{netX/mac:hexhyp}}" in bootstrap
     script = await boot(env, HEXHYP, uuid=UUID, platform="efi", serial="SER1",
                         manufacturer="QEMU", product="Standard PC")
     assert await state(env) == "booting"
@@ -150,7 +150,7 @@ async def test_install_token_scope(env: Env) -> None:
     await register(env, token, "192.0.2.9", mac="52:54:00:12:34:57", status=401)
     assert await state(env, "52:54:00:12:34:57") == "booting"
     # Expired: the config, events and registration all refuse it.
-    machine = await env.service.store.get_machine(MAC)
+    machine = await env.service.store.machine_by("mac", MAC)
     assert machine is not None
     await env.service.store.update_machine(dataclasses.replace(machine, token_expires=1.0))
     r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)

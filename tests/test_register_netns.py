@@ -86,7 +86,7 @@ def test_register_from_192_0_2_60_claiming_loopback_records_192_0_2_60(
             store = service.store
             await store.put_cluster(Cluster(name="edge", token="t"))
             await store.put_profile(Profile(name="p", kernel="vmlinuz"))
-            await store.create_machine(Machine(mac=MacAddress.parse(MAC), hostname="s1",
+            await store.create_machine(Machine(macs=(MacAddress.parse(MAC),), hostname="s1",
                                                cluster="edge", role=Role.SERVER, profile="p"))
             await runner.setup()
             site = web.TCPSite(runner, "192.0.2.1", 0)
@@ -103,9 +103,9 @@ def test_register_from_192_0_2_60_claiming_loopback_records_192_0_2_60(
                 async with http.post(f"{base}/api/v1/register", json=body) as resp:
                     assert resp.status == 200, await resp.text()
                     answer: dict[str, Any] = await resp.json()
-            events = await store.list_events(MAC)
-            stored = await store.get_machine(MAC)
+            stored = await store.machine_by("mac", MAC)
             assert stored is not None
+            events = await store.list_events(stored.id)
             return {"answer": answer, "ipv4": stored.ipv4, "event": events[-1]}
         finally:
             await runner.cleanup()

@@ -30,7 +30,7 @@ from netboot.shipped import templates_dir
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 MAC = MacAddress.parse("52:54:00:00:00:11")
-MACHINE = Machine(mac=MAC, state=MachineState.BOOTING, hostname="edge-1", cluster="edge",
+MACHINE = Machine(macs=(MAC,), state=MachineState.BOOTING, hostname="edge-1", cluster="edge",
                   role=Role.AGENT, uuid="8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4",
                   serial="SN123", updated=1_700_000_000.0, created=1_700_000_000.0)
 PROFILE = Profile(name="k3os", kernel="k3os/vmlinuz", initrds=("k3os/initrd",),
@@ -91,7 +91,7 @@ def test_ipxe_install_is_complete() -> None:
 def test_bootstrap_golden() -> None:
     text = content().bootstrap_ipxe()
     golden("boot.ipxe", text)
-    for var in ("${net0/mac:hexhyp}", "${uuid}", "${buildarch}", "${platform}",
+    for var in ("${netX/mac:hexhyp}", "${uuid}", "${buildarch}", "${platform}",
                 "${serial:uristring}", "${manufacturer:uristring}", "${product:uristring}",
                 "${asset:uristring}"):
         assert var in text

@@ -90,7 +90,7 @@ def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
     """A BootRequest from the query string iPXE fills in from its settings (protocols.md §2.4)."""
     mac_text = query.get("mac")
     if not mac_text:
-        raise ValidationError("mac", "required (iPXE fills it from ${net0/mac:hexhyp})")
+        raise ValidationError("mac", "required (iPXE fills it from ${netX/mac:hexhyp})")
     mac = MacAddress.parse(mac_text)
     uuid = query.get("uuid") or None
     if uuid:
@@ -205,7 +205,12 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
         return web.json_response({"error": str(exc), "state": exc.state, "event": exc.event},
                                  status=409)
     if isinstance(exc, Conflict):
-        return web.json_response({"error": str(exc)}, status=409)
+        body = {"error": str(exc)}
+        if exc.field is not None:
+            body["field"] = exc.field
+        if exc.holder is not None:
+            body["holder"] = exc.holder
+        return web.json_response(body, status=409)
     if isinstance(exc, RenderError):
         log.error("render failed for %s %s: %s", request.method, loggable_target(request), exc)
         return web.json_response({"error": f"render failed: {exc}"}, status=500)
