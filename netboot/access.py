@@ -30,8 +30,7 @@ from netboot.model import ApiToken, AuditEntry, Scope
 
 TOKEN_PREFIX = "nbt_"
 # Names are path segments (/api/v1/tokens/{name}), table cells and audit actors.
-TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-TOKEN_NAME_PATTERN = TOKEN_NAME.pattern
+TOKEN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 # A token's last use is written at most this often: a busy dashboard polling every second
 # must not turn every read into a database write.
 TOUCH_EVERY = 60.0
@@ -39,7 +38,8 @@ TOUCH_EVERY = 60.0
 # writes, so a flood of refused requests cannot grow the database without bound.
 AUDIT_KEEP = 100_000
 AUDIT_PRUNE_EVERY = 1000
-_DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
+# A positive count and a unit; also the pattern the OpenAPI document declares.
+DURATION_PATTERN = r"^[1-9][0-9]{0,5}[smhdw]$"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -92,26 +92,25 @@ def token_hash(token: str) -> str:
 
 
 def parse_scope(text: object) -> Scope:
-    try:
-        return Scope(text)
-    except ValueError:
-        raise ValidationError("scope", f"{text!r} is not one of "
-                              f"{', '.join(s.value for s in Scope)}") from None
+    for scope in Scope:
+        if text == scope.value:
+            return scope
+    raise ValidationError("scope", f"{text!r} is not one of {', '.join(s.value for s in Scope)}")
 
 
 def check_token_name(name: object) -> str:
-    if not isinstance(name, str) or not TOKEN_NAME.match(name):
+    # fullmatch: "$" alone would let a trailing newline through.
+    if not isinstance(name, str) or not re.fullmatch(TOKEN_NAME_PATTERN[1:-1], name):
         raise ValidationError("name", f"{name!r}: 1-64 letters, digits, '.', '_', '@' or '-', "
                               "starting with a letter or digit")
     return name
 
 
-def parse_duration(text: object) -> float:
+def parse_duration(text: object, field: str = "expires") -> float:
     """``90s``, ``30m``, ``12h``, ``30d``, ``2w`` → seconds (a token's lifetime)."""
-    match = _DURATION.match(text) if isinstance(text, str) else None
-    if match is None or int(match.group(1)) == 0:
-        raise ValidationError("expires", f"{text!r}: a positive duration such as 12h, 30d, 2w")
-    return float(int(match.group(1)) * _UNITS[match.group(2)])
+    if not isinstance(text, str) or not re.fullmatch(DURATION_PATTERN[1:-1], text):
+        raise ValidationError(field, f"{text!r}: a positive duration such as 12h, 30d, 2w")
+    return float(int(text[:-1]) * _UNITS[text[-1]])
 
 
 class Access:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netboot.lifecycle import Trigger, advance
+from netboot.model import Scope
 from netboot.openapi import document
 from tests.conftest import Env, Reply, boot, call, install_token
 
@@ -73,29 +74,35 @@ async def test_openapi_path_parameters_and_refs_are_consistent(env: Env) -> None
         assert ref in doc["components"]["schemas"], ref
 
 
-async def test_openapi_security_marks_exactly_the_admin_mutations(env: Env) -> None:
+async def test_openapi_security_marks_every_operation_but_the_devices_own(env: Env) -> None:
     doc = document()
-    open_mutations = {(p, m) for p, m in documented(doc)
-                      if m != "get" and "security" not in doc["paths"][p][m]}
-    assert open_mutations == {("/api/v1/register", "post")}
-    assert all("security" not in doc["paths"][p]["get"] for p, m in documented(doc)
-               if m == "get")
+    assert "security" not in doc  # each operation says, none inherits by accident
+    open_ops = {(p, m) for p, m in documented(doc) if not doc["paths"][p][m]["security"]}
+    assert open_ops == {("/api/v1/register", "post")}
+    events = doc["paths"]["/api/v1/machines/{ref}/events"]["post"]["security"]
+    assert {"installToken": []} in events
+    for path, method in documented(doc):
+        for requirement in doc["paths"][path][method]["security"]:
+            for scheme, scopes in requirement.items():
+                assert scheme in doc["components"]["securitySchemes"]
+                assert set(scopes) <= {s.value for s in Scope}
+                assert scheme != "bearer" or len(scopes) == 1  # alternatives, one scope each
 
 
-# --- auth: every documented admin operation refuses without / with a wrong token --------------
+# --- auth: every documented operation refuses without / with a wrong token --------------------
 
 
 def concrete(path: str) -> str:
     return path.replace("{ref}", MAC).replace("{name}", "edge")
 
 
-async def test_every_admin_operation_needs_the_admin_token(env: Env) -> None:
+async def test_every_operation_needs_a_token(env: Env) -> None:
     await env.seed()
     await machine(env)
     doc = document()
     checked = 0
     for path, method in sorted(documented(doc)):
-        if "security" not in doc["paths"][path][method]:
+        if not doc["paths"][path][method]["security"]:
             continue
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"},
                         {"Authorization": f"Bearer {env.admin}x"},
@@ -106,10 +113,45 @@ async def test_every_admin_operation_needs_the_admin_token(env: Env) -> None:
             assert r.headers.get("www-authenticate") == "Bearer"
             assert env.admin not in r.text
         checked += 1
-    assert checked >= 15
+    assert checked >= 28
     # Nothing was changed by the refused calls.
     assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "enrolled"
     assert len(await env.get("/api/v1/clusters")) == 1
+
+
+async def scoped_token(env: Env, scope: str, name: str | None = None) -> str:
+    made = await env.post("/api/v1/tokens", {"name": name or f"t-{scope}", "scope": scope},
+                          status=201)
+    value: str = made["token"]
+    return value
+
+
+async def test_each_scope_is_refused_exactly_what_the_document_does_not_grant(env: Env) -> None:
+    """The document's security requirements are what the server enforces, operation by
+    operation: a scope not listed gets 403 naming one that is; a listed one gets past."""
+    await env.seed()
+    await machine(env)
+    tokens = {s.value: await scoped_token(env, s.value) for s in Scope}
+    doc = document()
+    refused = 0
+    for path, method in sorted(documented(doc)):
+        allowed = {scope for req in doc["paths"][path][method]["security"]
+                   for scheme, scopes in req.items() if scheme == "bearer" for scope in scopes}
+        if not doc["paths"][path][method]["security"]:
+            continue
+        for scope, token in tokens.items():
+            r = await call(env, method.upper(), concrete(path), json_body={"kind": "x"},
+                           headers={"Authorization": f"Bearer {token}"}, admin=False)
+            if scope in allowed:
+                assert r.status not in (401, 403), (path, method, scope, r.text)
+            else:
+                body = error(r, 403)
+                assert body["scope"] in allowed, (path, method, body)
+                assert body["scope"] == doc["paths"][path][method]["x-netboot-scope"]
+                assert r.headers["www-authenticate"] == (
+                    f'Bearer error="insufficient_scope", scope="{body["scope"]}"')
+                refused += 1
+    assert refused >= 40
 
 
 async def test_admin_token_is_accepted_case_insensitive_scheme(env: Env) -> None:
@@ -832,7 +874,8 @@ async def test_fuzzed_bulk_rows_never_500(env: Env, rows: list[Any], dry_run: bo
                              st.text(max_size=30), max_size=5))
 async def test_fuzzed_queries_never_500(env: Env, query: dict[str, str]) -> None:
     for path in ("/api/v1/machines", "/ipxe", f"/api/v1/machines/{MAC}/events"):
-        resp = await env.client.get(path, params=query)
+        headers = env.auth if path.startswith("/api/") else None
+        resp = await env.client.get(path, params=query, headers=headers)
         assert resp.status < 500, (path, query, resp.status, await resp.text())
 
 

@@ -1023,7 +1023,8 @@ def _token(row: Sequence[Any]) -> ApiToken:
 
 def _create_token(conn: sqlite3.Connection, token: ApiToken) -> None:
     try:
-        conn.execute(f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+        conn.execute(f"INSERT INTO api_tokens ({_TOKEN_COLUMNS})"  # noqa: S608 - a constant
+                     " VALUES (?, ?, ?, ?, ?, ?)",
                      (token.name, token.sha256, str(token.scope), token.created, token.expires,
                       token.last_used))
     except sqlite3.IntegrityError as exc:
