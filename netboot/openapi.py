@@ -21,15 +21,32 @@ _NSTR = {"type": ["string", "null"]}
 _MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _LIST = {"type": "array", "items": {"type": "string"}}
 
+# What the server accepts, as patterns (netboot.model.MacAddress.parse, enroll.check_hostname,
+# model.normalise_uuid): aa:bb:cc:dd:ee:ff, aa-bb-..., aabb.ccdd.eeff, aabbccddeeff and
+# pxelinux's 01-aa-bb-...
+_HEX2 = "[0-9A-Fa-f]{2}"
+MAC_PATTERN = ("^(" + "|".join((
+    f"{_HEX2}(:{_HEX2}){{5}}", f"{_HEX2}(-{_HEX2}){{5}}", f"01-{_HEX2}(-{_HEX2}){{5}}",
+    "[0-9A-Fa-f]{4}[.][0-9A-Fa-f]{4}[.][0-9A-Fa-f]{4}", "[0-9A-Fa-f]{12}")) + ")$")
+REF_PATTERN = MAC_PATTERN[:-2] + "|m-[0-9a-f]{12})$"
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = {"type": "string", "pattern": f"^{_LABEL}([.]{_LABEL})*$", "maxLength": 253}
+_MAC = {"type": "string", "pattern": MAC_PATTERN}
+_UUID = {"type": "string", "pattern": "^[0-9A-Fa-f]{8}(-?[0-9A-Fa-f]{4}){3}-?[0-9A-Fa-f]{12}$"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 _MACHINE_PROPS: dict[str, Any] = {
-    "mac": {"type": ["string", "null"],
-            "description": "its first NIC, any common MAC form; normalised"},
-    "macs": {"type": "array", "items": _STR,
+    "mac": {**_nullable(_MAC), "description": "its first NIC, any common MAC form; normalised"},
+    "macs": {"type": "array", "items": _MAC,
              "description": "every NIC; a boot from any of them is this machine"},
-    "hostname": _NSTR, "uuid": _NSTR, "serial": _NSTR, "asset": _NSTR,
-    "labels": _MAP, "cluster": _NSTR,
+    "hostname": _nullable(HOSTNAME), "uuid": _nullable(_UUID), "serial": _NSTR,
+    "asset": _NSTR, "labels": _MAP, "cluster": _NSTR,
     "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
-    "profile": _NSTR, "fixed_ipv4": _NSTR,
+    "profile": _NSTR, "fixed_ipv4": _nullable({"type": "string", "format": "ipv4"}),
 }
 # Read-only: a state changes only by what happens to the machine (netboot.lifecycle), so the
 # input schemas do not have it and the API answers 400 naming "state".
@@ -58,7 +75,7 @@ SCHEMAS: dict[str, Any] = {
                      "properties": _MACHINE_PROPS},
     "Approve": {"type": "object", "additionalProperties": False, "properties": {
         "cluster": _NSTR, "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
-        "profile": _NSTR, "hostname": _NSTR}},
+        "profile": _NSTR, "hostname": _nullable(HOSTNAME)}},
     # Not allOf MachineInput: its additionalProperties=false would reject every response.
     "Machine": {"type": "object", "required": ["id", "macs", "state"], "properties": {
         **_MACHINE_PROPS, "id": _STR, "state": _STATE, "mac_hexhyp": _NSTR, "arch": _NSTR,
@@ -204,8 +221,10 @@ def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str
 
 
 def _path_param(name: str) -> dict[str, Any]:
-    out = {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    out: dict[str, Any] = {"name": name, "in": "path", "required": True,
+                           "schema": {"type": "string"}}
     if name == "ref":
+        out["schema"]["pattern"] = REF_PATTERN
         out["description"] = "one of the machine's MACs (any common form), or its id"
     return out
 
@@ -246,7 +265,7 @@ def document() -> dict[str, Any]:
         "/api/v1/machines/{ref}/reinstall": {
             "parameters": [_path_param("ref")],
             "post": _op("install again on next boot", need=OPERATE, out="Machine",
-                        errors=(404, 409)),
+                        errors=(400, 404, 409)),
         },
         "/api/v1/machines/{ref}/explain": {
             "parameters": [_path_param("ref")],
