@@ -289,6 +289,42 @@ class Lease:
     hostname: str | None = None
 
 
+class Scope(enum.StrEnum):
+    """What an API token may do (netboot.access maps each to its permissions)."""
+
+    ADMIN = "admin"  # everything, secrets included: tokens, audit, profiles, clusters, groups
+    OPERATOR = "operator"  # enroll, approve, change, reinstall and remove machines; read
+    READ = "read"  # the inventory, without secrets
+    ENROLL = "enroll"  # create and approve machines only (factory-floor scanners)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A named bearer token of the API. Only the sha256 of its value is kept: the value is
+    shown once, at creation."""
+
+    name: str
+    sha256: str
+    scope: Scope
+    created: float
+    expires: float | None = None
+    last_used: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One change asked of netboot: who (a token's name, ``cli:<user>``, ``machine:<mac>``),
+    what (``POST /api/v1/machines`` or ``machines add``) on which target, from where (peer
+    address, ``local`` for the CLI), and how it ended (an HTTP status or ``ok``/``error``)."""
+
+    time: float
+    actor: str
+    action: str
+    target: str
+    peer: str
+    outcome: str
+
+
 @dataclass(frozen=True, slots=True)
 class BootRequest:
     """What a client told us about itself, from whichever protocol it came in on."""

@@ -27,8 +27,10 @@ from netboot.errors import ValidationError
 from netboot.inventory.base import MachineFilter
 from netboot.model import (
     ID_PREFIX,
+    ApiToken,
     Arch,
     Asset,
+    AuditEntry,
     Cluster,
     Event,
     Firmware,
@@ -39,6 +41,7 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    Scope,
     check_endpoint,
 )
 
@@ -59,6 +62,8 @@ _CLUSTER_FIELDS = _names(Cluster)
 _GROUP_FIELDS = _names(Group)
 _EVENT_FIELDS = _names(Event)
 _LEASE_FIELDS = _names(Lease)
+_TOKEN_FIELDS = _names(ApiToken)
+_AUDIT_FIELDS = _names(AuditEntry)
 
 
 # --- encoding helpers ---------------------------------------------------------------------
@@ -518,3 +523,31 @@ def lease_from_dict(data: object) -> Lease:
         expires=_float(d, "expires"),
         hostname=_opt_str(d, "hostname"),
     )
+
+
+def token_to_dict(token: ApiToken) -> dict[str, Any]:
+    return {"name": token.name, "sha256": token.sha256, "scope": str(token.scope),
+            "created": token.created, "expires": token.expires, "last_used": token.last_used}
+
+
+def token_from_dict(data: object) -> ApiToken:
+    """Strict parse; ``name``, ``sha256``, ``scope`` and ``created`` are required."""
+    d = _object(data, "token")
+    _fields(d, _TOKEN_FIELDS, "")
+    return ApiToken(name=_name(d, "name"), sha256=_name(d, "sha256"),
+                    scope=_enum(d.get("scope"), Scope, "scope"), created=_float(d, "created"),
+                    expires=_opt_float(d, "expires"), last_used=_opt_float(d, "last_used"))
+
+
+def audit_to_dict(entry: AuditEntry) -> dict[str, Any]:
+    return {"time": entry.time, "actor": entry.actor, "action": entry.action,
+            "target": entry.target, "peer": entry.peer, "outcome": entry.outcome}
+
+
+def audit_from_dict(data: object) -> AuditEntry:
+    """Strict parse; every field is required (``target`` and ``peer`` may be empty)."""
+    d = _object(data, "audit entry")
+    _fields(d, _AUDIT_FIELDS, "")
+    return AuditEntry(time=_float(d, "time"), actor=_name(d, "actor"),
+                      action=_name(d, "action"), target=_str(d, "target"),
+                      peer=_str(d, "peer"), outcome=_name(d, "outcome"))
