@@ -99,6 +99,7 @@ class TftpStats:
     busy: int = 0
     duplicate_requests: int = 0
     unknown_tid: int = 0
+    retransmissions: int = 0  # DATA/OACK windows resent, over all finished transfers
 
 
 class _FileSource:
@@ -232,6 +233,7 @@ class _Transfer(asyncio.DatagramProtocol):
 
     def _finished(self, step: Step) -> None:
         s, stats = self._sender, self._server.stats
+        stats.retransmissions += s.retransmissions
         if step.outcome is Outcome.COMPLETE:
             stats.completed += 1
             log.info(
@@ -289,6 +291,7 @@ class TftpServer:
         retransmit: float = 1.0,
         max_retries: int = 6,
         max_windowsize: int = 64,
+        min_rto: float | None = 0.005,
     ) -> None:
         self._files = files
         self.host = host
@@ -296,7 +299,9 @@ class TftpServer:
         self.max_transfers = max_transfers
         self.max_per_client = max_per_client
         self.interfaces = list(interfaces) if interfaces else []
-        self._settings = (mtu, retransmit, max_retries, max_windowsize)
+        # The round-trip timer's floor never exceeds the fixed interval it replaces.
+        self._settings = (mtu, retransmit, max_retries, max_windowsize,
+                          None if min_rto is None else min(min_rto, retransmit))
         self.policy: Policy | None = None
         self.stats = TftpStats()
         self.limited = RateLimitedLog(log)
@@ -312,13 +317,14 @@ class TftpServer:
         return len(self._transfers) + len(self._opening)
 
     async def start(self) -> None:
-        mtu, retransmit, max_retries, max_windowsize = self._settings
+        mtu, retransmit, max_retries, max_windowsize, min_rto = self._settings
         try:
             self.policy = Policy(
                 mtu=mtu,
                 retransmit=retransmit,
                 max_retries=max_retries,
                 max_windowsize=max_windowsize,
+                min_rto=min_rto,
             )
         except ValueError as exc:
             raise ConfigError(str(exc), key="tftp", fix="check tftp.mtu and timers") from None
