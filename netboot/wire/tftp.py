@@ -623,11 +623,15 @@ class Sender:
                 " (file changed during the transfer?)",
                 error_packet(ErrorCode.NOT_DEFINED, "file changed"),
             )
-        view = memoryview(chunk)
-        packets = tuple(
-            data_packet(block % _BLOCK_MOD, view[(block - first) * bs : (block - first + 1) * bs])
-            for block in range(first, last + 1)
-        )
+        if first == last:  # lock-step: one block, no slicing
+            packets: tuple[bytes, ...] = (data_packet(first % _BLOCK_MOD, chunk),)
+        else:
+            view = memoryview(chunk)
+            packets = tuple(
+                data_packet(block % _BLOCK_MOD,
+                            view[(block - first) * bs : (block - first + 1) * bs])
+                for block in range(first, last + 1)
+            )
         self.sent = max(self.sent, last)
         self._sent_at = now
         return self._arm(now, packets)
