@@ -555,9 +555,9 @@ class DhcpServer:
             sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, interface.encode())
             sock.bind(("0.0.0.0", self._client_port))
             sock.setblocking(False)
-            await loop.sock_sendto(
-                sock, dhcp.encode(probe, pad_to=MIN_PACKET_SIZE), (self._broadcast, self._port)
-            )
+            # A plain sendto: one datagram on a fresh socket does not block, and uvloop
+            # has no loop.sock_sendto.
+            sock.sendto(dhcp.encode(probe, pad_to=MIN_PACKET_SIZE), (self._broadcast, self._port))
             deadline = loop.time() + self._probe_seconds
             while (left := deadline - loop.time()) > 0 and len(found) < 16:
                 try:

@@ -24,6 +24,7 @@ from netboot.wire.tftp import (
     encode,
     parse,
 )
+from tests.servers.udp_io import recvfrom
 
 Address = tuple[str, int]
 LOOPBACK = "127.0.0.1"
@@ -84,8 +85,7 @@ class RawClient:
 
     async def recv_raw(self, timeout: float = 3.0) -> tuple[bytes, Address]:
         async with asyncio.timeout(timeout):
-            data, addr = await self.loop.sock_recvfrom(self.sock, 70000)
-        return data, (addr[0], addr[1])
+            return await recvfrom(self.sock, 70000)
 
     async def recv(self, timeout: float = 3.0) -> tuple[Packet, Address]:
         data, addr = await self.recv_raw(timeout)
