@@ -149,7 +149,8 @@ def serve(root: Path) -> None:
     async def main() -> None:
         min_rto = os.environ.get("NETBOOT_MIN_RTO")  # seconds; "none" = the fixed timer
         server = TftpServer(Files(), host=HOST, port=0, max_transfers=256,
-                            min_rto=None if min_rto == "none" else float(min_rto or 0.005))
+                            min_rto=None if min_rto == "none" else float(min_rto or 0.005),
+                            gso=os.environ.get("NETBOOT_GSO") != "0")
         await server.start()
         print(server.port, flush=True)
         stopped = asyncio.Event()

@@ -41,6 +41,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -146,6 +147,7 @@ class _Transfer(asyncio.DatagramProtocol):
         # transport's own checks were a tenth of the cost of a block. EAGAIN falls back
         # to the transport, which queues.
         self._sock_sendto = sock.sendto
+        self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.DatagramTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -239,7 +241,21 @@ class _Transfer(asyncio.DatagramProtocol):
         if self._closed:
             return
         peer = self.peer
-        for datagram in step.send:
+        send = step.send
+        if len(send) > 1 and self._server.gso and _gso_able(send):
+            try:
+                # UDP_SEGMENT (Linux >= 4.18): the kernel cuts the buffer into the window's
+                # datagrams, one system call for the whole window.
+                self._sock.sendmsg([b"".join(send)], [(_SOL_UDP, _UDP_SEGMENT,
+                                                       _GSO_SIZE.pack(len(send[0])))], 0, peer)
+                send = ()
+            except (BlockingIOError, InterruptedError):
+                pass  # sent one by one below, the transport queueing what does not fit
+            except OSError as exc:
+                # No GSO here (an old kernel, a device without it): never try again.
+                log.info("tftp: UDP_SEGMENT unavailable (%s), sending datagram by datagram", exc)
+                self._server.gso = False
+        for datagram in send:
             try:
                 self._sock_sendto(datagram, peer)
             except (BlockingIOError, InterruptedError):
@@ -306,6 +322,19 @@ class _Transfer(asyncio.DatagramProtocol):
         self._server._forget(self.peer, self)
 
 
+_SOL_UDP = 17
+_UDP_SEGMENT = 103  # linux/udp.h
+_GSO_SIZE = struct.Struct("=H")
+_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
+
+
+def _gso_able(datagrams: tuple[bytes, ...]) -> bool:
+    # Every segment but the last must be exactly gso_size long, and 64 at most.
+    size = len(datagrams[0])
+    return (len(datagrams) <= _GSO_MAX_SEGMENTS and size * len(datagrams) <= 65000
+            and all(len(d) == size for d in datagrams[1:-1]) and len(datagrams[-1]) <= size)
+
+
 class _Event(Protocol):
     def __call__(self) -> Step: ...
 
@@ -327,6 +356,7 @@ class TftpServer:
         max_retries: int = 6,
         max_windowsize: int = 64,
         min_rto: float | None = 0.005,
+        gso: bool = True,
     ) -> None:
         self._files = files
         self.host = host
@@ -340,6 +370,7 @@ class TftpServer:
         self.policy: Policy | None = None
         self.stats = TftpStats()
         self.limited = RateLimitedLog(log)
+        self.gso = gso  # send a window in one sendmsg; cleared when the kernel refuses
         self._listeners: list[tuple[asyncio.BaseTransport, BoundaryProtocol]] = []
         self._transfers: dict[Address, _Transfer] = {}
         self._opening: set[Address] = set()
