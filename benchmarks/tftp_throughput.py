@@ -9,7 +9,7 @@
 ``lockstep``  ``--clients`` transfers at once, each from its own loopback address (servers
               limit transfers per address; a storm comes from many), windowsize 1: MiB/s
               over all, and the server's CPU time per MiB (user + system, children
-              included: tftpd-hpa forks a process per transfer).
+              included: tftpd-hpa forks a process per transfer; see CpuMeter).
 ``loss``      ``--clients`` transfers at once through a client that drops ``--loss`` of the
               datagrams each way (a seeded RNG, the same pattern for every server) and, like
               U-Boot and RFC 1350 clients, ACKs every duplicate and resends its last ACK
@@ -166,13 +166,44 @@ def serve(root: Path) -> None:
         asyncio.run(main())
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and of its children that have ended (tftpd-hpa's)."""
-    with contextlib.suppress(OSError):
+def _cpu(pid: int) -> float:
+    with contextlib.suppress(OSError, ValueError):
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2:].split()
-        return sum(int(f) for f in fields[11:15]) / CLK_TCK
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
     return 0.0
+
+
+class CpuMeter:
+    """CPU seconds of a server and of its children while they live: tftpd-hpa forks one per
+    transfer and lets the kernel reap it (SIGCHLD ignored), so its children's time never
+    reaches its own counters. Children are sampled every 10 ms; a child's last 10 ms may be
+    missed (a small under-count, in tftpd-hpa's favour)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.own0 = _cpu(pid)
+        self.children: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{self.pid}/task"):
+                    with contextlib.suppress(OSError):
+                        kids = Path(f"/proc/{self.pid}/task/{task}/children").read_text()
+                        for child in map(int, kids.split()):
+                            self.children[child] = max(self.children.get(child, 0.0),
+                                                       _cpu(child))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return _cpu(self.pid) - self.own0 + sum(self.children.values())
 
 
 # --- the client --------------------------------------------------------------------------------
@@ -383,14 +414,10 @@ def main() -> None:
             for peer, binary in order:
                 with peer.start(root, binary) as (port, pid):
                     for window in windows:
-                        cpu0 = cpu_seconds(pid)
+                        meter = CpuMeter(pid)
                         run = transfers(port, "file.bin", size, clients, window, loss=loss,
                                         seed=args.seed + rep, cap=args.cap)
-                        # tftpd-hpa reaps its per-transfer children (whose CPU time then
-                        # counts as its own) when a request wakes it up.
-                        wait_for_udp_answer(HOST, port, PROBE, tries=3)
-                        time.sleep(0.2)
-                        cpu = cpu_seconds(pid) - cpu0
+                        cpu = meter.stop()
                         results.setdefault((peer.name, window), []).append((run, cpu))
     report(mode, size, clients, windows, loss, args, [p.name for p, _ in peers], results)
 
