@@ -17,7 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from netboot.core import Core, public_dict
+from netboot.addresses import parse_peer
+from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, token_matches
 from netboot.errors import AuthError, ValidationError
 from netboot.inventory import codec
@@ -98,14 +99,15 @@ class Api:
         r.add_get(f"{p}/machines", self.list_machines)
         r.add_post(f"{p}/machines", self.admin(self.create_machine))
         r.add_post(f"{p}/machines:bulk", self.admin(self.bulk))
-        r.add_get(f"{p}/machines/{{mac}}", self.get_machine)
-        r.add_patch(f"{p}/machines/{{mac}}", self.admin(self.patch_machine))
-        r.add_delete(f"{p}/machines/{{mac}}", self.admin(self.delete_machine))
-        r.add_post(f"{p}/machines/{{mac}}/approve", self.admin(self.approve))
-        r.add_post(f"{p}/machines/{{mac}}/reinstall", self.admin(self.reinstall))
-        r.add_get(f"{p}/machines/{{mac}}/explain", self.explain)
-        r.add_get(f"{p}/machines/{{mac}}/events", self.list_events)
-        r.add_post(f"{p}/machines/{{mac}}/events", self.post_event)
+        # {ref}: one of the machine's MACs (any spelling) or its id (netboot.identity.by_ref).
+        r.add_get(f"{p}/machines/{{ref}}", self.get_machine)
+        r.add_patch(f"{p}/machines/{{ref}}", self.admin(self.patch_machine))
+        r.add_delete(f"{p}/machines/{{ref}}", self.admin(self.delete_machine))
+        r.add_post(f"{p}/machines/{{ref}}/approve", self.admin(self.approve))
+        r.add_post(f"{p}/machines/{{ref}}/reinstall", self.admin(self.reinstall))
+        r.add_get(f"{p}/machines/{{ref}}/explain", self.explain)
+        r.add_get(f"{p}/machines/{{ref}}/events", self.list_events)
+        r.add_post(f"{p}/machines/{{ref}}/events", self.post_event)
         r.add_post(f"{p}/register", self.register)
         for kind in ("profiles", "clusters", "groups"):
             r.add_get(f"{p}/{kind}", self._list(kind))
@@ -136,9 +138,7 @@ class Api:
 
     # -- machines ---------------------------------------------------------------------
     def _machine_out(self, m: Machine) -> dict[str, Any]:
-        out = codec.machine_to_dict(m, secrets=False)
-        out["mac_hexhyp"] = m.mac.hexhyp
-        return out
+        return machine_dict(m)
 
     async def list_machines(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
@@ -171,35 +171,35 @@ class Api:
         return web.json_response(self._machine_out(await self._machine(request)))
 
     async def _machine(self, request: web.Request) -> Machine:
-        return await self._core.machine(request.match_info["mac"])
+        return await self._core.machine(request.match_info["ref"])
 
     async def patch_machine(self, request: web.Request) -> web.Response:
         await self._machine(request)  # 404 before 400: the path is checked first
         body = _object(await read_json(request))
-        machine = await self._core.update_machine(request.match_info["mac"], body)
+        machine = await self._core.update_machine(request.match_info["ref"], body)
         return web.json_response(self._machine_out(machine))
 
     async def delete_machine(self, request: web.Request) -> web.Response:
-        await self._core.delete_machine(request.match_info["mac"])
+        await self._core.delete_machine(request.match_info["ref"])
         return web.Response(status=204)
 
     async def approve(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request)) if request.body_exists else {}
-        machine = await self._core.approve(request.match_info["mac"], body)
+        machine = await self._core.approve(request.match_info["ref"], body)
         return web.json_response(self._machine_out(machine))
 
     async def reinstall(self, request: web.Request) -> web.Response:
-        machine = await self._core.reinstall(request.match_info["mac"])
+        machine = await self._core.reinstall(request.match_info["ref"])
         return web.json_response(self._machine_out(machine))
 
     async def explain(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._core.explain(request.match_info["mac"],
+        return web.json_response(await self._core.explain(request.match_info["ref"],
                                                           arch=request.query.get("arch")))
 
     async def list_events(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
         limit = _int_query(request, "limit", 1000, 1, 10000)
-        events = await self._store.list_events(str(machine.mac), limit=limit)
+        events = await self._store.list_events(machine.id, limit=limit)
         return web.json_response([codec.event_to_dict(e) for e in events])
 
     async def post_event(self, request: web.Request) -> web.Response:
@@ -216,13 +216,15 @@ class Api:
             raise web.HTTPRequestEntityTooLarge(max_size=request.app[MAX_EVENT_KEY],
                                                 actual_size=len(raw))
         body = loads(raw or b"null")
-        event = await self._enroll.report(str(machine.mac), _object(body))
+        event = await self._enroll.report(machine.id, _object(body))
         self._log.info("event mac=%s kind=%s message=%r", machine.mac, event.kind, event.message)
         return web.json_response(codec.event_to_dict(event), status=201)
 
     async def register(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
-        machine = await self._enroll.register(body)
+        # The transport's peer, typed here at the edge: what the device reports about its own
+        # address is checked against it (k3OS reports 127.0.1.1, netboot.addresses).
+        machine = await self._enroll.register(body, parse_peer(request.remote))
         return web.json_response(self._machine_out(machine))
 
     async def bulk(self, request: web.Request) -> web.Response:

@@ -26,9 +26,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from netboot import groups as grouping
-from netboot import lifecycle
+from netboot import identity, lifecycle
 from netboot.enroll import Enroller
-from netboot.inventory.base import MachineFilter, Store
+from netboot.errors import Conflict
+from netboot.identity import Identity, Resolution
+from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
     Arch,
     BootAction,
@@ -40,11 +42,16 @@ from netboot.model import (
     FirstStage,
     Group,
     K3sJoin,
+    MacAddress,
     Machine,
     MachineState,
     Profile,
     Role,
+    endpoint_host,
+    endpoint_url,
+    url_host,
 )
+from netboot.names import serves_cluster, valid_label
 
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
 
@@ -87,10 +94,13 @@ def loader_names() -> tuple[str, ...]:
 _FACT_KEYS = ("manufacturer", "product", "hostname", "platform", "relay", "interface")
 
 
-def learn(machine: Machine, request: BootRequest, now: float) -> Machine:
+def learn(machine: Machine, request: BootRequest, now: float,
+          taken: frozenset[str] = frozenset()) -> Machine:
     """The machine with what this request told about it added; nothing known is lost.
 
-    Identity fields (UUID, serial, asset) are kept once known; the newest architecture wins
+    Identity fields (UUID, serial, asset) are kept once known, and learnt only when they are
+    real identifiers: a firmware placeholder ("To be filled by O.E.M.") or one that ``taken``
+    says another machine holds stays a fact, never an identity. The newest architecture wins
     (iPXE's cpuid check is better than option 93's "x86"); the first firmware seen is what the
     machine *is* ("UEFI PXE" tells more than the iPXE it chainloads).
     """
@@ -101,10 +111,18 @@ def learn(machine: Machine, request: BootRequest, now: float) -> Machine:
             facts["dhcp_hostname" if key == "hostname" else key] = value
     if request.remote_addr:
         facts["remote_addr"] = request.remote_addr
+    seen = Identity.of_request(request)
+    for key in ("uuid", "serial", "asset"):
+        value = getattr(request, key)
+        if value and (getattr(seen, key) is None or key in taken):
+            facts[key] = value
+
+    def pick(key: str) -> str | None:
+        own: str | None = getattr(machine, key)
+        return own or (None if key in taken else getattr(seen, key))
+
     updated = replace(
-        machine, facts=facts,
-        uuid=machine.uuid or request.uuid, serial=machine.serial or request.serial,
-        asset=machine.asset or request.asset,
+        machine, facts=facts, uuid=pick("uuid"), serial=pick("serial"), asset=pick("asset"),
         arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
         firmware=machine.firmware or (request.firmware
                                       if request.firmware != Firmware.UNKNOWN else None),
@@ -149,22 +167,36 @@ class BootService:
         Called on the DHCP path, which must answer within ~2 s (iPXE drops late proxy offers,
         protocols.md §1.6): one indexed read, and writes happen in the background.
         """
-        machine = await self._store.get_machine(str(request.mac))
+        machine = (await self._resolve(request)).machine
         self._spawn(self._record_dhcp(request))
         if (machine is None or machine.state == MachineState.DISCOVERED) \
-                and self.settings.policy == "ignore":
+                and self.settings.policy == "ignore" and not await self._awaiting_nic():
             return None
         return self.loader(request)
+
+    async def _awaiting_nic(self) -> bool:
+        """Whether some machine was enrolled without a MAC (by serial, asset or UUID).
+
+        DHCP carries no serial or asset tag: such a machine is recognised only by what iPXE
+        reports to /ipxe. So while one waits for its first boot, unknown NICs are given the
+        first stage even under the ``ignore`` policy; iPXE then asks, and a NIC of no enrolled
+        machine gets ``ignore.ipxe``, which exits to the firmware's next boot device.
+        """
+        return await self._store.count_machines(MachineFilter(has_mac=False)) > 0
+
+    async def _resolve(self, request: BootRequest) -> Resolution:
+        return await identity.resolve(self._store, Identity.of_request(request))
 
     async def _record_dhcp(self, request: BootRequest) -> None:
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
         async with self._lock(str(request.mac)):
-            machine = await self._store.get_machine(str(request.mac))
+            res = await self._resolve(request)
+            machine = await self._adopt(request, res)
             if machine is None or machine.state == MachineState.DISCOVERED:
-                await self._discover(request, machine)
+                await self._discover(request, machine, res)
             else:
-                await self._note(machine, request, "dhcp",
+                await self._note(machine, request, res, "dhcp",
                                  f"{request.firmware}/{request.arch} asked for a boot file")
 
     def _lock(self, mac: str) -> asyncio.Lock:
@@ -203,9 +235,10 @@ class BootService:
 
     async def _plan(self, request: BootRequest, *, record: bool) -> BootPlan:
         mac = request.mac
-        machine = await self._store.get_machine(str(mac))
+        res = await self._resolve(request)
+        machine = await self._adopt(request, res) if record else res.machine
         if machine is None or machine.state == MachineState.DISCOVERED:
-            machine = await self._discover(request, machine) if record else machine
+            machine = await self._discover(request, machine, res) if record else machine
             if self.settings.policy == "auto" and record:
                 group = grouping.select(self.settings.rules, request.labels())
                 if group is not None:
@@ -228,7 +261,7 @@ class BootService:
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
             return plan
-        return await self._install_plan(request, machine, record)
+        return await self._install_plan(request, machine, res, record)
 
     async def _unknown_plan(self, request: BootRequest, machine: Machine | None,
                             record: bool) -> BootPlan:
@@ -239,7 +272,7 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason,
                             retry_seconds=self.settings.hold_retry_seconds, machine=machine,
                             command=await self.approve_command(machine or Machine(
-                                mac=request.mac), request))
+                                macs=(request.mac,)), request))
         reason = (f"unknown machine and discovery policy is {self.settings.policy!r}"
                   + ("; no auto rule matched" if self.settings.policy == "auto" else ""))
         return BootPlan(BootAction.IGNORE, request.mac, reason, machine=machine)
@@ -250,7 +283,7 @@ class BootService:
         group or default gives it (a cluster, a role, a profile), with the real name when the
         inventory has only one to choose from."""
         group, profile, cluster, _ = await self.effective(machine, request)
-        parts = ["netboot machines approve", str(machine.mac)]
+        parts = ["netboot machines approve", machine.ref]
         if cluster is None:
             names = [c.name for c in await self._store.list_clusters()]
             parts.append("--cluster " + (names[0] if len(names) == 1 else "NAME"))
@@ -265,18 +298,7 @@ class BootService:
                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
         """The machine's group, profile, cluster and role: its own settings win over the
         group's; the configured default profile comes last."""
-        labels = dict(machine.labels)
-        labels.update({k: v for k, v in machine.facts.items() if v})
-        if request is not None:
-            labels.update(request.labels())
-        labels["mac"] = str(machine.mac)
-        for key in ("uuid", "serial", "asset", "hostname"):
-            if getattr(machine, key):
-                labels[key] = getattr(machine, key)
-        if machine.arch:
-            labels.setdefault("arch", str(machine.arch))
-        if machine.firmware:
-            labels.setdefault("firmware", str(machine.firmware))
+        labels = grouping.machine_labels(machine, request.labels() if request else None)
         group = grouping.select(await self._store.list_groups(), labels)
         profile_name = (machine.profile or (group.profile if group else None)
                         or self.settings.default_profile)
@@ -286,7 +308,7 @@ class BootService:
         cluster = await self._store.get_cluster(cluster_name) if cluster_name else None
         return group, profile, cluster, role
 
-    async def _install_plan(self, request: BootRequest, machine: Machine,
+    async def _install_plan(self, request: BootRequest, machine: Machine, res: Resolution,
                             record: bool) -> BootPlan:
         group, profile, cluster, role = await self.effective(machine, request)
         if profile is None:
@@ -300,6 +322,21 @@ class BootService:
                             group=group.name if group else None)
         k3s = (await self.k3s_join(machine, cluster, role, group, claim=record)
                if cluster else None)
+        if cluster is not None and k3s is not None and k3s.waiting:
+            # Held without a state change or a token: the retry loop asks again and installs
+            # by itself once a server registers (no power cycle, no operator).
+            reason = await self._waiting_reason(cluster)
+            if record:
+                # What the firmware told (its arch) is kept, so that `explain` answers for
+                # the machine as it boots; learn() changes nothing on later retries.
+                learned = learn(machine, request, self._clock())
+                if learned != machine:
+                    machine = learned
+                    await self._store.update_machine(machine)
+                await self._event(machine, "hold", reason, request, once=True)
+            return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                            retry_seconds=self.settings.hold_retry_seconds,
+                            group=group.name if group else None, cluster=cluster)
         reason = (f"{machine.state}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
@@ -307,7 +344,7 @@ class BootService:
             token = self._new_token()
             now = self._clock()
             machine = lifecycle.advance(
-                learn(machine, request, now), lifecycle.Trigger.INSTALL_PLAN, now,
+                learn(machine, request, now, _taken(res)), lifecycle.Trigger.INSTALL_PLAN, now,
                 token_hash=hash_token(token),
                 token_expires=now + self.settings.token_ttl_seconds,
                 # Bind the machine to the cluster and role it installs into, so that the
@@ -320,6 +357,10 @@ class BootService:
                               f"install profile {profile.name}"
                               + (f" into cluster {cluster.name} as {role}" if cluster else ""),
                               request)
+        else:
+            # A dry run renders for the machine as this request describes it (its arch picks
+            # the kernel console), exactly as the recorded plan would, without storing it.
+            machine = learn(machine, request, machine.updated)
         return BootPlan(
             BootAction.INSTALL, request.mac, reason, machine=machine,
             group=group.name if group else None, profile=profile,
@@ -327,13 +368,20 @@ class BootService:
         )
 
     async def config_plan(self, machine: Machine, *, token: str | None, reason: str,
-                          request: BootRequest | None = None, claim: bool = True) -> BootPlan:
+                          request: BootRequest | None = None, claim: bool = True,
+                          mac: MacAddress | None = None) -> BootPlan:
         """What a machine's per-machine config (k3OS, cloud-init) carries: its profile, cluster
-        and how it joins. ``claim=False`` for dry runs that must not pick the init node."""
+        and how it joins. ``claim=False`` for dry runs that must not pick the init node;
+        ``mac`` is the NIC the config was asked for (default: the machine's primary one)."""
         group, profile, cluster, role = await self.effective(machine, request)
         k3s = (await self.k3s_join(machine, cluster, role, group, claim=claim)
                if cluster else None)
-        return BootPlan(BootAction.INSTALL, machine.mac, reason, machine=machine,
+        if cluster is not None and k3s is not None and k3s.waiting:
+            # Its install plan had an endpoint, which has gone since (the server was removed
+            # or is reinstalling): a config without one would install a node that never joins.
+            raise Conflict(await self._waiting_reason(cluster))
+        return BootPlan(BootAction.INSTALL, mac or machine.mac or identity.NO_NIC, reason,
+                        machine=machine,
                         group=group.name if group else None, profile=profile, cluster=cluster,
                         k3s=k3s, token=token)
 
@@ -341,74 +389,105 @@ class BootService:
                        group: Group | None, *, claim: bool = True) -> K3sJoin:
         """Cluster formation: external server URL, or managed (first server runs cluster-init).
 
-        ``claim=False`` answers what would happen without recording this machine as the
-        cluster-init node (``explain`` and other dry runs must not change the decision).
+        Every other node of a managed cluster joins its endpoint (:meth:`_endpoint`); while
+        there is none the join is ``waiting`` and the node is held, not installed with a
+        name it cannot reach. ``claim=False`` answers what would happen without recording this
+        machine as the cluster-init node (``explain`` and other dry runs must not change the
+        decision).
         """
         labels = dict(cluster.labels)
         taints = list(cluster.taints)
         if group is not None:
             labels.update(group.labels)
             taints += [t for t in group.taints if t not in taints]
-        node_name = machine.hostname or f"node-{machine.mac.hexhyp}"
+        node_name = machine.hostname or (f"node-{machine.mac.hexhyp}" if machine.mac
+                                         else f"node-{machine.id}")
         if not cluster.managed:
             return K3sJoin(role, cluster.server_url, False, cluster.token, labels,
                            tuple(taints), node_name)
         async with self._cluster_lock:
             key = f"cluster-init/{cluster.name}"
-            init_mac = await self._store.get_setting(key)
-            if init_mac is not None and await self._store.get_machine(init_mac) is None:
-                init_mac = None  # the node that formed the cluster was deleted
+            init_id = await self._store.get_setting(key)  # a machine id
+            if init_id is not None and await self._store.get_machine(init_id) is None:
+                init_id = None  # the node that formed the cluster was deleted
             # Registered servers other than this machine: a cluster that already runs.
             running = [m for m in await self._store.list_machines(
                 MachineFilter(cluster=cluster.name, state=MachineState.REGISTERED,
                               limit=100_000))
-                       if m.role == Role.SERVER and m.mac != machine.mac]
-            if init_mac is None and role == Role.SERVER and not running:
+                       if m.role == Role.SERVER and m.id != machine.id]
+            if init_id is None and role == Role.SERVER and not running:
                 if claim:
-                    await self._store.put_setting(key, str(machine.mac))
-                init_mac = str(machine.mac)
+                    await self._store.put_setting(key, machine.id)
+                init_id = machine.id
+        san = self._tls_san(cluster)
         # Only the init node, and only while no other server runs, initialises: reinstalling
         # the first server of a live cluster must join it, not start a second cluster.
-        if init_mac == str(machine.mac) and not running:
-            return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name)
-        return K3sJoin(role, await self._endpoint(cluster, init_mac, running), False,
-                       cluster.token, labels, tuple(taints), node_name)
+        if init_id == machine.id and not running:
+            return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name,
+                           san)
+        # The first server first, so that every node joins the same one.
+        running.sort(key=lambda m: m.id != init_id)
+        return K3sJoin(role, self._endpoint(cluster, running), False, cluster.token, labels,
+                       tuple(taints), node_name, san)
 
-    async def _endpoint(self, cluster: Cluster, init_mac: str | None,
-                        running: list[Machine]) -> str:
+    def _endpoint(self, cluster: Cluster, running: list[Machine]) -> str | None:
+        """Where a node of a managed cluster reaches its servers, or None while nowhere.
+
+        A configured endpoint (a VIP) wins; then ``<cluster>.<zone>`` when netboot's DNS
+        answers it with a registered server; then the registered address of the first server.
+        Never a name that nothing resolves (the cluster's bare name) nor an address a node
+        reported about itself without it being checked (registration refuses loopback).
+        """
         port = self.settings.k3s_port
-        if self.settings.cluster_domain:
-            # netboot's DNS answers <cluster>.<zone> with every registered server.
-            return f"https://{cluster.name}.{self.settings.cluster_domain}:{port}"
-        init = await self._store.get_machine(init_mac) if init_mac else None
-        # Running servers, the init node first; a not-yet-registered init node last.
-        candidates = sorted(running, key=lambda m: init is None or m.mac != init.mac)
-        if init is not None and all(m.mac != init.mac for m in running):
-            candidates.append(init)
-        for node in candidates:
-            host = node.ipv4 or node.fixed_ipv4 or node.hostname
+        if cluster.endpoint:
+            return endpoint_url(cluster.endpoint, port)
+        domain = self.settings.cluster_domain
+        if domain and serves_cluster(cluster.name, running):
+            return f"https://{cluster.name.lower()}.{domain}:{port}"
+        for node in running:
+            host = node.ipv4 or node.facts.get("ipv6") or node.fixed_ipv4
             if host:
-                return f"https://{host}:{port}"
-        # No server yet: point at the name the first server will get, so that agents retry
-        # until it exists rather than join nothing.
-        return f"https://{cluster.name}:{port}"
+                return f"https://{url_host(host)}:{port}"
+        return None
 
-    async def explain(self, mac: str, *, arch: Arch | None = None) -> dict[str, Any]:
+    def _tls_san(self, cluster: Cluster) -> tuple[str, ...]:
+        names = []
+        if cluster.endpoint:
+            names.append(endpoint_host(cluster.endpoint))
+        if self.settings.cluster_domain and valid_label(cluster.name.lower()):
+            names.append(f"{cluster.name.lower()}.{self.settings.cluster_domain}")
+        return tuple(names)
+
+    async def _waiting_reason(self, cluster: Cluster) -> str:
+        fix = f"or give the cluster one: netboot clusters set {cluster.name} --endpoint HOST"
+        servers = await self._store.list_machines(MachineFilter(
+            cluster=cluster.name, state=MachineState.REGISTERED, limit=100_000))
+        if any(m.role == Role.SERVER for m in servers):
+            # Registered, but from no address another node could reach (all were refused).
+            return (f"waiting for an address of cluster {cluster.name}'s servers: they "
+                    f"registered without one other nodes can reach ({fix})")
+        return (f"waiting for cluster {cluster.name}'s first server to register: its nodes "
+                f"have no endpoint to join yet ({fix})")
+
+    async def explain(self, ref: str, *, arch: Arch | None = None) -> dict[str, Any]:
         """Which group matched and why, which profile, which state (``netboot explain``).
 
-        ``arch`` answers for a machine that has not booted yet (selectors on arch cannot
-        match an architecture nobody has reported); otherwise the last one seen is used.
+        ``ref`` is a MAC or a machine id. ``arch`` answers for a machine that has not booted
+        yet (selectors on arch cannot match an architecture nobody has reported); otherwise
+        the last one seen is used.
         """
-        machine = await self._store.get_machine(mac)
+        machine = await identity.by_ref(self._store, ref)
         if machine is None:
-            return {"mac": mac, "known": False, "policy": self.settings.policy,
+            return {"mac": ref, "known": False, "policy": self.settings.policy,
                     "decision": "unknown machine: discovery policy " + self.settings.policy}
-        request = BootRequest(mac=machine.mac, arch=arch or machine.arch or Arch.UNKNOWN,
-                              firmware=machine.firmware or Firmware.UNKNOWN)
+        request = identity.request_for(machine, arch=arch or machine.arch or Arch.UNKNOWN,
+                                       firmware=machine.firmware or Firmware.UNKNOWN)
         group, profile, cluster, role = await self.effective(machine, request)
         plan = await self.plan(request, record=False)
         return {
-            "mac": mac, "known": True, "state": str(machine.state),
+            "mac": str(machine.mac) if machine.mac else None, "id": machine.id,
+            "macs": [str(m) for m in machine.macs], "known": True,
+            "state": str(machine.state),
             "group": group.name if group else None,
             "group_selector": {k: list(v) for k, v in group.selector.items()} if group else None,
             "profile": profile.name if profile else None,
@@ -428,16 +507,53 @@ class BootService:
         return "group" if group is not None and group.profile else "default"
 
     # -- records -----------------------------------------------------------------------
-    async def _discover(self, request: BootRequest, machine: Machine | None) -> Machine:
+    async def _adopt(self, request: BootRequest, res: Resolution) -> Machine | None:
+        """Record what this boot proved about who the machine is; the machine as stored.
+
+        The NIC it booted from is attached when new (a machine enrolled by serial, or by its
+        other NIC), and ``discovered`` records of the same device are merged into it, their
+        events and facts kept (netboot.identity explains the precedence).
+        """
+        machine = res.machine
+        if machine is None:
+            return None
+        for kind, other in res.disagree:
+            self._log.warning("identifiers disagree: mac=%s is machine %s, but its %s is %s's",
+                              request.mac, machine.id, kind, other.id)
+        new_nic = request.mac != identity.NO_NIC and request.mac not in machine.macs \
+            and all(request.mac not in d.macs for d in res.absorb)
+        if not res.absorb and not new_nic:
+            return machine
+        now = self._clock()
+        updated = identity.merge(machine, res.absorb, now)
+        events = [Event(updated.id, now, "merged",
+                        f"discovered record {d.id} ({', '.join(map(str, d.macs))}) is this "
+                        f"machine, recognised by its {res.matched_by}; its history is kept",
+                        {"merged": d.id, "macs": [str(m) for m in d.macs]})
+                  for d in res.absorb]
+        if new_nic:
+            updated = replace(updated, macs=(*updated.macs, request.mac))
+            events.append(Event(updated.id, now, "nic-attached",
+                                f"booted from NIC {request.mac}, recognised by its "
+                                f"{res.matched_by}", {"mac": str(request.mac),
+                                                      "matched_by": str(res.matched_by)}))
+        await self._store.apply_batch(Batch(merge=[(d.id, updated.id) for d in res.absorb],
+                                            update=(updated,), events=events))
+        self._log.info("machine %s: mac=%s attached=%s merged=%s (by %s)", updated.id,
+                       request.mac, new_nic, [d.id for d in res.absorb], res.matched_by)
+        return updated
+
+    async def _discover(self, request: BootRequest, machine: Machine | None,
+                        res: Resolution) -> Machine:
         """Record what an unknown machine's firmware told us (never loses earlier facts)."""
         now = self._clock()
         if machine is None:
-            machine = learn(Machine(mac=request.mac, created=now, state=lifecycle.first_state(
-                lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now)
+            machine = learn(Machine(macs=(request.mac,), created=now, state=lifecycle.first_state(
+                lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now, _taken(res))
             try:
                 await self._store.create_machine(machine)
-            except Exception:  # a concurrent request created it first: read it back
-                existing = await self._store.get_machine(str(request.mac))
+            except Conflict:  # a concurrent request created it first: read it back
+                existing = (await self._resolve(request)).machine
                 if existing is None:
                     raise
                 return existing
@@ -447,13 +563,14 @@ class BootService:
             self._log.info("discovered mac=%s firmware=%s arch=%s uuid=%s via=%s",
                            request.mac, request.firmware, request.arch, request.uuid, request.via)
             return machine
-        updated = learn(machine, request, now)
+        updated = learn(machine, request, now, _taken(res))
         if updated != machine:
             await self._store.update_machine(updated)
         return updated
 
-    async def _note(self, machine: Machine, request: BootRequest, kind: str, message: str) -> None:
-        updated = learn(machine, request, self._clock())
+    async def _note(self, machine: Machine, request: BootRequest, res: Resolution, kind: str,
+                    message: str) -> None:
+        updated = learn(machine, request, self._clock(), _taken(res))
         if updated != machine:
             await self._store.update_machine(updated)
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
@@ -464,16 +581,18 @@ class BootService:
         if once:
             # A held machine retries every few seconds; one event says it, thousands bury
             # the rest of its history.
-            last = await self._store.list_events(str(machine.mac), limit=1)
+            last = await self._store.list_events(machine.id, limit=1)
             if last and last[0].kind == kind and last[0].message == message:
                 return
         data: dict[str, str] = {}
         if request is not None:
             data = {"via": request.via, "firmware": str(request.firmware),
                     "arch": str(request.arch)}
+            if request.mac != identity.NO_NIC:
+                data["mac"] = str(request.mac)
             if request.remote_addr:
                 data["peer"] = request.remote_addr
-        await self._store.add_event(Event(str(machine.mac), self._clock(), kind, message, data))
+        await self._store.add_event(Event(machine.id, self._clock(), kind, message, data))
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -488,3 +607,8 @@ class BootService:
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _taken(res: Resolution) -> frozenset[str]:
+    """Identifier kinds of the request that other enrolled machines hold: not to be learnt."""
+    return frozenset(kind for kind, _ in res.disagree)

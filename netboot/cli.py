@@ -4,8 +4,9 @@ check-config | lab.
 Inventory commands open the same database the server uses (SQLite in WAL mode allows a second
 process), so they work whether or not the server runs. They are a thin face over
 :mod:`netboot.core`, as the API is: the same rules, defaults and renders, whichever is asked.
-Tables where a person reads them, ``--json`` where a script does. Logging is configured here
-and nowhere else.
+Tables and local ISO 8601 times with how long ago where a person reads them; ``--json`` where
+a script does, on every command that prints a result (the API's shapes, times as Unix seconds).
+Logging is configured here and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from netboot import __version__
 from netboot.config import Config, load
-from netboot.core import Core, public_dict
+from netboot.core import Core, machine_dict, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
@@ -39,6 +41,51 @@ def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     for r in cells:
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(out)
+
+
+def _ago(t: float, now: float) -> str:
+    """How long ago ``t`` was (or how long until it, for expiries), in its largest unit."""
+    seconds = abs(now - t)
+    if seconds < 1:
+        return "just now"
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60), ("s", 1)):
+        if seconds >= size:
+            amount = f"{int(seconds // size)} {unit}"
+            break
+    return f"in {amount}" if t > now else f"{amount} ago"
+
+
+def _when(t: float | None, now: float) -> str:
+    """Local ISO 8601 time with its UTC offset, and how long ago: ``2026-12-01T14:57:23+01:00
+    (3 min ago)``. Empty when the time was never set (stored as 0 or null)."""
+    if not t:
+        return ""
+    stamp = datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+    return f"{stamp} ({_ago(t, now)})"
+
+
+def _human(value: Any) -> str:
+    """A field value as a person reads it: mappings as ``k=v, k=v``, lists comma-separated."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_human(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_human(v) for v in value)
+    return str(value)
+
+
+# Fields of the codec dicts that hold Unix times.
+_TIME_FIELDS = frozenset({"created", "updated", "token_expires", "time", "expires"})
+
+
+def _print_fields(fields: Mapping[str, Any], width: int, now: float, *,
+                  skip_empty: bool = True) -> None:
+    for key, value in fields.items():
+        if value in (None, {}, [], ""):
+            if not skip_empty:
+                print(f"{key:{width}} -")
+            continue
+        shown = _when(value, now) if key in _TIME_FIELDS else _human(value)
+        print(f"{key:{width}} {shown}")
 
 
 def _labels(items: Sequence[str] | None, what: str = "--label") -> dict[str, str]:
@@ -79,6 +126,14 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _report(args: argparse.Namespace, text: str, value: Any) -> None:
+    """The result of a change: a line for a person, or ``value`` as JSON with ``--json``."""
+    if getattr(args, "json", False):
+        _print_json(value)
+    else:
+        print(text)
+
+
 def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
     """The same core the server builds, with its settings; URLs as the server would give."""
     from netboot.service import advertised_address, build_core, public_base_url
@@ -100,11 +155,12 @@ def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
 async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     core = _core(store, cfg)
     if args.action == "add":
-        data = {"mac": args.mac, "labels": _labels(args.label),
-                **_given(args, "hostname", "cluster", "role", "profile", "serial", "uuid",
-                         "asset", "fixed_ipv4")}
+        data = {"macs": args.more_macs or [], "labels": _labels(args.label),
+                **_given(args, "mac", "hostname", "cluster", "role", "profile", "serial",
+                         "uuid", "asset", "fixed_ipv4")}
         machine = await core.create_machine(data, note="added with the CLI")
-        print(f"enrolled {machine.mac} as {machine.hostname}")
+        _report(args, f"enrolled {machine.ref} as {machine.hostname} (id {machine.id})",
+                machine_dict(machine))
         return 0
     if args.action == "ls":
         st = MachineState(args.state) if args.state else None
@@ -112,42 +168,56 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                             labels=tuple(_labels(args.label).items()), limit=args.limit)
         machines = await store.list_machines(flt)
         if args.json:
-            _print_json([codec.machine_to_dict(m, secrets=False) for m in machines])
+            _print_json([machine_dict(m) for m in machines])
         else:
-            print(_table([(m.mac, m.hostname, m.state, m.cluster, m.role, m.profile, m.arch,
-                           m.firmware, m.ipv4) for m in machines],
-                         ["mac", "hostname", "state", "cluster", "role", "profile", "arch",
-                          "firmware", "ipv4"]))
+            now = time.time()
+            print(_table([(m.id, " ".join(map(str, m.macs)) or "-", m.hostname, m.state,
+                           m.cluster, m.role, m.profile, m.arch, m.firmware, m.ipv4,
+                           _ago(m.updated, now) if m.updated else "")
+                          for m in machines],
+                         ["id", "macs", "hostname", "state", "cluster", "role", "profile", "arch",
+                          "firmware", "ipv4", "updated"]))
         return 0
     if args.action == "show":
         machine = await core.machine(args.mac)
-        events = await store.list_events(str(machine.mac))
+        events = await store.list_events(machine.id)
         if args.json:
-            _print_json({**codec.machine_to_dict(machine, secrets=False),
+            _print_json({**machine_dict(machine),
                          "events": [codec.event_to_dict(e) for e in events]})
             return 0
-        for key, value in codec.machine_to_dict(machine, secrets=False).items():
-            if value not in (None, {}, []):
-                print(f"{key:14} {value}")
+        now = time.time()
+        _print_fields(machine_dict(machine), 14, now)
         print("\nevents:")
-        print(_table([(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time)), e.kind,
-                       e.message) for e in events], ["time", "kind", "message"]))
+        print(_table([(_when(e.time, now), e.kind, e.message) for e in events],
+                     ["time", "kind", "message"]))
         return 0
     if args.action == "rm":
+        removed = []
         for text in args.macs:
-            print(f"removed {(await core.delete_machine(text)).mac}")
+            gone = await core.delete_machine(text)
+            removed.append(gone.ref)
+            if not args.json:
+                print(f"removed {gone.ref} (id {gone.id})")
+        if args.json:
+            _print_json({"removed": removed})
         return 0
-    if args.action == "approve":
-        if args.hostname and len(args.macs) > 1:
+    if args.action in ("approve", "reinstall"):
+        if args.action == "approve" and args.hostname and len(args.macs) > 1:
             raise ValidationError("--hostname", "names one machine: approve one MAC with it")
+        changed = []
         for text in args.macs:
-            m = await core.approve(text, _given(args, "cluster", "role", "profile", "hostname"))
-            print(f"approved {m.mac} as {m.hostname} ({m.cluster or 'no cluster'})")
-        return 0
-    if args.action == "reinstall":
-        for text in args.macs:
-            m = await core.reinstall(text)
-            print(f"{m.mac} will install again on its next network boot")
+            if args.action == "approve":
+                m = await core.approve(text, _given(args, "cluster", "role", "profile",
+                                                    "hostname"))
+                line = f"approved {m.ref} as {m.hostname} ({m.cluster or 'no cluster'})"
+            else:
+                m = await core.reinstall(text)
+                line = f"{m.ref} will install again on its next network boot"
+            changed.append(machine_dict(m))
+            if not args.json:
+                print(line)
+        if args.json:
+            _print_json(changed)
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
 
@@ -172,7 +242,7 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
         return 0
     if args.action == "rm":
         await core.delete(kind, args.name)
-        print(f"removed {single} {args.name}")
+        _report(args, f"removed {single} {args.name}", {"removed": args.name})
         return 0
     if args.action == "show":
         item = await core.get(kind, args.name)
@@ -182,15 +252,23 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
         if args.json:
             out = public_dict(kind, item)
             if kind == "clusters":
-                out["nodes"] = [codec.machine_to_dict(m, secrets=False) for m in nodes]
+                out["nodes"] = [machine_dict(m) for m in nodes]
             _print_json(out)
             return 0
-        for key, value in public_dict(kind, item).items():
-            print(f"{key:18} {value}")
+        _print_fields(public_dict(kind, item), 18, time.time())
         if kind == "clusters":
             print(f"\nnodes ({len(nodes)}):")
             print(_table([(m.hostname, m.mac, m.role, m.state, m.ipv4) for m in nodes],
                          ["hostname", "mac", "role", "state", "ipv4"]))
+        return 0
+    if args.action == "set" and kind == "clusters":
+        # Changes only what is named; the join token (absent from the public form, so the
+        # core keeps it) and everything else stay as they are.
+        changed = public_dict(kind, await core.get(kind, args.name))
+        if args.endpoint is not None:
+            changed["endpoint"] = args.endpoint or None  # "" clears it
+        cluster = await core.put(kind, changed, create=False)
+        print(f"cluster {cluster.name}: endpoint {cluster.endpoint or 'unset (first server)'}")
         return 0
     if args.action == "add":
         data: dict[str, Any] = {"name": args.name}
@@ -198,7 +276,8 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
             data |= {"initrds": args.initrd or [],
                      **_given(args, "kernel", "cmdline", "config_template")}
         elif kind == "clusters":
-            data |= {"labels": _labels(args.label), **_given(args, "server_url", "token")}
+            data |= {"labels": _labels(args.label),
+                     **_given(args, "server_url", "token", "endpoint")}
         else:
             selector = {}
             for item in args.selector or ():
@@ -208,8 +287,8 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                 selector[k] = v.split(",")
             data |= {"selector": selector, "labels": _labels(args.label),
                      **_given(args, "profile", "cluster", "role")}
-        await core.put(kind, data, create=True)
-        print(f"created {single} {args.name}")
+        item = await core.put(kind, data, create=True)
+        _report(args, f"created {single} {args.name}", public_dict(kind, item))
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
 
@@ -254,8 +333,8 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
         if args.json:
             _print_json(result)
         else:
-            for key, value in result.items():
-                print(f"{key:16} {value}")
+            # Every line, empty ones too: "group -" is the answer to "which group matched?".
+            _print_fields(result, 16, time.time(), skip_empty=False)
         return 0
     print(await core.render(args.mac, args.kind, arch=args.arch), end="")
     return 0
@@ -274,9 +353,9 @@ async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                     for name, c in sorted(status["clusters"].items())],
                  ["cluster", "machines", *states]))
     if status["failed"]:
-        print("\nfailed (see 'netboot machines show MAC'):")
-        print(_table([(f["mac"], f["hostname"], f["cluster"]) for f in status["failed"]],
-                     ["mac", "hostname", "cluster"]))
+        print("\nfailed (see 'netboot machines show MAC|ID'):")
+        print(_table([(f["mac"] or f["id"], f["hostname"], f["cluster"])
+                      for f in status["failed"]], ["machine", "hostname", "cluster"]))
     return 0
 
 
@@ -285,12 +364,12 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     from netboot.boot import loader_names
     from netboot.errors import Forbidden
     from netboot.files import FileTree, sha256_file
-    from netboot.render import shipped_templates_dir
     from netboot.service import asset_roots
+    from netboot.shipped import boot_assets_dir
 
     tree = FileTree(asset_roots(cfg), pinned=loader_names())
     known: dict[str, str] = {}
-    sums = shipped_templates_dir().parent / "boot_assets" / "checksums.sha256"
+    sums = boot_assets_dir() / "checksums.sha256"
     if sums.is_file():
         for line in sums.read_text().splitlines():
             if line.strip() and not line.startswith("#"):
@@ -342,7 +421,7 @@ def _check_config(args: argparse.Namespace) -> int:
     from netboot import groups as grouping
 
     grouping.check_groups(cfg.discovery.rules)
-    print(f"{args.file}: OK")
+    _report(args, f"{args.file}: OK", {"file": args.file, "ok": True})
     return 0
 
 
@@ -350,15 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netboot", description="Network-boot provisioning "
                                      "server for edge Kubernetes fleets.")
     parser.add_argument("--version", action="version", version=f"netboot {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", help="YAML config file (or NETBOOT_CONFIG)")
-    common.add_argument("--data-dir", help="where the inventory and admin token live")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--config", "-c", help="YAML config file (or NETBOOT_CONFIG)")
+    where.add_argument("--data-dir", help="where the inventory and admin token live")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true",
+                        help="machine-readable output (times as Unix seconds)")
+    common = argparse.ArgumentParser(add_help=False, parents=[where, output])
+    # The address a device is told: serve puts it in answers, render in the scripts it prints.
+    address = argparse.ArgumentParser(add_help=False)
+    address.add_argument("--interface", "-i", action="append",
+                         help="provisioning interface (repeat)")
+    address.add_argument("--advertise", help="address put in DHCP answers and URLs")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", parents=[common], help="run proxyDHCP, TFTP, HTTP (and DNS)")
-    s.add_argument("--interface", "-i", action="append", help="provisioning interface (repeat)")
-    s.add_argument("--advertise", help="address put in DHCP answers and URLs")
+    s = sub.add_parser("serve", parents=[where, address],
+                       help="run proxyDHCP, TFTP, HTTP (and DNS)")
     s.add_argument("--http-port", type=int)
     s.add_argument("--dhcp-port", type=int)
     s.add_argument("--pxe-port", type=int)
@@ -368,13 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--discovery", choices=["ignore", "hold", "auto"])
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
-    c = sub.add_parser("check-config", help="validate a config file")
+    c = sub.add_parser("check-config", parents=[output], help="validate a config file")
     c.add_argument("file")
 
     m = sub.add_parser("machines", help="enrolled and discovered machines")
     msub = m.add_subparsers(dest="action", required=True)
-    a = msub.add_parser("add", parents=[common])
-    a.add_argument("mac")
+    a = msub.add_parser("add", parents=[common],
+                        help="enroll a machine by MAC(s), serial, asset tag or UUID")
+    a.add_argument("mac", nargs="?", help="its (first) MAC")
+    a.add_argument("--mac", dest="more_macs", action="append", metavar="MAC",
+                   help="a MAC of the machine; repeat for each NIC")
     for flag in ("--hostname", "--cluster", "--profile", "--serial", "--uuid", "--asset",
                  "--fixed-ipv4"):
         a.add_argument(flag)
@@ -386,12 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--label", action="append")
     ls.add_argument("--limit", type=int, default=1000)
     sh = msub.add_parser("show", parents=[common])
-    sh.add_argument("mac")
+    sh.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     for action in ("rm", "reinstall"):
         x = msub.add_parser(action, parents=[common])
-        x.add_argument("macs", nargs="+")
+        x.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
     ap = msub.add_parser("approve", parents=[common])
-    ap.add_argument("macs", nargs="+")
+    ap.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
     ap.add_argument("--cluster")
     ap.add_argument("--role", choices=["server", "agent"])
     ap.add_argument("--profile")
@@ -415,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
             add.add_argument("--server-url", default="managed")
             add.add_argument("--token")
             add.add_argument("--label", action="append")
+            endpoint_help = ("where nodes reach a managed cluster's servers (a VIP or DNS "
+                             "name): host, host:port or https://host:port; default: the "
+                             "first registered server")
+            add.add_argument("--endpoint", help=endpoint_help)
+            cset = ksub.add_parser("set", parents=[common], help="change a cluster")
+            cset.add_argument("name")
+            cset.add_argument("--endpoint", help=endpoint_help + " ('' unsets it)")
         else:
             add.add_argument("--selector", action="append", help="key=value[,value...]")
             add.add_argument("--profile")
@@ -427,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=["csv", "yaml", "json"])
     i.add_argument("--dry-run", action="store_true")
 
-    r = sub.add_parser("render", parents=[common], help="what a device would get")
-    r.add_argument("mac")
+    r = sub.add_parser("render", parents=[where, address], help="what a device would get")
+    r.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     r.add_argument("kind", choices=["ipxe", "pxelinux", "config", "nocloud"])
     r.add_argument("--arch", choices=[a.value for a in Arch],
                    help="architecture the device reports (default: last seen)")
@@ -437,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("assets", parents=[common],
                    help="which loaders and profile assets are found; checksums")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
-    e.add_argument("mac")
+    e.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     e.add_argument("--arch", choices=[a.value for a in Arch],
                    help="answer for this architecture (default: last seen)")
 

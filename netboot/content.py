@@ -11,16 +11,17 @@ import re
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from netboot import identity
 from netboot.boot import BootService
 from netboot.enroll import Enroller, token_matches
 from netboot.errors import AuthError, NotFound, RenderError
 from netboot.files import FileTree, clean_relative
-from netboot.inventory.base import MachineFilter, Store
+from netboot.inventory.base import Store
 from netboot.inventory.codec import cluster_to_dict, machine_to_dict, profile_to_dict
 from netboot.model import (
     Arch,
@@ -36,6 +37,29 @@ from netboot.render import Renderer
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
+
+# Default kernel consoles by CPU architecture (the ``console`` of the default command lines).
+# The last console= is /dev/console, where init and the installer write. x86 (and a machine
+# whose architecture nobody reported) keeps VGA last with the 8250 UART at ttyS0 beside it;
+# ARM boards and QEMU's virt machine have a PL011 UART, ttyAMA0, and often no display, so the
+# serial port comes last there; RISC-V virt boards have an 8250-compatible ttyS0.
+_CONSOLES = {
+    Arch.X86: "console=ttyS0 console=tty1",
+    Arch.X86_64: "console=ttyS0 console=tty1",
+    Arch.ARM64: "console=tty1 console=ttyAMA0",
+    Arch.ARM32: "console=tty1 console=ttyAMA0",
+    Arch.RISCV64: "console=tty1 console=ttyS0",
+}
+# The Raspberry Pi firmware rewrites serial0 into whichever UART the board routes to its
+# header pins (the mini UART ttyS0 on a Pi 3/4 with Bluetooth, else ttyAMA0).
+_RPI_CONSOLE = "console=tty1 console=serial0,115200"
+
+
+def default_console(arch: Arch | None, firmware: Firmware | None = None) -> str:
+    """The kernel console arguments for a machine's architecture (and Raspberry Pi firmware)."""
+    if firmware == Firmware.RPI:
+        return _RPI_CONSOLE
+    return _CONSOLES.get(arch or Arch.UNKNOWN, _CONSOLES[Arch.X86_64])
 _RPI_SERIAL = re.compile(r"^[0-9a-f]{8}$")
 
 
@@ -109,6 +133,8 @@ class Content:
             "register_command": register_command(register_url, str(mac), token,
                                                  (k3s.node_name if k3s else "")),
             "instance_serial": int(machine.updated) if machine else 0,
+            "console": default_console(machine.arch if machine else None,
+                                       machine.firmware if machine else None),
         }
         if profile is not None:
             ctx["kernel_url"] = urls.asset(profile.kernel)
@@ -190,10 +216,9 @@ class Content:
         if machine is None:
             # Shorter hex prefixes and default-<arch>-<soc>-<board> are site files, if any.
             return _read(self.assets.resolve("pxelinux.cfg/" + name))
-        return (await self.pxelinux(BootRequest(mac=machine.mac, via="tftp",
-                                                remote_addr=peer[0],
-                                                firmware=Firmware.UBOOT,
-                                                arch=machine.arch or Arch.UNKNOWN))).encode()
+        return (await self.pxelinux(identity.request_for(
+            machine, via="tftp", remote_addr=peer[0], firmware=Firmware.UBOOT,
+            arch=machine.arch or Arch.UNKNOWN))).encode()
 
     async def _rpi_file(self, serial: str, rest: str, peer: tuple[str, int]) -> Blob:
         """Raspberry Pi 4/5 bootloaders prefix every file with the board serial (TFTP_PREFIX=0,
@@ -206,54 +231,61 @@ class Content:
         machine = await self._by_serial(serial)
         if machine is None:
             raise NotFound(f"no machine enrolled with Raspberry Pi serial {serial}")
-        request = BootRequest(mac=machine.mac, firmware=Firmware.RPI, arch=Arch.ARM64,
-                              serial=serial, via="tftp", remote_addr=peer[0])
+        # The Pi's TFTP requests carry no MAC: its serial is what recognises it (the form it
+        # was enrolled with, so that the boot path finds the same machine).
+        request = replace(identity.request_for(machine, firmware=Firmware.RPI, arch=Arch.ARM64,
+                                               via="tftp", remote_addr=peer[0]),
+                          serial=machine.serial or serial)
         if rest != "cmdline.txt":
             plan = await self._boot.plan(request, record=False)
             if plan.action != BootAction.INSTALL:
-                raise NotFound(f"{machine.mac}: {plan.reason}")
+                raise NotFound(f"{machine.ref}: {plan.reason}")
             return self.assets.blob("rpi/" + rest)
         plan = await self._boot.plan(request)
         if plan.action != BootAction.INSTALL:
-            raise NotFound(f"{machine.mac}: {plan.reason}")
+            raise NotFound(f"{machine.ref}: {plan.reason}")
         return _text_blob(self.context(plan)["cmdline"] + "\n")
 
     async def _by_serial(self, serial: str) -> Machine | None:
         # The Pi prints its serial as 8 hex digits in the prefix ("0a1b2c3d"); operators copy
         # it from the label, or from /proc/cpuinfo with a 10000000/00000000 prefix.
-        forms = tuple(f"{head}{s}" for s in (serial, serial.upper())
-                      for head in ("", "10000000", "00000000"))
-        found = await self._store.list_machines(MachineFilter(serials=forms, limit=1))
-        return found[0] if found else None
+        for form in (f"{head}{s}" for s in (serial, serial.upper())
+                     for head in ("", "10000000", "00000000")):
+            machine = await self._store.machine_by("serial", form)
+            if machine is not None:
+                return machine
+        return None
 
     async def _arch(self, mac: MacAddress) -> Arch:
-        machine = await self._store.get_machine(str(mac))
+        machine = await self._store.machine_by("mac", str(mac))
         return machine.arch if machine and machine.arch else Arch.UNKNOWN
 
     async def _by_uuid(self, uuid: str) -> Machine | None:
-        found = await self._store.list_machines(MachineFilter(uuid=uuid, limit=1))
-        return found[0] if found else None
+        return await self._store.machine_by("uuid", uuid)
 
     async def _by_ip(self, ip: str) -> Machine | None:
         for lease in await self._store.list_leases():
             if lease.ipv4 == ip:
-                return await self._store.get_machine(lease.mac)
+                return await self._store.machine_by("mac", lease.mac)
         return None
 
     # -- per-machine configs (need the install token: they carry cluster secrets) -------
     async def authorised_plan(self, mac_text: str, token: str | None) -> BootPlan:
         mac = MacAddress.parse(mac_text)
-        machine = await self._store.get_machine(str(mac))
+        machine = await self._store.machine_by("mac", str(mac))
         if machine is None or not token_matches(machine, token, self._clock()):
             # Same answer whether the MAC is unknown or the token wrong: leak nothing.
             raise AuthError("a valid install token is required for this machine's config")
-        return await self.config_plan(machine, token)
+        return await self.config_plan(machine, token, mac=mac)
 
     async def config_plan(self, machine: Machine, token: str | None, *, claim: bool = True,
-                          request: BootRequest | None = None) -> BootPlan:
+                          request: BootRequest | None = None,
+                          mac: MacAddress | None = None) -> BootPlan:
         """The plan a per-machine config is rendered from (the server's and ``netboot render``'s
-        alike). ``claim=False`` for dry runs that must not pick the cluster-init node."""
+        alike). ``claim=False`` for dry runs that must not pick the cluster-init node; ``mac``
+        is the NIC it is asked for (default: the machine's primary one)."""
         return await self._boot.config_plan(machine, token=token, request=request, claim=claim,
+                                            mac=mac,
                                             reason=f"config for {machine.state} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:

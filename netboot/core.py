@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from netboot import groups as grouping
-from netboot import lifecycle
+from netboot import identity, lifecycle
 from netboot.boot import BootService
 from netboot.content import Content
 from netboot.enroll import Enroller, check_hostname, check_hostname_template
@@ -36,7 +36,6 @@ from netboot.model import (
     MacAddress,
     Machine,
     Role,
-    normalise_uuid,
 )
 
 KINDS = ("profiles", "clusters", "groups")
@@ -46,8 +45,8 @@ NOCLOUD_FILES = ("meta-data", "user-data", "vendor-data")
 # a token's own alphabet (URL-safe base64), so it is quoted and escaped exactly as a real one
 # (in URLs, JSON, shell), and the rest of the text is byte for byte what the device gets.
 TOKEN_PLACEHOLDER = "INSTALL-TOKEN"
-MACHINE_INPUT = frozenset({"mac", "hostname", "uuid", "serial", "asset", "labels", "cluster",
-                           "role", "profile", "fixed_ipv4"})
+MACHINE_INPUT = frozenset({"mac", "macs", "hostname", "uuid", "serial", "asset", "labels",
+                           "cluster", "role", "profile", "fixed_ipv4"})
 APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
 
 
@@ -58,6 +57,15 @@ def check_name(name: str) -> None:
             or any(not ch.isprintable() for ch in name)):
         raise ValidationError("name", f"{name!r}: use printable text without '/' or "
                                       "surrounding spaces (at most 253 characters)")
+
+
+def machine_dict(machine: Machine) -> dict[str, Any]:
+    """A machine as the API and ``--json`` show it: every field but its token hash, and its
+    first NIC as ``mac`` (and ``mac_hexhyp``) for clients written when a machine had one."""
+    out = codec.machine_to_dict(machine, secrets=False)
+    out["mac"] = str(machine.mac) if machine.mac else None
+    out["mac_hexhyp"] = machine.mac.hexhyp if machine.mac else None
+    return out
 
 
 def public_dict(kind: str, item: Any) -> dict[str, Any]:
@@ -73,6 +81,17 @@ def _kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValidationError("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
     return kind[:-1]
+
+
+def _identifier(kind: str, value: str | None) -> str | None:
+    return identity.enrolled_value(kind, value) if value else None
+
+
+def _mac_or_none(ref: str) -> MacAddress | None:
+    try:
+        return MacAddress.parse(ref)
+    except ValidationError:
+        return None
 
 
 def _arch(text: str | None) -> Arch | None:
@@ -93,67 +112,77 @@ class Core:
         self._clock = clock
 
     # -- machines -----------------------------------------------------------------------
-    async def machine(self, mac: str) -> Machine:
-        key = str(MacAddress.parse(mac))
-        found = await self.store.get_machine(key)
-        if found is None:
-            raise NotFound(f"machine {key} not found")
-        return found
+    async def machine(self, ref: str) -> Machine:
+        """The machine ``ref`` names: one of its MACs or its id (netboot.identity.by_ref)."""
+        return await identity.require_ref(self.store, ref)
 
     async def _parse_machine(self, data: Mapping[str, Any]) -> Machine:
         if "state" in data:
             # A state is what happened to the machine (netboot.lifecycle), not a setting.
             raise ValidationError("state", "is set by what happens to the machine: use "
-                                  "POST /api/v1/machines/{mac}/approve or .../reinstall "
+                                  "POST /api/v1/machines/{ref}/approve or .../reinstall "
                                   "(netboot machines approve|reinstall)")
         unknown = sorted(set(data) - MACHINE_INPUT)
         if unknown:
             raise ValidationError(unknown[0], "unknown or read-only field")
-        machine = codec.machine_from_dict(dict(data))
+        # A machine has NICs ("macs"); "mac", for clients that know one, is its first.
+        fields = dict(data)
+        mac_text = fields.pop("mac", None)
+        macs = list(codec.macs_from_list(fields.pop("macs", None) or []))
+        if mac_text is not None:
+            if not isinstance(mac_text, str):
+                raise ValidationError("mac", "must be a string such as aa:bb:cc:dd:ee:ff")
+            mac = MacAddress.parse(mac_text)
+            macs = [mac, *(m for m in macs if m != mac)]
+        machine = replace(codec.machine_from_dict(fields), macs=tuple(macs))
         if machine.hostname:
             machine = replace(machine, hostname=check_hostname(machine.hostname))
-        if machine.uuid:
-            # Canonical form, as firmware UUIDs are normalised before they are matched
-            # (bulk import does the same); garbage is a 400, not a machine no request matches.
-            machine = replace(machine, uuid=normalise_uuid(machine.uuid))
+        # UUIDs in canonical form, as firmware's are before they are matched (bulk import does
+        # the same); garbage, or a placeholder thousands of boards share, is a 400 naming the
+        # field, not a machine that nothing matches or everything does.
+        machine = replace(machine, uuid=_identifier("uuid", machine.uuid),
+                          serial=_identifier("serial", machine.serial),
+                          asset=_identifier("asset", machine.asset))
         await self.enroller.validate_refs(machine.cluster, machine.profile)
         return machine
 
     async def create_machine(self, data: Mapping[str, Any], *, note: str) -> Machine:
-        """Enroll one machine; ``note`` says how (the message of its 'enrolled' event)."""
-        machine = await self._parse_machine(data)
-        now = self._clock()
-        machine = replace(machine, created=now, updated=now, state=lifecycle.first_state(
-            lifecycle.Trigger.ENROLL, subject=str(machine.mac)))
-        if machine.hostname is None:
-            machine = replace(machine, hostname=await self.enroller.name_for(
-                machine, cluster=machine.cluster,
-                role=str(machine.role) if machine.role else None))
-        await self.store.create_machine(machine)
-        await self.enroller.event(str(machine.mac), "enrolled", note)
-        return machine
+        """Enroll one machine; ``note`` says how (the message of its 'enrolled' event).
 
-    async def update_machine(self, mac: str, changes: Mapping[str, Any]) -> Machine:
-        """Change the given fields; the others are kept. The MAC is the machine's key."""
-        old = await self.machine(mac)
-        if "mac" in changes and str(MacAddress.parse(str(changes["mac"]))) != str(old.mac):
-            raise ValidationError("mac", "cannot change a machine's MAC; delete and re-add")
+        It needs one identifier (a MAC, serial, asset tag or UUID: 400 naming ``mac``); one
+        that another machine holds is a 409 naming the field and the holder, unless the holder
+        is a ``discovered`` record of the same device, which it takes over
+        (:meth:`Enroller.enroll`)."""
+        machine = await self._parse_machine(data)
+        return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
+
+    async def update_machine(self, ref: str, changes: Mapping[str, Any]) -> Machine:
+        """Change the given fields; the others are kept. ``macs`` replaces the NICs; ``mac``
+        alone may only repeat one of them (one-NIC clients send it back)."""
+        old = await self.machine(ref)
+        if "mac" in changes and "macs" not in changes:
+            text = changes["mac"]
+            if not isinstance(text, str) or MacAddress.parse(text) not in old.macs:
+                raise ValidationError("mac", "not one of this machine's MACs; send 'macs' to "
+                                             "change its NICs")
+            changes = {k: v for k, v in changes.items() if k != "mac"}
         merged = {k: v for k, v in codec.machine_to_dict(old).items() if k in MACHINE_INPUT}
         merged.update(changes)
         parsed = await self._parse_machine(merged)
-        machine = replace(old, hostname=parsed.hostname, uuid=parsed.uuid, serial=parsed.serial,
-                          asset=parsed.asset, labels=parsed.labels, cluster=parsed.cluster,
-                          role=parsed.role, profile=parsed.profile,
+        identity.require(parsed)
+        machine = replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
+                          serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
+                          cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,
                           fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
         await self.store.update_machine(machine)
         return machine
 
-    async def delete_machine(self, mac: str) -> Machine:
-        machine = await self.machine(mac)
-        await self.store.delete_machine(str(machine.mac))
+    async def delete_machine(self, ref: str) -> Machine:
+        machine = await self.machine(ref)
+        await self.store.delete_machine(machine.id)
         return machine
 
-    async def approve(self, mac: str, data: Mapping[str, Any]) -> Machine:
+    async def approve(self, ref: str, data: Mapping[str, Any]) -> Machine:
         """Let a discovered machine install: cluster, role, profile and hostname are optional,
         but it must end up with a profile (its own, a group's or ``enroll.default_profile``),
         or approving would leave it held with nothing said."""
@@ -167,15 +196,15 @@ class Core:
         if role_text is not None and role_text not in ("server", "agent"):
             raise ValidationError("role", f"{role_text!r} is not server or agent")
         role = Role(role_text) if role_text else None
-        machine = await self.machine(mac)
+        machine = await self.machine(ref)
         cluster, profile = data.get("cluster"), data.get("profile")
         await self.enroller.validate_refs(cluster, profile)
-        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=str(machine.mac))
+        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
         await self._check_installable(replace(machine, cluster=cluster or machine.cluster,
                                               role=role or machine.role,
                                               profile=profile or machine.profile))
-        return await self.enroller.approve(mac, cluster=cluster, role=role, profile=profile,
-                                           hostname=data.get("hostname"))
+        return await self.enroller.approve(machine.id, cluster=cluster, role=role,
+                                           profile=profile, hostname=data.get("hostname"))
 
     async def _check_installable(self, machine: Machine) -> None:
         group, profile, _, _ = await self.boot.effective(machine)
@@ -186,12 +215,12 @@ class Core:
         choose = (f"one of: {', '.join(names)}" if names
                   else "none exists yet: netboot profiles add NAME --kernel ...")
         raise ValidationError(
-            "profile", f"{machine.mac} would stay held without a profile: {where} and "
+            "profile", f"{machine.ref} would stay held without a profile: {where} and "
             f"enroll.default_profile is not set; name one with --profile (API: \"profile\"), "
             f"{choose}")
 
-    async def reinstall(self, mac: str) -> Machine:
-        return await self.enroller.reinstall(mac)
+    async def reinstall(self, ref: str) -> Machine:
+        return await self.enroller.reinstall(ref)
 
     # -- profiles, clusters, groups -------------------------------------------------------
     async def get(self, kind: str, name: str) -> Any:
@@ -228,6 +257,9 @@ class Core:
         if not cluster.managed and not cluster.server_url.startswith("https://"):
             raise ValidationError("server_url", f"{cluster.server_url!r}: an https:// URL of "
                                   "the k3s API, or 'managed'")
+        if cluster.endpoint and not cluster.managed:
+            raise ValidationError("endpoint", "only a managed cluster has one: an external "
+                                              "cluster's server_url already is its endpoint")
         if cluster.token:
             return cluster
         if not create and "token" not in data:
@@ -265,7 +297,7 @@ class Core:
             users.append("the configuration (enroll.default_profile)")
         if ref == "cluster":
             flt = MachineFilter(cluster=name, limit=most)
-            macs = [str(m.mac) for m in await self.store.list_machines(flt)]
+            macs = [m.ref for m in await self.store.list_machines(flt)]
             total = await self.store.count_machines(flt)
         else:
             # Machines are not indexed by profile: page through them all (proving that none
@@ -273,7 +305,7 @@ class Core:
             macs, total, offset = [], 0, 0
             while True:
                 page = await self.store.list_machines(MachineFilter(limit=1000, offset=offset))
-                using = [str(m.mac) for m in page if m.profile == name]
+                using = [m.ref for m in page if m.profile == name]
                 macs += using[:most - len(macs)]
                 total += len(using)
                 if len(page) < 1000:
@@ -285,22 +317,36 @@ class Core:
         return users
 
     # -- what a device gets -----------------------------------------------------------------
-    async def explain(self, mac: str, *, arch: str | None = None) -> dict[str, Any]:
-        return await self.boot.explain(str(MacAddress.parse(mac)), arch=_arch(arch))
+    async def explain(self, ref: str, *, arch: str | None = None) -> dict[str, Any]:
+        """Why a machine (a MAC or an id) boots what it boots; an unknown MAC is explained
+        too: what the discovery policy gives it."""
+        return await self.boot.explain(ref, arch=_arch(arch))
 
-    async def render(self, mac: str, kind: str, *, arch: str | None = None) -> str:
+    async def render(self, ref: str, kind: str, *, arch: str | None = None) -> str:
         """Exactly what the server would serve this machine now, by the same calls, without
-        recording anything; :data:`TOKEN_PLACEHOLDER` stands where its install token goes."""
+        recording anything; :data:`TOKEN_PLACEHOLDER` stands where its install token goes.
+
+        ``ref`` is a MAC (as if the machine booted from that NIC; an unknown one gets what the
+        discovery policy gives) or a machine id (as if it booted from its first NIC, or, with
+        none known yet, as iPXE would report it: by its serial, asset tag or UUID)."""
         if kind not in RENDER_KINDS:
             raise ValidationError("kind", f"{kind!r} is not one of {', '.join(RENDER_KINDS)}")
-        key = MacAddress.parse(mac)
-        machine = await self.store.get_machine(str(key))
+        machine = await identity.by_ref(self.store, ref)
+        key = _mac_or_none(ref)
+        if machine is None and key is None:
+            raise NotFound(f"machine {ref} not found (give one of its MACs or its id)")
         wanted = _arch(arch)
         if kind in ("ipxe", "pxelinux"):
-            request = BootRequest(
-                mac=key, firmware=Firmware.UBOOT if kind == "pxelinux" else Firmware.IPXE,
-                arch=wanted or (machine.arch if machine and machine.arch else Arch.UNKNOWN),
-                via="cli")
+            firmware = Firmware.UBOOT if kind == "pxelinux" else Firmware.IPXE
+            arch_now = wanted or (machine.arch if machine and machine.arch else Arch.UNKNOWN)
+            if machine is not None:
+                request = identity.request_for(machine, firmware=firmware, arch=arch_now,
+                                               via="cli")
+                if key is not None:
+                    request = replace(request, mac=key)
+            else:
+                assert key is not None
+                request = BootRequest(mac=key, firmware=firmware, arch=arch_now, via="cli")
             plan = await self.boot.plan(request, record=False)
             if plan.action == BootAction.INSTALL:
                 plan = replace(plan, token=TOKEN_PLACEHOLDER)
@@ -308,13 +354,14 @@ class Core:
                 return self.content.render_ipxe(plan)
             return self.content.render_pxelinux(plan)
         if machine is None:
-            raise NotFound(f"machine {key} not found")
+            raise NotFound(f"machine {ref} not found")
         # The server's config request carries no facts of its own; an --arch asks "as if it
         # reported this architecture" (for a machine that has not booted yet).
-        facts = (BootRequest(mac=key, arch=wanted, firmware=machine.firmware or Firmware.UNKNOWN,
+        nic = key or machine.mac or identity.NO_NIC
+        facts = (BootRequest(mac=nic, arch=wanted, firmware=machine.firmware or Firmware.UNKNOWN,
                              via="cli") if wanted else None)
         plan = await self.content.config_plan(machine, TOKEN_PLACEHOLDER, claim=False,
-                                              request=facts)
+                                              request=facts, mac=key)
         if kind == "config":
             return self.content.k3os_config(plan)
         return "".join(f"--- {name}\n{self.content.nocloud(plan, name)}"

@@ -22,9 +22,13 @@ from typing import Any
 
 import yaml
 
-from netboot import lifecycle
-from netboot.errors import AuthError, Conflict, NotFound, ValidationError
+from netboot import identity, lifecycle
+from netboot.addresses import IPAddress
+from netboot.addresses import choose as choose_address
+from netboot.errors import AuthError, Conflict, ValidationError
+from netboot.groups import machine_labels
 from netboot.groups import select as select_group
+from netboot.identity import Identity
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
     Event,
@@ -33,7 +37,6 @@ from netboot.model import (
     Machine,
     MachineState,
     Role,
-    normalise_uuid,
 )
 
 _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
@@ -74,9 +77,14 @@ class _TemplateFields(dict[str, str]):
 
 def render_hostname(template: str, machine: Machine, *, cluster: str | None = None,
                     role: str | None = None) -> str:
+    mac = machine.mac
+    # A machine enrolled by serial has no NIC known yet; the tail of its id stands in, so
+    # "node-{mac_suffix}" still gives a unique, stable name.
+    suffix = mac.suffix if mac else machine.id[-6:]
     fields = _TemplateFields(
-        mac=machine.mac.hexhyp, mac_hexhyp=machine.mac.hexhyp, mac_suffix=machine.mac.suffix,
-        mac_hexraw=machine.mac.hexraw, serial=(machine.serial or machine.facts.get("serial", "")),
+        mac=mac.hexhyp if mac else machine.id, mac_hexhyp=mac.hexhyp if mac else machine.id,
+        mac_suffix=suffix, mac_hexraw=mac.hexraw if mac else machine.id,
+        serial=(machine.serial or machine.facts.get("serial", "")),
         uuid=(machine.uuid or "")[:8], asset=machine.asset or "",
         cluster=cluster or machine.cluster or "", role=role or str(machine.role or ""),
         product=machine.facts.get("product", ""),
@@ -95,7 +103,7 @@ def render_hostname(template: str, machine: Machine, *, cluster: str | None = No
 
 def check_hostname_template(template: str) -> str:
     """Refuse a template with unknown fields or bad syntax before any machine needs it."""
-    sample = Machine(mac=MacAddress(bytes(6)), serial="s", uuid="u", asset="a",
+    sample = Machine(macs=(MacAddress(bytes(6)),), serial="s", uuid="u", asset="a",
                      facts={"product": "p"})
     render_hostname(template, sample, cluster="c", role="r")
     return template
@@ -128,8 +136,36 @@ class ImportReport:
         }
 
 
-IMPORT_FIELDS = ("mac", "hostname", "serial", "asset", "uuid", "cluster", "role", "profile",
-                 "labels", "fixed_ipv4")
+IMPORT_FIELDS = ("mac", "macs", "hostname", "serial", "asset", "uuid", "cluster", "role",
+                 "profile", "labels", "fixed_ipv4")
+
+
+def import_macs(row: Mapping[str, Any]) -> tuple[MacAddress, ...]:
+    """The NICs of an import row: ``mac`` and ``macs`` (a list, or text split on ``;``, ``,``
+    or spaces, as a CSV cell holds it), in that order; a repeated MAC names its field."""
+    texts: list[tuple[str, str]] = []
+    if row.get("mac"):
+        texts.append(("mac", str(row["mac"])))
+    value = row.get("macs")
+    if isinstance(value, str):
+        texts += [("macs", t) for t in re.split(r"[;,\s]+", value) if t]
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ValidationError(f"macs[{i}]", f"must be text, got {type(item).__name__}")
+            texts.append(("macs", item))
+    elif value is not None:
+        raise ValidationError("macs", "a list of MACs, or text separated by ';'")
+    out: list[MacAddress] = []
+    for field_name, text in texts:
+        try:
+            mac = MacAddress.parse(text)
+        except ValidationError as exc:
+            raise ValidationError(field_name, exc.message) from None
+        if mac in out:
+            raise ValidationError(field_name, f"{mac} is listed twice")
+        out.append(mac)
+    return tuple(out)
 
 
 def parse_import(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
@@ -197,22 +233,42 @@ async def fleet_status(store: Store) -> dict[str, Any]:
     """Where the fleet stands: machines per state, overall and per cluster, and the failed.
 
     What an operator enrolling a thousand devices watches (``netboot status``,
-    ``GET /api/v1/status``); counts come from indexed queries, not a scan.
+    ``GET /api/v1/status``). A machine counts in its own cluster, else in the cluster of the
+    group that selects it, as it would boot. Counts come from indexed queries; only when a
+    group gives a cluster are the machines without one read once, since a selector matches
+    facts that no index holds.
     """
     by_state = {s.value: await store.count_machines(MachineFilter(state=s))
                 for s in MachineState}
+    total = sum(by_state.values())
     clusters: dict[str, dict[str, int]] = {}
     for cluster in await store.list_clusters():
         counts = {s.value: await store.count_machines(MachineFilter(cluster=cluster.name,
                                                                     state=s))
                   for s in MachineState}
         clusters[cluster.name] = {k: v for k, v in counts.items() if v}
+    groups = await store.list_groups()
+    groups_give_clusters = any(g.cluster for g in groups)
+
+    def cluster_of(machine: Machine) -> str | None:
+        if machine.cluster or not groups_give_clusters:
+            return machine.cluster
+        group = select_group(groups, machine_labels(machine))
+        return group.cluster if group else None
+
+    if total and groups_give_clusters:
+        for machine in await store.list_machines(MachineFilter(limit=total)):
+            # Machines with a cluster of their own were counted by the queries above.
+            if not machine.cluster and (name := cluster_of(machine)):
+                counts = clusters.setdefault(name, {})
+                counts[machine.state.value] = counts.get(machine.state.value, 0) + 1
     failed = await store.list_machines(MachineFilter(state=MachineState.FAILED, limit=20))
     return {
-        "total": sum(by_state.values()),
+        "total": total,
         "by_state": by_state,
         "clusters": clusters,
-        "failed": [{"mac": str(m.mac), "hostname": m.hostname, "cluster": m.cluster}
+        "failed": [{"mac": str(m.mac) if m.mac else None, "id": m.id, "hostname": m.hostname,
+                    "cluster": cluster_of(m)}
                    for m in failed],
     }
 
@@ -231,9 +287,10 @@ class Enroller:
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
 
-    async def event(self, mac: str, kind: str, message: str = "",
+    async def event(self, machine_id: str, kind: str, message: str = "",
                     data: Mapping[str, Any] | None = None) -> None:
-        await self._store.add_event(Event(mac, self._clock(), kind, message, dict(data or {})))
+        await self._store.add_event(Event(machine_id, self._clock(), kind, message,
+                                          dict(data or {})))
 
     # -- hostnames --------------------------------------------------------------------
     async def unique_hostname(self, template: str, machine: Machine, *, cluster: str | None,
@@ -242,7 +299,7 @@ class Enroller:
         name = base
         for n in range(2, 10_000):
             other = await self._store.get_machine_by_hostname(name)
-            if (other is None or other.mac == machine.mac) and (taken is None
+            if (other is None or other.id == machine.id) and (taken is None
                                                                   or name not in taken):
                 return name
             name = f"{base[:58]}-{n}"
@@ -251,7 +308,9 @@ class Enroller:
     def template_for(self, machine: Machine, groups: Sequence[Group]) -> str:
         """The hostname template of the most specific group selecting this machine by what is
         known at enrollment (MAC, serial, UUID, asset, labels, facts), else the default."""
-        labels = {**machine.facts, **machine.labels, "mac": str(machine.mac)}
+        labels = {**machine.facts, **machine.labels}
+        if machine.mac is not None:
+            labels["mac"] = str(machine.mac)
         for key in ("serial", "uuid", "asset"):
             if getattr(machine, key):
                 labels[key] = getattr(machine, key)
@@ -267,6 +326,51 @@ class Enroller:
                        role: str | None = None) -> str:
         template = self.template_for(machine, await self._store.list_groups())
         return await self.unique_hostname(template, machine, cluster=cluster, role=role)
+
+    # -- enrollment -------------------------------------------------------------------
+    async def enroll(self, machine: Machine, how: str) -> Machine:
+        """Create ``machine``, named by the hostname template when it has no hostname.
+
+        It needs one identifier (a MAC, serial, asset tag or UUID). One that an enrolled
+        machine holds is a Conflict naming the field and that machine; ``discovered`` records
+        holding one are the same device seen before enrollment and are merged into it, their
+        NICs, facts and events kept.
+        """
+        identity.require(machine)
+        found = await identity.matches(self._store, Identity.of_machine(machine))
+        for kind, value, other in found:
+            if other.state != MachineState.DISCOVERED:
+                raise identity.claimed(kind, value, other)
+        now = self._clock()
+        absorb = list({m.id: m for _, _, m in found}.values())
+        # The first discovered record becomes this machine (its id and history stay); any
+        # other merges into it.
+        keep = absorb.pop(0) if absorb else None
+        if keep is not None:
+            machine = replace(machine, id=keep.id, created=keep.created,
+                              macs=(*machine.macs, *(m for m in keep.macs
+                                                     if m not in machine.macs)),
+                              facts={**keep.facts, **machine.facts},
+                              arch=keep.arch, firmware=keep.firmware,
+                              state=lifecycle.apply(keep.state, lifecycle.Trigger.ENROLL,
+                                                    subject=keep.ref))
+        else:
+            machine = replace(machine, created=now,
+                              state=lifecycle.first_state(lifecycle.Trigger.ENROLL,
+                                                          subject=machine.ref))
+        machine = identity.merge(machine, absorb, now)
+        if machine.hostname is None:
+            machine = replace(machine, hostname=await self.name_for(
+                machine, cluster=machine.cluster,
+                role=str(machine.role) if machine.role else None))
+        events = [Event(machine.id, now, "enrolled", how)]
+        events += [Event(machine.id, now, "merged", f"discovered record {d.id} "
+                         f"({', '.join(map(str, d.macs))}) is this machine; its history is kept",
+                         {"merged": d.id}) for d in absorb]
+        await self._store.apply_batch(Batch(
+            merge=[(d.id, machine.id) for d in absorb], events=events,
+            create=() if keep else (machine,), update=(machine,) if keep else ()))
+        return machine
 
     # -- transitions ------------------------------------------------------------------
     async def validate_refs(self, cluster: str | None, profile: str | None) -> None:
@@ -286,17 +390,17 @@ class Enroller:
             labels={**group.labels, **machine.labels},
         )
         await self._store.update_machine(updated)
-        await self.event(str(machine.mac), "enrolled",
+        await self.event(machine.id, "enrolled",
                          f"auto-enrolled by rule {group.name!r} as {updated.hostname}")
         self._log.info("auto-enrolled mac=%s rule=%s hostname=%s cluster=%s",
                        machine.mac, group.name, updated.hostname, updated.cluster)
         return updated
 
-    async def approve(self, mac: str, *, cluster: str | None, role: Role | None,
+    async def approve(self, ref: str, *, cluster: str | None, role: Role | None,
                       profile: str | None, hostname: str | None = None) -> Machine:
-        machine = await self._get(mac)
+        machine = await identity.require_ref(self._store, ref)
         await self.validate_refs(cluster, profile)
-        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=str(machine.mac))
+        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
         name = check_hostname(hostname) if hostname else machine.hostname
         if not name:
             name = await self.name_for(machine, cluster=cluster, role=str(role) if role else None)
@@ -305,27 +409,27 @@ class Enroller:
                                     role=role or machine.role,
                                     profile=profile or machine.profile)
         await self._store.update_machine(updated)
-        await self.event(mac, "enrolled", f"approved as {name}"
+        await self.event(machine.id, "enrolled", f"approved as {name}"
                          + (f" for cluster {updated.cluster}" if updated.cluster else ""))
         return updated
 
-    async def reinstall(self, mac: str) -> Machine:
-        machine = await self._get(mac)
+    async def reinstall(self, ref: str) -> Machine:
+        machine = await identity.require_ref(self._store, ref)
         updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
                                     token_hash=None, token_expires=None)
         await self._store.update_machine(updated)
-        await self.event(mac, "reinstall", f"reinstall requested (was {machine.state})")
+        await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
         updated = lifecycle.advance(machine, lifecycle.Trigger.CONFIG_FETCHED, self._clock())
         if updated is not machine:
             await self._store.update_machine(updated)
-        await self.event(str(machine.mac), "config", f"{what} fetched")
+        await self.event(machine.id, "config", f"{what} fetched")
 
-    async def report(self, mac: str, body: Mapping[str, Any]) -> Event:
-        """A progress report from an installer (POST /api/v1/machines/<mac>/events)."""
-        machine = await self._get(mac)
+    async def report(self, ref: str, body: Mapping[str, Any]) -> Event:
+        """A progress report from an installer (POST /api/v1/machines/<ref>/events)."""
+        machine = await identity.require_ref(self._store, ref)
         kind = body.get("kind")
         if not isinstance(kind, str) or not kind or len(kind) > MAX_EVENT_KIND \
                 or not re.match(r"^[a-z0-9][a-z0-9._-]*$", kind):
@@ -345,12 +449,19 @@ class Enroller:
             updated = lifecycle.advance(machine, step, self._clock())
             if updated is not machine:
                 await self._store.update_machine(updated)
-        event = Event(mac, self._clock(), kind, message, data)
+        event = Event(machine.id, self._clock(), kind, message, data)
         await self._store.add_event(event)
         return event
 
-    async def register(self, body: Mapping[str, Any]) -> Machine:
-        """First boot of the installed OS: POST /api/v1/register with the install token."""
+    async def register(self, body: Mapping[str, Any], peer: IPAddress | None) -> Machine:
+        """First boot of the installed OS: POST /api/v1/register with the install token.
+
+        ``peer`` is the address the request came from; it is registered unless it is not
+        routable and the device reports one that is (:func:`netboot.addresses.choose`).
+        A reported entry that is not a usable address is ignored with an event, not a 400:
+        the device builds the list from ``hostname -i`` on its own, and refusing the whole
+        registration would leave it retrying, unregistered, for something it cannot fix.
+        """
         mac_text = body.get("mac")
         if not isinstance(mac_text, str):
             raise ValidationError("mac", "required")
@@ -359,7 +470,7 @@ class Enroller:
         if not isinstance(token, str) or not token:
             raise ValidationError("token", "required: the install token from the kernel command "
                                            "line or config")
-        machine = await self._store.get_machine(mac)
+        machine = await self._store.machine_by("mac", mac)
         # Same answer for unknown MAC and wrong token: registration must not reveal the inventory.
         if machine is None or not token_matches(machine, token, self._clock()):
             raise AuthError("unknown machine or wrong/expired token")
@@ -376,37 +487,52 @@ class Enroller:
         hostname = body.get("hostname")
         if hostname is not None and not isinstance(hostname, str):
             raise ValidationError("hostname", "must be a string")
-        ipv4 = next((a for a in addresses if re.match(r"^\d+\.\d+\.\d+\.\d+$", a)), machine.ipv4)
+        choice = choose_address(peer, addresses)
+        ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
+        if choice.ipv6:
+            facts["ipv6"] = str(choice.ipv6)
         updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
                                     ipv4=ipv4, facts=facts)
         await self._store.update_machine(updated)
-        await self.event(mac, "registered",
-                         f"registered from {ipv4 or 'unknown address'}"
-                         + (f" as {hostname}" if hostname else ""),
-                         {"addresses": addresses})
+        where = (f"{choice.address} ({'the request' if choice.source == 'peer' else 'reported'})"
+                 if choice.address else f"no usable address (kept {machine.ipv4 or 'none'})")
+        # What was refused is said in the one event of this step, where an operator reading
+        # why agents join some address looks.
+        refused = "".join(f"; ignored {r.source} address {r.text!r} ({r.reason})"
+                          for r in choice.refused)
+        await self.event(machine.id, "registered", f"registered at {where}"
+                         + (f" as {hostname}" if hostname else "") + refused,
+                         {"addresses": addresses, "peer": str(peer) if peer else None,
+                          "refused": [{"address": r.text, "reason": r.reason,
+                                       "source": r.source} for r in choice.refused]})
         self._log.info("registered mac=%s ip=%s cluster=%s", mac, ipv4, machine.cluster)
         return updated
-
-    async def _get(self, mac: str) -> Machine:
-        machine = await self._store.get_machine(str(MacAddress.parse(mac)))
-        if machine is None:
-            raise NotFound(f"machine {mac} not found")
-        return machine
 
     # -- bulk import ------------------------------------------------------------------
     async def import_rows(self, rows: Sequence[tuple[int, Mapping[str, Any]]], *,
                           dry_run: bool = False,
                           progress: Callable[[int], None] | None = None) -> ImportReport:
-        """One transaction: every row applies or none; errors list every bad row."""
+        """One transaction: every row applies or none; errors list every bad row.
+
+        A row names a machine by any of its identifiers (MACs, serial, asset tag, UUID): one
+        that an enrolled machine holds makes the row an update of that machine (its new NICs
+        added, nothing dropped); ``discovered`` records holding one are merged into it (or,
+        with no enrolled machine named, the first of them is enrolled in place). A row
+        whose identifiers point at two enrolled machines, or repeat one of an earlier row, is
+        an error naming the line and the field.
+        """
         errors: list[RowError] = []
         clusters = {c.name for c in await self._store.list_clusters()}
         profiles = {p.name for p in await self._store.list_profiles()}
-        existing = {str(m.mac): m for m in await self._all_machines()}
-        by_host = {m.hostname: str(m.mac) for m in existing.values() if m.hostname}
-        seen_mac: dict[str, int] = {}
+        existing = {m.id: m for m in await self._all_machines()}
+        holders = {claim: m.id for m in existing.values() for claim in identity.claims(m)}
+        by_host = {m.hostname: m.id for m in existing.values() if m.hostname}
+        seen_claim: dict[tuple[str, str], int] = {}
         seen_host: dict[str, tuple[int, str]] = {}
+        line_of: dict[str, int] = {}  # machine id -> line
         create: list[Machine] = []
         update: list[Machine] = []
+        merge: list[tuple[str, str]] = []
         unchanged: list[str] = []
         now = self._clock()
         for n, (line, row) in enumerate(rows):
@@ -414,45 +540,52 @@ class Enroller:
                 progress(n)
             try:
                 machine = self._row_machine(row, clusters, profiles)
+                target, absorb = self._row_target(machine, line, existing, holders, seen_claim)
             except ValidationError as exc:
                 errors.append(RowError(line, exc.field, exc.message))
                 continue
-            mac = str(machine.mac)
-            if mac in seen_mac:
-                errors.append(RowError(line, "mac", f"duplicate of line {seen_mac[mac]}"))
-                continue
-            seen_mac[mac] = line
+            if target is not None:
+                if target.id in line_of:
+                    errors.append(RowError(line, "mac", f"names machine {target.ref} again "
+                                           f"(line {line_of[target.id]})"))
+                    continue
+                machine = replace(machine, id=target.id)
+            line_of[machine.id] = line
             if machine.hostname:
                 if machine.hostname in seen_host:
                     errors.append(RowError(line, "hostname", f"{machine.hostname!r} duplicates "
                                            f"line {seen_host[machine.hostname][0]}"))
                     continue
-                seen_host[machine.hostname] = (line, mac)
+                seen_host[machine.hostname] = (line, machine.id)
                 owner = by_host.get(machine.hostname)
-                if owner is not None and owner != mac:
+                if owner is not None and owner != machine.id \
+                        and owner not in {d.id for d in absorb}:
                     errors.append(RowError(line, "hostname", f"{machine.hostname!r} is used by "
-                                           f"{owner} in the inventory"))
+                                           f"{existing[owner].ref} in the inventory"))
                     continue
-            old = existing.get(mac)
-            if old is None:
-                create.append(replace(machine, created=now, updated=now))
+            merge += [(d.id, machine.id) for d in absorb]
+            if target is None:
+                merged = identity.merge(machine, absorb, now)
+                create.append(replace(merged, created=now, updated=now))
+                continue
+            old = target
+            merged = identity.merge(replace(
+                old, macs=(*old.macs, *(m for m in machine.macs if m not in old.macs)),
+                hostname=machine.hostname or old.hostname,
+                serial=machine.serial or old.serial, asset=machine.asset or old.asset,
+                uuid=machine.uuid or old.uuid, cluster=machine.cluster or old.cluster,
+                role=machine.role or old.role, profile=machine.profile or old.profile,
+                labels={**old.labels, **machine.labels},
+                fixed_ipv4=machine.fixed_ipv4 or old.fixed_ipv4,
+            ), absorb, old.updated)
+            if lifecycle.allows(old.state, lifecycle.Trigger.ENROLL):
+                # Naming a discovered machine in an import enrolls it; for any other state
+                # the row only updates its fields.
+                merged = lifecycle.advance(merged, lifecycle.Trigger.ENROLL, now)
+            if merged == old:
+                unchanged.append(old.ref)
             else:
-                merged = replace(
-                    old, hostname=machine.hostname or old.hostname,
-                    serial=machine.serial or old.serial, asset=machine.asset or old.asset,
-                    uuid=machine.uuid or old.uuid, cluster=machine.cluster or old.cluster,
-                    role=machine.role or old.role, profile=machine.profile or old.profile,
-                    labels={**old.labels, **machine.labels},
-                    fixed_ipv4=machine.fixed_ipv4 or old.fixed_ipv4,
-                )
-                if lifecycle.allows(old.state, lifecycle.Trigger.ENROLL):
-                    # Naming a discovered machine in an import enrolls it; for any other
-                    # state the row only updates its fields.
-                    merged = lifecycle.advance(merged, lifecycle.Trigger.ENROLL, now)
-                if merged == old:
-                    unchanged.append(mac)
-                else:
-                    update.append(replace(merged, updated=now))
+                update.append(replace(merged, updated=now))
         # Machines enrolled without a name get one from the hostname template, unique against
         # both the inventory and the rest of the file.
         taken = set(by_host) | set(seen_host)
@@ -462,7 +595,7 @@ class Enroller:
                 try:
                     base = render_hostname(self.template_for(m, groups), m)
                 except ValidationError as exc:
-                    errors.append(RowError(seen_mac[str(m.mac)], exc.field, exc.message))
+                    errors.append(RowError(line_of[m.id], exc.field, exc.message))
                     continue
                 name, n = base, 2
                 while name in taken:
@@ -471,23 +604,61 @@ class Enroller:
                 create[i] = replace(m, hostname=name)
         # A hostname freed by one row and taken by another in the same file is fine; a name
         # taken from a machine the file does not rename is not.
-        renamed = {str(m.mac) for m in update}
+        renamed = {m.id for m in update} | {source for source, _ in merge}
         for m in create + update:
             owner = by_host.get(m.hostname or "")
-            if owner and owner != str(m.mac) and owner not in renamed:
-                line = seen_mac[str(m.mac)]
+            if owner and owner != m.id and owner not in renamed:
+                line = line_of[m.id]
                 if not any(e.line == line for e in errors):
-                    errors.append(RowError(line, "hostname", f"{m.hostname!r} is used by {owner}"))
+                    errors.append(RowError(line, "hostname",
+                                           f"{m.hostname!r} is used by {existing[owner].ref}"))
         report = ImportReport(
-            created=tuple(str(m.mac) for m in create), changed=tuple(str(m.mac) for m in update),
+            created=tuple(m.ref for m in create), changed=tuple(m.ref for m in update),
             unchanged=tuple(unchanged), errors=tuple(sorted(errors, key=lambda e: e.line)),
         )
         if errors or dry_run:
             return report
-        events = [Event(str(m.mac), now, "enrolled", "imported") for m in create]
-        events += [Event(str(m.mac), now, "updated", "changed by an import") for m in update]
-        await self._store.apply_batch(Batch(create=create, update=update, events=events))
+        events = [Event(m.id, now, "enrolled", "imported") for m in create]
+        events += [Event(m.id, now, "updated", "changed by an import") for m in update]
+        events += [Event(target, now, "merged", f"discovered record {source} is this machine "
+                         "(found by an import); its history is kept", {"merged": source})
+                   for source, target in merge]
+        await self._store.apply_batch(Batch(merge=merge, create=create, update=update,
+                                            events=events))
         return replace(report, applied=True)
+
+    @staticmethod
+    def _row_target(machine: Machine, line: int, existing: Mapping[str, Machine],
+                    holders: Mapping[tuple[str, str], str],
+                    seen: dict[tuple[str, str], int]) -> tuple[Machine | None, list[Machine]]:
+        """The machine an import row updates (None: a new one) and the discovered records it
+        absorbs; ValidationError naming the field of a contested identifier."""
+        own = identity.claims(machine)
+        for claim in own:
+            if claim in seen:
+                raise ValidationError(claim[0], f"duplicate of line {seen[claim]} ({claim[1]})")
+        target: Machine | None = None
+        absorb: dict[str, Machine] = {}
+        for kind, value in own:
+            holder = holders.get((kind, value))
+            if holder is None:
+                continue
+            other = existing[holder]
+            if other.state == MachineState.DISCOVERED:
+                absorb[other.id] = other
+            elif target is None:
+                target = other
+            elif other.id != target.id:
+                raise ValidationError(kind, f"{value} belongs to machine {other.ref}, but the "
+                                            f"row's other identifiers name {target.ref}")
+        for claim in own:
+            seen[claim] = line
+        found = list(absorb.values())
+        if target is None and found:
+            # Only discovered records: the first becomes the enrolled machine (its id and
+            # history stay), the others merge into it.
+            target, found = found[0], found[1:]
+        return target, found
 
     def _row_machine(self, row: Mapping[str, Any], clusters: set[str],
                      profiles: set[str]) -> Machine:
@@ -497,7 +668,7 @@ class Enroller:
         for key, value in row.items():
             # CSV gives text and YAML may give a number (serial: 12345); a list, an object or
             # true/false in a scalar column is a mistake to report, not to str() into a value.
-            if key != "labels" and value is not None and (
+            if key not in ("labels", "macs") and value is not None and (
                     isinstance(value, bool) or not isinstance(value, str | int)):
                 raise ValidationError(key, f"must be text, got {type(value).__name__}")
         labels_value = row.get("labels")
@@ -505,9 +676,7 @@ class Enroller:
             for k, v in labels_value.items():
                 if isinstance(v, bool) or not isinstance(v, str | int | float):
                     raise ValidationError(f"labels.{k}", f"must be text, got {type(v).__name__}")
-        if not row.get("mac"):
-            raise ValidationError("mac", "required")
-        mac = MacAddress.parse(str(row["mac"]))
+        macs = import_macs(row)
         cluster = row.get("cluster") or None
         if cluster is not None and cluster not in clusters:
             raise ValidationError("cluster", f"unknown cluster {cluster!r}")
@@ -521,7 +690,8 @@ class Enroller:
         if not isinstance(labels, dict):
             raise ValidationError("labels", "must be a mapping of key: value")
         hostname = check_hostname(str(row["hostname"])) if row.get("hostname") else None
-        uuid = normalise_uuid(str(row["uuid"])) if row.get("uuid") else None
+        ids = {k: identity.enrolled_value(k, str(row[k])) if row.get(k) else None
+               for k in ("uuid", "serial", "asset")}
         fixed = row.get("fixed_ipv4") or None
         if fixed is not None:
             # The same check as the store's codec, so that a dry run does not pass a row
@@ -530,15 +700,16 @@ class Enroller:
                 fixed = str(ipaddress.IPv4Address(str(fixed)))
             except ValueError:
                 raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
-        return Machine(
-            mac=mac, state=lifecycle.first_state(lifecycle.Trigger.ENROLL, subject=str(mac)),
-            hostname=hostname,
-            serial=str(row["serial"]) if row.get("serial") else None,
-            asset=str(row["asset"]) if row.get("asset") else None, uuid=uuid,
+        machine = Machine(
+            macs=macs, state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
+            hostname=hostname, serial=ids["serial"], asset=ids["asset"], uuid=ids["uuid"],
             cluster=cluster, role=Role(role_text) if role_text else None, profile=profile,
             labels={str(k): str(v) for k, v in labels.items()},
             fixed_ipv4=str(fixed) if fixed else None,
         )
+        if not identity.claims(machine):
+            raise ValidationError("mac", "required: a mac (or macs), serial, asset or uuid")
+        return machine
 
     async def _all_machines(self) -> list[Machine]:
         out: list[Machine] = []

@@ -87,7 +87,17 @@ class NotFound(NetbootError):
 
 
 class Conflict(NetbootError):
-    """The change conflicts with what exists (a MAC or hostname already used, ...)."""
+    """The change conflicts with what exists (a MAC or hostname already used, ...).
+
+    ``field`` names the contested field and ``holder`` the machine that has it, when the
+    conflict is about one (the API reports both so a script can act on them).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None,
+                 holder: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.holder = holder
 
 
 class TransitionRefused(Conflict):

@@ -11,7 +11,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 
 from netboot.errors import Conflict
-from netboot.model import Group
+from netboot.model import Group, Machine
 
 
 def _norm(value: str) -> str:
@@ -55,6 +55,30 @@ def check_groups(groups: Iterable[Group]) -> None:
                     f"({a.specificity} selector keys) and can match the same machine; "
                     "add a selector key to one of them or make their values disjoint"
                 )
+
+
+def machine_labels(machine: Machine,
+                   reported: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What selectors match a known machine on: its labels and firmware facts, then what its
+    boot request ``reported``, then its identities, which nothing reported may override."""
+    labels = dict(machine.labels)
+    labels.update({k: v for k, v in machine.facts.items() if v})
+    if reported is not None:
+        labels.update(reported)
+    # A selector on "mac" sees the machine's first NIC whichever port it booted from, so that
+    # what a machine installs does not depend on the cable; one enrolled by serial has none.
+    if machine.mac is not None:
+        labels["mac"] = str(machine.mac)
+    else:
+        labels.pop("mac", None)
+    for key in ("uuid", "serial", "asset", "hostname"):
+        if getattr(machine, key):
+            labels[key] = getattr(machine, key)
+    if machine.arch:
+        labels.setdefault("arch", str(machine.arch))
+    if machine.firmware:
+        labels.setdefault("firmware", str(machine.firmware))
+    return labels
 
 
 def select(groups: Iterable[Group], labels: Mapping[str, str]) -> Group | None:

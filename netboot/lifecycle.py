@@ -133,7 +133,7 @@ def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> M
     """
     if "state" in changes or "updated" in changes:
         raise TypeError("advance() sets state and updated itself")
-    state = apply(machine.state, trigger, subject=str(machine.mac))
+    state = apply(machine.state, trigger, subject=machine.ref)
     after = replace(machine, state=state, **changes)
     return machine if after == machine else replace(after, updated=now)
 

@@ -7,7 +7,9 @@ it does not); validation that needs the inventory (a cluster exists) lives in ``
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
+import secrets
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from typing import Any
 from netboot.errors import ValidationError
 
 _HEX = re.compile(r"^[0-9a-f]{12}$")
+_DNS_NAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?$")
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>\d{1,5}))?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +65,7 @@ class MacAddress:
 
     @property
     def hexhyp(self) -> str:
-        """``aa-bb-cc-dd-ee-ff``: iPXE's ``${net0/mac:hexhyp}`` and the form used in URLs."""
+        """``aa-bb-cc-dd-ee-ff``: iPXE's ``${netX/mac:hexhyp}`` and the form used in URLs."""
         return self.raw.hex("-")
 
     @property
@@ -126,18 +130,43 @@ class BootAction(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One step in a machine's life, recorded with its time (seconds since the epoch)."""
+    """One step in a machine's life, recorded with its time (seconds since the epoch).
 
-    mac: str
+    ``machine`` is the machine's id (:attr:`Machine.id`), not a MAC: a machine has several NICs
+    or none known yet, and its history follows it whichever NIC it booted from.
+    """
+
+    machine: str
     time: float
     kind: str
     message: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
+ID_PREFIX = "m-"
+
+
+def new_machine_id() -> str:
+    """A fresh machine id: ``m-`` and 12 hex digits.
+
+    The ``m-`` prefix keeps an id from ever parsing as a MAC (12 hex digits alone would), so
+    that ``/machines/{ref}`` and ``netboot explain REF`` can take either without ambiguity.
+    """
+    return ID_PREFIX + secrets.token_hex(6)
+
+
 @dataclass(frozen=True, slots=True)
 class Machine:
-    mac: MacAddress
+    """A device, whichever of its NICs it boots from.
+
+    ``id`` is its stable key in the inventory. ``macs`` are all its NICs, the first being the
+    one named first at enrollment (or the first seen booting); it may be empty for a machine
+    enrolled by serial, asset tag or UUID that has not booted yet. ``uuid``, ``serial`` and
+    ``asset`` each identify it too (see :mod:`netboot.identity` for how a boot is matched).
+    """
+
+    macs: tuple[MacAddress, ...] = ()
+    id: str = field(default_factory=new_machine_id)
     state: MachineState = MachineState.ENROLLED
     hostname: str | None = None
     uuid: str | None = None
@@ -156,6 +185,16 @@ class Machine:
     token_expires: float | None = None
     created: float = 0.0
     updated: float = 0.0
+
+    @property
+    def mac(self) -> MacAddress | None:
+        """The primary NIC, where one MAC is needed (hostnames, node names); None if unknown."""
+        return self.macs[0] if self.macs else None
+
+    @property
+    def ref(self) -> str:
+        """How logs, messages and URLs name the machine: its primary MAC, else its id."""
+        return str(self.macs[0]) if self.macs else self.id
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +228,10 @@ class Cluster:
     labels: Mapping[str, str] = field(default_factory=dict)  # node labels
     taints: tuple[str, ...] = ()
     description: str = ""
+    # Where the nodes of a managed cluster reach its servers: a VIP or DNS name in front of
+    # them (kube-vip, a load balancer), as host, host:port or https URL (check_endpoint).
+    # Unset, it is the first registered server's address (netboot.boot).
+    endpoint: str | None = None
 
     @property
     def managed(self) -> bool:
@@ -278,6 +321,14 @@ class K3sJoin:
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[str, ...] = ()
     node_name: str = ""
+    # Names other nodes reach the servers by (a VIP, <cluster>.<zone>): k3s must put them in
+    # its serving certificate, or joining through them fails TLS verification.
+    tls_san: tuple[str, ...] = ()
+
+    @property
+    def waiting(self) -> bool:
+        """No endpoint to join yet: neither the cluster's first server nor given a URL."""
+        return not self.cluster_init and self.server_url is None
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -287,6 +338,9 @@ class K3sJoin:
             out.append("--cluster-init")
         if self.node_name:
             out += ["--node-name", self.node_name]
+        if self.role == Role.SERVER:
+            for name in self.tls_san:
+                out += ["--tls-san", name]
         return tuple(out)
 
 
@@ -338,3 +392,68 @@ def normalise_uuid(text: str) -> str:
         return str(uuidlib.UUID(text.strip()))
     except (ValueError, AttributeError) as exc:
         raise ValidationError("uuid", f"{text!r} is not a UUID") from exc
+
+
+def check_endpoint(text: str) -> str:
+    """A cluster endpoint in canonical form: ``host``, ``host:port`` or ``https://host[:port]``.
+
+    The host is a DNS name or an address other nodes can reach (not loopback, link-local,
+    multicast or unspecified: a node would dial itself or nothing). An IPv6 address with a
+    port is written in brackets (RFC 3986 §3.2.2). Raises ValidationError naming ``endpoint``.
+    """
+    if not isinstance(text, str):
+        raise ValidationError("endpoint", "must be a string: host, host:port or https://host:port")
+    raw = text.strip()
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "", raw
+    elif scheme.lower() != "https":
+        raise ValidationError("endpoint", f"{text!r}: the k3s API is https://, not {scheme}://")
+    rest = rest[:-1] if sep and rest.endswith("/") else rest
+    # A bare IPv6 address (2001:db8::1) has colons but no port.
+    if not rest.startswith("[") and rest.count(":") > 1:
+        rest = f"[{rest}]"
+    found = _HOST_PORT.match(rest)
+    if not found:
+        raise ValidationError("endpoint", f"{text!r} is not host, host:port or https://host:port"
+                                          " (no path, user or query)")
+    host = (found.group("v6") or found.group("host")).lower()
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+        if found.group("v6") or not _DNS_NAME.match(host) or len(host) > 253 \
+                or host.rstrip(".").replace(".", "").isdigit():
+            raise ValidationError("endpoint", f"{text!r}: {host!r} is not a DNS name or an "
+                                              "IP address") from None
+    if address is not None and (address.is_loopback or address.is_link_local
+                                or address.is_multicast or address.is_unspecified):
+        raise ValidationError("endpoint", f"{text!r}: other nodes cannot reach {host}")
+    port = found.group("port")
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValidationError("endpoint", f"{text!r}: port {port} is not 1-65535")
+    host = f"[{host}]" if isinstance(address, ipaddress.IPv6Address) else host
+    return (f"https://{host}" if sep else host) + (f":{int(port)}" if port else "")
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, str | None]:
+    found = _HOST_PORT.match(endpoint.removeprefix("https://"))
+    if found is None:
+        raise ValidationError("endpoint", f"{endpoint!r} is not host, host:port or https URL")
+    return found.group("v6") or found.group("host"), found.group("port")
+
+
+def endpoint_url(endpoint: str, default_port: int) -> str:
+    """The k3s ``server_url`` of a canonical endpoint (k3s listens on 6443 by default)."""
+    host, port = _split_endpoint(endpoint)
+    return f"https://{url_host(host)}:{port or default_port}"
+
+
+def endpoint_host(endpoint: str) -> str:
+    """The name or address of an endpoint, as k3s's ``--tls-san`` takes it."""
+    return _split_endpoint(endpoint)[0]
+
+
+def url_host(address: str) -> str:
+    """An address as the host part of a URL: IPv6 in brackets (RFC 3986 §3.2.2)."""
+    return f"[{address}]" if ":" in address else address

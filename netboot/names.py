@@ -108,6 +108,37 @@ def valid_label(text: str) -> bool:
     return bool(_LABEL.match(text))
 
 
+def host_record(machine: Machine) -> tuple[str, ipaddress.IPv4Address] | str | None:
+    """The ``<hostname>.Z`` A record a machine gets: (label, address); a reason it is skipped
+    (str); or None when it has no name or no address yet (nothing to report)."""
+    if not machine.hostname:
+        return None
+    host = machine.hostname.lower()
+    if not valid_label(host):
+        return f"hostname {machine.hostname!r} is not a DNS label"
+    addr = machine.ipv4 or machine.fixed_ipv4
+    if not addr:
+        return None
+    try:
+        return host, ipaddress.IPv4Address(addr)
+    except ValueError:
+        return f"address {addr!r} is not IPv4"
+
+
+def is_cluster_endpoint(machine: Machine) -> bool:
+    """Whether a machine is one of the addresses of its cluster's name: a registered server
+    (failed or not yet registered nodes would send agents to nothing)."""
+    return machine.role == Role.SERVER and machine.state == MachineState.REGISTERED
+
+
+def serves_cluster(cluster: str, servers: Iterable[Machine]) -> bool:
+    """Whether :meth:`Zone.build` answers ``<cluster>.Z`` with an address, given the cluster's
+    machines: what the boot decision asks before it hands a node that name. (Two machines
+    claiming one hostname can still leave one out; the other servers answer then.)"""
+    return valid_label(cluster.lower()) and any(
+        is_cluster_endpoint(m) and isinstance(host_record(m), tuple) for m in servers)
+
+
 def _valid_zone(name: str) -> bool:
     key = _key(name)
     return bool(key) and len(".".join(p.decode() for p in key)) <= 253 and all(
@@ -211,32 +242,20 @@ class Zone:
             c: [] for c in cluster_names
         }
         for machine in machines:
-            if not machine.hostname:
+            named = host_record(machine)
+            if named is None:
                 continue
-            host = machine.hostname.lower()
-            if not valid_label(host):
-                builder.skipped.append(f"{machine.mac}: hostname {machine.hostname!r}"
-                                       " is not a DNS label")
+            if isinstance(named, str):
+                builder.skipped.append(f"{machine.ref}: {named}")
                 continue
-            addr = machine.ipv4 or machine.fixed_ipv4
-            if not addr:
-                continue
-            try:
-                ip = ipaddress.IPv4Address(addr)
-            except ValueError:
-                builder.skipped.append(f"{machine.mac}: address {addr!r} is not IPv4")
-                continue
+            host, ip = named
             hkey = (host.encode(), *origin)
-            if not builder.claim(hkey, f"machine {machine.mac}"):
+            if not builder.claim(hkey, f"machine {machine.ref}"):
                 continue
             builder.address(hkey, ip)
             machine_ips.append((hkey, ip))
             member_of = (machine.cluster or "").lower().encode()
-            if (
-                member_of in endpoint
-                and machine.role == Role.SERVER
-                and machine.state == MachineState.REGISTERED
-            ):
+            if member_of in endpoint and is_cluster_endpoint(machine):
                 endpoint[member_of].append((hkey, ip))
 
         endpoints: dict[str, tuple[str, ...]] = {}

@@ -13,7 +13,10 @@ _MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _LIST = {"type": "array", "items": {"type": "string"}}
 
 _MACHINE_PROPS: dict[str, Any] = {
-    "mac": {"type": "string", "description": "any common MAC form; normalised"},
+    "mac": {"type": ["string", "null"],
+            "description": "its first NIC, any common MAC form; normalised"},
+    "macs": {"type": "array", "items": _STR,
+             "description": "every NIC; a boot from any of them is this machine"},
     "hostname": _NSTR, "uuid": _NSTR, "serial": _NSTR, "asset": _NSTR,
     "labels": _MAP, "cluster": _NSTR,
     "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
@@ -28,20 +31,26 @@ _STATE = {"type": "string", "readOnly": True,
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"],
               "properties": {"error": _STR, "field": _STR,
+                             "holder": {"type": "string",
+                                        "description": "409: id of the machine that has it"},
                              "state": {**_STATE, "description": "409 of a refused lifecycle "
                                        "step: the machine's current state"},
                              "event": {"type": "string", "readOnly": True}}},
-    "MachineInput": {"type": "object", "required": ["mac"], "additionalProperties": False,
+    # At least one of mac, macs, serial, asset, uuid (a 400 names "mac" otherwise).
+    "MachineInput": {"type": "object", "additionalProperties": False,
+                     "anyOf": [{"required": [k]} for k in ("mac", "macs", "serial", "asset",
+                                                           "uuid")],
                      "properties": _MACHINE_PROPS},
-    # PATCH merges into the stored machine: every field optional; "mac" may only repeat it.
+    # PATCH merges into the stored machine: every field optional; "macs" replaces the NICs,
+    # "mac" alone may only repeat one of them.
     "MachinePatch": {"type": "object", "additionalProperties": False,
                      "properties": _MACHINE_PROPS},
     "Approve": {"type": "object", "additionalProperties": False, "properties": {
         "cluster": _NSTR, "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
         "profile": _NSTR, "hostname": _NSTR}},
     # Not allOf MachineInput: its additionalProperties=false would reject every response.
-    "Machine": {"type": "object", "required": ["mac", "state"], "properties": {
-        **_MACHINE_PROPS, "state": _STATE, "mac_hexhyp": _STR, "arch": _NSTR,
+    "Machine": {"type": "object", "required": ["id", "macs", "state"], "properties": {
+        **_MACHINE_PROPS, "id": _STR, "state": _STATE, "mac_hexhyp": _NSTR, "arch": _NSTR,
         "firmware": _NSTR, "ipv4": _NSTR,
         "facts": _MAP, "token_expires": {"type": ["number", "null"]},
         "created": {"type": "number"}, "updated": {"type": "number"}}},
@@ -60,18 +69,26 @@ SCHEMAS: dict[str, Any] = {
         "name": _STR, "server_url": {"type": "string",
                                      "description": "https://… of the k3s API, or 'managed'"},
         "token": {"type": "string", "writeOnly": True}, "labels": _MAP, "taints": _LIST,
-        "description": _STR}},
+        "description": _STR,
+        "endpoint": {"type": ["string", "null"], "description":
+                     "managed clusters: where nodes reach the servers (a VIP or DNS name): "
+                     "host, host:port or https://host[:port]; unset, the first registered "
+                     "server's address, and nodes wait until one registers"}}},
     "Group": {"type": "object", "required": ["name"], "properties": {
         "name": _STR, "selector": {"type": "object", "additionalProperties": _LIST},
         "profile": _NSTR, "cluster": _NSTR, "role": _NSTR, "labels": _MAP, "taints": _LIST,
         "hostname_template": _NSTR}},
     "Event": {"type": "object", "properties": {
-        "mac": _STR, "time": {"type": "number"}, "kind": _STR, "message": _STR,
+        "machine": _STR, "time": {"type": "number"}, "kind": _STR, "message": _STR,
         "data": {"type": "object"}}},
     "EventInput": {"type": "object", "required": ["kind"], "properties": {
         "kind": _STR, "message": _STR, "data": {"type": "object"}}},
     "Register": {"type": "object", "required": ["mac", "token"], "properties": {
-        "mac": _STR, "token": _STR, "hostname": _STR, "addresses": _LIST,
+        "mac": _STR, "token": _STR, "hostname": _STR,
+        "addresses": {**_LIST, "description":
+                      "the device's own addresses; the request's source address wins unless "
+                      "it is not routable. Entries that are loopback, link-local, unspecified, "
+                      "multicast, broadcast or not addresses are ignored (an event says so)"},
         "machine_id": _STR, "node_name": _STR, "os": _STR}},
     "Bulk": {"type": "object", "required": ["machines"], "additionalProperties": False,
              "properties": {
@@ -123,7 +140,10 @@ def _op(summary: str, *, body: str | None = None, ok: int = 200, out: str | None
 
 
 def _path_param(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    out = {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    if name == "ref":
+        out["description"] = "one of the machine's MACs (any common form), or its id"
+    return out
 
 
 def document() -> dict[str, Any]:
@@ -140,30 +160,30 @@ def document() -> dict[str, Any]:
             "post": _op("bulk enrollment in one transaction", body="Bulk", ok=201,
                         out="ImportReport", admin=True, errors=(400, 413)),
         },
-        "/api/v1/machines/{mac}": {
-            "parameters": [_path_param("mac")],
+        "/api/v1/machines/{ref}": {
+            "parameters": [_path_param("ref")],
             "get": _op("one machine", out="Machine"),
             "patch": _op("change a machine", body="MachinePatch", out="Machine", admin=True,
                          errors=(400, 404, 409)),
             "delete": {**_op("remove a machine", ok=204, admin=True)},
         },
-        "/api/v1/machines/{mac}/approve": {
-            "parameters": [_path_param("mac")],
+        "/api/v1/machines/{ref}/approve": {
+            "parameters": [_path_param("ref")],
             "post": _op("approve a discovered machine", body="Approve", out="Machine",
                         admin=True, errors=(400, 404, 409), body_required=False),
         },
-        "/api/v1/machines/{mac}/reinstall": {
-            "parameters": [_path_param("mac")],
+        "/api/v1/machines/{ref}/reinstall": {
+            "parameters": [_path_param("ref")],
             "post": _op("install again on next boot", out="Machine", admin=True,
                         errors=(404, 409)),
         },
-        "/api/v1/machines/{mac}/explain": {
-            "parameters": [_path_param("mac")],
+        "/api/v1/machines/{ref}/explain": {
+            "parameters": [_path_param("ref")],
             "get": _op("which group, profile and decision, and why", out="Explanation",
                        params=("arch",)),
         },
-        "/api/v1/machines/{mac}/events": {
-            "parameters": [_path_param("mac")],
+        "/api/v1/machines/{ref}/events": {
+            "parameters": [_path_param("ref")],
             "get": _op("events, oldest first", out="array:Event", params=("limit",)),
             "post": _op("progress report (install token or admin token)", body="EventInput",
                         ok=201, out="Event", admin=True, errors=(400, 404, 409, 413)),

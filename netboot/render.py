@@ -19,11 +19,7 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from netboot.errors import ConfigError, RenderError
-
-
-def shipped_templates_dir() -> Path:
-    """The ``templates/`` directory of this checkout (next to the package)."""
-    return Path(__file__).resolve().parent.parent / "templates"
+from netboot.shipped import templates_dir
 
 
 class Renderer:
@@ -33,7 +29,7 @@ class Renderer:
             raise ConfigError(
                 "no template directory found",
                 key="templates.dir",
-                fix=f"set templates.dir or run from a checkout that has {shipped_templates_dir()}",
+                fix=f"set templates.dir, or reinstall netboot: {templates_dir()} is missing",
             )
         self.dirs = existing
         self._log = logger or logging.getLogger(__name__)

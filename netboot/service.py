@@ -32,7 +32,7 @@ from netboot.errors import ConfigError, StoreError
 from netboot.files import FileTree
 from netboot.inventory.base import MachineFilter, Store
 from netboot.logs import RateLimitedLog
-from netboot.render import Renderer, shipped_templates_dir
+from netboot.render import Renderer
 from netboot.servers.http import (
     LOG_KEY,
     MAX_BODY_KEY,
@@ -47,6 +47,7 @@ from netboot.servers.http import (
 )
 from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
+from netboot.shipped import shipped_root, templates_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def asset_roots(config: Config) -> list[Path]:
     for d in config.assets.dirs:
         p = Path(d)
         if not p.is_absolute():
-            # Relative asset dirs are relative to the checkout (boot_assets/), not the cwd.
-            p = shipped_templates_dir().parent / p
+            # Relative asset dirs name netboot's shipped data (the default "boot_assets"), the
+            # same directory whether it runs from a checkout or an installed wheel, not the cwd.
+            p = shipped_root() / p
         if p not in roots:
             roots.append(p)
     return roots
@@ -81,7 +83,7 @@ def asset_roots(config: Config) -> list[Path]:
 
 def renderer_for(config: Config, *, check: bool = True) -> Renderer:
     dirs = [Path(config.templates.dir)] if config.templates.dir else []
-    dirs.append(shipped_templates_dir())
+    dirs.append(templates_dir())
     renderer = Renderer(dirs)
     if check:
         renderer.check_all()
@@ -318,7 +320,7 @@ class Service:
         machines = await self.store.list_machines(MachineFilter(limit=10_000_000))
         clusters = await self.store.list_clusters()
         fingerprint = hash((
-            tuple((str(m.mac), m.hostname, m.ipv4, m.state, m.role, m.cluster) for m in machines),
+            tuple((m.id, m.hostname, m.ipv4, m.state, m.role, m.cluster) for m in machines),
             tuple(c.name for c in clusters)))
         if fingerprint == self._zone_fingerprint and self._zone_holder is not None:
             return self._zone_holder.zone()

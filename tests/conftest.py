@@ -207,9 +207,21 @@ async def raw_get(env: Env, target: str, *, method: str = "GET") -> Reply:
 BASE = "http://192.0.2.10:8080"
 
 
+def ipxe_uristring(value: str) -> str:
+    """``${setting:uristring}`` as iPXE formats it (core/uri.c ``uri_encode`` field 0): %XX
+    for non-printing bytes, space, '%' and ``/#:@?=&``; everything else, '+' included, as is.
+    (aiohttp's ``params=`` would form-encode a space as '+', which iPXE never sends.)"""
+    return "".join(f"%{b:02X}" if b <= 0x20 or b >= 0x7f or chr(b) in "%/#:@?=&" else chr(b)
+                   for b in value.encode())
+
+
 async def boot(env: Env, mac: str, *, arch: str = "x86_64", **facts: str) -> str:
     """What iPXE gets from ``GET /ipxe`` for this machine (the query /boot.ipxe builds)."""
-    resp = await env.client.get("/ipxe", params={"mac": mac, "arch": arch, **facts})
+    from yarl import URL
+
+    query = "&".join(f"{k}={ipxe_uristring(v)}"
+                     for k, v in {"mac": mac, "arch": arch, **facts}.items())
+    resp = await env.client.get(URL(f"/ipxe?{query}", encoded=True))
     text = await resp.text()
     assert resp.status == 200, (resp.status, text)
     assert text.startswith("#!ipxe"), text

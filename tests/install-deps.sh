@@ -29,10 +29,13 @@ fi
 # qemu + firmware: the guests; dnsmasq-base: the site DHCP server (not the `dnsmasq` package,
 # which would enable a system DNS service on :53); busybox-static/cpio/kmod: initramfs build;
 # tftp-hpa, bind9-dnsutils, isc-dhcp-client, udhcpc: clients used by the server tests;
-# tcpdump captures the lab bridge, tshark (optional) decodes it on failure.
+# tcpdump captures the lab bridge, tshark (optional) decodes it on failure;
+# podman, runc and mmdebstrap build and run the container image (tests/test_container.py):
+# runc, not crun, because crun fails on hosts with a hybrid cgroup layout.
 PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-tools \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
-isc-dhcp-client udhcpc python3 python3-pip python3-venv ca-certificates"
+isc-dhcp-client udhcpc python3 python3-pip python3-venv ca-certificates \
+podman runc mmdebstrap"
 
 missing=""
 for p in $PKGS; do
@@ -59,5 +62,8 @@ if [ -z "${NO_PIP:-}" ]; then
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q -e '.[test]'
+    # The wheels the packaging and container tests install from with --no-index, fetched
+    # now while the package index is reachable (tests/wheels.py).
+    "$venv/bin/python" -m tests.wheels >/dev/null
 fi
 echo "install-deps.sh: done"

@@ -16,6 +16,7 @@ from netboot.model import (
     BootAction,
     BootRequest,
     Cluster,
+    Event,
     Firmware,
     Group,
     MacAddress,
@@ -56,8 +57,14 @@ def req(fw: Firmware, arch: Arch = Arch.X86_64, **kw: object) -> BootRequest:
     return BootRequest(mac=MAC, firmware=fw, arch=arch, via="dhcp", **kw)  # type: ignore[arg-type]
 
 
+async def events_of(store: MemoryStore, mac: MacAddress) -> list[Event]:
+    machine = await store.machine_by("mac", str(mac))
+    assert machine is not None
+    return await store.list_events(machine.id)
+
+
 async def enrolled(store: MemoryStore, **kw: object) -> Machine:
-    m = Machine(mac=MAC, hostname="edge-1", profile="p", cluster="edge", **kw)  # type: ignore[arg-type]
+    m = Machine(macs=(MAC,), hostname="edge-1", profile="p", cluster="edge", **kw)  # type: ignore[arg-type]
     await store.create_machine(m)
     return m
 
@@ -94,14 +101,14 @@ async def test_unknown_machine_ignored_but_discovered(
     assert await boot.first_stage(req(Firmware.UEFI, uuid=uuid, relay="192.0.2.1",
                                       interface="eth1")) is None
     await boot.drain()
-    m = await store.get_machine(str(MAC))
+    m = await store.machine_by("mac", str(MAC))
     assert m is not None and m.state == MachineState.DISCOVERED
     assert m.arch == Arch.X86_64 and m.firmware == Firmware.UEFI and m.uuid == uuid
     assert m.facts["relay"] == "192.0.2.1" and m.facts["interface"] == "eth1"
-    assert [e.kind for e in await store.list_events(str(MAC))] == ["discovered"]
+    assert [e.kind for e in await events_of(store, MAC)] == ["discovered"]
     plan = await boot.plan(req(Firmware.IPXE, serial="SN1", product="Box"))
     assert plan.action == BootAction.IGNORE
-    m = await store.get_machine(str(MAC))
+    m = await store.machine_by("mac", str(MAC))
     assert m is not None and m.firmware == Firmware.UEFI  # the first firmware is kept
     assert m.serial == "SN1" and m.facts["product"] == "Box"
 
@@ -124,7 +131,7 @@ async def test_auto_policy_enrolls_by_rule(setup: tuple[BootService, MemoryStore
     assert plan.action == BootAction.IGNORE
     plan = await boot.plan(req(Firmware.IPXE, product="Box"))
     assert plan.action == BootAction.INSTALL and plan.token == "tok"
-    m = await store.get_machine(str(MAC))
+    m = await store.machine_by("mac", str(MAC))
     assert m is not None and m.hostname == "line3-000011" and m.cluster == "edge"
     assert m.state == MachineState.BOOTING
 
@@ -136,7 +143,7 @@ async def test_install_then_local_then_reinstall(
     plan = await boot.plan(req(Firmware.IPXE))
     assert plan.action == BootAction.INSTALL
     assert plan.k3s is not None and plan.k3s.server_url == "https://192.0.2.50:6443"
-    m = await store.get_machine(str(MAC))
+    m = await store.machine_by("mac", str(MAC))
     assert m is not None and m.token_hash and m.token_expires == clock.now + 86_400
     assert "tok" not in repr(m.token_hash)
     await store.update_machine(replace(m, state=MachineState.INSTALLED))
@@ -149,7 +156,7 @@ async def test_install_then_local_then_reinstall(
 
 async def test_no_profile_holds(setup: tuple[BootService, MemoryStore, Clock]) -> None:
     boot, store, _ = setup
-    await store.create_machine(Machine(mac=MAC, hostname="x"))
+    await store.create_machine(Machine(macs=(MAC,), hostname="x"))
     plan = await boot.plan(req(Firmware.IPXE))
     assert plan.action == BootAction.HOLD and "no profile" in plan.reason
 
@@ -158,37 +165,135 @@ async def test_managed_cluster_first_server_inits(
         setup: tuple[BootService, MemoryStore, Clock]) -> None:
     boot, store, _ = setup
     await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
-    a = Machine(mac=MacAddress.parse("52:54:00:00:00:01"), hostname="s1", cluster="m",
+    a = Machine(macs=(MacAddress.parse("52:54:00:00:00:01"),), hostname="s1", cluster="m",
                 role=Role.AGENT, profile="p")
-    s1 = Machine(mac=MacAddress.parse("52:54:00:00:00:02"), hostname="s2", cluster="m",
+    s1 = Machine(macs=(MacAddress.parse("52:54:00:00:00:02"),), hostname="s2", cluster="m",
                  role=Role.SERVER, profile="p", ipv4="192.0.2.101")
-    s2 = Machine(mac=MacAddress.parse("52:54:00:00:00:03"), hostname="s3", cluster="m",
+    s2 = Machine(macs=(MacAddress.parse("52:54:00:00:00:03"),), hostname="s3", cluster="m",
                  role=Role.SERVER, profile="p")
     for m in (a, s1, s2):
         await store.create_machine(m)
     cluster = await store.get_cluster("m")
     assert cluster is not None
-    # An agent before any server does not become the init node.
+    # An agent before any server does not become the init node, and has nothing to join.
     ja = await boot.k3s_join(a, cluster, Role.AGENT, None)
-    assert not ja.cluster_init
+    assert not ja.cluster_init and ja.waiting
     j1 = await boot.k3s_join(s1, cluster, Role.SERVER, None)
     assert j1.cluster_init and j1.server_url is None and "--cluster-init" in j1.args
+    assert not j1.waiting
+    # The first server has an address (a lease) but has not registered: nothing runs there.
+    j2 = await boot.k3s_join(s2, cluster, Role.SERVER, None)
+    assert not j2.cluster_init and j2.waiting
+    await store.update_machine(replace(s1, state=MachineState.REGISTERED))
     j2 = await boot.k3s_join(s2, cluster, Role.SERVER, None)
     assert not j2.cluster_init and j2.server_url == "https://192.0.2.101:6443"
+    assert (await boot.k3s_join(a, cluster, Role.AGENT, None)).server_url == \
+        "https://192.0.2.101:6443"
     assert (await boot.k3s_join(s1, cluster, Role.SERVER, None)).cluster_init  # stable
+
+
+async def test_endpoint_is_dns_name_only_when_netboot_dns_serves_it(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
     boot.settings = replace(boot.settings, cluster_domain="netboot.lan")
-    ja = await boot.k3s_join(a, cluster, Role.AGENT, None)
-    assert ja.server_url == "https://m.netboot.lan:6443"
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+    cluster = await store.get_cluster("m")
+    assert cluster is not None
+    agent = Machine(macs=(MacAddress.parse("52:54:00:00:00:01"),), hostname="a1", cluster="m",
+                    role=Role.AGENT, profile="p")
+    await store.create_machine(agent)
+    # DNS on, but no registered server: m.netboot.lan answers nothing, so nobody is sent there.
+    assert (await boot.k3s_join(agent, cluster, Role.AGENT, None)).waiting
+    server = Machine(macs=(MacAddress.parse("52:54:00:00:00:02"),), hostname="bad_name",
+                     cluster="m", role=Role.SERVER, profile="p",
+                     state=MachineState.REGISTERED, ipv4="192.0.2.101")
+    await store.create_machine(server)
+    # A hostname that is not a DNS label is left out of the zone: the address is used.
+    assert (await boot.k3s_join(agent, cluster, Role.AGENT, None)).server_url == \
+        "https://192.0.2.101:6443"
+    await store.update_machine(replace(server, hostname="s1"))
+    join = await boot.k3s_join(agent, cluster, Role.AGENT, None)
+    assert join.server_url == "https://m.netboot.lan:6443"
+    server_join = await boot.k3s_join(replace(agent, role=Role.SERVER), cluster, Role.SERVER,
+                                      None)
+    assert server_join.args[-2:] == ("--tls-san", "m.netboot.lan")
+
+
+async def test_configured_endpoint_wins_and_the_first_server_still_inits(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t",
+                                    endpoint="vip.example"))
+    cluster = await store.get_cluster("m")
+    assert cluster is not None
+    agent = Machine(macs=(MacAddress.parse("52:54:00:00:00:01"),), hostname="a1", cluster="m",
+                    role=Role.AGENT, profile="p")
+    first = Machine(macs=(MacAddress.parse("52:54:00:00:00:02"),), hostname="s1", cluster="m",
+                    role=Role.SERVER, profile="p")
+    second = Machine(macs=(MacAddress.parse("52:54:00:00:00:03"),), hostname="s2", cluster="m",
+                     role=Role.SERVER, profile="p")
+    for m in (agent, first, second):
+        await store.create_machine(m)
+    # No server yet, but the VIP is where k3s will answer: the agent installs and retries.
+    ja = await boot.k3s_join(agent, cluster, Role.AGENT, None)
+    assert ja.server_url == "https://vip.example:6443" and "--tls-san" not in ja.args
+    j1 = await boot.k3s_join(first, cluster, Role.SERVER, None)
+    assert j1.cluster_init and j1.args[-2:] == ("--tls-san", "vip.example")
+    await store.update_machine(replace(first, state=MachineState.REGISTERED,
+                                       ipv4="192.0.2.101"))
+    j2 = await boot.k3s_join(second, cluster, Role.SERVER, None)
+    assert not j2.cluster_init and j2.server_url == "https://vip.example:6443"
+    with_port = replace(cluster, endpoint="https://[2001:db8::10]:7443")
+    assert (await boot.k3s_join(agent, with_port, Role.AGENT, None)).server_url == \
+        "https://[2001:db8::10]:7443"
+
+
+async def test_agent_before_its_server_holds_then_installs_by_itself(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+    agent = Machine(macs=(MAC,), hostname="a1", cluster="m", role=Role.AGENT, profile="p")
+    server = Machine(macs=(MacAddress.parse("52:54:00:00:00:02"),), hostname="s1", cluster="m",
+                     role=Role.SERVER, profile="p")
+    await store.create_machine(agent)
+    await store.create_machine(server)
+    for _ in range(3):  # the retry loop asks again and again
+        plan = await boot.plan(req(Firmware.IPXE))
+        assert plan.action == BootAction.HOLD and plan.token is None
+        assert "waiting for cluster m's first server to register" in plan.reason
+        assert plan.retry_seconds > 0
+    held = await store.machine_by("mac", str(MAC))
+    assert held is not None and held.state == MachineState.ENROLLED and held.token_hash is None
+    events = [e for e in await events_of(store, MAC) if e.kind == "hold"]
+    assert len(events) == 1 and "first server" in events[0].message
+    assert (await boot.explain(str(MAC)))["decision"] == "hold"
+    assert "waiting for cluster m" in (await boot.explain(str(MAC)))["reason"]
+    # The first server is never held: it forms the cluster.
+    splan = await boot.plan(BootRequest(mac=server.mac, firmware=Firmware.IPXE,
+                                        arch=Arch.X86_64))
+    assert splan.action == BootAction.INSTALL and splan.k3s is not None
+    assert splan.k3s.cluster_init
+    booted = await store.get_machine(server.id)
+    assert booted is not None
+    await store.update_machine(replace(booted, state=MachineState.REGISTERED))
+    # Registered, but every address it had was refused: still nothing to join, and why.
+    plan = await boot.plan(req(Firmware.IPXE))
+    assert plan.action == BootAction.HOLD and "registered without one" in plan.reason
+    await store.update_machine(replace(booted, state=MachineState.REGISTERED,
+                                       ipv4="192.0.2.60"))
+    plan = await boot.plan(req(Firmware.IPXE))
+    assert plan.action == BootAction.INSTALL and plan.k3s is not None
+    assert plan.k3s.server_url == "https://192.0.2.60:6443" and not plan.k3s.cluster_init
 
 
 async def test_explain(setup: tuple[BootService, MemoryStore, Clock]) -> None:
     boot, store, _ = setup
     await store.put_group(Group(name="x86", selector={"arch": ("x86_64",)}, profile="p"))
-    await store.create_machine(Machine(mac=MAC, hostname="e", arch=Arch.X86_64))
+    await store.create_machine(Machine(macs=(MAC,), hostname="e", arch=Arch.X86_64))
     result = await boot.explain(str(MAC))
     assert result["group"] == "x86" and result["profile"] == "p"
     assert result["profile_source"] == "group" and result["decision"] == "install"
-    assert (await store.get_machine(str(MAC))).state == MachineState.ENROLLED  # type: ignore[union-attr]
+    assert (await store.machine_by("mac", str(MAC))).state == MachineState.ENROLLED  # type: ignore[union-attr]
     unknown = await boot.explain("52:54:00:99:99:99")
     assert unknown["known"] is False
 
@@ -197,21 +302,21 @@ async def test_reinstalled_init_node_joins_the_running_cluster(
         setup: tuple[BootService, MemoryStore, Clock]) -> None:
     boot, store, _ = setup
     await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
-    first = Machine(mac=MacAddress.parse("52:54:00:00:00:02"), hostname="s1", cluster="m",
+    first = Machine(macs=(MacAddress.parse("52:54:00:00:00:02"),), hostname="s1", cluster="m",
                     role=Role.SERVER, profile="p")
     await store.create_machine(first)
     cluster = await store.get_cluster("m")
     assert cluster is not None
     assert (await boot.k3s_join(first, cluster, Role.SERVER, None)).cluster_init
-    second = Machine(mac=MacAddress.parse("52:54:00:00:00:03"), hostname="s2", cluster="m",
+    second = Machine(macs=(MacAddress.parse("52:54:00:00:00:03"),), hostname="s2", cluster="m",
                      role=Role.SERVER, profile="p", state=MachineState.REGISTERED,
                      ipv4="192.0.2.102")
     await store.create_machine(second)
     again = await boot.k3s_join(first, cluster, Role.SERVER, None)
     assert not again.cluster_init and again.server_url == "https://192.0.2.102:6443"
     # The init node deleted: a new server joins the one that runs, none re-initialises.
-    await store.delete_machine(str(first.mac))
-    third = Machine(mac=MacAddress.parse("52:54:00:00:00:04"), hostname="s3", cluster="m",
+    await store.delete_machine(first.id)
+    third = Machine(macs=(MacAddress.parse("52:54:00:00:00:04"),), hostname="s3", cluster="m",
                     role=Role.SERVER, profile="p")
     await store.create_machine(third)
     j3 = await boot.k3s_join(third, cluster, Role.SERVER, None)
@@ -224,7 +329,7 @@ async def test_hold_is_recorded_once_per_reason(
     boot.settings = replace(boot.settings, policy="hold")
     for _ in range(5):
         assert (await boot.plan(req(Firmware.IPXE))).action == BootAction.HOLD
-    kinds = [e.kind for e in await store.list_events(str(MAC))]
+    kinds = [e.kind for e in await events_of(store, MAC)]
     assert kinds == ["discovered", "hold"]
 
 
@@ -235,7 +340,7 @@ async def test_install_records_what_the_firmware_told(
     uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
     await boot.plan(req(Firmware.IPXE, uuid=uuid, serial="SN7", product="Box",
                         platform="efi"))
-    m = await store.get_machine(str(MAC))
+    m = await store.machine_by("mac", str(MAC))
     assert m is not None and m.uuid == uuid and m.serial == "SN7"
     assert m.facts["product"] == "Box" and m.facts["platform"] == "efi"
 
@@ -253,6 +358,167 @@ async def test_dhcp_record_never_undoes_a_concurrent_install_plan(
         boot.plan(req(Firmware.IPXE)))
     await boot.drain()
     assert stage is not None and plan.action == BootAction.INSTALL
-    m = await store.get_machine(str(MAC))
+    m = await store.machine_by("mac", str(MAC))
     assert m is not None and m.state == MachineState.BOOTING and m.token_hash is not None
     assert m.uuid == "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"  # and the DHCP facts are kept
+
+
+# --- identity: several NICs, machines enrolled by serial, discovered records that merge ----
+
+NIC1 = MacAddress.parse("52:54:00:00:02:01")
+NIC2 = MacAddress.parse("52:54:00:00:02:02")
+
+
+def ipxe(mac: MacAddress, **kw: object) -> BootRequest:
+    """What templates/ipxe/boot.ipxe sends: the NIC it booted from (${netX}) and SMBIOS."""
+    return BootRequest(mac=mac, firmware=Firmware.IPXE, arch=Arch.X86_64, via="http",
+                       **kw)  # type: ignore[arg-type]
+
+
+async def test_two_nic_machine_enrolled_by_its_second_nic_installs_from_it(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    m = Machine(macs=(NIC2,), hostname="two", profile="p", cluster="edge")
+    await store.create_machine(m)
+    plan = await boot.plan(ipxe(NIC2))
+    assert plan.action == BootAction.INSTALL and plan.machine is not None
+    assert plan.machine.id == m.id and plan.mac == NIC2
+    # Its first port, seen on the wire before (DHCP without an answer), is another machine
+    # only until something proves otherwise: no identifier links them here.
+    assert (await boot.plan(ipxe(NIC1))).action == BootAction.IGNORE
+
+
+async def test_a_boot_from_any_enrolled_nic_is_the_same_machine(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    m = Machine(macs=(NIC1, NIC2), hostname="two", profile="p", cluster="edge")
+    await store.create_machine(m)
+    for nic in (NIC2, NIC1):
+        plan = await boot.plan(ipxe(nic))
+        assert plan.action == BootAction.INSTALL and plan.machine is not None
+        assert plan.machine.id == m.id and plan.mac == nic
+    assert await store.count_machines() == 1
+    stored = await store.get_machine(m.id)
+    assert stored is not None and stored.macs == (NIC1, NIC2)  # nothing attached twice
+
+
+async def test_serial_only_machine_installs_and_gets_its_mac_attached(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    m = Machine(serial="CZ2048XYZ", hostname="floor-1", profile="p", cluster="edge")
+    await store.create_machine(m)
+    # DHCP knows no serial: under "ignore", the unknown NIC still gets iPXE, because a
+    # machine waits to be recognised by what iPXE reports.
+    assert await boot.first_stage(req(Firmware.BIOS, Arch.X86)) is not None
+    await boot.drain()
+    plan = await boot.plan(ipxe(NIC1, serial="CZ2048XYZ"))
+    assert plan.action == BootAction.INSTALL and plan.machine is not None
+    assert plan.machine.id == m.id and plan.mac == NIC1
+    stored = await store.machine_by("mac", str(NIC1))
+    assert stored is not None and stored.id == m.id and stored.macs == (NIC1,)
+    assert stored.state == MachineState.BOOTING
+    kinds = [e.kind for e in await store.list_events(m.id)]
+    assert "nic-attached" in kinds and kinds[-1] == "install-plan"
+    # The DHCP record of MAC (another NIC, seen before) stayed a discovered record.
+    assert await store.count_machines() == 2
+    # Nothing waits for a NIC any more: unknown MACs are ignored again.
+    assert await boot.first_stage(ipxe(MacAddress.parse("52:54:00:00:09:09"))) is None
+    await boot.drain()
+
+
+async def test_discovered_mac_that_proves_to_be_an_enrolled_serial_merges(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, clock = setup
+    boot.settings = replace(boot.settings, policy="hold")
+    # Seen first by DHCP only: a MAC and nothing else.
+    assert await boot.first_stage(req(Firmware.UEFI, interface="eth1")) is not None
+    await boot.drain()
+    found = await store.machine_by("mac", str(MAC))
+    assert found is not None and found.state == MachineState.DISCOVERED
+    # The operator enrolls it by the serial on its label.
+    clock.now += 60
+    m = Machine(serial="SN-77", hostname="label-77", profile="p", cluster="edge")
+    await store.create_machine(m)
+    # Its next boot reports that serial from the same NIC.
+    plan = await boot.plan(ipxe(MAC, serial="SN-77"))
+    assert plan.action == BootAction.INSTALL and plan.machine is not None
+    assert plan.machine.id == m.id
+    assert await store.get_machine(found.id) is None
+    stored = await store.machine_by("mac", str(MAC))
+    assert stored is not None and stored.id == m.id and stored.macs == (MAC,)
+    assert stored.facts["interface"] == "eth1"  # what discovery learnt is kept
+    kinds = [e.kind for e in await store.list_events(m.id)]
+    assert kinds[0] == "discovered" and "merged" in kinds and "nic-attached" not in kinds
+    assert await store.count_machines() == 1
+
+
+async def test_identifiers_that_disagree_resolve_by_precedence(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """The MAC wins over the serial; the loser keeps its serial, the winner does not learn it."""
+    boot, store, _ = setup
+    by_mac = Machine(macs=(NIC1,), hostname="a", profile="p")
+    by_serial = Machine(serial="SN-B", hostname="b", profile="p")
+    by_uuid = Machine(uuid="8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4", hostname="c", profile="p")
+    for x in (by_mac, by_serial, by_uuid):
+        await store.create_machine(x)
+    plan = await boot.plan(ipxe(NIC1, serial="SN-B", uuid=by_uuid.uuid))
+    assert plan.machine is not None and plan.machine.id == by_mac.id
+    stored = await store.get_machine(by_mac.id)
+    assert stored is not None and stored.serial is None and stored.uuid is None
+    assert stored.facts["serial"] == "SN-B"
+    # Without the MAC, the UUID beats the serial.
+    plan = await boot.plan(ipxe(NIC2, serial="SN-B", uuid=by_uuid.uuid))
+    assert plan.machine is not None and plan.machine.id == by_uuid.id
+    got = await store.get_machine(by_serial.id)
+    assert got is not None and got.macs == ()  # the loser is untouched
+
+
+async def test_placeholder_serials_never_make_two_boards_one_machine(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    boot.settings = replace(boot.settings, policy="hold")
+    for nic in (NIC1, NIC2):
+        plan = await boot.plan(ipxe(nic, serial="To be filled by O.E.M.",
+                                    uuid="00000000-0000-0000-0000-000000000000"))
+        assert plan.action == BootAction.HOLD
+    assert await store.count_machines() == 2
+    one = await store.machine_by("mac", str(NIC1))
+    assert one is not None and one.serial is None and one.uuid is None
+    assert one.facts["serial"] == "To be filled by O.E.M."
+
+
+async def test_explain_and_dry_runs_of_a_machine_without_a_mac(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    m = Machine(serial="SN-5", hostname="five", profile="p", cluster="edge")
+    await store.create_machine(m)
+    out = await boot.explain(m.id, arch=Arch.X86_64)
+    assert out["known"] is True and out["id"] == m.id and out["macs"] == []
+    assert out["decision"] == "install"
+    got = await store.get_machine(m.id)
+    assert got == m and await store.list_events(m.id) == []  # a dry run records nothing
+
+
+async def test_group_by_mac_follows_the_first_nic_whichever_port_boots(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    await store.put_group(Group(name="by-nic", selector={"mac": (str(NIC1),)}, profile="p"))
+    m = Machine(macs=(NIC1, NIC2), hostname="two")
+    await store.create_machine(m)
+    for nic in (NIC2, NIC1):
+        plan = await boot.plan(ipxe(nic))
+        assert plan.action == BootAction.INSTALL and plan.group == "by-nic"
+
+
+async def test_uuid_enrolled_machine_is_recognised_by_dhcp_option_97(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
+    m = Machine(uuid=uuid, hostname="by-uuid", profile="p")
+    await store.create_machine(m)
+    stage = await boot.first_stage(req(Firmware.UEFI, uuid=uuid))
+    assert stage is not None and stage.path == "snponly.efi"
+    await boot.drain()
+    stored = await store.machine_by("mac", str(MAC))
+    assert stored is not None and stored.id == m.id  # attached by the DHCP record
+    assert await store.count_machines() == 1

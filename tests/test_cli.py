@@ -172,3 +172,155 @@ def test_import_shows_a_progress_bar_on_a_terminal(cfg: str, tmp_path: Path,
     rc, out, err = run(capsys, "import", str(fleet), "--config", cfg)
     assert rc == 0 and "2500 were created" in out
     assert "] 1000/2500" in err and "] 2500/2500" in err  # the bar advanced, then finished
+
+
+def test_machines_add_by_several_macs_or_serial_and_refs(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "machines", "add", "--mac", "02:00:00:00:0a:01", "--mac",
+                     "02-00-00-00-0a-02", "--hostname", "two", "--config", cfg)
+    assert rc == 0 and "02:00:00:00:0a:01" in out
+    rc, out, _ = run(capsys, "machines", "add", "--serial", "CZ-9", "--config", cfg)
+    assert rc == 0
+    rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
+    listed = json.loads(out)
+    assert [m["macs"] for m in listed] == [["02:00:00:00:0a:01", "02:00:00:00:0a:02"], []]
+    serial_only = listed[1]
+    assert serial_only["serial"] == "CZ-9" and serial_only["id"].startswith("m-")
+    # show / explain / render take the second NIC or the id.
+    rc, out, _ = run(capsys, "machines", "show", "02:00:00:00:0a:02", "--json", "--config", cfg)
+    assert rc == 0 and json.loads(out)["hostname"] == "two"
+    rc, out, _ = run(capsys, "explain", serial_only["id"], "--json", "--config", cfg)
+    assert rc == 0 and json.loads(out)["id"] == serial_only["id"]
+    rc, out, _ = run(capsys, "render", serial_only["id"], "ipxe", "--config", cfg)
+    assert rc == 0 and out.startswith("#!ipxe")
+    # Conflicts and missing identity: one line naming the field and the other machine.
+    rc, _, err = run(capsys, "machines", "add", "02:00:00:00:0b:01", "--serial", "CZ-9",
+                     "--config", cfg)
+    assert rc != 0 and "serial CZ-9" in err and serial_only["id"] in err
+    assert err.count("\n") == 1
+    rc, _, err = run(capsys, "machines", "add", "--hostname", "anon", "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: mac:")
+    rc, _, err = run(capsys, "machines", "add", "--serial", "Default string", "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: serial:")
+    assert run(capsys, "machines", "rm", serial_only["id"], "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
+    assert len(json.loads(out)) == 1
+
+
+def test_status_counts_a_machine_in_the_cluster_its_group_gives_it(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("edge", "lab"):
+        assert run(capsys, "clusters", "add", name, "--config", cfg)[0] == 0
+    assert run(capsys, "groups", "add", "rack1", "--selector", "rack=r1", "--cluster", "edge",
+               "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "02:00:00:00:00:01", "--label", "rack=r1",
+               "--config", cfg)[0] == 0  # in edge by its group
+    assert run(capsys, "machines", "add", "02:00:00:00:00:02", "--label", "rack=r1",
+               "--cluster", "lab", "--config", cfg)[0] == 0  # its own cluster wins
+    assert run(capsys, "machines", "add", "02:00:00:00:00:03", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "status", "--json", "--config", cfg)
+    status = json.loads(out)
+    assert rc == 0 and status["total"] == 3
+    assert status["clusters"] == {"edge": {"enrolled": 1}, "lab": {"enrolled": 1}}
+    lines = run(capsys, "status", "--config", cfg)[1].splitlines()
+    assert [line.split()[:2] for line in lines[1:4]] == [["all", "3"], ["edge", "1"],
+                                                         ["lab", "1"]]
+
+
+def test_times_are_iso_8601_and_relative_for_people_unix_seconds_in_json(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    assert run(capsys, "machines", "add", "02:00:00:00:00:01", "--label", "rack=r1",
+               "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "machines", "show", "02:00:00:00:00:01", "--config", cfg)
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d \((just now|\d+ s ago)\)"
+    assert rc == 0 and re.search(r"^created +" + stamp + "$", out, re.M), out
+    assert re.search(r"^" + stamp + "  enrolled  added with the CLI$", out, re.M), out
+    assert re.search(r"^labels +rack=r1$", out, re.M), out
+    assert not re.search(r"\d{10}\.\d", out), "a raw Unix time was printed"
+    shown = json.loads(run(capsys, "machines", "show", "02:00:00:00:00:01", "--json",
+                           "--config", cfg)[1])
+    assert isinstance(shown["created"], float) and isinstance(shown["events"][0]["time"], float)
+    out = run(capsys, "machines", "ls", "--config", cfg)[1]
+    assert out.splitlines()[0].split()[-1] == "UPDATED"
+    assert re.search(r"(just now|\d+ s ago)$", out.splitlines()[1]), out
+
+
+def test_relative_times_use_their_largest_unit() -> None:
+    from netboot.cli import _ago
+
+    now = 1_800_000_000.0
+    assert _ago(now - 0.2, now) == "just now"
+    assert _ago(now - 59, now) == "59 s ago"
+    assert _ago(now - 90, now) == "1 min ago"
+    assert _ago(now - 3 * 3600 - 5, now) == "3 h ago"
+    assert _ago(now - 2 * 86_400, now) == "2 d ago"
+    assert _ago(now + 5 * 3600, now) == "in 5 h"  # an expiry
+
+
+def test_every_command_that_reports_a_result_speaks_json(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    def js(*args: str) -> object:
+        rc, out, err = run(capsys, *args, "--json", "--config", cfg)
+        assert rc == 0, err
+        return json.loads(out)
+
+    cluster = js("clusters", "add", "edge")
+    assert isinstance(cluster, dict) and cluster["name"] == "edge" and "token" not in cluster
+    added = js("machines", "add", "02:00:00:00:00:01", "--hostname", "n1")
+    assert isinstance(added, dict) and added["hostname"] == "n1" and "token_hash" not in added
+    reinstalled = js("machines", "reinstall", "02:00:00:00:00:01")
+    assert isinstance(reinstalled, list) and reinstalled[0]["mac"] == "02:00:00:00:00:01"
+    assert js("machines", "rm", "02:00:00:00:00:01") == {"removed": ["02:00:00:00:00:01"]}
+    assert js("clusters", "rm", "edge") == {"removed": "edge"}
+    rc, out, _ = run(capsys, "check-config", cfg, "--json")
+    assert rc == 0 and json.loads(out) == {"file": cfg, "ok": True}
+
+
+def test_address_warning_only_where_an_address_is_used(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Inventory commands serve nothing and say nothing about addresses; render prints URLs,
+    so it warns when it has to guess, and takes the same --advertise as serve."""
+    data = str(tmp_path / "data")
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--data-dir", data)[0] == 0
+    assert run(capsys, "machines", "add", "02:00:00:00:00:01", "--profile", "p",
+               "--data-dir", data)[0] == 0
+    for args in (("machines", "ls"), ("machines", "show", "02:00:00:00:00:01"), ("status",),
+                 ("explain", "02:00:00:00:00:01"), ("profiles", "ls")):
+        assert run(capsys, *args, "--data-dir", data)[0] == 0
+    assert not [r for r in caplog.records if "advertis" in r.getMessage()]
+    rc, out, _ = run(capsys, "render", "02:00:00:00:00:01", "ipxe", "--arch", "x86_64",
+                     "--advertise", "192.0.2.77", "--data-dir", data)
+    assert rc == 0 and "kernel http://192.0.2.77:8080/assets/vmlinuz" in out
+    assert not [r for r in caplog.records if "advertis" in r.getMessage()]
+    run(capsys, "render", "02:00:00:00:00:01", "ipxe", "--arch", "x86_64", "--data-dir", data)
+    assert [r for r in caplog.records if "advertising" in r.getMessage()]
+    with pytest.raises(SystemExit):
+        main(["serve", "--json"])  # serve prints no result to format
+
+
+def test_cluster_endpoint_add_set_and_refused(cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "clusters", "add", "edge", "--endpoint", "VIP.example:7443",
+               "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)
+    shown = json.loads(out)
+    assert shown["endpoint"] == "vip.example:7443" and "token" not in shown
+    rc, _, err = run(capsys, "clusters", "add", "bad", "--endpoint", "127.0.1.1",
+                     "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: endpoint: ")
+    rc, _, err = run(capsys, "clusters", "add", "ext", "--server-url", "https://192.0.2.50:6443",
+                     "--token", "t", "--endpoint", "vip.example", "--config", cfg)
+    assert rc == 2 and "endpoint" in err
+    assert run(capsys, "clusters", "set", "edge", "--endpoint", "https://192.0.2.5",
+               "--config", cfg)[0] == 0
+    rc, _, err = run(capsys, "clusters", "set", "edge", "--endpoint", "ftp://x", "--config", cfg)
+    assert rc == 2 and "endpoint" in err
+    rc, out, _ = run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)
+    assert json.loads(out)["endpoint"] == "https://192.0.2.5"
+    assert run(capsys, "clusters", "set", "edge", "--endpoint", "", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)
+    assert json.loads(out)["endpoint"] is None
+    rc, _, err = run(capsys, "clusters", "set", "nope", "--endpoint", "x", "--config", cfg)
+    assert rc == 1 and "not found" in err

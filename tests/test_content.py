@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from netboot.errors import Forbidden, NotFound
-from netboot.model import Lease
+from netboot.model import Arch, Firmware, Lease
 from netboot.wire import uimage
-from tests.conftest import KERNEL, Env
+from tests.conftest import KERNEL, Env, boot
 
 PEER = ("192.0.2.101", 2000)
 
@@ -122,3 +124,47 @@ async def test_raspberry_pi_serial_prefix(env: Env) -> None:
     for name in ("start4.elf", "cmdline.txt"):  # installed: fall through to the local disk
         with pytest.raises(NotFound):
             await content.tftp_open(f"9ffefdef/{name}", PEER)
+
+
+@pytest.mark.parametrize(("buildarch", "arch", "console"), [
+    ("x86_64", "x86_64", "console=ttyS0 console=tty1"),
+    ("i386", "x86", "console=ttyS0 console=tty1"),
+    ("arm64", "arm64", "console=tty1 console=ttyAMA0"),
+    ("arm32", "arm32", "console=tty1 console=ttyAMA0"),
+    ("riscv64", "riscv64", "console=tty1 console=ttyS0"),
+])
+async def test_default_kernel_console_follows_the_architecture(
+        env: Env, buildarch: str, arch: str, console: str) -> None:
+    """The default command line names the UART the architecture has (PL011 ttyAMA0 on ARM,
+    not the PC's ttyS0), in the iPXE script and in the pxelinux file U-Boot reads."""
+    await env.seed()
+    mac = "52:54:00:00:00:31"
+    await env.post("/api/v1/machines", {"mac": mac, "profile": "k3os", "cluster": "edge"},
+                   status=201)
+    script = await boot(env, mac, arch=buildarch)
+    kernel = next(line for line in script.splitlines() if line.startswith("kernel "))
+    assert kernel.endswith(" " + console), kernel
+    assert kernel.count("console=") == 2
+    await env.post(f"/api/v1/machines/{mac}/reinstall", {}, status=200)
+    store = env.service.store
+    machine = await store.machine_by("mac", mac)
+    assert machine is not None and machine.arch == Arch(arch)
+    await store.update_machine(dataclasses.replace(machine, firmware=None))
+    blob = await env.service.content.tftp_open("pxelinux.cfg/01-52-54-00-00-00-31", PEER)
+    assert blob.data is not None
+    append = next(line for line in blob.data.decode().splitlines()
+                  if line.startswith("  APPEND "))
+    assert append.endswith(" " + console), append
+
+
+async def test_raspberry_pi_console_is_the_firmware_serial0_alias(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:32", "profile": "k3os",
+                                        "serial": "0a1b2c3d"}, status=201)
+    store = env.service.store
+    machine = await store.machine_by("mac", "52:54:00:00:00:32")
+    assert machine is not None
+    await store.update_machine(dataclasses.replace(machine, firmware=Firmware.RPI))
+    blob = await env.service.content.tftp_open("0a1b2c3d/cmdline.txt", PEER)
+    assert blob.data is not None
+    assert blob.data.decode().rstrip("\n").endswith(" console=tty1 console=serial0,115200")

@@ -17,6 +17,7 @@ import pytest
 from netboot.cli import main
 from netboot.core import NOCLOUD_FILES, TOKEN_PLACEHOLDER
 from netboot.errors import ConfigError
+from netboot.model import MacAddress, Machine, MachineState, Role
 from tests.conftest import BASE, Env, EnvFactory, Reply, boot, call, install_token, write_config
 
 MAC = "52:54:00:12:34:56"
@@ -168,7 +169,10 @@ async def test_approve_without_any_profile_is_refused_by_both(
 async def test_the_held_machines_console_prints_a_command_that_works(
         make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     env, cli = await start(make_env, tmp_path, capsys, "discovery:\n  policy: hold\n")
-    await env.post("/api/v1/clusters", {"name": "edge", "server_url": "managed"}, status=201)
+    # An endpoint, so that the approved agent installs at once instead of waiting for the
+    # cluster's first server (the waiting is tested in test_flow).
+    await env.post("/api/v1/clusters", {"name": "edge", "server_url": "managed",
+                                        "endpoint": "192.0.2.50"}, status=201)
     await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz"}, status=201)
     held = await boot(env, MAC)
     lines = [line for line in held.splitlines() if "netboot machines approve" in line]
@@ -196,7 +200,8 @@ async def test_default_profile_is_used_and_checked_at_start_up(
     cli = Cli(write_config(tmp_path / "a", extra, http=PUBLIC), capsys)
     assert (await cli("profiles", "add", "k3os", "--kernel", "vmlinuz"))[0] == 0
     assert (await cli("profiles", "add", "other", "--kernel", "vmlinuz"))[0] == 0
-    assert (await cli("clusters", "add", "edge"))[0] == 0
+    # With an endpoint, the approved agent installs at once rather than waiting for a server.
+    assert (await cli("clusters", "add", "edge", "--endpoint", "192.0.2.50"))[0] == 0
     env = await make_env(extra, http=PUBLIC)
     held = await boot(env, MAC)
     command = next(line.split("run: ", 1)[1] for line in held.splitlines() if "run: " in line)
@@ -216,6 +221,11 @@ async def test_render_and_explain_give_what_the_server_serves(
     env, cli = await start(make_env, tmp_path, capsys, "dns:\n  enabled: true\n")
     await env.seed(server_url="managed")
     await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1"}, status=201)
+    # A registered server, so that netboot's DNS answers edge.netboot.lan (with none, the
+    # agent would wait rather than be sent to a name that resolves to nothing).
+    await env.service.store.create_machine(Machine(
+        macs=(MacAddress.parse("52:54:00:00:00:60"),), hostname="server-1", cluster="edge",
+        role=Role.SERVER, state=MachineState.REGISTERED, ipv4="192.0.2.60"))
 
     rc, explained, err = await cli("explain", MAC, "--arch", "x86_64", "--json")
     assert rc == 0, err

@@ -33,14 +33,14 @@ async def test_csv_import_creates_and_is_idempotent(store) -> None:  # type: ign
     assert [line for line, _ in rows] == [2, 3, 4]
     dry = await e.import_rows(rows, dry_run=True)
     assert len(dry.created) == 3 and not dry.applied
-    assert await store.get_machine("52:54:00:00:00:01") is None
+    assert await store.machine_by("mac", "52:54:00:00:00:01") is None
     report = await e.import_rows(rows)
     assert report.applied and len(report.created) == 3 and not report.errors
-    m2 = await store.get_machine("52:54:00:00:00:02")
+    m2 = await store.machine_by("mac", "52:54:00:00:00:02")
     assert m2 is not None and m2.hostname == "edge-s2"  # from the template
     # Events are written in the same transaction as the machines.
-    assert [e.kind for e in await store.list_events("52:54:00:00:00:02")] == ["enrolled"]
-    m3 = await store.get_machine("52:54:00:00:00:03")
+    assert [e.kind for e in await store.list_events(m2.id)] == ["enrolled"]
+    m3 = await store.machine_by("mac", "52:54:00:00:00:03")
     assert m3 is not None and m3.labels == {"rack": "r2"}
     again = await e.import_rows(parse_import(CSV, "csv"))
     assert again.created == () and again.changed == () and len(again.unchanged) == 3
@@ -49,7 +49,7 @@ async def test_csv_import_creates_and_is_idempotent(store) -> None:  # type: ign
 
 
 async def test_every_bad_row_reported_and_nothing_applied(store) -> None:  # type: ignore[no-untyped-def]
-    await store.create_machine(Machine(mac=MacAddress.parse("52:54:00:00:00:99"),
+    await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:00:99"),),
                                        hostname="taken"))
     text = """mac,hostname,cluster,role,profile
 52:54:00:00:00:01,ok-1,edge,agent,p
@@ -69,7 +69,7 @@ zz:54:00:00:00:02,bad-mac,,,
                    (8, "hostname"), (9, "hostname"), (10, "hostname")]
     assert "duplicate of line 2" in report.errors[4].message
     assert "52:54:00:00:00:99" in report.errors[6].message
-    assert await store.get_machine("52:54:00:00:00:01") is None  # all or nothing
+    assert await store.machine_by("mac", "52:54:00:00:00:01") is None  # all or nothing
 
 
 async def test_yaml_and_json_imports_with_lines(store) -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +94,7 @@ def test_parse_errors() -> None:
 
 
 def test_hostname_templates() -> None:
-    m = Machine(mac=MacAddress.parse("52:54:00:ab:cd:ef"), serial="SN 42", cluster="line-3")
+    m = Machine(macs=(MacAddress.parse("52:54:00:ab:cd:ef"),), serial="SN 42", cluster="line-3")
     assert render_hostname("edge-{serial}", m) == "edge-sn-42"
     assert render_hostname("{cluster}-{mac_suffix}", m) == "line-3-abcdef"
     with pytest.raises(ValidationError, match="hostname_template"):
@@ -124,7 +124,124 @@ async def test_group_hostname_template_names_new_machines(store) -> None:  # typ
             (3, {"mac": "02:00:00:08:00:01", "serial": "B1"})]
     report = await e.import_rows(rows)
     assert report.applied
-    assert (await store.get_machine("02:00:00:07:00:01")).hostname == "r7-a1"
-    assert (await store.get_machine("02:00:00:08:00:01")).hostname == "node-080001"
-    m = Machine(mac=MacAddress.parse("02:00:00:07:00:02"), serial="A2")
+    assert (await store.machine_by("mac", "02:00:00:07:00:01")).hostname == "r7-a1"
+    assert (await store.machine_by("mac", "02:00:00:08:00:01")).hostname == "node-080001"
+    m = Machine(macs=(MacAddress.parse("02:00:00:07:00:02"),), serial="A2")
     assert await e.name_for(m) == "r7-a2"
+
+
+# --- identity in imports: rows without a MAC, several NICs, conflicts named by line ----------
+
+IDENTITY_CSV = """mac,macs,serial,asset,uuid,hostname
+,,CZ-1,,,floor-1
+,,,A-7,,floor-2
+,,,,8D3A0C51-3B6B-4F0E-9D4C-52E5C1A2B3C4,floor-3
+52:54:00:00:03:01,52:54:00:00:03:02;52-54-00-00-03-03,,,,two-port
+"""
+
+
+async def test_import_rows_with_only_a_serial_asset_or_uuid_and_several_macs(
+        store) -> None:  # type: ignore[no-untyped-def]
+    e = Enroller(store)
+    report = await e.import_rows(parse_import(IDENTITY_CSV, "csv"))
+    assert report.applied and not report.errors and len(report.created) == 4
+    assert (await store.machine_by("serial", "CZ-1")).hostname == "floor-1"
+    assert (await store.machine_by("asset", "A-7")).hostname == "floor-2"
+    three = await store.machine_by("uuid", "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4")
+    assert three.hostname == "floor-3" and three.macs == ()
+    two = await store.machine_by("mac", "52:54:00:00:03:03")
+    assert [str(m) for m in two.macs] == ["52:54:00:00:03:01", "52:54:00:00:03:02",
+                                         "52:54:00:00:03:03"]
+    # Idempotent; a later file naming the machine by its serial adds its NIC, keeps the rest.
+    again = await e.import_rows(parse_import(IDENTITY_CSV, "csv"))
+    assert again.applied and len(again.unchanged) == 4 and not again.created
+    more = await e.import_rows([(2, {"serial": "CZ-1", "mac": "52:54:00:00:03:09",
+                                     "cluster": "edge"})])
+    assert more.applied and len(more.changed) == 1
+    one = await store.machine_by("mac", "52:54:00:00:03:09")
+    assert one.serial == "CZ-1" and one.hostname == "floor-1" and one.cluster == "edge"
+    assert await store.count_machines() == 4
+
+
+async def test_import_conflicts_name_the_line_and_field(
+        store) -> None:  # type: ignore[no-untyped-def]
+    e = Enroller(store)
+    await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:04:01"),),
+                                       serial="HAVE-1", hostname="have-1"))
+    await store.create_machine(Machine(serial="HAVE-2", hostname="have-2"))
+    rows = [
+        (2, {"serial": "NEW-1", "mac": "52:54:00:00:04:02"}),
+        (3, {"serial": "NEW-2", "macs": "52:54:00:00:04:02"}),  # the NIC of line 2
+        # Its MAC is have-1's and its serial have-2's: two machines, which one?
+        (4, {"mac": "52:54:00:00:04:01", "serial": "HAVE-2"}),
+        (5, {"hostname": "nothing-to-know-it-by"}),
+        (6, {"serial": "To be filled by O.E.M."}),
+        (7, {"macs": ["52:54:00:00:04:07", "52-54-00-00-04-07"]}),
+        (8, {"asset": "Default string", "mac": "52:54:00:00:04:08"}),
+    ]
+    report = await e.import_rows(rows)
+    assert not report.applied
+    got = {(err.line, err.field) for err in report.errors}
+    assert got == {(3, "mac"), (4, "serial"), (5, "mac"), (6, "serial"), (7, "macs"),
+                   (8, "asset")}
+    by_line = {err.line: err.message for err in report.errors}
+    assert "line 2" in by_line[3] and "HAVE-2" in by_line[4]
+    assert await store.count_machines() == 2
+
+
+async def test_import_merges_the_discovered_record_of_an_enrolled_serial(
+        store) -> None:  # type: ignore[no-untyped-def]
+    from netboot.model import Event, MachineState
+
+    found = Machine(macs=(MacAddress.parse("52:54:00:00:05:01"),), serial="SN-5",
+                    state=MachineState.DISCOVERED, facts={"product": "Box"})
+    await store.create_machine(found)
+    await store.add_event(Event(found.id, 1.0, "discovered"))
+    report = await Enroller(store).import_rows([(2, {"serial": "SN-5", "hostname": "five"})])
+    assert report.applied and len(report.changed) == 1, report.errors
+    m = await store.machine_by("serial", "SN-5")
+    assert m.id == found.id and m.hostname == "five" and m.state == MachineState.ENROLLED
+    assert [str(x) for x in m.macs] == ["52:54:00:00:05:01"] and m.facts["product"] == "Box"
+    assert [ev.kind for ev in await store.list_events(m.id)] == ["discovered", "updated"]
+    # Two discovered records of one device (two NICs seen): the second merges.
+    other = Machine(macs=(MacAddress.parse("52:54:00:00:05:02"),), asset="A-5",
+                    state=MachineState.DISCOVERED)
+    await store.create_machine(other)
+    report = await Enroller(store).import_rows([(2, {"serial": "SN-5", "asset": "A-5"})])
+    assert report.applied, report.errors
+    m = await store.machine_by("asset", "A-5")
+    assert m.id == found.id and len(m.macs) == 2 and await store.get_machine(other.id) is None
+    assert await store.count_machines() == 1
+
+
+async def test_register_keeps_the_peer_over_a_claimed_loopback(store) -> None:  # type: ignore[no-untyped-def]
+    """k3OS's `hostname -i` says 127.0.1.1 (and a user may claim 127.0.0.1); the request came
+    from 192.0.2.60 on the provisioning network, which is what other nodes reach."""
+    import hashlib
+    import ipaddress
+
+    from netboot.model import MachineState
+
+    mac = MacAddress.parse("52:54:00:00:00:09")
+    await store.create_machine(Machine(
+        macs=(mac,), hostname="s1", state=MachineState.INSTALLED, cluster="edge",
+        token_hash=hashlib.sha256(b"tok").hexdigest(), token_expires=None))
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    peer = ipaddress.ip_address("192.0.2.60")
+    body = {"mac": str(mac), "token": "tok", "addresses": ["127.0.0.1", "127.0.1.1", "nope"]}
+    registered = await enroller.register(body, peer)
+    assert registered.state == MachineState.REGISTERED and registered.ipv4 == "192.0.2.60"
+    stored = await store.machine_by("mac", str(mac))
+    assert stored is not None and stored.ipv4 == "192.0.2.60"
+    event = (await store.list_events(stored.id))[-1]
+    assert event.kind == "registered" and "192.0.2.60 (the request)" in event.message
+    assert [(r["address"], r["reason"]) for r in event.data["refused"]] == [
+        ("127.0.0.1", "loopback"), ("127.0.1.1", "loopback"), ("nope", "not an IP address")]
+    # A loopback peer and only loopback claims: nothing usable, nothing stored, and an
+    # earlier good address is kept rather than replaced by 127.0.1.1.
+    again = await enroller.register({**body, "addresses": ["127.0.1.1"]},
+                                    ipaddress.ip_address("127.0.0.1"))
+    assert again.ipv4 == "192.0.2.60"
+    # A global IPv6 peer keeps ipv4 meaning IPv4, and is recorded beside it.
+    v6 = await enroller.register({**body, "addresses": []}, ipaddress.ip_address("2001:db8::9"))
+    assert v6.ipv4 == "192.0.2.60" and v6.facts["ipv6"] == "2001:db8::9"

@@ -69,7 +69,7 @@ async def test_one_machine_through_the_whole_state_machine(env: Env) -> None:
 
     # Firmware: DHCP pointed iPXE at /boot.ipxe, which chains to /ipxe with its settings.
     bootstrap = await env.get("/boot.ipxe")
-    assert f"{BASE}/ipxe?mac=${{net0/mac:hexhyp}}" in bootstrap
+    assert f"{BASE}/ipxe?mac=${{netX/mac:hexhyp}}" in bootstrap
     script = await boot(env, HEXHYP, uuid=UUID, platform="efi", serial="SER1",
                         manufacturer="QEMU", product="Standard PC")
     assert await state(env) == "booting"
@@ -150,7 +150,7 @@ async def test_install_token_scope(env: Env) -> None:
     await register(env, token, "192.0.2.9", mac="52:54:00:12:34:57", status=401)
     assert await state(env, "52:54:00:12:34:57") == "booting"
     # Expired: the config, events and registration all refuse it.
-    machine = await env.service.store.get_machine(MAC)
+    machine = await env.service.store.machine_by("mac", MAC)
     assert machine is not None
     await env.service.store.update_machine(dataclasses.replace(machine, token_expires=1.0))
     r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
@@ -341,14 +341,56 @@ async def test_managed_cluster_first_server_inits_and_others_join_it(env: Env) -
     assert agent["k3os"]["labels"] == {"site": "lab"}
 
 
-async def test_managed_cluster_agent_first_does_not_init(env: Env) -> None:
+async def test_agent_before_its_server_waits_then_installs_by_itself(env: Env) -> None:
+    """An agent powered on before its cluster's first server is held in the retry loop, and
+    installs on its own next retry once the server registered, joining the server's address."""
     await env.seed(server_url="managed")
+    agent, server = "52:54:00:00:02:01", "52:54:00:00:02:02"
+    await env.post("/api/v1/machines", {"mac": agent, "hostname": "agent-1", "cluster": "edge",
+                                        "role": "agent"}, status=201)
+    await env.post("/api/v1/machines", {"mac": server, "hostname": "server-1",
+                                        "cluster": "edge", "role": "server"}, status=201)
+
+    held = await boot(env, agent)
+    assert "kernel" not in held and "first server to register" in held
+    # The hold script sleeps and chains the bootstrap again: iPXE asks /ipxe once more.
+    assert "sleep 15" in held and f"chain --autofree {BASE}/boot.ipxe" in held
+    assert await state(env, agent) == "enrolled"
+    assert "first server to register" in (await boot(env, agent))  # still waiting, one event
+    assert (await kinds(env, agent)).count("hold") == 1
+    explained = await env.get(f"/api/v1/machines/{agent}/explain")
+    assert explained["decision"] == "hold" and "edge's first server" in explained["reason"]
+
+    script = await boot(env, server)
+    token = install_token(script)
+    config = k3os(await env.get(f"/config/{server.replace(':', '-')}?token={token}"))
+    assert config["k3os"]["k3s_args"][:2] == ["server", "--cluster-init"]
+    assert "server_url" not in config["k3os"]
+    await device_event(env, token, "installed", mac=server.replace(":", "-"))
+    # k3OS reports 127.0.1.1 (hostname -i); the server's real address is what agents get.
+    await register(env, token, "127.0.1.1", mac=server, status=200)
+    assert (await env.get(f"/api/v1/machines/{server}"))["ipv4"] is None
+    await register(env, token, "192.0.2.60", mac=server)
+    assert (await env.get(f"/api/v1/machines/{server}"))["ipv4"] == "192.0.2.60"
+
+    retry = await boot(env, agent)  # the held agent's next retry, no power cycle
+    agent_token = install_token(retry)
+    agent_config = k3os(await env.get(f"/config/{agent.replace(':', '-')}?token={agent_token}"))
+    assert agent_config["k3os"]["server_url"] == "https://192.0.2.60:6443"
+    assert agent_config["k3os"]["k3s_args"][0] == "agent"
+    assert "--cluster-init" not in agent_config["k3os"]["k3s_args"]
+
+
+async def test_configured_endpoint_lets_agents_install_before_any_server(env: Env) -> None:
+    await env.seed(server_url="managed")
+    r = await call(env, "PUT", "/api/v1/clusters/edge",
+                   json_body={"server_url": "managed", "endpoint": "k8s.example:7443"})
+    assert r.status == 200, r.text
     await env.post("/api/v1/machines", {"mac": MAC, "cluster": "edge", "role": "agent"},
                    status=201)
     token = install_token(await boot(env, MAC))
     config = k3os(await env.get(f"/config/{HEXHYP}?token={token}"))
-    assert "--cluster-init" not in config["k3os"]["k3s_args"]
-    assert config["k3os"]["server_url"].startswith("https://")
+    assert config["k3os"]["server_url"] == "https://k8s.example:7443"
 
 
 # --- cloud-init profile ---------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_every_allowed_step(pair: tuple[MachineState | None, Trigger], after: Ma
     if state is None:
         assert first_state(trigger) == after
         return
-    machine = Machine(mac=MacAddress.parse(MAC), state=state, updated=1.0)
+    machine = Machine(macs=(MacAddress.parse(MAC),), state=state, updated=1.0)
     moved = advance(machine, trigger, 2.0)
     assert moved.state == after
     # A real change is stamped; a repeat that changes nothing is the same machine, unstamped.
@@ -80,7 +80,7 @@ def test_every_refused_step(state: MachineState | None, trigger: Trigger) -> Non
     assert f"'{trigger}' is not allowed" in text
     assert f"(allowed: {', '.join(allowed(state)) or 'nothing'})" in text
     if state is not None:
-        machine = Machine(mac=MacAddress.parse(MAC), state=state, updated=1.0)
+        machine = Machine(macs=(MacAddress.parse(MAC),), state=state, updated=1.0)
         with pytest.raises(TransitionRefused):
             advance(machine, trigger, 2.0, hostname="changed")
 
@@ -93,7 +93,7 @@ def test_message_reads_as_an_answer() -> None:
 
 
 def test_advance_does_not_take_a_state() -> None:
-    machine = Machine(mac=MacAddress.parse(MAC), state=S.ENROLLED)
+    machine = Machine(macs=(MacAddress.parse(MAC),), state=S.ENROLLED)
     with pytest.raises(TypeError):
         advance(machine, Trigger.INSTALL_PLAN, 1.0, state=S.REGISTERED)
 

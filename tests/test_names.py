@@ -31,7 +31,7 @@ from netboot.names import (
 
 def machine(i: int, **kw: object) -> Machine:
     base: dict[str, object] = {
-        "mac": MacAddress(bytes([0xAA, 0xBB, 0xCC, 0xDD, i // 256, i % 256])),
+        "macs": (MacAddress(bytes([0xAA, 0xBB, 0xCC, 0xDD, i // 256, i % 256])),),
         "hostname": f"node{i}",
         "ipv4": f"10.0.0.{10 + i}",
         "cluster": "edge",

@@ -25,11 +25,12 @@ from netboot.model import (
     Profile,
     Role,
 )
-from netboot.render import Renderer, shipped_templates_dir
+from netboot.render import Renderer
+from netboot.shipped import templates_dir
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 MAC = MacAddress.parse("52:54:00:00:00:11")
-MACHINE = Machine(mac=MAC, state=MachineState.BOOTING, hostname="edge-1", cluster="edge",
+MACHINE = Machine(macs=(MAC,), state=MachineState.BOOTING, hostname="edge-1", cluster="edge",
                   role=Role.AGENT, uuid="8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4",
                   serial="SN123", updated=1_700_000_000.0, created=1_700_000_000.0)
 PROFILE = Profile(name="k3os", kernel="k3os/vmlinuz", initrds=("k3os/initrd",),
@@ -42,7 +43,7 @@ K3S = K3sJoin(Role.AGENT, "https://192.0.2.50:6443", False, "s3cret", {"site": "
 
 
 def renderer() -> Renderer:
-    return Renderer([shipped_templates_dir()])
+    return Renderer([templates_dir()])
 
 
 def content() -> Content:
@@ -90,7 +91,7 @@ def test_ipxe_install_is_complete() -> None:
 def test_bootstrap_golden() -> None:
     text = content().bootstrap_ipxe()
     golden("boot.ipxe", text)
-    for var in ("${net0/mac:hexhyp}", "${uuid}", "${buildarch}", "${platform}",
+    for var in ("${netX/mac:hexhyp}", "${uuid}", "${buildarch}", "${platform}",
                 "${serial:uristring}", "${manufacturer:uristring}", "${product:uristring}",
                 "${asset:uristring}"):
         assert var in text
@@ -172,7 +173,7 @@ def test_strict_undefined_and_sandbox(tmp_path: Path) -> None:
     (tmp_path / "ipxe" / "local.ipxe").write_text("#!ipxe\necho {{ no_such_thing }}\n")
     (tmp_path / "ipxe" / "hold.ipxe").write_text("#!ipxe\n{{ ''.__class__.__mro__ }}\n")
     (tmp_path / "ipxe" / "ignore.ipxe").write_text("not a script\n")
-    r = Renderer([tmp_path, shipped_templates_dir()])
+    r = Renderer([tmp_path, templates_dir()])
     with pytest.raises(RenderError, match="no_such_thing"):
         r.ipxe("ipxe/local.ipxe", {})
     with pytest.raises(RenderError):
@@ -186,7 +187,7 @@ def test_strict_undefined_and_sandbox(tmp_path: Path) -> None:
 def test_invalid_yaml_output_is_render_error(tmp_path: Path) -> None:
     (tmp_path / "cloud-config").mkdir()
     (tmp_path / "cloud-config" / "k3os.yaml").write_text("a: [unclosed\n")
-    r = Renderer([tmp_path, shipped_templates_dir()])
+    r = Renderer([tmp_path, templates_dir()])
     with pytest.raises(RenderError, match="invalid YAML"):
         r.yaml_document("cloud-config/k3os.yaml", {})
 

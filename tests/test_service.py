@@ -47,7 +47,7 @@ async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path)
     again = await build(cfg)
     try:
         assert again.new_admin_token is None  # shown once, never regenerated
-        machine = await again.store.get_machine("52:54:00:00:00:11")
+        machine = await again.store.machine_by("mac", "52:54:00:00:00:11")
         assert machine is not None and machine.hostname == "node-000011"
     finally:
         await again.store.close()
@@ -97,7 +97,7 @@ async def test_dns_answers_from_the_inventory(tmp_path: Path) -> None:
         from netboot.model import Cluster, MacAddress, Machine, MachineState, Role
 
         await store.put_cluster(Cluster(name="edge", token="t"))
-        await store.create_machine(Machine(mac=MacAddress.parse("52:54:00:00:00:11"),
+        await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:00:11"),),
                                            hostname="edge-1", cluster="edge", role=Role.SERVER,
                                            state=MachineState.REGISTERED, ipv4="192.0.2.101"))
         await service.refresh_zone()

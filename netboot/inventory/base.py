@@ -1,10 +1,12 @@
 """The inventory protocol: what every store (memory, SQLite, later PostgreSQL) provides.
 
 Stores hold frozen model values and nothing else: no policy, no rendering. Every method is a
-coroutine so that a networked store (PostgreSQL) fits the same shape. Errors: ``NotFound`` when
-the named object does not exist, ``Conflict`` when a unique key (MAC, hostname, lease address)
-is already used, ``StoreError`` when the store itself fails; a store failure is never reported
-as "not found".
+coroutine so that a networked store (PostgreSQL) fits the same shape. Machines are keyed by
+their ``id``; each identifier they claim (every MAC, and the UUID, serial and asset tag
+unless a placeholder, see :func:`netboot.identity.claims`) is indexed and unique. Errors:
+``NotFound`` when the named object does not exist, ``Conflict`` when a unique key (an
+identifier, a hostname, a lease address) is already used, ``StoreError`` when the store itself
+fails; a store failure is never reported as "not found".
 """
 
 from __future__ import annotations
@@ -23,21 +25,29 @@ class MachineFilter:
     labels: tuple[tuple[str, str], ...] = ()  # all must match
     uuid: str | None = None  # exact, canonical lowercase form
     serials: tuple[str, ...] = ()  # any of these exact serials
+    has_mac: bool | None = None  # True: at least one NIC known; False: none yet
     limit: int = 100
     offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """A set of machine writes (and their events) applied in one transaction: all or nothing."""
+    """A set of machine writes (and their events) applied in one transaction: all or nothing.
 
+    Order: merges, then creates, then updates, then events. A merge ``(source, target)`` deletes
+    machine ``source`` and gives its events to ``target`` (a discovered record that proved to be
+    an enrolled machine); it comes first so the target may take over the source's identifiers.
+    """
+
+    merge: Sequence[tuple[str, str]] = field(default_factory=tuple)
     create: Sequence[Machine] = field(default_factory=tuple)
     update: Sequence[Machine] = field(default_factory=tuple)
     events: Sequence[Event] = field(default_factory=tuple)
 
 
 class Store(Protocol):
-    """The async inventory. ``mac`` arguments are normalised ``aa:bb:cc:dd:ee:ff`` strings."""
+    """The async inventory. ``mac`` arguments are MACs in any accepted spelling; machines and
+    their events are named by machine id."""
 
     async def open(self) -> None:
         """Create or migrate the schema; must be called before use."""
@@ -45,7 +55,13 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     # machines -------------------------------------------------------------------------
-    async def get_machine(self, mac: str) -> Machine | None: ...
+    async def get_machine(self, machine_id: str) -> Machine | None: ...
+
+    async def machine_by(self, kind: str, value: str) -> Machine | None:
+        """The machine claiming identifier ``kind`` (mac | uuid | serial | asset) = ``value``.
+
+        ``value`` in the form :func:`netboot.identity.claims` gives (a MAC in any spelling);
+        placeholders match nothing. ValidationError naming ``kind`` for an unknown kind."""
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None: ...
 
@@ -54,13 +70,13 @@ class Store(Protocol):
     async def count_machines(self, flt: MachineFilter | None = None) -> int: ...
 
     async def create_machine(self, machine: Machine) -> None:
-        """Conflict if the MAC or the hostname (case-insensitive) is already used."""
+        """Conflict if the id, an identifier or the hostname (case-insensitive) is used."""
 
     async def update_machine(self, machine: Machine) -> None:
-        """NotFound if absent; Conflict if the new hostname belongs to another machine."""
+        """NotFound if absent; Conflict if a new identifier or hostname belongs to another."""
 
-    async def delete_machine(self, mac: str) -> None:
-        """NotFound if absent. Deletes its events and lease too."""
+    async def delete_machine(self, machine_id: str) -> None:
+        """NotFound if absent. Deletes its events and the leases of its MACs too."""
 
     async def apply_batch(self, batch: Batch) -> None:
         """All creates and updates in one transaction; Conflict/NotFound rolls back all."""
@@ -94,7 +110,7 @@ class Store(Protocol):
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None: ...
 
-    async def list_events(self, mac: str, *, limit: int = 1000) -> list[Event]:
+    async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         """Oldest first; at most the newest ``limit`` events."""
 
     # leases (authoritative DHCP mode) ------------------------------------------------
@@ -107,7 +123,7 @@ class Store(Protocol):
         """No error if absent (a RELEASE for an unknown lease is harmless)."""
 
     async def fixed_address(self, mac: str) -> str | None:
-        """The enrolled machine's ``fixed_ipv4``, if any."""
+        """The ``fixed_ipv4`` of the machine with this MAC among its NICs, if any."""
 
     # small key/value settings (admin token hash, schema facts, counters) -------------
     async def get_setting(self, key: str) -> str | None: ...

@@ -22,9 +22,11 @@ import math
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from netboot import identity
 from netboot.errors import ValidationError
 from netboot.inventory.base import MachineFilter
 from netboot.model import (
+    ID_PREFIX,
     Arch,
     Asset,
     Cluster,
@@ -37,6 +39,7 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    check_endpoint,
 )
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -78,6 +81,25 @@ def normalise_mac(text: str, field: str = "mac") -> str:
         return str(MacAddress.parse(text))
     except ValidationError as exc:
         raise ValidationError(field, exc.message) from exc
+
+
+def claim_key(kind: str, value: str) -> tuple[str, str]:
+    """The (kind, value) a store indexes for a lookup of identifier ``kind`` = ``value``.
+
+    A placeholder or malformed value gives a key no machine holds (they are never indexed).
+    """
+    if kind == "mac":
+        return kind, normalise_mac(value, "mac")
+    if kind == "uuid":
+        return kind, identity.clean_uuid(value) or ""
+    if kind in ("serial", "asset"):
+        return kind, identity.clean_text(value) or ""
+    raise ValidationError("kind", f"{kind!r} is not one of {', '.join(identity.KINDS)}")
+
+
+def machine_order(machine: Machine) -> tuple[bool, str, str]:
+    """How machines list: by primary MAC, the ones without a known NIC last, by id."""
+    return (machine.mac is None, str(machine.mac or ""), machine.id)
 
 
 def check_filter(flt: MachineFilter) -> None:
@@ -229,7 +251,8 @@ def _ipv4(value: str | None, field: str) -> str | None:
 def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]:
     """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash`` (API listings)."""
     out: dict[str, Any] = {
-        "mac": str(machine.mac),
+        "id": machine.id,
+        "macs": [str(m) for m in machine.macs],
         "state": machine.state.value,
         "hostname": machine.hostname,
         "uuid": machine.uuid,
@@ -254,14 +277,36 @@ def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]
     return out
 
 
+def macs_from_list(value: object, field: str = "macs") -> tuple[MacAddress, ...]:
+    """A list of MACs in any accepted spelling, normalised; a repeated one is refused."""
+    out: list[MacAddress] = []
+    for i, text in enumerate(_str_list(value, field)):
+        try:
+            mac = MacAddress.parse(text)
+        except ValidationError as exc:
+            raise ValidationError(f"{field}[{i}]", exc.message) from None
+        if mac in out:
+            raise ValidationError(f"{field}[{i}]", f"{mac} is listed twice")
+        out.append(mac)
+    return tuple(out)
+
+
 def machine_from_dict(data: object) -> Machine:
-    """Strict parse; only ``mac`` is required. ValidationError names the offending field."""
+    """Strict parse; nothing is required (an absent ``id`` gets a new one). ValidationError
+    names the offending field. Whether a machine has enough identity is not a value check:
+    see :func:`netboot.identity.require`."""
     d = _object(data, "machine")
     _fields(d, _MACHINE_FIELDS, "")
-    mac_text = _str(d, "mac")
     state = d.get("state", MachineState.ENROLLED.value)
+    ident = {} if d.get("id") is None else {"id": _name(d, "id")}
+    if ident and (not ident["id"].startswith(ID_PREFIX) or not ident["id"].isprintable()
+                  or "/" in ident["id"] or ident["id"] != ident["id"].strip()):
+        # Refs are a MAC or an id, told apart by the prefix (netboot.identity.by_ref).
+        raise ValidationError("id", f"{ident['id']!r}: a machine id is '{ID_PREFIX}' and "
+                                    "printable text without '/' or spaces")
     return Machine(
-        mac=MacAddress.parse(mac_text),
+        macs=macs_from_list(d.get("macs", [])),
+        **ident,
         state=_enum(state, MachineState, "state"),
         hostname=_opt_str(d, "hostname"),
         uuid=_opt_str(d, "uuid"),
@@ -343,6 +388,7 @@ def cluster_to_dict(cluster: Cluster, *, secrets: bool = True) -> dict[str, Any]
         "labels": dict(cluster.labels),
         "taints": list(cluster.taints),
         "description": cluster.description,
+        "endpoint": cluster.endpoint,
     }
     if not secrets:
         del out["token"]
@@ -360,7 +406,14 @@ def cluster_from_dict(data: object) -> Cluster:
         labels=_str_map(d, "labels"),
         taints=_str_tuple(d, "taints"),
         description=_str(d, "description", default=""),
+        endpoint=_endpoint(d),
     )
+
+
+def _endpoint(d: Mapping[str, Any]) -> str | None:
+    # Documents written before clusters had an endpoint have no key: None, nothing to migrate.
+    text = _opt_str(d, "endpoint")
+    return check_endpoint(text) if text else None
 
 
 # --- groups -------------------------------------------------------------------------------
@@ -401,7 +454,7 @@ def group_from_dict(data: object) -> Group:
 
 def event_to_dict(event: Event) -> dict[str, Any]:
     return {
-        "mac": event.mac,
+        "machine": event.machine,
         "time": event.time,
         "kind": event.kind,
         "message": event.message,
@@ -410,13 +463,13 @@ def event_to_dict(event: Event) -> dict[str, Any]:
 
 
 def event_from_dict(data: object) -> Event:
-    """Strict parse; ``mac``, ``time`` and ``kind`` are required; ``data`` must be JSON."""
+    """Strict parse; ``machine``, ``time`` and ``kind`` are required; ``data`` must be JSON."""
     d = _object(data, "event")
     _fields(d, _EVENT_FIELDS, "")
     payload = dict(_object(d.get("data", {}), "data"))
     dumps(payload, "data")  # refuse what a JSON store could not keep
     return Event(
-        mac=normalise_mac(_str(d, "mac")),
+        machine=_name(d, "machine"),
         time=_float(d, "time"),
         kind=_name(d, "kind"),
         message=_str(d, "message", default=""),

@@ -3,8 +3,9 @@
 It keeps the SQLite store's semantics exactly (the contract suite runs against both): values are
 round-tripped through :mod:`netboot.inventory.codec` on write, so what one store refuses the
 other refuses too and a caller mutating its dict afterwards changes nothing here; hostnames are
-unique under ASCII case folding, which is what SQLite's ``lower()`` does; machines list in MAC
-order; batches are validated in full before anything is applied.
+unique under ASCII case folding, which is what SQLite's ``lower()`` does; machines list in
+primary-MAC order (MAC-less ones last, by id); batches are validated in full before anything
+is applied.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import logging
 from typing import TypeVar
 
+from netboot import identity
 from netboot.errors import Conflict, NotFound, StoreError, ValidationError
+from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter
 from netboot.model import Cluster, Event, Group, Lease, Machine, Profile
@@ -35,8 +38,9 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._open = False
-        self._machines: dict[str, Machine] = {}
-        self._hostnames: dict[str, str] = {}  # folded hostname -> mac
+        self._machines: dict[str, Machine] = {}  # id -> machine
+        self._keys: dict[tuple[str, str], str] = {}  # (kind, value) claim -> id
+        self._hostnames: dict[str, str] = {}  # folded hostname -> id
         self._profiles: dict[str, Profile] = {}
         self._clusters: dict[str, Cluster] = {}
         self._groups: dict[str, Group] = {}
@@ -57,14 +61,19 @@ class MemoryStore:
             raise StoreError("the inventory is not open")
 
     # machines -------------------------------------------------------------------------
-    async def get_machine(self, mac: str) -> Machine | None:
+    async def get_machine(self, machine_id: str) -> Machine | None:
         self._check_open()
-        return self._machines.get(codec.normalise_mac(mac))
+        return self._machines.get(machine_id)
+
+    async def machine_by(self, kind: str, value: str) -> Machine | None:
+        self._check_open()
+        holder = self._keys.get(codec.claim_key(kind, value))
+        return None if holder is None else self._machines[holder]
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
         self._check_open()
-        mac = self._hostnames.get(fold_hostname(hostname))
-        return None if mac is None else self._machines[mac]
+        holder = self._hostnames.get(fold_hostname(hostname))
+        return None if holder is None else self._machines[holder]
 
     def _matching(self, flt: MachineFilter) -> list[Machine]:
         out = []
@@ -79,6 +88,8 @@ class MemoryStore:
                 continue
             if flt.serials and machine.serial not in flt.serials:
                 continue
+            if flt.has_mac is not None and bool(machine.macs) != flt.has_mac:
+                continue
             out.append(machine)
         return out
 
@@ -86,7 +97,7 @@ class MemoryStore:
         self._check_open()
         flt = flt or MachineFilter()
         codec.check_filter(flt)
-        found = sorted(self._matching(flt), key=lambda m: str(m.mac))
+        found = sorted(self._matching(flt), key=codec.machine_order)
         return found[flt.offset : flt.offset + flt.limit]
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
@@ -99,19 +110,27 @@ class MemoryStore:
     async def update_machine(self, machine: Machine) -> None:
         await self.apply_batch(Batch(update=(machine,)))
 
-    async def delete_machine(self, mac: str) -> None:
+    async def delete_machine(self, machine_id: str) -> None:
         self._check_open()
-        key = codec.normalise_mac(mac)
-        machine = self._machines.pop(key, None)
+        machine = self._machines.get(machine_id)
         if machine is None:
-            raise NotFound(f"machine {key} not found")
+            raise NotFound(f"machine {machine_id} not found")
+        self._release(self._machines, self._keys, self._hostnames, machine)
+        self._events.pop(machine_id, None)
+        for mac in machine.macs:
+            self._drop_lease(str(mac))
+
+    @staticmethod
+    def _release(machines: dict[str, Machine], keys: dict[tuple[str, str], str],
+                 hostnames: dict[str, str], machine: Machine) -> None:
+        del machines[machine.id]
+        for claim in claims(machine):
+            keys.pop(claim, None)
         if machine.hostname is not None:
-            self._hostnames.pop(fold_hostname(machine.hostname), None)
-        self._events.pop(key, None)
-        self._drop_lease(key)
+            hostnames.pop(fold_hostname(machine.hostname), None)
 
     async def apply_batch(self, batch: Batch) -> None:
-        """Creates in order, then updates in order, each checked against the state so far.
+        """Merges, creates, updates in order, each checked against the state so far.
 
         The work happens on copies that replace the live dicts only when every row passed,
         which is the all-or-nothing a SQLite transaction gives.
@@ -119,29 +138,39 @@ class MemoryStore:
         self._check_open()
         creates = [_copy_machine(m) for m in batch.create]
         updates = [_copy_machine(m) for m in batch.update]
-        machines = dict(self._machines)
-        hostnames = dict(self._hostnames)
-        for machine in creates:
-            mac = str(machine.mac)
-            if mac in machines:
-                raise Conflict(f"machine {mac} already exists")
-            _claim_hostname(hostnames, machine)
-            machines[mac] = machine
-        for machine in updates:
-            mac = str(machine.mac)
-            old = machines.get(mac)
-            if old is None:
-                raise NotFound(f"machine {mac} not found")
-            if old.hostname is not None:
-                hostnames.pop(fold_hostname(old.hostname), None)
-            _claim_hostname(hostnames, machine)
-            machines[mac] = machine
         events = [codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(e))))
                   for e in batch.events]
+        machines = dict(self._machines)
+        keys = dict(self._keys)
+        hostnames = dict(self._hostnames)
+        moved: list[tuple[str, str]] = []
+        for source, target in batch.merge:
+            old = machines.get(source)
+            if old is None:
+                raise NotFound(f"machine {source} not found")
+            self._release(machines, keys, hostnames, old)
+            moved.append((source, target))
+        for machine in creates:
+            if machine.id in machines:
+                raise Conflict(f"machine {machine.id} already exists")
+            _claim(machines, keys, hostnames, machine)
+            machines[machine.id] = machine
+        for machine in updates:
+            old = machines.get(machine.id)
+            if old is None:
+                raise NotFound(f"machine {machine.id} not found")
+            self._release(machines, keys, hostnames, old)
+            _claim(machines, keys, hostnames, machine)
+            machines[machine.id] = machine
         self._machines = machines
+        self._keys = keys
         self._hostnames = hostnames
+        for source, target in moved:
+            history = self._events.pop(source, [])
+            self._events[target] = sorted(history + self._events.get(target, []),
+                                          key=lambda e: e.time)
         for event in events:
-            self._events.setdefault(event.mac, []).append(event)
+            self._events.setdefault(event.machine, []).append(event)
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:
@@ -200,13 +229,13 @@ class MemoryStore:
         self._check_open()
         # Through JSON text, as SQLite does: tuples in data come back as lists in both stores.
         value = codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(event))))
-        self._events.setdefault(value.mac, []).append(value)
+        self._events.setdefault(value.machine, []).append(value)
 
-    async def list_events(self, mac: str, *, limit: int = 1000) -> list[Event]:
+    async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         self._check_open()
         if limit <= 0:
             return []
-        return list(self._events.get(codec.normalise_mac(mac), [])[-limit:])
+        return list(self._events.get(machine_id, [])[-limit:])
 
     # leases --------------------------------------------------------------------------
     async def list_leases(self) -> list[Lease]:
@@ -233,7 +262,7 @@ class MemoryStore:
             self._lease_addrs.pop(old.ipv4, None)
 
     async def fixed_address(self, mac: str) -> str | None:
-        machine = await self.get_machine(mac)
+        machine = await self.machine_by("mac", mac)
         return None if machine is None else machine.fixed_ipv4
 
     # settings ------------------------------------------------------------------------
@@ -252,15 +281,22 @@ def _copy_machine(machine: Machine) -> Machine:
     return codec.machine_from_dict(codec.machine_to_dict(machine))
 
 
-def _claim_hostname(hostnames: dict[str, str], machine: Machine) -> None:
-    if machine.hostname is None:
-        return
-    mac = str(machine.mac)
-    key = fold_hostname(machine.hostname)
-    holder = hostnames.get(key)
-    if holder is not None and holder != mac:
-        raise Conflict(f"hostname {machine.hostname!r} is used by {holder}")
-    hostnames[key] = mac
+def _claim(machines: dict[str, Machine], keys: dict[tuple[str, str], str],
+           hostnames: dict[str, str], machine: Machine) -> None:
+    """Index ``machine``'s identifiers and hostname; Conflict if another machine holds one."""
+    for claim in claims(machine):
+        holder = keys.get(claim)
+        if holder is not None and holder != machine.id:
+            raise identity.claimed(*claim, machines[holder])
+    if machine.hostname is not None:
+        key = fold_hostname(machine.hostname)
+        holder = hostnames.get(key)
+        if holder is not None and holder != machine.id:
+            raise Conflict(f"hostname {machine.hostname!r} is used by {machines[holder].ref}",
+                           field="hostname", holder=holder)
+        hostnames[key] = machine.id
+    for claim in claims(machine):
+        keys[claim] = machine.id
 
 
 def _put(table: dict[str, _T], kind: str, name: str, value: _T, create: bool) -> None:

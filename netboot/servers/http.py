@@ -14,9 +14,11 @@ import logging
 import re
 import socket
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import IO, Any, Protocol
+from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
@@ -65,11 +67,29 @@ class DeviceContent(Protocol):
     def asset(self, path: str) -> Blob: ...
 
 
-def ipxe_request(query: Any, remote: str | None) -> BootRequest:
+def uri_query(raw: str) -> dict[str, str]:
+    """A query string decoded as URI components (RFC 3986 §2.1), not as an HTML form.
+
+    iPXE's ``${serial:uristring}`` escapes space as ``%20`` and leaves ``+`` as it is (iPXE
+    ``format_uristring_setting`` → ``uri_encode`` field 0 escapes only non-printing bytes,
+    space, ``%`` and ``/#:@?=&``), so ``Standard%20PC%20(Q35%20+%20ICH9,%202009)`` is a
+    product with a plus. Form decoding (aiohttp's ``request.query``) would turn that ``+``
+    into a space and no selector or serial would match. The first value of a key counts.
+    """
+    out: dict[str, str] = {}
+    for part in raw.split("&"):
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        out.setdefault(unquote(key, errors="replace"), unquote(value, errors="replace"))
+    return out
+
+
+def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
     """A BootRequest from the query string iPXE fills in from its settings (protocols.md §2.4)."""
     mac_text = query.get("mac")
     if not mac_text:
-        raise ValidationError("mac", "required (iPXE fills it from ${net0/mac:hexhyp})")
+        raise ValidationError("mac", "required (iPXE fills it from ${netX/mac:hexhyp})")
     mac = MacAddress.parse(mac_text)
     uuid = query.get("uuid") or None
     if uuid:
@@ -180,7 +200,12 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
         return web.json_response({"error": str(exc), "state": exc.state, "event": exc.event},
                                  status=409)
     if isinstance(exc, Conflict):
-        return web.json_response({"error": str(exc)}, status=409)
+        body = {"error": str(exc)}
+        if exc.field is not None:
+            body["field"] = exc.field
+        if exc.holder is not None:
+            body["holder"] = exc.holder
+        return web.json_response(body, status=409)
     if isinstance(exc, RenderError):
         log.error("render failed for %s %s: %s", request.method, loggable_target(request), exc)
         return web.json_response({"error": f"render failed: {exc}"}, status=500)
@@ -228,7 +253,7 @@ class DeviceRoutes:
         return web.Response(text=self._content.bootstrap_ipxe(), content_type="text/plain")
 
     async def ipxe(self, request: web.Request) -> web.Response:
-        boot = ipxe_request(request.query, request.remote)
+        boot = ipxe_request(uri_query(request.rel_url.raw_query_string), request.remote)
         plan, script = await self._content.ipxe_script(boot)
         self._log.info("ipxe mac=%s peer=%s action=%s reason=%r", boot.mac, request.remote,
                        plan.action, plan.reason)

@@ -29,7 +29,7 @@ from netboot.model import (
 MAC = "aa:bb:cc:dd:ee:ff"
 
 MACHINE = Machine(
-    mac=MacAddress.parse(MAC),
+    macs=(MacAddress.parse(MAC),),
     state=MachineState.REGISTERED,
     hostname="n1",
     uuid="4c4c4544-0042-3510-8052-b2c04f4e3032",
@@ -48,7 +48,7 @@ MACHINE = Machine(
 
 def test_machine_to_dict_is_plain_json() -> None:
     d = codec.machine_to_dict(MACHINE)
-    assert d["mac"] == MAC
+    assert d["macs"] == [MAC] and d["id"] == MACHINE.id
     assert d["state"] == "registered" and type(d["state"]) is str
     assert d["role"] == "server" and type(d["role"]) is str
     assert d["arch"] == "x86_64" and d["firmware"] == "uefi"
@@ -75,7 +75,7 @@ def test_profile_to_dict_lists() -> None:
     ("to_dict", "from_dict", "value"),
     [
         (codec.machine_to_dict, codec.machine_from_dict, MACHINE),
-        (codec.machine_to_dict, codec.machine_from_dict, Machine(mac=MacAddress.parse(MAC))),
+        (codec.machine_to_dict, codec.machine_from_dict, Machine(macs=(MacAddress.parse(MAC),))),
         (
             codec.profile_to_dict,
             codec.profile_from_dict,
@@ -94,6 +94,11 @@ def test_profile_to_dict_lists() -> None:
             Cluster(name="c", labels={"a": "b"}, taints=("t",)),
         ),
         (
+            codec.cluster_to_dict,
+            codec.cluster_from_dict,
+            Cluster(name="c", endpoint="https://[2001:db8::10]:7443"),
+        ),
+        (
             codec.group_to_dict,
             codec.group_from_dict,
             Group(name="g", selector={"arch": ("arm64", "x86_64")}, role=Role.AGENT),
@@ -101,7 +106,7 @@ def test_profile_to_dict_lists() -> None:
         (
             codec.event_to_dict,
             codec.event_from_dict,
-            Event(mac=MAC, time=1.0, kind="k", data={"a": [1]}),
+            Event(machine="m-0123456789ab", time=1.0, kind="k", data={"a": [1]}),
         ),
         (codec.lease_to_dict, codec.lease_from_dict, Lease(mac=MAC, ipv4="10.0.0.1", expires=3.0)),
     ],
@@ -113,10 +118,16 @@ def test_round_trip_through_json_text(
 
 
 def test_from_dict_minimal_and_normalising() -> None:
-    m = codec.machine_from_dict({"mac": "AA-BB-CC-DD-EE-FF"})
-    assert m == Machine(mac=MacAddress.parse(MAC))
-    assert codec.event_from_dict({"mac": "AABBCCDDEEFF", "time": 1, "kind": "k"}).mac == MAC
-    assert codec.machine_from_dict({"mac": MAC, "created": 5}).created == 5.0
+    m = codec.machine_from_dict({"id": "m-1", "macs": ["AA-BB-CC-DD-EE-FF", "aabb.ccdd.ee00"]})
+    assert m == Machine(id="m-1", macs=(MacAddress.parse(MAC),
+                                        MacAddress.parse("aa:bb:cc:dd:ee:00")))
+    assert m.mac == MacAddress.parse(MAC) and m.ref == MAC
+    # Nothing is required: a machine enrolled by serial has no NIC yet, and gets an id.
+    bare = codec.machine_from_dict({"serial": "SN1"})
+    assert bare.macs == () and bare.mac is None and bare.id.startswith("m-")
+    assert bare.ref == bare.id
+    assert codec.event_from_dict({"machine": "m-1", "time": 1, "kind": "k"}).machine == "m-1"
+    assert codec.machine_from_dict({"macs": [MAC], "created": 5}).created == 5.0
 
 
 @pytest.mark.parametrize(
@@ -124,26 +135,30 @@ def test_from_dict_minimal_and_normalising() -> None:
     [
         ("not an object", "machine"),
         ([], "machine"),
-        ({}, "mac"),  # required
-        ({"mac": None}, "mac"),
-        ({"mac": 12}, "mac"),
-        ({"mac": "zz:bb:cc:dd:ee:ff"}, "mac"),
-        ({"mac": MAC, "colour": "red"}, "colour"),  # unknown
-        ({"mac": MAC, "state": "sleeping"}, "state"),
-        ({"mac": MAC, "state": None}, "state"),
-        ({"mac": MAC, "state": 3}, "state"),
-        ({"mac": MAC, "hostname": 5}, "hostname"),
-        ({"mac": MAC, "labels": ["a"]}, "labels"),
-        ({"mac": MAC, "labels": {"rack": 1}}, "labels.rack"),
-        ({"mac": MAC, "facts": {"x": None}}, "facts.x"),
-        ({"mac": MAC, "role": "master"}, "role"),
-        ({"mac": MAC, "arch": "sparc"}, "arch"),
-        ({"mac": MAC, "firmware": True}, "firmware"),
-        ({"mac": MAC, "ipv4": "10.0.0"}, "ipv4"),
-        ({"mac": MAC, "fixed_ipv4": "fe80::1"}, "fixed_ipv4"),
-        ({"mac": MAC, "token_expires": "soon"}, "token_expires"),
-        ({"mac": MAC, "created": True}, "created"),
-        ({"mac": MAC, "updated": float("nan")}, "updated"),
+        ({"mac": MAC}, "mac"),  # the stored form is "macs"
+        ({"macs": None}, "macs"),
+        ({"macs": MAC}, "macs"),
+        ({"macs": [12]}, "macs[0]"),
+        ({"macs": [MAC, "zz:bb:cc:dd:ee:ff"]}, "macs[1]"),
+        ({"macs": [MAC, MAC.upper()]}, "macs[1]"),  # the same NIC twice
+        ({"id": ""}, "id"),
+        ({"id": 5}, "id"),
+        ({"macs": [MAC], "colour": "red"}, "colour"),  # unknown
+        ({"macs": [MAC], "state": "sleeping"}, "state"),
+        ({"macs": [MAC], "state": None}, "state"),
+        ({"macs": [MAC], "state": 3}, "state"),
+        ({"macs": [MAC], "hostname": 5}, "hostname"),
+        ({"macs": [MAC], "labels": ["a"]}, "labels"),
+        ({"macs": [MAC], "labels": {"rack": 1}}, "labels.rack"),
+        ({"macs": [MAC], "facts": {"x": None}}, "facts.x"),
+        ({"macs": [MAC], "role": "master"}, "role"),
+        ({"macs": [MAC], "arch": "sparc"}, "arch"),
+        ({"macs": [MAC], "firmware": True}, "firmware"),
+        ({"macs": [MAC], "ipv4": "10.0.0"}, "ipv4"),
+        ({"macs": [MAC], "fixed_ipv4": "fe80::1"}, "fixed_ipv4"),
+        ({"macs": [MAC], "token_expires": "soon"}, "token_expires"),
+        ({"macs": [MAC], "created": True}, "created"),
+        ({"macs": [MAC], "updated": float("nan")}, "updated"),
     ],
 )
 def test_machine_errors_name_the_field(data: object, field: str) -> None:
@@ -154,7 +169,7 @@ def test_machine_errors_name_the_field(data: object, field: str) -> None:
 
 def test_unknown_fields_all_listed() -> None:
     with pytest.raises(ValidationError) as err:
-        codec.machine_from_dict({"mac": MAC, "zeta": 1, "alpha": 2})
+        codec.machine_from_dict({"macs": [MAC], "zeta": 1, "alpha": 2})
     assert err.value.field == "alpha"
     assert "'alpha'" in err.value.message and "'zeta'" in err.value.message
 
@@ -221,14 +236,14 @@ def test_group_errors_name_the_field(data: object, field: str) -> None:
 @pytest.mark.parametrize(
     ("data", "field"),
     [
-        ({"time": 1, "kind": "k"}, "mac"),
-        ({"mac": "nope", "time": 1, "kind": "k"}, "mac"),
-        ({"mac": MAC, "kind": "k"}, "time"),
-        ({"mac": MAC, "time": "1", "kind": "k"}, "time"),
-        ({"mac": MAC, "time": 1}, "kind"),
-        ({"mac": MAC, "time": 1, "kind": "k", "data": []}, "data"),
-        ({"mac": MAC, "time": 1, "kind": "k", "data": {"x": float("inf")}}, "data"),
-        ({"mac": MAC, "time": 1, "kind": "k", "level": "info"}, "level"),
+        ({"time": 1, "kind": "k"}, "machine"),
+        ({"machine": "", "time": 1, "kind": "k"}, "machine"),
+        ({"machine": "m-1", "kind": "k"}, "time"),
+        ({"machine": "m-1", "time": "1", "kind": "k"}, "time"),
+        ({"machine": "m-1", "time": 1}, "kind"),
+        ({"machine": "m-1", "time": 1, "kind": "k", "data": []}, "data"),
+        ({"machine": "m-1", "time": 1, "kind": "k", "data": {"x": float("inf")}}, "data"),
+        ({"machine": "m-1", "time": 1, "kind": "k", "level": "info"}, "level"),
     ],
 )
 def test_event_errors_name_the_field(data: object, field: str) -> None:

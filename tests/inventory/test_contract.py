@@ -35,8 +35,13 @@ def mac(i: int) -> str:
     return str(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")))
 
 
+def mid(m: str) -> str:
+    """A stable id per MAC, so a test can write the same machine twice."""
+    return "m-" + MacAddress.parse(m).hexraw
+
+
 def machine(m: str = MAC1, **kw: object) -> Machine:
-    return Machine(mac=MacAddress.parse(m), **kw)  # type: ignore[arg-type]
+    return Machine(macs=(MacAddress.parse(m),), id=mid(m), **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -53,13 +58,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def test_get_missing_is_none(store: Store) -> None:
-    assert await store.get_machine(MAC1) is None
+    assert await store.machine_by("mac", MAC1) is None
     assert await store.get_machine_by_hostname("nope") is None
 
 
 async def test_round_trip_every_machine_field(store: Store) -> None:
     full = Machine(
-        mac=MacAddress.parse(MAC1),
+        macs=(MacAddress.parse(MAC1),),
         state=MachineState.INSTALLING,
         hostname="Node-1",
         uuid="4c4c4544-0042-3510-8052-b2c04f4e3032",
@@ -80,7 +85,7 @@ async def test_round_trip_every_machine_field(store: Store) -> None:
         updated=1_700_000_001.75,
     )
     await store.create_machine(full)
-    got = await store.get_machine(MAC1)
+    got = await store.machine_by("mac", MAC1)
     assert got == full
     assert got is not None and isinstance(got.state, MachineState)
     assert isinstance(got.role, Role) and isinstance(got.arch, Arch)
@@ -90,7 +95,7 @@ async def test_round_trip_every_machine_field(store: Store) -> None:
 async def test_round_trip_defaults_and_none(store: Store) -> None:
     bare = machine(MAC2)
     await store.create_machine(bare)
-    got = await store.get_machine(MAC2)
+    got = await store.machine_by("mac", MAC2)
     assert got == bare
     assert got is not None
     assert got.hostname is None and got.role is None and got.arch is None
@@ -100,7 +105,7 @@ async def test_round_trip_defaults_and_none(store: Store) -> None:
 
 async def test_get_accepts_any_mac_spelling(store: Store) -> None:
     await store.create_machine(machine(MAC1))
-    got = await store.get_machine("02-00-00-00-00-01".upper())
+    got = await store.machine_by("mac", "02-00-00-00-00-01".upper())
     assert got is not None and str(got.mac) == MAC1
 
 
@@ -108,16 +113,26 @@ async def test_stored_value_is_detached_from_caller(store: Store) -> None:
     labels = {"rack": "r1"}
     await store.create_machine(machine(MAC1, labels=labels))
     labels["rack"] = "changed"
-    got = await store.get_machine(MAC1)
+    got = await store.machine_by("mac", MAC1)
     assert got is not None and got.labels == {"rack": "r1"}
 
 
-async def test_create_duplicate_mac_conflicts(store: Store) -> None:
+async def test_create_duplicate_id_conflicts(store: Store) -> None:
     await store.create_machine(machine(MAC1, hostname="a"))
-    with pytest.raises(Conflict, match=MAC1):
+    with pytest.raises(Conflict, match=mid(MAC1)):
         await store.create_machine(machine(MAC1, hostname="b"))
-    got = await store.get_machine(MAC1)
+    got = await store.machine_by("mac", MAC1)
     assert got is not None and got.hostname == "a"
+
+
+async def test_create_duplicate_mac_conflicts_naming_field_and_holder(store: Store) -> None:
+    await store.create_machine(machine(MAC1, hostname="a"))
+    other = Machine(macs=(MacAddress.parse(MAC2), MacAddress.parse(MAC1)), hostname="b")
+    with pytest.raises(Conflict, match=MAC1) as err:
+        await store.create_machine(other)
+    assert err.value.field == "mac" and err.value.holder == mid(MAC1)
+    assert await store.get_machine(other.id) is None
+    assert await store.machine_by("mac", MAC2) is None  # nothing half-written
 
 
 async def test_create_duplicate_hostname_case_insensitive(store: Store) -> None:
@@ -125,7 +140,7 @@ async def test_create_duplicate_hostname_case_insensitive(store: Store) -> None:
     with pytest.raises(Conflict) as err:
         await store.create_machine(machine(MAC2, hostname="nODE-1"))
     assert "'nODE-1'" in str(err.value) and MAC1 in str(err.value)
-    assert await store.get_machine(MAC2) is None
+    assert await store.machine_by("mac", MAC2) is None
 
 
 async def test_many_machines_without_hostname(store: Store) -> None:
@@ -144,12 +159,12 @@ async def test_invalid_value_refused_on_write(store: Store) -> None:
     with pytest.raises(ValidationError) as err:
         await store.create_machine(machine(MAC1, labels={"rack": 7}))
     assert err.value.field == "labels.rack"
-    assert await store.get_machine(MAC1) is None
+    assert await store.machine_by("mac", MAC1) is None
 
 
 async def test_invalid_mac_argument(store: Store) -> None:
     with pytest.raises(ValidationError) as err:
-        await store.get_machine("not-a-mac")
+        await store.machine_by("mac", "not-a-mac")
     assert err.value.field == "mac"
 
 
@@ -160,14 +175,14 @@ async def test_update_replaces(store: Store) -> None:
     await store.create_machine(machine(MAC1, hostname="a", labels={"x": "1"}))
     new = machine(MAC1, hostname="b", labels={"y": "2"}, state=MachineState.INSTALLED)
     await store.update_machine(new)
-    assert await store.get_machine(MAC1) == new
+    assert await store.machine_by("mac", MAC1) == new
     assert await store.get_machine_by_hostname("a") is None
     assert await store.count_machines(MachineFilter(labels=(("x", "1"),))) == 0
     assert await store.count_machines(MachineFilter(labels=(("y", "2"),))) == 1
 
 
 async def test_update_missing_not_found(store: Store) -> None:
-    with pytest.raises(NotFound, match=MAC1):
+    with pytest.raises(NotFound, match=mid(MAC1)):
         await store.update_machine(machine(MAC1))
 
 
@@ -176,7 +191,7 @@ async def test_update_hostname_taken_conflicts(store: Store) -> None:
     await store.create_machine(machine(MAC2, hostname="b"))
     with pytest.raises(Conflict, match=MAC1):
         await store.update_machine(machine(MAC2, hostname="A"))
-    got = await store.get_machine(MAC2)
+    got = await store.machine_by("mac", MAC2)
     assert got is not None and got.hostname == "b"
 
 
@@ -197,13 +212,13 @@ async def test_update_frees_old_hostname(store: Store) -> None:
 
 async def test_delete(store: Store) -> None:
     await store.create_machine(machine(MAC1, hostname="a", labels={"k": "v"}))
-    await store.add_event(Event(mac=MAC1, time=1.0, kind="boot"))
-    await store.add_event(Event(mac=MAC2, time=1.0, kind="boot"))
+    await store.add_event(Event(machine=mid(MAC1), time=1.0, kind="boot"))
+    await store.add_event(Event(machine=mid(MAC2), time=1.0, kind="boot"))
     await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.9", expires=100.0))
-    await store.delete_machine(MAC1)
-    assert await store.get_machine(MAC1) is None
-    assert await store.list_events(MAC1) == []
-    assert len(await store.list_events(MAC2)) == 1  # others untouched
+    await store.delete_machine(mid(MAC1))
+    assert await store.machine_by("mac", MAC1) is None
+    assert await store.list_events(mid(MAC1)) == []
+    assert len(await store.list_events(mid(MAC2))) == 1  # others untouched
     assert await store.list_leases() == []
     assert await store.count_machines(MachineFilter(labels=(("k", "v"),))) == 0
     # hostname and address are free again
@@ -212,8 +227,8 @@ async def test_delete(store: Store) -> None:
 
 
 async def test_delete_missing_not_found(store: Store) -> None:
-    with pytest.raises(NotFound, match=MAC1):
-        await store.delete_machine(MAC1)
+    with pytest.raises(NotFound, match=mid(MAC1)):
+        await store.delete_machine(mid(MAC1))
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -228,7 +243,7 @@ async def test_batch_creates_and_updates(store: Store) -> None:
         )
     )
     assert await store.count_machines() == 3
-    got = await store.get_machine(MAC1)
+    got = await store.machine_by("mac", MAC1)
     assert got is not None and got.hostname == "uno" and got.state == MachineState.FAILED
 
 
@@ -241,14 +256,14 @@ async def test_empty_batch(store: Store) -> None:
     ("batch", "error", "text"),
     [
         # the last create collides with an existing MAC
-        (Batch(create=[machine(MAC2), machine(MAC1)]), Conflict, f"machine {MAC1}"),
+        (Batch(create=[machine(MAC2), machine(MAC1)]), Conflict, f"machine {mid(MAC1)}"),
         # a hostname already used, in another case
         (Batch(create=[machine(MAC2), machine(MAC3, hostname="EXISTING")]), Conflict, MAC1),
         # two rows of one batch collide with each other
         (Batch(create=[machine(MAC2, hostname="x"), machine(MAC3, hostname="X")]), Conflict, MAC2),
-        (Batch(create=[machine(MAC2), machine(MAC2)]), Conflict, MAC2),
+        (Batch(create=[machine(MAC2), machine(MAC2)]), Conflict, mid(MAC2)),
         # an update of a machine that does not exist
-        (Batch(create=[machine(MAC2)], update=[machine(MAC3)]), NotFound, MAC3),
+        (Batch(create=[machine(MAC2)], update=[machine(MAC3)]), NotFound, mid(MAC3)),
         # an update taking a hostname created earlier in the batch
         (
             Batch(create=[machine(MAC2, hostname="new")], update=[machine(MAC1, hostname="NEW")]),
@@ -273,7 +288,7 @@ async def test_batch_update_same_machine_twice_last_wins(store: Store) -> None:
     await store.apply_batch(
         Batch(update=[machine(MAC1, labels={"a": "2"}), machine(MAC1, labels={"a": "3"})])
     )
-    got = await store.get_machine(MAC1)
+    got = await store.machine_by("mac", MAC1)
     assert got is not None and got.labels == {"a": "3"}
 
 
@@ -457,40 +472,40 @@ async def test_events_oldest_first_and_limit_newest(store: Store) -> None:
     # Times deliberately not monotonic: order is insertion order, not the caller's clock.
     times = [5.0, 1.0, 3.0, 2.0, 4.0]
     for i, t in enumerate(times):
-        await store.add_event(Event(mac=MAC1, time=t, kind=f"k{i}", message=f"m{i}"))
-    await store.add_event(Event(mac=MAC2, time=0.0, kind="other"))
-    every = await store.list_events(MAC1)
+        await store.add_event(Event(machine=mid(MAC1), time=t, kind=f"k{i}", message=f"m{i}"))
+    await store.add_event(Event(machine=mid(MAC2), time=0.0, kind="other"))
+    every = await store.list_events(mid(MAC1))
     assert [e.kind for e in every] == ["k0", "k1", "k2", "k3", "k4"]
     assert [e.time for e in every] == times
-    assert [e.kind for e in await store.list_events(MAC1, limit=2)] == ["k3", "k4"]
-    assert [e.kind for e in await store.list_events(MAC1, limit=99)] == [e.kind for e in every]
-    assert await store.list_events(MAC1, limit=0) == []
-    assert await store.list_events(MAC3) == []
+    assert [e.kind for e in await store.list_events(mid(MAC1), limit=2)] == ["k3", "k4"]
+    assert [e.kind for e in await store.list_events(mid(MAC1), limit=99)] == [e.kind for e in every]
+    assert await store.list_events(mid(MAC1), limit=0) == []
+    assert await store.list_events(mid(MAC3)) == []
 
 
 async def test_event_round_trip(store: Store) -> None:
     event = Event(
-        mac=MAC1,
+        machine=mid(MAC1),
         time=1_700_000_000.5,
         kind="install.progress",
         message="50% done",
         data={"percent": 50, "nested": {"a": [1, "b", None]}, "ok": True},
     )
     await store.add_event(event)
-    assert await store.list_events(MAC1) == [event]
+    assert await store.list_events(mid(MAC1)) == [event]
 
 
 async def test_event_for_unknown_machine_is_kept(store: Store) -> None:
-    await store.add_event(Event(mac="02-00-00-00-00-01", time=1.0, kind="discover"))
-    events = await store.list_events(MAC1)
-    assert len(events) == 1 and events[0].mac == MAC1
+    await store.add_event(Event(machine=mid(MAC1), time=1.0, kind="discover"))
+    events = await store.list_events(mid(MAC1))
+    assert len(events) == 1 and events[0].machine == mid(MAC1)
 
 
 async def test_event_data_must_be_json(store: Store) -> None:
     with pytest.raises(ValidationError) as err:
-        await store.add_event(Event(mac=MAC1, time=1.0, kind="k", data={"x": object()}))
+        await store.add_event(Event(machine=mid(MAC1), time=1.0, kind="k", data={"x": object()}))
     assert err.value.field == "data"
-    assert await store.list_events(MAC1) == []
+    assert await store.list_events(mid(MAC1)) == []
 
 
 # --- leases ----------------------------------------------------------------------------------
@@ -567,7 +582,7 @@ async def test_settings(store: Store) -> None:
 async def test_use_after_close_is_store_error(store: Store) -> None:
     await store.close()
     with pytest.raises(StoreError):
-        await store.get_machine(MAC1)
+        await store.machine_by("mac", MAC1)
     await store.close()  # twice is harmless
     await store.open()  # and the fixture's close still works
 
@@ -575,9 +590,9 @@ async def test_use_after_close_is_store_error(store: Store) -> None:
 async def test_filter_by_uuid_and_serials(store: Store) -> None:
     from netboot.model import MacAddress, Machine
 
-    a = Machine(mac=MacAddress.parse("02:00:00:00:00:01"), hostname="a",
+    a = Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),), hostname="a",
                 uuid="8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4", serial="S1")
-    b = Machine(mac=MacAddress.parse("02:00:00:00:00:02"), hostname="b", serial="S2")
+    b = Machine(macs=(MacAddress.parse("02:00:00:00:00:02"),), hostname="b", serial="S2")
     await store.create_machine(a)
     await store.create_machine(b)
     found = await store.list_machines(MachineFilter(uuid=a.uuid))
@@ -587,3 +602,121 @@ async def test_filter_by_uuid_and_serials(store: Store) -> None:
     found = await store.list_machines(MachineFilter(serials=("S2", "nope")))
     assert [m.hostname for m in found] == ["b"]
     assert await store.count_machines(MachineFilter(serials=("S1", "S2"))) == 2
+
+
+# --- identity: several NICs, machines without a MAC, identifier claims, merges ---------------
+
+
+async def test_every_nic_finds_the_machine(store: Store) -> None:
+    two = Machine(macs=(MacAddress.parse(MAC1), MacAddress.parse(MAC2)), hostname="two")
+    await store.create_machine(two)
+    for m in (MAC1, MAC2, "02-00-00-00-00-02".upper()):
+        assert await store.machine_by("mac", m) == two
+    assert await store.get_machine(two.id) == two
+    assert await store.machine_by("mac", MAC3) is None
+
+
+async def test_machine_without_mac_found_by_serial_asset_uuid(store: Store) -> None:
+    uuid = "4c4c4544-0042-3510-8052-b2c04f4e3032"
+    bare = Machine(serial="SN-1", asset="A-1", uuid=uuid, hostname="bare")
+    await store.create_machine(bare)
+    assert await store.machine_by("serial", "SN-1") == bare
+    assert await store.machine_by("serial", " SN-1 ") == bare  # stripped like firmware's
+    assert await store.machine_by("asset", "A-1") == bare
+    assert await store.machine_by("uuid", uuid.upper()) == bare
+    assert await store.machine_by("serial", "sn-1") is None  # serials are case-sensitive
+    assert await store.count_machines(MachineFilter(has_mac=False)) == 1
+    assert await store.count_machines(MachineFilter(has_mac=True)) == 0
+    with pytest.raises(ValidationError) as err:
+        await store.machine_by("colour", "red")
+    assert err.value.field == "kind"
+
+
+@pytest.mark.parametrize("kind", ["serial", "asset", "uuid"])
+async def test_identifier_claimed_twice_conflicts(store: Store, kind: str) -> None:
+    value = "4c4c4544-0042-3510-8052-b2c04f4e3032" if kind == "uuid" else "X-9"
+    first = machine(MAC1, **{kind: value})
+    await store.create_machine(first)
+    with pytest.raises(Conflict) as err:
+        await store.create_machine(machine(MAC2, **{kind: value}))
+    assert err.value.field == kind and err.value.holder == first.id
+    assert value in str(err.value) and MAC1 in str(err.value)
+    # An update claiming it is refused the same way; the machine is left as it was.
+    await store.create_machine(machine(MAC2))
+    with pytest.raises(Conflict):
+        await store.update_machine(machine(MAC2, **{kind: value}))
+    assert await store.machine_by("mac", MAC2) == machine(MAC2)
+
+
+@pytest.mark.parametrize(("kind", "value"), [
+    ("serial", "To be filled by O.E.M."), ("serial", "Default string"), ("serial", ""),
+    ("serial", "0123456789"), ("asset", "No Asset Tag"), ("serial", "System Serial Number"),
+    ("uuid", "00000000-0000-0000-0000-000000000000"),
+    ("uuid", "ffffffff-ffff-ffff-ffff-ffffffffffff"),
+])
+async def test_placeholders_never_match_nor_conflict(store: Store, kind: str,
+                                                     value: str) -> None:
+    await store.create_machine(machine(MAC1, **{kind: value}))
+    await store.create_machine(machine(MAC2, **{kind: value}))
+    assert await store.machine_by(kind, value) is None
+    assert await store.count_machines() == 2
+
+
+async def test_update_releases_identifiers(store: Store) -> None:
+    await store.create_machine(machine(MAC1, serial="S1"))
+    await store.update_machine(Machine(macs=(MacAddress.parse(MAC2),), id=mid(MAC1),
+                                       serial="S2"))
+    assert await store.machine_by("mac", MAC1) is None
+    assert await store.machine_by("serial", "S1") is None
+    # Freed: another machine may take them now.
+    await store.create_machine(Machine(macs=(MacAddress.parse(MAC1),), serial="S1"))
+    got = await store.machine_by("serial", "S2")
+    assert got is not None and got.id == mid(MAC1) and got.mac == MacAddress.parse(MAC2)
+
+
+async def test_machines_without_mac_list_last_by_id(store: Store) -> None:
+    await store.create_machine(Machine(id="m-b", serial="B"))
+    await store.create_machine(machine(MAC2))
+    await store.create_machine(Machine(id="m-a", serial="A"))
+    await store.create_machine(machine(MAC1))
+    assert [m.id for m in await store.list_machines()] == [mid(MAC1), mid(MAC2), "m-a", "m-b"]
+    assert [m.id for m in await store.list_machines(MachineFilter(has_mac=False))] == [
+        "m-a", "m-b"]
+
+
+async def test_delete_drops_the_leases_of_every_nic(store: Store) -> None:
+    two = Machine(macs=(MacAddress.parse(MAC1), MacAddress.parse(MAC2)))
+    await store.create_machine(two)
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=9.0))
+    await store.put_lease(Lease(mac=MAC2, ipv4="10.0.0.2", expires=9.0))
+    await store.put_lease(Lease(mac=MAC3, ipv4="10.0.0.3", expires=9.0))
+    await store.delete_machine(two.id)
+    assert [lease.mac for lease in await store.list_leases()] == [MAC3]
+    assert await store.machine_by("mac", MAC2) is None
+
+
+async def test_merge_moves_events_and_frees_identifiers(store: Store) -> None:
+    found = machine(MAC2, state=MachineState.DISCOVERED, serial="SN-7")
+    enrolled = Machine(serial="SN-8", hostname="edge")
+    await store.apply_batch(Batch(create=[found, enrolled]))
+    await store.add_event(Event(found.id, 1.0, "discovered"))
+    await store.add_event(Event(enrolled.id, 2.0, "enrolled"))
+    merged = Machine(id=enrolled.id, macs=(MacAddress.parse(MAC2),), serial="SN-8",
+                     hostname="edge", facts={"from": "discovery"})
+    await store.apply_batch(Batch(merge=[(found.id, enrolled.id)], update=[merged],
+                                  events=[Event(enrolled.id, 3.0, "merged")]))
+    assert await store.get_machine(found.id) is None
+    assert await store.machine_by("mac", MAC2) == merged
+    assert await store.machine_by("serial", "SN-7") is None
+    assert [e.kind for e in await store.list_events(enrolled.id)] == [
+        "discovered", "enrolled", "merged"]
+    assert await store.list_events(found.id) == []
+    assert await store.count_machines() == 1
+
+
+async def test_merge_of_missing_machine_applies_nothing(store: Store) -> None:
+    await store.create_machine(machine(MAC1))
+    with pytest.raises(NotFound, match="m-nope"):
+        await store.apply_batch(Batch(merge=[("m-nope", mid(MAC1))],
+                                      create=[machine(MAC2)]))
+    assert await store.count_machines() == 1

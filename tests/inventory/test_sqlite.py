@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -41,14 +42,14 @@ def worker_threads() -> int:
 
 async def test_restart_loses_nothing(tmp_path: Path) -> None:
     path = tmp_path / "inv.db"
-    m = Machine(mac=MacAddress.parse(MAC1), hostname="n1", labels={"r": "1"}, created=1.5)
+    m = Machine(macs=(MacAddress.parse(MAC1),), hostname="n1", labels={"r": "1"}, created=1.5)
     store = SqliteStore(path)
     await store.open()
     await store.create_machine(m)
     await store.put_profile(Profile(name="p", kernel="k"))
     await store.put_cluster(Cluster(name="c", token="t"))
     await store.put_group(Group(name="g", selector={"arch": ("arm64",)}))
-    await store.add_event(Event(mac=MAC1, time=2.0, kind="boot", data={"a": 1}))
+    await store.add_event(Event(machine=m.id, time=2.0, kind="boot", data={"a": 1}))
     await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=9.0))
     await store.put_setting("k", "v")
     await store.close()
@@ -56,13 +57,14 @@ async def test_restart_loses_nothing(tmp_path: Path) -> None:
     again = SqliteStore(str(path))  # str paths work too
     await again.open()
     try:
-        assert await again.get_machine(MAC1) == m
+        assert await again.get_machine(m.id) == m
+        assert await again.machine_by("mac", MAC1) == m
         assert await again.count_machines(MachineFilter(labels=(("r", "1"),))) == 1
         assert await again.get_profile("p") == Profile(name="p", kernel="k")
         assert await again.get_cluster("c") == Cluster(name="c", token="t")
         assert await again.get_group("g") == Group(name="g", selector={"arch": ("arm64",)})
-        assert await again.list_events(MAC1) == [
-            Event(mac=MAC1, time=2.0, kind="boot", data={"a": 1})
+        assert await again.list_events(m.id) == [
+            Event(machine=m.id, time=2.0, kind="boot", data={"a": 1})
         ]
         assert await again.list_leases() == [Lease(mac=MAC1, ipv4="10.0.0.1", expires=9.0)]
         assert await again.get_setting("k") == "v"
@@ -81,7 +83,8 @@ async def test_pragmas_wal_and_schema(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     assert {"machines", "machine_labels", "profiles", "clusters", "groups"} <= names
-    assert {"events", "leases", "settings", "machines_hostname", "events_mac"} <= names
+    assert {"events", "leases", "settings", "machines_hostname", "events_machine",
+            "machine_keys"} <= names
 
 
 async def test_connection_settings(tmp_path: Path) -> None:
@@ -192,8 +195,9 @@ async def main(path, base):
     try:
         for i in range(200):
             mac = MacAddress((base + i).to_bytes(6, "big"))
-            await store.create_machine(Machine(mac=mac, hostname=f"h{base + i}"))
-            await store.add_event(Event(mac=str(mac), time=float(i), kind="created"))
+            m = Machine(macs=(mac,), hostname=f"h{base + i}")
+            await store.create_machine(m)
+            await store.add_event(Event(machine=m.id, time=float(i), kind="created"))
     finally:
         await store.close()
 
@@ -230,7 +234,8 @@ async def test_two_processes_write_one_database(tmp_path: Path) -> None:
     await store.open()
     try:
         assert await store.count_machines() == 400
-        assert len(await store.list_events("02:00:00:01:00:c7")) == 1
+        last = await store.machine_by("mac", "02:00:00:01:00:c7")
+        assert last is not None and len(await store.list_events(last.id)) == 1
     finally:
         await store.close()
     with raw(path) as conn:
@@ -245,7 +250,7 @@ async def test_reads_do_not_queue_behind_a_write(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "inv.db")
     await store.open()
     try:
-        await store.create_machine(Machine(mac=MacAddress.parse("02:00:00:00:00:01")))
+        await store.create_machine(Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),)))
         gate = threading.Event()
 
         def long_write(conn: sqlite3.Connection) -> None:
@@ -256,7 +261,7 @@ async def test_reads_do_not_queue_behind_a_write(tmp_path: Path) -> None:
 
         writer = asyncio.ensure_future(store._run(long_write))
         try:
-            found = await asyncio.wait_for(store.get_machine("02:00:00:00:00:01"), 10)
+            found = await asyncio.wait_for(store.machine_by("mac", "02:00:00:00:00:01"), 10)
             assert found is not None
             assert await store.get_setting("k") is None  # the open write is not visible yet
         finally:
@@ -265,6 +270,75 @@ async def test_reads_do_not_queue_behind_a_write(tmp_path: Path) -> None:
         assert await store.get_setting("k") == "v"
     finally:
         await store.close()
+
+
+def _version_2_file(path: Path) -> None:
+    """A database as netboot wrote it when a machine was its MAC (schema version 2)."""
+    from netboot.inventory.sqlite import MIGRATIONS
+
+    def doc(mac: str, **kw: object) -> str:
+        return json.dumps({"mac": mac, "state": "registered", "labels": {"rack": "r1"},
+                           "facts": {}, "created": 1.0, "updated": 2.0, **kw})
+
+    with raw(path) as conn:
+        for steps in MIGRATIONS[:2]:
+            for step in steps:
+                assert isinstance(step, str)
+                conn.execute(step)
+        conn.execute("PRAGMA user_version = 2")
+        rows = [
+            (MAC1, "n1", doc(MAC1, hostname="n1", serial="SN-1", role="server", cluster="c")),
+            # Placeholders that older versions learnt from firmware, shared by two machines.
+            ("02:00:00:00:00:02", None, doc("02:00:00:00:00:02", serial="Default string")),
+            ("02:00:00:00:00:03", None, doc("02:00:00:00:00:03", serial="Default string")),
+            # A real serial two old records share: the first in MAC order keeps it.
+            ("02:00:00:00:00:04", None, doc("02:00:00:00:00:04", serial="SN-1")),
+        ]
+        for mac, hostname, data in rows:
+            conn.execute("INSERT INTO machines (mac, hostname, state, cluster, data, created,"
+                         " updated) VALUES (?, ?, 'registered', NULL, ?, 1.0, 2.0)",
+                         (mac, hostname, data))
+            conn.execute("INSERT INTO machine_labels (mac, key, value) VALUES (?, 'rack', 'r1')",
+                         (mac,))
+        conn.execute("INSERT INTO events (mac, time, kind, message, data)"
+                     " VALUES (?, 1.0, 'registered', '', '{}')", (MAC1,))
+        conn.execute("INSERT INTO events (mac, time, kind, message, data)"
+                     " VALUES ('02:00:00:00:00:99', 1.0, 'dhcp', '', '{}')")
+        conn.execute("INSERT INTO settings (key, value) VALUES ('cluster-init/c', ?)", (MAC1,))
+
+
+async def test_migration_gives_each_machine_an_id_and_its_mac_as_first_nic(
+        tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    _version_2_file(path)
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        first = await store.machine_by("mac", MAC1)
+        assert first is not None and first.id.startswith("m-")
+        assert first.macs == (MacAddress.parse(MAC1),) and first.hostname == "n1"
+        assert await store.get_machine(first.id) == first
+        assert await store.machine_by("serial", "SN-1") == first
+        assert [e.kind for e in await store.list_events(first.id)] == ["registered"]
+        assert await store.get_setting("cluster-init/c") == first.id
+        assert await store.count_machines(MachineFilter(labels=(("rack", "r1"),))) == 4
+        # The placeholder is kept as it was but claims nothing; the shared real serial stays
+        # with the first machine and is a fact of the other.
+        two = await store.machine_by("mac", "02:00:00:00:00:02")
+        assert two is not None and two.serial == "Default string"
+        assert await store.machine_by("serial", "Default string") is None
+        four = await store.machine_by("mac", "02:00:00:00:00:04")
+        assert four is not None and four.serial is None and four.facts["serial"] == "SN-1"
+    finally:
+        await store.close()
+    with raw(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert not {"machines_v2", "machine_labels_v2", "events_v3"} & names
+        # The unknown device's event is kept under its MAC, as before.
+        assert conn.execute("SELECT machine FROM events WHERE kind = 'dhcp'").fetchone()[0] \
+            == "02:00:00:00:00:99"
 
 
 async def test_missing_directory_is_named_with_the_fix(tmp_path: Path) -> None:
@@ -298,12 +372,12 @@ async def main(path):
     store = SqliteStore(path)
     await store.open()
     try:
-        await store.create_machine(Machine(mac=MacAddress(bytes(6)), hostname="a"))
+        await store.create_machine(Machine(macs=(MacAddress(bytes(6)),), hostname="a"))
         for i in range(3):
             os.truncate(path + "-shm", 0)  # another program, or a disk cleaner
-            assert await store.get_machine("00:00:00:00:00:00") is not None
+            assert await store.machine_by("mac", "00:00:00:00:00:00") is not None
             await store.create_machine(
-                Machine(mac=MacAddress(bytes([2, 0, 0, 0, 1, i])), hostname=f"b{i}"))
+                Machine(macs=(MacAddress(bytes([2, 0, 0, 0, 1, i])),), hostname=f"b{i}"))
         print("machines", len(await store.list_machines()))
     finally:
         await store.close()
@@ -321,3 +395,55 @@ def test_truncated_shm_is_restored_not_a_sigbus(tmp_path: Path) -> None:
                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert "machines 4" in out.stdout, out.stdout
+
+
+async def test_cluster_written_before_endpoints_existed_reads_without_one(tmp_path: Path) -> None:
+    """Clusters are JSON documents: a new optional field needs no schema migration, and a
+    document from an older netboot (no "endpoint" key) reads back as "no endpoint"."""
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.put_cluster(Cluster(name="c", token="t", endpoint="vip.example"))
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE clusters SET data = ? WHERE name = 'c'",
+                     ('{"name":"c","server_url":"managed","token":"t","labels":{},'
+                      '"taints":[],"description":""}',))
+    conn.close()
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        assert await again.get_cluster("c") == Cluster(name="c", token="t")
+    finally:
+        await again.close()
+
+
+# SQLite's "dead-man switch" lock on -shm: byte UNIX_SHM_BASE + SQLITE_SHM_NLOCK = 120 + 8
+# (os_unix.c). A process that sees nobody holding it believes it is the first user of the
+# database and truncates -shm, under every other process's mapping.
+SHM_DMS_BYTE = 128
+
+PROBE = """
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+want = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, int(sys.argv[2]), 1, 0)
+kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, want))
+print("unlocked" if kind == fcntl.F_UNLCK else pid)
+"""
+
+
+async def test_open_store_keeps_its_lock_on_the_wal_index(tmp_path: Path) -> None:
+    """Reserving -shm must not drop this process's locks on it: closing any descriptor of a
+    file releases all of a process's POSIX locks on that file, and a second netboot (or the
+    CLI) would then truncate -shm and kill this one with SIGBUS."""
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.create_machine(Machine(macs=(MacAddress.parse(MAC1),)))
+        shm = tmp_path / "inv.db-shm"
+        out = subprocess.run([sys.executable, "-c", PROBE, str(shm), str(SHM_DMS_BYTE)],
+                             capture_output=True, text=True, check=True, timeout=60)
+        assert out.stdout.strip() == str(os.getpid())
+    finally:
+        await store.close()

@@ -35,7 +35,7 @@ needs_dig = pytest.mark.requires("dig", "bind9-dnsutils")
 def make_zone(servers: int = 80) -> Zone:
     machines = [
         Machine(
-            MacAddress(bytes([0x52, 0x54, 0, 0, 1, i])),
+            (MacAddress(bytes([0x52, 0x54, 0, 0, 1, i])),),
             hostname=f"node{i}",
             ipv4=f"10.0.1.{i}",
             cluster="edge",
@@ -44,7 +44,7 @@ def make_zone(servers: int = 80) -> Zone:
         )
         for i in range(1, servers + 1)
     ]
-    machines.append(Machine(MacAddress(bytes([0x52, 0x54, 0, 0, 2, 1])), hostname="small",
+    machines.append(Machine((MacAddress(bytes([0x52, 0x54, 0, 0, 2, 1])),), hostname="small",
                             ipv4="10.0.2.1", cluster="tiny", role=Role.SERVER,
                             state=MachineState.REGISTERED))
     return Zone.build(machines, [Cluster("edge"), Cluster("tiny"), Cluster("empty")],

@@ -65,7 +65,10 @@ async def test_bootstrap_chains_to_ipxe_with_every_identity_setting(env: Env) ->
     assert script.startswith("#!ipxe\n")
     chain = next(line for line in script.splitlines() if line.startswith("chain "))
     url = chain.split()[2]
-    assert url.startswith(f"{BASE}/ipxe?mac=${{net0/mac:hexhyp}}&")
+    # The NIC iPXE booted from (${netX}), not the first port: a box whose first port has no
+    # DHCP boots from its second one and must be known by that NIC's MAC.
+    assert url.startswith(f"{BASE}/ipxe?mac=${{netX/mac:hexhyp}}&")
+    assert "net0" not in url
     # arch is ${buildarch}, raised to x86_64 where cpuid shows long mode (BIOS iPXE is i386).
     assert "set netboot-arch ${buildarch}" in script.splitlines()
     assert "cpuid --ext 29 && set netboot-arch x86_64" in script
@@ -124,6 +127,34 @@ async def test_ipxe_garbage_uuid_and_odd_facts_still_boot(env: Env) -> None:
     assert "kernel " in script  # the machine's own settings still decide
     machine = await env.get(f"/api/v1/machines/{MAC}")
     assert machine["uuid"] is None
+
+
+async def test_ipxe_firmware_strings_keep_their_plus(env: Env) -> None:
+    """Byte for byte what iPXE sends for QEMU q35's SMBIOS product with ${product:uristring}:
+    space is %20 and '+' is left alone, so '+' is a plus, not a form-encoded space."""
+    await env.seed()
+    product = "Standard PC (Q35 + ICH9, 2009)"
+    await env.post("/api/v1/groups", {"name": "q35", "profile": "k3os", "cluster": "edge",
+                                      "selector": {"product": [product], "arch": ["x86_64"]}},
+                   status=201)
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    reply = await raw_get(env, f"/ipxe?mac={HEXHYP}&uuid=&arch=x86_64&platform=pcbios"
+                               "&serial=SN+1%26x%3D%25&manufacturer=QEMU"
+                               "&product=Standard%20PC%20(Q35%20+%20ICH9,%202009)&asset=")
+    assert reply.status == 200, reply.text
+    assert "kernel " in reply.text and "(group q35)" in reply.text
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["facts"]["product"] == product
+    assert machine["serial"] == "SN+1&x=%"
+
+
+def test_uri_query_is_uri_component_decoding() -> None:
+    from netboot.servers.http import uri_query
+
+    assert uri_query("a=1+2&b=%2B%20&c=&d&a=again&=x&&e=%ZZ") == {
+        "a": "1+2", "b": "+ ", "c": "", "d": "", "": "x", "e": "%ZZ"}
+    assert uri_query("p=caf%C3%A9&q=%FF") == {"p": "café", "q": "\ufffd"}
+    assert uri_query("") == {}
 
 
 async def test_ipxe_each_request_issues_a_fresh_token(env: Env) -> None:
@@ -387,7 +418,7 @@ async def test_config_bad_mac_is_400(env: Env) -> None:
 async def test_config_expired_token_is_refused(env: Env) -> None:
     token = install_token(await enrolled(env))
     store = env.service.store
-    machine = await store.get_machine(MAC)
+    machine = await store.machine_by("mac", MAC)
     assert machine is not None
     await store.update_machine(dataclasses.replace(machine, token_expires=1.0))
     r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
@@ -540,10 +571,10 @@ async def test_unknown_route_is_404_and_wrong_method_405(env: Env) -> None:
 async def test_store_failure_is_503_not_404(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     from netboot.errors import StoreError
 
-    async def broken(mac: str) -> None:
+    async def broken(kind: str, value: str) -> None:
         raise StoreError("database is locked")
 
-    monkeypatch.setattr(env.service.store, "get_machine", broken)
+    monkeypatch.setattr(env.service.store, "machine_by", broken)
     r = await call(env, "GET", f"/config/{HEXHYP}?token=x", admin=False)
     assert r.status == 503
     r = await call(env, "GET", f"/ipxe?mac={HEXHYP}", admin=False)
@@ -558,7 +589,7 @@ async def test_head_does_not_run_endpoints_with_effects(env: Env) -> None:
                  "/nocloud/52-54-00-00-00-11/meta-data"):
         resp = await env.client.head(path)
         assert resp.status == 405, path
-    assert await env.service.store.get_machine("52:54:00:00:00:11") is None
+    assert await env.service.store.machine_by("mac", "52:54:00:00:00:11") is None
 
 
 # --- the wired server: access log, limits, Server header (real sockets) --------------------

@@ -1,0 +1,119 @@
+"""Which address a registering device is reachable at: a pure decision over what the wire saw.
+
+A device registers with ``POST /api/v1/register`` and may report its addresses. What it reports
+is a claim made from inside the OS, and often a wrong one: k3OS's ``hostname -i`` answers
+``127.0.1.1`` (its ``/etc/hosts`` maps the hostname to that loopback address, as Debian's
+does), a DHCP-less NIC reports ``169.254.x.y``, a shell expansion that failed reports ``""``.
+The address the request came from on the provisioning network is a fact: it is what other
+nodes of the same network reach the device at.
+
+The rule: the peer address wins when it is a routable unicast address. A reported address is
+used only when the peer is not (netboot behind a reverse proxy on the same host sees
+``127.0.0.1``); then the first routable unicast address the device reports, IPv4 first.
+Loopback, link-local, unspecified, multicast, broadcast (limited or a reserved range's) and
+unparsable entries are never stored; each one is named with the reason, for an event.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# "This host on this network" (RFC 1122 §3.2.1.3): a source address only, never a destination.
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    text: str  # the address as given (untrusted; repr it when printing)
+    reason: str
+    source: str  # "peer" | "reported"
+
+
+@dataclass(frozen=True, slots=True)
+class AddressChoice:
+    """The registered addresses and what was refused on the way."""
+
+    ipv4: ipaddress.IPv4Address | None
+    ipv6: ipaddress.IPv6Address | None
+    source: str | None  # "peer" | "reported" | None (no usable address)
+    refused: tuple[Refused, ...] = ()
+
+    @property
+    def address(self) -> IPAddress | None:
+        """The one address other nodes should use: IPv4 when there is one."""
+        return self.ipv4 or self.ipv6
+
+
+def parse_peer(text: str | None) -> IPAddress | None:
+    """The peer of a transport, as an address; an IPv4-mapped IPv6 peer (``::ffff:192.0.2.60``,
+    seen when the server listens on a dual-stack socket) is the IPv4 address it maps."""
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None  # a UNIX socket or a proxy's odd peer: not an address we can use
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def unusable(address: IPAddress) -> str | None:
+    """Why other nodes cannot reach a device at this address, or None if they can."""
+    if address.is_unspecified or address in _THIS_NETWORK:
+        return "unspecified"
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    if address.is_multicast:
+        return "multicast"
+    if isinstance(address, ipaddress.IPv4Address) and (
+            address == ipaddress.IPv4Address("255.255.255.255") or address.is_reserved):
+        # 240.0.0.0/4 (RFC 1112 §4) holds the limited broadcast and nothing routable.
+        return "broadcast or reserved"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return unusable(address.ipv4_mapped)
+    return None
+
+
+def _parse(text: str) -> IPAddress | str:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return "not an IP address"
+
+
+def choose(peer: IPAddress | None, reported: Sequence[str]) -> AddressChoice:
+    """The addresses to register for a device, from its peer address and its own report."""
+    refused: list[Refused] = []
+    usable: list[IPAddress] = []
+    for text in reported:
+        parsed = _parse(text)
+        reason = parsed if isinstance(parsed, str) else unusable(parsed)
+        if reason is not None:
+            refused.append(Refused(text, reason, "reported"))
+        elif not isinstance(parsed, str) and parsed not in usable:
+            usable.append(parsed)
+    if peer is not None:
+        reason = unusable(peer)
+        if reason is None:
+            other = [a for a in usable if a.version != peer.version]
+            v4 = peer if isinstance(peer, ipaddress.IPv4Address) else _first_v4(other)
+            v6 = peer if isinstance(peer, ipaddress.IPv6Address) else _first_v6(other)
+            return AddressChoice(v4, v6, "peer", tuple(refused))
+        refused.insert(0, Refused(str(peer), reason, "peer"))
+    if not usable:
+        return AddressChoice(None, None, None, tuple(refused))
+    return AddressChoice(_first_v4(usable), _first_v6(usable), "reported", tuple(refused))
+
+
+def _first_v4(items: Sequence[IPAddress]) -> ipaddress.IPv4Address | None:
+    return next((a for a in items if isinstance(a, ipaddress.IPv4Address)), None)
+
+
+def _first_v6(items: Sequence[IPAddress]) -> ipaddress.IPv6Address | None:
+    return next((a for a in items if isinstance(a, ipaddress.IPv6Address)), None)

@@ -1,0 +1,266 @@
+"""Which machine a boot is: identifiers, the junk firmware reports, and lookup precedence.
+
+A machine is known by any of four kinds of identifier: the MACs of its NICs, its SMBIOS UUID,
+its serial number and its asset tag. Each is enough to enroll it (a factory floor knows serials
+from labels long before anyone reads a MAC) and each is unique in the inventory: the stores
+index every *claim* (kind, value) and refuse a second machine claiming one (Conflict naming the
+kind and the holder).
+
+Firmware reports what the board vendor left in SMBIOS, and many leave placeholders that
+thousands of boards share ("To be filled by O.E.M.", "Default string", an all-zero UUID).
+Such values are not identifiers: they never match, never conflict and are never learnt as a
+machine's identity (they stay visible in its facts).
+
+When identifiers of one request point at different machines, the answer is deterministic:
+
+1. an enrolled record (any state but ``discovered``) beats a ``discovered`` one, because a
+   discovered record is only a guess made before anyone enrolled the device;
+2. among equals, the first in :data:`PRECEDENCE` order wins: the MAC the request came from,
+   then the UUID, then the serial, then the asset tag. A MAC is what the wire proves; a UUID is
+   meant to be unique by construction; serials and asset tags are typed in by people.
+
+The ``discovered`` records that matched some identifier of the request are the same device
+seen earlier (an unknown NIC that booted before the operator enrolled its serial): the boot
+path merges them into the winner (:func:`resolve` lists them).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from netboot.errors import Conflict, NotFound, ValidationError
+from netboot.model import ID_PREFIX, BootRequest, MacAddress, Machine, MachineState
+
+KINDS = ("mac", "uuid", "serial", "asset")
+PRECEDENCE = KINDS
+
+# Stands for "the NIC it will boot from" in a dry run (explain, render) of a machine enrolled
+# without a MAC. No NIC has it (IEEE 802 never assigns the all-zero address), so it never
+# matches, is never attached and is never learnt.
+NO_NIC = MacAddress(bytes(6))
+
+# Placeholders seen in SMBIOS type 1/2/3 strings of real boards (compared case-insensitively,
+# spaces and dots ignored): AMI's and Insyde's templates, QEMU without -smbios, vendor dev kits.
+_JUNK = frozenset(
+    re.sub(r"[\s.]", "", v).lower() for v in (
+        "", "To be filled by O.E.M.", "To Be Filled By O.E.M.", "Default string",
+        "System Serial Number", "System Product Name", "Chassis Serial Number",
+        "Base Board Serial Number", "Not Specified", "Not Applicable", "None", "N/A", "NA",
+        "0", "00000000", "0000000000", "0123456789", "123456789", "1234567890", "Unknown",
+        "Invalid", "OEM", "O.E.M.", "XXXXXXXXXX", "Asset-1234567890", "No Asset Tag",
+        "No Asset Information", "Serial", "SerialNumber", "Type2 - Board Serial Number",
+        "Default", "Empty", "-", "Not Available",
+    )
+)
+
+
+def is_junk(value: str) -> bool:
+    """A placeholder many boards report, or only zeros, F's, spaces or dots."""
+    key = re.sub(r"[\s.]", "", value).lower()
+    return key in _JUNK or set(key) <= {"0"} or set(key) <= {"f"} or set(key) <= {"x"}
+
+
+def clean_uuid(text: str | None) -> str | None:
+    """Canonical lowercase UUID from firmware, or None for a missing, malformed or junk one.
+
+    All-zero and all-F UUIDs are what SMBIOS uses for "not set" and "not present" (DMTF DSP0134
+    §7.2.1); some boards also repeat one byte throughout.
+    """
+    if not text:
+        return None
+    try:
+        value = uuidlib.UUID(text.strip())
+    except ValueError:
+        return None
+    if len(set(value.bytes)) == 1:
+        return None
+    return str(value)
+
+
+def clean_text(text: str | None) -> str | None:
+    """A serial or asset tag from firmware, stripped, or None when it is a placeholder."""
+    if text is None:
+        return None
+    value = text.strip()
+    return None if is_junk(value) else value
+
+
+def enrolled_value(kind: str, text: str) -> str:
+    """An operator's serial/asset/UUID, normalised; a placeholder is refused naming ``kind``,
+    since a machine enrolled by it could never be told from thousands of others."""
+    if kind == "uuid":
+        try:
+            value = str(uuidlib.UUID(text.strip()))
+        except (ValueError, AttributeError):
+            raise ValidationError("uuid", f"{text!r} is not a UUID") from None
+        if clean_uuid(value) is None:
+            raise ValidationError("uuid", f"{text!r} is the placeholder UUID many boards share; "
+                                          "it cannot identify one machine")
+        return value
+    value = text.strip()
+    if is_junk(value):
+        raise ValidationError(kind, f"{text!r} is a placeholder many boards report; it cannot "
+                                    "identify one machine")
+    return value
+
+
+def claims(machine: Machine) -> list[tuple[str, str]]:
+    """Every identifier ``machine`` holds, as (kind, value), in :data:`PRECEDENCE` order.
+
+    Placeholders are left out, so a store never indexes them: they neither match nor conflict.
+    """
+    return Identity.of_machine(machine).claims()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a request (or an operator) says a machine is: the keys looked up, in order."""
+
+    macs: tuple[MacAddress, ...] = ()
+    uuid: str | None = None
+    serial: str | None = None
+    asset: str | None = None
+
+    @classmethod
+    def of_request(cls, request: BootRequest) -> Identity:
+        macs = () if request.mac == NO_NIC else (request.mac,)
+        return cls(macs, clean_uuid(request.uuid), clean_text(request.serial),
+                   clean_text(request.asset))
+
+    @classmethod
+    def of_machine(cls, machine: Machine) -> Identity:
+        return cls(machine.macs, clean_uuid(machine.uuid), clean_text(machine.serial),
+                   clean_text(machine.asset))
+
+    def claims(self) -> list[tuple[str, str]]:
+        out = [("mac", str(mac)) for mac in self.macs]
+        out += [(k, v) for k in ("uuid", "serial", "asset") if (v := getattr(self, k))]
+        return out
+
+
+class MachineIndex(Protocol):
+    """The store methods identity lookups need (see :class:`netboot.inventory.base.Store`)."""
+
+    async def get_machine(self, machine_id: str) -> Machine | None: ...
+
+    async def machine_by(self, kind: str, value: str) -> Machine | None: ...
+
+
+async def by_ref(index: MachineIndex, ref: str) -> Machine | None:
+    """The machine a user names: by a MAC in any spelling, or by its id.
+
+    Ids start with ``m-`` and never parse as a MAC, so the two cannot be confused; anything
+    else is a ValidationError naming ``mac`` (most refs are MACs, and a typo in one is the
+    likely mistake).
+    """
+    text = ref.strip()
+    if text.startswith(ID_PREFIX):
+        return await index.get_machine(text)
+    try:
+        mac = MacAddress.parse(text)
+    except ValidationError:
+        raise ValidationError("mac", f"{ref!r} is neither a MAC address (aa:bb:cc:dd:ee:ff) "
+                                     f"nor a machine id ({ID_PREFIX}…)") from None
+    return await index.machine_by("mac", str(mac))
+
+
+async def require_ref(index: MachineIndex, ref: str) -> Machine:
+    """:func:`by_ref`, or NotFound naming ``ref``."""
+    machine = await by_ref(index, ref)
+    if machine is None:
+        raise NotFound(f"machine {ref} not found (give one of its MACs or its id)")
+    return machine
+
+
+def request_for(machine: Machine, **kw: Any) -> BootRequest:
+    """A boot request as ``machine`` would send it, for dry runs: its primary NIC (or
+    :data:`NO_NIC` when none is known yet) and its identifiers."""
+    return BootRequest(mac=machine.mac or NO_NIC, uuid=machine.uuid, serial=machine.serial,
+                       asset=machine.asset, **kw)
+
+
+async def matches(index: MachineIndex, identity: Identity,
+                  ) -> list[tuple[str, str, Machine]]:
+    """Every (kind, value, machine) an identifier of ``identity`` points at, in precedence
+    order; one indexed read per identifier."""
+    out: list[tuple[str, str, Machine]] = []
+    for kind, value in identity.claims():
+        machine = await index.machine_by(kind, value)
+        if machine is not None:
+            out.append((kind, value, machine))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Which machine a request is, how it was recognised, and what else it turned out to be."""
+
+    machine: Machine | None
+    matched_by: str | None = None  # "mac", "uuid", "serial" or "asset"
+    absorb: tuple[Machine, ...] = ()  # discovered records of the same device, to merge
+    disagree: tuple[tuple[str, Machine], ...] = ()  # other enrolled machines an identifier named
+
+
+def choose(found: Sequence[tuple[str, str, Machine]]) -> Resolution:
+    """The precedence rule of this module's docstring, over :func:`matches`' answer. Pure."""
+    if not found:
+        return Resolution(None)
+    enrolled = [(k, m) for k, _, m in found if m.state != MachineState.DISCOVERED]
+    kind, winner = (enrolled or [(k, m) for k, _, m in found])[0]
+    absorb: dict[str, Machine] = {}
+    disagree: dict[str, tuple[str, Machine]] = {}
+    for k, _, m in found:
+        if m.id == winner.id:
+            continue
+        if m.state == MachineState.DISCOVERED:
+            absorb.setdefault(m.id, m)
+        else:
+            disagree.setdefault(m.id, (k, m))
+    return Resolution(winner, kind, tuple(absorb.values()), tuple(disagree.values()))
+
+
+async def resolve(index: MachineIndex, identity: Identity) -> Resolution:
+    return choose(await matches(index, identity))
+
+
+def merge(into: Machine, others: Iterable[Machine], now: float) -> Machine:
+    """``into`` with the NICs, identifiers, facts and labels of ``others`` added (its own win).
+
+    Used when discovered records prove to be ``into``: nothing they learnt is lost.
+    """
+    macs = list(into.macs)
+    facts: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    uuid, serial, asset = into.uuid, into.serial, into.asset
+    arch, firmware = into.arch, into.firmware
+    for other in others:
+        macs += [m for m in other.macs if m not in macs]
+        facts.update(other.facts)
+        labels.update(other.labels)
+        uuid = uuid or other.uuid
+        serial = serial or other.serial
+        asset = asset or other.asset
+        arch = arch or other.arch
+        firmware = firmware or other.firmware
+    facts.update(into.facts)
+    labels.update(into.labels)
+    return replace(into, macs=tuple(macs), facts=facts, labels=labels, uuid=uuid,
+                   serial=serial, asset=asset, arch=arch, firmware=firmware, updated=now)
+
+
+def require(machine: Machine) -> None:
+    """At least one identifier a boot can be matched by; ValidationError naming ``mac``."""
+    if not claims(machine):
+        raise ValidationError("mac", "required: a machine needs at least one identifier, a "
+                                     "MAC (mac, macs), a serial, an asset tag or a UUID")
+
+
+def claimed(kind: str, value: str, holder: Machine) -> Conflict:
+    """The one wording both stores use when an identifier belongs to another machine."""
+    name = f"{holder.id} ({holder.mac})" if holder.mac else holder.id
+    return Conflict(f"{kind} {value} already belongs to machine {name}", field=kind,
+                    holder=holder.id)

@@ -1,0 +1,79 @@
+"""The registered address: the request's peer unless it is unusable, never a loopback claim."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from netboot.addresses import choose, parse_peer, unusable
+
+PEER = ipaddress.ip_address("192.0.2.60")
+
+
+def test_k3os_loopback_claim_loses_to_the_peer() -> None:
+    # k3OS: `hostname -i` answers 127.0.1.1; the request came from the provisioning network.
+    choice = choose(PEER, ["127.0.1.1"])
+    assert choice.ipv4 == PEER and choice.source == "peer"
+    assert [(r.text, r.reason, r.source) for r in choice.refused] == [
+        ("127.0.1.1", "loopback", "reported")]
+
+
+def test_a_claim_of_127_0_0_1_from_192_0_2_60_registers_192_0_2_60() -> None:
+    choice = choose(PEER, ["127.0.0.1"])
+    assert str(choice.address) == "192.0.2.60"
+
+
+def test_the_peer_wins_over_a_different_routable_claim() -> None:
+    choice = choose(PEER, ["198.51.100.7"])
+    assert choice.ipv4 == PEER and not choice.refused
+
+
+def test_a_loopback_peer_takes_the_first_routable_reported_address() -> None:
+    # netboot behind a reverse proxy on its own host sees every device as 127.0.0.1.
+    choice = choose(ipaddress.ip_address("127.0.0.1"),
+                    ["fe80::1", "2001:db8::5", "198.51.100.7", "192.0.2.9"])
+    assert str(choice.ipv4) == "198.51.100.7" and str(choice.ipv6) == "2001:db8::5"
+    assert choice.source == "reported"
+    assert [(r.text, r.source) for r in choice.refused] == [("127.0.0.1", "peer"),
+                                                            ("fe80::1", "reported")]
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("127.0.1.1", "loopback"), ("::1", "loopback"), ("169.254.3.4", "link-local"),
+    ("fe80::1%eth0", "link-local"), ("0.0.0.0", "unspecified"), ("0.1.2.3", "unspecified"),
+    ("::", "unspecified"), ("224.0.0.251", "multicast"), ("ff02::1", "multicast"),
+    ("255.255.255.255", "broadcast or reserved"), ("240.0.0.1", "broadcast or reserved"),
+    ("::ffff:127.0.0.1", "loopback"), ("", "not an IP address"),
+    ("192.0.2.300", "not an IP address"), ("edge-1", "not an IP address"),
+    (" 192.0.2", "not an IP address"),
+])
+def test_unusable_reported_addresses_are_refused_with_a_reason(text: str, reason: str) -> None:
+    choice = choose(None, [text])
+    assert choice.address is None and choice.source is None
+    assert [(r.text, r.reason) for r in choice.refused] == [(text, reason)]
+
+
+@pytest.mark.parametrize("text", ["10.1.2.3", "172.16.0.9", "192.168.1.20", "100.64.0.1",
+                                  "2001:db8::1", "fd00::7"])
+def test_private_and_global_unicast_are_usable(text: str) -> None:
+    assert unusable(ipaddress.ip_address(text)) is None
+    assert str(choose(None, [text]).address) == text
+
+
+def test_ipv6_peer_keeps_ipv4_field_semantics() -> None:
+    choice = choose(ipaddress.ip_address("2001:db8::60"), ["192.0.2.60"])
+    assert str(choice.ipv6) == "2001:db8::60" and str(choice.ipv4) == "192.0.2.60"
+    assert str(choice.address) == "192.0.2.60"  # nodes join the IPv4 address when there is one
+
+
+def test_no_usable_address_at_all() -> None:
+    choice = choose(ipaddress.ip_address("127.0.0.1"), ["127.0.1.1"])
+    assert choice.address is None and len(choice.refused) == 2
+
+
+def test_parse_peer_unmaps_ipv4_mapped_ipv6_and_ignores_non_addresses() -> None:
+    assert parse_peer("::ffff:192.0.2.60") == PEER
+    assert parse_peer("192.0.2.60") == PEER
+    assert parse_peer(None) is None and parse_peer("") is None
+    assert parse_peer("/run/netboot.sock") is None

@@ -1,0 +1,130 @@
+"""Identity: placeholders firmware reports, claims, and which machine wins when they disagree."""
+
+from __future__ import annotations
+
+import pytest
+
+from netboot import identity
+from netboot.errors import ValidationError
+from netboot.identity import Identity
+from netboot.inventory.memory import MemoryStore
+from netboot.model import BootRequest, MacAddress, Machine, MachineState
+
+NIC1 = MacAddress.parse("52:54:00:00:01:01")
+NIC2 = MacAddress.parse("52:54:00:00:01:02")
+
+
+@pytest.mark.parametrize("value", [
+    "", "   ", "To be filled by O.E.M.", "To Be Filled By O.E.M.", "Default string",
+    "DEFAULT STRING", "System Serial Number", "0123456789", "0", "00000000", "Not Specified",
+    "None", "N/A", "XXXXXXXXXX", "FFFFFFFF", "Chassis Serial Number", "No Asset Tag",
+])
+def test_placeholders_are_junk(value: str) -> None:
+    assert identity.is_junk(value)
+    assert identity.clean_text(value) is None
+    with pytest.raises(ValidationError) as err:
+        identity.enrolled_value("serial", value)
+    assert err.value.field == "serial"
+
+
+@pytest.mark.parametrize("value", ["SN-1", "CZ2048XYZ", "0a1b2c3d", "J0001", "A 7"])
+def test_real_serials_are_kept(value: str) -> None:
+    assert not identity.is_junk(value)
+    assert identity.clean_text(f" {value} ") == value
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4C4C4544-0042-3510-8052-B2C04F4E3032", "4c4c4544-0042-3510-8052-b2c04f4e3032"),
+    ("00000000-0000-0000-0000-000000000000", None),
+    ("FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF", None),
+    ("03000200-0400-0500-0006-000700080009", "03000200-0400-0500-0006-000700080009"),
+    ("not-a-uuid", None), ("", None), (None, None),
+])
+def test_clean_uuid(text: str | None, expected: str | None) -> None:
+    assert identity.clean_uuid(text) == expected
+
+
+def test_enrolled_uuid_is_normalised_and_placeholders_refused() -> None:
+    assert identity.enrolled_value("uuid", "4C4C4544-0042-3510-8052-B2C04F4E3032") \
+        == "4c4c4544-0042-3510-8052-b2c04f4e3032"
+    for bad in ("nope", "00000000-0000-0000-0000-000000000000"):
+        with pytest.raises(ValidationError) as err:
+            identity.enrolled_value("uuid", bad)
+        assert err.value.field == "uuid"
+
+
+def test_claims_in_precedence_order_without_placeholders() -> None:
+    m = Machine(macs=(NIC1, NIC2), uuid="00000000-0000-0000-0000-000000000000",
+                serial="SN-1", asset="Default string")
+    assert identity.claims(m) == [("mac", str(NIC1)), ("mac", str(NIC2)), ("serial", "SN-1")]
+    with pytest.raises(ValidationError) as err:
+        identity.require(Machine(serial="To be filled by O.E.M."))
+    assert err.value.field == "mac"
+
+
+def test_request_identity_ignores_placeholders_and_the_no_nic_stand_in() -> None:
+    req = BootRequest(mac=NIC1, serial="Default string", asset="A-1",
+                      uuid="ffffffff-ffff-ffff-ffff-ffffffffffff")
+    assert Identity.of_request(req).claims() == [("mac", str(NIC1)), ("asset", "A-1")]
+    dry = identity.request_for(Machine(serial="SN-9"))
+    assert dry.mac == identity.NO_NIC and Identity.of_request(dry).claims() == [
+        ("serial", "SN-9")]
+
+
+def m(state: MachineState = MachineState.ENROLLED, **kw: object) -> Machine:
+    return Machine(state=state, **kw)  # type: ignore[arg-type]
+
+
+def test_choose_mac_then_uuid_then_serial_then_asset() -> None:
+    a, b, c, d = m(), m(), m(), m()
+    found = [("mac", "x", a), ("uuid", "x", b), ("serial", "x", c), ("asset", "x", d)]
+    for i, expected in enumerate((a, b, c, d)):
+        res = identity.choose(found[i:])
+        assert res.machine is expected and res.matched_by == found[i][0]
+        assert {o.id for _, o in res.disagree} == {o.id for _, _, o in found[i + 1:]}
+        assert res.absorb == ()
+
+
+def test_choose_enrolled_beats_discovered_and_absorbs_it() -> None:
+    found_by_mac = m(MachineState.DISCOVERED)
+    by_serial = m(MachineState.INSTALLED)
+    res = identity.choose([("mac", "x", found_by_mac), ("serial", "x", by_serial)])
+    assert res.machine is by_serial and res.matched_by == "serial"
+    assert res.absorb == (found_by_mac,) and res.disagree == ()
+
+
+def test_choose_among_discovered_takes_the_first() -> None:
+    d1, d2 = m(MachineState.DISCOVERED), m(MachineState.DISCOVERED)
+    res = identity.choose([("mac", "x", d1), ("uuid", "x", d2)])
+    assert res.machine is d1 and res.absorb == (d2,)
+    assert identity.choose([]).machine is None
+
+
+def test_one_machine_matched_twice_is_one_match() -> None:
+    one = m()
+    res = identity.choose([("mac", "x", one), ("serial", "x", one)])
+    assert res.machine is one and res.absorb == () and res.disagree == ()
+
+
+def test_merge_keeps_what_both_knew_the_target_wins() -> None:
+    target = Machine(macs=(NIC2,), serial="SN-1", facts={"product": "box"}, labels={"a": "1"})
+    found = Machine(macs=(NIC1,), state=MachineState.DISCOVERED, uuid="u",
+                    facts={"product": "old", "remote_addr": "192.0.2.5"}, labels={"a": "2"})
+    merged = identity.merge(target, [found], 5.0)
+    assert merged.id == target.id and merged.macs == (NIC2, NIC1)
+    assert merged.uuid == "u" and merged.serial == "SN-1" and merged.updated == 5.0
+    assert merged.facts == {"product": "box", "remote_addr": "192.0.2.5"}
+    assert merged.labels == {"a": "1"}
+
+
+async def test_by_ref_takes_a_mac_or_an_id() -> None:
+    store = MemoryStore()
+    await store.open()
+    two = Machine(macs=(NIC1, NIC2))
+    await store.create_machine(two)
+    for ref in (str(NIC2), NIC2.hexhyp.upper(), two.id, f" {two.id} "):
+        assert await identity.by_ref(store, ref) == two
+    assert await identity.by_ref(store, "m-000000000000") is None
+    with pytest.raises(ValidationError) as err:
+        await identity.by_ref(store, "not-a-mac")
+    assert err.value.field == "mac"

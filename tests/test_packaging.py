@@ -1,0 +1,166 @@
+"""The wheel, as `pip install netboot` or pipx would give it: built, installed into a fresh venv
+with no index, and run from outside the checkout (render, check-config, assets, serve)."""
+
+from __future__ import annotations
+
+import email.parser
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.wheels import ROOT, build_netboot_wheel, dependency_wheels
+
+
+@dataclass(frozen=True)
+class Installed:
+    wheel: Path
+    bin: Path  # the venv's bin/
+    home: Path  # a scratch directory outside the checkout: the commands' cwd
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(self.bin / "netboot"), *args], cwd=self.home, env=clean_env(),
+                                capture_output=True, text=True, timeout=120, check=False)
+        if check:
+            assert result.returncode == 0, f"netboot {args}: {result.stdout}{result.stderr}"
+        return result
+
+
+def clean_env() -> dict[str, str]:
+    """No PYTHONPATH or NETBOOT_* from the test run: only the installed package may answer."""
+    return {k: v for k, v in os.environ.items()
+            if k != "PYTHONPATH" and not k.startswith("NETBOOT_")}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    work = tmp_path_factory.mktemp("packaging")
+    deps = dependency_wheels()
+    wheel = build_netboot_wheel(work / "dist", deps)
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                    "--disable-pip-version-check", "--no-index", "--find-links", str(deps),
+                    str(wheel)], check=True, timeout=300, capture_output=True)
+    home = work / "home"
+    home.mkdir()
+    return Installed(wheel=wheel, bin=venv / "bin", home=home)
+
+
+def test_wheel_carries_templates_and_boot_assets_as_they_are_in_the_repository(
+        installed: Installed) -> None:
+    with zipfile.ZipFile(installed.wheel) as whl:
+        names = set(whl.namelist())
+        for top in ("templates", "boot_assets"):
+            files = sorted(p for p in (ROOT / top).rglob("*") if p.is_file()
+                           and "__pycache__" not in p.parts)
+            assert files, top
+            for path in files:
+                member = f"netboot/_shipped/{path.relative_to(ROOT).as_posix()}"
+                assert member in names, f"{member} missing from the wheel"
+                assert whl.read(member) == path.read_bytes(), member
+        assert not any(n.startswith("tests/") for n in names)
+        metadata = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+    requires = email.parser.BytesParser().parsebytes(metadata).get_all("Requires-Dist") or []
+    runtime = {r.split(">")[0].split("=")[0].split(";")[0].strip().lower()
+               for r in requires if "extra ==" not in r}
+    assert runtime == {"aiohttp", "dnslib", "pyyaml", "cryptography", "jinja2"}
+    # tftpy is only the tests' second TFTP client.
+    assert any(r.startswith("tftpy") and 'extra == "test"' in r for r in requires)
+
+
+def test_installed_package_finds_its_own_templates_not_the_checkouts(
+        installed: Installed) -> None:
+    python = installed.bin / "python"
+    out = subprocess.run([str(python), "-c", "import netboot.shipped as s; "
+                          "print(s.templates_dir()); print(s.boot_assets_dir())"],
+                         cwd=installed.home, env=clean_env(), capture_output=True, text=True,
+                         check=True).stdout.split()
+    venv = installed.bin.parent.resolve()
+    for line in out:
+        assert Path(line).is_relative_to(venv) and Path(line).is_dir(), line
+
+
+def test_check_config_and_render(installed: Installed) -> None:
+    data = installed.home / "render-data"
+    config = installed.home / "netboot.yaml"
+    config.write_text(f"server:\n  data_dir: {data}\n  advertise: 192.0.2.10\n"
+                      "discovery:\n  policy: hold\n", encoding="utf-8")
+    assert installed.run("check-config", str(config)).stdout.strip() == f"{config}: OK"
+    common = ("--config", str(config))
+    installed.run("clusters", "add", "edge", "--server-url", "managed", *common)
+    installed.run("profiles", "add", "k3os", "--kernel", "k3os/vmlinuz", "--initrd",
+                  "k3os/initrd", *common)
+    installed.run("machines", "add", "52:54:00:12:34:56", "--hostname", "edge-1",
+                  "--profile", "k3os", "--cluster", "edge", "--role", "server", *common)
+    ipxe = installed.run("render", "52:54:00:12:34:56", "ipxe", "--arch", "x86_64", *common)
+    assert ipxe.stdout.startswith("#!ipxe")
+    assert "kernel http://192.0.2.10:8080/assets/k3os/vmlinuz" in ipxe.stdout
+    k3os = installed.run("render", "52:54:00:12:34:56", "config", "--arch", "x86_64", *common)
+    assert "hostname: \"edge-1\"" in k3os.stdout and "--cluster-init" in k3os.stdout
+
+
+def test_assets_reads_the_shipped_checksums(installed: Installed) -> None:
+    # checksums.sha256 is package data: without it every loader would be "unknown build".
+    result = installed.run("assets", "--data-dir", str(installed.home / "assets-data"),
+                           "--json", check=False)
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["undionly.kpxe"]["status"] == "ok (known build)", rows["undionly.kpxe"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(installed: Installed) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    port = free_port()
+    env = {**clean_env(), "NETBOOT_HTTP_LISTEN": "127.0.0.1"}
+    proc = subprocess.Popen([str(installed.bin / "netboot"), "serve",
+                             "--data-dir", str(installed.home / "serve-data"),
+                             # Loopback only: TFTP binds to the lo device, HTTP to 127.0.0.1.
+                             "--interface", "lo", "--http-port", str(port),
+                             "--dhcp-mode", "off", "--tftp-port", str(free_port())],
+                            cwd=installed.home, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_serve_answers_boot_ipxe_and_stops_cleanly(
+        served: tuple[subprocess.Popen[str], int]) -> None:
+    proc, port = served
+    url = f"http://127.0.0.1:{port}/boot.ipxe"
+    body = None
+    for _ in range(300):  # bounded: at most ~60 s for a cold start on a loaded machine
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                body = resp.read().decode()
+            break
+        except OSError:
+            time.sleep(0.2)
+    assert body is not None, f"no answer from {url}; netboot said:\n" + (
+        proc.stdout.read() if proc.poll() is not None and proc.stdout else "(still running)")
+    assert body.startswith("#!ipxe") and f"http://127.0.0.1:{port}/ipxe?" in body
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output, output
