@@ -212,6 +212,7 @@ class DhcpServer:
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, interface.encode())
             sock.bind((self._host, port))
             sock.setblocking(False)
+            sockets.grow_receive_buffer(sock)
         except OSError as exc:
             sock.close()
             raise sockets.bind_error(

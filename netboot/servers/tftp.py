@@ -446,6 +446,8 @@ class TftpServer:
                 # interface instead (DESIGN.md §5).
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, iface.encode())
             sock.bind((host, port))
+            if listener:
+                sockets.grow_receive_buffer(sock)  # a storm's RRQs arrive at once
         except OSError as exc:
             sock.close()
             if not listener:
