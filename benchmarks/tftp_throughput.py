@@ -232,6 +232,10 @@ class Transfer:
     duplicates: int = 0
     dropped: int = 0
 
+    def finished(self) -> int:
+        """1 if the transfer is over (done or failed), for the count of active ones."""
+        return int(self.done)
+
     def start(self, now: float) -> None:
         self.last_heard = now
         self.sock.sendto(self.rrq, self.server)
@@ -333,10 +337,10 @@ def transfers(port: int, name: str, size: int, clients: int, window: int, *, los
                         data, src = t.sock.recvfrom(70000)
                     except BlockingIOError:
                         break
-                    if not t.done:
-                        t.datagram(data, src, time.perf_counter())
-                        if t.done:
-                            active -= 1
+                    if t.done:
+                        continue
+                    t.datagram(data, src, time.perf_counter())
+                    active -= t.finished()
             now = time.perf_counter()
             if now - last_tick >= 0.05:
                 last_tick = now
@@ -432,21 +436,21 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
     print(f"TFTP {mode}: {clients} x {size / MiB:g} MiB, blksize {BLKSIZE}"
           + (f", {loss:.0%} loss each way" if loss else "")
           + f", median of {args.repeat} (windowsize is what the client asked; a server may"
-          " grant 1)")
+          " grant 1; dup DATA: duplicate or out-of-order blocks the clients received)")
+    ours = [n for n in names if n.startswith("netboot")]
     print(f"{'server':<16}{'window':>7}{'seconds':>9}{'MiB/s':>8}{'CPU ms/MiB':>12}"
-          f"{'failed':>8}{'dup DATA':>10}   ratios (netboot ÷ server, by time)")
+          f"{'failed':>8}{'dup DATA':>10}"
+          + "".join(f"{'time ÷ ' + n:>24}" for n in ours))
     for window in windows:
-        base, _ = median(("netboot", window)) if ("netboot", window) in results else (None, 0)
         for name in names:
             run, cpu = median((name, window))
             mib = run.moved / MiB
-            ratio = ""
-            if base is not None and name != "netboot":
-                ratio = f"{run.seconds / base.seconds:.2f}x"
+            # > 1: that netboot variant was faster than this server (same run, same client).
+            ratios = "".join(f"{run.seconds / median((n, window))[0].seconds:>23.2f}x"
+                             for n in ours if name not in ours)
             print(f"{name:<16}{window:>7}{run.seconds:>9.2f}{mib / run.seconds:>8.1f}"
                   f"{cpu * 1000 / max(mib, 1e-9):>12.2f}{run.failures:>8}{run.duplicates:>10}"
-                  f"   {ratio}" + (f"  errors: {sorted(set(run.errors))}" if run.errors else ""))
-
+                  f"{ratios}" + (f"  errors: {sorted(set(run.errors))}" if run.errors else ""))
 
 if __name__ == "__main__":
     main()
