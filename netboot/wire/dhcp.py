@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
-import socket
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -230,8 +229,8 @@ def _cstring(raw: bytes) -> str | None:
 
 
 def _ip(raw: bytes) -> str:
-    # inet_ntoa of 4 bytes is what str(IPv4Address) gives, at a tenth of the cost.
-    return ZERO_IP if raw == _ZERO4 else socket.inet_ntoa(raw)
+    # What str(IPv4Address) gives, at a fraction of the cost (4 addresses per packet).
+    return ZERO_IP if raw == _ZERO4 else f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
 
 
 _ZERO4 = bytes(4)
