@@ -450,7 +450,8 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
                              for n in ours if name not in ours)
             print(f"{name:<16}{window:>7}{run.seconds:>9.2f}{mib / run.seconds:>8.1f}"
                   f"{cpu * 1000 / max(mib, 1e-9):>12.2f}{run.failures:>8}{run.duplicates:>10}"
-                  f"{ratios}" + (f"  errors: {sorted(set(run.errors))}" if run.errors else ""))
+                  f"{ratios}" + (f"  errors: {sorted(set(run.errors))}" if run.errors else "")
+                  + (f"  ({run.moved / 1e3:,.0f} kB moved)" if run.failures else ""))
 
 if __name__ == "__main__":
     main()
