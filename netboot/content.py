@@ -73,6 +73,16 @@ class Urls:
         return f"{self.base}/assets/{quote(path.lstrip('/'))}"
 
 
+@dataclass(frozen=True)
+class Trust:
+    """How an installed system reaches netboot over HTTPS: the base URL and the CA to trust
+    (all empty when HTTPS is off, or the operator's certificate comes without its CA)."""
+
+    https_base: str = ""  # https://192.0.2.10:8443
+    ca_pem: str = ""
+    ca_fingerprint: str = ""  # SHA-256, AA:BB:…
+
+
 class Content:
     def __init__(
         self,
@@ -85,7 +95,9 @@ class Content:
         *,
         clock: Callable[[], float] = time.time,
         logger: logging.Logger | None = None,
+        trust: Callable[[], Trust] = Trust,
     ) -> None:
+        self._trust = trust
         self._store = store
         self._boot = boot
         self._render = renderer
@@ -114,7 +126,10 @@ class Content:
         register_url = f"{urls.base}/api/v1/register"
         events_url = f"{urls.base}/api/v1/machines/{mac.hexhyp}/events"
         k3s = plan.k3s
+        trust = self._trust()
         ctx: dict[str, Any] = {
+            "https_base_url": trust.https_base, "ca_pem": trust.ca_pem,
+            "ca_fingerprint": trust.ca_fingerprint,
             "mac": str(mac), "mac_hexhyp": mac.hexhyp, "base_url": urls.base,
             "machine": mdict, "profile": pdict,
             "cluster": cluster_to_dict(plan.cluster, secrets=False) if plan.cluster else {},
