@@ -767,11 +767,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "serve":
-            from netboot.service import serve
+            from netboot.service import loop_factory, serve
 
             cfg = _config(args)
             logging.getLogger().setLevel(cfg.server.log_level.upper())
-            asyncio.run(serve(cfg))
+            with asyncio.Runner(loop_factory=loop_factory(cfg.server.event_loop)) as runner:
+                runner.run(serve(cfg))
             return 0
         if args.cmd == "check-config":
             return _check_config(args)

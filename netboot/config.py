@@ -40,6 +40,8 @@ class ServerConfig:
     advertise: str | None = None  # address put in DHCP answers and URLs
     data_dir: str = "/var/lib/netboot"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: uvloop when it is installed (the "fast" extra), else asyncio's own loop.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
 
 @dataclass(frozen=True)
