@@ -30,7 +30,8 @@ from netboot import identity, lifecycle
 from netboot.enroll import Enroller
 from netboot.errors import Conflict
 from netboot.identity import Identity, Resolution
-from netboot.inventory.base import Batch, MachineFilter, Store
+from netboot.inventory.base import Batch, Store
+from netboot.inventory.view import InventoryView
 from netboot.model import (
     Arch,
     BootAction,
@@ -148,7 +149,8 @@ class BootService:
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
         logger: logging.Logger | None = None,
     ) -> None:
-        self._store = store
+        self._store = store  # writes; reads go through the view, kept exact by sync()
+        self._view = InventoryView(store)
         self._assets = assets
         self.settings = settings
         self._enroller = enroller
@@ -167,6 +169,7 @@ class BootService:
         Called on the DHCP path, which must answer within ~2 s (iPXE drops late proxy offers,
         protocols.md §1.6): one indexed read, and writes happen in the background.
         """
+        await self._view.sync()
         machine = (await self._resolve(request)).machine
         self._spawn(self._record_dhcp(request))
         if (machine is None or machine.state == MachineState.DISCOVERED) \
@@ -182,15 +185,16 @@ class BootService:
         first stage even under the ``ignore`` policy; iPXE then asks, and a NIC of no enrolled
         machine gets ``ignore.ipxe``, which exits to the firmware's next boot device.
         """
-        return await self._store.count_machines(MachineFilter(has_mac=False)) > 0
+        return await self._view.count_machines_without_nic() > 0
 
     async def _resolve(self, request: BootRequest) -> Resolution:
-        return await identity.resolve(self._store, Identity.of_request(request))
+        return await identity.resolve(self._view, Identity.of_request(request))
 
     async def _record_dhcp(self, request: BootRequest) -> None:
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
         async with self._lock(str(request.mac)):
+            await self._view.sync()
             res = await self._resolve(request)
             machine = await self._adopt(request, res)
             if machine is None or machine.state == MachineState.DISCOVERED:
@@ -229,8 +233,11 @@ class BootService:
     # -- iPXE / pxelinux ---------------------------------------------------------------
     async def plan(self, request: BootRequest, *, record: bool = True) -> BootPlan:
         if not record:
+            await self._view.sync()
             return await self._plan(request, record=False)
         async with self._lock(str(request.mac)):
+            # After the lock: what the previous request for this machine committed is seen.
+            await self._view.sync()
             return await self._plan(request, record=True)
 
     async def _plan(self, request: BootRequest, *, record: bool) -> BootPlan:
@@ -282,15 +289,15 @@ class BootService:
         """The ``netboot machines approve`` line that installs this machine: it names what no
         group or default gives it (a cluster, a role, a profile), with the real name when the
         inventory has only one to choose from."""
-        group, profile, cluster, _ = await self.effective(machine, request)
+        group, profile, cluster, _ = await self._effective(machine, request)
         parts = ["netboot machines approve", machine.ref]
         if cluster is None:
-            names = [c.name for c in await self._store.list_clusters()]
+            names = [c.name for c in await self._view.list_clusters()]
             parts.append("--cluster " + (names[0] if len(names) == 1 else "NAME"))
         if machine.role is None and (group is None or group.role is None):
             parts.append("--role agent")
         if profile is None:
-            names = [p.name for p in await self._store.list_profiles()]
+            names = [p.name for p in await self._view.list_profiles()]
             parts.append("--profile " + (names[0] if len(names) == 1 else "NAME"))
         return " ".join(parts)
 
@@ -298,19 +305,24 @@ class BootService:
                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
         """The machine's group, profile, cluster and role: its own settings win over the
         group's; the configured default profile comes last."""
+        await self._view.sync()
+        return await self._effective(machine, request)
+
+    async def _effective(self, machine: Machine, request: BootRequest | None = None,
+                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
         labels = grouping.machine_labels(machine, request.labels() if request else None)
-        group = grouping.select(await self._store.list_groups(), labels)
+        group = grouping.select(await self._view.list_groups(), labels)
         profile_name = (machine.profile or (group.profile if group else None)
                         or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)
         role = machine.role or (group.role if group else None) or Role.AGENT
-        profile = await self._store.get_profile(profile_name) if profile_name else None
-        cluster = await self._store.get_cluster(cluster_name) if cluster_name else None
+        profile = await self._view.get_profile(profile_name) if profile_name else None
+        cluster = await self._view.get_cluster(cluster_name) if cluster_name else None
         return group, profile, cluster, role
 
     async def _install_plan(self, request: BootRequest, machine: Machine, res: Resolution,
                             record: bool) -> BootPlan:
-        group, profile, cluster, role = await self.effective(machine, request)
+        group, profile, cluster, role = await self._effective(machine, request)
         if profile is None:
             reason = ("no profile: set one on the machine, a group that selects it or "
                       "enroll.default_profile"
@@ -373,7 +385,8 @@ class BootService:
         """What a machine's per-machine config (k3OS, cloud-init) carries: its profile, cluster
         and how it joins. ``claim=False`` for dry runs that must not pick the init node;
         ``mac`` is the NIC the config was asked for (default: the machine's primary one)."""
-        group, profile, cluster, role = await self.effective(machine, request)
+        await self._view.sync()
+        group, profile, cluster, role = await self._effective(machine, request)
         k3s = (await self.k3s_join(machine, cluster, role, group, claim=claim)
                if cluster else None)
         if cluster is not None and k3s is not None and k3s.waiting:
@@ -406,15 +419,16 @@ class BootService:
             return K3sJoin(role, cluster.server_url, False, cluster.token, labels,
                            tuple(taints), node_name)
         async with self._cluster_lock:
+            # Under the lock, what the previous claimant committed is seen: exactly one
+            # node of the cluster ever runs --cluster-init.
+            await self._view.sync()
             key = f"cluster-init/{cluster.name}"
-            init_id = await self._store.get_setting(key)  # a machine id
-            if init_id is not None and await self._store.get_machine(init_id) is None:
+            init_id = await self._view.get_setting(key)  # a machine id
+            if init_id is not None and await self._view.get_machine(init_id) is None:
                 init_id = None  # the node that formed the cluster was deleted
             # Registered servers other than this machine: a cluster that already runs.
-            running = [m for m in await self._store.list_machines(
-                MachineFilter(cluster=cluster.name, state=MachineState.REGISTERED,
-                              limit=100_000))
-                       if m.role == Role.SERVER and m.id != machine.id]
+            running = [m for m in await self._view.registered_servers(cluster.name)
+                       if m.id != machine.id]
             if init_id is None and role == Role.SERVER and not running:
                 if claim:
                     await self._store.put_setting(key, machine.id)
@@ -460,9 +474,7 @@ class BootService:
 
     async def _waiting_reason(self, cluster: Cluster) -> str:
         fix = f"or give the cluster one: netboot clusters set {cluster.name} --endpoint HOST"
-        servers = await self._store.list_machines(MachineFilter(
-            cluster=cluster.name, state=MachineState.REGISTERED, limit=100_000))
-        if any(m.role == Role.SERVER for m in servers):
+        if await self._view.registered_servers(cluster.name):
             # Registered, but from no address another node could reach (all were refused).
             return (f"waiting for an address of cluster {cluster.name}'s servers: they "
                     f"registered without one other nodes can reach ({fix})")
@@ -476,13 +488,14 @@ class BootService:
         yet (selectors on arch cannot match an architecture nobody has reported); otherwise
         the last one seen is used.
         """
-        machine = await identity.by_ref(self._store, ref)
+        await self._view.sync()
+        machine = await identity.by_ref(self._view, ref)
         if machine is None:
             return {"mac": ref, "known": False, "policy": self.settings.policy,
                     "decision": "unknown machine: discovery policy " + self.settings.policy}
         request = identity.request_for(machine, arch=arch or machine.arch or Arch.UNKNOWN,
                                        firmware=machine.firmware or Firmware.UNKNOWN)
-        group, profile, cluster, role = await self.effective(machine, request)
+        group, profile, cluster, role = await self._effective(machine, request)
         plan = await self.plan(request, record=False)
         return {
             "mac": str(machine.mac) if machine.mac else None, "id": machine.id,
@@ -553,6 +566,7 @@ class BootService:
             try:
                 await self._store.create_machine(machine)
             except Conflict:  # a concurrent request created it first: read it back
+                await self._view.sync()
                 existing = (await self._resolve(request)).machine
                 if existing is None:
                     raise
