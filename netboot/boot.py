@@ -151,6 +151,7 @@ class BootService:
     ) -> None:
         self._store = store  # writes; reads go through the view, kept exact by sync()
         self._view = InventoryView(store)
+        self._recorder = enroller.recorder  # one per process: history keeps its order
         self._assets = assets
         self.settings = settings
         self._enroller = enroller
@@ -364,11 +365,11 @@ class BootService:
                 cluster=machine.cluster or (cluster.name if cluster else None),
                 role=machine.role or (role if cluster else None),
             )
-            await self._store.update_machine(machine)
-            await self._event(machine, "install-plan",
-                              f"install profile {profile.name}"
-                              + (f" into cluster {cluster.name} as {role}" if cluster else ""),
-                              request)
+            # The token is what the device is told: committed, with its event, before the
+            # answer leaves.
+            await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
+                machine, "install-plan", f"install profile {profile.name}"
+                + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),)))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
@@ -550,8 +551,8 @@ class BootService:
                                 f"booted from NIC {request.mac}, recognised by its "
                                 f"{res.matched_by}", {"mac": str(request.mac),
                                                       "matched_by": str(res.matched_by)}))
-        await self._store.apply_batch(Batch(merge=[(d.id, updated.id) for d in res.absorb],
-                                            update=(updated,), events=events))
+        await self._recorder.commit(Batch(merge=[(d.id, updated.id) for d in res.absorb],
+                                          update=(updated,), events=events))
         self._log.info("machine %s: mac=%s attached=%s merged=%s (by %s)", updated.id,
                        request.mac, new_nic, [d.id for d in res.absorb], res.matched_by)
         return updated
@@ -564,16 +565,15 @@ class BootService:
             machine = learn(Machine(macs=(request.mac,), created=now, state=lifecycle.first_state(
                 lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now, _taken(res))
             try:
-                await self._store.create_machine(machine)
+                await self._recorder.commit(Batch(create=(machine,), events=(self._new_event(
+                    machine, "discovered", f"unknown {request.firmware}/{request.arch} machine "
+                    f"seen via {request.via}", request),)))
             except Conflict:  # a concurrent request created it first: read it back
                 await self._view.sync()
                 existing = (await self._resolve(request)).machine
                 if existing is None:
                     raise
                 return existing
-            await self._event(machine, "discovered",
-                              f"unknown {request.firmware}/{request.arch} machine seen via "
-                              f"{request.via}", request)
             self._log.info("discovered mac=%s firmware=%s arch=%s uuid=%s via=%s",
                            request.mac, request.firmware, request.arch, request.uuid, request.via)
             return machine
@@ -592,12 +592,20 @@ class BootService:
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
+        """Queue an event that acknowledges nothing (written within the recorder's delay)."""
         if once:
             # A held machine retries every few seconds; one event says it, thousands bury
             # the rest of its history.
-            last = await self._store.list_events(machine.id, limit=1)
-            if last and last[0].kind == kind and last[0].message == message:
+            last = self._recorder.pending(machine.id)
+            if last is None:
+                written = await self._store.list_events(machine.id, limit=1)
+                last = written[0] if written else None
+            if last is not None and last.kind == kind and last.message == message:
                 return
+        self._recorder.record(self._new_event(machine, kind, message, request))
+
+    def _new_event(self, machine: Machine, kind: str, message: str,
+                   request: BootRequest | None = None) -> Event:
         data: dict[str, str] = {}
         if request is not None:
             data = {"via": request.via, "firmware": str(request.firmware),
@@ -606,7 +614,7 @@ class BootService:
                 data["mac"] = str(request.mac)
             if request.remote_addr:
                 data["peer"] = request.remote_addr
-        await self._store.add_event(Event(machine.id, self._clock(), kind, message, data))
+        return Event(machine.id, self._clock(), kind, message, data)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -619,8 +627,11 @@ class BootService:
             self._log.error("background inventory write failed: %s", task.exception())
 
     async def drain(self) -> None:
+        """Finish background records and write every queued event (shutdown; readers of
+        the history call it first so that they see everything recorded)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._recorder.flush()
 
 
 def _taken(res: Resolution) -> frozenset[str]:
