@@ -76,6 +76,19 @@ class ChangeFeed(Protocol):
         """History before ``before`` is no longer needed by this reader (it may be pruned)."""
 
 
+class Sealer(Protocol):
+    """Seals secret values (cluster join tokens) before a store writes them to disk
+    (:class:`netboot.sealing.Sealer`). ``context`` is authenticated with the value."""
+
+    key_id: str
+
+    def seal(self, value: str, *, context: str) -> str: ...
+
+    def unseal(self, value: str, *, context: str) -> str: ...
+
+    def is_sealed(self, value: str) -> bool: ...
+
+
 class Store(ChangeFeed, Protocol):
     """The async inventory. ``mac`` arguments are MACs in any accepted spelling; machines and
     their events are named by machine id."""
