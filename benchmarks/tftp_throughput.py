@@ -1,15 +1,29 @@
-"""TFTP throughput on loopback: fetch a 20 MB file at several windowsizes and print MB/s.
+"""TFTP on loopback: netboot beside tftpd-hpa, atftpd and dnsmasq in the same run.
 
-    python benchmarks/tftp_throughput.py [--size 20000000] [--blksize 1468] [--windows 1,16]
+    python benchmarks/tftp_throughput.py single   [--size 20000000] [--windows 1,4,8]
+    python benchmarks/tftp_throughput.py lockstep [--clients 50] [--size 1048576]
+    python benchmarks/tftp_throughput.py loss     [--clients 10] [--size 1048576]
+                                                  [--loss 0.01] [--windows 1,8] [--cap 150]
 
-Each server under test runs in its own process (so the client does not share its GIL) and is
-described by a :class:`Peer`: how to start it on a directory and which port it listens on.
-Peers run side by side with the same client and file: netboot, tftpd-hpa (``in.tftpd`` from
-Debian's ``tftpd-hpa``) and dnsmasq's TFTP (``dnsmasq-base``); a peer that is not installed is
-left out and said so. Ratios are netboot's rate over the peer's. Install the peers without
-starting tftpd-hpa's system service, e.g. with a policy-rc.d that exits 101.
-The client is a plain blocking RFC 7440 receiver; every receive has a timeout.
-Not part of pytest.
+``single``    one transfer at a time of ``--size`` bytes at each windowsize: MiB/s.
+``lockstep``  ``--clients`` transfers at once, each from its own loopback address (servers
+              limit transfers per address; a storm comes from many), windowsize 1: MiB/s
+              over all, and the server's CPU time per MiB (user + system, children
+              included: tftpd-hpa forks a process per transfer; see CpuMeter).
+``loss``      ``--clients`` transfers at once through a client that drops ``--loss`` of the
+              datagrams each way (a seeded RNG, the same pattern for every server) and, like
+              U-Boot and RFC 1350 clients, ACKs every duplicate and resends its last ACK
+              after 1 s without DATA: wall time until all are done, failures, and what was
+              moved when ``--cap`` seconds ran out. ``--clients 1 --size 10485760 --loss
+              0.1`` is the issue's "10 MiB lock-step with 10 % loss".
+
+blksize 1468 throughout (OVMF's; an Ethernet MTU). Each server runs in its own process, so
+the client does not share its GIL; servers are started with their defaults and stopped by
+their own PID. tftpd-hpa and atftpd cannot both be installed from Debian (the packages
+conflict): point ``--in-tftpd`` at an ``in.tftpd`` unpacked from the .deb if it is not on
+PATH. A server that is not installed is left out and said so. dnsmasq's TFTP listens on port
+69 only. The client is one process driving every transfer from one epoll loop; every
+receive is bounded in time, every loop in count. Not part of pytest.
 """
 
 from __future__ import annotations
@@ -18,6 +32,8 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
+import select
 import shutil
 import signal
 import socket
@@ -27,41 +43,40 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peers import stop, wait_for_udp_answer
 
 HOST = "127.0.0.1"
+BLKSIZE = 1468
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1 << 20
+PROBE = b"\x00\x01no-such-file\x00octet\x00"  # answered with an ERROR by every server
 
 
 @dataclass(frozen=True)
 class Peer:
     name: str
-    start: Callable[[Path], contextlib.AbstractContextManager[int]]  # root → listening port
+    start: Callable[[Path, str], contextlib.AbstractContextManager[tuple[int, int]]]
     binary: str | None = None  # needed on PATH; the peer is left out without it
 
 
 @contextlib.contextmanager
-def netboot_server(root: Path) -> Iterator[int]:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(root)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def netboot_server(root: Path, binary: str) -> Iterator[tuple[int, int]]:
+    env = {**os.environ}
+    if binary == "uvloop":
+        env["NETBOOT_LOOP"] = "uvloop"
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(root)],
+                            stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the server prints its port once it is bound
         if not line.strip().isdigit():
             raise RuntimeError(f"server did not start: {line!r}")
-        yield int(line)
+        yield int(line), proc.pid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)  # type: ignore[arg-type]
 
 
 def _free_udp_port() -> int:
@@ -71,38 +86,48 @@ def _free_udp_port() -> int:
 
 
 @contextlib.contextmanager
-def _process(argv: list[str], port: int) -> Iterator[int]:
+def _process(argv: list[str], port: int) -> Iterator[tuple[int, int]]:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Ready once a request gets an answer (an ERROR for a file that is not there).
-        wait_for_udp_answer(HOST, port, b"\x00\x01no-such-file\x00octet\x00")
-        yield port
+        wait_for_udp_answer(HOST, port, PROBE)
+        yield port, proc.pid
     finally:
         stop(proc)
 
 
 @contextlib.contextmanager
-def tftpd_hpa_server(root: Path) -> Iterator[int]:
+def tftpd_hpa_server(root: Path, binary: str) -> Iterator[tuple[int, int]]:
     port = _free_udp_port()
-    with _process(["in.tftpd", "--listen", "--foreground", "--address", f"{HOST}:{port}",
+    with _process([binary, "--listen", "--foreground", "--address", f"{HOST}:{port}",
                    "--secure", "--user", "root", str(root)], port) as p:
         yield p
 
 
 @contextlib.contextmanager
-def dnsmasq_server(root: Path) -> Iterator[int]:
-    # dnsmasq's TFTP listens on port 69 only; bound to loopback alone.
-    port = 69
-    with _process(["dnsmasq", "--keep-in-foreground", "--port=0", "--enable-tftp",
-                   f"--tftp-root={root}", f"--listen-address={HOST}",
+def atftpd_server(root: Path, binary: str) -> Iterator[tuple[int, int]]:
+    port = _free_udp_port()
+    with _process([binary, "--daemon", "--no-fork", "--port", str(port), "--bind-address",
+                   HOST, "--user", "root", "--group", "root", "--logfile", "/dev/null",
+                   "--maxthread", "200", str(root)], port) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def dnsmasq_server(root: Path, binary: str) -> Iterator[tuple[int, int]]:
+    # dnsmasq's TFTP listens on port 69 only; bound to loopback alone. Its default of 50
+    # concurrent transfers is raised so that every client of a run is served.
+    with _process([binary, "--keep-in-foreground", "--port=0", "--enable-tftp",
+                   f"--tftp-root={root}", f"--listen-address={HOST}", "--tftp-max=500",
                    "--bind-interfaces", "--conf-file=/dev/null", "--user=root",
-                   "--pid-file="], port) as p:
+                   "--pid-file="], 69) as p:
         yield p
 
 
 PEERS = [
     Peer("netboot", netboot_server),
     Peer("tftpd-hpa", tftpd_hpa_server, "in.tftpd"),
+    Peer("atftpd", atftpd_server, "atftpd"),
     Peer("dnsmasq", dnsmasq_server, "dnsmasq"),
 ]
 
@@ -122,101 +147,311 @@ def serve(root: Path) -> None:
             return self.tree.blob(path)
 
     async def main() -> None:
-        server = TftpServer(Files(), host=HOST, port=0)
+        min_rto = os.environ.get("NETBOOT_MIN_RTO")  # seconds; "none" = the fixed timer
+        server = TftpServer(Files(), host=HOST, port=0, max_transfers=256,
+                            min_rto=None if min_rto == "none" else float(min_rto or 0.005),
+                            gso=os.environ.get("NETBOOT_GSO") != "0")
         await server.start()
         print(server.port, flush=True)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
+        stopped = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+        await stopped.wait()
         await server.close()
 
-    asyncio.run(main())
+    if os.environ.get("NETBOOT_LOOP") == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
-def fetch(port: int, name: str, blksize: int, window: int, timeout: float = 5.0) -> int:
-    """Download ``name``; returns the byte count."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.settimeout(timeout)
+def _cpu(pid: int) -> float:
+    with contextlib.suppress(OSError, ValueError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return 0.0
+
+
+class CpuMeter:
+    """CPU seconds of a server and of its children while they live: tftpd-hpa forks one per
+    transfer and lets the kernel reap it (SIGCHLD ignored), so its children's time never
+    reaches its own counters. Children are sampled every 10 ms; a child's last 10 ms may be
+    missed (a small under-count, in tftpd-hpa's favour)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.own0 = _cpu(pid)
+        self.children: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{self.pid}/task"):
+                    with contextlib.suppress(OSError):
+                        kids = Path(f"/proc/{self.pid}/task/{task}/children").read_text()
+                        for child in map(int, kids.split()):
+                            self.children[child] = max(self.children.get(child, 0.0),
+                                                       _cpu(child))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return _cpu(self.pid) - self.own0 + sum(self.children.values())
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+@dataclass
+class Transfer:
+    """One RFC 7440 receiver (windowsize 1 = RFC 1350 lock-step) on its own socket."""
+
+    sock: socket.socket
+    server: tuple[str, int]
+    rrq: bytes
+    size: int
+    loss: float
+    rng: random.Random
+    client_timeout: float = 1.0
+    tid: tuple[str, int] | None = None
+    blksize: int = 512
+    window: int = 1
+    expected: int = 1
+    since_ack: int = 0
+    received: int = 0
+    last_heard: float = 0.0
+    done: bool = False
+    error: str = ""
+    duplicates: int = 0
+    dropped: int = 0
+
+    def finished(self) -> int:
+        """1 if the transfer is over (done or failed), for the count of active ones."""
+        return int(self.done)
+
+    def start(self, now: float) -> None:
+        self.last_heard = now
+        self.sock.sendto(self.rrq, self.server)
+
+    def _ack(self, block: int) -> None:
+        self.since_ack = 0
+        if self.loss and self.rng.random() < self.loss:
+            self.dropped += 1
+            return
+        assert self.tid is not None
+        self.sock.sendto(struct.pack("!HH", 4, block & 0xFFFF), self.tid)
+
+    def tick(self, now: float) -> None:
+        if now - self.last_heard >= self.client_timeout:
+            self.last_heard = now
+            if self.tid is None:
+                self.sock.sendto(self.rrq, self.server)
+            else:
+                self._ack(self.expected - 1)
+
+    def datagram(self, data: bytes, src: tuple[str, int], now: float) -> None:
+        if self.loss and self.rng.random() < self.loss:
+            self.dropped += 1
+            return
+        if self.tid is None:
+            self.tid = src
+        elif src != self.tid:
+            return
+        self.last_heard = now
+        opcode = data[1] if len(data) >= 4 else 0
+        if opcode == 6:  # OACK
+            if self.expected == 1:
+                fields = data[2:].split(b"\x00")
+                granted = dict(zip(fields[0::2], fields[1::2], strict=False))
+                self.blksize = int(granted.get(b"blksize", 512))
+                self.window = int(granted.get(b"windowsize", 1))
+                self._ack(0)
+            return
+        if opcode == 5:
+            self.done, self.error = True, data[4:].split(b"\x00")[0].decode(errors="replace")
+            return
+        if opcode != 3:
+            return
+        block = (data[2] << 8) | data[3]
+        if block != self.expected & 0xFFFF:
+            self.duplicates += 1
+            self._ack(self.expected - 1)  # RFC 1350 clients answer every duplicate
+            return
+        payload = len(data) - 4
+        self.received += payload
+        self.expected += 1
+        self.since_ack += 1
+        if payload < self.blksize:
+            self._ack(self.expected - 1)
+            self.done = True
+            if self.received != self.size:
+                self.error = f"got {self.received} bytes of {self.size}"
+        elif self.since_ack >= self.window:
+            self._ack(self.expected - 1)
+
+
+@dataclass
+class Run:
+    seconds: float
+    moved: int
+    failures: int
+    errors: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def transfers(port: int, name: str, size: int, clients: int, window: int, *, loss: float,
+              seed: int, cap: float) -> Run:
+    """``clients`` downloads of ``name`` at once, each from 127.0.0.(10 + i)."""
+    options = b"blksize\x00%d\x00" % BLKSIZE
+    if window > 1:
+        options += b"windowsize\x00%d\x00" % window
+    rrq = b"\x00\x01" + name.encode() + b"\x00octet\x00" + options
+    poller = select.epoll()
+    by_fd: dict[int, Transfer] = {}
+    for i in range(clients):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((f"127.0.0.{10 + i}", 0))
+        sock.setblocking(False)
+        rng = random.Random(seed * 1000 + i)  # a drop pattern, not security-relevant
+        by_fd[sock.fileno()] = Transfer(sock, (HOST, port), rrq, size, loss, rng)
+        poller.register(sock.fileno(), select.EPOLLIN)
+    t0 = time.perf_counter()
+    for t in by_fd.values():
+        t.start(t0)
+    active = len(by_fd)
+    last_tick = t0
     try:
-        opts = b"blksize\x00%d\x00windowsize\x00%d\x00" % (blksize, window)
-        sock.sendto(b"\x00\x01" + name.encode() + b"\x00octet\x00" + opts, (HOST, port))
-        data, tid = sock.recvfrom(70000)
-        if data[:2] != b"\x00\x06":
-            raise RuntimeError(f"expected OACK, got {data[:40]!r}")
-        fields = data[2:].split(b"\x00")
-        granted = dict(zip(fields[0::2], fields[1::2], strict=False))
-        blksize = int(granted.get(b"blksize", 512))
-        window = int(granted.get(b"windowsize", 1))
-        sock.sendto(b"\x00\x04\x00\x00", tid)
-        expected, last_acked, total = 1, 0, 0
-        while True:
-            data, src = sock.recvfrom(70000)
-            if src != tid:
-                continue
-            opcode, block = struct.unpack_from("!HH", data)
-            if opcode != 3:
-                raise RuntimeError(f"unexpected opcode {opcode}: {data[4:80]!r}")
-            if block != expected & 0xFFFF:
-                if block != (expected - 1) & 0xFFFF:
-                    last_acked = expected - 1
-                    sock.sendto(struct.pack("!HH", 4, last_acked & 0xFFFF), tid)
-                continue
-            payload = len(data) - 4
-            total += payload
-            expected += 1
-            last = payload < blksize
-            if last or expected - 1 - last_acked >= window:
-                last_acked = expected - 1
-                sock.sendto(struct.pack("!HH", 4, last_acked & 0xFFFF), tid)
-            if last:
-                return total
+        while active and time.perf_counter() - t0 < cap:
+            for fd, _ in poller.poll(0.05):
+                t = by_fd[fd]
+                for _ in range(256):
+                    try:
+                        data, src = t.sock.recvfrom(70000)
+                    except BlockingIOError:
+                        break
+                    if t.done:
+                        continue
+                    t.datagram(data, src, time.perf_counter())
+                    active -= t.finished()
+            now = time.perf_counter()
+            if now - last_tick >= 0.05:
+                last_tick = now
+                for t in by_fd.values():
+                    if not t.done:
+                        t.tick(now)
+        seconds = time.perf_counter() - t0
     finally:
-        sock.close()
+        poller.close()
+        for t in by_fd.values():
+            t.sock.close()
+    done = [t for t in by_fd.values() if t.done and not t.error]
+    errors = [t.error for t in by_fd.values() if t.error]
+    return Run(seconds, sum(t.received for t in by_fd.values()), clients - len(done), errors,
+               sum(t.duplicates for t in by_fd.values()))
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def available(args: argparse.Namespace) -> list[tuple[Peer, str]]:
+    out = []
+    for peer in PEERS:
+        if args.only and peer.name not in args.only.split(","):
+            continue
+        if peer.binary is None:
+            out.append((peer, ""))
+            if args.uvloop:
+                out.append((Peer("netboot-uvloop", netboot_server), "uvloop"))
+            continue
+        binary = shutil.which(peer.binary) or ""
+        if peer.name == "tftpd-hpa" and args.in_tftpd:
+            binary = args.in_tftpd
+        if binary:
+            out.append((peer, binary))
+        else:
+            print(f"{peer.name}: {peer.binary} not installed, left out")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=20_000_000)
-    parser.add_argument("--blksize", type=int, default=1468)
-    parser.add_argument("--windows", default="1,16")
+    parser.add_argument("mode", nargs="?", choices=("single", "lockstep", "loss"),
+                        default="single")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--windows", default=None)
+    parser.add_argument("--clients", type=int)
+    parser.add_argument("--loss", type=float, default=0.01)
+    parser.add_argument("--cap", type=float, default=150.0, help="seconds per run at most")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated server names")
+    parser.add_argument("--uvloop", action="store_true", help="also netboot under uvloop")
+    parser.add_argument("--in-tftpd", default="", help="path of tftpd-hpa's in.tftpd")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
         return
-    windows = [int(w) for w in args.windows.split(",")]
+    mode = args.mode
+    size = args.size or {"single": 20_000_000, "lockstep": MiB, "loss": MiB}[mode]
+    clients = args.clients or {"single": 1, "lockstep": 50, "loss": 10}[mode]
+    windows = [int(w) for w in (args.windows or {"single": "1,4,8", "lockstep": "1",
+                                                  "loss": "1,8"}[mode]).split(",")]
+    loss = args.loss if mode == "loss" else 0.0
+    peers = available(args)
+    results: dict[tuple[str, int], list[tuple[Run, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "big.bin").write_bytes(os.urandom(args.size))
-        results: dict[tuple[str, int], float] = {}
-        peers = [p for p in PEERS if p.binary is None or shutil.which(p.binary)]
-        for missing in (p for p in PEERS if p not in peers):
-            print(f"{missing.name}: {missing.binary} not installed, left out")
-        for peer in peers:
-            with peer.start(root) as port:
-                for window in windows:
-                    best = float("inf")
-                    for _ in range(args.repeat):
-                        t0 = time.perf_counter()
-                        n = fetch(port, "big.bin", args.blksize, window)
-                        best = min(best, time.perf_counter() - t0)
-                        if n != args.size:
-                            raise RuntimeError(f"{peer.name}: got {n} bytes of {args.size}")
-                    results[peer.name, window] = args.size / best / 1e6
-    names = [p.name for p in peers]
-    others = names[1:]
-    print(f"{args.size / 1e6:.0f} MB file, blksize {args.blksize}, best of {args.repeat}, MB/s"
-          " (windowsize is what the client asked; a peer may grant 1)")
-    print(f"{'windowsize':>10}  " + "  ".join(f"{n:>10}" for n in names)
-          + "".join(f"  {'÷ ' + n:>12}" for n in others))
-    for window in windows:
-        row = f"{window:>10}  " + "  ".join(f"{results[n, window]:>10.1f}" for n in names)
-        row += "".join(f"  {results['netboot', window] / results[n, window]:>11.2f}x"
-                       for n in others)
-        print(row)
+        (root / "file.bin").write_bytes(os.urandom(size))
+        os.chmod(tmp, 0o755)
+        for rep in range(args.repeat):
+            # Rotate the order so that no server always runs first.
+            order = peers[rep % len(peers):] + peers[:rep % len(peers)]
+            for peer, binary in order:
+                with peer.start(root, binary) as (port, pid):
+                    for window in windows:
+                        meter = CpuMeter(pid)
+                        run = transfers(port, "file.bin", size, clients, window, loss=loss,
+                                        seed=args.seed + rep, cap=args.cap)
+                        cpu = meter.stop()
+                        results.setdefault((peer.name, window), []).append((run, cpu))
+    report(mode, size, clients, windows, loss, args, [p.name for p, _ in peers], results)
 
+
+def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
+           args: argparse.Namespace, names: list[str],
+           results: dict[tuple[str, int], list[tuple[Run, float]]]) -> None:
+    def median(key: tuple[str, int]) -> tuple[Run, float]:
+        runs = sorted(results[key], key=lambda rc: rc[0].seconds)
+        return runs[len(runs) // 2]
+
+    print(f"TFTP {mode}: {clients} x {size / MiB:g} MiB, blksize {BLKSIZE}"
+          + (f", {loss:.0%} loss each way" if loss else "")
+          + f", median of {args.repeat} (windowsize is what the client asked; a server may"
+          " grant 1; dup DATA: duplicate or out-of-order blocks the clients received)")
+    ours = [n for n in names if n.startswith("netboot")]
+    print(f"{'server':<16}{'window':>7}{'seconds':>9}{'MiB/s':>8}{'CPU ms/MiB':>12}"
+          f"{'failed':>8}{'dup DATA':>10}"
+          + "".join(f"{'time ÷ ' + n:>24}" for n in ours))
+    for window in windows:
+        for name in names:
+            run, cpu = median((name, window))
+            mib = run.moved / MiB
+            # > 1: that netboot variant was faster than this server (same run, same client).
+            ratios = "".join(f"{run.seconds / median((n, window))[0].seconds:>23.2f}x"
+                             for n in ours if name not in ours)
+            print(f"{name:<16}{window:>7}{run.seconds:>9.2f}{mib / run.seconds:>8.1f}"
+                  f"{cpu * 1000 / max(mib, 1e-9):>12.2f}{run.failures:>8}{run.duplicates:>10}"
+                  f"{ratios}" + (f"  errors: {sorted(set(run.errors))}" if run.errors else "")
+                  + (f"  ({run.moved / 1e3:,.0f} kB moved)" if run.failures else ""))
 
 if __name__ == "__main__":
     main()

@@ -133,3 +133,11 @@ class AuthError(NetbootError):
 
 class Forbidden(NetbootError):
     """Credentials are valid but do not allow this (403)."""
+
+
+class ScopeRequired(Forbidden):
+    """A valid token whose scope does not grant this (403); ``scope`` names one that would."""
+
+    def __init__(self, scope: str, message: str) -> None:
+        self.scope = scope
+        super().__init__(message)

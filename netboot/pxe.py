@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import uuid as uuidlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +31,13 @@ from netboot.wire.dhcp import (
 
 
 class BootDecider(Protocol):  # implemented by netboot/boot.py
-    async def first_stage(self, request: BootRequest) -> FirstStage | None: ...
+    """What a DHCP client boots. May answer at once (a value) or later (an awaitable): a
+    decision known in memory is answered without scheduling a task, which is most of what
+    asyncio costs per datagram."""
+
+    def first_stage(
+        self, request: BootRequest
+    ) -> FirstStage | Awaitable[FirstStage | None] | None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +207,7 @@ def _text(raw: bytes | None) -> str:
 
 
 def classify(packet: Packet, settings: DhcpSettings | None = None,
-             peer: str | None = None) -> Client:
+             peer: str | None = None, interface: str | None = None) -> Client:
     """Classify a client request. Never raises on odd option contents: firmware varies, and
     an unknown value is "unknown", not an error (quirk 15: U-Boot may send arch 0xFFFF)."""
     settings = settings or DhcpSettings()
@@ -264,6 +271,7 @@ def classify(packet: Packet, settings: DhcpSettings | None = None,
         mac=mac, arch=arch, firmware=firmware, arch_code=arch_code,
         uuid=_uuid(uuid_raw, firmware), hostname=hostname, platform=platform,
         remote_addr=peer, relay=packet.giaddr if packet.giaddr != ZERO_IP else None, via="dhcp",
+        interface=interface,
     )
     return Client(
         request=request, message_type=packet.message_type, vendor_class=vendor_class, pxe=pxe,

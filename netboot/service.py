@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import hashlib
 import logging
 import os
-import secrets
 import signal
 import ssl
 import stat
@@ -25,16 +23,19 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from netboot.api import ADMIN_TOKEN_KEY, Api
+from netboot.access import Access
+from netboot.api import Api
 from netboot.boot import BootService, BootSettings, loader_names
 from netboot.config import Config
 from netboot.content import Content, Trust
 from netboot.core import Core
+from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
 from netboot.files import FileTree
 from netboot.inventory.base import MachineFilter, Store
 from netboot.logs import RateLimitedLog
+from netboot.model import Scope
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
 from netboot.sealing import Sealer, read_key, write_key
@@ -226,6 +227,7 @@ def boot_settings(config: Config) -> BootSettings:
     return BootSettings(policy=config.discovery.policy,
                         hold_retry_seconds=config.discovery.hold_retry_seconds,
                         rules=config.discovery.rules,
+                        trusted_rules=frozenset(config.discovery.trusted_rules),
                         token_ttl_seconds=config.enroll.token_ttl_seconds,
                         cluster_domain=config.dns.zone if config.dns.enabled else None,
                         default_profile=config.enroll.default_profile)
@@ -238,7 +240,11 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     profile, discovery policy, token lifetime)."""
     assets = FileTree(asset_roots(config), pinned=loader_names())
     enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
-    boot = BootService(store, assets, boot_settings(config), enroller)
+    boot = BootService(store, assets, boot_settings(config), enroller,
+                       discovery=DiscoveryLimits(
+                           max_discovered=config.discovery.max_discovered,
+                           rate_per_source=config.discovery.rate_per_source,
+                           burst_per_source=config.discovery.burst_per_source))
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
                       base_url, enroller, trust=trust)
     return Core(store, enroller, boot, content)
@@ -300,26 +306,39 @@ def default_route_interface(route_table: str = "/proc/net/route") -> str | None:
     return None
 
 
-async def ensure_admin_token(store: Store, data_dir: Path) -> Path | None:
-    """Create the admin token on first start: its hash in the store, the token in a 0600 file.
+def _unwritable(path: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write {path}: {exc.strerror}", key="server.data_dir",
+                       fix="point --data-dir at a directory netboot can write")
 
-    Returns the file's path when it was made now, None when a token already exists. The token
-    itself is never printed: standard output ends up in journals and CI logs.
+
+async def ensure_admin_token(access: Access, data_dir: Path) -> Path | None:
+    """Create an admin token when none is valid (first start, or every admin token revoked
+    or expired, which would leave only the CLI to recover): the token's value goes to a 0600
+    file and its hash into the store.
+
+    Returns the file's path when a token was made now, None when an admin token exists. The
+    token itself is never printed: standard output ends up in journals and CI logs.
     """
-    if await store.get_setting(ADMIN_TOKEN_KEY) is not None:
+    if await access.has_admin():
         return None
-    token = secrets.token_urlsafe(32)
+    names = {t.name for t in await access.list_tokens()}
+    name = next(n for n in ("admin", *(f"admin-{i}" for i in range(2, len(names) + 3)))
+                if n not in names)
     path = data_dir / "admin.token"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        os.chmod(path, 0o600)
+        os.fchmod(fd, 0o600)
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror}", key="server.data_dir",
-                          fix="point --data-dir at a directory netboot can write") from exc
-    await store.put_setting(ADMIN_TOKEN_KEY, hashlib.sha256(token.encode()).hexdigest())
+        raise _unwritable(path, exc) from exc
+    with os.fdopen(fd, "w") as fh:
+        _, token = await access.create_token(name, Scope.ADMIN)
+        try:
+            fh.write(token + "\n")
+            fh.flush()
+        except OSError as exc:
+            await access.revoke(name)  # a token nobody can read would only be a risk
+            raise _unwritable(path, exc) from exc
     return path
 
 
@@ -590,7 +609,6 @@ def _check_hostname_templates(config: Config) -> None:
 async def build(config: Config) -> Service:
     store, sealer = await open_inventory(config)
     try:
-        new_token = await ensure_admin_token(store, config.data_dir)
         advertise = advertised_address(config)
         tls = prepare_tls(config, advertise, sealer)
         from netboot import groups as grouping
@@ -603,6 +621,7 @@ async def build(config: Config) -> Service:
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).
         core = build_core(config, store, lambda: holder["base"],
                           trust=lambda: trust_for(config, service.tls, holder["https"]))
+        new_token = await ensure_admin_token(core.access, config.data_dir)
         app = web.Application(middlewares=[errors_middleware, body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
         install_http(app, body_timeout=config.http.body_timeout)
@@ -618,6 +637,26 @@ async def build(config: Config) -> Service:
         await store.close()
         raise
     return service
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``netboot serve`` runs on (``server.event_loop``); None = asyncio's.
+
+    uvloop halves the per-datagram cost of the UDP servers (benchmarks/README.md: TFTP
+    lock-step CPU per MiB, proxyDHCP offers/s); it is an optional dependency, so ``auto``
+    falls back to asyncio's loop, which stays fully supported.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("uvloop is not installed", key="server.event_loop",
+                              fix="pip install 'netboot[fast]', or set it to auto or "
+                                  "asyncio") from None
+        return None
+    return uvloop.new_event_loop
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:

@@ -196,3 +196,101 @@ def test_open_files_limit_too_low_for_the_caps_is_a_config_error(tmp_path: Path)
                          env=env)
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert "http.max_connections: the open-files limit is 512" in out.stderr, out.stderr
+
+
+async def test_an_admin_token_is_made_again_only_when_none_is_valid(tmp_path: Path) -> None:
+    from netboot.access import Access
+    from netboot.inventory.memory import MemoryStore
+    from netboot.service import ensure_admin_token
+
+    now = [1000.0]
+    store = MemoryStore()
+    await store.open()
+    access = Access(store, clock=lambda: now[0])
+    token_file = tmp_path / "admin.token"
+    assert await ensure_admin_token(access, tmp_path) == token_file
+    first = token_file.read_text().strip()
+    assert (await access.authenticate(first)).name == "admin"
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert await ensure_admin_token(access, tmp_path) is None
+    # Every admin token revoked or expired: start-up makes one, under a free name.
+    await access.revoke("admin")
+    await access.create_token("admin", "read")
+    await access.create_token("temp", "admin", expires_in=60)
+    assert await ensure_admin_token(access, tmp_path) is None
+    now[0] += 60
+    assert await ensure_admin_token(access, tmp_path) == token_file
+    second = token_file.read_text().strip()
+    assert second != first
+    assert (await access.authenticate(second)).name == "admin-2"
+    await store.close()
+
+
+# ------------------------------------------------------------------------- the event loop
+
+
+def test_event_loop_setting_picks_the_loop(tmp_path: Path) -> None:
+    import uvloop
+
+    from netboot.service import loop_factory
+
+    assert load(env={}).server.event_loop == "auto"
+    assert loop_factory("asyncio") is None
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("auto") is uvloop.new_event_loop  # installed here: the test extra
+    conf = tmp_path / "netboot.yaml"
+    conf.write_text("server:\n  event_loop: tokio\n")
+    with pytest.raises(ConfigError) as err:
+        load(conf, env={})
+    assert err.value.key == "server.event_loop"
+
+
+def test_udp_servers_work_on_uvloop(tmp_path: Path) -> None:
+    """TFTP (with loss, the RTT timer, the direct sendto) and a proxy offer on uvloop: the
+    loop ``server.event_loop: auto`` picks when it is installed."""
+    from netboot.inventory.memory import MemoryStore
+    from netboot.pxe import DhcpSettings
+    from netboot.servers.dhcp import DhcpServer
+    from netboot.servers.tftp import TftpServer
+    from netboot.service import loop_factory
+    from netboot.wire import dhcp
+    from netboot.wire.dhcp import MessageType
+    from tests.dhcp_fakes import TableDecider
+    from tests.pcap import capture, dhcp_datagrams
+    from tests.servers.tftp_client import LOOPBACK, DirFiles, RawClient, lossy_fetch
+    from tests.servers.udp_io import recvfrom
+
+    data = os.urandom(200_000)
+
+    async def scenario() -> None:
+        import uvloop
+
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        tftp = TftpServer(DirFiles(tmp_path, {"f.bin": data}), host=LOOPBACK, port=0)
+        await tftp.start()
+        client = RawClient()
+        reply = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        reply.bind((LOOPBACK, 0))
+        reply.setblocking(False)
+        server = DhcpServer(DhcpSettings(), TableDecider(), MemoryStore(), interfaces=None,
+                            advertise=None, host=LOOPBACK, port=0, pxe_port=0,
+                            broadcast_address=LOOPBACK, client_port=reply.getsockname()[1])
+        await server.start()
+        try:
+            got = await lossy_fetch(client, (LOOPBACK, tftp.port), "f.bin",
+                                    [("blksize", "1468"), ("windowsize", "4")], loss=0.05,
+                                    seed=3)
+            assert got.data == data
+            discover = next(d.payload for d in dhcp_datagrams(capture("uefi-edk2pxe"))
+                            if d.frame == 8)
+            reply.sendto(discover, (LOOPBACK, server.ports[0]))
+            raw, _ = await asyncio.wait_for(recvfrom(reply, 4096), 5)
+            assert dhcp.parse(raw).message_type == MessageType.OFFER
+        finally:
+            client.close()
+            reply.close()
+            await server.close()
+            await tftp.close()
+
+    with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner:
+        runner.run(scenario())

@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from netboot import pxe
 from netboot.errors import ConfigError, DecodeError, StoreError
 from netboot.leases import Changes, LeasePool, LeaseStore
 from netboot.logs import RateLimitedLog, Summary
-from netboot.model import BootRequest, FirstStage, Lease
+from netboot.model import FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
 from netboot.servers.udp import Address, BoundaryProtocol, Reply
@@ -211,6 +212,7 @@ class DhcpServer:
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, interface.encode())
             sock.bind((self._host, port))
             sock.setblocking(False)
+            sockets.grow_receive_buffer(sock)
         except OSError as exc:
             sock.close()
             raise sockets.bind_error(
@@ -269,9 +271,11 @@ class DhcpServer:
 
     # -- the DHCP path -----------------------------------------------------------------------
 
-    def _handler(self, listener: _Listener) -> Callable[[bytes, Address], Awaitable[list[Reply]]]:
-        async def handle(data: bytes, peer: Address) -> list[Reply]:
-            return await self.handle(
+    def _handler(
+        self, listener: _Listener
+    ) -> Callable[[bytes, Address], list[Reply] | Awaitable[list[Reply]]]:
+        def handle(data: bytes, peer: Address) -> list[Reply] | Awaitable[list[Reply]]:
+            return self.respond(
                 data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
                 interface=listener.interface,
             )
@@ -284,6 +288,16 @@ class DhcpServer:
     ) -> list[Reply]:
         """One datagram in, the replies out (payload, destination). Raises DecodeError for a
         malformed packet (the boundary logs it)."""
+        result = self.respond(data, peer, server_ip=server_ip, pxe_port=pxe_port,
+                              interface=interface)
+        return result if isinstance(result, list) else await result
+
+    def respond(
+        self, data: bytes, peer: Address, *, server_ip: str, pxe_port: bool,
+        interface: str | None = None,
+    ) -> list[Reply] | Awaitable[list[Reply]]:
+        """:meth:`handle` without the coroutine: the replies themselves when the decider
+        answers at once, an awaitable only when it has to wait (the store, the lease pool)."""
         packet = dhcp.parse(data)
         if packet.op != Op.REQUEST:
             _log.debug("dhcp: xid %#010x from %s: a BOOTREPLY, not for us", packet.xid, peer[0])
@@ -293,34 +307,51 @@ class DhcpServer:
             return []
         if packet.option(Opt.VENDOR_CLASS) == PROBE_VENDOR_CLASS:
             return []
-        client = pxe.classify(packet, self._settings, peer[0])
-        if interface is not None:
-            # The link a machine was seen on is part of what discovery records.
-            client = replace(client, request=replace(client.request, interface=interface))
+        # The link a machine was seen on is part of what discovery records.
+        client = pxe.classify(packet, self._settings, peer[0], interface)
         if pxe_port or self._settings.mode == "proxy":
-            return await self._proxy(packet, client, peer, server_ip, pxe_port)
-        return await self._authoritative(packet, client, peer, server_ip)
+            return self._proxy(packet, client, peer, server_ip, pxe_port)
+        return self._authoritative(packet, client, peer, server_ip)
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
-        request: BootRequest = client.request
         try:
-            return await asyncio.wait_for(
-                self._decider.first_stage(request), self._decide_timeout
-            )
+            decision = self._decider.first_stage(client.request)
+        except Exception as exc:
+            self._decision_failed(exc, client, xid)
+            return None
+        if inspect.isawaitable(decision):
+            return await self._settle(decision, client, xid)
+        return decision
+
+    async def _settle(
+        self, decision: Awaitable[FirstStage | None], client: Client, xid: int
+    ) -> FirstStage | None:
+        """Wait for a decision that needs the store, at most ``decide_timeout``."""
+        mac = client.request.mac
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the call in a second
+            # task, which was a tenth of the cost of a proxy offer.
+            async with asyncio.timeout(self._decide_timeout):
+                return await decision
         except TimeoutError:
             self.summary.note("decision timed out")
             self._limited.log(
                 logging.WARNING, "decide",
                 "dhcp: %s xid %#010x: no boot decision within %.1fs, staying silent",
-                request.mac, xid, self._decide_timeout,
+                mac, xid, self._decide_timeout,
             )
-        except StoreError as exc:  # the disk or the database, not a bug: no traceback
+        except Exception as exc:
+            self._decision_failed(exc, client, xid)
+        return None
+
+    def _decision_failed(self, exc: Exception, client: Client, xid: int) -> None:
+        mac = client.request.mac
+        if isinstance(exc, StoreError):  # the disk or the database, not a bug: no traceback
             self._limited.log(logging.WARNING, "store",
                               "dhcp: %s xid %#010x: no boot decision, inventory unavailable: %s",
-                              request.mac, xid, exc)
-        except Exception:
-            _log.exception("dhcp: %s xid %#010x: boot decision failed", request.mac, xid)
-        return None
+                              mac, xid, exc)
+        else:
+            _log.error("dhcp: %s xid %#010x: boot decision failed", mac, xid, exc_info=exc)
 
     async def _fixed(self, mac: str, xid: int) -> str | None:
         try:
@@ -345,9 +376,9 @@ class DhcpServer:
         )
         return dhcp.encode(reply, pad_to=MIN_PACKET_SIZE), dest
 
-    async def _proxy(
+    def _proxy(
         self, packet: dhcp.Packet, client: Client, peer: Address, server_ip: str, pxe_port: bool
-    ) -> list[Reply]:
+    ) -> list[Reply] | Awaitable[list[Reply]]:
         mac = client.request.mac
         if not pxe.proxy_should_answer(client, pxe_port=pxe_port, settings=self._settings):
             _log.debug(
@@ -355,7 +386,29 @@ class DhcpServer:
                 packet.xid, peer[0], _name(client.message_type), client.vendor_class,
             )
             return []
-        stage = await self._decide(client, packet.xid)
+        decision: FirstStage | Awaitable[FirstStage | None] | None
+        try:
+            decision = self._decider.first_stage(client.request)
+        except Exception as exc:
+            # The same boundary as an awaited decision: logged, silent, keep serving.
+            self._decision_failed(exc, client, packet.xid)
+            decision = None
+        if inspect.isawaitable(decision):
+            return self._proxy_later(decision, packet, client, peer, server_ip, pxe_port)
+        return self._proxy_answer(decision, packet, client, peer, server_ip, pxe_port)
+
+    async def _proxy_later(
+        self, decision: Awaitable[FirstStage | None], packet: dhcp.Packet, client: Client,
+        peer: Address, server_ip: str, pxe_port: bool,
+    ) -> list[Reply]:
+        stage = await self._settle(decision, client, packet.xid)
+        return self._proxy_answer(stage, packet, client, peer, server_ip, pxe_port)
+
+    def _proxy_answer(
+        self, stage: FirstStage | None, packet: dhcp.Packet, client: Client, peer: Address,
+        server_ip: str, pxe_port: bool,
+    ) -> list[Reply]:
+        mac = client.request.mac
         if stage is None:
             self.summary.note("silent (no boot)")
             _log.debug("dhcp: %s xid %#010x from %s: no boot for %s, silent", mac, packet.xid,
@@ -373,17 +426,20 @@ class DhcpServer:
                               packet.xid, peer[0], exc)
             return []
         out = self._reply(packet, reply, peer, pxe_port)
-        self.summary.note(f"proxy {_name(reply.message_type)}")
-        _log.debug(
-            "dhcp: %s xid %#010x from %s: proxy %s (%s, arch %s) file %r to %s:%d", mac,
-            packet.xid, peer[0], _name(reply.message_type), client.firmware,
-            client.request.arch_code, reply.file_name, out[1][0], out[1][1],
-        )
+        kind = _PROXY_KIND[client.message_type == MessageType.DISCOVER]
+        self.summary.note(kind)
+        if _log.isEnabledFor(logging.DEBUG):  # the arguments cost more than the call
+            _log.debug(
+                "dhcp: %s xid %#010x from %s: %s (%s, arch %s) file %r to %s:%d", mac,
+                packet.xid, peer[0], kind, client.firmware, client.request.arch_code,
+                reply.file_name, out[1][0], out[1][1],
+            )
         return [out]
 
     async def _authoritative(
         self, packet: dhcp.Packet, client: Client, peer: Address, server_ip: str
     ) -> list[Reply]:
+        # Always a coroutine: the lease pool's fixed address comes from the store.
         pool = self.pool
         assert pool is not None
         mac = str(client.request.mac)
@@ -500,9 +556,9 @@ class DhcpServer:
             sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, interface.encode())
             sock.bind(("0.0.0.0", self._client_port))
             sock.setblocking(False)
-            await loop.sock_sendto(
-                sock, dhcp.encode(probe, pad_to=MIN_PACKET_SIZE), (self._broadcast, self._port)
-            )
+            # A plain sendto: one datagram on a fresh socket does not block, and uvloop
+            # has no loop.sock_sendto.
+            sock.sendto(dhcp.encode(probe, pad_to=MIN_PACKET_SIZE), (self._broadcast, self._port))
             deadline = loop.time() + self._probe_seconds
             while (left := deadline - loop.time()) > 0 and len(found) < 16:
                 try:
@@ -521,6 +577,10 @@ class DhcpServer:
         finally:
             sock.close()
         return found
+
+
+# What a proxy reply is, by "answers a DISCOVER" (pxe.proxy_reply's rule).
+_PROXY_KIND = {True: "proxy OFFER", False: "proxy ACK"}
 
 
 def _name(mt: MessageType | None) -> str:

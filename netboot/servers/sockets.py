@@ -18,6 +18,21 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SIOCGIFADDR = 0x8915
 
 
+# A listener's receive queue: a boot storm arrives faster than Python drains it, and at the
+# kernel's default (~200 KiB, ~200 DHCP datagrams with their overhead) a burst of a thousand
+# DISCOVERs was dropped before netboot saw it. dnsmasq and BIND raise theirs the same way.
+LISTENER_RCVBUF = 4 << 20
+
+
+def grow_receive_buffer(sock: socket.socket, size: int = LISTENER_RCVBUF) -> None:
+    """Ask for ``size`` bytes of receive queue: past ``net.core.rmem_max`` when privileged
+    (SO_RCVBUFFORCE needs CAP_NET_ADMIN), else as much as rmem_max allows."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 def interface_ipv4(name: str, *, key: str = "server.interfaces") -> str:
     """The first IPv4 address of interface ``name`` (SIOCGIFADDR), or ConfigError."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

@@ -28,6 +28,12 @@ Quirks handled here, with where they come from (``protocols.md`` §3.7, §6):
 * Until the client acknowledges anything, the first OACK/DATA is resent only
   ``Policy.first_retries`` times without backoff (~3 s): a client that never answered is gone
   or spoofed, and the full backoff would let a few RRQs a second hold every slot.
+* Once it has answered, the retransmission timer follows the measured round trip (RFC 6298:
+  SRTT + 4 RTTVAR, at least ``Policy.min_rto``, at most the base interval), sampled only from
+  windows sent once (Karn's rule). A lost block in lock-step (U-Boot's and PXE ROMs'
+  default) then costs milliseconds instead of the second a fixed timer costs, which is what
+  tftpd-hpa and dnsmasq pay. Timeouts double the interval; only those at the base interval
+  or above count toward ``max_retries``, so the time before giving up stays what it was.
 """
 
 from __future__ import annotations
@@ -322,6 +328,10 @@ class Policy:
     # would hold its slot for ~45 s, and a few RRQs per second would hold every slot.
     first_retries: int = 2
     stall: float = 120.0  # no progress for this long: give up (dnsmasq TFTP_TRANSFER_TIME)
+    # The floor of the round-trip-derived timer; None keeps the fixed ``retransmit`` timer.
+    # A few ms: a LAN round trip is well under one, and a spurious resend costs one block
+    # (a duplicate ACK never makes us send, so it cannot snowball).
+    min_rto: float | None = 0.005
 
     def __post_init__(self) -> None:
         if self.mtu - 32 < MIN_BLKSIZE:
@@ -332,6 +342,8 @@ class Policy:
                 or self.first_retries < 0):
             raise ValueError("retransmit must be > 0, backoff >= 1, max_retries and "
                              "first_retries >= 0")
+        if self.min_rto is not None and not 0 < self.min_rto <= self.retransmit:
+            raise ValueError("min_rto must be > 0 and at most retransmit")
 
     @property
     def max_blksize(self) -> int:
@@ -477,6 +489,13 @@ class Sender:
         self._deadline: float | None = None
         self._progress = 0.0
         self.answered = False  # the client acknowledged something: the transfer has begun
+        # RFC 6298 state. The base interval (the client's ``timeout`` or ours) stays the
+        # ceiling: a client that named a timeout never waits longer than it asked.
+        self.srtt: float | None = None
+        self._rttvar = 0.0
+        self._interval = self._base  # what the next (re)transmission arms
+        self._sent_at = 0.0  # when the window in flight was first sent
+        self._clean = False  # ... and not resent since: its ACK is an RTT sample (Karn)
 
     # -- events --------------------------------------------------------------------------
 
@@ -503,6 +522,8 @@ class Sender:
         if n > self.sent:
             return self._wait()  # an old ACK from before a wrap, or for a block not sent
         self.acked = n
+        if self._clean:
+            self._sample(now - self._sent_at)
         self._advance(now)
         if n == self.blocks:
             return self._finish(Outcome.COMPLETE, "")
@@ -524,15 +545,24 @@ class Sender:
             return self._wait()  # a stale timer
         p = self._policy
         retries = p.max_retries if self.answered else p.first_retries
-        if self.retries >= retries or now - self._progress >= p.stall:
+        # A timeout faster than the base interval is the round-trip timer backing off toward
+        # it; the retry budget is spent at the base interval and above, as before.
+        fast = self.answered and self._interval < self._base
+        if not fast and (self.retries >= retries or now - self._progress >= p.stall):
             what = f"block {self.acked + 1}" if self.answered else "the client never answered"
             return self._finish(
                 Outcome.TIMED_OUT,
-                f"no ACK after {self.retries} retransmissions ({what})",
+                f"no ACK after {self.retransmissions} retransmissions ({what})",
                 error_packet(ErrorCode.NOT_DEFINED, "timed out"),
             )
-        self.retries += 1
+        if self.answered:
+            # Exponential backoff (RFC 6298 §5.5), capped at max_interval, or at the base
+            # when that is larger (a client's own timeout is never shortened).
+            self._interval = min(self._interval * p.backoff, max(p.max_interval, self._base))
+        if not fast:
+            self.retries += 1
         self.retransmissions += 1
+        self._clean = False
         return self._resend(now)
 
     def duplicate_request(self, now: float) -> Step:
@@ -540,6 +570,7 @@ class Sender:
         only before anything was acknowledged; later it is a stray and is ignored."""
         if self.phase is Phase.OACK or (self.phase is Phase.DATA and self.acked == 0):
             self.retransmissions += 1
+            self._clean = False
             return self._resend(now)
         return self._wait()
 
@@ -556,6 +587,22 @@ class Sender:
         self.retries = 0
         self._progress = now
         self.answered = True
+        self._interval = self._rto()
+        self._clean = True  # the next window is sent fresh
+
+    def _sample(self, rtt: float) -> None:
+        # RFC 6298 §2: alpha 1/8, beta 1/4; the first sample sets SRTT and RTTVAR = R/2.
+        if self.srtt is None:
+            self.srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar += (abs(self.srtt - rtt) - self._rttvar) / 4
+            self.srtt += (rtt - self.srtt) / 8
+
+    def _rto(self) -> float:
+        floor = self._policy.min_rto
+        if floor is None or self.srtt is None:
+            return self._base
+        return min(max(self.srtt + 4 * self._rttvar, floor), self._base)
 
     def _resend(self, now: float) -> Step:
         if self.phase is Phase.OACK:
@@ -576,19 +623,22 @@ class Sender:
                 " (file changed during the transfer?)",
                 error_packet(ErrorCode.NOT_DEFINED, "file changed"),
             )
-        view = memoryview(chunk)
-        packets = tuple(
-            data_packet(block % _BLOCK_MOD, view[(block - first) * bs : (block - first + 1) * bs])
-            for block in range(first, last + 1)
-        )
+        if first == last:  # lock-step: one block, no slicing
+            packets: tuple[bytes, ...] = (data_packet(first % _BLOCK_MOD, chunk),)
+        else:
+            view = memoryview(chunk)
+            packets = tuple(
+                data_packet(block % _BLOCK_MOD,
+                            view[(block - first) * bs : (block - first + 1) * bs])
+                for block in range(first, last + 1)
+            )
         self.sent = max(self.sent, last)
+        self._sent_at = now
         return self._arm(now, packets)
 
     def _arm(self, now: float, packets: tuple[bytes, ...]) -> Step:
-        p = self._policy
-        backoff = p.backoff**self.retries if self.answered else 1.0
-        interval = min(self._base * backoff, max(p.max_interval, self._base))
-        self._deadline = now + interval
+        # Before the first ACK: the base interval, no backoff (see first_retries).
+        self._deadline = now + (self._interval if self.answered else self._base)
         return Step(packets, self._deadline)
 
     def _wait(self) -> Step:

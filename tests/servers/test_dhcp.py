@@ -16,6 +16,7 @@ from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Opt
 from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
 from tests.pcap import capture, dhcp_datagrams
+from tests.servers.udp_io import recvfrom
 
 LOOPBACK = "127.0.0.1"
 
@@ -34,11 +35,10 @@ class Client:
         self.port = self.sock.getsockname()[1]
 
     async def send(self, data: bytes, port: int) -> None:
-        await asyncio.get_running_loop().sock_sendto(self.sock, data, (LOOPBACK, port))
+        self.sock.sendto(data, (LOOPBACK, port))  # one datagram: never blocks here
 
     async def receive(self) -> tuple[dhcp.Packet, tuple[str, int]]:
-        loop = asyncio.get_running_loop()
-        data, addr = await asyncio.wait_for(loop.sock_recvfrom(self.sock, 4096), 5)
+        data, addr = await asyncio.wait_for(recvfrom(self.sock, 4096), 5)
         return dhcp.parse(data), addr
 
     def close(self) -> None:

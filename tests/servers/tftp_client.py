@@ -24,6 +24,7 @@ from netboot.wire.tftp import (
     encode,
     parse,
 )
+from tests.servers.udp_io import recvfrom
 
 Address = tuple[str, int]
 LOOPBACK = "127.0.0.1"
@@ -84,8 +85,7 @@ class RawClient:
 
     async def recv_raw(self, timeout: float = 3.0) -> tuple[bytes, Address]:
         async with asyncio.timeout(timeout):
-            data, addr = await self.loop.sock_recvfrom(self.sock, 70000)
-        return data, (addr[0], addr[1])
+            return await recvfrom(self.sock, 70000)
 
     async def recv(self, timeout: float = 3.0) -> tuple[Packet, Address]:
         data, addr = await self.recv_raw(timeout)
@@ -187,4 +187,92 @@ async def fetch(
         if last:
             result.data = bytes(out)
             return result
+    raise AssertionError("too many packets")
+
+
+@dataclass
+class LossyFetched:
+    data: bytes
+    dropped: int = 0  # datagrams this client threw away, in and out
+    data_received: int = 0  # DATA datagrams that arrived (kept or not)
+    duplicates: int = 0  # DATA for a block already received
+
+
+async def lossy_fetch(
+    client: RawClient,
+    server: Address,
+    name: str,
+    options: Iterable[tuple[str, str]] = (),
+    *,
+    loss: float,
+    seed: int,
+    ack_timeout: float = 0.3,
+    max_packets: int = 200_000,
+) -> LossyFetched:
+    """Download ``name`` through a link that loses ``loss`` of the datagrams each way: each
+    one that arrives, and each ACK about to be sent, is dropped by a seeded RNG (the same
+    pattern on every run). Like U-Boot and RFC 1350 clients, every duplicate or out-of-order
+    DATA is answered with an ACK of the last in-order block, and the last ACK (or the RRQ)
+    is sent again after ``ack_timeout`` without DATA."""
+    import random
+
+    rng = random.Random(seed)  # a drop pattern, not security-relevant
+    result = LossyFetched(b"")
+    opts = tuple(options)
+    request = encode(ReadRequest(name, "octet", opts))
+    blksize = int(dict((k.lower(), v) for k, v in opts).get("blksize", 512))
+    window = 1
+    tid: Address | None = None
+    expected, since_ack = 1, 0
+    out = bytearray()
+
+    def ack(block: int) -> None:
+        nonlocal since_ack
+        since_ack = 0
+        if rng.random() < loss:
+            result.dropped += 1
+        else:
+            assert tid is not None
+            client.send(Ack(block % 65536), tid)
+
+    client.send(request, server)
+    for _ in range(max_packets):
+        try:
+            pkt, src = await client.recv(ack_timeout)
+        except TimeoutError:
+            if tid is None:
+                client.send(request, server)  # the RRQ or its answer was lost
+            else:
+                ack(expected - 1)
+            continue
+        if rng.random() < loss:
+            result.dropped += 1
+            continue
+        if isinstance(pkt, Error):
+            raise AssertionError(f"server sent ERROR {pkt.code} {pkt.message!r}")
+        if tid is None:
+            tid = src
+        assert src == tid, f"reply from {src}, transfer TID is {tid}"
+        if isinstance(pkt, OptionAck):
+            if expected == 1:
+                blksize = int(pkt.option("blksize") or 512)
+                window = int(pkt.option("windowsize") or 1)
+                ack(0)
+            continue
+        assert isinstance(pkt, Data), pkt
+        result.data_received += 1
+        if pkt.block != expected % 65536:
+            if (expected - pkt.block) % 65536 < 0x8000:
+                result.duplicates += 1
+            ack(expected - 1)
+            continue
+        out += pkt.data
+        expected += 1
+        since_ack += 1
+        if len(pkt.data) < blksize:
+            ack(expected - 1)
+            result.data = bytes(out)
+            return result
+        if since_ack >= window:
+            ack(expected - 1)
     raise AssertionError("too many packets")

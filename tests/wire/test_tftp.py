@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tftpy.TftpPacketFactory import TftpPacketFactory
 
@@ -118,6 +118,7 @@ def test_encode_refuses_unencodable_values() -> None:
         encode(OptionAck((("", "1"),)))
 
 
+@settings(max_examples=2000)
 @given(st.binary(max_size=600))
 def test_fuzz_parse_raises_only_decode_error(data: bytes) -> None:
     try:
@@ -155,6 +156,7 @@ def test_fuzz_round_trip(
     assert parse(encode(packet)) == packet
 
 
+@settings(max_examples=2000)
 @given(st.binary(max_size=80), st.binary(max_size=80))
 def test_fuzz_mutated_requests(prefix: bytes, suffix: bytes) -> None:
     base = b"\x00\x01" + prefix + b"\x00octet\x00blksize\x001468\x00" + suffix
@@ -459,3 +461,188 @@ def test_events_after_done_do_nothing() -> None:
     assert s.ack(1, 0.1).outcome is Outcome.COMPLETE
     for step in (s.ack(1, 0.2), s.timeout(9.0), s.error(0, "", 9.0), s.duplicate_request(9.0)):
         assert step.send == () and step.deadline is None
+
+
+# ------------------------------------------------------------- loss recovery (simulated)
+
+
+class LossyLink:
+    """A sender and an RFC 1350 / 7440 receiver joined by a link that drops datagrams in both
+    directions from a seeded RNG, on a virtual clock: the outcome is the same on every run.
+
+    The receiver ACKs the last in-order block when its window is full, on the last block,
+    on a gap (RFC 7440 §4), and on every duplicate DATA (as RFC 1350 clients do: the ACK
+    that triggers the Sorcerer's Apprentice bug in a sender that answers it). It resends its
+    last ACK after ``client_timeout`` without DATA.
+    """
+
+    def __init__(self, s: Sender, *, loss: float, seed: int, one_way: float = 0.0002,
+                 client_timeout: float = 1.0) -> None:
+        import heapq
+        import random
+
+        self.s, self.loss, self.one_way = s, loss, one_way
+        self.rng = random.Random(seed)  # a drop pattern, not security-relevant
+        self.client_timeout = client_timeout
+        self.queue: list[tuple[float, int, str, int, bytes]] = []
+        self.push = heapq.heappush
+        self.pop = heapq.heappop
+        self.seq = 0
+        self.received = bytearray()
+        self.expected = 1  # next block, counted without wrapping
+        self.since_ack = 0
+        self.data_sent = 0
+        self.dropped = 0
+        self.sends_on_duplicate_ack = 0
+        self.deadline: float | None = None
+        self.last_heard = 0.0
+
+    def _at(self, when: float, kind: str, value: int, payload: bytes = b"") -> None:
+        self.seq += 1
+        self.push(self.queue, (when, self.seq, kind, value, payload))
+
+    def _lost(self) -> bool:
+        if self.rng.random() < self.loss:
+            self.dropped += 1
+            return True
+        return False
+
+    def _server_sent(self, now: float, step: Step) -> None:
+        for datagram in step.send:
+            pkt = parse(datagram)
+            if isinstance(pkt, Data):
+                self.data_sent += 1
+                if not self._lost():
+                    self._at(now + self.one_way, "data", pkt.block, pkt.data)
+            elif isinstance(pkt, OptionAck) and not self._lost():
+                self._at(now + self.one_way, "oack", 0)
+        self.deadline = step.deadline
+
+    def _client_ack(self, now: float) -> None:
+        self.since_ack = 0
+        self.last_heard = now
+        if not self._lost():
+            self._at(now + self.one_way, "ack", (self.expected - 1) & 0xFFFF)
+
+    def run(self, limit: int = 1_000_000) -> float:
+        now = 0.0
+        self._server_sent(now, self.s.start(now))
+        window = self.s.windowsize
+        for _ in range(limit):
+            if self.s.outcome is not None:
+                return now
+            timer = self.deadline if self.deadline is not None else float("inf")
+            client_timer = self.last_heard + self.client_timeout
+            nxt = self.queue[0][0] if self.queue else float("inf")
+            if timer <= min(nxt, client_timer):
+                now = timer
+                self._server_sent(now, self.s.timeout(now))
+                continue
+            if client_timer < nxt:
+                now = client_timer
+                self._client_ack(now)
+                continue
+            now, _, kind, value, payload = self.pop(self.queue)
+            if kind == "ack":
+                duplicate = value == self.s.acked & 0xFFFF and self.s.phase is Phase.DATA
+                step = self.s.ack(value, now)
+                if duplicate and step.send:
+                    self.sends_on_duplicate_ack += 1
+                self._server_sent(now, step)
+            elif kind == "oack":
+                if self.expected == 1:
+                    self._client_ack(now)  # ACK 0
+            elif value == self.expected & 0xFFFF:
+                self.received += payload
+                self.expected += 1
+                self.since_ack += 1
+                self.last_heard = now
+                if len(payload) < self.s.blksize or self.since_ack >= window:
+                    self._client_ack(now)
+            else:
+                self._client_ack(now)  # a gap or a duplicate: ACK the last in-order block
+        raise AssertionError("simulation did not finish")
+
+
+@pytest.mark.parametrize(("windowsize", "loss", "seed"),
+                         [(1, 0.10, 1), (1, 0.10, 2), (1, 0.01, 3), (8, 0.01, 4), (8, 0.10, 5),
+                          (4, 0.25, 6)])
+def test_lossy_link_completes_intact_without_a_full_timeout(
+        windowsize: int, loss: float, seed: int) -> None:
+    size = 400 * 1468 + 100
+    options = (("blksize", "1468"), ("windowsize", str(windowsize)))
+    s, data = sender(size, options, Policy(retransmit=1.0, max_retries=6))
+    link = LossyLink(s, loss=loss, seed=seed)
+    link.run()
+    assert s.outcome is Outcome.COMPLETE
+    assert bytes(link.received) == data
+    # Sorcerer's Apprentice: a duplicate ACK never made the sender transmit.
+    assert link.sends_on_duplicate_ack == 0
+    # Every lost datagram cost at most a few resends of its window, not a storm.
+    assert s.retransmissions <= 3 * link.dropped + 1
+    assert link.data_sent <= s.blocks + windowsize * (s.retransmissions + link.dropped + 1)
+    # The round-trip timer did the recovering: not one timeout reached the base interval
+    # (which is what a lost block costs with a fixed timer, and in tftpd-hpa and dnsmasq).
+    assert s.retries == 0 and s.srtt is not None and s.srtt < 0.01
+
+
+def test_retransmit_timer_follows_the_round_trip() -> None:
+    s, _ = sender(50 * 512, policy=Policy(retransmit=1.0, min_rto=0.005))
+    s.start(0.0)
+    s.ack(1, 0.001)  # the first window was not timed: DATA 1 may have waited for the RRQ
+    step = s.ack(2, 0.003)  # 2 ms round trip
+    assert s.srtt == pytest.approx(0.002)
+    assert step.deadline == pytest.approx(0.003 + 0.002 + 4 * 0.001)  # SRTT + 4 RTTVAR
+    for i in range(3, 40):
+        step = s.ack(i, 0.003 + (i - 2) * 0.0001)  # a steady 0.1 ms
+    assert step.deadline is not None
+    assert step.deadline - s._progress == pytest.approx(0.005)  # floored at min_rto
+
+
+def test_backoff_from_the_round_trip_then_the_retry_budget() -> None:
+    """Timeouts double the interval from the RTT-derived one; only those at the base
+    interval or above spend max_retries, so a client that went quiet is given up about
+    as late as with the fixed timer."""
+    policy = Policy(retransmit=1.0, backoff=2.0, max_interval=4.0, max_retries=2,
+                    min_rto=0.01)
+    s, _ = sender(50 * 512, policy=policy)
+    s.start(0.0)
+    s.ack(1, 0.0)
+    step = s.ack(2, 0.0)  # a 0 s sample: the interval is the floor
+    intervals = []
+    now = 0.0
+    for _ in range(20):
+        assert step.deadline is not None
+        intervals.append(round(step.deadline - now, 6))
+        now = step.deadline
+        step = s.timeout(now)
+        if step.done:
+            break
+    assert intervals == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 4.0]
+    assert step.outcome is Outcome.TIMED_OUT
+    assert s.retransmissions == 9
+
+
+def test_a_retransmitted_window_is_not_a_round_trip_sample() -> None:
+    """Karn's rule: the ACK after a resend may answer either copy, so it is not timed."""
+    s, _ = sender(50 * 512, policy=Policy(retransmit=1.0, min_rto=0.005))
+    s.start(0.0)
+    s.ack(1, 0.0)
+    s.ack(2, 0.002)
+    srtt = s.srtt
+    s.timeout(1.0)  # block 3 resent
+    s.ack(3, 1.5)  # would be a 1.5 s sample
+    assert s.srtt == srtt
+
+
+def test_fixed_timer_when_min_rto_is_none() -> None:
+    s, _ = sender(50 * 512, policy=Policy(retransmit=1.0, min_rto=None))
+    s.start(0.0)
+    s.ack(1, 0.0)
+    step = s.ack(2, 0.001)
+    assert step.deadline == pytest.approx(1.001)
+
+
+def test_min_rto_must_not_exceed_retransmit() -> None:
+    with pytest.raises(ValueError, match="min_rto"):
+        Policy(retransmit=0.5, min_rto=1.0)

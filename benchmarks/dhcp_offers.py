@@ -1,0 +1,438 @@
+"""proxyDHCP offers per second and storm latency, netboot beside dnsmasq in the same run.
+
+    sudo python benchmarks/dhcp_offers.py [--count 20000] [--outstanding 64]
+                                          [--storm 1000] [--within 1] [--repeat 3]
+    python benchmarks/dhcp_offers.py --inproc [--count 20000]   # no sockets, no root
+
+Two measurements per target, each a UEFI x86-64 PXE DISCOVER (60 PXEClient, 93 arch 7,
+97 UUID, 55 as EDK2 sends it) broadcast to :67, answered by a broadcast proxy OFFER to :68:
+
+  offers/s    ``--count`` DISCOVERs with ``--outstanding`` in flight (a new one per answer),
+              cycling over ``--macs`` MAC addresses; server CPU µs per offer from
+              /proc/<pid>/stat.
+  storm       ``--storm`` devices each send one DISCOVER, spread evenly over ``--within``
+              seconds; p50/p99/max of DISCOVER → OFFER and how many were answered within 2 s
+              (iPXE's proxy window, protocols.md §1.6).
+
+Targets: ``netboot`` answers from memory (a decider that returns the loader at once: what the
+codec, the classification, the reply and the asyncio adapter cost); ``netboot+store`` is the
+real ``BootService`` over SQLite with discovery policy ``hold``, so every DISCOVER reads the
+machine and records the sighting in the background, as ``netboot serve`` does; ``dnsmasq``
+is ``--dhcp-range=…,proxy`` with a ``pxe-service``. The difference between the first two is
+the share the inventory takes.
+
+Why network namespaces rather than loopback: a proxy OFFER to a client without an address is
+broadcast to 255.255.255.255:68, which on the host's own stack would leave through a real
+interface, and dnsmasq only does DHCP on an interface with an address in its range. Two
+namespaces joined by a veth pair are created (192.0.2.1 server, 192.0.2.2 client) and deleted
+at the end; nothing touches the machine's interfaces. Every wait is bounded; servers are
+stopped by their own PID. ``--inproc`` calls ``DhcpServer.handle`` in a loop instead: the
+per-packet Python cost alone, and what to run under py-spy. Not part of pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from peers import stop
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_IP, CLIENT_IP = "192.0.2.1", "192.0.2.2"
+SERVER_IF, CLIENT_IF = "nbdo0", "nbdc0"
+LOADER = "snponly.efi"
+SO_BINDTODEVICE = 25
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PRL = bytes((1, 2, 3, 4, 5, 6, 12, 13, 15, 17, 18, 22, 23, 28, 40, 41, 42, 43, 50, 51, 54, 58,
+             59, 60, 66, 67, 97, 128, 129, 130, 131, 132, 133, 134, 135))
+
+
+def discover(mac: bytes, xid: int) -> bytes:
+    """A DISCOVER as OVMF sends it (the option order of EDK2's PxeBcDhcp4)."""
+    uuid = b"\x00" + mac * 2 + mac[:4]
+    opts = (
+        b"\x35\x01\x01"
+        + b"\x39\x02\x05\xc0"
+        + bytes((55, len(PRL))) + PRL
+        + b"\x5d\x02\x00\x07"
+        + b"\x5e\x03\x01\x03\x00"
+        + bytes((97, len(uuid))) + uuid
+        + b"\x3c\x20PXEClient:Arch:00007:UNDI:003000"
+        + b"\xff"
+    )
+    head = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, xid, 0, 0x8000, bytes(4),
+                       bytes(4), bytes(4), bytes(4), mac.ljust(16, b"\0"), b"", b"")
+    return (head + b"\x63\x82\x53\x63" + opts).ljust(300, b"\0")
+
+
+def mac_of(i: int) -> bytes:
+    return bytes((0x52, 0x54)) + i.to_bytes(4, "big")
+
+
+# --- the servers ------------------------------------------------------------------------------
+
+
+class _Memory:
+    """Answers from memory, at once (no awaitable): the per-packet cost of everything but
+    the inventory, as a decider with an in-memory view of it would answer."""
+
+    def __init__(self) -> None:
+        from netboot.model import FirstStage
+
+        self.stage = FirstStage(LOADER, reason="benchmark")
+
+    def first_stage(self, request: Any) -> Any:
+        return self.stage
+
+
+class _MemoryAsync(_Memory):
+    """The same answer from a coroutine: what the asyncio task per decision costs."""
+
+    async def first_stage(self, request: Any) -> Any:
+        return self.stage
+
+
+async def make_server(kind: str, interface: str, root: Path) -> Any:
+    """netboot's DHCP server in proxy mode with the ``memory`` or the ``store`` decider."""
+    sys.path.insert(0, str(REPO))
+    from netboot.inventory.memory import MemoryStore
+    from netboot.pxe import DhcpSettings
+    from netboot.servers.dhcp import DhcpServer
+
+    decider: Any
+    store: Any
+    if kind == "store":
+        from netboot.boot import BootService, BootSettings
+        from netboot.enroll import Enroller
+        from netboot.files import FileTree
+        from netboot.inventory.sqlite import SqliteStore
+
+        (root / "assets").mkdir()
+        (root / "assets" / LOADER).write_bytes(b"loader")
+        store = SqliteStore(root / "netboot.db")
+        await store.open()
+        decider = BootService(store, FileTree([root / "assets"]), BootSettings(policy="hold"),
+                              Enroller(store))
+    else:
+        store, decider = MemoryStore(), _MemoryAsync() if kind == "memory-async" else _Memory()
+    return DhcpServer(DhcpSettings(), decider, store,
+                      interfaces=[interface] if interface else None, advertise=SERVER_IP,
+                      host="0.0.0.0", port=67, pxe_port=4011)
+
+
+def serve(kind: str, interface: str) -> None:
+    """Child process (inside the server namespace): netboot's DHCP server until SIGTERM."""
+    import signal
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            server = await make_server(kind, interface, Path(tmp))
+            await server.start()
+            print("ready", flush=True)
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()
+            await server.close()
+
+    if os.environ.get("NETBOOT_LOOP") == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def namespaces() -> Iterator[tuple[str, str]]:
+    tag = secrets.token_hex(3)
+    server, client = f"nbdo-{tag}-s", f"nbdo-{tag}-c"
+    created: list[str] = []
+    try:
+        for ns in (server, client):
+            _ip("netns", "add", ns)
+            created.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", server, "link", "add", SERVER_IF, "type", "veth", "peer", "name", CLIENT_IF,
+            "netns", client)
+        _ip("-n", server, "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_IF)
+        _ip("-n", server, "link", "set", SERVER_IF, "up")
+        _ip("-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", CLIENT_IF)
+        _ip("-n", client, "link", "set", CLIENT_IF, "up")
+        yield server, client
+    finally:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
+                           timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return 0.0
+
+
+@contextlib.contextmanager
+def target(name: str, ns: str, run: Path) -> Iterator[int]:
+    """Start one server in the server namespace; yields its PID (the server's own)."""
+    if name == "dnsmasq":
+        argv = ["dnsmasq", "--keep-in-foreground", "--port=0", f"--interface={SERVER_IF}",
+                "--bind-interfaces", "--conf-file=/dev/null", "--user=root", "--pid-file=",
+                f"--dhcp-leasefile={run / 'dnsmasq.leases'}", f"--dhcp-range={SERVER_IP},proxy",
+                f"--pxe-service=x86-64_EFI,bench,{LOADER}", "--log-facility=-", "--quiet-dhcp"]
+        env: dict[str, str] = {}
+    else:
+        kind = "store" if name.endswith("+store") else "memory"
+        argv = [sys.executable, __file__, "--serve", kind, "--interface", SERVER_IF]
+        env = {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        if "uvloop" in name:
+            env["NETBOOT_LOOP"] = "uvloop"
+    log = open(run / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "env", *(f"{k}={v}" for k, v in
+                             env.items()), *argv], stdout=subprocess.PIPE, stderr=log)
+    try:
+        if name != "dnsmasq":
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            if not ready or proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"{name} did not start, see {run / name}.log")
+        else:
+            time.sleep(0.5)
+        yield proc.pid
+    finally:
+        stop(proc)
+        log.close()
+
+
+# --- the client (runs in the client namespace, a child process) --------------------------------
+
+
+def client_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, CLIENT_IF.encode())
+    sock.bind(("0.0.0.0", 68))
+    return sock
+
+
+def offers(sock: socket.socket) -> Iterator[tuple[int, float]]:
+    """The xid and arrival time of every BOOTREPLY queued on the non-blocking ``sock``."""
+    while True:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        if len(data) >= 240 and data[0] == 2:
+            yield int.from_bytes(data[4:8], "big"), time.perf_counter()
+
+
+def offers_per_second(count: int, outstanding: int, macs: int) -> tuple[int, float]:
+    """Closed loop: keep ``outstanding`` DISCOVERs in flight; returns (answered, seconds).
+    A DISCOVER unanswered for 1 s is given up and replaced (bounded: 60 s in all)."""
+    sock = client_socket()
+    sock.setblocking(False)
+    dest = ("255.255.255.255", 67)
+    pending: dict[int, float] = {}
+    sent = answered = 0
+    xid0 = int.from_bytes(os.urandom(2), "big") << 16
+    t0 = time.perf_counter()
+
+    # Built once and patched with the xid: the load generator must cost less than a server.
+    templates = [bytearray(discover(mac_of(i), 0)) for i in range(macs)]
+
+    def send() -> None:
+        nonlocal sent
+        xid = xid0 + sent
+        packet = templates[sent % macs]
+        packet[4:8] = xid.to_bytes(4, "big")
+        sock.sendto(packet, dest)
+        pending[xid] = time.perf_counter()
+        sent += 1
+
+    while sent < min(outstanding, count):
+        send()
+    while pending and time.perf_counter() - t0 < 60:
+        ready, _, _ = select.select([sock], [], [], 0.2)
+        now = time.perf_counter()
+        if not ready:
+            for xid in [x for x, t in pending.items() if now - t > 1.0]:
+                del pending[xid]
+                if sent < count:
+                    send()
+            continue
+        for xid, _ in offers(sock):
+            if pending.pop(xid, None) is None:
+                continue
+            answered += 1
+            if sent < count:
+                send()
+    seconds = time.perf_counter() - t0
+    sock.close()
+    return answered, seconds
+
+
+def storm(devices: int, within: float) -> tuple[int, list[float]]:
+    """Open loop: ``devices`` DISCOVERs spread evenly over ``within`` seconds; returns how many
+    were answered within 2 s and each answer's latency in ms."""
+    sock = client_socket()
+    sock.setblocking(False)
+    dest = ("255.255.255.255", 67)
+    xid0 = int.from_bytes(os.urandom(2), "big") << 16
+    sent_at: dict[int, float] = {}
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    i = 0
+    while time.perf_counter() - t0 < within + 2.0 and len(latencies) < devices:
+        now = time.perf_counter()
+        while i < devices and now >= t0 + within * i / devices:
+            sock.sendto(discover(mac_of(100_000 + i), xid0 + i), dest)
+            sent_at[xid0 + i] = time.perf_counter()
+            i += 1
+        wait = max(0.0, t0 + within * i / devices - time.perf_counter()) if i < devices else 0.05
+        ready, _, _ = select.select([sock], [], [], min(wait, 0.05))
+        if not ready:
+            continue
+        for xid, now in offers(sock):
+            start = sent_at.pop(xid, None)
+            if start is not None and now - start <= 2.0:
+                latencies.append((now - start) * 1000)
+    sock.close()
+    return len(latencies), latencies
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * p))]
+
+
+# --- in-process: the Python cost per packet --------------------------------------------------
+
+
+def inproc(count: int, kind: str) -> None:
+    async def run(root: Path) -> float:
+        server = await make_server(kind, "", root)
+        packets = [discover(mac_of(i), i) for i in range(1000)]
+        t0 = time.process_time()
+        silent = 0
+        for i in range(count):
+            out = await server.handle(packets[i % 1000], ("0.0.0.0", 68), server_ip=SERVER_IP,
+                                      pxe_port=False)
+            silent += not out
+        await asyncio.sleep(0.1)  # let the store decider's background writes run
+        seconds = time.process_time() - t0
+        await server.close()
+        if silent:
+            print(f"{silent} DISCOVERs unanswered (the decision timed out)")
+        return seconds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds = asyncio.run(run(Path(tmp)))
+    print(f"in-process handle(), {kind} decider: {count} DISCOVERs, "
+          f"{seconds / count * 1e6:.1f} µs CPU each, {count / seconds:,.0f}/s")
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--outstanding", type=int, default=64)
+    parser.add_argument("--macs", type=int, default=1000)
+    parser.add_argument("--storm", type=int, default=1000)
+    parser.add_argument("--within", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated target names")
+    parser.add_argument("--uvloop", action="store_true", help="also netboot under uvloop")
+    parser.add_argument("--inproc", action="store_true")
+    parser.add_argument("--decider", choices=("memory", "memory-async", "store"), default="memory",
+                        help="with --inproc")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--interface", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.interface)
+        return
+    if args.client == "offers":
+        answered, seconds = offers_per_second(args.count, args.outstanding, args.macs)
+        print(answered, seconds)
+        return
+    if args.client == "storm":
+        answered, lat = storm(args.storm, args.within)
+        print(answered, *lat)
+        return
+    if args.inproc:
+        inproc(args.count, args.decider)
+        return
+    if os.geteuid() != 0:
+        sys.exit("needs root for the network namespaces (or use --inproc)")
+    names = ["netboot", "netboot+store", "dnsmasq"]
+    if args.uvloop:
+        names.insert(1, "netboot-uvloop")
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    if "dnsmasq" in names and not shutil.which("dnsmasq"):
+        print("dnsmasq: not installed, left out")
+        names.remove("dnsmasq")
+    results: dict[str, list[tuple[float, float, int, float, float, float]]] = {n: [] for n in names}
+    with namespaces() as (sns, cns), tempfile.TemporaryDirectory() as tmp:
+        def client(*extra: str) -> list[str]:
+            out = subprocess.run(["ip", "netns", "exec", cns, sys.executable, __file__, *extra],
+                                 check=True, capture_output=True, text=True, timeout=120)
+            return out.stdout.split()
+
+        for rep in range(args.repeat):
+            # Rotate the order so no target always runs first (a cold or warm machine).
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for name in order:
+                with target(name, sns, Path(tmp)) as pid:
+                    client("--client", "offers", "--count", "200", "--outstanding", "8")  # warm
+                    cpu0 = cpu_seconds(pid)
+                    got = client("--client", "offers", "--count", str(args.count),
+                                 "--outstanding", str(args.outstanding), "--macs", str(args.macs))
+                    cpu = cpu_seconds(pid) - cpu0
+                    answered, seconds = int(got[0]), float(got[1])
+                    s = client("--client", "storm", "--storm", str(args.storm),
+                               "--within", str(args.within))
+                    lat = [float(x) for x in s[1:]]
+                    results[name].append((answered / seconds, cpu / max(answered, 1) * 1e6,
+                                          int(s[0]), pct(lat, 0.5), pct(lat, 0.99),
+                                          max(lat or [0])))
+    med = {n: sorted(r, key=lambda x: x[0])[len(r) // 2] for n, r in results.items()}
+    ref = med.get("dnsmasq")
+    print(f"proxyDHCP, UEFI x86-64 DISCOVER → broadcast OFFER, {args.count} with "
+          f"{args.outstanding} outstanding; storm of {args.storm} in {args.within:g} s; "
+          f"median of {args.repeat} by offers/s")
+    print(f"{'target':<16}{'offers/s':>10}{'CPU µs/offer':>14}{'÷ dnsmasq':>11}"
+          f"{'storm answered':>16}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}")
+    for n, (rate, cpu, ans, p50, p99, mx) in med.items():
+        ratio = f"{rate / ref[0]:.2f}x" if ref else "-"
+        print(f"{n:<16}{rate:>10,.0f}{cpu:>14.0f}{ratio:>11}{ans:>11}/{args.storm:<4}"
+              f"{p50:>8.2f}{p99:>8.2f}{mx:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
