@@ -278,6 +278,7 @@ class Api:
     async def list_events(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
         limit = _int_query(request, "limit", 1000, 1, 10000)
+        await self._core.boot.drain()  # boot events are written in batches: all of them
         events = await self._store.list_events(machine.id, limit=limit)
         return web.json_response([codec.event_to_dict(e) for e in events])
 

@@ -34,7 +34,8 @@ from netboot.discovery import DiscoveryGuard, DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import Conflict
 from netboot.identity import Identity, Resolution
-from netboot.inventory.base import Batch, MachineFilter, Store
+from netboot.inventory.base import Batch, Store
+from netboot.inventory.view import InventoryView
 from netboot.model import (
     Arch,
     BootAction,
@@ -193,7 +194,9 @@ class BootService:
         discovery: DiscoveryLimits | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
-        self._store = store
+        self._store = store  # writes; reads go through the view, kept exact by sync()
+        self._view = InventoryView(store)
+        self._recorder = enroller.recorder  # one per process: history keeps its order
         self._assets = assets
         self.settings = settings
         self._enroller = enroller
@@ -215,6 +218,7 @@ class BootService:
         Called on the DHCP path, which must answer within ~2 s (iPXE drops late proxy offers,
         protocols.md §1.6): one indexed read, and writes happen in the background.
         """
+        await self._view.sync()
         machine = (await self._resolve(request)).machine
         self._spawn(self._record_dhcp(request))
         if (machine is None or machine.state == MachineState.DISCOVERED) \
@@ -232,15 +236,16 @@ class BootService:
         first stage even under the ``ignore`` policy; iPXE then asks, and a NIC of no enrolled
         machine gets ``ignore.ipxe``, which exits to the firmware's next boot device.
         """
-        return await self._store.count_machines(MachineFilter(has_mac=False)) > 0
+        return await self._view.count_machines_without_nic() > 0
 
     async def _resolve(self, request: BootRequest) -> Resolution:
-        return await identity.resolve(self._store, Identity.of_request(request))
+        return await identity.resolve(self._view, Identity.of_request(request))
 
     async def _record_dhcp(self, request: BootRequest) -> None:
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
         async with self._lock(str(request.mac)):
+            await self._view.sync()
             res = await self._resolve(request)
             machine = await self._adopt(request, res)
             if machine is None or machine.state == MachineState.DISCOVERED:
@@ -311,8 +316,11 @@ class BootService:
     # -- iPXE / pxelinux ---------------------------------------------------------------
     async def plan(self, request: BootRequest, *, record: bool = True) -> BootPlan:
         if not record:
+            await self._view.sync()
             return await self._plan(request, record=False)
         async with self._lock(str(request.mac)):
+            # After the lock: what the previous request for this machine committed is seen.
+            await self._view.sync()
             return await self._plan(request, record=True)
 
     async def _plan(self, request: BootRequest, *, record: bool) -> BootPlan:
@@ -385,15 +393,15 @@ class BootService:
         """The ``netboot machines approve`` line that installs this machine: it names what no
         group or default gives it (a cluster, a role, a profile), with the real name when the
         inventory has only one to choose from."""
-        group, profile, cluster, _ = await self.effective(machine, request)
+        group, profile, cluster, _ = await self._effective(machine, request)
         parts = ["netboot machines approve", machine.ref]
         if cluster is None:
-            names = [c.name for c in await self._store.list_clusters()]
+            names = [c.name for c in await self._view.list_clusters()]
             parts.append("--cluster " + (names[0] if len(names) == 1 else "NAME"))
         if machine.role is None and (group is None or group.role is None):
             parts.append("--role agent")
         if profile is None:
-            names = [p.name for p in await self._store.list_profiles()]
+            names = [p.name for p in await self._view.list_profiles()]
             parts.append("--profile " + (names[0] if len(names) == 1 else "NAME"))
         return " ".join(parts)
 
@@ -401,19 +409,24 @@ class BootService:
                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
         """The machine's group, profile, cluster and role: its own settings win over the
         group's; the configured default profile comes last."""
+        await self._view.sync()
+        return await self._effective(machine, request)
+
+    async def _effective(self, machine: Machine, request: BootRequest | None = None,
+                         ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
         labels = grouping.machine_labels(machine, request.labels() if request else None)
-        group = grouping.select(await self._store.list_groups(), labels)
+        group = grouping.select(await self._view.list_groups(), labels)
         profile_name = (machine.profile or (group.profile if group else None)
                         or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)
         role = machine.role or (group.role if group else None) or Role.AGENT
-        profile = await self._store.get_profile(profile_name) if profile_name else None
-        cluster = await self._store.get_cluster(cluster_name) if cluster_name else None
+        profile = await self._view.get_profile(profile_name) if profile_name else None
+        cluster = await self._view.get_cluster(cluster_name) if cluster_name else None
         return group, profile, cluster, role
 
     async def _install_plan(self, request: BootRequest, machine: Machine, res: Resolution,
                             record: bool) -> BootPlan:
-        group, profile, cluster, role = await self.effective(machine, request)
+        group, profile, cluster, role = await self._effective(machine, request)
         if profile is None:
             reason = ("no profile: set one on the machine, a group that selects it or "
                       "enroll.default_profile"
@@ -478,11 +491,11 @@ class BootService:
                 cluster=machine.cluster or (cluster.name if cluster else None),
                 role=machine.role or (role if cluster else None),
             )
-            await self._store.update_machine(machine)
-            await self._event(machine, "install-plan",
-                              f"install profile {profile.name}"
-                              + (f" into cluster {cluster.name} as {role}" if cluster else ""),
-                              request)
+            # The token is what the device is told: committed, with its event, before the
+            # answer leaves.
+            await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
+                machine, "install-plan", f"install profile {profile.name}"
+                + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),)))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
@@ -499,7 +512,8 @@ class BootService:
         """What a machine's per-machine config (k3OS, cloud-init) carries: its profile, cluster
         and how it joins. ``claim=False`` for dry runs that must not pick the init node;
         ``mac`` is the NIC the config was asked for (default: the machine's primary one)."""
-        group, profile, cluster, role = await self.effective(machine, request)
+        await self._view.sync()
+        group, profile, cluster, role = await self._effective(machine, request)
         k3s = (await self.k3s_join(machine, cluster, role, group, claim=claim)
                if cluster else None)
         if cluster is not None and k3s is not None and k3s.waiting:
@@ -532,15 +546,16 @@ class BootService:
             return K3sJoin(role, cluster.server_url, False, cluster.token, labels,
                            tuple(taints), node_name)
         async with self._cluster_lock:
+            # Under the lock, what the previous claimant committed is seen: exactly one
+            # node of the cluster ever runs --cluster-init.
+            await self._view.sync()
             key = f"cluster-init/{cluster.name}"
-            init_id = await self._store.get_setting(key)  # a machine id
-            if init_id is not None and await self._store.get_machine(init_id) is None:
+            init_id = await self._view.get_setting(key)  # a machine id
+            if init_id is not None and await self._view.get_machine(init_id) is None:
                 init_id = None  # the node that formed the cluster was deleted
             # Registered servers other than this machine: a cluster that already runs.
-            running = [m for m in await self._store.list_machines(
-                MachineFilter(cluster=cluster.name, state=MachineState.REGISTERED,
-                              limit=100_000))
-                       if m.role == Role.SERVER and m.id != machine.id]
+            running = [m for m in await self._view.registered_servers(cluster.name)
+                       if m.id != machine.id]
             if init_id is None and role == Role.SERVER and not running:
                 if claim:
                     await self._store.put_setting(key, machine.id)
@@ -586,9 +601,7 @@ class BootService:
 
     async def _waiting_reason(self, cluster: Cluster) -> str:
         fix = f"or give the cluster one: netboot clusters set {cluster.name} --endpoint HOST"
-        servers = await self._store.list_machines(MachineFilter(
-            cluster=cluster.name, state=MachineState.REGISTERED, limit=100_000))
-        if any(m.role == Role.SERVER for m in servers):
+        if await self._view.registered_servers(cluster.name):
             # Registered, but from no address another node could reach (all were refused).
             return (f"waiting for an address of cluster {cluster.name}'s servers: they "
                     f"registered without one other nodes can reach ({fix})")
@@ -602,13 +615,14 @@ class BootService:
         yet (selectors on arch cannot match an architecture nobody has reported); otherwise
         the last one seen is used.
         """
-        machine = await identity.by_ref(self._store, ref)
+        await self._view.sync()
+        machine = await identity.by_ref(self._view, ref)
         if machine is None:
             return {"mac": ref, "known": False, "policy": self.settings.policy,
                     "decision": "unknown machine: discovery policy " + self.settings.policy}
         request = identity.request_for(machine, arch=arch or machine.arch or Arch.UNKNOWN,
                                        firmware=machine.firmware or Firmware.UNKNOWN)
-        group, profile, cluster, role = await self.effective(machine, request)
+        group, profile, cluster, role = await self._effective(machine, request)
         plan = await self.plan(request, record=False)
         return {
             "mac": str(machine.mac) if machine.mac else None, "id": machine.id,
@@ -678,8 +692,8 @@ class BootService:
                                 f"booted from NIC {request.mac}, recognised by its "
                                 f"{res.matched_by}", {"mac": str(request.mac),
                                                       "matched_by": str(res.matched_by)}))
-        await self._store.apply_batch(Batch(merge=[(d.id, updated.id) for d in res.absorb],
-                                            update=(updated,), events=events))
+        await self._recorder.commit(Batch(merge=[(d.id, updated.id) for d in res.absorb],
+                                          update=(updated,), events=events))
         self._log.info("machine %s: mac=%s attached=%s merged=%s (by %s)", updated.id,
                        request.mac, new_nic, [d.id for d in res.absorb], res.matched_by)
         return updated
@@ -697,16 +711,16 @@ class BootService:
             if not await self.discovery.reserve(request, machine.id, now):
                 return None
             try:
-                await self._store.create_machine(machine)
+                await self._recorder.commit(Batch(create=(machine,), events=(self._new_event(
+                    machine, "discovered", f"unknown {request.firmware}/{request.arch} machine "
+                    f"seen via {request.via}", request),)))
             except Conflict:  # a concurrent request created it first: read it back
                 self.discovery.release(machine.id)
+                await self._view.sync()
                 existing = (await self._resolve(request)).machine
                 if existing is None:
                     raise
                 return existing
-            await self._event(machine, "discovered",
-                              f"unknown {request.firmware}/{request.arch} machine seen via "
-                              f"{request.via}", request)
             self._log.info("discovered mac=%s firmware=%s arch=%s uuid=%s via=%s",
                            request.mac, request.firmware, request.arch, request.uuid, request.via)
             return machine
@@ -725,12 +739,20 @@ class BootService:
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
+        """Queue an event that acknowledges nothing (written within the recorder's delay)."""
         if once:
             # A held machine retries every few seconds; one event says it, thousands bury
             # the rest of its history.
-            last = await self._store.list_events(machine.id, limit=1)
-            if last and last[0].kind == kind and last[0].message == message:
+            last = self._recorder.pending(machine.id)
+            if last is None:
+                written = await self._store.list_events(machine.id, limit=1)
+                last = written[0] if written else None
+            if last is not None and last.kind == kind and last.message == message:
                 return
+        self._recorder.record(self._new_event(machine, kind, message, request))
+
+    def _new_event(self, machine: Machine, kind: str, message: str,
+                   request: BootRequest | None = None) -> Event:
         data: dict[str, str] = {}
         if request is not None:
             data = {"via": request.via, "firmware": str(request.firmware),
@@ -739,7 +761,7 @@ class BootService:
                 data["mac"] = str(request.mac)
             if request.remote_addr:
                 data["peer"] = request.remote_addr
-        await self._store.add_event(Event(machine.id, self._clock(), kind, message, data))
+        return Event(machine.id, self._clock(), kind, message, data)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -752,8 +774,11 @@ class BootService:
             self._log.error("background inventory write failed: %s", task.exception())
 
     async def drain(self) -> None:
+        """Finish background records and write every queued event (shutdown; readers of
+        the history call it first so that they see everything recorded)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self._recorder.flush()
 
 
 def _taken(res: Resolution) -> frozenset[str]:

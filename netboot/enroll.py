@@ -38,6 +38,7 @@ from netboot.model import (
     MachineState,
     Role,
 )
+from netboot.recorder import Recorder
 
 _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
 MAX_EVENT_KIND = 64
@@ -299,14 +300,17 @@ class Enroller:
         logger: logging.Logger | None = None,
     ) -> None:
         self._store = store
+        # Every event of this process is written through one recorder, so that history keeps
+        # its order: what the boot path queued goes out before what is committed here.
+        self.recorder = Recorder(store, logger=logger)
         self.hostname_template = hostname_template
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
 
     async def event(self, machine_id: str, kind: str, message: str = "",
                     data: Mapping[str, Any] | None = None) -> None:
-        await self._store.add_event(Event(machine_id, self._clock(), kind, message,
-                                          dict(data or {})))
+        await self.recorder.commit(Batch(events=(Event(machine_id, self._clock(), kind,
+                                                       message, dict(data or {})),)))
 
     # -- hostnames --------------------------------------------------------------------
     async def unique_hostname(self, template: str, machine: Machine, *, cluster: str | None,
@@ -383,7 +387,7 @@ class Enroller:
         events += [Event(machine.id, now, "merged", f"discovered record {d.id} "
                          f"({', '.join(map(str, d.macs))}) is this machine; its history is kept",
                          {"merged": d.id}) for d in absorb]
-        await self._store.apply_batch(Batch(
+        await self.recorder.commit(Batch(
             merge=[(d.id, machine.id) for d in absorb], events=events,
             create=() if keep else (machine,), update=(machine,) if keep else ()))
         return machine
@@ -486,12 +490,12 @@ class Enroller:
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
         step = REPORTED_STEPS.get(kind)
-        if step is not None:
-            updated = lifecycle.advance(machine, step, self._clock())
-            if updated is not machine:
-                await self._store.update_machine(updated)
+        updated = (lifecycle.advance(machine, step, self._clock()) if step is not None
+                   else machine)
         event = Event(machine.id, self._clock(), kind, message, data)
-        await self._store.add_event(event)
+        # The reported state and its event in one transaction: acknowledged to the installer.
+        await self.recorder.commit(Batch(update=(updated,) if updated is not machine else (),
+                                         events=(event,)))
         return event
 
     async def register(self, body: Mapping[str, Any], peer: IPAddress | None) -> Machine:
@@ -668,8 +672,8 @@ class Enroller:
         events += [Event(target, now, "merged", f"discovered record {source} is this machine "
                          "(found by an import); its history is kept", {"merged": source})
                    for source, target in merge]
-        await self._store.apply_batch(Batch(merge=merge, create=create, update=update,
-                                            events=events))
+        await self.recorder.commit(Batch(merge=merge, create=create, update=update,
+                                         events=events))
         return replace(report, applied=True)
 
     @staticmethod

@@ -21,6 +21,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from netboot.errors import ConfigError, RenderError
 from netboot.shipped import templates_dir
 
+# Compiled string templates kept (profile cmdlines): far more than any site has profiles.
+_MAX_COMPILED = 256
+
 
 class Renderer:
     def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None) -> None:
@@ -41,6 +44,7 @@ class Renderer:
         )
         self._env.filters["grub_quote"] = grub_quote
         self._env.filters["grub_args"] = grub_args
+        self._strings: dict[str, jinja2.Template] = {}
 
     def check_all(self) -> None:
         """Compile every template once at start-up so that a syntax error stops the server."""
@@ -72,9 +76,24 @@ class Renderer:
 
     def render_string(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
         try:
-            return self._env.from_string(source).render(**context)
+            return self._compiled(source).render(**context)
         except jinja2.TemplateError as exc:
             raise RenderError(f"{what}: {exc}") from exc
+
+    def _compiled(self, source: str) -> jinja2.Template:
+        """The compiled template of ``source`` (a profile's cmdline), compiled once.
+
+        Compiling costs ~100x rendering, and the same few profile cmdlines are rendered for
+        every machine of a boot storm. Bounded: templates come from operators' profiles, and
+        an edited profile must not leave its old text behind forever.
+        """
+        template = self._strings.get(source)
+        if template is None:
+            template = self._env.from_string(source)
+            if len(self._strings) >= _MAX_COMPILED:
+                self._strings.pop(next(iter(self._strings)))  # the oldest compiled
+            self._strings[source] = template
+        return template
 
     def _dirs_text(self) -> str:
         return ", ".join(str(d) for d in self.dirs)

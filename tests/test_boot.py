@@ -58,7 +58,8 @@ def req(fw: Firmware, arch: Arch = Arch.X86_64, **kw: object) -> BootRequest:
     return BootRequest(mac=MAC, firmware=fw, arch=arch, via="dhcp", **kw)  # type: ignore[arg-type]
 
 
-async def events_of(store: MemoryStore, mac: MacAddress) -> list[Event]:
+async def events_of(store: MemoryStore, mac: MacAddress, boot: BootService) -> list[Event]:
+    await boot.drain()  # boot events are written in batches
     machine = await store.machine_by("mac", str(mac))
     assert machine is not None
     return await store.list_events(machine.id)
@@ -106,7 +107,7 @@ async def test_unknown_machine_ignored_but_discovered(
     assert m is not None and m.state == MachineState.DISCOVERED
     assert m.arch == Arch.X86_64 and m.firmware == Firmware.UEFI and m.uuid == uuid
     assert m.facts["relay"] == "192.0.2.1" and m.facts["interface"] == "eth1"
-    assert [e.kind for e in await events_of(store, MAC)] == ["discovered"]
+    assert [e.kind for e in await events_of(store, MAC, boot)] == ["discovered"]
     plan = await boot.plan(req(Firmware.IPXE, serial="SN1", product="Box"))
     assert plan.action == BootAction.IGNORE
     m = await store.machine_by("mac", str(MAC))
@@ -272,7 +273,7 @@ async def test_agent_before_its_server_holds_then_installs_by_itself(
         assert plan.retry_seconds > 0
     held = await store.machine_by("mac", str(MAC))
     assert held is not None and held.state == MachineState.ENROLLED and held.token_hash is None
-    events = [e for e in await events_of(store, MAC) if e.kind == "hold"]
+    events = [e for e in await events_of(store, MAC, boot) if e.kind == "hold"]
     assert len(events) == 1 and "first server" in events[0].message
     assert (await boot.explain(str(MAC)))["decision"] == "hold"
     assert "waiting for cluster m" in (await boot.explain(str(MAC)))["reason"]
@@ -337,7 +338,7 @@ async def test_hold_is_recorded_once_per_reason(
     boot.settings = replace(boot.settings, policy="hold")
     for _ in range(5):
         assert (await boot.plan(req(Firmware.IPXE))).action == BootAction.HOLD
-    kinds = [e.kind for e in await events_of(store, MAC)]
+    kinds = [e.kind for e in await events_of(store, MAC, boot)]
     assert kinds == ["discovered", "hold"]
 
 

@@ -168,6 +168,17 @@ def test_cmdline_must_be_one_line_and_no_hash() -> None:
         content().context(plan(BootAction.INSTALL, profile=bad))
 
 
+def test_cmdline_compiled_once_and_an_edited_one_renders_anew() -> None:
+    r = renderer()
+    ctx = {"mac": "m1"}
+    assert r.cmdline("a={{ mac }}", ctx, what="p") == "a=m1"
+    assert r.cmdline("a={{ mac }}", {"mac": "m2"}, what="p") == "a=m2"
+    assert r.cmdline("b={{ mac }}", ctx, what="p") == "b=m1"  # the profile was edited
+    for i in range(300):  # more distinct texts than are kept: the oldest give way
+        assert r.cmdline(f"n={i}", ctx, what="p") == f"n={i}"
+    assert r.cmdline("a={{ mac }}", ctx, what="p") == "a=m1"
+
+
 def test_strict_undefined_and_sandbox(tmp_path: Path) -> None:
     (tmp_path / "ipxe").mkdir()
     (tmp_path / "ipxe" / "local.ipxe").write_text("#!ipxe\necho {{ no_such_thing }}\n")

@@ -11,7 +11,7 @@ fails; a store failure is never reported as "not found".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,6 +55,37 @@ class Batch:
     events: Sequence[Event] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What was committed to the inventory since a position of its change feed.
+
+    ``seq`` is the position to ask from next. When ``complete`` is False the feed cannot say
+    what changed (its history was pruned, or the store keeps none): a reader drops everything
+    it holds and reads again. Otherwise each changed object is given as it is now, None when
+    it was deleted.
+    """
+
+    seq: int
+    complete: bool
+    machines: Mapping[str, Machine | None] = field(default_factory=dict)
+    profiles: Mapping[str, Profile | None] = field(default_factory=dict)
+    clusters: Mapping[str, Cluster | None] = field(default_factory=dict)
+    groups: Mapping[str, Group | None] = field(default_factory=dict)
+    settings: Mapping[str, str | None] = field(default_factory=dict)
+
+
+class ChangeFeed(Protocol):
+    """Every commit to machines, profiles, clusters, groups and settings, by whoever made it
+    (this process, the CLI in another, another server), in commit order. SQLite records them
+    in the committing transaction itself; PostgreSQL can answer the same with LISTEN/NOTIFY."""
+
+    async def changes_since(self, seq: int) -> Changes:
+        """What changed after ``seq`` (-1: nothing is known yet, answer incomplete)."""
+
+    async def forget_changes(self, before: int) -> None:
+        """History before ``before`` is no longer needed by this reader (it may be pruned)."""
+
+
 class Sealer(Protocol):
     """Seals secret values (cluster join tokens) before a store writes them to disk
     (:class:`netboot.sealing.Sealer`). ``context`` is authenticated with the value."""
@@ -68,7 +99,7 @@ class Sealer(Protocol):
     def is_sealed(self, value: str) -> bool: ...
 
 
-class Store(Protocol):
+class Store(ChangeFeed, Protocol):
     """The async inventory. ``mac`` arguments are MACs in any accepted spelling; machines and
     their events are named by machine id."""
 

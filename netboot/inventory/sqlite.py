@@ -44,7 +44,7 @@ from netboot import identity
 from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, MachineFilter, Sealer
+from netboot.inventory.base import Batch, Changes, MachineFilter, Sealer
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -69,6 +69,16 @@ SHM_RESERVE = 4 * 32768
 
 # A migration step: SQL text, or a function for what SQL alone cannot do (re-encode documents).
 Step = str | Callable[[sqlite3.Connection], None]
+
+def _change_trigger(table: str, key: str, op: str) -> str:
+    """A trigger recording each ``op`` on ``table`` in the change feed, by the row's key (both
+    keys when an update renames it)."""
+    rows = {"INSERT": ("new",), "DELETE": ("old",), "UPDATE": ("old", "new")}[op]
+    body = "".join(f"INSERT INTO changes (tbl, key) SELECT '{table}', {row}.{key}"
+                   + (f" WHERE old.{key} IS NOT new.{key}" if op == "UPDATE" and row == "old"
+                      else "") + "; " for row in rows)
+    return f"CREATE TRIGGER {table}_{op.lower()}_changes AFTER {op} ON {table} BEGIN {body}END"
+
 
 # Ordered; index i brings a database from user_version i to i + 1. Append, never edit: a
 # released migration has already run on someone's disk.
@@ -227,6 +237,19 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
         )""",
         "CREATE INDEX audit_time ON audit (time, id)",
     ),
+    (
+        # The change feed (netboot.inventory.base.ChangeFeed): a row per changed object,
+        # written by triggers inside the committing transaction, so every writer (this
+        # process, the CLI in another, an older tool) records its changes and a reader sees a
+        # change exactly when it sees the commit. AUTOINCREMENT: seqs never go back, and a
+        # gap can only mean pruning.
+        "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " tbl TEXT NOT NULL, key TEXT NOT NULL)",
+        *(_change_trigger(table, key, op)
+          for table, key in (("machines", "id"), ("profiles", "name"), ("clusters", "name"),
+                             ("groups", "name"), ("settings", "key"))
+          for op in ("INSERT", "UPDATE", "DELETE")),
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -305,6 +328,10 @@ class SqliteStore:
         # process then believes it is the first user, truncates -shm to 3 bytes and this
         # process's mapping faults (SIGBUS). So the reservation never opens and closes one.
         self._shm_fd: int | None = None
+        # The change feed's last answer (reader thread only): data_version then, and the
+        # newest seq; while data_version stays, nothing was committed and nothing is read.
+        self._data_version = -1
+        self._feed_seq = -1
 
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
@@ -603,6 +630,52 @@ class SqliteStore:
     async def fixed_address(self, mac: str) -> str | None:
         machine = await self.machine_by("mac", mac)
         return None if machine is None else machine.fixed_ipv4
+
+    # change feed -------------------------------------------------------------------------
+    async def changes_since(self, seq: int) -> Changes:
+        return await self._read(self._changes_since, seq)
+
+    def _changes_since(self, conn: sqlite3.Connection, seq: int) -> Changes:
+        """On the reader thread: ``PRAGMA data_version`` first, which changes exactly when
+        another connection (our writer, the CLI, another server) committed; when it has not,
+        nothing is read. Read before the query, so a commit in between is seen next time."""
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version and 0 <= seq == self._feed_seq:
+            return Changes(seq, complete=True)
+        conn.execute("BEGIN")  # one snapshot: the changes and the rows they name agree
+        try:
+            return self._read_changes(conn, seq, version)
+        finally:
+            conn.execute("COMMIT")
+
+    def _read_changes(self, conn: sqlite3.Connection, seq: int, version: int) -> Changes:
+        first, last = conn.execute("SELECT min(seq), max(seq) FROM changes").fetchone()
+        last = last if last is not None else max(0, seq)
+        self._data_version, self._feed_seq = version, last
+        if seq < 0 or seq > last or (first is not None and first > seq + 1 and seq < last):
+            return Changes(last, complete=False)  # nothing known, or pruned past it
+        keys: dict[str, set[str]] = {}
+        for tbl, key in conn.execute(
+                "SELECT tbl, key FROM changes WHERE seq > ? AND seq <= ?", (seq, last)):
+            keys.setdefault(tbl, set()).add(key)
+        machines = {m: self._open_machine(_get_machine(conn, m)) for m in keys.get("machines", ())}
+
+        def named(kind: str, decode: Callable[[Any], _R]) -> dict[str, _R | None]:
+            out: dict[str, _R | None] = {}
+            for name in keys.get(_TABLES[kind], ()):
+                data = _get_named(conn, kind, name)
+                out[name] = None if data is None else decode(data)
+            return out
+
+        return Changes(
+            last, complete=True, machines=machines,
+            profiles=named("profile", codec.profile_from_dict),
+            clusters=named("cluster", self._open_cluster),
+            groups=named("group", codec.group_from_dict),
+            settings={k: _get_setting(conn, k) for k in keys.get("settings", ())})
+
+    async def forget_changes(self, before: int) -> None:
+        await self._run(_forget_changes, before)
 
     # settings ------------------------------------------------------------------------
     async def get_setting(self, key: str) -> str | None:
@@ -1066,6 +1139,13 @@ def _put_lease(conn: sqlite3.Connection, lease: Lease) -> None:
 
 def _delete_lease(conn: sqlite3.Connection, mac: str) -> None:
     conn.execute("DELETE FROM leases WHERE mac = ?", (mac,))
+
+
+def _forget_changes(conn: sqlite3.Connection, before: int) -> None:
+    with _immediate(conn):
+        # Never the newest row: it is what tells a reader that nothing before it is missing.
+        conn.execute("DELETE FROM changes WHERE seq < ? AND seq < (SELECT max(seq) FROM changes)",
+                     (before,))
 
 
 def _get_setting(conn: sqlite3.Connection, key: str) -> str | None:

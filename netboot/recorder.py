@@ -1,0 +1,92 @@
+"""Boot-path events, written off the hot path in group commits.
+
+A boot storm records an event for nearly every request (a DHCP step, a local boot, a hold);
+one transaction each made the database the bottleneck of every decision. Events that
+acknowledge nothing to a client are queued here and written together: one transaction per
+batch, at most ``delay`` seconds after the first of it, all of them on :meth:`flush` (at
+shutdown, and before anyone reads the events back). What a client is told is done — a state
+it depends on, a token, a registration — is never queued: its writer commits it, with its
+event, before answering, so a ``kill -9`` loses at most the last ``delay`` of history notes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from netboot.errors import NetbootError
+from netboot.inventory.base import Batch, Store
+from netboot.model import Event
+
+# Long enough to gather a storm's events into one commit, short enough that `netboot
+# explain` run right after a boot shows it (reads flush anyway).
+DEFAULT_DELAY = 0.025
+
+
+class Recorder:
+    def __init__(self, store: Store, *, delay: float = DEFAULT_DELAY,
+                 logger: logging.Logger | None = None) -> None:
+        self._store = store
+        self._delay = delay
+        self._log = logger or logging.getLogger(__name__)
+        self._queue: list[Event] = []
+        self._newest: dict[str, Event] = {}  # machine id -> its newest queued event
+        self._writer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one batch at a time, in order
+
+    def record(self, event: Event) -> None:
+        """Queue ``event``; it is committed within ``delay`` seconds."""
+        self._queue.append(event)
+        self._newest[event.machine] = event
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_soon())
+
+    def pending(self, machine_id: str) -> Event | None:
+        """The newest event of this machine that is queued, not yet written."""
+        return self._newest.get(machine_id)
+
+    async def _write_soon(self) -> None:
+        try:
+            await asyncio.sleep(self._delay)
+        finally:
+            self._writer = None
+        await self.flush()
+
+    async def commit(self, batch: Batch) -> None:
+        """Write ``batch`` now, before the caller answers anyone, with the events queued
+        before it in the same transaction (so history keeps its order). If it fails, nothing
+        of it is written and the queued events stay queued."""
+        async with self._lock:
+            if batch.merge:  # a merge moves events: write what is queued under the old ids
+                await self._write(Batch())
+            await self._write(batch, strict=True)
+
+    async def flush(self) -> None:
+        """Write everything queued until now, in one transaction."""
+        async with self._lock:
+            await self._write(Batch())
+
+    async def _write(self, batch: Batch, *, strict: bool = False) -> None:
+        queued, self._queue = self._queue, []
+        if not queued and not (batch.merge or batch.create or batch.update or batch.events):
+            return
+        try:
+            await self._store.apply_batch(Batch(merge=batch.merge, create=batch.create,
+                                                update=batch.update,
+                                                events=[*queued, *batch.events]))
+        except NetbootError as exc:
+            if strict:
+                self._queue[:0] = queued
+                raise
+            # Notes about boots, acknowledged to no one: logged, not retried forever.
+            self._log.error("could not record %d boot events: %s", len(queued), exc)
+        for event in queued:
+            if self._newest.get(event.machine) is event:
+                del self._newest[event.machine]
+
+    async def close(self) -> None:
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            self._writer = None
+        await self.flush()

@@ -1,0 +1,168 @@
+"""The in-memory view stays exact: after any write, by anyone, a sync shows it.
+
+Writers: the store the view reads, a second store on the same SQLite file (another
+connection, as another server), and the CLI in another process. After each write the view's
+answers, and the boot plans decided from it, equal those read fresh from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import netboot
+from netboot.boot import BootService, BootSettings
+from netboot.enroll import Enroller
+from netboot.files import FileTree
+from netboot.identity import request_for
+from netboot.inventory.base import Store
+from netboot.inventory.sqlite import SqliteStore
+from netboot.inventory.view import InventoryView
+from netboot.model import (
+    Arch,
+    Cluster,
+    Firmware,
+    Group,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Role,
+)
+
+MACS = [f"02:00:00:00:00:{i:02x}" for i in range(1, 9)]
+CLUSTERS = ("edge", "core")
+
+
+@pytest.fixture
+async def stores(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteStore, Path]]:
+    data = tmp_path / "data"
+    data.mkdir()
+    a, b = SqliteStore(data / "netboot.db"), SqliteStore(data / "netboot.db")
+    await a.open()
+    await b.open()
+    yield a, b, data
+    await a.close()
+    await b.close()
+
+
+def cli(data: Path, *args: str) -> None:
+    """The real CLI, in its own process, on the same file."""
+    env = {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "netboot", *args, "--data-dir", str(data)],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+async def random_write(rng: random.Random, store: Store) -> None:
+    mac = rng.choice(MACS)
+    machine = await store.machine_by("mac", mac)
+    what = rng.randrange(7)
+    if what == 0 and machine is None:
+        await store.create_machine(Machine(
+            macs=(MacAddress.parse(mac),), cluster=rng.choice(CLUSTERS),
+            role=rng.choice((Role.SERVER, Role.AGENT)), profile="p",
+            serial=rng.choice((None, f"SN{mac[-2:]}"))))
+    elif what == 1 and machine is not None:
+        state = rng.choice((MachineState.ENROLLED, MachineState.REGISTERED,
+                            MachineState.INSTALLED))
+        await store.update_machine(replace(machine, state=state,
+                                           ipv4=f"192.0.2.{rng.randrange(2, 250)}"))
+    elif what == 2 and machine is not None:
+        await store.delete_machine(machine.id)
+    elif what == 3:
+        await store.put_cluster(Cluster(name=rng.choice(CLUSTERS), token="t",
+                                        endpoint=rng.choice((None, "192.0.2.9"))))
+    elif what == 4:
+        await store.put_profile(Profile(name="p", kernel=rng.choice(("k1", "k2")),
+                                        cmdline=rng.choice(("", "quiet"))))
+    elif what == 5:
+        await store.put_group(Group(name="g", selector={"mac": (mac,)},
+                                    cluster=rng.choice(CLUSTERS)))
+    elif machine is not None:
+        await store.put_setting(f"cluster-init/{rng.choice(CLUSTERS)}", machine.id)
+
+
+async def assert_exact(view: InventoryView, boot: BootService, fresh_store: SqliteStore,
+                       fresh: BootService) -> None:
+    await view.sync()
+    for mac in MACS:
+        expected = await fresh_store.machine_by("mac", mac)
+        assert await view.machine_by("mac", mac) == expected
+        if expected is not None:
+            assert await view.get_machine(expected.id) == expected
+            request = request_for(expected, arch=Arch.X86_64, firmware=Firmware.IPXE)
+            mine, theirs = (await boot.plan(request, record=False),
+                            await fresh.plan(request, record=False))
+            assert (mine.action, mine.reason, mine.k3s) == (theirs.action, theirs.reason,
+                                                            theirs.k3s)
+    assert await view.list_groups() == await fresh_store.list_groups()
+    assert await view.list_profiles() == await fresh_store.list_profiles()
+    assert await view.list_clusters() == await fresh_store.list_clusters()
+    for name in CLUSTERS:
+        key = f"cluster-init/{name}"
+        assert await view.get_setting(key) == await fresh_store.get_setting(key)
+        servers = [m for m in await fresh_store.list_machines()
+                   if m.cluster == name and m.state == MachineState.REGISTERED
+                   and m.role == Role.SERVER]
+        assert await view.registered_servers(name) == servers
+
+
+def boot_on(store: Store, tmp_path: Path) -> BootService:
+    return BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                       Enroller(store))
+
+
+async def test_view_equals_a_fresh_read_after_every_write(
+        stores: tuple[SqliteStore, SqliteStore, Path], tmp_path: Path) -> None:
+    own, other, data = stores
+    boot = boot_on(own, tmp_path)
+    view = boot._view  # the view under test is the one the decisions use
+    await own.put_profile(Profile(name="p", kernel="k1"))
+    rng = random.Random(10)
+    for step in range(120):
+        await random_write(rng, own if step % 2 else other)
+        fresh_store = SqliteStore(data / "netboot.db")
+        await fresh_store.open()
+        try:
+            await assert_exact(view, boot, fresh_store, boot_on(fresh_store, tmp_path))
+        finally:
+            await fresh_store.close()
+
+
+async def test_view_sees_the_cli_in_another_process(
+        stores: tuple[SqliteStore, SqliteStore, Path], tmp_path: Path) -> None:
+    own, _, data = stores
+    view = InventoryView(own)
+    await view.sync()
+    assert await view.machine_by("mac", MACS[0]) is None  # remembered as nobody's
+    assert await view.list_profiles() == []
+    cli(data, "profiles", "add", "p", "--kernel", "vmlinuz")
+    cli(data, "machines", "add", MACS[0], "--profile", "p", "--hostname", "n1")
+    await view.sync()
+    machine = await view.machine_by("mac", MACS[0])
+    assert machine is not None and machine.hostname == "n1"
+    assert [p.name for p in await view.list_profiles()] == ["p"]
+    cli(data, "machines", "rm", MACS[0])
+    await view.sync()
+    assert await view.machine_by("mac", MACS[0]) is None
+
+
+async def test_pruned_history_reads_everything_again(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    own, other, _ = stores
+    view = InventoryView(own)
+    await view.sync()
+    assert await view.get_setting("k") is None
+    await other.put_setting("k", "1")
+    await other.put_setting("j", "1")
+    await other.forget_changes(10**9)  # only the newest change is kept
+    await view.sync()
+    assert await view.get_setting("k") == "1"

@@ -1,0 +1,134 @@
+"""Group commits of boot events: batched, ordered, flushed on shutdown, and nothing a device
+was told is lost when the server is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import netboot
+from netboot.boot import hash_token
+from netboot.errors import NotFound
+from netboot.inventory.base import Batch
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import Event, MacAddress, Machine, MachineState
+from netboot.recorder import Recorder
+
+
+@pytest.fixture
+async def stores(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteStore]]:
+    """The recorder's store, and a second connection that sees only what is committed."""
+    own, other = SqliteStore(tmp_path / "n.db"), SqliteStore(tmp_path / "n.db")
+    await own.open()
+    await other.open()
+    yield own, other
+    await own.close()
+    await other.close()
+
+
+MAC = MacAddress.parse("02:00:00:00:00:09")
+
+
+def ev(kind: str, machine: str = "m1") -> Event:
+    return Event(machine, 1.0, kind, kind)
+
+
+async def kinds(store: SqliteStore, machine: str = "m1") -> list[str]:
+    return [e.kind for e in await store.list_events(machine)]
+
+
+async def test_queued_events_wait_for_one_commit_and_flush_writes_them(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    own, other = stores
+    recorder = Recorder(own, delay=3600)  # only flush() writes here
+    for kind in ("a", "b", "c"):
+        recorder.record(ev(kind))
+    assert recorder.pending("m1") is not None and recorder.pending("m1").kind == "c"  # type: ignore[union-attr]
+    assert await kinds(other) == []
+    await recorder.close()  # shutdown
+    assert await kinds(other) == ["a", "b", "c"]
+    assert recorder.pending("m1") is None
+
+
+async def test_the_delay_bounds_how_long_an_event_waits(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    own, other = stores
+    recorder = Recorder(own, delay=0.01)
+    recorder.record(ev("a"))
+    writer = recorder._writer  # the scheduled group commit
+    assert writer is not None
+    await writer
+    assert await kinds(other) == ["a"]
+
+
+async def test_a_commit_keeps_history_in_order_and_a_failed_one_loses_nothing(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    recorder.record(ev("queued"))
+    with pytest.raises(NotFound):
+        await recorder.commit(Batch(update=(Machine(id="m-nobody", macs=(MAC,)),),
+                                    events=(ev("told"),)))
+    assert await kinds(other) == []  # all or nothing
+    await recorder.commit(Batch(events=(ev("told"),)))
+    assert await kinds(other) == ["queued", "told"]
+
+
+SERVER = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from netboot.boot import BootService, BootSettings
+    from netboot.enroll import Enroller
+    from netboot.files import FileTree
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.model import Arch, BootRequest, Firmware, MacAddress, Machine, Profile
+
+    async def main() -> None:
+        store = SqliteStore(sys.argv[1])
+        await store.open()
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        mac = MacAddress.parse("02:00:00:00:00:01")
+        await store.create_machine(Machine(macs=(mac,), profile="p"))
+        enroller = Enroller(store)
+        boot = BootService(store, FileTree([Path(sys.argv[2])]), BootSettings(), enroller)
+        enroller.recorder._delay = 3600  # queued notes stay queued until the kill
+        plan = await boot.plan(BootRequest(mac=mac, firmware=Firmware.IPXE, arch=Arch.X86_64,
+                                           via="http"))
+        await boot.first_stage(BootRequest(mac=mac, firmware=Firmware.IPXE, arch=Arch.X86_64,
+                                           via="dhcp"))
+        print(plan.token, flush=True)  # what the device is told
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+async def test_what_a_device_was_told_survives_kill_9(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    env = {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(db), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        token = proc.stdout.readline().strip()
+        assert token and token != "None"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        machine = await store.machine_by("mac", "02:00:00:00:00:01")
+        assert machine is not None and machine.state == MachineState.BOOTING
+        assert machine.token_hash == hash_token(token)
+        assert "install-plan" in await kinds(store, machine.id)
+    finally:
+        await store.close()
