@@ -7,9 +7,8 @@ its machine's install token instead. Errors are translated in one place
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import hashlib
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,18 +19,17 @@ from aiohttp import web
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, token_matches
-from netboot.errors import AuthError, ValidationError
+from netboot.errors import AuthError, Forbidden, ValidationError
+from netboot.events import EventBus, Missed
 from netboot.inventory import codec
-from netboot.inventory.base import MachineFilter
+from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import Machine, MachineState
 from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token
+from netboot.web.auth import ADMIN_TOKEN_KEY, AdminTokenVerifier, Authenticator
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ADMIN_TOKEN_KEY = "admin-token-sha256"
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+__all__ = ["ADMIN_TOKEN_KEY", "Api"]
+SSE_KEEPALIVE_SECONDS = 15.0
 
 
 async def read_json(request: web.Request) -> Any:
@@ -85,11 +83,14 @@ class Api:
     """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""
 
     def __init__(self, core: Core, *, clock: Callable[[], float],
+                 auth: Authenticator | None = None, events: EventBus | None = None,
                  logger: logging.Logger | None = None) -> None:
         self._core = core
         self._store = core.store
         self._enroll = core.enroller
         self._clock = clock
+        self._auth = auth or Authenticator(AdminTokenVerifier(core.store))
+        self._events = events
         self._log = logger or logging.getLogger(__name__)
 
     def add_to(self, app: web.Application) -> None:
@@ -117,24 +118,54 @@ class Api:
             r.add_delete(f"{p}/{kind}/{{name}}", self.admin(self._delete(kind)))
         r.add_get(f"{p}/clusters/{{name}}/nodes", self.cluster_nodes)
         r.add_get(f"{p}/status", self.status)
+        if self._events is not None:
+            r.add_get(f"{p}/events/stream", self.event_stream)
 
     # -- auth -------------------------------------------------------------------------
     async def is_admin(self, request: web.Request) -> bool:
-        token = bearer_token(request)
-        if token is None:
-            return False
-        stored = await self._store.get_setting(ADMIN_TOKEN_KEY)
-        return stored is not None and hmac.compare_digest(_sha(token), stored)
+        caller = await self._auth.caller(request)
+        return caller is not None and caller.scope == "admin"
 
     def admin(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if not request.headers.get("Authorization"):
+            caller = await self._auth.caller(request)
+            if caller is None:
                 raise AuthError("this call changes the inventory: send "
                                 "'Authorization: Bearer <admin token>'")
-            if not await self.is_admin(request):
-                raise AuthError("wrong admin token")
+            if caller.scope != "admin":
+                raise Forbidden(f"a {caller.scope!r} token cannot change the inventory")
             return await handler(request)
         return guarded
+
+    async def event_stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: every machine event as it is recorded (``event: machine``),
+        and ``event: missed`` when this reader fell behind and events were dropped (reload
+        what is shown). Needs a token (bearer or the dashboard's cookie): event messages
+        name machines, addresses and clusters."""
+        if await self._auth.caller(request) is None:
+            raise AuthError("send 'Authorization: Bearer <token>' or log in to the dashboard")
+        assert self._events is not None
+        with self._events.subscribe() as sub:
+            resp = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                # nginx would buffer the stream otherwise.
+                "X-Accel-Buffering": "no"})
+            await resp.prepare(request)
+            # The browser reconnects by itself after a drop (EventSource, 3 s by default).
+            await resp.write(b"retry: 3000\n: connected\n\n")
+            while True:
+                try:
+                    item = await asyncio.wait_for(sub.next(), SSE_KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    # A comment line: keeps proxies and NAT from closing an idle stream,
+                    # and finds a reader that went away.
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                if isinstance(item, Missed):
+                    await resp.write(f"event: missed\ndata: {item.count}\n\n".encode())
+                    continue
+                data = json.dumps(codec.event_to_dict(item.event), ensure_ascii=False)
+                await resp.write(f"id: {item.seq}\nevent: machine\ndata: {data}\n\n".encode())
 
     # -- machines ---------------------------------------------------------------------
     def _machine_out(self, m: Machine) -> dict[str, Any]:
@@ -153,14 +184,28 @@ class Api:
         except ValueError:
             raise ValidationError("state", f"{state!r} is not one of "
                                   f"{', '.join(s.value for s in MachineState)}") from None
+        sort = request.query.get("sort", "mac")
+        if sort not in SORT_KEYS:
+            raise ValidationError("sort", f"{sort!r} is not one of {', '.join(SORT_KEYS)}")
+        order = request.query.get("order", "asc")
+        if order not in ("asc", "desc"):
+            raise ValidationError("order", f"{order!r} is not asc or desc")
         flt = MachineFilter(state=st, cluster=request.query.get("cluster") or None,
-                            labels=tuple(labels),
+                            labels=tuple(labels), text=request.query.get("q") or None,
+                            sort=sort, descending=order == "desc",
                             limit=_int_query(request, "limit", 100, 1, 1000),
                             offset=_int_query(request, "offset", 0, 0, 10**9))
         items = await self._store.list_machines(flt)
         total = await self._store.count_machines(flt)
-        return web.json_response({"items": [self._machine_out(m) for m in items],
-                                  "total": total, "limit": flt.limit, "offset": flt.offset})
+        out = [self._machine_out(m) for m in items]
+        if request.query.get("last_event") in ("1", "true"):
+            # One indexed read per machine of the page (at most ``limit``), for the
+            # dashboard's "last event" column.
+            for row, machine in zip(out, items, strict=True):
+                last = await self._store.list_events(machine.id, limit=1)
+                row["last_event"] = codec.event_to_dict(last[0]) if last else None
+        return web.json_response({"items": out, "total": total, "limit": flt.limit,
+                                  "offset": flt.offset})
 
     async def create_machine(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))

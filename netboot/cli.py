@@ -453,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dns-port", type=int)
     s.add_argument("--discovery", choices=["ignore", "hold", "auto"])
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="json: one object per line with time, level, logger, message, and "
+                        "mac, peer, xid, path, request_id where known (or NETBOOT_LOG_FORMAT)")
 
     c = sub.add_parser("check-config", parents=[output], help="validate a config file")
     c.add_argument("file")
@@ -553,8 +556,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = "info" if args.cmd in ("serve", "lab") else "warning"
     level = getattr(args, "log_level", None) or os.environ.get("NETBOOT_SERVER_LOG_LEVEL",
                                                                default)
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    log_format = getattr(args, "log_format", None) or os.environ.get("NETBOOT_LOG_FORMAT",
+                                                                     "text")
+    if log_format == "json":
+        from netboot.logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     try:
         if args.cmd == "serve":
             from netboot.service import serve

@@ -133,3 +133,7 @@ class AuthError(NetbootError):
 
 class Forbidden(NetbootError):
     """Credentials are valid but do not allow this (403)."""
+
+
+class Busy(NetbootError):
+    """A bounded resource is full right now (503): try again later."""

@@ -29,14 +29,17 @@ from netboot.content import Content
 from netboot.core import Core
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
+from netboot.events import EventBus
 from netboot.files import FileTree
-from netboot.inventory.base import MachineFilter, Store
+from netboot.inventory.base import EventListener, MachineFilter, Store
 from netboot.logs import RateLimitedLog
+from netboot.metrics import Metrics
 from netboot.render import Renderer
 from netboot.servers.http import (
     LOG_KEY,
     MAX_BODY_KEY,
     MAX_EVENT_KEY,
+    OBSERVER_KEY,
     AccessLogger,
     ConnectionGuard,
     DeviceRoutes,
@@ -44,19 +47,23 @@ from netboot.servers.http import (
     HttpLimits,
     body_timeout_middleware,
     errors_middleware,
+    request_middleware,
 )
 from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
+from netboot.web.auth import AdminTokenVerifier, Authenticator
+from netboot.web.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
 
-def open_store(config: Config) -> Store:
+def open_store(config: Config, listener: EventListener | None = None) -> Store:
+    """The configured store; ``listener`` (the live event bus) is told of committed events."""
     if config.inventory.backend == "memory":
         from netboot.inventory.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(listener=listener)
     from netboot.inventory.sqlite import SqliteStore
 
     try:
@@ -65,7 +72,7 @@ def open_store(config: Config) -> Store:
         key = "inventory.path" if config.inventory.path else "server.data_dir"
         raise ConfigError(f"cannot create {config.db_path.parent}: {exc.strerror}", key=key,
                           fix="create it, or point --data-dir at a writable directory") from exc
-    return SqliteStore(config.db_path)
+    return SqliteStore(config.db_path, listener=listener)
 
 
 def asset_roots(config: Config) -> list[Path]:
@@ -205,6 +212,8 @@ class Service:
     app: web.Application
     advertise: str
     new_admin_token: str | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    events: EventBus = field(default_factory=EventBus)
     runner: web.AppRunner | None = None
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
@@ -253,8 +262,10 @@ class Service:
             tftp = TftpServer(self.content, host="0.0.0.0", port=cfg.tftp.port,
                               max_transfers=cfg.tftp.max_transfers,
                               max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
-                              interfaces=list(cfg.server.interfaces) or None)
+                              interfaces=list(cfg.server.interfaces) or None,
+                              observer=self.metrics)
             await tftp.start()
+            self.metrics.read_tftp_stats(lambda: tftp.stats)
             self.servers.append(tftp)
         if cfg.dhcp.mode != "off":
             from netboot.pxe import DhcpSettings
@@ -270,7 +281,7 @@ class Service:
             dhcp = DhcpServer(settings, self.boot, self.store,
                               interfaces=list(cfg.server.interfaces) or None,
                               advertise=self.advertise, port=cfg.dhcp.port,
-                              pxe_port=cfg.dhcp.pxe_port)
+                              pxe_port=cfg.dhcp.pxe_port, observer=self.metrics)
             await dhcp.start()
             self.servers.append(dhcp)
         if cfg.dns.enabled:
@@ -415,7 +426,10 @@ def _check_hostname_templates(config: Config) -> None:
 
 
 async def build(config: Config) -> Service:
-    store = open_store(config)
+    events = EventBus()
+    metrics = Metrics()
+    events.listen(metrics.event)
+    store = open_store(config, events)
     await store.open()
     try:
         new_token = await ensure_admin_token(store, config.data_dir)
@@ -427,16 +441,21 @@ async def build(config: Config) -> Service:
         await check_default_profile(config, store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise)}
         core = build_core(config, store, lambda: holder["base"])
-        app = web.Application(middlewares=[errors_middleware, body_timeout_middleware],
+        app = web.Application(middlewares=[request_middleware, errors_middleware,
+                                           body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
         install_http(app, body_timeout=config.http.body_timeout)
         app[LOG_KEY] = logging.getLogger("netboot.http")
         app[MAX_BODY_KEY] = config.http.max_body_bytes
         app[MAX_EVENT_KEY] = config.http.max_event_bytes
+        app[OBSERVER_KEY] = metrics
+        auth = Authenticator(AdminTokenVerifier(store))
         DeviceRoutes(core.content).add_to(app)
-        Api(core, clock=time.time).add_to(app)
+        Api(core, clock=time.time, auth=auth, events=events).add_to(app)
+        Dashboard(auth, store, metrics, metrics_public=config.metrics.public).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
-                          new_admin_token=new_token, url_holder=holder)
+                          new_admin_token=new_token, url_holder=holder, metrics=metrics,
+                          events=events)
     except BaseException:
         await store.close()
         raise

@@ -17,6 +17,9 @@ from typing import Protocol
 
 from netboot.model import Cluster, Event, Group, Lease, Machine, MachineState, Profile
 
+# What machines can be listed by: "mac" is the default order (codec.machine_order).
+SORT_KEYS = ("mac", "hostname", "state", "cluster", "updated", "created")
+
 
 @dataclass(frozen=True, slots=True)
 class MachineFilter:
@@ -26,6 +29,11 @@ class MachineFilter:
     uuid: str | None = None  # exact, canonical lowercase form
     serials: tuple[str, ...] = ()  # any of these exact serials
     has_mac: bool | None = None  # True: at least one NIC known; False: none yet
+    # Case-insensitive substring of the hostname, id, or any MAC, UUID, serial or asset tag
+    # (the dashboard's search box).
+    text: str | None = None
+    sort: str = "mac"  # one of SORT_KEYS
+    descending: bool = False
     limit: int = 100
     offset: int = 0
 
@@ -43,6 +51,12 @@ class Batch:
     create: Sequence[Machine] = field(default_factory=tuple)
     update: Sequence[Machine] = field(default_factory=tuple)
     events: Sequence[Event] = field(default_factory=tuple)
+
+
+class EventListener(Protocol):
+    """Told of events once they are committed (the live event bus, netboot.events)."""
+
+    def published(self, events: Sequence[Event]) -> None: ...
 
 
 class Store(Protocol):

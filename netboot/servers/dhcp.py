@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from netboot import pxe
 from netboot.errors import ConfigError, DecodeError, StoreError
@@ -52,6 +53,12 @@ class _Listener:
     pxe_port: bool
 
 
+class DhcpObserver(Protocol):
+    """Told of every reply sent (metrics): ``kind`` is OFFER, ACK, NAK."""
+
+    def dhcp_reply(self, kind: str, firmware: str, arch: str) -> None: ...
+
+
 class DhcpServer:
     """proxyDHCP (default) or authoritative DHCP on :67, plus the PXE :4011 responder."""
 
@@ -74,6 +81,7 @@ class DhcpServer:
         probe_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
         summary_seconds: float = 60.0,
+        observer: DhcpObserver | None = None,
     ) -> None:
         self._settings = settings
         self._decider = decider
@@ -104,6 +112,7 @@ class DhcpServer:
         # summary_seconds, and warnings about one MAC or peer are rate-limited.
         self.summary = Summary(_log, "dhcp", interval=summary_seconds)
         self._limited = RateLimitedLog(_log)
+        self._observer = observer
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -374,6 +383,9 @@ class DhcpServer:
             return []
         out = self._reply(packet, reply, peer, pxe_port)
         self.summary.note(f"proxy {_name(reply.message_type)}")
+        if self._observer is not None:
+            self._observer.dhcp_reply(_name(reply.message_type), str(client.firmware),
+                                      str(client.request.arch))
         _log.debug(
             "dhcp: %s xid %#010x from %s: proxy %s (%s, arch %s) file %r to %s:%d", mac,
             packet.xid, peer[0], _name(reply.message_type), client.firmware,
@@ -457,6 +469,9 @@ class DhcpServer:
             )
         out = self._reply(packet, reply, peer, False)
         self.summary.note(_name(grant.message_type))
+        if self._observer is not None:
+            self._observer.dhcp_reply(_name(grant.message_type), str(client.firmware),
+                                      str(client.request.arch))
         _log.debug("dhcp: %s xid %#010x from %s: %s %s file %r to %s:%d", mac, xid, peer[0],
                   _name(grant.message_type), grant.yiaddr, reply.file_name, out[1][0], out[1][1])
         return [out]

@@ -232,6 +232,9 @@ class _Transfer(asyncio.DatagramProtocol):
 
     def _finished(self, step: Step) -> None:
         s, stats = self._sender, self._server.stats
+        if self._server.observer is not None and step.outcome is not None:
+            self._server.observer.tftp_transfer(step.outcome.value,
+                                                min(s.acked * s.blksize, s.size))
         if step.outcome is Outcome.COMPLETE:
             stats.completed += 1
             log.info(
@@ -273,6 +276,13 @@ class _Event(Protocol):
     def __call__(self) -> Step: ...
 
 
+class TftpObserver(Protocol):
+    """Told how every transfer ended (metrics): ``outcome`` complete, probe or failed, and the
+    bytes acknowledged by the client."""
+
+    def tftp_transfer(self, outcome: str, size: int) -> None: ...
+
+
 class TftpServer:
     """Read-only TFTP on (host, port); ``port=0`` picks a free port, see :attr:`port`."""
 
@@ -289,8 +299,10 @@ class TftpServer:
         retransmit: float = 1.0,
         max_retries: int = 6,
         max_windowsize: int = 64,
+        observer: TftpObserver | None = None,
     ) -> None:
         self._files = files
+        self.observer = observer
         self.host = host
         self.port = port
         self.max_transfers = max_transfers
