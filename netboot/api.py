@@ -18,7 +18,7 @@ from aiohttp import web
 
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
-from netboot.enroll import fleet_status, token_matches
+from netboot.enroll import fleet_status, parse_import, token_matches
 from netboot.errors import AuthError, Forbidden, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
@@ -30,6 +30,8 @@ from netboot.web.auth import ADMIN_TOKEN_KEY, AdminTokenVerifier, Authenticator
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 __all__ = ["ADMIN_TOKEN_KEY", "Api"]
 SSE_KEEPALIVE_SECONDS = 15.0
+MASKED = "********"
+IMPORT_FORMATS = ("csv", "yaml", "json")
 
 
 async def read_json(request: web.Request) -> Any:
@@ -100,6 +102,7 @@ class Api:
         r.add_get(f"{p}/machines", self.list_machines)
         r.add_post(f"{p}/machines", self.admin(self.create_machine))
         r.add_post(f"{p}/machines:bulk", self.admin(self.bulk))
+        r.add_post(f"{p}/machines:import", self.admin(self.import_file))
         # {ref}: one of the machine's MACs (any spelling) or its id (netboot.identity.by_ref).
         r.add_get(f"{p}/machines/{{ref}}", self.get_machine)
         r.add_patch(f"{p}/machines/{{ref}}", self.admin(self.patch_machine))
@@ -108,6 +111,7 @@ class Api:
         r.add_post(f"{p}/machines/{{ref}}/reinstall", self.admin(self.reinstall))
         r.add_get(f"{p}/machines/{{ref}}/explain", self.explain)
         r.add_get(f"{p}/machines/{{ref}}/events", self.list_events)
+        r.add_get(f"{p}/machines/{{ref}}/render/{{kind}}", self.admin(self.render))
         r.add_post(f"{p}/machines/{{ref}}/events", self.post_event)
         r.add_post(f"{p}/register", self.register)
         for kind in ("profiles", "clusters", "groups"):
@@ -241,6 +245,18 @@ class Api:
         return web.json_response(await self._core.explain(request.match_info["ref"],
                                                           arch=request.query.get("arch")))
 
+    async def render(self, request: web.Request) -> web.Response:
+        """What the machine would be served now (``netboot render``), secrets masked: the
+        install token is a placeholder already, cluster join tokens are replaced here. Admin
+        only all the same: a config names the cluster's servers and the machine's setup."""
+        text = await self._core.render(request.match_info["ref"], request.match_info["kind"],
+                                       arch=request.query.get("arch"))
+        for cluster in await self._store.list_clusters():
+            if cluster.token:
+                text = text.replace(cluster.token, MASKED)
+        return web.Response(text=text, content_type="text/plain",
+                            headers={"Cache-Control": "no-store"})
+
     async def list_events(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
         limit = _int_query(request, "limit", 1000, 1, 10000)
@@ -290,6 +306,30 @@ class Api:
             items.append((i + 1, row))
         report = await self._enroll.import_rows(items, dry_run=dry_run)
         status = 400 if report.errors else (200 if dry_run else 201)
+        return web.json_response(report.as_dict(), status=status)
+
+    async def import_file(self, request: web.Request) -> web.Response:
+        """An import file as ``netboot import`` reads it (CSV, YAML or JSON, ``?format=``),
+        sent as the request body; ``?dry_run=1`` checks every row and changes nothing. The
+        answer is the bulk report, errors by the file's line numbers."""
+        fmt = request.query.get("format", "")
+        if fmt not in IMPORT_FORMATS:
+            raise ValidationError("format", f"{fmt!r} is not one of {', '.join(IMPORT_FORMATS)}")
+        dry_run = request.query.get("dry_run", "0")
+        if dry_run not in ("0", "1", "true", "false"):
+            raise ValidationError("dry_run", "must be 1/true or 0/false")
+        limit = request.app[MAX_BODY_KEY]
+        if request.content_length is not None and request.content_length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                                actual_size=request.content_length)
+        raw = await request.read()
+        try:
+            text = raw.decode("utf-8-sig")  # a BOM, as spreadsheet exports write one
+        except UnicodeDecodeError:
+            raise ValidationError("body", "the file is not UTF-8 text") from None
+        rows = parse_import(text, fmt)
+        report = await self._enroll.import_rows(rows, dry_run=dry_run in ("1", "true"))
+        status = 400 if report.errors else (200 if not report.applied else 201)
         return web.json_response(report.as_dict(), status=status)
 
     async def status(self, request: web.Request) -> web.Response:
