@@ -46,7 +46,7 @@ LOG_KEY = web.AppKey("log", logging.Logger)
 MAX_BODY_KEY = web.AppKey("max_body", int)
 MAX_EVENT_KEY = web.AppKey("max_event", int)
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
-REQUEST_ID = "request_id"  # request[REQUEST_ID]: the id echoed in X-Request-Id
+REQUEST_ID = web.RequestKey("request_id", str)  # the id echoed in X-Request-Id
 
 
 class HttpObserver(Protocol):

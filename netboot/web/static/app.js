@@ -187,7 +187,7 @@ function machinesView(root) {
       query.order = query.sort === key && query.order === "asc" ? "desc" : "asc";
       query.sort = key;
       query.offset = 0;
-      render();
+      route(); // rebuilds the header with the new sort mark
     }}, label + mark));
   }));
   root.append(
