@@ -276,6 +276,7 @@ function machineView(root, id) {
   const info = h("dl", {class: "fields"});
   const timeline = h("ol", {class: "timeline"});
   const explain = h("pre", {class: "code"});
+  const decision = h("p", {class: "decision"});
   const ipxe = h("pre", {class: "code"});
   const config = h("pre", {class: "code"});
   const title = h("h1", {}, id);
@@ -283,7 +284,7 @@ function machineView(root, id) {
     h("div", {class: "two"},
       h("section", {}, h("h2", {}, "Machine"), info),
       h("section", {}, h("h2", {}, "Events"), timeline)),
-    h("section", {}, h("h2", {}, "What it will boot, and why"), explain),
+    h("section", {}, h("h2", {}, "What it will boot, and why"), decision, explain),
     h("div", {class: "two"},
       h("section", {}, h("h2", {}, "iPXE script"), ipxe),
       h("section", {}, h("h2", {}, "Config (secrets masked)"), config)));
@@ -331,7 +332,10 @@ function machineView(root, id) {
     timeline.replaceChildren(...events.slice().reverse().map((e) => h("li", {},
       h("time", {title: iso(e.time)}, `${ago(e.time)} ago`), " ",
       h("strong", {}, e.kind), " ", e.message)));
-    explain.textContent = JSON.stringify((await api("GET", `/machines/${ref}/explain`)).data, null, 2);
+    const why = (await api("GET", `/machines/${ref}/explain`)).data;
+    decision.replaceChildren(h("strong", {}, why.decision || "—"), " — ", why.reason || "",
+      why.group ? ` (group ${why.group}, profile from ${why.profile_source})` : "");
+    explain.textContent = JSON.stringify(why, null, 2);
     for (const [kind, el] of [["ipxe", ipxe], ["config", config]]) {
       const r = await api("GET", `/machines/${ref}/render/${kind}`, undefined, {allowError: true});
       el.textContent = typeof r.data === "string" ? r.data
@@ -387,6 +391,10 @@ function discoveredView(root) {
       h("td", {}, m.arch || ""), h("td", {}, m.firmware || ""), h("td", {}, m.serial || ""),
       h("td", {title: iso(m.created)}, `${ago(m.created)} ago`),
       h("td", {}, approveForm(m, clusters, profiles, reload)))));
+    if (!data.items.length) {
+      tbody.append(h("tr", {}, h("td", {colspan: 6, class: "muted"},
+        "No machine is waiting for approval.")));
+    }
   }
   const reload = throttled(() => load().catch(failed));
   reload();
