@@ -23,13 +23,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import Event, MachineState
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format, which generate_latest writes and every Prometheus version reads
+# (prometheus_client >= 0.22 names its default "version=1.0.0", an older server refuses it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # An install takes minutes (kernel + image download, disk write, reboot); registration
 # follows the first boot of the installed OS. Buckets from 10 s to 2 h.
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, float("inf"))
