@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -74,3 +75,49 @@ def test_summary_counts_per_kind_and_flushes_on_interval(
     summary.flush()
     summary.flush()  # nothing pending: no line
     assert len(caplog.records) == 1
+
+
+# --- --log-format json ---------------------------------------------------------------------
+
+
+def _json_line(logger_name: str, emit: Any) -> dict[str, Any]:
+    import io
+    import json
+
+    from netboot.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        emit(logger)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    out: dict[str, Any] = json.loads(lines[0])
+    return out
+
+
+def test_json_line_has_the_fields_and_the_context() -> None:
+    from netboot.logs import log_context
+
+    def emit(log: logging.Logger) -> None:
+        with log_context(request_id="r-1", peer="192.0.2.5", path="/ipxe"):
+            log.info("served %s\nforged line", "x", extra={"mac": "52:54:00:00:00:01",
+                                                             "xid": 0x1234})
+
+    line = _json_line("netboot.test.json", emit)
+    assert line["level"] == "info" and line["logger"] == "netboot.test.json"
+    assert line["message"] == "served x\nforged line"  # one JSON line: the newline is escaped
+    assert line["time"].endswith("Z") and "T" in line["time"]
+    assert (line["request_id"], line["peer"], line["path"]) == ("r-1", "192.0.2.5", "/ipxe")
+    assert (line["mac"], line["xid"]) == ("52:54:00:00:00:01", 0x1234)
+
+
+def test_json_line_without_context_has_no_empty_fields() -> None:
+    line = _json_line("netboot.test.json2", lambda log: log.warning("plain"))
+    assert set(line) == {"time", "level", "logger", "message"}

@@ -164,9 +164,12 @@ class AccessLogger(AbstractAccessLogger):
         sent = response.body_length
         if isinstance(response, CountingFileResponse):
             sent += response.sendfile_bytes
+        target = loggable_target(request)
         self.logger.info("%s %s %s %d %d %.3f \"%s\"", request.remote, escape(request.method),
-                         loggable_target(request), response.status, sent, time,
-                         escape(request.headers.get("User-Agent"), limit=256))
+                         target, response.status, sent, time,
+                         escape(request.headers.get("User-Agent"), limit=256),
+                         extra={"request_id": request.get(REQUEST_ID), "peer": request.remote,
+                                "path": target})
 
 
 class CountingFileResponse(web.FileResponse):
@@ -276,7 +279,7 @@ class DeviceRoutes:
         boot = ipxe_request(uri_query(request.rel_url.raw_query_string), request.remote)
         plan, script = await self._content.ipxe_script(boot)
         self._log.info("ipxe mac=%s peer=%s action=%s reason=%r", boot.mac, request.remote,
-                       plan.action, plan.reason)
+                       plan.action, plan.reason, extra={"mac": boot.mac})
         return web.Response(text=script, content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
 
