@@ -255,6 +255,12 @@ class SqliteStore:
         self._rconn: sqlite3.Connection | None = None  # touched only on the reader thread
         self._shm = self.path.with_name(self.path.name + "-shm")
         self._shm_size = 0  # what SQLite may have mapped; the file must not shrink below it
+        # One descriptor of -shm, open from open() to close(). Closing ANY descriptor of a
+        # file drops every POSIX (fcntl) lock this process holds on it (POSIX.1-2008,
+        # fcntl(2) "Advisory record locking"), SQLite's DMS lock on -shm included; a second
+        # process then believes it is the first user, truncates -shm to 3 bytes and this
+        # process's mapping faults (SIGBUS). So the reservation never opens and closes one.
+        self._shm_fd: int | None = None
 
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
@@ -287,10 +293,15 @@ class SqliteStore:
 
     def _reserve_shm(self, size: int) -> None:
         """Allocate the -shm file's blocks up to ``size`` (never shrinking it)."""
-        fd = os.open(self._shm, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        finally:
+        if self._shm_fd is None:
+            self._shm_fd = os.open(self._shm, os.O_RDWR | os.O_CLOEXEC)
+        os.posix_fallocate(self._shm_fd, 0, size)
+
+    def _release_shm(self) -> None:
+        """Close the -shm descriptor, only once SQLite's connections of this store are closed
+        (closing it drops this process's locks on the file)."""
+        fd, self._shm_fd = self._shm_fd, None
+        if fd is not None:
             os.close(fd)
 
     def _check_shm(self) -> None:
@@ -413,6 +424,7 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 log.warning("inventory %s: PRAGMA optimize failed: %s", self.path, exc)
             conn.close()
+        self._release_shm()
 
     # machines -------------------------------------------------------------------------
     async def get_machine(self, machine_id: str) -> Machine | None:

@@ -416,3 +416,34 @@ async def test_cluster_written_before_endpoints_existed_reads_without_one(tmp_pa
         assert await again.get_cluster("c") == Cluster(name="c", token="t")
     finally:
         await again.close()
+
+
+# SQLite's "dead-man switch" lock on -shm: byte UNIX_SHM_BASE + SQLITE_SHM_NLOCK = 120 + 8
+# (os_unix.c). A process that sees nobody holding it believes it is the first user of the
+# database and truncates -shm, under every other process's mapping.
+SHM_DMS_BYTE = 128
+
+PROBE = """
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+want = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, int(sys.argv[2]), 1, 0)
+kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, want))
+print("unlocked" if kind == fcntl.F_UNLCK else pid)
+"""
+
+
+async def test_open_store_keeps_its_lock_on_the_wal_index(tmp_path: Path) -> None:
+    """Reserving -shm must not drop this process's locks on it: closing any descriptor of a
+    file releases all of a process's POSIX locks on that file, and a second netboot (or the
+    CLI) would then truncate -shm and kill this one with SIGBUS."""
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.create_machine(Machine(macs=(MacAddress.parse(MAC1),)))
+        shm = tmp_path / "inv.db-shm"
+        out = subprocess.run([sys.executable, "-c", PROBE, str(shm), str(SHM_DMS_BYTE)],
+                             capture_output=True, text=True, check=True, timeout=60)
+        assert out.stdout.strip() == str(os.getpid())
+    finally:
+        await store.close()

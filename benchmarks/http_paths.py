@@ -1,0 +1,249 @@
+"""HTTP paths of a boot storm under wrk: netboot and nginx side by side on loopback.
+
+    python benchmarks/http_paths.py [--enrolled 100000] [--duration 10] [--only ipxe,asset300]
+
+Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machines (a wrk Lua
+script picks the MAC per request) at 50 connections; ``/boot.ipxe``; a 300 B asset at 50
+connections; 1 MiB at 50 and 32 MiB at 10 connections (MiB/s). netboot runs as
+``netboot serve`` (DHCP and TFTP off) on a data dir filled by ``netboot import`` (managed
+clusters of 12,500 machines, as in the issue's measurement); nginx serves
+the same asset files and one static iPXE script for every MAC, so its /ipxe row is the
+floor: a file served, nothing decided.
+Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``); a missing one is said and
+left out. Loopback only; servers stopped by their own PID. Not part of pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from storm import REPO, Workload
+
+HOST = "127.0.0.1"
+
+# wrk runs LuaJIT (Lua 5.1: no bit operators); MACs as storm.mac_of numbers them.
+RANDOM_MAC_LUA = """
+math.randomseed(7)
+local n = tonumber(os.getenv("NB_ENROLLED"))
+request = function()
+  local i = math.random(0, n - 1)
+  local mac = string.format("02-00-00-%02x-%02x-%02x", math.floor(i / 65536) % 256,
+                            math.floor(i / 256) % 256, i % 256)
+  return wrk.format("GET", "/ipxe?mac=" .. mac .. "&arch=x86_64&platform=efi")
+end
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    path: str  # "" = the Lua script decides
+    connections: int
+    size: int = 0  # bytes per response, for MiB/s
+
+
+ROWS = [
+    Row("ipxe", "", 50),
+    Row("boot.ipxe", "/boot.ipxe", 50),
+    Row("asset300", "/assets/small.txt", 50),
+    Row("1MiBx50", "/assets/1m.bin", 50, 1 << 20),
+    Row("32MiBx10", "/assets/32m.bin", 10, 32 << 20),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
+
+
+@contextlib.contextmanager
+def process(argv: list[str], log: Path, env: dict[str, str] | None = None
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # this process only, by its own handle
+                proc.wait()
+
+
+@contextlib.contextmanager
+def netboot(work: Workload, run: Path, python: str) -> Iterator[int]:
+    port = free_port()
+    data = run / "data"
+    shutil.copytree(work.root / "netboot-seed", data)
+    conf = run / "netboot.yaml"
+    conf.write_text(json.dumps({
+        "server": {"advertise": HOST, "data_dir": str(data), "log_level": "info"},
+        "http": {"listen": HOST, "port": port},
+        "dhcp": {"mode": "off"}, "tftp": {"enabled": False}, "dns": {"enabled": False},
+        "assets": {"dirs": [str(work.assets)]},
+    }))
+    with process([python, "-m", "netboot", "serve", "--config", str(conf)], run / "netboot.log",
+                 {"PYTHONPATH": str(REPO)}):
+        wait_http(f"http://{HOST}:{port}/boot.ipxe")
+        yield port
+
+
+@contextlib.contextmanager
+def nginx(work: Workload, run: Path) -> Iterator[int]:
+    port = free_port()
+    # One static script answers every MAC: with 100,000 machines, writing a file per MAC
+    # takes longer than the measurement, and for nginx a lookup among them costs the same.
+    www = run / "www"
+    (www / "ipxe").mkdir(parents=True)
+    (www / "assets").symlink_to(work.assets)
+    (www / "boot.ipxe").write_text((REPO / "templates" / "ipxe" / "boot.ipxe").read_text())
+    (www / "ipxe" / "any.ipxe").write_text(
+        "#!ipxe\nkernel http://192.0.2.1:8080/assets/storm/vmlinuz initrd=initrd "
+        "k3os.mode=install k3os.install.config_url=http://192.0.2.1:8080/config/"
+        "02-00-00-00-00-01?token=0123456789abcdef0123456789abcdef console=ttyS0\n"
+        "initrd --name initrd http://192.0.2.1:8080/assets/storm/initrd\nboot\n")
+    tmp = run / "nginx"
+    tmp.mkdir()
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+user root root;
+worker_processes auto;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on; tcp_nopush on; keepalive_requests 1000000;
+  default_type application/octet-stream;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  server {{
+    listen {HOST}:{port} backlog=4096;
+    root {www};
+    location = /ipxe {{ default_type text/plain; try_files /ipxe/any.ipxe =404; }}
+  }}
+}}
+""")
+    with process(["nginx", "-c", str(conf), "-p", str(tmp)], run / "nginx.log"):
+        wait_http(f"http://{HOST}:{port}/boot.ipxe")
+        yield port
+
+
+@dataclass
+class Measured:
+    rps: float
+    p99_ms: float
+    errors: int
+
+
+def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int) -> Measured:
+    argv = ["wrk", "-t2", f"-c{row.connections}", f"-d{duration:g}s", "--latency",
+            "--timeout", "10s"]
+    if not row.path:
+        argv += ["-s", str(script)]
+    argv.append(f"http://{HOST}:{port}{row.path or '/'}")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
+                         env={**os.environ, "NB_ENROLLED": str(enrolled)}, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    p99_ms = float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")
+    errors = 0
+    for m in re.finditer(r"Non-2xx or 3xx responses:\s+(\d+)|Socket errors: connect (\d+), "
+                         r"read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(g) for g in m.groups() if g)
+    return Measured(rps, p99_ms, errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--enrolled", type=int, default=100_000)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--only", help="comma-separated row names: "
+                        + ",".join(r.name for r in ROWS))
+    parser.add_argument("--fixed-url", action="store_true",
+                        help="clusters with a fixed server URL instead of managed ones (whose "
+                             "join lookup of registered servers runs on every /ipxe)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
+    args = parser.parse_args()
+    # A SIGTERM (e.g. from `timeout`) unwinds: servers stopped, the temp dir removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for tool in ("wrk",):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (apt-get install wrk)")
+    rows = [r for r in ROWS if not args.only or r.name in args.only.split(",")]
+    servers = ["netboot"] + (["nginx"] if shutil.which("nginx") else [])
+    if "nginx" not in servers:
+        print("nginx left out: not installed (apt-get install nginx-light)")
+    with tempfile.TemporaryDirectory(prefix="netboot-http-") as tmp_text:
+        tmp = Path(tmp_text)
+        work = Workload(tmp, args.enrolled, args.enrolled, 1 << 20, 1 << 20,
+                        managed=not args.fixed_url)
+        work.build()
+        (work.assets / "small.txt").write_bytes(b"x" * 299 + b"\n")
+        (work.assets / "1m.bin").write_bytes(os.urandom(1 << 20))
+        (work.assets / "32m.bin").write_bytes(os.urandom(32 << 20))
+        took = work.netboot_seed(args.python)
+        print(f"netboot import of {args.enrolled} machines: {took:.1f} s", flush=True)
+        script = tmp / "random_mac.lua"
+        script.write_text(RANDOM_MAC_LUA)
+        results: dict[tuple[str, str], Measured] = {}
+        for server in servers:
+            run = tmp / server
+            run.mkdir()
+            ctx = netboot(work, run, args.python) if server == "netboot" else nginx(work, run)
+            with ctx as port:
+                for row in rows:
+                    m = wrk(port, row, args.duration, script, args.enrolled)
+                    results[server, row.name] = m
+                    print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 {m.p99_ms:.1f} ms, "
+                          f"{m.errors} errors", flush=True)
+    print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row")
+    head = f"{'path':<11} {'conns':>5}"
+    for s in servers:
+        head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6}"
+    print(head + ("  netboot ÷ nginx" if len(servers) > 1 else ""))
+    for row in rows:
+        line = f"{row.name:<11} {row.connections:>5}"
+        for s in servers:
+            m = results[s, row.name]
+            mib = f"{m.rps * row.size / (1 << 20):.0f}" if row.size else "-"
+            line += f" {m.rps:>14,.0f} {m.p99_ms:>8.1f} {mib:>8} {m.errors:>6}"
+        if len(servers) > 1:
+            line += f"  {results['netboot', row.name].rps / results['nginx', row.name].rps:.2g}x"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1053 @@
+"""A boot storm end to end: N devices power on at once against netboot, then against dnsmasq
+(proxyDHCP + TFTP) + nginx stand-ins serving the same bytes from static files.
+
+    sudo python benchmarks/storm.py [--devices 50] [--within 1] [--enrolled N]
+                                    [--kernel-size 8M] [--initrd-size 32M]
+                                    [--loss 0.01] [--slow-acks MS] [--only netboot]
+
+Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
+
+  dhcp_offer   broadcast DHCPDISCOVER to :67 (option 60 PXEClient, 93 arch 7, 97 UUID)
+  pxe_ack      DHCPREQUEST to the server's :4011 (the PXE "boot server" step of EDK2)
+  tftp_tsize   RRQ with tsize 0 + blksize, OACK, ERROR: EDK2 asks the size first
+  tftp_loader  RRQ blksize 1468 windowsize 4 (OVMF's defaults), the first stage iPXE loader
+  boot_ipxe    GET /boot.ipxe
+  ipxe         GET /ipxe?mac=…&uuid=…&arch=x86_64…  (the machine's own script)
+  kernel       GET the kernel URL of that script, every byte read
+  initrd       GET the initrd URL(s)
+  config       GET the config URL of the script (its token is in the query)
+  installing   POST /api/v1/machines/<mac>/events {"kind":"installing"}, Bearer <token>
+  installed    POST … {"kind":"installed"}
+  register     POST /api/v1/register {"mac","token","hostname","addresses","machine_id"}
+
+Why network namespaces rather than loopback: proxyDHCP answers a DISCOVER from a client with
+no address by broadcasting to 255.255.255.255:68, which on the host's own network stack would
+leave through a real interface, and dnsmasq only does DHCP on an interface with an address in
+its range. So the benchmark creates two namespaces joined by a veth pair (192.0.2.1 for the
+server, 192.0.2.10-254 for the devices: a real storm comes from many addresses, and servers
+limit transfers per address), runs every server in the one and the load generator in the
+other, and deletes both at the end. Nothing touches the machine's own interfaces.
+
+netboot runs as ``netboot serve`` on a fresh data directory with ``--enrolled`` machines
+imported by ``netboot import`` (clusters of 12,500 like the issue's fleet, one profile whose
+kernel and initrd are files of the given sizes). The stand-ins get the same loader, kernel and
+initrd; nginx serves one static iPXE script and one config per device, and answers the API
+POSTs from a static ``return 200``. So the stand-ins show what the same storm costs when
+nothing is decided: the floor netboot is measured against.
+
+Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
+the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
+their children), and netboot ÷ stand-ins. Needs root (namespaces), iproute2, dnsmasq and nginx
+(a target whose binary is missing is left out and said so). Every wait is bounded;
+processes are stopped by their own PID; the namespaces are deleted in a finally.
+Not part of pytest: speed is never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_IP = "192.0.2.1"
+CLIENT_IPS = [f"192.0.2.{i}" for i in range(10, 255)]
+SERVER_IF, CLIENT_IF = "nbst0", "nbct0"
+HTTP_PORT = 8080
+PER_CLUSTER = 12_500  # the issue's fleet: 100,000 machines in 8 clusters
+LOADER = "snponly.efi"  # what both servers hand a UEFI x86-64 PXE client
+SO_BINDTODEVICE = 25
+STAGES = ["dhcp_offer", "pxe_ack", "tftp_tsize", "tftp_loader", "boot_ipxe", "ipxe", "kernel",
+          "initrd", "config", "installing", "installed", "register"]
+
+
+def mac_of(i: int) -> str:
+    return (0x02_00_00_00_00_00 + i).to_bytes(6, "big").hex(":")
+
+
+def uuid_of(i: int) -> str:
+    return f"{i:08x}-5354-4f52-8d00-{i:012x}"
+
+
+def size_arg(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+# --- the network: two namespaces and a veth pair ---------------------------------------------
+
+
+def _ip(*args: str, stdin: str | None = None) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30, input=stdin,
+                   text=True)
+
+
+@contextlib.contextmanager
+def namespaces() -> Iterator[tuple[str, str]]:
+    tag = secrets.token_hex(3)
+    server, client = f"nbstorm-{tag}-s", f"nbstorm-{tag}-c"
+    created: list[str] = []
+    try:
+        for ns in (server, client):
+            _ip("netns", "add", ns)
+            created.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        # Created inside the server namespace, the peer moved straight into the client's:
+        # the host namespace never holds either end.
+        _ip("-n", server, "link", "add", SERVER_IF, "type", "veth", "peer", "name", CLIENT_IF,
+            "netns", client)
+        _ip("-n", server, "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_IF)
+        _ip("-n", server, "link", "set", SERVER_IF, "up")
+        batch = "".join(f"addr add {a}/24 dev {CLIENT_IF}\n" for a in CLIENT_IPS)
+        _ip("-n", client, "-batch", "-", stdin=batch)
+        _ip("-n", client, "link", "set", CLIENT_IF, "up")
+        yield server, client
+    finally:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
+                           timeout=30)
+
+
+def udp_drops(ns: str) -> int:
+    """Datagrams the namespace's kernel dropped (UDP InErrors, which counts full receive
+    buffers, plus SndbufErrors): tells a server or a load generator that did not keep up."""
+    text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], check=True,
+                          capture_output=True, text=True, timeout=30).stdout
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp:")]
+    udp = dict(zip(rows[0], rows[1], strict=False))
+    return int(udp.get("InErrors", 0)) + int(udp.get("SndbufErrors", 0))
+
+
+def listen_drops(ns: str) -> int:
+    """Connections the namespace's kernel dropped at a full accept queue (TcpExt ListenDrops):
+    a client then waits out SYN retransmissions (1, 2, 4, … s)."""
+    text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/netstat"], check=True,
+                          capture_output=True, text=True, timeout=30).stdout
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("TcpExt:")]
+    return int(dict(zip(rows[0], rows[1], strict=False)).get("ListenDrops", 0))
+
+
+# --- CPU of a server and its children ----------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                out += [int(c) for c in text.split()]
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live descendants (nginx's workers), in seconds."""
+    total, todo, seen = 0, [pid], set[int]()
+    while todo and len(seen) < 1000:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+        todo += _children(p)
+    return total / CLK_TCK
+
+
+# --- files both kinds of server serve ---------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    root: Path
+    devices: int
+    enrolled: int
+    kernel_size: int
+    initrd_size: int
+    managed: bool = False
+
+    @property
+    def assets(self) -> Path:
+        return self.root / "assets"
+
+    def device_index(self, k: int) -> int:
+        """Which enrolled machine storm device ``k`` is: spread over the whole inventory."""
+        return k * max(1, self.enrolled // self.devices)
+
+    def build(self) -> None:
+        self.assets.mkdir(parents=True)
+        system_loader = Path("/usr/lib/ipxe") / LOADER
+        loader = (system_loader.read_bytes() if system_loader.is_file()
+                  else os.urandom(173_792))  # Debian's snponly.efi is this size
+        (self.assets / LOADER).write_bytes(loader)
+        (self.assets / "storm").mkdir()
+        for name, size in (("vmlinuz", self.kernel_size), ("initrd", self.initrd_size)):
+            with open(self.assets / "storm" / name, "wb") as fh:
+                chunk = os.urandom(min(size, 1 << 20))
+                left = size
+                while left > 0:
+                    fh.write(chunk[:left])
+                    left -= len(chunk)
+
+    # netboot's inventory
+    def netboot_seed(self, python: str) -> float:
+        """Enroll the fleet in a fresh data dir with the CLI; returns the import's seconds."""
+        data = self.root / "netboot-seed"
+        data.mkdir()
+        clusters = max(1, self.enrolled // PER_CLUSTER)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+        def cli(*args: str) -> None:
+            subprocess.run([python, "-m", "netboot", *args, "--data-dir", str(data)],
+                           check=True, capture_output=True, timeout=600, env=env)
+
+        for c in range(clusters):
+            # A fixed server URL: every node installs at once (a managed cluster would hold
+            # its agents until the first server registers, which a storm cannot show).
+            # http_paths.py uses managed clusters: their join lookup is on the /ipxe path.
+            url = "managed" if self.managed else f"https://192.0.2.{200 + c}:6443"
+            cli("clusters", "add", f"line-{c}", "--server-url", url, "--token", f"storm-{c}")
+        cli("profiles", "add", "storm", "--kernel", "storm/vmlinuz", "--initrd", "storm/initrd")
+        rows = ["mac,hostname,serial,uuid,cluster,role,profile"]
+        rows += [f"{mac_of(i)},edge-{i:06d},SN{i:07d},{uuid_of(i)},line-{i % clusters},agent,storm"
+                 for i in range(self.enrolled)]
+        csv = self.root / "fleet.csv"
+        csv.write_text("\n".join(rows) + "\n")
+        t0 = time.perf_counter()
+        cli("import", str(csv))
+        return time.perf_counter() - t0
+
+    def netboot_config(self, run: Path, log_level: str) -> Path:
+        data = run / "data"
+        shutil.copytree(self.root / "netboot-seed", data)
+        conf = run / "netboot.yaml"
+        conf.write_text(json.dumps({  # YAML is a superset of JSON
+            "server": {"interfaces": [SERVER_IF], "advertise": SERVER_IP, "data_dir": str(data),
+                       "log_level": log_level},
+            "http": {"listen": SERVER_IP, "port": HTTP_PORT},
+            "dhcp": {"mode": "proxy"},
+            "tftp": {"port": 69},
+            "dns": {"enabled": False},
+            "assets": {"dirs": [str(self.assets)]},
+            "discovery": {"policy": "ignore"},
+        }))
+        return conf
+
+    # the stand-ins' static files
+    def static_site(self, run: Path) -> Path:
+        www = run / "www"
+        (www / "ipxe").mkdir(parents=True)
+        (www / "config").mkdir()
+        (www / "assets").symlink_to(self.assets)
+        base = f"http://{SERVER_IP}:{HTTP_PORT}"
+        boot = (REPO / "templates" / "ipxe" / "boot.ipxe").read_text()
+        (www / "boot.ipxe").write_text(boot.replace("{{ base_url }}", base))
+        for k in range(self.devices):
+            i = self.device_index(k)
+            hexhyp = mac_of(i).replace(":", "-")
+            token = secrets.token_urlsafe(24)
+            config_url = f"{base}/config/{hexhyp}?token={token}"
+            (www / "ipxe" / f"{hexhyp}.ipxe").write_text(
+                f"#!ipxe\n# netboot: install edge-{i:06d} with profile storm (stand-in)\n"
+                f"echo installing edge-{i:06d}\n"
+                f"kernel {base}/assets/storm/vmlinuz initrd=initrd k3os.mode=install "
+                "k3os.install.silent=true k3os.install.device=/dev/sda "
+                f"k3os.install.config_url={config_url} console=ttyS0 console=tty1\n"
+                f"initrd --name initrd {base}/assets/storm/initrd\nboot\n")
+            (www / "config" / hexhyp).write_text(
+                f"hostname: edge-{i:06d}\nk3os:\n  server_url: https://192.0.2.200:6443\n"
+                f"  token: storm-0\n  k3s_args: [agent, --node-name, edge-{i:06d}]\n")
+        return www
+
+
+# --- the servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()  # this process only, by its own handle
+                self.popen.wait(timeout=15)
+
+
+def start(name: str, ns: str, argv: list[str], log: Path, env: dict[str, str] | None = None
+          ) -> Proc:
+    # `ip netns exec` and `env` exec the program: the PID is the server's own.
+    with log.open("ab") as out:
+        popen = subprocess.Popen(["ip", "netns", "exec", ns, "env", *(f"{k}={v}" for k, v in
+                                  (env or {}).items()), *argv],
+                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return Proc(name, popen, log)
+
+
+def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: str) -> list[Proc]:
+    conf = work.netboot_config(run, log_level)
+    return [start("netboot", ns, [python, "-m", "netboot", "serve", "--config", str(conf)],
+                  run / "netboot.log", {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})]
+
+
+def start_standins(ns: str, run: Path, work: Workload) -> list[Proc]:
+    www = work.static_site(run)
+    dnsmasq = start("dnsmasq", ns, [
+        "dnsmasq", "--keep-in-foreground", "--port=0", f"--interface={SERVER_IF}",
+        "--bind-interfaces", "--conf-file=/dev/null", "--user=root", "--pid-file=",
+        f"--dhcp-leasefile={run / 'dnsmasq.leases'}", f"--dhcp-range={SERVER_IP},proxy",
+        f"--pxe-service=x86-64_EFI,storm,{LOADER}", "--enable-tftp", f"--tftp-root={work.assets}",
+        f"--tftp-max={max(50, work.devices * 2)}", "--log-facility=-", "--quiet-dhcp",
+        "--quiet-tftp",
+    ], run / "dnsmasq.log")
+    (run / "nginx").mkdir()
+    conf = run / "nginx" / "nginx.conf"
+    tmp = run / "nginx"
+    conf.write_text(f"""
+daemon off;
+user root root;
+worker_processes auto;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  sendfile on; tcp_nopush on; keepalive_requests 100000;
+  default_type application/octet-stream;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  server {{
+    listen {SERVER_IP}:{HTTP_PORT} backlog=4096;
+    root {www};
+    disable_symlinks off;
+    location = /ipxe {{ default_type text/plain; try_files /ipxe/$arg_mac.ipxe =404; }}
+    location /config/ {{ default_type text/yaml; }}
+    location /api/ {{ default_type application/json; return 200 '{{"ok":true}}\\n'; }}
+  }}
+}}
+""")
+    nginx = start("nginx", ns, ["nginx", "-c", str(conf), "-p", str(tmp)], run / "nginx.log")
+    return [dnsmasq, nginx]
+
+
+# --- the load generator (runs inside the client namespace) ----------------------------------
+
+
+class Failed(Exception):
+    pass
+
+
+class _Done(Exception):
+    """The device has done the last stage asked for (--until)."""
+
+
+@dataclass
+class Device:
+    k: int
+    index: int
+    ip: str
+
+    @property
+    def mac(self) -> str:
+        return mac_of(self.index)
+
+    @property
+    def hexhyp(self) -> str:
+        return self.mac.replace(":", "-")
+
+
+@dataclass
+class Spec:
+    devices: int
+    within: float
+    enrolled: int
+    kernel_size: int
+    initrd_size: int
+    loss: float
+    slow_acks_ms: float
+    device_timeout: float
+    seed: int
+    until: str | None = None
+
+
+class UdpSocket:
+    """A non-blocking UDP socket whose every readiness drains the receive queue.
+
+    asyncio's datagram transport reads one datagram per socket per loop iteration; with a
+    thousand devices' sockets in one loop an iteration takes tens of milliseconds, so the
+    shared :68 socket would hand out offers at a few dozen a second and the devices would time
+    out with their answers queued in the kernel (seen on the wire: dnsmasq answered every
+    DISCOVER within 16 ms). Here the load generator reads all that is queued at once."""
+
+    def __init__(self, sock: socket.socket,
+                 on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self.on_datagram = on_datagram
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._ready)
+
+    @classmethod
+    def bound(cls, address: tuple[str, int],
+              on_datagram: Callable[[bytes, tuple[str, int]], None]) -> UdpSocket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, on_datagram)
+
+    def _ready(self) -> None:
+        for _ in range(10_000):
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error queued on the socket: the retry handles it
+                continue
+            self.on_datagram(data, (addr[0], addr[1]))
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+            self.sock.sendto(data, address)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class TftpReceiver:
+    """A TFTP read as a firmware does it, driven by callbacks (no await per packet: the load
+    generator must stay cheaper than the servers it loads). ``loss`` drops received DATA and
+    sent ACKs at random; ``slow`` delays every ACK. Retransmits after 1 s without progress,
+    gives up after 6 tries (EDK2's MTFTP waits 4 s a try; iPXE 1-3 s)."""
+
+    def __init__(self, done: asyncio.Future[int], rrq: bytes, probe: bool, loss: float,
+                 slow: float, rng: random.Random) -> None:
+        self.done, self.rrq, self.probe = done, rrq, probe
+        self.loss, self.slow, self.rng = loss, slow, rng
+        self.tid: tuple[str, int] | None = None
+        self.blksize, self.window = 512, 1
+        self.expected, self.last_acked, self.total, self.tries, self.packets = 1, 0, 0, 0, 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, transport: UdpSocket) -> None:
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.transport.sendto(self.rrq, (SERVER_IP, 69))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(1.0, self._timeout)
+
+    def _finish(self, result: int | Exception) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.done.done():
+            if isinstance(result, Exception):
+                self.done.set_exception(result)
+            else:
+                self.done.set_result(result)
+
+    def _timeout(self) -> None:
+        self.tries += 1
+        if self.tries > 6:
+            self._finish(Failed("tftp timeout"))
+            return
+        if self.tid is None:
+            self.transport.sendto(self.rrq, (SERVER_IP, 69))
+        else:
+            self._send_ack(self.last_acked)
+        self._arm()
+
+    def _ack(self, block: int) -> None:
+        self.last_acked = block
+        if self.slow:
+            self.loop.call_later(self.slow, self._send_ack, block)
+        else:
+            self._send_ack(block)
+
+    def _send_ack(self, block: int) -> None:
+        if self.done.done() and block != self.last_acked:
+            return
+        if not (self.loss and self.rng.random() < self.loss) and self.tid is not None:
+            self.transport.sendto(struct.pack("!HH", 4, block & 0xFFFF), self.tid)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.done.done():
+            return
+        self.packets += 1
+        if self.packets > 200_000:
+            self._finish(Failed("tftp: too many packets"))
+            return
+        if self.loss and self.rng.random() < self.loss:
+            return
+        if self.tid is None:
+            self.tid = addr
+        elif addr != self.tid:
+            return
+        opcode = int.from_bytes(data[:2], "big")
+        if opcode == 5:
+            self._finish(Failed(f"tftp error {data[4:-1].decode(errors='replace')[:40]}"))
+            return
+        if opcode == 6:
+            fields = data[2:].split(b"\0")
+            got = {k.decode().lower(): v.decode()
+                   for k, v in zip(fields[0::2], fields[1::2], strict=False) if k}
+            if self.probe:
+                # EDK2 ends the size probe with an ERROR once it has the OACK.
+                self.transport.sendto(b"\x00\x05\x00\x08size probe\x00", self.tid)
+                self._finish(int(got["tsize"]) if "tsize" in got
+                             else Failed("no tsize in OACK"))
+                return
+            self.blksize = int(got.get("blksize", 512))
+            self.window = int(got.get("windowsize", 1))
+            self.tries = 0
+            self._arm()
+            self._ack(0)
+            return
+        if opcode != 3:
+            self._finish(Failed(f"tftp opcode {opcode}"))
+            return
+        block = int.from_bytes(data[2:4], "big")
+        if block != self.expected & 0xFFFF:
+            if block != (self.expected - 1) & 0xFFFF:
+                self._ack(self.expected - 1)  # a gap: ask for the rest of the window again
+            return
+        self.tries = 0
+        self._arm()
+        payload = len(data) - 4
+        self.total += payload
+        self.expected += 1
+        last = payload < self.blksize
+        if last or self.expected - 1 - self.last_acked >= self.window:
+            self._ack(self.expected - 1)
+        if last:
+            self._finish(Failed("no OACK to the size probe") if self.probe else self.total)
+
+
+class DhcpPort:
+    """The one :68 socket of the client side: proxy offers come back broadcast to it, and are
+    handed to the device waiting for that xid."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self.late = 0  # offers that came after their device gave up
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) >= 240 and data[0] == 2:
+            fut = self.waiting.get(int.from_bytes(data[4:8], "big"))
+            if fut is not None and not fut.done():
+                fut.set_result(data)
+            else:
+                self.late += 1
+
+
+class Generator:
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.rng = random.Random(spec.seed)  # a workload, not security-relevant
+        self.times: dict[str, list[float]] = {s: [] for s in [*STAGES, "total"]}
+        self.failures: dict[str, dict[str, int]] = {}
+        self.base = f"http://{SERVER_IP}:{HTTP_PORT}"
+        self.dhcp: DhcpPort | None = None
+        self.dhcp_transport: UdpSocket | None = None
+        self.cpu0 = 0.0
+        self.lags: list[float] = []
+
+    # -- DHCP -----------------------------------------------------------------------------
+    def _packet(self, dev: Device, xid: int, mtype: int, extra: tuple[Any, ...] = (),
+                ciaddr: str = "0.0.0.0") -> bytes:
+        from netboot.wire import dhcp
+        from netboot.wire.dhcp import MessageType, Op, Opt
+        uuid = bytes.fromhex(uuid_of(dev.index).replace("-", ""))
+        return dhcp.encode(dhcp.Packet(
+            op=Op.REQUEST, xid=xid, chaddr=bytes.fromhex(dev.hexhyp.replace("-", "")),
+            flags=dhcp.BROADCAST_FLAG, ciaddr=ciaddr, options=(
+                dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType(mtype),))),
+                dhcp.Option(Opt.MAX_MESSAGE_SIZE, struct.pack("!H", 1472)),
+                dhcp.Option(Opt.PARAMETER_REQUEST_LIST,
+                            bytes((1, 2, 3, 4, 5, 6, 12, 13, 15, 17, 18, 22, 23, 28, 40, 41, 42,
+                                   43, 50, 51, 54, 58, 59, 60, 66, 67, 97, 128, 129, 130, 131,
+                                   132, 133, 134, 135))),
+                dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x07"),
+                dhcp.Option(Opt.CLIENT_NDI, b"\x01\x03\x00"),
+                dhcp.Option(Opt.CLIENT_UUID, b"\x00" + uuid),
+                dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00007:UNDI:003000"),
+                *extra,
+            )), pad_to=300)
+
+    async def dhcp_offer(self, dev: Device, xid: int) -> bytes:
+        assert self.dhcp is not None and self.dhcp_transport is not None
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.dhcp.waiting[xid] = fut
+        payload = self._packet(dev, xid, 1)
+        try:
+            # PXE retransmits its DISCOVER after 4, 8, 16, 32 s; the first two are enough here.
+            for wait in (4.0, 8.0):
+                self.dhcp_transport.sendto(payload, ("255.255.255.255", 67))
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(fut), wait)
+            raise Failed("no offer")
+        finally:
+            self.dhcp.waiting.pop(xid, None)
+
+    async def pxe_ack(self, dev: Device, xid: int, offer: bytes) -> str:
+        from netboot.wire import dhcp
+        from netboot.wire.dhcp import Opt
+        parsed = dhcp.parse(offer)
+        server = parsed.option(Opt.SERVER_ID)
+        server_ip = socket.inet_ntoa(server) if server and len(server) == 4 else parsed.siaddr
+        extra: tuple[Any, ...] = ()
+        # A boot menu in option 43 (dnsmasq's pxe-service) is answered with the PXE boot item
+        # (suboption 71) of its first entry, as EDK2 does when there is no prompt.
+        vendor = parsed.option(Opt.VENDOR_SPECIFIC) or b""
+        i = 0
+        while i + 1 < len(vendor) and vendor[i] != 255:
+            code, length = vendor[i], vendor[i + 1]
+            if code == 9 and length >= 3:
+                item = vendor[i + 2:i + 4] + b"\x00\x00"
+                extra = (dhcp.Option(Opt.VENDOR_SPECIFIC, bytes((71, 4)) + item + b"\xff"),)
+                break
+            i += 2 + length
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+        transport = UdpSocket.bound((dev.ip, 0), lambda data, _: replies.put_nowait(data))
+        try:
+            payload = self._packet(dev, xid, 3, extra, ciaddr=dev.ip)
+            for wait in (2.0, 4.0):
+                transport.sendto(payload, (server_ip, 4011))
+                deadline = loop.time() + wait
+                while (left := deadline - loop.time()) > 0:
+                    try:
+                        data = await asyncio.wait_for(replies.get(), left)
+                    except TimeoutError:
+                        break
+                    if data[4:8] == payload[4:8] and data[0] == 2:
+                        ack = dhcp.parse(data)
+                        name = ack.file_name or parsed.file_name
+                        if not name:
+                            raise Failed("no boot file")
+                        return name
+            raise Failed("no ack")
+        finally:
+            transport.close()
+
+    # -- TFTP -----------------------------------------------------------------------------
+    async def tftp(self, dev: Device, name: str, options: dict[str, str], *, probe: bool
+                   ) -> int:
+        """One RRQ. probe: read the OACK's tsize and abort (EDK2's size probe). Otherwise
+        download, acking each window (RFC 7440), and return the byte count."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+        opts = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in options.items())
+        rrq = b"\x00\x01" + name.encode() + b"\x00octet\x00" + opts
+        receiver = TftpReceiver(done, rrq, probe, self.spec.loss, self.spec.slow_acks_ms / 1000,
+                                self.rng)
+        transport = UdpSocket.bound((dev.ip, 0), receiver.datagram_received)
+        receiver.start(transport)
+        try:
+            return await done
+        finally:
+            transport.close()
+
+    # -- one device --------------------------------------------------------------------------
+    async def device(self, dev: Device, session: Any) -> None:
+        t_start = time.perf_counter()
+        stage = "dhcp_offer"
+
+        async def timed(name: str, coro: Any) -> Any:
+            nonlocal stage
+            stage = name
+            t0 = time.perf_counter()
+            result = await coro
+            self.times[name].append(time.perf_counter() - t0)
+            if name == self.spec.until:
+                raise _Done
+            return result
+
+        async def get(url: str, expect: int | None = None) -> bytes:
+            async with session.get(url) as resp:
+                if resp.status != 200:
+                    raise Failed(f"HTTP {resp.status}")
+                if expect is None:
+                    return bytes(await resp.read())
+                n = 0
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    n += len(chunk)
+                if n != expect:
+                    raise Failed(f"{n} of {expect} bytes")
+                return b""
+
+        async def post(url: str, body: dict[str, Any], token: str) -> None:
+            async with session.post(url, json=body,
+                                    headers={"Authorization": f"Bearer {token}"}) as resp:
+                await resp.read()
+                if resp.status // 100 != 2:
+                    raise Failed(f"HTTP {resp.status}")
+
+        try:
+            async with asyncio.timeout(self.spec.device_timeout):
+                xid = self.rng.getrandbits(32)
+                offer = await timed("dhcp_offer", self.dhcp_offer(dev, xid))
+                loader = await timed("pxe_ack", self.pxe_ack(dev, xid, offer))
+                size = await timed("tftp_tsize", self.tftp(
+                    dev, loader, {"tsize": "0", "blksize": "1468"}, probe=True))
+                got = await timed("tftp_loader", self.tftp(
+                    dev, loader, {"blksize": "1468", "windowsize": "4"}, probe=False))
+                if got != size:
+                    raise Failed(f"loader {got} of {size} bytes")
+                await timed("boot_ipxe", get(f"{self.base}/boot.ipxe"))
+                query = (f"mac={dev.hexhyp}&uuid={uuid_of(dev.index)}&arch=x86_64&platform=efi"
+                         f"&serial=SN{dev.index:07d}&manufacturer=QEMU&product=Standard%20PC"
+                         "&asset=")
+                script = (await timed("ipxe", get(f"{self.base}/ipxe?{query}"))).decode()
+                kernel = re.search(r"^kernel (\S+)", script, re.M)
+                initrds = re.findall(r"^initrd (?:--name \S+ )?(\S+)", script, re.M)
+                config = re.search(r"config_url=(\S+)", script)
+                token = re.search(r"[?&]token=([^\s&]+)", config.group(1)) if config else None
+                if not (script.startswith("#!ipxe") and kernel and initrds and config and token):
+                    raise Failed("script without kernel/initrd/config token")
+                await timed("kernel", get(kernel.group(1), self.spec.kernel_size))
+
+                async def all_initrds() -> None:
+                    for url in initrds:
+                        await get(url, self.spec.initrd_size)
+
+                await timed("initrd", all_initrds())
+                await timed("config", get(config.group(1)))
+                events = f"{self.base}/api/v1/machines/{dev.hexhyp}/events"
+                tok = token.group(1)
+                await timed("installing", post(events, {"kind": "installing",
+                                                        "message": "storm"}, tok))
+                await timed("installed", post(events, {"kind": "installed",
+                                                       "message": "storm"}, tok))
+                await timed("register", post(f"{self.base}/api/v1/register", {
+                    "mac": dev.mac, "token": tok, "hostname": f"edge-{dev.index:06d}",
+                    "addresses": [dev.ip], "machine_id": f"{dev.index:032x}",
+                    "node_name": f"edge-{dev.index:06d}"}, tok))
+        except _Done:
+            pass
+        except Exception as exc:  # one failed device is a counted result, never the end
+            reason = ("timeout" if isinstance(exc, TimeoutError)
+                      else str(exc) if isinstance(exc, Failed) else type(exc).__name__)
+            per = self.failures.setdefault(stage, {})
+            per[reason] = per.get(reason, 0) + 1
+            return
+        self.times["total"].append(time.perf_counter() - t_start)
+
+    async def ready(self) -> None:
+        """Until the server answers HTTP and TFTP (bounded: 120 s, a big inventory loads)."""
+        import aiohttp
+        deadline = time.monotonic() + 120
+        probe = Device(-1, 0, CLIENT_IPS[0])
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(f"{self.base}/boot.ipxe",
+                                           timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            await asyncio.wait_for(self.tftp(probe, LOADER, {"tsize": "0"},
+                                                             probe=True), 10)
+                            return
+                except (OSError, aiohttp.ClientError, TimeoutError, Failed):
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("server did not become ready within 120 s")
+                await asyncio.sleep(0.2)
+
+    async def _lag(self) -> None:
+        """How late the generator's own loop wakes up: when it lags, the client is the
+        bottleneck and the figures say more about it than about the server."""
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.lags.append(time.perf_counter() - t0 - 0.01)
+
+    async def run(self) -> dict[str, Any]:
+        import aiohttp
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, CLIENT_IF.encode())
+        sock.bind(("0.0.0.0", 68))
+        self.dhcp = DhcpPort()
+        self.dhcp_transport = UdpSocket(sock, self.dhcp.datagram_received)
+        spec = self.spec
+        step = max(1, spec.enrolled // spec.devices)
+        devices = [Device(k, k * step, CLIENT_IPS[k % len(CLIENT_IPS)])
+                   for k in range(spec.devices)]
+        # One connection pool per client address, as each device has its own TCP stack.
+        sessions = [aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(local_addr=(ip, 0), limit=0, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=spec.device_timeout),
+            auto_decompress=False) for ip in CLIENT_IPS]
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu0 = usage.ru_utime + usage.ru_stime
+        t0 = time.perf_counter()
+        tasks = []
+        lag = asyncio.create_task(self._lag())
+        try:
+            for dev in devices:
+                # Power-on times spread evenly over --within seconds.
+                delay = t0 + dev.k * spec.within / spec.devices - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(
+                    self.device(dev, sessions[dev.k % len(CLIENT_IPS)])))
+            await asyncio.gather(*tasks)
+            wall = time.perf_counter() - t0
+        finally:
+            lag.cancel()
+            for s in sessions:
+                await s.close()
+            self.dhcp_transport.close()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"wall": wall, "times": self.times, "failures": self.failures,
+                "generator_cpu": usage.ru_utime + usage.ru_stime - self.cpu0,
+                "late_offers": self.dhcp.late, "loop_lag": self.lags}
+
+
+def generate(spec_json: str) -> None:
+    """Child process in the client namespace: wait for the server, say READY, wait for GO on
+    stdin, run the storm, print the result as one JSON line."""
+    sys.path.insert(0, str(REPO))
+    spec = Spec(**json.loads(spec_json))
+
+    async def main() -> None:
+        gen = Generator(spec)
+        await gen.ready()
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        result = await gen.run()
+        print(json.dumps(result), flush=True)
+
+    asyncio.run(main())
+
+
+# --- a run and the report -------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    target: str
+    wall: float = 0.0
+    cpu: float = 0.0
+    generator_cpu: float = 0.0
+    server_drops: int = 0
+    client_drops: int = 0
+    listen_drops: int = 0
+    times: dict[str, list[float]] = field(default_factory=dict)
+    failures: dict[str, dict[str, int]] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def failed(self) -> int:
+        return sum(sum(v.values()) for v in self.failures.values())
+
+
+def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec: Spec,
+               args: argparse.Namespace, run: Path) -> Result:
+    run.mkdir()
+    procs = (start_netboot(server_ns, run, work, args.python, args.log_level)
+             if target == "netboot" else start_standins(server_ns, run, work))
+    gen = subprocess.Popen(
+        ["ip", "netns", "exec", client_ns, sys.executable, __file__, "--generate",
+         json.dumps(spec.__dict__)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(run / "generator.log").open("wb"),
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = Result(target)
+    try:
+        assert gen.stdin is not None and gen.stdout is not None
+        line = gen.stdout.readline()
+        if line.strip() != "READY":
+            dead = [p.name for p in procs if p.popen.poll() is not None]
+            said = (run / "generator.log").read_text(errors="replace").strip()[-300:]
+            raise RuntimeError(f"not ready ({said or line.strip()!r}; exited: {dead}); "
+                               f"see {run}")
+        cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
+        gen.stdin.write("GO\n")
+        gen.stdin.flush()
+        out = gen.stdout.readline()
+        cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        result.server_drops = udp_drops(server_ns) - drops0[0]
+        result.client_drops = udp_drops(client_ns) - drops0[1]
+        result.listen_drops = listen_drops(server_ns) - drops0[2]
+        if not out.strip():
+            raise RuntimeError(f"{target}: the generator ended without a result; see {run}")
+        data = json.loads(out)
+        result.wall, result.cpu = data["wall"], cpu1 - cpu0
+        result.times, result.failures = data["times"], data["failures"]
+        result.generator_cpu = data["generator_cpu"]
+        lags = data["loop_lag"]
+        print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
+              f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
+              f"DHCP answers after their device gave up (or twice): {data['late_offers']}")
+    except RuntimeError as exc:
+        result.error = str(exc)
+    finally:
+        if gen.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                gen.stdin.close()  # type: ignore[union-attr]
+            try:
+                gen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                gen.kill()
+                gen.wait()
+        for p in procs:
+            p.stop()
+    return result
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def report(results: list[Result], spec: Spec) -> None:
+    print(f"\nstorm: {spec.devices} devices powered on within {spec.within:g} s, "
+          f"{spec.enrolled} machines enrolled, kernel {spec.kernel_size >> 10} KiB + "
+          f"initrd {spec.initrd_size >> 10} KiB, loss {spec.loss:g}, "
+          f"slow ACKs {spec.slow_acks_ms:g} ms")
+    for r in results:
+        if r.error:
+            print(f"{r.target}: {r.error}")
+    ok = [r for r in results if not r.error]
+    if not ok:
+        return
+    print("\nper stage, milliseconds: p50 / p95 / p99 / max (n)")
+    print(f"{'stage':<12}" + "".join(f"  {r.target:>34}" for r in ok))
+    for stage in [*STAGES, "total"]:
+        row = f"{stage:<12}"
+        for r in ok:
+            v = r.times.get(stage, [])
+            cell = (f"{pct(v, .5) * 1e3:.1f} / {pct(v, .95) * 1e3:.1f} / {pct(v, .99) * 1e3:.1f}"
+                    f" / {max(v) * 1e3:.1f} ({len(v)})" if v else "-")
+            row += f"  {cell:>34}"
+        print(row)
+    print(f"\n{'target':<12} {'wall s':>8} {'server CPU s':>13} {'client CPU s':>13} "
+          f"{'devices ok':>11} {'failed':>7} {'UDP drops s/c':>14} {'TCP listen drops':>17}"
+          "  failures")
+    for r in ok:
+        fails = "; ".join(f"{s}: {', '.join(f'{k} x{n}' for k, n in v.items())}"
+                          for s, v in r.failures.items())
+        print(f"{r.target:<12} {r.wall:>8.2f} {r.cpu:>13.2f} {r.generator_cpu:>13.2f} "
+              f"{len(r.times.get('total', [])):>11} {r.failed:>7} "
+              f"{f'{r.server_drops}/{r.client_drops}':>14} {r.listen_drops:>17}  {fails}")
+    nb = next((r for r in ok if r.target == "netboot"), None)
+    si = next((r for r in ok if r.target != "netboot"), None)
+    if nb and si:
+        def ratio(a: float, b: float) -> str:
+            return f"{a / b:.2f}x" if b else "-"
+        print("\nnetboot ÷ stand-ins: "
+              f"wall {ratio(nb.wall, si.wall)}, server CPU {ratio(nb.cpu, si.cpu)}, "
+              f"p99 per stage: " + ", ".join(
+                  f"{s} {ratio(pct(nb.times[s], .99), pct(si.times[s], .99))}"
+                  for s in STAGES if nb.times.get(s) and si.times.get(s)))
+        if nb.failed or si.failed:
+            print("  (devices failed: wall time and CPU compare unequal work; the storm's "
+                  "target is 0 failures)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--within", type=float, default=1.0, help="seconds of power-on spread")
+    parser.add_argument("--enrolled", type=int, help="machines in the inventory (≥ devices)")
+    parser.add_argument("--kernel-size", type=size_arg, default=8 << 20)
+    parser.add_argument("--initrd-size", type=size_arg, default=32 << 20)
+    parser.add_argument("--loss", type=float, default=0.0,
+                        help="probability that the devices' TFTP client drops a packet")
+    parser.add_argument("--slow-acks", type=float, default=0.0, metavar="MS",
+                        help="delay every TFTP ACK by MS milliseconds")
+    parser.add_argument("--device-timeout", type=float, default=120.0)
+    parser.add_argument("--until", choices=STAGES,
+                        help="each device stops after this stage (e.g. dhcp_offer)")
+    parser.add_argument("--only", choices=["netboot", "standins"])
+    parser.add_argument("--order", choices=["netboot-first", "standins-first"],
+                        default="netboot-first")
+    parser.add_argument("--log-level", default="info", help="netboot's log level (info: as run)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--generate", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.generate:
+        generate(args.generate)
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("needs root: it creates network namespaces")
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: servers stopped, namespaces deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    enrolled = max(args.enrolled or args.devices, args.devices)
+    spec = Spec(args.devices, args.within, enrolled, args.kernel_size, args.initrd_size,
+                args.loss, args.slow_acks, args.device_timeout, args.seed, args.until)
+    targets = ["netboot", "standins"]
+    if args.order == "standins-first":
+        targets.reverse()
+    if args.only:
+        targets = [args.only]
+    for tool in ("dnsmasq", "nginx"):
+        if "standins" in targets and shutil.which(tool) is None:
+            print(f"stand-ins left out: {tool} is not installed "
+                  "(apt-get install dnsmasq-base nginx-light)")
+            targets.remove("standins")
+    tmp = Path(tempfile.mkdtemp(prefix="netboot-storm-"))
+    try:
+        work = Workload(tmp, args.devices, enrolled, args.kernel_size, args.initrd_size)
+        work.build()
+        if "netboot" in targets:
+            took = work.netboot_seed(args.python)
+            print(f"netboot import of {enrolled} machines: {took:.1f} s")
+        results = []
+        with namespaces() as (server_ns, client_ns):
+            for n, target in enumerate(targets):
+                results.append(run_target(target, server_ns, client_ns, work, spec, args,
+                                          tmp / f"run-{n}-{target}"))
+        report(results, spec)
+    finally:
+        if args.keep:
+            print(f"work dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
