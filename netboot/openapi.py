@@ -132,7 +132,7 @@ def _op(summary: str, *, body: str | None = None, ok: int = 200, out: str | None
         op["requestBody"] = {"required": body_required,
                              "content": {"application/json": {"schema": _ref(body)}}}
     if admin:
-        op["security"] = [{"bearer": []}]
+        op["security"] = [{"bearer": []}, {"session": []}]
     if params:
         op["parameters"] = [{"name": p, "in": "query", "required": False,
                              "schema": {"type": "string"}} for p in params]
@@ -151,14 +151,37 @@ def document() -> dict[str, Any]:
         "/api/v1/openapi.json": {"get": {"summary": "this document",
                                          "responses": {"200": {"description": "OpenAPI 3"}}}},
         "/api/v1/machines": {
-            "get": _op("list machines", out="MachineList",
-                       params=("state", "cluster", "label", "limit", "offset")),
+            "get": _op("list machines: q searches hostname, id, MACs, UUID, serial, asset; "
+                       "sort (mac, hostname, state, cluster, updated, created) and order "
+                       "(asc, desc); last_event=1 adds each machine's last event",
+                       out="MachineList",
+                       params=("state", "cluster", "label", "q", "sort", "order", "last_event",
+                               "limit", "offset")),
             "post": _op("enroll a machine", body="MachineInput", ok=201, out="Machine",
                         admin=True, errors=(400, 409, 413)),
         },
         "/api/v1/machines:bulk": {
             "post": _op("bulk enrollment in one transaction", body="Bulk", ok=201,
                         out="ImportReport", admin=True, errors=(400, 413)),
+        },
+        "/api/v1/machines:import": {
+            "post": _op("an import file (CSV, YAML or JSON) as the body; dry_run=1 checks it",
+                        ok=201, out="ImportReport", admin=True, errors=(400, 413),
+                        params=("format", "dry_run")),
+        },
+        "/api/v1/machines/{ref}/render/{kind}": {
+            "parameters": [_path_param("ref"), _path_param("kind")],
+            "get": _op("what the machine would be served now (ipxe, pxelinux, config, "
+                       "nocloud), install and join tokens masked", admin=True,
+                       params=("arch",)),
+        },
+        "/api/v1/events/stream": {
+            "get": {**_op("every machine event as it is recorded: Server-Sent Events "
+                          "(event: machine, data: an Event; event: missed when this reader "
+                          "fell behind)", admin=True, errors=(503,)),
+                    "responses": {"200": {"description": "text/event-stream"},
+                                  "401": {"description": "no or wrong token"},
+                                  "503": {"description": "too many streams open"}}},
         },
         "/api/v1/machines/{ref}": {
             "parameters": [_path_param("ref")],
@@ -208,6 +231,16 @@ def document() -> dict[str, Any]:
                    "content": {"application/json": {"schema": _ref("ImportReport")}}}
     bulk["400"]["content"]["application/json"]["schema"] = {
         "anyOf": [_ref("ImportReport"), _ref("Error")]}
+    imported = paths["/api/v1/machines:import"]["post"]
+    imported["responses"]["200"] = bulk["200"]
+    imported["responses"]["400"] = bulk["400"]
+    # The file as it is (the format is the query's, whatever the content type says).
+    imported["requestBody"] = {"required": True, "content": {
+        "text/plain": {"schema": {"type": "string"}},
+        "text/csv": {"schema": {"type": "string"}},
+        "application/yaml": {"schema": {"type": "string"}}}}
+    paths["/api/v1/machines/{ref}/render/{kind}"]["get"]["responses"]["200"] = {
+        "description": "the text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     for kind, schema in (("profiles", "Profile"), ("clusters", "Cluster"), ("groups", "Group")):
         paths[f"/api/v1/{kind}"] = {
             "get": _op(f"list {kind}", out=f"array:{schema}"),
@@ -228,5 +261,9 @@ def document() -> dict[str, Any]:
                                 "server."},
         "paths": paths,
         "components": {"schemas": SCHEMAS,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                       "securitySchemes": {
+                           "bearer": {"type": "http", "scheme": "bearer"},
+                           # The dashboard's session; changes also need X-CSRF-Token.
+                           "session": {"type": "apiKey", "in": "cookie",
+                                       "name": "netboot_session"}}},
     }
