@@ -203,8 +203,7 @@ function machinesView(root) {
   stateSel.addEventListener("change", () => { query.state = stateSel.value; query.offset = 0; load(); });
   clusterSel.addEventListener("change", () => { query.cluster = clusterSel.value; query.offset = 0; load(); });
 
-  const changed = new Set();
-  let shown = new Set();
+  const changed = new Set(); // machines named by events since the last load
 
   async function loadCounts() {
     const {data} = await api("GET", "/status");
@@ -231,11 +230,11 @@ function machinesView(root) {
       order: query.order, last_event: "1"});
     for (const k of ["q", "state", "cluster"]) if (query[k]) params.set(k, query[k]);
     const {data} = await api("GET", `/machines?${params}`);
-    const now = new Set(data.items.map((m) => m.id));
     tbody.replaceChildren(...data.items.map((m) => {
       const last = m.last_event;
       return h("tr", {dataset: {id: m.id},
-        class: changed.has(m.id) || !shown.has(m.id) && shown.size ? "flash" : null,
+        // A row an event just changed (or brought in) is highlighted for a moment.
+        class: changed.has(m.id) ? "flash" : null,
         onclick: () => { location.hash = `#/machine/${encodeURIComponent(m.id)}`; }},
       h("td", {class: "mono"}, m.macs.length ? m.macs.join(" ") : "—"),
       h("td", {}, h("a", {href: `#/machine/${encodeURIComponent(m.id)}`}, m.hostname || m.id)),
@@ -249,7 +248,6 @@ function machinesView(root) {
       tbody.append(h("tr", {}, h("td", {colspan: columns.length, class: "muted"},
         "No machines match.")));
     }
-    shown = now;
     changed.clear();
     const last = Math.min(query.offset + PAGE, data.total);
     pager.replaceChildren(
