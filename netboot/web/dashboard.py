@@ -21,6 +21,7 @@ from aiohttp import web
 
 from netboot.errors import AuthError
 from netboot.inventory.base import Store
+from netboot.logs import RateLimitedLog
 from netboot.metrics import CONTENT_TYPE, Metrics
 from netboot.web.auth import Authenticator, end_session, start_session
 
@@ -37,6 +38,9 @@ class Dashboard:
         self._metrics = metrics
         self._metrics_public = metrics_public
         self._log = logger or logging.getLogger(__name__)
+        # A token is 256 random bits: guessing is futile, but a guessing script must not
+        # write a line per attempt.
+        self._failed = RateLimitedLog(self._log)
 
     def add_to(self, app: web.Application) -> None:
         r = app.router
@@ -61,7 +65,8 @@ class Dashboard:
         token = token.strip() if isinstance(token, str) else ""
         scope = await self._auth.verifier.verify(token) if 0 < len(token) <= MAX_TOKEN else None
         if scope is None:
-            self._log.info("dashboard: failed login from %s", request.remote)
+            self._failed.log(logging.WARNING, request.remote or "-",
+                             "dashboard: failed login from %s", request.remote)
             raise web.HTTPSeeOther("/login?error=1")
         self._log.info("dashboard: %s login from %s", scope, request.remote)
         resp = web.HTTPSeeOther("/")
