@@ -1,5 +1,5 @@
 """Command line: serve | machines | profiles | clusters | groups | import | render | explain |
-check-config | lab.
+ca | check-config | lab.
 
 Inventory commands open the same database the server uses (SQLite in WAL mode allows a second
 process), so they work whether or not the server runs. They are a thin face over
@@ -100,7 +100,8 @@ def _labels(items: Sequence[str] | None, what: str = "--label") -> dict[str, str
 
 def _config(args: argparse.Namespace) -> Config:
     flags = {k: getattr(args, k, None) for k in ("interface", "advertise", "data_dir",
-                                                  "log_level", "http_port", "dhcp_port",
+                                                  "log_level", "http_port", "https_port",
+                                                  "dhcp_port",
                                                   "pxe_port", "dhcp_mode", "tftp_port",
                                                   "dns_port", "discovery")}
     if flags.get("interface"):
@@ -111,11 +112,10 @@ def _config(args: argparse.Namespace) -> Config:
 
 async def _with_store(args: argparse.Namespace,
                       fn: Callable[[Store, Config], Awaitable[int]]) -> int:
-    from netboot.service import open_store
+    from netboot.service import open_inventory
 
     cfg = _config(args)
-    store = open_store(cfg)
-    await store.open()
+    store, _ = await open_inventory(cfg)
     try:
         return await fn(store, cfg)
     finally:
@@ -136,13 +136,56 @@ def _report(args: argparse.Namespace, text: str, value: Any) -> None:
 
 def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
     """The same core the server builds, with its settings; URLs as the server would give."""
-    from netboot.service import advertised_address, build_core, public_base_url
+    from netboot.content import Trust
+    from netboot.service import (
+        advertised_address,
+        build_core,
+        public_base_url,
+        public_https_url,
+    )
 
     @functools.cache
     def base_url() -> str:
         return public_base_url(cfg, advertised_address(cfg))
 
-    return build_core(cfg, store, base_url, check_templates=check_templates)
+    @functools.cache
+    def trust() -> Trust:
+        # The CA the server hands out, read, never made here (the server makes it).
+        found = _exported_ca(cfg) if cfg.https.enabled else None
+        if found is None:
+            return Trust()
+        return Trust(public_https_url(cfg, advertised_address(cfg)), *found)
+
+    return build_core(cfg, store, base_url, check_templates=check_templates, trust=trust)
+
+
+def _exported_ca(cfg: Config) -> tuple[str, str] | None:
+    from netboot.pki import exported_ca
+
+    return exported_ca(cfg.https.ca_file if cfg.https.cert_file else None,
+                       cfg.data_dir / "tls")
+
+
+def _ca(args: argparse.Namespace) -> int:
+    """``netboot ca export``: the CA certificate installers and iPXE builds should trust."""
+    cfg = _config(args)
+    found = _exported_ca(cfg)
+    if found is None:
+        where = ("https.cert_file is set without https.ca_file" if cfg.https.cert_file
+                 else f"no CA in {cfg.data_dir / 'tls'} yet")
+        raise ConfigError(where, key="https.ca_file" if cfg.https.cert_file
+                          else "server.data_dir",
+                          fix="set https.ca_file to the CA that issued your certificate"
+                          if cfg.https.cert_file else
+                          "start netboot once (netboot serve makes its CA on first start)")
+    pem, fp = found
+    if args.json:
+        _print_json({"pem": pem, "sha256": fp})
+    else:
+        # The fingerprint as a PEM-compatible comment: the output stays a valid PEM file.
+        print(f"# SHA256 Fingerprint={fp}")
+        print(pem, end="")
+    return 0
 
 
 def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
@@ -466,6 +509,10 @@ def _check_config(args: argparse.Namespace) -> int:
     from netboot import groups as grouping
 
     grouping.check_groups(cfg.discovery.rules)
+    if cfg.https.enabled and cfg.https.cert_file:
+        from netboot.pki import operator_files
+
+        operator_files(cfg.https.cert_file, cfg.https.key_file, cfg.https.ca_file)
     _report(args, f"{args.file}: OK", {"file": args.file, "ok": True})
     return 0
 
@@ -491,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[where, address],
                        help="run proxyDHCP, TFTP, HTTP (and DNS)")
     s.add_argument("--http-port", type=int)
+    s.add_argument("--https-port", type=int)
     s.add_argument("--dhcp-port", type=int)
     s.add_argument("--pxe-port", type=int)
     s.add_argument("--dhcp-mode", choices=["proxy", "authoritative", "off"])
@@ -501,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["text", "json"], default=None,
                    help="json: one object per line with time, level, logger, message, and "
                         "mac, peer, xid, path, request_id where known (or NETBOOT_LOG_FORMAT)")
+
+    ca = sub.add_parser("ca", help="netboot's certificate authority")
+    casub = ca.add_subparsers(dest="action", required=True)
+    casub.add_parser("export", parents=[common],
+                     help="print the CA certificate (PEM) and its SHA-256 fingerprint")
 
     c = sub.add_parser("check-config", parents=[output], help="validate a config file")
     c.add_argument("file")
@@ -630,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "check-config":
             return _check_config(args)
+        if args.cmd == "ca":
+            return _ca(args)
         if args.cmd == "lab":
             from netboot.lab import cli as lab_cli
 

@@ -64,6 +64,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HttpsConfig:
+    # On by default: the API (admin token), and later the dashboard, should never need plain
+    # HTTP; netboot makes its own CA, so there is nothing to set up. Firmware downloads and
+    # the installers that cannot be given a CA keep using the http listener.
+    enabled: bool = True
+    listen: str | None = None  # default: http.listen
+    port: int = 8443
+    public_url: str | None = None  # e.g. https://boot.example:8443 behind NAT/proxy
+    names: tuple[str, ...] = ()  # extra DNS names / addresses for the generated certificate
+    cert_file: str | None = None  # the operator's certificate (PEM, then intermediates)
+    key_file: str | None = None  # its key (PEM, unencrypted, 0600)
+    ca_file: str | None = None  # the CA that issued cert_file, handed to installers
+
+
+@dataclass(frozen=True)
 class AuthoritativeConfig:
     pool_start: str | None = None
     pool_end: str | None = None
@@ -141,6 +156,7 @@ class InventoryConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    https: HttpsConfig = field(default_factory=HttpsConfig)
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)
     tftp: TftpConfig = field(default_factory=TftpConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -167,6 +183,7 @@ FLAGS: Mapping[str, str] = {
     "data_dir": "server.data_dir",
     "log_level": "server.log_level",
     "http_port": "http.port",
+    "https_port": "https.port",
     "dhcp_port": "dhcp.port",
     "pxe_port": "dhcp.pxe_port",
     "dhcp_mode": "dhcp.mode",
@@ -429,7 +446,8 @@ def load(
 
 def _check(cfg: Config, src: _Source) -> None:
     """Cross-field checks that a single value's type cannot express."""
-    for key, port in (("http.port", cfg.http.port), ("dhcp.port", cfg.dhcp.port),
+    for key, port in (("http.port", cfg.http.port), ("https.port", cfg.https.port),
+                      ("dhcp.port", cfg.dhcp.port),
                       ("dhcp.pxe_port", cfg.dhcp.pxe_port), ("tftp.port", cfg.tftp.port),
                       ("dns.port", cfg.dns.port)):
         if not 0 <= port <= 65535:
@@ -459,6 +477,19 @@ def _check(cfg: Config, src: _Source) -> None:
     _check_limits(cfg, src)
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
         raise src.error("http.public_url", "must start with http:// or https://")
+    if cfg.https.public_url and not cfg.https.public_url.startswith("https://"):
+        raise src.error("https.public_url", "must start with https://",
+                        "write e.g. https://boot.example:8443, or leave it unset")
+    if (cfg.https.key_file or cfg.https.ca_file) and not cfg.https.cert_file:
+        raise src.error("https.cert_file", "https.key_file/ca_file given without a certificate",
+                        "set https.cert_file too, or remove them to use netboot's own CA")
+    if cfg.https.cert_file and not cfg.https.key_file:
+        raise src.error("https.key_file", "a certificate needs its key",
+                        "set https.key_file to the PEM private key of https.cert_file")
+    if (cfg.https.enabled and cfg.https.port == cfg.http.port and cfg.http.port != 0
+            and (cfg.https.listen or cfg.http.listen) == cfg.http.listen):
+        raise src.error("https.port", f"port {cfg.https.port} is also http.port",
+                        "use another port for HTTPS (default 8443)")
 
 
 def _check_limits(cfg: Config, src: _Source) -> None:

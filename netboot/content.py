@@ -6,6 +6,7 @@ cloud-init NoCloud files, U-Boot script image); it never decides what a machine 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shlex
@@ -73,6 +74,16 @@ class Urls:
         return f"{self.base}/assets/{quote(path.lstrip('/'))}"
 
 
+@dataclass(frozen=True)
+class Trust:
+    """How an installed system reaches netboot over HTTPS: the base URL and the CA to trust
+    (all empty when HTTPS is off, or the operator's certificate comes without its CA)."""
+
+    https_base: str = ""  # https://192.0.2.10:8443
+    ca_pem: str = ""
+    ca_fingerprint: str = ""  # SHA-256, AA:BB:…
+
+
 class Content:
     def __init__(
         self,
@@ -85,7 +96,9 @@ class Content:
         *,
         clock: Callable[[], float] = time.time,
         logger: logging.Logger | None = None,
+        trust: Callable[[], Trust] = Trust,
     ) -> None:
+        self._trust = trust
         self._store = store
         self._boot = boot
         self._render = renderer
@@ -114,7 +127,10 @@ class Content:
         register_url = f"{urls.base}/api/v1/register"
         events_url = f"{urls.base}/api/v1/machines/{mac.hexhyp}/events"
         k3s = plan.k3s
+        trust = self._trust()
         ctx: dict[str, Any] = {
+            "https_base_url": trust.https_base, "ca_pem": trust.ca_pem,
+            "ca_fingerprint": trust.ca_fingerprint,
             "mac": str(mac), "mac_hexhyp": mac.hexhyp, "base_url": urls.base,
             "machine": mdict, "profile": pdict,
             "cluster": cluster_to_dict(plan.cluster, secrets=False) if plan.cluster else {},
@@ -318,26 +334,34 @@ def _read(path: Path) -> bytes:
 def register_command(url: str, mac: str, token: str, node_name: str) -> str:
     """A POSIX shell one-liner the installed OS runs to register, retrying for up to an hour.
 
-    curl when present, busybox wget otherwise (k3OS and minimal images differ). k3OS runs
-    ``run_cmd`` on every boot; a marker file makes later boots skip the call (the install
-    token expires, and an hour of retries on each reboot would only delay the node).
+    It POSTs with curl where there is one (k3OS ships curl) and with busybox ``wget
+    --post-data --header`` otherwise, so it also runs on a busybox-only image. It reports no
+    address: on k3OS ``/etc/hosts`` maps the hostname to 127.0.1.1, so ``hostname -i``
+    names loopback, and any address the node picks itself may be one other nodes cannot
+    reach. netboot records the address the request came from on the provisioning network.
+
+    k3OS runs ``run_cmd`` on every boot; a marker file makes later boots skip the call (the
+    install token expires, and an hour of retries on each reboot would only delay the node).
     """
-    # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts.
+    def sq(text: str) -> str:
+        # Inside the single-quoted JSON below: close, escaped quote, reopen.
+        return text.replace("'", "'\\''")
+
+    # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts; the
+    # values netboot knows are JSON-encoded here, never by the shell.
     body = (
-        f'{{"mac":"{mac}","token":"{token}","hostname":"\'"$(hostname)"\'",'
-        '"addresses":["\'"$(hostname -i 2>/dev/null | cut -d" " -f1)"\'"],'
-        f'"machine_id":"\'"$(cat /etc/machine-id 2>/dev/null)"\'","node_name":"{node_name}"}}'
+        "'" + sq(f'{{"mac":{json.dumps(mac)},"token":{json.dumps(token)},"hostname":"')
+        + "'\"$(hostname)\"'"
+        + sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
+        + sq(f'","node_name":{json.dumps(node_name)}}}') + "'"
     )
-    data = "'" + body + "'"
     u = shlex.quote(url)
-    post = (
-        f"if command -v curl >/dev/null; then curl -fsS -H 'Content-Type: application/json' "
-        f"-d {data} {u}; "
-        f"else wget -q -O- --header 'Content-Type: application/json' --post-data {data} {u}; fi"
-    )
     marker = "/var/lib/netboot/registered"
     return (
-        f"[ -f {marker} ] || {{ i=0; while [ $i -lt 360 ]; do "
-        f"if {{ {post}; }}; then mkdir -p /var/lib/netboot && touch {marker}; break; fi; "
+        f"[ -f {marker} ] || {{ b={body}; i=0; while [ $i -lt 360 ]; do "
+        "if command -v curl >/dev/null; "
+        f"then curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}; "
+        f"else wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" {u}; "
+        f"fi && {{ mkdir -p /var/lib/netboot && touch {marker}; break; }}; "
         "i=$((i+1)); sleep 10; done; }"
     )

@@ -224,7 +224,9 @@ class Profile:
 class Cluster:
     name: str
     server_url: str = "managed"  # an https:// k3s URL, or "managed"
-    token: str = ""  # k3s join secret; never logged, never listed
+    # k3s join secret; never logged, never listed. Out of repr: a cluster in a log line or a
+    # traceback's locals must not carry it.
+    token: str = field(default="", repr=False)
     labels: Mapping[str, str] = field(default_factory=dict)  # node labels
     taints: tuple[str, ...] = ()
     description: str = ""
@@ -317,7 +319,7 @@ class K3sJoin:
     role: Role
     server_url: str | None  # None for the first server of a managed cluster (cluster-init)
     cluster_init: bool
-    token: str
+    token: str = field(repr=False)  # the cluster's join secret (see Cluster.token)
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[str, ...] = ()
     node_name: str = ""
@@ -357,7 +359,7 @@ class BootPlan:
     profile: Profile | None = None
     cluster: Cluster | None = None
     k3s: K3sJoin | None = None
-    token: str | None = None  # the install token, only in the plan that issued it
+    token: str | None = field(default=None, repr=False)  # install token, only when issued
     command: str | None = None  # for a held machine: what an operator runs to move it on
 
 

@@ -14,18 +14,21 @@ import logging
 import os
 import secrets
 import signal
+import ssl
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from netboot.api import ADMIN_TOKEN_KEY, Api
 from netboot.boot import BootService, BootSettings, loader_names
 from netboot.config import Config
-from netboot.content import Content
+from netboot.content import Content, Trust
 from netboot.core import Core
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
@@ -34,7 +37,9 @@ from netboot.files import FileTree
 from netboot.inventory.base import EventListener, MachineFilter, Store
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
+from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
+from netboot.sealing import Sealer, read_key, write_key
 from netboot.servers.http import (
     LOG_KEY,
     MAX_BODY_KEY,
@@ -58,7 +63,14 @@ from netboot.web.dashboard import Dashboard
 log = logging.getLogger(__name__)
 
 
-def open_store(config: Config, listener: EventListener | None = None) -> Store:
+SECRET_KEY_FILE = "secret.key"
+# The id of the key that sealed this inventory's secrets: a different key file is refused at
+# start rather than discovered at the first config request.
+SEAL_KEY_SETTING = "secrets-key-id"
+
+
+def open_store(config: Config, sealer: Sealer | None = None,
+               listener: EventListener | None = None) -> Store:
     """The configured store; ``listener`` (the live event bus) is told of committed events."""
     if config.inventory.backend == "memory":
         from netboot.inventory.memory import MemoryStore
@@ -67,12 +79,124 @@ def open_store(config: Config, listener: EventListener | None = None) -> Store:
     from netboot.inventory.sqlite import SqliteStore
 
     try:
-        config.db_path.parent.mkdir(parents=True, exist_ok=True)
+        config.db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         key = "inventory.path" if config.inventory.path else "server.data_dir"
         raise ConfigError(f"cannot create {config.db_path.parent}: {exc.strerror}", key=key,
                           fix="create it, or point --data-dir at a writable directory") from exc
-    return SqliteStore(config.db_path, listener=listener)
+    private_database(config.db_path)
+    return SqliteStore(config.db_path, sealer=sealer, listener=listener)
+
+
+def secure_data_dir(path: Path) -> None:
+    """The data dir holds the inventory, the secrets key, the CA key and the admin token:
+    0700, tightened if netboot owns it and it is looser (a package's 0755 /var/lib dir)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}", key="server.data_dir",
+                          fix="create it, or point --data-dir at a writable directory") from exc
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        try:
+            if st.st_uid != os.geteuid():
+                raise PermissionError("owned by another user")
+            os.chmod(path, 0o700)
+            log.warning("data dir %s was mode %04o; now 0700 (it holds keys and secrets)",
+                        path, mode)
+        except OSError:
+            log.warning("data dir %s is mode %04o (owner uid %d) and netboot cannot change "
+                        "it: other users may read the inventory; chmod 0700 it", path, mode,
+                        st.st_uid)
+
+
+def private_database(path: Path) -> None:
+    """Create the database file 0600 before SQLite does: SQLite gives its -wal and -shm files
+    the database file's mode, so this one mode covers all three (an empty file is an empty
+    database to SQLite). Files of an older netboot (0644) are tightened. A file that cannot
+    be created is left to the store, which names the cause (a read-only file system)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(p.stat().st_mode) & 0o077:
+                try:
+                    os.chmod(p, 0o600)
+                except OSError as exc:
+                    log.warning("%s is readable by others and cannot be made 0600: %s", p,
+                                exc.strerror)
+
+
+async def open_inventory(config: Config, listener: EventListener | None = None,
+                         ) -> tuple[Store, Sealer]:
+    """The inventory, open, with its secrets key (made on first start) checked against it.
+
+    The key must be the one that sealed the inventory's join tokens: a missing or different
+    key file is a start-up error that names the file and the fix, never garbage tokens. The
+    store seals the tokens of an inventory written before sealing existed as it opens.
+    """
+    secure_data_dir(config.data_dir)
+    key_path = config.data_dir / SECRET_KEY_FILE
+    sealer = read_key(key_path)
+    new_key = sealer is None
+    if sealer is None:
+        sealer = Sealer.generate()
+    store = open_store(config, sealer, listener)
+    await store.open()
+    try:
+        recorded = await store.get_setting(SEAL_KEY_SETTING)
+        if recorded is not None and recorded != sealer.key_id:
+            fix = (f"restore {key_path} from a backup of {config.data_dir}; the join tokens "
+                   "cannot be read without it (else move the inventory away and enroll again)")
+            if new_key:
+                raise ConfigError(f"the secrets key {key_path} is missing, and the inventory "
+                                  f"{config.db_path} holds join tokens sealed with key "
+                                  f"{recorded}", key="server.data_dir", fix=fix)
+            raise ConfigError(f"{key_path} is key {sealer.key_id}, but the inventory "
+                              f"{config.db_path} was sealed with key {recorded}",
+                              key="server.data_dir", fix=fix)
+        if new_key:
+            try:
+                write_key(key_path, sealer)
+            except FileExistsError:
+                # Another netboot process (a CLI command) made it a moment ago: use that one.
+                await store.close()
+                return await open_inventory(config, listener)
+            log.warning("created the secrets key %s: back it up, apart from the inventory; "
+                        "without it the join tokens in the inventory cannot be read", key_path)
+        if recorded is None:
+            # The store sealed any clear join tokens as it opened; from now on this key is the
+            # inventory's.
+            await store.put_setting(SEAL_KEY_SETTING, sealer.key_id)
+    except BaseException:
+        await store.close()
+        raise
+    return store, sealer
+
+
+def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
+    """The HTTPS certificate: the operator's files, checked, or netboot's own CA's (made on
+    first start, re-issued when it no longer names the advertised address)."""
+    https = config.https
+    if not https.enabled:
+        return None
+    if https.cert_file:
+        return operator_files(https.cert_file, https.key_file, https.ca_file)
+    names = server_names(advertise, config.http.public_url, (
+        *([h] if (h := _url_host(https.public_url)) else []), *https.names))
+    authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
+    return authority.server_certificate(names)
+
+
+def _url_host(url: str | None) -> str | None:
+    return urlsplit(url).hostname if url else None
+
+
+def trust_for(config: Config, tls: Tls | None, https_base: str) -> Trust:
+    if tls is None:
+        return Trust()
+    return Trust(https_base=https_base, ca_pem=tls.ca_pem, ca_fingerprint=tls.ca_fingerprint)
 
 
 def asset_roots(config: Config) -> list[Path]:
@@ -102,6 +226,11 @@ def public_base_url(config: Config, advertise: str) -> str:
     return (config.http.public_url or f"http://{advertise}:{config.http.port}").rstrip("/")
 
 
+def public_https_url(config: Config, advertise: str) -> str:
+    """The HTTPS base of the API and configs (before the port is known when it is 0)."""
+    return (config.https.public_url or f"https://{advertise}:{config.https.port}").rstrip("/")
+
+
 def boot_settings(config: Config) -> BootSettings:
     return BootSettings(policy=config.discovery.policy,
                         hold_retry_seconds=config.discovery.hold_retry_seconds,
@@ -112,7 +241,7 @@ def boot_settings(config: Config) -> BootSettings:
 
 
 def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
-               check_templates: bool = True) -> Core:
+               check_templates: bool = True, trust: Callable[[], Trust] = Trust) -> Core:
     """The operations below the API and the CLI, built the same way for both, so that
     ``netboot render`` and ``explain`` answer with the server's settings (DNS zone, default
     profile, discovery policy, token lifetime)."""
@@ -120,7 +249,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
     boot = BootService(store, assets, boot_settings(config), enroller)
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
-                      base_url, enroller)
+                      base_url, enroller, trust=trust)
     return Core(store, enroller, boot, content)
 
 
@@ -180,10 +309,11 @@ def default_route_interface(route_table: str = "/proc/net/route") -> str | None:
     return None
 
 
-async def ensure_admin_token(store: Store, data_dir: Path) -> str | None:
+async def ensure_admin_token(store: Store, data_dir: Path) -> Path | None:
     """Create the admin token on first start: its hash in the store, the token in a 0600 file.
 
-    Returns the new token (to be shown once) or None when one already exists.
+    Returns the file's path when it was made now, None when a token already exists. The token
+    itself is never printed: standard output ends up in journals and CI logs.
     """
     if await store.get_setting(ADMIN_TOKEN_KEY) is not None:
         return None
@@ -199,7 +329,7 @@ async def ensure_admin_token(store: Store, data_dir: Path) -> str | None:
         raise ConfigError(f"cannot write {path}: {exc.strerror}", key="server.data_dir",
                           fix="point --data-dir at a directory netboot can write") from exc
     await store.put_setting(ADMIN_TOKEN_KEY, hashlib.sha256(token.encode()).hexdigest())
-    return token
+    return path
 
 
 @dataclass
@@ -211,7 +341,11 @@ class Service:
     content: Content
     app: web.Application
     advertise: str
-    new_admin_token: str | None = None
+    new_admin_token_file: Path | None = None
+    tls: Tls | None = None
+    # Prepares the certificate again (re-issued if due, or the operator's files re-read).
+    tls_source: Callable[[], Tls | None] | None = None
+    tls_context: ssl.SSLContext | None = None
     metrics: Metrics = field(default_factory=Metrics)
     events: EventBus = field(default_factory=EventBus)
     runner: web.AppRunner | None = None
@@ -219,6 +353,7 @@ class Service:
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     http_port: int = 0
+    https_port: int = 0
     # The base URL lives in one box that Content reads on every render, so that the port
     # bound at start (http.port 0) reaches the URLs without rebuilding anything.
     url_holder: dict[str, str] = field(default_factory=dict)
@@ -256,6 +391,23 @@ class Service:
             raise bind_error(exc, what="HTTP", proto="TCP", host=http.listen,
                              port=http.port, key="http.port", flag="--http-port") from exc
         self.http_port = site.port
+        if self.tls is not None:
+            # The same application on both listeners: one set of routes, one error mapping,
+            # one connection cap (the guard counts both).
+            host = cfg.https.listen or http.listen
+            self.tls_context = self.tls.ssl_context()
+            tls_site = GuardedSite(self.runner, host, cfg.https.port, guard=self.http_guard,
+                                   handler_args={"access_log": access,
+                                                 "access_log_class": AccessLogger},
+                                   ssl_context=self.tls_context)
+            try:
+                await tls_site.start()
+            except OSError as exc:
+                raise bind_error(exc, what="HTTPS", proto="TCP", host=host,
+                                 port=cfg.https.port, key="https.port",
+                                 flag="--https-port") from exc
+            self.https_port = tls_site.port
+            self.tasks.append(asyncio.ensure_future(self._renew_tls_periodically()))
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
@@ -286,6 +438,26 @@ class Service:
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
+
+    def reload_tls(self) -> None:
+        """Prepare the certificate again and load it into the listener's context: netboot's
+        CA re-issues it when it is due; an operator's renewed files are read again."""
+        if self.tls_source is None or self.tls_context is None:
+            return
+        tls = self.tls_source()
+        if tls is not None:
+            tls.load_into(self.tls_context)
+            self.tls = tls
+
+    async def _renew_tls_periodically(self) -> None:
+        # Twice a day is far inside the 30 days of RENEW_BEFORE; a failure keeps the loaded
+        # certificate (still valid for weeks) and is logged, not fatal.
+        while True:
+            await asyncio.sleep(12 * 3600)
+            try:
+                self.reload_tls()
+            except (ConfigError, OSError, ssl.SSLError) as exc:
+                log.error("HTTPS certificate not renewed, keeping the loaded one: %s", exc)
 
     async def _start_dns(self) -> None:
         from netboot.names import ZoneHolder
@@ -367,6 +539,9 @@ class Service:
         lines = [
             f"netboot serving on {self.advertise}",
             f"  HTTP   {self.base_url}/  (iPXE chain URL: {self.base_url}/boot.ipxe)",
+            (f"  HTTPS  {self.url_holder.get('https', '')}/  (API and configs; CA SHA-256 "
+             f"{self.tls.ca_fingerprint or 'not given'}, printed by: netboot ca export)"
+             if self.tls else "  HTTPS  off"),
             f"  TFTP   udp/{cfg.tftp.port}" if cfg.tftp.enabled else "  TFTP   off",
             (f"  DHCP   {cfg.dhcp.mode} on udp/{cfg.dhcp.port} + udp/{cfg.dhcp.pxe_port}"
              if cfg.dhcp.mode != "off" else "  DHCP   off"),
@@ -376,9 +551,9 @@ class Service:
             f"  assets {', '.join(str(r) for r in self.content.assets.roots if r.is_dir())}",
             f"  discovery policy: {cfg.discovery.policy}",
         ]
-        if self.new_admin_token:
-            lines.append(f"  admin token (shown once, also in {cfg.data_dir / 'admin.token'}):"
-                         f" {self.new_admin_token}")
+        if self.new_admin_token_file:
+            lines.append(f"  admin token created in {self.new_admin_token_file} (mode 0600; "
+                         "send it as 'Authorization: Bearer <token>')")
         return "\n".join(lines)
 
 
@@ -429,18 +604,21 @@ async def build(config: Config) -> Service:
     events = EventBus()
     metrics = Metrics()
     events.listen(metrics.event)
-    store = open_store(config, events)
-    await store.open()
+    store, sealer = await open_inventory(config, events)
     try:
         new_token = await ensure_admin_token(store, config.data_dir)
         advertise = advertised_address(config)
+        tls = prepare_tls(config, advertise, sealer)
         from netboot import groups as grouping
 
         grouping.check_groups(config.discovery.rules)
         _check_hostname_templates(config)
         await check_default_profile(config, store)
-        holder: dict[str, str] = {"base": public_base_url(config, advertise)}
-        core = build_core(config, store, lambda: holder["base"])
+        holder: dict[str, str] = {"base": public_base_url(config, advertise),
+                                  "https": public_https_url(config, advertise)}
+        # Late-bound: renders read the service's current certificate (reload_tls replaces it).
+        core = build_core(config, store, lambda: holder["base"],
+                          trust=lambda: trust_for(config, service.tls, holder["https"]))
         app = web.Application(middlewares=[request_middleware, errors_middleware,
                                            body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
@@ -454,8 +632,9 @@ async def build(config: Config) -> Service:
         Api(core, clock=time.time, auth=auth, events=events).add_to(app)
         Dashboard(auth, store, metrics, metrics_public=config.metrics.public).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
-                          new_admin_token=new_token, url_holder=holder, metrics=metrics,
-                          events=events)
+                          new_admin_token_file=new_token, tls=tls, url_holder=holder,
+                          tls_source=lambda: prepare_tls(config, advertise, sealer),
+                          metrics=metrics, events=events)
     except BaseException:
         await store.close()
         raise
@@ -472,6 +651,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         await service.start()
         if config.http.port == 0 and not config.http.public_url:
             service.base_url = f"http://{service.advertise}:{service.http_port}"
+        if config.https.port == 0 and not config.https.public_url:
+            service.url_holder["https"] = f"https://{service.advertise}:{service.https_port}"
         print(service.summary(), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -45,8 +45,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                     pytrace=False)
 
 
-def write_config(tmp: Path, extra: str = "", *, http: str = "") -> Path:
-    """A config for tests; ``extra`` adds sections, ``http`` adds indented lines to ``http:``."""
+def write_config(tmp: Path, extra: str = "", *, http: str = "", https: str = "") -> Path:
+    """A config for tests; ``extra`` adds sections, ``http`` and ``https`` add indented lines
+    to ``http:`` and ``https:`` (HTTPS listens on loopback, on a free port)."""
     assets = tmp / "assets"
     assets.mkdir(parents=True, exist_ok=True)
     (assets / "vmlinuz").write_bytes(KERNEL)
@@ -61,7 +62,10 @@ def write_config(tmp: Path, extra: str = "", *, http: str = "") -> Path:
   data_dir: {tmp / "data"}
 http:
   port: 0
-{http}dhcp:
+{http}https:
+  port: 0
+  listen: 127.0.0.1
+{https}dhcp:
   mode: "off"
 tftp:
   enabled: false
@@ -127,7 +131,7 @@ async def make_env(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[EnvFact
         service = await build(cfg)
         services.append(service)
         client = await aiohttp_client(service.app)
-        token = service.new_admin_token or (cfg.data_dir / "admin.token").read_text().strip()
+        token = (cfg.data_dir / "admin.token").read_text().strip()
         service.base_url = "http://192.0.2.10:8080"
         return Env(service, client, token)
 

@@ -96,12 +96,15 @@ def free_port(kind: socket.SocketKind, ports: range) -> int:
 
 
 @pytest.fixture
-def container(podman_env: dict[str, str], image: str) -> Iterator[tuple[str, str, int, int]]:
+def container(podman_env: dict[str, str],
+              image: str) -> Iterator[tuple[str, str, int, int, int]]:
     name = f"netboot-test-{os.getpid()}"
     volume = f"{name}-data"
     # A privileged HTTP port: binding it proves NET_BIND_SERVICE reaches the unprivileged user.
     http_port = free_port(socket.SOCK_STREAM, range(1023, 1000, -1))
     tftp_port = free_port(socket.SOCK_DGRAM, range(46_900, 47_000))
+    # Host networking: the default 8443 could be someone else's; HTTPS listens like HTTP.
+    https_port = free_port(socket.SOCK_STREAM, range(47_000, 47_100))
     podman(podman_env, "rm", "--force", "--ignore", name)
     podman(podman_env, "volume", "rm", "--force", volume)
     try:
@@ -110,8 +113,9 @@ def container(podman_env: dict[str, str], image: str) -> Iterator[tuple[str, str
                "--volume", f"{volume}:/var/lib/netboot",
                "--env", "NETBOOT_HTTP_LISTEN=127.0.0.1",
                image, "serve", "--interface", "lo", "--dhcp-mode", "off",
-               "--http-port", str(http_port), "--tftp-port", str(tftp_port))
-        yield name, volume, http_port, tftp_port
+               "--http-port", str(http_port), "--tftp-port", str(tftp_port),
+               "--https-port", str(https_port))
+        yield name, volume, http_port, tftp_port, https_port
     finally:
         podman(podman_env, "rm", "--force", "--time", "5", name, check=False)
         podman(podman_env, "volume", "rm", "--force", volume, check=False)
@@ -132,9 +136,9 @@ def fetch(url: str, name: str, env: dict[str, str]) -> str:
 
 
 def test_container_serves_as_an_unprivileged_user(
-        container: tuple[str, str, int, int], podman_env: dict[str, str],
+        container: tuple[str, str, int, int, int], podman_env: dict[str, str],
         tmp_path: Path) -> None:
-    name, volume, http_port, tftp_port = container
+    name, volume, http_port, tftp_port, https_port = container
     body = fetch(f"http://127.0.0.1:{http_port}/boot.ipxe", name, podman_env)
     assert body.startswith("#!ipxe") and f"http://127.0.0.1:{http_port}/ipxe?" in body
     metrics = fetch(f"http://127.0.0.1:{http_port}/metrics", name, podman_env)
@@ -160,6 +164,18 @@ def test_container_serves_as_an_unprivileged_user(
     token = Path(mount) / "admin.token"
     assert token.stat().st_uid != 0 and (token.stat().st_mode & 0o077) == 0
     assert (Path(mount) / "netboot.db").is_file()
+    for private in ("netboot.db", "secret.key", "tls/ca.key"):
+        assert (Path(mount) / private).stat().st_mode & 0o077 == 0, private
+
+    # The API over HTTPS, verified with the CA netboot made on the volume (the certificate
+    # names 127.0.0.1, the address of --interface lo that netboot advertises).
+    import ssl
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(Path(mount) / "tls" / "ca.pem"))
+    with urllib.request.urlopen(f"https://127.0.0.1:{https_port}/healthz", context=ctx,
+                                timeout=10) as resp:
+        assert resp.status == 200
 
     # SIGTERM (podman stop) shuts it down cleanly.
     podman(podman_env, "stop", "--time", "30", name)

@@ -170,7 +170,7 @@ async def test_failed_install_holds_until_reinstall(env: Env) -> None:
     assert await state(env) == "failed"
     held = await boot(env, MAC)
     assert "kernel" not in held
-    assert f"chain --autofree {BASE}/boot.ipxe" in held
+    assert f"chain --autofree --replace {BASE}/boot.ipxe" in held
     r = await call(env, "POST", f"/api/v1/machines/{MAC}/reinstall")
     assert r.status == 200
     assert "kernel " in await boot(env, MAC)
@@ -230,7 +230,7 @@ async def test_discovery_hold_then_approve_then_install(make_env: EnvFactory) ->
     script = await boot(env, HEXHYP, **FACTS)
     lines = script.splitlines()
     assert "sleep 20" in lines
-    assert lines[-1] == f"chain --autofree {BASE}/boot.ipxe"
+    assert lines[-1] == f"chain --autofree --replace {BASE}/boot.ipxe"
     assert "kernel" not in script
     machine = await env.get(f"/api/v1/machines/{MAC}")
     assert machine["state"] == "discovered"
@@ -354,7 +354,7 @@ async def test_agent_before_its_server_waits_then_installs_by_itself(env: Env) -
     held = await boot(env, agent)
     assert "kernel" not in held and "first server to register" in held
     # The hold script sleeps and chains the bootstrap again: iPXE asks /ipxe once more.
-    assert "sleep 15" in held and f"chain --autofree {BASE}/boot.ipxe" in held
+    assert "sleep 15" in held and f"chain --autofree --replace {BASE}/boot.ipxe" in held
     assert await state(env, agent) == "enrolled"
     assert "first server to register" in (await boot(env, agent))  # still waiting, one event
     assert (await kinds(env, agent)).count("hold") == 1

@@ -227,3 +227,86 @@ def test_register_command_posts_once_then_skips(tmp_path: Path) -> None:
     lines = calls.read_text().splitlines()
     assert len(lines) == 1 and '"token":"tok"' in lines[0] and '"node_name":"edge-1"' in lines[0]
     assert (root / "registered").exists()
+
+
+def test_register_command_quotes_odd_values(tmp_path: Path) -> None:
+    """A quote or a shell word in a value must reach the server as data, not run."""
+    import json
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    body = tmp_path / "body"
+    # The fake curl writes the argument after -d, i.e. the JSON body exactly as sent.
+    (bin_dir / "curl").write_text(
+        f'#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -d ] && printf %s "$2" > {body}; shift; done\n'
+    )
+    (bin_dir / "curl").chmod(0o755)
+    cmd = register_command("http://192.0.2.10:8080/api/v1/register", "52:54:00:00:00:11",
+                           "t'o\"k$(touch pwned)", "edge-1").replace("/var/lib/netboot",
+                                                                    str(tmp_path / "root"))
+    subprocess.run(["sh", "-c", cmd], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                   cwd=tmp_path, timeout=30)
+    sent = json.loads(body.read_text())
+    assert sent["token"] == "t'o\"k$(touch pwned)"
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_register_command_runs_on_busybox_alone(tmp_path: Path) -> None:
+    """No curl, only busybox applets (a minimal image): busybox wget posts the JSON body.
+
+    The host's name resolves to 127.0.1.1 on k3OS (/etc/hosts), so the command must not
+    report an address of its own: netboot takes the one the request came from.
+    """
+    import json
+    import shutil
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget"):
+        (bin_dir / applet).symlink_to(busybox)
+    posts: list[tuple[str, str | None, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            n = int(self.headers.get("Content-Length", "0"))
+            posts.append((self.path, self.headers.get("Content-Type"), self.rfile.read(n)))
+            out = b'{"state":"registered"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/v1/register"
+        root = tmp_path / "root"
+        cmd = register_command(url, "52:54:00:00:00:11", "tok", "edge-1").replace(
+            "/var/lib/netboot", str(root))
+        assert "hostname -i" not in cmd
+        for _ in range(2):  # the second run finds the marker and posts nothing
+            subprocess.run([str(bin_dir / "sh"), "-c", cmd], check=True, timeout=30,
+                           env={"PATH": str(bin_dir)}, capture_output=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert len(posts) == 1, posts
+    path, ctype, raw = posts[0]
+    assert path == "/api/v1/register" and ctype == "application/json"
+    sent = json.loads(raw)
+    assert sent["mac"] == "52:54:00:00:00:11" and sent["token"] == "tok"
+    assert sent["node_name"] == "edge-1" and sent["hostname"]
+    assert "addresses" not in sent
+    assert (root / "registered").exists()

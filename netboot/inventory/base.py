@@ -59,6 +59,19 @@ class EventListener(Protocol):
     def published(self, events: Sequence[Event]) -> None: ...
 
 
+class Sealer(Protocol):
+    """Seals secret values (cluster join tokens) before a store writes them to disk
+    (:class:`netboot.sealing.Sealer`). ``context`` is authenticated with the value."""
+
+    key_id: str
+
+    def seal(self, value: str, *, context: str) -> str: ...
+
+    def unseal(self, value: str, *, context: str) -> str: ...
+
+    def is_sealed(self, value: str) -> bool: ...
+
+
 class Store(Protocol):
     """The async inventory. ``mac`` arguments are MACs in any accepted spelling; machines and
     their events are named by machine id."""

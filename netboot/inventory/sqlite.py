@@ -16,6 +16,11 @@ Why it looks like this:
   file at once migrate it once. A file newer than this code is refused, never downgraded.
 * Model values are kept as JSON produced by :mod:`netboot.inventory.codec`; the columns beside
   it exist only to be indexed (hostname uniqueness, filters).
+* A cluster's join token is sealed (``Sealer``, injected) in the stored JSON and opened on
+  read: the file, its WAL and its backups never hold it in clear. Callers see plain values.
+  Tokens an older netboot stored in clear are sealed at open, with ``secure_delete`` on (it
+  zeroes the space a rewritten row leaves behind) and the WAL checkpointed into the file and
+  truncated, so no clear copy survives in either.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from netboot import identity
 from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, EventListener, MachineFilter
+from netboot.inventory.base import Batch, EventListener, MachineFilter, Sealer
 from netboot.model import Cluster, Event, Group, Lease, Machine, Profile, new_machine_id
 
 log = logging.getLogger(__name__)
@@ -244,8 +249,10 @@ class SqliteStore:
     migrates it; :meth:`close` closes the connection and stops the thread.
     """
 
-    def __init__(self, path: str | Path, *, listener: EventListener | None = None) -> None:
+    def __init__(self, path: str | Path, *, sealer: Sealer | None = None,
+                 listener: EventListener | None = None) -> None:
         self.path = Path(path)
+        self._sealer = sealer
         self._listener = listener
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
@@ -360,6 +367,8 @@ class SqliteStore:
         try:
             _configure(conn, self.path)
             _migrate(conn, self.path)
+            if self._sealer is not None:
+                _seal_clear_tokens(conn, self.path, self._sealer)
         except StoreError as exc:
             conn.close()
             if not any(w in str(exc) for w in ("unable to open", "readonly", "disk I/O")):
@@ -481,15 +490,23 @@ class SqliteStore:
 
     async def get_cluster(self, name: str) -> Cluster | None:
         data = await self._read(_get_named, "cluster", name)
-        return None if data is None else codec.cluster_from_dict(data)
+        return None if data is None else self._open_cluster(data)
 
     async def list_clusters(self) -> list[Cluster]:
-        return [codec.cluster_from_dict(d) for d in await self._read(_list_named, "cluster")]
+        return [self._open_cluster(d) for d in await self._read(_list_named, "cluster")]
 
     async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
         data = codec.cluster_to_dict(cluster)
         codec.cluster_from_dict(data)
+        if self._sealer is not None and data["token"]:
+            data["token"] = self._sealer.seal(data["token"], context=_token_context(cluster.name))
         await self._run(_put_named, "cluster", cluster.name, codec.dumps(data, "cluster"), create)
+
+    def _open_cluster(self, data: Any) -> Cluster:
+        if self._sealer is not None and isinstance(data, dict) and data.get("token"):
+            name = str(data.get("name"))
+            data["token"] = self._sealer.unseal(str(data["token"]), context=_token_context(name))
+        return codec.cluster_from_dict(data)
 
     async def delete_cluster(self, name: str) -> None:
         await self._run(_delete_named, "cluster", name)
@@ -546,6 +563,33 @@ class SqliteStore:
         await self._run(_put_setting, key, value)
 
 
+def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> None:
+    """Seal the join tokens an older netboot stored in clear (one transaction), then move the
+    rewritten pages into the file and empty the WAL."""
+    try:
+        with _immediate(conn):
+            rows = conn.execute("SELECT name, data FROM clusters").fetchall()
+            sealed = 0
+            for name, text in rows:
+                data = json.loads(text)
+                token = data.get("token")
+                if isinstance(token, str) and token and not sealer.is_sealed(token):
+                    data["token"] = sealer.seal(token, context=_token_context(name))
+                    conn.execute("UPDATE clusters SET data = ? WHERE name = ?",
+                                 (codec.dumps(data, "cluster"), name))
+                    sealed += 1
+        if sealed:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            log.info("inventory %s: sealed the join tokens of %d clusters", path, sealed)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
+
+
+def _token_context(cluster: str) -> str:
+    # Authenticated with the sealed token: a token copied to another cluster's row won't open.
+    return f"join token of cluster {cluster!r}"
+
+
 # --- worker-thread functions: each takes the connection first --------------------------------
 
 
@@ -555,6 +599,9 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         mode = _journal_mode_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Zero what a delete or a rewrite frees: old (sealed) secrets and token hashes do not
+        # linger in free pages of the file.
+        conn.execute("PRAGMA secure_delete = ON")
         # No memory-mapped I/O on the database file: with it, a file truncated or unreadable
         # under us is a SIGBUS that kills every server in the process; with read() it is an
         # SQLITE_IOERR, a StoreError, a 503. (The WAL index, -shm, is always mapped; SQLite

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from netboot.files import sha256_file
-from netboot.lab.installer import INIT_SCRIPT, UDHCPC_SCRIPT
+from netboot.lab.installer import FILES
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +284,8 @@ def build_initramfs(kroot: Path, kver: str, busybox: bytes, modules: Sequence[st
         order.append(name)
     modules_order = "".join(f"{m}\n" for m in order).encode()
     entries.append(CpioEntry("etc/modules.order", 0o100644, modules_order))
-    entries.append(CpioEntry("etc/udhcpc.script", 0o100755, UDHCPC_SCRIPT.encode()))
-    entries.append(CpioEntry("init", 0o100755, INIT_SCRIPT.encode()))
+    for path, (mode, text) in sorted(FILES.items()):
+        entries.append(CpioEntry(path, mode, text.encode()))
     log.info("initramfs for %s: modules %s", kver, " ".join(order))
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as gz:
@@ -308,8 +308,10 @@ def build_arch(arch: str, cache: Path) -> Path:
     kdeb = kernel_deb(arch, debs)
     bdeb = download("busybox-static", arch, debs)
     key = hashlib.sha256()
-    for part in (FORMAT, arch, INIT_SCRIPT, UDHCPC_SCRIPT, " ".join(MODULES[arch])):
+    for part in (FORMAT, arch, " ".join(MODULES[arch])):
         key.update(part.encode() + b"\0")
+    for path, (mode, text) in sorted(FILES.items()):
+        key.update(f"{path}\0{mode:o}\0{text}\0".encode())
     for deb in (kdeb, bdeb):
         # Content hash of the debs, memoised next to them by (name, size, mtime).
         st = deb.stat()

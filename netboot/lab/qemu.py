@@ -71,8 +71,21 @@ class VmExited(LabError):
 
 
 @dataclass(frozen=True, slots=True)
+class Nic:
+    """A further NIC of a guest: its MAC and the tap (link) it is plugged into."""
+
+    mac: str
+    tap: str
+
+
+@dataclass(frozen=True, slots=True)
 class VmSpec:
-    """One guest. ``name`` names its log files; MAC and UUID are fixed for determinism."""
+    """One guest. ``name`` names its log files; MAC and UUID are fixed for determinism.
+
+    ``mac``/``tap`` is the NIC the guest boots from. ``leading_nics`` come before it in PCI
+    order (iPXE's net0, net1, ...) and in boot order, as on an edge box whose first ports
+    see no DHCP: the firmware tries them first and falls through to ``mac``.
+    """
 
     name: str
     kind: Kind
@@ -81,6 +94,7 @@ class VmSpec:
     serial: str
     tap: str = "tap0"
     memory_mb: int = 0  # 0: per-kind default
+    leading_nics: tuple[Nic, ...] = ()
 
     @property
     def mem(self) -> int:
@@ -116,7 +130,11 @@ def qemu_argv(spec: VmSpec, run_dir: Path) -> list[str]:
         "-smbios", smbios,
         "-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
     ]
+    for i, extra in enumerate(spec.leading_nics, start=1):
+        argv += ["-netdev", f"tap,id=n{i},ifname={extra.tap},script=no,downscript=no"]
     if kind is Kind.UBOOT_ARM64:
+        if spec.leading_nics:
+            raise LabError(f"{spec.name}: several NICs are only wired up for x86 guests")
         if not UBOOT_ARM64.exists():
             raise LabError(f"{UBOOT_ARM64} not found: apt-get install u-boot-qemu")
         argv += [
@@ -124,11 +142,15 @@ def qemu_argv(spec: VmSpec, run_dir: Path) -> list[str]:
             "-device", f"e1000,netdev=n0,mac={spec.mac}",
         ]
         return argv
-    nic = f"virtio-net-pci,netdev=n0,mac={spec.mac},bootindex=1"
-    if kind in (Kind.UEFI_PXE, Kind.UEFI_HTTP):
-        # No option ROM: OVMF's own VirtioNetDxe + PxeBcDxe/HttpBootDxe do the network boot.
-        nic += ",romfile="
-    argv += ["-device", nic]
+    # Device order is PCI order: the leading NICs first, each tried first at boot.
+    nics = [(f"n{i}", n.mac) for i, n in enumerate(spec.leading_nics, start=1)]
+    nics.append(("n0", spec.mac))
+    for index, (netdev, mac) in enumerate(nics, start=1):
+        nic = f"virtio-net-pci,netdev={netdev},mac={mac},bootindex={index}"
+        if kind in (Kind.UEFI_PXE, Kind.UEFI_HTTP):
+            # No option ROM: OVMF's own VirtioNetDxe + PxeBcDxe/HttpBootDxe do the boot.
+            nic += ",romfile="
+        argv += ["-device", nic]
     if kind is Kind.BIOS:
         return [*argv, "-M", "pc", "-boot", "n"]
     code, vars_template = find_ovmf()

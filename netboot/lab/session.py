@@ -59,10 +59,11 @@ DEVICES: Mapping[str, VmSpec] = MappingProxyType({
                       "4e455442-4f4f-5400-0000-000000000099", "NB-UNKNOWN-1", "tap0"),
 })
 
+# What the lab installer reads (netboot/lab/installer.py); it registers through the config's
+# run_cmd, which carries the register URL itself.
 CMDLINE = (
     "console={console} netboot.config={{{{ config_url }}}} netboot.events={{{{ events_url }}}}"
-    " netboot.register={{{{ register_url }}}} netboot.token={{{{ token }}}}"
-    " netboot.mac={{{{ mac }}}}"
+    " netboot.token={{{{ token }}}} netboot.mac={{{{ mac }}}}"
 )
 
 
@@ -74,6 +75,9 @@ class NetbootConfig:
     assets_dirs: Sequence[Path]
     mode: str = "proxy"  # or "authoritative" (no site DHCP server on the link)
     discovery_policy: str = "ignore"
+    # A held guest's iPXE loop asks again this often: short, so a test that waits for a
+    # hold to end waits seconds, not the default 15 s per round.
+    hold_retry_seconds: int = 5
     http_port: int = HTTP_PORT
     tftp_port: int = 69
 
@@ -88,7 +92,8 @@ class NetbootConfig:
             "dhcp": {"mode": self.mode},
             "tftp": {"port": self.tftp_port},
             "assets": {"dirs": [str(d) for d in self.assets_dirs]},
-            "discovery": {"policy": self.discovery_policy},
+            "discovery": {"policy": self.discovery_policy,
+                          "hold_retry_seconds": self.hold_retry_seconds},
             "dns": {"enabled": False},
         }
         if self.mode == "authoritative":
@@ -315,13 +320,15 @@ class LabSession:
 # --- enrollment used by the tests and `netboot lab up --enroll` ------------------------------
 
 
-def profile_body(arch: str) -> dict[str, Any]:
+def profile_body(arch: str, name: str | None = None, extra_cmdline: str = "") -> dict[str, Any]:
+    """The lab profile: its kernel + installer initramfs, installer orders on the cmdline."""
     console = "ttyAMA0" if arch == "arm64" else "ttyS0"
     return {
-        "name": f"test-{arch}",
+        "name": name or f"test-{arch}",
         "kernel": f"vmlinuz-{arch}",
         "initrds": [f"initrd-{arch}.cpio.gz"],
-        "cmdline": CMDLINE.format(console=console),
+        "cmdline": CMDLINE.format(console=console) + (f" {extra_cmdline}" if extra_cmdline
+                                                      else ""),
         "config_template": "k3os",
     }
 

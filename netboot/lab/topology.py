@@ -7,6 +7,8 @@
   2001:db8:0:1::1/64                     ├── br0 (no addr) ─┤                   netboot
   site DHCP (dnsmasq) + IPv6 RA          │   tap0..tapN     │
                                          └ QEMU + tcpdump run here
+                                           tapdead: up, on no bridge (a port where
+                                           nothing answers DHCP)
 
 The host namespace gets nothing but the namespace names: the veths are created inside the
 switch namespace and one end is moved, the taps are created there too, and QEMU runs under
@@ -40,6 +42,7 @@ SUBNET_PREFIX = 24
 DHCP_IP = "192.0.2.1"
 SRV_IP = "192.0.2.10"
 RA_ADDR = "2001:db8:0:1::1/64"
+DEAD_TAP = "tapdead"
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 
@@ -261,6 +264,9 @@ class Topology:
             tap = self.tap(i)
             self.run_in(sw, ["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
             self.run_in(sw, ["ip", "link", "set", tap, "master", "br0", "up"])
+        # A NIC plugged in here has link but no DHCP server, no router, nothing.
+        self.run_in(sw, ["ip", "tuntap", "add", "dev", DEAD_TAP, "mode", "tap"])
+        self.run_in(sw, ["ip", "link", "set", DEAD_TAP, "up"])
 
     def down(self, procs: ProcessTable | None = None) -> list[str]:
         """Stop ``procs``, then anything else left in our namespaces, then delete them.

@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -500,16 +501,17 @@ class GuardedSite(web.BaseSite):
     create plain handlers)."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard,
-                 handler_args: dict[str, Any], backlog: int = 511) -> None:
+                 handler_args: dict[str, Any], backlog: int = 511,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         # backlog 511: nginx's default listen backlog.
-        super().__init__(runner, backlog=backlog)
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._host, self._port = host, port
         self._guard = guard
         self._handler_args = handler_args
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
 
     @property
     def port(self) -> int:
@@ -525,7 +527,8 @@ class GuardedSite(web.BaseSite):
         assert manager is not None
         self._server = await loop.create_server(
             lambda: GuardedHandler(manager, guard=self._guard, loop=loop, **self._handler_args),
-            self._host, self._port, reuse_address=True, backlog=self._backlog)
+            self._host, self._port, reuse_address=True, backlog=self._backlog,
+            ssl=self._ssl_context)
 
 
 @web.middleware

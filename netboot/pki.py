@@ -1,0 +1,320 @@
+"""netboot's own certificate authority and server certificate, or the operator's files.
+
+Why it looks like this:
+
+* RSA keys and SHA-256 signatures: iPXE verifies RSA only (its crypto has no ECDSA), and it
+  is the client with the fewest choices. 2048-bit keys, as most public CAs still issue, keep
+  first start fast on small edge hardware.
+* The CA is made once, on first start, and lives in ``<data_dir>/tls/``: ``ca.pem`` (0644, the
+  thing to hand to installers, ``netboot ca export``) and ``ca.key`` (0600, encrypted with a
+  passphrase derived from ``secret.key``, so a copy of the data dir without the key file is
+  not a copy of the CA).
+* The server certificate names what devices and operators dial: the advertised address, the
+  host of ``http.public_url`` and ``https.names``. A certificate that no longer covers them
+  (an address change), that this CA did not issue, or that ends within 30 days is re-issued
+  on start, and the reason logged; devices that trust the CA keep trusting the new one.
+* Operator files (``https.cert_file``/``key_file``, optionally ``ca_file``) are used as given,
+  checked at start-up: readable, PEM, and the key belongs to the certificate.
+* A running server checks again twice a day (the service re-runs the same preparation and
+  reloads the files into its TLS context), so a server that runs for a year renews its own
+  certificate, and an operator's renewed files are picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import secrets
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from netboot.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+KEY_BITS = 2048
+CA_DAYS = 3650
+SERVER_DAYS = 397  # what browsers accept for a server certificate; renewed on start
+RENEW_BEFORE = datetime.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """What the HTTPS listener and the templates need."""
+
+    cert_file: Path  # server certificate, followed by the CA's when netboot issued it
+    key_file: Path
+    ca_pem: str  # the CA certificate installers should trust ("" if the operator gave none)
+    ca_fingerprint: str  # SHA-256 of the CA certificate's DER, AA:BB:… ("" if none)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # iPXE speaks TLS 1.2
+        self.load_into(ctx)
+        return ctx
+
+    def load_into(self, ctx: ssl.SSLContext) -> None:
+        """(Re)load the certificate and key: later handshakes use them, open ones go on."""
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 over the DER certificate, as ``openssl x509 -fingerprint -sha256`` prints it."""
+    return ":".join(f"{b:02X}" for b in cert.fingerprint(hashes.SHA256()))
+
+
+def server_names(advertise: str, public_url: str | None, extra: Sequence[str]) -> list[str]:
+    """The names the server certificate must cover, in order, without duplicates."""
+    names = [advertise]
+    if public_url:
+        host = urlsplit(public_url).hostname
+        if host:
+            names.append(host)
+    names.extend(extra)
+    out: list[str] = []
+    for name in names:
+        if name.lower() not in (n.lower() for n in out):
+            out.append(name)
+    return out
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temporary file and rename: a crash never leaves half a key."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name.lower())
+
+
+def covered(cert: x509.Certificate, names: Sequence[str]) -> list[str]:
+    """The names the certificate does NOT cover (exact matches; no wildcards are issued)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return list(names)
+    ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    dns = {d.lower() for d in san.get_values_for_type(x509.DNSName)}
+    missing = []
+    for name in names:
+        value = _san(name)
+        if isinstance(value, x509.IPAddress):
+            if str(value.value) not in ips:
+                missing.append(name)
+        elif name.lower() not in dns:
+            missing.append(name)
+    return missing
+
+
+class Authority:
+    """netboot's CA in ``directory``: made on first use, then loaded."""
+
+    def __init__(self, directory: Path, passphrase: bytes, *,
+                 clock: Callable[[], datetime.datetime] = _now) -> None:
+        self.directory = directory
+        self._clock = clock
+        self._passphrase = passphrase
+        self.cert_path = directory / "ca.pem"
+        self.private_file = directory / "ca.key"
+
+    def load_or_create(self) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.cert_path.exists() or self.private_file.exists():
+            return self._load()
+        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+        # A random suffix tells two netboot installations' CAs apart in a trust store.
+        name = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "netboot"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"netboot CA {secrets.token_hex(4)}"),
+        ])
+        now = self._clock()
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))  # devices with a slow clock
+            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        _write(self.private_file, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(self._passphrase)), 0o600)
+        _write(self.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        log.info("created netboot's certificate authority %s (fingerprint SHA256 %s)",
+                 self.cert_path, fingerprint(cert))
+        return cert, key
+
+    def _load(self) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+        fix = (f"restore {self.directory} and secret.key from a backup, or remove "
+               f"{self.cert_path} and {self.private_file} to make a new CA (devices that trust "
+               "the old one must then be given the new one)")
+        try:
+            cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+            key = serialization.load_pem_private_key(self.private_file.read_bytes(),
+                                                     password=self._passphrase)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"half a CA: {exc.filename} is missing", key="server.data_dir",
+                              fix=fix) from exc
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"the CA in {self.directory} does not open with secret.key "
+                              f"({exc})", key="server.data_dir", fix=fix) from exc
+        if not isinstance(key, rsa.RSAPrivateKey) or key.public_key() != cert.public_key():
+            raise ConfigError(f"{self.private_file} is not the key of {self.cert_path}",
+                              key="server.data_dir", fix=fix)
+        return cert, key
+
+    def server_certificate(self, names: Sequence[str]) -> Tls:
+        """The server certificate for ``names``, issued now if the one on disk will not do."""
+        ca_cert, ca_key = self.load_or_create()
+        cert_path = self.directory / "server.pem"
+        private_file = self.directory / "server.key"
+        reason = self._why_reissue(cert_path, private_file, ca_cert, names)
+        if reason is not None:
+            self._issue(cert_path, private_file, ca_cert, ca_key, names)
+            log.info("issued the HTTPS certificate for %s (%s)", ", ".join(names), reason)
+        ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+        return Tls(cert_path, private_file, ca_pem, fingerprint(ca_cert))
+
+    def _why_reissue(self, cert_path: Path, private_file: Path, ca: x509.Certificate,
+                     names: Sequence[str]) -> str | None:
+        if not cert_path.exists() or not private_file.exists():
+            return "none yet"
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(private_file.read_bytes(), password=None)
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, OSError, InvalidSignature) as exc:
+            return f"the previous one is unusable: {exc}"
+        if key.public_key() != cert.public_key():
+            return "the previous key does not match it"
+        missing = covered(cert, names)
+        if missing:
+            return f"the previous one does not cover {', '.join(missing)}"
+        if cert.not_valid_after_utc - self._clock() < RENEW_BEFORE:
+            return f"the previous one ends {cert.not_valid_after_utc:%Y-%m-%d}"
+        return None
+
+    def _issue(self, cert_path: Path, private_file: Path, ca_cert: x509.Certificate,
+               ca_key: rsa.RSAPrivateKey, names: Sequence[str]) -> None:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+        now = self._clock()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(min(now + datetime.timedelta(days=SERVER_DAYS),
+                                 ca_cert.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=True,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        # The key first: a certificate on disk without its key would be re-issued anyway.
+        _write(private_file, key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()), 0o600)
+        # Leaf then CA: clients that were given only the CA still get a complete chain.
+        _write(cert_path, cert.public_bytes(serialization.Encoding.PEM)
+               + ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _load_pem(path: str, key: str, parse: Callable[[bytes], _T], what: str, fix: str) -> _T:
+    """Read and parse one operator file; ConfigError naming the key and the fix."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", key=key,
+                          fix="check the path and that netboot's user can read it") from exc
+    try:
+        return parse(data)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path} holds no {what} ({exc})", key=key, fix=fix) from exc
+
+
+def operator_files(cert_file: str, key_file: str | None, ca_file: str | None) -> Tls:
+    """The operator's certificate, checked now so that a typo stops start-up, not the first
+    TLS handshake."""
+    if not key_file:
+        raise ConfigError("a certificate needs its key", key="https.key_file",
+                          fix="set https.key_file to the PEM private key of https.cert_file")
+    certs = _load_pem(cert_file, "https.cert_file", x509.load_pem_x509_certificates,
+                      "PEM certificate", "give the server certificate in PEM (BEGIN "
+                      "CERTIFICATE), followed by its intermediates")
+    key = _load_pem(key_file, "https.key_file",
+                    lambda data: serialization.load_pem_private_key(data, password=None),
+                    "unencrypted PEM private key", "give the key in PEM without a passphrase "
+                    "(openssl pkey -in key.pem -out plain.pem), mode 0600")
+    if key.public_key() != certs[0].public_key():
+        raise ConfigError(f"{key_file} is not the key of the first certificate in {cert_file}",
+                          key="https.key_file", fix="give the key that belongs to that "
+                                                    "certificate (or reorder the PEM file)")
+    ca_pem, ca_fp = "", ""
+    if ca_file:
+        ca = _load_pem(ca_file, "https.ca_file", x509.load_pem_x509_certificate,
+                       "PEM certificate", "give the CA certificate in PEM, or remove the key")
+        ca_pem, ca_fp = ca.public_bytes(serialization.Encoding.PEM).decode(), fingerprint(ca)
+    return Tls(Path(cert_file), Path(key_file), ca_pem, ca_fp)
+
+
+def exported_ca(ca_file: str | None, directory: Path) -> tuple[str, str] | None:
+    """(PEM, fingerprint) of the CA installers should trust, without making anything."""
+    path = Path(ca_file) if ca_file else directory / "ca.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the CA certificate {path}: {exc}",
+                          key="https.ca_file" if ca_file else "server.data_dir",
+                          fix="give a PEM certificate") from exc
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), fingerprint(cert)

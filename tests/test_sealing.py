@@ -1,0 +1,251 @@
+"""Secrets at rest: the sealing key, the sealed join token in SQLite, file modes, the
+migration of clear tokens, a lost key, and the join token in no file byte and no log line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from netboot.config import load
+from netboot.errors import ConfigError, StoreError
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import Cluster
+from netboot.sealing import Sealer, read_key, write_key
+from netboot.service import SEAL_KEY_SETTING, build
+from tests.conftest import write_config
+
+# Shaped like a k3s server token, and long enough that a chance match is impossible.
+JOIN_TOKEN = "K10c5d2a8e6f41b9d3a7e0f8c2b1d4e6a9f3c7b5d8e2a1f4c6b9d0e3a7f5c8b2d1e4::server:9f2c"
+MAC = "52:54:00:aa:bb:01"
+HEXHYP = "52-54-00-aa-bb-01"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def db_bytes(db: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in (db, db.with_name(db.name + "-wal"),
+                                             db.with_name(db.name + "-shm")) if p.exists())
+
+
+# --- the sealer -------------------------------------------------------------------------------
+
+
+def test_seal_round_trip_is_bound_to_key_and_context() -> None:
+    sealer = Sealer.generate()
+    sealed = sealer.seal(JOIN_TOKEN, context="a")
+    assert JOIN_TOKEN not in sealed and sealer.is_sealed(sealed)
+    assert sealer.seal(JOIN_TOKEN, context="a") != sealed  # a fresh nonce every time
+    assert sealer.unseal(sealed, context="a") == JOIN_TOKEN
+    with pytest.raises(StoreError, match="damaged"):
+        sealer.unseal(sealed, context="b")  # moved to another cluster's row
+    with pytest.raises(StoreError, match="sealed with key"):
+        Sealer.generate().unseal(sealed, context="a")
+    tampered = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    with pytest.raises(StoreError, match="damaged"):
+        sealer.unseal(tampered, context="a")
+    assert sealer.unseal("clear, from an older release", context="a") == (
+        "clear, from an older release")
+
+
+def test_key_file_is_0600_never_replaced_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "secret.key"
+    assert read_key(path) is None
+    sealer = Sealer.generate()
+    write_key(path, sealer)
+    assert mode(path) == 0o600
+    again = read_key(path)
+    assert again is not None and again.key_id == sealer.key_id
+    with pytest.raises(FileExistsError):
+        write_key(path, Sealer.generate())
+    path.write_text("not a key\n")
+    with pytest.raises(ConfigError, match="not a netboot secrets key") as err:
+        read_key(path)
+    assert err.value.fix and "backup" in err.value.fix
+
+
+# --- the SQLite store seals the join token only -------------------------------------------------
+
+
+async def test_sqlite_store_keeps_the_join_token_sealed(tmp_path: Path) -> None:
+    db = tmp_path / "inv.db"
+    sealer = Sealer.generate()
+    store = SqliteStore(db, sealer=sealer)
+    await store.open()
+    try:
+        await store.put_cluster(Cluster(name="edge", server_url="managed", token=JOIN_TOKEN),
+                                create=True)
+        got = await store.get_cluster("edge")
+        assert got is not None and got.token == JOIN_TOKEN
+        assert [c.token for c in await store.list_clusters()] == [JOIN_TOKEN]
+        assert JOIN_TOKEN.encode() not in db_bytes(db)
+    finally:
+        await store.close()
+    assert JOIN_TOKEN.encode() not in db_bytes(db)
+    # Without the key the store gives the sealed text, never something that looks like a token.
+    bare = SqliteStore(db)
+    await bare.open()
+    try:
+        raw = await bare.get_cluster("edge")
+        assert raw is not None and raw.token.startswith("nbs1:")
+    finally:
+        await bare.close()
+    wrong = SqliteStore(db, sealer=Sealer.generate())
+    await wrong.open()
+    try:
+        with pytest.raises(StoreError, match="sealed with key"):
+            await wrong.get_cluster("edge")
+    finally:
+        await wrong.close()
+
+
+async def test_clear_tokens_of_an_older_inventory_are_sealed_on_first_start(
+        tmp_path: Path) -> None:
+    cfg = load(write_config(tmp_path), env={})
+    cfg.data_dir.mkdir(parents=True)
+    old = SqliteStore(cfg.db_path)  # an older netboot: no sealing, 0644 files
+    await old.open()
+    await old.put_cluster(Cluster(name="edge", server_url="managed", token=JOIN_TOKEN))
+    # A long description puts the row on overflow pages, which a rewrite frees whole: without
+    # secure_delete their old bytes (the clear token) would stay in the file.
+    await old.put_cluster(Cluster(name="ext", server_url="https://192.0.2.50:6443",
+                                  token=JOIN_TOKEN + "x", description="d" * 20_000))
+    await old.close()
+    os.chmod(cfg.db_path, 0o644)
+    os.chmod(cfg.data_dir, 0o755)
+    assert JOIN_TOKEN.encode() in db_bytes(cfg.db_path)
+
+    service = await build(cfg)
+    try:
+        assert JOIN_TOKEN.encode() not in db_bytes(cfg.db_path)
+        tokens = {c.name: c.token for c in await service.store.list_clusters()}
+        assert tokens == {"edge": JOIN_TOKEN, "ext": JOIN_TOKEN + "x"}
+        key = read_key(cfg.data_dir / "secret.key")
+        assert key is not None
+        assert await service.store.get_setting(SEAL_KEY_SETTING) == key.key_id
+        assert mode(cfg.data_dir) == 0o700 and mode(cfg.db_path) == 0o600
+    finally:
+        await service.close()
+    assert JOIN_TOKEN.encode() not in db_bytes(cfg.db_path)
+    again = await build(cfg)  # a second start changes nothing and reads the same tokens
+    try:
+        got = await again.store.get_cluster("edge")
+        assert got is not None and got.token == JOIN_TOKEN
+    finally:
+        await again.close()
+
+
+async def test_a_lost_or_wrong_key_file_stops_start_up_naming_it(tmp_path: Path) -> None:
+    cfg = load(write_config(tmp_path), env={})
+    service = await build(cfg)
+    await service.store.put_cluster(Cluster(name="edge", server_url="managed", token=JOIN_TOKEN))
+    await service.close()
+    key = cfg.data_dir / "secret.key"
+    saved = key.read_bytes()
+
+    key.unlink()
+    with pytest.raises(ConfigError) as err:
+        await build(cfg)
+    assert "secret.key is missing" in str(err.value) and str(key) in str(err.value)
+    assert err.value.fix and "restore" in err.value.fix
+    assert not key.exists()  # no new key that would hide the lost one
+
+    write_key(key, Sealer.generate())
+    with pytest.raises(ConfigError, match="was sealed with key"):
+        await build(cfg)
+
+    key.unlink()
+    key.write_bytes(saved)
+    os.chmod(key, 0o600)
+    service = await build(cfg)
+    try:
+        got = await service.store.get_cluster("edge")
+        assert got is not None and got.token == JOIN_TOKEN
+    finally:
+        await service.close()
+
+
+async def test_first_start_makes_private_files(tmp_path: Path) -> None:
+    cfg = load(write_config(tmp_path), env={})
+    service = await build(cfg)
+    try:
+        await service.store.put_cluster(Cluster(name="edge", server_url="managed",
+                                                token=JOIN_TOKEN))
+        db = cfg.db_path
+        assert mode(cfg.data_dir) == 0o700
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
+                     cfg.data_dir / "secret.key", cfg.data_dir / "admin.token",
+                     cfg.data_dir / "tls" / "ca.key", cfg.data_dir / "tls" / "server.key"):
+            assert mode(path) == 0o600, path
+        for path in (cfg.data_dir / "tls" / "ca.pem", cfg.data_dir / "tls" / "server.pem"):
+            assert mode(path) == 0o644, path
+    finally:
+        await service.close()
+
+
+# --- a whole install: the token reaches the device and nothing else ------------------------------
+
+
+async def test_join_token_is_in_the_config_and_in_no_log_line_or_file_byte(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    cfg = load(write_config(tmp_path, "dns:\n  enabled: false\n"), env={})
+    service = await build(cfg)
+    await service.start()
+    admin = (cfg.data_dir / "admin.token").read_text().strip()
+    auth = {"Authorization": f"Bearer {admin}"}
+    base = f"http://127.0.0.1:{service.http_port}"
+    service.base_url = base
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def call(method: str, path: str, status: int, **kw: object) -> str:
+                async with http.request(method, base + path, **kw) as resp:  # type: ignore[arg-type]
+                    text = await resp.text()
+                    assert resp.status == status, (path, resp.status, text)
+                    return text
+
+            await call("POST", "/api/v1/clusters", 201, headers=auth, json={
+                "name": "edge", "server_url": "https://192.0.2.50:6443", "token": JOIN_TOKEN})
+            await call("POST", "/api/v1/profiles", 201, headers=auth, json={
+                "name": "k3os", "kernel": "vmlinuz", "initrds": ["initrd.img"]})
+            await call("POST", "/api/v1/machines", 201, headers=auth, json={
+                "mac": MAC, "cluster": "edge", "profile": "k3os", "role": "agent"})
+            listed = await call("GET", "/api/v1/clusters", 200, headers=auth)
+            shown = await call("GET", "/api/v1/clusters/edge", 200, headers=auth)
+            assert JOIN_TOKEN not in listed + shown
+            script = await call("GET", f"/ipxe?mac={HEXHYP}&arch=x86_64", 200)
+            token = script.split("token=", 1)[1].split()[0].split("&")[0]
+            config = await call("GET", f"/config/{HEXHYP}?token={token}", 200)
+            assert yaml.safe_load(config)["k3os"]["token"] == JOIN_TOKEN
+            user_data = await call("GET", f"/nocloud/{HEXHYP}/{token}/user-data", 200)
+            assert JOIN_TOKEN in user_data
+            await call("POST", f"/api/v1/machines/{HEXHYP}/events", 201,
+                       headers={"Authorization": f"Bearer {token}"},
+                       json={"kind": "installed", "message": "done"})
+            await call("POST", "/api/v1/register", 200, json={
+                "mac": MAC, "token": token, "hostname": "n1", "addresses": ["192.0.2.77"]})
+            await call("GET", "/api/v1/machines", 200, headers=auth)
+            await call("GET", f"/api/v1/machines/{HEXHYP}/events", 200, headers=auth)
+        assert JOIN_TOKEN.encode() not in db_bytes(cfg.db_path)
+    finally:
+        await service.close()
+    assert JOIN_TOKEN.encode() not in db_bytes(cfg.db_path)
+    lines = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    assert any("config" in line for line in lines)  # the flow was logged, and
+    assert not [line for line in lines if JOIN_TOKEN in line or admin in line]
+
+
+def test_a_cluster_or_join_plan_in_a_log_line_does_not_carry_the_token() -> None:
+    from netboot.model import K3sJoin, Role
+
+    cluster = Cluster(name="edge", server_url="managed", token=JOIN_TOKEN)
+    join = K3sJoin(Role.AGENT, "https://192.0.2.50:6443", False, JOIN_TOKEN)
+    assert JOIN_TOKEN not in repr(cluster) + str(cluster) + repr(join) + str(join)
+    assert "edge" in repr(cluster) and "192.0.2.50" in repr(join)
