@@ -121,3 +121,40 @@ def test_json_line_has_the_fields_and_the_context() -> None:
 def test_json_line_without_context_has_no_empty_fields() -> None:
     line = _json_line("netboot.test.json2", lambda log: log.warning("plain"))
     assert set(line) == {"time", "level", "logger", "message"}
+
+
+async def test_dhcp_lines_carry_mac_xid_and_peer() -> None:
+    """A datagram through the real DHCP server on loopback: its lines name who it is about."""
+    import io
+    import json
+
+    from netboot.logs import JsonFormatter
+    from netboot.pxe import DhcpSettings
+    from netboot.servers.dhcp import DhcpServer
+    from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
+    from tests.servers.test_dhcp import LOOPBACK, Client, payload
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("netboot.servers.dhcp")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    client = Client()
+    server = DhcpServer(DhcpSettings(), TableDecider(), MemoryLeaseStore(), interfaces=None,
+                        advertise=None, host=LOOPBACK, port=0, pxe_port=0,
+                        broadcast_address=LOOPBACK, client_port=client.port)
+    await server.start()
+    try:
+        await client.send(payload("uefi-edk2pxe", 8), server.ports[0])
+        await client.receive()
+    finally:
+        await server.close()
+        client.close()
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    offer = next(line for line in lines if "OFFER" in line["message"])
+    assert offer["mac"] == "52:54:00:00:00:11" and offer["peer"] == LOOPBACK
+    assert offer["xid"] == 3797733299

@@ -27,7 +27,7 @@ from typing import Protocol
 from netboot import pxe
 from netboot.errors import ConfigError, DecodeError, StoreError
 from netboot.leases import Changes, LeasePool, LeaseStore
-from netboot.logs import RateLimitedLog, Summary
+from netboot.logs import RateLimitedLog, Summary, log_context
 from netboot.model import BootRequest, FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
@@ -280,10 +280,14 @@ class DhcpServer:
 
     def _handler(self, listener: _Listener) -> Callable[[bytes, Address], Awaitable[list[Reply]]]:
         async def handle(data: bytes, peer: Address) -> list[Reply]:
-            return await self.handle(
-                data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
-                interface=listener.interface,
-            )
+            # Who this datagram is about, for every line logged while answering it
+            # (--log-format json): xid and chaddr at their fixed BOOTP offsets (RFC 2131 §2).
+            with log_context(peer=peer[0], xid=int.from_bytes(data[4:8]) if len(data) >= 34
+                             else None, mac=data[28:34].hex(":") if len(data) >= 34 else None):
+                return await self.handle(
+                    data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
+                    interface=listener.interface,
+                )
 
         return handle
 
