@@ -1,7 +1,9 @@
 """REST API ``/api/v1``: machines, profiles, clusters, groups, events, registration.
 
-JSON in and out. Mutations need the admin bearer token; an installer's progress report may use
-its machine's install token instead. Errors are translated in one place
+JSON in and out. Every route needs a bearer token whose scope grants the route's permission
+(netboot.access), but two that belong to devices: registration (the install token is in the
+body) and a machine's progress reports (its install token, or an operator's token). Every
+change asked (allowed or not) goes to the audit log. Errors are translated in one place
 (:func:`netboot.servers.http.error_response`): 400 naming the field, 401/403, 404, 409, 413.
 """
 
@@ -11,24 +13,29 @@ import asyncio
 import functools
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from netboot.access import Permission, Principal, parse_duration, public_token
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, parse_import, token_matches
-from netboot.errors import AuthError, Forbidden, ValidationError
+from netboot.errors import NetbootError, NotFound, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import Machine, MachineState
 from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token
-from netboot.web.auth import ADMIN_TOKEN_KEY, AdminTokenVerifier, Authenticator
+from netboot.web.auth import request_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-__all__ = ["ADMIN_TOKEN_KEY", "Api"]
+# Per request, for the audit log: who asked (a token's name, machine:<id>) and, where the path
+# does not name it, what was created.
+ACTOR_KEY = web.RequestKey("actor", str)
+TARGET_KEY = web.RequestKey("target", str)
 SSE_KEEPALIVE_SECONDS = 15.0
 MASKED = "********"
 IMPORT_FORMATS = ("csv", "yaml", "json")
@@ -81,73 +88,124 @@ def _int_query(request: web.Request, key: str, default: int, low: int, high: int
     return value
 
 
+def _float_query(request: web.Request, key: str) -> float | None:
+    text = request.query.get(key)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValidationError(key, f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValidationError(key, "must be a finite number (seconds since the epoch)")
+    return value
+
+
 class Api:
     """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""
 
     def __init__(self, core: Core, *, clock: Callable[[], float],
-                 auth: Authenticator | None = None, events: EventBus | None = None,
+                 events: EventBus | None = None,
                  logger: logging.Logger | None = None) -> None:
         self._core = core
         self._store = core.store
         self._enroll = core.enroller
+        self._access = core.access
         self._clock = clock
-        self._auth = auth or Authenticator(AdminTokenVerifier(core.store))
         self._events = events
         self._log = logger or logging.getLogger(__name__)
 
     def add_to(self, app: web.Application) -> None:
+        """Every route with the permission it needs (netboot.access); the audit middleware
+        goes first, so that it sees the status the client got, errors translated."""
+        app.middlewares.insert(0, self._audit_middleware)
         r = app.router
         p = "/api/v1"
-        r.add_get(f"{p}/openapi.json", self.openapi)
-        r.add_get(f"{p}/machines", self.list_machines)
-        r.add_post(f"{p}/machines", self.admin(self.create_machine))
-        r.add_post(f"{p}/machines:bulk", self.admin(self.bulk))
-        r.add_post(f"{p}/machines:import", self.admin(self.import_file))
+        read, enroll, operate = Permission.READ, Permission.ENROLL, Permission.OPERATE
+        configure, administer = Permission.CONFIGURE, Permission.ADMINISTER
+        r.add_get(f"{p}/openapi.json", self.allow(read, self.openapi))
+        r.add_get(f"{p}/machines", self.allow(read, self.list_machines))
+        r.add_post(f"{p}/machines", self.allow(enroll, self.create_machine))
+        r.add_post(f"{p}/machines:bulk", self.allow(enroll, self.bulk))
+        r.add_post(f"{p}/machines:import", self.allow(enroll, self.import_file))
         # {ref}: one of the machine's MACs (any spelling) or its id (netboot.identity.by_ref).
-        r.add_get(f"{p}/machines/{{ref}}", self.get_machine)
-        r.add_patch(f"{p}/machines/{{ref}}", self.admin(self.patch_machine))
-        r.add_delete(f"{p}/machines/{{ref}}", self.admin(self.delete_machine))
-        r.add_post(f"{p}/machines/{{ref}}/approve", self.admin(self.approve))
-        r.add_post(f"{p}/machines/{{ref}}/reinstall", self.admin(self.reinstall))
-        r.add_get(f"{p}/machines/{{ref}}/explain", self.explain)
-        r.add_get(f"{p}/machines/{{ref}}/events", self.list_events)
-        r.add_get(f"{p}/machines/{{ref}}/render/{{kind}}", self.admin(self.render))
+        r.add_get(f"{p}/machines/{{ref}}", self.allow(read, self.get_machine))
+        r.add_patch(f"{p}/machines/{{ref}}", self.allow(operate, self.patch_machine))
+        r.add_delete(f"{p}/machines/{{ref}}", self.allow(operate, self.delete_machine))
+        r.add_post(f"{p}/machines/{{ref}}/approve", self.allow(enroll, self.approve))
+        r.add_post(f"{p}/machines/{{ref}}/reinstall", self.allow(operate, self.reinstall))
+        r.add_get(f"{p}/machines/{{ref}}/explain", self.allow(read, self.explain))
+        r.add_get(f"{p}/machines/{{ref}}/events", self.allow(read, self.list_events))
+        # A machine's installer reports with its own install token (checked in the handler).
+        # Masked renders: what the device gets, without its install token or the join token.
+        r.add_get(f"{p}/machines/{{ref}}/render/{{kind}}", self.allow(read, self.render))
         r.add_post(f"{p}/machines/{{ref}}/events", self.post_event)
+        # The install token is in the body: registration is the device's, not an operator's.
         r.add_post(f"{p}/register", self.register)
         for kind in ("profiles", "clusters", "groups"):
-            r.add_get(f"{p}/{kind}", self._list(kind))
-            r.add_post(f"{p}/{kind}", self.admin(self._put(kind, create=True)))
-            r.add_get(f"{p}/{kind}/{{name}}", self._get(kind))
-            r.add_put(f"{p}/{kind}/{{name}}", self.admin(self._put(kind, create=False)))
-            r.add_delete(f"{p}/{kind}/{{name}}", self.admin(self._delete(kind)))
-        r.add_get(f"{p}/clusters/{{name}}/nodes", self.cluster_nodes)
-        r.add_get(f"{p}/status", self.status)
+            r.add_get(f"{p}/{kind}", self.allow(read, self._list(kind)))
+            r.add_post(f"{p}/{kind}", self.allow(configure, self._put(kind, create=True)))
+            r.add_get(f"{p}/{kind}/{{name}}", self.allow(read, self._get(kind)))
+            r.add_put(f"{p}/{kind}/{{name}}",
+                      self.allow(configure, self._put(kind, create=False)))
+            r.add_delete(f"{p}/{kind}/{{name}}", self.allow(configure, self._delete(kind)))
+        r.add_get(f"{p}/clusters/{{name}}/nodes", self.allow(read, self.cluster_nodes))
+        r.add_get(f"{p}/status", self.allow(read, self.status))
+        r.add_get(f"{p}/tokens", self.allow(administer, self.list_tokens))
+        r.add_post(f"{p}/tokens", self.allow(administer, self.create_token))
+        r.add_delete(f"{p}/tokens/{{name}}", self.allow(administer, self.revoke_token))
+        r.add_get(f"{p}/audit", self.allow(administer, self.audit_log))
         if self._events is not None:
-            r.add_get(f"{p}/events/stream", self.event_stream)
+            r.add_get(f"{p}/events/stream", self.allow(read, self.event_stream))
 
-    # -- auth -------------------------------------------------------------------------
-    async def is_admin(self, request: web.Request) -> bool:
-        caller = await self._auth.caller(request)
-        return caller is not None and caller.scope == "admin"
+    # -- access -----------------------------------------------------------------------
+    async def principal(self, request: web.Request) -> Principal:
+        """Who sent the request (401 without a valid token); kept for the audit log."""
+        # A bearer token, or the dashboard's session cookie (with its CSRF token on changes).
+        found = await self._access.authenticate(request_token(request))
+        request[ACTOR_KEY] = found.name
+        return found
 
-    def admin(self, handler: Handler) -> Handler:
+    def allow(self, permission: Permission, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            caller = await self._auth.caller(request)
-            if caller is None:
-                raise AuthError("this call changes the inventory: send "
-                                "'Authorization: Bearer <admin token>'")
-            if caller.scope != "admin":
-                raise Forbidden(f"a {caller.scope!r} token cannot change the inventory")
+            (await self.principal(request)).require(permission)
             return await handler(request)
         return guarded
+
+    @web.middleware
+    async def _audit_middleware(self, request: web.Request,
+                                handler: Any) -> web.StreamResponse:
+        """Every change asked of the API, allowed or not, with the status it got."""
+        route = request.match_info.route.resource
+        if (request.method in ("GET", "HEAD", "OPTIONS") or route is None
+                or not route.canonical.startswith("/api/v1/")):
+            passed: web.StreamResponse = await handler(request)
+            return passed
+        outcome = "aborted"
+        try:
+            resp: web.StreamResponse = await handler(request)
+            outcome = str(resp.status)
+            return resp
+        except web.HTTPException as exc:
+            outcome = str(exc.status)
+            raise
+        finally:
+            target = (request.match_info.get("ref") or request.match_info.get("name")
+                      or request.get(TARGET_KEY, ""))
+            try:
+                await self._access.record(
+                    request.get(ACTOR_KEY, "-"), f"{request.method} {route.canonical}",
+                    target, peer=request.remote or "-", outcome=outcome)
+            except NetbootError as exc:
+                # The change (if any) is done; refusing the answer now would only hide it.
+                self._log.error("audit entry lost for %s %s: %s", request.method,
+                                route.canonical, exc)
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: every machine event as it is recorded (``event: machine``),
         and ``event: missed`` when this reader fell behind and events were dropped (reload
         what is shown). Needs a token (bearer or the dashboard's cookie): event messages
-        name machines, addresses and clusters."""
-        if await self._auth.caller(request) is None:
-            raise AuthError("send 'Authorization: Bearer <token>' or log in to the dashboard")
+        name machines, addresses and clusters (read scope)."""
         assert self._events is not None
         with self._events.subscribe() as sub:
             resp = web.StreamResponse(headers={
@@ -170,6 +228,33 @@ class Api:
                     continue
                 data = json.dumps(codec.event_to_dict(item.event), ensure_ascii=False)
                 await resp.write(f"id: {item.seq}\nevent: machine\ndata: {data}\n\n".encode())
+
+    # -- tokens and the audit log -------------------------------------------------------
+    async def list_tokens(self, request: web.Request) -> web.Response:
+        return web.json_response([public_token(t) for t in await self._access.list_tokens()])
+
+    async def create_token(self, request: web.Request) -> web.Response:
+        body = _object(await read_json(request))
+        unknown = sorted(set(body) - {"name", "scope", "expires_in"})
+        if unknown:
+            raise ValidationError(unknown[0], "unknown field (known: name, scope, expires_in)")
+        request[TARGET_KEY] = str(body.get("name", ""))[:64]
+        expires = body.get("expires_in")
+        token, value = await self._access.create_token(
+            body.get("name"), body.get("scope"),
+            expires_in=None if expires is None else parse_duration(expires, "expires_in"))
+        # The value is shown this once: only its hash is kept.
+        return web.json_response({**public_token(token), "token": value}, status=201)
+
+    async def revoke_token(self, request: web.Request) -> web.Response:
+        await self._access.revoke(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def audit_log(self, request: web.Request) -> web.Response:
+        since = _float_query(request, "since")
+        limit = _int_query(request, "limit", 1000, 1, 10000)
+        entries = await self._access.audit_log(since=since, limit=limit)
+        return web.json_response([codec.audit_to_dict(e) for e in entries])
 
     # -- machines ---------------------------------------------------------------------
     def _machine_out(self, m: Machine) -> dict[str, Any]:
@@ -214,6 +299,7 @@ class Api:
     async def create_machine(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
         machine = await self._core.create_machine(body, note="created through the API")
+        request[TARGET_KEY] = machine.id
         return web.json_response(self._machine_out(machine), status=201)
 
     async def get_machine(self, request: web.Request) -> web.Response:
@@ -264,10 +350,18 @@ class Api:
         return web.json_response([codec.event_to_dict(e) for e in events])
 
     async def post_event(self, request: web.Request) -> web.Response:
-        machine = await self._machine(request)
+        try:
+            machine = await self._machine(request)
+        except NotFound:
+            # Only an operator learns which machines do not exist; a stranger learns nothing.
+            (await self.principal(request)).require(Permission.OPERATE)
+            raise
         token = bearer_token(request)
-        if not (token_matches(machine, token, self._clock()) or await self.is_admin(request)):
-            raise AuthError("send 'Authorization: Bearer <install token>' of this machine")
+        if token_matches(machine, token, self._clock()):
+            request[ACTOR_KEY] = f"machine:{machine.id}"
+        else:
+            # Not this machine's install token: an operator reporting by hand, or nobody.
+            (await self.principal(request)).require(Permission.OPERATE)
         limit = request.app[MAX_EVENT_KEY]
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit,
@@ -286,6 +380,8 @@ class Api:
         # The transport's peer, typed here at the edge: what the device reports about its own
         # address is checked against it (k3OS reports 127.0.1.1, netboot.addresses).
         machine = await self._enroll.register(body, parse_peer(request.remote))
+        request[ACTOR_KEY] = f"machine:{machine.id}"
+        request[TARGET_KEY] = machine.id
         return web.json_response(self._machine_out(machine))
 
     async def bulk(self, request: web.Request) -> web.Response:
@@ -367,6 +463,7 @@ class Api:
                     raise ValidationError("name", "does not match the URL")
                 body = {**body, "name": name}
             item = await self._core.put(kind, body, create=create)
+            request[TARGET_KEY] = item.name
             return web.json_response(out(item), status=201 if create else 200)
         return handler
 

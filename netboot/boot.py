@@ -8,7 +8,10 @@ boot plan. Nothing else decides. The rules, by machine state:
 * installed / registered → boot the local disk (one-shot install), until reinstall is asked;
 * failed → hold, so that a broken install does not loop; ``reinstall`` brings it back;
 * any state whose lifecycle allows an install plan (:mod:`netboot.lifecycle`) → install with
-  the profile of the machine or its group, issuing a fresh install token.
+  the profile of the machine or its group, issuing a fresh install token that lives for the
+  profile's ``install_timeout`` (else ``token_ttl_seconds``);
+* booting / installing (an install under way, the device rebooted) → the same install with
+  the same token, held once that token has expired.
 
 The states themselves change only through :mod:`netboot.lifecycle`.
 """
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
+from netboot.discovery import DiscoveryGuard, DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import Conflict
 from netboot.identity import Identity, Resolution
@@ -65,7 +69,8 @@ class BootSettings:
     policy: str = "ignore"  # ignore | hold | auto
     hold_retry_seconds: int = 15
     rules: tuple[Group, ...] = ()
-    token_ttl_seconds: int = 86_400
+    trusted_rules: frozenset[str] = frozenset()  # rules that install on request strings
+    token_ttl_seconds: int = 3600  # install token lifetime when the profile names none
     cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
     default_profile: str | None = None  # for machines whose own settings and group name none
     k3s_port: int = 6443
@@ -130,6 +135,10 @@ def learn(machine: Machine, request: BootRequest, now: float,
     return replace(updated, updated=now) if updated != machine else machine
 
 
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -146,6 +155,7 @@ class BootService:
         *,
         clock: Callable[[], float] = time.time,
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+        discovery: DiscoveryLimits | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self._store = store
@@ -159,6 +169,9 @@ class BootService:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
         self._cluster_lock = asyncio.Lock()
+        # What unknown devices may write (records per source, in all); its counters are read
+        # by metrics.
+        self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
 
     # -- DHCP -------------------------------------------------------------------------
     async def first_stage(self, request: BootRequest) -> FirstStage | None:
@@ -241,8 +254,9 @@ class BootService:
             machine = await self._discover(request, machine, res) if record else machine
             if self.settings.policy == "auto" and record:
                 group = grouping.select(self.settings.rules, request.labels())
-                if group is not None:
-                    assert machine is not None
+                if group is not None and machine is not None:
+                    if group.name not in self.settings.trusted_rules:
+                        return await self._untrusted_match(request, machine, group)
                     machine = await self._enroller.auto_enroll(machine, group)
             if machine is None or machine.state == MachineState.DISCOVERED:
                 return await self._unknown_plan(request, machine, record)
@@ -252,7 +266,8 @@ class BootService:
             if record:
                 await self._event(machine, "local-boot", plan.reason, request)
             return plan
-        if not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN):
+        if not (lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN)
+                or lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)):
             reason = ("the last install failed; run 'netboot machines reinstall' to retry"
                       if machine.state == MachineState.FAILED else
                       f"{machine.state}: no install until 'netboot machines reinstall'")
@@ -276,6 +291,25 @@ class BootService:
         reason = (f"unknown machine and discovery policy is {self.settings.policy!r}"
                   + ("; no auto rule matched" if self.settings.policy == "auto" else ""))
         return BootPlan(BootAction.IGNORE, request.mac, reason, machine=machine)
+
+    async def _untrusted_match(self, request: BootRequest, machine: Machine, group: Group,
+                               ) -> BootPlan:
+        """An auto rule matched on what the request says (product, serial, UUID, MAC: any host
+        can send ``/ipxe?mac=…&product=…``), and the operator did not trust the rule with
+        that: held for approval, with the command that enrolls it as the rule would have."""
+        matched = ", ".join(f"{key}={request.labels().get(key, '')!r}"
+                            for key in sorted(group.selector))
+        reason = (f"auto rule {group.name!r} matched on {matched}, which any host can send; "
+                  "held until an operator approves it (or the rule sets "
+                  "trust_firmware_strings: true)")
+        await self._event(machine, "hold", reason, request, once=True)
+        parts = ["netboot machines approve", machine.ref]
+        parts += [f"--{key} {value}" for key, value in (
+            ("cluster", group.cluster), ("role", group.role), ("profile", group.profile))
+            if value]
+        return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                        retry_seconds=self.settings.hold_retry_seconds, group=group.name,
+                        command=" ".join(parts))
 
     async def approve_command(self, machine: Machine, request: BootRequest | None = None,
                               ) -> str:
@@ -340,13 +374,36 @@ class BootService:
         reason = (f"{machine.state}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
-        if record:
+        if record and lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN):
+            # An install under way: the same token, never a new one (an unauthenticated
+            # /ipxe must not void the real installer's token), and only until it expires.
+            now = self._clock()
+            expires = machine.token_expires
+            if not machine.install_token or (expires is not None and now > expires):
+                why = (f"its install token expired at {_utc(expires)} before the install "
+                       "finished" if expires is not None and now > expires else
+                       "its install token was not kept (issued by an older netboot)")
+                reason = (f"{machine.state}: {why}; run 'netboot machines reinstall "
+                          f"{machine.ref}' for a new one")
+                await self._event(machine, "token expired", reason, request, once=True)
+                return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                                retry_seconds=self.settings.hold_retry_seconds,
+                                group=group.name if group else None)
+            token = machine.install_token
+            machine = lifecycle.advance(learn(machine, request, now, _taken(res)),
+                                        lifecycle.Trigger.INSTALL_AGAIN, now)
+            await self._store.update_machine(machine)
+            await self._event(machine, "install-plan",
+                              f"install script again for the install under way (profile "
+                              f"{profile.name}, the same install token)", request, once=True)
+        elif record:
             token = self._new_token()
             now = self._clock()
             machine = lifecycle.advance(
                 learn(machine, request, now, _taken(res)), lifecycle.Trigger.INSTALL_PLAN, now,
-                token_hash=hash_token(token),
-                token_expires=now + self.settings.token_ttl_seconds,
+                token_hash=hash_token(token), install_token=token,
+                token_expires=now + (profile.install_timeout
+                                     or self.settings.token_ttl_seconds),
                 # Bind the machine to the cluster and role it installs into, so that the
                 # cluster lists it and a later group edit does not move an installed node.
                 cluster=machine.cluster or (cluster.name if cluster else None),
@@ -544,15 +601,21 @@ class BootService:
         return updated
 
     async def _discover(self, request: BootRequest, machine: Machine | None,
-                        res: Resolution) -> Machine:
-        """Record what an unknown machine's firmware told us (never loses earlier facts)."""
+                        res: Resolution) -> Machine | None:
+        """Record what an unknown machine's firmware told us (never loses earlier facts).
+
+        None when a new record is over the discovery budget (:mod:`netboot.discovery`): the
+        request is answered as for an unknown machine, and nothing is written."""
         now = self._clock()
         if machine is None:
             machine = learn(Machine(macs=(request.mac,), created=now, state=lifecycle.first_state(
                 lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now, _taken(res))
+            if not await self.discovery.reserve(request, machine.id, now):
+                return None
             try:
                 await self._store.create_machine(machine)
             except Conflict:  # a concurrent request created it first: read it back
+                self.discovery.release(machine.id)
                 existing = (await self._resolve(request)).machine
                 if existing is None:
                     raise

@@ -1,12 +1,13 @@
 """Command line: serve | machines | profiles | clusters | groups | import | render | explain |
-ca | check-config | lab.
+tokens | audit | ca | check-config | lab.
 
 Inventory commands open the same database the server uses (SQLite in WAL mode allows a second
 process), so they work whether or not the server runs. They are a thin face over
 :mod:`netboot.core`, as the API is: the same rules, defaults and renders, whichever is asked.
 Tables and local ISO 8601 times with how long ago where a person reads them; ``--json`` where
 a script does, on every command that prints a result (the API's shapes, times as Unix seconds).
-Logging is configured here and nowhere else.
+Logging is configured here and nowhere else. Whoever can run these commands can open the
+inventory file, so the command line acts as admin; its changes are audited as ``cli:<user>``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from netboot.core import Core, machine_dict, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Arch, MachineState
+from netboot.model import Arch, MachineState, Scope
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -110,14 +111,57 @@ def _config(args: argparse.Namespace) -> Config:
     return load(path, flags=flags)
 
 
+# Commands that change the inventory: each goes to the audit log, as the API's changes do.
+CHANGES = frozenset({
+    ("machines", "add"), ("machines", "rm"), ("machines", "reinstall"), ("machines", "approve"),
+    *((kind, action) for kind in ("profiles", "clusters", "groups")
+      for action in ("add", "rm", "set")),
+    ("import", None), ("tokens", "create"), ("tokens", "revoke"),
+})
+
+
+def local_user() -> str:
+    """Who runs the command, for the audit log; under sudo, also who asked for it."""
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a container user without a passwd entry
+        user = f"uid{os.geteuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{user}(sudo:{sudo})" if sudo and os.geteuid() == 0 else user
+
+
+def _target(args: argparse.Namespace) -> str:
+    for key in ("name", "mac", "file"):
+        if getattr(args, key, None):
+            return str(getattr(args, key))
+    return " ".join(getattr(args, "macs", None) or ())
+
+
 async def _with_store(args: argparse.Namespace,
                       fn: Callable[[Store, Config], Awaitable[int]]) -> int:
+    from netboot.access import Access
     from netboot.service import open_inventory
 
     cfg = _config(args)
     store, _ = await open_inventory(cfg)
     try:
-        return await fn(store, cfg)
+        what = (args.cmd, getattr(args, "action", None))
+        if what not in CHANGES or getattr(args, "dry_run", False):
+            return await fn(store, cfg)
+        outcome = "error"
+        try:
+            code = await fn(store, cfg)
+            outcome = "ok" if code == 0 else f"exit {code}"
+            return code
+        except NetbootError as exc:
+            outcome = f"error: {exc}"[:200]
+            raise
+        finally:
+            await Access(store).record(Access.local(local_user()).name,
+                                       " ".join(w for w in what if w), _target(args),
+                                       peer="local", outcome=outcome)
     finally:
         await store.close()
 
@@ -383,6 +427,76 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
     return 0
 
 
+# -- tokens and the audit log -------------------------------------------------------------
+async def _tokens(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    from netboot.access import parse_duration, public_token
+
+    access = _core(store, cfg).access
+    now = time.time()
+    if args.action == "create":
+        expires = None if args.expires is None else parse_duration(args.expires, "--expires")
+        token, value = await access.create_token(args.name, args.scope, expires_in=expires)
+        if args.json:
+            _print_json({**public_token(token), "token": value})
+            return 0
+        # The value alone on stdout, so that TOKEN=$(netboot tokens create ...) works; the
+        # words on stderr. It is shown this once: only its hash is stored.
+        until = f", expires {_when(token.expires, now)}" if token.expires else ""
+        print(f"token {token.name} (scope {token.scope}{until}); shown once, store it now:",
+              file=sys.stderr)
+        print(value)
+        return 0
+    if args.action == "revoke":
+        token = await access.revoke(args.name)
+        _report(args, f"revoked token {token.name} (scope {token.scope})",
+                {"revoked": token.name})
+        return 0
+    tokens = await access.list_tokens()
+    if args.json:
+        _print_json([public_token(t) for t in tokens])
+        return 0
+    print(_table([(t.name, t.scope, _when(t.created, now),
+                   "never" if t.expires is None else _when(t.expires, now),
+                   "never" if t.last_used is None else _when(t.last_used, now))
+                  for t in tokens], ["name", "scope", "created", "expires", "last used"]))
+    return 0
+
+
+def _since(text: str | None, now: float) -> float | None:
+    """``--since``: a duration back from now (``2h``, ``7d``), an ISO 8601 time, or Unix
+    seconds."""
+    from netboot.access import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(text, "--since")
+    except ValidationError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValidationError("--since", f"{text!r}: a duration (2h, 7d), an ISO 8601 time "
+                              "or Unix seconds") from None
+
+
+async def _audit(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    now = time.time()
+    entries = await _core(store, cfg).access.audit_log(since=_since(args.since, now),
+                                                       limit=args.limit)
+    if args.json:
+        _print_json([codec.audit_to_dict(e) for e in entries])
+        return 0
+    print(_table([(datetime.fromtimestamp(e.time).astimezone().isoformat(timespec="seconds"),
+                   e.actor, e.action, e.target, e.peer, e.outcome) for e in entries],
+                 ["time", "who", "what", "target", "from", "outcome"]))
+    return 0
+
+
 async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     from netboot.enroll import fleet_status
 
@@ -619,6 +733,24 @@ def build_parser() -> argparse.ArgumentParser:
             add.add_argument("--role", choices=["server", "agent"])
             add.add_argument("--label", action="append")
 
+    t = sub.add_parser("tokens", help="API tokens: create, list, revoke")
+    tsub = t.add_subparsers(dest="action", required=True)
+    tc = tsub.add_parser("create", parents=[common],
+                         help="a new token; its value is printed once (stdout)")
+    tc.add_argument("name")
+    tc.add_argument("--scope", required=True, choices=[s.value for s in Scope],
+                    help="admin: everything; operator: enroll, approve, reinstall, remove "
+                         "machines; read: the inventory without secrets; enroll: create and "
+                         "approve machines only")
+    tc.add_argument("--expires", metavar="DURATION", help="lifetime: 12h, 30d, 2w (default: "
+                                                           "until revoked)")
+    tsub.add_parser("ls", parents=[common])
+    tsub.add_parser("revoke", parents=[common]).add_argument("name")
+    au = sub.add_parser("audit", parents=[common],
+                        help="who changed what, when, from where (API and CLI)")
+    au.add_argument("--since", help="2h, 7d, an ISO 8601 time or Unix seconds")
+    au.add_argument("--limit", type=int, default=1000, help="the newest N (default 1000)")
+
     i = sub.add_parser("import", parents=[common], help="bulk-enroll from CSV, YAML or JSON")
     i.add_argument("file")
     i.add_argument("--format", choices=["csv", "yaml", "json"])
@@ -695,6 +827,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_with_store(args, lambda s, c: _named(args.cmd, args, s, c)))
         if args.cmd == "import":
             return asyncio.run(_with_store(args, lambda s, c: _import(args, s, c)))
+        if args.cmd == "tokens":
+            return asyncio.run(_with_store(args, lambda s, c: _tokens(args, s, c)))
+        if args.cmd == "audit":
+            return asyncio.run(_with_store(args, lambda s, c: _audit(args, s, c)))
         if args.cmd == "status":
             return asyncio.run(_with_store(args, lambda s, c: _status(args, s, c)))
         if args.cmd == "assets":

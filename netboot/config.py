@@ -135,12 +135,24 @@ class DiscoveryConfig:
     policy: Literal["ignore", "hold", "auto"] = "ignore"
     hold_retry_seconds: int = 15
     rules: tuple[Group, ...] = ()  # for policy "auto": selectors → cluster/role/profile
+    # Bounds on the records unknown devices cause (netboot.discovery): the oldest discovered
+    # record is evicted beyond max_discovered; each source (relay, address, interface) adds at
+    # most burst_per_source at once and rate_per_source a second after that.
+    max_discovered: int = 10_000
+    rate_per_source: int = 2
+    burst_per_source: int = 20
+    # Names of the rules with ``trust_firmware_strings: true`` (written in the rule, not here):
+    # only they install a machine they match; the others hold it for approval.
+    trusted_rules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class EnrollConfig:
     hostname_template: str = "node-{mac_suffix}"
-    token_ttl_seconds: int = 86_400
+    # Lifetime of an install token when the profile names no install_timeout: long enough for
+    # an install and its first boot's registration, short enough that a token read off a
+    # network or a console log is soon worth nothing.
+    token_ttl_seconds: int = 3600
     # Profile of machines that neither name one nor are given one by a group; without it,
     # approving such a machine is refused (it would only be held). Checked at start-up.
     default_profile: str | None = None
@@ -328,25 +340,48 @@ def _build(cls: Any, raw: Any, path: str, src: _Source) -> Any:
             fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
             raise src.error(dotted, "unknown key", fix)
         if cls is DiscoveryConfig and key == "rules":
-            kwargs[key] = _rules(value, dotted, src)
+            kwargs[key], kwargs["trusted_rules"] = _rules(value, dotted, src)
+        elif cls is DiscoveryConfig and key == "trusted_rules":
+            raise src.error(dotted, "unknown key",
+                            "write trust_firmware_strings: true in the rule itself")
         else:
             kwargs[key] = _coerce(hints[key], value, dotted, src)
     return cls(**kwargs)
 
 
-def _rules(value: Any, key: str, src: _Source) -> tuple[Group, ...]:
+def _rules(value: Any, key: str, src: _Source) -> tuple[tuple[Group, ...], tuple[str, ...]]:
+    """The auto-enroll rules, and the names of those trusted to install on what they match.
+
+    Everything a rule can select on (product, serial, UUID, even the MAC) comes from the
+    request, which any host on the provisioning network can write: ``trust_firmware_strings``
+    is the operator saying that, on this network, it is good enough to hand out a join token.
+    """
     if not isinstance(value, list):
         raise src.error(key, "expected a list of rules", "write - {selector: {...}, cluster: x}")
-    out = []
+    out: list[Group] = []
+    trusted: list[str] = []
     for i, item in enumerate(value):
         k = f"{key}[{i}]"
         if not isinstance(item, Mapping):
             raise src.error(k, "expected a mapping", "write selector/cluster/role/profile keys")
+        fields = dict(item)
+        trust = fields.pop("trust_firmware_strings", False)
+        if not isinstance(trust, bool):
+            raise src.error(f"{k}.trust_firmware_strings", f"{trust!r} is not true or false",
+                            "write trust_firmware_strings: true to let this rule install what "
+                            "it matches, or leave it out to hold those machines for approval")
         try:
-            out.append(group_from_mapping(item, default_name=f"rule-{i}"))
+            rule = group_from_mapping(fields, default_name=f"rule-{i}")
         except ValidationError as exc:
             raise src.error(f"{k}.{exc.field}", exc.message) from exc
-    return tuple(out)
+        if any(r.name == rule.name for r in out):
+            # Events and trust name a rule: two of one name would be told apart by neither.
+            raise src.error(f"{k}.name", f"a second rule named {rule.name!r}",
+                            "give each rule its own name")
+        out.append(rule)
+        if trust:
+            trusted.append(rule.name)
+    return tuple(out), tuple(trusted)
 
 
 def group_from_mapping(item: Mapping[str, Any], *, default_name: str) -> Group:
@@ -504,6 +539,9 @@ def _check_limits(cfg: Config, src: _Source) -> None:
         ("http.send_timeout", http.send_timeout, "seconds; nginx uses 60"),
         ("tftp.max_transfers", tftp.max_transfers, "e.g. 256"),
         ("tftp.max_per_client", tftp.max_per_client, "e.g. 64"),
+        ("discovery.max_discovered", cfg.discovery.max_discovered, "e.g. 10000"),
+        ("discovery.burst_per_source", cfg.discovery.burst_per_source, "e.g. 20"),
+        ("discovery.rate_per_source", cfg.discovery.rate_per_source, "records a second, e.g. 2"),
     ):
         if value < 1:
             raise src.error(key, f"{value} is below 1", f"write a whole number >= 1 ({fix})")

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from netboot import identity
+from netboot import identity, lifecycle
 from netboot.boot import BootService
-from netboot.enroll import Enroller, token_matches
-from netboot.errors import AuthError, NotFound, RenderError
+from netboot.enroll import Enroller
+from netboot.errors import NotFound, RenderError
 from netboot.files import FileTree, clean_relative
 from netboot.inventory.base import Store
 from netboot.inventory.codec import cluster_to_dict, machine_to_dict, profile_to_dict
@@ -288,10 +288,13 @@ class Content:
     # -- per-machine configs (need the install token: they carry cluster secrets) -------
     async def authorised_plan(self, mac_text: str, token: str | None) -> BootPlan:
         mac = MacAddress.parse(mac_text)
-        machine = await self._store.machine_by("mac", str(mac))
-        if machine is None or not token_matches(machine, token, self._clock()):
-            # Same answer whether the MAC is unknown or the token wrong: leak nothing.
-            raise AuthError("a valid install token is required for this machine's config")
+        found = await self._store.machine_by("mac", str(mac))
+        # Only during an install (booting, installing): the config carries the cluster's join
+        # token, which an installed or registered machine no longer needs (409 naming its
+        # state); an unknown MAC and a wrong token get the same 401, leaking nothing.
+        machine = await self._enroller.check_token(
+            found, token, lifecycle.Trigger.CONFIG_FETCHED,
+            refused="a valid install token is required for this machine's config")
         return await self.config_plan(machine, token, mac=mac)
 
     async def config_plan(self, machine: Machine, token: str | None, *, claim: bool = True,

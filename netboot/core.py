@@ -20,6 +20,7 @@ from typing import Any
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
+from netboot.access import Access
 from netboot.boot import BootService
 from netboot.content import Content
 from netboot.enroll import Enroller, check_hostname, check_hostname_template
@@ -110,6 +111,8 @@ class Core:
         self.boot = boot
         self.content = content
         self._clock = clock
+        # Tokens, scopes and the audit log: one set of rules for the API, CLI and dashboard.
+        self.access = Access(store, clock=clock)
 
     # -- machines -----------------------------------------------------------------------
     async def machine(self, ref: str) -> Machine:

@@ -60,14 +60,30 @@ def check_hostname(name: str, field_name: str = "hostname") -> str:
     return lowered
 
 
-def token_matches(machine: Machine, token: str | None, now: float) -> bool:
-    """Constant-time check of an install token against the stored hash, with expiry."""
+# The states in which an install token opens anything: from the script that issued it until
+# the installed OS registers. failed keeps it so that the installer's retried report, and any
+# config or registration it still tries, is answered with the state that refuses it.
+TOKEN_STATES = frozenset({MachineState.BOOTING, MachineState.INSTALLING, MachineState.INSTALLED,
+                          MachineState.FAILED})
+
+
+def token_is(machine: Machine, token: str | None) -> bool:
+    """Whether ``token`` is this machine's install token (constant-time; no expiry, no state)."""
     if not token or not machine.token_hash:
-        return False
-    if machine.token_expires is not None and now > machine.token_expires:
         return False
     digest = hashlib.sha256(token.encode()).hexdigest()
     return hmac.compare_digest(digest, machine.token_hash)
+
+
+def token_expired(machine: Machine, now: float) -> bool:
+    return machine.token_expires is not None and now > machine.token_expires
+
+
+def token_matches(machine: Machine, token: str | None, now: float) -> bool:
+    """An install token that is the machine's, unexpired, during its install: what may post
+    the installer's progress reports (a registered machine's old token posts nothing)."""
+    return (machine.state in TOKEN_STATES and token_is(machine, token)
+            and not token_expired(machine, now))
 
 
 class _TemplateFields(dict[str, str]):
@@ -413,10 +429,35 @@ class Enroller:
                          + (f" for cluster {updated.cluster}" if updated.cluster else ""))
         return updated
 
+    async def check_token(self, machine: Machine | None, token: str | None,
+                          step: lifecycle.Trigger, *, refused: str) -> Machine:
+        """The machine, if ``token`` is its install token and it may take ``step`` now.
+
+        AuthError (401) with ``refused`` for an unknown machine or a token not its own: the
+        same answer for both, so that nothing about the inventory leaks. For its own token,
+        TransitionRefused (409, naming the state) when the state does not take the step (a
+        registered machine's config, a second registration), then AuthError once the token
+        has expired (recorded once as a ``token expired`` event: an install that outlived
+        its profile's install_timeout needs a reinstall, and the operator should see why).
+        """
+        if machine is None or not token_is(machine, token):
+            raise AuthError(refused)
+        lifecycle.apply(machine.state, step, subject=machine.ref)
+        if token_expired(machine, self._clock()):
+            assert machine.token_expires is not None
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(machine.token_expires))
+            message = (f"the install token of {machine.ref} expired at {when} ({step} "
+                       f"refused); 'netboot machines reinstall {machine.ref}' issues a new one")
+            last = await self._store.list_events(machine.id, limit=1)
+            if not (last and last[0].kind == "token expired" and last[0].message == message):
+                await self.event(machine.id, "token expired", message)
+            raise AuthError(message)
+        return machine
+
     async def reinstall(self, ref: str) -> Machine:
         machine = await identity.require_ref(self._store, ref)
         updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
-                                    token_hash=None, token_expires=None)
+                                    token_hash=None, token_expires=None, install_token=None)
         await self._store.update_machine(updated)
         await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
@@ -472,8 +513,9 @@ class Enroller:
                                            "line or config")
         machine = await self._store.machine_by("mac", mac)
         # Same answer for unknown MAC and wrong token: registration must not reveal the inventory.
-        if machine is None or not token_matches(machine, token, self._clock()):
-            raise AuthError("unknown machine or wrong/expired token")
+        # A replay with the spent token of a registered machine is a 409 naming its state.
+        machine = await self.check_token(machine, token, lifecycle.Trigger.REGISTER,
+                                         refused="unknown machine or wrong token")
         addresses = body.get("addresses", [])
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValidationError("addresses", "must be a list of strings")
@@ -491,8 +533,10 @@ class Enroller:
         ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
         if choice.ipv6:
             facts["ipv6"] = str(choice.ipv6)
+        # The token is spent: its retrievable copy goes; its hash stays only so that a replay
+        # is told apart from a stranger (and refused by state, above), until a reinstall.
         updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
-                                    ipv4=ipv4, facts=facts)
+                                    ipv4=ipv4, facts=facts, install_token=None)
         await self._store.update_machine(updated)
         where = (f"{choice.address} ({'the request' if choice.source == 'peer' else 'reported'})"
                  if choice.address else f"no usable address (kept {machine.ipv4 or 'none'})")
@@ -501,7 +545,8 @@ class Enroller:
         refused = "".join(f"; ignored {r.source} address {r.text!r} ({r.reason})"
                           for r in choice.refused)
         await self.event(machine.id, "registered", f"registered at {where}"
-                         + (f" as {hostname}" if hostname else "") + refused,
+                         + (f" as {hostname}" if hostname else "") + refused
+                         + "; its install token is spent",
                          {"addresses": addresses, "peer": str(peer) if peer else None,
                           "refused": [{"address": r.text, "reason": r.reason,
                                        "source": r.source} for r in choice.refused]})

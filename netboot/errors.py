@@ -137,3 +137,11 @@ class Forbidden(NetbootError):
 
 class Busy(NetbootError):
     """A bounded resource is full right now (503): try again later."""
+
+
+class ScopeRequired(Forbidden):
+    """A valid token whose scope does not grant this (403); ``scope`` names one that would."""
+
+    def __init__(self, scope: str, message: str) -> None:
+        self.scope = scope
+        super().__init__(message)

@@ -13,15 +13,18 @@ The rows below read as the product's rules:
 * ``None`` is "not in the inventory": firmware seen → discovered; enrolled by an operator
   (API, CLI, import) → enrolled.
 * discovered → enrolled by approval, an auto-enroll rule or an import naming it.
-* enrolled / reinstall → booting when an install script (with a fresh install token) is
-  issued. booting and installing may get one again: a machine that reboots mid-install starts
-  over with a new token.
+* enrolled / reinstall → booting when an install script is issued: the only step that mints
+  an install token. A booting or installing machine that asks again (it rebooted mid-install)
+  gets the same install and the same token, and its state does not move: the request is
+  unauthenticated, and anyone on the network could otherwise restart an install in progress.
 * booting → installing when its config is fetched or the installer says so; → installed or
   failed as the installer reports; → registered when the installed OS registers (an installer
   that reports nothing is proven installed by its registration).
+* The config (it carries the cluster join token) is fetched only during an install: installed
+  and registered machines refuse it.
 * installed / registered boot the local disk (one-shot install: nothing sends them back to
-  install but an explicit reinstall). Repeated reports (a retried POST, cloud-init reading its
-  seed again on a later boot) leave them where they are.
+  install but an explicit reinstall). A repeated ``installed`` report leaves it where it is;
+  a second registration is refused (its token is spent): a reinstall issues a new one.
 * failed holds until reinstall, so a broken install does not loop.
 * reinstall can be asked for any enrolled machine, from any state but discovered.
 """
@@ -46,6 +49,7 @@ class Trigger(enum.StrEnum):
     APPROVE = "approve"  # an operator approved a discovered machine
     AUTO_ENROLL = "auto-enroll"  # a discovery rule selected it
     INSTALL_PLAN = "install-plan"  # iPXE/pxelinux got an install script with a fresh token
+    INSTALL_AGAIN = "install-again"  # asked again mid-install: the same script and token
     CONFIG_FETCHED = "config-fetched"  # the installer fetched its per-machine config
     INSTALLING = "installing"  # installer progress report
     INSTALLED = "installed"  # installer progress report
@@ -70,7 +74,7 @@ TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = Mappin
     (_S.ENROLLED, _T.INSTALL_PLAN): _S.BOOTING,
     (_S.ENROLLED, _T.REINSTALL): _S.REINSTALL,
 
-    (_S.BOOTING, _T.INSTALL_PLAN): _S.BOOTING,
+    (_S.BOOTING, _T.INSTALL_AGAIN): _S.BOOTING,
     (_S.BOOTING, _T.CONFIG_FETCHED): _S.INSTALLING,
     (_S.BOOTING, _T.INSTALLING): _S.INSTALLING,
     (_S.BOOTING, _T.INSTALLED): _S.INSTALLED,
@@ -78,7 +82,7 @@ TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = Mappin
     (_S.BOOTING, _T.REGISTER): _S.REGISTERED,
     (_S.BOOTING, _T.REINSTALL): _S.REINSTALL,
 
-    (_S.INSTALLING, _T.INSTALL_PLAN): _S.BOOTING,
+    (_S.INSTALLING, _T.INSTALL_AGAIN): _S.INSTALLING,
     (_S.INSTALLING, _T.CONFIG_FETCHED): _S.INSTALLING,
     (_S.INSTALLING, _T.INSTALLING): _S.INSTALLING,
     (_S.INSTALLING, _T.INSTALLED): _S.INSTALLED,
@@ -86,13 +90,10 @@ TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = Mappin
     (_S.INSTALLING, _T.REGISTER): _S.REGISTERED,
     (_S.INSTALLING, _T.REINSTALL): _S.REINSTALL,
 
-    (_S.INSTALLED, _T.CONFIG_FETCHED): _S.INSTALLED,
     (_S.INSTALLED, _T.INSTALLED): _S.INSTALLED,
     (_S.INSTALLED, _T.REGISTER): _S.REGISTERED,
     (_S.INSTALLED, _T.REINSTALL): _S.REINSTALL,
 
-    (_S.REGISTERED, _T.CONFIG_FETCHED): _S.REGISTERED,
-    (_S.REGISTERED, _T.REGISTER): _S.REGISTERED,
     (_S.REGISTERED, _T.REINSTALL): _S.REINSTALL,
 
     (_S.FAILED, _T.FAILED): _S.FAILED,

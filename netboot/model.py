@@ -181,8 +181,12 @@ class Machine:
     ipv4: str | None = None  # last address seen (registration or lease)
     fixed_ipv4: str | None = None  # address to hand out in authoritative DHCP mode
     facts: Mapping[str, str] = field(default_factory=dict)  # what firmware/OS told us
-    token_hash: str | None = None  # sha256 hex of the install token; the token is never stored
+    token_hash: str | None = None  # sha256 hex of the install token: what checks it
     token_expires: float | None = None
+    # The install token itself, kept only while its install is under way so that a device that
+    # reboots mid-install gets the same one again (netboot.boot); sealed at rest by the store,
+    # never listed, never in a repr. Cleared at registration and by a reinstall.
+    install_token: str | None = field(default=None, repr=False)
     created: float = 0.0
     updated: float = 0.0
 
@@ -218,6 +222,9 @@ class Profile:
     ssh_authorized_keys: tuple[str, ...] = ()
     fdtdir: str | None = None  # pxelinux FDTDIR for U-Boot boards that need a device tree
     description: str = ""
+    # How long an install of this profile may take, seconds: the lifetime of the install token
+    # issued with its script. None: the server's enroll.token_ttl_seconds.
+    install_timeout: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +287,42 @@ class Lease:
     ipv4: str
     expires: float
     hostname: str | None = None
+
+
+class Scope(enum.StrEnum):
+    """What an API token may do (netboot.access maps each to its permissions)."""
+
+    ADMIN = "admin"  # everything, secrets included: tokens, audit, profiles, clusters, groups
+    OPERATOR = "operator"  # enroll, approve, change, reinstall and remove machines; read
+    READ = "read"  # the inventory, without secrets
+    ENROLL = "enroll"  # create and approve machines only (factory-floor scanners)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A named bearer token of the API. Only the sha256 of its value is kept: the value is
+    shown once, at creation."""
+
+    name: str
+    sha256: str
+    scope: Scope
+    created: float
+    expires: float | None = None
+    last_used: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One change asked of netboot: who (a token's name, ``cli:<user>``, ``machine:<mac>``),
+    what (``POST /api/v1/machines`` or ``machines add``) on which target, from where (peer
+    address, ``local`` for the CLI), and how it ended (an HTTP status or ``ok``/``error``)."""
+
+    time: float
+    actor: str
+    action: str
+    target: str
+    peer: str
+    outcome: str
 
 
 @dataclass(frozen=True, slots=True)

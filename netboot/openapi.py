@@ -7,20 +7,47 @@ from __future__ import annotations
 
 from typing import Any
 
+from netboot.access import (
+    DURATION_PATTERN,
+    GRANTS,
+    TOKEN_NAME_PATTERN,
+    Permission,
+    scope_needed,
+)
+from netboot.inventory.base import SORT_KEYS
+from netboot.model import Arch, MachineState, Scope
+
 _STR = {"type": "string"}
 _NSTR = {"type": ["string", "null"]}
 _MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _LIST = {"type": "array", "items": {"type": "string"}}
 
+# What the server accepts, as patterns (netboot.model.MacAddress.parse, enroll.check_hostname,
+# model.normalise_uuid): aa:bb:cc:dd:ee:ff, aa-bb-..., aabb.ccdd.eeff, aabbccddeeff and
+# pxelinux's 01-aa-bb-...
+_HEX2 = "[0-9A-Fa-f]{2}"
+MAC_PATTERN = ("^(" + "|".join((
+    f"{_HEX2}(:{_HEX2}){{5}}", f"{_HEX2}(-{_HEX2}){{5}}", f"01-{_HEX2}(-{_HEX2}){{5}}",
+    "[0-9A-Fa-f]{4}[.][0-9A-Fa-f]{4}[.][0-9A-Fa-f]{4}", "[0-9A-Fa-f]{12}")) + ")$")
+REF_PATTERN = MAC_PATTERN[:-2] + "|m-[0-9a-f]{12})$"
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = {"type": "string", "pattern": f"^{_LABEL}([.]{_LABEL})*$", "maxLength": 253}
+_MAC = {"type": "string", "pattern": MAC_PATTERN}
+_UUID = {"type": "string", "pattern": "^[0-9A-Fa-f]{8}(-?[0-9A-Fa-f]{4}){3}-?[0-9A-Fa-f]{12}$"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 _MACHINE_PROPS: dict[str, Any] = {
-    "mac": {"type": ["string", "null"],
-            "description": "its first NIC, any common MAC form; normalised"},
-    "macs": {"type": "array", "items": _STR,
+    "mac": {**_nullable(_MAC), "description": "its first NIC, any common MAC form; normalised"},
+    "macs": {"type": "array", "items": _MAC,
              "description": "every NIC; a boot from any of them is this machine"},
-    "hostname": _NSTR, "uuid": _NSTR, "serial": _NSTR, "asset": _NSTR,
-    "labels": _MAP, "cluster": _NSTR,
+    "hostname": _nullable(HOSTNAME), "uuid": _nullable(_UUID), "serial": _NSTR,
+    "asset": _NSTR, "labels": _MAP, "cluster": _NSTR,
     "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
-    "profile": _NSTR, "fixed_ipv4": _NSTR,
+    "profile": _NSTR, "fixed_ipv4": _nullable({"type": "string", "format": "ipv4"}),
 }
 # Read-only: a state changes only by what happens to the machine (netboot.lifecycle), so the
 # input schemas do not have it and the API answers 400 naming "state".
@@ -31,6 +58,8 @@ _STATE = {"type": "string", "readOnly": True,
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"],
               "properties": {"error": _STR, "field": _STR,
+                             "scope": {"type": "string", "description": "403: a scope that "
+                                       "would be allowed"},
                              "holder": {"type": "string",
                                         "description": "409: id of the machine that has it"},
                              "state": {**_STATE, "description": "409 of a refused lifecycle "
@@ -47,7 +76,7 @@ SCHEMAS: dict[str, Any] = {
                      "properties": _MACHINE_PROPS},
     "Approve": {"type": "object", "additionalProperties": False, "properties": {
         "cluster": _NSTR, "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
-        "profile": _NSTR, "hostname": _NSTR}},
+        "profile": _NSTR, "hostname": _nullable(HOSTNAME)}},
     # Not allOf MachineInput: its additionalProperties=false would reject every response.
     "Machine": {"type": "object", "required": ["id", "macs", "state"], "properties": {
         **_MACHINE_PROPS, "id": _STR, "state": _STATE, "mac_hexhyp": _NSTR, "arch": _NSTR,
@@ -64,7 +93,10 @@ SCHEMAS: dict[str, Any] = {
         "assets": {"type": "array", "items": {"type": "object", "properties": {
             "path": _STR, "sha256": _NSTR}}},
         "install_device": _STR, "iso_url": _NSTR, "ssh_authorized_keys": _LIST,
-        "fdtdir": _NSTR, "description": _STR}},
+        "fdtdir": _NSTR, "description": _STR,
+        "install_timeout": {"type": ["integer", "null"], "minimum": 60, "maximum": 604800,
+                            "description": "seconds an install may take: the install token's "
+                                           "lifetime (null: enroll.token_ttl_seconds)"}}},
     "Cluster": {"type": "object", "required": ["name"], "properties": {
         "name": _STR, "server_url": {"type": "string",
                                      "description": "https://… of the k3s API, or 'managed'"},
@@ -99,6 +131,31 @@ SCHEMAS: dict[str, Any] = {
         "errors": {"type": "array", "items": {"type": "object", "properties": {
             "line": {"type": "integer"}, "field": _STR, "message": _STR}}}}},
     "Explanation": {"type": "object"},
+    "TokenInput": {"type": "object", "required": ["name", "scope"], "additionalProperties": False,
+                   "properties": {
+                       "name": {"type": "string", "pattern": TOKEN_NAME_PATTERN},
+                       "scope": {"type": "string", "enum": [s.value for s in Scope]},
+                       "expires_in": {"type": "string", "pattern": DURATION_PATTERN,
+                                      "description": "lifetime: 90s, 30m, 12h, 30d, 2w"}}},
+    "Token": {"type": "object", "required": ["name", "scope", "created", "expires", "last_used"],
+              "properties": {
+                  "name": _STR, "scope": {"type": "string", "enum": [s.value for s in Scope]},
+                  "created": {"type": "number"}, "expires": {"type": ["number", "null"]},
+                  "last_used": {"type": ["number", "null"]}}},
+    "NewToken": {"allOf": [{"$ref": "#/components/schemas/Token"},
+                           {"type": "object", "required": ["token"], "properties": {
+                               "token": {"type": "string", "description": "shown once"}}}]},
+    "AuditEntry": {"type": "object",
+                   "required": ["time", "actor", "action", "target", "peer", "outcome"],
+                   "properties": {
+                       "time": {"type": "number"},
+                       "actor": {"type": "string", "description":
+                                 "a token's name, cli:<user> or machine:<id>; '-' if none"},
+                       "action": {"type": "string", "description": "METHOD /route or a CLI "
+                                  "command"},
+                       "target": _STR, "peer": _STR,
+                       "outcome": {"type": "string", "description":
+                                   "the HTTP status, or ok / error for the CLI"}}},
     "Status": {"type": "object", "required": ["total", "by_state", "clusters", "failed"],
                "properties": {
                    "total": {"type": "integer"},
@@ -113,9 +170,17 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _op(summary: str, *, body: str | None = None, ok: int = 200, out: str | None = None,
-        admin: bool = False, errors: tuple[int, ...] = (400, 404),
-        params: tuple[str, ...] = (), body_required: bool = True) -> dict[str, Any]:
+def _security(need: Permission) -> list[dict[str, list[str]]]:
+    """Alternatives, one per scope that grants ``need``: OpenAPI 3.1 §4.8.30 lets a non-OAuth
+    requirement list the roles it needs, and a token's scope is its one role."""
+    return [{"bearer": [str(scope)]} for scope in Scope if need in GRANTS[scope]]
+
+
+def _op(summary: str, *, need: Permission | None, body: str | None = None, ok: int = 200,
+        out: str | None = None, errors: tuple[int, ...] = (400, 404),
+        params: tuple[dict[str, Any], ...] = (), body_required: bool = True) -> dict[str, Any]:
+    """One operation; ``need``: the permission it needs (None: no API token, the device's own
+    credential is checked by the handler and the caller documents it)."""
     op: dict[str, Any] = {"summary": summary, "responses": {}}
     if out == "array:Machine" or (out and out.startswith("array:")):
         schema: dict[str, Any] = {"type": "array", "items": _ref(out.split(":", 1)[1])}
@@ -124,105 +189,163 @@ def _op(summary: str, *, body: str | None = None, ok: int = 200, out: str | None
     op["responses"][str(ok)] = {"description": "success",
                                 **({"content": {"application/json": {"schema": schema}}}
                                    if out else {})}
-    codes = set(errors) | ({401} if admin else set())
+    # 503: the inventory failed (a full disk, a lock held too long); never reported as 404.
+    codes = set(errors) | {503} | ({401, 403} if need else set())
     for code in sorted(codes):
-        op["responses"][str(code)] = {"description": "error", "content": {
+        op["responses"][str(code)] = {"description": _ERRORS.get(code, "error"), "content": {
             "application/json": {"schema": _ref("Error")}}}
     if body:
         op["requestBody"] = {"required": body_required,
                              "content": {"application/json": {"schema": _ref(body)}}}
-    if admin:
-        op["security"] = [{"bearer": []}, {"session": []}]
+    if need:
+        op["security"] = _security(need)
+        scope = scope_needed(need)
+        op["x-netboot-scope"] = str(scope)
+        op["description"] = (f"Needs a token of scope {scope}"
+                             + (" or admin." if scope != Scope.ADMIN else "."))
+    else:
+        op["security"] = []
     if params:
-        op["parameters"] = [{"name": p, "in": "query", "required": False,
-                             "schema": {"type": "string"}} for p in params]
+        op["parameters"] = list(params)
     return op
 
 
+_ERRORS = {400: "a field is wrong; 'field' names it", 401: "no token, or an unknown, revoked "
+           "or expired one (WWW-Authenticate: Bearer)",
+           403: "the token's scope does not allow this; 'scope' names one that would",
+           404: "not found", 409: "conflicts with the inventory or the machine's state",
+           413: "request body too large", 503: "the inventory is unavailable"}
+
+
+def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+    out = {"name": name, "in": "query", "required": False, "schema": schema}
+    if description:
+        out["description"] = description
+    return out
+
+
 def _path_param(name: str) -> dict[str, Any]:
-    out = {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    out: dict[str, Any] = {"name": name, "in": "path", "required": True,
+                           "schema": {"type": "string"}}
     if name == "ref":
+        out["schema"]["pattern"] = REF_PATTERN
         out["description"] = "one of the machine's MACs (any common form), or its id"
     return out
 
 
 def document() -> dict[str, Any]:
+    READ, ENROLL, OPERATE = Permission.READ, Permission.ENROLL, Permission.OPERATE
+    CONFIGURE, ADMINISTER = Permission.CONFIGURE, Permission.ADMINISTER
     paths: dict[str, Any] = {
-        "/api/v1/openapi.json": {"get": {"summary": "this document",
-                                         "responses": {"200": {"description": "OpenAPI 3"}}}},
+        "/api/v1/openapi.json": {"get": _op("this document", need=READ, errors=())},
         "/api/v1/machines": {
-            "get": _op("list machines: q searches hostname, id, MACs, UUID, serial, asset; "
-                       "sort (mac, hostname, state, cluster, updated, created) and order "
-                       "(asc, desc); last_event=1 adds each machine's last event",
-                       out="MachineList",
-                       params=("state", "cluster", "label", "q", "sort", "order", "last_event",
-                               "limit", "offset")),
-            "post": _op("enroll a machine", body="MachineInput", ok=201, out="Machine",
-                        admin=True, errors=(400, 409, 413)),
+            "get": _op("list machines", need=READ, out="MachineList", params=(
+                _query("state", {"type": "string", "enum": [s.value for s in MachineState]}),
+                _query("cluster", _STR),
+                _query("q", _STR, "case-insensitive part of the hostname, id, a MAC, the UUID, "
+                       "serial or asset tag"),
+                _query("sort", {"type": "string", "enum": list(SORT_KEYS)}),
+                _query("order", {"type": "string", "enum": ["asc", "desc"]}),
+                _query("last_event", {"type": "string", "enum": ["1", "true"]},
+                       "add each machine's last event"),
+                _query("label", {"type": "array",
+                                 "items": {"type": "string", "pattern": "^[^=]+="}},
+                       "key=value; every one must match"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                _query("offset", {"type": "integer", "minimum": 0, "maximum": 10**9}))),
+            "post": _op("enroll a machine", need=ENROLL, body="MachineInput", ok=201,
+                        out="Machine", errors=(400, 409, 413)),
         },
         "/api/v1/machines:bulk": {
-            "post": _op("bulk enrollment in one transaction", body="Bulk", ok=201,
-                        out="ImportReport", admin=True, errors=(400, 413)),
+            "post": _op("bulk enrollment in one transaction", need=ENROLL, body="Bulk", ok=201,
+                        out="ImportReport", errors=(400, 413)),
         },
         "/api/v1/machines:import": {
             "post": _op("an import file (CSV, YAML or JSON) as the body; dry_run=1 checks it",
-                        ok=201, out="ImportReport", admin=True, errors=(400, 413),
-                        params=("format", "dry_run")),
+                        need=ENROLL, ok=201, out="ImportReport", errors=(400, 413),
+                        params=(_query("format", {"type": "string",
+                                                  "enum": ["csv", "yaml", "json"]}),
+                                _query("dry_run", {"type": "string",
+                                                   "enum": ["0", "1", "true", "false"]}))),
         },
         "/api/v1/machines/{ref}/render/{kind}": {
             "parameters": [_path_param("ref"), _path_param("kind")],
             "get": _op("what the machine would be served now (ipxe, pxelinux, config, "
-                       "nocloud), install and join tokens masked", admin=True,
-                       params=("arch",)),
+                       "nocloud), install and join tokens masked", need=READ,
+                       params=(_query("arch", _STR),)),
         },
         "/api/v1/events/stream": {
             "get": {**_op("every machine event as it is recorded: Server-Sent Events "
                           "(event: machine, data: an Event; event: missed when this reader "
-                          "fell behind)", admin=True, errors=(503,)),
+                          "fell behind)", need=READ, errors=()),
                     "responses": {"200": {"description": "text/event-stream"},
-                                  "401": {"description": "no or wrong token"},
+                                  "401": {"description": _ERRORS[401]},
+                                  "403": {"description": _ERRORS[403]},
                                   "503": {"description": "too many streams open"}}},
         },
         "/api/v1/machines/{ref}": {
             "parameters": [_path_param("ref")],
-            "get": _op("one machine", out="Machine"),
-            "patch": _op("change a machine", body="MachinePatch", out="Machine", admin=True,
+            "get": _op("one machine", need=READ, out="Machine"),
+            "patch": _op("change a machine", need=OPERATE, body="MachinePatch", out="Machine",
                          errors=(400, 404, 409)),
-            "delete": {**_op("remove a machine", ok=204, admin=True)},
+            "delete": _op("remove a machine", need=OPERATE, ok=204),
         },
         "/api/v1/machines/{ref}/approve": {
             "parameters": [_path_param("ref")],
-            "post": _op("approve a discovered machine", body="Approve", out="Machine",
-                        admin=True, errors=(400, 404, 409), body_required=False),
+            "post": _op("approve a discovered machine", need=ENROLL, body="Approve",
+                        out="Machine", errors=(400, 404, 409), body_required=False),
         },
         "/api/v1/machines/{ref}/reinstall": {
             "parameters": [_path_param("ref")],
-            "post": _op("install again on next boot", out="Machine", admin=True,
-                        errors=(404, 409)),
+            "post": _op("install again on next boot", need=OPERATE, out="Machine",
+                        errors=(400, 404, 409)),
         },
         "/api/v1/machines/{ref}/explain": {
             "parameters": [_path_param("ref")],
-            "get": _op("which group, profile and decision, and why", out="Explanation",
-                       params=("arch",)),
+            "get": _op("which group, profile and decision, and why", need=READ,
+                       out="Explanation", params=(
+                           _query("arch", {"type": "string", "enum": [a.value for a in Arch]}),)),
         },
         "/api/v1/machines/{ref}/events": {
             "parameters": [_path_param("ref")],
-            "get": _op("events, oldest first", out="array:Event", params=("limit",)),
-            "post": _op("progress report (install token or admin token)", body="EventInput",
-                        ok=201, out="Event", admin=True, errors=(400, 404, 409, 413)),
+            "get": _op("events, oldest first", need=READ, out="array:Event", params=(
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000}),)),
+            "post": {**_op("progress report: the machine's install token, or an operator's",
+                            need=None, body="EventInput", ok=201, out="Event",
+                            errors=(400, 401, 403, 404, 409, 413)),
+                     "security": [{"installToken": []}, *_security(OPERATE)],
+                     "x-netboot-scope": str(scope_needed(OPERATE)),
+                     "description": "The machine's own install token, or a token of scope "
+                                    "operator or admin."},
         },
         "/api/v1/register": {
-            "post": _op("first boot of the installed OS, with its install token",
-                        body="Register", out="Machine", errors=(400, 401, 409)),
+            "post": _op("first boot of the installed OS, with its install token (in the body)",
+                        need=None, body="Register", out="Machine", errors=(400, 401, 409)),
         },
         "/api/v1/status": {
             "get": _op("machines per state, overall and per cluster; the failed ones",
-                       out="Status", errors=()),
+                       need=READ, out="Status", errors=()),
         },
         "/api/v1/clusters/{name}/nodes": {
             "parameters": [_path_param("name")],
-            "get": _op("machines of a cluster", out="array:Machine"),
+            "get": _op("machines of a cluster", need=READ, out="array:Machine"),
         },
+    }
+    paths["/api/v1/tokens"] = {
+        "get": _op("API tokens (never their values)", need=ADMINISTER, out="array:Token",
+                   errors=()),
+        "post": _op("create a token; its value is in this answer only", need=ADMINISTER,
+                    body="TokenInput", ok=201, out="NewToken", errors=(400, 409, 413)),
+    }
+    paths["/api/v1/tokens/{name}"] = {
+        "parameters": [_path_param("name")],
+        "delete": _op("revoke a token", need=ADMINISTER, ok=204, errors=(404,)),
+    }
+    paths["/api/v1/audit"] = {
+        "get": _op("the audit log of changes, oldest first", need=ADMINISTER,
+                   out="array:AuditEntry", errors=(400,), params=(
+                       _query("since", {"type": "number"}, "seconds since the epoch"),
+                       _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000}))),
     }
     # Bulk: 200 for a dry run, and 400 carries the per-row report (or an Error for a bad
     # envelope).
@@ -243,16 +366,16 @@ def document() -> dict[str, Any]:
         "description": "the text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     for kind, schema in (("profiles", "Profile"), ("clusters", "Cluster"), ("groups", "Group")):
         paths[f"/api/v1/{kind}"] = {
-            "get": _op(f"list {kind}", out=f"array:{schema}"),
-            "post": _op(f"create a {kind[:-1]}", body=schema, ok=201, out=schema, admin=True,
+            "get": _op(f"list {kind}", need=READ, out=f"array:{schema}", errors=()),
+            "post": _op(f"create a {kind[:-1]}", need=CONFIGURE, body=schema, ok=201, out=schema,
                         errors=(400, 409, 413)),
         }
         paths[f"/api/v1/{kind}/{{name}}"] = {
             "parameters": [_path_param("name")],
-            "get": _op(f"one {kind[:-1]}", out=schema),
-            "put": _op(f"replace a {kind[:-1]}", body=schema, out=schema, admin=True,
+            "get": _op(f"one {kind[:-1]}", need=READ, out=schema),
+            "put": _op(f"replace a {kind[:-1]}", need=CONFIGURE, body=schema, out=schema,
                        errors=(400, 404, 409)),
-            "delete": _op(f"remove a {kind[:-1]}", ok=204, admin=True, errors=(404, 409)),
+            "delete": _op(f"remove a {kind[:-1]}", need=CONFIGURE, ok=204, errors=(404, 409)),
         }
     return {
         "openapi": "3.1.0",
@@ -262,8 +385,9 @@ def document() -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": SCHEMAS,
                        "securitySchemes": {
-                           "bearer": {"type": "http", "scheme": "bearer"},
-                           # The dashboard's session; changes also need X-CSRF-Token.
-                           "session": {"type": "apiKey", "in": "cookie",
-                                       "name": "netboot_session"}}},
+                           "bearer": {"type": "http", "scheme": "bearer", "description":
+                                      "an API token (netboot tokens create NAME --scope S); "
+                                      "scopes: admin, operator, read, enroll"},
+                           "installToken": {"type": "http", "scheme": "bearer", "description":
+                                            "the machine's one-time install token"}}},
     }

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import hashlib
 import logging
 import os
-import secrets
 import signal
 import ssl
 import stat
@@ -25,11 +23,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from netboot.api import ADMIN_TOKEN_KEY, Api
+from netboot.access import Access
+from netboot.api import Api
 from netboot.boot import BootService, BootSettings, loader_names
 from netboot.config import Config
 from netboot.content import Content, Trust
 from netboot.core import Core
+from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
 from netboot.events import EventBus
@@ -37,6 +37,7 @@ from netboot.files import FileTree
 from netboot.inventory.base import EventListener, MachineFilter, Store
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
+from netboot.model import Scope
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
 from netboot.sealing import Sealer, read_key, write_key
@@ -57,7 +58,6 @@ from netboot.servers.http import (
 from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
-from netboot.web.auth import AdminTokenVerifier, Authenticator
 from netboot.web.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
@@ -235,6 +235,7 @@ def boot_settings(config: Config) -> BootSettings:
     return BootSettings(policy=config.discovery.policy,
                         hold_retry_seconds=config.discovery.hold_retry_seconds,
                         rules=config.discovery.rules,
+                        trusted_rules=frozenset(config.discovery.trusted_rules),
                         token_ttl_seconds=config.enroll.token_ttl_seconds,
                         cluster_domain=config.dns.zone if config.dns.enabled else None,
                         default_profile=config.enroll.default_profile)
@@ -247,7 +248,11 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     profile, discovery policy, token lifetime)."""
     assets = FileTree(asset_roots(config), pinned=loader_names())
     enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
-    boot = BootService(store, assets, boot_settings(config), enroller)
+    boot = BootService(store, assets, boot_settings(config), enroller,
+                       discovery=DiscoveryLimits(
+                           max_discovered=config.discovery.max_discovered,
+                           rate_per_source=config.discovery.rate_per_source,
+                           burst_per_source=config.discovery.burst_per_source))
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
                       base_url, enroller, trust=trust)
     return Core(store, enroller, boot, content)
@@ -309,26 +314,39 @@ def default_route_interface(route_table: str = "/proc/net/route") -> str | None:
     return None
 
 
-async def ensure_admin_token(store: Store, data_dir: Path) -> Path | None:
-    """Create the admin token on first start: its hash in the store, the token in a 0600 file.
+def _unwritable(path: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write {path}: {exc.strerror}", key="server.data_dir",
+                       fix="point --data-dir at a directory netboot can write")
 
-    Returns the file's path when it was made now, None when a token already exists. The token
-    itself is never printed: standard output ends up in journals and CI logs.
+
+async def ensure_admin_token(access: Access, data_dir: Path) -> Path | None:
+    """Create an admin token when none is valid (first start, or every admin token revoked
+    or expired, which would leave only the CLI to recover): the token's value goes to a 0600
+    file and its hash into the store.
+
+    Returns the file's path when a token was made now, None when an admin token exists. The
+    token itself is never printed: standard output ends up in journals and CI logs.
     """
-    if await store.get_setting(ADMIN_TOKEN_KEY) is not None:
+    if await access.has_admin():
         return None
-    token = secrets.token_urlsafe(32)
+    names = {t.name for t in await access.list_tokens()}
+    name = next(n for n in ("admin", *(f"admin-{i}" for i in range(2, len(names) + 3)))
+                if n not in names)
     path = data_dir / "admin.token"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        os.chmod(path, 0o600)
+        os.fchmod(fd, 0o600)
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror}", key="server.data_dir",
-                          fix="point --data-dir at a directory netboot can write") from exc
-    await store.put_setting(ADMIN_TOKEN_KEY, hashlib.sha256(token.encode()).hexdigest())
+        raise _unwritable(path, exc) from exc
+    with os.fdopen(fd, "w") as fh:
+        _, token = await access.create_token(name, Scope.ADMIN)
+        try:
+            fh.write(token + "\n")
+            fh.flush()
+        except OSError as exc:
+            await access.revoke(name)  # a token nobody can read would only be a risk
+            raise _unwritable(path, exc) from exc
     return path
 
 
@@ -606,7 +624,6 @@ async def build(config: Config) -> Service:
     events.listen(metrics.event)
     store, sealer = await open_inventory(config, events)
     try:
-        new_token = await ensure_admin_token(store, config.data_dir)
         advertise = advertised_address(config)
         tls = prepare_tls(config, advertise, sealer)
         from netboot import groups as grouping
@@ -619,6 +636,7 @@ async def build(config: Config) -> Service:
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).
         core = build_core(config, store, lambda: holder["base"],
                           trust=lambda: trust_for(config, service.tls, holder["https"]))
+        new_token = await ensure_admin_token(core.access, config.data_dir)
         app = web.Application(middlewares=[request_middleware, errors_middleware,
                                            body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
@@ -627,10 +645,9 @@ async def build(config: Config) -> Service:
         app[MAX_BODY_KEY] = config.http.max_body_bytes
         app[MAX_EVENT_KEY] = config.http.max_event_bytes
         app[OBSERVER_KEY] = metrics
-        auth = Authenticator(AdminTokenVerifier(store))
         DeviceRoutes(core.content).add_to(app)
-        Api(core, clock=time.time, auth=auth, events=events).add_to(app)
-        Dashboard(auth, store, metrics, metrics_public=config.metrics.public).add_to(app)
+        Api(core, clock=time.time, events=events).add_to(app)
+        Dashboard(core.access, store, metrics, metrics_public=config.metrics.public).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
                           new_admin_token_file=new_token, tls=tls, url_holder=holder,
                           tls_source=lambda: prepare_tls(config, advertise, sealer),

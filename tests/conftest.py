@@ -96,8 +96,13 @@ class Env:
             assert resp.status == status, (resp.status, data)
         return data
 
-    async def get(self, path: str, *, status: int = 200) -> Any:
-        resp = await self.client.get(path)
+    async def get(self, path: str, *, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Any:
+        """GET, with the admin token on /api/ paths (every API read needs one); device paths
+        get none, as devices send none (a bearer token there is taken as an install token)."""
+        if headers is None:
+            headers = self.auth if path.startswith("/api/") else {}
+        resp = await self.client.get(path, headers=headers)
         data = await resp.json() if resp.content_type == "application/json" else await resp.text()
         assert resp.status == status, (resp.status, data)
         return data

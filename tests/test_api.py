@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netboot.lifecycle import Trigger, advance
+from netboot.model import Scope
 from netboot.openapi import document
 from tests.conftest import Env, Reply, boot, call, install_token
 
@@ -73,32 +74,35 @@ async def test_openapi_path_parameters_and_refs_are_consistent(env: Env) -> None
         assert ref in doc["components"]["schemas"], ref
 
 
-async def test_openapi_security_marks_exactly_the_admin_mutations(env: Env) -> None:
+async def test_openapi_security_marks_every_operation_but_the_devices_own(env: Env) -> None:
     doc = document()
-    open_mutations = {(p, m) for p, m in documented(doc)
-                      if m != "get" and "security" not in doc["paths"][p][m]}
-    assert open_mutations == {("/api/v1/register", "post")}
-    # Reads are open, but for the two that show what only an operator may see: a machine's
-    # rendered config (cluster servers, its setup) and the live stream of every event.
-    guarded_reads = {p for p, m in documented(doc)
-                     if m == "get" and "security" in doc["paths"][p]["get"]}
-    assert guarded_reads == {"/api/v1/machines/{ref}/render/{kind}", "/api/v1/events/stream"}
+    assert "security" not in doc  # each operation says, none inherits by accident
+    open_ops = {(p, m) for p, m in documented(doc) if not doc["paths"][p][m]["security"]}
+    assert open_ops == {("/api/v1/register", "post")}
+    events = doc["paths"]["/api/v1/machines/{ref}/events"]["post"]["security"]
+    assert {"installToken": []} in events
+    for path, method in documented(doc):
+        for requirement in doc["paths"][path][method]["security"]:
+            for scheme, scopes in requirement.items():
+                assert scheme in doc["components"]["securitySchemes"]
+                assert set(scopes) <= {s.value for s in Scope}
+                assert scheme != "bearer" or len(scopes) == 1  # alternatives, one scope each
 
 
-# --- auth: every documented admin operation refuses without / with a wrong token --------------
+# --- auth: every documented operation refuses without / with a wrong token --------------------
 
 
 def concrete(path: str) -> str:
     return path.replace("{ref}", MAC).replace("{name}", "edge").replace("{kind}", "config")
 
 
-async def test_every_admin_operation_needs_the_admin_token(env: Env) -> None:
+async def test_every_operation_needs_a_token(env: Env) -> None:
     await env.seed()
     await machine(env)
     doc = document()
     checked = 0
     for path, method in sorted(documented(doc)):
-        if "security" not in doc["paths"][path][method]:
+        if not doc["paths"][path][method]["security"]:
             continue
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"},
                         {"Authorization": f"Bearer {env.admin}x"},
@@ -109,10 +113,49 @@ async def test_every_admin_operation_needs_the_admin_token(env: Env) -> None:
             assert r.headers.get("www-authenticate") == "Bearer"
             assert env.admin not in r.text
         checked += 1
-    assert checked >= 15
+    assert checked >= 28
     # Nothing was changed by the refused calls.
     assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "enrolled"
     assert len(await env.get("/api/v1/clusters")) == 1
+
+
+async def scoped_token(env: Env, scope: str, name: str | None = None) -> str:
+    made = await env.post("/api/v1/tokens", {"name": name or f"t-{scope}", "scope": scope},
+                          status=201)
+    value: str = made["token"]
+    return value
+
+
+async def test_each_scope_is_refused_exactly_what_the_document_does_not_grant(env: Env) -> None:
+    """The document's security requirements are what the server enforces, operation by
+    operation: a scope not listed gets 403 naming one that is; a listed one gets past."""
+    await env.seed()
+    await machine(env)
+    tokens = {s.value: await scoped_token(env, s.value) for s in Scope}
+    doc = document()
+    refused = 0
+    for path, method in sorted(documented(doc)):
+        allowed = {scope for req in doc["paths"][path][method]["security"]
+                   for scheme, scopes in req.items() if scheme == "bearer" for scope in scopes}
+        if not doc["paths"][path][method]["security"]:
+            continue
+        # The event stream never ends once let in: its scopes are checked without reading it.
+        stream = path == "/api/v1/events/stream"
+        for scope, token in tokens.items():
+            if stream and scope in allowed:
+                continue
+            r = await call(env, method.upper(), concrete(path), json_body={"kind": "x"},
+                           headers={"Authorization": f"Bearer {token}"}, admin=False)
+            if scope in allowed:
+                assert r.status not in (401, 403), (path, method, scope, r.text)
+            else:
+                body = error(r, 403)
+                assert body["scope"] in allowed, (path, method, body)
+                assert body["scope"] == doc["paths"][path][method]["x-netboot-scope"]
+                assert r.headers["www-authenticate"] == (
+                    f'Bearer error="insufficient_scope", scope="{body["scope"]}"')
+                refused += 1
+    assert refused >= 40
 
 
 async def test_admin_token_is_accepted_case_insensitive_scheme(env: Env) -> None:
@@ -836,7 +879,8 @@ async def test_fuzzed_bulk_rows_never_500(env: Env, rows: list[Any], dry_run: bo
                              st.text(max_size=30), max_size=5))
 async def test_fuzzed_queries_never_500(env: Env, query: dict[str, str]) -> None:
     for path in ("/api/v1/machines", "/ipxe", f"/api/v1/machines/{MAC}/events"):
-        resp = await env.client.get(path, params=query)
+        headers = env.auth if path.startswith("/api/") else None
+        resp = await env.client.get(path, params=query, headers=headers)
         assert resp.status < 500, (path, query, resp.status, await resp.text())
 
 
@@ -1068,3 +1112,135 @@ async def test_patch_macs_replaces_the_nics_and_conflicts_are_409(env: Env) -> N
     error(await call(env, "PATCH", f"/api/v1/machines/{MAC2}", json_body={"macs": []}),
           400, "mac")
     assert (await env.get(f"/api/v1/machines/{MAC}"))["macs"] == [MAC2, MAC]
+
+
+# --- tokens, scopes and the audit log through the API ----------------------------------------
+
+
+async def test_tokens_are_created_listed_and_revoked_by_an_admin(env: Env) -> None:
+    made = await env.post("/api/v1/tokens", {"name": "dash", "scope": "read",
+                                             "expires_in": "12h"}, status=201)
+    assert made["token"].startswith("nbt_") and made["expires"] - made["created"] == 43200
+    listed = await env.get("/api/v1/tokens")
+    assert {t["name"] for t in listed} == {"admin", "dash"}
+    assert all(set(t) == {"name", "scope", "created", "expires", "last_used"} for t in listed)
+    assert made["token"] not in json.dumps(listed)
+    reader = {"Authorization": f"Bearer {made['token']}"}
+    assert (await env.get("/api/v1/status", headers=reader))["total"] == 0
+    used = {t["name"]: t for t in await env.get("/api/v1/tokens")}["dash"]
+    assert used["last_used"] is not None
+    r = await call(env, "GET", "/api/v1/tokens", headers=reader, admin=False)
+    assert error(r, 403)["scope"] == "admin"
+    error(await call(env, "POST", "/api/v1/tokens", json_body={"name": "dash",
+                                                               "scope": "admin"}), 409)
+    assert {t["name"]: t["scope"] for t in await env.get("/api/v1/tokens")}["dash"] == "read"
+    r = await call(env, "DELETE", "/api/v1/tokens/dash")
+    assert r.status == 204
+    error(await call(env, "DELETE", "/api/v1/tokens/dash"), 404)
+    r = await call(env, "GET", "/api/v1/status", headers=reader, admin=False)
+    assert error(r, 401)["error"] == "unknown or revoked token"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"scope": "read"}, "name"), ({"name": "a b", "scope": "read"}, "name"),
+    ({"name": "x" * 65, "scope": "read"}, "name"), ({"name": "ok\n", "scope": "read"}, "name"),
+    ({"name": "ok"}, "scope"), ({"name": "ok", "scope": "root"}, "scope"),
+    ({"name": "ok", "scope": "read", "expires_in": "0d"}, "expires_in"),
+    ({"name": "ok", "scope": "read", "expires_in": 3600}, "expires_in"),
+    ({"name": "ok", "scope": "read", "owner": "me"}, "owner"),
+])
+async def test_bad_token_requests_name_the_field(env: Env, body: dict[str, Any],
+                                                 field: str) -> None:
+    error(await call(env, "POST", "/api/v1/tokens", json_body=body), 400, field)
+    assert [t["name"] for t in await env.get("/api/v1/tokens")] == ["admin"]
+
+
+async def test_scopes_through_the_api(env: Env) -> None:
+    await env.seed()
+    scanner = {"Authorization": f"Bearer {await scoped_token(env, 'enroll')}"}
+    operator = {"Authorization": f"Bearer {await scoped_token(env, 'operator')}"}
+    reader = {"Authorization": f"Bearer {await scoped_token(env, 'read')}"}
+    # A factory-floor scanner adds and approves machines, and reads nothing.
+    r = await call(env, "POST", "/api/v1/machines", json_body={"mac": MAC}, headers=scanner,
+                   admin=False)
+    assert r.status == 201
+    r = await call(env, "POST", "/api/v1/machines", json_body={"mac": MAC2}, headers=reader,
+                   admin=False)
+    assert error(r, 403)["scope"] == "enroll"
+    for path in ("/api/v1/machines", f"/api/v1/machines/{MAC}", "/api/v1/status"):
+        r = await call(env, "GET", path, headers=scanner, admin=False)
+        assert error(r, 403)["scope"] == "read"
+    # An operator reinstalls and removes machines but touches no cluster (its join secret).
+    assert (await env.get(f"/api/v1/machines/{MAC}", headers=operator))["mac"] == MAC
+    r = await call(env, "PUT", "/api/v1/clusters/edge", json_body={
+        "name": "edge", "server_url": "https://192.0.2.99:6443", "token": "stolen"},
+        headers=operator, admin=False)
+    assert error(r, 403)["scope"] == "admin"
+    r = await call(env, "DELETE", f"/api/v1/machines/{MAC}", headers=reader, admin=False)
+    assert error(r, 403)["scope"] == "operator"
+    assert (await call(env, "DELETE", f"/api/v1/machines/{MAC}", headers=operator,
+                       admin=False)).status == 204
+    assert (await env.get("/api/v1/clusters/edge"))["server_url"] == "https://192.0.2.50:6443"
+
+
+async def test_every_change_is_audited_with_who_what_where_and_outcome(env: Env) -> None:
+    token = await scoped_token(env, "read", "viewer")
+    created = await machine(env)
+    r = await call(env, "DELETE", f"/api/v1/machines/{MAC}",
+                   headers={"Authorization": f"Bearer {token}"}, admin=False)
+    assert r.status == 403
+    r = await call(env, "DELETE", f"/api/v1/machines/{MAC}", admin=False)
+    assert r.status == 401
+    await env.get("/api/v1/machines")  # reads are not audited
+    r = await call(env, "POST", "/api/v1/profiles", json_body={"name": "p"})
+    assert r.status == 400
+    log = await env.get("/api/v1/audit")
+    rows = [(e["actor"], e["action"], e["target"], e["outcome"]) for e in log]
+    assert rows == [
+        ("admin", "POST /api/v1/tokens", "viewer", "201"),
+        ("admin", "POST /api/v1/machines", created["id"], "201"),
+        ("viewer", "DELETE /api/v1/machines/{ref}", MAC, "403"),
+        ("-", "DELETE /api/v1/machines/{ref}", MAC, "401"),
+        ("admin", "POST /api/v1/profiles", "", "400"),
+    ]
+    assert all(e["peer"] == "127.0.0.1" and e["time"] > 0 for e in log)
+    assert token not in json.dumps(log)
+    later = await env.get(f"/api/v1/audit?since={log[2]['time']}&limit=2")
+    assert [e["outcome"] for e in later] == ["401", "400"]
+    error(await call(env, "GET", "/api/v1/audit?since=nan"), 400, "since")
+    error(await call(env, "GET", "/api/v1/audit?limit=0"), 400, "limit")
+    r = await call(env, "GET", "/api/v1/audit", headers={"Authorization": f"Bearer {token}"},
+                   admin=False)
+    assert error(r, 403)["scope"] == "admin"
+
+
+async def test_a_machines_own_reports_are_audited_as_the_machine(env: Env) -> None:
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/events",
+                   json_body={"kind": "progress"}, headers={"Authorization": f"Bearer {token}"},
+                   admin=False)
+    assert r.status == 201
+    last = (await env.get("/api/v1/audit"))[-1]
+    machine_id = (await env.get(f"/api/v1/machines/{MAC}"))["id"]
+    assert (last["actor"], last["action"], last["outcome"]) == (
+        f"machine:{machine_id}", "POST /api/v1/machines/{ref}/events", "201")
+
+
+async def test_attack_chain_reads_without_a_token_end_in_401(env: Env) -> None:
+    """Issue 11's first chain began by listing every MAC without a credential."""
+    await env.seed()
+    await machine(env, serial="SN-1")
+    for path in ("/api/v1/machines", f"/api/v1/machines/{MAC}", f"/api/v1/machines/{MAC}/events",
+                 f"/api/v1/machines/{MAC}/explain", "/api/v1/status", "/api/v1/clusters",
+                 "/api/v1/clusters/edge/nodes", "/api/v1/groups", "/api/v1/profiles",
+                 "/api/v1/openapi.json", "/api/v1/audit", "/api/v1/tokens"):
+        r = await call(env, "GET", path, admin=False)
+        error(r, 401)
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert MAC not in r.text and "SN-1" not in r.text
+    # An event post for an unknown machine does not tell a stranger it is unknown.
+    r = await call(env, "POST", "/api/v1/machines/02:00:00:00:00:99/events",
+                   json_body={"kind": "installed"}, admin=False)
+    error(r, 401)

@@ -129,6 +129,13 @@ async def test_auto_policy_enrolls_by_rule(setup: tuple[BootService, MemoryStore
     boot.settings = replace(boot.settings, policy="auto", rules=(rule,))
     plan = await boot.plan(req(Firmware.IPXE, product="Other"))
     assert plan.action == BootAction.IGNORE
+    # Matched on a string any host can send: held for approval, nothing issued.
+    plan = await boot.plan(req(Firmware.IPXE, product="Box"))
+    assert plan.action == BootAction.HOLD and plan.token is None and plan.group == "line3"
+    assert plan.command is not None and "--cluster edge --role agent --profile p" in plan.command
+    m = await store.machine_by("mac", str(MAC))
+    assert m is not None and m.state == MachineState.DISCOVERED and m.token_hash is None
+    boot.settings = replace(boot.settings, trusted_rules=frozenset({"line3"}))
     plan = await boot.plan(req(Firmware.IPXE, product="Box"))
     assert plan.action == BootAction.INSTALL and plan.token == "tok"
     m = await store.machine_by("mac", str(MAC))
@@ -144,7 +151,7 @@ async def test_install_then_local_then_reinstall(
     assert plan.action == BootAction.INSTALL
     assert plan.k3s is not None and plan.k3s.server_url == "https://192.0.2.50:6443"
     m = await store.machine_by("mac", str(MAC))
-    assert m is not None and m.token_hash and m.token_expires == clock.now + 86_400
+    assert m is not None and m.token_hash and m.token_expires == clock.now + 3600
     assert "tok" not in repr(m.token_hash)
     await store.update_machine(replace(m, state=MachineState.INSTALLED))
     assert (await boot.plan(req(Firmware.IPXE))).action == BootAction.LOCAL

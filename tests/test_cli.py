@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from netboot.access import Access, Principal
 from netboot.cli import main
+from netboot.config import load
+from netboot.errors import AuthError
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import Scope
 from tests.conftest import write_config
 
 
@@ -324,3 +331,60 @@ def test_cluster_endpoint_add_set_and_refused(cfg: str, capsys: pytest.CaptureFi
     assert json.loads(out)["endpoint"] is None
     rc, _, err = run(capsys, "clusters", "set", "nope", "--endpoint", "x", "--config", cfg)
     assert rc == 1 and "not found" in err
+
+
+def test_tokens_create_list_revoke_and_the_audit_log(
+        cfg: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUDO_USER", "alice")
+    rc, value, err = run(capsys, "tokens", "create", "scanner-1", "--scope", "enroll",
+                         "--expires", "30d", "--config", cfg)
+    assert rc == 0, err
+    value = value.strip()
+    # Only the value on stdout (for $(...)); what it is on stderr.
+    assert value.startswith("nbt_") and "\n" not in value and "scanner-1" in err
+    rc, out, _ = run(capsys, "tokens", "ls", "--json", "--config", cfg)
+    listed = json.loads(out)
+    assert [(t["name"], t["scope"]) for t in listed] == [("scanner-1", "enroll")]
+    assert listed[0]["expires"] - listed[0]["created"] == 30 * 86400
+    assert value not in out and "sha256" not in out
+    # The CLI's token opens the API: the same store, the same rules.
+    principal = asyncio.run(_authenticate(cfg, value))
+    assert (principal.name, principal.scope) == ("scanner-1", Scope.ENROLL)
+
+    rc, _, err = run(capsys, "tokens", "create", "scanner-1", "--scope", "read", "--config", cfg)
+    assert rc == 1 and "already exists" in err
+    rc, _, err = run(capsys, "tokens", "create", "x", "--scope", "read", "--expires", "soon",
+                     "--config", cfg)
+    assert rc == 2 and "--expires" in err
+    assert run(capsys, "tokens", "revoke", "scanner-1", "--config", cfg)[0] == 0
+    rc, _, err = run(capsys, "tokens", "revoke", "scanner-1", "--config", cfg)
+    assert rc == 1 and "not found" in err
+    with pytest.raises(AuthError):
+        asyncio.run(_authenticate(cfg, value))
+    assert run(capsys, "machines", "add", "02:00:00:00:00:07", "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "ls", "--config", cfg)[0] == 0  # a read: not audited
+
+    rc, out, _ = run(capsys, "audit", "--json", "--config", cfg)
+    log = json.loads(out)
+    assert [(e["action"], e["target"], e["outcome"].split(":")[0]) for e in log] == [
+        ("tokens create", "scanner-1", "ok"), ("tokens create", "scanner-1", "error"),
+        ("tokens create", "x", "error"), ("tokens revoke", "scanner-1", "ok"),
+        ("tokens revoke", "scanner-1", "error"), ("machines add", "02:00:00:00:00:07", "ok")]
+    assert all(e["actor"].startswith("cli:") and e["actor"].endswith("(sudo:alice)")
+               and e["peer"] == "local" for e in log)
+    assert value not in out
+    rc, out, _ = run(capsys, "audit", "--since", "1h", "--config", cfg)
+    assert rc == 0 and out.count("\n") == 1 + len(log) and "machines add" in out
+    rc, out, _ = run(capsys, "audit", "--since", str(time.time() + 60), "--json", "--config", cfg)
+    assert json.loads(out) == []
+    rc, _, err = run(capsys, "audit", "--since", "yesterday", "--config", cfg)
+    assert rc == 2 and "--since" in err
+
+
+async def _authenticate(cfg: str, token: str) -> Principal:
+    store = SqliteStore(load(cfg, env={}).db_path)
+    await store.open()
+    try:
+        return await Access(store).authenticate(token)
+    finally:
+        await store.close()

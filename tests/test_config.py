@@ -132,6 +132,37 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert f"{bad}:3: tftp.portt: unknown key" in err and "port" in err
 
 
+def test_a_rule_trusts_firmware_strings_only_when_told(tmp_path: Path) -> None:
+    rules = ("discovery:\n  policy: auto\n  rules:\n"
+             "    - {name: a, selector: {product: X}, cluster: c}\n"
+             "    - {name: b, selector: {product: Y}, cluster: c, trust_firmware_strings: true}\n")
+    cfg = load(write(tmp_path, rules), env={})
+    assert [r.name for r in cfg.discovery.rules] == ["a", "b"]
+    assert cfg.discovery.trusted_rules == ("b",)
+
+
+@pytest.mark.parametrize(("text", "key", "says"), [
+    ("    - {selector: {product: X}, cluster: c, trust_firmware_strings: 'yes'}\n",
+     "discovery.rules[0].trust_firmware_strings", "not true or false"),
+    ("    - {name: a, selector: {product: X}, cluster: c}\n"
+     "    - {name: a, selector: {product: Y}, cluster: c}\n",
+     "discovery.rules[1].name", "second rule named 'a'"),
+])
+def test_bad_rule_trust_is_a_start_up_error(tmp_path: Path, text: str, key: str,
+                                            says: str) -> None:
+    path = write(tmp_path, "discovery:\n  policy: auto\n  rules:\n" + text)
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert err.value.key == key and says in str(err.value)
+
+
+def test_trusted_rules_are_named_in_the_rule_not_listed(tmp_path: Path) -> None:
+    path = write(tmp_path, "discovery:\n  trusted_rules: [a]\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert "trust_firmware_strings" in (err.value.fix or "")
+
+
 def test_unquoted_mac_in_selector_stays_a_mac(tmp_path: Path) -> None:
     path = write(tmp_path, "discovery:\n  policy: auto\n  rules:\n"
                            "    - {selector: {mac: 52:54:00:00:00:11}, cluster: c}\n"

@@ -238,10 +238,20 @@ async def test_register_keeps_the_peer_over_a_claimed_loopback(store) -> None:  
     assert [(r["address"], r["reason"]) for r in event.data["refused"]] == [
         ("127.0.0.1", "loopback"), ("127.0.1.1", "loopback"), ("nope", "not an IP address")]
     # A loopback peer and only loopback claims: nothing usable, nothing stored, and an
-    # earlier good address is kept rather than replaced by 127.0.1.1.
-    again = await enroller.register({**body, "addresses": ["127.0.1.1"]},
+    # address known before (a lease) is kept rather than replaced by 127.0.1.1.
+    mac2 = MacAddress.parse("52:54:00:00:00:0a")
+    await store.create_machine(Machine(
+        macs=(mac2,), hostname="s2", state=MachineState.INSTALLED, cluster="edge",
+        ipv4="192.0.2.61", token_hash=hashlib.sha256(b"tok2").hexdigest()))
+    again = await enroller.register({**body, "mac": str(mac2), "token": "tok2",
+                                     "addresses": ["127.0.1.1"]},
                                     ipaddress.ip_address("127.0.0.1"))
-    assert again.ipv4 == "192.0.2.60"
+    assert again.ipv4 == "192.0.2.61"
     # A global IPv6 peer keeps ipv4 meaning IPv4, and is recorded beside it.
-    v6 = await enroller.register({**body, "addresses": []}, ipaddress.ip_address("2001:db8::9"))
-    assert v6.ipv4 == "192.0.2.60" and v6.facts["ipv6"] == "2001:db8::9"
+    mac3 = MacAddress.parse("52:54:00:00:00:0b")
+    await store.create_machine(Machine(
+        macs=(mac3,), hostname="s3", state=MachineState.INSTALLED, cluster="edge",
+        ipv4="192.0.2.62", token_hash=hashlib.sha256(b"tok3").hexdigest()))
+    v6 = await enroller.register({**body, "mac": str(mac3), "token": "tok3", "addresses": []},
+                                 ipaddress.ip_address("2001:db8::9"))
+    assert v6.ipv4 == "192.0.2.62" and v6.facts["ipv6"] == "2001:db8::9"

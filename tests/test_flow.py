@@ -265,6 +265,7 @@ AUTO = """discovery:
       role: agent
       profile: k3os
       hostname_template: "line3-{mac_suffix}"
+      trust_firmware_strings: true
 """
 
 
@@ -367,10 +368,10 @@ async def test_agent_before_its_server_waits_then_installs_by_itself(env: Env) -
     assert config["k3os"]["k3s_args"][:2] == ["server", "--cluster-init"]
     assert "server_url" not in config["k3os"]
     await device_event(env, token, "installed", mac=server.replace(":", "-"))
-    # k3OS reports 127.0.1.1 (hostname -i); the server's real address is what agents get.
-    await register(env, token, "127.0.1.1", mac=server, status=200)
-    assert (await env.get(f"/api/v1/machines/{server}"))["ipv4"] is None
     await register(env, token, "192.0.2.60", mac=server)
+    assert (await env.get(f"/api/v1/machines/{server}"))["ipv4"] == "192.0.2.60"
+    # A replay cannot move the address agents join (the token is spent).
+    await register(env, token, "192.0.2.66", mac=server, status=409)
     assert (await env.get(f"/api/v1/machines/{server}"))["ipv4"] == "192.0.2.60"
 
     retry = await boot(env, agent)  # the held agent's next retry, no power cycle
@@ -517,3 +518,117 @@ async def test_install_tokens_are_not_logged(make_env: EnvFactory, tmp_path: Any
         assert r.status == 500
     assert "render failed" in caplog.text
     assert token not in caplog.text
+
+
+# --- install tokens: the attack chains of a host on the provisioning network ----------------
+
+
+async def test_a_script_request_mid_install_neither_replaces_the_token_nor_restarts(
+        env: Env) -> None:
+    """An unauthenticated /ipxe for an installing machine (an attacker, or the device itself
+    rebooting) gets the same install and the same token; the real installer's reports and
+    registration still succeed."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    await env.get(f"/config/{HEXHYP}?token={token}")
+    assert await state(env) == "installing"
+    for _ in range(3):
+        assert install_token(await boot(env, MAC, product="whatever")) == token
+    assert await state(env) == "installing"  # a request does not move it back to booting
+    assert (await kinds(env)).count("install-plan") == 2  # the first, then one "again"
+    await device_event(env, token, "installed")
+    await register(env, token, "192.0.2.101")
+    assert await state(env) == "registered"
+
+
+async def test_a_spent_token_fetches_nothing_posts_nothing_registers_nothing(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    await device_event(env, token, "installed")
+    # Installed: its config (with the join token) is no longer served, by state.
+    r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
+    assert r.status == 409 and "installed" in r.json()["error"]
+    assert b"k3s-secret-token" not in r.body
+    await register(env, token, "192.0.2.101")
+    # Registered: the config, the NoCloud seed, events and a replayed registration all refuse
+    # it, and the registered address stays where it is.
+    for path in (f"/config/{HEXHYP}?token={token}", f"/nocloud/{HEXHYP}/{token}/user-data"):
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 409 and r.json()["state"] == "registered", (path, r.text)
+        assert b"k3s-secret-token" not in r.body
+    await device_event(env, token, "progress", status=401)
+    body = await register(env, token, "198.51.100.66", status=409)
+    assert body["state"] == "registered" and "reinstall" in body["error"]
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["ipv4"] == "192.0.2.101" and machine["state"] == "registered"
+    assert "install_token" not in machine and "token_hash" not in machine
+    stored = await env.service.store.machine_by("mac", MAC)
+    assert stored is not None and stored.install_token is None
+    # The next boot of the installed machine goes to disk, no token in it.
+    local = await boot(env, MAC)
+    assert "token" not in local and local.rstrip().endswith("exit")
+
+
+async def test_an_expired_token_is_refused_and_said_once(env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    machine = await env.service.store.machine_by("mac", MAC)
+    assert machine is not None and machine.token_expires is not None
+    await env.service.store.update_machine(dataclasses.replace(machine, token_expires=1.0))
+    for _ in range(2):
+        r = await call(env, "GET", f"/config/{HEXHYP}?token={token}", admin=False)
+        assert r.status == 401 and "expired" in r.json()["error"]
+        assert b"k3s-secret-token" not in r.body
+    await register(env, token, "192.0.2.101", status=401)
+    # The device asking for its script again is held, not handed a new token.
+    held = await boot(env, MAC)
+    assert "kernel" not in held and "reinstall" in held
+    assert await state(env) == "booting"
+    assert (await kinds(env)).count("token expired") == 3  # config (once), register, script
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/reinstall")
+    assert r.status == 200
+    fresh = install_token(await boot(env, MAC))
+    assert fresh != token
+    await env.get(f"/config/{HEXHYP}?token={fresh}")
+
+
+async def test_the_token_lives_as_long_as_the_profile_says(env: Env) -> None:
+    await env.seed()
+    profile = await env.get("/api/v1/profiles/k3os")
+    r = await call(env, "PUT", "/api/v1/profiles/k3os", json_body={**profile,
+                                                                   "install_timeout": 600})
+    assert r.status == 200, r.text
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    install_token(await boot(env, MAC))
+    machine = await env.service.store.machine_by("mac", MAC)
+    assert machine is not None and machine.token_expires is not None
+    # Issued when the machine went to booting (the same clock reading stamps it).
+    assert machine.token_expires == machine.updated + 600
+    r = await call(env, "PUT", "/api/v1/profiles/k3os", json_body={**profile,
+                                                                   "install_timeout": True})
+    assert r.status == 400 and r.json()["field"] == "install_timeout"
+
+
+async def test_an_auto_rule_not_trusted_with_firmware_strings_holds_what_it_matches(
+        make_env: EnvFactory) -> None:
+    """The issue's chain: ``/ipxe?mac=<any>&product=EdgeBox-3`` from any host auto-enrolled an
+    unknown MAC whose config carried the join token. Without the rule's opt-in it is held."""
+    env = await make_env(AUTO.replace("      trust_firmware_strings: true\n", ""))
+    await env.seed()
+    for _ in range(2):
+        held = await boot(env, HEXHYP, product="X")
+        assert "kernel" not in held and "token" not in held
+        assert "trust_firmware_strings" in held
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["state"] == "discovered" and machine["cluster"] is None
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    assert [e["kind"] for e in events] == ["discovered", "hold"]
+    assert "product='X'" in events[1]["message"] and "any host" in events[1]["message"]
+    # The operator's approval is what installs it, with the rule's assignments.
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve",
+                   json_body={"cluster": "edge", "role": "agent", "profile": "k3os"})
+    assert r.status == 200, r.text
+    assert "kernel " in await boot(env, HEXHYP, product="X")

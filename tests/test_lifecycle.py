@@ -89,7 +89,7 @@ def test_message_reads_as_an_answer() -> None:
     with pytest.raises(TransitionRefused) as info:
         apply(S.INSTALLED, Trigger.INSTALLING, subject=MAC)
     assert str(info.value) == (f"{MAC} is installed; 'installing' is not allowed "
-                               "(allowed: config-fetched, installed, register, reinstall)")
+                               "(allowed: installed, register, reinstall)")
 
 
 def test_advance_does_not_take_a_state() -> None:
@@ -135,11 +135,27 @@ def test_failed_holds_until_reinstall() -> None:
 
 
 def test_only_an_install_plan_leads_to_booting_and_only_an_operator_to_reinstall() -> None:
-    for (_, trigger), after in TRANSITIONS.items():
-        if after == S.BOOTING:
+    for (before, trigger), after in TRANSITIONS.items():
+        if after == S.BOOTING and before != S.BOOTING:
             assert trigger == Trigger.INSTALL_PLAN
         if after == S.REINSTALL:
             assert trigger == Trigger.REINSTALL
+
+
+def test_an_install_under_way_is_never_restarted_by_a_script_request() -> None:
+    """Only enrolled and reinstall machines get a new install (and token); booting and
+    installing ones asking again keep their state and their install."""
+    assert {s for (s, t) in TRANSITIONS if t == Trigger.INSTALL_PLAN} == {S.ENROLLED,
+                                                                          S.REINSTALL}
+    for state in (S.BOOTING, S.INSTALLING):
+        assert apply(state, Trigger.INSTALL_AGAIN) == state
+        assert not allows(state, Trigger.INSTALL_PLAN)
+
+
+def test_config_and_registration_only_during_an_install() -> None:
+    assert {s for (s, t) in TRANSITIONS if t == Trigger.CONFIG_FETCHED} == {S.BOOTING,
+                                                                            S.INSTALLING}
+    assert not allows(S.REGISTERED, Trigger.REGISTER)
 
 
 def test_discovered_needs_enrolment_first() -> None:

@@ -352,7 +352,7 @@ def test_ten_thousand_machines_build() -> None:
 # -- fuzzing ------------------------------------------------------------------------------
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_decode_or_fail_cleanly(data: bytes) -> None:
     zone = build()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netboot import pxe
-from netboot.errors import ConfigError
+from netboot.errors import ConfigError, DecodeError
 from netboot.model import Arch, Firmware, FirstStage
 from netboot.pxe import Client, DhcpSettings, Unanswerable
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
 from tests.dhcp_fakes import TableDecider
-from tests.pcap import capture, dhcp_datagrams
+from tests.pcap import all_captures, capture, dhcp_datagrams
 
 SERVER = "192.0.2.10"
 SETTINGS = DhcpSettings()
@@ -386,3 +388,25 @@ def test_settings_validation() -> None:
         DhcpSettings(mode="authoritative", pool_start="192.0.2.200", pool_end="192.0.2.100")
     ok = DhcpSettings(mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.199")
     assert str(ok.network()) == "192.0.2.0/24"
+
+
+# -- fuzzing: the DHCP decoding path past the codec ----------------------------------------
+
+
+@settings(max_examples=1000)
+@given(st.sampled_from([d.payload for p in all_captures() for d in dhcp_datagrams(p)][:40]),
+       st.lists(st.tuples(st.integers(0, 699), st.integers(0, 255)), max_size=8))
+def test_fuzz_any_packet_that_decodes_classifies_without_raising(
+        seed: bytes, flips: list[tuple[int, int]]) -> None:
+    """classify() reads option contents firmware fills as it likes: whatever decodes must
+    classify (an odd value is "unknown"), or the server's boundary would log a bug per packet."""
+    data = bytearray(seed)
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    try:
+        packet = dhcp.parse(bytes(data))
+    except DecodeError:
+        return
+    client = pxe.classify(packet, DhcpSettings(), "0.0.0.0")
+    assert isinstance(client, Client)

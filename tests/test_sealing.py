@@ -3,9 +3,12 @@ migration of clear tokens, a lost key, and the join token in no file byte and no
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sqlite3
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +18,7 @@ import yaml
 from netboot.config import load
 from netboot.errors import ConfigError, StoreError
 from netboot.inventory.sqlite import SqliteStore
-from netboot.model import Cluster
+from netboot.model import Cluster, MacAddress, Machine, MachineState
 from netboot.sealing import Sealer, read_key, write_key
 from netboot.service import SEAL_KEY_SETTING, build
 from tests.conftest import write_config
@@ -104,6 +107,36 @@ async def test_sqlite_store_keeps_the_join_token_sealed(tmp_path: Path) -> None:
             await wrong.get_cluster("edge")
     finally:
         await wrong.close()
+
+
+async def test_sqlite_store_keeps_an_install_token_sealed_to_its_machine(tmp_path: Path,
+                                                                        ) -> None:
+    db = tmp_path / "inv.db"
+    sealer = Sealer.generate()
+    store = SqliteStore(db, sealer=sealer)
+    await store.open()
+    install = "Zq3x9Lw0-install-token-of-one-machine"
+    machine = Machine(macs=(MacAddress.parse(MAC),), state=MachineState.BOOTING,
+                      install_token=install)
+    try:
+        await store.create_machine(machine)
+        got = await store.machine_by("mac", MAC)
+        assert got is not None and got.install_token == install
+        assert [m.install_token for m in await store.list_machines()] == [install]
+        assert install.encode() not in db_bytes(db)
+        # Written back as read (the state moves on): sealed again, never in clear.
+        await store.update_machine(replace(got, hostname="n1"))
+        assert install.encode() not in db_bytes(db)
+        raw = json.loads(sqlite3.connect(db).execute("SELECT data FROM machines").fetchone()[0])
+        assert raw["install_token"].startswith("nbs1:")
+        # Sealed to its machine: copied onto another machine's row it does not open.
+        other = Machine(macs=(MacAddress.parse("52:54:00:aa:bb:02"),), hostname="n2",
+                        state=MachineState.BOOTING, install_token=raw["install_token"])
+        await store.create_machine(other)
+        with pytest.raises(StoreError, match="damaged"):
+            await store.get_machine(other.id)
+    finally:
+        await store.close()
 
 
 async def test_clear_tokens_of_an_older_inventory_are_sealed_on_first_start(
@@ -222,6 +255,8 @@ async def test_join_token_is_in_the_config_and_in_no_log_line_or_file_byte(
             assert JOIN_TOKEN not in listed + shown
             script = await call("GET", f"/ipxe?mac={HEXHYP}&arch=x86_64", 200)
             token = script.split("token=", 1)[1].split()[0].split("&")[0]
+            # Kept (for a device that reboots mid-install) only sealed.
+            assert token.encode() not in db_bytes(cfg.db_path)
             config = await call("GET", f"/config/{HEXHYP}?token={token}", 200)
             assert yaml.safe_load(config)["k3os"]["token"] == JOIN_TOKEN
             user_data = await call("GET", f"/nocloud/{HEXHYP}/{token}/user-data", 200)

@@ -196,3 +196,31 @@ def test_open_files_limit_too_low_for_the_caps_is_a_config_error(tmp_path: Path)
                          env=env)
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert "http.max_connections: the open-files limit is 512" in out.stderr, out.stderr
+
+
+async def test_an_admin_token_is_made_again_only_when_none_is_valid(tmp_path: Path) -> None:
+    from netboot.access import Access
+    from netboot.inventory.memory import MemoryStore
+    from netboot.service import ensure_admin_token
+
+    now = [1000.0]
+    store = MemoryStore()
+    await store.open()
+    access = Access(store, clock=lambda: now[0])
+    token_file = tmp_path / "admin.token"
+    assert await ensure_admin_token(access, tmp_path) == token_file
+    first = token_file.read_text().strip()
+    assert (await access.authenticate(first)).name == "admin"
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert await ensure_admin_token(access, tmp_path) is None
+    # Every admin token revoked or expired: start-up makes one, under a free name.
+    await access.revoke("admin")
+    await access.create_token("admin", "read")
+    await access.create_token("temp", "admin", expires_in=60)
+    assert await ensure_admin_token(access, tmp_path) is None
+    now[0] += 60
+    assert await ensure_admin_token(access, tmp_path) == token_file
+    second = token_file.read_text().strip()
+    assert second != first
+    assert (await access.authenticate(second)).name == "admin-2"
+    await store.close()

@@ -15,7 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from netboot.model import Cluster, Event, Group, Lease, Machine, MachineState, Profile
+from netboot.model import (
+    ApiToken,
+    AuditEntry,
+    Cluster,
+    Event,
+    Group,
+    Lease,
+    Machine,
+    MachineState,
+    Profile,
+)
 
 # What machines can be listed by: "mac" is the default order (codec.machine_order).
 SORT_KEYS = ("mac", "hostname", "state", "cluster", "updated", "created")
@@ -156,3 +166,27 @@ class Store(Protocol):
     async def get_setting(self, key: str) -> str | None: ...
 
     async def put_setting(self, key: str, value: str) -> None: ...
+
+    # API tokens (only their sha256) and the audit log ----------------------------------
+    async def create_token(self, token: ApiToken) -> None:
+        """Conflict if the name (or, by a one-in-2^256 chance, the hash) is already used."""
+
+    async def token_by_hash(self, sha256: str) -> ApiToken | None: ...
+
+    async def list_tokens(self) -> list[ApiToken]:
+        """Ordered by name."""
+
+    async def delete_token(self, name: str) -> None:
+        """NotFound if absent."""
+
+    async def touch_token(self, name: str, when: float) -> None:
+        """Set ``last_used``; no error if the token was revoked meanwhile."""
+
+    async def add_audit(self, entry: AuditEntry) -> None: ...
+
+    async def list_audit(self, *, since: float | None = None,
+                         limit: int = 1000) -> list[AuditEntry]:
+        """Oldest first; at most the newest ``limit`` entries at or after ``since``."""
+
+    async def prune_audit(self, keep: int) -> int:
+        """Drop all but the newest ``keep`` entries; returns how many were dropped."""

@@ -27,8 +27,10 @@ from netboot.errors import ValidationError
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import (
     ID_PREFIX,
+    ApiToken,
     Arch,
     Asset,
+    AuditEntry,
     Cluster,
     Event,
     Firmware,
@@ -39,6 +41,7 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    Scope,
     check_endpoint,
 )
 
@@ -59,6 +62,8 @@ _CLUSTER_FIELDS = _names(Cluster)
 _GROUP_FIELDS = _names(Group)
 _EVENT_FIELDS = _names(Event)
 _LEASE_FIELDS = _names(Lease)
+_TOKEN_FIELDS = _names(ApiToken)
+_AUDIT_FIELDS = _names(AuditEntry)
 
 
 # --- encoding helpers ---------------------------------------------------------------------
@@ -275,7 +280,8 @@ def _ipv4(value: str | None, field: str) -> str | None:
 
 
 def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]:
-    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash`` (API listings)."""
+    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash`` and the install
+    token (API listings)."""
     out: dict[str, Any] = {
         "id": machine.id,
         "macs": [str(m) for m in machine.macs],
@@ -295,11 +301,12 @@ def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]
         "facts": dict(machine.facts),
         "token_hash": machine.token_hash,
         "token_expires": machine.token_expires,
+        "install_token": machine.install_token,
         "created": machine.created,
         "updated": machine.updated,
     }
     if not secrets:
-        del out["token_hash"]
+        del out["token_hash"], out["install_token"]
     return out
 
 
@@ -349,6 +356,7 @@ def machine_from_dict(data: object) -> Machine:
         facts=_str_map(d, "facts"),
         token_hash=_opt_str(d, "token_hash"),
         token_expires=_opt_float(d, "token_expires"),
+        install_token=_opt_str(d, "install_token"),
         created=_float(d, "created", default=0.0),
         updated=_float(d, "updated", default=0.0),
     )
@@ -370,6 +378,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         "ssh_authorized_keys": list(profile.ssh_authorized_keys),
         "fdtdir": profile.fdtdir,
         "description": profile.description,
+        "install_timeout": profile.install_timeout,
     }
 
 
@@ -399,7 +408,20 @@ def profile_from_dict(data: object) -> Profile:
         ssh_authorized_keys=_str_tuple(d, "ssh_authorized_keys"),
         fdtdir=_opt_str(d, "fdtdir"),
         description=_str(d, "description", default=""),
+        install_timeout=_install_timeout(d),
     )
+
+
+def _install_timeout(d: Mapping[str, Any]) -> int | None:
+    value = d.get("install_timeout")
+    if value is None:
+        return None
+    # bool is an int in Python; "true" is not a number of seconds.
+    if isinstance(value, bool) or not isinstance(value, int) or not 60 <= value <= 7 * 86_400:
+        raise ValidationError("install_timeout", "seconds an install may take: an integer "
+                                                 "from 60 to 604800, or null for the server's "
+                                                 "enroll.token_ttl_seconds")
+    return value
 
 
 # --- clusters -----------------------------------------------------------------------------
@@ -527,3 +549,31 @@ def lease_from_dict(data: object) -> Lease:
         expires=_float(d, "expires"),
         hostname=_opt_str(d, "hostname"),
     )
+
+
+def token_to_dict(token: ApiToken) -> dict[str, Any]:
+    return {"name": token.name, "sha256": token.sha256, "scope": str(token.scope),
+            "created": token.created, "expires": token.expires, "last_used": token.last_used}
+
+
+def token_from_dict(data: object) -> ApiToken:
+    """Strict parse; ``name``, ``sha256``, ``scope`` and ``created`` are required."""
+    d = _object(data, "token")
+    _fields(d, _TOKEN_FIELDS, "")
+    return ApiToken(name=_name(d, "name"), sha256=_name(d, "sha256"),
+                    scope=_enum(d.get("scope"), Scope, "scope"), created=_float(d, "created"),
+                    expires=_opt_float(d, "expires"), last_used=_opt_float(d, "last_used"))
+
+
+def audit_to_dict(entry: AuditEntry) -> dict[str, Any]:
+    return {"time": entry.time, "actor": entry.actor, "action": entry.action,
+            "target": entry.target, "peer": entry.peer, "outcome": entry.outcome}
+
+
+def audit_from_dict(data: object) -> AuditEntry:
+    """Strict parse; every field is required (``target`` and ``peer`` may be empty)."""
+    d = _object(data, "audit entry")
+    _fields(d, _AUDIT_FIELDS, "")
+    return AuditEntry(time=_float(d, "time"), actor=_name(d, "actor"),
+                      action=_name(d, "action"), target=_str(d, "target"),
+                      peer=_str(d, "peer"), outcome=_name(d, "outcome"))

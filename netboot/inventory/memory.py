@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import TypeVar
 
 from netboot import identity
@@ -19,7 +20,7 @@ from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, EventListener, MachineFilter
-from netboot.model import Cluster, Event, Group, Lease, Machine, Profile
+from netboot.model import ApiToken, AuditEntry, Cluster, Event, Group, Lease, Machine, Profile
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class MemoryStore:
         self._leases: dict[str, Lease] = {}
         self._lease_addrs: dict[str, str] = {}  # ipv4 -> mac
         self._settings: dict[str, str] = {}
+        self._tokens: dict[str, ApiToken] = {}
+        self._audit: list[AuditEntry] = []
 
     async def open(self) -> None:
         self._open = True
@@ -282,6 +285,53 @@ class MemoryStore:
         if not isinstance(value, str):
             raise ValidationError("value", "a setting is a string")
         self._settings[key] = value
+
+    # API tokens and the audit log ------------------------------------------------------
+    async def create_token(self, token: ApiToken) -> None:
+        self._check_open()
+        value = codec.token_from_dict(codec.token_to_dict(token))
+        if value.name in self._tokens:
+            raise Conflict(f"token {value.name!r} already exists")
+        if any(t.sha256 == value.sha256 for t in self._tokens.values()):
+            raise Conflict("a token with this value already exists")
+        self._tokens[value.name] = value
+
+    async def token_by_hash(self, sha256: str) -> ApiToken | None:
+        self._check_open()
+        return next((t for t in self._tokens.values() if t.sha256 == sha256), None)
+
+    async def list_tokens(self) -> list[ApiToken]:
+        self._check_open()
+        return [self._tokens[k] for k in sorted(self._tokens)]
+
+    async def delete_token(self, name: str) -> None:
+        self._check_open()
+        if self._tokens.pop(name, None) is None:
+            raise NotFound(f"token {name!r} not found")
+
+    async def touch_token(self, name: str, when: float) -> None:
+        self._check_open()
+        token = self._tokens.get(name)
+        if token is not None:
+            self._tokens[name] = replace(token, last_used=when)
+
+    async def add_audit(self, entry: AuditEntry) -> None:
+        self._check_open()
+        self._audit.append(codec.audit_from_dict(codec.audit_to_dict(entry)))
+
+    async def list_audit(self, *, since: float | None = None,
+                         limit: int = 1000) -> list[AuditEntry]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        found = [e for e in self._audit if since is None or e.time >= since]
+        return found[-limit:]
+
+    async def prune_audit(self, keep: int) -> int:
+        self._check_open()
+        dropped = max(0, len(self._audit) - max(keep, 0))
+        del self._audit[:dropped]
+        return dropped
 
 
 def _copy_machine(machine: Machine) -> Machine:

@@ -16,8 +16,10 @@ Why it looks like this:
   file at once migrate it once. A file newer than this code is refused, never downgraded.
 * Model values are kept as JSON produced by :mod:`netboot.inventory.codec`; the columns beside
   it exist only to be indexed (hostname uniqueness, filters).
-* A cluster's join token is sealed (``Sealer``, injected) in the stored JSON and opened on
-  read: the file, its WAL and its backups never hold it in clear. Callers see plain values.
+* A cluster's join token, and a machine's install token while its install is under way, are
+  sealed (``Sealer``, injected) in the stored JSON and opened on read, each bound to its
+  cluster or machine: the file, its WAL and its backups never hold them in clear. Callers
+  see plain values.
   Tokens an older netboot stored in clear are sealed at open, with ``secure_delete`` on (it
   zeroes the space a rewritten row leaves behind) and the WAL checkpointed into the file and
   truncated, so no clear copy survives in either.
@@ -43,7 +45,17 @@ from netboot.errors import Conflict, NetbootError, NotFound, StoreError, Validat
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, EventListener, MachineFilter, Sealer
-from netboot.model import Cluster, Event, Group, Lease, Machine, Profile, new_machine_id
+from netboot.model import (
+    ApiToken,
+    AuditEntry,
+    Cluster,
+    Event,
+    Group,
+    Lease,
+    Machine,
+    Profile,
+    new_machine_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +199,33 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
         " WHERE k.kind = 'mac' AND k.value = settings.value)",
         "DROP TABLE machine_labels_v2",
         "DROP TABLE machines_v2",
+    ),
+    (
+        # API tokens by name, found by the sha256 of the presented value (never the value).
+        """CREATE TABLE api_tokens (
+            name TEXT PRIMARY KEY NOT NULL,
+            sha256 TEXT NOT NULL UNIQUE,
+            scope TEXT NOT NULL,
+            created REAL NOT NULL,
+            expires REAL,
+            last_used REAL
+        )""",
+        # The one admin token of earlier versions becomes the token named "admin": the
+        # operator's scripts keep working, and it can now be listed and revoked.
+        "INSERT INTO api_tokens (name, sha256, scope, created)"
+        " SELECT 'admin', value, 'admin', CAST(strftime('%s', 'now') AS REAL)"
+        " FROM settings WHERE key = 'admin-token-sha256'",
+        "DELETE FROM settings WHERE key = 'admin-token-sha256'",
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            time REAL NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            peer TEXT NOT NULL,
+            outcome TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_time ON audit (time, id)",
     ),
 )
 
@@ -437,18 +476,35 @@ class SqliteStore:
 
     # machines -------------------------------------------------------------------------
     async def get_machine(self, machine_id: str) -> Machine | None:
-        return await self._read(_get_machine, machine_id)
+        return self._open_machine(await self._read(_get_machine, machine_id))
 
     async def machine_by(self, kind: str, value: str) -> Machine | None:
-        return await self._read(_machine_by, *codec.claim_key(kind, value))
+        return self._open_machine(await self._read(_machine_by, *codec.claim_key(kind, value)))
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
-        return await self._read(_get_machine_by_hostname, hostname)
+        return self._open_machine(await self._read(_get_machine_by_hostname, hostname))
 
     async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]:
         flt = flt or MachineFilter()
         codec.check_filter(flt)
-        return await self._read(_list_machines, flt)
+        return [m for m in map(self._open_machine, await self._read(_list_machines, flt))
+                if m is not None]
+
+    # A machine's install token (kept during its install so that a device rebooting
+    # mid-install gets it again) opens its config, which carries the join token: sealed like
+    # the join token, to the machine it belongs to.
+    def _seal_machine(self, machine: Machine) -> Machine:
+        token = machine.install_token
+        if self._sealer is None or not token or self._sealer.is_sealed(token):
+            return machine
+        return replace(machine, install_token=self._sealer.seal(
+            token, context=_install_token_context(machine.id)))
+
+    def _open_machine(self, machine: Machine | None) -> Machine | None:
+        if machine is None or self._sealer is None or not machine.install_token:
+            return machine
+        return replace(machine, install_token=self._sealer.unseal(
+            machine.install_token, context=_install_token_context(machine.id)))
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         return await self._read(_count_machines, flt or MachineFilter())
@@ -468,7 +524,8 @@ class SqliteStore:
             events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
             rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
                     for v in events]
-            await self._run(_apply_batch, batch.create, batch.update, rows, batch.merge)
+            await self._run(_apply_batch, [self._seal_machine(m) for m in batch.create],
+                            [self._seal_machine(m) for m in batch.update], rows, batch.merge)
             if events and self._listener is not None:
                 self._listener.published(events)
 
@@ -562,6 +619,34 @@ class SqliteStore:
             raise ValidationError("value", "a setting is a string")
         await self._run(_put_setting, key, value)
 
+    # API tokens and the audit log ------------------------------------------------------
+    async def create_token(self, token: ApiToken) -> None:
+        await self._run(_create_token, codec.token_from_dict(codec.token_to_dict(token)))
+
+    async def token_by_hash(self, sha256: str) -> ApiToken | None:
+        return await self._read(_token_by_hash, sha256)
+
+    async def list_tokens(self) -> list[ApiToken]:
+        return await self._read(_list_tokens)
+
+    async def delete_token(self, name: str) -> None:
+        await self._run(_delete_token, name)
+
+    async def touch_token(self, name: str, when: float) -> None:
+        await self._run(_touch_token, name, float(when))
+
+    async def add_audit(self, entry: AuditEntry) -> None:
+        await self._run(_add_audit, codec.audit_from_dict(codec.audit_to_dict(entry)))
+
+    async def list_audit(self, *, since: float | None = None,
+                         limit: int = 1000) -> list[AuditEntry]:
+        if limit <= 0:
+            return []
+        return await self._read(_list_audit, since, limit)
+
+    async def prune_audit(self, keep: int) -> int:
+        return await self._run(_prune_audit, max(keep, 0))
+
 
 def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> None:
     """Seal the join tokens an older netboot stored in clear (one transaction), then move the
@@ -583,6 +668,10 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
             log.info("inventory %s: sealed the join tokens of %d clusters", path, sealed)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
+
+
+def _install_token_context(machine_id: str) -> str:
+    return f"install token of machine {machine_id}"
 
 
 def _token_context(cluster: str) -> str:
@@ -1009,3 +1098,69 @@ def _put_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (key, value),
     )
+
+
+_TOKEN_COLUMNS = "name, sha256, scope, created, expires, last_used"
+
+
+def _token(row: Sequence[Any]) -> ApiToken:
+    name, sha, scope, created, expires, last_used = row
+    return codec.token_from_dict({"name": name, "sha256": sha, "scope": scope,
+                                  "created": created, "expires": expires,
+                                  "last_used": last_used})
+
+
+def _create_token(conn: sqlite3.Connection, token: ApiToken) -> None:
+    try:
+        conn.execute(f"INSERT INTO api_tokens ({_TOKEN_COLUMNS})"  # noqa: S608 - a constant
+                     " VALUES (?, ?, ?, ?, ?, ?)",
+                     (token.name, token.sha256, str(token.scope), token.created, token.expires,
+                      token.last_used))
+    except sqlite3.IntegrityError as exc:
+        taken = conn.execute("SELECT 1 FROM api_tokens WHERE name = ?", (token.name,)).fetchone()
+        what = f"token {token.name!r}" if taken else "a token with this value"
+        raise Conflict(f"{what} already exists") from exc
+
+
+def _token_by_hash(conn: sqlite3.Connection, sha256: str) -> ApiToken | None:
+    row = conn.execute(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE sha256 = ?",  # noqa: S608
+                       (sha256,)).fetchone()
+    return None if row is None else _token(row)
+
+
+def _list_tokens(conn: sqlite3.Connection) -> list[ApiToken]:
+    rows = conn.execute(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")  # noqa: S608
+    return [_token(r) for r in rows]
+
+
+def _delete_token(conn: sqlite3.Connection, name: str) -> None:
+    if conn.execute("DELETE FROM api_tokens WHERE name = ?", (name,)).rowcount == 0:
+        raise NotFound(f"token {name!r} not found")
+
+
+def _touch_token(conn: sqlite3.Connection, name: str, when: float) -> None:
+    conn.execute("UPDATE api_tokens SET last_used = ? WHERE name = ?", (when, name))
+
+
+def _add_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
+    conn.execute(
+        "INSERT INTO audit (time, actor, action, target, peer, outcome) VALUES (?, ?, ?, ?, ?, ?)",
+        (entry.time, entry.actor, entry.action, entry.target, entry.peer, entry.outcome),
+    )
+
+
+def _list_audit(conn: sqlite3.Connection, since: float | None, limit: int) -> list[AuditEntry]:
+    # Newest `limit` by id (insertion order, not the writers' clocks), then oldest first.
+    rows = conn.execute(
+        "SELECT time, actor, action, target, peer, outcome FROM audit"
+        " WHERE time >= ? ORDER BY id DESC LIMIT ?",
+        (float("-inf") if since is None else since, limit),
+    ).fetchall()
+    return [AuditEntry(time=t, actor=a, action=ac, target=tg, peer=p, outcome=o)
+            for t, a, ac, tg, p, o in reversed(rows)]
+
+
+def _prune_audit(conn: sqlite3.Connection, keep: int) -> int:
+    cur = conn.execute(
+        "DELETE FROM audit WHERE id <= (SELECT COALESCE(MAX(id), 0) FROM audit) - ?", (keep,))
+    return cur.rowcount

@@ -35,6 +35,7 @@ from netboot.errors import (
     Forbidden,
     NotFound,
     RenderError,
+    ScopeRequired,
     StoreError,
     TransitionRefused,
     ValidationError,
@@ -208,6 +209,10 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
     if isinstance(exc, AuthError):
         return web.json_response({"error": str(exc)}, status=401,
                                  headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, ScopeRequired):
+        # RFC 6750 §3.1: the scope that would do, in the body and in the challenge.
+        return web.json_response({"error": str(exc), "scope": exc.scope}, status=403, headers={
+            "WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{exc.scope}"'})
     if isinstance(exc, Forbidden):
         # The detail names the server's own directories ("resolves outside /srv/..."): log it,
         # answer generically, as TFTP does with "access violation".

@@ -13,96 +13,63 @@ cross-site page can neither read that cookie nor set the header on a cross-site 
 without a CORS preflight, which netboot never grants. SameSite=Strict alone would stop most
 of this; the header is the defence for browsers and proxies that do not honour it.
 
-Verifying a token is a seam (:class:`TokenVerifier`): today the one admin token, whose
-SHA-256 is stored in the inventory settings; scoped tokens fit the same shape.
+Tokens are checked by :mod:`netboot.access`, whatever carries them: a session has the scope
+of the token it was opened with.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
 
+from netboot.access import Principal
 from netboot.errors import AuthError
 from netboot.servers.http import bearer_token
 
 SESSION_COOKIE = "netboot_session"
 CSRF_COOKIE = "netboot_csrf"
 CSRF_HEADER = "X-CSRF-Token"
-ADMIN_TOKEN_KEY = "admin-token-sha256"
 # Methods that change nothing (RFC 9110 §9.2.1): no CSRF token needed for them.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class Settings(Protocol):
-    async def get_setting(self, key: str) -> str | None: ...
+class TokenCheck(Protocol):
+    """What checks a token and says what it may do (:class:`netboot.access.Access`)."""
+
+    async def authenticate(self, token: str | None) -> Principal: ...
 
 
-class TokenVerifier(Protocol):
-    async def verify(self, token: str) -> str | None:
-        """The token's scope ("admin", ...), or None when it is not a valid token."""
-
-
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-class AdminTokenVerifier:
-    """The admin token: valid when its SHA-256 is the one stored at first start."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-
-    async def verify(self, token: str) -> str | None:
-        stored = await self._settings.get_setting(ADMIN_TOKEN_KEY)
-        if stored is not None and hmac.compare_digest(sha256_hex(token), stored):
-            return "admin"
+def request_token(request: web.Request) -> str | None:
+    """The token a request carries: ``Authorization: Bearer``, else the session cookie. A
+    change (any method but GET/HEAD/OPTIONS) made with the cookie must carry the CSRF
+    cookie's value in :data:`CSRF_HEADER`, or it is refused (401) before anything else."""
+    token = bearer_token(request)
+    if token is not None:
+        return token
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
         return None
+    if request.method not in SAFE_METHODS:
+        expected = request.cookies.get(CSRF_COOKIE, "")
+        given = request.headers.get(CSRF_HEADER, "")
+        if not expected or not hmac.compare_digest(expected, given):
+            raise AuthError(f"a change made with the session cookie needs the {CSRF_HEADER} "
+                            f"header (the {CSRF_COOKIE} cookie's value)")
+    return cookie
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    scope: str
-    via: str  # "bearer" or "cookie"
-
-
-class Authenticator:
-    """Finds and checks the caller's credentials on a request."""
-
-    def __init__(self, verifier: TokenVerifier) -> None:
-        self.verifier = verifier
-
-    async def caller(self, request: web.Request) -> Caller | None:
-        """The verified caller, or None when the request carries no credentials. A wrong
-        token, or a cookie-authenticated mutation without its CSRF token, is an AuthError."""
-        token = bearer_token(request)
-        if token is not None:
-            scope = await self.verifier.verify(token)
-            if scope is None:
-                raise AuthError("wrong token")
-            return Caller(scope, "bearer")
-        cookie = request.cookies.get(SESSION_COOKIE)
-        if not cookie:
-            return None
-        scope = await self.verifier.verify(cookie)
-        if scope is None:
-            raise AuthError("the session has expired or its token was replaced: log in again")
-        if request.method not in SAFE_METHODS:
-            expected = request.cookies.get(CSRF_COOKIE, "")
-            given = request.headers.get(CSRF_HEADER, "")
-            if not expected or not hmac.compare_digest(expected, given):
-                raise AuthError(f"a change made with the session cookie needs the "
-                                f"{CSRF_HEADER} header (the {CSRF_COOKIE} cookie's value)")
-        return Caller(scope, "cookie")
-
-    async def session_scope(self, request: web.Request) -> str | None:
-        """The scope of a page request's session cookie (no AuthError: a page redirects)."""
-        cookie = request.cookies.get(SESSION_COOKIE)
-        return await self.verifier.verify(cookie) if cookie else None
+async def session(check: TokenCheck, request: web.Request) -> Principal | None:
+    """The principal of a page request's session cookie, or None (a page redirects)."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    try:
+        return await check.authenticate(cookie)
+    except AuthError:
+        return None
 
 
 def start_session(request: web.Request, response: web.StreamResponse, token: str) -> None:

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from netboot.access import Permission, Principal
 from netboot.errors import AuthError
 from netboot.inventory.base import Store
 from netboot.logs import RateLimitedLog
 from netboot.metrics import CONTENT_TYPE, Metrics
-from netboot.web.auth import Authenticator, end_session, start_session
+from netboot.web.auth import TokenCheck, end_session, request_token, session, start_session
 
 STATIC = Path(__file__).resolve().parent / "static"
 # A token is at most a few hundred characters; anything longer is not one.
@@ -31,7 +32,7 @@ MAX_TOKEN = 1024
 
 
 class Dashboard:
-    def __init__(self, auth: Authenticator, store: Store, metrics: Metrics, *,
+    def __init__(self, auth: TokenCheck, store: Store, metrics: Metrics, *,
                  metrics_public: bool = True, logger: logging.Logger | None = None) -> None:
         self._auth = auth
         self._store = store
@@ -52,7 +53,7 @@ class Dashboard:
         r.add_get("/metrics", self.scrape)
 
     async def index(self, request: web.Request) -> web.StreamResponse:
-        if await self._auth.session_scope(request) is None:
+        if await session(self._auth, request) is None:
             raise web.HTTPFound("/login")
         return _page("index.html")
 
@@ -63,12 +64,13 @@ class Dashboard:
         form = await request.post()
         token = form.get("token")
         token = token.strip() if isinstance(token, str) else ""
-        scope = await self._auth.verifier.verify(token) if 0 < len(token) <= MAX_TOKEN else None
-        if scope is None:
+        who = await session_of(self._auth, token) if 0 < len(token) <= MAX_TOKEN else None
+        if who is None:
             self._failed.log(logging.WARNING, request.remote or "-",
                              "dashboard: failed login from %s", request.remote)
             raise web.HTTPSeeOther("/login?error=1")
-        self._log.info("dashboard: %s login from %s", scope, request.remote)
+        self._log.info("dashboard: %s (%s) logged in from %s", who.name, who.scope,
+                       request.remote)
         resp = web.HTTPSeeOther("/")
         start_session(request, resp, token)
         raise resp
@@ -79,12 +81,22 @@ class Dashboard:
         raise resp
 
     async def scrape(self, request: web.Request) -> web.StreamResponse:
-        if not self._metrics_public and await self._auth.caller(request) is None:
-            raise AuthError("metrics.public is false: send 'Authorization: Bearer <token>'")
+        if not self._metrics_public:
+            token = request_token(request)
+            if token is None:
+                raise AuthError("metrics.public is false: send 'Authorization: Bearer <token>'")
+            (await self._auth.authenticate(token)).require(Permission.READ)
         body = await self._metrics.render(self._store)
         resp = web.Response(body=body, headers={"Cache-Control": "no-store"})
         resp.headers["Content-Type"] = CONTENT_TYPE
         return resp
+
+
+async def session_of(check: TokenCheck, token: str) -> Principal | None:
+    try:
+        return await check.authenticate(token)
+    except AuthError:
+        return None
 
 
 def _page(name: str) -> web.StreamResponse:

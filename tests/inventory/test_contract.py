@@ -12,8 +12,10 @@ from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import (
+    ApiToken,
     Arch,
     Asset,
+    AuditEntry,
     Cluster,
     Event,
     Firmware,
@@ -24,6 +26,7 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    Scope,
 )
 
 MAC1 = "02:00:00:00:00:01"
@@ -774,3 +777,91 @@ async def test_unknown_sort_refused(store: Store) -> None:
     with pytest.raises(ValidationError) as err:
         await store.list_machines(MachineFilter(sort="data; DROP TABLE machines"))
     assert err.value.field == "sort"
+
+
+# --- API tokens and the audit log ------------------------------------------------------------
+
+
+def api_token(name: str = "ci", sha: str = "a" * 64, **kw: object) -> ApiToken:
+    return ApiToken(name=name, sha256=sha, scope=kw.pop("scope", Scope.READ),  # type: ignore[arg-type]
+                    created=100.0, **kw)  # type: ignore[arg-type]
+
+
+async def test_tokens_round_trip_by_hash(store: Store) -> None:
+    assert await store.token_by_hash("a" * 64) is None
+    token = api_token(expires=200.5)
+    await store.create_token(token)
+    assert await store.token_by_hash("a" * 64) == token
+    assert await store.token_by_hash("b" * 64) is None
+    await store.touch_token("ci", 150.0)
+    found = await store.token_by_hash("a" * 64)
+    assert found is not None and found.last_used == 150.0 and found.scope == Scope.READ
+    await store.touch_token("gone", 1.0)  # revoked meanwhile: nothing to do, no error
+
+
+async def test_token_name_and_hash_are_unique(store: Store) -> None:
+    await store.create_token(api_token("ci", "a" * 64))
+    with pytest.raises(Conflict, match="'ci' already exists"):
+        await store.create_token(api_token("ci", "b" * 64, scope=Scope.ADMIN))
+    with pytest.raises(Conflict, match="this value"):
+        await store.create_token(api_token("other", "a" * 64))
+    assert [t.name for t in await store.list_tokens()] == ["ci"]
+    found = await store.token_by_hash("a" * 64)
+    assert found is not None and found.scope == Scope.READ  # the refused write changed nothing
+
+
+async def test_tokens_list_by_name_and_delete(store: Store) -> None:
+    for name, sha in (("zeta", "c" * 64), ("alpha", "d" * 64)):
+        await store.create_token(api_token(name, sha))
+    assert [t.name for t in await store.list_tokens()] == ["alpha", "zeta"]
+    await store.delete_token("zeta")
+    assert await store.token_by_hash("c" * 64) is None
+    with pytest.raises(NotFound):
+        await store.delete_token("zeta")
+    assert [t.name for t in await store.list_tokens()] == ["alpha"]
+
+
+async def test_token_fields_are_checked(store: Store) -> None:
+    with pytest.raises(ValidationError) as err:
+        await store.create_token(api_token(scope="root"))
+    assert err.value.field == "scope"
+    with pytest.raises(ValidationError) as err:
+        await store.create_token(api_token(name=""))
+    assert err.value.field == "name"
+    assert await store.list_tokens() == []
+
+
+def audit(t: float, actor: str = "ci", outcome: str = "201") -> AuditEntry:
+    return AuditEntry(time=t, actor=actor, action="POST /api/v1/machines",
+                      target="02:00:00:00:00:01", peer="192.0.2.7", outcome=outcome)
+
+
+async def test_audit_oldest_first_newest_kept(store: Store) -> None:
+    assert await store.list_audit() == []
+    for t in (10.0, 20.0, 30.0, 40.0):
+        await store.add_audit(audit(t, actor=f"a{int(t)}"))
+    assert [e.time for e in await store.list_audit()] == [10.0, 20.0, 30.0, 40.0]
+    assert await store.list_audit() == [audit(10.0, "a10"), audit(20.0, "a20"),
+                                        audit(30.0, "a30"), audit(40.0, "a40")]
+    assert [e.time for e in await store.list_audit(since=20.0)] == [20.0, 30.0, 40.0]
+    assert [e.time for e in await store.list_audit(limit=2)] == [30.0, 40.0]
+    assert [e.time for e in await store.list_audit(since=35.0, limit=5)] == [40.0]
+    assert await store.list_audit(limit=0) == []
+
+
+async def test_audit_prune_keeps_the_newest(store: Store) -> None:
+    for t in range(5):
+        await store.add_audit(audit(float(t)))
+    assert await store.prune_audit(2) == 3
+    assert [e.time for e in await store.list_audit()] == [3.0, 4.0]
+    assert await store.prune_audit(10) == 0
+    await store.add_audit(audit(9.0))
+    assert [e.time for e in await store.list_audit()] == [3.0, 4.0, 9.0]
+
+
+async def test_audit_fields_are_checked(store: Store) -> None:
+    with pytest.raises(ValidationError) as err:
+        await store.add_audit(AuditEntry(time=1.0, actor="", action="x", target="",
+                                         peer="", outcome="ok"))
+    assert err.value.field == "actor"
+    assert await store.list_audit() == []

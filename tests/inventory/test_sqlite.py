@@ -20,7 +20,7 @@ from netboot.errors import NotFound, StoreError
 from netboot.inventory import sqlite as sqlite_store
 from netboot.inventory.base import MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
-from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile
+from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile, Scope
 
 MAC1 = "02:00:00:00:00:01"
 REPO = Path(netboot.__file__).resolve().parent.parent
@@ -445,5 +445,29 @@ async def test_open_store_keeps_its_lock_on_the_wal_index(tmp_path: Path) -> Non
         out = subprocess.run([sys.executable, "-c", PROBE, str(shm), str(SHM_DMS_BYTE)],
                              capture_output=True, text=True, check=True, timeout=60)
         assert out.stdout.strip() == str(os.getpid())
+    finally:
+        await store.close()
+
+
+async def test_the_admin_token_of_older_versions_becomes_a_named_token(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A database from before named tokens: its one admin token's hash sat in the settings.
+    path = tmp_path / "inv.db"
+    before = next(i for i, m in enumerate(sqlite_store.MIGRATIONS)
+                  if any("api_tokens" in str(statement) for statement in m))
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:before])
+        patch.setattr(sqlite_store, "SCHEMA_VERSION", before)
+        old = SqliteStore(path)
+        await old.open()
+        await old.put_setting("admin-token-sha256", "f" * 64)
+        await old.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        token = await store.token_by_hash("f" * 64)
+        assert token is not None and (token.name, token.scope) == ("admin", Scope.ADMIN)
+        assert token.created > 0 and token.expires is None
+        assert await store.get_setting("admin-token-sha256") is None
     finally:
         await store.close()

@@ -21,8 +21,10 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from netboot.errors import ConfigError
+from netboot.errors import ConfigError, DecodeError
 from netboot.model import Cluster, MacAddress, Machine, MachineState, Role
 from netboot.names import Zone, ZoneHolder
 from netboot.servers.dns import DnsServer
@@ -453,6 +455,41 @@ def test_cache_key_shapes() -> None:
     response[2] |= 0x80
     assert cache_key(bytes(response)) is None  # a response is never a cache key
     assert cache_key(b"\x00" * 11) is None
+
+
+def _query(name: str = "node1.netboot.lan", qtype: str = "A") -> bytes:
+    return bytes(DNSRecord.question(name, qtype).pack())
+
+
+@settings(max_examples=2000)
+@given(st.one_of(st.binary(max_size=600),
+                 st.tuples(st.sampled_from([_query(), _query("x.in-addr.arpa", "PTR"),
+                                            _query("_k3s._tcp.edge.netboot.lan", "SRV")]),
+                           st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)),
+                                    max_size=6),
+                           st.integers(0, 90)).map(lambda t: _mutate(*t))))
+def test_fuzz_the_servers_own_decoding_never_raises(data: bytes) -> None:
+    """What the DNS server reads before (the cache key) and beside (a forwarded reply's
+    question) the full parser: a malformed datagram is "not this", never an exception."""
+    from netboot.names import parse_query
+    from netboot.servers.dns import _question_of, cache_key
+
+    found = cache_key(data)
+    if found is not None:
+        key, qend = found
+        assert 17 <= qend <= len(data) and key
+    question = _question_of(data)
+    assert question is None or len(question) == 6
+    with contextlib.suppress(DecodeError):  # the one error a malformed query may give
+        parse_query(data)
+
+
+def _mutate(seed: bytes, flips: list[tuple[int, int]], cut: int) -> bytes:
+    data = bytearray(seed)
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    return bytes(data[:cut]) if cut < len(data) else bytes(data)
 
 
 async def test_cached_answers_echo_each_querys_id_and_case() -> None:

@@ -77,9 +77,18 @@ async def test_logout_ends_the_session(env: Env) -> None:
     assert resp.status == 302
 
 
-async def test_a_replaced_token_ends_the_session(env: Env) -> None:
-    await login(env, env.admin)
-    await env.service.store.put_setting("admin-token-sha256", "0" * 64)
+async def test_a_session_has_its_tokens_scope_and_ends_with_it(env: Env) -> None:
+    made = await env.post("/api/v1/tokens", {"name": "wall-screen", "scope": "read"},
+                          status=201)
+    await login(env, made["token"])
+    csrf = env.client.session.cookie_jar.filter_cookies(env.client.make_url("/"))[CSRF_COOKIE]
+    r = await call(env, "GET", "/api/v1/machines", admin=False)
+    assert r.status == 200
+    r = await call(env, "POST", "/api/v1/machines", json_body={"mac": MAC}, admin=False,
+                   headers={CSRF_HEADER: csrf.value})
+    assert r.status == 403  # a read token's session reads, and only reads
+    r = await call(env, "DELETE", "/api/v1/tokens/wall-screen")
+    assert r.status == 204
     resp = await env.client.get("/", allow_redirects=False)
     assert resp.status == 302
     r = await call(env, "GET", "/api/v1/events/stream", admin=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tftpy.TftpPacketFactory import TftpPacketFactory
 
@@ -118,6 +118,7 @@ def test_encode_refuses_unencodable_values() -> None:
         encode(OptionAck((("", "1"),)))
 
 
+@settings(max_examples=2000)
 @given(st.binary(max_size=600))
 def test_fuzz_parse_raises_only_decode_error(data: bytes) -> None:
     try:
@@ -155,6 +156,7 @@ def test_fuzz_round_trip(
     assert parse(encode(packet)) == packet
 
 
+@settings(max_examples=2000)
 @given(st.binary(max_size=80), st.binary(max_size=80))
 def test_fuzz_mutated_requests(prefix: bytes, suffix: bytes) -> None:
     base = b"\x00\x01" + prefix + b"\x00octet\x00blksize\x001468\x00" + suffix

@@ -1,0 +1,199 @@
+"""Who may do what: API tokens, their scopes, and the audit log of every change.
+
+The rules live here, below every face (REST API, CLI, dashboard): a face turns its credential
+into a :class:`Principal` with :meth:`Access.authenticate` (or :meth:`Access.local` for the
+command line, whose user already holds the files), asks :meth:`Principal.allows` (or
+:meth:`Principal.require`) for the :class:`Permission` an operation needs, and records what it
+changed with :meth:`Access.record`.
+
+Tokens are 256-bit random values (``secrets.token_urlsafe(32)`` behind a ``nbt_`` prefix that
+secret scanners can match); only their sha256 is stored, so a copy of the database opens
+nothing. A presented token is found by its hash and the hash compared again with
+``hmac.compare_digest``, as GitHub and Kubernetes bootstrap tokens do: an index lookup on a
+hash of a high-entropy value leaks nothing useful about the value through timing.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from netboot.errors import AuthError, NotFound, ScopeRequired, ValidationError
+from netboot.inventory.base import Store
+from netboot.model import ApiToken, AuditEntry, Scope
+
+TOKEN_PREFIX = "nbt_"
+# Names are path segments (/api/v1/tokens/{name}), table cells and audit actors.
+TOKEN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+# A token's last use is written at most this often: a busy dashboard polling every second
+# must not turn every read into a database write.
+TOUCH_EVERY = 60.0
+# The audit log keeps this many entries (the oldest go first), checked every AUDIT_PRUNE_EVERY
+# writes, so a flood of refused requests cannot grow the database without bound.
+AUDIT_KEEP = 100_000
+AUDIT_PRUNE_EVERY = 1000
+# A positive count and a unit; also the pattern the OpenAPI document declares.
+DURATION_PATTERN = r"^[1-9][0-9]{0,5}[smhdw]$"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class Permission(enum.StrEnum):
+    """What an operation needs; each scope grants a set of these (:data:`GRANTS`)."""
+
+    READ = "read"  # the inventory, without secrets: machines, events, profiles, status
+    ENROLL = "enroll"  # create (and bulk-create) machines, approve discovered ones
+    OPERATE = "operate"  # change, reinstall and remove machines; report their events
+    CONFIGURE = "configure"  # profiles, clusters (join secrets), groups
+    ADMINISTER = "administer"  # API tokens and the audit log
+
+
+GRANTS: dict[Scope, frozenset[Permission]] = {
+    Scope.ADMIN: frozenset(Permission),
+    Scope.OPERATOR: frozenset({Permission.READ, Permission.ENROLL, Permission.OPERATE}),
+    Scope.READ: frozenset({Permission.READ}),
+    # A factory-floor scanner adds what it scans and lets it install; it reads nothing back
+    # beyond the machine it just wrote, so a stolen scanner does not map the fleet.
+    Scope.ENROLL: frozenset({Permission.ENROLL}),
+}
+
+
+def scope_needed(permission: Permission) -> Scope:
+    """The narrowest scope that grants ``permission`` (what a 403 tells the client)."""
+    return min((s for s, granted in GRANTS.items() if permission in granted),
+               key=lambda s: len(GRANTS[s]))
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: a token's name (or ``cli:<user>``) and its scope."""
+
+    name: str
+    scope: Scope
+
+    def allows(self, permission: Permission) -> bool:
+        return permission in GRANTS[self.scope]
+
+    def require(self, permission: Permission) -> None:
+        """ScopeRequired (403) naming the scope that would do, unless allowed."""
+        if not self.allows(permission):
+            needed = scope_needed(permission)
+            raise ScopeRequired(str(needed), f"token {self.name!r} has scope {self.scope}; "
+                                f"this needs scope {needed} (or admin)")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def parse_scope(text: object) -> Scope:
+    for scope in Scope:
+        if text == scope.value:
+            return scope
+    raise ValidationError("scope", f"{text!r} is not one of {', '.join(s.value for s in Scope)}")
+
+
+def check_token_name(name: object) -> str:
+    # fullmatch: "$" alone would let a trailing newline through.
+    if not isinstance(name, str) or not re.fullmatch(TOKEN_NAME_PATTERN[1:-1], name):
+        raise ValidationError("name", f"{name!r}: 1-64 letters, digits, '.', '_', '@' or '-', "
+                              "starting with a letter or digit")
+    return name
+
+
+def parse_duration(text: object, field: str = "expires") -> float:
+    """``90s``, ``30m``, ``12h``, ``30d``, ``2w`` → seconds (a token's lifetime)."""
+    if not isinstance(text, str) or not re.fullmatch(DURATION_PATTERN[1:-1], text):
+        raise ValidationError(field, f"{text!r}: a positive duration such as 12h, 30d, 2w")
+    return float(int(text[:-1]) * _UNITS[text[-1]])
+
+
+class Access:
+    """Tokens and the audit log over a :class:`~netboot.inventory.base.Store`."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time,
+                 new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> None:
+        self._store = store
+        self._clock = clock
+        self._new_secret = new_secret
+        self._writes = 0
+
+    # -- who is asking --------------------------------------------------------------------
+    async def authenticate(self, token: str | None) -> Principal:
+        """The principal of a presented bearer token; AuthError (401) if absent, unknown,
+        revoked or expired. The message never echoes the token."""
+        if not token:
+            raise AuthError("send 'Authorization: Bearer <token>' (netboot tokens create)")
+        digest = token_hash(token)
+        found = await self._store.token_by_hash(digest)
+        if found is None or not hmac.compare_digest(found.sha256, digest):
+            raise AuthError("unknown or revoked token")
+        now = self._clock()
+        if found.expires is not None and now >= found.expires:
+            raise AuthError(f"token {found.name!r} has expired")
+        if found.last_used is None or now - found.last_used >= TOUCH_EVERY:
+            await self._store.touch_token(found.name, now)
+        return Principal(found.name, found.scope)
+
+    @staticmethod
+    def local(user: str) -> Principal:
+        """The command line: whoever can open the inventory file already holds everything."""
+        return Principal(f"cli:{user}", Scope.ADMIN)
+
+    # -- tokens ---------------------------------------------------------------------------
+    async def create_token(self, name: object, scope: object, *,
+                           expires_in: float | None = None) -> tuple[ApiToken, str]:
+        """A new token; returns its record and its value, which is shown this once."""
+        checked = check_token_name(name)
+        sc = parse_scope(scope)
+        if expires_in is not None and not expires_in > 0:
+            raise ValidationError("expires", "must be a positive duration")
+        now = self._clock()
+        value = TOKEN_PREFIX + self._new_secret()
+        token = ApiToken(name=checked, sha256=token_hash(value), scope=sc, created=now,
+                         expires=None if expires_in is None else now + expires_in)
+        await self._store.create_token(token)
+        return token, value
+
+    async def list_tokens(self) -> list[ApiToken]:
+        return await self._store.list_tokens()
+
+    async def revoke(self, name: str) -> ApiToken:
+        for token in await self._store.list_tokens():
+            if token.name == name:
+                await self._store.delete_token(name)
+                return token
+        raise NotFound(f"token {name!r} not found")
+
+    async def has_admin(self) -> bool:
+        """Whether some unexpired admin token exists (else start-up makes one)."""
+        now = self._clock()
+        return any(t.scope == Scope.ADMIN and (t.expires is None or t.expires > now)
+                   for t in await self._store.list_tokens())
+
+    # -- audit ----------------------------------------------------------------------------
+    async def record(self, actor: str, action: str, target: str, *, peer: str,
+                     outcome: str) -> AuditEntry:
+        """Append one entry to the audit log (and now and then drop the oldest)."""
+        entry = AuditEntry(time=self._clock(), actor=actor, action=action, target=target,
+                           peer=peer, outcome=outcome)
+        await self._store.add_audit(entry)
+        self._writes += 1
+        if self._writes % AUDIT_PRUNE_EVERY == 0:
+            await self._store.prune_audit(AUDIT_KEEP)
+        return entry
+
+    async def audit_log(self, *, since: float | None = None,
+                        limit: int = 1000) -> list[AuditEntry]:
+        return await self._store.list_audit(since=since, limit=limit)
+
+
+def public_token(token: ApiToken) -> dict[str, object]:
+    """A token as the API and ``--json`` show it: never its hash."""
+    return {"name": token.name, "scope": str(token.scope), "created": token.created,
+            "expires": token.expires, "last_used": token.last_used}

@@ -1,0 +1,140 @@
+"""Bounds on what unknown devices write to the inventory: per source, and in all.
+
+Recording an unknown machine is a write that anyone on the provisioning network can cause:
+20,000 PXE requests with random MACs once added 13,351 ``discovered`` rows, the inventory grew
+without limit, and the writes crowded out the answers real devices were waiting for. So:
+
+* each source (the DHCP relay, else the client's address, else the interface a broadcast came
+  in on) gets a token bucket of new records; an empty bucket means the request is still
+  answered, but nothing is recorded for it;
+* the number of discovered records is capped: the oldest is evicted (deleted with its events)
+  to make room for a new one, and evictions are counted.
+
+Only records of *unknown* machines are bounded: an enrolled machine's boots never pass here.
+The clock comes in as an argument, so the buckets are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from netboot.errors import NotFound
+from netboot.inventory.base import MachineFilter, Store
+from netboot.model import BootRequest, MachineState
+
+_UNSPECIFIED = ("", "0.0.0.0", "::")  # a DHCP broadcast from a client without an address
+
+
+@dataclass(frozen=True)
+class DiscoveryLimits:
+    max_discovered: int = 10_000  # discovered records kept; the oldest goes first
+    rate_per_source: float = 2.0  # new records a second, per source, once the burst is spent
+    burst_per_source: int = 20  # new records a source may add at once
+    max_sources: int = 4096  # buckets kept; the least recently used is forgotten
+
+
+def source_of(request: BootRequest) -> str:
+    """Who caused this request, for the per-source budget: a relayed DHCP request counts
+    against its relay (the clients behind it share a segment), a request from an address
+    against that address, a local broadcast against the interface it came in on."""
+    if request.relay:
+        return "relay " + request.relay
+    if request.remote_addr and request.remote_addr not in _UNSPECIFIED:
+        return request.remote_addr
+    return "broadcast on " + (request.interface or "the provisioning network")
+
+
+class TokenBuckets:
+    """One token bucket per key, holding at most ``max_keys`` of them."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def take(self, key: str, now: float) -> bool:
+        tokens, last = self._buckets.pop(key, (self._burst, now))
+        tokens = min(self._burst, tokens + max(0.0, now - last) * self._rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self._max_keys:
+            # A forgotten source starts again with a full bucket: a flood spread over more
+            # than max_keys sources is still held by the overall cap.
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+class DiscoveryGuard:
+    """Admits new discovered records: per-source rate, then room under the cap.
+
+    ``evicted`` and ``refused`` count since start, for the metrics to read.
+    """
+
+    def __init__(self, store: Store, limits: DiscoveryLimits, *,
+                 logger: logging.Logger | None = None) -> None:
+        self._store = store
+        self.limits = limits
+        self._buckets = TokenBuckets(limits.rate_per_source, limits.burst_per_source,
+                                     limits.max_sources)
+        self._log = logger or logging.getLogger(__name__)
+        # Discovered machine ids, oldest first; read from the store on first use, then kept
+        # as records are added. An id that has left ``discovered`` since (approved, merged,
+        # deleted) is dropped when its turn to be evicted comes.
+        self._order: OrderedDict[str, None] | None = None
+        self._lock = asyncio.Lock()
+        self.evicted = 0
+        self.refused = 0
+
+    async def reserve(self, request: BootRequest, machine_id: str, now: float) -> bool:
+        """Whether a new record for ``machine_id`` may be written now; if so, room is made
+        (the oldest discovered records evicted) and the id counted. A caller whose create
+        then fails calls :meth:`release`."""
+        source = source_of(request)
+        if not self._buckets.take(source, now):
+            self.refused += 1
+            self._log.debug("discovery budget of %s spent: mac=%s not recorded", source,
+                            request.mac)
+            return False
+        async with self._lock:
+            order = await self._loaded()
+            while len(order) >= self.limits.max_discovered:
+                victim, _ = order.popitem(last=False)
+                await self._evict(victim)
+            order[machine_id] = None
+        return True
+
+    def release(self, machine_id: str) -> None:
+        if self._order is not None:
+            self._order.pop(machine_id, None)
+
+    async def _evict(self, machine_id: str) -> None:
+        machine = await self._store.get_machine(machine_id)
+        if machine is None or machine.state != MachineState.DISCOVERED:
+            return  # moved on since; not a discovered record any more
+        try:
+            await self._store.delete_machine(machine_id)
+        except NotFound:
+            return
+        self.evicted += 1
+        self._log.debug("discovered record of %s evicted (discovery.max_discovered=%d)",
+                        machine.ref, self.limits.max_discovered)
+
+    async def _loaded(self) -> OrderedDict[str, None]:
+        if self._order is None:
+            found = []
+            page = 5000
+            offset = 0
+            while True:
+                batch = await self._store.list_machines(MachineFilter(
+                    state=MachineState.DISCOVERED, limit=page, offset=offset))
+                found += [(m.created, m.id) for m in batch]
+                if len(batch) < page:
+                    break
+                offset += page
+            self._order = OrderedDict((mid, None) for _, mid in sorted(found))
+        return self._order
+
