@@ -9,6 +9,7 @@ change asked (allowed or not) goes to the audit log. Errors are translated in on
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -21,18 +22,23 @@ from aiohttp import web
 from netboot.access import Permission, Principal, parse_duration, public_token
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
-from netboot.enroll import fleet_status, token_matches
+from netboot.enroll import fleet_status, parse_import, token_matches
 from netboot.errors import NetbootError, NotFound, ValidationError
+from netboot.events import EventBus, Missed
 from netboot.inventory import codec
-from netboot.inventory.base import MachineFilter
+from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import Machine, MachineState
 from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token
+from netboot.web.auth import request_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Per request, for the audit log: who asked (a token's name, machine:<id>) and, where the path
 # does not name it, what was created.
 ACTOR_KEY = web.RequestKey("actor", str)
 TARGET_KEY = web.RequestKey("target", str)
+SSE_KEEPALIVE_SECONDS = 15.0
+MASKED = "********"
+IMPORT_FORMATS = ("csv", "yaml", "json")
 
 
 async def read_json(request: web.Request) -> Any:
@@ -99,12 +105,14 @@ class Api:
     """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""
 
     def __init__(self, core: Core, *, clock: Callable[[], float],
+                 events: EventBus | None = None,
                  logger: logging.Logger | None = None) -> None:
         self._core = core
         self._store = core.store
         self._enroll = core.enroller
         self._access = core.access
         self._clock = clock
+        self._events = events
         self._log = logger or logging.getLogger(__name__)
 
     def add_to(self, app: web.Application) -> None:
@@ -119,6 +127,7 @@ class Api:
         r.add_get(f"{p}/machines", self.allow(read, self.list_machines))
         r.add_post(f"{p}/machines", self.allow(enroll, self.create_machine))
         r.add_post(f"{p}/machines:bulk", self.allow(enroll, self.bulk))
+        r.add_post(f"{p}/machines:import", self.allow(enroll, self.import_file))
         # {ref}: one of the machine's MACs (any spelling) or its id (netboot.identity.by_ref).
         r.add_get(f"{p}/machines/{{ref}}", self.allow(read, self.get_machine))
         r.add_patch(f"{p}/machines/{{ref}}", self.allow(operate, self.patch_machine))
@@ -128,6 +137,8 @@ class Api:
         r.add_get(f"{p}/machines/{{ref}}/explain", self.allow(read, self.explain))
         r.add_get(f"{p}/machines/{{ref}}/events", self.allow(read, self.list_events))
         # A machine's installer reports with its own install token (checked in the handler).
+        # Masked renders: what the device gets, without its install token or the join token.
+        r.add_get(f"{p}/machines/{{ref}}/render/{{kind}}", self.allow(read, self.render))
         r.add_post(f"{p}/machines/{{ref}}/events", self.post_event)
         # The install token is in the body: registration is the device's, not an operator's.
         r.add_post(f"{p}/register", self.register)
@@ -144,11 +155,14 @@ class Api:
         r.add_post(f"{p}/tokens", self.allow(administer, self.create_token))
         r.add_delete(f"{p}/tokens/{{name}}", self.allow(administer, self.revoke_token))
         r.add_get(f"{p}/audit", self.allow(administer, self.audit_log))
+        if self._events is not None:
+            r.add_get(f"{p}/events/stream", self.allow(read, self.event_stream))
 
     # -- access -----------------------------------------------------------------------
     async def principal(self, request: web.Request) -> Principal:
         """Who sent the request (401 without a valid token); kept for the audit log."""
-        found = await self._access.authenticate(bearer_token(request))
+        # A bearer token, or the dashboard's session cookie (with its CSRF token on changes).
+        found = await self._access.authenticate(request_token(request))
         request[ACTOR_KEY] = found.name
         return found
 
@@ -186,6 +200,34 @@ class Api:
                 # The change (if any) is done; refusing the answer now would only hide it.
                 self._log.error("audit entry lost for %s %s: %s", request.method,
                                 route.canonical, exc)
+
+    async def event_stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: every machine event as it is recorded (``event: machine``),
+        and ``event: missed`` when this reader fell behind and events were dropped (reload
+        what is shown). Needs a token (bearer or the dashboard's cookie): event messages
+        name machines, addresses and clusters (read scope)."""
+        assert self._events is not None
+        with self._events.subscribe() as sub:
+            resp = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                # nginx would buffer the stream otherwise.
+                "X-Accel-Buffering": "no"})
+            await resp.prepare(request)
+            # The browser reconnects by itself after a drop (EventSource, 3 s by default).
+            await resp.write(b"retry: 3000\n: connected\n\n")
+            while True:
+                try:
+                    item = await asyncio.wait_for(sub.next(), SSE_KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    # A comment line: keeps proxies and NAT from closing an idle stream,
+                    # and finds a reader that went away.
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                if isinstance(item, Missed):
+                    await resp.write(f"event: missed\ndata: {item.count}\n\n".encode())
+                    continue
+                data = json.dumps(codec.event_to_dict(item.event), ensure_ascii=False)
+                await resp.write(f"id: {item.seq}\nevent: machine\ndata: {data}\n\n".encode())
 
     # -- tokens and the audit log -------------------------------------------------------
     async def list_tokens(self, request: web.Request) -> web.Response:
@@ -231,14 +273,28 @@ class Api:
         except ValueError:
             raise ValidationError("state", f"{state!r} is not one of "
                                   f"{', '.join(s.value for s in MachineState)}") from None
+        sort = request.query.get("sort", "mac")
+        if sort not in SORT_KEYS:
+            raise ValidationError("sort", f"{sort!r} is not one of {', '.join(SORT_KEYS)}")
+        order = request.query.get("order", "asc")
+        if order not in ("asc", "desc"):
+            raise ValidationError("order", f"{order!r} is not asc or desc")
         flt = MachineFilter(state=st, cluster=request.query.get("cluster") or None,
-                            labels=tuple(labels),
+                            labels=tuple(labels), text=request.query.get("q") or None,
+                            sort=sort, descending=order == "desc",
                             limit=_int_query(request, "limit", 100, 1, 1000),
                             offset=_int_query(request, "offset", 0, 0, 10**9))
         items = await self._store.list_machines(flt)
         total = await self._store.count_machines(flt)
-        return web.json_response({"items": [self._machine_out(m) for m in items],
-                                  "total": total, "limit": flt.limit, "offset": flt.offset})
+        out = [self._machine_out(m) for m in items]
+        if request.query.get("last_event") in ("1", "true"):
+            # One indexed read per machine of the page (at most ``limit``), for the
+            # dashboard's "last event" column.
+            for row, machine in zip(out, items, strict=True):
+                last = await self._store.list_events(machine.id, limit=1)
+                row["last_event"] = codec.event_to_dict(last[0]) if last else None
+        return web.json_response({"items": out, "total": total, "limit": flt.limit,
+                                  "offset": flt.offset})
 
     async def create_machine(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
@@ -274,6 +330,18 @@ class Api:
     async def explain(self, request: web.Request) -> web.Response:
         return web.json_response(await self._core.explain(request.match_info["ref"],
                                                           arch=request.query.get("arch")))
+
+    async def render(self, request: web.Request) -> web.Response:
+        """What the machine would be served now (``netboot render``), secrets masked: the
+        install token is a placeholder already, cluster join tokens are replaced here. Admin
+        only all the same: a config names the cluster's servers and the machine's setup."""
+        text = await self._core.render(request.match_info["ref"], request.match_info["kind"],
+                                       arch=request.query.get("arch"))
+        for cluster in await self._store.list_clusters():
+            if cluster.token:
+                text = text.replace(cluster.token, MASKED)
+        return web.Response(text=text, content_type="text/plain",
+                            headers={"Cache-Control": "no-store"})
 
     async def list_events(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
@@ -335,6 +403,30 @@ class Api:
             items.append((i + 1, row))
         report = await self._enroll.import_rows(items, dry_run=dry_run)
         status = 400 if report.errors else (200 if dry_run else 201)
+        return web.json_response(report.as_dict(), status=status)
+
+    async def import_file(self, request: web.Request) -> web.Response:
+        """An import file as ``netboot import`` reads it (CSV, YAML or JSON, ``?format=``),
+        sent as the request body; ``?dry_run=1`` checks every row and changes nothing. The
+        answer is the bulk report, errors by the file's line numbers."""
+        fmt = request.query.get("format", "")
+        if fmt not in IMPORT_FORMATS:
+            raise ValidationError("format", f"{fmt!r} is not one of {', '.join(IMPORT_FORMATS)}")
+        dry_run = request.query.get("dry_run", "0")
+        if dry_run not in ("0", "1", "true", "false"):
+            raise ValidationError("dry_run", "must be 1/true or 0/false")
+        limit = request.app[MAX_BODY_KEY]
+        if request.content_length is not None and request.content_length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                                actual_size=request.content_length)
+        raw = await request.read()
+        try:
+            text = raw.decode("utf-8-sig")  # a BOM, as spreadsheet exports write one
+        except UnicodeDecodeError:
+            raise ValidationError("body", "the file is not UTF-8 text") from None
+        rows = parse_import(text, fmt)
+        report = await self._enroll.import_rows(rows, dry_run=dry_run in ("1", "true"))
+        status = 400 if report.errors else (200 if not report.applied else 201)
         return web.json_response(report.as_dict(), status=status)
 
     async def status(self, request: web.Request) -> web.Response:

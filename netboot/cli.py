@@ -590,6 +590,51 @@ def _signed(path: Path) -> bool | None:
         return None
 
 
+def _events(args: argparse.Namespace) -> int:
+    if not args.follow:
+        if not args.ref:
+            raise ValidationError("ref", "name a machine (MAC or id), or --follow for all")
+        return asyncio.run(_with_store(args, lambda s, c: _machine_events(args, s, c)))
+    from netboot import follow
+
+    cfg = _config(args)
+    host = cfg.http.listen if cfg.http.listen not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    base = args.server or f"http://{host}:{cfg.http.port}"
+    token = _api_token(args, cfg)
+
+    async def run() -> None:
+        machine = await follow.machine_id(base, token, args.ref) if args.ref else None
+
+        def emit(event: dict[str, Any]) -> None:
+            print(follow.event_line(event, as_json=args.json), flush=True)
+        await follow.follow(base, token, machine=machine, emit=emit)
+
+    asyncio.run(run())
+    return 0
+
+
+def _api_token(args: argparse.Namespace, cfg: Config) -> str:
+    path = Path(args.token_file) if args.token_file else None
+    if path is None:
+        env = os.environ.get("NETBOOT_TOKEN")
+        if env:
+            return env.strip()
+        path = cfg.data_dir / "admin.token"
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValidationError("token-file", f"cannot read {path}: {exc.strerror}") from exc
+
+
+async def _machine_events(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    from netboot import follow
+
+    machine = await _core(store, cfg).machine(args.ref)
+    for event in await store.list_events(machine.id):
+        print(follow.event_line(codec.event_to_dict(event), as_json=args.json))
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     cfg = load(args.file, env={})
     from netboot.service import renderer_for
@@ -635,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dns-port", type=int)
     s.add_argument("--discovery", choices=["ignore", "hold", "auto"])
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="json: one object per line with time, level, logger, message, and "
+                        "mac, peer, xid, path, request_id where known (or NETBOOT_LOG_FORMAT)")
 
     ca = sub.add_parser("ca", help="netboot's certificate authority")
     casub = ca.add_subparsers(dest="action", required=True)
@@ -742,6 +790,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machines per state, overall and per cluster; the failed ones")
     sub.add_parser("assets", parents=[common],
                    help="which loaders and profile assets are found; checksums")
+    ev = sub.add_parser("events", parents=[common],
+                        help="a machine's events; --follow streams every event live")
+    ev.add_argument("ref", nargs="?", help="a machine's MAC or id (with --follow: only its "
+                                           "events; default all machines)")
+    ev.add_argument("--follow", "-f", action="store_true",
+                    help="stream events from the running server until Ctrl-C")
+    ev.add_argument("--server", help="the server's base URL (default: this host, http.port)")
+    ev.add_argument("--token-file", help="file with an API token (default: NETBOOT_TOKEN, "
+                                         "else admin.token in the data directory)")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
     e.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     e.add_argument("--arch", choices=[a.value for a in Arch],
@@ -763,8 +820,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = "info" if args.cmd in ("serve", "lab") else "warning"
     level = getattr(args, "log_level", None) or os.environ.get("NETBOOT_SERVER_LOG_LEVEL",
                                                                default)
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    log_format = getattr(args, "log_format", None) or os.environ.get("NETBOOT_LOG_FORMAT",
+                                                                     "text")
+    if log_format == "json":
+        from netboot.logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     try:
         if args.cmd == "serve":
             from netboot.service import loop_factory, serve
@@ -796,6 +861,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_with_store(args, lambda s, c: _status(args, s, c)))
         if args.cmd == "assets":
             return asyncio.run(_with_store(args, lambda s, c: _assets(args, s, c)))
+        if args.cmd == "events":
+            return _events(args)
         if args.cmd in ("render", "explain"):
             return asyncio.run(_with_store(args, lambda s, c: _render_or_explain(args, s, c)))
     except ConfigError as exc:

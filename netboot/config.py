@@ -61,6 +61,13 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus scrapes without credentials by convention; the counts it exposes (machines by
+    # state, requests by route) name no machine. false: /metrics needs a token like the API.
+    public: bool = True
+
+
+@dataclass(frozen=True)
 class HttpsConfig:
     # On by default: the API (admin token), and later the dashboard, should never need plain
     # HTTP; netboot makes its own CA, so there is nothing to set up. Firmware downloads and
@@ -174,6 +181,7 @@ class Config:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     enroll: EnrollConfig = field(default_factory=EnrollConfig)
     inventory: InventoryConfig = field(default_factory=InventoryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def data_dir(self) -> Path:

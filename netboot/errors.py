@@ -135,6 +135,10 @@ class Forbidden(NetbootError):
     """Credentials are valid but do not allow this (403)."""
 
 
+class Busy(NetbootError):
+    """A bounded resource is full right now (503): try again later."""
+
+
 class ScopeRequired(Forbidden):
     """A valid token whose scope does not grant this (403); ``scope`` names one that would."""
 

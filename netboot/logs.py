@@ -11,10 +11,15 @@ Nothing here is global: each server holds its own limiter and summary.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import datetime
+import json
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 # C0 controls, DEL, C1 controls, and the Unicode line/paragraph separators that some log
@@ -123,3 +128,49 @@ class Summary:
             self._logger.info("%s: last %.0f s: %s", self._what, now - self._since, parts)
             self._counts = Counter()
         self._since = now
+
+
+# What a log line is about, when the code that writes it knows: set by the HTTP request
+# middleware (request id, peer, path) and by whoever else wraps a unit of work. A ContextVar,
+# not a global, so that concurrent requests on one loop keep their own (each asyncio task has
+# its own copy of the context).
+CONTEXT_FIELDS = ("request_id", "mac", "peer", "xid", "path")
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "netboot_log", default=MappingProxyType({}))
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Attach ``fields`` (see :data:`CONTEXT_FIELDS`) to every line logged inside."""
+    token = _context.set({**_context.get(), **{k: v for k, v in fields.items()
+                                                 if v is not None}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, and mac, peer,
+    xid, path and request_id where known, from ``extra=`` or :func:`log_context`.
+
+    The message is rendered with its arguments as in the text format, then JSON-escaped, so a
+    control character sent by a device cannot break the line (json.dumps escapes them all).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+                    .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        context = _context.get()
+        for key in CONTEXT_FIELDS:
+            value = record.__dict__.get(key, context.get(key))
+            if value is not None:
+                out[key] = value if isinstance(value, int | float) else str(value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)

@@ -14,6 +14,7 @@ from netboot.access import (
     Permission,
     scope_needed,
 )
+from netboot.inventory.base import SORT_KEYS
 from netboot.model import Arch, MachineState, Scope
 
 _STR = {"type": "string"}
@@ -246,6 +247,12 @@ def document() -> dict[str, Any]:
             "get": _op("list machines", need=READ, out="MachineList", params=(
                 _query("state", {"type": "string", "enum": [s.value for s in MachineState]}),
                 _query("cluster", _STR),
+                _query("q", _STR, "case-insensitive part of the hostname, id, a MAC, the UUID, "
+                       "serial or asset tag"),
+                _query("sort", {"type": "string", "enum": list(SORT_KEYS)}),
+                _query("order", {"type": "string", "enum": ["asc", "desc"]}),
+                _query("last_event", {"type": "string", "enum": ["1", "true"]},
+                       "add each machine's last event"),
                 _query("label", {"type": "array",
                                  "items": {"type": "string", "pattern": "^[^=]+="}},
                        "key=value; every one must match"),
@@ -257,6 +264,29 @@ def document() -> dict[str, Any]:
         "/api/v1/machines:bulk": {
             "post": _op("bulk enrollment in one transaction", need=ENROLL, body="Bulk", ok=201,
                         out="ImportReport", errors=(400, 413)),
+        },
+        "/api/v1/machines:import": {
+            "post": _op("an import file (CSV, YAML or JSON) as the body; dry_run=1 checks it",
+                        need=ENROLL, ok=201, out="ImportReport", errors=(400, 413),
+                        params=(_query("format", {"type": "string",
+                                                  "enum": ["csv", "yaml", "json"]}),
+                                _query("dry_run", {"type": "string",
+                                                   "enum": ["0", "1", "true", "false"]}))),
+        },
+        "/api/v1/machines/{ref}/render/{kind}": {
+            "parameters": [_path_param("ref"), _path_param("kind")],
+            "get": _op("what the machine would be served now (ipxe, pxelinux, config, "
+                       "nocloud), install and join tokens masked", need=READ,
+                       params=(_query("arch", _STR),)),
+        },
+        "/api/v1/events/stream": {
+            "get": {**_op("every machine event as it is recorded: Server-Sent Events "
+                          "(event: machine, data: an Event; event: missed when this reader "
+                          "fell behind)", need=READ, errors=()),
+                    "responses": {"200": {"description": "text/event-stream"},
+                                  "401": {"description": _ERRORS[401]},
+                                  "403": {"description": _ERRORS[403]},
+                                  "503": {"description": "too many streams open"}}},
         },
         "/api/v1/machines/{ref}": {
             "parameters": [_path_param("ref")],
@@ -329,6 +359,16 @@ def document() -> dict[str, Any]:
                    "content": {"application/json": {"schema": _ref("ImportReport")}}}
     bulk["400"]["content"]["application/json"]["schema"] = {
         "anyOf": [_ref("ImportReport"), _ref("Error")]}
+    imported = paths["/api/v1/machines:import"]["post"]
+    imported["responses"]["200"] = bulk["200"]
+    imported["responses"]["400"] = bulk["400"]
+    # The file as it is (the format is the query's, whatever the content type says).
+    imported["requestBody"] = {"required": True, "content": {
+        "text/plain": {"schema": {"type": "string"}},
+        "text/csv": {"schema": {"type": "string"}},
+        "application/yaml": {"schema": {"type": "string"}}}}
+    paths["/api/v1/machines/{ref}/render/{kind}"]["get"]["responses"]["200"] = {
+        "description": "the text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     for kind, schema in (("profiles", "Profile"), ("clusters", "Cluster"), ("groups", "Group")):
         paths[f"/api/v1/{kind}"] = {
             "get": _op(f"list {kind}", need=READ, out=f"array:{schema}", errors=()),

@@ -32,9 +32,11 @@ from netboot.core import Core
 from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
+from netboot.events import EventBus
 from netboot.files import FileTree
-from netboot.inventory.base import MachineFilter, Store
+from netboot.inventory.base import EventListener, MachineFilter, Store
 from netboot.logs import RateLimitedLog
+from netboot.metrics import Metrics
 from netboot.model import Scope
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
@@ -43,6 +45,7 @@ from netboot.servers.http import (
     LOG_KEY,
     MAX_BODY_KEY,
     MAX_EVENT_KEY,
+    OBSERVER_KEY,
     AccessLogger,
     ConnectionGuard,
     DeviceRoutes,
@@ -50,10 +53,12 @@ from netboot.servers.http import (
     HttpLimits,
     body_timeout_middleware,
     errors_middleware,
+    request_middleware,
 )
 from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
+from netboot.web.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +69,13 @@ SECRET_KEY_FILE = "secret.key"
 SEAL_KEY_SETTING = "secrets-key-id"
 
 
-def open_store(config: Config, sealer: Sealer | None = None) -> Store:
+def open_store(config: Config, sealer: Sealer | None = None,
+               listener: EventListener | None = None) -> Store:
+    """The configured store; ``listener`` (the live event bus) is told of committed events."""
     if config.inventory.backend == "memory":
         from netboot.inventory.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(listener=listener)
     from netboot.inventory.sqlite import SqliteStore
 
     try:
@@ -78,7 +85,7 @@ def open_store(config: Config, sealer: Sealer | None = None) -> Store:
         raise ConfigError(f"cannot create {config.db_path.parent}: {exc.strerror}", key=key,
                           fix="create it, or point --data-dir at a writable directory") from exc
     private_database(config.db_path)
-    return SqliteStore(config.db_path, sealer=sealer)
+    return SqliteStore(config.db_path, sealer=sealer, listener=listener)
 
 
 def secure_data_dir(path: Path) -> None:
@@ -121,7 +128,8 @@ def private_database(path: Path) -> None:
                                 exc.strerror)
 
 
-async def open_inventory(config: Config) -> tuple[Store, Sealer]:
+async def open_inventory(config: Config, listener: EventListener | None = None,
+                         ) -> tuple[Store, Sealer]:
     """The inventory, open, with its secrets key (made on first start) checked against it.
 
     The key must be the one that sealed the inventory's join tokens: a missing or different
@@ -134,7 +142,7 @@ async def open_inventory(config: Config) -> tuple[Store, Sealer]:
     new_key = sealer is None
     if sealer is None:
         sealer = Sealer.generate()
-    store = open_store(config, sealer)
+    store = open_store(config, sealer, listener)
     await store.open()
     try:
         recorded = await store.get_setting(SEAL_KEY_SETTING)
@@ -154,7 +162,7 @@ async def open_inventory(config: Config) -> tuple[Store, Sealer]:
             except FileExistsError:
                 # Another netboot process (a CLI command) made it a moment ago: use that one.
                 await store.close()
-                return await open_inventory(config)
+                return await open_inventory(config, listener)
             log.warning("created the secrets key %s: back it up, apart from the inventory; "
                         "without it the join tokens in the inventory cannot be read", key_path)
         if recorded is None:
@@ -356,6 +364,8 @@ class Service:
     # Prepares the certificate again (re-issued if due, or the operator's files re-read).
     tls_source: Callable[[], Tls | None] | None = None
     tls_context: ssl.SSLContext | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    events: EventBus = field(default_factory=EventBus)
     runner: web.AppRunner | None = None
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
@@ -422,8 +432,10 @@ class Service:
             tftp = TftpServer(self.content, host="0.0.0.0", port=cfg.tftp.port,
                               max_transfers=cfg.tftp.max_transfers,
                               max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
-                              interfaces=list(cfg.server.interfaces) or None)
+                              interfaces=list(cfg.server.interfaces) or None,
+                              observer=self.metrics)
             await tftp.start()
+            self.metrics.read_tftp_stats(lambda: tftp.stats)
             self.servers.append(tftp)
         if cfg.dhcp.mode != "off":
             from netboot.pxe import DhcpSettings
@@ -439,7 +451,7 @@ class Service:
             dhcp = DhcpServer(settings, self.boot, self.store,
                               interfaces=list(cfg.server.interfaces) or None,
                               advertise=self.advertise, port=cfg.dhcp.port,
-                              pxe_port=cfg.dhcp.pxe_port)
+                              pxe_port=cfg.dhcp.pxe_port, observer=self.metrics)
             await dhcp.start()
             self.servers.append(dhcp)
         if cfg.dns.enabled:
@@ -607,7 +619,10 @@ def _check_hostname_templates(config: Config) -> None:
 
 
 async def build(config: Config) -> Service:
-    store, sealer = await open_inventory(config)
+    events = EventBus()
+    metrics = Metrics()
+    events.listen(metrics.event)
+    store, sealer = await open_inventory(config, events)
     try:
         advertise = advertised_address(config)
         tls = prepare_tls(config, advertise, sealer)
@@ -622,17 +637,21 @@ async def build(config: Config) -> Service:
         core = build_core(config, store, lambda: holder["base"],
                           trust=lambda: trust_for(config, service.tls, holder["https"]))
         new_token = await ensure_admin_token(core.access, config.data_dir)
-        app = web.Application(middlewares=[errors_middleware, body_timeout_middleware],
+        app = web.Application(middlewares=[request_middleware, errors_middleware,
+                                           body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
         install_http(app, body_timeout=config.http.body_timeout)
         app[LOG_KEY] = logging.getLogger("netboot.http")
         app[MAX_BODY_KEY] = config.http.max_body_bytes
         app[MAX_EVENT_KEY] = config.http.max_event_bytes
+        app[OBSERVER_KEY] = metrics
         DeviceRoutes(core.content).add_to(app)
-        Api(core, clock=time.time).add_to(app)
+        Api(core, clock=time.time, events=events).add_to(app)
+        Dashboard(core.access, store, metrics, metrics_public=config.metrics.public).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
                           new_admin_token_file=new_token, tls=tls, url_holder=holder,
-                          tls_source=lambda: prepare_tls(config, advertise, sealer))
+                          tls_source=lambda: prepare_tls(config, advertise, sealer),
+                          metrics=metrics, events=events)
     except BaseException:
         await store.close()
         raise

@@ -31,7 +31,8 @@ fi
 # tftp-hpa, bind9-dnsutils, isc-dhcp-client, udhcpc: clients used by the server tests;
 # tcpdump captures the lab bridge, tshark (optional) decodes it on failure;
 # podman, runc and mmdebstrap build and run the container image (tests/test_container.py):
-# runc, not crun, because crun fails on hosts with a hybrid cgroup layout.
+# runc, not crun, because crun fails on hosts with a hybrid cgroup layout; chromium is the
+# headless browser Playwright drives in the dashboard tests (tests/web/).
 # shim-signed + grub-efi-amd64-signed: the Secure Boot chain (shim → signed GRUB); the arm64
 # signed GRUB is fetched by the harness like the arm64 kernel (its grub-common:arm64 cannot
 # be installed beside the amd64 one); qemu-efi-aarch64: AAVMF, arm64 UEFI.
@@ -39,7 +40,7 @@ PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-too
 shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
 isc-dhcp-client udhcpc python3 python3-pip python3-venv ca-certificates \
-podman runc mmdebstrap"
+podman runc mmdebstrap chromium"
 
 missing=""
 for p in $PKGS; do

@@ -6,8 +6,7 @@ loopback device only; HTTP listens on 127.0.0.1. Nothing leaves the machine and 
 created (the build runs with --network=none, and podman's default here is no network).
 
 The image is cached between runs, tagged by a digest of everything it is built from, so only a
-change to netboot, the Containerfile or the build script rebuilds it. (The container should
-answer `/metrics` too; netboot has no `/metrics` yet, so that is not asked here.)
+change to netboot, the Containerfile or the build script rebuilds it.
 """
 
 from __future__ import annotations
@@ -142,6 +141,9 @@ def test_container_serves_as_an_unprivileged_user(
     name, volume, http_port, tftp_port, https_port = container
     body = fetch(f"http://127.0.0.1:{http_port}/boot.ipxe", name, podman_env)
     assert body.startswith("#!ipxe") and f"http://127.0.0.1:{http_port}/ipxe?" in body
+    metrics = fetch(f"http://127.0.0.1:{http_port}/metrics", name, podman_env)
+    assert 'netboot_machines{state="registered"} 0.0' in metrics
+    assert 'netboot_http_requests_total{method="GET",route="/boot.ipxe",status="200"}' in metrics
 
     # Not root, and no capability beyond NET_BIND_SERVICE (bit 10).
     status = podman(podman_env, "exec", name, "cat", "/proc/1/status").stdout

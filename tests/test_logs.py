@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -74,3 +75,86 @@ def test_summary_counts_per_kind_and_flushes_on_interval(
     summary.flush()
     summary.flush()  # nothing pending: no line
     assert len(caplog.records) == 1
+
+
+# --- --log-format json ---------------------------------------------------------------------
+
+
+def _json_line(logger_name: str, emit: Any) -> dict[str, Any]:
+    import io
+    import json
+
+    from netboot.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        emit(logger)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    out: dict[str, Any] = json.loads(lines[0])
+    return out
+
+
+def test_json_line_has_the_fields_and_the_context() -> None:
+    from netboot.logs import log_context
+
+    def emit(log: logging.Logger) -> None:
+        with log_context(request_id="r-1", peer="192.0.2.5", path="/ipxe"):
+            log.info("served %s\nforged line", "x", extra={"mac": "52:54:00:00:00:01",
+                                                             "xid": 0x1234})
+
+    line = _json_line("netboot.test.json", emit)
+    assert line["level"] == "info" and line["logger"] == "netboot.test.json"
+    assert line["message"] == "served x\nforged line"  # one JSON line: the newline is escaped
+    assert line["time"].endswith("Z") and "T" in line["time"]
+    assert (line["request_id"], line["peer"], line["path"]) == ("r-1", "192.0.2.5", "/ipxe")
+    assert (line["mac"], line["xid"]) == ("52:54:00:00:00:01", 0x1234)
+
+
+def test_json_line_without_context_has_no_empty_fields() -> None:
+    line = _json_line("netboot.test.json2", lambda log: log.warning("plain"))
+    assert set(line) == {"time", "level", "logger", "message"}
+
+
+async def test_dhcp_lines_carry_mac_xid_and_peer() -> None:
+    """A datagram through the real DHCP server on loopback: its lines name who it is about."""
+    import io
+    import json
+
+    from netboot.logs import JsonFormatter
+    from netboot.pxe import DhcpSettings
+    from netboot.servers.dhcp import DhcpServer
+    from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
+    from tests.servers.test_dhcp import LOOPBACK, Client, payload
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("netboot.servers.dhcp")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    client = Client()
+    server = DhcpServer(DhcpSettings(), TableDecider(), MemoryLeaseStore(), interfaces=None,
+                        advertise=None, host=LOOPBACK, port=0, pxe_port=0,
+                        broadcast_address=LOOPBACK, client_port=client.port)
+    await server.start()
+    try:
+        await client.send(payload("uefi-edk2pxe", 8), server.ports[0])
+        await client.receive()
+    finally:
+        await server.close()
+        client.close()
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    offer = next(line for line in lines if "OFFER" in line["message"])
+    assert offer["mac"] == "52:54:00:00:00:11" and offer["peer"] == LOOPBACK
+    assert offer["xid"] == 3797733299

@@ -70,11 +70,18 @@ def test_wheel_carries_templates_and_boot_assets_as_they_are_in_the_repository(
                 assert member in names, f"{member} missing from the wheel"
                 assert whl.read(member) == path.read_bytes(), member
         assert not any(n.startswith("tests/") for n in names)
+        # The dashboard's pages and scripts, as they are in the repository.
+        static = ROOT / "netboot" / "web" / "static"
+        assert sorted(static.iterdir())
+        for path in static.iterdir():
+            member = f"netboot/web/static/{path.name}"
+            assert member in names and whl.read(member) == path.read_bytes(), member
         metadata = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
     requires = email.parser.BytesParser().parsebytes(metadata).get_all("Requires-Dist") or []
     runtime = {r.split(">")[0].split("=")[0].split(";")[0].strip().lower()
                for r in requires if "extra ==" not in r}
-    assert runtime == {"aiohttp", "dnslib", "pyyaml", "cryptography", "jinja2"}
+    assert runtime == {"aiohttp", "dnslib", "pyyaml", "cryptography", "jinja2",
+                       "prometheus-client"}
     # tftpy is only the tests' second TFTP client.
     assert any(r.startswith("tftpy") and 'extra == "test"' in r for r in requires)
 
@@ -160,6 +167,11 @@ def test_serve_answers_boot_ipxe_and_stops_cleanly(
     assert body is not None, f"no answer from {url}; netboot said:\n" + (
         proc.stdout.read() if proc.poll() is not None and proc.stdout else "(still running)")
     assert body.startswith("#!ipxe") and f"http://127.0.0.1:{port}/ipxe?" in body
+    # The dashboard's assets come from the installed package, and /metrics answers.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/app.js", timeout=5) as resp:
+        assert b"EventSource" in resp.read()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert b"netboot_machines{" in resp.read()
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output

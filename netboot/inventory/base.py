@@ -27,6 +27,9 @@ from netboot.model import (
     Profile,
 )
 
+# What machines can be listed by: "mac" is the default order (codec.machine_order).
+SORT_KEYS = ("mac", "hostname", "state", "cluster", "updated", "created")
+
 
 @dataclass(frozen=True, slots=True)
 class MachineFilter:
@@ -36,6 +39,11 @@ class MachineFilter:
     uuid: str | None = None  # exact, canonical lowercase form
     serials: tuple[str, ...] = ()  # any of these exact serials
     has_mac: bool | None = None  # True: at least one NIC known; False: none yet
+    # Case-insensitive substring of the hostname, id, or any MAC, UUID, serial or asset tag
+    # (the dashboard's search box).
+    text: str | None = None
+    sort: str = "mac"  # one of SORT_KEYS
+    descending: bool = False
     limit: int = 100
     offset: int = 0
 
@@ -84,6 +92,12 @@ class ChangeFeed(Protocol):
 
     async def forget_changes(self, before: int) -> None:
         """History before ``before`` is no longer needed by this reader (it may be pruned)."""
+
+
+class EventListener(Protocol):
+    """Told of events once they are committed (the live event bus, netboot.events)."""
+
+    def published(self, events: Sequence[Event]) -> None: ...
 
 
 class Sealer(Protocol):

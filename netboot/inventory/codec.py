@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from netboot import identity
 from netboot.errors import ValidationError
-from netboot.inventory.base import MachineFilter
+from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import (
     ID_PREFIX,
     ApiToken,
@@ -114,6 +114,32 @@ def check_filter(flt: MachineFilter) -> None:
         raise ValidationError("limit", "must be 0 or more")
     if flt.offset < 0:
         raise ValidationError("offset", "must be 0 or more")
+    if flt.sort not in SORT_KEYS:
+        raise ValidationError("sort", f"{flt.sort!r} is not one of {', '.join(SORT_KEYS)}")
+
+
+def sort_machines(machines: list[Machine], sort: str, descending: bool) -> list[Machine]:
+    """The Python form of a listing order, as the SQLite store sorts in SQL: by the field
+    (machines without it last, either direction), ties in the default order."""
+    found = sorted(machines, key=machine_order)
+    if sort == "mac":
+        return found[::-1] if descending else found
+
+    def value(machine: Machine) -> Any:
+        v = getattr(machine, sort)
+        return v.value if isinstance(v, enum.Enum) else v
+
+    present = [m for m in found if value(m) is not None]
+    # Python's sort is stable in both directions: ties keep the default order.
+    present.sort(key=value, reverse=descending)
+    return present + [m for m in found if value(m) is None]
+
+
+def matches_text(machine: Machine, text: str) -> bool:
+    needle = text.lower()
+    fields = [machine.hostname, machine.id, machine.uuid, machine.serial, machine.asset,
+              *(str(m) for m in machine.macs)]
+    return any(needle in f.lower() for f in fields if f)
 
 
 # --- decoding helpers (each names the field it rejects) ----------------------------------

@@ -19,7 +19,7 @@ from netboot import identity
 from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, Changes, MachineFilter
+from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter
 from netboot.model import ApiToken, AuditEntry, Cluster, Event, Group, Lease, Machine, Profile
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ def fold_hostname(hostname: str) -> str:
 class MemoryStore:
     """:class:`~netboot.inventory.base.Store` in dicts. ``open``/``close`` only flip a flag."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, listener: EventListener | None = None) -> None:
         self._open = False
+        self._listener = listener
         self._machines: dict[str, Machine] = {}  # id -> machine
         self._keys: dict[tuple[str, str], str] = {}  # (kind, value) claim -> id
         self._hostnames: dict[str, str] = {}  # folded hostname -> id
@@ -96,6 +97,8 @@ class MemoryStore:
                 continue
             if flt.has_mac is not None and bool(machine.macs) != flt.has_mac:
                 continue
+            if flt.text and not codec.matches_text(machine, flt.text):
+                continue
             out.append(machine)
         return out
 
@@ -103,7 +106,7 @@ class MemoryStore:
         self._check_open()
         flt = flt or MachineFilter()
         codec.check_filter(flt)
-        found = sorted(self._matching(flt), key=codec.machine_order)
+        found = codec.sort_machines(self._matching(flt), flt.sort, flt.descending)
         return found[flt.offset : flt.offset + flt.limit]
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
@@ -181,6 +184,8 @@ class MemoryStore:
                                           key=lambda e: e.time)
         for event in events:
             self._events.setdefault(event.machine, []).append(event)
+        if events and self._listener is not None:
+            self._listener.published(events)
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:
@@ -246,6 +251,8 @@ class MemoryStore:
         # Through JSON text, as SQLite does: tuples in data come back as lists in both stores.
         value = codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(event))))
         self._events.setdefault(value.machine, []).append(value)
+        if self._listener is not None:
+            self._listener.published((value,))
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         self._check_open()

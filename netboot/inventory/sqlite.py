@@ -44,7 +44,7 @@ from netboot import identity
 from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, Changes, MachineFilter, Sealer
+from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -311,9 +311,11 @@ class SqliteStore:
     migrates it; :meth:`close` closes the connection and stops the thread.
     """
 
-    def __init__(self, path: str | Path, *, sealer: Sealer | None = None) -> None:
+    def __init__(self, path: str | Path, *, sealer: Sealer | None = None,
+                 listener: EventListener | None = None) -> None:
         self.path = Path(path)
         self._sealer = sealer
+        self._listener = listener
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
         # Reads run on a second thread and connection: in WAL mode they never wait for a
@@ -551,6 +553,8 @@ class SqliteStore:
                     for v in events]
             await self._run(_apply_batch, [self._seal_machine(m) for m in batch.create],
                             [self._seal_machine(m) for m in batch.update], rows, batch.merge)
+            if events and self._listener is not None:
+                self._listener.published(events)
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:
@@ -611,6 +615,8 @@ class SqliteStore:
         value = codec.event_from_dict(codec.event_to_dict(event))
         data = codec.dumps(dict(value.data), "data")
         await self._run(_add_event, value, data)
+        if self._listener is not None:
+            self._listener.published((value,))
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         if limit <= 0:
@@ -935,6 +941,12 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         params.extend(flt.serials)
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
+    if flt.text:
+        # instr(lower(..)) rather than LIKE: no wildcard characters to escape in the text.
+        clauses.append("(instr(lower(coalesce(m.hostname, '')), ?) OR instr(lower(m.id), ?)"
+                       " OR EXISTS (SELECT 1 FROM machine_keys k WHERE k.machine = m.id"
+                       " AND instr(lower(k.value), ?)))")
+        params.extend([flt.text.lower()] * 3)
     for key, value in flt.labels:
         clauses.append(
             "EXISTS (SELECT 1 FROM machine_labels l"
@@ -946,8 +958,15 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
 
 def _list_machines(conn: sqlite3.Connection, flt: MachineFilter) -> list[Machine]:
     where, params = _where(flt)
+    order = "m.mac IS NULL, m.mac, m.id"
+    if flt.sort == "mac" and flt.descending:
+        order = "m.mac IS NULL DESC, m.mac DESC, m.id DESC"
+    elif flt.sort != "mac":
+        # The column name comes from SORT_KEYS (checked by codec.check_filter), never a value.
+        column = f"m.{flt.sort}"
+        order = (f"{column} IS NULL, {column}{' DESC' if flt.descending else ''}, {order}")
     rows = conn.execute(
-        f"SELECT m.data FROM machines m{where} ORDER BY m.mac IS NULL, m.mac, m.id"  # noqa: S608
+        f"SELECT m.data FROM machines m{where} ORDER BY {order}"  # noqa: S608
         " LIMIT ? OFFSET ?",
         (*params, flt.limit, flt.offset),
     ).fetchall()

@@ -23,11 +23,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from netboot import pxe
 from netboot.errors import ConfigError, DecodeError, StoreError
 from netboot.leases import Changes, LeasePool, LeaseStore
-from netboot.logs import RateLimitedLog, Summary
+from netboot.logs import RateLimitedLog, Summary, log_context
 from netboot.model import FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
@@ -53,6 +54,23 @@ class _Listener:
     pxe_port: bool
 
 
+class DhcpObserver(Protocol):
+    """Told of every reply sent (metrics): ``kind`` is OFFER, ACK, NAK."""
+
+    def dhcp_reply(self, kind: str, firmware: str, arch: str) -> None: ...
+
+
+def _about(data: bytes, peer: Address) -> dict[str, Any]:
+    big = len(data) >= 34
+    return {"peer": peer[0], "xid": int.from_bytes(data[4:8]) if big else None,
+            "mac": data[28:34].hex(":") if big else None}
+
+
+async def _in_context(pending: Awaitable[list[Reply]], fields: dict[str, Any]) -> list[Reply]:
+    with log_context(**fields):
+        return await pending
+
+
 class DhcpServer:
     """proxyDHCP (default) or authoritative DHCP on :67, plus the PXE :4011 responder."""
 
@@ -75,6 +93,7 @@ class DhcpServer:
         probe_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
         summary_seconds: float = 60.0,
+        observer: DhcpObserver | None = None,
     ) -> None:
         self._settings = settings
         self._decider = decider
@@ -105,6 +124,7 @@ class DhcpServer:
         # summary_seconds, and warnings about one MAC or peer are rate-limited.
         self.summary = Summary(_log, "dhcp", interval=summary_seconds)
         self._limited = RateLimitedLog(_log)
+        self._observer = observer
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -275,10 +295,17 @@ class DhcpServer:
         self, listener: _Listener
     ) -> Callable[[bytes, Address], list[Reply] | Awaitable[list[Reply]]]:
         def handle(data: bytes, peer: Address) -> list[Reply] | Awaitable[list[Reply]]:
-            return self.respond(
-                data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
-                interface=listener.interface,
-            )
+            # Who this datagram is about, for every line logged while answering it
+            # (--log-format json): xid and chaddr at their fixed BOOTP offsets (RFC 2131 §2).
+            fields = _about(data, peer)
+            with log_context(**fields):
+                result = self.respond(
+                    data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
+                    interface=listener.interface,
+                )
+            # An answer known at once costs no coroutine; one that waits (the store) keeps
+            # the same context for the lines it logs later.
+            return result if isinstance(result, list) else _in_context(result, fields)
 
         return handle
 
@@ -428,6 +455,9 @@ class DhcpServer:
         out = self._reply(packet, reply, peer, pxe_port)
         kind = _PROXY_KIND[client.message_type == MessageType.DISCOVER]
         self.summary.note(kind)
+        if self._observer is not None:
+            self._observer.dhcp_reply(_name(reply.message_type), str(client.firmware),
+                                      str(client.request.arch))
         if _log.isEnabledFor(logging.DEBUG):  # the arguments cost more than the call
             _log.debug(
                 "dhcp: %s xid %#010x from %s: %s (%s, arch %s) file %r to %s:%d", mac,
@@ -513,6 +543,9 @@ class DhcpServer:
             )
         out = self._reply(packet, reply, peer, False)
         self.summary.note(_name(grant.message_type))
+        if self._observer is not None:
+            self._observer.dhcp_reply(_name(grant.message_type), str(client.firmware),
+                                      str(client.request.arch))
         _log.debug("dhcp: %s xid %#010x from %s: %s %s file %r to %s:%d", mac, xid, peer[0],
                   _name(grant.message_type), grant.yiaddr, reply.file_name, out[1][0], out[1][1])
         return [out]

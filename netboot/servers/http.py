@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import socket
 import ssl
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from aiohttp.web_fileresponse import NOSENDFILE
 
 from netboot.errors import (
     AuthError,
+    Busy,
     Conflict,
     DecodeError,
     Forbidden,
@@ -38,7 +41,7 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape
+from netboot.logs import RateLimitedLog, escape, log_context
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
 
 # Typed keys for what the wiring puts on the application (aiohttp's AppKey).
@@ -46,6 +49,21 @@ LOG_KEY = web.AppKey("log", logging.Logger)
 MAX_BODY_KEY = web.AppKey("max_body", int)
 MAX_EVENT_KEY = web.AppKey("max_event", int)
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
+REQUEST_ID = web.RequestKey("request_id", str)  # the id echoed in X-Request-Id
+
+
+class HttpObserver(Protocol):
+    """Told of every request handled (metrics). ``route`` is the route's pattern
+    (``/api/v1/machines/{ref}``), never the raw path, so that a scan of random URLs cannot
+    create unbounded label values."""
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+
+OBSERVER_KEY = web.AppKey("observer", HttpObserver)
+# A client's own request id is kept when it looks like one (a proxy's UUID, a trace id); other
+# text is replaced, since it is echoed in a header and written into log lines.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 # What the Server header says: no Python or aiohttp version for a scanner to match against.
 SERVER_NAME = "netboot"
@@ -151,9 +169,12 @@ class AccessLogger(AbstractAccessLogger):
         sent = response.body_length
         if isinstance(response, CountingFileResponse):
             sent += response.sendfile_bytes
+        target = loggable_target(request)
         self.logger.info("%s %s %s %d %d %.3f \"%s\"", request.remote, escape(request.method),
-                         loggable_target(request), response.status, sent, time,
-                         escape(request.headers.get("User-Agent"), limit=256))
+                         target, response.status, sent, time,
+                         escape(request.headers.get("User-Agent"), limit=256),
+                         extra={"request_id": request.get(REQUEST_ID), "peer": request.remote,
+                                "path": target})
 
 
 class CountingFileResponse(web.FileResponse):
@@ -218,6 +239,8 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
     if isinstance(exc, RenderError):
         log.error("render failed for %s %s: %s", request.method, loggable_target(request), exc)
         return web.json_response({"error": f"render failed: {exc}"}, status=500)
+    if isinstance(exc, Busy):
+        return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": "5"})
     if isinstance(exc, StoreError):
         log.error("inventory failed for %s %s: %s", request.method, loggable_target(request), exc)
         return web.json_response({"error": "inventory unavailable"}, status=503)
@@ -267,7 +290,7 @@ class DeviceRoutes:
         boot = ipxe_request(uri_query(request.rel_url.raw_query_string), request.remote)
         plan, script = await self._content.ipxe_script(boot)
         self._log.info("ipxe mac=%s peer=%s action=%s reason=%r", boot.mac, request.remote,
-                       plan.action, plan.reason)
+                       plan.action, plan.reason, extra={"mac": boot.mac})
         return web.Response(text=script, content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
 
@@ -546,6 +569,36 @@ async def body_timeout_middleware(request: web.Request, handler: Any) -> web.Str
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER_NAME
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The outermost middleware: a request id (the client's ``X-Request-Id`` when it is a sane
+    token, else a new one) echoed in the response and bound to log lines of this request
+    (netboot.logs.log_context), and one observation per request for the metrics."""
+    given = request.headers.get("X-Request-Id", "")
+    rid = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+    request[REQUEST_ID] = rid
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    started = time.monotonic()
+    status = 500
+    with log_context(request_id=rid, peer=request.remote, path=loggable_target(request)):
+        try:
+            resp: web.StreamResponse = await handler(request)
+            status = resp.status
+            if not resp.prepared:
+                resp.headers["X-Request-Id"] = rid
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            exc.headers["X-Request-Id"] = rid
+            raise
+        finally:
+            observer = request.app.get(OBSERVER_KEY)
+            if observer is not None:
+                observer.http_request(route, request.method, status,
+                                      time.monotonic() - started)
 
 
 def install(app: web.Application, *, body_timeout: float) -> None:

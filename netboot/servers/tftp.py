@@ -285,6 +285,9 @@ class _Transfer(asyncio.DatagramProtocol):
     def _finished(self, step: Step) -> None:
         s, stats = self._sender, self._server.stats
         stats.retransmissions += s.retransmissions
+        if self._server.observer is not None and step.outcome is not None:
+            self._server.observer.tftp_transfer(step.outcome.value,
+                                                min(s.acked * s.blksize, s.size))
         if step.outcome is Outcome.COMPLETE:
             stats.completed += 1
             log.info(
@@ -339,6 +342,13 @@ class _Event(Protocol):
     def __call__(self) -> Step: ...
 
 
+class TftpObserver(Protocol):
+    """Told how every transfer ended (metrics): ``outcome`` complete, probe or failed, and the
+    bytes acknowledged by the client."""
+
+    def tftp_transfer(self, outcome: str, size: int) -> None: ...
+
+
 class TftpServer:
     """Read-only TFTP on (host, port); ``port=0`` picks a free port, see :attr:`port`."""
 
@@ -357,8 +367,10 @@ class TftpServer:
         max_windowsize: int = 64,
         min_rto: float | None = 0.005,
         gso: bool = True,
+        observer: TftpObserver | None = None,
     ) -> None:
         self._files = files
+        self.observer = observer
         self.host = host
         self.port = port
         self.max_transfers = max_transfers

@@ -723,6 +723,62 @@ async def test_merge_of_missing_machine_applies_nothing(store: Store) -> None:
         await store.apply_batch(Batch(merge=[("m-nope", mid(MAC1))],
                                       create=[machine(MAC2)]))
     assert await store.count_machines() == 1
+
+
+# --- search and sort (the dashboard's table) ---------------------------------------------
+
+
+async def _named_fleet(store: Store) -> None:
+    await store.apply_batch(Batch(create=[
+        machine(MAC1, hostname="rack2-b", serial="SN-0001", updated=30.0),
+        machine(MAC2, hostname="Rack1-A", serial="sn-0002", updated=10.0),
+        machine(MAC3, serial="X-9", state=MachineState.FAILED, updated=20.0),
+        Machine(id="m-nonic", hostname="rack1-z", serial="SN-NONIC", updated=5.0),
+    ]))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rack1", [MAC2, None]),  # case-insensitive, machines without a NIC last
+        ("sn-000", [MAC1, MAC2]),  # serials, whatever their case
+        ("00:00:03", [MAC3]),  # part of a MAC
+        ("nonic", [None]),  # part of an id
+        ("%", []),  # no wildcard: a literal character that no field has
+        ("_", []),
+    ],
+)
+async def test_text_search(store: Store, text: str, expected: list[str | None]) -> None:
+    await _named_fleet(store)
+    flt = MachineFilter(text=text)
+    assert [str(m.mac) if m.mac else None for m in await store.list_machines(flt)] == expected
+    assert await store.count_machines(flt) == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("sort", "descending", "expected"),
+    [
+        ("hostname", False, ["Rack1-A", "rack1-z", "rack2-b", None]),
+        ("hostname", True, ["rack2-b", "rack1-z", "Rack1-A", None]),  # absent last either way
+        ("updated", False, ["rack1-z", "Rack1-A", None, "rack2-b"]),
+        ("updated", True, ["rack2-b", None, "Rack1-A", "rack1-z"]),
+        # By the state's name (enrolled < failed), ties by MAC, the machine without one last.
+        ("state", False, ["rack2-b", "Rack1-A", "rack1-z", None]),
+    ],
+)
+async def test_sort(store: Store, sort: str, descending: bool,
+                    expected: list[str | None]) -> None:
+    await _named_fleet(store)
+    found = await store.list_machines(MachineFilter(sort=sort, descending=descending))
+    assert [m.hostname for m in found] == expected
+
+
+async def test_unknown_sort_refused(store: Store) -> None:
+    with pytest.raises(ValidationError) as err:
+        await store.list_machines(MachineFilter(sort="data; DROP TABLE machines"))
+    assert err.value.field == "sort"
+
+
 # --- API tokens and the audit log ------------------------------------------------------------
 
 

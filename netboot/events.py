@@ -1,0 +1,104 @@
+"""The in-process event bus: every recorded machine event, fanned out to live watchers.
+
+The stores call :meth:`EventBus.published` after an event is committed (see
+``netboot.inventory.base.EventListener``); the dashboard's Server-Sent Events stream, the
+metrics and ``netboot events --follow`` (through that stream) subscribe here. Nothing polls the
+database for news.
+
+A subscriber is a bounded queue: a browser tab that stops reading must not grow the server's
+memory, so when its queue is full the oldest entries are dropped and the subscriber is told
+how many it missed (the dashboard then reloads its page of machines instead of patching it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from netboot.errors import Busy
+from netboot.model import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """An event as watchers see it: numbered in publication order (the SSE ``id:``)."""
+
+    seq: int
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class Missed:
+    """``count`` events were dropped because this subscriber read too slowly."""
+
+    count: int
+
+
+class Subscription:
+    def __init__(self, bus: EventBus, size: int) -> None:
+        self._bus = bus
+        self._queue: asyncio.Queue[Published] = asyncio.Queue(maxsize=size)
+        self.missed = 0
+
+    def _offer(self, item: Published) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.missed += 1
+        self._queue.put_nowait(item)
+
+    async def next(self) -> Published | Missed:
+        """The next event, or a :class:`Missed` first when events were dropped."""
+        if self.missed:
+            missed, self.missed = Missed(self.missed), 0
+            return missed
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self._bus._subscribers.discard(self)
+
+
+class EventBus:
+    """Fan-out of committed events to subscribers and synchronous listeners (metrics)."""
+
+    def __init__(self, *, queue_size: int = 1000, max_subscribers: int = 256) -> None:
+        self._subscribers: set[Subscription] = set()
+        self._listeners: list[Callable[[Event], None]] = []
+        self._seq = itertools.count(1)
+        self.queue_size = queue_size
+        self.max_subscribers = max_subscribers
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def published(self, events: Sequence[Event]) -> None:
+        """Called by a store once ``events`` are committed, on the event loop's thread."""
+        for event in events:
+            item = Published(next(self._seq), event)
+            for listen in self._listeners:
+                listen(event)
+            for sub in self._subscribers:
+                sub._offer(item)
+
+    def listen(self, callback: Callable[[Event], None]) -> None:
+        """``callback(event)`` for every event, synchronously (must be cheap, must not raise)."""
+        self._listeners.append(callback)
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[Subscription]:
+        if len(self._subscribers) >= self.max_subscribers:
+            raise Busy(f"{len(self._subscribers)} event streams are open already")
+        sub = Subscription(self, self.queue_size)
+        self._subscribers.add(sub)
+        try:
+            yield sub
+        finally:
+            sub.close()
+
+    async def stream(self) -> AsyncIterator[Published | Missed]:
+        with self.subscribe() as sub:
+            while True:
+                yield await sub.next()

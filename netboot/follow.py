@@ -1,0 +1,114 @@
+"""``netboot events --follow``: a running server's event stream, in the terminal.
+
+Reads ``GET /api/v1/events/stream`` (Server-Sent Events, the dashboard's stream) with a token,
+and prints one line per event: a human time, the machine, the kind and the message; or, with
+``--json``, the event as one JSON object per line (``jq``-able). When the connection drops it
+reconnects after the server's ``retry:`` delay, saying so on stderr; events recorded while it
+was away are not replayed (``netboot events REF`` lists a machine's history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any, TextIO
+
+import aiohttp
+
+from netboot.errors import AuthError, NetbootError
+
+RECONNECT_SECONDS = 3.0
+
+
+def event_line(event: dict[str, Any], *, as_json: bool, names: dict[str, str] | None = None,
+               ) -> str:
+    """One printed line: local ISO 8601 time with offset, machine, kind, message."""
+    if as_json:
+        return json.dumps(event, ensure_ascii=False, sort_keys=True)
+    when = datetime.fromtimestamp(float(event["time"])).astimezone().isoformat(
+        timespec="seconds")
+    who = (names or {}).get(event["machine"], event["machine"])
+    # Messages come from devices too: one line each, whatever they contain.
+    message = str(event.get("message", "")).replace("\n", "\\n").replace("\r", "\\r")
+    return f"{when}  {who}  {event['kind']}  {message}".rstrip()
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
+    """(event type, data) of each message of an SSE stream (WHATWG HTML §9.2.6)."""
+    kind, data = "message", list[str]()
+    async for raw in response.content:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield kind, "\n".join(data)
+            kind, data = "message", list[str]()
+        elif line.startswith(":"):
+            continue  # a comment: the server's keep-alive
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                kind = value
+            elif field == "data":
+                data.append(value)
+
+
+async def follow(base_url: str, token: str, *, machine: str | None = None,
+                 emit: Callable[[dict[str, Any]], None],
+                 stop: Callable[[], bool] = lambda: False, err: TextIO = sys.stderr) -> None:
+    """Print events as they come until ``stop()`` (checked after each event) or Ctrl-C.
+
+    ``machine`` (an id) keeps only that machine's events.
+    """
+    headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    url = f"{base_url.rstrip('/')}/api/v1/events/stream"
+    connected = False
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        while True:
+            try:
+                async with http.get(url, headers=headers) as resp:
+                    connected = True
+                    if resp.status == 401:
+                        raise AuthError("the server refused the token (--token-file)")
+                    if resp.status != 200:
+                        raise NetbootError(f"{url}: HTTP {resp.status}")
+                    async for kind, data in sse_events(resp):
+                        if kind == "missed":
+                            print(f"netboot: {data} events were dropped (this terminal read "
+                                  "too slowly)", file=err)
+                            continue
+                        if kind != "machine":
+                            continue
+                        event = json.loads(data)
+                        if machine is None or event.get("machine") == machine:
+                            emit(event)
+                            if stop():
+                                return
+            except aiohttp.ClientError as exc:
+                if not connected:
+                    # Never reached: a wrong URL or a stopped server, not a dropped stream.
+                    raise NetbootError(f"cannot reach {base_url}: {exc} (is netboot serve "
+                                       "running there? --server names it)") from exc
+                print(f"netboot: {url}: {exc}; reconnecting in {RECONNECT_SECONDS:.0f} s",
+                      file=err)
+            else:
+                print(f"netboot: {url}: stream ended; reconnecting", file=err)
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+
+async def machine_id(base_url: str, token: str, ref: str) -> str:
+    """The id of the machine ``ref`` (a MAC or an id) names, asked of the server."""
+    from urllib.parse import quote
+
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{base_url.rstrip('/')}/api/v1/machines/{quote(ref, safe='')}",
+            headers={"Authorization": f"Bearer {token}"}) as resp:
+        body = await resp.json(content_type=None)
+        if resp.status != 200:
+            reason = body.get("error") if isinstance(body, dict) else f"HTTP {resp.status}"
+            raise NetbootError(f"{ref}: {reason}")
+        return str(body["id"])

@@ -1,0 +1,161 @@
+"""Prometheus metrics: ``GET /metrics`` in the text exposition format, names ``netboot_*``.
+
+One :class:`Metrics` per running service, with its own ``CollectorRegistry`` (never
+prometheus_client's process-wide default registry, so two services in one process, as in the
+tests, count separately). It is fed three ways, none of which touches the store on a hot path:
+
+* the servers call it through their narrow observer protocols (``DhcpObserver``,
+  ``TftpObserver``, ``HttpObserver``), one call per reply, transfer or request;
+* the event bus hands it every committed machine event, from which the install and
+  registration durations are measured (event times, not wall-clock at scrape);
+* at scrape time, machines by state are counted by the store (one ``count`` per state, indexed)
+  and the TFTP server's own counters are read.
+
+Label values are bounded: DHCP firmware and arch are enums, HTTP routes are route patterns
+(an unmatched path is ``unmatched``), error kinds are a fixed vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from netboot.inventory.base import MachineFilter, Store
+from netboot.model import Event, MachineState
+
+# The classic text format, which generate_latest writes and every Prometheus version reads
+# (prometheus_client >= 0.22 names its default "version=1.0.0", an older server refuses it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# An install takes minutes (kernel + image download, disk write, reboot); registration
+# follows the first boot of the installed OS. Buckets from 10 s to 2 h.
+DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, float("inf"))
+# TftpStats fields that are refusals or failures, reported as netboot_errors_total{kind}.
+TFTP_ERROR_FIELDS = ("not_found", "refused", "busy", "failed", "unknown_tid")
+
+
+class _TftpCollector(Collector):
+    """Reads the TFTP server's own counters at scrape time: nothing is counted twice."""
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], Any | None] = lambda: None
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.stats()
+        if stats is None:
+            return []
+        requests = CounterMetricFamily("netboot_tftp_requests", "TFTP read requests received")
+        requests.add_metric([], stats.requests)
+        errors = CounterMetricFamily("netboot_tftp_errors",
+                                     "TFTP requests refused or transfers failed, by kind",
+                                     labels=["kind"])
+        for name in TFTP_ERROR_FIELDS:
+            errors.add_metric([name], getattr(stats, name))
+        return [requests, errors]
+
+
+class Metrics:
+    """The service's metrics; implements the DHCP, TFTP and HTTP observer protocols."""
+
+    def __init__(self, *, max_tracked: int = 100_000) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._dhcp = Counter("netboot_dhcp_replies", "DHCP replies sent (OFFER, ACK, NAK), by "
+                             "firmware and architecture of the client",
+                             ["type", "firmware", "arch"], registry=r)
+        self._transfers = Counter("netboot_tftp_transfers", "TFTP transfers ended, by outcome "
+                             "(complete, probe, client-error, timed-out, source-error)",
+                             ["outcome"], registry=r)
+        self._tftp_bytes = Counter("netboot_tftp_bytes", "bytes acknowledged by TFTP clients",
+                                   registry=r)
+        self._http = Counter("netboot_http_requests", "HTTP requests handled, by route "
+                             "pattern, method and status", ["route", "method", "status"],
+                             registry=r)
+        self._http_seconds = Histogram("netboot_http_request_duration_seconds",
+                                       "time to handle an HTTP request (for a stream: its "
+                                       "lifetime), by route pattern", ["route"], registry=r)
+        self._machines = Gauge("netboot_machines", "machines in the inventory, by state",
+                               ["state"], registry=r)
+        self._install = Histogram("netboot_install_duration_seconds", "from the first install "
+                                  "script handed out (booting) to installed (or registered "
+                                  "when the installer reported nothing)",
+                                  buckets=DURATION_BUCKETS, registry=r)
+        self._register = Histogram("netboot_registration_duration_seconds", "from installed "
+                                   "to registered (first boot of the installed OS)",
+                                   buckets=DURATION_BUCKETS, registry=r)
+        self._errors = Counter("netboot_errors", "errors by kind: http_5xx, install_failed, "
+                               "dhcp_nak", ["kind"], registry=r)
+        self._events = Counter("netboot_events", "machine events recorded, by kind",
+                               ["kind"], registry=r)
+        # machine id → (time its install began, time it was installed); bounded, oldest first
+        # out: a machine that never finishes must not be remembered forever.
+        self._started: OrderedDict[str, tuple[float | None, float | None]] = OrderedDict()
+        self._max_tracked = max_tracked
+        self._tftp = _TftpCollector()
+        r.register(self._tftp)
+
+    def read_tftp_stats(self, stats: Callable[[], Any | None]) -> None:
+        """Where the TFTP server's counters are read from at scrape (None: TFTP is off)."""
+        self._tftp.stats = stats
+
+    # -- observer protocols ---------------------------------------------------------------
+    def dhcp_reply(self, kind: str, firmware: str, arch: str) -> None:
+        self._dhcp.labels(kind, firmware, arch).inc()
+        if kind == "NAK":
+            self._errors.labels("dhcp_nak").inc()
+
+    def tftp_transfer(self, outcome: str, size: int) -> None:
+        self._transfers.labels(outcome).inc()
+        self._tftp_bytes.inc(size)
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self._http.labels(route, method, str(status)).inc()
+        self._http_seconds.labels(route).observe(seconds)
+        if status >= 500:
+            self._errors.labels("http_5xx").inc()
+
+    # -- events (netboot.events.EventBus.listen) ---------------------------------------------
+    def event(self, event: Event) -> None:
+        self._events.labels(event.kind).inc()
+        began, installed = self._started.get(event.machine, (None, None))
+        if event.kind == "install-plan":
+            # A machine that reboots mid-install gets a new script: the install began at
+            # the first one.
+            if began is None or installed is not None:
+                began, installed = event.time, None
+        elif event.kind == "installed" and began is not None and installed is None:
+            self._install.observe(max(0.0, event.time - began))
+            installed = event.time
+        elif event.kind == "registered":
+            if installed is not None:
+                self._register.observe(max(0.0, event.time - installed))
+            elif began is not None:
+                self._install.observe(max(0.0, event.time - began))
+            self._started.pop(event.machine, None)
+            return
+        elif event.kind == "failed":
+            self._errors.labels("install_failed").inc()
+            self._started.pop(event.machine, None)
+            return
+        elif event.kind == "reinstall":
+            self._started.pop(event.machine, None)
+            return
+        else:
+            return
+        self._started[event.machine] = (began, installed)
+        self._started.move_to_end(event.machine)
+        while len(self._started) > self._max_tracked:
+            self._started.popitem(last=False)
+
+    # -- scrape -----------------------------------------------------------------------------
+    async def render(self, store: Store) -> bytes:
+        """The exposition text, with machines by state counted now."""
+        for state in MachineState:
+            self._machines.labels(state.value).set(
+                await store.count_machines(MachineFilter(state=state)))
+        return generate_latest(self.registry)

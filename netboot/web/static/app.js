@@ -1,0 +1,536 @@
+"use strict";
+// The netboot dashboard: plain JavaScript over the REST API (/api/v1), no framework, no build.
+//
+// * Authentication is the HttpOnly session cookie set at /login; every change also sends the
+//   netboot_csrf cookie's value in X-CSRF-Token (double submit, netboot/web/auth.py).
+// * Filtering, sorting and paging happen on the server (GET /machines?q=&state=&sort=&offset=),
+//   so a page of 50 rows costs the same with 10 machines or 10,000.
+// * One EventSource per tab (/api/v1/events/stream) tells the page what changed; a view
+//   reloads what it shows at most once per RELOAD_MS however many events arrive.
+// * Text from the inventory is only ever set as textContent, never parsed as HTML.
+
+const API = "/api/v1";
+const PAGE = 50;
+const RELOAD_MS = 700;
+const STATES = ["discovered", "enrolled", "booting", "installing", "installed", "registered",
+  "failed", "reinstall"];
+
+// ---- helpers ---------------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else if (v === true) el.setAttribute(k, "");
+    else el.setAttribute(k, v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function cookie(name) {
+  for (const part of document.cookie.split(";")) {
+    const [k, ...v] = part.trim().split("=");
+    if (k === name) return decodeURIComponent(v.join("="));
+  }
+  return "";
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.error) || `HTTP ${status}`);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+async function api(method, path, body, opts = {}) {
+  const headers = {};
+  if (method !== "GET") headers["X-CSRF-Token"] = cookie("netboot_csrf");
+  let payload;
+  if (opts.raw !== undefined) {
+    payload = opts.raw;
+    headers["Content-Type"] = opts.contentType || "text/plain";
+  } else if (body !== undefined) {
+    payload = JSON.stringify(body);
+    headers["Content-Type"] = "application/json";
+  }
+  const resp = await fetch(API + path, {method, headers, body: payload,
+    credentials: "same-origin"});
+  if (resp.status === 401) {
+    location.href = "/login";
+    throw new ApiError(401, null);
+  }
+  const type = resp.headers.get("Content-Type") || "";
+  const data = resp.status === 204 ? null
+    : type.includes("json") ? await resp.json() : await resp.text();
+  if (!resp.ok && !opts.allowError) throw new ApiError(resp.status, data);
+  return {status: resp.status, data};
+}
+
+function ago(t) {
+  if (!t) return "—";
+  const s = Math.max(0, Date.now() / 1000 - t);
+  if (s < 60) return `${Math.floor(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  return `${Math.floor(s / 86400)} d`;
+}
+
+function iso(t) {
+  return t ? new Date(t * 1000).toISOString().replace(".000Z", "Z") : "—";
+}
+
+function stateBadge(state) {
+  return h("span", {class: `state state-${state}`}, state);
+}
+
+function notice(text, kind = "ok") {
+  const el = document.getElementById("notice");
+  el.textContent = text;
+  el.className = `notice notice-${kind}`;
+  el.hidden = false;
+  clearTimeout(notice.timer);
+  notice.timer = setTimeout(() => { el.hidden = true; }, 6000);
+}
+
+function failed(err) {
+  notice(err instanceof ApiError && err.body && err.body.field
+    ? `${err.body.field}: ${err.message}` : err.message, "error");
+}
+
+function throttled(fn) {
+  // Runs fn at most once per RELOAD_MS, and once more after the last call.
+  let timer = null;
+  let again = false;
+  return () => {
+    if (timer) { again = true; return; }
+    fn();
+    timer = setTimeout(function tick() {
+      timer = null;
+      if (again) { again = false; fn(); timer = setTimeout(tick, RELOAD_MS); }
+    }, RELOAD_MS);
+  };
+}
+
+let lists = null; // clusters and profiles for the approve/enroll selects
+async function choices() {
+  if (!lists) {
+    const [clusters, profiles] = await Promise.all([api("GET", "/clusters"),
+      api("GET", "/profiles")]);
+    lists = {clusters: clusters.data.map((c) => c.name), profiles: profiles.data.map((p) => p.name)};
+  }
+  return lists;
+}
+
+function select(name, values, {empty = "—", value = ""} = {}) {
+  return h("select", {name, "aria-label": name},
+    h("option", {value: ""}, empty),
+    values.map((v) => h("option", {value: v, selected: v === value}, v)));
+}
+
+// ---- live events -------------------------------------------------------------------------
+
+let view = null; // the current view: {onEvent(ev), onMissed(), close()}
+
+function connect() {
+  const live = document.getElementById("live");
+  const source = new EventSource(API + "/events/stream");
+  source.addEventListener("open", () => { live.textContent = "live"; live.className = "live on"; });
+  source.addEventListener("error", () => {
+    live.textContent = "reconnecting…";
+    live.className = "live off";
+  });
+  source.addEventListener("machine", (msg) => {
+    const ev = JSON.parse(msg.data);
+    refreshDiscovered();
+    if (view && view.onEvent) view.onEvent(ev);
+  });
+  source.addEventListener("missed", () => {
+    if (view && view.onMissed) view.onMissed();
+  });
+}
+
+const refreshDiscovered = throttled(async () => {
+  const {data} = await api("GET", "/machines?state=discovered&limit=1");
+  const badge = document.getElementById("discovered-count");
+  badge.textContent = data.total ? String(data.total) : "";
+});
+
+// ---- views -------------------------------------------------------------------------------
+
+const query = {q: "", state: "", cluster: "", sort: "mac", order: "asc", offset: 0};
+
+function machinesView(root) {
+  const counts = h("section", {class: "counts", "aria-label": "machines by state"});
+  const clusterCounts = h("section", {class: "cluster-counts"});
+  const search = h("input", {type: "search", placeholder: "search MAC, hostname, serial, id…",
+    value: query.q, "aria-label": "search"});
+  const stateSel = select("state", STATES, {empty: "any state", value: query.state});
+  const clusterSel = h("select", {name: "cluster", "aria-label": "cluster"},
+    h("option", {value: ""}, "any cluster"));
+  const tbody = h("tbody");
+  const pager = h("div", {class: "pager"});
+  const columns = [["macs", "MAC(s)", null], ["hostname", "Hostname", "hostname"],
+    ["serial", "Serial", null], ["cluster", "Cluster", "cluster"], ["role", "Role", null],
+    ["state", "State", "state"], ["last", "Last event", null], ["since", "In state", "updated"]];
+  const head = h("tr", {}, columns.map(([, label, key]) => {
+    if (!key) return h("th", {}, label);
+    const mark = query.sort === key ? (query.order === "asc" ? " ▲" : " ▼") : "";
+    return h("th", {}, h("button", {class: "sort", onclick: () => {
+      query.order = query.sort === key && query.order === "asc" ? "desc" : "asc";
+      query.sort = key;
+      query.offset = 0;
+      route(); // rebuilds the header with the new sort mark
+    }}, label + mark));
+  }));
+  root.append(
+    h("h1", {}, "Machines"), counts, clusterCounts,
+    h("div", {class: "filters"}, search, stateSel, clusterSel),
+    h("table", {class: "machines"}, h("thead", {}, head), tbody), pager);
+
+  let typing = null;
+  search.addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { query.q = search.value.trim(); query.offset = 0; load(); }, 250);
+  });
+  stateSel.addEventListener("change", () => { query.state = stateSel.value; query.offset = 0; load(); });
+  clusterSel.addEventListener("change", () => { query.cluster = clusterSel.value; query.offset = 0; load(); });
+
+  const changed = new Set(); // machines named by events since the last load
+
+  async function loadCounts() {
+    const {data} = await api("GET", "/status");
+    counts.replaceChildren(
+      h("button", {class: `count${query.state === "" ? " active" : ""}`,
+        onclick: () => { query.state = ""; stateSel.value = ""; query.offset = 0; load(); }},
+      h("span", {class: "n"}, data.total), "all"),
+      ...STATES.map((s) => h("button", {class: `count${query.state === s ? " active" : ""}`,
+        dataset: {state: s}, onclick: () => {
+          query.state = s; stateSel.value = s; query.offset = 0; load();
+        }}, h("span", {class: "n"}, data.by_state[s] || 0), stateBadge(s))));
+    const names = Object.keys(data.clusters);
+    clusterCounts.replaceChildren(names.length ? h("table", {class: "small"},
+      h("thead", {}, h("tr", {}, h("th", {}, "Cluster"), STATES.map((s) => h("th", {}, s)))),
+      h("tbody", {}, names.map((n) => h("tr", {}, h("td", {}, n),
+        STATES.map((s) => h("td", {class: "num"}, data.clusters[n][s] || "")))))) : "");
+    const current = clusterSel.value;
+    clusterSel.replaceChildren(h("option", {value: ""}, "any cluster"),
+      names.map((n) => h("option", {value: n, selected: n === current}, n)));
+  }
+
+  async function loadPage() {
+    const params = new URLSearchParams({limit: PAGE, offset: query.offset, sort: query.sort,
+      order: query.order, last_event: "1"});
+    for (const k of ["q", "state", "cluster"]) if (query[k]) params.set(k, query[k]);
+    const {data} = await api("GET", `/machines?${params}`);
+    tbody.replaceChildren(...data.items.map((m) => {
+      const last = m.last_event;
+      return h("tr", {dataset: {id: m.id},
+        // A row an event just changed (or brought in) is highlighted for a moment.
+        class: changed.has(m.id) ? "flash" : null,
+        onclick: () => { location.hash = `#/machine/${encodeURIComponent(m.id)}`; }},
+      h("td", {class: "mono"}, m.macs.length ? m.macs.join(" ") : "—"),
+      h("td", {}, h("a", {href: `#/machine/${encodeURIComponent(m.id)}`}, m.hostname || m.id)),
+      h("td", {}, m.serial || ""), h("td", {}, m.cluster || ""), h("td", {}, m.role || ""),
+      h("td", {}, stateBadge(m.state)),
+      h("td", {class: "event", title: last ? `${iso(last.time)} ${last.message}` : ""},
+        last ? `${last.kind}: ${last.message}` : ""),
+      h("td", {title: iso(m.updated)}, ago(m.updated)));
+    }));
+    if (!data.items.length) {
+      tbody.append(h("tr", {}, h("td", {colspan: columns.length, class: "muted"},
+        "No machines match.")));
+    }
+    changed.clear();
+    const last = Math.min(query.offset + PAGE, data.total);
+    pager.replaceChildren(
+      h("button", {disabled: query.offset === 0, onclick: () => {
+        query.offset = Math.max(0, query.offset - PAGE); loadPage();
+      }}, "← previous"),
+      h("span", {}, data.total ? `${query.offset + 1}–${last} of ${data.total}` : "0 machines"),
+      h("button", {disabled: last >= data.total, onclick: () => {
+        query.offset += PAGE; loadPage();
+      }}, "next →"));
+  }
+
+  function load() { loadCounts().catch(failed); loadPage().catch(failed); }
+  const reload = throttled(load);
+  load();
+  return {
+    onEvent(ev) { changed.add(ev.machine); reload(); },
+    onMissed: reload,
+  };
+}
+
+function machineView(root, id) {
+  const actions = h("div", {class: "actions"});
+  const info = h("dl", {class: "fields"});
+  const timeline = h("ol", {class: "timeline"});
+  const explain = h("pre", {class: "code"});
+  const decision = h("p", {class: "decision"});
+  const ipxe = h("pre", {class: "code"});
+  const config = h("pre", {class: "code"});
+  const title = h("h1", {}, id);
+  root.append(h("p", {}, h("a", {href: "#/"}, "← machines")), title, actions,
+    h("div", {class: "two"},
+      h("section", {}, h("h2", {}, "Machine"), info),
+      h("section", {}, h("h2", {}, "Events"), timeline)),
+    h("section", {}, h("h2", {}, "What it will boot, and why"), decision, explain),
+    h("div", {class: "two"},
+      h("section", {}, h("h2", {}, "iPXE script"), ipxe),
+      h("section", {}, h("h2", {}, "Config (secrets masked)"), config)));
+  const ref = encodeURIComponent(id);
+
+  async function act(label, method, path, body, after) {
+    try {
+      await api(method, path, body);
+      notice(label);
+      if (after) after(); else load();
+    } catch (err) { failed(err); }
+  }
+
+  async function load() {
+    let m;
+    try {
+      m = (await api("GET", `/machines/${ref}`)).data;
+    } catch (err) {
+      if (err.status === 404) { title.textContent = `${id}: not found (removed?)`; return; }
+      throw err;
+    }
+    title.replaceChildren(m.hostname || m.id, " ", stateBadge(m.state));
+    const fields = [["id", m.id], ["MACs", m.macs.join(", ") || "—"], ["hostname", m.hostname],
+      ["serial", m.serial], ["UUID", m.uuid], ["asset", m.asset], ["cluster", m.cluster],
+      ["role", m.role], ["profile", m.profile], ["arch", m.arch], ["firmware", m.firmware],
+      ["address", m.ipv4], ["labels", Object.entries(m.labels).map(([k, v]) => `${k}=${v}`).join(", ")],
+      ["created", iso(m.created)], ["in this state", `${ago(m.updated)} (since ${iso(m.updated)})`]];
+    info.replaceChildren(...fields.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "—")]));
+    const {clusters, profiles} = await choices();
+    const buttons = [];
+    if (m.state === "discovered") {
+      const form = approveForm(m, clusters, profiles, () => load());
+      buttons.push(form);
+    } else {
+      buttons.push(h("button", {onclick: () => act("reinstall requested", "POST",
+        `/machines/${ref}/reinstall`)}, "Reinstall"));
+    }
+    buttons.push(h("button", {class: "danger", onclick: () => {
+      if (confirm(`Remove ${m.hostname || m.id} and its history from the inventory?`)) {
+        act("removed", "DELETE", `/machines/${ref}`, undefined, () => { location.hash = "#/"; });
+      }
+    }}, "Remove"));
+    actions.replaceChildren(...buttons);
+    const events = (await api("GET", `/machines/${ref}/events?limit=200`)).data;
+    timeline.replaceChildren(...events.slice().reverse().map((e) => h("li", {},
+      h("time", {title: iso(e.time)}, `${ago(e.time)} ago`), " ",
+      h("strong", {}, e.kind), " ", e.message)));
+    const why = (await api("GET", `/machines/${ref}/explain`)).data;
+    decision.replaceChildren(h("strong", {}, why.decision || "—"), " — ", why.reason || "",
+      why.group ? ` (group ${why.group}, profile from ${why.profile_source})` : "");
+    explain.textContent = JSON.stringify(why, null, 2);
+    for (const [kind, el] of [["ipxe", ipxe], ["config", config]]) {
+      const r = await api("GET", `/machines/${ref}/render/${kind}`, undefined, {allowError: true});
+      el.textContent = typeof r.data === "string" ? r.data
+        : `(nothing to show: ${r.data && r.data.error ? r.data.error : r.status})`;
+    }
+  }
+  const reload = throttled(() => load().catch(failed));
+  reload();
+  return {
+    onEvent(ev) { if (ev.machine === id) reload(); },
+    onMissed: reload,
+  };
+}
+
+function approveForm(m, clusters, profiles, done) {
+  const form = h("form", {class: "approve", dataset: {id: m.id}},
+    select("cluster", clusters, {empty: "cluster…", value: m.cluster || ""}),
+    select("role", ["server", "agent"], {empty: "role…", value: m.role || ""}),
+    select("profile", profiles, {empty: "profile…", value: m.profile || ""}),
+    h("input", {name: "hostname", placeholder: "hostname (optional)", "aria-label": "hostname"}),
+    h("button", {type: "submit"}, "Approve"));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body = {};
+    for (const [k, v] of new FormData(form).entries()) if (v) body[k] = v;
+    try {
+      await api("POST", `/machines/${encodeURIComponent(m.id)}/approve`, body);
+      notice(`${m.macs[0] || m.id} approved`);
+      done();
+    } catch (err) { failed(err); }
+  });
+  return form;
+}
+
+function discoveredView(root) {
+  const tbody = h("tbody");
+  const total = h("p", {class: "muted"});
+  root.append(h("h1", {}, "Discovered machines"),
+    h("p", {class: "muted"}, "Machines that booted and nobody enrolled: approve each with a " +
+      "cluster, a role and a profile (or leave them to the groups and defaults)."),
+    total,
+    h("table", {class: "machines"}, h("thead", {}, h("tr", {},
+      ["MAC(s)", "Arch", "Firmware", "Serial", "First seen", "Approve as"].map((t) => h("th", {}, t)))),
+    tbody));
+  async function load() {
+    const [{data}, {clusters, profiles}] = await Promise.all([
+      api("GET", `/machines?state=discovered&limit=${PAGE}&sort=created&order=desc`), choices()]);
+    total.textContent = data.total > data.items.length
+      ? `the ${data.items.length} newest of ${data.total}` : `${data.total} waiting`;
+    tbody.replaceChildren(...data.items.map((m) => h("tr", {dataset: {id: m.id}},
+      h("td", {class: "mono"}, h("a", {href: `#/machine/${encodeURIComponent(m.id)}`},
+        m.macs.join(" ") || m.id)),
+      h("td", {}, m.arch || ""), h("td", {}, m.firmware || ""), h("td", {}, m.serial || ""),
+      h("td", {title: iso(m.created)}, `${ago(m.created)} ago`),
+      h("td", {}, approveForm(m, clusters, profiles, reload)))));
+    if (!data.items.length) {
+      tbody.append(h("tr", {}, h("td", {colspan: 6, class: "muted"},
+        "No machine is waiting for approval.")));
+    }
+  }
+  const reload = throttled(() => load().catch(failed));
+  reload();
+  return {onEvent: reload, onMissed: reload};
+}
+
+function enrollView(root) {
+  const one = h("form", {class: "enroll"},
+    h("label", {}, "MAC(s) ", h("input", {name: "macs", placeholder: "52:54:00:12:34:56, …"})),
+    h("label", {}, "Hostname ", h("input", {name: "hostname"})),
+    h("label", {}, "Serial ", h("input", {name: "serial"})),
+    h("label", {}, "Cluster ", h("select", {name: "cluster"})),
+    h("label", {}, "Role ", select("role", ["server", "agent"])),
+    h("label", {}, "Profile ", h("select", {name: "profile"})),
+    h("button", {type: "submit"}, "Enroll"));
+  choices().then(({clusters, profiles}) => {
+    one.elements.cluster.replaceWith(select("cluster", clusters));
+    one.elements.profile.replaceWith(select("profile", profiles));
+  }).catch(failed);
+  one.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body = {};
+    for (const [k, v] of new FormData(one).entries()) {
+      if (!v) continue;
+      body[k] = k === "macs" ? v.split(/[\s,]+/).filter(Boolean) : v;
+    }
+    try {
+      const {data} = await api("POST", "/machines", body);
+      notice(`enrolled ${data.hostname || data.id}`);
+      one.reset();
+    } catch (err) { failed(err); }
+  });
+
+  const file = h("input", {type: "file", name: "file", accept: ".csv,.yaml,.yml,.json",
+    "aria-label": "import file"});
+  const check = h("button", {type: "button"}, "Check (dry run)");
+  const apply = h("button", {type: "button", disabled: true}, "Import");
+  const report = h("div", {class: "report"});
+  let text = null;
+  let format = null;
+
+  function formatOf(name) {
+    const ext = name.split(".").pop().toLowerCase();
+    return ext === "yml" ? "yaml" : ["csv", "yaml", "json"].includes(ext) ? ext : "csv";
+  }
+
+  async function send(dryRun) {
+    const {status, data} = await api("POST",
+      `/machines:import?format=${format}&dry_run=${dryRun ? 1 : 0}`, undefined,
+      {raw: text, contentType: "text/plain; charset=utf-8", allowError: true});
+    if (!data || !Array.isArray(data.errors)) {
+      // The file itself is unreadable (not CSV/YAML/JSON): one error for the whole file.
+      const msg = data && data.error ? `${data.field ? data.field + ": " : ""}${data.error}` : `HTTP ${status}`;
+      report.replaceChildren(h("p", {class: "error"}, msg));
+      apply.disabled = true;
+      return;
+    }
+    const rows = data.errors.map((e) => h("tr", {class: "row-error"},
+      h("td", {class: "num"}, e.line), h("td", {}, e.field), h("td", {}, e.message)));
+    const summary = `${data.created.length} new, ${data.changed.length} changed, ` +
+      `${data.unchanged.length} unchanged, ${data.errors.length} with errors` +
+      (data.applied ? " — imported" : dryRun ? " — nothing changed yet" : "");
+    report.replaceChildren(h("p", {class: data.errors.length ? "error" : "ok"}, summary),
+      rows.length ? h("table", {class: "errors"}, h("thead", {}, h("tr", {},
+        h("th", {}, "Line"), h("th", {}, "Field"), h("th", {}, "Problem"))), h("tbody", {}, rows)) : "");
+    apply.disabled = !dryRun || data.errors.length > 0;
+    if (data.applied) { lists = null; notice("import applied"); }
+  }
+
+  check.addEventListener("click", async () => {
+    const f = file.files[0];
+    if (!f) { notice("choose a file first", "error"); return; }
+    text = await f.text();
+    format = formatOf(f.name);
+    send(true).catch(failed);
+  });
+  apply.addEventListener("click", () => send(false).catch(failed));
+  file.addEventListener("change", () => { apply.disabled = true; report.replaceChildren(); });
+
+  root.append(h("h1", {}, "Enroll"),
+    h("section", {}, h("h2", {}, "One machine"), one),
+    h("section", {}, h("h2", {}, "Bulk import"),
+      h("p", {class: "muted"}, "CSV (header row with mac, hostname, serial, cluster, role, " +
+        "profile, label.KEY …), YAML or JSON. Every row is checked first; nothing changes " +
+        "until the file is clean and you press Import."),
+      h("div", {class: "filters"}, file, check, apply), report));
+  return {};
+}
+
+function clustersView(root) {
+  const list = h("div");
+  root.append(h("h1", {}, "Clusters"), list);
+  async function load() {
+    const {data} = await api("GET", "/clusters");
+    if (!data.length) { list.replaceChildren(h("p", {class: "muted"}, "No clusters yet.")); return; }
+    const sections = await Promise.all(data.map(async (c) => {
+      const nodes = (await api("GET", `/clusters/${encodeURIComponent(c.name)}/nodes`)).data;
+      const first = nodes.find((n) => n.role === "server" && n.state === "registered" && n.ipv4);
+      const endpoint = c.server_url !== "managed" ? c.server_url
+        : c.endpoint || (first ? `${first.ipv4} (first registered server)` : "none yet: waiting for a server to register");
+      return h("section", {class: "cluster", dataset: {cluster: c.name}},
+        h("h2", {}, c.name),
+        h("dl", {class: "fields"}, h("dt", {}, "k3s"), h("dd", {}, c.server_url),
+          h("dt", {}, "endpoint"), h("dd", {}, endpoint),
+          c.description ? [h("dt", {}, "description"), h("dd", {}, c.description)] : null),
+        h("table", {class: "machines"}, h("thead", {}, h("tr", {},
+          ["Hostname", "MAC(s)", "Role", "State", "Address"].map((t) => h("th", {}, t)))),
+        h("tbody", {}, nodes.map((n) => h("tr", {onclick: () => {
+          location.hash = `#/machine/${encodeURIComponent(n.id)}`;
+        }}, h("td", {}, n.hostname || n.id), h("td", {class: "mono"}, n.macs.join(" ")),
+        h("td", {}, n.role || ""), h("td", {}, stateBadge(n.state)), h("td", {}, n.ipv4 || ""))))));
+    }));
+    list.replaceChildren(...sections);
+  }
+  const reload = throttled(() => load().catch(failed));
+  reload();
+  return {onEvent: reload, onMissed: reload};
+}
+
+// ---- router ------------------------------------------------------------------------------
+
+function route() {
+  const root = document.getElementById("view");
+  root.replaceChildren();
+  const hash = location.hash.replace(/^#/, "") || "/";
+  const [, page, arg] = hash.split("/");
+  for (const a of document.querySelectorAll("nav a")) {
+    a.classList.toggle("active", a.dataset.nav === (page || "machines") ||
+      (page === "machine" && a.dataset.nav === "machines"));
+  }
+  if (page === "machine" && arg) view = machineView(root, decodeURIComponent(arg));
+  else if (page === "discovered") view = discoveredView(root);
+  else if (page === "enroll") view = enrollView(root);
+  else if (page === "clusters") view = clustersView(root);
+  else view = machinesView(root);
+}
+
+window.addEventListener("hashchange", route);
+route();
+connect();
+refreshDiscovered();

@@ -1,0 +1,55 @@
+"""The in-process event bus: fan-out in order, bounded queues that say what they dropped."""
+
+from __future__ import annotations
+
+import pytest
+
+from netboot.errors import Busy
+from netboot.events import EventBus, Missed, Published
+from netboot.inventory.memory import MemoryStore
+from netboot.model import Event
+
+
+def ev(i: int) -> Event:
+    return Event(f"m-{i}", float(i), "progress", str(i))
+
+
+async def test_every_subscriber_gets_events_in_order() -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.listen(seen.append)
+    with bus.subscribe() as a, bus.subscribe() as b:
+        bus.published([ev(1), ev(2)])
+        for sub in (a, b):
+            first, second = await sub.next(), await sub.next()
+            assert isinstance(first, Published) and isinstance(second, Published)
+            assert (first.event, second.event) == (ev(1), ev(2))
+            assert second.seq == first.seq + 1
+    assert seen == [ev(1), ev(2)]
+    assert bus.subscribers == 0
+
+
+async def test_a_slow_reader_is_told_what_it_missed() -> None:
+    bus = EventBus(queue_size=3)
+    with bus.subscribe() as sub:
+        bus.published([ev(i) for i in range(10)])
+        missed = await sub.next()
+        assert missed == Missed(7)
+        rest = [await sub.next() for _ in range(3)]
+        assert [r.event.message for r in rest if isinstance(r, Published)] == ["7", "8", "9"]
+
+
+async def test_streams_are_capped() -> None:
+    bus = EventBus(max_subscribers=1)
+    with bus.subscribe(), pytest.raises(Busy), bus.subscribe():
+        pass
+
+
+async def test_the_store_publishes_committed_events_only() -> None:
+    bus = EventBus()
+    seen: list[Event] = []
+    bus.listen(seen.append)
+    store = MemoryStore(listener=bus)
+    await store.open()
+    await store.add_event(ev(1))
+    assert [e.message for e in seen] == ["1"]

@@ -1,0 +1,84 @@
+"""``netboot events``: a machine's history, and ``--follow`` against a real server's stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from netboot import follow
+from tests.conftest import Env
+
+MAC = "52:54:00:ee:00:01"
+
+
+async def subscribed(env: Env, count: int = 1) -> None:
+    for _ in range(200):  # bounded: 10 s
+        if env.service.events.subscribers >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the follower never connected")
+
+
+async def test_follow_prints_each_event_as_it_is_recorded(env: Env, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(env.admin + "\n")
+    base = f"http://{env.client.host}:{env.client.port}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "netboot", "events", "--follow", "--json", "--server", base,
+        "--token-file", str(token_file), "--data-dir", str(tmp_path / "cli"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "NETBOOT_CONFIG"})
+    try:
+        await subscribed(env)
+        await env.post("/api/v1/machines", {"mac": MAC, "hostname": "follow-1"}, status=201)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        event = json.loads(line)
+        assert event["kind"] == "enrolled" and event["message"] == "created through the API"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        _, err = await proc.communicate()
+    assert b"Traceback" not in err, err
+
+
+async def test_follow_one_machine_in_human_lines(env: Env) -> None:
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "a"}, status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:ee:00:02", "hostname": "b"}, status=201)
+    base = f"http://{env.client.host}:{env.client.port}"
+    wanted = await follow.machine_id(base, env.admin, MAC)
+    lines: list[str] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        lines.append(follow.event_line(event, as_json=False))
+
+    task = asyncio.ensure_future(follow.follow(base, env.admin, machine=wanted, emit=emit,
+                                               stop=lambda: bool(lines)))
+    await subscribed(env)
+    await env.post("/api/v1/machines/52:54:00:ee:00:02/reinstall", {}, status=200)
+    await env.post(f"/api/v1/machines/{MAC}/reinstall", {}, status=200)
+    await asyncio.wait_for(task, 20)
+    (line,) = lines
+    when, who, kind, message = line.split("  ", 3)
+    assert "T" in when and when[-6] in "+-"  # local ISO 8601 with its offset
+    assert (who, kind) == (wanted, "reinstall") and message.startswith("reinstall requested")
+
+
+async def test_follow_with_a_wrong_token_says_so(env: Env) -> None:
+    base = f"http://{env.client.host}:{env.client.port}"
+    try:
+        await follow.follow(base, "wrong", emit=lambda e: None)
+    except Exception as exc:
+        assert "refused the token" in str(exc)
+    else:
+        raise AssertionError("no error")
+
+
+def test_event_line_keeps_one_line_per_event() -> None:
+    line = follow.event_line({"time": 0, "machine": "m-1", "kind": "progress",
+                              "message": "a\nforged"}, as_json=False)
+    assert "\n" not in line and line.endswith("a\\nforged")

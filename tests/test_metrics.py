@@ -1,0 +1,137 @@
+"""``GET /metrics`` after a simulated boot: the DHCP server answers captured firmware packets,
+the device fetches its script over HTTP, installs and registers; the scrape is parsed with
+prometheus_client's own parser and checked value by value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from netboot.metrics import Metrics
+from netboot.model import Event
+from netboot.pxe import DhcpSettings
+from netboot.servers.dhcp import DhcpServer
+from tests.conftest import Env, EnvFactory, boot, call, install_token
+from tests.dhcp_fakes import MemoryLeaseStore
+from tests.servers.test_dhcp import payload
+
+LOOPBACK = "127.0.0.1"
+PCAP_MAC = "52:54:00:00:00:11"  # the client of tests/data/pcaps/uefi-edk2pxe.pcap
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(scraped: dict[Any, float], name: str, **labels: str) -> float:
+    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(env: Env, **kwargs: Any) -> dict[Any, float]:
+    r = await call(env, "GET", "/metrics", admin=False, **kwargs)
+    assert r.status == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return samples(r.text)
+
+
+async def test_a_simulated_boot_is_counted(make_env: EnvFactory) -> None:
+    env = await make_env()
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": PCAP_MAC, "hostname": "edge-1"}, status=201)
+    dhcp = DhcpServer(DhcpSettings(), env.service.boot, MemoryLeaseStore(), interfaces=None,
+                      advertise=LOOPBACK, host=LOOPBACK, port=0, pxe_port=0,
+                      broadcast_address=LOOPBACK, observer=env.service.metrics)
+    await dhcp.start()
+    try:
+        # EDK2's DISCOVER (proxy OFFER on :67), then its REQUEST to :4011 (ACK).
+        offers = await dhcp.handle(payload("uefi-edk2pxe", 8), ("0.0.0.0", 68),
+                                   server_ip=LOOPBACK, pxe_port=False)
+        acks = await dhcp.handle(payload("uefi-edk2pxe", 19), ("0.0.0.0", 68),
+                                 server_ip=LOOPBACK, pxe_port=True)
+        assert offers and acks
+    finally:
+        await dhcp.close()
+    script = await boot(env, PCAP_MAC.replace(":", "-"))
+    token = install_token(script)
+    r = await call(env, "POST", f"/api/v1/machines/{PCAP_MAC}/events", admin=False,
+                   json_body={"kind": "installed"},
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 201
+    r = await call(env, "POST", "/api/v1/register", admin=False,
+                   json_body={"mac": PCAP_MAC, "token": token, "addresses": ["192.0.2.31"]})
+    assert r.status == 200
+    r = await call(env, "GET", "/api/v1/machines/52:54:00:99:99:99")
+    assert r.status == 404
+
+    m = await scrape(env)
+    assert value(m, "netboot_dhcp_replies_total", type="OFFER", firmware="uefi",
+                 arch="x86_64") == 1
+    assert value(m, "netboot_dhcp_replies_total", type="ACK", firmware="uefi",
+                 arch="x86_64") == 1
+    # Routes are patterns: the 404 above is counted under {ref}, not its raw path.
+    assert value(m, "netboot_http_requests_total", route="/ipxe", method="GET",
+                 status="200") == 1
+    assert value(m, "netboot_http_requests_total", route="/api/v1/machines/{ref}",
+                 method="GET", status="404") == 1
+    assert value(m, "netboot_http_requests_total", route="/api/v1/register", method="POST",
+                 status="200") == 1
+    assert value(m, "netboot_machines", state="registered") == 1
+    assert value(m, "netboot_machines", state="enrolled") == 0
+    assert value(m, "netboot_install_duration_seconds_count") == 1
+    assert value(m, "netboot_registration_duration_seconds_count") == 1
+    assert value(m, "netboot_events_total", kind="registered") == 1
+    # A second scrape counts itself: /metrics is a route like the others.
+    again = await scrape(env)
+    assert value(again, "netboot_http_requests_total", route="/metrics", method="GET",
+                 status="200") == 1
+
+
+async def test_metrics_can_require_a_token(make_env: EnvFactory) -> None:
+    env = await make_env("metrics:\n  public: false\n")
+    r = await call(env, "GET", "/metrics", admin=False)
+    assert r.status == 401
+    r = await call(env, "GET", "/metrics")
+    assert r.status == 200 and "netboot_machines" in r.text
+
+
+async def test_durations_follow_event_times_and_restart_on_reinstall() -> None:
+    metrics = Metrics()
+    metrics.event(Event("m1", 100.0, "install-plan"))
+    metrics.event(Event("m1", 130.0, "install-plan"))  # rebooted mid-install: began at 100
+    metrics.event(Event("m1", 400.0, "installed"))
+    metrics.event(Event("m1", 460.0, "registered"))
+    metrics.event(Event("m2", 100.0, "install-plan"))
+    metrics.event(Event("m2", 150.0, "failed"))
+    metrics.event(Event("m2", 200.0, "registered"))  # no install began after the failure
+    m = samples(_text(metrics))
+    assert value(m, "netboot_install_duration_seconds_sum") == 300
+    assert value(m, "netboot_install_duration_seconds_count") == 1
+    assert value(m, "netboot_registration_duration_seconds_sum") == 60
+    assert value(m, "netboot_errors_total", kind="install_failed") == 1
+
+
+def test_two_services_count_apart() -> None:
+    a, b = Metrics(), Metrics()
+    a.http_request("/healthz", "GET", 200, 0.001)
+    assert value(samples(_text(a)), "netboot_http_requests_total", route="/healthz",
+                 method="GET", status="200") == 1
+    assert value(samples(_text(b)), "netboot_http_requests_total", route="/healthz",
+                 method="GET", status="200") == 0
+
+
+def test_tracked_installs_are_bounded() -> None:
+    metrics = Metrics(max_tracked=10)
+    for i in range(100):
+        metrics.event(Event(f"m{i}", float(i), "install-plan"))
+    assert len(metrics._started) == 10
+
+
+def _text(metrics: Metrics) -> str:
+    from prometheus_client.exposition import generate_latest
+
+    return generate_latest(metrics.registry).decode()

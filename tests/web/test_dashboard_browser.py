@@ -1,0 +1,209 @@
+"""The dashboard in a real headless browser: Debian's chromium driven by Playwright.
+
+The server is the real application on a loopback port; the device side (a firmware asking
+for its boot script, an installer reporting, the installed OS registering) is driven with
+plain HTTP calls, as a device would make them. Screenshots of every step are kept under
+``tests/artifacts/dashboard/`` (git-ignored), and their path is printed, so that a failure can
+be looked at, not only read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.conftest import Env, EnvFactory, boot, call, install_token
+
+CHROMIUM = "/usr/bin/chromium"
+# What a server without a display, a GPU or network access to Google needs.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "dashboard"
+HOLD = "discovery:\n  policy: hold\n"
+TIMEOUT_MS = 15_000
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+def shots(request: pytest.FixtureRequest) -> Any:
+    folder = ARTIFACTS / request.node.name
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {folder}")
+    count = [0]
+
+    async def shot(page: Page, name: str) -> None:
+        count[0] += 1
+        await page.screenshot(path=str(folder / f"{count[0]:02d}-{name}.png"), full_page=True)
+    return shot
+
+
+def url(env: Env, path: str = "/") -> str:
+    return f"http://{env.client.host}:{env.client.port}{path}"
+
+
+async def logged_in(browser: Browser, env: Env, shot: Any) -> Page:
+    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    await page.goto(url(env))
+    # Not logged in: the dashboard sends the browser to the login page.
+    await expect(page).to_have_url(url(env, "/login"))
+    await page.fill("#token", "not-the-token")
+    await page.click("button[type=submit]")
+    await expect(page.locator("#error")).to_be_visible()
+    await shot(page, "login-refused")
+    await page.fill("#token", env.admin)
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(url(env, "/"))
+    await expect(page.locator("#live")).to_have_text("live")
+    return page
+
+
+async def test_machine_appears_live_and_is_approved_and_registers(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    env = await make_env(HOLD)
+    await env.seed()
+    page = await logged_in(browser, env, shots)
+    await expect(page.locator("table.machines tbody")).to_contain_text("No machines match")
+    await shots(page, "empty")
+
+    # A device boots: its firmware asks for a script, nobody knows it, it is held and
+    # recorded as discovered. The open page shows it without a reload (Server-Sent Events).
+    await boot(env, "52-54-00-aa-00-01", serial="SN-LIVE-1")
+    row = page.locator("table.machines tbody tr", has_text="52:54:00:aa:00:01")
+    await expect(row).to_contain_text("discovered")
+    await expect(page.locator("#discovered-count")).to_have_text("1")
+    await shots(page, "discovered-live")
+
+    # Approve it from the discovered queue, as an agent of cluster edge with profile k3os.
+    await page.click("nav a[data-nav=discovered]")
+    form = page.locator("form.approve").first
+    await form.locator("select[name=cluster]").select_option("edge")
+    await form.locator("select[name=role]").select_option("agent")
+    await form.locator("select[name=profile]").select_option("k3os")
+    await shots(page, "approve-form")
+    await form.locator("button[type=submit]").click()
+    await expect(page.locator("#notice")).to_contain_text("approved")
+    await expect(page.locator("form.approve")).to_have_count(0)
+    machine = (await env.get("/api/v1/machines/52:54:00:aa:00:01"))
+    assert machine["state"] == "enrolled" and machine["cluster"] == "edge"
+
+    # Back on the list, the device installs and registers; the row follows each step.
+    await page.click("nav a[data-nav=machines]")
+    row = page.locator("table.machines tbody tr", has_text="52:54:00:aa:00:01")
+    await expect(row).to_contain_text("enrolled")
+    script = await boot(env, "52-54-00-aa-00-01", serial="SN-LIVE-1")
+    token = install_token(script)
+    await expect(row).to_contain_text("booting")
+    r = await call(env, "POST", "/api/v1/machines/52:54:00:aa:00:01/events", admin=False,
+                   json_body={"kind": "installed", "message": "disk written"},
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 201, r.text
+    await expect(row).to_contain_text("installed")
+    r = await call(env, "POST", "/api/v1/register", admin=False,
+                   json_body={"mac": "52:54:00:aa:00:01", "token": token,
+                              "addresses": ["192.0.2.77"]})
+    assert r.status == 200, r.text
+    await expect(row).to_contain_text("registered")
+    await expect(row).to_contain_text("registered at 192.0.2.77")
+    await shots(page, "registered-live")
+
+    # Its page: timeline, the explain view, the rendered script and config without secrets.
+    await row.locator("a").click()
+    await expect(page.locator("ol.timeline")).to_contain_text("registered")
+    await expect(page.locator("pre.code").first).to_contain_text('"state": "registered"')
+    await expect(page.locator("pre.code").nth(1)).to_contain_text("#!ipxe")
+    config = page.locator("pre.code").nth(2)
+    await expect(config).to_contain_text("********")
+    assert "k3s-secret-token" not in await config.inner_text()
+    assert token not in await page.content()
+    await shots(page, "machine-page")
+
+    # Clusters: the node is listed under its cluster.
+    await page.click("nav a[data-nav=clusters]")
+    await expect(page.locator("section.cluster[data-cluster=edge]")).to_contain_text(
+        "52:54:00:aa:00:01")
+    await shots(page, "clusters")
+
+
+async def test_bulk_upload_reports_the_bad_row_and_imports_a_clean_file(
+        make_env: EnvFactory, browser: Browser, shots: Any, tmp_path: Path) -> None:
+    env = await make_env()
+    await env.seed()
+    page = await logged_in(browser, env, shots)
+    await page.click("nav a[data-nav=enroll]")
+    bad = tmp_path / "rack1.csv"
+    bad.write_text("mac,hostname,cluster,role\n"
+                   "52:54:00:bb:00:01,rack1-a,edge,agent\n"
+                   "52:54:00:bb:00:02,rack1-b,nowhere,agent\n"
+                   "not-a-mac,rack1-c,edge,agent\n")
+    await page.set_input_files("input[type=file]", str(bad))
+    await page.click("text=Check (dry run)")
+    errors = page.locator("table.errors tbody tr")
+    await expect(errors).to_have_count(2)
+    await expect(errors.nth(0)).to_contain_text("3")  # the file's line of the bad cluster
+    await expect(errors.nth(0)).to_contain_text("cluster")
+    await expect(errors.nth(1)).to_contain_text("4")
+    await expect(page.locator("button:text-is('Import')")).to_be_disabled()
+    await shots(page, "bulk-errors")
+    assert (await env.get("/api/v1/machines"))["total"] == 0  # a dry run changes nothing
+
+    good = tmp_path / "rack1-fixed.csv"
+    good.write_text("mac,hostname,cluster,role\n"
+                    "52:54:00:bb:00:01,rack1-a,edge,agent\n"
+                    "52:54:00:bb:00:02,rack1-b,edge,agent\n")
+    await page.set_input_files("input[type=file]", str(good))
+    await page.click("text=Check (dry run)")
+    await expect(page.locator(".report")).to_contain_text("2 new")
+    await page.click("button:text-is('Import')")
+    await expect(page.locator(".report")).to_contain_text("imported")
+    assert (await env.get("/api/v1/machines"))["total"] == 2
+    await shots(page, "bulk-imported")
+
+    # One machine by hand.
+    await page.fill("input[name=macs]", "52:54:00:bb:00:03")
+    await page.fill("input[name=hostname]", "rack1-c")
+    await page.click("form.enroll button[type=submit]")
+    await expect(page.locator("#notice")).to_contain_text("enrolled rack1-c")
+
+    # The list searches on the server: one match of three.
+    await page.click("nav a[data-nav=machines]")
+    await page.fill("input[type=search]", "rack1-b")
+    rows = page.locator("table.machines tbody tr")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("52:54:00:bb:00:02")
+    await shots(page, "search")
+
+
+async def test_many_machines_are_paged_and_sorted_by_the_server(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    env = await make_env()
+    rows = [{"mac": f"52:54:00:cc:{i // 256:02x}:{i % 256:02x}", "hostname": f"n{i:04d}"}
+            for i in range(120)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    page = await logged_in(browser, env, shots)
+    body = page.locator("table.machines tbody tr")
+    await expect(body).to_have_count(50)
+    await expect(page.locator(".pager")).to_contain_text("1\u201350 of 120")
+    await page.click("th button:text('Hostname')")
+    await page.click("th button:text('Hostname')")  # descending
+    await expect(body.first).to_contain_text("n0119")
+    await page.click("text=next →")
+    await expect(page.locator(".pager")).to_contain_text("51\u2013100 of 120")
+    await expect(body.first).to_contain_text("n0069")
+    await shots(page, "paged")
+    assert re.search(r"n0069", await body.first.inner_text())
