@@ -36,6 +36,26 @@ _MAC = {"type": "string", "pattern": MAC_PATTERN}
 _UUID = {"type": "string", "pattern": "^[0-9A-Fa-f]{8}(-?[0-9A-Fa-f]{4}){3}-?[0-9A-Fa-f]{12}$"}
 
 
+# Profile, cluster and group names (netboot.core.check_name): path segments of
+# /api/v1/<kind>/<name> and words in iPXE script comments, so no '/', no surrounding spaces, no
+# unprintable characters, 1 to 253 characters. The pattern is the printable-ASCII part of what
+# the server accepts: "printable" (Python's str.isprintable) is a set of Unicode categories,
+# which neither an ECMA-262 pattern without the u flag nor Python's re can name, so the other
+# printable text the server takes is said in the description, not matched.
+NAME_PATTERN = "^[!-.0-~]([ -.0-~]*[!-.0-~])?$"
+NAME = {"type": "string", "minLength": 1, "maxLength": 253, "pattern": NAME_PATTERN,
+        "description": "printable text without '/' or surrounding spaces, at most 253 "
+                       "characters (the server also takes printable non-ASCII text)"}
+# Required text that is not only spaces (codec._name).
+_TEXT = {"type": "string", "pattern": "\\S"}
+_FACT = {"type": ["string", "null"], "maxLength": 256}
+_EXTERNAL = {"required": ["server_url"], "properties": {"server_url": {"pattern": "^https://"}}}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
@@ -92,41 +112,69 @@ SCHEMAS: dict[str, Any] = {
         "items": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}},
         "total": {"type": "integer"}, "limit": {"type": "integer"},
         "offset": {"type": "integer"}}},
-    "Profile": {"type": "object", "required": ["name", "kernel"], "properties": {
-        "name": _STR, "kernel": _STR, "initrds": _LIST, "cmdline": _STR,
+    "Profile": {"type": "object", "required": ["name", "kernel"], "additionalProperties": False,
+                "properties": {
+        "name": NAME, "kernel": _TEXT, "initrds": _LIST, "cmdline": _STR,
         "config_template": {"type": "string", "enum": ["k3os", "cloud-init"]},
-        "assets": {"type": "array", "items": {"type": "object", "properties": {
-            "path": _STR, "sha256": _NSTR}}},
+        "assets": {"type": "array", "items": {
+            "type": "object", "required": ["path"], "additionalProperties": False,
+            "properties": {"path": _TEXT, "sha256": _NSTR}}},
         "install_device": _STR, "iso_url": _NSTR, "ssh_authorized_keys": _LIST,
         "fdtdir": _NSTR, "loader": _LOADER, "description": _STR,
         "install_timeout": {"type": ["integer", "null"], "minimum": 60, "maximum": 604800,
                             "description": "seconds an install may take: the install token's "
                                            "lifetime (null: enroll.token_ttl_seconds)"}}},
-    "Cluster": {"type": "object", "required": ["name"], "properties": {
-        "name": _STR, "server_url": {"type": "string",
-                                     "description": "https://… of the k3s API, or 'managed'"},
-        "token": {"type": "string", "writeOnly": True}, "labels": _MAP, "taints": _LIST,
-        "description": _STR,
+    # An external cluster (server_url https://...) has no endpoint of its own: its server_url
+    # is where nodes join (netboot.core checks it, a 400 naming "endpoint").
+    "Cluster": {"type": "object", "required": ["name"], "additionalProperties": False,
+                "properties": {
+        "name": NAME,
+        "server_url": {"type": "string", "anyOf": [{"const": "managed"},
+                                                   {"pattern": "^https://"}],
+                       "description": "https://… of the k3s API, or 'managed' (the default)"},
+        "token": {"type": "string", "writeOnly": True,
+                  "description": "the k3s node token; required to create an external cluster, "
+                                 "generated for a managed one; a replace without it keeps it"},
+        "labels": _MAP, "taints": _LIST, "description": _STR,
         "endpoint": {"type": ["string", "null"], "description":
                      "managed clusters: where nodes reach the servers (a VIP or DNS name): "
-                     "host, host:port or https://host[:port]; unset, the first registered "
-                     "server's address, and nodes wait until one registers"}}},
-    "Group": {"type": "object", "required": ["name"], "properties": {
-        "name": _STR, "selector": {"type": "object", "additionalProperties": _LIST},
-        "profile": _NSTR, "cluster": _NSTR, "role": _NSTR, "labels": _MAP, "taints": _LIST,
-        "hostname_template": _NSTR, "loader": _LOADER}},
+                     "host, host:port or https://host[:port], not loopback, link-local, "
+                     "multicast or unspecified; unset, the first registered server's "
+                     "address, and nodes wait until one registers"}},
+                "if": _EXTERNAL, "then": {"properties": {"endpoint": {"enum": [None, ""]},
+                                                         "token": {"minLength": 1}}}},
+    # Creating: an external cluster needs its join token (a managed one gets a generated one).
+    # Not part of "Cluster": answers never carry the token.
+    "ClusterCreate": {"allOf": [_ref("Cluster"), {
+        "if": _EXTERNAL, "then": {"required": ["token"],
+                                  "properties": {"token": {"minLength": 1}}}}]},
+    "Group": {"type": "object", "required": ["name"], "additionalProperties": False,
+              "properties": {
+        "name": NAME, "selector": {"type": "object", "additionalProperties": _LIST},
+        "profile": {**_NSTR, "description": "the name of an existing profile (else a 400 "
+                    "naming profile)"},
+        "cluster": {**_NSTR, "description": "the name of an existing cluster (else a 400 "
+                    "naming cluster)"},
+        "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
+        "labels": _MAP, "taints": _LIST,
+        "hostname_template": {**_NSTR, "description": "fields in braces, e.g. "
+                              "node-{mac_hexhyp}; an unknown field or bad syntax is a 400"},
+        "loader": _LOADER}},
     "Event": {"type": "object", "properties": {
         "machine": _STR, "time": {"type": "number"}, "kind": _STR, "message": _STR,
         "data": {"type": "object"}}},
     "EventInput": {"type": "object", "required": ["kind"], "properties": {
         "kind": _STR, "message": _STR, "data": {"type": "object"}}},
     "Register": {"type": "object", "required": ["mac", "token"], "properties": {
-        "mac": _STR, "token": _STR, "hostname": _STR,
+        "mac": _MAC, "token": {"type": "string", "minLength": 1,
+                               "description": "the machine's install token; an unknown MAC "
+                                              "or a wrong token is a 401"},
+        "hostname": _NSTR,
         "addresses": {**_LIST, "description":
                       "the device's own addresses; the request's source address wins unless "
                       "it is not routable. Entries that are loopback, link-local, unspecified, "
                       "multicast, broadcast or not addresses are ignored (an event says so)"},
-        "machine_id": _STR, "node_name": _STR, "os": _STR}},
+        "machine_id": _FACT, "node_name": _FACT, "os": _FACT}},
     "Bulk": {"type": "object", "required": ["machines"], "additionalProperties": False,
              "properties": {
         "machines": {"type": "array", "items": {"$ref": "#/components/schemas/MachineInput"}},
@@ -171,8 +219,19 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
+def _replacing(name: str) -> dict[str, Any]:
+    """The body of PUT /api/v1/<kind>/{name}: the object without its name, which is the URL's.
+    The server also takes a body that repeats the URL's name (any other is a 400 naming it);
+    a schema cannot say "equal to the path parameter", so the document leaves the name out."""
+    schema = dict(SCHEMAS[name])
+    schema["properties"] = {k: v for k, v in schema["properties"].items() if k != "name"}
+    schema["required"] = [k for k in schema["required"] if k != "name"]
+    if not schema["required"]:
+        del schema["required"]
+    return schema
+
+
+SCHEMAS.update({f"{name}Replace": _replacing(name) for name in ("Profile", "Cluster", "Group")})
 
 
 def _security(need: Permission) -> list[dict[str, list[str]]]:
@@ -372,16 +431,28 @@ def document() -> dict[str, Any]:
     for kind, schema in (("profiles", "Profile"), ("clusters", "Cluster"), ("groups", "Group")):
         paths[f"/api/v1/{kind}"] = {
             "get": _op(f"list {kind}", need=READ, out=f"array:{schema}", errors=()),
-            "post": _op(f"create a {kind[:-1]}", need=CONFIGURE, body=schema, ok=201, out=schema,
-                        errors=(400, 409, 413)),
+            "post": _op(f"create a {kind[:-1]}", need=CONFIGURE,
+                        body="ClusterCreate" if kind == "clusters" else schema, ok=201,
+                        out=schema, errors=(400, 409, 413)),
         }
         paths[f"/api/v1/{kind}/{{name}}"] = {
             "parameters": [_path_param("name")],
             "get": _op(f"one {kind[:-1]}", need=READ, out=schema),
-            "put": _op(f"replace a {kind[:-1]}", need=CONFIGURE, body=schema, out=schema,
+            "put": _op(f"replace a {kind[:-1]}", need=CONFIGURE, body=f"{schema}Replace",
+                       out=schema,
                        errors=(400, 404, 409)),
             "delete": _op(f"remove a {kind[:-1]}", need=CONFIGURE, ok=204, errors=(404, 409)),
         }
+        # What a schema cannot say: a body's "name" must be the URL's, and a group names a
+        # profile and a cluster that exist (a 400 naming the field); two equally specific
+        # groups that can match one machine are a 409.
+        put = paths[f"/api/v1/{kind}/{{name}}"]["put"]
+        put["description"] += " The name is the URL's (a body may repeat it, no other)."
+        if kind == "groups":
+            for op in (put, paths["/api/v1/groups"]["post"]):
+                op["description"] += (" Its profile and cluster must name existing ones (a 400 "
+                                      "naming the field); a group as specific as another that "
+                                      "can match the same machine is a 409.")
     return {
         "openapi": "3.1.0",
         "info": {"title": "netboot", "version": "1",
