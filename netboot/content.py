@@ -20,7 +20,7 @@ from urllib.parse import quote
 from netboot import identity, lifecycle
 from netboot.boot import BootService
 from netboot.enroll import Enroller
-from netboot.errors import NotFound, RenderError
+from netboot.errors import Conflict, NotFound, RenderError
 from netboot.files import FileTree, clean_relative
 from netboot.inventory.base import Store
 from netboot.inventory.codec import cluster_to_dict, machine_to_dict, profile_to_dict
@@ -365,11 +365,13 @@ class Content:
         return self.assets.blob(path)
 
     def k3os_config(self, plan: BootPlan) -> str:
+        _need_profile(plan)
         return self._render.yaml_document("cloud-config/k3os.yaml", self.context(plan))
 
     def nocloud(self, plan: BootPlan, name: str) -> str:
         if name not in ("meta-data", "user-data", "vendor-data"):
             raise NotFound(f"no NoCloud file {name!r}")
+        _need_profile(plan)
         header = "#cloud-config" if name != "meta-data" else ""
         return self._render.yaml_document(f"cloud-config/cloud-init/{name}", self.context(plan),
                                           header=header)
@@ -418,3 +420,11 @@ def register_command(url: str, mac: str, token: str, node_name: str) -> str:
         f"fi && {{ mkdir -p /var/lib/netboot && touch {marker}; break; }}; "
         "i=$((i+1)); sleep 10; done; }"
     )
+
+
+def _need_profile(plan: BootPlan) -> None:
+    """A config is what a profile installs: without one there is nothing to render, which is
+    the operator's state to fix (409), not a template failure (500)."""
+    if plan.profile is None:
+        raise Conflict(f"{plan.mac} has no profile: set one on the machine or on a group "
+                       "that selects it, then its config can be rendered")

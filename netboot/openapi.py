@@ -288,6 +288,9 @@ def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str
     return out
 
 
+RENDER_KIND_NAMES = ("ipxe", "pxelinux", "grub", "config", "nocloud")
+
+
 def _path_param(name: str) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "in": "path", "required": True,
                            "schema": {"type": "string"}}
@@ -333,10 +336,14 @@ def document() -> dict[str, Any]:
                                                    "enum": ["0", "1", "true", "false"]}))),
         },
         "/api/v1/machines/{ref}/render/{kind}": {
-            "parameters": [_path_param("ref"), _path_param("kind")],
-            "get": _op("what the machine would be served now (ipxe, pxelinux, config, "
-                       "nocloud), install and join tokens masked", need=READ,
-                       params=(_query("arch", _STR),)),
+            "parameters": [_path_param("ref"), {
+                "name": "kind", "in": "path", "required": True,
+                # core.RENDER_KINDS (a test holds the two equal; openapi imports no core)
+                "schema": {"type": "string", "enum": list(RENDER_KIND_NAMES)}}],
+            "get": _op("what the machine would be served now (ipxe, pxelinux, grub, config, "
+                       "nocloud), install and join tokens masked; 409 for a config of a "
+                       "machine that has no profile", need=READ,
+                       errors=(400, 404, 409), params=(_query("arch", _STR),)),
         },
         "/api/v1/events/stream": {
             "get": {**_op("every machine event as it is recorded: Server-Sent Events "

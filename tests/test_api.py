@@ -1244,3 +1244,18 @@ async def test_attack_chain_reads_without_a_token_end_in_401(env: Env) -> None:
     r = await call(env, "POST", "/api/v1/machines/02:00:00:00:00:99/events",
                    json_body={"kind": "installed"}, admin=False)
     error(r, 401)
+
+
+async def test_render_of_a_config_without_profile_is_a_conflict_not_a_500(env: Env) -> None:
+    """Found by schemathesis: a machine with no profile has no config to render; that is the
+    operator's state to fix (409 naming it), never a template failure (500)."""
+    await env.post("/api/v1/machines", {"mac": "02:00:00:00:09:01"}, status=201)
+    for kind in ("config", "nocloud"):
+        body = await env.get(f"/api/v1/machines/02:00:00:00:09:01/render/{kind}", status=409)
+        assert "no profile" in body["error"], (kind, body)
+
+
+def test_openapi_render_kinds_are_the_core_s() -> None:
+    from netboot import core, openapi
+
+    assert openapi.RENDER_KIND_NAMES == core.RENDER_KINDS
