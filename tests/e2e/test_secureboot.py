@@ -29,12 +29,15 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 IPXE_DIR = Path("/usr/lib/ipxe")
-SB = VmSpec("uefi-sb-1", Kind.UEFI_SB, "52:54:00:00:00:31",
-            "4e455442-4f4f-5400-0000-000000000031", "NB-UEFISB-1", "tap0")
-SB_IPXE = VmSpec("uefi-sb-ipxe-1", Kind.UEFI_SB, "52:54:00:00:00:32",
-                 "4e455442-4f4f-5400-0000-000000000032", "NB-UEFISB-2", "tap0")
-ARM64 = VmSpec("uefi-arm64-1", Kind.UEFI_ARM64, "52:54:00:00:00:33",
-               "4e455442-4f4f-5400-0000-000000000033", "NB-AAVMF-1", "tap1")
+# MACs and UUIDs 0x61-0x63: the lab and its inventory are shared by the whole e2e session,
+# and the journey tests use 0x31-0x34 (a machine found enrolled is not enrolled again, so a
+# clash silently dropped the loader chain set here).
+SB = VmSpec("uefi-sb-1", Kind.UEFI_SB, "52:54:00:00:00:61",
+            "4e455442-4f4f-5400-0000-000000000061", "NB-UEFISB-1", "tap0")
+SB_IPXE = VmSpec("uefi-sb-ipxe-1", Kind.UEFI_SB, "52:54:00:00:00:62",
+                 "4e455442-4f4f-5400-0000-000000000062", "NB-UEFISB-2", "tap0")
+ARM64 = VmSpec("uefi-arm64-1", Kind.UEFI_ARM64, "52:54:00:00:00:63",
+               "4e455442-4f4f-5400-0000-000000000063", "NB-AAVMF-1", "tap1")
 # EDK2's BdsDxe when LoadImage fails the Secure Boot check (EFI_SECURITY_VIOLATION prints as
 # "Security Violation", EFI_ACCESS_DENIED as "Access Denied"), naming the PXE boot option.
 REFUSED = r"failed to load Boot\w+ \"UEFI PXEv4[^\"]*\".*(Access Denied|Security Violation)"
@@ -57,8 +60,10 @@ def sb(lab: E2ELab) -> E2ELab:
         body: dict[str, Any] = {"mac": spec.mac, "hostname": spec.name}
         if loader:
             body["loader"] = loader
-        if lab.api.get(f"/api/v1/machines/{spec.mac}").status == 404:
-            lab.api.expect("POST", "/api/v1/machines", body)
+        # Enrolled here or nowhere: a machine left by another test would keep its own chain.
+        assert lab.api.get(f"/api/v1/machines/{spec.mac}").status == 404, (
+            f"{spec.mac} is already used by another e2e test")
+        lab.api.expect("POST", "/api/v1/machines", body)
     return lab
 
 
