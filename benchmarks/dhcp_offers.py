@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import secrets
 import select
 import shutil
 import socket
@@ -49,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import peers
 from peers import stop
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,27 +160,8 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
-@contextlib.contextmanager
-def namespaces() -> Iterator[tuple[str, str]]:
-    tag = secrets.token_hex(3)
-    server, client = f"nbdo-{tag}-s", f"nbdo-{tag}-c"
-    created: list[str] = []
-    try:
-        for ns in (server, client):
-            _ip("netns", "add", ns)
-            created.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", server, "link", "add", SERVER_IF, "type", "veth", "peer", "name", CLIENT_IF,
-            "netns", client)
-        _ip("-n", server, "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_IF)
-        _ip("-n", server, "link", "set", SERVER_IF, "up")
-        _ip("-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", CLIENT_IF)
-        _ip("-n", client, "link", "set", CLIENT_IF, "up")
-        yield server, client
-    finally:
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
-                           timeout=30)
+def namespaces() -> contextlib.AbstractContextManager[tuple[str, str]]:
+    return peers.veth_namespaces("nbdo", SERVER_IF, CLIENT_IF, SERVER_IP, [CLIENT_IP])
 
 
 def cpu_seconds(pid: int) -> float:

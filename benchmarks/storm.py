@@ -62,10 +62,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import peers
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_IP = "192.0.2.1"
@@ -103,30 +105,8 @@ def _ip(*args: str, stdin: str | None = None) -> None:
                    text=True)
 
 
-@contextlib.contextmanager
-def namespaces() -> Iterator[tuple[str, str]]:
-    tag = secrets.token_hex(3)
-    server, client = f"nbstorm-{tag}-s", f"nbstorm-{tag}-c"
-    created: list[str] = []
-    try:
-        for ns in (server, client):
-            _ip("netns", "add", ns)
-            created.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        # Created inside the server namespace, the peer moved straight into the client's:
-        # the host namespace never holds either end.
-        _ip("-n", server, "link", "add", SERVER_IF, "type", "veth", "peer", "name", CLIENT_IF,
-            "netns", client)
-        _ip("-n", server, "addr", "add", f"{SERVER_IP}/24", "dev", SERVER_IF)
-        _ip("-n", server, "link", "set", SERVER_IF, "up")
-        batch = "".join(f"addr add {a}/24 dev {CLIENT_IF}\n" for a in CLIENT_IPS)
-        _ip("-n", client, "-batch", "-", stdin=batch)
-        _ip("-n", client, "link", "set", CLIENT_IF, "up")
-        yield server, client
-    finally:
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
-                           timeout=30)
+def namespaces() -> contextlib.AbstractContextManager[tuple[str, str]]:
+    return peers.veth_namespaces("nbstorm", SERVER_IF, CLIENT_IF, SERVER_IP, CLIENT_IPS)
 
 
 def udp_drops(ns: str) -> int:
