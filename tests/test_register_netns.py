@@ -19,7 +19,7 @@ from netboot.config import load
 from netboot.model import Cluster, MacAddress, Machine, Profile, Role
 from netboot.service import build
 from tests.conftest import write_config
-from tests.netns import in_namespace, namespace  # noqa: F401 (a fixture)
+from tests.netns import in_namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2")]
 

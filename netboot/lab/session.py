@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 NETBOOT = "netboot"
 HTTP_PORT = 8080
+HTTPS_PORT = 8443  # the API: netboot answers it to a non-loopback peer over HTTPS only
 
 # Fixed identities, so a run is deterministic and logs are comparable between runs.
 DEVICES: Mapping[str, VmSpec] = MappingProxyType({
@@ -79,6 +80,7 @@ class NetbootConfig:
     # hold to end waits seconds, not the default 15 s per round.
     hold_retry_seconds: int = 5
     http_port: int = HTTP_PORT
+    https_port: int = HTTPS_PORT
     tftp_port: int = 69
 
     def to_yaml(self) -> str:
@@ -89,6 +91,7 @@ class NetbootConfig:
                 "data_dir": str(self.data_dir),
             },
             "http": {"port": self.http_port},
+            "https": {"port": self.https_port},
             "dhcp": {"mode": self.mode},
             "tftp": {"port": self.tftp_port},
             "assets": {"dirs": [str(d) for d in self.assets_dirs]},
@@ -230,7 +233,10 @@ class LabSession:
             self._wait_netboot(ready_timeout)
         except LabError as exc:
             raise LabError(f"{exc}\n--- netboot log:\n{_tail(self.netboot_log)}") from exc
-        self.api.token = self.admin_token()
+        # Healthy over plain HTTP; the API from here on over HTTPS, trusting netboot's CA
+        # (written before the listeners start).
+        self.api = ApiClient(self.topo.srv, SRV_IP, cfg.https_port, token=self.admin_token(),
+                             ca_file=cfg.data_dir / "tls" / "ca.pem")
 
     def _wait_netboot(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -282,6 +282,17 @@ PlainApi = Literal["refuse", "loopback", "allow"]
 PLAINTEXT = web.RequestKey("plaintext", bool)
 
 
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address of a transport (IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address((text or "").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 @dataclass
 class PlainHttp:
     """What the plain HTTP listener serves to whom (``http.plain_api``).
@@ -296,9 +307,10 @@ class PlainHttp:
     with 403 naming the HTTPS URL (a page GET: a 308 redirect there); a request carrying a
     credential (an API token, the dashboard's session cookie, a login) is refused without
     its credential being read or checked, counted, and logged once per peer, since the token
-    crossed the network in clear. ``loopback`` (the default) trusts 127.0.0.0/8 and ::1 (the
-    CLI and scripts on this host, a TLS-terminating proxy beside netboot); ``refuse`` trusts
-    nobody; ``allow`` is the old behaviour, for a proxy on another host.
+    crossed the network in clear. ``loopback`` (the default) trusts this host: 127.0.0.0/8,
+    ::1 and a connection to the host's own address from that address (the CLI and scripts,
+    a TLS-terminating proxy beside netboot); ``refuse`` trusts nobody; ``allow`` everybody,
+    for a TLS-terminating proxy on another host.
     """
 
     mode: PlainApi = "loopback"
@@ -319,14 +331,17 @@ class PlainHttp:
             return True
         if self.mode == "refuse":
             return False
-        peer = request.remote
-        try:
-            address = ipaddress.ip_address((peer or "").split("%", 1)[0])
-        except ValueError:
+        address = _address(request.remote)
+        if address is None:
             return False  # a Unix socket or an unknown transport: not known to be this host
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return address.is_loopback
+        if address.is_loopback:
+            return True
+        # A connection from this host to its own address (the CLI told http.listen's
+        # address): the peer is the address it reached. No other host can open one: Linux
+        # drops a packet from outside whose source is a local address ("martian source").
+        sockname = (request.transport.get_extra_info("sockname")
+                    if request.transport is not None else None)
+        return bool(sockname) and _address(str(sockname[0])) == address
 
     @staticmethod
     def plain_route(request: web.Request) -> bool:

@@ -23,7 +23,7 @@ from netboot.config import load
 from netboot.model import Cluster, MacAddress, Machine, Profile, Role
 from netboot.service import Service, build
 from tests.conftest import write_config
-from tests.netns import in_namespace, namespace  # noqa: F401 (a fixture)
+from tests.netns import in_namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2")]
 
@@ -125,10 +125,10 @@ def test_a_device_gets_firmware_routes_over_http_and_the_api_only_over_https(
                 async with http.get(f"{https}/api/v1/machines", headers=bearer) as r:
                     out["https api"] = r.status
                 out["token after https"] = [t.last_used for t in await store.list_tokens()]
-            async with session(service, "127.0.0.1") as local:
-                async with local.get(f"http://127.0.0.1:{service.http_port}/api/v1/machines",
-                                     headers=bearer) as r:
-                    out["loopback api"] = r.status
+            local = f"http://127.0.0.1:{service.http_port}/api/v1/machines"
+            async with session(service, "127.0.0.1") as http, http.get(
+                    local, headers=bearer) as r:
+                out["loopback api"] = r.status
             stored = await store.machine_by("mac", MAC)
             assert stored is not None
             out["state"] = stored.state
@@ -175,29 +175,31 @@ def admin_not_in(line: str, tmp_path: Path) -> bool:
     return (tmp_path / "data" / "admin.token").read_text().strip() not in line
 
 
-@pytest.mark.parametrize(("mode", "loopback", "device"), [
+@pytest.mark.parametrize(("mode", "local", "device"), [
+    ("loopback", 200, 403),  # this host: 127.0.0.1, and its own address to itself
     ("refuse", 403, 403),
     ("allow", 200, 200),
 ])
-def test_plain_api_setting(namespace: str, tmp_path: Path, mode: str, loopback: int,
+def test_plain_api_setting(namespace: str, tmp_path: Path, mode: str, local: int,
                            device: int) -> None:
     async def scenario() -> dict[str, int]:
         service, admin = await started(tmp_path, http=f"  plain_api: {mode}\n")
         bearer = {"Authorization": f"Bearer {admin}"}
         out = {}
         try:
-            for source in ("127.0.0.1", DEVICE):
-                host = "127.0.0.1" if source == "127.0.0.1" else SERVER
+            for source, host in (("127.0.0.1", "127.0.0.1"), (SERVER, SERVER),
+                                 (DEVICE, SERVER)):
+                base = f"http://{host}:{service.http_port}"
                 async with session(service, source) as http:
-                    async with http.get(f"http://{host}:{service.http_port}/api/v1/machines",
-                                        headers=bearer) as r:
+                    async with http.get(f"{base}/api/v1/machines", headers=bearer) as r:
                         out[source] = r.status
-                    async with http.get(f"http://{host}:{service.http_port}/boot.ipxe") as r:
+                    async with http.get(f"{base}/boot.ipxe") as r:
                         out[source + " boot.ipxe"] = r.status
         finally:
             await service.close()
         return out
 
     out = in_namespace(namespace, scenario)
-    assert out == {"127.0.0.1": loopback, DEVICE: device,
-                   "127.0.0.1 boot.ipxe": 200, f"{DEVICE} boot.ipxe": 200}
+    assert out == {"127.0.0.1": local, SERVER: local, DEVICE: device,
+                   "127.0.0.1 boot.ipxe": 200, f"{SERVER} boot.ipxe": 200,
+                   f"{DEVICE} boot.ipxe": 200}
