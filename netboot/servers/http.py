@@ -339,9 +339,9 @@ class PlainHttp:
         # A connection from this host to its own address (the CLI told http.listen's
         # address): the peer is the address it reached. No other host can open one: Linux
         # drops a packet from outside whose source is a local address ("martian source").
-        sockname = (request.transport.get_extra_info("sockname")
-                    if request.transport is not None else None)
-        return bool(sockname) and _address(str(sockname[0])) == address
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        return isinstance(sockname, tuple) and _address(str(sockname[0])) == address
 
     @staticmethod
     def plain_route(request: web.Request) -> bool:
