@@ -239,6 +239,10 @@ class LabSession:
                              ca_file=cfg.data_dir / "tls" / "ca.pem")
 
     def _wait_netboot(self, timeout: float) -> None:
+        # /healthz over plain HTTP: it answers everyone there, and needs no CA (a restart
+        # with another data dir has another one).
+        port = self.netboot_config.http_port if self.netboot_config else HTTP_PORT
+        health = ApiClient(self.topo.srv, SRV_IP, port)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             t = self.procs.procs.get(NETBOOT)
@@ -246,7 +250,7 @@ class LabSession:
                 rc = t.popen.poll() if t is not None and t.popen is not None else None
                 raise LabError(f"netboot exited during start-up (exit code {rc})")
             try:
-                self.api.wait_healthy(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+                health.wait_healthy(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
                 return
             except LabError:
                 continue
