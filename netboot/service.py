@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 
 SECRET_KEY_FILE = "secret.key"
+# What netboot's own certificate names besides the configured names and addresses.
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 # The id of the key that sealed this inventory's secrets: a different key file is refused at
 # start rather than discovered at the first config request.
 SEAL_KEY_SETTING = "secrets-key-id"
@@ -187,8 +189,11 @@ def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
         return None
     if https.cert_file:
         return operator_files(https.cert_file, https.key_file, https.ca_file)
+    # This host's own names too: the CLI (netboot events --follow) and scripts on the server
+    # reach the API at https://127.0.0.1:8443, the only place plain HTTP would also answer.
     names = server_names(advertise, config.http.public_url, (
-        *([h] if (h := _url_host(https.public_url)) else []), *https.names))
+        *([h] if (h := _url_host(https.public_url)) else []), *https.names,
+        *LOCAL_NAMES))
     authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
     return authority.server_certificate(names)
 
