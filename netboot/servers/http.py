@@ -318,8 +318,6 @@ class PlainHttp:
     api_token_prefix: str = ""  # how an API token starts (netboot.access.TOKEN_PREFIX)
     session_cookie: str = ""  # the dashboard's session cookie (netboot.web.auth)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger(__name__))
-    leaks: int = 0  # credentials refused unread
-    refused: int = 0  # API and dashboard requests refused or redirected
 
     def __post_init__(self) -> None:
         # One line per peer an hour: a client that leaks its token does so on every call.
@@ -374,8 +372,7 @@ class PlainHttp:
         return None
 
     def leaked(self, request: web.Request, what: str) -> None:
-        """Count a credential sent in clear, and say so once per peer and hour."""
-        self.leaks += 1
+        """Count a credential sent in clear (metrics), and say so once per peer and hour."""
         observer = request.app.get(OBSERVER_KEY)
         if observer is not None:
             observer.plain_http_credential()
@@ -427,7 +424,6 @@ async def plain_http_middleware(request: web.Request, handler: Any) -> web.Strea
     elif plain_route:
         resp: web.StreamResponse = await handler(request)
         return resp
-    policy.refused += 1
     base = policy.https_url()
     is_api = request.path.startswith("/api/")
     if request.method in ("GET", "HEAD") and not is_api and base:
