@@ -339,6 +339,7 @@ class _Link:
         server = self.server
         transfers = server._transfers
         monotonic = time.monotonic
+        sendto = self._sendto
         for _ in range(self.BATCH):
             try:
                 size, peer = receive(buf)
@@ -362,9 +363,15 @@ class _Link:
                 except Exception:
                     transfer.crashed()
                     continue
-                self._send(send, peer, transfer.path)
+                if len(send) == 1:
+                    try:
+                        sendto(send[0], peer)
+                    except OSError as exc:
+                        self._not_sent(exc, peer, transfer.path)
+                else:
+                    self._send(send, peer, transfer.path)
                 deadline = transfer.deadline = sender.deadline
-                if deadline is not None and deadline < server._sweep_at:
+                if deadline is not None and deadline < server._rearm_below:
                     server._sweep_by(deadline)
             else:
                 transfer.other(bytes(buf[:size]))
@@ -389,17 +396,15 @@ class _Link:
             transfer.finished(step)
             return
         deadline = transfer.deadline = step.deadline
-        if deadline is not None and deadline < self.server._sweep_at:
+        if deadline is not None and deadline < self.server._rearm_below:
             self.server._sweep_by(deadline)
 
     def _send(self, send: tuple[bytes | memoryview, ...], peer: Address, path: str) -> None:
         if len(send) == 1:
             try:
                 self._sendto(send[0], peer)
-            except (BlockingIOError, InterruptedError):
-                self.full += 1  # lost like on the wire: the timer resends it
             except OSError as exc:
-                log.debug("tftp %s:%d %r: send error %s", *peer, path, exc)
+                self._not_sent(exc, peer, path)
             return
         server = self.server
         if server.gso and _gso_able(send):
@@ -409,8 +414,8 @@ class _Link:
                 self.sock.sendmsg(send, [(_SOL_UDP, _UDP_SEGMENT,
                                           _GSO_SIZE.pack(len(send[0])))], 0, peer)
                 return
-            except (BlockingIOError, InterruptedError):
-                self.full += 1  # the window is lost like on the wire; the timer resends
+            except (BlockingIOError, InterruptedError) as exc:
+                self._not_sent(exc, peer, path)
                 return
             except OSError as exc:
                 # No GSO here (an old kernel, a device without it): never try again.
@@ -420,12 +425,15 @@ class _Link:
         for datagram in send:
             try:
                 self._sendto(datagram, peer)
-            except (BlockingIOError, InterruptedError):
-                self.full += 1
-                return
             except OSError as exc:
-                log.debug("tftp %s:%d %r: send error %s", *peer, path, exc)
+                self._not_sent(exc, peer, path)
                 return
+
+    def _not_sent(self, exc: OSError, peer: Address, path: str) -> None:
+        if isinstance(exc, BlockingIOError | InterruptedError):
+            self.full += 1  # lost like on the wire: the retransmission timer resends it
+        else:
+            log.debug("tftp %s:%d %r: send error %s", *peer, path, exc)
 
     def send(self, datagram: bytes, dest: Address) -> None:
         with contextlib.suppress(OSError):  # best effort, like any single UDP datagram
@@ -497,7 +505,7 @@ class TftpServer:
         self._transfers: dict[Address, _Transfer] = {}
         # One timer for every transfer's retransmission deadline (see _sweep_by).
         self._sweep: asyncio.TimerHandle | None = None
-        self._sweep_at = math.inf
+        self._rearm_below = math.inf
         self._opening: set[Address] = set()
         self._per_client: Counter[str] = Counter()
         self._closing = False
@@ -571,7 +579,7 @@ class TftpServer:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        self._sweep_at = math.inf
+        self._rearm_below = math.inf
         for link in self._links.values():
             link.close()
         self._links.clear()
@@ -590,13 +598,15 @@ class TftpServer:
         deadlines are taken in groups rather than with a wake-up each."""
         if self._sweep is not None:
             self._sweep.cancel()
-        self._sweep_at = deadline
+        # A deadline up to a tick earlier than this one waits for it: re-arming a timer
+        # whenever one transfer's deadline undercuts another's was a tenth of the cost.
+        self._rearm_below = deadline - _SWEEP_TICK
         loop = asyncio.get_running_loop()
         self._sweep = loop.call_later(max(0.0, deadline - time.monotonic()), self._on_sweep)
 
     def _on_sweep(self) -> None:
         self._sweep = None
-        self._sweep_at = -math.inf  # no re-arming from inside the sweep: done below
+        self._rearm_below = -math.inf  # no re-arming from inside the sweep: done below
         now = time.monotonic()
         nearest = math.inf
         for transfer in list(self._transfers.values()):
@@ -606,7 +616,7 @@ class TftpServer:
                 deadline = transfer.deadline
             if deadline is not None and deadline < nearest:
                 nearest = deadline
-        self._sweep_at = math.inf
+        self._rearm_below = math.inf
         if nearest < math.inf:
             tick = max(_SWEEP_TICK, len(self._transfers) * _SWEEP_PER_TRANSFER)
             self._sweep_by(max(nearest, now + tick))
