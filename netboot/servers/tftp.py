@@ -151,14 +151,21 @@ class _PacketCache:
     the transfer opened, and a file replaced or rewritten since is read again. A transfer
     keeps serving the bytes it started with (what a held-open descriptor of a replaced file
     gives too). Bounded in bytes, least recently used first out; files above ``max_file``
-    are streamed with ``pread`` instead."""
+    are streamed with ``pread`` instead.
+
+    A file modified less than SETTLE seconds ago is served from packets built for the
+    transfer but not kept: timestamps move in coarse ticks (a jiffy; 2 s on FAT), so a
+    rewrite within the same tick, same size and same inode would look unchanged (git's
+    "racily clean" entries)."""
+
+    SETTLE = 2.0
 
     def __init__(self, budget: int, max_file: int) -> None:
         self.budget = budget
         self.max_file = min(max_file, budget)
         self._entries: OrderedDict[tuple[str, int], tuple[tuple[int, ...], Packets]] = (
             OrderedDict())
-        self._bytes = 0
+        self.size = 0  # bytes held
         self.hits = 0
         self.builds = 0
 
@@ -179,19 +186,21 @@ class _PacketCache:
             return None  # shrank while read: streamed, and the sender notices
         built = Packets(payload, blksize)
         self.builds += 1
+        if time.time() - st.st_mtime < self.SETTLE:
+            return built
         self._entries[key] = (signature, built)
-        self._bytes += built.nbytes
-        while self._bytes > self.budget and len(self._entries) > 1:
+        self.size += built.nbytes
+        while self.size > self.budget:  # max_file <= budget: the newest always fits
             self._drop(next(iter(self._entries)))
         return built
 
     def _drop(self, key: tuple[str, int]) -> None:
         _, dropped = self._entries.pop(key)
-        self._bytes -= dropped.nbytes
+        self.size -= dropped.nbytes
 
     def clear(self) -> None:
         self._entries.clear()
-        self._bytes = 0
+        self.size = 0
 
 
 class _Transfer:
@@ -399,7 +408,7 @@ class _Link:
         if deadline is not None and deadline < self.server._rearm_below:
             self.server._sweep_by(deadline)
 
-    def _send(self, send: tuple[bytes | memoryview, ...], peer: Address, path: str) -> None:
+    def _send(self, send: tuple[bytes, ...], peer: Address, path: str) -> None:
         if len(send) == 1:
             try:
                 self._sendto(send[0], peer)
@@ -448,7 +457,7 @@ _GSO_SIZE = struct.Struct("=H")
 _GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
 
 
-def _gso_able(datagrams: tuple[bytes | memoryview, ...]) -> bool:
+def _gso_able(datagrams: tuple[bytes, ...]) -> bool:
     # Every segment but the last must be exactly gso_size long, and 64 at most.
     size = len(datagrams[0])
     return (len(datagrams) <= _GSO_MAX_SEGMENTS and size * len(datagrams) <= 65000

@@ -484,7 +484,7 @@ class Step(NamedTuple):
     is built per ACK, and a frozen dataclass's ``__init__`` (``object.__setattr__`` per field)
     cost more than the ACK's own logic."""
 
-    send: tuple[bytes | memoryview, ...] = ()
+    send: tuple[bytes, ...] = ()
     deadline: float | None = None  # call ``timeout`` at this time; None once done
     outcome: Outcome | None = None  # set when the transfer is over
     reason: str = ""
