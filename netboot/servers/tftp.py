@@ -5,9 +5,14 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 
 * A listener on (host, port), built on :class:`BoundaryProtocol`, so one bad datagram never
   stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped.
-* Each transfer gets its own socket on (the listener's address, port 0): its port is the
-  server's TID (RFC 1350 §4). A datagram from any other (ip, port) gets ERROR 5 and the
-  transfer goes on (dnsmasq: "TID mismatch").
+* Each listener has one data socket on (its address, port 0) that every transfer started
+  there sends and receives on: its port, not 69, is the server's TID (RFC 1350 §4), as
+  dnsmasq's ``--tftp-single-port`` does for 69 itself. Transfers are told apart by the
+  client's (ip, port); a datagram from any other (ip, port) gets ERROR 5 and the transfers
+  go on (dnsmasq: "TID mismatch"). One socket, drained by one reader, rather than a socket
+  per transfer: see :class:`_Link` for the cost. The trade: an off-path attacker who wants
+  to inject an ACK or ERROR into a transfer must guess the client's port only, not also a
+  random server port (TFTP has no other protection against an on-path one).
 * Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
   first reply was lost, so the first reply is resent instead of starting a second transfer.
 * Concurrent transfers are bounded overall and per client address. Past the overall bound
@@ -20,9 +25,13 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 * A transfer whose first OACK/DATA is never answered ends after ``Policy.first_retries``
   retransmissions (about 3 s) instead of the full backoff (~45 s), so spoofed or abandoned
   RRQs cannot hold every slot.
-* Files on disk are read with ``os.pread`` on a descriptor held for the transfer, one read
-  per window, so big images come from the page cache without being read whole; in-memory
-  blobs are sliced through a memoryview.
+* The DATA datagrams of a file are built once per (file, blksize) and shared by every
+  transfer of it (:class:`_PacketCache`, bounded in bytes, invalidated by the file's
+  identity and times). Files above ``cache_file_size`` are read with ``os.pread`` on a
+  descriptor held for the transfer, 64 KiB at a time, so big images come from the page
+  cache without being read whole.
+* Retransmission deadlines are kept per transfer and served by one sweep timer per server
+  (:meth:`TftpServer._sweep_by`), not a timer handle per transfer.
 * ``netascii`` is accepted and served as ``octet``, like pixiecore and tftpy: boot files are
   binary, converting line ends would make ``tsize`` wrong, and a netascii client turns our
   plain ``\\n`` into its local line end itself.
