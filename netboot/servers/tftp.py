@@ -398,6 +398,11 @@ class _Link:
         if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
             return  # never answer an ERROR (RFC 1350 §7): a client ending a finished transfer
         server = self.server
+        if src in server._ended and len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ACK:
+            # A late ACK of a transfer that just ended (its last DATA was resent while the
+            # ACK was on its way): a socket per transfer would be closed and say nothing.
+            log.debug("tftp %s:%d: late ACK from %s:%d ignored", *self.address, *src)
+            return
         server.stats.unknown_tid += 1
         server.limited.log(
             logging.INFO, src[0], "tftp %s:%d: packet from unknown TID %s:%d (ERROR 5)",
@@ -458,6 +463,9 @@ class _Link:
             self._sendto(datagram, dest)
 
 
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+_DATA_SNDBUF = 16 << 20
+_ENDED = 4096  # clients remembered after their transfer, for late ACKs
 _SWEEP_TICK = 0.002  # seconds between sweeps at least; a loss costs min_rto + up to this
 _SWEEP_PER_TRANSFER = 2e-6  # ... and more with many transfers: a sweep walks them all
 _SOL_UDP = 17
@@ -521,6 +529,8 @@ class TftpServer:
         # Prebuilt DATA of files up to cache_file_size, cache_size bytes in all.
         self.cache = _PacketCache(cache_size, cache_file_size)
         self._transfers: dict[Address, _Transfer] = {}
+        # Clients whose transfer ended lately, oldest first (see _Link._stranger).
+        self._ended: OrderedDict[Address, None] = OrderedDict()
         # One timer for every transfer's retransmission deadline (see _sweep_by).
         self._sweep: asyncio.TimerHandle | None = None
         self._rearm_below = math.inf
@@ -570,9 +580,13 @@ class TftpServer:
         except BaseException:
             sock.close()
             raise
-        # Every transfer's sends leave from here: a storm's windows at once.
-        with contextlib.suppress(OSError):
-            data.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sockets.LISTENER_RCVBUF)
+        # Every transfer's sends leave from here: a storm's windows at once, where a socket
+        # per transfer had a send buffer each. Past wmem_max when privileged.
+        try:
+            data.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _DATA_SNDBUF)
+        except OSError:
+            with contextlib.suppress(OSError):
+                data.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _DATA_SNDBUF)
         self._links[iface] = _Link(self, data)
         boundary = BoundaryProtocol(
             f"tftp[{iface}]" if iface else "tftp",
@@ -863,4 +877,7 @@ class TftpServer:
         if self._transfers.get(peer) is transfer:
             del self._transfers[peer]
             self._release(peer)
+            self._ended[peer] = None
+            if len(self._ended) > _ENDED:
+                self._ended.popitem(last=False)
 

@@ -785,3 +785,15 @@ async def test_an_error_from_a_stranger_is_not_answered(
         stranger.send(Error(ErrorCode.NOT_DEFINED, "done"), tid)
         assert await stranger.nothing()
     assert server.stats.unknown_tid == 0
+
+
+async def test_a_late_ack_after_the_transfer_is_not_an_unknown_tid(
+        server: TftpServer, client: RawClient) -> None:
+    """The last DATA resent while its ACK was on the way gets a second ACK after the transfer
+    ended: ignored quietly, as by a socket per transfer that is closed, not ERROR 5."""
+    got = await fetch(client, addr(server), "small.bin")
+    assert got.data == SMALL
+    await until(lambda: server.transfers == 0)
+    client.send(Ack(11), got.tid)
+    assert await client.nothing()
+    assert server.stats.unknown_tid == 0
