@@ -153,7 +153,7 @@ def _read_all(fd: int, size: int) -> bytes:
 class _PacketCache:
     """Every DATA datagram of recently served files, built once per (file, blksize) and
     shared: in a storm every device fetches the same loader, and a lock-step block is then
-    a slice of a prebuilt buffer instead of a read, a header and a copy per block.
+    a prebuilt datagram instead of a read, a header and a copy per block.
 
     An entry is valid for the file it was read from: keyed by path and blksize, it holds
     the file's (device, inode, size, mtime, ctime) as ``fstat`` saw them on the descriptor
