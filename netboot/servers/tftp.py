@@ -5,9 +5,14 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 
 * A listener on (host, port), built on :class:`BoundaryProtocol`, so one bad datagram never
   stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped.
-* Each transfer gets its own socket on (the listener's address, port 0): its port is the
-  server's TID (RFC 1350 §4). A datagram from any other (ip, port) gets ERROR 5 and the
-  transfer goes on (dnsmasq: "TID mismatch").
+* Each listener has one data socket on (its address, port 0) that every transfer started
+  there sends and receives on: its port, not 69, is the server's TID (RFC 1350 §4), as
+  dnsmasq's ``--tftp-single-port`` does for 69 itself. Transfers are told apart by the
+  client's (ip, port); a datagram from any other (ip, port) gets ERROR 5 and the transfers
+  go on (dnsmasq: "TID mismatch"). One socket, drained by one reader, rather than a socket
+  per transfer: see :class:`_Link` for the cost. The trade: an off-path attacker who wants
+  to inject an ACK or ERROR into a transfer must guess the client's port only, not also a
+  random server port (TFTP has no other protection against an on-path one).
 * Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
   first reply was lost, so the first reply is resent instead of starting a second transfer.
 * Concurrent transfers are bounded overall and per client address. Past the overall bound
@@ -20,9 +25,13 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 * A transfer whose first OACK/DATA is never answered ends after ``Policy.first_retries``
   retransmissions (about 3 s) instead of the full backoff (~45 s), so spoofed or abandoned
   RRQs cannot hold every slot.
-* Files on disk are read with ``os.pread`` on a descriptor held for the transfer, one read
-  per window, so big images come from the page cache without being read whole; in-memory
-  blobs are sliced through a memoryview.
+* The DATA datagrams of a file are built once per (file, blksize) and shared by every
+  transfer of it (:class:`_PacketCache`, bounded in bytes, invalidated by the file's
+  identity and times). Files above ``cache_file_size`` are read with ``os.pread`` on a
+  descriptor held for the transfer, 64 KiB at a time, so big images come from the page
+  cache without being read whole.
+* Retransmission deadlines are kept per transfer and served by one sweep timer per server
+  (:meth:`TftpServer._sweep_by`), not a timer handle per transfer.
 * ``netascii`` is accepted and served as ``octet``, like pixiecore and tftpy: boot files are
   binary, converting line ends would make ``tsize`` wrong, and a netascii client turns our
   plain ``\\n`` into its local line end itself.
@@ -35,17 +44,20 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
+import math
 import os
 import socket
 import stat
 import struct
-from collections import Counter
-from collections.abc import Awaitable
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
@@ -60,6 +72,7 @@ from netboot.wire.tftp import (
     MemorySource,
     Opcode,
     Outcome,
+    Packets,
     Policy,
     ReadRequest,
     Sender,
@@ -107,7 +120,7 @@ class _FileSource:
     """Reads ahead with pread on a descriptor held open for the transfer: one system call
     per READ_AHEAD bytes instead of one per window (in lock-step, per block: a third of the
     cost of a block was the pread). A window outside the buffer (a resend after a wrap, a
-    go-back) is read again."""
+    go-back) is read again. Used for files too big for the :class:`_PacketCache`."""
 
     READ_AHEAD = 64 * 1024
 
@@ -126,168 +139,151 @@ class _FileSource:
         return memoryview(self._buf)[start : start + length]
 
 
-class _Transfer(asyncio.DatagramProtocol):
-    """One read transfer: socket events and timer → :class:`Sender` → datagrams."""
+def _read_all(fd: int, size: int) -> bytes:
+    parts, at = [], 0
+    while at < size:
+        chunk = os.pread(fd, size - at, at)
+        if not chunk:
+            break
+        parts.append(chunk)
+        at += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def __init__(
-        self,
-        server: TftpServer,
-        peer: Address,
-        path: str,
-        sender: Sender,
-        fd: int | None,
-        sock: socket.socket,
-    ) -> None:
+
+class _PacketCache:
+    """Every DATA datagram of recently served files, built once per (file, blksize) and
+    shared: in a storm every device fetches the same loader, and a lock-step block is then
+    a prebuilt datagram instead of a read, a header and a copy per block.
+
+    An entry is valid for the file it was read from: keyed by path and blksize, it holds
+    the file's (device, inode, size, mtime, ctime) as ``fstat`` saw them on the descriptor
+    the transfer opened, and a file replaced or rewritten since is read again. A transfer
+    keeps serving the bytes it started with (what a held-open descriptor of a replaced file
+    gives too). Bounded in bytes, least recently used first out; files above ``max_file``
+    are streamed with ``pread`` instead.
+
+    A file modified less than SETTLE seconds ago is served from packets built for the
+    transfer but not kept: timestamps move in coarse ticks (a jiffy; 2 s on FAT), so a
+    rewrite within the same tick, same size and same inode would look unchanged (git's
+    "racily clean" entries)."""
+
+    SETTLE = 2.0
+
+    def __init__(self, budget: int, max_file: int) -> None:
+        self.budget = budget
+        self.max_file = min(max_file, budget)
+        self._entries: OrderedDict[tuple[str, int], tuple[tuple[int, ...], Packets]] = (
+            OrderedDict())
+        self.size = 0  # bytes held
+        self.hits = 0
+        self.builds = 0
+
+    def packets(self, path: str, fd: int, st: os.stat_result, blksize: int) -> Packets | None:
+        if st.st_size > self.max_file:
+            return None
+        key = (path, blksize)
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry[0] == signature:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[1]
+            self._drop(key)
+        payload = _read_all(fd, st.st_size)
+        if len(payload) != st.st_size:
+            return None  # shrank while read: streamed, and the sender notices
+        built = Packets(payload, blksize)
+        self.builds += 1
+        if time.time() - st.st_mtime < self.SETTLE:
+            return built
+        self._entries[key] = (signature, built)
+        self.size += built.nbytes
+        while self.size > self.budget:  # max_file <= budget: the newest always fits
+            self._drop(next(iter(self._entries)))
+        return built
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        _, dropped = self._entries.pop(key)
+        self.size -= dropped.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.size = 0
+
+
+class _Transfer:
+    """One read transfer: its :class:`Sender`, its client and its retransmission deadline.
+    Datagrams come from its :class:`_Link`; the server's sweep calls :meth:`on_timer`."""
+
+    __slots__ = ("closed", "deadline", "fd", "link", "path", "peer", "sender", "server")
+
+    def __init__(self, server: TftpServer, link: _Link, peer: Address, path: str,
+                 sender: Sender, fd: int | None) -> None:
+        self.server = server
+        self.link = link
         self.peer = peer
         self.path = path
-        self._server = server
-        self._sender = sender
-        self._fd = fd
-        # Sent on directly, as the transport would when its buffer is empty: the
-        # transport's own checks were a tenth of the cost of a block. EAGAIN falls back
-        # to the transport, which queues.
-        self._sock_sendto = sock.sendto
-        self._sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.DatagramTransport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._armed: float | None = None
-        self._closed = False
+        self.sender = sender
+        self.fd = fd
+        self.deadline: float | None = None
+        self.closed = False
 
-    # -- asyncio protocol ----------------------------------------------------------------
+    @property
+    def tid(self) -> Address:
+        """The server's end of the transfer (RFC 1350 §4): its link's address."""
+        return self.link.address
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Not an isinstance check: on 3.11 the selector transport is no DatagramTransport.
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    def begin(self) -> None:
+        self._guard(self.sender.start)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.close()
+    def duplicate_request(self) -> None:
+        self._guard(self.sender.duplicate_request)
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("tftp %s:%d %r: socket error %s", *self.peer, self.path, exc)
+    def on_timer(self, now: float) -> None:
+        self._guard(lambda _: self.sender.timeout(now))
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        if len(data) >= 4 and data[1] == Opcode.ACK and data[0] == 0 and addr == self.peer:
-            # The hot path: one ACK per window, no dataclass, no closure.
-            if self._closed:
-                return
-            try:
-                step = self._sender.ack((data[2] << 8) | data[3], self._loop.time())
-            except Exception:
-                self._crashed()
-                return
-            self._apply(step)
+    def _guard(self, event: Callable[[float], Step]) -> None:
+        if self.closed:
             return
-        src = (addr[0], addr[1])
-        if src != self.peer:
-            # RFC 1350 §4: answer the stranger with ERROR 5, keep the transfer going.
-            self._server.stats.unknown_tid += 1
-            self._server.limited.log(
-                logging.INFO, src[0], "tftp %s:%d %r: packet from unknown TID %s:%d (ERROR 5)",
-                *self.peer, self.path, *src,
-            )
-            self._sendto(error_packet(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), src)
+        try:
+            step = event(time.monotonic())
+        except Exception:
+            self.crashed()
             return
+        self.link.apply(self, step)
+
+    def other(self, data: bytes) -> None:
+        """Anything but a well-formed ACK from the client: parsed in full."""
         try:
             packet = parse(data)
         except DecodeError as exc:
-            self._server.limited.log(
-                logging.INFO, src[0], "tftp %s:%d %r: malformed datagram ignored: %s",
+            self.server.limited.log(
+                logging.INFO, self.peer[0], "tftp %s:%d %r: malformed datagram ignored: %s",
                 *self.peer, self.path, exc,
             )
             return
-        now = self._loop.time()
         if isinstance(packet, Ack):
-            self._guard(lambda: self._sender.ack(packet.block, now))
+            self._guard(lambda now: self.sender.ack(packet.block, now))
         elif isinstance(packet, Error):
-            self._guard(lambda: self._sender.error(packet.code, packet.message, now))
+            self._guard(lambda now: self.sender.error(packet.code, packet.message, now))
         else:
-            log.debug(
-                "tftp %s:%d %r: ignored %s during the transfer",
-                *self.peer, self.path, type(packet).__name__,
-            )
+            log.debug("tftp %s:%d %r: ignored %s during the transfer",
+                      *self.peer, self.path, type(packet).__name__)
 
-    # -- driving the sender --------------------------------------------------------------
-
-    def begin(self) -> None:
-        self._guard(lambda: self._sender.start(self._loop.time()))
-
-    def duplicate_request(self) -> None:
-        self._guard(lambda: self._sender.duplicate_request(self._loop.time()))
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._armed = None
-        self._guard(lambda: self._sender.timeout(self._loop.time()))
-
-    def _guard(self, event: _Event) -> None:
-        if self._closed:
-            return
-        try:
-            step = event()
-        except Exception:
-            self._crashed()
-            return
-        self._apply(step)
-
-    def _crashed(self) -> None:
+    def crashed(self) -> None:
         # The transfer's boundary: a bug or I/O error ends this one only.
         log.exception("tftp %s:%d %r: transfer failed", *self.peer, self.path)
-        self._server.stats.failed += 1
-        self._sendto(error_packet(ErrorCode.NOT_DEFINED, "internal error"), self.peer)
+        self.server.stats.failed += 1
+        self.link.send(error_packet(ErrorCode.NOT_DEFINED, "internal error"), self.peer)
         self.close()
 
-    def _apply(self, step: Step) -> None:
-        if self._closed:
-            return
-        peer = self.peer
-        send = step.send
-        if len(send) > 1 and self._server.gso and _gso_able(send):
-            try:
-                # UDP_SEGMENT (Linux >= 4.18): the kernel cuts the buffer into the window's
-                # datagrams, one system call for the whole window.
-                self._sock.sendmsg([b"".join(send)], [(_SOL_UDP, _UDP_SEGMENT,
-                                                       _GSO_SIZE.pack(len(send[0])))], 0, peer)
-                send = ()
-            except (BlockingIOError, InterruptedError):
-                pass  # sent one by one below, the transport queueing what does not fit
-            except OSError as exc:
-                # No GSO here (an old kernel, a device without it): never try again.
-                log.info("tftp: UDP_SEGMENT unavailable (%s), sending datagram by datagram", exc)
-                self._server.gso = False
-        for datagram in send:
-            try:
-                self._sock_sendto(datagram, peer)
-            except (BlockingIOError, InterruptedError):
-                self._sendto(datagram, peer)  # the transport queues it
-            except OSError as exc:  # what the transport would pass to error_received
-                self.error_received(exc)
-        if step.done:
-            self._finished(step)
-            return
-        # Lazy timer: most ACKs move the deadline later, and re-arming a TimerHandle per ACK
-        # costs more than the ACK itself. An early wake-up is a stale timeout for the
-        # sender, which answers with its current deadline, and the timer is set again.
-        if step.deadline is None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._armed = None
-        elif self._armed is None or step.deadline < self._armed:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._armed = step.deadline
-            self._timer = self._loop.call_at(step.deadline, self._on_timer)
-
-    def _sendto(self, datagram: bytes, dest: Address) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.sendto(datagram, dest)
-
-    def _finished(self, step: Step) -> None:
-        s, stats = self._sender, self._server.stats
+    def finished(self, step: Step) -> None:
+        s, server = self.sender, self.server
+        stats = server.stats
         stats.retransmissions += s.retransmissions
-        if self._server.observer is not None and step.outcome is not None:
-            self._server.observer.tftp_transfer(step.outcome.value,
-                                                min(s.acked * s.blksize, s.size))
+        if server.observer is not None and step.outcome is not None:
+            server.observer.tftp_transfer(step.outcome.value, min(s.acked * s.blksize, s.size))
         if step.outcome is Outcome.COMPLETE:
             stats.completed += 1
             log.info(
@@ -304,27 +300,174 @@ class _Transfer(asyncio.DatagramProtocol):
             stats.failed += 1
             # Rate-limited per address: a flood of RRQs that are never answered would
             # otherwise write one line per spoofed request.
-            self._server.limited.log(
+            server.limited.log(
                 logging.INFO, self.peer[0], "tftp %s:%d %r: transfer ended at block %d of %d: %s",
                 *self.peer, self.path, s.acked, s.blocks, step.reason,
             )
         self.close()
 
     def close(self) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._transport is not None:
-            self._transport.close()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._server._forget(self.peer, self)
+        self.closed = True
+        self.deadline = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.server._forget(self.peer, self)
 
 
+class _Link:
+    """The data socket of one listener: the server's TID for every transfer started there
+    (a port of its own, not 69: RFC 1350 §4), every DATA goes out of it and every ACK comes
+    in on it.
+
+    One socket for all transfers rather than one each, read by a plain reader callback
+    rather than an asyncio transport: a readiness event drains every datagram queued (up to
+    BATCH), so a storm of lock-step clients costs one receive and one send per block and
+    nothing per event, where a socket each costs an event, a receive and a receive that
+    finds nothing (50 x 1 MiB lock-step: CPU per MiB about a third lower, see
+    benchmarks/README.md). Transfers are told apart by the client's (ip, port), as the
+    listener does; a datagram from any other address gets ERROR 5 (RFC 1350 §4)."""
+
+    BATCH = 128
+    # ACKs are 4 bytes, a client's ERROR at most a few hundred; longer is truncated,
+    # which only shortens an ERROR's message.
+    MAX_DATAGRAM = 1024
+
+    def __init__(self, server: TftpServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.address: Address = sock.getsockname()[:2]
+        self._sendto = sock.sendto
+        self._buf = bytearray(self.MAX_DATAGRAM)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+        self.full = 0  # datagrams the send buffer refused (the retransmission timer resends)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _readable(self) -> None:
+        # Into one buffer: no bytes object per ACK; a datagram that is not an ACK is copied.
+        buf = self._buf
+        receive = self.sock.recvfrom_into
+        server = self.server
+        transfers = server._transfers
+        monotonic = time.monotonic
+        sendto = self._sendto
+        for _ in range(self.BATCH):
+            try:
+                size, peer = receive(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. an ICMP error queued on the socket
+                log.debug("tftp %s:%d: receive error %s", *self.address, exc)
+                return
+            transfer = transfers.get(peer)
+            if transfer is None or transfer.link is not self:
+                self._stranger(bytes(buf[:size]), peer)
+            elif size >= 4 and buf[1] == 4 and buf[0] == 0:
+                # The hot path, an ACK: four bytes read in place, no packet value.
+                block = (buf[2] << 8) | buf[3]
+                sender = transfer.sender
+                try:
+                    send = sender.ack_window(block, monotonic())
+                    if send is None:  # not the whole window acknowledged: every other case
+                        self.apply(transfer, sender.ack(block, monotonic()))
+                        continue
+                except Exception:
+                    transfer.crashed()
+                    continue
+                if len(send) == 1:
+                    try:
+                        sendto(send[0], peer)
+                    except OSError as exc:
+                        self._not_sent(exc, peer, transfer.path)
+                else:
+                    self._send(send, peer, transfer.path)
+                deadline = transfer.deadline = sender.deadline
+                if deadline is not None and deadline < server._rearm_below:
+                    server._sweep_by(deadline)
+            else:
+                transfer.other(bytes(buf[:size]))
+
+    def _stranger(self, data: bytes, src: Address) -> None:
+        if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
+            return  # never answer an ERROR (RFC 1350 §7): a client ending a finished transfer
+        server = self.server
+        if src in server._ended and len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ACK:
+            # A late ACK of a transfer that just ended (its last DATA was resent while the
+            # ACK was on its way): a socket per transfer would be closed and say nothing.
+            log.debug("tftp %s:%d: late ACK from %s:%d ignored", *self.address, *src)
+            return
+        server.stats.unknown_tid += 1
+        server.limited.log(
+            logging.INFO, src[0], "tftp %s:%d: packet from unknown TID %s:%d (ERROR 5)",
+            *self.address, *src,
+        )
+        self.send(error_packet(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), src)
+
+    def apply(self, transfer: _Transfer, step: Step) -> None:
+        if transfer.closed:
+            return
+        if step.send:
+            self._send(step.send, transfer.peer, transfer.path)
+        if step.outcome is not None:
+            transfer.finished(step)
+            return
+        deadline = transfer.deadline = step.deadline
+        if deadline is not None and deadline < self.server._rearm_below:
+            self.server._sweep_by(deadline)
+
+    def _send(self, send: tuple[bytes, ...], peer: Address, path: str) -> None:
+        if len(send) == 1:
+            try:
+                self._sendto(send[0], peer)
+            except OSError as exc:
+                self._not_sent(exc, peer, path)
+            return
+        server = self.server
+        if server.gso and _gso_able(send):
+            try:
+                # UDP_SEGMENT (Linux >= 4.18): the kernel cuts the buffers (one per
+                # datagram, gathered) into the window's datagrams: one system call.
+                self.sock.sendmsg(send, [(_SOL_UDP, _UDP_SEGMENT,
+                                          _GSO_SIZE.pack(len(send[0])))], 0, peer)
+                return
+            except (BlockingIOError, InterruptedError) as exc:
+                self._not_sent(exc, peer, path)
+                return
+            except OSError as exc:
+                # No GSO here (an old kernel, a device without it): never try again.
+                log.info("tftp: UDP_SEGMENT unavailable (%s), sending datagram by datagram",
+                         exc)
+                server.gso = False
+        for datagram in send:
+            try:
+                self._sendto(datagram, peer)
+            except OSError as exc:
+                self._not_sent(exc, peer, path)
+                return
+
+    def _not_sent(self, exc: OSError, peer: Address, path: str) -> None:
+        if isinstance(exc, BlockingIOError | InterruptedError):
+            self.full += 1  # lost like on the wire: the retransmission timer resends it
+        else:
+            log.debug("tftp %s:%d %r: send error %s", *peer, path, exc)
+
+    def send(self, datagram: bytes, dest: Address) -> None:
+        with contextlib.suppress(OSError):  # best effort, like any single UDP datagram
+            self._sendto(datagram, dest)
+
+
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+_DATA_SNDBUF = 16 << 20
+_ENDED = 4096  # clients remembered after their transfer, for late ACKs
+_SWEEP_TICK = 0.002  # seconds between sweeps at least; a loss costs min_rto + up to this
+_SWEEP_PER_TRANSFER = 2e-6  # ... and more with many transfers: a sweep walks them all
 _SOL_UDP = 17
 _UDP_SEGMENT = 103  # linux/udp.h
 _GSO_SIZE = struct.Struct("=H")
@@ -336,10 +479,6 @@ def _gso_able(datagrams: tuple[bytes, ...]) -> bool:
     size = len(datagrams[0])
     return (len(datagrams) <= _GSO_MAX_SEGMENTS and size * len(datagrams) <= 65000
             and all(len(d) == size for d in datagrams[1:-1]) and len(datagrams[-1]) <= size)
-
-
-class _Event(Protocol):
-    def __call__(self) -> Step: ...
 
 
 class TftpObserver(Protocol):
@@ -367,6 +506,8 @@ class TftpServer:
         max_windowsize: int = 64,
         min_rto: float | None = 0.005,
         gso: bool = True,
+        cache_size: int = 64 << 20,
+        cache_file_size: int = 16 << 20,
         observer: TftpObserver | None = None,
     ) -> None:
         self._files = files
@@ -384,7 +525,15 @@ class TftpServer:
         self.limited = RateLimitedLog(log)
         self.gso = gso  # send a window in one sendmsg; cleared when the kernel refuses
         self._listeners: list[tuple[asyncio.BaseTransport, BoundaryProtocol]] = []
+        self._links: dict[str | None, _Link] = {}
+        # Prebuilt DATA of files up to cache_file_size, cache_size bytes in all.
+        self.cache = _PacketCache(cache_size, cache_file_size)
         self._transfers: dict[Address, _Transfer] = {}
+        # Clients whose transfer ended lately, oldest first (see _Link._stranger).
+        self._ended: OrderedDict[Address, None] = OrderedDict()
+        # One timer for every transfer's retransmission deadline (see _sweep_by).
+        self._sweep: asyncio.TimerHandle | None = None
+        self._rearm_below = math.inf
         self._opening: set[Address] = set()
         self._per_client: Counter[str] = Counter()
         self._closing = False
@@ -426,6 +575,19 @@ class TftpServer:
         sock = self._bind(self.host, self.port, iface, listener=True)
         # With port 0 the first bind picks the port; further interfaces reuse it.
         self.port = sock.getsockname()[1]
+        try:
+            data = self._bind(self.host, 0, iface, listener=True)
+        except BaseException:
+            sock.close()
+            raise
+        # Every transfer's sends leave from here: a storm's windows at once, where a socket
+        # per transfer had a send buffer each. Past wmem_max when privileged.
+        try:
+            data.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _DATA_SNDBUF)
+        except OSError:
+            with contextlib.suppress(OSError):
+                data.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _DATA_SNDBUF)
+        self._links[iface] = _Link(self, data)
         boundary = BoundaryProtocol(
             f"tftp[{iface}]" if iface else "tftp",
             functools.partial(self._handle, iface),
@@ -446,6 +608,50 @@ class TftpServer:
         self._listeners.clear()
         for transfer in list(self._transfers.values()):
             transfer.close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._rearm_below = math.inf
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        self.cache.clear()
+
+    # -- retransmission deadlines ------------------------------------------------------
+
+    def _sweep_by(self, deadline: float) -> None:
+        """Make the sweep run by ``deadline`` (``time.monotonic()`` seconds).
+
+        One timer for all transfers instead of a timer handle each: in lock-step every ACK
+        moves a transfer's deadline, and arming (or lazily re-arming) a handle per transfer
+        cost more than the ACK itself. A transfer only stores its deadline; the sweep walks
+        the transfers when the earliest one is due, resends for those whose deadline passed
+        and sleeps until the next, at least a tick later so that a storm's thousand
+        deadlines are taken in groups rather than with a wake-up each."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+        # A deadline up to a tick earlier than this one waits for it: re-arming a timer
+        # whenever one transfer's deadline undercuts another's was a tenth of the cost.
+        self._rearm_below = deadline - _SWEEP_TICK
+        loop = asyncio.get_running_loop()
+        self._sweep = loop.call_later(max(0.0, deadline - time.monotonic()), self._on_sweep)
+
+    def _on_sweep(self) -> None:
+        self._sweep = None
+        self._rearm_below = -math.inf  # no re-arming from inside the sweep: done below
+        now = time.monotonic()
+        nearest = math.inf
+        for transfer in list(self._transfers.values()):
+            deadline = transfer.deadline
+            if deadline is not None and deadline <= now:
+                transfer.on_timer(now)
+                deadline = transfer.deadline
+            if deadline is not None and deadline < nearest:
+                nearest = deadline
+        self._rearm_below = math.inf
+        if nearest < math.inf:
+            tick = max(_SWEEP_TICK, len(self._transfers) * _SWEEP_PER_TRANSFER)
+            self._sweep_by(max(nearest, now + tick))
 
     # -- sockets -------------------------------------------------------------------------
 
@@ -612,32 +818,35 @@ class TftpServer:
     ) -> _Transfer | None:
         assert self.policy is not None
         fd: int | None = None
-        sock: socket.socket | None = None
         try:
-            source: Source
+            source: Source | Packets
             if blob.data is not None:
-                size, source = len(blob.data), MemorySource(blob.data)
+                size = len(blob.data)
+                negotiated = negotiate(request.options, size, self.policy)
+                # Rendered per request, so not cached; prebuilt for the transfer when small.
+                source = (Packets(blob.data, negotiated.blksize)
+                          if size <= self.cache.max_file else MemorySource(blob.data))
             elif blob.path is not None:
                 fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise OSError(errno.EINVAL, "not a regular file")
                 # The size of what we hold open, not of what was stat'ed earlier.
-                size, source = st.st_size, _FileSource(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                size = st.st_size
+                negotiated = negotiate(request.options, size, self.policy)
+                packets = self.cache.packets(blob.path, fd, st, negotiated.blksize)
+                if packets is not None:
+                    source = packets
+                    os.close(fd)  # the packets hold every byte
+                    fd = None
+                else:
+                    source = _FileSource(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             else:
                 raise ValueError("blob has neither data nor path")
-            negotiated = negotiate(request.options, size, self.policy)
             sender = Sender(negotiated, size, source, self.policy)
-            sock = self._bind(self.host, 0, iface, listener=False)
-            loop = asyncio.get_running_loop()
-            transfer_sock = sock
-            _, proto = await loop.create_datagram_endpoint(
-                lambda: _Transfer(self, peer, path, sender, fd, transfer_sock), sock=sock
-            )
+            link = self._links[iface]
         except BaseException as exc:
-            if sock is not None:
-                sock.close()
             if fd is not None:
                 os.close(fd)
             if isinstance(exc, OSError):
@@ -646,8 +855,8 @@ class TftpServer:
                 raise
             log.exception("tftp %s:%d %r: cannot start the transfer", *peer, path)
             return None
-        assert isinstance(proto, _Transfer)
-        self._transfers[peer] = proto
+        transfer = _Transfer(self, link, peer, path, sender, fd)
+        self._transfers[peer] = transfer
         self.stats.started += 1
         n = sender.negotiated
         # DEBUG: the INFO line is the outcome (sent, failed), one per transfer, not two.
@@ -657,7 +866,7 @@ class TftpServer:
             ", OACK" if n.oack else "", ", netascii as octet"
             if request.mode.lower() == "netascii" else "",
         )
-        return proto
+        return transfer
 
     def _release(self, peer: Address) -> None:
         self._per_client[peer[0]] -= 1
@@ -668,4 +877,7 @@ class TftpServer:
         if self._transfers.get(peer) is transfer:
             del self._transfers[peer]
             self._release(peer)
+            self._ended[peer] = None
+            if len(self._ended) > _ENDED:
+                self._ended.popitem(last=False)
 

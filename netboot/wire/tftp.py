@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from netboot.errors import DecodeError
 
@@ -58,6 +58,7 @@ __all__ = [
     "OptionAck",
     "Outcome",
     "Packet",
+    "Packets",
     "Phase",
     "Policy",
     "ReadRequest",
@@ -431,6 +432,39 @@ class MemorySource:
         return self._view[offset : offset + length]
 
 
+class Packets:
+    """Every DATA datagram of a payload at one ``blksize``, built once: ``datagrams[n - 1]``
+    is block ``n`` (counted from 1; its header carries ``n`` modulo 65536), ``blksize + 4``
+    bytes long except the last, which is shorter, possibly just the header.
+
+    Built once per file and blksize and shared by every transfer of it (a storm's clients
+    all fetch the same loader): a lock-step block is then a list item, no read, no header
+    and no copy, and a window the items the adapter hands to one ``sendmsg``. One ``bytes``
+    per datagram rather than slices of one buffer: a memoryview slice per send cost more."""
+
+    __slots__ = ("blksize", "blocks", "datagrams", "nbytes", "size")
+
+    def __init__(self, payload: bytes | memoryview, blksize: int) -> None:
+        if blksize < 1:
+            raise ValueError("blksize must be >= 1")
+        size = len(payload)
+        blocks = size // blksize + 1  # the last is shorter than blksize, possibly empty
+        view = memoryview(payload)
+        pack = _HEAD2.pack
+        self.datagrams = [
+            pack(Opcode.DATA, block % _BLOCK_MOD) + view[(block - 1) * blksize : block * blksize]
+            for block in range(1, blocks + 1)
+        ]
+        self.blksize = blksize
+        self.blocks = blocks
+        self.size = size
+        self.nbytes = size + 4 * blocks
+
+    def window(self, first: int, last: int) -> tuple[bytes, ...]:
+        """DATA ``first`` .. ``last`` (1-based, inclusive)."""
+        return tuple(self.datagrams[first - 1 : last])
+
+
 class Phase(enum.Enum):
     OACK = "oack"  # OACK sent, waiting for ACK 0
     DATA = "data"
@@ -445,9 +479,10 @@ class Outcome(enum.Enum):
     SOURCE_ERROR = "source-error"  # the file changed under the transfer
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What the adapter must do after an event."""
+class Step(NamedTuple):
+    """What the adapter must do after an event. A named tuple, not a frozen dataclass: one
+    is built per ACK, and a frozen dataclass's ``__init__`` (``object.__setattr__`` per field)
+    cost more than the ACK's own logic."""
 
     send: tuple[bytes, ...] = ()
     deadline: float | None = None  # call ``timeout`` at this time; None once done
@@ -459,12 +494,25 @@ class Step:
         return self.outcome is not None
 
 
+_DATA = Phase.DATA
+
+
 class Sender:
     """One read transfer. Blocks are counted from 1 without wrapping; the wire carries the
-    number modulo 65536."""
+    number modulo 65536.
+
+    ``source`` is either a :class:`Source` read per window, or the file's prebuilt
+    :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
+
+    __slots__ = (
+        "_base", "_clean", "_floor", "_interval", "_packets", "_policy", "_progress",
+        "_rttvar", "_sent_at", "_source", "acked", "answered", "blksize", "blocks",
+        "deadline", "duplicate_acks", "negotiated", "outcome", "phase", "retransmissions",
+        "retries", "sent", "size", "srtt", "windowsize",
+    )
 
     def __init__(
-        self, negotiated: Negotiated, size: int, source: Source, policy: Policy
+        self, negotiated: Negotiated, size: int, source: Source | Packets, policy: Policy
     ) -> None:
         if size < 0:
             raise ValueError("size must be >= 0")
@@ -472,7 +520,14 @@ class Sender:
         self.size = size
         self.blksize = negotiated.blksize
         self.windowsize = negotiated.windowsize
-        self._source = source
+        self._source: Source | None = None
+        self._packets: Packets | None = None
+        if isinstance(source, Packets):
+            if source.blksize != self.blksize or source.size != size:
+                raise ValueError("the packets were built for another blksize or size")
+            self._packets = source
+        else:
+            self._source = source
         self._policy = policy
         # The last block is shorter than blksize, possibly empty (RFC 1350 / RFC 2348).
         self.blocks = size // self.blksize + 1
@@ -486,7 +541,8 @@ class Sender:
         self._base = (
             float(negotiated.timeout) if negotiated.timeout is not None else policy.retransmit
         )
-        self._deadline: float | None = None
+        self.deadline: float | None = None  # when ``timeout`` is due; None once done
+        self._floor = policy.min_rto
         self._progress = 0.0
         self.answered = False  # the client acknowledged something: the transfer has begun
         # RFC 6298 state. The base interval (the client's ``timeout`` or ours) stays the
@@ -505,7 +561,57 @@ class Sender:
             return self._arm(now, (self._oack(),))
         return self._send_window(now)
 
+    def ack_window(self, block: int, now: float) -> tuple[bytes, ...] | None:
+        """The common ACK, on its own: the client acknowledged every block sent, more remain
+        and the transfer serves prebuilt :class:`Packets`. Returns the next window to send
+        (its deadline is :attr:`deadline`), or None when the ACK is anything else, which
+        leaves the state untouched: then call :meth:`ack`, which handles every case.
+
+        The same steps as :meth:`ack` (RTT sample, progress, interval, next window) written
+        out in one function without a :class:`Step`: in lock-step this runs once per block
+        and the calls and the Step were most of the Python cost of a block."""
+        acked = self.acked
+        n = acked + ((block - acked) & 0xFFFF)
+        packets = self._packets
+        if (n != self.sent or n == acked or n >= self.blocks or packets is None
+                or self.phase is not _DATA):
+            return None
+        self.acked = n
+        srtt = self.srtt
+        if self._clean:  # RFC 6298 §2, as in _sample
+            rtt = now - self._sent_at
+            if srtt is None:
+                srtt, self._rttvar = rtt, rtt / 2
+            else:
+                self._rttvar += ((srtt - rtt if srtt > rtt else rtt - srtt) - self._rttvar) / 4
+                srtt += (rtt - srtt) / 8
+            self.srtt = srtt
+        # _advance and _rto (conditional expressions: cheaper than min() and max() calls)
+        self.retries = 0
+        self._progress = now
+        self.answered = self._clean = True
+        interval = self._base
+        floor = self._floor
+        if floor is not None and srtt is not None:
+            rto = srtt + 4 * self._rttvar
+            rto = floor if rto < floor else rto
+            interval = rto if rto < interval else interval
+        self._interval = interval
+        # _send_window from packets
+        last = n + self.windowsize
+        blocks = self.blocks
+        last = blocks if last > blocks else last
+        self.sent = last
+        self._sent_at = now
+        self.deadline = now + interval
+        if last == n + 1:
+            return (packets.datagrams[n],)
+        return tuple(packets.datagrams[n:last])
+
     def ack(self, block: int, now: float) -> Step:
+        send = self.ack_window(block, now)
+        if send is not None:
+            return Step(send, self.deadline)
         if self.phase is Phase.DONE:
             return self._over()
         if self.phase is Phase.OACK:
@@ -514,8 +620,9 @@ class Sender:
             self.phase = Phase.DATA
             self._advance(now)
             return self._send_window(now)
-        n = self.acked + ((block - self.acked) % _BLOCK_MOD)
-        if n == self.acked:
+        acked = self.acked
+        n = acked + ((block - acked) & 0xFFFF)  # % _BLOCK_MOD
+        if n == acked:
             # Duplicate: never resend on it (Sorcerer's Apprentice); the timer will.
             self.duplicate_acks += 1
             return self._wait()
@@ -541,7 +648,7 @@ class Sender:
     def timeout(self, now: float) -> Step:
         if self.phase is Phase.DONE:
             return self._over()
-        if self._deadline is not None and now < self._deadline:
+        if self.deadline is not None and now < self.deadline:
             return self._wait()  # a stale timer
         p = self._policy
         retries = p.max_retries if self.answered else p.first_retries
@@ -573,10 +680,6 @@ class Sender:
             self._clean = False
             return self._resend(now)
         return self._wait()
-
-    @property
-    def deadline(self) -> float | None:
-        return self._deadline
 
     # -- internals -----------------------------------------------------------------------
 
@@ -612,6 +715,13 @@ class Sender:
     def _send_window(self, now: float) -> Step:
         first = self.acked + 1
         last = min(self.acked + self.windowsize, self.blocks)
+        packets = self._packets
+        if packets is not None:  # the hot path: slices of the prebuilt datagrams
+            self.sent = max(self.sent, last)
+            self._sent_at = now
+            deadline = self.deadline = now + (self._interval if self.answered else self._base)
+            return Step(packets.window(first, last), deadline)
+        assert self._source is not None
         bs = self.blksize
         start = (first - 1) * bs
         end = min(last * bs, self.size)
@@ -623,31 +733,32 @@ class Sender:
                 " (file changed during the transfer?)",
                 error_packet(ErrorCode.NOT_DEFINED, "file changed"),
             )
+        send: tuple[bytes, ...]
         if first == last:  # lock-step: one block, no slicing
-            packets: tuple[bytes, ...] = (data_packet(first % _BLOCK_MOD, chunk),)
+            send = (data_packet(first % _BLOCK_MOD, chunk),)
         else:
             view = memoryview(chunk)
-            packets = tuple(
+            send = tuple(
                 data_packet(block % _BLOCK_MOD,
                             view[(block - first) * bs : (block - first + 1) * bs])
                 for block in range(first, last + 1)
             )
         self.sent = max(self.sent, last)
         self._sent_at = now
-        return self._arm(now, packets)
+        return self._arm(now, send)
 
     def _arm(self, now: float, packets: tuple[bytes, ...]) -> Step:
         # Before the first ACK: the base interval, no backoff (see first_retries).
-        self._deadline = now + (self._interval if self.answered else self._base)
-        return Step(packets, self._deadline)
+        self.deadline = now + (self._interval if self.answered else self._base)
+        return Step(packets, self.deadline)
 
     def _wait(self) -> Step:
-        return Step((), self._deadline)
+        return Step((), self.deadline)
 
     def _finish(self, outcome: Outcome, reason: str, *farewell: bytes) -> Step:
         self.phase = Phase.DONE
         self.outcome = outcome
-        self._deadline = None
+        self.deadline = None
         return Step(farewell, None, outcome, reason)
 
     def _over(self) -> Step:

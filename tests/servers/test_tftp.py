@@ -7,7 +7,9 @@ import asyncio
 import errno
 import hashlib
 import logging
+import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -535,10 +537,7 @@ async def test_per_client_bound(files: DirFiles) -> None:
 
 
 async def _tid_of(server: TftpServer, client: RawClient) -> tuple[str, int]:
-    transfer = server._transfers[client.address]
-    assert transfer._transport is not None
-    host, port = transfer._transport.get_extra_info("sockname")
-    return host, port
+    return server._transfers[client.address].tid
 
 
 async def test_close_ends_running_transfers(files: DirFiles, client: RawClient) -> None:
@@ -674,3 +673,127 @@ async def test_lossy_link_transfer_is_intact_and_recovered_by_the_rtt_timer(
             got.dropped + stats.retransmissions + 1)
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize(("windowsize", "seed"), [(1, 21), (8, 22)])
+async def test_loss_and_duplicated_acks_leave_the_transfer_intact(
+        files: DirFiles, client: RawClient, windowsize: int, seed: int) -> None:
+    """A link that loses 5 % each way and sends a fifth of the ACKs twice: the bytes arrive
+    intact and the duplicated ACKs never make the server send (RFC 1123 §4.2.3.1)."""
+    server = await started(files, retransmit=1.0)
+    try:
+        options = [("blksize", "1468"), ("windowsize", str(windowsize))]
+        got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.05,
+                                seed=seed, duplicate=0.2)
+        assert got.data == pattern(3_000_000)
+        await until(lambda: server.stats.completed == 1)
+        assert server.stats.failed == 0
+        blocks = 3_000_000 // 1468 + 1
+        assert server.stats.retransmissions <= 3 * got.dropped + 10
+        assert got.data_received <= blocks + 2 * windowsize * (
+            got.dropped + server.stats.retransmissions + 1)
+    finally:
+        await server.close()
+
+
+# ------------------------------------------------------------------ the shared file cache
+
+
+def settled(*paths: Path) -> None:
+    """Date files a minute back: the cache keeps no file modified in the last seconds."""
+    old = time.time() - 60
+    for path in paths:
+        os.utime(path, (old, old))
+
+
+async def test_clients_of_one_file_share_its_packets(
+        files: DirFiles, root: Path) -> None:
+    settled(root / "big.bin")
+    server = await started(files)
+    clients = [RawClient(f"127.0.0.{n + 2}") for n in range(3)]
+    try:
+        for c in clients:
+            got = await fetch(c, addr(server), "big.bin", [("blksize", "1468")])
+            assert got.data == pattern(3_000_000)
+        assert server.cache.builds == 1 and server.cache.hits == 2
+        # Another blksize is another set of datagrams.
+        got = await fetch(clients[0], addr(server), "big.bin", [("blksize", "1024")])
+        assert got.data == pattern(3_000_000)
+        assert server.cache.builds == 2
+    finally:
+        for c in clients:
+            c.close()
+        await server.close()
+
+
+@pytest.mark.parametrize("how", ["rewritten in place", "replaced", "resized"])
+async def test_a_file_changed_on_disk_is_served_as_it_is_now(
+        files: DirFiles, root: Path, client: RawClient, how: str) -> None:
+    server = await started(files)
+    path = root / "small.bin"
+    settled(path)
+    try:
+        assert (await fetch(client, addr(server), "small.bin")).data == SMALL
+        new = SMALL[::-1]  # same size, other bytes
+        if how == "rewritten in place":
+            with path.open("r+b") as f:
+                f.write(new)
+        elif how == "replaced":
+            tmp = root / "small.bin.new"
+            tmp.write_bytes(new)
+            tmp.replace(path)
+        else:
+            new = SMALL + b"grown"
+            path.write_bytes(new)
+        with RawClient() as again:
+            assert (await fetch(again, addr(server), "small.bin")).data == new
+        assert server.cache.builds == 2 and server.cache.hits == 0
+        # Modified a moment ago: served from packets built for it, not kept.
+        with RawClient() as third:
+            assert (await fetch(third, addr(server), "small.bin")).data == new
+        assert server.cache.builds == 3 and server.cache.hits == 0
+    finally:
+        await server.close()
+
+
+async def test_the_cache_is_bounded_and_big_files_are_streamed(
+        files: DirFiles, root: Path, client: RawClient) -> None:
+    # small.bin at blksize 512 takes 5,168 bytes of datagrams, exact.bin 1,036.
+    settled(root / "small.bin", root / "exact.bin")
+    server = await started(files, cache_size=6000, cache_file_size=6000)
+    try:
+        # Over cache_file_size: read from disk per window, nothing kept.
+        got = await fetch(client, addr(server), "big.bin", [("blksize", "1468")])
+        assert got.data == pattern(3_000_000)
+        assert server.cache.builds == 0
+        for name, data in (("small.bin", SMALL), ("exact.bin", EXACT), ("small.bin", SMALL)):
+            with RawClient() as c:
+                assert (await fetch(c, addr(server), name)).data == data
+            assert server.cache.size <= server.cache.budget
+        # exact.bin pushed small.bin out (least recently used), so it was built again.
+        assert server.cache.builds == 3 and server.cache.hits == 0
+    finally:
+        await server.close()
+
+
+async def test_an_error_from_a_stranger_is_not_answered(
+        server: TftpServer, client: RawClient) -> None:
+    client.rrq(addr(server), "small.bin")
+    _, tid = await client.recv()
+    with RawClient() as stranger:
+        # RFC 1350 §7: an ERROR is never acknowledged, not even with ERROR 5.
+        stranger.send(Error(ErrorCode.NOT_DEFINED, "done"), tid)
+        assert await stranger.nothing()
+    assert server.stats.unknown_tid == 0
+
+
+async def test_a_late_ack_after_the_transfer_is_not_an_unknown_tid(
+        server: TftpServer, client: RawClient) -> None:
+    """The last DATA resent while its ACK was on the way gets a second ACK after the transfer
+    ended: ignored quietly, as by a socket per transfer that is closed, not ERROR 5."""
+    got = await fetch(client, addr(server), "small.bin")
+    assert got.data == SMALL
+    await until(lambda: server.transfers == 0)
+    client.send(Ack(11), got.tid)
+    assert await client.nothing()
+    assert server.stats.unknown_tid == 0

@@ -206,6 +206,7 @@ async def lossy_fetch(
     *,
     loss: float,
     seed: int,
+    duplicate: float = 0.0,
     ack_timeout: float = 0.3,
     max_packets: int = 200_000,
 ) -> LossyFetched:
@@ -213,7 +214,8 @@ async def lossy_fetch(
     one that arrives, and each ACK about to be sent, is dropped by a seeded RNG (the same
     pattern on every run). Like U-Boot and RFC 1350 clients, every duplicate or out-of-order
     DATA is answered with an ACK of the last in-order block, and the last ACK (or the RRQ)
-    is sent again after ``ack_timeout`` without DATA."""
+    is sent again after ``ack_timeout`` without DATA. ``duplicate`` of the ACKs that are
+    sent go out twice (a link that duplicates datagrams)."""
     import random
 
     rng = random.Random(seed)  # a drop pattern, not security-relevant
@@ -234,6 +236,8 @@ async def lossy_fetch(
         else:
             assert tid is not None
             client.send(Ack(block % 65536), tid)
+            if duplicate and rng.random() < duplicate:
+                client.send(Ack(block % 65536), tid)
 
     client.send(request, server)
     for _ in range(max_packets):

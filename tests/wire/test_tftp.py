@@ -20,6 +20,7 @@ from netboot.wire.tftp import (
     OptionAck,
     Outcome,
     Packet,
+    Packets,
     Phase,
     Policy,
     ReadRequest,
@@ -646,3 +647,70 @@ def test_fixed_timer_when_min_rto_is_none() -> None:
 def test_min_rto_must_not_exceed_retransmit() -> None:
     with pytest.raises(ValueError, match="min_rto"):
         Policy(retransmit=0.5, min_rto=1.0)
+
+
+# ------------------------------------------------------------- prebuilt DATA (Packets)
+
+
+@pytest.mark.parametrize(("size", "blksize"), [(0, 512), (1300, 512), (1024, 512),
+                                               (100_000, 1468), (7, 8)])
+def test_packets_are_the_data_datagrams_of_the_payload(size: int, blksize: int) -> None:
+    payload = bytes((i * 7) & 0xFF for i in range(size))
+    packets = Packets(payload, blksize)
+    assert packets.blocks == size // blksize + 1 == len(packets.datagrams)
+    assert packets.nbytes == sum(len(d) for d in packets.datagrams) == size + 4 * packets.blocks
+    for n, datagram in enumerate(packets.datagrams, 1):
+        assert parse(datagram) == Data(n, payload[(n - 1) * blksize : n * blksize])
+    # An exact multiple of blksize ends with an empty DATA (RFC 1350).
+    assert len(packets.datagrams[-1]) == 4 + size % blksize
+    assert packets.window(1, 1) == (packets.datagrams[0],)
+
+
+def test_packet_block_numbers_wrap_past_65535() -> None:
+    packets = Packets(bytes(65_537 * 8), 8)
+    assert [parse(packets.datagrams[i]).block for i in (65_534, 65_535, 65_536)] == [  # type: ignore[union-attr]
+        65_535, 0, 1]
+
+
+def test_packets_of_another_blksize_are_refused() -> None:
+    negotiated = negotiate((("blksize", "1024"),), 5000, POLICY)
+    with pytest.raises(ValueError, match="blksize"):
+        Sender(negotiated, 5000, Packets(bytes(5000), 512), POLICY)
+
+
+def test_ack_window_leaves_every_other_ack_to_ack() -> None:
+    size = 20 * 1468
+    options = (("blksize", "1468"), ("windowsize", "4"))
+    s = Sender(negotiate(options, size, POLICY), size, Packets(bytes(size), 1468), POLICY)
+    s.start(0.0)
+    assert s.ack_window(0, 0.1) is None  # ACK 0 of the OACK: ack() does it
+    s.ack(0, 0.1)  # blocks 1-4 sent
+    before = (s.acked, s.sent, s.deadline, s.srtt, s.duplicate_acks)
+    for block in (0, 2, 9):  # a duplicate, a gap in the window, a block never sent
+        assert s.ack_window(block, 0.2) is None
+        assert (s.acked, s.sent, s.deadline, s.srtt, s.duplicate_acks) == before
+    send = s.ack_window(4, 0.2)  # the whole window: the next one
+    assert send is not None and [parse(d).block for d in send] == [5, 6, 7, 8]  # type: ignore[union-attr]
+    assert s.acked == 4 and s.sent == 8 and s.deadline is not None
+
+
+@pytest.mark.parametrize(("windowsize", "loss", "seed"), [(1, 0.10, 1), (8, 0.10, 5),
+                                                          (4, 0.25, 6)])
+def test_packets_and_a_source_are_the_same_transfer(
+        windowsize: int, loss: float, seed: int) -> None:
+    """The prebuilt path (ack_window) and the read-per-window path make the same decisions:
+    over the same lossy link the same datagrams go out at the same times."""
+    size = 300 * 1468 + 100
+    options = (("blksize", "1468"), ("windowsize", str(windowsize)))
+    policy = Policy(retransmit=1.0, max_retries=6)
+    runs = []
+    for packets in (False, True):
+        s, data = sender(size, options, policy)
+        if packets:
+            s = Sender(negotiate(options, size, policy), size, Packets(data, 1468), policy)
+        link = LossyLink(s, loss=loss, seed=seed)
+        finished = link.run()
+        assert s.outcome is Outcome.COMPLETE and bytes(link.received) == data
+        assert link.sends_on_duplicate_ack == 0
+        runs.append((finished, s.retransmissions, link.data_sent, link.dropped, s.srtt))
+    assert runs[0] == runs[1]
