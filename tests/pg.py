@@ -146,17 +146,32 @@ def running() -> Iterator[Cluster]:
         cluster.stop()
 
 
+async def _admin(cluster: Cluster, sql: str) -> None:
+    import asyncpg
+
+    admin = await asyncpg.connect(cluster.dsn())
+    try:
+        await admin.execute(sql)
+    finally:
+        await admin.close()
+
+
 @contextlib.asynccontextmanager
 async def fresh_schema(cluster: Cluster) -> AsyncIterator[str]:
     """A DSN whose connections see only a new, empty schema (``search_path``, which asyncpg
     passes on to the server): much quicker than a database per test, and as separate."""
-    import asyncpg
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    await _admin(cluster, f"CREATE SCHEMA {name}")
+    yield f"{cluster.dsn()}&search_path={name}"
+    await _admin(cluster, f"DROP SCHEMA {name} CASCADE")
+
+
+@contextlib.contextmanager
+def schema_sync(cluster: Cluster) -> Iterator[str]:
+    """:func:`fresh_schema` for a test without an event loop (one that runs the CLI)."""
+    import asyncio
 
     name = f"t_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(cluster.dsn())
-    try:
-        await admin.execute(f"CREATE SCHEMA {name}")
-        yield f"{cluster.dsn()}&search_path={name}"
-        await admin.execute(f"DROP SCHEMA {name} CASCADE")
-    finally:
-        await admin.close()
+    asyncio.run(_admin(cluster, f"CREATE SCHEMA {name}"))
+    yield f"{cluster.dsn()}&search_path={name}"
+    asyncio.run(_admin(cluster, f"DROP SCHEMA {name} CASCADE"))

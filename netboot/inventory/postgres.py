@@ -28,7 +28,7 @@ and this); what differs is how, and why:
   transaction; the trigger also does ``NOTIFY netboot_changes``, delivered at commit, on
   which :meth:`PostgresStore.wait_for_changes` wakes a reader at once instead of polling.
 * The DSN (it may hold a password) is never logged nor put in an error: messages name the
-  database by :func:`redact_dsn`.
+  database by :func:`netboot.inventory.dsn.redact`.
 * Any failure of the server or the connection is a :class:`StoreError`, never "not found".
 """
 
@@ -39,7 +39,6 @@ import contextlib
 import json
 import logging
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -50,6 +49,7 @@ from netboot.errors import Conflict, NetbootError, NotFound, StoreError, Validat
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
+from netboot.inventory.dsn import redact as dsn_redact
 from netboot.inventory.sealed import Sealed, join_token_context
 from netboot.model import (
     ApiToken,
@@ -83,23 +83,6 @@ _UPPER, _LOWER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"
 
 def _fold(sql: str) -> str:
     return f"translate({sql}, '{_UPPER}', '{_LOWER}')"
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN without its password (and without any query parameter that might hold one)."""
-    try:
-        parts = urllib.parse.urlsplit(dsn)
-    except ValueError:
-        return "postgresql://(unparsable DSN)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        netloc = f"{user}@{host}"
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    shown = "&".join(f"{k}={'***' if 'pass' in k.lower() else v}" for k, v in query)
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, shown, ""))
 
 
 _TRACKED = (("machines", "id"), ("profiles", "name"), ("clusters", "name"), ("groups", "name"),
@@ -262,7 +245,7 @@ class PostgresStore:
     def __init__(self, dsn: str, *, sealer: Sealer | None = None,
                  listener: EventListener | None = None, pool_size: int = 8) -> None:
         self._dsn = dsn
-        self.name = redact_dsn(dsn)
+        self.name = dsn_redact(dsn)
         self._sealed = Sealed(sealer)
         self._listener = listener
         self._pool_size = pool_size
