@@ -252,6 +252,7 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._notify: asyncpg.Connection | None = None
         self._woken = asyncio.Event()
+        self.migrated: list[int] = []  # the schema versions the last open() applied
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.name!r})"
@@ -273,7 +274,7 @@ class PostgresStore:
             raise Conflict(f"inventory constraint failed: {exc}") from exc
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
                 TimeoutError) as exc:
-            raise StoreError(f"inventory {self.name}: {_reason(exc)}") from exc
+            raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[asyncpg.Connection]:
@@ -291,10 +292,10 @@ class PostgresStore:
                 command_timeout=None)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
                 ValueError) as exc:
-            raise StoreError(f"cannot open inventory {self.name}: {_reason(exc)}") from exc
+            raise StoreError(f"cannot open inventory {self.name}: {reason(exc)}") from exc
         self._pool = pool
         try:
-            applied = await self.migrate()
+            applied = self.migrated = await self.migrate()
             if self._sealed.sealer is not None:
                 await self._seal_clear_tokens(self._sealed.sealer)
             await self._listen()
@@ -322,7 +323,7 @@ class PostgresStore:
             conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
             await conn.add_listener(CHANNEL, self._notified)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise StoreError(f"inventory {self.name}: cannot LISTEN: {_reason(exc)}") from exc
+            raise StoreError(f"inventory {self.name}: cannot LISTEN: {reason(exc)}") from exc
         self._notify = conn
 
     def _notified(self, *_: object) -> None:
@@ -741,7 +742,7 @@ class PostgresStore:
         return int(deleted)
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     """What went wrong, in words that never include the DSN."""
     if isinstance(exc, TimeoutError):
         return "timed out"
