@@ -51,6 +51,7 @@ from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
 from netboot.inventory.dsn import redact as dsn_redact
 from netboot.inventory.sealed import Sealed, join_token_context
+from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -75,6 +76,8 @@ CONNECT_TIMEOUT = 10.0
 # How long a query may wait for a free connection of the pool (a stuck database answers
 # with a StoreError, a 503, rather than an endless wait).
 ACQUIRE_TIMEOUT = 30.0
+# How often wait_for_changes looks while it cannot LISTEN.
+POLL_SECONDS = 1.0
 
 # Hostnames are unique under ASCII case folding (RFC 4343; IDNs arrive as punycode), which is
 # what SQLite's lower() does; PostgreSQL's lower() would fold by the database's locale.
@@ -251,7 +254,7 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._notify: asyncpg.Connection | None = None
-        self._woken = asyncio.Event()
+        self._signal = Signal()
         self.migrated: list[int] = []  # the schema versions the last open() applied
 
     def __repr__(self) -> str:
@@ -319,6 +322,9 @@ class PostgresStore:
 
     async def _listen(self) -> None:
         """One connection outside the pool that LISTENs: a notification wakes readers."""
+        old, self._notify = self._notify, None
+        if old is not None:
+            old.terminate()
         try:
             conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
             await conn.add_listener(CHANNEL, self._notified)
@@ -327,7 +333,10 @@ class PostgresStore:
         self._notify = conn
 
     def _notified(self, *_: object) -> None:
-        self._woken.set()
+        self._signal.fire()
+
+    def _listening(self) -> bool:
+        return self._notify is not None and not self._notify.is_closed()
 
     async def migrate(self) -> list[int]:
         """Apply the steps this database lacks; the versions applied (none: up to date)."""
@@ -652,6 +661,22 @@ class PostgresStore:
             clusters=await named("cluster", self._sealed.open_cluster),
             groups=await named("group", codec.group_from_dict),
             settings={k: settings.get(k) for k in setting_keys})
+
+    async def wait_for_changes(self, seq: int, timeout: float) -> bool:
+        """Woken by NOTIFY at the commit of any writer on this database. While the LISTEN
+        connection is down (the database restarted) it polls, and listens again."""
+        async def news() -> bool:
+            if not self._listening():
+                with contextlib.suppress(StoreError):
+                    await self._listen()
+            if seq < 0:
+                return True
+            async with self._conn() as conn:
+                return int(await conn.fetchval(
+                    "SELECT coalesce(max(seq), 0) FROM changes")) != seq
+
+        return await wait_until(news, self._signal, timeout,
+                                poll=lambda: None if self._listening() else POLL_SECONDS)
 
     async def forget_changes(self, before: int) -> None:
         async with self._write() as conn:
