@@ -197,8 +197,10 @@ class Store(ChangeFeed, Protocol):
     # leases (authoritative DHCP mode) ------------------------------------------------
     async def list_leases(self) -> list[Lease]: ...
 
-    async def put_lease(self, lease: Lease) -> None:
-        """Insert or replace by MAC; Conflict if another MAC holds the address."""
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+        """Insert or replace by MAC; Conflict if another MAC holds the address. With ``now``,
+        a lease of another MAC that expired by then is replaced instead: one atomic claim
+        (two servers claiming one address: one wins, the other gets Conflict)."""
 
     async def delete_lease(self, mac: str) -> None:
         """No error if absent (a RELEASE for an unknown lease is harmless)."""

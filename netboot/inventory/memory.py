@@ -283,12 +283,14 @@ class MemoryStore:
         self._check_open()
         return [self._leases[k] for k in sorted(self._leases)]
 
-    async def put_lease(self, lease: Lease) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         self._check_open()
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
         holder = self._lease_addrs.get(value.ipv4)
         if holder is not None and holder != value.mac:
-            raise Conflict(f"address {value.ipv4} is leased to {holder}")
+            if now is None or self._leases[holder].expires > now:
+                raise Conflict(f"address {value.ipv4} is leased to {holder}")
+            self._drop_lease(holder)
         self._drop_lease(value.mac)
         self._leases[value.mac] = value
         self._lease_addrs[value.ipv4] = value.mac

@@ -597,16 +597,24 @@ class PostgresStore:
             rows = await conn.fetch("SELECT mac, ipv4, expires, hostname FROM leases ORDER BY mac")
         return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
 
-    async def put_lease(self, lease: Lease) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
-        async with self._conn() as conn:
+        async with self._conn() as conn, conn.transaction():
+            if now is not None:
+                # A concurrent claim of the same expired row waits for this one's commit,
+                # then finds it gone and fails on the unique address below.
+                await conn.execute("DELETE FROM leases WHERE ipv4 = $1 AND mac <> $2"
+                                   " AND expires <= $3", value.ipv4, value.mac, float(now))
             try:
-                # One statement: the unique address is the claim, whoever else writes.
-                await conn.execute(
-                    "INSERT INTO leases (mac, ipv4, expires, hostname) VALUES ($1, $2, $3, $4)"
-                    " ON CONFLICT (mac) DO UPDATE SET ipv4 = excluded.ipv4,"
-                    " expires = excluded.expires, hostname = excluded.hostname",
-                    value.mac, value.ipv4, float(value.expires), value.hostname)
+                # The unique address is the claim, whoever else writes. In a savepoint, so
+                # that the holder can still be read for the message.
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO leases (mac, ipv4, expires, hostname)"
+                        " VALUES ($1, $2, $3, $4) ON CONFLICT (mac) DO UPDATE SET"
+                        " ipv4 = excluded.ipv4, expires = excluded.expires,"
+                        " hostname = excluded.hostname",
+                        value.mac, value.ipv4, float(value.expires), value.hostname)
             except asyncpg.UniqueViolationError as exc:
                 holder = await conn.fetchval("SELECT mac FROM leases WHERE ipv4 = $1",
                                              value.ipv4)

@@ -612,8 +612,8 @@ class SqliteStore:
     async def list_leases(self) -> list[Lease]:
         return await self._read(_list_leases)
 
-    async def put_lease(self, lease: Lease) -> None:
-        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)))
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)), now)
 
     async def delete_lease(self, mac: str) -> None:
         await self._run(_delete_lease, codec.normalise_mac(mac))
@@ -1132,8 +1132,11 @@ def _list_leases(conn: sqlite3.Connection) -> list[Lease]:
     return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
 
 
-def _put_lease(conn: sqlite3.Connection, lease: Lease) -> None:
+def _put_lease(conn: sqlite3.Connection, lease: Lease, now: float | None) -> None:
     with _immediate(conn):
+        if now is not None:
+            conn.execute("DELETE FROM leases WHERE ipv4 = ? AND mac <> ? AND expires <= ?",
+                         (lease.ipv4, lease.mac, now))
         holder = conn.execute(
             "SELECT mac FROM leases WHERE ipv4 = ? AND mac <> ?", (lease.ipv4, lease.mac)
         ).fetchone()

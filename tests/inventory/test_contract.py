@@ -981,9 +981,18 @@ async def test_two_servers_leasing_one_address_exactly_one_wins(
     for n in range(5):
         ip = f"192.0.2.{10 + n}"
         outcome = await asyncio.gather(
-            a.put_lease(Lease(mac=mac(100 + n), ipv4=ip, expires=100.0)),
-            b.put_lease(Lease(mac=mac(200 + n), ipv4=ip, expires=100.0)),
+            a.put_lease(Lease(mac=mac(100 + n), ipv4=ip, expires=100.0), now=50.0),
+            b.put_lease(Lease(mac=mac(200 + n), ipv4=ip, expires=100.0), now=50.0),
             return_exceptions=True)
         assert sorted(type(o).__name__ for o in outcome) == ["Conflict", "NoneType"]
         holders = [lease.mac for lease in await a.list_leases() if lease.ipv4 == ip]
         assert len(holders) == 1
+
+
+async def test_a_claim_takes_over_only_an_expired_lease(store: Store) -> None:
+    await store.put_lease(Lease(mac=MAC1, ipv4="192.0.2.9", expires=100.0))
+    for now in (None, 99.0):
+        with pytest.raises(Conflict, match=MAC1):
+            await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0), now=now)
+    await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0), now=100.0)
+    assert await store.list_leases() == [Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0)]
