@@ -54,8 +54,9 @@ class Cluster:
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
 
-    def stop(self) -> None:
-        """SIGINT is PostgreSQL's "fast shutdown": sessions are ended, the server exits."""
+    def halt(self) -> None:
+        """SIGINT is PostgreSQL's "fast shutdown": sessions are ended, the server exits.
+        Its data stays, for :meth:`restart`."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -63,6 +64,15 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
+
+    def restart(self) -> None:
+        """The same cluster again, on the same socket (a database server restart)."""
+        self.halt()
+        self.process = _launch(self.base, self.socket_dir, self.port)
+        _wait_ready(self)
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -107,16 +117,24 @@ def start() -> Cluster:
         shutil.rmtree(base, ignore_errors=True)
         pytest.fail(f"initdb failed: {done.stderr[-2000:]}", pytrace=False)
     port = _free_port()
-    process = subprocess.Popen(  # type: ignore[call-overload]
-        [str(bins / "postgres"), "-D", str(data), "-k", str(sockets), "-p", str(port),
-         "-c", "listen_addresses=", "-c", "fsync=off", "-c", "synchronous_commit=off",
-         "-c", "full_page_writes=off", "-c", "max_connections=200",
-         "-c", "logging_collector=off"],
-        stdout=subprocess.DEVNULL, stderr=open(base / "server.log", "wb"),  # noqa: SIM115
-        env=env, cwd=base, **as_owner)
-    cluster = Cluster(base, sockets, port, process)
+    cluster = Cluster(base, sockets, port, _launch(base, sockets, port))
     _wait_ready(cluster)
     return cluster
+
+
+def _launch(base: Path, sockets: Path, port: int) -> subprocess.Popen[bytes]:
+    owner = _owner()
+    as_owner: dict[str, object] = {}
+    if owner is not None:
+        as_owner = {"user": owner[0], "group": owner[1], "extra_groups": []}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
+    with open(base / "server.log", "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+            [str(bindir() / "postgres"), "-D", str(base / "data"), "-k", str(sockets),
+             "-p", str(port), "-c", "listen_addresses=", "-c", "fsync=off",
+             "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "max_connections=200", "-c", "logging_collector=off"],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=base, **as_owner)
 
 
 def _wait_ready(cluster: Cluster) -> None:
