@@ -68,12 +68,14 @@ class Recorder:
 
     async def _write(self, batch: Batch, *, strict: bool = False) -> None:
         queued, self._queue = self._queue, []
-        if not queued and not (batch.merge or batch.create or batch.update or batch.events):
+        if not queued and not (batch.merge or batch.create or batch.update or batch.events
+                               or batch.expect):
             return
         try:
             await self._store.apply_batch(Batch(merge=batch.merge, create=batch.create,
                                                 update=batch.update,
-                                                events=[*queued, *batch.events]))
+                                                events=[*queued, *batch.events],
+                                                expect=batch.expect))
         except NetbootError as exc:
             if strict:
                 self._queue[:0] = queued

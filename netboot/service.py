@@ -26,7 +26,7 @@ from aiohttp import web
 from netboot.access import TOKEN_PREFIX, Access
 from netboot.api import Api
 from netboot.boot import BootService, BootSettings, loader_aliases
-from netboot.config import Config
+from netboot.config import Config, inventory_dsn
 from netboot.content import Content, Trust
 from netboot.core import Core
 from netboot.discovery import DiscoveryLimits
@@ -82,6 +82,14 @@ def open_store(config: Config, sealer: Sealer | None = None,
         from netboot.inventory.memory import MemoryStore
 
         return MemoryStore(listener=listener)
+    if config.inventory.backend == "postgresql":
+        try:
+            from netboot.inventory.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError("postgresql needs the asyncpg driver, which is not installed",
+                              key="inventory.backend",
+                              fix="pip install 'netboot[postgresql]' (or asyncpg)") from exc
+        return PostgresStore(inventory_dsn(config), sealer=sealer, listener=listener)
     from netboot.inventory.sqlite import SqliteStore
 
     try:
@@ -151,18 +159,18 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
     store = open_store(config, sealer, listener)
     await store.open()
     try:
-        recorded = await store.get_setting(SEAL_KEY_SETTING)
-        if recorded is not None and recorded != sealer.key_id:
-            fix = (f"restore {key_path} from a backup of {config.data_dir}; the join tokens "
-                   "cannot be read without it (else move the inventory away and enroll again)")
-            if new_key:
-                raise ConfigError(f"the secrets key {key_path} is missing, and the inventory "
-                                  f"{config.db_path} holds join tokens sealed with key "
-                                  f"{recorded}", key="server.data_dir", fix=fix)
-            raise ConfigError(f"{key_path} is key {sealer.key_id}, but the inventory "
-                              f"{config.db_path} was sealed with key {recorded}",
-                              key="server.data_dir", fix=fix)
+        fix = (f"restore {key_path} from a backup of {config.data_dir}; the join tokens "
+               "cannot be read without it (else move the inventory away and enroll again)")
+        if config.inventory.backend == "postgresql":
+            # Several servers share the database: each needs the one key that sealed it.
+            fix = (f"copy {SECRET_KEY_FILE} from the data dir of a netboot server already "
+                   f"using this database to {key_path} (mode 0600)")
         if new_key:
+            recorded = await store.get_setting(SEAL_KEY_SETTING)
+            if recorded is not None:
+                raise ConfigError(f"the secrets key {key_path} is missing, and the inventory "
+                                  f"{config.inventory_name} holds join tokens sealed with key "
+                                  f"{recorded}", key="server.data_dir", fix=fix)
             try:
                 write_key(key_path, sealer)
             except FileExistsError:
@@ -171,10 +179,14 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
                 return await open_inventory(config, listener)
             log.warning("created the secrets key %s: back it up, apart from the inventory; "
                         "without it the join tokens in the inventory cannot be read", key_path)
-        if recorded is None:
-            # The store sealed any clear join tokens as it opened; from now on this key is the
-            # inventory's.
-            await store.put_setting(SEAL_KEY_SETTING, sealer.key_id)
+        # Claimed, not just read and written: of two servers starting together on a new
+        # shared database, one key wins, and the other is told to copy it. The store sealed
+        # any clear join tokens as it opened; from now on this key is the inventory's.
+        recorded = await store.claim_setting(SEAL_KEY_SETTING, sealer.key_id)
+        if recorded != sealer.key_id:
+            raise ConfigError(f"{key_path} is key {sealer.key_id}, but the inventory "
+                              f"{config.inventory_name} was sealed with key {recorded}",
+                              key="server.data_dir", fix=fix)
     except BaseException:
         await store.close()
         raise
@@ -574,7 +586,7 @@ class Service:
              if cfg.dhcp.mode != "off" else "  DHCP   off"),
             f"  DNS    udp+tcp/{cfg.dns.port} zone {cfg.dns.zone}" if cfg.dns.enabled
             else "  DNS    off",
-            f"  inventory {cfg.db_path if cfg.inventory.backend == 'sqlite' else 'memory'}",
+            f"  inventory {cfg.inventory_name}",
             f"  assets {', '.join(str(r) for r in self.content.assets.roots if r.is_dir())}",
             f"  discovery policy: {cfg.discovery.policy}",
         ]

@@ -20,7 +20,18 @@ from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter
-from netboot.model import ApiToken, AuditEntry, Cluster, Event, Group, Lease, Machine, Profile
+from netboot.inventory.signal import Signal, wait_until
+from netboot.model import (
+    ApiToken,
+    AuditEntry,
+    Cluster,
+    Event,
+    Group,
+    Lease,
+    Machine,
+    MachineState,
+    Profile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,7 @@ class MemoryStore:
         # Bumped by every write: the change feed of a store that keeps no history says only
         # "something changed", and its readers read again (dicts are cheap to read).
         self._generation = 0
+        self._signal = Signal()
         self._tokens: dict[str, ApiToken] = {}
         self._audit: list[AuditEntry] = []
 
@@ -114,15 +126,17 @@ class MemoryStore:
         return len(self._matching(flt or MachineFilter()))
 
     async def create_machine(self, machine: Machine) -> None:
-        self._generation += 1
+        self._changed()
         await self.apply_batch(Batch(create=(machine,)))
 
-    async def update_machine(self, machine: Machine) -> None:
-        self._generation += 1
-        await self.apply_batch(Batch(update=(machine,)))
+    async def update_machine(self, machine: Machine, *,
+                             expect_state: MachineState | None = None) -> None:
+        self._changed()
+        await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
+                                     else {machine.id: expect_state}))
 
     async def delete_machine(self, machine_id: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         machine = self._machines.get(machine_id)
         if machine is None:
@@ -142,7 +156,7 @@ class MemoryStore:
             hostnames.pop(fold_hostname(machine.hostname), None)
 
     async def apply_batch(self, batch: Batch) -> None:
-        self._generation += 1
+        self._changed()
         """Merges, creates, updates in order, each checked against the state so far.
 
         The work happens on copies that replace the live dicts only when every row passed,
@@ -153,6 +167,10 @@ class MemoryStore:
         updates = [_copy_machine(m) for m in batch.update]
         events = [codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(e))))
                   for e in batch.events]
+        for machine_id, state in batch.expect.items():
+            current = self._machines.get(machine_id)
+            codec.check_expected(machine_id, state,
+                                 None if current is None else current.state.value)
         machines = dict(self._machines)
         keys = dict(self._keys)
         hostnames = dict(self._hostnames)
@@ -197,13 +215,13 @@ class MemoryStore:
         return [self._profiles[k] for k in sorted(self._profiles)]
 
     async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         value = codec.profile_from_dict(codec.profile_to_dict(profile))
         _put(self._profiles, "profile", value.name, value, create)
 
     async def delete_profile(self, name: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         _delete(self._profiles, "profile", name)
 
@@ -216,13 +234,13 @@ class MemoryStore:
         return [self._clusters[k] for k in sorted(self._clusters)]
 
     async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         value = codec.cluster_from_dict(codec.cluster_to_dict(cluster))
         _put(self._clusters, "cluster", value.name, value, create)
 
     async def delete_cluster(self, name: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         _delete(self._clusters, "cluster", name)
 
@@ -235,13 +253,13 @@ class MemoryStore:
         return [self._groups[k] for k in sorted(self._groups)]
 
     async def put_group(self, group: Group, *, create: bool = False) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         value = codec.group_from_dict(codec.group_to_dict(group))
         _put(self._groups, "group", value.name, value, create)
 
     async def delete_group(self, name: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         _delete(self._groups, "group", name)
 
@@ -265,12 +283,14 @@ class MemoryStore:
         self._check_open()
         return [self._leases[k] for k in sorted(self._leases)]
 
-    async def put_lease(self, lease: Lease) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         self._check_open()
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
         holder = self._lease_addrs.get(value.ipv4)
         if holder is not None and holder != value.mac:
-            raise Conflict(f"address {value.ipv4} is leased to {holder}")
+            if now is None or self._leases[holder].expires > now:
+                raise Conflict(f"address {value.ipv4} is leased to {holder}")
+            self._drop_lease(holder)
         self._drop_lease(value.mac)
         self._leases[value.mac] = value
         self._lease_addrs[value.ipv4] = value.mac
@@ -294,11 +314,19 @@ class MemoryStore:
         return self._settings.get(key)
 
     async def put_setting(self, key: str, value: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         if not isinstance(value, str):
             raise ValidationError("value", "a setting is a string")
         self._settings[key] = value
+
+    async def claim_setting(self, key: str, value: str, *, replace: str | None = None) -> str:
+        self._check_open()
+        current = self._settings.get(key)
+        if current is None or (replace is not None and current == replace):
+            await self.put_setting(key, value)
+            return value
+        return current
 
     # change feed ---------------------------------------------------------------------
     async def changes_since(self, seq: int) -> Changes:
@@ -307,6 +335,18 @@ class MemoryStore:
 
     async def forget_changes(self, before: int) -> None:
         return None
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self._signal.fire()
+
+    async def wait_for_changes(self, seq: int, timeout: float) -> bool:
+        self._check_open()
+
+        async def news() -> bool:
+            return seq != self._generation
+
+        return await wait_until(news, self._signal, timeout)
 
     # API tokens and the audit log ------------------------------------------------------
     async def create_token(self, token: ApiToken) -> None:

@@ -34,7 +34,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +45,8 @@ from netboot.errors import Conflict, NetbootError, NotFound, StoreError, Validat
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
+from netboot.inventory.sealed import Sealed, join_token_context
+from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -53,6 +55,7 @@ from netboot.model import (
     Group,
     Lease,
     Machine,
+    MachineState,
     Profile,
     new_machine_id,
 )
@@ -66,6 +69,8 @@ BUSY_TIMEOUT_MS = 5000
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
 # a touch of a mapped page into a SIGBUS (autocheckpoint keeps the WAL near 1000 frames).
 SHM_RESERVE = 4 * 32768
+# How often wait_for_changes looks for commits of other processes.
+POLL_SECONDS = 0.25
 
 # A migration step: SQL text, or a function for what SQL alone cannot do (re-encode documents).
 Step = str | Callable[[sqlite3.Connection], None]
@@ -315,6 +320,7 @@ class SqliteStore:
                  listener: EventListener | None = None) -> None:
         self.path = Path(path)
         self._sealer = sealer
+        self._sealed = Sealed(sealer)
         self._listener = listener
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
@@ -503,35 +509,20 @@ class SqliteStore:
 
     # machines -------------------------------------------------------------------------
     async def get_machine(self, machine_id: str) -> Machine | None:
-        return self._open_machine(await self._read(_get_machine, machine_id))
+        return self._sealed.open_machine(await self._read(_get_machine, machine_id))
 
     async def machine_by(self, kind: str, value: str) -> Machine | None:
-        return self._open_machine(await self._read(_machine_by, *codec.claim_key(kind, value)))
+        key = codec.claim_key(kind, value)
+        return self._sealed.open_machine(await self._read(_machine_by, *key))
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
-        return self._open_machine(await self._read(_get_machine_by_hostname, hostname))
+        return self._sealed.open_machine(await self._read(_get_machine_by_hostname, hostname))
 
     async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]:
         flt = flt or MachineFilter()
         codec.check_filter(flt)
-        return [m for m in map(self._open_machine, await self._read(_list_machines, flt))
+        return [m for m in map(self._sealed.open_machine, await self._read(_list_machines, flt))
                 if m is not None]
-
-    # A machine's install token (kept during its install so that a device rebooting
-    # mid-install gets it again) opens its config, which carries the join token: sealed like
-    # the join token, to the machine it belongs to.
-    def _seal_machine(self, machine: Machine) -> Machine:
-        token = machine.install_token
-        if self._sealer is None or not token or self._sealer.is_sealed(token):
-            return machine
-        return replace(machine, install_token=self._sealer.seal(
-            token, context=_install_token_context(machine.id)))
-
-    def _open_machine(self, machine: Machine | None) -> Machine | None:
-        if machine is None or self._sealer is None or not machine.install_token:
-            return machine
-        return replace(machine, install_token=self._sealer.unseal(
-            machine.install_token, context=_install_token_context(machine.id)))
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         return await self._read(_count_machines, flt or MachineFilter())
@@ -539,20 +530,23 @@ class SqliteStore:
     async def create_machine(self, machine: Machine) -> None:
         await self.apply_batch(Batch(create=(machine,)))
 
-    async def update_machine(self, machine: Machine) -> None:
-        await self.apply_batch(Batch(update=(machine,)))
+    async def update_machine(self, machine: Machine, *,
+                             expect_state: MachineState | None = None) -> None:
+        await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
+                                     else {machine.id: expect_state}))
 
     async def delete_machine(self, machine_id: str) -> None:
         await self._run(_delete_machine, machine_id)
 
     async def apply_batch(self, batch: Batch) -> None:
         """One ``BEGIN IMMEDIATE`` transaction: merges, creates, updates, events in order."""
-        if batch.merge or batch.create or batch.update or batch.events:
+        if batch.merge or batch.create or batch.update or batch.events or batch.expect:
             events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
             rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
                     for v in events]
-            await self._run(_apply_batch, [self._seal_machine(m) for m in batch.create],
-                            [self._seal_machine(m) for m in batch.update], rows, batch.merge)
+            await self._run(_apply_batch, [self._sealed.seal_machine(m) for m in batch.create],
+                            [self._sealed.seal_machine(m) for m in batch.update], rows, batch.merge,
+                            dict(batch.expect))
             if events and self._listener is not None:
                 self._listener.published(events)
 
@@ -574,23 +568,14 @@ class SqliteStore:
 
     async def get_cluster(self, name: str) -> Cluster | None:
         data = await self._read(_get_named, "cluster", name)
-        return None if data is None else self._open_cluster(data)
+        return None if data is None else self._sealed.open_cluster(data)
 
     async def list_clusters(self) -> list[Cluster]:
-        return [self._open_cluster(d) for d in await self._read(_list_named, "cluster")]
+        return [self._sealed.open_cluster(d) for d in await self._read(_list_named, "cluster")]
 
     async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
-        data = codec.cluster_to_dict(cluster)
-        codec.cluster_from_dict(data)
-        if self._sealer is not None and data["token"]:
-            data["token"] = self._sealer.seal(data["token"], context=_token_context(cluster.name))
+        data = self._sealed.cluster_data(cluster)
         await self._run(_put_named, "cluster", cluster.name, codec.dumps(data, "cluster"), create)
-
-    def _open_cluster(self, data: Any) -> Cluster:
-        if self._sealer is not None and isinstance(data, dict) and data.get("token"):
-            name = str(data.get("name"))
-            data["token"] = self._sealer.unseal(str(data["token"]), context=_token_context(name))
-        return codec.cluster_from_dict(data)
 
     async def delete_cluster(self, name: str) -> None:
         await self._run(_delete_named, "cluster", name)
@@ -627,8 +612,8 @@ class SqliteStore:
     async def list_leases(self) -> list[Lease]:
         return await self._read(_list_leases)
 
-    async def put_lease(self, lease: Lease) -> None:
-        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)))
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)), now)
 
     async def delete_lease(self, mac: str) -> None:
         await self._run(_delete_lease, codec.normalise_mac(mac))
@@ -664,7 +649,8 @@ class SqliteStore:
         for tbl, key in conn.execute(
                 "SELECT tbl, key FROM changes WHERE seq > ? AND seq <= ?", (seq, last)):
             keys.setdefault(tbl, set()).add(key)
-        machines = {m: self._open_machine(_get_machine(conn, m)) for m in keys.get("machines", ())}
+        machines = {m: self._sealed.open_machine(_get_machine(conn, m))
+                    for m in keys.get("machines", ())}
 
         def named(kind: str, decode: Callable[[Any], _R]) -> dict[str, _R | None]:
             out: dict[str, _R | None] = {}
@@ -676,16 +662,26 @@ class SqliteStore:
         return Changes(
             last, complete=True, machines=machines,
             profiles=named("profile", codec.profile_from_dict),
-            clusters=named("cluster", self._open_cluster),
+            clusters=named("cluster", self._sealed.open_cluster),
             groups=named("group", codec.group_from_dict),
             settings={k: _get_setting(conn, k) for k in keys.get("settings", ())})
 
     async def forget_changes(self, before: int) -> None:
         await self._run(_forget_changes, before)
 
+    async def wait_for_changes(self, seq: int, timeout: float) -> bool:
+        """Polls: another process's commit reaches no one here until asked."""
+        async def news() -> bool:
+            return seq < 0 or await self._read(_last_change) != seq
+
+        return await wait_until(news, Signal(), timeout, poll=lambda: POLL_SECONDS)
+
     # settings ------------------------------------------------------------------------
     async def get_setting(self, key: str) -> str | None:
         return await self._read(_get_setting, key)
+
+    async def claim_setting(self, key: str, value: str, *, replace: str | None = None) -> str:
+        return await self._run(_claim_setting, key, value, replace)
 
     async def put_setting(self, key: str, value: str) -> None:
         if not isinstance(value, str):
@@ -732,7 +728,7 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
                 data = json.loads(text)
                 token = data.get("token")
                 if isinstance(token, str) and token and not sealer.is_sealed(token):
-                    data["token"] = sealer.seal(token, context=_token_context(name))
+                    data["token"] = sealer.seal(token, context=join_token_context(name))
                     conn.execute("UPDATE clusters SET data = ? WHERE name = ?",
                                  (codec.dumps(data, "cluster"), name))
                     sealed += 1
@@ -741,15 +737,6 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
             log.info("inventory %s: sealed the join tokens of %d clusters", path, sealed)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
-
-
-def _install_token_context(machine_id: str) -> str:
-    return f"install token of machine {machine_id}"
-
-
-def _token_context(cluster: str) -> str:
-    # Authenticated with the sealed token: a token copied to another cluster's row won't open.
-    return f"join token of cluster {cluster!r}"
 
 
 # --- worker-thread functions: each takes the connection first --------------------------------
@@ -999,6 +986,7 @@ def _apply_batch(
     update: Sequence[Machine],
     events: Sequence[tuple[str, float, str, str, str]] = (),
     merge: Sequence[tuple[str, str]] = (),
+    expect: Mapping[str, MachineState] | None = None,
 ) -> None:
     # Encode (and so validate) on the worker, not the event loop: 100k rows take a second of
     # CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before BEGIN,
@@ -1006,6 +994,9 @@ def _apply_batch(
     creates = [_Row(m) for m in create]
     updates = [_Row(m) for m in update]
     with _immediate(conn):
+        for machine_id, state in (expect or {}).items():
+            row = conn.execute("SELECT state FROM machines WHERE id = ?", (machine_id,)).fetchone()
+            codec.check_expected(machine_id, state, None if row is None else row[0])
         for source, target in merge:
             if conn.execute("DELETE FROM machines WHERE id = ?", (source,)).rowcount == 0:
                 raise NotFound(f"machine {source} not found")
@@ -1141,8 +1132,11 @@ def _list_leases(conn: sqlite3.Connection) -> list[Lease]:
     return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
 
 
-def _put_lease(conn: sqlite3.Connection, lease: Lease) -> None:
+def _put_lease(conn: sqlite3.Connection, lease: Lease, now: float | None) -> None:
     with _immediate(conn):
+        if now is not None:
+            conn.execute("DELETE FROM leases WHERE ipv4 = ? AND mac <> ? AND expires <= ?",
+                         (lease.ipv4, lease.mac, now))
         holder = conn.execute(
             "SELECT mac FROM leases WHERE ipv4 = ? AND mac <> ?", (lease.ipv4, lease.mac)
         ).fetchone()
@@ -1167,9 +1161,22 @@ def _forget_changes(conn: sqlite3.Connection, before: int) -> None:
                      (before,))
 
 
+def _last_change(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
+
+
 def _get_setting(conn: sqlite3.Connection, key: str) -> str | None:
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def _claim_setting(conn: sqlite3.Connection, key: str, value: str, replace: str | None) -> str:
+    with _immediate(conn):  # the write lock first: the read below is the one that decides
+        current = _get_setting(conn, key)
+        if current is None or (replace is not None and current == replace):
+            _put_setting(conn, key, value)
+            return value
+        return current
 
 
 def _put_setting(conn: sqlite3.Connection, key: str, value: str) -> None:

@@ -1,0 +1,184 @@
+"""What only the PostgreSQL store has: migrations in a table, several servers on one
+database, a database that is unreachable (a StoreError that never shows the password)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from netboot.errors import StoreError
+from netboot.inventory import postgres
+from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
+from netboot.inventory.view import InventoryView
+from netboot.model import Cluster, MacAddress, Machine
+from netboot.sealing import Sealer
+from tests import pg
+
+
+async def test_unreachable_database_is_a_store_error_without_the_password(
+        tmp_path: Path) -> None:
+    store = PostgresStore(f"postgresql://netboot:hunter2@/db?host={tmp_path}&port=1")
+    with pytest.raises(StoreError) as err:
+        await store.open()
+    assert "hunter2" not in str(err.value) and "netboot:***@" in str(err.value)
+    with pytest.raises(StoreError):
+        await store.get_machine("m-1")  # never opened: an error, not "absent"
+
+
+async def test_two_servers_opening_a_new_database_migrate_it_once(pg_dsn: str) -> None:
+    stores = [PostgresStore(pg_dsn) for _ in range(3)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        finally:
+            await conn.close()
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+        assert await stores[0].migrate() == []  # nothing left to apply
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_refuses_a_newer_schema(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("INSERT INTO schema_migrations VALUES ($1, 'future', 0)",
+                           SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match="newer than this netboot knows"):
+        await PostgresStore(pg_dsn).open()
+
+
+async def test_secrets_are_sealed_in_the_database(pg_dsn: str) -> None:
+    sealer = Sealer.generate()
+    store = PostgresStore(pg_dsn, sealer=sealer)
+    await store.open()
+    try:
+        await store.put_cluster(Cluster(name="edge", token="join-s3cret"))
+        machine = Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),),
+                          install_token="inst-s3cret")
+        await store.create_machine(machine)
+        assert (await store.get_cluster("edge")) == Cluster(name="edge", token="join-s3cret")
+        assert await store.get_machine(machine.id) == machine
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            rows = [r[0] for r in await conn.fetch(
+                "SELECT data FROM clusters UNION ALL SELECT data FROM machines")]
+        finally:
+            await conn.close()
+        assert rows and not any("s3cret" in r for r in rows)
+    finally:
+        await store.close()
+
+
+async def test_a_lost_connection_is_a_store_error_not_absent(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn, pool_size=1)
+    await store.open()
+    try:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("DROP TABLE machine_keys CASCADE")
+        finally:
+            await conn.close()
+        with pytest.raises(StoreError):
+            await store.machine_by("mac", "02:00:00:00:00:01")
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def two(pg_dsn: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two stores on one database, as two netboot servers."""
+    a, b = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_commit_through_one_server_wakes_the_view_of_another(
+        two: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Were the reader polling, this would wait an hour: it must be woken by NOTIFY.
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)
+    a, b = two
+    view = InventoryView(b)
+    await view.sync()
+    mac = "02:00:00:00:00:42"
+    assert await view.machine_by("mac", mac) is None  # remembered as nobody's
+    waiting = asyncio.create_task(view.wait(600.0))
+    await asyncio.sleep(0)
+    machine = Machine(macs=(MacAddress.parse(mac),), hostname="via-a")
+    await a.create_machine(machine)
+    assert await waiting is True
+    assert await view.machine_by("mac", mac) == machine
+    await a.put_cluster(Cluster(name="edge"))
+    assert await view.wait(600.0) is True
+    assert [c.name for c in await view.list_clusters()] == ["edge"]
+
+
+async def test_concurrent_writers_on_two_servers_reach_a_view_exactly(
+        two: tuple[PostgresStore, PostgresStore]) -> None:
+    """Commit order is feed order (the writers' lock): a view that follows the feed while
+    two servers write concurrently ends equal to a fresh read, nothing skipped."""
+    a, b = two
+    view = InventoryView(b)
+    await view.sync()
+    for n in range(4):
+        for i in range(20):  # remembered as unset: only the feed can change that now
+            assert await view.get_setting(f"k{n}-{i}") is None
+
+    async def writer(store: PostgresStore, n: int) -> None:
+        for i in range(20):
+            await store.put_setting(f"k{n}-{i}", str(i))
+            await view.sync()  # reads interleave with the writes
+
+    await asyncio.gather(*(writer(s, n) for n, s in enumerate((a, b, a, b))))
+    await view.sync()
+    for n in range(4):
+        for i in range(20):
+            assert await view.get_setting(f"k{n}-{i}") == str(i)
+
+
+async def test_a_database_restart_fails_requests_then_heals(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the database is down every call is a StoreError (a 503), never "not found";
+    once it is back the same store answers again, and its reader listens again."""
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # woken by NOTIFY, or not at all
+    cluster = await asyncio.to_thread(pg.start)  # its own: the session's must stay up
+    a, b = PostgresStore(cluster.dsn()), PostgresStore(cluster.dsn())
+    try:
+        await a.open()
+        await b.open()
+        first = Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),), hostname="one")
+        await a.create_machine(first)
+        await asyncio.to_thread(cluster.halt)
+        with pytest.raises(StoreError):
+            await a.get_machine(first.id)
+        with pytest.raises(StoreError):
+            await a.put_setting("k", "v")
+        await asyncio.to_thread(cluster.restart)
+        assert await a.get_machine(first.id) == first
+        seq = (await b.changes_since(-1)).seq
+        waiting = asyncio.create_task(b.wait_for_changes(seq, 600.0))
+        await asyncio.sleep(0)
+        second = Machine(macs=(MacAddress.parse("02:00:00:00:00:02"),), hostname="two")
+        await a.create_machine(second)
+        assert await waiting is True
+        assert await b.get_machine(second.id) == second
+    finally:
+        await a.close()
+        await b.close()
+        await asyncio.to_thread(cluster.stop)
