@@ -22,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from netboot.errors import ConfigError, ValidationError
+from netboot.inventory import dsn as pg_dsn
 from netboot.model import Group, Role
 
 DEFAULT_ASSET_DIRS = (
@@ -164,8 +165,13 @@ class EnrollConfig:
 
 @dataclass(frozen=True)
 class InventoryConfig:
-    backend: Literal["sqlite", "memory"] = "sqlite"
+    backend: Literal["sqlite", "memory", "postgresql"] = "sqlite"
     path: str | None = None  # default <data_dir>/netboot.db
+    # postgresql: a DSN (postgresql://user:password@host/db), or a file holding one, so that
+    # the password can live apart from the config (mode 0600, a secret mount). Also
+    # NETBOOT_INVENTORY_DSN. Never logged nor shown (repr=False; messages redact it).
+    dsn: str | None = field(default=None, repr=False)
+    dsn_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,28 @@ class Config:
     @property
     def db_path(self) -> Path:
         return Path(self.inventory.path) if self.inventory.path else self.data_dir / "netboot.db"
+
+    @property
+    def inventory_name(self) -> str:
+        """How messages name the inventory: its file, or its DSN without the password."""
+        if self.inventory.backend == "postgresql":
+            return pg_dsn.redact(inventory_dsn(self))
+        return "memory" if self.inventory.backend == "memory" else str(self.db_path)
+
+
+def inventory_dsn(cfg: Config) -> str:
+    """The PostgreSQL DSN, from ``inventory.dsn`` or the file ``inventory.dsn_file`` (checked
+    by :func:`load`; read again here, so a rotated password file is picked up on restart)."""
+    if cfg.inventory.dsn is not None:
+        return cfg.inventory.dsn.strip()
+    if cfg.inventory.dsn_file is None:
+        raise ConfigError("no DSN", key="inventory.dsn",
+                          fix="set inventory.dsn or inventory.dsn_file")
+    try:
+        return Path(cfg.inventory.dsn_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {cfg.inventory.dsn_file}: {exc}",
+                          key="inventory.dsn_file") from exc
 
 
 # CLI flag → dotted key; the flag names are what error messages suggest.
@@ -480,7 +508,56 @@ def load(
     merged = _merge(_merge(data, env_data), flag_data)
     cfg: Config = _build(Config, merged, "", _Source(name, lines))
     _check(cfg if (env_data or flag_data) else file_cfg, _Source(name, lines))
+    _check_inventory(cfg, _Source(name, lines), env_origin)
     return cfg
+
+
+def _check_inventory(cfg: Config, src: _Source, env_origin: Mapping[str, str]) -> None:
+    """The store choice; a DSN's value is never repeated in a message (it may hold a
+    password): the message says what is wrong with it and where it came from."""
+    inv = cfg.inventory
+
+    def source(key: str) -> _Source:
+        var = env_origin.get(key)
+        return _Source(f"environment variable {var}") if var else src
+
+    if inv.backend != "postgresql":
+        for key, value in (("inventory.dsn", inv.dsn), ("inventory.dsn_file", inv.dsn_file)):
+            if value is not None:
+                raise source(key).error(key, f"is set, but inventory.backend is {inv.backend}",
+                                        "set inventory.backend: postgresql, or remove it")
+        return
+    if inv.path is not None:
+        raise source("inventory.path").error(
+            "inventory.path", "is a SQLite file, but inventory.backend is postgresql",
+            "remove inventory.path, or set inventory.backend: sqlite")
+    if inv.dsn is not None and inv.dsn_file is not None:
+        raise source("inventory.dsn_file").error(
+            "inventory.dsn_file", "is set together with inventory.dsn",
+            "keep one of the two (the file keeps the password out of the config)")
+    fix = "write postgresql://USER:PASSWORD@HOST:5432/DATABASE"
+    if inv.dsn is not None:
+        trouble = pg_dsn.problem(inv.dsn)
+        if trouble is not None:
+            raise source("inventory.dsn").error("inventory.dsn", f"the DSN {trouble}", fix)
+        return
+    if inv.dsn_file is None:
+        raise source("inventory.backend").error(
+            "inventory.backend", "postgresql needs a database to connect to",
+            "set inventory.dsn: postgresql://USER@HOST/DATABASE, inventory.dsn_file, or "
+            "NETBOOT_INVENTORY_DSN")
+    key = "inventory.dsn_file"
+    try:
+        text = Path(inv.dsn_file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise source(key).error(key, f"cannot read {inv.dsn_file}: {exc.strerror}",
+                                "give the path of a file holding the DSN, readable by "
+                                "netboot") from exc
+    except UnicodeDecodeError as exc:
+        raise source(key).error(key, f"{inv.dsn_file} is not UTF-8 text", fix) from exc
+    trouble = pg_dsn.problem(text) if text.strip() else "is empty"
+    if trouble is not None:
+        raise source(key).error(key, f"the DSN in {inv.dsn_file} {trouble}", fix)
 
 
 def _check(cfg: Config, src: _Source) -> None:

@@ -26,7 +26,7 @@ from aiohttp import web
 from netboot.access import Access
 from netboot.api import Api
 from netboot.boot import BootService, BootSettings, loader_aliases
-from netboot.config import Config
+from netboot.config import Config, inventory_dsn
 from netboot.content import Content, Trust
 from netboot.core import Core
 from netboot.discovery import DiscoveryLimits
@@ -76,6 +76,14 @@ def open_store(config: Config, sealer: Sealer | None = None,
         from netboot.inventory.memory import MemoryStore
 
         return MemoryStore(listener=listener)
+    if config.inventory.backend == "postgresql":
+        try:
+            from netboot.inventory.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError("postgresql needs the asyncpg driver, which is not installed",
+                              key="inventory.backend",
+                              fix="pip install 'netboot[postgresql]' (or asyncpg)") from exc
+        return PostgresStore(inventory_dsn(config), sealer=sealer, listener=listener)
     from netboot.inventory.sqlite import SqliteStore
 
     try:
@@ -149,12 +157,16 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
         if recorded is not None and recorded != sealer.key_id:
             fix = (f"restore {key_path} from a backup of {config.data_dir}; the join tokens "
                    "cannot be read without it (else move the inventory away and enroll again)")
+            if config.inventory.backend == "postgresql":
+                # Several servers share the database: each needs the one key that sealed it.
+                fix = (f"copy {SECRET_KEY_FILE} from the data dir of a netboot server already "
+                       f"using this database to {key_path} (mode 0600)")
             if new_key:
                 raise ConfigError(f"the secrets key {key_path} is missing, and the inventory "
-                                  f"{config.db_path} holds join tokens sealed with key "
+                                  f"{config.inventory_name} holds join tokens sealed with key "
                                   f"{recorded}", key="server.data_dir", fix=fix)
             raise ConfigError(f"{key_path} is key {sealer.key_id}, but the inventory "
-                              f"{config.db_path} was sealed with key {recorded}",
+                              f"{config.inventory_name} was sealed with key {recorded}",
                               key="server.data_dir", fix=fix)
         if new_key:
             try:
@@ -565,7 +577,7 @@ class Service:
              if cfg.dhcp.mode != "off" else "  DHCP   off"),
             f"  DNS    udp+tcp/{cfg.dns.port} zone {cfg.dns.zone}" if cfg.dns.enabled
             else "  DNS    off",
-            f"  inventory {cfg.db_path if cfg.inventory.backend == 'sqlite' else 'memory'}",
+            f"  inventory {cfg.inventory_name}",
             f"  assets {', '.join(str(r) for r in self.content.assets.roots if r.is_dir())}",
             f"  discovery policy: {cfg.discovery.policy}",
         ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from hypothesis import settings
 
 from netboot.config import Config, load
 from netboot.service import Service, build
+from tests import pg
 
 # Every landing runs the same examples (a flaky test blocks them all), and no per-example
 # deadline: a loaded 2-core CI machine is not a bug in the code under test.
@@ -245,3 +246,19 @@ def install_token(script: str) -> str:
         r"/nocloud/[0-9a-f-]{17}/([A-Za-z0-9_-]+)/", script)
     assert found is not None, script
     return found.group(1)
+
+
+# --- PostgreSQL: one throwaway cluster per test session (tests/pg.py) ---------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.Cluster]:
+    with pg.running() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def pg_dsn(postgres: pg.Cluster) -> AsyncIterator[str]:
+    """A DSN of a fresh, empty schema of the session's cluster, dropped after the test."""
+    async with pg.fresh_schema(postgres) as dsn:
+        yield dsn

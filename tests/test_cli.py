@@ -13,8 +13,10 @@ from netboot.access import Access, Principal
 from netboot.cli import main
 from netboot.config import load
 from netboot.errors import AuthError
+from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Scope
+from tests import pg
 from tests.conftest import write_config
 
 
@@ -388,3 +390,33 @@ async def _authenticate(cfg: str, token: str) -> Principal:
         return await Access(store).authenticate(token)
     finally:
         await store.close()
+
+
+def test_the_cli_uses_the_configured_postgresql_inventory(
+        tmp_path: Path, postgres: pg.Cluster, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    with pg.schema_sync(postgres) as dsn:
+        # A password the trust-authenticated test server never asks for: it must show nowhere.
+        dsn = dsn.replace(f"{pg.SUPERUSER}@", f"{pg.SUPERUSER}:hunter2@")
+        cfg = str(write_config(tmp_path, "inventory:\n  backend: postgresql\n"))
+        env = {"NETBOOT_INVENTORY_DSN": dsn}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            rc, out, err = run(capsys, "machines", "add", "AA-BB-CC-DD-EE-01", "--hostname",
+                               "edge-1", "--config", cfg)
+            assert rc == 0, err
+            rc, out, err = run(capsys, "machines", "ls", "--config", cfg)
+            assert rc == 0 and "edge-1" in out
+
+        async def stored() -> list[str]:
+            store = PostgresStore(dsn)
+            await store.open()
+            try:
+                return [m.hostname or "" for m in await store.list_machines()]
+            finally:
+                await store.close()
+
+        assert asyncio.run(stored()) == ["edge-1"]
+        assert not (tmp_path / "data" / "netboot.db").exists()
+        assert "hunter2" not in out + err + caplog.text

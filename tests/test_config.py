@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from netboot.config import Config, load
+from netboot.config import Config, inventory_dsn, load
 from netboot.errors import ConfigError
 
 
@@ -203,3 +203,67 @@ def test_every_error_names_a_key_the_config_has() -> None:
         return True
 
     assert [k for k in sorted(keys) if not resolves(k)] == []
+
+
+# --- inventory.backend: postgresql ------------------------------------------------------------
+
+SECRET_DSN = "postgresql://netboot:hunter2-secret@db.example:5432/netboot"
+
+
+def test_postgresql_dsn_from_file_env_or_dsn_file(tmp_path: Path) -> None:
+    path = write(tmp_path, f"inventory:\n  backend: postgresql\n  dsn: {SECRET_DSN}\n")
+    cfg = load(path, env={})
+    assert inventory_dsn(cfg) == SECRET_DSN
+    assert "hunter2" not in repr(cfg) and "hunter2" not in cfg.inventory_name
+    assert cfg.inventory_name == "postgresql://netboot:***@db.example:5432/netboot"
+    env = load(write(tmp_path, "inventory:\n  backend: postgresql\n"),
+               env={"NETBOOT_INVENTORY_DSN": SECRET_DSN})
+    assert inventory_dsn(env) == SECRET_DSN
+    secret = tmp_path / "dsn"
+    secret.write_text(SECRET_DSN + "\n", encoding="utf-8")
+    from_file = load(write(tmp_path, f"inventory:\n  backend: postgresql\n  dsn_file: {secret}\n"),
+                     env={})
+    assert inventory_dsn(from_file) == SECRET_DSN
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line", "fix_word"),
+    [
+        ("inventory:\n  backend: postgresql\n", "inventory.backend", 2, "inventory.dsn"),
+        ("inventory:\n  backend: mysql\n", "inventory.backend", 2, "postgresql"),
+        ("inventory:\n  backend: postgresql\n  dsn: mysql://u:hunter2@h/d\n", "inventory.dsn",
+         3, "postgresql://"),
+        ("inventory:\n  backend: postgresql\n  dsn: postgresql://u:hunter2@h:port/d\n",
+         "inventory.dsn", 3, "port"),
+        ("inventory:\n  dsn: postgresql://u:hunter2@h/d\n", "inventory.dsn", 2,
+         "backend: postgresql"),
+        ("inventory:\n  backend: postgresql\n  path: /x.db\n  dsn: postgresql://h/d\n",
+         "inventory.path", 3, "backend: sqlite"),
+        ("inventory:\n  backend: postgresql\n  dsn: postgresql://h/d\n  dsn_file: /f\n",
+         "inventory.dsn_file", 4, "one of the two"),
+        ("inventory:\n  backend: postgresql\n  dsn_file: /nonexistent/dsn\n",
+         "inventory.dsn_file", 3, "readable"),
+    ],
+)
+def test_bad_inventory_values_never_show_the_password(
+        tmp_path: Path, text: str, key: str, line: int, fix_word: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert (err.value.key, err.value.line, err.value.source) == (key, line, str(path))
+    assert fix_word in f"{err.value.fix} {err.value.message}"
+    assert "hunter2" not in str(err.value)
+
+
+def test_bad_dsn_in_env_or_file_names_its_source(tmp_path: Path) -> None:
+    path = write(tmp_path, "inventory:\n  backend: postgresql\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={"NETBOOT_INVENTORY_DSN": "http://u:hunter2@h/d"})
+    assert "NETBOOT_INVENTORY_DSN" in str(err.value) and "hunter2" not in str(err.value)
+    secret = tmp_path / "dsn"
+    secret.write_text("u:hunter2@h/d", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, f"inventory:\n  backend: postgresql\n  dsn_file: {secret}\n"),
+             env={})
+    assert str(secret) in str(err.value) and "hunter2" not in str(err.value)
+    assert err.value.key == "inventory.dsn_file" and err.value.line == 3

@@ -13,8 +13,10 @@ import pytest
 
 from netboot.config import load
 from netboot.errors import ConfigError
+from netboot.inventory.postgres import PostgresStore
 from netboot.service import build
-from tests.conftest import write_config
+from tests import pg
+from tests.conftest import EnvFactory, write_config
 
 
 async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path) -> None:
@@ -294,3 +296,14 @@ def test_udp_servers_work_on_uvloop(tmp_path: Path) -> None:
 
     with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner:
         runner.run(scenario())
+
+
+async def test_serves_from_a_postgresql_inventory(make_env: EnvFactory, pg_dsn: str) -> None:
+    dsn = pg_dsn.replace(f"{pg.SUPERUSER}@", f"{pg.SUPERUSER}:hunter2@")
+    env = await make_env(f'inventory:\n  backend: postgresql\n  dsn: "{dsn}"\n')
+    assert isinstance(env.service.store, PostgresStore)
+    await env.post("/api/v1/machines", {"mac": "02:00:00:00:00:31", "hostname": "pg-1"},
+                   status=201)
+    assert (await env.get("/api/v1/machines/02:00:00:00:00:31"))["hostname"] == "pg-1"
+    summary = env.service.summary()
+    assert "inventory postgresql://netboot:***@/" in summary and "hunter2" not in summary

@@ -45,6 +45,7 @@ from netboot.errors import Conflict, NetbootError, NotFound, StoreError, Validat
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
+from netboot.inventory.sealed import Sealed, join_token_context
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -315,6 +316,7 @@ class SqliteStore:
                  listener: EventListener | None = None) -> None:
         self.path = Path(path)
         self._sealer = sealer
+        self._sealed = Sealed(sealer)
         self._listener = listener
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
@@ -503,35 +505,20 @@ class SqliteStore:
 
     # machines -------------------------------------------------------------------------
     async def get_machine(self, machine_id: str) -> Machine | None:
-        return self._open_machine(await self._read(_get_machine, machine_id))
+        return self._sealed.open_machine(await self._read(_get_machine, machine_id))
 
     async def machine_by(self, kind: str, value: str) -> Machine | None:
-        return self._open_machine(await self._read(_machine_by, *codec.claim_key(kind, value)))
+        key = codec.claim_key(kind, value)
+        return self._sealed.open_machine(await self._read(_machine_by, *key))
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
-        return self._open_machine(await self._read(_get_machine_by_hostname, hostname))
+        return self._sealed.open_machine(await self._read(_get_machine_by_hostname, hostname))
 
     async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]:
         flt = flt or MachineFilter()
         codec.check_filter(flt)
-        return [m for m in map(self._open_machine, await self._read(_list_machines, flt))
+        return [m for m in map(self._sealed.open_machine, await self._read(_list_machines, flt))
                 if m is not None]
-
-    # A machine's install token (kept during its install so that a device rebooting
-    # mid-install gets it again) opens its config, which carries the join token: sealed like
-    # the join token, to the machine it belongs to.
-    def _seal_machine(self, machine: Machine) -> Machine:
-        token = machine.install_token
-        if self._sealer is None or not token or self._sealer.is_sealed(token):
-            return machine
-        return replace(machine, install_token=self._sealer.seal(
-            token, context=_install_token_context(machine.id)))
-
-    def _open_machine(self, machine: Machine | None) -> Machine | None:
-        if machine is None or self._sealer is None or not machine.install_token:
-            return machine
-        return replace(machine, install_token=self._sealer.unseal(
-            machine.install_token, context=_install_token_context(machine.id)))
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         return await self._read(_count_machines, flt or MachineFilter())
@@ -551,8 +538,8 @@ class SqliteStore:
             events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
             rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
                     for v in events]
-            await self._run(_apply_batch, [self._seal_machine(m) for m in batch.create],
-                            [self._seal_machine(m) for m in batch.update], rows, batch.merge)
+            await self._run(_apply_batch, [self._sealed.seal_machine(m) for m in batch.create],
+                            [self._sealed.seal_machine(m) for m in batch.update], rows, batch.merge)
             if events and self._listener is not None:
                 self._listener.published(events)
 
@@ -574,23 +561,14 @@ class SqliteStore:
 
     async def get_cluster(self, name: str) -> Cluster | None:
         data = await self._read(_get_named, "cluster", name)
-        return None if data is None else self._open_cluster(data)
+        return None if data is None else self._sealed.open_cluster(data)
 
     async def list_clusters(self) -> list[Cluster]:
-        return [self._open_cluster(d) for d in await self._read(_list_named, "cluster")]
+        return [self._sealed.open_cluster(d) for d in await self._read(_list_named, "cluster")]
 
     async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
-        data = codec.cluster_to_dict(cluster)
-        codec.cluster_from_dict(data)
-        if self._sealer is not None and data["token"]:
-            data["token"] = self._sealer.seal(data["token"], context=_token_context(cluster.name))
+        data = self._sealed.cluster_data(cluster)
         await self._run(_put_named, "cluster", cluster.name, codec.dumps(data, "cluster"), create)
-
-    def _open_cluster(self, data: Any) -> Cluster:
-        if self._sealer is not None and isinstance(data, dict) and data.get("token"):
-            name = str(data.get("name"))
-            data["token"] = self._sealer.unseal(str(data["token"]), context=_token_context(name))
-        return codec.cluster_from_dict(data)
 
     async def delete_cluster(self, name: str) -> None:
         await self._run(_delete_named, "cluster", name)
@@ -664,7 +642,8 @@ class SqliteStore:
         for tbl, key in conn.execute(
                 "SELECT tbl, key FROM changes WHERE seq > ? AND seq <= ?", (seq, last)):
             keys.setdefault(tbl, set()).add(key)
-        machines = {m: self._open_machine(_get_machine(conn, m)) for m in keys.get("machines", ())}
+        machines = {m: self._sealed.open_machine(_get_machine(conn, m))
+                    for m in keys.get("machines", ())}
 
         def named(kind: str, decode: Callable[[Any], _R]) -> dict[str, _R | None]:
             out: dict[str, _R | None] = {}
@@ -676,7 +655,7 @@ class SqliteStore:
         return Changes(
             last, complete=True, machines=machines,
             profiles=named("profile", codec.profile_from_dict),
-            clusters=named("cluster", self._open_cluster),
+            clusters=named("cluster", self._sealed.open_cluster),
             groups=named("group", codec.group_from_dict),
             settings={k: _get_setting(conn, k) for k in keys.get("settings", ())})
 
@@ -732,7 +711,7 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
                 data = json.loads(text)
                 token = data.get("token")
                 if isinstance(token, str) and token and not sealer.is_sealed(token):
-                    data["token"] = sealer.seal(token, context=_token_context(name))
+                    data["token"] = sealer.seal(token, context=join_token_context(name))
                     conn.execute("UPDATE clusters SET data = ? WHERE name = ?",
                                  (codec.dumps(data, "cluster"), name))
                     sealed += 1
@@ -741,15 +720,6 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
             log.info("inventory %s: sealed the join tokens of %d clusters", path, sealed)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
-
-
-def _install_token_context(machine_id: str) -> str:
-    return f"install token of machine {machine_id}"
-
-
-def _token_context(cluster: str) -> str:
-    # Authenticated with the sealed token: a token copied to another cluster's row won't open.
-    return f"join token of cluster {cluster!r}"
 
 
 # --- worker-thread functions: each takes the connection first --------------------------------

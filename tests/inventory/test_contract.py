@@ -1,7 +1,8 @@
-"""The Store contract: every store (memory, SQLite, later PostgreSQL) passes this one suite."""
+"""The Store contract: every store (memory, SQLite, PostgreSQL) passes this one suite."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.inventory.memory import MemoryStore
+from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import (
     ApiToken,
@@ -28,6 +30,7 @@ from netboot.model import (
     Role,
     Scope,
 )
+from tests import pg
 
 MAC1 = "02:00:00:00:00:01"
 MAC2 = "02:00:00:00:00:02"
@@ -47,14 +50,22 @@ def machine(m: str = MAC1, **kw: object) -> Machine:
     return Machine(macs=(MacAddress.parse(m),), id=mid(m), **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "inv.db")
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
+    async with contextlib.AsyncExitStack() as stack:
+        s: Store
+        if request.param == "memory":
+            s = MemoryStore()
+        elif request.param == "sqlite":
+            s = SqliteStore(tmp_path / "inv.db")
+        else:
+            cluster = request.getfixturevalue("postgres")
+            s = PostgresStore(await stack.enter_async_context(pg.fresh_schema(cluster)))
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
 
 
 # --- machines: create / get ------------------------------------------------------------------

@@ -1,0 +1,861 @@
+"""The inventory on PostgreSQL (asyncpg): one database shared by several netboot servers.
+
+It keeps the SQLite store's semantics exactly (the contract suite runs against memory, SQLite
+and this); what differs is how, and why:
+
+* Every write of the tables the change feed covers (machines, profiles, clusters, groups,
+  settings) first takes one transaction-scoped advisory lock, ``pg_advisory_xact_lock``:
+  writers queue as they do behind SQLite's ``BEGIN IMMEDIATE``, across processes and hosts.
+  That is what keeps the feed in commit order: a sequence hands out numbers when rows are
+  inserted, not when they commit, so two overlapping writers could commit 9 after 10 and a
+  reader that read 10 would never see 9. With the lock, a number is drawn only by the one
+  writer that holds it, and the lock is released after its commit is visible. The trigger
+  that records a change takes the same lock, so a writer that is not netboot (psql, a
+  migration) keeps the order too. Checks made inside such a transaction (identifier claims,
+  hostnames, a machine's current state) therefore cannot be overtaken by another server.
+* Unique keys are still declared (identifier claims, case-folded hostnames, lease
+  addresses, token hashes): they are the last word should anything bypass the checks.
+* Text columns use the "C" collation and hostnames fold ASCII letters only
+  (``translate``): orderings and uniqueness are byte-for-byte SQLite's, whatever locale the
+  database was created with.
+* Model values are stored as the JSON text :mod:`netboot.inventory.codec` produces, as in
+  SQLite, so the two stores' rows are the same and ``netboot db copy`` moves them unchanged
+  (sealed secrets stay sealed with the same key).
+* Schema changes are numbered steps recorded in ``schema_migrations``, applied under an
+  advisory lock in one transaction per step: two servers starting together migrate once.
+  A database newer than this code is refused.
+* The change feed is the ``changes`` table, filled by triggers in the committing
+  transaction; the trigger also does ``NOTIFY netboot_changes``, delivered at commit, on
+  which :meth:`PostgresStore.wait_for_changes` wakes a reader at once instead of polling.
+* The DSN (it may hold a password) is never logged nor put in an error: messages name the
+  database by :func:`netboot.inventory.dsn.redact`.
+* Any failure of the server or the connection is a :class:`StoreError`, never "not found".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from netboot import identity
+from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
+from netboot.identity import claims
+from netboot.inventory import codec
+from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
+from netboot.inventory.dsn import redact as dsn_redact
+from netboot.inventory.sealed import Sealed, join_token_context
+from netboot.model import (
+    ApiToken,
+    AuditEntry,
+    Cluster,
+    Event,
+    Group,
+    Lease,
+    Machine,
+    Profile,
+)
+
+log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
+
+# pg_advisory_xact_lock key of the inventory's writers: "netboot" in ASCII.
+WRITE_LOCK = 0x6E6574626F6F74
+# Migrations take their own lock, so that a migration and the writers it blocks are told apart.
+MIGRATE_LOCK = WRITE_LOCK + 1
+CHANNEL = "netboot_changes"
+CONNECT_TIMEOUT = 10.0
+# How long a query may wait for a free connection of the pool (a stuck database answers
+# with a StoreError, a 503, rather than an endless wait).
+ACQUIRE_TIMEOUT = 30.0
+
+# Hostnames are unique under ASCII case folding (RFC 4343; IDNs arrive as punycode), which is
+# what SQLite's lower() does; PostgreSQL's lower() would fold by the database's locale.
+_UPPER, _LOWER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"
+
+
+def _fold(sql: str) -> str:
+    return f"translate({sql}, '{_UPPER}', '{_LOWER}')"
+
+
+_TRACKED = (("machines", "id"), ("profiles", "name"), ("clusters", "name"), ("groups", "name"),
+            ("settings", "key"))
+
+# Numbered steps; step i brings the schema from version i to i + 1. Append, never edit: a
+# released step has already run on someone's database.
+MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("the inventory: machines, identifiers, labels, profiles, clusters, groups, events, "
+     "leases, settings, API tokens, audit log, change feed", (
+        """CREATE TABLE machines (
+            id TEXT COLLATE "C" PRIMARY KEY,
+            mac TEXT COLLATE "C",
+            hostname TEXT COLLATE "C",
+            state TEXT COLLATE "C" NOT NULL,
+            cluster TEXT COLLATE "C",
+            data TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            updated DOUBLE PRECISION NOT NULL
+        )""",
+        f"CREATE UNIQUE INDEX machines_hostname ON machines ({_fold('hostname')})"
+        " WHERE hostname IS NOT NULL",
+        "CREATE INDEX machines_order ON machines ((mac IS NULL), mac, id)",
+        "CREATE INDEX machines_no_mac ON machines (id) WHERE mac IS NULL",
+        "CREATE INDEX machines_state ON machines (state, mac)",
+        "CREATE INDEX machines_cluster ON machines (cluster, mac)",
+        "CREATE INDEX machines_uuid ON machines (((data::jsonb) ->> 'uuid'))",
+        "CREATE INDEX machines_serial ON machines (((data::jsonb) ->> 'serial'))",
+        """CREATE TABLE machine_keys (
+            kind TEXT COLLATE "C" NOT NULL,
+            value TEXT COLLATE "C" NOT NULL,
+            machine TEXT COLLATE "C" NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+            PRIMARY KEY (kind, value)
+        )""",
+        "CREATE INDEX machine_keys_machine ON machine_keys (machine)",
+        """CREATE TABLE machine_labels (
+            machine TEXT COLLATE "C" NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+            key TEXT COLLATE "C" NOT NULL,
+            value TEXT COLLATE "C" NOT NULL,
+            PRIMARY KEY (machine, key)
+        )""",
+        "CREATE INDEX machine_labels_kv ON machine_labels (key, value, machine)",
+        'CREATE TABLE profiles (name TEXT COLLATE "C" PRIMARY KEY, data TEXT NOT NULL)',
+        'CREATE TABLE clusters (name TEXT COLLATE "C" PRIMARY KEY, data TEXT NOT NULL)',
+        'CREATE TABLE groups (name TEXT COLLATE "C" PRIMARY KEY, data TEXT NOT NULL)',
+        # No foreign key to machines: unknown machines have events too (see sqlite.py).
+        """CREATE TABLE events (
+            id BIGSERIAL PRIMARY KEY,
+            machine TEXT COLLATE "C" NOT NULL,
+            time DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX events_machine ON events (machine, id)",
+        """CREATE TABLE leases (
+            mac TEXT COLLATE "C" PRIMARY KEY,
+            ipv4 TEXT COLLATE "C" NOT NULL UNIQUE,
+            expires DOUBLE PRECISION NOT NULL,
+            hostname TEXT
+        )""",
+        'CREATE TABLE settings (key TEXT COLLATE "C" PRIMARY KEY, value TEXT NOT NULL)',
+        """CREATE TABLE api_tokens (
+            name TEXT COLLATE "C" PRIMARY KEY,
+            sha256 TEXT COLLATE "C" NOT NULL UNIQUE,
+            scope TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            expires DOUBLE PRECISION,
+            last_used DOUBLE PRECISION
+        )""",
+        """CREATE TABLE audit (
+            id BIGSERIAL PRIMARY KEY,
+            time DOUBLE PRECISION NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            peer TEXT NOT NULL,
+            outcome TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_time ON audit (time, id)",
+        'CREATE TABLE changes (seq BIGSERIAL PRIMARY KEY, tbl TEXT COLLATE "C" NOT NULL,'
+        ' key TEXT COLLATE "C" NOT NULL)',
+        # One function for every tracked table; its argument names the key column. The old
+        # key too when an update renames the row, as SQLite's triggers do.
+        """CREATE FUNCTION netboot_record_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            old_key TEXT;
+            new_key TEXT;
+        BEGIN
+            PERFORM pg_advisory_xact_lock(WRITE_LOCK);
+            IF TG_OP <> 'INSERT' THEN old_key := to_jsonb(OLD) ->> TG_ARGV[0]; END IF;
+            IF TG_OP <> 'DELETE' THEN new_key := to_jsonb(NEW) ->> TG_ARGV[0]; END IF;
+            IF old_key IS NOT NULL AND old_key IS DISTINCT FROM new_key THEN
+                INSERT INTO changes (tbl, key) VALUES (TG_TABLE_NAME, old_key);
+            END IF;
+            IF new_key IS NOT NULL THEN
+                INSERT INTO changes (tbl, key) VALUES (TG_TABLE_NAME, new_key);
+            END IF;
+            -- Delivered at commit, once per transaction (equal notifications fold into one).
+            PERFORM pg_notify('CHANNEL', '');
+            RETURN NULL;
+        END $$""".replace("WRITE_LOCK", str(WRITE_LOCK)).replace("CHANNEL", CHANNEL),
+        *(f"CREATE TRIGGER {table}_changes AFTER INSERT OR UPDATE OR DELETE ON {table}"
+          f" FOR EACH ROW EXECUTE FUNCTION netboot_record_change('{key}')"
+          for table, key in _TRACKED),
+    )),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_MACHINE_COLUMNS = ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated")
+_INSERT_MACHINE = (
+    "INSERT INTO machines (id, mac, hostname, state, cluster, data, created, updated)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+_UPDATE_MACHINE = (
+    "UPDATE machines SET mac = $2, hostname = $3, state = $4, cluster = $5, data = $6,"
+    " created = $7, updated = $8 WHERE id = $1"
+)
+_INSERT_LABEL = "INSERT INTO machine_labels (machine, key, value) VALUES ($1, $2, $3)"
+_INSERT_KEY = "INSERT INTO machine_keys (kind, value, machine) VALUES ($1, $2, $3)"
+
+_TABLES = {"profile": "profiles", "cluster": "clusters", "group": "groups"}
+_TOKEN_COLUMNS = "name, sha256, scope, created, expires, last_used"
+
+
+class _Row:
+    """A machine ready for SQL: column values, JSON text, label and identifier rows."""
+
+    __slots__ = ("keys", "labels", "machine", "params")
+
+    def __init__(self, machine: Machine) -> None:
+        as_dict = codec.machine_to_dict(machine)
+        # Round trip so that what would not read back is refused now (see codec's docstring).
+        self.machine = codec.machine_from_dict(as_dict)
+        m = self.machine
+        mac = as_dict["macs"][0] if as_dict["macs"] else None
+        self.params: tuple[Any, ...] = (
+            m.id, mac, m.hostname, m.state.value, m.cluster, codec.dumps(as_dict, "machine"),
+            float(as_dict["created"]), float(as_dict["updated"]))
+        self.labels = [(m.id, k, v) for k, v in as_dict["labels"].items()]
+        self.keys = [(kind, value, m.id) for kind, value in claims(m)]
+
+    @property
+    def id(self) -> str:
+        return self.machine.id
+
+
+class _Retry(Exception):
+    """The fast path of a batch hit a problem; replay row by row to name it."""
+
+
+class PostgresStore:
+    """:class:`~netboot.inventory.base.Store` on a PostgreSQL database.
+
+    The constructor does no I/O; :meth:`open` connects (a small pool, plus one connection
+    that LISTENs for the change feed) and migrates; :meth:`close` closes them.
+    """
+
+    def __init__(self, dsn: str, *, sealer: Sealer | None = None,
+                 listener: EventListener | None = None, pool_size: int = 8) -> None:
+        self._dsn = dsn
+        self.name = dsn_redact(dsn)
+        self._sealed = Sealed(sealer)
+        self._listener = listener
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._notify: asyncpg.Connection | None = None
+        self._woken = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.name!r})"
+
+    # plumbing ----------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool; database and connection failures become StoreError,
+        a unique key the explicit checks did not foresee a Conflict."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError(f"the inventory {self.name} is not open")
+        try:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                yield conn
+        except NetbootError:
+            raise
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict(f"inventory constraint failed: {exc}") from exc
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                TimeoutError) as exc:
+            raise StoreError(f"inventory {self.name}: {_reason(exc)}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction holding the writers' lock (see the module docstring)."""
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            yield conn
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size, timeout=CONNECT_TIMEOUT,
+                command_timeout=None)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
+                ValueError) as exc:
+            raise StoreError(f"cannot open inventory {self.name}: {_reason(exc)}") from exc
+        self._pool = pool
+        try:
+            applied = await self.migrate()
+            if self._sealed.sealer is not None:
+                await self._seal_clear_tokens(self._sealed.sealer)
+            await self._listen()
+        except BaseException:
+            await self.close()
+            raise
+        log.info("inventory %s open, schema version %d%s", self.name, SCHEMA_VERSION,
+                 f" (migrated: {', '.join(map(str, applied))})" if applied else "")
+
+    async def close(self) -> None:
+        notify, self._notify = self._notify, None
+        if notify is not None:
+            with contextlib.suppress(asyncpg.InterfaceError, OSError, asyncpg.PostgresError):
+                await notify.close(timeout=5)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except TimeoutError:
+                pool.terminate()
+
+    async def _listen(self) -> None:
+        """One connection outside the pool that LISTENs: a notification wakes readers."""
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
+            await conn.add_listener(CHANNEL, self._notified)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise StoreError(f"inventory {self.name}: cannot LISTEN: {_reason(exc)}") from exc
+        self._notify = conn
+
+    def _notified(self, *_: object) -> None:
+        self._woken.set()
+
+    async def migrate(self) -> list[int]:
+        """Apply the steps this database lacks; the versions applied (none: up to date)."""
+        applied: list[int] = []
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                " description TEXT NOT NULL, applied DOUBLE PRECISION NOT NULL)")
+            version = await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"inventory {self.name} has schema version {version}, newer than this "
+                    f"netboot knows ({SCHEMA_VERSION}); run the netboot release that wrote "
+                    "it, or a newer one")
+            for index in range(version, SCHEMA_VERSION):
+                description, steps = MIGRATIONS[index]
+                for step in steps:
+                    await conn.execute(step)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, description, applied)"
+                    " VALUES ($1, $2, $3)", index + 1, description, time.time())
+                log.info("inventory %s: migrated schema to version %d (%s)", self.name,
+                         index + 1, description)
+                applied.append(index + 1)
+        return applied
+
+    async def schema_version(self) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations"))
+
+    async def _seal_clear_tokens(self, sealer: Sealer) -> None:
+        """Join tokens written in clear (by a tool, or copied from an older SQLite file)."""
+        sealed = 0
+        async with self._write() as conn:
+            for name, text in await conn.fetch("SELECT name, data FROM clusters FOR UPDATE"):
+                data = json.loads(text)
+                token = data.get("token")
+                if isinstance(token, str) and token and not sealer.is_sealed(token):
+                    data["token"] = sealer.seal(token, context=join_token_context(name))
+                    await conn.execute("UPDATE clusters SET data = $2 WHERE name = $1", name,
+                                       codec.dumps(data, "cluster"))
+                    sealed += 1
+        if sealed:
+            log.info("inventory %s: sealed the join tokens of %d clusters", self.name, sealed)
+
+    # machines -------------------------------------------------------------------------
+    async def get_machine(self, machine_id: str) -> Machine | None:
+        async with self._conn() as conn:
+            text = await conn.fetchval("SELECT data FROM machines WHERE id = $1", machine_id)
+        return self._machine(text)
+
+    async def machine_by(self, kind: str, value: str) -> Machine | None:
+        key_kind, key_value = codec.claim_key(kind, value)
+        async with self._conn() as conn:
+            text = await conn.fetchval(
+                "SELECT m.data FROM machine_keys k JOIN machines m ON m.id = k.machine"
+                " WHERE k.kind = $1 AND k.value = $2", key_kind, key_value)
+        return self._machine(text)
+
+    async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
+        async with self._conn() as conn:
+            text = await conn.fetchval(
+                f"SELECT data FROM machines WHERE {_fold('hostname')} = {_fold('$1')}"  # noqa: S608
+                " AND hostname IS NOT NULL", hostname)
+        return self._machine(text)
+
+    async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]:
+        flt = flt or MachineFilter()
+        codec.check_filter(flt)
+        where, params = _where(flt)
+        order = "m.mac IS NULL, m.mac, m.id"
+        if flt.sort == "mac" and flt.descending:
+            order = "m.mac IS NULL DESC, m.mac DESC, m.id DESC"
+        elif flt.sort != "mac":
+            # The column name comes from SORT_KEYS (checked by codec.check_filter).
+            column = f"m.{flt.sort}"
+            order = f"{column} IS NULL, {column}{' DESC' if flt.descending else ''}, {order}"
+        n = len(params)
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT m.data FROM machines m{where} ORDER BY {order}"  # noqa: S608
+                f" LIMIT ${n + 1} OFFSET ${n + 2}", *params, flt.limit, flt.offset)
+        return [m for m in (self._machine(r[0]) for r in rows) if m is not None]
+
+    async def count_machines(self, flt: MachineFilter | None = None) -> int:
+        where, params = _where(flt or MachineFilter())
+        async with self._conn() as conn:
+            return int(await conn.fetchval(
+                f"SELECT count(*) FROM machines m{where}", *params))  # noqa: S608
+
+    def _machine(self, text: str | None) -> Machine | None:
+        """Decode a stored machine and open its sealed install token."""
+        if text is None:
+            return None
+        return self._sealed.open_machine(codec.machine_from_dict(json.loads(text)))
+
+    async def create_machine(self, machine: Machine) -> None:
+        await self.apply_batch(Batch(create=(machine,)))
+
+    async def update_machine(self, machine: Machine) -> None:
+        await self.apply_batch(Batch(update=(machine,)))
+
+    async def delete_machine(self, machine_id: str) -> None:
+        async with self._write() as conn:
+            macs = await conn.fetch(
+                "SELECT value FROM machine_keys WHERE machine = $1 AND kind = 'mac'",
+                machine_id)
+            # Labels and keys go by ON DELETE CASCADE; events and leases have no foreign key.
+            if await conn.fetchval("DELETE FROM machines WHERE id = $1 RETURNING id",
+                                   machine_id) is None:
+                raise NotFound(f"machine {machine_id} not found")
+            await conn.execute("DELETE FROM events WHERE machine = $1", machine_id)
+            await conn.execute("DELETE FROM leases WHERE mac = ANY($1::text[])",
+                               [r[0] for r in macs])
+
+    async def apply_batch(self, batch: Batch) -> None:
+        """One transaction: merges, creates, updates, events in order."""
+        if not (batch.merge or batch.create or batch.update or batch.events):
+            return
+        events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
+        event_rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
+                      for v in events]
+        creates = [_Row(self._sealed.seal_machine(m)) for m in batch.create]
+        updates = [_Row(self._sealed.seal_machine(m)) for m in batch.update]
+        async with self._write() as conn:
+            for source, target in batch.merge:
+                if await conn.fetchval("DELETE FROM machines WHERE id = $1 RETURNING id",
+                                       source) is None:
+                    raise NotFound(f"machine {source} not found")
+                await conn.execute("UPDATE events SET machine = $1 WHERE machine = $2",
+                                   target, source)
+            try:
+                async with conn.transaction():  # a savepoint
+                    await _fast_batch(conn, creates, updates)
+            except (asyncpg.UniqueViolationError, _Retry):
+                # COPY and executemany cannot say which row failed: replay one by one under
+                # the same lock to name it (see sqlite.py).
+                await _slow_batch(conn, creates, updates, self._machine)
+            if event_rows:
+                await conn.executemany(
+                    "INSERT INTO events (machine, time, kind, message, data)"
+                    " VALUES ($1, $2, $3, $4, $5)", event_rows)
+        if events and self._listener is not None:
+            self._listener.published(events)
+
+    # profiles, clusters, groups ----------------------------------------------------------
+    async def _get_named(self, kind: str, name: str) -> Any:
+        async with self._conn() as conn:
+            text = await conn.fetchval(
+                f"SELECT data FROM {_TABLES[kind]} WHERE name = $1", name)  # noqa: S608
+        return None if text is None else json.loads(text)
+
+    async def _list_named(self, kind: str) -> list[Any]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(f"SELECT data FROM {_TABLES[kind]} ORDER BY name")  # noqa: S608
+        return [json.loads(r[0]) for r in rows]
+
+    async def _put_named(self, kind: str, name: str, data: str, create: bool) -> None:
+        table = _TABLES[kind]
+        async with self._write() as conn:
+            if create:
+                done = await conn.fetchval(
+                    f"INSERT INTO {table} (name, data) VALUES ($1, $2)"  # noqa: S608
+                    " ON CONFLICT (name) DO NOTHING RETURNING name", name, data)
+                if done is None:
+                    raise Conflict(f"{kind} {name!r} already exists")
+            else:
+                await conn.execute(
+                    f"INSERT INTO {table} (name, data) VALUES ($1, $2)"  # noqa: S608
+                    " ON CONFLICT (name) DO UPDATE SET data = excluded.data", name, data)
+
+    async def _delete_named(self, kind: str, name: str) -> None:
+        async with self._write() as conn:
+            if await conn.fetchval(f"DELETE FROM {_TABLES[kind]} WHERE name = $1"  # noqa: S608
+                                   " RETURNING name", name) is None:
+                raise NotFound(f"{kind} {name!r} not found")
+
+    async def get_profile(self, name: str) -> Profile | None:
+        data = await self._get_named("profile", name)
+        return None if data is None else codec.profile_from_dict(data)
+
+    async def list_profiles(self) -> list[Profile]:
+        return [codec.profile_from_dict(d) for d in await self._list_named("profile")]
+
+    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
+        data = codec.profile_to_dict(profile)
+        codec.profile_from_dict(data)
+        await self._put_named("profile", profile.name, codec.dumps(data, "profile"), create)
+
+    async def delete_profile(self, name: str) -> None:
+        await self._delete_named("profile", name)
+
+    async def get_cluster(self, name: str) -> Cluster | None:
+        data = await self._get_named("cluster", name)
+        return None if data is None else self._sealed.open_cluster(data)
+
+    async def list_clusters(self) -> list[Cluster]:
+        return [self._sealed.open_cluster(d) for d in await self._list_named("cluster")]
+
+    async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
+        data = self._sealed.cluster_data(cluster)
+        await self._put_named("cluster", cluster.name, codec.dumps(data, "cluster"), create)
+
+    async def delete_cluster(self, name: str) -> None:
+        await self._delete_named("cluster", name)
+
+    async def get_group(self, name: str) -> Group | None:
+        data = await self._get_named("group", name)
+        return None if data is None else codec.group_from_dict(data)
+
+    async def list_groups(self) -> list[Group]:
+        return [codec.group_from_dict(d) for d in await self._list_named("group")]
+
+    async def put_group(self, group: Group, *, create: bool = False) -> None:
+        data = codec.group_to_dict(group)
+        codec.group_from_dict(data)
+        await self._put_named("group", group.name, codec.dumps(data, "group"), create)
+
+    async def delete_group(self, name: str) -> None:
+        await self._delete_named("group", name)
+
+    # events --------------------------------------------------------------------------
+    async def add_event(self, event: Event) -> None:
+        value = codec.event_from_dict(codec.event_to_dict(event))
+        data = codec.dumps(dict(value.data), "data")
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO events (machine, time, kind, message, data)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                value.machine, float(value.time), value.kind, value.message, data)
+        if self._listener is not None:
+            self._listener.published((value,))
+
+    async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
+        if limit <= 0:
+            return []
+        # Newest `limit` by id (insertion order, not the caller's clock), then oldest first.
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT time, kind, message, data FROM events WHERE machine = $1"
+                " ORDER BY id DESC LIMIT $2", machine_id, limit)
+        return [Event(machine=machine_id, time=t, kind=k, message=msg, data=json.loads(d))
+                for t, k, msg, d in reversed(rows)]
+
+    # leases --------------------------------------------------------------------------
+    async def list_leases(self) -> list[Lease]:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT mac, ipv4, expires, hostname FROM leases ORDER BY mac")
+        return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
+
+    async def put_lease(self, lease: Lease) -> None:
+        value = codec.lease_from_dict(codec.lease_to_dict(lease))
+        async with self._conn() as conn:
+            try:
+                # One statement: the unique address is the claim, whoever else writes.
+                await conn.execute(
+                    "INSERT INTO leases (mac, ipv4, expires, hostname) VALUES ($1, $2, $3, $4)"
+                    " ON CONFLICT (mac) DO UPDATE SET ipv4 = excluded.ipv4,"
+                    " expires = excluded.expires, hostname = excluded.hostname",
+                    value.mac, value.ipv4, float(value.expires), value.hostname)
+            except asyncpg.UniqueViolationError as exc:
+                holder = await conn.fetchval("SELECT mac FROM leases WHERE ipv4 = $1",
+                                             value.ipv4)
+                raise Conflict(f"address {value.ipv4} is leased to {holder}") from exc
+
+    async def delete_lease(self, mac: str) -> None:
+        mac = codec.normalise_mac(mac)
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM leases WHERE mac = $1", mac)
+
+    async def fixed_address(self, mac: str) -> str | None:
+        machine = await self.machine_by("mac", mac)
+        return None if machine is None else machine.fixed_ipv4
+
+    # change feed -------------------------------------------------------------------------
+    async def changes_since(self, seq: int) -> Changes:
+        async with self._conn() as conn:
+            if seq >= 0:
+                # The common answer, "nothing", in one indexed round trip.
+                last = await conn.fetchval("SELECT max(seq) FROM changes")
+                if (last if last is not None else 0) == seq:
+                    return Changes(seq, complete=True)
+            # One snapshot: the changes and the rows they name agree.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await self._read_changes(conn, seq)
+
+    async def _read_changes(self, conn: asyncpg.Connection, seq: int) -> Changes:
+        first, last = await conn.fetchrow("SELECT min(seq), max(seq) FROM changes")
+        last = last if last is not None else max(0, seq)
+        # Pruning deletes a prefix; a sequence may also skip numbers (a rolled-back writer),
+        # which can only make this say "incomplete" needlessly, never the other way.
+        if seq < 0 or seq > last or (first is not None and first > seq + 1 and seq < last):
+            return Changes(last, complete=False)
+        keys: dict[str, list[str]] = {}
+        for tbl, key in await conn.fetch(
+                "SELECT DISTINCT tbl, key FROM changes WHERE seq > $1 AND seq <= $2", seq, last):
+            keys.setdefault(tbl, []).append(key)
+
+        async def rows(sql: str, names: list[str]) -> dict[str, Any]:
+            return {k: v for k, v in await conn.fetch(sql, names)} if names else {}
+
+        machine_ids = keys.get("machines", [])
+        found = await rows("SELECT id, data FROM machines WHERE id = ANY($1::text[])",
+                           machine_ids)
+        machines = {m: self._machine(found.get(m)) for m in machine_ids}
+
+        async def named(kind: str, decode: Callable[[Any], _R]) -> dict[str, _R | None]:
+            names = keys.get(_TABLES[kind], [])
+            table = await rows(f"SELECT name, data FROM {_TABLES[kind]}"  # noqa: S608
+                               " WHERE name = ANY($1::text[])", names)
+            return {n: None if n not in table else decode(json.loads(table[n])) for n in names}
+
+        setting_keys = keys.get("settings", [])
+        settings = await rows("SELECT key, value FROM settings WHERE key = ANY($1::text[])",
+                              setting_keys)
+        return Changes(
+            last, complete=True, machines=machines,
+            profiles=await named("profile", codec.profile_from_dict),
+            clusters=await named("cluster", self._sealed.open_cluster),
+            groups=await named("group", codec.group_from_dict),
+            settings={k: settings.get(k) for k in setting_keys})
+
+    async def forget_changes(self, before: int) -> None:
+        async with self._write() as conn:
+            # Never the newest row: it is what tells a reader that nothing before it is missing.
+            await conn.execute("DELETE FROM changes WHERE seq < $1"
+                               " AND seq < (SELECT max(seq) FROM changes)", before)
+
+    # settings ------------------------------------------------------------------------
+    async def get_setting(self, key: str) -> str | None:
+        async with self._conn() as conn:
+            value = await conn.fetchval("SELECT value FROM settings WHERE key = $1", key)
+        return None if value is None else str(value)
+
+    async def put_setting(self, key: str, value: str) -> None:
+        if not isinstance(value, str):
+            raise ValidationError("value", "a setting is a string")
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO settings (key, value) VALUES ($1, $2)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value", key, value)
+
+    # API tokens and the audit log ------------------------------------------------------
+    async def create_token(self, token: ApiToken) -> None:
+        value = codec.token_from_dict(codec.token_to_dict(token))
+        async with self._conn() as conn:
+            try:
+                await conn.execute(
+                    f"INSERT INTO api_tokens ({_TOKEN_COLUMNS})"  # noqa: S608 - a constant
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    value.name, value.sha256, str(value.scope), value.created, value.expires,
+                    value.last_used)
+            except asyncpg.UniqueViolationError as exc:
+                taken = await conn.fetchval("SELECT 1 FROM api_tokens WHERE name = $1",
+                                            value.name)
+                what = f"token {value.name!r}" if taken else "a token with this value"
+                raise Conflict(f"{what} already exists") from exc
+
+    async def token_by_hash(self, sha256: str) -> ApiToken | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE sha256 = $1",  # noqa: S608
+                sha256)
+        return None if row is None else _token(row)
+
+    async def list_tokens(self) -> list[ApiToken]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")  # noqa: S608
+        return [_token(r) for r in rows]
+
+    async def delete_token(self, name: str) -> None:
+        async with self._conn() as conn:
+            if await conn.fetchval("DELETE FROM api_tokens WHERE name = $1 RETURNING name",
+                                   name) is None:
+                raise NotFound(f"token {name!r} not found")
+
+    async def touch_token(self, name: str, when: float) -> None:
+        async with self._conn() as conn:
+            await conn.execute("UPDATE api_tokens SET last_used = $2 WHERE name = $1", name,
+                               float(when))
+
+    async def add_audit(self, entry: AuditEntry) -> None:
+        e = codec.audit_from_dict(codec.audit_to_dict(entry))
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO audit (time, actor, action, target, peer, outcome)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                float(e.time), e.actor, e.action, e.target, e.peer, e.outcome)
+
+    async def list_audit(self, *, since: float | None = None,
+                         limit: int = 1000) -> list[AuditEntry]:
+        if limit <= 0:
+            return []
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT time, actor, action, target, peer, outcome FROM audit"
+                " WHERE time >= $1 ORDER BY id DESC LIMIT $2",
+                float("-inf") if since is None else float(since), limit)
+        return [AuditEntry(time=t, actor=a, action=ac, target=tg, peer=p, outcome=o)
+                for t, a, ac, tg, p, o in reversed(rows)]
+
+    async def prune_audit(self, keep: int) -> int:
+        async with self._conn() as conn:
+            deleted = await conn.fetchval(
+                "WITH gone AS (DELETE FROM audit WHERE id <="
+                " (SELECT coalesce(max(id), 0) FROM audit) - $1 RETURNING 1)"
+                " SELECT count(*) FROM gone", max(keep, 0))
+        return int(deleted)
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in words that never include the DSN."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _token(row: Sequence[Any]) -> ApiToken:
+    name, sha, scope, created, expires, last_used = row
+    return codec.token_from_dict({"name": name, "sha256": sha, "scope": scope,
+                                  "created": created, "expires": expires,
+                                  "last_used": last_used})
+
+
+def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+
+    def arg(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    if flt.state is not None:
+        clauses.append(f"m.state = {arg(flt.state.value)}")
+    if flt.cluster is not None:
+        clauses.append(f"m.cluster = {arg(flt.cluster)}")
+    if flt.uuid is not None:
+        clauses.append(f"((m.data::jsonb) ->> 'uuid') = {arg(flt.uuid)}")
+    if flt.serials:
+        clauses.append(f"((m.data::jsonb) ->> 'serial') = ANY({arg(list(flt.serials))}::text[])")
+    if flt.has_mac is not None:
+        clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
+    if flt.text:
+        # strpos, not LIKE: no wildcard characters to escape in the text.
+        needle = arg(flt.text.lower())
+        hostname = _fold("coalesce(m.hostname, '')")
+        clauses.append(f"(strpos({hostname}, {needle}) > 0"  # noqa: S608 - $n, no value
+                       f" OR strpos({_fold('m.id')}, {needle}) > 0"
+                       " OR EXISTS (SELECT 1 FROM machine_keys k WHERE k.machine = m.id"
+                       f" AND strpos({_fold('k.value')}, {needle}) > 0))")
+    for key, value in flt.labels:
+        clauses.append(
+            "EXISTS (SELECT 1 FROM machine_labels l WHERE l.machine = m.id"  # noqa: S608
+            f" AND l.key = {arg(key)} AND l.value = {arg(value)})")
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+async def _fast_batch(conn: asyncpg.Connection, creates: list[_Row],
+                      updates: list[_Row]) -> None:
+    if creates:
+        # COPY: a 100k-machine import is one stream, not 100k statements.
+        await conn.copy_records_to_table("machines", records=[r.params for r in creates],
+                                         columns=_MACHINE_COLUMNS)
+        await conn.copy_records_to_table("machine_labels",
+                                         records=[lab for r in creates for lab in r.labels],
+                                         columns=("machine", "key", "value"))
+        await conn.copy_records_to_table("machine_keys",
+                                         records=[key for r in creates for key in r.keys],
+                                         columns=("kind", "value", "machine"))
+    if updates:
+        ids = [r.id for r in updates]
+        if len(set(ids)) != len(ids):
+            raise _Retry  # one machine updated twice: its labels would be inserted twice
+        present = await conn.fetchval(
+            "SELECT count(*) FROM machines WHERE id = ANY($1::text[])", ids)
+        if present != len(ids):
+            raise _Retry
+        await conn.executemany(_UPDATE_MACHINE, [r.params for r in updates])
+        await conn.execute("DELETE FROM machine_labels WHERE machine = ANY($1::text[])", ids)
+        await conn.execute("DELETE FROM machine_keys WHERE machine = ANY($1::text[])", ids)
+        await conn.executemany(_INSERT_LABEL, [lab for r in updates for lab in r.labels])
+        await conn.executemany(_INSERT_KEY, [key for r in updates for key in r.keys])
+
+
+async def _slow_batch(conn: asyncpg.Connection, creates: list[_Row], updates: list[_Row],
+                      decode: Callable[[str | None], Machine | None]) -> None:
+    """The same writes with the checks MemoryStore makes, in the same order and words."""
+    for row in creates:
+        if await conn.fetchval("SELECT 1 FROM machines WHERE id = $1", row.id):
+            raise Conflict(f"machine {row.id} already exists")
+        await _check_claims(conn, row, decode)
+        await conn.execute(_INSERT_MACHINE, *row.params)
+        await _insert_children(conn, row)
+    for row in updates:
+        if not await conn.fetchval("SELECT 1 FROM machines WHERE id = $1", row.id):
+            raise NotFound(f"machine {row.id} not found")
+        await _check_claims(conn, row, decode)
+        await conn.execute(_UPDATE_MACHINE, *row.params)
+        await conn.execute("DELETE FROM machine_labels WHERE machine = $1", row.id)
+        await conn.execute("DELETE FROM machine_keys WHERE machine = $1", row.id)
+        await _insert_children(conn, row)
+
+
+async def _insert_children(conn: asyncpg.Connection, row: _Row) -> None:
+    for rows, sql in ((row.labels, _INSERT_LABEL), (row.keys, _INSERT_KEY)):
+        if rows:
+            await conn.executemany(sql, rows)
+
+
+async def _check_claims(conn: asyncpg.Connection, row: _Row,
+                        decode: Callable[[str | None], Machine | None]) -> None:
+    for kind, value, _ in row.keys:
+        holder = decode(await conn.fetchval(
+            "SELECT m.data FROM machine_keys k JOIN machines m ON m.id = k.machine"
+            " WHERE k.kind = $1 AND k.value = $2 AND k.machine <> $3", kind, value, row.id))
+        if holder is not None:
+            raise identity.claimed(kind, value, holder)
+    hostname = row.machine.hostname
+    if hostname is None:
+        return
+    found = await conn.fetchrow(
+        f"SELECT coalesce(mac, id), id FROM machines WHERE {_fold('hostname')} ="  # noqa: S608
+        f" {_fold('$1')} AND hostname IS NOT NULL AND id <> $2", hostname, row.id)
+    if found is not None:
+        raise Conflict(f"hostname {hostname!r} is used by {found[0]}", field="hostname",
+                       holder=found[1])

@@ -1,0 +1,60 @@
+"""The secrets inside stored values, sealed on write and opened on read (every store on disk).
+
+A cluster's join token, and a machine's install token while its install is under way (it
+opens the machine's config, which carries the join token), are sealed with the injected
+:class:`~netboot.inventory.base.Sealer`, each bound to the cluster or machine it belongs to:
+the database file, its logs and its backups never hold them in clear. Callers see plain
+values. Without a sealer (tests, ``--memory``) values pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from netboot.inventory import codec
+from netboot.inventory.base import Sealer
+from netboot.model import Cluster, Machine
+
+
+def install_token_context(machine_id: str) -> str:
+    return f"install token of machine {machine_id}"
+
+
+def join_token_context(cluster: str) -> str:
+    # Authenticated with the sealed token: a token copied to another cluster's row won't open.
+    return f"join token of cluster {cluster!r}"
+
+
+class Sealed:
+    def __init__(self, sealer: Sealer | None) -> None:
+        self.sealer = sealer
+
+    def seal_machine(self, machine: Machine) -> Machine:
+        token = machine.install_token
+        if self.sealer is None or not token or self.sealer.is_sealed(token):
+            return machine
+        return replace(machine, install_token=self.sealer.seal(
+            token, context=install_token_context(machine.id)))
+
+    def open_machine(self, machine: Machine | None) -> Machine | None:
+        if machine is None or self.sealer is None or not machine.install_token:
+            return machine
+        return replace(machine, install_token=self.sealer.unseal(
+            machine.install_token, context=install_token_context(machine.id)))
+
+    def cluster_data(self, cluster: Cluster) -> dict[str, Any]:
+        """The stored form of ``cluster``: checked, its join token sealed."""
+        data = codec.cluster_to_dict(cluster)
+        codec.cluster_from_dict(data)
+        if self.sealer is not None and data["token"]:
+            data["token"] = self.sealer.seal(data["token"],
+                                             context=join_token_context(cluster.name))
+        return data
+
+    def open_cluster(self, data: Any) -> Cluster:
+        if self.sealer is not None and isinstance(data, dict) and data.get("token"):
+            name = str(data.get("name"))
+            data["token"] = self.sealer.unseal(str(data["token"]),
+                                               context=join_token_context(name))
+        return codec.cluster_from_dict(data)
