@@ -17,6 +17,7 @@ Label values are bounded: DHCP firmware and arch are enums, HTTP routes are rout
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -104,11 +105,13 @@ class Metrics:
         self._queued = Gauge("netboot_inventory_queued_events", "boot events waiting to be "
                              "written (they pile up while the inventory is unreachable)",
                              registry=r)
+        self._health: InventoryHealth | None = None
         self._tftp = _TftpCollector()
         r.register(self._tftp)
 
     def watch_inventory(self, health: InventoryHealth, queued: Callable[[], int]) -> None:
         """Where the inventory's health and the recorder's queue are read at scrape."""
+        self._health = health
         self._inventory_up.set_function(lambda: 1.0 if health.up else 0.0)
         self._queued.set_function(lambda: float(queued()))
 
@@ -169,11 +172,11 @@ class Metrics:
     async def render(self, store: Store) -> bytes:
         """The exposition text, with machines by state counted now (kept from the last
         scrape while the inventory does not answer: the rest is still worth reading)."""
-        try:
-            counts = {state: await store.count_machines(MachineFilter(state=state))
-                      for state in MachineState}
-        except StoreError:
-            counts = {}
+        counts: dict[MachineState, int] = {}
+        if self._health is None or self._health.up:  # else no wait for a dead database
+            with contextlib.suppress(StoreError):
+                counts = {state: await store.count_machines(MachineFilter(state=state))
+                          for state in MachineState}
         for state, count in counts.items():
             self._machines.labels(state.value).set(count)
         return generate_latest(self.registry)

@@ -498,36 +498,36 @@ class Service:
                 log.error("HTTPS certificate not renewed, keeping the loaded one: %s", exc)
 
     async def _watch_inventory(self) -> None:
-        """Every WATCH_SECONDS: sync the boot path's view (noticing an outage of the
-        inventory and its end), write the boot events queued while it was away, and relay
-        the events other servers committed to this server's event stream."""
-        health, recorder = self.boot.health, self.enroller.recorder
+        """Every WATCH_SECONDS, one :meth:`watch_once`."""
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             try:
                 await self.watch_once()
-            except StoreError as exc:
-                if health.failed(str(exc)):
-                    log.error("inventory unreachable: boots of known machines are answered "
-                              "from memory, writes are refused: %s", exc)
-                continue
             except Exception:
                 log.exception("watching the inventory failed; trying again")
-                continue
-            if health.restored():
-                log.warning("inventory reachable again: the view is synced, writes are "
-                            "accepted (%d boot events still queued)", recorder.queued)
 
     async def watch_once(self) -> None:
-        """One round of the watcher (StoreError while the inventory does not answer)."""
-        await self.boot.resync()
-        if self.enroller.recorder.failing is not None:
-            await self.enroller.recorder.flush()
-        for _ in range(100):  # bounded: 100k events per round at most
-            self._event_cursor, events = await self.store.events_since(self._event_cursor)
-            self.events.relay(events)
-            if len(events) < 1000:
-                break
+        """Sync the boot path's view (noticing an outage of the inventory and its end),
+        write the boot events queued while it was away, and relay the events other servers
+        committed to this server's event stream."""
+        health, recorder = self.boot.health, self.enroller.recorder
+        try:
+            await self.boot.resync()
+            if recorder.failing is not None:
+                await recorder.flush()
+            for _ in range(100):  # bounded: 100k events per round at most
+                self._event_cursor, events = await self.store.events_since(self._event_cursor)
+                self.events.relay(events)
+                if len(events) < 1000:
+                    break
+        except StoreError as exc:
+            if health.failed(str(exc)):
+                log.error("inventory unreachable: boots of known machines are answered from "
+                          "memory, writes are refused: %s", exc)
+            return
+        if health.restored():
+            log.warning("inventory reachable again: the view is synced, writes are accepted "
+                        "(%d boot events still queued)", recorder.queued)
 
     async def _start_dns(self) -> None:
         from netboot.names import ZoneHolder

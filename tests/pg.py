@@ -105,16 +105,41 @@ def start() -> Cluster:
         shutil.rmtree(base, ignore_errors=True)
         pytest.fail(f"initdb failed: {done.stderr[-2000:]}", pytrace=False)
     port = _free_port()
-    process = subprocess.Popen(  # type: ignore[call-overload]
-        [str(bins / "postgres"), "-D", str(data), "-k", str(sockets), "-p", str(port),
-         "-c", "listen_addresses=", "-c", "fsync=off", "-c", "synchronous_commit=off",
-         "-c", "full_page_writes=off", "-c", "max_connections=200",
-         "-c", "logging_collector=off"],
-        stdout=subprocess.DEVNULL, stderr=open(base / "server.log", "wb"),  # noqa: SIM115
-        env=env, cwd=base, **as_owner)
-    cluster = Cluster(base, sockets, port, process)
+    cluster = Cluster(base, sockets, port, _launch(base, sockets, port))
     _wait_ready(cluster)
     return cluster
+
+
+def _launch(base: Path, sockets: Path, port: int) -> subprocess.Popen[bytes]:
+    owner = _owner()
+    as_owner: dict[str, object] = {}
+    if owner is not None:
+        as_owner = {"user": owner[0], "group": owner[1], "extra_groups": []}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
+    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        [str(bindir() / "postgres"), "-D", str(base / "data"), "-k", str(sockets), "-p",
+         str(port), "-c", "listen_addresses=", "-c", "fsync=off",
+         "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+         "-c", "max_connections=200", "-c", "logging_collector=off"],
+        stdout=subprocess.DEVNULL, stderr=open(base / "server.log", "ab"),
+        env=env, cwd=base, **as_owner)
+
+
+def halt(cluster: Cluster) -> None:
+    """Stop the server (fast shutdown, by its own PID), keeping its data for :func:`resume`:
+    a database outage, as a client sees it."""
+    cluster.process.send_signal(signal.SIGINT)
+    try:
+        cluster.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        cluster.process.kill()
+        cluster.process.wait(timeout=30)
+
+
+def resume(cluster: Cluster) -> None:
+    """Start a halted server (:func:`halt`) again on the same data, socket and port."""
+    cluster.process = _launch(cluster.base, cluster.socket_dir, cluster.port)
+    _wait_ready(cluster)
 
 
 def _wait_ready(cluster: Cluster) -> None:

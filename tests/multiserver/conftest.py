@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests import pg
 from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,10 +43,15 @@ class Inventory:
     lines: str
 
 
-@pytest.fixture(params=["sqlite"])
-def inventory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Inventory]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def inventory(request: pytest.FixtureRequest, tmp_path: Path,
+                    ) -> AsyncIterator[Inventory]:
     if request.param == "sqlite":
         yield Inventory("sqlite", f"  path: {tmp_path / 'shared.db'}\n")
+    else:
+        # A fresh schema of the session's cluster (tests/pg.py).
+        async with pg.fresh_schema(request.getfixturevalue("postgres")) as dsn:
+            yield Inventory("postgresql", f"  backend: postgresql\n  dsn: {dsn!r}\n")
 
 
 @dataclass
