@@ -53,14 +53,7 @@ class Cluster:
         return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
 
     def stop(self) -> None:
-        """SIGINT is PostgreSQL's "fast shutdown": sessions are ended, the server exits."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        halt(self)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -126,8 +119,11 @@ def _launch(base: Path, sockets: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def halt(cluster: Cluster) -> None:
-    """Stop the server (fast shutdown, by its own PID), keeping its data for :func:`resume`:
-    a database outage, as a client sees it."""
+    """Stop the server by its own PID, keeping its data for :func:`resume` (a database
+    outage, as a client sees it). SIGINT is PostgreSQL's "fast shutdown": sessions are
+    ended, the server exits."""
+    if cluster.process.poll() is not None:
+        return
     cluster.process.send_signal(signal.SIGINT)
     try:
         cluster.process.wait(timeout=30)

@@ -10,6 +10,7 @@ PostgreSQL once its store exists. Both listen on loopback on ports of their own 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
@@ -185,9 +186,9 @@ async def start_pair(tmp: Path, inventory: Inventory, extra: str = "") -> tuple[
     return a, b
 
 
-@pytest.fixture
-async def pair(tmp_path: Path, inventory: Inventory) -> AsyncIterator[Pair]:
-    a, b = await start_pair(tmp_path, inventory)
+@contextlib.asynccontextmanager
+async def running_pair(tmp: Path, inventory: Inventory) -> AsyncIterator[Pair]:
+    a, b = await start_pair(tmp, inventory)
     try:
         admin = (a.data_dir / "admin.token").read_text().strip()
         assert not (b.data_dir / "admin.token").exists()
@@ -197,3 +198,9 @@ async def pair(tmp_path: Path, inventory: Inventory) -> AsyncIterator[Pair]:
         loop = asyncio.get_running_loop()
         await asyncio.gather(loop.run_in_executor(None, a.stop),
                              loop.run_in_executor(None, b.stop))
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, inventory: Inventory) -> AsyncIterator[Pair]:
+    async with running_pair(tmp_path, inventory) as running:
+        yield running

@@ -21,7 +21,7 @@ import pytest
 from netboot.model import Arch, BootRequest, Firmware, MacAddress
 from tests import pg
 from tests.conftest import Env, EnvFactory, boot, call, install_token
-from tests.multiserver.conftest import Inventory, Pair, Server, start_pair
+from tests.multiserver.conftest import Inventory, Pair, Server, running_pair
 from tests.multiserver.test_pair import is_install, seed
 
 DONE = "52:54:00:13:10:01"  # registered: boots its disk
@@ -132,18 +132,10 @@ def own_postgres() -> Iterator[pg.Cluster]:
 
 @pytest.fixture
 async def pg_pair(tmp_path: Path, own_postgres: pg.Cluster) -> AsyncIterator[Pair]:
-    import aiohttp
-
-    inventory = Inventory("postgresql", f"  backend: postgresql\n  dsn: {own_postgres.dsn()!r}\n")
-    a, b = await start_pair(tmp_path, inventory)
-    try:
-        admin = (a.data_dir / "admin.token").read_text().strip()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            yield Pair(a, b, admin, http)
-    finally:
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(loop.run_in_executor(None, a.stop),
-                             loop.run_in_executor(None, b.stop))
+    dsn = own_postgres.dsn()
+    async with running_pair(tmp_path, Inventory("postgresql", f"  backend: postgresql\n"
+                                                f"  dsn: {dsn!r}\n")) as running:
+        yield running
 
 
 async def healthy(pair: Pair, server: Server) -> bool:
