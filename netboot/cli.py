@@ -651,6 +651,51 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_spec(text: str) -> str:
+    """A ``db copy`` operand: a path or a DSN, or ``@FILE`` holding either."""
+    if not text.startswith("@"):
+        return text
+    try:
+        return Path(text[1:]).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {text[1:]}: {exc.strerror}", source="--from/--to",
+                          fix="give a readable file holding the DSN") from exc
+
+
+async def _db(args: argparse.Namespace) -> int:
+    from netboot.inventory import transfer
+
+    if args.action == "migrate":
+        from netboot.config import inventory_dsn
+        from netboot.service import open_store
+
+        cfg = _config(args)
+        if cfg.inventory.backend == "memory":
+            raise ConfigError("a memory inventory has no schema to migrate",
+                              key="inventory.backend", fix="set backend: sqlite or postgresql")
+        open_store(cfg)  # the data dir and a private (0600) SQLite file, as the server makes
+        spec = inventory_dsn(cfg) if cfg.inventory.backend == "postgresql" else str(cfg.db_path)
+        done = await transfer.migrate(spec)
+        steps = ", ".join(map(str, done.applied))
+        _report(args, f"inventory {done.name}: " + (
+            f"applied migration{'s' if len(done.applied) > 1 else ''} {steps}; schema version "
+            f"{done.version}" if done.applied else f"schema version {done.version}, up to date"),
+            {"inventory": done.name, "applied": list(done.applied), "version": done.version})
+        return 0
+    source, target = _db_spec(args.source), _db_spec(args.target)
+    checks = await transfer.copy(source, target, force=args.force)
+    if args.json:
+        _print_json({"from": transfer.describe(source), "to": transfer.describe(target),
+                     "tables": [{"table": c.table, "rows": c.rows, "sha256": c.sha256}
+                                for c in checks]})
+    else:
+        for c in checks:
+            print(f"{c.table:15} {c.rows:8} rows  sha256 {c.sha256}")
+        print(f"copied {transfer.describe(source)} to {transfer.describe(target)}: "
+              "counts and checksums equal")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netboot", description="Network-boot provisioning "
                                      "server for edge Kubernetes fleets.")
@@ -804,6 +849,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--arch", choices=[a.value for a in Arch],
                    help="answer for this architecture (default: last seen)")
 
+    d = sub.add_parser("db", help="the inventory database: schema migrations, copies "
+                                   "between SQLite and PostgreSQL")
+    dsub = d.add_subparsers(dest="action", required=True)
+    dsub.add_parser("migrate", parents=[common],
+                    help="apply the schema migrations the configured inventory lacks")
+    dc = dsub.add_parser("copy", parents=[output],
+                         help="copy every row of one inventory into another, then verify "
+                              "counts and checksums; stop the servers using either first")
+    spec_help = ("an SQLite file, a postgresql:// DSN, or @FILE holding one (a DSN given on "
+                 "the command line is visible to other users in ps)")
+    dc.add_argument("--from", dest="source", required=True, metavar="DSN_OR_PATH",
+                    help=spec_help)
+    dc.add_argument("--to", dest="target", required=True, metavar="DSN_OR_PATH",
+                    help=spec_help)
+    dc.add_argument("--force", action="store_true",
+                    help="replace the target's contents if it is not empty")
+
     try:
         from netboot.lab import cli as lab_cli
 
@@ -863,6 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_with_store(args, lambda s, c: _assets(args, s, c)))
         if args.cmd == "events":
             return _events(args)
+        if args.cmd == "db":
+            return asyncio.run(_db(args))
         if args.cmd in ("render", "explain"):
             return asyncio.run(_with_store(args, lambda s, c: _render_or_explain(args, s, c)))
     except ConfigError as exc:

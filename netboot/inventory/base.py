@@ -84,14 +84,19 @@ class Changes:
 
 class ChangeFeed(Protocol):
     """Every commit to machines, profiles, clusters, groups and settings, by whoever made it
-    (this process, the CLI in another, another server), in commit order. SQLite records them
-    in the committing transaction itself; PostgreSQL can answer the same with LISTEN/NOTIFY."""
+    (this process, the CLI in another, another server), in commit order, recorded in the
+    committing transaction itself; PostgreSQL also wakes waiting readers with NOTIFY."""
 
     async def changes_since(self, seq: int) -> Changes:
         """What changed after ``seq`` (-1: nothing is known yet, answer incomplete)."""
 
     async def forget_changes(self, before: int) -> None:
         """History before ``before`` is no longer needed by this reader (it may be pruned)."""
+
+    async def wait_for_changes(self, seq: int, timeout: float) -> bool:
+        """True as soon as something was committed after ``seq`` (at once if it already was),
+        False after ``timeout`` seconds without. PostgreSQL is woken by NOTIFY, the memory
+        store by its own writes; SQLite polls (no notification reaches another process)."""
 
 
 class EventListener(Protocol):

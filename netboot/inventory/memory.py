@@ -20,6 +20,7 @@ from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter
+from netboot.inventory.signal import Signal, wait_until
 from netboot.model import ApiToken, AuditEntry, Cluster, Event, Group, Lease, Machine, Profile
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class MemoryStore:
         # Bumped by every write: the change feed of a store that keeps no history says only
         # "something changed", and its readers read again (dicts are cheap to read).
         self._generation = 0
+        self._signal = Signal()
         self._tokens: dict[str, ApiToken] = {}
         self._audit: list[AuditEntry] = []
 
@@ -115,15 +117,15 @@ class MemoryStore:
         return len(self._matching(flt or MachineFilter()))
 
     async def create_machine(self, machine: Machine) -> None:
-        self._generation += 1
+        self._changed()
         await self.apply_batch(Batch(create=(machine,)))
 
     async def update_machine(self, machine: Machine) -> None:
-        self._generation += 1
+        self._changed()
         await self.apply_batch(Batch(update=(machine,)))
 
     async def delete_machine(self, machine_id: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         machine = self._machines.get(machine_id)
         if machine is None:
@@ -143,7 +145,7 @@ class MemoryStore:
             hostnames.pop(fold_hostname(machine.hostname), None)
 
     async def apply_batch(self, batch: Batch) -> None:
-        self._generation += 1
+        self._changed()
         """Merges, creates, updates in order, each checked against the state so far.
 
         The work happens on copies that replace the live dicts only when every row passed,
@@ -199,13 +201,13 @@ class MemoryStore:
         return [self._profiles[k] for k in sorted(self._profiles)]
 
     async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         value = codec.profile_from_dict(codec.profile_to_dict(profile))
         _put(self._profiles, "profile", value.name, value, create)
 
     async def delete_profile(self, name: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         _delete(self._profiles, "profile", name)
 
@@ -218,13 +220,13 @@ class MemoryStore:
         return [self._clusters[k] for k in sorted(self._clusters)]
 
     async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         value = codec.cluster_from_dict(codec.cluster_to_dict(cluster))
         _put(self._clusters, "cluster", value.name, value, create)
 
     async def delete_cluster(self, name: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         _delete(self._clusters, "cluster", name)
 
@@ -237,13 +239,13 @@ class MemoryStore:
         return [self._groups[k] for k in sorted(self._groups)]
 
     async def put_group(self, group: Group, *, create: bool = False) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         value = codec.group_from_dict(codec.group_to_dict(group))
         _put(self._groups, "group", value.name, value, create)
 
     async def delete_group(self, name: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         _delete(self._groups, "group", name)
 
@@ -304,7 +306,7 @@ class MemoryStore:
         return self._settings.get(key)
 
     async def put_setting(self, key: str, value: str) -> None:
-        self._generation += 1
+        self._changed()
         self._check_open()
         if not isinstance(value, str):
             raise ValidationError("value", "a setting is a string")
@@ -317,6 +319,18 @@ class MemoryStore:
 
     async def forget_changes(self, before: int) -> None:
         return None
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self._signal.fire()
+
+    async def wait_for_changes(self, seq: int, timeout: float) -> bool:
+        self._check_open()
+
+        async def news() -> bool:
+            return seq != self._generation
+
+        return await wait_until(news, self._signal, timeout)
 
     # API tokens and the audit log ------------------------------------------------------
     async def create_token(self, token: ApiToken) -> None:

@@ -51,6 +51,7 @@ from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
 from netboot.inventory.dsn import redact as dsn_redact
 from netboot.inventory.sealed import Sealed, join_token_context
+from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -75,6 +76,8 @@ CONNECT_TIMEOUT = 10.0
 # How long a query may wait for a free connection of the pool (a stuck database answers
 # with a StoreError, a 503, rather than an endless wait).
 ACQUIRE_TIMEOUT = 30.0
+# How often wait_for_changes looks while it cannot LISTEN.
+POLL_SECONDS = 1.0
 
 # Hostnames are unique under ASCII case folding (RFC 4343; IDNs arrive as punycode), which is
 # what SQLite's lower() does; PostgreSQL's lower() would fold by the database's locale.
@@ -251,7 +254,8 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._notify: asyncpg.Connection | None = None
-        self._woken = asyncio.Event()
+        self._signal = Signal()
+        self.migrated: list[int] = []  # the schema versions the last open() applied
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.name!r})"
@@ -273,7 +277,7 @@ class PostgresStore:
             raise Conflict(f"inventory constraint failed: {exc}") from exc
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
                 TimeoutError) as exc:
-            raise StoreError(f"inventory {self.name}: {_reason(exc)}") from exc
+            raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[asyncpg.Connection]:
@@ -291,10 +295,10 @@ class PostgresStore:
                 command_timeout=None)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
                 ValueError) as exc:
-            raise StoreError(f"cannot open inventory {self.name}: {_reason(exc)}") from exc
+            raise StoreError(f"cannot open inventory {self.name}: {reason(exc)}") from exc
         self._pool = pool
         try:
-            applied = await self.migrate()
+            applied = self.migrated = await self.migrate()
             if self._sealed.sealer is not None:
                 await self._seal_clear_tokens(self._sealed.sealer)
             await self._listen()
@@ -318,15 +322,21 @@ class PostgresStore:
 
     async def _listen(self) -> None:
         """One connection outside the pool that LISTENs: a notification wakes readers."""
+        old, self._notify = self._notify, None
+        if old is not None:
+            old.terminate()
         try:
             conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
             await conn.add_listener(CHANNEL, self._notified)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise StoreError(f"inventory {self.name}: cannot LISTEN: {_reason(exc)}") from exc
+            raise StoreError(f"inventory {self.name}: cannot LISTEN: {reason(exc)}") from exc
         self._notify = conn
 
     def _notified(self, *_: object) -> None:
-        self._woken.set()
+        self._signal.fire()
+
+    def _listening(self) -> bool:
+        return self._notify is not None and not self._notify.is_closed()
 
     async def migrate(self) -> list[int]:
         """Apply the steps this database lacks; the versions applied (none: up to date)."""
@@ -667,6 +677,22 @@ class PostgresStore:
             groups=await named("group", codec.group_from_dict),
             settings={k: settings.get(k) for k in setting_keys})
 
+    async def wait_for_changes(self, seq: int, timeout: float) -> bool:
+        """Woken by NOTIFY at the commit of any writer on this database. While the LISTEN
+        connection is down (the database restarted) it polls, and listens again."""
+        async def news() -> bool:
+            if not self._listening():
+                with contextlib.suppress(StoreError):
+                    await self._listen()
+            if seq < 0:
+                return True
+            async with self._conn() as conn:
+                return int(await conn.fetchval(
+                    "SELECT coalesce(max(seq), 0) FROM changes")) != seq
+
+        return await wait_until(news, self._signal, timeout,
+                                poll=lambda: None if self._listening() else POLL_SECONDS)
+
     async def forget_changes(self, before: int) -> None:
         async with self._write() as conn:
             # Never the newest row: it is what tells a reader that nothing before it is missing.
@@ -756,7 +782,7 @@ class PostgresStore:
         return int(deleted)
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     """What went wrong, in words that never include the DSN."""
     if isinstance(exc, TimeoutError):
         return "timed out"

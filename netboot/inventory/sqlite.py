@@ -46,6 +46,7 @@ from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
 from netboot.inventory.sealed import Sealed, join_token_context
+from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -67,6 +68,8 @@ BUSY_TIMEOUT_MS = 5000
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
 # a touch of a mapped page into a SIGBUS (autocheckpoint keeps the WAL near 1000 frames).
 SHM_RESERVE = 4 * 32768
+# How often wait_for_changes looks for commits of other processes.
+POLL_SECONDS = 0.25
 
 # A migration step: SQL text, or a function for what SQL alone cannot do (re-encode documents).
 Step = str | Callable[[sqlite3.Connection], None]
@@ -666,6 +669,13 @@ class SqliteStore:
     async def forget_changes(self, before: int) -> None:
         await self._run(_forget_changes, before)
 
+    async def wait_for_changes(self, seq: int, timeout: float) -> bool:
+        """Polls: another process's commit reaches no one here until asked."""
+        async def news() -> bool:
+            return seq < 0 or await self._read(_last_change) != seq
+
+        return await wait_until(news, Signal(), timeout, poll=lambda: POLL_SECONDS)
+
     # settings ------------------------------------------------------------------------
     async def get_setting(self, key: str) -> str | None:
         return await self._read(_get_setting, key)
@@ -1150,6 +1160,10 @@ def _forget_changes(conn: sqlite3.Connection, before: int) -> None:
         # Never the newest row: it is what tells a reader that nothing before it is missing.
         conn.execute("DELETE FROM changes WHERE seq < ? AND seq < (SELECT max(seq) FROM changes)",
                      (before,))
+
+
+def _last_change(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
 
 
 def _get_setting(conn: sqlite3.Connection, key: str) -> str | None:

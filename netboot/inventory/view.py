@@ -84,6 +84,14 @@ class InventoryView:
             else:
                 await asyncio.shield(self._syncing)
 
+    async def wait(self, timeout: float) -> bool:
+        """Until something is committed after what the view holds (PostgreSQL wakes it by
+        NOTIFY; SQLite is polled), then sync; False if ``timeout`` passed without."""
+        if not await self._store.wait_for_changes(self._seq, timeout):
+            return False
+        await self.sync()
+        return True
+
     def _apply(self, changes: Changes) -> None:
         if not changes.complete:
             self._clear()

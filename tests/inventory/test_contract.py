@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -891,3 +892,17 @@ async def test_audit_fields_are_checked(store: Store) -> None:
                                          peer="", outcome="ok"))
     assert err.value.field == "actor"
     assert await store.list_audit() == []
+
+
+# --- the change feed wakes readers -----------------------------------------------------------
+
+
+async def test_wait_for_changes_returns_at_a_commit(store: Store) -> None:
+    seq = (await store.changes_since(-1)).seq
+    assert await store.wait_for_changes(seq, 0.0) is False  # nothing committed since
+    waiter = asyncio.create_task(store.wait_for_changes(seq, 120.0))
+    await asyncio.sleep(0)  # let it check and start waiting
+    await store.put_setting("k", "v")
+    assert await waiter is True
+    assert await store.wait_for_changes(seq, 0.0) is True  # already: at once
+    assert await store.wait_for_changes(-1, 0.0) is True  # knows nothing: read

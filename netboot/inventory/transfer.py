@@ -1,0 +1,280 @@
+"""``netboot db``: migrate an inventory's schema, copy an inventory between SQLite and
+PostgreSQL, and prove the copy equal.
+
+The copy moves rows, not model values: the two stores share one table layout (same tables,
+columns and JSON documents, see postgres.py), so rows go across unchanged. Sealed secrets stay
+sealed with the same key (the ``secrets-key-id`` setting goes along; the servers on the
+target need the same ``secret.key``), event and audit ids keep their order, and events of
+machines nobody enrolled come along too, which a copy through the Store API would lose.
+
+It is proven, not assumed: after the copy each table is read back from the target and its row
+count and a SHA-256 over its rows in a canonical form (sorted, numbers as floats) must equal
+the source's. The source is read in one snapshot; stop the servers that write it first.
+The change feed is not copied: the target's own triggers record the inserted rows, so a
+server that starts on it reads everything once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from netboot.errors import Conflict, StoreError
+from netboot.inventory import dsn as pg_dsn
+from netboot.inventory.base import Store
+
+# In insertion order (machines before the rows that reference them). The same columns in both.
+TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("machines", ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated")),
+    ("machine_keys", ("kind", "value", "machine")),
+    ("machine_labels", ("machine", "key", "value")),
+    ("profiles", ("name", "data")),
+    ("clusters", ("name", "data")),
+    ("groups", ("name", "data")),
+    ("events", ("id", "machine", "time", "kind", "message", "data")),
+    ("leases", ("mac", "ipv4", "expires", "hostname")),
+    ("settings", ("key", "value")),
+    ("api_tokens", ("name", "sha256", "scope", "created", "expires", "last_used")),
+    ("audit", ("id", "time", "actor", "action", "target", "peer", "outcome")),
+)
+# Tables whose ids a PostgreSQL sequence hands out: moved past the copied ids.
+_SERIAL = ("events", "audit")
+
+Rows = dict[str, list[tuple[Any, ...]]]
+_R = TypeVar("_R")
+
+
+def is_dsn(spec: str) -> bool:
+    return spec.startswith(tuple(f"{s}://" for s in pg_dsn.SCHEMES))
+
+
+def describe(spec: str) -> str:
+    """How messages name an inventory: a path, or a DSN without its password."""
+    return pg_dsn.redact(spec) if is_dsn(spec) else spec
+
+
+def open_spec(spec: str) -> Store:
+    """The store for a DSN (postgresql://…) or an SQLite file path; not yet open."""
+    if is_dsn(spec):
+        trouble = pg_dsn.problem(spec)
+        if trouble is not None:
+            raise StoreError(f"{describe(spec)}: the DSN {trouble}")
+        from netboot.inventory.postgres import PostgresStore
+
+        return PostgresStore(spec)
+    from netboot.inventory.sqlite import SqliteStore
+
+    return SqliteStore(spec)
+
+
+@dataclass(frozen=True)
+class Migrated:
+    name: str
+    applied: tuple[int, ...]
+    version: int
+
+
+async def migrate(spec: str) -> Migrated:
+    """Bring ``spec``'s schema to this netboot's version; which steps that took."""
+    if is_dsn(spec):
+        from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
+
+        store = PostgresStore(spec)
+        await store.open()  # migrates
+        await store.close()
+        return Migrated(describe(spec), tuple(store.migrated), SCHEMA_VERSION)
+    from netboot.inventory.sqlite import SCHEMA_VERSION as SQLITE_VERSION
+
+    before = await asyncio.to_thread(_sqlite_version, Path(spec))
+    sqlite_store = open_spec(spec)
+    await sqlite_store.open()
+    await sqlite_store.close()
+    return Migrated(spec, tuple(range(before + 1, SQLITE_VERSION + 1)), SQLITE_VERSION)
+
+
+def _sqlite_version(path: Path) -> int:
+    if not path.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class TableCheck:
+    table: str
+    rows: int
+    sha256: str
+
+
+async def copy(source: str, target: str, *, force: bool = False) -> list[TableCheck]:
+    """Copy every row of ``source`` into ``target`` (each a DSN or an SQLite path), both
+    migrated first; Conflict if the target holds anything and ``force`` is not given (then
+    its rows are replaced, in the same transaction). Raises StoreError naming the table if
+    the target's counts or checksums differ from the source's afterwards."""
+    if describe(source) == describe(target) or (
+            not is_dsn(source) and not is_dsn(target)
+            and Path(source).resolve() == Path(target).resolve()):
+        raise Conflict("--from and --to name the same inventory")
+    if not is_dsn(source) and not Path(source).is_file():
+        raise StoreError(f"{source}: no such inventory file")
+    for spec in (source, target):
+        await migrate(spec)
+    rows = await _read(source)
+    await _write(target, rows, force=force)
+    expected = checksums(rows)
+    found = checksums(await _read(target))
+    for want, got in zip(expected, found, strict=True):
+        if want != got:
+            raise StoreError(f"copy to {describe(target)} differs in table {want.table}: "
+                             f"{got.rows} rows (sha256 {got.sha256[:16]}) where the source "
+                             f"has {want.rows} (sha256 {want.sha256[:16]})")
+    return expected
+
+
+def checksums(rows: Rows) -> list[TableCheck]:
+    out = []
+    for table, _ in TABLES:
+        canonical = sorted(json.dumps([_canon(v) for v in row], ensure_ascii=False)
+                           for row in rows[table])
+        digest = hashlib.sha256("\n".join(canonical).encode()).hexdigest()
+        out.append(TableCheck(table, len(canonical), digest))
+    return out
+
+
+def _canon(value: Any) -> Any:
+    # SQLite may hand back 5 where PostgreSQL has 5.0 (REAL affinity keeps integers as such).
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else value
+
+
+async def _read(spec: str) -> Rows:
+    if is_dsn(spec):
+        return await _pg(spec, _pg_read)
+    return await asyncio.to_thread(_sqlite_read, Path(spec))
+
+
+async def _write(spec: str, rows: Rows, *, force: bool) -> None:
+    if is_dsn(spec):
+        async def write(conn: Any) -> None:
+            await _pg_write(conn, rows, force, describe(spec))
+
+        await _pg(spec, write)
+    else:
+        await asyncio.to_thread(_sqlite_write, Path(spec), rows, force)
+
+
+def _refuse(name: str, counts: Sequence[tuple[str, int]]) -> Conflict:
+    held = ", ".join(f"{n} {t}" for t, n in counts if n)
+    return Conflict(f"{name} is not empty ({held}); give --force to replace its contents")
+
+
+# --- SQLite ---------------------------------------------------------------------------------
+
+
+def _sqlite_read(path: Path) -> Rows:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("BEGIN")  # one snapshot of every table
+            out = {table: [tuple(r) for r in conn.execute(
+                f"SELECT {', '.join(cols)} FROM {table}")]  # noqa: S608 - constant names
+                for table, cols in TABLES}
+            conn.execute("COMMIT")
+            return out
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+
+
+def _sqlite_write(path: Path, rows: Rows, force: bool) -> None:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                counts = [(t, conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])  # noqa: S608
+                          for t, _ in TABLES]
+                if any(n for _, n in counts):
+                    if not force:
+                        raise _refuse(str(path), counts)
+                    for table, _ in reversed(TABLES):
+                        conn.execute(f"DELETE FROM {table}")  # noqa: S608
+                for table, cols in TABLES:
+                    marks = ", ".join("?" * len(cols))
+                    conn.executemany(f"INSERT INTO {table} ({', '.join(cols)})"  # noqa: S608
+                                     f" VALUES ({marks})", rows[table])
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot write {path}: {exc}") from exc
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------
+
+
+async def _pg(spec: str, work: Callable[[Any], Awaitable[_R]]) -> _R:
+    """Run ``work`` on one connection to ``spec``; failures are StoreError without the DSN."""
+    import asyncpg
+
+    from netboot.inventory.postgres import CONNECT_TIMEOUT, reason
+
+    name = describe(spec)
+    try:
+        conn = await asyncpg.connect(spec, timeout=CONNECT_TIMEOUT)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise StoreError(f"cannot open inventory {name}: {reason(exc)}") from exc
+    try:
+        return await work(conn)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise StoreError(f"inventory {name}: {reason(exc)}") from exc
+    finally:
+        await conn.close()
+
+
+async def _pg_read(conn: Any) -> Rows:
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return {table: [tuple(r) for r in await conn.fetch(
+            f"SELECT {', '.join(cols)} FROM {table}")]  # noqa: S608 - constant names
+            for table, cols in TABLES}
+
+
+async def _pg_write(conn: Any, rows: Rows, force: bool, name: str) -> None:
+    from netboot.inventory.postgres import WRITE_LOCK
+
+    async with conn.transaction():
+        # The writers' lock: no server writes half-way through (see postgres.py).
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+        counts = [(t, int(await conn.fetchval(f"SELECT count(*) FROM {t}")))  # noqa: S608
+                  for t, _ in TABLES]
+        if any(n for _, n in counts):
+            if not force:
+                raise _refuse(name, counts)
+            # DELETE, not TRUNCATE: the change feed's triggers see deletes, not truncates.
+            for table, _ in reversed(TABLES):
+                await conn.execute(f"DELETE FROM {table}")  # noqa: S608
+        for table, cols in TABLES:
+            if rows[table]:
+                await conn.copy_records_to_table(table, records=rows[table], columns=cols)
+        for table in _SERIAL:
+            # Later rows get ids after the copied ones, keeping insertion order.
+            await conn.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"  # noqa: S608
+                f" coalesce(max(id), 0) + 1, false) FROM {table}")

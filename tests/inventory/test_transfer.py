@@ -1,0 +1,153 @@
+"""``netboot db migrate`` and ``netboot db copy``: SQLite → PostgreSQL → SQLite, verified."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netboot.cli import main
+from netboot.inventory.base import Batch, MachineFilter, Store
+from netboot.inventory.postgres import PostgresStore
+from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
+from netboot.model import (
+    ApiToken,
+    AuditEntry,
+    Cluster,
+    Event,
+    Group,
+    Lease,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Scope,
+)
+from netboot.sealing import Sealer
+from tests import pg
+from tests.conftest import write_config
+
+SEALER = Sealer.generate()
+
+
+async def fill(store: Store) -> None:
+    machines = [Machine(macs=(MacAddress.parse(f"02:00:00:00:01:{i:02x}"),),
+                        hostname=f"n{i}", labels={"rack": str(i % 3)}, serial=f"SN{i}",
+                        state=MachineState.INSTALLING if i % 2 else MachineState.ENROLLED,
+                        install_token=f"install-{i}" if i % 2 else None, created=i + 0.5)
+                for i in range(40)]
+    machines.append(Machine(serial="no-nic", hostname="bare"))
+    await store.apply_batch(Batch(create=machines))
+    await store.put_profile(Profile(name="p", kernel="vmlinuz", cmdline="quiet ünïcode"))
+    await store.put_cluster(Cluster(name="edge", token="join-secret"))
+    await store.put_group(Group(name="g", selector={"arch": ("x86_64",)}, profile="p"))
+    for i in range(5):
+        await store.add_event(Event(machines[0].id, 10.0 - i, f"k{i}", data={"i": i}))
+    await store.add_event(Event("m-nobody", 1.0, "discovered"))  # a machine nobody enrolled
+    await store.put_lease(Lease(mac="02:00:00:00:09:01", ipv4="192.0.2.50", expires=99.0))
+    await store.put_setting("cluster-init/edge", machines[1].id)
+    await store.create_token(ApiToken(name="ci", sha256="a" * 64, scope=Scope.READ,
+                                      created=5.0, expires=500))
+    await store.add_audit(AuditEntry(time=3, actor="ci", action="POST /x", target="t",
+                                     peer="192.0.2.1", outcome="201"))
+
+
+async def snapshot(store: Store) -> dict[str, Any]:
+    machines = await store.list_machines(MachineFilter(limit=10_000))
+    return {
+        "machines": machines,
+        "profiles": await store.list_profiles(),
+        "clusters": await store.list_clusters(),
+        "groups": await store.list_groups(),
+        "events": {m.id: await store.list_events(m.id) for m in machines},
+        "unknown": await store.list_events("m-nobody"),
+        "leases": await store.list_leases(),
+        "setting": await store.get_setting("cluster-init/edge"),
+        "tokens": await store.list_tokens(),
+        "audit": await store.list_audit(),
+    }
+
+
+async def opened(store: Store, work: Any) -> Any:
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_sqlite_to_postgresql_and_back_is_exact(
+        tmp_path: Path, postgres: pg.Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    first, back = tmp_path / "first.db", tmp_path / "back.db"
+    asyncio.run(opened(SqliteStore(first, sealer=SEALER), fill))
+    before = asyncio.run(opened(SqliteStore(first, sealer=SEALER), snapshot))
+    with pg.schema_sync(postgres) as dsn:
+        secret = tmp_path / "dsn"
+        secret.write_text(dsn)
+        rc, out, err = run(capsys, "db", "copy", "--from", str(first), "--to", f"@{secret}")
+        assert rc == 0, err
+        assert "machines              41 rows" in out and "counts and checksums equal" in out
+        assert asyncio.run(opened(PostgresStore(dsn, sealer=SEALER), snapshot)) == before
+
+        async def later_event(store: Store) -> list[str]:
+            # The copied ids came first: a new event still lists after them.
+            machine = before["machines"][0].id
+            await store.add_event(Event(machine, 0.0, "after-copy"))
+            return [e.kind for e in await store.list_events(machine)]
+
+        kinds = asyncio.run(opened(PostgresStore(dsn), later_event))
+        assert kinds == ["k0", "k1", "k2", "k3", "k4", "after-copy"]
+        rc, out, err = run(capsys, "db", "copy", "--from", f"@{secret}", "--to", str(back),
+                           "--json")
+        assert rc == 0, err
+        tables = {t["table"]: t["rows"] for t in json.loads(out)["tables"]}
+        assert tables["events"] == 7 and tables["machine_keys"] == 81
+    after = asyncio.run(opened(SqliteStore(back, sealer=SEALER), snapshot))
+    assert after["events"][before["machines"][0].id][-1].kind == "after-copy"
+    after["events"][before["machines"][0].id].pop()
+    assert after == before
+
+
+def test_a_non_empty_target_is_refused_without_force(
+        tmp_path: Path, postgres: pg.Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "source.db"
+    asyncio.run(opened(SqliteStore(source), fill))
+    with pg.schema_sync(postgres) as dsn:
+        asyncio.run(opened(PostgresStore(dsn), lambda s: s.put_profile(
+            Profile(name="there-before", kernel="k"))))
+        rc, _, err = run(capsys, "db", "copy", "--from", str(source), "--to", dsn)
+        assert rc == 1 and "is not empty (1 profiles" in err and "--force" in err
+        names = asyncio.run(opened(PostgresStore(dsn), lambda s: s.list_profiles()))
+        assert [p.name for p in names] == ["there-before"]  # untouched
+        rc, _, err = run(capsys, "db", "copy", "--from", str(source), "--to", dsn, "--force")
+        assert rc == 0, err
+        names = asyncio.run(opened(PostgresStore(dsn), lambda s: s.list_profiles()))
+        assert [p.name for p in names] == ["p"]
+    rc, _, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(source))
+    assert rc == 1 and "same inventory" in err
+
+
+def test_db_migrate_says_which_steps_it_applied(
+        tmp_path: Path, postgres: pg.Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = str(write_config(tmp_path))
+    rc, out, _ = run(capsys, "db", "migrate", "--config", cfg)
+    steps = ", ".join(str(i) for i in range(1, SCHEMA_VERSION + 1))
+    assert rc == 0 and f"applied migrations {steps}; schema version {SCHEMA_VERSION}" in out
+    rc, out, _ = run(capsys, "db", "migrate", "--config", cfg)
+    assert rc == 0 and "up to date" in out
+    with pg.schema_sync(postgres) as dsn:
+        cfg = str(write_config(tmp_path / "pg", "inventory:\n  backend: postgresql\n"
+                                                 f'  dsn: "{dsn}"\n'))
+        rc, out, _ = run(capsys, "db", "migrate", "--json", "--config", cfg)
+        assert rc == 0 and json.loads(out)["applied"] == [1]
+        rc, out, _ = run(capsys, "db", "migrate", "--config", cfg)
+        assert rc == 0 and "up to date" in out and "postgresql://netboot@" in out
