@@ -62,6 +62,7 @@ class Server:
     name: str
     config: Path
     data_dir: Path
+    netns: str | None = None  # a network namespace the test made, to run it in
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     log_path: Path = field(default_factory=Path)
@@ -73,8 +74,10 @@ class Server:
     def start(self) -> None:
         self.log_path = self.config.parent / f"{self.name}.log"
         log = self.log_path.open("ab")
+        # `ip netns exec` execs the command: the PID is netboot's own.
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netboot", "serve", "--config", str(self.config)],
+            [*prefix, sys.executable, "-m", "netboot", "serve", "--config", str(self.config)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
             env={**{k: v for k, v in os.environ.items() if not k.startswith("NETBOOT_")},
                  "PYTHONPATH": str(ROOT)})
@@ -169,9 +172,10 @@ def server_config(tmp: Path, name: str, inventory: Inventory, extra: str = "") -
     return Server(name, config, where / "data")
 
 
-async def start_pair(tmp: Path, inventory: Inventory, extra: str = "") -> tuple[Server, Server]:
-    a = server_config(tmp, "a", inventory, extra)
-    b = server_config(tmp, "b", inventory, extra)
+async def start_pair(tmp: Path, inventory: Inventory, extra: str = "",
+                     servers: tuple[Server, Server] | None = None) -> tuple[Server, Server]:
+    a, b = servers or (server_config(tmp, "a", inventory, extra),
+                       server_config(tmp, "b", inventory, extra))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, a.start)
     try:
@@ -187,8 +191,9 @@ async def start_pair(tmp: Path, inventory: Inventory, extra: str = "") -> tuple[
 
 
 @contextlib.asynccontextmanager
-async def running_pair(tmp: Path, inventory: Inventory) -> AsyncIterator[Pair]:
-    a, b = await start_pair(tmp, inventory)
+async def running_pair(tmp: Path, inventory: Inventory,
+                       servers: tuple[Server, Server] | None = None) -> AsyncIterator[Pair]:
+    a, b = await start_pair(tmp, inventory, servers=servers)
     try:
         admin = (a.data_dir / "admin.token").read_text().strip()
         assert not (b.data_dir / "admin.token").exists()
