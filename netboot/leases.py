@@ -129,17 +129,6 @@ class LeasePool:
             if lease.expires > now:
                 self._set_lease(lease)
 
-    def learn(self, leases: Iterable[Lease], now: float) -> None:
-        """Take the store's bindings of MACs this pool holds none for: those another server
-        sharing the inventory made (its address then goes to its holder here too)."""
-        self.load([lease for lease in leases if lease.mac not in self._leases], now)
-
-    def is_new(self, mac: str, ip: str, now: float) -> bool:
-        """Binding ``ip`` to ``mac`` is not a renewal of a live lease this pool made: with a
-        shared inventory it must be claimed there first."""
-        lease = self._leases.get(mac)
-        return lease is None or lease.ipv4 != ip or lease.expires <= now
-
     def _set_lease(self, lease: Lease) -> None:
         old = self._leases.get(lease.mac)
         if old is not None and self._by_ip.get(old.ipv4) == lease.mac:

@@ -36,23 +36,6 @@ def test_allocation_is_stable_per_mac() -> None:
     assert p.offer(A, T0 + 10) == "192.0.2.100"  # existing binding first (RFC 2131 §4.3.1)
 
 
-def test_learning_another_servers_bindings_keeps_our_own() -> None:
-    """Two servers on one pool: what the other bound (read from the shared inventory) is
-    taken, without undoing this pool's own bindings, and a binding of ours on an address the
-    other holds is dropped."""
-    p = pool()
-    mine = p.request(A, "192.0.2.100", T0)
-    assert mine is not None
-    assert not p.is_new(A, "192.0.2.100", T0 + 1)  # a renewal needs no claim
-    assert p.is_new(A, "192.0.2.101", T0 + 1) and p.is_new(B, "192.0.2.101", T0 + 1)
-    assert p.request(C, "192.0.2.101", T0) is not None  # the claim will show it is B's
-    p.learn([Lease(A, "192.0.2.100", T0 + 10), Lease(B, "192.0.2.101", T0 + 3600)], T0 + 1)
-    assert p.lease(A) == mine  # ours, as this pool knows it
-    assert p.lease(C) is None and p.lease(B) == Lease(B, "192.0.2.101", T0 + 3600)
-    assert p.offer(C, T0 + 2) == "192.0.2.102"
-    assert p.is_new(A, "192.0.2.100", mine.expires)  # expired: a new binding
-
-
 def test_requested_address_honoured_when_free() -> None:
     p = pool()
     assert p.offer(A, T0, requested="192.0.2.102") == "192.0.2.102"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from netboot import pxe
-from netboot.errors import ConfigError, Conflict, DecodeError, StoreError
+from netboot.errors import ConfigError, DecodeError, StoreError
 from netboot.leases import Changes, LeasePool, LeaseStore
 from netboot.logs import RateLimitedLog, Summary, log_context
 from netboot.model import FirstStage, Lease
@@ -282,40 +282,6 @@ class DhcpServer:
                 # The in-memory pool stays right; the store catches up with the next change.
                 _log.exception("dhcp: %s: persisting the lease failed", mac)
 
-    async def _claim(self, lease: Lease, now: float) -> bool | None:
-        """Record a new binding in the inventory before it is acknowledged: servers sharing
-        one inventory and one pool know each other's bindings only there, and its unique
-        address is what keeps two of them from handing out the same one. True: ours; False:
-        another client holds it (the pool learns every binding of the others); None: the
-        inventory did not answer (the pool forgets the binding; nothing is acknowledged)."""
-        pool = self.pool
-        assert pool is not None
-        try:
-            for _ in range(2):
-                try:
-                    await asyncio.wait_for(self._store.put_lease(lease), self._decide_timeout)
-                    return True
-                except Conflict:
-                    leases = await asyncio.wait_for(self._store.list_leases(),
-                                                    self._decide_timeout)
-                stale = [held.mac for held in leases if held.ipv4 == lease.ipv4
-                         and held.mac != lease.mac and held.expires <= now]
-                if not stale:
-                    pool.learn(leases, now)
-                    _log.debug("dhcp: %s: %s is another server's client's", lease.mac,
-                               lease.ipv4)
-                    return False
-                # Expired, and its server is not there to delete it: the address is free.
-                await asyncio.wait_for(self._store.delete_lease(stale[0]),
-                                       self._decide_timeout)
-            return False
-        except (StoreError, TimeoutError) as exc:
-            pool.release(lease.mac, lease.ipv4)
-            self._limited.log(logging.WARNING, "store", "dhcp: %s: cannot claim %s in the "
-                              "inventory, no answer: %s", lease.mac, lease.ipv4,
-                              exc or "timed out")
-            return None
-
     async def _write_leases(self) -> None:
         assert self._wake is not None
         while True:
@@ -557,13 +523,9 @@ class DhcpServer:
             ip = requested or (packet.ciaddr if packet.ciaddr != ZERO_IP else None)
             if ip is None:
                 return []
-            new = pool.is_new(mac, ip, now)
             lease = pool.request(mac, ip, now, fixed=fixed, hostname=hostname,
                                  selecting=server_id is not None)
-            claimed = True if lease is None or not new else await self._claim(lease, now)
-            if claimed is None:
-                return []  # the inventory cannot say whose the address is: the client retries
-            if lease is None or not claimed:
+            if lease is None:
                 grant = AddressGrant(MessageType.NAK, message=f"{ip} is not available")
             else:
                 self._persist(Changes(put=(lease,)))
