@@ -32,7 +32,7 @@ from netboot import groups as grouping
 from netboot import identity, lifecycle
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits
 from netboot.enroll import Enroller
-from netboot.errors import Conflict, StoreError
+from netboot.errors import Conflict, StateChanged, StoreError
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution
 from netboot.inventory.base import Batch, Store
@@ -61,6 +61,9 @@ from netboot.model import (
 from netboot.names import serves_cluster, valid_label
 
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
+# Decisions taken again when another server moved the machine meanwhile (StateChanged):
+# each retry reads what that server committed, so more than a few means a bug, not a race.
+CAS_ATTEMPTS = 3
 
 
 class AssetLookup(Protocol):
@@ -210,7 +213,6 @@ class BootService:
         self._background: set[asyncio.Task[None]] = set()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
-        self._cluster_lock = asyncio.Lock()
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
@@ -249,15 +251,21 @@ class BootService:
     async def _record_dhcp(self, request: BootRequest) -> None:
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
-        async with self._lock(str(request.mac)):
-            await self._view.sync()
-            res = await self._resolve(request)
-            machine = await self._adopt(request, res)
-            if machine is None or machine.state == MachineState.DISCOVERED:
-                await self._discover(request, machine, res)
-            else:
-                await self._note(machine, request, res, "dhcp",
-                                 f"{request.firmware}/{request.arch} asked for a boot file")
+        for attempt in range(CAS_ATTEMPTS):
+            async with self._lock(str(request.mac)):
+                await self._view.sync()
+                res = await self._resolve(request)
+                try:
+                    machine = await self._adopt(request, res)
+                    if machine is None or machine.state == MachineState.DISCOVERED:
+                        await self._discover(request, machine, res)
+                    else:
+                        await self._note(machine, request, res, "dhcp", f"{request.firmware}/"
+                                         f"{request.arch} asked for a boot file")
+                    return
+                except StateChanged:  # another server moved it: note what it is now
+                    if attempt == CAS_ATTEMPTS - 1:
+                        raise
 
     def _lock(self, mac: str) -> asyncio.Lock:
         """One lock per machine for read-modify-write on the boot path (collected when idle)."""
@@ -323,11 +331,20 @@ class BootService:
         if not record:
             await self._view.sync()
             return await self._plan(request, record=False)
-        async with self._lock(str(request.mac)):
-            # After the lock: what the previous request for this machine committed is seen.
-            if not await self._fresh():
-                return await self._plan_from_memory(request)
-            return await self._plan(request, record=True)
+        for attempt in range(CAS_ATTEMPTS):
+            async with self._lock(str(request.mac)):
+                # After the lock: what the previous request for this machine committed is
+                # seen. The lock orders this process's requests; StateChanged says another
+                # server moved the machine between our read and our write: decide again
+                # from what it stored.
+                if not await self._fresh():
+                    return await self._plan_from_memory(request)
+                try:
+                    return await self._plan(request, record=True)
+                except StateChanged:
+                    if attempt == CAS_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
 
     async def _fresh(self) -> bool:
         """Sync the view; False when the inventory is unreachable (known to be, or found so
@@ -487,8 +504,8 @@ class BootService:
                 # the machine as it boots; learn() changes nothing on later retries.
                 learned = learn(machine, request, self._clock())
                 if learned != machine:
+                    await self._store.update_machine(learned, expect_state=machine.state)
                     machine = learned
-                    await self._store.update_machine(machine)
                 await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
@@ -512,15 +529,17 @@ class BootService:
                                 retry_seconds=self.settings.hold_retry_seconds,
                                 group=group.name if group else None)
             token = machine.install_token
+            read = machine.state
             machine = lifecycle.advance(learn(machine, request, now, _taken(res)),
                                         lifecycle.Trigger.INSTALL_AGAIN, now)
-            await self._store.update_machine(machine)
+            await self._store.update_machine(machine, expect_state=read)
             await self._event(machine, "install-plan",
                               f"install script again for the install under way (profile "
                               f"{profile.name}, the same install token)", request, once=True)
         elif record:
             token = self._new_token()
             now = self._clock()
+            read = machine.state
             machine = lifecycle.advance(
                 learn(machine, request, now, _taken(res)), lifecycle.Trigger.INSTALL_PLAN, now,
                 token_hash=hash_token(token), install_token=token,
@@ -532,10 +551,12 @@ class BootService:
                 role=machine.role or (role if cluster else None),
             )
             # The token is what the device is told: committed, with its event, before the
-            # answer leaves.
+            # answer leaves; compare-and-set, so that of two servers planning this machine
+            # at once only one issues a token (the other decides again: install-again).
             await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
-                + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),)))
+                + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),),
+                expect={machine.id: read}))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
@@ -585,21 +606,21 @@ class BootService:
         if not cluster.managed:
             return K3sJoin(role, cluster.server_url, False, cluster.token, labels,
                            tuple(taints), node_name)
-        async with self._cluster_lock:
-            # Under the lock, what the previous claimant committed is seen: exactly one
-            # node of the cluster ever runs --cluster-init.
-            await self._view.sync()
-            key = f"cluster-init/{cluster.name}"
-            init_id = await self._view.get_setting(key)  # a machine id
-            if init_id is not None and await self._view.get_machine(init_id) is None:
-                init_id = None  # the node that formed the cluster was deleted
-            # Registered servers other than this machine: a cluster that already runs.
-            running = [m for m in await self._view.registered_servers(cluster.name)
-                       if m.id != machine.id]
-            if init_id is None and role == Role.SERVER and not running:
-                if claim:
-                    await self._store.put_setting(key, machine.id)
-                init_id = machine.id
+        # Exactly one node of the cluster ever runs --cluster-init, even when two first
+        # servers boot at once through two netboot servers: the claim is one insert-if-absent
+        # in the store, and whoever lost learns the winner from it (no in-process lock).
+        await self._view.sync()
+        key = f"cluster-init/{cluster.name}"
+        init_id = await self._view.get_setting(key)  # a machine id
+        stale = None
+        if init_id is not None and await self._view.get_machine(init_id) is None:
+            stale, init_id = init_id, None  # the node that formed the cluster was deleted
+        # Registered servers other than this machine: a cluster that already runs.
+        running = [m for m in await self._view.registered_servers(cluster.name)
+                   if m.id != machine.id]
+        if init_id is None and role == Role.SERVER and not running:
+            init_id = (await self._store.claim_setting(key, machine.id, replace=stale)
+                       if claim else machine.id)
         san = self._tls_san(cluster)
         # Only the init node, and only while no other server runs, initialises: reinstalling
         # the first server of a live cluster must join it, not start a second cluster.
@@ -733,7 +754,9 @@ class BootService:
                                 f"{res.matched_by}", {"mac": str(request.mac),
                                                       "matched_by": str(res.matched_by)}))
         await self._recorder.commit(Batch(merge=[(d.id, updated.id) for d in res.absorb],
-                                          update=(updated,), events=events))
+                                          update=(updated,), events=events,
+                                          expect={m.id: m.state for m in (machine,
+                                                                          *res.absorb)}))
         self._log.info("machine %s: mac=%s attached=%s merged=%s (by %s)", updated.id,
                        request.mac, new_nic, [d.id for d in res.absorb], res.matched_by)
         return updated
@@ -766,14 +789,14 @@ class BootService:
             return machine
         updated = learn(machine, request, now, _taken(res))
         if updated != machine:
-            await self._store.update_machine(updated)
+            await self._store.update_machine(updated, expect_state=machine.state)
         return updated
 
     async def _note(self, machine: Machine, request: BootRequest, res: Resolution, kind: str,
                     message: str) -> None:
         updated = learn(machine, request, self._clock(), _taken(res))
         if updated != machine:
-            await self._store.update_machine(updated)
+            await self._store.update_machine(updated, expect_state=machine.state)
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
         await self._event(updated, kind, message, request, once=True)
 

@@ -409,7 +409,7 @@ class Enroller:
             profile=machine.profile or group.profile,
             labels={**group.labels, **machine.labels},
         )
-        await self._store.update_machine(updated)
+        await self._store.update_machine(updated, expect_state=machine.state)
         await self.event(machine.id, "enrolled",
                          f"auto-enrolled by rule {group.name!r} as {updated.hostname}")
         self._log.info("auto-enrolled mac=%s rule=%s hostname=%s cluster=%s",
@@ -428,7 +428,7 @@ class Enroller:
                                     hostname=name, cluster=cluster or machine.cluster,
                                     role=role or machine.role,
                                     profile=profile or machine.profile)
-        await self._store.update_machine(updated)
+        await self._store.update_machine(updated, expect_state=machine.state)
         await self.event(machine.id, "enrolled", f"approved as {name}"
                          + (f" for cluster {updated.cluster}" if updated.cluster else ""))
         return updated
@@ -462,14 +462,14 @@ class Enroller:
         machine = await identity.require_ref(self._store, ref)
         updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
                                     token_hash=None, token_expires=None, install_token=None)
-        await self._store.update_machine(updated)
+        await self._store.update_machine(updated, expect_state=machine.state)
         await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
         updated = lifecycle.advance(machine, lifecycle.Trigger.CONFIG_FETCHED, self._clock())
         if updated is not machine:
-            await self._store.update_machine(updated)
+            await self._store.update_machine(updated, expect_state=machine.state)
         await self.event(machine.id, "config", f"{what} fetched")
 
     async def report(self, ref: str, body: Mapping[str, Any]) -> Event:
@@ -495,7 +495,7 @@ class Enroller:
         event = Event(machine.id, self._clock(), kind, message, data)
         # The reported state and its event in one transaction: acknowledged to the installer.
         await self.recorder.commit(Batch(update=(updated,) if updated is not machine else (),
-                                         events=(event,)))
+                                         events=(event,), expect={machine.id: machine.state}))
         return event
 
     async def register(self, body: Mapping[str, Any], peer: IPAddress | None) -> Machine:
@@ -541,7 +541,8 @@ class Enroller:
         # is told apart from a stranger (and refused by state, above), until a reinstall.
         updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
                                     ipv4=ipv4, facts=facts, install_token=None)
-        await self._store.update_machine(updated)
+        # Compare-and-set: of two registrations with one token (two servers), one wins.
+        await self._store.update_machine(updated, expect_state=machine.state)
         where = (f"{choice.address} ({'the request' if choice.source == 'peer' else 'reported'})"
                  if choice.address else f"no usable address (kept {machine.ipv4 or 'none'})")
         # What was refused is said in the one event of this step, where an operator reading
@@ -672,8 +673,12 @@ class Enroller:
         events += [Event(target, now, "merged", f"discovered record {source} is this machine "
                          "(found by an import); its history is kept", {"merged": source})
                    for source, target in merge]
+        # Compare-and-set on every machine the import read and changes or absorbs: a
+        # machine another server moved meanwhile fails the import, which is re-run.
+        expect = {m: existing[m].state for m in [*(u.id for u in update),
+                                                 *(s for s, _ in merge)] if m in existing}
         await self.recorder.commit(Batch(merge=merge, create=create, update=update,
-                                         events=events))
+                                         events=events, expect=expect))
         return replace(report, applied=True)
 
     @staticmethod

@@ -100,6 +100,12 @@ class Conflict(NetbootError):
         self.holder = holder
 
 
+class StateChanged(Conflict):
+    """A compare-and-set write found the machine in another state than its writer read:
+    another writer (another server sharing the inventory) moved it meanwhile. Nothing was
+    written; read the machine again and decide again."""
+
+
 class TransitionRefused(Conflict):
     """A machine's lifecycle does not allow this step in its current state (netboot.lifecycle).
 

@@ -22,7 +22,7 @@ from netboot.model import Lease
 
 class LeaseStore(Protocol):  # implemented by the inventory
     async def list_leases(self) -> list[Lease]: ...
-    async def put_lease(self, lease: Lease) -> None: ...
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None: ...
     async def delete_lease(self, mac: str) -> None: ...
     async def fixed_address(self, mac: str) -> str | None: ...
 
@@ -70,6 +70,9 @@ class LeasePool:
         self._offers: dict[str, Offer] = {}  # mac -> pending offer
         self._offered_ip: dict[str, str] = {}  # ip -> mac (offers)
         self._declined: dict[str, float] = {}  # ip -> until
+        # Addresses the inventory refused (another netboot server sharing it holds them),
+        # not offered until then: ip -> until.
+        self._elsewhere: dict[str, float] = {}
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -107,7 +110,7 @@ class LeasePool:
     def _free_for(self, ip: str, mac: str, now: float) -> bool:
         """``ip`` may be given to ``mac``: not leased or offered to another live client,
         not recently declined."""
-        if self.declined(ip, now):
+        if self.declined(ip, now) or self._elsewhere.get(ip, 0.0) > now:
             return False
         holder = self._by_ip.get(ip)
         if holder is not None and holder != mac:
@@ -160,7 +163,21 @@ class LeasePool:
             self._drop_offer(mac)
         for ip in [ip for ip, until in self._declined.items() if until <= now]:
             del self._declined[ip]
+        for ip in [ip for ip, until in self._elsewhere.items() if until <= now]:
+            del self._elsewhere[ip]
         return Changes(delete=tuple(gone))
+
+    def held_elsewhere(self, ip: str, until: float) -> None:
+        """The inventory refused our claim on ``ip``: another server sharing it gave it to
+        another client. Drop our offer or lease of it, and do not offer it before ``until``
+        (then the inventory is asked again, and says again if it is still taken)."""
+        self._elsewhere[ip] = until
+        offered = self._offered_ip.get(ip)
+        if offered is not None:
+            self._drop_offer(offered)
+        holder = self._by_ip.get(ip)
+        if holder is not None:
+            self._drop_lease(holder)
 
     def offer(
         self, mac: str, now: float, *, requested: str | None = None, fixed: str | None = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from netboot.errors import NetbootError
+from netboot.errors import NetbootError, StoreError
 from netboot.inventory.base import Batch, Store
 from netboot.model import Event
 
@@ -89,17 +89,25 @@ class Recorder:
 
     async def _write(self, batch: Batch, *, strict: bool = False) -> None:
         queued, self._queue = self._queue, []
-        if not queued and not (batch.merge or batch.create or batch.update or batch.events):
+        if not queued and not (batch.merge or batch.create or batch.update or batch.events
+                               or batch.expect):
             return
         try:
             await self._store.apply_batch(Batch(merge=batch.merge, create=batch.create,
                                                 update=batch.update,
-                                                events=[*queued, *batch.events]))
+                                                events=[*queued, *batch.events],
+                                                expect=batch.expect))
         except NetbootError as exc:
-            self._queue[:0] = queued  # kept, in order, before anything queued meanwhile
             if strict:
+                self._queue[:0] = queued  # kept, in order, before anything queued meanwhile
                 raise
+            if not isinstance(exc, StoreError):
+                # Refused for what they are, not for where they go: retrying cannot help.
+                self._log.error("could not record %d boot events: %s", len(queued), exc)
+                self._written(queued)
+                return
             # Notes about boots, acknowledged to no one: kept for when the inventory is back.
+            self._queue[:0] = queued
             if self.failing is None:
                 self._log.error("could not record %d boot events, keeping them until the "
                                 "inventory answers: %s", len(queued), exc)
@@ -109,7 +117,10 @@ class Recorder:
             self._log.warning("recorded %d boot events queued while the inventory was "
                               "unreachable", len(queued))
         self.failing = None
-        for event in queued:
+        self._written(queued)
+
+    def _written(self, events: list[Event]) -> None:
+        for event in events:
             if self._newest.get(event.machine) is event:
                 del self._newest[event.machine]
 

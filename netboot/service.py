@@ -158,22 +158,18 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
     store = open_store(config, sealer, listener)
     await store.open()
     try:
-        recorded = await store.get_setting(SEAL_KEY_SETTING)
-        if recorded is not None and recorded != sealer.key_id:
-            fix = (f"restore {key_path} from a backup of {config.data_dir}; the join tokens "
-                   "cannot be read without it (else move the inventory away and enroll again)")
-            if config.inventory.backend == "postgresql":
-                # Several servers share the database: each needs the one key that sealed it.
-                fix = (f"copy {SECRET_KEY_FILE} from the data dir of a netboot server already "
-                       f"using this database to {key_path} (mode 0600)")
-            if new_key:
+        fix = (f"restore {key_path} from a backup of {config.data_dir}; the join tokens "
+               "cannot be read without it (else move the inventory away and enroll again)")
+        if config.inventory.backend == "postgresql":
+            # Several servers share the database: each needs the one key that sealed it.
+            fix = (f"copy {SECRET_KEY_FILE} from the data dir of a netboot server already "
+                   f"using this database to {key_path} (mode 0600)")
+        if new_key:
+            recorded = await store.get_setting(SEAL_KEY_SETTING)
+            if recorded is not None:
                 raise ConfigError(f"the secrets key {key_path} is missing, and the inventory "
                                   f"{config.inventory_name} holds join tokens sealed with key "
                                   f"{recorded}", key="server.data_dir", fix=fix)
-            raise ConfigError(f"{key_path} is key {sealer.key_id}, but the inventory "
-                              f"{config.inventory_name} was sealed with key {recorded}",
-                              key="server.data_dir", fix=fix)
-        if new_key:
             try:
                 write_key(key_path, sealer)
             except FileExistsError:
@@ -182,10 +178,14 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
                 return await open_inventory(config, listener)
             log.warning("created the secrets key %s: back it up, apart from the inventory; "
                         "without it the join tokens in the inventory cannot be read", key_path)
-        if recorded is None:
-            # The store sealed any clear join tokens as it opened; from now on this key is the
-            # inventory's.
-            await store.put_setting(SEAL_KEY_SETTING, sealer.key_id)
+        # Claimed, not just read and written: of two servers starting together on a new
+        # shared database, one key wins, and the other is told to copy it. The store sealed
+        # any clear join tokens as it opened; from now on this key is the inventory's.
+        recorded = await store.claim_setting(SEAL_KEY_SETTING, sealer.key_id)
+        if recorded != sealer.key_id:
+            raise ConfigError(f"{key_path} is key {sealer.key_id}, but the inventory "
+                              f"{config.inventory_name} was sealed with key {recorded}",
+                              key="server.data_dir", fix=fix)
     except BaseException:
         await store.close()
         raise

@@ -67,7 +67,7 @@ class MemoryLeaseStore:
     async def list_leases(self) -> list[Lease]:
         return list(self.leases.values())
 
-    async def put_lease(self, lease: Lease) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         self.writes += 1
         self.leases[lease.mac] = lease
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from netboot.inventory.base import Store
+
 SUPERUSER = "netboot"
 
 
@@ -196,3 +198,25 @@ def schema_sync(cluster: Cluster) -> Iterator[str]:
     asyncio.run(_admin(cluster, f"CREATE SCHEMA {name}"))
     yield f"{cluster.dsn()}&search_path={name}"
     asyncio.run(_admin(cluster, f"DROP SCHEMA {name} CASCADE"))
+
+
+async def stores_on_one_inventory(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                  stack: contextlib.AsyncExitStack,
+                                  count: int = 2) -> list[Store]:
+    """``count`` open store objects on one inventory, as several servers have: SQLite
+    stores on one file, or PostgreSQL stores on one fresh schema of the session's cluster
+    (``request`` gives the ``postgres`` fixture). Closed when ``stack`` closes."""
+    from netboot.inventory.postgres import PostgresStore
+    from netboot.inventory.sqlite import SqliteStore
+
+    stores: list[Store]
+    if kind == "sqlite":
+        stores = [SqliteStore(tmp_path / "inv.db") for _ in range(count)]
+    else:
+        dsn = await stack.enter_async_context(
+            fresh_schema(request.getfixturevalue("postgres")))
+        stores = [PostgresStore(dsn) for _ in range(count)]
+    for s in stores:
+        await s.open()
+        stack.push_async_callback(s.close)
+    return stores

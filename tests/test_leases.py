@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 
-from netboot.leases import LeasePool
+from netboot.inventory.base import Store
+from netboot.inventory.memory import MemoryStore
+from netboot.leases import LeasePool, LeaseStore
 from netboot.model import Lease
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import DhcpServer
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
+from tests import pg
 from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
 from tests.pcap import capture, dhcp_datagrams
 
@@ -159,7 +167,7 @@ class Clock:
         return self.now
 
 
-async def make_server(store: MemoryLeaseStore, clock: Clock) -> DhcpServer:
+async def make_server(store: LeaseStore, clock: Clock) -> DhcpServer:
     server = DhcpServer(SETTINGS, TableDecider(), store, interfaces=None, advertise=SERVER,
                         clock=clock)
     await server.load_pool([SERVER])
@@ -315,3 +323,78 @@ async def test_uefi_http_authoritative_answer_echoes_httpclient() -> None:
     assert offer.yiaddr == "192.0.2.100"
     assert offer.option(Opt.VENDOR_CLASS) == b"HTTPClient"
     assert offer.file_name == "http://192.0.2.1:8080/assets/ipxe.efi"
+
+
+# -- several servers, one inventory: address claims (issue 13) --------------------------------
+
+
+def test_an_address_held_elsewhere_is_not_offered_until_then() -> None:
+    p = pool()
+    assert p.offer(A, T0) == "192.0.2.100"
+    p.held_elsewhere("192.0.2.100", T0 + 60)
+    assert p.offer(A, T0) == "192.0.2.101"  # our offer of it is gone too
+    assert p.offer(B, T0 + 61) == "192.0.2.100"  # asked again after that
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def shared(request: pytest.FixtureRequest,
+                 tmp_path: Path) -> AsyncIterator[tuple[Store, DhcpServer, DhcpServer]]:
+    """Two authoritative DHCP servers for one link, each with its own pool, one inventory."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "memory":
+            memory = MemoryStore()
+            await memory.open()
+            stores: list[Store] = [memory, memory]
+        else:
+            stores = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack)
+        clock = Clock()
+        servers = [await make_server(s, clock) for s in stores]
+        yield stores[0], servers[0], servers[1]
+
+
+def discover(mac: bytes) -> bytes:
+    return message(MessageType.DISCOVER, mac)
+
+
+def select(mac: bytes, address: str) -> bytes:
+    return message(MessageType.REQUEST, mac, opts={Opt.SERVER_ID: ip(SERVER),
+                                                   Opt.REQUESTED_IP: ip(address)})
+
+
+async def test_two_servers_never_hand_out_one_address(
+        shared: tuple[Store, DhcpServer, DhcpServer]) -> None:
+    store, a, b = shared
+    first, second = bytes.fromhex("525400000101"), bytes.fromhex("525400000102")
+    # A binds .100; B's pool has not heard of it, the inventory has.
+    [(offer, _)] = await ask(a, discover(first))
+    [(ack, _)] = await ask(a, select(first, offer.yiaddr))
+    assert (ack.message_type, ack.yiaddr) == (MessageType.ACK, "192.0.2.100")
+    [(offer, _)] = await ask(b, discover(second))
+    assert offer.yiaddr == "192.0.2.101"  # .100 refused by the inventory: the next one
+    [(ack, _)] = await ask(b, select(second, "192.0.2.101"))
+    assert ack.message_type == MessageType.ACK
+    # INIT-REBOOT of a third client asking B for A's address: NAK, not a second holder.
+    third = bytes.fromhex("525400000103")
+    [(nak, _)] = await ask(b, message(MessageType.REQUEST, third, opts={
+        Opt.REQUESTED_IP: ip("192.0.2.100")}))
+    assert nak.message_type == MessageType.NAK
+    await a.flush_leases()
+    await b.flush_leases()
+    leases = await store.list_leases()
+    assert sorted((lease.mac, lease.ipv4) for lease in leases) == [
+        ("52:54:00:00:01:01", "192.0.2.100"), ("52:54:00:00:01:02", "192.0.2.101")]
+
+
+async def test_concurrent_discovers_through_two_servers_get_distinct_offers(
+        shared: tuple[Store, DhcpServer, DhcpServer]) -> None:
+    store, a, b = shared
+    clients = [bytes.fromhex(f"5254000002{i:02x}") for i in range(8)]
+    answers = await asyncio.gather(*(ask(a if i % 2 else b, discover(c))
+                                     for i, c in enumerate(clients)))
+    offered = [offer.yiaddr for [(offer, _)] in answers]
+    assert len(set(offered)) == len(offered) == 8
+    acks = await asyncio.gather(*(ask(a if i % 2 else b, select(c, offered[i]))
+                                  for i, c in enumerate(clients)))
+    assert all(ack.message_type == MessageType.ACK for [(ack, _)] in acks)
+    addresses = [lease.ipv4 for lease in await store.list_leases()]
+    assert len(addresses) == len(set(addresses)) == 8

@@ -55,12 +55,18 @@ class Batch:
     Order: merges, then creates, then updates, then events. A merge ``(source, target)`` deletes
     machine ``source`` and gives its events to ``target`` (a discovered record that proved to be
     an enrolled machine); it comes first so the target may take over the source's identifiers.
+
+    ``expect`` is compare-and-set: machine id → the state its writer read. Checked first, in
+    the same transaction: NotFound if the machine is gone, StateChanged (a Conflict) if it is
+    in another state now, and nothing of the batch is written. Two servers deciding on one
+    machine at once (two install tokens, a report racing a reinstall) so never both win.
     """
 
     merge: Sequence[tuple[str, str]] = field(default_factory=tuple)
     create: Sequence[Machine] = field(default_factory=tuple)
     update: Sequence[Machine] = field(default_factory=tuple)
     events: Sequence[Event] = field(default_factory=tuple)
+    expect: Mapping[str, MachineState] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +151,10 @@ class Store(ChangeFeed, Protocol):
     async def create_machine(self, machine: Machine) -> None:
         """Conflict if the id, an identifier or the hostname (case-insensitive) is used."""
 
-    async def update_machine(self, machine: Machine) -> None:
-        """NotFound if absent; Conflict if a new identifier or hostname belongs to another."""
+    async def update_machine(self, machine: Machine, *,
+                             expect_state: MachineState | None = None) -> None:
+        """NotFound if absent; Conflict if a new identifier or hostname belongs to another;
+        with ``expect_state``, StateChanged if the stored machine is in another state."""
 
     async def delete_machine(self, machine_id: str) -> None:
         """NotFound if absent. Deletes its events and the leases of its MACs too."""
@@ -195,8 +203,10 @@ class Store(ChangeFeed, Protocol):
     # leases (authoritative DHCP mode) ------------------------------------------------
     async def list_leases(self) -> list[Lease]: ...
 
-    async def put_lease(self, lease: Lease) -> None:
-        """Insert or replace by MAC; Conflict if another MAC holds the address."""
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+        """Insert or replace by MAC; Conflict if another MAC holds the address. With ``now``,
+        a lease of another MAC that expired by then is replaced instead: one atomic claim
+        (two servers claiming one address: one wins, the other gets Conflict)."""
 
     async def delete_lease(self, mac: str) -> None:
         """No error if absent (a RELEASE for an unknown lease is harmless)."""
@@ -208,6 +218,11 @@ class Store(ChangeFeed, Protocol):
     async def get_setting(self, key: str) -> str | None: ...
 
     async def put_setting(self, key: str, value: str) -> None: ...
+
+    async def claim_setting(self, key: str, value: str, *, replace: str | None = None) -> str:
+        """Set ``key`` to ``value`` only if it is unset, or (``replace``) holds exactly that
+        value: one atomic step. Returns what the key holds afterwards, so the caller learns
+        whether it won (``value``) or who did. Two servers claiming at once: one wins."""
 
     # API tokens (only their sha256) and the audit log ----------------------------------
     async def create_token(self, token: ApiToken) -> None:

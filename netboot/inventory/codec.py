@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from netboot import identity
-from netboot.errors import ValidationError
+from netboot.errors import NotFound, StateChanged, ValidationError
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import (
     ID_PREFIX,
@@ -106,6 +106,16 @@ def claim_key(kind: str, value: str) -> tuple[str, str]:
 def machine_order(machine: Machine) -> tuple[bool, str, str]:
     """How machines list: by primary MAC, the ones without a known NIC last, by id."""
     return (machine.mac is None, str(machine.mac or ""), machine.id)
+
+
+def check_expected(machine_id: str, expected: MachineState, current: str | None) -> None:
+    """The compare-and-set check of ``Batch.expect``, worded alike in every store."""
+    if current is None:
+        raise NotFound(f"machine {machine_id} not found")
+    if current != expected.value:
+        raise StateChanged(f"machine {machine_id} is {current} now, not {expected} as read: "
+                           "another writer changed it meanwhile", field="state",
+                           holder=machine_id)
 
 
 def check_filter(flt: MachineFilter) -> None:

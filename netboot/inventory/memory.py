@@ -21,7 +21,17 @@ from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter
 from netboot.inventory.signal import Signal, wait_until
-from netboot.model import ApiToken, AuditEntry, Cluster, Event, Group, Lease, Machine, Profile
+from netboot.model import (
+    ApiToken,
+    AuditEntry,
+    Cluster,
+    Event,
+    Group,
+    Lease,
+    Machine,
+    MachineState,
+    Profile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +130,11 @@ class MemoryStore:
         self._changed()
         await self.apply_batch(Batch(create=(machine,)))
 
-    async def update_machine(self, machine: Machine) -> None:
+    async def update_machine(self, machine: Machine, *,
+                             expect_state: MachineState | None = None) -> None:
         self._changed()
-        await self.apply_batch(Batch(update=(machine,)))
+        await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
+                                     else {machine.id: expect_state}))
 
     async def delete_machine(self, machine_id: str) -> None:
         self._changed()
@@ -156,6 +168,10 @@ class MemoryStore:
         updates = [_copy_machine(m) for m in batch.update]
         events = [codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(e))))
                   for e in batch.events]
+        for machine_id, state in batch.expect.items():
+            current = self._machines.get(machine_id)
+            codec.check_expected(machine_id, state,
+                                 None if current is None else current.state.value)
         machines = dict(self._machines)
         keys = dict(self._keys)
         hostnames = dict(self._hostnames)
@@ -277,12 +293,14 @@ class MemoryStore:
         self._check_open()
         return [self._leases[k] for k in sorted(self._leases)]
 
-    async def put_lease(self, lease: Lease) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         self._check_open()
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
         holder = self._lease_addrs.get(value.ipv4)
         if holder is not None and holder != value.mac:
-            raise Conflict(f"address {value.ipv4} is leased to {holder}")
+            if now is None or self._leases[holder].expires > now:
+                raise Conflict(f"address {value.ipv4} is leased to {holder}")
+            self._drop_lease(holder)
         self._drop_lease(value.mac)
         self._leases[value.mac] = value
         self._lease_addrs[value.ipv4] = value.mac
@@ -311,6 +329,14 @@ class MemoryStore:
         if not isinstance(value, str):
             raise ValidationError("value", "a setting is a string")
         self._settings[key] = value
+
+    async def claim_setting(self, key: str, value: str, *, replace: str | None = None) -> str:
+        self._check_open()
+        current = self._settings.get(key)
+        if current is None or (replace is not None and current == replace):
+            await self.put_setting(key, value)
+            return value
+        return current
 
     # change feed ---------------------------------------------------------------------
     async def changes_since(self, seq: int) -> Changes:

@@ -60,6 +60,7 @@ from netboot.model import (
     Group,
     Lease,
     Machine,
+    MachineState,
     Profile,
 )
 
@@ -439,8 +440,10 @@ class PostgresStore:
     async def create_machine(self, machine: Machine) -> None:
         await self.apply_batch(Batch(create=(machine,)))
 
-    async def update_machine(self, machine: Machine) -> None:
-        await self.apply_batch(Batch(update=(machine,)))
+    async def update_machine(self, machine: Machine, *,
+                             expect_state: MachineState | None = None) -> None:
+        await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
+                                     else {machine.id: expect_state}))
 
     async def delete_machine(self, machine_id: str) -> None:
         async with self._write() as conn:
@@ -457,7 +460,7 @@ class PostgresStore:
 
     async def apply_batch(self, batch: Batch) -> None:
         """One transaction: merges, creates, updates, events in order."""
-        if not (batch.merge or batch.create or batch.update or batch.events):
+        if not (batch.merge or batch.create or batch.update or batch.events or batch.expect):
             return
         events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
         event_rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
@@ -465,6 +468,10 @@ class PostgresStore:
         creates = [_Row(self._sealed.seal_machine(m)) for m in batch.create]
         updates = [_Row(self._sealed.seal_machine(m)) for m in batch.update]
         async with self._write() as conn:
+            # Under the writers' lock: no other server can move the machine before commit.
+            for machine_id, state in batch.expect.items():
+                codec.check_expected(machine_id, state, await conn.fetchval(
+                    "SELECT state FROM machines WHERE id = $1", machine_id))
             for source, target in batch.merge:
                 if await conn.fetchval("DELETE FROM machines WHERE id = $1 RETURNING id",
                                        source) is None:
@@ -605,16 +612,24 @@ class PostgresStore:
             rows = await conn.fetch("SELECT mac, ipv4, expires, hostname FROM leases ORDER BY mac")
         return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
 
-    async def put_lease(self, lease: Lease) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
-        async with self._conn() as conn:
+        async with self._conn() as conn, conn.transaction():
+            if now is not None:
+                # A concurrent claim of the same expired row waits for this one's commit,
+                # then finds it gone and fails on the unique address below.
+                await conn.execute("DELETE FROM leases WHERE ipv4 = $1 AND mac <> $2"
+                                   " AND expires <= $3", value.ipv4, value.mac, float(now))
             try:
-                # One statement: the unique address is the claim, whoever else writes.
-                await conn.execute(
-                    "INSERT INTO leases (mac, ipv4, expires, hostname) VALUES ($1, $2, $3, $4)"
-                    " ON CONFLICT (mac) DO UPDATE SET ipv4 = excluded.ipv4,"
-                    " expires = excluded.expires, hostname = excluded.hostname",
-                    value.mac, value.ipv4, float(value.expires), value.hostname)
+                # The unique address is the claim, whoever else writes. In a savepoint, so
+                # that the holder can still be read for the message.
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO leases (mac, ipv4, expires, hostname)"
+                        " VALUES ($1, $2, $3, $4) ON CONFLICT (mac) DO UPDATE SET"
+                        " ipv4 = excluded.ipv4, expires = excluded.expires,"
+                        " hostname = excluded.hostname",
+                        value.mac, value.ipv4, float(value.expires), value.hostname)
             except asyncpg.UniqueViolationError as exc:
                 holder = await conn.fetchval("SELECT mac FROM leases WHERE ipv4 = $1",
                                              value.ipv4)
@@ -704,6 +719,16 @@ class PostgresStore:
         async with self._conn() as conn:
             value = await conn.fetchval("SELECT value FROM settings WHERE key = $1", key)
         return None if value is None else str(value)
+
+    async def claim_setting(self, key: str, value: str, *, replace: str | None = None) -> str:
+        async with self._write() as conn:
+            current = await conn.fetchval("SELECT value FROM settings WHERE key = $1", key)
+            if current is None or (replace is not None and current == replace):
+                await conn.execute(
+                    "INSERT INTO settings (key, value) VALUES ($1, $2)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value", key, value)
+                return value
+            return str(current)
 
     async def put_setting(self, key: str, value: str) -> None:
         if not isinstance(value, str):

@@ -34,7 +34,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +55,7 @@ from netboot.model import (
     Group,
     Lease,
     Machine,
+    MachineState,
     Profile,
     new_machine_id,
 )
@@ -529,20 +530,23 @@ class SqliteStore:
     async def create_machine(self, machine: Machine) -> None:
         await self.apply_batch(Batch(create=(machine,)))
 
-    async def update_machine(self, machine: Machine) -> None:
-        await self.apply_batch(Batch(update=(machine,)))
+    async def update_machine(self, machine: Machine, *,
+                             expect_state: MachineState | None = None) -> None:
+        await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
+                                     else {machine.id: expect_state}))
 
     async def delete_machine(self, machine_id: str) -> None:
         await self._run(_delete_machine, machine_id)
 
     async def apply_batch(self, batch: Batch) -> None:
         """One ``BEGIN IMMEDIATE`` transaction: merges, creates, updates, events in order."""
-        if batch.merge or batch.create or batch.update or batch.events:
+        if batch.merge or batch.create or batch.update or batch.events or batch.expect:
             events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
             rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
                     for v in events]
             await self._run(_apply_batch, [self._sealed.seal_machine(m) for m in batch.create],
-                            [self._sealed.seal_machine(m) for m in batch.update], rows, batch.merge)
+                            [self._sealed.seal_machine(m) for m in batch.update], rows, batch.merge,
+                            dict(batch.expect))
             if events and self._listener is not None:
                 self._listener.published(events)
 
@@ -612,8 +616,8 @@ class SqliteStore:
     async def list_leases(self) -> list[Lease]:
         return await self._read(_list_leases)
 
-    async def put_lease(self, lease: Lease) -> None:
-        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)))
+    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)), now)
 
     async def delete_lease(self, mac: str) -> None:
         await self._run(_delete_lease, codec.normalise_mac(mac))
@@ -679,6 +683,9 @@ class SqliteStore:
     # settings ------------------------------------------------------------------------
     async def get_setting(self, key: str) -> str | None:
         return await self._read(_get_setting, key)
+
+    async def claim_setting(self, key: str, value: str, *, replace: str | None = None) -> str:
+        return await self._run(_claim_setting, key, value, replace)
 
     async def put_setting(self, key: str, value: str) -> None:
         if not isinstance(value, str):
@@ -983,6 +990,7 @@ def _apply_batch(
     update: Sequence[Machine],
     events: Sequence[tuple[str, float, str, str, str]] = (),
     merge: Sequence[tuple[str, str]] = (),
+    expect: Mapping[str, MachineState] | None = None,
 ) -> None:
     # Encode (and so validate) on the worker, not the event loop: 100k rows take a second of
     # CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before BEGIN,
@@ -990,6 +998,9 @@ def _apply_batch(
     creates = [_Row(m) for m in create]
     updates = [_Row(m) for m in update]
     with _immediate(conn):
+        for machine_id, state in (expect or {}).items():
+            row = conn.execute("SELECT state FROM machines WHERE id = ?", (machine_id,)).fetchone()
+            codec.check_expected(machine_id, state, None if row is None else row[0])
         for source, target in merge:
             if conn.execute("DELETE FROM machines WHERE id = ?", (source,)).rowcount == 0:
                 raise NotFound(f"machine {source} not found")
@@ -1136,8 +1147,11 @@ def _list_leases(conn: sqlite3.Connection) -> list[Lease]:
     return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
 
 
-def _put_lease(conn: sqlite3.Connection, lease: Lease) -> None:
+def _put_lease(conn: sqlite3.Connection, lease: Lease, now: float | None) -> None:
     with _immediate(conn):
+        if now is not None:
+            conn.execute("DELETE FROM leases WHERE ipv4 = ? AND mac <> ? AND expires <= ?",
+                         (lease.ipv4, lease.mac, now))
         holder = conn.execute(
             "SELECT mac FROM leases WHERE ipv4 = ? AND mac <> ?", (lease.ipv4, lease.mac)
         ).fetchone()
@@ -1169,6 +1183,15 @@ def _last_change(conn: sqlite3.Connection) -> int:
 def _get_setting(conn: sqlite3.Connection, key: str) -> str | None:
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def _claim_setting(conn: sqlite3.Connection, key: str, value: str, replace: str | None) -> str:
+    with _immediate(conn):  # the write lock first: the read below is the one that decides
+        current = _get_setting(conn, key)
+        if current is None or (replace is not None and current == replace):
+            _put_setting(conn, key, value)
+            return value
+        return current
 
 
 def _put_setting(conn: sqlite3.Connection, key: str, value: str) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from netboot import pxe
-from netboot.errors import ConfigError, DecodeError, StoreError
+from netboot.errors import ConfigError, Conflict, DecodeError, NetbootError, StoreError
 from netboot.leases import Changes, LeasePool, LeaseStore
 from netboot.logs import RateLimitedLog, Summary, log_context
 from netboot.model import FirstStage, Lease
@@ -40,6 +40,8 @@ _log = logging.getLogger(__name__)
 
 # Option 60 of the start-up probe: our own listener recognises and ignores it.
 PROBE_VENDOR_CLASS = b"netboot-probe"
+# Addresses an offer tries when the inventory says the previous ones are another server's.
+CLAIM_ATTEMPTS = 8
 
 
 def interface_ipv4(name: str) -> str:
@@ -508,7 +510,7 @@ class DhcpServer:
         fixed, stage = await asyncio.gather(self._fixed(mac, xid), stage_task)
         hostname = client.request.hostname
         if mt == MessageType.DISCOVER:
-            ip = pool.offer(mac, now, requested=requested, fixed=fixed)
+            ip = await self._offer(pool, mac, now, requested, fixed, hostname)
             if ip is None:
                 self.summary.note("pool exhausted")
                 self._limited.log(logging.WARNING, "pool",
@@ -527,7 +529,13 @@ class DhcpServer:
                                  selecting=server_id is not None)
             if lease is None:
                 grant = AddressGrant(MessageType.NAK, message=f"{ip} is not available")
+            elif fixed is None and not await self._claim(pool, lease, now):
+                # Another server sharing the inventory bound it first: the client starts
+                # over (RFC 2131 §4.3.2) and is offered a free address.
+                grant = AddressGrant(MessageType.NAK, message=f"{ip} is not available")
             else:
+                # Claimed already, unless fixed or the inventory was away; written again in
+                # the background all the same, after any change still queued for this MAC.
                 self._persist(Changes(put=(lease,)))
                 grant = AddressGrant(MessageType.ACK, ip, pool.lease_seconds)
         boot = stage if grant.message_type != MessageType.NAK else None
@@ -549,6 +557,41 @@ class DhcpServer:
         _log.debug("dhcp: %s xid %#010x from %s: %s %s file %r to %s:%d", mac, xid, peer[0],
                   _name(grant.message_type), grant.yiaddr, reply.file_name, out[1][0], out[1][1])
         return [out]
+
+    async def _offer(self, pool: LeasePool, mac: str, now: float, requested: str | None,
+                     fixed: str | None, hostname: str | None) -> str | None:
+        """An address for a DISCOVER, claimed in the inventory for the offer's lifetime
+        before it is offered: servers sharing the inventory never offer one address to two
+        clients. Refused (another server's), the next free address is tried."""
+        for _ in range(CLAIM_ATTEMPTS):
+            ip = pool.offer(mac, now, requested=requested, fixed=fixed)
+            if ip is None or fixed is not None:
+                return ip
+            current = pool.lease(mac)
+            # Never shorten the client's own lease to the offer's lifetime.
+            expires = max(now + pool.offer_seconds,
+                          current.expires if current and current.ipv4 == ip else 0.0)
+            if await self._claim(pool, Lease(mac, ip, expires, hostname), now):
+                return ip
+        return None
+
+    async def _claim(self, pool: LeasePool, lease: Lease, now: float) -> bool:
+        """Write ``lease`` to the inventory before answering; False if the inventory says
+        another MAC holds the address (another server's client)."""
+        try:
+            await self._store.put_lease(lease, now=now)
+        except Conflict:
+            pool.held_elsewhere(lease.ipv4, now + pool.offer_seconds)
+            _log.info("dhcp: %s: %s is held through another server; trying another",
+                      lease.mac, lease.ipv4)
+            return False
+        except NetbootError as exc:
+            # The inventory is away: answer from this server's pool (clients must get
+            # addresses); a bound lease is written when it is back.
+            self._limited.log(logging.WARNING, "store", "dhcp: %s: cannot claim %s in the "
+                              "inventory (%s); answering from this server's pool",
+                              lease.mac, lease.ipv4, exc)
+        return True
 
     # -- start-up probe for other DHCP servers -----------------------------------------------
 

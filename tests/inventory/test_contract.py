@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from netboot.errors import Conflict, NotFound, StoreError, ValidationError
+from netboot.errors import Conflict, NotFound, StateChanged, StoreError, ValidationError
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.postgres import PostgresStore
@@ -906,3 +906,108 @@ async def test_wait_for_changes_returns_at_a_commit(store: Store) -> None:
     assert await waiter is True
     assert await store.wait_for_changes(seq, 0.0) is True  # already: at once
     assert await store.wait_for_changes(-1, 0.0) is True  # knows nothing: read
+
+
+# --- race safety without in-process locks: compare-and-set, claims ---------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def pair(request: pytest.FixtureRequest,
+               tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]:
+    """Two store objects on one inventory, as two servers have (a memory store cannot be
+    shared between processes: there it is one object twice)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "memory":
+            memory = MemoryStore()
+            await memory.open()
+            stores: list[Store] = [memory, memory]
+        else:
+            stores = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack)
+        yield stores[0], stores[1]
+
+
+async def test_update_with_the_state_read_succeeds(store: Store) -> None:
+    await store.create_machine(machine(MAC1, state=MachineState.ENROLLED))
+    booting = machine(MAC1, state=MachineState.BOOTING, token_hash="ab" * 32)
+    await store.update_machine(booting, expect_state=MachineState.ENROLLED)
+    assert await store.get_machine(mid(MAC1)) == booting
+
+
+async def test_update_from_a_stale_state_is_refused_and_writes_nothing(store: Store) -> None:
+    await store.create_machine(machine(MAC1, state=MachineState.BOOTING, hostname="a"))
+    with pytest.raises(StateChanged) as err:
+        await store.apply_batch(Batch(
+            update=[machine(MAC1, state=MachineState.BOOTING, hostname="b")],
+            create=[machine(MAC2)], events=[Event(mid(MAC1), 1.0, "install-plan")],
+            expect={mid(MAC1): MachineState.ENROLLED}))
+    assert err.value.field == "state" and err.value.holder == mid(MAC1)
+    assert "booting now, not enrolled" in str(err.value)
+    got = await store.get_machine(mid(MAC1))
+    assert got is not None and got.hostname == "a"
+    assert await store.machine_by("mac", MAC2) is None
+    assert await store.list_events(mid(MAC1)) == []
+    with pytest.raises(NotFound):
+        await store.update_machine(machine(MAC3), expect_state=MachineState.ENROLLED)
+
+
+async def test_claim_setting_is_insert_if_absent(store: Store) -> None:
+    assert await store.claim_setting("cluster-init/edge", "m-1") == "m-1"
+    assert await store.claim_setting("cluster-init/edge", "m-2") == "m-1"  # taken: the winner
+    assert await store.get_setting("cluster-init/edge") == "m-1"
+    # A stale claim (its machine is gone) is replaced only by one who names it.
+    assert await store.claim_setting("cluster-init/edge", "m-2", replace="m-9") == "m-1"
+    assert await store.claim_setting("cluster-init/edge", "m-2", replace="m-1") == "m-2"
+
+
+async def test_two_writers_advancing_one_machine_exactly_one_wins(
+        pair: tuple[Store, Store]) -> None:
+    """Two servers issue an install plan for one machine at the same moment: one token."""
+    a, b = pair
+    await a.create_machine(machine(MAC1, state=MachineState.ENROLLED))
+    for attempt in range(5):
+        read = await a.get_machine(mid(MAC1))
+        assert read is not None
+        plans = [machine(MAC1, state=MachineState.BOOTING, token_hash=f"{n}{attempt}" * 32)
+                 for n in (1, 2)]
+        outcome = await asyncio.gather(
+            *(s.update_machine(p, expect_state=read.state) for s, p in zip(pair, plans,
+                                                                          strict=True)),
+            return_exceptions=True)
+        won = [p for p, o in zip(plans, outcome, strict=True) if o is None]
+        lost = [o for o in outcome if o is not None]
+        assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], StateChanged)
+        assert await a.get_machine(mid(MAC1)) == won[0] == await b.get_machine(mid(MAC1))
+        await a.update_machine(machine(MAC1, state=MachineState.ENROLLED))  # again
+
+
+async def test_two_servers_claiming_the_cluster_init_node_agree_on_one(
+        pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    for n in range(5):
+        key = f"cluster-init/c{n}"
+        winners = await asyncio.gather(a.claim_setting(key, "m-a"), b.claim_setting(key, "m-b"))
+        assert winners[0] == winners[1] in ("m-a", "m-b")
+        assert await a.get_setting(key) == winners[0] == await b.get_setting(key)
+
+
+async def test_two_servers_leasing_one_address_exactly_one_wins(
+        pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    for n in range(5):
+        ip = f"192.0.2.{10 + n}"
+        outcome = await asyncio.gather(
+            a.put_lease(Lease(mac=mac(100 + n), ipv4=ip, expires=100.0), now=50.0),
+            b.put_lease(Lease(mac=mac(200 + n), ipv4=ip, expires=100.0), now=50.0),
+            return_exceptions=True)
+        assert sorted(type(o).__name__ for o in outcome) == ["Conflict", "NoneType"]
+        holders = [lease.mac for lease in await a.list_leases() if lease.ipv4 == ip]
+        assert len(holders) == 1
+
+
+async def test_a_claim_takes_over_only_an_expired_lease(store: Store) -> None:
+    await store.put_lease(Lease(mac=MAC1, ipv4="192.0.2.9", expires=100.0))
+    for now in (None, 99.0):
+        with pytest.raises(Conflict, match=MAC1):
+            await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0), now=now)
+    await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0), now=100.0)
+    assert await store.list_leases() == [Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0)]
