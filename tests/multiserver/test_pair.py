@@ -11,7 +11,6 @@ import json
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.conftest import install_token
 from tests.multiserver.conftest import Pair, Server
@@ -110,8 +109,6 @@ async def test_registration_through_b_is_live_on_a(pair: Pair) -> None:
     assert "registered" in json.dumps(status), status
 
 
-@pytest.mark.xfail(reason="cluster-init is claimed by read-then-write; needs the inventory's "
-                   "insert-if-absent claim (branch pg)", strict=False)
 async def test_two_first_servers_through_a_and_b_get_one_cluster_init(pair: Pair) -> None:
     """Managed clusters whose two first servers boot at the same moment, one through each
     netboot server: exactly one of each pair is told to initialise the cluster (the other is
