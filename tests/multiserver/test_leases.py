@@ -1,9 +1,9 @@
 """Authoritative DHCP from two netboot servers for one pool: no address is handed out twice.
 
 Both servers and a client sit on one link (a bridge in a namespace of the test's own, each
-party in its own namespace, joined by veth pairs made inside them; 192.0.2.0/24 only). The
-client asks for leases for many MACs, choosing A's offer for some and B's for the others, as
-real clients pick whichever offer comes first; every ACK is collected.
+party in its own namespace, joined by veth pairs made inside them; 192.0.2.0/24 only). Two
+clients ask at the same time for leases for many MACs, one taking A's offers and the other
+B's, as real clients take whichever offer comes first; every ACK is collected.
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ async def dhcp_pair(tmp_path: Path, link: Link, inventory: Inventory) -> AsyncIt
         yield pair
 
 
-# Runs in the client's namespace: for each MAC, DISCOVER, take the offer of the server the
-# test names (A for even MACs, B for odd), REQUEST it, and note the ACK; a NAK starts over
-# (RFC 2131 §4.3.2), at most 4 rounds per MAC, every wait bounded.
+# Runs in the client's namespace, twice at once (one client per server, sockets sharing port 68
+# by SO_REUSEADDR, each keeping the replies to its own xids): for each of its MACs, DISCOVER,
+# take the offer of its server, REQUEST it, and note the ACK; a NAK starts over (RFC 2131
+# §4.3.2), at most 4 rounds per MAC, every wait bounded.
 CLIENT = r"""
 import json, select, socket, sys
 from netboot.wire import dhcp
@@ -115,9 +116,10 @@ def replies(xid, seconds):
         seconds = 0.3
 
 acks = []
+want = sys.argv[2]
 for i in range(int(sys.argv[1])):
+    i = 2 * i + (want == "b")
     mac = bytes.fromhex("5254001320%02x" % i)
-    want = "a" if i % 2 == 0 else "b"
     for attempt in range(4):
         xid = (i << 8) | attempt | 0x13000000
         send(xid, mac, MessageType.DISCOVER)
@@ -140,11 +142,16 @@ print(json.dumps(acks))
 async def test_leases_for_one_pool_from_two_servers_never_collide(
         dhcp_pair: Pair, link: Link) -> None:
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(["ip", "netns", "exec", link.client, sys.executable, "-c", CLIENT,
-                           str(MACS)], capture_output=True, text=True, timeout=300, cwd=root,
-                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0, done.stderr + dhcp_pair.logs()
-    acks = json.loads(done.stdout)
+    clients = [subprocess.Popen(["ip", "netns", "exec", link.client, sys.executable, "-c",
+                                 CLIENT, str(MACS // 2), want], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=root,
+                                env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+               for want in ("a", "b")]
+    acks = []
+    for client in clients:  # each ends by itself: every wait in it is bounded
+        out, err = client.communicate(timeout=300)
+        assert client.returncode == 0, err + dhcp_pair.logs()
+        acks += json.loads(out)
     assert {a["server"] for a in acks} == {"a", "b"}, acks
     assert len(acks) == MACS, acks
     by_ip: dict[str, list[str]] = {}
