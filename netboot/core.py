@@ -177,7 +177,9 @@ class Core:
                           serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
                           cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,
                           loader=parsed.loader, fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
-        await self.store.update_machine(machine)
+        # The whole machine is written back: compare-and-set, so that a state (and install
+        # token) another server stored since the read is not overwritten with the old one.
+        await self.store.update_machine(machine, expect_state=old.state)
         return machine
 
     async def delete_machine(self, ref: str) -> Machine:

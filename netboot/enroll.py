@@ -494,8 +494,9 @@ class Enroller:
                    else machine)
         event = Event(machine.id, self._clock(), kind, message, data)
         # The reported state and its event in one transaction: acknowledged to the installer.
-        await self.recorder.commit(Batch(update=(updated,) if updated is not machine else (),
-                                         events=(event,), expect={machine.id: machine.state}))
+        moved = updated is not machine
+        await self.recorder.commit(Batch(update=(updated,) if moved else (), events=(event,),
+                                         expect={machine.id: machine.state} if moved else {}))
         return event
 
     async def register(self, body: Mapping[str, Any], peer: IPAddress | None) -> Machine:

@@ -205,11 +205,17 @@ async def stores_on_one_inventory(kind: str, tmp_path: Path, request: pytest.Fix
                                   count: int = 2) -> list[Store]:
     """``count`` open store objects on one inventory, as several servers have: SQLite
     stores on one file, or PostgreSQL stores on one fresh schema of the session's cluster
-    (``request`` gives the ``postgres`` fixture). Closed when ``stack`` closes."""
+    (``request`` gives the ``postgres`` fixture); a memory store cannot be shared between
+    processes: there it is one object ``count`` times. Closed when ``stack`` closes."""
+    from netboot.inventory.memory import MemoryStore
     from netboot.inventory.postgres import PostgresStore
     from netboot.inventory.sqlite import SqliteStore
 
     stores: list[Store]
+    if kind == "memory":
+        memory = MemoryStore()
+        await memory.open()
+        return [memory] * count
     if kind == "sqlite":
         stores = [SqliteStore(tmp_path / "inv.db") for _ in range(count)]
     else:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from netboot.inventory.base import Store
-from netboot.inventory.memory import MemoryStore
 from netboot.leases import LeasePool, LeaseStore
 from netboot.model import Lease
 from netboot.pxe import DhcpSettings
@@ -341,12 +340,7 @@ async def shared(request: pytest.FixtureRequest,
                  tmp_path: Path) -> AsyncIterator[tuple[Store, DhcpServer, DhcpServer]]:
     """Two authoritative DHCP servers for one link, each with its own pool, one inventory."""
     async with contextlib.AsyncExitStack() as stack:
-        if request.param == "memory":
-            memory = MemoryStore()
-            await memory.open()
-            stores: list[Store] = [memory, memory]
-        else:
-            stores = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack)
+        stores = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack)
         clock = Clock()
         servers = [await make_server(s, clock) for s in stores]
         yield stores[0], servers[0], servers[1]

@@ -917,12 +917,7 @@ async def pair(request: pytest.FixtureRequest,
     """Two store objects on one inventory, as two servers have (a memory store cannot be
     shared between processes: there it is one object twice)."""
     async with contextlib.AsyncExitStack() as stack:
-        if request.param == "memory":
-            memory = MemoryStore()
-            await memory.open()
-            stores: list[Store] = [memory, memory]
-        else:
-            stores = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack)
+        stores = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack)
         yield stores[0], stores[1]
 
 
