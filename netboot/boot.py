@@ -33,7 +33,8 @@ from netboot import groups as grouping
 from netboot import identity, lifecycle
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits
 from netboot.enroll import Enroller
-from netboot.errors import Conflict, StateChanged
+from netboot.errors import Conflict, StateChanged, StoreError
+from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution
 from netboot.inventory.base import Batch, Store
 from netboot.inventory.view import InventoryView
@@ -200,9 +201,12 @@ class BootService:
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
         discovery: DiscoveryLimits | None = None,
         logger: logging.Logger | None = None,
+        health: InventoryHealth | None = None,
     ) -> None:
         self._store = store  # writes; reads go through the view, kept exact by sync()
         self._view = InventoryView(store)
+        # Whether the inventory answers (kept by the service's watcher and by _fresh).
+        self.health = health or InventoryHealth()
         self._recorder = enroller.recorder  # one per process: history keeps its order
         self._assets = assets
         self.settings = settings
@@ -224,9 +228,10 @@ class BootService:
         Called on the DHCP path, which must answer within ~2 s (iPXE drops late proxy offers,
         protocols.md §1.6): one indexed read, and writes happen in the background.
         """
-        await self._view.sync()
+        fresh = await self._fresh()
         machine = (await self._resolve(request)).machine
-        self._spawn(self._record_dhcp(request))
+        if fresh:
+            self._spawn(self._record_dhcp(request))
         if (machine is None or machine.state == MachineState.DISCOVERED) \
                 and self.settings.policy == "ignore" and not await self._awaiting_nic():
             return None
@@ -336,13 +341,48 @@ class BootService:
                 # seen. The lock orders this process's requests; StateChanged says another
                 # server moved the machine between our read and our write: decide again
                 # from what it stored.
-                await self._view.sync()
+                if not await self._fresh():
+                    return await self._plan_from_memory(request)
                 try:
                     return await self._plan(request, record=True)
                 except StateChanged:
                     if attempt == CAS_ATTEMPTS - 1:
                         raise
         raise AssertionError("unreachable")
+
+    async def _fresh(self) -> bool:
+        """Sync the view; False when the inventory is unreachable (known to be, or found so
+        now): the view then answers as it is, and nothing may be written from it."""
+        if not self.health.up:
+            return False
+        try:
+            await self._view.sync()
+        except StoreError as exc:
+            if self.health.failed(str(exc)):
+                self._log.error("inventory unreachable, answering boots from memory: %s", exc)
+            return False
+        return True
+
+    async def resync(self) -> None:
+        """Apply what the inventory's change feed says now; StoreError when it does not
+        answer (the service's watcher calls this to notice an outage and its end)."""
+        await self._view.sync()
+
+    async def _plan_from_memory(self, request: BootRequest) -> BootPlan:
+        """The inventory is unreachable: what needs no write is answered from the view (a
+        local boot, a hold, ignore), with its event queued for when the inventory is back;
+        an install is refused, since its token must be committed before it is handed out."""
+        plan = await self._plan(request, record=False)
+        if plan.action == BootAction.INSTALL:
+            raise StoreError(f"{self.health.problem()}; an install needs its token recorded "
+                             "first")
+        kind = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}.get(plan.action)
+        machine = plan.machine
+        if kind is not None and machine is not None:
+            last = self._recorder.pending(machine.id)
+            if last is None or (last.kind, last.message) != (kind, plan.reason):
+                self._recorder.record(self._new_event(machine, kind, plan.reason, request))
+        return plan
 
     async def _plan(self, request: BootRequest, *, record: bool) -> BootPlan:
         mac = request.mac

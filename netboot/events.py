@@ -5,6 +5,11 @@ The stores call :meth:`EventBus.published` after an event is committed (see
 metrics and ``netboot events --follow`` (through that stream) subscribe here. Nothing polls the
 database for news.
 
+Several servers sharing one inventory: each publishes what it commits itself at once, and
+:meth:`EventBus.relay` publishes what the others committed, as the inventory's event feed
+(``Store.events_since``) gives it; the events this process published already are known by
+their identity and not published twice.
+
 A subscriber is a bounded queue: a browser tab that stops reading must not grow the server's
 memory, so when its queue is full the oldest entries are dropped and the subscriber is told
 how many it missed (the dashboard then reloads its page of machines instead of patching it).
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -63,8 +69,14 @@ class Subscription:
 class EventBus:
     """Fan-out of committed events to subscribers and synchronous listeners (metrics)."""
 
-    def __init__(self, *, queue_size: int = 1000, max_subscribers: int = 256) -> None:
+    def __init__(self, *, queue_size: int = 1000, max_subscribers: int = 256,
+                 max_own: int = 50_000) -> None:
         self._subscribers: set[Subscription] = set()
+        # Identities of events published here that the feed has not shown back yet (bounded:
+        # without a relay running, e.g. in the CLI, the oldest are forgotten).
+        self._own: OrderedDict[tuple[str, float, str, str], None] = OrderedDict()
+        self._max_own = max_own
+        self._held: list[Event] = []  # from the feed, published at the next relay()
         self._listeners: list[Callable[[Event], None]] = []
         self._seq = itertools.count(1)
         self.queue_size = queue_size
@@ -77,9 +89,34 @@ class EventBus:
     def published(self, events: Sequence[Event]) -> None:
         """Called by a store once ``events`` are committed, on the event loop's thread."""
         for event in events:
-            item = Published(next(self._seq), event)
+            self._own[_identity(event)] = None
+        while len(self._own) > self._max_own:
+            self._own.popitem(last=False)
+        for event in events:
             for listen in self._listeners:
                 listen(event)
+        self._offer(events)
+
+    def relay(self, events: Sequence[Event]) -> None:
+        """Events from the inventory's feed, in commit order (call it periodically: each
+        call publishes what the previous one was given): those another server committed
+        go to the subscribers (live streams; not to the listeners: each server's metrics
+        count what it did); those this process committed were published already."""
+        # Held for one call: an event this process committed may be read back by the feed
+        # a moment before the store publishes it here (both wait on the same commit).
+        held, self._held = self._held, list(events)
+        self._offer([e for e in held if not self._seen(e)])
+
+    def _seen(self, event: Event) -> bool:
+        key = _identity(event)
+        if key in self._own:
+            del self._own[key]
+            return True
+        return False
+
+    def _offer(self, events: Sequence[Event]) -> None:
+        for event in events:
+            item = Published(next(self._seq), event)
             for sub in self._subscribers:
                 sub._offer(item)
 
@@ -102,3 +139,9 @@ class EventBus:
         with self.subscribe() as sub:
             while True:
                 yield await sub.next()
+
+
+def _identity(event: Event) -> tuple[str, float, str, str]:
+    # Machine, time (the writer's clock, to the microsecond), kind and message: two events
+    # equal in all four are one event seen twice.
+    return (event.machine, event.time, event.kind, event.message)

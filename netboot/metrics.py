@@ -17,6 +17,7 @@ Label values are bounded: DHCP firmware and arch are enums, HTTP routes are rout
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,6 +27,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from netboot.errors import StoreError
+from netboot.health import InventoryHealth
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import Event, MachineState
 
@@ -96,8 +99,21 @@ class Metrics:
         # out: a machine that never finishes must not be remembered forever.
         self._started: OrderedDict[str, tuple[float | None, float | None]] = OrderedDict()
         self._max_tracked = max_tracked
+        self._inventory_up = Gauge("netboot_inventory_up", "1 while the inventory answers, 0 "
+                                   "while it is unreachable (boots of known machines are "
+                                   "answered from memory, writes refused)", registry=r)
+        self._queued = Gauge("netboot_inventory_queued_events", "boot events waiting to be "
+                             "written (they pile up while the inventory is unreachable)",
+                             registry=r)
+        self._health: InventoryHealth | None = None
         self._tftp = _TftpCollector()
         r.register(self._tftp)
+
+    def watch_inventory(self, health: InventoryHealth, queued: Callable[[], int]) -> None:
+        """Where the inventory's health and the recorder's queue are read at scrape."""
+        self._health = health
+        self._inventory_up.set_function(lambda: 1.0 if health.up else 0.0)
+        self._queued.set_function(lambda: float(queued()))
 
     def read_tftp_stats(self, stats: Callable[[], Any | None]) -> None:
         """Where the TFTP server's counters are read from at scrape (None: TFTP is off)."""
@@ -157,8 +173,13 @@ class Metrics:
 
     # -- scrape -----------------------------------------------------------------------------
     async def render(self, store: Store) -> bytes:
-        """The exposition text, with machines by state counted now."""
-        for state in MachineState:
-            self._machines.labels(state.value).set(
-                await store.count_machines(MachineFilter(state=state)))
+        """The exposition text, with machines by state counted now (kept from the last
+        scrape while the inventory does not answer: the rest is still worth reading)."""
+        counts: dict[MachineState, int] = {}
+        if self._health is None or self._health.up:  # else no wait for a dead database
+            with contextlib.suppress(StoreError):
+                counts = {state: await store.count_machines(MachineFilter(state=state))
+                          for state in MachineState}
+        for state, count in counts.items():
+            self._machines.labels(state.value).set(count)
         return generate_latest(self.registry)

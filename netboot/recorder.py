@@ -7,6 +7,11 @@ batch, at most ``delay`` seconds after the first of it, all of them on :meth:`fl
 shutdown, and before anyone reads the events back). What a client is told is done — a state
 it depends on, a token, a registration — is never queued: its writer commits it, with its
 event, before answering, so a ``kill -9`` loses at most the last ``delay`` of history notes.
+
+While the inventory is unreachable the queue is kept (up to ``max_queued`` events, the oldest
+dropped beyond, with a count in the log) and no write is tried until :meth:`flush` is called
+again (the service's watcher does once the inventory answers): a boot storm against a dead
+database costs no failed transaction per event and no log line per event.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from netboot.errors import NetbootError
+from netboot.errors import NetbootError, StoreError
 from netboot.inventory.base import Batch, Store
 from netboot.model import Event
 
@@ -25,9 +30,12 @@ DEFAULT_DELAY = 0.025
 
 class Recorder:
     def __init__(self, store: Store, *, delay: float = DEFAULT_DELAY,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, max_queued: int = 100_000) -> None:
         self._store = store
         self._delay = delay
+        self._max_queued = max_queued
+        self.failing: str | None = None  # why the last write failed (None: it did not)
+        self.dropped = 0  # events dropped from a full queue while the inventory was away
         self._log = logger or logging.getLogger(__name__)
         self._queue: list[Event] = []
         self._newest: dict[str, Event] = {}  # machine id -> its newest queued event
@@ -38,8 +46,21 @@ class Recorder:
         """Queue ``event``; it is committed within ``delay`` seconds."""
         self._queue.append(event)
         self._newest[event.machine] = event
-        if self._writer is None:
+        if len(self._queue) > self._max_queued:
+            old = self._queue.pop(0)
+            if self._newest.get(old.machine) is old:
+                del self._newest[old.machine]
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                self._log.error("%d boot events dropped: the inventory is unreachable and "
+                                "%d are queued already", self.dropped, self._max_queued)
+        if self._writer is None and self.failing is None:
             self._writer = asyncio.ensure_future(self._write_soon())
+
+    @property
+    def queued(self) -> int:
+        """Events waiting to be written."""
+        return len(self._queue)
 
     def pending(self, machine_id: str) -> Event | None:
         """The newest event of this machine that is queued, not yet written."""
@@ -78,11 +99,28 @@ class Recorder:
                                                 expect=batch.expect))
         except NetbootError as exc:
             if strict:
-                self._queue[:0] = queued
+                self._queue[:0] = queued  # kept, in order, before anything queued meanwhile
                 raise
-            # Notes about boots, acknowledged to no one: logged, not retried forever.
-            self._log.error("could not record %d boot events: %s", len(queued), exc)
-        for event in queued:
+            if not isinstance(exc, StoreError):
+                # Refused for what they are, not for where they go: retrying cannot help.
+                self._log.error("could not record %d boot events: %s", len(queued), exc)
+                self._written(queued)
+                return
+            # Notes about boots, acknowledged to no one: kept for when the inventory is back.
+            self._queue[:0] = queued
+            if self.failing is None:
+                self._log.error("could not record %d boot events, keeping them until the "
+                                "inventory answers: %s", len(queued), exc)
+            self.failing = str(exc)
+            return
+        if self.failing is not None and queued:
+            self._log.warning("recorded %d boot events queued while the inventory was "
+                              "unreachable", len(queued))
+        self.failing = None
+        self._written(queued)
+
+    def _written(self, events: list[Event]) -> None:
+        for event in events:
             if self._newest.get(event.machine) is event:
                 del self._newest[event.machine]
 
@@ -92,3 +130,6 @@ class Recorder:
             writer.cancel()
             self._writer = None
         await self.flush()
+        if self._queue:
+            self._log.error("%d boot events not recorded: the inventory is unreachable (%s)",
+                            len(self._queue), self.failing)

@@ -70,6 +70,11 @@ log = logging.getLogger(__name__)
 SECRET_KEY_FILE = "secret.key"
 # What netboot's own certificate names besides the configured names and addresses.
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+# How often a server asks the inventory what changed: its view of the boot path follows other
+# servers' writes at once anyway (every boot request syncs), this notices an outage and its
+# end without traffic, writes the boot events queued meanwhile, and relays other servers'
+# events to this server's live streams.
+WATCH_SECONDS = 0.5
 # The id of the key that sealed this inventory's secrets: a different key file is refused at
 # start rather than discovered at the first config request.
 SEAL_KEY_SETTING = "secrets-key-id"
@@ -397,6 +402,7 @@ class Service:
     # bound at start (http.port 0) reaches the URLs without rebuilding anything.
     url_holder: dict[str, str] = field(default_factory=dict)
     dns_port: int = 0
+    _event_cursor: int = -1
     _zone_holder: Any = None
     _zone_fingerprint: int | None = None
     _zone_serial: int = 0
@@ -411,6 +417,8 @@ class Service:
 
     async def start(self) -> None:
         cfg = self.config
+        self._event_cursor, _ = await self.store.events_since(-1)
+        self.tasks.append(asyncio.ensure_future(self._watch_inventory()))
         access = logging.getLogger("netboot.access")
         self.runner = web.AppRunner(self.app, access_log=access, access_log_class=AccessLogger)
         await self.runner.setup()
@@ -497,6 +505,38 @@ class Service:
                 self.reload_tls()
             except (ConfigError, OSError, ssl.SSLError) as exc:
                 log.error("HTTPS certificate not renewed, keeping the loaded one: %s", exc)
+
+    async def _watch_inventory(self) -> None:
+        """Every WATCH_SECONDS, one :meth:`watch_once`."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            try:
+                await self.watch_once()
+            except Exception:
+                log.exception("watching the inventory failed; trying again")
+
+    async def watch_once(self) -> None:
+        """Sync the boot path's view (noticing an outage of the inventory and its end),
+        write the boot events queued while it was away, and relay the events other servers
+        committed to this server's event stream."""
+        health, recorder = self.boot.health, self.enroller.recorder
+        try:
+            await self.boot.resync()
+            if recorder.failing is not None:
+                await recorder.flush()
+            for _ in range(100):  # bounded: 100k events per round at most
+                self._event_cursor, events = await self.store.events_since(self._event_cursor)
+                self.events.relay(events)
+                if len(events) < 1000:
+                    break
+        except StoreError as exc:
+            if health.failed(str(exc)):
+                log.error("inventory unreachable: boots of known machines are answered from "
+                          "memory, writes are refused: %s", exc)
+            return
+        if health.restored():
+            log.warning("inventory reachable again: the view is synced, writes are accepted "
+                        "(%d boot events still queued)", recorder.queued)
 
     async def _start_dns(self) -> None:
         from netboot.names import ZoneHolder
@@ -676,7 +716,8 @@ async def build(config: Config) -> Service:
         if config.http.plain_api == "allow":
             log.warning("http.plain_api is allow: the API and the dashboard answer plain HTTP "
                         "from any peer, and tokens cross the network in clear")
-        DeviceRoutes(core.content).add_to(app)
+        DeviceRoutes(core.content, health=core.boot.health).add_to(app)
+        metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued)
         Api(core, clock=time.time, events=events).add_to(app)
         Dashboard(core.access, store, metrics, metrics_public=config.metrics.public).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,

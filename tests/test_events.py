@@ -53,3 +53,22 @@ async def test_the_store_publishes_committed_events_only() -> None:
     await store.open()
     await store.add_event(ev(1))
     assert [e.message for e in seen] == ["1"]
+
+
+async def test_relay_publishes_other_servers_events_once_and_not_ours() -> None:
+    """Events read back from a shared inventory's feed: this process's own (already
+    published) are not published again, another server's go to the streams, one call late
+    (an own event may be read back a moment before the store publishes it), and not to the
+    metrics: each server counts what it did."""
+    bus = EventBus()
+    counted: list[Event] = []
+    bus.listen(counted.append)
+    with bus.subscribe() as sub:
+        bus.relay([ev(1), ev(2)])  # 1: ours, read back before the store published it
+        bus.published([ev(1)])
+        assert isinstance(first := await sub.next(), Published) and first.event == ev(1)
+        bus.relay([ev(3)])  # now 1 (ours: skipped) and 2 (another server's) are published
+        bus.relay([])  # and 3
+        relayed = [await sub.next() for _ in range(2)]
+        assert [r.event for r in relayed if isinstance(r, Published)] == [ev(2), ev(3)]
+    assert counted == [ev(1)]

@@ -132,3 +132,27 @@ async def test_what_a_device_was_told_survives_kill_9(tmp_path: Path) -> None:
         assert "install-plan" in await kinds(store, machine.id)
     finally:
         await store.close()
+
+
+async def test_while_the_inventory_is_away_events_are_kept_bounded_and_written_after(
+        tmp_path: Path) -> None:
+    """While the store fails (closed under the recorder: every call is a StoreError) the
+    queue is kept, the oldest dropped beyond the bound; open again, a flush writes the kept
+    events in order."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    recorder = Recorder(store, delay=3600, max_queued=3)
+    await store.close()
+    recorder.record(ev("a"))
+    await recorder.flush()
+    assert recorder.failing is not None and recorder.queued == 1
+    for kind in ("b", "c", "d"):
+        recorder.record(ev(kind))
+    assert recorder.queued == 3 and recorder.dropped == 1
+    assert recorder.pending("m1") is not None and recorder.pending("m1").kind == "d"  # type: ignore[union-attr]
+    await store.open()
+    await recorder.flush()
+    assert recorder.failing is None and recorder.queued == 0
+    assert await kinds(store) == ["b", "c", "d"]
+    await recorder.close()
+    await store.close()

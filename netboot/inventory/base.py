@@ -194,6 +194,12 @@ class Store(ChangeFeed, Protocol):
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         """Oldest first; at most the newest ``limit`` events."""
 
+    async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
+        """Events of every machine committed after position ``after`` (by any writer: this
+        process, another server), in commit order, at most ``limit``; and the position to
+        ask from next. ``after`` -1: the current position, no events (start following now).
+        How another server's events reach this one's live stream (netboot.events.relay)."""
+
     # leases (authoritative DHCP mode) ------------------------------------------------
     async def list_leases(self) -> list[Lease]: ...
 

@@ -58,6 +58,7 @@ class MemoryStore:
         self._clusters: dict[str, Cluster] = {}
         self._groups: dict[str, Group] = {}
         self._events: dict[str, list[Event]] = {}
+        self._feed: list[Event] = []  # every event in commit order (events_since)
         self._leases: dict[str, Lease] = {}
         self._lease_addrs: dict[str, str] = {}  # ipv4 -> mac
         self._settings: dict[str, str] = {}
@@ -202,6 +203,7 @@ class MemoryStore:
                                           key=lambda e: e.time)
         for event in events:
             self._events.setdefault(event.machine, []).append(event)
+        self._feed += events
         if events and self._listener is not None:
             self._listener.published(events)
 
@@ -269,6 +271,7 @@ class MemoryStore:
         # Through JSON text, as SQLite does: tuples in data come back as lists in both stores.
         value = codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(event))))
         self._events.setdefault(value.machine, []).append(value)
+        self._feed.append(value)
         if self._listener is not None:
             self._listener.published((value,))
 
@@ -277,6 +280,13 @@ class MemoryStore:
         if limit <= 0:
             return []
         return list(self._events.get(machine_id, [])[-limit:])
+
+    async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
+        self._check_open()
+        if after < 0:
+            return len(self._feed), []
+        events = self._feed[after:after + limit]
+        return after + len(events), events
 
     # leases --------------------------------------------------------------------------
     async def list_leases(self) -> list[Lease]:

@@ -572,7 +572,9 @@ class PostgresStore:
     async def add_event(self, event: Event) -> None:
         value = codec.event_from_dict(codec.event_to_dict(event))
         data = codec.dumps(dict(value.data), "data")
-        async with self._conn() as conn:
+        # Under the writers' lock, as every other event insert: ids then follow commit
+        # order, which events_since relies on.
+        async with self._write() as conn:
             await conn.execute(
                 "INSERT INTO events (machine, time, kind, message, data)"
                 " VALUES ($1, $2, $3, $4, $5)",
@@ -590,6 +592,19 @@ class PostgresStore:
                 " ORDER BY id DESC LIMIT $2", machine_id, limit)
         return [Event(machine=machine_id, time=t, kind=k, message=msg, data=json.loads(d))
                 for t, k, msg, d in reversed(rows)]
+
+    async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
+        # Every insert into events holds the writers' lock (_write): ids follow commit order,
+        # so no event with a smaller id can commit after a reader passed it.
+        async with self._conn() as conn:
+            if after < 0:
+                return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")), []
+            rows = await conn.fetch(
+                "SELECT id, machine, time, kind, message, data FROM events WHERE id > $1"
+                " ORDER BY id LIMIT $2", after, limit)
+        return (int(rows[-1][0]) if rows else after), [
+            Event(machine=m, time=t, kind=k, message=msg, data=json.loads(d))
+            for _, m, t, k, msg, d in rows]
 
     # leases --------------------------------------------------------------------------
     async def list_leases(self) -> list[Lease]:

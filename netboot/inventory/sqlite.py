@@ -608,6 +608,10 @@ class SqliteStore:
             return []
         return await self._read(_list_events, machine_id, limit)
 
+    async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
+        # Ids follow commit order: one writer at a time (BEGIN IMMEDIATE), max(id) + 1 each.
+        return await self._read(_events_since, after, limit)
+
     # leases --------------------------------------------------------------------------
     async def list_leases(self) -> list[Lease]:
         return await self._read(_list_leases)
@@ -1125,6 +1129,17 @@ def _list_events(conn: sqlite3.Connection, machine_id: str, limit: int) -> list[
         Event(machine=machine_id, time=t, kind=k, message=msg, data=json.loads(d))
         for t, k, msg, d in reversed(rows)
     ]
+
+
+def _events_since(conn: sqlite3.Connection, after: int, limit: int) -> tuple[int, list[Event]]:
+    if after < 0:
+        return int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]), []
+    rows = conn.execute(
+        "SELECT id, machine, time, kind, message, data FROM events WHERE id > ?"
+        " ORDER BY id LIMIT ?", (after, limit)).fetchall()
+    return (rows[-1][0] if rows else after), [
+        Event(machine=m, time=t, kind=k, message=msg, data=json.loads(d))
+        for _, m, t, k, msg, d in rows]
 
 
 def _list_leases(conn: sqlite3.Connection) -> list[Lease]:

@@ -96,6 +96,12 @@ class DeviceContent(Protocol):
     async def grub_file(self, name: str, peer: tuple[str, int], via: str) -> bytes: ...
 
 
+class HealthCheck(Protocol):
+    """What ``/healthz`` reports (netboot.health.InventoryHealth)."""
+
+    def problem(self) -> str | None: ...
+
+
 def uri_query(raw: str) -> dict[str, str]:
     """A query string decoded as URI components (RFC 3986 §2.1), not as an HTML form.
 
@@ -254,7 +260,11 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": "5"})
     if isinstance(exc, StoreError):
         log.error("inventory failed for %s %s: %s", request.method, loggable_target(request), exc)
-        return web.json_response({"error": "inventory unavailable"}, status=503)
+        # Nothing was done: a client retries (iPXE's script, an installer's loop, an operator).
+        return web.json_response({"error": "the inventory is unreachable: nothing was "
+                                  "changed; try again later (boots of known machines are "
+                                  "answered from memory meanwhile)"}, status=503,
+                                 headers={"Retry-After": "5"})
     log.exception("bug handling %s %s", request.method, loggable_target(request))
     return web.json_response({"error": "internal error"}, status=500)
 
@@ -436,8 +446,10 @@ async def plain_http_middleware(request: web.Request, handler: Any) -> web.Strea
 
 
 class DeviceRoutes:
-    def __init__(self, content: DeviceContent, *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, content: DeviceContent, *, logger: logging.Logger | None = None,
+                 health: HealthCheck | None = None) -> None:
         self._content = content
+        self._health = health
         self._log = logger or logging.getLogger(__name__)
 
     def add_to(self, app: web.Application) -> None:
@@ -459,7 +471,15 @@ class DeviceRoutes:
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        """200 ``ok``; 503 ``degraded: <reason>`` while the inventory is unreachable (the
+        server still answers boots of known machines: a readiness check, not a liveness one
+        — a restart cannot help, and a server that cannot reach its database cannot start)."""
+        problem = self._health.problem() if self._health is not None else None
+        if problem is None:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text=f"degraded: {problem}; boots of known machines "
+                            "are answered from memory, writes are refused\n",
+                            headers={"Cache-Control": "no-store"})
 
     async def boot_ipxe(self, request: web.Request) -> web.Response:
         return web.Response(text=self._content.bootstrap_ipxe(), content_type="text/plain")

@@ -523,6 +523,21 @@ async def test_event_data_must_be_json(store: Store) -> None:
     assert await store.list_events(mid(MAC1)) == []
 
 
+async def test_events_since_follows_every_machine_in_commit_order(store: Store) -> None:
+    await store.add_event(Event(machine=mid(MAC1), time=9.0, kind="before"))
+    start, none = await store.events_since(-1)
+    assert none == []
+    await store.add_event(Event(machine=mid(MAC2), time=2.0, kind="a", data={"n": 1}))
+    await store.apply_batch(Batch(events=[Event(machine=mid(MAC1), time=1.0, kind="b"),
+                                          Event(machine=mid(MAC3), time=3.0, kind="c")]))
+    pos, first = await store.events_since(start, limit=2)
+    assert [(e.machine, e.kind) for e in first] == [(mid(MAC2), "a"), (mid(MAC1), "b")]
+    assert first[0].data == {"n": 1}
+    pos, rest = await store.events_since(pos)
+    assert [e.kind for e in rest] == ["c"]
+    assert await store.events_since(pos) == (pos, [])
+
+
 # --- leases ----------------------------------------------------------------------------------
 
 

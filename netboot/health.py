@@ -1,0 +1,43 @@
+"""Whether the inventory answers: one record per running service.
+
+The boot path reads it before touching the inventory (a server that knows the database is
+down answers from its in-memory view at once, instead of waiting for a timeout per request);
+the service's watcher keeps it current (netboot.service); ``/healthz`` and the
+``netboot_inventory_up`` gauge report it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class InventoryHealth:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.up = True
+        self.reason: str | None = None
+        self.since = clock()  # of the last change between up and down
+
+    def failed(self, reason: str) -> bool:
+        """The inventory did not answer; True when it was up until now."""
+        was_up = self.up
+        if was_up:
+            self.since = self._clock()
+        self.up, self.reason = False, reason
+        return was_up
+
+    def restored(self) -> bool:
+        """The inventory answered; True when it was down until now."""
+        was_down = not self.up
+        if was_down:
+            self.since = self._clock()
+        self.up, self.reason = True, None
+        return was_down
+
+    def problem(self) -> str | None:
+        """What is wrong, for an operator (None: nothing)."""
+        if self.up:
+            return None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        return f"the inventory is unreachable since {when}: {self.reason}"

@@ -1,0 +1,223 @@
+"""A server that loses its inventory: known machines are answered from memory, writes are
+refused with a clear 503, /healthz and metrics say so, and it catches up when the database
+is back; nothing a client was told is done is lost.
+
+SQLite: another program holds the database's locks (SQLite answers "locking protocol" to
+every read and write), in-process with the aiohttp test client. PostgreSQL: the cluster is
+stopped by its PID and started again, under two real ``netboot serve`` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from netboot.model import Arch, BootRequest, Firmware, MacAddress
+from tests import pg
+from tests.conftest import Env, EnvFactory, boot, call, install_token
+from tests.multiserver.conftest import Inventory, Pair, Server, running_pair
+from tests.multiserver.test_pair import is_install, seed
+
+DONE = "52:54:00:13:10:01"  # registered: boots its disk
+NEW = "52:54:00:13:10:02"  # enrolled: would install
+
+# SQLite's WAL locks live in the -shm file from byte 120: the writer's, the checkpointer's,
+# recovery's and the five read marks (sqlite3 wal.c: WALINDEX_LOCK_OFFSET, SQLITE_SHM_NLOCK).
+# A program holding them all leaves every reader and writer with SQLITE_PROTOCOL.
+LOCKER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 8, 120, os.SEEK_SET)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def locked(db: Path) -> Iterator[None]:
+    """Another process holds the inventory's locks until the block ends (ended by its own
+    handle: its stdin closes)."""
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, f"{db}-shm"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"locked\n"
+        yield
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+async def registered(env: Env, mac: str) -> None:
+    """Enrolled, installed and registered through the API, as a device does it."""
+    await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    token = install_token(await boot(env, mac))
+    await env.post("/api/v1/register", {"mac": mac, "token": token,
+                                        "addresses": ["192.0.2.61"]}, status=200, headers={})
+
+
+async def until(check: object, what: str, *, seconds: float = 60) -> None:
+    """Poll ``check()`` (a coroutine function) until true; a bound, not a timed claim."""
+    for _ in range(int(seconds / 0.1)):
+        if await check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_sqlite_locked_away_answers_known_machines_and_catches_up(
+        make_env: EnvFactory) -> None:
+    env = await make_env()
+    await env.seed()
+    service = env.service
+    await registered(env, DONE)
+    assert "exit" in await boot(env, DONE)
+    await env.post("/api/v1/machines", {"mac": NEW}, status=201)
+    await env.get(f"/api/v1/machines/{NEW}/explain")  # the boot path's view knows it now
+    done = await service.store.machine_by("mac", DONE)
+    assert done is not None
+    await service.boot.drain()
+    before = [e.kind for e in await service.store.list_events(done.id)].count("local-boot")
+    recorder = service.enroller.recorder
+
+    with locked(service.store.path):
+        # The first request finds the inventory locked (SQLite gives up after its retries)
+        # and is answered from memory; from then on none waits.
+        assert "exit" in await boot(env, DONE)
+        assert not service.boot.health.up
+        refused = await call(env, "GET", f"/ipxe?mac={NEW}&arch=x86_64", admin=False)
+        assert refused.status == 503, refused.text
+        assert "the inventory is unreachable" in refused.json()["error"]
+        health = await call(env, "GET", "/healthz", admin=False)
+        assert health.status == 503
+        assert health.text.startswith("degraded: the inventory is unreachable since ")
+        assert "locking protocol" in health.text
+        stage = await service.boot.first_stage(BootRequest(
+            mac=MacAddress.parse(DONE), firmware=Firmware.BIOS, arch=Arch.X86, via="dhcp"))
+        assert stage is not None and stage.path == "undionly.kpxe"
+        # The local boot's event is kept for later, not dropped, and not retried per event.
+        await until(lambda: asyncio.sleep(0, recorder.failing is not None),
+                    "the recorder's write failed")
+        assert recorder.queued == 1
+        metrics = (await service.metrics.render(service.store)).decode()
+        assert "netboot_inventory_up 0.0" in metrics
+        assert "netboot_inventory_queued_events 1.0" in metrics
+        await service.watch_once()  # still locked: still degraded
+        assert not service.boot.health.up
+
+    await service.watch_once()  # what the watcher does every half second
+    assert service.boot.health.up and recorder.failing is None and recorder.queued == 0
+    assert (await call(env, "GET", "/healthz", admin=False)).text == "ok\n"
+    kinds = [e.kind for e in await service.store.list_events(done.id)]
+    assert kinds.count("local-boot") == before + 1
+    assert is_install(await boot(env, NEW))
+    assert "netboot_inventory_up 1.0" in (await service.metrics.render(service.store)).decode()
+
+
+# --- PostgreSQL: two servers, the database stopped and started ---------------------------
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[pg.Cluster]:
+    """A cluster of this test alone: it is stopped and started again."""
+    with pg.running() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def pg_pair(tmp_path: Path, own_postgres: pg.Cluster) -> AsyncIterator[Pair]:
+    dsn = own_postgres.dsn()
+    async with running_pair(tmp_path, Inventory("postgresql", f"  backend: postgresql\n"
+                                                f"  dsn: {dsn!r}\n")) as running:
+        yield running
+
+
+async def healthy(pair: Pair, server: Server) -> bool:
+    async with pair.http.get(server.base + "/healthz") as resp:
+        return resp.status == 200
+
+
+async def pair_registered(pair: Pair, mac: str, via: Server) -> None:
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": mac}, status=201)
+    token = install_token(await pair.boot(via, mac))
+    await pair.call(via, "POST", "/api/v1/register", admin=False, status=200,
+                    body={"mac": mac, "token": token, "addresses": ["192.0.2.61"]})
+
+
+async def test_postgresql_stopped_and_started_under_two_servers(
+        pg_pair: Pair, own_postgres: pg.Cluster) -> None:
+    pair = pg_pair
+    await seed(pair, pair.a)
+    await pair_registered(pair, DONE, pair.b)
+    assert "exit" in await pair.boot(pair.b, DONE)
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": NEW}, status=201)
+    await pair.call(pair.b, "GET", f"/api/v1/machines/{NEW}/explain", status=200)
+    events = await pair.call(pair.a, "GET", f"/api/v1/machines/{DONE}/events", status=200)
+    before = [e["kind"] for e in events].count("local-boot")
+
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, pg.halt, own_postgres)
+    try:
+        assert "exit" in await pair.boot(pair.b, DONE)  # from B's memory
+        async with pair.http.get(f"{pair.b.base}/ipxe?mac={NEW}&arch=x86_64") as resp:
+            body = await resp.json()
+            assert resp.status == 503 and "the inventory is unreachable" in body["error"]
+        await until(lambda: healthy_not(pair, pair.a), "A says it is degraded")
+        for server in (pair.a, pair.b):
+            async with pair.http.get(server.base + "/healthz") as resp:
+                text = await resp.text()
+                assert resp.status == 503 and text.startswith("degraded: the inventory is "
+                                                              "unreachable since "), text
+            metrics = await pair.call(server, "GET", "/metrics", admin=False, status=200)
+            assert "netboot_inventory_up 0.0" in metrics
+        async with pair.http.post(pair.a.base + "/api/v1/machines", headers=pair.auth,
+                                  json={"mac": "52:54:00:13:10:03"}) as resp:
+            assert resp.status == 503  # a write, refused: nothing was done
+    finally:
+        await loop.run_in_executor(None, pg.resume, own_postgres)
+
+    for server in (pair.a, pair.b):
+        await until(lambda s=server: healthy(pair, s), f"{server.name} is healthy again")  # type: ignore[misc]
+    # B's queued local-boot event was written once the database was back.
+    events = await pair.call(pair.a, "GET", f"/api/v1/machines/{DONE}/events", status=200)
+    assert [e["kind"] for e in events].count("local-boot") == before + 1, events
+    assert is_install(await pair.boot(pair.b, NEW))
+    # Enrolled through A now, booted through B at once: the views follow again.
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": "52:54:00:13:10:04"},
+                    status=201)
+    assert is_install(await pair.boot(pair.b, "52:54:00:13:10:04"))
+
+
+async def healthy_not(pair: Pair, server: Server) -> bool:
+    return not await healthy(pair, server)
+
+
+async def test_database_restart_between_ipxe_and_register_loses_nothing(
+        pg_pair: Pair, own_postgres: pg.Cluster) -> None:
+    """The install token B handed out was committed before B answered: a database restart
+    before the device registers loses neither it nor the registration."""
+    pair = pg_pair
+    await seed(pair, pair.a)
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": NEW}, status=201)
+    token = install_token(await pair.boot(pair.b, NEW))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, pg.halt, own_postgres)
+    try:
+        body = {"mac": NEW, "token": token, "addresses": ["192.0.2.62"]}
+        async with pair.http.post(pair.a.base + "/api/v1/register", json=body) as resp:
+            assert resp.status == 503  # told so; the device tries again
+    finally:
+        await loop.run_in_executor(None, pg.resume, own_postgres)
+    await until(lambda: healthy(pair, pair.a), "A is healthy again")
+    machine = await pair.call(pair.a, "POST", "/api/v1/register", body=body, admin=False,
+                              status=200)
+    assert machine["state"] == "registered" and machine["ipv4"] == "192.0.2.62"
+    events = await pair.call(pair.b, "GET", f"/api/v1/machines/{NEW}/events", status=200)
+    kinds = [e["kind"] for e in events]
+    assert "install-plan" in kinds and kinds[-1] == "registered", kinds

@@ -1,0 +1,149 @@
+"""Two netboot servers, one inventory: what one server learns, the other answers with at once.
+
+Every test runs two real ``netboot serve`` processes (tests/multiserver/conftest.py) and speaks
+HTTP to them over loopback, as devices and operators would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import install_token
+from tests.multiserver.conftest import Pair, Server
+
+MAC = "52:54:00:13:00:01"
+
+
+async def seed(pair: Pair, server: Server, *, cluster: dict[str, Any] | None = None,
+               role: str = "agent") -> None:
+    """A cluster, a profile and a group selecting every x86_64 machine, through ``server``."""
+    await pair.call(server, "POST", "/api/v1/clusters", body=cluster or {
+        "name": "edge", "server_url": "https://192.0.2.50:6443", "token": "k3s-secret"},
+        status=201)
+    await pair.call(server, "POST", "/api/v1/profiles", body={
+        "name": "k3os", "kernel": "vmlinuz", "initrds": ["initrd.img"],
+        "config_template": "k3os"}, status=201)
+    await pair.call(server, "POST", "/api/v1/groups", body={
+        "name": "all-x86", "selector": {"arch": ["x86_64"]}, "profile": "k3os",
+        "cluster": (cluster or {}).get("name", "edge"), "role": role}, status=201)
+
+
+def is_install(script: str) -> bool:
+    return "vmlinuz" in script and "?token=" in script
+
+
+async def test_enrolled_through_a_boots_through_b_at_once(pair: Pair) -> None:
+    await seed(pair, pair.a)
+    # B has seen this NIC as unknown (and remembers that in its view) before A enrolls it.
+    assert not is_install(await pair.boot(pair.b, MAC))
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": MAC, "hostname": "n1"},
+                    status=201)
+    script = await pair.boot(pair.b, MAC)
+    assert is_install(script), script
+    # The install token B issued is the inventory's: A accepts it for the config.
+    config = await pair.call(pair.a, "GET", f"/config/{MAC}?token={install_token(script)}",
+                             admin=False, status=200)
+    assert "k3s-secret" in config
+
+
+async def test_bulk_import_through_a_is_seen_by_b(pair: Pair) -> None:
+    await seed(pair, pair.a)
+    macs = [f"52:54:00:13:01:{i:02x}" for i in range(40)]
+    for mac in macs[:5]:  # remembered as unknown by B's view
+        assert not is_install(await pair.boot(pair.b, mac))
+    report = await pair.call(pair.a, "POST", "/api/v1/machines:bulk", body={
+        "machines": [{"mac": m, "hostname": f"bulk-{i}"} for i, m in enumerate(macs)]},
+        status=201)
+    # The five B saw were recorded as discovered: the import takes them over.
+    assert len(report["created"]) + len(report["changed"]) == len(macs), report
+    listed = await pair.call(pair.b, "GET", "/api/v1/machines?limit=1000", status=200)
+    assert {m["hostname"] for m in listed["items"]} >= {f"bulk-{i}" for i in range(len(macs))}
+    scripts = await asyncio.gather(*(pair.boot(pair.b, m) for m in macs))
+    assert all(is_install(s) for s in scripts)
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> Any:
+    """The ``event: machine`` payloads of a Server-Sent Events stream, as they come."""
+    kind = None
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: ") and kind == "machine":
+            yield json.loads(line[len("data: "):])
+        elif not line:
+            kind = None
+
+
+async def test_registration_through_b_is_live_on_a(pair: Pair) -> None:
+    await seed(pair, pair.a)
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": MAC, "hostname": "n1"},
+                    status=201)
+    async with pair.http.get(pair.a.base + "/api/v1/events/stream", headers=pair.auth,
+                             timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as stream:
+        assert stream.status == 200
+        await stream.content.readline()  # "retry:": subscribed from here on
+        token = install_token(await pair.boot(pair.b, MAC))
+        await pair.call(pair.b, "POST", "/api/v1/register", admin=False, status=200,
+                        body={"mac": MAC, "token": token, "addresses": ["192.0.2.61"]})
+        seen: list[str] = []
+
+        async def until_registered() -> None:
+            async for event in sse_events(stream):
+                seen.append(event["kind"])
+                if event["kind"] == "registered":
+                    return
+
+        try:
+            await asyncio.wait_for(until_registered(), 60)  # a bound, not a timing claim
+        except TimeoutError:
+            raise AssertionError(f"A's stream showed only {seen}") from None
+        assert "install-plan" in seen and seen[-1] == "registered", seen
+    machine = await pair.call(pair.a, "GET", f"/api/v1/machines/{MAC}", status=200)
+    assert machine["state"] == "registered" and machine["ipv4"] == "192.0.2.61"
+    status = await pair.call(pair.a, "GET", "/api/v1/status", status=200)
+    assert "registered" in json.dumps(status), status
+
+
+async def test_two_first_servers_through_a_and_b_get_one_cluster_init(pair: Pair) -> None:
+    """Managed clusters whose two first servers boot at the same moment, one through each
+    netboot server: exactly one of each pair is told to initialise the cluster (the other is
+    held until it can join). Several clusters at once, so that the race is really run."""
+    clusters = [f"m{i}" for i in range(8)]
+    await pair.call(pair.a, "POST", "/api/v1/profiles", body={
+        "name": "k3os", "kernel": "vmlinuz", "initrds": ["initrd.img"],
+        "config_template": "k3os"}, status=201)
+    macs: dict[str, tuple[str, str]] = {}
+    for i, name in enumerate(clusters):
+        await pair.call(pair.a, "POST", "/api/v1/clusters",
+                        body={"name": name, "server_url": "managed"}, status=201)
+        macs[name] = (f"52:54:00:13:02:{2 * i:02x}", f"52:54:00:13:02:{2 * i + 1:02x}")
+        for j, mac in enumerate(macs[name]):
+            await pair.call(pair.a, "POST", "/api/v1/machines", status=201, body={
+                "mac": mac, "hostname": f"{name}-s{j}", "cluster": name, "role": "server",
+                "profile": "k3os"})
+    boots = [(name, server, mac) for name in clusters
+             for server, mac in zip((pair.a, pair.b), macs[name], strict=True)]
+    scripts = []
+    for name in clusters:  # the two of a cluster at the same moment, one cluster at a time
+        scripts += await asyncio.gather(*(pair.boot(server, mac)
+                                          for n, server, mac in boots if n == name))
+    # Per cluster: who was given an install, and what its config says (a node whose claim
+    # was overwritten by the other server gets a 409 "waiting" for its config).
+    told: dict[str, list[str]] = {name: [] for name in clusters}
+    for (name, server, mac), script in zip(boots, scripts, strict=True):
+        if not is_install(script):
+            assert "waiting for cluster" in script, script
+            continue
+        async with pair.http.get(f"{server.base}/config/{mac}?token={install_token(script)}",
+                                 ) as resp:
+            config = await resp.text()
+        init = "cluster-init" if "cluster-init" in config else f"{resp.status} {config[:60]}"
+        told[name].append(f"{mac} via {server.name}: {init}")
+    wrong = {name: t for name, t in told.items()
+             if len(t) != 1 or not t[0].endswith(": cluster-init")}
+    assert not wrong, wrong
