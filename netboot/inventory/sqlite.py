@@ -872,7 +872,7 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def _machine(data: str) -> Machine:
-    return codec.machine_from_document(json.loads(data))
+    return codec.machine_from_document(codec.loads_document(data))
 
 
 def _machines_by_id(conn: sqlite3.Connection) -> None:

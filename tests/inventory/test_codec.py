@@ -350,3 +350,22 @@ def test_document_decoder_shares_repeated_names() -> None:
             for i in range(2)]
     a, b = (codec.machine_from_document(d) for d in docs)
     assert a.labels["rack"] is b.labels["rack"]
+
+
+def test_machines_without_labels_share_one_read_only_mapping() -> None:
+    bare = Machine(macs=(MacAddress.parse(MAC),), id="m-1", created=1.0, updated=2.0)
+    a, b = (codec.machine_from_document(codec.machine_document(bare)) for _ in range(2))
+    assert a.labels is b.labels is a.facts is codec.NO_ENTRIES
+    assert a == bare and codec.stored_machine(a) is a
+    with pytest.raises(TypeError):
+        a.labels["x"] = "y"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("text", ['{"a":1}', ' {"a": 1} ', '{"a":1}\n'])
+def test_loads_document(text: str) -> None:
+    assert codec.loads_document(text) == {"a": 1}
+
+
+def test_loads_document_names_bad_json() -> None:
+    with pytest.raises(json.JSONDecodeError):
+        codec.loads_document('{"a":')
