@@ -22,7 +22,7 @@ from netboot.model import Arch, MacAddress, Machine, MachineState, Role
 def machines(count: int) -> list[Machine]:
     return [
         Machine(
-            mac=MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")),
+            macs=(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")),),
             state=MachineState.ENROLLED,
             hostname=f"node-{i:06d}",
             labels={"rack": f"r{i % 40}", "site": "edge-1"},

@@ -378,6 +378,7 @@ class Spec:
     device_timeout: float
     seed: int
     until: str | None = None
+    started: float = 0.0  # time.monotonic() when the server was started (one clock per host)
 
 
 class UdpSocket:
@@ -749,12 +750,26 @@ class Generator:
             return
         self.times["total"].append(time.perf_counter() - t_start)
 
-    async def ready(self) -> None:
-        """Until the server answers HTTP and TFTP (bounded: 120 s, a big inventory loads)."""
+    async def ready(self) -> float:
+        """Until the server answers HTTP and TFTP (bounded: 120 s, a big inventory loads);
+        returns the seconds from its start to its first ``/healthz`` 200 (polled every
+        10 ms; the stand-ins have no /healthz: their first answer)."""
         import aiohttp
         deadline = time.monotonic() + 120
         probe = Device(-1, 0, CLIENT_IPS[0])
         async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(f"{self.base}/healthz",
+                                           timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status in (200, 404):
+                            healthy = time.monotonic() - self.spec.started
+                            break
+                except (OSError, aiohttp.ClientError, TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("server did not answer HTTP within 120 s")
+                await asyncio.sleep(0.01)
             while True:
                 try:
                     async with session.get(f"{self.base}/boot.ipxe",
@@ -762,7 +777,7 @@ class Generator:
                         if r.status == 200:
                             await asyncio.wait_for(self.tftp(probe, LOADER, {"tsize": "0"},
                                                              probe=True), 10)
-                            return
+                            return healthy
                 except (OSError, aiohttp.ClientError, TimeoutError, Failed):
                     pass
                 if time.monotonic() > deadline:
@@ -830,8 +845,8 @@ def generate(spec_json: str) -> None:
 
     async def main() -> None:
         gen = Generator(spec)
-        await gen.ready()
-        print("READY", flush=True)
+        healthy = await gen.ready()
+        print(f"READY {healthy:.3f}", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         result = await gen.run()
         print(json.dumps(result), flush=True)
@@ -851,6 +866,8 @@ class Result:
     server_drops: int = 0
     client_drops: int = 0
     listen_drops: int = 0
+    ready: float = 0.0  # seconds from the server's start to its first /healthz 200
+    rss_mib: float = 0.0  # the server's resident memory after the storm (all processes)
     times: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
@@ -863,6 +880,7 @@ class Result:
 def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec: Spec,
                args: argparse.Namespace, run: Path) -> Result:
     run.mkdir()
+    spec = Spec(**{**spec.__dict__, "started": time.monotonic()})
     procs = (start_netboot(server_ns, run, work, args.python, args.log_level)
              if target == "netboot" else start_standins(server_ns, run, work))
     gen = subprocess.Popen(
@@ -874,17 +892,19 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
     try:
         assert gen.stdin is not None and gen.stdout is not None
         line = gen.stdout.readline()
-        if line.strip() != "READY":
+        if line.split()[:1] != ["READY"]:
             dead = [p.name for p in procs if p.popen.poll() is not None]
             said = (run / "generator.log").read_text(errors="replace").strip()[-300:]
             raise RuntimeError(f"not ready ({said or line.strip()!r}; exited: {dead}); "
                                f"see {run}")
+        result.ready = float(line.split()[1])
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
         gen.stdin.write("GO\n")
         gen.stdin.flush()
         out = gen.stdout.readline()
         cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        result.rss_mib = sum(rss_kib(p.popen.pid) for p in procs) / 1024
         result.server_drops = udp_drops(server_ns) - drops0[0]
         result.client_drops = udp_drops(client_ns) - drops0[1]
         result.listen_drops = listen_drops(server_ns) - drops0[2]
@@ -912,6 +932,22 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         for p in procs:
             p.stop()
     return result
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of ``pid`` and its children (nginx's workers), KiB."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        todo += _children(p)
+    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -942,13 +978,14 @@ def report(results: list[Result], spec: Spec) -> None:
                     f" / {max(v) * 1e3:.1f} ({len(v)})" if v else "-")
             row += f"  {cell:>34}"
         print(row)
-    print(f"\n{'target':<12} {'wall s':>8} {'server CPU s':>13} {'client CPU s':>13} "
-          f"{'devices ok':>11} {'failed':>7} {'UDP drops s/c':>14} {'TCP listen drops':>17}"
-          "  failures")
+    print(f"\n{'target':<12} {'ready s':>8} {'RSS MiB':>8} {'wall s':>8} {'server CPU s':>13}"
+          f" {'client CPU s':>13} {'devices ok':>11} {'failed':>7} {'UDP drops s/c':>14}"
+          f" {'TCP listen drops':>17}  failures")
     for r in ok:
         fails = "; ".join(f"{s}: {', '.join(f'{k} x{n}' for k, n in v.items())}"
                           for s, v in r.failures.items())
-        print(f"{r.target:<12} {r.wall:>8.2f} {r.cpu:>13.2f} {r.generator_cpu:>13.2f} "
+        print(f"{r.target:<12} {r.ready:>8.2f} {r.rss_mib:>8.0f} {r.wall:>8.2f} {r.cpu:>13.2f}"
+              f" {r.generator_cpu:>13.2f} "
               f"{len(r.times.get('total', [])):>11} {r.failed:>7} "
               f"{f'{r.server_drops}/{r.client_drops}':>14} {r.listen_drops:>17}  {fails}")
     nb = next((r for r in ok if r.target == "netboot"), None)

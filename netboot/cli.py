@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -383,13 +383,19 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
 
 
 async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    from netboot.enroll import Enroller, parse_import
+    from netboot.enroll import Enroller, iter_import, parse_import
 
     path = Path(args.file)
     fmt = args.format or path.suffix.lstrip(".").lower() or "csv"
     text = path.read_text(encoding="utf-8")
-    rows = parse_import(text, fmt)
-    total = len(rows)
+    # A CSV file is read as the import goes (its lines count its rows, near enough for a
+    # progress bar); YAML and JSON are parsed whole anyway.
+    rows: Iterable[tuple[int, dict[str, Any]]]
+    if fmt == "csv":
+        rows, total = iter_import(text, fmt), max(text.count("\n") - 1, 0)
+    else:
+        rows = parse_import(text, fmt)
+        total = len(rows)
     show = sys.stderr.isatty() and total >= 1000
 
     def progress(n: int) -> None:

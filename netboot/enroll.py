@@ -15,8 +15,9 @@ import ipaddress
 import json
 import logging
 import re
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -155,6 +156,7 @@ class ImportReport:
 
 IMPORT_FIELDS = ("mac", "macs", "hostname", "serial", "asset", "uuid", "cluster", "role",
                  "profile", "labels", "fixed_ipv4")
+_IMPORT_FIELDS = frozenset(IMPORT_FIELDS)
 
 
 def import_macs(row: Mapping[str, Any]) -> tuple[MacAddress, ...]:
@@ -187,63 +189,77 @@ def import_macs(row: Mapping[str, Any]) -> tuple[MacAddress, ...]:
 
 def parse_import(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
     """Rows of a CSV, YAML or JSON import file, each with the line it starts on."""
+    return list(iter_import(text, fmt))
+
+
+def iter_import(text: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`parse_import` row by row: a CSV file is read as the import goes, so that
+    100,000 rows are never held as dictionaries all at once. A malformed file raises
+    ValidationError when it is reached (the header at the first row)."""
     if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if reader.fieldnames is None:
-            raise ValidationError("file", "empty CSV file (need a header row with 'mac')")
-        rows = []
-        for row in reader:
-            clean: dict[str, Any] = {}
-            labels: dict[str, str] = {}
-            for raw_key, raw_value in row.items():
-                if raw_key is None:
-                    raise ValidationError("file", f"line {reader.line_num}: more values than "
-                                                  "header columns")
-                key = raw_key.strip()
-                value = (raw_value or "").strip()
-                if key.startswith("label.") or key.startswith("labels."):
-                    if value:
-                        labels[key.split(".", 1)[1]] = value
-                elif key == "labels" and value:
-                    for pair in value.split(";"):
-                        k, sep, v = pair.partition("=")
-                        if not sep:
-                            raise ValidationError("labels", f"line {reader.line_num}: {pair!r} "
-                                                            "is not key=value")
-                        labels[k.strip()] = v.strip()
-                elif value:
-                    clean[key] = value
-            if labels:
-                clean["labels"] = labels
-            rows.append((reader.line_num, clean))
-        return rows
-    if fmt in ("yaml", "yml", "json"):
-        try:
-            if fmt == "json":
-                data = json.loads(text)
-                lines = None
-            else:
-                # BaseLoader keeps every scalar a string: YAML 1.1 would read an unquoted
-                # 52:54:00:00:00:01 as a base-60 integer and lose the MAC.
-                node = yaml.compose(text, Loader=yaml.BaseLoader)
-                data = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader is safe
-                lines = ([n.start_mark.line + 1 for n in node.value]
-                         if isinstance(node, yaml.SequenceNode) else None)
-        except (ValueError, yaml.YAMLError) as exc:
-            raise ValidationError("file", f"cannot parse {fmt}: {exc}") from exc
-        if isinstance(data, dict) and "machines" in data:
-            data = data["machines"]
+        yield from _csv_rows(text)
+    elif fmt in ("yaml", "yml", "json"):
+        yield from _document_rows(text, fmt)
+    else:
+        raise ValidationError("format", f"{fmt!r} is not csv, yaml or json")
+
+
+def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None:
+        raise ValidationError("file", "empty CSV file (need a header row with 'mac')")
+    for row in reader:
+        clean: dict[str, Any] = {}
+        labels: dict[str, str] = {}
+        for raw_key, raw_value in row.items():
+            if raw_key is None:
+                raise ValidationError("file", f"line {reader.line_num}: more values than "
+                                              "header columns")
+            key = raw_key.strip()
+            value = (raw_value or "").strip()
+            if key.startswith("label.") or key.startswith("labels."):
+                if value:
+                    labels[key.split(".", 1)[1]] = value
+            elif key == "labels" and value:
+                for pair in value.split(";"):
+                    k, sep, v = pair.partition("=")
+                    if not sep:
+                        raise ValidationError("labels", f"line {reader.line_num}: {pair!r} "
+                                                        "is not key=value")
+                    labels[k.strip()] = v.strip()
+            elif value:
+                clean[key] = value
+        if labels:
+            clean["labels"] = labels
+        yield reader.line_num, clean
+
+
+def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        if fmt == "json":
+            data = json.loads(text)
             lines = None
-        if not isinstance(data, list):
-            raise ValidationError("file", "expected a list of machines (or {machines: [...]})")
-        out = []
-        for i, item in enumerate(data):
-            line = lines[i] if lines else i + 1
-            if not isinstance(item, dict):
-                raise ValidationError("file", f"row {line}: expected a mapping")
-            out.append((line, item))
-        return out
-    raise ValidationError("format", f"{fmt!r} is not csv, yaml or json")
+        else:
+            # BaseLoader keeps every scalar a string: YAML 1.1 would read an unquoted
+            # 52:54:00:00:00:01 as a base-60 integer and lose the MAC.
+            node = yaml.compose(text, Loader=yaml.BaseLoader)
+            data = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader is safe
+            lines = ([n.start_mark.line + 1 for n in node.value]
+                     if isinstance(node, yaml.SequenceNode) else None)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ValidationError("file", f"cannot parse {fmt}: {exc}") from exc
+    if isinstance(data, dict) and "machines" in data:
+        data = data["machines"]
+        lines = None
+    if not isinstance(data, list):
+        raise ValidationError("file", "expected a list of machines (or {machines: [...]})")
+    out = []
+    for i, item in enumerate(data):
+        line = lines[i] if lines else i + 1
+        if not isinstance(item, dict):
+            raise ValidationError("file", f"row {line}: expected a mapping")
+        out.append((line, item))
+    return out
 
 
 async def fleet_status(store: Store) -> dict[str, Any]:
@@ -560,7 +576,7 @@ class Enroller:
         return updated
 
     # -- bulk import ------------------------------------------------------------------
-    async def import_rows(self, rows: Sequence[tuple[int, Mapping[str, Any]]], *,
+    async def import_rows(self, rows: Iterable[tuple[int, Mapping[str, Any]]], *,
                           dry_run: bool = False,
                           progress: Callable[[int], None] | None = None) -> ImportReport:
         """One transaction: every row applies or none; errors list every bad row.
@@ -573,13 +589,13 @@ class Enroller:
         an error naming the line and the field.
         """
         errors: list[RowError] = []
-        clusters = {c.name for c in await self._store.list_clusters()}
-        profiles = {p.name for p in await self._store.list_profiles()}
+        clusters = {c.name: c.name for c in await self._store.list_clusters()}
+        profiles = {p.name: p.name for p in await self._store.list_profiles()}
         existing = {m.id: m for m in await self._all_machines()}
         holders = {claim: m.id for m in existing.values() for claim in identity.claims(m)}
         by_host = {m.hostname: m.id for m in existing.values() if m.hostname}
         seen_claim: dict[tuple[str, str], int] = {}
-        seen_host: dict[str, tuple[int, str]] = {}
+        seen_host: dict[str, int] = {}  # hostname -> line
         line_of: dict[str, int] = {}  # machine id -> line
         create: list[Machine] = []
         update: list[Machine] = []
@@ -590,8 +606,8 @@ class Enroller:
             if progress is not None and n % 1000 == 0:
                 progress(n)
             try:
-                machine = self._row_machine(row, clusters, profiles)
-                target, absorb = self._row_target(machine, line, existing, holders, seen_claim)
+                machine, own = self._row_machine(row, clusters, profiles, now)
+                target, absorb = self._row_target(own, line, existing, holders, seen_claim)
             except ValidationError as exc:
                 errors.append(RowError(line, exc.field, exc.message))
                 continue
@@ -605,20 +621,23 @@ class Enroller:
             if machine.hostname:
                 if machine.hostname in seen_host:
                     errors.append(RowError(line, "hostname", f"{machine.hostname!r} duplicates "
-                                           f"line {seen_host[machine.hostname][0]}"))
+                                           f"line {seen_host[machine.hostname]}"))
                     continue
-                seen_host[machine.hostname] = (line, machine.id)
+                seen_host[machine.hostname] = line
                 owner = by_host.get(machine.hostname)
                 if owner is not None and owner != machine.id \
                         and owner not in {d.id for d in absorb}:
                     errors.append(RowError(line, "hostname", f"{machine.hostname!r} is used by "
                                            f"{existing[owner].ref} in the inventory"))
                     continue
-            merge += [(d.id, machine.id) for d in absorb]
             if target is None:
-                merged = identity.merge(machine, absorb, now)
-                create.append(replace(merged, created=now, updated=now))
+                # The row's machine is new: made once, with its times (no copy per step).
+                if absorb:
+                    merge += [(d.id, machine.id) for d in absorb]
+                    machine = identity.merge(machine, absorb, now)
+                create.append(machine)
                 continue
+            merge += [(d.id, machine.id) for d in absorb]
             old = target
             merged = identity.merge(replace(
                 old, macs=(*old.macs, *(m for m in machine.macs if m not in old.macs)),
@@ -637,6 +656,8 @@ class Enroller:
                 unchanged.append(old.ref)
             else:
                 update.append(replace(merged, updated=now))
+        # 200,000 identifiers of a large file, needed no more: not held through the write.
+        seen_claim.clear()
         # Machines enrolled without a name get one from the hostname template, unique against
         # both the inventory and the rest of the file.
         taken = set(by_host) | set(seen_host)
@@ -669,8 +690,11 @@ class Enroller:
         )
         if errors or dry_run:
             return report
-        events = [Event(m.id, now, "enrolled", "imported") for m in create]
-        events += [Event(m.id, now, "updated", "changed by an import") for m in update]
+        # An event per machine is its history ("enrolled: imported"); they share one empty
+        # data mapping (events are frozen values, never changed in place).
+        no_data: dict[str, Any] = {}
+        events = [Event(m.id, now, "enrolled", "imported", no_data) for m in create]
+        events += [Event(m.id, now, "updated", "changed by an import", no_data) for m in update]
         events += [Event(target, now, "merged", f"discovered record {source} is this machine "
                          "(found by an import); its history is kept", {"merged": source})
                    for source, target in merge]
@@ -683,12 +707,12 @@ class Enroller:
         return replace(report, applied=True)
 
     @staticmethod
-    def _row_target(machine: Machine, line: int, existing: Mapping[str, Machine],
+    def _row_target(own: Sequence[tuple[str, str]], line: int, existing: Mapping[str, Machine],
                     holders: Mapping[tuple[str, str], str],
                     seen: dict[tuple[str, str], int]) -> tuple[Machine | None, list[Machine]]:
         """The machine an import row updates (None: a new one) and the discovered records it
-        absorbs; ValidationError naming the field of a contested identifier."""
-        own = identity.claims(machine)
+        absorbs, given the row's identifiers (``own``); ValidationError naming the field of a
+        contested identifier."""
         for claim in own:
             if claim in seen:
                 raise ValidationError(claim[0], f"duplicate of line {seen[claim]} ({claim[1]})")
@@ -715,9 +739,12 @@ class Enroller:
             target, found = found[0], found[1:]
         return target, found
 
-    def _row_machine(self, row: Mapping[str, Any], clusters: set[str],
-                     profiles: set[str]) -> Machine:
-        unknown = [k for k in row if k not in IMPORT_FIELDS]
+    def _row_machine(self, row: Mapping[str, Any], clusters: Mapping[str, str],
+                     profiles: Mapping[str, str],
+                     now: float) -> tuple[Machine, list[tuple[str, str]]]:
+        """The new machine a row describes, created and updated ``now``, and its identifiers
+        as :func:`netboot.identity.claims` gives them."""
+        unknown = [k for k in row if k not in _IMPORT_FIELDS]
         if unknown:
             raise ValidationError(unknown[0], f"unknown column (known: {', '.join(IMPORT_FIELDS)})")
         for key, value in row.items():
@@ -732,12 +759,18 @@ class Enroller:
                 if isinstance(v, bool) or not isinstance(v, str | int | float):
                     raise ValidationError(f"labels.{k}", f"must be text, got {type(v).__name__}")
         macs = import_macs(row)
+        # Names are checked against the inventory's and the inventory's copy is kept: one
+        # string for the 12,500 machines of a cluster, not one each.
         cluster = row.get("cluster") or None
-        if cluster is not None and cluster not in clusters:
-            raise ValidationError("cluster", f"unknown cluster {cluster!r}")
+        if cluster is not None:
+            if cluster not in clusters:
+                raise ValidationError("cluster", f"unknown cluster {cluster!r}")
+            cluster = clusters[cluster]
         profile = row.get("profile") or None
-        if profile is not None and profile not in profiles:
-            raise ValidationError("profile", f"unknown profile {profile!r}")
+        if profile is not None:
+            if profile not in profiles:
+                raise ValidationError("profile", f"unknown profile {profile!r}")
+            profile = profiles[profile]
         role_text = row.get("role") or None
         if role_text is not None and role_text not in ("server", "agent"):
             raise ValidationError("role", f"{role_text!r} is not server or agent")
@@ -755,24 +788,23 @@ class Enroller:
                 fixed = str(ipaddress.IPv4Address(str(fixed)))
             except ValueError:
                 raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
+        # enrolled_value refused placeholders and normalised the rest: these are the claims
+        # identity.claims would find, in its order, without cleaning them twice.
+        own = [("mac", str(mac)) for mac in macs]
+        own += [(k, v) for k in ("uuid", "serial", "asset") if (v := ids[k])]
+        if not own:
+            raise ValidationError("mac", "required: a mac (or macs), serial, asset or uuid")
         machine = Machine(
             macs=macs, state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
             hostname=hostname, serial=ids["serial"], asset=ids["asset"], uuid=ids["uuid"],
             cluster=cluster, role=Role(role_text) if role_text else None, profile=profile,
-            labels={str(k): str(v) for k, v in labels.items()},
-            fixed_ipv4=str(fixed) if fixed else None,
+            labels={sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()},
+            fixed_ipv4=str(fixed) if fixed else None, created=now, updated=now,
         )
-        if not identity.claims(machine):
-            raise ValidationError("mac", "required: a mac (or macs), serial, asset or uuid")
-        return machine
+        return machine, own
 
     async def _all_machines(self) -> list[Machine]:
-        out: list[Machine] = []
-        offset = 0
-        while True:
-            page = await self._store.list_machines(MachineFilter(limit=5000, offset=offset))
-            out.extend(page)
-            if len(page) < 5000:
-                return out
-            offset += 5000
+        # One read: pages by OFFSET walk the skipped rows again for every page.
+        total = await self._store.count_machines()
+        return await self._store.list_machines(MachineFilter(limit=total + 100)) if total else []
 

@@ -58,10 +58,13 @@ _JUNK = frozenset(
 )
 
 
+_SPACES_DOTS = re.compile(r"[\s.]")
+
+
 def is_junk(value: str) -> bool:
     """A placeholder many boards report, or only zeros, F's, spaces or dots."""
-    key = re.sub(r"[\s.]", "", value).lower()
-    return key in _JUNK or set(key) <= {"0"} or set(key) <= {"f"} or set(key) <= {"x"}
+    key = _SPACES_DOTS.sub("", value).lower()
+    return key in _JUNK or not key.strip("0") or not key.strip("f") or not key.strip("x")
 
 
 def clean_uuid(text: str | None) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from netboot.enroll import Enroller, parse_import, render_hostname
+from netboot.enroll import Enroller, iter_import, parse_import, render_hostname
 from netboot.errors import ValidationError
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.sqlite import SqliteStore
@@ -91,6 +91,38 @@ def test_parse_errors() -> None:
         parse_import("a: 1\n", "yaml")
     with pytest.raises(ValidationError, match="key=value"):
         parse_import("mac,labels\n52:54:00:00:00:01,rack\n", "csv")
+
+
+async def test_streamed_csv_import_writes_nothing_when_the_file_breaks_late(
+        store) -> None:  # type: ignore[no-untyped-def]
+    # Rows are read as the import goes: a malformed line after good ones still stops the
+    # import before anything is written.
+    text = CSV + "52:54:00:00:00:04,edge-4,S4,edge,agent,p,r1,one-too-many\n"
+    with pytest.raises(ValidationError, match="line 5: more values than header columns"):
+        await Enroller(store).import_rows(iter_import(text, "csv"))
+    assert await store.count_machines() == 0
+    assert list(iter_import(CSV, "csv")) == parse_import(CSV, "csv")
+
+
+async def test_bulk_import_through_sqlite_reads_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Enough rows for the SQLite store's bulk path (sqlite.BULK_ROWS).
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        await store.put_cluster(Cluster(name="edge", token="t"))
+        rows = ["mac,hostname,serial,cluster,label.rack"]
+        rows += [f"52:54:00:00:{i >> 8:02x}:{i & 255:02x},{'' if i % 4 == 0 else f'h{i}'},"
+                 f"S{i},edge,r{i % 3}" for i in range(700)]
+        report = await Enroller(store).import_rows(iter_import("\n".join(rows) + "\n", "csv"))
+        assert report.applied and len(report.created) == 700
+        got = await store.machine_by("serial", "S8")
+        assert got is not None and got.hostname == "node-000008" and got.labels == {"rack": "r2"}
+        assert str(got.mac) == "52:54:00:00:00:08" and got.cluster == "edge"
+        assert [e.kind for e in await store.list_events(got.id)] == ["enrolled"]
+        again = await Enroller(store).import_rows(iter_import("\n".join(rows) + "\n", "csv"))
+        assert len(again.unchanged) == 700 and not again.errors
+    finally:
+        await store.close()
 
 
 def test_hostname_templates() -> None:

@@ -211,6 +211,15 @@ def test_syntax_error_stops_startup_with_file_and_line(tmp_path: Path) -> None:
     assert err.value.line == 3 and "local.ipxe" in (err.value.source or "")
 
 
+def test_unknown_filter_stops_startup(tmp_path: Path) -> None:
+    # Found when the template is translated, not only when it is parsed.
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "local.ipxe").write_text("#!ipxe\n{{ base_url | no_such_filter }}\n")
+    with pytest.raises(ConfigError) as err:
+        Renderer([tmp_path]).check_all()
+    assert err.value.line == 2 and "no_such_filter" in str(err.value)
+
+
 def test_register_command_is_valid_shell(tmp_path: Path) -> None:
     import subprocess
 

@@ -34,7 +34,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -281,16 +281,15 @@ class _Row:
     __slots__ = ("created", "data", "id", "keys", "labels", "mac", "machine", "updated")
 
     def __init__(self, machine: Machine) -> None:
-        as_dict = codec.machine_to_dict(machine)
-        # Round trip so that what would not read back is refused now (see codec's docstring).
-        self.machine = codec.machine_from_dict(as_dict)
-        self.id = machine.id
-        self.mac = as_dict["macs"][0] if as_dict["macs"] else None
-        self.data = codec.dumps(as_dict, "machine")
-        self.labels = [(self.id, k, v) for k, v in as_dict["labels"].items()]
-        self.keys = [(kind, value, self.id) for kind, value in claims(self.machine)]
-        self.created = as_dict["created"]
-        self.updated = as_dict["updated"]
+        # What would not read back is refused now (see codec's docstring), checked in place.
+        self.machine = m = codec.stored_machine(machine)
+        self.id = m.id
+        self.mac = str(m.macs[0]) if m.macs else None
+        self.data = codec.dumps(codec.machine_document(m), "machine")
+        self.labels = [(self.id, k, v) for k, v in m.labels.items()]
+        self.keys = [(kind, value, self.id) for kind, value in claims(m)]
+        self.created = m.created
+        self.updated = m.updated
 
     def insert_params(self) -> tuple[Any, ...]:
         m = self.machine
@@ -541,14 +540,17 @@ class SqliteStore:
     async def apply_batch(self, batch: Batch) -> None:
         """One ``BEGIN IMMEDIATE`` transaction: merges, creates, updates, events in order."""
         if batch.merge or batch.create or batch.update or batch.events or batch.expect:
-            events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
-            rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
-                    for v in events]
+            # Checked as they are written (on the worker): 100,000 events of an import are
+            # not copied first, unless a listener is to be told of them.
+            checked: Iterable[tuple[Event, str]] = map(codec.stored_event, batch.events)
+            if self._listener is not None:
+                checked = list(checked)
+            rows = ((v.machine, v.time, v.kind, v.message, data) for v, data in checked)
             await self._run(_apply_batch, [self._sealed.seal_machine(m) for m in batch.create],
                             [self._sealed.seal_machine(m) for m in batch.update], rows, batch.merge,
                             dict(batch.expect))
-            if events and self._listener is not None:
-                self._listener.published(events)
+            if batch.events and self._listener is not None:
+                self._listener.published([v for v, _ in checked])
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:
@@ -861,7 +863,7 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def _machine(data: str) -> Machine:
-    return codec.machine_from_dict(json.loads(data))
+    return codec.machine_from_document(codec.loads_document(data))
 
 
 def _machines_by_id(conn: sqlite3.Connection) -> None:
@@ -988,15 +990,38 @@ def _apply_batch(
     conn: sqlite3.Connection,
     create: Sequence[Machine],
     update: Sequence[Machine],
-    events: Sequence[tuple[str, float, str, str, str]] = (),
+    events: Iterable[tuple[str, float, str, str, str]] = (),
     merge: Sequence[tuple[str, str]] = (),
     expect: Mapping[str, MachineState] | None = None,
 ) -> None:
-    # Encode (and so validate) on the worker, not the event loop: 100k rows take a second of
-    # CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before BEGIN,
-    # so a bad row costs no lock time.
-    creates = [_Row(m) for m in create]
-    updates = [_Row(m) for m in update]
+    if len(create) < BULK_ROWS:
+        # Encode (and so validate) on the worker, not the event loop: 100k rows take a second
+        # of CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before
+        # BEGIN, so a bad row costs no lock time.
+        _write_batch(conn, create, [_Row(m) for m in create], [_Row(m) for m in update],
+                     events, merge, expect)
+        return
+    # A bulk import: its new machines are encoded as they are inserted, since a second copy
+    # of 100,000 encoded rows is memory the import cannot spare; a bad row rolls it all back.
+    size = conn.execute("PRAGMA cache_size").fetchone()[0]
+    conn.execute(f"PRAGMA cache_size = {-BULK_CACHE_KIB}")
+    # The labels and identifiers inserted refer to machines the same transaction inserts
+    # (or, for updates, found by id): checking each reference costs a random look-up per row.
+    # A merge deletes machines and needs ON DELETE CASCADE: checks stay on then. (Outside a
+    # transaction: SQLite ignores the pragma inside one.)
+    checks = bool(merge)
+    conn.execute(f"PRAGMA foreign_keys = {'ON' if checks else 'OFF'}")
+    try:
+        _write_batch(conn, create, None, [_Row(m) for m in update], events, merge, expect)
+    finally:
+        conn.execute(f"PRAGMA cache_size = {int(size)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+
+
+def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: list[_Row] | None,
+                 updates: list[_Row], events: Iterable[tuple[str, float, str, str, str]],
+                 merge: Sequence[tuple[str, str]],
+                 expect: Mapping[str, MachineState] | None = None) -> None:
     with _immediate(conn):
         for machine_id, state in (expect or {}).items():
             row = conn.execute("SELECT state FROM machines WHERE id = ?", (machine_id,)).fetchone()
@@ -1007,25 +1032,41 @@ def _apply_batch(
             conn.execute("UPDATE events SET machine = ? WHERE machine = ?", (target, source))
         conn.execute("SAVEPOINT fast")
         try:
-            _fast_batch(conn, creates, updates)
+            if creates is None:
+                _bulk_insert(conn, create)
+            else:
+                _insert_rows(conn, creates)
+            _update_rows(conn, updates)
         except (sqlite3.IntegrityError, _Retry):
             # executemany cannot say which row failed; replay one by one under the same lock
             # to name it. The replay succeeds, and commits, when only the fast path's shape
             # failed: one machine updated twice has its labels inserted twice.
             conn.execute("ROLLBACK TO fast")
-            _slow_batch(conn, creates, updates)
-        if events:
-            conn.executemany(
-                "INSERT INTO events (machine, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
-                events)
+            _slow_batch(conn, [_Row(m) for m in create] if creates is None else creates,
+                        updates)
+        conn.executemany(
+            "INSERT INTO events (machine, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+            events)
         conn.execute("RELEASE fast")
 
 
-def _fast_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Row]) -> None:
+# From this many new machines a batch is a bulk import (see _bulk_insert).
+BULK_ROWS = 500
+# Page cache of a bulk import, KiB. SQLite's default (2 MiB) holds a sliver of 100,000
+# machines' indexes; each insert lands on a random page of each, and the pages it evicts are
+# written to the WAL and read back over and over (a third of an import's time went to
+# system calls). Given back after the batch.
+BULK_CACHE_KIB = 32768
+
+
+def _insert_rows(conn: sqlite3.Connection, creates: list[_Row]) -> None:
     if creates:
         conn.executemany(_INSERT_MACHINE, (r.insert_params() for r in creates))
         conn.executemany(_INSERT_LABEL, (lab for r in creates for lab in r.labels))
         conn.executemany(_INSERT_KEY, (key for r in creates for key in r.keys))
+
+
+def _update_rows(conn: sqlite3.Connection, updates: list[_Row]) -> None:
     if updates:
         cur = conn.executemany(_UPDATE_MACHINE, (r.update_params() for r in updates))
         if cur.rowcount != len(updates):  # some id is missing, or listed twice
@@ -1034,6 +1075,43 @@ def _fast_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Ro
         conn.executemany(_DELETE_KEYS, ((r.id,) for r in updates))
         conn.executemany(_INSERT_LABEL, (lab for r in updates for lab in r.labels))
         conn.executemany(_INSERT_KEY, (key for r in updates for key in r.keys))
+
+
+def _bulk_params(machine: Machine) -> tuple[Any, ...]:
+    """A new machine's row of ``temp.bulk``: its columns, then the values of its identifiers
+    other than MACs (which the document holds as they are claimed)."""
+    m = codec.stored_machine(machine)
+    keys = dict(claims(m)[len(m.macs):])
+    return (m.id, str(m.macs[0]) if m.macs else None, m.hostname, m.state.value, m.cluster,
+            codec.dumps(codec.machine_document(m), "machine"), m.created, m.updated,
+            keys.get("uuid"), keys.get("serial"), keys.get("asset"))
+
+
+def _bulk_insert(conn: sqlite3.Connection, create: Sequence[Machine]) -> None:
+    """Many new machines: into one temporary table (no index, no trigger), encoded as they
+    go, then one ``INSERT … SELECT`` per table, labels and MACs taken from the stored
+    document. Each row inserted by a statement of its own made SQLite keep a statement
+    journal for it (the change-feed trigger could fail half way) and copy every index page
+    it touched into it; one statement copies each page at most once."""
+    conn.execute("CREATE TEMP TABLE bulk (id, mac, hostname, state, cluster, data, created,"
+                 " updated, uuid, serial, asset)")
+    try:
+        conn.executemany("INSERT INTO temp.bulk VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         map(_bulk_params, create))
+        conn.execute("INSERT INTO machines (id, mac, hostname, state, cluster, data, created,"
+                     " updated) SELECT id, mac, hostname, state, cluster, data, created,"
+                     " updated FROM temp.bulk")
+        conn.execute("INSERT INTO machine_labels (machine, key, value)"
+                     " SELECT b.id, l.key, l.value FROM temp.bulk b,"
+                     " json_each(b.data, '$.labels') l")
+        conn.execute("INSERT INTO machine_keys (kind, value, machine)"
+                     " SELECT 'mac', k.value, b.id FROM temp.bulk b, json_each(b.data, '$.macs') k"
+                     " UNION ALL SELECT 'uuid', uuid, id FROM temp.bulk WHERE uuid IS NOT NULL"
+                     " UNION ALL SELECT 'serial', serial, id FROM temp.bulk"
+                     " WHERE serial IS NOT NULL"
+                     " UNION ALL SELECT 'asset', asset, id FROM temp.bulk WHERE asset IS NOT NULL")
+    finally:
+        conn.execute("DROP TABLE IF EXISTS temp.bulk")
 
 
 def _slow_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Row]) -> None:

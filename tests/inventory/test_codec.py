@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -281,3 +282,90 @@ def test_check_filter() -> None:
     with pytest.raises(ValidationError) as err:
         codec.check_filter(MachineFilter(offset=-5))
     assert err.value.field == "offset"
+
+
+# --- what a store keeps of a machine ----------------------------------------------------------
+
+
+def test_stored_machine_is_the_machine_when_it_reads_back_as_it_is() -> None:
+    assert codec.stored_machine(MACHINE) is MACHINE
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"labels": {"rack": 7}}, "labels.rack"),
+    ({"fixed_ipv4": "999.1.1.1"}, "fixed_ipv4"),
+    ({"created": float("nan")}, "created"),
+    ({"id": "m-a/b"}, "id"),
+    ({"macs": (MacAddress.parse(MAC), MacAddress.parse(MAC))}, "macs[1]"),
+])
+def test_stored_machine_refuses_what_would_not_read_back(change: dict[str, Any],
+                                                         field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.stored_machine(replace(MACHINE, **change))
+    assert err.value.field == field
+
+
+def test_stored_machine_normalises_like_the_round_trip() -> None:
+    odd = replace(MACHINE, created=5)
+    got = codec.stored_machine(odd)
+    assert got == codec.machine_from_dict(codec.machine_to_dict(odd))
+    assert type(got.created) is float
+
+
+def test_document_leaves_out_defaults_and_reads_back_the_same() -> None:
+    bare = Machine(macs=(MacAddress.parse(MAC),), id="m-1", created=1.0, updated=2.0)
+    assert codec.machine_document(bare) == {"id": "m-1", "macs": [MAC], "state": "enrolled",
+                                            "created": 1.0, "updated": 2.0}
+    for m in (bare, MACHINE):
+        doc = json.loads(codec.dumps(codec.machine_document(m)))
+        assert codec.machine_from_document(doc) == m == codec.machine_from_dict(doc)
+        full = json.loads(codec.dumps(codec.machine_to_dict(m)))
+        assert codec.machine_from_document(full) == m
+
+
+@pytest.mark.parametrize("change", [
+    {"macs": ["AA-BB-CC-DD-EE-FF"]},  # another spelling: normalised by the strict parse
+    {"created": 3},
+])
+def test_document_decoder_hands_the_unusual_to_the_strict_parse(change: dict[str, Any]) -> None:
+    doc = {**codec.machine_to_dict(MACHINE), **change}
+    assert codec.machine_from_document(doc) == codec.machine_from_dict(doc)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"labels": {"rack": 7}}, "labels.rack"),
+    ({"created": None}, "created"),
+    ({"state": "sleeping"}, "state"),
+    ({"colour": "red"}, "colour"),
+    ({"macs": ["nope"]}, "macs[0]"),
+])
+def test_document_decoder_names_what_it_refuses(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.machine_from_document({**codec.machine_to_dict(MACHINE), **change})
+    assert err.value.field == field
+
+
+def test_document_decoder_shares_repeated_names() -> None:
+    docs = [json.loads(codec.dumps(codec.machine_document(replace(MACHINE, id=f"m-{i}"))))
+            for i in range(2)]
+    a, b = (codec.machine_from_document(d) for d in docs)
+    assert a.labels["rack"] is b.labels["rack"]
+
+
+def test_machines_without_labels_share_one_read_only_mapping() -> None:
+    bare = Machine(macs=(MacAddress.parse(MAC),), id="m-1", created=1.0, updated=2.0)
+    a, b = (codec.machine_from_document(codec.machine_document(bare)) for _ in range(2))
+    assert a.labels is b.labels is a.facts is codec.NO_ENTRIES
+    assert a == bare and codec.stored_machine(a) is a
+    with pytest.raises(TypeError):
+        a.labels["x"] = "y"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("text", ['{"a":1}', ' {"a": 1} ', '{"a":1}\n'])
+def test_loads_document(text: str) -> None:
+    assert codec.loads_document(text) == {"a": 1}
+
+
+def test_loads_document_names_bad_json() -> None:
+    with pytest.raises(json.JSONDecodeError):
+        codec.loads_document('{"a":')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,63 @@ async def test_large_batch(store: Store) -> None:
     await store.apply_batch(Batch(create=rows))
     assert await store.count_machines() == 2000
     assert await store.count_machines(MachineFilter(labels=(("i", "0"),))) == 667
+
+
+# Past the SQLite store's bulk-import path (sqlite.BULK_ROWS): staged rows, one statement each.
+BULK = 600
+
+
+def bulk_rows() -> list[Machine]:
+    return [Machine(macs=(MacAddress.parse(mac(100 + i)),)
+                    + ((MacAddress.parse(mac(10_000 + i)),) if i % 3 == 0 else ()),
+                    hostname=f"n{i}", serial=f"S{i}", asset=f"A{i}" if i % 2 else None,
+                    uuid=f"4c4c4544-0042-3510-8052-{i:012x}" if i % 5 == 0 else None,
+                    labels={"i": str(i % 4), "site": "edge"} if i % 7 else {},
+                    facts={"product": "x"} if i % 11 == 0 else {},
+                    cluster="c1" if i % 2 else None, role=Role.AGENT, created=5.0, updated=6.0)
+            for i in range(BULK)]
+
+
+async def test_bulk_batch_reads_back_by_every_identifier(store: Store) -> None:
+    rows = bulk_rows()
+    await store.apply_batch(Batch(create=rows, events=[Event(m.id, 7.0, "enrolled", "imported")
+                                                       for m in rows]))
+    assert await store.count_machines() == BULK
+    for m in rows[::37]:
+        assert await store.get_machine(m.id) == m
+        for kind, value in [("mac", str(x)) for x in m.macs] + [
+                (k, getattr(m, k)) for k in ("serial", "asset", "uuid") if getattr(m, k)]:
+            assert await store.machine_by(kind, value) == m, (kind, value)
+        assert await store.get_machine_by_hostname(m.hostname or "") == m
+        assert [e.kind for e in await store.list_events(m.id)] == ["enrolled"]
+    labelled = sum(1 for i in range(BULK) if i % 7 and i % 4 == 1)
+    assert await store.count_machines(MachineFilter(labels=(("i", "1"),))) == labelled
+    # References are checked again after the bulk write: a delete takes labels and keys along.
+    await store.delete_machine(rows[1].id)
+    assert await store.count_machines(MachineFilter(labels=(("i", "1"),))) == labelled - 1
+    assert await store.machine_by("mac", mac(101)) is None
+    await store.create_machine(replace(rows[1], id="m-again"))
+    assert await store.machine_by("mac", mac(101)) == replace(rows[1], id="m-again")
+
+
+@pytest.mark.parametrize(("bad", "text"), [
+    (Machine(macs=(MacAddress.parse(MAC1),), hostname="fresh"), "mac 02:00:00:00:00:01"),
+    (machine(mac(5000), serial="S-1"), "serial S-1"),
+    (machine(mac(5001), hostname="EXISTING"), "hostname 'EXISTING'"),
+    (machine(mac(5002), serial="S7"), "serial S7"),  # another row of the same batch
+    (machine(mac(5003), fixed_ipv4="999.1.1.1"), "not an IPv4"),
+])
+async def test_bulk_batch_all_or_nothing(store: Store, bad: Machine, text: str) -> None:
+    before = machine(MAC1, hostname="existing", serial="S-1", labels={"k": "v"})
+    await store.create_machine(before)
+    rows = bulk_rows()
+    rows.insert(300, bad)
+    with pytest.raises((Conflict, ValidationError), match=text):
+        await store.apply_batch(Batch(create=rows, events=[Event(m.id, 7.0, "enrolled")
+                                                           for m in rows]))
+    assert await store.list_machines() == [before]
+    assert await store.list_events(rows[0].id) == []
+    assert await store.count_machines(MachineFilter(labels=(("site", "edge"),))) == 0
 
 
 # --- listing ---------------------------------------------------------------------------------
