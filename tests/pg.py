@@ -54,8 +54,25 @@ class Cluster:
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
 
+    def halt(self) -> None:
+        """SIGINT is PostgreSQL's "fast shutdown": sessions are ended, the server exits.
+        Its data stays, for :meth:`restart`."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+
+    def restart(self) -> None:
+        """The same cluster again, on the same socket (a database server restart)."""
+        self.halt()
+        self.process = _launch(self.base, self.socket_dir, self.port)
+        _wait_ready(self)
+
     def stop(self) -> None:
-        halt(self)
+        self.halt()
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -111,33 +128,13 @@ def _launch(base: Path, sockets: Path, port: int) -> subprocess.Popen[bytes]:
     if owner is not None:
         as_owner = {"user": owner[0], "group": owner[1], "extra_groups": []}
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-        [str(bindir() / "postgres"), "-D", str(base / "data"), "-k", str(sockets), "-p",
-         str(port), "-c", "listen_addresses=", "-c", "fsync=off",
-         "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-         "-c", "max_connections=200", "-c", "logging_collector=off"],
-        stdout=subprocess.DEVNULL, stderr=open(base / "server.log", "ab"),
-        env=env, cwd=base, **as_owner)
-
-
-def halt(cluster: Cluster) -> None:
-    """Stop the server by its own PID, keeping its data for :func:`resume` (a database
-    outage, as a client sees it). SIGINT is PostgreSQL's "fast shutdown": sessions are
-    ended, the server exits."""
-    if cluster.process.poll() is not None:
-        return
-    cluster.process.send_signal(signal.SIGINT)
-    try:
-        cluster.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        cluster.process.kill()
-        cluster.process.wait(timeout=30)
-
-
-def resume(cluster: Cluster) -> None:
-    """Start a halted server (:func:`halt`) again on the same data, socket and port."""
-    cluster.process = _launch(cluster.base, cluster.socket_dir, cluster.port)
-    _wait_ready(cluster)
+    with open(base / "server.log", "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+            [str(bindir() / "postgres"), "-D", str(base / "data"), "-k", str(sockets),
+             "-p", str(port), "-c", "listen_addresses=", "-c", "fsync=off",
+             "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "max_connections=200", "-c", "logging_collector=off"],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=base, **as_owner)
 
 
 def _wait_ready(cluster: Cluster) -> None:

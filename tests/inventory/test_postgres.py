@@ -16,6 +16,7 @@ from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
 from netboot.inventory.view import InventoryView
 from netboot.model import Cluster, MacAddress, Machine
 from netboot.sealing import Sealer
+from tests import pg
 
 
 async def test_unreachable_database_is_a_store_error_without_the_password(
@@ -149,3 +150,35 @@ async def test_concurrent_writers_on_two_servers_reach_a_view_exactly(
     for n in range(4):
         for i in range(20):
             assert await view.get_setting(f"k{n}-{i}") == str(i)
+
+
+async def test_a_database_restart_fails_requests_then_heals(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the database is down every call is a StoreError (a 503), never "not found";
+    once it is back the same store answers again, and its reader listens again."""
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # woken by NOTIFY, or not at all
+    cluster = await asyncio.to_thread(pg.start)  # its own: the session's must stay up
+    a, b = PostgresStore(cluster.dsn()), PostgresStore(cluster.dsn())
+    try:
+        await a.open()
+        await b.open()
+        first = Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),), hostname="one")
+        await a.create_machine(first)
+        await asyncio.to_thread(cluster.halt)
+        with pytest.raises(StoreError):
+            await a.get_machine(first.id)
+        with pytest.raises(StoreError):
+            await a.put_setting("k", "v")
+        await asyncio.to_thread(cluster.restart)
+        assert await a.get_machine(first.id) == first
+        seq = (await b.changes_since(-1)).seq
+        waiting = asyncio.create_task(b.wait_for_changes(seq, 600.0))
+        await asyncio.sleep(0)
+        second = Machine(macs=(MacAddress.parse("02:00:00:00:00:02"),), hostname="two")
+        await a.create_machine(second)
+        assert await waiting is True
+        assert await b.get_machine(second.id) == second
+    finally:
+        await a.close()
+        await b.close()
+        await asyncio.to_thread(cluster.stop)
