@@ -137,18 +137,6 @@ def _launch(base: Path, sockets: Path, port: int) -> subprocess.Popen[bytes]:
             stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=base, **as_owner)
 
 
-def halt(cluster: Cluster) -> None:
-    """Stop the server by its own PID, keeping its data for :func:`resume` (a database
-    outage, as a client sees it)."""
-    cluster.halt()
-
-
-def resume(cluster: Cluster) -> None:
-    """Start a halted server (:func:`halt`) again on the same data, socket and port."""
-    cluster.process = _launch(cluster.base, cluster.socket_dir, cluster.port)
-    _wait_ready(cluster)
-
-
 def _wait_ready(cluster: Cluster) -> None:
     """Until the server accepts connections (pg_isready), bounded; a dead server fails at
     once with its log."""

@@ -162,7 +162,7 @@ async def test_postgresql_stopped_and_started_under_two_servers(
     before = [e["kind"] for e in events].count("local-boot")
 
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, pg.halt, own_postgres)
+    await loop.run_in_executor(None, own_postgres.halt)
     try:
         assert "exit" in await pair.boot(pair.b, DONE)  # from B's memory
         async with pair.http.get(f"{pair.b.base}/ipxe?mac={NEW}&arch=x86_64") as resp:
@@ -180,7 +180,7 @@ async def test_postgresql_stopped_and_started_under_two_servers(
                                   json={"mac": "52:54:00:13:10:03"}) as resp:
             assert resp.status == 503  # a write, refused: nothing was done
     finally:
-        await loop.run_in_executor(None, pg.resume, own_postgres)
+        await loop.run_in_executor(None, own_postgres.restart)
 
     for server in (pair.a, pair.b):
         await until(lambda s=server: healthy(pair, s), f"{server.name} is healthy again")  # type: ignore[misc]
@@ -207,13 +207,13 @@ async def test_database_restart_between_ipxe_and_register_loses_nothing(
     await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": NEW}, status=201)
     token = install_token(await pair.boot(pair.b, NEW))
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, pg.halt, own_postgres)
+    await loop.run_in_executor(None, own_postgres.halt)
     try:
         body = {"mac": NEW, "token": token, "addresses": ["192.0.2.62"]}
         async with pair.http.post(pair.a.base + "/api/v1/register", json=body) as resp:
             assert resp.status == 503  # told so; the device tries again
     finally:
-        await loop.run_in_executor(None, pg.resume, own_postgres)
+        await loop.run_in_executor(None, own_postgres.restart)
     await until(lambda: healthy(pair, pair.a), "A is healthy again")
     machine = await pair.call(pair.a, "POST", "/api/v1/register", body=body, admin=False,
                               status=200)
