@@ -11,7 +11,6 @@ bytes that firmware understands.
 from __future__ import annotations
 
 import ipaddress
-import uuid as uuidlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
@@ -197,9 +196,11 @@ def _uuid(raw: bytes | None, firmware: Firmware) -> str | None:
     body = raw[1:]
     if body in (bytes(16), b"\xff" * 16):
         return None
-    if firmware == Firmware.UBOOT:
-        return str(uuidlib.UUID(bytes=body))
-    return str(uuidlib.UUID(bytes_le=body))
+    if firmware != Firmware.UBOOT:  # EFI byte order to RFC 4122's
+        body = body[3::-1] + body[5:3:-1] + body[7:5:-1] + body[8:]
+    # str(uuid.UUID(bytes=body)) without building the UUID object: one per DISCOVER.
+    h = body.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _text(raw: bytes | None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from netboot.model import (
     ApiToken,
@@ -92,6 +92,18 @@ class ChangeFeed(Protocol):
 
     async def forget_changes(self, before: int) -> None:
         """History before ``before`` is no longer needed by this reader (it may be pruned)."""
+
+
+@runtime_checkable
+class LocalCommits(Protocol):
+    """A store that counts the writes made through it (in this process) as they return.
+
+    Lets a reader of the change feed tell, without a round trip, that nothing was written here
+    since it last synced (:meth:`netboot.inventory.view.InventoryView.fresh`); commits by
+    other processes still need :meth:`ChangeFeed.changes_since`."""
+
+    @property
+    def commits(self) -> int: ...
 
 
 class EventListener(Protocol):

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from netboot import pxe
 from netboot.errors import ConfigError, DecodeError, StoreError
@@ -342,7 +342,7 @@ class DhcpServer:
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
         try:
-            decision = self._decider.first_stage(client.request)
+            decision = _settled(self._decider.first_stage(client.request))
         except Exception as exc:
             self._decision_failed(exc, client, xid)
             return None
@@ -415,7 +415,7 @@ class DhcpServer:
             return []
         decision: FirstStage | Awaitable[FirstStage | None] | None
         try:
-            decision = self._decider.first_stage(client.request)
+            decision = _settled(self._decider.first_stage(client.request))
         except Exception as exc:
             # The same boundary as an awaited decision: logged, silent, keep serving.
             self._decision_failed(exc, client, packet.xid)
@@ -618,6 +618,16 @@ _PROXY_KIND = {True: "proxy OFFER", False: "proxy ACK"}
 
 def _name(mt: MessageType | None) -> str:
     return mt.name if mt is not None else "BOOTP"
+
+
+def _settled(
+    decision: FirstStage | Awaitable[FirstStage | None] | None,
+) -> FirstStage | Awaitable[FirstStage | None] | None:
+    """A future that is already done is its value (or raises its error): the decider knew
+    the answer at once and wrapped it only for callers that await."""
+    if isinstance(decision, asyncio.Future) and decision.done():
+        return cast(FirstStage | None, decision.result())
+    return decision
 
 
 async def _none() -> None:
