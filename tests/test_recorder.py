@@ -132,3 +132,17 @@ async def test_what_a_device_was_told_survives_kill_9(tmp_path: Path) -> None:
         assert "install-plan" in await kinds(store, machine.id)
     finally:
         await store.close()
+
+
+async def test_last_remembers_what_went_through_queued_or_committed(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    own, _ = stores
+    recorder = Recorder(own, delay=3600)
+    assert recorder.last("m1") is None
+    recorder.record(ev("dhcp"))
+    assert recorder.last("m1") == ("dhcp", "dhcp")  # queued
+    await recorder.flush()
+    assert recorder.last("m1") == ("dhcp", "dhcp")  # and still once written
+    await recorder.commit(Batch(events=(ev("install"),)))
+    assert recorder.last("m1") == ("install", "install")
+    await recorder.close()
