@@ -96,6 +96,7 @@ class DhcpServer:
         observer: DhcpObserver | None = None,
     ) -> None:
         self._settings = settings
+        self._replies = pxe.ProxyReplies(settings)
         self._decider = decider
         self._store = leases
         self._interfaces = list(interfaces or [])
@@ -442,17 +443,17 @@ class DhcpServer:
                        peer[0], client.firmware)
             return []
         try:
-            reply = pxe.proxy_reply(
-                packet, client, stage, server_ip=server_ip, settings=self._settings,
-                pxe_port=pxe_port,
-            )
+            data, reply = self._replies.encode(packet, client, stage, server_ip=server_ip,
+                                               pxe_port=pxe_port)
         except Unanswerable as exc:
             self.summary.note("unanswerable")
             self._limited.log(logging.WARNING, str(mac),
                               "dhcp: %s xid %#010x from %s: cannot answer: %s", mac,
                               packet.xid, peer[0], exc)
             return []
-        out = self._reply(packet, reply, peer, pxe_port)
+        out = data, pxe.reply_destination(
+            packet, reply, peer, pxe_port=pxe_port, broadcast=self._broadcast,
+            client_port=self._client_port, relay_port=self._relay_port)
         kind = _PROXY_KIND[client.message_type == MessageType.DISCOVER]
         self.summary.note(kind)
         if self._observer is not None:
