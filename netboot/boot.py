@@ -20,14 +20,15 @@ The states themselves change only through :mod:`netboot.lifecycle`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
@@ -60,6 +61,13 @@ from netboot.model import (
     url_host,
 )
 from netboot.names import serves_cluster, valid_label
+
+# How old the view may be for a DHCP answer when this process wrote nothing since its last
+# sync (InventoryView.fresh): what another process commits (the CLI) reaches DHCP answers
+# within this bound. Firmware retransmits a DISCOVER after seconds (4 s in EDK2 and iPXE).
+DHCP_VIEW_AGE = 0.05
+
+_T = TypeVar("_T")
 
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
 # The fact naming the address an install's token was served to: the one address that gets it
@@ -222,22 +230,53 @@ class BootService:
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
 
     # -- DHCP -------------------------------------------------------------------------
-    async def first_stage(self, request: BootRequest) -> FirstStage | None:
+    def first_stage(self, request: BootRequest) -> asyncio.Future[FirstStage | None]:
         """What the firmware's DHCP answer points at, or None to stay silent.
 
         Called on the DHCP path, which must answer within ~2 s (iPXE drops late proxy offers,
-        protocols.md §1.6): one indexed read, and writes happen in the background.
+        protocols.md §1.6), and in a storm thousands of times a second. Decided from the
+        in-memory view; when it holds everything needed the future is already done (the DHCP
+        server answers without a task), else it finishes after the store read.
         """
-        fresh = await self._fresh()
-        machine = (await self._resolve(request)).machine
+        return _eager(self._first_stage(request))
+
+    async def _first_stage(self, request: BootRequest) -> FirstStage | None:
+        # From memory when this process wrote nothing since a recent sync (what other
+        # processes commit is seen within DHCP_VIEW_AGE); else a sync, which also notices an
+        # unreachable inventory: then the view answers as it is and nothing is recorded.
+        fresh = self.health.up and (self._view.fresh(DHCP_VIEW_AGE) or await self._fresh())
+        res = await self._resolve(request)
+        machine = res.machine
         if fresh:
-            self._spawn(self._record_dhcp(request))
+            self._record_dhcp_soon(request, res)
         if (machine is None or machine.state == MachineState.DISCOVERED) \
                 and self.settings.policy == "ignore" and not await self._awaiting_nic():
             return None
         if request.firmware not in (Firmware.UEFI, Firmware.UEFI_HTTP):
             return self.loader(request)
-        return self.loader(request, *await self.chain(machine, request))
+        return self.loader(request, *await self._chain(machine, request))
+
+    def _record_dhcp_soon(self, request: BootRequest, res: Resolution) -> None:
+        """Record what a DHCP request told in the background, unless it told nothing new.
+
+        A firmware asks two to four times per boot (retransmissions, then :4011) and a storm
+        repeats that for every device: a machine known here whose facts would not change and
+        whose newest event is this same step writes nothing and costs no task; an unknown
+        device whose source has spent its discovery budget neither."""
+        machine = res.machine
+        now = self._clock()
+        if machine is None:
+            if self.discovery.admit(request, now):
+                self._spawn(self._record_dhcp(request, admitted=True))
+            return
+        new_nic = request.mac != identity.NO_NIC and request.mac not in machine.macs
+        changed = res.absorb or res.disagree or new_nic \
+            or learn(machine, request, now, _taken(res)) is not machine
+        # A discovered record notes no steps (its "discovered" event says it all).
+        noted = machine.state == MachineState.DISCOVERED \
+            or self._recorder.last(machine.id) == ("dhcp", _dhcp_note(request))
+        if changed or not noted:
+            self._spawn(self._record_dhcp(request))
 
     async def _awaiting_nic(self) -> bool:
         """Whether some machine was enrolled without a MAC (by serial, asset or UUID).
@@ -252,7 +291,7 @@ class BootService:
     async def _resolve(self, request: BootRequest) -> Resolution:
         return await identity.resolve(self._view, Identity.of_request(request))
 
-    async def _record_dhcp(self, request: BootRequest) -> None:
+    async def _record_dhcp(self, request: BootRequest, *, admitted: bool = False) -> None:
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
         for attempt in range(CAS_ATTEMPTS):
@@ -262,10 +301,9 @@ class BootService:
                 try:
                     machine = await self._adopt(request, res)
                     if machine is None or machine.state == MachineState.DISCOVERED:
-                        await self._discover(request, machine, res)
+                        await self._discover(request, machine, res, admitted=admitted)
                     else:
-                        await self._note(machine, request, res, "dhcp", f"{request.firmware}/"
-                                         f"{request.arch} asked for a boot file")
+                        await self._note(machine, request, res, "dhcp", _dhcp_note(request))
                     return
                 except StateChanged:  # another server moved it: note what it is now
                     if attempt == CAS_ATTEMPTS - 1:
@@ -319,11 +357,16 @@ class BootService:
     async def chain(self, machine: Machine | None, request: BootRequest,
                     ) -> tuple[LoaderChain | None, str]:
         """The loader chain chosen for a machine and who chose it (None: the default)."""
+        await self._view.sync()
+        return await self._chain(machine, request)
+
+    async def _chain(self, machine: Machine | None, request: BootRequest,
+                     ) -> tuple[LoaderChain | None, str]:
         if machine is None:
             return None, "default for the architecture"
         if machine.loader is not None:
             return machine.loader, "set on the machine"
-        group, profile, _, _ = await self.effective(machine, request)
+        group, profile, _, _ = await self._effective(machine, request)
         if group is not None and group.loader is not None:
             return group.loader, f"set on group {group.name}"
         if profile is not None and profile.loader is not None:
@@ -790,7 +833,7 @@ class BootService:
         return updated
 
     async def _discover(self, request: BootRequest, machine: Machine | None,
-                        res: Resolution) -> Machine | None:
+                        res: Resolution, *, admitted: bool = False) -> Machine | None:
         """Record what an unknown machine's firmware told us (never loses earlier facts).
 
         None when a new record is over the discovery budget (:mod:`netboot.discovery`): the
@@ -799,7 +842,7 @@ class BootService:
         if machine is None:
             machine = learn(Machine(macs=(request.mac,), created=now, state=lifecycle.first_state(
                 lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now, _taken(res))
-            if not await self.discovery.reserve(request, machine.id, now):
+            if not await self.discovery.reserve(request, machine.id, now, admitted=admitted):
                 return None
             try:
                 await self._recorder.commit(Batch(create=(machine,), events=(self._new_event(
@@ -870,6 +913,50 @@ class BootService:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._recorder.flush()
+
+
+def _dhcp_note(request: BootRequest) -> str:
+    return f"{request.firmware}/{request.arch} asked for a boot file"
+
+
+def _eager(coro: Coroutine[Any, Any, _T]) -> asyncio.Future[_T]:
+    """Run ``coro`` now, up to its first real wait (what asyncio's eager task factory does
+    from Python 3.12): a future already done when it never waits, else a task that carries on
+    from there. The DHCP decision waits only when the view must read the store; a task per
+    DISCOVER was a tenth of a proxy offer's cost."""
+    loop = asyncio.get_running_loop()
+    try:
+        waiting = coro.send(None)
+    except StopIteration as done:
+        settled: asyncio.Future[_T] = loop.create_future()
+        settled.set_result(done.value)
+        return settled
+    except Exception as exc:
+        failed: asyncio.Future[_T] = loop.create_future()
+        failed.set_exception(exc)
+        return failed
+    return loop.create_task(_carry_on(coro, waiting))
+
+
+async def _carry_on(coro: Coroutine[Any, Any, _T], waiting: Any) -> _T:
+    """Drive ``coro`` on from the future it yielded, as a task would have."""
+    while True:
+        try:
+            if waiting is None:  # a bare yield: asyncio.sleep(0)
+                await asyncio.sleep(0)
+            else:
+                # Taken over from coro, as Task.__step does: the future was yielded once
+                # already, and C futures refuse a second await while this flag is set.
+                waiting._asyncio_future_blocking = False
+                await waiting
+        except BaseException as exc:  # cancelled, or the future failed: coro sees it there
+            step = functools.partial(coro.throw, exc)
+        else:
+            step = functools.partial(coro.send, None)
+        try:
+            waiting = step()
+        except StopIteration as done:
+            return cast(_T, done.value)
 
 
 def _taken(res: Resolution) -> frozenset[str]:

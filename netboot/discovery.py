@@ -89,15 +89,25 @@ class DiscoveryGuard:
         self.evicted = 0
         self.refused = 0
 
-    async def reserve(self, request: BootRequest, machine_id: str, now: float) -> bool:
+    def admit(self, request: BootRequest, now: float) -> bool:
+        """Spend one token of this request's source now, or count it refused. Lets the DHCP
+        path skip the whole background record of a device whose source's budget is spent
+        (a flood of unknown MACs costs no task per packet); the record then calls
+        :meth:`reserve` with ``admitted=True``."""
+        if self._buckets.take(source_of(request), now):
+            return True
+        self.refused += 1
+        self._log.debug("discovery budget of %s spent: mac=%s not recorded",
+                        source_of(request), request.mac)
+        return False
+
+    async def reserve(self, request: BootRequest, machine_id: str, now: float, *,
+                      admitted: bool = False) -> bool:
         """Whether a new record for ``machine_id`` may be written now; if so, room is made
-        (the oldest discovered records evicted) and the id counted. A caller whose create
-        then fails calls :meth:`release`."""
-        source = source_of(request)
-        if not self._buckets.take(source, now):
-            self.refused += 1
-            self._log.debug("discovery budget of %s spent: mac=%s not recorded", source,
-                            request.mac)
+        (the oldest discovered records evicted) and the id counted. ``admitted``: the
+        source's token was already spent by :meth:`admit`. A caller whose create then fails
+        calls :meth:`release`."""
+        if not admitted and not self.admit(request, now):
             return False
         async with self._lock:
             order = await self._loaded()

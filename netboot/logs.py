@@ -11,14 +11,13 @@ Nothing here is global: each server holds its own limiter and summary.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import datetime
 import json
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -139,15 +138,28 @@ _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
     "netboot_log", default=MappingProxyType({}))
 
 
-@contextlib.contextmanager
-def log_context(**fields: Any) -> Iterator[None]:
+def log_context(**fields: Any) -> _LogContext:
     """Attach ``fields`` (see :data:`CONTEXT_FIELDS`) to every line logged inside."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items()
-                                                 if v is not None}})
-    try:
-        yield
-    finally:
-        _context.reset(token)
+    return _LogContext({k: v for k, v in fields.items() if v is not None})
+
+
+class _LogContext:
+    """log_context's manager: a class, not a @contextmanager generator, which cost ~20x
+    more; the DHCP path enters one per datagram."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+        self._token: contextvars.Token[Mapping[str, Any]] | None = None
+
+    def __enter__(self) -> None:
+        outer = _context.get()
+        self._token = _context.set({**outer, **self._fields} if outer else self._fields)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _context.reset(self._token)
 
 
 class JsonFormatter(logging.Formatter):

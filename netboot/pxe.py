@@ -11,7 +11,6 @@ bytes that firmware understands.
 from __future__ import annotations
 
 import ipaddress
-import uuid as uuidlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,12 +19,15 @@ from netboot.errors import ConfigError
 from netboot.model import Arch, BootRequest, Firmware, FirstStage, MacAddress
 from netboot.wire.dhcp import (
     BROADCAST_FLAG,
+    MIN_PACKET_SIZE,
+    OPTIONS_OFFSET,
     ZERO_IP,
     MessageType,
     Op,
     Opt,
     Option,
     Packet,
+    encode,
     ip_option,
 )
 
@@ -197,9 +199,11 @@ def _uuid(raw: bytes | None, firmware: Firmware) -> str | None:
     body = raw[1:]
     if body in (bytes(16), b"\xff" * 16):
         return None
-    if firmware == Firmware.UBOOT:
-        return str(uuidlib.UUID(bytes=body))
-    return str(uuidlib.UUID(bytes_le=body))
+    if firmware != Firmware.UBOOT:  # EFI byte order to RFC 4122's
+        body = body[3::-1] + body[5:3:-1] + body[7:5:-1] + body[8:]
+    # str(uuid.UUID(bytes=body)) without building the UUID object: one per DISCOVER.
+    h = body.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _text(raw: bytes | None) -> str:
@@ -385,6 +389,80 @@ def proxy_reply(
         yiaddr=ZERO_IP, siaddr=server_ip, giaddr=request.giaddr, chaddr=request.chaddr,
         sname=server_ip.encode(), file=name.encode() + b"\0", options=tuple(options),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    data: bytes  # the encoded reply to the first request of its shape
+    reply: Packet  # that reply: its kind and file are every such reply's
+    uuid_at: int  # where option 97's value sits in ``data`` (0: not echoed)
+
+
+class ProxyReplies:
+    """Encoded proxy replies (:func:`proxy_reply`, then ``encode``), kept by everything that
+    decides their bytes but the per-device fields, which are patched in: xid, flags, ciaddr,
+    giaddr, chaddr and option 97's value, at their fixed offsets (RFC 2131 §2). A storm asks
+    a few shapes (one loader per firmware and arch) thousands of times; building and encoding
+    the packet was a fifth of a proxy offer. One per server: ``settings`` are part of the
+    shape. Bounded: forgets everything when ``limit`` shapes are held."""
+
+    def __init__(self, settings: DhcpSettings, *, limit: int = 1024) -> None:
+        self._settings = settings
+        self._limit = limit
+        self._held: dict[tuple[object, ...], _Template] = {}
+
+    def encode(self, request: Packet, client: Client, stage: FirstStage, *, server_ip: str,
+               pxe_port: bool) -> tuple[bytes, Packet]:
+        """The reply's bytes (padded to MIN_PACKET_SIZE) and a Packet that tells its message
+        type and file (its other fields may be another device's). Raises Unanswerable."""
+        uuid = request.option(Opt.CLIENT_UUID)
+        requested = client.requested
+        key = (stage, server_ip, pxe_port, client.message_type == MessageType.DISCOVER,
+               client.firmware, client.ipxe, client.ipxe_http, client.http_client,
+               client.request.arch_code, Opt.TFTP_SERVER_NAME in requested,
+               Opt.BOOTFILE_NAME in requested, request.htype, request.hlen,
+               None if uuid is None else len(uuid))
+        held = self._held.get(key)
+        if held is None:
+            reply = proxy_reply(request, client, stage, server_ip=server_ip,
+                                settings=self._settings, pxe_port=pxe_port)
+            data = encode(reply, pad_to=MIN_PACKET_SIZE)
+            template = _template(data, reply, len(request.chaddr))
+            if template is not None:
+                if len(self._held) >= self._limit:
+                    self._held.clear()
+                self._held[key] = template
+            return data, reply
+        out = bytearray(held.data)
+        out[4:8] = request.xid.to_bytes(4, "big")
+        flags = request.flags if pxe_port else request.flags | BROADCAST_FLAG
+        out[10:12] = flags.to_bytes(2, "big")
+        if pxe_port:
+            out[12:16] = ip_option(request.ciaddr)
+        out[24:28] = ip_option(request.giaddr)
+        out[28:44] = request.chaddr
+        if uuid is not None:
+            out[held.uuid_at:held.uuid_at + len(uuid)] = uuid
+        return bytes(out), held.reply
+
+
+def _template(data: bytes, reply: Packet, chaddr_size: int) -> _Template | None:
+    """Where the per-device parts of an encoded proxy reply sit; None when it cannot be
+    patched (a long option split in two by RFC 3396, a chaddr not 16 bytes)."""
+    if chaddr_size != 16:
+        return None
+    at = OPTIONS_OFFSET
+    uuid_at = 0
+    for option in reply.options:
+        if option.code == Opt.PAD:
+            at += 1
+            continue
+        if len(option.data) > 255:
+            return None
+        if option.code == Opt.CLIENT_UUID:
+            uuid_at = at + 2
+        at += 2 + len(option.data)
+    return _Template(data, reply, uuid_at)
 
 
 def _boot_name_options(

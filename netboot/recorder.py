@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from netboot.errors import NetbootError, StoreError
 from netboot.inventory.base import Batch, Store
 from netboot.model import Event
+
+# Machines whose newest event this process remembers (see Recorder.last): about 100 bytes
+# each, so a storm of 100,000 machines costs ~10 MB, not unbounded memory.
+_REMEMBERED = 100_000
 
 # Long enough to gather a storm's events into one commit, short enough that `netboot
 # explain` run right after a boot shows it (reads flush anyway).
@@ -39,6 +44,9 @@ class Recorder:
         self._log = logger or logging.getLogger(__name__)
         self._queue: list[Event] = []
         self._newest: dict[str, Event] = {}  # machine id -> its newest queued event
+        # machine id -> (kind, message) of the newest event recorded or committed through here,
+        # oldest first (bounded by _REMEMBERED)
+        self._last: dict[str, tuple[str, str]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one batch at a time, in order
 
@@ -54,6 +62,7 @@ class Recorder:
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 self._log.error("%d boot events dropped: the inventory is unreachable and "
                                 "%d are queued already", self.dropped, self._max_queued)
+        self._remember((event,))
         if self._writer is None and self.failing is None:
             self._writer = asyncio.ensure_future(self._write_soon())
 
@@ -61,6 +70,21 @@ class Recorder:
     def queued(self) -> int:
         """Events waiting to be written."""
         return len(self._queue)
+
+    def last(self, machine_id: str) -> tuple[str, str] | None:
+        """(kind, message) of the newest event of this machine that went through this
+        recorder, queued or written; None when it has none or it was forgotten. Events that
+        other processes write (the CLI) are not seen here: a caller that must not repeat
+        one only trusts a match, and reads the store otherwise."""
+        return self._last.get(machine_id)
+
+    def _remember(self, events: Iterable[Event]) -> None:
+        last = self._last
+        for event in events:
+            last.pop(event.machine, None)  # re-inserted last: the dict stays oldest first
+            last[event.machine] = (event.kind, event.message)
+        while len(last) > _REMEMBERED:
+            del last[next(iter(last))]
 
     def pending(self, machine_id: str) -> Event | None:
         """The newest event of this machine that is queued, not yet written."""
@@ -81,6 +105,10 @@ class Recorder:
             if batch.merge:  # a merge moves events: write what is queued under the old ids
                 await self._write(Batch())
             await self._write(batch, strict=True)
+            if batch.merge:  # events moved to the surviving ids: forget the merged ones
+                for old, _ in batch.merge:
+                    self._last.pop(old, None)
+            self._remember(batch.events)
 
     async def flush(self) -> None:
         """Write everything queued until now, in one transaction."""

@@ -156,3 +156,17 @@ async def test_while_the_inventory_is_away_events_are_kept_bounded_and_written_a
     assert await kinds(store) == ["b", "c", "d"]
     await recorder.close()
     await store.close()
+
+
+async def test_last_remembers_what_went_through_queued_or_committed(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    own, _ = stores
+    recorder = Recorder(own, delay=3600)
+    assert recorder.last("m1") is None
+    recorder.record(ev("dhcp"))
+    assert recorder.last("m1") == ("dhcp", "dhcp")  # queued
+    await recorder.flush()
+    assert recorder.last("m1") == ("dhcp", "dhcp")  # and still once written
+    await recorder.commit(Batch(events=(ev("install"),)))
+    assert recorder.last("m1") == ("install", "install")
+    await recorder.close()

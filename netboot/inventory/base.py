@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from netboot.model import (
     ApiToken,
@@ -103,6 +103,18 @@ class ChangeFeed(Protocol):
         """True as soon as something was committed after ``seq`` (at once if it already was),
         False after ``timeout`` seconds without. PostgreSQL is woken by NOTIFY, the memory
         store by its own writes; SQLite polls (no notification reaches another process)."""
+
+
+@runtime_checkable
+class LocalCommits(Protocol):
+    """A store that counts the writes made through it (in this process) as they return.
+
+    Lets a reader of the change feed tell, without a round trip, that nothing was written here
+    since it last synced (:meth:`netboot.inventory.view.InventoryView.fresh`); commits by
+    other processes still need :meth:`ChangeFeed.changes_since`."""
+
+    @property
+    def commits(self) -> int: ...
 
 
 class EventListener(Protocol):

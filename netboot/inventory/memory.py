@@ -339,6 +339,10 @@ class MemoryStore:
         return current
 
     # change feed ---------------------------------------------------------------------
+    @property
+    def commits(self) -> int:
+        return self._generation
+
     async def changes_since(self, seq: int) -> Changes:
         self._check_open()
         return Changes(self._generation, complete=seq == self._generation)

@@ -339,13 +339,29 @@ class SqliteStore:
         # newest seq; while data_version stays, nothing was committed and nothing is read.
         self._data_version = -1
         self._feed_seq = -1
+        self._commits = 0  # writes made through this object, counted as they return
+
+    @property
+    def commits(self) -> int:
+        """Writes made through this store so far (base.LocalCommits): counted when each
+        returns, on the event loop's thread, so a reader that sees the count unchanged
+        since its last sync knows this process wrote nothing since."""
+        return self._commits
 
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._executor is None:
             raise StoreError(f"the inventory {self.path} is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._guard, fn, args, False)
+        try:
+            return await loop.run_in_executor(self._executor, self._guard, fn, args, False)
+        finally:
+            # Failed or not: a reader syncs once more, harmlessly. Writes the change feed
+            # does not carry (history, leases, tokens) are not counted: a storm's group
+            # commits of boot events would otherwise send every reader back to the store.
+            if fn not in _OFF_FEED and not (fn is _apply_batch and not any(args[:2])
+                                            and not args[3]):
+                self._commits += 1
 
     async def _read(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._reader is None:
@@ -1344,3 +1360,8 @@ def _prune_audit(conn: sqlite3.Connection, keep: int) -> int:
     cur = conn.execute(
         "DELETE FROM audit WHERE id <= (SELECT COALESCE(MAX(id), 0) FROM audit) - ?", (keep,))
     return cur.rowcount
+
+
+# Writes that change nothing the change feed reports (see SqliteStore.commits).
+_OFF_FEED = frozenset({_add_event, _put_lease, _delete_lease, _forget_changes, _create_token,
+                       _delete_token, _touch_token, _add_audit, _prune_audit})

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Changes, MachineFilter, Store
+from netboot.inventory.base import Changes, LocalCommits, MachineFilter, Store
 from netboot.model import Cluster, Event, Group, Machine, MachineState, Profile, Role
 
 # History the store may prune once the view is this far past it (other readers further
@@ -46,6 +46,11 @@ class InventoryView:
         # Bumped by each applied sync: a store read that a sync overtook may hold a value
         # older than the view's, so it is answered but not remembered.
         self._applied = 0
+        # For fresh(): the store's own write count and the loop time when the last applied
+        # sync started (None: the store counts no writes, every reader syncs).
+        self._local = store if isinstance(store, LocalCommits) else None
+        self._synced: tuple[int, float] | None = None
+        self._refresh: asyncio.Future[None] | None = None  # the background one fresh() began
         self._clear()
 
     def _clear(self) -> None:
@@ -66,9 +71,12 @@ class InventoryView:
         while self._finished < wanted:
             if self._syncing is None:
                 self._started += 1
-                self._syncing = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                self._syncing = loop.create_future()
+                began = None if self._local is None else (self._local.commits, loop.time())
                 try:
                     self._apply(await self._store.changes_since(self._seq))
+                    self._synced = began
                 except BaseException as exc:
                     self._syncing.set_exception(exc)
                     self._syncing.exception()  # retrieved: the caller raises it
@@ -90,6 +98,26 @@ class InventoryView:
         if not await self._store.wait_for_changes(self._seq, timeout):
             return False
         await self.sync()
+        return True
+
+    def fresh(self, max_age: float) -> bool:
+        """Whether a reader may answer from the view without waiting for :meth:`sync`.
+
+        True when nothing was written through this process's store since the last sync
+        began; when that sync began ``max_age`` seconds ago or more, one is started in the
+        background (what other processes commit is seen within about ``max_age``). For paths
+        that answer within milliseconds and are asked again on a timeout anyway, such as
+        DHCP, where a round trip to the store per packet was most of the cost. False
+        whenever unsure: the store counts no writes, or this process wrote since."""
+        if self._synced is None or self._local is None:
+            return False
+        commits, began = self._synced
+        if commits != self._local.commits:
+            return False
+        if (self._refresh is None or self._refresh.done()) \
+                and asyncio.get_running_loop().time() - began >= max_age:
+            self._refresh = asyncio.ensure_future(self.sync())
+            self._refresh.add_done_callback(_seen)
         return True
 
     def _apply(self, changes: Changes) -> None:
@@ -145,7 +173,12 @@ class InventoryView:
                                         lambda m: self._put_machine(machine_id, m))
 
     async def machine_by(self, kind: str, value: str) -> Machine | None:
-        key = codec.claim_key(kind, value)
+        # Keys are held in their canonical spelling, which is what identity lookups pass
+        # (str(MacAddress), clean_uuid): found as given, they need no normalising (a tenth
+        # of a DHCP decision). Normalising is idempotent, so this answers as the slow path.
+        key = (kind, value)
+        if key not in self._keys:
+            key = codec.claim_key(kind, value)
         if key in self._keys:
             machine_id = self._keys[key]
             return None if machine_id is None else self._machines.get(machine_id)
@@ -226,6 +259,13 @@ class InventoryView:
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         return await self._store.list_events(machine_id, limit=limit)
+
+
+def _seen(done: asyncio.Future[None]) -> None:
+    # A failed background sync: the next reader's own sync meets the same error and
+    # reports it; here it only must not be logged as never retrieved.
+    if not done.cancelled():
+        done.exception()
 
 
 def _running_server(machine: Machine) -> bool:

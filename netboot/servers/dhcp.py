@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from netboot import pxe
 from netboot.errors import ConfigError, Conflict, DecodeError, NetbootError, StoreError
@@ -98,6 +98,7 @@ class DhcpServer:
         observer: DhcpObserver | None = None,
     ) -> None:
         self._settings = settings
+        self._replies = pxe.ProxyReplies(settings)
         self._decider = decider
         self._store = leases
         self._interfaces = list(interfaces or [])
@@ -344,7 +345,7 @@ class DhcpServer:
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
         try:
-            decision = self._decider.first_stage(client.request)
+            decision = _settled(self._decider.first_stage(client.request))
         except Exception as exc:
             self._decision_failed(exc, client, xid)
             return None
@@ -417,7 +418,7 @@ class DhcpServer:
             return []
         decision: FirstStage | Awaitable[FirstStage | None] | None
         try:
-            decision = self._decider.first_stage(client.request)
+            decision = _settled(self._decider.first_stage(client.request))
         except Exception as exc:
             # The same boundary as an awaited decision: logged, silent, keep serving.
             self._decision_failed(exc, client, packet.xid)
@@ -444,17 +445,17 @@ class DhcpServer:
                        peer[0], client.firmware)
             return []
         try:
-            reply = pxe.proxy_reply(
-                packet, client, stage, server_ip=server_ip, settings=self._settings,
-                pxe_port=pxe_port,
-            )
+            data, reply = self._replies.encode(packet, client, stage, server_ip=server_ip,
+                                               pxe_port=pxe_port)
         except Unanswerable as exc:
             self.summary.note("unanswerable")
             self._limited.log(logging.WARNING, str(mac),
                               "dhcp: %s xid %#010x from %s: cannot answer: %s", mac,
                               packet.xid, peer[0], exc)
             return []
-        out = self._reply(packet, reply, peer, pxe_port)
+        out = data, pxe.reply_destination(
+            packet, reply, peer, pxe_port=pxe_port, broadcast=self._broadcast,
+            client_port=self._client_port, relay_port=self._relay_port)
         kind = _PROXY_KIND[client.message_type == MessageType.DISCOVER]
         self.summary.note(kind)
         if self._observer is not None:
@@ -661,6 +662,16 @@ _PROXY_KIND = {True: "proxy OFFER", False: "proxy ACK"}
 
 def _name(mt: MessageType | None) -> str:
     return mt.name if mt is not None else "BOOTP"
+
+
+def _settled(
+    decision: FirstStage | Awaitable[FirstStage | None] | None,
+) -> FirstStage | Awaitable[FirstStage | None] | None:
+    """A future that is already done is its value (or raises its error): the decider knew
+    the answer at once and wrapped it only for callers that await."""
+    if isinstance(decision, asyncio.Future) and decision.done():
+        return cast(FirstStage | None, decision.result())
+    return decision
 
 
 async def _none() -> None:

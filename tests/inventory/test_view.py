@@ -28,6 +28,7 @@ from netboot.inventory.view import InventoryView
 from netboot.model import (
     Arch,
     Cluster,
+    Event,
     Firmware,
     Group,
     MacAddress,
@@ -166,3 +167,29 @@ async def test_pruned_history_reads_everything_again(
     await other.forget_changes(10**9)  # only the newest change is kept
     await view.sync()
     assert await view.get_setting("k") == "1"
+
+
+async def test_fresh_knows_this_process_wrote_and_refreshes_for_the_others(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """fresh(): no waiting while nothing was written here since the last sync; a write
+    through this process's store always sends the reader back to sync; another process's
+    commit is fetched by a background sync once the last one is max_age old."""
+    own, other, _ = stores
+    view = InventoryView(own)
+    assert not view.fresh(60)  # never synced
+    await view.sync()
+    assert view.fresh(60)
+    await own.put_profile(Profile(name="p", kernel="k"))
+    assert not view.fresh(60)
+    await own.add_event(Event("m1", 1.0, "note", "history is not in the change feed"))
+    await view.sync()
+    assert view.fresh(60)  # the event did not count as a change
+    assert await view.machine_by("mac", MACS[1]) is None  # remembered as nobody's
+    await other.create_machine(Machine(macs=(MacAddress.parse(MACS[1]),), hostname="n2"))
+    assert view.fresh(60)  # not this process's write: within the age, answered as held
+    assert await view.machine_by("mac", MACS[1]) is None
+    assert view.fresh(0)  # older than 0 s: a background sync starts, this caller goes on
+    assert view._refresh is not None
+    await view._refresh
+    found = await view.machine_by("mac", MACS[1])
+    assert found is not None and found.hostname == "n2"

@@ -1,0 +1,66 @@
+"""Proxy reply templates: byte for byte what building and encoding each reply gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from netboot.model import FirstStage
+from netboot.pxe import DhcpSettings, ProxyReplies, classify, proxy_reply
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
+
+SERVER_IP = "192.0.2.1"
+
+
+def request(i: int, *, message: MessageType = MessageType.DISCOVER, uuid: bool = True,
+            arch: bytes = b"\x00\x07", vendor: bytes = b"PXEClient:Arch:00007:UNDI:003000",
+            prl: bytes = bytes((1, 3, 60, 66, 67, 97)), flags: int = 0,
+            giaddr: str = dhcp.ZERO_IP, ciaddr: str = dhcp.ZERO_IP,
+            extra: tuple[dhcp.Option, ...] = ()) -> dhcp.Packet:
+    options = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((message,))),
+               dhcp.Option(Opt.PARAMETER_REQUEST_LIST, prl),
+               dhcp.Option(Opt.CLIENT_ARCH, arch)]
+    if uuid:
+        options.append(dhcp.Option(Opt.CLIENT_UUID, b"\x00" + bytes((i,)) * 16))
+    options += [dhcp.Option(Opt.VENDOR_CLASS, vendor), *extra]
+    # Through the codec, as the server sees it (chaddr padded to its 16 bytes).
+    return dhcp.parse(dhcp.encode(dhcp.Packet(
+        op=Op.REQUEST, xid=0x1000 + i, chaddr=bytes((0x52, 0x54, 0, 0, 0, i)), flags=flags,
+        giaddr=giaddr, ciaddr=ciaddr, options=tuple(options))))
+
+
+SHAPES = {
+    "uefi": {},
+    "uefi-no-uuid": {"uuid": False},
+    "bios": {"arch": b"\x00\x00", "vendor": b"PXEClient:Arch:00000:UNDI:002001"},
+    "no-66-67": {"prl": bytes((1, 3))},
+    "relayed": {"giaddr": "198.51.100.1"},
+    "broadcast-flag": {"flags": dhcp.BROADCAST_FLAG},
+    "ipxe": {"extra": (dhcp.Option(Opt.USER_CLASS, b"iPXE"),)},
+    "pxe-request": {"message": MessageType.REQUEST, "ciaddr": "198.51.100.7"},
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pxe_port", [False, True])
+def test_templated_replies_equal_built_ones(shape: str, pxe_port: bool) -> None:
+    settings = DhcpSettings()
+    replies = ProxyReplies(settings)
+    stages = (FirstStage("snponly.efi"), FirstStage("/boot.ipxe", http=True))
+    for stage in stages:
+        for i in range(1, 5):  # the first builds the template, the others patch it
+            packet = request(i, **SHAPES[shape])  # type: ignore[arg-type]
+            client = classify(packet, settings, "0.0.0.0")
+            try:
+                built = proxy_reply(packet, client, stage, server_ip=SERVER_IP,
+                                    settings=settings, pxe_port=pxe_port)
+            except Exception as exc:  # the template must raise the same
+                with pytest.raises(type(exc)):
+                    replies.encode(packet, client, stage, server_ip=SERVER_IP,
+                                   pxe_port=pxe_port)
+                continue
+            data, reply = replies.encode(packet, client, stage, server_ip=SERVER_IP,
+                                         pxe_port=pxe_port)
+            assert data == dhcp.encode(built, pad_to=dhcp.MIN_PACKET_SIZE)
+            assert reply.message_type == built.message_type
+            assert reply.file_name == built.file_name
