@@ -211,6 +211,11 @@ class BootService:
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
 
+    async def load_view(self) -> None:
+        """Read the whole inventory into memory (``netboot serve``, in the background once it
+        answers): from then on a decision reads nothing from the store but its change feed."""
+        await self._view.load()
+
     # -- DHCP -------------------------------------------------------------------------
     async def first_stage(self, request: BootRequest) -> FirstStage | None:
         """What the firmware's DHCP answer points at, or None to stay silent.
@@ -436,7 +441,7 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
-        k3s = (await self.k3s_join(machine, cluster, role, group, claim=record)
+        k3s = (await self._k3s_join(machine, cluster, role, group, claim=record)
                if cluster else None)
         if cluster is not None and k3s is not None and k3s.waiting:
             # Held without a state change or a token: the retry loop asks again and installs
@@ -448,7 +453,7 @@ class BootService:
                 learned = learn(machine, request, self._clock())
                 if learned != machine:
                     machine = learned
-                    await self._store.update_machine(machine)
+                    await self._commit_update(machine)
                 await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
@@ -472,9 +477,11 @@ class BootService:
                                 retry_seconds=self.settings.hold_retry_seconds,
                                 group=group.name if group else None)
             token = machine.install_token
-            machine = lifecycle.advance(learn(machine, request, now, _taken(res)),
-                                        lifecycle.Trigger.INSTALL_AGAIN, now)
-            await self._store.update_machine(machine)
+            again = lifecycle.advance(learn(machine, request, now, _taken(res)),
+                                      lifecycle.Trigger.INSTALL_AGAIN, now)
+            if again != machine:  # a fact that did not change writes nothing
+                machine = again
+                await self._commit_update(machine)
             await self._event(machine, "install-plan",
                               f"install script again for the install under way (profile "
                               f"{profile.name}, the same install token)", request, once=True)
@@ -496,6 +503,7 @@ class BootService:
             await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
                 + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),)))
+            self._view.adopt((machine,))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
@@ -514,7 +522,7 @@ class BootService:
         ``mac`` is the NIC the config was asked for (default: the machine's primary one)."""
         await self._view.sync()
         group, profile, cluster, role = await self._effective(machine, request)
-        k3s = (await self.k3s_join(machine, cluster, role, group, claim=claim)
+        k3s = (await self._k3s_join(machine, cluster, role, group, claim=claim)
                if cluster else None)
         if cluster is not None and k3s is not None and k3s.waiting:
             # Its install plan had an endpoint, which has gone since (the server was removed
@@ -535,6 +543,12 @@ class BootService:
         machine as the cluster-init node (``explain`` and other dry runs must not change the
         decision).
         """
+        await self._view.sync()
+        return await self._k3s_join(machine, cluster, role, group, claim=claim)
+
+    async def _k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
+                        group: Group | None, *, claim: bool = True) -> K3sJoin:
+        """:meth:`k3s_join` from the view as the caller synced it."""
         labels = dict(cluster.labels)
         taints = list(cluster.taints)
         if group is not None:
@@ -545,21 +559,19 @@ class BootService:
         if not cluster.managed:
             return K3sJoin(role, cluster.server_url, False, cluster.token, labels,
                            tuple(taints), node_name)
-        async with self._cluster_lock:
-            # Under the lock, what the previous claimant committed is seen: exactly one
-            # node of the cluster ever runs --cluster-init.
-            await self._view.sync()
-            key = f"cluster-init/{cluster.name}"
-            init_id = await self._view.get_setting(key)  # a machine id
-            if init_id is not None and await self._view.get_machine(init_id) is None:
-                init_id = None  # the node that formed the cluster was deleted
-            # Registered servers other than this machine: a cluster that already runs.
-            running = [m for m in await self._view.registered_servers(cluster.name)
-                       if m.id != machine.id]
-            if init_id is None and role == Role.SERVER and not running:
-                if claim:
-                    await self._store.put_setting(key, machine.id)
-                init_id = machine.id
+        init_id, running = await self._cluster_init(cluster, machine)
+        if init_id is None and role == Role.SERVER and not running:
+            async with self._cluster_lock:
+                # Under the lock, what the previous claimant committed is seen: exactly one
+                # node of the cluster ever runs --cluster-init. (Only a server that may
+                # claim takes it: every other node reads the view its caller synced.)
+                await self._view.sync()
+                init_id, running = await self._cluster_init(cluster, machine)
+                if init_id is None and not running:
+                    if claim:
+                        await self._store.put_setting(f"cluster-init/{cluster.name}",
+                                                      machine.id)
+                    init_id = machine.id
         san = self._tls_san(cluster)
         # Only the init node, and only while no other server runs, initialises: reinstalling
         # the first server of a live cluster must join it, not start a second cluster.
@@ -570,6 +582,17 @@ class BootService:
         running.sort(key=lambda m: m.id != init_id)
         return K3sJoin(role, self._endpoint(cluster, running), False, cluster.token, labels,
                        tuple(taints), node_name, san)
+
+    async def _cluster_init(self, cluster: Cluster, machine: Machine,
+                            ) -> tuple[str | None, list[Machine]]:
+        """The id of the node that formed ``cluster`` (None: none, or it was deleted), and
+        its registered servers other than ``machine`` (a cluster that already runs)."""
+        init_id = await self._view.get_setting(f"cluster-init/{cluster.name}")
+        if init_id is not None and await self._view.get_machine(init_id) is None:
+            init_id = None
+        running = [m for m in await self._view.registered_servers(cluster.name)
+                   if m.id != machine.id]
+        return init_id, running
 
     def _endpoint(self, cluster: Cluster, running: list[Machine]) -> str | None:
         """Where a node of a managed cluster reaches its servers, or None while nowhere.
@@ -726,30 +749,33 @@ class BootService:
             return machine
         updated = learn(machine, request, now, _taken(res))
         if updated != machine:
-            await self._store.update_machine(updated)
+            await self._commit_update(updated)
         return updated
 
     async def _note(self, machine: Machine, request: BootRequest, res: Resolution, kind: str,
                     message: str) -> None:
         updated = learn(machine, request, self._clock(), _taken(res))
         if updated != machine:
-            await self._store.update_machine(updated)
+            await self._commit_update(updated)
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
         await self._event(updated, kind, message, request, once=True)
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
         """Queue an event that acknowledges nothing (written within the recorder's delay)."""
+        event = self._new_event(machine, kind, message, request)
         if once:
             # A held machine retries every few seconds; one event says it, thousands bury
-            # the rest of its history.
-            last = self._recorder.pending(machine.id)
-            if last is None:
-                written = await self._store.list_events(machine.id, limit=1)
-                last = written[0] if written else None
-            if last is not None and last.kind == kind and last.message == message:
-                return
-        self._recorder.record(self._new_event(machine, kind, message, request))
+            # the rest of its history. Compared off the request path (netboot.recorder).
+            self._recorder.note(event, version=machine)
+        else:
+            self._recorder.record(event)
+
+    async def _commit_update(self, machine: Machine) -> None:
+        """Store what a boot taught about ``machine`` (grouped with concurrent commits), and
+        answer with it from now on."""
+        await self._recorder.commit(Batch(update=(machine,)))
+        self._view.adopt((machine,))
 
     def _new_event(self, machine: Machine, kind: str, message: str,
                    request: BootRequest | None = None) -> Event:

@@ -7,12 +7,20 @@ batch, at most ``delay`` seconds after the first of it, all of them on :meth:`fl
 shutdown, and before anyone reads the events back). What a client is told is done — a state
 it depends on, a token, a registration — is never queued: its writer commits it, with its
 event, before answering, so a ``kill -9`` loses at most the last ``delay`` of history notes.
+Those commits are grouped too: the ones that arrive while a transaction is under way are
+written together in the next (each caller still waits for its own to be on disk).
+
+A repeated note (a held machine asking every few seconds) is written once: :meth:`note`
+compares it with the newest event of its machine that this process wrote or queued, and
+where it knows none, with the newest in the store — read when the batch is written, not
+while the request that noted it waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 
 from netboot.errors import NetbootError
 from netboot.inventory.base import Batch, Store
@@ -21,6 +29,16 @@ from netboot.model import Event
 # Long enough to gather a storm's events into one commit, short enough that `netboot
 # explain` run right after a boot shows it (reads flush anyway).
 DEFAULT_DELAY = 0.025
+# Machines whose newest event is remembered for note(): a storm's worth. Beyond it the
+# oldest are forgotten, which costs one read of the store when one of them notes again.
+REMEMBER = 32_768
+
+
+@dataclass(eq=False)
+class _Group:
+    """Commits gathered while a transaction was under way, written in the next one."""
+
+    batches: list[tuple[Batch, asyncio.Future[None]]] = field(default_factory=list)
 
 
 class Recorder:
@@ -31,15 +49,49 @@ class Recorder:
         self._log = logger or logging.getLogger(__name__)
         self._queue: list[Event] = []
         self._newest: dict[str, Event] = {}  # machine id -> its newest queued event
+        # machine id -> (what its newest event said, the version of the machine it was noted
+        # for): the version is the caller's (the boot path passes the machine as the view
+        # holds it), so that a change by someone else makes the note count again.
+        self._last: dict[str, tuple[tuple[str, str], object]] = {}
+        self._unsure: set[int] = set()  # id() of queued notes to compare with the store
         self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one batch at a time, in order
+        self._gathering: _Group | None = None
+        self._groups: set[asyncio.Task[None]] = set()
 
     def record(self, event: Event) -> None:
         """Queue ``event``; it is committed within ``delay`` seconds."""
         self._queue.append(event)
         self._newest[event.machine] = event
+        self._remember(event, None)
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write_soon())
+
+    def note(self, event: Event, version: object = None) -> None:
+        """Queue ``event`` unless the newest event of its machine says the same (kind and
+        message). ``version`` stands for the machine's state: a note remembered for another
+        version is not trusted (someone else may have written events since)."""
+        key = (event.kind, event.message)
+        queued = self._newest.get(event.machine)
+        if queued is not None:  # the newest of all, whoever wrote since
+            if (queued.kind, queued.message) == key:
+                return
+        else:
+            known = self._last.get(event.machine)
+            if known is not None and known[1] is version:
+                if known[0] == key:
+                    return
+            else:
+                self._unsure.add(id(event))  # compared with the store when written
+        self.record(event)
+        self._remember(event, version)
+
+    def _remember(self, event: Event, version: object) -> None:
+        last = self._last
+        last.pop(event.machine, None)  # re-inserted: the newest are evicted last
+        last[event.machine] = ((event.kind, event.message), version)
+        if len(last) > REMEMBER:
+            del last[next(iter(last))]
 
     def pending(self, machine_id: str) -> Event | None:
         """The newest event of this machine that is queued, not yet written."""
@@ -53,13 +105,58 @@ class Recorder:
         await self.flush()
 
     async def commit(self, batch: Batch) -> None:
-        """Write ``batch`` now, before the caller answers anyone, with the events queued
-        before it in the same transaction (so history keeps its order). If it fails, nothing
-        of it is written and the queued events stay queued."""
-        async with self._lock:
-            if batch.merge:  # a merge moves events: write what is queued under the old ids
+        """Write ``batch`` before returning, with the events queued before it in the same
+        transaction (so history keeps its order), and with other commits that arrive while
+        a transaction is under way. If it fails, nothing of it is written and the queued
+        events stay queued."""
+        if batch.merge:  # a merge moves events: alone, after what is queued under the old ids
+            async with self._lock:
                 await self._write(Batch())
-            await self._write(batch, strict=True)
+                await self._write(batch, strict=True)
+            return
+        group = self._gathering
+        if group is None:
+            group = self._gathering = _Group()
+            task = asyncio.ensure_future(self._commit_group(group))
+            self._groups.add(task)  # referenced until done (the loop keeps only weak ones)
+            task.add_done_callback(self._groups.discard)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        group.batches.append((batch, done))
+        await asyncio.shield(done)
+
+    async def _commit_group(self, group: _Group) -> None:
+        async with self._lock:
+            if self._gathering is group:
+                self._gathering = None  # from here on, commits gather for the next one
+            batches = group.batches
+            try:
+                if len(batches) == 1:
+                    await self._write(batches[0][0], strict=True)
+                else:
+                    await self._write(Batch(
+                        create=[m for b, _ in batches for m in b.create],
+                        update=[m for b, _ in batches for m in b.update],
+                        events=[e for b, _ in batches for e in b.events]), strict=True)
+            except NetbootError as exc:
+                if len(batches) == 1:
+                    _settle(batches[0][1], exc)
+                    return
+                # One of them was refused (a conflict): each alone, in the order they came,
+                # so that only the refused one fails.
+                for batch, done in batches:
+                    try:
+                        await self._write(batch, strict=True)
+                    except NetbootError as one:
+                        _settle(done, one)
+                    else:
+                        _settle(done, None)
+                return
+            except BaseException as exc:
+                for _, done in batches:
+                    _settle(done, exc)
+                raise
+            for _, done in batches:
+                _settle(done, None)
 
     async def flush(self) -> None:
         """Write everything queued until now, in one transaction."""
@@ -71,9 +168,10 @@ class Recorder:
         if not queued and not (batch.merge or batch.create or batch.update or batch.events):
             return
         try:
+            events = await self._drop_repeats(queued)
             await self._store.apply_batch(Batch(merge=batch.merge, create=batch.create,
                                                 update=batch.update,
-                                                events=[*queued, *batch.events]))
+                                                events=[*events, *batch.events]))
         except NetbootError as exc:
             if strict:
                 self._queue[:0] = queued
@@ -81,8 +179,22 @@ class Recorder:
             # Notes about boots, acknowledged to no one: logged, not retried forever.
             self._log.error("could not record %d boot events: %s", len(queued), exc)
         for event in queued:
+            self._unsure.discard(id(event))
             if self._newest.get(event.machine) is event:
                 del self._newest[event.machine]
+        for event in batch.events:
+            self._remember(event, None)
+
+    async def _drop_repeats(self, queued: list[Event]) -> list[Event]:
+        """``queued`` without the notes that repeat their machine's newest stored event."""
+        unsure = [e for e in queued if id(e) in self._unsure]
+        if not unsure:
+            return queued
+        newest = await asyncio.gather(*(self._store.list_events(e.machine, limit=1)
+                                        for e in unsure))
+        drop = {id(e) for e, last in zip(unsure, newest, strict=True)
+                if last and (last[-1].kind, last[-1].message) == (e.kind, e.message)}
+        return [e for e in queued if id(e) not in drop]
 
     async def close(self) -> None:
         writer = self._writer
@@ -90,3 +202,12 @@ class Recorder:
             writer.cancel()
             self._writer = None
         await self.flush()
+
+
+def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if done.done():
+        return
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
