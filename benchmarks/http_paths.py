@@ -112,9 +112,20 @@ def netboot(work: Workload, run: Path, python: str) -> Iterator[int]:
         "dhcp": {"mode": "off"}, "tftp": {"enabled": False}, "dns": {"enabled": False},
         "assets": {"dirs": [str(work.assets)]},
     }))
-    with process([python, "-m", "netboot", "serve", "--config", str(conf)], run / "netboot.log",
+    log = run / "netboot.log"
+    with process([python, "-m", "netboot", "serve", "--config", str(conf)], log,
                  {"PYTHONPATH": str(REPO)}):
         wait_http(f"http://{HOST}:{port}/boot.ipxe")
+        # serve answers at once and loads the inventory view in the background (until then
+        # decisions read the store): measure the server as it runs, once it is loaded.
+        started = time.monotonic()
+        deadline = started + 600
+        while "inventory view loaded" not in log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("netboot's inventory view did not load within 600 s")
+            time.sleep(0.5)
+        print(f"netboot view of the inventory loaded {time.monotonic() - started:.1f} s "
+              "after serve answered", flush=True)
         yield port
 
 

@@ -346,7 +346,9 @@ class BootService:
             plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state}: boot the local disk",
                             machine=machine)
             if record:
-                await self._event(machine, "local-boot", plan.reason, request)
+                # Once until something else happens: a device that asks again and again
+                # (a retry loop, a storm of reboots) writes one line, not one per request.
+                await self._event(machine, "local-boot", plan.reason, request, once=True)
             return plan
         if not (lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN)
                 or lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)):
@@ -502,7 +504,8 @@ class BootService:
             # answer leaves.
             await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
-                + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),)))
+                + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),)),
+                version=machine)
             self._view.adopt((machine,))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks

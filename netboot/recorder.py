@@ -104,11 +104,11 @@ class Recorder:
             self._writer = None
         await self.flush()
 
-    async def commit(self, batch: Batch) -> None:
+    async def commit(self, batch: Batch, *, version: object = None) -> None:
         """Write ``batch`` before returning, with the events queued before it in the same
         transaction (so history keeps its order), and with other commits that arrive while
         a transaction is under way. If it fails, nothing of it is written and the queued
-        events stay queued."""
+        events stay queued. ``version``: the machine as the batch leaves it, for note()."""
         if batch.merge:  # a merge moves events: alone, after what is queued under the old ids
             async with self._lock:
                 await self._write(Batch())
@@ -123,6 +123,9 @@ class Recorder:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         group.batches.append((batch, done))
         await asyncio.shield(done)
+        if version is not None:
+            for event in batch.events:
+                self._remember(event, version)
 
     async def _commit_group(self, group: _Group) -> None:
         async with self._lock:

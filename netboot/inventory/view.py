@@ -330,7 +330,8 @@ _KINDS = ("mac", "uuid", "serial", "asset")
 def _keys_of(machine: Machine) -> Iterable[tuple[str, _Key]]:
     for kind, value in claims(machine):
         if kind != "mac":
-            yield kind, value
+            own = getattr(machine, kind)
+            yield kind, own if own == value else value  # the machine's own string if equal
     for mac in machine.macs:
         yield "mac", mac.raw
 
