@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -197,6 +197,8 @@ class BootService:
         self._store = store  # writes; reads go through the view, kept exact by sync()
         self._view = InventoryView(store)
         self._recorder = enroller.recorder  # one per process: history keeps its order
+        self._recorder.newest = self._newest
+        self._recorder.adopt = self._view.adopt
         self._assets = assets
         self.settings = settings
         self._enroller = enroller
@@ -452,11 +454,8 @@ class BootService:
             if record:
                 # What the firmware told (its arch) is kept, so that `explain` answers for
                 # the machine as it boots; learn() changes nothing on later retries.
-                learned = learn(machine, request, self._clock())
-                if learned != machine:
-                    machine = learned
-                    await self._commit_update(machine)
                 await self._event(machine, "hold", reason, request, once=True)
+                machine = await self._learn(machine, request, self._clock())
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None, cluster=cluster)
@@ -750,18 +749,13 @@ class BootService:
             self._log.info("discovered mac=%s firmware=%s arch=%s uuid=%s via=%s",
                            request.mac, request.firmware, request.arch, request.uuid, request.via)
             return machine
-        updated = learn(machine, request, now, _taken(res))
-        if updated != machine:
-            await self._commit_update(updated)
-        return updated
+        return await self._learn(machine, request, now, _taken(res))
 
     async def _note(self, machine: Machine, request: BootRequest, res: Resolution, kind: str,
                     message: str) -> None:
-        updated = learn(machine, request, self._clock(), _taken(res))
-        if updated != machine:
-            await self._commit_update(updated)
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
-        await self._event(updated, kind, message, request, once=True)
+        await self._event(machine, kind, message, request, once=True)
+        await self._learn(machine, request, self._clock(), _taken(res))
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
@@ -773,6 +767,34 @@ class BootService:
             self._recorder.note(event, version=machine)
         else:
             self._recorder.record(event)
+
+    def _learn_later(self, machine: Machine, request: BootRequest, now: float,
+                     taken: frozenset[str] = frozenset()) -> Machine:
+        """``machine`` with what ``request`` told about it (:func:`learn`), for the answer;
+        stored with the next group commit of boot notes, not before the answer: nothing of
+        it is told to the device. It is learnt again then, on the machine as it is stored
+        at that moment, so that a change made meanwhile (by an operator, another server)
+        is kept, not overwritten with this request's copy."""
+        updated = learn(machine, request, now, taken)
+        if updated != machine:
+            self._recorder.learned(machine.id,
+                                   lambda current: learn(current, request, now, taken))
+        return updated
+
+    async def _learn(self, machine: Machine, request: BootRequest, now: float,
+                     taken: frozenset[str] = frozenset()) -> Machine:
+        """:meth:`_learn_later`, except that a new identifier (UUID, serial, asset tag) is
+        committed at once: the next request may be recognised by it."""
+        updated = learn(machine, request, now, taken)
+        if identity.claims(updated) != identity.claims(machine):
+            await self._commit_update(updated)
+            return updated
+        return self._learn_later(machine, request, now, taken)
+
+    async def _newest(self, ids: Collection[str]) -> dict[str, Machine | None]:
+        """The machines as stored now (the recorder's source for :meth:`_learn_later`)."""
+        await self._view.sync()
+        return {machine_id: await self._view.get_machine(machine_id) for machine_id in ids}
 
     async def _commit_update(self, machine: Machine) -> None:
         """Store what a boot taught about ``machine`` (grouped with concurrent commits), and

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from netboot.errors import NetbootError
 from netboot.inventory.base import Batch, Store
-from netboot.model import Event
+from netboot.model import Event, Machine
 
 # Long enough to gather a storm's events into one commit, short enough that `netboot
 # explain` run right after a boot shows it (reads flush anyway).
@@ -57,6 +58,12 @@ class Recorder:
         self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one batch at a time, in order
         self._gathering: _Group | None = None
+        # Facts learnt on the boot path: machine id -> how to learn them again on the machine
+        # as it is stored when they are written (learned()); ``newest`` reads those machines.
+        self._learned: dict[str, list[Callable[[Machine], Machine]]] = {}
+        self.newest: Callable[[Collection[str]], Awaitable[dict[str, Machine | None]]] | None = (
+            None)
+        self.adopt: Callable[[Sequence[Machine]], None] | None = None  # told what was written
         self._groups: set[asyncio.Task[None]] = set()
 
     def record(self, event: Event) -> None:
@@ -64,6 +71,14 @@ class Recorder:
         self._queue.append(event)
         self._newest[event.machine] = event
         self._remember(event, None)
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_soon())
+
+    def learned(self, machine_id: str, redo: Callable[[Machine], Machine]) -> None:
+        """Store ``redo(machine)`` with the next batch, applied to the machine as it is stored
+        then (nothing if it changes nothing, or the machine is gone). For what a device told
+        about itself and was told nothing about: not worth a commit before the answer."""
+        self._learned.setdefault(machine_id, []).append(redo)
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write_soon())
 
@@ -167,26 +182,60 @@ class Recorder:
             await self._write(Batch())
 
     async def _write(self, batch: Batch, *, strict: bool = False) -> None:
+        learned: dict[str, list[Callable[[Machine], Machine]]] = {}
+        if not strict and self.newest is not None:
+            learned, self._learned = self._learned, {}
         queued, self._queue = self._queue, []
-        if not queued and not (batch.merge or batch.create or batch.update or batch.events):
+        if not queued and not learned and not (batch.merge or batch.create or batch.update
+                                               or batch.events):
             return
         try:
             events = await self._drop_repeats(queued)
+            relearnt = await self._relearn(learned)
             await self._store.apply_batch(Batch(merge=batch.merge, create=batch.create,
-                                                update=batch.update,
+                                                update=[*batch.update,
+                                                        *(new for _, new in relearnt)],
                                                 events=[*events, *batch.events]))
         except NetbootError as exc:
             if strict:
                 self._queue[:0] = queued
                 raise
             # Notes about boots, acknowledged to no one: logged, not retried forever.
-            self._log.error("could not record %d boot events: %s", len(queued), exc)
+            self._log.error("could not record %d boot events and facts of %d machines: %s",
+                            len(queued), len(learned), exc)
+        else:
+            self._written(relearnt)
         for event in queued:
             self._unsure.discard(id(event))
             if self._newest.get(event.machine) is event:
                 del self._newest[event.machine]
         for event in batch.events:
             self._remember(event, None)
+
+    def _written(self, relearnt: list[tuple[Machine, Machine]]) -> None:
+        """Learnt facts are stored: the new versions stand for the machines in note()."""
+        for old, new in relearnt:
+            known = self._last.get(new.id)
+            if known is not None and known[1] is old:
+                self._last[new.id] = (known[0], new)
+        if relearnt and self.adopt is not None:
+            self.adopt([new for _, new in relearnt])
+
+    async def _relearn(self, learned: dict[str, list[Callable[[Machine], Machine]]],
+                       ) -> list[tuple[Machine, Machine]]:
+        """(as stored, with the facts) for each machine whose facts change it."""
+        if not learned or self.newest is None:
+            return []
+        updates = []
+        for machine_id, current in (await self.newest(learned)).items():
+            if current is None:
+                continue  # deleted meanwhile: nothing to learn about
+            updated = current
+            for redo in learned[machine_id]:
+                updated = redo(updated)
+            if updated != current:
+                updates.append((current, updated))
+        return updates
 
     async def _drop_repeats(self, queued: list[Event]) -> list[Event]:
         """``queued`` without the notes that repeat their machine's newest stored event."""

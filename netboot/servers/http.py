@@ -54,6 +54,24 @@ MAX_BODY_KEY = web.AppKey("max_body", int)
 MAX_EVENT_KEY = web.AppKey("max_event", int)
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
 REQUEST_ID = web.RequestKey("request_id", str)  # the id echoed in X-Request-Id
+_TARGET = web.RequestKey("loggable_target", str)
+
+
+class RequestIds:
+    """New request ids: a random prefix per process and a counter (16 hex digits, as
+    ``secrets.token_hex(8)`` made them, without a system call per request). They tie log
+    lines together; nothing is authorised by one."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._next = 0
+
+    def __call__(self) -> str:
+        self._next = (self._next + 1) & 0xFFFFFFFF
+        return f"{self._prefix}{self._next:08x}"
+
+
+REQUEST_IDS_KEY = web.AppKey("request_ids", RequestIds)
 
 
 class HttpObserver(Protocol):
@@ -157,10 +175,15 @@ def loggable_target(request: web.BaseRequest) -> str:
     must not end up in log files. Works from the path alone, not from the matched route: a
     request that never reached routing (a malformed request line) has no route to ask.
     """
+    known: str | None = request.get(_TARGET)  # made once a request (log context, access)
+    if known is not None:
+        return known
     path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", request.path)
     query = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
              for key, value in request.query.items()]
-    return escape(path + ("?" + "&".join(query) if query else ""), limit=1024)
+    target = escape(path + ("?" + "&".join(query) if query else ""), limit=1024)
+    request[_TARGET] = target
+    return target
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -777,7 +800,8 @@ async def request_middleware(request: web.Request, handler: Any) -> web.StreamRe
     token, else a new one) echoed in the response and bound to log lines of this request
     (netboot.logs.log_context), and one observation per request for the metrics."""
     given = request.headers.get("X-Request-Id", "")
-    rid = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+    ids = request.app.get(REQUEST_IDS_KEY)
+    rid = given if _REQUEST_ID.match(given) else ids() if ids else secrets.token_hex(8)
     request[REQUEST_ID] = rid
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
@@ -805,4 +829,5 @@ def install(app: web.Application, *, body_timeout: float) -> None:
     """What every netboot HTTP application gets: the Server header and the body timeout (the
     middleware itself is listed by the wiring, inside the error middleware)."""
     app[BODY_TIMEOUT_KEY] = body_timeout
+    app[REQUEST_IDS_KEY] = RequestIds()
     app.on_response_prepare.append(_server_header)
