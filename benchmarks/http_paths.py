@@ -5,11 +5,11 @@
 Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machines (a wrk Lua
 script picks the MAC per request) at 50 connections, and for a random one of the first 1,000
 (``ipxe-1k``, after one unmeasured run over them: requests that change nothing);
-``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections (MiB/s). netboot runs as
-``netboot serve`` (DHCP and TFTP off) on a data dir filled by ``netboot import`` (managed
-clusters of 12,500 machines, as in the issue's measurement); nginx serves
-the same asset files and one static iPXE script for every MAC, so its /ipxe row is the
-floor: a file served, nothing decided.
+``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections
+(MiB/s). netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data dir filled by
+``netboot import`` (managed clusters of 12,500 machines, as in the issue's measurement);
+nginx serves the same asset files and one static iPXE script for every MAC, so its /ipxe row
+is the floor: a file served, nothing decided.
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``); a missing one is said and
 left out. Loopback only; servers stopped by their own PID. Not part of pytest.
 """
