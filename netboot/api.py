@@ -28,7 +28,7 @@ from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import Machine, MachineState
-from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token
+from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token, serve_plain
 from netboot.web.auth import request_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -136,12 +136,13 @@ class Api:
         r.add_post(f"{p}/machines/{{ref}}/reinstall", self.allow(operate, self.reinstall))
         r.add_get(f"{p}/machines/{{ref}}/explain", self.allow(read, self.explain))
         r.add_get(f"{p}/machines/{{ref}}/events", self.allow(read, self.list_events))
-        # A machine's installer reports with its own install token (checked in the handler).
         # Masked renders: what the device gets, without its install token or the join token.
         r.add_get(f"{p}/machines/{{ref}}/render/{{kind}}", self.allow(read, self.render))
-        r.add_post(f"{p}/machines/{{ref}}/events", self.post_event)
-        # The install token is in the body: registration is the device's, not an operator's.
-        r.add_post(f"{p}/register", self.register)
+        # The device's own two routes, also on plain HTTP (its installer may have no CA): a
+        # machine's installer reports with its install token (checked in the handler), and
+        # registration carries it in the body. An operator reporting by hand uses HTTPS.
+        serve_plain(app, r.add_post(f"{p}/machines/{{ref}}/events", self.post_event),
+                    r.add_post(f"{p}/register", self.register))
         for kind in ("profiles", "clusters", "groups"):
             r.add_get(f"{p}/{kind}", self.allow(read, self._list(kind)))
             r.add_post(f"{p}/{kind}", self.allow(configure, self._put(kind, create=True)))

@@ -11,7 +11,8 @@ boot plan. Nothing else decides. The rules, by machine state:
   the profile of the machine or its group, issuing a fresh install token that lives for the
   profile's ``install_timeout`` (else ``token_ttl_seconds``);
 * booting / installing (an install under way, the device rebooted) → the same install with
-  the same token, held once that token has expired.
+  the same token, to the address the token was served to only, and held once that token has
+  expired; any other address is held without it (an operator reinstall serves a new one).
 
 The states themselves change only through :mod:`netboot.lifecycle`.
 """
@@ -60,6 +61,9 @@ from netboot.model import (
 from netboot.names import serves_cluster, valid_label
 
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
+# The fact naming the address an install's token was served to: the one address that gets it
+# again (a device that reboots mid-install asks from the address it booted with).
+INSTALL_PEER = "install_peer"
 
 
 class AssetLookup(Protocol):
@@ -477,6 +481,26 @@ class BootService:
                 return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                                 retry_seconds=self.settings.hold_retry_seconds,
                                 group=group.name if group else None)
+            issued_to = machine.facts.get(INSTALL_PEER)
+            if issued_to != request.remote_addr:
+                # Anyone on the VLAN can ask /ipxe with this MAC: the token goes back only to
+                # the address it was served to (HTTP is TCP, so that address answered the
+                # handshake; only ARP spoofing forges it). Never a new token: that would void
+                # the real installer's. The install goes on; the asker is held.
+                reason = (f"{machine.state}: an install is under way and its install token "
+                          "was served to another address; if this device's address changed, "
+                          f"run 'netboot machines reinstall {machine.ref}'")
+                await self._event(
+                    machine, "token withheld",
+                    f"install script for the install under way asked from "
+                    f"{request.remote_addr or 'an unknown address'}, but its install token "
+                    f"was served to {issued_to or 'an address netboot did not record'}: held "
+                    "without it. If this is the device and its address changed, an operator "
+                    f"reinstall gives it a new one: netboot machines reinstall {machine.ref}",
+                    request, once=True)
+                return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                                retry_seconds=self.settings.hold_retry_seconds,
+                                group=group.name if group else None)
             token = machine.install_token
             again = lifecycle.advance(learn(machine, request, now, _taken(res)),
                                       lifecycle.Trigger.INSTALL_AGAIN, now)
@@ -489,8 +513,12 @@ class BootService:
         elif record:
             token = self._new_token()
             now = self._clock()
+            learned = learn(machine, request, now, _taken(res))
+            facts = {k: v for k, v in learned.facts.items() if k != INSTALL_PEER}
+            if request.remote_addr:
+                facts[INSTALL_PEER] = request.remote_addr
             machine = lifecycle.advance(
-                learn(machine, request, now, _taken(res)), lifecycle.Trigger.INSTALL_PLAN, now,
+                learned, lifecycle.Trigger.INSTALL_PLAN, now, facts=facts,
                 token_hash=hash_token(token), install_token=token,
                 token_expires=now + (profile.install_timeout
                                      or self.settings.token_ttl_seconds),

@@ -601,13 +601,17 @@ def _events(args: argparse.Namespace) -> int:
     host = cfg.http.listen if cfg.http.listen not in ("0.0.0.0", "::", "") else "127.0.0.1"
     base = args.server or f"http://{host}:{cfg.http.port}"
     token = _api_token(args, cfg)
+    # netboot's own CA, for an https:// --server (readable by whoever may read the token).
+    ca_pem = cfg.data_dir / "tls" / "ca.pem"
+    ca = ca_pem if base.startswith("https://") and os.access(ca_pem, os.R_OK) else None
 
     async def run() -> None:
-        machine = await follow.machine_id(base, token, args.ref) if args.ref else None
+        machine = (await follow.machine_id(base, token, args.ref, ca_file=ca) if args.ref
+                   else None)
 
         def emit(event: dict[str, Any]) -> None:
             print(follow.event_line(event, as_json=args.json), flush=True)
-        await follow.follow(base, token, machine=machine, emit=emit)
+        await follow.follow(base, token, machine=machine, emit=emit, ca_file=ca)
 
     asyncio.run(run())
     return 0

@@ -49,6 +49,10 @@ class HttpConfig:
     listen: str = "0.0.0.0"
     port: int = 8080
     public_url: str | None = None  # e.g. http://boot.example:8080 when behind NAT/proxy
+    # Who may use the API and the dashboard over this plain listener (firmware and installer
+    # routes serve everyone): loopback peers only (the CLI, a TLS proxy on this host), nobody
+    # (refuse), or everyone (allow: a TLS-terminating proxy on another host).
+    plain_api: Literal["refuse", "loopback", "allow"] = "loopback"
     max_body_bytes: int = 1_048_576
     max_event_bytes: int = 16_384
     # Bounds with nginx's defaults as the bar (README, "Resource limits").
@@ -525,6 +529,10 @@ def _check(cfg: Config, src: _Source) -> None:
     if cfg.https.cert_file and not cfg.https.key_file:
         raise src.error("https.key_file", "a certificate needs its key",
                         "set https.key_file to the PEM private key of https.cert_file")
+    if cfg.http.plain_api == "refuse" and not cfg.https.enabled:
+        raise src.error("http.plain_api", "'refuse' with https.enabled false leaves no way to "
+                        "reach the API or the dashboard",
+                        "enable https, or write loopback (this host only) or allow")
     if (cfg.https.enabled and cfg.https.port == cfg.http.port and cfg.http.port != 0
             and (cfg.https.listen or cfg.http.listen) == cfg.http.listen):
         raise src.error("https.port", f"port {cfg.https.port} is also http.port",

@@ -135,6 +135,16 @@ class Forbidden(NetbootError):
     """Credentials are valid but do not allow this (403)."""
 
 
+class PlainHttpRefused(Forbidden):
+    """A request for the API or the dashboard (or one carrying a credential) that came over
+    plain HTTP from a peer that must use HTTPS (403, or a redirect for a page); ``https_url``
+    is where to send it instead (None when HTTPS is off)."""
+
+    def __init__(self, message: str, https_url: str | None) -> None:
+        self.https_url = https_url
+        super().__init__(message)
+
+
 class Busy(NetbootError):
     """A bounded resource is full right now (503): try again later."""
 

@@ -5,15 +5,21 @@ and prints one line per event: a human time, the machine, the kind and the messa
 ``--json``, the event as one JSON object per line (``jq``-able). When the connection drops it
 reconnects after the server's ``retry:`` delay, saying so on stderr; events recorded while it
 was away are not replayed (``netboot events REF`` lists a machine's history).
+
+Over HTTPS it trusts netboot's own CA (``ca_file``: the data dir's ``tls/ca.pem``, which the
+CLI passes when it can read it) besides the system's; over plain HTTP from another host the
+server refuses the API and says where its HTTPS is, which the error here repeats.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
@@ -34,6 +40,24 @@ def event_line(event: dict[str, Any], *, as_json: bool, names: dict[str, str] | 
     # Messages come from devices too: one line each, whatever they contain.
     message = str(event.get("message", "")).replace("\n", "\\n").replace("\r", "\\r")
     return f"{when}  {who}  {event['kind']}  {message}".rstrip()
+
+
+def _session(ca_file: Path | None, **kwargs: Any) -> aiohttp.ClientSession:
+    context: ssl.SSLContext | bool = True  # aiohttp's default: the system's CAs
+    if ca_file is not None:
+        context = ssl.create_default_context()
+        context.load_verify_locations(cafile=str(ca_file))
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context), **kwargs)
+
+
+async def _refusal(url: str, resp: aiohttp.ClientResponse) -> NetbootError:
+    """The server's own reason (a 403 names the HTTPS URL to use), else the status."""
+    try:
+        body = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ClientError):
+        body = None
+    reason = body.get("error") if isinstance(body, dict) else None
+    return NetbootError(f"{url}: HTTP {resp.status}" + (f": {reason}" if reason else ""))
 
 
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
@@ -58,7 +82,8 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[st
 
 async def follow(base_url: str, token: str, *, machine: str | None = None,
                  emit: Callable[[dict[str, Any]], None],
-                 stop: Callable[[], bool] = lambda: False, err: TextIO = sys.stderr) -> None:
+                 stop: Callable[[], bool] = lambda: False, err: TextIO = sys.stderr,
+                 ca_file: Path | None = None) -> None:
     """Print events as they come until ``stop()`` (checked after each event) or Ctrl-C.
 
     ``machine`` (an id) keeps only that machine's events.
@@ -67,7 +92,7 @@ async def follow(base_url: str, token: str, *, machine: str | None = None,
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     url = f"{base_url.rstrip('/')}/api/v1/events/stream"
     connected = False
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    async with _session(ca_file, timeout=timeout) as http:
         while True:
             try:
                 async with http.get(url, headers=headers) as resp:
@@ -75,7 +100,7 @@ async def follow(base_url: str, token: str, *, machine: str | None = None,
                     if resp.status == 401:
                         raise AuthError("the server refused the token (--token-file)")
                     if resp.status != 200:
-                        raise NetbootError(f"{url}: HTTP {resp.status}")
+                        raise await _refusal(url, resp)
                     async for kind, data in sse_events(resp):
                         if kind == "missed":
                             print(f"netboot: {data} events were dropped (this terminal read "
@@ -100,15 +125,15 @@ async def follow(base_url: str, token: str, *, machine: str | None = None,
             await asyncio.sleep(RECONNECT_SECONDS)
 
 
-async def machine_id(base_url: str, token: str, ref: str) -> str:
+async def machine_id(base_url: str, token: str, ref: str, *,
+                     ca_file: Path | None = None) -> str:
     """The id of the machine ``ref`` (a MAC or an id) names, asked of the server."""
     from urllib.parse import quote
 
-    async with aiohttp.ClientSession() as http, http.get(
-            f"{base_url.rstrip('/')}/api/v1/machines/{quote(ref, safe='')}",
-            headers={"Authorization": f"Bearer {token}"}) as resp:
-        body = await resp.json(content_type=None)
+    url = f"{base_url.rstrip('/')}/api/v1/machines/{quote(ref, safe='')}"
+    async with _session(ca_file) as http, http.get(
+            url, headers={"Authorization": f"Bearer {token}"}) as resp:
         if resp.status != 200:
-            reason = body.get("error") if isinstance(body, dict) else f"HTTP {resp.status}"
-            raise NetbootError(f"{ref}: {reason}")
+            raise await _refusal(url, resp)
+        body = await resp.json(content_type=None)
         return str(body["id"])

@@ -53,7 +53,8 @@ def check_groups(groups: Iterable[Group]) -> None:
                 raise Conflict(
                     f"groups {a.name!r} and {b.name!r} are equally specific "
                     f"({a.specificity} selector keys) and can match the same machine; "
-                    "add a selector key to one of them or make their values disjoint"
+                    "add a selector key to one of them or make their values disjoint",
+                    field="selector",
                 )
 
 

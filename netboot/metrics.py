@@ -89,7 +89,7 @@ class Metrics:
                                    "to registered (first boot of the installed OS)",
                                    buckets=DURATION_BUCKETS, registry=r)
         self._errors = Counter("netboot_errors", "errors by kind: http_5xx, install_failed, "
-                               "dhcp_nak", ["kind"], registry=r)
+                               "dhcp_nak, http_plaintext_credential", ["kind"], registry=r)
         self._events = Counter("netboot_events", "machine events recorded, by kind",
                                ["kind"], registry=r)
         # machine id → (time its install began, time it was installed); bounded, oldest first
@@ -118,6 +118,9 @@ class Metrics:
         self._http_seconds.labels(route).observe(seconds)
         if status >= 500:
             self._errors.labels("http_5xx").inc()
+
+    def plain_http_credential(self) -> None:
+        self._errors.labels("http_plaintext_credential").inc()
 
     # -- events (netboot.events.EventBus.listen) ---------------------------------------------
     def event(self, event: Event) -> None:

@@ -459,7 +459,25 @@ def document() -> dict[str, Any]:
             for op in (put, paths["/api/v1/groups"]["post"]):
                 op["description"] += (" Its profile and cluster must name existing ones (a 400 "
                                       "naming the field); a group as specific as another that "
-                                      "can match the same machine is a 409.")
+                                      "can match the same machine is a 409 naming selector; "
+                                      "hostname_template fields must exist (a 400 naming it).")
+        else:
+            paths[f"/api/v1/{kind}/{{name}}"]["delete"]["description"] += (
+                f" A {kind[:-1]} that a machine or group uses is a 409 naming them.")
+    # The same references for machines, one by one and in bulk (there per row, by line).
+    machines = (paths["/api/v1/machines"]["post"], paths["/api/v1/machines/{ref}"]["patch"],
+                paths["/api/v1/machines/{ref}/approve"]["post"])
+    for op in machines:
+        op["description"] += (" Its profile and cluster must name existing ones (a 400 naming "
+                              "the field).")
+    for op in machines[:2]:
+        op["description"] += (" A MAC, UUID, serial, asset tag or hostname that another "
+                              "machine holds is a 409 naming the field and that machine "
+                              "(holder).")
+    for path in ("/api/v1/machines:bulk", "/api/v1/machines:import"):
+        paths[path]["post"]["description"] += (
+            " Each row is checked as one enrollment (its profile and cluster must exist); any "
+            "error is a 400 listing line and field, and nothing is applied.")
     return {
         "openapi": "3.1.0",
         "info": {"title": "netboot", "version": "1",

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from netboot.access import Access
+from netboot.access import TOKEN_PREFIX, Access
 from netboot.api import Api
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.config import Config
@@ -46,24 +46,30 @@ from netboot.servers.http import (
     MAX_BODY_KEY,
     MAX_EVENT_KEY,
     OBSERVER_KEY,
+    PLAIN_HTTP_KEY,
     AccessLogger,
     ConnectionGuard,
     DeviceRoutes,
     GuardedSite,
     HttpLimits,
+    PlainHttp,
     body_timeout_middleware,
     errors_middleware,
+    plain_http_middleware,
     request_middleware,
 )
 from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
+from netboot.web.auth import SESSION_COOKIE
 from netboot.web.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
 
 SECRET_KEY_FILE = "secret.key"
+# What netboot's own certificate names besides the configured names and addresses.
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 # The id of the key that sealed this inventory's secrets: a different key file is refused at
 # start rather than discovered at the first config request.
 SEAL_KEY_SETTING = "secrets-key-id"
@@ -183,8 +189,11 @@ def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
         return None
     if https.cert_file:
         return operator_files(https.cert_file, https.key_file, https.ca_file)
+    # This host's own names too: the CLI (netboot events --follow) and scripts on the server
+    # reach the API at https://127.0.0.1:8443, the only place plain HTTP would also answer.
     names = server_names(advertise, config.http.public_url, (
-        *([h] if (h := _url_host(https.public_url)) else []), *https.names))
+        *([h] if (h := _url_host(https.public_url)) else []), *https.names,
+        *LOCAL_NAMES))
     authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
     return authority.server_certificate(names)
 
@@ -649,14 +658,24 @@ async def build(config: Config) -> Service:
         core = build_core(config, store, lambda: holder["base"],
                           trust=lambda: trust_for(config, service.tls, holder["https"]))
         new_token = await ensure_admin_token(core.access, config.data_dir)
+        # The plain-HTTP policy answers before any body is read (a login's token stays
+        # unread), inside the error middleware that translates its refusal.
         app = web.Application(middlewares=[request_middleware, errors_middleware,
-                                           body_timeout_middleware],
+                                           plain_http_middleware, body_timeout_middleware],
                               client_max_size=config.http.max_body_bytes)
         install_http(app, body_timeout=config.http.body_timeout)
         app[LOG_KEY] = logging.getLogger("netboot.http")
         app[MAX_BODY_KEY] = config.http.max_body_bytes
         app[MAX_EVENT_KEY] = config.http.max_event_bytes
         app[OBSERVER_KEY] = metrics
+        app[PLAIN_HTTP_KEY] = PlainHttp(
+            config.http.plain_api,
+            https_url=lambda: holder["https"] if service.tls is not None else None,
+            api_token_prefix=TOKEN_PREFIX, session_cookie=SESSION_COOKIE,
+            log=logging.getLogger("netboot.http"))
+        if config.http.plain_api == "allow":
+            log.warning("http.plain_api is allow: the API and the dashboard answer plain HTTP "
+                        "from any peer, and tokens cross the network in clear")
         DeviceRoutes(core.content).add_to(app)
         Api(core, clock=time.time, events=events).add_to(app)
         Dashboard(core.access, store, metrics, metrics_public=config.metrics.public).add_to(app)

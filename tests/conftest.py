@@ -22,6 +22,10 @@ settings.register_profile("netboot", deadline=None, derandomize=True, database=N
                           print_blob=True)
 settings.load_profile("netboot")
 
+# The ``namespace`` fixture of the tests that put servers and clients on addresses of their
+# own network namespace.
+pytest_plugins = ["tests.netns"]
+
 KERNEL = b"\x7fKERNEL" + bytes(range(256)) * 64  # 16 KiB + 7 bytes of not-quite-random data
 INITRD = b"070701" + b"\x00" * 5000
 

@@ -1259,3 +1259,89 @@ def test_openapi_render_kinds_are_the_core_s() -> None:
     from netboot import core, openapi
 
     assert openapi.RENDER_KIND_NAMES == core.RENDER_KINDS
+
+
+# --- what a schema cannot say: each constraint the operation descriptions name ---------------
+
+_GROUP = {"selector": {"product": ["X"]}, "profile": "k3os", "cluster": "edge"}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "field"), [
+    # A body's name must be the URL's (profiles, clusters, groups).
+    ("PUT", "/api/v1/profiles/k3os", {"name": "other", "kernel": "vmlinuz"}, 400, "name"),
+    ("PUT", "/api/v1/clusters/edge", {"name": "other"}, 400, "name"),
+    ("PUT", "/api/v1/groups/all-x86", {"name": "other", **_GROUP}, 400, "name"),
+    # References that must exist: a group's profile and cluster, on create and replace.
+    ("POST", "/api/v1/groups", {"name": "g", **_GROUP, "profile": "nope"}, 400, "profile"),
+    ("POST", "/api/v1/groups", {"name": "g", **_GROUP, "cluster": "nope"}, 400, "cluster"),
+    ("PUT", "/api/v1/groups/all-x86", {**_GROUP, "profile": "nope"}, 400, "profile"),
+    ("PUT", "/api/v1/groups/all-x86", {**_GROUP, "cluster": "nope"}, 400, "cluster"),
+    # ... and a machine's, on enroll, change and approve, one by one and in bulk.
+    ("POST", "/api/v1/machines", {"mac": MAC2, "profile": "nope"}, 400, "profile"),
+    ("POST", "/api/v1/machines", {"mac": MAC2, "cluster": "nope"}, 400, "cluster"),
+    ("PATCH", f"/api/v1/machines/{MAC}", {"profile": "nope"}, 400, "profile"),
+    ("PATCH", f"/api/v1/machines/{MAC}", {"cluster": "nope"}, 400, "cluster"),
+    ("POST", f"/api/v1/machines/{MAC}/approve", {"cluster": "nope"}, 400, "cluster"),
+    ("POST", f"/api/v1/machines/{MAC}/approve", {"profile": "nope"}, 400, "profile"),
+    # Overlapping groups: as specific as all-x86 ({arch}) and able to match the same machine.
+    ("POST", "/api/v1/groups", {"name": "g", "selector": {"arch": ["x86_64", "arm64"]}},
+     409, "selector"),
+    # Hostname templates: fields that exist, in valid syntax.
+    ("POST", "/api/v1/groups", {"name": "g", **_GROUP, "hostname_template": "n-{nope}"},
+     400, "hostname_template"),
+    ("POST", "/api/v1/groups", {"name": "g", **_GROUP, "hostname_template": "n-{mac"},
+     400, "hostname_template"),
+    ("PUT", "/api/v1/groups/all-x86", {**_GROUP, "hostname_template": "{serial:d}"},
+     400, "hostname_template"),
+])
+async def test_a_constraint_the_schema_cannot_say_names_its_field(
+        env: Env, method: str, path: str, body: dict[str, Any], status: int,
+        field: str) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    before = {kind: await env.get(f"/api/v1/{kind}") for kind in ("profiles", "clusters",
+                                                                  "groups")}
+    r = await call(env, method, path, json_body=body)
+    assert r.status == status and r.json()["field"] == field, (r.status, r.text)
+    # Refused whole: nothing was created or changed.
+    for kind, items in before.items():
+        assert await env.get(f"/api/v1/{kind}") == items
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["profile"] is None
+
+
+async def test_replacing_a_group_so_that_it_overlaps_another_is_409_naming_selector(
+        env: Env) -> None:
+    await env.seed()
+    await env.post("/api/v1/groups", {"name": "arm", "selector": {"arch": ["arm64"]}},
+                   status=201)
+    r = await call(env, "PUT", "/api/v1/groups/arm", json_body={"selector": {"arch": ["x86_*"]}})
+    assert r.status == 409 and r.json()["field"] == "selector", r.text
+    assert "all-x86" in r.json()["error"]
+    assert (await env.get("/api/v1/groups/arm"))["selector"] == {"arch": ["arm64"]}
+
+
+async def test_a_hostname_another_machine_holds_is_409_naming_hostname_and_holder(
+        env: Env) -> None:
+    holder = await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1"}, status=201)
+    other = await env.post("/api/v1/machines", {"mac": MAC2}, status=201)
+    for method, path, body in (("POST", "/api/v1/machines", {"serial": "SN-9",
+                                                             "hostname": "edge-1"}),
+                               ("PATCH", f"/api/v1/machines/{other['id']}",
+                                {"hostname": "edge-1"})):
+        r = await call(env, method, path, json_body=body)
+        assert r.status == 409, (method, r.text)
+        assert r.json()["field"] == "hostname" and r.json()["holder"] == holder["id"]
+    assert (await env.get(f"/api/v1/machines/{MAC2}"))["hostname"] != "edge-1"
+
+
+@pytest.mark.parametrize("kind", ["profiles", "clusters"])
+async def test_removing_a_profile_or_cluster_in_use_is_409_naming_its_users(
+        env: Env, kind: str) -> None:
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC, "profile": "k3os", "cluster": "edge"},
+                   status=201)
+    name = "k3os" if kind == "profiles" else "edge"
+    r = await call(env, "DELETE", f"/api/v1/{kind}/{name}")
+    assert r.status == 409, r.text
+    assert "group 'all-x86'" in r.json()["error"] and MAC in r.json()["error"]
+    await env.get(f"/api/v1/{kind}/{name}")  # still there

@@ -693,3 +693,28 @@ async def test_a_repeated_plan_that_changes_nothing_reads_and_writes_nothing(
         assert any(t.startswith("read") for t in touched)
     finally:
         await store.close()
+
+
+async def test_a_pxelinux_request_mid_install_gets_the_token_only_at_its_first_address(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """U-Boot asks for ``pxelinux.cfg/01-<mac>`` over TFTP (UDP): the answer goes to the
+    source address, so another address is held without the token too; no new token is made."""
+    boot, store, _ = setup
+    await enrolled(store, role=Role.AGENT)
+
+    def tftp(peer: str) -> BootRequest:
+        return BootRequest(mac=MAC, firmware=Firmware.UBOOT, arch=Arch.ARM64, via="tftp",
+                           remote_addr=peer)
+
+    first = await boot.plan(tftp("192.0.2.61"))
+    assert first.action == BootAction.INSTALL and first.token == "tok"
+    other = await boot.plan(tftp("192.0.2.66"))
+    assert other.action == BootAction.HOLD and other.token is None
+    assert "another address" in other.reason
+    again = await boot.plan(tftp("192.0.2.61"))
+    assert again.action == BootAction.INSTALL and again.token == "tok"
+    machine = await store.machine_by("mac", str(MAC))
+    assert machine is not None and machine.state == MachineState.BOOTING
+    assert machine.facts["install_peer"] == "192.0.2.61"
+    kinds = [e.kind for e in await events_of(store, MAC, boot)]
+    assert kinds.count("token withheld") == 1 and kinds.count("install-plan") == 2

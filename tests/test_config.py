@@ -20,6 +20,7 @@ def test_embedded_defaults() -> None:
     cfg = load(None, env={})
     assert cfg == Config()
     assert cfg.http.port == 8080
+    assert cfg.http.plain_api == "loopback"  # the API over plain HTTP: this host only
     assert cfg.dhcp.mode == "proxy"
     assert cfg.dhcp.port == 67 and cfg.dhcp.pxe_port == 4011
     assert cfg.tftp.port == 69
@@ -70,6 +71,9 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
         ("tftp:\n  max_per_client: 0\n", "tftp.max_per_client", 2, ">= 1"),
         ("tftp:\n  max_transfers: 10\n  max_per_client: 11\n", "tftp.max_per_client", 3,
          "raise tftp.max_transfers"),
+        ("http:\n  plain_api: sometimes\n", "http.plain_api", 2, "loopback"),
+        ("http:\n  plain_api: refuse\nhttps:\n  enabled: false\n", "http.plain_api", 2,
+         "enable https"),
     ],
 )
 def test_bad_values(tmp_path: Path, text: str, key: str, line: int | None,

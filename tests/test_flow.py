@@ -525,9 +525,9 @@ async def test_install_tokens_are_not_logged(make_env: EnvFactory, tmp_path: Any
 
 async def test_a_script_request_mid_install_neither_replaces_the_token_nor_restarts(
         env: Env) -> None:
-    """An unauthenticated /ipxe for an installing machine (an attacker, or the device itself
-    rebooting) gets the same install and the same token; the real installer's reports and
-    registration still succeed."""
+    """An unauthenticated /ipxe for an installing machine from the address its script went
+    to (the device itself rebooting) gets the same install and the same token; the real
+    installer's reports and registration still succeed."""
     await env.seed()
     await env.post("/api/v1/machines", {"mac": MAC}, status=201)
     token = install_token(await boot(env, MAC))
@@ -540,6 +540,51 @@ async def test_a_script_request_mid_install_neither_replaces_the_token_nor_resta
     await device_event(env, token, "installed")
     await register(env, token, "192.0.2.101")
     assert await state(env) == "registered"
+
+
+async def script_from(env: Env, source: str, mac: str = MAC) -> str:
+    """``GET /ipxe`` for ``mac`` sent from ``source`` (another loopback address: the test
+    server listens on 127.0.0.1, and all of 127.0.0.0/8 reaches it)."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as http, http.get(
+            f"http://{env.client.host}:{env.client.port}/ipxe?mac={mac}&arch=x86_64") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+async def test_an_install_token_is_served_again_only_to_the_address_it_went_to(
+        env: Env) -> None:
+    """Anyone on the VLAN can ask /ipxe with a listed MAC: mid-install, another address is
+    held without the token (and told why), never given a new one; the device at its own
+    address still gets its token, and its installer goes on. A device whose address really
+    changed is moved on by an operator reinstall."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await script_from(env, "127.0.0.2"))
+    await env.get(f"/config/{HEXHYP}?token={token}")
+    for _ in range(2):
+        held = await script_from(env, "127.0.0.3")
+        assert token not in held and "kernel" not in held, held
+        assert "another address" in held and f"netboot machines reinstall {MAC}" in held
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    withheld = [e for e in events if e["kind"] == "token withheld"]
+    assert len(withheld) == 1, events  # said once, however often it asks
+    assert withheld[0]["data"]["peer"] == "127.0.0.3"
+    assert "served to 127.0.0.2" in withheld[0]["message"]
+    assert "reinstall" in withheld[0]["message"]
+    # The device itself, at the address it booted with: the same install, the same token.
+    assert install_token(await script_from(env, "127.0.0.2")) == token
+    assert await state(env) == "installing"
+    await device_event(env, token, "installed")
+    # The same device back with a new address after a reinstall: a new token, to it.
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/reinstall")
+    assert r.status == 200
+    fresh = install_token(await script_from(env, "127.0.0.3"))
+    assert fresh != token
+    assert install_token(await script_from(env, "127.0.0.3")) == fresh
+    assert "kernel" not in await script_from(env, "127.0.0.2")
 
 
 async def test_a_spent_token_fetches_nothing_posts_nothing_registers_nothing(env: Env) -> None:

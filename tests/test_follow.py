@@ -9,8 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+
 from netboot import follow
-from tests.conftest import Env
+from netboot.errors import NetbootError
+from netboot.model import MacAddress, Machine
+from tests.conftest import Env, EnvFactory
 
 MAC = "52:54:00:ee:00:01"
 
@@ -82,3 +87,36 @@ def test_event_line_keeps_one_line_per_event() -> None:
     line = follow.event_line({"time": 0, "machine": "m-1", "kind": "progress",
                               "message": "a\nforged"}, as_json=False)
     assert "\n" not in line and line.endswith("a\\nforged")
+
+
+async def test_follow_over_https_trusts_netboots_ca(tmp_path: Path) -> None:
+    from netboot.config import load
+    from netboot.service import build
+    from tests.conftest import write_config
+
+    cfg = load(write_config(tmp_path), env={})
+    service = await build(cfg)
+    try:
+        await service.start()
+        admin = (cfg.data_dir / "admin.token").read_text().strip()
+        base = f"https://127.0.0.1:{service.https_port}"
+        await service.store.create_machine(Machine(macs=(MacAddress.parse(MAC),)))
+        ca = cfg.data_dir / "tls" / "ca.pem"
+        wanted = await follow.machine_id(base, admin, MAC, ca_file=ca)
+        assert wanted == (await service.store.machine_by("mac", MAC)).id  # type: ignore[union-attr]
+        # Without netboot's CA the system's do not know its certificate.
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await follow.machine_id(base, admin, MAC)
+    finally:
+        await service.close()
+
+
+async def test_follow_repeats_the_servers_reason_for_a_refusal(make_env: EnvFactory) -> None:
+    env = await make_env(http="  plain_api: refuse\n")
+    base = f"http://{env.client.host}:{env.client.port}"
+    with pytest.raises(NetbootError) as info:
+        await follow.follow(base, env.admin, emit=lambda e: None)
+    assert "HTTP 403" in str(info.value) and "use https://" in str(info.value)
+    with pytest.raises(NetbootError) as info:
+        await follow.machine_id(base, env.admin, MAC)
+    assert "HTTP 403" in str(info.value) and "plain_api: refuse" in str(info.value)

@@ -82,7 +82,8 @@ async def test_first_start_makes_a_ca_and_a_certificate_for_the_configured_names
             assert isinstance(cert.public_key(), rsa.RSAPublicKey)
             assert cert.public_key().key_size >= 2048  # type: ignore[union-attr]
             assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
-        assert sans(leaf) == {ADVERTISE, "boot.example", "netboot.lan", "198.51.100.7"}
+        assert sans(leaf) == {ADVERTISE, "boot.example", "netboot.lan", "198.51.100.7",
+                              "localhost", "127.0.0.1", "::1"}  # this host's CLI, too
         assert leaf.not_valid_after_utc - datetime.datetime.now(datetime.UTC) > (
             datetime.timedelta(days=300))
         # The CA key is encrypted at rest; the passphrase is not stored beside it.

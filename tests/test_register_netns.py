@@ -2,20 +2,12 @@
 
 The aiohttp test client always connects from 127.0.0.1, which cannot show that the peer wins
 over what a device claims. Here netboot's HTTP server and the "device" run in a network
-namespace this test creates (addresses 192.0.2.1 and 192.0.2.60 on its loopback interface):
-one thread enters it with setns(2), which moves that thread only, and runs the whole exchange
-on its own event loop. Nothing touches the host's interfaces; the namespace is deleted after.
+namespace this test creates (tests.netns: 192.0.2.1 and 192.0.2.60 on its loopback
+interface), entered by one thread. Nothing touches the host's interfaces.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import os
-import secrets
-import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,54 +19,11 @@ from netboot.config import load
 from netboot.model import Cluster, MacAddress, Machine, Profile, Role
 from netboot.service import build
 from tests.conftest import write_config
+from tests.netns import in_namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2")]
 
-CLONE_NEWNET = 0x40000000
 MAC = "52:54:00:00:60:01"
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    ns = f"nbt-{secrets.token_hex(3)}-r"
-    ip("netns", "add", ns)
-    try:
-        ip("-n", ns, "link", "set", "lo", "up")
-        ip("-n", ns, "addr", "add", "192.0.2.1/32", "dev", "lo")
-        ip("-n", ns, "addr", "add", "192.0.2.60/32", "dev", "lo")
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-
-
-def in_namespace(ns: str, scenario: Any) -> Any:
-    """Run ``asyncio.run(scenario())`` on a thread that entered ``ns``; its result or error."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            finally:
-                os.close(fd)
-            out["result"] = asyncio.run(asyncio.wait_for(scenario(), 60))
-        except BaseException as exc:  # reported on the test's thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"netns-{ns}")
-    thread.start()
-    thread.join(90)
-    assert not thread.is_alive(), "the scenario in the namespace did not finish"
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
 
 
 def test_register_from_192_0_2_60_claiming_loopback_records_192_0_2_60(

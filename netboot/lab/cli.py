@@ -121,8 +121,10 @@ def _up(args: argparse.Namespace, run_dir: Path) -> int:
     print(f"  artifacts: {artifacts.dir}")
     if not args.no_netboot:
         print(f"  netboot log: {session.netboot_log}")
-        print(f"  API: ip netns exec {topo.srv} curl -H \"Authorization: Bearer $(cat "
-              f"{run_dir / 'netboot-data' / 'admin.token'})\" http://192.0.2.10:8080/api/v1/machines")
+        data = run_dir / "netboot-data"
+        print(f"  API: ip netns exec {topo.srv} curl --cacert {data / 'tls' / 'ca.pem'} -H "
+              f"\"Authorization: Bearer $(cat {data / 'admin.token'})\" "
+              "https://192.0.2.10:8443/api/v1/machines")
     print("  next: netboot lab boot bios | netboot lab down")
     return 0
 

@@ -4,14 +4,20 @@ netboot listens on 192.0.2.10 in ``<prefix>-srv``, which the host namespace cann
 design: nothing of the lab touches the host's network). Rather than spawning ``wget`` per
 request, the socket is created inside the namespace (setns on the calling thread only) and
 then used from here as usual.
+
+Its connections come from 192.0.2.10, not loopback: netboot answers the API to such a peer
+over HTTPS only (``http.plain_api``), so the client speaks HTTPS and verifies netboot's own CA
+(``<data_dir>/tls/ca.pem``), as an operator's tools would.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from netboot.lab.topology import LabError, connect_in_netns
@@ -24,6 +30,22 @@ class _NetnsConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         self.sock = connect_in_netns(self._ns, self.host, self.port, self.timeout or 10.0)
+
+
+class _NetnsTlsConnection(http.client.HTTPConnection):
+    def __init__(self, ns: str, host: str, port: int, timeout: float,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._ns = ns
+        self._context = context
+
+    def connect(self) -> None:
+        sock = connect_in_netns(self._ns, self.host, self.port, self.timeout or 10.0)
+        try:
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +67,16 @@ class ApiClient:
     port: int = 8080
     token: str | None = None
     timeout: float = 10.0
+    ca_file: Path | None = None  # HTTPS, verified against this CA; None: plain HTTP
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.ca_file is None:
+            return _NetnsConnection(self.ns, self.host, self.port, self.timeout)
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        return _NetnsTlsConnection(self.ns, self.host, self.port, self.timeout, context)
 
     def request(self, method: str, path: str, body: Any = None) -> Response:
-        conn = _NetnsConnection(self.ns, self.host, self.port, self.timeout)
+        conn = self._connection()
         headers = {"Accept": "application/json"}
         data: bytes | None = None
         if body is not None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 NETBOOT = "netboot"
 HTTP_PORT = 8080
+HTTPS_PORT = 8443  # the API: netboot answers it to a non-loopback peer over HTTPS only
 
 # Fixed identities, so a run is deterministic and logs are comparable between runs.
 DEVICES: Mapping[str, VmSpec] = MappingProxyType({
@@ -79,6 +80,7 @@ class NetbootConfig:
     # hold to end waits seconds, not the default 15 s per round.
     hold_retry_seconds: int = 5
     http_port: int = HTTP_PORT
+    https_port: int = HTTPS_PORT
     tftp_port: int = 69
 
     def to_yaml(self) -> str:
@@ -89,6 +91,7 @@ class NetbootConfig:
                 "data_dir": str(self.data_dir),
             },
             "http": {"port": self.http_port},
+            "https": {"port": self.https_port},
             "dhcp": {"mode": self.mode},
             "tftp": {"port": self.tftp_port},
             "assets": {"dirs": [str(d) for d in self.assets_dirs]},
@@ -230,9 +233,16 @@ class LabSession:
             self._wait_netboot(ready_timeout)
         except LabError as exc:
             raise LabError(f"{exc}\n--- netboot log:\n{_tail(self.netboot_log)}") from exc
-        self.api.token = self.admin_token()
+        # Healthy over plain HTTP; the API from here on over HTTPS, trusting netboot's CA
+        # (written before the listeners start).
+        self.api = ApiClient(self.topo.srv, SRV_IP, cfg.https_port, token=self.admin_token(),
+                             ca_file=cfg.data_dir / "tls" / "ca.pem")
 
     def _wait_netboot(self, timeout: float) -> None:
+        # /healthz over plain HTTP: it answers everyone there, and needs no CA (a restart
+        # with another data dir has another one).
+        port = self.netboot_config.http_port if self.netboot_config else HTTP_PORT
+        health = ApiClient(self.topo.srv, SRV_IP, port)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             t = self.procs.procs.get(NETBOOT)
@@ -240,7 +250,7 @@ class LabSession:
                 rc = t.popen.poll() if t is not None and t.popen is not None else None
                 raise LabError(f"netboot exited during start-up (exit code {rc})")
             try:
-                self.api.wait_healthy(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+                health.wait_healthy(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
                 return
             except LabError:
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -21,10 +22,10 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import IO, Any, Protocol
+from typing import IO, Any, Literal, Protocol
 from urllib.parse import unquote
 
 from aiohttp import hdrs, web
@@ -38,6 +39,7 @@ from netboot.errors import (
     DecodeError,
     Forbidden,
     NotFound,
+    PlainHttpRefused,
     RenderError,
     ScopeRequired,
     StoreError,
@@ -80,6 +82,10 @@ class HttpObserver(Protocol):
     create unbounded label values."""
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def plain_http_credential(self) -> None:
+        """A credential (API token, session cookie, login) arrived over plain HTTP from the
+        network and was refused unread."""
 
 
 OBSERVER_KEY = web.AppKey("observer", HttpObserver)
@@ -291,6 +297,11 @@ def error_response(exc: Exception, log: logging.Logger, request: web.Request) ->
         # RFC 6750 §3.1: the scope that would do, in the body and in the challenge.
         return web.json_response({"error": str(exc), "scope": exc.scope}, status=403, headers={
             "WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{exc.scope}"'})
+    if isinstance(exc, PlainHttpRefused):
+        body = {"error": str(exc)}
+        if exc.https_url is not None:
+            body["https_url"] = exc.https_url
+        return web.json_response(body, status=403)
     if isinstance(exc, Forbidden):
         # The detail names the server's own directories ("resolves outside /srv/..."): log it,
         # answer generically, as TFTP does with "access violation".
@@ -490,6 +501,167 @@ def _unsatisfiable(held: _Held, size: int) -> web.Response:
                                              hdrs.CONTENT_RANGE: f"bytes */{size}"})
 
 
+# --- what the plain HTTP listener answers ---------------------------------------------------
+
+PlainApi = Literal["refuse", "loopback", "allow"]
+# Set on a request that came over plain HTTP from a peer that must use HTTPS: nothing may
+# read or check a credential it carries (netboot.web.auth.request_token refuses it).
+PLAINTEXT = web.RequestKey("plaintext", bool)
+
+
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address of a transport (IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address((text or "").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass
+class PlainHttp:
+    """What the plain HTTP listener serves to whom (``http.plain_api``).
+
+    Firmware cannot do TLS: boot scripts, kernels and images, ``/healthz`` and (while it is
+    public) ``/metrics`` are served over plain HTTP to anyone, and so are the installer's
+    routes, which carry only an install token (k3OS fetches its config with a curl that
+    cannot be given a CA). Routes mark themselves with :meth:`serve_plain` where they are
+    added, so a new route is HTTPS-only unless it says otherwise.
+
+    Everything else, the API and the dashboard, answers a plain HTTP request from the network
+    with 403 naming the HTTPS URL (a page GET: a 308 redirect there); a request carrying a
+    credential (an API token, the dashboard's session cookie, a login) is refused without
+    its credential being read or checked, counted, and logged once per peer, since the token
+    crossed the network in clear. ``loopback`` (the default) trusts this host: 127.0.0.0/8,
+    ::1 and a connection to the host's own address from that address (the CLI and scripts,
+    a TLS-terminating proxy beside netboot); ``refuse`` trusts nobody; ``allow`` everybody,
+    for a TLS-terminating proxy on another host.
+    """
+
+    mode: PlainApi = "loopback"
+    https_url: Callable[[], str | None] = lambda: None  # the HTTPS base URL, None if off
+    api_token_prefix: str = ""  # how an API token starts (netboot.access.TOKEN_PREFIX)
+    session_cookie: str = ""  # the dashboard's session cookie (netboot.web.auth)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger(__name__))
+
+    def __post_init__(self) -> None:
+        # One line per peer an hour: a client that leaks its token does so on every call.
+        self._limited = RateLimitedLog(self.log, burst=1, window=3600.0)
+
+    def trusts(self, request: web.BaseRequest) -> bool:
+        """Whether this request may use the API and credentials as it is."""
+        if request.secure or self.mode == "allow":
+            return True
+        if self.mode == "refuse":
+            return False
+        address = _address(request.remote)
+        if address is None:
+            return False  # a Unix socket or an unknown transport: not known to be this host
+        if address.is_loopback:
+            return True
+        # A connection from this host to its own address (the CLI told http.listen's
+        # address): the peer is the address it reached. No other host can open one: Linux
+        # drops a packet from outside whose source is a local address ("martian source").
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        return isinstance(sockname, tuple) and _address(str(sockname[0])) == address
+
+    @staticmethod
+    def plain_route(request: web.Request) -> bool:
+        """Whether the matched route was marked with :func:`serve_plain`."""
+        resource = request.match_info.route.resource
+        if resource is None:
+            return True  # no route: a 404 or 405 carries nothing
+        method = "GET" if request.method == "HEAD" else request.method
+        return (method, resource.canonical) in request.app.get(PLAIN_ROUTES_KEY, ())
+
+    def credential(self, request: web.Request, plain_route: bool) -> str | None:
+        """What credential the request carries, by its form only (never looked up)."""
+        if request.cookies.get(self.session_cookie):
+            return "the dashboard's session cookie"
+        auth = request.headers.get("Authorization")
+        if auth is not None:
+            scheme, _, value = auth.partition(" ")
+            bearer = scheme.lower() == "bearer"
+            if bearer and self.api_token_prefix and value.strip().startswith(
+                    self.api_token_prefix):
+                return "an API token"
+            # On a firmware or installer route a bearer token is an install token, which is
+            # what those routes take.
+            if not plain_route or not bearer:
+                return "an Authorization header"
+        resource = request.match_info.route.resource
+        if (request.method == "POST" and resource is not None
+                and resource.canonical == "/login" and request.body_exists):
+            return "a dashboard login"
+        return None
+
+    def leaked(self, request: web.Request, what: str) -> None:
+        """Count a credential sent in clear (metrics), and say so once per peer and hour."""
+        observer = request.app.get(OBSERVER_KEY)
+        if observer is not None:
+            observer.plain_http_credential()
+        self._limited.log(
+            logging.WARNING, request.remote or "-",
+            "http: %s sent %s over plain HTTP (%s %s): refused without reading it; it "
+            "crossed the network in clear, so revoke and replace it, and point the client "
+            "at %s", request.remote, what, escape(request.method), loggable_target(request),
+            self.https_url() or "HTTPS (https.enabled is false)")
+
+    def refusal(self, request: web.Request, what: str) -> PlainHttpRefused:
+        base = self.https_url()
+        url = f"{base.rstrip('/')}{request.rel_url}" if base else None
+        where = (f"use {url}" if url else "HTTPS is off (https.enabled), and plain HTTP "
+                 "serves the API only to this host")
+        return PlainHttpRefused(f"{what} over plain HTTP is refused (http.plain_api: "
+                                f"{self.mode}): {where}", url)
+
+
+PLAIN_HTTP_KEY = web.AppKey("plain_http", PlainHttp)
+# (method, route pattern) of the routes every peer may use over plain HTTP.
+PLAIN_ROUTES_KEY = web.AppKey("plain_routes", set[tuple[str, str]])
+
+
+def serve_plain(app: web.Application, *routes: web.AbstractRoute) -> None:
+    """Serve ``routes`` on the plain HTTP listener to every peer: firmware and installer
+    routes, which take no credential but an install token. (HEAD follows GET.)"""
+    marked = app.get(PLAIN_ROUTES_KEY)
+    if marked is None:
+        marked = app[PLAIN_ROUTES_KEY] = set()
+    for route in routes:
+        if route.resource is not None:
+            marked.add((route.method, route.resource.canonical))
+
+
+@web.middleware
+async def plain_http_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Apply :class:`PlainHttp` (when the wiring set one): on the plain listener, from a peer
+    it does not trust, firmware and installer routes pass and everything else is refused."""
+    policy = request.app.get(PLAIN_HTTP_KEY)
+    if policy is None or policy.trusts(request):
+        passed: web.StreamResponse = await handler(request)
+        return passed
+    request[PLAINTEXT] = True
+    plain_route = policy.plain_route(request)
+    leaked = policy.credential(request, plain_route)
+    if leaked is not None:
+        policy.leaked(request, leaked)
+    elif plain_route:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    base = policy.https_url()
+    is_api = request.path.startswith("/api/")
+    if request.method in ("GET", "HEAD") and not is_api and base:
+        # A browser that typed the plain URL lands on the dashboard over HTTPS. 308 keeps
+        # the method (RFC 9110 §15.4.9); a session cookie sent along was counted above.
+        raise web.HTTPPermanentRedirect(f"{base.rstrip('/')}{request.rel_url}")
+    if leaked is not None:
+        raise policy.refusal(request, "a request carrying " + leaked)
+    raise policy.refusal(request, "the API" if is_api else "the dashboard")
+
+
 class DeviceRoutes:
     def __init__(self, content: DeviceContent, *, logger: logging.Logger | None = None,
                  files: AssetFiles | None = None) -> None:
@@ -498,16 +670,22 @@ class DeviceRoutes:
         self._files = files or AssetFiles(content.asset)
 
     def add_to(self, app: web.Application) -> None:
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/boot.ipxe", self.boot_ipxe)
-        # These have effects (an install token, a state change): HEAD must not run them.
-        app.router.add_get("/ipxe", self.ipxe, allow_head=False)
-        app.router.add_get("/assets/{path:.+}", self.asset)  # also answers HEAD
-        # GRUB loaded by UEFI HTTP boot reads its built-in prefix /grub from this server.
-        app.router.add_get("/grub/{name:.+}", self.grub, allow_head=False)
-        app.router.add_get("/config/{mac}", self.config, allow_head=False)
-        app.router.add_get("/nocloud/{mac}/{name}", self.nocloud, allow_head=False)
-        app.router.add_get("/nocloud/{mac}/{token}/{name}", self.nocloud, allow_head=False)
+        r = app.router
+        # Every route here is for firmware or an installer, neither of which can verify TLS:
+        # all of them stay on plain HTTP (PlainHttp).
+        serve_plain(
+            app,
+            r.add_get("/healthz", self.healthz),
+            r.add_get("/boot.ipxe", self.boot_ipxe),
+            # These have effects (an install token, a state change): HEAD must not run them.
+            r.add_get("/ipxe", self.ipxe, allow_head=False),
+            r.add_get("/assets/{path:.+}", self.asset),  # also answers HEAD
+            # GRUB loaded by UEFI HTTP boot reads its built-in prefix /grub from this server.
+            r.add_get("/grub/{name:.+}", self.grub, allow_head=False),
+            r.add_get("/config/{mac}", self.config, allow_head=False),
+            r.add_get("/nocloud/{mac}/{name}", self.nocloud, allow_head=False),
+            r.add_get("/nocloud/{mac}/{token}/{name}", self.nocloud, allow_head=False),
+        )
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

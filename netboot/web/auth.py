@@ -26,8 +26,8 @@ from typing import Protocol
 from aiohttp import web
 
 from netboot.access import Principal
-from netboot.errors import AuthError
-from netboot.servers.http import bearer_token
+from netboot.errors import AuthError, PlainHttpRefused
+from netboot.servers.http import PLAIN_HTTP_KEY, PLAINTEXT, bearer_token
 
 SESSION_COOKIE = "netboot_session"
 CSRF_COOKIE = "netboot_csrf"
@@ -45,7 +45,14 @@ class TokenCheck(Protocol):
 def request_token(request: web.Request) -> str | None:
     """The token a request carries: ``Authorization: Bearer``, else the session cookie. A
     change (any method but GET/HEAD/OPTIONS) made with the cookie must carry the CSRF
-    cookie's value in :data:`CSRF_HEADER`, or it is refused (401) before anything else."""
+    cookie's value in :data:`CSRF_HEADER`, or it is refused (401) before anything else.
+
+    Over plain HTTP from a peer that must use HTTPS (netboot.servers.http.PlainHttp) nothing
+    is read: a 403 naming HTTPS, even where a route lets an install token through."""
+    if request.get(PLAINTEXT):
+        policy = request.app.get(PLAIN_HTTP_KEY)
+        raise (policy.refusal(request, "an API token") if policy is not None else
+               PlainHttpRefused("an API token over plain HTTP is refused", None))
     token = bearer_token(request)
     if token is not None:
         return token
@@ -64,7 +71,7 @@ def request_token(request: web.Request) -> str | None:
 async def session(check: TokenCheck, request: web.Request) -> Principal | None:
     """The principal of a page request's session cookie, or None (a page redirects)."""
     cookie = request.cookies.get(SESSION_COOKIE)
-    if not cookie:
+    if not cookie or request.get(PLAINTEXT):
         return None
     try:
         return await check.authenticate(cookie)

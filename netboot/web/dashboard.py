@@ -24,6 +24,7 @@ from netboot.errors import AuthError
 from netboot.inventory.base import Store
 from netboot.logs import RateLimitedLog
 from netboot.metrics import CONTENT_TYPE, Metrics
+from netboot.servers.http import serve_plain
 from netboot.web.auth import TokenCheck, end_session, request_token, session, start_session
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -50,7 +51,12 @@ class Dashboard:
         r.add_post("/login", self.login)
         r.add_post("/logout", self.logout)
         r.add_static("/ui/", STATIC, follow_symlinks=False, append_version=False)
-        r.add_get("/metrics", self.scrape)
+        scrape = r.add_get("/metrics", self.scrape)
+        if self._metrics_public:
+            # Prometheus scrapes over plain HTTP by convention (matchbox and Tinkerbell's
+            # smee serve /metrics beside their firmware files, without credentials); with
+            # metrics.public false a scrape carries a token, which goes over HTTPS.
+            serve_plain(app, scrape)
 
     async def index(self, request: web.Request) -> web.StreamResponse:
         if await session(self._auth, request) is None:
