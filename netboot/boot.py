@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar, cast
 
@@ -216,6 +216,8 @@ class BootService:
         # Whether the inventory answers (kept by the service's watcher and by _fresh).
         self.health = health or InventoryHealth()
         self._recorder = enroller.recorder  # one per process: history keeps its order
+        self._recorder.newest = self._newest
+        self._recorder.adopt = self._view.adopt
         self._assets = assets
         self.settings = settings
         self._enroller = enroller
@@ -228,6 +230,11 @@ class BootService:
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
+
+    async def load_view(self) -> None:
+        """Read the whole inventory into memory (``netboot serve``, in the background once it
+        answers): from then on a decision reads nothing from the store but its change feed."""
+        await self._view.load()
 
     # -- DHCP -------------------------------------------------------------------------
     def first_stage(self, request: BootRequest) -> asyncio.Future[FirstStage | None]:
@@ -445,7 +452,9 @@ class BootService:
             plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state}: boot the local disk",
                             machine=machine)
             if record:
-                await self._event(machine, "local-boot", plan.reason, request)
+                # Once until something else happens: a device that asks again and again
+                # (a retry loop, a storm of reboots) writes one line, not one per request.
+                await self._event(machine, "local-boot", plan.reason, request, once=True)
             return plan
         if not (lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN)
                 or lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)):
@@ -540,7 +549,7 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
-        k3s = (await self.k3s_join(machine, cluster, role, group, claim=record)
+        k3s = (await self._k3s_join(machine, cluster, role, group, claim=record)
                if cluster else None)
         if cluster is not None and k3s is not None and k3s.waiting:
             # Held without a state change or a token: the retry loop asks again and installs
@@ -549,11 +558,8 @@ class BootService:
             if record:
                 # What the firmware told (its arch) is kept, so that `explain` answers for
                 # the machine as it boots; learn() changes nothing on later retries.
-                learned = learn(machine, request, self._clock())
-                if learned != machine:
-                    await self._store.update_machine(learned, expect_state=machine.state)
-                    machine = learned
                 await self._event(machine, "hold", reason, request, once=True)
+                machine = await self._learn(machine, request, self._clock())
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None, cluster=cluster)
@@ -597,9 +603,11 @@ class BootService:
                                 group=group.name if group else None)
             token = machine.install_token
             read = machine.state
-            machine = lifecycle.advance(learn(machine, request, now, _taken(res)),
-                                        lifecycle.Trigger.INSTALL_AGAIN, now)
-            await self._store.update_machine(machine, expect_state=read)
+            again = lifecycle.advance(learn(machine, request, now, _taken(res)),
+                                      lifecycle.Trigger.INSTALL_AGAIN, now)
+            if again != machine:  # a fact that did not change writes nothing
+                machine = again
+                await self._commit_update(machine, read)
             await self._event(machine, "install-plan",
                               f"install script again for the install under way (profile "
                               f"{profile.name}, the same install token)", request, once=True)
@@ -627,7 +635,8 @@ class BootService:
             await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
                 + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),),
-                expect={machine.id: read}))
+                expect={machine.id: read}), version=machine)
+            self._view.adopt((machine,))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
@@ -646,7 +655,7 @@ class BootService:
         ``mac`` is the NIC the config was asked for (default: the machine's primary one)."""
         await self._view.sync()
         group, profile, cluster, role = await self._effective(machine, request)
-        k3s = (await self.k3s_join(machine, cluster, role, group, claim=claim)
+        k3s = (await self._k3s_join(machine, cluster, role, group, claim=claim)
                if cluster else None)
         if cluster is not None and k3s is not None and k3s.waiting:
             # Its install plan had an endpoint, which has gone since (the server was removed
@@ -667,6 +676,12 @@ class BootService:
         machine as the cluster-init node (``explain`` and other dry runs must not change the
         decision).
         """
+        await self._view.sync()
+        return await self._k3s_join(machine, cluster, role, group, claim=claim)
+
+    async def _k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
+                        group: Group | None, *, claim: bool = True) -> K3sJoin:
+        """:meth:`k3s_join` from the view as the caller synced it."""
         labels = dict(cluster.labels)
         taints = list(cluster.taints)
         if group is not None:
@@ -679,19 +694,17 @@ class BootService:
                            tuple(taints), node_name)
         # Exactly one node of the cluster ever runs --cluster-init, even when two first
         # servers boot at once through two netboot servers: the claim is one insert-if-absent
-        # in the store, and whoever lost learns the winner from it (no in-process lock).
-        await self._view.sync()
-        key = f"cluster-init/{cluster.name}"
-        init_id = await self._view.get_setting(key)  # a machine id
-        stale = None
-        if init_id is not None and await self._view.get_machine(init_id) is None:
-            stale, init_id = init_id, None  # the node that formed the cluster was deleted
-        # Registered servers other than this machine: a cluster that already runs.
-        running = [m for m in await self._view.registered_servers(cluster.name)
-                   if m.id != machine.id]
+        # in the store, and whoever lost learns the winner from it (no in-process lock). The
+        # view is read as the caller synced it: a stale "nobody" only costs a claim, which
+        # answers with the winner.
+        init_id, running = await self._cluster_init(cluster, machine)
         if init_id is None and role == Role.SERVER and not running:
-            init_id = (await self._store.claim_setting(key, machine.id, replace=stale)
-                       if claim else machine.id)
+            if claim:
+                key = f"cluster-init/{cluster.name}"
+                stale = await self._view.get_setting(key)  # a deleted node's id, or None
+                init_id = await self._store.claim_setting(key, machine.id, replace=stale)
+            else:
+                init_id = machine.id
         san = self._tls_san(cluster)
         # Only the init node, and only while no other server runs, initialises: reinstalling
         # the first server of a live cluster must join it, not start a second cluster.
@@ -702,6 +715,17 @@ class BootService:
         running.sort(key=lambda m: m.id != init_id)
         return K3sJoin(role, self._endpoint(cluster, running), False, cluster.token, labels,
                        tuple(taints), node_name, san)
+
+    async def _cluster_init(self, cluster: Cluster, machine: Machine,
+                            ) -> tuple[str | None, list[Machine]]:
+        """The id of the node that formed ``cluster`` (None: none, or it was deleted), and
+        its registered servers other than ``machine`` (a cluster that already runs)."""
+        init_id = await self._view.get_setting(f"cluster-init/{cluster.name}")
+        if init_id is not None and await self._view.get_machine(init_id) is None:
+            init_id = None
+        running = [m for m in await self._view.registered_servers(cluster.name)
+                   if m.id != machine.id]
+        return init_id, running
 
     def _endpoint(self, cluster: Cluster, running: list[Machine]) -> str | None:
         """Where a node of a managed cluster reaches its servers, or None while nowhere.
@@ -858,32 +882,59 @@ class BootService:
             self._log.info("discovered mac=%s firmware=%s arch=%s uuid=%s via=%s",
                            request.mac, request.firmware, request.arch, request.uuid, request.via)
             return machine
-        updated = learn(machine, request, now, _taken(res))
-        if updated != machine:
-            await self._store.update_machine(updated, expect_state=machine.state)
-        return updated
+        return await self._learn(machine, request, now, _taken(res))
 
     async def _note(self, machine: Machine, request: BootRequest, res: Resolution, kind: str,
                     message: str) -> None:
-        updated = learn(machine, request, self._clock(), _taken(res))
-        if updated != machine:
-            await self._store.update_machine(updated, expect_state=machine.state)
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
-        await self._event(updated, kind, message, request, once=True)
+        await self._event(machine, kind, message, request, once=True)
+        await self._learn(machine, request, self._clock(), _taken(res))
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
         """Queue an event that acknowledges nothing (written within the recorder's delay)."""
+        event = self._new_event(machine, kind, message, request)
         if once:
             # A held machine retries every few seconds; one event says it, thousands bury
-            # the rest of its history.
-            last = self._recorder.pending(machine.id)
-            if last is None:
-                written = await self._store.list_events(machine.id, limit=1)
-                last = written[0] if written else None
-            if last is not None and last.kind == kind and last.message == message:
-                return
-        self._recorder.record(self._new_event(machine, kind, message, request))
+            # the rest of its history. Compared off the request path (netboot.recorder).
+            self._recorder.note(event, version=machine)
+        else:
+            self._recorder.record(event)
+
+    def _learn_later(self, machine: Machine, request: BootRequest, now: float,
+                     taken: frozenset[str] = frozenset()) -> Machine:
+        """``machine`` with what ``request`` told about it (:func:`learn`), for the answer;
+        stored with the next group commit of boot notes, not before the answer: nothing of
+        it is told to the device. It is learnt again then, on the machine as it is stored
+        at that moment, so that a change made meanwhile (by an operator, another server)
+        is kept, not overwritten with this request's copy."""
+        updated = learn(machine, request, now, taken)
+        if updated != machine:
+            self._recorder.learned(machine.id,
+                                   lambda current: learn(current, request, now, taken))
+        return updated
+
+    async def _learn(self, machine: Machine, request: BootRequest, now: float,
+                     taken: frozenset[str] = frozenset()) -> Machine:
+        """:meth:`_learn_later`, except that a new identifier (UUID, serial, asset tag) is
+        committed at once: the next request may be recognised by it."""
+        updated = learn(machine, request, now, taken)
+        if identity.claims(updated) != identity.claims(machine):
+            await self._commit_update(updated, machine.state)
+            return updated
+        return self._learn_later(machine, request, now, taken)
+
+    async def _newest(self, ids: Collection[str]) -> dict[str, Machine | None]:
+        """The machines as stored now (the recorder's source for :meth:`_learn_later`)."""
+        await self._view.sync()
+        return {machine_id: await self._view.get_machine(machine_id) for machine_id in ids}
+
+    async def _commit_update(self, machine: Machine, read: MachineState) -> None:
+        """Store what a boot taught about ``machine`` (grouped with concurrent commits), and
+        answer with it from now on. Compare-and-set on ``read``, the state it was decided
+        from: StateChanged if another server moved the machine meanwhile."""
+        await self._recorder.commit(Batch(update=(machine,), expect={machine.id: read}))
+        self._view.adopt((machine,))
 
     def _new_event(self, machine: Machine, kind: str, message: str,
                    request: BootRequest | None = None) -> Event:

@@ -38,6 +38,8 @@ from netboot.render import Renderer
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
+# Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
+SCRIPTS_KEPT = 8192
 
 # Default kernel consoles by CPU architecture (the ``console`` of the default command lines).
 # The last console= is /dev/console, where init and the installer write. x86 (and a machine
@@ -107,6 +109,7 @@ class Content:
         self._enroller = enroller
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
+        self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
 
     @property
     def urls(self) -> Urls:
@@ -180,8 +183,29 @@ class Content:
         return plan, self.render_ipxe(plan)
 
     def render_ipxe(self, plan: BootPlan) -> str:
-        """The iPXE script of a plan (one template per boot action)."""
-        return self._render.ipxe(f"ipxe/{plan.action}.ipxe", self.context(plan))
+        """The iPXE script of a plan (one template per boot action).
+
+        A held machine asks again every few seconds and gets the same script: it is kept
+        per NIC while everything it is made of is equal (the plan, and with it the machine,
+        profile, cluster and join as the view holds them; the base URL; the CA). A script
+        that carries an install token is never kept. Templates are re-read when changed on
+        disk, so a kept script is used only while its template file is unchanged too.
+        Install scripts are never kept: the tokens they carry, and their command lines.
+        """
+        name = f"ipxe/{plan.action}.ipxe"
+        if plan.token or plan.action == BootAction.INSTALL:
+            # An install's command line also comes from files outside the key (cmdline/).
+            return self._render.ipxe(name, self.context(plan))
+        made_of = (plan, self._base_url(), self._trust(), self._render.version(name))
+        kept = self._scripts.get(plan.mac)
+        if kept is not None and kept[0] == made_of:
+            return kept[1]
+        text = self._render.ipxe(name, self.context(plan))
+        self._scripts.pop(plan.mac, None)
+        self._scripts[plan.mac] = (made_of, text)
+        if len(self._scripts) > SCRIPTS_KEPT:
+            del self._scripts[next(iter(self._scripts))]  # the oldest
+        return text
 
     # -- pxelinux / U-Boot / TFTP -------------------------------------------------------
     async def pxelinux(self, request: BootRequest) -> str:

@@ -7,30 +7,48 @@ batch, at most ``delay`` seconds after the first of it, all of them on :meth:`fl
 shutdown, and before anyone reads the events back). What a client is told is done — a state
 it depends on, a token, a registration — is never queued: its writer commits it, with its
 event, before answering, so a ``kill -9`` loses at most the last ``delay`` of history notes.
+Those commits are grouped too: the ones that arrive while a transaction is under way are
+written together in the next (each caller still waits for its own to be on disk), their
+compare-and-set expectations with them; a group the store refuses is written again one
+batch at a time, so that only the refused one fails.
+
+A repeated note (a held machine asking every few seconds) is written once: :meth:`note`
+compares it with the newest event of its machine that this process wrote or queued, and
+where it knows none, with the newest in the store — read when the batch is written, not
+while the request that noted it waits.
 
 While the inventory is unreachable the queue is kept (up to ``max_queued`` events, the oldest
-dropped beyond, with a count in the log) and no write is tried until :meth:`flush` is called
-again (the service's watcher does once the inventory answers): a boot storm against a dead
-database costs no failed transaction per event and no log line per event.
+dropped beyond, with a count in the log), and so are the facts learnt on the boot path, and no
+write is tried until :meth:`flush` is called again (the service's watcher does once the
+inventory answers): a boot storm against a dead database costs no failed transaction per
+event and no log line per event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from netboot.errors import NetbootError, StoreError
 from netboot.inventory.base import Batch, Store
-from netboot.model import Event
-
-# Machines whose newest event this process remembers (see Recorder.last): about 100 bytes
-# each, so a storm of 100,000 machines costs ~10 MB, not unbounded memory.
-_REMEMBERED = 100_000
+from netboot.model import Event, Machine
 
 # Long enough to gather a storm's events into one commit, short enough that `netboot
 # explain` run right after a boot shows it (reads flush anyway).
 DEFAULT_DELAY = 0.025
+# Machines whose newest event this process remembers (note(), last()): about 100 bytes each,
+# so a storm of 100,000 machines costs ~10 MB, not unbounded memory. Beyond it the oldest are
+# forgotten, which costs one read of the store when one of them notes again.
+REMEMBER = 100_000
+
+
+@dataclass(eq=False)
+class _Group:
+    """Commits gathered while a transaction was under way, written in the next one."""
+
+    batches: list[tuple[Batch, asyncio.Future[None]]] = field(default_factory=list)
 
 
 class Recorder:
@@ -44,11 +62,22 @@ class Recorder:
         self._log = logger or logging.getLogger(__name__)
         self._queue: list[Event] = []
         self._newest: dict[str, Event] = {}  # machine id -> its newest queued event
-        # machine id -> (kind, message) of the newest event recorded or committed through here,
-        # oldest first (bounded by _REMEMBERED)
-        self._last: dict[str, tuple[str, str]] = {}
+        # machine id -> (what its newest event recorded or committed through here said, the
+        # version of the machine it was noted for), oldest first (bounded by REMEMBER): the
+        # version is the caller's (the boot path passes the machine as the view holds it), so
+        # that a change by someone else makes the note count again.
+        self._last: dict[str, tuple[tuple[str, str], object]] = {}
+        self._unsure: set[int] = set()  # id() of queued notes to compare with the store
         self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one batch at a time, in order
+        self._gathering: _Group | None = None
+        # Facts learnt on the boot path: machine id -> how to learn them again on the machine
+        # as it is stored when they are written (learned()); ``newest`` reads those machines.
+        self._learned: dict[str, list[Callable[[Machine], Machine]]] = {}
+        self.newest: Callable[[Collection[str]], Awaitable[dict[str, Machine | None]]] | None = (
+            None)
+        self.adopt: Callable[[Sequence[Machine]], None] | None = None  # told what was written
+        self._groups: set[asyncio.Task[None]] = set()
 
     def record(self, event: Event) -> None:
         """Queue ``event``; it is committed within ``delay`` seconds."""
@@ -56,13 +85,17 @@ class Recorder:
         self._newest[event.machine] = event
         if len(self._queue) > self._max_queued:
             old = self._queue.pop(0)
+            self._unsure.discard(id(old))
             if self._newest.get(old.machine) is old:
                 del self._newest[old.machine]
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 self._log.error("%d boot events dropped: the inventory is unreachable and "
                                 "%d are queued already", self.dropped, self._max_queued)
-        self._remember((event,))
+        self._remember(event, None)
+        self._write_later()
+
+    def _write_later(self) -> None:
         if self._writer is None and self.failing is None:
             self._writer = asyncio.ensure_future(self._write_soon())
 
@@ -76,14 +109,45 @@ class Recorder:
         recorder, queued or written; None when it has none or it was forgotten. Events that
         other processes write (the CLI) are not seen here: a caller that must not repeat
         one only trusts a match, and reads the store otherwise."""
-        return self._last.get(machine_id)
+        known = self._last.get(machine_id)
+        return None if known is None else known[0]
 
-    def _remember(self, events: Iterable[Event]) -> None:
+    def learned(self, machine_id: str, redo: Callable[[Machine], Machine]) -> None:
+        """Store ``redo(machine)`` with the next batch, applied to the machine as it is stored
+        then (nothing if it changes nothing, or the machine is gone). For what a device told
+        about itself and was told nothing about: not worth a commit before the answer."""
+        redos = self._learned.setdefault(machine_id, [])
+        if len(redos) >= _REDOS:
+            # A machine asking again and again while the inventory is away: the newest
+            # requests restate what the older ones told (what the device says about itself).
+            del redos[0]
+        redos.append(redo)
+        self._write_later()
+
+    def note(self, event: Event, version: object = None) -> None:
+        """Queue ``event`` unless the newest event of its machine says the same (kind and
+        message). ``version`` stands for the machine's state: a note remembered for another
+        version is not trusted (someone else may have written events since)."""
+        key = (event.kind, event.message)
+        queued = self._newest.get(event.machine)
+        if queued is not None:  # the newest of all, whoever wrote since
+            if (queued.kind, queued.message) == key:
+                return
+        else:
+            known = self._last.get(event.machine)
+            if known is not None and known[1] is version:
+                if known[0] == key:
+                    return
+            else:
+                self._unsure.add(id(event))  # compared with the store when written
+        self.record(event)
+        self._remember(event, version)
+
+    def _remember(self, event: Event, version: object) -> None:
         last = self._last
-        for event in events:
-            last.pop(event.machine, None)  # re-inserted last: the dict stays oldest first
-            last[event.machine] = (event.kind, event.message)
-        while len(last) > _REMEMBERED:
+        last.pop(event.machine, None)  # re-inserted last: the dict stays oldest first
+        last[event.machine] = ((event.kind, event.message), version)
+        if len(last) > REMEMBER:
             del last[next(iter(last))]
 
     def pending(self, machine_id: str) -> Event | None:
@@ -97,18 +161,75 @@ class Recorder:
             self._writer = None
         await self.flush()
 
-    async def commit(self, batch: Batch) -> None:
-        """Write ``batch`` now, before the caller answers anyone, with the events queued
-        before it in the same transaction (so history keeps its order). If it fails, nothing
-        of it is written and the queued events stay queued."""
-        async with self._lock:
-            if batch.merge:  # a merge moves events: write what is queued under the old ids
+    async def commit(self, batch: Batch, *, version: object = None) -> None:
+        """Write ``batch`` before returning, with the events queued before it in the same
+        transaction (so history keeps its order), and with other commits that arrive while
+        a transaction is under way. If it fails, nothing of it is written and the queued
+        events stay queued. ``version``: the machine as the batch leaves it, for note()."""
+        if batch.merge:  # a merge moves events: alone, after what is queued under the old ids
+            async with self._lock:
                 await self._write(Batch())
-            await self._write(batch, strict=True)
-            if batch.merge:  # events moved to the surviving ids: forget the merged ones
-                for old, _ in batch.merge:
-                    self._last.pop(old, None)
-            self._remember(batch.events)
+                await self._write(batch, strict=True)
+            for old, _ in batch.merge:  # events moved to the surviving ids: forget these
+                self._last.pop(old, None)
+            for event in batch.events:
+                self._remember(event, version)
+            return
+        group = self._gathering
+        if group is None:
+            group = self._gathering = _Group()
+            task = asyncio.ensure_future(self._commit_group(group))
+            self._groups.add(task)  # referenced until done (the loop keeps only weak ones)
+            task.add_done_callback(self._groups.discard)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        group.batches.append((batch, done))
+        await asyncio.shield(done)
+        if version is not None:
+            for event in batch.events:
+                self._remember(event, version)
+
+    async def _commit_group(self, group: _Group) -> None:
+        async with self._lock:
+            if self._gathering is group:
+                self._gathering = None  # from here on, commits gather for the next one
+            batches = group.batches
+            try:
+                if len(batches) == 1:
+                    await self._write(batches[0][0], strict=True)
+                elif _overlap(b for b, _ in batches):
+                    # Two of them write one machine: in one transaction both would pass a
+                    # compare-and-set that one after the other only the first passes.
+                    raise _OneByOne
+                else:
+                    await self._write(Batch(
+                        create=[m for b, _ in batches for m in b.create],
+                        update=[m for b, _ in batches for m in b.update],
+                        events=[e for b, _ in batches for e in b.events],
+                        expect={k: v for b, _ in batches for k, v in b.expect.items()}),
+                        strict=True)
+            except (NetbootError, _OneByOne) as exc:
+                if len(batches) == 1:
+                    _settle(batches[0][1], exc)
+                    return
+                # One of them was refused (a conflict, a stale state): each alone, in the
+                # order they came, so that only the refused one fails.
+                for batch, done in batches:
+                    try:
+                        await self._write(batch, strict=True)
+                    except NetbootError as one:
+                        _settle(done, one)
+                    except BaseException as one:
+                        _settle(done, one)
+                        raise
+                    else:
+                        _settle(done, None)
+                return
+            except BaseException as exc:
+                for _, done in batches:
+                    _settle(done, exc)
+                raise
+            for _, done in batches:
+                _settle(done, None)
 
     async def flush(self) -> None:
         """Write everything queued until now, in one transaction."""
@@ -116,41 +237,123 @@ class Recorder:
             await self._write(Batch())
 
     async def _write(self, batch: Batch, *, strict: bool = False) -> None:
+        learned: dict[str, list[Callable[[Machine], Machine]]] = {}
+        if not strict and self.newest is not None:
+            learned, self._learned = self._learned, {}
         queued, self._queue = self._queue, []
-        if not queued and not (batch.merge or batch.create or batch.update or batch.events
-                               or batch.expect):
+        if not queued and not learned and not (batch.merge or batch.create or batch.update
+                                               or batch.events or batch.expect):
             return
+        relearnt: list[tuple[Machine, Machine]] = []
+        away: str | None = None  # the inventory went away after the events were written
         try:
-            await self._store.apply_batch(Batch(merge=batch.merge, create=batch.create,
-                                                update=batch.update,
-                                                events=[*queued, *batch.events],
-                                                expect=batch.expect))
+            events = await self._drop_repeats(queued)
+            relearnt = await self._relearn(learned)
+            try:
+                await self._store.apply_batch(_with(batch, events, relearnt))
+            except NetbootError as exc:
+                if strict or not relearnt or isinstance(exc, StoreError):
+                    raise
+                # Refused, perhaps for a learnt fact (another server moved that machine
+                # since it was read): the events without them, then each machine alone.
+                await self._store.apply_batch(_with(batch, events, []))
+                relearnt, away = await self._each_alone(relearnt, learned)
         except NetbootError as exc:
+            self._queue[:0] = queued  # kept, in order, before anything queued meanwhile
             if strict:
-                self._queue[:0] = queued  # kept, in order, before anything queued meanwhile
                 raise
-            if not isinstance(exc, StoreError):
-                # Refused for what they are, not for where they go: retrying cannot help.
-                self._log.error("could not record %d boot events: %s", len(queued), exc)
-                self._written(queued)
+            if isinstance(exc, StoreError):
+                # Notes about boots and facts, acknowledged to no one: kept for when the
+                # inventory is back (no write is tried until flush() is called again).
+                for machine_id, redos in learned.items():
+                    self._learned[machine_id] = [*redos, *self._learned.get(machine_id, ())]
+                if self.failing is None:
+                    self._log.error("could not record %d boot events and facts of %d "
+                                    "machines, keeping them until the inventory answers: %s",
+                                    len(queued), len(learned), exc)
+                self.failing = str(exc)
                 return
-            # Notes about boots, acknowledged to no one: kept for when the inventory is back.
-            self._queue[:0] = queued
-            if self.failing is None:
-                self._log.error("could not record %d boot events, keeping them until the "
-                                "inventory answers: %s", len(queued), exc)
-            self.failing = str(exc)
+            # Refused for what they are, not for where they go: retrying cannot help.
+            del self._queue[:len(queued)]
+            self._log.error("could not record %d boot events and facts of %d machines: %s",
+                            len(queued), len(learned), exc)
+            self._written(queued)
             return
         if self.failing is not None and queued:
             self._log.warning("recorded %d boot events queued while the inventory was "
                               "unreachable", len(queued))
-        self.failing = None
+        self.failing = away
         self._written(queued)
+        self._relearnt(relearnt)
+        for event in batch.events:
+            self._remember(event, None)
+
+    async def _each_alone(self, relearnt: list[tuple[Machine, Machine]],
+                          learned: dict[str, list[Callable[[Machine], Machine]]],
+                          ) -> tuple[list[tuple[Machine, Machine]], str | None]:
+        """Write each learnt update alone: the ones refused are dropped (the device tells
+        them again on its next request), the ones the inventory did not answer for are kept
+        for later. Those written, and why the inventory did not answer (None: it did)."""
+        written = []
+        away: str | None = None
+        for old, new in relearnt:
+            if away is None:
+                try:
+                    await self._store.apply_batch(Batch(update=(new,),
+                                                        expect={new.id: old.state}))
+                except StoreError as exc:
+                    away = str(exc)
+                except NetbootError as exc:
+                    self._log.info("facts learnt about machine %s not stored: %s", new.id, exc)
+                    continue
+                else:
+                    written.append((old, new))
+                    continue
+            self._learned[new.id] = [*learned[new.id], *self._learned.get(new.id, ())]
+        return written, away
 
     def _written(self, events: list[Event]) -> None:
+        """Queued events are done with (stored, or refused for good)."""
         for event in events:
+            self._unsure.discard(id(event))
             if self._newest.get(event.machine) is event:
                 del self._newest[event.machine]
+
+    def _relearnt(self, relearnt: list[tuple[Machine, Machine]]) -> None:
+        """Learnt facts are stored: the new versions stand for the machines in note()."""
+        for old, new in relearnt:
+            known = self._last.get(new.id)
+            if known is not None and known[1] is old:
+                self._last[new.id] = (known[0], new)
+        if relearnt and self.adopt is not None:
+            self.adopt([new for _, new in relearnt])
+
+    async def _relearn(self, learned: dict[str, list[Callable[[Machine], Machine]]],
+                       ) -> list[tuple[Machine, Machine]]:
+        """(as stored, with the facts) for each machine whose facts change it."""
+        if not learned or self.newest is None:
+            return []
+        updates = []
+        for machine_id, current in (await self.newest(learned)).items():
+            if current is None:
+                continue  # deleted meanwhile: nothing to learn about
+            updated = current
+            for redo in learned[machine_id]:
+                updated = redo(updated)
+            if updated != current:
+                updates.append((current, updated))
+        return updates
+
+    async def _drop_repeats(self, queued: list[Event]) -> list[Event]:
+        """``queued`` without the notes that repeat their machine's newest stored event."""
+        unsure = [e for e in queued if id(e) in self._unsure]
+        if not unsure:
+            return queued
+        newest = await asyncio.gather(*(self._store.list_events(e.machine, limit=1)
+                                        for e in unsure))
+        drop = {id(e) for e, last in zip(unsure, newest, strict=True)
+                if last and (last[-1].kind, last[-1].message) == (e.kind, e.message)}
+        return [e for e in queued if id(e) not in drop]
 
     async def close(self) -> None:
         writer = self._writer
@@ -161,3 +364,40 @@ class Recorder:
         if self._queue:
             self._log.error("%d boot events not recorded: the inventory is unreachable (%s)",
                             len(self._queue), self.failing)
+
+
+# Facts kept per machine until they are written: a device restates them on every request.
+_REDOS = 16
+
+
+class _OneByOne(Exception):
+    """A group that must be written one batch at a time."""
+
+
+def _overlap(batches: Iterable[Batch]) -> bool:
+    """Whether two of ``batches`` update, create or expect the same machine."""
+    seen: set[str] = set()
+    for batch in batches:
+        ids = {*batch.expect, *(m.id for m in batch.update), *(m.id for m in batch.create)}
+        if not seen.isdisjoint(ids):
+            return True
+        seen |= ids
+    return False
+
+
+def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machine]]) -> Batch:
+    """``batch`` after the queued ``events``, with the learnt updates (compare-and-set on
+    the state each machine was read in)."""
+    return Batch(merge=batch.merge, create=batch.create,
+                 update=[*batch.update, *(new for _, new in relearnt)],
+                 events=[*events, *batch.events],
+                 expect={**{old.id: old.state for old, _ in relearnt}, **batch.expect})
+
+
+def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if done.done():
+        return
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)

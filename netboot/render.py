@@ -79,6 +79,14 @@ class Renderer:
         except jinja2.sandbox.SecurityError as exc:  # type: ignore[attr-defined]
             raise RenderError(f"template {name!r} tried something unsafe: {exc}") from exc
 
+    def version(self, name: str) -> object:
+        """What changes when template ``name`` changes on disk (its compiled form, re-read
+        when the file changed); None when it cannot be loaded (rendering then says why)."""
+        try:
+            return self._env.get_template(name)
+        except jinja2.TemplateError:
+            return None
+
     def render_string(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
         try:
             return self._compiled(source).render(**context)

@@ -485,6 +485,18 @@ class Service:
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
+        # The whole inventory into the boot path's view, while serving (until it is in,
+        # decisions read through to the store): ready at once, no reads once loaded.
+        self.tasks.append(asyncio.ensure_future(self._load_view()))
+
+    async def _load_view(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.boot.load_view()
+        except StoreError as exc:
+            log.warning("inventory view not loaded, decisions read the store: %s", exc)
+            return
+        log.info("inventory view loaded in %.1f s", time.monotonic() - started)
 
     def reload_tls(self) -> None:
         """Prepare the certificate again and load it into the listener's context: netboot's

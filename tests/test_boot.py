@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -623,6 +625,74 @@ async def test_chosen_chain_without_its_files_stays_silent(tmp_path: Path) -> No
     why = await boot.explain(str(MAC), arch=Arch.X86_64)
     assert why["first_stage"] is None and "no shim-grub loader" in why["first_stage_reason"]
     await boot.drain()
+
+
+async def test_a_repeated_plan_that_changes_nothing_reads_and_writes_nothing(
+        tmp_path: Path) -> None:
+    """A storm's repeated requests (a held machine's retry loop, an install under way asked
+    again, an installed machine's local boot): after the first, no transaction is committed
+    and nothing but the change feed's probe touches the real SQLite store."""
+    from netboot.inventory.sqlite import SqliteStore
+
+    path = tmp_path / "n.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        clock = Clock()
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+        await store.put_cluster(Cluster(name="edge", server_url="https://192.0.2.50:6443",
+                                        token="t"))
+        macs = [MacAddress.parse(f"52:54:00:00:01:{i:02x}") for i in range(3)]
+        await store.create_machine(Machine(macs=(macs[0],), cluster="m", role=Role.AGENT,
+                                           profile="p"))  # held: no server yet
+        await store.create_machine(Machine(macs=(macs[1],), cluster="edge", profile="p"))
+        await store.create_machine(Machine(macs=(macs[2],), state=MachineState.INSTALLED))
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await boot.load_view()
+        requests = [BootRequest(mac=m, firmware=Firmware.IPXE, arch=Arch.X86_64, via="http",
+                                remote_addr="192.0.2.7") for m in macs]
+        first = [await boot.plan(r) for r in requests]
+        assert [p.action for p in first] == [BootAction.HOLD, BootAction.INSTALL,
+                                             BootAction.LOCAL]
+        # The second round still says something new once: the install was asked for again.
+        assert [(p.action, p.token) for p in [await boot.plan(r) for r in requests]] == \
+            [(p.action, p.token) for p in first]
+        await boot.drain()
+        await boot._view.sync()  # reads back what this process itself committed
+        watcher = sqlite3.connect(path)
+        version = watcher.execute("PRAGMA data_version").fetchone()[0]
+        touched: list[str] = []
+        real_read, real_run = store._read, store._run
+
+        async def read(fn: Any, *args: Any) -> Any:
+            touched.append(f"read {fn.__name__}")
+            return await real_read(fn, *args)
+
+        async def run(fn: Any, *args: Any) -> Any:
+            touched.append(f"write {fn.__name__}")
+            return await real_run(fn, *args)
+
+        store._read, store._run = read, run  # type: ignore[method-assign]
+        clock.now += 30
+        for _ in range(5):
+            again = [await boot.plan(r) for r in requests]
+            assert [(p.action, p.token) for p in again] == [(p.action, p.token) for p in first]
+        await boot.drain()
+        assert touched == [], touched
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] == version
+        watcher.close()
+        # A change by someone else is seen at once, and the next decision follows it.
+        other = SqliteStore(path)
+        await other.open()
+        await other.put_cluster(Cluster(name="m", server_url="https://192.0.2.9:6443",
+                                        token="t"))
+        await other.close()
+        assert (await boot.plan(requests[0])).action == BootAction.INSTALL
+        assert any(t.startswith("read") for t in touched)
+    finally:
+        await store.close()
 
 
 async def test_a_pxelinux_request_mid_install_gets_the_token_only_at_its_first_address(

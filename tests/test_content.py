@@ -217,3 +217,41 @@ async def test_grub_hold_rereads_its_file_and_unknown_exits(env: Env) -> None:
     ignored = (await content.tftp_open("grub/grub.cfg-01-52-54-00-00-00-99", PEER)).data
     assert ignored is not None and ignored.rstrip().endswith(b"exit")
 
+
+
+async def test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged(
+        env: Env) -> None:
+    """render_ipxe keeps a script per NIC; any change to the plan (here the profile, as a
+    profile edit gives it), the base URL or the template renders again; a script with an
+    install token is never kept."""
+    from netboot.model import BootAction, BootPlan, MacAddress, Profile
+
+    content = env.service.content
+    rendered: list[str] = []
+    real = content._render.ipxe
+
+    def counting(name: str, context: dict[str, object]) -> str:
+        rendered.append(name)
+        return real(name, context)
+
+    content._render.ipxe = counting  # type: ignore[method-assign]
+    mac = MacAddress.parse("52:54:00:00:00:77")
+    profile = Profile(name="p", kernel="vmlinuz")
+    plan = BootPlan(BootAction.HOLD, mac, "held for a test", retry_seconds=15,
+                    profile=profile)
+    first = content.render_ipxe(plan)
+    assert content.render_ipxe(dataclasses.replace(plan)) == first  # an equal plan
+    assert len(rendered) == 1
+    edited = dataclasses.replace(plan, profile=dataclasses.replace(profile, kernel="v2"))
+    content.render_ipxe(edited)
+    assert len(rendered) == 2
+    other = dataclasses.replace(edited, reason="held for another reason")
+    content.render_ipxe(other)
+    assert len(rendered) == 3
+    env.service.base_url = "http://192.0.2.99:8080"
+    assert "192.0.2.99" in content.render_ipxe(other)
+    assert len(rendered) == 4
+    install = BootPlan(BootAction.INSTALL, mac, "install", profile=profile, token="tok")
+    content.render_ipxe(install)
+    content.render_ipxe(install)
+    assert len(rendered) == 6

@@ -3,19 +3,21 @@ was told is lost when the server is killed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import netboot
 from netboot.boot import hash_token
-from netboot.errors import NotFound
+from netboot.errors import NotFound, StateChanged
 from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Event, MacAddress, Machine, MachineState
@@ -170,3 +172,74 @@ async def test_last_remembers_what_went_through_queued_or_committed(
     await recorder.commit(Batch(events=(ev("install"),)))
     assert recorder.last("m1") == ("install", "install")
     await recorder.close()
+
+
+async def test_grouped_commits_keep_compare_and_set(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """Commits written in one group carry their expectations: a stale one fails alone, and
+    two that decide on one machine from the same state do not both win."""
+    own, other = stores
+    a = Machine(macs=(MAC,), hostname="a", state=MachineState.DISCOVERED)
+    b = Machine(macs=(MacAddress.parse("02:00:00:00:00:0a"),), hostname="b",
+                state=MachineState.DISCOVERED)
+    await own.create_machine(a)
+    await own.create_machine(b)
+    recorder = Recorder(own, delay=3600)
+    stale, fine = await asyncio.gather(
+        recorder.commit(Batch(update=(replace(a, hostname="a2"),), events=(ev("x", a.id),),
+                              expect={a.id: MachineState.REGISTERED})),
+        recorder.commit(Batch(update=(replace(b, hostname="b2"),), events=(ev("y", b.id),),
+                              expect={b.id: MachineState.DISCOVERED})),
+        return_exceptions=True)
+    assert isinstance(stale, StateChanged) and fine is None
+    assert (await other.get_machine(a.id)).hostname == "a"  # type: ignore[union-attr]
+    assert (await other.get_machine(b.id)).hostname == "b2"  # type: ignore[union-attr]
+    assert await kinds(other, a.id) == [] and await kinds(other, b.id) == ["y"]
+    moved = replace(a, state=MachineState.REGISTERED)
+    results = await asyncio.gather(
+        *(recorder.commit(Batch(update=(replace(moved, hostname=name),),
+                                expect={a.id: MachineState.DISCOVERED}))
+          for name in ("first", "second")), return_exceptions=True)
+    assert results[0] is None and isinstance(results[1], StateChanged)
+    assert (await other.get_machine(a.id)).hostname == "first"  # type: ignore[union-attr]
+    await recorder.close()
+
+
+async def test_learnt_facts_are_kept_through_an_outage_and_never_overwrite_a_move(
+        tmp_path: Path) -> None:
+    """Facts learnt on the boot path: kept while the store fails, written once it is back;
+    dropped (the events still written) when the machine moved since it was read."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    machine = Machine(macs=(MAC,), hostname="h", state=MachineState.DISCOVERED)
+    await store.create_machine(machine)
+    recorder = Recorder(store, delay=3600)
+    read: dict[str, Machine | None] = {}
+
+    async def newest(ids: Collection[str]) -> dict[str, Machine | None]:
+        return {i: read.get(i) or await store.get_machine(i) for i in ids}
+
+    recorder.newest = newest
+    await store.close()
+    recorder.record(ev("dhcp", machine.id))
+    recorder.learned(machine.id, lambda m: replace(m, hostname="learnt"))
+    await recorder.flush()
+    assert recorder.failing is not None and recorder.queued == 1
+    await store.open()
+    await recorder.flush()
+    assert recorder.failing is None and recorder.queued == 0
+    assert (await store.get_machine(machine.id)).hostname == "learnt"  # type: ignore[union-attr]
+    assert await kinds(store, machine.id) == ["dhcp"]
+    # Another server moved it after this process read it: the facts are not written over.
+    read[machine.id] = await store.get_machine(machine.id)
+    moved = replace(read[machine.id], state=MachineState.REGISTERED)  # type: ignore[type-var]
+    await store.update_machine(moved)
+    recorder.record(ev("again", machine.id))
+    recorder.learned(machine.id, lambda m: replace(m, hostname="stale"))
+    await recorder.flush()
+    assert recorder.failing is None
+    now = await store.get_machine(machine.id)
+    assert now is not None and now.state == MachineState.REGISTERED and now.hostname == "learnt"
+    assert await kinds(store, machine.id) == ["dhcp", "again"]
+    await recorder.close()
+    await store.close()

@@ -11,28 +11,50 @@ applies exactly that; a reader that syncs sees every commit made before it synce
 serves every caller that arrived while it was under way only if it started after them:
 concurrent requests share a round trip, none is answered from before its own arrival.
 
-Filled lazily, so that ``serve`` is ready at once and holds only the machines that booted:
-a miss reads the store once and remembers the answer, a negative one too (unknown NICs ask
-on every DHCP retransmission). Reads the view does not cover go to the store.
+Filled eagerly by :meth:`InventoryView.load` (``netboot serve`` runs it in the background
+once it is ready): every machine by every identifier, the groups, profiles and clusters, and
+each cluster's registered servers; from then on a miss is an answer ("nobody's"), and the
+boot path reads nothing from the store but the change feed. Until it is loaded (and in tools
+that never load it) it is filled lazily: a miss reads the store once and remembers the
+answer, a negative one too (unknown NICs ask on every DHCP retransmission).
+
+Memory, for 100,000 machines: the machines themselves (frozen, slotted values, shared with
+the callers) and one dictionary per identifier kind whose keys are the machine's own objects
+(a MAC by its 6 raw bytes): no copy of a machine, no per-machine list of its keys.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Changes, LocalCommits, MachineFilter, Store
-from netboot.model import Cluster, Event, Group, Machine, MachineState, Profile, Role
+from netboot.model import (
+    Cluster,
+    Event,
+    Group,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Role,
+)
 
 # History the store may prune once the view is this far past it (other readers further
 # behind re-read everything, which is correct, only slower).
 _KEEP_CHANGES = 10_000
+# Machines indexed between two yields to the event loop while loading (~5 ms of work).
+_LOAD_CHUNK = 2_000
 
 _V = TypeVar("_V")
-_N = TypeVar("_N", Profile, Cluster)
+_N = TypeVar("_N", Profile, Cluster, Group)
+
+# An identifier as the view indexes it: a MAC by its raw bytes (the machine's own object),
+# the other kinds by their text.
+_Key = bytes | str
 
 
 class InventoryView:
@@ -44,25 +66,75 @@ class InventoryView:
         self._started = 0  # syncs started / finished, to tell a sync begun after a caller
         self._finished = 0
         # Bumped by each applied sync: a store read that a sync overtook may hold a value
-        # older than the view's, so it is answered but not remembered.
+        # older than the view's, so it is answered but not remembered (where the view cannot
+        # tell which keys the sync touched).
         self._applied = 0
         # For fresh(): the store's own write count and the loop time when the last applied
         # sync started (None: the store counts no writes, every reader syncs).
         self._local = store if isinstance(store, LocalCommits) else None
         self._synced: tuple[int, float] | None = None
         self._refresh: asyncio.Future[None] | None = None  # the background one fresh() began
+        self._clears = 0  # bumped when everything is dropped (pruned history)
+        self.loaded = False  # True: every machine is here, a miss is an answer
         self._clear()
 
     def _clear(self) -> None:
+        self._clears += 1
+        self.loaded = False
         self._machines: dict[str, Machine | None] = {}  # id -> machine (None: no such id)
-        self._keys: dict[tuple[str, str], str | None] = {}  # claim -> id (None: nobody's)
-        self._claims: dict[str, list[tuple[str, str]]] = {}  # id -> its claims known here
+        # kind -> identifier -> machine id (None: nobody's; only while not loaded)
+        self._keys: dict[str, dict[_Key, str | None]] = {k: {} for k in _KINDS}
         self._profiles: dict[str, Profile] | None = None
         self._clusters: dict[str, Cluster] | None = None
-        self._groups: list[Group] | None = None
+        self._groups: dict[str, Group] | None = None
+        self._group_list: list[Group] | None = None  # _groups by name, as the store lists them
         self._settings: dict[str, str | None] = {}
-        self._servers: dict[str, dict[str, Machine]] = {}  # cluster -> registered servers
+        # cluster -> its registered servers; while not loaded, only clusters asked about.
+        self._servers: dict[str, dict[str, Machine]] = {}
         self._no_mac: set[str] | None = None  # ids of machines enrolled without a NIC
+
+    # loading -----------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Read the whole inventory into the view; afterwards nothing is read on a miss.
+
+        Consistent without a lock on the store: the reads are taken after a feed position
+        ``start``, and once they are in place the view rewinds to ``start`` and syncs, which
+        applies again every change committed since (as it is now). Whatever the reads saw
+        that changed later is replaced, whatever did not change they saw as it is.
+        """
+        while True:
+            await self.sync()
+            start, clears = self._seq, self._clears
+            profiles = await self._store.list_profiles()
+            clusters = await self._store.list_clusters()
+            groups = await self._store.list_groups()
+            listed = await self._store.list_machines(MachineFilter(limit=1 << 62))
+            machines: dict[str, Machine | None] = {}
+            keys: dict[str, dict[_Key, str | None]] = {k: {} for k in _KINDS}
+            servers: dict[str, dict[str, Machine]] = {}
+            no_mac: set[str] = set()
+            for i, machine in enumerate(listed):
+                machines[machine.id] = machine
+                _index(keys, servers, no_mac, machine)
+                if i % _LOAD_CHUNK == _LOAD_CHUNK - 1:
+                    await asyncio.sleep(0)  # the event loop keeps serving meanwhile
+            del listed
+            while self._syncing is not None:  # no sync may finish over the rewind below
+                await asyncio.shield(self._syncing)
+            if clears != self._clears:
+                continue  # history was pruned meanwhile: ``start`` means nothing now
+            self._machines, self._keys, self._servers, self._no_mac = (
+                machines, keys, servers, no_mac)
+            self._profiles = {p.name: p for p in profiles}
+            self._clusters = {c.name: c for c in clusters}
+            self._groups = {g.name: g for g in groups}
+            self._group_list = None
+            self._seq = start
+            self.loaded = True
+            self._applied += 1
+            await self.sync()
+            if self.loaded:
+                return
 
     # syncing -----------------------------------------------------------------------------
     async def sync(self) -> None:
@@ -132,64 +204,83 @@ class InventoryView:
             for name, cluster in changes.clusters.items():
                 _set(self._clusters, name, cluster)
         if changes.groups:
-            self._groups = None  # few, and their order matters: read again when asked
+            self._group_list = None
+            if self._groups is not None:
+                for name, group in changes.groups.items():
+                    _set(self._groups, name, group)
         self._settings.update(changes.settings)
         self._seq = changes.seq
         self._applied += 1
 
+    def adopt(self, machines: Iterable[Machine]) -> None:
+        """Machines this process has just committed: answered from now on, before the feed
+        reports them (it then brings equal values, and the objects stay the same)."""
+        for machine in machines:
+            self._put_machine(machine.id, machine)
+
     def _put_machine(self, machine_id: str, machine: Machine | None) -> None:
-        for claim in self._claims.pop(machine_id, ()):
-            self._keys.pop(claim, None)
-        for servers in self._servers.values():
-            servers.pop(machine_id, None)
-        if self._no_mac is not None:
-            self._no_mac.discard(machine_id)
-        self._machines[machine_id] = machine
-        if machine is None:
+        old = self._machines.get(machine_id)
+        if old is not None:
+            if machine == old:
+                return  # the same value: keep the object (callers may compare identity)
+            _unindex(self._keys, self._servers, self._no_mac, machine_id, old)
+        if machine is None and self.loaded:
+            self._machines.pop(machine_id, None)
             return
-        own = claims(machine)
-        self._claims[machine_id] = own
-        for claim in own:
-            self._keys[claim] = machine_id
-        if machine.cluster in self._servers and _running_server(machine):
-            self._servers[machine.cluster][machine_id] = machine
-        if self._no_mac is not None and not machine.macs:
-            self._no_mac.add(machine_id)
+        self._machines[machine_id] = machine
+        if machine is not None:
+            _index(self._keys, self._servers, self._no_mac, machine,
+                   all_clusters=self.loaded)
 
     # reads -------------------------------------------------------------------------------
-    async def _read_through(self, read: Awaitable[_V], keep: Callable[[_V], object]) -> _V:
-        """Read the store; remember the answer unless a sync was applied meanwhile (the read
-        may then be older than the view: answered, not kept)."""
-        applied = self._applied
+    async def _read_through(self, read: Awaitable[_V], keep: Callable[[_V], object], *,
+                            exact: bool = False) -> _V:
+        """Read the store; remember the answer unless it may be older than the view: when
+        everything was dropped meanwhile, or (unless ``keep`` itself tells, ``exact``) when
+        a sync was applied meanwhile."""
+        applied, clears = self._applied, self._clears
         value = await read
-        if applied == self._applied:
+        if clears == self._clears and (exact or applied == self._applied):
             keep(value)
         return value
+
+    def _keep_machine(self, machine_id: str, machine: Machine | None) -> None:
+        # A sync puts every machine it reports, known here or not: one present now was
+        # reported after this read began, and is at least as new.
+        if machine_id not in self._machines:
+            self._put_machine(machine_id, machine)
 
     async def get_machine(self, machine_id: str) -> Machine | None:
         if machine_id in self._machines:
             return self._machines[machine_id]
+        if self.loaded:
+            return None
         return await self._read_through(self._store.get_machine(machine_id),
-                                        lambda m: self._put_machine(machine_id, m))
+                                        lambda m: self._keep_machine(machine_id, m), exact=True)
 
     async def machine_by(self, kind: str, value: str) -> Machine | None:
-        # Keys are held in their canonical spelling, which is what identity lookups pass
-        # (str(MacAddress), clean_uuid): found as given, they need no normalising (a tenth
-        # of a DHCP decision). Normalising is idempotent, so this answers as the slow path.
-        key = (kind, value)
-        if key not in self._keys:
-            key = codec.claim_key(kind, value)
-        if key in self._keys:
-            machine_id = self._keys[key]
+        index = self._keys[kind]
+        if kind == "mac":
+            key: _Key = MacAddress.parse(value).raw
+        elif value in index:
+            # Found as given, a key is in its canonical spelling (what identity lookups
+            # pass, e.g. clean_uuid): normalising is idempotent, so no need to (perfudp).
+            key = value
+        else:
+            key = codec.claim_key(kind, value)[1]
+        if key in index:
+            machine_id = index[key]
             return None if machine_id is None else self._machines.get(machine_id)
+        if self.loaded:
+            return None
 
         def keep(machine: Machine | None) -> None:
-            if machine is None:
-                self._keys[key] = None
-            else:
-                self._put_machine(machine.id, machine)
+            if machine is not None:
+                self._keep_machine(machine.id, machine)
+            elif key not in index:  # else a sync gave it to a machine meanwhile
+                index[key] = None
 
-        return await self._read_through(self._store.machine_by(kind, value), keep)
+        return await self._read_through(self._store.machine_by(kind, value), keep, exact=True)
 
     async def count_machines_without_nic(self) -> int:
         if self._no_mac is None:
@@ -203,6 +294,8 @@ class InventoryView:
         """The cluster's registered server nodes, in the store's machine order (by MAC)."""
         servers = self._servers.get(cluster)
         if servers is None:
+            if self.loaded:
+                return []
             found = await self._store_servers(cluster)
             servers = {m.id: m for m in found}
         return sorted(servers.values(),
@@ -218,10 +311,16 @@ class InventoryView:
             cluster, {m.id: m for m in ms}))
 
     async def list_groups(self) -> list[Group]:
+        if self._group_list is None:
+            groups = await self._all_groups()
+            self._group_list = sorted(groups.values(), key=lambda g: g.name)
+        return list(self._group_list)
+
+    async def _all_groups(self) -> dict[str, Group]:
         if self._groups is None:
-            return list(await self._read_through(
-                self._store.list_groups(), lambda gs: setattr(self, "_groups", gs)))
-        return list(self._groups)
+            return await self._read_through(self._by_name(self._store.list_groups()),
+                                            lambda gs: setattr(self, "_groups", gs))
+        return self._groups
 
     async def list_profiles(self) -> list[Profile]:
         return sorted((await self._all_profiles()).values(), key=lambda p: p.name)
@@ -254,8 +353,12 @@ class InventoryView:
     async def get_setting(self, key: str) -> str | None:
         if key in self._settings:
             return self._settings[key]
-        return await self._read_through(self._store.get_setting(key),
-                                        lambda v: self._settings.__setitem__(key, v))
+
+        def keep(value: str | None) -> None:
+            # A sync sets every setting it reports: one present now is at least as new.
+            self._settings.setdefault(key, value)
+
+        return await self._read_through(self._store.get_setting(key), keep, exact=True)
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         return await self._store.list_events(machine_id, limit=limit)
@@ -266,6 +369,46 @@ def _seen(done: asyncio.Future[None]) -> None:
     # reports it; here it only must not be logged as never retrieved.
     if not done.cancelled():
         done.exception()
+
+
+_KINDS = ("mac", "uuid", "serial", "asset")
+
+
+def _keys_of(machine: Machine) -> Iterable[tuple[str, _Key]]:
+    for kind, value in claims(machine):
+        if kind != "mac":
+            own = getattr(machine, kind)
+            yield kind, own if own == value else value  # the machine's own string if equal
+    for mac in machine.macs:
+        yield "mac", mac.raw
+
+
+def _index(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str, Machine]],
+           no_mac: set[str] | None, machine: Machine, *, all_clusters: bool = True) -> None:
+    for kind, key in _keys_of(machine):
+        keys[kind][key] = machine.id
+    if _running_server(machine) and machine.cluster is not None:
+        held = servers.get(machine.cluster)
+        if held is None and all_clusters:
+            held = servers[machine.cluster] = {}
+        if held is not None:
+            held[machine.id] = machine
+    if no_mac is not None and not machine.macs:
+        no_mac.add(machine.id)
+
+
+def _unindex(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str, Machine]],
+             no_mac: set[str] | None, machine_id: str, machine: Machine) -> None:
+    for kind, key in _keys_of(machine):
+        index = keys[kind]
+        if index.get(key) == machine_id:  # else another machine holds it now
+            del index[key]
+    if machine.cluster is not None:
+        held = servers.get(machine.cluster)
+        if held is not None:
+            held.pop(machine_id, None)
+    if no_mac is not None:
+        no_mac.discard(machine_id)
 
 
 def _running_server(machine: Machine) -> bool:

@@ -193,3 +193,62 @@ async def test_fresh_knows_this_process_wrote_and_refreshes_for_the_others(
     await view._refresh
     found = await view.machine_by("mac", MACS[1])
     assert found is not None and found.hostname == "n2"
+
+
+async def test_loaded_view_equals_a_fresh_read_after_every_write(
+        stores: tuple[SqliteStore, SqliteStore, Path], tmp_path: Path) -> None:
+    """Loaded whole (as ``netboot serve`` does), a miss is an answer: still exact."""
+    own, other, data = stores
+    await own.put_profile(Profile(name="p", kernel="k1"))
+    rng = random.Random(11)
+    for step in range(20):  # something to load
+        await random_write(rng, own if step % 2 else other)
+    boot = boot_on(own, tmp_path)
+    await boot.load_view()
+    view = boot._view
+    assert view.loaded
+    for step in range(80):
+        await random_write(rng, own if step % 2 else other)
+        if step % 20 == 7:
+            cli(data, "machines", "add", f"02:00:00:00:01:{step:02x}", "--profile", "p")
+        fresh_store = SqliteStore(data / "netboot.db")
+        await fresh_store.open()
+        try:
+            await assert_exact(view, boot, fresh_store, boot_on(fresh_store, tmp_path))
+            if step % 20 == 7:
+                added = await fresh_store.machine_by("mac", f"02:00:00:00:01:{step:02x}")
+                assert added is not None
+                assert await view.machine_by("mac", f"02:00:00:00:01:{step:02x}") == added
+        finally:
+            await fresh_store.close()
+
+
+async def test_load_while_another_process_writes_misses_nothing(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """Writes that land between the load's reads are applied by the sync after it."""
+    own, other, _ = stores
+    for i in range(50):
+        await own.create_machine(Machine(macs=(MacAddress.parse(f"02:00:00:00:02:{i:02x}"),)))
+    view = InventoryView(own)
+
+    real_list = own.list_machines
+    moved = MacAddress.parse("02:00:00:00:02:05")
+
+    async def list_then_write(flt: object = None) -> list[Machine]:
+        listed = await real_list(flt)  # type: ignore[arg-type]
+        victim = await other.machine_by("mac", str(moved))
+        assert victim is not None
+        await other.update_machine(replace(victim, hostname="renamed"))
+        await other.delete_machine(listed[0].id)
+        return listed
+
+    own.list_machines = list_then_write  # type: ignore[method-assign]
+    try:
+        await view.load()
+    finally:
+        own.list_machines = real_list  # type: ignore[method-assign]
+    renamed = await view.machine_by("mac", str(moved))
+    assert renamed is not None and renamed.hostname == "renamed"
+    first = await own.list_machines()
+    assert len(first) == 49
+    assert await view.machine_by("mac", "02:00:00:00:02:00") is None

@@ -752,3 +752,110 @@ async def test_asset_name_too_long_for_the_os_is_404_not_500(env: Env) -> None:
     for name in ("a" * 300, "sub/" + "b" * 5000):
         resp = await env.client.get(f"/assets/{name}")
         assert resp.status == 404, (resp.status, await resp.text())
+
+
+# --- assets from memory and by sendfile (netboot.servers.http.AssetFiles) -------------------
+
+BIG = bytes(range(256)) * 1200  # 300 KiB: over AssetFiles.max_file, sent with sendfile
+
+
+@pytest.mark.parametrize("name", ["vmlinuz", "big.bin"])
+@pytest.mark.parametrize(("spec", "start", "end"), [
+    ("bytes=0-99", 0, 99), ("bytes=100-", 100, None), ("bytes=-10", -10, None)])
+async def test_asset_range_from_memory_and_from_disk_alike(
+        env: Env, name: str, spec: str, start: int, end: int | None) -> None:
+    (assets_dir(env) / "big.bin").write_bytes(BIG)
+    data = KERNEL if name == "vmlinuz" else BIG
+    first = start if start >= 0 else len(data) + start
+    last = end if end is not None else len(data) - 1
+    for _ in range(2):  # the first request reads the file, the second is answered from memory
+        r = await call(env, "GET", f"/assets/{name}", headers={"Range": spec}, admin=False)
+        assert r.status == 206
+        assert r.headers["content-range"] == f"bytes {first}-{last}/{len(data)}"
+        assert r.body == data[first:last + 1]
+    r = await call(env, "GET", f"/assets/{name}", headers={"Range": f"bytes={len(data)}-"},
+                   admin=False)
+    assert (r.status, r.headers["content-range"]) == (416, f"bytes */{len(data)}")
+    # If-Range with a date before the file's: the whole file, 200.
+    r = await call(env, "GET", f"/assets/{name}", admin=False,
+                   headers={"Range": spec, "If-Range": formatdate(0, usegmt=True)})
+    assert (r.status, r.body) == (200, data)
+
+
+async def test_asset_from_memory_has_the_validators_of_the_file_path(env: Env) -> None:
+    """The in-memory answer and FileResponse's (taken for a conditional request) agree, so
+    that a client's cache works whichever answered."""
+    kept = await call(env, "GET", "/assets/vmlinuz", admin=False)
+    kept = await call(env, "GET", "/assets/vmlinuz", admin=False)
+    r = await call(env, "GET", "/assets/vmlinuz", admin=False,
+                   headers={"If-None-Match": '"other"'})  # FileResponse
+    for header in ("etag", "last-modified", "content-type", "content-length", "accept-ranges"):
+        assert kept.headers[header] == r.headers[header], header
+    r = await call(env, "GET", "/assets/vmlinuz", admin=False,
+                   headers={"If-None-Match": kept.headers["etag"]})
+    assert r.status == 304
+
+
+async def test_asset_from_memory_is_never_stale(env: Env) -> None:
+    path = assets_dir(env) / "vmlinuz"
+    assert (await call(env, "GET", "/assets/vmlinuz", admin=False)).body == KERNEL
+    assert (await call(env, "GET", "/assets/vmlinuz", admin=False)).body == KERNEL
+    # Rewritten in place with the same size and the same mtime: the inode's ctime moved.
+    st = path.stat()
+    changed = b"\x00" + KERNEL[1:]
+    path.write_bytes(changed)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (await call(env, "GET", "/assets/vmlinuz", admin=False)).body == changed
+    # Replaced by another file (a new inode).
+    fresh = assets_dir(env) / "vmlinuz.new"
+    fresh.write_bytes(b"v3")
+    fresh.replace(path)
+    assert (await call(env, "GET", "/assets/vmlinuz", admin=False)).body == b"v3"
+    # Removed: not found at once, not served from memory.
+    path.unlink()
+    assert (await call(env, "GET", "/assets/vmlinuz", admin=False)).status == 404
+
+
+def test_sendfile_on_uvloop(tmp_path: Path) -> None:
+    """uvloop has no loop.sendfile: large assets go through netboot's own sendfile(2)."""
+    uvloop = pytest.importorskip("uvloop")
+    from aiohttp import web
+
+    from netboot.model import Blob
+    from netboot.servers.http import AssetFiles
+
+    data = os.urandom(3 << 20)
+    (tmp_path / "big.bin").write_bytes(data)
+
+    def resolve(name: str) -> Blob:
+        return Blob(size=len(data), path=str(tmp_path / name))
+
+    files = AssetFiles(resolve)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await files.response(request, request.match_info["name"])
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/{name}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):  # keep-alive: the connection serves the next one after
+                    async with session.get(f"http://127.0.0.1:{port}/big.bin") as resp:
+                        assert resp.status == 200
+                        assert await resp.read() == data
+                async with session.get(f"http://127.0.0.1:{port}/big.bin",
+                                       headers={"Range": "bytes=1000000-"}) as resp:
+                    assert resp.status == 206
+                    assert await resp.read() == data[1000000:]
+        finally:
+            await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert type(runner.get_loop()).__module__.startswith("uvloop")
+        runner.run(main())
