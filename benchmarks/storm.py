@@ -4,6 +4,7 @@
     sudo python benchmarks/storm.py [--devices 50] [--within 1] [--enrolled N]
                                     [--kernel-size 8M] [--initrd-size 32M]
                                     [--loss 0.01] [--slow-acks MS] [--only netboot]
+                                    [--inventory sqlite|postgresql|both]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -35,6 +36,12 @@ initrd; nginx serves one static iPXE script and one config per device, and answe
 POSTs from a static ``return 200``. So the stand-ins show what the same storm costs when
 nothing is decided: the floor netboot is measured against.
 
+``--inventory postgresql`` (or ``both``) runs netboot on a PostgreSQL inventory too: the
+benchmark starts its own throwaway cluster with tests/pg.py (Debian's binaries, a unix socket
+in a private directory, no TCP; stopped by its own PID at the end), copies the SQLite seed
+into it with ``netboot db copy``, and points ``inventory.dsn`` at it. The database's own CPU
+(its backends serving netboot) is reported beside netboot's.
+
 Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
 the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
 their children), and netboot ÷ stand-ins. Needs root (namespaces), iproute2, dnsmasq and nginx
@@ -65,9 +72,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import peers
+
+if TYPE_CHECKING:
+    from tests.pg import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_IP = "192.0.2.1"
@@ -77,6 +87,8 @@ HTTP_PORT = 8080
 PER_CLUSTER = 12_500  # the issue's fleet: 100,000 machines in 8 clusters
 LOADER = "snponly.efi"  # what both servers hand a UEFI x86-64 PXE client
 SO_BINDTODEVICE = 25
+PG_TARGET = "netboot-pg"  # netboot on a PostgreSQL inventory; "netboot" is on SQLite
+NETBOOT_TARGETS = ("netboot", PG_TARGET)
 STAGES = ["dhcp_offer", "pxe_ack", "tftp_tsize", "tftp_loader", "boot_ipxe", "ipxe", "kernel",
           "initrd", "config", "installing", "installed", "register"]
 
@@ -222,10 +234,24 @@ class Workload:
         cli("import", str(csv))
         return time.perf_counter() - t0
 
-    def netboot_config(self, run: Path, log_level: str) -> Path:
+    def netboot_copy_to(self, python: str, dsn: str) -> float:
+        """Copy the seeded SQLite inventory into the PostgreSQL at ``dsn`` (`netboot db copy`,
+        verified by counts and checksums); returns the copy's seconds."""
+        dsn_file = self.root / "pg.dsn"  # a DSN on the command line would show in ps
+        dsn_file.write_text(dsn)
+        t0 = time.perf_counter()
+        subprocess.run([python, "-m", "netboot", "db", "copy", "--from",
+                        str(self.root / "netboot-seed" / "netboot.db"), "--to", f"@{dsn_file}"],
+                       check=True, capture_output=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        return time.perf_counter() - t0
+
+    def netboot_config(self, run: Path, log_level: str, dsn: str | None = None) -> Path:
         data = run / "data"
         shutil.copytree(self.root / "netboot-seed", data)
         conf = run / "netboot.yaml"
+        inventory = ({"backend": "postgresql", "dsn": dsn} if dsn
+                     else {"backend": "sqlite"})
         conf.write_text(json.dumps({  # YAML is a superset of JSON
             "server": {"interfaces": [SERVER_IF], "advertise": SERVER_IP, "data_dir": str(data),
                        "log_level": log_level},
@@ -235,6 +261,7 @@ class Workload:
             "dns": {"enabled": False},
             "assets": {"dirs": [str(self.assets)]},
             "discovery": {"policy": "ignore"},
+            "inventory": inventory,
         }))
         return conf
 
@@ -294,8 +321,9 @@ def start(name: str, ns: str, argv: list[str], log: Path, env: dict[str, str] | 
     return Proc(name, popen, log)
 
 
-def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: str) -> list[Proc]:
-    conf = work.netboot_config(run, log_level)
+def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: str,
+                  dsn: str | None = None) -> list[Proc]:
+    conf = work.netboot_config(run, log_level, dsn)
     return [start("netboot", ns, [python, "-m", "netboot", "serve", "--config", str(conf)],
                   run / "netboot.log", {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})]
 
@@ -862,6 +890,7 @@ class Result:
     target: str
     wall: float = 0.0
     cpu: float = 0.0
+    db_cpu: float = 0.0  # the PostgreSQL cluster's processes, for a netboot on PostgreSQL
     generator_cpu: float = 0.0
     server_drops: int = 0
     client_drops: int = 0
@@ -878,11 +907,16 @@ class Result:
 
 
 def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec: Spec,
-               args: argparse.Namespace, run: Path) -> Result:
+               args: argparse.Namespace, run: Path, database: Cluster | None = None
+               ) -> Result:
+    """``database``: the tests/pg.py cluster, for the target ``netboot-pg``."""
     run.mkdir()
     spec = Spec(**{**spec.__dict__, "started": time.monotonic()})
-    procs = (start_netboot(server_ns, run, work, args.python, args.log_level)
-             if target == "netboot" else start_standins(server_ns, run, work))
+    on_pg = database if target == PG_TARGET else None
+    procs = (start_netboot(server_ns, run, work, args.python, args.log_level,
+                           on_pg.dsn() if on_pg else None)
+             if target in NETBOOT_TARGETS else start_standins(server_ns, run, work))
+    db_pid = on_pg.process.pid if on_pg else None
     gen = subprocess.Popen(
         ["ip", "netns", "exec", client_ns, sys.executable, __file__, "--generate",
          json.dumps(spec.__dict__)],
@@ -899,11 +933,13 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                                f"see {run}")
         result.ready = float(line.split()[1])
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
         gen.stdin.write("GO\n")
         gen.stdin.flush()
         out = gen.stdout.readline()
         cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        result.db_cpu = cpu_seconds(db_pid) - db0 if db_pid else 0.0
         result.rss_mib = sum(rss_kib(p.popen.pid) for p in procs) / 1024
         result.server_drops = udp_drops(server_ns) - drops0[0]
         result.client_drops = udp_drops(client_ns) - drops0[1]
@@ -979,28 +1015,35 @@ def report(results: list[Result], spec: Spec) -> None:
             row += f"  {cell:>34}"
         print(row)
     print(f"\n{'target':<12} {'ready s':>8} {'RSS MiB':>8} {'wall s':>8} {'server CPU s':>13}"
-          f" {'client CPU s':>13} {'devices ok':>11} {'failed':>7} {'UDP drops s/c':>14}"
-          f" {'TCP listen drops':>17}  failures")
+          f" {'db CPU s':>9} {'client CPU s':>13} {'devices ok':>11} {'failed':>7}"
+          f" {'UDP drops s/c':>14} {'TCP listen drops':>17}  failures")
     for r in ok:
         fails = "; ".join(f"{s}: {', '.join(f'{k} x{n}' for k, n in v.items())}"
                           for s, v in r.failures.items())
+        db = f"{r.db_cpu:.2f}" if r.target == PG_TARGET else "-"
         print(f"{r.target:<12} {r.ready:>8.2f} {r.rss_mib:>8.0f} {r.wall:>8.2f} {r.cpu:>13.2f}"
-              f" {r.generator_cpu:>13.2f} "
+              f" {db:>9} {r.generator_cpu:>13.2f} "
               f"{len(r.times.get('total', [])):>11} {r.failed:>7} "
               f"{f'{r.server_drops}/{r.client_drops}':>14} {r.listen_drops:>17}  {fails}")
-    nb = next((r for r in ok if r.target == "netboot"), None)
-    si = next((r for r in ok if r.target != "netboot"), None)
-    if nb and si:
-        def ratio(a: float, b: float) -> str:
-            return f"{a / b:.2f}x" if b else "-"
-        print("\nnetboot ÷ stand-ins: "
-              f"wall {ratio(nb.wall, si.wall)}, server CPU {ratio(nb.cpu, si.cpu)}, "
+    by_target = {r.target: r for r in ok}
+    si = by_target.get("standins")
+    pairs = [(nb, si) for nb in (by_target.get(t) for t in NETBOOT_TARGETS) if nb and si]
+    if PG_TARGET in by_target and "netboot" in by_target:
+        pairs.append((by_target[PG_TARGET], by_target["netboot"]))
+    for a, b in pairs:
+        print(f"\n{a.target} ÷ {b.target}: "
+              f"wall {ratio(a.wall, b.wall)}, server CPU {ratio(a.cpu + a.db_cpu, b.cpu)}"
+              f"{' (netboot + database)' if a.target == PG_TARGET else ''}, "
               f"p99 per stage: " + ", ".join(
-                  f"{s} {ratio(pct(nb.times[s], .99), pct(si.times[s], .99))}"
-                  for s in STAGES if nb.times.get(s) and si.times.get(s)))
-        if nb.failed or si.failed:
+                  f"{s} {ratio(pct(a.times[s], .99), pct(b.times[s], .99))}"
+                  for s in STAGES if a.times.get(s) and b.times.get(s)))
+        if a.failed or b.failed:
             print("  (devices failed: wall time and CPU compare unequal work; the storm's "
                   "target is 0 failures)")
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
 
 
 def main() -> None:
@@ -1018,6 +1061,9 @@ def main() -> None:
     parser.add_argument("--until", choices=STAGES,
                         help="each device stops after this stage (e.g. dhcp_offer)")
     parser.add_argument("--only", choices=["netboot", "standins"])
+    parser.add_argument("--inventory", choices=["sqlite", "postgresql", "both"],
+                        default="sqlite", help="netboot's inventory backend(s); postgresql "
+                        "starts a throwaway cluster (Debian's postgresql package)")
     parser.add_argument("--order", choices=["netboot-first", "standins-first"],
                         default="netboot-first")
     parser.add_argument("--log-level", default="info", help="netboot's log level (info: as run)")
@@ -1036,11 +1082,13 @@ def main() -> None:
     enrolled = max(args.enrolled or args.devices, args.devices)
     spec = Spec(args.devices, args.within, enrolled, args.kernel_size, args.initrd_size,
                 args.loss, args.slow_acks, args.device_timeout, args.seed, args.until)
-    targets = ["netboot", "standins"]
+    netboot_targets = {"sqlite": ["netboot"], "postgresql": [PG_TARGET],
+                       "both": ["netboot", PG_TARGET]}[args.inventory]
+    targets = [*netboot_targets, "standins"]
     if args.order == "standins-first":
         targets.reverse()
     if args.only:
-        targets = [args.only]
+        targets = netboot_targets if args.only == "netboot" else ["standins"]
     for tool in ("dnsmasq", "nginx"):
         if "standins" in targets and shutil.which(tool) is None:
             print(f"stand-ins left out: {tool} is not installed "
@@ -1050,14 +1098,23 @@ def main() -> None:
     try:
         work = Workload(tmp, args.devices, enrolled, args.kernel_size, args.initrd_size)
         work.build()
-        if "netboot" in targets:
-            took = work.netboot_seed(args.python)
-            print(f"netboot import of {enrolled} machines: {took:.1f} s")
-        results = []
-        with namespaces() as (server_ns, client_ns):
-            for n, target in enumerate(targets):
-                results.append(run_target(target, server_ns, client_ns, work, spec, args,
-                                          tmp / f"run-{n}-{target}"))
+        with contextlib.ExitStack() as stack:
+            database: Cluster | None = None
+            if any(t in NETBOOT_TARGETS for t in targets):
+                took = work.netboot_seed(args.python)
+                print(f"netboot import of {enrolled} machines: {took:.1f} s")
+            if PG_TARGET in targets:
+                sys.path.insert(0, str(REPO))
+                from tests import pg  # the tests' throwaway cluster: one way to start it
+
+                database = stack.enter_context(pg.running())
+                took = work.netboot_copy_to(args.python, database.dsn())
+                print(f"netboot db copy of {enrolled} machines into PostgreSQL: {took:.1f} s")
+            results = []
+            with namespaces() as (server_ns, client_ns):
+                for n, target in enumerate(targets):
+                    results.append(run_target(target, server_ns, client_ns, work, spec, args,
+                                              tmp / f"run-{n}-{target}", database))
         report(results, spec)
     finally:
         if args.keep:

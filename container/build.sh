@@ -3,7 +3,8 @@
 # the build:
 #   1. a Debian 12 base with python3 and ipxe, made by mmdebstrap from the Debian mirror and
 #      imported into podman (once: reused while the package list is the same);
-#   2. netboot and its dependencies as wheels (pip wheel . -w wheelhouse);
+#   2. netboot and its dependencies, with the postgresql extra's (asyncpg), as wheels
+#      (pip wheel '.[postgresql]' -w wheelhouse);
 #   3. podman build of the Containerfile from those wheels, with no network.
 #
 #   container/build.sh [TAG]        default TAG: localhost/netboot
@@ -11,7 +12,8 @@
 # PYTHON  interpreter whose pip builds the wheels (default python3, with Debian's python3-pip;
 #         or a venv's python). The image runs Debian 12's Python 3.11, so the wheels must be
 #         built by a Python 3.11, as Debian 12's python3 is.
-# WHEELHOUSE  a directory of wheels already built (netboot and its dependencies): skips step 2.
+# WHEELHOUSE  a directory of wheels already built (netboot and its dependencies, asyncpg
+#             included): skips step 2.
 set -eu
 
 tag="${1:-localhost/netboot}"
@@ -41,7 +43,7 @@ trap 'rm -rf "$context" ${rootfs:+"$rootfs"}' EXIT
 if [ -n "${WHEELHOUSE:-}" ]; then
     cp -r "$WHEELHOUSE" "$context/wheelhouse"
 else
-    "$python" -m pip wheel --quiet --wheel-dir "$context/wheelhouse" "$root"
+    "$python" -m pip wheel --quiet --wheel-dir "$context/wheelhouse" "$root[postgresql]"
 fi
 
 # 3. The image. --network=none: the build must not need one, and no bridge is set up for it.

@@ -245,6 +245,11 @@ class BootService:
         in-memory view; when it holds everything needed the future is already done (the DHCP
         server answers without a task), else it finishes after the store read.
         """
+        if self.health.up and not self._view.fresh(DHCP_VIEW_AGE):
+            # The view syncs first: a store read, which must start in a task (the DHCP
+            # server asks from its datagram callback, and asyncpg's pool waits for a
+            # connection under asyncio.timeout, which refuses to run outside one).
+            return asyncio.get_running_loop().create_task(self._first_stage(request))
         return _eager(self._first_stage(request))
 
     async def _first_stage(self, request: BootRequest) -> FirstStage | None:

@@ -86,3 +86,20 @@ async def test_one_machine_through_two_netboots_gets_one_install_token(
         assert stored is not None and stored.state == MachineState.BOOTING
         assert stored.install_token == plans[0].token
         await a._enroller.reinstall(machine.id)  # and again, from a fresh start
+
+
+async def test_a_dhcp_decision_asked_outside_any_task_syncs_the_view(
+        servers: tuple[Store, BootService, BootService]) -> None:
+    """The DHCP server asks from its datagram callback, where no task runs; a stale view is
+    synced there first, and asyncpg's pool waits for a connection with asyncio.timeout, which
+    refuses to run outside a task (every proxy offer on PostgreSQL failed so in the storm)."""
+    store, a, _ = servers
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:0a"),), hostname="n10",
+                      profile="p", state=MachineState.ENROLLED)
+    await store.create_machine(machine)  # through the store: a's view has not seen it
+    loop = asyncio.get_running_loop()
+    asked: asyncio.Future[asyncio.Future[object]] = loop.create_future()
+    request = request_for(machine, arch=Arch.X86_64, firmware=Firmware.UEFI)
+    loop.call_soon(lambda: asked.set_result(a.first_stage(request)))  # as datagram_received
+    outside = await (await asked)
+    assert outside == await a.first_stage(request)  # what a task is answered

@@ -177,6 +177,11 @@ def test_container_serves_as_an_unprivileged_user(
                                 timeout=10) as resp:
         assert resp.status == 200
 
+    # The postgresql extra is installed: the image can share a PostgreSQL inventory.
+    found = podman(podman_env, "exec", name, "/opt/netboot/bin/python", "-c",
+                   "import asyncpg, netboot.inventory.postgres; print(asyncpg.__version__)")
+    assert found.stdout.strip(), found.stderr
+
     # SIGTERM (podman stop) shuts it down cleanly.
     podman(podman_env, "stop", "--time", "30", name)
     code = podman(podman_env, "inspect", "--format", "{{.State.ExitCode}}", name).stdout

@@ -1,6 +1,7 @@
 """netboot's wheel and a wheelhouse of what it needs, for the packaging and container tests.
 
-The runtime dependencies and the build backend are wheels in a cache directory keyed by the
+The runtime dependencies, those of the extras the container image installs, and the build
+backend are wheels in a cache directory keyed by the
 requirements and the Python version. Filling it is the one step that needs a package index:
 ``tests/install-deps.sh`` does it (``python -m tests.wheels``), so that the test run itself
 installs with ``--no-index``, the way a site without PyPI would; a cold cache is filled on first
@@ -24,9 +25,16 @@ SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "netboot", 
            "boot_assets")
 
 
+# The extras the container image installs (netboot[postgresql]: an image must be able to
+# share a PostgreSQL inventory), so their wheels are in the wheelhouse too.
+IMAGE_EXTRAS = ("postgresql",)
+
+
 def requirements() -> list[str]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    return [*meta["build-system"]["requires"], *meta["project"]["dependencies"]]
+    extras = meta["project"]["optional-dependencies"]
+    return [*meta["build-system"]["requires"], *meta["project"]["dependencies"],
+            *(req for extra in IMAGE_EXTRAS for req in extras[extra])]
 
 
 def cache_dir() -> Path:
