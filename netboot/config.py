@@ -112,7 +112,11 @@ class DhcpConfig:
 class TftpConfig:
     enabled: bool = True
     port: int = 69
-    max_transfers: int = 256
+    # A pallet powered on at once is a thousand devices asking within a second. Transfers share
+    # one data socket and one copy of each file's datagrams, so a slot costs a few hundred
+    # bytes; at 256 the benchmark storm of 1,000 devices lost a sixth of them to retries that
+    # ran out (benchmarks/storm.py).
+    max_transfers: int = 1024
     # Devices behind one relay or NAT address share this; past it an RRQ gets ERROR 0 "busy".
     max_per_client: int = 64
     mtu: int = 1500
