@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from netboot import identity
@@ -804,6 +804,15 @@ def token_from_dict(data: object) -> ApiToken:
     return ApiToken(name=_name(d, "name"), sha256=_name(d, "sha256"),
                     scope=_enum(d.get("scope"), Scope, "scope"), created=_float(d, "created"),
                     expires=_opt_float(d, "expires"), last_used=_opt_float(d, "last_used"))
+
+
+# The api_tokens columns in the order token_from_row reads them (SQLite and PostgreSQL alike).
+TOKEN_COLUMNS = "name, sha256, scope, created, expires, last_used"
+
+
+def token_from_row(row: Sequence[Any]) -> ApiToken:
+    """A row of ``SELECT {TOKEN_COLUMNS}``, strictly parsed as :func:`token_from_dict`."""
+    return token_from_dict(dict(zip(TOKEN_COLUMNS.split(", "), row, strict=True)))
 
 
 def audit_to_dict(entry: AuditEntry) -> dict[str, Any]:

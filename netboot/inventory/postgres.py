@@ -39,7 +39,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -210,9 +210,6 @@ _INSERT_LABEL = "INSERT INTO machine_labels (machine, key, value) VALUES ($1, $2
 _INSERT_KEY = "INSERT INTO machine_keys (kind, value, machine) VALUES ($1, $2, $3)"
 
 _TABLES = {"profile": "profiles", "cluster": "clusters", "group": "groups"}
-_TOKEN_COLUMNS = "name, sha256, scope, created, expires, last_used"
-
-
 class _Row:
     """A machine ready for SQL: column values, JSON text, label and identifier rows."""
 
@@ -744,7 +741,7 @@ class PostgresStore:
         async with self._conn() as conn:
             try:
                 await conn.execute(
-                    f"INSERT INTO api_tokens ({_TOKEN_COLUMNS})"  # noqa: S608 - a constant
+                    f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608 - a constant
                     " VALUES ($1, $2, $3, $4, $5, $6)",
                     value.name, value.sha256, str(value.scope), value.created, value.expires,
                     value.last_used)
@@ -757,15 +754,15 @@ class PostgresStore:
     async def token_by_hash(self, sha256: str) -> ApiToken | None:
         async with self._conn() as conn:
             row = await conn.fetchrow(
-                f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE sha256 = $1",  # noqa: S608
+                f"SELECT {codec.TOKEN_COLUMNS} FROM api_tokens WHERE sha256 = $1",  # noqa: S608
                 sha256)
-        return None if row is None else _token(row)
+        return None if row is None else codec.token_from_row(row)
 
     async def list_tokens(self) -> list[ApiToken]:
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")  # noqa: S608
-        return [_token(r) for r in rows]
+                f"SELECT {codec.TOKEN_COLUMNS} FROM api_tokens ORDER BY name")  # noqa: S608
+        return [codec.token_from_row(r) for r in rows]
 
     async def delete_token(self, name: str) -> None:
         async with self._conn() as conn:
@@ -815,12 +812,6 @@ def reason(exc: BaseException) -> str:
         return exc.strerror
     return str(exc) or type(exc).__name__
 
-
-def _token(row: Sequence[Any]) -> ApiToken:
-    name, sha, scope, created, expires, last_used = row
-    return codec.token_from_dict({"name": name, "sha256": sha, "scope": scope,
-                                  "created": created, "expires": expires,
-                                  "last_used": last_used})
 
 
 def _where(flt: MachineFilter) -> tuple[str, list[Any]]:

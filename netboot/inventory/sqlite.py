@@ -1330,19 +1330,10 @@ def _put_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
     )
 
 
-_TOKEN_COLUMNS = "name, sha256, scope, created, expires, last_used"
-
-
-def _token(row: Sequence[Any]) -> ApiToken:
-    name, sha, scope, created, expires, last_used = row
-    return codec.token_from_dict({"name": name, "sha256": sha, "scope": scope,
-                                  "created": created, "expires": expires,
-                                  "last_used": last_used})
-
 
 def _create_token(conn: sqlite3.Connection, token: ApiToken) -> None:
     try:
-        conn.execute(f"INSERT INTO api_tokens ({_TOKEN_COLUMNS})"  # noqa: S608 - a constant
+        conn.execute(f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608 - a constant
                      " VALUES (?, ?, ?, ?, ?, ?)",
                      (token.name, token.sha256, str(token.scope), token.created, token.expires,
                       token.last_used))
@@ -1353,14 +1344,14 @@ def _create_token(conn: sqlite3.Connection, token: ApiToken) -> None:
 
 
 def _token_by_hash(conn: sqlite3.Connection, sha256: str) -> ApiToken | None:
-    row = conn.execute(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE sha256 = ?",  # noqa: S608
+    row = conn.execute(f"SELECT {codec.TOKEN_COLUMNS} FROM api_tokens WHERE sha256 = ?",  # noqa: S608
                        (sha256,)).fetchone()
-    return None if row is None else _token(row)
+    return None if row is None else codec.token_from_row(row)
 
 
 def _list_tokens(conn: sqlite3.Connection) -> list[ApiToken]:
-    rows = conn.execute(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")  # noqa: S608
-    return [_token(r) for r in rows]
+    rows = conn.execute(f"SELECT {codec.TOKEN_COLUMNS} FROM api_tokens ORDER BY name")  # noqa: S608
+    return [codec.token_from_row(r) for r in rows]
 
 
 def _delete_token(conn: sqlite3.Connection, name: str) -> None:
