@@ -245,18 +245,22 @@ class BootService:
         in-memory view; when it holds everything needed the future is already done (the DHCP
         server answers without a task), else it finishes after the store read.
         """
-        if self.health.up and not self._view.fresh(DHCP_VIEW_AGE):
-            # The view syncs first: a store read, which must start in a task (the DHCP
-            # server asks from its datagram callback, and asyncpg's pool waits for a
-            # connection under asyncio.timeout, which refuses to run outside one).
-            return asyncio.get_running_loop().create_task(self._first_stage(request))
-        return _eager(self._first_stage(request))
-
-    async def _first_stage(self, request: BootRequest) -> FirstStage | None:
         # From memory when this process wrote nothing since a recent sync (what other
-        # processes commit is seen within DHCP_VIEW_AGE); else a sync, which also notices an
-        # unreachable inventory: then the view answers as it is and nothing is recorded.
-        fresh = self.health.up and (self._view.fresh(DHCP_VIEW_AGE) or await self._fresh())
+        # processes commit is seen within DHCP_VIEW_AGE); else a sync first, which also
+        # notices an unreachable inventory: then the view answers as it is and nothing is
+        # recorded.
+        if self.health.up and not self._view.fresh(DHCP_VIEW_AGE):
+            # The sync is a store read, which must start in a task (the DHCP server asks
+            # from its datagram callback, and asyncpg's pool waits for a connection under
+            # asyncio.timeout, which refuses to run outside one).
+            return asyncio.get_running_loop().create_task(
+                self._first_stage(request, fresh=False))
+        return _eager(self._first_stage(request, fresh=self.health.up))
+
+    async def _first_stage(self, request: BootRequest, *, fresh: bool) -> FirstStage | None:
+        """``fresh``: the view is known current; else it is synced here when the inventory
+        answers."""
+        fresh = fresh or (self.health.up and await self._fresh())
         res = await self._resolve(request)
         machine = res.machine
         if fresh:
