@@ -20,19 +20,19 @@ The states themselves change only through :mod:`netboot.lifecycle`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits
+from netboot.eager import eager
 from netboot.enroll import Enroller
 from netboot.errors import Conflict, StateChanged, StoreError
 from netboot.health import InventoryHealth
@@ -67,7 +67,6 @@ from netboot.names import serves_cluster, valid_label
 # within this bound. Firmware retransmits a DISCOVER after seconds (4 s in EDK2 and iPXE).
 DHCP_VIEW_AGE = 0.05
 
-_T = TypeVar("_T")
 
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
 # The fact naming the address an install's token was served to: the one address that gets it
@@ -255,7 +254,7 @@ class BootService:
             # asyncio.timeout, which refuses to run outside one).
             return asyncio.get_running_loop().create_task(
                 self._first_stage(request, fresh=False))
-        return _eager(self._first_stage(request, fresh=self.health.up))
+        return eager(self._first_stage(request, fresh=self.health.up))
 
     async def _first_stage(self, request: BootRequest, *, fresh: bool) -> FirstStage | None:
         """``fresh``: the view is known current; else it is synced here when the inventory
@@ -977,46 +976,6 @@ class BootService:
 
 def _dhcp_note(request: BootRequest) -> str:
     return f"{request.firmware}/{request.arch} asked for a boot file"
-
-
-def _eager(coro: Coroutine[Any, Any, _T]) -> asyncio.Future[_T]:
-    """Run ``coro`` now, up to its first real wait (what asyncio's eager task factory does
-    from Python 3.12): a future already done when it never waits, else a task that carries on
-    from there. The DHCP decision waits only when the view must read the store; a task per
-    DISCOVER was a tenth of a proxy offer's cost."""
-    loop = asyncio.get_running_loop()
-    try:
-        waiting = coro.send(None)
-    except StopIteration as done:
-        settled: asyncio.Future[_T] = loop.create_future()
-        settled.set_result(done.value)
-        return settled
-    except Exception as exc:
-        failed: asyncio.Future[_T] = loop.create_future()
-        failed.set_exception(exc)
-        return failed
-    return loop.create_task(_carry_on(coro, waiting))
-
-
-async def _carry_on(coro: Coroutine[Any, Any, _T], waiting: Any) -> _T:
-    """Drive ``coro`` on from the future it yielded, as a task would have."""
-    while True:
-        try:
-            if waiting is None:  # a bare yield: asyncio.sleep(0)
-                await asyncio.sleep(0)
-            else:
-                # Taken over from coro, as Task.__step does: the future was yielded once
-                # already, and C futures refuse a second await while this flag is set.
-                waiting._asyncio_future_blocking = False
-                await waiting
-        except BaseException as exc:  # cancelled, or the future failed: coro sees it there
-            step = functools.partial(coro.throw, exc)
-        else:
-            step = functools.partial(coro.send, None)
-        try:
-            waiting = step()
-        except StopIteration as done:
-            return cast(_T, done.value)
 
 
 def _taken(res: Resolution) -> frozenset[str]:

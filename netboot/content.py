@@ -110,6 +110,7 @@ class Content:
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
         self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
+        self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
 
     @property
     def urls(self) -> Urls:
@@ -176,7 +177,15 @@ class Content:
 
     # -- iPXE ---------------------------------------------------------------------------
     def bootstrap_ipxe(self) -> str:
-        return self._render.ipxe("ipxe/boot.ipxe", {"base_url": self.urls.base})
+        """The script every iPXE asks for first: the same for all, rendered again only when
+        its template file or the base URL changed (a storm asks it once per device)."""
+        made_of = (self.urls.base, self._render.version("ipxe/boot.ipxe"))
+        kept = self._bootstrap
+        if kept is not None and kept[0] == made_of:
+            return kept[1]
+        text = self._render.ipxe("ipxe/boot.ipxe", {"base_url": self.urls.base})
+        self._bootstrap = (made_of, text)
+        return text
 
     async def ipxe_script(self, request: BootRequest) -> tuple[BootPlan, str]:
         plan = await self._boot.plan(request)

@@ -47,9 +47,11 @@ from netboot.servers.http import (
     MAX_EVENT_KEY,
     OBSERVER_KEY,
     PLAIN_HTTP_KEY,
+    REQUEST_IDS_KEY,
     AccessLogger,
     ConnectionGuard,
     DeviceRoutes,
+    FrontDoor,
     GuardedSite,
     HttpLimits,
     PlainHttp,
@@ -392,6 +394,8 @@ class Service:
     tls_context: ssl.SSLContext | None = None
     metrics: Metrics = field(default_factory=Metrics)
     events: EventBus = field(default_factory=EventBus)
+    # Answers plain GETs of device routes before aiohttp (both listeners); None: aiohttp all.
+    front: FrontDoor | None = None
     runner: web.AppRunner | None = None
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
@@ -415,6 +419,16 @@ class Service:
     def base_url(self, value: str) -> None:
         self.url_holder["base"] = value
 
+    def connection_guard(self) -> ConnectionGuard:
+        """The bounds on HTTP connections the config sets (both listeners share one)."""
+        http = self.config.http
+        return ConnectionGuard(HttpLimits(
+            max_connections=http.max_connections,
+            max_connections_per_source=http.max_connections_per_source,
+            header_timeout=http.header_timeout, body_timeout=http.body_timeout,
+            keepalive_timeout=http.keepalive_timeout, send_timeout=http.send_timeout,
+        ), logging.getLogger("netboot.http"))
+
     async def start(self) -> None:
         cfg = self.config
         self._event_cursor, _ = await self.store.events_since(-1)
@@ -423,15 +437,11 @@ class Service:
         self.runner = web.AppRunner(self.app, access_log=access, access_log_class=AccessLogger)
         await self.runner.setup()
         http = cfg.http
-        self.http_guard = ConnectionGuard(HttpLimits(
-            max_connections=http.max_connections,
-            max_connections_per_source=http.max_connections_per_source,
-            header_timeout=http.header_timeout, body_timeout=http.body_timeout,
-            keepalive_timeout=http.keepalive_timeout, send_timeout=http.send_timeout,
-        ), logging.getLogger("netboot.http"))
+        self.http_guard = self.connection_guard()
         raise_fd_limit(cfg)
         site = GuardedSite(self.runner, http.listen, http.port, guard=self.http_guard,
-                           handler_args={"access_log": access, "access_log_class": AccessLogger})
+                           handler_args={"access_log": access, "access_log_class": AccessLogger},
+                           front=self.front)
         try:
             await site.start()
         except OSError as exc:
@@ -446,7 +456,7 @@ class Service:
             tls_site = GuardedSite(self.runner, host, cfg.https.port, guard=self.http_guard,
                                    handler_args={"access_log": access,
                                                  "access_log_class": AccessLogger},
-                                   ssl_context=self.tls_context)
+                                   ssl_context=self.tls_context, front=self.front)
             try:
                 await tls_site.start()
             except OSError as exc:
@@ -728,14 +738,16 @@ async def build(config: Config) -> Service:
         if config.http.plain_api == "allow":
             log.warning("http.plain_api is allow: the API and the dashboard answer plain HTTP "
                         "from any peer, and tokens cross the network in clear")
-        DeviceRoutes(core.content, health=core.boot.health).add_to(app)
+        devices = DeviceRoutes(core.content, health=core.boot.health)
+        devices.add_to(app)
+        front = FrontDoor(devices, log=app[LOG_KEY], observer=metrics, ids=app[REQUEST_IDS_KEY])
         metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued)
         Api(core, clock=time.time, events=events).add_to(app)
         Dashboard(core.access, store, metrics, metrics_public=config.metrics.public).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
                           new_admin_token_file=new_token, tls=tls, url_holder=holder,
                           tls_source=lambda: prepare_tls(config, advertise, sealer),
-                          metrics=metrics, events=events)
+                          metrics=metrics, events=events, front=front)
     except BaseException:
         await store.close()
         raise

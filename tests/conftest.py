@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings
 
 from netboot.config import Config, load
+from netboot.servers.http import ConnectionGuard, GuardedHandler
 from netboot.service import Service, build
 from tests import pg
 
@@ -132,6 +134,44 @@ class Env:
 EnvFactory = Callable[..., Awaitable[Env]]
 
 
+class FrontTestServer(TestServer):
+    """aiohttp's test server on netboot's own connection handler and front door, as
+    ``netboot serve`` runs them: a device route asked by a test takes the path a device's
+    request takes (netboot.servers.fasthttp), everything else reaches aiohttp through it."""
+
+    def __init__(self, service: Service) -> None:
+        super().__init__(service.app, host="127.0.0.1")
+        self.service = service
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return _FrontRunner(self.service, self.app, **kwargs)
+
+
+class _FrontRunner(web.AppRunner):
+    def __init__(self, service: Service, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.service = service
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp's Server makes a plain RequestHandler per connection; this one makes
+        # netboot's, with the limits of the service's config and its front door.
+        guard = self.service.connection_guard()
+        server.__class__ = _FrontServer
+        assert isinstance(server, _FrontServer)
+        server.guard, server.front = guard, self.service.front
+        return server
+
+
+class _FrontServer(web.Server):
+    guard: ConnectionGuard
+    front: Any
+
+    def __call__(self) -> GuardedHandler:
+        return GuardedHandler(self, guard=self.guard, loop=self._loop, front=self.front,
+                              **self._kwargs)
+
+
 @pytest.fixture
 async def make_env(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[EnvFactory]:
     services: list[Service] = []
@@ -140,7 +180,7 @@ async def make_env(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[EnvFact
         cfg: Config = load(write_config(tmp_path / sub, extra, http=http), env={})
         service = await build(cfg)
         services.append(service)
-        client = await aiohttp_client(service.app)
+        client = await aiohttp_client(FrontTestServer(service))
         token = (cfg.data_dir / "admin.token").read_text().strip()
         service.base_url = "http://192.0.2.10:8080"
         return Env(service, client, token)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 
 from netboot.errors import Forbidden, NotFound
 from netboot.model import Arch, Firmware, Lease, MachineState
 from netboot.wire import uimage
-from tests.conftest import KERNEL, Env, boot
+from tests.conftest import KERNEL, Env, EnvFactory, boot
 
 PEER = ("192.0.2.101", 2000)
 
@@ -255,3 +257,22 @@ async def test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged(
     content.render_ipxe(install)
     content.render_ipxe(install)
     assert len(rendered) == 6
+
+
+async def test_bootstrap_script_is_rendered_again_only_when_its_template_or_url_change(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """Every device asks /boot.ipxe first: kept, but never stale after an edit of the
+    template file (an operator's override) or of the base URL."""
+    own = tmp_path / "own-templates" / "ipxe"
+    own.mkdir(parents=True)
+    shipped = (Path(__file__).parent.parent / "templates" / "ipxe" / "boot.ipxe").read_text()
+    (own / "boot.ipxe").write_text(shipped)
+    env = await make_env(f"templates:\n  dir: {own.parent}\n")
+    content = env.service.content
+    first = content.bootstrap_ipxe()
+    assert content.bootstrap_ipxe() is first  # kept
+    (own / "boot.ipxe").write_text(shipped + "# edited by the operator\n")
+    os.utime(own / "boot.ipxe", (1, 1))  # another mtime, whatever the clock's resolution
+    assert content.bootstrap_ipxe().endswith("# edited by the operator\n")
+    env.service.base_url = "http://192.0.2.99:8080"
+    assert "http://192.0.2.99:8080/ipxe?" in content.bootstrap_ipxe()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -21,17 +23,18 @@ import ssl
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import IO, Any, Literal, Protocol
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 from aiohttp.web_fileresponse import NOSENDFILE
 
+from netboot.eager import eager
 from netboot.errors import (
     AuthError,
     Busy,
@@ -49,6 +52,15 @@ from netboot.errors import (
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, escape, log_context
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
+from netboot.servers.fasthttp import (
+    MAX_HEAD,
+    HttpDate,
+    NotMine,
+    Reply,
+    RequestHead,
+    encode_reply,
+    parse_head,
+)
 
 # Typed keys for what the wiring puts on the application (aiohttp's AppKey).
 LOG_KEY = web.AppKey("log", logging.Logger)
@@ -190,12 +202,17 @@ def loggable_target(request: web.BaseRequest) -> str:
     known: str | None = request.get(_TARGET)  # made once a request (log context, access)
     if known is not None:
         return known
-    path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", request.path)
-    query = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
-             for key, value in request.query.items()]
-    target = escape(path + ("?" + "&".join(query) if query else ""), limit=1024)
+    target = redacted_target(request.path, request.query.items())
     request[_TARGET] = target
     return target
+
+
+def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:
+    """:func:`loggable_target` of a decoded path and query pairs (both doors use it)."""
+    path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", path)
+    pairs = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
+             for key, value in query]
+    return escape(path + ("?" + "&".join(pairs) if pairs else ""), limit=1024)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -208,12 +225,15 @@ class AccessLogger(AbstractAccessLogger):
         sent = response.body_length
         if isinstance(response, CountingFileResponse):
             sent += response.sendfile_bytes
-        target = loggable_target(request)
-        self.logger.info("%s %s %s %d %d %.3f \"%s\"", request.remote, escape(request.method),
-                         target, response.status, sent, time,
-                         escape(request.headers.get("User-Agent"), limit=256),
-                         extra={"request_id": request.get(REQUEST_ID), "peer": request.remote,
-                                "path": target})
+        self.line(request.remote, request.method, loggable_target(request), response.status,
+                  sent, time, request.headers.get("User-Agent"), request.get(REQUEST_ID))
+
+    def line(self, remote: str | None, method: str, target: str, status: int, sent: int,
+             seconds: float, user_agent: str | None, request_id: str | None) -> None:
+        """The line itself, for aiohttp's requests and the front door's (FrontDoor)."""
+        self.logger.info("%s %s %s %d %d %.3f \"%s\"", remote, escape(method), target, status,
+                         sent, seconds, escape(user_agent, limit=256),
+                         extra={"request_id": request_id, "peer": remote, "path": target})
 
 
 class CountingFileResponse(web.FileResponse):
@@ -290,58 +310,75 @@ async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int) -> in
     return sent
 
 
+def web_response(reply: Reply) -> web.Response:
+    """``reply`` as aiohttp's Response (aiohttp adds Date, Server and the request id)."""
+    resp = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+    resp.headers[hdrs.CONTENT_TYPE] = reply.content_type
+    return resp
+
+
 def error_response(exc: Exception, log: logging.Logger, request: web.Request) -> web.Response:
-    """The one place HTTP errors are translated (DESIGN.md §4.5)."""
+    """:func:`error_reply` for an aiohttp request."""
+    return web_response(error_reply(exc, log, request.method, loggable_target(request),
+                                    request.remote))
+
+
+def _json(body: Mapping[str, str | None], status: int,
+          headers: Mapping[str, str] | None = None) -> Reply:
+    # As web.json_response writes it (json.dumps' defaults), so that both doors agree.
+    return Reply(status, json.dumps(body).encode(), "application/json; charset=utf-8",
+                 tuple((headers or {}).items()))
+
+
+def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
+                remote: str | None) -> Reply:
+    """The one place HTTP errors are translated (DESIGN.md §4.5), for both doors."""
     if isinstance(exc, ValidationError):
-        return web.json_response({"error": exc.message, "field": exc.field}, status=400)
+        return _json({"error": exc.message, "field": exc.field}, 400)
     if isinstance(exc, DecodeError):
-        return web.json_response({"error": str(exc), "field": exc.field or "body"}, status=400)
+        return _json({"error": str(exc), "field": exc.field or "body"}, 400)
     if isinstance(exc, AuthError):
-        return web.json_response({"error": str(exc)}, status=401,
-                                 headers={"WWW-Authenticate": "Bearer"})
+        return _json({"error": str(exc)}, 401, {"WWW-Authenticate": "Bearer"})
     if isinstance(exc, ScopeRequired):
         # RFC 6750 §3.1: the scope that would do, in the body and in the challenge.
-        return web.json_response({"error": str(exc), "scope": exc.scope}, status=403, headers={
+        return _json({"error": str(exc), "scope": exc.scope}, 403, {
             "WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{exc.scope}"'})
     if isinstance(exc, PlainHttpRefused):
         body = {"error": str(exc)}
         if exc.https_url is not None:
             body["https_url"] = exc.https_url
-        return web.json_response(body, status=403)
+        return _json(body, 403)
     if isinstance(exc, Forbidden):
         # The detail names the server's own directories ("resolves outside /srv/..."): log it,
         # answer generically, as TFTP does with "access violation".
-        log.info("refused %s %s from %s: %s", request.method, loggable_target(request),
-                 request.remote, exc)
-        return web.json_response({"error": "access denied"}, status=403)
+        log.info("refused %s %s from %s: %s", method, target, remote, exc)
+        return _json({"error": "access denied"}, 403)
     if isinstance(exc, NotFound):
-        return web.json_response({"error": str(exc)}, status=404)
+        return _json({"error": str(exc)}, 404)
     if isinstance(exc, TransitionRefused):
         # The current state, machine-readable: a client can tell "already installed" from
         # "failed, reinstall first" without parsing the message.
-        return web.json_response({"error": str(exc), "state": exc.state, "event": exc.event},
-                                 status=409)
+        return _json({"error": str(exc), "state": exc.state, "event": exc.event}, 409)
     if isinstance(exc, Conflict):
         body = {"error": str(exc)}
         if exc.field is not None:
             body["field"] = exc.field
         if exc.holder is not None:
             body["holder"] = exc.holder
-        return web.json_response(body, status=409)
+        return _json(body, 409)
     if isinstance(exc, RenderError):
-        log.error("render failed for %s %s: %s", request.method, loggable_target(request), exc)
-        return web.json_response({"error": f"render failed: {exc}"}, status=500)
+        log.error("render failed for %s %s: %s", method, target, exc)
+        return _json({"error": f"render failed: {exc}"}, 500)
     if isinstance(exc, Busy):
-        return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": "5"})
+        return _json({"error": str(exc)}, 503, {"Retry-After": "5"})
     if isinstance(exc, StoreError):
-        log.error("inventory failed for %s %s: %s", request.method, loggable_target(request), exc)
+        log.error("inventory failed for %s %s: %s", method, target, exc)
         # Nothing was done: a client retries (iPXE's script, an installer's loop, an operator).
-        return web.json_response({"error": "the inventory is unreachable: nothing was "
-                                  "changed; try again later (boots of known machines are "
-                                  "answered from memory meanwhile)"}, status=503,
-                                 headers={"Retry-After": "5"})
-    log.exception("bug handling %s %s", request.method, loggable_target(request))
-    return web.json_response({"error": "internal error"}, status=500)
+        return _json({"error": "the inventory is unreachable: nothing was changed; try "
+                      "again later (boots of known machines are answered from memory "
+                      "meanwhile)"}, 503, {"Retry-After": "5"})
+    log.exception("bug handling %s %s", method, target)
+    return _json({"error": "internal error"}, 500)
 
 
 @web.middleware
@@ -368,6 +405,7 @@ class _Held:
     headers: Mapping[str, str]  # Content-Type, ETag, Last-Modified, Accept-Ranges
     mtime: float
     compressed: bool  # a .gz/.br/.zst sibling aiohttp would pick by Accept-Encoding
+    reply: Reply  # the whole file, for the front door
 
 
 # Request headers the in-memory path leaves to aiohttp's FileResponse (conditional requests).
@@ -415,9 +453,33 @@ class AssetFiles:
         return blob
 
     async def response(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
-        blob = self._blob(name)
+        blob, held, st_path = await self._find(name)
         if blob.data is not None:
             return web.Response(body=blob.data, content_type=blob.content_type.split(";")[0])
+        if held is None or any(h in request.headers for h in _CONDITIONAL) or (
+                held.compressed and hdrs.ACCEPT_ENCODING in request.headers):
+            resp = CountingFileResponse(st_path)
+            resp.content_type = blob.content_type.split(";")[0]
+            return resp
+        return _held_response(request, held)
+
+    async def reply(self, name: str, *, accept_encoding: bool) -> Reply | None:
+        """The whole file from memory for a plain GET (no Range, no validators: the front
+        door leaves those to :meth:`response`); None when it is not held in memory (a large
+        file, sent with sendfile by :meth:`response`) or a compressed sibling may apply."""
+        blob, held, _ = await self._find(name)
+        if blob.data is not None:
+            return Reply(200, blob.data, blob.content_type.split(";")[0])
+        if held is None or (held.compressed and accept_encoding):
+            return None
+        return held.reply
+
+    async def _find(self, name: str) -> tuple[Blob, _Held | None, str]:
+        """The asset: its blob, its copy in memory when it is small enough (read now if
+        needed), and the path of its file ("" for a blob rendered in memory)."""
+        blob = self._blob(name)
+        if blob.data is not None:
+            return blob, None, ""
         try:
             st_path, st = _stat(blob)
         except OSError:  # removed since it was resolved: as the tree says now
@@ -426,12 +488,7 @@ class AssetFiles:
         held = None
         if stat.S_ISREG(st.st_mode) and st.st_size <= self.max_file:
             held = await self._hold(blob, st)
-        if held is None or any(h in request.headers for h in _CONDITIONAL) or (
-                held.compressed and hdrs.ACCEPT_ENCODING in request.headers):
-            resp = CountingFileResponse(st_path)
-            resp.content_type = blob.content_type.split(";")[0]
-            return resp
-        return _held_response(request, held)
+        return blob, held, st_path
 
     async def _hold(self, blob: Blob, st: os.stat_result) -> _Held | None:
         assert blob.path is not None
@@ -455,7 +512,10 @@ class AssetFiles:
                    # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
                    hdrs.LAST_MODIFIED: formatdate(math.ceil(st.st_mtime), usegmt=True),
                    hdrs.ACCEPT_RANGES: "bytes"}
-        held = _Held(ident, body, headers, st.st_mtime, compressed)
+        held = _Held(ident, body, headers, st.st_mtime, compressed,
+                     Reply(200, body, headers[hdrs.CONTENT_TYPE],
+                           tuple((k, v) for k, v in headers.items()
+                                 if k != hdrs.CONTENT_TYPE)))
         while self._held and self._total + len(body) > self.max_total:
             oldest = next(iter(self._held))
             self._total -= len(self._held.pop(oldest).body)
@@ -672,6 +732,10 @@ async def plain_http_middleware(request: web.Request, handler: Any) -> web.Strea
     raise policy.refusal(request, "the API" if is_api else "the dashboard")
 
 
+_TEXT = "text/plain; charset=utf-8"  # what web.Response(text=...) says
+_NO_STORE = (("Cache-Control", "no-store"),)
+
+
 class DeviceRoutes:
     def __init__(self, content: DeviceContent, *, logger: logging.Logger | None = None,
                  health: HealthCheck | None = None,
@@ -699,27 +763,53 @@ class DeviceRoutes:
             r.add_get("/nocloud/{mac}/{token}/{name}", self.nocloud, allow_head=False),
         )
 
+    def front(self, path: str, query: str, remote: str | None, *, accept_encoding: bool
+              ) -> tuple[str, Coroutine[Any, Any, Reply | None]] | None:
+        """The route pattern (the metrics' label, as aiohttp names it) and the answer of a
+        plain GET the front door may give (:class:`FrontDoor`); None for aiohttp to route.
+        The answers are the same coroutines aiohttp's handlers below await."""
+        if path == "/ipxe":
+            return "/ipxe", self._ipxe(query, remote)
+        if path == "/boot.ipxe":
+            return "/boot.ipxe", self._boot_ipxe()
+        if path.startswith("/assets/") and len(path) > 8:
+            return "/assets/{path}", self._files.reply(path[8:], accept_encoding=accept_encoding)
+        if path.startswith("/config/") and "/" not in path[8:] and len(path) > 8:
+            token = next((v for k, v in parse_qsl(query, keep_blank_values=True)
+                          if k == "token"), None)
+            return "/config/{mac}", self._config(path[8:], token, remote)
+        if path == "/healthz":
+            return "/healthz", self._healthz()
+        return None
+
     async def healthz(self, request: web.Request) -> web.Response:
         """200 ``ok``; 503 ``degraded: <reason>`` while the inventory is unreachable (the
         server still answers boots of known machines: a readiness check, not a liveness one
         — a restart cannot help, and a server that cannot reach its database cannot start)."""
+        return web_response(await self._healthz())
+
+    async def _healthz(self) -> Reply:
         problem = self._health.problem() if self._health is not None else None
         if problem is None:
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text=f"degraded: {problem}; boots of known machines "
-                            "are answered from memory, writes are refused\n",
-                            headers={"Cache-Control": "no-store"})
+            return Reply(200, b"ok\n", _TEXT)
+        return Reply(503, f"degraded: {problem}; boots of known machines are answered from "
+                     "memory, writes are refused\n".encode(), _TEXT, _NO_STORE)
 
     async def boot_ipxe(self, request: web.Request) -> web.Response:
-        return web.Response(text=self._content.bootstrap_ipxe(), content_type="text/plain")
+        return web_response(await self._boot_ipxe())
+
+    async def _boot_ipxe(self) -> Reply:
+        return Reply(200, self._content.bootstrap_ipxe().encode(), _TEXT)
 
     async def ipxe(self, request: web.Request) -> web.Response:
-        boot = ipxe_request(uri_query(request.rel_url.raw_query_string), request.remote)
+        return web_response(await self._ipxe(request.rel_url.raw_query_string, request.remote))
+
+    async def _ipxe(self, query: str, remote: str | None) -> Reply:
+        boot = ipxe_request(uri_query(query), remote)
         plan, script = await self._content.ipxe_script(boot)
-        self._log.info("ipxe mac=%s peer=%s action=%s reason=%r", boot.mac, request.remote,
+        self._log.info("ipxe mac=%s peer=%s action=%s reason=%r", boot.mac, remote,
                        plan.action, plan.reason, extra={"mac": boot.mac})
-        return web.Response(text=script, content_type="text/plain",
-                            headers={"Cache-Control": "no-store"})
+        return Reply(200, script.encode(), _TEXT, _NO_STORE)
 
     async def asset(self, request: web.Request) -> web.StreamResponse:
         # match_info is already percent-decoded by aiohttp; check the decoded form so that
@@ -740,12 +830,15 @@ class DeviceRoutes:
                 or request.query.get("token"))
 
     async def config(self, request: web.Request) -> web.Response:
-        plan = await self._content.authorised_plan(request.match_info["mac"], self._token(request))
+        return web_response(await self._config(request.match_info["mac"], self._token(request),
+                                               request.remote))
+
+    async def _config(self, mac: str, token: str | None, remote: str | None) -> Reply:
+        plan = await self._content.authorised_plan(mac, token)
         text = self._content.k3os_config(plan)
         await self._content.config_fetched(plan, "k3OS config")
-        self._log.info("config mac=%s peer=%s served", plan.mac, request.remote)
-        return web.Response(text=text, content_type="text/yaml",
-                            headers={"Cache-Control": "no-store"})
+        self._log.info("config mac=%s peer=%s served", plan.mac, remote)
+        return Reply(200, text.encode(), "text/yaml; charset=utf-8", _NO_STORE)
 
     async def nocloud(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -755,6 +848,72 @@ class DeviceRoutes:
             await self._content.config_fetched(plan, "cloud-init user-data")
         return web.Response(text=text, content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
+
+
+class FrontDoor:
+    """Answers a plain GET of a device route without aiohttp (netboot.servers.fasthttp).
+
+    :class:`GuardedHandler` asks it for each request head it reads while aiohttp is idle on
+    the connection; what the front does not take is handed to aiohttp byte for byte. An
+    answer here is what aiohttp's path gives for the same request — the same coroutine
+    (:meth:`DeviceRoutes.front`), the same error translation (:func:`error_reply`), the same
+    Server and X-Request-Id headers, the access log line, the metrics' observation and the
+    log context — without the task, request object and middleware chain per request.
+    """
+
+    def __init__(self, routes: DeviceRoutes, *, log: logging.Logger,
+                 observer: HttpObserver | None, ids: Callable[[], str]) -> None:
+        self.routes = routes
+        self.log = log
+        self.observer = observer
+        self.ids = ids
+        self.date = HttpDate()
+        self.answered = 0  # requests answered here, not by aiohttp
+
+    def start(self, head: RequestHead, remote: str | None
+              ) -> tuple[Callable[[Reply | None], Answer | None], asyncio.Future[Reply | None]
+                         ] | None:
+        """Begin answering ``head``: how to finish, and the reply as it is decided (done
+        already when nothing had to wait); None when aiohttp is to route it."""
+        route = self.routes.front(head.path, head.query, remote,
+                                  accept_encoding=head.accept_encoding)
+        if route is None:
+            return None
+        label, coro = route
+        rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
+        target = redacted_target(head.path, parse_qsl(head.query, keep_blank_values=True))
+        started = time.monotonic()
+        with log_context(request_id=rid, peer=remote, path=target):
+            decided = eager(coro)
+
+        def finish(reply: Reply | None) -> Answer | None:
+            if reply is None:
+                return None
+            data = encode_reply(reply, date=self.date(), server=SERVER_NAME, request_id=rid,
+                                close=head.close)
+            seconds = time.monotonic() - started
+            self.answered += 1
+            if self.observer is not None:
+                self.observer.http_request(label, "GET", reply.status, seconds)
+            return Answer(data, reply.status, len(data), seconds, target, rid)
+
+        return finish, decided
+
+    def failed(self, exc: Exception, head: RequestHead, remote: str | None) -> Reply:
+        target = redacted_target(head.path, parse_qsl(head.query, keep_blank_values=True))
+        return error_reply(exc, self.log, "GET", target, remote)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A front-door response, encoded, with what its access log line says."""
+
+    data: bytes
+    status: int
+    sent: int
+    seconds: float
+    target: str
+    request_id: str
 
 
 # --- connection limits ----------------------------------------------------------------------
@@ -853,12 +1012,22 @@ class GuardedHandler(web.RequestHandler):
     instead of aiohttp's ERROR traceback per request."""
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard,
-                 loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+                 loop: asyncio.AbstractEventLoop, front: FrontDoor | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, keepalive_timeout=guard.limits.keepalive_timeout,
                          **kwargs)
         self._guard = guard
         self._source: str | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        # The front door (FrontDoor): bytes read and neither answered nor handed to aiohttp
+        # yet, whether an answer is being decided, whether the rest of the connection is
+        # aiohttp's (after a request with a body), and whether reading was paused here.
+        self._front = front
+        self._unread = b""
+        self._front_busy = False
+        self._front_off = front is None
+        self._front_paused = False
+        self._handed = False  # aiohttp was given a request on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -895,7 +1064,124 @@ class GuardedHandler(web.RequestHandler):
                                     self._guard.limits.header_timeout)
             self.force_close()
 
+    def data_received(self, data: bytes) -> None:
+        if self._front_off:
+            super().data_received(data)
+            return
+        self._unread += data
+        self._serve_front()
+
+    def _aiohttp_idle(self) -> bool:
+        """aiohttp waits for a request on this connection, none queued or being handled
+        (or it was never given one: its task may not have run yet on a new connection)."""
+        if self._messages:
+            return False
+        waiter = self._waiter
+        return not self._handed if waiter is None else not waiter.done()
+
+    def _to_aiohttp(self, size: int | None) -> None:
+        """Hand the next ``size`` bytes (a whole request), or all of them, to aiohttp."""
+        if size is None:
+            self._front_off = True
+            data, self._unread = self._unread, b""
+        else:
+            data, self._unread = self._unread[:size], self._unread[size:]
+        self._handed = True
+        super().data_received(data)
+
+    def _serve_front(self) -> None:
+        """Answer or hand on, in order, each complete request read: the front answers only
+        while aiohttp is idle, and aiohttp is given a request only while no front answer is
+        being decided, so responses leave in the order the requests came (pipelining)."""
+        front = self._front
+        assert front is not None
+        while (self._unread and not self._front_busy and not self._front_off
+               and self.transport is not None and not self._paused):
+            head = parse_head(self._unread)
+            if head is None:
+                break  # the rest of a head is still to come
+            if isinstance(head, NotMine):
+                self._to_aiohttp(head.size)
+                continue
+            if not self._aiohttp_idle():
+                self._to_aiohttp(head.size)  # behind the request aiohttp is answering
+                continue
+            started = front.start(head, self._remote())
+            if started is None:
+                self._to_aiohttp(head.size)
+                continue
+            self._request_count += 1  # a request head came: the head deadline is met
+            finish, decided = started
+            if decided.done():
+                self._front_answer(head, finish, decided)
+                continue
+            self._front_busy = True
+            decided.add_done_callback(functools.partial(self._front_later, head, finish))
+            break
+        self._front_flow()
+
+    def _front_later(self, head: RequestHead, finish: Callable[[Reply | None], Answer | None],
+                     decided: asyncio.Future[Reply | None]) -> None:
+        self._front_busy = False
+        if decided.cancelled():
+            return  # the server is stopping
+        self._front_answer(head, finish, decided)
+        if self.transport is not None:
+            self._serve_front()
+
+    def _front_answer(self, head: RequestHead, finish: Callable[[Reply | None], Answer | None],
+                      decided: asyncio.Future[Reply | None]) -> None:
+        front = self._front
+        assert front is not None
+        try:
+            reply = decided.result()
+        except Exception as exc:  # the one translation both doors use
+            reply = front.failed(exc, head, self._remote())
+        answer = finish(reply)
+        if answer is None:  # not the front's after all (a large file: sendfile)
+            self._to_aiohttp(head.size)
+            return
+        self._unread = self._unread[head.size:]
+        transport = self.transport
+        if transport is None:
+            return  # the client left meanwhile
+        transport.write(answer.data)
+        logger = self.access_logger
+        if self._logging_enabled and isinstance(logger, AccessLogger):
+            logger.line(self._remote(), "GET", answer.target, answer.status, answer.sent,
+                        answer.seconds, head.user_agent or None, answer.request_id)
+        # aiohttp closes a connection idle this long after its own last response: move
+        # that to after this one (its timer re-arms itself at this time).
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        if head.close:
+            self.force_close()
+
+    def _front_flow(self) -> None:
+        """Stop reading while unanswered bytes pile up (a client pipelining faster than it
+        reads its answers, or a slow answer); read again once they are answered."""
+        transport = self.transport
+        if transport is None:
+            return
+        piled = len(self._unread) > 4 * MAX_HEAD
+        if piled and not self._front_paused:
+            self._front_paused = True
+            transport.pause_reading()
+        elif not piled and self._front_paused:
+            self._front_paused = False
+            if not self._buffer_paused:
+                transport.resume_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self._front_off and self._unread:
+            self._serve_front()
+
+    def _remote(self) -> str | None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._unread = b""
         if self._source is None:
             return  # refused in connection_made: nothing of aiohttp's to tear down
         if self._head_timer is not None:
@@ -909,7 +1195,7 @@ class GuardedHandler(web.RequestHandler):
     def idle(self) -> bool:
         """Waiting for a request (a fresh or kept-alive connection), none being handled."""
         waiter = getattr(self, "_waiter", None)
-        return waiter is not None and not waiter.done()
+        return waiter is not None and not waiter.done() and not self._front_busy
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -940,12 +1226,14 @@ class GuardedSite(web.BaseSite):
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard,
                  handler_args: dict[str, Any], backlog: int = 511,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 front: FrontDoor | None = None) -> None:
         # backlog 511: nginx's default listen backlog.
         super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._host, self._port = host, port
         self._guard = guard
         self._handler_args = handler_args
+        self._front = front
 
     @property
     def name(self) -> str:
@@ -964,7 +1252,8 @@ class GuardedSite(web.BaseSite):
         manager = self._runner.server
         assert manager is not None
         self._server = await loop.create_server(
-            lambda: GuardedHandler(manager, guard=self._guard, loop=loop, **self._handler_args),
+            lambda: GuardedHandler(manager, guard=self._guard, loop=loop, front=self._front,
+                                   **self._handler_args),
             self._host, self._port, reuse_address=True, backlog=self._backlog,
             ssl=self._ssl_context)
 

@@ -1,0 +1,172 @@
+"""The HTTP front door's codec: request heads a device sends, and the responses it gets.
+
+A boot storm asks the same few device routes thousands of times a second (``/boot.ipxe``,
+``/ipxe?mac=``, small assets, ``/config``). Through aiohttp each costs a task, a request
+object, a StreamWriter, five middlewares and a header serialisation: ~300 µs of CPU on a
+2-core box, where nginx spends ~30 µs. netboot's connection handler
+(:class:`netboot.servers.http.GuardedHandler`) therefore reads a request head itself when
+the connection is idle, and answers a plain ``GET`` of a device route from here; anything
+else (another method, a body, HTTP/1.0, a credential, a conditional or Range request, an
+encoded or odd target) is handed to aiohttp byte for byte, which answers it as before.
+
+This module is the pure part: bytes to a :class:`RequestHead` (or "not mine"), and a
+:class:`Reply` to the bytes of a response. No sockets.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final
+
+# A head longer than this without its end goes to aiohttp, whose limits answer it (8 KiB
+# per line, 32 KiB of headers): the front never buffers more than a normal request.
+MAX_HEAD = 16 * 1024
+
+# The request line of a GET this front may answer (RFC 9112 §3): origin-form target of
+# visible ASCII with no percent-encoding, dot segments or empty segments, so that the path
+# the route sees is exactly what aiohttp (yarl) would have decoded and normalised.
+_REQUEST_LINE = re.compile(rb"GET (/(?![/.])(?:[!$&'()*+,\-.0-9:;=@A-Z_a-z~]|/(?![/.]))*)"
+                           rb"(?:\?([!$%&'()*+,\-./0-9:;=?@A-Z_a-z~]*))? HTTP/1\.1")
+# What may begin a request line while the rest is still to come: a method, then visible
+# ASCII (RFC 9112 §3).
+_START = re.compile(rb"[A-Z]{1,20}(?:\Z| [\x21-\x7e]*(?:\Z| [\x21-\x7e]*(?:\Z|\r)))")
+# field-name = token (RFC 9110 §5.1); a value without control characters (§5.5).
+_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)"
+                    rb"[ \t]*")
+
+# Headers after which the request is aiohttp's to answer: a credential (the plain-HTTP
+# policy reads those), conditional and partial requests (FileResponse's validators and
+# ranges), an expectation.
+_NOT_MINE: Final = frozenset({
+    b"authorization", b"cookie", b"range", b"if-match", b"if-none-match",
+    b"if-modified-since", b"if-unmodified-since", b"if-range", b"expect",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A ``GET`` this front may answer."""
+
+    path: str  # without the query; nothing to decode (the request line allows no %)
+    query: str  # raw, as after the '?' ("" when none)
+    size: int  # bytes of the head, its closing blank line included
+    close: bool  # "Connection: close": answer, then close
+    user_agent: str
+    request_id: str  # the client's X-Request-Id, "" when none (checked by the caller)
+    accept_encoding: bool  # the client said what it can decode (the asset route checks)
+
+
+@dataclass(frozen=True, slots=True)
+class NotMine:
+    """The request is aiohttp's (see the module docstring). ``size``: the bytes of its head
+    when it has no body, so that aiohttp is given exactly this request and the front may
+    answer the next; None when the rest of the connection must be aiohttp's (a body, an
+    upgrade, a head it must refuse)."""
+
+    size: int | None
+
+
+_REST_IS_AIOHTTPS: Final = NotMine(None)
+# Framing the front does not follow: with either, the rest of the stream is aiohttp's.
+_BODY: Final = frozenset({b"content-length", b"transfer-encoding", b"upgrade"})
+
+
+def parse_head(buf: bytes) -> RequestHead | NotMine | None:
+    """The first request in ``buf``: a head this front answers, a :class:`NotMine`, or None
+    when the head is not complete yet."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEAD or not _START.match(buf):
+            # Not an HTTP request line (a TLS hello on the plain port): aiohttp refuses it
+            # now, not when a head that never comes would be complete.
+            return _REST_IS_AIOHTTPS
+        return None
+    if end > MAX_HEAD:
+        return _REST_IS_AIOHTTPS
+    lines = buf[:end].split(b"\r\n")
+    passed: NotMine | None = None
+    close = False
+    user_agent = request_id = ""
+    accept_encoding = False
+    for raw in lines[1:]:
+        field = _FIELD.fullmatch(raw)
+        if field is None:
+            return _REST_IS_AIOHTTPS  # obs-fold, a bare LF, a control character: a 400
+        name = field.group(1).lower()
+        if name in _BODY:
+            return _REST_IS_AIOHTTPS
+        if name in _NOT_MINE:
+            passed = NotMine(end + 4)  # read on: a body framing header may follow
+        elif name == b"connection":
+            tokens = {t.strip().lower() for t in field.group(2).split(b",")}
+            if b"upgrade" in tokens:
+                return _REST_IS_AIOHTTPS
+            close = close or b"close" in tokens
+        elif name == b"user-agent":
+            user_agent = field.group(2).decode("latin-1")
+        elif name == b"x-request-id":
+            request_id = field.group(2).decode("latin-1")
+        elif name == b"accept-encoding":
+            accept_encoding = True
+    line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None or passed is not None:
+        # Another method, HTTP/1.0, a target to decode: a request without a body (RFC 9112
+        # §6.3: neither Content-Length nor Transfer-Encoding), for aiohttp to answer.
+        return NotMine(end + 4)
+    query = line.group(2)
+    return RequestHead(path=line.group(1).decode("ascii"),
+                       query=query.decode("ascii") if query is not None else "",
+                       size=end + 4, close=close, user_agent=user_agent,
+                       request_id=request_id, accept_encoding=accept_encoding)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A whole response of a device route: what both doors send (aiohttp's Response is built
+    from it too, so that the two cannot drift)."""
+
+    status: int
+    body: bytes
+    content_type: str  # with its charset when it is text
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class HttpDate:
+    """The Date header (RFC 9110 §6.6.1), made once a second, as nginx and aiohttp do."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._text = formatdate(now, usegmt=True).encode("ascii")
+        return self._text
+
+
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+
+
+def encode_reply(reply: Reply, *, date: bytes, server: str, request_id: str,
+                 close: bool, head_only: bool = False) -> bytes:
+    """The bytes of ``reply`` as HTTP/1.1, with the headers aiohttp's path adds (Date,
+    Server, X-Request-Id) and ``Connection: close`` when the connection ends after it."""
+    parts = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n"
+             b"Server: %s\r\nX-Request-Id: %s\r\n" % (
+                 reply.status, _REASONS.get(reply.status, b""),
+                 reply.content_type.encode("latin-1"), len(reply.body), date,
+                 server.encode("ascii"), request_id.encode("ascii"))]
+    for name, value in reply.headers:
+        parts.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(reply.body)
+    return b"".join(parts)

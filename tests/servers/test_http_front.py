@@ -1,0 +1,289 @@
+"""The HTTP front door (netboot.servers.fasthttp + GuardedHandler): a plain GET of a device
+route is answered without aiohttp, exactly as aiohttp answers it; everything else reaches
+aiohttp untouched, in order, on the same connection. Real listeners on loopback, raw bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from netboot.config import load
+from netboot.service import Service, build, loop_factory
+from tests.conftest import install_token, write_config
+
+MAC = "52:54:00:12:34:56"
+HEXHYP = "52-54-00-12-34-56"
+OTHER = "52-54-00-12-34-57"
+# Sent to make aiohttp answer a request the front would take, changing nothing else: a
+# cookie that is no session's (the plain-HTTP policy trusts loopback, the route ignores it).
+TO_AIOHTTP = b"Cookie: not=a-session\r\n"
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, http: str = "") -> AsyncIterator[Service]:
+    """``netboot serve`` as it runs, with a profile, a cluster and a group for x86_64."""
+    service = await build(load(write_config(tmp_path, http=http), env={}))
+    await service.start()
+    try:
+        content = service.content
+        assert content is not None
+        (tmp_path / "assets" / "small.txt").write_bytes(b"s" * 299 + b"\n")
+        await seed(service)
+        yield service
+    finally:
+        await service.close()
+
+
+async def seed(service: Service) -> None:
+    token = (service.config.data_dir / "admin.token").read_text().strip()
+    auth = f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n".encode()
+    for path, body in (
+            ("/api/v1/clusters", b'{"name": "edge", "server_url": "https://192.0.2.50:6443",'
+                                 b' "token": "k3s-secret-token"}'),
+            ("/api/v1/profiles", b'{"name": "k3os", "kernel": "vmlinuz", "initrds": '
+                                 b'["initrd.img"], "config_template": "k3os"}'),
+            ("/api/v1/groups", b'{"name": "all-x86", "selector": {"arch": ["x86_64"]}, '
+                               b'"profile": "k3os", "cluster": "edge"}'),
+            ("/api/v1/machines", f'{{"mac": "{MAC}"}}'.encode()),
+            ("/api/v1/machines", f'{{"mac": "{OTHER}"}}'.encode())):
+        raw = (b"POST %s HTTP/1.1\r\nHost: t\r\n%sContent-Length: %d\r\nConnection: close\r\n"
+               b"\r\n%s" % (path.encode(), auth, len(body), body))
+        reply = await exchange(service.http_port, raw)
+        assert reply[0].status == 201, reply
+
+
+class Response:
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def comparable(self) -> tuple[int, list[tuple[str, str]], bytes]:
+        """What both doors must agree on: all but the per-request headers, in any order."""
+        return self.status, sorted((k.lower(), v) for k, v in self.headers
+                                   if k.lower() not in ("date", "x-request-id")), self.body
+
+    def __repr__(self) -> str:
+        return f"Response({self.status}, {self.headers}, {self.body[:80]!r})"
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = [tuple(line.split(": ", 1)) for line in lines[1:] if line]
+    length = int(next(v for k, v in headers if k.lower() == "content-length"))
+    body = await asyncio.wait_for(reader.readexactly(length), 30)
+    return Response(status, headers, body)  # type: ignore[arg-type]
+
+
+async def exchange(port: int, raw: bytes, *, count: int = 1, chunks: int = 1,
+                   context: ssl.SSLContext | None = None) -> list[Response]:
+    """Send ``raw`` on a new connection (in ``chunks`` writes) and read ``count`` replies."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    try:
+        step = max(1, -(-len(raw) // chunks))
+        for at in range(0, len(raw), step):
+            writer.write(raw[at:at + step])
+            await writer.drain()
+            if chunks > 1:
+                await asyncio.sleep(0.01)
+        return [await read_response(reader) for _ in range(count)]
+    finally:
+        writer.close()
+
+
+def get(target: str, extra: bytes = b"") -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: t\r\nUser-Agent: iPXE/1.21.1\r\n%s\r\n" % (
+        target.encode(), extra)
+
+
+async def both_doors(service: Service, target: str) -> tuple[Response, Response]:
+    """The front's answer and aiohttp's to the same request; the front counted only once."""
+    front = service.front
+    assert front is not None
+    before = front.answered
+    (fast,) = await exchange(service.http_port, get(target))
+    assert front.answered == before + 1, f"the front door did not answer {target}"
+    (slow,) = await exchange(service.http_port, get(target, TO_AIOHTTP))
+    assert front.answered == before + 1, f"the front door answered {target} with a cookie"
+    return fast, slow
+
+
+@pytest.mark.parametrize("target", [
+    "/healthz", "/boot.ipxe", "/assets/small.txt", "/assets/vmlinuz",
+    "/ipxe", "/ipxe?arch=x86_64", "/ipxe?mac=zz", "/assets/missing", "/config/zz?token=x",
+    f"/config/{HEXHYP}?token=wrong", f"/config/{HEXHYP}",
+])
+async def test_front_and_aiohttp_answer_alike(tmp_path: Path, target: str) -> None:
+    async with serving(tmp_path) as service:
+        fast, slow = await both_doors(service, target)
+        assert fast.comparable() == slow.comparable(), (fast, slow)
+        assert fast.header("Server") == "netboot"
+        assert re.fullmatch(r"[0-9a-f]{16}", fast.header("X-Request-Id") or ""), fast
+
+
+async def test_install_script_and_config_through_the_front(tmp_path: Path) -> None:
+    async with serving(tmp_path) as service:
+        front = service.front
+        assert front is not None
+        # The first /ipxe writes the install plan (the answer waits for the commit), the
+        # second reads it: both the front's, and the same script as aiohttp gives after.
+        (first,) = await exchange(service.http_port, get(f"/ipxe?mac={HEXHYP}&arch=x86_64"))
+        fast, slow = await both_doors(service, f"/ipxe?mac={HEXHYP}&arch=x86_64")
+        assert first.body.startswith(b"#!ipxe") and b"kernel" in first.body, first
+        assert fast.comparable() == slow.comparable()
+        token = install_token(fast.body.decode())
+        assert install_token(first.body.decode()) == token  # the install under way's
+        # The first fetch moves the machine to installing (and its config says so): the
+        # doors are compared on the fetches after it.
+        await exchange(service.http_port, get(f"/config/{HEXHYP}?token={token}", TO_AIOHTTP))
+        fast, slow = await both_doors(service, f"/config/{HEXHYP}?token={token}")
+        assert fast.status == 200 and b"k3os" in fast.body, fast
+        assert fast.comparable() == slow.comparable()
+        assert fast.header("Content-Type") == "text/yaml; charset=utf-8"
+
+
+async def test_pipelined_requests_are_answered_in_order_by_either_door(tmp_path: Path) -> None:
+    async with serving(tmp_path) as service:
+        front = service.front
+        assert front is not None
+        before = front.answered
+        raw = (get(f"/ipxe?mac={OTHER}&arch=x86_64")  # waits for a commit: answered later
+               + get("/healthz", TO_AIOHTTP)  # aiohttp's, after the front's answer
+               + get("/assets/small.txt")  # the front's, after aiohttp's
+               + b"HEAD /assets/small.txt HTTP/1.1\r\nHost: t\r\n\r\n"  # aiohttp's
+               + get("/boot.ipxe", b"Connection: close\r\n"))
+        replies = await exchange(service.http_port, raw, count=4)
+        assert [r.status for r in replies] == [200, 200, 200, 200], replies
+        assert replies[0].body.startswith(b"#!ipxe") and b"kernel" in replies[0].body
+        assert replies[1].body == b"ok\n"
+        assert replies[2].body == b"s" * 299 + b"\n"
+        assert replies[3].header("Content-Length") == "300"
+        # The first is the front's; the third may be too, or aiohttp's when it arrives
+        # before aiohttp is back waiting: either way, the answers keep their order.
+        assert front.answered >= before + 1
+        # HEAD's reply has no body: the fifth follows it directly, and closes.
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+        try:
+            writer.write(b"HEAD /assets/small.txt HTTP/1.1\r\nHost: t\r\n\r\n"
+                         + get("/boot.ipxe", b"Connection: close\r\n"))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            last = await read_response(reader)
+            assert last.body.startswith(b"#!ipxe") and last.header("Connection") == "close"
+            assert await asyncio.wait_for(reader.read(), 30) == b""  # closed after it
+        finally:
+            writer.close()
+
+
+async def test_a_head_in_pieces_and_requests_across_writes(tmp_path: Path) -> None:
+    async with serving(tmp_path) as service:
+        raw = get("/healthz") + get("/assets/small.txt")
+        replies = await exchange(service.http_port, raw, count=2, chunks=len(raw))
+        assert [r.body for r in replies] == [b"ok\n", b"s" * 299 + b"\n"]
+
+
+async def test_what_is_not_the_fronts_reaches_aiohttp_whole(tmp_path: Path) -> None:
+    async with serving(tmp_path) as service:
+        front = service.front
+        assert front is not None
+        before = front.answered
+        body = f'{{"mac": "{HEXHYP}", "token": "nope", "addresses": ["192.0.2.9"]}}'.encode()
+        raw = (get("/healthz")
+               + b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+               + b"GET /assets/%73mall.txt HTTP/1.1\r\nHost: t\r\n\r\n"  # encoded: aiohttp's
+               + b"GET /assets/small.txt HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1\r\n\r\n"
+               + b"POST /api/v1/register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+               + get("/healthz"))  # after a body: aiohttp's for the rest of the connection
+        replies = await exchange(service.http_port, raw, count=6)
+        assert [r.status for r in replies] == [200, 200, 200, 206, 401, 200], replies
+        assert replies[2].body == b"s" * 299 + b"\n" and replies[3].body == b"ss"
+        assert front.answered == before + 1
+
+
+async def test_the_front_logs_and_counts_as_aiohttp_does(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    async with serving(tmp_path) as service:
+        target = f"/config/{HEXHYP}?token=s3cret-token"
+        await both_doors(service, target)
+        metrics = (await service.metrics.render(service.store)).decode()
+    lines = [r for r in caplog.records if r.name == "netboot.access"
+             and "/config/" in r.getMessage()]
+    assert len(lines) == 2, [r.getMessage() for r in lines]
+    fast, slow = (r.getMessage() for r in lines)
+    strip = re.compile(r" \d+ \d+\.\d{3} ")  # the bytes (headers differ by order) and time
+    assert strip.sub(" ", fast) == strip.sub(" ", slow), (fast, slow)
+    assert "s3cret" not in fast and "token=<redacted>" in fast
+    assert all(getattr(r, "request_id", None) for r in lines)
+    count = re.search(r'netboot_http_requests_total\{method="GET",route="/config/\{mac\}",'
+                      r'status="40\d"\} (\d+)', metrics)
+    assert count is not None and float(count.group(1)) == 2, metrics
+
+
+async def test_keep_alive_counts_from_the_fronts_last_answer(tmp_path: Path) -> None:
+    async with serving(tmp_path, http="  keepalive_timeout: 2\n") as service:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+        try:
+            # Busy for longer than the idle timeout, with answers only the front gives:
+            # aiohttp, which saw none of them, must not close the connection as idle.
+            for _ in range(12):
+                writer.write(get("/healthz"))
+                assert (await read_response(reader)).body == b"ok\n"
+                await asyncio.sleep(0.25)
+            # Then idle: closed, as aiohttp closes an idle connection.
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+        finally:
+            writer.close()
+
+
+async def test_https_listener_has_the_front_door_too(tmp_path: Path) -> None:
+    async with serving(tmp_path) as service:
+        front = service.front
+        assert front is not None and service.https_port
+        context = ssl.create_default_context(
+            cafile=str(service.config.data_dir / "tls" / "ca.pem"))
+        context.check_hostname = False
+        before = front.answered
+        (reply,) = await exchange(service.https_port, get("/boot.ipxe"), context=context)
+        assert reply.status == 200 and reply.body.startswith(b"#!ipxe")
+        assert front.answered == before + 1
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_no_answer_overtakes_one_aiohttp_is_still_sending(tmp_path: Path, loop: str) -> None:
+    """On uvloop netboot's own sendfile(2) leaves the transport reading (asyncio's pauses
+    it): the front must see that aiohttp is busy, not only that it has queued requests."""
+    big = bytes(range(256)) * (32 * 1024)  # 8 MiB: sent with sendfile, over many writes
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as service:
+            (tmp_path / "assets" / "big.img").write_bytes(big)
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+            try:
+                writer.write(get("/assets/big.img"))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                # aiohttp is in the middle of the file (the socket is full): a request the
+                # front could answer waits for it, or its answer would land inside the file.
+                writer.write(get("/healthz"))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                assert await asyncio.wait_for(reader.readexactly(len(big)), 60) == big
+                assert (await read_response(reader)).body == b"ok\n"
+            finally:
+                writer.close()
+
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        runner.run(scenario())
