@@ -25,6 +25,8 @@ from typing import Final
 # A head longer than this without its end goes to aiohttp, whose limits answer it (8 KiB
 # per line, 32 KiB of headers): the front never buffers more than a normal request.
 MAX_HEAD = 16 * 1024
+# aiohttp's bound on a request line and on a header line (max_line_size, max_field_size).
+MAX_LINE = 8190
 
 # The request line of a GET this front may answer (RFC 9112 §3): origin-form target of
 # visible ASCII with no percent-encoding, dot segments or empty segments, so that the path
@@ -92,6 +94,8 @@ def parse_head(buf: bytes) -> RequestHead | NotMine | None:
     close = False
     user_agent = request_id = ""
     accept_encoding = False
+    if max(map(len, lines)) > MAX_LINE:
+        return _REST_IS_AIOHTTPS  # aiohttp refuses it (431/400): the same answer
     for raw in lines[1:]:
         field = _FIELD.fullmatch(raw)
         if field is None:

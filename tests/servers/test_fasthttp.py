@@ -1,0 +1,71 @@
+"""The front door's codec (netboot.servers.fasthttp): which request heads it answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from netboot.servers.fasthttp import NotMine, Reply, RequestHead, encode_reply, parse_head
+
+IPXE = b"GET /ipxe?mac=52-54-00-12-34-56&product=Q35%20+%20ICH9 HTTP/1.1\r\nHost: a\r\n"
+
+
+def test_a_plain_get_is_the_fronts() -> None:
+    whole = IPXE + b"User-Agent: iPXE/1.21.1\r\nX-Request-Id: abc\r\n\r\n"
+    head = parse_head(whole + b"GET /")
+    assert head == RequestHead(path="/ipxe", query="mac=52-54-00-12-34-56&product=Q35%20+%20ICH9",
+                               size=len(whole), close=False, user_agent="iPXE/1.21.1",
+                               request_id="abc", accept_encoding=False)
+
+
+@pytest.mark.parametrize("raw", [b"G", b"GET /ipxe", b"GET /ipxe HTTP/1.1\r\nHost: a", IPXE])
+def test_an_incomplete_head_waits(raw: bytes) -> None:
+    assert parse_head(raw) is None
+
+
+@pytest.mark.parametrize("raw", [
+    b"HEAD /boot.ipxe HTTP/1.1\r\n\r\n",  # another method
+    b"GET /boot.ipxe HTTP/1.0\r\n\r\n",  # keep-alive rules of its own
+    b"GET /assets/%2e%2e/x HTTP/1.1\r\n\r\n",  # to decode: as aiohttp (yarl) decodes it
+    b"GET /assets/../x HTTP/1.1\r\n\r\n", b"GET //x HTTP/1.1\r\n\r\n",
+    b"GET /assets/./x HTTP/1.1\r\n\r\n", b"GET http://a/x HTTP/1.1\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n",  # the plain-HTTP policy's
+    b"GET /x HTTP/1.1\r\nCookie: s=1\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nRange: bytes=0-1\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nif-none-match: \"e\"\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+])
+def test_a_request_without_a_body_that_is_not_the_fronts_goes_whole_to_aiohttp(
+        raw: bytes) -> None:
+    assert parse_head(raw + b"GET /next") == NotMine(len(raw))
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+    b"GET /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n",  # framing: aiohttp's from here on
+    b"GET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nContent-Length : 5\r\n\r\n",  # not a field: aiohttp says 400
+    b"GET /x HTTP/1.1\r\n folded\r\n\r\n", b"GET /x HTTP/1.1\r\nUser-Agent: a\x1bb\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n",  # over aiohttp's field bound
+    b"\x16\x03\x01\x00\xa5",  # a TLS hello on the plain port: refused now, not on timeout
+    b"GET /" + b"a" * 20000,  # a head longer than any request's
+])
+def test_what_the_front_cannot_frame_leaves_the_connection_to_aiohttp(raw: bytes) -> None:
+    assert parse_head(raw) == NotMine(None)
+
+
+def test_connection_close_and_header_case() -> None:
+    head = parse_head(b"GET /healthz HTTP/1.1\r\nCONNECTION: keep-alive, Close\r\n"
+                      b"accept-encoding: gzip\r\n\r\n")
+    assert isinstance(head, RequestHead) and head.close and head.accept_encoding
+
+
+def test_encoded_reply_has_aiohttps_headers_and_close() -> None:
+    data = encode_reply(Reply(404, b'{"error": "x"}', "application/json; charset=utf-8",
+                              (("Cache-Control", "no-store"),)),
+                        date=b"Tue, 01 Dec 2026 21:00:00 GMT", server="netboot",
+                        request_id="0011", close=True)
+    assert data == (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json; charset=utf-8"
+                    b"\r\nContent-Length: 14\r\nDate: Tue, 01 Dec 2026 21:00:00 GMT\r\n"
+                    b"Server: netboot\r\nX-Request-Id: 0011\r\nCache-Control: no-store\r\n"
+                    b"Connection: close\r\n\r\n{\"error\": \"x\"}")
