@@ -79,6 +79,7 @@ class Metrics:
         self._http = Counter("netboot_http_requests", "HTTP requests handled, by route "
                              "pattern, method and status", ["route", "method", "status"],
                              registry=r)
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._http_seconds = Histogram("netboot_http_request_duration_seconds",
                                        "time to handle an HTTP request (for a stream: its "
                                        "lifetime), by route pattern", ["route"], registry=r)
@@ -130,8 +131,18 @@ class Metrics:
         self._tftp_bytes.inc(size)
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self._http.labels(route, method, str(status)).inc()
-        self._http_seconds.labels(route).observe(seconds)
+        # labels() looks the child up under a lock on every call: a storm's requests reuse
+        # a handful of (route, method, status) children, kept here (bounded: routes are
+        # patterns, never raw paths, and statuses few).
+        key = (route, method, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (self._http.labels(route, method, str(status)),
+                        self._http_seconds.labels(route))
+            if len(self._http_children) < 4096:
+                self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if status >= 500:
             self._errors.labels("http_5xx").inc()
 

@@ -881,7 +881,7 @@ class FrontDoor:
             return None
         label, coro = route
         rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
-        target = redacted_target(head.path, parse_qsl(head.query, keep_blank_values=True))
+        target = _front_target(head)
         started = time.monotonic()
         with log_context(request_id=rid, peer=remote, path=target):
             decided = eager(coro)
@@ -900,8 +900,22 @@ class FrontDoor:
         return finish, decided
 
     def failed(self, exc: Exception, head: RequestHead, remote: str | None) -> Reply:
-        target = redacted_target(head.path, parse_qsl(head.query, keep_blank_values=True))
-        return error_reply(exc, self.log, "GET", target, remote)
+        return error_reply(exc, self.log, "GET", _front_target(head), remote)
+
+
+# A query that decodes to itself, joined back as redacted_target joins it, with no token.
+_PLAIN_QUERY = re.compile(r"[\w.~:,/-]+=[\w.~:,/-]*(?:&[\w.~:,/-]+=[\w.~:,/-]*)*", re.ASCII)
+
+
+def _front_target(head: RequestHead) -> str:
+    """:func:`redacted_target` of a head, without decoding what needs none (iPXE's query)."""
+    query = head.query
+    if not query:
+        return escape(head.path, limit=1024)
+    if _PLAIN_QUERY.fullmatch(query) and "token" not in query.lower() \
+            and not head.path.startswith("/nocloud/"):
+        return escape(f"{head.path}?{query}", limit=1024)
+    return redacted_target(head.path, parse_qsl(query, keep_blank_values=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,3 +69,20 @@ def test_encoded_reply_has_aiohttps_headers_and_close() -> None:
                     b"\r\nContent-Length: 14\r\nDate: Tue, 01 Dec 2026 21:00:00 GMT\r\n"
                     b"Server: netboot\r\nX-Request-Id: 0011\r\nCache-Control: no-store\r\n"
                     b"Connection: close\r\n\r\n{\"error\": \"x\"}")
+
+
+@pytest.mark.parametrize("query", [
+    "", "mac=52-54-00-12-34-56&arch=x86_64&platform=efi", "a=1&b=", "a", "a=1&&b=2", "a=1&",
+    "product=Q35%20+%20ICH9", "token=s3cret", "TOKEN=x&a=1", "q=a+b", "x=%0a", "k=v;w=1",
+])
+def test_the_fronts_log_target_is_what_aiohttps_path_logs(query: str) -> None:
+    from urllib.parse import parse_qsl
+
+    from netboot.servers.http import _front_target, redacted_target
+
+    for path in ("/ipxe", "/config/52-54-00-12-34-56"):
+        raw = f"GET {path}{'?' + query if query else ''} HTTP/1.1\r\n\r\n".encode()
+        head = parse_head(raw)
+        assert isinstance(head, RequestHead), raw
+        assert _front_target(head) == redacted_target(
+            path, parse_qsl(query, keep_blank_values=True))
