@@ -63,6 +63,9 @@ class HttpConfig:
     body_timeout: int = 60
     keepalive_timeout: int = 75
     send_timeout: int = 60
+    # One line per request on the netboot.access logger (nginx's access_log); false leaves
+    # the requests to the metrics, for a fleet whose storms would write millions of lines.
+    access_log: bool = True
 
 
 @dataclass(frozen=True)

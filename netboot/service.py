@@ -433,7 +433,7 @@ class Service:
         cfg = self.config
         self._event_cursor, _ = await self.store.events_since(-1)
         self.tasks.append(asyncio.ensure_future(self._watch_inventory()))
-        access = logging.getLogger("netboot.access")
+        access = logging.getLogger("netboot.access") if cfg.http.access_log else None
         self.runner = web.AppRunner(self.app, access_log=access, access_log_class=AccessLogger)
         await self.runner.setup()
         http = cfg.http

@@ -287,3 +287,11 @@ def test_no_answer_overtakes_one_aiohttp_is_still_sending(tmp_path: Path, loop: 
 
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         runner.run(scenario())
+
+
+async def test_access_log_off_writes_no_line_from_either_door(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    async with serving(tmp_path, http="  access_log: false\n") as service:
+        await both_doors(service, "/healthz")
+    assert [r for r in caplog.records if r.name == "netboot.access"] == []
