@@ -383,6 +383,12 @@ def available(args: argparse.Namespace) -> list[tuple[Peer, str]]:
         binary = shutil.which(peer.binary) or ""
         if peer.name == "tftpd-hpa" and args.in_tftpd:
             binary = args.in_tftpd
+        elif peer.name == "tftpd-hpa" and binary and Path(binary).resolve().name == "atftpd":
+            # Debian's atftpd installs /usr/sbin/in.tftpd as a link to itself: measured as
+            # "tftpd-hpa" it refuses tftpd-hpa's flags and every transfer times out.
+            print(f"tftpd-hpa: {binary} is atftpd's; pass --in-tftpd with an unpacked "
+                  "tftpd-hpa, left out")
+            continue
         if binary:
             out.append((peer, binary))
         else:

@@ -797,3 +797,118 @@ async def test_a_late_ack_after_the_transfer_is_not_an_unknown_tid(
     client.send(Ack(11), got.tid)
     assert await client.nothing()
     assert server.stats.unknown_tid == 0
+
+
+# ------------------------------------------------------- the data socket's hot paths
+
+
+async def test_a_burst_of_acks_past_one_drain_is_answered_in_full(
+        files: DirFiles, caplog: pytest.LogCaptureFixture) -> None:
+    """150 lock-step clients ACK at the same instant, so more ACKs are queued on the data
+    socket than one readiness event drains (``_Link.BATCH``); a malformed datagram and a
+    stranger's ACK sit among them. Every client gets its next block on every round, the
+    stranger gets ERROR 5, and the transfers complete intact."""
+    caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
+    server = await started(files, max_transfers=200, max_per_client=200, retransmit=5.0,
+                           min_rto=None)
+    clients = [RawClient(f"127.0.0.{n % 50 + 2}") for n in range(150)]
+    stranger, garbler = RawClient(), clients[0]
+    try:
+        got: dict[int, bytearray] = {}
+        tids: dict[int, tuple[str, int]] = {}
+        for n, c in enumerate(clients):
+            c.rrq(addr(server), "small.bin")
+            pkt, tids[n] = await c.recv()
+            assert isinstance(pkt, Data) and pkt.block == 1
+            got[n] = bytearray(pkt.data)
+        tid = tids[0]
+        for block in range(1, 11):
+            # No await between the sends: the server's loop runs only after all are queued.
+            for n, c in enumerate(clients):
+                c.send(Ack(block), tids[n])
+                if n == 75:
+                    garbler.send(b"\x00\x09garbage", tid)
+                    stranger.send(Ack(block), tid)
+            for n, c in enumerate(clients):
+                pkt, _ = await c.recv()
+                assert isinstance(pkt, Data) and pkt.block == block + 1, (n, pkt)
+                got[n] += pkt.data
+        for n, c in enumerate(clients):
+            c.send(Ack(11), tids[n])
+        await until(lambda: server.stats.completed == 150)
+        assert all(bytes(data) == SMALL for data in got.values())
+        for _ in range(10):
+            pkt, _ = await stranger.recv()
+            assert pkt == Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
+        assert server.stats.failed == 0 and server.stats.retransmissions == 0
+    finally:
+        for c in (*clients, stranger):
+            c.close()
+        await server.close()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+class _Refusing:
+    """The data socket with a send buffer that is full the first ``times`` sends of one
+    kind: what a storm does to it. Everything else goes to the real socket."""
+
+    def __init__(self, sock: socket.socket, times: int) -> None:
+        self._sock = sock
+        self.left = times
+
+    def refuse(self) -> None:
+        if self.left > 0:
+            self.left -= 1
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    def sendto(self, data: bytes, dest: tuple[str, int]) -> int:
+        self.refuse()
+        return self._sock.sendto(data, dest)
+
+    def sendmsg(self, *args: object) -> int:
+        self.refuse()
+        return self._sock.sendmsg(*args)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("windowsize", [1, 8])
+async def test_a_full_send_buffer_is_a_loss_the_timer_repairs(
+        files: DirFiles, client: RawClient, windowsize: int) -> None:
+    """EAGAIN on the data socket (lock-step ``sendto``, a window's ``sendmsg``): the
+    datagrams count as lost on the wire, nothing raises, and the retransmission timer
+    resends them."""
+    server = await started(files, retransmit=1.0)
+    link = server._links[None]
+    refusing = _Refusing(link.sock, 3)
+    if windowsize == 1:
+        link._sendto = refusing.sendto
+    else:
+        link.sock = refusing  # type: ignore[assignment]
+    try:
+        options = [("blksize", "1468"), ("windowsize", str(windowsize))]
+        got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
+        assert got.data == pattern(3_000_000)
+        await until(lambda: server.stats.completed == 1)
+        assert refusing.left == 0 and link.full >= 3
+        assert server.stats.failed == 0 and server.stats.retransmissions >= 1
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(("windowsize", "seed"), [(8, 31), (64, 32), (3, 33)])
+async def test_streamed_windows_are_read_into_their_datagrams_intact(
+        files: DirFiles, client: RawClient, windowsize: int, seed: int) -> None:
+    """A file over ``cache_file_size`` is read per window straight into its datagrams
+    (``preadv``); through loss and duplicated ACKs the bytes arrive intact."""
+    server = await started(files, retransmit=1.0, cache_file_size=6000)
+    try:
+        options = [("blksize", "1468"), ("windowsize", str(windowsize))]
+        got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.03,
+                                seed=seed, duplicate=0.2)
+        assert got.data == pattern(3_000_000)
+        await until(lambda: server.stats.completed == 1)
+        assert server.cache.builds == 0 and server.stats.failed == 0
+    finally:
+        await server.close()

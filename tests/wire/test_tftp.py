@@ -694,23 +694,119 @@ def test_ack_window_leaves_every_other_ack_to_ack() -> None:
     assert s.acked == 4 and s.sent == 8 and s.deadline is not None
 
 
+class WindowMemory:
+    """A :class:`WindowSource` over bytes: ``read_into`` fills the buffers in order, as
+    ``os.preadv`` does, and stops short at the end of the data (a file that shrank)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.reads = 0  # read_into calls
+        self.blocks_read = 0  # blocks they carried
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def read_into(self, offset: int, buffers: list[memoryview]) -> int:
+        self.reads += 1
+        self.blocks_read += len(buffers)
+        at = offset
+        for buf in buffers:
+            chunk = self.data[at : at + len(buf)]
+            buf[: len(chunk)] = chunk
+            at += len(chunk)
+            if len(chunk) < len(buf):
+                break
+        return at - offset
+
+
 @pytest.mark.parametrize(("windowsize", "loss", "seed"), [(1, 0.10, 1), (8, 0.10, 5),
                                                           (4, 0.25, 6)])
 def test_packets_and_a_source_are_the_same_transfer(
         windowsize: int, loss: float, seed: int) -> None:
-    """The prebuilt path (ack_window) and the read-per-window path make the same decisions:
-    over the same lossy link the same datagrams go out at the same times."""
+    """The prebuilt path (ack_window), the read-per-window path and the window read into its
+    frame make the same decisions: over the same lossy link the same datagrams go out at the
+    same times."""
     size = 300 * 1468 + 100
     options = (("blksize", "1468"), ("windowsize", str(windowsize)))
     policy = Policy(retransmit=1.0, max_retries=6)
     runs = []
-    for packets in (False, True):
+    for how in ("read", "packets", "read_into"):
         s, data = sender(size, options, policy)
-        if packets:
+        if how == "packets":
             s = Sender(negotiate(options, size, policy), size, Packets(data, 1468), policy)
+        elif how == "read_into":
+            s = Sender(negotiate(options, size, policy), size, WindowMemory(data), policy)
         link = LossyLink(s, loss=loss, seed=seed)
         finished = link.run()
         assert s.outcome is Outcome.COMPLETE and bytes(link.received) == data
         assert link.sends_on_duplicate_ack == 0
         runs.append((finished, s.retransmissions, link.data_sent, link.dropped, s.srtt))
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("size", [10 * 512, 10 * 512 + 7, 2 * 512, 3 * 512 + 1, 0, 100])
+def test_a_window_read_into_its_frame_ends_like_the_file(size: int) -> None:
+    """Full windows, a short last window, a last block that is short or empty (an exact
+    multiple of blksize, RFC 1350): each datagram is DATA n with the right slice."""
+    data = bytes((i * 7) & 0xFF for i in range(size))
+    source = WindowMemory(data)
+    options = (("windowsize", "4"),)
+    s = Sender(negotiate(options, size, POLICY), size, source, POLICY)
+    s.start(0.0)
+    step = s.ack(0, 0.0)
+    got = bytearray()
+    for _ in range(100):
+        pkts = [parse(d) for d in step.send]
+        assert all(isinstance(p, Data) for p in pkts)
+        assert [p.block for p in pkts] == list(range(s.acked + 1, s.sent + 1))  # type: ignore[union-attr]
+        got += b"".join(p.data for p in pkts)  # type: ignore[union-attr]
+        step = s.ack(s.sent, 0.1)
+        if step.done:
+            break
+    assert step.outcome is Outcome.COMPLETE and bytes(got) == data
+    # Windows of two blocks or more came from read_into; a single block from read.
+    assert source.blocks_read == s.blocks - (s.blocks % 4 == 1)
+
+
+def test_a_window_frame_wraps_block_numbers_and_resends_intact() -> None:
+    blocks = 65_540
+    size = blocks * 8 - 3
+    data = bytes((i * 7) & 0xFF for i in range(size))
+    options = (("blksize", "8"), ("windowsize", "10"))
+    s = Sender(negotiate(options, size, POLICY), size, WindowMemory(data), POLICY)
+    s.start(0.0)
+    s.ack(0, 0.0)
+    while s.sent < 65_530:
+        s.ack(s.sent % 65536, 0.1)
+    step = s.ack(s.sent % 65536, 0.1)  # 65,531 .. 65,540 (wire 65,531 .. 65,535, 0 .. 4)
+    first = [bytes(d) for d in step.send]
+    assert [parse(d).block for d in first] == [  # type: ignore[union-attr]
+        *range(65_531, 65_536), *range(0, 5)]
+    # The timer resends the window from the same frame: the same bytes again.
+    resent = s.timeout(s.deadline or 0.0)
+    assert [bytes(d) for d in resent.send] == first
+    assert b"".join(parse(d).data for d in first) == data[65_530 * 8 :]  # type: ignore[union-attr]
+
+
+def test_a_shrunken_window_source_fails_cleanly() -> None:
+    size = 20 * 512
+    s = Sender(negotiate((("windowsize", "8"),), size, POLICY), size,
+               WindowMemory(bytes(size // 2)), POLICY)
+    s.start(0.0)
+    assert s.ack(0, 0.0).send  # blocks 1-8 exist
+    step = s.ack(8, 0.1)  # 9-16 do not all exist any more
+    assert step.outcome is Outcome.SOURCE_ERROR
+    assert parse(step.send[0]) == Error(0, "file changed")
+
+
+def test_windows_past_the_iov_limit_are_read_not_read_into() -> None:
+    """preadv takes at most IOV_MAX buffers: a window larger than that is read as before."""
+    size = 2000 * 8
+    data = bytes(size)
+    source = WindowMemory(data)
+    policy = Policy(max_windowsize=1000)
+    s = Sender(negotiate((("blksize", "8"), ("windowsize", "1000")), size, policy), size,
+               source, policy)
+    s.start(0.0)
+    assert len(s.ack(0, 0.0).send) == 1000
+    assert source.reads == 0
