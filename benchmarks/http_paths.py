@@ -106,14 +106,16 @@ def process(argv: list[str], log: Path, env: dict[str, str] | None = None
 
 
 @contextlib.contextmanager
-def netboot(work: Workload, run: Path, python: str) -> Iterator[int]:
+def netboot(work: Workload, run: Path, python: str, access_log: bool) -> Iterator[int]:
     port = free_port()
     data = run / "data"
     shutil.copytree(work.root / "netboot-seed", data)
     conf = run / "netboot.yaml"
     conf.write_text(json.dumps({
         "server": {"advertise": HOST, "data_dir": str(data), "log_level": "info"},
-        "http": {"listen": HOST, "port": port},
+        # Like for like: nginx below runs with access_log off (--access-log: netboot's on).
+        "http": {"listen": HOST, "port": port, "access_log": access_log},
+        "https": {"port": 0},  # not measured: any free port, never 8443 taken by another
         "dhcp": {"mode": "off"}, "tftp": {"enabled": False}, "dns": {"enabled": False},
         "assets": {"dirs": [str(work.assets)]},
     }))
@@ -213,6 +215,8 @@ def main() -> None:
                         help="clusters with a fixed server URL instead of managed ones (whose "
                              "join lookup of registered servers runs on every /ipxe)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
+    parser.add_argument("--access-log", action="store_true",
+                        help="netboot writes its access log (nginx's stays off)")
     args = parser.parse_args()
     # A SIGTERM (e.g. from `timeout`) unwinds: servers stopped, the temp dir removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -239,7 +243,8 @@ def main() -> None:
         for server in servers:
             run = tmp / server
             run.mkdir()
-            ctx = netboot(work, run, args.python) if server == "netboot" else nginx(work, run)
+            ctx = (netboot(work, run, args.python, args.access_log) if server == "netboot"
+                   else nginx(work, run))
             with ctx as port:
                 for row in rows:
                     if row.machines:  # their first requests change something: not measured
