@@ -74,11 +74,13 @@ def config(data: Path, conf: Path) -> int:
 
 
 def spawn(python: str, repo: Path, conf: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``netboot serve`` of checkout ``repo``, its output appended to ``log``."""
+    """``netboot serve`` of checkout ``repo``, its output appended to ``log``. It runs in
+    the log's directory: ``-m`` puts the working directory first on sys.path, and a checkout
+    there would be imported instead of ``repo``."""
     env = {**os.environ, "PYTHONPATH": str(repo)}
     with log.open("ab") as out:
         return subprocess.Popen([python, "-m", "netboot", "serve", "--config", str(conf)],
-                                stdout=out, stderr=subprocess.STDOUT,
+                                stdout=out, stderr=subprocess.STDOUT, cwd=log.parent,
                                 stdin=subprocess.DEVNULL, env=env)
 
 
