@@ -706,7 +706,15 @@ async def _db(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The sub-commands build_parser adds besides ``lab`` (tests/test_cli.py keeps the two equal).
+COMMANDS = frozenset({"serve", "ca", "check-config", "machines", "profiles", "clusters",
+                      "groups", "tokens", "audit", "import", "render", "status", "assets",
+                      "events", "explain", "db"})
+
+
+def build_parser(*, lab: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``lab=False`` leaves out ``lab``, whose parser imports the
+    QEMU lab (a twentieth of ``serve``'s start-up, for a command it never runs)."""
     parser = argparse.ArgumentParser(prog="netboot", description="Network-boot provisioning "
                                      "server for edge Kubernetes fleets.")
     parser.add_argument("--version", action="version", version=f"netboot {__version__}")
@@ -876,18 +884,23 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--force", action="store_true",
                     help="replace the target's contents if it is not empty")
 
-    try:
-        from netboot.lab import cli as lab_cli
+    if lab:
+        try:
+            from netboot.lab import cli as lab_cli
 
-        lab_cli.add_parser(sub)
-    except ImportError:  # pragma: no cover - the lab module is part of the package
-        pass
+            lab_cli.add_parser(sub)
+        except ImportError:  # pragma: no cover - the lab module is part of the package
+            pass
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word that is not an option (the top level has only -h and
+    # --version, which take no value). lab, help and a misspelt command get the whole parser.
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(lab=command not in COMMANDS)
+    args = parser.parse_args(words)
     # The server logs at info; inventory commands print their answer, not the store's chatter.
     default = "info" if args.cmd in ("serve", "lab") else "warning"
     level = getattr(args, "log_level", None) or os.environ.get("NETBOOT_SERVER_LOG_LEVEL",

@@ -138,6 +138,14 @@ def covered(cert: x509.Certificate, names: Sequence[str]) -> list[str]:
     return missing
 
 
+# Keys netboot generated itself and keeps in its 0700 data dir are loaded without OpenSSL's
+# RSA consistency check (primality of p and q: ~50 ms CPU per 2048-bit key, two keys, which
+# was half of ``serve``'s start-up after imports). Whoever can rewrite those files holds the
+# CA anyway; the pair is still checked (public key against the certificate). An operator's
+# key (https.key_file) keeps the full check.
+_OWN_KEY = True
+
+
 class Authority:
     """netboot's CA in ``directory``: made on first use, then loaded."""
 
@@ -189,8 +197,10 @@ class Authority:
                "the old one must then be given the new one)")
         try:
             cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+            # netboot's own key, made by _issue/load_or_create (see _OWN_KEY).
             key = serialization.load_pem_private_key(self.private_file.read_bytes(),
-                                                     password=self._passphrase)
+                                                     password=self._passphrase,
+                                                     unsafe_skip_rsa_key_validation=_OWN_KEY)
         except FileNotFoundError as exc:
             raise ConfigError(f"half a CA: {exc.filename} is missing", key="server.data_dir",
                               fix=fix) from exc
@@ -220,7 +230,8 @@ class Authority:
             return "none yet"
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            key = serialization.load_pem_private_key(private_file.read_bytes(), password=None)
+            key = serialization.load_pem_private_key(private_file.read_bytes(), password=None,
+                                                     unsafe_skip_rsa_key_validation=_OWN_KEY)
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, OSError, InvalidSignature) as exc:
             return f"the previous one is unusable: {exc}"

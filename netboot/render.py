@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 import yaml
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from netboot.errors import ConfigError, RenderError
 from netboot.shipped import templates_dir
+
+if TYPE_CHECKING:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Compiled string templates kept (profile cmdlines): far more than any site has profiles.
 _MAX_COMPILED = 256
@@ -36,23 +38,46 @@ class Renderer:
             )
         self.dirs = existing
         self._log = logger or logging.getLogger(__name__)
-        self._env = ImmutableSandboxedEnvironment(
-            loader=jinja2.FileSystemLoader([str(d) for d in existing]),
-            undefined=jinja2.StrictUndefined,
-            autoescape=False,  # none of our outputs is HTML
-            keep_trailing_newline=True,
-        )
-        self._env.filters["grub_quote"] = grub_quote
-        self._env.filters["grub_args"] = grub_args
+        self._jinja: ImmutableSandboxedEnvironment | None = None
         self._strings: dict[str, jinja2.Template] = {}
 
-    def check_all(self) -> None:
-        """Translate every template once at start-up so that a syntax error (or an unknown
-        filter or test) stops the server. Only to Python source: byte-compiling it was half
-        of ``serve``'s start-up after imports, and happens on a template's first use."""
+    @property
+    def _env(self) -> ImmutableSandboxedEnvironment:
+        """Jinja2's environment, made at the first render: importing Jinja2 was a tenth of
+        ``serve``'s start-up, and the shipped templates need no check at start (below)."""
+        if self._jinja is None:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(
+                loader=jinja2.FileSystemLoader([str(d) for d in self.dirs]),
+                undefined=jinja2.StrictUndefined,
+                autoescape=False,  # none of our outputs is HTML
+                keep_trailing_newline=True,
+            )
+            env.filters["grub_quote"] = grub_quote
+            env.filters["grub_args"] = grub_args
+            self._jinja = env
+        return self._jinja
+
+    def check_all(self, *, shipped: bool = False) -> None:
+        """Translate every operator template once at start-up so that a syntax error (or
+        an unknown filter or test) stops the server. Only to Python source: byte-compiling
+        it was half of ``serve``'s start-up after imports, and happens on a template's first
+        use. The shipped templates are checked by the test suite (``shipped=True``), not at
+        every start: they are the files the tests ran; so a server without template
+        overrides starts without Jinja2."""
+        shipped_dir = templates_dir().resolve()
+        own = [d for d in self.dirs if shipped or d.resolve() != shipped_dir]
+        if not own:
+            return
+        import jinja2
+
         loader = self._env.loader
-        assert loader is not None  # set in __init__
-        for name in self._env.list_templates():
+        assert loader is not None  # set in _env
+        # Each name as the renderer finds it (the first directory that has it wins).
+        names = sorted({n for d in own for n in jinja2.FileSystemLoader(str(d)).list_templates()})
+        for name in names:
             if name.endswith(".md"):
                 continue
             try:
@@ -67,6 +92,9 @@ class Renderer:
                 ) from exc
 
     def render(self, name: str, context: Mapping[str, Any]) -> str:
+        import jinja2
+        import jinja2.sandbox
+
         try:
             template = self._env.get_template(name)
             return template.render(**context)
@@ -82,12 +110,16 @@ class Renderer:
     def version(self, name: str) -> object:
         """What changes when template ``name`` changes on disk (its compiled form, re-read
         when the file changed); None when it cannot be loaded (rendering then says why)."""
+        import jinja2
+
         try:
             return self._env.get_template(name)
         except jinja2.TemplateError:
             return None
 
     def render_string(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
+        import jinja2
+
         try:
             return self._compiled(source).render(**context)
         except jinja2.TemplateError as exc:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from netboot.access import Access, Principal
-from netboot.cli import main
+from netboot.cli import COMMANDS, build_parser, main
 from netboot.config import load
 from netboot.errors import AuthError
 from netboot.inventory.postgres import PostgresStore
@@ -420,3 +423,36 @@ def test_the_cli_uses_the_configured_postgresql_inventory(
         assert asyncio.run(stored()) == ["edge-1"]
         assert not (tmp_path / "data" / "netboot.db").exists()
         assert "hunter2" not in out + err + caplog.text
+
+
+def test_commands_lists_every_sub_command_but_lab() -> None:
+    # main() builds the parser without ``lab`` for the commands in COMMANDS: a command added
+    # to build_parser but not there would still work (it gets the whole parser), only slower.
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == COMMANDS | {"lab"}
+    lean = build_parser(lab=False)
+    sub = next(a for a in lean._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == COMMANDS
+
+
+def test_serve_does_not_import_the_lab() -> None:
+    # A fresh interpreter: the test process has imported the lab already.
+    code = ("import sys; from netboot.cli import build_parser, COMMANDS\n"
+            "build_parser(lab=False).parse_args(['serve', '--config', 'x.yaml'])\n"
+            "print(sorted(m for m in sys.modules if m.startswith('netboot.lab')))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_and_lab_still_get_the_lab(capsys: pytest.CaptureFixture[str]) -> None:
+    for words in (["--help"], ["lab", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(words)
+        assert exc.value.code == 0
+        assert "lab" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["lba"])  # misspelt: argparse's own error, naming the choices, lab among them
+    assert exc.value.code == 2
+    assert "'lab'" in capsys.readouterr().err

@@ -330,3 +330,31 @@ def test_register_command_runs_on_busybox_alone(tmp_path: Path) -> None:
     assert sent["node_name"] == "edge-1" and sent["hostname"]
     assert "addresses" not in sent
     assert (root / "registered").exists()
+
+
+def test_shipped_templates_pass_the_start_up_check() -> None:
+    # serve checks only operator templates at start: this is where the shipped ones are.
+    Renderer([templates_dir()]).check_all(shipped=True)
+
+
+def test_shipped_templates_only_start_without_jinja2() -> None:
+    import subprocess
+    import sys
+
+    # A fresh interpreter (this one has imported Jinja2 long ago): the check at start
+    # imports nothing when there is no override; the first render does.
+    code = ("import sys\nfrom netboot.render import Renderer\nfrom netboot.shipped import "
+            "templates_dir\nr = Renderer([templates_dir()])\nr.check_all()\n"
+            "print('jinja2' in sys.modules)\nr.render_string('{{ 1 }}', {}, what='t')\n"
+            "print('jinja2' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.split()[:2] == ["False", "True"]
+
+
+def test_override_is_checked_beside_shipped(tmp_path: Path) -> None:
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "local.ipxe").write_text("#!ipxe\n{% endif %}\n")
+    with pytest.raises(ConfigError) as err:
+        Renderer([tmp_path, templates_dir()]).check_all()
+    assert err.value.line == 2 and "local.ipxe" in (err.value.source or "")

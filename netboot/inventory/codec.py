@@ -583,6 +583,10 @@ def _document_machine(d: dict[str, Any]) -> Machine | None:
         if not math.isfinite(number):
             return None
         fields[key] = number
+    if "created" in fields and fields.get("updated") == fields["created"]:
+        # Never changed since it was enrolled (a bulk import's machines): one float object
+        # for both times, 24 bytes less a machine in a process holding the inventory.
+        fields["updated"] = fields["created"]
     return Machine(macs=tuple(macs), id=ident, state=state, **fields)
 
 

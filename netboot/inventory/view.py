@@ -134,6 +134,7 @@ class InventoryView:
             self._applied += 1
             await self.sync()
             if self.loaded:
+                _return_freed_memory()
                 return
 
     # syncing -----------------------------------------------------------------------------
@@ -362,6 +363,25 @@ class InventoryView:
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         return await self._store.list_events(machine_id, limit=limit)
+
+
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system after a load.
+
+    Reading 100,000 machines leaves ~11 MiB resident that nothing uses any more: the rows'
+    text and the list the store's thread built (C ``malloc``, not Python's small-object
+    arenas, which return empty arenas themselves), freed, but held by glibc below live
+    blocks. ``malloc_trim`` releases them (every thread's arena, glibc >= 2.8); elsewhere
+    (musl, macOS) there is no such call and nothing is done.
+    """
+    # Imported here: only a loaded view needs it, after start-up.
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim(0)
 
 
 def _seen(done: asyncio.Future[None]) -> None:
