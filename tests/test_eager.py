@@ -1,4 +1,4 @@
-"""boot._eager: a coroutine run at once up to its first real wait, then carried on by a
+"""netboot.eager: a coroutine run at once up to its first real wait, then carried on by a
 task exactly as a task would have run it (results, errors, cancellation)."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ import asyncio
 
 import pytest
 
-from netboot.boot import _eager
+from netboot.eager import eager
 
 
 async def test_a_coroutine_that_never_waits_is_a_done_future() -> None:
     async def now() -> int:
         return 7
 
-    done = _eager(now())
+    done = eager(now())
     assert done.done() and done.result() == 7
 
 
@@ -27,7 +27,7 @@ async def test_one_that_waits_finishes_in_a_task_with_its_result_and_errors() ->
         await asyncio.sleep(0)  # a bare yield
         return first + await loop.run_in_executor(None, lambda: 1)
 
-    pending = _eager(later())
+    pending = eager(later())
     assert not pending.done()
     gate.set_result(41)
     assert await pending == 42
@@ -37,7 +37,7 @@ async def test_one_that_waits_finishes_in_a_task_with_its_result_and_errors() ->
         raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        await _eager(fails())
+        await eager(fails())
 
 
 async def test_cancelling_the_task_cancels_the_coroutine_where_it_waits() -> None:
@@ -50,7 +50,7 @@ async def test_cancelling_the_task_cancels_the_coroutine_where_it_waits() -> Non
         finally:
             cleaned.append("finally")
 
-    task = _eager(waits())
+    task = eager(waits())
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -64,4 +64,4 @@ async def test_a_timeout_around_it_still_times_out() -> None:
 
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
-            await _eager(slow())
+            await eager(slow())
