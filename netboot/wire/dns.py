@@ -112,6 +112,8 @@ def parse_plain_query(data: bytes) -> PlainQuery | None:
     elif end != size:
         return None  # trailing bytes: leave them to the full parser
     qname = data[HEADER : i + 1]
+    if not qname.isascii():
+        return None  # dnslib refuses labels that are not UTF-8: let it decide, as before
     lower = qname.lower()  # ASCII only, as RFC 4343 §3 compares
     labels = []
     j = 0
