@@ -547,7 +547,9 @@ def answer(zone: Zone, request: Any, *, max_udp: int | None, recursion: bool = F
     if q.qtype in (_T_AXFR, _T_IXFR):
         return fail(REFUSED)  # zone transfers are not offered (RFC 5936 §4.2 allows refusing)
 
-    rcode, answers, authority, additional = _lookup(zone, apex, key, q.qtype)
+    sections = _lookup(zone, key, q.qtype)
+    assert sections is not None  # apex found above
+    rcode, answers, authority, additional = sections
     reply = _skeleton(request, aa=True, ra=recursion, rcode=rcode)
     reply.add_answer(*map(_dnslib_rr, answers))
     reply.add_auth(*map(_dnslib_rr, authority))
@@ -555,25 +557,35 @@ def answer(zone: Zone, request: Any, *, max_udp: int | None, recursion: bool = F
     return _finish(reply, edns, max_udp, key)
 
 
-Sections = tuple[int, list[wire.Record], tuple[wire.Record, ...], list[wire.Record]]
+Records = tuple[wire.Record, ...] | list[wire.Record]
+Sections = tuple[int, Records, Records, Records]
 
 
-def _lookup(zone: Zone, apex: _Apex, key: Key, qtype: int) -> Sections:
-    """RCODE, answer, authority and additional records for a name inside ``apex``."""
+def _lookup(zone: Zone, key: Key, qtype: int) -> Sections | None:
+    """RCODE, answer, authority and additional records; ``None`` outside every apex.
+
+    A name with records is inside an apex by construction (``Zone.build``), so the apex is
+    only looked for when the SOA is needed: one dictionary lookup for a positive answer.
+    """
     node = zone.nodes.get(key)
     if node is None:
+        apex = zone.find_apex(key)
+        if apex is None:
+            return None
         # RFC 2308 §3: SOA in authority for negative answers; RFC 8020: an empty
         # non-terminal exists (NODATA), anything else does not (NXDOMAIN).
         rcode = NOERROR if key in zone.empty_nonterminals else NXDOMAIN
-        return rcode, [], (apex.soa,), []
-    if qtype == _T_ANY:
-        found = [rr for rrs in node.values() for rr in rrs]
-    else:
-        found = list(node.get(qtype, ()))
+        return rcode, (), (apex.soa,), ()
+    found: Records = (node.get(qtype, ()) if qtype != _T_ANY
+                      else [rr for rrs in node.values() for rr in rrs])
     if not found:
         # RFC 2308 §2.2 NODATA: the name exists, the type does not. NXDOMAIN here would
         # deny the A record too and poison resolvers that asked for AAAA first.
-        return NOERROR, [], (apex.soa,), []
+        apex = zone.find_apex(key)
+        assert apex is not None
+        return NOERROR, (), (apex.soa,), ()
+    if qtype not in (_T_NS, _T_SRV, _T_ANY):
+        return NOERROR, found, (), ()
     # RFC 1035 §3.3.11/§3.3.14 additional section processing: addresses of NS/SRV targets.
     additional: list[wire.Record] = []
     for rr in found:
@@ -600,10 +612,10 @@ def answer_plain(
     if query.qclass not in (_IN, _CLASS_ANY) or query.qtype in (_T_AXFR, _T_IXFR):
         return None
     key = query.labels
-    apex = zone.find_apex(key)
-    if apex is None:
-        return None
-    rcode, answers, authority, additional = _lookup(zone, apex, key, query.qtype)
+    sections = _lookup(zone, key, query.qtype)
+    if sections is None:
+        return None  # not ours: forwarded or refused by the full path
+    rcode, answers, authority, additional = sections
     payload = query.payload
     if max_udp is None:
         limit = MAX_TCP

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "HEADER",
@@ -54,9 +55,12 @@ _H = struct.Struct(">H")
 _COUNTS = struct.Struct(">HHHH")
 
 
-@dataclass(frozen=True, slots=True)
-class PlainQuery:
-    """The one question of a plain query, and what the reply must echo or respect."""
+class PlainQuery(NamedTuple):
+    """The one question of a plain query, and what the reply must echo or respect.
+
+    A NamedTuple, not a frozen dataclass: one is built per query on the hot path, and a
+    frozen dataclass's ``__init__`` costs a ``object.__setattr__`` per field.
+    """
 
     id: int
     rd: bool  # RFC 1035 §4.1.1: copied into the response
@@ -123,11 +127,8 @@ def parse_plain_query(data: bytes) -> PlainQuery | None:
         labels.append(lower[j + 1 : j + 1 + n])
         j += 1 + n
     qtype, qclass = struct.unpack_from(">HH", data, i + 1)
-    return PlainQuery(
-        id=data[0] << 8 | data[1], rd=bool(data[2] & 0x01), cd=bool(data[3] & 0x10),
-        qname=qname, labels=tuple(labels), qtype=qtype, qclass=qclass, end=end,
-        payload=payload,
-    )
+    return PlainQuery(data[0] << 8 | data[1], bool(data[2] & 0x01), bool(data[3] & 0x10),
+                      qname, tuple(labels), qtype, qclass, end, payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,15 +152,31 @@ class Record:
 class _Writer:
     """A message under construction with the names written so far (for compression)."""
 
-    __slots__ = ("out", "seen")
+    __slots__ = ("out", "qlabels", "seen")
 
-    def __init__(self, out: bytearray, seen: dict[Labels, int]) -> None:
+    def __init__(self, out: bytearray, qlabels: Labels) -> None:
         self.out = out
-        self.seen = seen
+        self.qlabels = qlabels
+        self.seen: dict[Labels, int] | None = None
+
+    def _question_suffixes(self) -> dict[Labels, int]:
+        # The question's suffixes, lowercased, at their offsets: later names point at them.
+        seen = {}
+        labels = self.qlabels
+        offset = HEADER
+        for k in range(len(labels)):
+            seen[labels[k:]] = offset
+            offset += 1 + len(labels[k])
+        return seen
 
     def name(self, labels: Labels) -> None:
         out = self.out
+        if labels == self.qlabels:
+            out += b"\xc0\x0c"  # the question's name, the owner of every answer: offset 12
+            return
         seen = self.seen
+        if seen is None:
+            seen = self.seen = self._question_suffixes()
         for k in range(len(labels)):
             suffix = labels[k:]
             offset = seen.get(suffix)
@@ -219,14 +236,7 @@ def encode_reply(
     out = bytearray(data[:HEADER])
     out[2:4] = _H.pack(header_flags)
     out += data[HEADER : query.end]
-    # The question's suffixes, lowercased, at their offsets: answers point back at them.
-    seen: dict[Labels, int] = {}
-    labels = query.labels
-    offset = HEADER
-    for k in range(len(labels)):
-        seen[labels[k:]] = offset
-        offset += 1 + len(labels[k])
-    w = _Writer(out, seen)
+    w = _Writer(out, query.labels)
     for rr in answers:
         w.record(rr)
     for rr in authority:
