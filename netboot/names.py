@@ -6,6 +6,12 @@ snapshot keyed by lowercased wire labels (O(1) lookups at 10,000 machines);
 (a name outside every zone we are authoritative for), or "ignore" (not a query at all).
 The asyncio adapter lives in :mod:`netboot.servers.dns`; dnslib is used as a codec only.
 
+Records are kept in wire form (:class:`netboot.wire.dns.Record`). A plain query (one
+question, at most an EDNS0 OPT) is answered by :func:`answer_plain` through the hand-written
+codec of :mod:`netboot.wire.dns`; every other shape goes through :func:`answer` and dnslib,
+which turns the same records into dnslib RRs. Both make the same decision from the same
+sections (:func:`_lookup`); ``tests/wire/test_dns.py`` holds them to the same bytes.
+
 Records served for zone ``Z`` (e.g. ``netboot.lan``):
 
 * ``Z``: ``SOA`` and ``NS`` (pointing at ``<server_name>.Z``).
