@@ -6,6 +6,12 @@ snapshot keyed by lowercased wire labels (O(1) lookups at 10,000 machines);
 (a name outside every zone we are authoritative for), or "ignore" (not a query at all).
 The asyncio adapter lives in :mod:`netboot.servers.dns`; dnslib is used as a codec only.
 
+Records are kept in wire form (:class:`netboot.wire.dns.Record`). A plain query (one
+question, at most an EDNS0 OPT) is answered by :func:`answer_plain` through the hand-written
+codec of :mod:`netboot.wire.dns`; every other shape goes through :func:`answer` and dnslib,
+which turns the same records into dnslib RRs. Both make the same decision from the same
+sections (:func:`_lookup`); ``tests/wire/test_dns.py`` holds them to the same bytes.
+
 Records served for zone ``Z`` (e.g. ``netboot.lan``):
 
 * ``Z``: ``SOA`` and ``NS`` (pointing at ``<server_name>.Z``).
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -49,6 +56,7 @@ from dnslib import (
 
 from netboot.errors import ConfigError, DecodeError
 from netboot.model import Cluster, Machine, MachineState, Role
+from netboot.wire import dns as wire
 
 Key = tuple[bytes, ...]  # a domain name as lowercased wire labels, most specific first
 
@@ -151,8 +159,7 @@ class _Apex:
     """What a zone apex contributes to negative answers (RFC 2308 §3: SOA in authority)."""
 
     key: Key
-    soa: Any  # dnslib.RR, TTL already min(SOA TTL, SOA MINIMUM) as RFC 2308 §5 asks
-    ns: tuple[Any, ...]
+    soa: wire.Record  # TTL already min(SOA TTL, SOA MINIMUM) as RFC 2308 §5 asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +175,7 @@ class Zone:
     serial: int
     ttl: int
     server_fqdn: str
-    nodes: Mapping[Key, Mapping[int, tuple[Any, ...]]]
+    nodes: Mapping[Key, Mapping[int, tuple[wire.Record, ...]]]
     apexes: Mapping[Key, _Apex]
     empty_nonterminals: frozenset[Key]
     endpoints: Mapping[str, tuple[str, ...]]
@@ -263,9 +270,10 @@ class Zone:
             ckey = (clabel, *origin)
             for hkey, ip in members:
                 builder.address(ckey, ip)
-                target = DNSLabel(list(hkey))
+                # RFC 2782: priority 0, weight 10, the target never compressed.
+                srv = _SRV_HEAD.pack(0, 10, k3s_port) + _wire_name(hkey)
                 for service in _SRV_SERVICES:
-                    builder.add((*service, *ckey), _T_SRV, SRV(0, 10, k3s_port, target))
+                    builder.add((*service, *ckey), _T_SRV, srv)
             endpoints[cluster_names[clabel]] = tuple(str(ip) for _, ip in members)
 
         # Reverse zones: given networks, or the /24 (IPv4) and /64 (IPv6) of every address.
@@ -283,7 +291,7 @@ class Zone:
             if _T_PTR in builder.nodes.get(rkey, {}):
                 builder.conflicts.append(f"{ip}: more than one name; PTR kept for the first")
                 continue
-            builder.add(rkey, _T_PTR, PTR(DNSLabel(list(owner))))
+            builder.add(rkey, _T_PTR, names=(owner,))
 
         return builder.freeze(cls, zone=_text(origin), server_fqdn=_text(server_key),
                               endpoints=endpoints)
@@ -299,7 +307,7 @@ class Zone:
                 return apex
         return None
 
-    def records(self, name: str, qtype: int) -> tuple[Any, ...]:
+    def records(self, name: str, qtype: int) -> tuple[wire.Record, ...]:
         """Records of one name and type (for the service and tests; ``answer`` is the path)."""
         return self.nodes.get(_key(name), {}).get(qtype, ())
 
@@ -313,7 +321,7 @@ class _Builder:
         self.server_key = server_key
         self.ttl = ttl
         self.serial = serial & 0xFFFFFFFF  # RFC 1982 serial arithmetic is 32-bit
-        self.nodes: dict[Key, dict[int, list[Any]]] = {}
+        self.nodes: dict[Key, dict[int, list[wire.Record]]] = {}
         self.owners: dict[Key, str] = {}
         self.apexes: dict[Key, _Apex] = {}
         self.conflicts: list[str] = []
@@ -331,31 +339,25 @@ class _Builder:
         self.nodes.setdefault(key, {})
         return True
 
-    def add(self, key: Key, rtype: int, rdata: Any, ttl: int | None = None) -> None:
-        rr = RR(DNSLabel(list(key)), rtype, rdata=rdata, ttl=self.ttl if ttl is None else ttl)
+    def add(self, key: Key, rtype: int, head: bytes = b"", *, names: tuple[Key, ...] = (),
+            tail: bytes = b"") -> wire.Record:
+        rr = wire.Record(key, rtype, self.ttl, head, names, tail)
         self.nodes.setdefault(key, {}).setdefault(rtype, []).append(rr)
+        return rr
 
     def address(self, key: Key, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
-        if ip.version == 4:
-            self.add(key, _T_A, A(str(ip)))
-        else:
-            self.add(key, _T_AAAA, AAAA(str(ip)))
+        self.add(key, _T_A if ip.version == 4 else _T_AAAA, ip.packed)
 
     def apex(self, key: Key) -> None:
         if key in self.apexes:
             return
-        mname = DNSLabel(list(self.server_key))
-        rname = DNSLabel([b"hostmaster", *self.origin])
+        rname = (b"hostmaster", *self.origin)
         # RFC 1912 §2.2 timers; MINIMUM is the negative-caching TTL (RFC 2308 §4), kept at the
         # zone TTL so a machine that registers is not hidden by a cached NXDOMAIN for long.
-        soa = SOA(mname, rname, (self.serial, 3600, 600, 86400, self.ttl))
-        self.add(key, _T_SOA, soa)
-        self.add(key, _T_NS, NS(mname))
-        self.apexes[key] = _Apex(
-            key=key,
-            soa=RR(DNSLabel(list(key)), _T_SOA, rdata=soa, ttl=self.ttl),
-            ns=tuple(self.nodes[key][_T_NS]),
-        )
+        timers = _TIMERS.pack(self.serial, 3600, 600, 86400, self.ttl)
+        soa = self.add(key, _T_SOA, names=(self.server_key, rname), tail=timers)
+        self.add(key, _T_NS, names=(self.server_key,))
+        self.apexes[key] = _Apex(key=key, soa=soa)
 
     def apex_of(self, key: Key) -> Key | None:
         for i in range(len(key) + 1):
@@ -434,7 +436,11 @@ class Answer:
     data: bytes
     rcode: int
     truncated: bool = False
-    qname: str = ""
+    key: Key = ()  # the question's name (lowercased), for log lines
+
+    @property
+    def qname(self) -> str:
+        return _text(self.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,12 +529,12 @@ def answer(zone: Zone, request: Any, *, max_udp: int | None, recursion: bool = F
     h = request.header
     if h.qr:
         return Ignore("a response, not a query")
-    qname = _text(key_of(request.q.qname)) if request.questions else "."
+    key = key_of(request.q.qname) if request.questions else ()
     opts, edns = _edns(request)
 
     def fail(rcode: int) -> Answer:
         data = error_reply(request, rcode, recursion=recursion, max_udp=max_udp)
-        return Answer(data, rcode, qname=qname)
+        return Answer(data, rcode, key=key)
 
     if len(opts) > 1:
         return fail(FORMERR)  # RFC 6891 §6.1.1: more than one OPT is a format error
@@ -541,37 +547,133 @@ def answer(zone: Zone, request: Any, *, max_udp: int | None, recursion: bool = F
     q = request.q
     if q.qclass not in (_IN, _CLASS_ANY):
         return fail(REFUSED)  # CHAOS/HESIOD: nothing to say, and not to be forwarded
-    key = key_of(q.qname)
     apex = zone.find_apex(key)
     if apex is None:
-        return Forward(qname) if recursion else fail(REFUSED)
+        return Forward(_text(key)) if recursion else fail(REFUSED)
     if q.qtype in (_T_AXFR, _T_IXFR):
         return fail(REFUSED)  # zone transfers are not offered (RFC 5936 §4.2 allows refusing)
 
-    reply = _skeleton(request, aa=True, ra=recursion)
+    sections = _lookup(zone, key, q.qtype)
+    assert sections is not None  # apex found above
+    rcode, answers, authority, additional = sections
+    reply = _skeleton(request, aa=True, ra=recursion, rcode=rcode)
+    reply.add_answer(*map(_dnslib_rr, answers))
+    reply.add_auth(*map(_dnslib_rr, authority))
+    reply.add_ar(*map(_dnslib_rr, additional))
+    return _finish(reply, edns, max_udp, key)
+
+
+Records = tuple[wire.Record, ...] | list[wire.Record]
+Sections = tuple[int, Records, Records, Records]
+
+
+def _lookup(zone: Zone, key: Key, qtype: int) -> Sections | None:
+    """RCODE, answer, authority and additional records; ``None`` outside every apex.
+
+    A name with records is inside an apex by construction (``Zone.build``), so the apex is
+    only looked for when the SOA is needed: one dictionary lookup for a positive answer.
+    """
     node = zone.nodes.get(key)
     if node is None:
+        apex = zone.find_apex(key)
+        if apex is None:
+            return None
+        # RFC 2308 §3: SOA in authority for negative answers; RFC 8020: an empty
+        # non-terminal exists (NODATA), anything else does not (NXDOMAIN).
         rcode = NOERROR if key in zone.empty_nonterminals else NXDOMAIN
-        reply.header.rcode = rcode
-        reply.add_auth(apex.soa)  # RFC 2308 §3: SOA in authority for negative answers
-        return _finish(reply, edns, max_udp, qname)
-    if q.qtype == _T_ANY:
-        found = [rr for rrs in node.values() for rr in rrs]
-    else:
-        found = list(node.get(q.qtype, ()))
+        return rcode, (), (apex.soa,), ()
+    found: Records = (node.get(qtype, ()) if qtype != _T_ANY
+                      else [rr for rrs in node.values() for rr in rrs])
     if not found:
         # RFC 2308 §2.2 NODATA: the name exists, the type does not. NXDOMAIN here would
         # deny the A record too and poison resolvers that asked for AAAA first.
-        reply.add_auth(apex.soa)
-        return _finish(reply, edns, max_udp, qname)
-    reply.add_answer(*found)
+        apex = zone.find_apex(key)
+        assert apex is not None
+        return NOERROR, (), (apex.soa,), ()
+    if qtype not in (_T_NS, _T_SRV, _T_ANY):
+        return NOERROR, found, (), ()
     # RFC 1035 §3.3.11/§3.3.14 additional section processing: addresses of NS/SRV targets.
+    additional: list[wire.Record] = []
     for rr in found:
         if rr.rtype in (_T_NS, _T_SRV):
-            target = rr.rdata.label if rr.rtype == _T_NS else rr.rdata.target
-            tnode = zone.nodes.get(key_of(target), {})
-            reply.add_ar(*tnode.get(_T_A, ()), *tnode.get(_T_AAAA, ()))
-    return _finish(reply, edns, max_udp, qname)
+            target = rr.names[0] if rr.rtype == _T_NS else _labels_of(rr.head, 6)
+            tnode = zone.nodes.get(target)
+            if tnode is not None:
+                additional += (*tnode.get(_T_A, ()), *tnode.get(_T_AAAA, ()))
+    return NOERROR, found, (), additional
+
+
+def answer_plain(
+    zone: Zone, data: bytes, query: wire.PlainQuery, *, max_udp: int | None,
+    recursion: bool = False,
+) -> Answer | None:
+    """:func:`answer` for a plain query (:func:`netboot.wire.dns.parse_plain_query`), encoded
+    by :mod:`netboot.wire.dns` instead of dnslib; ``None`` when the full path must decide
+    (a name we do not own, a zone transfer, a class other than IN or ANY).
+
+    Same decision, same sections and the same bytes as :func:`answer` for a lowercase
+    question (``tests/wire/test_dns.py``); no dnslib object is built, which is what made a
+    name asked for the first time cost ~4x a repeated one.
+    """
+    if query.qclass not in (_IN, _CLASS_ANY) or query.qtype in (_T_AXFR, _T_IXFR):
+        return None
+    key = query.labels
+    sections = _lookup(zone, key, query.qtype)
+    if sections is None:
+        return None  # not ours: forwarded or refused by the full path
+    rcode, answers, authority, additional = sections
+    payload = query.payload
+    if max_udp is None:
+        limit = MAX_TCP
+    elif payload is None:
+        limit = MIN_UDP
+    else:
+        limit = max(MIN_UDP, min(payload, max_udp))  # as _limit()
+    reply, truncated = wire.encode_reply(
+        data, query, aa=True, ra=recursion, rcode=rcode, answers=answers,
+        authority=authority, additional=additional, limit=limit,
+        opt_payload=None if payload is None else (max_udp or DEFAULT_MAX_UDP),
+    )
+    return Answer(reply, rcode, truncated=truncated, key=key)
+
+
+_TIMERS = struct.Struct(">IIIII")
+_SRV_HEAD = struct.Struct(">HHH")
+
+
+def _wire_name(key: Key) -> bytes:
+    return b"".join(bytes([len(label)]) + label for label in key) + b"\x00"
+
+
+def _labels_of(data: bytes, at: int) -> Key:
+    """The uncompressed name at ``data[at:]`` (an SRV target we wrote ourselves)."""
+    labels = []
+    while data[at]:
+        labels.append(data[at + 1 : at + 1 + data[at]])
+        at += 1 + data[at]
+    return tuple(labels)
+
+
+def _dnslib_rr(rr: wire.Record) -> Any:
+    """A zone record as dnslib's RR, for the full path (odd queries, tests)."""
+    t = rr.rtype
+    if t == _T_A:
+        rdata: Any = A(tuple(rr.head))
+    elif t == _T_AAAA:
+        rdata = AAAA(tuple(rr.head))
+    elif t == _T_NS:
+        rdata = NS(DNSLabel(list(rr.names[0])))
+    elif t == _T_PTR:
+        rdata = PTR(DNSLabel(list(rr.names[0])))
+    elif t == _T_SOA:
+        rdata = SOA(DNSLabel(list(rr.names[0])), DNSLabel(list(rr.names[1])),
+                    _TIMERS.unpack(rr.tail))
+    elif t == _T_SRV:
+        priority, weight, port = _SRV_HEAD.unpack_from(rr.head)
+        rdata = SRV(priority, weight, port, DNSLabel(list(_labels_of(rr.head, 6))))
+    else:
+        raise AssertionError(f"zone record type {t} has no dnslib form")  # build makes none
+    return RR(DNSLabel(list(rr.owner)), t, rdata=rdata, ttl=rr.ttl)
 
 
 def _limit(edns: Any, max_udp: int | None) -> int:
@@ -583,19 +685,19 @@ def _limit(edns: Any, max_udp: int | None) -> int:
     return max(MIN_UDP, min(int(edns.rclass), max_udp))
 
 
-def _finish(reply: Any, edns: Any, max_udp: int | None, qname: str) -> Answer:
+def _finish(reply: Any, edns: Any, max_udp: int | None, key: Key) -> Answer:
     limit = _limit(edns, max_udp)
     _with_opt(reply, edns, max_udp)
     data = bytes(reply.pack())
     rcode = int(reply.header.rcode)
     if len(data) <= limit:
-        return Answer(data, rcode, qname=qname)
+        return Answer(data, rcode, key=key)
     # RFC 2181 §9: additional data is not required, drop it before setting TC.
     reply.ar = []
     _with_opt(reply, edns, max_udp)
     data = bytes(reply.pack())
     if len(data) <= limit:
-        return Answer(data, rcode, qname=qname)
+        return Answer(data, rcode, key=key)
     # RFC 1035 §4.2.1 / RFC 7766 §5: TC=1 so the client retries over TCP. The question stays
     # (dnslib's truncate() drops it, which makes some stub resolvers discard the reply).
     reply.rr = []
@@ -603,7 +705,7 @@ def _finish(reply: Any, edns: Any, max_udp: int | None, qname: str) -> Answer:
     reply.ar = []
     reply.header.tc = 1
     _with_opt(reply, edns, max_udp)
-    return Answer(bytes(reply.pack()), rcode, truncated=True, qname=qname)
+    return Answer(bytes(reply.pack()), rcode, truncated=True, key=key)
 
 
 class ZoneHolder:

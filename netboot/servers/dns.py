@@ -35,12 +35,14 @@ from netboot.names import (
     Ignore,
     Zone,
     answer,
+    answer_plain,
     error_reply,
     formerr_for,
     parse_query,
 )
 from netboot.servers import sockets
 from netboot.servers.udp import Address, BoundaryProtocol, Reply
+from netboot.wire.dns import parse_plain_query
 
 _log = logging.getLogger(__name__)
 
@@ -412,6 +414,15 @@ class DnsServer:
             hit = self._cache.get(zone, shape[0], data, shape[1])
             if hit is not None:
                 return [(hit, peer)]
+            # A name asked for the first time: the wire codec answers what is ours without
+            # building dnslib objects; everything else goes the full way below.
+            plain = parse_plain_query(data)
+            if plain is not None:
+                fast = answer_plain(zone, data, plain, max_udp=self._max_udp,
+                                    recursion=self._recursion)
+                if fast is not None:
+                    self._cache.put(zone, shape[0], fast.data)
+                    return self._answered(fast, peer)
         try:
             request = parse_query(data)
         except DecodeError as exc:
@@ -423,14 +434,18 @@ class DnsServer:
         if isinstance(decision, Answer):
             if shape is not None:
                 self._cache.put(zone, shape[0], decision.data)
-            if _log.isEnabledFor(logging.DEBUG):
-                _log.debug("dns: %s:%d %r rcode %d%s", peer[0], peer[1], decision.qname,
-                           decision.rcode, " truncated" if decision.truncated else "")
-            return [(decision.data, peer)]
+            return self._answered(decision, peer)
         if isinstance(decision, Ignore):
             _log.debug("dns: %s:%d ignored: %s", peer[0], peer[1], decision.reason)
             return None
         return self._forward(data, request, decision, peer, tcp=False)
+
+    @staticmethod
+    def _answered(decision: Answer, peer: Address) -> list[Reply]:
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("dns: %s:%d %r rcode %d%s", peer[0], peer[1], decision.qname,
+                       decision.rcode, " truncated" if decision.truncated else "")
+        return [(decision.data, peer)]
 
     def _forward(
         self, data: bytes, request: Any, decision: Forward, peer: Address, *, tcp: bool
@@ -505,17 +520,21 @@ class DnsServer:
             await asyncio.wait_for(writer.drain(), self._idle)
 
     async def _tcp_reply(self, data: bytes, peer: Address) -> bytes | None:
+        zone = self._source.zone()
+        plain = parse_plain_query(data)
+        fast = None if plain is None else answer_plain(zone, data, plain, max_udp=None,
+                                                       recursion=self._recursion)
+        if fast is not None:
+            return self._answered(fast, peer)[0][0]
         try:
             request = parse_query(data)
         except DecodeError as exc:
             self._limited.log(logging.INFO, peer[0], "dns: malformed TCP query from %s:%d: %s",
                               peer[0], peer[1], exc)
             return formerr_for(data)
-        decision = answer(self._source.zone(), request, max_udp=None, recursion=self._recursion)
+        decision = answer(zone, request, max_udp=None, recursion=self._recursion)
         if isinstance(decision, Answer):
-            _log.debug("dns: tcp %s:%d %r rcode %d", peer[0], peer[1], decision.qname,
-                       decision.rcode)
-            return decision.data
+            return self._answered(decision, peer)[0][0]
         if isinstance(decision, Ignore):
             return None
         result = self._forward(data, request, decision, peer, tcp=True)
