@@ -391,6 +391,7 @@ class Request(NamedTuple):
     siaddr: str
     giaddr: str
     values: dict[int, bytes]  # option values by code
+    message_type: MessageType | None  # option 53, read once: the server asks for it thrice
 
     def option(self, code: int) -> bytes | None:
         """The value of option ``code``, or None when absent (as :meth:`Packet.option`)."""
@@ -398,10 +399,6 @@ class Request(NamedTuple):
 
     def has_option(self, code: int) -> bool:
         return code in self.values
-
-    @property
-    def message_type(self) -> MessageType | None:
-        return _message_type(self.values.get(_MESSAGE_TYPE))
 
     @property
     def mac(self) -> bytes:
@@ -465,14 +462,14 @@ def parse_request(data: bytes) -> Request:
                 field="option 53", offset=msg_type_offset,
             )
     return Request(op, xid, chaddr, htype, hlen, hops, secs, flags, _ip(ciaddr), _ip(yiaddr),
-                   _ip(siaddr), _ip(giaddr), index)
+                   _ip(siaddr), _ip(giaddr), index, _message_type(index.get(_MESSAGE_TYPE)))
 
 
 def _request_of(packet: Packet) -> Request:
     return Request(
         packet.op, packet.xid, packet.chaddr, packet.htype, packet.hlen, packet.hops,
         packet.secs, packet.flags, packet.ciaddr, packet.yiaddr, packet.siaddr, packet.giaddr,
-        packet._build_index(),
+        packet._build_index(), packet.message_type,
     )
 
 
