@@ -249,8 +249,11 @@ def _is_rpi(packet: Inbound, vendor_class: bytes | None) -> bool:
     if packet.chaddr[:3] in RPI_OUI_BYTES:
         return True
     uuid_raw = packet.option(_CLIENT_UUID)
-    return (uuid_raw is not None and _RPI_FOURCC.search(uuid_raw) is not None) \
-        or b"Raspberry Pi" in (packet.option(_VENDOR_SPECIFIC) or b"")
+    # Two substring tests first: every PXEClient's 97 is looked at, few hold a FourCC.
+    if uuid_raw is not None and (b"RPi" in uuid_raw or b"iPR" in uuid_raw) \
+            and _RPI_FOURCC.search(uuid_raw) is not None:
+        return True
+    return b"Raspberry Pi" in (packet.option(_VENDOR_SPECIFIC) or b"")
 
 
 def _shape(

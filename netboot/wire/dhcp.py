@@ -515,4 +515,6 @@ def encode(packet: Packet, *, pad_to: int = 0) -> bytes:
 
 def ip_option(*addresses: str) -> bytes:
     """Option data for a list of IPv4 addresses (1, 3, 6, 54, ...)."""
+    if len(addresses) == 1:  # the common case (and a reply patched per datagram) sans join
+        return _ip_bytes(addresses[0], "address")
     return b"".join(_ip_bytes(a, "address") for a in addresses)
