@@ -32,7 +32,7 @@ from netboot.logs import RateLimitedLog, Summary, log_context
 from netboot.model import FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, Reply
+from netboot.servers.udp import Address, BoundaryProtocol, Reply, open_datagram_endpoint
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MIN_PACKET_SIZE, ZERO_IP, MessageType, Op, Opt
 
@@ -140,7 +140,6 @@ class DhcpServer:
         return dhcp_port, pxe_port
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         targets: list[tuple[str | None, str]] = []
         if self._interfaces:
             for name in self._interfaces:
@@ -172,9 +171,7 @@ class DhcpServer:
                         self._handler(listener), logger=_log,
                         min_size=1, max_size=4096, max_in_flight=256,
                     )
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda p=protocol: p, sock=sock  # type: ignore[misc]
-                    )
+                    transport = await open_datagram_endpoint(sock, protocol)
                     self._transports.append(transport)
                     self._protocols.append(protocol)
                     self._bound.append((listener, sock.getsockname()[1]))
