@@ -2,6 +2,7 @@
 
     sudo python benchmarks/dhcp_offers.py [--count 20000] [--outstanding 64]
                                           [--storm 1000] [--within 1] [--repeat 3]
+                                          [--uvloop] [--baseline OTHER_CHECKOUT]
     python benchmarks/dhcp_offers.py --inproc [--count 20000]   # no sockets, no root
 
 Two measurements per target, each a UEFI x86-64 PXE DISCOVER (60 PXEClient, 93 arch 7,
@@ -175,8 +176,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def target(name: str, ns: str, run: Path) -> Iterator[int]:
-    """Start one server in the server namespace; yields its PID (the server's own)."""
+def target(name: str, ns: str, run: Path, baseline: Path | None = None) -> Iterator[int]:
+    """Start one server in the server namespace; yields its PID (the server's own). Targets
+    named ``baseline…`` run the netboot of the tree ``baseline`` (its own benchmark's
+    ``--serve``): before and after a change, in one run."""
     if name == "dnsmasq":
         argv = ["dnsmasq", "--keep-in-foreground", "--port=0", f"--interface={SERVER_IF}",
                 "--bind-interfaces", "--conf-file=/dev/null", "--user=root", "--pid-file=",
@@ -185,8 +188,10 @@ def target(name: str, ns: str, run: Path) -> Iterator[int]:
         env: dict[str, str] = {}
     else:
         kind = "store" if "+store" in name else "memory"
-        argv = [sys.executable, __file__, "--serve", kind, "--interface", SERVER_IF]
-        env = {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        tree = baseline if name.startswith("baseline") and baseline else REPO
+        argv = [sys.executable, str(tree / "benchmarks" / "dhcp_offers.py"), "--serve", kind,
+                "--interface", SERVER_IF]
+        env = {"PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
         if "uvloop" in name:
             env["NETBOOT_LOOP"] = "uvloop"
     log = open(run / f"{name}.log", "wb")  # noqa: SIM115 - closed below
@@ -368,6 +373,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated target names")
     parser.add_argument("--uvloop", action="store_true", help="also netboot under uvloop")
+    parser.add_argument("--baseline", type=Path, metavar="TREE",
+                        help="also the netboot of another checkout (e.g. before a change), as "
+                             "targets baseline, baseline+store (and -uvloop with --uvloop)")
     parser.add_argument("--inproc", action="store_true")
     parser.add_argument("--decider", choices=("memory", "memory-async", "store"), default="memory",
                         help="with --inproc")
@@ -395,6 +403,8 @@ def main() -> None:
     if args.uvloop:
         names.insert(1, "netboot-uvloop")
         names.insert(3, "netboot+store-uvloop")  # what `netboot serve` runs with uvloop
+    if args.baseline:
+        names += [n.replace("netboot", "baseline") for n in names if n.startswith("netboot")]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     if "dnsmasq" in names and not shutil.which("dnsmasq"):
@@ -411,7 +421,7 @@ def main() -> None:
             # Rotate the order so no target always runs first (a cold or warm machine).
             order = names[rep % len(names):] + names[:rep % len(names)]
             for name in order:
-                with target(name, sns, Path(tmp)) as pid:
+                with target(name, sns, Path(tmp), args.baseline) as pid:
                     client("--client", "offers", "--count", "200", "--outstanding", "8")  # warm
                     cpu0 = cpu_seconds(pid)
                     got = client("--client", "offers", "--count", str(args.count),
@@ -429,11 +439,11 @@ def main() -> None:
     print(f"proxyDHCP, UEFI x86-64 DISCOVER → broadcast OFFER, {args.count} with "
           f"{args.outstanding} outstanding; storm of {args.storm} in {args.within:g} s; "
           f"median of {args.repeat} by offers/s")
-    print(f"{'target':<16}{'offers/s':>10}{'CPU µs/offer':>14}{'÷ dnsmasq':>11}"
+    print(f"{'target':<22}{'offers/s':>10}{'CPU µs/offer':>14}{'÷ dnsmasq':>11}"
           f"{'storm answered':>16}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}")
     for n, (rate, cpu, ans, p50, p99, mx) in med.items():
         ratio = f"{rate / ref[0]:.2f}x" if ref else "-"
-        print(f"{n:<16}{rate:>10,.0f}{cpu:>14.0f}{ratio:>11}{ans:>11}/{args.storm:<4}"
+        print(f"{n:<22}{rate:>10,.0f}{cpu:>14.0f}{ratio:>11}{ans:>11}/{args.storm:<4}"
               f"{p50:>8.2f}{p99:>8.2f}{mx:>8.2f}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
 from tests.dhcp_fakes import TableDecider
 from tests.pcap import all_captures, capture, dhcp_datagrams
+from tests.wire.test_dhcp import mutated
 
 SERVER = "192.0.2.10"
 SETTINGS = DhcpSettings()
@@ -435,13 +437,63 @@ def test_fuzz_any_packet_that_decodes_classifies_without_raising(
         seed: bytes, flips: list[tuple[int, int]]) -> None:
     """classify() reads option contents firmware fills as it likes: whatever decodes must
     classify (an odd value is "unknown"), or the server's boundary would log a bug per packet."""
-    data = bytearray(seed)
-    for pos, value in flips:
-        if pos < len(data):
-            data[pos] = value
     try:
-        packet = dhcp.parse(bytes(data))
+        packet = dhcp.parse(mutated(seed, flips, len(seed)))
     except DecodeError:
         return
     client = pxe.classify(packet, DhcpSettings(), "0.0.0.0")
     assert isinstance(client, Client)
+
+
+# -- Classifier: classify with the shapes remembered ---------------------------------------
+
+CLIENT_DATAGRAMS = [d.payload for p in all_captures() for d in dhcp_datagrams(p)
+                    if d.payload[0] == Op.REQUEST]
+
+
+def test_classifier_answers_as_classify_for_every_captured_request() -> None:
+    """Over every client datagram of the captures, asked twice (the second from the shape
+    cache), read by parse_request as the server does: the same Client as classify() over
+    parse(), for either settings."""
+    assert len(CLIENT_DATAGRAMS) > 50
+    for settings_ in (SETTINGS, DhcpSettings(pxe_vendor_classes=("PXEClient",))):
+        classifier = pxe.Classifier(settings_)
+        for _ in range(2):
+            for data in CLIENT_DATAGRAMS:
+                expected = pxe.classify(dhcp.parse(data), settings_, "192.0.2.7", "eth1")
+                assert classifier.classify(dhcp.parse_request(data), "192.0.2.7",
+                                           "eth1") == expected
+
+
+def test_classifier_keeps_device_facts_out_of_the_shape() -> None:
+    """Two devices of one shape differ in MAC, UUID, hostname and relay; a Pi is told by its
+    OUI or 97 FourCC, which are the device's: each gets its own answer from one cache."""
+    classifier = pxe.Classifier(SETTINGS, limit=2)
+    base = frame("uefi-edk2pxe", 8)
+    other = dataclasses.replace(
+        with_option(with_option(base, Opt.CLIENT_UUID, b"\0" + bytes(range(1, 17))),
+                    Opt.HOSTNAME, b"node7"),
+        chaddr=bytes.fromhex("020000000007").ljust(16, b"\0"), giaddr="192.0.2.254")
+    pi = pi_discover()
+    pi_by_fourcc = pi_discover(mac=bytes.fromhex("020000000008"))
+    for packet in (base, other, pi, pi_by_fourcc, base, pi, other):
+        data = dhcp.encode(packet)
+        assert classifier.classify(dhcp.parse_request(data), "0.0.0.0") == pxe.classify(
+            packet, SETTINGS, "0.0.0.0")
+    assert classifier.classify(dhcp.parse_request(dhcp.encode(pi))).firmware == Firmware.RPI
+
+
+@settings(max_examples=500)
+@given(st.sampled_from(CLIENT_DATAGRAMS[:40]),
+       st.lists(st.tuples(st.integers(240, 420), st.integers(0, 255)), max_size=6))
+def test_fuzz_classifier_answers_as_classify(seed: bytes, flips: list[tuple[int, int]]) -> None:
+    classifier = pxe.Classifier(SETTINGS)
+    data = mutated(seed, flips, len(seed))
+    try:
+        packet = dhcp.parse(data)
+    except DecodeError:
+        return
+    request = dhcp.parse_request(data)
+    for _ in range(2):
+        assert classifier.classify(request, "0.0.0.0") == pxe.classify(packet, SETTINGS,
+                                                                        "0.0.0.0")

@@ -32,7 +32,7 @@ from netboot.logs import RateLimitedLog, Summary, log_context
 from netboot.model import FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, Reply
+from netboot.servers.udp import Address, BoundaryProtocol, Reply, open_datagram_endpoint
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MIN_PACKET_SIZE, ZERO_IP, MessageType, Op, Opt
 
@@ -99,6 +99,7 @@ class DhcpServer:
     ) -> None:
         self._settings = settings
         self._replies = pxe.ProxyReplies(settings)
+        self._classifier = pxe.Classifier(settings)
         self._decider = decider
         self._store = leases
         self._interfaces = list(interfaces or [])
@@ -139,7 +140,6 @@ class DhcpServer:
         return dhcp_port, pxe_port
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         targets: list[tuple[str | None, str]] = []
         if self._interfaces:
             for name in self._interfaces:
@@ -171,9 +171,7 @@ class DhcpServer:
                         self._handler(listener), logger=_log,
                         min_size=1, max_size=4096, max_in_flight=256,
                     )
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda p=protocol: p, sock=sock  # type: ignore[misc]
-                    )
+                    transport = await open_datagram_endpoint(sock, protocol)
                     self._transports.append(transport)
                     self._protocols.append(protocol)
                     self._bound.append((listener, sock.getsockname()[1]))
@@ -328,7 +326,7 @@ class DhcpServer:
     ) -> list[Reply] | Awaitable[list[Reply]]:
         """:meth:`handle` without the coroutine: the replies themselves when the decider
         answers at once, an awaitable only when it has to wait (the store, the lease pool)."""
-        packet = dhcp.parse(data)
+        packet = dhcp.parse_request(data)
         if packet.op != Op.REQUEST:
             _log.debug("dhcp: xid %#010x from %s: a BOOTREPLY, not for us", packet.xid, peer[0])
             return []
@@ -338,7 +336,7 @@ class DhcpServer:
         if packet.option(Opt.VENDOR_CLASS) == PROBE_VENDOR_CLASS:
             return []
         # The link a machine was seen on is part of what discovery records.
-        client = pxe.classify(packet, self._settings, peer[0], interface)
+        client = self._classifier.classify(packet, peer[0], interface)
         if pxe_port or self._settings.mode == "proxy":
             return self._proxy(packet, client, peer, server_ip, pxe_port)
         return self._authoritative(packet, client, peer, server_ip)
@@ -398,7 +396,7 @@ class DhcpServer:
         return None
 
     def _reply(
-        self, packet: dhcp.Packet, reply: dhcp.Packet, peer: Address, pxe_port: bool
+        self, packet: dhcp.Inbound, reply: dhcp.Packet, peer: Address, pxe_port: bool
     ) -> Reply:
         dest = pxe.reply_destination(
             packet, reply, peer, pxe_port=pxe_port, broadcast=self._broadcast,
@@ -407,7 +405,7 @@ class DhcpServer:
         return dhcp.encode(reply, pad_to=MIN_PACKET_SIZE), dest
 
     def _proxy(
-        self, packet: dhcp.Packet, client: Client, peer: Address, server_ip: str, pxe_port: bool
+        self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str, pxe_port: bool
     ) -> list[Reply] | Awaitable[list[Reply]]:
         mac = client.request.mac
         if not pxe.proxy_should_answer(client, pxe_port=pxe_port, settings=self._settings):
@@ -423,19 +421,19 @@ class DhcpServer:
             # The same boundary as an awaited decision: logged, silent, keep serving.
             self._decision_failed(exc, client, packet.xid)
             decision = None
-        if inspect.isawaitable(decision):
-            return self._proxy_later(decision, packet, client, peer, server_ip, pxe_port)
-        return self._proxy_answer(decision, packet, client, peer, server_ip, pxe_port)
+        if decision is None or isinstance(decision, FirstStage):
+            return self._proxy_answer(decision, packet, client, peer, server_ip, pxe_port)
+        return self._proxy_later(decision, packet, client, peer, server_ip, pxe_port)
 
     async def _proxy_later(
-        self, decision: Awaitable[FirstStage | None], packet: dhcp.Packet, client: Client,
+        self, decision: Awaitable[FirstStage | None], packet: dhcp.Inbound, client: Client,
         peer: Address, server_ip: str, pxe_port: bool,
     ) -> list[Reply]:
         stage = await self._settle(decision, client, packet.xid)
         return self._proxy_answer(stage, packet, client, peer, server_ip, pxe_port)
 
     def _proxy_answer(
-        self, stage: FirstStage | None, packet: dhcp.Packet, client: Client, peer: Address,
+        self, stage: FirstStage | None, packet: dhcp.Inbound, client: Client, peer: Address,
         server_ip: str, pxe_port: bool,
     ) -> list[Reply]:
         mac = client.request.mac
@@ -470,7 +468,7 @@ class DhcpServer:
         return [out]
 
     async def _authoritative(
-        self, packet: dhcp.Packet, client: Client, peer: Address, server_ip: str
+        self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str
     ) -> list[Reply]:
         # Always a coroutine: the lease pool's fixed address comes from the store.
         pool = self.pool

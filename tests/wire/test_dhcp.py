@@ -241,6 +241,15 @@ def test_fuzz_random_bytes_only_decode_error(data: bytes) -> None:
     assert dhcp.encode(p) == data
 
 
+def mutated(seed: bytes, flips: list[tuple[int, int]], cut: int) -> bytes:
+    """``seed`` with bytes replaced at ``flips`` (position, value) and cut to ``cut`` bytes."""
+    data = bytearray(seed)
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    return bytes(data[: max(cut, 0)] if cut < len(data) else data)
+
+
 @settings(max_examples=1000, deadline=None)
 @given(
     st.sampled_from(SEEDS),
@@ -251,16 +260,13 @@ def test_fuzz_random_bytes_only_decode_error(data: bytes) -> None:
 def test_fuzz_mutated_captures_only_decode_error(
     seed: bytes, flips: list[tuple[int, int]], cut: int
 ) -> None:
-    data = bytearray(seed)
-    for pos, value in flips:
-        if pos < len(data):
-            data[pos] = value
-    data = data[: max(cut, 0)] if cut < len(data) else data
+    data = mutated(seed, flips, cut)
+    same_reading(data)  # and parse_request, the server's decode, reads it the same
     try:
-        p = dhcp.parse(bytes(data))
+        p = dhcp.parse(data)
     except DecodeError:
         return
-    assert dhcp.encode(p) == bytes(data)
+    assert dhcp.encode(p) == data
     # Accessors never raise on a packet that decoded.
     p.all_options()
     _ = (p.message_type, p.requested_options, p.file_name, p.server_name, p.mac)
@@ -269,3 +275,58 @@ def test_fuzz_mutated_captures_only_decode_error(
 def test_header_struct_is_rfc2131_size() -> None:
     assert dhcp.HEADER_SIZE == 236
     assert struct.calcsize("!BBBBIHH") == 12
+
+
+# -- parse_request: the server's read-only decode gives parse's answers ---------------------
+
+ACCESSORS = ("op", "xid", "chaddr", "htype", "hlen", "hops", "secs", "flags", "ciaddr",
+             "yiaddr", "siaddr", "giaddr", "mac", "message_type")
+
+
+def same_reading(data: bytes) -> None:
+    """parse_request raises DecodeError exactly when parse does (with the same offset), and
+    otherwise reads every header field and every option code as parse's Packet does."""
+    try:
+        packet = dhcp.parse(data)
+    except DecodeError as exc:
+        with pytest.raises(DecodeError) as caught:
+            dhcp.parse_request(data)
+        assert (caught.value.field, caught.value.offset) == (exc.field, exc.offset)
+        return
+    request = dhcp.parse_request(data)
+    for name in ACCESSORS:
+        assert getattr(request, name) == getattr(packet, name), name
+    for code in range(256):
+        assert request.option(code) == packet.option(code), code
+        assert request.has_option(code) == packet.has_option(code), code
+
+
+@pytest.mark.parametrize(
+    ("name", "datagram"), DATAGRAMS, ids=[f"{n}-{d.frame}" for n, d in DATAGRAMS]
+)
+def test_parse_request_reads_every_capture_as_parse_does(name: str, datagram: object) -> None:
+    same_reading(datagram.payload)  # type: ignore[attr-defined]
+
+
+def test_parse_request_errors_and_overload_as_parse() -> None:
+    base = find("uefi-edk2pxe", 8)
+    cut = base[:240] + b"\x35\x01\x01\x3c"  # 60 without its length byte
+    same_reading(cut)
+    same_reading(base[:240] + b"\x35\x02\x01\x01\xff")  # 53 of length 2
+    same_reading(base[:240] + b"\x35\x01\x02\xff")  # an OFFER in a BOOTREQUEST
+    same_reading(base[:240] + b"\x35\x01\x01\x35\x01\x03\xff")  # 53 twice: no type
+    same_reading(base[:240] + b"\x3c\x05PXECl" + b"\x3c\x04ient\xff")  # RFC 3396 halves
+    same_reading(base[:240] + b"\x35\x01\x01")  # no END
+    # Option 52 hands the packet to parse: options in file and sname are read, bad ones raise.
+    file_opts = b"\x43\x05a.efi\xff".ljust(128, b"\0")
+    overloaded = base[:108] + file_opts + base[236:240] + b"\x35\x01\x01\x34\x01\x01\xff"
+    same_reading(overloaded)
+    assert dhcp.parse_request(overloaded).option(Opt.BOOTFILE_NAME) == b"a.efi"
+    same_reading(base[:108] + b"\x43\x09a.efi".ljust(128, b"\0") + overloaded[236:])
+    same_reading(overloaded[:-2] + b"\x04\xff")  # option 52 value out of range
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=400).map(lambda tail: find("uefi-edk2pxe", 8)[:240] + tail))
+def test_fuzz_parse_request_random_options_read_as_parse(data: bytes) -> None:
+    same_reading(data)
