@@ -1017,14 +1017,18 @@ def _list_machines(conn: sqlite3.Connection, flt: MachineFilter) -> list[Machine
         # The column name comes from SORT_KEYS (checked by codec.check_filter), never a value.
         column = f"m.{flt.sort}"
         order = (f"{column} IS NULL, {column}{' DESC' if flt.descending else ''}, {order}")
-    # Decoded as the cursor goes, not after fetchall(): all 100,000 documents (35 MB of text)
-    # are never held beside the machines made of them (a re-import reads every machine).
-    rows = conn.execute(
+    # Decoded a thousand rows at a time, not after fetchall(): all 100,000 documents (35 MB
+    # of text) are never held beside the machines made of them (a re-import reads every
+    # machine). Not row by row either: iterating the cursor measured a fifth slower.
+    cur = conn.execute(
         f"SELECT m.data FROM machines m{where} ORDER BY {order}"  # noqa: S608
         " LIMIT ? OFFSET ?",
         (*params, flt.limit, flt.offset),
     )
-    return [_machine(r[0]) for r in rows]
+    out: list[Machine] = []
+    while rows := cur.fetchmany(1024):
+        out += [_machine(r[0]) for r in rows]
+    return out
 
 
 def _count_machines(conn: sqlite3.Connection, flt: MachineFilter) -> int:
