@@ -31,6 +31,7 @@ from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.identity import Identity
 from netboot.inventory.base import Batch, MachineFilter, Store
+from netboot.inventory.codec import NO_ENTRIES
 from netboot.model import (
     Event,
     Group,
@@ -205,33 +206,56 @@ def iter_import(text: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None:
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None:
         raise ValidationError("file", "empty CSV file (need a header row with 'mac')")
+    # What each column is, decided once from the header rather than per cell: (index, name,
+    # how its value is read). A name given twice counts once, by its last column, in the order
+    # of its first, as csv.DictReader's dict of a row has it.
+    last = {raw: i for i, raw in enumerate(header)}
+    columns: list[tuple[int, str, int]] = []
+    for raw, i in last.items():
+        key = raw.strip()
+        if key.startswith(("label.", "labels.")):
+            columns.append((i, key.split(".", 1)[1], _LABEL_COLUMN))
+        elif key == "labels":
+            columns.append((i, key, _LABELS_COLUMN))
+        else:
+            columns.append((i, key, _PLAIN_COLUMN))
+    width = len(header)
     for row in reader:
+        if not row:
+            continue  # a blank line is no row (csv.DictReader skips it too)
+        if len(row) < width:
+            row.extend([""] * (width - len(row)))  # missing trailing cells are empty
         clean: dict[str, Any] = {}
         labels: dict[str, str] = {}
-        for raw_key, raw_value in row.items():
-            if raw_key is None:
-                raise ValidationError("file", f"line {reader.line_num}: more values than "
-                                              "header columns")
-            key = raw_key.strip()
-            value = (raw_value or "").strip()
-            if key.startswith("label.") or key.startswith("labels."):
-                if value:
-                    labels[key.split(".", 1)[1]] = value
-            elif key == "labels" and value:
+        for i, key, kind in columns:
+            value = row[i].strip()
+            if not value:
+                continue
+            if kind == _PLAIN_COLUMN:
+                clean[key] = value
+            elif kind == _LABEL_COLUMN:
+                labels[key] = value
+            else:
                 for pair in value.split(";"):
                     k, sep, v = pair.partition("=")
                     if not sep:
                         raise ValidationError("labels", f"line {reader.line_num}: {pair!r} "
                                                         "is not key=value")
                     labels[k.strip()] = v.strip()
-            elif value:
-                clean[key] = value
+        # After the row's own cells, as csv.DictReader files extra values last.
+        if len(row) > width:
+            raise ValidationError("file", f"line {reader.line_num}: more values than "
+                                          "header columns")
         if labels:
             clean["labels"] = labels
         yield reader.line_num, clean
+
+
+_PLAIN_COLUMN, _LABEL_COLUMN, _LABELS_COLUMN = range(3)
 
 
 def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
@@ -798,8 +822,11 @@ class Enroller:
             macs=macs, state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
             hostname=hostname, serial=ids["serial"], asset=ids["asset"], uuid=ids["uuid"],
             cluster=cluster, role=Role(role_text) if role_text else None, profile=profile,
-            labels={sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()},
+            labels={sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()}
+            if labels else NO_ENTRIES,
             fixed_ipv4=str(fixed) if fixed else None, created=now, updated=now,
+            # An import knows no facts: one shared empty mapping, not 100,000 empty dicts.
+            facts=NO_ENTRIES,
         )
         return machine, own
 

@@ -93,6 +93,29 @@ def test_parse_errors() -> None:
         parse_import("mac,labels\n52:54:00:00:00:01,rack\n", "csv")
 
 
+def test_csv_cells_are_read_by_their_header() -> None:
+    # What csv.DictReader gave before the reader read columns by index: header names are
+    # stripped; blank lines are no rows but count in line numbers; missing trailing cells
+    # are empty; a column named twice counts by its last cell; label.X, labels.X and
+    # labels (k=v;k=v) all make labels; empty cells are left out.
+    text = (" mac ,hostname,label.rack,labels,labels.site,hostname\n"
+            "\n"
+            "52:54:00:00:00:01, first ,r1, a = 1 ;b=2,s1,second\n"
+            "52:54:00:00:00:02,x,,,\n"
+            "52:54:00:00:00:03\n")
+    assert parse_import(text, "csv") == [
+        (3, {"mac": "52:54:00:00:00:01", "hostname": "second",
+             "labels": {"rack": "r1", "a": "1", "b": "2", "site": "s1"}}),
+        (4, {"mac": "52:54:00:00:00:02"}),
+        (5, {"mac": "52:54:00:00:00:03"}),
+    ]
+    # A bad labels cell is named before extra values on the same line.
+    with pytest.raises(ValidationError, match="line 2: 'rack' is not key=value"):
+        parse_import("mac,labels\n52:54:00:00:00:01,rack,extra\n", "csv")
+    with pytest.raises(ValidationError, match="empty CSV file"):
+        parse_import("", "csv")
+
+
 async def test_streamed_csv_import_writes_nothing_when_the_file_breaks_late(
         store) -> None:  # type: ignore[no-untyped-def]
     # Rows are read as the import goes: a malformed line after good ones still stops the

@@ -193,6 +193,11 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
           f" FOR EACH ROW EXECUTE FUNCTION netboot_record_change('{key}')"
           for table, key in _TRACKED),
     )),
+    ("drop the UUID and serial expression indexes: machine_keys answers every lookup by "
+     "identifier (as in SQLite's migration 6)", (
+        "DROP INDEX machines_uuid",
+        "DROP INDEX machines_serial",
+    )),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

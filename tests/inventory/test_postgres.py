@@ -4,6 +4,7 @@ database, a database that is unreachable (a StoreError that never shows the pass
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from netboot.errors import StoreError
 from netboot.inventory import postgres
 from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
+from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
 from netboot.model import Cluster, MacAddress, Machine
 from netboot.sealing import Sealer
@@ -43,6 +45,31 @@ async def test_two_servers_opening_a_new_database_migrate_it_once(pg_dsn: str) -
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_indexes_match_sqlite(pg_dsn: str, tmp_path: Path) -> None:
+    # The two schemas index the same things under the same names (constraint indexes aside:
+    # SQLite names them sqlite_autoindex_*, PostgreSQL *_pkey and *_key), so that a query
+    # fast on one is not a scan on the other.
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        rows = await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname ="
+                                " current_schema()")
+    finally:
+        await conn.close()
+    in_pg = {r[0] for r in rows if not r[0].endswith(("_pkey", "_key"))}
+    lite = SqliteStore(tmp_path / "inv.db")
+    await lite.open()
+    await lite.close()
+    with sqlite3.connect(tmp_path / "inv.db") as db:
+        in_sqlite = {r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+            " AND name NOT LIKE 'sqlite_autoindex_%'")}
+    assert in_pg == in_sqlite
+    assert not {"machines_uuid", "machines_serial"} & in_pg  # machine_keys answers those
 
 
 async def test_refuses_a_newer_schema(pg_dsn: str) -> None:

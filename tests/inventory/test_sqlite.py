@@ -85,6 +85,8 @@ async def test_pragmas_wal_and_schema(tmp_path: Path) -> None:
     assert {"machines", "machine_labels", "profiles", "clusters", "groups"} <= names
     assert {"events", "leases", "settings", "machines_hostname", "events_machine",
             "machine_keys"} <= names
+    # Migration 6: lookups by UUID or serial go through machine_keys, not the document.
+    assert not {"machines_uuid", "machines_serial"} & names
 
 
 async def test_connection_settings(tmp_path: Path) -> None:
