@@ -884,7 +884,12 @@ class FrontDoor:
         target = _front_target(head)
         started = time.monotonic()
         with log_context(request_id=rid, peer=remote, path=target):
-            decided = eager(coro)
+            # Answers from memory run at once; a decision runs in a task of its own, as
+            # under aiohttp: its store may need one (asyncpg's pool acquires under
+            # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
+            # anyway, next to which a task is little.
+            decided = (eager(coro) if label in _FROM_MEMORY
+                       else asyncio.get_running_loop().create_task(coro))
 
         def finish(reply: Reply | None) -> Answer | None:
             if reply is None:
@@ -903,6 +908,8 @@ class FrontDoor:
         return error_reply(exc, self.log, "GET", _front_target(head), remote)
 
 
+# Front-door routes whose answer never reaches the inventory: run eagerly (netboot.eager).
+_FROM_MEMORY = frozenset({"/boot.ipxe", "/healthz", "/assets/{path}"})
 # A query that decodes to itself, joined back as redacted_target joins it, with no token.
 _PLAIN_QUERY = re.compile(r"[\w.~:,/-]+=[\w.~:,/-]*(?:&[\w.~:,/-]+=[\w.~:,/-]*)*", re.ASCII)
 
