@@ -37,10 +37,10 @@ POSTs from a static ``return 200``. So the stand-ins show what the same storm co
 nothing is decided: the floor netboot is measured against.
 
 ``--inventory postgresql`` (or ``both``) runs netboot on a PostgreSQL inventory too: the
-benchmark starts its own throwaway cluster with tests/pg.py (Debian's binaries, a unix socket
-in a private directory, no TCP; stopped by its own PID at the end), copies the SQLite seed
-into it with ``netboot db copy``, and points ``inventory.dsn`` at it. The database's own CPU
-(its backends serving netboot) is reported beside netboot's.
+benchmark starts its own throwaway cluster with netboot.lab.pgcluster (Debian's binaries, a
+unix socket in a private directory, no TCP; stopped by its own PID at the end), copies the
+SQLite seed into it with ``netboot db copy``, and points ``inventory.dsn`` at it. The
+database's own CPU (its backends serving netboot) is reported beside netboot's.
 
 Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
 the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING, Any
 import peers
 
 if TYPE_CHECKING:
-    from tests.pg import Cluster
+    from netboot.lab.pgcluster import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_IP = "192.0.2.1"
@@ -909,7 +909,7 @@ class Result:
 def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec: Spec,
                args: argparse.Namespace, run: Path, database: Cluster | None = None
                ) -> Result:
-    """``database``: the tests/pg.py cluster, for the target ``netboot-pg``."""
+    """``database``: the throwaway cluster (netboot.lab.pgcluster), for ``netboot-pg``."""
     run.mkdir()
     spec = Spec(**{**spec.__dict__, "started": time.monotonic()})
     on_pg = database if target == PG_TARGET else None
@@ -1105,9 +1105,12 @@ def main() -> None:
                 print(f"netboot import of {enrolled} machines: {took:.1f} s")
             if PG_TARGET in targets:
                 sys.path.insert(0, str(REPO))
-                from tests import pg  # the tests' throwaway cluster: one way to start it
+                from netboot.lab import pgcluster
 
-                database = stack.enter_context(pg.running())
+                try:
+                    database = stack.enter_context(pgcluster.running())
+                except pgcluster.ClusterError as exc:
+                    raise SystemExit(f"netboot-pg: {exc}") from exc
                 took = work.netboot_copy_to(args.python, database.dsn())
                 print(f"netboot db copy of {enrolled} machines into PostgreSQL: {took:.1f} s")
             results = []
