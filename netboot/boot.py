@@ -64,7 +64,8 @@ from netboot.names import serves_cluster, valid_label
 
 # How old the view may be for a DHCP answer when this process wrote nothing since its last
 # sync (InventoryView.fresh): what another process commits (the CLI) reaches DHCP answers
-# within this bound. Firmware retransmits a DISCOVER after seconds (4 s in EDK2 and iPXE).
+# within this bound (on PostgreSQL sooner: its NOTIFY sends the next answer to sync first).
+# Firmware retransmits a DISCOVER after seconds (4 s in EDK2 and iPXE).
 DHCP_VIEW_AGE = 0.05
 
 _T = TypeVar("_T")
@@ -249,12 +250,14 @@ class BootService:
         # processes commit is seen within DHCP_VIEW_AGE); else a sync first, which also
         # notices an unreachable inventory: then the view answers as it is and nothing is
         # recorded.
-        if self.health.up and not self._view.fresh(DHCP_VIEW_AGE):
-            # The sync is a store read, which must start in a task (the DHCP server asks
-            # from its datagram callback, and asyncpg's pool waits for a connection under
-            # asyncio.timeout, which refuses to run outside one).
+        fresh = self.health.up and self._view.fresh(DHCP_VIEW_AGE)
+        if (self.health.up and not fresh) or not self._view.loaded:
+            # A sync, or a view still loading (a miss reads the store), is a store read,
+            # which must start in a task: the DHCP server asks from its datagram callback,
+            # and asyncpg's pool waits for a connection under asyncio.timeout, which refuses
+            # to run outside one.
             return asyncio.get_running_loop().create_task(
-                self._first_stage(request, fresh=False))
+                self._first_stage(request, fresh=fresh))
         return _eager(self._first_stage(request, fresh=self.health.up))
 
     async def _first_stage(self, request: BootRequest, *, fresh: bool) -> FirstStage | None:

@@ -195,3 +195,21 @@ async def test_dhcp_sees_another_servers_write_once_notified(
     decided = a.first_stage(dhcp_of(machine))
     assert not decided.done()  # synced first: a round trip
     assert await decided is None
+
+
+async def test_a_current_view_still_loading_decides_in_a_task(
+        ignoring: tuple[Store, Store, BootService, str]) -> None:
+    """Before the view is loaded a miss reads the store, even when the view is current: that
+    read must start in a task too (a PostgreSQL storm at start-up failed every DHCP decision
+    with "Timeout should be used inside a task" once a current view answered eagerly)."""
+    _, other, a, _ = ignoring
+    machine = enrolled(5)
+    await other.create_machine(machine)
+    await a.first_stage(dhcp_of(enrolled(6)))  # syncs: the view is current, not loaded
+    await a.drain()
+    await a.resync()
+    loop = asyncio.get_running_loop()
+    asked: asyncio.Future[asyncio.Future[FirstStage | None]] = loop.create_future()
+    request = dhcp_of(machine)
+    loop.call_soon(lambda: asked.set_result(a.first_stage(request)))  # as datagram_received
+    assert await (await asked) is not None

@@ -265,6 +265,12 @@ class PostgresStore:
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
         self._commits = 0
         self._own: set[int] = set()
+        # The change feed's own connection, outside the pool (opened when first asked): a
+        # view's sync is one round trip, never queued behind writers that hold the pool's
+        # connections while they wait for the writers' lock (every DHCP decision of a storm
+        # after a write of this server waits for one sync).
+        self._feed: asyncpg.Connection | None = None
+        self._feed_lock: asyncio.Lock | None = None
         self.migrated: list[int] = []  # the schema versions the last open() applied
 
     def __repr__(self) -> str:
@@ -336,10 +342,12 @@ class PostgresStore:
                  f" (migrated: {', '.join(map(str, applied))})" if applied else "")
 
     async def close(self) -> None:
-        notify, self._notify = self._notify, None
-        if notify is not None:
-            with contextlib.suppress(asyncpg.InterfaceError, OSError, asyncpg.PostgresError):
-                await notify.close(timeout=5)
+        for conn in (self._notify, self._feed):
+            if conn is not None:
+                with contextlib.suppress(asyncpg.InterfaceError, OSError,
+                                         asyncpg.PostgresError):
+                    await conn.close(timeout=5)
+        self._notify = self._feed = None
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -693,8 +701,29 @@ class PostgresStore:
         return None if machine is None else machine.fixed_ipv4
 
     # change feed -------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _feed_conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """The feed's connection, one reader at a time; (re)connected when it is closed (the
+        database restarted). Failures are StoreError, as for the pool's connections."""
+        if self._pool is None:
+            raise StoreError(f"the inventory {self.name} is not open")
+        if self._feed_lock is None:
+            self._feed_lock = asyncio.Lock()
+        async with self._feed_lock:
+            try:
+                if self._feed is None or self._feed.is_closed():
+                    self._feed = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
+                yield self._feed
+            except NetbootError:
+                raise
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                    TimeoutError) as exc:
+                if self._feed is not None and not self._feed.is_closed():
+                    self._feed.terminate()  # in an unknown state: the next reader reconnects
+                raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
+
     async def changes_since(self, seq: int) -> Changes:
-        async with self._conn() as conn:
+        async with self._feed_conn() as conn:
             if seq >= 0:
                 # The common answer, "nothing", in one indexed round trip.
                 last = await conn.fetchval("SELECT max(seq) FROM changes")
