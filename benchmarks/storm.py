@@ -4,7 +4,7 @@
     sudo python benchmarks/storm.py [--devices 50] [--within 1] [--enrolled N]
                                     [--kernel-size 8M] [--initrd-size 32M]
                                     [--loss 0.01] [--slow-acks MS] [--only netboot]
-                                    [--inventory sqlite|postgresql|both]
+                                    [--inventory sqlite|postgresql|both] [--loaded]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -35,6 +35,10 @@ kernel and initrd are files of the given sizes). The stand-ins get the same load
 initrd; nginx serves one static iPXE script and one config per device, and answers the API
 POSTs from a static ``return 200``. So the stand-ins show what the same storm costs when
 nothing is decided: the floor netboot is measured against.
+
+The storm starts as soon as netboot answers, while it still loads its inventory view in the
+background (a storm at start-up: decisions then read the database); ``--loaded`` waits for
+"inventory view loaded" in its log first (a storm on a running server).
 
 ``--inventory postgresql`` (or ``both``) runs netboot on a PostgreSQL inventory too: the
 benchmark starts its own throwaway cluster with netboot.lab.pgcluster (Debian's binaries, a
@@ -932,6 +936,8 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
             raise RuntimeError(f"not ready ({said or line.strip()!r}; exited: {dead}); "
                                f"see {run}")
         result.ready = float(line.split()[1])
+        if args.loaded and target in NETBOOT_TARGETS:
+            view_loaded(run / "netboot.log")
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
         db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
@@ -968,6 +974,15 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         for p in procs:
             p.stop()
     return result
+
+
+def view_loaded(log: Path, timeout: float = 600) -> None:
+    """Until netboot says its inventory view is loaded (``--loaded``), bounded."""
+    deadline = time.monotonic() + timeout
+    while "inventory view loaded" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the inventory view did not load within {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def rss_kib(pid: int) -> int:
@@ -1069,6 +1084,9 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", help="netboot's log level (info: as run)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument("--loaded", action="store_true",
+                        help="start the storm once netboot's inventory view is loaded (a "
+                             "running server), not as soon as it answers (a start-up storm)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
