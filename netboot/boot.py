@@ -250,14 +250,12 @@ class BootService:
         # processes commit is seen within DHCP_VIEW_AGE); else a sync first, which also
         # notices an unreachable inventory: then the view answers as it is and nothing is
         # recorded.
-        fresh = self.health.up and self._view.fresh(DHCP_VIEW_AGE)
-        if (self.health.up and not fresh) or not self._view.loaded:
-            # A sync, or a view still loading (a miss reads the store), is a store read,
-            # which must start in a task: the DHCP server asks from its datagram callback,
-            # and asyncpg's pool waits for a connection under asyncio.timeout, which refuses
-            # to run outside one.
+        if self.health.up and not self._view.fresh(DHCP_VIEW_AGE):
+            # The sync is a store read, which must start in a task (the DHCP server asks
+            # from its datagram callback, and asyncpg's pool waits for a connection under
+            # asyncio.timeout, which refuses to run outside one).
             return asyncio.get_running_loop().create_task(
-                self._first_stage(request, fresh=fresh))
+                self._first_stage(request, fresh=False))
         return _eager(self._first_stage(request, fresh=self.health.up))
 
     async def _first_stage(self, request: BootRequest, *, fresh: bool) -> FirstStage | None:

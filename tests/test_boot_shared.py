@@ -197,11 +197,12 @@ async def test_dhcp_sees_another_servers_write_once_notified(
     assert await decided is None
 
 
-async def test_a_current_view_still_loading_decides_in_a_task(
+async def test_a_current_view_still_loading_reads_the_store_outside_a_task(
         ignoring: tuple[Store, Store, BootService, str]) -> None:
-    """Before the view is loaded a miss reads the store, even when the view is current: that
-    read must start in a task too (a PostgreSQL storm at start-up failed every DHCP decision
-    with "Timeout should be used inside a task" once a current view answered eagerly)."""
+    """Before the view is loaded a miss reads the store, even when the view is current and
+    the decision is taken eagerly in the DHCP server's datagram callback, outside any task (a
+    PostgreSQL storm at start-up failed every decision with "Timeout should be used inside a
+    task" once a current view answered eagerly: asyncpg's pool needs one)."""
     _, other, a, _ = ignoring
     machine = enrolled(5)
     await other.create_machine(machine)

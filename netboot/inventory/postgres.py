@@ -296,8 +296,17 @@ class PostgresStore:
         if pool is None:
             raise StoreError(f"the inventory {self.name} is not open")
         try:
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            acquiring = pool.acquire(timeout=ACQUIRE_TIMEOUT)
+            # Asked from a callback rather than a task (the DHCP server decides eagerly in its
+            # datagram callback, and a view still loading reads the store): asyncpg's acquire
+            # times out with asyncio.timeout, which refuses to run outside a task, so there
+            # it runs in a task of its own; from that first wait on the caller is in one.
+            conn = await (acquiring if asyncio.current_task() is not None
+                          else asyncio.ensure_future(acquiring))
+            try:
                 yield conn
+            finally:
+                await pool.release(conn)
         except NetbootError:
             raise
         except asyncpg.UniqueViolationError as exc:
