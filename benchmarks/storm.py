@@ -4,7 +4,7 @@
     sudo python benchmarks/storm.py [--devices 50] [--within 1] [--enrolled N]
                                     [--kernel-size 8M] [--initrd-size 32M]
                                     [--loss 0.01] [--slow-acks MS] [--only netboot]
-                                    [--inventory sqlite|postgresql|both]
+                                    [--inventory sqlite|postgresql|both] [--loaded]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -36,11 +36,15 @@ initrd; nginx serves one static iPXE script and one config per device, and answe
 POSTs from a static ``return 200``. So the stand-ins show what the same storm costs when
 nothing is decided: the floor netboot is measured against.
 
+The storm starts as soon as netboot answers, while it still loads its inventory view in the
+background (a storm at start-up: decisions then read the database); ``--loaded`` waits for
+"inventory view loaded" in its log first (a storm on a running server).
+
 ``--inventory postgresql`` (or ``both``) runs netboot on a PostgreSQL inventory too: the
-benchmark starts its own throwaway cluster with tests/pg.py (Debian's binaries, a unix socket
-in a private directory, no TCP; stopped by its own PID at the end), copies the SQLite seed
-into it with ``netboot db copy``, and points ``inventory.dsn`` at it. The database's own CPU
-(its backends serving netboot) is reported beside netboot's.
+benchmark starts its own throwaway cluster with netboot.lab.pgcluster (Debian's binaries, a
+unix socket in a private directory, no TCP; stopped by its own PID at the end), copies the
+SQLite seed into it with ``netboot db copy``, and points ``inventory.dsn`` at it. The
+database's own CPU (its backends serving netboot) is reported beside netboot's.
 
 Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
 the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
@@ -77,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 import peers
 
 if TYPE_CHECKING:
-    from tests.pg import Cluster
+    from netboot.lab.pgcluster import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_IP = "192.0.2.1"
@@ -909,7 +913,7 @@ class Result:
 def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec: Spec,
                args: argparse.Namespace, run: Path, database: Cluster | None = None
                ) -> Result:
-    """``database``: the tests/pg.py cluster, for the target ``netboot-pg``."""
+    """``database``: the throwaway cluster (netboot.lab.pgcluster), for ``netboot-pg``."""
     run.mkdir()
     spec = Spec(**{**spec.__dict__, "started": time.monotonic()})
     on_pg = database if target == PG_TARGET else None
@@ -932,6 +936,8 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
             raise RuntimeError(f"not ready ({said or line.strip()!r}; exited: {dead}); "
                                f"see {run}")
         result.ready = float(line.split()[1])
+        if args.loaded and target in NETBOOT_TARGETS:
+            view_loaded(run / "netboot.log")
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
         db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
@@ -968,6 +974,15 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         for p in procs:
             p.stop()
     return result
+
+
+def view_loaded(log: Path, timeout: float = 600) -> None:
+    """Until netboot says its inventory view is loaded (``--loaded``), bounded."""
+    deadline = time.monotonic() + timeout
+    while "inventory view loaded" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the inventory view did not load within {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def rss_kib(pid: int) -> int:
@@ -1069,6 +1084,9 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", help="netboot's log level (info: as run)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument("--loaded", action="store_true",
+                        help="start the storm once netboot's inventory view is loaded (a "
+                             "running server), not as soon as it answers (a start-up storm)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1105,9 +1123,12 @@ def main() -> None:
                 print(f"netboot import of {enrolled} machines: {took:.1f} s")
             if PG_TARGET in targets:
                 sys.path.insert(0, str(REPO))
-                from tests import pg  # the tests' throwaway cluster: one way to start it
+                from netboot.lab import pgcluster
 
-                database = stack.enter_context(pg.running())
+                try:
+                    database = stack.enter_context(pgcluster.running())
+                except pgcluster.ClusterError as exc:
+                    raise SystemExit(f"netboot-pg: {exc}") from exc
                 took = work.netboot_copy_to(args.python, database.dsn())
                 print(f"netboot db copy of {enrolled} machines into PostgreSQL: {took:.1f} s")
             results = []

@@ -64,7 +64,8 @@ from netboot.names import serves_cluster, valid_label
 
 # How old the view may be for a DHCP answer when this process wrote nothing since its last
 # sync (InventoryView.fresh): what another process commits (the CLI) reaches DHCP answers
-# within this bound. Firmware retransmits a DISCOVER after seconds (4 s in EDK2 and iPXE).
+# within this bound (on PostgreSQL sooner: its NOTIFY sends the next answer to sync first).
+# Firmware retransmits a DISCOVER after seconds (4 s in EDK2 and iPXE).
 DHCP_VIEW_AGE = 0.05
 
 

@@ -37,7 +37,7 @@ fi
 # signed GRUB is fetched by the harness like the arm64 kernel (its grub-common:arm64 cannot
 # be installed beside the amd64 one); qemu-efi-aarch64: AAVMF, arm64 UEFI.
 # postgresql: its initdb/postgres binaries; the tests make a throwaway cluster of their own
-# (tests/pg.py) and never use the one the package may start.
+# (netboot/lab/pgcluster.py, through tests/pg.py) and never use the one the package may start.
 PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-tools \
 shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \

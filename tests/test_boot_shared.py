@@ -15,13 +15,15 @@ from netboot.boot import BootService, BootSettings
 from netboot.enroll import Enroller
 from netboot.files import FileTree
 from netboot.identity import request_for
-from netboot.inventory.base import Store
+from netboot.inventory.base import LocalCommits, Store
 from netboot.model import (
     Arch,
     BootAction,
     BootRequest,
     Cluster,
+    Event,
     Firmware,
+    FirstStage,
     MacAddress,
     Machine,
     MachineState,
@@ -103,3 +105,112 @@ async def test_a_dhcp_decision_asked_outside_any_task_syncs_the_view(
     loop.call_soon(lambda: asked.set_result(a.first_stage(request)))  # as datagram_received
     outside = await (await asked)
     assert outside == await a.first_stage(request)  # what a task is answered
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def ignoring(request: pytest.FixtureRequest, tmp_path: Path
+                   ) -> AsyncIterator[tuple[Store, Store, BootService, str]]:
+    """Server A (its store and BootService, policy ``ignore``: an unknown NIC gets no DHCP
+    answer) and server B's store, on one inventory; and the backend's name."""
+    async with contextlib.AsyncExitStack() as stack:
+        own, other = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack)
+        (tmp_path / "snponly.efi").write_bytes(b"loader")  # what a UEFI PC is pointed at
+        a = BootService(own, FileTree([tmp_path]), BootSettings(policy="ignore"), Enroller(own))
+        stack.push_async_callback(a.drain)
+        await other.put_profile(Profile(name="p", kernel="vmlinuz"))
+        yield own, other, a, request.param
+
+
+def enrolled(n: int) -> Machine:
+    return Machine(macs=(MacAddress.parse(f"52:54:00:00:01:{n:02x}"),), hostname=f"e{n}",
+                   profile="p", state=MachineState.ENROLLED)
+
+
+def dhcp_of(machine: Machine) -> BootRequest:
+    return request_for(machine, arch=Arch.X86_64, firmware=Firmware.UEFI)
+
+
+async def settled(a: BootService, request: BootRequest) -> asyncio.Future[FirstStage | None]:
+    """A's DHCP decision for ``request`` once what asking records is written (the first
+    DISCOVER of a machine stores what it taught; a repeat writes nothing) and synced."""
+    await a.first_stage(request)
+    await a.drain()
+    await a.resync()
+    return a.first_stage(request)
+
+
+async def test_dhcp_answers_from_memory_while_nothing_was_written(
+        ignoring: tuple[Store, Store, BootService, str]) -> None:
+    """A DISCOVER repeated (a retransmission, the next device of a storm) when no server
+    wrote anything since the view was current is decided without any wait: the future is
+    done when first_stage returns, so no database round trip was made (each one awaits
+    I/O). On PostgreSQL every decision waited for a sync through the pool, and in a storm
+    they passed the DHCP deadline."""
+    own, other, a, _ = ignoring
+    known, stranger = enrolled(1), enrolled(2)
+    await other.create_machine(known)
+    await a.load_view()
+    answer = await settled(a, dhcp_of(known))
+    assert answer.done() and answer.result() is not None
+    unknown = await settled(a, dhcp_of(stranger))
+    assert unknown.done() and unknown.result() is None
+    # A boot event changes nothing DHCP reads: still from memory.
+    await own.add_event(Event(known.id, 1.0, "note", "history is not in the change feed"))
+    again = a.first_stage(dhcp_of(known))
+    assert again.done() and again.result() == answer.result()
+
+
+async def test_dhcp_sees_this_servers_own_write_at_once(
+        ignoring: tuple[Store, Store, BootService, str]) -> None:
+    """What this server committed is in its next DHCP answer, whatever the view's age."""
+    own, _, a, _ = ignoring
+    machine = enrolled(3)
+    await own.create_machine(machine)
+    await a.load_view()
+    assert (await settled(a, dhcp_of(machine))).result() is not None
+    await own.delete_machine(machine.id)  # this server's store, not its boot path
+    assert await a.first_stage(dhcp_of(machine)) is None
+
+
+@pytest.mark.parametrize("ignoring", ["postgresql"], indirect=True)
+async def test_dhcp_sees_another_servers_write_once_notified(
+        ignoring: tuple[Store, Store, BootService, str]) -> None:
+    """PostgreSQL: another server's commit reaches this one by NOTIFY; from its arrival on,
+    no DHCP answer is decided from before that commit (SQLite has no notification: there
+    another process's commit is fetched by a background sync within DHCP_VIEW_AGE)."""
+    own, other, a, _ = ignoring
+    machine = enrolled(4)
+    await other.create_machine(machine)
+    await a.load_view()
+    answer = await settled(a, dhcp_of(machine))
+    assert answer.done() and answer.result() is not None
+    assert isinstance(own, LocalCommits)
+    before = own.commits
+    await other.delete_machine(machine.id)  # server B
+    for _ in range(1000):  # the notification's latency, bounded (10 s)
+        if own.commits != before:
+            break
+        await asyncio.sleep(0.01)
+    assert own.commits != before, "no NOTIFY from the other server's commit"
+    decided = a.first_stage(dhcp_of(machine))
+    assert not decided.done()  # synced first: a round trip
+    assert await decided is None
+
+
+async def test_a_current_view_still_loading_reads_the_store_outside_a_task(
+        ignoring: tuple[Store, Store, BootService, str]) -> None:
+    """Before the view is loaded a miss reads the store, even when the view is current and
+    the decision is taken eagerly in the DHCP server's datagram callback, outside any task (a
+    PostgreSQL storm at start-up failed every decision with "Timeout should be used inside a
+    task" once a current view answered eagerly: asyncpg's pool needs one)."""
+    _, other, a, _ = ignoring
+    machine = enrolled(5)
+    await other.create_machine(machine)
+    await a.first_stage(dhcp_of(enrolled(6)))  # syncs: the view is current, not loaded
+    await a.drain()
+    await a.resync()
+    loop = asyncio.get_running_loop()
+    asked: asyncio.Future[asyncio.Future[FirstStage | None]] = loop.create_future()
+    request = dhcp_of(machine)
+    loop.call_soon(lambda: asked.set_result(a.first_stage(request)))  # as datagram_received
+    assert await (await asked) is not None

@@ -107,11 +107,14 @@ class ChangeFeed(Protocol):
 
 @runtime_checkable
 class LocalCommits(Protocol):
-    """A store that counts the writes made through it (in this process) as they return.
+    """A store that counts the commits to the change feed it knows of: the writes made
+    through it (in this process) as they return, and those of other processes it is told of
+    (PostgreSQL's NOTIFY; SQLite is told of none).
 
-    Lets a reader of the change feed tell, without a round trip, that nothing was written here
-    since it last synced (:meth:`netboot.inventory.view.InventoryView.fresh`); commits by
-    other processes still need :meth:`ChangeFeed.changes_since`."""
+    Lets a reader of the change feed tell, without a round trip, that nothing it could know of
+    was committed since it last synced (:meth:`netboot.inventory.view.InventoryView.fresh`);
+    commits by other processes it was not told of still need
+    :meth:`ChangeFeed.changes_since`."""
 
     @property
     def commits(self) -> int: ...

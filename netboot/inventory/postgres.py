@@ -27,6 +27,11 @@ and this); what differs is how, and why:
 * The change feed is the ``changes`` table, filled by triggers in the committing
   transaction; the trigger also does ``NOTIFY netboot_changes``, delivered at commit, on
   which :meth:`PostgresStore.wait_for_changes` wakes a reader at once instead of polling.
+* :attr:`PostgresStore.commits` counts what this store knows was committed to the feed
+  without asking the database: its own writes as they return, and every notification from a
+  session not of its own pool (another server, the CLI, psql). A reader that saw the count
+  unchanged since its last sync began answers from memory (the DHCP path: a round trip per
+  DISCOVER through a pool queued behind the boot path's writes timed out under a storm).
 * The DSN (it may hold a password) is never logged nor put in an error: messages name the
   database by :func:`netboot.inventory.dsn.redact`.
 * Any failure of the server or the connection is a :class:`StoreError`, never "not found".
@@ -79,6 +84,9 @@ CONNECT_TIMEOUT = 10.0
 ACQUIRE_TIMEOUT = 30.0
 # How often wait_for_changes looks while it cannot LISTEN.
 POLL_SECONDS = 1.0
+# Machines decoded between two yields to the event loop (~140 µs each on a busy 2-core
+# machine: ~70 ms).
+DECODE_CHUNK = 500
 
 # Hostnames are unique under ASCII case folding (RFC 4343; IDNs arrive as punycode), which is
 # what SQLite's lower() does; PostgreSQL's lower() would fold by the database's locale.
@@ -258,10 +266,31 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._notify: asyncpg.Connection | None = None
         self._signal = Signal()
+        # Feed writes made through this object plus notifications of others' (see commits);
+        # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
+        self._commits = 0
+        self._own: set[int] = set()
+        # The change feed's own connection, outside the pool (opened when first asked): a
+        # view's sync is one round trip, never queued behind writers that hold the pool's
+        # connections while they wait for the writers' lock (every DHCP decision of a storm
+        # after a write of this server waits for one sync).
+        self._feed: asyncpg.Connection | None = None
+        self._feed_lock: asyncio.Lock | None = None
         self.migrated: list[int] = []  # the schema versions the last open() applied
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.name!r})"
+
+    @property
+    def commits(self) -> int:
+        """Commits to the change feed this store knows of without a round trip
+        (base.LocalCommits): its own writes, counted when each returns (after its commit,
+        failed or not), and the NOTIFY of every other session's commit, counted as it
+        arrives. A reader that sees the count unchanged since its last sync began is current
+        but for what another server committed within the notification's latency; a
+        notification cannot be lost unnoticed: while the LISTEN connection is down, readers
+        still sync on their own schedule (InventoryView.fresh's ``max_age``)."""
+        return self._commits
 
     # plumbing ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -272,8 +301,17 @@ class PostgresStore:
         if pool is None:
             raise StoreError(f"the inventory {self.name} is not open")
         try:
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            acquiring = pool.acquire(timeout=ACQUIRE_TIMEOUT)
+            # Asked from a callback rather than a task (the DHCP server decides eagerly in its
+            # datagram callback, and a view still loading reads the store): asyncpg's acquire
+            # times out with asyncio.timeout, which refuses to run outside a task, so there
+            # it runs in a task of its own; from that first wait on the caller is in one.
+            conn = await (acquiring if asyncio.current_task() is not None
+                          else asyncio.ensure_future(acquiring))
+            try:
                 yield conn
+            finally:
+                await pool.release(conn)
         except NetbootError:
             raise
         except asyncpg.UniqueViolationError as exc:
@@ -283,11 +321,17 @@ class PostgresStore:
             raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
 
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction holding the writers' lock (see the module docstring)."""
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
-            yield conn
+    async def _write(self, *, feed: bool = True) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction holding the writers' lock (see the module docstring). ``feed``:
+        it may change what the change feed carries, so :attr:`commits` counts it once it is
+        over (after the commit: a sync that begins later reads it)."""
+        try:
+            async with self._conn() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+                yield conn
+        finally:
+            if feed:
+                self._commits += 1
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -295,7 +339,7 @@ class PostgresStore:
         try:
             pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=None)
+                command_timeout=None, init=self._adopt_session)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
                 ValueError) as exc:
             raise StoreError(f"cannot open inventory {self.name}: {reason(exc)}") from exc
@@ -312,10 +356,12 @@ class PostgresStore:
                  f" (migrated: {', '.join(map(str, applied))})" if applied else "")
 
     async def close(self) -> None:
-        notify, self._notify = self._notify, None
-        if notify is not None:
-            with contextlib.suppress(asyncpg.InterfaceError, OSError, asyncpg.PostgresError):
-                await notify.close(timeout=5)
+        for conn in (self._notify, self._feed):
+            if conn is not None:
+                with contextlib.suppress(asyncpg.InterfaceError, OSError,
+                                         asyncpg.PostgresError):
+                    await conn.close(timeout=5)
+        self._notify = self._feed = None
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -335,7 +381,17 @@ class PostgresStore:
             raise StoreError(f"inventory {self.name}: cannot LISTEN: {reason(exc)}") from exc
         self._notify = conn
 
-    def _notified(self, *_: object) -> None:
+    async def _adopt_session(self, conn: asyncpg.Connection) -> None:
+        """A new connection of the pool: its notifications are of writes counted already.
+        Forgotten when it closes, so that a later session of another server that gets the
+        same backend PID is counted as foreign."""
+        pid = conn.get_server_pid()
+        self._own.add(pid)
+        conn.add_termination_listener(lambda _: self._own.discard(pid))
+
+    def _notified(self, _conn: object, pid: int, _channel: str, _payload: str) -> None:
+        if pid not in self._own:
+            self._commits += 1  # another session's commit: readers sync before answering
         self._signal.fire()
 
     def _listening(self) -> bool:
@@ -425,7 +481,17 @@ class PostgresStore:
             rows = await conn.fetch(
                 f"SELECT m.data FROM machines m{where} ORDER BY {order}"  # noqa: S608
                 f" LIMIT ${n + 1} OFFSET ${n + 2}", *params, flt.limit, flt.offset)
-        return [m for m in (self._machine(r[0]) for r in rows) if m is not None]
+        # Decoded a chunk at a time, yielding to the event loop between chunks: the whole
+        # inventory (the view loading 100,000 machines at start) decoded in one go held the
+        # loop for seconds, and every DHCP decision of a storm meanwhile missed its 1 s.
+        # (SQLite decodes on its reader thread.)
+        machines: list[Machine] = []
+        for start in range(0, len(rows), DECODE_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            machines += (m for m in (self._machine(r[0])
+                                     for r in rows[start:start + DECODE_CHUNK]) if m is not None)
+        return machines
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         where, params = _where(flt or MachineFilter())
@@ -469,7 +535,9 @@ class PostgresStore:
                       for v in events]
         creates = [_Row(self._sealed.seal_machine(m)) for m in batch.create]
         updates = [_Row(self._sealed.seal_machine(m)) for m in batch.update]
-        async with self._write() as conn:
+        # Events alone change nothing the feed carries: a storm's group commits of boot events
+        # would otherwise send every reader back to the database.
+        async with self._write(feed=bool(batch.merge or creates or updates)) as conn:
             # Under the writers' lock: no other server can move the machine before commit.
             for machine_id, state in batch.expect.items():
                 codec.check_expected(machine_id, state, await conn.fetchval(
@@ -576,7 +644,7 @@ class PostgresStore:
         data = codec.dumps(dict(value.data), "data")
         # Under the writers' lock, as every other event insert: ids then follow commit
         # order, which events_since relies on.
-        async with self._write() as conn:
+        async with self._write(feed=False) as conn:
             await conn.execute(
                 "INSERT INTO events (machine, time, kind, message, data)"
                 " VALUES ($1, $2, $3, $4, $5)",
@@ -647,8 +715,29 @@ class PostgresStore:
         return None if machine is None else machine.fixed_ipv4
 
     # change feed -------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _feed_conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """The feed's connection, one reader at a time; (re)connected when it is closed (the
+        database restarted). Failures are StoreError, as for the pool's connections."""
+        if self._pool is None:
+            raise StoreError(f"the inventory {self.name} is not open")
+        if self._feed_lock is None:
+            self._feed_lock = asyncio.Lock()
+        async with self._feed_lock:
+            try:
+                if self._feed is None or self._feed.is_closed():
+                    self._feed = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
+                yield self._feed
+            except NetbootError:
+                raise
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                    TimeoutError) as exc:
+                if self._feed is not None and not self._feed.is_closed():
+                    self._feed.terminate()  # in an unknown state: the next reader reconnects
+                raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
+
     async def changes_since(self, seq: int) -> Changes:
-        async with self._conn() as conn:
+        async with self._feed_conn() as conn:
             if seq >= 0:
                 # The common answer, "nothing", in one indexed round trip.
                 last = await conn.fetchval("SELECT max(seq) FROM changes")
@@ -711,7 +800,7 @@ class PostgresStore:
                                 poll=lambda: None if self._listening() else POLL_SECONDS)
 
     async def forget_changes(self, before: int) -> None:
-        async with self._write() as conn:
+        async with self._write(feed=False) as conn:
             # Never the newest row: it is what tells a reader that nothing before it is missing.
             await conn.execute("DELETE FROM changes WHERE seq < $1"
                                " AND seq < (SELECT max(seq) FROM changes)", before)

@@ -176,12 +176,16 @@ class InventoryView:
     def fresh(self, max_age: float) -> bool:
         """Whether a reader may answer from the view without waiting for :meth:`sync`.
 
-        True when nothing was written through this process's store since the last sync
-        began; when that sync began ``max_age`` seconds ago or more, one is started in the
-        background (what other processes commit is seen within about ``max_age``). For paths
+        True when the store's count of commits it knows of (base.LocalCommits) has not moved
+        since the last sync began: nothing was written through this process's store, and on
+        PostgreSQL no other session's commit was notified. When that sync began ``max_age``
+        seconds ago or more, one is started in the background: what other processes commit
+        is seen within about ``max_age`` where nothing notifies (SQLite, a PostgreSQL LISTEN
+        connection that is down), within the notification's latency where it does. For paths
         that answer within milliseconds and are asked again on a timeout anyway, such as
-        DHCP, where a round trip to the store per packet was most of the cost. False
-        whenever unsure: the store counts no writes, or this process wrote since."""
+        DHCP, where a round trip to the store per packet was most of the cost (on PostgreSQL,
+        queued in the pool behind the storm's writes, past DHCP's deadline). False whenever
+        unsure: the store counts no commits, or one was counted since."""
         if self._synced is None or self._local is None:
             return False
         commits, began = self._synced
