@@ -5,13 +5,13 @@ store objects that share one inventory, as several servers have."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from netboot.inventory.base import Store
 from netboot.lab.pgcluster import SUPERUSER, Cluster, ClusterError, fresh_schema, schema_sync
+from netboot.lab.pgcluster import running as _running
 from netboot.lab.pgcluster import start as _start
 
 __all__ = ["SUPERUSER", "Cluster", "fresh_schema", "running", "schema_sync", "start",
@@ -25,13 +25,8 @@ def start() -> Cluster:
         pytest.fail(str(exc), pytrace=False)
 
 
-@contextlib.contextmanager
-def running() -> Iterator[Cluster]:
-    cluster = start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+def running() -> contextlib.AbstractContextManager[Cluster]:
+    return _running(start)
 
 
 async def stores_on_one_inventory(kind: str, tmp_path: Path, request: pytest.FixtureRequest,

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,8 +162,10 @@ def _wait_ready(cluster: Cluster) -> None:
 
 
 @contextlib.contextmanager
-def running() -> Iterator[Cluster]:
-    cluster = start()
+def running(begin: Callable[[], Cluster] = start) -> Iterator[Cluster]:
+    """A cluster made by ``begin`` (tests pass one that fails the test instead of raising),
+    stopped by its own PID when the block ends."""
+    cluster = begin()
     try:
         yield cluster
     finally:
