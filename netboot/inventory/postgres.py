@@ -962,10 +962,36 @@ async def _fast_batch(conn: asyncpg.Connection, creates: list[_Row],
         if present != len(ids):
             raise _Retry
         await conn.executemany(_UPDATE_MACHINE, [r.params for r in updates])
-        await conn.execute("DELETE FROM machine_labels WHERE machine = ANY($1::text[])", ids)
-        await conn.execute("DELETE FROM machine_keys WHERE machine = ANY($1::text[])", ids)
-        await conn.executemany(_INSERT_LABEL, [lab for r in updates for lab in r.labels])
-        await conn.executemany(_INSERT_KEY, [key for r in updates for key in r.keys])
+        # Labels and identifiers rarely change with an update (a state step, a fact, a token):
+        # rewritten only for the machines where they differ from what is stored (as the
+        # SQLite store does), which spares two indexed tables a delete and an insert per row.
+        labels = await _stored(conn, "SELECT machine, key, value FROM machine_labels"
+                                     " WHERE machine = ANY($1::text[])", ids)
+        keys = await _stored(conn, "SELECT machine, kind, value FROM machine_keys"
+                                   " WHERE machine = ANY($1::text[])", ids)
+        relabel = [r for r in updates
+                   if labels.get(r.id, []) != sorted((k, v) for _, k, v in r.labels)]
+        rekey = [r for r in updates
+                 if keys.get(r.id, []) != sorted((k, v) for k, v, _ in r.keys)]
+        if relabel:
+            await conn.execute("DELETE FROM machine_labels WHERE machine = ANY($1::text[])",
+                               [r.id for r in relabel])
+            await conn.executemany(_INSERT_LABEL, [lab for r in relabel for lab in r.labels])
+        if rekey:
+            await conn.execute("DELETE FROM machine_keys WHERE machine = ANY($1::text[])",
+                               [r.id for r in rekey])
+            await conn.executemany(_INSERT_KEY, [key for r in rekey for key in r.keys])
+
+
+async def _stored(conn: asyncpg.Connection, query: str,
+                  ids: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Rows (machine, a, b) of ``query`` as machine id → sorted [(a, b)]."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for machine, a, b in await conn.fetch(query, ids):
+        found.setdefault(machine, []).append((a, b))
+    for rows in found.values():
+        rows.sort()
+    return found
 
 
 async def _slow_batch(conn: asyncpg.Connection, creates: list[_Row], updates: list[_Row],

@@ -280,6 +280,8 @@ _INSERT_LABEL = "INSERT INTO machine_labels (machine, key, value) VALUES (?, ?, 
 _DELETE_LABELS = "DELETE FROM machine_labels WHERE machine = ?"
 _INSERT_KEY = "INSERT INTO machine_keys (kind, value, machine) VALUES (?, ?, ?)"
 _DELETE_KEYS = "DELETE FROM machine_keys WHERE machine = ?"
+_SELECT_LABELS = "SELECT key, value FROM machine_labels WHERE machine = ?"
+_SELECT_KEYS = "SELECT kind, value FROM machine_keys WHERE machine = ?"
 
 _TABLES = {"profile": "profiles", "cluster": "clusters", "group": "groups"}
 
@@ -1141,12 +1143,23 @@ def _insert_rows(conn: sqlite3.Connection, creates: list[_Row]) -> None:
 def _update_rows(conn: sqlite3.Connection, updates: list[_Row]) -> None:
     if updates:
         cur = conn.executemany(_UPDATE_MACHINE, (r.update_params() for r in updates))
-        if cur.rowcount != len(updates):  # some id is missing, or listed twice
+        if cur.rowcount != len(updates):  # some id is missing
             raise _Retry
-        conn.executemany(_DELETE_LABELS, ((r.id,) for r in updates))
-        conn.executemany(_DELETE_KEYS, ((r.id,) for r in updates))
-        conn.executemany(_INSERT_LABEL, (lab for r in updates for lab in r.labels))
-        conn.executemany(_INSERT_KEY, (key for r in updates for key in r.keys))
+        # A machine's labels and identifiers rarely change when it is updated (a state step,
+        # a fact learnt, a token issued leave them as they were), and deleting and inserting
+        # them again costs two indexed tables a delete and an insert per row each: half the
+        # CPU of an update (measured on a boot storm's writes). Compared first, rewritten
+        # only where they differ; row by row, so that a machine listed twice compares with
+        # what its first row wrote.
+        for r in updates:
+            if sorted(conn.execute(_SELECT_LABELS, (r.id,))) != sorted(
+                    (key, value) for _, key, value in r.labels):
+                conn.execute(_DELETE_LABELS, (r.id,))
+                conn.executemany(_INSERT_LABEL, r.labels)
+            if sorted(conn.execute(_SELECT_KEYS, (r.id,))) != sorted(
+                    (kind, value) for kind, value, _ in r.keys):
+                conn.execute(_DELETE_KEYS, (r.id,))
+                conn.executemany(_INSERT_KEY, r.keys)
 
 
 def _bulk_params(machine: Machine) -> tuple[Any, ...]:
