@@ -373,7 +373,7 @@ class Api:
             raise web.HTTPRequestEntityTooLarge(max_size=request.app[MAX_EVENT_KEY],
                                                 actual_size=len(raw))
         body = loads(raw or b"null")
-        event = await self._enroll.report(machine.id, _object(body))
+        event = await self._enroll.report(machine, _object(body))
         self._log.info("event mac=%s kind=%s message=%r", machine.mac, event.kind, event.message)
         return web.json_response(codec.event_to_dict(event), status=201)
 

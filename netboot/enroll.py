@@ -512,9 +512,10 @@ class Enroller:
             await self._store.update_machine(updated, expect_state=machine.state)
         await self.event(machine.id, "config", f"{what} fetched")
 
-    async def report(self, ref: str, body: Mapping[str, Any]) -> Event:
-        """A progress report from an installer (POST /api/v1/machines/<ref>/events)."""
-        machine = await identity.require_ref(self._store, ref)
+    async def report(self, machine: Machine, body: Mapping[str, Any]) -> Event:
+        """A progress report from an installer (POST /api/v1/machines/<ref>/events) about
+        ``machine`` as the caller read it to check the token: the state change is a
+        compare-and-set on that read, so a change since then is a 409, not a lost write."""
         kind = body.get("kind")
         if not isinstance(kind, str) or not kind or len(kind) > MAX_EVENT_KIND \
                 or not re.match(r"^[a-z0-9][a-z0-9._-]*$", kind):
