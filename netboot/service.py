@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -400,6 +401,8 @@ class Service:
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Called once the inventory view is loaded (``serve`` freezes the heap there).
+    view_loaded: Callable[[], None] | None = None
     http_port: int = 0
     https_port: int = 0
     # The base URL lives in one box that Content reads on every render, so that the port
@@ -507,6 +510,8 @@ class Service:
             log.warning("inventory view not loaded, decisions read the store: %s", exc)
             return
         log.info("inventory view loaded in %.1f s", time.monotonic() - started)
+        if self.view_loaded is not None:
+            self.view_loaded()
 
     def reload_tls(self) -> None:
         """Prepare the certificate again and load it into the listener's context: netboot's
@@ -774,12 +779,27 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def freeze_heap() -> None:
+    """Put every object alive now out of the cyclic garbage collector's reach (gc.freeze).
+
+    With 100,000 machines in the view the process holds ~320,000 objects that live as long as
+    it does, and each full collection walks them all: 130-220 ms on this project's 2-core
+    machine, during which no DHCP offer, TFTP block or HTTP answer goes out (a boot storm's
+    p99). Frozen, a full collection walks only what was made since. Frozen objects are still
+    freed when their count drops to zero (a machine the view replaces); only a reference
+    cycle among them would stay, so the garbage there is now is collected first, once.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     # A fatal signal in C code (SIGSEGV, SIGBUS from a mapped file) still ends the process,
     # but with the Python stacks of every thread on stderr rather than without a line.
     if not faulthandler.is_enabled():
         faulthandler.enable()
     service = await build(config)
+    service.view_loaded = freeze_heap
     try:
         await service.start()
         if config.http.port == 0 and not config.http.public_url:
