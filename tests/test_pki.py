@@ -28,7 +28,7 @@ from netboot.config import load
 from netboot.errors import ConfigError
 from netboot.model import BootAction, BootPlan, MacAddress
 from netboot.service import Service, build
-from tests.conftest import write_config
+from tests.conftest import this_checkout, write_config
 
 ADVERTISE = "192.0.2.10"
 
@@ -383,7 +383,7 @@ def test_a_restart_with_the_same_files_decides_from_the_record_without_cryptogra
         "tls.ca_fingerprint, sorted(m for m in sys.modules if m.startswith('cryptography'))]))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                         text=True, timeout=120).stdout
+                         env=this_checkout(), text=True, timeout=120).stdout
     assert json.loads(out) == [str(first.cert_file), str(first.key_file), first.ca_pem,
                                first.ca_fingerprint, []]
 
