@@ -4,7 +4,9 @@ Pure: no sockets, no clock. :meth:`Zone.build` turns machines and clusters into 
 snapshot keyed by lowercased wire labels (O(1) lookups at 10,000 machines);
 :func:`answer` turns one parsed query into a :class:`Decision`: bytes to send, "forward this"
 (a name outside every zone we are authoritative for), or "ignore" (not a query at all).
-The asyncio adapter lives in :mod:`netboot.servers.dns`; dnslib is used as a codec only.
+The asyncio adapter lives in :mod:`netboot.servers.dns`; dnslib is used as a codec only,
+imported by the functions of the full path: the boot decision (``serves_cluster``) and a
+server without DNS never load it (``serve``'s start-up, issue 10).
 
 Records are kept in wire form (:class:`netboot.wire.dns.Record`). A plain query (one
 question, at most an EDNS0 OPT) is answered by :func:`answer_plain` through the hand-written
@@ -35,24 +37,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
-
-from dnslib import (
-    AAAA,
-    CLASS,
-    EDNS0,
-    NS,
-    PTR,
-    QTYPE,
-    RR,
-    SOA,
-    SRV,
-    A,
-    DNSError,
-    DNSHeader,
-    DNSLabel,
-    DNSQuestion,
-    DNSRecord,
-)
 
 from netboot.errors import ConfigError, DecodeError
 from netboot.model import Cluster, Machine, MachineState, Role
@@ -462,6 +446,8 @@ Decision = Answer | Forward | Ignore
 
 def parse_query(data: bytes) -> Any:
     """Bytes → :class:`dnslib.DNSRecord`; anything undecodable is a :class:`DecodeError`."""
+    from dnslib import DNSError, DNSRecord
+
     try:
         record = DNSRecord.parse(data)
         for question in record.questions:
@@ -497,6 +483,8 @@ def _skeleton(request: Any, *, aa: bool, ra: bool, rcode: int = NOERROR) -> Any:
     would echo TC, Z and junk RCODE bits. RD and CD are copied (RFC 1035 §4.1.1, RFC 4035
     §3.2.2); the question is echoed byte for byte so 0x20 case randomisation survives.
     """
+    from dnslib import DNSHeader, DNSRecord
+
     h = request.header
     header = DNSHeader(id=h.id, qr=1, opcode=h.opcode, aa=int(aa), rd=h.rd, ra=int(ra),
                        rcode=rcode & 0x0F)
@@ -507,6 +495,8 @@ def _skeleton(request: Any, *, aa: bool, ra: bool, rcode: int = NOERROR) -> Any:
 def _with_opt(reply: Any, edns: Any, max_udp: int | None, rcode: int = NOERROR) -> Any:
     # RFC 6891 §7: answer EDNS with EDNS, advertising our own payload size.
     if edns is not None:
+        from dnslib import EDNS0
+
         reply.add_ar(EDNS0(udp_len=max_udp or DEFAULT_MAX_UDP, ext_rcode=rcode >> 4))
     return reply
 
@@ -656,6 +646,8 @@ def _labels_of(data: bytes, at: int) -> Key:
 
 def _dnslib_rr(rr: wire.Record) -> Any:
     """A zone record as dnslib's RR, for the full path (odd queries, tests)."""
+    from dnslib import AAAA, NS, PTR, RR, SOA, SRV, A, DNSLabel
+
     t = rr.rtype
     if t == _T_A:
         rdata: Any = A(tuple(rr.head))
@@ -727,5 +719,7 @@ class ZoneHolder:
 
 def question(name: str, qtype: str = "A", qclass: str = "IN") -> Any:
     """A query record (tests and benchmarks)."""
+    from dnslib import CLASS, QTYPE, DNSHeader, DNSQuestion, DNSRecord
+
     return DNSRecord(DNSHeader(rd=1), questions=[DNSQuestion(name, getattr(QTYPE, qtype),
                                                              getattr(CLASS, qclass))])

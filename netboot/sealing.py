@@ -22,15 +22,16 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from netboot.errors import ConfigError, StoreError
 
 PREFIX = "nbs1:"
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # GCM's standard nonce (NIST SP 800-38D §8.2: random 96-bit nonces)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 
 class Sealer:
@@ -39,10 +40,21 @@ class Sealer:
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError(f"a sealing key is {KEY_BYTES} bytes, got {len(key)}")
-        self._aead = AESGCM(key)
+        # The cipher is made at the first seal or unseal: ``serve`` opens an inventory
+        # whose tokens are all sealed without either, and cryptography stays off its
+        # start-up path (netboot.pki's module docstring).
+        self._cipher: AESGCM | None = None
         # Not secret: names the key so that "wrong key file" is an error of its own.
         self.key_id = hashlib.sha256(b"netboot key id\0" + key).hexdigest()[:16]
         self._key = key
+
+    @property
+    def _aead(self) -> AESGCM:
+        if self._cipher is None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._cipher = AESGCM(self._key)
+        return self._cipher
 
     @classmethod
     def generate(cls) -> Sealer:
@@ -64,6 +76,8 @@ class Sealer:
             raise StoreError(f"{context} was sealed with key {key_id}, but the key file is "
                              f"{self.key_id}: restore the secret.key that belongs to this "
                              "inventory")
+        from cryptography.exceptions import InvalidTag
+
         try:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
             clear = self._aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.encode())

@@ -27,6 +27,7 @@ from aiohttp import web
 from netboot.access import TOKEN_PREFIX, Access
 from netboot.api import Api
 from netboot.boot import BootService, BootSettings, loader_aliases
+from netboot.cacerts import DeferredCas
 from netboot.config import Config, inventory_dsn
 from netboot.content import Content, Trust
 from netboot.core import Core
@@ -793,7 +794,18 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+async def _load_system_cas(system_cas: DeferredCas) -> None:
+    try:
+        await asyncio.to_thread(system_cas.load)
+    except ssl.SSLError as exc:  # as aiohttp's import would have failed: loudly, not fatally
+        log.error("cannot load the system CA certificates: %s", exc)
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None,
+                system_cas: DeferredCas | None = None) -> None:
+    """Build, start and run the service until SIGINT/SIGTERM. ``system_cas``: TLS contexts
+    whose system CAs were held back while the wiring was imported (netboot.cacerts), loaded
+    in a thread once the listeners answer."""
     # A fatal signal in C code (SIGSEGV, SIGBUS from a mapped file) still ends the process,
     # but with the Python stacks of every thread on stderr rather than without a line.
     if not faulthandler.is_enabled():
@@ -814,6 +826,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
                 loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
+        if system_cas:
+            service.tasks.append(asyncio.ensure_future(_load_system_cas(system_cas)))
         await stop.wait()
         log.info("shutting down")
     finally:

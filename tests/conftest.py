@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings
 
+import netboot
 from netboot.config import Config, load
 from netboot.servers.http import ConnectionGuard, GuardedHandler
 from netboot.service import Service, build
@@ -50,6 +51,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") is not None and os.geteuid() != 0:
         pytest.fail("needs root (network namespaces); run the suite as root, as CI does",
                     pytrace=False)
+
+
+def this_checkout() -> dict[str, str]:
+    """The environment for a child Python that must import this checkout's netboot (the
+    venv's editable install may point at another)."""
+    return {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).resolve().parent.parent)}
 
 
 def write_config(tmp: Path, extra: str = "", *, http: str = "", https: str = "") -> Path:

@@ -436,6 +436,20 @@ def test_commands_lists_every_sub_command_but_lab() -> None:
     assert set(sub.choices) == COMMANDS
 
 
+def test_serve_parses_as_with_the_whole_command_line() -> None:
+    # main() builds only serve's parser for serve: the same options, defaults and help.
+    words = ["serve", "--config", "x.yaml", "-i", "eth1", "--advertise", "192.0.2.10",
+             "--http-port", "8081", "--dhcp-mode", "off", "--log-format", "json"]
+    whole, lean = build_parser(lab=False), build_parser(lab=False, serve_only=True)
+    assert vars(lean.parse_args(words)) == vars(whole.parse_args(words))
+
+    def serve_help(parser: argparse.ArgumentParser) -> str:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return sub.choices["serve"].format_help()
+
+    assert serve_help(lean) == serve_help(whole)
+
+
 def test_serve_does_not_import_the_lab() -> None:
     # A fresh interpreter: the test process has imported the lab already.
     code = ("import sys; from netboot.cli import build_parser, COMMANDS\n"

@@ -8,8 +8,11 @@ import asyncio
 import datetime
 import hashlib
 import ipaddress
+import json
 import logging
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -25,7 +28,7 @@ from netboot.config import load
 from netboot.errors import ConfigError
 from netboot.model import BootAction, BootPlan, MacAddress
 from netboot.service import Service, build
-from tests.conftest import write_config
+from tests.conftest import this_checkout, write_config
 
 ADVERTISE = "192.0.2.10"
 
@@ -358,3 +361,57 @@ async def test_a_running_server_serves_renewed_files_without_a_restart(tmp_path:
             reason="test"))["ca_pem"] == new_ca
     finally:
         await service.close()
+
+
+# --- the record of the last check (start-up without cryptography) ---------------------------
+
+
+def test_a_restart_with_the_same_files_decides_from_the_record_without_cryptography(
+        tmp_path: Path) -> None:
+    from netboot.pki import Authority
+
+    first = Authority(tmp_path, b"passphrase").server_certificate([ADVERTISE, "localhost"])
+    assert (tmp_path / "checked.json").exists()
+    # Another process, as a restarted server: the same answer, and cryptography never loaded.
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from netboot.pki import Authority\n"
+        f"tls = Authority(Path({str(tmp_path)!r}), b'passphrase').server_certificate("
+        f"[{ADVERTISE!r}, 'LOCALHOST'])\n"
+        "print(json.dumps([str(tls.cert_file), str(tls.key_file), tls.ca_pem, "
+        "tls.ca_fingerprint, sorted(m for m in sys.modules if m.startswith('cryptography'))]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                         env=this_checkout(), text=True, timeout=120).stdout
+    assert json.loads(out) == [str(first.cert_file), str(first.key_file), first.ca_pem,
+                               first.ca_fingerprint, []]
+
+
+def test_the_record_decides_nothing_once_a_file_the_key_or_the_date_differs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from netboot.pki import Authority
+
+    now = datetime.datetime.now(datetime.UTC)
+    first = Authority(tmp_path, b"passphrase", clock=lambda: now).server_certificate([ADVERTISE])
+    caplog.set_level(logging.INFO, logger="netboot.pki")
+    # Another secret.key: the CA key does not open, as without a record.
+    with pytest.raises(ConfigError, match=r"does not open with secret\.key"):
+        Authority(tmp_path, b"another", clock=lambda: now).server_certificate([ADVERTISE])
+    # A damaged server certificate is re-issued, not served from the record.
+    first.cert_file.write_text("not a certificate\n")
+    Authority(tmp_path, b"passphrase", clock=lambda: now).server_certificate([ADVERTISE])
+    assert any("the previous one is unusable" in r.getMessage() for r in caplog.records)
+    issued = x509.load_pem_x509_certificates(first.cert_file.read_bytes())[0]
+    # A record edited to push the certificate's end away decides nothing: near its end, the
+    # certificate is re-issued all the same.
+    record = tmp_path / "checked.json"
+    stored = json.loads(record.read_text())
+    stored["body"]["not_after"] = (now + datetime.timedelta(days=3650)).isoformat()
+    record.write_text(json.dumps(stored))
+    caplog.clear()
+    later = now + datetime.timedelta(days=380)
+    Authority(tmp_path, b"passphrase", clock=lambda: later).server_certificate([ADVERTISE])
+    renewed = x509.load_pem_x509_certificates(first.cert_file.read_bytes())[0]
+    assert renewed.serial_number != issued.serial_number
+    assert any("the previous one ends" in r.getMessage() for r in caplog.records)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import socket
+import ssl
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +21,7 @@ from netboot.errors import ConfigError
 from netboot.inventory.postgres import PostgresStore
 from netboot.service import build
 from tests import pg
-from tests.conftest import EnvFactory, write_config
+from tests.conftest import EnvFactory, this_checkout, write_config
 
 
 async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path) -> None:
@@ -109,6 +114,54 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
         gc.unfreeze()  # this test process runs on: leave its collector as it was
         os.kill(os.getpid(), __import__("signal").SIGTERM)
         await asyncio.wait_for(task, 10)
+
+
+async def test_serve_loads_the_held_system_cas_once_it_answers(tmp_path: Path) -> None:
+    from netboot.cacerts import deferred_system_cas
+    from netboot.service import serve
+
+    with deferred_system_cas() as held:
+        client = ssl.create_default_context()  # as aiohttp's client makes its contexts
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(serve(load(write_config(tmp_path), env={}), ready=ready,
+                                       system_cas=held))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        expected = ssl.create_default_context().cert_store_stats()
+        for _ in range(600):  # the load runs in a thread after ready: wait for it (bounded)
+            if client.cert_store_stats() == expected:
+                break
+            await asyncio.sleep(0.05)
+        assert client.cert_store_stats() == expected and len(held) == 0
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, 30)
+
+
+def test_a_restart_answers_without_cryptography_or_dnslib(tmp_path: Path) -> None:
+    """What serve's start imports once its data dir exists: the certificate is decided from
+    the record of its last check (netboot.pki), dnslib is the DNS server's."""
+    path = write_config(tmp_path)
+    script = (
+        "import asyncio, json, sys\n"
+        "from netboot.config import load\n"
+        "from netboot.service import build\n"
+        "async def main():\n"
+        f"    service = await build(load({str(path)!r}, env={{}}))\n"
+        "    await service.start()\n"
+        "    await service.close()\n"
+        "asyncio.run(main())\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'cryptography', 'dnslib', 'jinja2'})))\n"
+    )
+
+    def start() -> list[str]:
+        out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                             env=this_checkout(), text=True, timeout=300).stdout
+        return list(json.loads(out.splitlines()[-1]))
+
+    assert start() == ["cryptography"]  # the first start makes the CA and the certificate
+    assert start() == []
 
 
 async def test_dns_answers_from_the_inventory(tmp_path: Path) -> None:

@@ -22,8 +22,6 @@ import secrets
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, Protocol, cast
 
-from dnslib import DNSBuffer, DNSError, DNSHeader, DNSQuestion
-
 from netboot.errors import ConfigError, DecodeError
 from netboot.logs import RateLimitedLog
 from netboot.names import (
@@ -61,8 +59,11 @@ def _question_of(data: bytes) -> tuple[int, bool, int, tuple[bytes, ...], int, i
     """ID, TC, RCODE and the (raw) question of a reply, without parsing its records.
 
     Only the header and question are needed to match a reply to its query; parsing the
-    answer would make us drop replies whose record types dnslib does not know.
+    answer would make us drop replies whose record types dnslib does not know. (dnslib is
+    imported here, by the forwarder: plain queries are answered without it.)
     """
+    from dnslib import DNSBuffer, DNSError, DNSHeader, DNSQuestion
+
     try:
         buf = DNSBuffer(data)
         header = DNSHeader.parse(buf)
