@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, Literal, NamedTuple, Protocol
 from urllib.parse import parse_qsl, unquote
 
 from aiohttp import hdrs, web
@@ -60,6 +60,7 @@ from netboot.servers.fasthttp import (
     RequestHead,
     encode_reply,
     parse_head,
+    reply_parts,
 )
 
 # Typed keys for what the wiring puts on the application (aiohttp's AppKey).
@@ -474,6 +475,26 @@ class AssetFiles:
             return None
         return held.reply
 
+    def ready(self, name: str, *, accept_encoding: bool) -> Reply | None:
+        """:meth:`reply` when nothing has to be read or resolved: the name's resolution is
+        fresh and its file, held in memory, still has the identity it was read with (one
+        stat, as nginx opens and stats a file per request); None otherwise (then ask
+        :meth:`reply`)."""
+        known = self._resolved.get(name)
+        if known is None or known[1] <= self._clock():
+            return None
+        path = known[0].path
+        held = self._held.get(path) if path is not None and known[0].data is None else None
+        if held is None or (held.compressed and accept_encoding):
+            return None
+        try:
+            st = os.stat(path)  # type: ignore[arg-type]  # held: a path
+        except OSError:
+            return None
+        if (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != held.ident:
+            return None
+        return held.reply
+
     async def _find(self, name: str) -> tuple[Blob, _Held | None, str]:
         """The asset: its blob, its copy in memory when it is small enough (read now if
         needed), and the path of its file ("" for a blob rendered in memory)."""
@@ -655,8 +676,7 @@ class PlainHttp:
         if auth is not None:
             scheme, _, value = auth.partition(" ")
             bearer = scheme.lower() == "bearer"
-            if bearer and self.api_token_prefix and value.strip().startswith(
-                    self.api_token_prefix):
+            if bearer and not self.install_token(value):
                 return "an API token"
             # On a firmware or installer route a bearer token is an install token, which is
             # what those routes take.
@@ -667,6 +687,12 @@ class PlainHttp:
                 and resource.canonical == "/login" and request.body_exists):
             return "a dashboard login"
         return None
+
+    def install_token(self, bearer: str) -> bool:
+        """Whether a bearer token is, by its form, an install token (what firmware and
+        installer routes take) rather than an API token, an operator's credential. The
+        front door asks too: it answers a device route with the one, never the other."""
+        return not (self.api_token_prefix and bearer.strip().startswith(self.api_token_prefix))
 
     def leaked(self, request: web.Request, what: str) -> None:
         """Count a credential sent in clear (metrics), and say so once per peer and hour."""
@@ -744,6 +770,7 @@ class DeviceRoutes:
         self._health = health
         self._log = logger or logging.getLogger(__name__)
         self._files = files or AssetFiles(content.asset)
+        self._bootstrap: tuple[str, Reply] | None = None
 
     def add_to(self, app: web.Application) -> None:
         r = app.router
@@ -763,11 +790,13 @@ class DeviceRoutes:
             r.add_get("/nocloud/{mac}/{token}/{name}", self.nocloud, allow_head=False),
         )
 
-    def front(self, path: str, query: str, remote: str | None, *, accept_encoding: bool
-              ) -> tuple[str, Coroutine[Any, Any, Reply | None]] | None:
+    def front(self, path: str, query: str, remote: str | None, *, accept_encoding: bool,
+              bearer: str = "") -> tuple[str, Coroutine[Any, Any, Reply | None]] | None:
         """The route pattern (the metrics' label, as aiohttp names it) and the answer of a
         plain GET the front door may give (:class:`FrontDoor`); None for aiohttp to route.
-        The answers are the same coroutines aiohttp's handlers below await."""
+        The answers are the same coroutines aiohttp's handlers below await. ``bearer``: an
+        install token from the Authorization header (:meth:`PlainHttp.install_token`),
+        which ``/config`` takes before the query's, as :meth:`_token` does."""
         if path == "/ipxe":
             return "/ipxe", self._ipxe(query, remote)
         if path == "/boot.ipxe":
@@ -775,11 +804,25 @@ class DeviceRoutes:
         if path.startswith("/assets/") and len(path) > 8:
             return "/assets/{path}", self._files.reply(path[8:], accept_encoding=accept_encoding)
         if path.startswith("/config/") and "/" not in path[8:] and len(path) > 8:
-            token = next((v for k, v in parse_qsl(query, keep_blank_values=True)
-                          if k == "token"), None)
+            token = bearer or next((v for k, v in parse_qsl(query, keep_blank_values=True)
+                                    if k == "token"), None)
             return "/config/{mac}", self._config(path[8:], token, remote)
         if path == "/healthz":
             return "/healthz", self._healthz()
+        return None
+
+    def ready(self, path: str, *, accept_encoding: bool) -> tuple[str, Reply] | None:
+        """:meth:`front`'s route and answer when it is in memory already and the same object
+        as the last time (the bootstrap script, a small asset held unchanged), so that the
+        front door may keep its encoding; None: ask :meth:`front`."""
+        if path == "/boot.ipxe":
+            try:
+                return "/boot.ipxe", self._boot_reply()
+            except Exception:  # a template that does not render: front's error translation
+                return None
+        if path.startswith("/assets/") and len(path) > 8:
+            reply = self._files.ready(path[8:], accept_encoding=accept_encoding)
+            return None if reply is None else ("/assets/{path}", reply)
         return None
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -799,7 +842,16 @@ class DeviceRoutes:
         return web_response(await self._boot_ipxe())
 
     async def _boot_ipxe(self) -> Reply:
-        return Reply(200, self._content.bootstrap_ipxe().encode(), _TEXT)
+        return self._boot_reply()
+
+    def _boot_reply(self) -> Reply:
+        # The same Reply while the script is the same text (content keeps it until its
+        # template or the base URL changes).
+        text = self._content.bootstrap_ipxe()
+        kept = self._bootstrap
+        if kept is None or kept[0] is not text:
+            kept = self._bootstrap = (text, Reply(200, text.encode(), _TEXT))
+        return kept[1]
 
     async def ipxe(self, request: web.Request) -> web.Response:
         return web_response(await self._ipxe(request.rel_url.raw_query_string, request.remote))
@@ -859,31 +911,81 @@ class FrontDoor:
     (:meth:`DeviceRoutes.front`), the same error translation (:func:`error_reply`), the same
     Server and X-Request-Id headers, the access log line, the metrics' observation and the
     log context — without the task, request object and middleware chain per request.
+
+    A request carrying a bearer token is the front's when the plain-HTTP policy calls it an
+    install token (:meth:`PlainHttp.install_token`), which device routes take from anyone:
+    an API token, an operator's, goes to aiohttp, whose policy refuses and reports it.
     """
 
     def __init__(self, routes: DeviceRoutes, *, log: logging.Logger,
-                 observer: HttpObserver | None, ids: Callable[[], str]) -> None:
+                 observer: HttpObserver | None, ids: Callable[[], str],
+                 plain: PlainHttp | None = None) -> None:
         self.routes = routes
         self.log = log
         self.observer = observer
         self.ids = ids
+        self.plain = plain
         self.date = HttpDate()
         self.answered = 0  # requests answered here, not by aiohttp
+        # Replies sent again and again (DeviceRoutes.ready), encoded but for their Date and
+        # request id: id(reply) -> (reply, its parts). The reply is kept to check identity.
+        self._wire: dict[int, tuple[Reply, bytes, bytes, bytes]] = {}
+        self._heads: dict[bytes, RequestHead] = {}  # head(): whole heads seen, parsed
+
+    def head(self, buf: bytes) -> RequestHead | NotMine | None:
+        """:func:`parse_head`, remembered for a buffer that is one whole head: a storm's
+        devices send the same bytes (iPXE's ``GET /boot.ipxe`` with its User-Agent and Host),
+        and a keep-alive client the same again and again."""
+        known = self._heads.get(buf)
+        if known is not None:
+            return known
+        head = parse_head(buf)
+        if isinstance(head, RequestHead) and head.size == len(buf) <= 1024:
+            if len(self._heads) >= 1024:  # bounded: a scan of random URLs only churns it
+                self._heads.clear()
+            self._heads[buf] = head
+        return head
+
+    def ready(self, head: RequestHead) -> Answer | None:
+        """The answer of ``head`` when it is in memory (:meth:`DeviceRoutes.ready`): one
+        lookup, the Date, a request id and a join; None: :meth:`start` it."""
+        if head.close or head.bearer:
+            return None
+        found = self.routes.ready(head.path, accept_encoding=head.accept_encoding)
+        if found is None:
+            return None
+        started = time.monotonic()
+        label, reply = found
+        wire = self._wire.get(id(reply))
+        if wire is None or wire[0] is not reply:
+            if len(self._wire) >= 256:  # bounded: old files' replies go
+                self._wire.clear()
+            wire = self._wire[id(reply)] = (reply, *reply_parts(reply, server=SERVER_NAME,
+                                                               close=False))
+        given = head.request_id
+        rid = given if given and _REQUEST_ID.match(given) else self.ids()
+        data = b"".join((wire[1], self.date(), wire[2], rid.encode("ascii"), wire[3]))
+        seconds = time.monotonic() - started
+        self.answered += 1
+        if self.observer is not None:
+            self.observer.http_request(label, "GET", reply.status, seconds)
+        return Answer(data, reply.status, seconds, rid)
 
     def start(self, head: RequestHead, remote: str | None
               ) -> tuple[Callable[[Reply | None], Answer | None], asyncio.Future[Reply | None]
                          ] | None:
         """Begin answering ``head``: how to finish, and the reply as it is decided (done
         already when nothing had to wait); None when aiohttp is to route it."""
+        if head.bearer and (self.plain is None or not self.plain.install_token(head.bearer)):
+            return None  # an operator's credential: the plain-HTTP policy's
         route = self.routes.front(head.path, head.query, remote,
-                                  accept_encoding=head.accept_encoding)
+                                  accept_encoding=head.accept_encoding, bearer=head.bearer)
         if route is None:
             return None
         label, coro = route
         rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
-        target = _front_target(head)
         started = time.monotonic()
-        with log_context(request_id=rid, peer=remote, path=target):
+        with log_context(request_id=rid, peer=remote, path=_front_target(head)):
             # Answers from memory run at once; a decision runs in a task of its own, as
             # under aiohttp: its store may need one (asyncpg's pool acquires under
             # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
@@ -900,7 +1002,7 @@ class FrontDoor:
             self.answered += 1
             if self.observer is not None:
                 self.observer.http_request(label, "GET", reply.status, seconds)
-            return Answer(data, reply.status, len(data), seconds, target, rid)
+            return Answer(data, reply.status, seconds, rid)
 
         return finish, decided
 
@@ -925,15 +1027,13 @@ def _front_target(head: RequestHead) -> str:
     return redacted_target(head.path, parse_qsl(query, keep_blank_values=True))
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A front-door response, encoded, with what its access log line says."""
+class Answer(NamedTuple):
+    """A front-door response, encoded, with what its access log line says (a tuple: one is
+    made per request)."""
 
     data: bytes
     status: int
-    sent: int
     seconds: float
-    target: str
     request_id: str
 
 
@@ -1049,6 +1149,7 @@ class GuardedHandler(web.RequestHandler):
         self._front_off = front is None
         self._front_paused = False
         self._handed = False  # aiohttp was given a request on this connection
+        self._peer: str | Literal[False] | None = False  # _remote(), False: not asked yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -1118,7 +1219,7 @@ class GuardedHandler(web.RequestHandler):
         assert front is not None
         while (self._unread and not self._front_busy and not self._front_off
                and self.transport is not None and not self._paused):
-            head = parse_head(self._unread)
+            head = front.head(self._unread)
             if head is None:
                 break  # the rest of a head is still to come
             if isinstance(head, NotMine):
@@ -1126,6 +1227,12 @@ class GuardedHandler(web.RequestHandler):
                 continue
             if not self._aiohttp_idle():
                 self._to_aiohttp(head.size)  # behind the request aiohttp is answering
+                continue
+            ready = front.ready(head)
+            if ready is not None:
+                self._request_count += 1
+                self._unread = self._unread[head.size:]
+                self._front_send(head, ready)
                 continue
             started = front.start(head, self._remote())
             if started is None:
@@ -1163,14 +1270,18 @@ class GuardedHandler(web.RequestHandler):
             self._to_aiohttp(head.size)
             return
         self._unread = self._unread[head.size:]
+        self._front_send(head, answer)
+
+    def _front_send(self, head: RequestHead, answer: Answer) -> None:
         transport = self.transport
         if transport is None:
             return  # the client left meanwhile
         transport.write(answer.data)
         logger = self.access_logger
         if self._logging_enabled and isinstance(logger, AccessLogger):
-            logger.line(self._remote(), "GET", answer.target, answer.status, answer.sent,
-                        answer.seconds, head.user_agent or None, answer.request_id)
+            logger.line(self._remote(), "GET", _front_target(head), answer.status,
+                        len(answer.data), answer.seconds, head.user_agent or None,
+                        answer.request_id)
         # aiohttp closes a connection idle this long after its own last response: move
         # that to after this one (its timer re-arms itself at this time).
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
@@ -1198,8 +1309,10 @@ class GuardedHandler(web.RequestHandler):
             self._serve_front()
 
     def _remote(self) -> str | None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+        if self._peer is False:  # asked once a connection, not once a request
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        return self._peer
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._unread = b""
