@@ -28,15 +28,18 @@ TO_AIOHTTP = b"Cookie: not=a-session\r\n"
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, http: str = "") -> AsyncIterator[Service]:
-    """``netboot serve`` as it runs, with a profile, a cluster and a group for x86_64."""
+async def serving(tmp_path: Path, http: str = "", *, seeded: bool = True
+                  ) -> AsyncIterator[Service]:
+    """``netboot serve`` as it runs, with a profile, a cluster and a group for x86_64 (when
+    ``seeded``: through the API over plain HTTP, which loopback may use by default)."""
     service = await build(load(write_config(tmp_path, http=http), env={}))
     await service.start()
     try:
         content = service.content
         assert content is not None
         (tmp_path / "assets" / "small.txt").write_bytes(b"s" * 299 + b"\n")
-        await seed(service)
+        if seeded:
+            await seed(service)
         yield service
     finally:
         await service.close()
@@ -107,14 +110,15 @@ def get(target: str, extra: bytes = b"") -> bytes:
         target.encode(), extra)
 
 
-async def both_doors(service: Service, target: str) -> tuple[Response, Response]:
+async def both_doors(service: Service, target: str, extra: bytes = b""
+                     ) -> tuple[Response, Response]:
     """The front's answer and aiohttp's to the same request; the front counted only once."""
     front = service.front
     assert front is not None
     before = front.answered
-    (fast,) = await exchange(service.http_port, get(target))
+    (fast,) = await exchange(service.http_port, get(target, extra))
     assert front.answered == before + 1, f"the front door did not answer {target}"
-    (slow,) = await exchange(service.http_port, get(target, TO_AIOHTTP))
+    (slow,) = await exchange(service.http_port, get(target, extra + TO_AIOHTTP))
     assert front.answered == before + 1, f"the front door answered {target} with a cookie"
     return fast, slow
 
@@ -130,6 +134,21 @@ async def test_front_and_aiohttp_answer_alike(tmp_path: Path, target: str) -> No
         assert fast.comparable() == slow.comparable(), (fast, slow)
         assert fast.header("Server") == "netboot"
         assert re.fullmatch(r"[0-9a-f]{16}", fast.header("X-Request-Id") or ""), fast
+
+
+@pytest.mark.parametrize(("target", "bearer"), [
+    (f"/config/{HEXHYP}", "not-the-install-token"), ("/config/zz", "x"),
+    (f"/config/{HEXHYP}?token=also-wrong", "wrong"), ("/boot.ipxe", "x"),
+    ("/assets/small.txt", "x"), ("/healthz", "x"),
+])
+async def test_a_bearer_install_token_is_answered_alike_by_both_doors(
+        tmp_path: Path, target: str, bearer: str) -> None:
+    # What an installer sends (the storm's client, k3OS's curl): a device route takes an
+    # install token from the Authorization header as from the query.
+    async with serving(tmp_path) as service:
+        fast, slow = await both_doors(service, target, b"Authorization: Bearer %s\r\n"
+                                      % bearer.encode())
+        assert fast.comparable() == slow.comparable(), (fast, slow)
 
 
 async def test_install_script_and_config_through_the_front(tmp_path: Path) -> None:
@@ -151,6 +170,38 @@ async def test_install_script_and_config_through_the_front(tmp_path: Path) -> No
         assert fast.status == 200 and b"k3os" in fast.body, fast
         assert fast.comparable() == slow.comparable()
         assert fast.header("Content-Type") == "text/yaml; charset=utf-8"
+        # The same token as a bearer (it wins over a wrong one in the query, as in aiohttp).
+        bearer = b"Authorization: Bearer %s\r\n" % token.encode()
+        fast, slow = await both_doors(service, f"/config/{HEXHYP}?token=wrong", bearer)
+        assert fast.status == 200 and b"k3os" in fast.body, fast
+        assert fast.comparable() == slow.comparable()
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
+async def test_an_api_token_as_bearer_is_left_to_the_plain_http_policy(
+        tmp_path: Path, scheme: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An operator's API token sent over plain HTTP on a device route: the front door does
+    not answer it, so it is refused, counted and logged exactly as before."""
+    caplog.set_level(logging.WARNING, logger="netboot.http")
+    async with serving(tmp_path, http="  plain_api: refuse\n", seeded=False) as service:
+        front = service.front
+        assert front is not None
+        before = front.answered
+        auth = f"Authorization: {scheme} nbt_0123456789abcdef\r\n".encode()
+        (refused,) = await exchange(service.http_port, get(f"/config/{HEXHYP}", auth))
+        assert front.answered == before
+        # Not read: a GET off the API is sent to HTTPS (308), its token counted and logged.
+        assert refused.status == 308, refused
+        assert (refused.header("Location") or "").startswith("https://"), refused
+        # An install token as bearer on the same listener is the front's, and answered.
+        (fast,) = await exchange(service.http_port, get(
+            f"/config/{HEXHYP}", b"Authorization: Bearer not-an-api-token\r\n"))
+        assert front.answered == before + 1 and fast.status in (401, 403, 404), fast
+        metrics = (await service.metrics.render(service.store)).decode()
+    warned = [r.getMessage() for r in caplog.records if r.name == "netboot.http"]
+    assert any("an API token over plain HTTP" in m for m in warned), warned
+    assert re.search(r'netboot_errors_total\{kind="http_plaintext_credential"\} 1\.0',
+                     metrics), metrics
 
 
 async def test_pipelined_requests_are_answered_in_order_by_either_door(tmp_path: Path) -> None:
