@@ -168,14 +168,17 @@ _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 
 
 def encode_reply(reply: Reply, *, date: bytes, server: str, request_id: str,
-                 close: bool) -> bytes:
+                 close: bool, length: int | None = None) -> bytes:
     """The bytes of ``reply`` as HTTP/1.1, with the headers aiohttp's path adds (Date,
-    Server, X-Request-Id) and ``Connection: close`` when the connection ends after it."""
-    before, between, after = reply_parts(reply, server=server, close=close)
+    Server, X-Request-Id) and ``Connection: close`` when the connection ends after it.
+    ``length``: the Content-Length of a body sent after these bytes (a file), when
+    ``reply.body`` is empty."""
+    before, between, after = reply_parts(reply, server=server, close=close, length=length)
     return b"".join((before, date, between, request_id.encode("ascii"), after))
 
 
-def reply_parts(reply: Reply, *, server: str, close: bool) -> tuple[bytes, bytes, bytes]:
+def reply_parts(reply: Reply, *, server: str, close: bool, length: int | None = None
+                ) -> tuple[bytes, bytes, bytes]:
     """:func:`encode_reply`'s bytes around the two values that change per request, the Date
     and the request id: made once for a reply that is sent again and again (a small asset,
     the bootstrap script), whose every answer is then a join of five byte strings."""
@@ -188,5 +191,6 @@ def reply_parts(reply: Reply, *, server: str, close: bool) -> tuple[bytes, bytes
     parts.append(reply.body)
     return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: " % (
                 reply.status, _REASONS.get(reply.status, b""),
-                reply.content_type.encode("latin-1"), len(reply.body)),
+                reply.content_type.encode("latin-1"),
+                len(reply.body) if length is None else length),
             parts[0], b"".join(parts[1:]))

@@ -464,14 +464,21 @@ class AssetFiles:
             return resp
         return _held_response(request, held)
 
-    async def reply(self, name: str, *, accept_encoding: bool) -> Reply | None:
-        """The whole file from memory for a plain GET (no Range, no validators: the front
-        door leaves those to :meth:`response`); None when it is not held in memory (a large
-        file, sent with sendfile by :meth:`response`) or a compressed sibling may apply."""
-        blob, held, _ = await self._find(name)
+    async def reply(self, name: str, *, accept_encoding: bool, large: bool = False
+                    ) -> Reply | FileBody | None:
+        """The whole file for a plain GET (no Range, no validators: the front door leaves
+        those to :meth:`response`): from memory, or with ``large`` a larger file opened to be
+        sent with sendfile(2) (:class:`FileBody`); None when :meth:`response` is to answer (a
+        large file without ``large``, a client that accepts an encoding a compressed sibling
+        may have, something that is not a regular file)."""
+        blob, held, st_path = await self._find(name)
         if blob.data is not None:
             return Reply(200, blob.data, blob.content_type.split(";")[0])
-        if held is None or (held.compressed and accept_encoding):
+        if held is None:
+            if not large or accept_encoding or not st_path:
+                return None
+            return _open_large(st_path, blob.content_type.split(";")[0])
+        if held.compressed and accept_encoding:
             return None
         return held.reply
 
@@ -544,6 +551,38 @@ class AssetFiles:
             self._held[blob.path] = held
             self._total += len(body)
         return held
+
+
+@dataclass(frozen=True, slots=True)
+class FileBody:
+    """A file to send after its reply's head, whole, with sendfile(2) (a large asset)."""
+
+    file: IO[bytes]  # open; whoever sends it closes it
+    size: int
+    reply: Reply  # its status and headers as FileResponse gives them; the body is empty
+
+
+def _open_large(path: str, content_type: str) -> FileBody | None:
+    """``path`` opened, with the headers aiohttp's FileResponse sends for a whole file (made
+    from the open file, so that they describe what is sent); None when it is not a regular
+    file or cannot be opened (FileResponse then answers as it would)."""
+    try:
+        fh = open(path, "rb", buffering=0)  # noqa: SIM115  # closed by the sender
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fh.fileno())
+    except OSError:
+        fh.close()
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        fh.close()
+        return None
+    return FileBody(fh, st.st_size, Reply(200, b"", content_type, (
+        (hdrs.ETAG, f'"{st.st_mtime_ns:x}-{st.st_size:x}"'),
+        # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
+        (hdrs.LAST_MODIFIED, formatdate(math.ceil(st.st_mtime), usegmt=True)),
+        (hdrs.ACCEPT_RANGES, "bytes"))))
 
 
 def _stat(blob: Blob) -> tuple[str, os.stat_result]:
@@ -791,18 +830,21 @@ class DeviceRoutes:
         )
 
     def front(self, path: str, query: str, remote: str | None, *, accept_encoding: bool,
-              bearer: str = "") -> tuple[str, Coroutine[Any, Any, Reply | None]] | None:
+              bearer: str = "", large: bool = False
+              ) -> tuple[str, Coroutine[Any, Any, Reply | FileBody | None]] | None:
         """The route pattern (the metrics' label, as aiohttp names it) and the answer of a
         plain GET the front door may give (:class:`FrontDoor`); None for aiohttp to route.
         The answers are the same coroutines aiohttp's handlers below await. ``bearer``: an
         install token from the Authorization header (:meth:`PlainHttp.install_token`),
-        which ``/config`` takes before the query's, as :meth:`_token` does."""
+        which ``/config`` takes before the query's, as :meth:`_token` does. ``large``: a
+        large asset may be answered too (:meth:`AssetFiles.reply`)."""
         if path == "/ipxe":
             return "/ipxe", self._ipxe(query, remote)
         if path == "/boot.ipxe":
             return "/boot.ipxe", self._boot_ipxe()
         if path.startswith("/assets/") and len(path) > 8:
-            return "/assets/{path}", self._files.reply(path[8:], accept_encoding=accept_encoding)
+            return "/assets/{path}", self._files.reply(path[8:], large=large,
+                                                       accept_encoding=accept_encoding)
         if path.startswith("/config/") and "/" not in path[8:] and len(path) > 8:
             token = bearer or next((v for k, v in parse_qsl(query, keep_blank_values=True)
                                     if k == "token"), None)
@@ -971,14 +1013,15 @@ class FrontDoor:
             self.observer.http_request(label, "GET", reply.status, seconds)
         return Answer(data, reply.status, seconds, rid)
 
-    def start(self, head: RequestHead, remote: str | None
-              ) -> tuple[Callable[[Reply | None], Answer | None], asyncio.Future[Reply | None]
-                         ] | None:
+    def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False
+              ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
+                         asyncio.Future[Reply | FileBody | None]] | None:
         """Begin answering ``head``: how to finish, and the reply as it is decided (done
-        already when nothing had to wait); None when aiohttp is to route it."""
+        already when nothing had to wait); None when aiohttp is to route it. ``sendfile``:
+        the connection can send a large file with sendfile(2) (plain TCP)."""
         if head.bearer and (self.plain is None or not self.plain.install_token(head.bearer)):
             return None  # an operator's credential: the plain-HTTP policy's
-        route = self.routes.front(head.path, head.query, remote,
+        route = self.routes.front(head.path, head.query, remote, large=sendfile,
                                   accept_encoding=head.accept_encoding, bearer=head.bearer)
         if route is None:
             return None
@@ -993,16 +1036,18 @@ class FrontDoor:
             decided = (eager(coro) if label in _FROM_MEMORY
                        else asyncio.get_running_loop().create_task(coro))
 
-        def finish(reply: Reply | None) -> Answer | None:
+        def finish(reply: Reply | FileBody | None) -> Answer | None:
             if reply is None:
                 return None
-            data = encode_reply(reply, date=self.date(), server=SERVER_NAME, request_id=rid,
-                                close=head.close)
+            body, whole = (reply, reply.reply) if isinstance(reply, FileBody) else (None, reply)
+            data = encode_reply(whole, date=self.date(), server=SERVER_NAME, request_id=rid,
+                                close=head.close, length=body.size if body else None)
+            # As aiohttp's request_middleware, the time to decide: a file's sending after.
             seconds = time.monotonic() - started
             self.answered += 1
             if self.observer is not None:
-                self.observer.http_request(label, "GET", reply.status, seconds)
-            return Answer(data, reply.status, seconds, rid)
+                self.observer.http_request(label, "GET", whole.status, seconds)
+            return Answer(data, whole.status, seconds, rid, body)
 
         return finish, decided
 
@@ -1035,6 +1080,7 @@ class Answer(NamedTuple):
     status: int
     seconds: float
     request_id: str
+    file: FileBody | None = None  # sent after ``data`` with sendfile(2)
 
 
 # --- connection limits ----------------------------------------------------------------------
@@ -1150,6 +1196,8 @@ class GuardedHandler(web.RequestHandler):
         self._front_paused = False
         self._handed = False  # aiohttp was given a request on this connection
         self._peer: str | Literal[False] | None = False  # _remote(), False: not asked yet
+        self._plain_tcp = False  # a TCP socket without TLS: sendfile(2) may write to it
+        self._sending: asyncio.Task[None] | None = None  # the front's sendfile, if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -1169,6 +1217,7 @@ class GuardedHandler(web.RequestHandler):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                                 int(self._guard.limits.send_timeout * 1000))
+        self._plain_tcp = sock is not None and transport.get_extra_info("sslcontext") is None
         super().connection_made(transport)
         self._head_timer = self._loop.call_later(self._guard.limits.header_timeout,
                                                  self._head_deadline)
@@ -1234,7 +1283,7 @@ class GuardedHandler(web.RequestHandler):
                 self._unread = self._unread[head.size:]
                 self._front_send(head, ready)
                 continue
-            started = front.start(head, self._remote())
+            started = front.start(head, self._remote(), sendfile=self._plain_tcp)
             if started is None:
                 self._to_aiohttp(head.size)
                 continue
@@ -1248,8 +1297,9 @@ class GuardedHandler(web.RequestHandler):
             break
         self._front_flow()
 
-    def _front_later(self, head: RequestHead, finish: Callable[[Reply | None], Answer | None],
-                     decided: asyncio.Future[Reply | None]) -> None:
+    def _front_later(self, head: RequestHead,
+                     finish: Callable[[Reply | FileBody | None], Answer | None],
+                     decided: asyncio.Future[Reply | FileBody | None]) -> None:
         self._front_busy = False
         if decided.cancelled():
             return  # the server is stopping
@@ -1257,16 +1307,17 @@ class GuardedHandler(web.RequestHandler):
         if self.transport is not None:
             self._serve_front()
 
-    def _front_answer(self, head: RequestHead, finish: Callable[[Reply | None], Answer | None],
-                      decided: asyncio.Future[Reply | None]) -> None:
+    def _front_answer(self, head: RequestHead,
+                      finish: Callable[[Reply | FileBody | None], Answer | None],
+                      decided: asyncio.Future[Reply | FileBody | None]) -> None:
         front = self._front
         assert front is not None
         try:
-            reply = decided.result()
+            reply: Reply | FileBody | None = decided.result()
         except Exception as exc:  # the one translation both doors use
             reply = front.failed(exc, head, self._remote())
         answer = finish(reply)
-        if answer is None:  # not the front's after all (a large file: sendfile)
+        if answer is None:  # not the front's after all (a compressed sibling may apply)
             self._to_aiohttp(head.size)
             return
         self._unread = self._unread[head.size:]
@@ -1274,19 +1325,66 @@ class GuardedHandler(web.RequestHandler):
 
     def _front_send(self, head: RequestHead, answer: Answer) -> None:
         transport = self.transport
-        if transport is None:
-            return  # the client left meanwhile
+        if transport is None:  # the client left meanwhile
+            if answer.file is not None:
+                answer.file.file.close()
+            return
         transport.write(answer.data)
+        if answer.file is not None:
+            # Nothing more is answered or handed on until the file is out (pipelining).
+            self._front_busy = True
+            self._sending = self._loop.create_task(self._send_file(head, answer, answer.file))
+            return
+        self._front_sent(head, answer, len(answer.data), answer.seconds)
+
+    async def _send_file(self, head: RequestHead, answer: Answer, body: FileBody) -> None:
+        """Send ``body`` after its head with sendfile(2), as nginx does (no copy through
+        Python, no thread), then carry on with the next request."""
+        began = self._loop.time()
+        sent = 0
+        try:
+            transport = self.transport
+            if transport is not None:
+                try:
+                    # asyncio's selector loop: native, with the transport paused meanwhile.
+                    sent = await self._loop.sendfile(transport, body.file, 0, body.size)
+                except NotImplementedError:  # uvloop: sendfile(2) on the socket itself
+                    sent = await sendfile(transport, body.file, 0, body.size)
+        except (OSError, RuntimeError):
+            pass  # the client left, or the transport was closed: nothing more to send
+        finally:
+            body.file.close()
+            self._sending = None
+        if sent < body.size and self.transport is not None:
+            # Fewer bytes than Content-Length said (the file shrank, the client left): the
+            # connection cannot carry another response.
+            self.force_close()
+        self._front_sent(head, answer, len(answer.data) + sent,
+                         answer.seconds + self._loop.time() - began)
+        self._front_busy = False
+        if self.transport is not None:
+            self._serve_front()
+
+    def _front_sent(self, head: RequestHead, answer: Answer, sent: int, seconds: float
+                    ) -> None:
+        """What follows a front answer: its access log line, keep-alive, close."""
         logger = self.access_logger
         if self._logging_enabled and isinstance(logger, AccessLogger):
-            logger.line(self._remote(), "GET", _front_target(head), answer.status,
-                        len(answer.data), answer.seconds, head.user_agent or None,
-                        answer.request_id)
+            logger.line(self._remote(), "GET", _front_target(head), answer.status, sent,
+                        seconds, head.user_agent or None, answer.request_id)
         # aiohttp closes a connection idle this long after its own last response: move
         # that to after this one (its timer re-arms itself at this time).
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
         if head.close:
             self.force_close()
+
+    def _process_keepalive(self) -> None:
+        # aiohttp's idle timer sees its own handler idle while the front sends a file or
+        # waits for a decision: not idle, whatever the time (a slow client of a 32 MiB
+        # initrd is bounded by TCP_USER_TIMEOUT, as nginx's send_timeout bounds it).
+        if self._front_busy and self.transport is not None:
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        super()._process_keepalive()
 
     def _front_flow(self) -> None:
         """Stop reading while unanswered bytes pile up (a client pipelining faster than it
@@ -1316,6 +1414,8 @@ class GuardedHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._unread = b""
+        if self._sending is not None:
+            self._sending.cancel()  # closes its file
         if self._source is None:
             return  # refused in connection_made: nothing of aiohttp's to tear down
         if self._head_timer is not None:

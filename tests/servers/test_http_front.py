@@ -6,12 +6,15 @@ aiohttp untouched, in order, on the same connection. Real listeners on loopback,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +28,8 @@ OTHER = "52-54-00-12-34-57"
 # Sent to make aiohttp answer a request the front would take, changing nothing else: a
 # cookie that is no session's (the plain-HTTP policy trusts loopback, the route ignores it).
 TO_AIOHTTP = b"Cookie: not=a-session\r\n"
+# Larger than what AssetFiles holds in memory: sent with sendfile(2), over many writes.
+LARGE = bytes(range(256)) * (8 * 1024) + b"tail"
 
 
 @asynccontextmanager
@@ -38,6 +43,7 @@ async def serving(tmp_path: Path, http: str = "", *, seeded: bool = True
         content = service.content
         assert content is not None
         (tmp_path / "assets" / "small.txt").write_bytes(b"s" * 299 + b"\n")
+        (tmp_path / "assets" / "large.bin").write_bytes(LARGE)
         if seeded:
             await seed(service)
         yield service
@@ -124,7 +130,7 @@ async def both_doors(service: Service, target: str, extra: bytes = b""
 
 
 @pytest.mark.parametrize("target", [
-    "/healthz", "/boot.ipxe", "/assets/small.txt", "/assets/vmlinuz",
+    "/healthz", "/boot.ipxe", "/assets/small.txt", "/assets/vmlinuz", "/assets/large.bin",
     "/ipxe", "/ipxe?arch=x86_64", "/ipxe?mac=zz", "/assets/missing", "/config/zz?token=x",
     f"/config/{HEXHYP}?token=wrong", f"/config/{HEXHYP}",
 ])
@@ -346,3 +352,104 @@ async def test_access_log_off_writes_no_line_from_either_door(
     async with serving(tmp_path, http="  access_log: false\n") as service:
         await both_doors(service, "/healthz")
     assert [r for r in caplog.records if r.name == "netboot.access"] == []
+
+
+def run_on(loop: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        runner.run(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_large_file_from_the_front_keeps_pipelined_answers_in_order(
+        tmp_path: Path, loop: str) -> None:
+    """The front sends a large asset with sendfile(2) (natively on asyncio's loop, on the
+    socket itself on uvloop's); what was pipelined behind it waits, whoever answers it."""
+    async def scenario() -> None:
+        async with serving(tmp_path, seeded=False) as service:
+            front = service.front
+            assert front is not None
+            before = front.answered
+            raw = (get("/assets/large.bin") + get("/healthz")
+                   + get("/assets/large.bin", TO_AIOHTTP)  # aiohttp's, after the front's
+                   + get("/assets/large.bin")
+                   + get("/assets/small.txt", b"Connection: close\r\n"))
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+            try:
+                writer.write(raw)
+                replies = [await read_response(reader) for _ in range(5)]
+                assert [r.body for r in replies] == [
+                    LARGE, b"ok\n", LARGE, LARGE, b"s" * 299 + b"\n"]
+                assert replies[0].comparable() == replies[2].comparable()
+                assert await asyncio.wait_for(reader.read(), 30) == b""  # closed after it
+            finally:
+                writer.close()
+            assert front.answered >= before + 2
+
+    run_on(loop, scenario)
+
+
+def _open_fds_of(path: Path) -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += fd.readlink() == path
+    return count
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_that_leaves_mid_file_costs_nothing_after(tmp_path: Path, loop: str) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, "  keepalive_timeout: 1\n", seeded=False) as service:
+            big = tmp_path / "assets" / "big.bin"
+            big.write_bytes(LARGE * 16)  # 32 MiB: more than the socket buffers hold
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", service.http_port)
+                writer.write(get("/assets/big.bin"))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                await reader.readexactly(1 << 16)
+                writer.transport.abort()  # a reset, in the middle of the file
+            # The server closes its side and the file; other clients are served as before.
+            for _ in range(200):
+                if _open_fds_of(big.resolve()) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert _open_fds_of(big.resolve()) == 0
+            (reply,) = await exchange(service.http_port, get("/assets/large.bin"))
+            assert reply.body == LARGE
+
+    run_on(loop, scenario)
+
+
+async def test_a_large_file_keeps_to_aiohttp_where_sendfile_cannot_go(tmp_path: Path) -> None:
+    """TLS (the bytes must pass the encryption) and an Accept-Encoding a compressed sibling
+    may answer: FileResponse's, unchanged."""
+    async with serving(tmp_path, seeded=False) as service:
+        front = service.front
+        assert front is not None and service.https_port
+        before = front.answered
+        context = ssl.create_default_context(
+            cafile=str(service.config.data_dir / "tls" / "ca.pem"))
+        context.check_hostname = False
+        (tls,) = await exchange(service.https_port, get("/assets/large.bin"), context=context)
+        assert tls.body == LARGE
+        (tmp_path / "assets" / "large.bin.gz").write_bytes(gzip.compress(LARGE))
+        (gz,) = await exchange(service.http_port,
+                               get("/assets/large.bin", b"Accept-Encoding: gzip\r\n"))
+        assert gz.header("Content-Encoding") == "gzip"
+        assert gzip.decompress(gz.body) == LARGE
+        assert front.answered == before
+
+
+async def test_a_large_files_access_line_counts_what_was_sent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    async with serving(tmp_path, seeded=False) as service:
+        fast, slow = await both_doors(service, "/assets/large.bin")
+    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"
+             and "/assets/large.bin" in r.getMessage()]
+    assert len(lines) == 2, lines
+    for line, reply in zip(lines, (fast, slow), strict=True):
+        head = sum(len(k) + len(v) + 4 for k, v in reply.headers) + len("HTTP/1.1 200 OK\r\n\r\n")
+        assert f" 200 {head + len(LARGE)} " in line, (line, head)
