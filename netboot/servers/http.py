@@ -1295,7 +1295,8 @@ class GuardedHandler(web.RequestHandler):
             self._front_busy = True
             decided.add_done_callback(functools.partial(self._front_later, head, finish))
             break
-        self._front_flow()
+        if self._front_paused or len(self._unread) > 4 * MAX_HEAD:
+            self._front_flow()
 
     def _front_later(self, head: RequestHead,
                      finish: Callable[[Reply | FileBody | None], Answer | None],
