@@ -269,7 +269,7 @@ class CountingFileResponse(web.FileResponse):
 
 
 async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int, *,
-                   sock: Any = None) -> int:
+                   fd: int | None = None) -> int:
     """``count`` bytes of ``fobj`` from ``offset`` to a plain TCP transport's socket with
     sendfile(2), as nginx does; the bytes sent. For loops whose ``loop.sendfile`` does not
     (uvloop). Never on a TLS transport: the bytes would bypass the encryption.
@@ -277,12 +277,14 @@ async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int, *,
     What the transport still buffers (the response head) is sent first. The socket is
     watched through a duplicate descriptor: the loop refuses a writer on a descriptor its
     transport owns. A client that stops reading is dropped by the kernel (TCP_USER_TIMEOUT,
-    :class:`GuardedHandler`), which ends the wait with an error.
+    :class:`GuardedHandler`), which ends the wait with an error. ``fd``: such a duplicate
+    the caller keeps (and closes), instead of one made here.
     """
     # ``transport``: asyncio's or uvloop's TCP transport (uvloop's subclasses neither).
-    sock = sock or transport.get_extra_info("socket")  # ``sock``: the caller's, if kept
-    if sock is None:
-        raise ConnectionResetError("connection lost")
+    if fd is None:
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            raise ConnectionResetError("connection lost")
     loop = asyncio.get_running_loop()
     delay = 0.0005
     while transport.get_write_buffer_size() and not transport.is_closing():
@@ -290,25 +292,26 @@ async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int, *,
         delay = min(delay * 2, 0.05)
     if transport.is_closing():
         raise ConnectionResetError("connection lost")
-    fd = os.dup(sock.fileno())
+    watched = os.dup(sock.fileno()) if fd is None else fd  # sock: set when fd is None
     sent = 0
     try:
         while sent < count:
             try:
-                n = os.sendfile(fd, fobj.fileno(), offset + sent, count - sent)
+                n = os.sendfile(watched, fobj.fileno(), offset + sent, count - sent)
             except BlockingIOError:
                 writable = loop.create_future()
-                loop.add_writer(fd, writable.set_result, None)
+                loop.add_writer(watched, writable.set_result, None)
                 try:
                     await writable
                 finally:
-                    loop.remove_writer(fd)
+                    loop.remove_writer(watched)
                 continue
             if n == 0:
                 break  # the file is shorter than it was when its length was sent
             sent += n
     finally:
-        os.close(fd)
+        if fd is None:
+            os.close(watched)
     return sent
 
 
@@ -1199,6 +1202,7 @@ class GuardedHandler(web.RequestHandler):
         self._peer: str | Literal[False] | None = False  # _remote(), False: not asked yet
         self._plain_tcp = False  # a TCP socket without TLS: sendfile(2) may write to it
         self._sock: Any = None  # its socket object (asyncio's or uvloop's), when plain TCP
+        self._own: socket.socket | None = None  # _own_socket(), when a file was sent
         self._sending: asyncio.Task[None] | None = None  # the front's sendfile, if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1329,58 +1333,97 @@ class GuardedHandler(web.RequestHandler):
 
     def _front_send(self, head: RequestHead, answer: Answer) -> None:
         transport = self.transport
+        body = answer.file
         if transport is None:  # the client left meanwhile
-            if answer.file is not None:
-                answer.file.file.close()
+            if body is not None:
+                body.file.close()
             return
-        if answer.file is not None:
-            # The head waits in the kernel for the file's first bytes and leaves with them
-            # (TCP_CORK, nginx's tcp_nopush): a head in a packet of its own cost the sender
-            # and the client a round of ~17 % of a 1 MiB answer's CPU.
-            self._cork(True)
+        if body is None:
+            transport.write(answer.data)
+            self._front_sent(head, answer, len(answer.data), answer.seconds)
+            return
+        own = self._own_socket()
+        # The head waits in the kernel for the file's first bytes and leaves with them
+        # (TCP_CORK, nginx's tcp_nopush): a head in a packet of its own cost the sender and
+        # the client ~17 % of a 1 MiB answer's CPU.
+        self._cork(own, True)
         transport.write(answer.data)
-        if answer.file is not None:
-            # Nothing more is answered or handed on until the file is out (pipelining).
-            self._front_busy = True
-            self._sending = self._loop.create_task(self._send_file(head, answer, answer.file))
+        sent = 0
+        if own is not None and not transport.get_write_buffer_size():
+            # The head is in the socket: as much of the file as the socket takes now, with
+            # no task (a 1 MiB file usually goes whole). The transport buffers nothing, so
+            # nothing of its can come between.
+            try:
+                sent = os.sendfile(own.fileno(), body.file.fileno(), 0, body.size)
+            except BlockingIOError:
+                pass
+            except OSError:
+                sent = -1  # the client left: closed below
+        if sent == body.size or sent < 0:
+            self._file_sent(head, answer, body, max(sent, 0), 0.0)
             return
-        self._front_sent(head, answer, len(answer.data), answer.seconds)
+        # The rest when the socket takes it. Nothing more is answered or handed on until
+        # then (pipelining).
+        self._front_busy = True
+        self._sending = self._loop.create_task(self._send_file(head, answer, body, sent))
 
-    async def _send_file(self, head: RequestHead, answer: Answer, body: FileBody) -> None:
-        """Send ``body`` after its head with sendfile(2), as nginx does (no copy through
+    async def _send_file(self, head: RequestHead, answer: Answer, body: FileBody,
+                         offset: int) -> None:
+        """Send the rest of ``body`` with sendfile(2), as nginx does (no copy through
         Python, no thread), then carry on with the next request."""
         began = self._loop.time()
-        sent = 0
+        sent = offset
+        transport = self.transport
+        own = self._own
         try:
-            transport = self.transport
             if transport is not None:
                 try:
                     # asyncio's selector loop: native, with the transport paused meanwhile.
-                    sent = await self._loop.sendfile(transport, body.file, 0, body.size)
+                    sent += await self._loop.sendfile(transport, body.file, offset,
+                                                      body.size - offset)
                 except NotImplementedError:  # uvloop: sendfile(2) on the socket itself
-                    sent = await sendfile(transport, body.file, 0, body.size,
-                                          sock=self._sock)
+                    if own is None:
+                        raise ConnectionResetError("connection lost") from None
+                    sent += await sendfile(transport, body.file, offset, body.size - offset,
+                                           fd=own.fileno())
         except (OSError, RuntimeError):
             pass  # the client left, or the transport was closed: nothing more to send
-        finally:
-            body.file.close()
-            self._sending = None
-            self._cork(False)  # what is left of the file leaves now
-        if sent < body.size and self.transport is not None:
-            # Fewer bytes than Content-Length said (the file shrank, the client left): the
-            # connection cannot carry another response.
-            self.force_close()
-        self._front_sent(head, answer, len(answer.data) + sent,
-                         answer.seconds + self._loop.time() - began)
+        except asyncio.CancelledError:
+            body.file.close()  # the connection is lost
+            raise
+        self._sending = None
         self._front_busy = False
+        self._file_sent(head, answer, body, sent, self._loop.time() - began)
         if self.transport is not None:
             self._serve_front()
 
-    def _cork(self, on: bool) -> None:
-        sock = self._sock
-        if sock is not None and self.transport is not None and hasattr(socket, "TCP_CORK"):
+    def _file_sent(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
+                   seconds: float) -> None:
+        body.file.close()
+        if self.transport is None:
+            return
+        self._cork(self._own, False)  # what is left of the file leaves now
+        if sent < body.size:
+            # Fewer bytes than Content-Length said (the file shrank, the client left): the
+            # connection cannot carry another response.
+            self.force_close()
+        self._front_sent(head, answer, len(answer.data) + sent, answer.seconds + seconds)
+
+    def _own_socket(self) -> socket.socket | None:
+        """A duplicate of the connection's socket, made at its first large file and closed
+        with it: sendfile(2) and a writer can use it where the loop refuses a descriptor
+        its transport owns, and its options cost one system call (uvloop's socket object
+        makes a new socket for each)."""
+        if self._own is None and self._sock is not None:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+                self._own = socket.socket(fileno=os.dup(self._sock.fileno()))
+        return self._own
+
+    @staticmethod
+    def _cork(own: socket.socket | None, on: bool) -> None:
+        if own is not None and hasattr(socket, "TCP_CORK"):
+            with contextlib.suppress(OSError):
+                own.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
 
     def _front_sent(self, head: RequestHead, answer: Answer, sent: int, seconds: float
                     ) -> None:
@@ -1431,8 +1474,13 @@ class GuardedHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._unread = b""
+        own, self._own = self._own, None
         if self._sending is not None:
             self._sending.cancel()  # closes its file
+            if own is not None:  # once the loop watches it no more
+                self._sending.add_done_callback(lambda _: own.close())
+        elif own is not None:
+            own.close()  # the last descriptor of the socket: the connection ends
         if self._source is None:
             return  # refused in connection_made: nothing of aiohttp's to tear down
         if self._head_timer is not None:
