@@ -444,6 +444,8 @@ class AssetFiles:
         self._clock = clock
         self._resolved: dict[str, tuple[Blob, float]] = {}  # requested name -> (blob, until)
         self._held: dict[str, _Held] = {}  # real path -> contents, oldest first
+        # real path -> (identity, reply) of a large file, whose headers are made once
+        self._large: dict[str, tuple[tuple[int, ...], Reply]] = {}
         self._total = 0
 
     def _blob(self, name: str, *, fresh: bool = False) -> Blob:
@@ -481,22 +483,28 @@ class AssetFiles:
         if held is None:
             if not large or accept_encoding or not st_path:
                 return None
-            return _open_large(st_path, blob.content_type.split(";")[0])
+            return self._open_large(st_path, blob.content_type.split(";")[0])
         if held.compressed and accept_encoding:
             return None
         return held.reply
 
-    def ready(self, name: str, *, accept_encoding: bool) -> Reply | None:
+    def ready(self, name: str, *, accept_encoding: bool, large: bool = False
+              ) -> Reply | FileBody | None:
         """:meth:`reply` when nothing has to be read or resolved: the name's resolution is
         fresh and its file, held in memory, still has the identity it was read with (one
-        stat, as nginx opens and stats a file per request); None otherwise (then ask
+        stat, as nginx opens and stats a file per request), or with ``large`` a large file
+        :meth:`reply` opened before (opened again); None otherwise (then ask
         :meth:`reply`)."""
         known = self._resolved.get(name)
         if known is None or known[1] <= self._clock():
             return None
         path = known[0].path
         held = self._held.get(path) if path is not None and known[0].data is None else None
-        if held is None or (held.compressed and accept_encoding):
+        if held is None:
+            if large and not accept_encoding and path in self._large:
+                return self._open_large(path, known[0].content_type.split(";")[0])
+            return None
+        if held.compressed and accept_encoding:
             return None
         try:
             st = os.stat(path)  # type: ignore[arg-type]  # held: a path
@@ -505,6 +513,35 @@ class AssetFiles:
         if (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != held.ident:
             return None
         return held.reply
+
+    def _open_large(self, path: str, content_type: str) -> FileBody | None:
+        """``path`` opened, with the headers aiohttp's FileResponse sends for a whole file
+        (from the open file, so that they describe what is sent; the same Reply while the
+        file keeps its identity); None when it is not a regular file or cannot be opened
+        (FileResponse then answers as it would)."""
+        try:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115  # closed by the sender
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fh.fileno())
+        except OSError:
+            fh.close()
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            fh.close()
+            return None
+        ident = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = self._large.get(path)
+        if known is None or known[0] != ident or known[1].content_type != content_type:
+            if len(self._large) >= 4096:  # bounded: a tree of many large files
+                self._large.clear()
+            known = self._large[path] = (ident, Reply(200, b"", content_type, (
+                (hdrs.ETAG, f'"{st.st_mtime_ns:x}-{st.st_size:x}"'),
+                # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
+                (hdrs.LAST_MODIFIED, formatdate(math.ceil(st.st_mtime), usegmt=True)),
+                (hdrs.ACCEPT_RANGES, "bytes"))))
+        return FileBody(fh, st.st_size, known[1])
 
     async def _find(self, name: str) -> tuple[Blob, _Held | None, str]:
         """The asset: its blob, its copy in memory when it is small enough (read now if
@@ -564,29 +601,6 @@ class FileBody:
     file: IO[bytes]  # open; whoever sends it closes it
     size: int
     reply: Reply  # its status and headers as FileResponse gives them; the body is empty
-
-
-def _open_large(path: str, content_type: str) -> FileBody | None:
-    """``path`` opened, with the headers aiohttp's FileResponse sends for a whole file (made
-    from the open file, so that they describe what is sent); None when it is not a regular
-    file or cannot be opened (FileResponse then answers as it would)."""
-    try:
-        fh = open(path, "rb", buffering=0)  # noqa: SIM115  # closed by the sender
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fh.fileno())
-    except OSError:
-        fh.close()
-        return None
-    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-        fh.close()
-        return None
-    return FileBody(fh, st.st_size, Reply(200, b"", content_type, (
-        (hdrs.ETAG, f'"{st.st_mtime_ns:x}-{st.st_size:x}"'),
-        # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
-        (hdrs.LAST_MODIFIED, formatdate(math.ceil(st.st_mtime), usegmt=True)),
-        (hdrs.ACCEPT_RANGES, "bytes"))))
 
 
 def _stat(blob: Blob) -> tuple[str, os.stat_result]:
@@ -857,7 +871,8 @@ class DeviceRoutes:
             return "/healthz", self._healthz()
         return None
 
-    def ready(self, path: str, *, accept_encoding: bool) -> tuple[str, Reply] | None:
+    def ready(self, path: str, *, accept_encoding: bool, large: bool = False
+              ) -> tuple[str, Reply | FileBody] | None:
         """:meth:`front`'s route and answer when it is in memory already and the same object
         as the last time (the bootstrap script, a small asset held unchanged), so that the
         front door may keep its encoding; None: ask :meth:`front`."""
@@ -867,7 +882,7 @@ class DeviceRoutes:
             except Exception:  # a template that does not render: front's error translation
                 return None
         if path.startswith("/assets/") and len(path) > 8:
-            reply = self._files.ready(path[8:], accept_encoding=accept_encoding)
+            reply = self._files.ready(path[8:], accept_encoding=accept_encoding, large=large)
             return None if reply is None else ("/assets/{path}", reply)
         return None
 
@@ -992,22 +1007,25 @@ class FrontDoor:
             self._heads[buf] = head
         return head
 
-    def ready(self, head: RequestHead) -> Answer | None:
+    def ready(self, head: RequestHead, *, sendfile: bool = False) -> Answer | None:
         """The answer of ``head`` when it is in memory (:meth:`DeviceRoutes.ready`): one
-        lookup, the Date, a request id and a join; None: :meth:`start` it."""
+        lookup, the Date, a request id and a join (with ``sendfile``, a large file's head
+        too, and its file opened); None: :meth:`start` it."""
         if head.close or head.bearer:
             return None
-        found = self.routes.ready(head.path, accept_encoding=head.accept_encoding)
+        found = self.routes.ready(head.path, accept_encoding=head.accept_encoding,
+                                  large=sendfile)
         if found is None:
             return None
         started = time.monotonic()
-        label, reply = found
+        label, whole = found
+        body, reply = (whole, whole.reply) if isinstance(whole, FileBody) else (None, whole)
         wire = self._wire.get(id(reply))
         if wire is None or wire[0] is not reply:
             if len(self._wire) >= 256:  # bounded: old files' replies go
                 self._wire.clear()
-            wire = self._wire[id(reply)] = (reply, *reply_parts(reply, server=SERVER_NAME,
-                                                               close=False))
+            wire = self._wire[id(reply)] = (reply, *reply_parts(
+                reply, server=SERVER_NAME, close=False, length=body.size if body else None))
         given = head.request_id
         rid = given if given and _REQUEST_ID.match(given) else self.ids()
         data = b"".join((wire[1], self.date(), wire[2], rid.encode("ascii"), wire[3]))
@@ -1015,7 +1033,7 @@ class FrontDoor:
         self.answered += 1
         if self.observer is not None:
             self.observer.http_request(label, "GET", reply.status, seconds)
-        return Answer(data, reply.status, seconds, rid)
+        return Answer(data, reply.status, seconds, rid, body)
 
     def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False
               ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
@@ -1284,7 +1302,7 @@ class GuardedHandler(web.RequestHandler):
             if not self._aiohttp_idle():
                 self._to_aiohttp(head.size)  # behind the request aiohttp is answering
                 continue
-            ready = front.ready(head)
+            ready = front.ready(head, sendfile=self._plain_tcp)
             if ready is not None:
                 self._request_count += 1
                 self._unread = self._unread[head.size:]

@@ -453,3 +453,22 @@ async def test_a_large_files_access_line_counts_what_was_sent(
     for line, reply in zip(lines, (fast, slow), strict=True):
         head = sum(len(k) + len(v) + 4 for k, v in reply.headers) + len("HTTP/1.1 200 OK\r\n\r\n")
         assert f" 200 {head + len(LARGE)} " in line, (line, head)
+
+
+async def test_a_large_file_replaced_or_rewritten_is_sent_as_it_is_now(tmp_path: Path) -> None:
+    """The front keeps a large file's headers while the file keeps its identity: a new
+    file, a rewrite, a file that became small are each answered as aiohttp answers them."""
+    async with serving(tmp_path, seeded=False) as service:
+        large = tmp_path / "assets" / "large.bin"
+        for content in (LARGE, LARGE[::-1], LARGE + b"more", b"small now\n"):
+            replaced = large.with_suffix(".new")
+            replaced.write_bytes(content)
+            replaced.replace(large)  # a new inode, as an upgrade writes it
+            for _ in range(2):  # the second from what the first left in memory
+                fast, slow = await both_doors(service, "/assets/large.bin")
+                assert fast.body == content
+                assert fast.comparable() == slow.comparable(), (fast, slow)
+        with large.open("r+b") as fh:  # rewritten in place: same inode, new mtime/ctime
+            fh.write(b"S")
+        fast, slow = await both_doors(service, "/assets/large.bin")
+        assert fast.body == b"Small now\n" and fast.comparable() == slow.comparable()
