@@ -371,14 +371,15 @@ def test_a_large_file_from_the_front_keeps_pipelined_answers_in_order(
             before = front.answered
             raw = (get("/assets/large.bin") + get("/healthz")
                    + get("/assets/large.bin", TO_AIOHTTP)  # aiohttp's, after the front's
-                   + get("/assets/large.bin")
-                   + get("/assets/small.txt", b"Connection: close\r\n"))
+                   + get("/assets/small.txt") + get("/assets/large.bin")
+                   + get("/assets/large.bin", b"Connection: close\r\n"))
             reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
             try:
                 writer.write(raw)
-                replies = [await read_response(reader) for _ in range(5)]
+                replies = [await read_response(reader) for _ in range(6)]
                 assert [r.body for r in replies] == [
-                    LARGE, b"ok\n", LARGE, LARGE, b"s" * 299 + b"\n"]
+                    LARGE, b"ok\n", LARGE, b"s" * 299 + b"\n", LARGE, LARGE]
+                assert replies[5].header("Connection") == "close"
                 assert replies[0].comparable() == replies[2].comparable()
                 assert await asyncio.wait_for(reader.read(), 30) == b""  # closed after it
             finally:
