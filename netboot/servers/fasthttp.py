@@ -6,8 +6,10 @@ object, a StreamWriter, five middlewares and a header serialisation: ~300 µs of
 2-core box, where nginx spends ~30 µs. netboot's connection handler
 (:class:`netboot.servers.http.GuardedHandler`) therefore reads a request head itself when
 the connection is idle, and answers a plain ``GET`` of a device route from here; anything
-else (another method, a body, HTTP/1.0, a credential, a conditional or Range request, an
-encoded or odd target) is handed to aiohttp byte for byte, which answers it as before.
+else (another method, a body, HTTP/1.0, a cookie or a credential other than a bearer token,
+a conditional or Range request, an encoded or odd target) is handed to aiohttp byte for
+byte, which answers it as before. A bearer token is read for the caller, which answers an
+installer's install token and leaves an API token to aiohttp's plain-HTTP policy.
 
 This module is the pure part: bytes to a :class:`RequestHead` (or "not mine"), and a
 :class:`Reply` to the bytes of a response. No sockets.

@@ -1406,8 +1406,8 @@ class GuardedHandler(web.RequestHandler):
                                            fd=own.fileno())
         except (OSError, RuntimeError):
             pass  # the client left, or the transport was closed: nothing more to send
-        except asyncio.CancelledError:
-            body.file.close()  # the connection is lost
+        except asyncio.CancelledError:  # the connection is lost: logged as aiohttp logs it
+            self._file_sent(head, answer, body, sent, self._loop.time() - began)
             raise
         self._sending = None
         self._front_busy = False
@@ -1418,10 +1418,9 @@ class GuardedHandler(web.RequestHandler):
     def _file_sent(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
                    seconds: float) -> None:
         body.file.close()
-        if self.transport is None:
-            return
-        self._cork(self._own, False)  # what is left of the file leaves now
-        if sent < body.size:
+        if self.transport is not None:
+            self._cork(self._own, False)  # what is left of the file leaves now
+        if sent < body.size and self.transport is not None:
             # Fewer bytes than Content-Length said (the file shrank, the client left): the
             # connection cannot carry another response.
             self.force_close()

@@ -398,7 +398,10 @@ def _open_fds_of(path: Path) -> int:
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_a_client_that_leaves_mid_file_costs_nothing_after(tmp_path: Path, loop: str) -> None:
+def test_a_client_that_leaves_mid_file_costs_nothing_after(
+        tmp_path: Path, loop: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+
     async def scenario() -> None:
         async with serving(tmp_path, "  keepalive_timeout: 1\n", seeded=False) as service:
             big = tmp_path / "assets" / "big.bin"
@@ -421,6 +424,9 @@ def test_a_client_that_leaves_mid_file_costs_nothing_after(tmp_path: Path, loop:
             assert reply.body == LARGE
 
     run_on(loop, scenario)
+    # Each is in the access log, as aiohttp logs a client gone before its response's end.
+    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
+    assert len([m for m in lines if "GET /assets/big.bin 200 " in m]) == 3, lines
 
 
 async def test_a_large_file_keeps_to_aiohttp_where_sendfile_cannot_go(tmp_path: Path) -> None:
