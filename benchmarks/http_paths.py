@@ -1,6 +1,7 @@
 """HTTP paths of a boot storm under wrk: netboot and nginx side by side on loopback.
 
-    python benchmarks/http_paths.py [--enrolled 100000] [--duration 10] [--only ipxe,asset300]
+    python benchmarks/http_paths.py [--enrolled 100000] [--duration 10] [--rounds 3]
+                                    [--only ipxe,asset300]
 
 Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machines (a wrk Lua
 script picks the MAC per request) at 50 connections, and for a random one of the first 1,000
@@ -9,7 +10,9 @@ script picks the MAC per request) at 50 connections, and for a random one of the
 (MiB/s). netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data dir filled by
 ``netboot import`` (managed clusters of 12,500 machines, as in the issue's measurement);
 nginx serves the same asset files and one static iPXE script for every MAC, so its /ipxe row
-is the floor: a file served, nothing decided.
+is the floor: a file served, nothing decided. Both servers run at once and every row is
+measured in ``--rounds`` turns, the server that goes first alternating; the ratio printed is
+the median of the turns' ratios (the machine's load drifts between runs a minute apart).
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``); a missing one is said and
 left out. Loopback only; servers stopped by their own PID. Not part of pytest.
 """
@@ -24,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -205,6 +209,11 @@ def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int) -> Me
     return Measured(rps, p99_ms, errors)
 
 
+def median_of(runs: list[Measured]) -> Measured:
+    """The run of median req/s (its p99 and errors with it)."""
+    return sorted(runs, key=lambda m: m.rps)[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--enrolled", type=int, default=100_000)
@@ -215,6 +224,8 @@ def main() -> None:
                         help="clusters with a fixed server URL instead of managed ones (whose "
                              "join lookup of registered servers runs on every /ipxe)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="turns of every row on every server (medians reported)")
     parser.add_argument("--access-log", action="store_true",
                         help="netboot writes its access log (nginx's stays off)")
     args = parser.parse_args()
@@ -239,21 +250,36 @@ def main() -> None:
         print(f"netboot import of {args.enrolled} machines: {took:.1f} s", flush=True)
         script = tmp / "random_mac.lua"
         script.write_text(RANDOM_MAC_LUA)
-        results: dict[tuple[str, str], Measured] = {}
-        for server in servers:
-            run = tmp / server
-            run.mkdir()
-            ctx = (netboot(work, run, args.python, args.access_log) if server == "netboot"
-                   else nginx(work, run))
-            with ctx as port:
+        runs: dict[tuple[str, str], list[Measured]] = {}
+        ratios: dict[str, list[float]] = {}
+        with contextlib.ExitStack() as stack:
+            # Both servers up together, measured row by row in turns (the first server of a
+            # turn alternating): on a shared machine the load drifts within seconds, and a
+            # ratio of two runs taken a minute apart says more about the drift.
+            ports = {}
+            for server in servers:
+                run = tmp / server
+                run.mkdir()
+                ports[server] = stack.enter_context(
+                    netboot(work, run, args.python, args.access_log) if server == "netboot"
+                    else nginx(work, run))
+            for round_ in range(args.rounds):
                 for row in rows:
-                    if row.machines:  # their first requests change something: not measured
-                        wrk(port, row, args.duration, script, args.enrolled)
-                    m = wrk(port, row, args.duration, script, args.enrolled)
-                    results[server, row.name] = m
-                    print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 {m.p99_ms:.1f} ms, "
-                          f"{m.errors} errors", flush=True)
-    print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row")
+                    turn = servers if round_ % 2 == 0 else servers[::-1]
+                    for server in turn:
+                        if row.machines and round_ == 0:  # first requests change things
+                            wrk(ports[server], row, args.duration, script, args.enrolled)
+                        m = wrk(ports[server], row, args.duration, script, args.enrolled)
+                        runs.setdefault((server, row.name), []).append(m)
+                        print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
+                              f"{m.p99_ms:.1f} ms, {m.errors} errors", flush=True)
+                    if len(servers) > 1:
+                        ratios.setdefault(row.name, []).append(
+                            runs["netboot", row.name][-1].rps / runs["nginx", row.name][-1].rps)
+    results = {key: median_of(ms) for key, ms in runs.items()}
+    print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row, "
+          f"medians of {args.rounds} round(s); the ratio is the median of each round's "
+          f"(load average {os.getloadavg()[0]:.1f})")
     head = f"{'path':<11} {'conns':>5}"
     for s in servers:
         head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6}"
@@ -265,7 +291,7 @@ def main() -> None:
             mib = f"{m.rps * row.size / (1 << 20):.0f}" if row.size else "-"
             line += f" {m.rps:>14,.0f} {m.p99_ms:>8.1f} {mib:>8} {m.errors:>6}"
         if len(servers) > 1:
-            line += f"  {results['netboot', row.name].rps / results['nginx', row.name].rps:.2g}x"
+            line += f"  {statistics.median(ratios[row.name]):.2g}x"
         print(line)
 
 

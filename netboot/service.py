@@ -746,7 +746,8 @@ async def build(config: Config) -> Service:
                         "from any peer, and tokens cross the network in clear")
         devices = DeviceRoutes(core.content, health=core.boot.health)
         devices.add_to(app)
-        front = FrontDoor(devices, log=app[LOG_KEY], observer=metrics, ids=app[REQUEST_IDS_KEY])
+        front = FrontDoor(devices, log=app[LOG_KEY], observer=metrics, ids=app[REQUEST_IDS_KEY],
+                          plain=app[PLAIN_HTTP_KEY])
         metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued)
         Api(core, clock=time.time, events=events).add_to(app)
         Dashboard(core.access, store, metrics, metrics_public=config.metrics.public).add_to(app)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from netboot.servers.fasthttp import NotMine, Reply, RequestHead, encode_reply, parse_head
+from netboot.servers.fasthttp import (
+    NotMine,
+    Reply,
+    RequestHead,
+    encode_reply,
+    parse_head,
+    reply_parts,
+)
 
 IPXE = b"GET /ipxe?mac=52-54-00-12-34-56&product=Q35%20+%20ICH9 HTTP/1.1\r\nHost: a\r\n"
 
@@ -28,7 +35,12 @@ def test_an_incomplete_head_waits(raw: bytes) -> None:
     b"GET /assets/%2e%2e/x HTTP/1.1\r\n\r\n",  # to decode: as aiohttp (yarl) decodes it
     b"GET /assets/../x HTTP/1.1\r\n\r\n", b"GET //x HTTP/1.1\r\n\r\n",
     b"GET /assets/./x HTTP/1.1\r\n\r\n", b"GET http://a/x HTTP/1.1\r\n\r\n",
-    b"GET /x HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n",  # the plain-HTTP policy's
+    b"GET /x HTTP/1.1\r\nAuthorization: Basic dTpw\r\n\r\n",  # the plain-HTTP policy's
+    b"GET /x HTTP/1.1\r\nAuthorization: Bearer \r\n\r\n",  # no token: not a bearer's
+    b"GET /x HTTP/1.1\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\n\r\n",
+    b"GET /a b HTTP/1.1\r\n\r\n", b"GET /x?a b HTTP/1.1\r\n\r\n",
+    b"GET /x?a=%zz#f HTTP/1.1\r\n\r\n", b"GET /x/. HTTP/1.1\r\n\r\n",
+    b"GET /x\x01 HTTP/1.1\r\n\r\n", b"GET /x HTTP/1.1 \r\n\r\n", b"GET / HTTP/1.11\r\n\r\n",
     b"GET /x HTTP/1.1\r\nCookie: s=1\r\n\r\n",
     b"GET /x HTTP/1.1\r\nRange: bytes=0-1\r\n\r\n",
     b"GET /x HTTP/1.1\r\nif-none-match: \"e\"\r\n\r\n",
@@ -54,6 +66,27 @@ def test_what_the_front_cannot_frame_leaves_the_connection_to_aiohttp(raw: bytes
     assert parse_head(raw) == NotMine(None)
 
 
+@pytest.mark.parametrize(("field", "token"), [
+    (b"Authorization: Bearer abc.def", "abc.def"),
+    (b"authorization:bearer   abc  ", "abc"),  # scheme case (RFC 9110 §11.1), spaces
+    (b"Authorization: BEARER nbt_x", "nbt_x"),  # an API token: the caller's to refuse
+])
+def test_a_bearer_token_is_read_for_the_caller(field: bytes, token: str) -> None:
+    head = parse_head(b"GET /config/x HTTP/1.1\r\nHost: a\r\n" + field + b"\r\n\r\n")
+    assert isinstance(head, RequestHead) and head.bearer == token
+    assert parse_head(b"GET /config/x HTTP/1.1\r\n\r\n") == RequestHead(
+        "/config/x", "", 26, False, "", "", False, "")
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET / HTTP/1.1\r\n\r\n", b"GET /x? HTTP/1.1\r\n\r\n",
+    b"GET /a/b.c/~d;e=f?q=%20&r=/?s HTTP/1.1\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nX-A:\t v\xe9\t\r\n\r\n",  # HTAB and obs-text in a value
+])
+def test_the_fronts_requests(raw: bytes) -> None:
+    assert isinstance(parse_head(raw), RequestHead), raw
+
+
 def test_connection_close_and_header_case() -> None:
     head = parse_head(b"GET /healthz HTTP/1.1\r\nCONNECTION: keep-alive, Close\r\n"
                       b"accept-encoding: gzip\r\n\r\n")
@@ -69,6 +102,15 @@ def test_encoded_reply_has_aiohttps_headers_and_close() -> None:
                     b"\r\nContent-Length: 14\r\nDate: Tue, 01 Dec 2026 21:00:00 GMT\r\n"
                     b"Server: netboot\r\nX-Request-Id: 0011\r\nCache-Control: no-store\r\n"
                     b"Connection: close\r\n\r\n{\"error\": \"x\"}")
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_a_replys_parts_are_its_encoding(close: bool) -> None:
+    reply = Reply(200, b"x" * 300, "text/plain", (("ETag", '"1-2"'), ("Accept-Ranges", "bytes")))
+    before, between, after = reply_parts(reply, server="netboot", close=close)
+    date = b"Tue, 01 Dec 2026 21:00:00 GMT"
+    assert before + date + between + b"00ff" + after == encode_reply(
+        reply, date=date, server="netboot", request_id="00ff", close=close)
 
 
 @pytest.mark.parametrize("query", [

@@ -6,12 +6,15 @@ aiohttp untouched, in order, on the same connection. Real listeners on loopback,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,18 +28,24 @@ OTHER = "52-54-00-12-34-57"
 # Sent to make aiohttp answer a request the front would take, changing nothing else: a
 # cookie that is no session's (the plain-HTTP policy trusts loopback, the route ignores it).
 TO_AIOHTTP = b"Cookie: not=a-session\r\n"
+# Larger than what AssetFiles holds in memory: sent with sendfile(2), over many writes.
+LARGE = bytes(range(256)) * (8 * 1024) + b"tail"
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, http: str = "") -> AsyncIterator[Service]:
-    """``netboot serve`` as it runs, with a profile, a cluster and a group for x86_64."""
+async def serving(tmp_path: Path, http: str = "", *, seeded: bool = True
+                  ) -> AsyncIterator[Service]:
+    """``netboot serve`` as it runs, with a profile, a cluster and a group for x86_64 (when
+    ``seeded``: through the API over plain HTTP, which loopback may use by default)."""
     service = await build(load(write_config(tmp_path, http=http), env={}))
     await service.start()
     try:
         content = service.content
         assert content is not None
         (tmp_path / "assets" / "small.txt").write_bytes(b"s" * 299 + b"\n")
-        await seed(service)
+        (tmp_path / "assets" / "large.bin").write_bytes(LARGE)
+        if seeded:
+            await seed(service)
         yield service
     finally:
         await service.close()
@@ -107,20 +116,21 @@ def get(target: str, extra: bytes = b"") -> bytes:
         target.encode(), extra)
 
 
-async def both_doors(service: Service, target: str) -> tuple[Response, Response]:
+async def both_doors(service: Service, target: str, extra: bytes = b""
+                     ) -> tuple[Response, Response]:
     """The front's answer and aiohttp's to the same request; the front counted only once."""
     front = service.front
     assert front is not None
     before = front.answered
-    (fast,) = await exchange(service.http_port, get(target))
+    (fast,) = await exchange(service.http_port, get(target, extra))
     assert front.answered == before + 1, f"the front door did not answer {target}"
-    (slow,) = await exchange(service.http_port, get(target, TO_AIOHTTP))
+    (slow,) = await exchange(service.http_port, get(target, extra + TO_AIOHTTP))
     assert front.answered == before + 1, f"the front door answered {target} with a cookie"
     return fast, slow
 
 
 @pytest.mark.parametrize("target", [
-    "/healthz", "/boot.ipxe", "/assets/small.txt", "/assets/vmlinuz",
+    "/healthz", "/boot.ipxe", "/assets/small.txt", "/assets/vmlinuz", "/assets/large.bin",
     "/ipxe", "/ipxe?arch=x86_64", "/ipxe?mac=zz", "/assets/missing", "/config/zz?token=x",
     f"/config/{HEXHYP}?token=wrong", f"/config/{HEXHYP}",
 ])
@@ -130,6 +140,21 @@ async def test_front_and_aiohttp_answer_alike(tmp_path: Path, target: str) -> No
         assert fast.comparable() == slow.comparable(), (fast, slow)
         assert fast.header("Server") == "netboot"
         assert re.fullmatch(r"[0-9a-f]{16}", fast.header("X-Request-Id") or ""), fast
+
+
+@pytest.mark.parametrize(("target", "bearer"), [
+    (f"/config/{HEXHYP}", "not-the-install-token"), ("/config/zz", "x"),
+    (f"/config/{HEXHYP}?token=also-wrong", "wrong"), ("/boot.ipxe", "x"),
+    ("/assets/small.txt", "x"), ("/healthz", "x"),
+])
+async def test_a_bearer_install_token_is_answered_alike_by_both_doors(
+        tmp_path: Path, target: str, bearer: str) -> None:
+    # What an installer sends (the storm's client, k3OS's curl): a device route takes an
+    # install token from the Authorization header as from the query.
+    async with serving(tmp_path) as service:
+        fast, slow = await both_doors(service, target, b"Authorization: Bearer %s\r\n"
+                                      % bearer.encode())
+        assert fast.comparable() == slow.comparable(), (fast, slow)
 
 
 async def test_install_script_and_config_through_the_front(tmp_path: Path) -> None:
@@ -151,6 +176,38 @@ async def test_install_script_and_config_through_the_front(tmp_path: Path) -> No
         assert fast.status == 200 and b"k3os" in fast.body, fast
         assert fast.comparable() == slow.comparable()
         assert fast.header("Content-Type") == "text/yaml; charset=utf-8"
+        # The same token as a bearer (it wins over a wrong one in the query, as in aiohttp).
+        bearer = b"Authorization: Bearer %s\r\n" % token.encode()
+        fast, slow = await both_doors(service, f"/config/{HEXHYP}?token=wrong", bearer)
+        assert fast.status == 200 and b"k3os" in fast.body, fast
+        assert fast.comparable() == slow.comparable()
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
+async def test_an_api_token_as_bearer_is_left_to_the_plain_http_policy(
+        tmp_path: Path, scheme: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An operator's API token sent over plain HTTP on a device route: the front door does
+    not answer it, so it is refused, counted and logged exactly as before."""
+    caplog.set_level(logging.WARNING, logger="netboot.http")
+    async with serving(tmp_path, http="  plain_api: refuse\n", seeded=False) as service:
+        front = service.front
+        assert front is not None
+        before = front.answered
+        auth = f"Authorization: {scheme} nbt_0123456789abcdef\r\n".encode()
+        (refused,) = await exchange(service.http_port, get(f"/config/{HEXHYP}", auth))
+        assert front.answered == before
+        # Not read: a GET off the API is sent to HTTPS (308), its token counted and logged.
+        assert refused.status == 308, refused
+        assert (refused.header("Location") or "").startswith("https://"), refused
+        # An install token as bearer on the same listener is the front's, and answered.
+        (fast,) = await exchange(service.http_port, get(
+            f"/config/{HEXHYP}", b"Authorization: Bearer not-an-api-token\r\n"))
+        assert front.answered == before + 1 and fast.status in (401, 403, 404), fast
+        metrics = (await service.metrics.render(service.store)).decode()
+    warned = [r.getMessage() for r in caplog.records if r.name == "netboot.http"]
+    assert any("an API token over plain HTTP" in m for m in warned), warned
+    assert re.search(r'netboot_errors_total\{kind="http_plaintext_credential"\} 1\.0',
+                     metrics), metrics
 
 
 async def test_pipelined_requests_are_answered_in_order_by_either_door(tmp_path: Path) -> None:
@@ -295,3 +352,130 @@ async def test_access_log_off_writes_no_line_from_either_door(
     async with serving(tmp_path, http="  access_log: false\n") as service:
         await both_doors(service, "/healthz")
     assert [r for r in caplog.records if r.name == "netboot.access"] == []
+
+
+def run_on(loop: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        runner.run(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_large_file_from_the_front_keeps_pipelined_answers_in_order(
+        tmp_path: Path, loop: str) -> None:
+    """The front sends a large asset with sendfile(2) (natively on asyncio's loop, on the
+    socket itself on uvloop's); what was pipelined behind it waits, whoever answers it."""
+    async def scenario() -> None:
+        async with serving(tmp_path, seeded=False) as service:
+            front = service.front
+            assert front is not None
+            before = front.answered
+            raw = (get("/assets/large.bin") + get("/healthz")
+                   + get("/assets/large.bin", TO_AIOHTTP)  # aiohttp's, after the front's
+                   + get("/assets/small.txt") + get("/assets/large.bin")
+                   + get("/assets/large.bin", b"Connection: close\r\n"))
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+            try:
+                writer.write(raw)
+                replies = [await read_response(reader) for _ in range(6)]
+                assert [r.body for r in replies] == [
+                    LARGE, b"ok\n", LARGE, b"s" * 299 + b"\n", LARGE, LARGE]
+                assert replies[5].header("Connection") == "close"
+                assert replies[0].comparable() == replies[2].comparable()
+                assert await asyncio.wait_for(reader.read(), 30) == b""  # closed after it
+            finally:
+                writer.close()
+            assert front.answered >= before + 2
+
+    run_on(loop, scenario)
+
+
+def _open_fds_of(path: Path) -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += fd.readlink() == path
+    return count
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_that_leaves_mid_file_costs_nothing_after(
+        tmp_path: Path, loop: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+
+    async def scenario() -> None:
+        async with serving(tmp_path, "  keepalive_timeout: 1\n", seeded=False) as service:
+            big = tmp_path / "assets" / "big.bin"
+            big.write_bytes(LARGE * 16)  # 32 MiB: more than the socket buffers hold
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", service.http_port)
+                writer.write(get("/assets/big.bin"))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                await reader.readexactly(1 << 16)
+                writer.transport.abort()  # a reset, in the middle of the file
+            # The server closes its side and the file; other clients are served as before.
+            for _ in range(200):
+                if _open_fds_of(big.resolve()) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert _open_fds_of(big.resolve()) == 0
+            (reply,) = await exchange(service.http_port, get("/assets/large.bin"))
+            assert reply.body == LARGE
+
+    run_on(loop, scenario)
+    # Each is in the access log, as aiohttp logs a client gone before its response's end.
+    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
+    assert len([m for m in lines if "GET /assets/big.bin 200 " in m]) == 3, lines
+
+
+async def test_a_large_file_keeps_to_aiohttp_where_sendfile_cannot_go(tmp_path: Path) -> None:
+    """TLS (the bytes must pass the encryption) and an Accept-Encoding a compressed sibling
+    may answer: FileResponse's, unchanged."""
+    async with serving(tmp_path, seeded=False) as service:
+        front = service.front
+        assert front is not None and service.https_port
+        before = front.answered
+        context = ssl.create_default_context(
+            cafile=str(service.config.data_dir / "tls" / "ca.pem"))
+        context.check_hostname = False
+        (tls,) = await exchange(service.https_port, get("/assets/large.bin"), context=context)
+        assert tls.body == LARGE
+        (tmp_path / "assets" / "large.bin.gz").write_bytes(gzip.compress(LARGE))
+        (gz,) = await exchange(service.http_port,
+                               get("/assets/large.bin", b"Accept-Encoding: gzip\r\n"))
+        assert gz.header("Content-Encoding") == "gzip"
+        assert gzip.decompress(gz.body) == LARGE
+        assert front.answered == before
+
+
+async def test_a_large_files_access_line_counts_what_was_sent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    async with serving(tmp_path, seeded=False) as service:
+        fast, slow = await both_doors(service, "/assets/large.bin")
+    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"
+             and "/assets/large.bin" in r.getMessage()]
+    assert len(lines) == 2, lines
+    for line, reply in zip(lines, (fast, slow), strict=True):
+        head = sum(len(k) + len(v) + 4 for k, v in reply.headers) + len("HTTP/1.1 200 OK\r\n\r\n")
+        assert f" 200 {head + len(LARGE)} " in line, (line, head)
+
+
+async def test_a_large_file_replaced_or_rewritten_is_sent_as_it_is_now(tmp_path: Path) -> None:
+    """The front keeps a large file's headers while the file keeps its identity: a new
+    file, a rewrite, a file that became small are each answered as aiohttp answers them."""
+    async with serving(tmp_path, seeded=False) as service:
+        large = tmp_path / "assets" / "large.bin"
+        for content in (LARGE, LARGE[::-1], LARGE + b"more", b"small now\n"):
+            replaced = large.with_suffix(".new")
+            replaced.write_bytes(content)
+            replaced.replace(large)  # a new inode, as an upgrade writes it
+            for _ in range(2):  # the second from what the first left in memory
+                fast, slow = await both_doors(service, "/assets/large.bin")
+                assert fast.body == content
+                assert fast.comparable() == slow.comparable(), (fast, slow)
+        with large.open("r+b") as fh:  # rewritten in place: same inode, new mtime/ctime
+            fh.write(b"S")
+        fast, slow = await both_doors(service, "/assets/large.bin")
+        assert fast.body == b"Small now\n" and fast.comparable() == slow.comparable()
