@@ -161,29 +161,36 @@ def learn(machine: Machine, request: BootRequest, now: float,
     (iPXE's cpuid check is better than option 93's "x86"); the first firmware seen is what the
     machine *is* ("UEFI PXE" tells more than the iPXE it chainloads).
     """
-    facts = dict(machine.facts)
+    told: dict[str, str] = {}
     for key in _FACT_KEYS:
         value = getattr(request, key)
         if value:
-            facts["dhcp_hostname" if key == "hostname" else key] = value
+            told["dhcp_hostname" if key == "hostname" else key] = value
     if request.remote_addr:
-        facts["remote_addr"] = request.remote_addr
+        told["remote_addr"] = request.remote_addr
     seen = Identity.of_request(request)
     for key in ("uuid", "serial", "asset"):
         value = getattr(request, key)
         if value and (getattr(seen, key) is None or key in taken):
-            facts[key] = value
+            told[key] = value
 
     def pick(key: str) -> str | None:
         own: str | None = getattr(machine, key)
         return own or (None if key in taken else getattr(seen, key))
 
-    updated = replace(
-        machine, facts=facts, uuid=pick("uuid"), serial=pick("serial"), asset=pick("asset"),
-        arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
-        firmware=machine.firmware or (request.firmware
-                                      if request.firmware != Firmware.UNKNOWN else None),
-    )
+    uuid, serial, asset = pick("uuid"), pick("serial"), pick("asset")
+    arch = request.arch if request.arch != Arch.UNKNOWN else machine.arch
+    firmware = machine.firmware or (request.firmware
+                                    if request.firmware != Firmware.UNKNOWN else None)
+    facts = machine.facts
+    # A device that tells what is known already (every retry of a held machine, every
+    # repeated step of a storm) changes nothing: answered without building a copy to compare.
+    if (uuid == machine.uuid and serial == machine.serial and asset == machine.asset
+            and arch == machine.arch and firmware == machine.firmware
+            and all(k in facts and facts[k] == v for k, v in told.items())):
+        return machine
+    updated = replace(machine, facts={**facts, **told}, uuid=uuid, serial=serial, asset=asset,
+                      arch=arch, firmware=firmware)
     return replace(updated, updated=now) if updated != machine else machine
 
 
@@ -911,14 +918,16 @@ class BootService:
             self._recorder.record(event)
 
     def _learn_later(self, machine: Machine, request: BootRequest, now: float,
-                     taken: frozenset[str] = frozenset()) -> Machine:
+                     taken: frozenset[str] = frozenset(),
+                     updated: Machine | None = None) -> Machine:
         """``machine`` with what ``request`` told about it (:func:`learn`), for the answer;
         stored with the next group commit of boot notes, not before the answer: nothing of
         it is told to the device. It is learnt again then, on the machine as it is stored
         at that moment, so that a change made meanwhile (by an operator, another server)
         is kept, not overwritten with this request's copy."""
-        updated = learn(machine, request, now, taken)
-        if updated != machine:
+        if updated is None:  # else the caller learnt it already
+            updated = learn(machine, request, now, taken)
+        if updated is not machine:
             self._recorder.learned(machine.id,
                                    lambda current: learn(current, request, now, taken))
         return updated
@@ -928,10 +937,10 @@ class BootService:
         """:meth:`_learn_later`, except that a new identifier (UUID, serial, asset tag) is
         committed at once: the next request may be recognised by it."""
         updated = learn(machine, request, now, taken)
-        if identity.claims(updated) != identity.claims(machine):
+        if updated is not machine and identity.claims(updated) != identity.claims(machine):
             await self._commit_update(updated, machine.state)
             return updated
-        return self._learn_later(machine, request, now, taken)
+        return self._learn_later(machine, request, now, taken, updated)
 
     async def _newest(self, ids: Collection[str]) -> dict[str, Machine | None]:
         """The machines as stored now (the recorder's source for :meth:`_learn_later`)."""
