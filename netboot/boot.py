@@ -94,6 +94,23 @@ class BootSettings:
     k3s_port: int = 6443
 
 
+# Decisions kept for repeated requests (BootService._recorded_plan), one per NIC: a storm's
+# devices and held machines' retry loops, not every machine of a large inventory.
+REPEATS_KEPT = 8192
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _Repeat:
+    """A decision that wrote nothing, and what it was taken from."""
+
+    request: BootRequest
+    machine: Machine  # the view's object: replaced when the machine's value changes
+    shared: int  # InventoryView.shared when taken
+    settings: BootSettings
+    kind: str  # the event it notes (with the plan's reason): a repeat writes nothing only
+    plan: BootPlan  # while that note is still the machine's newest
+
+
 # First-stage loaders by chain, firmware and architecture, in order of preference.
 # iPXE: snponly.efi binds only to the NIC it was loaded from (protocols.md §2.2), so it is
 # preferred for UEFI. shim-grub: shim (Microsoft-signed) loads grub<arch>.efi from its own
@@ -234,6 +251,9 @@ class BootService:
         self._background: set[asyncio.Task[None]] = set()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
+        # NIC -> the last decision that wrote nothing, to answer its repeats (_recorded_plan);
+        # oldest first, bounded.
+        self._repeats: dict[MacAddress, _Repeat] = {}
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
@@ -410,7 +430,7 @@ class BootService:
                 if not await self._fresh():
                     return await self._plan_from_memory(request)
                 try:
-                    return await self._plan(request, record=True)
+                    return await self._recorded_plan(request)
                 except StateChanged:
                     if attempt == CAS_ATTEMPTS - 1:
                         raise
@@ -450,9 +470,43 @@ class BootService:
                 self._recorder.record(self._new_event(machine, kind, plan.reason, request))
         return plan
 
-    async def _plan(self, request: BootRequest, *, record: bool) -> BootPlan:
-        mac = request.mac
+    async def _recorded_plan(self, request: BootRequest) -> BootPlan:
+        """:meth:`_plan`, recorded. A request equal to an earlier one whose decision wrote
+        nothing, resolved to the same machine object (the view replaces it when its value
+        changes), with the same settings and nothing else a decision reads changed since
+        (InventoryView.shared), gets that decision again without taking it: taken again it
+        would answer the same and write nothing either (its note would repeat, learn() would
+        change nothing). A held machine's retry loop, a storm's repeated steps."""
         res = await self._resolve(request)
+        machine = res.machine
+        kept = self._repeats.get(request.mac)
+        if (kept is not None and machine is not None and kept.machine is machine
+                and not res.absorb and not res.disagree and kept.request == request
+                and kept.shared == self._view.shared and kept.settings is self.settings
+                and self._recorder.repeats(machine.id, kept.kind, kept.plan.reason, machine)):
+            return kept.plan
+        activity, shared = self._recorder.activity, self._view.shared
+        plan = await self._plan(request, record=True, res=res)
+        kind = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}.get(plan.action)
+        if (kind is not None and machine is not None and plan.machine is machine
+                and self._view.loaded and not res.absorb and not res.disagree
+                and activity == self._recorder.activity and shared == self._view.shared
+                # An install under way is held by its token's expiry: the clock decides.
+                and machine.state != MachineState.DISCOVERED
+                and not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)
+                and self._recorder.repeats(machine.id, kind, plan.reason, machine)):
+            self._repeats.pop(request.mac, None)
+            self._repeats[request.mac] = _Repeat(request, machine, shared, self.settings, kind,
+                                                 plan)
+            if len(self._repeats) > REPEATS_KEPT:
+                del self._repeats[next(iter(self._repeats))]  # the oldest
+        return plan
+
+    async def _plan(self, request: BootRequest, *, record: bool,
+                    res: Resolution | None = None) -> BootPlan:
+        mac = request.mac
+        if res is None:
+            res = await self._resolve(request)
         machine = await self._adopt(request, res) if record else res.machine
         if machine is None or machine.state == MachineState.DISCOVERED:
             machine = await self._discover(request, machine, res) if record else machine
