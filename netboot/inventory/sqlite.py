@@ -677,6 +677,12 @@ class SqliteStore:
         return None if machine is None else machine.fixed_ipv4
 
     # change feed -------------------------------------------------------------------------
+    def settled(self, seq: int) -> bool:
+        """Whether nothing was committed after ``seq`` (base.SettledFeed): the probe's
+        data_version is the one of the feed's last full read, which ended at ``seq``."""
+        probed = self._probe_version()
+        return probed is not None and probed == self._probed and 0 <= seq == self._feed_seq
+
     async def changes_since(self, seq: int) -> Changes:
         probed = self._probe_version()
         if probed is not None and probed == self._probed and 0 <= seq == self._feed_seq:

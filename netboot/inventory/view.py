@@ -31,7 +31,13 @@ from typing import TypeVar
 
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Changes, LocalCommits, MachineFilter, Store
+from netboot.inventory.base import (
+    Changes,
+    LocalCommits,
+    MachineFilter,
+    SettledFeed,
+    Store,
+)
 from netboot.model import (
     Cluster,
     Event,
@@ -72,6 +78,7 @@ class InventoryView:
         # For fresh(): the store's own write count and the loop time when the last applied
         # sync started (None: the store counts no writes, every reader syncs).
         self._local = store if isinstance(store, LocalCommits) else None
+        self._settled = store if isinstance(store, SettledFeed) else None
         self._synced: tuple[int, float] | None = None
         self._refresh: asyncio.Future[None] | None = None  # the background one fresh() began
         self._clears = 0  # bumped when everything is dropped (pruned history)
@@ -147,6 +154,13 @@ class InventoryView:
     # syncing -----------------------------------------------------------------------------
     async def sync(self) -> None:
         """Apply every change committed before this call."""
+        if self._syncing is None and self._settled is not None \
+                and self._settled.settled(self._seq):
+            # Nothing committed since the last sync, by anyone (one read of the WAL index
+            # in shared memory): nothing to apply, no round trip, no future to share.
+            if self._local is not None:
+                self._synced = (self._local.commits, asyncio.get_running_loop().time())
+            return
         wanted = self._started + 1  # a sync that starts from now on
         while self._finished < wanted:
             if self._syncing is None:

@@ -20,17 +20,7 @@ from netboot.errors import NotFound, StoreError
 from netboot.inventory import sqlite as sqlite_store
 from netboot.inventory.base import MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
-from netboot.model import (
-    Cluster,
-    Event,
-    Group,
-    Lease,
-    MacAddress,
-    Machine,
-    MachineState,
-    Profile,
-    Scope,
-)
+from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile, Scope
 
 MAC1 = "02:00:00:00:00:01"
 REPO = Path(netboot.__file__).resolve().parent.parent
@@ -490,6 +480,8 @@ async def test_an_update_of_the_document_only_leaves_indexed_rows_alone(tmp_path
     and label rows and the indexed columns are left as they are, not deleted and written
     again; an update that changes them rewrites exactly those, and reads follow."""
     from dataclasses import replace
+
+    from netboot.model import MachineState
 
     path = tmp_path / "n.db"
     store = SqliteStore(path)
