@@ -397,6 +397,12 @@ class BootService:
                           "/".join(str(c) for c in chains))
         return None
 
+    async def machine_by_mac(self, mac: MacAddress) -> Machine | None:
+        """The machine with this NIC as the inventory holds it now: from the view, synced
+        first (a store read per config fetch was a hop to its thread)."""
+        await self._view.sync()
+        return await self._view.machine_by("mac", str(mac))
+
     async def chain(self, machine: Machine | None, request: BootRequest,
                     ) -> tuple[LoaderChain | None, str]:
         """The loader chain chosen for a machine and who chose it (None: the default)."""

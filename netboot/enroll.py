@@ -507,10 +507,14 @@ class Enroller:
         return updated
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
+        # The state and its event in one transaction, grouped with concurrent commits (a
+        # storm's devices fetch their configs together): committed before the config is
+        # answered, compare-and-set on the state it was read in.
         updated = lifecycle.advance(machine, lifecycle.Trigger.CONFIG_FETCHED, self._clock())
-        if updated is not machine:
-            await self._store.update_machine(updated, expect_state=machine.state)
-        await self.event(machine.id, "config", f"{what} fetched")
+        moved = updated is not machine
+        event = Event(machine.id, self._clock(), "config", f"{what} fetched")
+        await self.recorder.commit(Batch(update=(updated,) if moved else (), events=(event,),
+                                         expect={machine.id: machine.state} if moved else {}))
 
     async def report(self, ref: str, body: Mapping[str, Any]) -> Event:
         """A progress report from an installer (POST /api/v1/machines/<ref>/events)."""
