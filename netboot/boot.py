@@ -94,6 +94,23 @@ class BootSettings:
     k3s_port: int = 6443
 
 
+# Decisions kept for repeated requests (BootService._recorded_plan), one per NIC: a storm's
+# devices and held machines' retry loops, not every machine of a large inventory.
+REPEATS_KEPT = 8192
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _Repeat:
+    """A decision that wrote nothing, and what it was taken from."""
+
+    request: BootRequest
+    machine: Machine  # the view's object: replaced when the machine's value changes
+    shared: int  # InventoryView.shared when taken
+    settings: BootSettings
+    kind: str  # the event it notes (with the plan's reason): a repeat writes nothing only
+    plan: BootPlan  # while that note is still the machine's newest
+
+
 # First-stage loaders by chain, firmware and architecture, in order of preference.
 # iPXE: snponly.efi binds only to the NIC it was loaded from (protocols.md §2.2), so it is
 # preferred for UEFI. shim-grub: shim (Microsoft-signed) loads grub<arch>.efi from its own
@@ -161,29 +178,36 @@ def learn(machine: Machine, request: BootRequest, now: float,
     (iPXE's cpuid check is better than option 93's "x86"); the first firmware seen is what the
     machine *is* ("UEFI PXE" tells more than the iPXE it chainloads).
     """
-    facts = dict(machine.facts)
+    told: dict[str, str] = {}
     for key in _FACT_KEYS:
         value = getattr(request, key)
         if value:
-            facts["dhcp_hostname" if key == "hostname" else key] = value
+            told["dhcp_hostname" if key == "hostname" else key] = value
     if request.remote_addr:
-        facts["remote_addr"] = request.remote_addr
+        told["remote_addr"] = request.remote_addr
     seen = Identity.of_request(request)
     for key in ("uuid", "serial", "asset"):
         value = getattr(request, key)
         if value and (getattr(seen, key) is None or key in taken):
-            facts[key] = value
+            told[key] = value
 
     def pick(key: str) -> str | None:
         own: str | None = getattr(machine, key)
         return own or (None if key in taken else getattr(seen, key))
 
-    updated = replace(
-        machine, facts=facts, uuid=pick("uuid"), serial=pick("serial"), asset=pick("asset"),
-        arch=request.arch if request.arch != Arch.UNKNOWN else machine.arch,
-        firmware=machine.firmware or (request.firmware
-                                      if request.firmware != Firmware.UNKNOWN else None),
-    )
+    uuid, serial, asset = pick("uuid"), pick("serial"), pick("asset")
+    arch = request.arch if request.arch != Arch.UNKNOWN else machine.arch
+    firmware = machine.firmware or (request.firmware
+                                    if request.firmware != Firmware.UNKNOWN else None)
+    facts = machine.facts
+    # A device that tells what is known already (every retry of a held machine, every
+    # repeated step of a storm) changes nothing: answered without building a copy to compare.
+    if (uuid == machine.uuid and serial == machine.serial and asset == machine.asset
+            and arch == machine.arch and firmware == machine.firmware
+            and all(k in facts and facts[k] == v for k, v in told.items())):
+        return machine
+    updated = replace(machine, facts={**facts, **told}, uuid=uuid, serial=serial, asset=asset,
+                      arch=arch, firmware=firmware)
     return replace(updated, updated=now) if updated != machine else machine
 
 
@@ -227,6 +251,9 @@ class BootService:
         self._background: set[asyncio.Task[None]] = set()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
+        # NIC -> the last decision that wrote nothing, to answer its repeats (_recorded_plan);
+        # oldest first, bounded.
+        self._repeats: dict[MacAddress, _Repeat] = {}
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
@@ -370,6 +397,12 @@ class BootService:
                           "/".join(str(c) for c in chains))
         return None
 
+    async def machine_by_mac(self, mac: MacAddress) -> Machine | None:
+        """The machine with this NIC as the inventory holds it now: from the view, synced
+        first (a store read per config fetch was a hop to its thread)."""
+        await self._view.sync()
+        return await self._view.machine_by("mac", str(mac))
+
     async def chain(self, machine: Machine | None, request: BootRequest,
                     ) -> tuple[LoaderChain | None, str]:
         """The loader chain chosen for a machine and who chose it (None: the default)."""
@@ -403,7 +436,7 @@ class BootService:
                 if not await self._fresh():
                     return await self._plan_from_memory(request)
                 try:
-                    return await self._plan(request, record=True)
+                    return await self._recorded_plan(request)
                 except StateChanged:
                     if attempt == CAS_ATTEMPTS - 1:
                         raise
@@ -443,9 +476,43 @@ class BootService:
                 self._recorder.record(self._new_event(machine, kind, plan.reason, request))
         return plan
 
-    async def _plan(self, request: BootRequest, *, record: bool) -> BootPlan:
-        mac = request.mac
+    async def _recorded_plan(self, request: BootRequest) -> BootPlan:
+        """:meth:`_plan`, recorded. A request equal to an earlier one whose decision wrote
+        nothing, resolved to the same machine object (the view replaces it when its value
+        changes), with the same settings and nothing else a decision reads changed since
+        (InventoryView.shared), gets that decision again without taking it: taken again it
+        would answer the same and write nothing either (its note would repeat, learn() would
+        change nothing). A held machine's retry loop, a storm's repeated steps."""
         res = await self._resolve(request)
+        machine = res.machine
+        kept = self._repeats.get(request.mac)
+        if (kept is not None and machine is not None and kept.machine is machine
+                and not res.absorb and not res.disagree and kept.request == request
+                and kept.shared == self._view.shared and kept.settings is self.settings
+                and self._recorder.repeats(machine.id, kept.kind, kept.plan.reason, machine)):
+            return kept.plan
+        activity, shared = self._recorder.activity, self._view.shared
+        plan = await self._plan(request, record=True, res=res)
+        kind = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}.get(plan.action)
+        if (kind is not None and machine is not None and plan.machine is machine
+                and self._view.loaded and not res.absorb and not res.disagree
+                and activity == self._recorder.activity and shared == self._view.shared
+                # An install under way is held by its token's expiry: the clock decides.
+                and machine.state != MachineState.DISCOVERED
+                and not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)
+                and self._recorder.repeats(machine.id, kind, plan.reason, machine)):
+            self._repeats.pop(request.mac, None)
+            self._repeats[request.mac] = _Repeat(request, machine, shared, self.settings, kind,
+                                                 plan)
+            if len(self._repeats) > REPEATS_KEPT:
+                del self._repeats[next(iter(self._repeats))]  # the oldest
+        return plan
+
+    async def _plan(self, request: BootRequest, *, record: bool,
+                    res: Resolution | None = None) -> BootPlan:
+        mac = request.mac
+        if res is None:
+            res = await self._resolve(request)
         machine = await self._adopt(request, res) if record else res.machine
         if machine is None or machine.state == MachineState.DISCOVERED:
             machine = await self._discover(request, machine, res) if record else machine
@@ -911,14 +978,16 @@ class BootService:
             self._recorder.record(event)
 
     def _learn_later(self, machine: Machine, request: BootRequest, now: float,
-                     taken: frozenset[str] = frozenset()) -> Machine:
+                     taken: frozenset[str] = frozenset(),
+                     updated: Machine | None = None) -> Machine:
         """``machine`` with what ``request`` told about it (:func:`learn`), for the answer;
         stored with the next group commit of boot notes, not before the answer: nothing of
         it is told to the device. It is learnt again then, on the machine as it is stored
         at that moment, so that a change made meanwhile (by an operator, another server)
         is kept, not overwritten with this request's copy."""
-        updated = learn(machine, request, now, taken)
-        if updated != machine:
+        if updated is None:  # else the caller learnt it already
+            updated = learn(machine, request, now, taken)
+        if updated is not machine:
             self._recorder.learned(machine.id,
                                    lambda current: learn(current, request, now, taken))
         return updated
@@ -928,10 +997,10 @@ class BootService:
         """:meth:`_learn_later`, except that a new identifier (UUID, serial, asset tag) is
         committed at once: the next request may be recognised by it."""
         updated = learn(machine, request, now, taken)
-        if identity.claims(updated) != identity.claims(machine):
+        if updated is not machine and identity.claims(updated) != identity.claims(machine):
             await self._commit_update(updated, machine.state)
             return updated
-        return self._learn_later(machine, request, now, taken)
+        return self._learn_later(machine, request, now, taken, updated)
 
     async def _newest(self, ids: Collection[str]) -> dict[str, Machine | None]:
         """The machines as stored now (the recorder's source for :meth:`_learn_later`)."""

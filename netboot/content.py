@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import shlex
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -111,6 +112,7 @@ class Content:
         self._log = logger or logging.getLogger(__name__)
         self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
+        self._cmdlines: dict[Path, tuple[object, str]] = {}  # see _default_cmdline
 
     @property
     def urls(self) -> Urls:
@@ -171,8 +173,19 @@ class Content:
         name = "cmdline/cloud-init.txt" if config_template == "cloud-init" else "cmdline/k3os.txt"
         for directory in self._render.dirs:
             path = directory / name
-            if path.is_file():
-                return path.read_text(encoding="utf-8")
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            # Every install script and config renders it: read again only when the file
+            # changed (inode, size, mtime), not on every request.
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            kept = self._cmdlines.get(path)
+            if kept is None or kept[0] != seen:
+                kept = self._cmdlines[path] = (seen, path.read_text(encoding="utf-8"))
+            return kept[1]
         raise RenderError(f"no default command line template {name}")
 
     # -- iPXE ---------------------------------------------------------------------------
@@ -371,7 +384,7 @@ class Content:
     # -- per-machine configs (need the install token: they carry cluster secrets) -------
     async def authorised_plan(self, mac_text: str, token: str | None) -> BootPlan:
         mac = MacAddress.parse(mac_text)
-        found = await self._store.machine_by("mac", str(mac))
+        found = await self._boot.machine_by_mac(mac)
         # Only during an install (booting, installing): the config carries the cluster's join
         # token, which an installed or registered machine no longer needs (409 naming its
         # state); an unknown MAC and a wrong token get the same 401, leaking nothing.

@@ -508,9 +508,17 @@ class Enroller:
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
         updated = lifecycle.advance(machine, lifecycle.Trigger.CONFIG_FETCHED, self._clock())
-        if updated is not machine:
-            await self._store.update_machine(updated, expect_state=machine.state)
-        await self.event(machine.id, "config", f"{what} fetched")
+        event = Event(machine.id, self._clock(), "config", f"{what} fetched")
+        if updated is machine:
+            # Fetched again (an installer retrying): no state moves, and the event tells the
+            # device nothing: queued with the next group commit of boot notes.
+            self.recorder.record(event)
+            return
+        # The state and its event in one transaction, grouped with concurrent commits (a
+        # storm's devices fetch their configs together): committed before the config is
+        # answered, compare-and-set on the state it was read in.
+        await self.recorder.commit(Batch(update=(updated,), events=(event,),
+                                         expect={machine.id: machine.state}))
 
     async def report(self, machine: Machine, body: Mapping[str, Any]) -> Event:
         """A progress report from an installer (POST /api/v1/machines/<ref>/events) about

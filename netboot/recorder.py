@@ -78,9 +78,13 @@ class Recorder:
             None)
         self.adopt: Callable[[Sequence[Machine]], None] | None = None  # told what was written
         self._groups: set[asyncio.Task[None]] = set()
+        # Bumped by everything that may write (record, note, learned, commit): a caller that
+        # finds it unchanged across a decision knows the decision wrote nothing.
+        self.activity = 0
 
     def record(self, event: Event) -> None:
         """Queue ``event``; it is committed within ``delay`` seconds."""
+        self.activity += 1
         self._queue.append(event)
         self._newest[event.machine] = event
         if len(self._queue) > self._max_queued:
@@ -116,6 +120,7 @@ class Recorder:
         """Store ``redo(machine)`` with the next batch, applied to the machine as it is stored
         then (nothing if it changes nothing, or the machine is gone). For what a device told
         about itself and was told nothing about: not worth a commit before the answer."""
+        self.activity += 1
         redos = self._learned.setdefault(machine_id, [])
         if len(redos) >= _REDOS:
             # A machine asking again and again while the inventory is away: the newest
@@ -128,20 +133,25 @@ class Recorder:
         """Queue ``event`` unless the newest event of its machine says the same (kind and
         message). ``version`` stands for the machine's state: a note remembered for another
         version is not trusted (someone else may have written events since)."""
-        key = (event.kind, event.message)
-        queued = self._newest.get(event.machine)
-        if queued is not None:  # the newest of all, whoever wrote since
-            if (queued.kind, queued.message) == key:
-                return
-        else:
+        if self.repeats(event.machine, event.kind, event.message, version):
+            return
+        if event.machine not in self._newest:
             known = self._last.get(event.machine)
-            if known is not None and known[1] is version:
-                if known[0] == key:
-                    return
-            else:
+            if known is None or known[1] is not version:
                 self._unsure.add(id(event))  # compared with the store when written
         self.record(event)
         self._remember(event, version)
+
+    def repeats(self, machine_id: str, kind: str, message: str, version: object = None,
+                ) -> bool:
+        """Whether :meth:`note` would drop this note as a repeat, knowing so here: the newest
+        event of the machine queued (whoever wrote it), else the newest remembered for this
+        very ``version``, says the same."""
+        queued = self._newest.get(machine_id)
+        if queued is not None:  # the newest of all, whoever wrote since
+            return queued.kind == kind and queued.message == message
+        known = self._last.get(machine_id)
+        return known is not None and known[1] is version and known[0] == (kind, message)
 
     def _remember(self, event: Event, version: object) -> None:
         last = self._last
@@ -166,6 +176,7 @@ class Recorder:
         transaction (so history keeps its order), and with other commits that arrive while
         a transaction is under way. If it fails, nothing of it is written and the queued
         events stay queued. ``version``: the machine as the batch leaves it, for note()."""
+        self.activity += 1
         if batch.merge:  # a merge moves events: alone, after what is queued under the old ids
             async with self._lock:
                 await self._write(Batch())

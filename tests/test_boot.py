@@ -16,6 +16,7 @@ from netboot.inventory.memory import MemoryStore
 from netboot.model import (
     Arch,
     BootAction,
+    BootPlan,
     BootRequest,
     Cluster,
     Event,
@@ -718,3 +719,95 @@ async def test_a_pxelinux_request_mid_install_gets_the_token_only_at_its_first_a
     assert machine.facts["install_peer"] == "192.0.2.61"
     kinds = [e.kind for e in await events_of(store, MAC, boot)]
     assert kinds.count("token withheld") == 1 and kinds.count("install-plan") == 2
+
+
+async def test_a_kept_decision_follows_every_change_at_once(tmp_path: Path) -> None:
+    """Repeated requests are answered from the decision kept for them (nothing written, the
+    same plan object); any change to what that decision read, made here or by another
+    process (the CLI), gives the next request a new decision: the machine, its group,
+    profile or cluster, a server of its cluster, a setting, the boot settings, and an event
+    noted for the machine since."""
+    from netboot.inventory.sqlite import SqliteStore
+
+    path = tmp_path / "n.db"
+    store = SqliteStore(path)
+    await store.open()
+    cli = SqliteStore(path)  # another process's store: its commits reach only the feed
+    await cli.open()
+    try:
+        clock = Clock()
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+        macs = [MacAddress.parse(f"52:54:00:00:02:{i:02x}") for i in range(4)]
+        agent = Machine(macs=(macs[0],), cluster="m", role=Role.AGENT, profile="p")
+        await store.create_machine(agent)  # held: its cluster has no server yet
+        await store.create_machine(Machine(macs=(macs[1],), cluster="m", profile="q"))
+        installed = Machine(macs=(macs[2],), state=MachineState.INSTALLED)
+        await store.create_machine(installed)
+        grouped = Machine(macs=(macs[3],), labels={"rack": "r1"})  # no profile of its own
+        await store.create_machine(grouped)
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await boot.load_view()
+        requests = [BootRequest(mac=m, firmware=Firmware.IPXE, arch=Arch.X86_64, via="http",
+                                remote_addr="192.0.2.7") for m in macs]
+
+        async def kept(request: BootRequest) -> BootPlan:
+            """The decision once repeats are answered from memory: the same object."""
+            for _ in range(2):
+                plan = await boot.plan(request)
+                await boot.drain()  # what the first one learnt is stored in the background
+            assert await boot.plan(request) is plan
+            return plan
+
+        # The cluster: managed without a server, then given a fixed URL by the CLI.
+        assert "first server" in (await kept(requests[0])).reason
+        await cli.put_cluster(Cluster(name="m", server_url="https://192.0.2.9:6443", token="t"))
+        assert (await boot.plan(requests[0])).action == BootAction.INSTALL
+        # A server of the cluster registering (another machine: the join endpoint).
+        await cli.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+        await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:02:99"),),
+                                           cluster="m", role=Role.SERVER))
+        held = await kept(requests[1])  # profile q does not exist
+        assert held.action == BootAction.HOLD and "no profile" in held.reason
+        # The profile, created by the CLI.
+        await cli.put_profile(Profile(name="q", kernel="vmlinuz"))
+        assert "first server" in (await kept(requests[1])).reason  # now waits for a server
+        server = await store.machine_by("mac", "52:54:00:00:02:99")
+        assert server is not None
+        await cli.update_machine(replace(server, state=MachineState.REGISTERED,
+                                         ipv4="192.0.2.60"))
+        plan = await boot.plan(requests[1])
+        assert plan.action == BootAction.INSTALL and plan.k3s is not None
+        assert plan.k3s.server_url == "https://192.0.2.60:6443"
+        # The machine itself: an installed one boots locally until it is reinstalled.
+        assert (await kept(requests[2])).action == BootAction.LOCAL
+        stored = await cli.get_machine(installed.id)
+        assert stored is not None
+        await cli.update_machine(replace(stored, state=MachineState.FAILED))
+        assert "last install failed" in (await kept(requests[2])).reason
+        # Its group: none gives it a profile, then one does.
+        assert "no profile" in (await kept(requests[3])).reason
+        await cli.put_group(Group(name="rack1", selector={"rack": ("r1",)}, profile="p"),
+                            create=True)
+        assert (await boot.plan(requests[3])).action == BootAction.INSTALL
+        # The boot settings (a reload): the hold's retry interval.
+        before = await kept(requests[2])
+        boot.settings = replace(boot.settings, hold_retry_seconds=before.retry_seconds + 5)
+        assert (await boot.plan(requests[2])).retry_seconds == before.retry_seconds + 5
+        # An event noted since (a DHCP step that teaches nothing new): the hold is noted
+        # again, as without the kept decision.
+        dhcp = replace(requests[2], firmware=Firmware.UEFI, via="dhcp")
+        await boot.first_stage(dhcp)  # its firmware is learnt: the machine changes
+        await boot.drain()
+        await kept(requests[2])
+        holds = len([e for e in await store.list_events(installed.id) if e.kind == "hold"])
+        await boot.first_stage(dhcp)
+        await boot.drain()
+        assert await boot.plan(requests[2]) is not None
+        await boot.drain()
+        kinds = [e.kind for e in await store.list_events(installed.id)]
+        assert kinds[-2:] == ["dhcp", "hold"] and kinds.count("hold") == holds + 1
+    finally:
+        await cli.close()
+        await store.close()

@@ -259,20 +259,47 @@ async def test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged(
     assert len(rendered) == 6
 
 
+async def own_template(make_env: EnvFactory, tmp_path: Path, name: str,
+                       ) -> tuple[Env, Path, str]:
+    """A server whose template directory overrides ``name`` with a copy of the shipped file:
+    (the server, the operator's file, the shipped text)."""
+    own = tmp_path / "own-templates" / name
+    own.parent.mkdir(parents=True)
+    shipped = (Path(__file__).parent.parent / "templates" / name).read_text()
+    own.write_text(shipped)
+    env = await make_env(f"templates:\n  dir: {tmp_path / 'own-templates'}\n")
+    return env, own, shipped
+
+
 async def test_bootstrap_script_is_rendered_again_only_when_its_template_or_url_change(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """Every device asks /boot.ipxe first: kept, but never stale after an edit of the
     template file (an operator's override) or of the base URL."""
-    own = tmp_path / "own-templates" / "ipxe"
-    own.mkdir(parents=True)
-    shipped = (Path(__file__).parent.parent / "templates" / "ipxe" / "boot.ipxe").read_text()
-    (own / "boot.ipxe").write_text(shipped)
-    env = await make_env(f"templates:\n  dir: {own.parent}\n")
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/boot.ipxe")
     content = env.service.content
     first = content.bootstrap_ipxe()
     assert content.bootstrap_ipxe() is first  # kept
-    (own / "boot.ipxe").write_text(shipped + "# edited by the operator\n")
-    os.utime(own / "boot.ipxe", (1, 1))  # another mtime, whatever the clock's resolution
+    own.write_text(shipped + "# edited by the operator\n")
+    os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
     assert content.bootstrap_ipxe().endswith("# edited by the operator\n")
     env.service.base_url = "http://192.0.2.99:8080"
     assert "http://192.0.2.99:8080/ipxe?" in content.bootstrap_ipxe()
+
+
+async def test_default_cmdline_file_is_read_again_when_it_changes(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """The default kernel command line (cmdline/k3os.txt) is rendered into every install
+    script and config: kept, but an operator's edit of the file shows in the next one."""
+    from netboot.model import BootAction, BootPlan, MacAddress, Profile
+
+    env, own, shipped = await own_template(make_env, tmp_path, "cmdline/k3os.txt")
+    content = env.service.content
+    plan = BootPlan(BootAction.INSTALL, MacAddress.parse("52:54:00:00:00:78"), "install",
+                    profile=Profile(name="p", kernel="vmlinuz"), token="tok")
+    first = content.context(plan)["cmdline"]
+    assert content.context(plan)["cmdline"] == first
+    own.write_text(shipped.rstrip("\n") + " netboot.edited=1\n")
+    os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
+    assert content.context(plan)["cmdline"] == first + " netboot.edited=1"
+    own.unlink()  # the shipped file again
+    assert content.context(plan)["cmdline"] == first

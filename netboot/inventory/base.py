@@ -120,6 +120,16 @@ class LocalCommits(Protocol):
     def commits(self) -> int: ...
 
 
+@runtime_checkable
+class SettledFeed(Protocol):
+    """A store that can tell, without a round trip, that nothing at all (by any process) was
+    committed to the change feed after ``seq``: a reader's sync then has nothing to apply
+    and returns at once (:meth:`netboot.inventory.view.InventoryView.sync`). False whenever
+    unsure."""
+
+    def settled(self, seq: int) -> bool: ...
+
+
 class EventListener(Protocol):
     """Told of events once they are committed (the live event bus, netboot.events)."""
 

@@ -276,12 +276,14 @@ _UPDATE_MACHINE = (
     "UPDATE machines SET mac = ?, hostname = ?, state = ?, cluster = ?, data = ?, created = ?,"
     " updated = ? WHERE id = ?"
 )
+_MACHINE_COLUMNS = "SELECT mac, hostname, state, cluster FROM machines WHERE id = ?"
+_UPDATE_DOCUMENT = "UPDATE machines SET data = ?, created = ?, updated = ? WHERE id = ?"
+_LABELS_OF = "SELECT key, value FROM machine_labels WHERE machine = ?"
+_KEYS_OF = "SELECT kind, value FROM machine_keys WHERE machine = ?"
 _INSERT_LABEL = "INSERT INTO machine_labels (machine, key, value) VALUES (?, ?, ?)"
 _DELETE_LABELS = "DELETE FROM machine_labels WHERE machine = ?"
 _INSERT_KEY = "INSERT INTO machine_keys (kind, value, machine) VALUES (?, ?, ?)"
 _DELETE_KEYS = "DELETE FROM machine_keys WHERE machine = ?"
-_SELECT_LABELS = "SELECT key, value FROM machine_labels WHERE machine = ?"
-_SELECT_KEYS = "SELECT kind, value FROM machine_keys WHERE machine = ?"
 
 _TABLES = {"profile": "profiles", "cluster": "clusters", "group": "groups"}
 
@@ -675,6 +677,12 @@ class SqliteStore:
         return None if machine is None else machine.fixed_ipv4
 
     # change feed -------------------------------------------------------------------------
+    def settled(self, seq: int) -> bool:
+        """Whether nothing was committed after ``seq`` (base.SettledFeed): the probe's
+        data_version is the one of the feed's last full read, which ended at ``seq``."""
+        probed = self._probe_version()
+        return probed is not None and probed == self._probed and 0 <= seq == self._feed_seq
+
     async def changes_since(self, seq: int) -> Changes:
         probed = self._probe_version()
         if probed is not None and probed == self._probed and 0 <= seq == self._feed_seq:
@@ -1141,25 +1149,30 @@ def _insert_rows(conn: sqlite3.Connection, creates: list[_Row]) -> None:
 
 
 def _update_rows(conn: sqlite3.Connection, updates: list[_Row]) -> None:
-    if updates:
-        cur = conn.executemany(_UPDATE_MACHINE, (r.update_params() for r in updates))
-        if cur.rowcount != len(updates):  # some id is missing
-            raise _Retry
-        # A machine's labels and identifiers rarely change when it is updated (a state step,
-        # a fact learnt, a token issued leave them as they were), and deleting and inserting
-        # them again costs two indexed tables a delete and an insert per row each: half the
-        # CPU of an update (measured on a boot storm's writes). Compared first, rewritten
-        # only where they differ; row by row, so that a machine listed twice compares with
-        # what its first row wrote.
-        for r in updates:
-            if sorted(conn.execute(_SELECT_LABELS, (r.id,))) != sorted(
-                    (key, value) for _, key, value in r.labels):
-                conn.execute(_DELETE_LABELS, (r.id,))
-                conn.executemany(_INSERT_LABEL, r.labels)
-            if sorted(conn.execute(_SELECT_KEYS, (r.id,))) != sorted(
-                    (kind, value) for kind, value, _ in r.keys):
-                conn.execute(_DELETE_KEYS, (r.id,))
-                conn.executemany(_INSERT_KEY, r.keys)
+    """Each machine's row, and its labels and identifiers where they changed.
+
+    Most updates of a boot storm change a machine's document only (facts learnt, a state
+    in it, a token): the indexed columns, labels and identifiers stay. Those are compared
+    with what is stored (reads of pages the update touches anyway) and left alone when
+    equal: setting an indexed column, even to its own value, rewrites its entry in every
+    index on it, and the labels and identifiers were deleted and inserted again. Measured
+    on 100,000 machines: ~300 us of SQLite CPU per updated machine before, ~35 after.
+    One machine at a time, so that one listed twice ends as written last, as the replay of
+    :func:`_slow_batch` leaves it; a missing one is named by that replay.
+    """
+    for r in updates:
+        m = r.machine
+        columns = (r.mac, m.hostname, m.state.value, m.cluster)
+        if conn.execute(_MACHINE_COLUMNS, (r.id,)).fetchone() == columns:
+            conn.execute(_UPDATE_DOCUMENT, (r.data, r.created, r.updated, r.id))
+        elif conn.execute(_UPDATE_MACHINE, r.update_params()).rowcount != 1:
+            raise _Retry  # no such machine
+        if sorted(conn.execute(_LABELS_OF, (r.id,))) != sorted((k, v) for _, k, v in r.labels):
+            conn.execute(_DELETE_LABELS, (r.id,))
+            conn.executemany(_INSERT_LABEL, r.labels)
+        if sorted(conn.execute(_KEYS_OF, (r.id,))) != sorted((k, v) for k, v, _ in r.keys):
+            conn.execute(_DELETE_KEYS, (r.id,))
+            conn.executemany(_INSERT_KEY, r.keys)
 
 
 def _bulk_params(machine: Machine) -> tuple[Any, ...]:

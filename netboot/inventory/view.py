@@ -31,7 +31,13 @@ from typing import TypeVar
 
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Changes, LocalCommits, MachineFilter, Store
+from netboot.inventory.base import (
+    Changes,
+    LocalCommits,
+    MachineFilter,
+    SettledFeed,
+    Store,
+)
 from netboot.model import (
     Cluster,
     Event,
@@ -72,14 +78,21 @@ class InventoryView:
         # For fresh(): the store's own write count and the loop time when the last applied
         # sync started (None: the store counts no writes, every reader syncs).
         self._local = store if isinstance(store, LocalCommits) else None
+        self._settled = store if isinstance(store, SettledFeed) else None
         self._synced: tuple[int, float] | None = None
         self._refresh: asyncio.Future[None] | None = None  # the background one fresh() began
         self._clears = 0  # bumped when everything is dropped (pruned history)
+        # Bumped whenever anything a boot decision reads besides the machine itself may have
+        # changed: a group, profile, cluster or setting, a cluster's registered servers, a
+        # machine added or removed. A decision kept with this value and the machine object
+        # (which the view replaces when its value changes) is the decision still.
+        self.shared = 0
         self.loaded = False  # True: every machine is here, a miss is an answer
         self._clear()
 
     def _clear(self) -> None:
         self._clears += 1
+        self.shared += 1
         self.loaded = False
         self._machines: dict[str, Machine | None] = {}  # id -> machine (None: no such id)
         # kind -> identifier -> machine id (None: nobody's; only while not loaded)
@@ -132,6 +145,7 @@ class InventoryView:
             self._seq = start
             self.loaded = True
             self._applied += 1
+            self.shared += 1
             await self.sync()
             if self.loaded:
                 _return_freed_memory()
@@ -140,6 +154,13 @@ class InventoryView:
     # syncing -----------------------------------------------------------------------------
     async def sync(self) -> None:
         """Apply every change committed before this call."""
+        if self._syncing is None and self._settled is not None \
+                and self._settled.settled(self._seq):
+            # Nothing committed since the last sync, by anyone (one read of the WAL index
+            # in shared memory): nothing to apply, no round trip, no future to share.
+            if self._local is not None:
+                self._synced = (self._local.commits, asyncio.get_running_loop().time())
+            return
         wanted = self._started + 1  # a sync that starts from now on
         while self._finished < wanted:
             if self._syncing is None:
@@ -214,6 +235,8 @@ class InventoryView:
                 for name, group in changes.groups.items():
                     _set(self._groups, name, group)
         self._settings.update(changes.settings)
+        if changes.profiles or changes.clusters or changes.groups or changes.settings:
+            self.shared += 1
         self._seq = changes.seq
         self._applied += 1
 
@@ -229,6 +252,10 @@ class InventoryView:
             if machine == old:
                 return  # the same value: keep the object (callers may compare identity)
             _unindex(self._keys, self._servers, self._no_mac, machine_id, old)
+        if old is None or machine is None or _running_server(old) or _running_server(machine):
+            # Another machine's decision may read this one: as a cluster's server (its join
+            # endpoint), or by its existence (the node that formed a cluster).
+            self.shared += 1
         if machine is None and self.loaded:
             self._machines.pop(machine_id, None)
             return

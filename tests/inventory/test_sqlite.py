@@ -473,3 +473,55 @@ async def test_the_admin_token_of_older_versions_becomes_a_named_token(
         assert await store.get_setting("admin-token-sha256") is None
     finally:
         await store.close()
+
+
+async def test_an_update_of_the_document_only_leaves_indexed_rows_alone(tmp_path: Path) -> None:
+    """A storm's updates (facts learnt, a token) change the document only: the identifier
+    and label rows and the indexed columns are left as they are, not deleted and written
+    again; an update that changes them rewrites exactly those, and reads follow."""
+    from dataclasses import replace
+
+    from netboot.model import MachineState
+
+    path = tmp_path / "n.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        mac = MacAddress.parse("52:54:00:00:07:01")
+        machine = Machine(macs=(mac,), hostname="a", serial="SN1", labels={"rack": "r1"})
+        await store.create_machine(machine)
+        watcher = sqlite3.connect(path)
+
+        def rows() -> list[object]:
+            """Identifier and label rows deleted (to be written again) since the start."""
+            return watcher.execute("SELECT count(*) FROM writes").fetchall()
+
+        watcher.executescript("""
+            CREATE TABLE writes (what TEXT);
+            CREATE TRIGGER keys_del AFTER DELETE ON machine_keys
+                BEGIN INSERT INTO writes VALUES ('key'); END;
+            CREATE TRIGGER labels_del AFTER DELETE ON machine_labels
+                BEGIN INSERT INTO writes VALUES ('label'); END;
+        """)
+        learnt = replace(machine, facts={"platform": "efi"}, updated=5.0)
+        await store.update_machine(learnt)
+        assert rows() == [(0,)]
+        assert await store.get_machine(machine.id) == learnt
+        # Changed labels, identifiers and columns are written, and found by.
+        other = MacAddress.parse("52:54:00:00:07:02")
+        moved = replace(learnt, macs=(other,), hostname="b", serial="SN2",
+                        labels={"rack": "r2"}, state=MachineState.INSTALLED)
+        await store.update_machine(moved)
+        assert await store.get_machine(machine.id) == moved
+        assert await store.machine_by("mac", str(other)) == moved
+        assert await store.machine_by("mac", str(mac)) is None
+        assert await store.machine_by("serial", "SN2") == moved
+        assert await store.machine_by("serial", "SN1") is None
+        found = await store.list_machines(MachineFilter(labels=(("rack", "r2"),)))
+        assert [m.id for m in found] == [machine.id]
+        assert await store.list_machines(MachineFilter(labels=(("rack", "r1"),))) == []
+        assert [m.id for m in await store.list_machines(
+            MachineFilter(state=MachineState.INSTALLED))] == [machine.id]
+        watcher.close()
+    finally:
+        await store.close()
