@@ -991,6 +991,7 @@ class FrontDoor:
         # Replies sent again and again (DeviceRoutes.ready), encoded but for their Date and
         # request id: id(reply) -> (reply, its parts). The reply is kept to check identity.
         self._wire: dict[int, tuple[Reply, bytes, bytes, bytes]] = {}
+        self._wire_bytes = 0  # the bodies of the replies in _wire
         self._heads: dict[bytes, RequestHead] = {}  # head(): whole heads seen, parsed
 
     def head(self, buf: bytes) -> RequestHead | NotMine | None:
@@ -1022,13 +1023,21 @@ class FrontDoor:
         body, reply = (whole, whole.reply) if isinstance(whole, FileBody) else (None, whole)
         wire = self._wire.get(id(reply))
         if wire is None or wire[0] is not reply:
-            if len(self._wire) >= 256:  # bounded: old files' replies go
+            # Bounded: the replies kept here keep their bodies too (a file's, also once
+            # AssetFiles let it go), so old ones go at 256 or 16 MiB.
+            self._wire_bytes += len(reply.body)
+            if len(self._wire) >= 256 or self._wire_bytes > 16 << 20:
                 self._wire.clear()
-            wire = self._wire[id(reply)] = (reply, *reply_parts(
-                reply, server=SERVER_NAME, close=False, length=body.size if body else None))
+                self._wire_bytes = len(reply.body)
+            before, between, after = reply_parts(
+                reply, server=SERVER_NAME, close=False, length=body.size if body else None)
+            # The body is not copied into what is kept: the reply holds it already.
+            wire = self._wire[id(reply)] = (reply, before, between,
+                                            after[:len(after) - len(reply.body)])
         given = head.request_id
         rid = given if given and _REQUEST_ID.match(given) else self.ids()
-        data = b"".join((wire[1], self.date(), wire[2], rid.encode("ascii"), wire[3]))
+        data = b"".join((wire[1], self.date(), wire[2], rid.encode("ascii"), wire[3],
+                         reply.body))
         seconds = time.monotonic() - started
         self.answered += 1
         if self.observer is not None:

@@ -14,7 +14,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -479,3 +479,31 @@ async def test_a_large_file_replaced_or_rewritten_is_sent_as_it_is_now(tmp_path:
             fh.write(b"S")
         fast, slow = await both_doors(service, "/assets/large.bin")
         assert fast.body == b"Small now\n" and fast.comparable() == slow.comparable()
+
+
+def test_the_encodings_the_front_keeps_are_bounded() -> None:
+    """Each reply sent again and again is kept encoded (but its body, which it holds): many
+    large replies in turn (files replaced, a tree of assets) do not pile up."""
+    from netboot.servers.fasthttp import Reply, RequestHead
+    from netboot.servers.http import FrontDoor
+
+    class Routes:
+        def __init__(self) -> None:
+            self.reply = Reply(200, b"", "text/plain")
+
+        def ready(self, path: str, *, accept_encoding: bool, large: bool = False
+                  ) -> tuple[str, Reply]:
+            return "/assets/{path}", self.reply
+
+    routes = Routes()
+    front = FrontDoor(cast(Any, routes), log=logging.getLogger("t"), observer=None,
+                      ids=lambda: "0011")
+    head = RequestHead("/assets/x", "", 30, False, "", "", False)
+    for n in range(40):
+        routes.reply = Reply(200, bytes([n]) * (1 << 20), "text/plain")
+        for _ in range(2):
+            answer = front.ready(head)
+            assert answer is not None and answer.data.endswith(routes.reply.body)
+            assert b"\r\nContent-Length: 1048576\r\n" in answer.data
+    assert front._wire_bytes <= 16 << 20
+    assert sum(len(w[0].body) for w in front._wire.values()) <= 16 << 20
