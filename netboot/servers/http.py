@@ -481,7 +481,7 @@ class AssetFiles:
         if blob.data is not None:
             return Reply(200, blob.data, blob.content_type.split(";")[0])
         if held is None:
-            if not large or accept_encoding or not st_path:
+            if not large or not st_path or (accept_encoding and _compressed_sibling(st_path)):
                 return None
             return self._open_large(st_path, blob.content_type.split(";")[0])
         if held.compressed and accept_encoding:
@@ -501,7 +501,8 @@ class AssetFiles:
         path = known[0].path
         held = self._held.get(path) if path is not None and known[0].data is None else None
         if held is None:
-            if large and not accept_encoding and path in self._large:
+            if (large and path in self._large
+                    and not (accept_encoding and _compressed_sibling(path))):
                 return self._open_large(path, known[0].content_type.split(";")[0])
             return None
         if held.compressed and accept_encoding:
@@ -612,8 +613,17 @@ def _stat(blob: Blob) -> tuple[str, os.stat_result]:
 def _read_small(path: str, size: int) -> tuple[bytes, bool]:
     with open(path, "rb") as fh:
         body = fh.read(size + 1)
-    compressed = any(os.path.exists(path + ext) for ext in (".gz", ".br", ".zst"))
-    return body, compressed
+    return body, _compressed_sibling(path)
+
+
+def _compressed_sibling(path: str) -> bool:
+    """Whether a compressed sibling of ``path`` exists that aiohttp's FileResponse may send
+    instead to a client accepting its encoding (it looks for ``.br`` and ``.gz``; ``.zst``
+    too, in case a newer aiohttp does): then it answers, with its Content-Encoding and Vary.
+    Without one its answer is the plain file's, as if no Accept-Encoding had been sent — and
+    most HTTP clients send one (curl with --compressed, Python's aiohttp, browsers; iPXE
+    does not), so a large file is not sent through aiohttp's request path for that alone."""
+    return any(os.path.lexists(path + ext) for ext in (".br", ".gz", ".zst"))
 
 
 def _held_response(request: web.BaseRequest, held: _Held) -> web.Response:

@@ -449,6 +449,27 @@ async def test_a_large_file_keeps_to_aiohttp_where_sendfile_cannot_go(tmp_path: 
         assert front.answered == before
 
 
+async def test_a_large_file_asked_with_accept_encoding_and_no_sibling_is_the_fronts(
+        tmp_path: Path) -> None:
+    """Most HTTP clients send Accept-Encoding (aiohttp's, curl --compressed, browsers): with
+    no compressed sibling aiohttp's FileResponse sends the plain file, and so does the
+    front door, alike; once a sibling exists, aiohttp answers (compressed) again."""
+    accepts = b"Accept-Encoding: gzip, deflate, br\r\n"
+    async with serving(tmp_path, seeded=False) as service:
+        for _ in range(2):  # the second from what the first one opened (AssetFiles.ready)
+            fast, slow = await both_doors(service, "/assets/large.bin", accepts)
+            assert fast.comparable() == slow.comparable()
+            assert fast.body == LARGE and fast.header("Content-Encoding") is None
+        front = service.front
+        assert front is not None
+        before = front.answered
+        (tmp_path / "assets" / "large.bin.gz").write_bytes(gzip.compress(LARGE))
+        (gz,) = await exchange(service.http_port, get("/assets/large.bin", accepts))
+        assert gz.header("Content-Encoding") == "gzip"
+        assert gzip.decompress(gz.body) == LARGE
+        assert front.answered == before
+
+
 async def test_a_large_files_access_line_counts_what_was_sent(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="netboot.access")
