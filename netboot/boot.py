@@ -397,6 +397,13 @@ class BootService:
                           "/".join(str(c) for c in chains))
         return None
 
+    async def machine_by_ref(self, ref: str) -> Machine:
+        """:func:`identity.require_ref` against the view, synced first (as
+        :meth:`machine_by_mac`): an installer's report finds its machine without a hop to
+        the store's thread; what it writes is a compare-and-set on this read."""
+        await self._view.sync()
+        return await identity.require_ref(self._view, ref)
+
     async def machine_by_mac(self, mac: MacAddress) -> Machine | None:
         """The machine with this NIC as the inventory holds it now: from the view, synced
         first (a store read per config fetch was a hop to its thread)."""

@@ -283,6 +283,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
                            max_discovered=config.discovery.max_discovered,
                            rate_per_source=config.discovery.rate_per_source,
                            burst_per_source=config.discovery.burst_per_source))
+    enroller.find_mac = boot.machine_by_mac  # registrations from the synced view
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
                       base_url, enroller, trust=trust)
     return Core(store, enroller, boot, content)
