@@ -21,11 +21,11 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from netboot.errors import AuthError, NotFound, ScopeRequired, ValidationError
-from netboot.inventory.base import Store
+from netboot.inventory.base import Batch, Store
 from netboot.model import ApiToken, AuditEntry, Scope
 
 TOKEN_PREFIX = "nbt_"
@@ -117,11 +117,16 @@ class Access:
     """Tokens and the audit log over a :class:`~netboot.inventory.base.Store`."""
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time,
-                 new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> None:
+                 new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(32),
+                 commit: Callable[[Batch], Awaitable[None]] | None = None) -> None:
         self._store = store
         self._clock = clock
         self._new_secret = new_secret
         self._writes = 0
+        # How an audit entry is committed: alone (the CLI), or with the recorder's group
+        # commits (a server: the installer's reports and registrations of a storm each
+        # wrote a transaction of their own for their entry, a few per cent of its CPU).
+        self._commit = commit or store.apply_batch
 
     # -- who is asking --------------------------------------------------------------------
     async def authenticate(self, token: str | None) -> Principal:
@@ -182,7 +187,7 @@ class Access:
         """Append one entry to the audit log (and now and then drop the oldest)."""
         entry = AuditEntry(time=self._clock(), actor=actor, action=action, target=target,
                            peer=peer, outcome=outcome)
-        await self._store.add_audit(entry)
+        await self._commit(Batch(audit=(entry,)))  # on disk before the answer goes
         self._writes += 1
         if self._writes % AUDIT_PRUNE_EVERY == 0:
             await self._store.prune_audit(AUDIT_KEEP)

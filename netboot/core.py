@@ -112,7 +112,7 @@ class Core:
         self.content = content
         self._clock = clock
         # Tokens, scopes and the audit log: one set of rules for the API, CLI and dashboard.
-        self.access = Access(store, clock=clock)
+        self.access = Access(store, clock=clock, commit=enroller.recorder.commit)
 
     # -- machines -----------------------------------------------------------------------
     async def machine(self, ref: str) -> Machine:

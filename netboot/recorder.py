@@ -216,7 +216,8 @@ class Recorder:
                         create=[m for b, _ in batches for m in b.create],
                         update=[m for b, _ in batches for m in b.update],
                         events=[e for b, _ in batches for e in b.events],
-                        expect={k: v for b, _ in batches for k, v in b.expect.items()}),
+                        expect={k: v for b, _ in batches for k, v in b.expect.items()},
+                        audit=[a for b, _ in batches for a in b.audit]),
                         strict=True)
             except (NetbootError, _OneByOne) as exc:
                 if len(batches) == 1:
@@ -253,7 +254,7 @@ class Recorder:
             learned, self._learned = self._learned, {}
         queued, self._queue = self._queue, []
         if not queued and not learned and not (batch.merge or batch.create or batch.update
-                                               or batch.events or batch.expect):
+                                               or batch.events or batch.expect or batch.audit):
             return
         relearnt: list[tuple[Machine, Machine]] = []
         away: str | None = None  # the inventory went away after the events were written
@@ -402,7 +403,8 @@ def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machi
     return Batch(merge=batch.merge, create=batch.create,
                  update=[*batch.update, *(new for _, new in relearnt)],
                  events=[*events, *batch.events],
-                 expect={**{old.id: old.state for old, _ in relearnt}, **batch.expect})
+                 expect={**{old.id: old.state for old, _ in relearnt}, **batch.expect},
+                 audit=batch.audit)
 
 
 def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:

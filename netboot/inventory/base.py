@@ -67,6 +67,9 @@ class Batch:
     update: Sequence[Machine] = field(default_factory=tuple)
     events: Sequence[Event] = field(default_factory=tuple)
     expect: Mapping[str, MachineState] = field(default_factory=dict)
+    # Audit log entries, written last in the same transaction (Access.record: an entry
+    # joins the recorder's group commits instead of a transaction of its own).
+    audit: Sequence[AuditEntry] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)

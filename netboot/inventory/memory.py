@@ -168,6 +168,7 @@ class MemoryStore:
         updates = [_copy_machine(m) for m in batch.update]
         events = [codec.event_from_dict(json.loads(codec.dumps(codec.event_to_dict(e))))
                   for e in batch.events]
+        audits = [codec.audit_from_dict(codec.audit_to_dict(e)) for e in batch.audit]
         for machine_id, state in batch.expect.items():
             current = self._machines.get(machine_id)
             codec.check_expected(machine_id, state,
@@ -204,6 +205,7 @@ class MemoryStore:
         for event in events:
             self._events.setdefault(event.machine, []).append(event)
         self._feed += events
+        self._audit.extend(audits)
         if events and self._listener is not None:
             self._listener.published(events)
 

@@ -528,8 +528,10 @@ class PostgresStore:
 
     async def apply_batch(self, batch: Batch) -> None:
         """One transaction: merges, creates, updates, events in order."""
-        if not (batch.merge or batch.create or batch.update or batch.events or batch.expect):
+        if not (batch.merge or batch.create or batch.update or batch.events or batch.expect
+                or batch.audit):
             return
+        audit = [codec.audit_from_dict(codec.audit_to_dict(e)) for e in batch.audit]
         events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
         event_rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
                       for v in events]
@@ -559,6 +561,12 @@ class PostgresStore:
                 await conn.executemany(
                     "INSERT INTO events (machine, time, kind, message, data)"
                     " VALUES ($1, $2, $3, $4, $5)", event_rows)
+            if audit:
+                await conn.executemany(
+                    "INSERT INTO audit (time, actor, action, target, peer, outcome)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    [(float(e.time), e.actor, e.action, e.target, e.peer, e.outcome)
+                     for e in audit])
         if events and self._listener is not None:
             self._listener.published(events)
 

@@ -587,16 +587,19 @@ class SqliteStore:
 
     async def apply_batch(self, batch: Batch) -> None:
         """One ``BEGIN IMMEDIATE`` transaction: merges, creates, updates, events in order."""
-        if batch.merge or batch.create or batch.update or batch.events or batch.expect:
+        if (batch.merge or batch.create or batch.update or batch.events or batch.expect
+                or batch.audit):
             # Checked as they are written (on the worker): 100,000 events of an import are
             # not copied first, unless a listener is to be told of them.
             checked: Iterable[tuple[Event, str]] = map(codec.stored_event, batch.events)
             if self._listener is not None:
                 checked = list(checked)
             rows = ((v.machine, v.time, v.kind, v.message, data) for v, data in checked)
+            audit = [_audit_row(codec.audit_from_dict(codec.audit_to_dict(e)))
+                     for e in batch.audit]
             await self._run(_apply_batch, [self._sealed.seal_machine(m) for m in batch.create],
                             [self._sealed.seal_machine(m) for m in batch.update], rows, batch.merge,
-                            dict(batch.expect))
+                            dict(batch.expect), audit)
             if batch.events and self._listener is not None:
                 self._listener.published([v for v, _ in checked])
 
@@ -1073,13 +1076,14 @@ def _apply_batch(
     events: Iterable[tuple[str, float, str, str, str]] = (),
     merge: Sequence[tuple[str, str]] = (),
     expect: Mapping[str, MachineState] | None = None,
+    audit: Sequence[tuple[float, str, str, str, str, str]] = (),
 ) -> None:
     if len(create) < BULK_ROWS:
         # Encode (and so validate) on the worker, not the event loop: 100k rows take a second
         # of CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before
         # BEGIN, so a bad row costs no lock time.
         _write_batch(conn, create, [_Row(m) for m in create], [_Row(m) for m in update],
-                     events, merge, expect)
+                     events, merge, expect, audit)
         return
     # A bulk import: its new machines are encoded as they are inserted, since a second copy
     # of 100,000 encoded rows is memory the import cannot spare; a bad row rolls it all back.
@@ -1092,7 +1096,8 @@ def _apply_batch(
     checks = bool(merge)
     conn.execute(f"PRAGMA foreign_keys = {'ON' if checks else 'OFF'}")
     try:
-        _write_batch(conn, create, None, [_Row(m) for m in update], events, merge, expect)
+        _write_batch(conn, create, None, [_Row(m) for m in update], events, merge, expect,
+                     audit)
     finally:
         conn.execute(f"PRAGMA cache_size = {int(size)}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -1101,7 +1106,8 @@ def _apply_batch(
 def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: list[_Row] | None,
                  updates: list[_Row], events: Iterable[tuple[str, float, str, str, str]],
                  merge: Sequence[tuple[str, str]],
-                 expect: Mapping[str, MachineState] | None = None) -> None:
+                 expect: Mapping[str, MachineState] | None = None,
+                 audit: Sequence[tuple[float, str, str, str, str, str]] = ()) -> None:
     with _immediate(conn):
         for machine_id, state in (expect or {}).items():
             row = conn.execute("SELECT state FROM machines WHERE id = ?", (machine_id,)).fetchone()
@@ -1127,6 +1133,7 @@ def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: l
         conn.executemany(
             "INSERT INTO events (machine, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
             events)
+        conn.executemany(_INSERT_AUDIT, audit)
         conn.execute("RELEASE fast")
 
 
@@ -1412,11 +1419,16 @@ def _touch_token(conn: sqlite3.Connection, name: str, when: float) -> None:
     conn.execute("UPDATE api_tokens SET last_used = ? WHERE name = ?", (when, name))
 
 
+_INSERT_AUDIT = ("INSERT INTO audit (time, actor, action, target, peer, outcome)"
+                 " VALUES (?, ?, ?, ?, ?, ?)")
+
+
+def _audit_row(entry: AuditEntry) -> tuple[float, str, str, str, str, str]:
+    return (entry.time, entry.actor, entry.action, entry.target, entry.peer, entry.outcome)
+
+
 def _add_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
-    conn.execute(
-        "INSERT INTO audit (time, actor, action, target, peer, outcome) VALUES (?, ?, ?, ?, ?, ?)",
-        (entry.time, entry.actor, entry.action, entry.target, entry.peer, entry.outcome),
-    )
+    conn.execute(_INSERT_AUDIT, _audit_row(entry))
 
 
 def _list_audit(conn: sqlite3.Connection, since: float | None, limit: int) -> list[AuditEntry]:

@@ -952,6 +952,21 @@ async def test_audit_fields_are_checked(store: Store) -> None:
     assert await store.list_audit() == []
 
 
+async def test_audit_entries_in_a_batch_are_all_or_nothing_with_it(store: Store) -> None:
+    """Access.record commits its entry as a batch (with the recorder's group commits)."""
+    m = machine()
+    await store.apply_batch(Batch(create=(m,), audit=(audit(1.0, "a1"),)))
+    await store.apply_batch(Batch(audit=(audit(2.0, "a2"), audit(3.0, "a3"))))
+    assert await store.list_audit() == [audit(1.0, "a1"), audit(2.0, "a2"), audit(3.0, "a3")]
+    with pytest.raises(Conflict):  # the machine exists: nothing of the batch is written
+        await store.apply_batch(Batch(create=(m,), audit=(audit(4.0, "a4"),)))
+    with pytest.raises(ValidationError):  # a bad entry: nor the rest of its batch
+        await store.apply_batch(Batch(create=(machine(MAC2),), audit=(
+            AuditEntry(time=5.0, actor="", action="x", target="", peer="", outcome="ok"),)))
+    assert [e.time for e in await store.list_audit()] == [1.0, 2.0, 3.0]
+    assert await store.get_machine(machine(MAC2).id) is None
+
+
 # --- the change feed wakes readers -----------------------------------------------------------
 
 
