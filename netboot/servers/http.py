@@ -511,7 +511,7 @@ class AssetFiles:
             st = os.stat(path)  # type: ignore[arg-type]  # held: a path
         except OSError:
             return None
-        if (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != held.ident:
+        if _file_identity(st) != held.ident:
             return None
         return held.reply
 
@@ -532,7 +532,7 @@ class AssetFiles:
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             fh.close()
             return None
-        ident = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        ident = _file_identity(st)
         known = self._large.get(path)
         if known is None or known[0] != ident or known[1].content_type != content_type:
             if len(self._large) >= 4096:  # bounded: a tree of many large files
@@ -562,7 +562,7 @@ class AssetFiles:
 
     async def _hold(self, blob: Blob, st: os.stat_result) -> _Held | None:
         assert blob.path is not None
-        ident = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        ident = _file_identity(st)
         held = self._held.get(blob.path)
         if held is not None and held.ident == ident:
             return held
@@ -614,6 +614,12 @@ def _read_small(path: str, size: int) -> tuple[bytes, bool]:
     with open(path, "rb") as fh:
         body = fh.read(size + 1)
     return body, _compressed_sibling(path)
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another (inode, device, size, mtime, ctime):
+    a file replaced or rewritten in place differs, so what was kept of it is not used."""
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _compressed_sibling(path: str) -> bool:
