@@ -4,18 +4,30 @@ They stay at the top of the repository, their one source (operators and docs poi
 there, and a checkout runs from them); at build time they are copied into
 ``netboot/_shipped/`` of the wheel, where :mod:`netboot.shipped` finds them once installed.
 Everything else about the build is declared in pyproject.toml.
+
+``NETBOOT_MYPYC=1`` also compiles the per-packet DHCP path (the codec and the PXE decision
+logic) with mypyc, for a platform wheel that spends ~23 % less CPU per DISCOVER in process (README,
+"Performance"). It needs mypy, setuptools and a C compiler in the building environment, so it
+is built without isolation: ``pip install mypy setuptools && NETBOOT_MYPYC=1 pip install
+--no-build-isolation .``. Without it the wheel is pure Python, and the same modules run as
+they are.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED = ("templates", "boot_assets")
+# What mypyc compiles: the modules every DHCP packet runs through, and which keep to what
+# mypyc's native classes allow (no instance __dict__, argument types as annotated).
+COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py")
 
 
 class BuildPyWithShipped(build_py):
@@ -30,4 +42,12 @@ class BuildPyWithShipped(build_py):
             shutil.copytree(ROOT / name, target)
 
 
-setup(cmdclass={"build_py": BuildPyWithShipped})
+def compiled() -> dict[str, Any]:
+    if os.environ.get("NETBOOT_MYPYC", "") in ("", "0"):
+        return {}
+    from mypyc.build import mypycify  # only a compiled build needs mypy
+
+    return {"ext_modules": mypycify(list(COMPILED), opt_level="3")}
+
+
+setup(cmdclass={"build_py": BuildPyWithShipped}, **compiled())

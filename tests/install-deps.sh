@@ -41,7 +41,7 @@ fi
 PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-tools \
 shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
-isc-dhcp-client udhcpc python3 python3-pip python3-venv ca-certificates \
+isc-dhcp-client udhcpc python3 python3-pip python3-venv python3-dev gcc ca-certificates \
 podman runc mmdebstrap chromium postgresql"
 
 missing=""

@@ -141,6 +141,11 @@ class Packet:
     options: tuple[Option, ...] = field(default_factory=tuple)
     end: bool = True
     trailer: bytes = b""
+    # Option values by code, built on the first lookup (see _build_index): derived, so no
+    # part of init, equality, repr or replace (a replaced packet builds its own). Declared
+    # rather than kept in __dict__ so that the class also compiles with mypyc, whose native
+    # classes have no __dict__.
+    _index: dict[int, bytes] = field(init=False, repr=False, compare=False, hash=False)
 
     # -- options -----------------------------------------------------------------------------
 
@@ -151,16 +156,14 @@ class Packet:
         options overloaded into ``file``/``sname`` (option 52) are included, in the order
         RFC 2131 §4.1 sets: options, then ``file``, then ``sname``.
         """
-        index = self.__dict__.get("_index")
+        index: dict[int, bytes] | None = getattr(self, "_index", None)
         if index is None:
             index = self._build_index()
         return index.get(code)
 
     def _build_index(self) -> dict[int, bytes]:
-        # Option values by code, built on the first lookup and kept beside the fields (not
-        # one of them: derived, so no part of equality, repr or replace): the DHCP path asks
-        # a request for a dozen options, and walking the tuple and the overloaded fields
-        # each time was a tenth of the per-packet cost. Hence no slots on this class.
+        # The DHCP path asks a request for a dozen options, and walking the tuple and the
+        # overloaded fields each time was a tenth of the per-packet cost.
         index: dict[int, bytes] = {}
         for o in self.all_options():
             seen = index.get(o.code)
