@@ -50,7 +50,7 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape, log_context
+from netboot.logs import RateLimitedLog, escape, log_context, log_line
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
 from netboot.servers.fasthttp import (
     MAX_HEAD,
@@ -232,9 +232,9 @@ class AccessLogger(AbstractAccessLogger):
     def line(self, remote: str | None, method: str, target: str, status: int, sent: int,
              seconds: float, user_agent: str | None, request_id: str | None) -> None:
         """The line itself, for aiohttp's requests and the front door's (FrontDoor)."""
-        self.logger.info("%s %s %s %d %d %.3f \"%s\"", remote, escape(method), target, status,
-                         sent, seconds, escape(user_agent, limit=256),
-                         extra={"request_id": request_id, "peer": remote, "path": target})
+        log_line(self.logger, logging.INFO, "%s %s %s %d %d %.3f \"%s\"", remote,
+                 escape(method), target, status, sent, seconds, escape(user_agent, limit=256),
+                 extra={"request_id": request_id, "peer": remote, "path": target})
 
 
 class CountingFileResponse(web.FileResponse):
@@ -936,8 +936,8 @@ class DeviceRoutes:
     async def _ipxe(self, query: str, remote: str | None) -> Reply:
         boot = ipxe_request(uri_query(query), remote)
         plan, script = await self._content.ipxe_script(boot)
-        self._log.info("ipxe mac=%s peer=%s action=%s reason=%r", boot.mac, remote,
-                       plan.action, plan.reason, extra={"mac": boot.mac})
+        log_line(self._log, logging.INFO, "ipxe mac=%s peer=%s action=%s reason=%r", boot.mac,
+                 remote, plan.action, plan.reason, extra={"mac": boot.mac})
         return Reply(200, script.encode(), _TEXT, _NO_STORE)
 
     async def asset(self, request: web.Request) -> web.StreamResponse:
@@ -966,7 +966,7 @@ class DeviceRoutes:
         plan = await self._content.authorised_plan(mac, token)
         text = self._content.k3os_config(plan)
         await self._content.config_fetched(plan, "k3OS config")
-        self._log.info("config mac=%s peer=%s served", plan.mac, remote)
+        log_line(self._log, logging.INFO, "config mac=%s peer=%s served", plan.mac, remote)
         return Reply(200, text.encode(), "text/yaml; charset=utf-8", _NO_STORE)
 
     async def nocloud(self, request: web.Request) -> web.Response:
