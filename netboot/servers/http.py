@@ -34,6 +34,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 from aiohttp.web_fileresponse import NOSENDFILE
 
+from netboot.arrival import arrived
 from netboot.eager import eager
 from netboot.errors import (
     AuthError,
@@ -1074,8 +1075,9 @@ class FrontDoor:
             return None
         label, coro = route
         rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
-        started = time.monotonic()
-        with log_context(request_id=rid, peer=remote, path=_front_target(head)):
+        started = time.monotonic()  # after its bytes were read: when it had arrived
+        target = _front_target(head)  # for the log context and the access line
+        with log_context(request_id=rid, peer=remote, path=target), arrived(started):
             # Answers from memory run at once; a decision runs in a task of its own, as
             # under aiohttp: its store may need one (asyncpg's pool acquires under
             # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
@@ -1094,7 +1096,7 @@ class FrontDoor:
             self.answered += 1
             if self.observer is not None:
                 self.observer.http_request(label, "GET", whole.status, seconds)
-            return Answer(data, whole.status, seconds, rid, body)
+            return Answer(data, whole.status, seconds, rid, body, target)
 
         return finish, decided
 
@@ -1128,6 +1130,7 @@ class Answer(NamedTuple):
     seconds: float
     request_id: str
     file: FileBody | None = None  # sent after ``data`` with sendfile(2)
+    target: str = ""  # _front_target of the request, when it was made already
 
 
 # --- connection limits ----------------------------------------------------------------------
@@ -1247,6 +1250,9 @@ class GuardedHandler(web.RequestHandler):
         self._sock: Any = None  # its socket object (asyncio's or uvloop's), when plain TCP
         self._own: socket.socket | None = None  # _own_socket(), when a file was sent
         self._sending: asyncio.Task[None] | None = None  # the front's sendfile, if any
+        # Answers encoded and not written yet: the requests a client pipelined, read
+        # together, leave together in one write (_front_flush).
+        self._out: list[tuple[RequestHead, Answer]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -1302,6 +1308,7 @@ class GuardedHandler(web.RequestHandler):
 
     def _to_aiohttp(self, size: int | None) -> None:
         """Hand the next ``size`` bytes (a whole request), or all of them, to aiohttp."""
+        self._front_flush()  # the front's answers before aiohttp's
         if size is None:
             self._front_off = True
             data, self._unread = self._unread, b""
@@ -1345,6 +1352,7 @@ class GuardedHandler(web.RequestHandler):
             self._front_busy = True
             decided.add_done_callback(functools.partial(self._front_later, head, finish))
             break
+        self._front_flush()
         if self._front_paused or len(self._unread) > 4 * MAX_HEAD:
             self._front_flow()
 
@@ -1382,9 +1390,14 @@ class GuardedHandler(web.RequestHandler):
                 body.file.close()
             return
         if body is None:
-            transport.write(answer.data)
-            self._front_sent(head, answer, len(answer.data), answer.seconds)
+            self._out.append((head, answer))
+            if not self._unread or head.close:
+                self._front_flush()
+            # else: more of the client's bytes are read already (pipelined requests):
+            # this answer leaves with theirs, in one write (at the latest when
+            # _serve_front stops or hands a request to aiohttp).
             return
+        self._front_flush()  # the answers before this file first
         own = self._own_socket()
         # The head waits in the kernel for the file's first bytes and leaves with them
         # (TCP_CORK, nginx's tcp_nopush): a head in a packet of its own cost the sender and
@@ -1409,6 +1422,20 @@ class GuardedHandler(web.RequestHandler):
         # then (pipelining).
         self._front_busy = True
         self._sending = self._loop.create_task(self._send_file(head, answer, body, sent))
+
+    def _front_flush(self) -> None:
+        """Write the answers kept by _front_send, in one write, then what follows each."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        transport = self.transport
+        if transport is None:
+            return  # the client left: nothing is sent or logged, as for a lone answer
+        transport.write(out[0][1].data if len(out) == 1
+                        else b"".join([answer.data for _, answer in out]))
+        for head, answer in out:
+            self._front_sent(head, answer, len(answer.data), answer.seconds)
 
     async def _send_file(self, head: RequestHead, answer: Answer, body: FileBody,
                          offset: int) -> None:
@@ -1472,8 +1499,9 @@ class GuardedHandler(web.RequestHandler):
         """What follows a front answer: its access log line, keep-alive, close."""
         logger = self.access_logger
         if self._logging_enabled and isinstance(logger, AccessLogger):
-            logger.line(self._remote(), "GET", _front_target(head), answer.status, sent,
-                        seconds, head.user_agent or None, answer.request_id)
+            logger.line(self._remote(), "GET", answer.target or _front_target(head),
+                        answer.status, sent, seconds, head.user_agent or None,
+                        answer.request_id)
         # aiohttp closes a connection idle this long after its own last response: move
         # that to after this one (its timer re-arms itself at this time).
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
@@ -1516,6 +1544,7 @@ class GuardedHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._unread = b""
+        self._out = []
         own, self._own = self._own, None
         if self._sending is not None:
             self._sending.cancel()  # closes its file
