@@ -110,7 +110,8 @@ def process(argv: list[str], log: Path, env: dict[str, str] | None = None
 
 
 @contextlib.contextmanager
-def netboot(work: Workload, run: Path, python: str, access_log: bool) -> Iterator[int]:
+def netboot(work: Workload, run: Path, python: str, access_log: bool,
+            repo: Path = REPO) -> Iterator[int]:
     port = free_port()
     data = run / "data"
     shutil.copytree(work.root / "netboot-seed", data)
@@ -125,7 +126,7 @@ def netboot(work: Workload, run: Path, python: str, access_log: bool) -> Iterato
     }))
     log = run / "netboot.log"
     with process([python, "-m", "netboot", "serve", "--config", str(conf)], log,
-                 {"PYTHONPATH": str(REPO)}):
+                 {"PYTHONPATH": str(repo)}):
         wait_http(f"http://{HOST}:{port}/boot.ipxe")
         # serve answers at once and loads the inventory view in the background (until then
         # decisions read the store): measure the server as it runs, once it is loaded.
@@ -228,6 +229,9 @@ def main() -> None:
                         help="turns of every row on every server (medians reported)")
     parser.add_argument("--access-log", action="store_true",
                         help="netboot writes its access log (nginx's stays off)")
+    parser.add_argument("--baseline", type=Path, metavar="REPO",
+                        help="also run netboot from this checkout (e.g. main's worktree) "
+                             "in the same turns, as 'baseline'; its ratio is printed too")
     args = parser.parse_args()
     # A SIGTERM (e.g. from `timeout`) unwinds: servers stopped, the temp dir removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -235,7 +239,8 @@ def main() -> None:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (apt-get install wrk)")
     rows = [r for r in ROWS if not args.only or r.name in args.only.split(",")]
-    servers = ["netboot"] + (["nginx"] if shutil.which("nginx") else [])
+    servers = ["netboot"] + (["baseline"] if args.baseline else []) + (
+        ["nginx"] if shutil.which("nginx") else [])
     if "nginx" not in servers:
         print("nginx left out: not installed (apt-get install nginx-light)")
     with tempfile.TemporaryDirectory(prefix="netboot-http-") as tmp_text:
@@ -262,7 +267,8 @@ def main() -> None:
                 run.mkdir()
                 ports[server] = stack.enter_context(
                     netboot(work, run, args.python, args.access_log) if server == "netboot"
-                    else nginx(work, run))
+                    else netboot(work, run, args.python, args.access_log, args.baseline)
+                    if server == "baseline" else nginx(work, run))
             for round_ in range(args.rounds):
                 for row in rows:
                     turn = servers if round_ % 2 == 0 else servers[::-1]
@@ -273,9 +279,9 @@ def main() -> None:
                         runs.setdefault((server, row.name), []).append(m)
                         print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
                               f"{m.p99_ms:.1f} ms, {m.errors} errors", flush=True)
-                    if len(servers) > 1:
-                        ratios.setdefault(row.name, []).append(
-                            runs["netboot", row.name][-1].rps / runs["nginx", row.name][-1].rps)
+                    for peer in servers[1:]:
+                        ratios.setdefault(f"{row.name}/{peer}", []).append(
+                            runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps)
     results = {key: median_of(ms) for key, ms in runs.items()}
     print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row, "
           f"medians of {args.rounds} round(s); the ratio is the median of each round's "
@@ -283,15 +289,15 @@ def main() -> None:
     head = f"{'path':<11} {'conns':>5}"
     for s in servers:
         head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6}"
-    print(head + ("  netboot ÷ nginx" if len(servers) > 1 else ""))
+    print(head + "".join(f"  netboot ÷ {peer}" for peer in servers[1:]))
     for row in rows:
         line = f"{row.name:<11} {row.connections:>5}"
         for s in servers:
             m = results[s, row.name]
             mib = f"{m.rps * row.size / (1 << 20):.0f}" if row.size else "-"
             line += f" {m.rps:>14,.0f} {m.p99_ms:>8.1f} {mib:>8} {m.errors:>6}"
-        if len(servers) > 1:
-            line += f"  {statistics.median(ratios[row.name]):.2g}x"
+        for peer in servers[1:]:
+            line += f"  {statistics.median(ratios[f'{row.name}/{peer}']):>{10 + len(peer)}.2g}x"
         print(line)
 
 
