@@ -576,3 +576,37 @@ async def test_pipelined_requests_are_answered_in_one_write(
     logged = [r.getMessage().split(" ")[2] for r in caplog.records
               if r.name == "netboot.access"][-len(targets) - 1:]
     assert logged == [*targets, "/healthz"]
+
+
+async def test_a_change_committed_elsewhere_before_a_request_is_seen_by_it(
+        tmp_path: Path) -> None:
+    """Another server on the same inventory (a second store on the file) removes a machine
+    right after a request made the change feed's probe: the machine's next request, sent
+    after the commit, sees it (netboot.arrival: a probe is shared only by requests that
+    arrived before it was made)."""
+    from netboot.inventory.sqlite import SqliteStore
+
+    async with serving(tmp_path) as service:
+        other = SqliteStore(service.config.data_dir / "netboot.db")
+        await other.open()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+            target = f"/ipxe?mac={OTHER}&arch=x86_64"
+            for _ in range(3):  # the decision kept and repeated: nothing read but the probe
+                writer.write(get(target))
+                first = await read_response(reader)
+            assert b"kernel" in first.body, first
+            machine = await other.machine_by("mac", OTHER)
+            assert machine is not None
+            # A probe just before the commit (a repeat on another connection, which writes
+            # nothing), then the commit, then the request.
+            await exchange(service.http_port, get(target))
+            await other.delete_machine(machine.id)
+            writer.write(get(target))
+            after = await read_response(reader)
+            writer.close()
+            assert after.body != first.body and b"kernel" not in after.body, after
+            fast, slow = await both_doors(service, target)
+            assert fast.comparable() == slow.comparable() == after.comparable()
+        finally:
+            await other.close()
