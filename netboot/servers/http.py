@@ -55,11 +55,13 @@ from netboot.logs import RateLimitedLog, escape, log_context, log_line
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
 from netboot.servers.fasthttp import (
     MAX_HEAD,
+    HeadTemplate,
     HttpDate,
     NotMine,
     Reply,
     RequestHead,
-    encode_reply,
+    fill,
+    head_template,
     parse_head,
     reply_parts,
 )
@@ -1010,6 +1012,9 @@ class FrontDoor:
         self._wire: dict[int, tuple[Reply, bytes, bytes, bytes]] = {}
         self._wire_bytes = 0  # the bodies of the replies in _wire
         self._heads: dict[bytes, RequestHead] = {}  # head(): whole heads seen, parsed
+        # The heads of start()'s replies by status, content type, headers and close.
+        self._templates: dict[tuple[int, str, tuple[tuple[str, str], ...], bool],
+                              HeadTemplate] = {}
 
     def head(self, buf: bytes) -> RequestHead | NotMine | None:
         """:func:`parse_head`, remembered for a buffer that is one whole head: a storm's
@@ -1089,8 +1094,16 @@ class FrontDoor:
             if reply is None:
                 return None
             body, whole = (reply, reply.reply) if isinstance(reply, FileBody) else (None, reply)
-            data = encode_reply(whole, date=self.date(), server=SERVER_NAME, request_id=rid,
-                                close=head.close, length=body.size if body else None)
+            key = (whole.status, whole.content_type, whole.headers, head.close)
+            template = self._templates.get(key)
+            if template is None:
+                template = head_template(whole.status, whole.content_type, whole.headers,
+                                         server=SERVER_NAME, close=head.close)
+                if len(self._templates) >= 256:  # bounded: few kinds of reply, in practice
+                    self._templates.clear()
+                self._templates[key] = template
+            data = fill(template, length=body.size if body else len(whole.body),
+                        date=self.date(), request_id=rid, body=whole.body)
             # As aiohttp's request_middleware, the time to decide: a file's sending after.
             seconds = time.monotonic() - started
             self.answered += 1
