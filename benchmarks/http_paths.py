@@ -13,6 +13,9 @@ nginx serves the same asset files and one static iPXE script for every MAC, so i
 is the floor: a file served, nothing decided. Both servers run at once and every row is
 measured in ``--rounds`` turns, the server that goes first alternating; the ratio printed is
 the median of the turns' ratios (the machine's load drifts between runs a minute apart).
+``µs CPU`` is each server's CPU (utime + stime of the process and its workers) per request
+answered, median of the turns: steadier than req/s on a loaded machine. ``--baseline REPO``
+runs a second netboot from another checkout (e.g. main's worktree) in the same turns.
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``); a missing one is said and
 left out. Loopback only; servers stopped by their own PID. Not part of pytest.
 """
@@ -111,7 +114,7 @@ def process(argv: list[str], log: Path, env: dict[str, str] | None = None
 
 @contextlib.contextmanager
 def netboot(work: Workload, run: Path, python: str, access_log: bool,
-            repo: Path = REPO) -> Iterator[int]:
+            repo: Path = REPO) -> Iterator[tuple[int, int]]:
     port = free_port()
     data = run / "data"
     shutil.copytree(work.root / "netboot-seed", data)
@@ -126,7 +129,7 @@ def netboot(work: Workload, run: Path, python: str, access_log: bool,
     }))
     log = run / "netboot.log"
     with process([python, "-m", "netboot", "serve", "--config", str(conf)], log,
-                 {"PYTHONPATH": str(repo)}):
+                 {"PYTHONPATH": str(repo)}) as proc:
         wait_http(f"http://{HOST}:{port}/boot.ipxe")
         # serve answers at once and loads the inventory view in the background (until then
         # decisions read the store): measure the server as it runs, once it is loaded.
@@ -138,11 +141,11 @@ def netboot(work: Workload, run: Path, python: str, access_log: bool,
             time.sleep(0.5)
         print(f"netboot view of the inventory loaded {time.monotonic() - started:.1f} s "
               "after serve answered", flush=True)
-        yield port
+        yield port, proc.pid
 
 
 @contextlib.contextmanager
-def nginx(work: Workload, run: Path) -> Iterator[int]:
+def nginx(work: Workload, run: Path) -> Iterator[tuple[int, int]]:
     port = free_port()
     # One static script answers every MAC: with 100,000 machines, writing a file per MAC
     # takes longer than the measurement, and for nginx a lookup among them costs the same.
@@ -178,9 +181,32 @@ http {{
   }}
 }}
 """)
-    with process(["nginx", "-c", str(conf), "-p", str(tmp)], run / "nginx.log"):
+    with process(["nginx", "-c", str(conf), "-p", str(tmp)], run / "nginx.log") as proc:
         wait_http(f"http://{HOST}:{port}/boot.ipxe")
-        yield port
+        yield port, proc.pid
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of its living descendants (nginx's workers), from
+    /proc: what the server spent, whatever the load beside it."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo.extend(children.get(p, ()))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -188,6 +214,7 @@ class Measured:
     rps: float
     p99_ms: float
     errors: int
+    cpu_us: float = float("nan")  # the server's CPU per request
 
 
 def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int) -> Measured:
@@ -274,11 +301,15 @@ def main() -> None:
                     turn = servers if round_ % 2 == 0 else servers[::-1]
                     for server in turn:
                         if row.machines and round_ == 0:  # first requests change things
-                            wrk(ports[server], row, args.duration, script, args.enrolled)
-                        m = wrk(ports[server], row, args.duration, script, args.enrolled)
+                            wrk(ports[server][0], row, args.duration, script, args.enrolled)
+                        port, pid = ports[server]
+                        cpu = cpu_seconds(pid)
+                        m = wrk(port, row, args.duration, script, args.enrolled)
+                        m.cpu_us = (cpu_seconds(pid) - cpu) / max(1.0, m.rps * args.duration) * 1e6
                         runs.setdefault((server, row.name), []).append(m)
                         print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
-                              f"{m.p99_ms:.1f} ms, {m.errors} errors", flush=True)
+                              f"{m.p99_ms:.1f} ms, {m.errors} errors, "
+                              f"{m.cpu_us:,.0f} µs CPU/request", flush=True)
                     for peer in servers[1:]:
                         ratios.setdefault(f"{row.name}/{peer}", []).append(
                             runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps)
@@ -288,14 +319,15 @@ def main() -> None:
           f"(load average {os.getloadavg()[0]:.1f})")
     head = f"{'path':<11} {'conns':>5}"
     for s in servers:
-        head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6}"
+        head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6} {'µs CPU':>7}"
     print(head + "".join(f"  netboot ÷ {peer}" for peer in servers[1:]))
     for row in rows:
         line = f"{row.name:<11} {row.connections:>5}"
         for s in servers:
             m = results[s, row.name]
             mib = f"{m.rps * row.size / (1 << 20):.0f}" if row.size else "-"
-            line += f" {m.rps:>14,.0f} {m.p99_ms:>8.1f} {mib:>8} {m.errors:>6}"
+            cpu = statistics.median(r.cpu_us for r in runs[s, row.name])
+            line += f" {m.rps:>14,.0f} {m.p99_ms:>8.1f} {mib:>8} {m.errors:>6} {cpu:>7,.0f}"
         for peer in servers[1:]:
             line += f"  {statistics.median(ratios[f'{row.name}/{peer}']):>{10 + len(peer)}.2g}x"
         print(line)
