@@ -13,6 +13,9 @@ nginx serves the same asset files and one static iPXE script for every MAC, so i
 is the floor: a file served, nothing decided. Both servers run at once and every row is
 measured in ``--rounds`` turns, the server that goes first alternating; the ratio printed is
 the median of the turns' ratios (the machine's load drifts between runs a minute apart).
+``µs CPU`` is each server's CPU (utime + stime of the process and its workers) per request
+answered, median of the turns: steadier than req/s on a loaded machine. ``--baseline REPO``
+runs a second netboot from another checkout (e.g. main's worktree) in the same turns.
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``); a missing one is said and
 left out. Loopback only; servers stopped by their own PID. Not part of pytest.
 """
@@ -110,7 +113,8 @@ def process(argv: list[str], log: Path, env: dict[str, str] | None = None
 
 
 @contextlib.contextmanager
-def netboot(work: Workload, run: Path, python: str, access_log: bool) -> Iterator[int]:
+def netboot(work: Workload, run: Path, python: str, access_log: bool,
+            repo: Path = REPO) -> Iterator[tuple[int, int]]:
     port = free_port()
     data = run / "data"
     shutil.copytree(work.root / "netboot-seed", data)
@@ -125,7 +129,7 @@ def netboot(work: Workload, run: Path, python: str, access_log: bool) -> Iterato
     }))
     log = run / "netboot.log"
     with process([python, "-m", "netboot", "serve", "--config", str(conf)], log,
-                 {"PYTHONPATH": str(REPO)}):
+                 {"PYTHONPATH": str(repo)}) as proc:
         wait_http(f"http://{HOST}:{port}/boot.ipxe")
         # serve answers at once and loads the inventory view in the background (until then
         # decisions read the store): measure the server as it runs, once it is loaded.
@@ -137,11 +141,11 @@ def netboot(work: Workload, run: Path, python: str, access_log: bool) -> Iterato
             time.sleep(0.5)
         print(f"netboot view of the inventory loaded {time.monotonic() - started:.1f} s "
               "after serve answered", flush=True)
-        yield port
+        yield port, proc.pid
 
 
 @contextlib.contextmanager
-def nginx(work: Workload, run: Path) -> Iterator[int]:
+def nginx(work: Workload, run: Path) -> Iterator[tuple[int, int]]:
     port = free_port()
     # One static script answers every MAC: with 100,000 machines, writing a file per MAC
     # takes longer than the measurement, and for nginx a lookup among them costs the same.
@@ -177,9 +181,32 @@ http {{
   }}
 }}
 """)
-    with process(["nginx", "-c", str(conf), "-p", str(tmp)], run / "nginx.log"):
+    with process(["nginx", "-c", str(conf), "-p", str(tmp)], run / "nginx.log") as proc:
         wait_http(f"http://{HOST}:{port}/boot.ipxe")
-        yield port
+        yield port, proc.pid
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of its living descendants (nginx's workers), from
+    /proc: what the server spent, whatever the load beside it."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo.extend(children.get(p, ()))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -187,6 +214,7 @@ class Measured:
     rps: float
     p99_ms: float
     errors: int
+    cpu_us: float = float("nan")  # the server's CPU per request
 
 
 def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int) -> Measured:
@@ -228,6 +256,9 @@ def main() -> None:
                         help="turns of every row on every server (medians reported)")
     parser.add_argument("--access-log", action="store_true",
                         help="netboot writes its access log (nginx's stays off)")
+    parser.add_argument("--baseline", type=Path, metavar="REPO",
+                        help="also run netboot from this checkout (e.g. main's worktree) "
+                             "in the same turns, as 'baseline'; its ratio is printed too")
     args = parser.parse_args()
     # A SIGTERM (e.g. from `timeout`) unwinds: servers stopped, the temp dir removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -235,7 +266,8 @@ def main() -> None:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (apt-get install wrk)")
     rows = [r for r in ROWS if not args.only or r.name in args.only.split(",")]
-    servers = ["netboot"] + (["nginx"] if shutil.which("nginx") else [])
+    servers = ["netboot"] + (["baseline"] if args.baseline else []) + (
+        ["nginx"] if shutil.which("nginx") else [])
     if "nginx" not in servers:
         print("nginx left out: not installed (apt-get install nginx-light)")
     with tempfile.TemporaryDirectory(prefix="netboot-http-") as tmp_text:
@@ -262,36 +294,42 @@ def main() -> None:
                 run.mkdir()
                 ports[server] = stack.enter_context(
                     netboot(work, run, args.python, args.access_log) if server == "netboot"
-                    else nginx(work, run))
+                    else netboot(work, run, args.python, args.access_log, args.baseline)
+                    if server == "baseline" else nginx(work, run))
             for round_ in range(args.rounds):
                 for row in rows:
                     turn = servers if round_ % 2 == 0 else servers[::-1]
                     for server in turn:
                         if row.machines and round_ == 0:  # first requests change things
-                            wrk(ports[server], row, args.duration, script, args.enrolled)
-                        m = wrk(ports[server], row, args.duration, script, args.enrolled)
+                            wrk(ports[server][0], row, args.duration, script, args.enrolled)
+                        port, pid = ports[server]
+                        cpu = cpu_seconds(pid)
+                        m = wrk(port, row, args.duration, script, args.enrolled)
+                        m.cpu_us = (cpu_seconds(pid) - cpu) / max(1.0, m.rps * args.duration) * 1e6
                         runs.setdefault((server, row.name), []).append(m)
                         print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
-                              f"{m.p99_ms:.1f} ms, {m.errors} errors", flush=True)
-                    if len(servers) > 1:
-                        ratios.setdefault(row.name, []).append(
-                            runs["netboot", row.name][-1].rps / runs["nginx", row.name][-1].rps)
+                              f"{m.p99_ms:.1f} ms, {m.errors} errors, "
+                              f"{m.cpu_us:,.0f} µs CPU/request", flush=True)
+                    for peer in servers[1:]:
+                        ratios.setdefault(f"{row.name}/{peer}", []).append(
+                            runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps)
     results = {key: median_of(ms) for key, ms in runs.items()}
     print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row, "
           f"medians of {args.rounds} round(s); the ratio is the median of each round's "
           f"(load average {os.getloadavg()[0]:.1f})")
     head = f"{'path':<11} {'conns':>5}"
     for s in servers:
-        head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6}"
-    print(head + ("  netboot ÷ nginx" if len(servers) > 1 else ""))
+        head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6} {'µs CPU':>7}"
+    print(head + "".join(f"  netboot ÷ {peer}" for peer in servers[1:]))
     for row in rows:
         line = f"{row.name:<11} {row.connections:>5}"
         for s in servers:
             m = results[s, row.name]
             mib = f"{m.rps * row.size / (1 << 20):.0f}" if row.size else "-"
-            line += f" {m.rps:>14,.0f} {m.p99_ms:>8.1f} {mib:>8} {m.errors:>6}"
-        if len(servers) > 1:
-            line += f"  {statistics.median(ratios[row.name]):.2g}x"
+            cpu = statistics.median(r.cpu_us for r in runs[s, row.name])
+            line += f" {m.rps:>14,.0f} {m.p99_ms:>8.1f} {mib:>8} {m.errors:>6} {cpu:>7,.0f}"
+        for peer in servers[1:]:
+            line += f"  {statistics.median(ratios[f'{row.name}/{peer}']):>{10 + len(peer)}.2g}x"
         print(line)
 
 

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from netboot.logs import RateLimitedLog, Summary, escape
+from netboot.logs import (
+    TEXT_FORMAT,
+    BatchedStreamHandler,
+    JsonFormatter,
+    RateLimitedLog,
+    Summary,
+    TextFormatter,
+    escape,
+    log_line,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("raw", "logged"), [
@@ -158,3 +178,206 @@ async def test_dhcp_lines_carry_mac_xid_and_peer() -> None:
     offer = next(line for line in lines if "OFFER" in line["message"])
     assert offer["mac"] == "52:54:00:00:00:11" and offer["peer"] == LOOPBACK
     assert offer["xid"] == 3797733299
+
+
+# --- the server's log stream: formatted cheaply, written once per loop iteration ---------
+
+class Writes(io.StringIO):
+    """A stream that remembers each write (what the handler hands the OS in one call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def batched(max_lines: int = 256) -> tuple[logging.Logger, BatchedStreamHandler, Writes]:
+    stream = Writes()
+    handler = BatchedStreamHandler(stream, max_lines=max_lines)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.Logger("batched-test")  # not in the manager: no other handler
+    logger.addHandler(handler)
+    return logger, handler, stream
+
+
+@pytest.mark.parametrize("created", [1764641401.0, 1764641401.0009, 1764641401.9994,
+                                     1764641402.5, 951782400.123])
+def test_text_formatter_writes_what_loggings_formatter_writes(created: float) -> None:
+    ours, theirs = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    for at in (created, created, created + 0.001, created + 1, created - 1):
+        record = logging.LogRecord("netboot.access", logging.INFO, "", 0, "GET %s %d",
+                                   ("/boot.ipxe", 200), None)
+        record.created, record.msecs = at, (at - int(at)) * 1000
+        assert ours.format(record) == theirs.format(record)
+    failed = logging.LogRecord("x", logging.ERROR, "", 0, "bad", (), None)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed.exc_info = sys.exc_info()
+    assert ours.format(failed) == theirs.format(failed)
+
+
+async def test_a_loop_iterations_lines_leave_in_one_write_in_order() -> None:
+    logger, _, stream = batched()
+    for i in range(5):
+        logger.info("line %d", i)
+    assert stream.calls == []  # kept until the loop comes round
+    await asyncio.sleep(0)  # the loop's next iteration
+    assert stream.calls == ["".join(f"line {i}\n" for i in range(5))]
+    logger.info("next")
+    await asyncio.sleep(0)
+    assert stream.calls[1:] == ["next\n"]
+
+
+async def test_lines_from_threads_without_a_loop_are_written_at_once_after_kept_ones() -> None:
+    logger, _, stream = batched()
+    logger.info("on the loop")
+    await asyncio.to_thread(logger.info, "from a thread")
+    assert stream.getvalue() == "on the loop\nfrom a thread\n"  # logged order, nothing kept
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "on the loop\nfrom a thread\n"  # nothing written twice
+
+
+async def test_at_most_max_lines_are_kept() -> None:
+    logger, _, stream = batched(max_lines=3)
+    for i in range(7):
+        logger.info("%d", i)
+    assert stream.calls == ["0\n1\n2\n", "3\n4\n5\n"]
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "".join(f"{i}\n" for i in range(7))
+
+
+def test_lines_a_stopped_loop_kept_are_written_first_and_on_flush() -> None:
+    logger, handler, stream = batched()
+
+    async def last_words() -> None:
+        logger.info("last words")  # its flush would run in an iteration to come
+
+    def stopped_loop() -> None:
+        loop = asyncio.new_event_loop()
+
+        def stop() -> None:
+            logger.info("last words")
+            loop.stop()  # after this iteration: the flush it scheduled never runs
+
+        try:
+            loop.call_soon(stop)
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    stopped_loop()
+    assert stream.getvalue() == ""
+    stopped_loop()
+    assert stream.getvalue() == ""
+    asyncio.run(last_words())  # another loop: its flush writes the old lines first
+    assert stream.getvalue() == "last words\n" * 3
+    stopped_loop()
+    handler.flush()  # what logging.shutdown and the CLI do at the end
+    assert stream.getvalue() == "last words\n" * 4
+
+
+@pytest.mark.parametrize("ending", ["return", "raise", "sigterm"])
+def test_nothing_logged_is_lost_when_the_process_ends(tmp_path: Path, ending: str) -> None:
+    """A process ending normally, by an uncaught exception or by SIGTERM's default action
+    (logging's shutdown does not run then: the handler must have written on its own by the
+    time the loop waited) loses no line."""
+    script = tmp_path / "ends.py"
+    script.write_text(f"""
+import asyncio, logging, os, signal, sys
+from netboot.logs import BatchedStreamHandler, TextFormatter
+handler = BatchedStreamHandler(sys.stderr)
+handler.setFormatter(TextFormatter())
+logging.basicConfig(level="INFO", handlers=[handler])
+log = logging.getLogger("netboot.access")
+
+async def main():
+    for i in range(1000):
+        log.info("request %d", i)
+        if i % 100 == 99:
+            await asyncio.sleep(0)
+    if {ending!r} == "sigterm":
+        await asyncio.sleep(0.05)  # the loop waits: what it kept is written by now
+        os.kill(os.getpid(), signal.SIGTERM)
+    if {ending!r} == "raise":
+        raise RuntimeError("crash")
+
+asyncio.run(main())
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [line for line in proc.stderr.splitlines() if " INFO netboot.access: " in line]
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(i) for i in range(1000)], \
+        proc.stderr[-2000:]
+    assert proc.returncode == {"return": 0, "raise": 1, "sigterm": -signal.SIGTERM}[ending]
+
+
+def test_log_line_writes_what_the_logger_writes() -> None:
+    """The record-less way (one BatchedStreamHandler in the text format) and logging's own
+    give the same line but for the time, in the order they were logged."""
+    stream = Writes()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    parent = logging.Logger("netboot", logging.INFO)
+    logger = logging.Logger("netboot.access")
+    logger.parent = parent
+    parent.addHandler(handler)
+    args = ("192.0.2.7", "GET", "/ipxe?mac=52-54-00-12-34-56", 200, 512, 0.0123, "iPXE/1.21")
+    fmt = '%s %s %s %d %d %.3f "%s"'
+    log_line(logger, logging.INFO, fmt, *args, extra={"request_id": "r1"})
+    logger.info(fmt, *args, extra={"request_id": "r1"})
+    log_line(logger, logging.INFO, "reason=%r", "it's")
+    logger.info("reason=%r", "it's")
+    log_line(logger, logging.INFO, "no arguments: 100%")
+    logger.info("no arguments: 100%")
+    log_line(logger, logging.DEBUG, "not enabled")
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 6
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+    assert all(stamp.match(line) for line in lines), lines
+    bare = [stamp.sub("", line) for line in lines]
+    assert bare[0] == bare[1] == ('INFO netboot.access: 192.0.2.7 GET '
+                                  '/ipxe?mac=52-54-00-12-34-56 200 512 0.012 "iPXE/1.21"')
+    assert bare[2] == bare[3] == "INFO netboot.access: reason=\"it's\""
+    assert bare[4] == bare[5] == "INFO netboot.access: no arguments: 100%"
+
+
+def test_log_line_takes_loggings_way_wherever_that_could_differ(
+        caplog: pytest.LogCaptureFixture) -> None:
+    stream = Writes()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.Logger("netboot.http")
+    logger.addHandler(handler)
+    seen: list[logging.LogRecord] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    # A second handler (pytest's caplog, an operator's), a filter, another formatter: each
+    # must see a real record, with its extras.
+    other = Seen()
+    logger.addHandler(other)
+    log_line(logger, logging.INFO, "a %s", "line", extra={"mac": "m"})
+    logger.removeHandler(other)
+    logger.addFilter(lambda r: True)
+    log_line(logger, logging.INFO, "b %s", "line")
+    logger.filters.clear()
+    handler.setFormatter(JsonFormatter())
+    log_line(logger, logging.INFO, "c %s", "line", extra={"mac": "m"})
+    handler.setFormatter(TextFormatter())
+    log_line(logger, logging.INFO, "d %(x)s", {"x": "mapped"})  # LogRecord's mapping rule
+    log_line(logger, logging.INFO, "e %d", "not a number")  # reported as logging reports it
+    handler.flush()
+    assert [r.getMessage() for r in seen] == ["a line"] and seen[0].mac == "m"  # type: ignore[attr-defined]
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(" INFO netboot.http: a line")
+    assert lines[1].endswith(" INFO netboot.http: b line")
+    assert json.loads(lines[2])["mac"] == "m" and json.loads(lines[2])["message"] == "c line"
+    assert lines[3].endswith(" INFO netboot.http: d mapped")
+    assert len(lines) == 4  # the bad one: logging's error report on stderr, no line

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from netboot import identity
+from netboot.arrival import arrival
 from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
 from netboot.identity import claims, clean_text, clean_uuid
 from netboot.inventory import codec
@@ -359,6 +361,9 @@ class SqliteStore:
         # answers, without a hop to the reader thread (which cost more than the decision).
         self._probe: sqlite3.Connection | None = None
         self._probed = -1  # the probe's data_version before the feed's last full read
+        # The last probe: the time just before it, its answer, and this store's commits
+        # then. A request that arrived before that time is answered from it (arrival.py).
+        self._last_probe: tuple[float, int | None, int] = (-math.inf, None, -1)
 
     @property
     def commits(self) -> int:
@@ -682,8 +687,16 @@ class SqliteStore:
     # change feed -------------------------------------------------------------------------
     def settled(self, seq: int) -> bool:
         """Whether nothing was committed after ``seq`` (base.SettledFeed): the probe's
-        data_version is the one of the feed's last full read, which ended at ``seq``."""
-        probed = self._probe_version()
+        data_version is the one of the feed's last full read, which ended at ``seq``.
+
+        The probe is made again unless the request this work answers had arrived before
+        the last one was made (netboot.arrival) and this store committed nothing since:
+        then that probe already saw every commit the request's sender could have known of.
+        Requests read in one loop iteration and decided in the next share one probe."""
+        came = arrival()
+        at, probed, commits = self._last_probe
+        if came is None or came >= at or commits != self._commits:
+            probed = self._probe_version()
         return probed is not None and probed == self._probed and 0 <= seq == self._feed_seq
 
     async def changes_since(self, seq: int) -> Changes:
@@ -699,10 +712,13 @@ class SqliteStore:
     def _probe_version(self) -> int | None:
         if self._probe is None:
             return None
+        at = time.monotonic()  # before the probe: what arrived before it, it sees
         try:
-            return int(self._probe.execute("PRAGMA data_version").fetchone()[0])
+            version: int | None = int(self._probe.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error:
-            return None
+            version = None
+        self._last_probe = (at, version, self._commits)
+        return version
 
     def _changes_since(self, conn: sqlite3.Connection, seq: int) -> Changes:
         """On the reader thread: ``PRAGMA data_version`` first, which changes exactly when

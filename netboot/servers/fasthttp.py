@@ -169,14 +169,50 @@ class HttpDate:
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 
 
+class HeadTemplate(NamedTuple):
+    """The head of a response of one status, content type, set of headers and ``close``,
+    around what changes per response: the Content-Length value, the Date and the request
+    id (:func:`fill`). Made once per kind of reply (an ``/ipxe`` script, a 404), so that a
+    response is one join, not a head written out again each time (~5 µs)."""
+
+    start: bytes  # status line, Content-Type, "Content-Length: "
+    date: bytes  # before the Date
+    request_id: bytes  # Server, then "X-Request-Id: "
+    end: bytes  # the reply's own headers, Connection: close, the blank line
+
+
+def head_template(status: int, content_type: str, headers: tuple[tuple[str, str], ...], *,
+                  server: str, close: bool) -> HeadTemplate:
+    parts = [b"\r\n"]
+    for name, value in headers:
+        parts.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return HeadTemplate(
+        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: " % (
+            status, _REASONS.get(status, b""), content_type.encode("latin-1")),
+        b"\r\nDate: ", b"\r\nServer: %s\r\nX-Request-Id: " % server.encode("ascii"),
+        b"".join(parts))
+
+
+def fill(head: HeadTemplate, *, length: int, date: bytes, request_id: str,
+         body: bytes = b"") -> bytes:
+    """A response: ``head`` with its values, then ``body`` (empty when a file follows)."""
+    return b"".join((head.start, b"%d" % length, head.date, date, head.request_id,
+                     request_id.encode("ascii"), head.end, body))
+
+
 def encode_reply(reply: Reply, *, date: bytes, server: str, request_id: str,
                  close: bool, length: int | None = None) -> bytes:
     """The bytes of ``reply`` as HTTP/1.1, with the headers aiohttp's path adds (Date,
     Server, X-Request-Id) and ``Connection: close`` when the connection ends after it.
     ``length``: the Content-Length of a body sent after these bytes (a file), when
     ``reply.body`` is empty."""
-    before, between, after = reply_parts(reply, server=server, close=close, length=length)
-    return b"".join((before, date, between, request_id.encode("ascii"), after))
+    head = head_template(reply.status, reply.content_type, reply.headers, server=server,
+                         close=close)
+    return fill(head, length=len(reply.body) if length is None else length, date=date,
+                request_id=request_id, body=reply.body)
 
 
 def reply_parts(reply: Reply, *, server: str, close: bool, length: int | None = None
@@ -184,15 +220,7 @@ def reply_parts(reply: Reply, *, server: str, close: bool, length: int | None = 
     """:func:`encode_reply`'s bytes around the two values that change per request, the Date
     and the request id: made once for a reply that is sent again and again (a small asset,
     the bootstrap script), whose every answer is then a join of five byte strings."""
-    parts = [b"\r\nServer: %s\r\nX-Request-Id: " % server.encode("ascii"), b"\r\n"]
-    for name, value in reply.headers:
-        parts.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
-    if close:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    parts.append(reply.body)
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: " % (
-                reply.status, _REASONS.get(reply.status, b""),
-                reply.content_type.encode("latin-1"),
-                len(reply.body) if length is None else length),
-            parts[0], b"".join(parts[1:]))
+    head = head_template(reply.status, reply.content_type, reply.headers, server=server,
+                         close=close)
+    return (head.start + b"%d" % (len(reply.body) if length is None else length) + head.date,
+            head.request_id, head.end + reply.body)

@@ -34,6 +34,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 from aiohttp.web_fileresponse import NOSENDFILE
 
+from netboot.arrival import arrived
 from netboot.eager import eager
 from netboot.errors import (
     AuthError,
@@ -50,15 +51,17 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape, log_context
+from netboot.logs import RateLimitedLog, escape, log_context, log_line
 from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
 from netboot.servers.fasthttp import (
     MAX_HEAD,
+    HeadTemplate,
     HttpDate,
     NotMine,
     Reply,
     RequestHead,
-    encode_reply,
+    fill,
+    head_template,
     parse_head,
     reply_parts,
 )
@@ -232,9 +235,9 @@ class AccessLogger(AbstractAccessLogger):
     def line(self, remote: str | None, method: str, target: str, status: int, sent: int,
              seconds: float, user_agent: str | None, request_id: str | None) -> None:
         """The line itself, for aiohttp's requests and the front door's (FrontDoor)."""
-        self.logger.info("%s %s %s %d %d %.3f \"%s\"", remote, escape(method), target, status,
-                         sent, seconds, escape(user_agent, limit=256),
-                         extra={"request_id": request_id, "peer": remote, "path": target})
+        log_line(self.logger, logging.INFO, "%s %s %s %d %d %.3f \"%s\"", remote,
+                 escape(method), target, status, sent, seconds, escape(user_agent, limit=256),
+                 extra={"request_id": request_id, "peer": remote, "path": target})
 
 
 class CountingFileResponse(web.FileResponse):
@@ -936,8 +939,8 @@ class DeviceRoutes:
     async def _ipxe(self, query: str, remote: str | None) -> Reply:
         boot = ipxe_request(uri_query(query), remote)
         plan, script = await self._content.ipxe_script(boot)
-        self._log.info("ipxe mac=%s peer=%s action=%s reason=%r", boot.mac, remote,
-                       plan.action, plan.reason, extra={"mac": boot.mac})
+        log_line(self._log, logging.INFO, "ipxe mac=%s peer=%s action=%s reason=%r", boot.mac,
+                 remote, plan.action, plan.reason, extra={"mac": boot.mac})
         return Reply(200, script.encode(), _TEXT, _NO_STORE)
 
     async def asset(self, request: web.Request) -> web.StreamResponse:
@@ -966,7 +969,7 @@ class DeviceRoutes:
         plan = await self._content.authorised_plan(mac, token)
         text = self._content.k3os_config(plan)
         await self._content.config_fetched(plan, "k3OS config")
-        self._log.info("config mac=%s peer=%s served", plan.mac, remote)
+        log_line(self._log, logging.INFO, "config mac=%s peer=%s served", plan.mac, remote)
         return Reply(200, text.encode(), "text/yaml; charset=utf-8", _NO_STORE)
 
     async def nocloud(self, request: web.Request) -> web.Response:
@@ -1009,6 +1012,9 @@ class FrontDoor:
         self._wire: dict[int, tuple[Reply, bytes, bytes, bytes]] = {}
         self._wire_bytes = 0  # the bodies of the replies in _wire
         self._heads: dict[bytes, RequestHead] = {}  # head(): whole heads seen, parsed
+        # The heads of start()'s replies by status, content type, headers and close.
+        self._templates: dict[tuple[int, str, tuple[tuple[str, str], ...], bool],
+                              HeadTemplate] = {}
 
     def head(self, buf: bytes) -> RequestHead | NotMine | None:
         """:func:`parse_head`, remembered for a buffer that is one whole head: a storm's
@@ -1074,8 +1080,9 @@ class FrontDoor:
             return None
         label, coro = route
         rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
-        started = time.monotonic()
-        with log_context(request_id=rid, peer=remote, path=_front_target(head)):
+        started = time.monotonic()  # after its bytes were read: when it had arrived
+        target = _front_target(head)  # for the log context and the access line
+        with log_context(request_id=rid, peer=remote, path=target), arrived(started):
             # Answers from memory run at once; a decision runs in a task of its own, as
             # under aiohttp: its store may need one (asyncpg's pool acquires under
             # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
@@ -1087,14 +1094,22 @@ class FrontDoor:
             if reply is None:
                 return None
             body, whole = (reply, reply.reply) if isinstance(reply, FileBody) else (None, reply)
-            data = encode_reply(whole, date=self.date(), server=SERVER_NAME, request_id=rid,
-                                close=head.close, length=body.size if body else None)
+            key = (whole.status, whole.content_type, whole.headers, head.close)
+            template = self._templates.get(key)
+            if template is None:
+                template = head_template(whole.status, whole.content_type, whole.headers,
+                                         server=SERVER_NAME, close=head.close)
+                if len(self._templates) >= 256:  # bounded: few kinds of reply, in practice
+                    self._templates.clear()
+                self._templates[key] = template
+            data = fill(template, length=body.size if body else len(whole.body),
+                        date=self.date(), request_id=rid, body=whole.body)
             # As aiohttp's request_middleware, the time to decide: a file's sending after.
             seconds = time.monotonic() - started
             self.answered += 1
             if self.observer is not None:
                 self.observer.http_request(label, "GET", whole.status, seconds)
-            return Answer(data, whole.status, seconds, rid, body)
+            return Answer(data, whole.status, seconds, rid, body, target)
 
         return finish, decided
 
@@ -1128,6 +1143,7 @@ class Answer(NamedTuple):
     seconds: float
     request_id: str
     file: FileBody | None = None  # sent after ``data`` with sendfile(2)
+    target: str = ""  # _front_target of the request, when it was made already
 
 
 # --- connection limits ----------------------------------------------------------------------
@@ -1247,6 +1263,9 @@ class GuardedHandler(web.RequestHandler):
         self._sock: Any = None  # its socket object (asyncio's or uvloop's), when plain TCP
         self._own: socket.socket | None = None  # _own_socket(), when a file was sent
         self._sending: asyncio.Task[None] | None = None  # the front's sendfile, if any
+        # Answers encoded and not written yet: the requests a client pipelined, read
+        # together, leave together in one write (_front_flush).
+        self._out: list[tuple[RequestHead, Answer]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -1302,6 +1321,7 @@ class GuardedHandler(web.RequestHandler):
 
     def _to_aiohttp(self, size: int | None) -> None:
         """Hand the next ``size`` bytes (a whole request), or all of them, to aiohttp."""
+        self._front_flush()  # the front's answers before aiohttp's
         if size is None:
             self._front_off = True
             data, self._unread = self._unread, b""
@@ -1345,6 +1365,7 @@ class GuardedHandler(web.RequestHandler):
             self._front_busy = True
             decided.add_done_callback(functools.partial(self._front_later, head, finish))
             break
+        self._front_flush()
         if self._front_paused or len(self._unread) > 4 * MAX_HEAD:
             self._front_flow()
 
@@ -1382,9 +1403,14 @@ class GuardedHandler(web.RequestHandler):
                 body.file.close()
             return
         if body is None:
-            transport.write(answer.data)
-            self._front_sent(head, answer, len(answer.data), answer.seconds)
+            self._out.append((head, answer))
+            if not self._unread or head.close:
+                self._front_flush()
+            # else: more of the client's bytes are read already (pipelined requests):
+            # this answer leaves with theirs, in one write (at the latest when
+            # _serve_front stops or hands a request to aiohttp).
             return
+        self._front_flush()  # the answers before this file first
         own = self._own_socket()
         # The head waits in the kernel for the file's first bytes and leaves with them
         # (TCP_CORK, nginx's tcp_nopush): a head in a packet of its own cost the sender and
@@ -1409,6 +1435,20 @@ class GuardedHandler(web.RequestHandler):
         # then (pipelining).
         self._front_busy = True
         self._sending = self._loop.create_task(self._send_file(head, answer, body, sent))
+
+    def _front_flush(self) -> None:
+        """Write the answers kept by _front_send, in one write, then what follows each."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        transport = self.transport
+        if transport is None:
+            return  # the client left: nothing is sent or logged, as for a lone answer
+        transport.write(out[0][1].data if len(out) == 1
+                        else b"".join([answer.data for _, answer in out]))
+        for head, answer in out:
+            self._front_sent(head, answer, len(answer.data), answer.seconds)
 
     async def _send_file(self, head: RequestHead, answer: Answer, body: FileBody,
                          offset: int) -> None:
@@ -1472,8 +1512,9 @@ class GuardedHandler(web.RequestHandler):
         """What follows a front answer: its access log line, keep-alive, close."""
         logger = self.access_logger
         if self._logging_enabled and isinstance(logger, AccessLogger):
-            logger.line(self._remote(), "GET", _front_target(head), answer.status, sent,
-                        seconds, head.user_agent or None, answer.request_id)
+            logger.line(self._remote(), "GET", answer.target or _front_target(head),
+                        answer.status, sent, seconds, head.user_agent or None,
+                        answer.request_id)
         # aiohttp closes a connection idle this long after its own last response: move
         # that to after this one (its timer re-arms itself at this time).
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
@@ -1516,6 +1557,7 @@ class GuardedHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._unread = b""
+        self._out = []
         own, self._own = self._own, None
         if self._sending is not None:
             self._sending.cancel()  # closes its file

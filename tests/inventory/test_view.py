@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import netboot
+from netboot.arrival import arrived
 from netboot.boot import BootService, BootSettings
 from netboot.enroll import Enroller
 from netboot.files import FileTree
@@ -252,3 +254,39 @@ async def test_load_while_another_process_writes_misses_nothing(
     first = await own.list_machines()
     assert len(first) == 49
     assert await view.machine_by("mac", "02:00:00:00:02:00") is None
+
+
+async def test_one_probe_serves_requests_that_arrived_before_it_and_no_later_one(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """netboot.arrival: a request that arrived before the store's last probe is answered
+    from it; one that arrived after a commit by anyone (another server: ``other``; this
+    one) probes again and sees the commit — the rule the HTTP front door relies on when
+    a loop iteration's requests share one probe."""
+    own, other, _ = stores
+    view = InventoryView(own)
+    await view.load()
+    assert await view.machine_by("mac", MACS[0]) is None
+    early = time.monotonic()  # a request read before the probe below
+    await view.sync()  # the probe: nothing committed since the load
+    await other.create_machine(Machine(macs=(MacAddress.parse(MACS[0]),), hostname="n1"))
+    with arrived(early):
+        # Arrived before the probe: answered from it. (Its sender cannot have known of a
+        # commit made after the probe: the answer is one the server could have given at
+        # the moment it probed.)
+        await view.sync()
+        assert await view.machine_by("mac", MACS[0]) is None
+    with arrived(time.monotonic()):  # sent after the commit: sees it
+        await view.sync()
+        machine = await view.machine_by("mac", MACS[0])
+        assert machine is not None and machine.hostname == "n1"
+    # A commit by this very store: the next sync probes again, whatever the arrival.
+    early = time.monotonic()
+    await view.sync()
+    await own.create_machine(Machine(macs=(MacAddress.parse(MACS[1]),), hostname="n2"))
+    with arrived(early):
+        await view.sync()
+        assert (await view.machine_by("mac", MACS[1])) is not None
+    # Work that says nothing of an arrival (the API, timers) probes every time.
+    await other.create_machine(Machine(macs=(MacAddress.parse(MACS[2]),), hostname="n3"))
+    await view.sync()
+    assert (await view.machine_by("mac", MACS[2])) is not None

@@ -10,7 +10,9 @@ import contextlib
 import gzip
 import logging
 import re
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -528,3 +530,83 @@ def test_the_encodings_the_front_keeps_are_bounded() -> None:
             assert b"\r\nContent-Length: 1048576\r\n" in answer.data
     assert front._wire_bytes <= 16 << 20
     assert sum(len(w[0].body) for w in front._wire.values()) <= 16 << 20
+
+
+def _data_segments_in(sock: Any) -> int:
+    """tcpi_data_segs_in of a connection (Linux struct tcp_info, offset 152): segments with
+    data this end received. On loopback with TCP_NODELAY (asyncio's default) each write of
+    the server is at least one."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    if len(raw) < 156:
+        pytest.skip("this kernel's tcp_info has no data_segs_in")
+    return int(struct.unpack_from("I", raw, 152)[0])
+
+
+async def test_pipelined_requests_are_answered_in_one_write(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Requests a client pipelines, read together, leave in one write, in order, each
+    with its access line; one that closes the connection ends the batch."""
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    async with serving(tmp_path, seeded=False) as service:
+        front = service.front
+        assert front is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+        try:
+            sock = writer.get_extra_info("socket")
+            writer.write(get("/boot.ipxe"))  # warm: encoded replies made, heads parsed
+            await read_response(reader)
+            writer.write(get("/assets/small.txt"))
+            await read_response(reader)
+            before, segments = front.answered, _data_segments_in(sock)
+            targets = ["/assets/small.txt", "/boot.ipxe", "/healthz", "/assets/small.txt",
+                       "/boot.ipxe"]
+            writer.write(b"".join(get(t) for t in targets)
+                         + get("/healthz", b"Connection: close\r\n"))
+            replies = [await read_response(reader) for _ in range(len(targets) + 1)]
+            assert await asyncio.wait_for(reader.read(), 30) == b""  # closed after the last
+            assert front.answered == before + len(targets) + 1
+            assert _data_segments_in(sock) == segments + 1
+        finally:
+            writer.close()
+    assert [r.body[:6] for r in replies] == [b"s" * 6, b"#!ipxe", b"ok\n", b"s" * 6,
+                                             b"#!ipxe", b"ok\n"]
+    assert replies[-1].header("Connection") == "close"
+    ids = [r.header("X-Request-Id") for r in replies]
+    assert len(set(ids)) == len(ids)
+    logged = [r.getMessage().split(" ")[2] for r in caplog.records
+              if r.name == "netboot.access"][-len(targets) - 1:]
+    assert logged == [*targets, "/healthz"]
+
+
+async def test_a_change_committed_elsewhere_before_a_request_is_seen_by_it(
+        tmp_path: Path) -> None:
+    """Another server on the same inventory (a second store on the file) removes a machine
+    right after a request made the change feed's probe: the machine's next request, sent
+    after the commit, sees it (netboot.arrival: a probe is shared only by requests that
+    arrived before it was made)."""
+    from netboot.inventory.sqlite import SqliteStore
+
+    async with serving(tmp_path) as service:
+        other = SqliteStore(service.config.data_dir / "netboot.db")
+        await other.open()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+            target = f"/ipxe?mac={OTHER}&arch=x86_64"
+            for _ in range(3):  # the decision kept and repeated: nothing read but the probe
+                writer.write(get(target))
+                first = await read_response(reader)
+            assert b"kernel" in first.body, first
+            machine = await other.machine_by("mac", OTHER)
+            assert machine is not None
+            # A probe just before the commit (a repeat on another connection, which writes
+            # nothing), then the commit, then the request.
+            await exchange(service.http_port, get(target))
+            await other.delete_machine(machine.id)
+            writer.write(get(target))
+            after = await read_response(reader)
+            writer.close()
+            assert after.body != first.body and b"kernel" not in after.body, after
+            fast, slow = await both_doors(service, target)
+            assert fast.comparable() == slow.comparable() == after.comparable()
+        finally:
+            await other.close()
