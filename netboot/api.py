@@ -28,7 +28,8 @@ from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import Machine, MachineState
-from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token, serve_plain
+from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, serve_plain
+from netboot.servers.http import bearer_token
 from netboot.web.auth import request_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
