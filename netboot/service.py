@@ -508,6 +508,7 @@ class Service:
             # Imported in a thread: the event loop answers the front door's requests
             # meanwhile (the GIL is shared, but released every few ms and during I/O).
             await asyncio.to_thread(_import_aiohttp_side)
+            self.metrics.open()
             self.app = self.app_factory()
         from netboot.servers.aio import GuardedSite, handlers
 
@@ -736,7 +737,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
     ``serve`` does; every check that can stop a start (config, templates, store, TLS) is
     here either way."""
     events = EventBus()
-    metrics = Metrics()
+    metrics = Metrics(deferred=not app)  # opened by start() then, with aiohttp
     events.listen(metrics.event)
     store, sealer = await open_inventory(config, events)
     try:
@@ -781,7 +782,10 @@ async def build(config: Config, *, app: bool = True) -> Service:
 
 
 def _import_aiohttp_side() -> None:
-    """Import what aiohttp's application needs (the API, the dashboard: aiohttp itself)."""
+    """Import what aiohttp's application needs (the API, the dashboard: aiohttp itself) and
+    the metrics' prometheus_client."""
+    import prometheus_client  # noqa: F401
+
     import netboot.api
     import netboot.servers.aio
     import netboot.web.dashboard  # noqa: F401
