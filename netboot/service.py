@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from netboot.access import SESSION_COOKIE, TOKEN_PREFIX, Access
 from netboot.boot import BootService, BootSettings, loader_aliases
+from netboot.cacerts import DeferredCas, deferred_system_cas
 from netboot.config import Config, inventory_dsn
 from netboot.content import Content, Trust
 from netboot.core import Core
@@ -503,11 +504,12 @@ class Service:
 
     async def _open_aiohttp(self, access: logging.Logger | None) -> None:
         """aiohttp's application, runner and handlers on the listeners bound by start()."""
+        held = None
         if self.app is None:
             assert self.app_factory is not None
             # Imported in a thread: the event loop answers the front door's requests
             # meanwhile (the GIL is shared, but released every few ms and during I/O).
-            await asyncio.to_thread(_import_aiohttp_side)
+            held = await asyncio.to_thread(_import_aiohttp_side)
             self.metrics.open()
             self.app = self.app_factory()
         from netboot.servers.aio import GuardedSite, handlers
@@ -520,6 +522,8 @@ class Service:
             await GuardedSite(runner, listener, name=f"{scheme}://:{port}").start()
         self.doorway.open(handlers(runner, guard=self.http_guard, front=self.front,
                                    access=access))
+        if held:
+            self.tasks.append(asyncio.ensure_future(_load_system_cas(held)))
 
     async def _load_view(self) -> None:
         started = time.monotonic()
@@ -781,14 +785,25 @@ async def build(config: Config, *, app: bool = True) -> Service:
     return service
 
 
-def _import_aiohttp_side() -> None:
+def _import_aiohttp_side() -> DeferredCas:
     """Import what aiohttp's application needs (the API, the dashboard: aiohttp itself) and
-    the metrics' prometheus_client."""
-    import prometheus_client  # noqa: F401
+    the metrics' prometheus_client. aiohttp's client reads the system CA bundle twice as it
+    is imported: held back, for :func:`_load_system_cas` once aiohttp answers
+    (netboot.cacerts)."""
+    with deferred_system_cas() as held:
+        import prometheus_client  # noqa: F401
 
-    import netboot.api
-    import netboot.servers.aio
-    import netboot.web.dashboard  # noqa: F401
+        import netboot.api
+        import netboot.servers.aio
+        import netboot.web.dashboard  # noqa: F401
+    return held
+
+
+async def _load_system_cas(system_cas: DeferredCas) -> None:
+    try:
+        await asyncio.to_thread(system_cas.load)
+    except ssl.SSLError as exc:  # as aiohttp's import would have failed: loudly, not fatally
+        log.error("cannot load the system CA certificates: %s", exc)
 
 
 def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,

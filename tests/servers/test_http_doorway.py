@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import netboot.service as wiring
+from netboot.cacerts import DeferredCas
 from netboot.config import load
 from netboot.service import Service, build
 from tests.conftest import this_checkout, write_config
@@ -49,9 +50,9 @@ async def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     gate = threading.Event()
     real = wiring._import_aiohttp_side
 
-    def import_when_let() -> None:
+    def import_when_let() -> DeferredCas:
         gate.wait(60)
-        real()
+        return real()
 
     monkeypatch.setattr(wiring, "_import_aiohttp_side", import_when_let)
     service = await build(load(write_config(tmp_path), env={}), app=False)
@@ -131,7 +132,8 @@ async def test_https_requests_before_aiohttp_get_their_answers(
 
 def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
     """The first answers of a ``serve`` start come from a process that has not imported
-    aiohttp; it is imported once the listeners answer, and then answers the API."""
+    aiohttp; it is imported once the listeners answer, and then answers the API; the system
+    CAs its client's contexts hold back at import (netboot.cacerts) are read after."""
     path = write_config(tmp_path)
     script = (
         "import asyncio, json, sys, threading\n"
@@ -139,7 +141,7 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
         "from netboot.config import load\n"
         "gate = threading.Event()\n"
         "real = wiring._import_aiohttp_side\n"
-        "wiring._import_aiohttp_side = lambda: (gate.wait(60), real())\n"
+        "wiring._import_aiohttp_side = lambda: gate.wait(60) and real()\n"
         "async def get(port, path):\n"
         "    r, w = await asyncio.open_connection('127.0.0.1', port)\n"
         "    w.write(f'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'"
@@ -160,6 +162,13 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
         "    await start\n"
         "    after = [await get(service.http_port, '/api/v1/machines'),\n"
         "             'aiohttp' in sys.modules]\n"
+        "    import ssl, aiohttp.connector\n"
+        "    held = aiohttp.connector._SSL_CONTEXT_VERIFIED  # read after the import\n"
+        "    for _ in range(3000):\n"
+        "        if held.cert_store_stats() == ssl.create_default_context().cert_store_stats():\n"
+        "            break\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    after.append(held.cert_store_stats()['x509_ca'] > 0)\n"
         "    await service.close()\n"
         "    print(json.dumps([before, after]))\n"
         "asyncio.run(main())\n"
@@ -168,4 +177,4 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
                          env=this_checkout(), text=True, timeout=300).stdout
     before, after = json.loads(out.splitlines()[-1])
     assert before == ["200", "200", False]
-    assert after == ["401", True]
+    assert after == ["401", True, True]
