@@ -4,6 +4,10 @@ A thin aiohttp adapter over the ``DeviceContent`` protocol: it parses requests, 
 status codes and streams files; what a machine gets is decided elsewhere. Assets are served with
 aiohttp's FileResponse, which gives Content-Length, HEAD, single Range requests (UEFI HTTP boot
 resumes with Range, protocols.md §4), ETag/Last-Modified and sendfile.
+
+This module imports no aiohttp (netboot.servers.aio holds what needs it at import): ``netboot
+serve`` binds its listeners with :class:`Doorway` and answers the front door's requests while
+aiohttp is imported.
 """
 
 from __future__ import annotations
@@ -191,7 +195,8 @@ _NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/[^/]+)$")
 
 
 def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:
-    """:func:`loggable_target` of a decoded path and query pairs (both doors use it)."""
+    """``netboot.servers.aio.loggable_target`` of a decoded path and query pairs (both
+    doors use it)."""
     path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", path)
     pairs = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
              for key, value in query]
