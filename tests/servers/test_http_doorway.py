@@ -6,13 +6,15 @@ on both listeners, pipelined or not, with a body or not."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,11 +44,12 @@ async def until(check: Callable[[], bool]) -> None:
     raise AssertionError("not reached in 30 s")
 
 
+Held = tuple[Service, threading.Event, "asyncio.Future[None]"]  # service, gate, its start()
+
+
 @pytest.fixture
-async def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-               ) -> AsyncIterator[tuple[Service, threading.Event, asyncio.Future[None]]]:
-    """A service starting as ``serve`` starts it, its listeners bound and answering, and
-    aiohttp's side held back until the test sets the event."""
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """aiohttp's side of a start is imported once the test sets this event."""
     gate = threading.Event()
     real = wiring._import_aiohttp_side
 
@@ -55,6 +58,14 @@ async def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         return real()
 
     monkeypatch.setattr(wiring, "_import_aiohttp_side", import_when_let)
+    yield gate
+    gate.set()
+
+
+@contextlib.asynccontextmanager
+async def starting(tmp_path: Path, gate: threading.Event) -> AsyncIterator[Held]:
+    """A service starting as ``serve`` starts it, its listeners bound and answering, and
+    aiohttp's side held back until ``gate`` is set."""
     service = await build(load(write_config(tmp_path), env={}), app=False)
     start = asyncio.ensure_future(service.start())
     try:
@@ -67,9 +78,23 @@ async def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         await service.close()
 
 
-async def test_front_door_answers_and_aiohttp_requests_wait_for_their_answer(
-        held: tuple[Service, threading.Event, asyncio.Future[None]], tmp_path: Path) -> None:
-    service, gate, start = held
+def run_on(loop: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=wiring.loop_factory(loop)) as runner:
+        runner.run(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_front_door_answers_and_aiohttp_requests_wait_for_their_answer(
+        tmp_path: Path, gate: threading.Event, loop: str) -> None:
+    async def scenario() -> None:
+        async with starting(tmp_path, gate) as held:
+            await waiting_requests_are_answered(*held)
+
+    run_on(loop, scenario)
+
+
+async def waiting_requests_are_answered(service: Service, gate: threading.Event,
+                                        start: asyncio.Future[None]) -> None:
     doorway = service.doorway
     assert doorway is not None
     token = (service.config.data_dir / "admin.token").read_text().strip()
@@ -111,9 +136,18 @@ async def test_front_door_answers_and_aiohttp_requests_wait_for_their_answer(
         w.close()
 
 
-async def test_https_requests_before_aiohttp_get_their_answers(
-        held: tuple[Service, threading.Event, asyncio.Future[None]]) -> None:
-    service, gate, start = held
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_https_requests_before_aiohttp_get_their_answers(
+        tmp_path: Path, gate: threading.Event, loop: str) -> None:
+    async def scenario() -> None:
+        async with starting(tmp_path, gate) as held:
+            await waiting_https_request_is_answered(*held)
+
+    run_on(loop, scenario)
+
+
+async def waiting_https_request_is_answered(service: Service, gate: threading.Event,
+                                            start: asyncio.Future[None]) -> None:
     doorway = service.doorway
     assert doorway is not None
     client = ssl.create_default_context(cafile=str(service.config.data_dir / "tls" / "ca.pem"))
