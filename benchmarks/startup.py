@@ -8,9 +8,11 @@ devices are answered again. netboot runs as ``python -m netboot serve`` with HTT
 server that has started before) on free loopback ports, DHCP, TFTP and DNS off; the client
 polls ``/healthz`` every 2 ms from the moment the process is spawned. Per run: wall seconds to
 the first 200 and the server's CPU seconds at that moment (user + system from /proc, 10 ms
-ticks; on a shared machine the CPU figure is the comparable one). Prints the median of the
-runs and, with ``--compare``, the same for another checkout run alternately in the same
-session (PYTHONPATH), and the ratio. Each checkout's byte-code is compiled first
+ticks; on a shared machine the CPU figure is the comparable one), then the same to the first
+answer of aiohttp's application (``GET /api/v1/machines`` without a token: its 401), which
+``serve`` imports after its listeners answer. Prints the medians of the runs and, with
+``--compare``, the same for another checkout run alternately in the same session
+(PYTHONPATH), and the ratio. Each checkout's byte-code is compiled first
 (``compileall``, as a wheel install does: with ``PYTHONDONTWRITEBYTECODE`` set, every start
 would compile netboot's sources again). ``--enrolled`` fills the inventory first (``netboot
 import``): the view loads in the background, after the server answers. Loopback only;
@@ -51,15 +53,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def healthz(port: int) -> bool:
-    """One GET /healthz; True on a 200 (a refused connection or another status: False)."""
+def answers(port: int, path: str = "/healthz", status: bytes = b"200") -> bool:
+    """One GET; True when it is answered with ``status`` (a refused connection, a timeout or
+    another status: False)."""
     try:
         with socket.create_connection((HOST, port), timeout=2) as s:
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                      .encode())
             head = s.recv(64)
     except OSError:
         return False
-    return head.startswith(b"HTTP/1.1 200")
+    return head.startswith(b"HTTP/1.1 " + status)
+
+
+def healthz(port: int) -> bool:
+    """One GET /healthz; True on a 200."""
+    return answers(port)
 
 
 def config(data: Path, conf: Path) -> int:
@@ -95,23 +104,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def one_run(python: str, repo: Path, conf: Path, port: int, log: Path,
-            timeout: float = 120) -> tuple[float, float]:
-    """Seconds (wall, server CPU) from spawning ``netboot serve`` to its first /healthz 200."""
+            timeout: float = 120) -> tuple[float, float, float, float]:
+    """Seconds (wall, server CPU) from spawning ``netboot serve`` to its first /healthz 200,
+    then to the API's first answer (a 401)."""
     t0 = time.perf_counter()
     proc = spawn(python, repo, conf, log)
     try:
         deadline = t0 + timeout
-        while not healthz(port):
-            if proc.poll() is not None:
-                raise RuntimeError(f"netboot serve exited with {proc.returncode}: see {log}")
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"no /healthz 200 within {timeout:.0f} s: see {log}")
-            time.sleep(0.002)
-        wall = time.perf_counter() - t0
-        cpu = cpu_seconds(proc.pid)
+        measured = []
+        for path, status in (("/healthz", b"200"), ("/api/v1/machines", b"401")):
+            while not answers(port, path, status):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"netboot serve exited with {proc.returncode}: "
+                                       f"see {log}")
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"no {path} {status.decode()} within {timeout:.0f} s:"
+                                       f" see {log}")
+                time.sleep(0.002)
+            measured += [time.perf_counter() - t0, cpu_seconds(proc.pid)]
     finally:
         stop(proc)
-    return wall, cpu
+    return measured[0], measured[1], measured[2], measured[3]
 
 
 def seed(python: str, repo: Path, data: Path, machines: int, tmp: Path) -> None:
@@ -157,7 +170,8 @@ def main() -> None:
                         help="machines imported before (the view loads after readiness)")
     args = parse_with_checkouts(parser)
     checkouts = checkouts_of(args)
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in checkouts}
+    results: dict[str, list[tuple[float, float, float, float]]] = {
+        name: [] for name in checkouts}
     with tempfile.TemporaryDirectory(prefix="netboot-startup-") as tmp_text:
         tmp = Path(tmp_text)
         seeded = tmp / "seed"
@@ -185,16 +199,20 @@ def main() -> None:
     load = os.getloadavg()
     print(f"netboot serve → first /healthz 200, median of {args.runs} runs "
           f"({args.enrolled} machines enrolled; load average {load[0]:.2f} {load[1]:.2f})")
-    print(f"{'checkout':<10} {'wall s':>8} {'CPU s':>8}   {'min/max wall':>13}  path")
+    print(f"{'checkout':<10} {'wall s':>8} {'CPU s':>8}   {'min/max wall':>13}  "
+          f"{'API wall':>8} {'API CPU':>8}  path")
     for name, measured in results.items():
-        walls, cpus = [w for w, _ in measured], [c for _, c in measured]
+        walls, cpus = [m[0] for m in measured], [m[1] for m in measured]
+        api_walls, api_cpus = [m[2] for m in measured], [m[3] for m in measured]
         print(f"{name:<10} {statistics.median(walls):8.3f} {statistics.median(cpus):8.2f}   "
-              f"{min(walls):6.3f}/{max(walls):.3f}  {checkouts[name]}")
+              f"{min(walls):6.3f}/{max(walls):.3f}  {statistics.median(api_walls):8.3f} "
+              f"{statistics.median(api_cpus):8.2f}  {checkouts[name]}")
     if "other" in results:
-        this = statistics.median(w for w, _ in results["this"])
-        other = statistics.median(w for w, _ in results["other"])
-        with contextlib.suppress(ZeroDivisionError):
-            print(f"this ÷ other (wall): {this / other:.2f}x")
+        for i, what in ((0, "wall"), (1, "CPU")):
+            this = statistics.median(m[i] for m in results["this"])
+            other = statistics.median(m[i] for m in results["other"])
+            with contextlib.suppress(ZeroDivisionError):
+                print(f"this ÷ other ({what}): {this / other:.2f}x")
 
 
 if __name__ == "__main__":

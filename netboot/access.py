@@ -29,6 +29,9 @@ from netboot.inventory.base import Batch, Store
 from netboot.model import ApiToken, AuditEntry, Scope
 
 TOKEN_PREFIX = "nbt_"
+# The dashboard's session cookie (netboot.web.auth); here for the plain-HTTP policy, which
+# `netboot serve` makes before it imports aiohttp.
+SESSION_COOKIE = "netboot_session"
 # Names are path segments (/api/v1/tokens/{name}), table cells and audit actors.
 TOKEN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 # A token's last use is written at most this often: a busy dashboard polling every second

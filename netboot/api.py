@@ -4,7 +4,7 @@ JSON in and out. Every route needs a bearer token whose scope grants the route's
 (netboot.access), but two that belong to devices: registration (the install token is in the
 body) and a machine's progress reports (its install token, or an operator's token). Every
 change asked (allowed or not) goes to the audit log. Errors are translated in one place
-(:func:`netboot.servers.http.error_response`): 400 naming the field, 401/403, 404, 409, 413.
+(:func:`netboot.servers.aio.error_response`): 400 naming the field, 401/403, 404, 409, 413.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import Machine, MachineState
-from netboot.servers.http import MAX_BODY_KEY, MAX_EVENT_KEY, bearer_token, serve_plain
+from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, serve_plain
+from netboot.servers.http import bearer_token
 from netboot.web.auth import request_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

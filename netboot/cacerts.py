@@ -1,4 +1,4 @@
-"""The system CA bundle, loaded after ``serve`` answers rather than while it imports aiohttp.
+"""The system CA bundle, loaded after aiohttp is ready rather than while it is imported.
 
 ``from aiohttp import web`` runs ``aiohttp/__init__.py``, which imports aiohttp's client; its
 ``connector`` module makes two client TLS contexts at import time (aiohttp 3.10+, so that
@@ -6,19 +6,20 @@ no request blocks on disk reads later), and each loads the system CA bundle thro
 ``SSLContext.set_default_verify_paths``: ~0.05 s of CPU each here, a seventh of ``serve``'s
 start-up (benchmarks/README.md, issue 10). ``serve`` never makes an outgoing HTTPS request
 (its aiohttp client is the CLI's: ``netboot events --follow``), so nothing needs those CAs
-before it answers; yet they are loaded all the same, once it does, so that the process ends
-up exactly as without this module.
+before its API answers; yet they are loaded all the same, once it does, so that the process
+ends up exactly as without this module.
 
-:func:`deferred_system_cas` holds back those loads while a block runs (the import of the
-wiring, in ``netboot serve`` only, before any other thread exists) and hands back what it
-held; :meth:`DeferredCas.load` does them. Contexts made outside the block, and a library
-imported before it, are untouched.
+:func:`deferred_system_cas` holds back those loads while a block runs in one thread (``serve``
+imports aiohttp in a thread once its listeners answer, netboot.service) and hands back what
+it held; :meth:`DeferredCas.load` does them. Contexts made outside the block or by another
+thread meanwhile (the event loop's), and a library imported before, are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ssl
+import threading
 from collections.abc import Iterator
 
 
@@ -48,12 +49,17 @@ _SET_DEFAULT_VERIFY_PATHS = ssl.SSLContext.set_default_verify_paths
 @contextlib.contextmanager
 def deferred_system_cas() -> Iterator[DeferredCas]:
     """While the block runs, ``set_default_verify_paths`` (which ``load_default_certs`` and
-    ``ssl.create_default_context`` call) records the context instead of reading the bundle.
-    Only for a block that runs before other threads start: the class attribute is shared."""
+    ``ssl.create_default_context`` call) records the context instead of reading the bundle
+    when this thread calls it; other threads' calls read it as always. One block at a time
+    (the class attribute is shared)."""
     deferred = DeferredCas()
+    owner = threading.get_ident()
 
     def hold(context: ssl.SSLContext) -> None:  # a function: bound to the context called
-        deferred.hold(context)
+        if threading.get_ident() == owner:
+            deferred.hold(context)
+        else:
+            _SET_DEFAULT_VERIFY_PATHS(context)
 
     ssl.SSLContext.set_default_verify_paths = hold  # type: ignore[method-assign,assignment]
     try:

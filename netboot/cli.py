@@ -930,18 +930,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         if args.cmd == "serve":
-            from netboot.cacerts import deferred_system_cas
-
-            # aiohttp's client loads the system CAs twice as it is imported: after the
-            # server answers instead (netboot.cacerts).
-            with deferred_system_cas() as system_cas:
-                from netboot.service import loop_factory, serve
+            # aiohttp (a third of the start-up) is imported by serve once its listeners
+            # answer (netboot.servers.http.Doorway).
+            from netboot.service import loop_factory, serve
 
             cfg = _config(args)
             logging.getLogger().setLevel(cfg.server.log_level.upper())
             try:
                 with asyncio.Runner(loop_factory=loop_factory(cfg.server.event_loop)) as runner:
-                    runner.run(serve(cfg, system_cas=system_cas))
+                    runner.run(serve(cfg))
             finally:
                 handler.flush()  # the last iteration's lines, before any traceback
             return 0

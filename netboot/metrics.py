@@ -20,17 +20,21 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.exposition import generate_latest
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any
 
 from netboot.errors import StoreError
 from netboot.health import InventoryHealth
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import Event, MachineState
+
+# prometheus_client is imported by Metrics.open(): its package imports its HTTP exposition
+# server too (http.server, urllib.request, wsgiref), ~0.04 s of CPU that ``netboot serve``
+# spends after it answers (Metrics(deferred=True)), not before.
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+    from prometheus_client.registry import Collector as _CollectorBase
+else:
+    _CollectorBase = object
 
 # The classic text format, which generate_latest writes and every Prometheus version reads
 # (prometheus_client >= 0.22 names its default "version=1.0.0", an older server refuses it).
@@ -42,13 +46,15 @@ DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, floa
 TFTP_ERROR_FIELDS = ("not_found", "refused", "busy", "failed", "unknown_tid")
 
 
-class _TftpCollector(Collector):
+class _TftpCollector(_CollectorBase):
     """Reads the TFTP server's own counters at scrape time: nothing is counted twice."""
 
     def __init__(self) -> None:
         self.stats: Callable[[], Any | None] = lambda: None
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         stats = self.stats()
         if stats is None:
             return []
@@ -63,9 +69,31 @@ class _TftpCollector(Collector):
 
 
 class Metrics:
-    """The service's metrics; implements the DHCP, TFTP and HTTP observer protocols."""
+    """The service's metrics; implements the DHCP, TFTP and HTTP observer protocols.
 
-    def __init__(self, *, max_tracked: int = 100_000) -> None:
+    ``deferred``: the collectors (and prometheus_client) wait for :meth:`open`; what is
+    observed before is kept and counted then (``netboot serve`` answers before it opens
+    them: its first requests are counted all the same)."""
+
+    def __init__(self, *, max_tracked: int = 100_000, deferred: bool = False) -> None:
+        # machine id → (time its install began, time it was installed); bounded, oldest first
+        # out: a machine that never finishes must not be remembered forever.
+        self._started: OrderedDict[str, tuple[float | None, float | None]] = OrderedDict()
+        self._max_tracked = max_tracked
+        self._health: InventoryHealth | None = None
+        self._queued_now: Callable[[], int] | None = None
+        self._tftp = _TftpCollector()
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._early: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = []
+        if not deferred:
+            self.open()
+
+    def open(self) -> None:
+        """Make the collectors and count what was observed meanwhile (once)."""
+        if self._early is None:
+            return
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._dhcp = Counter("netboot_dhcp_replies", "DHCP replies sent (OFFER, ACK, NAK), by "
@@ -79,7 +107,6 @@ class Metrics:
         self._http = Counter("netboot_http_requests", "HTTP requests handled, by route "
                              "pattern, method and status", ["route", "method", "status"],
                              registry=r)
-        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._http_seconds = Histogram("netboot_http_request_duration_seconds",
                                        "time to handle an HTTP request (for a stream: its "
                                        "lifetime), by route pattern", ["route"], registry=r)
@@ -96,25 +123,31 @@ class Metrics:
                                "dhcp_nak, http_plaintext_credential", ["kind"], registry=r)
         self._events = Counter("netboot_events", "machine events recorded, by kind",
                                ["kind"], registry=r)
-        # machine id → (time its install began, time it was installed); bounded, oldest first
-        # out: a machine that never finishes must not be remembered forever.
-        self._started: OrderedDict[str, tuple[float | None, float | None]] = OrderedDict()
-        self._max_tracked = max_tracked
         self._inventory_up = Gauge("netboot_inventory_up", "1 while the inventory answers, 0 "
                                    "while it is unreachable (boots of known machines are "
                                    "answered from memory, writes refused)", registry=r)
         self._queued = Gauge("netboot_inventory_queued_events", "boot events waiting to be "
                              "written (they pile up while the inventory is unreachable)",
                              registry=r)
-        self._health: InventoryHealth | None = None
-        self._tftp = _TftpCollector()
         r.register(self._tftp)
+        early, self._early = self._early, None
+        if self._health is not None and self._queued_now is not None:
+            self.watch_inventory(self._health, self._queued_now)
+        for observe, args in early:
+            observe(*args)
+
+    def _defer(self, observe: Callable[..., None], *args: Any) -> None:
+        """Keep an observation for :meth:`open` (bounded: a start that never opens)."""
+        assert self._early is not None
+        if len(self._early) < 1 << 16:
+            self._early.append((observe, args))
 
     def watch_inventory(self, health: InventoryHealth, queued: Callable[[], int]) -> None:
         """Where the inventory's health and the recorder's queue are read at scrape."""
-        self._health = health
-        self._inventory_up.set_function(lambda: 1.0 if health.up else 0.0)
-        self._queued.set_function(lambda: float(queued()))
+        self._health, self._queued_now = health, queued
+        if self._early is None:
+            self._inventory_up.set_function(lambda: 1.0 if health.up else 0.0)
+            self._queued.set_function(lambda: float(queued()))
 
     def read_tftp_stats(self, stats: Callable[[], Any | None]) -> None:
         """Where the TFTP server's counters are read from at scrape (None: TFTP is off)."""
@@ -122,11 +155,17 @@ class Metrics:
 
     # -- observer protocols ---------------------------------------------------------------
     def dhcp_reply(self, kind: str, firmware: str, arch: str) -> None:
+        if self._early is not None:
+            self._defer(self.dhcp_reply, kind, firmware, arch)
+            return
         self._dhcp.labels(kind, firmware, arch).inc()
         if kind == "NAK":
             self._errors.labels("dhcp_nak").inc()
 
     def tftp_transfer(self, outcome: str, size: int) -> None:
+        if self._early is not None:
+            self._defer(self.tftp_transfer, outcome, size)
+            return
         self._transfers.labels(outcome).inc()
         self._tftp_bytes.inc(size)
 
@@ -137,6 +176,9 @@ class Metrics:
         key = (route, method, status)
         children = self._http_children.get(key)
         if children is None:
+            if self._early is not None:
+                self._defer(self.http_request, route, method, status, seconds)
+                return
             children = (self._http.labels(route, method, str(status)),
                         self._http_seconds.labels(route))
             if len(self._http_children) < 4096:
@@ -147,10 +189,16 @@ class Metrics:
             self._errors.labels("http_5xx").inc()
 
     def plain_http_credential(self) -> None:
+        if self._early is not None:
+            self._defer(self.plain_http_credential)
+            return
         self._errors.labels("http_plaintext_credential").inc()
 
     # -- events (netboot.events.EventBus.listen) ---------------------------------------------
     def event(self, event: Event) -> None:
+        if self._early is not None:
+            self._defer(self.event, event)
+            return
         self._events.labels(event.kind).inc()
         began, installed = self._started.get(event.machine, (None, None))
         if event.kind == "install-plan":
@@ -193,4 +241,6 @@ class Metrics:
                           for state in MachineState}
         for state, count in counts.items():
             self._machines.labels(state.value).set(count)
+        from prometheus_client.exposition import generate_latest
+
         return generate_latest(self.registry)

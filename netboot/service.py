@@ -19,15 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
-from netboot.access import TOKEN_PREFIX, Access
-from netboot.api import Api
+from netboot.access import SESSION_COOKIE, TOKEN_PREFIX, Access
 from netboot.boot import BootService, BootSettings, loader_aliases
-from netboot.cacerts import DeferredCas
+from netboot.cacerts import DeferredCas, deferred_system_cas
 from netboot.config import Config, inventory_dsn
 from netboot.content import Content, Trust
 from netboot.core import Core
@@ -44,29 +41,21 @@ from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
 from netboot.sealing import Sealer, read_key, write_key
 from netboot.servers.http import (
-    LOG_KEY,
-    MAX_BODY_KEY,
-    MAX_EVENT_KEY,
-    OBSERVER_KEY,
-    PLAIN_HTTP_KEY,
-    REQUEST_IDS_KEY,
     AccessLogger,
     ConnectionGuard,
     DeviceRoutes,
+    Doorway,
     FrontDoor,
-    GuardedSite,
     HttpLimits,
     PlainHttp,
-    body_timeout_middleware,
-    errors_middleware,
-    plain_http_middleware,
-    request_middleware,
+    RequestIds,
+    listen,
 )
-from netboot.servers.http import install as install_http
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
-from netboot.web.auth import SESSION_COOKIE
-from netboot.web.dashboard import Dashboard
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +377,9 @@ class Service:
     enroller: Enroller
     boot: BootService
     content: Content
-    app: web.Application
+    # aiohttp's application: made by ``app_factory`` (which imports aiohttp) in build(), or
+    # by start() once the listeners answer (``build(app=False)``, what ``serve`` does).
+    app: web.Application | None
     advertise: str
     new_admin_token_file: Path | None = None
     tls: Tls | None = None
@@ -399,7 +390,11 @@ class Service:
     events: EventBus = field(default_factory=EventBus)
     # Answers plain GETs of device routes before aiohttp (both listeners); None: aiohttp all.
     front: FrontDoor | None = None
+    app_factory: Callable[[], web.Application] | None = None
     runner: web.AppRunner | None = None
+    # The listeners' protocol factory: the front door until aiohttp is ready (Doorway).
+    doorway: Doorway | None = None
+    listeners: list[asyncio.Server] = field(default_factory=list)
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -435,40 +430,42 @@ class Service:
         ), logging.getLogger("netboot.http"))
 
     async def start(self) -> None:
+        """Bind every listener, then make aiohttp's application if build() left it to here
+        (its import in a thread, while the front door answers: Doorway), and hand both HTTP
+        listeners to aiohttp."""
         cfg = self.config
         self._event_cursor, _ = await self.store.events_since(-1)
         self.tasks.append(asyncio.ensure_future(self._watch_inventory()))
         access = logging.getLogger("netboot.access") if cfg.http.access_log else None
-        self.runner = web.AppRunner(self.app, access_log=access, access_log_class=AccessLogger)
-        await self.runner.setup()
+        assert self.front is not None
+        doorway = self.doorway = Doorway(
+            self.front, AccessLogger(access) if access is not None else None)
         http = cfg.http
         self.http_guard = self.connection_guard()
         raise_fd_limit(cfg)
-        site = GuardedSite(self.runner, http.listen, http.port, guard=self.http_guard,
-                           handler_args={"access_log": access, "access_log_class": AccessLogger},
-                           front=self.front)
         try:
-            await site.start()
+            self.listeners.append(await listen(doorway, http.listen, http.port))
         except OSError as exc:
             raise bind_error(exc, what="HTTP", proto="TCP", host=http.listen,
                              port=http.port, key="http.port", flag="--http-port") from exc
-        self.http_port = site.port
+        self.http_port = int(self.listeners[0].sockets[0].getsockname()[1])
+        if http.port == 0 and not http.public_url:  # answers give the port bound
+            self.base_url = f"http://{self.advertise}:{self.http_port}"
         if self.tls is not None:
             # The same application on both listeners: one set of routes, one error mapping,
             # one connection cap (the guard counts both).
             host = cfg.https.listen or http.listen
             self.tls_context = self.tls.ssl_context()
-            tls_site = GuardedSite(self.runner, host, cfg.https.port, guard=self.http_guard,
-                                   handler_args={"access_log": access,
-                                                 "access_log_class": AccessLogger},
-                                   ssl_context=self.tls_context, front=self.front)
             try:
-                await tls_site.start()
+                self.listeners.append(await listen(doorway, host, cfg.https.port,
+                                                   ssl_context=self.tls_context))
             except OSError as exc:
                 raise bind_error(exc, what="HTTPS", proto="TCP", host=host,
                                  port=cfg.https.port, key="https.port",
                                  flag="--https-port") from exc
-            self.https_port = tls_site.port
+            self.https_port = int(self.listeners[1].sockets[0].getsockname()[1])
+            if cfg.https.port == 0 and not cfg.https.public_url:
+                self.url_holder["https"] = f"https://{self.advertise}:{self.https_port}"
             self.tasks.append(asyncio.ensure_future(self._renew_tls_periodically()))
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
@@ -500,9 +497,33 @@ class Service:
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
+        await self._open_aiohttp(access)
         # The whole inventory into the boot path's view, while serving (until it is in,
         # decisions read through to the store): ready at once, no reads once loaded.
         self.tasks.append(asyncio.ensure_future(self._load_view()))
+
+    async def _open_aiohttp(self, access: logging.Logger | None) -> None:
+        """aiohttp's application, runner and handlers on the listeners bound by start()."""
+        held = None
+        if self.app is None:
+            assert self.app_factory is not None
+            # Imported in a thread: the event loop answers the front door's requests
+            # meanwhile (the GIL is shared, but released every few ms and during I/O).
+            held = await asyncio.to_thread(_import_aiohttp_side)
+            self.metrics.open()
+            self.app = self.app_factory()
+        from netboot.servers.aio import GuardedSite, handlers
+
+        self.runner = runner = web_runner(self.app, access)
+        await runner.setup()
+        assert self.doorway is not None and self.http_guard is not None
+        for listener, scheme in zip(self.listeners, ("http", "https"), strict=False):
+            port = listener.sockets[0].getsockname()[1]
+            await GuardedSite(runner, listener, name=f"{scheme}://:{port}").start()
+        self.doorway.open(handlers(runner, guard=self.http_guard, front=self.front,
+                                   access=access))
+        if held:
+            self.tasks.append(asyncio.ensure_future(_load_system_cas(held)))
 
     async def _load_view(self) -> None:
         started = time.monotonic()
@@ -640,6 +661,12 @@ class Service:
         await self.boot.drain()
         if self.runner is not None:
             await self.runner.cleanup()
+        for listener in self.listeners:  # closed by the runner, unless it never started
+            listener.close()
+        if self.doorway is not None:
+            for conn in list(self.doorway.early):
+                if conn.transport is not None:
+                    conn.transport.close()
         await self.store.close()
 
     def summary(self) -> str:
@@ -708,9 +735,13 @@ def _check_hostname_templates(config: Config) -> None:
                                   "{cluster}, {role} or {product}") from exc
 
 
-async def build(config: Config) -> Service:
+async def build(config: Config, *, app: bool = True) -> Service:
+    """The service, its listeners not yet bound. ``app=False`` leaves aiohttp's application
+    (and aiohttp's import) to :meth:`Service.start`, after the listeners answer: what
+    ``serve`` does; every check that can stop a start (config, templates, store, TLS) is
+    here either way."""
     events = EventBus()
-    metrics = Metrics()
+    metrics = Metrics(deferred=not app)  # opened by start() then, with aiohttp
     events.listen(metrics.event)
     store, sealer = await open_inventory(config, events)
     try:
@@ -727,39 +758,102 @@ async def build(config: Config) -> Service:
         core = build_core(config, store, lambda: holder["base"],
                           trust=lambda: trust_for(config, service.tls, holder["https"]))
         new_token = await ensure_admin_token(core.access, config.data_dir)
-        # The plain-HTTP policy answers before any body is read (a login's token stays
-        # unread), inside the error middleware that translates its refusal.
-        app = web.Application(middlewares=[request_middleware, errors_middleware,
-                                           plain_http_middleware, body_timeout_middleware],
-                              client_max_size=config.http.max_body_bytes)
-        install_http(app, body_timeout=config.http.body_timeout)
-        app[LOG_KEY] = logging.getLogger("netboot.http")
-        app[MAX_BODY_KEY] = config.http.max_body_bytes
-        app[MAX_EVENT_KEY] = config.http.max_event_bytes
-        app[OBSERVER_KEY] = metrics
-        app[PLAIN_HTTP_KEY] = PlainHttp(
+        http_log = logging.getLogger("netboot.http")
+        ids = RequestIds()
+        plain = PlainHttp(
             config.http.plain_api,
             https_url=lambda: holder["https"] if service.tls is not None else None,
-            api_token_prefix=TOKEN_PREFIX, session_cookie=SESSION_COOKIE,
-            log=logging.getLogger("netboot.http"))
+            api_token_prefix=TOKEN_PREFIX, session_cookie=SESSION_COOKIE, log=http_log)
         if config.http.plain_api == "allow":
             log.warning("http.plain_api is allow: the API and the dashboard answer plain HTTP "
                         "from any peer, and tokens cross the network in clear")
         devices = DeviceRoutes(core.content, health=core.boot.health)
-        devices.add_to(app)
-        front = FrontDoor(devices, log=app[LOG_KEY], observer=metrics, ids=app[REQUEST_IDS_KEY],
-                          plain=app[PLAIN_HTTP_KEY])
+        front = FrontDoor(devices, log=http_log, observer=metrics, ids=ids, plain=plain)
         metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued)
-        Api(core, clock=time.time, events=events).add_to(app)
-        Dashboard(core.access, store, metrics, metrics_public=config.metrics.public).add_to(app)
-        service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
+
+        def make_app() -> web.Application:
+            return web_app(config, core, events, metrics, devices, ids, plain, http_log)
+
+        service = Service(config, store, core.enroller, core.boot, core.content,
+                          make_app() if app else None, advertise,
                           new_admin_token_file=new_token, tls=tls, url_holder=holder,
                           tls_source=lambda: prepare_tls(config, advertise, sealer),
-                          metrics=metrics, events=events, front=front)
+                          metrics=metrics, events=events, front=front, app_factory=make_app)
     except BaseException:
         await store.close()
         raise
     return service
+
+
+def _import_aiohttp_side() -> DeferredCas:
+    """Import what aiohttp's application needs (the API, the dashboard: aiohttp itself) and
+    the metrics' prometheus_client. aiohttp's client reads the system CA bundle twice as it
+    is imported: held back, for :func:`_load_system_cas` once aiohttp answers
+    (netboot.cacerts)."""
+    with deferred_system_cas() as held:
+        import prometheus_client  # noqa: F401
+
+        import netboot.api
+        import netboot.servers.aio
+        import netboot.web.dashboard  # noqa: F401
+    return held
+
+
+async def _load_system_cas(system_cas: DeferredCas) -> None:
+    try:
+        await asyncio.to_thread(system_cas.load)
+    except ssl.SSLError as exc:  # as aiohttp's import would have failed: loudly, not fatally
+        log.error("cannot load the system CA certificates: %s", exc)
+
+
+def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,
+            devices: DeviceRoutes, ids: RequestIds, plain: PlainHttp,
+            http_log: logging.Logger) -> web.Application:
+    """aiohttp's application: the device routes (those the front door leaves), the API and
+    the dashboard, under netboot's middlewares."""
+    from aiohttp import web
+
+    from netboot.api import Api
+    from netboot.servers.aio import (
+        LOG_KEY,
+        MAX_BODY_KEY,
+        MAX_EVENT_KEY,
+        OBSERVER_KEY,
+        PLAIN_HTTP_KEY,
+        REQUEST_IDS_KEY,
+        body_timeout_middleware,
+        errors_middleware,
+        install,
+        plain_http_middleware,
+        request_middleware,
+    )
+    from netboot.web.dashboard import Dashboard
+
+    # The plain-HTTP policy answers before any body is read (a login's token stays
+    # unread), inside the error middleware that translates its refusal.
+    app = web.Application(middlewares=[request_middleware, errors_middleware,
+                                       plain_http_middleware, body_timeout_middleware],
+                          client_max_size=config.http.max_body_bytes)
+    install(app, body_timeout=config.http.body_timeout)
+    app[REQUEST_IDS_KEY] = ids  # the front door's too: one sequence of request ids
+    app[LOG_KEY] = http_log
+    app[MAX_BODY_KEY] = config.http.max_body_bytes
+    app[MAX_EVENT_KEY] = config.http.max_event_bytes
+    app[OBSERVER_KEY] = metrics
+    app[PLAIN_HTTP_KEY] = plain
+    devices.add_to(app)
+    Api(core, clock=time.time, events=events).add_to(app)
+    Dashboard(core.access, core.store, metrics,
+              metrics_public=config.metrics.public).add_to(app)
+    return app
+
+
+def web_runner(app: web.Application, access: logging.Logger | None) -> web.AppRunner:
+    from aiohttp import web
+
+    from netboot.servers.aio import AiohttpAccessLogger
+
+    return web.AppRunner(app, access_log=access, access_log_class=AiohttpAccessLogger)
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -796,30 +890,17 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-async def _load_system_cas(system_cas: DeferredCas) -> None:
-    try:
-        await asyncio.to_thread(system_cas.load)
-    except ssl.SSLError as exc:  # as aiohttp's import would have failed: loudly, not fatally
-        log.error("cannot load the system CA certificates: %s", exc)
-
-
-async def serve(config: Config, *, ready: asyncio.Event | None = None,
-                system_cas: DeferredCas | None = None) -> None:
-    """Build, start and run the service until SIGINT/SIGTERM. ``system_cas``: TLS contexts
-    whose system CAs were held back while the wiring was imported (netboot.cacerts), loaded
-    in a thread once the listeners answer."""
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Build, start and run the service until SIGINT/SIGTERM. Its listeners answer before
+    aiohttp is imported (:meth:`Service.start`)."""
     # A fatal signal in C code (SIGSEGV, SIGBUS from a mapped file) still ends the process,
     # but with the Python stacks of every thread on stderr rather than without a line.
     if not faulthandler.is_enabled():
         faulthandler.enable()
-    service = await build(config)
+    service = await build(config, app=False)
     service.view_loaded = freeze_heap
     try:
         await service.start()
-        if config.http.port == 0 and not config.http.public_url:
-            service.base_url = f"http://{service.advertise}:{service.http_port}"
-        if config.https.port == 0 and not config.https.public_url:
-            service.url_holder["https"] = f"https://{service.advertise}:{service.https_port}"
         print(service.summary(), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -828,8 +909,6 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None,
                 loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
-        if system_cas:
-            service.tasks.append(asyncio.ensure_future(_load_system_cas(system_cas)))
         await stop.wait()
         log.info("shutting down")
     finally:

@@ -16,7 +16,8 @@ from hypothesis import settings
 
 import netboot
 from netboot.config import Config, load
-from netboot.servers.http import ConnectionGuard, GuardedHandler
+from netboot.servers.aio import AiohttpHandler
+from netboot.servers.http import ConnectionGuard
 from netboot.service import Service, build
 from tests import pg
 
@@ -174,8 +175,8 @@ class _FrontServer(web.Server):
     guard: ConnectionGuard
     front: Any
 
-    def __call__(self) -> GuardedHandler:
-        return GuardedHandler(self, guard=self.guard, loop=self._loop, front=self.front,
+    def __call__(self) -> AiohttpHandler:
+        return AiohttpHandler(self, guard=self.guard, loop=self._loop, front=self.front,
                               **self._kwargs)
 
 

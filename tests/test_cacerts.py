@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import threading
 
 from netboot.cacerts import deferred_system_cas
 
@@ -24,6 +25,18 @@ def test_held_contexts_get_the_system_cas_once_loaded() -> None:
     assert unverified.cert_store_stats() == fresh.cert_store_stats()
     held.load()  # once: nothing is held any more
     assert len(held) == 0
+
+
+def test_other_threads_read_the_cas_while_the_block_runs() -> None:
+    """serve imports aiohttp in a thread while its event loop runs: a context the loop's
+    thread makes meanwhile (a PostgreSQL connection's) gets its CAs as always."""
+    fresh = ssl.create_default_context()
+    made: list[ssl.SSLContext] = []
+    with deferred_system_cas() as held:
+        other = threading.Thread(target=lambda: made.append(ssl.create_default_context()))
+        other.start()
+        other.join(30)
+    assert len(held) == 0 and made[0].cert_store_stats() == fresh.cert_store_stats()
 
 
 def test_the_method_is_restored_when_the_block_fails() -> None:

@@ -135,3 +135,28 @@ def _text(metrics: Metrics) -> str:
     from prometheus_client.exposition import generate_latest
 
     return generate_latest(metrics.registry).decode()
+
+
+def test_what_is_observed_before_the_collectors_are_made_is_counted() -> None:
+    """``netboot serve`` answers before it imports prometheus_client (Metrics(deferred=True)):
+    the requests, replies and events of that time are counted once it opens them."""
+    metrics = Metrics(deferred=True)
+    metrics.http_request("/healthz", "GET", 200, 0.001)
+    metrics.http_request("/boot.ipxe", "GET", 503, 0.002)
+    metrics.dhcp_reply("NAK", "ipxe", "x86_64")
+    metrics.tftp_transfer("complete", 1000)
+    metrics.plain_http_credential()
+    metrics.event(Event("m1", 100.0, "install-plan"))
+    metrics.event(Event("m1", 160.0, "installed"))
+    metrics.open()
+    metrics.open()  # once: nothing counted twice
+    metrics.http_request("/healthz", "GET", 200, 0.001)
+    scraped = samples(_text(metrics))
+    assert value(scraped, "netboot_http_requests_total", route="/healthz", method="GET",
+                 status="200") == 2
+    assert value(scraped, "netboot_errors_total", kind="http_5xx") == 1
+    assert value(scraped, "netboot_errors_total", kind="dhcp_nak") == 1
+    assert value(scraped, "netboot_errors_total", kind="http_plaintext_credential") == 1
+    assert value(scraped, "netboot_tftp_bytes_total") == 1000
+    assert value(scraped, "netboot_install_duration_seconds_count") == 1
+    assert value(scraped, "netboot_install_duration_seconds_sum") == 60.0

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
-import ssl
 import stat
 import subprocess
 import sys
@@ -114,28 +112,6 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
         gc.unfreeze()  # this test process runs on: leave its collector as it was
         os.kill(os.getpid(), __import__("signal").SIGTERM)
         await asyncio.wait_for(task, 10)
-
-
-async def test_serve_loads_the_held_system_cas_once_it_answers(tmp_path: Path) -> None:
-    from netboot.cacerts import deferred_system_cas
-    from netboot.service import serve
-
-    with deferred_system_cas() as held:
-        client = ssl.create_default_context()  # as aiohttp's client makes its contexts
-    ready = asyncio.Event()
-    task = asyncio.ensure_future(serve(load(write_config(tmp_path), env={}), ready=ready,
-                                       system_cas=held))
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-        expected = ssl.create_default_context().cert_store_stats()
-        for _ in range(600):  # the load runs in a thread after ready: wait for it (bounded)
-            if client.cert_store_stats() == expected:
-                break
-            await asyncio.sleep(0.05)
-        assert client.cert_store_stats() == expected and len(held) == 0
-    finally:
-        os.kill(os.getpid(), signal.SIGTERM)
-        await asyncio.wait_for(task, 30)
 
 
 def test_a_restart_answers_without_cryptography_or_dnslib(tmp_path: Path) -> None:

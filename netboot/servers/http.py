@@ -4,6 +4,10 @@ A thin aiohttp adapter over the ``DeviceContent`` protocol: it parses requests, 
 status codes and streams files; what a machine gets is decided elsewhere. Assets are served with
 aiohttp's FileResponse, which gives Content-Length, HEAD, single Range requests (UEFI HTTP boot
 resumes with Range, protocols.md §4), ETag/Last-Modified and sendfile.
+
+This module imports no aiohttp (netboot.servers.aio holds what needs it at import): ``netboot
+serve`` binds its listeners with :class:`Doorway` and answers the front door's requests while
+aiohttp is imported.
 """
 
 from __future__ import annotations
@@ -27,12 +31,8 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import IO, Any, Literal, NamedTuple, Protocol
+from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, cast
 from urllib.parse import parse_qsl, unquote
-
-from aiohttp import hdrs, web
-from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
-from aiohttp.web_fileresponse import NOSENDFILE
 
 from netboot.arrival import arrived
 from netboot.eager import eager
@@ -66,13 +66,17 @@ from netboot.servers.fasthttp import (
     reply_parts,
 )
 
-# Typed keys for what the wiring puts on the application (aiohttp's AppKey).
-LOG_KEY = web.AppKey("log", logging.Logger)
-MAX_BODY_KEY = web.AppKey("max_body", int)
-MAX_EVENT_KEY = web.AppKey("max_event", int)
-BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
-REQUEST_ID = web.RequestKey("request_id", str)  # the id echoed in X-Request-Id
-_TARGET = web.RequestKey("loggable_target", str)
+# aiohttp is imported by netboot.servers.aio, once netboot serve's listeners answer (its
+# import is a third of the start-up): this module runs the front door without it, and
+# aiohttp's classes are its bases only for the type checker; netboot.servers.aio puts them
+# under the handler and the access logger at run time.
+if TYPE_CHECKING:
+    from aiohttp import web
+    from aiohttp.abc import AbstractAccessLogger as _AccessLoggerBase
+    from aiohttp.web import RequestHandler as _HandlerBase
+else:
+    _AccessLoggerBase = _HandlerBase = object
+
 
 
 class RequestIds:
@@ -89,7 +93,6 @@ class RequestIds:
         return f"{self._prefix}{self._next:08x}"
 
 
-REQUEST_IDS_KEY = web.AppKey("request_ids", RequestIds)
 
 
 class HttpObserver(Protocol):
@@ -104,7 +107,6 @@ class HttpObserver(Protocol):
         network and was refused unread."""
 
 
-OBSERVER_KEY = web.AppKey("observer", HttpObserver)
 # A client's own request id is kept when it looks like one (a proxy's UUID, a trace id); other
 # text is replaced, since it is echoed in a header and written into log lines.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -195,40 +197,35 @@ def bearer_token(request: web.BaseRequest) -> str | None:
 _NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/[^/]+)$")
 
 
-def loggable_target(request: web.BaseRequest) -> str:
-    """The request target without the install token (in the query or the NoCloud path),
-    with control characters escaped.
-
-    The install token opens a machine's config, which carries the cluster join secret, so it
-    must not end up in log files. Works from the path alone, not from the matched route: a
-    request that never reached routing (a malformed request line) has no route to ask.
-    """
-    known: str | None = request.get(_TARGET)  # made once a request (log context, access)
-    if known is not None:
-        return known
-    target = redacted_target(request.path, request.query.items())
-    request[_TARGET] = target
-    return target
-
-
 def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:
-    """:func:`loggable_target` of a decoded path and query pairs (both doors use it)."""
+    """``netboot.servers.aio.loggable_target`` of a decoded path and query pairs (both
+    doors use it)."""
     path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", path)
     pairs = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
              for key, value in query]
     return escape(path + ("?" + "&".join(pairs) if pairs else ""), limit=1024)
 
 
-class AccessLogger(AbstractAccessLogger):
+class AccessLogger(_AccessLoggerBase):
     """One line per request: peer, method, target without the install token, status, bytes
     sent, seconds, user agent. What a device fetched, and how long its kernel took, is the
     first thing a failed or slow boot needs. Everything the client chose is escaped, so a
-    ``%0a`` in a URL cannot forge a second line."""
+    ``%0a`` in a URL cannot forge a second line. (aiohttp's AbstractAccessLogger is its base
+    for the type checker only: the front door logs with it before aiohttp is imported.)"""
+
+    def __init__(self, logger: logging.Logger, log_format: str = "") -> None:
+        self.logger = logger
+        self.log_format = log_format
+
+    @property
+    def enabled(self) -> bool:
+        return True
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        sent = response.body_length
-        if isinstance(response, CountingFileResponse):
-            sent += response.sendfile_bytes
+        from netboot.servers.aio import REQUEST_ID, loggable_target
+
+        # CountingFileResponse's, what sendfile() moved past aiohttp's writer.
+        sent = response.body_length + getattr(response, "sendfile_bytes", 0)
         self.line(request.remote, request.method, loggable_target(request), response.status,
                   sent, time, request.headers.get("User-Agent"), request.get(REQUEST_ID))
 
@@ -238,37 +235,6 @@ class AccessLogger(AbstractAccessLogger):
         log_line(self.logger, logging.INFO, "%s %s %s %d %d %.3f \"%s\"", remote,
                  escape(method), target, status, sent, seconds, escape(user_agent, limit=256),
                  extra={"request_id": request_id, "peer": remote, "path": target})
-
-
-class CountingFileResponse(web.FileResponse):
-    """FileResponse that remembers how many bytes sendfile() moved.
-
-    aiohttp counts only what passes through its writer, so with sendfile the access log said
-    258 bytes for an 8 MB kernel. ``loop.sendfile`` returns the count; the fallback path
-    (no sendfile, compression) goes through the writer and is counted there already.
-    """
-
-    sendfile_bytes = 0
-
-    async def _sendfile(
-        self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
-    ) -> AbstractStreamWriter:
-        if NOSENDFILE or self.compression or request.transport is None:
-            return await super()._sendfile(request, fobj, offset, count)
-        writer = await web.StreamResponse.prepare(self, request)
-        assert writer is not None
-        loop = asyncio.get_running_loop()
-        transport = request.transport
-        try:
-            self.sendfile_bytes = await loop.sendfile(transport, fobj, offset, count)
-        except NotImplementedError:
-            # uvloop has no loop.sendfile: aiohttp would read the file through a thread in
-            # 256 KiB chunks and copy each through the transport (0.5x nginx on 32 MiB).
-            if transport is None or transport.get_extra_info("sslcontext") is not None:
-                return await self._sendfile_fallback(writer, fobj, offset, count)
-            self.sendfile_bytes = await sendfile(transport, fobj, offset, count)
-        await web.StreamResponse.write_eof(self)
-        return writer
 
 
 async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int, *,
@@ -320,15 +286,11 @@ async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int, *,
 
 def web_response(reply: Reply) -> web.Response:
     """``reply`` as aiohttp's Response (aiohttp adds Date, Server and the request id)."""
+    from aiohttp import web
+
     resp = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
-    resp.headers[hdrs.CONTENT_TYPE] = reply.content_type
+    resp.headers["Content-Type"] = reply.content_type
     return resp
-
-
-def error_response(exc: Exception, log: logging.Logger, request: web.Request) -> web.Response:
-    """:func:`error_reply` for an aiohttp request."""
-    return web_response(error_reply(exc, log, request.method, loggable_target(request),
-                                    request.remote))
 
 
 def _json(body: Mapping[str, str | None], status: int,
@@ -389,21 +351,6 @@ def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
     return _json({"error": "internal error"}, 500)
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    log = request.app[LOG_KEY]
-    try:
-        resp: web.StreamResponse = await handler(request)
-        return resp
-    except web.HTTPException as exc:
-        if exc.status == 413:
-            return web.json_response({"error": "request body too large", "field": "body"},
-                                     status=413)
-        raise
-    except Exception as exc:
-        return error_response(exc, log, request)
-
-
 @dataclass(frozen=True, slots=True)
 class _Held:
     """A small asset in memory, answered while its file keeps the same identity."""
@@ -417,8 +364,7 @@ class _Held:
 
 
 # Request headers the in-memory path leaves to aiohttp's FileResponse (conditional requests).
-_CONDITIONAL = (hdrs.IF_MATCH, hdrs.IF_NONE_MATCH, hdrs.IF_MODIFIED_SINCE,
-                hdrs.IF_UNMODIFIED_SINCE)
+_CONDITIONAL = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
 
 
 class AssetFiles:
@@ -463,6 +409,10 @@ class AssetFiles:
         return blob
 
     async def response(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
+        from aiohttp import hdrs, web
+
+        from netboot.servers.aio import CountingFileResponse, held_response
+
         blob, held, st_path = await self._find(name)
         if blob.data is not None:
             return web.Response(body=blob.data, content_type=blob.content_type.split(";")[0])
@@ -471,7 +421,7 @@ class AssetFiles:
             resp = CountingFileResponse(st_path)
             resp.content_type = blob.content_type.split(";")[0]
             return resp
-        return _held_response(request, held)
+        return held_response(request, held)
 
     async def reply(self, name: str, *, accept_encoding: bool, large: bool = False
                     ) -> Reply | FileBody | None:
@@ -541,10 +491,10 @@ class AssetFiles:
             if len(self._large) >= 4096:  # bounded: a tree of many large files
                 self._large.clear()
             known = self._large[path] = (ident, Reply(200, b"", content_type, (
-                (hdrs.ETAG, f'"{st.st_mtime_ns:x}-{st.st_size:x}"'),
+                ("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"'),
                 # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
-                (hdrs.LAST_MODIFIED, formatdate(math.ceil(st.st_mtime), usegmt=True)),
-                (hdrs.ACCEPT_RANGES, "bytes"))))
+                ("Last-Modified", formatdate(math.ceil(st.st_mtime), usegmt=True)),
+                ("Accept-Ranges", "bytes"))))
         return FileBody(fh, st.st_size, known[1])
 
     async def _find(self, name: str) -> tuple[Blob, _Held | None, str]:
@@ -579,16 +529,16 @@ class AssetFiles:
         if held is not None:
             self._total -= len(held.body)
             del self._held[blob.path]
-        headers: dict[str, str] = {hdrs.CONTENT_TYPE: blob.content_type.split(";")[0],
+        headers: dict[str, str] = {"Content-Type": blob.content_type.split(";")[0],
                    # FileResponse's validators, so that a client's cache works across both.
-                   hdrs.ETAG: f'"{st.st_mtime_ns:x}-{st.st_size:x}"',
+                   "ETag": f'"{st.st_mtime_ns:x}-{st.st_size:x}"',
                    # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
-                   hdrs.LAST_MODIFIED: formatdate(math.ceil(st.st_mtime), usegmt=True),
-                   hdrs.ACCEPT_RANGES: "bytes"}
+                   "Last-Modified": formatdate(math.ceil(st.st_mtime), usegmt=True),
+                   "Accept-Ranges": "bytes"}
         held = _Held(ident, body, headers, st.st_mtime, compressed,
-                     Reply(200, body, headers[hdrs.CONTENT_TYPE],
+                     Reply(200, body, headers["Content-Type"],
                            tuple((k, v) for k, v in headers.items()
-                                 if k != hdrs.CONTENT_TYPE)))
+                                 if k != "Content-Type")))
         while self._held and self._total + len(body) > self.max_total:
             oldest = next(iter(self._held))
             self._total -= len(self._held.pop(oldest).body)
@@ -635,45 +585,9 @@ def _compressed_sibling(path: str) -> bool:
     return any(os.path.lexists(path + ext) for ext in (".br", ".gz", ".zst"))
 
 
-def _held_response(request: web.BaseRequest, held: _Held) -> web.Response:
-    """A small asset from memory, with Range as aiohttp's FileResponse answers it."""
-    size = len(held.body)
-    resp = web.Response(body=held.body, headers=held.headers)
-    if hdrs.RANGE not in request.headers:
-        return resp
-    if_range = request.if_range
-    if if_range is not None and held.mtime > if_range.timestamp():
-        return resp  # changed since the client's copy: the whole file (RFC 9110 §13.1.5)
-    try:
-        rng = request.http_range
-    except ValueError:
-        return _unsatisfiable(held, size)
-    start, end = rng.start, rng.stop
-    if start is None:
-        return resp
-    if start < 0 and end is None:  # the last -start bytes
-        start = max(0, size + start)
-        end = size
-    else:
-        end = min(end if end is not None else size, size)
-    if start >= size:
-        return _unsatisfiable(held, size)
-    part = web.Response(body=held.body[start:end], headers=held.headers, status=206)
-    part.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
-    return part
-
-
-def _unsatisfiable(held: _Held, size: int) -> web.Response:
-    return web.Response(status=416, headers={**held.headers,
-                                             hdrs.CONTENT_RANGE: f"bytes */{size}"})
-
-
 # --- what the plain HTTP listener answers ---------------------------------------------------
 
 PlainApi = Literal["refuse", "loopback", "allow"]
-# Set on a request that came over plain HTTP from a peer that must use HTTPS: nothing may
-# read or check a credential it carries (netboot.web.auth.request_token refuses it).
-PLAINTEXT = web.RequestKey("plaintext", bool)
 
 
 def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -742,6 +656,8 @@ class PlainHttp:
         if resource is None:
             return True  # no route: a 404 or 405 carries nothing
         method = "GET" if request.method == "HEAD" else request.method
+        from netboot.servers.aio import PLAIN_ROUTES_KEY
+
         return (method, resource.canonical) in request.app.get(PLAIN_ROUTES_KEY, ())
 
     def credential(self, request: web.Request, plain_route: bool) -> str | None:
@@ -772,6 +688,8 @@ class PlainHttp:
 
     def leaked(self, request: web.Request, what: str) -> None:
         """Count a credential sent in clear (metrics), and say so once per peer and hour."""
+        from netboot.servers.aio import OBSERVER_KEY, loggable_target
+
         observer = request.app.get(OBSERVER_KEY)
         if observer is not None:
             observer.plain_http_credential()
@@ -791,49 +709,6 @@ class PlainHttp:
                                 f"{self.mode}): {where}", url)
 
 
-PLAIN_HTTP_KEY = web.AppKey("plain_http", PlainHttp)
-# (method, route pattern) of the routes every peer may use over plain HTTP.
-PLAIN_ROUTES_KEY = web.AppKey("plain_routes", set[tuple[str, str]])
-
-
-def serve_plain(app: web.Application, *routes: web.AbstractRoute) -> None:
-    """Serve ``routes`` on the plain HTTP listener to every peer: firmware and installer
-    routes, which take no credential but an install token. (HEAD follows GET.)"""
-    marked = app.get(PLAIN_ROUTES_KEY)
-    if marked is None:
-        marked = app[PLAIN_ROUTES_KEY] = set()
-    for route in routes:
-        if route.resource is not None:
-            marked.add((route.method, route.resource.canonical))
-
-
-@web.middleware
-async def plain_http_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Apply :class:`PlainHttp` (when the wiring set one): on the plain listener, from a peer
-    it does not trust, firmware and installer routes pass and everything else is refused."""
-    policy = request.app.get(PLAIN_HTTP_KEY)
-    if policy is None or policy.trusts(request):
-        passed: web.StreamResponse = await handler(request)
-        return passed
-    request[PLAINTEXT] = True
-    plain_route = policy.plain_route(request)
-    leaked = policy.credential(request, plain_route)
-    if leaked is not None:
-        policy.leaked(request, leaked)
-    elif plain_route:
-        resp: web.StreamResponse = await handler(request)
-        return resp
-    base = policy.https_url()
-    is_api = request.path.startswith("/api/")
-    if request.method in ("GET", "HEAD") and not is_api and base:
-        # A browser that typed the plain URL lands on the dashboard over HTTPS. 308 keeps
-        # the method (RFC 9110 §15.4.9); a session cookie sent along was counted above.
-        raise web.HTTPPermanentRedirect(f"{base.rstrip('/')}{request.rel_url}")
-    if leaked is not None:
-        raise policy.refusal(request, "a request carrying " + leaked)
-    raise policy.refusal(request, "the API" if is_api else "the dashboard")
-
-
 _TEXT = "text/plain; charset=utf-8"  # what web.Response(text=...) says
 _NO_STORE = (("Cache-Control", "no-store"),)
 
@@ -849,6 +724,8 @@ class DeviceRoutes:
         self._bootstrap: tuple[str, Reply] | None = None
 
     def add_to(self, app: web.Application) -> None:
+        from netboot.servers.aio import serve_plain
+
         r = app.router
         # Every route here is for firmware or an installer, neither of which can verify TLS:
         # all of them stay on plain HTTP (PlainHttp).
@@ -952,6 +829,8 @@ class DeviceRoutes:
         peer = (request.remote or "", 0)
         name = clean_relative(request.match_info["name"])
         text = await self._content.grub_file(name, peer, "http")
+        from aiohttp import web
+
         return web.Response(body=text, content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
 
@@ -978,6 +857,8 @@ class DeviceRoutes:
         text = self._content.nocloud(plan, name)
         if name == "user-data":
             await self._content.config_fetched(plan, "cloud-init user-data")
+        from aiohttp import web
+
         return web.Response(text=text, content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
 
@@ -1236,10 +1117,11 @@ class ConnectionGuard:
             del self._per_source[source]
 
 
-class GuardedHandler(web.RequestHandler):
+class GuardedHandler(_HandlerBase):
     """aiohttp's connection handler with netboot's bounds: the connection cap, a deadline for
     the first request head, a kernel send timeout, and one quiet line for a malformed request
-    instead of aiohttp's ERROR traceback per request."""
+    instead of aiohttp's ERROR traceback per request. (Made with aiohttp's RequestHandler
+    under it by netboot.servers.aio's ``AiohttpHandler``: this module imports no aiohttp.)"""
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard,
                  loop: asyncio.AbstractEventLoop, front: FrontDoor | None = None,
@@ -1597,110 +1479,181 @@ class GuardedHandler(web.RequestHandler):
             phrase = HTTPStatus(status).phrase
         except ValueError:
             phrase = ""
+        from aiohttp import web
+
         resp = web.Response(status=status, text=f"{status} {phrase}\n",
                             headers={"Server": SERVER_NAME})
         resp.force_close()
         return resp
 
 
-class GuardedSite(web.BaseSite):
-    """A TCP site whose connections are :class:`GuardedHandler`\\ s (aiohttp's TCPSite would
-    create plain handlers)."""
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ConnectionGuard,
-                 handler_args: dict[str, Any], backlog: int = 4096,
-                 ssl_context: ssl.SSLContext | None = None,
-                 front: FrontDoor | None = None) -> None:
-        # backlog 4096 (the kernel caps it at net.core.somaxconn): a pallet of devices that
-        # finish their TFTP download together opens ~1,000 connections within milliseconds;
-        # at nginx's default of 511 a third were dropped and retried a second later (the
-        # 1,000-device storm counted 331 listen drops; its nginx stand-in listens with 4096).
-        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
-        self._host, self._port = host, port
-        self._guard = guard
-        self._handler_args = handler_args
-        self._front = front
-
-    @property
-    def name(self) -> str:
-        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with port 0)."""
-        server = self._server
-        sockets = getattr(server, "sockets", None) if server is not None else None
-        return int(sockets[0].getsockname()[1]) if sockets else self._port
-
-    async def start(self) -> None:
-        await super().start()
-        loop = asyncio.get_running_loop()
-        manager = self._runner.server
-        assert manager is not None
-        self._server = await loop.create_server(
-            lambda: GuardedHandler(manager, guard=self._guard, loop=loop, front=self._front,
-                                   **self._handler_args),
-            self._host, self._port, reuse_address=True, backlog=self._backlog,
-            ssl=self._ssl_context)
 
 
-@web.middleware
-async def body_timeout_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Read the request body within ``http.body_timeout`` (nginx client_body_timeout): a
-    client that announces a body and trickles it must not hold the connection forever. The
-    body is cached, so handlers' ``request.json()`` reads it from memory."""
-    if request.body_exists:
+# --- listening before aiohttp is imported ---------------------------------------------------
+
+
+class Doorway:
+    """The protocol factory of both HTTP listeners, from the moment they are bound.
+
+    ``netboot serve`` binds its listeners, then imports aiohttp (a third of its start-up,
+    benchmarks/README.md). Until :meth:`open` is given aiohttp's handler factory, every
+    connection is an :class:`EarlyConnection`: the front door answers what it answers (device
+    GETs, ``/healthz``), and a request only aiohttp answers waits on its connection, reading
+    paused, until the connection is handed to aiohttp with the bytes read — never refused,
+    never lost. From :meth:`open` on, every new connection is aiohttp's handler directly and
+    every early one is handed over (one still deciding an answer, once it is sent).
+    """
+
+    def __init__(self, front: FrontDoor, access: AccessLogger | None = None) -> None:
+        self.front = front
+        self.access = access
+        self.handler: Callable[[], asyncio.Protocol] | None = None
+        self.early: set[EarlyConnection] = set()
+        self.held = 0  # requests that waited for aiohttp (handed over with their connection)
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.handler is not None:
+            return self.handler()
+        return EarlyConnection(self)
+
+    def open(self, handler: Callable[[], asyncio.Protocol]) -> None:
+        """aiohttp is ready: ``handler`` makes the protocol of each connection from now on."""
+        self.handler = handler
+        for conn in list(self.early):
+            conn.serve()  # hands itself over unless an answer is being decided
+
+
+class EarlyConnection(asyncio.Protocol):
+    """A connection accepted before aiohttp is ready (:class:`Doorway`): the front door's
+    answers in order, pipelining included; at the first request that is aiohttp's, reading
+    stops until :meth:`hand_over`. No large file here (sendfile is the handler's)."""
+
+    def __init__(self, doorway: Doorway) -> None:
+        self._doorway = doorway
+        self.transport: asyncio.Transport | None = None
+        self._peer: str | None = None
+        self._unread = b""
+        self._deciding = False  # a decision is awaited: nothing else answered meanwhile
+        self._waiting = False  # the next request is aiohttp's: reading paused until then
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._doorway.early.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._unread += data
+        self.serve()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        self._unread = b""
+        self._doorway.early.discard(self)
+
+    def serve(self) -> None:
+        """Answer each complete request read the front door takes, in order; stop at one
+        that is aiohttp's; hand the connection over once aiohttp is ready."""
+        front = self._doorway.front
+        while (self._unread and not self._deciding and not self._waiting
+               and self.transport is not None):
+            head = front.head(self._unread)
+            if head is None:
+                break  # the rest of a head is still to come
+            if isinstance(head, NotMine):
+                self._wait()
+                break
+            answer = front.ready(head)
+            if answer is None:
+                started = front.start(head, self._peer)
+                if started is None:
+                    self._wait()
+                    break
+                finish, decided = started
+                if not decided.done():
+                    self._deciding = True
+                    self.transport.pause_reading()
+                    decided.add_done_callback(functools.partial(self._decided, head, finish))
+                    break
+                answer = self._finish(head, finish, decided)
+                if answer is None:
+                    self._wait()
+                    break
+            self._send(head, answer)
+        if self._doorway.handler is not None and not self._deciding:
+            self.hand_over()
+        elif self._unread and not self._waiting and len(self._unread) > 4 * MAX_HEAD:
+            self._wait()  # piled up unanswered: the rest is read by the handler
+
+    def _wait(self) -> None:
+        if not self._waiting and self.transport is not None:
+            self._waiting = True
+            self._doorway.held += 1
+            self.transport.pause_reading()
+
+    def _finish(self, head: RequestHead,
+                finish: Callable[[Reply | FileBody | None], Answer | None],
+                decided: asyncio.Future[Reply | FileBody | None]) -> Answer | None:
         try:
-            await asyncio.wait_for(request.read(), request.app[BODY_TIMEOUT_KEY])
-        except TimeoutError:
-            request.app[LOG_KEY].info("http: body from %s not complete in %.0f s "
-                                      "(http.body_timeout), closed", request.remote,
-                                      request.app[BODY_TIMEOUT_KEY])
-            timed_out = web.json_response({"error": "request body timed out"}, status=408)
-            timed_out.force_close()
-            return timed_out
-    resp: web.StreamResponse = await handler(request)
-    return resp
+            reply: Reply | FileBody | None = decided.result()
+        except Exception as exc:  # the one translation both doors use
+            reply = self._doorway.front.failed(exc, head, self._peer)
+        return finish(reply)
+
+    def _decided(self, head: RequestHead,
+                 finish: Callable[[Reply | FileBody | None], Answer | None],
+                 decided: asyncio.Future[Reply | FileBody | None]) -> None:
+        self._deciding = False
+        if decided.cancelled() or self.transport is None:
+            return  # the server is stopping, or the client left
+        answer = self._finish(head, finish, decided)
+        if answer is None:
+            self._wait()
+        else:
+            self._send(head, answer)
+            if not self._waiting:
+                self.transport.resume_reading()
+        self.serve()
+
+    def _send(self, head: RequestHead, answer: Answer) -> None:
+        transport = self.transport
+        assert transport is not None and answer.file is None
+        self._unread = self._unread[head.size:]
+        transport.write(answer.data)
+        access = self._doorway.access
+        if access is not None:
+            access.line(self._peer, "GET", _front_target(head), answer.status,
+                        len(answer.data), answer.seconds, head.user_agent or None,
+                        answer.request_id)
+        if head.close:
+            transport.close()
+            self.transport = None
+
+    def hand_over(self) -> None:
+        """Make the connection aiohttp's handler's (:meth:`Doorway.open`), with what was read
+        and not answered: the handler answers it as if it had read it itself."""
+        transport, unread = self.transport, self._unread
+        self._doorway.early.discard(self)
+        self.transport, self._unread = None, b""
+        if transport is None or transport.is_closing():
+            return
+        handler = self._doorway.handler
+        assert handler is not None
+        protocol = handler()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if unread:
+            protocol.data_received(unread)
+        if self._waiting and not transport.is_closing():
+            transport.resume_reading()
 
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = SERVER_NAME
-
-
-@web.middleware
-async def request_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """The outermost middleware: a request id (the client's ``X-Request-Id`` when it is a sane
-    token, else a new one) echoed in the response and bound to log lines of this request
-    (netboot.logs.log_context), and one observation per request for the metrics."""
-    given = request.headers.get("X-Request-Id", "")
-    ids = request.app.get(REQUEST_IDS_KEY)
-    rid = given if _REQUEST_ID.match(given) else ids() if ids else secrets.token_hex(8)
-    request[REQUEST_ID] = rid
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    started = time.monotonic()
-    status = 500
-    with log_context(request_id=rid, peer=request.remote, path=loggable_target(request)):
-        try:
-            resp: web.StreamResponse = await handler(request)
-            status = resp.status
-            if not resp.prepared:
-                resp.headers["X-Request-Id"] = rid
-            return resp
-        except web.HTTPException as exc:
-            status = exc.status
-            exc.headers["X-Request-Id"] = rid
-            raise
-        finally:
-            observer = request.app.get(OBSERVER_KEY)
-            if observer is not None:
-                observer.http_request(route, request.method, status,
-                                      time.monotonic() - started)
-
-
-def install(app: web.Application, *, body_timeout: float) -> None:
-    """What every netboot HTTP application gets: the Server header and the body timeout (the
-    middleware itself is listed by the wiring, inside the error middleware)."""
-    app[BODY_TIMEOUT_KEY] = body_timeout
-    app[REQUEST_IDS_KEY] = RequestIds()
-    app.on_response_prepare.append(_server_header)
+async def listen(doorway: Doorway, host: str, port: int, *,
+                 ssl_context: ssl.SSLContext | None = None) -> asyncio.Server:
+    """A listener whose connections :class:`Doorway` makes (OSError as create_server)."""
+    # backlog 4096 (the kernel caps it at net.core.somaxconn): a pallet of devices that finish
+    # their TFTP download together opens ~1,000 connections within milliseconds; at nginx's
+    # default of 511 a third were dropped and retried a second later (the 1,000-device storm
+    # counted 331 listen drops; its nginx stand-in listens with 4096).
+    return await asyncio.get_running_loop().create_server(
+        doorway, host, port, reuse_address=True, backlog=4096, ssl=ssl_context)

@@ -25,11 +25,11 @@ from typing import Protocol
 
 from aiohttp import web
 
-from netboot.access import Principal
+from netboot.access import SESSION_COOKIE, Principal
 from netboot.errors import AuthError, PlainHttpRefused
-from netboot.servers.http import PLAIN_HTTP_KEY, PLAINTEXT, bearer_token
+from netboot.servers.aio import PLAIN_HTTP_KEY, PLAINTEXT
+from netboot.servers.http import bearer_token
 
-SESSION_COOKIE = "netboot_session"
 CSRF_COOKIE = "netboot_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 # Methods that change nothing (RFC 9110 §9.2.1): no CSRF token needed for them.

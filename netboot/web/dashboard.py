@@ -24,7 +24,7 @@ from netboot.errors import AuthError
 from netboot.inventory.base import Store
 from netboot.logs import RateLimitedLog
 from netboot.metrics import CONTENT_TYPE, Metrics
-from netboot.servers.http import serve_plain
+from netboot.servers.aio import serve_plain
 from netboot.web.auth import TokenCheck, end_session, request_token, session, start_session
 
 STATIC = Path(__file__).resolve().parent / "static"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from netboot.web.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE
+from netboot.access import SESSION_COOKIE
+from netboot.web.auth import CSRF_COOKIE, CSRF_HEADER
 from tests.conftest import Env, call
 
 MAC = "52:54:00:dd:00:01"

@@ -1,0 +1,304 @@
+"""aiohttp's side of netboot's HTTP server: the application keys, middlewares, the connection
+handler and the sites, for what the front door (netboot.servers.http) does not answer.
+
+Kept apart so that ``netboot serve`` answers before aiohttp is imported: its import is a
+third of the start-up (``from aiohttp import web`` imports aiohttp's client too), and the
+front door answers devices and ``/healthz`` without it. ``serve`` binds its listeners with
+:class:`netboot.servers.http.Doorway`, imports this module in a thread, then hands the
+listeners and the connections that wait for aiohttp to :class:`GuardedSite` and
+:class:`AiohttpHandler` (benchmarks/README.md, issue 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
+from aiohttp.web_fileresponse import NOSENDFILE
+
+from netboot.logs import log_context
+from netboot.servers.http import (
+    _REQUEST_ID,
+    SERVER_NAME,
+    AccessLogger,
+    ConnectionGuard,
+    FrontDoor,
+    GuardedHandler,
+    HttpObserver,
+    PlainHttp,
+    RequestIds,
+    _Held,
+    error_reply,
+    redacted_target,
+    sendfile,
+    web_response,
+)
+
+# Typed keys for what the wiring puts on the application (aiohttp's AppKey).
+LOG_KEY = web.AppKey("log", logging.Logger)
+MAX_BODY_KEY = web.AppKey("max_body", int)
+MAX_EVENT_KEY = web.AppKey("max_event", int)
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
+REQUEST_ID = web.RequestKey("request_id", str)  # the id echoed in X-Request-Id
+_TARGET = web.RequestKey("loggable_target", str)
+
+REQUEST_IDS_KEY = web.AppKey("request_ids", RequestIds)
+
+OBSERVER_KEY = web.AppKey("observer", HttpObserver)
+
+
+def loggable_target(request: web.BaseRequest) -> str:
+    """The request target without the install token (in the query or the NoCloud path),
+    with control characters escaped.
+
+    The install token opens a machine's config, which carries the cluster join secret, so it
+    must not end up in log files. Works from the path alone, not from the matched route: a
+    request that never reached routing (a malformed request line) has no route to ask.
+    """
+    known: str | None = request.get(_TARGET)  # made once a request (log context, access)
+    if known is not None:
+        return known
+    target = redacted_target(request.path, request.query.items())
+    request[_TARGET] = target
+    return target
+
+
+class CountingFileResponse(web.FileResponse):
+    """FileResponse that remembers how many bytes sendfile() moved.
+
+    aiohttp counts only what passes through its writer, so with sendfile the access log said
+    258 bytes for an 8 MB kernel. ``loop.sendfile`` returns the count; the fallback path
+    (no sendfile, compression) goes through the writer and is counted there already.
+    """
+
+    sendfile_bytes = 0
+
+    async def _sendfile(
+        self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        if NOSENDFILE or self.compression or request.transport is None:
+            return await super()._sendfile(request, fobj, offset, count)
+        writer = await web.StreamResponse.prepare(self, request)
+        assert writer is not None
+        loop = asyncio.get_running_loop()
+        transport = request.transport
+        try:
+            self.sendfile_bytes = await loop.sendfile(transport, fobj, offset, count)
+        except NotImplementedError:
+            # uvloop has no loop.sendfile: aiohttp would read the file through a thread in
+            # 256 KiB chunks and copy each through the transport (0.5x nginx on 32 MiB).
+            if transport is None or transport.get_extra_info("sslcontext") is not None:
+                return await self._sendfile_fallback(writer, fobj, offset, count)
+            self.sendfile_bytes = await sendfile(transport, fobj, offset, count)
+        await web.StreamResponse.write_eof(self)
+        return writer
+
+
+def error_response(exc: Exception, log: logging.Logger, request: web.Request) -> web.Response:
+    """:func:`error_reply` for an aiohttp request."""
+    return web_response(error_reply(exc, log, request.method, loggable_target(request),
+                                    request.remote))
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    log = request.app[LOG_KEY]
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            return web.json_response({"error": "request body too large", "field": "body"},
+                                     status=413)
+        raise
+    except Exception as exc:
+        return error_response(exc, log, request)
+
+
+def held_response(request: web.BaseRequest, held: _Held) -> web.Response:
+    """A small asset from memory, with Range as aiohttp's FileResponse answers it."""
+    size = len(held.body)
+    resp = web.Response(body=held.body, headers=held.headers)
+    if hdrs.RANGE not in request.headers:
+        return resp
+    if_range = request.if_range
+    if if_range is not None and held.mtime > if_range.timestamp():
+        return resp  # changed since the client's copy: the whole file (RFC 9110 §13.1.5)
+    try:
+        rng = request.http_range
+    except ValueError:
+        return _unsatisfiable(held, size)
+    start, end = rng.start, rng.stop
+    if start is None:
+        return resp
+    if start < 0 and end is None:  # the last -start bytes
+        start = max(0, size + start)
+        end = size
+    else:
+        end = min(end if end is not None else size, size)
+    if start >= size:
+        return _unsatisfiable(held, size)
+    part = web.Response(body=held.body[start:end], headers=held.headers, status=206)
+    part.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
+    return part
+
+
+def _unsatisfiable(held: _Held, size: int) -> web.Response:
+    return web.Response(status=416, headers={**held.headers,
+                                             hdrs.CONTENT_RANGE: f"bytes */{size}"})
+
+# Set on a request that came over plain HTTP from a peer that must use HTTPS: nothing may
+# read or check a credential it carries (netboot.web.auth.request_token refuses it).
+PLAINTEXT = web.RequestKey("plaintext", bool)
+
+PLAIN_HTTP_KEY = web.AppKey("plain_http", PlainHttp)
+# (method, route pattern) of the routes every peer may use over plain HTTP.
+PLAIN_ROUTES_KEY = web.AppKey("plain_routes", set[tuple[str, str]])
+
+
+def serve_plain(app: web.Application, *routes: web.AbstractRoute) -> None:
+    """Serve ``routes`` on the plain HTTP listener to every peer: firmware and installer
+    routes, which take no credential but an install token. (HEAD follows GET.)"""
+    marked = app.get(PLAIN_ROUTES_KEY)
+    if marked is None:
+        marked = app[PLAIN_ROUTES_KEY] = set()
+    for route in routes:
+        if route.resource is not None:
+            marked.add((route.method, route.resource.canonical))
+
+
+@web.middleware
+async def plain_http_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Apply :class:`PlainHttp` (when the wiring set one): on the plain listener, from a peer
+    it does not trust, firmware and installer routes pass and everything else is refused."""
+    policy = request.app.get(PLAIN_HTTP_KEY)
+    if policy is None or policy.trusts(request):
+        passed: web.StreamResponse = await handler(request)
+        return passed
+    request[PLAINTEXT] = True
+    plain_route = policy.plain_route(request)
+    leaked = policy.credential(request, plain_route)
+    if leaked is not None:
+        policy.leaked(request, leaked)
+    elif plain_route:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    base = policy.https_url()
+    is_api = request.path.startswith("/api/")
+    if request.method in ("GET", "HEAD") and not is_api and base:
+        # A browser that typed the plain URL lands on the dashboard over HTTPS. 308 keeps
+        # the method (RFC 9110 §15.4.9); a session cookie sent along was counted above.
+        raise web.HTTPPermanentRedirect(f"{base.rstrip('/')}{request.rel_url}")
+    if leaked is not None:
+        raise policy.refusal(request, "a request carrying " + leaked)
+    raise policy.refusal(request, "the API" if is_api else "the dashboard")
+
+
+@web.middleware
+async def body_timeout_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Read the request body within ``http.body_timeout`` (nginx client_body_timeout): a
+    client that announces a body and trickles it must not hold the connection forever. The
+    body is cached, so handlers' ``request.json()`` reads it from memory."""
+    if request.body_exists:
+        try:
+            await asyncio.wait_for(request.read(), request.app[BODY_TIMEOUT_KEY])
+        except TimeoutError:
+            request.app[LOG_KEY].info("http: body from %s not complete in %.0f s "
+                                      "(http.body_timeout), closed", request.remote,
+                                      request.app[BODY_TIMEOUT_KEY])
+            timed_out = web.json_response({"error": "request body timed out"}, status=408)
+            timed_out.force_close()
+            return timed_out
+    resp: web.StreamResponse = await handler(request)
+    return resp
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_NAME
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The outermost middleware: a request id (the client's ``X-Request-Id`` when it is a sane
+    token, else a new one) echoed in the response and bound to log lines of this request
+    (netboot.logs.log_context), and one observation per request for the metrics."""
+    given = request.headers.get("X-Request-Id", "")
+    ids = request.app.get(REQUEST_IDS_KEY)
+    rid = given if _REQUEST_ID.match(given) else ids() if ids else secrets.token_hex(8)
+    request[REQUEST_ID] = rid
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    started = time.monotonic()
+    status = 500
+    with log_context(request_id=rid, peer=request.remote, path=loggable_target(request)):
+        try:
+            resp: web.StreamResponse = await handler(request)
+            status = resp.status
+            if not resp.prepared:
+                resp.headers["X-Request-Id"] = rid
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            exc.headers["X-Request-Id"] = rid
+            raise
+        finally:
+            observer = request.app.get(OBSERVER_KEY)
+            if observer is not None:
+                observer.http_request(route, request.method, status,
+                                      time.monotonic() - started)
+
+
+def install(app: web.Application, *, body_timeout: float) -> None:
+    """What every netboot HTTP application gets: the Server header and the body timeout (the
+    middleware itself is listed by the wiring, inside the error middleware)."""
+    app[BODY_TIMEOUT_KEY] = body_timeout
+    app[REQUEST_IDS_KEY] = RequestIds()
+    app.on_response_prepare.append(_server_header)
+
+
+class AiohttpAccessLogger(AccessLogger, AbstractAccessLogger):
+    """:class:`AccessLogger` as aiohttp takes it (a subclass of its abstract logger)."""
+
+
+class AiohttpHandler(GuardedHandler, web.RequestHandler):
+    """:class:`GuardedHandler` over aiohttp's RequestHandler: what every connection is once
+    aiohttp is imported (and what a connection accepted before is handed to)."""
+
+
+class GuardedSite(web.BaseSite):
+    """A listener already bound and answering (its :class:`Doorway`), registered with the
+    runner, which stops it, as aiohttp's TCPSite would be; from :meth:`start` on, its
+    connections are :class:`AiohttpHandler`\\ s."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.AbstractServer, *,
+                 name: str) -> None:
+        super().__init__(runner)
+        self._server = server
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        await super().start()
+
+
+def handlers(runner: web.AppRunner, *, guard: ConnectionGuard, front: FrontDoor | None,
+             access: logging.Logger | None) -> Callable[[], AiohttpHandler]:
+    """The protocol factory of both listeners once aiohttp is ready (:meth:`Doorway.open`):
+    netboot's handler with the guard, the front door and the access log."""
+    manager = runner.server
+    assert manager is not None
+    loop = asyncio.get_running_loop()
+    if access is None:
+        return lambda: AiohttpHandler(manager, guard=guard, loop=loop, front=front,
+                                      access_log=None)
+    return lambda: AiohttpHandler(manager, guard=guard, loop=loop, front=front,
+                                  access_log=access, access_log_class=AiohttpAccessLogger)

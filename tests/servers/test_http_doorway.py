@@ -1,0 +1,214 @@
+"""Listening before aiohttp is imported (netboot.servers.http.Doorway): ``netboot serve``
+binds its listeners, the front door answers devices and ``/healthz`` at once, and a request
+only aiohttp answers waits on its connection until aiohttp is ready, then gets its answer —
+on both listeners, pipelined or not, with a body or not."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import netboot.service as wiring
+from netboot.cacerts import DeferredCas
+from netboot.config import load
+from netboot.service import Service, build
+from tests.conftest import this_checkout, write_config
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length: its status and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(line.split(":", 1)[1]) for line in lines
+                  if line.lower().startswith("content-length:"))
+    body = await asyncio.wait_for(reader.readexactly(length), 30)
+    return int(lines[0].split()[1]), body
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Wait (bounded) until ``check()`` holds."""
+    for _ in range(3000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached in 30 s")
+
+
+Held = tuple[Service, threading.Event, "asyncio.Future[None]"]  # service, gate, its start()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """aiohttp's side of a start is imported once the test sets this event."""
+    gate = threading.Event()
+    real = wiring._import_aiohttp_side
+
+    def import_when_let() -> DeferredCas:
+        gate.wait(60)
+        return real()
+
+    monkeypatch.setattr(wiring, "_import_aiohttp_side", import_when_let)
+    yield gate
+    gate.set()
+
+
+@contextlib.asynccontextmanager
+async def starting(tmp_path: Path, gate: threading.Event) -> AsyncIterator[Held]:
+    """A service starting as ``serve`` starts it, its listeners bound and answering, and
+    aiohttp's side held back until ``gate`` is set."""
+    service = await build(load(write_config(tmp_path), env={}), app=False)
+    start = asyncio.ensure_future(service.start())
+    try:
+        await until(lambda: bool(service.https_port) or start.done())
+        assert service.runner is None and service.doorway is not None
+        yield service, gate, start
+    finally:
+        gate.set()
+        await asyncio.wait_for(asyncio.shield(start), 60)
+        await service.close()
+
+
+def run_on(loop: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=wiring.loop_factory(loop)) as runner:
+        runner.run(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_front_door_answers_and_aiohttp_requests_wait_for_their_answer(
+        tmp_path: Path, gate: threading.Event, loop: str) -> None:
+    async def scenario() -> None:
+        async with starting(tmp_path, gate) as held:
+            await waiting_requests_are_answered(*held)
+
+    run_on(loop, scenario)
+
+
+async def waiting_requests_are_answered(service: Service, gate: threading.Event,
+                                        start: asyncio.Future[None]) -> None:
+    doorway = service.doorway
+    assert doorway is not None
+    token = (service.config.data_dir / "admin.token").read_text().strip()
+    port = service.http_port
+    # Before aiohttp: the front door's routes answer.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await read_response(reader) == (200, b"ok\n")
+    # Pipelined: a front answer, a request for aiohttp (the API), another front answer.
+    writer.write(b"GET /boot.ipxe HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"GET /api/v1/machines HTTP/1.1\r\nHost: x\r\n"
+                 + f"Authorization: Bearer {token}\r\n\r\n".encode()
+                 + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, script = await read_response(reader)
+    assert status == 200 and script.startswith(b"#!ipxe")
+    # A request with a body, on a second connection; a third connection says nothing yet.
+    body = json.dumps({"mac": "52:54:00:00:00:21"}).encode()
+    post_r, post_w = await asyncio.open_connection("127.0.0.1", port)
+    post_w.write(b"POST /api/v1/machines HTTP/1.1\r\nHost: x\r\n"
+                 + f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+    await until(lambda: doorway.held == 2 and len(doorway.early) == 3)
+    assert service.runner is None  # still waiting for aiohttp: nothing answered them
+
+    gate.set()
+    await asyncio.wait_for(start, 60)
+    assert service.runner is not None and not doorway.early
+    status, listed = await read_response(reader)
+    assert status == 200 and json.loads(listed)["total"] in (0, 1)
+    assert await read_response(reader) == (200, b"ok\n")  # in order, after the API's answer
+    status, made = await read_response(post_r)
+    assert status == 201 and json.loads(made)["mac"] == "52:54:00:00:00:21"
+    idle_w.write(b"GET /api/v1/machines/52:54:00:00:00:21 HTTP/1.1\r\nHost: x\r\n"
+                 + f"Authorization: Bearer {token}\r\n\r\n".encode())
+    status, one = await read_response(idle_r)
+    assert status == 200 and json.loads(one)["hostname"] == "node-000021"
+    for w in (writer, post_w, idle_w):
+        w.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_https_requests_before_aiohttp_get_their_answers(
+        tmp_path: Path, gate: threading.Event, loop: str) -> None:
+    async def scenario() -> None:
+        async with starting(tmp_path, gate) as held:
+            await waiting_https_request_is_answered(*held)
+
+    run_on(loop, scenario)
+
+
+async def waiting_https_request_is_answered(service: Service, gate: threading.Event,
+                                            start: asyncio.Future[None]) -> None:
+    doorway = service.doorway
+    assert doorway is not None
+    client = ssl.create_default_context(cafile=str(service.config.data_dir / "tls" / "ca.pem"))
+    client.check_hostname = False  # the certificate names 192.0.2.10, the test dials loopback
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.https_port, ssl=client)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"GET /api/v1/machines HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await read_response(reader) == (200, b"ok\n")  # the front door, over TLS
+    await until(lambda: doorway.held == 1)
+    gate.set()
+    await asyncio.wait_for(start, 60)
+    status, _ = await read_response(reader)
+    assert status == 401  # aiohttp's API: no token given
+    writer.close()
+
+
+def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
+    """The first answers of a ``serve`` start come from a process that has not imported
+    aiohttp; it is imported once the listeners answer, and then answers the API; the system
+    CAs its client's contexts hold back at import (netboot.cacerts) are read after."""
+    path = write_config(tmp_path)
+    script = (
+        "import asyncio, json, sys, threading\n"
+        "import netboot.service as wiring\n"
+        "from netboot.config import load\n"
+        "gate = threading.Event()\n"
+        "real = wiring._import_aiohttp_side\n"
+        "wiring._import_aiohttp_side = lambda: gate.wait(60) and real()\n"
+        "async def get(port, path):\n"
+        "    r, w = await asyncio.open_connection('127.0.0.1', port)\n"
+        "    w.write(f'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'"
+        ".encode())\n"
+        "    status = (await r.readline()).split()[1].decode()\n"
+        "    w.close()\n"
+        "    return status\n"
+        "async def main():\n"
+        f"    service = await wiring.build(load({str(path)!r}, env={{}}), app=False)\n"
+        "    start = asyncio.ensure_future(service.start())\n"
+        "    for _ in range(3000):\n"
+        "        if service.http_port or start.done():\n"
+        "            break\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    before = [await get(service.http_port, '/healthz'),\n"
+        "              await get(service.http_port, '/boot.ipxe'), 'aiohttp' in sys.modules]\n"
+        "    gate.set()\n"
+        "    await start\n"
+        "    after = [await get(service.http_port, '/api/v1/machines'),\n"
+        "             'aiohttp' in sys.modules]\n"
+        "    import ssl, aiohttp.connector\n"
+        "    held = aiohttp.connector._SSL_CONTEXT_VERIFIED  # read after the import\n"
+        "    for _ in range(3000):\n"
+        "        if held.cert_store_stats() == ssl.create_default_context().cert_store_stats():\n"
+        "            break\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    after.append(held.cert_store_stats()['x509_ca'] > 0)\n"
+        "    await service.close()\n"
+        "    print(json.dumps([before, after]))\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                         env=this_checkout(), text=True, timeout=300).stdout
+    before, after = json.loads(out.splitlines()[-1])
+    assert before == ["200", "200", False]
+    assert after == ["401", True, True]
