@@ -298,7 +298,7 @@ class _Row:
         self.machine = m = codec.stored_machine(machine)
         self.id = m.id
         self.mac = str(m.macs[0]) if m.macs else None
-        self.data = codec.dumps(codec.machine_document(m), "machine")
+        self.data = codec.machine_json(m)
         self.labels = [(self.id, k, v) for k, v in m.labels.items()]
         self.keys = [(kind, value, self.id) for kind, value in claims(m)]
         self.created = m.created
@@ -1189,7 +1189,7 @@ def _bulk_params(machine: Machine) -> tuple[Any, ...]:
     # The values identity.claims gives after the MACs, cleaned the same way, without its
     # per-machine Identity and list of MAC strings (a sixth of encoding a bulk row).
     return (m.id, str(m.macs[0]) if m.macs else None, m.hostname, m.state.value, m.cluster,
-            codec.dumps(codec.machine_document(m), "machine"), m.created, m.updated,
+            codec.machine_json(m), m.created, m.updated,
             clean_uuid(m.uuid), clean_text(m.serial), clean_text(m.asset))
 
 
