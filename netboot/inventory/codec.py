@@ -520,10 +520,11 @@ def machine_json(machine: Machine) -> str:
             + '],"state":' + q(m.state._value_))
     # Each field only when it is not at its default, as machine_document leaves it out.
     for key, value in zip(_TEXT_KEYS, (m.hostname, m.uuid, m.serial, m.asset, m.cluster,
-                                       m.profile, m.token_hash, m.install_token)):
+                                       m.profile, m.token_hash, m.install_token),
+                          strict=True):
         if value is not None:
             text += key + q(value)
-    for key, member in zip(_ENUM_KEYS, (m.role, m.loader, m.arch, m.firmware)):
+    for key, member in zip(_ENUM_KEYS, (m.role, m.loader, m.arch, m.firmware), strict=True):
         if member is not None:
             text += key + q(member._value_)
     for key, mapping in ((',"labels":{', m.labels), (',"facts":{', m.facts)):
