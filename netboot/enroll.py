@@ -192,8 +192,10 @@ def _new_ids(expected: int) -> Iterator[str]:
     random as before as a set; only which row gets which follows the file. Past
     ``expected`` (a low guess), random order, 4,096 at a time.
     """
-    digits = secrets.token_bytes(6 * max(expected, 0)).hex()
-    yield from sorted(ID_PREFIX + digits[i:i + 12] for i in range(0, len(digits), 12))
+    raw = secrets.token_bytes(6 * max(expected, 0))
+    # Held as numbers until used (a third of the memory of their text, for a file of updates).
+    for number in sorted(int.from_bytes(raw[i:i + 6], "big") for i in range(0, len(raw), 6)):
+        yield f"{ID_PREFIX}{number:012x}"
     while True:
         digits = secrets.token_bytes(6 * 4096).hex()
         for i in range(0, len(digits), 12):
