@@ -180,6 +180,9 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+_SORTED_IDS = 1 << 20
+
+
 def _new_ids(expected: int) -> Iterator[str]:
     """Ids for an import's new machines, as :func:`netboot.model.new_machine_id` makes them
     (``m-`` and 12 random hex digits, from the same source), drawn at once rather than by a
@@ -190,9 +193,10 @@ def _new_ids(expected: int) -> Iterator[str]:
     events) then grows at its end instead of at a random page per row, which SQLite reads
     and writes again and again: ~2 of its ~5 s of CPU for 100,000 rows. The ids are as
     random as before as a set; only which row gets which follows the file. Past
-    ``expected`` (a low guess), random order, 4,096 at a time.
+    ``expected`` (a low guess) or a million, random order, 4,096 at a time.
     """
-    raw = secrets.token_bytes(6 * max(expected, 0))
+    # Bounded (~40 MB at most): the guess counts lines, and blank lines are no machines.
+    raw = secrets.token_bytes(6 * min(max(expected, 0), _SORTED_IDS))
     # Held as numbers until used (a third of the memory of their text, for a file of updates).
     for number in sorted(int.from_bytes(raw[i:i + 6], "big") for i in range(0, len(raw), 6)):
         yield f"{ID_PREFIX}{number:012x}"
