@@ -206,9 +206,8 @@ def _new_ids(expected: int) -> Iterator[str]:
             yield ID_PREFIX + digits[i:i + 12]
 
 
-# The state an import enrolls a new machine in, and roles by name (calling the enum class is
-# ten times slower than a dict look-up, per row of a bulk import).
-_IMPORTED = lifecycle.first_state(lifecycle.Trigger.ENROLL)
+# Roles by name: calling the enum class is ten times slower than a dict look-up, per row of
+# a bulk import.
 _ROLES: Mapping[str, Role] = {role.value: role for role in Role}
 
 IMPORT_FIELDS = ("mac", "macs", "hostname", "serial", "asset", "uuid", "cluster", "role",
@@ -938,8 +937,9 @@ class Enroller:
         if not own:
             raise ValidationError("mac", "required: a mac (or macs), serial, asset or uuid")
         machine = Machine(
-            macs=macs, id=next(ids), state=_IMPORTED, hostname=hostname, serial=serial, asset=asset,
-            uuid=uuid, cluster=cluster, role=role, profile=profile,
+            macs=macs, id=next(ids), state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
+            hostname=hostname, serial=serial, asset=asset, uuid=uuid, cluster=cluster,
+            role=role, profile=profile,
             labels={sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()}
             if labels else NO_ENTRIES,
             fixed_ipv4=fixed, created=now, updated=now,
