@@ -7,14 +7,18 @@ table in :mod:`netboot.lifecycle`; this module only says which step happened.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import hashlib
 import hmac
 import io
 import ipaddress
 import json
 import logging
+import operator
 import re
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,6 +37,7 @@ from netboot.identity import Identity
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.inventory.codec import NO_ENTRIES
 from netboot.model import (
+    ID_PREFIX,
     Event,
     Group,
     MacAddress,
@@ -155,6 +160,56 @@ class ImportReport:
         }
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while an import builds and writes its machines.
+
+    A bulk import allocates about a million container objects (machines, their label dicts,
+    events, tuples) that all live until the commit and form no cycles; the collector's
+    generational heuristics scanned them again and again: 1.2 s of a 100,000-row import's
+    ~14 s of CPU. Other tasks of the process run meanwhile without it for those seconds,
+    which only delays reclaiming their cycles. Turned back on only by the import that turned
+    it off (two at once: the first to end does; one that found it off leaves it off).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_SORTED_IDS = 1 << 20
+
+
+def _new_ids(expected: int) -> Iterator[str]:
+    """Ids for an import's new machines, as :func:`netboot.model.new_machine_id` makes them
+    (``m-`` and 12 random hex digits, from the same source), drawn at once rather than by a
+    system call per row; the first ``expected`` in increasing order.
+
+    Why in order: the machines go into the store in the file's order, and every table and
+    index keyed by machine id (the machines themselves, their labels and identifiers, their
+    events) then grows at its end instead of at a random page per row, which SQLite reads
+    and writes again and again: ~2 of its ~5 s of CPU for 100,000 rows. The ids are as
+    random as before as a set; only which row gets which follows the file. Past
+    ``expected`` (a low guess) or a million, random order, 4,096 at a time.
+    """
+    # Bounded (~40 MB at most): the guess counts lines, and blank lines are no machines.
+    raw = secrets.token_bytes(6 * min(max(expected, 0), _SORTED_IDS))
+    # Held as numbers until used (a third of the memory of their text, for a file of updates).
+    for number in sorted(int.from_bytes(raw[i:i + 6], "big") for i in range(0, len(raw), 6)):
+        yield f"{ID_PREFIX}{number:012x}"
+    while True:
+        digits = secrets.token_bytes(6 * 4096).hex()
+        for i in range(0, len(digits), 12):
+            yield ID_PREFIX + digits[i:i + 12]
+
+
+# Roles by name: calling the enum class is ten times slower than a dict look-up, per row of
+# a bulk import.
+_ROLES: Mapping[str, Role] = {role.value: role for role in Role}
+
 IMPORT_FIELDS = ("mac", "macs", "hostname", "serial", "asset", "uuid", "cluster", "role",
                  "profile", "labels", "fixed_ipv4")
 _IMPORT_FIELDS = frozenset(IMPORT_FIELDS)
@@ -196,7 +251,26 @@ def parse_import(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
 def iter_import(text: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """:func:`parse_import` row by row: a CSV file is read as the import goes, so that
     100,000 rows are never held as dictionaries all at once. A malformed file raises
-    ValidationError when it is reached (the header at the first row)."""
+    ValidationError when it is reached (the header at the first row). Its length hint
+    (``operator.length_hint``) is the number of lines, as many as the rows or more."""
+    return _Rows(_iter_import(text, fmt), text.count("\n") + 1)
+
+
+class _Rows(Iterator[tuple[int, dict[str, Any]]]):
+    """Rows read as they are asked for, with a guess at how many there are."""
+
+    def __init__(self, rows: Iterator[tuple[int, dict[str, Any]]], hint: int) -> None:
+        self._rows = rows
+        self._hint = hint
+
+    def __next__(self) -> tuple[int, dict[str, Any]]:
+        return next(self._rows)
+
+    def __length_hint__(self) -> int:
+        return self._hint
+
+
+def _iter_import(text: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
     if fmt == "csv":
         yield from _csv_rows(text)
     elif fmt in ("yaml", "yml", "json"):
@@ -626,6 +700,12 @@ class Enroller:
         whose identifiers point at two enrolled machines, or repeat one of an earlier row, is
         an error naming the line and the field.
         """
+        with _collector_paused():
+            return await self._import_rows(rows, dry_run=dry_run, progress=progress)
+
+    async def _import_rows(self, rows: Iterable[tuple[int, Mapping[str, Any]]], *,
+                           dry_run: bool, progress: Callable[[int], None] | None,
+                           ) -> ImportReport:
         errors: list[RowError] = []
         clusters = {c.name: c.name for c in await self._store.list_clusters()}
         profiles = {p.name: p.name for p in await self._store.list_profiles()}
@@ -640,11 +720,13 @@ class Enroller:
         merge: list[tuple[str, str]] = []
         unchanged: list[str] = []
         now = self._clock()
+        # How many rows there are, if the rows can tell (a list; iter_import's estimate).
+        ids = _new_ids(operator.length_hint(rows, 0))
         for n, (line, row) in enumerate(rows):
             if progress is not None and n % 1000 == 0:
                 progress(n)
             try:
-                machine, own = self._row_machine(row, clusters, profiles, now)
+                machine, own = self._row_machine(row, clusters, profiles, now, ids)
                 target, absorb = self._row_target(own, line, existing, holders, seen_claim)
             except ValidationError as exc:
                 errors.append(RowError(line, exc.field, exc.message))
@@ -778,25 +860,40 @@ class Enroller:
         return target, found
 
     def _row_machine(self, row: Mapping[str, Any], clusters: Mapping[str, str],
-                     profiles: Mapping[str, str],
-                     now: float) -> tuple[Machine, list[tuple[str, str]]]:
-        """The new machine a row describes, created and updated ``now``, and its identifiers
-        as :func:`netboot.identity.claims` gives them."""
-        unknown = [k for k in row if k not in _IMPORT_FIELDS]
-        if unknown:
-            raise ValidationError(unknown[0], f"unknown column (known: {', '.join(IMPORT_FIELDS)})")
+                     profiles: Mapping[str, str], now: float,
+                     ids: Iterator[str]) -> tuple[Machine, list[tuple[str, str]]]:
+        """The new machine a row describes, created and updated ``now``, with the next of
+        ``ids``, and its identifiers as :func:`netboot.identity.claims` gives them.
+
+        Every check below runs for every row; what a bulk import of 100,000 CSV rows makes
+        cheap is the usual case: a test of the whole key set at once, text cells passed by
+        one type test, one MAC parsed without import_macs's lists, and only the identifier
+        columns the row has cleaned."""
+        if not row.keys() <= _IMPORT_FIELDS:
+            unknown = next(k for k in row if k not in _IMPORT_FIELDS)
+            raise ValidationError(unknown, f"unknown column (known: {', '.join(IMPORT_FIELDS)})")
         for key, value in row.items():
-            # CSV gives text and YAML may give a number (serial: 12345); a list, an object or
-            # true/false in a scalar column is a mistake to report, not to str() into a value.
+            if type(value) is str:
+                continue  # every cell of a CSV row
+            # YAML may give a number (serial: 12345); a list, an object or true/false in a
+            # scalar column is a mistake to report, not to str() into a value.
             if key not in ("labels", "macs") and value is not None and (
                     isinstance(value, bool) or not isinstance(value, str | int)):
                 raise ValidationError(key, f"must be text, got {type(value).__name__}")
-        labels_value = row.get("labels")
-        if isinstance(labels_value, dict):
-            for k, v in labels_value.items():
-                if isinstance(v, bool) or not isinstance(v, str | int | float):
+        labels = row.get("labels") or {}
+        if isinstance(labels, dict):
+            for k, v in labels.items():
+                if type(v) is not str and (isinstance(v, bool)
+                                           or not isinstance(v, str | int | float)):
                     raise ValidationError(f"labels.{k}", f"must be text, got {type(v).__name__}")
-        macs = import_macs(row)
+        mac_text = row.get("mac")
+        if type(mac_text) is str and mac_text and "macs" not in row:
+            try:
+                macs: tuple[MacAddress, ...] = (MacAddress.parse(mac_text),)
+            except ValidationError as exc:
+                raise ValidationError("mac", exc.message) from None
+        else:
+            macs = import_macs(row)
         # Names are checked against the inventory's and the inventory's copy is kept: one
         # string for the 12,500 machines of a cluster, not one each.
         cluster = row.get("cluster") or None
@@ -810,14 +907,25 @@ class Enroller:
                 raise ValidationError("profile", f"unknown profile {profile!r}")
             profile = profiles[profile]
         role_text = row.get("role") or None
-        if role_text is not None and role_text not in ("server", "agent"):
+        role = None if role_text is None else _ROLES.get(role_text)
+        if role_text is not None and role is None:
             raise ValidationError("role", f"{role_text!r} is not server or agent")
-        labels = row.get("labels") or {}
         if not isinstance(labels, dict):
             raise ValidationError("labels", "must be a mapping of key: value")
         hostname = check_hostname(str(row["hostname"])) if row.get("hostname") else None
-        ids = {k: identity.enrolled_value(k, str(row[k])) if row.get(k) else None
-               for k in ("uuid", "serial", "asset")}
+        # enrolled_value refuses placeholders and normalises the rest: these are the claims
+        # identity.claims would find, in its order, without cleaning them twice.
+        own = [("mac", str(mac)) for mac in macs]
+        uuid = serial = asset = None
+        if row.get("uuid"):
+            uuid = identity.enrolled_value("uuid", str(row["uuid"]))
+            own.append(("uuid", uuid))
+        if row.get("serial"):
+            serial = identity.enrolled_value("serial", str(row["serial"]))
+            own.append(("serial", serial))
+        if row.get("asset"):
+            asset = identity.enrolled_value("asset", str(row["asset"]))
+            own.append(("asset", asset))
         fixed = row.get("fixed_ipv4") or None
         if fixed is not None:
             # The same check as the store's codec, so that a dry run does not pass a row
@@ -826,19 +934,15 @@ class Enroller:
                 fixed = str(ipaddress.IPv4Address(str(fixed)))
             except ValueError:
                 raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
-        # enrolled_value refused placeholders and normalised the rest: these are the claims
-        # identity.claims would find, in its order, without cleaning them twice.
-        own = [("mac", str(mac)) for mac in macs]
-        own += [(k, v) for k in ("uuid", "serial", "asset") if (v := ids[k])]
         if not own:
             raise ValidationError("mac", "required: a mac (or macs), serial, asset or uuid")
         machine = Machine(
-            macs=macs, state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
-            hostname=hostname, serial=ids["serial"], asset=ids["asset"], uuid=ids["uuid"],
-            cluster=cluster, role=Role(role_text) if role_text else None, profile=profile,
+            macs=macs, id=next(ids), state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
+            hostname=hostname, serial=serial, asset=asset, uuid=uuid, cluster=cluster,
+            role=role, profile=profile,
             labels={sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()}
             if labels else NO_ENTRIES,
-            fixed_ipv4=str(fixed) if fixed else None, created=now, updated=now,
+            fixed_ipv4=fixed, created=now, updated=now,
             # An import knows no facts: one shared empty mapping, not 100,000 empty dicts.
             facts=NO_ENTRIES,
         )

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
+import operator
+import re
+
 import pytest
 
-from netboot.enroll import Enroller, iter_import, parse_import, render_hostname
+from netboot.enroll import Enroller, _new_ids, iter_import, parse_import, render_hostname
 from netboot.errors import ValidationError
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.sqlite import SqliteStore
@@ -125,6 +130,51 @@ async def test_streamed_csv_import_writes_nothing_when_the_file_breaks_late(
         await Enroller(store).import_rows(iter_import(text, "csv"))
     assert await store.count_machines() == 0
     assert list(iter_import(CSV, "csv")) == parse_import(CSV, "csv")
+
+
+async def test_import_hands_out_new_ids_in_file_order(store) -> None:  # type: ignore[no-untyped-def]
+    # Ids random as a set, increasing down the file (the store appends to its id-keyed
+    # tables), also past the rows the file's length hint promised.
+    rows = ["mac,serial"] + [f"52:54:00:00:01:{i:02x},X{i}" for i in range(40)]
+    text = "\n".join(rows)  # no final newline: one row more than the hint's guess of rows
+    parsed = iter_import(text, "csv")
+    assert operator.length_hint(parsed) == 41
+    report = await Enroller(store).import_rows(parsed)
+    ids = []
+    for i in range(40):
+        machine = await store.machine_by("serial", f"X{i}")
+        assert machine is not None and re.fullmatch(r"m-[0-9a-f]{12}", machine.id)
+        ids.append(machine.id)
+    assert report.applied and ids == sorted(ids) and len(set(ids)) == 40
+
+
+def test_new_ids_sorted_then_random() -> None:
+    ids = list(itertools.islice(_new_ids(500), 600))
+    assert ids[:500] == sorted(ids[:500]) and len(set(ids)) == 600
+    assert all(re.fullmatch(r"m-[0-9a-f]{12}", i) for i in ids)
+    assert ids[500:] != sorted(ids[500:])  # past the guess: as new_machine_id gives them
+
+
+async def test_import_pauses_the_collector_and_restores_it(store) -> None:  # type: ignore[no-untyped-def]
+    seen = []
+    enroller = Enroller(store)
+    rows = parse_import(CSV, "csv")
+
+    def progress(n: int) -> None:
+        seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    await enroller.import_rows(rows, progress=progress)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # off before (someone else's choice): left off
+    try:
+        await enroller.import_rows(rows, dry_run=True)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ValidationError):  # an import that fails turns it back on too
+        await enroller.import_rows(iter_import("mac\n1,2\n", "csv"))
+    assert gc.isenabled()
 
 
 async def test_bulk_import_through_sqlite_reads_back(tmp_path) -> None:  # type: ignore[no-untyped-def]

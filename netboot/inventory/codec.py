@@ -424,9 +424,14 @@ def stored_machine(machine: Machine) -> Machine:
 
 
 def _exact(m: Machine) -> bool:
+    # Each field read once by name (a loop of getattr over field names took twice as long:
+    # a bulk import checks 100,000 machines).
     macs = m.macs
-    if type(macs) is not tuple or any(type(mac) is not MacAddress for mac in macs):
+    if type(macs) is not tuple:
         return False
+    for mac in macs:
+        if type(mac) is not MacAddress:
+            return False
     if len(macs) > 1 and len(set(macs)) != len(macs):
         return False
     ident = m.id
@@ -435,20 +440,23 @@ def _exact(m: Machine) -> bool:
         return False
     if type(m.state) is not MachineState:
         return False
-    for key in _MACHINE_TEXT:
-        value = getattr(m, key)
+    for value in (m.hostname, m.uuid, m.serial, m.asset, m.cluster, m.profile, m.token_hash,
+                  m.install_token):
         if value is not None and type(value) is not str:
             return False
-    for key, cls in _MACHINE_ENUMS:
-        value = getattr(m, key)
-        if value is not None and type(value) is not cls:
-            return False
+    if ((m.role is not None and type(m.role) is not Role)
+            or (m.loader is not None and type(m.loader) is not LoaderChain)
+            or (m.arch is not None and type(m.arch) is not Arch)
+            or (m.firmware is not None and type(m.firmware) is not Firmware)):
+        return False
     for mapping in (m.labels, m.facts):
         if mapping is NO_ENTRIES:
             continue
-        if type(mapping) is not dict or not all(
-                type(k) is str and type(v) is str for k, v in mapping.items()):
+        if type(mapping) is not dict:
             return False
+        for k, v in mapping.items():
+            if type(k) is not str or type(v) is not str:
+                return False
     for address in (m.ipv4, m.fixed_ipv4):
         if address is not None and not _canonical_ipv4(address):
             return False
@@ -492,6 +500,44 @@ def machine_document(machine: Machine) -> dict[str, Any]:
     out["created"] = m.created
     out["updated"] = m.updated
     return out
+
+
+# JSON's own string quoting (C), as the encoder of dumps() uses it with ensure_ascii=False.
+_quote = json.encoder.encode_basestring
+# machine_document's optional fields in its order, each as it starts in the text.
+_TEXT_KEYS = tuple(f',"{key}":' for key in _MACHINE_TEXT)
+_ENUM_KEYS = tuple(f',"{key}":' for key, _ in _MACHINE_ENUMS)
+
+
+def machine_json(machine: Machine) -> str:
+    """``dumps(machine_document(machine))`` for a machine :func:`stored_machine` returned,
+    written out directly: the same text in half the time (no intermediate dict, no encoder
+    set up per call; a bulk import writes 100,000). Strings are quoted by JSON's own quoting;
+    times are finite floats, written as the encoder writes them (``float.__repr__``)."""
+    m, q = machine, _quote
+    text = ('{"id":' + q(m.id) + ',"macs":['
+            + ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs])
+            + '],"state":' + q(m.state._value_))
+    # Each field only when it is not at its default, as machine_document leaves it out.
+    for key, value in zip(_TEXT_KEYS, (m.hostname, m.uuid, m.serial, m.asset, m.cluster,
+                                       m.profile, m.token_hash, m.install_token),
+                          strict=True):
+        if value is not None:
+            text += key + q(value)
+    for key, member in zip(_ENUM_KEYS, (m.role, m.loader, m.arch, m.firmware), strict=True):
+        if member is not None:
+            text += key + q(member._value_)
+    for key, mapping in ((',"labels":{', m.labels), (',"facts":{', m.facts)):
+        if mapping:
+            text += key + ",".join([q(k) + ":" + q(v) for k, v in mapping.items()]) + "}"
+    if m.ipv4 is not None:
+        text += ',"ipv4":' + q(m.ipv4)
+    if m.fixed_ipv4 is not None:
+        text += ',"fixed_ipv4":' + q(m.fixed_ipv4)
+    if m.token_expires is not None:
+        text += ',"token_expires":' + float.__repr__(m.token_expires)
+    return (text + ',"created":' + float.__repr__(m.created) + ',"updated":'
+            + float.__repr__(m.updated) + "}")
 
 
 def _shared_map(value: object) -> dict[str, str] | None:

@@ -20,6 +20,7 @@ from netboot.model import (
     Firmware,
     Group,
     Lease,
+    LoaderChain,
     MacAddress,
     Machine,
     MachineState,
@@ -321,6 +322,27 @@ def test_document_leaves_out_defaults_and_reads_back_the_same() -> None:
         assert codec.machine_from_document(doc) == m == codec.machine_from_dict(doc)
         full = json.loads(codec.dumps(codec.machine_to_dict(m)))
         assert codec.machine_from_document(full) == m
+
+
+@pytest.mark.parametrize("change", [
+    {},
+    {"macs": (), "state": MachineState.ENROLLED, "labels": {}, "facts": {}, "uuid": None,
+     "role": None, "arch": None, "firmware": None, "ipv4": None, "token_hash": None,
+     "token_expires": None},
+    {"macs": (MacAddress.parse(MAC), MacAddress.parse("02:00:00:00:00:01"))},
+    # What JSON must quote or escape, and text beyond ASCII (kept as it is, not \u-escaped).
+    {"hostname": 'a"b\\c', "labels": {"k\n\t": "v\u00e9\u2028", "\u00fc": "\x00\x1f"},
+     "facts": {"product": "\U0001f600 \"x\""}, "serial": "s/1", "asset": "</script>"},
+    {"cluster": "c", "profile": "p", "install_token": "tok", "loader": LoaderChain.IPXE,
+     "fixed_ipv4": "10.0.0.9", "created": 1e-7, "updated": 1.7e300, "token_expires": -0.0},
+    {"created": 1700000000.123456789, "updated": 0.1 + 0.2},
+])
+def test_machine_json_is_the_documents_text(change: dict[str, Any]) -> None:
+    # The bulk path writes this text directly; it must be what dumps() makes of the document.
+    m = replace(MACHINE, **change)
+    assert codec.stored_machine(m) is m
+    assert codec.machine_json(m) == codec.dumps(codec.machine_document(m))
+    assert codec.machine_from_document(codec.loads_document(codec.machine_json(m))) == m
 
 
 @pytest.mark.parametrize("change", [
