@@ -59,6 +59,7 @@ _JUNK = frozenset(
 
 
 _SPACES_DOTS = re.compile(r"[\s.]")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def is_junk(value: str) -> bool:
@@ -75,6 +76,11 @@ def clean_uuid(text: str | None) -> str | None:
     """
     if not text:
         return None
+    if _CANONICAL_UUID.fullmatch(text):
+        # Already canonical (what netboot.pxe makes of option 97, what the view holds): the
+        # same answer without parsing it, on every DHCP request of a storm.
+        digits = text.replace("-", "")
+        return None if digits == digits[:2] * 16 else text
     try:
         value = uuidlib.UUID(text.strip())
     except ValueError:
