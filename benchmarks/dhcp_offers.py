@@ -473,6 +473,10 @@ def main() -> None:
                     results[name].append((answered / seconds, cpu / max(answered, 1) * 1e6,
                                           int(s[0]), pct(lat, 0.5), pct(lat, 0.99),
                                           max(lat or [0])))
+                    rate, cpu_us, ans, p50, p99, mx = results[name][-1]
+                    print(f"run {rep + 1} {name}: {rate:,.0f} offers/s, {cpu_us:.0f} µs, storm "
+                          f"{ans}/{args.storm} p50 {p50:.2f} p99 {p99:.2f} max {mx:.2f} ms "
+                          f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     med = {n: sorted(r, key=lambda x: x[0])[len(r) // 2] for n, r in results.items()}
     ref = med.get("dnsmasq")
     print(f"proxyDHCP, UEFI x86-64 DISCOVER → broadcast OFFER, {args.count} with "

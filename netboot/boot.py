@@ -121,6 +121,7 @@ class _Seen:
 
     request: BootRequest
     identity: Identity  # Identity.of_request(request)
+    claims: list[tuple[str, str]]  # identity.claims(): what is looked up
     # The loader chain decided for ``machine`` (the view's object, replaced when its value
     # changes) while the view's ``shared`` counter and the settings were these: the chain
     # still, while all three are.
@@ -316,7 +317,7 @@ class BootService:
         answers."""
         fresh = fresh or (self.health.up and await self._fresh())
         seen = self._seen_dhcp(request)
-        res = await identity.resolve(self._view, seen.identity)
+        res = await identity.resolve(self._view, seen.identity, seen.claims)
         machine = res.machine
         if fresh:
             self._record_dhcp_soon(request, res, seen)
@@ -341,7 +342,8 @@ class BootService:
         seen = self._seen.get(request.mac)
         if seen is not None and seen.request == request:
             return seen
-        seen = _Seen(request, Identity.of_request(request))
+        known = Identity.of_request(request)
+        seen = _Seen(request, known, known.claims())
         if request.mac != identity.NO_NIC:  # many devices at once, not one NIC
             self._seen.pop(request.mac, None)  # re-inserted last: the dict stays oldest first
             self._seen[request.mac] = seen
