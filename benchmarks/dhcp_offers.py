@@ -17,10 +17,13 @@ Two measurements per target, each a UEFI x86-64 PXE DISCOVER (60 PXEClient, 93 a
 
 Targets: ``netboot`` answers from memory (a decider that returns the loader at once: what the
 codec, the classification, the reply and the asyncio adapter cost); ``netboot+store`` is the
-real ``BootService`` over SQLite with discovery policy ``hold``, so every DISCOVER reads the
-machine and records the sighting in the background, as ``netboot serve`` does; ``dnsmasq``
-is ``--dhcp-range=…,proxy`` with a ``pxe-service``. The difference between the first two is
-the share the inventory takes.
+real ``BootService`` over SQLite with discovery policy ``hold`` and its view loaded (as
+``netboot serve`` loads it), every MAC unknown: each DISCOVER is decided from the view and
+a sighting is recorded in the background within the discovery budget; ``netboot+enrolled``
+is the same server with every MAC the load sends enrolled (what most of a real storm is:
+machines the inventory knows, whose steps are noted once); ``dnsmasq`` is
+``--dhcp-range=…,proxy`` with a ``pxe-service``. The difference between ``netboot`` and the
+others is the share the inventory takes.
 
 Why network namespaces rather than loopback: a proxy OFFER to a client without an address is
 broadcast to 255.255.255.255:68, which on the host's own stack would leave through a real
@@ -53,8 +56,9 @@ import peers
 from peers import stop
 
 REPO = Path(__file__).resolve().parent.parent
-# This tree's netboot, not whichever one the interpreter has installed.
-sys.path.insert(0, str(REPO))
+# This tree's netboot (or the one a baseline target names), not whichever one the
+# interpreter has installed.
+sys.path.insert(0, os.environ.get("NETBOOT_TREE", str(REPO)))
 SERVER_IP, CLIENT_IP = "192.0.2.1", "192.0.2.2"
 SERVER_IF, CLIENT_IF = "nbdo0", "nbdc0"
 LOADER = "snponly.efi"
@@ -86,6 +90,9 @@ def mac_of(i: int) -> bytes:
     return bytes((0x52, 0x54)) + i.to_bytes(4, "big")
 
 
+STORM_MAC0 = 100_000  # the storm's devices: MACs none of the closed loop's
+
+
 # --- the servers ------------------------------------------------------------------------------
 
 
@@ -109,8 +116,15 @@ class _MemoryAsync(_Memory):
         return self.stage
 
 
-async def make_server(kind: str, interface: str, root: Path) -> Any:
-    """netboot's DHCP server in proxy mode with the ``memory`` or the ``store`` decider."""
+def enrolled_macs(macs: int, storm: int) -> list[bytes]:
+    """Every MAC the load generator sends from: the closed loop's, then the storm's."""
+    return [mac_of(i) for i in range(macs)] + [mac_of(STORM_MAC0 + i) for i in range(storm)]
+
+
+async def make_server(kind: str, interface: str, root: Path, *,
+                      enroll: list[bytes] = []) -> Any:  # noqa: B006 - never mutated
+    """netboot's DHCP server in proxy mode with the ``memory`` decider, or the ``store``
+    one (``BootService`` over SQLite; ``enroll``: these MACs enrolled first)."""
     from netboot.inventory.memory import MemoryStore
     from netboot.pxe import DhcpSettings
     from netboot.servers.dhcp import DhcpServer
@@ -121,15 +135,24 @@ async def make_server(kind: str, interface: str, root: Path) -> Any:
         from netboot.boot import BootService, BootSettings, loader_aliases
         from netboot.enroll import Enroller
         from netboot.files import FileTree
+        from netboot.inventory.base import Batch
         from netboot.inventory.sqlite import SqliteStore
+        from netboot.model import MacAddress, Machine
 
         (root / "assets").mkdir()
         (root / "assets" / LOADER).write_bytes(b"loader")
         store = SqliteStore(root / "netboot.db")
         await store.open()
+        if enroll:
+            await store.apply_batch(Batch(create=tuple(
+                Machine(macs=(MacAddress(mac),), hostname=f"bench{i}")
+                for i, mac in enumerate(enroll))))
         # Loader names pinned at start, as `netboot serve` does (service.py).
         assets = FileTree([root / "assets"], pinned=loader_aliases())
         decider = BootService(store, assets, BootSettings(policy="hold"), Enroller(store))
+        # `netboot serve` loads the whole inventory into the decider's view once it listens
+        # (service.py); here before, so that every run measures the loaded view.
+        await decider.load_view()
     else:
         store, decider = MemoryStore(), _MemoryAsync() if kind == "memory-async" else _Memory()
     return DhcpServer(DhcpSettings(), decider, store,
@@ -137,13 +160,13 @@ async def make_server(kind: str, interface: str, root: Path) -> Any:
                       host="0.0.0.0", port=67, pxe_port=4011)
 
 
-def serve(kind: str, interface: str) -> None:
+def serve(kind: str, interface: str, enroll: list[bytes]) -> None:
     """Child process (inside the server namespace): netboot's DHCP server until SIGTERM."""
     import signal
 
     async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            server = await make_server(kind, interface, Path(tmp))
+            server = await make_server(kind, interface, Path(tmp), enroll=enroll)
             await server.start()
             print("ready", flush=True)
             stop = asyncio.Event()
@@ -176,10 +199,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def target(name: str, ns: str, run: Path, baseline: Path | None = None) -> Iterator[int]:
+def target(name: str, ns: str, run: Path, baseline: Path | None = None,
+           enroll: tuple[int, int] = (0, 0)) -> Iterator[int]:
     """Start one server in the server namespace; yields its PID (the server's own). Targets
-    named ``baseline…`` run the netboot of the tree ``baseline`` (its own benchmark's
-    ``--serve``): before and after a change, in one run."""
+    named ``baseline…`` run the netboot of the tree ``baseline`` under this benchmark's
+    ``--serve`` (the same server set-up): before and after a change, in one run.
+    ``enroll``: the load's (closed-loop MACs, storm devices), for ``+enrolled`` targets."""
     if name == "dnsmasq":
         argv = ["dnsmasq", "--keep-in-foreground", "--port=0", f"--interface={SERVER_IF}",
                 "--bind-interfaces", "--conf-file=/dev/null", "--user=root", "--pid-file=",
@@ -187,11 +212,13 @@ def target(name: str, ns: str, run: Path, baseline: Path | None = None) -> Itera
                 f"--pxe-service=x86-64_EFI,bench,{LOADER}", "--log-facility=-", "--quiet-dhcp"]
         env: dict[str, str] = {}
     else:
-        kind = "store" if "+store" in name else "memory"
+        kind = "store" if "+store" in name or "+enrolled" in name else "memory"
         tree = baseline if name.startswith("baseline") and baseline else REPO
-        argv = [sys.executable, str(tree / "benchmarks" / "dhcp_offers.py"), "--serve", kind,
+        argv = [sys.executable, str(Path(__file__).resolve()), "--serve", kind,
                 "--interface", SERVER_IF]
-        env = {"PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
+        if "+enrolled" in name:
+            argv += ["--enroll", f"{enroll[0]},{enroll[1]}"]
+        env = {"NETBOOT_TREE": str(tree), "PYTHONUNBUFFERED": "1"}
         if "uvloop" in name:
             env["NETBOOT_LOOP"] = "uvloop"
     log = open(run / f"{name}.log", "wb")  # noqa: SIM115 - closed below
@@ -293,7 +320,7 @@ def storm(devices: int, within: float) -> tuple[int, list[float]]:
     while time.perf_counter() - t0 < within + 2.0 and len(latencies) < devices:
         now = time.perf_counter()
         while i < devices and now >= t0 + within * i / devices:
-            sock.sendto(discover(mac_of(100_000 + i), xid0 + i), dest)
+            sock.sendto(discover(mac_of(STORM_MAC0 + i), xid0 + i), dest)
             sent_at[xid0 + i] = time.perf_counter()
             i += 1
         wait = max(0.0, t0 + within * i / devices - time.perf_counter()) if i < devices else 0.05
@@ -318,7 +345,7 @@ def pct(values: list[float], p: float) -> float:
 # --- in-process: the Python cost per packet --------------------------------------------------
 
 
-def inproc(count: int, kind: str) -> None:
+def inproc(count: int, kind: str, enroll: list[bytes]) -> None:
     """Datagrams handed to the listener's protocol as the loop would (the error boundary,
     the log context, the decision, the reply), replies kept by a transport that only counts
     them: everything but the two system calls."""
@@ -332,7 +359,8 @@ def inproc(count: int, kind: str) -> None:
             self.sent += 1
 
     async def run(root: Path) -> tuple[float, int]:
-        server = await make_server(kind, "", root)
+        server = await make_server("store" if kind == "enrolled" else kind, "", root,
+                                   enroll=enroll)
         protocol = BoundaryProtocol("bench", server._handler(_Listener(None, SERVER_IP, False)),
                                     logger=__import__("logging").getLogger("bench"),
                                     max_in_flight=1 << 30)
@@ -345,8 +373,13 @@ def inproc(count: int, kind: str) -> None:
             protocol.datagram_received(packets[i % 1000], ("0.0.0.0", 68))
             if i % 64 == 63:  # 64 outstanding, as the closed loop keeps them
                 await protocol.drain()
+                # One loop iteration per 64 datagrams, as the draining transport reads
+                # them: background records run between batches, as they do when serving.
+                await asyncio.sleep(0)
         await protocol.drain()
-        await asyncio.sleep(0.1)  # let the store decider's background writes run
+        drain = getattr(server._decider, "drain", None)
+        if drain is not None:  # the store decider's background records, written
+            await drain()
         seconds = time.process_time() - t0
         print(f"main thread {(time.thread_time() - m0) / count * 1e6:.1f} µs per DISCOVER")
         await server.close()
@@ -377,14 +410,17 @@ def main() -> None:
                         help="also the netboot of another checkout (e.g. before a change), as "
                              "targets baseline, baseline+store (and -uvloop with --uvloop)")
     parser.add_argument("--inproc", action="store_true")
-    parser.add_argument("--decider", choices=("memory", "memory-async", "store"), default="memory",
-                        help="with --inproc")
+    parser.add_argument("--decider", choices=("memory", "memory-async", "store", "enrolled"),
+                        default="memory", help="with --inproc (enrolled: the store's, with "
+                                               "every MAC of the load enrolled)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--interface", default="", help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--enroll", default="0,0", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.interface)
+        macs, devices = map(int, args.enroll.split(","))
+        serve(args.serve, args.interface, enrolled_macs(macs, devices))
         return
     if args.client == "offers":
         answered, seconds = offers_per_second(args.count, args.outstanding, args.macs)
@@ -395,14 +431,16 @@ def main() -> None:
         print(answered, *lat)
         return
     if args.inproc:
-        inproc(args.count, args.decider)
+        inproc(args.count, args.decider,
+               enrolled_macs(1000, 0) if args.decider == "enrolled" else [])
         return
     if os.geteuid() != 0:
         sys.exit("needs root for the network namespaces (or use --inproc)")
-    names = ["netboot", "netboot+store", "dnsmasq"]
+    names = ["netboot", "netboot+store", "netboot+enrolled", "dnsmasq"]
     if args.uvloop:
         names.insert(1, "netboot-uvloop")
         names.insert(3, "netboot+store-uvloop")  # what `netboot serve` runs with uvloop
+        names.insert(5, "netboot+enrolled-uvloop")
     if args.baseline:
         names += [n.replace("netboot", "baseline") for n in names if n.startswith("netboot")]
     if args.only:
@@ -421,7 +459,8 @@ def main() -> None:
             # Rotate the order so no target always runs first (a cold or warm machine).
             order = names[rep % len(names):] + names[:rep % len(names)]
             for name in order:
-                with target(name, sns, Path(tmp), args.baseline) as pid:
+                with target(name, sns, Path(tmp), args.baseline,
+                            (args.macs, args.storm)) as pid:
                     client("--client", "offers", "--count", "200", "--outstanding", "8")  # warm
                     cpu0 = cpu_seconds(pid)
                     got = client("--client", "offers", "--count", str(args.count),
@@ -434,6 +473,10 @@ def main() -> None:
                     results[name].append((answered / seconds, cpu / max(answered, 1) * 1e6,
                                           int(s[0]), pct(lat, 0.5), pct(lat, 0.99),
                                           max(lat or [0])))
+                    rate, cpu_us, ans, p50, p99, mx = results[name][-1]
+                    print(f"run {rep + 1} {name}: {rate:,.0f} offers/s, {cpu_us:.0f} µs, storm "
+                          f"{ans}/{args.storm} p50 {p50:.2f} p99 {p99:.2f} max {mx:.2f} ms "
+                          f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     med = {n: sorted(r, key=lambda x: x[0])[len(r) // 2] for n, r in results.items()}
     ref = med.get("dnsmasq")
     print(f"proxyDHCP, UEFI x86-64 DISCOVER → broadcast OFFER, {args.count} with "

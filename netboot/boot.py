@@ -97,6 +97,9 @@ class BootSettings:
 # Decisions kept for repeated requests (BootService._recorded_plan), one per NIC: a storm's
 # devices and held machines' retry loops, not every machine of a large inventory.
 REPEATS_KEPT = 8192
+# Distinct DHCP requests of one NIC kept while a record of that NIC is under way
+# (BootService._record_dhcp_soon): a firmware asks two to four times per boot, all alike.
+WAITING_PER_NIC = 4
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -109,6 +112,24 @@ class _Repeat:
     settings: BootSettings
     kind: str  # the event it notes (with the plan's reason): a repeat writes nothing only
     plan: BootPlan  # while that note is still the machine's newest
+
+
+@dataclass(eq=False, slots=True)
+class _Seen:
+    """What one NIC's DHCP request was found to be, for its repeats (a firmware asks two to
+    four times per boot; a storm's closed loop far more): BootService.first_stage."""
+
+    request: BootRequest
+    identity: Identity  # Identity.of_request(request)
+    claims: list[tuple[str, str]]  # identity.claims(): what is looked up
+    # The loader chain decided for ``machine`` (the view's object, replaced when its value
+    # changes) while the view's ``shared`` counter and the settings were these: the chain
+    # still, while all three are.
+    machine: Machine | None = None
+    shared: int = -1
+    settings: BootSettings | None = None
+    chain: tuple[LoaderChain | None, str] = (None, "")
+    quiet: Machine | None = None  # a machine (object) that ``request`` teaches nothing
 
 
 # First-stage loaders by chain, firmware and architecture, in order of preference.
@@ -254,6 +275,13 @@ class BootService:
         # NIC -> the last decision that wrote nothing, to answer its repeats (_recorded_plan);
         # oldest first, bounded.
         self._repeats: dict[MacAddress, _Repeat] = {}
+        # NIC -> its DHCP requests that came while a record of it was under way, looked at
+        # once that record is done (_record_dhcp_soon).
+        self._recording: dict[MacAddress, list[BootRequest]] = {}
+        # NIC -> what its last DHCP request was found to be (_Seen), oldest first, bounded.
+        self._seen: dict[MacAddress, _Seen] = {}
+        # First stages already described, by everything their description says (loader()).
+        self._stages: dict[tuple[Any, ...], FirstStage] = {}
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
@@ -288,38 +316,109 @@ class BootService:
         """``fresh``: the view is known current; else it is synced here when the inventory
         answers."""
         fresh = fresh or (self.health.up and await self._fresh())
-        res = await self._resolve(request)
+        seen = self._seen_dhcp(request)
+        res = await identity.resolve(self._view, seen.identity, seen.claims)
         machine = res.machine
         if fresh:
-            self._record_dhcp_soon(request, res)
+            self._record_dhcp_soon(request, res, seen)
         if (machine is None or machine.state == MachineState.DISCOVERED) \
                 and self.settings.policy == "ignore" and not await self._awaiting_nic():
             return None
         if request.firmware not in (Firmware.UEFI, Firmware.UEFI_HTTP):
             return self.loader(request)
-        return self.loader(request, *await self._chain(machine, request))
+        if machine is None:
+            return self.loader(request, None, "default for the architecture")
+        shared = self._view.shared
+        if seen.machine is not machine or seen.shared != shared \
+                or seen.settings is not self.settings:
+            # Taken with the counter read before: a change while deciding makes it stale.
+            seen.chain = await self._chain(machine, request)
+            seen.machine, seen.shared, seen.settings = machine, shared, self.settings
+        return self.loader(request, *seen.chain)
 
-    def _record_dhcp_soon(self, request: BootRequest, res: Resolution) -> None:
+    def _seen_dhcp(self, request: BootRequest) -> _Seen:
+        """The NIC's memo for this request: its identity worked out once per distinct
+        request, not per retransmission."""
+        seen = self._seen.get(request.mac)
+        if seen is not None and seen.request == request:
+            return seen
+        known = Identity.of_request(request)
+        seen = _Seen(request, known, known.claims())
+        if request.mac != identity.NO_NIC:  # many devices at once, not one NIC
+            self._seen.pop(request.mac, None)  # re-inserted last: the dict stays oldest first
+            self._seen[request.mac] = seen
+            if len(self._seen) > REPEATS_KEPT:
+                del self._seen[next(iter(self._seen))]
+        return seen
+
+    def _record_dhcp_soon(self, request: BootRequest, res: Resolution,
+                          seen: _Seen | None = None) -> None:
         """Record what a DHCP request told in the background, unless it told nothing new.
 
         A firmware asks two to four times per boot (retransmissions, then :4011) and a storm
         repeats that for every device: a machine known here whose facts would not change and
         whose newest event is this same step writes nothing and costs no task; an unknown
-        device whose source has spent its discovery budget neither."""
+        device whose source has spent its discovery budget neither.
+
+        One record per NIC at a time: a request that comes while its NIC's record is under
+        way (a retransmission, or any repeat once the loop is busy, when records fall behind
+        and a task per request only made them fall further) waits for it, and is then looked
+        at against what it wrote: a repeat then writes nothing, costs no second task and
+        spends no discovery budget."""
+        mac = request.mac
+        waiting = self._recording.get(mac)
+        if waiting is not None:
+            if request not in waiting and len(waiting) < WAITING_PER_NIC:
+                waiting.append(request)
+            return
+        if not self._tells_news(request, res, seen):
+            return
+        if mac == identity.NO_NIC:  # not one NIC: recorded alone, as it comes
+            self._spawn(self._record_dhcp(request, admitted=res.machine is None))
+            return
+        self._recording[mac] = []
+        self._spawn(self._record_dhcp_nic(request, admitted=res.machine is None))
+
+    def _tells_news(self, request: BootRequest, res: Resolution,
+                    seen: _Seen | None = None) -> bool:
+        """Whether a DHCP request is worth a record: an unknown device within its source's
+        discovery budget (a token is spent), or a machine whose facts it would change (beyond
+        those queued for the next group commit) or whose newest event is another step."""
         machine = res.machine
         now = self._clock()
         if machine is None:
-            if self.discovery.admit(request, now):
-                self._spawn(self._record_dhcp(request, admitted=True))
-            return
+            return self.discovery.admit(request, now)
         new_nic = request.mac != identity.NO_NIC and request.mac not in machine.macs
-        changed = res.absorb or res.disagree or new_nic \
-            or learn(machine, request, now, _taken(res)) is not machine
+        if res.absorb or res.disagree or new_nic:
+            return True
+        # What earlier requests taught it is stored with the next group commit (within the
+        # recorder's delay): a repeat meanwhile tells nothing new.
+        known = self._recorder.learning(machine)
+        if seen is None or seen.quiet is not known:
+            if learn(known, request, now, _taken(res)) is not known:
+                return True
+            if seen is not None:
+                seen.quiet = known
         # A discovered record notes no steps (its "discovered" event says it all).
-        noted = machine.state == MachineState.DISCOVERED \
-            or self._recorder.last(machine.id) == ("dhcp", _dhcp_note(request))
-        if changed or not noted:
-            self._spawn(self._record_dhcp(request))
+        return machine.state != MachineState.DISCOVERED \
+            and self._recorder.last(machine.id) != ("dhcp", _dhcp_note(request))
+
+    async def _record_dhcp_nic(self, request: BootRequest, *, admitted: bool) -> None:
+        """:meth:`_record_dhcp`, then each request of the same NIC that came meanwhile and
+        still tells something new, judged from the inventory as it is then."""
+        mac = request.mac
+        waiting = self._recording[mac]
+        try:
+            await self._record_dhcp(request, admitted=admitted)
+            while waiting:
+                request = waiting.pop(0)
+                if not await self._fresh():
+                    return  # the inventory went away: nothing may be written from the view
+                res = await self._resolve(request)
+                if self._tells_news(request, res):
+                    await self._record_dhcp(request, admitted=res.machine is None)
+        finally:
+            del self._recording[mac]
 
     async def _awaiting_nic(self) -> bool:
         """Whether some machine was enrolled without a MAC (by serial, asset or UUID).
@@ -376,22 +475,22 @@ class BootService:
             return FirstStage("boot.scr.uimg", reason="U-Boot boot script")
         if fw == Firmware.RPI:
             return FirstStage("bootcode.bin", reason="Raspberry Pi bootloader")
-        chains = [chain] if chain is not None else [default_chain(fw, arch)]
         if chain is None:
-            chains += [c for c in LoaderChain if c not in chains]
+            chains = _FALLBACKS[default_chain(fw, arch)]
             why = why or "default for the architecture"
+        else:
+            chains = (chain,)
         for which in chains:
             for name in _LOADERS.get((which, fw, arch), ()):
                 if not self._assets.exists(name):
                     continue
-                what = ("chainloads iPXE" if which == LoaderChain.IPXE
-                        else "signed chain shim → GRUB" if name.startswith("shim")
-                        else "signed GRUB")
-                reason = f"{fw}/{arch} {what} ({name}; chain {which}: {why})"
-                if fw == Firmware.UEFI_HTTP:
-                    return FirstStage("/assets/" + name, http=True,
-                                      reason=f"UEFI HTTP boot: {reason}", chain=which)
-                return FirstStage(name, reason=reason, chain=which)
+                key = (fw, arch, which, name, why)
+                stage = self._stages.get(key)
+                if stage is None:
+                    stage = self._stages[key] = _describe_stage(fw, arch, which, name, why)
+                    if len(self._stages) > _STAGES_KEPT:  # reasons name groups and profiles
+                        del self._stages[next(iter(self._stages))]
+                return stage
         self._log.warning("no first-stage loader for mac=%s firmware=%s arch=%s chain=%s; "
                           "staying silent", request.mac, fw, arch,
                           "/".join(str(c) for c in chains))
@@ -1049,6 +1148,25 @@ class BootService:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._recorder.flush()
+
+
+def _describe_stage(fw: Firmware, arch: Arch, which: LoaderChain, name: str,
+                    why: str) -> FirstStage:
+    what = ("chainloads iPXE" if which == LoaderChain.IPXE
+            else "signed chain shim → GRUB" if name.startswith("shim")
+            else "signed GRUB")
+    reason = f"{fw}/{arch} {what} ({name}; chain {which}: {why})"
+    if fw == Firmware.UEFI_HTTP:
+        return FirstStage("/assets/" + name, http=True, reason=f"UEFI HTTP boot: {reason}",
+                          chain=which)
+    return FirstStage(name, reason=reason, chain=which)
+
+
+# First stages kept by BootService.loader (each distinct description once).
+_STAGES_KEPT = 1024
+# The chains tried for a machine that chose none: its architecture's default, then the others.
+_FALLBACKS: dict[LoaderChain, tuple[LoaderChain, ...]] = {
+    first: (first, *(c for c in LoaderChain if c != first)) for first in LoaderChain}
 
 
 def _dhcp_note(request: BootRequest) -> str:

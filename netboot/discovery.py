@@ -94,11 +94,13 @@ class DiscoveryGuard:
         path skip the whole background record of a device whose source's budget is spent
         (a flood of unknown MACs costs no task per packet); the record then calls
         :meth:`reserve` with ``admitted=True``."""
-        if self._buckets.take(source_of(request), now):
+        source = source_of(request)
+        if self._buckets.take(source, now):
             return True
         self.refused += 1
-        self._log.debug("discovery budget of %s spent: mac=%s not recorded",
-                        source_of(request), request.mac)
+        if self._log.isEnabledFor(logging.DEBUG):  # a flood refuses thousands a second
+            self._log.debug("discovery budget of %s spent: mac=%s not recorded", source,
+                            request.mac)
         return False
 
     async def reserve(self, request: BootRequest, machine_id: str, now: float, *,

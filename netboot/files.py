@@ -50,6 +50,13 @@ def clean_relative(path: str, *, decode_percent: bool = False) -> str:
     return "/".join(parts)
 
 
+def _is_clean(path: str) -> bool:
+    try:
+        return clean_relative(path) == path
+    except (Forbidden, NotFound):
+        return False
+
+
 class FileTree:
     """A search path of directories; the first root that has the file wins.
 
@@ -71,6 +78,9 @@ class FileTree:
             found = self._first(alternatives)
             if found is not None:
                 self.pinned[name] = found
+        # Pinned names that are their own clean form: exists() answers those without
+        # cleaning them again (the DHCP path asks for a loader on every DISCOVER).
+        self._clean_pinned = frozenset(n for n in self.pinned if _is_clean(n))
 
     def _first(self, names: Sequence[str]) -> Path | None:
         for root in self.roots:
@@ -127,6 +137,8 @@ class FileTree:
         )
 
     def exists(self, path: str) -> bool:
+        if path in self._clean_pinned:
+            return True
         try:
             self.resolve(path)
         except (NotFound, Forbidden):

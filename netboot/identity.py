@@ -59,6 +59,7 @@ _JUNK = frozenset(
 
 
 _SPACES_DOTS = re.compile(r"[\s.]")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def is_junk(value: str) -> bool:
@@ -75,6 +76,11 @@ def clean_uuid(text: str | None) -> str | None:
     """
     if not text:
         return None
+    if _CANONICAL_UUID.fullmatch(text):
+        # Already canonical (what netboot.pxe makes of option 97, what the view holds): the
+        # same answer without parsing it, on every DHCP request of a storm.
+        digits = text.replace("-", "")
+        return None if digits == digits[:2] * 16 else text
     try:
         value = uuidlib.UUID(text.strip())
     except ValueError:
@@ -187,11 +193,13 @@ def request_for(machine: Machine, **kw: Any) -> BootRequest:
 
 
 async def matches(index: MachineIndex, identity: Identity,
+                  claims: Sequence[tuple[str, str]] | None = None,
                   ) -> list[tuple[str, str, Machine]]:
     """Every (kind, value, machine) an identifier of ``identity`` points at, in precedence
-    order; one indexed read per identifier."""
+    order; one indexed read per identifier. ``claims``: ``identity.claims()``, when the
+    caller keeps them."""
     out: list[tuple[str, str, Machine]] = []
-    for kind, value in identity.claims():
+    for kind, value in identity.claims() if claims is None else claims:
         machine = await index.machine_by(kind, value)
         if machine is not None:
             out.append((kind, value, machine))
@@ -226,8 +234,9 @@ def choose(found: Sequence[tuple[str, str, Machine]]) -> Resolution:
     return Resolution(winner, kind, tuple(absorb.values()), tuple(disagree.values()))
 
 
-async def resolve(index: MachineIndex, identity: Identity) -> Resolution:
-    return choose(await matches(index, identity))
+async def resolve(index: MachineIndex, identity: Identity,
+                  claims: Sequence[tuple[str, str]] | None = None) -> Resolution:
+    return choose(await matches(index, identity, claims))
 
 
 def merge(into: Machine, others: Iterable[Machine], now: float) -> Machine:

@@ -129,6 +129,13 @@ class Recorder:
         redos.append(redo)
         self._write_later()
 
+    def learning(self, machine: Machine) -> Machine:
+        """``machine`` with the facts queued for it by :meth:`learned`: what the next batch
+        stores, unless someone changes it first (then they are learnt again on that)."""
+        for redo in self._learned.get(machine.id, ()):
+            machine = redo(machine)
+        return machine
+
     def note(self, event: Event, version: object = None) -> None:
         """Queue ``event`` unless the newest event of its machine says the same (kind and
         message). ``version`` stands for the machine's state: a note remembered for another

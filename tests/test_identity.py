@@ -39,6 +39,13 @@ def test_real_serials_are_kept(value: str) -> None:
     ("FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF", None),
     ("03000200-0400-0500-0006-000700080009", "03000200-0400-0500-0006-000700080009"),
     ("not-a-uuid", None), ("", None), (None, None),
+    # Canonical already (what the DHCP codec makes of option 97): the same answers.
+    ("4c4c4544-0042-3510-8052-b2c04f4e3032", "4c4c4544-0042-3510-8052-b2c04f4e3032"),
+    ("00000000-0000-0000-0000-000000000000", None),
+    ("ffffffff-ffff-ffff-ffff-ffffffffffff", None),
+    ("5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a5a", None),  # one byte throughout: a placeholder
+    ("5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a5b", "5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a5b"),
+    ("{4c4c4544-0042-3510-8052-b2c04f4e3032}", "4c4c4544-0042-3510-8052-b2c04f4e3032"),
 ])
 def test_clean_uuid(text: str | None, expected: str | None) -> None:
     assert identity.clean_uuid(text) == expected

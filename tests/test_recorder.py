@@ -243,3 +243,28 @@ async def test_learnt_facts_are_kept_through_an_outage_and_never_overwrite_a_mov
     assert await kinds(store, machine.id) == ["dhcp", "again"]
     await recorder.close()
     await store.close()
+
+
+async def test_learning_shows_the_facts_queued_for_the_next_batch(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """What the boot path asks before queueing a fact again: the machine as the next batch
+    will store it; once written, nothing is queued and the machine is its own answer."""
+    own, _ = stores
+    machine = Machine(macs=(MAC,), hostname="h")
+    await own.create_machine(machine)
+    recorder = Recorder(own, delay=3600)
+
+    async def newest(ids: Collection[str]) -> dict[str, Machine | None]:
+        return {i: await own.get_machine(i) for i in ids}
+
+    recorder.newest = newest
+    assert recorder.learning(machine) is machine
+    recorder.learned(machine.id, lambda m: replace(m, facts={**m.facts, "a": "1"}))
+    recorder.learned(machine.id, lambda m: replace(m, facts={**m.facts, "b": "2"}))
+    assert recorder.learning(machine).facts == {"a": "1", "b": "2"}
+    assert machine.facts == {}  # the caller's machine is not touched
+    await recorder.flush()
+    stored = await own.get_machine(machine.id)
+    assert stored is not None and stored.facts == {"a": "1", "b": "2"}
+    assert recorder.learning(stored) is stored
+    await recorder.close()

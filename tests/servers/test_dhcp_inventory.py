@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from netboot.boot import BootService, BootSettings, loader_aliases
+from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.files import FileTree
 from netboot.inventory.sqlite import SqliteStore
@@ -158,3 +159,58 @@ async def test_unknown_devices_past_the_budget_cost_no_record(env: Env) -> None:
     discovered = await env.store.count_machines()
     assert discovered == burst
     assert env.boot.discovery.refused >= 10
+
+
+async def test_repeats_while_a_record_is_under_way_are_answered_and_write_nothing_more(
+        env: Env) -> None:
+    """A firmware's retransmissions (or a busy loop's repeats) that come while the record of
+    their NIC is still being written: each is answered, none starts a record of its own, and
+    the machine's history and facts come out as from one DISCOVER."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    other = MacAddress.parse("52:54:00:00:0a:02")
+    await env.store.create_machine(Machine(macs=(other,), state=MachineState.INSTALLED))
+    before = env.store.commits
+    assert await env.offer(1, other) is not None
+    await env.settle()
+    one_discover = env.store.commits - before  # what one DISCOVER of a machine writes
+
+    before = env.store.commits
+    answers = await asyncio.gather(*(env.offer(xid) for xid in range(10, 20)))
+    assert all(a is not None and a.file_name == "snponly.efi" for a in answers)
+    await env.settle()
+    assert env.store.commits - before == one_discover
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None and str(machine.arch) == "x86_64"
+    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+
+
+async def test_an_unknown_device_retransmitting_spends_one_discovery_token(
+        tmp_path: Path) -> None:
+    """The retransmissions of an unknown device whose record is under way spend none of its
+    source's discovery budget: the next device is still recorded. The budget itself holds."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "snponly.efi").write_bytes(b"loader")
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    enroller = Enroller(store)
+    boot = BootService(store, FileTree([assets], pinned=loader_aliases()),
+                       BootSettings(policy="hold"), enroller,
+                       discovery=DiscoveryLimits(burst_per_source=2, rate_per_source=0.001))
+    server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=SERVER_IP,
+                        host="127.0.0.1")
+    env = Env(store, boot, server, enroller.recorder, tmp_path / "netboot.db")
+    try:
+        first, second, third = (MacAddress(bytes((0x02, 0, 0, 0, 2, i))) for i in range(3))
+        answers = await asyncio.gather(*(env.offer(xid, first) for xid in range(8)))
+        assert all(a is not None for a in answers)
+        assert await env.offer(8, second) is not None
+        await env.settle()
+        assert await env.offer(9, third) is not None  # over the budget: answered, not recorded
+        await env.settle()
+        recorded = {m.macs[0] for m in await store.list_machines()}
+        assert recorded == {first, second}
+        assert boot.discovery.refused == 1
+    finally:
+        await boot.drain()
+        await store.close()
