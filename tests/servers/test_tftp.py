@@ -290,9 +290,11 @@ async def test_rollover_past_65535_blocks(
 
 
 async def test_duplicate_acks_do_not_cause_resends(files: DirFiles, client: RawClient) -> None:
-    # A long retransmit interval keeps the timer out of it: any extra DATA would come from
-    # the duplicate ACKs (Sorcerer's Apprentice) and would arrive before DATA 5.
-    server = await started(files, retransmit=30.0)
+    # A long fixed retransmit interval keeps the timer out of it: any extra DATA would come
+    # from the duplicate ACKs (Sorcerer's Apprentice) and would arrive before DATA 5. Fixed:
+    # with the round-trip timer (min_rto) the three ACKs above set it to a few ms, and on a
+    # loaded machine the test's own pause before ACK 4 resent DATA 4, as it should.
+    server = await started(files, retransmit=30.0, min_rto=None)
     try:
         client.rrq(addr(server), "small.bin")
         for n in range(1, 4):
