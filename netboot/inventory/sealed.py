@@ -43,6 +43,18 @@ class Sealed:
         return replace(machine, install_token=self.sealer.unseal(
             machine.install_token, context=install_token_context(machine.id)))
 
+    def as_read(self, stored: Machine, given: Machine) -> Machine:
+        """What a read gives back of ``stored``, the stored form of ``seal_machine(given)``:
+        ``given``'s own token where it was in clear (no unsealing of what was just sealed)."""
+        token = given.install_token
+        if self.sealer is None or not token:
+            return stored
+        if self.sealer.is_sealed(token):
+            opened = self.open_machine(stored)
+            return stored if opened is None else opened
+        # Sealed only: ``given`` as stored, token in clear (itself when already in that form).
+        return stored if stored.install_token == token else codec.stored_machine(given)
+
     def cluster_data(self, cluster: Cluster) -> dict[str, Any]:
         """The stored form of ``cluster``: checked, its join token sealed."""
         data = codec.cluster_to_dict(cluster)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from netboot.boot import BootService, BootSettings
 from netboot.enroll import Enroller
 from netboot.files import FileTree
 from netboot.identity import request_for
-from netboot.inventory.base import Store
+from netboot.inventory.base import Batch, Store
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
 from netboot.model import (
@@ -252,3 +253,75 @@ async def test_load_while_another_process_writes_misses_nothing(
     first = await own.list_machines()
     assert len(first) == 49
     assert await view.machine_by("mac", "02:00:00:00:02:00") is None
+
+
+def change_behind_the_feed(db: Path, machine_id: str, hostname: str) -> None:
+    """Rewrite a stored machine's hostname with the feed's trigger dropped (and put back, in
+    the same transaction): a reader of the feed learns nothing of it. Tells whether a sync
+    read a row back: it shows this hostname if it did."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        trigger = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'"
+                               " AND name = 'machines_update_changes'").fetchone()[0]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DROP TRIGGER machines_update_changes")
+        conn.execute("UPDATE machines SET data = json_set(data, '$.hostname', ?)"
+                     " WHERE id = ?", (hostname, machine_id))
+        conn.execute(trigger)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def test_own_commits_are_seen_at_once_without_reading_them_back(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """What this process's store committed reaches its view by the next sync from what was
+    written (the same objects), not read back; a commit of another connection or process
+    in between (before, after, on the same machine) still sends the view to the feed."""
+    own, other, data = stores
+    db = data / "netboot.db"
+    machines = [Machine(macs=(MacAddress.parse(mac),), hostname=f"n{i}", profile="p")
+                for i, mac in enumerate(MACS[:3])]
+    for machine in machines:
+        await own.create_machine(machine)
+    view = InventoryView(own)
+    await view.load()
+
+    mine = replace(machines[0], hostname="mine", facts={"cpus": "4"})
+    await own.apply_batch(Batch(update=(mine,), events=(Event(mine.id, 1.0, "note", "x"),)))
+    change_behind_the_feed(db, mine.id, "read-back")
+    await view.sync()
+    held = await view.get_machine(mine.id)
+    assert held is mine  # the very value written: no read, no copy
+    assert (await view.machine_by("mac", MACS[0])) is mine
+
+    # Another connection's commit breaks the chain: the feed is read (exact, as stored).
+    theirs = replace(machines[1], hostname="theirs")
+    await other.update_machine(theirs)
+    await view.sync()
+    assert await view.get_machine(theirs.id) == theirs
+
+    # Own, then another's on the same machine, then own again: exact.
+    a = replace(machines[2], hostname="a")
+    await own.update_machine(a)
+    b = replace(a, hostname="b", state=MachineState.INSTALLED)
+    await other.update_machine(b)
+    c = replace(machines[1], hostname="c")
+    await own.update_machine(c)
+    await view.sync()
+    assert await view.get_machine(a.id) == b
+    assert await view.get_machine(c.id) == c
+
+    # The CLI in another process, right after an own commit, is still seen.
+    d = replace(c, hostname="d")
+    await own.update_machine(d)
+    cli(data, "machines", "rm", MACS[1])
+    await view.sync()
+    assert await view.get_machine(d.id) is None
+    assert await view.machine_by("mac", MACS[1]) is None
+
+    # And a delete of this process: gone at the next sync.
+    await own.delete_machine(mine.id)
+    await view.sync()
+    assert await view.get_machine(mine.id) is None
+    assert await view.machine_by("mac", MACS[0]) is None
