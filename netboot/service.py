@@ -750,7 +750,10 @@ async def build(config: Config) -> Service:
         front = FrontDoor(devices, log=app[LOG_KEY], observer=metrics, ids=app[REQUEST_IDS_KEY],
                           plain=app[PLAIN_HTTP_KEY])
         metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued)
-        Api(core, clock=time.time, events=events).add_to(app)
+        api = Api(core, clock=time.time, events=events)
+        api.add_to(app)
+        front.take_reports(api, max_body=config.http.max_body_bytes,
+                           max_event=config.http.max_event_bytes)
         Dashboard(core.access, store, metrics, metrics_public=config.metrics.public).add_to(app)
         service = Service(config, store, core.enroller, core.boot, core.content, app, advertise,
                           new_admin_token_file=new_token, tls=tls, url_holder=holder,
