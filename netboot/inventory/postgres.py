@@ -540,8 +540,9 @@ class PostgresStore:
         events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
         event_rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
                       for v in events]
-        creates = [_Row(self._sealed.seal_machine(m)) for m in batch.create]
-        updates = [_Row(self._sealed.seal_machine(m)) for m in batch.update]
+        sealed = [self._sealed.seal_machine(m) for m in (*batch.create, *batch.update)]
+        creates = [_Row(m) for m in sealed[:len(batch.create)]]
+        updates = [_Row(m) for m in sealed[len(batch.create):]]
         # Events alone change nothing the feed carries: a storm's group commits of boot events
         # would otherwise send every reader back to the database.
         feed = bool(batch.merge or creates or updates)
@@ -580,8 +581,9 @@ class PostgresStore:
         if before is not None and after is not None:  # committed
             self._here.add(int(before), int(after), [
                 *((source, None) for source, _ in batch.merge),
-                *((r.id, self._sealed.as_read(r.machine, g)) for r, g in zip(
-                    (*creates, *updates), (*batch.create, *batch.update), strict=True))])
+                *((r.id, self._sealed.as_read(r.machine, s, g)) for r, s, g in zip(
+                    (*creates, *updates), sealed, (*batch.create, *batch.update),
+                    strict=True))])
         if events and self._listener is not None:
             self._listener.published(events)
 

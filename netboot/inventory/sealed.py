@@ -43,17 +43,18 @@ class Sealed:
         return replace(machine, install_token=self.sealer.unseal(
             machine.install_token, context=install_token_context(machine.id)))
 
-    def as_read(self, stored: Machine, given: Machine) -> Machine:
-        """What a read gives back of ``stored``, the stored form of ``seal_machine(given)``:
-        ``given``'s own token where it was in clear (no unsealing of what was just sealed)."""
+    def as_read(self, stored: Machine, sealed: Machine, given: Machine) -> Machine:
+        """What a read gives back of ``stored``, the stored form (codec.stored_machine) of
+        ``sealed = seal_machine(given)``, without decoding or unsealing: ``given`` itself
+        when it was in stored form already, its token in clear."""
         token = given.install_token
-        if self.sealer is None or not token:
-            return stored
-        if self.sealer.is_sealed(token):
-            opened = self.open_machine(stored)
+        if self.sealer is not None and token and self.sealer.is_sealed(token):
+            opened = self.open_machine(stored)  # given sealed: a read opens it
             return stored if opened is None else opened
-        # Sealed only: ``given`` as stored, token in clear (itself when already in that form).
-        return stored if stored.install_token == token else codec.stored_machine(given)
+        if stored is sealed:
+            return given  # in stored form: only its token was sealed, if any
+        # Normalised on the way in: as stored, with the token given in clear.
+        return stored if sealed is given else codec.stored_machine(given)
 
     def cluster_data(self, cluster: Cluster) -> dict[str, Any]:
         """The stored form of ``cluster``: checked, its join token sealed."""

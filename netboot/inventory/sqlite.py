@@ -620,8 +620,8 @@ class SqliteStore:
             before, after, rows = written
             self._here.add(before, after, [
                 *((source, None) for source, _ in merge),
-                *((r.id, self._sealed.as_read(r.machine, g))
-                  for r, g in zip(rows, given, strict=True))])
+                *((r.id, self._sealed.as_read(r.machine, sealed, g))
+                  for r, sealed, g in zip(rows, (*create, *update), given, strict=True))])
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:

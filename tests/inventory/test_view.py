@@ -38,6 +38,7 @@ from netboot.model import (
     Profile,
     Role,
 )
+from netboot.sealing import Sealer
 
 MACS = [f"02:00:00:00:00:{i:02x}" for i in range(1, 9)]
 CLUSTERS = ("edge", "core")
@@ -325,3 +326,30 @@ async def test_own_commits_are_seen_at_once_without_reading_them_back(
     await view.sync()
     assert await view.get_machine(mine.id) is None
     assert await view.machine_by("mac", MACS[0]) is None
+
+
+async def test_an_own_commit_with_a_sealed_token_reaches_the_view_in_clear(
+        tmp_path: Path) -> None:
+    """The store seals install tokens on disk; what the view takes from the writer is the
+    machine as a read would give it (token in clear), equal to a fresh read."""
+    db = tmp_path / "netboot.db"
+    store = SqliteStore(db, sealer=Sealer.generate())
+    await store.open()
+    try:
+        machine = Machine(macs=(MacAddress.parse(MACS[0]),), hostname="n0")
+        await store.create_machine(machine)
+        view = InventoryView(store)
+        await view.load()
+        for given in (replace(machine, install_token="tok-1"),  # in stored form
+                      replace(machine, install_token="tok-2", created=1)):  # an int time
+            await store.update_machine(given)
+            await view.sync()
+            held = await view.get_machine(machine.id)
+            assert held == await store.get_machine(machine.id)
+            assert held is not None and held.install_token == given.install_token
+        sealed = await store.get_machine(machine.id)
+        assert sealed is not None
+        raw = sqlite3.connect(db).execute("SELECT data FROM machines").fetchone()[0]
+        assert "tok-2" not in raw  # sealed on disk all along
+    finally:
+        await store.close()
