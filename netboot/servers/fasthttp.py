@@ -161,7 +161,7 @@ def parse_post(buf: bytes, limit: int) -> RequestHead | NotMine | None:
     end = buf.find(b"\r\n\r\n")
     eol = buf.find(b"\r\n")
     line = _POST_LINE.fullmatch(buf, 0, eol) if 0 <= end <= MAX_HEAD else None
-    if line is None:
+    if line is None or b"/." in line[1]:  # a dot segment: aiohttp normalises the path
         return _REST_IS_AIOHTTPS
     length: int | None = None
     fields = [b"GET / HTTP/1.1"]

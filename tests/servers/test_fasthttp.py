@@ -159,6 +159,7 @@ def test_an_installers_post_is_read_with_its_body() -> None:
     b"POST /api/v1/register?x=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
     b"POST /api/v1/machines/a%2fb/events HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
     b"POST /api/v1/machines HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /api/v1/machines/../events HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
     b"POST /api/v1/register HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
     b"PUT /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
 ])
