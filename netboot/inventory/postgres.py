@@ -579,11 +579,13 @@ class PostgresStore:
                      for e in audit])
             after = await conn.fetchval(_LAST_CHANGE) if feed else None
         if before is not None and after is not None:  # committed
-            self._here.add(int(before), int(after), [
-                *((source, None) for source, _ in batch.merge),
-                *((r.id, self._sealed.as_read(r.machine, s, g)) for r, s, g in zip(
-                    (*creates, *updates), sealed, (*batch.create, *batch.update),
-                    strict=True))])
+            read = [self._sealed.as_read(r.machine, s, g) for r, s, g in zip(
+                (*creates, *updates), sealed, (*batch.create, *batch.update), strict=True)]
+            # A token sealed already (a copied row): only the feed's read can tell.
+            if all(m is not None for m in read):
+                self._here.add(int(before), int(after), [
+                    *((source, None) for source, _ in batch.merge),
+                    *((r.id, m) for r, m in zip((*creates, *updates), read, strict=True))])
         if events and self._listener is not None:
             self._listener.published(events)
 

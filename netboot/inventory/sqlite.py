@@ -618,10 +618,13 @@ class SqliteStore:
         written = _apply_batch(conn, create, update, events, merge, expect, audit)
         if written is not None:
             before, after, rows = written
-            self._here.add(before, after, [
-                *((source, None) for source, _ in merge),
-                *((r.id, self._sealed.as_read(r.machine, sealed, g))
-                  for r, sealed, g in zip(rows, (*create, *update), given, strict=True))])
+            read = [self._sealed.as_read(r.machine, sealed, g)
+                    for r, sealed, g in zip(rows, (*create, *update), given, strict=True)]
+            # A token sealed already (a copied row): only the feed's read can tell.
+            if all(m is not None for m in read):
+                self._here.add(before, after, [
+                    *((source, None) for source, _ in merge),
+                    *((r.id, m) for r, m in zip(rows, read, strict=True))])
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:

@@ -7,6 +7,7 @@ answers, and the boot plans decided from it, equal those read fresh from the fil
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
@@ -21,6 +22,7 @@ import pytest
 import netboot
 from netboot.boot import BootService, BootSettings
 from netboot.enroll import Enroller
+from netboot.errors import StoreError
 from netboot.files import FileTree
 from netboot.identity import request_for
 from netboot.inventory.base import Batch, Store
@@ -351,5 +353,31 @@ async def test_an_own_commit_with_a_sealed_token_reaches_the_view_in_clear(
         assert sealed is not None
         raw = sqlite3.connect(db).execute("SELECT data FROM machines").fetchone()[0]
         assert "tok-2" not in raw  # sealed on disk all along
+    finally:
+        await store.close()
+
+
+async def test_a_machine_written_with_a_token_sealed_already_is_read_by_the_feed(
+        tmp_path: Path) -> None:
+    """A row copied with its sealed token (sealed to another machine: it opens to nothing)
+    is written as given; the writer cannot tell what a read opens it to, so the view's sync
+    reads it, and fails as any read of it fails, not the write."""
+    store = SqliteStore(tmp_path / "netboot.db", sealer=Sealer.generate())
+    await store.open()
+    try:
+        view = InventoryView(store)
+        await view.load()
+        first = Machine(macs=(MacAddress.parse(MACS[0]),), install_token="tok")
+        await store.create_machine(first)
+        await view.sync()
+        assert await view.get_machine(first.id) == first
+        conn = sqlite3.connect(tmp_path / "netboot.db")
+        sealed = json.loads(conn.execute("SELECT data FROM machines").fetchone()[0])
+        conn.close()
+        copied = Machine(macs=(MacAddress.parse(MACS[1]),),
+                         install_token=sealed["install_token"])
+        await store.create_machine(copied)  # written: only reading it fails
+        with pytest.raises(StoreError):
+            await view.sync()
     finally:
         await store.close()
