@@ -1,7 +1,7 @@
 """What a boot storm's machine writes cost the SQLite store: CPU per machine update.
 
     python benchmarks/store_writes.py [--machines 20000] [--updates 3000] [--group 16]
-                                      [--runs 2] [--compare /path/to/other/checkout]
+                                      [--runs 2] [--compare /path/to/other/checkout] [--view]
 
 A storm updates each machine four or five times (install plan, config fetched, installing,
 installed, registered), each with its event, in group commits of a few machines. This fills
@@ -10,6 +10,9 @@ moves ``--updates`` random ones through three states, ``--group`` machines and t
 per transaction, and prints the process's CPU seconds for those updates (user + system; the
 comparable figure on a shared machine) and the wall time. With ``--compare`` the other
 checkout runs alternately in the same session (PYTHONPATH), and the ratio is printed.
+``--view``: an inventory view, loaded first, syncs after every transaction, as ``netboot
+serve``'s does after each group commit; the CPU of those syncs is printed apart (what the
+view costs to follow the process's own writes).
 Files in a temporary directory, removed at the end. Not part of pytest; no assertion.
 """
 
@@ -30,9 +33,11 @@ CHILD = r"""
 import asyncio, dataclasses, json, os, random, sys, time
 from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
+from netboot.inventory.view import InventoryView
 from netboot.model import Event, MacAddress, Machine, MachineState
 
 machines, updates, group, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+follow = sys.argv[5] == "view"
 
 async def main():
     store = SqliteStore(path)
@@ -42,7 +47,11 @@ async def main():
                      hostname=f"edge-{i}", serial=f"SN{i:07d}",
                      labels={"rack": str(i % 40), "site": "a"}) for i in range(machines)]
     await store.apply_batch(Batch(create=fleet))
+    view = InventoryView(store)
+    if follow:
+        await view.load()
     current = random.Random(7).sample(fleet, updates)
+    synced = 0.0
     cpu, wall = time.process_time(), time.perf_counter()
     for state in (MachineState.BOOTING, MachineState.INSTALLING, MachineState.INSTALLED):
         moved = [dataclasses.replace(m, state=state, updated=time.time()) for m in current]
@@ -51,8 +60,13 @@ async def main():
             await store.apply_batch(Batch(
                 update=tuple(part), events=tuple(Event(m.id, time.time(), str(state))
                                                  for m in part)))
+            if follow:
+                began = time.process_time()
+                await view.sync()
+                synced += time.process_time() - began
         current = moved
-    print(json.dumps({"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}))
+    print(json.dumps({"cpu": time.process_time() - cpu - synced,
+                      "wall": time.perf_counter() - wall, "sync": synced}))
     await store.close()
 
 asyncio.run(main())
@@ -63,7 +77,7 @@ def run(checkout: Path, args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="netboot-store-writes-") as tmp:
         out = subprocess.run(
             [sys.executable, "-c", CHILD, str(args.machines), str(args.updates),
-             str(args.group), str(Path(tmp) / "netboot.db")],
+             str(args.group), str(Path(tmp) / "netboot.db"), "view" if args.view else "-"],
             # cwd: ``-c`` puts the working directory first on sys.path, before PYTHONPATH.
             cwd=tmp, env={**os.environ, "PYTHONPATH": str(checkout)}, check=True,
             capture_output=True, text=True, timeout=1200)
@@ -78,6 +92,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--compare", type=Path, help="another checkout, run alternately")
+    parser.add_argument("--view", action="store_true",
+                        help="a loaded inventory view syncs after each transaction")
     args = parser.parse_args()
     targets = [("this checkout", REPO)] + ([("compared", args.compare)] if args.compare else [])
     got: dict[str, list[dict[str, float]]] = {name: [] for name, _ in targets}
@@ -92,12 +108,17 @@ def main() -> None:
     for name, results in got.items():
         cpu = statistics.median(r["cpu"] for r in results)
         wall = statistics.median(r["wall"] for r in results)
+        sync = statistics.median(r["sync"] for r in results)
         medians[name] = cpu
+        medians[name + " sync"] = sync
         print(f"{name:<14} CPU {cpu:6.2f} s ({cpu / n * 1e6:5.0f} µs per update)  "
-              f"wall {wall:6.2f} s   runs: "
-              + ", ".join(f"{r['cpu']:.2f}" for r in results))
+              f"wall {wall:6.2f} s   runs: " + ", ".join(f"{r['cpu']:.2f}" for r in results)
+              + (f"\n{'':<14} view syncs {sync:6.2f} s CPU ({sync / n * 1e6:5.0f} µs per "
+                 "update)" if args.view else ""))
     if args.compare:
-        print(f"this ÷ compared, CPU: {medians['this checkout'] / medians['compared']:.2f}x")
+        print(f"this ÷ compared, CPU: {medians['this checkout'] / medians['compared']:.2f}x"
+              + (f", view syncs: {medians['this checkout sync'] / medians['compared sync']:.2f}x"
+                 if args.view else ""))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from netboot.errors import NetbootError, NotFound, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
-from netboot.model import Machine, MachineState
+from netboot.model import Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, serve_plain
+from netboot.servers.fasthttp import Reply
 from netboot.servers.http import bearer_token
 from netboot.web.auth import request_token
 
@@ -68,6 +69,11 @@ def loads(raw: bytes) -> Any:
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ValidationError("body", f"not valid JSON: {exc}") from exc
     return value
+
+
+def _json_reply(body: Any, status: int) -> Reply:
+    """As web.json_response encodes it (json.dumps' defaults): both doors send the same."""
+    return Reply(status, json.dumps(body).encode(), "application/json; charset=utf-8")
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -194,14 +200,58 @@ class Api:
         finally:
             target = (request.match_info.get("ref") or request.match_info.get("name")
                       or request.get(TARGET_KEY, ""))
-            try:
-                await self._access.record(
-                    request.get(ACTOR_KEY, "-"), f"{request.method} {route.canonical}",
-                    target, peer=request.remote or "-", outcome=outcome)
-            except NetbootError as exc:
-                # The change (if any) is done; refusing the answer now would only hide it.
-                self._log.error("audit entry lost for %s %s: %s", request.method,
-                                route.canonical, exc)
+            await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
+                              target, request.remote, outcome)
+
+    async def _audit(self, actor: str, method: str, route: str, target: str,
+                     remote: str | None, outcome: str) -> None:
+        try:
+            await self._access.record(actor, f"{method} {route}", target, peer=remote or "-",
+                                      outcome=outcome)
+        except NetbootError as exc:
+            # The change (if any) is done; refusing the answer now would only hide it.
+            self._log.error("audit entry lost for %s %s: %s", method, route, exc)
+
+    async def front_post(self, route: str, ref: str | None, bearer: str | None, body: bytes,
+                         remote: str | None, translate: Callable[[Exception], Reply],
+                         ) -> Reply | None:
+        """:meth:`post_event` or :meth:`register` for the front door, which read the request
+        itself (netboot.servers.http.FrontDoor.start_post): the same answers, errors and
+        audit entry. None, having done nothing, where a report needs an operator's token
+        (an unknown machine, not its install token): aiohttp's path answers it, with the
+        plain-HTTP policy that decides whether such a token may be read at all."""
+        asked = ["-", ref or ""]  # the audit entry's actor and target, as they become known
+        try:
+            reply = await (self._front_event(ref, bearer, body, asked) if ref is not None
+                           else self._front_register(body, remote, asked))
+        except Exception as exc:  # the one translation (netboot.servers.http.error_reply)
+            reply = translate(exc)
+        except BaseException:
+            await self._audit(asked[0], "POST", route, asked[1], remote, "aborted")
+            raise
+        if reply is not None:
+            await self._audit(asked[0], "POST", route, asked[1], remote, str(reply.status))
+        return reply
+
+    async def _front_event(self, ref: str, bearer: str | None, body: bytes,
+                           asked: list[str]) -> Reply | None:
+        try:
+            machine = await self._core.boot.machine_by_ref(ref)
+        except NotFound:
+            return None  # only an operator learns which machines do not exist
+        if not token_matches(machine, bearer, self._clock()):
+            return None  # an operator reporting by hand, or nobody
+        asked[0] = f"machine:{machine.id}"
+        event = await self._reported(machine, loads(body or b"null"))
+        return _json_reply(codec.event_to_dict(event), 201)
+
+    async def _front_register(self, body: bytes, remote: str | None,
+                              asked: list[str]) -> Reply:
+        if not body:
+            raise ValidationError("body", "a JSON body is required")
+        machine = await self._enroll.register(_object(loads(body)), parse_peer(remote))
+        asked[:] = [f"machine:{machine.id}", machine.id]
+        return _json_reply(self._machine_out(machine), 200)
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: every machine event as it is recorded (``event: machine``),
@@ -374,10 +424,13 @@ class Api:
         if len(raw) > request.app[MAX_EVENT_KEY]:
             raise web.HTTPRequestEntityTooLarge(max_size=request.app[MAX_EVENT_KEY],
                                                 actual_size=len(raw))
-        body = loads(raw or b"null")
+        event = await self._reported(machine, loads(raw or b"null"))
+        return web.json_response(codec.event_to_dict(event), status=201)
+
+    async def _reported(self, machine: Machine, body: Any) -> Event:
         event = await self._enroll.report(machine, _object(body))
         self._log.info("event mac=%s kind=%s message=%r", machine.mac, event.kind, event.message)
-        return web.json_response(codec.event_to_dict(event), status=201)
+        return event
 
     async def register(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))

@@ -772,7 +772,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued)
 
         def make_app() -> web.Application:
-            return web_app(config, core, events, metrics, devices, ids, plain, http_log)
+            return web_app(config, core, events, metrics, devices, front, ids, plain, http_log)
 
         service = Service(config, store, core.enroller, core.boot, core.content,
                           make_app() if app else None, advertise,
@@ -807,10 +807,11 @@ async def _load_system_cas(system_cas: DeferredCas) -> None:
 
 
 def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,
-            devices: DeviceRoutes, ids: RequestIds, plain: PlainHttp,
+            devices: DeviceRoutes, front: FrontDoor, ids: RequestIds, plain: PlainHttp,
             http_log: logging.Logger) -> web.Application:
     """aiohttp's application: the device routes (those the front door leaves), the API and
-    the dashboard, under netboot's middlewares."""
+    the dashboard, under netboot's middlewares; the front door answers the installer's POSTs
+    with the API's handlers from then on (until then they wait for aiohttp)."""
     from aiohttp import web
 
     from netboot.api import Api
@@ -842,7 +843,10 @@ def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,
     app[OBSERVER_KEY] = metrics
     app[PLAIN_HTTP_KEY] = plain
     devices.add_to(app)
-    Api(core, clock=time.time, events=events).add_to(app)
+    api = Api(core, clock=time.time, events=events)
+    api.add_to(app)
+    front.take_reports(api, max_body=config.http.max_body_bytes,
+                       max_event=config.http.max_event_bytes)
     Dashboard(core.access, core.store, metrics,
               metrics_public=config.metrics.public).add_to(app)
     return app

@@ -54,6 +54,7 @@ from netboot.errors import Conflict, NetbootError, NotFound, StoreError, Validat
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
+from netboot.inventory.committed import CommittedHere
 from netboot.inventory.dsn import redact as dsn_redact
 from netboot.inventory.sealed import Sealed, join_token_context
 from netboot.inventory.signal import Signal, wait_until
@@ -78,6 +79,7 @@ WRITE_LOCK = 0x6E6574626F6F74
 # Migrations take their own lock, so that a migration and the writers it blocks are told apart.
 MIGRATE_LOCK = WRITE_LOCK + 1
 CHANNEL = "netboot_changes"
+_LAST_CHANGE = "SELECT coalesce(max(seq), 0) FROM changes"
 CONNECT_TIMEOUT = 10.0
 # How long a query may wait for a free connection of the pool (a stuck database answers
 # with a StoreError, a 503, rather than an endless wait).
@@ -276,6 +278,9 @@ class PostgresStore:
         # after a write of this server waits for one sync).
         self._feed: asyncpg.Connection | None = None
         self._feed_lock: asyncio.Lock | None = None
+        # The machines this store committed, by feed position: a sync after them is answered
+        # with them instead of reading them back (committed.py).
+        self._here = CommittedHere()
         self.migrated: list[int] = []  # the schema versions the last open() applied
 
     def __repr__(self) -> str:
@@ -535,11 +540,16 @@ class PostgresStore:
         events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
         event_rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
                       for v in events]
-        creates = [_Row(self._sealed.seal_machine(m)) for m in batch.create]
-        updates = [_Row(self._sealed.seal_machine(m)) for m in batch.update]
+        sealed = [self._sealed.seal_machine(m) for m in (*batch.create, *batch.update)]
+        creates = [_Row(m) for m in sealed[:len(batch.create)]]
+        updates = [_Row(m) for m in sealed[len(batch.create):]]
         # Events alone change nothing the feed carries: a storm's group commits of boot events
         # would otherwise send every reader back to the database.
-        async with self._write(feed=bool(batch.merge or creates or updates)) as conn:
+        feed = bool(batch.merge or creates or updates)
+        async with self._write(feed=feed) as conn:
+            # Under the writers' lock: every feed row committed before is visible, none is
+            # added by anyone else until this transaction's commit is.
+            before = await conn.fetchval(_LAST_CHANGE) if feed else None
             # Under the writers' lock: no other server can move the machine before commit.
             for machine_id, state in batch.expect.items():
                 codec.check_expected(machine_id, state, await conn.fetchval(
@@ -567,6 +577,15 @@ class PostgresStore:
                     " VALUES ($1, $2, $3, $4, $5, $6)",
                     [(float(e.time), e.actor, e.action, e.target, e.peer, e.outcome)
                      for e in audit])
+            after = await conn.fetchval(_LAST_CHANGE) if feed else None
+        if before is not None and after is not None:  # committed
+            read = [self._sealed.as_read(r.machine, s, g) for r, s, g in zip(
+                (*creates, *updates), sealed, (*batch.create, *batch.update), strict=True)]
+            # A token sealed already (a copied row): only the feed's read can tell.
+            if all(m is not None for m in read):
+                self._here.add(int(before), int(after), [
+                    *((source, None) for source, _ in batch.merge),
+                    *((r.id, m) for r, m in zip((*creates, *updates), read, strict=True))])
         if events and self._listener is not None:
             self._listener.published(events)
 
@@ -751,9 +770,15 @@ class PostgresStore:
                 last = await conn.fetchval("SELECT max(seq) FROM changes")
                 if (last if last is not None else 0) == seq:
                     return Changes(seq, complete=True)
+                mine = None if last is None else self._here.since(seq, int(last))
+                if mine is not None:
+                    # All committed by this store since ``seq``: what it wrote, not read back.
+                    return Changes(int(last), complete=True, machines=mine)
             # One snapshot: the changes and the rows they name agree.
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return await self._read_changes(conn, seq)
+                changes = await self._read_changes(conn, seq)
+            self._here.forget(changes.seq)
+            return changes
 
     async def _read_changes(self, conn: asyncpg.Connection, seq: int) -> Changes:
         first, last = await conn.fetchrow("SELECT min(seq), max(seq) FROM changes")

@@ -43,6 +43,20 @@ class Sealed:
         return replace(machine, install_token=self.sealer.unseal(
             machine.install_token, context=install_token_context(machine.id)))
 
+    def as_read(self, stored: Machine, sealed: Machine, given: Machine) -> Machine | None:
+        """What a read gives back of ``stored``, the stored form (codec.stored_machine) of
+        ``sealed = seal_machine(given)``, without decoding or unsealing: ``given`` itself
+        when it was in stored form already, its token in clear. None when ``given`` came
+        with its token sealed already (a copied row): only a read can tell what it opens
+        to, if anything."""
+        token = given.install_token
+        if self.sealer is not None and token and self.sealer.is_sealed(token):
+            return None
+        if stored is sealed:
+            return given  # in stored form: only its token was sealed, if any
+        # Normalised on the way in: as stored, with the token given in clear.
+        return stored if sealed is given else codec.stored_machine(given)
+
     def cluster_data(self, cluster: Cluster) -> dict[str, Any]:
         """The stored form of ``cluster``: checked, its join token sealed."""
         data = codec.cluster_to_dict(cluster)

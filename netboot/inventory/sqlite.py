@@ -47,6 +47,7 @@ from netboot.errors import Conflict, NetbootError, NotFound, StoreError, Validat
 from netboot.identity import claims, clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
+from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
 from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
@@ -350,10 +351,14 @@ class SqliteStore:
         # process then believes it is the first user, truncates -shm to 3 bytes and this
         # process's mapping faults (SIGBUS). So the reservation never opens and closes one.
         self._shm_fd: int | None = None
-        # The change feed's last answer (reader thread only): data_version then, and the
-        # newest seq; while data_version stays, nothing was committed and nothing is read.
+        # The reader thread's last full read of the change feed: its data_version then, and
+        # the newest seq; while data_version stays, nothing was committed and nothing is read.
         self._data_version = -1
-        self._feed_seq = -1
+        self._read_seq = -1
+        self._feed_seq = -1  # the feed's last answer (event loop): the newest seq then
+        # The machines this store committed, by feed position: a sync after them is answered
+        # with them instead of reading them back (committed.py).
+        self._here = CommittedHere()
         self._commits = 0  # writes made through this object, counted as they return
         # A third connection, used only on the event loop's thread, only for PRAGMA
         # data_version: the boot path asks the feed on every decision, and when nothing was
@@ -383,7 +388,7 @@ class SqliteStore:
             # Failed or not: a reader syncs once more, harmlessly. Writes the change feed
             # does not carry (history, leases, tokens) are not counted: a storm's group
             # commits of boot events would otherwise send every reader back to the store.
-            if fn not in _OFF_FEED and not (fn is _apply_batch and not any(args[:2])
+            if fn not in _OFF_FEED and not (fn == self._apply_here and not any(args[:2])
                                             and not args[3]):
                 self._commits += 1
 
@@ -602,11 +607,29 @@ class SqliteStore:
             rows = ((v.machine, v.time, v.kind, v.message, data) for v, data in checked)
             audit = [_audit_row(codec.audit_from_dict(codec.audit_to_dict(e)))
                      for e in batch.audit]
-            await self._run(_apply_batch, [self._sealed.seal_machine(m) for m in batch.create],
+            await self._run(self._apply_here,
+                            [self._sealed.seal_machine(m) for m in batch.create],
                             [self._sealed.seal_machine(m) for m in batch.update], rows, batch.merge,
-                            dict(batch.expect), audit)
+                            dict(batch.expect), audit, (*batch.create, *batch.update))
             if batch.events and self._listener is not None:
                 self._listener.published([v for v, _ in checked])
+
+    def _apply_here(self, conn: sqlite3.Connection, create: Sequence[Machine],
+                    update: Sequence[Machine], events: Iterable[tuple[str, float, str, str, str]],
+                    merge: Sequence[tuple[str, str]], expect: Mapping[str, MachineState],
+                    audit: Sequence[tuple[float, str, str, str, str, str]],
+                    given: Sequence[Machine]) -> None:
+        """On the worker: the batch, then (committed) what it wrote, noted for the feed."""
+        written = _apply_batch(conn, create, update, events, merge, expect, audit)
+        if written is not None:
+            before, after, rows = written
+            read = [self._sealed.as_read(r.machine, sealed, g)
+                    for r, sealed, g in zip(rows, (*create, *update), given, strict=True)]
+            # A token sealed already (a copied row): only the feed's read can tell.
+            if all(m is not None for m in read):
+                self._here.add(before, after, [
+                    *((source, None) for source, _ in merge),
+                    *((r.id, m) for r, m in zip(rows, read, strict=True))])
 
     # profiles, clusters, groups ----------------------------------------------------------
     async def get_profile(self, name: str) -> Profile | None:
@@ -703,10 +726,20 @@ class SqliteStore:
         probed = self._probe_version()
         if probed is not None and probed == self._probed and 0 <= seq == self._feed_seq:
             return Changes(seq, complete=True)  # nothing committed since the last full read
-        changes = await self._read(self._changes_since, seq)
+        last = None if probed is None or seq < 0 else self._probe_last()
+        mine = None if last is None or last < seq else self._here.since(seq, last)
+        if last is not None and mine is not None:
+            # All committed by this store since ``seq`` (events alone move no position):
+            # what it wrote, not read back. The probe's answers came from one snapshot at
+            # least as new as ``probed``, so a commit after it changes data_version.
+            changes = Changes(last, complete=True, machines=mine)
+        else:
+            changes = await self._read(self._changes_since, seq)
+            self._here.forget(changes.seq)
         if probed is not None:
             # Read before the full read: a commit after it changes the probe's answer.
             self._probed = probed
+        self._feed_seq = changes.seq
         return changes
 
     def _probe_version(self) -> int | None:
@@ -720,12 +753,24 @@ class SqliteStore:
         self._last_probe = (at, version, self._commits)
         return version
 
+    def _probe_last(self) -> int | None:
+        """The change feed's newest seq, read by the probe on the event loop's thread (a read
+        of the table's last page: cheaper than the hop to the reader thread); None if the
+        probe cannot read now (busy: the reader thread answers)."""
+        if self._probe is None:
+            return None
+        try:
+            row = self._probe.execute("SELECT max(seq) FROM changes").fetchone()
+        except sqlite3.Error:
+            return None
+        return None if row[0] is None else int(row[0])
+
     def _changes_since(self, conn: sqlite3.Connection, seq: int) -> Changes:
         """On the reader thread: ``PRAGMA data_version`` first, which changes exactly when
         another connection (our writer, the CLI, another server) committed; when it has not,
         nothing is read. Read before the query, so a commit in between is seen next time."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
-        if version == self._data_version and 0 <= seq == self._feed_seq:
+        if version == self._data_version and 0 <= seq == self._read_seq:
             return Changes(seq, complete=True)
         conn.execute("BEGIN")  # one snapshot: the changes and the rows they name agree
         try:
@@ -736,7 +781,7 @@ class SqliteStore:
     def _read_changes(self, conn: sqlite3.Connection, seq: int, version: int) -> Changes:
         first, last = conn.execute("SELECT min(seq), max(seq) FROM changes").fetchone()
         last = last if last is not None else max(0, seq)
-        self._data_version, self._feed_seq = version, last
+        self._data_version, self._read_seq = version, last
         if seq < 0 or seq > last or (first is not None and first > seq + 1 and seq < last):
             return Changes(last, complete=False)  # nothing known, or pruned past it
         keys: dict[str, set[str]] = {}
@@ -1093,14 +1138,16 @@ def _apply_batch(
     merge: Sequence[tuple[str, str]] = (),
     expect: Mapping[str, MachineState] | None = None,
     audit: Sequence[tuple[float, str, str, str, str, str]] = (),
-) -> None:
+) -> tuple[int, int, list[_Row]] | None:
+    """The feed's newest position before and after the batch (read under its write lock)
+    and the rows written, creates then updates; None for a bulk import (not kept)."""
     if len(create) < BULK_ROWS:
         # Encode (and so validate) on the worker, not the event loop: 100k rows take a second
         # of CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before
         # BEGIN, so a bad row costs no lock time.
-        _write_batch(conn, create, [_Row(m) for m in create], [_Row(m) for m in update],
-                     events, merge, expect, audit)
-        return
+        creates, updates = [_Row(m) for m in create], [_Row(m) for m in update]
+        span = _write_batch(conn, create, creates, updates, events, merge, expect, audit)
+        return (*span, [*creates, *updates]) if span is not None else None
     # A bulk import: its new machines are encoded as they are inserted, since a second copy
     # of 100,000 encoded rows is memory the import cannot spare; a bad row rolls it all back.
     size = conn.execute("PRAGMA cache_size").fetchone()[0]
@@ -1114,6 +1161,7 @@ def _apply_batch(
     try:
         _write_batch(conn, create, None, [_Row(m) for m in update], events, merge, expect,
                      audit)
+        return None
     finally:
         conn.execute(f"PRAGMA cache_size = {int(size)}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -1123,8 +1171,12 @@ def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: l
                  updates: list[_Row], events: Iterable[tuple[str, float, str, str, str]],
                  merge: Sequence[tuple[str, str]],
                  expect: Mapping[str, MachineState] | None = None,
-                 audit: Sequence[tuple[float, str, str, str, str, str]] = ()) -> None:
+                 audit: Sequence[tuple[float, str, str, str, str, str]] = (),
+                 ) -> tuple[int, int] | None:
+    """The feed's newest position before and after, when the batch writes machines."""
+    span = None
     with _immediate(conn):
+        before = _last_change(conn) if merge or create or updates else None
         for machine_id, state in (expect or {}).items():
             row = conn.execute("SELECT state FROM machines WHERE id = ?", (machine_id,)).fetchone()
             codec.check_expected(machine_id, state, None if row is None else row[0])
@@ -1151,6 +1203,9 @@ def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: l
             events)
         conn.executemany(_INSERT_AUDIT, audit)
         conn.execute("RELEASE fast")
+        if before is not None:
+            span = before, _last_change(conn)
+    return span
 
 
 # From this many new machines a batch is a bulk import (see _bulk_insert).

@@ -67,6 +67,8 @@ class RequestHead(NamedTuple):
     # The token of ``Authorization: Bearer <token>`` (RFC 6750 §2.1), "" when none: an
     # installer's install token, or an API token the caller leaves to aiohttp's policy.
     bearer: str = ""
+    method: str = "GET"  # or "POST" (parse_post), whose ``size`` counts its body too
+    body: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,50 @@ def parse_head(buf: bytes) -> RequestHead | NotMine | None:
     path, query = line.groups(b"")
     return RequestHead(path.decode("ascii"), query.decode("ascii"), end + 4, close,
                        user_agent, request_id, accept_encoding, bearer)
+
+
+# The installer's two POSTs (netboot.api: a progress report with its install token, the
+# registration with the token in the body), answered by the front too: a storm sends three
+# per device. The machine's reference is a MAC in any spelling or its id, nothing to decode.
+_POST_LINE = re.compile(rb"POST (/api/v1/(?:machines/([0-9A-Za-z_.:-]{1,64})/events|register))"
+                        rb" HTTP/1\.1")
+_DIGITS = re.compile(rb"[0-9]{1,9}")
+
+
+def parse_post(buf: bytes, limit: int) -> RequestHead | NotMine | None:
+    """The first request in ``buf`` when it is one of the installer's POSTs with a
+    ``Content-Length`` body of at most ``limit`` bytes, whole: a :class:`RequestHead` whose
+    ``size`` counts the body; None when its head is whole but its body is still to come;
+    else aiohttp's (a chunked or larger body, an expectation, a cookie or a credential but a
+    bearer token, an upgrade, a head aiohttp refuses: it answers them all as before). For a
+    ``buf`` whose head :func:`parse_head` found whole and not a GET of its own: its other
+    fields are read by :func:`parse_head` itself, so that both doors' rules stay one."""
+    end = buf.find(b"\r\n\r\n")
+    eol = buf.find(b"\r\n")
+    line = _POST_LINE.fullmatch(buf, 0, eol) if 0 <= end <= MAX_HEAD else None
+    if line is None or b"/." in line[1]:  # a dot segment: aiohttp normalises the path
+        return _REST_IS_AIOHTTPS
+    length: int | None = None
+    fields = [b"GET / HTTP/1.1"]
+    for raw in buf[eol + 2:end].split(b"\r\n") if eol < end else ():
+        name, _, value = raw.partition(b":")
+        if name.lower() != b"content-length":
+            fields.append(raw)
+            continue
+        digits = value.strip(b" \t")
+        if length is not None or not _DIGITS.fullmatch(digits):
+            return _REST_IS_AIOHTTPS  # twice, or not a plain number: aiohttp's 400
+        length = int(digits)
+    if length is None or length > limit:
+        return _REST_IS_AIOHTTPS
+    head = parse_head(b"\r\n".join(fields) + b"\r\n\r\n")
+    if not isinstance(head, RequestHead):
+        return _REST_IS_AIOHTTPS
+    size = end + 4 + length
+    if len(buf) < size:
+        return None
+    return head._replace(path=line[1].decode("ascii"), size=size, accept_encoding=False,
+                         method="POST", body=buf[end + 4:size])
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ from netboot.servers.fasthttp import (
     fill,
     head_template,
     parse_head,
+    parse_post,
     reply_parts,
 )
 
@@ -140,6 +141,18 @@ class HealthCheck(Protocol):
     """What ``/healthz`` reports (netboot.health.InventoryHealth)."""
 
     def problem(self) -> str | None: ...
+
+
+class DeviceReports(Protocol):
+    """The installer's POSTs (netboot.api.Api), for the front door (:class:`FrontDoor`)."""
+
+    async def front_post(self, route: str, ref: str | None, bearer: str | None, body: bytes,
+                         remote: str | None, translate: Callable[[Exception], Reply],
+                         ) -> Reply | None:
+        """The answer of ``POST <route>`` (``ref``: the machine of an event report, None
+        for a registration), errors through ``translate``, audited as aiohttp's path
+        audits it; None, with nothing done, when the request is aiohttp's to answer (it
+        needs an operator's token, which only aiohttp's path and its policy read)."""
 
 
 def uri_query(raw: str) -> dict[str, str]:
@@ -896,6 +909,8 @@ class FrontDoor:
         # The heads of start()'s replies by status, content type, headers and close.
         self._templates: dict[tuple[int, str, tuple[tuple[str, str], ...], bool],
                               HeadTemplate] = {}
+        self._reports: DeviceReports | None = None  # the installer's POSTs (take_reports)
+        self._post_limits = (0, 0)  # bodies of an event report, of a registration
 
     def head(self, buf: bytes) -> RequestHead | NotMine | None:
         """:func:`parse_head`, remembered for a buffer that is one whole head: a storm's
@@ -995,7 +1010,60 @@ class FrontDoor:
         return finish, decided
 
     def failed(self, exc: Exception, head: RequestHead, remote: str | None) -> Reply:
-        return error_reply(exc, self.log, "GET", _front_target(head), remote)
+        return error_reply(exc, self.log, head.method, _front_target(head), remote)
+
+    def take_reports(self, reports: DeviceReports, *, max_body: int, max_event: int) -> None:
+        """Answer the installer's POSTs too (event reports, registration): bodies up to the
+        limits aiohttp's path enforces (``http.max_body_bytes``, ``http.max_event_bytes``);
+        a larger one goes to aiohttp, which answers 413."""
+        self._reports = reports
+        self._post_limits = (min(max_body, max_event), max_body)
+
+    def post_head(self, buf: bytes) -> RequestHead | NotMine | None:
+        """:func:`parse_post` of ``buf``, whose head :meth:`head` found whole and aiohttp's:
+        an installer's POST with its whole body, None while its body is to come, or
+        aiohttp's after all."""
+        if self._reports is None:
+            return NotMine(None)
+        return parse_post(buf, max(self._post_limits))
+
+    def start_post(self, head: RequestHead, remote: str | None
+                   ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
+                              asyncio.Future[Reply | FileBody | None]] | None:
+        """:meth:`start` for an installer's POST (:meth:`post_head`)."""
+        reports = self._reports
+        if reports is None or (head.bearer and (self.plain is None
+                                                or not self.plain.install_token(head.bearer))):
+            return None  # an operator's credential: the plain-HTTP policy's
+        register = head.path == "/api/v1/register"
+        if len(head.body) > self._post_limits[register]:
+            return None
+        label = "/api/v1/register" if register else "/api/v1/machines/{ref}/events"
+        ref = None if register else head.path.split("/")[4]
+        rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
+        started = time.monotonic()
+        target = _front_target(head)
+
+        def translate(exc: Exception) -> Reply:
+            return error_reply(exc, self.log, "POST", target, remote)
+
+        with log_context(request_id=rid, peer=remote, path=target):
+            decided: asyncio.Future[Reply | FileBody | None] = (
+                asyncio.get_running_loop().create_task(reports.front_post(
+                    label, ref, head.bearer or None, head.body, remote, translate)))
+
+        def finish(reply: Reply | FileBody | None) -> Answer | None:
+            if not isinstance(reply, Reply):
+                return None
+            data = encode_reply(reply, date=self.date(), server=SERVER_NAME, request_id=rid,
+                                close=head.close)
+            seconds = time.monotonic() - started
+            self.answered += 1
+            if self.observer is not None:
+                self.observer.http_request(label, "POST", reply.status, seconds)
+            return Answer(data, reply.status, seconds, rid)
+
+        return finish, decided
 
 
 # Front-door routes whose answer never reaches the inventory: run eagerly (netboot.eager).
@@ -1013,6 +1081,12 @@ def _front_target(head: RequestHead) -> str:
             and not head.path.startswith("/nocloud/"):
         return escape(f"{head.path}?{query}", limit=1024)
     return redacted_target(head.path, parse_qsl(query, keep_blank_values=True))
+
+
+# How long the front waits for the body of an installer's POST whose head it read: its
+# client sends both at once (aiohttp's and curl's clients, in one write for a small body);
+# a body later than this is aiohttp's, whose http.body_timeout then bounds it.
+_BODY_GRACE = 0.5
 
 
 class Answer(NamedTuple):
@@ -1148,6 +1222,7 @@ class GuardedHandler(_HandlerBase):
         # Answers encoded and not written yet: the requests a client pipelined, read
         # together, leave together in one write (_front_flush).
         self._out: list[tuple[RequestHead, Answer]] = []
+        self._body_timer: asyncio.TimerHandle | None = None  # a POST's body awaited
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -1223,8 +1298,16 @@ class GuardedHandler(_HandlerBase):
             head = front.head(self._unread)
             if head is None:
                 break  # the rest of a head is still to come
+            if isinstance(head, NotMine) and head.size is None:
+                head = self._post_head()
+                if head is None:
+                    break  # its body is still to come
             if isinstance(head, NotMine):
                 self._to_aiohttp(head.size)
+                continue
+            if head.method == "POST":
+                if not self._aiohttp_idle() or not self._serve_post(head):
+                    self._to_aiohttp(head.size)
                 continue
             if not self._aiohttp_idle():
                 self._to_aiohttp(head.size)  # behind the request aiohttp is answering
@@ -1250,6 +1333,45 @@ class GuardedHandler(_HandlerBase):
         self._front_flush()
         if self._front_paused or len(self._unread) > 4 * MAX_HEAD:
             self._front_flow()
+
+    def _post_head(self) -> RequestHead | NotMine | None:
+        """An installer's POST whole in what was read (FrontDoor.post_head); while its body
+        is to come, a grace timer hands the connection to aiohttp should it not come soon
+        (aiohttp's ``http.body_timeout`` then bounds a body sent slowly)."""
+        front = self._front
+        assert front is not None
+        post = front.post_head(self._unread)
+        if post is None:
+            if self._head_timer is not None:
+                # The head is whole: its deadline is met, as aiohttp would count it; the
+                # body's is aiohttp's once the grace is over.
+                self._head_timer.cancel()
+                self._head_timer = None
+            if self._body_timer is None:
+                self._body_timer = self._loop.call_later(_BODY_GRACE, self._body_late)
+        elif self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        return post
+
+    def _body_late(self) -> None:
+        self._body_timer = None
+        if self.transport is not None and not self._front_busy and not self._front_off \
+                and self._unread:
+            self._to_aiohttp(None)
+
+    def _serve_post(self, head: RequestHead) -> bool:
+        """Answer an installer's POST here (FrontDoor.start_post); False: aiohttp's."""
+        front = self._front
+        assert front is not None
+        started = front.start_post(head, self._remote())
+        if started is None:
+            return False
+        self._request_count += 1
+        finish, decided = started
+        self._front_busy = True
+        decided.add_done_callback(functools.partial(self._front_later, head, finish))
+        return True
 
     def _front_later(self, head: RequestHead,
                      finish: Callable[[Reply | FileBody | None], Answer | None],
@@ -1394,7 +1516,7 @@ class GuardedHandler(_HandlerBase):
         """What follows a front answer: its access log line, keep-alive, close."""
         logger = self.access_logger
         if self._logging_enabled and isinstance(logger, AccessLogger):
-            logger.line(self._remote(), "GET", answer.target or _front_target(head),
+            logger.line(self._remote(), head.method, answer.target or _front_target(head),
                         answer.status, sent, seconds, head.user_agent or None,
                         answer.request_id)
         # aiohttp closes a connection idle this long after its own last response: move
@@ -1440,6 +1562,9 @@ class GuardedHandler(_HandlerBase):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._unread = b""
         self._out = []
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         own, self._own = self._own, None
         if self._sending is not None:
             self._sending.cancel()  # closes its file

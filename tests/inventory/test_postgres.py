@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -209,3 +210,37 @@ async def test_a_database_restart_fails_requests_then_heals(
         await a.close()
         await b.close()
         await asyncio.to_thread(cluster.stop)
+
+
+async def test_own_commits_reach_the_view_without_a_read_back(
+        two: tuple[PostgresStore, PostgresStore], pg_dsn: str) -> None:
+    """A view's sync after its own server's commit takes what was written, not read back;
+    another server's commit in between sends it to the feed, exactly."""
+    a, b = two
+    machines = [Machine(macs=(MacAddress.parse(f"02:00:00:00:03:0{i}"),), hostname=f"n{i}")
+                for i in range(2)]
+    for machine in machines:
+        await b.create_machine(machine)
+    view = InventoryView(b)
+    await view.load()
+    mine = replace(machines[0], hostname="mine")
+    await b.update_machine(mine)
+    # Changed behind the feed's back (triggers off for this session): shown only if read.
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute("UPDATE machines SET data = jsonb_set(data::jsonb, '{hostname}',"
+                           " '\"read-back\"')::text WHERE id = $1", mine.id)
+    finally:
+        await conn.close()
+    await view.sync()
+    assert await view.get_machine(mine.id) == mine  # not "read-back"
+
+    theirs = replace(machines[1], hostname="theirs")
+    await b.update_machine(replace(theirs, hostname="own-first"))
+    await a.update_machine(theirs)
+    again = replace(mine, hostname="own-after")
+    await b.update_machine(again)
+    await view.sync()
+    assert await view.get_machine(theirs.id) == theirs
+    assert await view.get_machine(mine.id) == again

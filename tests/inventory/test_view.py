@@ -7,8 +7,10 @@ answers, and the boot plans decided from it, equal those read fresh from the fil
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,9 +24,10 @@ import netboot
 from netboot.arrival import arrived
 from netboot.boot import BootService, BootSettings
 from netboot.enroll import Enroller
+from netboot.errors import StoreError
 from netboot.files import FileTree
 from netboot.identity import request_for
-from netboot.inventory.base import Store
+from netboot.inventory.base import Batch, Store
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
 from netboot.model import (
@@ -39,6 +42,7 @@ from netboot.model import (
     Profile,
     Role,
 )
+from netboot.sealing import Sealer
 
 MACS = [f"02:00:00:00:00:{i:02x}" for i in range(1, 9)]
 CLUSTERS = ("edge", "core")
@@ -290,3 +294,127 @@ async def test_one_probe_serves_requests_that_arrived_before_it_and_no_later_one
     await other.create_machine(Machine(macs=(MacAddress.parse(MACS[2]),), hostname="n3"))
     await view.sync()
     assert (await view.machine_by("mac", MACS[2])) is not None
+
+def change_behind_the_feed(db: Path, machine_id: str, hostname: str) -> None:
+    """Rewrite a stored machine's hostname with the feed's trigger dropped (and put back, in
+    the same transaction): a reader of the feed learns nothing of it. Tells whether a sync
+    read a row back: it shows this hostname if it did."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        trigger = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'"
+                               " AND name = 'machines_update_changes'").fetchone()[0]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DROP TRIGGER machines_update_changes")
+        conn.execute("UPDATE machines SET data = json_set(data, '$.hostname', ?)"
+                     " WHERE id = ?", (hostname, machine_id))
+        conn.execute(trigger)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def test_own_commits_are_seen_at_once_without_reading_them_back(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """What this process's store committed reaches its view by the next sync from what was
+    written (the same objects), not read back; a commit of another connection or process
+    in between (before, after, on the same machine) still sends the view to the feed."""
+    own, other, data = stores
+    db = data / "netboot.db"
+    machines = [Machine(macs=(MacAddress.parse(mac),), hostname=f"n{i}", profile="p")
+                for i, mac in enumerate(MACS[:3])]
+    for machine in machines:
+        await own.create_machine(machine)
+    view = InventoryView(own)
+    await view.load()
+
+    mine = replace(machines[0], hostname="mine", facts={"cpus": "4"})
+    await own.apply_batch(Batch(update=(mine,), events=(Event(mine.id, 1.0, "note", "x"),)))
+    change_behind_the_feed(db, mine.id, "read-back")
+    await view.sync()
+    held = await view.get_machine(mine.id)
+    assert held is mine  # the very value written: no read, no copy
+    assert (await view.machine_by("mac", MACS[0])) is mine
+
+    # Another connection's commit breaks the chain: the feed is read (exact, as stored).
+    theirs = replace(machines[1], hostname="theirs")
+    await other.update_machine(theirs)
+    await view.sync()
+    assert await view.get_machine(theirs.id) == theirs
+
+    # Own, then another's on the same machine, then own again: exact.
+    a = replace(machines[2], hostname="a")
+    await own.update_machine(a)
+    b = replace(a, hostname="b", state=MachineState.INSTALLED)
+    await other.update_machine(b)
+    c = replace(machines[1], hostname="c")
+    await own.update_machine(c)
+    await view.sync()
+    assert await view.get_machine(a.id) == b
+    assert await view.get_machine(c.id) == c
+
+    # The CLI in another process, right after an own commit, is still seen.
+    d = replace(c, hostname="d")
+    await own.update_machine(d)
+    cli(data, "machines", "rm", MACS[1])
+    await view.sync()
+    assert await view.get_machine(d.id) is None
+    assert await view.machine_by("mac", MACS[1]) is None
+
+    # And a delete of this process: gone at the next sync.
+    await own.delete_machine(mine.id)
+    await view.sync()
+    assert await view.get_machine(mine.id) is None
+    assert await view.machine_by("mac", MACS[0]) is None
+
+
+async def test_an_own_commit_with_a_sealed_token_reaches_the_view_in_clear(
+        tmp_path: Path) -> None:
+    """The store seals install tokens on disk; what the view takes from the writer is the
+    machine as a read would give it (token in clear), equal to a fresh read."""
+    db = tmp_path / "netboot.db"
+    store = SqliteStore(db, sealer=Sealer.generate())
+    await store.open()
+    try:
+        machine = Machine(macs=(MacAddress.parse(MACS[0]),), hostname="n0")
+        await store.create_machine(machine)
+        view = InventoryView(store)
+        await view.load()
+        for given in (replace(machine, install_token="tok-1"),  # in stored form
+                      replace(machine, install_token="tok-2", created=1)):  # an int time
+            await store.update_machine(given)
+            await view.sync()
+            held = await view.get_machine(machine.id)
+            assert held == await store.get_machine(machine.id)
+            assert held is not None and held.install_token == given.install_token
+        sealed = await store.get_machine(machine.id)
+        assert sealed is not None
+        raw = sqlite3.connect(db).execute("SELECT data FROM machines").fetchone()[0]
+        assert "tok-2" not in raw  # sealed on disk all along
+    finally:
+        await store.close()
+
+
+async def test_a_machine_written_with_a_token_sealed_already_is_read_by_the_feed(
+        tmp_path: Path) -> None:
+    """A row copied with its sealed token (sealed to another machine: it opens to nothing)
+    is written as given; the writer cannot tell what a read opens it to, so the view's sync
+    reads it, and fails as any read of it fails, not the write."""
+    store = SqliteStore(tmp_path / "netboot.db", sealer=Sealer.generate())
+    await store.open()
+    try:
+        view = InventoryView(store)
+        await view.load()
+        first = Machine(macs=(MacAddress.parse(MACS[0]),), install_token="tok")
+        await store.create_machine(first)
+        await view.sync()
+        assert await view.get_machine(first.id) == first
+        conn = sqlite3.connect(tmp_path / "netboot.db")
+        sealed = json.loads(conn.execute("SELECT data FROM machines").fetchone()[0])
+        conn.close()
+        copied = Machine(macs=(MacAddress.parse(MACS[1]),),
+                         install_token=sealed["install_token"])
+        await store.create_machine(copied)  # written: only reading it fails
+        with pytest.raises(StoreError):
+            await view.sync()
+    finally:
+        await store.close()

@@ -10,6 +10,7 @@ from netboot.servers.fasthttp import (
     RequestHead,
     encode_reply,
     parse_head,
+    parse_post,
     reply_parts,
 )
 
@@ -128,3 +129,39 @@ def test_the_fronts_log_target_is_what_aiohttps_path_logs(query: str) -> None:
         assert isinstance(head, RequestHead), raw
         assert _front_target(head) == redacted_target(
             path, parse_qsl(query, keep_blank_values=True))
+
+
+def test_an_installers_post_is_read_with_its_body() -> None:
+    body = b'{"kind": "installing"}'
+    head = (b"POST /api/v1/machines/52-54-00-12-34-56/events HTTP/1.1\r\nHost: a\r\n"
+            b"Authorization: Bearer tok\r\nContent-Length: %d\r\nConnection: close\r\n"
+            b"X-Request-Id: r1\r\n\r\n" % len(body))
+    assert parse_head(head + body) == NotMine(None)  # the GET front's answer: not mine
+    post = parse_post(head + body + b"GET /next", 1024)
+    assert post == RequestHead("/api/v1/machines/52-54-00-12-34-56/events", "",
+                               len(head) + len(body), True, "", "r1", False, "tok", "POST",
+                               body)
+    assert parse_post(head + body[:-1], 1024) is None  # the body is still to come
+    assert parse_post(head + body, len(body) - 1) == NotMine(None)  # too large: aiohttp's 413
+    register = b"POST /api/v1/register HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}"
+    found = parse_post(register, 1024)
+    assert isinstance(found, RequestHead) and found.body == b"{}" and not found.bearer
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /api/v1/register HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /api/v1/register HTTP/1.1\r\nContent-Length: +2\r\n\r\n{}",
+    b"POST /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n{}",
+    b"POST /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\nCookie: s=1\r\n\r\n{}",
+    b"POST /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\nAuthorization: Basic x\r\n\r\n{}",
+    b"POST /api/v1/register HTTP/1.1\r\n\r\n",  # no body framing: aiohttp's
+    b"POST /api/v1/register?x=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /api/v1/machines/a%2fb/events HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /api/v1/machines HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /api/v1/machines/../events HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /api/v1/register HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
+    b"PUT /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+])
+def test_any_other_post_is_aiohttps(raw: bytes) -> None:
+    assert parse_post(raw, 1024) == NotMine(None), raw

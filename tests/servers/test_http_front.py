@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import json
 import logging
 import re
 import socket
@@ -257,12 +258,12 @@ async def test_what_is_not_the_fronts_reaches_aiohttp_whole(tmp_path: Path) -> N
         front = service.front
         assert front is not None
         before = front.answered
-        body = f'{{"mac": "{HEXHYP}", "token": "nope", "addresses": ["192.0.2.9"]}}'.encode()
+        body = b'{"name": "p", "kernel": "vmlinuz"}'  # an operator's route: 401 without a token
         raw = (get("/healthz")
                + b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
                + b"GET /assets/%73mall.txt HTTP/1.1\r\nHost: t\r\n\r\n"  # encoded: aiohttp's
                + b"GET /assets/small.txt HTTP/1.1\r\nHost: t\r\nRange: bytes=0-1\r\n\r\n"
-               + b"POST /api/v1/register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+               + b"POST /api/v1/profiles HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
                  b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
                + get("/healthz"))  # after a body: aiohttp's for the rest of the connection
         replies = await exchange(service.http_port, raw, count=6)
@@ -610,3 +611,182 @@ async def test_a_change_committed_elsewhere_before_a_request_is_seen_by_it(
             assert fast.comparable() == slow.comparable() == after.comparable()
         finally:
             await other.close()
+
+# --- the installer's POSTs ------------------------------------------------------------------
+
+
+def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nUser-Agent: curl/8\r\nContent-Type: "
+            b"application/json\r\n%sContent-Length: %d\r\n\r\n%s" % (
+                path.encode(), extra, len(body), body))
+
+
+def same_post(fast: Response, slow: Response) -> None:
+    """Both doors' answers to one POST: equal but for the event's time (and so its length)."""
+    def shown(r: Response) -> tuple[int, list[tuple[str, str]], object]:
+        body = json.loads(r.body)
+        if isinstance(body, dict):
+            body.pop("time", None)
+        return r.status, [h for h in r.comparable()[1] if h[0] != "content-length"], body
+
+    assert shown(fast) == shown(slow), (fast, slow)
+
+
+async def both_posts(service: Service, path: str, body: bytes, extra: bytes = b"", *,
+                     front: bool = True) -> tuple[Response, Response]:
+    """The front's answer and aiohttp's to the same POST (``front``: the front is to answer
+    it; else it leaves it to aiohttp too, having done nothing)."""
+    door = service.front
+    assert door is not None
+    before = door.answered
+    (fast,) = await exchange(service.http_port, post(path, body, extra))
+    assert door.answered == before + front, (path, body, fast)
+    (slow,) = await exchange(service.http_port, post(path, body, extra + TO_AIOHTTP))
+    assert door.answered == before + front
+    return fast, slow
+
+
+async def installing(service: Service, mac: str) -> str:
+    """A machine whose install is under way (its script and config fetched): its token."""
+    (script,) = await exchange(service.http_port, get(f"/ipxe?mac={mac}&arch=x86_64"))
+    token = install_token(script.body.decode())
+    (config,) = await exchange(service.http_port, get(f"/config/{mac}?token={token}"))
+    assert config.status == 200, config
+    return token
+
+
+async def test_installer_reports_are_answered_alike_by_both_doors(tmp_path: Path) -> None:
+    async with serving(tmp_path) as service:
+        token = await installing(service, HEXHYP)
+        bearer = b"Authorization: Bearer %s\r\n" % token.encode()
+        events = f"/api/v1/machines/{HEXHYP}/events"
+        for body in (b'{"kind": "progress", "message": "50%"}', b'{"kind": "progress"}',
+                     b'{"kind": "progress", "data": {"step": "disk"}}',
+                     b"", b"null", b"[1]", b"{not json", b'{"kind": "Bad Kind"}',
+                     b'{"kind": "progress", "colour": "red"}', b'{"kind": "x", "data": 3}',
+                     b'{"kind": "progress", "message": NaN}'):
+            fast, slow = await both_posts(service, events, body, bearer)
+            same_post(fast, slow)
+            assert fast.status in (201, 400), fast
+            assert fast.header("Server") == "netboot" and fast.header("X-Request-Id")
+        fast, _ = await both_posts(service, events, b'{"kind": "x"}', bearer)
+        assert fast.status == 201 and json.loads(fast.body)["machine"], fast
+        # State moves: the first "installing" through the front, then the same refused or
+        # taken alike by both doors.
+        (moved,) = await exchange(service.http_port, post(events, b'{"kind": "installed"}',
+                                                          bearer))
+        assert moved.status == 201, moved
+        fast, slow = await both_posts(service, events, b'{"kind": "installed"}', bearer)
+        same_post(fast, slow)
+        fast, slow = await both_posts(service, events, b'{"kind": "installing"}', bearer)
+        same_post(fast, slow)
+        assert fast.status == 409 and json.loads(fast.body)["state"] == "installed", fast
+
+
+@pytest.mark.parametrize(("ref", "auth"), [
+    (HEXHYP, b"Authorization: Bearer not-the-install-token\r\n"),  # an operator's, or nobody
+    (HEXHYP, b""),
+    ("52-54-00-99-99-99", b"Authorization: Bearer x\r\n"),  # no such machine
+    (OTHER, b""),  # not installing: no token is its
+])
+async def test_a_report_that_needs_an_operator_is_left_to_aiohttp(
+        tmp_path: Path, ref: str, auth: bytes) -> None:
+    async with serving(tmp_path) as service:
+        await installing(service, HEXHYP)
+        fast, slow = await both_posts(service, f"/api/v1/machines/{ref}/events",
+                                      b'{"kind": "progress"}', auth, front=False)
+        assert fast.comparable() == slow.comparable() and fast.status in (401, 404), fast
+
+
+async def test_registration_through_the_front(tmp_path: Path) -> None:
+    async with serving(tmp_path) as service:
+        token = await installing(service, HEXHYP)
+        events = f"/api/v1/machines/{HEXHYP}/events"
+        bearer = b"Authorization: Bearer %s\r\n" % token.encode()
+        for kind in (b"installing", b"installed"):
+            (done,) = await exchange(service.http_port,
+                                     post(events, b'{"kind": "%s"}' % kind, bearer))
+            assert done.status == 201, done
+        for body in (b"", b"[]", b"{bad", f'{{"mac": "{HEXHYP}", "token": "nope"}}'.encode(),
+                     f'{{"mac": "{HEXHYP}"}}'.encode(), b'{"mac": "zz", "token": "t"}'):
+            fast, slow = await both_posts(service, "/api/v1/register", body, bearer)
+            assert fast.comparable() == slow.comparable(), (body, fast, slow)
+            assert fast.status in (400, 401, 404, 409), fast
+        door = service.front
+        assert door is not None
+        before = door.answered
+        body = json.dumps({"mac": HEXHYP, "token": token, "hostname": "edge-1",
+                           "addresses": ["127.0.0.1"], "machine_id": "0" * 32}).encode()
+        (fast,) = await exchange(service.http_port, post("/api/v1/register", body, bearer))
+        assert door.answered == before + 1
+        assert fast.status == 200, fast
+        admin = (service.config.data_dir / "admin.token").read_text().strip()
+        (shown,) = await exchange(service.http_port, get(
+            f"/api/v1/machines/{HEXHYP}", b"Authorization: Bearer %s\r\n" % admin.encode()))
+        assert json.loads(fast.body) == json.loads(shown.body)
+        assert json.loads(fast.body)["state"] == "registered"
+        # Registered: the token opens nothing any more, alike through both doors.
+        fast, slow = await both_posts(service, "/api/v1/register", body, bearer)
+        assert fast.comparable() == slow.comparable() and fast.status >= 400, fast
+
+
+async def test_the_fronts_posts_are_audited_logged_and_counted_as_aiohttps(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    async with serving(tmp_path) as service:
+        token = await installing(service, HEXHYP)
+        bearer = b"Authorization: Bearer %s\r\n" % token.encode()
+        events = f"/api/v1/machines/{HEXHYP}/events"
+        await both_posts(service, events, b'{"kind": "progress"}', bearer)
+        await both_posts(service, events, b'{"kind": 3}', bearer)
+        await both_posts(service, "/api/v1/register", b'{"mac": "zz"}', bearer)
+        admin = (service.config.data_dir / "admin.token").read_text().strip()
+        (audit,) = await exchange(service.http_port, get(
+            "/api/v1/audit", b"Authorization: Bearer %s\r\n" % admin.encode()))
+        metrics = (await service.metrics.render(service.store)).decode()
+    routes = ("POST /api/v1/machines/{ref}/events", "POST /api/v1/register")
+    entries = [(e["actor"], e["action"], e["target"], e["peer"], e["outcome"])
+               for e in json.loads(audit.body) if e["action"] in routes]
+    actor = entries[0][0]
+    assert actor.startswith("machine:m-"), entries
+    assert entries == [(actor, routes[0], HEXHYP, "127.0.0.1", "201")] * 2 + [
+        (actor, routes[0], HEXHYP, "127.0.0.1", "400")] * 2 + [
+        ("-", routes[1], "", "127.0.0.1", "400")] * 2, entries
+    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"
+             and re.search(r" POST /api/v1/(machines/[^/]+/events|register) ", r.getMessage())]
+    strip = re.compile(r" \d+ \d+\.\d{3} ")  # the bytes and the time
+    assert len(lines) == 6, lines
+    for fast, slow in zip(lines[::2], lines[1::2], strict=True):
+        assert strip.sub(" ", fast) == strip.sub(" ", slow), (fast, slow)
+    for route, status in (("/api/v1/machines/{ref}/events", "201"),
+                          ("/api/v1/machines/{ref}/events", "400"),
+                          ("/api/v1/register", "400")):
+        count = re.search(r'netboot_http_requests_total\{method="POST",route="'
+                          + re.escape(route) + r'",status="' + status + r'"\} (\d+)', metrics)
+        assert count is not None and float(count.group(1)) == 2, (route, status, metrics)
+
+
+async def test_a_post_body_in_pieces_and_one_that_does_not_come(tmp_path: Path) -> None:
+    async with serving(tmp_path) as service:
+        door = service.front
+        assert door is not None
+        token = await installing(service, HEXHYP)
+        raw = post(f"/api/v1/machines/{HEXHYP}/events", b'{"kind": "progress"}',
+                   b"Authorization: Bearer %s\r\n" % token.encode())
+        before = door.answered
+        replies = await exchange(service.http_port, raw + get("/healthz"), count=2,
+                                 chunks=len(raw) // 7)
+        assert [r.status for r in replies] == [201, 200], replies
+        assert door.answered == before + 2
+        # A body announced and not sent: the connection goes to aiohttp, whose body
+        # timeout answers (here: the client gives up first and closes).
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+        try:
+            writer.write(raw[:-5])
+            await asyncio.sleep(1.5)
+            writer.write(raw[-5:])
+            (late,) = [await read_response(reader)]
+            assert late.status == 201, late
+        finally:
+            writer.close()
+        assert door.answered == before + 2  # aiohttp's, after the grace
