@@ -990,16 +990,7 @@ class FrontDoor:
             if reply is None:
                 return None
             body, whole = (reply, reply.reply) if isinstance(reply, FileBody) else (None, reply)
-            key = (whole.status, whole.content_type, whole.headers, head.close)
-            template = self._templates.get(key)
-            if template is None:
-                template = head_template(whole.status, whole.content_type, whole.headers,
-                                         server=SERVER_NAME, close=head.close)
-                if len(self._templates) >= 256:  # bounded: few kinds of reply, in practice
-                    self._templates.clear()
-                self._templates[key] = template
-            data = fill(template, length=body.size if body else len(whole.body),
-                        date=self.date(), request_id=rid, body=whole.body)
+            data = self._encode(whole, head, rid, body)
             # As aiohttp's request_middleware, the time to decide: a file's sending after.
             seconds = time.monotonic() - started
             self.answered += 1
@@ -1008,6 +999,21 @@ class FrontDoor:
             return Answer(data, whole.status, seconds, rid, body, target)
 
         return finish, decided
+
+    def _encode(self, whole: Reply, head: RequestHead, rid: str,
+                body: FileBody | None = None) -> bytes:
+        """``whole``'s head (from a template kept per kind of reply) and, without a file
+        ``body`` to follow, its body."""
+        key = (whole.status, whole.content_type, whole.headers, head.close)
+        template = self._templates.get(key)
+        if template is None:
+            template = head_template(whole.status, whole.content_type, whole.headers,
+                                     server=SERVER_NAME, close=head.close)
+            if len(self._templates) >= 256:  # bounded: few kinds of reply, in practice
+                self._templates.clear()
+            self._templates[key] = template
+        return fill(template, length=body.size if body else len(whole.body),
+                    date=self.date(), request_id=rid, body=whole.body)
 
     def failed(self, exc: Exception, head: RequestHead, remote: str | None) -> Reply:
         return error_reply(exc, self.log, head.method, _front_target(head), remote)
@@ -1055,8 +1061,7 @@ class FrontDoor:
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if not isinstance(reply, Reply):
                 return None
-            data = encode_reply(reply, date=self.date(), server=SERVER_NAME, request_id=rid,
-                                close=head.close)
+            data = self._encode(reply, head, rid)
             seconds = time.monotonic() - started
             self.answered += 1
             if self.observer is not None:
