@@ -497,10 +497,12 @@ class Service:
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
-        await self._open_aiohttp(access)
         # The whole inventory into the boot path's view, while serving (until it is in,
-        # decisions read through to the store): ready at once, no reads once loaded.
+        # decisions read through to the store): ready at once, no reads once loaded. Begun
+        # before aiohttp's import: /healthz and DHCP answer from now on, and a storm that
+        # starts at once must not wait for the API's import to have its view.
         self.tasks.append(asyncio.ensure_future(self._load_view()))
+        await self._open_aiohttp(access)
 
     async def _open_aiohttp(self, access: logging.Logger | None) -> None:
         """aiohttp's application, runner and handlers on the listeners bound by start()."""

@@ -212,3 +212,22 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
     before, after = json.loads(out.splitlines()[-1])
     assert before == ["200", "200", False]
     assert after == ["401", True, True]
+
+
+async def test_the_view_loads_while_aiohttp_is_still_being_imported(
+        tmp_path: Path, gate: threading.Event) -> None:
+    """/healthz and DHCP answer as soon as the listeners are bound: a storm that starts
+    then must have its inventory view loading, not waiting behind the API's import (its
+    DISCOVERs timed out on the store while it did: every device waited for its 4 s
+    retransmission)."""
+    service = await build(load(write_config(tmp_path), env={}), app=False)
+    loaded = asyncio.Event()
+    service.view_loaded = loaded.set
+    start = asyncio.ensure_future(service.start())
+    try:
+        await asyncio.wait_for(loaded.wait(), 20)
+        assert service.runner is None and not start.done()  # aiohttp still held back
+    finally:
+        gate.set()
+        await asyncio.wait_for(asyncio.shield(start), 60)
+        await service.close()
