@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
@@ -345,10 +345,7 @@ class BootService:
         known = Identity.of_request(request)
         seen = _Seen(request, known, known.claims())
         if request.mac != identity.NO_NIC:  # many devices at once, not one NIC
-            self._seen.pop(request.mac, None)  # re-inserted last: the dict stays oldest first
-            self._seen[request.mac] = seen
-            if len(self._seen) > REPEATS_KEPT:
-                del self._seen[next(iter(self._seen))]
+            _keep(self._seen, request.mac, seen, REPEATS_KEPT)
         return seen
 
     def _record_dhcp_soon(self, request: BootRequest, res: Resolution,
@@ -486,10 +483,9 @@ class BootService:
                     continue
                 key = (fw, arch, which, name, why)
                 stage = self._stages.get(key)
-                if stage is None:
-                    stage = self._stages[key] = _describe_stage(fw, arch, which, name, why)
-                    if len(self._stages) > _STAGES_KEPT:  # reasons name groups and profiles
-                        del self._stages[next(iter(self._stages))]
+                if stage is None:  # bounded: reasons name groups and profiles
+                    stage = _describe_stage(fw, arch, which, name, why)
+                    _keep(self._stages, key, stage, _STAGES_KEPT)
                 return stage
         self._log.warning("no first-stage loader for mac=%s firmware=%s arch=%s chain=%s; "
                           "staying silent", request.mac, fw, arch,
@@ -607,11 +603,8 @@ class BootService:
                 and machine.state != MachineState.DISCOVERED
                 and not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)
                 and self._recorder.repeats(machine.id, kind, plan.reason, machine)):
-            self._repeats.pop(request.mac, None)
-            self._repeats[request.mac] = _Repeat(request, machine, shared, self.settings, kind,
-                                                 plan)
-            if len(self._repeats) > REPEATS_KEPT:
-                del self._repeats[next(iter(self._repeats))]  # the oldest
+            _keep(self._repeats, request.mac,
+                  _Repeat(request, machine, shared, self.settings, kind, plan), REPEATS_KEPT)
         return plan
 
     async def _plan(self, request: BootRequest, *, record: bool,
@@ -1148,6 +1141,19 @@ class BootService:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._recorder.flush()
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _keep(kept: dict[K, V], key: K, value: V, bound: int) -> None:
+    """``kept[key] = value`` as its newest entry, the oldest dropped past ``bound``: the
+    dict's insertion order is its age (a re-inserted key moves to the end)."""
+    kept.pop(key, None)
+    kept[key] = value
+    if len(kept) > bound:
+        del kept[next(iter(kept))]
 
 
 def _describe_stage(fw: Firmware, arch: Arch, which: LoaderChain, name: str,
