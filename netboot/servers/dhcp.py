@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -68,9 +68,28 @@ def _about(data: bytes, peer: Address) -> dict[str, Any]:
             "mac": data[28:34].hex(":") if big else None}
 
 
-async def _in_context(pending: Awaitable[list[Reply]], fields: dict[str, Any]) -> list[Reply]:
+async def _awaited_in(pending: Awaitable[list[Reply]], fields: dict[str, Any]) -> list[Reply]:
     with log_context(**fields):
         return await pending
+
+
+class _InContext:
+    """``pending`` awaited under the datagram's log context. Closed unawaited (the listener
+    drops a request when too many are in flight), it closes ``pending`` too, which would
+    otherwise be reported as a coroutine never awaited."""
+
+    __slots__ = ("_fields", "_pending")
+
+    def __init__(self, pending: Awaitable[list[Reply]], fields: dict[str, Any]) -> None:
+        self._pending, self._fields = pending, fields
+
+    def __await__(self) -> Generator[Any, None, list[Reply]]:
+        return _awaited_in(self._pending, self._fields).__await__()
+
+    def close(self) -> None:
+        close = getattr(self._pending, "close", None)
+        if close is not None:
+            close()
 
 
 class DhcpServer:
@@ -306,7 +325,7 @@ class DhcpServer:
                 )
             # An answer known at once costs no coroutine; one that waits (the store) keeps
             # the same context for the lines it logs later.
-            return result if isinstance(result, list) else _in_context(result, fields)
+            return result if isinstance(result, list) else _InContext(result, fields)
 
         return handle
 

@@ -173,3 +173,23 @@ async def test_per_packet_lines_are_debug_and_info_is_a_summary(
     summaries = [line for line in lines if "last" in line]
     assert len(summaries) == 1 and "200 proxy OFFER" in summaries[0], lines
     assert len(lines) < 10, lines
+
+
+async def test_a_request_dropped_unawaited_closes_what_it_waited_for() -> None:
+    """The listener closes an answer it drops (too many in flight, servers/udp.py): the
+    store's coroutine inside is closed too, not reported as never awaited; one that is
+    awaited gives its answer under the datagram's log context."""
+    import inspect
+    import warnings
+
+    from netboot.servers.dhcp import _InContext
+
+    async def pending() -> list[object]:
+        return []
+
+    dropped = pending()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _InContext(dropped, {"xid": "0x1"}).close()
+    assert inspect.getcoroutinestate(dropped) == inspect.CORO_CLOSED
+    assert await _InContext(pending(), {"xid": "0x2"}) == []
