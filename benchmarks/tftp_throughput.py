@@ -17,12 +17,21 @@
               moved when ``--cap`` seconds ran out. ``--clients 1 --size 10485760 --loss
               0.1`` is the issue's "10 MiB lock-step with 10 % loss".
 
-blksize 1468 throughout (OVMF's; an Ethernet MTU). Each server runs in its own process, so
+blksize 1468 throughout (OVMF's; an Ethernet MTU). The client is ``tftp_client.c``, compiled
+with gcc into a temporary directory at the start of the run and used for every server alike
+(``--client python`` for the former Python client, also the fallback without gcc): a windowed
+transfer is a ping-pong (RFC 7440 §4), so the slower end sets its pace, and the Python client
+was slower per window than the servers it measured. It compares every payload with the file
+(memcmp), and before the timed runs one transfer from each server is written out and its
+SHA-256 compared with the file's. Its own CPU per MiB is printed beside the server's: a
+client that spends far less per MiB than a server is not what that server's figure measures.
+``--baseline TREE`` also runs the netboot of another checkout (e.g. /work/main) as
+``baseline``, for an A/B in the same run. Each server runs in its own process, so
 the client does not share its GIL; servers are started with their defaults and stopped by
 their own PID. tftpd-hpa and atftpd cannot both be installed from Debian (the packages
 conflict): point ``--in-tftpd`` at an ``in.tftpd`` unpacked from the .deb if it is not on
 PATH. A server that is not installed is left out and said so. dnsmasq's TFTP listens on port
-69 only. The client is one process driving every transfer from one epoll loop; every
+69 only. Either client is one process driving every transfer from one epoll loop; every
 receive is bounded in time, every loop in count. Not part of pytest.
 """
 
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import select
@@ -62,12 +72,20 @@ class Peer:
     binary: str | None = None  # needed on PATH; the peer is left out without it
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 @contextlib.contextmanager
 def netboot_server(root: Path, binary: str) -> Iterator[tuple[int, int]]:
+    """``binary``: "" for this tree's netboot, "uvloop" for it under uvloop, or the path of
+    another checkout (``--baseline``) whose netboot is served by this file's ``serve``."""
     env = {**os.environ}
+    tree = REPO
     if binary == "uvloop":
         env["NETBOOT_LOOP"] = "uvloop"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(root)],
+    elif binary:
+        tree = Path(binary)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(root), "--tree", str(tree)],
                             stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
@@ -132,9 +150,9 @@ PEERS = [
 ]
 
 
-def serve(root: Path) -> None:
-    """Child process: netboot's server on HOST:0 until SIGTERM."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+def serve(root: Path, tree: Path) -> None:
+    """Child process: the netboot of ``tree`` on HOST:0 until SIGTERM."""
+    sys.path.insert(0, str(tree))
     from netboot.files import FileTree
     from netboot.model import Blob
     from netboot.servers.tftp import TftpServer
@@ -306,11 +324,50 @@ class Run:
     failures: int
     errors: list[str] = field(default_factory=list)
     duplicates: int = 0
+    client_cpu: float | None = None  # seconds; measured by the C client only
+
+
+def c_client(work: Path) -> Path | None:
+    """tftp_client.c compiled into ``work``; None without gcc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return None
+    binary = work / "tftp_client"
+    subprocess.run([gcc, "-O2", "-o", str(binary), str(Path(__file__).with_name("tftp_client.c"))],
+                   check=True, timeout=120)
+    return binary
+
+
+def c_transfers(client: Path, port: int, root: Path, name: str, size: int, clients: int,
+                window: int, *, loss: float, seed: int, cap: float,
+                copy: Path | None = None) -> Run:
+    """The C client's run (see tftp_client.c): the same workload as :func:`transfers`."""
+    argv = [str(client), HOST, str(port), name, str(size), "-n", str(clients), "-w", str(window),
+            "-b", str(BLKSIZE), "-l", str(loss), "-s", str(seed), "-c", str(cap),
+            "-x", str(root / name)]
+    if copy is not None:
+        argv += ["-o", str(copy)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=cap + 30)
+    run: Run | None = None
+    errors = []
+    for line in out.stdout.splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind == "result":
+            seconds, moved, failed, duplicates, cpu = rest.split()
+            run = Run(float(seconds), int(moved), int(failed), duplicates=int(duplicates),
+                      client_cpu=float(cpu))
+        elif kind == "error":
+            errors.append(rest.partition(" ")[2])
+    if run is None:
+        raise RuntimeError(f"the C client said nothing: {out.stderr.strip()}")
+    run.errors = errors
+    return run
 
 
 def transfers(port: int, name: str, size: int, clients: int, window: int, *, loss: float,
               seed: int, cap: float) -> Run:
-    """``clients`` downloads of ``name`` at once, each from 127.0.0.(10 + i)."""
+    """``clients`` downloads of ``name`` at once, each from 127.0.0.(10 + i): the Python
+    client."""
     options = b"blksize\x00%d\x00" % BLKSIZE
     if window > 1:
         options += b"windowsize\x00%d\x00" % window
@@ -379,6 +436,8 @@ def available(args: argparse.Namespace) -> list[tuple[Peer, str]]:
             out.append((peer, ""))
             if args.uvloop:
                 out.append((Peer("netboot-uvloop", netboot_server), "uvloop"))
+            if args.baseline:
+                out.append((Peer("baseline", netboot_server), str(args.baseline)))
             continue
         binary = shutil.which(peer.binary) or ""
         if peer.name == "tftpd-hpa" and args.in_tftpd:
@@ -410,10 +469,15 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated server names")
     parser.add_argument("--uvloop", action="store_true", help="also netboot under uvloop")
     parser.add_argument("--in-tftpd", default="", help="path of tftpd-hpa's in.tftpd")
+    parser.add_argument("--baseline", type=Path, metavar="TREE",
+                        help="also the netboot of another checkout, as 'baseline'")
+    parser.add_argument("--client", choices=("c", "python"), default="c",
+                        help="tftp_client.c compiled with gcc (default), or the Python one")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tree", type=Path, default=REPO, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.tree)
         return
     mode = args.mode
     size = args.size or {"single": 20_000_000, "lockstep": MiB, "loss": MiB}[mode]
@@ -423,22 +487,49 @@ def main() -> None:
     loss = args.loss if mode == "loss" else 0.0
     peers = available(args)
     results: dict[tuple[str, int], list[tuple[Run, float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as work:
         root = Path(tmp)
         (root / "file.bin").write_bytes(os.urandom(size))
+        digest = hashlib.sha256((root / "file.bin").read_bytes()).hexdigest()
         os.chmod(tmp, 0o755)
+        client = c_client(Path(work)) if args.client == "c" else None
+        if args.client == "c" and client is None:
+            print("gcc not installed: the Python client instead")
         for rep in range(args.repeat):
             # Rotate the order so that no server always runs first.
             order = peers[rep % len(peers):] + peers[:rep % len(peers)]
             for peer, binary in order:
                 with peer.start(root, binary) as (port, pid):
+                    if client is not None and rep == 0:
+                        check(client, port, root, Path(work), peer.name, size, windows,
+                              digest, args.cap)
                     for window in windows:
                         meter = CpuMeter(pid)
-                        run = transfers(port, "file.bin", size, clients, window, loss=loss,
-                                        seed=args.seed + rep, cap=args.cap)
+                        if client is not None:
+                            run = c_transfers(client, port, root, "file.bin", size, clients,
+                                              window, loss=loss, seed=args.seed + rep,
+                                              cap=args.cap)
+                        else:
+                            run = transfers(port, "file.bin", size, clients, window,
+                                            loss=loss, seed=args.seed + rep, cap=args.cap)
                         cpu = meter.stop()
                         results.setdefault((peer.name, window), []).append((run, cpu))
     report(mode, size, clients, windows, loss, args, [p.name for p, _ in peers], results)
+
+
+def check(client: Path, port: int, root: Path, work: Path, name: str, size: int,
+          windows: list[int], digest: str, cap: float) -> None:
+    """One untimed transfer per windowsize written out and its SHA-256 compared with the
+    file's: the bytes every server sends are right, not only their count."""
+    copy = work / "copy.bin"
+    for window in windows:
+        run = c_transfers(client, port, root, "file.bin", size, 1, window, loss=0.0, seed=0,
+                          cap=cap, copy=copy)
+        got = hashlib.sha256(copy.read_bytes()).hexdigest()
+        verdict = "equal" if got == digest and not run.failures else f"DIFFERENT ({got[:16]})"
+        print(f"check {name:<16} window {window:>3}: sha256 {verdict}"
+              + (f"  errors: {run.errors}" if run.errors else ""), flush=True)
+        copy.unlink(missing_ok=True)
 
 
 def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
@@ -450,11 +541,13 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
 
     print(f"TFTP {mode}: {clients} x {size / MiB:g} MiB, blksize {BLKSIZE}"
           + (f", {loss:.0%} loss each way" if loss else "")
-          + f", median of {args.repeat} (windowsize is what the client asked; a server may"
-          " grant 1; dup DATA: duplicate or out-of-order blocks the clients received)")
+          + f", median of {args.repeat}, {args.client if args.client == 'python' else 'C'} client"
+          " (windowsize is what the client asked; a server may grant 1; client: the"
+          " client's CPU ms per MiB; dup DATA: duplicate or out-of-order blocks the clients"
+          " received)")
     ours = [n for n in names if n.startswith("netboot")]
     print(f"{'server':<16}{'window':>7}{'seconds':>9}{'MiB/s':>8}{'CPU ms/MiB':>12}"
-          f"{'failed':>8}{'dup DATA':>10}"
+          f"{'client':>8}{'failed':>8}{'dup DATA':>10}"
           + "".join(f"{'time ÷ ' + n:>24}" for n in ours))
     for window in windows:
         for name in names:
@@ -463,8 +556,11 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
             # > 1: that netboot variant was faster than this server (same run, same client).
             ratios = "".join(f"{run.seconds / median((n, window))[0].seconds:>23.2f}x"
                              for n in ours if name not in ours)
+            client = ("" if run.client_cpu is None
+                      else f"{run.client_cpu * 1000 / max(mib, 1e-9):.2f}")
             print(f"{name:<16}{window:>7}{run.seconds:>9.2f}{mib / run.seconds:>8.1f}"
-                  f"{cpu * 1000 / max(mib, 1e-9):>12.2f}{run.failures:>8}{run.duplicates:>10}"
+                  f"{cpu * 1000 / max(mib, 1e-9):>12.2f}{client:>8}{run.failures:>8}"
+                  f"{run.duplicates:>10}"
                   f"{ratios}" + (f"  errors: {sorted(set(run.errors))}" if run.errors else "")
                   + (f"  ({run.moved / 1e3:,.0f} kB moved)" if run.failures else ""))
 
