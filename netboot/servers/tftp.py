@@ -346,6 +346,8 @@ class _Link:
         self.address: Address = sock.getsockname()[:2]
         self._sendto = sock.sendto
         self._buf = bytearray(self.MAX_DATAGRAM)
+        self._able: tuple[Datagram, ...] = ()  # the last window found GSO-able
+        self._segment: dict[int, list[tuple[int, int, bytes]]] = {}  # UDP_SEGMENT cmsg by size
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
         self.full = 0  # datagrams the send buffer refused (the retransmission timer resends)
@@ -435,12 +437,18 @@ class _Link:
                 self._not_sent(exc, peer, path)
             return
         server = self.server
-        if server.gso and _gso_able(send):
+        if server.gso and (send is self._able or _gso_able(send)):
+            # A streamed transfer's full windows are one tuple (views of its frame): checked
+            # once. Held here until the next window, which is another transfer's or its own.
+            self._able = send
+            size = len(send[0])
+            segment = self._segment.get(size)
+            if segment is None:
+                segment = self._segment[size] = [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
             try:
                 # UDP_SEGMENT (Linux >= 4.18): the kernel cuts the buffers (one per
                 # datagram, gathered) into the window's datagrams: one system call.
-                self.sock.sendmsg(send, [(_SOL_UDP, _UDP_SEGMENT,
-                                          _GSO_SIZE.pack(len(send[0])))], 0, peer)
+                self.sock.sendmsg(send, segment, 0, peer)
                 return
             except (BlockingIOError, InterruptedError) as exc:
                 self._not_sent(exc, peer, path)

@@ -522,9 +522,9 @@ class Sender:
     :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
 
     __slots__ = (
-        "_base", "_clean", "_floor", "_frame", "_frames", "_interval", "_packets", "_policy",
-        "_progress", "_read_into", "_rttvar", "_sent_at", "_slots", "_source", "acked",
-        "answered", "blksize", "blocks", "deadline", "duplicate_acks", "negotiated",
+        "_base", "_clean", "_floor", "_frame", "_frames", "_heads", "_interval", "_packets",
+        "_policy", "_progress", "_read_into", "_rttvar", "_sent_at", "_slots", "_source",
+        "acked", "answered", "blksize", "blocks", "deadline", "duplicate_acks", "negotiated",
         "outcome", "phase", "retransmissions", "retries", "sent", "size", "srtt", "windowsize",
     )
 
@@ -554,6 +554,7 @@ class Sender:
         self._frame: bytearray | None = None
         self._slots: list[memoryview] = []
         self._frames: tuple[memoryview, ...] = ()
+        self._heads: struct.Struct | None = None
         self._policy = policy
         # The last block is shorter than blksize, possibly empty (RFC 1350 / RFC 2348).
         self.blocks = size // self.blksize + 1
@@ -588,19 +589,42 @@ class Sender:
         return self._send_window(now)
 
     def ack_window(self, block: int, now: float) -> tuple[Datagram, ...] | None:
-        """The common ACK, on its own: the client acknowledged every block sent, more remain
-        and the transfer serves prebuilt :class:`Packets`. Returns the next window to send
-        (its deadline is :attr:`deadline`), or None when the ACK is anything else, which
-        leaves the state untouched: then call :meth:`ack`, which handles every case.
+        """The common ACK, on its own: the client acknowledged every block sent and more
+        remain. Returns the next window to send (its deadline is :attr:`deadline`), or None
+        when the ACK is anything else, which leaves the state untouched: then call
+        :meth:`ack`, which handles every case. Served here: prebuilt :class:`Packets`, and
+        from a :class:`Source` a full window read into the frame or a lock-step block; the
+        last window of a streamed file and a short read go to :meth:`ack`.
 
         The same steps as :meth:`ack` (RTT sample, progress, interval, next window) written
         out in one function without a :class:`Step`: in lock-step this runs once per block
-        and the calls and the Step were most of the Python cost of a block."""
+        and the calls and the Step were most of the Python cost of a block, and a streamed
+        window went through both."""
         acked = self.acked
         n = acked + ((block - acked) & 0xFFFF)
+        if n != self.sent or n == acked or n >= self.blocks or self.phase is not _DATA:
+            return None
+        last = n + self.windowsize
+        blocks = self.blocks
+        last = blocks if last > blocks else last
         packets = self._packets
-        if (n != self.sent or n == acked or n >= self.blocks or packets is None
-                or self.phase is not _DATA):
+        send: tuple[Datagram, ...]
+        if packets is not None:
+            send = (packets.datagrams[n],) if last == n + 1 else tuple(packets.datagrams[n:last])
+        elif last == blocks:
+            return None  # the last window: its short block is ack()'s to read
+        elif self._read_into is not None:
+            # Read before any state changes: a short read leaves ack() to report it.
+            got, send = self._read_window(n + 1, last, n * self.blksize, last * self.blksize)
+            if got != (last - n) * self.blksize:
+                return None
+        elif last == n + 1 and self._source is not None:  # lock-step from the read-ahead
+            bs = self.blksize
+            chunk = self._source.read(n * bs, bs)
+            if len(chunk) != bs:
+                return None
+            send = (data_packet((n + 1) & 0xFFFF, chunk),)
+        else:
             return None
         self.acked = n
         srtt = self.srtt
@@ -623,16 +647,10 @@ class Sender:
             rto = floor if rto < floor else rto
             interval = rto if rto < interval else interval
         self._interval = interval
-        # _send_window from packets
-        last = n + self.windowsize
-        blocks = self.blocks
-        last = blocks if last > blocks else last
         self.sent = last
         self._sent_at = now
         self.deadline = now + interval
-        if last == n + 1:
-            return (packets.datagrams[n],)
-        return tuple(packets.datagrams[n:last])
+        return send
 
     def ack(self, block: int, now: float) -> Step:
         send = self.ack_window(block, now)
@@ -789,26 +807,34 @@ class Sender:
         frame = self._frame
         bs = self.blksize
         step = bs + 4
+        ws = self.windowsize
         if frame is None:
-            self._frame = frame = bytearray(self.windowsize * step)
+            self._frame = frame = bytearray(ws * step)
             view = memoryview(frame)
-            self._slots = [view[i * step + 4 : (i + 1) * step] for i in range(self.windowsize)]
-            self._frames = tuple(view[i * step : (i + 1) * step] for i in range(self.windowsize))
+            self._slots = [view[i * step + 4 : (i + 1) * step] for i in range(ws)]
+            self._frames = tuple(view[i * step : (i + 1) * step] for i in range(ws))
+            # Every header of a full window in one call: opcode and block as one 32-bit
+            # number, the payloads as pad bytes (zeros, so written before the read).
+            self._heads = struct.Struct("!" + f"I{bs}x" * ws)
         count = last - first + 1
         tail = end - start - (count - 1) * bs  # the last block's payload: < bs at the end
         slots, frames = self._slots, self._frames
         iov: list[memoryview]
         send: tuple[Datagram, ...]
-        if count == self.windowsize and tail == bs:  # a full window: the frame as it is
+        wire, heads = first & 0xFFFF, self._heads
+        if count == ws and tail == bs:  # a full window: the frame as it is
             iov, send = slots, frames
+            if heads is not None and wire + count <= _BLOCK_MOD:  # no wrap inside it
+                head = _OP_DATA << 16 | wire
+                heads.pack_into(frame, 0, *range(head, head + count))
+                return self._read_into(start, iov), send
         else:
             iov = [*slots[: count - 1], slots[count - 1][:tail]]
             send = (*frames[: count - 1], frames[count - 1][: tail + 4])
-        got = self._read_into(start, iov)
         pack, op = _HEAD2.pack_into, _OP_DATA
         for i in range(count):
             pack(frame, i * step, op, (first + i) % _BLOCK_MOD)
-        return got, send
+        return self._read_into(start, iov), send
 
     def _source_error(self, got: int, start: int, end: int) -> Step:
         return self._finish(
