@@ -581,6 +581,10 @@ class SqliteStore:
         return [m for m in map(self._sealed.open_machine, await self._read(_list_machines, flt))
                 if m is not None]
 
+    async def machines_after(self, after: str, limit: int) -> list[Machine]:
+        return [m for m in map(self._sealed.open_machine,
+                               await self._read(_machines_after, after, limit)) if m is not None]
+
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         return await self._read(_count_machines, flt or MachineFilter())
 
@@ -1108,6 +1112,14 @@ def _list_machines(conn: sqlite3.Connection, flt: MachineFilter) -> list[Machine
     while rows := cur.fetchmany(1024):
         out += [_machine(r[0]) for r in rows]
     return out
+
+
+def _machines_after(conn: sqlite3.Connection, after: str, limit: int) -> list[Machine]:
+    # A range of the id-keyed table (WITHOUT ROWID): read in its own order, where a listing by
+    # MAC looks each row up from the MAC index.
+    rows = conn.execute("SELECT data FROM machines WHERE id > ? ORDER BY id LIMIT ?",
+                        (after, limit)).fetchall()
+    return [_machine(r[0]) for r in rows]
 
 
 def _count_machines(conn: sqlite3.Connection, flt: MachineFilter) -> int:
