@@ -471,32 +471,41 @@ def _keys_of(machine: Machine) -> list[tuple[str, _Key]]:
     copy in memory). Written out, not through ``claims``: loading 100,000 machines built an
     ``Identity`` and a text form of every MAC only to drop them (a third of the indexing);
     tests/inventory/test_view.py holds both to the same answers."""
-    out: list[tuple[str, _Key]] = [("mac", mac.raw) for mac in machine.macs]
+    macs = machine.macs
+    out: list[tuple[str, _Key]] = [("mac", macs[0].raw)] if len(macs) == 1 else [
+        ("mac", mac.raw) for mac in macs]
     text = machine.uuid
     if text is not None:
         value = clean_uuid(text)
         if value:
             out.append(("uuid", text if value == text else value))
-    for kind, text in (("serial", machine.serial), ("asset", machine.asset)):
-        if text is not None:
-            value = clean_text(text)
-            if value:
-                out.append((kind, text if value == text else value))
+    text = machine.serial
+    if text is not None:
+        value = clean_text(text)
+        if value:
+            out.append(("serial", text if value == text else value))
+    text = machine.asset
+    if text is not None:
+        value = clean_text(text)
+        if value:
+            out.append(("asset", text if value == text else value))
     return out
 
 
 def _index(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str, Machine]],
            no_mac: set[str] | None, machine: Machine, *, all_clusters: bool = True) -> None:
+    ident = machine.id
     for kind, key in _keys_of(machine):
-        keys[kind][key] = machine.id
-    if _running_server(machine) and machine.cluster is not None:
-        held = servers.get(machine.cluster)
+        keys[kind][key] = ident
+    cluster = machine.cluster
+    if cluster is not None and _running_server(machine):
+        held = servers.get(cluster)
         if held is None and all_clusters:
-            held = servers[machine.cluster] = {}
+            held = servers[cluster] = {}
         if held is not None:
-            held[machine.id] = machine
+            held[ident] = machine
     if no_mac is not None and not machine.macs:
-        no_mac.add(machine.id)
+        no_mac.add(ident)
 
 
 def _unindex(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str, Machine]],
