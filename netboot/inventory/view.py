@@ -52,9 +52,9 @@ from netboot.model import (
 # History the store may prune once the view is this far past it (other readers further
 # behind re-read everything, which is correct, only slower).
 _KEEP_CHANGES = 10_000
-# Machines read from the store at a time while loading: a decision reading through to the
-# store meanwhile waits for one page at most (~15 ms on SQLite's reader thread on a quiet
-# machine), and the event loop indexes one between two yields (~5-10 ms).
+# Machines read from the store at a time while loading: one short read (~15 ms to decode on
+# a quiet machine; SQLite reads pages on a thread of their own, PostgreSQL on one of its pool's
+# connections), indexed by the event loop between two yields (~5-10 ms).
 _LOAD_PAGE = 1_000
 
 _V = TypeVar("_V")
