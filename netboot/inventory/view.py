@@ -136,10 +136,9 @@ class InventoryView:
             groups = await self._store.list_groups()
             reading = self._page("")
             try:
-                while page := await reading:
+                while (page := await reading) and clears == self._clears:
                     reading = self._page(page[-1].id)  # read while this one is indexed
-                    if clears == self._clears:
-                        self._adopt(page)
+                    self._adopt(page)
                     del page
                     await asyncio.sleep(0)  # the event loop keeps serving meanwhile
             finally:

@@ -538,3 +538,37 @@ async def test_while_loading_the_machines_read_so_far_answer_without_the_store(
         assert await view.machine_by("mac", str(machine.macs[0])) == machine
     assert await view.machine_by("mac", "02:00:00:00:05:01") is None
     assert store_reads == ["02:00:00:00:05:00"]  # loaded: a miss is an answer
+
+
+async def test_a_load_that_meets_pruned_history_starts_again(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """History pruned past the load's start while it reads (the feed answers incomplete, the
+    view drops everything): the pages read so far mean nothing, the load reads again."""
+    own, other, _ = stores
+    monkeypatch.setattr("netboot.inventory.view._LOAD_PAGE", 2)
+    for i in range(6):
+        await own.create_machine(Machine(macs=(MacAddress.parse(f"02:00:00:00:06:{i:02x}"),)))
+    view = InventoryView(own)
+    real_page = own.machines_after
+    firsts = 0
+
+    async def page_then_prune(after: str, limit: int) -> list[Machine]:
+        nonlocal firsts
+        page = await real_page(after, limit)
+        if after == "":
+            firsts += 1
+        elif firsts == 1:
+            await other.create_machine(Machine(macs=(MacAddress.parse("02:00:00:00:06:ff"),)))
+            view._clear()  # what a sync does when the feed says it cannot tell
+        return page
+
+    own.machines_after = page_then_prune  # type: ignore[method-assign]
+    try:
+        await view.load()
+    finally:
+        own.machines_after = real_page  # type: ignore[method-assign]
+    assert firsts == 2 and view.loaded
+    every = await own.list_machines()
+    assert len(every) == 7
+    for machine in every:
+        assert await view.machine_by("mac", str(machine.macs[0])) == machine
