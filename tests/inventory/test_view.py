@@ -231,7 +231,7 @@ async def test_loaded_view_equals_a_fresh_read_after_every_write(
 
 
 async def test_load_while_another_process_writes_misses_nothing(
-        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes that land between the load's reads are applied by the sync after it."""
     own, other, _ = stores
     for i in range(50):
@@ -251,11 +251,8 @@ async def test_load_while_another_process_writes_misses_nothing(
             await other.delete_machine(page[0].id)
         return page
 
-    own.machines_after = read_then_write  # type: ignore[method-assign]
-    try:
-        await view.load()
-    finally:
-        own.machines_after = real_page  # type: ignore[method-assign]
+    monkeypatch.setattr(own, "machines_after", read_then_write)
+    await view.load()
     renamed = await view.machine_by("mac", str(moved))
     assert renamed is not None and renamed.hostname == "renamed"
     assert len(await own.list_machines()) == 49
@@ -289,12 +286,9 @@ async def test_a_load_by_pages_with_writes_between_them_is_exact(
             await random_write(rng, other)
         return page
 
-    own.machines_after = read_then_write  # type: ignore[method-assign]
+    monkeypatch.setattr(own, "machines_after", read_then_write)
     boot = boot_on(own, tmp_path)
-    try:
-        await boot.load_view()
-    finally:
-        own.machines_after = real_page  # type: ignore[method-assign]
+    await boot.load_view()
     view = boot._view
     assert view.loaded and pages > 4
     fresh_store = SqliteStore(data / "netboot.db")
@@ -527,12 +521,9 @@ async def test_while_loading_the_machines_read_so_far_answer_without_the_store(
             assert store_reads == ["02:00:00:00:05:00"]  # a miss read through
         return page
 
-    own.machines_after = page_then_look  # type: ignore[method-assign]
-    own.machine_by = counted_by  # type: ignore[method-assign]
-    try:
-        await view.load()
-    finally:
-        own.machines_after, own.machine_by = real_page, real_by  # type: ignore[method-assign]
+    monkeypatch.setattr(own, "machines_after", page_then_look)
+    monkeypatch.setattr(own, "machine_by", counted_by)
+    await view.load()
     assert checked and view.loaded
     for machine in await own.list_machines():
         assert await view.machine_by("mac", str(machine.macs[0])) == machine
@@ -562,11 +553,8 @@ async def test_a_load_that_meets_pruned_history_starts_again(
             view._clear()  # what a sync does when the feed says it cannot tell
         return page
 
-    own.machines_after = page_then_prune  # type: ignore[method-assign]
-    try:
-        await view.load()
-    finally:
-        own.machines_after = real_page  # type: ignore[method-assign]
+    monkeypatch.setattr(own, "machines_after", page_then_prune)
+    await view.load()
     assert firsts == 2 and view.loaded
     every = await own.list_machines()
     assert len(every) == 7
