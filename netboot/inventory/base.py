@@ -174,6 +174,12 @@ class Store(ChangeFeed, Protocol):
 
     async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]: ...
 
+    async def machines_after(self, after: str, limit: int) -> list[Machine]:
+        """The first ``limit`` machines whose id sorts after ``after`` ("": from the first),
+        in the store's id order: the whole inventory a page at a time (the view's load),
+        each page a short read, so that the boot path's reads meanwhile are not queued
+        behind all of it. The next page starts after the last id of this one."""
+
     async def count_machines(self, flt: MachineFilter | None = None) -> int: ...
 
     async def create_machine(self, machine: Machine) -> None:

@@ -122,6 +122,10 @@ class MemoryStore:
         found = codec.sort_machines(self._matching(flt), flt.sort, flt.descending)
         return found[flt.offset : flt.offset + flt.limit]
 
+    async def machines_after(self, after: str, limit: int) -> list[Machine]:
+        self._check_open()
+        return [self._machines[i] for i in sorted(i for i in self._machines if i > after)[:limit]]
+
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         self._check_open()
         return len(self._matching(flt or MachineFilter()))

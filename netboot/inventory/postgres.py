@@ -486,6 +486,16 @@ class PostgresStore:
             rows = await conn.fetch(
                 f"SELECT m.data FROM machines m{where} ORDER BY {order}"  # noqa: S608
                 f" LIMIT ${n + 1} OFFSET ${n + 2}", *params, flt.limit, flt.offset)
+        return await self._decoded(rows)
+
+    async def machines_after(self, after: str, limit: int) -> list[Machine]:
+        async with self._conn() as conn:
+            # The primary key's range, in its order (COLLATE "C": as Python orders the ids).
+            rows = await conn.fetch("SELECT data FROM machines WHERE id > $1 ORDER BY id"
+                                    " LIMIT $2", after, limit)
+        return await self._decoded(rows)
+
+    async def _decoded(self, rows: list[asyncpg.Record]) -> list[Machine]:
         # Decoded a chunk at a time, yielding to the event loop between chunks: the whole
         # inventory (the view loading 100,000 machines at start) decoded in one go held the
         # loop for seconds, and every DHCP decision of a storm meanwhile missed its 1 s.
@@ -508,7 +518,7 @@ class PostgresStore:
         """Decode a stored machine and open its sealed install token."""
         if text is None:
             return None
-        return self._sealed.open_machine(codec.machine_from_dict(json.loads(text)))
+        return self._sealed.open_machine(codec.machine_from_document(codec.loads_document(text)))
 
     async def create_machine(self, machine: Machine) -> None:
         await self.apply_batch(Batch(create=(machine,)))

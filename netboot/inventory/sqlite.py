@@ -343,6 +343,12 @@ class SqliteStore:
         # writer, so a DHCP answer's machine lookup is not queued behind a 100k-row import.
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None  # touched only on the reader thread
+        # The view's load reads the whole inventory by pages on a thread and connection of
+        # its own (opened at its first page): on the reader thread the decisions of a storm
+        # at start-up queued behind each page and the pages behind them, and the view never
+        # finished loading while the storm lasted.
+        self._pager: ThreadPoolExecutor | None = None
+        self._pconn: sqlite3.Connection | None = None  # touched only on the pager thread
         self._shm = self.path.with_name(self.path.name + "-shm")
         self._shm_size = 0  # what SQLite may have mapped; the file must not shrink below it
         # One descriptor of -shm, open from open() to close(). Closing ANY descriptor of a
@@ -400,7 +406,15 @@ class SqliteStore:
 
     def _guard(self, fn: Callable[..., _R], args: Sequence[Any], reader: bool) -> _R:
         """Translate sqlite3 errors on the worker thread, where they happen."""
-        conn = self._rconn if reader else self._conn
+        return self._call(self._rconn if reader else self._conn, fn, args)
+
+    def _paged(self, fn: Callable[..., _R], *args: Any) -> _R:
+        if self._pconn is None:
+            self._pconn = self._query_only()
+        return self._call(self._pconn, fn, args)
+
+    def _call(self, conn: sqlite3.Connection | None, fn: Callable[..., _R],
+              args: Sequence[Any]) -> _R:
         if conn is None:
             raise StoreError(f"the inventory {self.path} is not open")
         self._check_shm()
@@ -469,6 +483,7 @@ class SqliteStore:
             executor.shutdown(wait=True)
             raise
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netboot-sqlite-r")
+        self._pager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netboot-sqlite-p")
         try:
             await loop.run_in_executor(self._reader, self._open_reader)
         except BaseException:
@@ -518,6 +533,9 @@ class SqliteStore:
         log.info("inventory %s open, schema version %d", self.path, SCHEMA_VERSION)
 
     def _open_reader(self) -> None:
+        self._rconn = self._query_only()
+
+    def _query_only(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -525,10 +543,15 @@ class SqliteStore:
             conn.execute("PRAGMA mmap_size = 0")  # see _configure
         except sqlite3.Error as exc:
             raise _unopenable(self.path, exc) from exc
-        self._rconn = conn
+        return conn
 
     def _close_reader(self) -> None:
         conn, self._rconn = self._rconn, None
+        if conn is not None:
+            conn.close()
+
+    def _close_pager(self) -> None:
+        conn, self._pconn = self._pconn, None
         if conn is not None:
             conn.close()
 
@@ -536,13 +559,12 @@ class SqliteStore:
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.close()
+        pager, self._pager = self._pager, None
         reader, self._reader = self._reader, None
-        if reader is not None:
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(reader, self._close_reader)
-            finally:
-                reader.shutdown(wait=True)
+        try:
+            await _stop(pager, self._close_pager)
+        finally:
+            await _stop(reader, self._close_reader)
         executor = self._executor
         if executor is None:
             return
@@ -580,6 +602,13 @@ class SqliteStore:
         codec.check_filter(flt)
         return [m for m in map(self._sealed.open_machine, await self._read(_list_machines, flt))
                 if m is not None]
+
+    async def machines_after(self, after: str, limit: int) -> list[Machine]:
+        if self._pager is None:
+            raise StoreError(f"the inventory {self.path} is not open")
+        page = await asyncio.get_running_loop().run_in_executor(
+            self._pager, self._paged, _machines_after, after, limit)
+        return [m for m in map(self._sealed.open_machine, page) if m is not None]
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         return await self._read(_count_machines, flt or MachineFilter())
@@ -878,6 +907,15 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
         raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
 
 
+async def _stop(pool: ThreadPoolExecutor | None, closing: Callable[[], None]) -> None:
+    """Run ``closing`` on the thread of ``pool`` (its connection's), then end the thread."""
+    if pool is not None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(pool, closing)
+        finally:
+            pool.shutdown(wait=True)
+
+
 # --- worker-thread functions: each takes the connection first --------------------------------
 
 
@@ -1108,6 +1146,14 @@ def _list_machines(conn: sqlite3.Connection, flt: MachineFilter) -> list[Machine
     while rows := cur.fetchmany(1024):
         out += [_machine(r[0]) for r in rows]
     return out
+
+
+def _machines_after(conn: sqlite3.Connection, after: str, limit: int) -> list[Machine]:
+    # A range of the id-keyed table (WITHOUT ROWID): read in its own order, where a listing by
+    # MAC looks each row up from the MAC index.
+    rows = conn.execute("SELECT data FROM machines WHERE id > ? ORDER BY id LIMIT ?",
+                        (after, limit)).fetchall()
+    return [_machine(r[0]) for r in rows]
 
 
 def _count_machines(conn: sqlite3.Connection, flt: MachineFilter) -> int:

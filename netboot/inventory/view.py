@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from netboot.identity import claims
+from netboot.identity import clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import (
     Changes,
@@ -52,8 +52,10 @@ from netboot.model import (
 # History the store may prune once the view is this far past it (other readers further
 # behind re-read everything, which is correct, only slower).
 _KEEP_CHANGES = 10_000
-# Machines indexed between two yields to the event loop while loading (~5 ms of work).
-_LOAD_CHUNK = 2_000
+# Machines read from the store at a time while loading: one short read (~15 ms to decode on
+# a quiet machine; SQLite reads pages on a thread of their own, PostgreSQL on one of its pool's
+# connections), indexed by the event loop between two yields (~5-10 ms).
+_LOAD_PAGE = 1_000
 
 _V = TypeVar("_V")
 _N = TypeVar("_N", Profile, Cluster, Group)
@@ -114,6 +116,17 @@ class InventoryView:
         ``start``, and once they are in place the view rewinds to ``start`` and syncs, which
         applies again every change committed since (as it is now). Whatever the reads saw
         that changed later is replaced, whatever did not change they saw as it is.
+
+        By pages in id order, not one listing: the store reads on one thread (SQLite) or a
+        small pool (PostgreSQL), and a decision that read through to it while the view
+        loaded waited behind the whole listing (3-10 s for 100,000 machines: a storm at
+        start-up missed every DHCP deadline); now behind one page at most. A machine that
+        exists throughout keeps its id, so it is in exactly one page; one created, changed
+        or deleted meanwhile is in the feed after ``start``.
+
+        Each page joins the view as it arrives, as a read through would (:meth:`_adopt`):
+        a decision meanwhile finds the machines loaded so far without reading the store,
+        exact as the lazily filled view is; only a miss is not an answer until the end.
         """
         while True:
             await self.sync()
@@ -121,23 +134,30 @@ class InventoryView:
             profiles = await self._store.list_profiles()
             clusters = await self._store.list_clusters()
             groups = await self._store.list_groups()
-            listed = await self._store.list_machines(MachineFilter(limit=1 << 62))
-            machines: dict[str, Machine | None] = {}
-            keys: dict[str, dict[_Key, str | None]] = {k: {} for k in _KINDS}
-            servers: dict[str, dict[str, Machine]] = {}
-            no_mac: set[str] = set()
-            for i, machine in enumerate(listed):
-                machines[machine.id] = machine
-                _index(keys, servers, no_mac, machine)
-                if i % _LOAD_CHUNK == _LOAD_CHUNK - 1:
+            reading = self._page("")
+            try:
+                while (page := await reading) and clears == self._clears:
+                    reading = self._page(page[-1].id)  # read while this one is indexed
+                    self._adopt(page)
+                    del page
                     await asyncio.sleep(0)  # the event loop keeps serving meanwhile
-            del listed
+            finally:
+                reading.cancel()  # when cancelled meanwhile (else done: a no-op)
             while self._syncing is not None:  # no sync may finish over the rewind below
                 await asyncio.shield(self._syncing)
             if clears != self._clears:
                 continue  # history was pruned meanwhile: ``start`` means nothing now
-            self._machines, self._keys, self._servers, self._no_mac = (
-                machines, keys, servers, no_mac)
+            # Every machine is held now, as of ``start`` or later; what only a loaded view
+            # keeps of all of them (every cluster's servers, the machines without a NIC):
+            servers: dict[str, dict[str, Machine]] = {}
+            no_mac: set[str] = set()
+            for machine in self._machines.values():
+                if machine is not None:
+                    if machine.cluster is not None and _running_server(machine):
+                        servers.setdefault(machine.cluster, {})[machine.id] = machine
+                    if not machine.macs:
+                        no_mac.add(machine.id)
+            self._servers, self._no_mac = servers, no_mac
             self._profiles = {p.name: p for p in profiles}
             self._clusters = {c.name: c for c in clusters}
             self._groups = {g.name: g for g in groups}
@@ -150,6 +170,24 @@ class InventoryView:
             if self.loaded:
                 _return_freed_memory()
                 return
+
+    def _adopt(self, page: list[Machine]) -> None:
+        """Machines read after the view's sync began, kept as :meth:`_keep_machine` keeps a
+        read through: only those the view holds nothing of (one it holds was put by a sync
+        or a read at least as new as the load's ``start``; a sync puts every machine it
+        reports, so one that changed after this read is replaced by the next sync)."""
+        held, keys, servers = self._machines, self._keys, self._servers
+        for machine in page:
+            if machine.id not in held:
+                held[machine.id] = machine
+                _index(keys, servers, None, machine, all_clusters=False)
+        # Another machine's decision may read these (a cluster's servers, who formed it).
+        self.shared += 1
+
+    def _page(self, after: str) -> asyncio.Future[list[Machine]]:
+        reading = asyncio.ensure_future(self._store.machines_after(after, _LOAD_PAGE))
+        reading.add_done_callback(_seen)
+        return reading
 
     # syncing -----------------------------------------------------------------------------
     async def sync(self) -> None:
@@ -415,9 +453,10 @@ def _return_freed_memory() -> None:
     trim(0)
 
 
-def _seen(done: asyncio.Future[None]) -> None:
-    # A failed background sync: the next reader's own sync meets the same error and
-    # reports it; here it only must not be logged as never retrieved.
+def _seen(done: asyncio.Future[Any]) -> None:
+    # A failed background sync or a page of a load abandoned: the next reader's own sync
+    # (the load itself) meets the error and reports it; here it only must not be logged as
+    # never retrieved.
     if not done.cancelled():
         done.exception()
 
@@ -425,27 +464,47 @@ def _seen(done: asyncio.Future[None]) -> None:
 _KINDS = ("mac", "uuid", "serial", "asset")
 
 
-def _keys_of(machine: Machine) -> Iterable[tuple[str, _Key]]:
-    for kind, value in claims(machine):
-        if kind != "mac":
-            own = getattr(machine, kind)
-            yield kind, own if own == value else value  # the machine's own string if equal
-    for mac in machine.macs:
-        yield "mac", mac.raw
+def _keys_of(machine: Machine) -> list[tuple[str, _Key]]:
+    """What :func:`netboot.identity.claims` gives, as the view keys it: a MAC by its raw
+    bytes, the other kinds by the machine's own string where it is the canonical one (one
+    copy in memory). Written out, not through ``claims``: loading 100,000 machines built an
+    ``Identity`` and a text form of every MAC only to drop them (a third of the indexing);
+    tests/inventory/test_view.py holds both to the same answers."""
+    macs = machine.macs
+    out: list[tuple[str, _Key]] = [("mac", macs[0].raw)] if len(macs) == 1 else [
+        ("mac", mac.raw) for mac in macs]
+    text = machine.uuid
+    if text is not None:
+        value = clean_uuid(text)
+        if value:
+            out.append(("uuid", text if value == text else value))
+    text = machine.serial
+    if text is not None:
+        value = clean_text(text)
+        if value:
+            out.append(("serial", text if value == text else value))
+    text = machine.asset
+    if text is not None:
+        value = clean_text(text)
+        if value:
+            out.append(("asset", text if value == text else value))
+    return out
 
 
 def _index(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str, Machine]],
            no_mac: set[str] | None, machine: Machine, *, all_clusters: bool = True) -> None:
+    ident = machine.id
     for kind, key in _keys_of(machine):
-        keys[kind][key] = machine.id
-    if _running_server(machine) and machine.cluster is not None:
-        held = servers.get(machine.cluster)
+        keys[kind][key] = ident
+    cluster = machine.cluster
+    if cluster is not None and _running_server(machine):
+        held = servers.get(cluster)
         if held is None and all_clusters:
-            held = servers[machine.cluster] = {}
+            held = servers[cluster] = {}
         if held is not None:
-            held[machine.id] = machine
+            held[ident] = machine
     if no_mac is not None and not machine.macs:
-        no_mac.add(machine.id)
+        no_mac.add(ident)
 
 
 def _unindex(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str, Machine]],

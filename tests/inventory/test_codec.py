@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netboot.errors import ValidationError
 from netboot.inventory import codec
@@ -26,6 +29,7 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    machine_of_values,
 )
 
 MAC = "aa:bb:cc:dd:ee:ff"
@@ -391,3 +395,44 @@ def test_loads_document(text: str) -> None:
 def test_loads_document_names_bad_json() -> None:
     with pytest.raises(json.JSONDecodeError):
         codec.loads_document('{"a":')
+
+
+def test_machine_of_values_is_the_constructor() -> None:
+    values = [getattr(MACHINE, f.name) for f in dataclasses.fields(Machine)]
+    made = machine_of_values(values)
+    assert made == MACHINE == Machine(*values) and type(made) is Machine
+    with pytest.raises(ValueError):
+        machine_of_values(values[:-1])  # every field or nothing
+
+
+# Values a stored document's fields may hold, usual and odd (JSON types, other spellings).
+_ODD = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from(
+    [0.5, float("nan"), float("inf"), "", " ", "x", "c", "enrolled", "registered", "server",
+     "agent", "ipxe", "x86_64", "uefi", "10.0.0.1", "010.0.0.1", "AA:BB:CC:DD:EE:FF",
+     "02:00:00:00:00:09", "m-1", "m-\t", "m-a/b"]),
+    st.lists(st.sampled_from(["02:00:00:00:00:07", "02-00-00-00-00-08", "x", 1]), max_size=3),
+    st.dictionaries(st.sampled_from(["k", "rack"]), st.sampled_from(["v", 1, None]),
+                    max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(Machine)] + ["colour"]),
+                       _ODD, max_size=5))
+def test_document_decoder_answers_as_the_strict_parse(change: dict[str, Any]) -> None:
+    """Whatever a stored document holds, the one-pass decoder gives the machine the strict
+    parse gives, or the strict parse's error naming the field."""
+    doc = {**codec.machine_document(MACHINE), **change}
+    try:
+        expected: Machine | str = codec.machine_from_dict(doc)
+    except ValidationError as exc:
+        expected = exc.field or ""
+    try:
+        got: Machine | str = codec.machine_from_document(doc)
+    except ValidationError as exc:
+        got = exc.field or ""
+    if doc.get("id") is None and isinstance(got, Machine) and isinstance(expected, Machine):
+        got = replace(got, id=expected.id)  # none stored: each parse makes a new one
+    assert got == expected
+    if isinstance(got, Machine):
+        assert [type(getattr(got, f.name)) for f in dataclasses.fields(Machine)] == [
+            type(getattr(expected, f.name)) for f in dataclasses.fields(Machine)]

@@ -439,6 +439,22 @@ async def test_pagination_stable_by_mac(store: Store) -> None:
     assert await store.list_machines(MachineFilter(limit=0)) == []
 
 
+async def test_machines_after_pages_through_every_machine_by_id(store: Store) -> None:
+    # Ids created out of order, one with a character above ASCII: each page starts after
+    # the last id of the one before, and together they hold every machine once.
+    ids = ["m-b", "m-a", "m-\u00e9", "m-c1", "m-c", "m-Z"]
+    await store.apply_batch(Batch(create=[Machine(macs=(MacAddress.parse(mac(i)),), id=ident)
+                                          for i, ident in enumerate(ids)]))
+    pages, after = [], ""
+    while page := await store.machines_after(after, 4):
+        pages.append([m.id for m in page])
+        after = page[-1].id
+    assert pages == [["m-Z", "m-a", "m-b", "m-c"], ["m-c1", "m-\u00e9"]]
+    assert await store.machines_after("m-b", 2) == [
+        await store.get_machine("m-c"), await store.get_machine("m-c1")]
+    assert await store.machines_after("m-\u00e9", 10) == []
+
+
 async def test_pagination_with_filter(store: Store) -> None:
     await _fleet(store)
     flt = MachineFilter(state=MachineState.ENROLLED, limit=2, offset=1)

@@ -26,7 +26,8 @@ from netboot.boot import BootService, BootSettings
 from netboot.enroll import Enroller
 from netboot.errors import StoreError
 from netboot.files import FileTree
-from netboot.identity import request_for
+from netboot.identity import claims, request_for
+from netboot.inventory import view as view_module
 from netboot.inventory.base import Batch, Store
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
@@ -230,34 +231,77 @@ async def test_loaded_view_equals_a_fresh_read_after_every_write(
 
 
 async def test_load_while_another_process_writes_misses_nothing(
-        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes that land between the load's reads are applied by the sync after it."""
     own, other, _ = stores
     for i in range(50):
         await own.create_machine(Machine(macs=(MacAddress.parse(f"02:00:00:00:02:{i:02x}"),)))
     view = InventoryView(own)
 
-    real_list = own.list_machines
+    real_page = own.machines_after
     moved = MacAddress.parse("02:00:00:00:02:05")
+    first_id = min(m.id for m in await own.list_machines())
 
-    async def list_then_write(flt: object = None) -> list[Machine]:
-        listed = await real_list(flt)  # type: ignore[arg-type]
-        victim = await other.machine_by("mac", str(moved))
-        assert victim is not None
-        await other.update_machine(replace(victim, hostname="renamed"))
-        await other.delete_machine(listed[0].id)
-        return listed
+    async def read_then_write(after: str, limit: int) -> list[Machine]:
+        page = await real_page(after, limit)
+        if after == "":
+            victim = await other.machine_by("mac", str(moved))
+            assert victim is not None
+            await other.update_machine(replace(victim, hostname="renamed"))
+            await other.delete_machine(page[0].id)
+        return page
 
-    own.list_machines = list_then_write  # type: ignore[method-assign]
-    try:
-        await view.load()
-    finally:
-        own.list_machines = real_list  # type: ignore[method-assign]
+    monkeypatch.setattr(own, "machines_after", read_then_write)
+    await view.load()
     renamed = await view.machine_by("mac", str(moved))
     assert renamed is not None and renamed.hostname == "renamed"
-    first = await own.list_machines()
-    assert len(first) == 49
-    assert await view.machine_by("mac", "02:00:00:00:02:00") is None
+    assert len(await own.list_machines()) == 49
+    assert await view.get_machine(first_id) is None
+
+
+async def test_a_load_by_pages_with_writes_between_them_is_exact(
+        stores: tuple[SqliteStore, SqliteStore, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of 3 machines, and between every two of them another server (a second store on
+    the file) creates, renames, moves an identifier and deletes, before and after the page
+    boundary: the loaded view answers as a fresh read of the file."""
+    own, other, data = stores
+    monkeypatch.setattr("netboot.inventory.view._LOAD_PAGE", 3)
+    await own.put_profile(Profile(name="p", kernel="k1"))
+    for i in range(12):  # beside the machines random_write changes: several pages
+        await other.create_machine(Machine(macs=(MacAddress.parse(f"02:00:00:00:03:{i:02x}"),),
+                                           cluster="edge", role=Role.SERVER, profile="p",
+                                           state=MachineState.REGISTERED))
+    rng = random.Random(5)
+    for _ in range(30):
+        await random_write(rng, other)
+    real_page = own.machines_after
+    pages = 0
+
+    async def read_then_write(after: str, limit: int) -> list[Machine]:
+        nonlocal pages
+        page = await real_page(after, limit)
+        pages += 1
+        for _ in range(3):
+            await random_write(rng, other)
+        return page
+
+    monkeypatch.setattr(own, "machines_after", read_then_write)
+    boot = boot_on(own, tmp_path)
+    await boot.load_view()
+    view = boot._view
+    assert view.loaded and pages > 4
+    fresh_store = SqliteStore(data / "netboot.db")
+    await fresh_store.open()
+    try:
+        await assert_exact(view, boot, fresh_store, boot_on(fresh_store, tmp_path))
+        every = await fresh_store.list_machines()
+        for machine in every:
+            assert await view.get_machine(machine.id) == machine
+        assert sorted(m.id for m in view._machines.values() if m is not None) == sorted(
+            m.id for m in every)
+    finally:
+        await fresh_store.close()
 
 
 async def test_one_probe_serves_requests_that_arrived_before_it_and_no_later_one(
@@ -418,3 +462,101 @@ async def test_a_machine_written_with_a_token_sealed_already_is_read_by_the_feed
             await view.sync()
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("machine", [
+    Machine(),
+    Machine(macs=(MacAddress.parse(MACS[0]), MacAddress.parse(MACS[1])), serial="SN1",
+            asset="A-7", uuid="4C4C4544-0042-3510-8048-B2C04F565931"),
+    Machine(uuid="4c4c4544-0042-3510-8048-b2c04f565931", serial=" padded ", asset=""),
+    Machine(uuid="00000000-0000-0000-0000-000000000000", serial="To be filled by O.E.M.",
+            asset="0000"),
+    Machine(uuid="not a uuid", serial="FFFFFFFF", asset="Default"),
+    Machine(uuid="{4c4c4544-0042-3510-8048-b2c04f565931}"),
+])
+def test_the_view_keys_a_machine_by_exactly_its_claims(machine: Machine) -> None:
+    """The view's own spelling of identity.claims (MACs by raw bytes) gives the same keys."""
+    keys = view_module._keys_of(machine)
+    assert [(k, str(MacAddress(v)) if isinstance(v, bytes) else v) for k, v in keys] \
+        == claims(machine)
+    for kind, key in keys:  # the machine's own string where it is the canonical one
+        own = getattr(machine, kind) if kind != "mac" else None
+        assert key is own or own != key
+
+
+async def test_while_loading_the_machines_read_so_far_answer_without_the_store(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between two pages a decision finds a machine already read in memory, and a change
+    another server makes to it meanwhile is seen at the next sync; a machine not read yet
+    is read through, a miss is not an answer until the load ends."""
+    own, other, _ = stores
+    monkeypatch.setattr("netboot.inventory.view._LOAD_PAGE", 2)
+    for i in range(8):
+        await own.create_machine(Machine(macs=(MacAddress.parse(f"02:00:00:00:04:{i:02x}"),),
+                                         hostname=f"n{i}"))
+    view = InventoryView(own)
+    real_page, real_by = own.machines_after, own.machine_by
+    store_reads: list[str] = []
+    checked = False
+
+    async def counted_by(kind: str, value: str) -> Machine | None:
+        store_reads.append(value)
+        return await real_by(kind, value)
+
+    async def page_then_look(after: str, limit: int) -> list[Machine]:
+        nonlocal checked
+        page = await real_page(after, limit)
+        if after and not checked:  # the second page: the first one is in the view
+            checked = True
+            first = await real_page("", limit)
+            mac = str(first[0].macs[0])
+            assert not view.loaded
+            assert await view.machine_by("mac", mac) == first[0]
+            assert store_reads == []
+            await other.update_machine(replace(first[0], hostname="renamed"))
+            await view.sync()
+            renamed = await view.machine_by("mac", mac)
+            assert renamed is not None and renamed.hostname == "renamed"
+            assert await view.machine_by("mac", "02:00:00:00:05:00") is None
+            assert store_reads == ["02:00:00:00:05:00"]  # a miss read through
+        return page
+
+    monkeypatch.setattr(own, "machines_after", page_then_look)
+    monkeypatch.setattr(own, "machine_by", counted_by)
+    await view.load()
+    assert checked and view.loaded
+    for machine in await own.list_machines():
+        assert await view.machine_by("mac", str(machine.macs[0])) == machine
+    assert await view.machine_by("mac", "02:00:00:00:05:01") is None
+    assert store_reads == ["02:00:00:00:05:00"]  # loaded: a miss is an answer
+
+
+async def test_a_load_that_meets_pruned_history_starts_again(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """History pruned past the load's start while it reads (the feed answers incomplete, the
+    view drops everything): the pages read so far mean nothing, the load reads again."""
+    own, other, _ = stores
+    monkeypatch.setattr("netboot.inventory.view._LOAD_PAGE", 2)
+    for i in range(6):
+        await own.create_machine(Machine(macs=(MacAddress.parse(f"02:00:00:00:06:{i:02x}"),)))
+    view = InventoryView(own)
+    real_page = own.machines_after
+    firsts = 0
+
+    async def page_then_prune(after: str, limit: int) -> list[Machine]:
+        nonlocal firsts
+        page = await real_page(after, limit)
+        if after == "":
+            firsts += 1
+        elif firsts == 1:
+            await other.create_machine(Machine(macs=(MacAddress.parse("02:00:00:00:06:ff"),)))
+            view._clear()  # what a sync does when the feed says it cannot tell
+        return page
+
+    monkeypatch.setattr(own, "machines_after", page_then_prune)
+    await view.load()
+    assert firsts == 2 and view.loaded
+    every = await own.list_machines()
+    assert len(every) == 7
+    for machine in every:
+        assert await view.machine_by("mac", str(machine.macs[0])) == machine
