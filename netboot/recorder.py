@@ -368,10 +368,11 @@ class Recorder:
         unsure = [e for e in queued if id(e) in self._unsure]
         if not unsure:
             return queued
-        newest = await asyncio.gather(*(self._store.list_events(e.machine, limit=1)
-                                        for e in unsure))
-        drop = {id(e) for e, last in zip(unsure, newest, strict=True)
-                if last and (last[-1].kind, last[-1].message) == (e.kind, e.message)}
+        # One read for the batch: a storm's first notes are thousands of machines at once.
+        newest = await self._store.newest_events({e.machine for e in unsure})
+        drop = {id(e) for e in unsure
+                if (last := newest.get(e.machine)) is not None
+                and (last.kind, last.message) == (e.kind, e.message)}
         return [e for e in queued if id(e) not in drop]
 
     async def close(self) -> None:
