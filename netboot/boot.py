@@ -199,6 +199,21 @@ def learn(machine: Machine, request: BootRequest, now: float,
     (iPXE's cpuid check is better than option 93's "x86"); the first firmware seen is what the
     machine *is* ("UEFI PXE" tells more than the iPXE it chainloads).
     """
+    news = _news(machine, request, taken)
+    # One copy, stamped: anything in ``news`` differs from what the machine holds.
+    return machine if news is None else replace(machine, **news, updated=now)
+
+
+def teaches(machine: Machine, request: BootRequest, taken: frozenset[str] = frozenset(),
+            ) -> bool:
+    """Whether :func:`learn` would change ``machine``: the same rules, without the copy
+    (every first request of a storm's machines is asked this before it is recorded)."""
+    return _news(machine, request, taken) is not None
+
+
+def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
+          ) -> dict[str, Any] | None:
+    """The fields :func:`learn` sets, or None when the request tells nothing new."""
     told: dict[str, str] = {}
     for key in _FACT_KEYS:
         value = getattr(request, key)
@@ -226,10 +241,9 @@ def learn(machine: Machine, request: BootRequest, now: float,
     if (uuid == machine.uuid and serial == machine.serial and asset == machine.asset
             and arch == machine.arch and firmware == machine.firmware
             and all(k in facts and facts[k] == v for k, v in told.items())):
-        return machine
-    updated = replace(machine, facts={**facts, **told}, uuid=uuid, serial=serial, asset=asset,
-                      arch=arch, firmware=firmware)
-    return replace(updated, updated=now) if updated != machine else machine
+        return None
+    return {"facts": {**facts, **told}, "uuid": uuid, "serial": serial, "asset": asset,
+            "arch": arch, "firmware": firmware}
 
 
 def _utc(when: float) -> str:
@@ -382,9 +396,8 @@ class BootService:
         discovery budget (a token is spent), or a machine whose facts it would change (beyond
         those queued for the next group commit) or whose newest event is another step."""
         machine = res.machine
-        now = self._clock()
         if machine is None:
-            return self.discovery.admit(request, now)
+            return self.discovery.admit(request, self._clock())
         new_nic = request.mac != identity.NO_NIC and request.mac not in machine.macs
         if res.absorb or res.disagree or new_nic:
             return True
@@ -392,7 +405,7 @@ class BootService:
         # recorder's delay): a repeat meanwhile tells nothing new.
         known = self._recorder.learning(machine)
         if seen is None or seen.quiet is not known:
-            if learn(known, request, now, _taken(res)) is not known:
+            if teaches(known, request, _taken(res)):
                 return True
             if seen is not None:
                 seen.quiet = known
@@ -1096,7 +1109,11 @@ class BootService:
         """:meth:`_learn_later`, except that a new identifier (UUID, serial, asset tag) is
         committed at once: the next request may be recognised by it."""
         updated = learn(machine, request, now, taken)
-        if updated is not machine and identity.claims(updated) != identity.claims(machine):
+        # learn() sets an identifier only where the machine has none (never a MAC): a field
+        # that changed is a new claim.
+        if updated is not machine and (updated.uuid != machine.uuid
+                                       or updated.serial != machine.serial
+                                       or updated.asset != machine.asset):
             await self._commit_update(updated, machine.state)
             return updated
         return self._learn_later(machine, request, now, taken, updated)
