@@ -1076,7 +1076,11 @@ class BootService:
                     message: str) -> None:
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
         await self._event(machine, kind, message, request, once=True)
-        await self._learn(machine, request, self._clock(), _taken(res))
+        # Even a new identifier (a UUID in option 97) goes with the next group commit, not a
+        # commit of its own: this record runs after the answer, and the device's next
+        # requests (retransmissions, :4011, iPXE) are recognised by the NIC this one came
+        # from. Meanwhile Recorder.learning() shows it to _tells_news, so they write nothing.
+        self._learn_later(machine, request, self._clock(), _taken(res))
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
@@ -1100,8 +1104,14 @@ class BootService:
         if updated is None:  # else the caller learnt it already
             updated = learn(machine, request, now, taken)
         if updated is not machine:
-            self._recorder.learned(machine.id,
-                                   lambda current: learn(current, request, now, taken))
+            learnt = updated
+
+            def redo(current: Machine) -> Machine:
+                # Still the object it was learnt on (the view replaces a machine's object
+                # when its value changes): learn() would give the same value again.
+                return learnt if current is machine else learn(current, request, now, taken)
+
+            self._recorder.learned(machine.id, redo)
         return updated
 
     async def _learn(self, machine: Machine, request: BootRequest, now: float,
