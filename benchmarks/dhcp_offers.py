@@ -153,6 +153,10 @@ async def make_server(kind: str, interface: str, root: Path, *,
         # `netboot serve` loads the whole inventory into the decider's view once it listens
         # (service.py); here before, so that every run measures the loaded view.
         await decider.load_view()
+        # ... and then takes what it loaded out of the cyclic collector's reach.
+        from netboot.service import freeze_heap
+
+        freeze_heap()
     else:
         store, decider = MemoryStore(), _MemoryAsync() if kind == "memory-async" else _Memory()
     return DhcpServer(DhcpSettings(), decider, store,

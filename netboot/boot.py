@@ -122,6 +122,7 @@ class _Seen:
     request: BootRequest
     identity: Identity  # Identity.of_request(request)
     claims: list[tuple[str, str]]  # identity.claims(): what is looked up
+    note: str  # _dhcp_note(request): the step its record notes
     # The loader chain decided for ``machine`` (the view's object, replaced when its value
     # changes) while the view's ``shared`` counter and the settings were these: the chain
     # still, while all three are.
@@ -357,7 +358,7 @@ class BootService:
         if seen is not None and seen.request == request:
             return seen
         known = Identity.of_request(request)
-        seen = _Seen(request, known, known.claims())
+        seen = _Seen(request, known, known.claims(), _dhcp_note(request))
         if request.mac != identity.NO_NIC:  # many devices at once, not one NIC
             _keep(self._seen, request.mac, seen, REPEATS_KEPT)
         return seen
@@ -411,7 +412,8 @@ class BootService:
                 seen.quiet = known
         # A discovered record notes no steps (its "discovered" event says it all).
         return machine.state != MachineState.DISCOVERED \
-            and self._recorder.last(machine.id) != ("dhcp", _dhcp_note(request))
+            and self._recorder.last(machine.id) != (
+                "dhcp", _dhcp_note(request) if seen is None else seen.note)
 
     async def _record_dhcp_nic(self, request: BootRequest, *, admitted: bool) -> None:
         """:meth:`_record_dhcp`, then each request of the same NIC that came meanwhile and
