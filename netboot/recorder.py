@@ -347,11 +347,13 @@ class Recorder:
             known = self._last.get(new.id)
             if known is not None and known[1] is old:
                 self._last[new.id] = (known[0], new)
-        for start in range(0, len(relearnt) if self.adopt is not None else 0, _SLICE):
+        adopt = self.adopt
+        if adopt is None:
+            return
+        for start in range(0, len(relearnt), _SLICE):
             if start:
                 await asyncio.sleep(0)
-            if self.adopt is not None:
-                self.adopt([new for _, new in relearnt[start:start + _SLICE]])
+            adopt([new for _, new in relearnt[start:start + _SLICE]])
 
     async def _relearn(self, learned: dict[str, list[Callable[[Machine], Machine]]],
                        ) -> list[tuple[Machine, Machine]]:
