@@ -4,6 +4,7 @@ was told is lost when the server is killed."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -301,7 +302,7 @@ async def test_a_storm_of_learnt_facts_is_adopted_a_slice_at_a_time(
     await recorder.flush()
     ticker.cancel()
     assert sum(n for n, _ in adopted) == 200 and len(adopted) > 1
-    assert all(a[1] < b[1] for a, b in zip(adopted, adopted[1:]))  # the loop ran between
+    assert all(a[1] < b[1] for a, b in itertools.pairwise(adopted))  # the loop ran between
     for machine in machines:
         stored = await other.get_machine(machine.id)
         assert stored is not None and stored.facts == {"cpus": "4"}
