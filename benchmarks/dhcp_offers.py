@@ -3,7 +3,7 @@
     sudo python benchmarks/dhcp_offers.py [--count 20000] [--outstanding 64]
                                           [--storm 1000] [--within 1] [--repeat 3]
                                           [--uvloop] [--baseline OTHER_CHECKOUT]
-    python benchmarks/dhcp_offers.py --inproc [--count 20000]   # no sockets, no root
+    python benchmarks/dhcp_offers.py --inproc [--count 20000] [--decider first]  # no root
 
 Two measurements per target, each a UEFI x86-64 PXE DISCOVER (60 PXEClient, 93 arch 7,
 97 UUID, 55 as EDK2 sends it) broadcast to :67, answered by a broadcast proxy OFFER to :68:
@@ -364,18 +364,20 @@ def inproc(count: int, kind: str, enroll: list[bytes]) -> None:
             self.sent += 1
 
     async def run(root: Path) -> tuple[float, int]:
-        server = await make_server("store" if kind == "enrolled" else kind, "", root,
-                                   enroll=enroll)
+        server = await make_server("store" if kind in ("enrolled", "first") else kind, "",
+                                   root, enroll=enroll)
         protocol = BoundaryProtocol("bench", server._handler(_Listener(None, SERVER_IP, False)),
                                     logger=__import__("logging").getLogger("bench"),
                                     max_in_flight=1 << 30)
         transport = Counting()
         protocol.connection_made(transport)  # type: ignore[arg-type]
-        packets = [discover(mac_of(i), i) for i in range(1000)]
+        # "first": each DISCOVER from a machine of its own, seen for the first time (what a
+        # storm of enrolled machines is); else 1,000 MACs over and over.
+        packets = [discover(mac_of(i), i) for i in range(count if kind == "first" else 1000)]
         t0 = time.process_time()
         m0 = time.thread_time()
         for i in range(count):
-            protocol.datagram_received(packets[i % 1000], ("0.0.0.0", 68))
+            protocol.datagram_received(packets[i % len(packets)], ("0.0.0.0", 68))
             if i % 64 == 63:  # 64 outstanding, as the closed loop keeps them
                 await protocol.drain()
                 # One loop iteration per 64 datagrams, as the draining transport reads
@@ -415,9 +417,10 @@ def main() -> None:
                         help="also the netboot of another checkout (e.g. before a change), as "
                              "targets baseline, baseline+store (and -uvloop with --uvloop)")
     parser.add_argument("--inproc", action="store_true")
-    parser.add_argument("--decider", choices=("memory", "memory-async", "store", "enrolled"),
-                        default="memory", help="with --inproc (enrolled: the store's, with "
-                                               "every MAC of the load enrolled)")
+    parser.add_argument("--decider", default="memory",
+                        choices=("memory", "memory-async", "store", "enrolled", "first"),
+                        help="with --inproc (enrolled: the store's, with every MAC of the load "
+                             "enrolled; first: --count enrolled machines, one DISCOVER each)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--interface", default="", help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
@@ -437,7 +440,8 @@ def main() -> None:
         return
     if args.inproc:
         inproc(args.count, args.decider,
-               enrolled_macs(1000, 0) if args.decider == "enrolled" else [])
+               enrolled_macs(1000, 0) if args.decider == "enrolled"
+               else enrolled_macs(args.count, 0) if args.decider == "first" else [])
         return
     if os.geteuid() != 0:
         sys.exit("needs root for the network namespaces (or use --inproc)")
