@@ -20,6 +20,7 @@ The states themselves change only through :mod:`netboot.lifecycle`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import secrets
@@ -100,6 +101,9 @@ REPEATS_KEPT = 8192
 # Distinct DHCP requests of one NIC kept while a record of that NIC is under way
 # (BootService._record_dhcp_soon): a firmware asks two to four times per boot, all alike.
 WAITING_PER_NIC = 4
+# Seconds of paced DHCP records run per turn of the event loop (BootService._pace_records):
+# a few records, then the datagrams that came meanwhile are read and answered.
+RECORD_SLICE = 0.001
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -122,6 +126,7 @@ class _Seen:
     request: BootRequest
     identity: Identity  # Identity.of_request(request)
     claims: list[tuple[str, str]]  # identity.claims(): what is looked up
+    note: str  # _dhcp_note(request): the step its record notes
     # The loader chain decided for ``machine`` (the view's object, replaced when its value
     # changes) while the view's ``shared`` counter and the settings were these: the chain
     # still, while all three are.
@@ -199,6 +204,21 @@ def learn(machine: Machine, request: BootRequest, now: float,
     (iPXE's cpuid check is better than option 93's "x86"); the first firmware seen is what the
     machine *is* ("UEFI PXE" tells more than the iPXE it chainloads).
     """
+    news = _news(machine, request, taken)
+    # One copy, stamped: anything in ``news`` differs from what the machine holds.
+    return machine if news is None else replace(machine, **news, updated=now)
+
+
+def teaches(machine: Machine, request: BootRequest, taken: frozenset[str] = frozenset(),
+            ) -> bool:
+    """Whether :func:`learn` would change ``machine``: the same rules, without the copy
+    (every first request of a storm's machines is asked this before it is recorded)."""
+    return _news(machine, request, taken) is not None
+
+
+def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
+          ) -> dict[str, Any] | None:
+    """The fields :func:`learn` sets, or None when the request tells nothing new."""
     told: dict[str, str] = {}
     for key in _FACT_KEYS:
         value = getattr(request, key)
@@ -226,10 +246,9 @@ def learn(machine: Machine, request: BootRequest, now: float,
     if (uuid == machine.uuid and serial == machine.serial and asset == machine.asset
             and arch == machine.arch and firmware == machine.firmware
             and all(k in facts and facts[k] == v for k, v in told.items())):
-        return machine
-    updated = replace(machine, facts={**facts, **told}, uuid=uuid, serial=serial, asset=asset,
-                      arch=arch, firmware=firmware)
-    return replace(updated, updated=now) if updated != machine else machine
+        return None
+    return {"facts": {**facts, **told}, "uuid": uuid, "serial": serial, "asset": asset,
+            "arch": arch, "firmware": firmware}
 
 
 def _utc(when: float) -> str:
@@ -280,6 +299,9 @@ class BootService:
         self._recording: dict[MacAddress, list[BootRequest]] = {}
         # NIC -> what its last DHCP request was found to be (_Seen), oldest first, bounded.
         self._seen: dict[MacAddress, _Seen] = {}
+        # DHCP records of known machines, run one after another by one task (_pace_records).
+        self._paced: collections.deque[BootRequest] = collections.deque()
+        self._pacer: asyncio.Task[None] | None = None
         # First stages already described, by everything their description says (loader()).
         self._stages: dict[tuple[Any, ...], FirstStage] = {}
         # What unknown devices may write (records per source, in all); its counters are read
@@ -343,7 +365,7 @@ class BootService:
         if seen is not None and seen.request == request:
             return seen
         known = Identity.of_request(request)
-        seen = _Seen(request, known, known.claims())
+        seen = _Seen(request, known, known.claims(), _dhcp_note(request))
         if request.mac != identity.NO_NIC:  # many devices at once, not one NIC
             _keep(self._seen, request.mac, seen, REPEATS_KEPT)
         return seen
@@ -374,7 +396,39 @@ class BootService:
             self._spawn(self._record_dhcp(request, admitted=res.machine is None))
             return
         self._recording[mac] = []
-        self._spawn(self._record_dhcp_nic(request, admitted=res.machine is None))
+        machine = res.machine
+        if machine is None or res.absorb or mac not in machine.macs:
+            # A new record, a NIC to attach, records to merge: a commit before the record is
+            # done, grouped with other tasks' commits.
+            self._spawn(self._record_dhcp_nic(request, admitted=machine is None))
+            return
+        self._paced.append(request)
+        if self._pacer is None:
+            self._pacer = self._spawn(self._pace_records())
+
+    async def _pace_records(self) -> None:
+        """Record known machines' DHCP requests one after another, :data:`RECORD_SLICE` of
+        them per turn of the event loop.
+
+        Such a record (a step noted, facts learnt for the next group commit) waits for no
+        transaction, so a task each ran them all in the loop turn after the datagrams that
+        started them: 64 datagrams read at once in a storm meant ~15 ms of records before the
+        socket was read again, and on a busy machine every answer queued behind them. Paced,
+        the answers go first and the records follow; they wait here, one per NIC (a NIC's
+        later requests wait with its record, _record_dhcp_soon)."""
+        try:
+            while self._paced:
+                until = time.perf_counter() + RECORD_SLICE
+                while self._paced and time.perf_counter() < until:
+                    try:
+                        await self._record_dhcp_nic(self._paced.popleft(), admitted=False)
+                    except Exception as exc:  # one record's failure is not the next one's
+                        self._log.error("background inventory write failed: %s", exc)
+                await asyncio.sleep(0)
+        finally:
+            self._pacer = None
+            while self._paced:  # cancelled (shutdown): the ones never started
+                del self._recording[self._paced.popleft().mac]
 
     def _tells_news(self, request: BootRequest, res: Resolution,
                     seen: _Seen | None = None) -> bool:
@@ -382,9 +436,8 @@ class BootService:
         discovery budget (a token is spent), or a machine whose facts it would change (beyond
         those queued for the next group commit) or whose newest event is another step."""
         machine = res.machine
-        now = self._clock()
         if machine is None:
-            return self.discovery.admit(request, now)
+            return self.discovery.admit(request, self._clock())
         new_nic = request.mac != identity.NO_NIC and request.mac not in machine.macs
         if res.absorb or res.disagree or new_nic:
             return True
@@ -392,13 +445,14 @@ class BootService:
         # recorder's delay): a repeat meanwhile tells nothing new.
         known = self._recorder.learning(machine)
         if seen is None or seen.quiet is not known:
-            if learn(known, request, now, _taken(res)) is not known:
+            if teaches(known, request, _taken(res)):
                 return True
             if seen is not None:
                 seen.quiet = known
         # A discovered record notes no steps (its "discovered" event says it all).
         return machine.state != MachineState.DISCOVERED \
-            and self._recorder.last(machine.id) != ("dhcp", _dhcp_note(request))
+            and self._recorder.last(machine.id) != (
+                "dhcp", _dhcp_note(request) if seen is None else seen.note)
 
     async def _record_dhcp_nic(self, request: BootRequest, *, admitted: bool) -> None:
         """:meth:`_record_dhcp`, then each request of the same NIC that came meanwhile and
@@ -1063,7 +1117,11 @@ class BootService:
                     message: str) -> None:
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
         await self._event(machine, kind, message, request, once=True)
-        await self._learn(machine, request, self._clock(), _taken(res))
+        # Even a new identifier (a UUID in option 97) goes with the next group commit, not a
+        # commit of its own: this record runs after the answer, and the device's next
+        # requests (retransmissions, :4011, iPXE) are recognised by the NIC this one came
+        # from. Meanwhile Recorder.learning() shows it to _tells_news, so they write nothing.
+        self._learn_later(machine, request, self._clock(), _taken(res))
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
@@ -1087,8 +1145,14 @@ class BootService:
         if updated is None:  # else the caller learnt it already
             updated = learn(machine, request, now, taken)
         if updated is not machine:
-            self._recorder.learned(machine.id,
-                                   lambda current: learn(current, request, now, taken))
+            learnt = updated
+
+            def redo(current: Machine) -> Machine:
+                # Still the object it was learnt on (the view replaces a machine's object
+                # when its value changes): learn() would give the same value again.
+                return learnt if current is machine else learn(current, request, now, taken)
+
+            self._recorder.learned(machine.id, redo)
         return updated
 
     async def _learn(self, machine: Machine, request: BootRequest, now: float,
@@ -1096,7 +1160,11 @@ class BootService:
         """:meth:`_learn_later`, except that a new identifier (UUID, serial, asset tag) is
         committed at once: the next request may be recognised by it."""
         updated = learn(machine, request, now, taken)
-        if updated is not machine and identity.claims(updated) != identity.claims(machine):
+        # learn() sets an identifier only where the machine has none (never a MAC): a field
+        # that changed is a new claim.
+        if updated is not machine and (updated.uuid != machine.uuid
+                                       or updated.serial != machine.serial
+                                       or updated.asset != machine.asset):
             await self._commit_update(updated, machine.state)
             return updated
         return self._learn_later(machine, request, now, taken, updated)
@@ -1125,10 +1193,11 @@ class BootService:
                 data["peer"] = request.remote_addr
         return Event(machine.id, self._clock(), kind, message, data)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)

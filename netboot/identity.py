@@ -220,6 +220,11 @@ def choose(found: Sequence[tuple[str, str, Machine]]) -> Resolution:
     """The precedence rule of this module's docstring, over :func:`matches`' answer. Pure."""
     if not found:
         return Resolution(None)
+    first = found[0][2]
+    if all(m is first for _, _, m in found):
+        # Every identifier names the same machine (a known device, every DHCP request of a
+        # storm): that machine, by the first of them, as below.
+        return Resolution(first, found[0][0])
     enrolled = [(k, m) for k, _, m in found if m.state != MachineState.DISCOVERED]
     kind, winner = (enrolled or [(k, m) for k, _, m in found])[0]
     absorb: dict[str, Machine] = {}

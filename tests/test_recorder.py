@@ -4,6 +4,7 @@ was told is lost when the server is killed."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -267,4 +268,42 @@ async def test_learning_shows_the_facts_queued_for_the_next_batch(
     stored = await own.get_machine(machine.id)
     assert stored is not None and stored.facts == {"a": "1", "b": "2"}
     assert recorder.learning(stored) is stored
+    await recorder.close()
+
+
+async def test_a_storm_of_learnt_facts_is_adopted_a_slice_at_a_time(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A batch of many machines' facts is learnt again and handed to the view in slices,
+    with the event loop running between them (DHCP answers go out meanwhile); every one is
+    written and adopted."""
+    own, other = stores
+    machines = [Machine(macs=(MacAddress(bytes((2, 0, 0, 0, i >> 8, i & 255))),),
+                        hostname=f"n{i}") for i in range(200)]
+    await own.apply_batch(Batch(create=machines))
+    recorder = Recorder(own, delay=3600)
+    ticks = 0
+    adopted: list[tuple[int, int]] = []  # (machines, ticks of the loop by then)
+
+    async def newest(ids: Collection[str]) -> dict[str, Machine | None]:
+        return {i: await own.get_machine(i) for i in ids}
+
+    recorder.newest = newest
+    recorder.adopt = lambda ms: adopted.append((len(ms), ticks))
+    for machine in machines:
+        recorder.learned(machine.id, lambda m: replace(m, facts={"cpus": "4"}))
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(tick())
+    await recorder.flush()
+    ticker.cancel()
+    assert sum(n for n, _ in adopted) == 200 and len(adopted) > 1
+    assert all(a[1] < b[1] for a, b in itertools.pairwise(adopted))  # the loop ran between
+    for machine in machines:
+        stored = await other.get_machine(machine.id)
+        assert stored is not None and stored.facts == {"cpus": "4"}
     await recorder.close()

@@ -11,7 +11,7 @@ fails; a store failure is never reported as "not found".
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -227,6 +227,11 @@ class Store(ChangeFeed, Protocol):
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         """Oldest first; at most the newest ``limit`` events."""
+
+    async def newest_events(self, machine_ids: Collection[str]) -> dict[str, Event]:
+        """Each machine's newest event (what ``list_events(id, limit=1)`` holds), by machine
+        id, for those that have one: one read for a batch of machines (netboot.recorder
+        compares a storm's first notes with the store's history in one query per batch)."""
 
     async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
         """Events of every machine committed after position ``after`` (by any writer: this

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import replace
 from typing import TypeVar
 
@@ -286,6 +287,10 @@ class MemoryStore:
         if limit <= 0:
             return []
         return list(self._events.get(machine_id, [])[-limit:])
+
+    async def newest_events(self, machine_ids: Collection[str]) -> dict[str, Event]:
+        self._check_open()
+        return {m: events[-1] for m in machine_ids if (events := self._events.get(m))}
 
     async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
         self._check_open()

@@ -44,7 +44,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, TypeVar
 
 import asyncpg
@@ -699,6 +699,20 @@ class PostgresStore:
                 " ORDER BY id DESC LIMIT $2", machine_id, limit)
         return [Event(machine=machine_id, time=t, kind=k, message=msg, data=json.loads(d))
                 for t, k, msg, d in reversed(rows)]
+
+    async def newest_events(self, machine_ids: Collection[str]) -> dict[str, Event]:
+        if not machine_ids:
+            return {}
+        # Each machine's newest by the (machine, id) index, one probe each (LATERAL … LIMIT
+        # 1): a held machine's thousands of events are not walked, as DISTINCT ON would.
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT e.machine, e.time, e.kind, e.message, e.data"
+                " FROM unnest($1::text[]) AS m(id) CROSS JOIN LATERAL"
+                " (SELECT machine, time, kind, message, data FROM events WHERE machine = m.id"
+                " ORDER BY id DESC LIMIT 1) AS e", list(set(machine_ids)))
+        return {m: Event(machine=m, time=t, kind=k, message=msg, data=json.loads(d))
+                for m, t, k, msg, d in rows}
 
     async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
         # Every insert into events holds the writers' lock (_write): ids follow commit order,

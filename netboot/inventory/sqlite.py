@@ -35,7 +35,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -717,6 +717,12 @@ class SqliteStore:
         if limit <= 0:
             return []
         return await self._read(_list_events, machine_id, limit)
+
+    async def newest_events(self, machine_ids: Collection[str]) -> dict[str, Event]:
+        if not machine_ids:
+            return {}
+        # The ids as one JSON parameter: any number of them, one statement.
+        return await self._read(_newest_events, json.dumps(list(machine_ids)))
 
     async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
         # Ids follow commit order: one writer at a time (BEGIN IMMEDIATE), max(id) + 1 each.
@@ -1436,6 +1442,17 @@ def _list_events(conn: sqlite3.Connection, machine_id: str, limit: int) -> list[
         Event(machine=machine_id, time=t, kind=k, message=msg, data=json.loads(d))
         for t, k, msg, d in reversed(rows)
     ]
+
+
+def _newest_events(conn: sqlite3.Connection, ids: str) -> dict[str, Event]:
+    # Each machine's newest id by the (machine, id) index, one probe each: a held machine's
+    # thousands of events are not walked (as max(id) ... GROUP BY machine would).
+    rows = conn.execute(
+        "SELECT machine, time, kind, message, data FROM events WHERE id IN"
+        " (SELECT (SELECT id FROM events WHERE machine = j.value ORDER BY id DESC LIMIT 1)"
+        " FROM json_each(?) j)", (ids,)).fetchall()
+    return {m: Event(machine=m, time=t, kind=k, message=msg, data=json.loads(d))
+            for m, t, k, msg, d in rows}
 
 
 def _events_since(conn: sqlite3.Connection, after: int, limit: int) -> tuple[int, list[Event]]:

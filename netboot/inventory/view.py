@@ -331,7 +331,7 @@ class InventoryView:
     async def machine_by(self, kind: str, value: str) -> Machine | None:
         index = self._keys[kind]
         if kind == "mac":
-            key: _Key = MacAddress.parse(value).raw
+            key: _Key = _raw_mac(value)
         elif value in index:
             # Found as given, a key is in its canonical spelling (what identity lookups
             # pass, e.g. clean_uuid): normalising is idempotent, so no need to (perfudp).
@@ -432,6 +432,21 @@ class InventoryView:
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         return await self._store.list_events(machine_id, limit=limit)
+
+
+def _raw_mac(text: str) -> bytes:
+    """``MacAddress.parse(text).raw``; the canonical spelling (what identity claims pass,
+    ``str(MacAddress)``) without building a MacAddress on every DHCP request of a storm.
+    Anything else is parsed, and refused, by MacAddress.parse."""
+    if len(text) == 17 and text[2::3] == ":::::":
+        try:
+            raw = bytes.fromhex(text.replace(":", ""))
+        except ValueError:
+            pass
+        else:
+            if len(raw) == 6:
+                return raw
+    return MacAddress.parse(text).raw
 
 
 def _return_freed_memory() -> None:

@@ -572,6 +572,28 @@ async def test_events_oldest_first_and_limit_newest(store: Store) -> None:
     assert await store.list_events(mid(MAC3)) == []
 
 
+async def test_newest_events_of_many_machines_in_one_read(store: Store) -> None:
+    """What ``list_events(id, limit=1)`` holds, for a batch of machines in one read (the
+    recorder's comparison of a storm's first notes); machines without events left out."""
+    for i, t in enumerate([5.0, 1.0, 3.0]):  # newest by insertion, not the caller's clock
+        await store.add_event(Event(machine=mid(MAC1), time=t, kind=f"k{i}", message=f"m{i}",
+                                    data={"i": i}))
+    await store.add_event(Event(machine=mid(MAC2), time=0.0, kind="other"))
+    newest = await store.newest_events([mid(MAC1), mid(MAC2), mid(MAC3), mid(MAC1)])
+    assert newest == {mid(MAC1): (await store.list_events(mid(MAC1), limit=1))[0],
+                      mid(MAC2): (await store.list_events(mid(MAC2), limit=1))[0]}
+    assert newest[mid(MAC1)] == Event(mid(MAC1), 3.0, "k2", "m2", {"i": 2})
+    assert await store.newest_events([]) == {}
+    assert await store.newest_events({mid(MAC3)}) == {}
+    # More ids than a statement takes parameters (SQLite's old limit was 999).
+    ids = [mid(mac(i)) for i in range(10, 1510)]
+    await store.apply_batch(Batch(events=[Event(m, 1.0, "dhcp", f"n{k}")
+                                          for k, m in enumerate(ids) if k % 2 == 0]))
+    many = await store.newest_events(ids)
+    assert {m: e.message for m, e in many.items()} == {
+        m: f"n{k}" for k, m in enumerate(ids) if k % 2 == 0}
+
+
 async def test_event_round_trip(store: Store) -> None:
     event = Event(
         machine=mid(MAC1),

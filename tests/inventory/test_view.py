@@ -24,7 +24,7 @@ import netboot
 from netboot.arrival import arrived
 from netboot.boot import BootService, BootSettings
 from netboot.enroll import Enroller
-from netboot.errors import StoreError
+from netboot.errors import StoreError, ValidationError
 from netboot.files import FileTree
 from netboot.identity import claims, request_for
 from netboot.inventory import view as view_module
@@ -355,6 +355,29 @@ def change_behind_the_feed(db: Path, machine_id: str, hostname: str) -> None:
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+async def test_a_mac_in_any_spelling_finds_its_machine_and_a_bad_one_is_refused(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """The canonical spelling is looked up without parsing it; every other one the store
+    accepts finds the same machine, and what is no MAC is refused as MacAddress.parse
+    refuses it."""
+    own, _, _ = stores
+    machine = Machine(macs=(MacAddress.parse("02:ab:00:00:00:01"),), hostname="n")
+    await own.create_machine(machine)
+    view = InventoryView(own)
+    await view.load()
+    for spelling in ("02:ab:00:00:00:01", "02:AB:00:00:00:01", "02-ab-00-00-00-01",
+                     "02ab.0000.0001", "02ab00000001", " 02:ab:00:00:00:01 ",
+                     "01-02-ab-00-00-00-01"):
+        found = await view.machine_by("mac", spelling)
+        assert found is not None and found.id == machine.id, spelling
+    assert await view.machine_by("mac", "02:ab:00:00:00:02") is None
+    for bad in ("02:ab:00:00:00:0g", "02:ab:00:00:00: 1", " 2:ab:00:00:00:01",
+                "02:ab:00:00:00:01:02"):
+        with pytest.raises(ValidationError) as err:
+            await view.machine_by("mac", bad)
+        assert err.value.field == "mac"
 
 
 async def test_own_commits_are_seen_at_once_without_reading_them_back(

@@ -16,6 +16,7 @@ from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.files import FileTree
+from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import LoaderChain, MacAddress, Machine, MachineState
 from netboot.pxe import DhcpSettings, classify
@@ -214,3 +215,34 @@ async def test_an_unknown_device_retransmitting_spends_one_discovery_token(
     finally:
         await boot.drain()
         await store.close()
+
+
+async def test_known_machines_records_follow_their_answers_a_few_per_turn_of_the_loop(
+        env: Env) -> None:
+    """A storm of known machines' first DISCOVERs: each is answered at once, and each
+    starts a record (its step noted, its UUID learnt) that runs after the answers, a few
+    per turn of the event loop (what came meanwhile is answered in between), not all in
+    one. Once done, every machine has its step and its UUID, as from one DISCOVER each."""
+    macs = [MacAddress(bytes((0x52, 0x54, 0, 0, 0x0b, i))) for i in range(100)]
+    await env.store.apply_batch(Batch(create=[
+        Machine(macs=(mac,), state=MachineState.INSTALLED) for mac in macs]))
+    await env.boot.load_view()
+    seen: list[int] = []  # events queued by the records, at each turn of the loop
+
+    async def tick() -> None:
+        while True:
+            seen.append(env.recorder.queued)
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(tick())
+    answers = [await env.offer(xid, mac) for xid, mac in enumerate(macs)]
+    assert all(a is not None and a.file_name == "snponly.efi" for a in answers)
+    while env.recorder.queued < len(macs) and len(seen) < 100_000:
+        await asyncio.sleep(0)
+    ticker.cancel()
+    assert len({n for n in seen if 0 < n < len(macs)}) >= 3  # several turns in between
+    await env.settle()
+    for mac in macs:
+        machine = await env.store.machine_by("mac", str(mac))
+        assert machine is not None and machine.uuid is not None
+        assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
