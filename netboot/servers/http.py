@@ -250,50 +250,126 @@ class AccessLogger(_AccessLoggerBase):
                  extra={"request_id": request_id, "peer": remote, "path": target})
 
 
-async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int, *,
-                   fd: int | None = None) -> int:
+class FileSender:
+    """Sends ``head`` and then ``count`` bytes of an open file from ``offset`` to a
+    non-blocking TCP socket, as nginx does: sendfile(2), no copy through Python, no thread.
+
+    :meth:`start` sends what the socket takes at once (a 1 MiB file usually goes whole in
+    one call, with nothing asked of the loop); the rest goes on the loop's writable events,
+    with the writer registered once for the whole file. (Registered and removed again at
+    every ``EAGAIN``, uvloop's writer cost six ``epoll_ctl`` calls and a future per wake, ~10
+    wakes per 32 MiB.) After a short ``sendfile`` the socket is full: the next call waits
+    for room, as nginx waits for ``EPOLLOUT``, rather than failing with ``EAGAIN`` first.
+
+    ``head`` is sent with ``MSG_MORE``: the kernel holds it back until the file's first
+    bytes follow and sends both in full segments (nginx's ``tcp_nopush``, without the two
+    ``TCP_CORK`` system calls per response); the last chunk of the file goes without it and
+    pushes everything. ``pending``: what the socket's transport still buffers, which must
+    leave before anything is written past it. ``done(sent, failed)`` is called once, with
+    the bytes of the file sent (fewer than ``count`` when the file shrank) and whether the
+    socket failed (or :meth:`stop` stopped it). ``sock`` is the caller's to close, once
+    ``done`` was called (the loop may watch it until then); the file too. Never on a TLS
+    socket: the bytes would bypass the encryption.
+    """
+
+    __slots__ = ("_count", "_done", "_fd", "_file", "_head", "_loop", "_offset", "_pending",
+                 "_sock", "_watching", "sent")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, file: int,
+                 offset: int, count: int, done: Callable[[int, bool], None], *,
+                 head: bytes = b"", pending: Callable[[], int] | None = None) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._file = file
+        self._offset = offset
+        self._count = count
+        self._head = head
+        self._pending = pending
+        self._done: Callable[[int, bool], None] | None = done
+        self._watching = False
+        self.sent = 0
+
+    def start(self) -> None:
+        if not self._step():
+            self._watching = True
+            self._loop.add_writer(self._fd, self._writable)
+
+    def stop(self) -> None:
+        """Stop where it is (the connection is lost): ``done`` with what was sent, as
+        failed, unless it was called already."""
+        self._finish(True)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_writer(self._fd)
+
+    def _writable(self) -> None:
+        self._step()
+
+    def _step(self) -> bool:
+        """Send what the socket takes; True once finished (``done`` called)."""
+        failed = False
+        try:
+            if self._pending is not None and self._pending():
+                return False  # the transport's bytes first; it writes them when it can
+            if self._head:
+                n = self._sock.send(self._head, socket.MSG_MORE)
+                self._head = self._head[n:]
+                if self._head:
+                    return False
+            n = os.sendfile(self._fd, self._file, self._offset + self.sent,
+                            self._count - self.sent)
+            self.sent += n
+            if n and self.sent < self._count:
+                return False  # the socket is full: on when it has room again
+            # n == 0: the file is shorter than it was when its length was sent
+        except BlockingIOError:
+            return False
+        except OSError:
+            failed = True  # the client left, or the socket was closed
+        self._finish(failed)
+        return True
+
+    def _finish(self, failed: bool) -> None:
+        self._unwatch()
+        done, self._done = self._done, None
+        if done is not None:
+            done(self.sent, failed)
+
+
+async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int) -> int:
     """``count`` bytes of ``fobj`` from ``offset`` to a plain TCP transport's socket with
-    sendfile(2), as nginx does; the bytes sent. For loops whose ``loop.sendfile`` does not
-    (uvloop). Never on a TLS transport: the bytes would bypass the encryption.
+    sendfile(2) (:class:`FileSender`); the bytes sent. For loops whose ``loop.sendfile`` does
+    not (uvloop). Never on a TLS transport: the bytes would bypass the encryption.
 
     What the transport still buffers (the response head) is sent first. The socket is
     watched through a duplicate descriptor: the loop refuses a writer on a descriptor its
     transport owns. A client that stops reading is dropped by the kernel (TCP_USER_TIMEOUT,
-    :class:`GuardedHandler`), which ends the wait with an error. ``fd``: such a duplicate
-    the caller keeps (and closes), instead of one made here.
+    :class:`GuardedHandler`), which ends the wait with an error.
     """
     # ``transport``: asyncio's or uvloop's TCP transport (uvloop's subclasses neither).
-    if fd is None:
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            raise ConnectionResetError("connection lost")
-    loop = asyncio.get_running_loop()
-    delay = 0.0005
-    while transport.get_write_buffer_size() and not transport.is_closing():
-        await asyncio.sleep(delay)  # rare: the head did not fit in the socket at once
-        delay = min(delay * 2, 0.05)
-    if transport.is_closing():
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
         raise ConnectionResetError("connection lost")
-    watched = os.dup(sock.fileno()) if fd is None else fd  # sock: set when fd is None
-    sent = 0
-    try:
-        while sent < count:
-            try:
-                n = os.sendfile(watched, fobj.fileno(), offset + sent, count - sent)
-            except BlockingIOError:
-                writable = loop.create_future()
-                loop.add_writer(watched, writable.set_result, None)
-                try:
-                    await writable
-                finally:
-                    loop.remove_writer(watched)
-                continue
-            if n == 0:
-                break  # the file is shorter than it was when its length was sent
-            sent += n
-    finally:
-        if fd is None:
-            os.close(watched)
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[tuple[int, bool]] = loop.create_future()
+
+    def done(sent: int, failed: bool) -> None:
+        if not finished.done():
+            finished.set_result((sent, failed))
+
+    with socket.socket(fileno=os.dup(sock.fileno())) as watched:
+        sender = FileSender(loop, watched, fobj.fileno(), offset, count, done,
+                            pending=transport.get_write_buffer_size)
+        sender.start()
+        try:
+            sent, failed = await finished
+        finally:
+            sender.stop()  # cancelled: the connection is lost
+    if failed:
+        raise ConnectionResetError("connection lost")
     return sent
 
 
@@ -487,16 +563,18 @@ class AssetFiles:
         file keeps its identity); None when it is not a regular file or cannot be opened
         (FileResponse then answers as it would)."""
         try:
-            fh = open(path, "rb", buffering=0)  # noqa: SIM115  # closed by the sender
+            # O_NONBLOCK, as nginx opens: a FIFO put among the assets must not block the
+            # loop (reads of a regular file ignore it). Closed by the sender (FileBody).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             return None
         try:
-            st = os.fstat(fh.fileno())
+            st = os.fstat(fd)
         except OSError:
-            fh.close()
+            os.close(fd)
             return None
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-            fh.close()
+            os.close(fd)
             return None
         ident = _file_identity(st)
         known = self._large.get(path)
@@ -508,7 +586,7 @@ class AssetFiles:
                 # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
                 ("Last-Modified", formatdate(math.ceil(st.st_mtime), usegmt=True)),
                 ("Accept-Ranges", "bytes"))))
-        return FileBody(fh, st.st_size, known[1])
+        return FileBody(fd, st.st_size, known[1])
 
     async def _find(self, name: str) -> tuple[Blob, _Held | None, str]:
         """The asset: its blob, its copy in memory when it is small enough (read now if
@@ -561,13 +639,27 @@ class AssetFiles:
         return held
 
 
-@dataclass(frozen=True, slots=True)
 class FileBody:
-    """A file to send after its reply's head, whole, with sendfile(2) (a large asset)."""
+    """A file to send after its reply's head, whole, with sendfile(2) (a large asset): its
+    descriptor, open; whoever sends it closes it (:meth:`close`, once or more)."""
 
-    file: IO[bytes]  # open; whoever sends it closes it
-    size: int
-    reply: Reply  # its status and headers as FileResponse gives them; the body is empty
+    __slots__ = ("fd", "reply", "size")
+
+    def __init__(self, fd: int, size: int, reply: Reply) -> None:
+        self.fd = fd
+        self.size = size
+        self.reply = reply  # its status and headers as FileResponse gives them; no body
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()  # a body dropped unsent (a bug) does not leak its descriptor
+
+    def __repr__(self) -> str:
+        return f"FileBody(fd={self.fd}, size={self.size}, reply={self.reply!r})"
 
 
 def _stat(blob: Blob) -> tuple[str, os.stat_result]:
@@ -1223,7 +1315,8 @@ class GuardedHandler(_HandlerBase):
         self._plain_tcp = False  # a TCP socket without TLS: sendfile(2) may write to it
         self._sock: Any = None  # its socket object (asyncio's or uvloop's), when plain TCP
         self._own: socket.socket | None = None  # _own_socket(), when a file was sent
-        self._sending: asyncio.Task[None] | None = None  # the front's sendfile, if any
+        self._sending: FileSender | None = None  # the front's file being sent, if any
+        self._sending_since: float | None = None  # when it began to wait for the socket
         # Answers encoded and not written yet: the requests a client pipelined, read
         # together, leave together in one write (_front_flush).
         self._out: list[tuple[RequestHead, Answer]] = []
@@ -1409,7 +1502,7 @@ class GuardedHandler(_HandlerBase):
         body = answer.file
         if transport is None:  # the client left meanwhile
             if body is not None:
-                body.file.close()
+                body.close()
             return
         if body is None:
             self._out.append((head, answer))
@@ -1421,29 +1514,39 @@ class GuardedHandler(_HandlerBase):
             return
         self._front_flush()  # the answers before this file first
         own = self._own_socket()
-        # The head waits in the kernel for the file's first bytes and leaves with them
-        # (TCP_CORK, nginx's tcp_nopush): a head in a packet of its own cost the sender and
-        # the client ~17 % of a 1 MiB answer's CPU.
-        self._cork(own, True)
-        transport.write(answer.data)
-        sent = 0
-        if own is not None and not transport.get_write_buffer_size():
-            # The head is in the socket: as much of the file as the socket takes now, with
-            # no task (a 1 MiB file usually goes whole). The transport buffers nothing, so
-            # nothing of its can come between.
-            try:
-                sent = os.sendfile(own.fileno(), body.file.fileno(), 0, body.size)
-            except BlockingIOError:
-                pass
-            except OSError:
-                sent = -1  # the client left: closed below
-        if sent == body.size or sent < 0:
-            self._file_sent(head, answer, body, max(sent, 0), 0.0)
+        if own is None:  # no descriptor left for its duplicate: the head, then the end
+            transport.write(answer.data)
+            self._file_sent(head, answer, body, 0, 0.0)
             return
-        # The rest when the socket takes it. Nothing more is answered or handed on until
-        # then (pipelining).
+        # The head goes with MSG_MORE and leaves with the file's first bytes (FileSender):
+        # a head in a packet of its own cost the sender and the client ~17 % of a 1 MiB
+        # answer's CPU. Written past the transport, which buffers nothing then (else it
+        # goes behind what the transport buffers, and the file after).
+        buffered = transport.get_write_buffer_size()
+        if buffered:
+            transport.write(answer.data)
+        sender = FileSender(self._loop, own, body.fd, 0, body.size,
+                            functools.partial(self._file_done, head, answer, body),
+                            head=b"" if buffered else answer.data,
+                            pending=transport.get_write_buffer_size if buffered else None)
+        # Nothing more is answered or handed on until the file is out (pipelining).
         self._front_busy = True
-        self._sending = self._loop.create_task(self._send_file(head, answer, body, sent))
+        self._sending = sender
+        self._sending_since = None
+        sender.start()  # done at once (_serve_front goes on), or:
+        if self._sending is sender:  # the rest when the socket takes it
+            self._sending_since = self._loop.time()
+
+    def _file_done(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
+                   failed: bool) -> None:
+        since = self._sending_since
+        self._sending = self._sending_since = None
+        self._front_busy = False
+        # As aiohttp's log, the time to decide and to send: what the file waited for.
+        self._file_sent(head, answer, body, sent,
+                        0.0 if since is None else self._loop.time() - since)
+        if since is not None and self.transport is not None and self._unread:
+            self._serve_front()  # what was pipelined behind the file
 
     def _front_flush(self) -> None:
         """Write the answers kept by _front_send, in one write, then what follows each."""
@@ -1459,41 +1562,9 @@ class GuardedHandler(_HandlerBase):
         for head, answer in out:
             self._front_sent(head, answer, len(answer.data), answer.seconds)
 
-    async def _send_file(self, head: RequestHead, answer: Answer, body: FileBody,
-                         offset: int) -> None:
-        """Send the rest of ``body`` with sendfile(2), as nginx does (no copy through
-        Python, no thread), then carry on with the next request."""
-        began = self._loop.time()
-        sent = offset
-        transport = self.transport
-        own = self._own
-        try:
-            if transport is not None:
-                try:
-                    # asyncio's selector loop: native, with the transport paused meanwhile.
-                    sent += await self._loop.sendfile(transport, body.file, offset,
-                                                      body.size - offset)
-                except NotImplementedError:  # uvloop: sendfile(2) on the socket itself
-                    if own is None:
-                        raise ConnectionResetError("connection lost") from None
-                    sent += await sendfile(transport, body.file, offset, body.size - offset,
-                                           fd=own.fileno())
-        except (OSError, RuntimeError):
-            pass  # the client left, or the transport was closed: nothing more to send
-        except asyncio.CancelledError:  # the connection is lost: logged as aiohttp logs it
-            self._file_sent(head, answer, body, sent, self._loop.time() - began)
-            raise
-        self._sending = None
-        self._front_busy = False
-        self._file_sent(head, answer, body, sent, self._loop.time() - began)
-        if self.transport is not None:
-            self._serve_front()
-
     def _file_sent(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
                    seconds: float) -> None:
-        body.file.close()
-        if self.transport is not None:
-            self._cork(self._own, False)  # what is left of the file leaves now
+        body.close()
         if sent < body.size and self.transport is not None:
             # Fewer bytes than Content-Length said (the file shrank, the client left): the
             # connection cannot carry another response.
@@ -1509,12 +1580,6 @@ class GuardedHandler(_HandlerBase):
             with contextlib.suppress(OSError):
                 self._own = socket.socket(fileno=os.dup(self._sock.fileno()))
         return self._own
-
-    @staticmethod
-    def _cork(own: socket.socket | None, on: bool) -> None:
-        if own is not None and hasattr(socket, "TCP_CORK"):
-            with contextlib.suppress(OSError):
-                own.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
 
     def _front_sent(self, head: RequestHead, answer: Answer, sent: int, seconds: float
                     ) -> None:
@@ -1571,11 +1636,10 @@ class GuardedHandler(_HandlerBase):
             self._body_timer.cancel()
             self._body_timer = None
         own, self._own = self._own, None
-        if self._sending is not None:
-            self._sending.cancel()  # closes its file
-            if own is not None:  # once the loop watches it no more
-                self._sending.add_done_callback(lambda _: own.close())
-        elif own is not None:
+        sending, self._sending = self._sending, None
+        if sending is not None:  # logged as aiohttp logs a client gone mid-response
+            sending.stop()
+        if own is not None:
             own.close()  # the last descriptor of the socket: the connection ends
         if self._source is None:
             return  # refused in connection_made: nothing of aiohttp's to tear down
