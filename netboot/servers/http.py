@@ -531,7 +531,7 @@ class AssetFiles:
         if held is None:
             if not large or not st_path or (accept_encoding and _compressed_sibling(st_path)):
                 return None
-            return self._open_large(st_path, blob.content_type.split(";")[0])
+            return self._open_large(st_path, blob.content_type)
         if held.compressed and accept_encoding:
             return None
         return held.reply
@@ -551,7 +551,7 @@ class AssetFiles:
         if held is None:
             if (large and path in self._open
                     and not (accept_encoding and _compressed_sibling(path))):
-                return self._open_large(path, known[0].content_type.split(";")[0])
+                return self._open_large(path, known[0].content_type)
             return None
         if held.compressed and accept_encoding:
             return None
@@ -564,16 +564,16 @@ class AssetFiles:
         return held.reply
 
     def _open_large(self, path: str, content_type: str) -> FileBody | None:
-        """``path`` to send, with the headers aiohttp's FileResponse sends for a whole file;
-        None when it is not a regular file or cannot be opened (FileResponse then answers
-        as it would).
+        """``path`` to send (``content_type``: its blob's), with the headers aiohttp's
+        FileResponse sends for a whole file; None when it is not a regular file or cannot be
+        opened (FileResponse then answers as it would).
 
         As nginx's ``open_file_cache``: the descriptor opened for a file is kept and used
         by every request while a ``stat`` of its path (one per request, what opening it
         would cost anyway) finds the file it has open, unchanged — same inode and device,
         size, mtime and ctime, the identity its headers were made from. A file replaced or
-        rewritten is opened again; so is the path of a file removed (the stat fails: then
-        FileResponse answers). Sending from the kept descriptor therefore sends what
+        rewritten is opened again; a removed one is not sent (the stat fails: the request
+        is answered as the asset tree says now). Sending from the kept descriptor therefore sends what
         opening the path now would (while it is open its inode cannot be reused), without
         the open and close per request (~10 us of a 1 MiB answer's ~270). A descriptor is
         closed when its file changed or is evicted, and no request uses it; or unused for
@@ -583,8 +583,7 @@ class AssetFiles:
         except OSError:
             return None
         kept = self._open.get(path)
-        if kept is None or kept.ident != _file_identity(st) \
-                or kept.reply.content_type != content_type:
+        if kept is None or kept.ident != _file_identity(st) or kept.kind != content_type:
             kept = self._open_anew(path, content_type)
             if kept is None:
                 return None
@@ -611,12 +610,13 @@ class AssetFiles:
             old.retire()
         if len(self._open) >= self.max_open:  # bounded: a tree of many large files
             self._open.pop(next(iter(self._open))).retire()  # the oldest opened
-        kept = self._open[path] = _OpenFile(fd, _file_identity(st), st.st_size, Reply(
-            200, b"", content_type, (
-                ("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"'),
-                # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
-                ("Last-Modified", formatdate(math.ceil(st.st_mtime), usegmt=True)),
-                ("Accept-Ranges", "bytes"))))
+        reply = Reply(200, b"", content_type.split(";", maxsplit=1)[0], (
+            ("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"'),
+            # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
+            ("Last-Modified", formatdate(math.ceil(st.st_mtime), usegmt=True)),
+            ("Accept-Ranges", "bytes")))
+        kept = self._open[path] = _OpenFile(fd, _file_identity(st), st.st_size, content_type,
+                                            reply)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(self._open_ttl, self._sweep)
         return kept
@@ -688,12 +688,14 @@ class _OpenFile:
     identity of the file it has open and the headers made from it; closed once retired
     (its file changed, evicted, idle) and no request's :class:`FileBody` uses it."""
 
-    __slots__ = ("fd", "ident", "kept", "reply", "size", "used", "users")
+    __slots__ = ("fd", "ident", "kept", "kind", "reply", "size", "used", "users")
 
-    def __init__(self, fd: int, ident: tuple[int, ...], size: int, reply: Reply) -> None:
+    def __init__(self, fd: int, ident: tuple[int, ...], size: int, kind: str,
+                 reply: Reply) -> None:
         self.fd = fd
         self.ident = ident
         self.size = size
+        self.kind = kind  # the blob's content type the reply was made for
         self.reply = reply  # its status and headers as FileResponse gives them; no body
         self.used = 0.0  # when a request last took it (AssetFiles' clock)
         self.users = 0  # FileBody objects not closed yet
