@@ -573,11 +573,11 @@ class AssetFiles:
         would cost anyway) finds the file it has open, unchanged — same inode and device,
         size, mtime and ctime, the identity its headers were made from. A file replaced or
         rewritten is opened again; a removed one is not sent (the stat fails: the request
-        is answered as the asset tree says now). Sending from the kept descriptor therefore sends what
-        opening the path now would (while it is open its inode cannot be reused), without
-        the open and close per request (~10 us of a 1 MiB answer's ~270). A descriptor is
-        closed when its file changed or is evicted, and no request uses it; or unused for
-        ``open_ttl`` seconds."""
+        is answered as the asset tree says now). Sending from the kept descriptor therefore
+        sends what opening the path now would (while it is open its inode cannot be
+        reused), without the open and close per request (~10 us of a 1 MiB answer's ~270).
+        A descriptor is closed when its file changed or is evicted, and no request uses it;
+        or unused for ``open_ttl`` seconds."""
         try:
             st = os.stat(path)
         except OSError:
@@ -618,7 +618,9 @@ class AssetFiles:
         kept = self._open[path] = _OpenFile(fd, _file_identity(st), st.st_size, content_type,
                                             reply)
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self._open_ttl, self._sweep)
+            with contextlib.suppress(RuntimeError):  # no loop: closed when replaced, evicted
+                self._sweeper = asyncio.get_running_loop().call_later(self._open_ttl,
+                                                                      self._sweep)
         return kept
 
     def _sweep(self) -> None:
