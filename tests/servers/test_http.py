@@ -945,3 +945,27 @@ async def test_large_files_kept_open_are_bounded_and_closed_when_idle(tmp_path: 
     body = await files.reply("f0.bin", accept_encoding=False, large=True)
     assert isinstance(body, FileBody) and os.pread(body.fd, 4, 0) == BIG[:4]
     body.close()
+
+
+async def test_a_fifo_in_place_of_a_large_file_does_not_block_the_loop(tmp_path: Path) -> None:
+    """A large file replaced by a FIFO while its name's resolution is still fresh: opened
+    without blocking (O_NONBLOCK, as nginx opens), found not to be a regular file and left
+    to FileResponse. A blocking open would wait for a writer, with the event loop."""
+    from netboot.model import Blob
+    from netboot.servers.http import AssetFiles, FileBody
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(BIG)
+    files = AssetFiles(lambda name: Blob(size=0, path=str(tmp_path / name)), max_file=1024)
+    body = await files.reply("big.bin", accept_encoding=False, large=True)
+    assert isinstance(body, FileBody)
+    body.close()
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        found = await asyncio.wait_for(asyncio.to_thread(
+            files.ready, "big.bin", accept_encoding=False, large=True), 10)
+        assert found is None
+    finally:  # a reader blocked in open() (the bug) is let go, so the test can end
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
