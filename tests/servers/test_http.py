@@ -859,3 +859,113 @@ def test_sendfile_on_uvloop(tmp_path: Path) -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert type(runner.get_loop()).__module__.startswith("uvloop")
         runner.run(main())
+
+
+def _fds_open_on(path: Path) -> int:
+    return sum(1 for fd in Path("/proc/self/fd").iterdir()
+               if os.path.realpath(fd) == str(path))
+
+
+async def test_a_large_file_kept_open_is_never_sent_stale(tmp_path: Path) -> None:
+    """AssetFiles keeps a large file's descriptor (nginx's open_file_cache): reused while
+    the path stats as the file it has open, opened anew when the file is replaced or
+    rewritten, gone when removed; a replaced file's descriptor stays open while a response
+    still sends from it, and is closed after."""
+    from netboot.model import Blob
+    from netboot.servers.http import AssetFiles, FileBody
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(BIG)
+    files = AssetFiles(lambda name: Blob(size=0, path=str(tmp_path / name)), max_file=1024)
+
+    async def take() -> FileBody | None:
+        body = await files.reply("big.bin", accept_encoding=False, large=True)
+        assert body is None or isinstance(body, FileBody)
+        return body
+
+    def content(body: FileBody) -> bytes:
+        return os.pread(body.fd, body.size + 1, 0)
+
+    first = await take()
+    assert first is not None and content(first) == BIG
+    again = files.ready("big.bin", accept_encoding=False, large=True)
+    assert isinstance(again, FileBody) and again.fd == first.fd  # the same descriptor
+    again.close()
+    # Replaced (a new inode, as an upgrade writes it) while ``first`` is being sent.
+    fresh = tmp_path / "big.new"
+    fresh.write_bytes(BIG[::-1])
+    fresh.replace(path)
+    second = await take()
+    assert second is not None and second.fd != first.fd and content(second) == BIG[::-1]
+    assert content(first) == BIG  # the response under way sends the file it began
+    first.close()
+    # Rewritten in place with the same size and mtime: the ctime tells it apart.
+    st = path.stat()
+    with path.open("r+b") as fh:
+        fh.write(b"\x00")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    third = await take()
+    assert third is not None and content(third) == b"\x00" + BIG[::-1][1:]
+    assert third.reply is not second.reply  # its headers made again, from the new identity
+    second.close()
+    third.close()
+    assert _fds_open_on(path) == 1  # one kept, the replaced file's closed
+    # Removed: nothing is sent from the descriptor kept.
+    path.unlink()
+    assert files.ready("big.bin", accept_encoding=False, large=True) is None
+    for _ in range(100):  # and its descriptor is closed once unused (open_ttl)
+        if not any(os.path.realpath(fd).startswith(str(path))
+                   for fd in Path("/proc/self/fd").iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the removed file's descriptor is still open")
+
+
+async def test_large_files_kept_open_are_bounded_and_closed_when_idle(tmp_path: Path) -> None:
+    from netboot.model import Blob
+    from netboot.servers.http import AssetFiles, FileBody
+
+    for i in range(5):
+        (tmp_path / f"f{i}.bin").write_bytes(BIG)
+    files = AssetFiles(lambda name: Blob(size=0, path=str(tmp_path / name)), max_file=1024,
+                       max_open=3, open_ttl=0.2)
+    bodies = []
+    for i in range(5):
+        body = await files.reply(f"f{i}.bin", accept_encoding=False, large=True)
+        assert isinstance(body, FileBody)
+        bodies.append(body)
+    # Evicted ones stay open while their responses send from them.
+    assert sum(_fds_open_on(tmp_path / f"f{i}.bin") for i in range(5)) == 5
+    for body in bodies:
+        body.close()
+    assert sum(_fds_open_on(tmp_path / f"f{i}.bin") for i in range(5)) == 3
+    await asyncio.sleep(0.6)  # unused for open_ttl: closed
+    assert sum(_fds_open_on(tmp_path / f"f{i}.bin") for i in range(5)) == 0
+    body = await files.reply("f0.bin", accept_encoding=False, large=True)
+    assert isinstance(body, FileBody) and os.pread(body.fd, 4, 0) == BIG[:4]
+    body.close()
+
+
+async def test_a_fifo_in_place_of_a_large_file_does_not_block_the_loop(tmp_path: Path) -> None:
+    """A large file replaced by a FIFO while its name's resolution is still fresh: opened
+    without blocking (O_NONBLOCK, as nginx opens), found not to be a regular file and left
+    to FileResponse. A blocking open would wait for a writer, with the event loop."""
+    from netboot.model import Blob
+    from netboot.servers.http import AssetFiles, FileBody
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(BIG)
+    files = AssetFiles(lambda name: Blob(size=0, path=str(tmp_path / name)), max_file=1024)
+    body = await files.reply("big.bin", accept_encoding=False, large=True)
+    assert isinstance(body, FileBody)
+    body.close()
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        found = await asyncio.wait_for(asyncio.to_thread(
+            files.ready, "big.bin", accept_encoding=False, large=True), 10)
+        assert found is None
+    finally:  # a reader blocked in open() (the bug) is let go, so the test can end
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
