@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 from netboot import identity
 from netboot.arrival import arrival
 from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
-from netboot.identity import claims, clean_text, clean_uuid
+from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
 from netboot.inventory.committed import CommittedHere
@@ -607,10 +607,12 @@ class SqliteStore:
             rows = ((v.machine, v.time, v.kind, v.message, data) for v, data in checked)
             audit = [_audit_row(codec.audit_from_dict(codec.audit_to_dict(e)))
                      for e in batch.audit]
-            await self._run(self._apply_here,
-                            [self._sealed.seal_machine(m) for m in batch.create],
-                            [self._sealed.seal_machine(m) for m in batch.update], rows, batch.merge,
-                            dict(batch.expect), audit, (*batch.create, *batch.update))
+            seal = self._sealed.seal_machine
+            # An import's new machines stay rows until written (codec.NewMachines).
+            create = (batch.create.sealed(seal) if isinstance(batch.create, codec.NewMachines)
+                      else [seal(m) for m in batch.create])
+            await self._run(self._apply_here, create, [seal(m) for m in batch.update], rows,
+                            batch.merge, dict(batch.expect), audit, batch.create, batch.update)
             if batch.events and self._listener is not None:
                 self._listener.published([v for v, _ in checked])
 
@@ -618,11 +620,12 @@ class SqliteStore:
                     update: Sequence[Machine], events: Iterable[tuple[str, float, str, str, str]],
                     merge: Sequence[tuple[str, str]], expect: Mapping[str, MachineState],
                     audit: Sequence[tuple[float, str, str, str, str, str]],
-                    given: Sequence[Machine]) -> None:
+                    given_create: Sequence[Machine], given_update: Sequence[Machine]) -> None:
         """On the worker: the batch, then (committed) what it wrote, noted for the feed."""
         written = _apply_batch(conn, create, update, events, merge, expect, audit)
         if written is not None:
             before, after, rows = written
+            given = (*given_create, *given_update)
             read = [self._sealed.as_read(r.machine, sealed, g)
                     for r, sealed, g in zip(rows, (*create, *update), given, strict=True)]
             # A token sealed already (a copied row): only the feed's read can tell.
@@ -1253,19 +1256,6 @@ def _update_rows(conn: sqlite3.Connection, updates: list[_Row]) -> None:
             conn.executemany(_INSERT_KEY, r.keys)
 
 
-def _bulk_params(machine: Machine) -> tuple[Any, ...]:
-    """A new machine's row of ``temp.bulk``: its columns (the first MAC, whether it has more),
-    then the values of its identifiers other than MACs (the document holds every MAC as it is
-    claimed)."""
-    m = codec.stored_machine(machine)
-    # The values identity.claims gives after the MACs, cleaned the same way, without its
-    # per-machine Identity and list of MAC strings (a sixth of encoding a bulk row).
-    macs = m.macs
-    return (m.id, str(macs[0]) if macs else None, len(macs) > 1, m.hostname, m.state.value,
-            m.cluster, codec.machine_json(m), m.created, m.updated,
-            clean_uuid(m.uuid), clean_text(m.serial), clean_text(m.asset))
-
-
 def _bulk_insert(conn: sqlite3.Connection, create: Sequence[Machine]) -> None:
     """Many new machines: into one temporary table (no index, no trigger), encoded as they
     go, then one ``INSERT … SELECT`` per table, labels and MACs taken from the stored
@@ -1276,7 +1266,7 @@ def _bulk_insert(conn: sqlite3.Connection, create: Sequence[Machine]) -> None:
                  " created, updated, uuid, serial, asset)")
     try:
         conn.executemany("INSERT INTO temp.bulk VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         map(_bulk_params, create))
+                         codec.bulk_columns_of(create))
         conn.execute("INSERT INTO machines (id, mac, hostname, state, cluster, data, created,"
                      " updated) SELECT id, mac, hostname, state, cluster, data, created,"
                      " updated FROM temp.bulk")
