@@ -410,14 +410,14 @@ _Values = tuple[tuple[MacAddress, ...], str | None, str | None, str | None, str 
                 str | None, Role | None, str | None, Mapping[str, str], str | None]
 
 
-def _row_machine(ident: str, state: MachineState, values: _Values, now: float) -> Machine:
+def _row_machine(ident: str, values: _Values, now: float) -> Machine:
     """The machine of an import row's values, created and updated ``now``."""
     macs, hostname, uuid, serial, asset, cluster, role, profile, labels, fixed = values
     # An import knows no facts: one shared empty mapping, not 100,000 empty dicts.
-    return Machine(macs=macs, id=ident, state=state, hostname=hostname, serial=serial,
-                   asset=asset, uuid=uuid, cluster=cluster, role=role, profile=profile,
-                   labels=labels, fixed_ipv4=fixed, created=now, updated=now,
-                   facts=NO_ENTRIES)
+    return Machine(macs=macs, id=ident, state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
+                   hostname=hostname, serial=serial, asset=asset, uuid=uuid, cluster=cluster,
+                   role=role, profile=profile, labels=labels, fixed_ipv4=fixed, created=now,
+                   updated=now, facts=NO_ENTRIES)
 
 
 class Enroller:
@@ -735,9 +735,8 @@ class Enroller:
         merge: list[tuple[str, str]] = []
         unchanged: list[str] = []
         now = self._clock()
-        state = lifecycle.first_state(lifecycle.Trigger.ENROLL)
         # The new machines, kept as their rows' checked values until the store writes them.
-        create = NewMachines(state, now)
+        create = NewMachines(lifecycle.first_state(lifecycle.Trigger.ENROLL), now)
         unnamed: list[int] = []  # where in create: rows without a hostname
         # How many rows there are, if the rows can tell (a list; iter_import's estimate).
         ids = _new_ids(operator.length_hint(rows, 0))
@@ -778,7 +777,7 @@ class Enroller:
                     unnamed.append(len(create))
                 create.add(ident, *values)
                 continue
-            machine = _row_machine(ident, state, values, now)
+            machine = _row_machine(ident, values, now)
             if target is None:
                 # New, and discovered records prove to be it.
                 merge += [(d.id, machine.id) for d in absorb]
