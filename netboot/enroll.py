@@ -35,7 +35,7 @@ from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.identity import Identity
 from netboot.inventory.base import Batch, MachineFilter, Store
-from netboot.inventory.codec import NO_ENTRIES
+from netboot.inventory.codec import NO_ENTRIES, NewMachines
 from netboot.model import (
     ID_PREFIX,
     Event,
@@ -404,6 +404,22 @@ async def fleet_status(store: Store) -> dict[str, Any]:
     }
 
 
+# What an import row says of its machine, checked, in NewMachines.add's order: macs,
+# hostname, uuid, serial, asset, cluster, role, profile, labels, fixed_ipv4.
+_Values = tuple[tuple[MacAddress, ...], str | None, str | None, str | None, str | None,
+                str | None, Role | None, str | None, Mapping[str, str], str | None]
+
+
+def _row_machine(ident: str, values: _Values, now: float) -> Machine:
+    """The machine of an import row's values, created and updated ``now``."""
+    macs, hostname, uuid, serial, asset, cluster, role, profile, labels, fixed = values
+    # An import knows no facts: one shared empty mapping, not 100,000 empty dicts.
+    return Machine(macs=macs, id=ident, state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
+                   hostname=hostname, serial=serial, asset=asset, uuid=uuid, cluster=cluster,
+                   role=role, profile=profile, labels=labels, fixed_ipv4=fixed, created=now,
+                   updated=now, facts=NO_ENTRIES)
+
+
 class Enroller:
     def __init__(
         self,
@@ -715,18 +731,20 @@ class Enroller:
         seen_claim: dict[tuple[str, str], int] = {}
         seen_host: dict[str, int] = {}  # hostname -> line
         line_of: dict[str, int] = {}  # machine id -> line
-        create: list[Machine] = []
         update: list[Machine] = []
         merge: list[tuple[str, str]] = []
         unchanged: list[str] = []
         now = self._clock()
+        # The new machines, kept as their rows' checked values until the store writes them.
+        create = NewMachines(lifecycle.first_state(lifecycle.Trigger.ENROLL), now)
+        unnamed: list[int] = []  # where in create: rows without a hostname
         # How many rows there are, if the rows can tell (a list; iter_import's estimate).
         ids = _new_ids(operator.length_hint(rows, 0))
         for n, (line, row) in enumerate(rows):
             if progress is not None and n % 1000 == 0:
                 progress(n)
             try:
-                machine, own = self._row_machine(row, clusters, profiles, now, ids)
+                values, own = self._row_values(row, clusters, profiles)
                 target, absorb = self._row_target(own, line, existing, holders, seen_claim)
             except ValidationError as exc:
                 errors.append(RowError(line, exc.field, exc.message))
@@ -736,26 +754,36 @@ class Enroller:
                     errors.append(RowError(line, "mac", f"names machine {target.ref} again "
                                            f"(line {line_of[target.id]})"))
                     continue
-                machine = replace(machine, id=target.id)
-            line_of[machine.id] = line
-            if machine.hostname:
-                if machine.hostname in seen_host:
-                    errors.append(RowError(line, "hostname", f"{machine.hostname!r} duplicates "
-                                           f"line {seen_host[machine.hostname]}"))
+                ident = target.id
+            else:
+                ident = next(ids)
+            line_of[ident] = line
+            hostname = values[1]
+            if hostname:
+                if hostname in seen_host:
+                    errors.append(RowError(line, "hostname", f"{hostname!r} duplicates "
+                                           f"line {seen_host[hostname]}"))
                     continue
-                seen_host[machine.hostname] = line
-                owner = by_host.get(machine.hostname)
-                if owner is not None and owner != machine.id \
-                        and owner not in {d.id for d in absorb}:
-                    errors.append(RowError(line, "hostname", f"{machine.hostname!r} is used by "
+                seen_host[hostname] = line
+                owner = by_host.get(hostname)
+                if owner is not None and owner != ident and owner not in {d.id for d in absorb}:
+                    errors.append(RowError(line, "hostname", f"{hostname!r} is used by "
                                            f"{existing[owner].ref} in the inventory"))
                     continue
+            if target is None and not absorb:
+                # The usual row: a new machine, never built as a Machine here (its checked
+                # values go to the store as they are).
+                if hostname is None:
+                    unnamed.append(len(create))
+                create.add(ident, *values)
+                continue
+            machine = _row_machine(ident, values, now)
             if target is None:
-                # The row's machine is new: made once, with its times (no copy per step).
-                if absorb:
-                    merge += [(d.id, machine.id) for d in absorb]
-                    machine = identity.merge(machine, absorb, now)
-                create.append(machine)
+                # New, and discovered records prove to be it.
+                merge += [(d.id, machine.id) for d in absorb]
+                if hostname is None:
+                    unnamed.append(len(create))
+                create.add_machine(identity.merge(machine, absorb, now))
                 continue
             merge += [(d.id, machine.id) for d in absorb]
             old = target
@@ -782,30 +810,36 @@ class Enroller:
         # both the inventory and the rest of the file.
         taken = set(by_host) | set(seen_host)
         groups = await self._store.list_groups()
-        for i, m in enumerate(create):
-            if m.hostname is None and not errors:
-                try:
-                    base = render_hostname(self.template_for(m, groups), m)
-                except ValidationError as exc:
-                    errors.append(RowError(line_of[m.id], exc.field, exc.message))
-                    continue
-                name, n = base, 2
-                while name in taken:
-                    name, n = f"{base[:58]}-{n}", n + 1
-                taken.add(name)
-                create[i] = replace(m, hostname=name)
+        for i in unnamed:
+            if errors:
+                break
+            if create.hostname(i) is not None:
+                continue  # named by a discovered record it absorbed
+            m = create[i]
+            try:
+                base = render_hostname(self.template_for(m, groups), m)
+            except ValidationError as exc:
+                errors.append(RowError(line_of[m.id], exc.field, exc.message))
+                continue
+            name, n = base, 2
+            while name in taken:
+                name, n = f"{base[:58]}-{n}", n + 1
+            taken.add(name)
+            create.rename(i, name)
         # A hostname freed by one row and taken by another in the same file is fine; a name
         # taken from a machine the file does not rename is not.
         renamed = {m.id for m in update} | {source for source, _ in merge}
-        for m in create + update:
-            owner = by_host.get(m.hostname or "")
-            if owner and owner != m.id and owner not in renamed:
-                line = line_of[m.id]
+        named = [*((ident, create.hostname(i)) for i, ident in enumerate(create.ids())),
+                 *((m.id, m.hostname) for m in update)] if by_host else []
+        for ident, hostname in named:
+            owner = by_host.get(hostname or "")
+            if owner and owner != ident and owner not in renamed:
+                line = line_of[ident]
                 if not any(e.line == line for e in errors):
                     errors.append(RowError(line, "hostname",
-                                           f"{m.hostname!r} is used by {existing[owner].ref}"))
+                                           f"{hostname!r} is used by {existing[owner].ref}"))
         report = ImportReport(
-            created=tuple(m.ref for m in create), changed=tuple(m.ref for m in update),
+            created=tuple(create.refs()), changed=tuple(m.ref for m in update),
             unchanged=tuple(unchanged), errors=tuple(sorted(errors, key=lambda e: e.line)),
         )
         if errors or dry_run:
@@ -813,7 +847,7 @@ class Enroller:
         # An event per machine is its history ("enrolled: imported"); they share one empty
         # data mapping (events are frozen values, never changed in place).
         no_data: dict[str, Any] = {}
-        events = [Event(m.id, now, "enrolled", "imported", no_data) for m in create]
+        events = [Event(ident, now, "enrolled", "imported", no_data) for ident in create.ids()]
         events += [Event(m.id, now, "updated", "changed by an import", no_data) for m in update]
         events += [Event(target, now, "merged", f"discovered record {source} is this machine "
                          "(found by an import); its history is kept", {"merged": source})
@@ -859,11 +893,10 @@ class Enroller:
             target, found = found[0], found[1:]
         return target, found
 
-    def _row_machine(self, row: Mapping[str, Any], clusters: Mapping[str, str],
-                     profiles: Mapping[str, str], now: float,
-                     ids: Iterator[str]) -> tuple[Machine, list[tuple[str, str]]]:
-        """The new machine a row describes, created and updated ``now``, with the next of
-        ``ids``, and its identifiers as :func:`netboot.identity.claims` gives them.
+    def _row_values(self, row: Mapping[str, Any], clusters: Mapping[str, str],
+                    profiles: Mapping[str, str]) -> tuple[_Values, list[tuple[str, str]]]:
+        """What a row says of its machine, checked (:data:`_Values`), and its identifiers
+        as :func:`netboot.identity.claims` gives them.
 
         Every check below runs for every row; what a bulk import of 100,000 CSV rows makes
         cheap is the usual case: a test of the whole key set at once, text cells passed by
@@ -936,17 +969,9 @@ class Enroller:
                 raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
         if not own:
             raise ValidationError("mac", "required: a mac (or macs), serial, asset or uuid")
-        machine = Machine(
-            macs=macs, id=next(ids), state=lifecycle.first_state(lifecycle.Trigger.ENROLL),
-            hostname=hostname, serial=serial, asset=asset, uuid=uuid, cluster=cluster,
-            role=role, profile=profile,
-            labels={sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()}
-            if labels else NO_ENTRIES,
-            fixed_ipv4=fixed, created=now, updated=now,
-            # An import knows no facts: one shared empty mapping, not 100,000 empty dicts.
-            facts=NO_ENTRIES,
-        )
-        return machine, own
+        return (macs, hostname, uuid, serial, asset, cluster, role, profile,
+                {sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()}
+                if labels else NO_ENTRIES, fixed), own
 
     async def _all_machines(self) -> list[Machine]:
         # One read: pages by OFFSET walk the skipped rows again for every page.

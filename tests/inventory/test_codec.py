@@ -436,3 +436,50 @@ def test_document_decoder_answers_as_the_strict_parse(change: dict[str, Any]) ->
     if isinstance(got, Machine):
         assert [type(getattr(got, f.name)) for f in dataclasses.fields(Machine)] == [
             type(getattr(expected, f.name)) for f in dataclasses.fields(Machine)]
+
+
+_ROWS: list[dict[str, Any]] = [
+    {},
+    {"macs": ()},
+    {"macs": (MacAddress.parse("02:00:00:00:00:01"), MacAddress.parse("02:00:00:00:00:02"))},
+    {"hostname": "n\u00e9-1", "uuid": "00112233-4455-6677-8899-aabbccddeeff", "serial": 'S"1\\',
+     "asset": "A\n1", "cluster": "c", "role": Role.SERVER, "profile": "p",
+     "labels": {"rack": "r1", "k\u00e9y": "\u2603 \"q\""}, "fixed_ipv4": "10.0.0.9"},
+    {"role": None, "labels": codec.NO_ENTRIES},
+]
+
+
+@pytest.mark.parametrize("change", _ROWS)
+def test_new_machines_write_what_their_machines_would(change: dict[str, Any]) -> None:
+    # An import's rows are written without a Machine each: the same columns and text as the
+    # machine they stand for, which is what reading them as a sequence gives.
+    values: dict[str, Any] = {
+        "macs": (MacAddress.parse("02:00:00:00:00:09"),), "hostname": "h", "uuid": None,
+        "serial": "SN1", "asset": None, "cluster": None, "role": Role.AGENT, "profile": None,
+        "labels": {"rack": "r2"}, "fixed_ipv4": None, **change}
+    new = codec.NewMachines(MachineState.ENROLLED, 1700000000.25)
+    new.add("m-00000000000a", *values.values())
+    machine = Machine(id="m-00000000000a", state=MachineState.ENROLLED, facts=codec.NO_ENTRIES,
+                      created=1700000000.25, updated=1700000000.25, **values)
+    assert list(new) == [machine] and new[0] == machine and new[:1] == [machine]
+    assert codec.stored_machine(machine) is machine
+    assert list(new.columns()) == [codec.bulk_columns(machine)]
+    assert list(new.refs()) == [machine.ref] and list(new.ids()) == [machine.id]
+
+
+def test_new_machines_renamed_and_merged_ones_kept_in_order() -> None:
+    new = codec.NewMachines(MachineState.ENROLLED, 1700000000)  # an int time reads as a float
+    new.add("m-00000000000a", (), None, None, "SN1", None, None, None, None, codec.NO_ENTRIES,
+            None)
+    merged = replace(MACHINE, id="m-00000000000b", hostname=None)
+    new.add_machine(merged)
+    new.rename(0, "edge-sn1")
+    new.rename(1, "edge-b")
+    assert [new.hostname(0), new.hostname(1)] == ["edge-sn1", "edge-b"]
+    assert new[0].created == 1700000000.0 and type(new[0].created) is float
+    assert new[1] == replace(merged, hostname="edge-b")
+    assert [c[0] for c in new.columns()] == ["m-00000000000a", "m-00000000000b"]
+    assert list(new.columns())[1] == codec.bulk_columns(replace(merged, hostname="edge-b"))
+    with pytest.raises(ValidationError) as err:
+        codec.NewMachines(MachineState.ENROLLED, float("nan"))
+    assert err.value.field == "created"

@@ -17,6 +17,7 @@ import pytest
 
 import netboot
 from netboot.errors import NotFound, StoreError
+from netboot.identity import claims
 from netboot.inventory import sqlite as sqlite_store
 from netboot.inventory.base import MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
@@ -523,5 +524,35 @@ async def test_an_update_of_the_document_only_leaves_indexed_rows_alone(tmp_path
         assert [m.id for m in await store.list_machines(
             MachineFilter(state=MachineState.INSTALLED))] == [machine.id]
         watcher.close()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("bad", [0, 2, 4])  # which of the contract's bad rows: mac, serial, ipv4
+async def test_bulk_batch_in_chunks_all_or_nothing(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   bad: int) -> None:
+    # A bulk batch is staged BULK_CHUNK machines at a time: a bad row in a later chunk still
+    # undoes the earlier ones, is named as with one chunk, and a good batch reads back.
+    from tests.inventory import test_contract as contract
+
+    monkeypatch.setattr(sqlite_store, "BULK_CHUNK", 128)
+    store = SqliteStore(tmp_path / "chunks.db")
+    await store.open()
+    try:
+        cases = [(m, text) for (m, text) in (
+            (Machine(macs=(MacAddress.parse(contract.MAC1),), hostname="fresh"),
+             "mac 02:00:00:00:00:01"),
+            (contract.machine(contract.mac(5000), serial="S-1"), "serial S-1"),
+            (contract.machine(contract.mac(5001), hostname="EXISTING"), "hostname 'EXISTING'"),
+            (contract.machine(contract.mac(5002), serial="S7"), "serial S7"),
+            (contract.machine(contract.mac(5003), fixed_ipv4="999.1.1.1"), "not an IPv4"),
+        )]
+        await contract.test_bulk_batch_all_or_nothing(store, *cases[bad])
+        await store.delete_machine(contract.mid(contract.MAC1))
+        await contract.test_bulk_batch_reads_back_by_every_identifier(store)
+        with raw(tmp_path / "chunks.db") as conn:
+            assert conn.execute("SELECT count(*) FROM machine_keys").fetchone()[0] == sum(
+                len(claims(m)) for m in contract.bulk_rows())
     finally:
         await store.close()
