@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import stat
@@ -39,6 +40,11 @@ from netboot.render import Renderer
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
+# The context names whose values differ from one machine to the next (Content.context): an
+# iPXE script or command line that only prints them is rendered once per profile, reason
+# and the like, and they are filled in (Renderer.render's ``volatile``).
+PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", "nocloud_url",
+                         "events_url", "register_command", "instance_serial", "cmdline", "k3s"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
 SCRIPTS_KEPT = 8192
 
@@ -112,7 +118,8 @@ class Content:
         self._log = logger or logging.getLogger(__name__)
         self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
-        self._cmdlines: dict[Path, tuple[object, str]] = {}  # see _default_cmdline
+        self._cmdlines: dict[str, tuple[object, str]] = {}  # see _default_cmdline
+        self._cmdline_paths: dict[str, tuple[str, ...]] = {}
 
     @property
     def urls(self) -> Urls:
@@ -166,15 +173,17 @@ class Content:
             ctx["initrd_paths"] = [i.lstrip("/") for i in profile.initrds]
             source = profile.cmdline or self._default_cmdline(profile.config_template)
             ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
-                                                  "cmdline")
+                                                  "cmdline", volatile=PER_MACHINE)
         return ctx
 
     def _default_cmdline(self, config_template: str) -> str:
         name = "cmdline/cloud-init.txt" if config_template == "cloud-init" else "cmdline/k3os.txt"
-        for directory in self._render.dirs:
-            path = directory / name
+        paths = self._cmdline_paths.get(name)
+        if paths is None:  # joined once: a Path join was a third of this lookup
+            paths = self._cmdline_paths[name] = tuple(str(d / name) for d in self._render.dirs)
+        for path in paths:
             try:
-                st = path.stat()
+                st = os.stat(path)
             except OSError:
                 continue
             if not stat.S_ISREG(st.st_mode):
@@ -184,7 +193,7 @@ class Content:
             seen = (st.st_ino, st.st_size, st.st_mtime_ns)
             kept = self._cmdlines.get(path)
             if kept is None or kept[0] != seen:
-                kept = self._cmdlines[path] = (seen, path.read_text(encoding="utf-8"))
+                kept = self._cmdlines[path] = (seen, Path(path).read_text(encoding="utf-8"))
             return kept[1]
         raise RenderError(f"no default command line template {name}")
 
@@ -217,12 +226,12 @@ class Content:
         name = f"ipxe/{plan.action}.ipxe"
         if plan.token or plan.action == BootAction.INSTALL:
             # An install's command line also comes from files outside the key (cmdline/).
-            return self._render.ipxe(name, self.context(plan))
+            return self._render.ipxe(name, self.context(plan), volatile=PER_MACHINE)
         made_of = (plan, self._base_url(), self._trust(), self._render.version(name))
         kept = self._scripts.get(plan.mac)
         if kept is not None and kept[0] == made_of:
             return kept[1]
-        text = self._render.ipxe(name, self.context(plan))
+        text = self._render.ipxe(name, self.context(plan), volatile=PER_MACHINE)
         self._scripts.pop(plan.mac, None)
         self._scripts[plan.mac] = (made_of, text)
         if len(self._scripts) > SCRIPTS_KEPT:
