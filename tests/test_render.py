@@ -231,7 +231,7 @@ def test_split_render_equals_the_whole_render_for_every_shipped_template() -> No
     "#!ipxe\n{% for mac in profile.initrds %}{{ mac }}{% endfor %}{{ token }}\n",
     "#!ipxe\n{% macro m(x) %}{{ x }}{% endmacro %}{{ m(mac) }} {{ token }}\n",
     "#!ipxe\n{{ machine.no_such_field }}\n",  # undefined: the whole render says so
-    "#!ipxe\n{{ plan.reason }}{{ '\\x00' }}{{ mac }}\n",  # a NUL of its own
+    "#!ipxe\n{{ plan.reason }}{{ '\\x001' }}{{ mac }}\n",  # a NUL of its own, a mark's look
     "#!ipxe\n{{ _nb_slot_0 | default('') }}{{ mac }}\n",
     "#!ipxe\n{{ machine.hostname or no_such_name }} {{ mac }}\n",
     "#!ipxe\n{{ machine.__class__ }} {{ mac }}\n",  # the sandbox's answer, both ways
