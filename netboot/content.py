@@ -42,7 +42,7 @@ from netboot.wire import uimage
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
 # The context names whose values differ from one machine to the next (Content.context): an
 # iPXE script or command line that only prints them is rendered once per profile, reason
-# and the like, and they are filled in (Renderer.render's ``volatile``).
+# and the like, and they are filled in (the Renderer's ``volatile``, service.renderer_for).
 PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", "nocloud_url",
                          "events_url", "register_command", "instance_serial", "cmdline", "k3s"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
@@ -173,7 +173,7 @@ class Content:
             ctx["initrd_paths"] = [i.lstrip("/") for i in profile.initrds]
             source = profile.cmdline or self._default_cmdline(profile.config_template)
             ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
-                                                  "cmdline", volatile=PER_MACHINE)
+                                                  "cmdline")
         return ctx
 
     def _default_cmdline(self, config_template: str) -> str:
@@ -226,12 +226,12 @@ class Content:
         name = f"ipxe/{plan.action}.ipxe"
         if plan.token or plan.action == BootAction.INSTALL:
             # An install's command line also comes from files outside the key (cmdline/).
-            return self._render.ipxe(name, self.context(plan), volatile=PER_MACHINE)
+            return self._render.ipxe(name, self.context(plan))
         made_of = (plan, self._base_url(), self._trust(), self._render.version(name))
         kept = self._scripts.get(plan.mac)
         if kept is not None and kept[0] == made_of:
             return kept[1]
-        text = self._render.ipxe(name, self.context(plan), volatile=PER_MACHINE)
+        text = self._render.ipxe(name, self.context(plan))
         self._scripts.pop(plan.mac, None)
         self._scripts[plan.mac] = (made_of, text)
         if len(self._scripts) > SCRIPTS_KEPT:

@@ -36,7 +36,10 @@ _MAX_SKELETONS = 256
 
 
 class Renderer:
-    def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None,
+                 volatile: frozenset[str] = frozenset()) -> None:
+        """``volatile``: the context names whose values differ from one machine to the next,
+        around which :meth:`ipxe` and :meth:`cmdline` split their templates (render's)."""
         existing = [Path(d) for d in dirs if Path(d).is_dir()]
         if not existing:
             raise ConfigError(
@@ -45,6 +48,7 @@ class Renderer:
                 fix=f"set templates.dir, or reinstall netboot: {templates_dir()} is missing",
             )
         self.dirs = existing
+        self.volatile = volatile
         self._log = logger or logging.getLogger(__name__)
         self._jinja: ImmutableSandboxedEnvironment | None = None
         self._strings: dict[str, jinja2.Template] = {}
@@ -202,17 +206,15 @@ class Renderer:
         return ", ".join(str(d) for d in self.dirs)
 
     # checked outputs ---------------------------------------------------------------
-    def ipxe(self, name: str, context: Mapping[str, Any], *,
-             volatile: frozenset[str] = frozenset()) -> str:
-        text = self.render(name, context, volatile=volatile)
+    def ipxe(self, name: str, context: Mapping[str, Any]) -> str:
+        text = self.render(name, context, volatile=self.volatile)
         if not text.startswith("#!ipxe"):
             raise RenderError(f"template {name!r} must start with #!ipxe")
         return text
 
-    def cmdline(self, source: str, context: Mapping[str, Any], *, what: str,
-                volatile: frozenset[str] = frozenset()) -> str:
+    def cmdline(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
         text = " ".join(self.render_string(source, context, what=what,
-                                           volatile=volatile).split())
+                                           volatile=self.volatile).split())
         # iPXE's tokenizer treats a token starting with '#' as a comment (exec.c).
         if any(tok.startswith("#") for tok in text.split()):
             raise RenderError(f"{what}: a kernel argument starts with '#', iPXE would drop it")
