@@ -116,14 +116,7 @@ class Renderer:
         import jinja2.sandbox
 
         try:
-            template = self._env.get_template(name)
-            if volatile:
-                split = self._split_of(template, volatile, name)
-                if split is not None:
-                    text = split.render(context)
-                    if text is not None:
-                        return text
-            return template.render(**context)
+            return self._rendered(self._env.get_template(name), name, context, volatile)
         except jinja2.TemplateNotFound as exc:
             raise RenderError(f"template {name!r} not found in {self._dirs_text()}") from exc
         except jinja2.UndefinedError as exc:
@@ -148,16 +141,22 @@ class Renderer:
         import jinja2
 
         try:
-            template = self._compiled(source)
-            if volatile:
-                split = self._split_of(source, volatile, None)
-                if split is not None:
-                    text = split.render(context)
-                    if text is not None:
-                        return text
-            return template.render(**context)
+            return self._rendered(self._compiled(source), None, context, volatile, source)
         except jinja2.TemplateError as exc:
             raise RenderError(f"{what}: {exc}") from exc
+
+    def _rendered(self, template: jinja2.Template, name: str | None,
+                  context: Mapping[str, Any], volatile: frozenset[str],
+                  source: str | None = None) -> str:
+        """``template`` (of file ``name``, or of ``source``) rendered: by its split form
+        where it has one and that answers, else whole."""
+        if volatile:
+            split = self._split_of(template if name is not None else source, volatile, name)
+            if split is not None:
+                text = split.render(context)
+                if text is not None:
+                    return text
+        return template.render(**context)
 
     def _compiled(self, source: str) -> jinja2.Template:
         """The compiled template of ``source`` (a profile's cmdline), compiled once.
