@@ -195,7 +195,11 @@ class Renderer:
         else:
             assert isinstance(key, str)
             source, filename = key, None
-        split = _split(env, source, name, filename, volatile)
+        try:
+            split = _split(env, source, name, filename, volatile)
+        except Exception:  # a tree the split cannot compile: rendered whole, as it was
+            self._log.debug("template %r not split", name or source, exc_info=True)
+            split = None
         if len(self._splits) >= _MAX_SPLITS:
             self._splits.pop(next(iter(self._splits)))  # the oldest
         self._splits[index] = (key, split)
