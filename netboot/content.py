@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import stat
@@ -39,6 +40,11 @@ from netboot.render import Renderer
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
+# The context names whose values differ from one machine to the next (Content.context): an
+# iPXE script or command line that only prints them is rendered once per profile, reason
+# and the like, and they are filled in (the Renderer's ``volatile``, service.renderer_for).
+PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", "nocloud_url",
+                         "events_url", "register_command", "instance_serial", "cmdline", "k3s"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
 SCRIPTS_KEPT = 8192
 
@@ -112,7 +118,8 @@ class Content:
         self._log = logger or logging.getLogger(__name__)
         self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
-        self._cmdlines: dict[Path, tuple[object, str]] = {}  # see _default_cmdline
+        self._cmdlines: dict[str, tuple[object, str]] = {}  # see _default_cmdline
+        self._cmdline_paths: dict[str, tuple[str, ...]] = {}
 
     @property
     def urls(self) -> Urls:
@@ -171,10 +178,12 @@ class Content:
 
     def _default_cmdline(self, config_template: str) -> str:
         name = "cmdline/cloud-init.txt" if config_template == "cloud-init" else "cmdline/k3os.txt"
-        for directory in self._render.dirs:
-            path = directory / name
+        paths = self._cmdline_paths.get(name)
+        if paths is None:  # joined once: a Path join was a third of this lookup
+            paths = self._cmdline_paths[name] = tuple(str(d / name) for d in self._render.dirs)
+        for path in paths:
             try:
-                st = path.stat()
+                st = os.stat(path)
             except OSError:
                 continue
             if not stat.S_ISREG(st.st_mode):
@@ -184,7 +193,7 @@ class Content:
             seen = (st.st_ino, st.st_size, st.st_mtime_ns)
             kept = self._cmdlines.get(path)
             if kept is None or kept[0] != seen:
-                kept = self._cmdlines[path] = (seen, path.read_text(encoding="utf-8"))
+                kept = self._cmdlines[path] = (seen, Path(path).read_text(encoding="utf-8"))
             return kept[1]
         raise RenderError(f"no default command line template {name}")
 

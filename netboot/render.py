@@ -10,7 +10,9 @@ line (iPXE and pxelinux read one line), and cloud-config parses as YAML.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import marshal
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +23,23 @@ from netboot.shipped import templates_dir
 
 if TYPE_CHECKING:
     import jinja2
+    from jinja2 import nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Compiled string templates kept (profile cmdlines): far more than any site has profiles.
 _MAX_COMPILED = 256
+# Split forms kept (_Split): one per template file version or command-line source.
+_MAX_SPLITS = 256
+# Skeletons kept per split form: one per distinct value of what is not per machine (profile,
+# plan reason, console...): a few per profile and cluster in practice.
+_MAX_SKELETONS = 256
 
 
 class Renderer:
-    def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None,
+                 volatile: frozenset[str] = frozenset()) -> None:
+        """``volatile``: the context names whose values differ from one machine to the next,
+        around which :meth:`ipxe` and :meth:`cmdline` split their templates (render's)."""
         existing = [Path(d) for d in dirs if Path(d).is_dir()]
         if not existing:
             raise ConfigError(
@@ -37,9 +48,13 @@ class Renderer:
                 fix=f"set templates.dir, or reinstall netboot: {templates_dir()} is missing",
             )
         self.dirs = existing
+        self.volatile = volatile
         self._log = logger or logging.getLogger(__name__)
         self._jinja: ImmutableSandboxedEnvironment | None = None
         self._strings: dict[str, jinja2.Template] = {}
+        # Split forms (render with ``volatile``): by template object (one per file version,
+        # kept with it so that its id is not reused) or by source string.
+        self._splits: dict[object, tuple[object, _Split | None]] = {}
 
     @property
     def _env(self) -> ImmutableSandboxedEnvironment:
@@ -91,13 +106,17 @@ class Renderer:
                     fix="fix the Jinja2 syntax on that line",
                 ) from exc
 
-    def render(self, name: str, context: Mapping[str, Any]) -> str:
+    def render(self, name: str, context: Mapping[str, Any], *,
+               volatile: frozenset[str] = frozenset()) -> str:
+        """Template ``name`` rendered with ``context``. ``volatile``: the context names whose
+        values differ from one machine to the next (its MAC, its token): where the template
+        only prints them, the rest is rendered once per distinct value of everything else
+        and the printed values are filled in (:class:`_Split`), the same text."""
         import jinja2
         import jinja2.sandbox
 
         try:
-            template = self._env.get_template(name)
-            return template.render(**context)
+            return self._rendered(self._env.get_template(name), name, context, volatile)
         except jinja2.TemplateNotFound as exc:
             raise RenderError(f"template {name!r} not found in {self._dirs_text()}") from exc
         except jinja2.UndefinedError as exc:
@@ -117,13 +136,27 @@ class Renderer:
         except jinja2.TemplateError:
             return None
 
-    def render_string(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
+    def render_string(self, source: str, context: Mapping[str, Any], *, what: str,
+                      volatile: frozenset[str] = frozenset()) -> str:
         import jinja2
 
         try:
-            return self._compiled(source).render(**context)
+            return self._rendered(self._compiled(source), None, context, volatile, source)
         except jinja2.TemplateError as exc:
             raise RenderError(f"{what}: {exc}") from exc
+
+    def _rendered(self, template: jinja2.Template, name: str | None,
+                  context: Mapping[str, Any], volatile: frozenset[str],
+                  source: str | None = None) -> str:
+        """``template`` (of file ``name``, or of ``source``) rendered: by its split form
+        where it has one and that answers, else whole."""
+        if volatile:
+            split = self._split_of(template if name is not None else source, volatile, name)
+            if split is not None:
+                text = split.render(context)
+                if text is not None:
+                    return text
+        return template.render(**context)
 
     def _compiled(self, source: str) -> jinja2.Template:
         """The compiled template of ``source`` (a profile's cmdline), compiled once.
@@ -140,18 +173,51 @@ class Renderer:
             self._strings[source] = template
         return template
 
+    def _split_of(self, key: object, volatile: frozenset[str], name: str | None,
+                  ) -> _Split | None:
+        """The split form of a template (``key``: its object, of file ``name``) or of a
+        source string (``key``), made once; None where it cannot be split."""
+        # A template object by identity (the loader makes a new one when its file changes),
+        # a source string by value.
+        index = id(key) if name is not None else key
+        kept = self._splits.get(index)
+        if kept is not None and (kept[0] is key if name is not None else kept[0] == key):
+            return kept[1]
+        env = self._env
+        if name is not None:
+            loader = env.loader
+            assert loader is not None  # set in _env
+            source, filename, _ = loader.get_source(env, name)
+            # The text read now is the one the template object was compiled from only
+            # while that object is up to date (Jinja's own test: the file's mtime).
+            if not key.is_up_to_date:  # type: ignore[attr-defined]
+                return None
+        else:
+            assert isinstance(key, str)
+            source, filename = key, None
+        try:
+            split = _split(env, source, name, filename, volatile)
+        except Exception:  # a tree the split cannot compile: rendered whole, as it was
+            self._log.debug("template %r not split", name or source, exc_info=True)
+            split = None
+        if len(self._splits) >= _MAX_SPLITS:
+            self._splits.pop(next(iter(self._splits)))  # the oldest
+        self._splits[index] = (key, split)
+        return split
+
     def _dirs_text(self) -> str:
         return ", ".join(str(d) for d in self.dirs)
 
     # checked outputs ---------------------------------------------------------------
     def ipxe(self, name: str, context: Mapping[str, Any]) -> str:
-        text = self.render(name, context)
+        text = self.render(name, context, volatile=self.volatile)
         if not text.startswith("#!ipxe"):
             raise RenderError(f"template {name!r} must start with #!ipxe")
         return text
 
     def cmdline(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
-        text = " ".join(self.render_string(source, context, what=what).split())
+        text = " ".join(self.render_string(source, context, what=what,
+                                           volatile=self.volatile).split())
         # iPXE's tokenizer treats a token starting with '#' as a comment (exec.c).
         if any(tok.startswith("#") for tok in text.split()):
             raise RenderError(f"{what}: a kernel argument starts with '#', iPXE would drop it")
@@ -168,6 +234,170 @@ class Renderer:
         except yaml.YAMLError as exc:
             raise RenderError(f"template {name!r} rendered invalid YAML: {exc}") from exc
         return text
+
+
+# Where a printed per-machine value goes in a skeleton: NUL never occurs in a rendered script,
+# and a skeleton that has one anywhere else is not used.
+_MARK = re.compile("\x00([0-9]+)\x00")
+# Nodes whose effect the split does not follow (other templates, macros, scopes, the context
+# itself): a template with one is rendered whole.
+_OPAQUE = ("Extends", "Include", "Import", "FromImport", "Macro", "CallBlock", "Block",
+           "FilterBlock", "With", "Scope", "OverlayScope", "EvalContextModifier",
+           "ScopedEvalContextModifier", "ContextReference", "DerivedContextReference",
+           "ImportedName", "InternalName")
+# Names Jinja binds itself inside loops, macros and call blocks.
+_SPECIAL = frozenset({"loop", "self", "caller", "varargs", "kwargs", "super"})
+
+
+class _Unsure(Exception):
+    """A split render cannot tell what the whole render gives (an undefined value, an
+    error): the whole render answers, and says why."""
+
+
+class _Split:
+    """A template whose per-machine values (the ``volatile`` context names) occur only in
+    whole ``{{ … }}`` outputs of plain lookups (``{{ mac }}``, ``{{ config_url }}``,
+    ``{{ machine.hostname or mac }}``): nothing else of it (a test, a loop, a filter, a
+    variable it sets) depends on them. Its skeleton (the template with a mark where each
+    such output goes) is rendered once per distinct value of the other names it reads; a
+    render is then that skeleton with each mark replaced by ``str()`` of its lookup, done
+    as Jinja's generated code does it (``environment.getattr``/``getitem``, ``or``): the
+    very text a whole render gives. Anything the split cannot be sure of (an undefined
+    value, an input it cannot key on) leaves the render to the whole template."""
+
+    __slots__ = ("fixed", "skeletons", "slots", "template")
+
+    def __init__(self, template: jinja2.Template, fixed: tuple[str, ...],
+                 slots: tuple[Callable[[Mapping[str, Any]], Any], ...]) -> None:
+        self.template = template
+        self.fixed = fixed  # the other names it reads
+        self.slots = slots
+        # The fixed names' values (marshalled) -> the skeleton, cut at its marks: literal text
+        # at even places, slot numbers at odd ones.
+        self.skeletons: dict[bytes, tuple[str | int, ...]] = {}
+
+    def render(self, context: Mapping[str, Any]) -> str | None:
+        """The text, or None: render the whole template."""
+        fixed = self.fixed
+        try:
+            # Which names are there, and their values, as marshal writes them: it takes only
+            # the built-in types (a str subclass, an enum, any object is refused, ValueError)
+            # and reads back what it wrote, so equal keys are equal values of equal types.
+            # Version 2 writes no back-references: equal values, equal bytes.
+            key = marshal.dumps((tuple(name in context for name in fixed),
+                                 tuple(context[name] for name in fixed if name in context)), 2)
+        except ValueError:
+            return None
+        try:
+            pieces = self.skeletons.get(key)
+            if pieces is None:
+                pieces = self._skeleton(context)
+                if pieces is None:
+                    return None
+                if len(self.skeletons) >= _MAX_SKELETONS:
+                    self.skeletons.pop(next(iter(self.skeletons)))  # the oldest
+                self.skeletons[key] = pieces
+            filled = [str(slot(context)) for slot in self.slots]
+        except Exception:  # the whole render raises it, or says why (RenderError)
+            return None
+        return "".join([piece if isinstance(piece, str) else filled[piece]
+                        for piece in pieces])
+
+    def _skeleton(self, context: Mapping[str, Any]) -> tuple[str | int, ...] | None:
+        ctx = {name: context[name] for name in self.fixed if name in context}
+        ctx.update((f"_nb_slot_{i}", f"\x00{i}\x00") for i in range(len(self.slots)))
+        text = self.template.render(ctx)
+        parts = _MARK.split(text)
+        if text.count("\x00") != len(parts) - 1:
+            return None  # a NUL of its own: marks not told apart
+        return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+
+def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
+           filename: str | None, volatile: frozenset[str]) -> _Split | None:
+    """The split form of ``source`` (see :class:`_Split`), or None where it cannot be."""
+    from jinja2 import nodes
+
+    if env.finalize is not None or env.autoescape is not False:
+        return None  # outputs would not be str() of their values
+    tree = env.parse(source, name, filename)
+    if any(type(n).__name__ in _OPAQUE for n in tree.find_all(nodes.Node)):
+        return None
+    names = list(tree.find_all(nodes.Name))
+    bound = {n.name for n in names if n.ctx != "load"} | _SPECIAL
+    if bound & volatile or any(n.name.startswith("_nb_slot_") for n in names):
+        return None
+    slots: list[Callable[[Mapping[str, Any]], Any]] = []
+    for output in tree.find_all(nodes.Output):
+        for i, child in enumerate(output.nodes):
+            used = {n.name for n in child.find_all(nodes.Name)}
+            if isinstance(child, nodes.Name):
+                used.add(child.name)
+            if not used & volatile:
+                continue
+            lookup = None if used & bound else _lookup(env, child)
+            if lookup is None:
+                return None
+            output.nodes[i] = nodes.Name(f"_nb_slot_{len(slots)}", "load", lineno=child.lineno)
+            slots.append(lookup)
+    if not slots:
+        return None  # nothing to fill in: rendered whole, as before
+    loads = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"}
+    if loads & volatile:
+        return None  # a per-machine value used otherwise than printed
+    fixed = tuple(sorted(n for n in loads - bound if not n.startswith("_nb_slot_")))
+    code = env.compile(tree, name, filename)
+    template = env.template_class.from_code(env, code, env.make_globals(None))
+    return _Split(template, fixed, tuple(slots))
+
+
+def _lookup(env: ImmutableSandboxedEnvironment, node: nodes.Node,
+            ) -> Callable[[Mapping[str, Any]], Any] | None:
+    """``node`` evaluated from a context as Jinja's generated code evaluates it (names,
+    ``.attr``, ``[constant]``, ``or``, ``and``, constants); None for any other expression.
+    An undefined value raises _Unsure: the whole render reports it."""
+    import jinja2
+    from jinja2 import nodes
+
+    undefined = jinja2.Undefined
+
+    def known(value: Any) -> Any:
+        if isinstance(value, undefined):
+            raise _Unsure
+        return value
+
+    if isinstance(node, nodes.Name):
+        key = node.name
+
+        def name(ctx: Mapping[str, Any]) -> Any:
+            if key not in ctx:
+                raise _Unsure
+            return known(ctx[key])
+        return name
+    if isinstance(node, nodes.Const):
+        const = node.value
+        return lambda ctx: const
+    if isinstance(node, nodes.Getattr):
+        of, attr = _lookup(env, node.node), node.attr
+        if of is None:
+            return None
+        getattr_ = of
+        return lambda ctx: known(env.getattr(getattr_(ctx), attr))
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+        of, item = _lookup(env, node.node), node.arg.value
+        if of is None:
+            return None
+        getitem_ = of
+        return lambda ctx: known(env.getitem(getitem_(ctx), item))
+    if isinstance(node, nodes.Or | nodes.And):
+        left, right = _lookup(env, node.left), _lookup(env, node.right)
+        if left is None or right is None:
+            return None
+        if isinstance(node, nodes.Or):
+            return lambda ctx: left(ctx) or right(ctx)
+        return lambda ctx: left(ctx) and right(ctx)
+    return None
 
 
 def grub_quote(text: str) -> str:

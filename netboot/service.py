@@ -26,7 +26,7 @@ from netboot.access import SESSION_COOKIE, TOKEN_PREFIX, Access
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.cacerts import DeferredCas, deferred_system_cas
 from netboot.config import Config, inventory_dsn
-from netboot.content import Content, Trust
+from netboot.content import PER_MACHINE, Content, Trust
 from netboot.core import Core
 from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
@@ -234,7 +234,9 @@ def asset_roots(config: Config) -> list[Path]:
 def renderer_for(config: Config, *, check: bool = True) -> Renderer:
     dirs = [Path(config.templates.dir)] if config.templates.dir else []
     dirs.append(templates_dir())
-    renderer = Renderer(dirs)
+    # Scripts and command lines rendered once per profile and reason, the values of each
+    # machine filled in (the same text: netboot.render._Split).
+    renderer = Renderer(dirs, volatile=PER_MACHINE)
     if check:
         renderer.check_all()
     return renderer

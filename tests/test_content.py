@@ -303,3 +303,11 @@ async def test_default_cmdline_file_is_read_again_when_it_changes(
     assert content.context(plan)["cmdline"] == first + " netboot.edited=1"
     own.unlink()  # the shipped file again
     assert content.context(plan)["cmdline"] == first
+
+
+async def test_the_servers_renderer_splits_scripts_around_per_machine_values(env: Env) -> None:
+    """serve's scripts and command lines are rendered once per profile and reason, each
+    machine's values filled in (tests/test_render.py shows the text is the same)."""
+    from netboot.content import PER_MACHINE
+
+    assert env.service.content._render.volatile == PER_MACHINE

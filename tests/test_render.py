@@ -6,15 +6,17 @@ Regenerate the golden files after a deliberate template change with
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from netboot.content import Content, register_command
+from netboot.content import PER_MACHINE, Content, register_command
 from netboot.errors import ConfigError, RenderError
 from netboot.model import (
+    Arch,
     BootAction,
     BootPlan,
     Cluster,
@@ -177,6 +179,98 @@ def test_cmdline_compiled_once_and_an_edited_one_renders_anew() -> None:
     for i in range(300):  # more distinct texts than are kept: the oldest give way
         assert r.cmdline(f"n={i}", ctx, what="p") == f"n={i}"
     assert r.cmdline("a={{ mac }}", ctx, what="p") == "a=m1"
+
+
+def _machines(n: int) -> list[BootPlan]:
+    """Plans of ``n`` machines alike but for what is theirs (MAC, hostname, token, arch),
+    each action and config template, with and without a hostname."""
+    plans = []
+    for i in range(n):
+        mac = MacAddress.parse(f"52:54:00:00:01:{i:02x}")
+        machine = dataclasses.replace(MACHINE, macs=(mac,), hostname=None if i % 3 == 0
+                                      else f"edge-{i}", uuid=None, serial=f"SN{i}",
+                                      arch=(None, Arch.X86_64, Arch.ARM64)[i % 3])
+        profile = PROFILE if i % 2 else dataclasses.replace(PROFILE, config_template="cloud-init",
+                                                            iso_url=None)
+        for action in BootAction:
+            plans.append(dataclasses.replace(
+                plan(action, machine=machine, profile=profile, token=f"T{i}" if i % 4 else None,
+                     k3s=dataclasses.replace(K3S, node_name=f"node-{i}")), mac=mac))
+    return plans
+
+
+def test_split_render_equals_the_whole_render_for_every_shipped_template() -> None:
+    """Scripts and command lines are rendered once per profile and reason, the per-machine
+    values filled in (Renderer.render's ``volatile``): the same text as a whole render."""
+    split, whole = content(), content()
+    split._render = Renderer([templates_dir()], volatile=PER_MACHINE)
+    names = sorted(p.relative_to(templates_dir()).as_posix()
+                   for p in (templates_dir() / "ipxe").glob("*.ipxe"))
+    for p in _machines(12):
+        for name in names:
+            ctx = whole.context(p)
+            assert ctx == split.context(p)
+            expected = whole._render.render(name, ctx)
+            assert split._render.ipxe(name, ctx) == expected, name
+        for source in ("k3os.txt", "cloud-init.txt"):
+            text = (templates_dir() / "cmdline" / source).read_text()
+            assert split._render.cmdline(text, ctx, what="t") == \
+                whole._render.cmdline(text, ctx, what="t")
+    # It was split, not rendered whole: one skeleton per template and distinct rest.
+    kept = {key: s for key, s in split._render._splits.values() if s is not None}
+    assert len(kept) >= 4
+    assert all(len(s.skeletons) < 12 for s in kept.values())
+
+
+@pytest.mark.parametrize("source", [
+    "#!ipxe\necho {{ mac }} {{ machine.hostname or mac }} {{ machine['serial'] }}\n",
+    "#!ipxe\n{% for x in profile.initrds %}{{ x }} {{ mac }} {{ token and config_url }}\n"
+    "{% endfor %}",
+    "#!ipxe\n{% if machine.hostname %}named {{ machine.hostname }}{% endif %}\n",  # a test on it
+    "#!ipxe\n{{ mac | upper }} {{ mac ~ '-x' }} {{ machine.hostname | default('none') }}\n",
+    "#!ipxe\n{% set mac = 'fixed' %}{{ mac }}\n",  # it sets one: whole
+    "#!ipxe\n{% for mac in profile.initrds %}{{ mac }}{% endfor %}{{ token }}\n",
+    "#!ipxe\n{% macro m(x) %}{{ x }}{% endmacro %}{{ m(mac) }} {{ token }}\n",
+    "#!ipxe\n{{ machine.no_such_field }}\n",  # undefined: the whole render says so
+    "#!ipxe\n{{ plan.reason }}{{ '\\x001' }}{{ mac }}\n",  # a NUL of its own, a mark's look
+    "#!ipxe\n{{ _nb_slot_0 | default('') }}{{ mac }}\n",
+    "#!ipxe\n{{ machine.hostname or no_such_name }} {{ mac }}\n",
+    "#!ipxe\n{{ machine.__class__ }} {{ mac }}\n",  # the sandbox's answer, both ways
+    "#!ipxe\n{{ k3s.labels }} {{ machine.facts }} {{ plan }} {{ console }}\n",
+])
+def test_split_render_of_user_templates_equals_the_whole_render(tmp_path: Path,
+                                                                 source: str) -> None:
+    """Any template an operator writes: split where it only prints the per-machine values,
+    rendered whole otherwise; the text (or the error) is the same either way."""
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "install.ipxe").write_text(source)
+    split, whole = Renderer([tmp_path, templates_dir()]), Renderer([tmp_path, templates_dir()])
+    c = content()
+    for p in _machines(6):
+        ctx = c.context(p)
+        try:
+            expected: str | type[Exception] = whole.render("ipxe/install.ipxe", ctx)
+        except RenderError as exc:
+            with pytest.raises(RenderError) as got:
+                split.render("ipxe/install.ipxe", ctx, volatile=PER_MACHINE)
+            assert str(got.value) == str(exc)
+            continue
+        assert split.render("ipxe/install.ipxe", ctx, volatile=PER_MACHINE) == expected
+        assert split.render_string(source, ctx, what="t", volatile=PER_MACHINE) == expected
+
+
+def test_split_render_follows_an_edited_template(tmp_path: Path) -> None:
+    (tmp_path / "ipxe").mkdir()
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one {{ mac }}\n")
+    r = Renderer([tmp_path, templates_dir()])
+    assert r.render("ipxe/hold.ipxe", {"mac": "m1"}, volatile=PER_MACHINE) == \
+        "#!ipxe\necho one m1\n"
+    path.write_text("#!ipxe\necho two {{ mac }} {{ plan }}\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # a later mtime
+    assert r.render("ipxe/hold.ipxe", {"mac": "m2", "plan": "p"}, volatile=PER_MACHINE) == \
+        "#!ipxe\necho two m2 p\n"
 
 
 def test_strict_undefined_and_sandbox(tmp_path: Path) -> None:
