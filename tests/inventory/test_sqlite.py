@@ -528,6 +528,53 @@ async def test_an_update_of_the_document_only_leaves_indexed_rows_alone(tmp_path
         await store.close()
 
 
+async def test_an_install_update_sets_only_the_column_that_changed(tmp_path: Path) -> None:
+    """An install changes a machine's state and document: the UPDATE names the state column
+    alone, so that of the machine's indexes only the state's entries are rewritten (SQLite
+    rewrites every index on a column named in SET, even to its own value), and the batch
+    keeps no savepoint open (every page it modified was copied into a statement journal,
+    a temporary file once past 64 KiB). A batch whose fast path fails is still written
+    row by row, its compare-and-set checked again."""
+    from dataclasses import replace
+
+    from netboot.errors import Conflict, StateChanged
+    from netboot.inventory.base import Batch
+    from netboot.model import MachineState
+
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        a = Machine(macs=(MacAddress.parse("52:54:00:00:08:01"),), hostname="a", cluster="c",
+                    state=MachineState.ENROLLED)
+        b = Machine(macs=(MacAddress.parse("52:54:00:00:08:02"),), hostname="b")
+        await store.apply_batch(Batch(create=(a, b)))
+        statements: list[str] = []
+        await store._run(lambda conn: conn.set_trace_callback(statements.append))
+        installing = replace(a, state=MachineState.INSTALLING, token_hash="0" * 64,
+                             facts={"arch": "x86_64"}, updated=9.0)
+        await store.apply_batch(Batch(update=(installing,), expect={a.id: a.state},
+                                      events=(Event(machine=a.id, time=9.0, kind="install"),)))
+        # (The trace shows statements with their values bound, once per trigger program.)
+        assert {s.split(", data = ")[0] for s in statements if s.startswith("UPDATE machines")
+                } == {"UPDATE machines SET state = 'installing'"}
+        assert not [s for s in statements if "SAVEPOINT" in s.upper()]
+        assert await store.get_machine(a.id) == installing
+        assert [m.id for m in await store.list_machines(
+            MachineFilter(state=MachineState.INSTALLING))] == [a.id]
+        # A fast path that fails (b takes a's MAC): the batch is refused as a whole, named.
+        stolen = replace(b, macs=a.macs, updated=10.0)
+        with pytest.raises(Conflict, match="52:54:00:00:08:01"):
+            await store.apply_batch(Batch(update=(replace(installing, updated=10.0), stolen)))
+        assert await store.get_machine(a.id) == installing
+        assert await store.get_machine(b.id) == b
+        # The replay checks the expectation again.
+        with pytest.raises(StateChanged):
+            await store.apply_batch(Batch(update=(stolen,), expect={a.id: a.state}))
+        await store._run(lambda conn: conn.set_trace_callback(None))
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("bad", [0, 2, 4])  # which of the contract's bad rows: mac, serial, ipv4
 async def test_bulk_batch_in_chunks_all_or_nothing(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
