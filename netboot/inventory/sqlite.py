@@ -1244,47 +1244,58 @@ def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: l
                  merge: Sequence[tuple[str, str]],
                  expect: Mapping[str, MachineState] | None = None,
                  audit: Sequence[tuple[float, str, str, str, str, str]] = (),
-                 *, slow: bool = False) -> tuple[int, int] | None:
+                 ) -> tuple[int, int] | None:
     """The feed's newest position before and after, when the batch writes machines."""
-    span = None
     try:
-        with _immediate(conn):
-            before = _last_change(conn) if merge or create or updates else None
-            for machine_id, state in (expect or {}).items():
-                row = conn.execute("SELECT state FROM machines WHERE id = ?",
-                                   (machine_id,)).fetchone()
-                codec.check_expected(machine_id, state, None if row is None else row[0])
-            for source, target in merge:
-                if conn.execute("DELETE FROM machines WHERE id = ?", (source,)).rowcount == 0:
-                    raise NotFound(f"machine {source} not found")
-                conn.execute("UPDATE events SET machine = ? WHERE machine = ?", (target, source))
-            if slow:
-                _slow_batch(conn, [_Row(m) for m in create] if creates is None else creates,
-                            updates)
-            else:
-                try:
-                    if creates is None:
-                        _bulk_insert(conn, create)
-                    else:
-                        _insert_rows(conn, creates)
-                    _update_rows(conn, updates)
-                except sqlite3.IntegrityError as exc:
-                    raise _Retry from exc
-            conn.executemany(
-                "INSERT INTO events (machine, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
-                events)
-            conn.executemany(_INSERT_AUDIT, audit)
-            if before is not None:
-                span = before, _last_change(conn)
+        return _write_transaction(conn, create, creates, updates, events, merge, expect, audit)
     except _Retry:
-        # executemany cannot say which row failed: the whole transaction again, one row at a
-        # time, to name it (its checks all made again). The replay succeeds, and commits,
-        # when only the fast path's shape failed: one machine updated twice has its labels
-        # inserted twice. Not a savepoint kept open around the fast path: SQLite then copies
-        # every page the batch modifies into a statement journal, a temporary file once past
-        # 64 KiB, which was 40 of the 94 KiB written per machine of a storm's installs.
-        return _write_batch(conn, create, creates, updates, events, merge, expect, audit,
-                            slow=True)
+        # The fast path failed, and its transaction was rolled back: the whole of it again,
+        # one row at a time, to name what failed (every check made again). Not a savepoint
+        # kept open around the fast path: SQLite then copies every page the batch modifies
+        # into a statement journal, a temporary file once past 64 KiB (40 of the 94 KiB
+        # written per machine of a storm's installs, and the openat+unlink pairs under load).
+        return _write_transaction(conn, create, creates, updates, events, merge, expect, audit,
+                                  slow=True)
+
+
+def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
+                       creates: list[_Row] | None, updates: list[_Row],
+                       events: Iterable[tuple[str, float, str, str, str]],
+                       merge: Sequence[tuple[str, str]],
+                       expect: Mapping[str, MachineState] | None = None,
+                       audit: Sequence[tuple[float, str, str, str, str, str]] = (),
+                       *, slow: bool = False) -> tuple[int, int] | None:
+    span = None
+    with _immediate(conn):
+        before = _last_change(conn) if merge or create or updates else None
+        for machine_id, state in (expect or {}).items():
+            row = conn.execute("SELECT state FROM machines WHERE id = ?", (machine_id,)).fetchone()
+            codec.check_expected(machine_id, state, None if row is None else row[0])
+        for source, target in merge:
+            if conn.execute("DELETE FROM machines WHERE id = ?", (source,)).rowcount == 0:
+                raise NotFound(f"machine {source} not found")
+            conn.execute("UPDATE events SET machine = ? WHERE machine = ?", (target, source))
+        if slow:
+            # executemany cannot say which row failed: replayed one by one to name it. The
+            # replay succeeds, and commits, when only the fast path's shape failed: one
+            # machine updated twice has its labels inserted twice.
+            _slow_batch(conn, [_Row(m) for m in create] if creates is None else creates,
+                        updates)
+        else:
+            try:
+                if creates is None:
+                    _bulk_insert(conn, create)
+                else:
+                    _insert_rows(conn, creates)
+                _update_rows(conn, updates)
+            except sqlite3.IntegrityError:
+                raise _Retry from None  # rolled back by _immediate; see _write_batch
+        conn.executemany(
+            "INSERT INTO events (machine, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+            events)
+        conn.executemany(_INSERT_AUDIT, audit)
+        if before is not None:
+            span = before, _last_change(conn)
     return span
 
 
