@@ -759,13 +759,16 @@ class TftpServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            if reuse:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if iface:
                 # asyncio cannot tell which interface a datagram came in on: bind per
                 # interface instead (DESIGN.md §5).
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, iface.encode())
             sock.bind((host, port))
+            if reuse:
+                # After the bind: port 0 with SO_REUSEADDR set may be given a port that
+                # another socket with SO_REUSEADDR holds; a port of its own first, then
+                # shared with the transfers' sockets (their binds check it from now on).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if listener:
                 sockets.grow_receive_buffer(sock)  # a storm's RRQs arrive at once
         except OSError as exc:
