@@ -657,7 +657,7 @@ async def test_lossy_link_transfer_is_intact_and_recovered_by_the_rtt_timer(
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "mem.bin", options, loss=loss,
-                                seed=seed)
+                                seed=seed, dally=lambda: server.stats.completed == 1)
         assert got.data == pattern(100_000)
         assert got.dropped > 0
         await until(lambda: server.stats.completed == 1)
@@ -687,7 +687,8 @@ async def test_loss_and_duplicated_acks_leave_the_transfer_intact(
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.05,
-                                seed=seed, duplicate=0.2)
+                                seed=seed, duplicate=0.2,
+                                dally=lambda: server.stats.completed == 1)
         assert got.data == pattern(3_000_000)
         await until(lambda: server.stats.completed == 1)
         assert server.stats.failed == 0
@@ -1002,7 +1003,8 @@ async def test_streamed_windows_are_read_into_their_datagrams_intact(
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.03,
-                                seed=seed, duplicate=0.2)
+                                seed=seed, duplicate=0.2,
+                                dally=lambda: server.stats.completed == 1)
         assert got.data == pattern(3_000_000)
         await until(lambda: server.stats.completed == 1)
         assert server.cache.builds == 0 and server.stats.failed == 0
