@@ -5,14 +5,14 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 
 * A listener on (host, port), built on :class:`BoundaryProtocol`, so one bad datagram never
   stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped.
-* Each listener has one data socket on (its address, port 0) that every transfer started
-  there sends and receives on: its port, not 69, is the server's TID (RFC 1350 §4), as
-  dnsmasq's ``--tftp-single-port`` does for 69 itself. Transfers are told apart by the
-  client's (ip, port); a datagram from any other (ip, port) gets ERROR 5 and the transfers
-  go on (dnsmasq: "TID mismatch"). One socket, drained by one reader, rather than a socket
-  per transfer: see :class:`_Link` for the cost. The trade: an off-path attacker who wants
-  to inject an ACK or ERROR into a transfer must guess the client's port only, not also a
-  random server port (TFTP has no other protection against an on-path one).
+* Each listener has one data port (its address, port 0): its port, not 69, is the server's
+  TID (RFC 1350 §4) for every transfer started there, as dnsmasq's ``--tftp-single-port``
+  does for 69 itself. Each transfer sends and receives on a socket bound to that port and
+  connected to its client; a datagram from any other (ip, port) reaches the port's
+  unconnected socket and gets ERROR 5, and the transfers go on (dnsmasq: "TID mismatch").
+  :class:`_Link` says why and what it costs. The trade of one port: an off-path attacker
+  who wants to inject an ACK or ERROR into a transfer must guess the client's port only,
+  not also a random server port (TFTP has no other protection against an on-path one).
 * Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
   first reply was lost, so the first reply is resent instead of starting a second transfer.
 * Concurrent transfers are bounded overall and per client address. Past the overall bound
@@ -50,6 +50,7 @@ import functools
 import logging
 import math
 import os
+import select
 import socket
 import stat
 import struct
@@ -221,16 +222,20 @@ class _Transfer:
     """One read transfer: its :class:`Sender`, its client and its retransmission deadline.
     Datagrams come from its :class:`_Link`; the server's sweep calls :meth:`on_timer`."""
 
-    __slots__ = ("closed", "deadline", "fd", "link", "path", "peer", "sender", "server")
+    __slots__ = ("closed", "deadline", "fd", "link", "path", "peer", "sender", "server",
+                 "sock")
 
     def __init__(self, server: TftpServer, link: _Link, peer: Address, path: str,
-                 sender: Sender, fd: int | None) -> None:
+                 sender: Sender, fd: int | None, sock: socket.socket) -> None:
         self.server = server
         self.link = link
         self.peer = peer
         self.path = path
         self.sender = sender
         self.fd = fd
+        # Connected to the client, bound to the link's address (see _Link): send() without
+        # an address, and only this client's datagrams arrive on it.
+        self.sock = sock
         self.deadline: float | None = None
         self.closed = False
 
@@ -280,7 +285,8 @@ class _Transfer:
         # The transfer's boundary: a bug or I/O error ends this one only.
         log.exception("tftp %s:%d %r: transfer failed", *self.peer, self.path)
         self.server.stats.failed += 1
-        self.link.send(error_packet(ErrorCode.NOT_DEFINED, "internal error"), self.peer)
+        with contextlib.suppress(OSError):  # best effort, like any single UDP datagram
+            self.sock.send(error_packet(ErrorCode.NOT_DEFINED, "internal error"))
         self.close()
 
     def finished(self, step: Step) -> None:
@@ -319,52 +325,151 @@ class _Transfer:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        self.link.remove(self)
         self.server._forget(self.peer, self)
 
 
 class _Link:
-    """The data socket of one listener: the server's TID for every transfer started there
-    (a port of its own, not 69: RFC 1350 §4), every DATA goes out of it and every ACK comes
-    in on it.
+    """The server's end of every transfer started on one listener (RFC 1350 §4: a port of
+    its own, not 69): an unconnected data socket on (its address, port P), and per transfer
+    a socket bound to the same (address, P) and ``connect()``-ed to the client.
 
-    One socket for all transfers rather than one each, read by a plain reader callback
-    rather than an asyncio transport: a readiness event drains every datagram queued (up to
-    BATCH), so a storm of lock-step clients costs one receive and one send per block and
-    nothing per event, where a socket each costs an event, a receive and a receive that
-    finds nothing (50 x 1 MiB lock-step: CPU per MiB about a third lower, see
-    benchmarks/README.md). Transfers are told apart by the client's (ip, port), as the
-    listener does; a datagram from any other address gets ERROR 5 (RFC 1350 §4)."""
+    The kernel hands each client's datagrams to its transfer's connected socket (an exact
+    4-tuple outranks the unconnected socket), so a block costs a ``recv_into`` and a
+    ``send``: no address formatted on receipt, none parsed nor routed on sending, no lookup
+    of the transfer by address (about 1.5 us of a block's ~12, see benchmarks/README.md).
+    Anything else sent to P (another port, another host, a late ACK after the end) reaches
+    the unconnected data socket: a stranger gets ERROR 5 (RFC 1350 §4) and the transfers go
+    on. Every socket carries SO_REUSEADDR, which is what lets them share P.
 
-    BATCH = 128
+    The transfers' sockets are polled by an epoll set of the link's own, itself one reader
+    of the event loop: a wake-up takes every transfer with a datagram waiting, one
+    ``recv_into`` each (level-triggered: a second datagram is seen by the next poll), so a
+    storm of lock-step clients costs one receive and one send per block and no receive that
+    finds nothing, where a reader per socket cost an event loop dispatch per datagram. (On
+    kernels before 6.13, which lack the 4-tuple hash of connected UDP sockets, the kernel
+    walks the sockets sharing P per datagram: cheap at ``max_transfers`` 64.)"""
+
+    BATCH = 128  # datagrams per wake-up at most: the loop's other work is not starved
     # ACKs are 4 bytes, a client's ERROR at most a few hundred; longer is truncated,
     # which only shortens an ERROR's message.
     MAX_DATAGRAM = 1024
 
-    def __init__(self, server: TftpServer, sock: socket.socket) -> None:
+    def __init__(self, server: TftpServer, sock: socket.socket, iface: str | None) -> None:
         self.server = server
         self.sock = sock
+        self.iface = iface
         self.address: Address = sock.getsockname()[:2]
-        self._sendto = sock.sendto
         self._buf = bytearray(self.MAX_DATAGRAM)
         self._able: tuple[Datagram, ...] = ()  # the last window found GSO-able
         self._segment: dict[int, list[tuple[int, int, bytes]]] = {}  # UDP_SEGMENT cmsg by size
+        self._transfers: dict[int, _Transfer] = {}  # by their socket's descriptor
+        self._epoll = select.epoll()
+        self._poll = self._epoll.poll
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
+        self._loop.add_reader(self._epoll.fileno(), self._ready)
         self.full = 0  # datagrams the send buffer refused (the retransmission timer resends)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self.sock.fileno())
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._epoll.fileno())
+        for transfer in list(self._transfers.values()):
+            self.remove(transfer)
+        self._epoll.close()
         self.sock.close()
 
+    def open(self, peer: Address) -> socket.socket:
+        """A socket for a transfer to ``peer``: bound to this link's address, connected."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.iface:
+                sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, self.iface.encode())
+            sock.bind(self.address)
+            sock.connect(peer)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def add(self, transfer: _Transfer) -> None:
+        fd = transfer.sock.fileno()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._transfers[fd] = transfer
+
+    def remove(self, transfer: _Transfer) -> None:
+        sock = transfer.sock
+        fd = sock.fileno()
+        if fd >= 0 and self._transfers.get(fd) is transfer:
+            del self._transfers[fd]
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+        sock.close()
+
+    def _ready(self) -> None:
+        """The transfers' sockets: the hot path."""
+        buf = self._buf
+        transfers = self._transfers
+        server = self.server
+        monotonic = time.monotonic
+        poll, left = self._poll, self.BATCH
+        while left > 0:
+            # Polled again until nothing is waiting: a client on another CPU often has its
+            # next ACK queued by the time the send returns, and a poll costs less than a
+            # trip round the event loop (32 MiB at windowsize 8: one loop wake-up per ~15
+            # windows instead of one per window, and main's CPU per MiB again).
+            events = poll(0, left)
+            if not events:
+                return
+            left -= len(events)
+            for fd, _ in events:
+                transfer = transfers.get(fd)
+                if transfer is None:  # ended earlier in this batch
+                    continue
+                try:
+                    size = transfer.sock.recv_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    # An ICMP error reported on the connected socket (ECONNREFUSED: the
+                    # client's port is closed). The timer resends, then gives up.
+                    log.debug("tftp %s:%d %r: receive error %s", *transfer.peer,
+                              transfer.path, exc)
+                    continue
+                if size >= 4 and buf[1] == 4 and buf[0] == 0:
+                    # An ACK: four bytes read in place, no packet value.
+                    block = (buf[2] << 8) | buf[3]
+                    sender = transfer.sender
+                    try:
+                        send = sender.ack_window(block, monotonic())
+                        if send is None:  # not the whole window acknowledged: the rest
+                            self.apply(transfer, sender.ack(block, monotonic()))
+                            continue
+                    except Exception:
+                        transfer.crashed()
+                        continue
+                    if len(send) == 1:
+                        try:
+                            transfer.sock.send(send[0])
+                        except OSError as exc:
+                            self._not_sent(exc, transfer)
+                    else:
+                        self._send(send, transfer)
+                    deadline = transfer.deadline = sender.deadline
+                    if deadline is not None and deadline < server._rearm_below:
+                        server._sweep_by(deadline)
+                else:
+                    transfer.other(bytes(buf[:size]))
+
     def _readable(self) -> None:
-        # Into one buffer: no bytes object per ACK; a datagram that is not an ACK is copied.
+        """The unconnected data socket: whatever no transfer's socket took."""
         buf = self._buf
         receive = self.sock.recvfrom_into
-        server = self.server
-        transfers = server._transfers
-        monotonic = time.monotonic
-        sendto = self._sendto
+        transfers = self.server._transfers
         for _ in range(self.BATCH):
             try:
                 size, peer = receive(buf)
@@ -374,32 +479,12 @@ class _Link:
                 log.debug("tftp %s:%d: receive error %s", *self.address, exc)
                 return
             transfer = transfers.get(peer)
-            if transfer is None or transfer.link is not self:
-                self._stranger(bytes(buf[:size]), peer)
-            elif size >= 4 and buf[1] == 4 and buf[0] == 0:
-                # The hot path, an ACK: four bytes read in place, no packet value.
-                block = (buf[2] << 8) | buf[3]
-                sender = transfer.sender
-                try:
-                    send = sender.ack_window(block, monotonic())
-                    if send is None:  # not the whole window acknowledged: every other case
-                        self.apply(transfer, sender.ack(block, monotonic()))
-                        continue
-                except Exception:
-                    transfer.crashed()
-                    continue
-                if len(send) == 1:
-                    try:
-                        sendto(send[0], peer)
-                    except OSError as exc:
-                        self._not_sent(exc, peer, transfer.path)
-                else:
-                    self._send(send, peer, transfer.path)
-                deadline = transfer.deadline = sender.deadline
-                if deadline is not None and deadline < server._rearm_below:
-                    server._sweep_by(deadline)
-            else:
+            if transfer is not None and transfer.link is self and not transfer.closed:
+                # Its client, before or after its socket (cannot happen: the socket is
+                # connected before the first send; handled in full all the same).
                 transfer.other(bytes(buf[:size]))
+            else:
+                self._stranger(bytes(buf[:size]), peer)
 
     def _stranger(self, data: bytes, src: Address) -> None:
         if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
@@ -421,7 +506,7 @@ class _Link:
         if transfer.closed:
             return
         if step.send:
-            self._send(step.send, transfer.peer, transfer.path)
+            self._send(step.send, transfer)
         if step.outcome is not None:
             transfer.finished(step)
             return
@@ -429,12 +514,13 @@ class _Link:
         if deadline is not None and deadline < self.server._rearm_below:
             self.server._sweep_by(deadline)
 
-    def _send(self, send: tuple[Datagram, ...], peer: Address, path: str) -> None:
+    def _send(self, send: tuple[Datagram, ...], transfer: _Transfer) -> None:
+        sock = transfer.sock
         if len(send) == 1:
             try:
-                self._sendto(send[0], peer)
+                sock.send(send[0])
             except OSError as exc:
-                self._not_sent(exc, peer, path)
+                self._not_sent(exc, transfer)
             return
         server = self.server
         if server.gso and (send is self._able or _gso_able(send)):
@@ -448,36 +534,37 @@ class _Link:
             try:
                 # UDP_SEGMENT (Linux >= 4.18): the kernel cuts the buffers (one per
                 # datagram, gathered) into the window's datagrams: one system call.
-                self.sock.sendmsg(send, segment, 0, peer)
+                sock.sendmsg(send, segment)
                 return
             except (BlockingIOError, InterruptedError) as exc:
-                self._not_sent(exc, peer, path)
+                self._not_sent(exc, transfer)
                 return
             except OSError as exc:
+                if exc.errno not in _GSO_ERRORS:
+                    self._not_sent(exc, transfer)  # the client, not GSO (ECONNREFUSED)
+                    return
                 # No GSO here (an old kernel, a device without it): never try again.
                 log.info("tftp: UDP_SEGMENT unavailable (%s), sending datagram by datagram",
                          exc)
                 server.gso = False
         for datagram in send:
             try:
-                self._sendto(datagram, peer)
+                sock.send(datagram)
             except OSError as exc:
-                self._not_sent(exc, peer, path)
+                self._not_sent(exc, transfer)
                 return
 
-    def _not_sent(self, exc: OSError, peer: Address, path: str) -> None:
+    def _not_sent(self, exc: OSError, transfer: _Transfer) -> None:
         if isinstance(exc, BlockingIOError | InterruptedError):
             self.full += 1  # lost like on the wire: the retransmission timer resends it
         else:
-            log.debug("tftp %s:%d %r: send error %s", *peer, path, exc)
+            log.debug("tftp %s:%d %r: send error %s", *transfer.peer, transfer.path, exc)
 
     def send(self, datagram: bytes, dest: Address) -> None:
         with contextlib.suppress(OSError):  # best effort, like any single UDP datagram
-            self._sendto(datagram, dest)
+            self.sock.sendto(datagram, dest)
 
 
-_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-_DATA_SNDBUF = 16 << 20
 _ENDED = 4096  # clients remembered after their transfer, for late ACKs
 _SWEEP_TICK = 0.002  # seconds between sweeps at least; a loss costs min_rto + up to this
 _SWEEP_PER_TRANSFER = 2e-6  # ... and more with many transfers: a sweep walks them all
@@ -485,6 +572,10 @@ _SOL_UDP = 17
 _UDP_SEGMENT = 103  # linux/udp.h
 _GSO_SIZE = struct.Struct("=H")
 _GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
+# What a kernel or device without UDP_SEGMENT answers; any other error is the client's
+# (ECONNREFUSED from an ICMP error on the connected socket), not GSO's.
+_GSO_ERRORS = frozenset({errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT,
+                         errno.EMSGSIZE})
 
 
 def _gso_able(datagrams: tuple[Datagram, ...]) -> bool:
@@ -590,18 +681,12 @@ class TftpServer:
         # With port 0 the first bind picks the port; further interfaces reuse it.
         self.port = sock.getsockname()[1]
         try:
-            data = self._bind(self.host, 0, iface, listener=True)
+            # Shared with the transfers' connected sockets (see _Link).
+            data = self._bind(self.host, 0, iface, listener=True, reuse=True)
         except BaseException:
             sock.close()
             raise
-        # Every transfer's sends leave from here: a storm's windows at once, where a socket
-        # per transfer had a send buffer each. Past wmem_max when privileged.
-        try:
-            data.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _DATA_SNDBUF)
-        except OSError:
-            with contextlib.suppress(OSError):
-                data.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _DATA_SNDBUF)
-        self._links[iface] = _Link(self, data)
+        self._links[iface] = _Link(self, data, iface)
         boundary = BoundaryProtocol(
             f"tftp[{iface}]" if iface else "tftp",
             functools.partial(self._handle, iface),
@@ -669,7 +754,8 @@ class TftpServer:
 
     # -- sockets -------------------------------------------------------------------------
 
-    def _bind(self, host: str, port: int, iface: str | None, *, listener: bool) -> socket.socket:
+    def _bind(self, host: str, port: int, iface: str | None, *, listener: bool,
+              reuse: bool = False) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -678,6 +764,11 @@ class TftpServer:
                 # interface instead (DESIGN.md §5).
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, iface.encode())
             sock.bind((host, port))
+            if reuse:
+                # After the bind: port 0 with SO_REUSEADDR set may be given a port that
+                # another socket with SO_REUSEADDR holds; a port of its own first, then
+                # shared with the transfers' sockets (their binds check it from now on).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if listener:
                 sockets.grow_receive_buffer(sock)  # a storm's RRQs arrive at once
         except OSError as exc:
@@ -860,6 +951,7 @@ class TftpServer:
                 raise ValueError("blob has neither data nor path")
             sender = Sender(negotiated, size, source, self.policy)
             link = self._links[iface]
+            sock = link.open(peer)
         except BaseException as exc:
             if fd is not None:
                 os.close(fd)
@@ -869,7 +961,14 @@ class TftpServer:
                 raise
             log.exception("tftp %s:%d %r: cannot start the transfer", *peer, path)
             return None
-        transfer = _Transfer(self, link, peer, path, sender, fd)
+        transfer = _Transfer(self, link, peer, path, sender, fd, sock)
+        try:
+            link.add(transfer)
+        except BaseException:
+            sock.close()
+            if fd is not None:
+                os.close(fd)
+            raise
         self._transfers[peer] = transfer
         self.stats.started += 1
         n = sender.negotiated

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -656,7 +657,7 @@ async def test_lossy_link_transfer_is_intact_and_recovered_by_the_rtt_timer(
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "mem.bin", options, loss=loss,
-                                seed=seed)
+                                seed=seed, dally=lambda: server.stats.completed == 1)
         assert got.data == pattern(100_000)
         assert got.dropped > 0
         await until(lambda: server.stats.completed == 1)
@@ -686,7 +687,8 @@ async def test_loss_and_duplicated_acks_leave_the_transfer_intact(
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.05,
-                                seed=seed, duplicate=0.2)
+                                seed=seed, duplicate=0.2,
+                                dally=lambda: server.stats.completed == 1)
         assert got.data == pattern(3_000_000)
         await until(lambda: server.stats.completed == 1)
         assert server.stats.failed == 0
@@ -850,22 +852,105 @@ async def test_a_burst_of_acks_past_one_drain_is_answered_in_full(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
-class _Refusing:
-    """The data socket with a send buffer that is full the first ``times`` sends of one
-    kind: what a storm does to it. Everything else goes to the real socket."""
+async def test_each_transfer_sends_and_receives_on_a_socket_connected_to_its_client(
+        server: TftpServer) -> None:
+    """Two transfers at once: each has a socket of its own, bound to the listener's data
+    port (the TID both clients see) and connected to its client, so the kernel hands it
+    that client's datagrams only and it sends without an address. Both complete, and each
+    socket is closed when its transfer ends."""
+    with RawClient() as a, RawClient("127.0.0.2") as b:
+        a.rrq(addr(server), "small.bin")
+        b.rrq(addr(server), "small.bin")
+        (first_a, tid_a), (first_b, tid_b) = await a.recv(), await b.recv()
+        assert first_a == first_b == Data(1, SMALL[:512])
+        assert tid_a == tid_b == server._links[None].address
+        socks = {c.address: server._transfers[c.address].sock for c in (a, b)}
+        for address, sock in socks.items():
+            assert sock.getpeername() == address and sock.getsockname() == tid_a
+        for c, tid in ((a, tid_a), (b, tid_b)):
+            block = 1
+            while True:
+                c.send(Ack(block), tid)
+                if block == 11:
+                    break
+                pkt, _ = await c.recv()
+                assert isinstance(pkt, Data) and pkt.block == block + 1
+                block += 1
+        await until(lambda: server.stats.completed == 2)
+        assert all(sock.fileno() == -1 for sock in socks.values())
+        assert server._links[None]._transfers == {}
 
-    def __init__(self, sock: socket.socket, times: int) -> None:
+
+async def test_a_client_gone_mid_transfer_leaves_gso_on(files: DirFiles) -> None:
+    """A client that closes its port while its windows are resent: the kernel reports the
+    ICMP port unreachable on the transfer's connected socket (read by the next receive,
+    or failing the next send: see the test below). GSO stays on for every other transfer,
+    and this one times out."""
+    server = await started(files, retransmit=0.05, max_retries=3, min_rto=None)
+    try:
+        client = RawClient()
+        client.rrq(addr(server), "big.bin", [("blksize", "1468"), ("windowsize", "8")])
+        oack, tid = await client.recv()
+        assert isinstance(oack, OptionAck)
+        client.send(Ack(0), tid)
+        first, _ = await client.recv()
+        assert isinstance(first, Data) and first.block == 1
+        client.close()  # gone: the resent windows meet a closed port
+        await until(lambda: server.stats.failed == 1)
+        assert server.stats.retransmissions >= 2
+        assert server.gso is True
+        with RawClient() as again:  # and the next transfer's windows still arrive
+            options = [("blksize", "1468"), ("windowsize", "8")]
+            got = await lossy_fetch(again, addr(server), "big.bin", options, loss=0.0, seed=1)
+            assert got.data == pattern(3_000_000)
+    finally:
+        await server.close()
+
+
+async def test_econnrefused_on_a_window_is_the_clients_not_gsos(
+        files: DirFiles, client: RawClient) -> None:
+    """A window's ``sendmsg`` on the connected socket fails with ECONNREFUSED (an ICMP
+    error from the client's side, reported on the send): the window is lost like on the
+    wire and the timer resends it; ``UDP_SEGMENT`` is not given up for the whole server, as
+    it is when the kernel refuses the option itself."""
+    server = await started(files, retransmit=0.2)
+    link = server._links[None]
+    opened: list[_Refusing] = []
+
+    def refusing_open(peer: tuple[str, int], open_: Any = link.open) -> socket.socket:
+        opened.append(_RefusingWindows(open_(peer), 2, errno.ECONNREFUSED))
+        return opened[-1]  # type: ignore[return-value]
+
+    link.open = refusing_open  # type: ignore[method-assign]
+    try:
+        options = [("blksize", "1468"), ("windowsize", "8")]
+        got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
+        assert got.data == pattern(3_000_000)
+        await until(lambda: server.stats.completed == 1)
+        (refusing,) = opened
+        assert refusing.left == 0 and server.stats.retransmissions >= 1
+        assert server.gso is True and link.full == 0
+    finally:
+        await server.close()
+
+
+class _Refusing:
+    """A transfer's socket whose first ``times`` sends fail with ``error``: by default a
+    full send buffer, what a storm does to it. Everything else goes to the real socket."""
+
+    def __init__(self, sock: socket.socket, times: int, error: int = errno.EAGAIN) -> None:
         self._sock = sock
         self.left = times
+        self.error = error
 
     def refuse(self) -> None:
         if self.left > 0:
             self.left -= 1
-            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            raise OSError(self.error, os.strerror(self.error))  # EAGAIN: BlockingIOError
 
-    def sendto(self, data: bytes, dest: tuple[str, int]) -> int:
+    def send(self, data: bytes) -> int:
         self.refuse()
-        return self._sock.sendto(data, dest)
+        return self._sock.send(data)
 
     def sendmsg(self, *args: object) -> int:
         self.refuse()
@@ -875,24 +960,34 @@ class _Refusing:
         return getattr(self._sock, name)
 
 
+class _RefusingWindows(_Refusing):
+    """Refuses windows (``sendmsg``) only; the OACK and single DATA go out."""
+
+    def send(self, data: bytes) -> int:
+        return self._sock.send(data)
+
+
 @pytest.mark.parametrize("windowsize", [1, 8])
 async def test_a_full_send_buffer_is_a_loss_the_timer_repairs(
         files: DirFiles, client: RawClient, windowsize: int) -> None:
-    """EAGAIN on the data socket (lock-step ``sendto``, a window's ``sendmsg``): the
+    """EAGAIN on the transfer's socket (lock-step ``send``, a window's ``sendmsg``): the
     datagrams count as lost on the wire, nothing raises, and the retransmission timer
     resends them."""
     server = await started(files, retransmit=1.0)
     link = server._links[None]
-    refusing = _Refusing(link.sock, 3)
-    if windowsize == 1:
-        link._sendto = refusing.sendto
-    else:
-        link.sock = refusing  # type: ignore[assignment]
+    opened: list[_Refusing] = []
+
+    def refusing_open(peer: tuple[str, int], open_: Any = link.open) -> socket.socket:
+        opened.append(_Refusing(open_(peer), 3))
+        return opened[-1]  # type: ignore[return-value]
+
+    link.open = refusing_open  # type: ignore[method-assign]
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
         assert got.data == pattern(3_000_000)
         await until(lambda: server.stats.completed == 1)
+        (refusing,) = opened
         assert refusing.left == 0 and link.full >= 3
         assert server.stats.failed == 0 and server.stats.retransmissions >= 1
     finally:
@@ -908,7 +1003,8 @@ async def test_streamed_windows_are_read_into_their_datagrams_intact(
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.03,
-                                seed=seed, duplicate=0.2)
+                                seed=seed, duplicate=0.2,
+                                dally=lambda: server.stats.completed == 1)
         assert got.data == pattern(3_000_000)
         await until(lambda: server.stats.completed == 1)
         assert server.cache.builds == 0 and server.stats.failed == 0

@@ -209,13 +209,18 @@ async def lossy_fetch(
     duplicate: float = 0.0,
     ack_timeout: float = 0.3,
     max_packets: int = 200_000,
+    dally: Callable[[], bool] | None = None,
 ) -> LossyFetched:
     """Download ``name`` through a link that loses ``loss`` of the datagrams each way: each
     one that arrives, and each ACK about to be sent, is dropped by a seeded RNG (the same
     pattern on every run). Like U-Boot and RFC 1350 clients, every duplicate or out-of-order
     DATA is answered with an ACK of the last in-order block, and the last ACK (or the RRQ)
     is sent again after ``ack_timeout`` without DATA. ``duplicate`` of the ACKs that are
-    sent go out twice (a link that duplicates datagrams)."""
+    sent go out twice (a link that duplicates datagrams).
+
+    ``dally``: after the last block, keep answering the server's resends of it with the final
+    ACK until ``dally()`` is true (RFC 1350 §6: the final ACK may be lost too, and its sender
+    waits to send it again), at most ~5 s; without it the fetch returns at once."""
     import random
 
     rng = random.Random(seed)  # a drop pattern, not security-relevant
@@ -276,6 +281,15 @@ async def lossy_fetch(
         if len(pkt.data) < blksize:
             ack(expected - 1)
             result.data = bytes(out)
+            for _ in range(100 if dally is not None else 0):
+                if dally is not None and dally():
+                    break
+                try:
+                    pkt, src = await client.recv(0.05)
+                except TimeoutError:
+                    continue
+                if isinstance(pkt, Data) and src == tid and rng.random() >= loss:
+                    ack(expected - 1)  # the last window again: our final ACK was lost
             return result
         if since_ack >= window:
             ack(expected - 1)
