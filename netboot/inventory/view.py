@@ -65,6 +65,13 @@ _N = TypeVar("_N", Profile, Cluster, Group)
 _Key = bytes | str
 
 
+class Unseen:
+    """:meth:`InventoryView.held`'s answer where the view cannot tell (never a machine)."""
+
+
+UNSEEN = Unseen()
+
+
 class InventoryView:
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -351,6 +358,22 @@ class InventoryView:
                 index[key] = None
 
         return await self._read_through(self._store.machine_by(kind, value), keep, exact=True)
+
+    @staticmethod
+    def key_of(kind: str, value: str) -> _Key:
+        """How :meth:`machine_by` keys identifier ``kind`` = ``value`` (for :meth:`held`)."""
+        return _raw_mac(value) if kind == "mac" else codec.claim_key(kind, value)[1]
+
+    def held(self, kind: str, key: _Key) -> Machine | Unseen | None:
+        """What :meth:`machine_by` answers for ``key`` (:meth:`key_of`) when it answers
+        without waiting; :data:`UNSEEN` where only the store can tell (a view not loaded
+        that never saw the key). For checks repeated per datagram (the DHCP answer cache:
+        BootService.repeat_guard)."""
+        index = self._keys[kind]
+        if key in index:
+            machine_id = index[key]
+            return None if machine_id is None else self._machines.get(machine_id)
+        return None if self.loaded else UNSEEN
 
     async def count_machines_without_nic(self) -> int:
         if self._no_mac is None:
