@@ -151,6 +151,7 @@ class DhcpServer:
         self._repeat_guard: Callable[[Any, FirstStage], Callable[[], bool] | None] | None = (
             getattr(decider, "repeat_guard", None))
         self._answers: dict[_Listener, dict[_AnswerKey, _Answer]] = {}
+        self.answered_again = 0  # repeats answered from a kept answer (tests, metrics)
         self._store = leases
         self._interfaces = list(interfaces or [])
         self._advertise = advertise
@@ -389,6 +390,7 @@ class DhcpServer:
         out[10:12] = data[10:12]
         if not answer.pxe_port:
             out[10] |= 0x80
+        self.answered_again += 1
         self.summary.note(answer.kind)
         if self._observer is not None:
             self._observer.dhcp_reply(*answer.observed)
