@@ -276,9 +276,11 @@ async def test_a_repeat_is_the_reply_to_its_request_with_its_own_xid_and_flags(
     request[8:10] = (7).to_bytes(2, "big")  # secs counting up
     request[10:12] = bytes(2)  # no broadcast flag this time
     before = env.server.answered_again
+    offers = env.server.summary.counts["proxy OFFER"]
     replies = await env.server.handle(bytes(request), ("0.0.0.0", 68), server_ip=SERVER_IP,
                                       pxe_port=False)
     assert env.server.answered_again == before + 1
+    assert env.server.summary.counts["proxy OFFER"] == offers + 1  # counted as any offer
     # The same request decided in full, by a server that keeps nothing.
     fresh = DhcpServer(DhcpSettings(), env.boot, env.store, interfaces=None,
                        advertise=SERVER_IP, host="127.0.0.1")
@@ -288,7 +290,6 @@ async def test_a_repeat_is_the_reply_to_its_request_with_its_own_xid_and_flags(
     assert replies == decided
     reply = dhcp.parse(replies[0][0])
     assert reply.xid == 0x1234 and reply.flags & dhcp.BROADCAST_FLAG
-    assert env.server.summary  # counted as an offer like any other
     # Another device's request is not the first one's repeat.
     other = MacAddress.parse("52:54:00:00:0a:09")
     before = env.server.answered_again
@@ -308,6 +309,20 @@ async def test_a_change_to_the_machine_through_the_store_ends_its_cached_answer(
     assert offer is not None and offer.file_name == "shimx64.efi"
 
 
+async def offered_until(env: Env, file_name: str) -> list[str]:
+    """The files offered to MAC, until ``file_name`` is (bounded: each offer lets the
+    view's background refresh run)."""
+    names = []
+    for xid in range(200, 400):
+        offer = await env.offer(xid)
+        assert offer is not None
+        names.append(offer.file_name)
+        if offer.file_name == file_name:
+            break
+        await asyncio.sleep(0.005)
+    return names
+
+
 async def test_a_change_by_another_process_ends_the_cached_answer_within_the_view_age(
         env: Env) -> None:
     """The CLI in another process commits to the same database: the cached answer goes
@@ -322,15 +337,7 @@ async def test_a_change_by_another_process_ends_the_cached_answer_within_the_vie
         await other.update_machine(replace(stored, loader=LoaderChain.SHIM_GRUB))
     finally:
         await other.close()
-    names = []
-    for xid in range(200, 400):  # bounded: each offer lets the view's refresh run
-        offer = await env.offer(xid)
-        assert offer is not None
-        names.append(offer.file_name)
-        if offer.file_name == "shimx64.efi":
-            break
-        await asyncio.sleep(0.005)
-    assert names[-1] == "shimx64.efi"
+    assert (await offered_until(env, "shimx64.efi"))[-1] == "shimx64.efi"
 
 
 async def test_a_group_edit_ends_the_cached_answers_of_its_machines(env: Env) -> None:
@@ -339,6 +346,19 @@ async def test_a_group_edit_ends_the_cached_answers_of_its_machines(env: Env) ->
     await env.store.put_group(Group("all", loader=LoaderChain.SHIM_GRUB), create=True)
     offer = await env.offer(200)
     assert offer is not None and offer.file_name == "shimx64.efi"
+
+
+async def test_a_group_edit_by_another_process_ends_the_cached_answers(env: Env) -> None:
+    """The machine itself unchanged: what ends its answer is the view's shared counter."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    other = SqliteStore(env.path)
+    await other.open()
+    try:
+        await other.put_group(Group("all", loader=LoaderChain.SHIM_GRUB), create=True)
+    finally:
+        await other.close()
+    assert (await offered_until(env, "shimx64.efi"))[-1] == "shimx64.efi"
 
 
 async def test_new_settings_end_the_cached_answers(env: Env) -> None:
@@ -377,13 +397,23 @@ async def test_an_identifier_taken_by_another_machine_ends_the_cached_answer(
     other = Machine(macs=(MacAddress.parse("52:54:00:00:0a:02"),),
                     state=MachineState.INSTALLED)
     await env.store.create_machine(other)
+    await env.boot.load_view()  # every machine held: the other one's change bumps no counter
     await cached(env)
-    stored = await env.store.get_machine(other.id)
-    assert stored is not None
-    await env.store.update_machine(replace(stored, uuid=sent))
+    writer = SqliteStore(env.path)  # another process: the device's own record unchanged
+    await writer.open()
+    try:
+        stored = await writer.get_machine(other.id)
+        assert stored is not None
+        await writer.update_machine(replace(stored, uuid=sent))
+    finally:
+        await writer.close()
     with caplog.at_level(logging.WARNING, logger="netboot.boot"):
-        assert await env.offer(200) is not None
-        await env.settle()
+        for xid in range(200, 400):  # bounded: until the view has synced
+            assert await env.offer(xid) is not None
+            await env.settle()
+            if "identifiers disagree" in caplog.text:
+                break
+            await asyncio.sleep(0.005)
     assert "identifiers disagree" in caplog.text
 
 
@@ -445,3 +475,33 @@ async def test_an_unknown_device_refused_from_the_cache_is_recorded_once_its_bud
     finally:
         await boot.drain()
         await store.close()
+
+
+async def test_a_repeated_4011_request_is_answered_to_its_own_address_and_flags(
+        env: Env) -> None:
+    """On :4011 the reply goes back where the request came from with the request's flags
+    (no broadcast bit): a repeat from the cache too; another address is another request."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    request = bytearray(discover(MAC, 0))
+    request[242] = MessageType.REQUEST  # option 53, the first option
+    request[10:12] = bytes(2)
+
+    async def ack(xid: int, peer: tuple[str, int]) -> bool:
+        """Whether the REQUEST was answered from the cache; its reply checked either way."""
+        request[4:8] = xid.to_bytes(4, "big")
+        before = env.server.answered_again
+        replies = await env.server.handle(bytes(request), peer, server_ip=SERVER_IP,
+                                          pxe_port=True)
+        await env.settle()
+        reply = dhcp.parse(replies[0][0])
+        assert replies[0][1] == peer and reply.xid == xid and reply.flags == 0
+        assert reply.message_type == MessageType.ACK
+        return env.server.answered_again > before
+
+    # The first from an address is recorded (where it asked from is a fact), the next
+    # decided and kept, then repeats come from the cache; not another address's.
+    here, there = ("192.0.2.50", 4011), ("192.0.2.51", 4011)
+    assert not await ack(1, here)
+    assert any([await ack(xid, here) for xid in range(2, 6)])
+    assert not await ack(6, there)
