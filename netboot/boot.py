@@ -128,10 +128,10 @@ class _Seen:
     claims: list[tuple[str, str]]  # identity.claims(): what is looked up
     note: str  # _dhcp_note(request): the step its record notes
     # The loader chain decided for ``machine`` (the view's object, replaced when its value
-    # changes) while the view's ``shared`` counter and the settings were these: the chain
-    # still, while all three are.
+    # changes) while the view's ``rules`` counter (groups, profiles: what _chain reads
+    # besides the machine) and the settings were these: the chain still, while all three are.
     machine: Machine | None = None
-    shared: int = -1
+    rules: int = -1
     settings: BootSettings | None = None
     chain: tuple[LoaderChain | None, str] = (None, "")
     quiet: Machine | None = None  # a machine (object) that ``request`` teaches nothing
@@ -157,8 +157,9 @@ class _DhcpRepeat:
     :meth:`BootService.first_stage`, from memory, recording nothing.
 
     The same tests the decision makes, in its order, on what they read: the inventory up
-    and the view fresh (else the decision syncs first), the shared counter and the settings
-    (groups, profiles, clusters, machines added or removed, the policy: the chain), each
+    and the view fresh (else the decision syncs first), the view's rules counter and the
+    settings (groups, profiles, clusters, the policy: the chain; not machines added or
+    removed, which the identifiers' look-ups see where they matter), each
     identifier of the request held by the same machine object (the view replaces a
     machine's object when its value changes: state, identifiers, facts), no record of the
     NIC under way, nothing new to record (``_tells_more``: facts it would teach, the step
@@ -170,7 +171,7 @@ class _DhcpRepeat:
     request: BootRequest
     res: Resolution
     found: tuple[tuple[str, bytes | str, Machine | None], ...]  # kind, view key, holder
-    shared: int
+    rules: int  # InventoryView.rules
     settings: BootSettings
     assets: tuple[tuple[str, bool], ...]  # BootService._assets_read: what the loader found
 
@@ -178,7 +179,7 @@ class _DhcpRepeat:
         service = self.service
         view = service._view
         if not service.health.up or not view.fresh(DHCP_VIEW_AGE) \
-                or view.shared != self.shared or service.settings is not self.settings:
+                or view.rules != self.rules or service.settings is not self.settings:
             return False
         held = view.held
         for kind, key, machine in self.found:
@@ -419,12 +420,12 @@ class BootService:
         elif machine is None:
             args = (None, "default for the architecture")
         else:
-            shared = self._view.shared
-            if seen.machine is not machine or seen.shared != shared \
+            rules = self._view.rules
+            if seen.machine is not machine or seen.rules != rules \
                     or seen.settings is not self.settings:
                 # Taken with the counter read before: a change while deciding makes it stale.
                 seen.chain = await self._chain(machine, request)
-                seen.machine, seen.shared, seen.settings = machine, shared, self.settings
+                seen.machine, seen.rules, seen.settings = machine, rules, self.settings
             args = seen.chain
         stage = self.loader(request, *args)
         if fresh:
@@ -459,7 +460,7 @@ class BootService:
         if machine is not None and (res.absorb or res.disagree
                                     or request.mac not in machine.macs):
             return None  # such requests are recorded (_tells_news): never repeats
-        return _DhcpRepeat(self, seen, request, res, tuple(found), view.shared,
+        return _DhcpRepeat(self, seen, request, res, tuple(found), view.rules,
                            self.settings, self._assets_read(request, decided.args[0]))
 
     def _seen_dhcp(self, request: BootRequest) -> _Seen:

@@ -96,12 +96,18 @@ class InventoryView:
         # machine added or removed. A decision kept with this value and the machine object
         # (which the view replaces when its value changes) is the decision still.
         self.shared = 0
+        # Bumped for the part of ``shared``'s causes that are rules, not machines: a group,
+        # profile, cluster or setting. What a machine's first stage is decided from besides
+        # the machine (its loader chain): machines added, removed or registered as servers
+        # leave it (a storm's discovered records, an install wave's registrations).
+        self.rules = 0
         self.loaded = False  # True: every machine is here, a miss is an answer
         self._clear()
 
     def _clear(self) -> None:
         self._clears += 1
         self.shared += 1
+        self.rules += 1
         self.loaded = False
         self._machines: dict[str, Machine | None] = {}  # id -> machine (None: no such id)
         # kind -> identifier -> machine id (None: nobody's; only while not loaded)
@@ -173,6 +179,7 @@ class InventoryView:
             self.loaded = True
             self._applied += 1
             self.shared += 1
+            self.rules += 1
             await self.sync()
             if self.loaded:
                 _return_freed_memory()
@@ -282,6 +289,7 @@ class InventoryView:
         self._settings.update(changes.settings)
         if changes.profiles or changes.clusters or changes.groups or changes.settings:
             self.shared += 1
+            self.rules += 1
         self._seq = changes.seq
         self._applied += 1
 

@@ -505,3 +505,28 @@ async def test_a_repeated_4011_request_is_answered_to_its_own_address_and_flags(
     assert not await ack(1, here)
     assert any([await ack(xid, here) for xid in range(2, 6)])
     assert not await ack(6, there)
+
+
+async def test_other_machines_added_leave_a_cached_answer(env: Env) -> None:
+    """Machines enrolled or discovered elsewhere (a storm's records, another process's
+    imports) name none of this device's identifiers: its answer stays cached."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    await cached(env)
+    other = SqliteStore(env.path)
+    await other.open()
+    try:
+        await other.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:0a:03"),)))
+    finally:
+        await other.close()
+    shared = env.boot._view.shared
+    for _ in range(100):  # bounded: until the view has synced the new machine
+        await env.offer(200)
+        await asyncio.sleep(0.005)
+        if env.boot._view.shared != shared:
+            break
+    assert env.boot._view.shared != shared
+    before = env.server.answered_again
+    offer = await env.offer(201)
+    assert offer is not None and offer.file_name == "snponly.efi"
+    assert env.server.answered_again == before + 1
