@@ -69,7 +69,7 @@ _AnswerKey = tuple[Address, bytes]
 class _Answer:
     """A proxy reply sent to one request, for the requests whose bytes equal it but for
     xid, secs and flags (the same device asking again: retransmissions, the closed loops of
-    a storm). ``holds`` is the decider's check (BootDecider.repeat_guard) that the decision
+    a storm). ``holds`` is the decider's check (its ``repeat_guard``, pxe.BootDecider) that the decision
     and what it would record are still the same; the rest of the reply is a function of the
     request's bytes, the listener and the server's settings, which never change."""
 
