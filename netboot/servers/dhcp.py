@@ -69,9 +69,10 @@ _AnswerKey = tuple[Address, bytes]
 class _Answer:
     """A proxy reply sent to one request, for the requests whose bytes equal it but for
     xid, secs and flags (the same device asking again: retransmissions, the closed loops of
-    a storm). ``holds`` is the decider's check (its ``repeat_guard``, pxe.BootDecider) that the decision
-    and what it would record are still the same; the rest of the reply is a function of the
-    request's bytes, the listener and the server's settings, which never change."""
+    a storm). ``holds`` is the decider's check (its ``repeat_guard``, pxe.BootDecider) that
+    the decision and what it would record are still the same; the rest of the reply is a
+    function of the request's bytes, the listener and the server's settings, which never
+    change."""
 
     data: bytes  # the reply as first sent: xid and flags patched in per repeat
     dest: Address
