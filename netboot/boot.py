@@ -39,7 +39,7 @@ from netboot.errors import Conflict, StateChanged, StoreError
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution
 from netboot.inventory.base import Batch, Store
-from netboot.inventory.view import InventoryView
+from netboot.inventory.view import InventoryView, Unseen
 from netboot.model import (
     Arch,
     BootAction,
@@ -128,13 +128,78 @@ class _Seen:
     claims: list[tuple[str, str]]  # identity.claims(): what is looked up
     note: str  # _dhcp_note(request): the step its record notes
     # The loader chain decided for ``machine`` (the view's object, replaced when its value
-    # changes) while the view's ``shared`` counter and the settings were these: the chain
-    # still, while all three are.
+    # changes) while the view's ``rules`` counter (groups, profiles: what _chain reads
+    # besides the machine) and the settings were these: the chain still, while all three are.
     machine: Machine | None = None
-    shared: int = -1
+    rules: int = -1
     settings: BootSettings | None = None
     chain: tuple[LoaderChain | None, str] = (None, "")
     quiet: Machine | None = None  # a machine (object) that ``request`` teaches nothing
+    # The last decision taken for a request of this NIC from a fresh view, for
+    # BootService.repeat_guard (the DHCP server asks right after it).
+    decided: _Decided | None = None
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _Decided:
+    """What BootService._first_stage answered one request object, and from what."""
+
+    request: BootRequest  # that very object (the DHCP server asks with it)
+    res: Resolution
+    args: tuple[LoaderChain | None, str]  # BootService.loader's, after the request
+    stage: FirstStage | None
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _DhcpRepeat:
+    """BootService.repeat_guard's check: True while a repeat of ``request`` (the same bytes
+    from the same place: an equal request) would be answered as it was by
+    :meth:`BootService.first_stage`, from memory, recording nothing.
+
+    The same tests the decision makes, in its order, on what they read: the inventory up
+    and the view fresh (else the decision syncs first), the view's rules counter and the
+    settings (groups, profiles, clusters, the policy: the chain; not machines added or
+    removed, which the identifiers' look-ups see where they matter), each
+    identifier of the request held by the same machine object (the view replaces a
+    machine's object when its value changes: state, identifiers, facts), no record of the
+    NIC under way, nothing new to record (``_tells_more``: facts it would teach, the step
+    noted last; an unknown device's discovery budget, refused as the decision would refuse
+    it), and each loader file the decision looked for still there or still missing."""
+
+    service: BootService
+    seen: _Seen
+    request: BootRequest
+    res: Resolution
+    found: tuple[tuple[str, bytes | str, Machine | None], ...]  # kind, view key, holder
+    rules: int  # InventoryView.rules
+    settings: BootSettings
+    assets: tuple[tuple[str, bool], ...]  # BootService._assets_read: what the loader found
+
+    def __call__(self) -> bool:
+        service = self.service
+        view = service._view
+        if not service.health.up or not view.fresh(DHCP_VIEW_AGE) \
+                or view.rules != self.rules or service.settings is not self.settings:
+            return False
+        held = view.held
+        for kind, key, machine in self.found:
+            if held(kind, key) is not machine:
+                return False
+        request = self.request
+        recording = service._recording
+        if recording and request.mac in recording:  # (no MAC hashed while none is)
+            return False
+        machine = self.res.machine
+        if machine is None:
+            if not service.discovery.refuses(request, service._clock()):
+                return False
+        elif service._tells_more(request, self.res, machine, self.seen):
+            return False
+        exists = service._assets.exists
+        for name, found in self.assets:  # noqa: SIM110 - no generator per datagram
+            if exists(name) is not found:
+                return False
+        return True
 
 
 # First-stage loaders by chain, firmware and architecture, in order of preference.
@@ -339,24 +404,64 @@ class BootService:
         answers."""
         fresh = fresh or (self.health.up and await self._fresh())
         seen = self._seen_dhcp(request)
+        seen.decided = None
         res = await identity.resolve(self._view, seen.identity, seen.claims)
         machine = res.machine
         if fresh:
             self._record_dhcp_soon(request, res, seen)
         if (machine is None or machine.state == MachineState.DISCOVERED) \
-                and self.settings.policy == "ignore" and not await self._awaiting_nic():
-            return None
+                and self.settings.policy == "ignore":
+            if not await self._awaiting_nic():
+                return None
+            fresh = False  # decided from more than repeat_guard checks: not for repeats
+        args: tuple[LoaderChain | None, str]
         if request.firmware not in (Firmware.UEFI, Firmware.UEFI_HTTP):
-            return self.loader(request)
-        if machine is None:
-            return self.loader(request, None, "default for the architecture")
-        shared = self._view.shared
-        if seen.machine is not machine or seen.shared != shared \
-                or seen.settings is not self.settings:
-            # Taken with the counter read before: a change while deciding makes it stale.
-            seen.chain = await self._chain(machine, request)
-            seen.machine, seen.shared, seen.settings = machine, shared, self.settings
-        return self.loader(request, *seen.chain)
+            args = (None, "")
+        elif machine is None:
+            args = (None, "default for the architecture")
+        else:
+            rules = self._view.rules
+            if seen.machine is not machine or seen.rules != rules \
+                    or seen.settings is not self.settings:
+                # Taken with the counter read before: a change while deciding makes it stale.
+                seen.chain = await self._chain(machine, request)
+                seen.machine, seen.rules, seen.settings = machine, rules, self.settings
+            args = seen.chain
+        stage = self.loader(request, *args)
+        if fresh:
+            seen.decided = _Decided(request, res, args, stage)
+        return stage
+
+    def repeat_guard(self, request: BootRequest,
+                     stage: FirstStage) -> Callable[[], bool] | None:
+        """For the DHCP server's answer cache (netboot.servers.dhcp), asked right after
+        :meth:`first_stage` answered ``request`` with ``stage`` at once (a future already
+        done: decided from memory, nothing awaited in between): a check that stays True
+        while a request equal to this one would be answered ``stage`` again, from memory,
+        writing nothing. None when no such check can be made: the decision started a
+        record (the repeat after it is decided in full), the view could not tell without
+        the store, the inventory is away, or ``ignore`` let an unknown NIC boot."""
+        seen = self._seen.get(request.mac)
+        decided = None if seen is None else seen.decided
+        if seen is None or decided is None or decided.request is not request \
+                or decided.stage is not stage or request.mac in self._recording \
+                or not self.health.up:
+            return None
+        view = self._view
+        found: list[tuple[str, bytes | str, Machine | None]] = []
+        for kind, value in seen.claims:
+            key = view.key_of(kind, value)
+            held = view.held(kind, key)
+            if isinstance(held, Unseen):
+                return None
+            found.append((kind, key, held))
+        res = decided.res
+        machine = res.machine
+        if machine is not None and (res.absorb or res.disagree
+                                    or request.mac not in machine.macs):
+            return None  # such requests are recorded (_tells_news): never repeats
+        return _DhcpRepeat(self, seen, request, res, tuple(found), view.rules,
+                           self.settings, self._assets_read(request, decided.args[0]))
 
     def _seen_dhcp(self, request: BootRequest) -> _Seen:
         """The NIC's memo for this request: its identity worked out once per distinct
@@ -441,6 +546,12 @@ class BootService:
         new_nic = request.mac != identity.NO_NIC and request.mac not in machine.macs
         if res.absorb or res.disagree or new_nic:
             return True
+        return self._tells_more(request, res, machine, seen)
+
+    def _tells_more(self, request: BootRequest, res: Resolution, machine: Machine,
+                    seen: _Seen | None) -> bool:
+        """:meth:`_tells_news` for a machine the request names alone, by a NIC it has: what
+        may change while the machine does not (the facts queued, the newest note)."""
         # What earlier requests taught it is stored with the next group commit (within the
         # recorder's delay): a repeat meanwhile tells nothing new.
         known = self._recorder.learning(machine)
@@ -526,11 +637,9 @@ class BootService:
             return FirstStage("boot.scr.uimg", reason="U-Boot boot script")
         if fw == Firmware.RPI:
             return FirstStage("bootcode.bin", reason="Raspberry Pi bootloader")
+        chains = _chains(fw, arch, chain)
         if chain is None:
-            chains = _FALLBACKS[default_chain(fw, arch)]
             why = why or "default for the architecture"
-        else:
-            chains = (chain,)
         for which in chains:
             for name in _LOADERS.get((which, fw, arch), ()):
                 if not self._assets.exists(name):
@@ -545,6 +654,22 @@ class BootService:
                           "staying silent", request.mac, fw, arch,
                           "/".join(str(c) for c in chains))
         return None
+
+    def _assets_read(self, request: BootRequest,
+                     chain: LoaderChain | None) -> tuple[tuple[str, bool], ...]:
+        """What :meth:`loader` reads of the asset tree for this request and chain, and what
+        it finds now: each file name it tries, in order, up to the first that exists."""
+        fw, arch = request.firmware, request.arch
+        if fw in (Firmware.IPXE, Firmware.UBOOT, Firmware.RPI):
+            return ()
+        read = []
+        for which in _chains(fw, arch, chain):
+            for name in _LOADERS.get((which, fw, arch), ()):
+                found = self._assets.exists(name)
+                read.append((name, found))
+                if found:
+                    return tuple(read)
+        return tuple(read)
 
     async def machine_by_ref(self, ref: str) -> Machine:
         """:func:`identity.require_ref` against the view, synced first (as
@@ -1242,6 +1367,11 @@ _STAGES_KEPT = 1024
 # The chains tried for a machine that chose none: its architecture's default, then the others.
 _FALLBACKS: dict[LoaderChain, tuple[LoaderChain, ...]] = {
     first: (first, *(c for c in LoaderChain if c != first)) for first in LoaderChain}
+
+
+def _chains(fw: Firmware, arch: Arch, chain: LoaderChain | None) -> tuple[LoaderChain, ...]:
+    """The chains :meth:`BootService.loader` tries: the chosen one, else the default's."""
+    return _FALLBACKS[default_chain(fw, arch)] if chain is None else (chain,)
 
 
 def _dhcp_note(request: BootRequest) -> str:

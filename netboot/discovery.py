@@ -67,6 +67,11 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
         return allowed
 
+    def would_take(self, key: str, now: float) -> bool:
+        """Whether :meth:`take` would allow one now, spending nothing."""
+        tokens, last = self._buckets.get(key, (self._burst, now))
+        return min(self._burst, tokens + max(0.0, now - last) * self._rate) >= 1.0
+
 
 class DiscoveryGuard:
     """Admits new discovered records: per-source rate, then room under the cap.
@@ -102,6 +107,15 @@ class DiscoveryGuard:
             self._log.debug("discovery budget of %s spent: mac=%s not recorded", source,
                             request.mac)
         return False
+
+    def refuses(self, request: BootRequest, now: float) -> bool:
+        """:meth:`admit` where it refuses (the refusal counted, as admit counts it); False,
+        spending nothing, where it would admit. For the DHCP answer cache: a repeat of an
+        unknown device answered without the decision refuses as the decision would, and one
+        its source's budget would admit again is decided (and recorded) in full."""
+        if self._buckets.would_take(source_of(request), now):
+            return False
+        return not self.admit(request, now)
 
     async def reserve(self, request: BootRequest, machine_id: str, now: float, *,
                       admitted: bool = False) -> bool:

@@ -43,6 +43,12 @@ class BootDecider(Protocol):  # implemented by netboot/boot.py
         self, request: BootRequest
     ) -> FirstStage | Awaitable[FirstStage | None] | None: ...
 
+    # Optional (the DHCP server looks for it): ``repeat_guard(request, stage)``, asked right
+    # after ``first_stage(request)`` answered ``stage`` at once, returns a check that stays
+    # True while a request equal to this one would get the same answer and record nothing
+    # (or None): the server then answers repeats of the same bytes with the reply it sent.
+    # netboot.boot.BootService.repeat_guard says what it checks.
+
 
 # ---------------------------------------------------------------------------------------------
 # settings

@@ -65,6 +65,13 @@ _N = TypeVar("_N", Profile, Cluster, Group)
 _Key = bytes | str
 
 
+class Unseen:
+    """:meth:`InventoryView.held`'s answer where the view cannot tell (never a machine)."""
+
+
+UNSEEN = Unseen()
+
+
 class InventoryView:
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -89,12 +96,18 @@ class InventoryView:
         # machine added or removed. A decision kept with this value and the machine object
         # (which the view replaces when its value changes) is the decision still.
         self.shared = 0
+        # Bumped for the part of ``shared``'s causes that are rules, not machines: a group,
+        # profile, cluster or setting. What a machine's first stage is decided from besides
+        # the machine (its loader chain): machines added, removed or registered as servers
+        # leave it (a storm's discovered records, an install wave's registrations).
+        self.rules = 0
         self.loaded = False  # True: every machine is here, a miss is an answer
         self._clear()
 
     def _clear(self) -> None:
         self._clears += 1
         self.shared += 1
+        self.rules += 1
         self.loaded = False
         self._machines: dict[str, Machine | None] = {}  # id -> machine (None: no such id)
         # kind -> identifier -> machine id (None: nobody's; only while not loaded)
@@ -166,6 +179,7 @@ class InventoryView:
             self.loaded = True
             self._applied += 1
             self.shared += 1
+            self.rules += 1
             await self.sync()
             if self.loaded:
                 _return_freed_memory()
@@ -275,6 +289,7 @@ class InventoryView:
         self._settings.update(changes.settings)
         if changes.profiles or changes.clusters or changes.groups or changes.settings:
             self.shared += 1
+            self.rules += 1
         self._seq = changes.seq
         self._applied += 1
 
@@ -351,6 +366,22 @@ class InventoryView:
                 index[key] = None
 
         return await self._read_through(self._store.machine_by(kind, value), keep, exact=True)
+
+    @staticmethod
+    def key_of(kind: str, value: str) -> _Key:
+        """How :meth:`machine_by` keys identifier ``kind`` = ``value`` (for :meth:`held`)."""
+        return _raw_mac(value) if kind == "mac" else codec.claim_key(kind, value)[1]
+
+    def held(self, kind: str, key: _Key) -> Machine | Unseen | None:
+        """What :meth:`machine_by` answers for ``key`` (:meth:`key_of`) when it answers
+        without waiting; :data:`UNSEEN` where only the store can tell (a view not loaded
+        that never saw the key). For checks repeated per datagram (the DHCP answer cache:
+        BootService.repeat_guard)."""
+        index = self._keys[kind]
+        if key in index:
+            machine_id = index[key]
+            return None if machine_id is None else self._machines.get(machine_id)
+        return None if self.loaded else UNSEEN
 
     async def count_machines_without_nic(self) -> int:
         if self._no_mac is None:

@@ -42,6 +42,9 @@ _log = logging.getLogger(__name__)
 PROBE_VENDOR_CLASS = b"netboot-probe"
 # Addresses an offer tries when the inventory says the previous ones are another server's.
 CLAIM_ATTEMPTS = 8
+# Proxy answers kept per listener for repeats of their requests (_Answer): a storm's devices
+# and their retransmissions, ~0.7 KB each.
+ANSWERS_KEPT = 4096
 
 
 def interface_ipv4(name: str) -> str:
@@ -54,6 +57,30 @@ class _Listener:
     interface: str | None
     server_ip: str
     pxe_port: bool
+
+
+# A request as the answer cache keys it: where it came from, and its bytes without xid, secs
+# and flags (4-12), which RFC 2131 lets a client vary between retransmissions (§4.1: a new
+# xid per DISCOVER it sends, secs counting up) and which the answer only echoes.
+_AnswerKey = tuple[Address, bytes]
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _Answer:
+    """A proxy reply sent to one request, for the requests whose bytes equal it but for
+    xid, secs and flags (the same device asking again: retransmissions, the closed loops of
+    a storm). ``holds`` is the decider's check (its ``repeat_guard``, pxe.BootDecider) that
+    the decision and what it would record are still the same; the rest of the reply is a
+    function of the request's bytes, the listener and the server's settings, which never
+    change."""
+
+    data: bytes  # the reply as first sent: xid and flags patched in per repeat
+    dest: Address
+    holds: Callable[[], bool]
+    pxe_port: bool
+    kind: str  # summary line
+    observed: tuple[str, str, str]  # DhcpObserver.dhcp_reply's arguments
+    logged: tuple[Any, ...]  # the debug line's arguments after the xid and the peer
 
 
 class DhcpObserver(Protocol):
@@ -120,6 +147,12 @@ class DhcpServer:
         self._replies = pxe.ProxyReplies(settings)
         self._classifier = pxe.Classifier(settings)
         self._decider = decider
+        # Deciders that can tell when their answer to a request still holds let repeats of
+        # it be answered without parsing, classifying, deciding or encoding (_Answer).
+        self._repeat_guard: Callable[[Any, FirstStage], Callable[[], bool] | None] | None = (
+            getattr(decider, "repeat_guard", None))
+        self._answers: dict[_Listener, dict[_AnswerKey, _Answer]] = {}
+        self.answered_again = 0  # repeats answered from a kept answer (tests, metrics)
         self._store = leases
         self._interfaces = list(interfaces or [])
         self._advertise = advertise
@@ -225,6 +258,7 @@ class DhcpServer:
         self.summary.flush()
         self._transports.clear()
         self._protocols.clear()
+        self._answers.clear()
         if self._writer is not None:
             await self.flush_leases()
             self._writer.cancel()
@@ -314,14 +348,24 @@ class DhcpServer:
     def _handler(
         self, listener: _Listener
     ) -> Callable[[bytes, Address], list[Reply] | Awaitable[list[Reply]]]:
+        answers = self._answers.setdefault(listener, {})
+
         def handle(data: bytes, peer: Address) -> list[Reply] | Awaitable[list[Reply]]:
+            # A repeat of a request answered before, while its decision holds: the reply
+            # sent then with this request's xid and flags; nothing parsed, decided, encoded.
+            key = (peer, data[:4] + data[12:])
+            answer = answers.get(key)
+            if answer is not None:
+                if answer.holds():
+                    return [self._again(answer, data, peer)]
+                del answers[key]
             # Who this datagram is about, for every line logged while answering it
             # (--log-format json): xid and chaddr at their fixed BOOTP offsets (RFC 2131 §2).
             fields = _about(data, peer)
             with log_context(**fields):
                 result = self.respond(
                     data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
-                    interface=listener.interface,
+                    interface=listener.interface, keep=(answers, key),
                 )
             # An answer known at once costs no coroutine; one that waits (the store) keeps
             # the same context for the lines it logs later.
@@ -333,18 +377,40 @@ class DhcpServer:
         self, data: bytes, peer: Address, *, server_ip: str, pxe_port: bool,
         interface: str | None = None,
     ) -> list[Reply]:
-        """One datagram in, the replies out (payload, destination). Raises DecodeError for a
-        malformed packet (the boundary logs it)."""
-        result = self.respond(data, peer, server_ip=server_ip, pxe_port=pxe_port,
-                              interface=interface)
+        """One datagram in, the replies out (payload, destination), as a listener answers
+        it (repeats from the answer cache too). Raises DecodeError for a malformed packet
+        (the boundary logs it)."""
+        result = self._handler(_Listener(interface, server_ip, pxe_port))(data, peer)
         return result if isinstance(result, list) else await result
+
+    def _again(self, answer: _Answer, data: bytes, peer: Address) -> Reply:
+        """``answer`` to a repeat of its request (``data``): its xid, and its flags (with
+        the broadcast bit on :67, as proxy_reply sets it)."""
+        out = bytearray(answer.data)
+        out[4:8] = data[4:8]
+        out[10:12] = data[10:12]
+        if not answer.pxe_port:
+            out[10] |= 0x80
+        self.answered_again += 1
+        self.summary.note(answer.kind)
+        if self._observer is not None:
+            self._observer.dhcp_reply(*answer.observed)
+        if _log.isEnabledFor(logging.DEBUG):
+            mac, *rest = answer.logged
+            with log_context(**_about(data, peer)):
+                _log.debug("dhcp: %s xid %#010x from %s: %s (%s, arch %s) file %r to %s:%d",
+                           mac, int.from_bytes(data[4:8]), peer[0], *rest)
+        return bytes(out), answer.dest
 
     def respond(
         self, data: bytes, peer: Address, *, server_ip: str, pxe_port: bool,
         interface: str | None = None,
+        keep: tuple[dict[_AnswerKey, _Answer], _AnswerKey] | None = None,
     ) -> list[Reply] | Awaitable[list[Reply]]:
         """:meth:`handle` without the coroutine: the replies themselves when the decider
-        answers at once, an awaitable only when it has to wait (the store, the lease pool)."""
+        answers at once, an awaitable only when it has to wait (the store, the lease pool).
+        ``keep``: where a proxy answer decided at once is kept for its repeats, and under
+        which key."""
         packet = dhcp.parse_request(data)
         if packet.op != Op.REQUEST:
             _log.debug("dhcp: xid %#010x from %s: a BOOTREPLY, not for us", packet.xid, peer[0])
@@ -357,7 +423,7 @@ class DhcpServer:
         # The link a machine was seen on is part of what discovery records.
         client = self._classifier.classify(packet, peer[0], interface)
         if pxe_port or self._settings.mode == "proxy":
-            return self._proxy(packet, client, peer, server_ip, pxe_port)
+            return self._proxy(packet, client, peer, server_ip, pxe_port, keep)
         return self._authoritative(packet, client, peer, server_ip)
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
@@ -424,7 +490,8 @@ class DhcpServer:
         return dhcp.encode(reply, pad_to=MIN_PACKET_SIZE), dest
 
     def _proxy(
-        self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str, pxe_port: bool
+        self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str,
+        pxe_port: bool, keep: tuple[dict[_AnswerKey, _Answer], _AnswerKey] | None = None,
     ) -> list[Reply] | Awaitable[list[Reply]]:
         mac = client.request.mac
         if not pxe.proxy_should_answer(client, pxe_port=pxe_port, settings=self._settings):
@@ -441,7 +508,8 @@ class DhcpServer:
             self._decision_failed(exc, client, packet.xid)
             decision = None
         if decision is None or isinstance(decision, FirstStage):
-            return self._proxy_answer(decision, packet, client, peer, server_ip, pxe_port)
+            return self._proxy_answer(decision, packet, client, peer, server_ip, pxe_port,
+                                      keep)
         return self._proxy_later(decision, packet, client, peer, server_ip, pxe_port)
 
     async def _proxy_later(
@@ -454,6 +522,7 @@ class DhcpServer:
     def _proxy_answer(
         self, stage: FirstStage | None, packet: dhcp.Inbound, client: Client, peer: Address,
         server_ip: str, pxe_port: bool,
+        keep: tuple[dict[_AnswerKey, _Answer], _AnswerKey] | None = None,
     ) -> list[Reply]:
         mac = client.request.mac
         if stage is None:
@@ -484,6 +553,17 @@ class DhcpServer:
                 packet.xid, peer[0], kind, client.firmware, client.request.arch_code,
                 reply.file_name, out[1][0], out[1][1],
             )
+        if keep is not None and self._repeat_guard is not None:
+            holds = self._repeat_guard(client.request, stage)
+            if holds is not None:
+                answers, key = keep
+                if len(answers) >= ANSWERS_KEPT:
+                    del answers[next(iter(answers))]  # the oldest: insertion order is age
+                answers[key] = _Answer(
+                    data, out[1], holds, pxe_port, kind,
+                    (_name(reply.message_type), str(client.firmware), str(client.request.arch)),
+                    (mac, kind, client.firmware, client.request.arch_code, reply.file_name,
+                     out[1][0], out[1][1]))
         return [out]
 
     async def _authoritative(

@@ -5,7 +5,9 @@ through the store seen by the next offer."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +20,7 @@ from netboot.enroll import Enroller
 from netboot.files import FileTree
 from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
-from netboot.model import LoaderChain, MacAddress, Machine, MachineState
+from netboot.model import Event, Group, LoaderChain, MacAddress, Machine, MachineState
 from netboot.pxe import DhcpSettings, classify
 from netboot.recorder import Recorder
 from netboot.servers.dhcp import DhcpServer
@@ -246,3 +248,285 @@ async def test_known_machines_records_follow_their_answers_a_few_per_turn_of_the
         machine = await env.store.machine_by("mac", str(mac))
         assert machine is not None and machine.uuid is not None
         assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+
+
+# --- the answer cache: repeats answered from the reply sent before, while it holds --------
+
+
+async def cached(env: Env, mac: MacAddress = MAC, file_name: str = "snponly.efi") -> None:
+    """Offers to ``mac`` until one is answered from the cache (its first DISCOVERs are
+    recorded, then decided in full once, then kept); bounded."""
+    for xid in range(100, 110):
+        before = env.server.answered_again
+        offer = await env.offer(xid, mac)
+        assert offer is not None and offer.file_name == file_name
+        if env.server.answered_again > before:
+            return
+        await env.settle()
+    raise AssertionError("no repeat was answered from the cache")
+
+
+async def test_a_repeat_is_the_reply_to_its_request_with_its_own_xid_and_flags(
+        env: Env) -> None:
+    """What a repeat gets from the cache is byte for byte what deciding it would give: the
+    xid and flags are its own (the broadcast bit set on :67), secs play no part."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    request = bytearray(discover(MAC, 0x1234))
+    request[8:10] = (7).to_bytes(2, "big")  # secs counting up
+    request[10:12] = bytes(2)  # no broadcast flag this time
+    before = env.server.answered_again
+    offers = env.server.summary.counts["proxy OFFER"]
+    replies = await env.server.handle(bytes(request), ("0.0.0.0", 68), server_ip=SERVER_IP,
+                                      pxe_port=False)
+    assert env.server.answered_again == before + 1
+    assert env.server.summary.counts["proxy OFFER"] == offers + 1  # counted as any offer
+    # The same request decided in full, by a server that keeps nothing.
+    fresh = DhcpServer(DhcpSettings(), env.boot, env.store, interfaces=None,
+                       advertise=SERVER_IP, host="127.0.0.1")
+    decided = fresh.respond(bytes(request), ("0.0.0.0", 68), server_ip=SERVER_IP,
+                            pxe_port=False)
+    assert isinstance(decided, list)
+    assert replies == decided
+    reply = dhcp.parse(replies[0][0])
+    assert reply.xid == 0x1234 and reply.flags & dhcp.BROADCAST_FLAG
+    # Another device's request is not the first one's repeat.
+    other = MacAddress.parse("52:54:00:00:0a:09")
+    before = env.server.answered_again
+    offer = await env.offer(1, other)
+    assert offer is not None and offer.chaddr[:6] == other.raw
+    assert env.server.answered_again == before
+
+
+async def test_a_change_to_the_machine_through_the_store_ends_its_cached_answer(
+        env: Env) -> None:
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    await env.store.update_machine(replace(stored, loader=LoaderChain.SHIM_GRUB))
+    offer = await env.offer(200)
+    assert offer is not None and offer.file_name == "shimx64.efi"
+
+
+async def offered_until(env: Env, file_name: str) -> list[str]:
+    """The files offered to MAC, until ``file_name`` is (bounded: each offer lets the
+    view's background refresh run)."""
+    names = []
+    for xid in range(200, 400):
+        offer = await env.offer(xid)
+        assert offer is not None
+        names.append(offer.file_name)
+        if offer.file_name == file_name:
+            break
+        await asyncio.sleep(0.005)
+    return names
+
+
+async def test_a_change_by_another_process_ends_the_cached_answer_within_the_view_age(
+        env: Env) -> None:
+    """The CLI in another process commits to the same database: the cached answer goes
+    once the view syncs (within DHCP_VIEW_AGE, as decisions from the view do)."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    other = SqliteStore(env.path)
+    await other.open()
+    try:
+        stored = await other.machine_by("mac", str(MAC))
+        assert stored is not None
+        await other.update_machine(replace(stored, loader=LoaderChain.SHIM_GRUB))
+    finally:
+        await other.close()
+    assert (await offered_until(env, "shimx64.efi"))[-1] == "shimx64.efi"
+
+
+async def test_a_group_edit_ends_the_cached_answers_of_its_machines(env: Env) -> None:
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    await env.store.put_group(Group("all", loader=LoaderChain.SHIM_GRUB), create=True)
+    offer = await env.offer(200)
+    assert offer is not None and offer.file_name == "shimx64.efi"
+
+
+async def test_a_group_edit_by_another_process_ends_the_cached_answers(env: Env) -> None:
+    """The machine itself unchanged: what ends its answer is the view's shared counter."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    other = SqliteStore(env.path)
+    await other.open()
+    try:
+        await other.put_group(Group("all", loader=LoaderChain.SHIM_GRUB), create=True)
+    finally:
+        await other.close()
+    assert (await offered_until(env, "shimx64.efi"))[-1] == "shimx64.efi"
+
+
+async def test_new_settings_end_the_cached_answers(env: Env) -> None:
+    """A discovered device held (policy hold) is answered; under ``ignore`` it is not."""
+    await cached(env)  # unknown: recorded as discovered, then answered from the cache
+    env.boot.settings = replace(env.boot.settings, policy="ignore")
+    assert await env.offer(200) is None
+
+
+async def test_a_newer_event_of_the_machine_gets_its_dhcp_step_noted_again(
+        env: Env) -> None:
+    """The repeat's step is noted unless it is the machine's newest event: once another
+    step is (iPXE asked for its script), the next DISCOVER is recorded, not answered from
+    the cache without its note."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None
+    env.recorder.record(Event(machine.id, time.time(), "ipxe", "asked for its script"))
+    before = env.server.answered_again
+    assert await env.offer(200) is not None
+    assert env.server.answered_again == before
+    await env.settle()
+    kinds = [e.kind for e in await env.store.list_events(machine.id)]
+    assert kinds == ["dhcp", "ipxe", "dhcp"]
+
+
+async def test_an_identifier_taken_by_another_machine_ends_the_cached_answer(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Another enrolled machine given the UUID this device sends (the device holds another
+    one): the next DISCOVER is decided again (the identifiers disagree, which is logged),
+    not answered as before."""
+    sent = "04030201-0605-0807-090a-525400000a01"  # discover()'s option 97, as RFC 4122 text
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED,
+                                           uuid="11111111-2222-3333-4444-555555555555"))
+    other = Machine(macs=(MacAddress.parse("52:54:00:00:0a:02"),),
+                    state=MachineState.INSTALLED)
+    await env.store.create_machine(other)
+    await env.boot.load_view()  # every machine held: the other one's change bumps no counter
+    await cached(env)
+    writer = SqliteStore(env.path)  # another process: the device's own record unchanged
+    await writer.open()
+    try:
+        stored = await writer.get_machine(other.id)
+        assert stored is not None
+        await writer.update_machine(replace(stored, uuid=sent))
+    finally:
+        await writer.close()
+    with caplog.at_level(logging.WARNING, logger="netboot.boot"):
+        for xid in range(200, 400):  # bounded: until the view has synced
+            assert await env.offer(xid) is not None
+            await env.settle()
+            if "identifiers disagree" in caplog.text:
+                break
+            await asyncio.sleep(0.005)
+    assert "identifiers disagree" in caplog.text
+
+
+async def test_a_loader_file_added_ends_the_cached_answer(tmp_path: Path) -> None:
+    """The default chain's first choice missing at start, the second is offered; once the
+    first is installed, it is."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "ipxe.efi").write_bytes(b"loader")
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    enroller = Enroller(store)
+    boot = BootService(store, FileTree([assets], pinned=loader_aliases()),
+                       BootSettings(policy="hold"), enroller)
+    server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=SERVER_IP,
+                        host="127.0.0.1")
+    env = Env(store, boot, server, enroller.recorder, tmp_path / "netboot.db")
+    try:
+        await store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+        await cached(env, file_name="ipxe.efi")
+        (assets / "snponly.efi").write_bytes(b"loader")
+        offer = await env.offer(200)
+        assert offer is not None and offer.file_name == "snponly.efi"
+    finally:
+        await boot.drain()
+        await store.close()
+
+
+async def test_an_unknown_device_refused_from_the_cache_is_recorded_once_its_budget_refills(
+        tmp_path: Path) -> None:
+    """Repeats of an unknown device over its source's budget are answered from the cache
+    and refused as the decision refuses them (counted); once the budget has a token again
+    the next repeat is decided, and recorded."""
+    now = [1000.0]
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "snponly.efi").write_bytes(b"loader")
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    enroller = Enroller(store)
+    boot = BootService(store, FileTree([assets], pinned=loader_aliases()),
+                       BootSettings(policy="hold"), enroller, clock=lambda: now[0],
+                       discovery=DiscoveryLimits(burst_per_source=1, rate_per_source=1.0))
+    server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=SERVER_IP,
+                        host="127.0.0.1")
+    env = Env(store, boot, server, enroller.recorder, tmp_path / "netboot.db")
+    try:
+        first, second = (MacAddress(bytes((0x02, 0, 0, 0, 3, i))) for i in range(2))
+        assert await env.offer(1, first) is not None  # the source's one token
+        await env.settle()
+        await cached(env, second)  # refused, and then answered from the cache
+        refused = boot.discovery.refused
+        assert await env.offer(2, second) is not None
+        assert boot.discovery.refused == refused + 1  # refused as a decision refuses
+        now[0] += 2.0  # a token again
+        assert await env.offer(3, second) is not None
+        await env.settle()
+        assert {m.macs[0] for m in await store.list_machines()} == {first, second}
+    finally:
+        await boot.drain()
+        await store.close()
+
+
+async def test_a_repeated_4011_request_is_answered_to_its_own_address_and_flags(
+        env: Env) -> None:
+    """On :4011 the reply goes back where the request came from with the request's flags
+    (no broadcast bit): a repeat from the cache too; another address is another request."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await cached(env)
+    request = bytearray(discover(MAC, 0))
+    request[242] = MessageType.REQUEST  # option 53, the first option
+    request[10:12] = bytes(2)
+
+    async def ack(xid: int, peer: tuple[str, int]) -> bool:
+        """Whether the REQUEST was answered from the cache; its reply checked either way."""
+        request[4:8] = xid.to_bytes(4, "big")
+        before = env.server.answered_again
+        replies = await env.server.handle(bytes(request), peer, server_ip=SERVER_IP,
+                                          pxe_port=True)
+        await env.settle()
+        reply = dhcp.parse(replies[0][0])
+        assert replies[0][1] == peer and reply.xid == xid and reply.flags == 0
+        assert reply.message_type == MessageType.ACK
+        return env.server.answered_again > before
+
+    # The first from an address is recorded (where it asked from is a fact), the next
+    # decided and kept, then repeats come from the cache; not another address's.
+    here, there = ("192.0.2.50", 4011), ("192.0.2.51", 4011)
+    assert not await ack(1, here)
+    assert any([await ack(xid, here) for xid in range(2, 6)])
+    assert not await ack(6, there)
+
+
+async def test_other_machines_added_leave_a_cached_answer(env: Env) -> None:
+    """Machines enrolled or discovered elsewhere (a storm's records, another process's
+    imports) name none of this device's identifiers: its answer stays cached."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    await cached(env)
+    other = SqliteStore(env.path)
+    await other.open()
+    try:
+        await other.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:0a:03"),)))
+    finally:
+        await other.close()
+    shared = env.boot._view.shared
+    for _ in range(100):  # bounded: until the view has synced the new machine
+        await env.offer(200)
+        await asyncio.sleep(0.005)
+        if env.boot._view.shared != shared:
+            break
+    assert env.boot._view.shared != shared
+    before = env.server.answered_again
+    offer = await env.offer(201)
+    assert offer is not None and offer.file_name == "snponly.efi"
+    assert env.server.answered_again == before + 1
