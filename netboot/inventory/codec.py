@@ -679,10 +679,10 @@ class NewMachines(_MadeOnDemand[Machine]):
         now = self._time
         (ident, macs, hostname, uuid, serial, asset, cluster, role, profile, labels,
          fixed_ipv4) = row
-        return Machine(macs=macs, id=ident, state=self._state, hostname=hostname, uuid=uuid,
-                       serial=serial, asset=asset, labels=labels, cluster=cluster, role=role,
-                       profile=profile, fixed_ipv4=fixed_ipv4, facts=NO_ENTRIES, created=now,
-                       updated=now)
+        # Every field in Machine's order (machine_of_values: the values are as checked).
+        return machine_of_values((macs, ident, self._state, hostname, uuid, serial, asset,
+                                  labels, cluster, role, profile, None, None, None, None,
+                                  fixed_ipv4, NO_ENTRIES, None, None, None, now, now))
 
     def sealed(self, seal: Callable[[Machine], Machine]) -> NewMachines:
         """These machines with ``seal`` applied to those added whole (an import's rows carry
@@ -1136,14 +1136,16 @@ def event_sayings(events: Sequence[Event]) -> Iterator[tuple[str, tuple[str, str
                 yield event.machine, (event.kind, event.message)
 
 
-def run_ids(run: EventRun) -> str:
-    """The machine ids of ``run`` as a JSON array, each checked as :func:`stored_event`
-    checks an event's machine."""
+def run_ids(run: EventRun, size: int) -> Iterator[str]:
+    """The machine ids of ``run``, ``size`` at a time, as JSON arrays, each id checked as
+    :func:`stored_event` checks an event's machine."""
     ids = run.machines
-    for ident in ids:
-        if type(ident) is not str or not ident.strip():
-            raise ValidationError("machine", "required")
-    return json.dumps(list(ids))
+    for start in range(0, len(ids), size):
+        chunk = list(ids[start:start + size])
+        for ident in chunk:
+            if type(ident) is not str or not ident.strip():
+                raise ValidationError("machine", "required")
+        yield json.dumps(chunk)
 
 
 # --- leases -------------------------------------------------------------------------------

@@ -503,5 +503,7 @@ def test_an_event_run_reads_as_its_events_and_checks_what_they_share() -> None:
         args: dict[str, Any] = {"time": 1.0, "kind": "k", "message": "", **bad}
         with pytest.raises(ValidationError):
             codec.EventRun(["m-1"], **args)
+    assert list(codec.run_ids(codec.EventRun(["m-1", "m-2", "m-3"], 1.0, "k", ""), 2)) == [
+        '["m-1", "m-2"]', '["m-3"]']
     with pytest.raises(ValidationError):
-        codec.run_ids(codec.EventRun(["m-1", ""], 1.0, "k", ""))
+        list(codec.run_ids(codec.EventRun(["m-1", ""], 1.0, "k", ""), 2))

@@ -638,15 +638,15 @@ async def test_events_since_follows_every_machine_in_commit_order(store: Store) 
 async def test_a_run_of_events_is_written_in_its_place(store: Store) -> None:
     # An import's "enrolled" events go as one run of machine ids (codec.EventRun), between
     # the events queued before it and those after, in that order; a bad id in it fails the
-    # whole batch.
+    # whole batch. (More than SQLite writes of a run at once: sqlite.BULK_CHUNK.)
     start, _ = await store.events_since(-1)
-    ids = [mid(mac(i)) for i in range(10, 610)]
+    ids = [mid(mac(i)) for i in range(10, 4210)]
     run = codec.EventRun(ids, 5, "enrolled", "imported")
     events = codec.joined([Event(machine=mid(MAC1), time=1.0, kind="before")], run,
                           [Event(machine=ids[0], time=6.0, kind="after", data={"n": 1})])
-    assert len(events) == 602 and events[1] == Event(ids[0], 5.0, "enrolled", "imported")
+    assert len(events) == 4202 and events[1] == Event(ids[0], 5.0, "enrolled", "imported")
     await store.apply_batch(Batch(events=events))
-    _, got = await store.events_since(start, limit=1000)
+    _, got = await store.events_since(start, limit=5000)
     assert got == list(events)
     assert [e.kind for e in await store.list_events(ids[0])] == ["enrolled", "after"]
     with pytest.raises(ValidationError):
