@@ -1041,7 +1041,7 @@ class EventRun(_MadeOnDemand[Event]):
     statement (``INSERT … SELECT`` over the ids) instead of a bound statement per event,
     where those per-event steps were most of the events' cost. The time, kind and message
     shared by all are checked here, once, as :func:`stored_event` checks an event; the ids
-    are checked by :func:`event_parts` as they are written.
+    by :func:`run_ids` as SQLite writes them (the other stores read them as events).
     """
 
     __slots__ = ("kind", "machines", "message", "time")
