@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from netboot.errors import NetbootError, StoreError
+from netboot.inventory import codec
 from netboot.inventory.base import Batch, Store
 from netboot.model import Event, Machine
 
@@ -161,9 +162,12 @@ class Recorder:
         return known is not None and known[1] is version and known[0] == (kind, message)
 
     def _remember(self, event: Event, version: object) -> None:
+        self._said(event.machine, (event.kind, event.message), version)
+
+    def _said(self, machine_id: str, said: tuple[str, str], version: object) -> None:
         last = self._last
-        last.pop(event.machine, None)  # re-inserted last: the dict stays oldest first
-        last[event.machine] = ((event.kind, event.message), version)
+        last.pop(machine_id, None)  # re-inserted last: the dict stays oldest first
+        last[machine_id] = (said, version)
         if len(last) > REMEMBER:
             del last[next(iter(last))]
 
@@ -303,8 +307,9 @@ class Recorder:
                               "unreachable", len(queued))
         self.failing = away
         self._written(queued)
-        for event in batch.events:
-            self._remember(event, None)
+        # What each event said, without making the events of a run (an import's 100,000).
+        for machine_id, said in codec.event_sayings(batch.events):
+            self._said(machine_id, said, None)
         await self._relearnt(relearnt)
 
     async def _each_alone(self, relearnt: list[tuple[Machine, Machine]],
@@ -422,7 +427,7 @@ def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machi
     the state each machine was read in)."""
     return Batch(merge=batch.merge, create=batch.create,
                  update=[*batch.update, *(new for _, new in relearnt)],
-                 events=[*events, *batch.events],
+                 events=codec.joined(events, batch.events),
                  expect={**{old.id: old.state for old, _ in relearnt}, **batch.expect},
                  audit=batch.audit)
 

@@ -8,12 +8,24 @@ import operator
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from netboot.enroll import Enroller, _new_ids, iter_import, parse_import, render_hostname
+from netboot.enroll import (
+    Enroller,
+    _changes_nothing,
+    _new_ids,
+    _row_machine,
+    _updated,
+    iter_import,
+    parse_import,
+    render_hostname,
+)
 from netboot.errors import ValidationError
+from netboot.inventory.codec import NO_ENTRIES
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.sqlite import SqliteStore
-from netboot.model import Cluster, MacAddress, Machine, Profile
+from netboot.model import Cluster, MacAddress, Machine, MachineState, Profile, Role
 
 CSV = """mac,hostname,serial,cluster,role,profile,label.rack
 52:54:00:00:00:01,edge-1,S1,edge,server,p,r1
@@ -360,3 +372,38 @@ async def test_register_keeps_the_peer_over_a_claimed_loopback(store) -> None:  
     v6 = await enroller.register({**body, "mac": str(mac3), "token": "tok3", "addresses": []},
                                  ipaddress.ip_address("2001:db8::9"))
     assert v6.ipv4 == "192.0.2.62" and v6.facts["ipv6"] == "2001:db8::9"
+
+
+_MACS = [MacAddress(bytes([2, 0, 0, 0, 0, i])) for i in range(3)]
+_SOME = st.sampled_from
+
+
+@settings(max_examples=600, deadline=None)
+@given(state=_SOME(list(MachineState)),
+       old_macs=st.lists(_SOME(_MACS), max_size=2, unique=True).map(tuple),
+       row_macs=st.lists(_SOME(_MACS), max_size=2, unique=True).map(tuple),
+       old_text=st.lists(_SOME([None, "a", "b"]), min_size=8, max_size=8),
+       row_text=st.lists(_SOME([None, "a", "b"]), min_size=8, max_size=8),
+       old_role=_SOME([None, Role.AGENT, Role.SERVER]),
+       row_role=_SOME([None, Role.AGENT, Role.SERVER]),
+       old_labels=st.dictionaries(_SOME(["k", "j"]), _SOME(["1", "2"])),
+       row_labels=st.dictionaries(_SOME(["k", "j"]), _SOME(["1", "2"])))
+def test_a_row_that_changes_nothing_is_told_without_building_machines(
+        state: MachineState, old_macs: tuple[MacAddress, ...], row_macs: tuple[MacAddress, ...],
+        old_text: list[str | None], row_text: list[str | None], old_role: Role | None,
+        row_role: Role | None, old_labels: dict[str, str], row_labels: dict[str, str]) -> None:
+    # A re-import's rows are checked against their machines from the row's values alone
+    # (_changes_nothing); the answer is the one building the updated machine gives.
+    def fixed(text: str | None) -> str | None:
+        return None if text is None else {"a": "192.0.2.1", "b": "192.0.2.2"}[text]
+
+    host, uuid, serial, asset, cluster, profile, ip, fact = old_text
+    old = Machine(macs=old_macs, id="m-000000000001", state=state, hostname=host, uuid=uuid,
+                  serial=serial, asset=asset, cluster=cluster, profile=profile, role=old_role,
+                  fixed_ipv4=fixed(ip), labels=old_labels or NO_ENTRIES,
+                  facts={"f": fact} if fact else NO_ENTRIES, created=1.0, updated=2.0)
+    host, uuid, serial, asset, cluster, profile, ip, _ = row_text
+    values = (row_macs, host, uuid, serial, asset, cluster, row_role, profile,
+              row_labels or NO_ENTRIES, fixed(ip))
+    row = _row_machine(old.id, values, 3.0)
+    assert _changes_nothing(old, values) == (_updated(old, row, [], 3.0) == old)

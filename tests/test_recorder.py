@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pytest
 import netboot
 from netboot.boot import hash_token
 from netboot.errors import NotFound, StateChanged
+from netboot.inventory import codec
 from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Event, MacAddress, Machine, MachineState
@@ -307,3 +308,30 @@ async def test_a_storm_of_learnt_facts_is_adopted_a_slice_at_a_time(
         stored = await other.get_machine(machine.id)
         assert stored is not None and stored.facts == {"cpus": "4"}
     await recorder.close()
+
+
+async def test_a_run_of_events_goes_after_the_queued_ones_and_is_remembered(
+        tmp_path: Path) -> None:
+    # An import commits its new machines' events as one run (codec.EventRun): written after
+    # the boot notes queued before it, told to the listener, and remembered per machine as
+    # any committed event is, without the recorder making an event of each.
+    told: list[Event] = []
+
+    class Listener:
+        def published(self, events: Sequence[Event]) -> None:
+            told.extend(events)
+
+    store = SqliteStore(tmp_path / "n.db", listener=Listener())
+    await store.open()
+    try:
+        recorder = Recorder(store, delay=3600)
+        recorder.record(ev("queued", "m0"))
+        run = codec.EventRun([f"m{i}" for i in range(1, 4)], 2.0, "enrolled", "imported")
+        await recorder.commit(Batch(events=codec.joined(run, [ev("after", "m2")])))
+        _, written = await store.events_since(0)
+        expected = [ev("queued", "m0"), *run, ev("after", "m2")]
+        assert written == expected and told == expected
+        assert recorder.last("m1") == ("enrolled", "imported")
+        assert recorder.last("m2") == ("after", "after")
+    finally:
+        await store.close()

@@ -569,13 +569,44 @@ def bulk_columns_of(machines: Sequence[Machine]) -> Iterator[BulkColumns]:
     return map(bulk_columns, machines)
 
 
+_T = TypeVar("_T")
+
+
+class _MadeOnDemand(Sequence[_T]):
+    """A sequence of values made when read from what it holds (:meth:`_held`, each made by
+    :meth:`_made`): a bulk import's 100,000 machines or events are never all made at once."""
+
+    __slots__ = ()
+
+    def _held(self) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def _made(self, item: Any) -> _T:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._held())
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | Sequence[_T]:
+        if isinstance(index, slice):
+            return [self._made(item) for item in self._held()[index]]
+        return self._made(self._held()[index])
+
+    def __iter__(self) -> Iterator[_T]:
+        return map(self._made, self._held())
+
+
 # A new machine's row in NewMachines: id, macs, hostname, uuid, serial, asset, cluster, role,
 # profile, labels, fixed_ipv4.
 _NewRow = tuple[str, tuple[MacAddress, ...], str | None, str | None, str | None, str | None,
                 str | None, Role | None, str | None, Mapping[str, str], str | None]
 
 
-class NewMachines(Sequence[Machine]):
+class NewMachines(_MadeOnDemand[Machine]):
     """The new machines of a bulk import, all created at one time in one state, each kept as
     the values its row was checked to (``Enroller.import_rows``) rather than as a
     ``Machine``: nothing reads 100,000 frozen machines between the check and the store, and
@@ -639,31 +670,19 @@ class NewMachines(Sequence[Machine]):
             macs, ident = (row.macs, row.id) if isinstance(row, Machine) else (row[1], row[0])
             yield macs[0].raw.hex(":") if macs else ident
 
-    def _machine(self, row: _NewRow | Machine) -> Machine:
+    def _held(self) -> Sequence[_NewRow | Machine]:
+        return self._rows
+
+    def _made(self, row: _NewRow | Machine) -> Machine:
         if isinstance(row, Machine):
             return row
         now = self._time
         (ident, macs, hostname, uuid, serial, asset, cluster, role, profile, labels,
          fixed_ipv4) = row
-        return Machine(macs=macs, id=ident, state=self._state, hostname=hostname, uuid=uuid,
-                       serial=serial, asset=asset, labels=labels, cluster=cluster, role=role,
-                       profile=profile, fixed_ipv4=fixed_ipv4, facts=NO_ENTRIES, created=now,
-                       updated=now)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    @overload
-    def __getitem__(self, index: int) -> Machine: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Machine]: ...
-    def __getitem__(self, index: int | slice) -> Machine | Sequence[Machine]:
-        if isinstance(index, slice):
-            return [self._machine(row) for row in self._rows[index]]
-        return self._machine(self._rows[index])
-
-    def __iter__(self) -> Iterator[Machine]:
-        return map(self._machine, self._rows)
+        # Every field in Machine's order (machine_of_values: the values are as checked).
+        return machine_of_values((macs, ident, self._state, hostname, uuid, serial, asset,
+                                  labels, cluster, role, profile, None, None, None, None,
+                                  fixed_ipv4, NO_ENTRIES, None, None, None, now, now))
 
     def sealed(self, seal: Callable[[Machine], Machine]) -> NewMachines:
         """These machines with ``seal`` applied to those added whole (an import's rows carry
@@ -1011,6 +1030,122 @@ def stored_event(event: Event) -> tuple[Event, str]:
         return e, "{}"
     value = event_from_dict(event_to_dict(e))
     return value, dumps(dict(value.data), "data")
+
+
+class EventRun(_MadeOnDemand[Event]):
+    """One event, with no data, of each of many machines, in their order: a bulk import's
+    100,000 "enrolled: imported" events, kept as their machine ids rather than as events.
+
+    Read as a sequence it gives each :class:`Event` (made on demand: the memory and
+    PostgreSQL stores, a listener, the recorder read it so); SQLite writes a run with one
+    statement (``INSERT … SELECT`` over the ids) instead of a bound statement per event,
+    where those per-event steps were most of the events' cost. The time, kind and message
+    shared by all are checked here, once, as :func:`stored_event` checks an event; the ids
+    by :func:`run_ids` as SQLite writes them (the other stores read them as events).
+    """
+
+    __slots__ = ("kind", "machines", "message", "time")
+
+    def __init__(self, machines: Sequence[str], time: float, kind: str, message: str) -> None:
+        when = float(time) if type(time) is int else time
+        if type(when) is not float or not math.isfinite(when):
+            raise ValidationError("time", f"{time!r} is not a finite time")
+        if type(kind) is not str or not kind.strip():
+            raise ValidationError("kind", "required")
+        if type(message) is not str:
+            raise ValidationError("message", "must be text")
+        self.machines = machines
+        self.time: float = when
+        self.kind = kind
+        self.message = message
+
+    def _held(self) -> Sequence[str]:
+        return self.machines
+
+    def _made(self, machine: str) -> Event:
+        return Event(machine, self.time, self.kind, self.message, {})
+
+
+class Events(Sequence[Event]):
+    """Sequences of events one after another, each kept as it is (an :class:`EventRun`
+    stays a run): what :func:`joined` makes of a batch's events and those queued before."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, *parts: Sequence[Event]) -> None:
+        self._parts = tuple(p for p in parts if len(p))
+
+    def __len__(self) -> int:
+        return sum(map(len, self._parts))
+
+    @overload
+    def __getitem__(self, index: int) -> Event: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Event]: ...
+    def __getitem__(self, index: int | slice) -> Event | Sequence[Event]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index < 0:
+            index += len(self)
+        for part in self._parts:
+            if 0 <= index < len(part):
+                return part[index]
+            index -= len(part)
+        raise IndexError("event index out of range")
+
+    def __iter__(self) -> Iterator[Event]:
+        for part in self._parts:
+            yield from part
+
+    def parts(self) -> tuple[Sequence[Event], ...]:
+        return self._parts
+
+
+def joined(*parts: Sequence[Event]) -> Sequence[Event]:
+    """``parts`` one after another: a list, as before, unless one holds a run, which is kept."""
+    if any(isinstance(p, EventRun | Events) for p in parts):
+        return Events(*parts)
+    return [e for p in parts for e in p]
+
+
+def event_parts(events: Sequence[Event]) -> Iterator[EventRun | Iterator[tuple[Event, str]]]:
+    """``events`` in order: its runs as they are, the other events each with its data's JSON
+    (:func:`stored_event`), checked as they are read."""
+    parts = events.parts() if isinstance(events, Events) else (events,)
+    for part in parts:
+        if isinstance(part, EventRun):
+            yield part
+        elif isinstance(part, Events):
+            yield from event_parts(part)
+        else:
+            yield map(stored_event, part)
+
+
+def event_sayings(events: Sequence[Event]) -> Iterator[tuple[str, tuple[str, str]]]:
+    """Each event's machine and (kind, message), in order, without making a run's events."""
+    parts = events.parts() if isinstance(events, Events) else (events,)
+    for part in parts:
+        if isinstance(part, EventRun):
+            said = (part.kind, part.message)
+            for machine in part.machines:
+                yield machine, said
+        elif isinstance(part, Events):
+            yield from event_sayings(part)
+        else:
+            for event in part:
+                yield event.machine, (event.kind, event.message)
+
+
+def run_ids(run: EventRun, size: int) -> Iterator[str]:
+    """The machine ids of ``run``, ``size`` at a time, as JSON arrays, each id checked as
+    :func:`stored_event` checks an event's machine."""
+    ids = run.machines
+    for start in range(0, len(ids), size):
+        chunk = list(ids[start:start + size])
+        for ident in chunk:
+            if type(ident) is not str or not ident.strip():
+                raise ValidationError("machine", "required")
+        yield json.dumps(chunk)
 
 
 # --- leases -------------------------------------------------------------------------------

@@ -638,11 +638,15 @@ class SqliteStore:
         if (batch.merge or batch.create or batch.update or batch.events or batch.expect
                 or batch.audit):
             # Checked as they are written (on the worker): 100,000 events of an import are
-            # not copied first, unless a listener is to be told of them.
-            checked: Iterable[tuple[Event, str]] = map(codec.stored_event, batch.events)
+            # not copied first, unless a listener is to be told of them; a run of them
+            # (codec.EventRun) stays one.
+            parts: list[codec.EventRun | Iterable[tuple[Event, str]]] = list(
+                codec.event_parts(batch.events))
             if self._listener is not None:
-                checked = list(checked)
-            rows = ((v.machine, v.time, v.kind, v.message, data) for v, data in checked)
+                parts = [p if isinstance(p, codec.EventRun) else list(p) for p in parts]
+            rows = [p if isinstance(p, codec.EventRun) else
+                    ((v.machine, v.time, v.kind, v.message, data) for v, data in p)
+                    for p in parts]
             audit = [_audit_row(codec.audit_from_dict(codec.audit_to_dict(e)))
                      for e in batch.audit]
             seal = self._sealed.seal_machine
@@ -652,10 +656,11 @@ class SqliteStore:
             await self._run(self._apply_here, create, [seal(m) for m in batch.update], rows,
                             batch.merge, dict(batch.expect), audit, batch.create, batch.update)
             if batch.events and self._listener is not None:
-                self._listener.published([v for v, _ in checked])
+                self._listener.published(codec.joined(*(
+                    p if isinstance(p, codec.EventRun) else [v for v, _ in p] for p in parts)))
 
     def _apply_here(self, conn: sqlite3.Connection, create: Sequence[Machine],
-                    update: Sequence[Machine], events: Iterable[tuple[str, float, str, str, str]],
+                    update: Sequence[Machine], events: Iterable[_EventRows],
                     merge: Sequence[tuple[str, str]], expect: Mapping[str, MachineState],
                     audit: Sequence[tuple[float, str, str, str, str, str]],
                     given_create: Sequence[Machine], given_update: Sequence[Machine]) -> None:
@@ -1198,7 +1203,7 @@ def _apply_batch(
     conn: sqlite3.Connection,
     create: Sequence[Machine],
     update: Sequence[Machine],
-    events: Iterable[tuple[str, float, str, str, str]] = (),
+    events: Iterable[_EventRows] = (),
     merge: Sequence[tuple[str, str]] = (),
     expect: Mapping[str, MachineState] | None = None,
     audit: Sequence[tuple[float, str, str, str, str, str]] = (),
@@ -1240,7 +1245,7 @@ def _apply_batch(
 
 
 def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: list[_Row] | None,
-                 updates: list[_Row], events: Iterable[tuple[str, float, str, str, str]],
+                 updates: list[_Row], events: Iterable[_EventRows],
                  merge: Sequence[tuple[str, str]],
                  expect: Mapping[str, MachineState] | None = None,
                  audit: Sequence[tuple[float, str, str, str, str, str]] = (),
@@ -1260,7 +1265,7 @@ def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: l
 
 def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
                        creates: list[_Row] | None, updates: list[_Row],
-                       events: Iterable[tuple[str, float, str, str, str]],
+                       events: Iterable[_EventRows],
                        merge: Sequence[tuple[str, str]],
                        expect: Mapping[str, MachineState] | None = None,
                        audit: Sequence[tuple[float, str, str, str, str, str]] = (),
@@ -1290,9 +1295,7 @@ def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
                 _update_rows(conn, updates)
             except sqlite3.IntegrityError:
                 raise _Retry from None  # rolled back by _immediate; see _write_batch
-        conn.executemany(
-            "INSERT INTO events (machine, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
-            events)
+        _insert_events(conn, events)
         conn.executemany(_INSERT_AUDIT, audit)
         if before is not None:
             span = before, _last_change(conn)
@@ -1347,6 +1350,25 @@ def _update_rows(conn: sqlite3.Connection, updates: list[_Row]) -> None:
         if sorted(conn.execute(_KEYS_OF, (r.id,))) != sorted((k, v) for k, v, _ in r.keys):
             conn.execute(_DELETE_KEYS, (r.id,))
             conn.executemany(_INSERT_KEY, r.keys)
+
+
+# A batch's events as _write_batch takes them, in order: runs (one statement each) and rows.
+_EventRows = codec.EventRun | Iterable[tuple[str, float, str, str, str]]
+
+
+def _insert_events(conn: sqlite3.Connection, events: Iterable[_EventRows]) -> None:
+    """The events in order; a run (an import's "enrolled" events) by one ``INSERT … SELECT``
+    over its ids, not a bound statement per event (a quarter of the time for 100,000)."""
+    for part in events:
+        if isinstance(part, codec.EventRun):
+            # In chunks: 100,000 ids as one JSON text cost the import ~6 MiB of peak memory.
+            for ids in codec.run_ids(part, BULK_CHUNK):
+                conn.execute("INSERT INTO events (machine, time, kind, message, data)"
+                             " SELECT value, ?, ?, ?, '{}' FROM json_each(?) ORDER BY key",
+                             (part.time, part.kind, part.message, ids))
+        else:
+            conn.executemany("INSERT INTO events (machine, time, kind, message, data)"
+                             " VALUES (?, ?, ?, ?, ?)", part)
 
 
 # New machines staged at a time by _bulk_insert: ~1.2 MiB of staging table in memory.

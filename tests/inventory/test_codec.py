@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -483,3 +484,26 @@ def test_new_machines_renamed_and_merged_ones_kept_in_order() -> None:
     with pytest.raises(ValidationError) as err:
         codec.NewMachines(MachineState.ENROLLED, float("nan"))
     assert err.value.field == "created"
+
+
+def test_an_event_run_reads_as_its_events_and_checks_what_they_share() -> None:
+    run = codec.EventRun(["m-1", "m-2"], 3, "enrolled", "imported")
+    assert list(run) == [Event("m-1", 3.0, "enrolled", "imported"),
+                         Event("m-2", 3.0, "enrolled", "imported")]
+    assert run[-1].machine == "m-2" and [e.machine for e in run[:1]] == ["m-1"]
+    both = codec.joined([Event("m-0", 1.0, "k")], run)
+    assert isinstance(both, codec.Events) and len(both) == 3 and both[2] == run[1]
+    assert both[1:] == list(run) and list(both) == [Event("m-0", 1.0, "k"), *run]
+    assert [type(p) for p in codec.event_parts(both)][1] is codec.EventRun
+    assert list(codec.event_sayings(both)) == [("m-0", ("k", "")),
+                                               ("m-1", ("enrolled", "imported")),
+                                               ("m-2", ("enrolled", "imported"))]
+    assert codec.joined([Event("m-0", 1.0, "k")], []) == [Event("m-0", 1.0, "k")]
+    for bad in ({"time": math.inf}, {"time": "1"}, {"kind": " "}, {"message": None}):
+        args: dict[str, Any] = {"time": 1.0, "kind": "k", "message": "", **bad}
+        with pytest.raises(ValidationError):
+            codec.EventRun(["m-1"], **args)
+    assert list(codec.run_ids(codec.EventRun(["m-1", "m-2", "m-3"], 1.0, "k", ""), 2)) == [
+        '["m-1", "m-2"]', '["m-3"]']
+    with pytest.raises(ValidationError):
+        list(codec.run_ids(codec.EventRun(["m-1", ""], 1.0, "k", ""), 2))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from netboot.errors import Conflict, NotFound, StateChanged, StoreError, ValidationError
+from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.postgres import PostgresStore
@@ -632,6 +633,27 @@ async def test_events_since_follows_every_machine_in_commit_order(store: Store) 
     pos, rest = await store.events_since(pos)
     assert [e.kind for e in rest] == ["c"]
     assert await store.events_since(pos) == (pos, [])
+
+
+async def test_a_run_of_events_is_written_in_its_place(store: Store) -> None:
+    # An import's "enrolled" events go as one run of machine ids (codec.EventRun), between
+    # the events queued before it and those after, in that order; a bad id in it fails the
+    # whole batch. (More than SQLite writes of a run at once: sqlite.BULK_CHUNK.)
+    start, _ = await store.events_since(-1)
+    ids = [mid(mac(i)) for i in range(10, 4210)]
+    run = codec.EventRun(ids, 5, "enrolled", "imported")
+    events = codec.joined([Event(machine=mid(MAC1), time=1.0, kind="before")], run,
+                          [Event(machine=ids[0], time=6.0, kind="after", data={"n": 1})])
+    assert len(events) == 4202 and events[1] == Event(ids[0], 5.0, "enrolled", "imported")
+    await store.apply_batch(Batch(events=events))
+    _, got = await store.events_since(start, limit=5000)
+    assert got == list(events)
+    assert [e.kind for e in await store.list_events(ids[0])] == ["enrolled", "after"]
+    with pytest.raises(ValidationError):
+        await store.apply_batch(Batch(events=codec.joined(
+            [Event(machine=MAC2, time=1.0, kind="k")],
+            codec.EventRun([mid(MAC3), " "], 5.0, "enrolled", "imported"))))
+    assert await store.list_events(MAC2) == [] and await store.list_events(mid(MAC3)) == []
 
 
 # --- leases ----------------------------------------------------------------------------------
