@@ -340,7 +340,11 @@ class _Link:
     of the transfer by address (about 1.5 us of a block's ~12, see benchmarks/README.md).
     Anything else sent to P (another port, another host, a late ACK after the end) reaches
     the unconnected data socket: a stranger gets ERROR 5 (RFC 1350 §4) and the transfers go
-    on. Every socket carries SO_REUSEADDR, which is what lets them share P.
+    on. Every socket carries SO_REUSEPORT, which is what lets them share P: unlike
+    SO_REUSEADDR, Linux lets only sockets of the same user join (socket(7)), so another
+    local user cannot bind P and send DATA to a transfer's client from the server's own
+    address and port (a loader of their choosing), nor take its ACKs. Connected sockets in
+    the group are found by their 4-tuple, not by the group's hash (Linux 5.4 and later).
 
     The transfers' sockets are polled by an epoll set of the link's own, itself one reader
     of the event loop: a wake-up takes every transfer with a datagram waiting, one
@@ -386,7 +390,7 @@ class _Link:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.iface:
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, self.iface.encode())
             sock.bind(self.address)
@@ -765,10 +769,11 @@ class TftpServer:
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, iface.encode())
             sock.bind((host, port))
             if reuse:
-                # After the bind: port 0 with SO_REUSEADDR set may be given a port that
-                # another socket with SO_REUSEADDR holds; a port of its own first, then
-                # shared with the transfers' sockets (their binds check it from now on).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # After the bind: port 0 with SO_REUSEPORT set may be given a port that
+                # another socket of this user with SO_REUSEPORT holds; a port of its own
+                # first, then shared with the transfers' sockets (their binds check it from
+                # now on, and join its group).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if listener:
                 sockets.grow_receive_buffer(sock)  # a storm's RRQs arrive at once
         except OSError as exc:

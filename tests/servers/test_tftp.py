@@ -881,6 +881,54 @@ async def test_each_transfer_sends_and_receives_on_a_socket_connected_to_its_cli
         assert server._links[None]._transfers == {}
 
 
+def _bind_as_another_user(address: tuple[str, int]) -> list[str]:
+    """What binding ``address`` with SO_REUSEADDR, then SO_REUSEPORT, gives a process of the
+    user nobody (a fork that drops root: nothing but these system calls runs in it)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            said = []
+            for option in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, option, 1)
+                try:
+                    sock.bind(address)
+                    said.append("bound")
+                except OSError as exc:
+                    said.append(errno.errorcode.get(exc.errno or 0, "?"))
+                sock.close()
+            os.write(write, " ".join(said).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as out:
+            return out.read().decode().split()
+    finally:
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+async def test_another_user_cannot_bind_the_data_port_of_running_transfers(
+        server: TftpServer) -> None:
+    """The transfers share their data port through SO_REUSEPORT, which Linux grants only to
+    sockets of the same user: another local user can bind it neither so nor with
+    SO_REUSEADDR (which any user could, were the port shared that way), so it can neither
+    send DATA to a client from the server's port nor take the client's ACKs."""
+    with RawClient() as client:
+        client.rrq(addr(server), "small.bin")
+        first, tid = await client.recv()
+        assert first == Data(1, SMALL[:512])
+        assert _bind_as_another_user(tid) == ["EADDRINUSE", "EADDRINUSE"]
+        client.send(Ack(1), tid)  # the transfer goes on
+        pkt, _ = await client.recv()
+        assert pkt == Data(2, SMALL[512:1024])
+
+
 async def test_a_client_gone_mid_transfer_leaves_gso_on(files: DirFiles) -> None:
     """A client that closes its port while its windows are resent: the kernel reports the
     ICMP port unreachable on the transfer's connected socket (read by the next receive,
