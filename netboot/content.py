@@ -21,8 +21,8 @@ from urllib.parse import quote
 
 from netboot import identity, lifecycle
 from netboot.boot import BootService
-from netboot.enroll import Enroller
-from netboot.errors import Conflict, NotFound, RenderError
+from netboot.enroll import Enroller, token_matches
+from netboot.errors import Conflict, NotFound, RenderError, StateChanged
 from netboot.files import FileTree, clean_relative
 from netboot.inventory.base import Store
 from netboot.inventory.codec import cluster_to_dict, machine_to_dict, profile_to_dict
@@ -413,8 +413,21 @@ class Content:
                                             reason=f"config for {machine.state} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:
-        if plan.machine is not None:
-            await self._enroller.config_fetched(plan.machine, what)
+        machine = plan.machine
+        if machine is None:
+            return
+        try:
+            await self._enroller.config_fetched(machine, what)
+        except StateChanged:
+            # Asked twice at once (an installer's retry while its first fetch waits for the
+            # group commit): the other fetch moved the machine on. The config rendered is
+            # theirs too while the machine is the same but for that step, and its token
+            # still opens it (a reinstall meanwhile clears it: refused as before).
+            now = await self._boot.machine_by_mac(plan.mac)
+            if now is None or replace(now, state=machine.state, updated=machine.updated) \
+                    != machine or not token_matches(now, plan.token, self._clock()):
+                raise
+            await self._enroller.config_fetched(now, what)
 
     def asset(self, path: str) -> Blob:
         return self.assets.blob(path)
