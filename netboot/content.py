@@ -126,7 +126,10 @@ class Content:
         return Urls(self._base_url())
 
     # -- context ----------------------------------------------------------------------
-    def context(self, plan: BootPlan, *, token: str | None = None) -> dict[str, Any]:
+    def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,
+                ) -> dict[str, Any]:
+        """What templates are rendered with. ``cmdline=False``: without the kernel command
+        line (for a template that does not read it: rendering it was half of this)."""
         urls = self.urls
         mac = plan.mac
         token = token if token is not None else (plan.token or "")
@@ -171,9 +174,10 @@ class Content:
             ctx["initrd_names"] = [i.rstrip("/").rsplit("/", 1)[-1] for i in profile.initrds]
             ctx["kernel_path"] = profile.kernel.lstrip("/")
             ctx["initrd_paths"] = [i.lstrip("/") for i in profile.initrds]
-            source = profile.cmdline or self._default_cmdline(profile.config_template)
-            ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
-                                                  "cmdline")
+            if cmdline:
+                source = profile.cmdline or self._default_cmdline(profile.config_template)
+                ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
+                                                      "cmdline")
         return ctx
 
     def _default_cmdline(self, config_template: str) -> str:
@@ -434,15 +438,27 @@ class Content:
 
     def k3os_config(self, plan: BootPlan) -> str:
         _need_profile(plan)
-        return self._render.yaml_document("cloud-config/k3os.yaml", self.context(plan))
+        return self._config("cloud-config/k3os.yaml", plan)
 
     def nocloud(self, plan: BootPlan, name: str) -> str:
         if name not in ("meta-data", "user-data", "vendor-data"):
             raise NotFound(f"no NoCloud file {name!r}")
         _need_profile(plan)
         header = "#cloud-config" if name != "meta-data" else ""
-        return self._render.yaml_document(f"cloud-config/cloud-init/{name}", self.context(plan),
-                                          header=header)
+        return self._config(f"cloud-config/cloud-init/{name}", plan, header=header)
+
+    def _config(self, name: str, plan: BootPlan, *, header: str = "") -> str:
+        # The command line is left out of the context where the template does not read it;
+        # should that render fail anyway (the template changed meanwhile), it renders again
+        # with the whole context, which says what is wrong.
+        names = self._render.names(name)
+        if names is not None and "cmdline" not in names:
+            try:
+                return self._render.yaml_document(name, self.context(plan, cmdline=False),
+                                                  header=header)
+            except RenderError:
+                pass
+        return self._render.yaml_document(name, self.context(plan), header=header)
 
 
 def _text_blob(data: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Blob:

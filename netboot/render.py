@@ -61,6 +61,7 @@ class Renderer:
         # kept with it so that its id is not reused) or by source string.
         self._splits: dict[object, tuple[object, _Split | None]] = {}
         self._marking: ImmutableSandboxedEnvironment | None = None
+        self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # see names()
         self._shapes = _YamlShapes()
 
     @property
@@ -264,6 +265,32 @@ class Renderer:
             self._shapes.learn(marked)
         return text
 
+    def names(self, name: str) -> frozenset[str] | None:
+        """The context names that template ``name`` (as it is now) reads; None where that
+        cannot be told (it cannot be loaded, or it takes in another template)."""
+        import jinja2
+        from jinja2 import meta, nodes
+
+        env = self._marking_env
+        try:
+            template = env.get_template(name)
+        except jinja2.TemplateError:
+            return None
+        kept = self._names.get(name)
+        if kept is not None and kept[0] is template:
+            return kept[1]
+        loader = env.loader
+        assert loader is not None  # set in _env
+        source, filename, _ = loader.get_source(env, name)
+        if not template.is_up_to_date:  # changed since: ask again next time
+            return None
+        tree = env.parse(source, name, filename)
+        taken = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+        names = None if any(True for _ in tree.find_all(taken)) else frozenset(
+            meta.find_undeclared_variables(tree))
+        self._names[name] = (template, names)
+        return names
+
     def _marked(self, name: str, context: Mapping[str, Any]) -> _Marked | None:
         """The template rendered with its printed values marked; None where that fails or
         is ambiguous (the plain render then answers, or says what is wrong)."""
@@ -287,22 +314,23 @@ _OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
 
 
 class _Marked:
-    """A rendered text cut at its printed values: ``pieces`` around them, ``values``,
-    and where each value starts in ``text``."""
+    """A rendered text cut at its printed values: ``pieces`` around them, and ``values``."""
 
-    __slots__ = ("pieces", "starts", "text", "values")
+    __slots__ = ("pieces", "text", "values")
 
-    def __init__(self, pieces: tuple[str, ...], values: tuple[str, ...]) -> None:
+    def __init__(self, text: str, pieces: tuple[str, ...], values: tuple[str, ...]) -> None:
+        self.text = text
         self.pieces = pieces
         self.values = values
+
+    def starts(self) -> list[int]:
+        """Where each value starts in ``text``."""
         starts, at = [], 0
-        for piece, value in zip(pieces, values, strict=False):
+        for piece, value in zip(self.pieces, self.values, strict=False):
             at += len(piece)
             starts.append(at)
             at += len(value)
-        self.starts = tuple(starts)
-        self.text = "".join([x for pair in zip(pieces, (*values, ""), strict=True)
-                             for x in pair])
+        return starts
 
 
 class _YamlShapes:
@@ -344,7 +372,8 @@ class _YamlShapes:
             pieces.append(cut[1])
         if any("\x00" in v for v in values):
             return None
-        return _Marked(tuple(pieces), tuple(values))
+        return _Marked(raw.replace(self._open, "").replace(self._close, ""), tuple(pieces),
+                       tuple(values))
 
     def known(self, marked: _Marked) -> bool:
         for classes, checked in self._shapes.get(marked.pieces, ()):
@@ -409,7 +438,7 @@ def _classes(marked: _Marked) -> str | None:
             elif event.style in ("|", ">"):
                 blocks.append((start, end))
     classes = []
-    for start, value in zip(marked.starts, marked.values, strict=True):
+    for start, value in zip(marked.starts(), marked.values, strict=True):
         end = start + len(value)
         line_start = text.rfind("\n", 0, start) + 1
         line_end = text.find("\n", end)

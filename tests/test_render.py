@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -567,3 +567,37 @@ def test_yaml_shape_of_an_edited_template_is_parsed_again(tmp_path: Path) -> Non
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # a later mtime
     with pytest.raises(RenderError, match="invalid YAML"):
         r.yaml_document("cloud-config/t.yaml", {"v": "c"})
+
+
+def test_config_context_has_the_command_line_only_for_a_template_that_reads_it(
+        tmp_path: Path) -> None:
+    """Rendering the kernel command line was half of a config's context: left out where the
+    config template does not read it, there (and after an edit that reads it) as before."""
+    (tmp_path / "cloud-config").mkdir()
+    path = tmp_path / "cloud-config" / "k3os.yaml"
+    path.write_text((templates_dir() / "cloud-config" / "k3os.yaml").read_text())
+    c = content()
+    c._render = Renderer([tmp_path, templates_dir()])
+    rendered: list[str] = []
+    real = c._render.cmdline
+
+    def counting(source: str, context: Mapping[str, object], *, what: str) -> str:
+        rendered.append(source)
+        return real(source, context, what=what)
+
+    c._render.cmdline = counting  # type: ignore[method-assign]
+    p = plan(BootAction.INSTALL)
+    assert c.k3os_config(p) == content().k3os_config(p)
+    assert c.nocloud(p, "user-data") == content().nocloud(p, "user-data")
+    assert rendered == []
+    path.write_text("cmdline: {{ cmdline | tojson }}\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # a later mtime
+    assert yaml.safe_load(c.k3os_config(p))["cmdline"].startswith("k3os.mode=install ")
+    assert len(rendered) == 1
+    path.write_text("hostname: {{ machine.hostname | tojson }}\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 4_000_000_000))
+    assert c.k3os_config(p) == 'hostname: "edge-1"\n' and len(rendered) == 1
+    path.write_text("kernel: {{ cmdline | tojson }}\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 6_000_000_000))
+    assert yaml.safe_load(c.k3os_config(p))["kernel"].startswith("k3os.mode=install ")
