@@ -448,17 +448,10 @@ class Content:
         return self._config(f"cloud-config/cloud-init/{name}", plan, header=header)
 
     def _config(self, name: str, plan: BootPlan, *, header: str = "") -> str:
-        # The command line is left out of the context where the template does not read it;
-        # should that render fail anyway (the template changed meanwhile), it renders again
-        # with the whole context, which says what is wrong.
-        names = self._render.names(name)
-        if names is not None and "cmdline" not in names:
-            try:
-                return self._render.yaml_document(name, self.context(plan, cmdline=False),
-                                                  header=header)
-            except RenderError:
-                pass
-        return self._render.yaml_document(name, self.context(plan), header=header)
+        # Without the kernel command line where the template does not read it.
+        return self._render.yaml_config(
+            name, lambda names: self.context(plan, cmdline=names is None or "cmdline" in names),
+            header=header)
 
 
 def _text_blob(data: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Blob:

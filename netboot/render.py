@@ -61,7 +61,7 @@ class Renderer:
         # kept with it so that its id is not reused) or by source string.
         self._splits: dict[object, tuple[object, _Split | None]] = {}
         self._marking: ImmutableSandboxedEnvironment | None = None
-        self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # see names()
+        self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # _read_names
         self._shapes = _YamlShapes()
 
     @property
@@ -249,7 +249,24 @@ class Renderer:
         parsed only inside printed values whose content cannot change what the YAML says
         (:class:`_YamlShapes`): every installing device fetches a config, and the parse was
         a tenth of the server's CPU per config."""
-        marked = self._marked(name, context)
+        return self._yaml(name, context, header, None)
+
+    def yaml_config(self, name: str, context: Callable[[frozenset[str] | None], Mapping[str, Any]],
+                    *, header: str = "") -> str:
+        """:meth:`yaml_document` with the context ``context(names)`` makes for the names the
+        template reads (None: every name, where that cannot be told). Should that render
+        fail, it renders again with every name, which says what is wrong as before."""
+        template, names = self._read_names(name)
+        if template is not None and names is not None:
+            try:
+                return self._yaml(name, context(names), header, template)
+            except RenderError:
+                pass
+        return self._yaml(name, context(None), header, None)
+
+    def _yaml(self, name: str, context: Mapping[str, Any], header: str,
+              template: jinja2.Template | None) -> str:
+        marked = self._marked(name, context, template)
         text = self.render(name, context) if marked is None else marked.text
         if header and not text.startswith(header):
             raise RenderError(f"template {name!r} must start with {header!r}")
@@ -265,9 +282,10 @@ class Renderer:
             self._shapes.learn(marked)
         return text
 
-    def names(self, name: str) -> frozenset[str] | None:
-        """The context names that template ``name`` (as it is now) reads; None where that
-        cannot be told (it cannot be loaded, or it takes in another template)."""
+    def _read_names(self, name: str) -> tuple[jinja2.Template | None, frozenset[str] | None]:
+        """Template ``name`` as it is now (marking its outputs) and the context names it
+        reads; None where that cannot be told (it cannot be loaded, it takes in another
+        template)."""
         import jinja2
         from jinja2 import meta, nodes
 
@@ -275,27 +293,30 @@ class Renderer:
         try:
             template = env.get_template(name)
         except jinja2.TemplateError:
-            return None
+            return None, None
         kept = self._names.get(name)
         if kept is not None and kept[0] is template:
-            return kept[1]
+            return template, kept[1]
         loader = env.loader
         assert loader is not None  # set in _env
         source, filename, _ = loader.get_source(env, name)
         if not template.is_up_to_date:  # changed since: ask again next time
-            return None
+            return template, None
         tree = env.parse(source, name, filename)
         taken = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
         names = None if any(True for _ in tree.find_all(taken)) else frozenset(
             meta.find_undeclared_variables(tree))
         self._names[name] = (template, names)
-        return names
+        return template, names
 
-    def _marked(self, name: str, context: Mapping[str, Any]) -> _Marked | None:
+    def _marked(self, name: str, context: Mapping[str, Any],
+                template: jinja2.Template | None) -> _Marked | None:
         """The template rendered with its printed values marked; None where that fails or
         is ambiguous (the plain render then answers, or says what is wrong)."""
         try:
-            raw = self._marking_env.get_template(name).render(**context)
+            if template is None:
+                template = self._marking_env.get_template(name)
+            raw = template.render(**context)
         except Exception:  # the plain render raises it again, as a RenderError
             return None
         return self._shapes.split(raw)
