@@ -16,7 +16,8 @@ so that they measure the config (the token check, the cluster's join decision, t
 and its check, the booting -> installing commit of a first fetch), not the token's commit;
 in a managed cluster its first machine is a registered server, whose address the others
 join. Each round draws other machines (mostly first fetches; the few drawn again are
-re-fetches). netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data dir filled by
+re-fetches); ``config-1k`` re-fetches the configs of 1,000 machines (after one unmeasured
+run over them), as an installer's retry does. netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data dir filled by
 ``netboot import`` (managed clusters of 12,500 machines, as in the issue's measurement);
 nginx serves the same asset files, one static iPXE script for every MAC and one static
 config.yaml and user-data of the size netboot answers, so its /ipxe and config rows are the
@@ -165,6 +166,9 @@ ROWS = [
     # An installer's fetch of its per-machine config, the URL as its install script gives it
     # (token in the query): k3OS's config.yaml, cloud-init NoCloud's user-data.
     Row("config", "", 50, kind="config"),
+    # An installer's retry: the same 1,000 machines again and again after one unmeasured
+    # run over them, which moved them to installing (nothing committed, an event queued).
+    Row("config-1k", "", 50, machines=1000, kind="config"),
     Row("user-data", "", 50, kind="user-data"),
 ]
 
