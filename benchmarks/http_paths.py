@@ -7,21 +7,22 @@ Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machine
 script picks the MAC per request) at 50 connections, and for a random one of the first 1,000
 (``ipxe-1k``, after one unmeasured run over them: requests that change nothing);
 ``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections
-(MiB/s). ``config``: a random one of the enrolled machines fetches its k3OS config.yaml at
-50 connections, by the URL its install script gives (``/config/<mac>?token=<its install
+(MiB/s). ``config``: a random one of the enrolled machines fetches its k3OS config.yaml at 50
+connections, by the URL its install script gives (``/config/<mac>?token=<its install
 token>``), as k3OS's installer does; ``user-data``: the same for cloud-init NoCloud's
 ``/nocloud/<mac>/<token>/user-data``. For these two rows the seed gives every machine an
-install under way (booting, its install token minted, as its /ipxe answer leaves it: MINT),
-so that they measure the config (the token check, the cluster's join decision, the render
-and its check, the booting -> installing commit of a first fetch), not the token's commit;
-in a managed cluster its first machine is a registered server, whose address the others
-join. Each round draws other machines (mostly first fetches; the few drawn again are
-re-fetches); ``config-1k`` re-fetches the configs of 1,000 machines (after one unmeasured
-run over them), as an installer's retry does. netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data dir filled by
-``netboot import`` (managed clusters of 12,500 machines, as in the issue's measurement);
-nginx serves the same asset files, one static iPXE script for every MAC and one static
-config.yaml and user-data of the size netboot answers, so its /ipxe and config rows are the
-floor: a file served, nothing decided. Both servers run at once and every row is
+install under way (booting, its install token minted, as its /ipxe answer leaves it: MINT), so
+that they measure the config (the token check, the cluster's join decision, the render and its
+check, the booting -> installing commit of a first fetch), not the token's commit; in a
+managed cluster its first machine is a registered server, whose address the others join. Each
+round draws other machines (mostly first fetches; the few drawn again are re-fetches);
+``config-1k`` re-fetches the configs of 1,000 machines (after one unmeasured run over them),
+as an installer's retry does. netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data
+dir filled by ``netboot import`` (managed clusters of 12,500 machines, as in the issue's
+measurement); nginx serves the same asset files, one static iPXE script for every MAC and one
+static config.yaml and user-data of the size netboot answers, so its /ipxe and config rows are
+the floor: a file served, nothing decided.
+Both servers run at once and every row is
 measured in ``--rounds`` turns, the server that goes first alternating; the ratio printed is
 the median of the turns' ratios (the machine's load drifts between runs a minute apart).
 ``µs CPU`` is each server's CPU (utime + stime of the process and its workers) per request
