@@ -10,7 +10,7 @@ script picks the MAC per request) at 50 connections, and for a random one of the
 (MiB/s). ``config``: a random one of the enrolled machines fetches its k3OS config.yaml at 50
 connections, by the URL its install script gives (``/config/<mac>?token=<its install
 token>``), as k3OS's installer does; ``user-data``: the same for cloud-init NoCloud's
-``/nocloud/<mac>/<token>/user-data``. For these two rows the seed gives every machine an
+``/nocloud/<mac>/<token>/user-data``. For the config rows the seed gives every machine an
 install under way (booting, its install token minted, as its /ipxe answer leaves it: MINT), so
 that they measure the config (the token check, the cluster's join decision, the render and its
 check, the booting -> installing commit of a first fetch), not the token's commit; in a
@@ -21,13 +21,12 @@ as an installer's retry does. netboot runs as ``netboot serve`` (DHCP and TFTP o
 dir filled by ``netboot import`` (managed clusters of 12,500 machines, as in the issue's
 measurement); nginx serves the same asset files, one static iPXE script for every MAC and one
 static config.yaml and user-data of the size netboot answers, so its /ipxe and config rows are
-the floor: a file served, nothing decided.
-Both servers run at once and every row is
-measured in ``--rounds`` turns, the server that goes first alternating; the ratio printed is
-the median of the turns' ratios (the machine's load drifts between runs a minute apart).
-``µs CPU`` is each server's CPU (utime + stime of the process and its workers) per request
-answered, median of the turns: steadier than req/s on a loaded machine. ``--baseline REPO``
-runs a second netboot from another checkout (e.g. main's worktree) in the same turns.
+the floor: a file served, nothing decided. Both servers run at once and every row is measured
+in ``--rounds`` turns, the server that goes first alternating; the ratio printed is the median
+of the turns' ratios (the machine's load drifts between runs a minute apart). ``µs CPU`` is
+each server's CPU (utime + stime of the process and its workers) per request answered, median
+of the turns: steadier than req/s on a loaded machine. ``--baseline REPO`` runs a second
+netboot from another checkout (e.g. main's worktree) in the same turns.
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``); a missing one is said and
 left out. Loopback only; servers stopped by their own PID. Not part of pytest.
 """
