@@ -425,11 +425,12 @@ class Content:
         except StateChanged:
             # Asked twice at once (an installer's retry while its first fetch waits for the
             # group commit): the other fetch moved the machine on. The config rendered is
-            # theirs too while the machine is the same but for that step, and its token
-            # still opens it (a reinstall meanwhile clears it: refused as before).
+            # theirs too while the machine is the one read after that very step, and its
+            # token still opens it (a reinstall meanwhile clears it: refused as before).
             now = await self._boot.machine_by_mac(plan.mac)
-            if now is None or replace(now, state=machine.state, updated=machine.updated) \
-                    != machine or not token_matches(now, plan.token, self._clock()):
+            step = lifecycle.Trigger.CONFIG_FETCHED
+            if now is None or lifecycle.advance(machine, step, now.updated) != now \
+                    or not token_matches(now, plan.token, self._clock()):
                 raise
             await self._enroller.config_fetched(now, what)
 
