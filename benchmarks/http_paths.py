@@ -193,7 +193,9 @@ def wait_http(url: str, seconds: float = 120) -> None:
 def process(argv: list[str], log: Path, env: dict[str, str] | None = None
             ) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+        # cwd: ``-m`` puts the working directory first on sys.path, before PYTHONPATH: run
+        # from a checkout, --baseline's server imported that checkout's netboot, not its own.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     try:
         yield proc
