@@ -1,21 +1,32 @@
 """HTTP paths of a boot storm under wrk: netboot and nginx side by side on loopback.
 
     python benchmarks/http_paths.py [--enrolled 100000] [--duration 10] [--rounds 3]
-                                    [--only ipxe,asset300]
+                                    [--only ipxe,asset300,config]
 
 Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machines (a wrk Lua
 script picks the MAC per request) at 50 connections, and for a random one of the first 1,000
 (``ipxe-1k``, after one unmeasured run over them: requests that change nothing);
 ``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections
-(MiB/s). netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data dir filled by
-``netboot import`` (managed clusters of 12,500 machines, as in the issue's measurement);
-nginx serves the same asset files and one static iPXE script for every MAC, so its /ipxe row
-is the floor: a file served, nothing decided. Both servers run at once and every row is
-measured in ``--rounds`` turns, the server that goes first alternating; the ratio printed is
-the median of the turns' ratios (the machine's load drifts between runs a minute apart).
-``µs CPU`` is each server's CPU (utime + stime of the process and its workers) per request
-answered, median of the turns: steadier than req/s on a loaded machine. ``--baseline REPO``
-runs a second netboot from another checkout (e.g. main's worktree) in the same turns.
+(MiB/s). ``config``: a random one of the enrolled machines fetches its k3OS config.yaml at 50
+connections, by the URL its install script gives (``/config/<mac>?token=<its install
+token>``), as k3OS's installer does; ``user-data``: the same for cloud-init NoCloud's
+``/nocloud/<mac>/<token>/user-data``. For the config rows the seed gives every machine an
+install under way (booting, its install token minted, as its /ipxe answer leaves it: MINT), so
+that they measure the config (the token check, the cluster's join decision, the render and its
+check, the booting -> installing commit of a first fetch), not the token's commit; in a
+managed cluster its first machine is a registered server, whose address the others join. Each
+round draws other machines (mostly first fetches; the few drawn again are re-fetches);
+``config-1k`` re-fetches the configs of 1,000 machines (after one unmeasured run over them),
+as an installer's retry does. netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data
+dir filled by ``netboot import`` (managed clusters of 12,500 machines, as in the issue's
+measurement); nginx serves the same asset files, one static iPXE script for every MAC and one
+static config.yaml and user-data of the size netboot answers, so its /ipxe and config rows are
+the floor: a file served, nothing decided. Both servers run at once and every row is measured
+in ``--rounds`` turns, the server that goes first alternating; the ratio printed is the median
+of the turns' ratios (the machine's load drifts between runs a minute apart). ``µs CPU`` is
+each server's CPU (utime + stime of the process and its workers) per request answered, median
+of the turns: steadier than req/s on a loaded machine. ``--baseline REPO`` runs a second
+netboot from another checkout (e.g. main's worktree) in the same turns.
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``); a missing one is said and
 left out. Loopback only; servers stopped by their own PID. Not part of pytest.
 """
@@ -40,20 +51,91 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from storm import REPO, Workload
+from storm import PER_CLUSTER, REPO, Workload, mac_of
 
 HOST = "127.0.0.1"
 
-# wrk runs LuaJIT (Lua 5.1: no bit operators); MACs as storm.mac_of numbers them.
+# wrk runs LuaJIT (Lua 5.1: no bit operators); MACs as storm.mac_of numbers them, install
+# tokens as token_of below. NB_FIRST: the machines before it are not asked for (the seed's
+# registered servers).
 RANDOM_MAC_LUA = """
 math.randomseed(7)
+-- Each of wrk's threads runs this script with the same seed, so that the /ipxe rows ask for
+-- every machine once per thread (as they always have). An installer fetches its config once:
+-- the config rows' threads draw different machines (setup numbers the threads), and each
+-- round other ones (NB_SEED: the round), so that most fetches are first ones.
+local threads = 0
+setup = function(thread)
+  threads = threads + 1
+  thread:set("nb_thread", threads)
+end
+init = function(args)
+  if os.getenv("NB_KIND") ~= "ipxe" then
+    math.randomseed(1000 * tonumber(os.getenv("NB_SEED")) + nb_thread)
+  end
+end
 local n = tonumber(os.getenv("NB_ENROLLED"))
+local first = tonumber(os.getenv("NB_FIRST"))
+local kind = os.getenv("NB_KIND")
+local tail = os.getenv("NB_TOKEN_TAIL")
 request = function()
-  local i = math.random(0, n - 1)
+  local i = math.random(first, n - 1)
   local mac = string.format("02-00-00-%02x-%02x-%02x", math.floor(i / 65536) % 256,
                             math.floor(i / 256) % 256, i % 256)
+  if kind == "config" then
+    return wrk.format("GET", "/config/" .. mac .. "?token=" .. string.format("%06d", i)
+                      .. tail)
+  elseif kind == "user-data" then
+    return wrk.format("GET", "/nocloud/" .. mac .. "/" .. string.format("%06d", i)
+                      .. tail .. "/user-data")
+  end
   return wrk.format("GET", "/ipxe?mac=" .. mac .. "&arch=x86_64&platform=efi")
 end
+"""
+# The install token the seed mints for machine i: as long as a real one (token_urlsafe(24)),
+# made of URL-safe characters, and predictable by the Lua script above.
+TOKEN_TAIL = "-bench-install-token-abcdef"
+
+
+def token_of(i: int) -> str:
+    return f"{i:06d}{TOKEN_TAIL}"
+
+
+# Run inside netboot's interpreter on a copy of the seed: every machine gets an install under
+# way (booting, with its install token minted, as /ipxe leaves it), and in a managed cluster
+# its first machine is a registered server, so that the others' configs have an endpoint to
+# join (else a managed cluster's agents are held: 409). Written with netboot's own store.
+MINT = """
+import asyncio, dataclasses, sys, time
+from pathlib import Path
+from netboot import lifecycle
+from netboot.boot import hash_token
+from netboot.inventory.base import Batch, MachineFilter
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import MachineState, Role
+from netboot.sealing import read_key
+
+data, tail, servers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+
+async def main():
+    store = SqliteStore(data / "netboot.db", sealer=read_key(data / "secret.key"))
+    await store.open()
+    now, updates = time.time(), []
+    for m in await store.list_machines(MachineFilter(limit=10_000_000)):
+        i = int(m.hostname.rsplit("-", 1)[1])  # edge-000123
+        if i < servers:
+            updates.append(dataclasses.replace(m, state=MachineState.REGISTERED,
+                role=Role.SERVER, ipv4=f"198.51.100.{1 + i}", updated=now))
+            continue
+        token = f"{i:06d}{tail}"
+        updates.append(lifecycle.advance(m, lifecycle.Trigger.INSTALL_PLAN, now,
+            token_hash=hash_token(token), install_token=token, token_expires=now + 86400,
+            cluster=m.cluster, role=m.role))
+    for k in range(0, len(updates), 5000):
+        await store.apply_batch(Batch(update=updates[k:k + 5000]))
+    await store.close()
+
+asyncio.run(main())
 """
 
 
@@ -64,6 +146,12 @@ class Row:
     connections: int
     size: int = 0  # bytes per response, for MiB/s
     machines: int = 0  # /ipxe: MACs drawn from the first this many (0: every enrolled one)
+    kind: str = "ipxe"  # what the Lua script asks for: ipxe, config, user-data
+
+    @property
+    def installing(self) -> bool:
+        """Measured on the seed whose machines have installs under way (MINT)."""
+        return self.kind != "ipxe"
 
 
 ROWS = [
@@ -75,6 +163,13 @@ ROWS = [
     Row("asset300", "/assets/small.txt", 50),
     Row("1MiBx50", "/assets/1m.bin", 50, 1 << 20),
     Row("32MiBx10", "/assets/32m.bin", 10, 32 << 20),
+    # An installer's fetch of its per-machine config, the URL as its install script gives it
+    # (token in the query): k3OS's config.yaml, cloud-init NoCloud's user-data.
+    Row("config", "", 50, kind="config"),
+    # An installer's retry: the same 1,000 machines again and again after one unmeasured
+    # run over them, which moved them to installing (nothing committed, an event queued).
+    Row("config-1k", "", 50, machines=1000, kind="config"),
+    Row("user-data", "", 50, kind="user-data"),
 ]
 
 
@@ -98,7 +193,9 @@ def wait_http(url: str, seconds: float = 120) -> None:
 def process(argv: list[str], log: Path, env: dict[str, str] | None = None
             ) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+        # cwd: ``-m`` puts the working directory first on sys.path, before PYTHONPATH: run
+        # from a checkout, --baseline's server imported that checkout's netboot, not its own.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent,
                                 stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     try:
         yield proc
@@ -113,11 +210,11 @@ def process(argv: list[str], log: Path, env: dict[str, str] | None = None
 
 
 @contextlib.contextmanager
-def netboot(work: Workload, run: Path, python: str, access_log: bool,
+def netboot(work: Workload, run: Path, python: str, access_log: bool, seed: Path,
             repo: Path = REPO) -> Iterator[tuple[int, int]]:
     port = free_port()
     data = run / "data"
-    shutil.copytree(work.root / "netboot-seed", data)
+    shutil.copytree(seed, data)
     conf = run / "netboot.yaml"
     conf.write_text(json.dumps({
         "server": {"advertise": HOST, "data_dir": str(data), "log_level": "info"},
@@ -145,7 +242,9 @@ def netboot(work: Workload, run: Path, python: str, access_log: bool,
 
 
 @contextlib.contextmanager
-def nginx(work: Workload, run: Path) -> Iterator[tuple[int, int]]:
+def nginx(work: Workload, run: Path, configs: dict[str, str]) -> Iterator[tuple[int, int]]:
+    """``configs``: the text of one per-machine config per route (config, user-data), served
+    for every machine like the iPXE script."""
     port = free_port()
     # One static script answers every MAC: with 100,000 machines, writing a file per MAC
     # takes longer than the measurement, and for nginx a lookup among them costs the same.
@@ -158,6 +257,8 @@ def nginx(work: Workload, run: Path) -> Iterator[tuple[int, int]]:
         "k3os.mode=install k3os.install.config_url=http://192.0.2.1:8080/config/"
         "02-00-00-00-00-01?token=0123456789abcdef0123456789abcdef console=ttyS0\n"
         "initrd --name initrd http://192.0.2.1:8080/assets/storm/initrd\nboot\n")
+    for name, text in configs.items():
+        (www / f"{name}.yaml").write_text(text)
     tmp = run / "nginx"
     tmp.mkdir()
     conf = tmp / "nginx.conf"
@@ -178,6 +279,8 @@ http {{
     listen {HOST}:{port} backlog=4096;
     root {www};
     location = /ipxe {{ default_type text/plain; try_files /ipxe/any.ipxe =404; }}
+    location /config/ {{ default_type text/yaml; try_files /config.yaml =404; }}
+    location /nocloud/ {{ default_type text/plain; try_files /user-data.yaml =404; }}
   }}
 }}
 """)
@@ -217,14 +320,18 @@ class Measured:
     cpu_us: float = float("nan")  # the server's CPU per request
 
 
-def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int) -> Measured:
+def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int,
+        first: int = 0, seed: int = 0) -> Measured:
     argv = ["wrk", "-t2", f"-c{row.connections}", f"-d{duration:g}s", "--latency",
             "--timeout", "10s"]
     if not row.path:
         argv += ["-s", str(script)]
     argv.append(f"http://{HOST}:{port}{row.path or '/'}")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
-                         env={**os.environ, "NB_ENROLLED": str(row.machines or enrolled)},
+                         env={**os.environ, "NB_ENROLLED": str(row.machines or enrolled),
+                              "NB_FIRST": str(first), "NB_KIND": row.kind,
+                              "NB_SEED": str(seed),
+                              "NB_TOKEN_TAIL": TOKEN_TAIL},
                          check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
@@ -240,6 +347,59 @@ def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int) -> Me
 def median_of(runs: list[Measured]) -> Measured:
     """The run of median req/s (its p99 and errors with it)."""
     return sorted(runs, key=lambda m: m.rps)[len(runs) // 2]
+
+
+def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: Path,
+            seed: Path, rows: list[Row], script: Path, first: int,
+            runs: dict[tuple[str, str], list[Measured]], ratios: dict[str, list[float]]
+            ) -> None:
+    """Every row of ``rows`` in ``args.rounds`` turns on every server, started on ``seed``."""
+    with contextlib.ExitStack() as stack:
+        # Both servers up together, measured row by row in turns (the first server of a
+        # turn alternating): on a shared machine the load drifts within seconds, and a
+        # ratio of two runs taken a minute apart says more about the drift.
+        ports: dict[str, tuple[int, int]] = {}
+        for server in servers:
+            run = tmp / server
+            run.mkdir(parents=True)
+            if server == "nginx":
+                cm = nginx(work, run, sample_configs(ports["netboot"][0], rows, first))
+            else:
+                cm = netboot(work, run, args.python, args.access_log, seed,
+                             args.baseline if server == "baseline" else REPO)
+            ports[server] = stack.enter_context(cm)
+        for round_ in range(args.rounds):
+            for row in rows:
+                turn = servers if round_ % 2 == 0 else servers[::-1]
+                for server in turn:
+                    if row.machines and round_ == 0:  # first requests change things
+                        wrk(ports[server][0], row, args.duration, script, args.enrolled, first)
+                    port, pid = ports[server]
+                    cpu = cpu_seconds(pid)
+                    m = wrk(port, row, args.duration, script, args.enrolled, first, round_)
+                    m.cpu_us = (cpu_seconds(pid) - cpu) / max(1.0, m.rps * args.duration) * 1e6
+                    runs.setdefault((server, row.name), []).append(m)
+                    print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
+                          f"{m.p99_ms:.1f} ms, {m.errors} errors, "
+                          f"{m.cpu_us:,.0f} µs CPU/request", flush=True)
+                for peer in servers[1:]:
+                    ratios.setdefault(f"{row.name}/{peer}", []).append(
+                        runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps)
+
+
+def sample_configs(port: int, rows: list[Row], first: int) -> dict[str, str]:
+    """What netboot answers machine ``first`` for each config row: the file nginx serves for
+    every machine (the same size)."""
+    mac = mac_of(first).replace(":", "-")
+    paths = {"config": f"/config/{mac}?token={token_of(first)}",
+             "user-data": f"/nocloud/{mac}/{token_of(first)}/user-data"}
+    out = {}
+    for row in rows:
+        if row.kind in paths:
+            with urllib.request.urlopen(f"http://{HOST}:{port}{paths[row.kind]}",
+                                        timeout=30) as r:
+                out[row.kind] = r.read().decode()
+    return out
 
 
 def main() -> None:
@@ -282,37 +442,27 @@ def main() -> None:
         print(f"netboot import of {args.enrolled} machines: {took:.1f} s", flush=True)
         script = tmp / "random_mac.lua"
         script.write_text(RANDOM_MAC_LUA)
+        seed = installing = work.root / "netboot-seed"
+        # The config rows' machines have installs under way (MINT); the others' are enrolled.
+        servers_seeded = max(1, args.enrolled // PER_CLUSTER) if not args.fixed_url else 0
+        if any(r.installing for r in rows):
+            installing = work.root / "netboot-seed-installing"
+            shutil.copytree(seed, installing)
+            t0 = time.perf_counter()
+            subprocess.run([args.python, "-c", MINT, str(installing), TOKEN_TAIL,
+                            str(servers_seeded)], check=True, timeout=900,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+            print(f"install tokens minted for {args.enrolled - servers_seeded} machines "
+                  f"({servers_seeded} registered servers): {time.perf_counter() - t0:.1f} s",
+                  flush=True)
         runs: dict[tuple[str, str], list[Measured]] = {}
         ratios: dict[str, list[float]] = {}
-        with contextlib.ExitStack() as stack:
-            # Both servers up together, measured row by row in turns (the first server of a
-            # turn alternating): on a shared machine the load drifts within seconds, and a
-            # ratio of two runs taken a minute apart says more about the drift.
-            ports = {}
-            for server in servers:
-                run = tmp / server
-                run.mkdir()
-                ports[server] = stack.enter_context(
-                    netboot(work, run, args.python, args.access_log) if server == "netboot"
-                    else netboot(work, run, args.python, args.access_log, args.baseline)
-                    if server == "baseline" else nginx(work, run))
-            for round_ in range(args.rounds):
-                for row in rows:
-                    turn = servers if round_ % 2 == 0 else servers[::-1]
-                    for server in turn:
-                        if row.machines and round_ == 0:  # first requests change things
-                            wrk(ports[server][0], row, args.duration, script, args.enrolled)
-                        port, pid = ports[server]
-                        cpu = cpu_seconds(pid)
-                        m = wrk(port, row, args.duration, script, args.enrolled)
-                        m.cpu_us = (cpu_seconds(pid) - cpu) / max(1.0, m.rps * args.duration) * 1e6
-                        runs.setdefault((server, row.name), []).append(m)
-                        print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
-                              f"{m.p99_ms:.1f} ms, {m.errors} errors, "
-                              f"{m.cpu_us:,.0f} µs CPU/request", flush=True)
-                    for peer in servers[1:]:
-                        ratios.setdefault(f"{row.name}/{peer}", []).append(
-                            runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps)
+        for phase in (False, True):
+            todo = [r for r in rows if r.installing == phase]
+            if todo:
+                measure(args, servers, work, tmp / f"phase-{int(phase)}",
+                        installing if phase else seed, todo, script,
+                        servers_seeded if phase else 0, runs, ratios)
     results = {key: median_of(ms) for key, ms in runs.items()}
     print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row, "
           f"medians of {args.rounds} round(s); the ratio is the median of each round's "

@@ -21,8 +21,8 @@ from urllib.parse import quote
 
 from netboot import identity, lifecycle
 from netboot.boot import BootService
-from netboot.enroll import Enroller
-from netboot.errors import Conflict, NotFound, RenderError
+from netboot.enroll import Enroller, token_matches
+from netboot.errors import Conflict, NotFound, RenderError, StateChanged
 from netboot.files import FileTree, clean_relative
 from netboot.inventory.base import Store
 from netboot.inventory.codec import cluster_to_dict, machine_to_dict, profile_to_dict
@@ -126,7 +126,10 @@ class Content:
         return Urls(self._base_url())
 
     # -- context ----------------------------------------------------------------------
-    def context(self, plan: BootPlan, *, token: str | None = None) -> dict[str, Any]:
+    def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,
+                ) -> dict[str, Any]:
+        """What templates are rendered with. ``cmdline=False``: without the kernel command
+        line (for a template that does not read it: rendering it was half of this)."""
         urls = self.urls
         mac = plan.mac
         token = token if token is not None else (plan.token or "")
@@ -171,9 +174,10 @@ class Content:
             ctx["initrd_names"] = [i.rstrip("/").rsplit("/", 1)[-1] for i in profile.initrds]
             ctx["kernel_path"] = profile.kernel.lstrip("/")
             ctx["initrd_paths"] = [i.lstrip("/") for i in profile.initrds]
-            source = profile.cmdline or self._default_cmdline(profile.config_template)
-            ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
-                                                  "cmdline")
+            if cmdline:
+                source = profile.cmdline or self._default_cmdline(profile.config_template)
+                ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
+                                                      "cmdline")
         return ctx
 
     def _default_cmdline(self, config_template: str) -> str:
@@ -413,23 +417,42 @@ class Content:
                                             reason=f"config for {machine.state} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:
-        if plan.machine is not None:
-            await self._enroller.config_fetched(plan.machine, what)
+        machine = plan.machine
+        if machine is None:
+            return
+        try:
+            await self._enroller.config_fetched(machine, what)
+        except StateChanged:
+            # Asked twice at once (an installer's retry while its first fetch waits for the
+            # group commit): the other fetch moved the machine on. The config rendered is
+            # theirs too while the machine is the one read after that very step, and its
+            # token still opens it (a reinstall meanwhile clears it: refused as before).
+            now = await self._boot.machine_by_mac(plan.mac)
+            step = lifecycle.Trigger.CONFIG_FETCHED
+            if now is None or lifecycle.advance(machine, step, now.updated) != now \
+                    or not token_matches(now, plan.token, self._clock()):
+                raise
+            await self._enroller.config_fetched(now, what)
 
     def asset(self, path: str) -> Blob:
         return self.assets.blob(path)
 
     def k3os_config(self, plan: BootPlan) -> str:
         _need_profile(plan)
-        return self._render.yaml_document("cloud-config/k3os.yaml", self.context(plan))
+        return self._config("cloud-config/k3os.yaml", plan)
 
     def nocloud(self, plan: BootPlan, name: str) -> str:
         if name not in ("meta-data", "user-data", "vendor-data"):
             raise NotFound(f"no NoCloud file {name!r}")
         _need_profile(plan)
         header = "#cloud-config" if name != "meta-data" else ""
-        return self._render.yaml_document(f"cloud-config/cloud-init/{name}", self.context(plan),
-                                          header=header)
+        return self._config(f"cloud-config/cloud-init/{name}", plan, header=header)
+
+    def _config(self, name: str, plan: BootPlan, *, header: str = "") -> str:
+        # Without the kernel command line where the template does not read it.
+        return self._render.yaml_config(
+            name, lambda names: self.context(plan, cmdline=names is None or "cmdline" in names),
+            header=header)
 
 
 def _text_blob(data: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Blob:

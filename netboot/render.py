@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import marshal
 import re
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,10 @@ _MAX_SPLITS = 256
 # Skeletons kept per split form: one per distinct value of what is not per machine (profile,
 # plan reason, console...): a few per profile and cluster in practice.
 _MAX_SKELETONS = 256
+# YAML shapes kept (_YamlShapes): one per template version and distinct text around the
+# per-machine values (profile, cluster, plan reason...), and per shape its checked forms.
+_MAX_SHAPES = 256
+_MAX_SHAPE_FORMS = 64
 
 
 class Renderer:
@@ -55,6 +60,9 @@ class Renderer:
         # Split forms (render with ``volatile``): by template object (one per file version,
         # kept with it so that its id is not reused) or by source string.
         self._splits: dict[object, tuple[object, _Split | None]] = {}
+        self._marking: ImmutableSandboxedEnvironment | None = None
+        self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # _read_names
+        self._shapes = _YamlShapes()
 
     @property
     def _env(self) -> ImmutableSandboxedEnvironment:
@@ -74,6 +82,17 @@ class Renderer:
             env.filters["grub_args"] = grub_args
             self._jinja = env
         return self._jinja
+
+    @property
+    def _marking_env(self) -> ImmutableSandboxedEnvironment:
+        """:attr:`_env` whose ``{{ … }}`` outputs come wrapped in marks (its ``finalize``):
+        the text of a YAML document is known with the place of every printed value
+        (:class:`_YamlShapes`). The marks hold a random nonce, so that neither a template
+        nor a value can forge one."""
+        if self._marking is None:
+            self._marking = self._env.overlay(finalize=self._shapes.mark)
+        assert self._marking is not None
+        return self._marking
 
     def check_all(self, *, shipped: bool = False) -> None:
         """Translate every operator template once at start-up so that a syntax error (or
@@ -224,16 +243,242 @@ class Renderer:
         return text
 
     def yaml_document(self, name: str, context: Mapping[str, Any], *, header: str = "") -> str:
-        text = self.render(name, context)
+        """Template ``name`` rendered, checked to parse as one YAML document.
+
+        The check is a parse of the text, except where the text differs from one already
+        parsed only inside printed values whose content cannot change what the YAML says
+        (:class:`_YamlShapes`): every installing device fetches a config, and the parse was
+        a tenth of the server's CPU per config."""
+        return self._yaml(name, context, header, None)
+
+    def yaml_config(self, name: str, context: Callable[[frozenset[str] | None], Mapping[str, Any]],
+                    *, header: str = "") -> str:
+        """:meth:`yaml_document` with the context ``context(names)`` makes for the names the
+        template reads (None: every name, where that cannot be told). Should that render
+        fail, it renders again with every name, which says what is wrong as before."""
+        template, names = self._read_names(name)
+        if template is not None and names is not None:
+            try:
+                return self._yaml(name, context(names), header, template)
+            except RenderError:
+                pass
+        return self._yaml(name, context(None), header, None)
+
+    def _yaml(self, name: str, context: Mapping[str, Any], header: str,
+              template: jinja2.Template | None) -> str:
+        marked = self._marked(name, context, template)
+        text = self.render(name, context) if marked is None else marked.text
         if header and not text.startswith(header):
             raise RenderError(f"template {name!r} must start with {header!r}")
+        if marked is not None and self._shapes.known(marked):
+            return text
         try:
             # libyaml's parser when PyYAML has it: the pure-Python one was a fifth of the
             # CPU of a /config answer, and every installing device fetches one.
-            yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+            yaml.load(text, Loader=_LOADER)  # noqa: S506
         except yaml.YAMLError as exc:
             raise RenderError(f"template {name!r} rendered invalid YAML: {exc}") from exc
+        if marked is not None:
+            self._shapes.learn(marked)
         return text
+
+    def _read_names(self, name: str) -> tuple[jinja2.Template | None, frozenset[str] | None]:
+        """Template ``name`` as it is now (marking its outputs) and the context names it
+        reads; None where that cannot be told (it cannot be loaded, it takes in another
+        template)."""
+        import jinja2
+        from jinja2 import meta, nodes
+
+        env = self._marking_env
+        try:
+            template = env.get_template(name)
+        except jinja2.TemplateError:
+            return None, None
+        kept = self._names.get(name)
+        if kept is not None and kept[0] is template:
+            return template, kept[1]
+        loader = env.loader
+        assert loader is not None  # set in _env
+        source, filename, _ = loader.get_source(env, name)
+        if not template.is_up_to_date:  # changed since: ask again next time
+            return template, None
+        tree = env.parse(source, name, filename)
+        taken = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+        names = None if any(True for _ in tree.find_all(taken)) else frozenset(
+            meta.find_undeclared_variables(tree))
+        self._names[name] = (template, names)
+        return template, names
+
+    def _marked(self, name: str, context: Mapping[str, Any],
+                template: jinja2.Template | None) -> _Marked | None:
+        """The template rendered with its printed values marked; None where that fails or
+        is ambiguous (the plain render then answers, or says what is wrong)."""
+        try:
+            if template is None:
+                template = self._marking_env.get_template(name)
+            raw = template.render(**context)
+        except Exception:  # the plain render raises it again, as a RenderError
+            return None
+        return self._shapes.split(raw)
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# What may be printed where (_YamlShapes) without changing what the YAML says: a double-quoted
+# scalar as json.dumps (Jinja's tojson) writes one, in ASCII with the escapes libyaml reads
+# (no surrogate \u escape: libyaml refuses one); and in a comment or a block scalar's line,
+# printable ASCII (no line break, nothing YAML refuses).
+_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]+|\\["\\bfnrt]'
+                     r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*"')
+_PLAIN_LINE = re.compile(r"[\x20-\x7e]*")
+# libyaml's line breaks besides LF: a text with one is not told apart by lines here.
+_OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
+
+
+class _Marked:
+    """A rendered text cut at its printed values: ``pieces`` around them, and ``values``."""
+
+    __slots__ = ("pieces", "text", "values")
+
+    def __init__(self, text: str, pieces: tuple[str, ...], values: tuple[str, ...]) -> None:
+        self.text = text
+        self.pieces = pieces
+        self.values = values
+
+    def starts(self) -> list[int]:
+        """Where each value starts in ``text``."""
+        starts, at = [], 0
+        for piece, value in zip(self.pieces, self.values, strict=False):
+            at += len(piece)
+            starts.append(at)
+            at += len(value)
+        return starts
+
+
+class _YamlShapes:
+    """YAML documents known to parse by their shape: the text around their printed values.
+
+    A text is parsed (libyaml, as before) the first time its shape is seen; then each
+    printed value is classed by where the parse put it: a whole double-quoted scalar that
+    is not a mapping key and has no tag or anchor (``q``), or on a comment line (``c``), or
+    on a line of a block scalar after some other text (``b``); any other value is kept
+    verbatim with the shape (``v``). A later text of that shape, with the same verbatim
+    values and, in each other place, a value of its class (``_QUOTED``, ``_PLAIN_LINE``),
+    differs from the parsed one only inside scalars and comments that end where they did:
+    the same tokens, the same tree of str scalars, so it parses too and is not parsed again.
+    Anything else (another shape, a value of another form) is parsed, exactly as before.
+    """
+
+    def __init__(self) -> None:
+        nonce = secrets.token_hex(8)
+        self._open, self._close = f"\x00{nonce}<", f"\x00{nonce}>"
+        # pieces -> [(classes, checked verbatim values)]
+        self._shapes: dict[tuple[str, ...], list[tuple[str, set[tuple[str, ...]]]]] = {}
+
+    def mark(self, value: Any) -> str:
+        """Jinja's ``finalize``: a printed value between marks (``str`` as Jinja prints)."""
+        return self._open + str(value) + self._close
+
+    def split(self, raw: str) -> _Marked | None:
+        """``raw`` cut at its marks; None where they do not pair up (a value printed into
+        another, a mark that is not ours)."""
+        first, *rest = raw.split(self._open)
+        pieces, values = [first], []
+        if self._close in first:
+            return None
+        for part in rest:
+            cut = part.split(self._close)
+            if len(cut) != 2:
+                return None
+            values.append(cut[0])
+            pieces.append(cut[1])
+        if any("\x00" in v for v in values):
+            return None
+        return _Marked(raw.replace(self._open, "").replace(self._close, ""), tuple(pieces),
+                       tuple(values))
+
+    def known(self, marked: _Marked) -> bool:
+        for classes, checked in self._shapes.get(marked.pieces, ()):
+            if tuple(v for v, c in zip(marked.values, classes, strict=True) if c == "v") \
+                    not in checked:
+                continue
+            if all(c == "v" or (_QUOTED if c == "q" else _PLAIN_LINE).fullmatch(v)
+                   for v, c in zip(marked.values, classes, strict=True)):
+                return True
+        return False
+
+    def learn(self, marked: _Marked) -> None:
+        """Record the shape of ``marked``, whose text has just parsed."""
+        classes = _classes(marked)
+        if classes is None:
+            return
+        forms = self._shapes.get(marked.pieces)
+        if forms is None:
+            if len(self._shapes) >= _MAX_SHAPES:
+                self._shapes.pop(next(iter(self._shapes)))  # the oldest
+            forms = self._shapes[marked.pieces] = []
+        verbatim = tuple(v for v, c in zip(marked.values, classes, strict=True) if c == "v")
+        for known_classes, checked in forms:
+            if known_classes == classes:
+                if len(checked) < _MAX_SHAPE_FORMS:
+                    checked.add(verbatim)
+                return
+        if len(forms) < _MAX_SHAPE_FORMS:
+            forms.append((classes, {verbatim}))
+
+
+def _classes(marked: _Marked) -> str | None:
+    """One class per value of ``marked`` (see :class:`_YamlShapes`), from libyaml's events
+    for its text; None where the text is not cut into lines as libyaml cuts it."""
+    text = marked.text
+    if any(b in text for b in _OTHER_BREAKS):
+        return None
+    quoted: dict[int, int] = {}  # start -> end of a double-quoted value scalar
+    ranges: list[tuple[int, int]] = []  # every scalar and alias
+    blocks: list[tuple[int, int]] = []  # block scalars
+    stack: list[list[bool]] = []  # per open collection: [is a mapping, next node is a key]
+    for event in yaml.parse(text, Loader=_LOADER):
+        kind = type(event)
+        is_key = False
+        if kind in (yaml.ScalarEvent, yaml.AliasEvent, yaml.MappingStartEvent,
+                    yaml.SequenceStartEvent) and stack and stack[-1][0]:
+            is_key = stack[-1][1]
+            stack[-1][1] = not is_key
+        if kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
+            stack.append([kind is yaml.MappingStartEvent, True])
+        elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+            stack.pop()
+        elif isinstance(event, yaml.ScalarEvent | yaml.AliasEvent):
+            assert event.start_mark is not None and event.end_mark is not None
+            start, end = event.start_mark.index, event.end_mark.index
+            ranges.append((start, end))
+            if not isinstance(event, yaml.ScalarEvent):
+                continue
+            if event.style == '"' and not is_key and event.tag is None \
+                    and event.anchor is None:
+                quoted[start] = end
+            elif event.style in ("|", ">"):
+                blocks.append((start, end))
+    classes = []
+    for start, value in zip(marked.starts(), marked.values, strict=True):
+        end = start + len(value)
+        line_start = text.rfind("\n", 0, start) + 1
+        line_end = text.find("\n", end)
+        line_end = len(text) if line_end < 0 else line_end
+        before = text[line_start:start]
+        if quoted.get(start) == end and _QUOTED.fullmatch(value):
+            classes.append("q")
+        elif not _PLAIN_LINE.fullmatch(value):
+            classes.append("v")
+        elif before.lstrip(" ").startswith("#") and not any(
+                s < line_end and line_start < e for s, e in ranges):
+            classes.append("c")  # a comment line that no scalar reaches into
+        elif before.strip(" ") and any(s < line_start and line_end < e for s, e in blocks):
+            # A line of a block scalar below its header (which holds its start), after other
+            # text: not in the indentation that the scalar's first line sets.
+            classes.append("b")
+        else:
+            classes.append("v")
+    return "".join(classes)
 
 
 # Where a printed per-machine value goes in a skeleton: NUL never occurs in a rendered script,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -452,3 +453,151 @@ def test_override_is_checked_beside_shipped(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         Renderer([tmp_path, templates_dir()]).check_all()
     assert err.value.line == 2 and "local.ipxe" in (err.value.source or "")
+
+
+def _old_yaml_check(r: Renderer, name: str, ctx: dict[str, object]) -> str | None:
+    """What yaml_document answered before shapes: the text if it parses, None if not."""
+    text = r.render(name, ctx)
+    try:
+        yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    return text
+
+
+def test_yaml_document_of_every_shipped_config_is_parsed_once_per_shape() -> None:
+    """Configs of machines alike but for what is theirs: the first of each shape is parsed,
+    the rest are known by their shape (not parsed again) and are the whole render's text."""
+    c = content()
+    parsed: list[str] = []
+    real = yaml.load
+
+    def counting(text: str, Loader: object) -> object:
+        parsed.append(text)
+        return real(text, Loader=Loader)  # type: ignore[arg-type]
+
+    names = ("k3os.yaml", "cloud-init/meta-data", "cloud-init/user-data",
+             "cloud-init/vendor-data")
+    contexts = [c.context(p) for p in _machines(24) if p.action == BootAction.INSTALL]
+    expected = [[_old_yaml_check(renderer(), f"cloud-config/{name}", ctx) for name in names]
+                for ctx in contexts]
+    yaml.load = counting  # type: ignore[assignment]
+    try:
+        for ctx, texts in zip(contexts, expected, strict=True):
+            for name, text in zip(names, texts, strict=True):
+                header = "#cloud-config" if "data" in name and "meta" not in name else ""
+                assert text == c._render.yaml_document(f"cloud-config/{name}", ctx,
+                                                       header=header)
+    finally:
+        yaml.load = real  # type: ignore[assignment]
+    # 4 templates; hostname or none, with a CA or not... a few shapes each, not one a machine.
+    assert 4 <= len(parsed) <= 16, len(parsed)
+
+
+_SHAPED = [
+    "k: {{ v | tojson }}\n",
+    "# about {{ v }}\nk: 1\n",
+    "k: 1\n  # {{ v }}\n",
+    "k: 1 # {{ v }}\n",
+    "k: {{ v }}\n",
+    "k: '{{ v }}'\n",
+    "k: \"{{ v }}\"\n",
+    "k: \"x\" {{ v | tojson }}\n",
+    "{{ v | tojson }}: 1\n",
+    "a:\n  {{ v | tojson }}: 1\n",
+    "k: [{{ v | tojson }}, 2]\n",
+    "k: {{ '{' }}{{ v | tojson }}: 1}\n",
+    "k: !!int {{ v | tojson }}\n",
+    "k: &a {{ v | tojson }}\nj: *a\n",
+    "k: {{ v | tojson(indent=1) }}\n",
+    "k: |\n  line {{ v }}\n  more\nj: 1\n",
+    "k: |\n  {{ v }}\n  more\nj: 1\n",
+    "k: >\n  x {{ v }}\nj: {{ v | tojson }}\n",
+    "k:\n  - {{ v | tojson }}\n  - {{ v | tojson }}\n",
+    "{{ v | tojson }}\n",
+    "k: {{ v | tojson }}{{ v | tojson }}\n",
+    "{% macro m(x) %}{{ x | tojson }}{% endmacro %}k: {{ m(v) }}\n",
+    "{% set s %}{{ v | tojson }}{% endset %}k: {{ s }}\n",
+    "k: {{ (v | tojson)[1:] }}\n",
+    "# {{ v }}\n---\nk: 1\n",
+    "k: {{ v | tojson }}\n#{{ v }}",
+]
+_VALUES: list[object] = [
+    "plain", "edge-2", "a b", "", "x" * 2000, "a: b", "a #b", "#x", "\"", "'", "\\",
+    "- x", "{", "[", "}", "]", ",", "? q", "*a", "&b", "!!int", "|", ">", "%", "@", "`",
+    "2001-13-45", "2001-12-14", "<<", "~", "null", "0x1F", "1e3", "yes", "\t", "a\nb",
+    "a\rb", "\u2028", "\x85", "\x7f", "\x00", "\x01", "é", "😀", "\ud800", "\ufeff",
+    "a\n  - b", "a\n# c", "a: \"b\"", {"a": 1}, ["a", "b"], 1, None, True,
+]
+
+
+@pytest.mark.parametrize("source", _SHAPED)
+def test_yaml_shapes_refuse_what_the_parse_refused(tmp_path: Path, source: str) -> None:
+    """Whatever a template prints where, and whatever the value (one that breaks the YAML
+    where a value of the shape already parsed): yaml_document gives what the parse of every
+    text gave, the same text or a RenderError."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text(source)
+    shaped, whole = Renderer([tmp_path]), Renderer([tmp_path])
+    def outcome(check: Callable[[], str | None]) -> object:
+        try:
+            return check()
+        except RenderError:
+            return None
+        except Exception as exc:  # what the parse raised beside YAMLError, too (a surrogate)
+            return type(exc)
+
+    for first in ("plain", "a b", "edge-2"):  # shapes learned, then every value against them
+        for v in [first, *_VALUES]:
+            ctx = {"v": v}
+            expected = outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
+            got = outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
+            assert got == expected, (source, v)
+
+
+def test_yaml_shape_of_an_edited_template_is_parsed_again(tmp_path: Path) -> None:
+    (tmp_path / "cloud-config").mkdir()
+    path = tmp_path / "cloud-config" / "t.yaml"
+    path.write_text("k: {{ v | tojson }}\n")
+    r = Renderer([tmp_path])
+    assert r.yaml_document("cloud-config/t.yaml", {"v": "a"}) == 'k: "a"\n'
+    assert r.yaml_document("cloud-config/t.yaml", {"v": "b"}) == 'k: "b"\n'
+    path.write_text("k: {{ v | tojson }}\n  - x\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # a later mtime
+    with pytest.raises(RenderError, match="invalid YAML"):
+        r.yaml_document("cloud-config/t.yaml", {"v": "c"})
+
+
+def test_config_context_has_the_command_line_only_for_a_template_that_reads_it(
+        tmp_path: Path) -> None:
+    """Rendering the kernel command line was half of a config's context: left out where the
+    config template does not read it, there (and after an edit that reads it) as before."""
+    (tmp_path / "cloud-config").mkdir()
+    path = tmp_path / "cloud-config" / "k3os.yaml"
+    path.write_text((templates_dir() / "cloud-config" / "k3os.yaml").read_text())
+    c = content()
+    c._render = Renderer([tmp_path, templates_dir()])
+    rendered: list[str] = []
+    real = c._render.cmdline
+
+    def counting(source: str, context: Mapping[str, object], *, what: str) -> str:
+        rendered.append(source)
+        return real(source, context, what=what)
+
+    c._render.cmdline = counting  # type: ignore[method-assign]
+    p = plan(BootAction.INSTALL)
+    assert c.k3os_config(p) == content().k3os_config(p)
+    assert c.nocloud(p, "user-data") == content().nocloud(p, "user-data")
+    assert rendered == []
+    path.write_text("cmdline: {{ cmdline | tojson }}\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # a later mtime
+    assert yaml.safe_load(c.k3os_config(p))["cmdline"].startswith("k3os.mode=install ")
+    assert len(rendered) == 1
+    path.write_text("hostname: {{ machine.hostname | tojson }}\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 4_000_000_000))
+    assert c.k3os_config(p) == 'hostname: "edge-1"\n' and len(rendered) == 1
+    path.write_text("kernel: {{ cmdline | tojson }}\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 6_000_000_000))
+    assert yaml.safe_load(c.k3os_config(p))["kernel"].startswith("k3os.mode=install ")

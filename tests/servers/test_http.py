@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from netboot.config import load
+from netboot.model import Machine, MachineState
 from netboot.service import Service, build
 from tests.conftest import (
     BASE,
@@ -431,6 +432,35 @@ async def test_config_fetch_moves_machine_to_installing(env: Env) -> None:
     assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "booting"
     await env.get(f"/config/{HEXHYP}?token={token}")
     assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "installing"
+
+
+async def test_config_fetched_twice_at_once_is_served_twice(env: Env) -> None:
+    """An installer that asks again while its first fetch waits for the commit of the state
+    it moves (a retry, a second installer stage): both get the config, not a 409 for the
+    one that lost the compare-and-set to the other."""
+    token = install_token(await enrolled(env))
+    path = f"/config/{HEXHYP}?token={token}"
+    enroller = env.service.content._enroller
+    real, read, both = enroller.config_fetched, [], asyncio.Event()
+
+    async def together(machine: Machine, what: str) -> None:
+        read.append(machine.state)  # both fetches read the machine before either commits
+        if len(read) == 2:
+            both.set()
+        await both.wait()
+        await real(machine, what)
+
+    enroller.config_fetched = together  # type: ignore[method-assign]
+    first, second = await asyncio.gather(*(call(env, "GET", path, admin=False)
+                                           for _ in range(2)))
+    assert (first.status, second.status) == (200, 200), (first.text, second.text)
+    assert read[:2] == [MachineState.BOOTING] * 2
+    assert b"k3s-secret-token" in first.body and b"k3s-secret-token" in second.body
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "installing"
+    # A reinstall meanwhile still wins: the token it cleared opens nothing.
+    await env.post(f"/api/v1/machines/{MAC}/reinstall", {})
+    r = await call(env, "GET", path, admin=False)
+    assert r.status == 401 and b"k3s-secret-token" not in r.body
 
 
 async def test_config_render_failure_is_500_json_not_404(make_env: EnvFactory,
