@@ -452,3 +452,50 @@ def test_override_is_checked_beside_shipped(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         Renderer([tmp_path, templates_dir()]).check_all()
     assert err.value.line == 2 and "local.ipxe" in (err.value.source or "")
+
+
+def test_template_files_are_checked_again_only_when_inotify_says_one_changed(
+        tmp_path: Path) -> None:
+    """Every install script read its template's and its command line's mtime (two stat()
+    calls); now the generation moves only on a change in the template directories (or after
+    ``recheck`` seconds), and an edit is followed at the next render all the same."""
+    (tmp_path / "ipxe").mkdir()
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one {{ mac }}\n")
+    r = Renderer([tmp_path, templates_dir()], recheck=3600)
+    assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho one m1\n"
+    generation, version = r.generation(), r.version("ipxe/hold.ipxe")
+    for _ in range(3):
+        assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho one m1\n"
+    assert r.generation() == generation  # nothing changed: no file checked
+    assert r.version("ipxe/hold.ipxe") is version
+    # An editor's save: a new file renamed over the old one.
+    new = tmp_path / "ipxe" / ".hold.ipxe.swp"
+    new.write_text("#!ipxe\necho two {{ mac }}\n")
+    st = path.stat()
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    new.rename(path)
+    assert r.generation() != generation
+    assert r.render("ipxe/hold.ipxe", {"mac": "m2"}) == "#!ipxe\necho two m2\n"
+    assert r.version("ipxe/hold.ipxe") is not version
+
+
+def test_a_template_directory_made_after_start_is_watched_too(tmp_path: Path) -> None:
+    """An operator's override in a subdirectory that did not exist when the server started
+    (own-templates/cmdline/) is seen, and so are later edits of it."""
+    r = Renderer([tmp_path, templates_dir()], recheck=3600)
+    assert r.render("ipxe/boot.ipxe", {"base_url": "http://192.0.2.1"}).startswith("#!ipxe")
+    generation = r.generation()
+    (tmp_path / "ipxe").mkdir()
+    assert r.generation() != generation
+    generation = r.generation()
+    own = tmp_path / "ipxe" / "boot.ipxe"
+    own.write_text("#!ipxe\necho own {{ base_url }}\n")
+    assert r.generation() != generation
+    assert r.render("ipxe/boot.ipxe", {"base_url": "u"}) == "#!ipxe\necho own u\n"
+    generation = r.generation()
+    own.write_text("#!ipxe\necho edited {{ base_url }}\n")
+    st = own.stat()
+    os.utime(own, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert r.generation() != generation
+    assert r.render("ipxe/boot.ipxe", {"base_url": "u"}) == "#!ipxe\necho edited u\n"
