@@ -44,6 +44,8 @@ RECHECK_SECONDS = 1.0
 # a watched directory (an editor's save by rename).
 _IN_MASK = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+# Template directories watched at most: past it, files are checked at every use, as before.
+_MAX_WATCHED = 256
 
 
 class Renderer:
@@ -299,7 +301,8 @@ class _Watch:
     @classmethod
     def of(cls, dirs: Sequence[Path], log: logging.Logger) -> _Watch | None:
         """The watch, or None where inotify is not available (not Linux, no descriptor or
-        watch left: ``max_user_watches``): templates are then stat()ed at every use."""
+        watch left: ``max_user_watches``; too many directories): templates are then stat()ed
+        at every use."""
         try:
             import ctypes
 
@@ -317,10 +320,15 @@ class _Watch:
         return watch
 
     def _watch_all(self) -> bool:
-        """Whether every directory is watched (false: out of watches, a directory gone)."""
-        whole = True
+        """Whether every directory is watched (false: out of watches, or more directories
+        than _MAX_WATCHED: a templates.dir set to a big tree, or a symlink loop)."""
+        whole, count = True, 0
         for top in self._dirs:
-            for here, _, _ in os.walk(top):
+            # Jinja's loader follows symlinked subdirectories: so does the watch.
+            for here, _, _ in os.walk(top, followlinks=True):
+                count += 1
+                if count > _MAX_WATCHED:
+                    return False
                 whole &= self._add(self._fd, os.fsencode(here), _IN_MASK) >= 0
         return whole
 

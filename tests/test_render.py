@@ -499,3 +499,21 @@ def test_a_template_directory_made_after_start_is_watched_too(tmp_path: Path) ->
     os.utime(own, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
     assert r.generation() != generation
     assert r.render("ipxe/boot.ipxe", {"base_url": "u"}) == "#!ipxe\necho edited u\n"
+
+
+def test_a_template_tree_too_big_to_watch_is_checked_at_every_use(tmp_path: Path) -> None:
+    """templates.dir set to a big tree (or a symlink loop) is not walked for ever: past 256
+    directories the files are checked at every use, as before the watch."""
+    (tmp_path / "ipxe").mkdir()
+    for n in range(300):
+        (tmp_path / "many" / str(n)).mkdir(parents=True)
+    (tmp_path / "loop").symlink_to(tmp_path)  # followed by the walk: the bound ends it
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one\n")
+    r = Renderer([tmp_path, templates_dir()], recheck=3600)
+    assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho one\n"
+    assert r.generation() != r.generation()  # no watch: every use checks
+    path.write_text("#!ipxe\necho two\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho two\n"
