@@ -5,7 +5,8 @@
 
 Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machines (a wrk Lua
 script picks the MAC per request) at 50 connections, and for a random one of the first 1,000
-(``ipxe-1k``, after one unmeasured run over them: requests that change nothing);
+(``ipxe-1k``, after one unmeasured run over them: requests that change nothing); each
+round of ``ipxe`` draws other MACs (first installs), the same ones for every server;
 ``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections
 (MiB/s). ``config``: a random one of the enrolled machines fetches its k3OS config.yaml at 50
 connections, by the URL its install script gives (``/config/<mac>?token=<its install
@@ -59,20 +60,19 @@ HOST = "127.0.0.1"
 # tokens as token_of below. NB_FIRST: the machines before it are not asked for (the seed's
 # registered servers).
 RANDOM_MAC_LUA = """
-math.randomseed(7)
--- Each of wrk's threads runs this script with the same seed, so that the /ipxe rows ask for
--- every machine once per thread (as they always have). An installer fetches its config once:
--- the config rows' threads draw different machines (setup numbers the threads), and each
--- round other ones (NB_SEED: the round), so that most fetches are first ones.
+-- Each of wrk's threads has its own Lua state. Seeded alike, its two threads asked for the
+-- same machines, so half of a run's "first" /ipxe requests were a repeat of the other
+-- thread's (install-again), and every round replayed round 1's machines, so that rounds 2
+-- and up measured only repeats. An installer fetches its script and config once: seeded per
+-- thread (setup numbers them) and per round (NB_SEED), the same sequence on every server of
+-- a round.
 local threads = 0
 setup = function(thread)
   threads = threads + 1
   thread:set("nb_thread", threads)
 end
 init = function(args)
-  if os.getenv("NB_KIND") ~= "ipxe" then
-    math.randomseed(1000 * tonumber(os.getenv("NB_SEED")) + nb_thread)
-  end
+  math.randomseed(1000 * tonumber(os.getenv("NB_SEED")) + nb_thread)
 end
 local n = tonumber(os.getenv("NB_ENROLLED"))
 local first = tonumber(os.getenv("NB_FIRST"))

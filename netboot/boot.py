@@ -959,7 +959,8 @@ class BootService:
             read = machine.state
             again = lifecycle.advance(learn(machine, request, now, _taken(res)),
                                       lifecycle.Trigger.INSTALL_AGAIN, now)
-            if again != machine:  # a fact that did not change writes nothing
+            # learn() and advance() return the machine itself when nothing changes.
+            if again is not machine:  # a fact that did not change writes nothing
                 machine = again
                 await self._commit_update(machine, read)
             await self._event(machine, "install-plan",
@@ -968,13 +969,15 @@ class BootService:
         elif record:
             token = self._new_token()
             now = self._clock()
-            learned = learn(machine, request, now, _taken(res))
-            facts = {k: v for k, v in learned.facts.items() if k != INSTALL_PEER}
+            # What learn() would add, set in advance()'s copy: one copy of the machine.
+            news = _news(machine, request, _taken(res)) or {}
+            facts = {k: v for k, v in news.pop("facts", machine.facts).items()
+                     if k != INSTALL_PEER}
             if request.remote_addr:
                 facts[INSTALL_PEER] = request.remote_addr
             read = machine.state
             machine = lifecycle.advance(
-                learned, lifecycle.Trigger.INSTALL_PLAN, now, facts=facts,
+                machine, lifecycle.Trigger.INSTALL_PLAN, now, facts=facts, **news,
                 token_hash=hash_token(token), install_token=token,
                 token_expires=now + (profile.install_timeout
                                      or self.settings.token_ttl_seconds),

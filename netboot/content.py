@@ -119,6 +119,7 @@ class Content:
         self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
         self._cmdlines: dict[str, tuple[object, str]] = {}  # see _default_cmdline
+        self._cmdline_now: dict[str, tuple[int, str]] = {}  # by name, checked at generation
         self._cmdline_paths: dict[str, tuple[str, ...]] = {}
 
     @property
@@ -185,6 +186,16 @@ class Content:
         paths = self._cmdline_paths.get(name)
         if paths is None:  # joined once: a Path join was a third of this lookup
             paths = self._cmdline_paths[name] = tuple(str(d / name) for d in self._render.dirs)
+        # Unchanged since the file was last checked (render's inotify watch): no stat().
+        generation = self._render.generation()
+        kept = self._cmdline_now.get(name)
+        if kept is not None and kept[0] == generation:
+            return kept[1]
+        text = self._cmdline_read(paths, name)
+        self._cmdline_now[name] = (generation, text)
+        return text
+
+    def _cmdline_read(self, paths: tuple[str, ...], name: str) -> str:
         for path in paths:
             try:
                 st = os.stat(path)

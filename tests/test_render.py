@@ -601,3 +601,88 @@ def test_config_context_has_the_command_line_only_for_a_template_that_reads_it(
     path.write_text("kernel: {{ cmdline | tojson }}\n")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 6_000_000_000))
     assert yaml.safe_load(c.k3os_config(p))["kernel"].startswith("k3os.mode=install ")
+
+
+def test_template_files_are_checked_again_only_when_inotify_says_one_changed(
+        tmp_path: Path) -> None:
+    """Every install script read its template's and its command line's mtime (two stat()
+    calls); now the generation moves only on a change in the template directories (or after
+    ``recheck`` seconds), and an edit is followed at the next render all the same."""
+    (tmp_path / "ipxe").mkdir()
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one {{ mac }}\n")
+    r = Renderer([tmp_path, templates_dir()], recheck=3600)
+    assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho one m1\n"
+    generation, version = r.generation(), r.version("ipxe/hold.ipxe")
+    for _ in range(3):
+        assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho one m1\n"
+    assert r.generation() == generation  # nothing changed: no file checked
+    assert r.version("ipxe/hold.ipxe") is version
+    # An editor's save: a new file renamed over the old one.
+    new = tmp_path / "ipxe" / ".hold.ipxe.swp"
+    new.write_text("#!ipxe\necho two {{ mac }}\n")
+    st = path.stat()
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    new.rename(path)
+    assert r.generation() != generation
+    assert r.render("ipxe/hold.ipxe", {"mac": "m2"}) == "#!ipxe\necho two m2\n"
+    assert r.version("ipxe/hold.ipxe") is not version
+
+
+def test_a_template_directory_made_after_start_is_watched_too(tmp_path: Path) -> None:
+    """An operator's override in a subdirectory that did not exist when the server started
+    (own-templates/cmdline/) is seen, and so are later edits of it."""
+    r = Renderer([tmp_path, templates_dir()], recheck=3600)
+    assert r.render("ipxe/boot.ipxe", {"base_url": "http://192.0.2.1"}).startswith("#!ipxe")
+    generation = r.generation()
+    (tmp_path / "ipxe").mkdir()
+    assert r.generation() != generation
+    generation = r.generation()
+    own = tmp_path / "ipxe" / "boot.ipxe"
+    own.write_text("#!ipxe\necho own {{ base_url }}\n")
+    assert r.generation() != generation
+    assert r.render("ipxe/boot.ipxe", {"base_url": "u"}) == "#!ipxe\necho own u\n"
+    generation = r.generation()
+    own.write_text("#!ipxe\necho edited {{ base_url }}\n")
+    st = own.stat()
+    os.utime(own, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert r.generation() != generation
+    assert r.render("ipxe/boot.ipxe", {"base_url": "u"}) == "#!ipxe\necho edited u\n"
+
+
+def test_a_config_override_made_after_start_is_served(tmp_path: Path) -> None:
+    """A config is rendered by the marking overlay (the YAML shapes), whose template cache is
+    its own: an operator's override made while the server runs replaces the shipped file
+    there too, not only in the plain render."""
+    (tmp_path / "cloud-config").mkdir()
+    shipped = tmp_path / "cloud-config" / "t.yaml"
+    shipped.write_text("k: {{ v | tojson }}\n")
+    own_dir = tmp_path / "own"
+    own_dir.mkdir()
+    r = Renderer([own_dir, tmp_path], recheck=3600)
+
+    def every(names: frozenset[str] | None) -> dict[str, object]:
+        return {"v": "a"}
+
+    assert r.yaml_config("cloud-config/t.yaml", every) == 'k: "a"\n'
+    (own_dir / "cloud-config").mkdir()
+    (own_dir / "cloud-config" / "t.yaml").write_text("own: {{ v | tojson }}\n")
+    assert r.yaml_config("cloud-config/t.yaml", every) == 'own: "a"\n'
+
+
+def test_a_template_tree_too_big_to_watch_is_checked_at_every_use(tmp_path: Path) -> None:
+    """templates.dir set to a big tree (or a symlink loop) is not walked for ever: past 256
+    directories the files are checked at every use, as before the watch."""
+    (tmp_path / "ipxe").mkdir()
+    for n in range(300):
+        (tmp_path / "many" / str(n)).mkdir(parents=True)
+    (tmp_path / "loop").symlink_to(tmp_path)  # followed by the walk: the bound ends it
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one\n")
+    r = Renderer([tmp_path, templates_dir()], recheck=3600)
+    assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho one\n"
+    assert r.generation() != r.generation()  # no watch: every use checks
+    path.write_text("#!ipxe\necho two\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho two\n"
