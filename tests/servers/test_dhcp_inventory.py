@@ -5,12 +5,14 @@ through the store seen by the next offer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,22 +73,33 @@ class Env:
             conn.close()
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def started(tmp_path: Path, loaders: tuple[str, ...] = ("snponly.efi",),
+                  **boot_options: Any) -> AsyncIterator[Env]:
+    """A proxy DHCP server over BootService (policy hold) on a SQLite file, with these
+    loader files in its assets and these BootService options; drained and closed after."""
     assets = tmp_path / "assets"
     assets.mkdir()
-    for name in ("snponly.efi", "shimx64.efi"):
+    for name in loaders:
         (assets / name).write_bytes(b"loader")
     store = SqliteStore(tmp_path / "netboot.db")
     await store.open()
     enroller = Enroller(store)
     boot = BootService(store, FileTree([assets], pinned=loader_aliases()),
-                       BootSettings(policy="hold"), enroller)
+                       BootSettings(policy="hold"), enroller, **boot_options)
     server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=SERVER_IP,
                         host="127.0.0.1")
-    yield Env(store, boot, server, enroller.recorder, tmp_path / "netboot.db")
-    await boot.drain()
-    await store.close()
+    try:
+        yield Env(store, boot, server, enroller.recorder, tmp_path / "netboot.db")
+    finally:
+        await boot.drain()
+        await store.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with started(tmp_path, ("snponly.efi", "shimx64.efi")) as env:
+        yield env
 
 
 async def test_a_repeated_discover_of_a_known_machine_writes_nothing(env: Env) -> None:
@@ -191,19 +204,9 @@ async def test_an_unknown_device_retransmitting_spends_one_discovery_token(
         tmp_path: Path) -> None:
     """The retransmissions of an unknown device whose record is under way spend none of its
     source's discovery budget: the next device is still recorded. The budget itself holds."""
-    assets = tmp_path / "assets"
-    assets.mkdir()
-    (assets / "snponly.efi").write_bytes(b"loader")
-    store = SqliteStore(tmp_path / "netboot.db")
-    await store.open()
-    enroller = Enroller(store)
-    boot = BootService(store, FileTree([assets], pinned=loader_aliases()),
-                       BootSettings(policy="hold"), enroller,
-                       discovery=DiscoveryLimits(burst_per_source=2, rate_per_source=0.001))
-    server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=SERVER_IP,
-                        host="127.0.0.1")
-    env = Env(store, boot, server, enroller.recorder, tmp_path / "netboot.db")
-    try:
+    async with started(tmp_path, discovery=DiscoveryLimits(
+            burst_per_source=2, rate_per_source=0.001)) as env:
+        store, boot = env.store, env.boot
         first, second, third = (MacAddress(bytes((0x02, 0, 0, 0, 2, i))) for i in range(3))
         answers = await asyncio.gather(*(env.offer(xid, first) for xid in range(8)))
         assert all(a is not None for a in answers)
@@ -214,9 +217,6 @@ async def test_an_unknown_device_retransmitting_spends_one_discovery_token(
         recorded = {m.macs[0] for m in await store.list_machines()}
         assert recorded == {first, second}
         assert boot.discovery.refused == 1
-    finally:
-        await boot.drain()
-        await store.close()
 
 
 async def test_known_machines_records_follow_their_answers_a_few_per_turn_of_the_loop(
@@ -421,25 +421,13 @@ async def test_a_loader_file_added_ends_the_cached_answer(tmp_path: Path) -> Non
     """The default chain's first choice missing at start, the second is offered; once the
     first is installed, it is."""
     assets = tmp_path / "assets"
-    assets.mkdir()
-    (assets / "ipxe.efi").write_bytes(b"loader")
-    store = SqliteStore(tmp_path / "netboot.db")
-    await store.open()
-    enroller = Enroller(store)
-    boot = BootService(store, FileTree([assets], pinned=loader_aliases()),
-                       BootSettings(policy="hold"), enroller)
-    server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=SERVER_IP,
-                        host="127.0.0.1")
-    env = Env(store, boot, server, enroller.recorder, tmp_path / "netboot.db")
-    try:
+    async with started(tmp_path, ("ipxe.efi",)) as env:
+        store = env.store
         await store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
         await cached(env, file_name="ipxe.efi")
         (assets / "snponly.efi").write_bytes(b"loader")
         offer = await env.offer(200)
         assert offer is not None and offer.file_name == "snponly.efi"
-    finally:
-        await boot.drain()
-        await store.close()
 
 
 async def test_an_unknown_device_refused_from_the_cache_is_recorded_once_its_budget_refills(
@@ -448,19 +436,9 @@ async def test_an_unknown_device_refused_from_the_cache_is_recorded_once_its_bud
     and refused as the decision refuses them (counted); once the budget has a token again
     the next repeat is decided, and recorded."""
     now = [1000.0]
-    assets = tmp_path / "assets"
-    assets.mkdir()
-    (assets / "snponly.efi").write_bytes(b"loader")
-    store = SqliteStore(tmp_path / "netboot.db")
-    await store.open()
-    enroller = Enroller(store)
-    boot = BootService(store, FileTree([assets], pinned=loader_aliases()),
-                       BootSettings(policy="hold"), enroller, clock=lambda: now[0],
-                       discovery=DiscoveryLimits(burst_per_source=1, rate_per_source=1.0))
-    server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=SERVER_IP,
-                        host="127.0.0.1")
-    env = Env(store, boot, server, enroller.recorder, tmp_path / "netboot.db")
-    try:
+    async with started(tmp_path, clock=lambda: now[0], discovery=DiscoveryLimits(
+            burst_per_source=1, rate_per_source=1.0)) as env:
+        store, boot = env.store, env.boot
         first, second = (MacAddress(bytes((0x02, 0, 0, 0, 3, i))) for i in range(2))
         assert await env.offer(1, first) is not None  # the source's one token
         await env.settle()
@@ -472,9 +450,6 @@ async def test_an_unknown_device_refused_from_the_cache_is_recorded_once_its_bud
         assert await env.offer(3, second) is not None
         await env.settle()
         assert {m.macs[0] for m in await store.list_machines()} == {first, second}
-    finally:
-        await boot.drain()
-        await store.close()
 
 
 async def test_a_repeated_4011_request_is_answered_to_its_own_address_and_flags(
