@@ -349,23 +349,29 @@ class DhcpServer:
         self, listener: _Listener
     ) -> Callable[[bytes, Address], list[Reply] | Awaitable[list[Reply]]]:
         answers = self._answers.setdefault(listener, {})
+        # A decider that cannot tell when an answer holds gets none kept: no key made.
+        caching = self._repeat_guard is not None
 
         def handle(data: bytes, peer: Address) -> list[Reply] | Awaitable[list[Reply]]:
-            # A repeat of a request answered before, while its decision holds: the reply
-            # sent then with this request's xid and flags; nothing parsed, decided, encoded.
-            key = (peer, data[:4] + data[12:])
-            answer = answers.get(key)
-            if answer is not None:
-                if answer.holds():
-                    return [self._again(answer, data, peer)]
-                del answers[key]
+            keep = None
+            if caching:
+                # A repeat of a request answered before, while its decision holds: the reply
+                # sent then with this request's xid and flags; nothing parsed, decided,
+                # encoded.
+                key = (peer, data[:4] + data[12:])
+                answer = answers.get(key)
+                if answer is not None:
+                    if answer.holds():
+                        return [self._again(answer, data, peer)]
+                    del answers[key]
+                keep = (answers, key)
             # Who this datagram is about, for every line logged while answering it
             # (--log-format json): xid and chaddr at their fixed BOOTP offsets (RFC 2131 §2).
             fields = _about(data, peer)
             with log_context(**fields):
                 result = self.respond(
                     data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
-                    interface=listener.interface, keep=(answers, key),
+                    interface=listener.interface, keep=keep,
                 )
             # An answer known at once costs no coroutine; one that waits (the store) keeps
             # the same context for the lines it logs later.
