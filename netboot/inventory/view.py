@@ -78,7 +78,10 @@ class InventoryView:
         self._seq = -1
         self._pruned = 0
         self._syncing: asyncio.Future[None] | None = None
-        self._started = 0  # syncs started / finished, to tell a sync begun after a caller
+        # Syncs are numbered as they start; _finished is the number of the last one that
+        # ended, applied or failed (one cancelled ends nothing: its waiters sync again). A
+        # caller is served by a sync numbered above _started as it arrived: begun after it.
+        self._started = 0
         self._finished = 0
         # Bumped by each applied sync: a store read that a sync overtook may hold a value
         # older than the view's, so it is answered but not remembered (where the view cannot
@@ -217,21 +220,32 @@ class InventoryView:
         while self._finished < wanted:
             if self._syncing is None:
                 self._started += 1
+                number = self._started
                 loop = asyncio.get_running_loop()
                 self._syncing = loop.create_future()
                 began = None if self._local is None else (self._local.commits, loop.time())
                 try:
                     self._apply(await self._store.changes_since(self._seq))
                     self._synced = began
+                except asyncio.CancelledError:
+                    # The caller that ran this sync was cancelled (its own deadline: a DHCP
+                    # decision past its decide_timeout), not the callers waiting for it:
+                    # they wake to find it unfinished and sync again. Handed to them, the
+                    # cancellation ended each one's task as if it had been cancelled, and
+                    # DHCP requests went unanswered with nothing logged (benchmarks/README.md,
+                    # session 9). Nothing was applied: the read is done again.
+                    self._syncing.set_result(None)
+                    raise
                 except BaseException as exc:
                     self._syncing.set_exception(exc)
                     self._syncing.exception()  # retrieved: the caller raises it
+                    self._finished = number
                     raise
                 else:
                     self._syncing.set_result(None)
+                    self._finished = number
                 finally:
                     self._syncing = None
-                    self._finished += 1
                 if self._seq - self._pruned > 2 * _KEEP_CHANGES:
                     self._pruned = self._seq - _KEEP_CHANGES
                     await self._store.forget_changes(self._pruned)

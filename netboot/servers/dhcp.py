@@ -459,6 +459,16 @@ class DhcpServer:
                 "dhcp: %s xid %#010x: no boot decision within %.1fs, staying silent",
                 mac, xid, self._decide_timeout,
             )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this request's own task: the server is stopping
+            # The decision ended cancelled though nobody cancelled this request (what a
+            # shared store read did when its first caller timed out): a failed decision,
+            # said as one, never a request dropped with nothing logged.
+            self.summary.note("decision cancelled")
+            _log.error("dhcp: %s xid %#010x: boot decision cancelled, staying silent", mac,
+                       xid)
         except Exception as exc:
             self._decision_failed(exc, client, xid)
         return None

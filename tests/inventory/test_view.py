@@ -7,6 +7,7 @@ answers, and the boot plans decided from it, equal those read fresh from the fil
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -44,6 +45,7 @@ from netboot.model import (
     Role,
 )
 from netboot.sealing import Sealer
+from tests.held_store import HeldFeedStore
 
 MACS = [f"02:00:00:00:00:{i:02x}" for i in range(1, 9)]
 CLUSTERS = ("edge", "core")
@@ -583,3 +585,41 @@ async def test_a_load_that_meets_pruned_history_starts_again(
     assert len(every) == 7
     for machine in every:
         assert await view.machine_by("mac", str(machine.macs[0])) == machine
+
+
+async def test_a_sync_whose_caller_is_cancelled_serves_the_callers_waiting_for_it(
+        tmp_path: Path) -> None:
+    """A caller that arrives while a sync is under way waits for the next one, behind it.
+    When the caller running that sync is cancelled (a DHCP decision past its deadline), the
+    one waiting was not: it syncs itself and sees what was committed before it arrived. It
+    used to be handed the cancellation, which ended its task as if it had been cancelled
+    (DHCP requests unanswered in a storm, nothing logged)."""
+    db = tmp_path / "netboot.db"
+    own, other = HeldFeedStore(db), SqliteStore(db)
+    await own.open()
+    await other.open()
+    try:
+        machine = Machine(macs=(MacAddress.parse(MACS[0]),), hostname="n1")
+        await other.create_machine(machine)
+        view = InventoryView(own)
+        assert (await view.machine_by("mac", MACS[0])) == machine
+        await other.update_machine(replace(machine, hostname="n2"))
+        own.armed = True
+        first = asyncio.ensure_future(view.sync())
+        await own.entered.wait()
+
+        async def after() -> Machine | None:
+            await view.sync()
+            return await view.machine_by("mac", MACS[0])
+
+        second = asyncio.ensure_future(after())
+        await asyncio.sleep(0)  # it waits for the first one's sync
+        assert not second.done()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        found = await second
+        assert found is not None and found.hostname == "n2"
+    finally:
+        await own.close()
+        await other.close()

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from netboot.errors import ConfigError
+from netboot.model import BootRequest, FirstStage
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import DhcpServer
 from netboot.wire import dhcp
@@ -125,6 +126,41 @@ async def test_slow_decider_means_silence() -> None:
     finally:
         await s.close()
         c.close()
+
+
+class CancelledDecider:
+    """A decision that ends cancelled by something other than the request's own task (what
+    a store read shared with a request that timed out used to do)."""
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.Future[FirstStage | None]] = []
+
+    def first_stage(self, request: BootRequest) -> asyncio.Future[FirstStage | None]:
+        self.pending.append(asyncio.get_running_loop().create_future())
+        return self.pending[-1]
+
+
+async def test_a_decision_ended_cancelled_is_logged_and_the_listener_keeps_serving(
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    decider = CancelledDecider()
+    s = DhcpServer(
+        DhcpSettings(), decider, MemoryLeaseStore(), interfaces=None, advertise=LOOPBACK,
+        host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK,
+        client_port=client.port,
+    )
+    await s.start()
+    try:
+        answer = asyncio.ensure_future(s.handle(payload("uefi-edk2pxe", 8), ("0.0.0.0", 68),
+                                                server_ip=LOOPBACK, pxe_port=False))
+        while not decider.pending:
+            await asyncio.sleep(0)
+        decider.pending[0].cancel()
+        assert await answer == []
+        assert s.summary.counts["decision cancelled"] == 1
+        assert any("boot decision cancelled" in r.getMessage() and r.levelno == logging.ERROR
+                   for r in caplog.records)
+    finally:
+        await s.close()
 
 
 async def test_port_in_use_is_a_config_error() -> None:
