@@ -144,6 +144,22 @@ def listen_drops(ns: str) -> int:
     return int(dict(zip(rows[0], rows[1], strict=False)).get("ListenDrops", 0))
 
 
+def link_drops(ns: str, name: str) -> int:
+    """Packets the veth end ``name`` dropped (rx + tx): a veth whose peer's queue is full
+    drops silently, counted here and nowhere in /proc/net/snmp."""
+    text = subprocess.run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", name],
+                          check=True, capture_output=True, text=True, timeout=30).stdout
+    stats = json.loads(text)[0].get("stats64", {})
+    return sum(int(stats.get(way, {}).get("dropped", 0)) for way in ("rx", "tx"))
+
+
+def backlog_drops() -> int:
+    """Packets the kernel dropped at a full per-CPU input queue (netdev_max_backlog), all
+    namespaces together: /proc/net/softnet_stat's second column, summed over CPUs."""
+    return sum(int(line.split()[1], 16)
+               for line in Path("/proc/net/softnet_stat").read_text().splitlines())
+
+
 # --- CPU of a server and its children ----------------------------------------------------------
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -427,6 +443,7 @@ class UdpSocket:
         self.sock = sock
         sock.setblocking(False)
         self.on_datagram = on_datagram
+        self.send_failed = 0  # datagrams the kernel refused (a full send buffer)
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._ready)
 
@@ -452,8 +469,10 @@ class UdpSocket:
             self.on_datagram(data, (addr[0], addr[1]))
 
     def sendto(self, data: bytes, address: tuple[str, int]) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+        try:
             self.sock.sendto(data, address)
+        except OSError:  # the device's retransmission handles it, as a firmware's does
+            self.send_failed += 1
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
@@ -600,6 +619,10 @@ class Generator:
         self.dhcp_transport: UdpSocket | None = None
         self.cpu0 = 0.0
         self.lags: list[float] = []
+        self.t0 = 0.0
+        # Devices whose first DISCOVER got no offer: (index, xid, ms after the storm began
+        # that it was first sent, ms to the offer).
+        self.retried: list[tuple[int, int, float, float]] = []
 
     # -- DHCP -----------------------------------------------------------------------------
     def _packet(self, dev: Device, xid: int, mtype: int, extra: tuple[Any, ...] = (),
@@ -628,12 +651,18 @@ class Generator:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.dhcp.waiting[xid] = fut
         payload = self._packet(dev, xid, 1)
+        first = time.perf_counter()
         try:
             # PXE retransmits its DISCOVER after 4, 8, 16, 32 s; the first two are enough here.
-            for wait in (4.0, 8.0):
+            for n, wait in enumerate((4.0, 8.0)):
                 self.dhcp_transport.sendto(payload, ("255.255.255.255", 67))
                 with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(asyncio.shield(fut), wait)
+                    offer = await asyncio.wait_for(asyncio.shield(fut), wait)
+                    if n:
+                        now = time.perf_counter()
+                        self.retried.append((dev.index, xid, (first - self.t0) * 1e3,
+                                             (now - first) * 1e3))
+                    return offer
             raise Failed("no offer")
         finally:
             self.dhcp.waiting.pop(xid, None)
@@ -845,7 +874,7 @@ class Generator:
             auto_decompress=False) for ip in CLIENT_IPS]
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu0 = usage.ru_utime + usage.ru_stime
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         tasks = []
         lag = asyncio.create_task(self._lag())
         try:
@@ -866,7 +895,8 @@ class Generator:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {"wall": wall, "times": self.times, "failures": self.failures,
                 "generator_cpu": usage.ru_utime + usage.ru_stime - self.cpu0,
-                "late_offers": self.dhcp.late, "loop_lag": self.lags}
+                "late_offers": self.dhcp.late, "loop_lag": self.lags,
+                "retried": self.retried, "dhcp_send_failed": self.dhcp_transport.send_failed}
 
 
 def generate(spec_json: str) -> None:
@@ -927,6 +957,7 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(run / "generator.log").open("wb"),
         text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     result = Result(target)
+    capture: subprocess.Popen[bytes] | None = None
     try:
         assert gen.stdin is not None and gen.stdout is not None
         line = gen.stdout.readline()
@@ -941,10 +972,25 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
         db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
+        kernel0 = link_drops(server_ns, SERVER_IF), link_drops(client_ns, CLIENT_IF), \
+            backlog_drops()
+        if args.capture:
+            capture = subprocess.Popen(
+                ["ip", "netns", "exec", server_ns, "tcpdump", "-i", SERVER_IF, "-B", "16384",
+                 "-w", str(run / "dhcp.pcap"), "udp and (port 67 or port 68 or port 4011)"],
+                stdout=subprocess.DEVNULL, stderr=(run / "tcpdump.log").open("wb"))
+            time.sleep(1.0)  # until it listens
         gen.stdin.write("GO\n")
         gen.stdin.flush()
         out = gen.stdout.readline()
         cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        if capture is not None:
+            time.sleep(1.0)  # until it has written what it saw
+            capture.send_signal(signal.SIGINT)
+            capture.wait(timeout=30)
+            capture = None
+        kernel = (link_drops(server_ns, SERVER_IF) - kernel0[0],
+                  link_drops(client_ns, CLIENT_IF) - kernel0[1], backlog_drops() - kernel0[2])
         result.db_cpu = cpu_seconds(db_pid) - db0 if db_pid else 0.0
         result.rss_mib = sum(rss_kib(p.popen.pid) for p in procs) / 1024
         result.server_drops = udp_drops(server_ns) - drops0[0]
@@ -960,9 +1006,18 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
               f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
               f"DHCP answers after their device gave up (or twice): {data['late_offers']}")
+        retried = data["retried"]
+        print(f"{target}: devices offered only after a retransmitted DISCOVER: {len(retried)}"
+              + "".join(f"; #{i} xid {xid:#010x} sent at {at:.0f} ms, offer after {took:.0f} ms"
+                        for i, xid, at, took in retried[:20])
+              + f"; DISCOVERs the kernel refused to send: {data['dhcp_send_failed']}; "
+              f"veth drops s/c {kernel[0]}/{kernel[1]}, backlog drops {kernel[2]}")
     except RuntimeError as exc:
         result.error = str(exc)
     finally:
+        if capture is not None:
+            capture.send_signal(signal.SIGINT)
+            capture.wait(timeout=30)
         if gen.poll() is None:
             with contextlib.suppress(BrokenPipeError, OSError):
                 gen.stdin.close()  # type: ignore[union-attr]
@@ -1087,6 +1142,9 @@ def main() -> None:
     parser.add_argument("--loaded", action="store_true",
                         help="start the storm once netboot's inventory view is loaded (a "
                              "running server), not as soon as it answers (a start-up storm)")
+    parser.add_argument("--capture", action="store_true",
+                        help="tcpdump the DHCP traffic on the server's veth into the run "
+                             "dir (with --keep)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
