@@ -16,13 +16,22 @@ from typing import Any
 
 import pytest
 
+from netboot.arrival import arrived
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.files import FileTree
 from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
-from netboot.model import Event, Group, LoaderChain, MacAddress, Machine, MachineState
+from netboot.model import (
+    Arch,
+    Event,
+    Group,
+    LoaderChain,
+    MacAddress,
+    Machine,
+    MachineState,
+)
 from netboot.pxe import DhcpSettings, classify
 from netboot.recorder import Recorder
 from netboot.servers.dhcp import DhcpServer
@@ -553,3 +562,29 @@ async def test_a_discover_waiting_behind_a_timed_out_decisions_store_read_is_ans
         client.close()
         await boot.drain()
         await store.close()
+
+
+async def test_facts_learnt_are_written_over_the_machine_as_stored_then(env: Env) -> None:
+    """A DISCOVER's facts are learnt again on the machine as stored when the recorder
+    writes them. The recorder's writer inherits the arrival (netboot.arrival) of the request
+    whose event started it; synced as of that arrival, it reused a probe older than another
+    process's change and wrote the learnt copy over it."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    request = classify(dhcp.parse(discover(MAC, 1)), DhcpSettings(), "0.0.0.0").request
+    with arrived(time.monotonic()):
+        await env.boot._view.sync()  # the store's probe, made after the request arrived
+        held = await env.boot._view.machine_by("mac", str(MAC))
+        assert held is not None and held.arch is None
+        other = SqliteStore(env.path)
+        await other.open()
+        try:
+            await other.update_machine(replace(held, labels={"rack": "7"}))
+        finally:
+            await other.close()
+        env.boot._learn_later(held, request, time.time())  # what the DISCOVER told
+        await env.recorder.flush()
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    assert stored.labels == {"rack": "7"}  # the other process's change, kept
+    assert stored.arch == Arch.X86_64  # and what the DISCOVER told, learnt
