@@ -243,6 +243,13 @@ def target(name: str, ns: str, run: Path, baseline: Path | None = None,
         log.close()
 
 
+def said(log: Path) -> str:
+    """What the server wrote (warnings: a decision that timed out, requests dropped as too
+    many were in flight), the first line and how many: an unanswered DISCOVER is told."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return f"; the server said {len(lines)} lines, first: {lines[0][:160]}" if lines else ""
+
+
 # --- the client (runs in the client namespace, a child process) --------------------------------
 
 
@@ -486,11 +493,11 @@ def main() -> None:
                     results[name].append((answered / seconds, cpu / max(answered, 1) * 1e6,
                                           int(s[0]), pct(lat, 0.5), pct(lat, 0.99),
                                           max(lat or [0]), storm_cpu))
-                    rate, cpu_us, ans, p50, p99, mx, _ = results[name][-1]
-                    print(f"run {rep + 1} {name}: {rate:,.0f} offers/s, {cpu_us:.0f} µs, storm "
-                          f"{ans}/{args.storm} p50 {p50:.2f} p99 {p99:.2f} max {mx:.2f} ms, "
-                          f"{storm_cpu:.0f} µs per device (load {os.getloadavg()[0]:.1f})",
-                          file=sys.stderr, flush=True)
+                rate, cpu_us, ans, p50, p99, mx, _ = results[name][-1]
+                print(f"run {rep + 1} {name}: {rate:,.0f} offers/s, {cpu_us:.0f} µs, storm "
+                      f"{ans}/{args.storm} p50 {p50:.2f} p99 {p99:.2f} max {mx:.2f} ms, "
+                      f"{storm_cpu:.0f} µs per device (load {os.getloadavg()[0]:.1f})"
+                      + said(Path(tmp) / f"{name}.log"), file=sys.stderr, flush=True)
     med = {n: sorted(r, key=lambda x: x[0])[len(r) // 2] for n, r in results.items()}
     ref = med.get("dnsmasq")
     print(f"proxyDHCP, UEFI x86-64 DISCOVER → broadcast OFFER, {args.count} with "

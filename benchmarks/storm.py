@@ -1028,7 +1028,22 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                 gen.wait()
         for p in procs:
             p.stop()
+    if target in NETBOOT_TARGETS:
+        print(f"{target}: {server_said(run / 'netboot.log')}")
     return result
+
+
+def server_said(log: Path) -> str:
+    """netboot's DHCP summary lines (a count per kind of answer: "decision timed out",
+    "silent (no boot)" …) and its warnings and errors, counted: a device answered only at
+    its retransmission is told by these, or by nothing the server knew."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    summaries = ["last " + line.split("dhcp: last ", 1)[1] for line in lines
+                 if "dhcp: last " in line]
+    warned = [line for line in lines if " WARNING " in line or " ERROR " in line]
+    first = f" (first: {warned[0][24:180]})" if warned else ""
+    return (f"DHCP summary: {'; '.join(summaries) or 'none'}; "
+            f"{len(warned)} warning or error lines{first}")
 
 
 def view_loaded(log: Path, timeout: float = 600) -> None:
