@@ -662,3 +662,19 @@ async def test_a_failed_bulk_import_schedules_no_checkpoint(tmp_path: Path) -> N
             lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 1000
     finally:
         await store.close()
+
+
+async def test_machines_listed_together_share_their_equal_label_sets(tmp_path: Path) -> None:
+    # A re-import reads every machine to compare with: equal label sets are one mapping.
+    store = SqliteStore(tmp_path / "labels.db")
+    await store.open()
+    try:
+        for i in range(4):
+            await store.create_machine(Machine(
+                macs=(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")),),
+                labels={"rack": f"r{i % 2}"}))
+        listed = await store.list_machines(MachineFilter(limit=10))
+        assert [m.labels for m in listed] == [{"rack": "r0"}, {"rack": "r1"}] * 2
+        assert listed[0].labels is listed[2].labels and listed[1].labels is listed[3].labels
+    finally:
+        await store.close()
