@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import itertools
@@ -28,8 +29,10 @@ from netboot.enroll import (
 from netboot.errors import ValidationError
 from netboot.inventory.codec import NO_ENTRIES
 from netboot.inventory.memory import MemoryStore
+from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Cluster, MacAddress, Machine, MachineState, Profile, Role
+from tests import pg
 
 CSV = """mac,hostname,serial,cluster,role,profile,label.rack
 52:54:00:00:00:01,edge-1,S1,edge,server,p,r1
@@ -46,6 +49,25 @@ async def store(request: pytest.FixtureRequest, tmp_path):  # type: ignore[no-un
     await s.put_profile(Profile(name="p", kernel="vmlinuz"))
     yield s
     await s.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def every_store(request: pytest.FixtureRequest, tmp_path):  # type: ignore[no-untyped-def]
+    """``store`` on PostgreSQL too: for the import's checks that every store shares."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "postgresql":
+            cluster = request.getfixturevalue("postgres")
+            s = PostgresStore(await stack.enter_async_context(pg.fresh_schema(cluster)))
+        else:
+            s = (MemoryStore() if request.param == "memory"
+                 else SqliteStore(tmp_path / "db.sqlite"))
+        await s.open()
+        try:
+            await s.put_cluster(Cluster(name="edge", token="t"))
+            await s.put_profile(Profile(name="p", kernel="vmlinuz"))
+            yield s
+        finally:
+            await s.close()
 
 
 async def test_csv_import_creates_and_is_idempotent(store) -> None:  # type: ignore[no-untyped-def]
@@ -69,7 +91,9 @@ async def test_csv_import_creates_and_is_idempotent(store) -> None:  # type: ign
     assert changed.changed == ("52:54:00:00:00:03",)
 
 
-async def test_every_bad_row_reported_and_nothing_applied(store) -> None:  # type: ignore[no-untyped-def]
+async def test_every_bad_row_reported_and_nothing_applied(
+        every_store) -> None:  # type: ignore[no-untyped-def]
+    store = every_store
     await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:00:99"),),
                                        hostname="taken"))
     text = """mac,hostname,cluster,role,profile
@@ -447,7 +471,8 @@ def test_a_quoted_cell_across_lines_keeps_the_line_numbers() -> None:
 
 
 async def test_a_reimport_names_a_stored_machine_s_identifier_given_twice(
-        store) -> None:  # type: ignore[no-untyped-def]
+        every_store) -> None:  # type: ignore[no-untyped-def]
+    store = every_store
     # The inventory's identifiers and the rows' share one map (a MAC by its bytes): a row
     # repeating an identifier of a stored machine that an earlier row named, or naming two
     # stored machines, is still told by its line, field and the identifier as text.
