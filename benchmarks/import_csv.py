@@ -50,12 +50,16 @@ async def main(rows: int) -> None:
         again = await enroller.import_rows(iter_import(text, "csv"))
         second, second_cpu = time.perf_counter() - t0, time.process_time() - c0
         assert not again.created and not again.changed
+        # The process's peak so far: the re-import's, where it exceeds the first import's (a
+        # re-import holds the inventory it compares with).
+        peak_again = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         await store.close()
     # CPU seconds (all threads) beside wall time: on a shared machine the wall time says as
     # much about the neighbours as about the import.
     print(f"import of {rows} CSV rows: {first:.2f} s wall, {first_cpu:.2f} s CPU "
           f"({rows / first:,.0f} rows/s), peak RSS {peak:.0f} MiB (CSV text included); "
-          f"re-import (no change): {second:.2f} s wall, {second_cpu:.2f} s CPU")
+          f"re-import (no change): {second:.2f} s wall, {second_cpu:.2f} s CPU, "
+          f"peak RSS {peak_again:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import csv
 import gc
 import hashlib
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -281,7 +280,7 @@ def _iter_import(text: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(_lines(text))
     header = next(reader, None)
     if header is None:
         raise ValidationError("file", "empty CSV file (need a header row with 'mac')")
@@ -331,6 +330,18 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 _PLAIN_COLUMN, _LABEL_COLUMN, _LABELS_COLUMN = range(3)
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` with their ends, as ``io.StringIO(text)`` reads them (split
+    at "\\n" only), one at a time: a StringIO holds a copy of the text at four bytes a
+    character (45 MiB for a 100,000-row file, a quarter of an import's peak)."""
+    start, end = 0, len(text)
+    while start < end:
+        stop = text.find("\n", start)
+        stop = end if stop < 0 else stop + 1
+        yield text[start:stop]
+        start = stop
 
 
 def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
@@ -463,6 +474,34 @@ def _changes_nothing(old: Machine, values: _Values) -> bool:
             if old_labels.get(key) != value:
                 return False
     return True
+
+
+# An identifier of an import row as (kind, key): a MAC by its 6 bytes, the others as text
+# (what netboot.identity.claims gives, cleaned).
+_Claim = tuple[str, str | bytes]
+# kind -> key -> the id of the machine holding it (str), or the line of the row naming it.
+_Claimed = dict[str, dict[str | bytes, str | int]]
+
+
+def _claims_of(machines: Iterable[Machine]) -> _Claimed:
+    """Who holds each identifier of ``machines`` (:func:`netboot.identity.claims`)."""
+    claimed: _Claimed = {"mac": {}, "uuid": {}, "serial": {}, "asset": {}}
+    macs, uuids, serials, assets = claimed.values()
+    for m in machines:
+        ident = Identity.of_machine(m)
+        for mac in ident.macs:
+            macs[mac.raw] = m.id
+        if ident.uuid:
+            uuids[ident.uuid] = m.id
+        if ident.serial:
+            serials[ident.serial] = m.id
+        if ident.asset:
+            assets[ident.asset] = m.id
+    return claimed
+
+
+def _claim_text(key: str | bytes) -> str:
+    return str(MacAddress(key)) if isinstance(key, bytes) else key
 
 
 class Enroller:
@@ -771,14 +810,18 @@ class Enroller:
         clusters = {c.name: c.name for c in await self._store.list_clusters()}
         profiles = {p.name: p.name for p in await self._store.list_profiles()}
         existing = {m.id: m for m in await self._all_machines()}
-        holders = {claim: m.id for m in existing.values() for claim in identity.claims(m)}
+        # Every identifier the import has met, by kind: the id of the inventory's machine
+        # holding it (a str) until a row names it, then that row's line (an int). One map,
+        # not a second one of the rows' identifiers, and a MAC by its 6 bytes (the stored
+        # machine's own), not as text: a re-import's 200,000 identifiers are the
+        # inventory's, and a row's copies are dropped once it is done (~40 MiB of its peak).
+        claimed = _claims_of(existing.values())
         by_host = {m.hostname: m.id for m in existing.values() if m.hostname}
-        seen_claim: dict[tuple[str, str], int] = {}
         seen_host: dict[str, int] = {}  # hostname -> line
         line_of: dict[str, int] = {}  # machine id -> line
         update: list[Machine] = []
         merge: list[tuple[str, str]] = []
-        unchanged: list[str] = []
+        unchanged: list[Machine] = []  # named when reported, after the identifiers are dropped
         now = self._clock()
         # The new machines, kept as their rows' checked values until the store writes them.
         create = NewMachines(lifecycle.first_state(lifecycle.Trigger.ENROLL), now)
@@ -790,7 +833,7 @@ class Enroller:
                 progress(n)
             try:
                 values, own = self._row_values(row, clusters, profiles)
-                target, absorb = self._row_target(own, line, existing, holders, seen_claim)
+                target, absorb = self._row_target(own, line, existing, claimed)
             except ValidationError as exc:
                 errors.append(RowError(line, exc.field, exc.message))
                 continue
@@ -804,6 +847,8 @@ class Enroller:
                 ident = next(ids)
             line_of[ident] = line
             hostname = values[1]
+            if target is not None and hostname == target.hostname:
+                hostname = target.hostname  # the stored string, not the row's copy, is kept
             if hostname:
                 if hostname in seen_host:
                     errors.append(RowError(line, "hostname", f"{hostname!r} duplicates "
@@ -824,7 +869,7 @@ class Enroller:
                 continue
             if target is not None and not absorb and _changes_nothing(target, values):
                 # The usual row of a re-import: nothing to build, copy or compare.
-                unchanged.append(target.ref)
+                unchanged.append(target)
                 continue
             machine = _row_machine(ident, values, now)
             if target is None:
@@ -837,14 +882,15 @@ class Enroller:
             merge += [(d.id, machine.id) for d in absorb]
             merged = _updated(target, machine, absorb, now)
             if merged == target:
-                unchanged.append(target.ref)
+                unchanged.append(target)
             else:
                 update.append(replace(merged, updated=now))
         # 200,000 identifiers of a large file, needed no more: not held through the write.
-        seen_claim.clear()
+        claimed.clear()
         # Machines enrolled without a name get one from the hostname template, unique against
         # both the inventory and the rest of the file.
-        taken = set(by_host) | set(seen_host)
+        # (Made only when needed: for a re-import, two sets of 100,000 names for nothing.)
+        taken = {*by_host, *seen_host} if unnamed else set()
         groups = await self._store.list_groups()
         for i in unnamed:
             if errors:
@@ -876,7 +922,8 @@ class Enroller:
                                            f"{hostname!r} is used by {existing[owner].ref}"))
         report = ImportReport(
             created=tuple(create.refs()), changed=tuple(m.ref for m in update),
-            unchanged=tuple(unchanged), errors=tuple(sorted(errors, key=lambda e: e.line)),
+            unchanged=tuple(m.ref for m in unchanged),
+            errors=tuple(sorted(errors, key=lambda e: e.line)),
         )
         if errors or dry_run:
             return report
@@ -897,31 +944,34 @@ class Enroller:
         return replace(report, applied=True)
 
     @staticmethod
-    def _row_target(own: Sequence[tuple[str, str]], line: int, existing: Mapping[str, Machine],
-                    holders: Mapping[tuple[str, str], str],
-                    seen: dict[tuple[str, str], int]) -> tuple[Machine | None, list[Machine]]:
+    def _row_target(own: Sequence[_Claim], line: int, existing: Mapping[str, Machine],
+                    claimed: _Claimed) -> tuple[Machine | None, list[Machine]]:
         """The machine an import row updates (None: a new one) and the discovered records it
-        absorbs, given the row's identifiers (``own``); ValidationError naming the field of a
-        contested identifier."""
-        for claim in own:
-            if claim in seen:
-                raise ValidationError(claim[0], f"duplicate of line {seen[claim]} ({claim[1]})")
+        absorbs, given the row's identifiers (``own``) and ``claimed`` (each identifier met
+        so far: the id of the machine holding it, or the line of the row that named it, as
+        it leaves it for the row); ValidationError naming the field of a contested
+        identifier."""
+        for kind, key in own:
+            seen = claimed[kind].get(key)
+            if type(seen) is int:
+                raise ValidationError(kind, f"duplicate of line {seen} ({_claim_text(key)})")
         target: Machine | None = None
         absorb: dict[str, Machine] = {}
-        for kind, value in own:
-            holder = holders.get((kind, value))
-            if holder is None:
-                continue
+        for kind, key in own:
+            holder = claimed[kind].get(key)
+            if not isinstance(holder, str):
+                continue  # nobody's (a line was refused above)
             other = existing[holder]
             if other.state == MachineState.DISCOVERED:
                 absorb[other.id] = other
             elif target is None:
                 target = other
             elif other.id != target.id:
-                raise ValidationError(kind, f"{value} belongs to machine {other.ref}, but the "
+                raise ValidationError(kind, f"{_claim_text(key)} belongs to machine "
+                                            f"{other.ref}, but the "
                                             f"row's other identifiers name {target.ref}")
-        for claim in own:
-            seen[claim] = line
+        for kind, key in own:
+            claimed[kind][key] = line
         found = list(absorb.values())
         if target is None and found:
             # Only discovered records: the first becomes the enrolled machine (its id and
@@ -930,7 +980,7 @@ class Enroller:
         return target, found
 
     def _row_values(self, row: Mapping[str, Any], clusters: Mapping[str, str],
-                    profiles: Mapping[str, str]) -> tuple[_Values, list[tuple[str, str]]]:
+                    profiles: Mapping[str, str]) -> tuple[_Values, list[_Claim]]:
         """What a row says of its machine, checked (:data:`_Values`), and its identifiers
         as :func:`netboot.identity.claims` gives them.
 
@@ -983,8 +1033,9 @@ class Enroller:
             raise ValidationError("labels", "must be a mapping of key: value")
         hostname = check_hostname(str(row["hostname"])) if row.get("hostname") else None
         # enrolled_value refuses placeholders and normalises the rest: these are the claims
-        # identity.claims would find, in its order, without cleaning them twice.
-        own = [("mac", str(mac)) for mac in macs]
+        # identity.claims would find, in its order, without cleaning them twice (a MAC by
+        # its bytes, see _Claim).
+        own: list[_Claim] = [("mac", mac.raw) for mac in macs]
         uuid = serial = asset = None
         if row.get("uuid"):
             uuid = identity.enrolled_value("uuid", str(row["uuid"]))

@@ -733,6 +733,32 @@ class NewMachines(_MadeOnDemand[Machine]):
                    now, now, uuid, serial, asset)
 
 
+class SharedMaps:
+    """The labels (and facts) of machines decoded together, each distinct mapping kept
+    once: a fleet's machines share a few label sets (a rack, a site), and a mapping is
+    ~200 bytes a machine (18 MiB of a re-import that reads 100,000 machines to compare
+    with). Safe because a Machine's mappings are never changed in place (they are
+    ``Mapping``s; a change makes a new machine with a new mapping). Up to ``limit``
+    distinct mappings are remembered; the others are kept as decoded."""
+
+    __slots__ = ("_known", "_limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._known: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
+        self._limit = limit
+
+    def shared(self, value: Mapping[str, str] | None) -> Mapping[str, str] | None:
+        if not value:
+            return value  # None (refused) or the shared empty mapping
+        key = tuple(value.items())
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        if len(self._known) < self._limit:
+            self._known[key] = value
+        return value
+
+
 def _shared_map(value: object) -> Mapping[str, str] | None:
     if type(value) is not dict:
         return None
@@ -754,17 +780,19 @@ def _stored_mac(text: object) -> MacAddress | None:
     return MacAddress(bytes.fromhex(compact))
 
 
-def machine_from_document(data: object) -> Machine:
+def machine_from_document(data: object, maps: SharedMaps | None = None) -> Machine:
     """A machine from what a store wrote (:func:`machine_document` or
     :func:`machine_to_dict`): the same checks as :func:`machine_from_dict`, made in one pass
     over the fields a store writes; anything unusual (an unknown field, a MAC in another
     spelling, a wrong type) is handed to :func:`machine_from_dict`, which normalises it or
-    names the field. Shared strings are interned (see ``_SHARED``)."""
-    machine = _document_machine(data) if type(data) is dict else None
+    names the field. Shared strings are interned (see ``_SHARED``); with ``maps``, labels
+    and facts equal to those of a machine decoded before with the same ``maps`` are that
+    machine's mapping (see :class:`SharedMaps`)."""
+    machine = _document_machine(data, maps) if type(data) is dict else None
     return machine if machine is not None else machine_from_dict(data)
 
 
-def _document_machine(d: dict[str, Any]) -> Machine | None:
+def _document_machine(d: dict[str, Any], maps: SharedMaps | None = None) -> Machine | None:
     # Every field read once by name, in one pass, and the machine built from its values in
     # field order (model.machine_of_values): a view loads 100,000 at start.
     if not d.keys() <= _MACHINE_FIELDS:
@@ -803,6 +831,8 @@ def _document_machine(d: dict[str, Any]) -> Machine | None:
     except (KeyError, TypeError):  # TypeError: a list or an object is not hashable
         return None
     labels, facts = _entries(get("labels", _ABSENT)), _entries(get("facts", _ABSENT))
+    if maps is not None:
+        labels, facts = maps.shared(labels), maps.shared(facts)
     if labels is None or facts is None:
         return None
     ipv4, fixed_ipv4 = get("ipv4"), get("fixed_ipv4")

@@ -507,3 +507,25 @@ def test_an_event_run_reads_as_its_events_and_checks_what_they_share() -> None:
         '["m-1", "m-2"]', '["m-3"]']
     with pytest.raises(ValidationError):
         list(codec.run_ids(codec.EventRun(["m-1", ""], 1.0, "k", ""), 2))
+
+
+def test_machines_decoded_together_share_their_equal_label_sets() -> None:
+    # codec.SharedMaps: equal labels (and facts) of machines decoded with one are one
+    # mapping; unequal ones stay apart; past its limit it keeps the others as decoded; the
+    # machines are the ones decoded without it.
+    def doc(i: int, rack: str, **extra: Any) -> Any:
+        return json.loads(codec.machine_json(Machine(
+            macs=(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")),),
+            id=f"m-{i:012x}", labels={"rack": rack, "site": "s1"}, created=5.0, updated=5.0,
+            **extra)))
+
+    maps = codec.SharedMaps(limit=3)  # r1, product=x, r2
+    docs = [doc(0, "r1"), doc(1, "r1", facts={"product": "x"}), doc(2, "r2"),
+            doc(3, "r3"), doc(4, "r3"), doc(5, "r2", facts={"product": "x"})]
+    got = [codec.machine_from_document(d, maps) for d in docs]
+    assert got == [codec.machine_from_document(d) for d in docs]
+    assert got[0].labels is got[1].labels and got[2].labels is got[5].labels
+    assert got[0].labels is not got[2].labels
+    assert got[3].labels == got[4].labels and got[3].labels is not got[4].labels  # past 3
+    assert got[1].facts is got[5].facts
+    assert got[0].facts is codec.NO_ENTRIES

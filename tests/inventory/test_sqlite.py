@@ -11,15 +11,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import netboot
-from netboot.errors import NotFound, StoreError
+from netboot.errors import Conflict, NotFound, StoreError
 from netboot.identity import claims
 from netboot.inventory import sqlite as sqlite_store
-from netboot.inventory.base import MachineFilter
+from netboot.inventory.base import Batch, MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
 from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile, Scope
 
@@ -601,5 +602,79 @@ async def test_bulk_batch_in_chunks_all_or_nothing(tmp_path: Path,
         with raw(tmp_path / "chunks.db") as conn:
             assert conn.execute("SELECT count(*) FROM machine_keys").fetchone()[0] == sum(
                 len(claims(m)) for m in contract.bulk_rows())
+    finally:
+        await store.close()
+
+
+async def test_a_bulk_import_commits_without_its_checkpoint_which_follows_on_its_own_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The import's commit leaves its pages in the WAL (another connection reads them there);
+    # the checkpoint runs afterwards on a thread of its own and leaves nothing behind, and the
+    # writer's own checkpoints are back to SQLite's default for the commits that follow.
+    from tests.inventory import test_contract as contract
+
+    path = tmp_path / "bulk.db"
+    store = SqliteStore(path)
+    await store.open()
+    later: list[None] = []
+    checkpoint_soon = store._checkpoint_soon
+    monkeypatch.setattr(store, "_checkpoint_soon", lambda: later.append(None))
+    try:
+        rows = contract.bulk_rows()
+        assert len(rows) >= sqlite_store.BULK_ROWS
+        await store.apply_batch(Batch(create=rows))
+        assert later == [None]
+        wal = path.with_name(path.name + "-wal")
+        assert os.path.getsize(wal) > os.path.getsize(path)  # not copied into the file yet
+        with raw(path) as conn:
+            assert conn.execute("SELECT count(*) FROM machines").fetchone()[0] == len(rows)
+        assert await store._run(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 1000
+        checkpoint_soon()
+        assert store._checkpointer is not None
+        await asyncio.get_running_loop().run_in_executor(store._checkpointer, lambda: None)
+        with raw(path) as conn:
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert (busy, copied) == (0, frames) and frames > 0
+        # A small batch afterwards commits (and checkpoints) as before; close ends the thread.
+        await store.create_machine(contract.machine(contract.mac(9999)))
+        assert later == [None]
+    finally:
+        await store.close()
+    assert store._checkpointer is None
+    with raw(path) as conn:
+        assert conn.execute("SELECT count(*) FROM machines").fetchone()[0] == len(rows) + 1
+
+
+async def test_a_failed_bulk_import_schedules_no_checkpoint(tmp_path: Path) -> None:
+    from tests.inventory import test_contract as contract
+
+    store = SqliteStore(tmp_path / "bulk.db")
+    await store.open()
+    try:
+        rows = contract.bulk_rows()
+        rows[-1] = replace(rows[-1], macs=rows[0].macs)  # a MAC twice: all or nothing
+        with pytest.raises(Conflict):
+            await store.apply_batch(Batch(create=rows))
+        assert store._checkpointer is None
+        assert await store.count_machines() == 0
+        assert await store._run(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 1000
+    finally:
+        await store.close()
+
+
+async def test_machines_listed_together_share_their_equal_label_sets(tmp_path: Path) -> None:
+    # A re-import reads every machine to compare with: equal label sets are one mapping.
+    store = SqliteStore(tmp_path / "labels.db")
+    await store.open()
+    try:
+        for i in range(4):
+            await store.create_machine(Machine(
+                macs=(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")),),
+                labels={"rack": f"r{i % 2}"}))
+        listed = await store.list_machines(MachineFilter(limit=10))
+        assert [m.labels for m in listed] == [{"rack": "r0"}, {"rack": "r1"}] * 2
+        assert listed[0].labels is listed[2].labels and listed[1].labels is listed[3].labels
     finally:
         await store.close()
