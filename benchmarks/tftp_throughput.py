@@ -28,13 +28,14 @@ client that spends far less per MiB than a server is not what that server's figu
 ``--baseline TREE`` also runs the netboot of another checkout (e.g. /work/main) as
 ``baseline``, for an A/B in the same run; ``--mypyc`` also this tree's netboot with the
 modules setup.py compiles under ``NETBOOT_MYPYC=1`` (the TFTP codec and sender among them),
-built in a copy of the tree at the start of the run, as ``netboot-mypyc``. Each server runs in its own process, so
-the client does not share its GIL; servers are started with their defaults and stopped by
-their own PID. tftpd-hpa and atftpd cannot both be installed from Debian (the packages
-conflict): point ``--in-tftpd`` at an ``in.tftpd`` unpacked from the .deb if it is not on
-PATH. A server that is not installed is left out and said so. dnsmasq's TFTP listens on port
-69 only. Either client is one process driving every transfer from one epoll loop; every
-receive is bounded in time, every loop in count. Not part of pytest.
+built in a copy of the tree at the start of the run, as ``netboot-mypyc``. Each server runs
+in its own process, so the client does not share its GIL; servers are started with their
+defaults and stopped by their own PID. tftpd-hpa and atftpd cannot both be installed from
+Debian (the packages conflict): point ``--in-tftpd`` at an ``in.tftpd`` unpacked from the
+.deb if it is not on PATH. A server that is not installed is left out and said so.
+dnsmasq's TFTP listens on port 69 only. Either client is one process driving every
+transfer from one epoll loop; every receive is bounded in time, every loop in count. Not
+part of pytest.
 """
 
 from __future__ import annotations
