@@ -518,7 +518,7 @@ def main() -> None:
         digest = hashlib.sha256((root / "file.bin").read_bytes()).hexdigest()
         os.chmod(tmp, 0o755)
         client = c_client(Path(work)) if args.client == "c" else None
-        if args.mypyc:
+        if any(b == "mypyc" for _, b in peers):
             compiled = str(mypyc_tree(Path(work)))
             peers = [(p, compiled if b == "mypyc" else b) for p, b in peers]
         if args.client == "c" and client is None:
