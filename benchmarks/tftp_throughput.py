@@ -26,13 +26,16 @@ was slower per window than the servers it measured. It compares every payload wi
 SHA-256 compared with the file's. Its own CPU per MiB is printed beside the server's: a
 client that spends far less per MiB than a server is not what that server's figure measures.
 ``--baseline TREE`` also runs the netboot of another checkout (e.g. /work/main) as
-``baseline``, for an A/B in the same run. Each server runs in its own process, so
-the client does not share its GIL; servers are started with their defaults and stopped by
-their own PID. tftpd-hpa and atftpd cannot both be installed from Debian (the packages
-conflict): point ``--in-tftpd`` at an ``in.tftpd`` unpacked from the .deb if it is not on
-PATH. A server that is not installed is left out and said so. dnsmasq's TFTP listens on port
-69 only. Either client is one process driving every transfer from one epoll loop; every
-receive is bounded in time, every loop in count. Not part of pytest.
+``baseline``, for an A/B in the same run; ``--mypyc`` also this tree's netboot with the
+modules setup.py compiles under ``NETBOOT_MYPYC=1`` (the TFTP codec and sender among them),
+built in a copy of the tree at the start of the run, as ``netboot-mypyc``. Each server runs
+in its own process, so the client does not share its GIL; servers are started with their
+defaults and stopped by their own PID. tftpd-hpa and atftpd cannot both be installed from
+Debian (the packages conflict): point ``--in-tftpd`` at an ``in.tftpd`` unpacked from the
+.deb if it is not on PATH. A server that is not installed is left out and said so.
+dnsmasq's TFTP listens on port 69 only. Either client is one process driving every
+transfer from one epoll loop; every receive is bounded in time, every loop in count. Not
+part of pytest.
 """
 
 from __future__ import annotations
@@ -95,6 +98,24 @@ def netboot_server(root: Path, binary: str) -> Iterator[tuple[int, int]]:
         yield int(line), proc.pid
     finally:
         stop(proc)  # type: ignore[arg-type]
+
+
+def mypyc_tree(work: Path) -> Path:
+    """A copy of this tree with setup.py's ``NETBOOT_MYPYC=1`` modules built in place (as
+    tests/test_compiled.py does), for the ``netboot-mypyc`` row."""
+    copy = work / "mypyc"
+    copy.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, copy / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "build")
+    for name in ("netboot", "templates", "boot_assets"):
+        shutil.copytree(REPO / name, copy / name, ignore=ignore)
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
+                   env={**os.environ, "NETBOOT_MYPYC": "1", "PYTHONPATH": str(copy)},
+                   check=True, capture_output=True, timeout=900)
+    if not list((copy / "netboot" / "wire").glob("tftp.*.so")):
+        raise RuntimeError("NETBOOT_MYPYC=1 built no netboot/wire/tftp: is it in setup.py?")
+    return copy
 
 
 def _free_udp_port() -> int:
@@ -434,6 +455,8 @@ def available(args: argparse.Namespace) -> list[tuple[Peer, str]]:
             continue
         if peer.binary is None:
             out.append((peer, ""))
+            if args.mypyc:
+                out.append((Peer("netboot-mypyc", netboot_server), "mypyc"))  # built in main
             if args.uvloop:
                 out.append((Peer("netboot-uvloop", netboot_server), "uvloop"))
             if args.baseline:
@@ -468,6 +491,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default="", help="comma-separated server names")
     parser.add_argument("--uvloop", action="store_true", help="also netboot under uvloop")
+    parser.add_argument("--mypyc", action="store_true",
+                        help="also netboot with its NETBOOT_MYPYC=1 modules compiled")
     parser.add_argument("--in-tftpd", default="", help="path of tftpd-hpa's in.tftpd")
     parser.add_argument("--baseline", type=Path, metavar="TREE",
                         help="also the netboot of another checkout, as 'baseline'")
@@ -493,6 +518,9 @@ def main() -> None:
         digest = hashlib.sha256((root / "file.bin").read_bytes()).hexdigest()
         os.chmod(tmp, 0o755)
         client = c_client(Path(work)) if args.client == "c" else None
+        if any(b == "mypyc" for _, b in peers):
+            compiled = str(mypyc_tree(Path(work)))
+            peers = [(p, compiled if b == "mypyc" else b) for p, b in peers]
         if args.client == "c" and client is None:
             print("gcc not installed: the Python client instead")
         for rep in range(args.repeat):

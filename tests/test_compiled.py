@@ -1,9 +1,10 @@
-"""The mypyc build of the DHCP path (setup.py with ``NETBOOT_MYPYC=1``) passes the same tests.
+"""The mypyc build of the DHCP and TFTP paths (setup.py with ``NETBOOT_MYPYC=1``) passes the
+same tests.
 
 mypyc's native classes are stricter than CPython's (no instance ``__dict__``, argument types
 checked as annotated), so a module that passes its tests as Python can still fail compiled:
-the compiled modules are built in a copy of the checkout and the DHCP tests are run there
-against them, with a probe that fails unless the compiled modules are the ones imported.
+the compiled modules are built in a copy of the checkout and the DHCP and TFTP tests are run
+there against them, with a probe that fails unless the compiled modules are the ones imported.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # setup.py's COMPILED, as import names.
-COMPILED = ("netboot.wire.dhcp", "netboot.pxe")
-DHCP_TESTS = (
+COMPILED = ("netboot.wire.dhcp", "netboot.pxe", "netboot.wire.tftp")
+TESTS = (
     "tests/wire/test_dhcp.py",
     "tests/test_pxe.py",
     "tests/test_pxe_replies.py",
     "tests/servers/test_dhcp.py",
     "tests/servers/test_dhcp_inventory.py",
+    "tests/wire/test_tftp.py",
+    "tests/servers/test_tftp.py",
 )
 PROBE = f"""
 import importlib
@@ -37,7 +40,7 @@ def test_the_compiled_modules_are_the_ones_imported() -> None:
 
 
 @pytest.mark.timeout(1500)
-def test_the_compiled_dhcp_path_passes_its_tests(tmp_path: Path) -> None:
+def test_the_compiled_packet_paths_pass_their_tests(tmp_path: Path) -> None:
     copy = tmp_path / "checkout"
     copy.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "build")
@@ -57,6 +60,6 @@ def test_the_compiled_dhcp_path_passes_its_tests(tmp_path: Path) -> None:
 
     (copy / "tests" / "test_compiled_probe.py").write_text(PROBE)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/test_compiled_probe.py", *DHCP_TESTS], cwd=copy, env=env,
+                          "tests/test_compiled_probe.py", *TESTS], cwd=copy, env=env,
                          capture_output=True, text=True, timeout=1200, check=False)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]

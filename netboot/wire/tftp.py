@@ -244,8 +244,13 @@ def _parse_request(data: bytes, opcode: int) -> ReadRequest | WriteRequest:
     return cls(filename, mode, options)
 
 
-def parse(data: bytes) -> Packet:
-    """Decode one TFTP datagram. Raises only :class:`DecodeError`."""
+def parse(data: bytes | bytearray | memoryview) -> Packet:
+    """Decode one TFTP datagram (any buffer: a :data:`Datagram` from the :class:`Sender`
+    is often a view of its window frame). Raises only :class:`DecodeError`."""
+    if not isinstance(data, bytes):
+        # Copied once: the decoders below slice bytes, and compiled with mypyc (setup.py)
+        # their arguments are checked as annotated.
+        data = bytes(data)
     if len(data) < 2:
         raise DecodeError("datagram shorter than an opcode", field="opcode", offset=0)
     (opcode,) = _HEAD.unpack_from(data, 0)

@@ -62,6 +62,16 @@ def test_golden_round_trip(wire: bytes, packet: Packet) -> None:
     assert encode(packet) == wire
 
 
+@pytest.mark.parametrize(("wire", "packet"), GOLDEN)
+def test_any_buffer_parses_as_its_bytes(wire: bytes, packet: Packet) -> None:
+    """A :class:`Sender`'s datagram is often a view of its window frame, and a receive
+    buffer a bytearray: both parse like the bytes they hold (compiled with mypyc, an
+    argument annotated ``bytes`` refuses them)."""
+    frame = bytearray(b"\xff" + wire + b"\xff")
+    assert parse(memoryview(frame)[1:-1]) == packet
+    assert parse(bytearray(wire)) == packet
+
+
 # tftpy cannot decode error code 0, and its OACK parsing needs a client context.
 @pytest.mark.parametrize(
     ("wire", "packet"), [g for g in GOLDEN if not isinstance(g[1], Error | OptionAck)]
