@@ -59,6 +59,7 @@ from netboot.model import (
     Role,
     endpoint_host,
     endpoint_url,
+    replace_machine,
     url_host,
 )
 from netboot.names import serves_cluster, valid_label
@@ -271,7 +272,7 @@ def learn(machine: Machine, request: BootRequest, now: float,
     """
     news = _news(machine, request, taken)
     # One copy, stamped: anything in ``news`` differs from what the machine holds.
-    return machine if news is None else replace(machine, **news, updated=now)
+    return machine if news is None else replace_machine(machine, **news, updated=now)
 
 
 def teaches(machine: Machine, request: BootRequest, taken: frozenset[str] = frozenset(),
@@ -881,8 +882,11 @@ class BootService:
 
     async def _effective(self, machine: Machine, request: BootRequest | None = None,
                          ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
-        labels = grouping.machine_labels(machine, request.labels() if request else None)
-        group = grouping.select(await self._view.list_groups(), labels)
+        groups = await self._view.list_groups()
+        # Without groups nothing is selected: the labels (a dict of the machine's facts and
+        # the request's strings) are not made.
+        group = grouping.select(groups, grouping.machine_labels(
+            machine, request.labels() if request else None)) if groups else None
         profile_name = (machine.profile or (group.profile if group else None)
                         or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)

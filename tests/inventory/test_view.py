@@ -583,3 +583,55 @@ async def test_a_load_that_meets_pruned_history_starts_again(
     assert len(every) == 7
     for machine in every:
         assert await view.machine_by("mac", str(machine.macs[0])) == machine
+
+
+async def test_a_machine_put_again_leaves_the_index_a_fresh_one_would_have(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """A machine put again whose identifiers, cluster and server standing did not change (an
+    install's new state, token and facts) keeps its index entries without a re-index; any
+    other change re-indexes it: after every put the view's index equals one built anew."""
+    store, _, _ = stores
+    for i, mac in enumerate(MACS):
+        await store.create_machine(Machine(
+            macs=(MacAddress.parse(mac),), cluster=CLUSTERS[i % 2], serial=f"SN{i}",
+            role=Role.SERVER if i % 3 == 0 else Role.AGENT))
+    view = InventoryView(store)
+    await view.load()
+    machines = {m.id: m for m in await store.list_machines()}
+    rng = random.Random(7)
+    for step in range(400):
+        machine = machines[rng.choice(sorted(machines))]
+        what = rng.randrange(7)
+        if what <= 1:  # no identifier moves: the shortcut
+            machine = replace(machine, updated=float(step), facts={"step": str(step)},
+                              state=rng.choice((MachineState.BOOTING, MachineState.INSTALLING,
+                                                MachineState.ENROLLED)))
+        elif what == 2:
+            machine = replace(machine, serial=rng.choice((None, f"SN-{machine.id}-{step}")))
+        elif what == 3:
+            machine = replace(machine, cluster=rng.choice((None, *CLUSTERS)))
+        elif what == 4:  # a server registers, or stops being one
+            machine = replace(machine, state=rng.choice((MachineState.REGISTERED,
+                                                         MachineState.INSTALLED)))
+        elif what == 5:
+            machine = replace(machine, uuid=rng.choice((None, str(uuid_of(step)))))
+        else:
+            first = machine.macs[:1] or (MacAddress.parse(f"02:00:00:01:00:{step % 256:02x}"),)
+            machine = replace(machine, macs=rng.choice((
+                first, (*first, MacAddress.parse(f"02:00:00:02:{step // 256:02x}:"
+                                                 f"{step % 256:02x}")))))
+        machines[machine.id] = machine
+        view.adopt((machine,))
+        keys: dict[str, dict[object, str | None]] = {k: {} for k in view_module._KINDS}
+        servers: dict[str, dict[str, Machine]] = {}
+        no_mac: set[str] = set()
+        for held in machines.values():
+            view_module._index(keys, servers, no_mac, held)
+        assert view._keys == keys
+        assert {c: s for c, s in view._servers.items() if s} == servers
+        assert view._no_mac == no_mac
+        assert await view.get_machine(machine.id) == machine
+
+
+def uuid_of(i: int) -> str:
+    return f"4c4c4544-0000-0000-0000-{i:012x}"
