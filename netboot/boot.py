@@ -594,7 +594,27 @@ class BootService:
         return await self._view.count_machines_without_nic() > 0
 
     async def _resolve(self, request: BootRequest) -> Resolution:
-        return await identity.resolve(self._view, Identity.of_request(request))
+        # identity.resolve over the view's keys as it holds them (the MAC by its raw bytes,
+        # not spelled out and parsed back), without a coroutine per identifier; where the
+        # view cannot tell without the store, identity.resolve reads through as before.
+        ident = Identity.of_request(request)
+        view = self._view
+        found: list[tuple[str, str, Machine]] = []
+        for mac in ident.macs:
+            held = view.held("mac", mac.raw)
+            if isinstance(held, Unseen):
+                return await identity.resolve(view, ident)
+            if held is not None:
+                found.append(("mac", str(mac), held))
+        for kind, value in (("uuid", ident.uuid), ("serial", ident.serial),
+                            ("asset", ident.asset)):
+            if value:  # cleaned already: its own key (normalising is idempotent)
+                held = view.held(kind, value)
+                if isinstance(held, Unseen):
+                    return await identity.resolve(view, ident)
+                if held is not None:
+                    found.append((kind, value, held))
+        return identity.choose(found)
 
     async def _record_dhcp(self, request: BootRequest, *, admitted: bool = False) -> None:
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would

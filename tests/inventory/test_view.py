@@ -635,3 +635,34 @@ async def test_a_machine_put_again_leaves_the_index_a_fresh_one_would_have(
 
 def uuid_of(i: int) -> str:
     return f"4c4c4544-0000-0000-0000-{i:012x}"
+
+
+@pytest.mark.parametrize("load", [False, True])
+async def test_a_boot_is_resolved_from_the_views_keys_as_identity_resolves_it(
+        stores: tuple[SqliteStore, SqliteStore, Path], tmp_path: Path, load: bool) -> None:
+    """BootService's resolution over the view's keys (the MAC by its raw bytes) answers what
+    identity.resolve answers, for requests naming one machine, several (discovered records to
+    absorb, enrolled ones that disagree), none, or placeholders; before the view is loaded
+    too (then read through to the store)."""
+    from netboot.identity import Identity, resolve
+    from netboot.model import BootRequest
+
+    store, _, _ = stores
+    await store.create_machine(Machine(macs=(MacAddress.parse(MACS[0]),), serial="SN1",
+                                       uuid="4c4c4544-0042-3510-8048-b2c04f565931"))
+    await store.create_machine(Machine(macs=(MacAddress.parse(MACS[1]),), asset="A-2"))
+    await store.create_machine(Machine(macs=(MacAddress.parse(MACS[2]),), serial="SN3",
+                                       state=MachineState.DISCOVERED))
+    boot = boot_on(store, tmp_path)
+    if load:
+        await boot.load_view()
+    rng = random.Random(3)
+    for _ in range(60):
+        request = BootRequest(
+            mac=MacAddress.parse(rng.choice(MACS[:4])), firmware=Firmware.IPXE,
+            uuid=rng.choice((None, "4c4c4544-0042-3510-8048-b2c04f565931",
+                             "00000000-0000-0000-0000-000000000000")),
+            serial=rng.choice((None, "SN1", " SN3 ", "To be filled by O.E.M.", "SN9")),
+            asset=rng.choice((None, "A-2", "0000")))
+        expected = await resolve(boot._view, Identity.of_request(request))
+        assert await boot._resolve(request) == expected
