@@ -166,11 +166,15 @@ def uri_query(raw: str) -> dict[str, str]:
     into a space and no selector or serial would match. The first value of a key counts.
     """
     out: dict[str, str] = {}
+    plain = "%" not in raw  # nothing to decode (iPXE's query, mostly): no unquote per part
     for part in raw.split("&"):
         if not part:
             continue
         key, _, value = part.partition("=")
-        out.setdefault(unquote(key, errors="replace"), unquote(value, errors="replace"))
+        if plain:
+            out.setdefault(key, value)
+        else:
+            out.setdefault(unquote(key, errors="replace"), unquote(value, errors="replace"))
     return out
 
 

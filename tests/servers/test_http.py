@@ -156,6 +156,12 @@ def test_uri_query_is_uri_component_decoding() -> None:
         "a": "1+2", "b": "+ ", "c": "", "d": "", "": "x", "e": "%ZZ"}
     assert uri_query("p=caf%C3%A9&q=%FF") == {"p": "café", "q": "\ufffd"}
     assert uri_query("") == {}
+    # Without a %, nothing is decoded: the same as the decoding path gives.
+    plain = "mac=52-54-00-12-34-56&uuid=&a=1+2&d&a=again&=x&&product=Q35+ICH9,2009"
+    assert uri_query(plain) == {"mac": "52-54-00-12-34-56", "uuid": "", "a": "1+2", "d": "",
+                                "": "x", "product": "Q35+ICH9,2009"}
+    decoded = uri_query(plain + "&z=%41")  # one % anywhere: every part decoded
+    assert decoded.pop("z") == "A" and decoded == uri_query(plain)
 
 
 async def test_ipxe_issues_one_token_per_install(env: Env) -> None:
