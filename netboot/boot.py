@@ -96,6 +96,8 @@ class BootSettings:
     k3s_port: int = 6443
 
 
+# The event a decision that installs nothing notes (a repeat of it writes nothing).
+_NOTED = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}
 # Decisions kept for repeated requests (BootService._recorded_plan), one per NIC: a storm's
 # devices and held machines' retry loops, not every machine of a large inventory.
 REPEATS_KEPT = 8192
@@ -770,7 +772,7 @@ class BootService:
         if plan.action == BootAction.INSTALL:
             raise StoreError(f"{self.health.problem()}; an install needs its token recorded "
                              "first")
-        kind = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}.get(plan.action)
+        kind = _NOTED.get(plan.action)
         machine = plan.machine
         if kind is not None and machine is not None:
             last = self._recorder.pending(machine.id)
@@ -795,7 +797,7 @@ class BootService:
             return kept.plan
         activity, shared = self._recorder.activity, self._view.shared
         plan = await self._plan(request, record=True, res=res)
-        kind = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}.get(plan.action)
+        kind = _NOTED.get(plan.action)
         if (kind is not None and machine is not None and plan.machine is machine
                 and self._view.loaded and not res.absorb and not res.disagree
                 and activity == self._recorder.activity and shared == self._view.shared

@@ -302,8 +302,11 @@ class InventoryView:
     def _put_machine(self, machine_id: str, machine: Machine | None) -> None:
         old = self._machines.get(machine_id)
         if old is not None:
-            if machine is old or machine == old:
-                return  # the same value: keep the object (callers may compare identity)
+            if machine is old or (machine is not None and machine.updated == old.updated
+                                  and machine == old):
+                # The same value: keep the object (callers may compare identity). Another
+                # ``updated`` is another value, told without comparing every field.
+                return
             if machine is not None and _same_entries(old, machine):
                 # What no index holds changed (an install's state, token and facts; a
                 # report's step): the object replaced, its index entries left as they are.
