@@ -164,6 +164,18 @@ def test_uri_query_is_uri_component_decoding() -> None:
     assert decoded.pop("z") == "A" and decoded == uri_query(plain)
 
 
+@pytest.mark.parametrize("query", [
+    "", "token=abc-DEF_123.~", "token", "token=&token=2", "a=1&&b=&=x&token=t", "a==b&c=d=e",
+    "token=a%20b", "token=a+b", "x=%ZZ&token=t+u%2B", "&&", "token=é",
+])
+def test_query_pairs_are_parse_qsls(query: str) -> None:
+    from urllib.parse import parse_qsl
+
+    from netboot.servers.http import query_pairs
+
+    assert query_pairs(query) == parse_qsl(query, keep_blank_values=True)
+
+
 async def test_ipxe_issues_one_token_per_install(env: Env) -> None:
     """A second script request during the install (the device rebooted, or anyone else asked)
     carries the same token: nothing from the network can void the installer's token."""
