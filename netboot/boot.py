@@ -27,7 +27,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from netboot import groups as grouping
@@ -60,7 +60,7 @@ from netboot.model import (
     Role,
     endpoint_host,
     endpoint_url,
-    machine_of_values,
+    replace_machine,
     url_host,
 )
 from netboot.names import serves_cluster, valid_label
@@ -97,6 +97,8 @@ class BootSettings:
     k3s_port: int = 6443
 
 
+# The event a decision that installs nothing notes (a repeat of it writes nothing).
+_NOTED = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}
 # Decisions kept for repeated requests (BootService._recorded_plan), one per NIC: a storm's
 # devices and held machines' retry loops, not every machine of a large inventory.
 REPEATS_KEPT = 8192
@@ -106,8 +108,6 @@ WAITING_PER_NIC = 4
 # Seconds of paced DHCP records run per turn of the event loop (BootService._pace_records):
 # a few records, then the datagrams that came meanwhile are read and answered.
 RECORD_SLICE = 0.001
-# Machine's fields in declaration order (machine_of_values' order), for learn()'s copy.
-_MACHINE_FIELDS = tuple(f.name for f in fields(Machine))
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -274,14 +274,8 @@ def learn(machine: Machine, request: BootRequest, now: float,
     machine *is* ("UEFI PXE" tells more than the iPXE it chainloads).
     """
     news = _news(machine, request, taken, seen)
-    if news is None:
-        return machine
-    # One copy, stamped: anything in ``news`` differs from what the machine holds. Built
-    # from the values as replace() would pass them to __init__ (which checks nothing), in
-    # a third of its time: every first request of a storm's machines learns.
-    news["updated"] = now
-    return machine_of_values([news[name] if name in news else getattr(machine, name)
-                              for name in _MACHINE_FIELDS])
+    # One copy, stamped: anything in ``news`` differs from what the machine holds.
+    return machine if news is None else replace_machine(machine, **news, updated=now)
 
 
 def teaches(machine: Machine, request: BootRequest, taken: frozenset[str] = frozenset(),
@@ -605,7 +599,27 @@ class BootService:
         return await self._view.count_machines_without_nic() > 0
 
     async def _resolve(self, request: BootRequest) -> Resolution:
-        return await identity.resolve(self._view, Identity.of_request(request))
+        # identity.resolve over the view's keys as it holds them (the MAC by its raw bytes,
+        # not spelled out and parsed back), without a coroutine per identifier; where the
+        # view cannot tell without the store, identity.resolve reads through as before.
+        ident = Identity.of_request(request)
+        view = self._view
+        found: list[tuple[str, str, Machine]] = []
+        for mac in ident.macs:
+            held = view.held("mac", mac.raw)
+            if isinstance(held, Unseen):
+                return await identity.resolve(view, ident)
+            if held is not None:
+                found.append(("mac", str(mac), held))
+        for kind, value in (("uuid", ident.uuid), ("serial", ident.serial),
+                            ("asset", ident.asset)):
+            if value:  # cleaned already: its own key (normalising is idempotent)
+                held = view.held(kind, value)
+                if isinstance(held, Unseen):
+                    return await identity.resolve(view, ident)
+                if held is not None:
+                    found.append((kind, value, held))
+        return identity.choose(found)
 
     async def _record_dhcp(self, request: BootRequest, *, admitted: bool = False) -> None:
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
@@ -770,7 +784,7 @@ class BootService:
         if plan.action == BootAction.INSTALL:
             raise StoreError(f"{self.health.problem()}; an install needs its token recorded "
                              "first")
-        kind = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}.get(plan.action)
+        kind = _NOTED.get(plan.action)
         machine = plan.machine
         if kind is not None and machine is not None:
             last = self._recorder.pending(machine.id)
@@ -795,7 +809,7 @@ class BootService:
             return kept.plan
         activity, shared = self._recorder.activity, self._view.shared
         plan = await self._plan(request, record=True, res=res)
-        kind = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}.get(plan.action)
+        kind = _NOTED.get(plan.action)
         if (kind is not None and machine is not None and plan.machine is machine
                 and self._view.loaded and not res.absorb and not res.disagree
                 and activity == self._recorder.activity and shared == self._view.shared
@@ -902,8 +916,11 @@ class BootService:
 
     async def _effective(self, machine: Machine, request: BootRequest | None = None,
                          ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
-        labels = grouping.machine_labels(machine, request.labels() if request else None)
-        group = grouping.select(await self._view.list_groups(), labels)
+        groups = await self._view.list_groups()
+        # Without groups nothing is selected: the labels (a dict of the machine's facts and
+        # the request's strings) are not made.
+        group = grouping.select(groups, grouping.machine_labels(
+            machine, request.labels() if request else None)) if groups else None
         profile_name = (machine.profile or (group.profile if group else None)
                         or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)

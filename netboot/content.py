@@ -32,9 +32,11 @@ from netboot.model import (
     BootAction,
     BootPlan,
     BootRequest,
+    Cluster,
     Firmware,
     MacAddress,
     Machine,
+    Profile,
 )
 from netboot.render import Renderer
 from netboot.wire import uimage
@@ -121,6 +123,11 @@ class Content:
         self._cmdlines: dict[str, tuple[object, str]] = {}  # see _default_cmdline
         self._cmdline_now: dict[str, tuple[int, str]] = {}  # by name, checked at generation
         self._cmdline_paths: dict[str, tuple[str, ...]] = {}
+        # Context values of profiles and clusters, by the object (_of_profile, _of_cluster):
+        # id() -> (the object, so that a reused id is not taken for it, ..., the values).
+        self._profile_parts: dict[int, tuple[Profile, str, tuple[dict[str, Any],
+                                                                  dict[str, Any]]]] = {}
+        self._cluster_dicts: dict[int, tuple[Cluster, dict[str, Any]]] = {}
 
     @property
     def urls(self) -> Urls:
@@ -138,7 +145,8 @@ class Content:
         mdict: dict[str, Any] = (machine_to_dict(machine, secrets=False) if machine
                                  else {"mac": str(mac), "hostname": None})
         profile = plan.profile
-        pdict = profile_to_dict(profile) if profile else {}
+        made = self._of_profile(profile, urls) if profile is not None else None
+        pdict = made[0] if made is not None else {}
         config_url = f"{urls.base}/config/{mac.hexhyp}" + (f"?token={token}" if token else "")
         nocloud_url = f"{urls.base}/nocloud/{mac.hexhyp}/" + (f"{token}/" if token else "")
         register_url = f"{urls.base}/api/v1/register"
@@ -150,7 +158,7 @@ class Content:
             "ca_fingerprint": trust.ca_fingerprint,
             "mac": str(mac), "mac_hexhyp": mac.hexhyp, "base_url": urls.base,
             "machine": mdict, "profile": pdict,
-            "cluster": cluster_to_dict(plan.cluster, secrets=False) if plan.cluster else {},
+            "cluster": self._of_cluster(plan.cluster) if plan.cluster else {},
             "k3s": {
                 "role": str(k3s.role), "server_url": k3s.server_url,
                 "cluster_init": k3s.cluster_init, "token": k3s.token,
@@ -170,16 +178,41 @@ class Content:
                                        machine.firmware if machine else None),
         }
         if profile is not None:
-            ctx["kernel_url"] = urls.asset(profile.kernel)
-            ctx["initrd_urls"] = [urls.asset(i) for i in profile.initrds]
-            ctx["initrd_names"] = [i.rstrip("/").rsplit("/", 1)[-1] for i in profile.initrds]
-            ctx["kernel_path"] = profile.kernel.lstrip("/")
-            ctx["initrd_paths"] = [i.lstrip("/") for i in profile.initrds]
+            assert made is not None
+            ctx.update(made[1])
             if cmdline:
                 source = profile.cmdline or self._default_cmdline(profile.config_template)
                 ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
                                                       "cmdline")
         return ctx
+
+    def _of_profile(self, profile: Profile, urls: Urls,
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The context's values made of ``profile`` alone (with the base URL): its dict, and
+        its kernel's and initrds' URLs, names and paths. Made once per profile object (the
+        view's, replaced when the profile changes) and base URL, not once per install script
+        and config: the values are shared, and nothing changes them (the sandbox refuses a
+        template's change; Python callers only read them)."""
+        kept = self._profile_parts.get(id(profile))
+        if kept is not None and kept[0] is profile and kept[1] == urls.base:
+            return kept[2]
+        made = (profile_to_dict(profile), {
+            "kernel_url": urls.asset(profile.kernel),
+            "initrd_urls": [urls.asset(i) for i in profile.initrds],
+            "initrd_names": [i.rstrip("/").rsplit("/", 1)[-1] for i in profile.initrds],
+            "kernel_path": profile.kernel.lstrip("/"),
+            "initrd_paths": [i.lstrip("/") for i in profile.initrds]})
+        _keep_few(self._profile_parts, id(profile), (profile, urls.base, made))
+        return made
+
+    def _of_cluster(self, cluster: Cluster) -> dict[str, Any]:
+        """The cluster's context dict (without secrets), made once per cluster object."""
+        kept = self._cluster_dicts.get(id(cluster))
+        if kept is not None and kept[0] is cluster:
+            return kept[1]
+        made = cluster_to_dict(cluster, secrets=False)
+        _keep_few(self._cluster_dicts, id(cluster), (cluster, made))
+        return made
 
     def _default_cmdline(self, config_template: str) -> str:
         name = "cmdline/cloud-init.txt" if config_template == "cloud-init" else "cmdline/k3os.txt"
@@ -464,6 +497,17 @@ class Content:
         return self._render.yaml_config(
             name, lambda names: self.context(plan, cmdline=names is None or "cmdline" in names),
             header=header)
+
+
+# Profiles' and clusters' context values kept (Content._of_profile, _of_cluster): a site has
+# a few of each; the objects are the view's, new ones after every change.
+_FEW = 64
+
+
+def _keep_few(kept: dict[int, Any], key: int, value: Any) -> None:
+    if len(kept) >= _FEW:
+        kept.clear()  # bounded: old objects of changed profiles and clusters go
+    kept[key] = value
 
 
 def _text_blob(data: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Blob:

@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 from netboot.errors import TransitionRefused
-from netboot.model import Machine, MachineState
+from netboot.model import Machine, MachineState, replace_machine
 
 
 class Trigger(enum.StrEnum):
@@ -140,7 +139,7 @@ def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> M
         return machine
     # One copy, not one to compare and another to stamp: a storm advances three times per
     # device, and copying a machine was most of what a report cost.
-    return replace(machine, state=state, updated=now, **changes)
+    return replace_machine(machine, state=state, updated=now, **changes)
 
 
 def first_state(trigger: Trigger, *, subject: str = "the machine") -> MachineState:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import operator
 import re
 import secrets
 import uuid as uuidlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from netboot.errors import ValidationError
@@ -224,15 +225,52 @@ class Machine:
 _MACHINE_SLOTS = tuple(Machine.__dict__[f.name].__set__ for f in fields(Machine))
 
 
+def _slot_setter() -> Callable[[Machine, Sequence[Any]], None]:
+    """A function that sets every slot of a Machine from ``values``, written out one
+    statement per field as dataclasses writes ``__init__`` (a loop over the setters cost
+    half as much again)."""
+    lines = [f"    s{i}(m, values[{i}])" for i in range(len(_MACHINE_SLOTS))]
+    scope = {f"s{i}": put for i, put in enumerate(_MACHINE_SLOTS)}
+    exec("def set_all(m, values):\n" + "\n".join(lines), scope)  # noqa: S102
+    set_all: Callable[[Machine, Sequence[Any]], None] = scope["set_all"]
+    return set_all
+
+
+_set_all_slots = _slot_setter()
+
+
+# Each field's place in that order, and all its values at once (one C call).
+_MACHINE_PLACES = {f.name: i for i, f in enumerate(fields(Machine))}
+_machine_values = operator.attrgetter(*_MACHINE_PLACES)
+
+
+def replace_machine(machine: Machine, **changes: Any) -> Machine:
+    """``dataclasses.replace(machine, **changes)`` in a third of the time: replace walks the
+    fields and calls the frozen ``__init__`` (~16 µs for a Machine), and an install makes two
+    copies (its new state and token, then the token sealed for the store). The same value
+    (Machine has no ``__post_init__`` or ``InitVar``); an unknown field is a TypeError, as
+    replace says."""
+    if type(machine) is not Machine:
+        return replace(machine, **changes)  # a subclass: its own __init__ decides
+    values = list(_machine_values(machine))
+    for name, value in changes.items():
+        place = _MACHINE_PLACES.get(name)
+        if place is None:
+            raise TypeError(f"Machine has no field {name!r}")
+        values[place] = value
+    return machine_of_values(values)
+
+
 def machine_of_values(values: Sequence[Any]) -> Machine:
     """``Machine(*values)`` (every field, in declaration order) in half the time: the frozen
     dataclass's ``__init__`` sets each of its 22 fields through ``object.__setattr__`` by
     name. For a decoder that has checked every value already (a store's reader: the view
     loads 100,000 machines at start, a third of that was this constructor); the values are
     taken as given."""
+    if len(values) != len(_MACHINE_SLOTS):
+        raise ValueError(f"a Machine has {len(_MACHINE_SLOTS)} fields, {len(values)} given")
     machine = object.__new__(Machine)
-    for put, value in zip(_MACHINE_SLOTS, values, strict=True):
-        put(machine, value)
+    _set_all_slots(machine, values)
     return machine
 
 

@@ -205,7 +205,9 @@ class Recorder:
             task.add_done_callback(self._groups.discard)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         group.batches.append((batch, done))
-        await asyncio.shield(done)
+        # Not shielded: a caller cancelled cancels only its own future, which the group then
+        # leaves as it is (_settle); its batch is written with the others all the same.
+        await done
         if version is not None:
             for event in batch.events:
                 self._remember(event, version)

@@ -9,6 +9,7 @@ line (iPXE and pxelinux read one line), and cloud-config parses as YAML.
 
 from __future__ import annotations
 
+import json
 import logging
 import marshal
 import os
@@ -133,6 +134,7 @@ class Renderer:
             )
             env.filters["grub_quote"] = grub_quote
             env.filters["grub_args"] = grub_args
+            env.policies["json.dumps_function"] = _json_dumps  # tojson's (below)
             self._jinja = env
         return self._jinja
 
@@ -762,6 +764,19 @@ def _lookup(env: ImmutableSandboxedEnvironment, node: nodes.Node,
             return lambda ctx: left(ctx) or right(ctx)
         return lambda ctx: left(ctx) and right(ctx)
     return None
+
+
+# Jinja's tojson writes ``json.dumps(value, sort_keys=True)`` (its default policy), which
+# makes a JSONEncoder per value (~4.5 µs); a config prints every value through it. The same
+# text from one encoder (~0.3 µs); other arguments (``tojson(indent=2)``) as before.
+_SORTED_JSON = json.JSONEncoder(sort_keys=True)
+_TOJSON_DEFAULT = {"sort_keys": True}
+
+
+def _json_dumps(value: Any, **kwargs: Any) -> str:
+    if kwargs == _TOJSON_DEFAULT:
+        return _SORTED_JSON.encode(value)
+    return json.dumps(value, **kwargs)
 
 
 def grub_quote(text: str) -> str:

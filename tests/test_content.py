@@ -311,3 +311,42 @@ async def test_the_servers_renderer_splits_scripts_around_per_machine_values(env
     from netboot.content import PER_MACHINE
 
     assert env.service.content._render.volatile == PER_MACHINE
+
+
+async def test_a_profiles_context_values_follow_the_profile_and_the_base_url(env: Env) -> None:
+    """The profile's and cluster's context values are made once per object (the view's,
+    replaced by every edit) and base URL: an edited profile, another base URL, another
+    cluster each give their own, equal to what a context made from scratch holds."""
+    from netboot.inventory.codec import cluster_to_dict, profile_to_dict
+    from netboot.model import BootAction, BootPlan, Cluster, MacAddress, Profile
+
+    content = env.service.content
+    mac = MacAddress.parse("52:54:00:00:00:79")
+    profile = Profile(name="p", kernel="storm/vmlinuz", initrds=("storm/initrd", "a b/x.img"))
+    plan = BootPlan(BootAction.INSTALL, mac, "install", profile=profile, token="tok",
+                    cluster=Cluster(name="edge", token="secret"))
+
+    def expected(plan: BootPlan) -> dict[str, object]:
+        base, p = env.service.base_url, plan.profile
+        assert p is not None and plan.cluster is not None
+        return {"profile": profile_to_dict(p), "cluster": cluster_to_dict(plan.cluster,
+                                                                          secrets=False),
+                "kernel_url": content.urls.asset(p.kernel), "kernel_path": p.kernel,
+                "initrd_urls": [content.urls.asset(i) for i in p.initrds],
+                "initrd_names": [i.rsplit("/", 1)[-1] for i in p.initrds],
+                "initrd_paths": list(p.initrds), "base_url": base}
+
+    def made(plan: BootPlan) -> dict[str, object]:
+        ctx = content.context(plan)
+        return {k: ctx[k] for k in expected(plan)}
+
+    assert made(plan) == expected(plan)
+    assert content.context(plan)["profile"] is content.context(plan)["profile"]  # kept
+    edited = dataclasses.replace(plan, profile=dataclasses.replace(profile, kernel="v2",
+                                                                   initrds=()))
+    assert made(edited) == expected(edited) != expected(plan)
+    env.service.base_url = "http://192.0.2.99:8080"
+    assert made(plan) == expected(plan) and "192.0.2.99" in str(made(plan)["kernel_url"])
+    other = dataclasses.replace(plan, cluster=Cluster(name="core", token="s2"))
+    assert made(other) == expected(other) != expected(plan)
+    assert "secret" not in str(content.context(plan)["cluster"])

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import pytest
 
 from netboot.errors import ValidationError
-from netboot.model import MacAddress
+from netboot.model import (
+    Arch,
+    Firmware,
+    LoaderChain,
+    MacAddress,
+    Machine,
+    MachineState,
+    Role,
+    replace_machine,
+)
 
 
 @pytest.mark.parametrize("text", [
@@ -24,3 +35,30 @@ def test_mac_refused(text: str) -> None:
     with pytest.raises(ValidationError) as err:
         MacAddress.parse(text)
     assert err.value.field == "mac"
+
+
+def test_replace_machine_gives_what_dataclasses_replace_gives() -> None:
+    """The install path's copy of a machine (lifecycle.advance, the store's sealing) is the
+    value dataclasses.replace makes, for every field; an unknown field is refused alike."""
+    machine = Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),), hostname="edge-1",
+                      serial="SN1", labels={"rack": "r1"}, cluster="edge", role=Role.AGENT,
+                      facts={"product": "x"}, install_token="t", created=1.0, updated=2.0)
+    values = {f.name: getattr(Machine(id="m-000000000002", state=MachineState.BOOTING,
+                                      hostname="other", uuid="u", asset="a", profile="p",
+                                      loader=LoaderChain.SHIM_GRUB, arch=Arch.ARM64,
+                                      firmware=Firmware.UEFI, ipv4="192.0.2.7",
+                                      fixed_ipv4="192.0.2.8", token_hash="h",
+                                      token_expires=9.0, install_token="t2", created=3.0,
+                                      updated=4.0), f.name)
+              for f in fields(Machine)}
+    for name, value in values.items():
+        made = replace_machine(machine, **{name: value})
+        assert made == replace(machine, **{name: value})
+        assert type(made) is Machine and made is not machine
+    everything = replace_machine(machine, **values)
+    assert everything == replace(machine, **values) == Machine(**values)
+    assert replace_machine(machine) == machine
+    with pytest.raises(TypeError):
+        replace_machine(machine, colour="blue")
+    with pytest.raises(TypeError):
+        replace(machine, colour="blue")

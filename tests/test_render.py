@@ -686,3 +686,20 @@ def test_a_template_tree_too_big_to_watch_is_checked_at_every_use(tmp_path: Path
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
     assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho two\n"
+
+
+@pytest.mark.parametrize("value", [
+    "edge-000123", "a 'quoted' \"value\" <b>&amp;</b>", "ünïcödé \u2028 \x00 \ud800"[:-1],
+    {"b": 1, "a": [1.5, None, True, "x"]}, ["z", {"y": {"x": 1}}], 0, -1.25, None, "",
+])
+def test_tojson_writes_what_jinjas_own_writes(tmp_path: Path, value: object) -> None:
+    """tojson's dumps (one encoder, not one per value) gives Jinja's own text, with its
+    default sort_keys and with other arguments alike."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    (tmp_path / "t.txt").write_text("{{ v | tojson }}|{{ v | tojson(indent=2) }}")
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          autoescape=False, keep_trailing_newline=True)
+    ours = Renderer([tmp_path]).render("t.txt", {"v": value})
+    assert ours == plain.get_template("t.txt").render(v=value)

@@ -9,12 +9,11 @@ values. Without a sealer (tests, ``--memory``) values pass through unchanged.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from netboot.inventory import codec
 from netboot.inventory.base import Sealer
-from netboot.model import Cluster, Machine
+from netboot.model import Cluster, Machine, replace_machine
 
 
 def install_token_context(machine_id: str) -> str:
@@ -34,13 +33,13 @@ class Sealed:
         token = machine.install_token
         if self.sealer is None or not token or self.sealer.is_sealed(token):
             return machine
-        return replace(machine, install_token=self.sealer.seal(
+        return replace_machine(machine, install_token=self.sealer.seal(
             token, context=install_token_context(machine.id)))
 
     def open_machine(self, machine: Machine | None) -> Machine | None:
         if machine is None or self.sealer is None or not machine.install_token:
             return machine
-        return replace(machine, install_token=self.sealer.unseal(
+        return replace_machine(machine, install_token=self.sealer.unseal(
             machine.install_token, context=install_token_context(machine.id)))
 
     def as_read(self, stored: Machine, sealed: Machine, given: Machine) -> Machine | None:

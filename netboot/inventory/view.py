@@ -316,8 +316,16 @@ class InventoryView:
     def _put_machine(self, machine_id: str, machine: Machine | None) -> None:
         old = self._machines.get(machine_id)
         if old is not None:
-            if machine == old:
-                return  # the same value: keep the object (callers may compare identity)
+            if machine is old or (machine is not None and machine.updated == old.updated
+                                  and machine == old):
+                # The same value: keep the object (callers may compare identity). Another
+                # ``updated`` is another value, told without comparing every field.
+                return
+            if machine is not None and _same_entries(old, machine):
+                # What no index holds changed (an install's state, token and facts; a
+                # report's step): the object replaced, its index entries left as they are.
+                self._machines[machine_id] = machine
+                return
             _unindex(self._keys, self._servers, self._no_mac, machine_id, old)
         if old is None or machine is None or _running_server(old) or _running_server(machine):
             # Another machine's decision may read this one: as a cluster's server (its join
@@ -579,6 +587,15 @@ def _unindex(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[st
             held.pop(machine_id, None)
     if no_mac is not None:
         no_mac.discard(machine_id)
+
+
+def _same_entries(old: Machine, new: Machine) -> bool:
+    """Whether ``new`` has every index entry ``old`` has (:func:`_index`: the identifiers
+    :func:`_keys_of` reads, the machines without a NIC) and neither is a running server (the
+    cluster's servers, which another machine's decision reads: ``InventoryView.shared``)."""
+    return (new.macs == old.macs and new.uuid == old.uuid and new.serial == old.serial
+            and new.asset == old.asset and not _running_server(old)
+            and not _running_server(new))
 
 
 def _running_server(machine: Machine) -> bool:

@@ -166,12 +166,25 @@ def uri_query(raw: str) -> dict[str, str]:
     into a space and no selector or serial would match. The first value of a key counts.
     """
     out: dict[str, str] = {}
+    plain = "%" not in raw  # nothing to decode (iPXE's query, mostly): no unquote per part
     for part in raw.split("&"):
         if not part:
             continue
         key, _, value = part.partition("=")
-        out.setdefault(unquote(key, errors="replace"), unquote(value, errors="replace"))
+        if plain:
+            out.setdefault(key, value)
+        else:
+            out.setdefault(unquote(key, errors="replace"), unquote(value, errors="replace"))
     return out
+
+
+def query_pairs(raw: str) -> list[tuple[str, str]]:
+    """``parse_qsl(raw, keep_blank_values=True)``; a query with no ``%`` or ``+`` (nothing to
+    decode: an installer's ``token=…``) split without it."""
+    if "%" in raw or "+" in raw:
+        return parse_qsl(raw, keep_blank_values=True)
+    return [(key, value) for key, _, value in (part.partition("=")
+                                               for part in raw.split("&") if part)]
 
 
 def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
@@ -949,7 +962,7 @@ class DeviceRoutes:
             return "/assets/{path}", self._files.reply(path[8:], large=large,
                                                        accept_encoding=accept_encoding)
         if path.startswith("/config/") and "/" not in path[8:] and len(path) > 8:
-            token = bearer or next((v for k, v in parse_qsl(query, keep_blank_values=True)
+            token = bearer or next((v for k, v in query_pairs(query)
                                     if k == "token"), None)
             return "/config/{mac}", self._config(path[8:], token, remote)
         if path == "/healthz":
@@ -1261,7 +1274,7 @@ def _front_target(head: RequestHead) -> str:
     if _PLAIN_QUERY.fullmatch(query) and "token" not in query.lower() \
             and not head.path.startswith("/nocloud/"):
         return escape(f"{head.path}?{query}", limit=1024)
-    return redacted_target(head.path, parse_qsl(query, keep_blank_values=True))
+    return redacted_target(head.path, query_pairs(query))
 
 
 # How long the front waits for the body of an installer's POST whose head it read: its

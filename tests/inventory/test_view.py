@@ -623,3 +623,86 @@ async def test_a_sync_whose_caller_is_cancelled_serves_the_callers_waiting_for_i
     finally:
         await own.close()
         await other.close()
+
+
+async def test_a_machine_put_again_leaves_the_index_a_fresh_one_would_have(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """A machine put again whose identifiers, cluster and server standing did not change (an
+    install's new state, token and facts) keeps its index entries without a re-index; any
+    other change re-indexes it: after every put the view's index equals one built anew."""
+    store, _, _ = stores
+    for i, mac in enumerate(MACS):
+        await store.create_machine(Machine(
+            macs=(MacAddress.parse(mac),), cluster=CLUSTERS[i % 2], serial=f"SN{i}",
+            role=Role.SERVER if i % 3 == 0 else Role.AGENT))
+    view = InventoryView(store)
+    await view.load()
+    machines = {m.id: m for m in await store.list_machines()}
+    rng = random.Random(7)
+    for step in range(400):
+        machine = machines[rng.choice(sorted(machines))]
+        what = rng.randrange(7)
+        if what <= 1:  # no identifier moves: the shortcut
+            machine = replace(machine, updated=float(step), facts={"step": str(step)},
+                              state=rng.choice((MachineState.BOOTING, MachineState.INSTALLING,
+                                                MachineState.ENROLLED)))
+        elif what == 2:
+            machine = replace(machine, serial=rng.choice((None, f"SN-{machine.id}-{step}")))
+        elif what == 3:
+            machine = replace(machine, cluster=rng.choice((None, *CLUSTERS)))
+        elif what == 4:  # a server registers, or stops being one
+            machine = replace(machine, state=rng.choice((MachineState.REGISTERED,
+                                                         MachineState.INSTALLED)))
+        elif what == 5:
+            machine = replace(machine, uuid=rng.choice((None, str(uuid_of(step)))))
+        else:
+            first = machine.macs[:1] or (MacAddress.parse(f"02:00:00:01:00:{step % 256:02x}"),)
+            machine = replace(machine, macs=rng.choice((
+                first, (*first, MacAddress.parse(f"02:00:00:02:{step // 256:02x}:"
+                                                 f"{step % 256:02x}")))))
+        machines[machine.id] = machine
+        view.adopt((machine,))
+        keys: dict[str, dict[object, str | None]] = {k: {} for k in view_module._KINDS}
+        servers: dict[str, dict[str, Machine]] = {}
+        no_mac: set[str] = set()
+        for held in machines.values():
+            view_module._index(keys, servers, no_mac, held)
+        assert view._keys == keys
+        assert {c: s for c, s in view._servers.items() if s} == servers
+        assert view._no_mac == no_mac
+        assert await view.get_machine(machine.id) == machine
+
+
+def uuid_of(i: int) -> str:
+    return f"4c4c4544-0000-0000-0000-{i:012x}"
+
+
+@pytest.mark.parametrize("load", [False, True])
+async def test_a_boot_is_resolved_from_the_views_keys_as_identity_resolves_it(
+        stores: tuple[SqliteStore, SqliteStore, Path], tmp_path: Path, load: bool) -> None:
+    """BootService's resolution over the view's keys (the MAC by its raw bytes) answers what
+    identity.resolve answers, for requests naming one machine, several (discovered records to
+    absorb, enrolled ones that disagree), none, or placeholders; before the view is loaded
+    too (then read through to the store)."""
+    from netboot.identity import Identity, resolve
+    from netboot.model import BootRequest
+
+    store, _, _ = stores
+    await store.create_machine(Machine(macs=(MacAddress.parse(MACS[0]),), serial="SN1",
+                                       uuid="4c4c4544-0042-3510-8048-b2c04f565931"))
+    await store.create_machine(Machine(macs=(MacAddress.parse(MACS[1]),), asset="A-2"))
+    await store.create_machine(Machine(macs=(MacAddress.parse(MACS[2]),), serial="SN3",
+                                       state=MachineState.DISCOVERED))
+    boot = boot_on(store, tmp_path)
+    if load:
+        await boot.load_view()
+    rng = random.Random(3)
+    for _ in range(60):
+        request = BootRequest(
+            mac=MacAddress.parse(rng.choice(MACS[:4])), firmware=Firmware.IPXE,
+            uuid=rng.choice((None, "4c4c4544-0042-3510-8048-b2c04f565931",
+                             "00000000-0000-0000-0000-000000000000")),
+            serial=rng.choice((None, "SN1", " SN3 ", "To be filled by O.E.M.", "SN9")),
+            asset=rng.choice((None, "A-2", "0000")))
+        expected = await resolve(boot._view, Identity.of_request(request))
+        assert await boot._resolve(request) == expected

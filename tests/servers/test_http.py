@@ -156,6 +156,24 @@ def test_uri_query_is_uri_component_decoding() -> None:
         "a": "1+2", "b": "+ ", "c": "", "d": "", "": "x", "e": "%ZZ"}
     assert uri_query("p=caf%C3%A9&q=%FF") == {"p": "café", "q": "\ufffd"}
     assert uri_query("") == {}
+    # Without a %, nothing is decoded: the same as the decoding path gives.
+    plain = "mac=52-54-00-12-34-56&uuid=&a=1+2&d&a=again&=x&&product=Q35+ICH9,2009"
+    assert uri_query(plain) == {"mac": "52-54-00-12-34-56", "uuid": "", "a": "1+2", "d": "",
+                                "": "x", "product": "Q35+ICH9,2009"}
+    decoded = uri_query(plain + "&z=%41")  # one % anywhere: every part decoded
+    assert decoded.pop("z") == "A" and decoded == uri_query(plain)
+
+
+@pytest.mark.parametrize("query", [
+    "", "token=abc-DEF_123.~", "token", "token=&token=2", "a=1&&b=&=x&token=t", "a==b&c=d=e",
+    "token=a%20b", "token=a+b", "x=%ZZ&token=t+u%2B", "&&", "token=é",
+])
+def test_query_pairs_are_parse_qsls(query: str) -> None:
+    from urllib.parse import parse_qsl
+
+    from netboot.servers.http import query_pairs
+
+    assert query_pairs(query) == parse_qsl(query, keep_blank_values=True)
 
 
 async def test_ipxe_issues_one_token_per_install(env: Env) -> None:
