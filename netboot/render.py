@@ -521,10 +521,15 @@ class _Freshness:
     ``recheck`` seconds the templates kept are checked by their files' mtimes (what inotify
     does not see: a symlinked file edited where it lives, a network file system's remote
     writer), included ones too. Without inotify, the generation moves at every call and
-    Jinja checks each file at each use, as before the watch."""
+    Jinja checks each file at each use, as before the watch; and the search path is looked
+    through for a file earlier than the one read (stat() per directory before it)."""
 
     def __init__(self, dirs: Sequence[Path], log: logging.Logger, recheck: float) -> None:
-        self._watch = _Watch.of(dirs, log)
+        self._dirs = [str(d) for d in dirs]
+        # The watch is made at the first use (_started): a server that renders nothing, and
+        # each of a test suite's servers, holds no inotify instance (128 per user by default).
+        self._unstarted: tuple[Sequence[Path], logging.Logger] | None = (dirs, log)
+        self._watch: _Watch | None = None
         self._recheck = recheck
         self._recheck_at = 0.0
         self._generation = 0
@@ -534,14 +539,14 @@ class _Freshness:
 
     def adopt(self, env: ImmutableSandboxedEnvironment) -> ImmutableSandboxedEnvironment:
         """``env``, whose templates are now checked here."""
-        env.auto_reload = self._watch is None
+        env.auto_reload = self._started() is None
         self._envs.append(env)
         return env
 
     def generation(self) -> int:
         """A number that changes whenever a template file may have changed since it was
         last read."""
-        watch = self._watch
+        watch = self._watch if self._unstarted is None else self._started()
         now = time.monotonic()
         if watch is not None and watch.changed():
             for env in self._envs:
@@ -556,14 +561,34 @@ class _Freshness:
                 self._sweep()
         return self._generation
 
+    def _started(self) -> _Watch | None:
+        if self._unstarted is not None:
+            dirs, log = self._unstarted
+            self._watch, self._unstarted = _Watch.of(dirs, log), None
+        return self._watch
+
     def template(self, env: ImmutableSandboxedEnvironment, name: str) -> jinja2.Template:
         """Template ``name`` of ``env`` (one :meth:`adopt` returned), as its file is now."""
         self.generation()
         key = (env, name)
         template = self._checked.get(key)
         if template is None:
-            template = self._checked[key] = env.get_template(name)
+            template = env.get_template(name)
+            if self._watch is None and template.filename != self._first_file(name):
+                # An operator's override made since: no watch said so, no mtime shows it.
+                if env.cache is not None:
+                    env.cache.clear()
+                template = env.get_template(name)
+            self._checked[key] = template
         return template
+
+    def _first_file(self, name: str) -> str | None:
+        """The file the loader reads for ``name`` now (its search, as FileSystemLoader's)."""
+        for top in self._dirs:
+            path = os.path.normpath(os.path.join(top, *name.split("/")))
+            if os.path.isfile(path):
+                return path
+        return None
 
     def _sweep(self) -> None:
         """Drop the compiled templates whose file's mtime moved: Jinja's own up-to-date
