@@ -521,8 +521,8 @@ class _Freshness:
     ``recheck`` seconds the templates kept are checked by their files' mtimes (what inotify
     does not see: a symlinked file edited where it lives, a network file system's remote
     writer), included ones too. Without inotify, the generation moves at every call and
-    Jinja checks each file at each use, as before the watch; and the search path is looked
-    through for a file earlier than the one read (stat() per directory before it)."""
+    Jinja checks each file at each use, as before the watch; and the directories searched
+    before the one a template was read from are looked at for a new file of its name."""
 
     def __init__(self, dirs: Sequence[Path], log: logging.Logger, recheck: float) -> None:
         self._dirs = [str(d) for d in dirs]
@@ -574,7 +574,7 @@ class _Freshness:
         template = self._checked.get(key)
         if template is None:
             template = env.get_template(name)
-            if self._watch is None and template.filename != self._first_file(name):
+            if self._watch is None and self._overridden(template.filename, name):
                 # An operator's override made since: no watch said so, no mtime shows it.
                 if env.cache is not None:
                     env.cache.clear()
@@ -582,13 +582,18 @@ class _Freshness:
             self._checked[key] = template
         return template
 
-    def _first_file(self, name: str) -> str | None:
-        """The file the loader reads for ``name`` now (its search, as FileSystemLoader's)."""
+    def _overridden(self, filename: str | None, name: str) -> bool:
+        """Whether a file for ``name`` now stands in a directory searched before the one
+        ``filename`` was read from (the loader's search, as FileSystemLoader's): one stat()
+        per such directory. A file removed since its template was read, Jinja's own check
+        sees."""
         for top in self._dirs:
             path = os.path.normpath(os.path.join(top, *name.split("/")))
+            if path == filename:
+                return False
             if os.path.isfile(path):
-                return path
-        return None
+                return True
+        return False
 
     def _sweep(self) -> None:
         """Drop the compiled templates whose file's mtime moved: Jinja's own up-to-date
