@@ -526,6 +526,7 @@ class _Freshness:
 
     def __init__(self, dirs: Sequence[Path], log: logging.Logger, recheck: float) -> None:
         self._dirs = [str(d) for d in dirs]
+        self._paths: dict[str, tuple[str, ...]] = {}  # by name, for _overridden
         # The watch is made at the first use (_started): a server that renders nothing, and
         # each of a test suite's servers, holds no inotify instance (128 per user by default).
         self._unstarted: tuple[Sequence[Path], logging.Logger] | None = (dirs, log)
@@ -587,8 +588,11 @@ class _Freshness:
         ``filename`` was read from (the loader's search, as FileSystemLoader's): one stat()
         per such directory. A file removed since its template was read, Jinja's own check
         sees."""
-        for top in self._dirs:
-            path = os.path.normpath(os.path.join(top, *name.split("/")))
+        paths = self._paths.get(name)
+        if paths is None:  # joined once: the joins were most of this check
+            paths = self._paths[name] = tuple(
+                os.path.normpath(os.path.join(top, *name.split("/"))) for top in self._dirs)
+        for path in paths:
             if path == filename:
                 return False
             if os.path.isfile(path):
