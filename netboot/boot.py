@@ -672,39 +672,41 @@ class BootService:
             return FirstStage("boot.scr.uimg", reason="U-Boot boot script")
         if fw == Firmware.RPI:
             return FirstStage("bootcode.bin", reason="Raspberry Pi bootloader")
-        chains = _chains(fw, arch, chain)
         if chain is None:
             why = why or "default for the architecture"
-        for which in chains:
-            for name in _LOADERS.get((which, fw, arch), ()):
-                if not self._assets.exists(name):
-                    continue
-                key = (fw, arch, which, name, why)
-                stage = self._stages.get(key)
-                if stage is None:  # bounded: reasons name groups and profiles
-                    stage = _describe_stage(fw, arch, which, name, why)
-                    _keep(self._stages, key, stage, _STAGES_KEPT)
-                return stage
+        tried, at = self._loader_file(fw, arch, chain)
+        if at < len(tried):
+            which, name = tried[at]
+            key = (fw, arch, which, name, why)
+            stage = self._stages.get(key)
+            if stage is None:  # bounded: reasons name groups and profiles
+                stage = _describe_stage(fw, arch, which, name, why)
+                _keep(self._stages, key, stage, _STAGES_KEPT)
+            return stage
         self._log.warning("no first-stage loader for mac=%s firmware=%s arch=%s chain=%s; "
                           "staying silent", request.mac, fw, arch,
-                          "/".join(str(c) for c in chains))
+                          "/".join(str(c) for c in _chains(fw, arch, chain)))
         return None
+
+    def _loader_file(self, fw: Firmware, arch: Arch, chain: LoaderChain | None,
+                     ) -> tuple[tuple[tuple[LoaderChain, str], ...], int]:
+        """The loader files tried for this firmware, arch and chain, in order, and the place
+        of the first that exists in the asset tree (past the end: none): the one walk that
+        :meth:`loader` decides by and :meth:`_assets_read` reports."""
+        tried = _TRIED[fw, arch, chain]
+        exists = self._assets.exists
+        for at, (_, name) in enumerate(tried):
+            if exists(name):
+                return tried, at
+        return tried, len(tried)
 
     def _assets_read(self, request: BootRequest,
                      chain: LoaderChain | None) -> tuple[tuple[str, bool], ...]:
         """What :meth:`loader` reads of the asset tree for this request and chain, and what
-        it finds now: each file name it tries, in order, up to the first that exists."""
-        fw, arch = request.firmware, request.arch
-        if fw in (Firmware.IPXE, Firmware.UBOOT, Firmware.RPI):
-            return ()
-        read = []
-        for which in _chains(fw, arch, chain):
-            for name in _LOADERS.get((which, fw, arch), ()):
-                found = self._assets.exists(name)
-                read.append((name, found))
-                if found:
-                    return tuple(read)
-        return tuple(read)
+        it finds now: each file name it tries, in order, up to the first that exists (none
+        for the firmwares whose first stage is no loader file)."""
+        tried, at = self._loader_file(request.firmware, request.arch, chain)
+        return tuple((name, i == at) for i, (_, name) in enumerate(tried[:at + 1]))
 
     async def machine_by_ref(self, ref: str) -> Machine:
         """:func:`identity.require_ref` against the view, synced first (as
@@ -1420,6 +1422,14 @@ _FALLBACKS: dict[LoaderChain, tuple[LoaderChain, ...]] = {
 def _chains(fw: Firmware, arch: Arch, chain: LoaderChain | None) -> tuple[LoaderChain, ...]:
     """The chains :meth:`BootService.loader` tries: the chosen one, else the default's."""
     return _FALLBACKS[default_chain(fw, arch)] if chain is None else (chain,)
+
+
+# The loader files BootService.loader tries for a firmware, arch and chosen chain (None: the
+# default), in order: each chain's names (_LOADERS), the chains as _chains gives them.
+_TRIED: dict[tuple[Firmware, Arch, LoaderChain | None], tuple[tuple[LoaderChain, str], ...]] = {
+    (fw, arch, chain): tuple((which, name) for which in _chains(fw, arch, chain)
+                             for name in _LOADERS.get((which, fw, arch), ()))
+    for fw in Firmware for arch in Arch for chain in (None, *LoaderChain)}
 
 
 def _dhcp_note(request: BootRequest) -> str:

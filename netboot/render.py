@@ -80,43 +80,17 @@ class Renderer:
         self._marking: ImmutableSandboxedEnvironment | None = None
         self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # _read_names
         self._shapes = _YamlShapes()
-        # Templates by name as last checked, valid while the generation is unchanged.
-        self._checked: dict[str, jinja2.Template] = {}
-        self._generation = 0
-        self._recheck_at = 0.0
-        self._recheck = recheck
-        self._watch = _Watch.of(self.dirs, self._log)
+        self._fresh = _Freshness(self.dirs, self._log, recheck)
 
     def generation(self) -> int:
         """A number that changes whenever a template file may have changed since it was
-        last read: a file's mtime is then checked again (Jinja's test, ``Content``'s for the
-        command lines). Each install script rendered two stat() calls for it (~8 µs); now
-        one read of an inotify descriptor (~1.6 µs, EAGAIN) says nothing moved, and the files
-        are stat()ed again at least every ``recheck`` seconds. Without inotify, it changes at
-        every call: every use checks the files, as before."""
-        watch = self._watch
-        now = time.monotonic()
-        if watch is not None and watch.changed():
-            # Jinja's own check is the mtime of the file it read: a new file earlier in the
-            # search path (an operator's override of a shipped template) it never sees.
-            # The marking overlay (configs) has a cache of its own, copied, not shared.
-            for env in (self._jinja, self._marking):
-                if env is not None and env.cache is not None:
-                    env.cache.clear()
-            self._recheck_at = 0.0
-        if watch is None or now >= self._recheck_at:
-            self._generation += 1
-            self._checked.clear()
-            self._recheck_at = now + self._recheck
-        return self._generation
+        last read (:class:`_Freshness`): what is kept by it (``Content``'s command lines)
+        is checked again when it moves."""
+        return self._fresh.generation()
 
     def _template(self, name: str) -> jinja2.Template:
-        """Template ``name``, its file's mtime checked only when :meth:`generation` moved."""
-        self.generation()
-        template = self._checked.get(name)
-        if template is None:
-            template = self._checked[name] = self._env.get_template(name)
-        return template
+        """Template ``name`` as its file is now (:class:`_Freshness`)."""
+        return self._fresh.template(self._env, name)
 
     @property
     def _env(self) -> ImmutableSandboxedEnvironment:
@@ -135,7 +109,7 @@ class Renderer:
             env.filters["grub_quote"] = grub_quote
             env.filters["grub_args"] = grub_args
             env.policies["json.dumps_function"] = _json_dumps  # tojson's (below)
-            self._jinja = env
+            self._jinja = self._fresh.adopt(env)
         return self._jinja
 
     @property
@@ -145,7 +119,8 @@ class Renderer:
         (:class:`_YamlShapes`). The marks hold a random nonce, so that neither a template
         nor a value can forge one."""
         if self._marking is None:
-            self._marking = self._env.overlay(finalize=self._shapes.mark)
+            # An overlay's template cache is a copy of its parent's, not shared: adopted too.
+            self._marking = self._fresh.adopt(self._env.overlay(finalize=self._shapes.mark))
         assert self._marking is not None
         return self._marking
 
@@ -344,10 +319,9 @@ class Renderer:
         import jinja2
         from jinja2 import meta, nodes
 
-        self.generation()  # what the watch saw (a new override) empties the caches first
         env = self._marking_env
         try:
-            template = env.get_template(name)
+            template = self._fresh.template(env, name)
         except jinja2.TemplateError:
             return None, None
         kept = self._names.get(name)
@@ -371,7 +345,7 @@ class Renderer:
         is ambiguous (the plain render then answers, or says what is wrong)."""
         try:
             if template is None:
-                template = self._marking_env.get_template(name)
+                template = self._fresh.template(self._marking_env, name)
             raw = template.render(**context)
         except Exception:  # the plain render raises it again, as a RenderError
             return None
@@ -535,6 +509,108 @@ def _classes(marked: _Marked) -> str | None:
         else:
             classes.append("v")
     return "".join(classes)
+
+
+class _Freshness:
+    """The one owner of "is this compiled template still its file's text", for every Jinja2
+    environment of a renderer (the plain one, the configs' marking overlay): each asks
+    :meth:`template`, and Jinja's own per-use check (``auto_reload``: a lock, an LRU and a
+    stat() per use) is on only where there is no watch.
+
+    With the inotify watch, nothing is checked while it reads empty (~1.6 µs); a word from it
+    drops every compiled template (a new file earlier in the search path, an operator's
+    override of a shipped template, is what a file's mtime never shows), and at least every
+    ``recheck`` seconds the templates kept are checked by their files' mtimes (what inotify
+    does not see: a symlinked file edited where it lives, a network file system's remote
+    writer), included ones too. Without inotify, the generation moves at every call and
+    Jinja checks each file at each use, as before the watch; and the directories searched
+    before the one a template was read from are looked at for a new file of its name."""
+
+    def __init__(self, dirs: Sequence[Path], log: logging.Logger, recheck: float) -> None:
+        self._dirs = [str(d) for d in dirs]
+        self._paths: dict[str, tuple[str, ...]] = {}  # by name, for _overridden
+        # The watch is made at the first use (_started): a server that renders nothing, and
+        # each of a test suite's servers, holds no inotify instance (128 per user by default).
+        self._unstarted: tuple[Sequence[Path], logging.Logger] | None = (dirs, log)
+        self._watch: _Watch | None = None
+        self._recheck = recheck
+        self._recheck_at = 0.0
+        self._generation = 0
+        self._envs: list[ImmutableSandboxedEnvironment] = []
+        # Templates by environment and name as last checked, valid while the generation is.
+        self._checked: dict[tuple[ImmutableSandboxedEnvironment, str], jinja2.Template] = {}
+
+    def adopt(self, env: ImmutableSandboxedEnvironment) -> ImmutableSandboxedEnvironment:
+        """``env``, whose templates are now checked here."""
+        env.auto_reload = self._started() is None
+        self._envs.append(env)
+        return env
+
+    def generation(self) -> int:
+        """A number that changes whenever a template file may have changed since it was
+        last read."""
+        watch = self._watch if self._unstarted is None else self._started()
+        now = time.monotonic()
+        if watch is not None and watch.changed():
+            for env in self._envs:
+                if env.cache is not None:
+                    env.cache.clear()
+            self._recheck_at = 0.0
+        if watch is None or now >= self._recheck_at:
+            self._generation += 1
+            self._checked.clear()
+            self._recheck_at = now + self._recheck
+            if watch is not None:
+                self._sweep()
+        return self._generation
+
+    def _started(self) -> _Watch | None:
+        if self._unstarted is not None:
+            dirs, log = self._unstarted
+            self._watch, self._unstarted = _Watch.of(dirs, log), None
+        return self._watch
+
+    def template(self, env: ImmutableSandboxedEnvironment, name: str) -> jinja2.Template:
+        """Template ``name`` of ``env`` (one :meth:`adopt` returned), as its file is now."""
+        self.generation()
+        key = (env, name)
+        template = self._checked.get(key)
+        if template is None:
+            template = env.get_template(name)
+            if self._watch is None and self._overridden(template.filename, name):
+                # An operator's override made since: no watch said so, no mtime shows it.
+                if env.cache is not None:
+                    env.cache.clear()
+                template = env.get_template(name)
+            self._checked[key] = template
+        return template
+
+    def _overridden(self, filename: str | None, name: str) -> bool:
+        """Whether a file for ``name`` now stands in a directory searched before the one
+        ``filename`` was read from (the loader's search, as FileSystemLoader's): one stat()
+        per such directory. A file removed since its template was read, Jinja's own check
+        sees."""
+        paths = self._paths.get(name)
+        if paths is None:  # joined once: the joins were most of this check
+            paths = self._paths[name] = tuple(
+                os.path.normpath(os.path.join(top, *name.split("/"))) for top in self._dirs)
+        for path in paths:
+            if path == filename:
+                return False
+            if os.path.isfile(path):
+                return True
+        return False
+
+    def _sweep(self) -> None:
+        """Drop the compiled templates whose file's mtime moved: Jinja's own up-to-date
+        test, made here once per ``recheck`` instead of at every use (auto_reload)."""
+        for env in self._envs:
+            cache = env.cache
+            if cache is None:
+                continue
+            for key, template in cache.items():
+                if not template.is_up_to_date:
+                    del cache[key]
 
 
 class _Watch:

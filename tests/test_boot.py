@@ -584,6 +584,38 @@ async def test_default_chain_by_arch(tmp_path: Path, fw: Firmware, arch: Arch, p
     await boot.drain()
 
 
+async def test_the_repeat_check_reads_the_files_the_loader_decided_by(tmp_path: Path) -> None:
+    """The DHCP answer cache's check (_assets_read) and the decision (loader) are one walk of
+    the loader files: for every firmware, arch and chain, with the files from each place of
+    the walk on present, the loader answers that file and the check lists each file tried
+    before it as missing and it as found; with none, the loader stays silent."""
+    store = MemoryStore()
+    await store.open()
+    tree = FileTree([tmp_path])
+    boot = BootService(store, tree, BootSettings(policy="hold"), Enroller(store))
+    for fw in Firmware:
+        for arch in Arch:
+            for chain in (None, *LoaderChain):
+                request = req(fw, arch)
+                tried = [name for name, found in boot._assets_read(request, chain)]
+                assert not any(found for _, found in boot._assets_read(request, chain))
+                if not tried:
+                    stage = boot.loader(request, chain)
+                    assert stage is None or not tree.exists(stage.path.removeprefix("/assets/"))
+                    continue
+                assert boot.loader(request, chain) is None
+                for at in reversed(range(len(tried))):
+                    (tmp_path / tried[at]).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp_path / tried[at]).write_bytes(b"x")
+                    stage = boot.loader(request, chain)
+                    assert stage is not None
+                    assert stage.path in (tried[at], "/assets/" + tried[at])
+                    assert boot._assets_read(request, chain) == (
+                        *((name, False) for name in tried[:at]), (tried[at], True))
+                for name in tried:
+                    (tmp_path / name).unlink()
+
+
 @pytest.mark.parametrize("where", ["machine", "group", "profile"])
 async def test_chain_chosen_by_machine_group_or_profile(tmp_path: Path, where: str) -> None:
     boot, store = await chain_setup(tmp_path)

@@ -286,6 +286,26 @@ async def test_bootstrap_script_is_rendered_again_only_when_its_template_or_url_
     assert "http://192.0.2.99:8080/ipxe?" in content.bootstrap_ipxe()
 
 
+async def test_a_bootstrap_override_made_after_start_is_served_at_once(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """An operator's new ipxe/boot.ipxe, made in templates.dir while the server runs, is what
+    the next /boot.ipxe gets: the script kept from the shipped file is not served again (a
+    file's mtime never shows a new file earlier in the search path; the watch does)."""
+    own_dir = tmp_path / "own-templates"
+    own_dir.mkdir()
+    env = await make_env(f"templates:\n  dir: {own_dir}\n")
+    resp = await env.client.get("/boot.ipxe")
+    shipped = await resp.text()
+    assert resp.status == 200 and shipped.startswith("#!ipxe")
+    assert await (await env.client.get("/boot.ipxe")).text() == shipped
+    (own_dir / "ipxe").mkdir()
+    (own_dir / "ipxe" / "boot.ipxe").write_text("#!ipxe\nchain {{ base_url }}/own\n")
+    resp = await env.client.get("/boot.ipxe")
+    assert await resp.text() == "#!ipxe\nchain http://192.0.2.10:8080/own\n"
+    (own_dir / "ipxe" / "boot.ipxe").unlink()  # the shipped file again
+    assert await (await env.client.get("/boot.ipxe")).text() == shipped
+
+
 async def test_default_cmdline_file_is_read_again_when_it_changes(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """The default kernel command line (cmdline/k3os.txt) is rendered into every install

@@ -670,6 +670,100 @@ def test_a_config_override_made_after_start_is_served(tmp_path: Path) -> None:
     assert r.yaml_config("cloud-config/t.yaml", every) == 'own: "a"\n'
 
 
+def _edit(path: Path, text: str) -> None:
+    """``path`` now holds ``text``, with a later mtime whatever the clock's resolution."""
+    path.write_text(text)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+
+
+def _v_is_a(names: frozenset[str] | None) -> dict[str, object]:
+    return {"v": "a"}
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["inotify", "too-big-to-watch"])
+def test_an_edited_config_template_is_served_at_once(tmp_path: Path, watched: bool) -> None:
+    """A config (the marking overlay) follows an edit of its template, and of a template it
+    includes, at the next fetch: the watch says so (no file stat()ed per fetch); where the
+    tree is too big to watch (or inotify is missing) every fetch checks, as before."""
+    if not watched:
+        for n in range(300):
+            (tmp_path / "many" / str(n)).mkdir(parents=True)
+    (tmp_path / "cloud-config").mkdir()
+    path = tmp_path / "cloud-config" / "t.yaml"
+    part = tmp_path / "cloud-config" / "part.yaml"
+    path.write_text("k: {{ v | tojson }}\n")
+    part.write_text("p: 1\n")
+    r = Renderer([tmp_path], recheck=3600)
+    if not watched:
+        assert r.generation() != r.generation()  # no watch: every fetch checks
+    assert r.yaml_config("cloud-config/t.yaml", _v_is_a) == 'k: "a"\n'
+    _edit(path, "{% include 'cloud-config/part.yaml' %}k2: {{ v | tojson }}\n")
+    assert r.yaml_config("cloud-config/t.yaml", _v_is_a) == 'p: 1\nk2: "a"\n'
+    _edit(part, "p: 2\n")
+    assert r.yaml_config("cloud-config/t.yaml", _v_is_a) == 'p: 2\nk2: "a"\n'
+    assert r.yaml_document("cloud-config/t.yaml", {"v": "b"}) == 'p: 2\nk2: "b"\n'
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["inotify", "too-big-to-watch"])
+def test_a_new_override_is_served_at_once_watched_or_not(tmp_path: Path, watched: bool,
+                                                        ) -> None:
+    """An operator's override of a shipped template, made while the server runs, is served
+    at the next use, by iPXE scripts and configs alike: told by the watch, or, where there is
+    none (inotify missing or out of instances, a tree too big), by looking through the search
+    path at each use; and its removal gives the shipped file back."""
+    own, shipped_dir = tmp_path / "own", tmp_path / "shipped"
+    for top in (own, shipped_dir):
+        (top / "ipxe").mkdir(parents=True)
+        (top / "cloud-config").mkdir()
+    if not watched:
+        for n in range(300):
+            (own / "many" / str(n)).mkdir(parents=True)
+    (shipped_dir / "ipxe" / "boot.ipxe").write_text("#!ipxe\necho shipped {{ base_url }}\n")
+    (shipped_dir / "cloud-config" / "t.yaml").write_text("shipped: {{ v | tojson }}\n")
+    r = Renderer([own, shipped_dir], recheck=3600)
+    if not watched:
+        assert r.generation() != r.generation()  # no watch: the path looked through
+    assert r.render("ipxe/boot.ipxe", {"base_url": "u"}) == "#!ipxe\necho shipped u\n"
+    assert r.yaml_config("cloud-config/t.yaml", _v_is_a) == 'shipped: "a"\n'
+    (own / "ipxe" / "boot.ipxe").write_text("#!ipxe\necho own {{ base_url }}\n")
+    (own / "cloud-config" / "t.yaml").write_text("own: {{ v | tojson }}\n")
+    assert r.render("ipxe/boot.ipxe", {"base_url": "u"}) == "#!ipxe\necho own u\n"
+    assert r.yaml_config("cloud-config/t.yaml", _v_is_a) == 'own: "a"\n'
+    (own / "ipxe" / "boot.ipxe").unlink()
+    assert r.render("ipxe/boot.ipxe", {"base_url": "u"}) == "#!ipxe\necho shipped u\n"
+
+
+def test_a_change_inotify_does_not_see_is_followed_after_recheck_seconds(
+        tmp_path: Path) -> None:
+    """A symlinked template edited where it lives makes no event in the watched directory:
+    the files kept are checked by their mtimes every ``recheck`` seconds (here at every
+    use: 0), for iPXE scripts and configs alike, templates they include too; not at every
+    use where the watch owns the check (recheck 3600)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "hold.ipxe").write_text("#!ipxe\necho one\n")
+    (elsewhere / "part.yaml").write_text("p: 1\n")
+    own = tmp_path / "own"
+    (own / "ipxe").mkdir(parents=True)
+    (own / "cloud-config").mkdir()
+    (own / "ipxe" / "hold.ipxe").symlink_to(elsewhere / "hold.ipxe")
+    (own / "cloud-config" / "part.yaml").symlink_to(elsewhere / "part.yaml")
+    (own / "cloud-config" / "t.yaml").write_text(
+        "{% include 'cloud-config/part.yaml' %}k: {{ v | tojson }}\n")
+    soon, late = Renderer([own], recheck=0), Renderer([own], recheck=3600)
+    for r in (soon, late):
+        assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho one\n"
+        assert r.yaml_config("cloud-config/t.yaml", _v_is_a) == 'p: 1\nk: "a"\n'
+    _edit(elsewhere / "hold.ipxe", "#!ipxe\necho two\n")
+    _edit(elsewhere / "part.yaml", "p: 2\n")
+    assert soon.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho two\n"
+    assert soon.yaml_config("cloud-config/t.yaml", _v_is_a) == 'p: 2\nk: "a"\n'
+    if late.generation() == late.generation():  # watched (inotify instances may run out)
+        assert late.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho one\n"
+        assert late.yaml_config("cloud-config/t.yaml", _v_is_a) == 'p: 1\nk: "a"\n'
+
+
 def test_a_template_tree_too_big_to_watch_is_checked_at_every_use(tmp_path: Path) -> None:
     """templates.dir set to a big tree (or a symlink loop) is not walked for ever: past 256
     directories the files are checked at every use, as before the watch."""

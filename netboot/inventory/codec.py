@@ -572,7 +572,29 @@ def bulk_columns_of(machines: Sequence[Machine]) -> Iterator[BulkColumns]:
 _T = TypeVar("_T")
 
 
-class _MadeOnDemand(Sequence[_T]):
+class _Indexed(Sequence[_T]):
+    """A sequence read through :meth:`_at` (an item, by an index as a list takes it) and
+    :meth:`_sliced` (a list): ``__getitem__`` and its typing overloads, written once."""
+
+    __slots__ = ()
+
+    def _at(self, index: int) -> _T:
+        raise NotImplementedError
+
+    def _sliced(self, index: slice) -> list[_T]:
+        return list(self)[index]
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | Sequence[_T]:
+        if isinstance(index, slice):
+            return self._sliced(index)
+        return self._at(index)
+
+
+class _MadeOnDemand(_Indexed[_T]):
     """A sequence of values made when read from what it holds (:meth:`_held`, each made by
     :meth:`_made`): a bulk import's 100,000 machines or events are never all made at once."""
 
@@ -587,14 +609,11 @@ class _MadeOnDemand(Sequence[_T]):
     def __len__(self) -> int:
         return len(self._held())
 
-    @overload
-    def __getitem__(self, index: int) -> _T: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[_T]: ...
-    def __getitem__(self, index: int | slice) -> _T | Sequence[_T]:
-        if isinstance(index, slice):
-            return [self._made(item) for item in self._held()[index]]
+    def _at(self, index: int) -> _T:
         return self._made(self._held()[index])
+
+    def _sliced(self, index: slice) -> list[_T]:
+        return [self._made(item) for item in self._held()[index]]
 
     def __iter__(self) -> Iterator[_T]:
         return map(self._made, self._held())
@@ -1096,7 +1115,7 @@ class EventRun(_MadeOnDemand[Event]):
         return Event(machine, self.time, self.kind, self.message, {})
 
 
-class Events(Sequence[Event]):
+class Events(_Indexed[Event]):
     """Sequences of events one after another, each kept as it is (an :class:`EventRun`
     stays a run): what :func:`joined` makes of a batch's events and those queued before."""
 
@@ -1108,13 +1127,7 @@ class Events(Sequence[Event]):
     def __len__(self) -> int:
         return sum(map(len, self._parts))
 
-    @overload
-    def __getitem__(self, index: int) -> Event: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Event]: ...
-    def __getitem__(self, index: int | slice) -> Event | Sequence[Event]:
-        if isinstance(index, slice):
-            return list(self)[index]
+    def _at(self, index: int) -> Event:
         if index < 0:
             index += len(self)
         for part in self._parts:

@@ -486,6 +486,28 @@ def test_new_machines_renamed_and_merged_ones_kept_in_order() -> None:
     assert err.value.field == "created"
 
 
+def test_the_sequences_made_on_demand_index_and_slice_as_a_list_does() -> None:
+    """NewMachines, EventRun and Events share one __getitem__ (codec._Indexed): every index,
+    negative ones, out of range and slices read as the list of their items does."""
+    new = codec.NewMachines(MachineState.ENROLLED, 1.0)
+    for n in range(3):
+        new.add(f"m-{n}", (), None, None, f"SN{n}", None, None, None, None, codec.NO_ENTRIES,
+                None)
+    run = codec.EventRun(["m-1", "m-2", "m-3"], 3, "enrolled", "imported")
+    events = codec.Events([Event("m-0", 1.0, "k")], run, [Event("m-4", 4.0, "k")])
+    for seq in (new, run, events):
+        items: list[Any] = list(seq)
+        assert len(seq) == len(items)
+        for i in range(-len(items), len(items)):
+            assert seq[i] == items[i]
+        for i in (len(items), -len(items) - 1):
+            with pytest.raises(IndexError):
+                seq[i]
+        for cut in (slice(None), slice(1, None), slice(None, -1), slice(None, None, -2),
+                    slice(5, 9)):
+            assert seq[cut] == items[cut]
+
+
 def test_an_event_run_reads_as_its_events_and_checks_what_they_share() -> None:
     run = codec.EventRun(["m-1", "m-2"], 3, "enrolled", "imported")
     assert list(run) == [Event("m-1", 3.0, "enrolled", "imported"),
