@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -38,9 +38,9 @@ from netboot.eager import eager
 from netboot.enroll import Enroller
 from netboot.errors import Conflict, StateChanged, StoreError
 from netboot.health import InventoryHealth
-from netboot.identity import Identity, Resolution
+from netboot.identity import Identity, Resolution, Unseen
 from netboot.inventory.base import Batch, Store
-from netboot.inventory.view import InventoryView, Unseen
+from netboot.inventory.view import InventoryView
 from netboot.model import (
     Arch,
     BootAction,
@@ -129,7 +129,6 @@ class _Seen:
 
     request: BootRequest
     identity: Identity  # Identity.of_request(request)
-    claims: list[tuple[str, str]]  # identity.claims(): what is looked up
     note: str  # _dhcp_note(request): the step its record notes
     # The loader chain decided for ``machine`` (the view's object, replaced when its value
     # changes) while the view's ``rules`` counter (groups, profiles: what _chain reads
@@ -139,6 +138,10 @@ class _Seen:
     settings: BootSettings | None = None
     chain: tuple[LoaderChain | None, str] = (None, "")
     quiet: Machine | None = None  # a machine (object) that ``request`` teaches nothing
+    # What ``request`` teaches a machine (object), with the identifier kinds others hold
+    # (_taken): _news' answer found by the decision (_tells_more), for its record's learn()
+    # to build the copy from instead of working it out again.
+    news: tuple[Machine, frozenset[str], dict[str, Any]] | None = None
     # The last decision taken for a request of this NIC from a fresh view, for
     # BootService.repeat_guard (the DHCP server asks right after it).
     decided: _Decided | None = None
@@ -411,7 +414,7 @@ class BootService:
         fresh = fresh or (self.health.up and await self._fresh())
         seen = self._seen_dhcp(request)
         seen.decided = None
-        res = await identity.resolve(self._view, seen.identity, seen.claims)
+        res = await self._resolve(request, seen.identity)
         machine = res.machine
         if fresh:
             self._record_dhcp_soon(request, res, seen)
@@ -455,8 +458,7 @@ class BootService:
             return None
         view = self._view
         found: list[tuple[str, bytes | str, Machine | None]] = []
-        for kind, value in seen.claims:
-            key = view.key_of(kind, value)
+        for kind, key in seen.identity.lookup_keys():
             held = view.held(kind, key)
             if isinstance(held, Unseen):
                 return None
@@ -476,7 +478,7 @@ class BootService:
         if seen is not None and seen.request == request:
             return seen
         known = Identity.of_request(request)
-        seen = _Seen(request, known, known.claims(), _dhcp_note(request))
+        seen = _Seen(request, known, _dhcp_note(request))
         if request.mac != identity.NO_NIC:  # many devices at once, not one NIC
             _keep(self._seen, request.mac, seen, REPEATS_KEPT)
         return seen
@@ -532,7 +534,8 @@ class BootService:
                 until = time.perf_counter() + RECORD_SLICE
                 while self._paced and time.perf_counter() < until:
                     try:
-                        await self._record_dhcp_nic(self._paced.popleft(), admitted=False)
+                        await self._record_dhcp_nic(self._paced.popleft(), admitted=False,
+                                                    paced=True)
                     except Exception as exc:  # one record's failure is not the next one's
                         self._log.error("background inventory write failed: %s", exc)
                 await asyncio.sleep(0)
@@ -561,23 +564,29 @@ class BootService:
         # What earlier requests taught it is stored with the next group commit (within the
         # recorder's delay): a repeat meanwhile tells nothing new.
         known = self._recorder.learning(machine)
-        if seen is None or seen.quiet is not known:
-            if teaches(known, request, _taken(res), None if seen is None else seen.identity):
+        if seen is None:
+            if teaches(known, request, _taken(res)):
                 return True
-            if seen is not None:
-                seen.quiet = known
+        elif seen.quiet is not known:
+            taken = _taken(res)
+            news = _news(known, request, taken, seen.identity)
+            if news is not None:
+                seen.news = (known, taken, news)
+                return True
+            seen.quiet = known
         # A discovered record notes no steps (its "discovered" event says it all).
         return machine.state != MachineState.DISCOVERED \
             and self._recorder.last(machine.id) != (
                 "dhcp", _dhcp_note(request) if seen is None else seen.note)
 
-    async def _record_dhcp_nic(self, request: BootRequest, *, admitted: bool) -> None:
+    async def _record_dhcp_nic(self, request: BootRequest, *, admitted: bool,
+                               paced: bool = False) -> None:
         """:meth:`_record_dhcp`, then each request of the same NIC that came meanwhile and
         still tells something new, judged from the inventory as it is then."""
         mac = request.mac
         waiting = self._recording[mac]
         try:
-            await self._record_dhcp(request, admitted=admitted)
+            await self._record_dhcp(request, admitted=admitted, paced=paced)
             while waiting:
                 request = waiting.pop(0)
                 if not await self._fresh():
@@ -598,42 +607,37 @@ class BootService:
         """
         return await self._view.count_machines_without_nic() > 0
 
-    async def _resolve(self, request: BootRequest) -> Resolution:
-        # identity.resolve over the view's keys as it holds them (the MAC by its raw bytes,
-        # not spelled out and parsed back), without a coroutine per identifier; where the
-        # view cannot tell without the store, identity.resolve reads through as before.
-        ident = Identity.of_request(request)
-        view = self._view
-        found: list[tuple[str, str, Machine]] = []
-        for mac in ident.macs:
-            held = view.held("mac", mac.raw)
-            if isinstance(held, Unseen):
-                return await identity.resolve(view, ident)
-            if held is not None:
-                found.append(("mac", str(mac), held))
-        for kind, value in (("uuid", ident.uuid), ("serial", ident.serial),
-                            ("asset", ident.asset)):
-            if value:  # cleaned already: its own key (normalising is idempotent)
-                held = view.held(kind, value)
-                if isinstance(held, Unseen):
-                    return await identity.resolve(view, ident)
-                if held is not None:
-                    found.append((kind, value, held))
-        return identity.choose(found)
+    def _resolve(self, request: BootRequest, ident: Identity | None = None,
+                 ) -> Coroutine[Any, Any, Resolution]:
+        """Which machine ``request`` is: every decision's and record's one look-up,
+        :func:`identity.lookup` over the view. ``ident``: ``Identity.of_request(request)``
+        where the caller keeps it (the NIC's memo, _Seen)."""
+        return identity.lookup(self._view,
+                               Identity.of_request(request) if ident is None else ident)
 
-    async def _record_dhcp(self, request: BootRequest, *, admitted: bool = False) -> None:
+    async def _record_dhcp(self, request: BootRequest, *, admitted: bool = False,
+                           paced: bool = False) -> None:
+        """``paced``: a known machine's record (_pace_records), which commits nothing as it
+        is decided (a step noted, facts learnt again on the machine as stored when the next
+        group commit writes them, Recorder.learned) but in the cases that re-check it: a
+        fresh view (what this process committed is in it, what others did within
+        DHCP_VIEW_AGE, as for the decision itself) is enough."""
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
         for attempt in range(CAS_ATTEMPTS):
             async with self._lock(str(request.mac)):
-                await self._view.sync()
+                # A sync per paced record was a quarter of its cost (the store's probe of
+                # its data version, benchmarks/README.md, session 10); a commit made from a
+                # view that missed another process's change fails its compare-and-set
+                # (StateChanged) and is decided again from a sync, below.
+                if not (paced and attempt == 0 and self._view.fresh(DHCP_VIEW_AGE)):
+                    await self._view.sync()
                 # The NIC's memo of this request (BootService._seen_dhcp) when it is still
-                # kept: its identity and claims worked out once, not per step.
+                # kept: its identity worked out once, not per step.
                 seen = self._seen.get(request.mac)
                 if seen is not None and seen.request != request:
                     seen = None
-                res = await (self._resolve(request) if seen is None else
-                             identity.resolve(self._view, seen.identity, seen.claims))
+                res = await self._resolve(request, None if seen is None else seen.identity)
                 try:
                     machine = await self._adopt(request, res)
                     if machine is None or machine.state == MachineState.DISCOVERED:
@@ -641,8 +645,7 @@ class BootService:
                     elif seen is None:
                         await self._note(machine, request, res, "dhcp", _dhcp_note(request))
                     else:
-                        await self._note(machine, request, res, "dhcp", seen.note,
-                                         seen.identity)
+                        await self._note(machine, request, res, "dhcp", seen.note, seen)
                     return
                 except StateChanged:  # another server moved it: note what it is now
                     if attempt == CAS_ATTEMPTS - 1:
@@ -1282,14 +1285,25 @@ class BootService:
         return await self._learn(machine, request, now, _taken(res))
 
     async def _note(self, machine: Machine, request: BootRequest, res: Resolution, kind: str,
-                    message: str, seen: Identity | None = None) -> None:
+                    message: str, seen: _Seen | None = None) -> None:
+        """``seen``: the NIC's memo of ``request`` (its identity, what its decision found it
+        teaches)."""
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
         await self._event(machine, kind, message, request, once=True)
         # Even a new identifier (a UUID in option 97) goes with the next group commit, not a
         # commit of its own: this record runs after the answer, and the device's next
         # requests (retransmissions, :4011, iPXE) are recognised by the NIC this one came
         # from. Meanwhile Recorder.learning() shows it to _tells_news, so they write nothing.
-        self._learn_later(machine, request, self._clock(), _taken(res), seen=seen)
+        now, taken = self._clock(), _taken(res)
+        updated = None
+        if seen is not None:
+            news = seen.news
+            if news is not None and news[0] is machine and news[1] == taken:
+                # learn() of the very machine object the decision asked teaches() about: the
+                # same fields, set without working them out again.
+                updated = replace_machine(machine, **news[2], updated=now)
+        self._learn_later(machine, request, now, taken, updated,
+                          seen=None if seen is None else seen.identity)
 
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
@@ -1433,7 +1447,13 @@ _TRIED: dict[tuple[Firmware, Arch, LoaderChain | None], tuple[tuple[LoaderChain,
 
 
 def _dhcp_note(request: BootRequest) -> str:
-    return f"{request.firmware}/{request.arch} asked for a boot file"
+    return _DHCP_NOTES[request.firmware, request.arch]
+
+
+# What a DHCP record notes, by firmware and arch: written once, not formatted (two enums
+# spelled out) for every first request of a storm.
+_DHCP_NOTES: dict[tuple[Firmware, Arch], str] = {
+    (fw, arch): f"{fw}/{arch} asked for a boot file" for fw in Firmware for arch in Arch}
 
 
 def _taken(res: Resolution) -> frozenset[str]:

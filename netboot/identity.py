@@ -150,6 +150,12 @@ class Identity:
         out += [(k, v) for k in ("uuid", "serial", "asset") if (v := getattr(self, k))]
         return out
 
+    def lookup_keys(self) -> list[tuple[str, bytes | str]]:
+        """:meth:`claims` as a :class:`HeldIndex` keys them: a MAC by its raw bytes."""
+        out: list[tuple[str, bytes | str]] = [("mac", mac.raw) for mac in self.macs]
+        out += [(k, v) for k in ("uuid", "serial", "asset") if (v := getattr(self, k))]
+        return out
+
 
 class MachineIndex(Protocol):
     """The store methods identity lookups need (see :class:`netboot.inventory.base.Store`)."""
@@ -220,11 +226,14 @@ def choose(found: Sequence[tuple[str, str, Machine]]) -> Resolution:
     """The precedence rule of this module's docstring, over :func:`matches`' answer. Pure."""
     if not found:
         return Resolution(None)
-    first = found[0][2]
-    if all(m is first for _, _, m in found):
+    kind, _, first = found[0]
+    for _, _, m in found:  # no generator: every DHCP request of a storm comes here
+        if m is not first:
+            break
+    else:
         # Every identifier names the same machine (a known device, every DHCP request of a
         # storm): that machine, by the first of them, as below.
-        return Resolution(first, found[0][0])
+        return Resolution(first, kind)
     enrolled = [(k, m) for k, _, m in found if m.state != MachineState.DISCOVERED]
     kind, winner = (enrolled or [(k, m) for k, _, m in found])[0]
     absorb: dict[str, Machine] = {}
@@ -241,7 +250,54 @@ def choose(found: Sequence[tuple[str, str, Machine]]) -> Resolution:
 
 async def resolve(index: MachineIndex, identity: Identity,
                   claims: Sequence[tuple[str, str]] | None = None) -> Resolution:
+    """Which machine ``identity`` is, one read of ``index`` per identifier (a store)."""
     return choose(await matches(index, identity, claims))
+
+
+class Unseen:
+    """:meth:`HeldIndex.held`'s answer where the index cannot tell without a read (never a
+    machine)."""
+
+
+UNSEEN = Unseen()
+
+
+class HeldIndex(MachineIndex, Protocol):
+    """An index that holds identifiers in memory (the boot path's view,
+    :class:`netboot.inventory.view.InventoryView`) and reads the store only on a miss."""
+
+    def held(self, kind: str, key: bytes | str) -> Machine | Unseen | None:
+        """The holder of identifier ``kind`` = ``key`` (:meth:`Identity.lookup_keys`: a MAC
+        by its raw bytes, the other kinds by their text as Identity holds it), None for
+        nobody's, when known without waiting; :data:`UNSEEN` where only a read
+        (``machine_by``) can tell."""
+        ...
+
+
+async def lookup(index: HeldIndex, identity: Identity) -> Resolution:
+    """:func:`resolve` over an index that holds its identifiers: each looked up in memory,
+    without a coroutine per identifier, nor a MAC spelled out for the index to parse back
+    (every request of a boot storm, and each one's record, asks this); where the index
+    cannot tell without the store, :func:`resolve` reads through as a store is read."""
+    held = index.held
+    found: list[tuple[str, str, Machine]] = []
+    for mac in identity.macs:
+        machine = held("mac", mac.raw)
+        if machine is None:
+            continue
+        if isinstance(machine, Unseen):
+            return await resolve(index, identity)
+        found.append(("mac", str(mac), machine))
+    for kind, value in (("uuid", identity.uuid), ("serial", identity.serial),
+                        ("asset", identity.asset)):
+        if value:  # cleaned already: its own key (normalising is idempotent)
+            machine = held(kind, value)
+            if machine is None:
+                continue
+            if isinstance(machine, Unseen):
+                return await resolve(index, identity)
+            found.append((kind, value, machine))
+    return choose(found)
 
 
 def merge(into: Machine, others: Iterable[Machine], now: float) -> Machine:

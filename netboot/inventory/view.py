@@ -29,7 +29,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
-from netboot.identity import clean_text, clean_uuid
+from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import (
     Changes,
@@ -63,13 +63,6 @@ _N = TypeVar("_N", Profile, Cluster, Group)
 # An identifier as the view indexes it: a MAC by its raw bytes (the machine's own object),
 # the other kinds by their text.
 _Key = bytes | str
-
-
-class Unseen:
-    """:meth:`InventoryView.held`'s answer where the view cannot tell (never a machine)."""
-
-
-UNSEEN = Unseen()
 
 
 class InventoryView:
@@ -389,16 +382,12 @@ class InventoryView:
 
         return await self._read_through(self._store.machine_by(kind, value), keep, exact=True)
 
-    @staticmethod
-    def key_of(kind: str, value: str) -> _Key:
-        """How :meth:`machine_by` keys identifier ``kind`` = ``value`` (for :meth:`held`)."""
-        return _raw_mac(value) if kind == "mac" else codec.claim_key(kind, value)[1]
-
     def held(self, kind: str, key: _Key) -> Machine | Unseen | None:
-        """What :meth:`machine_by` answers for ``key`` (:meth:`key_of`) when it answers
-        without waiting; :data:`UNSEEN` where only the store can tell (a view not loaded
-        that never saw the key). For checks repeated per datagram (the DHCP answer cache:
-        BootService.repeat_guard)."""
+        """What :meth:`machine_by` answers for ``key`` (as :meth:`Identity.lookup_keys`
+        gives it: a MAC by its raw bytes) when it answers without waiting; :data:`UNSEEN`
+        where only the store can tell (a view not loaded that never saw the key). The boot path's
+        look-up (:func:`netboot.identity.lookup`: identity.HeldIndex) and checks repeated
+        per datagram (the DHCP answer cache: BootService.repeat_guard)."""
         index = self._keys[kind]
         if key in index:
             machine_id = index[key]

@@ -588,3 +588,31 @@ async def test_facts_learnt_are_written_over_the_machine_as_stored_then(env: Env
     assert stored is not None
     assert stored.labels == {"rack": "7"}  # the other process's change, kept
     assert stored.arch == Arch.X86_64  # and what the DISCOVER told, learnt
+
+
+async def test_a_known_machines_record_from_a_view_behind_another_process_loses_nothing(
+        env: Env) -> None:
+    """A known machine's DHCP record, paced after its answer, reads the view as its decision
+    did (fresh: this process's commits are in it, other processes' within DHCP_VIEW_AGE)
+    instead of syncing first: what another process committed just before is kept, the facts
+    the DISCOVER told are learnt on the machine as stored when they are written, and the
+    step is noted."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    created = await env.store.machine_by("mac", str(MAC))
+    assert created is not None
+    other = SqliteStore(env.path)
+    await other.open()
+    try:
+        await other.update_machine(replace(created, labels={"rack": "7"}))
+    finally:
+        await other.close()
+    assert await env.offer(1) is not None
+    await env.settle()
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    assert stored.labels == {"rack": "7"}  # the other process's change, kept
+    assert stored.arch == Arch.X86_64 and stored.uuid is not None  # what the DISCOVER told
+    events = await env.store.list_events(created.id)
+    assert [e.message for e in events if e.kind == "dhcp"] == [
+        "uefi/x86_64 asked for a boot file"]
