@@ -4,6 +4,7 @@
                                           [--storm 1000] [--within 1] [--repeat 3]
                                           [--uvloop] [--baseline OTHER_CHECKOUT]
     python benchmarks/dhcp_offers.py --inproc [--count 20000] [--decider first]  # no root
+    python benchmarks/dhcp_offers.py --startup [--machines 100000] [--storm 1000]  # no root
 
 Two measurements per target, each a UEFI x86-64 PXE DISCOVER (60 PXEClient, 93 arch 7,
 97 UUID, 55 as EDK2 sends it) broadcast to :67, answered by a broadcast proxy OFFER to :68:
@@ -32,7 +33,11 @@ interface, and dnsmasq only does DHCP on an interface with an address in its ran
 namespaces joined by a veth pair are created (192.0.2.1 server, 192.0.2.2 client) and deleted
 at the end; nothing touches the machine's interfaces. Every wait is bounded; servers are
 stopped by their own PID. ``--inproc`` calls ``DhcpServer.handle`` in a loop instead: the
-per-packet Python cost alone, and what to run under py-spy. Not part of pytest.
+per-packet Python cost alone, and what to run under py-spy. ``--startup``: a storm at
+start-up in process, ``--storm`` first DISCOVERs of enrolled machines (one in every
+``--machines`` / ``--storm``) spread over ``--within`` seconds from the moment the view of
+``--machines`` machines starts loading, as ``netboot serve`` starts it: how many were
+answered within the DHCP server's ``decide_timeout`` (1 s) and how fast. Not part of pytest.
 """
 
 from __future__ import annotations
@@ -407,6 +412,80 @@ def inproc(count: int, kind: str, enroll: list[bytes]) -> None:
           f"{seconds / count * 1e6:.1f} µs CPU each, {count / seconds:,.0f}/s")
 
 
+# --- in-process: a storm while the view loads ------------------------------------------------
+
+
+def startup(machines: int, devices: int, within: float) -> None:
+    """``devices`` first DISCOVERs of enrolled machines (spread over the inventory), one
+    every ``within / devices`` seconds from the start of the view's load, each answered as
+    the listener answers it (the server's decide_timeout included)."""
+    import shutil
+
+    from netboot.boot import BootService, BootSettings, loader_aliases
+    from netboot.enroll import Enroller
+    from netboot.files import FileTree
+    from netboot.inventory.base import Batch
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.model import MacAddress, Machine
+    from netboot.pxe import DhcpSettings
+    from netboot.servers.dhcp import DhcpServer, _Listener
+
+    async def seed(path: Path) -> None:
+        store = SqliteStore(path)
+        await store.open()
+        for start in range(0, machines, 5000):
+            await store.apply_batch(Batch(create=tuple(
+                Machine(macs=(MacAddress(mac_of(i)),), hostname=f"bench{i}")
+                for i in range(start, min(machines, start + 5000)))))
+        await store.close()
+
+    async def run(root: Path) -> None:
+        (root / "assets").mkdir()
+        (root / "assets" / LOADER).write_bytes(b"loader")
+        store = SqliteStore(root / "netboot.db")
+        await store.open()
+        boot = BootService(store, FileTree([root / "assets"], pinned=loader_aliases()),
+                           BootSettings(policy="hold"), Enroller(store))
+        server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=SERVER_IP,
+                            host="127.0.0.1")
+        handle = server._handler(_Listener(None, SERVER_IP, False))
+        loop = asyncio.get_running_loop()
+        latencies: list[float] = []
+        t0 = loop.time()
+        loading = asyncio.ensure_future(boot.load_view())
+
+        async def one(i: int) -> None:
+            start = loop.time()
+            out = handle(discover(mac_of(i * (machines // devices)), i), ("0.0.0.0", 68))
+            if not isinstance(out, list):
+                out = await out
+            if out:
+                latencies.append((loop.time() - start) * 1000)
+
+        sent = []
+        for i in range(devices):
+            delay = t0 + within * i / devices - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent.append(asyncio.ensure_future(one(i)))
+        await asyncio.gather(*sent)
+        await loading
+        loaded = loop.time() - t0
+        await boot.drain()
+        await store.close()
+        print(f"storm of {devices} in {within:g} s at start-up, {machines:,} machines: "
+              f"answered {len(latencies)}/{devices}, p50 {pct(latencies, 0.5):.1f} p99 "
+              f"{pct(latencies, 0.99):.1f} ms; view loaded in {loaded:.2f} s; the server's "
+              f"summary {dict(server.summary.counts)} (load {os.getloadavg()[0]:.1f})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seeded = Path(tmp) / "seed.db"
+        asyncio.run(seed(seeded))
+        (Path(tmp) / "run").mkdir()
+        shutil.copy(seeded, Path(tmp) / "run" / "netboot.db")  # closed: checkpointed
+        asyncio.run(run(Path(tmp) / "run"))
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -424,6 +503,9 @@ def main() -> None:
                         help="also the netboot of another checkout (e.g. before a change), as "
                              "targets baseline, baseline+store (and -uvloop with --uvloop)")
     parser.add_argument("--inproc", action="store_true")
+    parser.add_argument("--startup", action="store_true",
+                        help="in process: --storm DISCOVERs while the view of --machines loads")
+    parser.add_argument("--machines", type=int, default=100_000)
     parser.add_argument("--decider", default="memory",
                         choices=("memory", "memory-async", "store", "enrolled", "first"),
                         help="with --inproc (enrolled: the store's, with every MAC of the load "
@@ -444,6 +526,9 @@ def main() -> None:
     if args.client == "storm":
         answered, lat = storm(args.storm, args.within)
         print(answered, *lat)
+        return
+    if args.startup:
+        startup(args.machines, args.storm, args.within)
         return
     if args.inproc:
         inproc(args.count, args.decider,

@@ -681,9 +681,9 @@ def uuid_of(i: int) -> str:
 async def test_a_boot_is_resolved_from_the_views_keys_as_identity_resolves_it(
         stores: tuple[SqliteStore, SqliteStore, Path], tmp_path: Path, load: bool) -> None:
     """BootService's one look-up (identity.lookup over the view's keys, the MAC by its raw
-    bytes) answers what identity.resolve answers over the view's reads, for requests naming one machine, several (discovered records to
-    absorb, enrolled ones that disagree), none, or placeholders; before the view is loaded
-    too (then read through to the store)."""
+    bytes) answers what identity.resolve answers over the view's reads, for requests naming
+    one machine, several (discovered records to absorb, enrolled ones that disagree), none,
+    or placeholders; before the view is loaded too (then read through to the store)."""
     from netboot.identity import Identity, resolve
     from netboot.model import BootRequest
 
