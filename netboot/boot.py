@@ -1299,8 +1299,8 @@ class BootService:
         if seen is not None:
             news = seen.news
             if news is not None and news[0] is machine and news[1] == taken:
-                # learn() of the very machine object the decision asked teaches() about: the
-                # same fields, set without working them out again.
+                # learn() of the very machine object the decision found news for
+                # (_tells_more): the same fields, set without working them out again.
                 updated = replace_machine(machine, **news[2], updated=now)
         self._learn_later(machine, request, now, taken, updated,
                           seen=None if seen is None else seen.identity)
