@@ -415,12 +415,15 @@ def inproc(count: int, kind: str, enroll: list[bytes]) -> None:
 # --- in-process: a storm while the view loads ------------------------------------------------
 
 
-def startup(machines: int, devices: int, within: float) -> None:
+def startup(machines: int, devices: int, within: float, plain: bool) -> None:
     """``devices`` first DISCOVERs of enrolled machines (spread over the inventory), one
     every ``within / devices`` seconds from the start of the view's load, each answered as
-    the listener answers it (the server's decide_timeout included)."""
+    the listener answers it (the server's decide_timeout included). The view loads as
+    ``netboot serve`` loads it (service.brisk_switching, where the tree has it), or with
+    Python's own switch interval (``plain``)."""
     import shutil
 
+    from netboot import service
     from netboot.boot import BootService, BootSettings, loader_aliases
     from netboot.enroll import Enroller
     from netboot.files import FileTree
@@ -451,8 +454,15 @@ def startup(machines: int, devices: int, within: float) -> None:
         handle = server._handler(_Listener(None, SERVER_IP, False))
         loop = asyncio.get_running_loop()
         latencies: list[float] = []
+        brisk = getattr(service, "brisk_switching", None)
+        switching = (contextlib.nullcontext() if plain or brisk is None else brisk())
+
+        async def load() -> None:
+            with switching:
+                await boot.load_view()
+
         t0 = loop.time()
-        loading = asyncio.ensure_future(boot.load_view())
+        loading = asyncio.ensure_future(load())
 
         async def one(i: int) -> None:
             start = loop.time()
@@ -476,7 +486,9 @@ def startup(machines: int, devices: int, within: float) -> None:
         print(f"storm of {devices} in {within:g} s at start-up, {machines:,} machines: "
               f"answered {len(latencies)}/{devices}, p50 {pct(latencies, 0.5):.1f} p99 "
               f"{pct(latencies, 0.99):.1f} ms; view loaded in {loaded:.2f} s; the server's "
-              f"summary {dict(server.summary.counts)} (load {os.getloadavg()[0]:.1f})")
+              f"summary {dict(server.summary.counts)}, switch interval while loading "
+              f"{'plain' if plain or brisk is None else 'brisk'} "
+              f"(load {os.getloadavg()[0]:.1f})")
 
     with tempfile.TemporaryDirectory() as tmp:
         seeded = Path(tmp) / "seed.db"
@@ -506,6 +518,8 @@ def main() -> None:
     parser.add_argument("--startup", action="store_true",
                         help="in process: --storm DISCOVERs while the view of --machines loads")
     parser.add_argument("--machines", type=int, default=100_000)
+    parser.add_argument("--plain-switching", action="store_true",
+                        help="with --startup: the view loads with Python's switch interval")
     parser.add_argument("--decider", default="memory",
                         choices=("memory", "memory-async", "store", "enrolled", "first"),
                         help="with --inproc (enrolled: the store's, with every MAC of the load "
@@ -528,7 +542,7 @@ def main() -> None:
         print(answered, *lat)
         return
     if args.startup:
-        startup(args.machines, args.storm, args.within)
+        startup(args.machines, args.storm, args.within, args.plain_switching)
         return
     if args.inproc:
         inproc(args.count, args.decider,

@@ -17,7 +17,8 @@ import pytest
 from netboot.config import load
 from netboot.errors import ConfigError
 from netboot.inventory.postgres import PostgresStore
-from netboot.service import build
+from netboot.model import MacAddress, Machine
+from netboot.service import LOAD_SWITCH_INTERVAL, build
 from tests import pg
 from tests.conftest import EnvFactory, this_checkout, write_config
 
@@ -112,6 +113,37 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
         gc.unfreeze()  # this test process runs on: leave its collector as it was
         os.kill(os.getpid(), __import__("signal").SIGTERM)
         await asyncio.wait_for(task, 10)
+
+
+async def test_the_view_loads_with_the_gil_handed_over_briskly(tmp_path: Path) -> None:
+    """A storm at start-up: DHCP decisions read through to the store while the view loads,
+    and each waited for the GIL up to the interpreter's switch interval while a page
+    decoded on the pager thread. Every page is read with the interval at
+    LOAD_SWITCH_INTERVAL; once the view is loaded it is what it was before."""
+    cfg = load(write_config(tmp_path), env={})
+    service = await build(cfg)
+    try:
+        for i in range(3):
+            mac = MacAddress(bytes((0x52, 0x54, 0, 0, 0, i + 1)))
+            await service.store.create_machine(Machine(macs=(mac,)))
+        order: list[tuple[str, float]] = []
+        reading = service.store.machines_after
+
+        async def machines_after(after: str, limit: int) -> list[Machine]:
+            order.append(("page", sys.getswitchinterval()))
+            return await reading(after, limit)
+
+        service.store.machines_after = machines_after  # type: ignore[method-assign]
+        service.view_loaded = lambda: order.append(("loaded", sys.getswitchinterval()))
+        before = sys.getswitchinterval()
+        await service._load_view()
+        assert order[0] == ("page", LOAD_SWITCH_INTERVAL)
+        assert {kind for kind, _ in order[:-1]} == {"page"}
+        assert {interval for _, interval in order[:-1]} == {LOAD_SWITCH_INTERVAL}
+        assert order[-1] == ("loaded", before) and sys.getswitchinterval() == before
+        assert before > LOAD_SWITCH_INTERVAL
+    finally:
+        await service.store.close()
 
 
 def test_a_restart_answers_without_cryptography_or_dnslib(tmp_path: Path) -> None:
