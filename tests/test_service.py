@@ -18,7 +18,7 @@ from netboot.config import load
 from netboot.errors import ConfigError
 from netboot.inventory.postgres import PostgresStore
 from netboot.model import MacAddress, Machine
-from netboot.service import LOAD_SWITCH_INTERVAL, build
+from netboot.service import LOAD_SWITCH_INTERVAL, brisk_switching, build
 from tests import pg
 from tests.conftest import EnvFactory, this_checkout, write_config
 
@@ -144,6 +144,19 @@ async def test_the_view_loads_with_the_gil_handed_over_briskly(tmp_path: Path) -
         assert before > LOAD_SWITCH_INTERVAL
     finally:
         await service.store.close()
+
+
+def test_two_loads_at_once_leave_the_switch_interval_as_it_was() -> None:
+    """Two services in one process (as tests run them) loading at once, the first done
+    first: the interval ends as it began, never left at the short one."""
+    before = sys.getswitchinterval()
+    first, second = brisk_switching(), brisk_switching()
+    first.__enter__()
+    second.__enter__()
+    assert sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
 
 
 def test_a_restart_answers_without_cryptography_or_dnslib(tmp_path: Path) -> None:
