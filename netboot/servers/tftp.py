@@ -4,7 +4,8 @@ Read-only, RFC 1350 + options (RFC 2347 OACK, 2348 blksize, 2349 tsize/timeout, 
 windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 
 * A listener on (host, port), built on :class:`BoundaryProtocol`, so one bad datagram never
-  stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped.
+  stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped. Its
+  socket is read by :func:`open_datagram_endpoint`'s transport, a burst per wake-up.
 * Each listener has one data port (its address, port 0): its port, not 69, is the server's
   TID (RFC 1350 §4) for every transfer started there, as dnsmasq's ``--tftp-single-port``
   does for 69 itself. Each transfer sends and receives on a socket bound to that port and
@@ -71,7 +72,7 @@ from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog
 from netboot.model import Blob
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, Reply
+from netboot.servers.udp import Address, BoundaryProtocol, Reply, open_datagram_endpoint
 from netboot.wire.tftp import (
     Ack,
     Datagram,
@@ -719,8 +720,12 @@ class TftpServer:
             min_size=2,
             max_size=MAX_REQUEST,
         )
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: boundary, sock=sock)
+        # A burst of RRQs read per wake-up, not one per trip round the loop: in a storm the
+        # listener fell seconds behind the transfers (each trip also serves every transfer
+        # with an ACK waiting, DHCP and HTTP), clients resent their RRQs meanwhile (3,740
+        # copies for 2,000 requests in a 1,000-device storm), and a late copy read after
+        # its transfer ended started a second one (see _handle).
+        transport = await open_datagram_endpoint(sock, boundary)
         self._listeners.append((transport, boundary))
 
     async def close(self) -> None:

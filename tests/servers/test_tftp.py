@@ -378,6 +378,27 @@ async def test_a_copy_of_an_rrq_read_after_its_transfer_ended_starts_no_transfer
     assert server.stats.started == 3
 
 
+async def test_the_listener_reads_a_burst_of_requests_per_wake_up(
+    server: TftpServer
+) -> None:
+    """A storm's RRQs waiting together are read together: asyncio's own UDP transport
+    read one datagram per trip round the loop, which in a storm left the listener seconds
+    behind (clients resent their RRQs meanwhile, see the test above)."""
+    clients = [RawClient() for _ in range(20)]
+    try:
+        for c in clients:  # on loopback each is queued on the listener by the time sendto returns
+            c.rrq(addr(server), "small.bin")
+        for _ in range(3):  # a few trips round the loop, not twenty
+            await asyncio.sleep(0)
+        assert server.stats.requests == 20
+        for c in clients:
+            pkt, _ = await c.recv()
+            assert isinstance(pkt, Data) and pkt.block == 1
+    finally:
+        for c in clients:
+            c.close()
+
+
 async def test_unknown_tid_gets_error_5_and_transfer_goes_on(
     server: TftpServer, client: RawClient
 ) -> None:
