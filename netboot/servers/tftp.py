@@ -260,6 +260,9 @@ class _Transfer:
     def duplicate_request(self) -> None:
         self._guard(self.sender.duplicate_request)
 
+    def unreachable(self) -> None:
+        self._guard(self.sender.unreachable)
+
     def on_timer(self, now: float) -> None:
         self._guard(lambda _: self.sender.timeout(now))
 
@@ -455,9 +458,13 @@ class _Link:
                     continue
                 except OSError as exc:
                     # An ICMP error reported on the connected socket (ECONNREFUSED: the
-                    # client's port is closed). The timer resends, then gives up.
+                    # client's port is closed). Before the client answered anything the
+                    # transfer ends (a late RRQ copy's OACK to a port closed since, a probe
+                    # abandoned); later the timer resends, then gives up.
                     log.debug("tftp %s:%d %r: receive error %s", *transfer.peer,
                               transfer.path, exc)
+                    if exc.errno == errno.ECONNREFUSED:
+                        transfer.unreachable()
                     continue
                 if size >= 4 and buf[1] == 4 and buf[0] == 0:
                     # An ACK: four bytes read in place, no packet value.

@@ -399,6 +399,26 @@ async def test_the_listener_reads_a_burst_of_requests_per_wake_up(
             c.close()
 
 
+async def test_a_transfer_whose_first_answer_meets_a_closed_port_ends_at_once(
+    files: DirFiles
+) -> None:
+    """The client's RRQ is read after the client closed its port (it gave up, or this is
+    a late copy): the OACK comes back as an ICMP port unreachable, and the transfer ends
+    then instead of holding its slot through ``first_retries`` (here 3 x 30 s)."""
+    server = await started(files, retransmit=30.0, min_rto=None)
+    try:
+        gone = RawClient()
+        gone.rrq(addr(server), "big.bin", [("tsize", "0"), ("blksize", "1468")])
+        gone.close()  # before the server has read the RRQ (the test holds the loop)
+        await until(lambda: server.stats.started == 1 and server.transfers == 0)
+        assert server.stats.failed == 1 and server.stats.retransmissions == 0
+        with RawClient() as real:  # and the server serves the next client as ever
+            got = await fetch(real, addr(server), "small.bin")
+            assert got.data == SMALL
+    finally:
+        await server.close()
+
+
 async def test_unknown_tid_gets_error_5_and_transfer_goes_on(
     server: TftpServer, client: RawClient
 ) -> None:
