@@ -4,7 +4,8 @@ Read-only, RFC 1350 + options (RFC 2347 OACK, 2348 blksize, 2349 tsize/timeout, 
 windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 
 * A listener on (host, port), built on :class:`BoundaryProtocol`, so one bad datagram never
-  stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped.
+  stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped. Its
+  socket is read by :func:`open_datagram_endpoint`'s transport, a burst per wake-up.
 * Each listener has one data port (its address, port 0): its port, not 69, is the server's
   TID (RFC 1350 §4) for every transfer started there, as dnsmasq's ``--tftp-single-port``
   does for 69 itself. Each transfer sends and receives on a socket bound to that port and
@@ -15,6 +16,12 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   not also a random server port (TFTP has no other protection against an on-path one).
 * Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
   first reply was lost, so the first reply is resent instead of starting a second transfer.
+  A copy of the RRQ read after its transfer ended by the client's own doing (its ERROR, its
+  last ACK) is a duplicate too: the client resent it before our answer reached it, and the
+  listener read it late (in a storm, seconds late). Served, it was a transfer to a port
+  nobody reads, holding a slot until ``first_retries`` ran out: in a 1,000-device storm
+  834 of them, and ``max_transfers`` (1,024) was hit. A client that never received our
+  answer, or a request that differs, starts a transfer as before.
 * Concurrent transfers are bounded overall and per client address. Past the overall bound
   an RRQ is dropped without a reply, so the client retries it later (every boot ROM
   retransmits its RRQ) instead of aborting the boot on an ERROR. Past the per-address bound
@@ -65,7 +72,7 @@ from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog
 from netboot.model import Blob
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, Reply
+from netboot.servers.udp import Address, BoundaryProtocol, Reply, open_datagram_endpoint
 from netboot.wire.tftp import (
     Ack,
     Datagram,
@@ -222,15 +229,18 @@ class _Transfer:
     """One read transfer: its :class:`Sender`, its client and its retransmission deadline.
     Datagrams come from its :class:`_Link`; the server's sweep calls :meth:`on_timer`."""
 
-    __slots__ = ("closed", "deadline", "fd", "link", "path", "peer", "sender", "server",
-                 "sock")
+    __slots__ = ("closed", "deadline", "fd", "link", "path", "peer", "request", "sender",
+                 "server", "sock")
 
     def __init__(self, server: TftpServer, link: _Link, peer: Address, path: str,
-                 sender: Sender, fd: int | None, sock: socket.socket) -> None:
+                 sender: Sender, fd: int | None, sock: socket.socket, request: bytes) -> None:
         self.server = server
         self.link = link
         self.peer = peer
         self.path = path
+        # The RRQ as received; kept after the end while copies of it may still come (see
+        # TftpServer._forget), cleared when the client may not have had our answer.
+        self.request: bytes | None = request
         self.sender = sender
         self.fd = fd
         # Connected to the client, bound to the link's address (see _Link): send() without
@@ -249,6 +259,9 @@ class _Transfer:
 
     def duplicate_request(self) -> None:
         self._guard(self.sender.duplicate_request)
+
+    def unreachable(self) -> None:
+        self._guard(self.sender.unreachable)
 
     def on_timer(self, now: float) -> None:
         self._guard(lambda _: self.sender.timeout(now))
@@ -285,6 +298,7 @@ class _Transfer:
         # The transfer's boundary: a bug or I/O error ends this one only.
         log.exception("tftp %s:%d %r: transfer failed", *self.peer, self.path)
         self.server.stats.failed += 1
+        self.request = None  # our failure: the client's next RRQ is served
         with contextlib.suppress(OSError):  # best effort, like any single UDP datagram
             self.sock.send(error_packet(ErrorCode.NOT_DEFINED, "internal error"))
         self.close()
@@ -309,6 +323,10 @@ class _Transfer:
             log.debug("tftp %s:%d %r: size probe ended (%s)", *self.peer, self.path, step.reason)
         else:
             stats.failed += 1
+            if step.outcome is not Outcome.CLIENT_ERROR:
+                # Timed out (perhaps every answer was lost) or the file changed: the
+                # client's next RRQ, even the same one, is served.
+                self.request = None
             # Rate-limited per address: a flood of RRQs that are never answered would
             # otherwise write one line per spoofed request.
             server.limited.log(
@@ -440,9 +458,13 @@ class _Link:
                     continue
                 except OSError as exc:
                     # An ICMP error reported on the connected socket (ECONNREFUSED: the
-                    # client's port is closed). The timer resends, then gives up.
+                    # client's port is closed). Before the client answered anything the
+                    # transfer ends (a late RRQ copy's OACK to a port closed since, a probe
+                    # abandoned); later the timer resends, then gives up.
                     log.debug("tftp %s:%d %r: receive error %s", *transfer.peer,
                               transfer.path, exc)
+                    if exc.errno == errno.ECONNREFUSED:
+                        transfer.unreachable()
                     continue
                 if size >= 4 and buf[1] == 4 and buf[0] == 0:
                     # An ACK: four bytes read in place, no packet value.
@@ -569,7 +591,13 @@ class _Link:
             self.sock.sendto(datagram, dest)
 
 
-_ENDED = 4096  # clients remembered after their transfer, for late ACKs
+_ENDED = 4096  # clients remembered after their transfer, for late ACKs and late RRQ copies
+# How long after a transfer's end a copy of its RRQ counts as late rather than as a new
+# request from a client that reuses its port: longer than a storm's listener backlog
+# (copies read up to ~4.5 s late in a 1,000-device storm). A client that does ask for the
+# same file the same way from the same port this soon is served on its next retransmission
+# after the window (U-Boot: 5 s; PXE ROMs: 1, 2, 4 s ...).
+_STALE_COPY = 5.0
 _SWEEP_TICK = 0.002  # seconds between sweeps at least; a loss costs min_rto + up to this
 _SWEEP_PER_TRANSFER = 2e-6  # ... and more with many transfers: a sweep walks them all
 _SOL_UDP = 17
@@ -638,8 +666,9 @@ class TftpServer:
         # Prebuilt DATA of files up to cache_file_size, cache_size bytes in all.
         self.cache = _PacketCache(cache_size, cache_file_size)
         self._transfers: dict[Address, _Transfer] = {}
-        # Clients whose transfer ended lately, oldest first (see _Link._stranger).
-        self._ended: OrderedDict[Address, None] = OrderedDict()
+        # Clients whose transfer ended lately, oldest first (see _Link._stranger), with the
+        # request that transfer answered and when it ended, if the client had our answer.
+        self._ended: OrderedDict[Address, tuple[bytes, float] | None] = OrderedDict()
         # One timer for every transfer's retransmission deadline (see _sweep_by).
         self._sweep: asyncio.TimerHandle | None = None
         self._rearm_below = math.inf
@@ -698,8 +727,12 @@ class TftpServer:
             min_size=2,
             max_size=MAX_REQUEST,
         )
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: boundary, sock=sock)
+        # A burst of RRQs read per wake-up, not one per trip round the loop: in a storm the
+        # listener fell seconds behind the transfers (each trip also serves every transfer
+        # with an ACK waiting, DHCP and HTTP), clients resent their RRQs meanwhile (3,740
+        # copies for 2,000 requests in a 1,000-device storm), and a late copy read after
+        # its transfer ended started a second one (see _handle).
+        transport = await open_datagram_endpoint(sock, boundary)
         self._listeners.append((transport, boundary))
 
     async def close(self) -> None:
@@ -816,6 +849,13 @@ class TftpServer:
             if running is not None:
                 running.duplicate_request()
             return None
+        ended = self._ended.get(peer)
+        if (ended is not None and ended[0] == data
+                and time.monotonic() - ended[1] < _STALE_COPY):
+            self.stats.duplicate_requests += 1
+            log.debug("tftp %s:%d %r: copy of the request of a transfer that has ended, ignored",
+                      *peer, packet.filename)
+            return None
         if packet.mode.lower() not in ("octet", "netascii"):
             self.stats.refused += 1
             self.limited.log(
@@ -857,10 +897,10 @@ class TftpServer:
             return None
         self._opening.add(peer)
         self._per_client[peer[0]] += 1
-        return self._open(iface, packet, path, peer)
+        return self._open(iface, packet, path, peer, data)
 
     async def _open(
-        self, iface: str | None, request: ReadRequest, path: str, peer: Address
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes
     ) -> list[Reply]:
         registered = False
         try:
@@ -898,7 +938,7 @@ class TftpServer:
             if self._closing:
                 return []
             try:
-                transfer = await self._start_transfer(iface, request, path, peer, blob)
+                transfer = await self._start_transfer(iface, request, path, peer, blob, raw)
             except PermissionError as exc:
                 self.stats.refused += 1
                 self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: refused: %s",
@@ -924,7 +964,8 @@ class TftpServer:
                 self._release(peer)
 
     async def _start_transfer(
-        self, iface: str | None, request: ReadRequest, path: str, peer: Address, blob: Blob
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, blob: Blob,
+        raw: bytes,
     ) -> _Transfer | None:
         assert self.policy is not None
         fd: int | None = None
@@ -966,7 +1007,7 @@ class TftpServer:
                 raise
             log.exception("tftp %s:%d %r: cannot start the transfer", *peer, path)
             return None
-        transfer = _Transfer(self, link, peer, path, sender, fd, sock)
+        transfer = _Transfer(self, link, peer, path, sender, fd, sock, raw)
         try:
             link.add(transfer)
         except BaseException:
@@ -995,7 +1036,9 @@ class TftpServer:
         if self._transfers.get(peer) is transfer:
             del self._transfers[peer]
             self._release(peer)
-            self._ended[peer] = None
+            self._ended.pop(peer, None)  # re-inserted last: the most recent
+            request = transfer.request
+            self._ended[peer] = None if request is None else (request, time.monotonic())
             if len(self._ended) > _ENDED:
                 self._ended.popitem(last=False)
 

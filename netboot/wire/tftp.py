@@ -6,9 +6,10 @@ dataclass; :func:`parse` raises only :class:`DecodeError` naming the field and o
 
 Transfer: :func:`negotiate` turns the options of an RRQ into what the server grants (RFC 2347
 / 2348 / 2349 / 7440), and :class:`Sender` runs one read transfer. Events go in
-(``start``, ``ack``, ``error``, ``timeout``, ``duplicate_request``), each with ``now`` passed
-in; a :class:`Step` comes out: datagrams to send, when to call ``timeout`` next, and whether
-the transfer is over and how. The adapter in ``netboot/servers/tftp.py`` does the I/O.
+(``start``, ``ack``, ``error``, ``timeout``, ``duplicate_request``, ``unreachable``), each
+with ``now`` passed in; a :class:`Step` comes out: datagrams to send, when to call
+``timeout`` next, and whether the transfer is over and how. The adapter in
+``netboot/servers/tftp.py`` does the I/O.
 
 Quirks handled here, with where they come from (``protocols.md`` §3.7, §6):
 
@@ -693,6 +694,20 @@ class Sender:
         probe = self.phase is Phase.OACK or self.acked == 0
         reason = f"client error {code}: {message}"
         return self._finish(Outcome.PROBE if probe else Outcome.CLIENT_ERROR, reason)
+
+    def unreachable(self, now: float) -> Step:
+        """The client's port is closed: an ICMP port unreachable came back for what we sent.
+        Before the client acknowledged anything it is gone (it gave up on its RRQ, or read
+        the size from the OACK and closed its port instead of sending an ERROR), so the
+        transfer ends now, as the timer would after ``first_retries`` (~3 s), with the same
+        outcome. Once it has answered, one ICMP error does not outweigh the timer."""
+        if self.phase is Phase.DONE:
+            return self._over()
+        if self.answered:
+            return self._wait()
+        return self._finish(Outcome.TIMED_OUT,
+                            "the client's port is closed (ICMP port unreachable) before it "
+                            "answered")
 
     def timeout(self, now: float) -> Step:
         if self.phase is Phase.DONE:

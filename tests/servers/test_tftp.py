@@ -338,6 +338,87 @@ async def test_duplicate_rrq_is_not_a_second_transfer(
     assert isinstance(pkt, Data) and pkt.block == 2
 
 
+async def test_a_copy_of_an_rrq_read_after_its_transfer_ended_starts_no_transfer(
+    server: TftpServer, client: RawClient
+) -> None:
+    """In a storm a client resends its RRQ while the answer is slow, and the listener reads
+    the copy only after the transfer the first one started has ended: the client ended its
+    size probe with an ERROR, or acknowledged the last block. Such a copy was sent before
+    the client had our answer; served, it was a second transfer to a port nobody reads,
+    held until ``first_retries`` ran out and counted against ``max_transfers`` (a
+    1,000-device storm: 834 of them, and the limit of 1,024 hit). An ERROR or the last
+    ACK shows the client had its answer, so the copy is a duplicate."""
+    probe = [("tsize", "0"), ("blksize", "1468")]
+    client.rrq(addr(server), "big.bin", probe)
+    oack, tid = await client.recv()
+    assert isinstance(oack, OptionAck)
+    client.send(Error(ErrorCode.OPTION_NEGOTIATION, "size probe"), tid)
+    await until(lambda: server.stats.probes == 1 and server.transfers == 0)
+    client.rrq(addr(server), "big.bin", probe)  # the copy, read late
+    await until(lambda: server.stats.requests == 2)
+    assert server.transfers == 0 and server.stats.duplicate_requests == 1
+    assert await client.nothing()
+
+    loader = [("blksize", "1468"), ("windowsize", "4")]
+    with RawClient() as other:
+        got = await fetch(other, addr(server), "small.bin", loader)
+        assert got.data == SMALL
+        await until(lambda: server.stats.completed == 1)
+        other.rrq(addr(server), "small.bin", loader)  # a copy of the loader's RRQ
+        await until(lambda: server.stats.requests == 4)
+        assert server.transfers == 0 and server.stats.duplicate_requests == 2
+        assert await other.nothing()
+    assert server.stats.started == 2
+
+    # Another request from the same port is a new transfer (a firmware reusing its port
+    # for the download after the probe), served at once.
+    got = await fetch(client, addr(server), "big.bin", loader)
+    assert got.data == pattern(3_000_000)
+    await until(lambda: server.stats.completed == 2)
+    assert server.stats.started == 3
+
+
+async def test_the_listener_reads_a_burst_of_requests_per_wake_up(
+    server: TftpServer
+) -> None:
+    """A storm's RRQs waiting together are read together: asyncio's own UDP transport
+    read one datagram per trip round the loop, which in a storm left the listener seconds
+    behind (clients resent their RRQs meanwhile, see the test above)."""
+    clients = [RawClient() for _ in range(20)]
+    try:
+        for c in clients:  # on loopback each is queued on the listener by the time sendto returns
+            c.rrq(addr(server), "small.bin")
+        for _ in range(3):  # a few trips round the loop, not twenty
+            await asyncio.sleep(0)
+        assert server.stats.requests == 20
+        for c in clients:
+            pkt, _ = await c.recv()
+            assert isinstance(pkt, Data) and pkt.block == 1
+    finally:
+        for c in clients:
+            c.close()
+
+
+async def test_a_transfer_whose_first_answer_meets_a_closed_port_ends_at_once(
+    files: DirFiles
+) -> None:
+    """The client's RRQ is read after the client closed its port (it gave up, or this is
+    a late copy): the OACK comes back as an ICMP port unreachable, and the transfer ends
+    then instead of holding its slot through ``first_retries`` (here 3 x 30 s)."""
+    server = await started(files, retransmit=30.0, min_rto=None)
+    try:
+        gone = RawClient()
+        gone.rrq(addr(server), "big.bin", [("tsize", "0"), ("blksize", "1468")])
+        gone.close()  # before the server has read the RRQ (the test holds the loop)
+        await until(lambda: server.stats.started == 1 and server.transfers == 0)
+        assert server.stats.failed == 1 and server.stats.retransmissions == 0
+        with RawClient() as real:  # and the server serves the next client as ever
+            got = await fetch(real, addr(server), "small.bin")
+            assert got.data == SMALL
+    finally:
+        await server.close()
+
+
 async def test_unknown_tid_gets_error_5_and_transfer_goes_on(
     server: TftpServer, client: RawClient
 ) -> None:
@@ -497,7 +578,9 @@ async def test_malformed_datagram_on_a_transfer_is_ignored(
     assert pkt == Data(1, SMALL[:1024])
 
 
-async def test_concurrent_transfer_bound(files: DirFiles) -> None:
+async def test_concurrent_transfer_bound(files: DirFiles,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
     server = await started(files, max_transfers=2, retransmit=30.0)
     a, b, c = RawClient(), RawClient(), RawClient()
     try:
@@ -509,6 +592,9 @@ async def test_concurrent_transfer_bound(files: DirFiles) -> None:
         # Dropped without a reply, so the client retries instead of aborting its boot.
         await until(lambda: server.stats.busy == 1)
         assert server.transfers == 2
+        # Not silent: one line for the request, naming the setting.
+        busy = [r for r in caplog.records if "tftp.max_transfers" in r.getMessage()]
+        assert len(busy) == 1 and busy[0].levelno == logging.WARNING
         # a gives up; c's retransmitted RRQ is then served.
         pkt_a_tid = await _tid_of(server, a)
         a.send(Error(ErrorCode.NOT_DEFINED, "bye"), pkt_a_tid)
@@ -521,7 +607,8 @@ async def test_concurrent_transfer_bound(files: DirFiles) -> None:
         await server.close()
 
 
-async def test_per_client_bound(files: DirFiles) -> None:
+async def test_per_client_bound(files: DirFiles, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
     server = await started(files, max_transfers=10, max_per_client=1, retransmit=30.0)
     a, b = RawClient(), RawClient()
     try:
@@ -533,6 +620,8 @@ async def test_per_client_bound(files: DirFiles) -> None:
         assert pkt == Error(ErrorCode.NOT_DEFINED,
                             "server busy: too many transfers from your address")
         assert server.stats.busy == 1 and server.transfers == 1
+        busy = [r for r in caplog.records if "tftp.max_per_client" in r.getMessage()]
+        assert len(busy) == 1 and busy[0].levelno == logging.WARNING
     finally:
         a.close()
         b.close()

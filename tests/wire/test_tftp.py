@@ -438,6 +438,23 @@ def test_error_after_oack_or_first_block_is_a_probe(acks: list[int]) -> None:
     assert step.outcome is Outcome.PROBE and step.send == ()
 
 
+def test_a_closed_port_before_any_answer_ends_the_transfer() -> None:
+    # An ICMP port unreachable for the OACK: the client is gone, no ERROR sent to it.
+    s, _ = sender(5000, (("tsize", "0"),))
+    s.start(0.0)
+    step = s.unreachable(0.01)
+    assert step.outcome is Outcome.TIMED_OUT and step.send == () and "closed" in step.reason
+    assert s.unreachable(0.02).outcome is Outcome.TIMED_OUT  # and stays over
+
+
+def test_a_closed_port_after_an_answer_is_left_to_the_timer() -> None:
+    s, _ = sender(5000)
+    s.start(0.0)
+    s.ack(1, 0.1)
+    step = s.unreachable(0.2)
+    assert step.outcome is None and step.send == () and step.deadline == s.deadline
+
+
 def test_error_later_is_a_client_abort() -> None:
     s, _ = sender(5000)
     s.start(0.0)
