@@ -541,6 +541,24 @@ def machine_json(machine: Machine) -> str:
             + float.__repr__(m.updated) + "}")
 
 
+def same_labels(document: Any, machine: Machine) -> bool:
+    """Whether a stored machine document (:func:`loads_document` of what a store wrote, in
+    this form or :func:`machine_to_dict`'s) has ``machine``'s labels. False when unsure:
+    the caller then writes them again."""
+    return type(document) is dict and (document.get("labels") or {}) == machine.labels
+
+
+def same_identifiers(document: Any, machine: Machine) -> bool:
+    """Whether a stored machine document has the fields ``machine``'s identifiers are made
+    of (:func:`netboot.identity.claims`: its MACs, UUID, serial and asset tag) as they are in
+    ``machine``, spelled alike. False when unsure: the caller then writes them again."""
+    m = machine
+    return (type(document) is dict
+            and document.get("macs") == [mac.raw.hex(":") for mac in m.macs]
+            and document.get("uuid") == m.uuid and document.get("serial") == m.serial
+            and document.get("asset") == m.asset)
+
+
 # What a store indexes of a new machine beside its document: id, first MAC (None without
 # one), whether it has more MACs, hostname, state, cluster, the document's text, created,
 # updated, and its identifiers other than MACs as identity.claims cleans them (None when it

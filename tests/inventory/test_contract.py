@@ -1078,6 +1078,26 @@ async def test_update_from_a_stale_state_is_refused_and_writes_nothing(store: St
         await store.update_machine(machine(MAC3), expect_state=MachineState.ENROLLED)
 
 
+async def test_expected_states_are_those_before_the_batch(store: Store) -> None:
+    """A machine updated twice in one batch is compared with its state before the batch,
+    not with the first update's; a machine expected but not updated is compared too."""
+    await store.create_machine(machine(MAC1, state=MachineState.ENROLLED))
+    await store.create_machine(machine(MAC2, state=MachineState.INSTALLED))
+    booting = machine(MAC1, state=MachineState.BOOTING, updated=2.0)
+    installing = machine(MAC1, state=MachineState.INSTALLING, updated=3.0)
+    with pytest.raises(StateChanged):
+        await store.apply_batch(Batch(update=[booting, installing],
+                                      expect={mid(MAC1): MachineState.BOOTING}))
+    with pytest.raises(StateChanged) as err:
+        await store.apply_batch(Batch(update=[booting, installing], expect={
+            mid(MAC1): MachineState.ENROLLED, mid(MAC2): MachineState.ENROLLED}))
+    assert err.value.holder == mid(MAC2)
+    assert await store.get_machine(mid(MAC1)) == machine(MAC1, state=MachineState.ENROLLED)
+    await store.apply_batch(Batch(update=[booting, installing], expect={
+        mid(MAC1): MachineState.ENROLLED, mid(MAC2): MachineState.INSTALLED}))
+    assert await store.get_machine(mid(MAC1)) == installing
+
+
 async def test_claim_setting_is_insert_if_absent(store: Store) -> None:
     assert await store.claim_setting("cluster-init/edge", "m-1") == "m-1"
     assert await store.claim_setting("cluster-init/edge", "m-2") == "m-1"  # taken: the winner

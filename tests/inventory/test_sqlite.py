@@ -10,15 +10,19 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import netboot
 from netboot.errors import Conflict, NotFound, StoreError
 from netboot.identity import claims
+from netboot.inventory import codec
 from netboot.inventory import sqlite as sqlite_store
 from netboot.inventory.base import Batch, MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
@@ -678,3 +682,93 @@ async def test_machines_listed_together_share_their_equal_label_sets(tmp_path: P
         assert listed[0].labels is listed[2].labels and listed[1].labels is listed[3].labels
     finally:
         await store.close()
+
+
+# Each machine of the property below draws its identifiers and hostname from its own pool
+# (no two can conflict); raw spellings that claim alike (" A1 " and "A1"), placeholders that
+# claim nothing, and labels that move between keys and values.
+_POOL: dict[str, Callable[[int], st.SearchStrategy[Any]]] = {
+    "macs": lambda i: st.lists(st.sampled_from([f"02:00:00:00:0{i}:0{n}" for n in range(4)]),
+                               min_size=0, max_size=3, unique=True),
+    "uuid": lambda i: st.sampled_from([None, f"0000000{i}-0000-4000-8000-000000000001",
+                                       "00000000-0000-0000-0000-000000000000"]),
+    "serial": lambda i: st.sampled_from([None, f"SN{i}", f" SN{i} ", "To be filled by O.E.M."]),
+    "asset": lambda i: st.sampled_from([None, f"A{i}", f"A{i}b"]),
+    "hostname": lambda i: st.sampled_from([None, f"h{i}", f"H{i}"]),
+    "labels": lambda i: st.dictionaries(st.sampled_from(["rack", "site", "a.b"]),
+                                        st.sampled_from(["1", "2", "rack"]), max_size=3),
+    "facts": lambda i: st.dictionaries(st.sampled_from(["arch", "k"]), st.sampled_from(["x"]),
+                                       max_size=1),
+    "state": lambda i: st.sampled_from(list(netboot.model.MachineState)),
+    "cluster": lambda i: st.sampled_from([None, "c1", "c2"]),
+}
+
+
+@st.composite
+def _change(draw: st.DrawFn, i: int) -> dict[str, object]:
+    fields = draw(st.sets(st.sampled_from(sorted(_POOL)), max_size=len(_POOL)))
+    return {f: draw(_POOL[f](i)) for f in sorted(fields)}
+
+
+@settings(max_examples=40)
+@given(st.data())
+def test_updates_write_what_changed_and_read_back_exactly(tmp_path_factory: pytest.TempPathFactory,
+                                                          data: st.DataObject) -> None:
+    """Updates that write only the columns, labels and identifiers that changed (compared
+    with the stored row and document) leave the file exactly as writing everything would:
+    every machine reads back as written, by id and by each identifier it claims (and by
+    none it gave up), and its label, identifier and indexed-column rows are its own. Also
+    when a machine is updated twice in one batch, and when its stored document was written
+    in machine_to_dict's long form (by an older netboot)."""
+    path = tmp_path_factory.mktemp("prop") / "n.db"
+
+    def machine(i: int, change: dict[str, object]) -> Machine:
+        fields = dict(change)
+        fields["macs"] = tuple(MacAddress.parse(m) for m in fields.get("macs", ()))  # type: ignore[attr-defined]
+        return Machine(id=f"m-prop{i}", **fields)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            now = [machine(i, data.draw(_change(i))) for i in range(3)]
+            await store.apply_batch(Batch(create=now))
+            for step in range(data.draw(st.integers(1, 4))):
+                if data.draw(st.booleans()):  # an older netboot rewrote one, long form
+                    old = now[data.draw(st.integers(0, 2))]
+                    with raw(path) as conn:
+                        conn.execute("UPDATE machines SET data = ? WHERE id = ?",
+                                     (json.dumps(codec.machine_to_dict(old)), old.id))
+                picked = data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=4))
+                updates = []
+                for i in picked:
+                    drawn = machine(i, data.draw(_change(i)))
+                    now[i] = replace(now[i], **{
+                        **{k: getattr(drawn, k)
+                           for k in data.draw(st.sets(st.sampled_from(sorted(_POOL))))},
+                        "updated": float(step + 1)})
+                    updates.append(now[i])
+                if len(set(picked)) < len(picked) and data.draw(st.booleans()):
+                    for u in updates:  # the same updates one batch each
+                        await store.apply_batch(Batch(update=(u,)))
+                else:
+                    await store.apply_batch(Batch(update=updates))
+                for m in now:
+                    assert await store.get_machine(m.id) == m
+                    for kind, value in claims(m):
+                        assert await store.machine_by(kind, value) == m
+                with raw(path) as conn:
+                    assert sorted(conn.execute("SELECT machine, key, value FROM machine_labels")
+                                  ) == sorted((m.id, k, v) for m in now
+                                              for k, v in m.labels.items())
+                    assert sorted(conn.execute("SELECT machine, kind, value FROM machine_keys")
+                                  ) == sorted((m.id, k, v) for m in now for k, v in claims(m))
+                    assert sorted(conn.execute(
+                        "SELECT id, mac, hostname, state, cluster FROM machines")) == sorted(
+                        (m.id, str(m.macs[0]) if m.macs else None, m.hostname, m.state.value,
+                         m.cluster) for m in now)
+                    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        finally:
+            await store.close()
+
+    asyncio.run(run())
