@@ -15,6 +15,8 @@ import marshal
 import os
 import re
 import secrets
+import select
+import stat
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -84,9 +86,25 @@ class Renderer:
 
     def generation(self) -> int:
         """A number that changes whenever a template file may have changed since it was
-        last read (:class:`_Freshness`): what is kept by it (``Content``'s command lines)
-        is checked again when it moves."""
+        last read (:class:`_Freshness`)."""
         return self._fresh.generation()
+
+    def text(self, name: str) -> str | None:
+        """The text of file ``name`` of the template directories (the first that has it,
+        as templates are found), not a template (a default kernel command line); None
+        where none has it. Read again only when it may have changed (:class:`_Freshness`)."""
+        return self._fresh.text(name)
+
+    def pinned(self) -> _Pin:
+        """``with renderer.pinned():`` the template files are checked once, at its start,
+        for everything rendered inside (an install script and its command line, a config and
+        its): one look at the watch per answer, not one per file. Never across an await."""
+        return self._fresh.pin
+
+    def close(self) -> None:
+        """Give back the inotify instance (128 per user by default; a test suite's servers
+        each held one until collected). Templates used after it are checked at every use."""
+        self._fresh.close()
 
     def _template(self, name: str) -> jinja2.Template:
         """Template ``name`` as its file is now (:class:`_Freshness`)."""
@@ -539,6 +557,12 @@ class _Freshness:
         self._envs: list[ImmutableSandboxedEnvironment] = []
         # Templates by environment and name as last checked, valid while the generation is.
         self._checked: dict[tuple[ImmutableSandboxedEnvironment, str], jinja2.Template] = {}
+        # Plain files by name (text()): (generation, text) as last checked, and by path
+        # ((inode, size, mtime), text) as last read.
+        self._texts: dict[str, tuple[int, str | None]] = {}
+        self._read: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self._pins = 0  # open pin scopes (_Pin): the generation is not looked at again
+        self.pin = _Pin(self)
 
     def adopt(self, env: ImmutableSandboxedEnvironment) -> ImmutableSandboxedEnvironment:
         """``env``, whose templates are now checked here."""
@@ -548,7 +572,9 @@ class _Freshness:
 
     def generation(self) -> int:
         """A number that changes whenever a template file may have changed since it was
-        last read."""
+        last read; inside a pin (:class:`_Pin`), the one its start read."""
+        if self._pins:
+            return self._generation
         watch = self._watch if self._unstarted is None else self._started()
         now = time.monotonic()
         if watch is not None and watch.changed():
@@ -563,6 +589,40 @@ class _Freshness:
             if watch is not None:
                 self._sweep()
         return self._generation
+
+    def close(self) -> None:
+        """The watch closed: from now on every use checks the files (as without inotify)."""
+        watch, self._watch, self._unstarted = self._watch, None, None
+        if watch is not None:
+            watch.close()
+            for env in self._envs:
+                env.auto_reload = True
+
+    def text(self, name: str) -> str | None:
+        """File ``name``'s text from the first directory that has it (None: none has),
+        looked for again when the generation moved, and read again only when its inode,
+        size or mtime changed (every install script and config reads a command line)."""
+        generation = self.generation()
+        kept = self._texts.get(name)
+        if kept is not None and kept[0] == generation:
+            return kept[1]
+        text = None
+        for path in self._paths_of(name):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            read = self._read.get(path)
+            if read is None or read[0] != seen:
+                with open(path, encoding="utf-8") as f:
+                    read = self._read[path] = (seen, f.read())
+            text = read[1]
+            break
+        self._texts[name] = (generation, text)
+        return text
 
     def _started(self) -> _Watch | None:
         if self._unstarted is not None:
@@ -590,16 +650,20 @@ class _Freshness:
         ``filename`` was read from (the loader's search, as FileSystemLoader's): one stat()
         per such directory. A file removed since its template was read, Jinja's own check
         sees."""
-        paths = self._paths.get(name)
-        if paths is None:  # joined once: the joins were most of this check
-            paths = self._paths[name] = tuple(
-                os.path.normpath(os.path.join(top, *name.split("/"))) for top in self._dirs)
-        for path in paths:
+        for path in self._paths_of(name):
             if path == filename:
                 return False
             if os.path.isfile(path):
                 return True
         return False
+
+    def _paths_of(self, name: str) -> tuple[str, ...]:
+        """Where file ``name`` is looked for, in search order."""
+        paths = self._paths.get(name)
+        if paths is None:  # joined once: the joins were most of a check
+            paths = self._paths[name] = tuple(
+                os.path.normpath(os.path.join(top, *name.split("/"))) for top in self._dirs)
+        return paths
 
     def _sweep(self) -> None:
         """Drop the compiled templates whose file's mtime moved: Jinja's own up-to-date
@@ -613,6 +677,25 @@ class _Freshness:
                     del cache[key]
 
 
+class _Pin:
+    """:meth:`Renderer.pinned`'s scope: the watch is read at its start, and not again before
+    its end (nested scopes count; one render answers one request: one moment)."""
+
+    __slots__ = ("_fresh",)
+
+    def __init__(self, fresh: _Freshness) -> None:
+        self._fresh = fresh
+
+    def __enter__(self) -> None:
+        fresh = self._fresh
+        if not fresh._pins:
+            fresh.generation()
+        fresh._pins += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._fresh._pins -= 1
+
+
 class _Watch:
     """An inotify(7) descriptor watching the template directories and their subdirectories:
     whether anything in them changed since the last :meth:`changed`. An event is queued by
@@ -621,7 +704,11 @@ class _Watch:
     def __init__(self, fd: int, add: Callable[[int, bytes, int], int], dirs: Sequence[Path],
                  ) -> None:
         self._fd, self._add, self._dirs = fd, add, dirs
-        weakref.finalize(self, os.close, fd)
+        self.close = weakref.finalize(self, os.close, fd)  # by close() or when collected
+        # Whether an event waits, asked of poll(2): a read of the empty descriptor raised
+        # BlockingIOError, ~5 µs against ~1 µs (every install script and config asks).
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
         self._whole = self._watch_all()
 
     @classmethod
@@ -642,7 +729,8 @@ class _Watch:
             return None
         if not watch._whole:
             log.debug("template files checked at every use (inotify_add_watch failed)")
-            return None  # its descriptor closed when it is collected
+            watch.close()
+            return None
         return watch
 
     def _watch_all(self) -> bool:
@@ -661,10 +749,7 @@ class _Watch:
     def changed(self) -> bool:
         if not self._whole:  # a directory not watched: checked at every use
             return True
-        try:
-            if not os.read(self._fd, 65536):
-                return False
-        except BlockingIOError:
+        if not self._poll.poll(0):
             return False
         # Drained (a burst of events reads as one change); a directory made since gets its
         # watch (adding one again is harmless).

@@ -30,6 +30,7 @@ from netboot.model import (
 )
 from netboot.render import Renderer
 from netboot.shipped import templates_dir
+from tests.conftest import inotify_instances
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 MAC = MacAddress.parse("52:54:00:00:00:11")
@@ -797,3 +798,75 @@ def test_tojson_writes_what_jinjas_own_writes(tmp_path: Path, value: object) -> 
                                           autoescape=False, keep_trailing_newline=True)
     ours = Renderer([tmp_path]).render("t.txt", {"v": value})
     assert ours == plain.get_template("t.txt").render(v=value)
+
+
+def test_a_pinned_render_looks_at_the_watch_once(tmp_path: Path) -> None:
+    """Inside ``pinned()`` (one answer: an install script and its command line, a config and
+    its) the files are checked at its start only; the edit made meanwhile is seen by the
+    next answer."""
+    (tmp_path / "ipxe").mkdir()
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one {{ mac }}\n")
+    (tmp_path / "cmdline.txt").write_text("one\n")
+    r = Renderer([tmp_path], recheck=3600)
+    with r.pinned():
+        generation = r.generation()
+        assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho one m1\n"
+        _edit(path, "#!ipxe\necho two {{ mac }}\n")
+        _edit(tmp_path / "cmdline.txt", "two\n")
+        with r.pinned():  # nested: still the moment the outer one began
+            assert r.generation() == generation
+        assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho one m1\n"
+        assert r.text("cmdline.txt") == "two\n"  # first read inside: as it is then
+    assert r.generation() != generation
+    assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho two m1\n"
+    with pytest.raises(RenderError), r.pinned():  # the pin ends with the error
+        r.render("ipxe/missing.ipxe", {})
+    _edit(path, "#!ipxe\necho three {{ mac }}\n")
+    assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho three m1\n"
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["inotify", "too-big-to-watch"])
+def test_a_plain_file_is_read_again_only_when_it_changed(tmp_path: Path, watched: bool,
+                                                        ) -> None:
+    """``text()`` (the default kernel command lines) follows edits, an override made in
+    a directory searched first and its removal, and a file that is not there (None)."""
+    if not watched:
+        for n in range(300):
+            (tmp_path / "many" / str(n)).mkdir(parents=True)
+    own, shipped_dir = tmp_path / "own", tmp_path / "shipped"
+    (own / "cmdline").mkdir(parents=True)
+    (shipped_dir / "cmdline").mkdir(parents=True)
+    shipped = shipped_dir / "cmdline" / "k3os.txt"
+    shipped.write_text("shipped\n")
+    r = Renderer([own, shipped_dir, tmp_path], recheck=3600)
+    assert r.text("cmdline/k3os.txt") == "shipped\n"
+    assert r.text("cmdline/k3os.txt") == "shipped\n"
+    assert r.text("cmdline/none.txt") is None
+    _edit(shipped, "edited\n")
+    assert r.text("cmdline/k3os.txt") == "edited\n"
+    (own / "cmdline" / "k3os.txt").write_text("own\n")
+    assert r.text("cmdline/k3os.txt") == "own\n"
+    (own / "cmdline" / "k3os.txt").unlink()
+    assert r.text("cmdline/k3os.txt") == "edited\n"
+    (own / "cmdline" / "none.txt").mkdir()  # a directory of that name is not the file
+    assert r.text("cmdline/none.txt") is None
+
+
+def test_close_gives_the_inotify_instance_back(tmp_path: Path) -> None:
+    """A renderer holds an inotify instance from its first render until close(); rendering
+    after it still follows edits (every use checks the files, as without a watch)."""
+    (tmp_path / "ipxe").mkdir()
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one\n")
+    before = inotify_instances()
+    r = Renderer([tmp_path], recheck=3600)
+    assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho one\n"
+    assert inotify_instances() in (before, before + 1)  # inotify instances may run out
+    r.close()
+    assert inotify_instances() == before
+    r.close()  # again: nothing more to give back
+    _edit(path, "#!ipxe\necho two\n")
+    assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho two\n"
+    assert r.generation() != r.generation()  # no watch now
+    assert inotify_instances() == before
