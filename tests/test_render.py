@@ -870,3 +870,44 @@ def test_close_gives_the_inotify_instance_back(tmp_path: Path) -> None:
     assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho two\n"
     assert r.generation() != r.generation()  # no watch now
     assert inotify_instances() == before
+
+
+class _Attrs:
+    hostname = "from-an-attribute"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ d.hostname }}", "{{ d.missing }}", "{{ d['hostname'] }}", "{{ d.keys }}",
+    "{{ d.items() | list }}", "{{ d.pop }}", "{{ d.pop('hostname') }}", "{{ d.clear() }}",
+    "{{ d.__class__ }}", "{{ d.__class__.__mro__ }}", "{{ d.update }}", "{{ d.get('x') }}",
+    "{{ sub.hostname }}", "{{ sub.pop }}", "{{ obj.hostname }}", "{{ obj.__class__ }}",
+    "{{ d.nested.hostname }}", "{{ (d.nested or {}).more }}", "{{ d.hostname.upper() }}",
+    "{{ ('{0}' ~ d.hostname).format(d.keys) }}", "{{ d.hostname | tojson ~ '<' }}",
+])
+def test_dict_lookups_are_what_the_sandbox_gives(tmp_path: Path, source: str) -> None:
+    """``dict.key`` is looked up without the sandbox's getattr-first detour where that
+    getattr cannot succeed; the text, the undefined value and every refusal stay the
+    sandbox's own (a plain ImmutableSandboxedEnvironment's), for dicts, dict subclasses,
+    objects, and names a dict's own attributes have (``pop``, ``update``, ``__class__``)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class Sub(dict[str, object]):
+        pass
+
+    context = {"d": {"hostname": "edge-1", "pop": "a key named pop", "keys": "k",
+                     "nested": {"hostname": "n"}},
+               "sub": Sub(hostname="s", pop="p"), "obj": _Attrs()}
+    (tmp_path / "t.txt").write_text(source)
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          undefined=jinja2.StrictUndefined, autoescape=False,
+                                          keep_trailing_newline=True)
+    try:
+        expected: object = plain.get_template("t.txt").render(**context)
+    except (jinja2.UndefinedError, SecurityError) as exc:
+        expected = type(exc)
+    try:
+        ours: object = Renderer([tmp_path]).render("t.txt", context)
+    except RenderError as exc:
+        ours = type(exc.__cause__)
+    assert ours == expected
