@@ -19,6 +19,7 @@ import select
 import stat
 import time
 import weakref
+from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -927,12 +928,22 @@ def _lookup(env: ImmutableSandboxedEnvironment, node: nodes.Node,
 
 
 def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:
-    """``template.render(**context)``, the same text and errors, with the context copied
-    once (into the template's globals, as Jinja does) instead of three times."""
+    """``template.render(**context)``: the same text and errors, the same Context (its
+    parent: the template's globals under the context; its globals' names), made with C-level
+    dict merges. Jinja copied the context three times and its globals (a ChainMap of the
+    template's own over the environment's) twice through ChainMap's Python methods: a tenth
+    of a config's render."""
     env = template.environment
+    globals_ = template.globals
+    if type(globals_) is ChainMap:
+        flat: dict[str, Any] = {}
+        for layer in reversed(globals_.maps):  # the first map wins, as in a lookup
+            flat.update(layer)
+    else:
+        flat = dict(globals_)
     try:
-        return env.concat(template.root_render_func(template.new_context(
-            context if type(context) is dict else dict(context))))
+        return env.concat(template.root_render_func(env.context_class(
+            env, {**flat, **context}, template.name, template.blocks, globals=flat)))
     except Exception:
         env.handle_exception()
 

@@ -911,3 +911,40 @@ def test_dict_lookups_are_what_the_sandbox_gives(tmp_path: Path, source: str) ->
     except RenderError as exc:
         ours = type(exc.__cause__)
     assert ours == expected
+
+
+def test_a_render_is_jinjas_own_with_globals_imports_and_inheritance(tmp_path: Path) -> None:
+    """The render (its Context made without Jinja's copies) gives Jinja's own text for
+    templates that use its globals (``range``, ``namespace``, ``dict``), import macros with
+    and without the context, include and extend others, and set variables; and the same
+    undefined-name error."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    files = {
+        "macros.txt": "{% macro m(x) %}<{{ x }}:{{ v }}>{% endmacro %}",
+        "plain.txt": "{% macro p(x) %}[{{ x }}]{% endmacro %}",
+        "base.txt": "head {{ v }} {% block body %}base{% endblock %} tail\n",
+        "part.txt": "part {{ v }} {{ range(2) | list }}",
+        "t.txt": (
+            "{% extends 'base.txt' %}{% block body %}"
+            "{% import 'macros.txt' as mac with context %}{% import 'plain.txt' as pl %}"
+            "{% set ns = namespace(n=0) %}{% for i in range(3) %}{% set ns.n = ns.n + i %}"
+            "{% endfor %}{{ ns.n }} {{ mac.m(1) }} {{ pl.p(2) }} {{ dict(a=v) | tojson }}"
+            " {% include 'part.txt' %}"
+            "{% endblock %}"),
+        "undefined.txt": "{{ v }} {{ nothing.here }}",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          undefined=jinja2.StrictUndefined, autoescape=False,
+                                          keep_trailing_newline=True)
+    r = Renderer([tmp_path])
+    # The second context shadows a global, as a context name does.
+    for context in ({"v": "a"}, {"v": "b", "range": lambda n: [9]}):
+        assert r.render("t.txt", context) == plain.get_template("t.txt").render(**context)
+    with pytest.raises(jinja2.UndefinedError):
+        plain.get_template("undefined.txt").render(v=1)
+    with pytest.raises(RenderError, match="'nothing' is undefined"):
+        r.render("undefined.txt", {"v": 1})
