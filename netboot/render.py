@@ -179,19 +179,21 @@ class Renderer:
         values differ from one machine to the next (its MAC, its token): where the template
         only prints them, the rest is rendered once per distinct value of everything else
         and the printed values are filled in (:class:`_Split`), the same text."""
-        import jinja2
-        import jinja2.sandbox
-
         try:
             return self._rendered(self._template(name), name, context, volatile)
-        except jinja2.TemplateNotFound as exc:
-            raise RenderError(f"template {name!r} not found in {self._dirs_text()}") from exc
-        except jinja2.UndefinedError as exc:
-            raise RenderError(f"template {name!r}: {exc.message}") from exc
-        except jinja2.TemplateError as exc:
-            raise RenderError(f"template {name!r}: {exc}") from exc
-        except jinja2.sandbox.SecurityError as exc:  # type: ignore[attr-defined]
-            raise RenderError(f"template {name!r} tried something unsafe: {exc}") from exc
+        except Exception as exc:
+            # Jinja's exceptions looked up only when one is raised: an import statement per
+            # render cost ~1 µs. (The sandbox's SecurityError is a TemplateError.)
+            import jinja2
+
+            if isinstance(exc, jinja2.TemplateNotFound):
+                raise RenderError(
+                    f"template {name!r} not found in {self._dirs_text()}") from exc
+            if isinstance(exc, jinja2.UndefinedError):
+                raise RenderError(f"template {name!r}: {exc.message}") from exc
+            if isinstance(exc, jinja2.TemplateError):
+                raise RenderError(f"template {name!r}: {exc}") from exc
+            raise
 
     def version(self, name: str) -> object:
         """What changes when template ``name`` changes on disk (its compiled form, re-read
@@ -205,12 +207,14 @@ class Renderer:
 
     def render_string(self, source: str, context: Mapping[str, Any], *, what: str,
                       volatile: frozenset[str] = frozenset()) -> str:
-        import jinja2
-
         try:
             return self._rendered(self._compiled(source), None, context, volatile, source)
-        except jinja2.TemplateError as exc:
-            raise RenderError(f"{what}: {exc}") from exc
+        except Exception as exc:
+            import jinja2  # as in render: only once something failed
+
+            if isinstance(exc, jinja2.TemplateError):
+                raise RenderError(f"{what}: {exc}") from exc
+            raise
 
     def _rendered(self, template: jinja2.Template, name: str | None,
                   context: Mapping[str, Any], volatile: frozenset[str],
