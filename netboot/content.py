@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shlex
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -120,9 +118,6 @@ class Content:
         self._log = logger or logging.getLogger(__name__)
         self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
-        self._cmdlines: dict[str, tuple[object, str]] = {}  # see _default_cmdline
-        self._cmdline_now: dict[str, tuple[int, str]] = {}  # by name, checked at generation
-        self._cmdline_paths: dict[str, tuple[str, ...]] = {}
         # Context values of profiles and clusters, by the object (_of_profile, _of_cluster):
         # id() -> (the object, so that a reused id is not taken for it, ..., the values).
         self._profile_parts: dict[int, tuple[Profile, str, tuple[dict[str, Any],
@@ -216,34 +211,11 @@ class Content:
 
     def _default_cmdline(self, config_template: str) -> str:
         name = "cmdline/cloud-init.txt" if config_template == "cloud-init" else "cmdline/k3os.txt"
-        paths = self._cmdline_paths.get(name)
-        if paths is None:  # joined once: a Path join was a third of this lookup
-            paths = self._cmdline_paths[name] = tuple(str(d / name) for d in self._render.dirs)
-        # Unchanged since the file was last checked (render's inotify watch): no stat().
-        generation = self._render.generation()
-        kept = self._cmdline_now.get(name)
-        if kept is not None and kept[0] == generation:
-            return kept[1]
-        text = self._cmdline_read(paths, name)
-        self._cmdline_now[name] = (generation, text)
+        # Kept by the renderer, which reads it again only when it may have changed.
+        text = self._render.text(name)
+        if text is None:
+            raise RenderError(f"no default command line template {name}")
         return text
-
-    def _cmdline_read(self, paths: tuple[str, ...], name: str) -> str:
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            # Every install script and config renders it: read again only when the file
-            # changed (inode, size, mtime), not on every request.
-            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
-            kept = self._cmdlines.get(path)
-            if kept is None or kept[0] != seen:
-                kept = self._cmdlines[path] = (seen, Path(path).read_text(encoding="utf-8"))
-            return kept[1]
-        raise RenderError(f"no default command line template {name}")
 
     # -- iPXE ---------------------------------------------------------------------------
     def bootstrap_ipxe(self) -> str:
@@ -271,6 +243,10 @@ class Content:
         disk, so a kept script is used only while its template file is unchanged too.
         Install scripts are never kept: the tokens they carry, and their command lines.
         """
+        with self._render.pinned():  # its template and command line: one look at the watch
+            return self._render_ipxe(plan)
+
+    def _render_ipxe(self, plan: BootPlan) -> str:
         name = f"ipxe/{plan.action}.ipxe"
         if plan.token or plan.action == BootAction.INSTALL:
             # An install's command line also comes from files outside the key (cmdline/).
@@ -493,10 +469,17 @@ class Content:
         return self._config(f"cloud-config/cloud-init/{name}", plan, header=header)
 
     def _config(self, name: str, plan: BootPlan, *, header: str = "") -> str:
-        # Without the kernel command line where the template does not read it.
-        return self._render.yaml_config(
-            name, lambda names: self.context(plan, cmdline=names is None or "cmdline" in names),
-            header=header)
+        # Without the kernel command line where the template does not read it; the template
+        # and the command line checked by one look at the watch.
+        with self._render.pinned():
+            return self._render.yaml_config(
+                name,
+                lambda names: self.context(plan, cmdline=names is None or "cmdline" in names),
+                header=header)
+
+    def close(self) -> None:
+        """What the renderer holds (its inotify instance) given back."""
+        self._render.close()
 
 
 # Profiles' and clusters' context values kept (Content._of_profile, _of_cluster): a site has

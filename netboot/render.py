@@ -15,8 +15,11 @@ import marshal
 import os
 import re
 import secrets
+import select
+import stat
 import time
 import weakref
+from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,9 +87,25 @@ class Renderer:
 
     def generation(self) -> int:
         """A number that changes whenever a template file may have changed since it was
-        last read (:class:`_Freshness`): what is kept by it (``Content``'s command lines)
-        is checked again when it moves."""
+        last read (:class:`_Freshness`)."""
         return self._fresh.generation()
+
+    def text(self, name: str) -> str | None:
+        """The text of file ``name`` of the template directories (the first that has it,
+        as templates are found), not a template (a default kernel command line); None
+        where none has it. Read again only when it may have changed (:class:`_Freshness`)."""
+        return self._fresh.text(name)
+
+    def pinned(self) -> _Pin:
+        """``with renderer.pinned():`` the template files are checked once, at its start,
+        for everything rendered inside (an install script and its command line, a config and
+        its): one look at the watch per answer, not one per file. Never across an await."""
+        return self._fresh.pin
+
+    def close(self) -> None:
+        """Give back the inotify instance (128 per user by default; a test suite's servers
+        each held one until collected). Templates used after it are checked at every use."""
+        self._fresh.close()
 
     def _template(self, name: str) -> jinja2.Template:
         """Template ``name`` as its file is now (:class:`_Freshness`)."""
@@ -98,9 +117,8 @@ class Renderer:
         ``serve``'s start-up, and the shipped templates need no check at start (below)."""
         if self._jinja is None:
             import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-            env = ImmutableSandboxedEnvironment(
+            env = _sandbox()(
                 loader=jinja2.FileSystemLoader([str(d) for d in self.dirs]),
                 undefined=jinja2.StrictUndefined,
                 autoescape=False,  # none of our outputs is HTML
@@ -108,7 +126,7 @@ class Renderer:
             )
             env.filters["grub_quote"] = grub_quote
             env.filters["grub_args"] = grub_args
-            env.policies["json.dumps_function"] = _json_dumps  # tojson's (below)
+            env.filters["tojson"] = _tojson()
             self._jinja = self._fresh.adopt(env)
         return self._jinja
 
@@ -161,19 +179,21 @@ class Renderer:
         values differ from one machine to the next (its MAC, its token): where the template
         only prints them, the rest is rendered once per distinct value of everything else
         and the printed values are filled in (:class:`_Split`), the same text."""
-        import jinja2
-        import jinja2.sandbox
-
         try:
             return self._rendered(self._template(name), name, context, volatile)
-        except jinja2.TemplateNotFound as exc:
-            raise RenderError(f"template {name!r} not found in {self._dirs_text()}") from exc
-        except jinja2.UndefinedError as exc:
-            raise RenderError(f"template {name!r}: {exc.message}") from exc
-        except jinja2.TemplateError as exc:
-            raise RenderError(f"template {name!r}: {exc}") from exc
-        except jinja2.sandbox.SecurityError as exc:  # type: ignore[attr-defined]
-            raise RenderError(f"template {name!r} tried something unsafe: {exc}") from exc
+        except Exception as exc:
+            # Jinja's exceptions looked up only when one is raised: an import statement per
+            # render cost ~1 µs. (The sandbox's SecurityError is a TemplateError.)
+            import jinja2
+
+            if isinstance(exc, jinja2.TemplateNotFound):
+                raise RenderError(
+                    f"template {name!r} not found in {self._dirs_text()}") from exc
+            if isinstance(exc, jinja2.UndefinedError):
+                raise RenderError(f"template {name!r}: {exc.message}") from exc
+            if isinstance(exc, jinja2.TemplateError):
+                raise RenderError(f"template {name!r}: {exc}") from exc
+            raise
 
     def version(self, name: str) -> object:
         """What changes when template ``name`` changes on disk (its compiled form, re-read
@@ -187,12 +207,14 @@ class Renderer:
 
     def render_string(self, source: str, context: Mapping[str, Any], *, what: str,
                       volatile: frozenset[str] = frozenset()) -> str:
-        import jinja2
-
         try:
             return self._rendered(self._compiled(source), None, context, volatile, source)
-        except jinja2.TemplateError as exc:
-            raise RenderError(f"{what}: {exc}") from exc
+        except Exception as exc:
+            import jinja2  # as in render: only once something failed
+
+            if isinstance(exc, jinja2.TemplateError):
+                raise RenderError(f"{what}: {exc}") from exc
+            raise
 
     def _rendered(self, template: jinja2.Template, name: str | None,
                   context: Mapping[str, Any], volatile: frozenset[str],
@@ -205,7 +227,7 @@ class Renderer:
                 text = split.render(context)
                 if text is not None:
                     return text
-        return template.render(**context)
+        return _render(template, context)
 
     def _compiled(self, source: str) -> jinja2.Template:
         """The compiled template of ``source`` (a profile's cmdline), compiled once.
@@ -346,7 +368,7 @@ class Renderer:
         try:
             if template is None:
                 template = self._fresh.template(self._marking_env, name)
-            raw = template.render(**context)
+            raw = _render(template, context)
         except Exception:  # the plain render raises it again, as a RenderError
             return None
         return self._shapes.split(raw)
@@ -539,6 +561,12 @@ class _Freshness:
         self._envs: list[ImmutableSandboxedEnvironment] = []
         # Templates by environment and name as last checked, valid while the generation is.
         self._checked: dict[tuple[ImmutableSandboxedEnvironment, str], jinja2.Template] = {}
+        # Plain files by name (text()): (generation, text) as last checked, and by path
+        # ((inode, size, mtime), text) as last read.
+        self._texts: dict[str, tuple[int, str | None]] = {}
+        self._read: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self._pins = 0  # open pin scopes (_Pin): the generation is not looked at again
+        self.pin = _Pin(self)
 
     def adopt(self, env: ImmutableSandboxedEnvironment) -> ImmutableSandboxedEnvironment:
         """``env``, whose templates are now checked here."""
@@ -548,7 +576,9 @@ class _Freshness:
 
     def generation(self) -> int:
         """A number that changes whenever a template file may have changed since it was
-        last read."""
+        last read; inside a pin (:class:`_Pin`), the one its start read."""
+        if self._pins:
+            return self._generation
         watch = self._watch if self._unstarted is None else self._started()
         now = time.monotonic()
         if watch is not None and watch.changed():
@@ -563,6 +593,40 @@ class _Freshness:
             if watch is not None:
                 self._sweep()
         return self._generation
+
+    def close(self) -> None:
+        """The watch closed: from now on every use checks the files (as without inotify)."""
+        watch, self._watch, self._unstarted = self._watch, None, None
+        if watch is not None:
+            watch.close()
+            for env in self._envs:
+                env.auto_reload = True
+
+    def text(self, name: str) -> str | None:
+        """File ``name``'s text from the first directory that has it (None: none has),
+        looked for again when the generation moved, and read again only when its inode,
+        size or mtime changed (every install script and config reads a command line)."""
+        generation = self.generation()
+        kept = self._texts.get(name)
+        if kept is not None and kept[0] == generation:
+            return kept[1]
+        text = None
+        for path in self._paths_of(name):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            read = self._read.get(path)
+            if read is None or read[0] != seen:
+                with open(path, encoding="utf-8") as f:
+                    read = self._read[path] = (seen, f.read())
+            text = read[1]
+            break
+        self._texts[name] = (generation, text)
+        return text
 
     def _started(self) -> _Watch | None:
         if self._unstarted is not None:
@@ -590,16 +654,20 @@ class _Freshness:
         ``filename`` was read from (the loader's search, as FileSystemLoader's): one stat()
         per such directory. A file removed since its template was read, Jinja's own check
         sees."""
-        paths = self._paths.get(name)
-        if paths is None:  # joined once: the joins were most of this check
-            paths = self._paths[name] = tuple(
-                os.path.normpath(os.path.join(top, *name.split("/"))) for top in self._dirs)
-        for path in paths:
+        for path in self._paths_of(name):
             if path == filename:
                 return False
             if os.path.isfile(path):
                 return True
         return False
+
+    def _paths_of(self, name: str) -> tuple[str, ...]:
+        """Where file ``name`` is looked for, in search order."""
+        paths = self._paths.get(name)
+        if paths is None:  # joined once: the joins were most of a check
+            paths = self._paths[name] = tuple(
+                os.path.normpath(os.path.join(top, *name.split("/"))) for top in self._dirs)
+        return paths
 
     def _sweep(self) -> None:
         """Drop the compiled templates whose file's mtime moved: Jinja's own up-to-date
@@ -613,6 +681,25 @@ class _Freshness:
                     del cache[key]
 
 
+class _Pin:
+    """:meth:`Renderer.pinned`'s scope: the watch is read at its start, and not again before
+    its end (nested scopes count; one render answers one request: one moment)."""
+
+    __slots__ = ("_fresh",)
+
+    def __init__(self, fresh: _Freshness) -> None:
+        self._fresh = fresh
+
+    def __enter__(self) -> None:
+        fresh = self._fresh
+        if not fresh._pins:
+            fresh.generation()
+        fresh._pins += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._fresh._pins -= 1
+
+
 class _Watch:
     """An inotify(7) descriptor watching the template directories and their subdirectories:
     whether anything in them changed since the last :meth:`changed`. An event is queued by
@@ -621,7 +708,11 @@ class _Watch:
     def __init__(self, fd: int, add: Callable[[int, bytes, int], int], dirs: Sequence[Path],
                  ) -> None:
         self._fd, self._add, self._dirs = fd, add, dirs
-        weakref.finalize(self, os.close, fd)
+        self.close = weakref.finalize(self, os.close, fd)  # by close() or when collected
+        # Whether an event waits, asked of poll(2): a read of the empty descriptor raised
+        # BlockingIOError, ~5 µs against ~1 µs (every install script and config asks).
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
         self._whole = self._watch_all()
 
     @classmethod
@@ -642,7 +733,8 @@ class _Watch:
             return None
         if not watch._whole:
             log.debug("template files checked at every use (inotify_add_watch failed)")
-            return None  # its descriptor closed when it is collected
+            watch.close()
+            return None
         return watch
 
     def _watch_all(self) -> bool:
@@ -661,10 +753,7 @@ class _Watch:
     def changed(self) -> bool:
         if not self._whole:  # a directory not watched: checked at every use
             return True
-        try:
-            if not os.read(self._fd, 65536):
-                return False
-        except BlockingIOError:
+        if not self._poll.poll(0):
             return False
         # Drained (a burst of events reads as one change); a directory made since gets its
         # watch (adding one again is harmless).
@@ -842,17 +931,71 @@ def _lookup(env: ImmutableSandboxedEnvironment, node: nodes.Node,
     return None
 
 
+def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:
+    """``template.render(**context)``: the same text and errors, the same Context (its
+    parent: the template's globals under the context; its globals' names), made with C-level
+    dict merges. Jinja copied the context three times and its globals (a ChainMap of the
+    template's own over the environment's) twice through ChainMap's Python methods: a tenth
+    of a config's render."""
+    env = template.environment
+    globals_ = template.globals
+    if type(globals_) is ChainMap:
+        flat: dict[str, Any] = {}
+        for layer in reversed(globals_.maps):  # the first map wins, as in a lookup
+            flat.update(layer)
+    else:
+        flat = dict(globals_)
+    try:
+        return env.concat(template.root_render_func(env.context_class(
+            env, {**flat, **context}, template.name, template.blocks, globals=flat)))
+    except Exception:
+        env.handle_exception()
+
+
+def _sandbox() -> type[ImmutableSandboxedEnvironment]:
+    """Jinja's immutable sandbox, with ``dict.key`` looked up without raising: the sandbox
+    asks ``getattr(obj, key)`` first and, on its AttributeError (~1 µs to raise and catch),
+    ``obj[key]``; a template's context is dicts (a config reads a dozen such values). For an
+    exact dict and a name no dict attribute has, that getattr cannot but fail (a dict has
+    no instance attributes), so the item is looked up at once: the same value, or the same
+    undefined. Everything else (attributes that exist, other types) goes through the
+    sandbox's own checks, unchanged."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    dict_names = frozenset(dir(dict))
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def getattr(self, obj: Any, attribute: str) -> Any:
+            if type(obj) is dict and attribute not in dict_names:
+                try:
+                    return obj[attribute]
+                except KeyError:
+                    return self.undefined(obj=obj, name=attribute)
+            return super().getattr(obj, attribute)
+
+    return Sandbox
+
+
 # Jinja's tojson writes ``json.dumps(value, sort_keys=True)`` (its default policy), which
 # makes a JSONEncoder per value (~4.5 µs); a config prints every value through it. The same
 # text from one encoder (~0.3 µs); other arguments (``tojson(indent=2)``) as before.
 _SORTED_JSON = json.JSONEncoder(sort_keys=True)
-_TOJSON_DEFAULT = {"sort_keys": True}
 
 
-def _json_dumps(value: Any, **kwargs: Any) -> str:
-    if kwargs == _TOJSON_DEFAULT:
-        return _SORTED_JSON.encode(value)
-    return json.dumps(value, **kwargs)
+def _tojson() -> Callable[..., str]:
+    """Jinja's ``tojson`` filter (``htmlsafe_json_dumps``: the same text, HTML's special
+    characters written as JSON escapes, as ``Markup``), without its per-use policy lookups
+    and keyword copies (a config prints a dozen values through it)."""
+    from markupsafe import Markup
+
+    def tojson(value: Any, indent: int | None = None) -> str:
+        text = _SORTED_JSON.encode(value) if indent is None else json.dumps(
+            value, sort_keys=True, indent=indent)
+        # Safe as Jinja's own: JSON with every HTML-special character escaped.
+        return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e")  # noqa: S704
+                      .replace("&", "\\u0026").replace("'", "\\u0027"))
+
+    return tojson
 
 
 def grub_quote(text: str) -> str:

@@ -314,3 +314,14 @@ async def pg_dsn(postgres: pg.Cluster) -> AsyncIterator[str]:
     """A DSN of a fresh, empty schema of the session's cluster, dropped after the test."""
     async with pg.fresh_schema(postgres) as dsn:
         yield dsn
+
+
+def inotify_instances() -> int:
+    """This process's inotify instances (each one of the 128 a user has by default)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            continue
+    return count

@@ -30,6 +30,7 @@ from netboot.model import (
 )
 from netboot.render import Renderer
 from netboot.shipped import templates_dir
+from tests.conftest import inotify_instances
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 MAC = MacAddress.parse("52:54:00:00:00:11")
@@ -797,3 +798,153 @@ def test_tojson_writes_what_jinjas_own_writes(tmp_path: Path, value: object) -> 
                                           autoescape=False, keep_trailing_newline=True)
     ours = Renderer([tmp_path]).render("t.txt", {"v": value})
     assert ours == plain.get_template("t.txt").render(v=value)
+
+
+def test_a_pinned_render_looks_at_the_watch_once(tmp_path: Path) -> None:
+    """Inside ``pinned()`` (one answer: an install script and its command line, a config and
+    its) the files are checked at its start only; the edit made meanwhile is seen by the
+    next answer."""
+    (tmp_path / "ipxe").mkdir()
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one {{ mac }}\n")
+    (tmp_path / "cmdline.txt").write_text("one\n")
+    r = Renderer([tmp_path], recheck=3600)
+    with r.pinned():
+        generation = r.generation()
+        assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho one m1\n"
+        _edit(path, "#!ipxe\necho two {{ mac }}\n")
+        _edit(tmp_path / "cmdline.txt", "two\n")
+        with r.pinned():  # nested: still the moment the outer one began
+            assert r.generation() == generation
+        assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho one m1\n"
+        assert r.text("cmdline.txt") == "two\n"  # first read inside: as it is then
+    assert r.generation() != generation
+    assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho two m1\n"
+    with pytest.raises(RenderError), r.pinned():  # the pin ends with the error
+        r.render("ipxe/missing.ipxe", {})
+    _edit(path, "#!ipxe\necho three {{ mac }}\n")
+    assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho three m1\n"
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["inotify", "too-big-to-watch"])
+def test_a_plain_file_is_read_again_only_when_it_changed(tmp_path: Path, watched: bool,
+                                                        ) -> None:
+    """``text()`` (the default kernel command lines) follows edits, an override made in
+    a directory searched first and its removal, and a file that is not there (None)."""
+    if not watched:
+        for n in range(300):
+            (tmp_path / "many" / str(n)).mkdir(parents=True)
+    own, shipped_dir = tmp_path / "own", tmp_path / "shipped"
+    (own / "cmdline").mkdir(parents=True)
+    (shipped_dir / "cmdline").mkdir(parents=True)
+    shipped = shipped_dir / "cmdline" / "k3os.txt"
+    shipped.write_text("shipped\n")
+    r = Renderer([own, shipped_dir, tmp_path], recheck=3600)
+    assert r.text("cmdline/k3os.txt") == "shipped\n"
+    assert r.text("cmdline/k3os.txt") == "shipped\n"
+    assert r.text("cmdline/none.txt") is None
+    _edit(shipped, "edited\n")
+    assert r.text("cmdline/k3os.txt") == "edited\n"
+    (own / "cmdline" / "k3os.txt").write_text("own\n")
+    assert r.text("cmdline/k3os.txt") == "own\n"
+    (own / "cmdline" / "k3os.txt").unlink()
+    assert r.text("cmdline/k3os.txt") == "edited\n"
+    (own / "cmdline" / "none.txt").mkdir()  # a directory of that name is not the file
+    assert r.text("cmdline/none.txt") is None
+
+
+def test_close_gives_the_inotify_instance_back(tmp_path: Path) -> None:
+    """A renderer holds an inotify instance from its first render until close(); rendering
+    after it still follows edits (every use checks the files, as without a watch)."""
+    (tmp_path / "ipxe").mkdir()
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one\n")
+    before = inotify_instances()
+    r = Renderer([tmp_path], recheck=3600)
+    assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho one\n"
+    assert inotify_instances() in (before, before + 1)  # inotify instances may run out
+    r.close()
+    assert inotify_instances() == before
+    r.close()  # again: nothing more to give back
+    _edit(path, "#!ipxe\necho two\n")
+    assert r.render("ipxe/hold.ipxe", {}) == "#!ipxe\necho two\n"
+    assert r.generation() != r.generation()  # no watch now
+    assert inotify_instances() == before
+
+
+class _Attrs:
+    hostname = "from-an-attribute"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ d.hostname }}", "{{ d.missing }}", "{{ d['hostname'] }}", "{{ d.keys }}",
+    "{{ d.items() | list }}", "{{ d.pop }}", "{{ d.pop('hostname') }}", "{{ d.clear() }}",
+    "{{ d.__class__ }}", "{{ d.__class__.__mro__ }}", "{{ d.update }}", "{{ d.get('x') }}",
+    "{{ sub.hostname }}", "{{ sub.pop }}", "{{ obj.hostname }}", "{{ obj.__class__ }}",
+    "{{ d.nested.hostname }}", "{{ (d.nested or {}).more }}", "{{ d.hostname.upper() }}",
+    "{{ ('{0}' ~ d.hostname).format(d.keys) }}", "{{ d.hostname | tojson ~ '<' }}",
+])
+def test_dict_lookups_are_what_the_sandbox_gives(tmp_path: Path, source: str) -> None:
+    """``dict.key`` is looked up without the sandbox's getattr-first detour where that
+    getattr cannot succeed; the text, the undefined value and every refusal stay the
+    sandbox's own (a plain ImmutableSandboxedEnvironment's), for dicts, dict subclasses,
+    objects, and names a dict's own attributes have (``pop``, ``update``, ``__class__``)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class Sub(dict[str, object]):
+        pass
+
+    context = {"d": {"hostname": "edge-1", "pop": "a key named pop", "keys": "k",
+                     "nested": {"hostname": "n"}},
+               "sub": Sub(hostname="s", pop="p"), "obj": _Attrs()}
+    (tmp_path / "t.txt").write_text(source)
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          undefined=jinja2.StrictUndefined, autoescape=False,
+                                          keep_trailing_newline=True)
+    try:
+        expected: object = plain.get_template("t.txt").render(**context)
+    except (jinja2.UndefinedError, SecurityError) as exc:
+        expected = type(exc)
+    try:
+        ours: object = Renderer([tmp_path]).render("t.txt", context)
+    except RenderError as exc:
+        ours = type(exc.__cause__)
+    assert ours == expected
+
+
+def test_a_render_is_jinjas_own_with_globals_imports_and_inheritance(tmp_path: Path) -> None:
+    """The render (its Context made without Jinja's copies) gives Jinja's own text for
+    templates that use its globals (``range``, ``namespace``, ``dict``), import macros with
+    and without the context, include and extend others, and set variables; and the same
+    undefined-name error."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    files = {
+        "macros.txt": "{% macro m(x) %}<{{ x }}:{{ v }}>{% endmacro %}",
+        "plain.txt": "{% macro p(x) %}[{{ x }}]{% endmacro %}",
+        "base.txt": "head {{ v }} {% block body %}base{% endblock %} tail\n",
+        "part.txt": "part {{ v }} {{ range(2) | list }}",
+        "t.txt": (
+            "{% extends 'base.txt' %}{% block body %}"
+            "{% import 'macros.txt' as mac with context %}{% import 'plain.txt' as pl %}"
+            "{% set ns = namespace(n=0) %}{% for i in range(3) %}{% set ns.n = ns.n + i %}"
+            "{% endfor %}{{ ns.n }} {{ mac.m(1) }} {{ pl.p(2) }} {{ dict(a=v) | tojson }}"
+            " {% include 'part.txt' %}"
+            "{% endblock %}"),
+        "undefined.txt": "{{ v }} {{ nothing.here }}",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          undefined=jinja2.StrictUndefined, autoescape=False,
+                                          keep_trailing_newline=True)
+    r = Renderer([tmp_path])
+    # The second context shadows a global, as a context name does.
+    for context in ({"v": "a"}, {"v": "b", "range": lambda n: [9]}):
+        assert r.render("t.txt", context) == plain.get_template("t.txt").render(**context)
+    with pytest.raises(jinja2.UndefinedError):
+        plain.get_template("undefined.txt").render(v=1)
+    with pytest.raises(RenderError, match="'nothing' is undefined"):
+        r.render("undefined.txt", {"v": 1})

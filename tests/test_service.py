@@ -20,7 +20,7 @@ from netboot.inventory.postgres import PostgresStore
 from netboot.model import MacAddress, Machine
 from netboot.service import LOAD_SWITCH_INTERVAL, brisk_switching, build
 from tests import pg
-from tests.conftest import EnvFactory, this_checkout, write_config
+from tests.conftest import EnvFactory, inotify_instances, this_checkout, write_config
 
 
 async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path) -> None:
@@ -91,15 +91,32 @@ async def test_serve_prints_summary_and_stops_on_signal(tmp_path: Path,
     await asyncio.wait_for(task, 10)
 
 
+async def test_close_gives_the_template_watch_back(tmp_path: Path) -> None:
+    """The renderer's inotify instance (128 per user by default) is closed with the service,
+    not when the garbage collector gets to it: a test suite builds hundreds of services."""
+    before = inotify_instances()
+    service = await build(load(write_config(tmp_path), env={}))
+    await service.start()
+    try:
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{service.http_port}/boot.ipxe") as resp:
+            assert resp.status == 200  # rendered: the watch is made at the first render
+        assert inotify_instances() in (before, before + 1)  # inotify instances may run out
+    finally:
+        await service.close()
+    assert inotify_instances() == before
+
+
 async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) -> None:
     """A full collection would walk the whole view (100,000 machines: 130-220 ms without
     an answer); ``serve`` moves what lives then out of the collector's reach."""
     import gc
 
-    from netboot.service import serve
+    from netboot.service import YOUNG_COLLECTION_EVERY, serve
 
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
+    thresholds = gc.get_threshold()
     ready = asyncio.Event()
     task = asyncio.ensure_future(serve(load(write_config(tmp_path), env={}), ready=ready))
     try:
@@ -109,10 +126,13 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
                 break
             await asyncio.sleep(0.02)
         assert gc.get_freeze_count() > 0
+        # Young collections made rarer (they walked every request in flight).
+        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *thresholds[1:])
     finally:
         gc.unfreeze()  # this test process runs on: leave its collector as it was
         os.kill(os.getpid(), __import__("signal").SIGTERM)
         await asyncio.wait_for(task, 10)
+    assert gc.get_threshold() == thresholds  # serve gave the collector's settings back
 
 
 async def test_the_view_loads_with_the_gil_handed_over_briskly(tmp_path: Path) -> None:
