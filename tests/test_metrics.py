@@ -160,3 +160,37 @@ def test_what_is_observed_before_the_collectors_are_made_is_counted() -> None:
     assert value(scraped, "netboot_tftp_bytes_total") == 1000
     assert value(scraped, "netboot_install_duration_seconds_count") == 1
     assert value(scraped, "netboot_install_duration_seconds_sum") == 60.0
+
+
+def test_http_requests_are_exposed_as_prometheus_clients_counter_and_histogram() -> None:
+    """The HTTP counts are kept as plain numbers and exposed at scrape: the same samples a
+    prometheus_client Counter and Histogram fed the same requests expose (every value on
+    and around a bucket bound; counted before open() too)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    reference = CollectorRegistry()
+    counter = Counter("netboot_http_requests", "", ["route", "method", "status"],
+                      registry=reference)
+    histogram = Histogram("netboot_http_request_duration_seconds", "", ["route"],
+                          registry=reference)
+    metrics = Metrics(deferred=True)
+    durations = [0.0, 1e-9, 0.005, 0.0050001, 0.1, 0.75, 1.0, 9.99, 10.0, 10.5, 3600.0]
+    for i, seconds in enumerate(durations * 3):
+        route, status = ("/ipxe", 200) if i % 3 else ("/assets/{path}", 404 + i % 2)
+        metrics.http_request(route, "GET", status, seconds)
+        counter.labels(route, "GET", str(status)).inc()
+        histogram.labels(route).observe(seconds)
+        if i == 5:
+            metrics.open()
+    from prometheus_client.exposition import generate_latest
+
+    def http(text: str) -> dict[Any, float]:
+        return {k: v for k, v in samples(text).items()
+                if k[0].startswith("netboot_http_request") and not k[0].endswith("_created")}
+
+    expected = http(generate_latest(reference).decode())
+    assert len(expected) == 3 + 2 * (15 + 2)  # 3 counters, 2 routes' buckets, sum, count
+    assert http(_text(metrics)) == expected
+    assert value(samples(_text(metrics)), "netboot_errors_total", kind="http_5xx") == 0
+    metrics.http_request("/ipxe", "GET", 503, 0.2)
+    assert value(samples(_text(metrics)), "netboot_errors_total", kind="http_5xx") == 1

@@ -276,10 +276,10 @@ class FileSender:
     for room, as nginx waits for ``EPOLLOUT``, rather than failing with ``EAGAIN`` first.
 
     ``head`` is sent with ``MSG_MORE``: the kernel holds it back until the file's first
-    bytes follow and sends both in full segments (nginx's ``tcp_nopush``, without the two
-    ``TCP_CORK`` system calls per response); the last chunk of the file goes without it and
-    pushes everything. ``pending``: what the socket's transport still buffers, which must
-    leave before anything is written past it. ``done(sent, failed)`` is called once, with
+    bytes follow and sends both in full segments (the front door's connections also cork
+    the socket for the whole file: :meth:`GuardedHandler._front_send`). ``pending``: what
+    the socket's transport still buffers, which must leave before anything is written past
+    it. ``done(sent, failed)`` is called once, with
     the bytes of the file sent (fewer than ``count`` when the file shrank) and whether the
     socket failed (or :meth:`stop` stopped it). ``sock`` is the caller's to close, once
     ``done`` was called (the loop may watch it until then); the file too. Never on a TLS
@@ -306,8 +306,12 @@ class FileSender:
 
     def start(self) -> None:
         if not self._step():
-            self._watching = True
-            self._loop.add_writer(self._fd, self._writable)
+            self.wait()
+
+    def wait(self) -> None:
+        """Begin at the socket's next writable event (it was found full)."""
+        self._watching = True
+        self._loop.add_writer(self._fd, self._writable)
 
     def stop(self) -> None:
         """Stop where it is (the connection is lost): ``done`` with what was sent, as
@@ -1412,6 +1416,8 @@ class GuardedHandler(_HandlerBase):
         self._plain_tcp = False  # a TCP socket without TLS: sendfile(2) may write to it
         self._sock: Any = None  # its socket object (asyncio's or uvloop's), when plain TCP
         self._own: socket.socket | None = None  # _own_socket(), when a file was sent
+        self._own_fd = -1  # its descriptor
+        self._corked = False  # TCP_CORK set on it while a file is sent
         self._sending: FileSender | None = None  # the front's file being sent, if any
         self._sending_since: float | None = None  # when it began to wait for the socket
         # Answers encoded and not written yet: the requests a client pipelined, read
@@ -1615,32 +1621,64 @@ class GuardedHandler(_HandlerBase):
             transport.write(answer.data)
             self._file_sent(head, answer, body, 0, 0.0)
             return
-        # The head goes with MSG_MORE and leaves with the file's first bytes (FileSender):
-        # a head in a packet of its own cost the sender and the client ~17 % of a 1 MiB
-        # answer's CPU. Written past the transport, which buffers nothing then (else it
-        # goes behind what the transport buffers, and the file after).
+        # The head leaves with the file's first bytes: a head in a packet of its own cost
+        # the sender and the client ~17 % of a 1 MiB answer's CPU. Written past the
+        # transport, which buffers nothing then (else it goes behind what the transport
+        # buffers, and the file after). The socket is corked until the file is out
+        # (nginx's tcp_nopush): with TCP_NODELAY alone (asyncio's default), each time the
+        # client's window opened by less than a segment a short one left, ~10 % more
+        # segments per 1 MiB answer under wrk (20.5 against nginx's 18.0 per MiB), each
+        # costing both ends; corked, 18.4 (benchmarks/README.md, session 10).
         buffered = transport.get_write_buffer_size()
+        data = answer.data
+        sent = 0
+        if not self._corked:
+            with contextlib.suppress(OSError):
+                own.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                self._corked = True
         if buffered:
-            transport.write(answer.data)
-        sender = FileSender(self._loop, own, body.fd, 0, body.size,
-                            functools.partial(self._file_done, head, answer, body),
-                            head=b"" if buffered else answer.data,
+            transport.write(data)
+            data = b""
+        else:
+            # What the socket takes at once, here: a 1 MiB file usually goes whole in this
+            # one sendfile(2), and then no FileSender is made (a sixth of the Python work
+            # of such an answer); a FileSender sends the rest when the socket has room.
+            try:
+                n = own.send(data, socket.MSG_MORE)
+                data = data[n:]
+                if not data:
+                    sent = os.sendfile(self._own_fd, body.fd, 0, body.size)
+                    if sent == body.size or not sent:  # whole, or the file shrank to 0
+                        self._file_sent(head, answer, body, sent, 0.0)
+                        return
+            except BlockingIOError:
+                pass  # the socket is full: on when it has room
+            except OSError:  # the client left, or the socket was closed
+                self._file_sent(head, answer, body, sent, 0.0)
+                return
+        sender = FileSender(self._loop, own, body.fd, sent, body.size - sent,
+                            functools.partial(self._file_done, head, answer, body, sent),
+                            head=data,
                             pending=transport.get_write_buffer_size if buffered else None)
         # Nothing more is answered or handed on until the file is out (pipelining).
         self._front_busy = True
         self._sending = sender
         self._sending_since = None
-        sender.start()  # done at once (_serve_front goes on), or:
+        if buffered:
+            sender.start()  # done at once (_serve_front goes on), or:
+        else:
+            sender.wait()  # the socket is full
         if self._sending is sender:  # the rest when the socket takes it
             self._sending_since = self._loop.time()
 
-    def _file_done(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
-                   failed: bool) -> None:
+    def _file_done(self, head: RequestHead, answer: Answer, body: FileBody, before: int,
+                   sent: int, failed: bool) -> None:
+        """``before``: the bytes of the file sent before its FileSender began."""
         since = self._sending_since
         self._sending = self._sending_since = None
         self._front_busy = False
         # As aiohttp's log, the time to decide and to send: what the file waited for.
-        self._file_sent(head, answer, body, sent,
+        self._file_sent(head, answer, body, before + sent,
                         0.0 if since is None else self._loop.time() - since)
         if since is not None and self.transport is not None and self._unread:
             self._serve_front()  # what was pipelined behind the file
@@ -1662,6 +1700,11 @@ class GuardedHandler(_HandlerBase):
     def _file_sent(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
                    seconds: float) -> None:
         body.close()
+        own = self._own  # None: the connection is lost (connection_lost)
+        if self._corked and own is not None:  # pushes the file's last segment
+            self._corked = False
+            with contextlib.suppress(OSError):
+                own.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         if sent < body.size and self.transport is not None:
             # Fewer bytes than Content-Length said (the file shrank, the client left): the
             # connection cannot carry another response.
@@ -1676,6 +1719,7 @@ class GuardedHandler(_HandlerBase):
         if self._own is None and self._sock is not None:
             with contextlib.suppress(OSError):
                 self._own = socket.socket(fileno=os.dup(self._sock.fileno()))
+                self._own_fd = self._own.fileno()
         return self._own
 
     def _front_sent(self, head: RequestHead, answer: Answer, sent: int, seconds: float
