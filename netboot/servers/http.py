@@ -1700,11 +1700,11 @@ class GuardedHandler(_HandlerBase):
     def _file_sent(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
                    seconds: float) -> None:
         body.close()
-        own = self._own  # None: the connection is lost (connection_lost)
-        if self._corked and own is not None:  # pushes the file's last segment
+        if self._corked:  # pushes the file's last segment
             self._corked = False
             with contextlib.suppress(OSError):
-                own.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                assert self._own is not None
+                self._own.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         if sent < body.size and self.transport is not None:
             # Fewer bytes than Content-Length said (the file shrank, the client left): the
             # connection cannot carry another response.
