@@ -276,10 +276,10 @@ class FileSender:
     for room, as nginx waits for ``EPOLLOUT``, rather than failing with ``EAGAIN`` first.
 
     ``head`` is sent with ``MSG_MORE``: the kernel holds it back until the file's first
-    bytes follow and sends both in full segments (the front door's connections also cork
-    the socket for the whole file: :meth:`GuardedHandler._front_send`). ``pending``: what
-    the socket's transport still buffers, which must leave before anything is written past
-    it. ``done(sent, failed)`` is called once, with
+    bytes follow and sends both in full segments (nginx's ``tcp_nopush``, without the two
+    ``TCP_CORK`` system calls per response); the last chunk of the file goes without it and
+    pushes everything. ``pending``: what the socket's transport still buffers, which must
+    leave before anything is written past it. ``done(sent, failed)`` is called once, with
     the bytes of the file sent (fewer than ``count`` when the file shrank) and whether the
     socket failed (or :meth:`stop` stopped it). ``sock`` is the caller's to close, once
     ``done`` was called (the loop may watch it until then); the file too. Never on a TLS
@@ -1417,7 +1417,6 @@ class GuardedHandler(_HandlerBase):
         self._sock: Any = None  # its socket object (asyncio's or uvloop's), when plain TCP
         self._own: socket.socket | None = None  # _own_socket(), when a file was sent
         self._own_fd = -1  # its descriptor
-        self._corked = False  # TCP_CORK set on it while a file is sent
         self._sending: FileSender | None = None  # the front's file being sent, if any
         self._sending_since: float | None = None  # when it began to wait for the socket
         # Answers encoded and not written yet: the requests a client pipelined, read
@@ -1621,21 +1620,13 @@ class GuardedHandler(_HandlerBase):
             transport.write(answer.data)
             self._file_sent(head, answer, body, 0, 0.0)
             return
-        # The head leaves with the file's first bytes: a head in a packet of its own cost
-        # the sender and the client ~17 % of a 1 MiB answer's CPU. Written past the
-        # transport, which buffers nothing then (else it goes behind what the transport
-        # buffers, and the file after). The socket is corked until the file is out
-        # (nginx's tcp_nopush): with TCP_NODELAY alone (asyncio's default), each time the
-        # client's window opened by less than a segment a short one left, ~10 % more
-        # segments per 1 MiB answer under wrk (20.5 against nginx's 18.0 per MiB), each
-        # costing both ends; corked, 18.4 (benchmarks/README.md, session 10).
+        # The head goes with MSG_MORE and leaves with the file's first bytes (FileSender):
+        # a head in a packet of its own cost the sender and the client ~17 % of a 1 MiB
+        # answer's CPU. Written past the transport, which buffers nothing then (else it
+        # goes behind what the transport buffers, and the file after).
         buffered = transport.get_write_buffer_size()
         data = answer.data
         sent = 0
-        if not self._corked:
-            with contextlib.suppress(OSError):
-                own.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-                self._corked = True
         if buffered:
             transport.write(data)
             data = b""
@@ -1700,11 +1691,6 @@ class GuardedHandler(_HandlerBase):
     def _file_sent(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
                    seconds: float) -> None:
         body.close()
-        if self._corked:  # pushes the file's last segment
-            self._corked = False
-            with contextlib.suppress(OSError):
-                assert self._own is not None
-                self._own.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         if sent < body.size and self.transport is not None:
             # Fewer bytes than Content-Length said (the file shrank, the client left): the
             # connection cannot carry another response.

@@ -14,7 +14,6 @@ import re
 import socket
 import ssl
 import struct
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -791,43 +790,3 @@ async def test_a_post_body_in_pieces_and_one_that_does_not_come(tmp_path: Path) 
         finally:
             writer.close()
         assert door.answered == before + 2  # aiohttp's, after the grace
-
-
-
-def _slow_client(port: int, request: bytes, size: int) -> bytes:
-    """Read the answer to ``request`` with a ``size`` bytes body a little at a time with
-    pauses, so that the client's window limits the sender."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(request)
-        got = b""
-        while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < size:
-            piece = sock.recv(16 * 1024)
-            assert piece, "closed before the whole file came"
-            got += piece
-            if len(got) % (128 * 1024) < 16 * 1024:
-                time.sleep(0.002)  # the window fills meanwhile: the sender waits for room
-        return got
-
-
-async def test_a_large_file_sent_corked_to_a_slow_reader_and_the_next_answers_uncorked(
-        tmp_path: Path) -> None:
-    """A large file is sent with the socket corked (nginx's tcp_nopush: full segments while
-    the client's window limits the sender; under wrk, 1 MiB answers left in ~10 % fewer
-    segments, benchmarks/README.md): a reader slower than the sender gets it whole, and the
-    answers after it on the connection, a file or small ones from memory, are not held."""
-    async with serving(tmp_path, seeded=False) as service:
-        got = await asyncio.to_thread(_slow_client, service.http_port,
-                                      get("/assets/large.bin"), len(LARGE))
-        assert got.split(b"\r\n\r\n", 1)[1] == LARGE
-        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
-        try:
-            for target in ("/assets/large.bin", "/assets/small.txt", "/boot.ipxe",
-                           "/assets/large.bin", "/healthz"):
-                writer.write(get(target))
-                reply = await read_response(reader)
-                assert reply.status == 200, reply
-                if target == "/assets/large.bin":
-                    assert reply.body == LARGE
-            assert reply.body == b"ok\n"
-        finally:
-            writer.close()
