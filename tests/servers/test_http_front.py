@@ -790,3 +790,30 @@ async def test_a_post_body_in_pieces_and_one_that_does_not_come(tmp_path: Path) 
         finally:
             writer.close()
         assert door.answered == before + 2  # aiohttp's, after the grace
+
+
+async def test_a_client_that_leaves_while_its_large_file_is_sent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that stops reading a large file and resets the connection mid-file: the
+    send ends (the socket uncorked or already gone), nothing is logged as an error, and
+    the next client gets the file whole."""
+    caplog.set_level(logging.INFO)
+    async with serving(tmp_path, seeded=False) as service:
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1",
+                                                                 service.http_port))
+            await asyncio.get_running_loop().sock_sendall(sock, get("/assets/large.bin"))
+            first = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 1024),
+                                           30)
+            assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+            await asyncio.sleep(0.05)  # the server's socket fills: the rest waits for room
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, with most of the file unsent
+        await asyncio.sleep(0.1)
+        (reply,) = await exchange(service.http_port, get("/assets/large.bin"))
+        assert reply.status == 200 and reply.body == LARGE
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
