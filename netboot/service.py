@@ -916,10 +916,6 @@ def brisk_switching(interval: float = LOAD_SWITCH_INTERVAL) -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
-# gc's generation-0 threshold once the view is loaded (freeze_heap): Python's default is 700.
-YOUNG_COLLECTION_EVERY = 10_000
-
-
 def freeze_heap() -> None:
     """Put every object alive now out of the cyclic garbage collector's reach (gc.freeze).
 
@@ -932,13 +928,11 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-    # A young collection (every 700 net allocations by default) walks what every request
-    # in flight holds (coroutines, frames, plans, contexts), ~0.6 ms each at 50 connections:
-    # ~25 µs per /ipxe or /config answer, a tenth of the loop's time, and what it finds is
-    # almost never garbage (the request path makes no reference cycles; those objects die
-    # by their count). Ten times fewer young collections cost that much less; what they
-    # keep for a while longer is a few thousand small objects.
-    gc.set_threshold(YOUNG_COLLECTION_EVERY, *gc.get_threshold()[1:])
+    # Python's young-collection threshold (700) is left as it is. Raised to 10,000 it cut
+    # the collector's share of an /ipxe answer (~25 µs), but each older-generation collection
+    # then walked ten times more survivors: in a storm of enrolled machines' first DISCOVERs
+    # (each learnt fact a new machine copy that lives) the offers' p99 rose from ~4 to 6-12 ms
+    # with stalls up to 19 ms (dhcp_offers.py, session 10, A/B in the same runs).
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
@@ -950,7 +944,6 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         faulthandler.enable()
     service = await build(config, app=False)
     service.view_loaded = freeze_heap
-    thresholds = gc.get_threshold()  # set by freeze_heap; as they were when serve returns
     try:
         await service.start()
         print(service.summary(), flush=True)
@@ -965,4 +958,3 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         log.info("shutting down")
     finally:
         await service.close()
-        gc.set_threshold(*thresholds)
