@@ -242,7 +242,7 @@ async def test_load_while_another_process_writes_misses_nothing(
 
     real_page = own.machines_after
     moved = MacAddress.parse("02:00:00:00:02:05")
-    first_id = min(m.id for m in await own.list_machines())
+    deleted: list[str] = []
 
     async def read_then_write(after: str, limit: int) -> list[Machine]:
         page = await real_page(after, limit)
@@ -250,7 +250,12 @@ async def test_load_while_another_process_writes_misses_nothing(
             victim = await other.machine_by("mac", str(moved))
             assert victim is not None
             await other.update_machine(replace(victim, hostname="renamed"))
-            await other.delete_machine(page[0].id)
+            # The page's first machine other than the renamed one (ids are random: the
+            # renamed machine was the first by id in 1 of 50 runs, and deleting it made
+            # this test fail, the view right).
+            gone = next(m.id for m in page if m.id != victim.id)
+            await other.delete_machine(gone)
+            deleted.append(gone)
         return page
 
     monkeypatch.setattr(own, "machines_after", read_then_write)
@@ -258,7 +263,7 @@ async def test_load_while_another_process_writes_misses_nothing(
     renamed = await view.machine_by("mac", str(moved))
     assert renamed is not None and renamed.hostname == "renamed"
     assert len(await own.list_machines()) == 49
-    assert await view.get_machine(first_id) is None
+    assert len(deleted) == 1 and await view.get_machine(deleted[0]) is None
 
 
 async def test_a_load_by_pages_with_writes_between_them_is_exact(
