@@ -401,14 +401,19 @@ class SendfileThreads:
         start to ``sock``; False when not taken (closed, or another loop's): send inline."""
         if self._closed or (self._loop is not None and self._loop is not loop):
             return False
-        self._loop = loop
-        self._jobs.put((sock, head, file, count, done))
-        with self._lock:
+        with self._lock:  # a thread ending when idle looks at the queue under it too
             if len(self._running) < self.threads:
                 thread = threading.Thread(target=self._run, name="netboot-sendfile",
                                           daemon=True)
-                self._running.append(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had (a process limit): inline
+                    if not self._running:
+                        return False
+                else:
+                    self._running.append(thread)
+            self._loop = loop
+            self._jobs.put((sock, head, file, count, done))
         return True
 
     def close(self) -> None:
@@ -430,7 +435,7 @@ class SendfileThreads:
             try:
                 job = jobs.get(timeout=self._idle)
             except queue.Empty:
-                with self._lock:  # submit() puts, then looks: either sees the other
+                with self._lock:  # a job submit() put meanwhile is seen here
                     if not jobs.empty():
                         continue
                     self._running.remove(me)
