@@ -368,8 +368,9 @@ class SendfileThreads:
     gets one share of the CPU where nginx's two workers get two. Here the loop hands the
     call to one of ``threads`` threads (which drop the GIL in it) and goes on answering;
     the thread hands back what it sent and the loop finishes the answer (the rest with a
-    :class:`FileSender` when the socket was full). Measured: 1 MiB x 50 1.2-1.5x nginx's
-    req/s against 0.9x inline, at the same CPU per answer (benchmarks/README.md, session 11).
+    :class:`FileSender` when the socket was full). Measured on a loaded 2-core machine: 1 MiB
+    x 50 1.4-1.8x nginx's req/s against 0.8-0.96x inline, with less CPU per answer, not more
+    (benchmarks/README.md, session 11). One thread: 1.07x.
 
     One job of a connection at a time (the front waits for it: pipelining order); whoever
     submits keeps the socket and the file open until ``done`` ran. ``done(rest, sent,
