@@ -275,6 +275,25 @@ async def test_group_hostname_template_names_new_machines(store) -> None:  # typ
     assert await e.name_for(m) == "r7-a2"
 
 
+async def test_groups_without_templates_leave_the_default_one(store) -> None:  # type: ignore[no-untyped-def]
+    # An import skips choosing a group for each unnamed row when no group has a template of
+    # its own; the names are those a group's choice gives, with and without such a group.
+    from netboot.model import Group
+
+    await store.put_group(Group(name="site", selector={"mac": ("02:00:00:*",)}))
+    e = Enroller(store, hostname_template="node-{serial}")
+    report = await e.import_rows([(2, {"mac": "02:00:00:07:00:01", "serial": "A1"})])
+    assert report.applied
+    assert (await store.machine_by("mac", "02:00:00:07:00:01")).hostname == "node-a1"
+    await store.put_group(Group(name="rack7", selector={"mac": ("02:00:00:07:*",)},
+                                hostname_template="r7-{serial}"))
+    report = await e.import_rows([(2, {"mac": "02:00:00:07:00:02", "serial": "A2"}),
+                                  (3, {"mac": "02:00:00:08:00:02", "serial": "B2"})])
+    assert report.applied
+    assert (await store.machine_by("mac", "02:00:00:07:00:02")).hostname == "r7-a2"
+    assert (await store.machine_by("mac", "02:00:00:08:00:02")).hostname == "node-b2"
+
+
 # --- identity in imports: rows without a MAC, several NICs, conflicts named by line ----------
 
 IDENTITY_CSV = """mac,macs,serial,asset,uuid,hostname
