@@ -172,6 +172,36 @@ async def test_streamed_csv_import_writes_nothing_when_the_file_breaks_late(
     assert list(iter_import(CSV, "csv")) == parse_import(CSV, "csv")
 
 
+@pytest.mark.parametrize("late", ["bad row", "broken file"])
+async def test_a_late_bad_row_writes_nothing_after_thousands_of_good_ones(
+        every_store, late: str) -> None:  # type: ignore[no-untyped-def]
+    # More named new rows than a store writes at once (sqlite.BULK_CHUNK; what an import
+    # that wrote while it still read the file would have handed over), then the bad line:
+    # nothing is written, the error names the line and the field, and the rows' identifiers
+    # and names are free for the corrected file.
+    rows = ["mac,hostname,serial,cluster,label.rack"]
+    rows += [f"52:54:00:01:{i >> 8:02x}:{i & 255:02x},h{i},S{i},edge,r{i % 3}"
+             for i in range(5000)]
+    bad = ("52:54:00:01:00:07,h-dup,S-dup,edge,r1" if late == "bad row"
+           else "52:54:00:02:00:00,h-x,S-x,edge,r1,one-too-many")
+    text = "\n".join([*rows, bad, "52:54:00:02:00:01,h-y,S-y,edge,r1"]) + "\n"
+    e = Enroller(every_store)
+    if late == "bad row":
+        report = await e.import_rows(iter_import(text, "csv"))
+        assert not report.applied
+        assert [(x.line, x.field) for x in report.errors] == [(5002, "mac")]
+        assert "duplicate of line 9" in report.errors[0].message
+    else:
+        with pytest.raises(ValidationError, match="line 5002: more values than header"):
+            await e.import_rows(iter_import(text, "csv"))
+    assert await every_store.count_machines() == 0
+    assert await every_store.machine_by("serial", "S4999") is None
+    good = "\n".join(rows) + "\n"
+    report = await e.import_rows(iter_import(good, "csv"))
+    assert report.applied and len(report.created) == 5000
+    assert await every_store.count_machines() == 5000
+
+
 async def test_import_hands_out_new_ids_in_file_order(store) -> None:  # type: ignore[no-untyped-def]
     # Ids random as a set, increasing down the file (the store appends to its id-keyed
     # tables), also past the rows the file's length hint promised.
