@@ -48,6 +48,7 @@ from netboot.model import (
 from netboot.recorder import Recorder
 
 _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+_NOT_IN_HOSTNAME = re.compile(r"[^a-z0-9-]+")
 MAX_EVENT_KIND = 64
 MAX_EVENT_MESSAGE = 2048
 
@@ -119,7 +120,7 @@ def render_hostname(template: str, machine: Machine, *, cluster: str | None = No
         # "{mac.x}" or "{serial:d}" fail at format time; a bad operator template is a 400 or
         # a start-up error (check_hostname_template), never a 500 in a device's boot request.
         raise ValidationError("hostname_template", f"{template!r}: {exc}") from exc
-    cleaned = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    cleaned = _NOT_IN_HOSTNAME.sub("-", raw.lower()).strip("-")
     if not cleaned:
         raise ValidationError("hostname_template", f"{template!r} gave an empty name")
     return cleaned[:63].rstrip("-")
@@ -892,6 +893,9 @@ class Enroller:
         # (Made only when needed: for a re-import, two sets of 100,000 names for nothing.)
         taken = {*by_host, *seen_host} if unnamed else set()
         groups = await self._store.list_groups()
+        # Only a group's own template changes a machine's: without any, each unnamed row
+        # takes the default without its labels made to select one (25,000 rows of a file).
+        templated = any(g.hostname_template for g in groups)
         for i in unnamed:
             if errors:
                 break
@@ -899,7 +903,8 @@ class Enroller:
                 continue  # named by a discovered record it absorbed
             m = create[i]
             try:
-                base = render_hostname(self.template_for(m, groups), m)
+                base = render_hostname(self.template_for(m, groups) if templated
+                                       else self.hostname_template, m)
             except ValidationError as exc:
                 errors.append(RowError(line_of[m.id], exc.field, exc.message))
                 continue

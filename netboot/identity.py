@@ -64,7 +64,8 @@ _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 
 def is_junk(value: str) -> bool:
     """A placeholder many boards report, or only zeros, F's, spaces or dots."""
-    key = _SPACES_DOTS.sub("", value).lower()
+    # Most values (a serial, an asset tag) are letters and digits only: nothing to remove.
+    key = (value if value.isalnum() else _SPACES_DOTS.sub("", value)).lower()
     return key in _JUNK or not key.strip("0") or not key.strip("f") or not key.strip("x")
 
 

@@ -172,6 +172,36 @@ async def test_streamed_csv_import_writes_nothing_when_the_file_breaks_late(
     assert list(iter_import(CSV, "csv")) == parse_import(CSV, "csv")
 
 
+@pytest.mark.parametrize("late", ["bad row", "broken file"])
+async def test_a_late_bad_row_writes_nothing_after_thousands_of_good_ones(
+        every_store, late: str) -> None:  # type: ignore[no-untyped-def]
+    # More named new rows than a store writes at once (sqlite.BULK_CHUNK; what an import
+    # that wrote while it still read the file would have handed over), then the bad line:
+    # nothing is written, the error names the line and the field, and the rows' identifiers
+    # and names are free for the corrected file.
+    rows = ["mac,hostname,serial,cluster,label.rack"]
+    rows += [f"52:54:00:01:{i >> 8:02x}:{i & 255:02x},h{i},S{i},edge,r{i % 3}"
+             for i in range(5000)]
+    bad = ("52:54:00:01:00:07,h-dup,S-dup,edge,r1" if late == "bad row"
+           else "52:54:00:02:00:00,h-x,S-x,edge,r1,one-too-many")
+    text = "\n".join([*rows, bad, "52:54:00:02:00:01,h-y,S-y,edge,r1"]) + "\n"
+    e = Enroller(every_store)
+    if late == "bad row":
+        report = await e.import_rows(iter_import(text, "csv"))
+        assert not report.applied
+        assert [(x.line, x.field) for x in report.errors] == [(5002, "mac")]
+        assert "duplicate of line 9" in report.errors[0].message
+    else:
+        with pytest.raises(ValidationError, match="line 5002: more values than header"):
+            await e.import_rows(iter_import(text, "csv"))
+    assert await every_store.count_machines() == 0
+    assert await every_store.machine_by("serial", "S4999") is None
+    good = "\n".join(rows) + "\n"
+    report = await e.import_rows(iter_import(good, "csv"))
+    assert report.applied and len(report.created) == 5000
+    assert await every_store.count_machines() == 5000
+
+
 async def test_import_hands_out_new_ids_in_file_order(store) -> None:  # type: ignore[no-untyped-def]
     # Ids random as a set, increasing down the file (the store appends to its id-keyed
     # tables), also past the rows the file's length hint promised.
@@ -273,6 +303,25 @@ async def test_group_hostname_template_names_new_machines(store) -> None:  # typ
     assert (await store.machine_by("mac", "02:00:00:08:00:01")).hostname == "node-080001"
     m = Machine(macs=(MacAddress.parse("02:00:00:07:00:02"),), serial="A2")
     assert await e.name_for(m) == "r7-a2"
+
+
+async def test_groups_without_templates_leave_the_default_one(store) -> None:  # type: ignore[no-untyped-def]
+    # An import skips choosing a group for each unnamed row when no group has a template of
+    # its own; the names are those a group's choice gives, with and without such a group.
+    from netboot.model import Group
+
+    await store.put_group(Group(name="site", selector={"mac": ("02:00:00:*",)}))
+    e = Enroller(store, hostname_template="node-{serial}")
+    report = await e.import_rows([(2, {"mac": "02:00:00:07:00:01", "serial": "A1"})])
+    assert report.applied
+    assert (await store.machine_by("mac", "02:00:00:07:00:01")).hostname == "node-a1"
+    await store.put_group(Group(name="rack7", selector={"mac": ("02:00:00:07:*",)},
+                                hostname_template="r7-{serial}"))
+    report = await e.import_rows([(2, {"mac": "02:00:00:07:00:02", "serial": "A2"}),
+                                  (3, {"mac": "02:00:00:08:00:02", "serial": "B2"})])
+    assert report.applied
+    assert (await store.machine_by("mac", "02:00:00:07:00:02")).hostname == "r7-a2"
+    assert (await store.machine_by("mac", "02:00:00:08:00:02")).hostname == "node-b2"
 
 
 # --- identity in imports: rows without a MAC, several NICs, conflicts named by line ----------

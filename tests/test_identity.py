@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from netboot import identity
 from netboot.errors import ValidationError
@@ -25,6 +29,20 @@ def test_placeholders_are_junk(value: str) -> None:
     with pytest.raises(ValidationError) as err:
         identity.enrolled_value("serial", value)
     assert err.value.field == "serial"
+
+
+@given(st.text(alphabet="0fFxXaZ19 .\t\u00a0\u2028Ä\uff11-/", max_size=8) | st.text(max_size=8))
+@example(" ")
+@example("0 0")
+@example("x.X")
+@example("To be filled by O.E.M.")
+def test_junk_is_told_as_by_removing_spaces_and_dots_first(value: str) -> None:
+    # is_junk skips its regular expression for text of letters and digits only (every
+    # serial of a bulk import): the same answer as removing spaces and dots from any text.
+    key = re.sub(r"[\s.]", "", value).lower()
+    expected = (key in identity._JUNK or not key.strip("0") or not key.strip("f")
+                or not key.strip("x"))
+    assert identity.is_junk(value) == expected
 
 
 @pytest.mark.parametrize("value", ["SN-1", "CZ2048XYZ", "0a1b2c3d", "J0001", "A 7"])
