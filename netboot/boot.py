@@ -129,6 +129,7 @@ class _Seen:
 
     request: BootRequest
     identity: Identity  # Identity.of_request(request)
+    keys: list[tuple[str, bytes | str]]  # identity.lookup_keys(): what the view is asked
     note: str  # _dhcp_note(request): the step its record notes
     # The loader chain decided for ``machine`` (the view's object, replaced when its value
     # changes) while the view's ``rules`` counter (groups, profiles: what _chain reads
@@ -415,7 +416,7 @@ class BootService:
         fresh = fresh or (self.health.up and await self._fresh())
         seen = self._seen_dhcp(request)
         seen.decided = None
-        res = await self._resolve(request, seen.identity)
+        res = await self._resolve(request, seen)
         machine = res.machine
         if fresh:
             self._record_dhcp_soon(request, res, seen)
@@ -459,7 +460,7 @@ class BootService:
             return None
         view = self._view
         found: list[tuple[str, bytes | str, Machine | None]] = []
-        for kind, key in seen.identity.lookup_keys():
+        for kind, key in seen.keys:
             held = view.held(kind, key)
             if isinstance(held, Unseen):
                 return None
@@ -479,7 +480,7 @@ class BootService:
         if seen is not None and seen.request == request:
             return seen
         known = Identity.of_request(request)
-        seen = _Seen(request, known, _dhcp_note(request))
+        seen = _Seen(request, known, known.lookup_keys(), _dhcp_note(request))
         if request.mac != identity.NO_NIC:  # many devices at once, not one NIC
             _keep(self._seen, request.mac, seen, REPEATS_KEPT)
         return seen
@@ -608,13 +609,14 @@ class BootService:
         """
         return await self._view.count_machines_without_nic() > 0
 
-    def _resolve(self, request: BootRequest, ident: Identity | None = None,
+    def _resolve(self, request: BootRequest, seen: _Seen | None = None,
                  ) -> Coroutine[Any, Any, Resolution]:
         """Which machine ``request`` is: every decision's and record's one look-up,
-        :func:`identity.lookup` over the view. ``ident``: ``Identity.of_request(request)``
-        where the caller keeps it (the NIC's memo, _Seen)."""
-        return identity.lookup(self._view,
-                               Identity.of_request(request) if ident is None else ident)
+        :func:`identity.lookup` over the view. ``seen``: the NIC's memo of ``request``
+        where the caller keeps it (its identity and keys worked out once)."""
+        if seen is None:
+            return identity.lookup(self._view, Identity.of_request(request))
+        return identity.lookup(self._view, seen.identity, seen.keys)
 
     async def _record_dhcp(self, request: BootRequest, *, admitted: bool = False,
                            paced: bool = False) -> None:
@@ -638,7 +640,7 @@ class BootService:
                 seen = self._seen.get(request.mac)
                 if seen is not None and seen.request != request:
                     seen = None
-                res = await self._resolve(request, None if seen is None else seen.identity)
+                res = await self._resolve(request, seen)
                 try:
                     machine = await self._adopt(request, res)
                     if machine is None or machine.state == MachineState.DISCOVERED:
