@@ -5,6 +5,7 @@
                                     [--kernel-size 8M] [--initrd-size 32M]
                                     [--loss 0.01] [--slow-acks MS] [--only netboot]
                                     [--inventory sqlite|postgresql|both] [--loaded]
+                                    [--plain-switching]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -38,7 +39,9 @@ nothing is decided: the floor netboot is measured against.
 
 The storm starts as soon as netboot answers, while it still loads its inventory view in the
 background (a storm at start-up: decisions then read the database); ``--loaded`` waits for
-"inventory view loaded" in its log first (a storm on a running server).
+"inventory view loaded" in its log first (a storm on a running server). ``--plain-switching``
+runs netboot with the view loaded at Python's own switch interval instead of
+``service.brisk_switching``'s (the start-up storm's A/B, benchmarks/README.md session 11).
 
 ``--inventory postgresql`` (or ``both``) runs netboot on a PostgreSQL inventory too: the
 benchmark starts its own throwaway cluster with netboot.lab.pgcluster (Debian's binaries, a
@@ -341,10 +344,18 @@ def start(name: str, ns: str, argv: list[str], log: Path, env: dict[str, str] | 
     return Proc(name, popen, log)
 
 
+# `netboot serve` with its inventory view loaded at Python's own switch interval (5 ms), not
+# service.brisk_switching's 0.5 ms: the other side of the start-up storm's A/B (--plain-switching).
+PLAIN_SWITCHING = ("import contextlib, runpy, sys; import netboot.service as s; "
+                   "s.brisk_switching = lambda *a, **k: contextlib.nullcontext(); "
+                   "sys.argv[0] = 'netboot'; runpy.run_module('netboot', run_name='__main__')")
+
+
 def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: str,
-                  dsn: str | None = None) -> list[Proc]:
+                  dsn: str | None = None, plain_switching: bool = False) -> list[Proc]:
     conf = work.netboot_config(run, log_level, dsn)
-    return [start("netboot", ns, [python, "-m", "netboot", "serve", "--config", str(conf)],
+    command = ["-c", PLAIN_SWITCHING] if plain_switching else ["-m", "netboot"]
+    return [start("netboot", ns, [python, *command, "serve", "--config", str(conf)],
                   run / "netboot.log", {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})]
 
 
@@ -948,7 +959,7 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
     spec = Spec(**{**spec.__dict__, "started": time.monotonic()})
     on_pg = database if target == PG_TARGET else None
     procs = (start_netboot(server_ns, run, work, args.python, args.log_level,
-                           on_pg.dsn() if on_pg else None)
+                           on_pg.dsn() if on_pg else None, args.plain_switching)
              if target in NETBOOT_TARGETS else start_standins(server_ns, run, work))
     db_pid = on_pg.process.pid if on_pg else None
     gen = subprocess.Popen(
@@ -1157,6 +1168,9 @@ def main() -> None:
     parser.add_argument("--loaded", action="store_true",
                         help="start the storm once netboot's inventory view is loaded (a "
                              "running server), not as soon as it answers (a start-up storm)")
+    parser.add_argument("--plain-switching", action="store_true",
+                        help="netboot loads its inventory view at Python's switch interval, "
+                             "not service.brisk_switching's (a start-up storm's A/B)")
     parser.add_argument("--capture", action="store_true",
                         help="tcpdump the DHCP traffic on the server's veth into the run "
                              "dir (with --keep)")

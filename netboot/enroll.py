@@ -487,17 +487,10 @@ _Claimed = dict[str, dict[str | bytes, str | int]]
 def _claims_of(machines: Iterable[Machine]) -> _Claimed:
     """Who holds each identifier of ``machines`` (:func:`netboot.identity.claims`)."""
     claimed: _Claimed = {"mac": {}, "uuid": {}, "serial": {}, "asset": {}}
-    macs, uuids, serials, assets = claimed.values()
     for m in machines:
-        ident = Identity.of_machine(m)
-        for mac in ident.macs:
-            macs[mac.raw] = m.id
-        if ident.uuid:
-            uuids[ident.uuid] = m.id
-        if ident.serial:
-            serials[ident.serial] = m.id
-        if ident.asset:
-            assets[ident.asset] = m.id
+        machine_id = m.id
+        for kind, key in Identity.of_machine(m).keys(True):  # MACs by their bytes
+            claimed[kind][key] = machine_id
     return claimed
 
 

@@ -30,7 +30,7 @@ import re
 import uuid as uuidlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from netboot.errors import Conflict, NotFound, ValidationError
 from netboot.model import ID_PREFIX, BootRequest, MacAddress, Machine, MachineState
@@ -146,16 +146,32 @@ class Identity:
         return cls(machine.macs, clean_uuid(machine.uuid), clean_text(machine.serial),
                    clean_text(machine.asset))
 
-    def claims(self) -> list[tuple[str, str]]:
-        out = [("mac", str(mac)) for mac in self.macs]
-        out += [(k, v) for k in ("uuid", "serial", "asset") if (v := getattr(self, k))]
+    def keys(self, raw: bool) -> list[tuple[str, bytes | str]]:
+        """Every identifier, as (kind, key), in :data:`PRECEDENCE` order: the one walk over
+        an identity's claims. A MAC is spelled as text (``raw`` false: a store's
+        ``machine_by`` takes it so, :meth:`claims`) or by its 6 bytes (a
+        :class:`HeldIndex`'s key, :meth:`lookup_keys`); the other kinds by their cleaned
+        text."""
+        # A flag, not a function per MAC, and no comprehension for the one NIC most have:
+        # every first request of a storm walks this, and an import every machine it holds.
+        out: list[tuple[str, bytes | str]] = []
+        for mac in self.macs:
+            out.append(("mac", mac.raw if raw else str(mac)))
+        uuid, serial, asset = self.uuid, self.serial, self.asset
+        if uuid:
+            out.append(("uuid", uuid))
+        if serial:
+            out.append(("serial", serial))
+        if asset:
+            out.append(("asset", asset))
         return out
+
+    def claims(self) -> list[tuple[str, str]]:
+        return cast("list[tuple[str, str]]", self.keys(False))
 
     def lookup_keys(self) -> list[tuple[str, bytes | str]]:
         """:meth:`claims` as a :class:`HeldIndex` keys them: a MAC by its raw bytes."""
-        out: list[tuple[str, bytes | str]] = [("mac", mac.raw) for mac in self.macs]
-        out += [(k, v) for k in ("uuid", "serial", "asset") if (v := getattr(self, k))]
-        return out
+        return self.keys(True)
 
 
 class MachineIndex(Protocol):
@@ -223,7 +239,7 @@ class Resolution:
     disagree: tuple[tuple[str, Machine], ...] = ()  # other enrolled machines an identifier named
 
 
-def choose(found: Sequence[tuple[str, str, Machine]]) -> Resolution:
+def choose(found: Sequence[tuple[str, object, Machine]]) -> Resolution:
     """The precedence rule of this module's docstring, over :func:`matches`' answer. Pure."""
     if not found:
         return Resolution(None)
@@ -275,29 +291,22 @@ class HeldIndex(MachineIndex, Protocol):
         ...
 
 
-async def lookup(index: HeldIndex, identity: Identity) -> Resolution:
+async def lookup(index: HeldIndex, identity: Identity,
+                 keys: Sequence[tuple[str, bytes | str]] | None = None) -> Resolution:
     """:func:`resolve` over an index that holds its identifiers: each looked up in memory,
     without a coroutine per identifier, nor a MAC spelled out for the index to parse back
     (every request of a boot storm, and each one's record, asks this); where the index
-    cannot tell without the store, :func:`resolve` reads through as a store is read."""
+    cannot tell without the store, :func:`resolve` reads through as a store is read.
+    ``keys``: ``identity.lookup_keys()``, when the caller keeps them."""
     held = index.held
-    found: list[tuple[str, str, Machine]] = []
-    for mac in identity.macs:
-        machine = held("mac", mac.raw)
+    found: list[tuple[str, bytes | str, Machine]] = []
+    for kind, key in identity.lookup_keys() if keys is None else keys:
+        machine = held(kind, key)
         if machine is None:
             continue
         if isinstance(machine, Unseen):
             return await resolve(index, identity)
-        found.append(("mac", str(mac), machine))
-    for kind, value in (("uuid", identity.uuid), ("serial", identity.serial),
-                        ("asset", identity.asset)):
-        if value:  # cleaned already: its own key (normalising is idempotent)
-            machine = held(kind, value)
-            if machine is None:
-                continue
-            if isinstance(machine, Unseen):
-                return await resolve(index, identity)
-            found.append((kind, value, machine))
+        found.append((kind, key, machine))
     return choose(found)
 
 

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from netboot.errors import ConfigError
-from netboot.model import Arch, BootRequest, Firmware, FirstStage, MacAddress
+from netboot.model import (
+    Arch,
+    BootRequest,
+    Firmware,
+    FirstStage,
+    MacAddress,
+    boot_request_of_values,
+)
 from netboot.wire.dhcp import (
     BROADCAST_FLAG,
     MIN_PACKET_SIZE,
@@ -319,13 +326,14 @@ def _client(shape: _Shape, packet: Inbound, peer: str | None, interface: str | N
         mac = MacAddress(packet.chaddr[:6].ljust(6, b"\0"))
     hostname = packet.option(_HOSTNAME)
     giaddr = packet.giaddr
-    request = BootRequest(
-        mac=mac, arch=shape.arch, firmware=shape.firmware, arch_code=shape.arch_code,
-        uuid=_uuid(packet.option(_CLIENT_UUID), shape.firmware),
-        hostname=_text(hostname) or None, platform=shape.platform,
-        remote_addr=peer, relay=giaddr if giaddr != ZERO_IP else None, via="dhcp",
-        interface=interface,
-    )
+    # BootRequest's fields in order: mac, arch, firmware, arch_code, uuid, serial,
+    # manufacturer, product, asset, hostname, platform, remote_addr, relay, interface, via
+    # (tests/test_pxe.py holds it to BootRequest(...) by name).
+    request = boot_request_of_values((
+        mac, shape.arch, shape.firmware, shape.arch_code,
+        _uuid(packet.option(_CLIENT_UUID), shape.firmware), None, None, None, None,
+        _text(hostname) or None, shape.platform, peer,
+        giaddr if giaddr != ZERO_IP else None, interface, "dhcp"))
     return Client(
         request=request, message_type=packet.message_type, vendor_class=shape.vendor_class,
         pxe=shape.pxe, ipxe=shape.ipxe, ipxe_http=shape.ipxe_http, requested=shape.requested,

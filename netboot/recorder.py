@@ -27,6 +27,7 @@ event and no log line per event.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,8 @@ class Recorder:
         # version of the machine it was noted for), oldest first (bounded by REMEMBER): the
         # version is the caller's (the boot path passes the machine as the view holds it), so
         # that a change by someone else makes the note count again.
-        self._last: dict[str, tuple[tuple[str, str], object]] = {}
+        self._last: collections.OrderedDict[str, tuple[tuple[str, str], object]] = (
+            collections.OrderedDict())  # its oldest dropped in O(1), boot._keep says why
         self._unsure: set[int] = set()  # id() of queued notes to compare with the store
         self._writer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one batch at a time, in order
@@ -166,10 +168,10 @@ class Recorder:
 
     def _said(self, machine_id: str, said: tuple[str, str], version: object) -> None:
         last = self._last
-        last.pop(machine_id, None)  # re-inserted last: the dict stays oldest first
         last[machine_id] = (said, version)
+        last.move_to_end(machine_id)  # the newest last: oldest first
         if len(last) > REMEMBER:
-            del last[next(iter(last))]
+            last.popitem(last=False)
 
     def pending(self, machine_id: str) -> Event | None:
         """The newest event of this machine that is queued, not yet written."""

@@ -96,6 +96,35 @@ def test_request_identity_ignores_placeholders_and_the_no_nic_stand_in() -> None
         ("serial", "SN-9")]
 
 
+_TEXTS = st.sampled_from([None, "", "SN-1", " padded ", "To be filled by O.E.M.", "0000",
+                          "4C4C4544-0042-3510-8048-B2C04F565931", "not a uuid",
+                          "00000000-0000-0000-0000-000000000000",
+                          "{4c4c4544-0042-3510-8048-b2c04f565931}"])
+
+
+@given(macs=st.lists(st.binary(min_size=6, max_size=6), max_size=3, unique=True),
+       uuid=_TEXTS, serial=_TEXTS, asset=_TEXTS)
+def test_every_spelling_of_the_claims_is_one_walk(macs: list[bytes], uuid: str | None,
+                                                  serial: str | None, asset: str | None,
+                                                  ) -> None:
+    """What a store looks up (claims: MACs as text), what a held index is asked
+    (lookup_keys: MACs by their bytes) and who an import finds holding each identifier
+    (enroll._claims_of) are the same identifiers, in the same order."""
+    from netboot.enroll import _claims_of
+
+    machine = Machine(macs=tuple(MacAddress(raw) for raw in macs), uuid=uuid, serial=serial,
+                      asset=asset)
+    ident = Identity.of_machine(machine)
+    claims = identity.claims(machine)
+    assert ident.claims() == claims
+    keys = ident.lookup_keys()
+    assert [(k, str(MacAddress(v)) if isinstance(v, bytes) else v) for k, v in keys] == claims
+    assert all(isinstance(v, bytes) == (k == "mac") for k, v in keys)
+    held = _claims_of([machine])
+    assert sorted((k, v) for k, by in held.items() for v in by) == sorted(keys)
+    assert all(holder == machine.id for by in held.values() for holder in by.values())
+
+
 def m(state: MachineState = MachineState.ENROLLED, **kw: object) -> Machine:
     return Machine(state=state, **kw)  # type: ignore[arg-type]
 

@@ -498,3 +498,27 @@ def test_fuzz_classifier_answers_as_classify(seed: bytes, flips: list[tuple[int,
     for _ in range(2):
         assert classifier.classify(request, "0.0.0.0") == pxe.classify(packet, SETTINGS,
                                                                         "0.0.0.0")
+
+
+def test_a_classified_request_holds_each_fact_in_its_own_field() -> None:
+    """netboot.pxe builds the BootRequest from its values in field order (no __init__, one
+    per datagram): each fact a DISCOVER tells lands in the field named for it, as
+    BootRequest(...) by name would put it."""
+    from netboot.model import BootRequest, MacAddress, boot_request_of_values
+
+    mac = bytes.fromhex("525400abcdef")
+    uuid_opt = b"\x00" + bytes(range(1, 17))
+    opts = (b"\x35\x01\x01" + b"\x5d\x02\x00\x07" + bytes((97, len(uuid_opt))) + uuid_opt
+            + b"\x0c\x05node7" + b"\x3c\x20PXEClient:Arch:00007:UNDI:003000" + b"\xff")
+    head = (bytes((1, 1, 6, 1)) + (0x1234).to_bytes(4, "big") + bytes(4) + bytes(8)
+            + bytes(4) + bytes((198, 51, 100, 1)) + mac.ljust(16, b"\0") + bytes(192))
+    packet = dhcp.parse_request(head + b"\x63\x82\x53\x63" + opts)
+    request = pxe.classify(packet, SETTINGS, "198.51.100.9", "eth9").request
+    assert request == BootRequest(
+        mac=MacAddress(mac), arch=Arch.X86_64, firmware=Firmware.UEFI, arch_code=7,
+        uuid=str(uuid.UUID(bytes_le=bytes(range(1, 17)))), hostname="node7",
+        remote_addr="198.51.100.9", relay="198.51.100.1", interface="eth9", via="dhcp")
+    values = tuple(getattr(request, f.name) for f in dataclasses.fields(BootRequest))
+    assert boot_request_of_values(values) == BootRequest(*values)
+    with pytest.raises(ValueError):
+        boot_request_of_values(values[:-1])

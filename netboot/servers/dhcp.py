@@ -14,6 +14,7 @@ stays silent (proxy) or answers without a boot file / fixed address (authoritati
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import ipaddress
@@ -83,6 +84,11 @@ class _Answer:
     logged: tuple[Any, ...]  # the debug line's arguments after the xid and the peer
 
 
+
+# A listener's kept answers, oldest first; an OrderedDict drops its oldest in O(1)
+# (boot._keep says why).
+_Answers = collections.OrderedDict[_AnswerKey, _Answer]
+
 class DhcpObserver(Protocol):
     """Told of every reply sent (metrics): ``kind`` is OFFER, ACK, NAK."""
 
@@ -151,7 +157,7 @@ class DhcpServer:
         # it be answered without parsing, classifying, deciding or encoding (_Answer).
         self._repeat_guard: Callable[[Any, FirstStage], Callable[[], bool] | None] | None = (
             getattr(decider, "repeat_guard", None))
-        self._answers: dict[_Listener, dict[_AnswerKey, _Answer]] = {}
+        self._answers: dict[_Listener, _Answers] = {}
         self.answered_again = 0  # repeats answered from a kept answer (tests, metrics)
         self._store = leases
         self._interfaces = list(interfaces or [])
@@ -348,7 +354,7 @@ class DhcpServer:
     def _handler(
         self, listener: _Listener
     ) -> Callable[[bytes, Address], list[Reply] | Awaitable[list[Reply]]]:
-        answers = self._answers.setdefault(listener, {})
+        answers = self._answers.setdefault(listener, collections.OrderedDict())
         # A decider that cannot tell when an answer holds gets none kept: no key made.
         caching = self._repeat_guard is not None
 
@@ -411,7 +417,7 @@ class DhcpServer:
     def respond(
         self, data: bytes, peer: Address, *, server_ip: str, pxe_port: bool,
         interface: str | None = None,
-        keep: tuple[dict[_AnswerKey, _Answer], _AnswerKey] | None = None,
+        keep: tuple[_Answers, _AnswerKey] | None = None,
     ) -> list[Reply] | Awaitable[list[Reply]]:
         """:meth:`handle` without the coroutine: the replies themselves when the decider
         answers at once, an awaitable only when it has to wait (the store, the lease pool).
@@ -507,7 +513,7 @@ class DhcpServer:
 
     def _proxy(
         self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str,
-        pxe_port: bool, keep: tuple[dict[_AnswerKey, _Answer], _AnswerKey] | None = None,
+        pxe_port: bool, keep: tuple[_Answers, _AnswerKey] | None = None,
     ) -> list[Reply] | Awaitable[list[Reply]]:
         mac = client.request.mac
         if not pxe.proxy_should_answer(client, pxe_port=pxe_port, settings=self._settings):
@@ -538,7 +544,7 @@ class DhcpServer:
     def _proxy_answer(
         self, stage: FirstStage | None, packet: dhcp.Inbound, client: Client, peer: Address,
         server_ip: str, pxe_port: bool,
-        keep: tuple[dict[_AnswerKey, _Answer], _AnswerKey] | None = None,
+        keep: tuple[_Answers, _AnswerKey] | None = None,
     ) -> list[Reply]:
         mac = client.request.mac
         if stage is None:
@@ -574,7 +580,7 @@ class DhcpServer:
             if holds is not None:
                 answers, key = keep
                 if len(answers) >= ANSWERS_KEPT:
-                    del answers[next(iter(answers))]  # the oldest: insertion order is age
+                    answers.popitem(last=False)  # the oldest: insertion order is age
                 answers[key] = _Answer(
                     data, out[1], holds, pxe_port, kind,
                     (_name(reply.message_type), str(client.firmware), str(client.request.arch)),
