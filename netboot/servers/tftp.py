@@ -226,11 +226,12 @@ class _PacketCache:
 
 
 class _Transfer:
-    """One read transfer: its :class:`Sender`, its client and its retransmission deadline.
-    Datagrams come from its :class:`_Link`; the server's sweep calls :meth:`on_timer`."""
+    """One read transfer: its :class:`Sender` (whose ``deadline`` the server's sweep reads),
+    its client and its socket. Datagrams come from its :class:`_Link`; the sweep calls
+    :meth:`on_timer`."""
 
-    __slots__ = ("closed", "deadline", "fd", "link", "path", "peer", "request", "sender",
-                 "server", "sock")
+    __slots__ = ("closed", "fd", "link", "path", "peer", "request", "sender", "server",
+                 "sock")
 
     def __init__(self, server: TftpServer, link: _Link, peer: Address, path: str,
                  sender: Sender, fd: int | None, sock: socket.socket, request: bytes) -> None:
@@ -246,7 +247,6 @@ class _Transfer:
         # Connected to the client, bound to the link's address (see _Link): send() without
         # an address, and only this client's datagrams arrive on it.
         self.sock = sock
-        self.deadline: float | None = None
         self.closed = False
 
     @property
@@ -339,7 +339,6 @@ class _Transfer:
         if self.closed:
             return
         self.closed = True
-        self.deadline = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -485,7 +484,7 @@ class _Link:
                             self._not_sent(exc, transfer)
                     else:
                         self._send(send, transfer)
-                    deadline = transfer.deadline = sender.deadline
+                    deadline = sender.deadline
                     if deadline is not None and deadline < server._rearm_below:
                         server._sweep_by(deadline)
                 else:
@@ -536,7 +535,7 @@ class _Link:
         if step.outcome is not None:
             transfer.finished(step)
             return
-        deadline = transfer.deadline = step.deadline
+        deadline = step.deadline
         if deadline is not None and deadline < self.server._rearm_below:
             self.server._sweep_by(deadline)
 
@@ -778,10 +777,11 @@ class TftpServer:
         now = time.monotonic()
         nearest = math.inf
         for transfer in list(self._transfers.values()):
-            deadline = transfer.deadline
+            # A closed transfer is no longer listed; one closed by this sweep is skipped.
+            deadline = None if transfer.closed else transfer.sender.deadline
             if deadline is not None and deadline <= now:
                 transfer.on_timer(now)
-                deadline = transfer.deadline
+                deadline = None if transfer.closed else transfer.sender.deadline
             if deadline is not None and deadline < nearest:
                 nearest = deadline
         self._rearm_below = math.inf
