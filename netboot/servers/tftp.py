@@ -447,6 +447,8 @@ class _Link:
             if not events:
                 return
             left -= len(events)
+            # The batch's windows are sent after all its ACKs are read (below).
+            answered: list[tuple[_Transfer, tuple[Datagram, ...]]] = []
             for fd, _ in events:
                 transfer = transfers.get(fd)
                 if transfer is None:  # ended earlier in this batch
@@ -477,18 +479,27 @@ class _Link:
                     except Exception:
                         transfer.crashed()
                         continue
-                    if len(send) == 1:
-                        try:
-                            transfer.sock.send(send[0])
-                        except OSError as exc:
-                            self._not_sent(exc, transfer)
-                    else:
-                        self._send(send, transfer)
+                    answered.append((transfer, send))
                     deadline = sender.deadline
                     if deadline is not None and deadline < server._rearm_below:
                         server._sweep_by(deadline)
                 else:
                     transfer.other(bytes(buf[:size]))
+            # Every ACK of the batch read, then every window sent: a send wakes its client,
+            # which on a busy CPU preempts the server; read and sent in turn, each of the
+            # batch's sends could cost a switch there and back before the next ACK was read.
+            # Sent in a run, the clients answer while the run goes on and the next poll finds
+            # their ACKs: 50 lock-step clients, 411 switches per 35,750 blocks against 1,235,
+            # 3.5 % less CPU (benchmarks/README.md, session 11). One event per transfer per
+            # poll, so a window (a view of its transfer's frame) is still intact when sent.
+            for transfer, send in answered:
+                if len(send) == 1:
+                    try:
+                        transfer.sock.send(send[0])
+                    except OSError as exc:
+                        self._not_sent(exc, transfer)
+                else:
+                    self._send(send, transfer)
 
     def _readable(self) -> None:
         """The unconnected data socket: whatever no transfer's socket took."""
