@@ -528,8 +528,9 @@ class Sender:
     :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
 
     __slots__ = (
-        "_base", "_clean", "_floor", "_frame", "_frames", "_heads", "_interval", "_packets",
-        "_policy", "_progress", "_read_into", "_rttvar", "_sent_at", "_slots", "_source",
+        "_base", "_clean", "_expect", "_floor", "_frame", "_frames", "_heads", "_interval",
+        "_packets", "_policy", "_progress", "_read_into", "_rttvar", "_sent_at", "_slots",
+        "_source",
         "acked", "answered", "blksize", "blocks", "deadline", "duplicate_acks", "negotiated",
         "outcome", "phase", "retransmissions", "retries", "sent", "size", "srtt", "windowsize",
     )
@@ -585,6 +586,9 @@ class Sender:
         self._interval = self._base  # what the next (re)transmission arms
         self._sent_at = 0.0  # when the window in flight was first sent
         self._clean = False  # ... and not resent since: its ACK is an RTT sample (Karn)
+        # The wire number of the ACK that ack_window serves (the window in flight, sent
+        # once, more to come), or -1: see _sent_window.
+        self._expect = -1
 
     # -- events --------------------------------------------------------------------------
 
@@ -605,11 +609,16 @@ class Sender:
         The same steps as :meth:`ack` (RTT sample, progress, interval, next window) written
         out in one function without a :class:`Step`: in lock-step this runs once per block
         and the calls and the Step were most of the Python cost of a block, and a streamed
-        window went through both."""
-        acked = self.acked
-        n = acked + ((block - acked) & 0xFFFF)
-        if n != self.sent or n == acked or n >= self.blocks or self.phase is not _DATA:
+        window went through both.
+
+        Which ACK that is was worked out when the window went out (:attr:`_expect`: the
+        wire number of its last block, armed only for a window sent once, with more to
+        come, in the DATA phase), so one comparison turns every other ACK away, and the
+        state that such a window implies (answered, no retries, an RTT sample by Karn's
+        rule) is not written again per block."""
+        if block != self._expect:
             return None
+        n = self.sent
         last = n + self.windowsize
         blocks = self.blocks
         last = blocks if last > blocks else last
@@ -633,29 +642,28 @@ class Sender:
         else:
             return None
         self.acked = n
+        # RFC 6298 §2, as in _sample: the window was sent once (armed only then).
+        rtt = now - self._sent_at
         srtt = self.srtt
-        if self._clean:  # RFC 6298 §2, as in _sample
-            rtt = now - self._sent_at
-            if srtt is None:
-                srtt, self._rttvar = rtt, rtt / 2
-            else:
-                self._rttvar += ((srtt - rtt if srtt > rtt else rtt - srtt) - self._rttvar) / 4
-                srtt += (rtt - srtt) / 8
-            self.srtt = srtt
-        # _advance and _rto (conditional expressions: cheaper than min() and max() calls)
-        self.retries = 0
-        self._progress = now
-        self.answered = self._clean = True
+        if srtt is None:
+            srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar += ((srtt - rtt if srtt > rtt else rtt - srtt) - self._rttvar) / 4
+            srtt += (rtt - srtt) / 8
+        self.srtt = srtt
+        # _advance and _rto (conditional expressions: cheaper than min() and max() calls);
+        # answered, _clean and retries == 0 hold already.
+        self._progress = self._sent_at = now
         interval = self._base
         floor = self._floor
-        if floor is not None and srtt is not None:
+        if floor is not None:
             rto = srtt + 4 * self._rttvar
             rto = floor if rto < floor else rto
             interval = rto if rto < interval else interval
         self._interval = interval
         self.sent = last
-        self._sent_at = now
         self.deadline = now + interval
+        self._expect = last & 0xFFFF if last < blocks else -1
         return send
 
     def ack(self, block: int, now: float) -> Step:
@@ -781,8 +789,7 @@ class Sender:
         last = min(self.acked + self.windowsize, self.blocks)
         packets = self._packets
         if packets is not None:  # the hot path: slices of the prebuilt datagrams
-            self.sent = max(self.sent, last)
-            self._sent_at = now
+            self._sent_window(last, now)
             deadline = self.deadline = now + (self._interval if self.answered else self._base)
             return Step(packets.window(first, last), deadline)
         assert self._source is not None
@@ -794,8 +801,7 @@ class Sender:
             got, send = self._read_window(first, last, start, end)
             if got != end - start:
                 return self._source_error(got, start, end)
-            self.sent = max(self.sent, last)
-            self._sent_at = now
+            self._sent_window(last, now)
             return self._arm(now, send)
         chunk = self._source.read(start, end - start)
         if len(chunk) != end - start:
@@ -809,8 +815,7 @@ class Sender:
                             view[(block - first) * bs : (block - first + 1) * bs])
                 for block in range(first, last + 1)
             )
-        self.sent = max(self.sent, last)
-        self._sent_at = now
+        self._sent_window(last, now)
         return self._arm(now, send)
 
     def _read_window(
@@ -856,6 +861,15 @@ class Sender:
             pack(frame, i * step, op, (first + i) % _BLOCK_MOD)
         return self._read_into(start, iov), send
 
+    def _sent_window(self, last: int, now: float) -> None:
+        self.sent = max(self.sent, last)
+        self._sent_at = now
+        # ack_window serves the ACK of this window if it went out once (not a resend: its
+        # ACK is no RTT sample, Karn) after the client's progress (_clean implies answered
+        # and no retries), and blocks remain after it; any other ACK goes to ack().
+        sent = self.sent
+        self._expect = sent & 0xFFFF if self._clean and sent < self.blocks else -1
+
     def _source_error(self, got: int, start: int, end: int) -> Step:
         return self._finish(
             Outcome.SOURCE_ERROR,
@@ -876,6 +890,7 @@ class Sender:
         self.phase = Phase.DONE
         self.outcome = outcome
         self.deadline = None
+        self._expect = -1
         return Step(farewell, None, outcome, reason)
 
     def _over(self) -> Step:

@@ -1104,6 +1104,66 @@ class _RefusingWindows(_Refusing):
         return self._sock.send(data)
 
 
+class _Recording:
+    """A transfer's socket that notes its receives and sends, in order, in a shared log."""
+
+    def __init__(self, sock: socket.socket, log: list[tuple[str, int]]) -> None:
+        self._sock = sock
+        self._log = log
+
+    def recv_into(self, buf: bytearray) -> int:
+        size = self._sock.recv_into(buf)
+        self._log.append(("recv", self._sock.fileno()))
+        return size
+
+    def send(self, data: bytes) -> int:
+        self._log.append(("send", self._sock.fileno()))
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
+        files: DirFiles) -> None:
+    """ACKs that wait at once are read in one batch, then the next blocks go out in a run
+    (a send wakes its client, which on a busy CPU preempts the server before it reads the
+    next ACK); each transfer gets its own next block, intact."""
+    server = await started(files, retransmit=5.0, min_rto=None)
+    link = server._links[None]
+    log: list[tuple[str, int]] = []
+
+    def recording_open(peer: tuple[str, int], open_: Any = link.open) -> socket.socket:
+        return _Recording(open_(peer), log)  # type: ignore[return-value]
+
+    link.open = recording_open  # type: ignore[method-assign]
+    clients = [RawClient() for _ in range(3)]
+    try:
+        tids = []
+        for c in clients:
+            c.rrq(addr(server), "small.bin")
+        for c in clients:
+            pkt, tid = await c.recv()
+            assert pkt == Data(1, SMALL[:512])
+            tids.append(tid)
+            c.send(Ack(1), tid)  # the first ACK, one by one
+            pkt, _ = await c.recv()
+            assert pkt == Data(2, SMALL[512:1024])
+        log.clear()
+        for c, tid in zip(clients, tids, strict=True):  # three ACKs waiting before a poll
+            c.send(Ack(2), tid)
+        for c in clients:
+            pkt, _ = await c.recv()
+            assert pkt == Data(3, SMALL[1024:1536])
+        assert [kind for kind, _ in log] == ["recv"] * 3 + ["send"] * 3
+        assert sorted(fd for kind, fd in log if kind == "recv") == sorted(
+            fd for kind, fd in log if kind == "send")
+    finally:
+        for c in clients:
+            c.close()
+        await server.close()
+
+
 @pytest.mark.parametrize("windowsize", [1, 8])
 async def test_a_full_send_buffer_is_a_loss_the_timer_repairs(
         files: DirFiles, client: RawClient, windowsize: int) -> None:

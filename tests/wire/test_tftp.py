@@ -721,6 +721,49 @@ def test_ack_window_leaves_every_other_ack_to_ack() -> None:
     assert s.acked == 4 and s.sent == 8 and s.deadline is not None
 
 
+def test_ack_window_serves_only_a_window_sent_once() -> None:
+    """ack_window takes the ACK of a window that went out once and leaves the rest to ack():
+    after a resend (Karn: no RTT sample) and after the end, the same block number is ack()'s,
+    which re-arms it; the served ACK is a sample again."""
+    size = 30 * 1468
+    s = Sender(negotiate((("blksize", "1468"),), size, POLICY), size,
+               Packets(bytes(size), 1468), POLICY)
+    s.start(0.0)
+    s.ack(0, 0.0)  # block 1 sent at 0.0
+    assert s.ack_window(1, 0.002) is not None  # block 2 sent at 0.002
+    srtt = s.srtt
+    assert srtt == pytest.approx(0.002)
+    deadline = s.deadline
+    assert deadline is not None
+    assert s.timeout(deadline).send  # block 2 resent
+    before = (s.acked, s.sent, s.deadline, s.srtt, s.retries, s.retransmissions)
+    assert s.ack_window(2, deadline + 0.5) is None  # the resent window: ack()'s
+    assert (s.acked, s.sent, s.deadline, s.srtt, s.retries, s.retransmissions) == before
+    step = s.ack(2, deadline + 0.5)
+    assert [parse(d).block for d in step.send] == [3]  # type: ignore[union-attr]
+    assert s.srtt == srtt and s.retries == 0  # no sample from a resent window
+    assert s.ack_window(3, deadline + 0.501) is not None  # sent once: served, and timed
+    assert s.srtt == pytest.approx(srtt + (0.001 - srtt) / 8)
+    assert s.error(0, "bye", deadline + 0.6).outcome is Outcome.CLIENT_ERROR
+    assert s.ack_window(4, deadline + 0.6) is None and s.acked == 3
+
+
+def test_ack_window_follows_block_numbers_across_the_wrap() -> None:
+    """Lock-step past block 65535: every ACK but the last is served by ack_window, by its
+    16-bit number, and the last (the short block) completes through ack()."""
+    size = 65_540 * 8 + 3
+    s = Sender(negotiate((("blksize", "8"),), size, POLICY), size, Packets(bytes(size), 8),
+               POLICY)
+    s.start(0.0)
+    s.ack(0, 0.0)
+    for n in range(1, s.blocks - 1):
+        send = s.ack_window(n & 0xFFFF, 0.0)
+        assert send is not None and len(send) == 1
+    assert s.ack_window((s.blocks - 1) & 0xFFFF, 0.0) is not None  # the last block sent
+    assert s.ack_window(s.blocks & 0xFFFF, 0.0) is None
+    assert s.ack(s.blocks & 0xFFFF, 0.0).outcome is Outcome.COMPLETE
+
+
 class WindowMemory:
     """A :class:`WindowSource` over bytes: ``read_into`` fills the buffers in order, as
     ``os.preadv`` does, and stops short at the end of the data (a file that shrank)."""
