@@ -73,7 +73,7 @@ _R = TypeVar("_R")
 BUSY_TIMEOUT_MS = 5000
 # The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
-# a touch of a mapped page into a SIGBUS (autocheckpoint keeps the WAL near 1000 frames).
+# a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES).
 SHM_RESERVE = 4 * 32768
 # How often wait_for_changes looks for commits of other processes.
 POLL_SECONDS = 0.25
