@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from hypothesis import given, settings
@@ -29,6 +28,7 @@ from netboot.inventory import sqlite as sqlite_store
 from netboot.inventory.base import Batch, MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
 from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile, Scope
+from tests.killed import killed_after
 
 MAC1 = "02:00:00:00:00:01"
 REPO = Path(netboot.__file__).resolve().parent.parent
@@ -886,20 +886,16 @@ async def test_what_was_committed_survives_kill_9_while_checkpoints_run(tmp_path
     # Commits acknowledged one after the other, checkpoints running beside them on their own
     # thread (and by the writer between commits): a kill -9 at any point loses none of them.
     db = tmp_path / "k.db"
-    env = {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE,
-                            text=True, env=env)
-    acked: list[str] = []
-    try:
-        assert proc.stdout is not None
+
+    def acknowledged(out: IO[str]) -> list[str]:
+        acked: list[str] = []
         while len(acked) < 20 * 400:  # ~10 checkpoints' worth of frames
-            line = proc.stdout.readline()
+            line = out.readline()
             assert line, "the writer stopped"
             acked += line.strip().split(",")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        return acked
+
+    acked = killed_after(WRITER, [str(db)], acknowledged)
     store = SqliteStore(db)
     await store.open()
     try:
