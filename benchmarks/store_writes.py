@@ -8,7 +8,8 @@ installed, registered), each with its event, in group commits of a few machines.
 a fresh SQLite inventory with ``--machines`` (two labels, a MAC and a serial each), then
 moves ``--updates`` random ones through three states, ``--group`` machines and their events
 per transaction, and prints the process's CPU seconds for those updates (user + system; the
-comparable figure on a shared machine) and the wall time. With ``--compare`` the other
+comparable figure on a shared machine), the wall time, and each transaction's wall time
+(p50/p99/max: what the answers of a group commit wait for). With ``--compare`` the other
 checkout runs alternately in the same session (PYTHONPATH), and the ratio is printed.
 ``--view``: an inventory view, loaded first, syncs after every transaction, as ``netboot
 serve``'s does after each group commit; the CPU of those syncs is printed apart (what the
@@ -52,21 +53,27 @@ async def main():
         await view.load()
     current = random.Random(7).sample(fleet, updates)
     synced = 0.0
+    waits = []  # each transaction's wall time: what the answers of a group commit wait for
     cpu, wall = time.process_time(), time.perf_counter()
     for state in (MachineState.BOOTING, MachineState.INSTALLING, MachineState.INSTALLED):
         moved = [dataclasses.replace(m, state=state, updated=time.time()) for m in current]
         for i in range(0, len(moved), group):
             part = moved[i:i + group]
+            began = time.perf_counter()
             await store.apply_batch(Batch(
                 update=tuple(part), events=tuple(Event(m.id, time.time(), str(state))
                                                  for m in part)))
+            waits.append(time.perf_counter() - began)
             if follow:
                 began = time.process_time()
                 await view.sync()
                 synced += time.process_time() - began
         current = moved
+    waits.sort()
     print(json.dumps({"cpu": time.process_time() - cpu - synced,
-                      "wall": time.perf_counter() - wall, "sync": synced}))
+                      "wall": time.perf_counter() - wall, "sync": synced,
+                      "p50": waits[len(waits) // 2], "p99": waits[len(waits) * 99 // 100],
+                      "max": waits[-1]}))
     await store.close()
 
 asyncio.run(main())
@@ -108,11 +115,14 @@ def main() -> None:
     for name, results in got.items():
         cpu = statistics.median(r["cpu"] for r in results)
         wall = statistics.median(r["wall"] for r in results)
+        waits = "/".join(f"{statistics.median(r[k] for r in results) * 1e3:.1f}"
+                         for k in ("p50", "p99", "max"))
         sync = statistics.median(r["sync"] for r in results)
         medians[name] = cpu
         medians[name + " sync"] = sync
         print(f"{name:<14} CPU {cpu:6.2f} s ({cpu / n * 1e6:5.0f} µs per update)  "
-              f"wall {wall:6.2f} s   runs: " + ", ".join(f"{r['cpu']:.2f}" for r in results)
+              f"wall {wall:6.2f} s  transaction p50/p99/max {waits} ms   runs: "
+              + ", ".join(f"{r['cpu']:.2f}" for r in results)
               + (f"\n{'':<14} view syncs {sync:6.2f} s CPU ({sync / n * 1e6:5.0f} µs per "
                  "update)" if args.view else ""))
     if args.compare:

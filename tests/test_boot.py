@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from netboot import boot as boot_module
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
 from netboot.files import FileTree
@@ -843,3 +845,37 @@ async def test_a_kept_decision_follows_every_change_at_once(tmp_path: Path) -> N
     finally:
         await cli.close()
         await store.close()
+
+
+async def test_a_machines_lock_orders_its_holders_and_is_forgotten_when_free() -> None:
+    # BootService._lock: holders of one key one at a time, in order; other keys meanwhile;
+    # a waiter cancelled leaves it as it was; nothing kept once no one holds or waits.
+    held: dict[str, list[Any]] = {}
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold(key: str, name: str, wait: bool = False) -> None:
+        async with boot_module._Locked(held, key):
+            order.append(f"{name} in")
+            if wait:
+                await gate.wait()
+            order.append(f"{name} out")
+
+    first = asyncio.ensure_future(hold("a", "1", wait=True))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(hold("a", "2"))
+    cancelled = asyncio.ensure_future(hold("a", "x"))
+    await asyncio.sleep(0)
+    await hold("b", "other")  # another key does not wait for "a"
+    assert held["a"][1] == 3 and "b" not in held
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    assert held["a"][1] == 2
+    gate.set()
+    await asyncio.gather(first, second)
+    assert order == ["1 in", "other in", "other out", "1 out", "2 in", "2 out"]
+    assert held == {}
+    with pytest.raises(RuntimeError):
+        async with boot_module._Locked(held, "c"):
+            raise RuntimeError("a failure inside")
+    assert held == {}

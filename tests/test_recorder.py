@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
@@ -16,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import netboot
 from netboot.boot import hash_token
 from netboot.errors import NotFound, StateChanged
 from netboot.inventory import codec
@@ -24,6 +19,7 @@ from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Event, MacAddress, Machine, MachineState
 from netboot.recorder import Recorder
+from tests.killed import killed_after
 
 
 @pytest.fixture
@@ -116,17 +112,8 @@ SERVER = textwrap.dedent("""
 
 async def test_what_a_device_was_told_survives_kill_9(tmp_path: Path) -> None:
     db = tmp_path / "n.db"
-    env = {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(db), str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        token = proc.stdout.readline().strip()
-        assert token and token != "None"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    token = killed_after(SERVER, [str(db), str(tmp_path)], lambda out: out.readline().strip())
+    assert token and token != "None"
     store = SqliteStore(db)
     await store.open()
     try:

@@ -1088,13 +1088,19 @@ def event_from_dict(data: object) -> Event:
 
 def stored_event(event: Event) -> tuple[Event, str]:
     """``event`` as a store reads it back, and its data as JSON text: checked in place when it
-    carries no data (the bulk import's 100,000 "enrolled" events), else the round trip of
-    :func:`event_from_dict`, which names what it refuses."""
+    carries no data (the bulk import's 100,000 "enrolled" events) or text only (the boot
+    path's), else the round trip of :func:`event_from_dict`, which names what it refuses."""
     e = event
     if (type(e.machine) is str and e.machine.strip() and type(e.time) is float
             and math.isfinite(e.time) and type(e.kind) is str and e.kind.strip()
-            and type(e.message) is str and type(e.data) is dict and not e.data):
-        return e, "{}"
+            and type(e.message) is str and type(e.data) is dict):
+        if not e.data:
+            return e, "{}"
+        data = dict(e.data)
+        if all(type(k) is str and type(v) is str for k, v in data.items()):
+            # Text to text (the boot path's events: via, firmware, arch, MAC, peer): what
+            # the round trip gives back, its data encoded once instead of twice.
+            return Event(e.machine, e.time, e.kind, e.message, data), _ENCODE(data)
     value = event_from_dict(event_to_dict(e))
     return value, dumps(dict(value.data), "data")
 

@@ -35,6 +35,8 @@ import logging
 import math
 import os
 import sqlite3
+import struct
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,10 +73,22 @@ _R = TypeVar("_R")
 BUSY_TIMEOUT_MS = 5000
 # The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
-# a touch of a mapped page into a SIGBUS (autocheckpoint keeps the WAL near 1000 frames).
+# a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES).
 SHM_RESERVE = 4 * 32768
 # How often wait_for_changes looks for commits of other processes.
 POLL_SECONDS = 0.25
+# WAL frames not yet copied into the database past which they are (SQLite's own
+# autocheckpoint threshold, which netboot used until the checkpoint left the commit), and
+# the WAL's length past which the writer itself checkpoints (SqliteStore._checkpoint_due):
+# within the -shm's first region (4062 frames), a WAL of ~16 MiB at most.
+CHECKPOINT_FRAMES = 1000
+WAL_FRAMES = 4 * CHECKPOINT_FRAMES
+# The WAL index (-shm) begins with two copies of its 48-byte header (mxFrame, the frames in
+# the WAL, at offset 16) and then the checkpoint information (nBackfill, the frames copied
+# into the database, at offset 96), in native byte order: SQLite's "WAL-index format"
+# (walformat.html, section 2.2), shared by every process that opens the file.
+_WAL_INDEX = struct.Struct("=I12xI76xI")
+_WAL_INDEX_VERSION = 3007000
 
 # A migration step: SQL text, or a function for what SQL alone cannot do (re-encode documents).
 Step = str | Callable[[sqlite3.Connection], None]
@@ -367,6 +381,12 @@ class SqliteStore:
         # own (see _apply_batch): the import and the writer's next commits do not wait for it.
         self._checkpointer: ThreadPoolExecutor | None = None
         self._cconn: sqlite3.Connection | None = None  # touched only on that thread
+        # A checkpoint asked of the checkpointer, of the writer, and not begun yet
+        # (_checkpoint_due, on the writer's thread).
+        self._checkpoint_asked = False
+        self._writer_checkpoints = False
+        self._checkpointer_made = threading.Lock()  # made by the loop's or the writer's thread
+        self._closing = False  # from close() on, no checkpointer is made
         self._shm = self.path.with_name(self.path.name + "-shm")
         self._shm_size = 0  # what SQLite may have mapped; the file must not shrink below it
         # One descriptor of -shm, open from open() to close(). Closing ANY descriptor of a
@@ -424,7 +444,13 @@ class SqliteStore:
 
     def _guard(self, fn: Callable[..., _R], args: Sequence[Any], reader: bool) -> _R:
         """Translate sqlite3 errors on the worker thread, where they happen."""
-        return self._call(self._rconn if reader else self._conn, fn, args)
+        if reader:
+            return self._call(self._rconn, fn, args)
+        try:
+            return self._call(self._conn, fn, args)
+        finally:
+            if fn != self._apply_here:  # which looks itself (not after a bulk import's)
+                self._checkpoint_due()
 
     def _paged(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._pconn is None:
@@ -492,6 +518,7 @@ class SqliteStore:
     async def open(self) -> None:
         if self._executor is not None:
             return
+        self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netboot-sqlite")
         loop = asyncio.get_running_loop()
         try:
@@ -548,6 +575,7 @@ class SqliteStore:
             self._shm_size = os.stat(self._shm).st_size
         except OSError:
             self._shm_size = 0
+        self._checkpoint_due()  # after a migration's writes
         log.info("inventory %s open, schema version %d", self.path, SCHEMA_VERSION)
 
     def _open_reader(self) -> None:
@@ -575,14 +603,16 @@ class SqliteStore:
 
     def _checkpoint_soon(self) -> None:
         """Checkpoint the WAL on the checkpointer's thread; the caller does not wait."""
-        if self._executor is None:
-            return
-        if self._checkpointer is None:
-            self._checkpointer = ThreadPoolExecutor(max_workers=1,
-                                                    thread_name_prefix="netboot-sqlite-c")
-        self._checkpointer.submit(self._checkpoint)
+        with self._checkpointer_made:  # the writer's thread asks too (_checkpoint_due)
+            if self._executor is None or self._closing:
+                return
+            if self._checkpointer is None:
+                self._checkpointer = ThreadPoolExecutor(max_workers=1,
+                                                        thread_name_prefix="netboot-sqlite-c")
+            self._checkpointer.submit(self._checkpoint)
 
     def _checkpoint(self) -> None:
+        self._checkpoint_asked = False
         try:
             if self._cconn is None:
                 self._cconn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
@@ -590,8 +620,65 @@ class SqliteStore:
                 self._cconn.execute("PRAGMA mmap_size = 0")  # see _configure
             self._call(self._cconn, _wal_checkpoint, ())
         except (NetbootError, sqlite3.Error) as exc:
-            # Not an error of the import (committed): the next commits checkpoint as usual.
-            log.warning("inventory %s: checkpoint after a bulk import failed: %s", self.path, exc)
+            # Not an error of what was committed: the next commits checkpoint again.
+            log.warning("inventory %s: checkpoint failed: %s", self.path, exc)
+
+    def _checkpoint_due(self) -> None:
+        """On the writer's thread, after a write: the WAL checkpointed, as SQLite's
+        autocheckpoint did it, once CHECKPOINT_FRAMES wait to be copied into the database,
+        but not inside the commit.
+
+        The autocheckpoint ran inside the ``COMMIT`` that passed the threshold (copying the
+        pages into the database, two ``fdatasync``): every answer waiting for that group
+        commit (first installs, config fetches) waited for it too, and so did the next
+        group, ~20 % of the writer's time in a storm. Durability is the same (the commit
+        writes the WAL, synchronous=NORMAL; the checkpoint syncs the WAL before copying it,
+        as before). The checkpoint runs on the checkpointer's thread, beside the writer's
+        next commits. One that runs while commits go on copies only what was committed when
+        it began, and the WAL starts again from its beginning only after a checkpoint that
+        caught up with its end: so once the WAL holds WAL_FRAMES frames (a storm's commits
+        never leave the checkpointer a gap), the writer checkpoints it itself, as its next
+        task (after this commit's answer, before the next commit), which catches up (no
+        commit of this process runs meanwhile) and bounds the WAL as before."""
+        if self._conn is None:
+            return
+        frames, copied = self._wal_frames()
+        if frames >= WAL_FRAMES and copied < frames:
+            if not self._writer_checkpoints:
+                self._writer_checkpoints = True
+                try:
+                    assert self._executor is not None  # a write ran on it
+                    self._executor.submit(self._checkpoint_here)
+                except RuntimeError:  # closing: closing the connection checkpoints
+                    self._writer_checkpoints = False
+        elif frames - copied >= CHECKPOINT_FRAMES and not self._checkpoint_asked:
+            self._checkpoint_asked = True
+            self._checkpoint_soon()
+
+    def _checkpoint_here(self) -> None:
+        self._writer_checkpoints = False
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            self._call(conn, _wal_checkpoint, ())
+        except NetbootError as exc:
+            log.warning("inventory %s: checkpoint failed: %s", self.path, exc)
+
+    def _wal_frames(self) -> tuple[int, int]:
+        """(frames in the WAL, frames of it copied into the database), read from the WAL
+        index's header; (WAL_FRAMES, 0), a checkpoint now, when it cannot be read or is not
+        what SQLite writes (a checkpoint too many costs only its time)."""
+        fd = self._shm_fd
+        try:
+            head = os.pread(fd, _WAL_INDEX.size, 0) if fd is not None else b""
+        except OSError:
+            head = b""
+        if len(head) == _WAL_INDEX.size:
+            version, frames, copied = _WAL_INDEX.unpack(head)
+            if version == _WAL_INDEX_VERSION and copied <= frames:
+                return frames, copied
+        return WAL_FRAMES, 0
 
     def _close_pager(self) -> None:
         conn, self._pconn = self._pconn, None
@@ -602,8 +689,11 @@ class SqliteStore:
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.close()
-        # A checkpoint under way ends first (closing the last connection checkpoints anyway).
-        checkpointer, self._checkpointer = self._checkpointer, None
+        # A checkpoint under way ends first (closing the last connection checkpoints anyway),
+        # and a commit still under way asks for no other.
+        with self._checkpointer_made:
+            self._closing = True
+            checkpointer, self._checkpointer = self._checkpointer, None
         await _stop(checkpointer, self._close_checkpointer)
         pager, self._pager = self._pager, None
         reader, self._reader = self._reader, None
@@ -705,6 +795,8 @@ class SqliteStore:
                     given_create: Sequence[Machine], given_update: Sequence[Machine]) -> None:
         """On the worker: the batch, then (committed) what it wrote, noted for the feed."""
         written = _apply_batch(conn, create, update, events, merge, expect, audit)
+        if len(create) < BULK_ROWS:  # a bulk import's is on the checkpointer's thread
+            self._checkpoint_due()
         if written is not None:
             before, after, rows = written
             given = (*given_create, *given_update)
@@ -986,6 +1078,8 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = _journal_mode_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
+        # Checkpoints after the commits, not inside them: SqliteStore._checkpoint_due.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         conn.execute("PRAGMA foreign_keys = ON")
         # Zero what a delete or a rewrite frees: old (sealed) secrets and token hashes do not
         # linger in free pages of the file.

@@ -551,3 +551,34 @@ def test_machines_decoded_together_share_their_equal_label_sets() -> None:
     assert got[3].labels == got[4].labels and got[3].labels is not got[4].labels  # past 3
     assert got[1].facts is got[5].facts
     assert got[0].facts is codec.NO_ENTRIES
+
+
+_TEXT = st.text(max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(machine=st.sampled_from(["m-1", " ", ""]),
+       when=st.sampled_from([1.5, 2, math.nan, math.inf, True]),
+       kind=st.sampled_from(["install-plan", " "]), message=st.sampled_from(["", "m", None]),
+       data=st.one_of(st.dictionaries(_TEXT, _TEXT, max_size=4),
+                      st.dictionaries(_TEXT, st.one_of(_TEXT, st.integers(), st.none(),
+                                                       st.floats(), st.lists(_TEXT)),
+                                      max_size=4)))
+def test_a_stored_event_is_its_round_trip(machine: str, when: float, kind: str,
+                                          message: str, data: dict[str, Any]) -> None:
+    # stored_event writes text-only data (the boot path's events) without the round trip
+    # through event_from_dict: the same event and JSON, or the same refusal.
+    event = Event(machine, when, kind, message, data)
+    try:
+        value = codec.event_from_dict(codec.event_to_dict(event))
+        expected: object = (value, codec.dumps(dict(value.data), "data"))
+    except ValidationError as exc:
+        with pytest.raises(ValidationError) as got:
+            codec.stored_event(event)
+        assert (got.value.field, got.value.message) == (exc.field, exc.message)
+        return
+    stored = codec.stored_event(event)
+    assert stored == expected
+    assert type(stored[0].time) is float and type(stored[0].data) is dict
+    if data:
+        assert stored[0].data is not data  # the caller's dict is not what is kept

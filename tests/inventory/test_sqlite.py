@@ -9,11 +9,12 @@ import os
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from hypothesis import given, settings
@@ -27,6 +28,7 @@ from netboot.inventory import sqlite as sqlite_store
 from netboot.inventory.base import Batch, MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
 from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile, Scope
+from tests.killed import killed_after
 
 MAC1 = "02:00:00:00:00:01"
 REPO = Path(netboot.__file__).resolve().parent.parent
@@ -614,7 +616,8 @@ async def test_a_bulk_import_commits_without_its_checkpoint_which_follows_on_its
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The import's commit leaves its pages in the WAL (another connection reads them there);
     # the checkpoint runs afterwards on a thread of its own and leaves nothing behind, and the
-    # writer's own checkpoints are back to SQLite's default for the commits that follow.
+    # writer's settings are back to its own for the commits that follow (no autocheckpoint
+    # inside a commit: the store's, after it, test_checkpoints_follow_the_commits).
     from tests.inventory import test_contract as contract
 
     path = tmp_path / "bulk.db"
@@ -633,7 +636,7 @@ async def test_a_bulk_import_commits_without_its_checkpoint_which_follows_on_its
         with raw(path) as conn:
             assert conn.execute("SELECT count(*) FROM machines").fetchone()[0] == len(rows)
         assert await store._run(
-            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 1000
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
         checkpoint_soon()
         assert store._checkpointer is not None
         await asyncio.get_running_loop().run_in_executor(store._checkpointer, lambda: None)
@@ -663,7 +666,7 @@ async def test_a_failed_bulk_import_schedules_no_checkpoint(tmp_path: Path) -> N
         assert store._checkpointer is None
         assert await store.count_machines() == 0
         assert await store._run(
-            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 1000
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
     finally:
         await store.close()
 
@@ -772,3 +775,133 @@ def test_updates_write_what_changed_and_read_back_exactly(tmp_path_factory: pyte
             await store.close()
 
     asyncio.run(run())
+
+
+def _fleet(start: int, n: int) -> list[Machine]:
+    return [Machine(macs=(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")),),
+                    hostname=f"w{i}", serial=f"SN{i}", labels={"rack": str(i % 7)})
+            for i in range(start, start + n)]
+
+
+async def test_checkpoints_follow_the_commits(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Once CHECKPOINT_FRAMES wait in the WAL, a checkpoint runs on the checkpointer's thread:
+    # the commit that asked for it and the ones after it return without waiting for it (it
+    # is held here), and it copies the WAL into the file once let go. The store's reading
+    # of the WAL index agrees with SQLite's own count.
+    path = tmp_path / "ckpt.db"
+    store = SqliteStore(path)
+    await store.open()
+    go, began = threading.Event(), threading.Event()
+    checkpoint = sqlite_store._wal_checkpoint
+
+    def held(conn: sqlite3.Connection) -> None:
+        began.set()
+        assert go.wait(60)
+        checkpoint(conn)
+
+    monkeypatch.setattr(sqlite_store, "_wal_checkpoint", held)
+    try:
+        assert await store._run(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        written = 0
+        while not began.is_set():
+            await store.apply_batch(Batch(create=_fleet(written, 20)))
+            written += 20
+            frames, copied = store._wal_frames()
+            assert frames < sqlite_store.WAL_FRAMES and copied == 0
+            if frames >= sqlite_store.CHECKPOINT_FRAMES:
+                began.wait(10)  # asked for by that commit, which returned
+        assert began.is_set()
+        assert store._checkpointer is not None
+        for _ in range(5):  # more commits while the checkpoint is held
+            await store.apply_batch(Batch(create=_fleet(written, 20)))
+            written += 20
+        frames, copied = store._wal_frames()
+        assert copied == 0 and sqlite_store.CHECKPOINT_FRAMES <= frames < sqlite_store.WAL_FRAMES
+        go.set()
+        await asyncio.get_running_loop().run_in_executor(store._checkpointer, lambda: None)
+        frames_after, copied = store._wal_frames()
+        assert frames_after == frames and frames - 300 < copied <= frames
+        with raw(path) as conn:
+            busy, log_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert (busy, log_frames) == (0, frames)
+        assert store._wal_frames() == (frames, frames)
+        assert await store.count_machines() == written
+    finally:
+        go.set()
+        await store.close()
+
+
+async def test_the_wal_stays_short_when_checkpoints_beside_the_commits_never_catch_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A checkpoint beside a storm's commits copies what was committed when it began; the WAL
+    # starts again from its beginning only after one that caught up. With the checkpointer
+    # never catching up (here it does nothing), the writer checkpoints by itself between two
+    # commits once the WAL holds WAL_FRAMES frames: the WAL stays within that and a batch.
+    path = tmp_path / "bound.db"
+    store = SqliteStore(path)
+    await store.open()
+    asked: list[None] = []
+    monkeypatch.setattr(store, "_checkpoint", lambda: asked.append(None))
+    try:
+        peak = restarts = last = written = 0
+        while written < 3_000:
+            await store.apply_batch(Batch(create=_fleet(written, 20)))
+            written += 20
+            frames, _ = store._wal_frames()
+            peak, restarts, last = max(peak, frames), restarts + (frames < last), frames
+        assert asked  # the checkpointer was asked first
+        assert restarts >= 2
+        assert peak < sqlite_store.WAL_FRAMES + 200
+        page = await store._run(lambda conn: conn.execute("PRAGMA page_size").fetchone()[0])
+        wal = path.with_name(path.name + "-wal")
+        assert os.path.getsize(wal) <= 32 + (sqlite_store.WAL_FRAMES + 200) * (page + 24)
+        assert await store.count_machines() == written
+    finally:
+        await store.close()
+
+
+WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from netboot.inventory.base import Batch
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.model import Event, MacAddress, Machine
+
+    async def main():
+        store = SqliteStore(sys.argv[1])
+        await store.open()
+        for k in range(100_000):
+            batch = [Machine(macs=(MacAddress((0x02_00_00_00_00_00 + 20 * k + i).to_bytes(
+                6, "big")),), hostname=f"w{20 * k + i}") for i in range(20)]
+            await store.apply_batch(Batch(create=batch, events=[
+                Event(m.id, 1.0, "enrolled") for m in batch]))
+            print(",".join(m.id for m in batch), flush=True)  # acknowledged
+
+    asyncio.run(main())
+""")
+
+
+async def test_what_was_committed_survives_kill_9_while_checkpoints_run(tmp_path: Path) -> None:
+    # Commits acknowledged one after the other, checkpoints running beside them on their own
+    # thread (and by the writer between commits): a kill -9 at any point loses none of them.
+    db = tmp_path / "k.db"
+
+    def acknowledged(out: IO[str]) -> list[str]:
+        acked: list[str] = []
+        while len(acked) < 20 * 400:  # ~10 checkpoints' worth of frames
+            line = out.readline()
+            assert line, "the writer stopped"
+            acked += line.strip().split(",")
+        return acked
+
+    acked = killed_after(WRITER, [str(db)], acknowledged)
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        found = await store.list_machines(MachineFilter(limit=10_000_000))
+        assert {m.id for m in found} >= set(acked)
+        events = await store.newest_events(acked)
+        assert set(events) == set(acked)
+    finally:
+        await store.close()
