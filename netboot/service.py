@@ -673,8 +673,6 @@ class Service:
             for conn in list(self.doorway.early):
                 if conn.transport is not None:
                     conn.transport.close()
-        if self.front is not None:
-            self.front.close()  # its sendfile threads, once the connections are closed
         self.content.close()
         await self.store.close()
 

@@ -20,13 +20,11 @@ import json
 import logging
 import math
 import os
-import queue
 import re
 import secrets
 import socket
 import ssl
 import stat
-import threading
 import time
 import weakref
 from collections import Counter
@@ -357,128 +355,6 @@ class FileSender:
         done, self._done = self._done, None
         if done is not None:
             done(self.sent, failed)
-
-
-class SendfileThreads:
-    """A large file's head and first sendfile(2) sent by a thread beside the event loop.
-
-    A 1 MiB answer's ``sendfile`` is ~90 % of the loop's time (py-spy), most of it kernel
-    work that on loopback also runs the receiver's TCP (softirq under the sender's system
-    call): with the loop doing it, one thread carries every answer and on a shared machine
-    gets one share of the CPU where nginx's two workers get two. Here the loop hands the
-    call to one of ``threads`` threads (which drop the GIL in it) and goes on answering;
-    the thread hands back what it sent and the loop finishes the answer (the rest with a
-    :class:`FileSender` when the socket was full). Measured on a loaded 2-core machine: 1 MiB
-    x 50 1.4-1.8x nginx's req/s against 0.8-0.96x inline, with less CPU per answer, not more
-    (benchmarks/README.md, session 11). One thread: 1.07x.
-
-    One job of a connection at a time (the front waits for it: pipelining order); whoever
-    submits keeps the socket and the file open until ``done`` ran. ``done(rest, sent,
-    failed, full)`` is called on the loop: ``rest`` of the head not sent, ``sent`` bytes of
-    the file, whether the socket failed, whether it was found full (then more is to be
-    sent when it has room). Threads start at the first jobs and end after ``idle`` seconds
-    without one, or at :meth:`close`.
-    """
-
-    def __init__(self, log: logging.Logger, threads: int = 2, *, idle: float = 10.0) -> None:
-        self.log = log
-        self.threads = threads
-        self._idle = idle
-        self._jobs: queue.SimpleQueue[tuple[socket.socket, bytes, int, int,
-                                            Callable[[bytes, int, bool, bool], None]]
-                                      | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._running: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._done: list[tuple[Callable[[bytes, int, bool, bool], None],
-                               tuple[bytes, int, bool, bool]]] = []
-        self._woken = False  # the loop was asked to run _drain and has not yet
-        self._closed = False
-
-    def submit(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, head: bytes,
-               file: int, count: int, done: Callable[[bytes, int, bool, bool], None]
-               ) -> bool:
-        """Send ``head`` (with ``MSG_MORE``) and then ``count`` bytes of ``file`` from its
-        start to ``sock``; False when not taken (closed, or another loop's): send inline."""
-        if self._closed or (self._loop is not None and self._loop is not loop):
-            return False
-        with self._lock:  # a thread ending when idle looks at the queue under it too
-            if len(self._running) < self.threads:
-                thread = threading.Thread(target=self._run, name="netboot-sendfile",
-                                          daemon=True)
-                try:
-                    thread.start()
-                except RuntimeError:  # no thread to be had (a process limit): inline
-                    if not self._running:
-                        return False
-                else:
-                    self._running.append(thread)
-            self._loop = loop
-            self._jobs.put((sock, head, file, count, done))
-        return True
-
-    def close(self) -> None:
-        """End the threads once the jobs queued are sent, and run what they hand back (on
-        the loop's thread: the jobs' connections are closed by now, their answers end)."""
-        self._closed = True
-        with self._lock:
-            running = list(self._running)
-        for _ in running:
-            self._jobs.put(None)
-        for thread in running:
-            thread.join()
-        self._drain()
-
-    def _run(self) -> None:
-        jobs = self._jobs
-        me = threading.current_thread()
-        while True:
-            try:
-                job = jobs.get(timeout=self._idle)
-            except queue.Empty:
-                with self._lock:  # a job submit() put meanwhile is seen here
-                    if not jobs.empty():
-                        continue
-                    self._running.remove(me)
-                return
-            if job is None:  # close()
-                with self._lock:
-                    self._running.remove(me)
-                return
-            sock, head, file, count, done = job
-            sent = 0
-            failed = full = False
-            try:
-                if head:
-                    head = head[sock.send(head, socket.MSG_MORE):]
-                if head:
-                    full = True
-                else:
-                    sent = os.sendfile(sock.fileno(), file, 0, count)
-                    # A short send: the socket is full. 0: the file shrank to nothing.
-                    full = 0 < sent < count
-            except BlockingIOError:
-                full = True
-            except OSError:  # the client left, or the socket was closed
-                failed = True
-            with self._lock:
-                self._done.append((done, (head, sent, failed, full)))
-                wake, self._woken = not self._woken, True
-            if wake:
-                loop = self._loop
-                assert loop is not None
-                with contextlib.suppress(RuntimeError):  # closed: close() runs the rest
-                    loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            done, self._done = self._done, []
-            self._woken = False
-        for callback, args in done:
-            try:
-                callback(*args)
-            except Exception:  # a bug: the other answers still end
-                self.log.exception("http: finishing a large file's answer failed")
 
 
 async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int) -> int:
@@ -1210,11 +1086,8 @@ class FrontDoor:
 
     def __init__(self, routes: DeviceRoutes, *, log: logging.Logger,
                  observer: HttpObserver | None, ids: Callable[[], str],
-                 plain: PlainHttp | None = None, sendfile_threads: int = 2) -> None:
+                 plain: PlainHttp | None = None) -> None:
         self.routes = routes
-        # Large files' first sendfile(2) beside the loop (0: on the loop).
-        self.sendfile_threads = (SendfileThreads(log, sendfile_threads) if sendfile_threads
-                                 else None)
         self.log = log
         self.observer = observer
         self.ids = ids
@@ -1334,11 +1207,6 @@ class FrontDoor:
             self._templates[key] = template
         return fill(template, length=body.size if body else len(whole.body),
                     date=self.date(), request_id=rid, body=whole.body)
-
-    def close(self) -> None:
-        """The server stopped (its connections closed): the sendfile threads end."""
-        if self.sendfile_threads is not None:
-            self.sendfile_threads.close()
 
     def failed(self, exc: Exception, head: RequestHead, remote: str | None) -> Reply:
         return error_reply(exc, self.log, head.method, _front_target(head), remote)
@@ -1550,7 +1418,6 @@ class GuardedHandler(_HandlerBase):
         self._own: socket.socket | None = None  # _own_socket(), when a file was sent
         self._own_fd = -1  # its descriptor
         self._sending: FileSender | None = None  # the front's file being sent, if any
-        self._threaded = False  # a sendfile thread sends the front's file (SendfileThreads)
         self._sending_since: float | None = None  # when it began to wait for the socket
         # Answers encoded and not written yet: the requests a client pipelined, read
         # together, leave together in one write (_front_flush).
@@ -1764,13 +1631,6 @@ class GuardedHandler(_HandlerBase):
             transport.write(data)
             data = b""
         else:
-            threads = self._front.sendfile_threads if self._front is not None else None
-            if threads is not None and threads.submit(
-                    self._loop, own, data, body.fd, body.size,
-                    functools.partial(self._file_threaded, head, answer, body)):
-                # Nothing more is answered or handed on until the file is out (pipelining).
-                self._front_busy = self._threaded = True
-                return
             # What the socket takes at once, here: a 1 MiB file usually goes whole in this
             # one sendfile(2), and then no FileSender is made (a sixth of the Python work
             # of such an answer); a FileSender sends the rest when the socket has room.
@@ -1801,31 +1661,6 @@ class GuardedHandler(_HandlerBase):
             sender.wait()  # the socket is full
         if self._sending is sender:  # the rest when the socket takes it
             self._sending_since = self._loop.time()
-
-    def _file_threaded(self, head: RequestHead, answer: Answer, body: FileBody, rest: bytes,
-                       sent: int, failed: bool, full: bool) -> None:
-        """A sendfile thread sent ``sent`` bytes of the file (SendfileThreads): the answer
-        ends, or a FileSender sends the rest of the head and the file when there is room."""
-        self._threaded = False
-        if self.transport is None:  # lost meanwhile: the socket waited for this to close
-            own, self._own = self._own, None
-            if own is not None:
-                own.close()
-            failed = True
-        if failed or not full:
-            self._front_busy = False
-            self._file_sent(head, answer, body, sent, 0.0)
-            if self.transport is not None and self._unread:
-                self._serve_front()  # what was pipelined behind the file
-            return
-        own = self._own
-        assert own is not None
-        sender = FileSender(self._loop, own, body.fd, sent, body.size - sent,
-                            functools.partial(self._file_done, head, answer, body, sent),
-                            head=rest)
-        self._sending = sender
-        self._sending_since = self._loop.time()
-        sender.wait()  # the socket is full
 
     def _file_done(self, head: RequestHead, answer: Answer, body: FileBody, before: int,
                    sent: int, failed: bool) -> None:
@@ -1927,8 +1762,7 @@ class GuardedHandler(_HandlerBase):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
-        # A sendfile thread's socket is closed once it handed back (_file_threaded).
-        own, self._own = (None, self._own) if self._threaded else (self._own, None)
+        own, self._own = self._own, None
         sending, self._sending = self._sending, None
         if sending is not None:  # logged as aiohttp logs a client gone mid-response
             sending.stop()

@@ -10,12 +10,10 @@ import contextlib
 import gzip
 import json
 import logging
-import os
 import re
 import socket
 import ssl
 import struct
-import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -819,117 +817,3 @@ async def test_a_client_that_leaves_while_its_large_file_is_sent(
         assert reply.status == 200 and reply.body == LARGE
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
-
-
-async def test_a_client_gone_while_a_thread_sends_its_file_keeps_its_socket_until_then(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The socket and the file a sendfile thread writes with stay open until it hands back,
-    though the client left meanwhile: closed earlier, their descriptor numbers could go to
-    another connection or file, and the thread would write into those. Then both are given
-    back, the answer has its access line, and the next client is served by the threads."""
-    caplog.set_level(logging.INFO, logger="netboot.access")
-    async with serving(tmp_path, seeded=False) as service:
-        front, guard = service.front, service.http_guard
-        assert front is not None and guard is not None
-        held: list[tuple[socket.socket, int, Callable[[bytes, int, bool, bool], None]]] = []
-
-        class Holding:  # a thread that has the job and has not sent yet
-            def submit(self, loop: object, sock: socket.socket, head: bytes, file: int,
-                       count: int, done: Callable[[bytes, int, bool, bool], None]) -> bool:
-                held.append((sock, file, done))
-                return True
-
-        threads, front.sendfile_threads = front.sendfile_threads, cast(Any, Holding())
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
-            writer.write(get("/assets/large.bin"))
-            for _ in range(500):
-                if held:
-                    break
-                await asyncio.sleep(0.01)
-            ((sock, file, done),) = held
-            writer.transport.abort()  # a reset: the server's connection is lost
-            for _ in range(500):
-                if not guard.open:
-                    break
-                await asyncio.sleep(0.01)
-            assert not guard.open  # connection_lost ran
-            assert sock.fileno() >= 0
-            os.fstat(sock.fileno())  # still open: the thread may be writing to it
-            os.fstat(file)
-            done(b"", 0, True, False)  # the thread found the client gone
-            assert sock.fileno() == -1  # closed now
-        finally:
-            front.sendfile_threads = threads
-        (reply,) = await exchange(service.http_port, get("/assets/large.bin"))
-        assert reply.status == 200 and reply.body == LARGE
-    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
-    assert len([m for m in lines if "GET /assets/large.bin 200 " in m]) == 2, lines
-
-
-async def test_sendfile_threads_send_beside_the_loop_and_end(tmp_path: Path) -> None:
-    """SendfileThreads: the head and the file sent by a thread, what was sent handed back on
-    the loop; a full socket and a gone client said so; at most ``threads`` threads, which
-    end when idle and at close(), which runs what they handed back; no job after it."""
-    from netboot.servers.http import SendfileThreads
-
-    loop = asyncio.get_running_loop()
-    small, big = tmp_path / "small", tmp_path / "big"
-    small.write_bytes(LARGE[:65536])
-    big.write_bytes(LARGE * 32)  # 64 MiB: more than a socket takes at once
-    files = [os.open(p, os.O_RDONLY) for p in (small, big)]
-    listener = socket.create_server(("127.0.0.1", 0))
-    pairs = []
-    for _ in range(3):
-        out = socket.create_connection(listener.getsockname())
-        out.setblocking(False)
-        pairs.append((out, listener.accept()[0]))
-    threads = SendfileThreads(logging.getLogger("t"), 2, idle=0.3)
-    handed: list[tuple[bool, tuple[bytes, int, bool, bool]]] = []
-    try:
-        def done(*result: Any) -> None:
-            handed.append((threading.current_thread() is threading.main_thread(), result))
-
-        async def job(sock: socket.socket, file: int, size: int) -> tuple[bytes, int, bool, bool]:
-            count = len(handed)
-            assert threads.submit(loop, sock, b"head:", file, size, done)
-            for _ in range(1000):
-                if len(handed) > count:
-                    break
-                await asyncio.sleep(0.01)
-            on_loop, result = handed[-1]
-            assert on_loop
-            return result
-
-        assert await job(pairs[0][0], files[0], 65536) == (b"", 65536, False, False)
-        pairs[0][1].settimeout(10)
-        got = b""
-        while len(got) < 65536 + 5:
-            got += pairs[0][1].recv(1 << 20)
-        assert got == b"head:" + LARGE[:65536]
-        rest, sent, failed, full = await job(pairs[1][0], files[1], len(LARGE) * 32)
-        assert rest == b"" and 0 < sent < len(LARGE) * 32 and not failed and full
-        pairs[2][1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        pairs[2][1].close()  # a reset
-        await asyncio.sleep(0.1)
-        assert (await job(pairs[2][0], files[0], 65536))[2]  # failed
-        assert 1 <= len(threads._running) <= 2
-        for _ in range(200):
-            if not threads._running:
-                break
-            await asyncio.sleep(0.05)
-        assert not threads._running  # idle: ended
-        # A job queued as the server stops: close() waits for it and hands it back.
-        assert threads.submit(loop, pairs[1][0], b"", files[0], 100, done)
-        count = len(handed)
-        threads.close()
-        assert len(handed) == count + 1 and not threads._running
-        assert not threads.submit(loop, pairs[1][0], b"", files[0], 100, done)
-    finally:
-        threads.close()
-        listener.close()
-        for a, b in pairs:
-            a.close()
-            b.close()
-        for fd in files:
-            os.close(fd)
