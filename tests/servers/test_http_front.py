@@ -293,15 +293,20 @@ async def test_the_front_logs_and_counts_as_aiohttp_does(
 
 
 async def test_keep_alive_counts_from_the_fronts_last_answer(tmp_path: Path) -> None:
-    async with serving(tmp_path, http="  keepalive_timeout: 2\n") as service:
+    async with serving(tmp_path, http="  keepalive_timeout: 3\n") as service:
         reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
         try:
             # Busy for longer than the idle timeout, with answers only the front gives:
             # aiohttp, which saw none of them, must not close the connection as idle.
-            for _ in range(12):
+            # Requests 0.1 s apart: only a stall of the whole process for ~2.9 s lets the
+            # idle timer fire between two of them (at 0.25 s apart and a 2 s timeout, a
+            # 1.75 s stall on a loaded 2-core machine did, and failed the test).
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while loop.time() - start < 4.5:
                 writer.write(get("/healthz"))
                 assert (await read_response(reader)).body == b"ok\n"
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.1)
             # Then idle: closed, as aiohttp closes an idle connection.
             assert await asyncio.wait_for(reader.read(), 30) == b""
         finally:
