@@ -213,7 +213,11 @@ class _PacketCache:
         self._entries[key] = (signature, built)
         self.size += built.nbytes
         while self.size > self.budget:  # max_file <= budget: the newest always fits
-            self._drop(next(iter(self._entries)))
+            # The least recently used: an OrderedDict's first entry, taken off its list in
+            # O(1) (a plain dict's next(iter()) steps over every slot deleted since it last
+            # resized, see boot._keep).
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.size -= dropped.nbytes
         return built
 
     def _drop(self, key: tuple[str, int]) -> None:

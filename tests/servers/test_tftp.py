@@ -869,6 +869,35 @@ async def test_the_cache_is_bounded_and_big_files_are_streamed(
         await server.close()
 
 
+def test_the_cache_drops_the_least_recently_used_file(tmp_path: Path) -> None:
+    # Room for two 1,000-byte files' datagrams at blksize 512 (1,008 bytes each): a third
+    # pushes out the one used longest ago, not the one built first.
+    from netboot.servers.tftp import _PacketCache
+    cache = _PacketCache(budget=2100, max_file=2100)
+    paths = []
+    for name in ("a", "b", "c"):
+        path = tmp_path / name
+        path.write_bytes(name.encode() * 1000)
+        paths.append(path)
+    settled(*paths)
+
+    def get(path: Path) -> object:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return cache.packets(str(path), fd, os.fstat(fd), 512)
+        finally:
+            os.close(fd)
+
+    first = get(paths[0])
+    get(paths[1])
+    assert get(paths[0]) is first and cache.hits == 1  # a used again: b is now the oldest
+    get(paths[2])  # over the budget: b goes
+    assert cache.size == 2 * 1008 and cache.builds == 3
+    assert get(paths[0]) is first and cache.hits == 2
+    get(paths[1])
+    assert cache.builds == 4  # b was dropped, so it was built again
+
+
 async def test_an_error_from_a_stranger_is_not_answered(
         server: TftpServer, client: RawClient) -> None:
     client.rrq(addr(server), "small.bin")
