@@ -1087,7 +1087,7 @@ async def test_econnrefused_on_a_window_is_the_clients_not_gsos(
         opened.append(_RefusingWindows(open_(peer), 2, errno.ECONNREFUSED))
         return opened[-1]  # type: ignore[return-value]
 
-    link.open = refusing_open  # type: ignore[method-assign]
+    link.open = refusing_open
     try:
         options = [("blksize", "1468"), ("windowsize", "8")]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
@@ -1165,7 +1165,7 @@ async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
     def recording_open(peer: tuple[str, int], open_: Any = link.open) -> socket.socket:
         return _Recording(open_(peer), log)  # type: ignore[return-value]
 
-    link.open = recording_open  # type: ignore[method-assign]
+    link.open = recording_open
     clients = [RawClient() for _ in range(3)]
     try:
         tids = []
@@ -1207,7 +1207,7 @@ async def test_a_full_send_buffer_is_a_loss_the_timer_repairs(
         opened.append(_Refusing(open_(peer), 3))
         return opened[-1]  # type: ignore[return-value]
 
-    link.open = refusing_open  # type: ignore[method-assign]
+    link.open = refusing_open
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
