@@ -29,7 +29,7 @@ SHIPPED = ("templates", "boot_assets")
 # which keep to what mypyc's native classes allow (no instance __dict__, argument types as
 # annotated). The TFTP server's adapter (netboot/servers/tftp.py) too since session 12: its
 # per-block loop with native attribute access and native calls into the compiled sender cost
-# ~6 % less CPU per lock-step block than with the adapter interpreted (benchmarks/README.md).
+# 2-6 % less CPU per lock-step block than with the adapter interpreted (benchmarks/README.md).
 COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py", "netboot/wire/tftp.py",
             "netboot/servers/tftp.py")
 
