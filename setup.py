@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parent
 SHIPPED = ("templates", "boot_assets")
 # What mypyc compiles: the modules every DHCP packet and every TFTP block runs through, and
 # which keep to what mypyc's native classes allow (no instance __dict__, argument types as
-# annotated). The TFTP server's adapter (netboot/servers/tftp.py) stays Python: compiled too
-# it saved ~2 % more CPU per block, and its tests replace a link's methods.
-COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py", "netboot/wire/tftp.py")
+# annotated). The TFTP server's adapter (netboot/servers/tftp.py) too since session 12: its
+# per-block loop with native attribute access and native calls into the compiled sender cost
+# 2-6 % less CPU per lock-step block than with the adapter interpreted (benchmarks/README.md).
+COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py", "netboot/wire/tftp.py",
+            "netboot/servers/tftp.py")
 
 
 class BuildPyWithShipped(build_py):

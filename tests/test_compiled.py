@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # setup.py's COMPILED, as import names.
-COMPILED = ("netboot.wire.dhcp", "netboot.pxe", "netboot.wire.tftp")
+COMPILED = ("netboot.wire.dhcp", "netboot.pxe", "netboot.wire.tftp", "netboot.servers.tftp")
 TESTS = (
     "tests/wire/test_dhcp.py",
     "tests/test_pxe.py",

@@ -648,8 +648,10 @@ class Sender:
         if srtt is None:
             srtt, self._rttvar = rtt, rtt / 2
         else:
-            self._rttvar += ((srtt - rtt if srtt > rtt else rtt - srtt) - self._rttvar) / 4
-            srtt += (rtt - srtt) / 8
+            # Multiplied by float constants (exact: powers of 2), which the interpreter
+            # specialises; a division by an int takes the generic path.
+            self._rttvar += ((srtt - rtt if srtt > rtt else rtt - srtt) - self._rttvar) * 0.25
+            srtt += (rtt - srtt) * 0.125
         self.srtt = srtt
         # _advance and _rto (conditional expressions: cheaper than min() and max() calls);
         # answered, _clean and retries == 0 hold already.
@@ -657,7 +659,7 @@ class Sender:
         interval = self._base
         floor = self._floor
         if floor is not None:
-            rto = srtt + 4 * self._rttvar
+            rto = srtt + self._rttvar * 4.0
             rto = floor if rto < floor else rto
             interval = rto if rto < interval else interval
         self._interval = interval

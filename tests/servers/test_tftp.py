@@ -869,6 +869,35 @@ async def test_the_cache_is_bounded_and_big_files_are_streamed(
         await server.close()
 
 
+def test_the_cache_drops_the_least_recently_used_file(tmp_path: Path) -> None:
+    # Room for two 1,000-byte files' datagrams at blksize 512 (1,008 bytes each): a third
+    # pushes out the one used longest ago, not the one built first.
+    from netboot.servers.tftp import _PacketCache
+    cache = _PacketCache(budget=2100, max_file=2100)
+    paths = []
+    for name in ("a", "b", "c"):
+        path = tmp_path / name
+        path.write_bytes(name.encode() * 1000)
+        paths.append(path)
+    settled(*paths)
+
+    def get(path: Path) -> object:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return cache.packets(str(path), fd, os.fstat(fd), 512)
+        finally:
+            os.close(fd)
+
+    first = get(paths[0])
+    get(paths[1])
+    assert get(paths[0]) is first and cache.hits == 1  # a used again: b is now the oldest
+    get(paths[2])  # over the budget: b goes
+    assert cache.size == 2 * 1008 and cache.builds == 3
+    assert get(paths[0]) is first and cache.hits == 2
+    get(paths[1])
+    assert cache.builds == 4  # b was dropped, so it was built again
+
+
 async def test_an_error_from_a_stranger_is_not_answered(
         server: TftpServer, client: RawClient) -> None:
     client.rrq(addr(server), "small.bin")
@@ -1058,7 +1087,7 @@ async def test_econnrefused_on_a_window_is_the_clients_not_gsos(
         opened.append(_RefusingWindows(open_(peer), 2, errno.ECONNREFUSED))
         return opened[-1]  # type: ignore[return-value]
 
-    link.open = refusing_open  # type: ignore[method-assign]
+    link.open = refusing_open
     try:
         options = [("blksize", "1468"), ("windowsize", "8")]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
@@ -1136,7 +1165,7 @@ async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
     def recording_open(peer: tuple[str, int], open_: Any = link.open) -> socket.socket:
         return _Recording(open_(peer), log)  # type: ignore[return-value]
 
-    link.open = recording_open  # type: ignore[method-assign]
+    link.open = recording_open
     clients = [RawClient() for _ in range(3)]
     try:
         tids = []
@@ -1178,7 +1207,7 @@ async def test_a_full_send_buffer_is_a_loss_the_timer_repairs(
         opened.append(_Refusing(open_(peer), 3))
         return opened[-1]  # type: ignore[return-value]
 
-    link.open = refusing_open  # type: ignore[method-assign]
+    link.open = refusing_open
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
