@@ -131,7 +131,6 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
         survivors = [[i] for i in range(1000)]
         gc.collect()
         assert gc.get_freeze_count() >= frozen + len(survivors)
-        assert gc.get_count() == (0, 0, 0)
     finally:
         gc.unfreeze()  # this test process runs on: leave its collector as it was
         os.kill(os.getpid(), __import__("signal").SIGTERM)
