@@ -928,11 +928,32 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+    if _freeze_survivors not in gc.callbacks:
+        gc.callbacks.append(_freeze_survivors)
     # Python's young-collection threshold (700) is left as it is. Raised to 10,000 it cut
     # the collector's share of an /ipxe answer (~25 µs), but each older-generation collection
     # then walked ten times more survivors: in a storm of enrolled machines' first DISCOVERs
     # (each learnt fact a new machine copy that lives) the offers' p99 rose from ~4 to 6-12 ms
     # with stalls up to 19 ms (dhcp_offers.py, session 10, A/B in the same runs).
+
+
+def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
+    """After each full collection (a gc callback), what survived it joins the frozen heap.
+
+    Frozen at load, the heap grows again under a storm: each first install leaves a new copy
+    of its machine in the view (and its note in the recorder), and Python's full collection,
+    due whenever the objects promoted since the last one pass a quarter of its survivors,
+    walked every one of them each time: in 8 s of first installs (~25,000) on 100,000
+    machines, 9 full collections of 9 -> 60 ms, growing with every install, each a pause of
+    the event loop and the writer (the largest loop stalls and answers' p99 of that run).
+    Frozen after each, a full collection walks only what came since the last: a bounded
+    pause. What is frozen is still freed when its count drops to zero; only a reference
+    cycle formed among survivors later would stay (a first install leaves none: none was
+    found by gc.DEBUG_SAVEALL, session 10; a storm's measured leak: benchmarks/README.md,
+    session 12). Called inside the collector, after the collection: gc.freeze only moves
+    its lists."""
+    if phase == "stop" and info["generation"] == 2:
+        gc.freeze()
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
@@ -957,4 +978,6 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
+        with contextlib.suppress(ValueError):  # not frozen: the view never loaded
+            gc.callbacks.remove(_freeze_survivors)
         await service.close()

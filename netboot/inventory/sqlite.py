@@ -385,6 +385,7 @@ class SqliteStore:
         # (_checkpoint_due, on the writer's thread).
         self._checkpoint_asked = False
         self._writer_checkpoints = False
+        self._bulk_written = False  # a bulk import committed: its checkpoint is the checkpointer's
         self._checkpointer_made = threading.Lock()  # made by the loop's or the writer's thread
         self._closing = False  # from close() on, no checkpointer is made
         self._shm = self.path.with_name(self.path.name + "-shm")
@@ -449,8 +450,7 @@ class SqliteStore:
         try:
             return self._call(self._conn, fn, args)
         finally:
-            if fn != self._apply_here:  # which looks itself (not after a bulk import's)
-                self._checkpoint_due()
+            self._checkpoint_due()  # the one place that asks, after every write
 
     def _paged(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._pconn is None:
@@ -639,8 +639,15 @@ class SqliteStore:
         caught up with its end: so once the WAL holds WAL_FRAMES frames (a storm's commits
         never leave the checkpointer a gap), the writer checkpoints it itself, as its next
         task (after this commit's answer, before the next commit), which catches up (no
-        commit of this process runs meanwhile) and bounds the WAL as before."""
+        commit of this process runs meanwhile) and bounds the WAL as before. A bulk
+        import's checkpoint is the checkpointer's (_apply_batch says why). Asked here only,
+        after every write (_guard)."""
         if self._conn is None:
+            return
+        if self._bulk_written:  # see _apply_batch: never on the writer's thread
+            self._bulk_written = False
+            self._checkpoint_asked = True
+            self._checkpoint_soon()
             return
         frames, copied = self._wal_frames()
         if frames >= WAL_FRAMES and copied < frames:
@@ -782,8 +789,6 @@ class SqliteStore:
                       else [seal(m) for m in batch.create])
             await self._run(self._apply_here, create, [seal(m) for m in batch.update], rows,
                             batch.merge, dict(batch.expect), audit, batch.create, batch.update)
-            if len(create) >= BULK_ROWS:
-                self._checkpoint_soon()  # committed without one: see _apply_batch
             if batch.events and self._listener is not None:
                 self._listener.published(codec.joined(*(
                     p if isinstance(p, codec.EventRun) else [v for v, _ in p] for p in parts)))
@@ -795,8 +800,8 @@ class SqliteStore:
                     given_create: Sequence[Machine], given_update: Sequence[Machine]) -> None:
         """On the worker: the batch, then (committed) what it wrote, noted for the feed."""
         written = _apply_batch(conn, create, update, events, merge, expect, audit)
-        if len(create) < BULK_ROWS:  # a bulk import's is on the checkpointer's thread
-            self._checkpoint_due()
+        if len(create) >= BULK_ROWS:  # committed without a checkpoint: see _apply_batch
+            self._bulk_written = True
         if written is not None:
             before, after, rows = written
             given = (*given_create, *given_update)
@@ -1372,7 +1377,7 @@ def _apply_batch(
     # No checkpoint at the commit: the WAL holds every page the import wrote (~90 MB for
     # 100,000 machines) and copying them into the database and syncing both took ~1 s of
     # the import's wall time (more on a busy disk) and held the writer thread, on which the
-    # boot path's commits queue. SqliteStore.apply_batch has it done on a thread of its own
+    # boot path's commits queue. SqliteStore._checkpoint_due has it done on a thread of its own
     # once the import returns; readers and writers go on meanwhile (WAL mode). The commit is
     # as durable as any other (synchronous=NORMAL: synced by that checkpoint).
     autocheckpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
