@@ -52,11 +52,7 @@ def one_run(tree: Path, work: storm.Workload, spec: storm.Spec, server_ns: str,
     proc = storm.start("netboot", server_ns, [python, "-m", "netboot", "serve", "--config",
                                               str(conf)],
                        run / "netboot.log", {"PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"})
-    gen = subprocess.Popen(
-        ["ip", "netns", "exec", client_ns, sys.executable, storm.__file__, "--generate",
-         json.dumps(spec.__dict__)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(run / "generator.log").open("wb"),
-        text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    gen = generator(client_ns, spec, run)
     pid = proc.popen.pid
     try:
         assert gen.stdin is not None and gen.stdout is not None
@@ -83,15 +79,28 @@ def one_run(tree: Path, work: storm.Workload, spec: storm.Spec, server_ns: str,
                 "file": settled["RssFile"], "wall": data["wall"], "failed": failed,
                 "ok": len(data["times"].get("total", []))}
     finally:
-        if gen.poll() is None:
-            assert gen.stdin is not None
-            gen.stdin.close()
-            try:
-                gen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                gen.kill()
-                gen.wait()
+        stop_generator(gen)
         proc.stop()
+
+
+def generator(client_ns: str, spec: storm.Spec, run: Path) -> subprocess.Popen[str]:
+    """storm.py's load generator in the client namespace: says READY, storms at GO."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", client_ns, sys.executable, storm.__file__, "--generate",
+         json.dumps(spec.__dict__)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(run / "generator.log").open("wb"),
+        text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+
+
+def stop_generator(gen: subprocess.Popen[str]) -> None:
+    if gen.poll() is None:
+        assert gen.stdin is not None
+        gen.stdin.close()
+        try:
+            gen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            gen.kill()  # this process only, by its own handle
+            gen.wait()
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import storm
+from storm_memory import generator, stop_generator
 
 HOOK = Path(__file__).with_name("storm_probe_hook.py")
 
@@ -125,21 +126,11 @@ def main() -> None:
                                                      "PYTHONUNBUFFERED": "1",
                                                      "PROBE_DIR": str(out / "probe")})
             probe = Probe(out, proc.popen.pid)
-            gen = subprocess.Popen(
-                ["ip", "netns", "exec", client_ns, sys.executable, storm.__file__, "--generate",
-                 json.dumps(spec.__dict__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=(run / "generator.log").open("wb"), text=True,
-                env={**os.environ, "PYTHONPATH": str(storm.REPO)})
+            gen = generator(client_ns, spec, run)
             try:
                 run_storm(args, probe, gen, run)
             finally:
-                if gen.stdin is not None:
-                    gen.stdin.close()
-                try:
-                    gen.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    gen.kill()
-                    gen.wait()
+                stop_generator(gen)
                 proc.stop()
     finally:
         shutil.rmtree(out / "work", ignore_errors=True)
