@@ -18,7 +18,13 @@ from netboot.config import load
 from netboot.errors import ConfigError
 from netboot.inventory.postgres import PostgresStore
 from netboot.model import MacAddress, Machine
-from netboot.service import LOAD_SWITCH_INTERVAL, brisk_switching, build
+from netboot.service import (
+    LOAD_SWITCH_INTERVAL,
+    QuietAfterBusy,
+    brisk_switching,
+    build,
+    release_when_quiet,
+)
 from tests import pg
 from tests.conftest import EnvFactory, inotify_instances, this_checkout, write_config
 
@@ -430,3 +436,38 @@ async def test_serves_from_a_postgresql_inventory(make_env: EnvFactory, pg_dsn: 
     assert (await env.get("/api/v1/machines/02:00:00:00:00:31"))["hostname"] == "pg-1"
     summary = env.service.summary()
     assert "inventory postgresql://netboot:***@/" in summary and "hunter2" not in summary
+
+
+def test_freed_memory_is_released_once_after_each_busy_stretch() -> None:
+    # QuietAfterBusy: 0.5 CPU seconds between two looks is busy. Nothing at the first look
+    # (no interval yet), nor while idle, nor while busy; once at the first quiet look after
+    # busy ones, then not again until the next busy stretch.
+    quiet = QuietAfterBusy(0.5)
+    cpu, due = 0.0, []
+    for used in (0.0, 0.1, 0.0, 2.0, 4.9, 0.5, 0.1, 0.0, 0.2, 3.0, 0.49):
+        cpu += used
+        due.append(quiet.due(cpu))
+    assert due == [False, False, False, False, False, False, True, False, False, False, True]
+
+
+async def test_release_when_quiet_releases_after_a_storm_not_while_idle() -> None:
+    # The coroutine serve() runs: each look reads the CPU clock; a busy stretch then a
+    # quiet look calls release (on the executor's thread), once.
+    clock = iter([0.0, 0.0, 5.0, 9.0, 9.0, 9.0, 9.0])
+    released: list[int] = []
+    done = asyncio.Event()
+
+    def cpu() -> float:
+        try:
+            return next(clock)
+        except StopIteration:
+            done.set()
+            return 9.0
+
+    task = asyncio.ensure_future(release_when_quiet(lambda: released.append(1), look=0.001,
+                                                    cpu=cpu))
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        task.cancel()
+    assert released == [1]

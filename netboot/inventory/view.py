@@ -178,7 +178,7 @@ class InventoryView:
             self.rules += 1
             await self.sync()
             if self.loaded:
-                _return_freed_memory()
+                return_freed_memory()
                 return
 
     def _adopt(self, page: list[Machine]) -> None:
@@ -491,14 +491,15 @@ def _raw_mac(text: str) -> bytes:
     return MacAddress.parse(text).raw
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give the C heap's free pages back to the system after a load.
 
     Reading 100,000 machines leaves ~11 MiB resident that nothing uses any more: the rows'
     text and the list the store's thread built (C ``malloc``, not Python's small-object
     arenas, which return empty arenas themselves), freed, but held by glibc below live
     blocks. ``malloc_trim`` releases them (every thread's arena, glibc >= 2.8); elsewhere
-    (musl, macOS) there is no such call and nothing is done.
+    (musl, macOS) there is no such call and nothing is done. ``serve`` calls it again after
+    each boot storm (service.release_when_quiet).
     """
     # Imported here: only a loaded view needs it, after start-up.
     import ctypes

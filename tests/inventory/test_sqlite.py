@@ -373,6 +373,27 @@ async def test_database_file_is_not_memory_mapped(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_the_view_load_pages_keep_a_small_page_cache(tmp_path: Path) -> None:
+    # The pager's connection (machines_after: the view's load) reads every page once; its
+    # cache is bounded at PAGER_CACHE_KIB, not SQLite's default 2,000 KiB held for good.
+    store = SqliteStore(tmp_path / "inv.db")
+    await store.open()
+    try:
+        await store.create_machine(Machine(macs=(MacAddress(bytes(6)),), hostname="a"))
+        assert [m.hostname for m in await store.machines_after("", 10)] == ["a"]
+        loop = asyncio.get_running_loop()
+
+        def cache_size() -> int:
+            return int(store._paged(lambda conn: conn.execute("PRAGMA cache_size").fetchone()[0]))
+
+        assert await loop.run_in_executor(store._pager, cache_size) \
+            == -sqlite_store.PAGER_CACHE_KIB
+        assert await store._read(lambda conn: conn.execute("PRAGMA cache_size").fetchone()[0]) \
+            == -2000  # the reader's is SQLite's default
+    finally:
+        await store.close()
+
+
 SHM_CHILD = """
 import asyncio, os, sys
 from netboot.inventory.sqlite import SqliteStore

@@ -1,0 +1,176 @@
+"""Run inside ``netboot serve`` by storm_probe.py (``python -c <this file's text> serve ...``):
+a thread polls ``$PROBE_DIR/cmd`` and writes each command's answer to ``$PROBE_DIR/out``.
+Nothing of netboot is changed; the server runs as ``python -m netboot`` would run it.
+
+Commands: ``stats`` (glibc's mallinfo2 over every arena, pymalloc's counts from
+sys._debugmallocstats, SQLite's memory, threads, the collector's counts), ``trace N``
+(tracemalloc.start(N)), ``snap PATH`` (a tracemalloc snapshot), ``peakwatch PATH`` (a
+snapshot each time the traced memory passed its last by 1 MiB, and the series), ``release
+NAMES`` (clears the dicts of those attribute names on netboot's objects: what dropping the
+caches would give back), ``minfo PATH`` (malloc_info's XML), ``threads``, ``collect``,
+``trim`` (malloc_trim(0)).
+"""
+
+import collections
+import ctypes
+import gc
+import json
+import os
+import runpy
+import sys
+import threading
+import time
+import tracemalloc
+
+_DIR = os.environ["PROBE_DIR"]
+_LIBC = ctypes.CDLL(None)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+_LIBC.mallinfo2.restype = _MallInfo2
+_PYMALLOC_KEYS = ("arenas allocated current", "bytes in allocated blocks",
+                  "bytes in available blocks", "unused pools", "bytes lost to pool headers",
+                  "bytes lost to quantization", "bytes lost to arena alignment")
+
+
+def _mallinfo() -> dict[str, int]:
+    m = _LIBC.mallinfo2()
+    return {k: getattr(m, k) for k, _ in _MallInfo2._fields_}
+
+
+def _pymalloc() -> dict[str, int]:
+    path = f"{_DIR}/pymalloc.txt"
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    try:
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+    out = {}
+    with open(path) as fh:
+        for raw in fh:
+            line = raw.lstrip("# ")
+            for key in _PYMALLOC_KEYS:
+                if line.startswith(key):
+                    out[key] = int(line.split("=")[-1].strip().replace(",", ""))
+    return out
+
+
+def _sqlite_memory() -> list[int]:
+    lib = ctypes.CDLL("libsqlite3.so.0")
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
+    lib.sqlite3_memory_highwater.restype = ctypes.c_int64
+    return [lib.sqlite3_memory_used(), lib.sqlite3_memory_highwater(0)]
+
+
+def _release(names: list[str]) -> str:
+    gc.unfreeze()
+    done = []
+    try:
+        for o in gc.get_objects():
+            module = type(o).__dict__.get("__module__", "")
+            if not isinstance(module, str) or not module.startswith("netboot"):
+                continue
+            for name in names:
+                value = getattr(o, name, None)
+                if isinstance(value, dict):
+                    if name == "_answers":  # the DHCP server's: one OrderedDict per listener
+                        count = sum(len(v) for v in value.values())
+                        for v in value.values():
+                            v.clear()
+                    else:
+                        count = len(value)
+                        value.clear()
+                    done.append(f"{type(o).__name__}.{name}={count}")
+    finally:
+        gc.collect()
+        gc.freeze()
+    return " ".join(done)
+
+
+def _watch_peak(path: str) -> None:
+    best, series = 0, []
+    t0 = time.monotonic()
+    while True:
+        now = tracemalloc.get_traced_memory()[0]
+        series.append((round(time.monotonic() - t0, 3), now))
+        if now > best + (1 << 20):
+            best = now
+            tracemalloc.take_snapshot().dump(path)
+            series.append(("snap", now))
+        if len(series) % 50 == 0:
+            with open(path + ".series", "w") as fh:
+                json.dump(series, fh)
+        time.sleep(0.02)
+
+
+def _malloc_info(path: str) -> None:
+    _LIBC.fopen.restype = ctypes.c_void_p
+    _LIBC.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    _LIBC.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    _LIBC.fclose.argtypes = [ctypes.c_void_p]
+    fp = _LIBC.fopen(path.encode(), b"w")
+    _LIBC.malloc_info(0, fp)
+    _LIBC.fclose(fp)
+
+
+def _handle(command: str) -> str:
+    word, _, arg = command.partition(" ")
+    if word == "stats":
+        return json.dumps({
+            "mallinfo2": _mallinfo(), "pymalloc": _pymalloc(), "sqlite_mem": _sqlite_memory(),
+            "threads": threading.active_count(), "gc_counts": gc.get_count(),
+            "frozen": gc.get_freeze_count(), "gc_objects": len(gc.get_objects()),
+            "traced": tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else None})
+    if word == "trace":
+        tracemalloc.start(int(arg or 16))
+    elif word == "snap":
+        tracemalloc.take_snapshot().dump(arg)
+    elif word == "peakwatch":
+        threading.Thread(target=_watch_peak, args=(arg,), daemon=True, name="peakwatch").start()
+    elif word == "types":
+        return json.dumps(collections.Counter(
+            type(o).__name__ for o in gc.get_objects()).most_common(40))
+    elif word == "release":
+        return _release(arg.split(","))
+    elif word == "minfo":
+        _malloc_info(arg)
+    elif word == "threads":
+        return json.dumps([t.name for t in threading.enumerate()])
+    elif word == "collect":
+        return str(gc.collect())
+    elif word == "trim":
+        return str(_LIBC.malloc_trim(0))
+    else:
+        return "?"
+    return "ok"
+
+
+def _poll() -> None:
+    while True:
+        path = f"{_DIR}/cmd"
+        if os.path.exists(path):
+            with open(path) as fh:
+                command = fh.read().strip()
+            os.unlink(path)
+            try:
+                answer = _handle(command)
+            except Exception as exc:  # reported to the prober, the server keeps running
+                answer = f"error {exc!r}"
+            with open(f"{_DIR}/out.tmp", "w") as fh:
+                fh.write(answer)
+            os.rename(f"{_DIR}/out.tmp", f"{_DIR}/out")
+        time.sleep(0.02)
+
+
+threading.Thread(target=_poll, daemon=True, name="probe").start()
+sys.argv[0] = "netboot"
+runpy.run_module("netboot", run_name="__main__")
