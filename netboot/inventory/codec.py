@@ -776,13 +776,21 @@ class SharedMaps:
     ~200 bytes a machine (18 MiB of a re-import that reads 100,000 machines to compare
     with). Safe because a Machine's mappings are never changed in place (they are
     ``Mapping``s; a change makes a new machine with a new mapping). Up to ``limit``
-    distinct mappings are remembered; the others are kept as decoded."""
+    distinct mappings are remembered; the others are kept as decoded.
 
-    __slots__ = ("_known", "_limit")
+    Their creation times too (:meth:`time`): a bulk import creates its machines at one
+    time, and a view of 100,000 of them held 100,000 equal floats, 32 bytes a machine in
+    Python's allocator (~3 MiB of the resident memory issue 10 bounds). An inventory
+    imported in a few runs has a few times; a fleet enrolled one machine at a time has one
+    each: the first ``times`` distinct ones are kept, the others stay as decoded."""
 
-    def __init__(self, limit: int = 4096) -> None:
+    __slots__ = ("_known", "_limit", "_times", "_times_limit")
+
+    def __init__(self, limit: int = 4096, times: int = 256) -> None:
         self._known: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
         self._limit = limit
+        self._times: dict[float, float] = {}
+        self._times_limit = times
 
     def shared(self, value: Mapping[str, str] | None) -> Mapping[str, str] | None:
         if not value:
@@ -793,6 +801,18 @@ class SharedMaps:
             return known
         if len(self._known) < self._limit:
             self._known[key] = value
+        return value
+
+    def time(self, value: float) -> float:
+        """``value``, or an equal float decoded before. Zero is left alone: 0.0 and -0.0
+        are equal keys but two values."""
+        if not value:
+            return value
+        known = self._times.get(value)
+        if known is not None:
+            return known
+        if len(self._times) < self._times_limit:
+            self._times[value] = value
         return value
 
 
@@ -882,7 +902,8 @@ def _document_machine(d: dict[str, Any], maps: SharedMaps | None = None) -> Mach
     if created is None or updated is None or created is _NOT_A_TIME \
             or updated is _NOT_A_TIME or expires is _NOT_A_TIME:
         return None
-    created = _shared_time(created)
+    if maps is not None:
+        created = maps.time(created)
     if updated == created:
         # Never changed since it was enrolled (a bulk import's machines): one float object
         # for both times, 24 bytes less a machine in a process holding the inventory.
@@ -908,31 +929,6 @@ def _entries(value: object) -> Mapping[str, str] | None:
     if value is _ABSENT or (type(value) is dict and not value):
         return NO_ENTRIES
     return _shared_map(value)
-
-
-# Stored creation times, each float kept once (_shared_time), up to _TIMES_KEPT distinct.
-_TIMES: dict[float, float] = {}
-_TIMES_KEPT = 256
-
-
-def _shared_time(value: float) -> float:
-    """``value``, or an equal float decoded before (the same object, kept in _TIMES).
-
-    A bulk import creates its machines at one time, and a view of 100,000 of them held
-    100,000 equal floats: 32 bytes a machine in Python's allocator, ~3 MiB of the resident
-    memory that issue 10 bounds (< 150 MiB after a storm). An inventory imported in a few
-    runs has a few times, interleaved in the id order a view loads; a fleet enrolled one
-    machine at a time has one each: the first _TIMES_KEPT are kept, the others stay as
-    decoded. Zero is left alone: 0.0 and -0.0 are equal keys but two values. A dict's
-    get and set are each atomic: the store's threads decoding at once may only miss."""
-    if not value:
-        return value
-    known = _TIMES.get(value)
-    if known is not None:
-        return known
-    if len(_TIMES) < _TIMES_KEPT:
-        _TIMES[value] = value
-    return value
 
 
 def _stored_time(value: object) -> Any:

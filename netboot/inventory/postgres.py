@@ -263,6 +263,8 @@ class PostgresStore:
         self._dsn = dsn
         self.name = dsn_redact(dsn)
         self._sealed = Sealed(sealer)
+        # The view's pages share their machines' equal label sets and creation times.
+        self._page_maps = codec.SharedMaps()
         self._listener = listener
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
@@ -493,9 +495,10 @@ class PostgresStore:
             # The primary key's range, in its order (COLLATE "C": as Python orders the ids).
             rows = await conn.fetch("SELECT data FROM machines WHERE id > $1 ORDER BY id"
                                     " LIMIT $2", after, limit)
-        return await self._decoded(rows)
+        return await self._decoded(rows, self._page_maps)
 
-    async def _decoded(self, rows: list[asyncpg.Record]) -> list[Machine]:
+    async def _decoded(self, rows: list[asyncpg.Record],
+                       maps: codec.SharedMaps | None = None) -> list[Machine]:
         # Decoded a chunk at a time, yielding to the event loop between chunks: the whole
         # inventory (the view loading 100,000 machines at start) decoded in one go held the
         # loop for seconds, and every DHCP decision of a storm meanwhile missed its 1 s.
@@ -504,7 +507,7 @@ class PostgresStore:
         for start in range(0, len(rows), DECODE_CHUNK):
             if start:
                 await asyncio.sleep(0)
-            machines += (m for m in (self._machine(r[0])
+            machines += (m for m in (self._machine(r[0], maps)
                                      for r in rows[start:start + DECODE_CHUNK]) if m is not None)
         return machines
 
@@ -514,11 +517,13 @@ class PostgresStore:
             return int(await conn.fetchval(
                 f"SELECT count(*) FROM machines m{where}", *params))  # noqa: S608
 
-    def _machine(self, text: str | None) -> Machine | None:
+    def _machine(self, text: str | None, maps: codec.SharedMaps | None = None
+                 ) -> Machine | None:
         """Decode a stored machine and open its sealed install token."""
         if text is None:
             return None
-        return self._sealed.open_machine(codec.machine_from_document(codec.loads_document(text)))
+        return self._sealed.open_machine(
+            codec.machine_from_document(codec.loads_document(text), maps))
 
     async def create_machine(self, machine: Machine) -> None:
         await self.apply_batch(Batch(create=(machine,)))

@@ -381,6 +381,9 @@ class SqliteStore:
         # finished loading while the storm lasted.
         self._pager: ThreadPoolExecutor | None = None
         self._pconn: sqlite3.Connection | None = None  # touched only on the pager thread
+        # The pages' machines share their equal label sets and creation times (the pager
+        # thread's alone): with 100,000 bulk-imported machines in the view, ~3 MiB.
+        self._page_maps = codec.SharedMaps()
         # A bulk import's checkpoint runs after its commit, on a thread and connection of its
         # own (see _apply_batch): the import and the writer's next commits do not wait for it.
         self._checkpointer: ThreadPoolExecutor | None = None
@@ -758,7 +761,7 @@ class SqliteStore:
         if self._pager is None:
             raise StoreError(f"the inventory {self.path} is not open")
         page = await asyncio.get_running_loop().run_in_executor(
-            self._pager, self._paged, _machines_after, after, limit)
+            self._pager, self._paged, _machines_after, after, limit, self._page_maps)
         return [m for m in map(self._sealed.open_machine, page) if m is not None]
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
@@ -1319,12 +1322,13 @@ def _list_machines(conn: sqlite3.Connection, flt: MachineFilter) -> list[Machine
     return out
 
 
-def _machines_after(conn: sqlite3.Connection, after: str, limit: int) -> list[Machine]:
+def _machines_after(conn: sqlite3.Connection, after: str, limit: int,
+                    maps: codec.SharedMaps | None = None) -> list[Machine]:
     # A range of the id-keyed table (WITHOUT ROWID): read in its own order, where a listing by
     # MAC looks each row up from the MAC index.
     rows = conn.execute("SELECT data FROM machines WHERE id > ? ORDER BY id LIMIT ?",
                         (after, limit)).fetchall()
-    return [_machine(r[0]) for r in rows]
+    return [_machine(r[0], maps) for r in rows]
 
 
 def _count_machines(conn: sqlite3.Connection, flt: MachineFilter) -> int:

@@ -584,18 +584,18 @@ def test_a_stored_event_is_its_round_trip(machine: str, when: float, kind: str,
         assert stored[0].data is not data  # the caller's dict is not what is kept
 
 
-def test_equal_creation_times_decoded_are_one_float(monkeypatch: pytest.MonkeyPatch) -> None:
-    # codec._shared_time: machines created at one time (a bulk import) hold one float object
-    # for it, each distinct time up to the bound; zero (0.0 or -0.0) is never shared.
-    monkeypatch.setattr(codec, "_TIMES", {})
-    monkeypatch.setattr(codec, "_TIMES_KEPT", 2)
+def test_equal_creation_times_decoded_are_one_float() -> None:
+    # SharedMaps.time: machines decoded together and created at one time (a bulk import)
+    # hold one float object for it, each distinct time up to the bound; zero (0.0 or -0.0)
+    # is never shared; without shared maps nothing is.
+    maps = codec.SharedMaps(times=2)
 
     def decoded(i: int, created: float, updated: float | None = None) -> Machine:
         text = codec.machine_json(Machine(
             macs=(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")),),
             id=f"m-{i:012x}", created=created,
             updated=created if updated is None else updated))
-        return codec.machine_from_document(json.loads(text))
+        return codec.machine_from_document(json.loads(text), maps)
 
     a, b = decoded(1, 1700000000.25), decoded(2, 1700000000.25)
     c, d = decoded(3, 1700000001.5, 1700000002.5), decoded(4, 1700000001.5)
@@ -606,4 +606,7 @@ def test_equal_creation_times_decoded_are_one_float(monkeypatch: pytest.MonkeyPa
     assert decoded(7, 1700000000.25).created is a.created  # the kept ones stay shared
     zero, negative = decoded(8, 0.0), decoded(9, -0.0)
     assert str(negative.created) == "-0.0" and str(zero.created) == "0.0"
-    assert codec._TIMES == {1700000000.25: 1700000000.25, 1700000001.5: 1700000001.5}
+    assert maps._times == {1700000000.25: 1700000000.25, 1700000001.5: 1700000001.5}
+    alone = codec.machine_json(Machine(macs=(MacAddress(bytes(6)),), id="m-alone",
+                                       created=1700000000.25, updated=1700000000.25))
+    assert codec.machine_from_document(json.loads(alone)).created is not a.created
