@@ -11,6 +11,7 @@ import logging
 import re
 import shlex
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from netboot import identity, lifecycle
-from netboot.boot import BootService
+from netboot.boot import BootService, _keep
 from netboot.enroll import Enroller, token_matches
 from netboot.errors import Conflict, NotFound, RenderError, StateChanged
 from netboot.files import FileTree, clean_relative
@@ -116,7 +117,7 @@ class Content:
         self._enroller = enroller
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
-        self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
+        self._scripts: OrderedDict[MacAddress, tuple[object, str]] = OrderedDict()  # render_ipxe
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
         # Context values of profiles and clusters, by the object (_of_profile, _of_cluster):
         # id() -> (the object, so that a reused id is not taken for it, ..., the values).
@@ -256,10 +257,7 @@ class Content:
         if kept is not None and kept[0] == made_of:
             return kept[1]
         text = self._render.ipxe(name, self.context(plan))
-        self._scripts.pop(plan.mac, None)
-        self._scripts[plan.mac] = (made_of, text)
-        if len(self._scripts) > SCRIPTS_KEPT:
-            del self._scripts[next(iter(self._scripts))]  # the oldest
+        _keep(self._scripts, plan.mac, (made_of, text), SCRIPTS_KEPT)  # the oldest dropped
         return text
 
     # -- pxelinux / U-Boot / TFTP -------------------------------------------------------
