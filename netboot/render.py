@@ -337,6 +337,13 @@ class Renderer:
             self._shapes.learn(marked)
         return text
 
+    def reads(self, name: str) -> tuple[object, frozenset[str] | None]:
+        """What a config render of template ``name`` (:meth:`yaml_config`) reads besides its
+        context: the template as its file is now (an object that changes when the file
+        does; None where it cannot be loaded), and the context names it reads (None where
+        that cannot be told: it takes in another template, or cannot be loaded)."""
+        return self._read_names(name)
+
     def _read_names(self, name: str) -> tuple[jinja2.Template | None, frozenset[str] | None]:
         """Template ``name`` as it is now (marking its outputs) and the context names it
         reads; None where that cannot be told (it cannot be loaded, it takes in another
