@@ -916,23 +916,73 @@ def brisk_switching(interval: float = LOAD_SWITCH_INTERVAL) -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
-def freeze_heap() -> None:
-    """Put every object alive now out of the cyclic garbage collector's reach (gc.freeze).
+class FrozenHeap:
+    """Every object alive once the view is loaded kept out of the cyclic garbage collector's
+    reach (gc.freeze), and what lives on after each full collection too.
 
-    With 100,000 machines in the view the process holds ~320,000 objects that live as long as
-    it does, and each full collection walks them all: 130-220 ms on this project's 2-core
-    machine, during which no DHCP offer, TFTP block or HTTP answer goes out (a boot storm's
-    p99). Frozen, a full collection walks only what was made since. Frozen objects are still
-    freed when their count drops to zero (a machine the view replaces); only a reference
-    cycle among them would stay, so the garbage there is now is collected first, once.
+    With 100,000 machines in the view the process holds ~300,000 objects that live as long as
+    it does, and each full collection walks them all: 130-220 ms on this project's first
+    2-core machine, during which no DHCP offer, TFTP block or HTTP answer goes out (a boot
+    storm's p99). Frozen, a full collection walks only what was made since. But a storm makes
+    objects that live too (each first install's machine, which replaces the frozen one in the
+    view): Python's full collections came every ~3,000 first installs, each walking every
+    machine changed since the start, ~19 µs per install and pauses up to 229 ms after
+    ~90,000 installs (session 12). So what survives a full collection is frozen with the
+    rest: the next one walks only what was made since the last.
+
+    Frozen objects are still freed when their count drops to zero (a machine the view
+    replaces); only a reference cycle among them would stay. So the garbage there is now is
+    collected first, once, and again, the whole heap thawed and collected, whenever the
+    frozen objects have grown by a quarter since (``GROWTH``): whatever cycles objects frozen
+    alive have become since is bounded by that growth, and collected then. (The request
+    paths make no cycles: gc.DEBUG_SAVEALL over a storm's first installs saved nothing,
+    session 10.)
+
+    Python's young-collection threshold (700) is left as it is. Raised to 10,000 it cut the
+    collector's share of an /ipxe answer (~25 µs), but each older-generation collection then
+    walked ten times more survivors: in a storm of enrolled machines' first DISCOVERs the
+    offers' p99 rose from ~4 to 6-12 ms with stalls up to 19 ms (dhcp_offers.py, session 10).
     """
-    gc.collect()
-    gc.freeze()
-    # Python's young-collection threshold (700) is left as it is. Raised to 10,000 it cut
-    # the collector's share of an /ipxe answer (~25 µs), but each older-generation collection
-    # then walked ten times more survivors: in a storm of enrolled machines' first DISCOVERs
-    # (each learnt fact a new machine copy that lives) the offers' p99 rose from ~4 to 6-12 ms
-    # with stalls up to 19 ms (dhcp_offers.py, session 10, A/B in the same runs).
+
+    GROWTH = 1.25
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._limit = sys.maxsize  # the frozen count past which the heap is thawed
+        self.thaws = 0
+
+    def start(self) -> None:
+        """Freeze now and after each full collection (``Service.view_loaded``); in the loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thaw()
+        if self._collected not in gc.callbacks:
+            gc.callbacks.append(self._collected)
+
+    def stop(self) -> None:
+        """No more freezing (what is frozen stays so)."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._collected)
+        self._loop = None
+
+    def _collected(self, phase: str, info: dict[str, int]) -> None:
+        # Called by the collector in whichever thread allocated (the GIL held); a collection
+        # cannot be started from here, so the thaw goes to the loop.
+        if phase != "stop" or info["generation"] != 2:
+            return
+        gc.freeze()
+        loop = self._loop
+        if loop is not None and gc.get_freeze_count() > self._limit:
+            self._limit = sys.maxsize  # one thaw asked for at a time
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._thaw)
+
+    def _thaw(self) -> None:
+        self._limit = sys.maxsize  # the collection below calls _collected too
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self.thaws += 1
+        self._limit = int(gc.get_freeze_count() * self.GROWTH)
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
@@ -943,7 +993,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     if not faulthandler.is_enabled():
         faulthandler.enable()
     service = await build(config, app=False)
-    service.view_loaded = freeze_heap
+    frozen = FrozenHeap()
+    service.view_loaded = frozen.start
     try:
         await service.start()
         print(service.summary(), flush=True)
@@ -957,4 +1008,5 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
+        frozen.stop()
         await service.close()
