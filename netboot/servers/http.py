@@ -567,7 +567,7 @@ class AssetFiles:
         path = known[0].path
         held = self._held.get(path) if path is not None and known[0].data is None else None
         if held is None:
-            if (large and path in self._open
+            if (large and path is not None and path in self._open
                     and not (accept_encoding and _compressed_sibling(path))):
                 return self._open_large(path, known[0].content_type)
             return None

@@ -1051,7 +1051,8 @@ async def test_a_config_fetched_again_is_kept_until_anything_it_is_made_of_chang
     assert "config for installing machine" in second
     assert await fetch() == second and await fetch() == second
     assert len(rendered) == 2
-    r = await call(env, "PATCH", f"/api/v1/machines/{MAC}", json_body={"hostname": "renamed-by-api"})
+    r = await call(env, "PATCH", f"/api/v1/machines/{MAC}",
+                   json_body={"hostname": "renamed-by-api"})
     assert r.status == 200, r.text
     assert 'hostname: "renamed-by-api"' in await fetch()
     assert len(rendered) == 3
