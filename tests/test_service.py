@@ -134,7 +134,7 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
 async def test_what_outlives_a_full_collection_is_frozen_and_cycles_go_at_a_thaw() -> None:
     """After the view's freeze (FrozenHeap.start), what survives each full collection is
     frozen too, so that the next walks only what was made since; once the frozen objects
-    grew by a quarter the whole heap is thawed and collected on the loop: a cycle that
+    doubled the whole heap is thawed and collected on the loop: a cycle that
     objects frozen alive have become since is collected then, not kept forever. Stopped,
     nothing more is frozen."""
     import gc
@@ -162,9 +162,10 @@ async def test_what_outlives_a_full_collection_is_frozen_and_cycles_go_at_a_thaw
         del a, b
         gc.collect()
         assert gone() is not None  # frozen: a full collection does not reach it
-        # A quarter more frozen objects: the next full collection asks the loop for a thaw.
-        made += [Node() for _ in range(at_start // 4 + 1000)]
-        gc.collect()
+        # Twice as many frozen objects: a full collection that looks asks for a thaw.
+        made += [Node() for _ in range(at_start + 1000)]
+        for _ in range(FrozenHeap.LOOK_EVERY):
+            gc.collect()
         assert frozen.thaws == 1
         await asyncio.sleep(0)
         await asyncio.sleep(0)
