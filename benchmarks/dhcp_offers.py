@@ -159,10 +159,15 @@ async def make_server(kind: str, interface: str, root: Path, *,
         # `netboot serve` loads the whole inventory into the decider's view once it listens
         # (service.py); here before, so that every run measures the loaded view.
         await decider.load_view()
-        # ... and then takes what it loaded out of the cyclic collector's reach.
-        from netboot.service import freeze_heap
+        # ... and then takes what it loaded out of the cyclic collector's reach, and what
+        # outlives each full collection after (FrozenHeap; a --baseline tree from before
+        # session 12 has freeze_heap, the view's freeze alone).
+        from netboot import service
 
-        freeze_heap()
+        if hasattr(service, "FrozenHeap"):
+            service.FrozenHeap().start()
+        else:
+            service.freeze_heap()
     else:
         store, decider = MemoryStore(), _MemoryAsync() if kind == "memory-async" else _Memory()
     return DhcpServer(DhcpSettings(), decider, store,

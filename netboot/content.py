@@ -11,6 +11,7 @@ import logging
 import re
 import shlex
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from netboot import identity, lifecycle
-from netboot.boot import BootService
+from netboot.boot import BootService, _keep
 from netboot.enroll import Enroller, token_matches
 from netboot.errors import Conflict, NotFound, RenderError, StateChanged
 from netboot.files import FileTree, clean_relative
@@ -47,6 +48,8 @@ PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", 
                          "events_url", "register_command", "instance_serial", "cmdline", "k3s"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
 SCRIPTS_KEPT = 8192
+# Rendered configs kept for installers that ask again (Content._config; ~3.5 KiB each).
+CONFIGS_KEPT = 1024
 
 # Default kernel consoles by CPU architecture (the ``console`` of the default command lines).
 # The last console= is /dev/console, where init and the installer write. x86 (and a machine
@@ -116,8 +119,11 @@ class Content:
         self._enroller = enroller
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
-        self._scripts: dict[MacAddress, tuple[object, str]] = {}  # see render_ipxe
+        self._scripts: OrderedDict[MacAddress, tuple[object, str]] = OrderedDict()  # render_ipxe
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
+        # (NIC, template name) -> (template, what else it was made of, text): see _config
+        self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
+                                                                 str]] = OrderedDict()
         # Context values of profiles and clusters, by the object (_of_profile, _of_cluster):
         # id() -> (the object, so that a reused id is not taken for it, ..., the values).
         self._profile_parts: dict[int, tuple[Profile, str, tuple[dict[str, Any],
@@ -256,10 +262,7 @@ class Content:
         if kept is not None and kept[0] == made_of:
             return kept[1]
         text = self._render.ipxe(name, self.context(plan))
-        self._scripts.pop(plan.mac, None)
-        self._scripts[plan.mac] = (made_of, text)
-        if len(self._scripts) > SCRIPTS_KEPT:
-            del self._scripts[next(iter(self._scripts))]  # the oldest
+        _keep(self._scripts, plan.mac, (made_of, text), SCRIPTS_KEPT)  # the oldest dropped
         return text
 
     # -- pxelinux / U-Boot / TFTP -------------------------------------------------------
@@ -469,13 +472,36 @@ class Content:
         return self._config(f"cloud-config/cloud-init/{name}", plan, header=header)
 
     def _config(self, name: str, plan: BootPlan, *, header: str = "") -> str:
+        """Config template ``name`` rendered for ``plan`` and checked (YAML).
+
+        An installer that asks again (a retry, a second read of its seed) while its machine
+        stays where its fetches leave it (installing) gets the text rendered before: kept
+        per NIC and template while everything it was made of is equal — the plan (with it
+        the machine, profile, cluster, join and token as the view holds them), the base URL,
+        the CA, and the template file as it is now. Only a template that reads nothing but
+        its context is kept this way: not one that takes in another template, nor one that
+        reads the kernel command line (made of files too). A first fetch moves its machine
+        on (booting -> installing), so its plan is never asked for again: it is not kept."""
         # Without the kernel command line where the template does not read it; the template
         # and the command line checked by one look at the watch.
         with self._render.pinned():
-            return self._render.yaml_config(
+            machine = plan.machine
+            template, names = self._render.reads(name)
+            made_of: tuple[object, ...] | None = None
+            if (names is not None and "cmdline" not in names and machine is not None
+                    and lifecycle.TRANSITIONS.get(
+                        (machine.state, lifecycle.Trigger.CONFIG_FETCHED)) is machine.state):
+                made_of = (plan, header, self._base_url(), self._trust())
+                kept = self._configs.get((plan.mac, name))
+                if kept is not None and kept[0] is template and kept[1] == made_of:
+                    return kept[2]
+            text = self._render.yaml_config(
                 name,
                 lambda names: self.context(plan, cmdline=names is None or "cmdline" in names),
                 header=header)
+            if made_of is not None:
+                _keep(self._configs, (plan.mac, name), (template, made_of, text), CONFIGS_KEPT)
+            return text
 
     def close(self) -> None:
         """What the renderer holds (its inotify instance) given back."""

@@ -19,7 +19,7 @@ import select
 import stat
 import time
 import weakref
-from collections import ChainMap
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,10 +76,13 @@ class Renderer:
         self.volatile = volatile
         self._log = logger or logging.getLogger(__name__)
         self._jinja: ImmutableSandboxedEnvironment | None = None
-        self._strings: dict[str, jinja2.Template] = {}
+        # The bounded caches below are OrderedDicts: the oldest entry of a full dict is
+        # dropped by popitem(last=False), O(1), where ``next(iter(dict))`` steps over the
+        # slots of every entry deleted since the dict last resized (boot._keep says more).
+        self._strings: OrderedDict[str, jinja2.Template] = OrderedDict()
         # Split forms (render with ``volatile``): by template object (one per file version,
         # kept with it so that its id is not reused) or by source string.
-        self._splits: dict[object, tuple[object, _Split | None]] = {}
+        self._splits: OrderedDict[object, tuple[object, _Split | None]] = OrderedDict()
         self._marking: ImmutableSandboxedEnvironment | None = None
         self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # _read_names
         self._shapes = _YamlShapes()
@@ -240,7 +243,7 @@ class Renderer:
         if template is None:
             template = self._env.from_string(source)
             if len(self._strings) >= _MAX_COMPILED:
-                self._strings.pop(next(iter(self._strings)))  # the oldest compiled
+                self._strings.popitem(last=False)  # the oldest compiled
             self._strings[source] = template
         return template
 
@@ -272,7 +275,7 @@ class Renderer:
             self._log.debug("template %r not split", name or source, exc_info=True)
             split = None
         if len(self._splits) >= _MAX_SPLITS:
-            self._splits.pop(next(iter(self._splits)))  # the oldest
+            self._splits.popitem(last=False)  # the oldest
         self._splits[index] = (key, split)
         return split
 
@@ -333,6 +336,13 @@ class Renderer:
         if marked is not None:
             self._shapes.learn(marked)
         return text
+
+    def reads(self, name: str) -> tuple[object, frozenset[str] | None]:
+        """What a config render of template ``name`` (:meth:`yaml_config`) reads besides its
+        context: the template as its file is now (an object that changes when the file
+        does; None where it cannot be loaded), and the context names it reads (None where
+        that cannot be told: it takes in another template, or cannot be loaded)."""
+        return self._read_names(name)
 
     def _read_names(self, name: str) -> tuple[jinja2.Template | None, frozenset[str] | None]:
         """Template ``name`` as it is now (marking its outputs) and the context names it
@@ -424,7 +434,8 @@ class _YamlShapes:
         nonce = secrets.token_hex(8)
         self._open, self._close = f"\x00{nonce}<", f"\x00{nonce}>"
         # pieces -> [(classes, checked verbatim values)]
-        self._shapes: dict[tuple[str, ...], list[tuple[str, set[tuple[str, ...]]]]] = {}
+        self._shapes: OrderedDict[tuple[str, ...], list[tuple[str, set[tuple[str, ...]]]]] = (
+            OrderedDict())
 
     def mark(self, value: Any) -> str:
         """Jinja's ``finalize``: a printed value between marks (``str`` as Jinja prints)."""
@@ -466,7 +477,7 @@ class _YamlShapes:
         forms = self._shapes.get(marked.pieces)
         if forms is None:
             if len(self._shapes) >= _MAX_SHAPES:
-                self._shapes.pop(next(iter(self._shapes)))  # the oldest
+                self._shapes.popitem(last=False)  # the oldest
             forms = self._shapes[marked.pieces] = []
         verbatim = tuple(v for v, c in zip(marked.values, classes, strict=True) if c == "v")
         for known_classes, checked in forms:
@@ -805,7 +816,7 @@ class _Split:
         self.slots = slots
         # The fixed names' values (marshalled) -> the skeleton, cut at its marks: literal text
         # at even places, slot numbers at odd ones.
-        self.skeletons: dict[bytes, tuple[str | int, ...]] = {}
+        self.skeletons: OrderedDict[bytes, tuple[str | int, ...]] = OrderedDict()
 
     def render(self, context: Mapping[str, Any]) -> str | None:
         """The text, or None: render the whole template."""
@@ -826,7 +837,7 @@ class _Split:
                 if pieces is None:
                     return None
                 if len(self.skeletons) >= _MAX_SKELETONS:
-                    self.skeletons.pop(next(iter(self.skeletons)))  # the oldest
+                    self.skeletons.popitem(last=False)  # the oldest
                 self.skeletons[key] = pieces
             filled = [str(slot(context)) for slot in self.slots]
         except Exception:  # the whole render raises it, or says why (RenderError)

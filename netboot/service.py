@@ -963,44 +963,84 @@ async def release_when_quiet(release: Callable[[], None] = return_freed_memory,
         await asyncio.sleep(look)
 
 
-def freeze_heap() -> None:
-    """Put every object alive now out of the cyclic garbage collector's reach (gc.freeze).
+class FrozenHeap:
+    """Every object alive once the view is loaded kept out of the cyclic garbage collector's
+    reach (gc.freeze), and what lives on after each full collection too.
 
-    With 100,000 machines in the view the process holds ~320,000 objects that live as long as
-    it does, and each full collection walks them all: 130-220 ms on this project's 2-core
-    machine, during which no DHCP offer, TFTP block or HTTP answer goes out (a boot storm's
-    p99). Frozen, a full collection walks only what was made since. Frozen objects are still
-    freed when their count drops to zero (a machine the view replaces); only a reference
-    cycle among them would stay, so the garbage there is now is collected first, once.
+    With 100,000 machines in the view the process holds ~300,000 objects that live as long as
+    it does, and each full collection walks them all: 130-220 ms on this project's first
+    2-core machine, during which no DHCP offer, TFTP block or HTTP answer goes out (a boot
+    storm's p99). Frozen, a full collection walks only what was made since. But a storm makes
+    objects that live too (each first install's machine, which replaces the frozen one in the
+    view): Python's full collections came every ~3,000 first installs, each walking every
+    machine changed since the start, ~19 µs per install and pauses up to 229 ms after
+    ~90,000 installs (session 12). So what survives a full collection is frozen with the
+    rest: the next one walks only what was made since the last.
+
+    Frozen objects are still freed when their count drops to zero (a machine the view
+    replaces); only a reference cycle among them would stay. So the garbage there is now is
+    collected first, once, and again, the whole heap thawed and collected, whenever the
+    frozen objects have doubled since (``GROWTH``; a storm of first installs of all 100,000
+    machines adds ~35 %): whatever cycles objects frozen alive have become since is bounded
+    by that growth, and collected then (a pause longer than the start-up's collection:
+    390-420 ms under load with 100,000 machines, session 12). (The request
+    paths make no cycles: gc.DEBUG_SAVEALL over a storm's first installs saved nothing,
+    session 10.)
+
+    Python's young-collection threshold (700) is left as it is. Raised to 10,000 it cut the
+    collector's share of an /ipxe answer (~25 µs), but each older-generation collection then
+    walked ten times more survivors: in a storm of enrolled machines' first DISCOVERs the
+    offers' p99 rose from ~4 to 6-12 ms with stalls up to 19 ms (dhcp_offers.py, session 10).
     """
-    gc.collect()
-    gc.freeze()
-    if _freeze_survivors not in gc.callbacks:
-        gc.callbacks.append(_freeze_survivors)
-    # Python's young-collection threshold (700) is left as it is. Raised to 10,000 it cut
-    # the collector's share of an /ipxe answer (~25 µs), but each older-generation collection
-    # then walked ten times more survivors: in a storm of enrolled machines' first DISCOVERs
-    # (each learnt fact a new machine copy that lives) the offers' p99 rose from ~4 to 6-12 ms
-    # with stalls up to 19 ms (dhcp_offers.py, session 10, A/B in the same runs).
 
+    GROWTH = 2.0  # the frozen count, against the last thaw's, that asks for the next
+    # Full collections per look at the frozen count: gc.get_freeze_count() walks every frozen
+    # object (~3 ms with 400,000 of them under load). Counting what each freeze adds instead
+    # (gc.get_objects(2)) counted the requests' objects that were alive then and freed just
+    # after: a thaw (400 ms under load with 100,000 machines) came twice as often.
+    LOOK_EVERY = 16
 
-def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
-    """After each full collection (a gc callback), what survived it joins the frozen heap.
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._full = 0  # full collections since the last thaw
+        self._limit = sys.maxsize
+        self.thaws = 0
 
-    Frozen at load, the heap grows again under a storm: each first install leaves a new copy
-    of its machine in the view (and its note in the recorder), and Python's full collection,
-    due whenever the objects promoted since the last one pass a quarter of its survivors,
-    walked every one of them each time: in 8 s of first installs (~25,000) on 100,000
-    machines, 9 full collections of 9 -> 60 ms, growing with every install, each a pause of
-    the event loop and the writer (the largest loop stalls and answers' p99 of that run).
-    Frozen after each, a full collection walks only what came since the last: a bounded
-    pause. What is frozen is still freed when its count drops to zero; only a reference
-    cycle formed among survivors later would stay (a first install leaves none: none was
-    found by gc.DEBUG_SAVEALL, session 10; a storm's measured leak: benchmarks/README.md,
-    session 12). Called inside the collector, after the collection: gc.freeze only moves
-    its lists."""
-    if phase == "stop" and info["generation"] == 2:
+    def start(self) -> None:
+        """Freeze now and after each full collection (``Service.view_loaded``); in the loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thaw()
+        if self._collected not in gc.callbacks:
+            gc.callbacks.append(self._collected)
+
+    def stop(self) -> None:
+        """No more freezing (what is frozen stays so)."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._collected)
+        self._loop = None
+
+    def _collected(self, phase: str, info: dict[str, int]) -> None:
+        # Called by the collector in whichever thread allocated (the GIL held); a collection
+        # cannot be started from here, so the thaw goes to the loop.
+        if phase != "stop" or info["generation"] != 2:
+            return
         gc.freeze()
+        self._full += 1
+        loop = self._loop
+        if loop is not None and not self._full % self.LOOK_EVERY \
+                and gc.get_freeze_count() > self._limit:
+            self._limit = sys.maxsize  # one thaw asked for at a time
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._thaw)
+
+    def _thaw(self) -> None:
+        self._limit = sys.maxsize  # the collection below calls _collected too
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self.thaws += 1
+        self._full = 0
+        self._limit = int(gc.get_freeze_count() * self.GROWTH)
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
@@ -1011,7 +1051,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     if not faulthandler.is_enabled():
         faulthandler.enable()
     service = await build(config, app=False)
-    service.view_loaded = freeze_heap
+    frozen = FrozenHeap()
+    service.view_loaded = frozen.start
     service.tasks.append(asyncio.ensure_future(release_when_quiet()))
     try:
         await service.start()
@@ -1026,6 +1067,5 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
-        with contextlib.suppress(ValueError):  # not frozen: the view never loaded
-            gc.callbacks.remove(_freeze_survivors)
+        frozen.stop()
         await service.close()

@@ -370,3 +370,28 @@ async def test_a_profiles_context_values_follow_the_profile_and_the_base_url(env
     other = dataclasses.replace(plan, cluster=Cluster(name="core", token="s2"))
     assert made(other) == expected(other) != expected(plan)
     assert "secret" not in str(content.context(plan)["cluster"])
+
+
+async def test_a_kept_config_is_rendered_again_when_its_template_file_changes(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """An installer's retry gets the config kept from its last fetch (Content._config) only
+    while the template file is unchanged: an operator's edit is what the next fetch gets."""
+    from tests.conftest import call, install_token
+
+    env, own, shipped = await own_template(make_env, tmp_path, "cloud-config/k3os.yaml")
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:78"}, status=201)
+    token = install_token(await boot(env, "52:54:00:00:00:78"))
+    path = f"/config/52-54-00-00-00-78?token={token}"
+
+    async def fetch() -> str:
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 200, r.text
+        return r.body.decode()
+
+    await fetch()  # booting -> installing
+    kept = await fetch()
+    assert await fetch() == kept
+    own.write_text(shipped + "# edited by the operator\n")
+    os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
+    assert await fetch() == kept + "# edited by the operator\n"

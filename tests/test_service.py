@@ -146,6 +146,56 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
     assert gc.get_freeze_count() == 0
 
 
+async def test_what_outlives_a_full_collection_is_frozen_and_cycles_go_at_a_thaw() -> None:
+    """After the view's freeze (FrozenHeap.start), what survives each full collection is
+    frozen too, so that the next walks only what was made since; once the frozen objects
+    doubled the whole heap is thawed and collected on the loop: a cycle that
+    objects frozen alive have become since is collected then, not kept forever. Stopped,
+    nothing more is frozen."""
+    import gc
+    import weakref
+
+    from netboot.service import FrozenHeap
+
+    class Node:
+        other: object = None
+
+    gc.unfreeze()
+    frozen = FrozenHeap()
+    try:
+        frozen.start()
+        assert frozen.thaws == 1 and gc.get_freeze_count() > 0
+        at_start = gc.get_freeze_count()
+        made = [Node() for _ in range(1000)]  # objects that live on
+        gc.collect()
+        assert gc.get_freeze_count() >= at_start + 1000  # survivors of a full collection
+        assert frozen.thaws == 1
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle, frozen while alive
+        gone = weakref.ref(a)
+        gc.collect()
+        del a, b
+        gc.collect()
+        assert gone() is not None  # frozen: a full collection does not reach it
+        # Twice as many frozen objects: a full collection that looks asks for a thaw.
+        made += [Node() for _ in range(at_start + 1000)]
+        for _ in range(FrozenHeap.LOOK_EVERY):
+            gc.collect()
+        assert frozen.thaws == 1
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert frozen.thaws == 2 and gone() is None  # the cycle collected at the thaw
+        frozen.stop()
+        before = gc.get_freeze_count()
+        made += [Node() for _ in range(1000)]
+        gc.collect()
+        assert gc.get_freeze_count() == before  # stopped: not frozen any more
+    finally:
+        frozen.stop()
+        gc.unfreeze()  # this test process runs on: leave its collector as it was
+        assert frozen._collected not in gc.callbacks
+
+
 async def test_the_view_loads_with_the_gil_handed_over_briskly(tmp_path: Path) -> None:
     """A storm at start-up: DHCP decisions read through to the store while the view loads,
     and each waited for the GIL up to the interpreter's switch interval while a page

@@ -27,7 +27,7 @@ import ssl
 import stat
 import time
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -501,9 +501,10 @@ class AssetFiles:
         self._open_ttl = open_ttl
         self._clock = clock
         self._resolved: dict[str, tuple[Blob, float]] = {}  # requested name -> (blob, until)
-        self._held: dict[str, _Held] = {}  # real path -> contents, oldest first
+        # OrderedDicts: the oldest dropped in O(1) (boot._keep says why).
+        self._held: OrderedDict[str, _Held] = OrderedDict()  # real path -> contents, oldest first
         # real path -> a large file kept open (_open_large), oldest opened first
-        self._open: dict[str, _OpenFile] = {}
+        self._open: OrderedDict[str, _OpenFile] = OrderedDict()
         self._sweeper: asyncio.TimerHandle | None = None
         # An AssetFiles dropped (a server stopped) closes what it kept open.
         weakref.finalize(self, _retire_all, self._open)
@@ -566,7 +567,7 @@ class AssetFiles:
         path = known[0].path
         held = self._held.get(path) if path is not None and known[0].data is None else None
         if held is None:
-            if (large and path in self._open
+            if (large and path is not None and path in self._open
                     and not (accept_encoding and _compressed_sibling(path))):
                 return self._open_large(path, known[0].content_type)
             return None
@@ -626,7 +627,7 @@ class AssetFiles:
         if old is not None:
             old.retire()
         if len(self._open) >= self.max_open:  # bounded: a tree of many large files
-            self._open.pop(next(iter(self._open))).retire()  # the oldest opened
+            self._open.popitem(last=False)[1].retire()  # the oldest opened
         reply = Reply(200, b"", content_type.split(";", maxsplit=1)[0], (
             ("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"'),
             # Rounded up, as aiohttp does: a client's If-Modified-Since then matches.
@@ -694,8 +695,7 @@ class AssetFiles:
                            tuple((k, v) for k, v in headers.items()
                                  if k != "Content-Type")))
         while self._held and self._total + len(body) > self.max_total:
-            oldest = next(iter(self._held))
-            self._total -= len(self._held.pop(oldest).body)
+            self._total -= len(self._held.popitem(last=False)[1].body)  # the oldest
         if len(body) <= self.max_total:
             self._held[blob.path] = held
             self._total += len(body)

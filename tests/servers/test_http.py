@@ -15,6 +15,7 @@ import re
 from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -1017,3 +1018,57 @@ async def test_a_fifo_in_place_of_a_large_file_does_not_block_the_loop(tmp_path:
     finally:  # a reader blocked in open() (the bug) is let go, so the test can end
         with contextlib.suppress(OSError):
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+async def test_a_config_fetched_again_is_kept_until_anything_it_is_made_of_changes(
+        env: Env) -> None:
+    """An installer that asks again (its machine installing) gets the config rendered before,
+    not rendered and checked again; any change to what it was made of gives the next fetch
+    a new render: the machine by the API, its cluster by another process (the CLI's store,
+    whose commit reaches this server only through the change feed), the base URL. A first
+    fetch's config (the machine booting, moved on by that fetch) is not kept."""
+    from netboot.sealing import read_key
+    from netboot.service import open_store
+
+    token = install_token(await enrolled(env))
+    path = f"/config/{HEXHYP}?token={token}"
+    content = env.service.content
+    real, rendered = content._render.yaml_config, []
+
+    def counting(*args: Any, **kwargs: Any) -> str:
+        rendered.append(args[0])
+        return real(*args, **kwargs)
+
+    content._render.yaml_config = counting  # type: ignore[method-assign]
+
+    async def fetch() -> str:
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 200, r.text
+        return r.body.decode()
+
+    assert "config for booting machine" in await fetch()
+    second = await fetch()  # installing now: kept
+    assert "config for installing machine" in second
+    assert await fetch() == second and await fetch() == second
+    assert len(rendered) == 2
+    r = await call(env, "PATCH", f"/api/v1/machines/{MAC}",
+                   json_body={"hostname": "renamed-by-api"})
+    assert r.status == 200, r.text
+    assert 'hostname: "renamed-by-api"' in await fetch()
+    assert len(rendered) == 3
+    config = env.service.config
+    cli = open_store(config, sealer=read_key(config.data_dir / "secret.key"))
+    await cli.open()
+    try:
+        cluster = await cli.get_cluster("edge")
+        assert cluster is not None
+        await cli.put_cluster(dataclasses.replace(cluster, token="rotated-by-the-cli"))
+    finally:
+        await cli.close()
+    text = await fetch()
+    assert 'token: "rotated-by-the-cli"' in text and "k3s-secret-token" not in text
+    env.service.base_url = "http://192.0.2.99:8080"
+    assert "http://192.0.2.99:8080/api/v1/register" in await fetch()
+    assert len(rendered) == 5
+    assert await fetch() == await fetch()
+    assert len(rendered) == 5
