@@ -11,7 +11,8 @@ transaction in a storm. This seeds ``--enrolled`` machines with ``netboot import
 inventory, and commits ``--installs`` random machines' install plans as ``BootService`` builds
 them, ``--group`` per ``apply_batch`` (the recorder's merged batch), with the store's
 checkpoints off so that the WAL keeps every frame. It then reads the WAL file (frame headers:
-page number, commit marker) and ``dbstat`` (which table or index owns each page) and prints the
+page number, commit marker) and ``dbstat`` (which table or index owns each page, before and after:
+a page freed and reused by another during the step is named ``before -> after``) and prints the
 frames per install, the commits, and per table/index the frames and distinct pages. Each frame
 is a whole page (4 KiB): the checkpoints copy them again into the database. The figure is
 deterministic (seeded choice, no load dependence). With ``--compare`` the same on the other
@@ -65,6 +66,7 @@ async def main():
     chosen = random.Random(12).sample(machines, installs)
     side = sqlite3.connect(db, isolation_level=None)
     side.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # an empty WAL to count from
+    before = dict(side.execute("SELECT pageno, name FROM dbstat"))
     cpu = time.process_time()
     for k in range(0, installs, group):
         now = time.time()
@@ -84,6 +86,7 @@ async def main():
     cpu = time.process_time() - cpu
     if then:  # the next step of each install (a config fetch: booting -> installing)
         side.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        before = dict(side.execute("SELECT pageno, name FROM dbstat"))
         current = {m.id: m for m in await store.list_machines(MachineFilter(limit=10_000_000))}
         cpu = time.process_time()
         for k in range(0, installs, group):
@@ -106,6 +109,8 @@ async def main():
     by = collections.defaultdict(lambda: [0, set()])
     for p in pages:
         name = owner.get(p, "(free list / header)" if p != 1 else "(page 1: header, schema)")
+        if p in before and before[p] != name:  # freed and taken by another during the step
+            name = f"{before[p]} -> {name}"
         by[name][0] += 1
         by[name][1].add(p)
     sizes = {name: [n, len(s)] for name, (n, s) in by.items()}
@@ -139,9 +144,9 @@ def show(label: str, r: dict[str, Any], installs: int) -> None:
           f"({r['wal_bytes'] / installs / 1024:.1f} KiB of WAL), page {r['page_size']} B, "
           f"CPU {r['cpu'] / installs * 1e6:.0f} µs per install, "
           f"machine document {r['doc']:.0f} B on average")
-    print(f"  {'table or index':32} {'frames':>7} {'/install':>9} {'pages':>7}")
+    print(f"  {'table or index':44} {'frames':>7} {'/install':>9} {'pages':>7}")
     for name, (n, distinct) in sorted(r["by"].items(), key=lambda kv: -kv[1][0]):
-        print(f"  {name:32} {n:7} {n / installs:9.2f} {distinct:7}")
+        print(f"  {name:44} {n:7} {n / installs:9.2f} {distinct:7}")
 
 
 def main() -> None:
