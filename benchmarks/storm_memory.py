@@ -74,6 +74,8 @@ def one_run(tree: Path, work: storm.Workload, spec: storm.Spec, server_ns: str,
             raise RuntimeError(f"netboot stopped; see {run}")
         settled = vm(pid)
         failed = sum(sum(v.values()) for v in data["failures"].values())
+        if failed:  # by stage and reason: a storm's failure is a finding, not only a count
+            print(f"  {tree.name}: failures {json.dumps(data['failures'])}", flush=True)
         return {"loaded": loaded["VmRSS"], "after": after["VmRSS"], "peak": after["VmHWM"],
                 "settled": settled["VmRSS"], "anon": settled["RssAnon"],
                 "file": settled["RssFile"], "wall": data["wall"], "failed": failed,

@@ -89,7 +89,9 @@ class Probe:
               f" | glibc arenas {m['arena'] / mib:5.1f} used {m['uordblks'] / mib:5.1f}"
               f" free {m['fordblks'] / mib:4.1f} mmap {m['hblkhd'] / mib:5.1f}"
               f" | SQLite {record['sqlite_mem'][0] / mib:4.1f}"
-              f" | threads {status['Threads']}"
+              + " (caches " + " ".join(f"{k.strip('_')} {v / mib:.2f}" for k, v in
+                                     record.get("sqlite_caches", {}).items()) + ")"
+              + f" | threads {status['Threads']}"
               + (f" | traced {record['traced'][0] / mib:.1f} (peak {record['traced'][1] / mib:.1f})"
                  if record["traced"] else ""), flush=True)
 

@@ -71,6 +71,36 @@ def _sqlite_memory() -> list[int]:
     return [lib.sqlite3_memory_used(), lib.sqlite3_memory_highwater(0)]
 
 
+def _sqlite_caches() -> dict[str, int]:
+    """Bytes of page cache each of SqliteStore's connections holds (sqlite3_db_status,
+    SQLITE_DBSTATUS_CACHE_USED): the writer, reader, pager, probe and checkpointer. The
+    handle is read from the Connection object (CPython's struct: the sqlite3 pointer follows
+    the object's header); a reading, not netboot's business."""
+    import sqlite3
+
+    lib = ctypes.CDLL("libsqlite3.so.0")
+    lib.sqlite3_db_status.argtypes = [ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.POINTER(ctypes.c_int),
+                                      ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    out = {}
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()  # netboot freezes its heap: the store is in the permanent generation
+    found = [o for o in gc.get_objects() if type(o).__name__ == "SqliteStore"]
+    if frozen:
+        gc.freeze()
+    for o in found:
+        if type(o).__name__ != "SqliteStore":
+            continue
+        for name in ("_conn", "_rconn", "_pconn", "_probe", "_cconn"):
+            conn = getattr(o, name, None)
+            if isinstance(conn, sqlite3.Connection):
+                db = ctypes.c_void_p.from_address(id(conn) + object.__basicsize__).value
+                cur, high = ctypes.c_int(), ctypes.c_int()
+                lib.sqlite3_db_status(db, 1, ctypes.byref(cur), ctypes.byref(high), 0)
+                out[name] = cur.value
+    return out
+
+
 def _release(names: list[str]) -> str:
     gc.unfreeze()
     done = []
@@ -127,6 +157,7 @@ def _handle(command: str) -> str:
     if word == "stats":
         return json.dumps({
             "mallinfo2": _mallinfo(), "pymalloc": _pymalloc(), "sqlite_mem": _sqlite_memory(),
+            "sqlite_caches": _sqlite_caches(),
             "threads": threading.active_count(), "gc_counts": gc.get_count(),
             "frozen": gc.get_freeze_count(), "gc_objects": len(gc.get_objects()),
             "traced": tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else None})

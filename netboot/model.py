@@ -23,19 +23,34 @@ _DNS_NAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>\d{1,5}))?$")
 
 
-@dataclass(frozen=True, slots=True)
-class MacAddress:
+class MacAddress(bytes):
     """A 48-bit Ethernet address, normalised whatever form it came in.
 
     Accepted: ``aa:bb:cc:dd:ee:ff``, ``AA-BB-CC-DD-EE-FF``, ``aabb.ccdd.eeff`` (Cisco),
     ``aabbccddeeff`` and pxelinux's ``01-aa-bb-...`` (ARP type prefix).
+
+    Its six bytes themselves (``raw`` is the address): one object, not a frozen dataclass
+    holding a ``bytes``; with 100,000 machines in the view, 3 MiB less. Equal to, and hashed
+    as, its bytes, so the view's index finds a machine by either; immutable like any bytes.
     """
 
-    raw: bytes
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        if len(self.raw) != 6:
-            raise ValidationError("mac", f"a MAC address has 6 bytes, got {len(self.raw)}")
+    def __new__(cls, raw: bytes) -> MacAddress:
+        if isinstance(raw, bytes) and len(raw) == 6:  # a DHCP request's: one check, not three
+            return bytes.__new__(cls, raw)
+        if not isinstance(raw, bytes | bytearray | memoryview):
+            raise ValidationError("mac", f"a MAC address is bytes, got {type(raw).__name__}")
+        if len(raw) != 6:
+            raise ValidationError("mac", f"a MAC address has 6 bytes, got {len(raw)}")
+        return bytes.__new__(cls, raw)
+
+    @property
+    def raw(self) -> bytes:
+        return self
+
+    def __repr__(self) -> str:
+        return f"MacAddress(raw={bytes(self)!r})"
 
     @classmethod
     def parse(cls, text: str) -> MacAddress:
@@ -68,25 +83,25 @@ class MacAddress:
         return cls(bytes.fromhex(compact))
 
     def __str__(self) -> str:
-        return self.raw.hex(":")
+        return self.hex(":")
 
     @property
     def hexhyp(self) -> str:
         """``aa-bb-cc-dd-ee-ff``: iPXE's ``${netX/mac:hexhyp}`` and the form used in URLs."""
-        return self.raw.hex("-")
+        return self.hex("-")
 
     @property
     def hexraw(self) -> str:
-        return self.raw.hex()
+        return self.hex()
 
     @property
     def suffix(self) -> str:
         """Last three bytes as hex, for hostname templates (``{mac_suffix}``)."""
-        return self.raw[3:].hex()
+        return self[3:].hex()
 
     @property
     def oui(self) -> str:
-        return self.raw[:3].hex(":")
+        return self[:3].hex(":")
 
 
 class Arch(enum.StrEnum):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+import sys
 from dataclasses import fields, replace
 
 import pytest
@@ -35,6 +38,31 @@ def test_mac_refused(text: str) -> None:
     with pytest.raises(ValidationError) as err:
         MacAddress.parse(text)
     assert err.value.field == "mac"
+
+
+def test_a_mac_is_one_object_equal_to_and_hashed_as_its_bytes() -> None:
+    # A MacAddress is its six bytes (issue 10: one object per MAC in the view, not a
+    # dataclass and its bytes); what the view, DHCP and TFTP paths rely on stays as it was.
+    six = bytes.fromhex("0200000000ff")
+    mac = MacAddress(six)
+    assert mac.raw is mac and type(mac) is MacAddress
+    assert sys.getsizeof(mac) <= sys.getsizeof(six) + 16  # no second object behind it
+    assert mac == MacAddress.parse("02-00-00-00-00-FF") == six
+    assert hash(mac) == hash(six) and {six: 1}[mac] == 1 and {mac: 1}[six] == 1
+    assert mac != MacAddress(bytes(6)) and mac != str(mac)
+    assert (str(mac), f"{mac}", mac.hexhyp, mac.hexraw, mac.suffix, mac.oui) == (
+        "02:00:00:00:00:ff", "02:00:00:00:00:ff", "02-00-00-00-00-ff", "0200000000ff",
+        "0000ff", "02:00:00")
+    assert repr(mac) == "MacAddress(raw=b'\\x02\\x00\\x00\\x00\\x00\\xff')"
+    again = pickle.loads(pickle.dumps(mac))
+    assert type(again) is MacAddress and again == mac
+    assert copy.deepcopy(mac) == mac and type(copy.copy(mac)) is MacAddress
+    with pytest.raises(AttributeError):
+        mac.raw = bytes(6)  # type: ignore[misc]
+    for wrong in (b"\x02" * 5, b"\x02" * 7, 6, "abcdef"):
+        with pytest.raises(ValidationError) as err:
+            MacAddress(wrong)  # type: ignore[arg-type]
+        assert err.value.field == "mac"
 
 
 def test_replace_machine_gives_what_dataclasses_replace_gives() -> None:
