@@ -50,6 +50,7 @@ from netboot.model import (
 )
 
 _E = TypeVar("_E", bound=enum.Enum)
+_V = TypeVar("_V")
 
 # Sentinel for "field absent", distinct from an explicit JSON null.
 _ABSENT: Any = object()
@@ -795,25 +796,24 @@ class SharedMaps:
     def shared(self, value: Mapping[str, str] | None) -> Mapping[str, str] | None:
         if not value:
             return value  # None (refused) or the shared empty mapping
-        key = tuple(value.items())
-        known = self._known.get(key)
-        if known is not None:
-            return known
-        if len(self._known) < self._limit:
-            self._known[key] = value
-        return value
+        return _once(self._known, tuple(value.items()), value, self._limit)
 
     def time(self, value: float) -> float:
         """``value``, or an equal float decoded before. Zero is left alone: 0.0 and -0.0
         are equal keys but two values."""
         if not value:
             return value
-        known = self._times.get(value)
-        if known is not None:
-            return known
-        if len(self._times) < self._times_limit:
-            self._times[value] = value
-        return value
+        return _once(self._times, value, value, self._times_limit)
+
+
+def _once(known: dict[Any, _V], key: object, value: _V, limit: int) -> _V:
+    """The value kept for ``key``, else ``value``, kept if fewer than ``limit`` are."""
+    found = known.get(key)
+    if found is not None:
+        return found
+    if len(known) < limit:
+        known[key] = value
+    return value
 
 
 def _shared_map(value: object) -> Mapping[str, str] | None:
