@@ -79,11 +79,6 @@ SHM_RESERVE = 4 * 32768
 # the machines' pages once each, in order, and the cache held ~2 MiB of them for good after
 # (issue 10: < 150 MiB resident with 100,000 machines).
 PAGER_CACHE_KIB = 256
-# The writer's: SQLite's default 2,000 KiB was full after a 1,000-device storm on 100,000
-# machines, and held for good (storm_probe.py: writer 2.00 MiB, reader 0.07, checkpointer
-# 0.02); the B-trees' interior pages a write walks fit in 512 KiB, the leaves it rewrites
-# are read again from the OS's cache (/ipxe first installs not slower: benchmarks/README.md).
-WRITER_CACHE_KIB = 512
 # How often wait_for_changes looks for commits of other processes.
 POLL_SECONDS = 0.25
 # WAL frames not yet copied into the database past which they are (SQLite's own
@@ -1111,7 +1106,6 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         # writes every page of it before mapping it, so a full disk fails that write with
         # an error instead of a SIGBUS later.)
         conn.execute("PRAGMA mmap_size = 0")
-        conn.execute(f"PRAGMA cache_size = {-WRITER_CACHE_KIB}")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open inventory {path}: {exc}") from exc
     if str(mode).lower() != "wal":

@@ -394,20 +394,6 @@ async def test_the_view_load_pages_keep_a_small_page_cache(tmp_path: Path) -> No
         await store.close()
 
 
-async def test_the_writer_keeps_a_bounded_page_cache(tmp_path: Path) -> None:
-    # The writer's connection caches WRITER_CACHE_KIB of pages, not SQLite's default
-    # 2,000 KiB, which a storm's writes filled and kept (issue 10's resident memory).
-    store = SqliteStore(tmp_path / "inv.db")
-    await store.open()
-    try:
-        await store.create_machine(Machine(macs=(MacAddress(bytes(6)),), hostname="a"))
-        assert await store._run(lambda conn: conn.execute("PRAGMA cache_size").fetchone()[0]) \
-            == -sqlite_store.WRITER_CACHE_KIB
-        assert sqlite_store.WRITER_CACHE_KIB < 2000
-    finally:
-        await store.close()
-
-
 SHM_CHILD = """
 import asyncio, os, sys
 from netboot.inventory.sqlite import SqliteStore
