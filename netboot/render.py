@@ -321,11 +321,21 @@ class Renderer:
 
     def _yaml(self, name: str, context: Mapping[str, Any], header: str,
               template: jinja2.Template | None) -> str:
+        if self._shapes.seen_again(name):
+            # A form of this template's texts came back: its text rendered plainly (no
+            # marks to cut out), known to parse if it is of such a form (_YamlShapes.matches).
+            try:
+                text = _render(self._template(name), context)
+            except Exception:  # the marked render below says what is wrong, as before
+                text = None
+            if text is not None and text.startswith(header) \
+                    and self._shapes.matches(name, text):
+                return text
         marked = self._marked(name, context, template)
         text = self.render(name, context) if marked is None else marked.text
         if header and not text.startswith(header):
             raise RenderError(f"template {name!r} must start with {header!r}")
-        if marked is not None and self._shapes.known(marked):
+        if marked is not None and self._shapes.known(marked, name):
             return text
         try:
             # libyaml's parser when PyYAML has it: the pure-Python one was a fifth of the
@@ -394,6 +404,11 @@ _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]+|\\["\\bfnrt]'
 _PLAIN_LINE = re.compile(r"[\x20-\x7e]*")
 # libyaml's line breaks besides LF: a text with one is not told apart by lines here.
 _OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
+# _QUOTED inside a whole text's pattern (_YamlShapes.matches): possessive, so that a text that
+# does not match fails in linear time (its runs cannot be cut another way: the language is
+# _QUOTED's).
+_QUOTED_IN_TEXT = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\bfnrt]'
+                   r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*+"')
 
 
 class _Marked:
@@ -436,6 +451,10 @@ class _YamlShapes:
         # pieces -> [(classes, checked verbatim values)]
         self._shapes: OrderedDict[tuple[str, ...], list[tuple[str, set[tuple[str, ...]]]]] = (
             OrderedDict())
+        # (template name, line breaks) -> the patterns of its forms found again (matches),
+        # and the names that have one.
+        self._patterns: OrderedDict[tuple[str, int], list[re.Pattern[str]]] = OrderedDict()
+        self._again: set[str] = set()
 
     def mark(self, value: Any) -> str:
         """Jinja's ``finalize``: a printed value between marks (``str`` as Jinja prints)."""
@@ -459,15 +478,52 @@ class _YamlShapes:
         return _Marked(raw.replace(self._open, "").replace(self._close, ""), tuple(pieces),
                        tuple(values))
 
-    def known(self, marked: _Marked) -> bool:
+    def known(self, marked: _Marked, name: str | None = None) -> bool:
+        """Whether ``marked`` is of a form whose text parsed; one found again is then
+        looked for in template ``name``'s plain texts too (:meth:`matches`)."""
         for classes, checked in self._shapes.get(marked.pieces, ()):
             if tuple(v for v, c in zip(marked.values, classes, strict=True) if c == "v") \
                     not in checked:
                 continue
             if all(c == "v" or (_QUOTED if c == "q" else _PLAIN_LINE).fullmatch(v)
                    for v, c in zip(marked.values, classes, strict=True)):
+                if name is not None:
+                    self._found_again(name, marked, classes)
                 return True
         return False
+
+    def seen_again(self, name: str) -> bool:
+        """Whether a form of template ``name``'s texts has come back (:meth:`matches`)."""
+        return name in self._again
+
+    def matches(self, name: str, text: str) -> bool:
+        """Whether ``text`` (rendered without marks) is of a form of template ``name``
+        found again: its pieces with, between them, each value verbatim or one of its class.
+        The pattern of a form proves that of the text alone, however the text was cut when it
+        was printed: it is the same check as :meth:`known`'s, made without marks (a mark
+        costs its value a copy, the cut two passes over the text). Every value class holds no
+        line break, so only the forms with the text's count of line breaks are tried."""
+        for pattern in self._patterns.get((name, text.count("\n")), ()):
+            if pattern.fullmatch(text):
+                return True
+        return False
+
+    def _found_again(self, name: str, marked: _Marked, classes: str) -> None:
+        """Form ``classes`` of ``marked`` (known to parse) looked for in plain texts from now
+        on. Only a form that came back: one with a machine's own verbatim value never
+        does, and its pattern would be compiled for each machine."""
+        key = (name, marked.text.count("\n"))
+        patterns = self._patterns.get(key)
+        if patterns is None:
+            if len(self._patterns) >= _MAX_SHAPES:
+                self._patterns.popitem(last=False)  # the oldest
+            patterns = self._patterns[key] = []
+        source = _text_pattern(marked, classes)
+        if len(patterns) < _MAX_SHAPE_FORMS and all(p.pattern != source for p in patterns):
+            patterns.append(re.compile(source))
+        if len(self._again) >= _MAX_SHAPES:
+            self._again.clear()
+        self._again.add(name)
 
     def learn(self, marked: _Marked) -> None:
         """Record the shape of ``marked``, whose text has just parsed."""
@@ -487,6 +543,39 @@ class _YamlShapes:
                 return
         if len(forms) < _MAX_SHAPE_FORMS:
             forms.append((classes, {verbatim}))
+
+
+def _text_pattern(marked: _Marked, classes: str) -> str:
+    """A pattern of the texts of form ``classes`` of ``marked``: its pieces, each value
+    verbatim (``v``) or one of its class. Every repetition is possessive, so a text is matched
+    or refused in linear time; a printable value (``c``, ``b``) stops before the character
+    that follows it (where one does), which it then may not hold: a narrower class, so every
+    text matched is still of the form (one with that character in such a value is checked as
+    before, by its marks)."""
+    pieces, values = marked.pieces, marked.values
+    parts = [re.escape(pieces[0])]
+    for i, (value, kind) in enumerate(zip(values, classes, strict=True)):
+        after = pieces[i + 1]
+        if kind == "v":
+            parts.append(re.escape(value))
+        elif kind == "q":
+            parts.append(_QUOTED_IN_TEXT)
+        else:
+            stop = after[:1] or (values[i + 1][:1] if i + 1 < len(values) and classes[i + 1] == "v"
+                                 else '"' if i + 1 < len(values) and classes[i + 1] == "q"
+                                 else "")
+            parts.append(_printable_but(stop))
+        parts.append(re.escape(after))
+    return "".join(parts)
+
+
+def _printable_but(stop: str) -> str:
+    """Printable ASCII (``_PLAIN_LINE``'s), possessive, without ``stop`` where it is one."""
+    if not "\x20" <= stop <= "\x7e":
+        return r"[\x20-\x7e]*+"
+    code = ord(stop)
+    ranges = [(0x20, code - 1), (code + 1, 0x7e)]
+    return "[" + "".join(f"\\x{a:02x}-\\x{b:02x}" for a, b in ranges if a <= b) + "]*+"
 
 
 def _classes(marked: _Marked) -> str | None:

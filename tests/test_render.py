@@ -556,6 +556,77 @@ def test_yaml_shapes_refuse_what_the_parse_refused(tmp_path: Path, source: str) 
             assert got == expected, (source, v)
 
 
+# Values that are double-quoted YAML scalars themselves (printed as they are, ``{{ v }}``),
+# the first two of one form, the rest anything a quoted scalar can go wrong with.
+_QUOTED_VALUES: list[object] = [
+    '"plain"', '"edge-2"', '""', '"a b"', '"\\u00e9"', '"a\\"b"', '"\\q"', '"\\ud800"',
+    '"\\ud800\\udc00"', '"\\x41"', '"\\/"', '"a\x01b"', '"a\x7fb"', '"a\tb"', '"é"',
+    '"a" "b"', '"a"b', '"a', 'a"', '"a\\', '"a" #c', '"a\\nb"', '"a\u2028b"', '"a\nb"',
+    '"a\n  - b"', '"a": "b"', '"#"', "'a'", "\"a\x00\"", '"' + "x" * 2000 + '"',
+]
+
+
+@pytest.mark.parametrize("source", [*_SHAPED, "k: {{ v }}\nj: [{{ v }}]\n",
+                                    "- {{ v }}\n- {{ v }} # {{ v }}\n",
+                                    "# {{ v }}, {{ v }} ({{ v }})\nk: {{ v | tojson }}\n"])
+def test_yaml_shapes_found_again_check_plain_texts_as_the_parse_did(tmp_path: Path,
+                                                                    source: str) -> None:
+    """A form found again is then looked for in texts rendered without marks
+    (_YamlShapes.matches): whatever the value, quoted scalars and comments too, yaml_document
+    still gives what the parse of every text gave; and the plain texts were so checked."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text(source)
+    shaped, whole = Renderer([tmp_path]), Renderer([tmp_path])
+    matched: list[bool] = []
+    real = shaped._shapes.matches
+
+    def counting(name: str, text: str) -> bool:
+        matched.append(real(name, text))
+        return matched[-1]
+
+    shaped._shapes.matches = counting  # type: ignore[method-assign]
+
+    def outcome(check: Callable[[], str | None]) -> object:
+        try:
+            return check()
+        except RenderError:
+            return None
+        except Exception as exc:  # what the parse raised beside YAMLError, too (a surrogate)
+            return type(exc)
+
+    for first in ("plain", '"plain"', "a b"):  # each form twice (found again), then the rest
+        for i, v in enumerate([first, first, first, *_VALUES, *_QUOTED_VALUES]):
+            ctx = {"v": v}
+            expected = outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
+            got = outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
+            assert got == expected, (source, v)
+            if i == 2 and first == "plain" and isinstance(expected, str) and "{%" not in source:
+                # The third text of a form that parsed (its values not printed into others'):
+                # checked by the form's pattern.
+                assert matched and matched[-1], (source, v)
+
+
+def test_shipped_configs_found_again_are_checked_without_marks() -> None:
+    """The shipped k3OS config of machines alike but for what is theirs: from the second
+    machine of a form on, its text is checked by the form's pattern (rendered without
+    marks, not parsed), and it is the whole render's text."""
+    c = content()
+    forms = c._render._shapes
+    matched: list[bool] = []
+    real = forms.matches
+
+    def counting(name: str, text: str) -> bool:
+        matched.append(real(name, text))
+        return matched[-1]
+
+    forms.matches = counting  # type: ignore[method-assign]
+    plans = [p for p in _machines(24) if p.action == BootAction.INSTALL]
+    for p in plans:
+        assert c.k3os_config(p) == _old_yaml_check(renderer(), "cloud-config/k3os.yaml",
+                                                   c.context(p))
+    assert matched.count(True) >= len(plans) - 8, matched
+
+
 def test_yaml_shape_of_an_edited_template_is_parsed_again(tmp_path: Path) -> None:
     (tmp_path / "cloud-config").mkdir()
     path = tmp_path / "cloud-config" / "t.yaml"
