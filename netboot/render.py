@@ -455,6 +455,8 @@ class _YamlShapes:
         # and the names that have one.
         self._patterns: OrderedDict[tuple[str, int], list[re.Pattern[str]]] = OrderedDict()
         self._again: set[str] = set()
+        # (pieces, classes) -> the values of the last text of that form (_found_again).
+        self._last: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = {}
 
     def mark(self, value: Any) -> str:
         """Jinja's ``finalize``: a printed value between marks (``str`` as Jinja prints)."""
@@ -488,7 +490,9 @@ class _YamlShapes:
             if all(c == "v" or (_QUOTED if c == "q" else _PLAIN_LINE).fullmatch(v)
                    for v, c in zip(marked.values, classes, strict=True)):
                 if name is not None:
-                    self._found_again(name, marked, classes)
+                    key = (marked.pieces, classes)
+                    self._found_again(name, marked, classes, self._last.get(key))
+                    self._keep_last(key, marked.values)
                 return True
         return False
 
@@ -508,17 +512,19 @@ class _YamlShapes:
                 return True
         return False
 
-    def _found_again(self, name: str, marked: _Marked, classes: str) -> None:
+    def _found_again(self, name: str, marked: _Marked, classes: str,
+                     before: tuple[str, ...] | None) -> None:
         """Form ``classes`` of ``marked`` (known to parse) looked for in plain texts from now
         on. Only a form that came back: one with a machine's own verbatim value never
-        does, and its pattern would be compiled for each machine."""
+        does, and its pattern would be compiled for each machine. ``before``: the values of
+        the form's text before this one; those alike in both are taken verbatim."""
         key = (name, marked.text.count("\n"))
         patterns = self._patterns.get(key)
         if patterns is None:
             if len(self._patterns) >= _MAX_SHAPES:
                 self._patterns.popitem(last=False)  # the oldest
             patterns = self._patterns[key] = []
-        source = _text_pattern(marked, classes)
+        source = _text_pattern(marked, classes, before)
         if len(patterns) < _MAX_SHAPE_FORMS and all(p.pattern != source for p in patterns):
             patterns.append(re.compile(source))
         if len(self._again) >= _MAX_SHAPES:
@@ -543,27 +549,35 @@ class _YamlShapes:
                 return
         if len(forms) < _MAX_SHAPE_FORMS:
             forms.append((classes, {verbatim}))
+        self._keep_last((marked.pieces, classes), marked.values)
+
+    def _keep_last(self, key: tuple[tuple[str, ...], str], values: tuple[str, ...]) -> None:
+        if len(self._last) >= _MAX_SHAPES * _MAX_SHAPE_FORMS and key not in self._last:
+            self._last.clear()
+        self._last[key] = values
 
 
-def _text_pattern(marked: _Marked, classes: str) -> str:
+def _text_pattern(marked: _Marked, classes: str, before: tuple[str, ...] | None) -> str:
     """A pattern of the texts of form ``classes`` of ``marked``: its pieces, each value
-    verbatim (``v``) or one of its class. Every repetition is possessive, so a text is matched
+    verbatim (``v``, and any value alike in ``before``, the form's text before: not a
+    machine's own) or one of its class. Every repetition is possessive, so a text is matched
     or refused in linear time; a printable value (``c``, ``b``) stops before the character
-    that follows it (where one does), which it then may not hold: a narrower class, so every
-    text matched is still of the form (one with that character in such a value is checked as
-    before, by its marks)."""
+    that follows it (where one does), which it then may not hold. Both narrow the form: every
+    text matched is still of it (another is checked as before, by its marks)."""
     pieces, values = marked.pieces, marked.values
+    kinds = ["v" if before is not None and before[i] == value else kind
+             for i, (value, kind) in enumerate(zip(values, classes, strict=True))]
     parts = [re.escape(pieces[0])]
-    for i, (value, kind) in enumerate(zip(values, classes, strict=True)):
+    for i, (value, kind) in enumerate(zip(values, kinds, strict=True)):
         after = pieces[i + 1]
         if kind == "v":
             parts.append(re.escape(value))
         elif kind == "q":
             parts.append(_QUOTED_IN_TEXT)
         else:
-            stop = after[:1] or (values[i + 1][:1] if i + 1 < len(values) and classes[i + 1] == "v"
-                                 else '"' if i + 1 < len(values) and classes[i + 1] == "q"
-                                 else "")
+            following = kinds[i + 1] if i + 1 < len(values) else ""
+            stop = after[:1] or (values[i + 1][:1] if following == "v"
+                                 else '"' if following == "q" else "")
             parts.append(_printable_but(stop))
         parts.append(re.escape(after))
     return "".join(parts)
@@ -1086,14 +1100,23 @@ def _tojson() -> Callable[..., str]:
     """Jinja's ``tojson`` filter (``htmlsafe_json_dumps``: the same text, HTML's special
     characters written as JSON escapes, as ``Markup``), without its per-use policy lookups
     and keyword copies (a config prints a dozen values through it)."""
+    from json.encoder import encode_basestring_ascii
+
     from markupsafe import Markup
 
+    new = str.__new__
+
     def tojson(value: Any, indent: int | None = None) -> str:
-        text = _SORTED_JSON.encode(value) if indent is None else json.dumps(
-            value, sort_keys=True, indent=indent)
-        # Safe as Jinja's own: JSON with every HTML-special character escaped.
-        return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e")  # noqa: S704
-                      .replace("&", "\\u0026").replace("'", "\\u0027"))
+        if indent is not None:
+            text = json.dumps(value, sort_keys=True, indent=indent)
+        elif type(value) is str:  # what the encoder does with one, without its checks
+            text = encode_basestring_ascii(value)
+        else:
+            text = _SORTED_JSON.encode(value)
+        # Safe as Jinja's own: JSON with every HTML-special character escaped. Markup(text)
+        # is this very call once it has found that a str has no __html__.
+        return new(Markup, text.replace("<", "\\u003c").replace(">", "\\u003e")
+                   .replace("&", "\\u0026").replace("'", "\\u0027"))
 
     return tojson
 

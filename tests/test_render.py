@@ -627,6 +627,34 @@ def test_shipped_configs_found_again_are_checked_without_marks() -> None:
     assert matched.count(True) >= len(plans) - 8, matched
 
 
+def test_values_alike_in_a_forms_texts_are_taken_verbatim_by_its_pattern(
+        tmp_path: Path) -> None:
+    """A comment's value that is the same for every machine (a URL, with a ':' where the
+    comment goes on) is taken verbatim by the form's pattern: the machines' texts are
+    checked by it; another URL is checked by the marks again (and parses, or not, as
+    before), then by a pattern of its own."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text(
+        "# for {{ url }}: {{ v }}\nk: {{ v | tojson }}\n")
+    r = Renderer([tmp_path])
+    matched: list[bool] = []
+    real = r._shapes.matches
+
+    def counting(name: str, text: str) -> bool:
+        matched.append(real(name, text))
+        return matched[-1]
+
+    r._shapes.matches = counting  # type: ignore[method-assign]
+    for url in ("https://a:8443", "https://b:8443"):
+        for i in range(6):
+            ctx = {"url": url, "v": f"edge-{i}"}
+            assert r.yaml_document("cloud-config/t.yaml", ctx) == \
+                f'# for {url}: edge-{i}\nk: "edge-{i}"\n'
+    assert matched == [True] * 4 + [False, False] + [True] * 4, matched
+    with pytest.raises(RenderError, match="invalid YAML"):
+        r.yaml_document("cloud-config/t.yaml", {"url": "https://b:8443\n- x", "v": "e"})
+
+
 def test_yaml_shape_of_an_edited_template_is_parsed_again(tmp_path: Path) -> None:
     (tmp_path / "cloud-config").mkdir()
     path = tmp_path / "cloud-config" / "t.yaml"
@@ -895,7 +923,8 @@ def test_a_template_tree_too_big_to_watch_is_checked_at_every_use(tmp_path: Path
 
 
 @pytest.mark.parametrize("value", [
-    "edge-000123", "a 'quoted' \"value\" <b>&amp;</b>", "ünïcödé \u2028 \x00 \ud800"[:-1],
+    "edge-000123", "a 'quoted' \"value\" <b>&amp;</b>", "\\ \n\t\x7f/",
+    "ünïcödé \u2028 \x00 \ud800"[:-1],
     {"b": 1, "a": [1.5, None, True, "x"]}, ["z", {"y": {"x": 1}}], 0, -1.25, None, "",
 ])
 def test_tojson_writes_what_jinjas_own_writes(tmp_path: Path, value: object) -> None:
@@ -904,7 +933,9 @@ def test_tojson_writes_what_jinjas_own_writes(tmp_path: Path, value: object) -> 
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    (tmp_path / "t.txt").write_text("{{ v | tojson }}|{{ v | tojson(indent=2) }}")
+    # Markup as Jinja's (what is added to it is escaped), a str's as anything else's.
+    (tmp_path / "t.txt").write_text("{{ v | tojson }}|{{ v | tojson(indent=2) }}|"
+                                    "{{ (v | tojson) + '<&' }}")
     plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
                                           autoescape=False, keep_trailing_newline=True)
     ours = Renderer([tmp_path]).render("t.txt", {"v": value})
