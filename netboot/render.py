@@ -1094,6 +1094,9 @@ def _sandbox() -> type[ImmutableSandboxedEnvironment]:
 # makes a JSONEncoder per value (~4.5 µs); a config prints every value through it. The same
 # text from one encoder (~0.3 µs); other arguments (``tojson(indent=2)``) as before.
 _SORTED_JSON = json.JSONEncoder(sort_keys=True)
+# tojson's text of a str this long is kept (a CA's PEM, the same in every config), this many.
+_TOJSON_KEPT_FROM = 1024
+_TOJSON_KEPT = 16
 
 
 def _tojson() -> Callable[..., str]:
@@ -1105,18 +1108,31 @@ def _tojson() -> Callable[..., str]:
     from markupsafe import Markup
 
     new = str.__new__
+    # Long strings' texts (a config's CA, ~5 µs to write each time), by value: a few.
+    kept: dict[str, str] = {}
 
     def tojson(value: Any, indent: int | None = None) -> str:
+        long = False
         if indent is not None:
             text = json.dumps(value, sort_keys=True, indent=indent)
         elif type(value) is str:  # what the encoder does with one, without its checks
+            long = len(value) >= _TOJSON_KEPT_FROM
+            if long:
+                made = kept.get(value)
+                if made is not None:
+                    return made
             text = encode_basestring_ascii(value)
         else:
             text = _SORTED_JSON.encode(value)
         # Safe as Jinja's own: JSON with every HTML-special character escaped. Markup(text)
         # is this very call once it has found that a str has no __html__.
-        return new(Markup, text.replace("<", "\\u003c").replace(">", "\\u003e")
+        made = new(Markup, text.replace("<", "\\u003c").replace(">", "\\u003e")
                    .replace("&", "\\u0026").replace("'", "\\u0027"))
+        if long:
+            if len(kept) >= _TOJSON_KEPT:
+                kept.clear()
+            kept[value] = made
+        return made
 
     return tojson
 

@@ -924,7 +924,7 @@ def test_a_template_tree_too_big_to_watch_is_checked_at_every_use(tmp_path: Path
 
 @pytest.mark.parametrize("value", [
     "edge-000123", "a 'quoted' \"value\" <b>&amp;</b>", "\\ \n\t\x7f/",
-    "ünïcödé \u2028 \x00 \ud800"[:-1],
+    "ünïcödé \u2028 \x00 \ud800"[:-1], "<a href='x'>&\"é\n" * 100,  # kept: printed again
     {"b": 1, "a": [1.5, None, True, "x"]}, ["z", {"y": {"x": 1}}], 0, -1.25, None, "",
 ])
 def test_tojson_writes_what_jinjas_own_writes(tmp_path: Path, value: object) -> None:
