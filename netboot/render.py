@@ -45,6 +45,9 @@ _MAX_SKELETONS = 256
 # per-machine values (profile, cluster, plan reason...), and per shape its checked forms.
 _MAX_SHAPES = 256
 _MAX_SHAPE_FORMS = 64
+# A template's texts checked by its forms' patterns (_YamlShapes.matches) while fewer than this
+# many in a row missed them.
+_PLAIN_MISSES = 16
 # Without a word from inotify, template files are still checked (their mtime) this often: what
 # inotify does not see (a symlinked file edited where it lives, a network file system's remote
 # writer) is followed within it.
@@ -454,7 +457,8 @@ class _YamlShapes:
         # (template name, line breaks) -> the patterns of its forms found again (matches),
         # and the names that have one.
         self._patterns: OrderedDict[tuple[str, int], list[re.Pattern[str]]] = OrderedDict()
-        self._again: set[str] = set()
+        self._again: dict[str, int] = {}  # name -> misses left (seen_again)
+        self._compiled: set[tuple[str, tuple[str, ...], str, tuple[str, ...]]] = set()
         # (pieces, classes) -> the values of the last text of that form (_found_again).
         self._last: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = {}
 
@@ -497,8 +501,11 @@ class _YamlShapes:
         return False
 
     def seen_again(self, name: str) -> bool:
-        """Whether a form of template ``name``'s texts has come back (:meth:`matches`)."""
-        return name in self._again
+        """Whether template ``name``'s texts are to be looked for among its forms found
+        again (:meth:`matches`): it has some, and they did not miss many texts in a row
+        since the last was found (its texts are then checked by their marks alone, as they
+        were, not rendered twice, until another form is found again)."""
+        return self._again.get(name, 0) > 0
 
     def matches(self, name: str, text: str) -> bool:
         """Whether ``text`` (rendered without marks) is of a form of template ``name``
@@ -509,7 +516,10 @@ class _YamlShapes:
         line break, so only the forms with the text's count of line breaks are tried."""
         for pattern in self._patterns.get((name, text.count("\n")), ()):
             if pattern.fullmatch(text):
+                self._again[name] = _PLAIN_MISSES
                 return True
+        if name in self._again:
+            self._again[name] -= 1
         return False
 
     def _found_again(self, name: str, marked: _Marked, classes: str,
@@ -518,18 +528,27 @@ class _YamlShapes:
         on. Only a form that came back: one with a machine's own verbatim value never
         does, and its pattern would be compiled for each machine. ``before``: the values of
         the form's text before this one; those alike in both are taken verbatim."""
+        kinds = "".join("v" if before is not None and before[i] == value else kind
+                        for i, (value, kind) in enumerate(zip(marked.values, classes,
+                                                              strict=True)))
+        form = (name, marked.pieces, kinds,
+                tuple(v for v, k in zip(marked.values, kinds, strict=True) if k == "v"))
+        if form in self._compiled:
+            return  # its pattern is there (or was, and dropped with the oldest)
         key = (name, marked.text.count("\n"))
         patterns = self._patterns.get(key)
         if patterns is None:
             if len(self._patterns) >= _MAX_SHAPES:
                 self._patterns.popitem(last=False)  # the oldest
             patterns = self._patterns[key] = []
-        source = _text_pattern(marked, classes, before)
-        if len(patterns) < _MAX_SHAPE_FORMS and all(p.pattern != source for p in patterns):
-            patterns.append(re.compile(source))
-        if len(self._again) >= _MAX_SHAPES:
+        if len(patterns) < _MAX_SHAPE_FORMS:
+            patterns.append(re.compile(_text_pattern(marked, kinds)))
+        if len(self._compiled) >= _MAX_SHAPES * _MAX_SHAPE_FORMS:
+            self._compiled.clear()
+        self._compiled.add(form)
+        if len(self._again) >= _MAX_SHAPES and name not in self._again:
             self._again.clear()
-        self._again.add(name)
+        self._again[name] = _PLAIN_MISSES
 
     def learn(self, marked: _Marked) -> None:
         """Record the shape of ``marked``, whose text has just parsed."""
@@ -557,16 +576,14 @@ class _YamlShapes:
         self._last[key] = values
 
 
-def _text_pattern(marked: _Marked, classes: str, before: tuple[str, ...] | None) -> str:
-    """A pattern of the texts of form ``classes`` of ``marked``: its pieces, each value
-    verbatim (``v``, and any value alike in ``before``, the form's text before: not a
-    machine's own) or one of its class. Every repetition is possessive, so a text is matched
-    or refused in linear time; a printable value (``c``, ``b``) stops before the character
-    that follows it (where one does), which it then may not hold. Both narrow the form: every
-    text matched is still of it (another is checked as before, by its marks)."""
+def _text_pattern(marked: _Marked, kinds: str) -> str:
+    """A pattern of the texts of form ``kinds`` of ``marked`` (its classes, ``v`` also for
+    the values alike in the form's text before: not a machine's own): its pieces, each value
+    verbatim (``v``) or one of its class. Every repetition is possessive, so a text is
+    matched or refused in linear time; a printable value (``c``, ``b``) stops before the
+    character that follows it (where one does), which it then may not hold. Both narrow the
+    form: every text matched is still of it (another is checked as before, by its marks)."""
     pieces, values = marked.pieces, marked.values
-    kinds = ["v" if before is not None and before[i] == value else kind
-             for i, (value, kind) in enumerate(zip(values, classes, strict=True))]
     parts = [re.escape(pieces[0])]
     for i, (value, kind) in enumerate(zip(values, kinds, strict=True)):
         after = pieces[i + 1]

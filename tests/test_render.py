@@ -655,6 +655,31 @@ def test_values_alike_in_a_forms_texts_are_taken_verbatim_by_its_pattern(
         r.yaml_document("cloud-config/t.yaml", {"url": "https://b:8443\n- x", "v": "e"})
 
 
+def test_a_template_whose_texts_miss_their_forms_patterns_is_not_rendered_twice(
+        tmp_path: Path) -> None:
+    """Machines' values that hold what the pattern stops at (a ':' where the comment goes
+    on with one): after 16 misses in a row, texts are checked by their marks alone (one
+    render each, as before); a form found again later is looked for again."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text("# for {{ v }}: x\nk: {{ v | tojson }}\n")
+    r = Renderer([tmp_path])
+    matched: list[bool] = []
+    real = r._shapes.matches
+
+    def counting(name: str, text: str) -> bool:
+        matched.append(real(name, text))
+        return matched[-1]
+
+    r._shapes.matches = counting  # type: ignore[method-assign]
+    for i in range(100):
+        v = f"edge:{i}"
+        assert r.yaml_document("cloud-config/t.yaml", {"v": v}) == f'# for {v}: x\nk: "{v}"\n'
+    assert matched == [False] * 16, matched
+    for _ in range(4):  # another form (a value alike in its texts), found again: it answers
+        assert r.yaml_document("cloud-config/t.yaml", {"v": "e"}) == '# for e: x\nk: "e"\n'
+    assert matched == [False] * 16 + [True] * 2, matched
+
+
 def test_yaml_shape_of_an_edited_template_is_parsed_again(tmp_path: Path) -> None:
     (tmp_path / "cloud-config").mkdir()
     path = tmp_path / "cloud-config" / "t.yaml"
