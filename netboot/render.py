@@ -48,6 +48,9 @@ _MAX_SHAPE_FORMS = 64
 # A template's texts checked by its forms' patterns (_YamlShapes.matches) while fewer than this
 # many in a row missed them.
 _PLAIN_MISSES = 16
+# Forms' patterns (and their last texts' values) kept at most, for all templates (~10-20 KiB
+# each, compiled, with a CA): a few per template and profile in practice.
+_MAX_PATTERNS = 256
 # Without a word from inotify, template files are still checked (their mtime) this often: what
 # inotify does not see (a symlinked file edited where it lives, a network file system's remote
 # writer) is followed within it.
@@ -541,10 +544,12 @@ class _YamlShapes:
             if len(self._patterns) >= _MAX_SHAPES:
                 self._patterns.popitem(last=False)  # the oldest
             patterns = self._patterns[key] = []
+        if len(self._compiled) >= _MAX_PATTERNS:  # a few in practice: all made again
+            self._compiled.clear()
+            self._patterns.clear()
+            patterns = self._patterns[key] = []
         if len(patterns) < _MAX_SHAPE_FORMS:
             patterns.append(re.compile(_text_pattern(marked, kinds)))
-        if len(self._compiled) >= _MAX_SHAPES * _MAX_SHAPE_FORMS:
-            self._compiled.clear()
         self._compiled.add(form)
         if len(self._again) >= _MAX_SHAPES and name not in self._again:
             self._again.clear()
@@ -571,7 +576,7 @@ class _YamlShapes:
         self._keep_last((marked.pieces, classes), marked.values)
 
     def _keep_last(self, key: tuple[tuple[str, ...], str], values: tuple[str, ...]) -> None:
-        if len(self._last) >= _MAX_SHAPES * _MAX_SHAPE_FORMS and key not in self._last:
+        if len(self._last) >= _MAX_PATTERNS and key not in self._last:
             self._last.clear()
         self._last[key] = values
 
