@@ -313,13 +313,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def loop_seconds(pid: int) -> float:
-    """utime + stime of ``pid``'s main thread (netboot's event loop; nginx's master)."""
-    try:
-        stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of ``pid``'s main thread (netboot's event loop; nginx's master), 0 once
+    it is gone."""
+    path = Path(f"/proc/{pid}/task/{pid}/stat")
+    fields = path.read_text().rpartition(")")[2].split() if path.exists() else []
+    return sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

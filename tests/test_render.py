@@ -495,6 +495,30 @@ def test_yaml_document_of_every_shipped_config_is_parsed_once_per_shape() -> Non
     assert 4 <= len(parsed) <= 16, len(parsed)
 
 
+def _outcome(check: Callable[[], str | None]) -> object:
+    """What ``check`` gives: its text, None for a RenderError, or the type of what it raised
+    beside (what the parse raised beside YAMLError, too: a surrogate)."""
+    try:
+        return check()
+    except RenderError:
+        return None
+    except Exception as exc:
+        return type(exc)
+
+
+def _matched(forms: object) -> list[bool]:
+    """What each call of ``forms.matches`` (a _YamlShapes) answers from now on."""
+    matched: list[bool] = []
+    real = forms.matches  # type: ignore[attr-defined]
+
+    def counting(name: str, text: str) -> bool:
+        matched.append(real(name, text))
+        return matched[-1]
+
+    forms.matches = counting  # type: ignore[attr-defined]
+    return matched
+
+
 _SHAPED = [
     "k: {{ v | tojson }}\n",
     "# about {{ v }}\nk: 1\n",
@@ -540,19 +564,11 @@ def test_yaml_shapes_refuse_what_the_parse_refused(tmp_path: Path, source: str) 
     (tmp_path / "cloud-config").mkdir()
     (tmp_path / "cloud-config" / "t.yaml").write_text(source)
     shaped, whole = Renderer([tmp_path]), Renderer([tmp_path])
-    def outcome(check: Callable[[], str | None]) -> object:
-        try:
-            return check()
-        except RenderError:
-            return None
-        except Exception as exc:  # what the parse raised beside YAMLError, too (a surrogate)
-            return type(exc)
-
     for first in ("plain", "a b", "edge-2"):  # shapes learned, then every value against them
         for v in [first, *_VALUES]:
             ctx = {"v": v}
-            expected = outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
-            got = outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
+            expected = _outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
+            got = _outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
             assert got == expected, (source, v)
 
 
@@ -577,28 +593,12 @@ def test_yaml_shapes_found_again_check_plain_texts_as_the_parse_did(tmp_path: Pa
     (tmp_path / "cloud-config").mkdir()
     (tmp_path / "cloud-config" / "t.yaml").write_text(source)
     shaped, whole = Renderer([tmp_path]), Renderer([tmp_path])
-    matched: list[bool] = []
-    real = shaped._shapes.matches
-
-    def counting(name: str, text: str) -> bool:
-        matched.append(real(name, text))
-        return matched[-1]
-
-    shaped._shapes.matches = counting  # type: ignore[method-assign]
-
-    def outcome(check: Callable[[], str | None]) -> object:
-        try:
-            return check()
-        except RenderError:
-            return None
-        except Exception as exc:  # what the parse raised beside YAMLError, too (a surrogate)
-            return type(exc)
-
+    matched = _matched(shaped._shapes)
     for first in ("plain", '"plain"', "a b"):  # each form twice (found again), then the rest
         for i, v in enumerate([first, first, first, *_VALUES, *_QUOTED_VALUES]):
             ctx = {"v": v}
-            expected = outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
-            got = outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
+            expected = _outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
+            got = _outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
             assert got == expected, (source, v)
             if i == 2 and first == "plain" and isinstance(expected, str) and "{%" not in source:
                 # The third text of a form that parsed (its values not printed into others'):
@@ -612,14 +612,7 @@ def test_shipped_configs_found_again_are_checked_without_marks() -> None:
     marks, not parsed), and it is the whole render's text."""
     c = content()
     forms = c._render._shapes
-    matched: list[bool] = []
-    real = forms.matches
-
-    def counting(name: str, text: str) -> bool:
-        matched.append(real(name, text))
-        return matched[-1]
-
-    forms.matches = counting  # type: ignore[method-assign]
+    matched = _matched(forms)
     plans = [p for p in _machines(24) if p.action == BootAction.INSTALL]
     for p in plans:
         assert c.k3os_config(p) == _old_yaml_check(renderer(), "cloud-config/k3os.yaml",
@@ -637,14 +630,7 @@ def test_values_alike_in_a_forms_texts_are_taken_verbatim_by_its_pattern(
     (tmp_path / "cloud-config" / "t.yaml").write_text(
         "# for {{ url }}: {{ v }}\nk: {{ v | tojson }}\n")
     r = Renderer([tmp_path])
-    matched: list[bool] = []
-    real = r._shapes.matches
-
-    def counting(name: str, text: str) -> bool:
-        matched.append(real(name, text))
-        return matched[-1]
-
-    r._shapes.matches = counting  # type: ignore[method-assign]
+    matched = _matched(r._shapes)
     for url in ("https://a:8443", "https://b:8443"):
         for i in range(6):
             ctx = {"url": url, "v": f"edge-{i}"}
@@ -663,14 +649,7 @@ def test_a_template_whose_texts_miss_their_forms_patterns_is_not_rendered_twice(
     (tmp_path / "cloud-config").mkdir()
     (tmp_path / "cloud-config" / "t.yaml").write_text("# for {{ v }}: x\nk: {{ v | tojson }}\n")
     r = Renderer([tmp_path])
-    matched: list[bool] = []
-    real = r._shapes.matches
-
-    def counting(name: str, text: str) -> bool:
-        matched.append(real(name, text))
-        return matched[-1]
-
-    r._shapes.matches = counting  # type: ignore[method-assign]
+    matched = _matched(r._shapes)
     for i in range(100):
         v = f"edge:{i}"
         assert r.yaml_document("cloud-config/t.yaml", {"v": v}) == f'# for {v}: x\nk: "{v}"\n'
