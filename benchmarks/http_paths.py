@@ -312,6 +312,14 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def loop_seconds(pid: int) -> float:
+    """utime + stime of ``pid``'s main thread (netboot's event loop; nginx's master), 0 once
+    it is gone."""
+    path = Path(f"/proc/{pid}/task/{pid}/stat")
+    fields = path.read_text().rpartition(")")[2].split() if path.exists() else []
+    return sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Measured:
     rps: float
@@ -375,13 +383,16 @@ def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: P
                     if row.machines and round_ == 0:  # first requests change things
                         wrk(ports[server][0], row, args.duration, script, args.enrolled, first)
                     port, pid = ports[server]
-                    cpu = cpu_seconds(pid)
+                    cpu, loop = cpu_seconds(pid), loop_seconds(pid)
                     m = wrk(port, row, args.duration, script, args.enrolled, first, round_)
-                    m.cpu_us = (cpu_seconds(pid) - cpu) / max(1.0, m.rps * args.duration) * 1e6
+                    answered = max(1.0, m.rps * args.duration)
+                    m.cpu_us = (cpu_seconds(pid) - cpu) / answered * 1e6
+                    loop_us = (loop_seconds(pid) - loop) / answered * 1e6
                     runs.setdefault((server, row.name), []).append(m)
                     print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
                           f"{m.p99_ms:.1f} ms, {m.errors} errors, "
-                          f"{m.cpu_us:,.0f} µs CPU/request", flush=True)
+                          f"{m.cpu_us:,.0f} µs CPU/request (main thread {loop_us:,.0f})",
+                          flush=True)
                 for peer in servers[1:]:
                     ratios.setdefault(f"{row.name}/{peer}", []).append(
                         runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps)

@@ -45,6 +45,12 @@ _MAX_SKELETONS = 256
 # per-machine values (profile, cluster, plan reason...), and per shape its checked forms.
 _MAX_SHAPES = 256
 _MAX_SHAPE_FORMS = 64
+# A template's texts checked by its forms' patterns (_YamlShapes.matches) while fewer than this
+# many in a row missed them.
+_PLAIN_MISSES = 16
+# Forms' patterns (and their last texts' values) kept at most, for all templates (~10-20 KiB
+# each, compiled, with a CA): a few per template and profile in practice.
+_MAX_PATTERNS = 256
 # Without a word from inotify, template files are still checked (their mtime) this often: what
 # inotify does not see (a symlinked file edited where it lives, a network file system's remote
 # writer) is followed within it.
@@ -321,11 +327,21 @@ class Renderer:
 
     def _yaml(self, name: str, context: Mapping[str, Any], header: str,
               template: jinja2.Template | None) -> str:
+        if self._shapes.seen_again(name):
+            # A form of this template's texts came back: its text rendered plainly (no
+            # marks to cut out), known to parse if it is of such a form (_YamlShapes.matches).
+            try:
+                text = _render(self._template(name), context)
+            except Exception:  # the marked render below says what is wrong, as before
+                text = None
+            if text is not None and text.startswith(header) \
+                    and self._shapes.matches(name, text):
+                return text
         marked = self._marked(name, context, template)
         text = self.render(name, context) if marked is None else marked.text
         if header and not text.startswith(header):
             raise RenderError(f"template {name!r} must start with {header!r}")
-        if marked is not None and self._shapes.known(marked):
+        if marked is not None and self._shapes.known(marked, name):
             return text
         try:
             # libyaml's parser when PyYAML has it: the pure-Python one was a fifth of the
@@ -394,6 +410,11 @@ _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]+|\\["\\bfnrt]'
 _PLAIN_LINE = re.compile(r"[\x20-\x7e]*")
 # libyaml's line breaks besides LF: a text with one is not told apart by lines here.
 _OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
+# _QUOTED inside a whole text's pattern (_YamlShapes.matches): possessive, so that a text that
+# does not match fails in linear time (its runs cannot be cut another way: the language is
+# _QUOTED's).
+_QUOTED_IN_TEXT = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\bfnrt]'
+                   r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*+"')
 
 
 class _Marked:
@@ -436,6 +457,13 @@ class _YamlShapes:
         # pieces -> [(classes, checked verbatim values)]
         self._shapes: OrderedDict[tuple[str, ...], list[tuple[str, set[tuple[str, ...]]]]] = (
             OrderedDict())
+        # (template name, line breaks) -> the patterns of its forms found again (matches),
+        # and the names that have one.
+        self._patterns: OrderedDict[tuple[str, int], list[re.Pattern[str]]] = OrderedDict()
+        self._again: dict[str, int] = {}  # name -> misses left (seen_again)
+        self._compiled: set[tuple[str, tuple[str, ...], str, tuple[str, ...]]] = set()
+        # (pieces, classes) -> the values of the last text of that form (_found_again).
+        self._last: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = {}
 
     def mark(self, value: Any) -> str:
         """Jinja's ``finalize``: a printed value between marks (``str`` as Jinja prints)."""
@@ -459,15 +487,73 @@ class _YamlShapes:
         return _Marked(raw.replace(self._open, "").replace(self._close, ""), tuple(pieces),
                        tuple(values))
 
-    def known(self, marked: _Marked) -> bool:
+    def known(self, marked: _Marked, name: str | None = None) -> bool:
+        """Whether ``marked`` is of a form whose text parsed; one found again is then
+        looked for in template ``name``'s plain texts too (:meth:`matches`)."""
         for classes, checked in self._shapes.get(marked.pieces, ()):
             if tuple(v for v, c in zip(marked.values, classes, strict=True) if c == "v") \
                     not in checked:
                 continue
             if all(c == "v" or (_QUOTED if c == "q" else _PLAIN_LINE).fullmatch(v)
                    for v, c in zip(marked.values, classes, strict=True)):
+                if name is not None:
+                    key = (marked.pieces, classes)
+                    self._found_again(name, marked, classes, self._last.get(key))
+                    self._keep_last(key, marked.values)
                 return True
         return False
+
+    def seen_again(self, name: str) -> bool:
+        """Whether template ``name``'s texts are to be looked for among its forms found
+        again (:meth:`matches`): it has some, and they did not miss many texts in a row
+        since the last was found (its texts are then checked by their marks alone, as they
+        were, not rendered twice, until another form is found again)."""
+        return self._again.get(name, 0) > 0
+
+    def matches(self, name: str, text: str) -> bool:
+        """Whether ``text`` (rendered without marks) is of a form of template ``name``
+        found again: its pieces with, between them, each value verbatim or one of its class.
+        The pattern of a form proves that of the text alone, however the text was cut when it
+        was printed: it is the same check as :meth:`known`'s, made without marks (a mark
+        costs its value a copy, the cut two passes over the text). Every value class holds no
+        line break, so only the forms with the text's count of line breaks are tried."""
+        for pattern in self._patterns.get((name, text.count("\n")), ()):
+            if pattern.fullmatch(text):
+                self._again[name] = _PLAIN_MISSES
+                return True
+        if name in self._again:
+            self._again[name] -= 1
+        return False
+
+    def _found_again(self, name: str, marked: _Marked, classes: str,
+                     before: tuple[str, ...] | None) -> None:
+        """Form ``classes`` of ``marked`` (known to parse) looked for in plain texts from now
+        on. Only a form that came back: one with a machine's own verbatim value never
+        does, and its pattern would be compiled for each machine. ``before``: the values of
+        the form's text before this one; those alike in both are taken verbatim."""
+        kinds = "".join("v" if before is not None and before[i] == value else kind
+                        for i, (value, kind) in enumerate(zip(marked.values, classes,
+                                                              strict=True)))
+        form = (name, marked.pieces, kinds,
+                tuple(v for v, k in zip(marked.values, kinds, strict=True) if k == "v"))
+        if form in self._compiled:
+            return  # its pattern is there (or was, and dropped with the oldest)
+        key = (name, marked.text.count("\n"))
+        patterns = self._patterns.get(key)
+        if patterns is None:
+            if len(self._patterns) >= _MAX_SHAPES:
+                self._patterns.popitem(last=False)  # the oldest
+            patterns = self._patterns[key] = []
+        if len(self._compiled) >= _MAX_PATTERNS:  # a few in practice: all made again
+            self._compiled.clear()
+            self._patterns.clear()
+            patterns = self._patterns[key] = []
+        if len(patterns) < _MAX_SHAPE_FORMS:
+            patterns.append(re.compile(_text_pattern(marked, kinds)))
+        self._compiled.add(form)
+        if len(self._again) >= _MAX_SHAPES and name not in self._again:
+            self._again.clear()
+        self._again[name] = _PLAIN_MISSES
 
     def learn(self, marked: _Marked) -> None:
         """Record the shape of ``marked``, whose text has just parsed."""
@@ -487,6 +573,45 @@ class _YamlShapes:
                 return
         if len(forms) < _MAX_SHAPE_FORMS:
             forms.append((classes, {verbatim}))
+        self._keep_last((marked.pieces, classes), marked.values)
+
+    def _keep_last(self, key: tuple[tuple[str, ...], str], values: tuple[str, ...]) -> None:
+        if len(self._last) >= _MAX_PATTERNS and key not in self._last:
+            self._last.clear()
+        self._last[key] = values
+
+
+def _text_pattern(marked: _Marked, kinds: str) -> str:
+    """A pattern of the texts of form ``kinds`` of ``marked`` (its classes, ``v`` also for
+    the values alike in the form's text before: not a machine's own): its pieces, each value
+    verbatim (``v``) or one of its class. Every repetition is possessive, so a text is
+    matched or refused in linear time; a printable value (``c``, ``b``) stops before the
+    character that follows it (where one does), which it then may not hold. Both narrow the
+    form: every text matched is still of it (another is checked as before, by its marks)."""
+    pieces, values = marked.pieces, marked.values
+    parts = [re.escape(pieces[0])]
+    for i, (value, kind) in enumerate(zip(values, kinds, strict=True)):
+        after = pieces[i + 1]
+        if kind == "v":
+            parts.append(re.escape(value))
+        elif kind == "q":
+            parts.append(_QUOTED_IN_TEXT)
+        else:
+            following = kinds[i + 1] if i + 1 < len(values) else ""
+            stop = after[:1] or (values[i + 1][:1] if following == "v"
+                                 else '"' if following == "q" else "")
+            parts.append(_printable_but(stop))
+        parts.append(re.escape(after))
+    return "".join(parts)
+
+
+def _printable_but(stop: str) -> str:
+    """Printable ASCII (``_PLAIN_LINE``'s), possessive, without ``stop`` where it is one."""
+    if not "\x20" <= stop <= "\x7e":
+        return r"[\x20-\x7e]*+"
+    code = ord(stop)
+    ranges = [(0x20, code - 1), (code + 1, 0x7e)]
+    return "[" + "".join(f"\\x{a:02x}-\\x{b:02x}" for a, b in ranges if a <= b) + "]*+"
 
 
 def _classes(marked: _Marked) -> str | None:
@@ -991,20 +1116,45 @@ def _sandbox() -> type[ImmutableSandboxedEnvironment]:
 # makes a JSONEncoder per value (~4.5 µs); a config prints every value through it. The same
 # text from one encoder (~0.3 µs); other arguments (``tojson(indent=2)``) as before.
 _SORTED_JSON = json.JSONEncoder(sort_keys=True)
+# tojson's text of a str this long is kept (a CA's PEM, the same in every config), this many.
+_TOJSON_KEPT_FROM = 1024
+_TOJSON_KEPT = 16
 
 
 def _tojson() -> Callable[..., str]:
     """Jinja's ``tojson`` filter (``htmlsafe_json_dumps``: the same text, HTML's special
     characters written as JSON escapes, as ``Markup``), without its per-use policy lookups
     and keyword copies (a config prints a dozen values through it)."""
+    from json.encoder import encode_basestring_ascii
+
     from markupsafe import Markup
 
+    new = str.__new__
+    # Long strings' texts (a config's CA, ~5 µs to write each time), by value: a few.
+    kept: dict[str, str] = {}
+
     def tojson(value: Any, indent: int | None = None) -> str:
-        text = _SORTED_JSON.encode(value) if indent is None else json.dumps(
-            value, sort_keys=True, indent=indent)
-        # Safe as Jinja's own: JSON with every HTML-special character escaped.
-        return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e")  # noqa: S704
-                      .replace("&", "\\u0026").replace("'", "\\u0027"))
+        long = False
+        if indent is not None:
+            text = json.dumps(value, sort_keys=True, indent=indent)
+        elif type(value) is str:  # what the encoder does with one, without its checks
+            long = len(value) >= _TOJSON_KEPT_FROM
+            if long:
+                made = kept.get(value)
+                if made is not None:
+                    return made
+            text = encode_basestring_ascii(value)
+        else:
+            text = _SORTED_JSON.encode(value)
+        # Safe as Jinja's own: JSON with every HTML-special character escaped. Markup(text)
+        # is this very call once it has found that a str has no __html__.
+        made = new(Markup, text.replace("<", "\\u003c").replace(">", "\\u003e")
+                   .replace("&", "\\u0026").replace("'", "\\u0027"))
+        if long:
+            if len(kept) >= _TOJSON_KEPT:
+                kept.clear()
+            kept[value] = made
+        return made
 
     return tojson
 

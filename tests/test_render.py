@@ -495,6 +495,30 @@ def test_yaml_document_of_every_shipped_config_is_parsed_once_per_shape() -> Non
     assert 4 <= len(parsed) <= 16, len(parsed)
 
 
+def _outcome(check: Callable[[], str | None]) -> object:
+    """What ``check`` gives: its text, None for a RenderError, or the type of what it raised
+    beside (what the parse raised beside YAMLError, too: a surrogate)."""
+    try:
+        return check()
+    except RenderError:
+        return None
+    except Exception as exc:
+        return type(exc)
+
+
+def _matched(forms: object) -> list[bool]:
+    """What each call of ``forms.matches`` (a _YamlShapes) answers from now on."""
+    matched: list[bool] = []
+    real = forms.matches  # type: ignore[attr-defined]
+
+    def counting(name: str, text: str) -> bool:
+        matched.append(real(name, text))
+        return matched[-1]
+
+    forms.matches = counting  # type: ignore[attr-defined]
+    return matched
+
+
 _SHAPED = [
     "k: {{ v | tojson }}\n",
     "# about {{ v }}\nk: 1\n",
@@ -540,20 +564,99 @@ def test_yaml_shapes_refuse_what_the_parse_refused(tmp_path: Path, source: str) 
     (tmp_path / "cloud-config").mkdir()
     (tmp_path / "cloud-config" / "t.yaml").write_text(source)
     shaped, whole = Renderer([tmp_path]), Renderer([tmp_path])
-    def outcome(check: Callable[[], str | None]) -> object:
-        try:
-            return check()
-        except RenderError:
-            return None
-        except Exception as exc:  # what the parse raised beside YAMLError, too (a surrogate)
-            return type(exc)
-
     for first in ("plain", "a b", "edge-2"):  # shapes learned, then every value against them
         for v in [first, *_VALUES]:
             ctx = {"v": v}
-            expected = outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
-            got = outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
+            expected = _outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
+            got = _outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
             assert got == expected, (source, v)
+
+
+# Values that are double-quoted YAML scalars themselves (printed as they are, ``{{ v }}``),
+# the first two of one form, the rest anything a quoted scalar can go wrong with.
+_QUOTED_VALUES: list[object] = [
+    '"plain"', '"edge-2"', '""', '"a b"', '"\\u00e9"', '"a\\"b"', '"\\q"', '"\\ud800"',
+    '"\\ud800\\udc00"', '"\\x41"', '"\\/"', '"a\x01b"', '"a\x7fb"', '"a\tb"', '"é"',
+    '"a" "b"', '"a"b', '"a', 'a"', '"a\\', '"a" #c', '"a\\nb"', '"a\u2028b"', '"a\nb"',
+    '"a\n  - b"', '"a": "b"', '"#"', "'a'", "\"a\x00\"", '"' + "x" * 2000 + '"',
+]
+
+
+@pytest.mark.parametrize("source", [*_SHAPED, "k: {{ v }}\nj: [{{ v }}]\n",
+                                    "- {{ v }}\n- {{ v }} # {{ v }}\n",
+                                    "# {{ v }}, {{ v }} ({{ v }})\nk: {{ v | tojson }}\n"])
+def test_yaml_shapes_found_again_check_plain_texts_as_the_parse_did(tmp_path: Path,
+                                                                    source: str) -> None:
+    """A form found again is then looked for in texts rendered without marks
+    (_YamlShapes.matches): whatever the value, quoted scalars and comments too, yaml_document
+    still gives what the parse of every text gave; and the plain texts were so checked."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text(source)
+    shaped, whole = Renderer([tmp_path]), Renderer([tmp_path])
+    matched = _matched(shaped._shapes)
+    for first in ("plain", '"plain"', "a b"):  # each form twice (found again), then the rest
+        for i, v in enumerate([first, first, first, *_VALUES, *_QUOTED_VALUES]):
+            ctx = {"v": v}
+            expected = _outcome(lambda c=ctx: _old_yaml_check(whole, "cloud-config/t.yaml", c))
+            got = _outcome(lambda c=ctx: shaped.yaml_document("cloud-config/t.yaml", c))
+            assert got == expected, (source, v)
+            if i == 2 and first == "plain" and isinstance(expected, str) and "{%" not in source:
+                # The third text of a form that parsed (its values not printed into others'):
+                # checked by the form's pattern.
+                assert matched and matched[-1], (source, v)
+
+
+def test_shipped_configs_found_again_are_checked_without_marks() -> None:
+    """The shipped k3OS config of machines alike but for what is theirs: from the second
+    machine of a form on, its text is checked by the form's pattern (rendered without
+    marks, not parsed), and it is the whole render's text."""
+    c = content()
+    forms = c._render._shapes
+    matched = _matched(forms)
+    plans = [p for p in _machines(24) if p.action == BootAction.INSTALL]
+    for p in plans:
+        assert c.k3os_config(p) == _old_yaml_check(renderer(), "cloud-config/k3os.yaml",
+                                                   c.context(p))
+    assert matched.count(True) >= len(plans) - 8, matched
+
+
+def test_values_alike_in_a_forms_texts_are_taken_verbatim_by_its_pattern(
+        tmp_path: Path) -> None:
+    """A comment's value that is the same for every machine (a URL, with a ':' where the
+    comment goes on) is taken verbatim by the form's pattern: the machines' texts are
+    checked by it; another URL is checked by the marks again (and parses, or not, as
+    before), then by a pattern of its own."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text(
+        "# for {{ url }}: {{ v }}\nk: {{ v | tojson }}\n")
+    r = Renderer([tmp_path])
+    matched = _matched(r._shapes)
+    for url in ("https://a:8443", "https://b:8443"):
+        for i in range(6):
+            ctx = {"url": url, "v": f"edge-{i}"}
+            assert r.yaml_document("cloud-config/t.yaml", ctx) == \
+                f'# for {url}: edge-{i}\nk: "edge-{i}"\n'
+    assert matched == [True] * 4 + [False, False] + [True] * 4, matched
+    with pytest.raises(RenderError, match="invalid YAML"):
+        r.yaml_document("cloud-config/t.yaml", {"url": "https://b:8443\n- x", "v": "e"})
+
+
+def test_a_template_whose_texts_miss_their_forms_patterns_is_not_rendered_twice(
+        tmp_path: Path) -> None:
+    """Machines' values that hold what the pattern stops at (a ':' where the comment goes
+    on with one): after 16 misses in a row, texts are checked by their marks alone (one
+    render each, as before); a form found again later is looked for again."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text("# for {{ v }}: x\nk: {{ v | tojson }}\n")
+    r = Renderer([tmp_path])
+    matched = _matched(r._shapes)
+    for i in range(100):
+        v = f"edge:{i}"
+        assert r.yaml_document("cloud-config/t.yaml", {"v": v}) == f'# for {v}: x\nk: "{v}"\n'
+    assert matched == [False] * 16, matched
+    for _ in range(4):  # another form (a value alike in its texts), found again: it answers
+        assert r.yaml_document("cloud-config/t.yaml", {"v": "e"}) == '# for e: x\nk: "e"\n'
+    assert matched == [False] * 16 + [True] * 2, matched
 
 
 def test_yaml_shape_of_an_edited_template_is_parsed_again(tmp_path: Path) -> None:
@@ -824,7 +927,8 @@ def test_a_template_tree_too_big_to_watch_is_checked_at_every_use(tmp_path: Path
 
 
 @pytest.mark.parametrize("value", [
-    "edge-000123", "a 'quoted' \"value\" <b>&amp;</b>", "ünïcödé \u2028 \x00 \ud800"[:-1],
+    "edge-000123", "a 'quoted' \"value\" <b>&amp;</b>", "\\ \n\t\x7f/",
+    "ünïcödé \u2028 \x00 \ud800"[:-1], "<a href='x'>&\"é\n" * 100,  # kept: printed again
     {"b": 1, "a": [1.5, None, True, "x"]}, ["z", {"y": {"x": 1}}], 0, -1.25, None, "",
 ])
 def test_tojson_writes_what_jinjas_own_writes(tmp_path: Path, value: object) -> None:
@@ -833,7 +937,9 @@ def test_tojson_writes_what_jinjas_own_writes(tmp_path: Path, value: object) -> 
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    (tmp_path / "t.txt").write_text("{{ v | tojson }}|{{ v | tojson(indent=2) }}")
+    # Markup as Jinja's (what is added to it is escaped), a str's as anything else's.
+    (tmp_path / "t.txt").write_text("{{ v | tojson }}|{{ v | tojson(indent=2) }}|"
+                                    "{{ (v | tojson) + '<&' }}")
     plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
                                           autoescape=False, keep_trailing_newline=True)
     ours = Renderer([tmp_path]).render("t.txt", {"v": value})
