@@ -14,8 +14,10 @@ allocated and free blocks, SQLite's memory. ``--trace N`` starts tracemalloc (N 
 the view is loaded, so that what it traces is the storm's, and dumps snapshots after the
 storm and when idle (DIR/after.snap, DIR/idle.snap: read them with tracemalloc's
 Snapshot.load; ``--peakwatch``: also DIR/peak.snap near the traced peak); tracemalloc slows
-the storm 1.5-6x. ``--release NAMES``: after the idle readings, the dicts of those
-attribute names on netboot's objects are cleared (what dropping the caches would give back).
+the storm 1.5-6x. ``--census``: after the idle readings, the objects in pymalloc pools that
+held none once the view was loaded, by type (DIR/census.json: what keeps the arenas a storm
+added). ``--release NAMES``: after the idle readings, the dicts of those attribute names on
+netboot's objects are cleared (what dropping the caches would give back).
 Needs root (storm.py's namespaces); every process is stopped by its own PID.
 """
 
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--mid", default="", help="seconds after GO of readings in the storm")
     parser.add_argument("--idle", default="2,12", help="seconds after the storm of readings")
     parser.add_argument("--release", default="", help="attribute names of dicts to clear")
+    parser.add_argument("--census", action="store_true",
+                        help="after the idle readings, the objects in pools the storm added")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -148,6 +152,8 @@ def run_storm(args: argparse.Namespace, probe: Probe, gen: subprocess.Popen[str]
     time.sleep(1.0)
     probe.reading("loaded")
     probe.ask(f"minfo {probe.out}/minfo.loaded.xml")
+    if args.census:
+        print("census mark:", probe.ask("census mark"), "pools", flush=True)
     if args.trace:
         probe.ask(f"trace {args.trace}")
         if args.peakwatch:
@@ -173,6 +179,8 @@ def run_storm(args: argparse.Namespace, probe: Probe, gen: subprocess.Popen[str]
         time.sleep(max(0.0, at - (time.monotonic() - t0)))
         probe.reading(f"idle{at:g}")
     print("live objects by type:", probe.ask("types"), flush=True)
+    if args.census:
+        print("census:", probe.ask(f"census {probe.out}/census.json"), flush=True)
     if args.trace:
         probe.ask(f"snap {probe.out}/idle.snap")
     probe.ask(f"minfo {probe.out}/minfo.after.xml")
@@ -181,6 +189,9 @@ def run_storm(args: argparse.Namespace, probe: Probe, gen: subprocess.Popen[str]
     if args.release:
         print("released:", probe.ask(f"release {args.release}"), flush=True)
         probe.reading("released")
+        if args.census:
+            print("census after the release:",
+                  probe.ask(f"census {probe.out}/census.released.json"), flush=True)
     probe.ask("trim")
     probe.reading("trimmed")
 

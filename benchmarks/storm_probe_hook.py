@@ -8,7 +8,8 @@ sys._debugmallocstats, SQLite's memory, threads, the collector's counts), ``trac
 snapshot each time the traced memory passed its last by 1 MiB, and the series), ``release
 NAMES`` (clears the dicts of those attribute names on netboot's objects: what dropping the
 caches would give back), ``minfo PATH`` (malloc_info's XML), ``threads``, ``collect``,
-``trim`` (malloc_trim(0)).
+``trim`` (malloc_trim(0)), ``census mark`` / ``census PATH`` (the objects in pymalloc pools
+that held none at the mark, by type).
 """
 
 import collections
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 
 _DIR = os.environ["PROBE_DIR"]
 _LIBC = ctypes.CDLL(None)
@@ -126,6 +128,51 @@ def _release(names: list[str]) -> str:
     return " ".join(done)
 
 
+_POOLS: set[int] = set()  # "census mark": pymalloc pools (16 KiB) holding objects then
+
+
+def _each_object() -> Iterator[object]:
+    """Every object the collector tracks (the frozen ones too) and what each refers to
+    (strings, bytes, numbers: untracked), some more than once."""
+    gc.unfreeze()  # frozen objects are not listed; netboot freezes again (FrozenHeap)
+    try:
+        objects = gc.get_objects()
+    finally:
+        gc.freeze()
+    for o in objects:
+        yield o
+        yield from gc.get_referents(o)
+
+
+def _census(arg: str) -> str:
+    """``mark``: remember the pools objects are in now. ``PATH``: the objects (up to 512
+    bytes, pymalloc's) in pools not marked, by type: what holds the arenas a storm added."""
+    if arg == "mark":
+        _POOLS.clear()
+        _POOLS.update(id(o) >> 14 for o in _each_object())
+        return str(len(_POOLS))
+    seen: set[int] = set()
+    count: collections.Counter[str] = collections.Counter()
+    size: collections.Counter[str] = collections.Counter()
+    pools: set[int] = set()
+    for o in _each_object():
+        ident = id(o)
+        if ident >> 14 in _POOLS or ident in seen:
+            continue
+        n = sys.getsizeof(o)
+        if n > 512:
+            continue
+        seen.add(ident)
+        pools.add(ident >> 14)
+        name = type(o).__module__ + "." + type(o).__qualname__
+        count[name] += 1
+        size[name] += n
+    with open(arg, "w") as fh:
+        json.dump({"pools": len(pools), "objects": len(seen), "bytes": sum(size.values()),
+                   "types": [(k, count[k], v) for k, v in size.most_common(60)]}, fh)
+    return f"{len(pools)} new pools, {len(seen)} objects, {sum(size.values())} bytes"
+
+
 def _watch_peak(path: str) -> None:
     best, series = 0, []
     t0 = time.monotonic()
@@ -172,6 +219,8 @@ def _handle(command: str) -> str:
             type(o).__name__ for o in gc.get_objects()).most_common(40))
     elif word == "release":
         return _release(arg.split(","))
+    elif word == "census":
+        return _census(arg)
     elif word == "minfo":
         _malloc_info(arg)
     elif word == "threads":
