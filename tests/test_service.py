@@ -521,3 +521,54 @@ async def test_release_when_quiet_releases_after_a_storm_not_while_idle() -> Non
     finally:
         task.cancel()
     assert released == [1]
+
+
+async def test_the_watcher_reads_no_events_back_while_no_stream_is_open(
+        make_env: EnvFactory) -> None:
+    """A storm commits thousands of events a second: while no event stream is open, the
+    watcher reads none back from the feed (only the newest's place) and the bus keeps no
+    identities to tell them apart; a stream opened then gets another server's events from
+    about then on, once, and this server's own once."""
+    from netboot.events import Published
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.model import Event
+
+    env = await make_env()
+    service, store = env.service, env.service.store
+    assert isinstance(store, SqliteStore)
+    await service.watch_once()
+    read: list[Event] = []
+    real = store.events_since
+
+    async def events_since(after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
+        cursor, events = await real(after, limit=limit)
+        read.extend(events)
+        return cursor, events
+
+    store.events_since = events_since  # type: ignore[method-assign]
+    await env.post("/api/v1/machines", {"mac": "52:54:00:13:20:01"}, status=201)
+    await service.boot.drain()
+    for _ in range(2):
+        await service.watch_once()
+    assert read == [] and not service.events._own
+    other = SqliteStore(store.path)  # another server on the same inventory
+    await other.open()
+    try:
+        mine = (await store.list_machines())[0]
+        await other.add_event(Event(mine.id, 1.0, "note", "from the other server"))
+        with service.events.subscribe() as sub:
+            await env.post("/api/v1/machines", {"mac": "52:54:00:13:20:02"}, status=201)
+            await service.boot.drain()
+            for _ in range(3):
+                await service.watch_once()
+            seen = []
+            while not sub._queue.empty():
+                item = await sub.next()
+                assert isinstance(item, Published)
+                seen.append(item.event.message)
+    finally:
+        await other.close()
+    assert seen.count("from the other server") == 1, seen
+    own = [m for m in seen if m != "from the other server"]
+    assert own and len(own) == len(set(own)), seen
+    assert any(e.message == "from the other server" for e in read)

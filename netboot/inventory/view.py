@@ -302,9 +302,18 @@ class InventoryView:
 
     def adopt(self, machines: Iterable[Machine]) -> None:
         """Machines this process has just committed: answered from now on, before the feed
-        reports them (it then brings equal values, and the objects stay the same)."""
+        reports them (it then brings equal values, and the objects stay the same). The feed
+        may have brought them first, read back while the commit returned: the committed
+        object is kept all the same, which is the one its committer remembers
+        (Recorder.note's version: an install asked again then reads no events back)."""
+        held = self._machines
         for machine in machines:
-            self._put_machine(machine.id, machine)
+            old = held.get(machine.id)
+            if old is not None and old is not machine and old.updated == machine.updated \
+                    and old == machine:
+                held[machine.id] = machine  # the same value: its index entries stay
+            else:
+                self._put_machine(machine.id, machine)
 
     def _put_machine(self, machine_id: str, machine: Machine | None) -> None:
         old = self._machines.get(machine_id)

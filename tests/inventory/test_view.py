@@ -711,3 +711,25 @@ async def test_a_boot_is_resolved_from_the_views_keys_as_identity_resolves_it(
             asset=rng.choice((None, "A-2", "0000")))
         expected = await resolve(boot._view, Identity.of_request(request))
         assert await boot._resolve(request) == expected
+
+
+async def test_a_committed_machine_adopted_after_the_feed_read_it_back_is_the_one_held(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """Under load a sync may read back a commit of this process while the commit is still
+    returning (before the store notes it as its own): the view then holds an equal copy when
+    the committer adopts its object. The committed object is held from then on, as the
+    committer's recorder remembers it: an install asked for again then notes its event
+    without reading the machine's newest events back (Recorder.note's version)."""
+    store, other, _ = stores
+    machine = Machine(macs=(MacAddress.parse(MACS[0]),), profile="p")
+    await store.create_machine(machine)
+    view = InventoryView(store)
+    await view.load()
+    installing = replace(await view.get_machine(machine.id), state=MachineState.INSTALLING,
+                         updated=123.0, facts={"install_peer": "192.0.2.7"})
+    await other.apply_batch(Batch(update=(installing,)))  # read back, not known as our own
+    await view.sync()
+    copy = await view.get_machine(machine.id)
+    assert copy == installing and copy is not installing
+    view.adopt((installing,))
+    assert await view.get_machine(machine.id) is installing
