@@ -1,0 +1,69 @@
+"""netboot.inventory.sealed: a machine's install token sealed on its way to the store."""
+
+from __future__ import annotations
+
+import pytest
+
+from netboot.errors import StoreError
+from netboot.inventory import sealed as sealed_module
+from netboot.inventory.sealed import Sealed, install_token_context
+from netboot.model import Machine, MachineState, replace_machine
+from netboot.sealing import Sealer
+
+
+def _machine(mid: str, token: str) -> Machine:
+    return Machine(id=mid, state=MachineState.BOOTING, install_token=token)
+
+
+def test_a_machines_token_is_sealed_once_and_written_again_at_its_next_updates() -> None:
+    sealer = Sealer.generate()
+    sealed = Sealed(sealer)
+    booting = _machine("m-000000000001", "t" * 43)
+    first = sealed.seal_machine(booting)
+    again = sealed.seal_machine(replace_machine(booting, state=MachineState.INSTALLING))
+    assert first.install_token != booting.install_token
+    assert sealer.is_sealed(first.install_token or "")
+    # The same text: a fresh nonce at each update said nothing new (~3 µs each).
+    assert again.install_token == first.install_token
+    assert again.state is MachineState.INSTALLING
+    assert sealer.unseal(again.install_token or "",
+                         context=install_token_context(booting.id)) == "t" * 43
+
+
+def test_a_token_is_sealed_to_its_machine_and_a_new_token_sealed_anew() -> None:
+    sealer = Sealer.generate()
+    sealed = Sealed(sealer)
+    one = sealed.seal_machine(_machine("m-000000000001", "same-token"))
+    other = sealed.seal_machine(_machine("m-000000000002", "same-token"))
+    assert one.install_token != other.install_token
+    with pytest.raises(StoreError, match="damaged"):  # bound to its own machine
+        sealer.unseal(other.install_token or "",
+                      context=install_token_context("m-000000000001"))
+    renewed = sealed.seal_machine(_machine("m-000000000001", "new-token"))
+    assert renewed.install_token != one.install_token
+    assert sealer.unseal(renewed.install_token or "",
+                         context=install_token_context("m-000000000001")) == "new-token"
+
+
+def test_the_sealed_forms_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sealed_module, "_KEPT_SEALS", 8)
+    sealer = Sealer.generate()
+    sealed = Sealed(sealer)
+    first = sealed.seal_machine(_machine("m-000000000000", "tok"))
+    for i in range(1, 20):
+        sealed.seal_machine(_machine(f"m-{i:012x}", "tok"))
+    assert len(sealed._seals) == 8
+    # The oldest was let go: sealed again, with a new nonce, still opening to its token.
+    redone = sealed.seal_machine(_machine("m-000000000000", "tok"))
+    assert redone.install_token != first.install_token
+    assert sealer.unseal(redone.install_token or "",
+                         context=install_token_context("m-000000000000")) == "tok"
+
+
+def test_without_a_sealer_or_with_a_sealed_token_a_machine_passes_unchanged() -> None:
+    plain = _machine("m-000000000001", "clear")
+    assert Sealed(None).seal_machine(plain) is plain
+    sealer = Sealer.generate()
+    already = replace_machine(plain, install_token=sealer.seal(
+        "clear", context=install_token_context(plain.id)))
+    assert Sealed(sealer).seal_machine(already) is already
