@@ -22,7 +22,7 @@ import weakref
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -400,21 +400,23 @@ class Renderer:
         return self._shapes.split(raw)
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # What may be printed where (_YamlShapes) without changing what the YAML says: a double-quoted
 # scalar as json.dumps (Jinja's tojson) writes one, in ASCII with the escapes libyaml reads
 # (no surrogate \u escape: libyaml refuses one); and in a comment or a block scalar's line,
 # printable ASCII (no line break, nothing YAML refuses).
-_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]+|\\["\\bfnrt]'
-                     r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*"')
+# Possessive, so that inside a whole text's pattern (_YamlShapes.matches) a text that does not
+# match fails in linear time; alone or there, it matches what it would without (no run of it
+# can be cut another way: a run of the class holds no '"' nor '\\', an escape starts with one).
+_QUOTED_IN_TEXT = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\bfnrt]'
+                   r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*+"')
+_QUOTED = re.compile(_QUOTED_IN_TEXT)
 _PLAIN_LINE = re.compile(r"[\x20-\x7e]*")
 # libyaml's line breaks besides LF: a text with one is not told apart by lines here.
 _OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
-# _QUOTED inside a whole text's pattern (_YamlShapes.matches): possessive, so that a text that
-# does not match fails in linear time (its runs cannot be cut another way: the language is
-# _QUOTED's).
-_QUOTED_IN_TEXT = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\bfnrt]'
-                   r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*+"')
 
 
 class _Marked:
@@ -499,7 +501,7 @@ class _YamlShapes:
                 if name is not None:
                     key = (marked.pieces, classes)
                     self._found_again(name, marked, classes, self._last.get(key))
-                    self._keep_last(key, marked.values)
+                    _keep(self._last, key, marked.values, _MAX_PATTERNS)
                 return True
         return False
 
@@ -551,9 +553,7 @@ class _YamlShapes:
         if len(patterns) < _MAX_SHAPE_FORMS:
             patterns.append(re.compile(_text_pattern(marked, kinds)))
         self._compiled.add(form)
-        if len(self._again) >= _MAX_SHAPES and name not in self._again:
-            self._again.clear()
-        self._again[name] = _PLAIN_MISSES
+        _keep(self._again, name, _PLAIN_MISSES, _MAX_SHAPES)
 
     def learn(self, marked: _Marked) -> None:
         """Record the shape of ``marked``, whose text has just parsed."""
@@ -573,12 +573,15 @@ class _YamlShapes:
                 return
         if len(forms) < _MAX_SHAPE_FORMS:
             forms.append((classes, {verbatim}))
-        self._keep_last((marked.pieces, classes), marked.values)
+        _keep(self._last, (marked.pieces, classes), marked.values, _MAX_PATTERNS)
 
-    def _keep_last(self, key: tuple[tuple[str, ...], str], values: tuple[str, ...]) -> None:
-        if len(self._last) >= _MAX_PATTERNS and key not in self._last:
-            self._last.clear()
-        self._last[key] = values
+
+def _keep(kept: dict[K, V], key: K, value: V, bound: int) -> None:
+    """``kept[key] = value``, all of ``kept`` let go first when it holds ``bound`` others
+    (kept for speed alone: made again as they come back)."""
+    if len(kept) >= bound and key not in kept:
+        kept.clear()
+    kept[key] = value
 
 
 def _text_pattern(marked: _Marked, kinds: str) -> str:
@@ -1151,9 +1154,7 @@ def _tojson() -> Callable[..., str]:
         made = new(Markup, text.replace("<", "\\u003c").replace(">", "\\u003e")
                    .replace("&", "\\u0026").replace("'", "\\u0027"))
         if long:
-            if len(kept) >= _TOJSON_KEPT:
-                kept.clear()
-            kept[value] = made
+            _keep(kept, value, made, _TOJSON_KEPT)
         return made
 
     return tojson

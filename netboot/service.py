@@ -587,11 +587,13 @@ class Service:
                 # others commit from about then on, as it would have.
                 self._event_cursor, _ = await self.store.events_since(-1)
                 self.events.relay(())
-            for _ in range(100 if self.events.relaying else 0):  # bounded: 100k per round
-                self._event_cursor, events = await self.store.events_since(self._event_cursor)
-                self.events.relay(events)
-                if len(events) < 1000:
-                    break
+            else:
+                for _ in range(100):  # bounded: 100k events per round at most
+                    self._event_cursor, events = await self.store.events_since(
+                        self._event_cursor)
+                    self.events.relay(events)
+                    if len(events) < 1000:
+                        break
         except StoreError as exc:
             if health.failed(str(exc)):
                 log.error("inventory unreachable: boots of known machines are answered from "
