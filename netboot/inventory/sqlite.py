@@ -303,30 +303,11 @@ _MACHINE_COLUMNS = "SELECT mac, hostname, state, cluster, data FROM machines WHE
 # entries of every index on a column named in SET, even to its own value (an install, which
 # changes the state alone, rewrote the MAC-order, hostname and cluster indexes too).
 _INDEXED = ("mac", "hostname", "state", "cluster")
-# By a mask of which changed (bit i: _INDEXED[i]), the values numbered as _Row.update_params()
-# gives them (mac, hostname, state, cluster, data, created, updated, id): executemany binds a
-# group's rows from the tuples its JSON was made of.
 _UPDATE_CHANGED = {
-    mask: "UPDATE machines SET " + "".join(  # noqa: S608 - names from _INDEXED
-        f"{c} = ?{i + 1}, " for i, c in enumerate(_INDEXED) if mask >> i & 1)
-    + "data = ?5, created = ?6, updated = ?7 WHERE id = ?8"
-    for mask in range(1 << len(_INDEXED))}
-# A group's updates as one JSON text, an array of _Row.update_params() each, read as rows by
-# _GROUP_READ: one statement for the group, where one bound for each machine cost its Python.
-_GROUP_ROWS = ("(SELECT key AS k, " + ", ".join(  # noqa: S608 - names from _INDEXED
-    f"json_extract(value, '$[{i}]') AS {c}"
-    for i, c in (*enumerate(_INDEXED), (4, "data"), (7, "id"))) + " FROM json_each(?)) AS u")
-# The mask of the indexed columns of the stored machine m that differ from u's.
-_CHANGED_MASK = " + ".join(f"{1 << i} * (m.{c} IS NOT u.{c})" for i, c in enumerate(_INDEXED))
-# Whether the labels (1) and the fields the identifiers are made of (2) of the stored document
-# may differ from u's, as codec.same_labels and codec.same_identifiers tell them apart, by
-# their JSON text (a difference of spelling or key order only rewrites them: never missed).
-_IDENTIFYING = "'$.macs', '$.uuid', '$.serial', '$.asset'"
-_GROUP_READ = (
-    "SELECT m.state, " + _CHANGED_MASK + ", CASE WHEN m.data IS u.data THEN 0 ELSE"  # noqa: S608 - constants
-    " (json_extract(m.data, '$.labels') IS NOT json_extract(u.data, '$.labels'))"
-    f" + 2 * (json_extract(m.data, {_IDENTIFYING}) IS NOT json_extract(u.data, {_IDENTIFYING}))"
-    f" END FROM {_GROUP_ROWS} LEFT JOIN machines AS m ON m.id = u.id ORDER BY u.k")
+    changed: "UPDATE machines SET " + "".join(f"{c} = ?, " for c in changed)  # noqa: S608 - names from _INDEXED
+    + "data = ?, created = ?, updated = ? WHERE id = ?"
+    for changed in (tuple(c for c, keep in zip(_INDEXED, bits, strict=True) if keep)
+                    for bits in itertools.product((False, True), repeat=len(_INDEXED)))}
 _INSERT_LABEL = "INSERT INTO machine_labels (machine, key, value) VALUES (?, ?, ?)"
 _DELETE_LABELS = "DELETE FROM machine_labels WHERE machine = ?"
 _INSERT_KEY = "INSERT INTO machine_keys (kind, value, machine) VALUES (?, ?, ?)"
@@ -1479,7 +1460,7 @@ def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
                     _bulk_insert(conn, create)
                 else:
                     _insert_rows(conn, creates)
-                _update_group(conn, updates, later)
+                _update_rows(conn, updates, later)
             except sqlite3.IntegrityError:
                 raise _Retry from None  # rolled back by _immediate; see _write_batch
         _insert_events(conn, events)
@@ -1541,9 +1522,11 @@ def _update_rows(conn: sqlite3.Connection, updates: list[_Row],
             raise _Retry  # no such machine
         if expect and (state := expect.pop(r.id, None)) is not None:
             codec.check_expected(r.id, state, stored[2])
-        params = r.update_params()
-        conn.execute(_UPDATE_CHANGED[sum(1 << i for i, old in enumerate(stored[:4])
-                                         if old != params[i])], params)
+        changed = [(c, new) for c, old, new in zip(
+            _INDEXED, stored[:4], (r.mac, m.hostname, m.state.value, m.cluster), strict=True)
+            if old != new]
+        conn.execute(_UPDATE_CHANGED[tuple(c for c, _ in changed)],
+                     (*(new for _, new in changed), r.data, r.created, r.updated, r.id))
         if stored[4] == r.data:
             continue
         document = codec.loads_document(stored[4])
@@ -1551,51 +1534,6 @@ def _update_rows(conn: sqlite3.Connection, updates: list[_Row],
             conn.execute(_DELETE_LABELS, (r.id,))
             conn.executemany(_INSERT_LABEL, r.labels)
         if not codec.same_identifiers(document, m):
-            conn.execute(_DELETE_KEYS, (r.id,))
-            conn.executemany(_INSERT_KEY, r.keys)
-
-
-# The group's rows as _GROUP_ROWS reads them.
-_GROUP_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False, allow_nan=False,
-                               separators=(",", ":")).encode
-
-
-def _update_group(conn: sqlite3.Connection, updates: list[_Row],
-                  expect: dict[str, MachineState]) -> None:
-    """:func:`_update_rows` with one statement reading the group: what each stored machine
-    is (its state, which indexed columns differ, whether its labels or identifiers may),
-    compared in SQLite, then one executemany writing the rows of each set of changed
-    columns (a group of first installs: one). The Python a group commit ran per machine
-    (two bound statements, the compares, the stored document's parse) held the GIL that
-    the event loop's answers wait for. The same checks in the same order: a machine
-    missing or in another state than expected is found at its place in the group.
-    A group naming a machine twice (one row each would read the machine as it was before
-    the group), or with a text that SQLite's JSON would cut (a NUL), goes row by row."""
-    if not updates:
-        return
-    rows = [r.update_params() for r in updates]
-    text = _GROUP_JSON(rows)
-    if "\\u0000" in text or len({r.id for r in updates}) < len(updates):
-        _update_rows(conn, updates, expect)
-        return
-    masked: dict[int, list[tuple[Any, ...]]] = {}
-    rewrite = []
-    for r, params, (state, mask, other) in zip(updates, rows, conn.execute(_GROUP_READ, (text,)),
-                                               strict=True):
-        if state is None:
-            raise _Retry  # no such machine
-        if expect and (want := expect.pop(r.id, None)) is not None:
-            codec.check_expected(r.id, want, state)
-        masked.setdefault(mask, []).append(params)
-        if other:
-            rewrite.append((r, other))
-    for mask, same in masked.items():
-        conn.executemany(_UPDATE_CHANGED[mask], same)
-    for r, other in rewrite:
-        if other & 1:
-            conn.execute(_DELETE_LABELS, (r.id,))
-            conn.executemany(_INSERT_LABEL, r.labels)
-        if other & 2:
             conn.execute(_DELETE_KEYS, (r.id,))
             conn.executemany(_INSERT_KEY, r.keys)
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import unittest.mock
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import netboot
-from netboot.errors import Conflict, NetbootError, NotFound, StoreError
+from netboot.errors import Conflict, NotFound, StoreError
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory import sqlite as sqlite_store
@@ -795,106 +794,6 @@ def test_updates_write_what_changed_and_read_back_exactly(tmp_path_factory: pyte
                     assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         finally:
             await store.close()
-
-    asyncio.run(run())
-
-
-# Values that several machines draw from, so that groups claim each other's identifiers.
-_SHARED_POOL: dict[str, st.SearchStrategy[Any]] = {
-    "macs": st.lists(st.sampled_from([f"02:00:00:00:00:0{n}" for n in range(6)]),
-                     min_size=0, max_size=2, unique=True),
-    "serial": st.sampled_from([None, "SN1", "SN2", "To be filled by O.E.M."]),
-    "hostname": st.sampled_from([None, "h1", "H1", "h2"]),
-    "facts": st.dictionaries(st.sampled_from(["arch", "k"]), st.sampled_from(["x", "y\x00z"]),
-                             max_size=1),
-}
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.data())
-def test_a_group_written_by_its_statements_leaves_the_rows_the_per_row_path_leaves(
-        tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
-    """The group commit's updates read and write the group with a statement each
-    (_update_group); the same batches written machine by machine (_update_rows) leave the
-    same file, row for row (documents, indexed columns, labels, identifiers, events, the
-    change feed's keys), and refuse the same batches with the same error: a stale expected
-    state, a machine that is gone, an identifier or hostname another machine holds, a
-    machine twice in a group, a document an older netboot wrote in its long form."""
-    root = tmp_path_factory.mktemp("group")
-
-    def machine(i: int, change: dict[str, object]) -> Machine:
-        fields = dict(change)
-        fields["macs"] = tuple(MacAddress.parse(m) for m in fields.get("macs", ()))  # type: ignore[attr-defined]
-        return Machine(id=f"m-group{i}", **fields)  # type: ignore[arg-type]
-
-    def draw_change(i: int) -> dict[str, object]:
-        change = data.draw(_change(i))
-        for key in data.draw(st.sets(st.sampled_from(sorted(_SHARED_POOL)))):
-            change[key] = data.draw(_SHARED_POOL[key])
-        return change
-
-    def dump(path: Path) -> list[list[tuple[Any, ...]]]:
-        with raw(path) as conn:
-            return [sorted(conn.execute(f"SELECT * FROM {table}"))
-                    for table in ("machines", "machine_labels", "machine_keys")] + [
-                conn.execute("SELECT machine, time, kind, message, data FROM events"
-                             " ORDER BY id").fetchall(),
-                sorted(conn.execute("SELECT tbl, key FROM changes"))]
-
-    async def run() -> None:
-        group, rows = SqliteStore(root / "group.db"), SqliteStore(root / "rows.db")
-        await group.open()
-        await rows.open()
-        try:
-            now = [machine(i, {"state": data.draw(_POOL["state"](i))}) for i in range(4)]
-            for store in (group, rows):
-                await store.apply_batch(Batch(create=now))
-            for step in range(data.draw(st.integers(1, 4))):
-                if data.draw(st.booleans()):  # an older netboot rewrote one, long form
-                    old = now[data.draw(st.integers(0, 3))]
-                    for path in (root / "group.db", root / "rows.db"):
-                        with raw(path) as conn:
-                            conn.execute("UPDATE machines SET data = ? WHERE id = ?",
-                                         (json.dumps(codec.machine_to_dict(old)), old.id))
-                picked = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=5))
-                updates, expect = [], {}
-                for i in picked:
-                    if i == 4:  # a machine that is not there
-                        updates.append(machine(4, {}))
-                        continue
-                    drawn = machine(i, draw_change(i))
-                    updates.append(replace(now[i], **{
-                        **{k: getattr(drawn, k)
-                           for k in data.draw(st.sets(st.sampled_from(sorted(_POOL))))},
-                        "updated": float(step + 1) + i / 7}))
-                    if data.draw(st.booleans()):  # read now, or in a state drawn (stale)
-                        expect[now[i].id] = data.draw(st.sampled_from(
-                            [now[i].state, *netboot.model.MachineState]))
-                batch = Batch(update=updates, expect=expect, events=[
-                    Event(u.id, float(step), "install-plan", "m", {"peer": "p"})
-                    for u in updates])
-                outcomes = []
-                for store in (group, rows):
-                    with contextlib.ExitStack() as stack:
-                        if store is rows:
-                            stack.enter_context(unittest.mock.patch.object(
-                                sqlite_store, "_update_group", sqlite_store._update_rows))
-                        try:
-                            await store.apply_batch(batch)
-                        except NetbootError as exc:
-                            outcomes.append((type(exc), str(exc)))
-                        else:
-                            outcomes.append(None)
-                assert outcomes[0] == outcomes[1]
-                assert dump(root / "group.db") == dump(root / "rows.db")
-                if outcomes[0] is None:
-                    for u in updates:
-                        now[int(u.id[-1])] = u
-                for m in now:
-                    assert await group.get_machine(m.id) == m
-        finally:
-            await group.close()
-            await rows.close()
 
     asyncio.run(run())
 
