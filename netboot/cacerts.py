@@ -6,9 +6,10 @@ no request blocks on disk reads later), and each loads the system CA bundle thro
 ``SSLContext.set_default_verify_paths``: ~0.05 s of CPU each here, a seventh of ``serve``'s
 start-up (benchmarks/README.md, issue 10). ``serve`` never makes an outgoing HTTPS request
 (its aiohttp client is the CLI's: ``netboot events --follow``, in a process of its own that
-reads them as always), so nothing there needs those CAs: ``serve`` leaves them unread (they were ~2 MiB
-resident for good, a sixth of what a fleet's boot storm adds); a request through them would
-fail its verification, never go unverified. Contexts made outside the block keep the CAs.
+reads them as always), so nothing there needs those CAs: ``serve`` leaves them unread (they
+were ~2 MiB resident for good, a sixth of what a fleet's boot storm adds); a request
+through them would fail its verification, never go unverified. Contexts made outside the
+block keep the CAs.
 
 :func:`deferred_system_cas` holds back those loads while a block runs in one thread (``serve``
 imports aiohttp in a thread once its listeners answer, netboot.service) and hands back what
