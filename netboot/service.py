@@ -515,7 +515,6 @@ class Service:
             # Imported in a thread: the event loop answers the front door's requests
             # meanwhile (the GIL is shared, but released every few ms and during I/O).
             await asyncio.to_thread(_import_aiohttp_side)
-            self.metrics.open()
             self.app = self.app_factory()
         from netboot.servers.aio import GuardedSite, handlers
 
@@ -754,7 +753,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
     ``serve`` does; every check that can stop a start (config, templates, store, TLS) is
     here either way."""
     events = EventBus()
-    metrics = Metrics(deferred=not app)  # opened by start() then, with aiohttp
+    metrics = Metrics()
     events.listen(metrics.event)
     store, sealer = await open_inventory(config, events)
     try:
@@ -799,15 +798,14 @@ async def build(config: Config, *, app: bool = True) -> Service:
 
 
 def _import_aiohttp_side() -> None:
-    """Import what aiohttp's application needs (the API, the dashboard: aiohttp itself) and
-    the metrics' prometheus_client. aiohttp's client makes two TLS contexts as it is
-    imported, each reading the system CA bundle: held back, and never read (netboot.cacerts).
-    ``serve`` makes no outgoing HTTPS request; the ~150 certificates of each context were
-    ~2 MiB resident for good (benchmarks/README.md, issue 10, session 14). A request through
-    those contexts would fail its verification, not go unverified."""
+    """Import what aiohttp's application needs (the API, the dashboard: aiohttp itself;
+    prometheus_client waits for the first scrape: netboot.metrics). aiohttp's client makes
+    two TLS contexts as it is imported, each reading the system CA bundle: held back, and
+    never read (netboot.cacerts): ``serve`` makes no outgoing HTTPS request, and the ~150
+    certificates of each were ~2 MiB resident for good (benchmarks/README.md, issue 10,
+    session 14). A request through those contexts would fail its verification, not go
+    unverified."""
     with deferred_system_cas():
-        import prometheus_client  # noqa: F401
-
         import netboot.api
         import netboot.servers.aio
         import netboot.web.dashboard  # noqa: F401
