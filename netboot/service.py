@@ -805,6 +805,13 @@ def _import_aiohttp_side() -> None:
     certificates of each were ~2 MiB resident for good (benchmarks/README.md, issue 10,
     session 14). A request through those contexts would fail its verification, not go
     unverified."""
+    if "frozenlist" not in sys.modules:
+        # aiohttp's signals and middleware lists as frozenlist's pure-Python FrozenList (a
+        # list behind a flag: iterated once per response), not its C++ extension, which
+        # maps libstdc++ and libgcc_s into the process: 1.2 MiB resident for good that
+        # nothing else here loads (benchmarks/README.md, issue 10, session 14). An entry
+        # of None is how an import is refused; frozenlist falls back on ImportError.
+        sys.modules.setdefault("frozenlist._frozenlist", None)  # type: ignore[arg-type]
     with deferred_system_cas():
         import netboot.api
         import netboot.servers.aio

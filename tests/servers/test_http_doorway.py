@@ -168,7 +168,8 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
     """The first answers of a ``serve`` start come from a process that has not imported
     aiohttp; it is imported once the listeners answer, and then answers the API; the system
     CAs its client's contexts would read at import (netboot.cacerts) are never read: ~2 MiB
-    resident that a server making no outgoing HTTPS request does not need."""
+    resident that a server making no outgoing HTTPS request does not need; nor are
+    frozenlist's C++ extension (libstdc++) and prometheus_client (until a scrape) loaded."""
     path = write_config(tmp_path)
     script = (
         "import asyncio, json, sys, threading\n"
@@ -203,6 +204,9 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
         "    await asyncio.sleep(1.0)  # the branch before read them within ~0.1 s of start\n"
         "    after.append([h.cert_store_stats()['x509_ca'] for h in held])\n"
         "    after.append(ssl.create_default_context().cert_store_stats()['x509_ca'] > 0)\n"
+        "    import frozenlist\n"
+        "    after.append([frozenlist.FrozenList.__module__,  # not its C++ extension\n"
+        "                  'prometheus_client' in sys.modules])  # imported at a scrape\n"
         "    await service.close()\n"
         "    print(json.dumps([before, after]))\n"
         "asyncio.run(main())\n"
@@ -211,7 +215,8 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
                          env=this_checkout(), text=True, timeout=300).stdout
     before, after = json.loads(out.splitlines()[-1])
     assert before == ["200", "200", False]
-    assert after == ["401", True, [0, 0], True]  # a context made after reads them
+    assert after == ["401", True, [0, 0], True,  # a context made after reads them
+                     ["frozenlist", False]]
 
 
 async def test_the_view_loads_while_aiohttp_is_still_being_imported(
