@@ -4,9 +4,6 @@ prometheus_client's own parser and checked value by value."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +13,7 @@ from netboot.metrics import DURATION_BUCKETS, Metrics
 from netboot.model import Event
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import DhcpServer
-from tests.conftest import Env, EnvFactory, boot, call, install_token, this_checkout
+from tests.conftest import Env, EnvFactory, boot, call, child_json, install_token
 from tests.dhcp_fakes import MemoryLeaseStore
 from tests.servers.test_dhcp import payload
 
@@ -160,9 +157,7 @@ def test_prometheus_client_is_imported_at_the_first_scrape_only() -> None:
         "from prometheus_client.exposition import generate_latest\n"
         "print(json.dumps([before, generate_latest(m.registry).decode()]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                         env=this_checkout(), text=True, timeout=120).stdout
-    before, text = json.loads(out.splitlines()[-1])
+    before, text = child_json(script, timeout=120)
     assert before is False
     scraped = samples(text)
     assert value(scraped, "netboot_http_requests_total", route="/healthz", method="GET",

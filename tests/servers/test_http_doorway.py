@@ -9,8 +9,6 @@ import asyncio
 import contextlib
 import json
 import ssl
-import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import netboot.service as wiring
 from netboot.cacerts import DeferredCas
 from netboot.config import load
 from netboot.service import Service, build
-from tests.conftest import this_checkout, write_config
+from tests.conftest import child_json, write_config
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -211,9 +209,7 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
         "    print(json.dumps([before, after]))\n"
         "asyncio.run(main())\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                         env=this_checkout(), text=True, timeout=300).stdout
-    before, after = json.loads(out.splitlines()[-1])
+    before, after = child_json(script)
     assert before == ["200", "200", False]
     assert after == ["401", True, [0, 0], True,  # a context made after reads them
                      ["frozenlist", False]]
