@@ -131,17 +131,23 @@ def _release(names: list[str]) -> str:
 _POOLS: set[int] = set()  # "census mark": pymalloc pools (16 KiB) holding objects then
 
 
-def _each_object() -> Iterator[object]:
+def _each_object() -> Iterator[tuple[object, object]]:
     """Every object the collector tracks (the frozen ones too) and what each refers to
-    (strings, bytes, numbers: untracked), some more than once."""
+    (strings, bytes, numbers: untracked), some more than once; each with the object that
+    refers to it (None: listed by the collector)."""
     gc.unfreeze()  # frozen objects are not listed; netboot freezes again (FrozenHeap)
     try:
         objects = gc.get_objects()
     finally:
         gc.freeze()
     for o in objects:
-        yield o
-        yield from gc.get_referents(o)
+        yield o, None
+        for r in gc.get_referents(o):
+            yield r, o
+
+
+def _kind(o: object) -> str:
+    return type(o).__module__ + "." + type(o).__qualname__
 
 
 def _census(arg: str) -> str:
@@ -149,28 +155,54 @@ def _census(arg: str) -> str:
     bytes, pymalloc's) in pools not marked, by type: what holds the arenas a storm added."""
     if arg == "mark":
         _POOLS.clear()
-        _POOLS.update(id(o) >> 14 for o in _each_object())
+        _POOLS.update(id(o) >> 14 for o, _ in _each_object())
         return str(len(_POOLS))
     seen: set[int] = set()
     count: collections.Counter[str] = collections.Counter()
     size: collections.Counter[str] = collections.Counter()
     pools: set[int] = set()
-    for o in _each_object():
+    holders: collections.Counter[str] = collections.Counter()
+    big: dict[int, object] = {}  # large containers holding objects in new pools
+    for o, holder in _each_object():
         ident = id(o)
-        if ident >> 14 in _POOLS or ident in seen:
+        if ident >> 14 in _POOLS:
+            continue
+        if holder is not None and sys.getsizeof(o) <= 512:
+            holders[f"{_kind(o)} <- {_kind(holder)}"] += 1
+            if type(holder) in (set, dict, list) and len(holder) > 100:  # type: ignore[arg-type]
+                big[id(holder)] = holder
+        if ident in seen:
             continue
         n = sys.getsizeof(o)
         if n > 512:
             continue
         seen.add(ident)
         pools.add(ident >> 14)
-        name = type(o).__module__ + "." + type(o).__qualname__
+        name = _kind(o)
         count[name] += 1
         size[name] += n
     with open(arg, "w") as fh:
         json.dump({"pools": len(pools), "objects": len(seen), "bytes": sum(size.values()),
-                   "types": [(k, count[k], v) for k, v in size.most_common(60)]}, fh)
+                   "types": [(k, count[k], v) for k, v in size.most_common(60)],
+                   "holders": holders.most_common(80),
+                   "containers": [(_kind(c), len(c), _owners(c))  # type: ignore[arg-type]
+                                  for c in big.values()]}, fh)
     return f"{len(pools)} new pools, {len(seen)} objects, {sum(size.values())} bytes"
+
+
+def _owners(container: object) -> list[str]:
+    """What refers to ``container``: the attribute names of netboot's objects that hold it,
+    else the referrers' types."""
+    out = []
+    for r in gc.get_referrers(container):
+        if isinstance(r, dict):
+            for owner in gc.get_referrers(r):
+                if getattr(owner, "__dict__", None) is r:
+                    names = [k for k, v in r.items() if v is container]
+                    out.append(f"{_kind(owner)}.{','.join(names)}")
+        elif not isinstance(r, list) or len(r) < 100000:
+            out.append(_kind(r))
+    return out[:6]
 
 
 def _watch_peak(path: str) -> None:

@@ -1,18 +1,21 @@
-"""The system CA bundle, loaded after aiohttp is ready rather than while it is imported.
+"""The system CA bundle, not read while aiohttp is imported by ``serve``.
 
 ``from aiohttp import web`` runs ``aiohttp/__init__.py``, which imports aiohttp's client; its
 ``connector`` module makes two client TLS contexts at import time (aiohttp 3.10+, so that
 no request blocks on disk reads later), and each loads the system CA bundle through
 ``SSLContext.set_default_verify_paths``: ~0.05 s of CPU each here, a seventh of ``serve``'s
 start-up (benchmarks/README.md, issue 10). ``serve`` never makes an outgoing HTTPS request
-(its aiohttp client is the CLI's: ``netboot events --follow``), so nothing needs those CAs
-before its API answers; yet they are loaded all the same, once it does, so that the process
-ends up exactly as without this module.
+(its aiohttp client is the CLI's: ``netboot events --follow``, in a process of its own that
+reads them as always), so nothing there needs those CAs: ``serve`` leaves them unread (they
+were ~2 MiB resident for good, a sixth of what a fleet's boot storm adds); a request
+through them would fail its verification, never go unverified. Contexts made outside the
+block keep the CAs.
 
 :func:`deferred_system_cas` holds back those loads while a block runs in one thread (``serve``
 imports aiohttp in a thread once its listeners answer, netboot.service) and hands back what
-it held; :meth:`DeferredCas.load` does them. Contexts made outside the block or by another
-thread meanwhile (the event loop's), and a library imported before, are untouched.
+it held; :meth:`DeferredCas.load` does them, for a caller that needs them after all.
+Contexts made outside the block or by another thread meanwhile (the event loop's), and a
+library imported before, are untouched.
 """
 
 from __future__ import annotations

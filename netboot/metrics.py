@@ -29,9 +29,9 @@ from netboot.health import InventoryHealth
 from netboot.inventory.base import MachineFilter, Store
 from netboot.model import Event, MachineState
 
-# prometheus_client is imported by Metrics.open(): its package imports its HTTP exposition
-# server too (http.server, urllib.request, wsgiref), ~0.04 s of CPU that ``netboot serve``
-# spends after it answers (Metrics(deferred=True)), not before.
+# prometheus_client is imported at the first scrape (Metrics.registry): its package imports
+# its HTTP exposition server too (http.server, urllib.request, wsgiref), ~0.04 s of CPU and
+# ~1 MiB resident that a ``netboot serve`` nobody scrapes does without.
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
     from prometheus_client.registry import Collector as _CollectorBase
@@ -45,6 +45,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # follows the first boot of the installed OS. Buckets from 10 s to 2 h.
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, float("inf"))
 # TftpStats fields that are refusals or failures, reported as netboot_errors_total{kind}.
+_DURATION_BOUNDS = tuple("+Inf" if b == float("inf") else repr(float(b))  # le=
+                         for b in DURATION_BUCKETS)
 TFTP_ERROR_FIELDS = ("not_found", "refused", "busy", "failed", "unknown_tid")
 
 
@@ -127,14 +129,50 @@ class _HttpCollector(_CollectorBase):
         return [requests, seconds]
 
 
+class _Count:
+    """One counter's value (for one set of label values) and when it was first counted, as
+    prometheus_client's Counter child has them."""
+
+    __slots__ = ("created", "n")
+
+    def __init__(self, created: float) -> None:
+        self.n = 0.0
+        self.created = created
+
+
+class _Durations:
+    """A histogram without labels: bucket counts (not cumulative), sum, creation time."""
+
+    __slots__ = ("buckets", "created", "sum")
+
+    def __init__(self, created: float) -> None:
+        self.buckets = [0] * len(DURATION_BUCKETS)
+        self.sum = 0.0
+        self.created = created
+
+    def observe(self, seconds: float) -> None:
+        # The first bucket whose bound is not below it, as prometheus_client's observe().
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+def _count(counts: dict[tuple[str, ...], _Count], labels: tuple[str, ...]) -> _Count:
+    count = counts.get(labels)
+    if count is None:
+        count = counts[labels] = _Count(time.time())
+    return count
+
+
 class Metrics:
     """The service's metrics; implements the DHCP, TFTP and HTTP observer protocols.
 
-    ``deferred``: the collectors (and prometheus_client) wait for :meth:`open`; what is
-    observed before is kept and counted then (``netboot serve`` answers before it opens
-    them: its first requests are counted all the same)."""
+    Counted as plain numbers; prometheus_client is imported at the first scrape (its
+    ``registry``), where the counts are exposed as the Counters, Gauges and Histograms
+    it would have kept (tests/test_metrics.py holds the two to the same samples). A
+    ``netboot serve`` that nobody scrapes never imports it: ~1 MiB resident (with what it
+    imports: http.server, urllib.request, wsgiref) that a boot storm does not use."""
 
-    def __init__(self, *, max_tracked: int = 100_000, deferred: bool = False) -> None:
+    def __init__(self, *, max_tracked: int = 100_000) -> None:
         # machine id → (time its install began, time it was installed); bounded, oldest first
         # out: a machine that never finishes must not be remembered forever.
         self._started: OrderedDict[str, tuple[float | None, float | None]] = OrderedDict()
@@ -143,65 +181,32 @@ class Metrics:
         self._queued_now: Callable[[], int] | None = None
         self._tftp = _TftpCollector()
         self._http_counts = _HttpCollector()
-        self._early: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = []
-        if not deferred:
-            self.open()
+        now = time.time()
+        self._dhcp: dict[tuple[str, ...], _Count] = {}  # (type, firmware, arch)
+        self._transfers: dict[tuple[str, ...], _Count] = {}  # (outcome,)
+        self._tftp_bytes = _Count(now)
+        self._machines: dict[str, float] = {}  # state → count at the last scrape
+        self._install = _Durations(now)
+        self._register = _Durations(now)
+        self._errors: dict[tuple[str, ...], _Count] = {}  # (kind,)
+        self._events: dict[tuple[str, ...], _Count] = {}  # (kind,)
+        self._registry: Any = None
 
-    def open(self) -> None:
-        """Make the collectors and count what was observed meanwhile (once)."""
-        if self._early is None:
-            return
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    @property
+    def registry(self) -> Any:
+        """prometheus_client's CollectorRegistry of these metrics (made, and the package
+        imported, at the first use: a scrape)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
 
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self._dhcp = Counter("netboot_dhcp_replies", "DHCP replies sent (OFFER, ACK, NAK), by "
-                             "firmware and architecture of the client",
-                             ["type", "firmware", "arch"], registry=r)
-        self._transfers = Counter("netboot_tftp_transfers", "TFTP transfers ended, by outcome "
-                             "(complete, probe, client-error, timed-out, source-error)",
-                             ["outcome"], registry=r)
-        self._tftp_bytes = Counter("netboot_tftp_bytes", "bytes acknowledged by TFTP clients",
-                                   registry=r)
-        r.register(self._http_counts)
-        self._machines = Gauge("netboot_machines", "machines in the inventory, by state",
-                               ["state"], registry=r)
-        self._install = Histogram("netboot_install_duration_seconds", "from the first install "
-                                  "script handed out (booting) to installed (or registered "
-                                  "when the installer reported nothing)",
-                                  buckets=DURATION_BUCKETS, registry=r)
-        self._register = Histogram("netboot_registration_duration_seconds", "from installed "
-                                   "to registered (first boot of the installed OS)",
-                                   buckets=DURATION_BUCKETS, registry=r)
-        self._errors = Counter("netboot_errors", "errors by kind: http_5xx, install_failed, "
-                               "dhcp_nak, http_plaintext_credential", ["kind"], registry=r)
-        self._events = Counter("netboot_events", "machine events recorded, by kind",
-                               ["kind"], registry=r)
-        self._inventory_up = Gauge("netboot_inventory_up", "1 while the inventory answers, 0 "
-                                   "while it is unreachable (boots of known machines are "
-                                   "answered from memory, writes refused)", registry=r)
-        self._queued = Gauge("netboot_inventory_queued_events", "boot events waiting to be "
-                             "written (they pile up while the inventory is unreachable)",
-                             registry=r)
-        r.register(self._tftp)
-        early, self._early = self._early, None
-        if self._health is not None and self._queued_now is not None:
-            self.watch_inventory(self._health, self._queued_now)
-        for observe, args in early:
-            observe(*args)
-
-    def _defer(self, observe: Callable[..., None], *args: Any) -> None:
-        """Keep an observation for :meth:`open` (bounded: a start that never opens)."""
-        assert self._early is not None
-        if len(self._early) < 1 << 16:
-            self._early.append((observe, args))
+            registry = CollectorRegistry(auto_describe=True)
+            registry.register(_Collector(self))
+            self._registry = registry
+        return self._registry
 
     def watch_inventory(self, health: InventoryHealth, queued: Callable[[], int]) -> None:
         """Where the inventory's health and the recorder's queue are read at scrape."""
         self._health, self._queued_now = health, queued
-        if self._early is None:
-            self._inventory_up.set_function(lambda: 1.0 if health.up else 0.0)
-            self._queued.set_function(lambda: float(queued()))
 
     def read_tftp_stats(self, stats: Callable[[], Any | None]) -> None:
         """Where the TFTP server's counters are read from at scrape (None: TFTP is off)."""
@@ -209,22 +214,15 @@ class Metrics:
 
     # -- observer protocols ---------------------------------------------------------------
     def dhcp_reply(self, kind: str, firmware: str, arch: str) -> None:
-        if self._early is not None:
-            self._defer(self.dhcp_reply, kind, firmware, arch)
-            return
-        self._dhcp.labels(kind, firmware, arch).inc()
+        _count(self._dhcp, (kind, firmware, arch)).n += 1
         if kind == "NAK":
-            self._errors.labels("dhcp_nak").inc()
+            _count(self._errors, ("dhcp_nak",)).n += 1
 
     def tftp_transfer(self, outcome: str, size: int) -> None:
-        if self._early is not None:
-            self._defer(self.tftp_transfer, outcome, size)
-            return
-        self._transfers.labels(outcome).inc()
-        self._tftp_bytes.inc(size)
+        _count(self._transfers, (outcome,)).n += 1
+        self._tftp_bytes.n += size
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        # Counted here, also before open(): the collector reads these at scrape.
         count = self._http_counts.counts.get((route, method, status))
         if count is None:
             count = self._http_count(route, method, status)
@@ -234,10 +232,7 @@ class Metrics:
         # The first bucket whose bound is not below it, as prometheus_client's observe().
         durations.buckets[bisect_left(HTTP_BUCKETS, seconds)] += 1
         if status >= 500:
-            if self._early is not None:
-                self._defer(self._errors_http_5xx)
-            else:
-                self._errors_http_5xx()
+            _count(self._errors, ("http_5xx",)).n += 1
 
     def _http_count(self, route: str, method: str, status: int) -> _HttpCount:
         """A new (route, method, status): label values are bounded (routes are patterns,
@@ -250,21 +245,12 @@ class Metrics:
         count = collector.counts[route, method, status] = _HttpCount(durations, now)
         return count
 
-    def _errors_http_5xx(self) -> None:
-        self._errors.labels("http_5xx").inc()
-
     def plain_http_credential(self) -> None:
-        if self._early is not None:
-            self._defer(self.plain_http_credential)
-            return
-        self._errors.labels("http_plaintext_credential").inc()
+        _count(self._errors, ("http_plaintext_credential",)).n += 1
 
     # -- events (netboot.events.EventBus.listen) ---------------------------------------------
     def event(self, event: Event) -> None:
-        if self._early is not None:
-            self._defer(self.event, event)
-            return
-        self._events.labels(event.kind).inc()
+        _count(self._events, (event.kind,)).n += 1
         began, installed = self._started.get(event.machine, (None, None))
         if event.kind == "install-plan":
             # A machine that reboots mid-install gets a new script: the install began at
@@ -282,7 +268,7 @@ class Metrics:
             self._started.pop(event.machine, None)
             return
         elif event.kind == "failed":
-            self._errors.labels("install_failed").inc()
+            _count(self._errors, ("install_failed",)).n += 1
             self._started.pop(event.machine, None)
             return
         elif event.kind == "reinstall":
@@ -305,7 +291,76 @@ class Metrics:
                 counts = {state: await store.count_machines(MachineFilter(state=state))
                           for state in MachineState}
         for state, count in counts.items():
-            self._machines.labels(state.value).set(count)
+            self._machines[state.value] = float(count)
         from prometheus_client.exposition import generate_latest
 
         return generate_latest(self.registry)
+
+
+class _Collector(_CollectorBase):
+    """A :class:`Metrics`' counts as prometheus_client's metric families, at scrape: the
+    samples its Counters, Gauges and Histograms would give (names, help, labels, values,
+    creation times), in the order they were registered in."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        m = self._m
+
+        def counter(name: str, doc: str, labels: list[str],
+                    counts: dict[tuple[str, ...], _Count]) -> Metric:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for values, count in list(counts.items()):
+                family.add_metric(list(values), count.n, created=count.created)
+            return family
+
+        yield counter("netboot_dhcp_replies", "DHCP replies sent (OFFER, ACK, NAK), by "
+                      "firmware and architecture of the client",
+                      ["type", "firmware", "arch"], m._dhcp)
+        yield counter("netboot_tftp_transfers", "TFTP transfers ended, by outcome "
+                      "(complete, probe, client-error, timed-out, source-error)",
+                      ["outcome"], m._transfers)
+        yield CounterMetricFamily("netboot_tftp_bytes", "bytes acknowledged by TFTP clients",
+                                  value=m._tftp_bytes.n, created=m._tftp_bytes.created)
+        yield from m._http_counts.collect()
+        machines = GaugeMetricFamily("netboot_machines", "machines in the inventory, by state",
+                                     labels=["state"])
+        for state, count in list(m._machines.items()):
+            machines.add_metric([state], count)
+        yield machines
+        yield _histogram("netboot_install_duration_seconds", "from the first install "
+                         "script handed out (booting) to installed (or registered "
+                         "when the installer reported nothing)", m._install)
+        yield _histogram("netboot_registration_duration_seconds", "from installed "
+                         "to registered (first boot of the installed OS)", m._register)
+        yield counter("netboot_errors", "errors by kind: http_5xx, install_failed, "
+                      "dhcp_nak, http_plaintext_credential", ["kind"], m._errors)
+        yield counter("netboot_events", "machine events recorded, by kind", ["kind"],
+                      m._events)
+        health, queued = m._health, m._queued_now
+        yield GaugeMetricFamily("netboot_inventory_up", "1 while the inventory answers, 0 "
+                                "while it is unreachable (boots of known machines are "
+                                "answered from memory, writes refused)",
+                                value=0.0 if health is None else 1.0 if health.up else 0.0)
+        yield GaugeMetricFamily("netboot_inventory_queued_events", "boot events waiting to "
+                                "be written (they pile up while the inventory is "
+                                "unreachable)",
+                                value=0.0 if queued is None else float(queued()))
+        yield from m._tftp.collect()
+
+
+def _histogram(name: str, doc: str, durations: _Durations) -> Metric:
+    from prometheus_client.core import Metric as Family
+
+    family = Family(name, doc, "histogram")
+    total = 0
+    for bound, n in zip(_DURATION_BOUNDS, durations.buckets, strict=True):
+        total += n
+        family.add_sample(f"{name}_bucket", {"le": bound}, total)
+    family.add_sample(f"{name}_count", {}, total)
+    family.add_sample(f"{name}_sum", {}, durations.sum)
+    family.add_sample(f"{name}_created", {}, durations.created)
+    return family

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from netboot.access import SESSION_COOKIE, TOKEN_PREFIX, Access
 from netboot.boot import BootService, BootSettings, loader_aliases
-from netboot.cacerts import DeferredCas, deferred_system_cas
+from netboot.cacerts import deferred_system_cas
 from netboot.config import Config, inventory_dsn
 from netboot.content import PER_MACHINE, Content, Trust
 from netboot.core import Core
@@ -510,13 +510,11 @@ class Service:
 
     async def _open_aiohttp(self, access: logging.Logger | None) -> None:
         """aiohttp's application, runner and handlers on the listeners bound by start()."""
-        held = None
         if self.app is None:
             assert self.app_factory is not None
             # Imported in a thread: the event loop answers the front door's requests
             # meanwhile (the GIL is shared, but released every few ms and during I/O).
-            held = await asyncio.to_thread(_import_aiohttp_side)
-            self.metrics.open()
+            await asyncio.to_thread(_import_aiohttp_side)
             self.app = self.app_factory()
         from netboot.servers.aio import GuardedSite, handlers
 
@@ -528,8 +526,6 @@ class Service:
             await GuardedSite(runner, listener, name=f"{scheme}://:{port}").start()
         self.doorway.open(handlers(runner, guard=self.http_guard, front=self.front,
                                    access=access))
-        if held:
-            self.tasks.append(asyncio.ensure_future(_load_system_cas(held)))
 
     async def _load_view(self) -> None:
         started = time.monotonic()
@@ -757,7 +753,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
     ``serve`` does; every check that can stop a start (config, templates, store, TLS) is
     here either way."""
     events = EventBus()
-    metrics = Metrics(deferred=not app)  # opened by start() then, with aiohttp
+    metrics = Metrics()
     events.listen(metrics.event)
     store, sealer = await open_inventory(config, events)
     try:
@@ -801,25 +797,25 @@ async def build(config: Config, *, app: bool = True) -> Service:
     return service
 
 
-def _import_aiohttp_side() -> DeferredCas:
-    """Import what aiohttp's application needs (the API, the dashboard: aiohttp itself) and
-    the metrics' prometheus_client. aiohttp's client reads the system CA bundle twice as it
-    is imported: held back, for :func:`_load_system_cas` once aiohttp answers
-    (netboot.cacerts)."""
-    with deferred_system_cas() as held:
-        import prometheus_client  # noqa: F401
-
+def _import_aiohttp_side() -> None:
+    """Import what aiohttp's application needs (the API, the dashboard: aiohttp itself;
+    prometheus_client waits for the first scrape: netboot.metrics). aiohttp's client makes
+    two TLS contexts as it is imported, each reading the system CA bundle: held back, and
+    never read (netboot.cacerts): ``serve`` makes no outgoing HTTPS request, and the ~150
+    certificates of each were ~2 MiB resident for good (benchmarks/README.md, issue 10,
+    session 14). A request through those contexts would fail its verification, not go
+    unverified."""
+    if "frozenlist" not in sys.modules:
+        # aiohttp's signals and middleware lists as frozenlist's pure-Python FrozenList (a
+        # list behind a flag: iterated once per response), not its C++ extension, which
+        # maps libstdc++ and libgcc_s into the process: 1.2 MiB resident for good that
+        # nothing else here loads (benchmarks/README.md, issue 10, session 14). An entry
+        # of None is how an import is refused; frozenlist falls back on ImportError.
+        sys.modules.setdefault("frozenlist._frozenlist", None)  # type: ignore[arg-type]
+    with deferred_system_cas():
         import netboot.api
         import netboot.servers.aio
         import netboot.web.dashboard  # noqa: F401
-    return held
-
-
-async def _load_system_cas(system_cas: DeferredCas) -> None:
-    try:
-        await asyncio.to_thread(system_cas.load)
-    except ssl.SSLError as exc:  # as aiohttp's import would have failed: loudly, not fatally
-        log.error("cannot load the system CA certificates: %s", exc)
 
 
 def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,

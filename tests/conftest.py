@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +62,14 @@ def this_checkout() -> dict[str, str]:
     """The environment for a child Python that must import this checkout's netboot (the
     venv's editable install may point at another)."""
     return {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).resolve().parent.parent)}
+
+
+def child_json(script: str, *, timeout: float = 300) -> Any:
+    """Run ``script`` in a child Python importing this checkout; the JSON value of the last
+    line it printed (for what only a fresh process shows: what it imported, mapped)."""
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                         env=this_checkout(), text=True, timeout=timeout).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def write_config(tmp: Path, extra: str = "", *, http: str = "", https: str = "") -> Path:

@@ -4,15 +4,16 @@ prometheus_client's own parser and checked value by value."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from netboot.metrics import Metrics
+from netboot.metrics import DURATION_BUCKETS, Metrics
 from netboot.model import Event
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import DhcpServer
-from tests.conftest import Env, EnvFactory, boot, call, install_token
+from tests.conftest import Env, EnvFactory, boot, call, child_json, install_token
 from tests.dhcp_fakes import MemoryLeaseStore
 from tests.servers.test_dhcp import payload
 
@@ -137,23 +138,30 @@ def _text(metrics: Metrics) -> str:
     return generate_latest(metrics.registry).decode()
 
 
-def test_what_is_observed_before_the_collectors_are_made_is_counted() -> None:
-    """``netboot serve`` answers before it imports prometheus_client (Metrics(deferred=True)):
-    the requests, replies and events of that time are counted once it opens them."""
-    metrics = Metrics(deferred=True)
-    metrics.http_request("/healthz", "GET", 200, 0.001)
-    metrics.http_request("/boot.ipxe", "GET", 503, 0.002)
-    metrics.dhcp_reply("NAK", "ipxe", "x86_64")
-    metrics.tftp_transfer("complete", 1000)
-    metrics.plain_http_credential()
-    metrics.event(Event("m1", 100.0, "install-plan"))
-    metrics.event(Event("m1", 160.0, "installed"))
-    metrics.open()
-    metrics.open()  # once: nothing counted twice
-    metrics.http_request("/healthz", "GET", 200, 0.001)
-    scraped = samples(_text(metrics))
+def test_prometheus_client_is_imported_at_the_first_scrape_only() -> None:
+    """``netboot serve`` counts without prometheus_client (~1 MiB resident a storm does not
+    use); what was observed before the first scrape is in it."""
+    script = (
+        "import json, sys\n"
+        "from netboot.metrics import Metrics\n"
+        "from netboot.model import Event\n"
+        "m = Metrics()\n"
+        "m.http_request('/healthz', 'GET', 200, 0.001)\n"
+        "m.http_request('/boot.ipxe', 'GET', 503, 0.002)\n"
+        "m.dhcp_reply('NAK', 'ipxe', 'x86_64')\n"
+        "m.tftp_transfer('complete', 1000)\n"
+        "m.plain_http_credential()\n"
+        "m.event(Event('m1', 100.0, 'install-plan'))\n"
+        "m.event(Event('m1', 160.0, 'installed'))\n"
+        "before = 'prometheus_client' in sys.modules\n"
+        "from prometheus_client.exposition import generate_latest\n"
+        "print(json.dumps([before, generate_latest(m.registry).decode()]))\n"
+    )
+    before, text = child_json(script, timeout=120)
+    assert before is False
+    scraped = samples(text)
     assert value(scraped, "netboot_http_requests_total", route="/healthz", method="GET",
-                 status="200") == 2
+                 status="200") == 1
     assert value(scraped, "netboot_errors_total", kind="http_5xx") == 1
     assert value(scraped, "netboot_errors_total", kind="dhcp_nak") == 1
     assert value(scraped, "netboot_errors_total", kind="http_plaintext_credential") == 1
@@ -162,10 +170,112 @@ def test_what_is_observed_before_the_collectors_are_made_is_counted() -> None:
     assert value(scraped, "netboot_install_duration_seconds_sum") == 60.0
 
 
+def _reference() -> tuple[Any, Callable[..., None]]:
+    """The Counters, Gauges and Histograms Metrics had as prometheus_client's own objects
+    (before it counted plain numbers), and a function feeding both the same observation."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    r = CollectorRegistry()
+    dhcp = Counter("netboot_dhcp_replies", "DHCP replies sent (OFFER, ACK, NAK), by "
+                   "firmware and architecture of the client", ["type", "firmware", "arch"],
+                   registry=r)
+    transfers = Counter("netboot_tftp_transfers", "TFTP transfers ended, by outcome "
+                        "(complete, probe, client-error, timed-out, source-error)",
+                        ["outcome"], registry=r)
+    tftp_bytes = Counter("netboot_tftp_bytes", "bytes acknowledged by TFTP clients",
+                         registry=r)
+    machines = Gauge("netboot_machines", "machines in the inventory, by state", ["state"],
+                     registry=r)
+    install = Histogram("netboot_install_duration_seconds", "from the first install "
+                        "script handed out (booting) to installed (or registered "
+                        "when the installer reported nothing)", buckets=DURATION_BUCKETS,
+                        registry=r)
+    register = Histogram("netboot_registration_duration_seconds", "from installed "
+                         "to registered (first boot of the installed OS)",
+                         buckets=DURATION_BUCKETS, registry=r)
+    errors = Counter("netboot_errors", "errors by kind: http_5xx, install_failed, "
+                     "dhcp_nak, http_plaintext_credential", ["kind"], registry=r)
+    events = Counter("netboot_events", "machine events recorded, by kind", ["kind"],
+                     registry=r)
+    Gauge("netboot_inventory_up", "1 while the inventory answers, 0 while it is "
+          "unreachable (boots of known machines are answered from memory, writes refused)",
+          registry=r)
+    Gauge("netboot_inventory_queued_events", "boot events waiting to be written (they pile "
+          "up while the inventory is unreachable)", registry=r)
+
+    def feed(metrics: Metrics, kind: str, *args: Any) -> None:
+        if kind == "dhcp":
+            metrics.dhcp_reply(*args)
+            dhcp.labels(*args).inc()
+            if args[0] == "NAK":
+                errors.labels("dhcp_nak").inc()
+        elif kind == "tftp":
+            metrics.tftp_transfer(*args)
+            transfers.labels(args[0]).inc()
+            tftp_bytes.inc(args[1])
+        elif kind == "credential":
+            metrics.plain_http_credential()
+            errors.labels("http_plaintext_credential").inc()
+        elif kind == "state":
+            metrics._machines[args[0]] = float(args[1])
+            machines.labels(args[0]).set(args[1])
+        else:  # an event, with the durations it ends
+            metrics.event(Event(args[0], args[1], kind))
+            events.labels(kind).inc()
+            if kind == "failed":
+                errors.labels("install_failed").inc()
+            for name, seconds in args[2:]:
+                (install if name == "install" else register).observe(seconds)
+
+    return r, feed
+
+
+def test_the_plain_counts_are_exposed_as_prometheus_clients_own_metrics() -> None:
+    """Every family but HTTP's (held by the next test) as the Counters, Gauges and
+    Histograms Metrics kept before: the same names, help, types, labels and values, and a
+    creation time where they had one; durations on and around every bucket bound."""
+    from prometheus_client.exposition import generate_latest
+
+    reference, feed = _reference()
+    metrics = Metrics()
+    feed(metrics, "dhcp", "OFFER", "uefi", "x86_64")
+    feed(metrics, "dhcp", "OFFER", "uefi", "x86_64")
+    feed(metrics, "dhcp", "NAK", "bios", "x86")
+    feed(metrics, "tftp", "complete", 1000)
+    feed(metrics, "tftp", "timed-out", 7)
+    feed(metrics, "credential")
+    feed(metrics, "state", "enrolled", 5)
+    feed(metrics, "state", "registered", 0)
+    t = 0.0
+    for i, seconds in enumerate([0.0, 9.99, 10.0, 10.5, 30.0, 3600.0, 7200.0, 7200.5]):
+        feed(metrics, "install-plan", f"m{i}", t)
+        feed(metrics, "installed", f"m{i}", t + seconds, ("install", seconds))
+        feed(metrics, "registered", f"m{i}", t + 2 * seconds, ("register", seconds))
+    feed(metrics, "install-plan", "f", 1.0)
+    feed(metrics, "failed", "f", 2.0)
+    feed(metrics, "booted", "x", 3.0)
+
+    def families(registry: Any) -> list[tuple[Any, ...]]:
+        out = []
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            if family.name.startswith(("netboot_http_", "netboot_tftp_requests",
+                                       "netboot_tftp_errors")):
+                continue
+            out.append((family.name, family.documentation, family.type, sorted(
+                (s.name, tuple(sorted(s.labels.items())),
+                 "created" if s.name.endswith("_created") else s.value)
+                for s in family.samples)))
+        return out
+
+    expected = families(reference)
+    assert len(expected) == 17  # 10 families; the 5 counters' and 2 histograms' _created
+    assert families(metrics.registry) == expected
+
+
 def test_http_requests_are_exposed_as_prometheus_clients_counter_and_histogram() -> None:
     """The HTTP counts are kept as plain numbers and exposed at scrape: the same samples a
     prometheus_client Counter and Histogram fed the same requests expose (every value on
-    and around a bucket bound; counted before open() too)."""
+    and around a bucket bound)."""
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
     reference = CollectorRegistry()
@@ -173,15 +283,13 @@ def test_http_requests_are_exposed_as_prometheus_clients_counter_and_histogram()
                       registry=reference)
     histogram = Histogram("netboot_http_request_duration_seconds", "", ["route"],
                           registry=reference)
-    metrics = Metrics(deferred=True)
+    metrics = Metrics()
     durations = [0.0, 1e-9, 0.005, 0.0050001, 0.1, 0.75, 1.0, 9.99, 10.0, 10.5, 3600.0]
     for i, seconds in enumerate(durations * 3):
         route, status = ("/ipxe", 200) if i % 3 else ("/assets/{path}", 404 + i % 2)
         metrics.http_request(route, "GET", status, seconds)
         counter.labels(route, "GET", str(status)).inc()
         histogram.labels(route).observe(seconds)
-        if i == 5:
-            metrics.open()
     from prometheus_client.exposition import generate_latest
 
     def http(text: str) -> dict[Any, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import stat
@@ -26,7 +25,7 @@ from netboot.service import (
     release_when_quiet,
 )
 from tests import pg
-from tests.conftest import EnvFactory, inotify_instances, this_checkout, write_config
+from tests.conftest import EnvFactory, child_json, inotify_instances, write_config
 
 
 async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path) -> None:
@@ -258,9 +257,7 @@ def test_a_restart_answers_without_cryptography_or_dnslib(tmp_path: Path) -> Non
     )
 
     def start() -> list[str]:
-        out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                             env=this_checkout(), text=True, timeout=300).stdout
-        return list(json.loads(out.splitlines()[-1]))
+        return list(child_json(script))
 
     assert start() == ["cryptography"]  # the first start makes the CA and the certificate
     assert start() == []
@@ -344,7 +341,6 @@ async def test_access_log_never_holds_the_install_token(tmp_path: Path,
 def test_read_only_or_missing_data_dir_is_named_at_start(tmp_path: Path) -> None:
     """`netboot serve` on a read-only file system says so and names the setting, instead of
     SQLite's "unable to open database file" (a private mount namespace holds the mount)."""
-    import subprocess
     import sys
 
     ro = tmp_path / "ro"
@@ -367,7 +363,6 @@ def test_read_only_or_missing_data_dir_is_named_at_start(tmp_path: Path) -> None
 def test_open_files_limit_too_low_for_the_caps_is_a_config_error(tmp_path: Path) -> None:
     """A hard limit of 512 descriptors cannot hold 1024 connections and 256 transfers: start
     stops naming the setting, instead of failing accept() with EMFILE under load."""
-    import subprocess
     import sys
 
     script = (f"ulimit -n 512 && exec {sys.executable} -m netboot serve --data-dir "
