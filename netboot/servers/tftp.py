@@ -509,6 +509,9 @@ class _Link:
                         self._not_sent(exc, transfer)
                 else:
                     self._send(send, transfer)
+                    # The next window read while the client takes this one: its ACK is
+                    # answered without the read (a streamed file; nothing for packets).
+                    transfer.sender.read_ahead()
 
     def _readable(self) -> None:
         """The unconnected data socket: whatever no transfer's socket took."""
