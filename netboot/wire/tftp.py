@@ -528,9 +528,9 @@ class Sender:
     :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
 
     __slots__ = (
-        "_ahead", "_base", "_clean", "_expect", "_floor", "_frame", "_frames", "_heads", "_interval",
-        "_packets", "_policy", "_progress", "_read_into", "_rttvar", "_sent_at", "_slots",
-        "_source",
+        "_ahead", "_base", "_clean", "_expect", "_floor", "_frame", "_frames", "_heads",
+        "_interval", "_packets", "_policy", "_progress", "_read_into", "_rttvar", "_sent_at",
+        "_slots", "_source",
         "acked", "answered", "blksize", "blocks", "deadline", "duplicate_acks", "negotiated",
         "outcome", "phase", "retransmissions", "retries", "sent", "size", "srtt", "windowsize",
     )
