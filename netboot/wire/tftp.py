@@ -853,10 +853,11 @@ class Sender:
         """Blocks ``first`` .. ``last`` read into the window frame: one buffer of
         ``windowsize`` datagram slots, each a 4-byte header and a ``blksize`` payload, whose
         payloads are the buffers of one ``read_into``. The datagrams are views of the
-        frame: valid until the next event of this transfer (the adapter sends them at
-        once); the frame is rewritten by each window, a resend included. It is held for
-        the transfer's life: ``windowsize * (blksize + 4)`` bytes, 94 KB at the default
-        ``max_windowsize`` of 64 and blksize 1468, only for files streamed from disk."""
+        frame: valid until the next event of this transfer or its :meth:`read_ahead` (the
+        adapter sends them at once); the frame is rewritten by each window, a resend
+        included. It is held for the transfer's life: ``windowsize * (blksize + 4)``
+        bytes, 94 KB at the default ``max_windowsize`` of 64 and blksize 1468, only for
+        files streamed from disk."""
         assert self._read_into is not None
         self._ahead = 0  # the frame is rewritten
         frame = self._frame
