@@ -386,7 +386,8 @@ class _Link:
         self.iface = iface
         self.address: Address = sock.getsockname()[:2]
         self._buf = bytearray(self.MAX_DATAGRAM)
-        self._able: tuple[Datagram, ...] = ()  # the last window found GSO-able
+        self._able: tuple[Datagram, ...] = ()  # the last window found GSO-able ...
+        self._per = 0  # ... and its datagrams per UDP_SEGMENT send
         self._segment: dict[int, list[tuple[int, int, bytes]]] = {}  # UDP_SEGMENT cmsg by size
         self._transfers: dict[int, _Transfer] = {}  # by their socket's descriptor
         self._epoll = select.epoll()
@@ -508,6 +509,9 @@ class _Link:
                         self._not_sent(exc, transfer)
                 else:
                     self._send(send, transfer)
+                    # The next window read while the client takes this one: its ACK is
+                    # answered without the read (a streamed file; nothing for packets).
+                    transfer.sender.read_ahead()
 
     def _readable(self) -> None:
         """The unconnected data socket: whatever no transfer's socket took."""
@@ -567,31 +571,42 @@ class _Link:
                 self._not_sent(exc, transfer)
             return
         server = self.server
-        if server.gso and (send is self._able or _gso_able(send)):
-            # A streamed transfer's full windows are one tuple (views of its frame): checked
-            # once. Held here until the next window, which is another transfer's or its own.
-            self._able = send
-            size = len(send[0])
-            segment = self._segment.get(size)
-            if segment is None:
-                segment = self._segment[size] = [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
-            try:
-                # UDP_SEGMENT (Linux >= 4.18): the kernel cuts the buffers (one per
-                # datagram, gathered) into the window's datagrams: one system call.
-                sock.sendmsg(send, segment)
-                return
-            except (BlockingIOError, InterruptedError) as exc:
-                self._not_sent(exc, transfer)
-                return
-            except OSError as exc:
-                if exc.errno not in _GSO_ERRORS:
-                    self._not_sent(exc, transfer)  # the client, not GSO (ECONNREFUSED)
+        start = 0
+        if server.gso:
+            per = self._per if send is self._able else _gso_per(send)
+            if per:
+                # A streamed transfer's full windows are one tuple (views of its frame):
+                # checked once. Held here until the next window, another transfer's or its own.
+                self._able, self._per = send, per
+                size = len(send[0])
+                segment = self._segment.get(size)
+                if segment is None:
+                    segment = self._segment[size] = [
+                        (_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
+                try:
+                    # UDP_SEGMENT (Linux >= 4.18): the kernel cuts the buffers (one per
+                    # datagram, gathered) into the window's datagrams: one system call per
+                    # 64 KiB of window (windowsize 64 at blksize 1468: two, where datagram
+                    # by datagram was 64 and five times the CPU, benchmarks/README.md).
+                    if per >= len(send):
+                        sock.sendmsg(send, segment)
+                    else:
+                        while start < len(send):
+                            sock.sendmsg(send[start:start + per], segment)
+                            start += per
                     return
-                # No GSO here (an old kernel, a device without it): never try again.
-                log.info("tftp: UDP_SEGMENT unavailable (%s), sending datagram by datagram",
-                         exc)
-                server.gso = False
-        for datagram in send:
+                except (BlockingIOError, InterruptedError) as exc:
+                    self._not_sent(exc, transfer)
+                    return
+                except OSError as exc:
+                    if exc.errno not in _GSO_ERRORS:
+                        self._not_sent(exc, transfer)  # the client, not GSO (ECONNREFUSED)
+                        return
+                    # No GSO here (an old kernel, a device without it): never try again.
+                    log.info("tftp: UDP_SEGMENT unavailable (%s), sending datagram by "
+                             "datagram", exc)
+                    server.gso = False
+        for datagram in send[start:]:
             try:
                 sock.send(datagram)
             except OSError as exc:
@@ -622,18 +637,22 @@ _SOL_UDP = 17
 _UDP_SEGMENT = 103  # linux/udp.h
 _GSO_SIZE = struct.Struct("=H")
 _GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
+_GSO_MAX_BYTES = 65000  # a send's datagrams, headers included, fit one IPv4 packet
 # What a kernel or device without UDP_SEGMENT answers; any other error is the client's
 # (ECONNREFUSED from an ICMP error on the connected socket), not GSO's.
 _GSO_ERRORS = frozenset({errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT,
                          errno.EMSGSIZE})
 
 
-def _gso_able(datagrams: tuple[Datagram, ...]) -> bool:
-    # Every segment but the last must be exactly gso_size long, and 64 at most. (The
-    # lengths compared in C: a generator per window cost more than the check.)
+def _gso_per(datagrams: tuple[Datagram, ...]) -> int:
+    """Datagrams per ``UDP_SEGMENT`` send of this window, 0 if it cannot be cut so: every
+    datagram but the last exactly as long as the first (the segment size), the last no
+    longer; a send at most 64 segments (UDP_MAX_SEGMENTS) and ~64 KiB (one IP packet)."""
     size = len(datagrams[0])
-    return (len(datagrams) <= _GSO_MAX_SEGMENTS and size * len(datagrams) <= 65000
-            and len(datagrams[-1]) <= size and len(set(map(len, datagrams[:-1]))) == 1)
+    # (The lengths compared in C: a generator per window cost more than the check.)
+    if len(datagrams[-1]) > size or len(set(map(len, datagrams[:-1]))) != 1:
+        return 0
+    return min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size)
 
 
 class TftpObserver(Protocol):

@@ -528,9 +528,9 @@ class Sender:
     :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
 
     __slots__ = (
-        "_base", "_clean", "_expect", "_floor", "_frame", "_frames", "_heads", "_interval",
-        "_packets", "_policy", "_progress", "_read_into", "_rttvar", "_sent_at", "_slots",
-        "_source",
+        "_ahead", "_base", "_clean", "_expect", "_floor", "_frame", "_frames", "_heads",
+        "_interval", "_packets", "_policy", "_progress", "_read_into", "_rttvar", "_sent_at",
+        "_slots", "_source",
         "acked", "answered", "blksize", "blocks", "deadline", "duplicate_acks", "negotiated",
         "outcome", "phase", "retransmissions", "retries", "sent", "size", "srtt", "windowsize",
     )
@@ -562,6 +562,7 @@ class Sender:
         self._slots: list[memoryview] = []
         self._frames: tuple[memoryview, ...] = ()
         self._heads: struct.Struct | None = None
+        self._ahead = 0  # the first block of the full window read ahead into the frame, or 0
         self._policy = policy
         # The last block is shorter than blksize, possibly empty (RFC 1350 / RFC 2348).
         self.blocks = size // self.blksize + 1
@@ -629,10 +630,15 @@ class Sender:
         elif last == blocks:
             return None  # the last window: its short block is ack()'s to read
         elif self._read_into is not None:
-            # Read before any state changes: a short read leaves ack() to report it.
-            got, send = self._read_window(n + 1, last, n * self.blksize, last * self.blksize)
-            if got != (last - n) * self.blksize:
-                return None
+            if self._ahead == n + 1:  # read while the client took the window before
+                self._ahead = 0
+                send = self._frames
+            else:
+                # Read before any state changes: a short read leaves ack() to report it.
+                got, send = self._read_window(n + 1, last, n * self.blksize,
+                                              last * self.blksize)
+                if got != (last - n) * self.blksize:
+                    return None
         elif last == n + 1 and self._source is not None:  # lock-step from the read-ahead
             bs = self.blksize
             chunk = self._source.read(n * bs, bs)
@@ -667,6 +673,27 @@ class Sender:
         self.deadline = now + interval
         self._expect = last & 0xFFFF if last < blocks else -1
         return send
+
+    def read_ahead(self) -> None:
+        """Read the next full window into the frame now, after the window in flight was
+        sent (the kernel copied it) and while the client takes it, so that its ACK is
+        answered without the read (:meth:`ack_window`). Only for a streamed window sent
+        once with more than one full window to come; any other event that rewrites the
+        frame (a resend, a partial ACK's window) drops it. A failed or short read is left
+        for the next window's own read to report."""
+        if self._expect < 0 or self._read_into is None:
+            return
+        n = self.sent
+        last = n + self.windowsize
+        if last >= self.blocks:
+            return  # the last window is ack()'s to read
+        bs = self.blksize
+        try:
+            got, _ = self._read_window(n + 1, last, n * bs, last * bs)
+        except OSError:
+            return
+        if got == (last - n) * bs:
+            self._ahead = n + 1
 
     def ack(self, block: int, now: float) -> Step:
         send = self.ack_window(block, now)
@@ -826,11 +853,13 @@ class Sender:
         """Blocks ``first`` .. ``last`` read into the window frame: one buffer of
         ``windowsize`` datagram slots, each a 4-byte header and a ``blksize`` payload, whose
         payloads are the buffers of one ``read_into``. The datagrams are views of the
-        frame: valid until the next event of this transfer (the adapter sends them at
-        once); the frame is rewritten by each window, a resend included. It is held for
-        the transfer's life: ``windowsize * (blksize + 4)`` bytes, 94 KB at the default
-        ``max_windowsize`` of 64 and blksize 1468, only for files streamed from disk."""
+        frame: valid until the next event of this transfer or its :meth:`read_ahead` (the
+        adapter sends them at once); the frame is rewritten by each window, a resend
+        included. It is held for the transfer's life: ``windowsize * (blksize + 4)``
+        bytes, 94 KB at the default ``max_windowsize`` of 64 and blksize 1468, only for
+        files streamed from disk."""
         assert self._read_into is not None
+        self._ahead = 0  # the frame is rewritten
         frame = self._frame
         bs = self.blksize
         step = bs + 4

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -1047,6 +1047,20 @@ async def test_another_user_cannot_bind_the_data_port_of_running_transfers(
         assert pkt == Data(2, SMALL[512:1024])
 
 
+def wrapped_sockets(server: TftpServer, wrap: Callable[[socket.socket], Any]) -> list[Any]:
+    """From now on every transfer socket the server's link opens is ``wrap(sock)`` (the
+    link's ``open`` hook, which both builds honour); returns the list they are added to."""
+    link = server._links[None]
+    opened: list[Any] = []
+
+    def wrapping_open(peer: tuple[str, int], open_: Any = link.open) -> socket.socket:
+        opened.append(wrap(open_(peer)))
+        return opened[-1]  # type: ignore[no-any-return]
+
+    link.open = wrapping_open
+    return opened
+
+
 async def test_a_client_gone_mid_transfer_leaves_gso_on(files: DirFiles) -> None:
     """A client that closes its port while its windows are resent: the kernel reports the
     ICMP port unreachable on the transfer's connected socket (read by the next receive,
@@ -1081,13 +1095,7 @@ async def test_econnrefused_on_a_window_is_the_clients_not_gsos(
     it is when the kernel refuses the option itself."""
     server = await started(files, retransmit=0.2)
     link = server._links[None]
-    opened: list[_Refusing] = []
-
-    def refusing_open(peer: tuple[str, int], open_: Any = link.open) -> socket.socket:
-        opened.append(_RefusingWindows(open_(peer), 2, errno.ECONNREFUSED))
-        return opened[-1]  # type: ignore[return-value]
-
-    link.open = refusing_open
+    opened = wrapped_sockets(server, lambda sock: _RefusingWindows(sock, 2, errno.ECONNREFUSED))
     try:
         options = [("blksize", "1468"), ("windowsize", "8")]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
@@ -1201,13 +1209,7 @@ async def test_a_full_send_buffer_is_a_loss_the_timer_repairs(
     resends them."""
     server = await started(files, retransmit=1.0)
     link = server._links[None]
-    opened: list[_Refusing] = []
-
-    def refusing_open(peer: tuple[str, int], open_: Any = link.open) -> socket.socket:
-        opened.append(_Refusing(open_(peer), 3))
-        return opened[-1]  # type: ignore[return-value]
-
-    link.open = refusing_open
+    opened = wrapped_sockets(server, lambda sock: _Refusing(sock, 3))
     try:
         options = [("blksize", "1468"), ("windowsize", str(windowsize))]
         got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
@@ -1234,5 +1236,70 @@ async def test_streamed_windows_are_read_into_their_datagrams_intact(
         assert got.data == pattern(3_000_000)
         await until(lambda: server.stats.completed == 1)
         assert server.cache.builds == 0 and server.stats.failed == 0
+    finally:
+        await server.close()
+
+
+class _Segmenting:
+    """A transfer's socket that notes each ``sendmsg`` (its datagrams' lengths) and refuses
+    the ``refuse``-th with ``error`` (counted from 1; 0: none), as a kernel without
+    ``UDP_SEGMENT`` does."""
+
+    def __init__(self, sock: socket.socket, refuse: int = 0, error: int = errno.EIO) -> None:
+        self._sock = sock
+        self.calls: list[list[int]] = []
+        self.refuse = refuse
+        self.error = error
+
+    def sendmsg(self, buffers: Any, *args: Any) -> int:
+        self.calls.append([len(b) for b in buffers])
+        if len(self.calls) == self.refuse:
+            raise OSError(self.error, os.strerror(self.error))
+        return self._sock.sendmsg(buffers, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("cache_file_size", [6000, 16 << 20], ids=["streamed", "cached"])
+async def test_a_window_over_64_kib_goes_in_udp_segment_sends_of_one_ip_packet_each(
+        files: DirFiles, client: RawClient, cache_file_size: int) -> None:
+    """Windowsize 64 at blksize 1468 is 94 KB, more than one UDP_SEGMENT send may carry:
+    each window goes as two sends of at most 64 KiB (44 datagrams and 20), not datagram by
+    datagram, and the file arrives intact, each block once."""
+    server = await started(files, retransmit=5.0, cache_file_size=cache_file_size)
+    opened = wrapped_sockets(server, _Segmenting)
+    try:
+        options = [("blksize", "1468"), ("windowsize", "64")]
+        got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
+        assert got.data == pattern(3_000_000)
+        assert got.duplicates == 0
+        await until(lambda: server.stats.completed == 1)
+        (sock,) = opened
+        blocks = 3_000_000 // 1468 + 1  # 2,044: 31 full windows of 64, then 60
+        assert sock.calls[:2] == [[1472] * 44, [1472] * 20]
+        assert len(sock.calls) == 2 * 31 + 2  # the last window: 44, then 16 (the short last)
+        assert sum(map(len, sock.calls)) == blocks
+        assert all(sum(call) <= 65000 for call in sock.calls)
+        assert server.gso is True
+    finally:
+        await server.close()
+
+
+async def test_udp_segment_refused_mid_window_sends_the_rest_datagram_by_datagram(
+        files: DirFiles, client: RawClient) -> None:
+    """The kernel refuses UDP_SEGMENT on a window's second send (its first went): GSO is
+    given up for the server and the window's rest goes datagram by datagram, so no block
+    is lost or sent twice, and later windows go that way too."""
+    server = await started(files, retransmit=5.0)
+    opened = wrapped_sockets(server, lambda sock: _Segmenting(sock, refuse=2))
+    try:
+        options = [("blksize", "1468"), ("windowsize", "64")]
+        got = await lossy_fetch(client, addr(server), "big.bin", options, loss=0.0, seed=1)
+        assert got.data == pattern(3_000_000)
+        assert got.duplicates == 0 and server.stats.retransmissions == 0
+        await until(lambda: server.stats.completed == 1)
+        (sock,) = opened
+        assert len(sock.calls) == 2 and server.gso is False
     finally:
         await server.close()
