@@ -108,6 +108,11 @@ def main() -> None:
     parser.add_argument("--mid", default="", help="seconds after GO of readings in the storm")
     parser.add_argument("--idle", default="2,12", help="seconds after the storm of readings")
     parser.add_argument("--release", default="", help="attribute names of dicts to clear")
+    parser.add_argument("--compact", action="store_true",
+                        help="with --census: the storm's machine versions copied anew")
+    parser.add_argument("--evict", action="store_true",
+                        help="with --census: the storm's machine versions out of the view "
+                             "and back (as stored text): the arenas without them")
     parser.add_argument("--census", action="store_true",
                         help="after the idle readings, the objects in pools the storm added")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
@@ -192,6 +197,14 @@ def run_storm(args: argparse.Namespace, probe: Probe, gen: subprocess.Popen[str]
         if args.census:
             print("census after the release:",
                   probe.ask(f"census {probe.out}/census.released.json"), flush=True)
+    if args.compact:  # after the release, if any: what compaction gives on its own then
+        print(probe.ask("compact"), flush=True)
+        probe.reading("compacted")
+        print("census after compaction:",
+              probe.ask(f"census {probe.out}/census.compacted.json"), flush=True)
+    if args.evict:
+        print("evicted:", probe.ask("evict"), flush=True)
+        probe.reading("evicted")
     probe.ask("trim")
     probe.reading("trimmed")
 
