@@ -5,6 +5,7 @@ and after it.
     sudo python benchmarks/storm_probe.py --out DIR [--devices 1000] [--enrolled 100000]
                                           [--trace N] [--peakwatch] [--mid 1,2,4]
                                           [--idle 2,12] [--release _seen,_ended,...]
+                                          [--census [--compact] [--evict]]
 
 Each reading (a JSON line in DIR/records.jsonl, and printed) has VmRSS, RssAnon and RssFile
 (/proc/PID/status), the RSS per mapping (/proc/PID/smaps: [heap], the anonymous mappings
@@ -17,7 +18,12 @@ Snapshot.load; ``--peakwatch``: also DIR/peak.snap near the traced peak); tracem
 the storm 1.5-6x. ``--census``: after the idle readings, the objects in pymalloc pools that
 held none once the view was loaded, by type (DIR/census.json: what keeps the arenas a storm
 added). ``--release NAMES``: after the idle readings, the dicts of those attribute names on
-netboot's objects are cleared (what dropping the caches would give back).
+netboot's objects are cleared (what dropping the caches would give back). ``--compact``
+(with ``--census``, after the release if any): each machine of the view in a pool not marked
+(a version adopted in the storm) replaced by a copy of new objects, in the view and in the
+caches that hold it by identity, then the census again (DIR/census.compacted.json).
+``--evict`` (with ``--census``): those machines taken out of the process (kept as one stored
+text) and decoded back: pymalloc's arenas without them, the bound of any compaction.
 Needs root (storm.py's namespaces); every process is stopped by its own PID.
 """
 
