@@ -5,6 +5,7 @@ and after it.
     sudo python benchmarks/storm_probe.py --out DIR [--devices 1000] [--enrolled 100000]
                                           [--trace N] [--peakwatch] [--mid 1,2,4]
                                           [--idle 2,12] [--release _seen,_ended,...]
+                                          [--census [--compact] [--evict]]
 
 Each reading (a JSON line in DIR/records.jsonl, and printed) has VmRSS, RssAnon and RssFile
 (/proc/PID/status), the RSS per mapping (/proc/PID/smaps: [heap], the anonymous mappings
@@ -17,7 +18,12 @@ Snapshot.load; ``--peakwatch``: also DIR/peak.snap near the traced peak); tracem
 the storm 1.5-6x. ``--census``: after the idle readings, the objects in pymalloc pools that
 held none once the view was loaded, by type (DIR/census.json: what keeps the arenas a storm
 added). ``--release NAMES``: after the idle readings, the dicts of those attribute names on
-netboot's objects are cleared (what dropping the caches would give back).
+netboot's objects are cleared (what dropping the caches would give back). ``--compact``
+(with ``--census``, after the release if any): each machine of the view in a pool not marked
+(a version adopted in the storm) replaced by a copy of new objects, in the view and in the
+caches that hold it by identity, then the census again (DIR/census.compacted.json).
+``--evict`` (with ``--census``): those machines taken out of the process (kept as one stored
+text) and decoded back: pymalloc's arenas without them, the bound of any compaction.
 Needs root (storm.py's namespaces); every process is stopped by its own PID.
 """
 
@@ -108,6 +114,11 @@ def main() -> None:
     parser.add_argument("--mid", default="", help="seconds after GO of readings in the storm")
     parser.add_argument("--idle", default="2,12", help="seconds after the storm of readings")
     parser.add_argument("--release", default="", help="attribute names of dicts to clear")
+    parser.add_argument("--compact", action="store_true",
+                        help="with --census: the storm's machine versions copied anew")
+    parser.add_argument("--evict", action="store_true",
+                        help="with --census: the storm's machine versions out of the view "
+                             "and back (as stored text): the arenas without them")
     parser.add_argument("--census", action="store_true",
                         help="after the idle readings, the objects in pools the storm added")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
@@ -192,6 +203,14 @@ def run_storm(args: argparse.Namespace, probe: Probe, gen: subprocess.Popen[str]
         if args.census:
             print("census after the release:",
                   probe.ask(f"census {probe.out}/census.released.json"), flush=True)
+    if args.compact:  # after the release, if any: what compaction gives on its own then
+        print(probe.ask("compact"), flush=True)
+        probe.reading("compacted")
+        print("census after compaction:",
+              probe.ask(f"census {probe.out}/census.compacted.json"), flush=True)
+    if args.evict:
+        print("evicted:", probe.ask("evict"), flush=True)
+        probe.reading("evicted")
     probe.ask("trim")
     probe.reading("trimmed")
 

@@ -23,6 +23,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from typing import Any
 
 _DIR = os.environ["PROBE_DIR"]
 _LIBC = ctypes.CDLL(None)
@@ -190,6 +191,137 @@ def _census(arg: str) -> str:
     return f"{len(pools)} new pools, {len(seen)} objects, {sum(size.values())} bytes"
 
 
+def _new_text(text: str | None) -> str | None:
+    # A new string object of the same value ("" and one Latin-1 character are singletons).
+    return None if text is None else (text + " ")[:-1]
+
+
+def _fresh_copy(machine: Any) -> Any:
+    """An equal machine whose own objects are new: the machine, its facts (a new dict, the
+    names interned, new value strings), its last address, token hash, install token, token
+    expiry and update time. What it shares is kept: the MACs and the identifiers (the view's
+    index keys), the hostname, the labels (SharedMaps), the interned cluster and profile,
+    the creation time (SharedMaps.time; an update time equal to it stays that object)."""
+    from netboot.model import machine_of_values
+
+    m = machine
+    facts = m.facts
+    if facts:
+        facts = {sys.intern(k): (v + " ")[:-1] for k, v in facts.items()}
+    expires = None if m.token_expires is None else m.token_expires * 1.0
+    return machine_of_values((
+        m.macs, m.id, m.state, m.hostname, m.uuid, m.serial, m.asset, m.labels, m.cluster,
+        m.role, m.profile, m.loader, m.arch, m.firmware, _new_text(m.ipv4), m.fixed_ipv4,
+        facts, _new_text(m.token_hash), expires, _new_text(m.install_token), m.created,
+        m.updated if m.updated is m.created else m.updated * 1.0))
+
+
+def _compact() -> str:
+    """Experiment (session 14, s14-compact): each machine of the view in a pool not marked
+    (a version adopted during the storm) replaced by a fresh copy (_fresh_copy), in the
+    view and in the caches that hold it by identity (BootService._seen, Recorder._last);
+    then what still holds the old objects. Run from the probe's thread: only once the
+    server is quiet."""
+    gc.unfreeze()
+    try:
+        objects = gc.get_objects()
+        views = [o for o in objects if type(o).__name__ == "InventoryView"]
+        boots = [o for o in objects if type(o).__name__ == "BootService"]
+        recorders = [o for o in objects if type(o).__name__ == "Recorder"]
+        del objects
+        swap: dict[int, object] = {}
+        old = []
+        t0 = time.perf_counter()
+        for view in views:
+            held = view._machines
+            for mid, m in list(held.items()):
+                if m is not None and id(m) >> 14 not in _POOLS:
+                    new = _fresh_copy(m)
+                    held[mid] = new
+                    swap[id(m)] = new
+                    old.append(m)
+            for servers in view._servers.values():
+                for mid, m in list(servers.items()):
+                    if id(m) in swap:
+                        servers[mid] = swap[id(m)]
+        took = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        copies = [_fresh_copy(m) for m in old]
+        copying = time.perf_counter() - t0
+        del copies
+        for boot in boots:
+            for seen in boot._seen.values():
+                if id(seen.machine) in swap:
+                    seen.machine = swap[id(seen.machine)]
+                if id(seen.quiet) in swap:
+                    seen.quiet = swap[id(seen.quiet)]
+                if seen.news is not None and id(seen.news[0]) in swap:
+                    seen.news = (swap[id(seen.news[0])], *seen.news[1:])
+        for rec in recorders:
+            for key, (said, version) in list(rec._last.items()):
+                if id(version) in swap:
+                    rec._last[key] = (said, swap[id(version)])
+        gc.collect()
+        still = collections.Counter()
+        for m in old[:200]:
+            for r in gc.get_referrers(m):
+                if r is not old:
+                    still[_kind(r)] += 1
+        n = len(old)
+        del old, swap
+    finally:
+        gc.collect()
+        gc.freeze()
+    return (f"compacted {n} machines in {took * 1000:.1f} ms (the walk of the view "
+            f"included; copies alone {copying * 1000:.1f} ms); old held by {dict(still)}")
+
+
+def _evict() -> str:
+    """Experiment (s14-compact): the upper bound of any compaction. The view's machines in
+    pools not marked written as stored text into one string (glibc's, not pymalloc's),
+    taken out of the view (None), collected: pymalloc's arenas and the machines alive in
+    pools not marked then; then decoded (new objects: the MACs and ids too) and put back,
+    and the arenas again."""
+    import io
+
+    from netboot.inventory import codec
+
+    arenas = "arenas allocated current"
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)  # the loop's thread waits meanwhile (a quiet server)
+    gc.unfreeze()
+    try:
+        start = _pymalloc()[arenas]
+        views = [o for o in gc.get_objects() if type(o).__name__ == "InventoryView"]
+        out = []
+        for view in views:
+            held = view._machines
+            ids = [mid for mid, m in held.items()
+                   if m is not None and id(m) >> 14 not in _POOLS]
+            text = io.StringIO()
+            for mid in ids:
+                text.write(codec.machine_json(held[mid]))
+                text.write("\n")
+            blob = text.getvalue()
+            del text
+            for mid in ids:
+                held[mid] = None
+            gc.collect()
+            without = _pymalloc()[arenas]
+            left = sum(1 for o in gc.get_objects()
+                       if type(o).__name__ == "Machine" and id(o) >> 14 not in _POOLS)
+            for mid, line in zip(ids, blob.splitlines(), strict=True):
+                held[mid] = codec.machine_from_document(codec.loads_document(line))
+            del blob
+            gc.collect()
+            out.append(f"{len(ids)} machines: arenas {start}, without them {without} "
+                       f"({left} machines left in new pools), put back {_pymalloc()[arenas]}")
+    finally:
+        gc.freeze()
+        sys.setswitchinterval(before)
+    return "; ".join(out)
+
+
 def _owners(container: object) -> list[str]:
     """What refers to ``container``: the attribute names of netboot's objects that hold it,
     else the referrers' types."""
@@ -251,6 +383,10 @@ def _handle(command: str) -> str:
             type(o).__name__ for o in gc.get_objects()).most_common(40))
     elif word == "release":
         return _release(arg.split(","))
+    elif word == "evict":
+        return _evict()
+    elif word == "compact":
+        return _compact()
     elif word == "census":
         return _census(arg)
     elif word == "minfo":
