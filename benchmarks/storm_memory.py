@@ -75,7 +75,14 @@ def one_run(tree: Path, work: storm.Workload, spec: storm.Spec, server_ns: str,
         settled = vm(pid)
         failed = sum(sum(v.values()) for v in data["failures"].values())
         if failed:  # by stage and reason: a storm's failure is a finding, not only a count
-            print(f"  {tree.name}: failures {json.dumps(data['failures'])}", flush=True)
+            # The run's directory goes with the others at the end: its logs are kept
+            # elsewhere, so that the failure can be read (which transfer, what the server said).
+            kept = Path(tempfile.mkdtemp(prefix="netboot-storm-memory-failed-"))
+            for log_name in ("netboot.log", "generator.log"):
+                if (run / log_name).exists():
+                    shutil.copy2(run / log_name, kept / log_name)
+            print(f"  {tree.name}: failures {json.dumps(data['failures'])}; logs kept in {kept}",
+                  flush=True)
         return {"loaded": loaded["VmRSS"], "after": after["VmRSS"], "peak": after["VmHWM"],
                 "settled": settled["VmRSS"], "anon": settled["RssAnon"],
                 "file": settled["RssFile"], "wall": data["wall"], "failed": failed,
