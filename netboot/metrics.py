@@ -45,8 +45,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # follows the first boot of the installed OS. Buckets from 10 s to 2 h.
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200, float("inf"))
 # TftpStats fields that are refusals or failures, reported as netboot_errors_total{kind}.
-_DURATION_BOUNDS = tuple("+Inf" if b == float("inf") else repr(float(b))  # le=
-                         for b in DURATION_BUCKETS)
 TFTP_ERROR_FIELDS = ("not_found", "refused", "busy", "failed", "unknown_tid")
 
 
@@ -75,17 +73,39 @@ class _TftpCollector(_CollectorBase):
 # prometheus_client's default histogram buckets (seconds), which the HTTP durations had.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, float("inf"))
-_HTTP_BOUNDS = tuple("+Inf" if b == float("inf") else repr(b) for b in HTTP_BUCKETS)  # le=
 
 
-class _HttpDurations:
-    """One route's request durations: a histogram's bucket counts (not cumulative) and sum."""
+def _bounds(buckets: tuple[float, ...]) -> tuple[str, ...]:
+    """Each bucket's ``le`` label value, as prometheus_client writes it."""
+    return tuple("+Inf" if b == float("inf") else repr(float(b)) for b in buckets)
 
-    __slots__ = ("buckets", "sum")
 
-    def __init__(self) -> None:
-        self.buckets = [0] * len(HTTP_BUCKETS)
+_HTTP_BOUNDS = _bounds(HTTP_BUCKETS)
+_DURATION_BOUNDS = _bounds(DURATION_BUCKETS)
+
+
+class _Durations:
+    """A histogram's bucket counts (not cumulative), sum and creation time."""
+
+    __slots__ = ("buckets", "created", "sum")
+
+    def __init__(self, buckets: int, created: float = 0.0) -> None:
+        self.buckets = [0] * buckets
         self.sum = 0.0
+        self.created = created
+
+    def observe(self, buckets: tuple[float, ...], seconds: float) -> None:
+        # The first bucket whose bound is not below it, as prometheus_client's observe().
+        self.buckets[bisect_left(buckets, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self, bounds: tuple[str, ...]) -> list[tuple[str, int]]:
+        """(le, count up to that bound) per bucket, as a histogram is exposed."""
+        total, out = 0, []
+        for bound, n in zip(bounds, self.buckets, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
 
 
 class _HttpCount:
@@ -93,7 +113,7 @@ class _HttpCount:
 
     __slots__ = ("created", "durations", "n")
 
-    def __init__(self, durations: _HttpDurations, created: float) -> None:
+    def __init__(self, durations: _Durations, created: float) -> None:
         self.n = 0
         self.durations = durations
         self.created = created
@@ -107,7 +127,7 @@ class _HttpCollector(_CollectorBase):
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str, int], _HttpCount] = {}
-        self.durations: dict[str, _HttpDurations] = {}
+        self.durations: dict[str, _Durations] = {}
 
     def collect(self) -> Iterable[Metric]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -121,11 +141,7 @@ class _HttpCollector(_CollectorBase):
                                         "time to handle an HTTP request (for a stream: its "
                                         "lifetime), by route pattern", labels=["route"])
         for route, durations in list(self.durations.items()):
-            total, buckets = 0, []
-            for bound, n in zip(_HTTP_BOUNDS, durations.buckets, strict=True):
-                total += n
-                buckets.append((bound, total))
-            seconds.add_metric([route], buckets, durations.sum)
+            seconds.add_metric([route], durations.cumulative(_HTTP_BOUNDS), durations.sum)
         return [requests, seconds]
 
 
@@ -138,22 +154,6 @@ class _Count:
     def __init__(self, created: float) -> None:
         self.n = 0.0
         self.created = created
-
-
-class _Durations:
-    """A histogram without labels: bucket counts (not cumulative), sum, creation time."""
-
-    __slots__ = ("buckets", "created", "sum")
-
-    def __init__(self, created: float) -> None:
-        self.buckets = [0] * len(DURATION_BUCKETS)
-        self.sum = 0.0
-        self.created = created
-
-    def observe(self, seconds: float) -> None:
-        # The first bucket whose bound is not below it, as prometheus_client's observe().
-        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.sum += seconds
 
 
 def _count(counts: dict[tuple[str, ...], _Count], labels: tuple[str, ...]) -> _Count:
@@ -186,8 +186,8 @@ class Metrics:
         self._transfers: dict[tuple[str, ...], _Count] = {}  # (outcome,)
         self._tftp_bytes = _Count(now)
         self._machines: dict[str, float] = {}  # state → count at the last scrape
-        self._install = _Durations(now)
-        self._register = _Durations(now)
+        self._install = _Durations(len(DURATION_BUCKETS), now)
+        self._register = _Durations(len(DURATION_BUCKETS), now)
         self._errors: dict[tuple[str, ...], _Count] = {}  # (kind,)
         self._events: dict[tuple[str, ...], _Count] = {}  # (kind,)
         self._registry: Any = None
@@ -227,10 +227,7 @@ class Metrics:
         if count is None:
             count = self._http_count(route, method, status)
         count.n += 1
-        durations = count.durations
-        durations.sum += seconds
-        # The first bucket whose bound is not below it, as prometheus_client's observe().
-        durations.buckets[bisect_left(HTTP_BUCKETS, seconds)] += 1
+        count.durations.observe(HTTP_BUCKETS, seconds)
         if status >= 500:
             _count(self._errors, ("http_5xx",)).n += 1
 
@@ -241,7 +238,7 @@ class Metrics:
         collector = self._http_counts
         durations = collector.durations.get(route)
         if durations is None:
-            durations = collector.durations[route] = _HttpDurations()
+            durations = collector.durations[route] = _Durations(len(HTTP_BUCKETS))
         count = collector.counts[route, method, status] = _HttpCount(durations, now)
         return count
 
@@ -258,13 +255,13 @@ class Metrics:
             if began is None or installed is not None:
                 began, installed = event.time, None
         elif event.kind == "installed" and began is not None and installed is None:
-            self._install.observe(max(0.0, event.time - began))
+            self._install.observe(DURATION_BUCKETS, max(0.0, event.time - began))
             installed = event.time
         elif event.kind == "registered":
             if installed is not None:
-                self._register.observe(max(0.0, event.time - installed))
+                self._register.observe(DURATION_BUCKETS, max(0.0, event.time - installed))
             elif began is not None:
-                self._install.observe(max(0.0, event.time - began))
+                self._install.observe(DURATION_BUCKETS, max(0.0, event.time - began))
             self._started.pop(event.machine, None)
             return
         elif event.kind == "failed":
@@ -357,8 +354,7 @@ def _histogram(name: str, doc: str, durations: _Durations) -> Metric:
 
     family = Family(name, doc, "histogram")
     total = 0
-    for bound, n in zip(_DURATION_BOUNDS, durations.buckets, strict=True):
-        total += n
+    for bound, total in durations.cumulative(_DURATION_BOUNDS):
         family.add_sample(f"{name}_bucket", {"le": bound}, total)
     family.add_sample(f"{name}_count", {}, total)
     family.add_sample(f"{name}_sum", {}, durations.sum)
