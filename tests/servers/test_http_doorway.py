@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 import netboot.service as wiring
-from netboot.cacerts import DeferredCas
 from netboot.config import load
 from netboot.service import Service, build
 from tests.conftest import child_json, write_config
@@ -51,7 +50,7 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     gate = threading.Event()
     real = wiring._import_aiohttp_side
 
-    def import_when_let() -> DeferredCas:
+    def import_when_let() -> None:
         gate.wait(60)
         return real()
 
