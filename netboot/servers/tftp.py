@@ -16,6 +16,8 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   not also a random server port (TFTP has no other protection against an on-path one).
 * Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
   first reply was lost, so the first reply is resent instead of starting a second transfer.
+  A different RRQ from that port means the client has moved on: the running transfer ends
+  and the new request is served (dnsmasq does the same).
   A copy of the RRQ read after its transfer ended by the client's own doing (its ERROR, its
   last ACK) is a duplicate too: the client resent it before our answer reached it, and the
   listener read it late (in a storm, seconds late). Served, it was a transfer to a port
@@ -266,6 +268,9 @@ class _Transfer:
 
     def unreachable(self) -> None:
         self._guard(self.sender.unreachable)
+
+    def abandoned(self) -> None:
+        self._guard(self.sender.abandoned)
 
     def on_timer(self, now: float) -> None:
         self._guard(lambda _: self.sender.timeout(now))
@@ -880,13 +885,26 @@ class TftpServer:
             return None
         self.stats.requests += 1
         running = self._transfers.get(peer)
-        if running is not None or peer in self._opening:
-            # Our first reply was lost: resend it rather than start a second transfer.
+        if (running is not None and running.request == data) or peer in self._opening:
+            # Our first reply was lost: resend it rather than start a second transfer. (A
+            # request from a port whose request is still being opened waits for its resend.)
             self.stats.duplicate_requests += 1
             log.debug("tftp %s:%d %r: duplicate request", *peer, packet.filename)
             if running is not None:
                 running.duplicate_request()
             return None
+        if running is not None:
+            # A different request from the port of a running transfer: its client has moved
+            # on. A size probe and the download from one port (EDK2's pair, when the kernel
+            # hands the new socket the old port), the download's RRQ read before the probe's
+            # ERROR; U-Boot's next file from its one port (``tftpsrcp``) while its last ACK
+            # of the previous one was lost. Taken as a copy, the old transfer's answer went
+            # out again and the client's ACKs reached no transfer (a storm's device failed
+            # so, benchmarks/README.md, session 15). The old transfer ends, its socket with
+            # it (and any of its datagrams still queued), before the new one connects.
+            log.debug("tftp %s:%d %r: a new request from the port of a running transfer",
+                      *peer, packet.filename)
+            running.abandoned()
         ended = self._ended.get(peer)
         if (ended is not None and ended[0] == data
                 and time.monotonic() - ended[1] < _STALE_COPY):

@@ -726,10 +726,18 @@ class Sender:
         return self._send_window(now)
 
     def error(self, code: int, message: str, now: float) -> Step:
+        return self._ended_by_client(f"client error {code}: {message}")
+
+    def abandoned(self, now: float) -> Step:
+        """A different request came from the client's port: the client has moved on (its
+        port is one transfer's TID, RFC 1350 §4), so this transfer ends as on its ERROR.
+        dnsmasq likewise drops the old transfer of a peer that sends a new RRQ."""
+        return self._ended_by_client("abandoned: a new request came from the client's port")
+
+    def _ended_by_client(self, reason: str) -> Step:
         if self.phase is Phase.DONE:
             return self._over()
         probe = self.phase is Phase.OACK or self.acked == 0
-        reason = f"client error {code}: {message}"
         return self._finish(Outcome.PROBE if probe else Outcome.CLIENT_ERROR, reason)
 
     def unreachable(self, now: float) -> Step:

@@ -378,6 +378,78 @@ async def test_a_copy_of_an_rrq_read_after_its_transfer_ended_starts_no_transfer
     assert server.stats.started == 3
 
 
+
+LOADER = [("blksize", "1468"), ("windowsize", "4")]
+
+
+async def test_a_new_request_from_the_port_of_a_running_transfer_replaces_it(
+    server: TftpServer, client: RawClient
+) -> None:
+    """A client that read the size from the OACK and asks for the file from the same port
+    without an ERROR (the probe abandoned, as a firmware may) gets the new request's answer
+    at once: before, the new RRQ counted as a copy of the probe's, the probe's OACK (tsize,
+    no windowsize) was sent again, and the client's ACK 0 reached no transfer."""
+    client.rrq(addr(server), "big.bin", [("tsize", "0"), ("blksize", "1468")])
+    oack, _ = await client.recv()
+    assert isinstance(oack, OptionAck) and oack.option("tsize") == "3000000"
+    got = await fetch(client, addr(server), "big.bin", LOADER)
+    assert got.data == pattern(3_000_000)
+    assert got.oack is not None and got.oack.option("windowsize") == "4"
+    assert got.oack.option("tsize") is None
+    await until(lambda: server.stats.completed == 1 and server.transfers == 0)
+    assert server.stats.started == 2 and server.stats.duplicate_requests == 0
+    assert server.stats.probes == 1  # the abandoned probe, not a failure
+
+
+async def test_a_download_whose_request_is_read_before_the_probes_error_is_served(
+    server: TftpServer, client: RawClient
+) -> None:
+    """The storm's one failed device (benchmarks/README.md, session 15): its size probe and
+    its download came from the same port (the kernel's random choice for a new socket, 1 in
+    ~28,000), and the listener, still reading a burst of other RRQs, read the download's
+    RRQ before the probe's socket read the ERROR sent ahead of it. The RRQ counted as a copy
+    of the probe's, the probe's OACK went out again, the ERROR then ended the probe, and
+    the client's ACK 0 reached no transfer: 7 s without progress. Here another client's RRQ
+    is queued on the listener first, so the listener is ahead of the probe's socket in the
+    loop's wake-up and reads the download's RRQ in the same burst."""
+    client.rrq(addr(server), "big.bin", [("tsize", "0"), ("blksize", "1468")])
+    oack, tid = await client.recv()
+    assert isinstance(oack, OptionAck)
+    with RawClient() as other:
+        other.rrq(addr(server), "small.bin")
+        client.send(Error(ErrorCode.OPTION_NEGOTIATION, "size probe"), tid)
+        got = await fetch(client, addr(server), "big.bin", LOADER)
+        assert got.data == pattern(3_000_000)
+        assert got.oack is not None and got.oack.option("windowsize") == "4"
+        first, _ = await other.recv()
+        assert isinstance(first, Data) and first.block == 1
+    await until(lambda: server.stats.completed == 1 and server.stats.probes == 1)
+
+
+async def test_a_request_for_another_file_while_the_last_block_is_resent_is_served(
+    files: DirFiles, client: RawClient
+) -> None:
+    """U-Boot sends every RRQ of a boot from one port when ``tftpsrcp`` is set (and from
+    1024 + its timer modulo 3072 otherwise): when its last ACK of a file is lost it has
+    already moved on, and its next RRQ comes from the port of a transfer the server still
+    resends. That request is served at once, not after the old transfer gives up."""
+    srv = await started(files, retransmit=0.5, min_rto=None)
+    try:
+        client.rrq(addr(srv), "small.bin")
+        blocks = 0
+        while True:
+            pkt, tid = await client.recv()
+            assert isinstance(pkt, Data)
+            blocks += 1
+            if len(pkt.data) < 512:
+                break  # the last block: its ACK "lost"
+            client.send(Ack(pkt.block), tid)
+        got = await fetch(client, addr(srv), "boot.scr.uimg")
+        assert got.data == b"script"
+        assert srv.stats.started == 2 and srv.stats.duplicate_requests == 0
+    finally:
+        await srv.close()
+
 async def test_the_listener_reads_a_burst_of_requests_per_wake_up(
     server: TftpServer
 ) -> None:

@@ -462,6 +462,19 @@ def test_error_later_is_a_client_abort() -> None:
     assert s.error(0, "user abort", 0.2).outcome is Outcome.CLIENT_ERROR
 
 
+
+def test_a_new_request_from_the_clients_port_ends_the_transfer_as_its_error_would() -> None:
+    probe, _ = sender(5000, (("tsize", "0"),))
+    probe.start(0.0)
+    step = probe.abandoned(0.1)
+    assert step.outcome is Outcome.PROBE and step.send == () and "new request" in step.reason
+    later, _ = sender(5000)
+    later.start(0.0)
+    later.ack(1, 0.1)
+    step = later.abandoned(0.2)
+    assert step.outcome is Outcome.CLIENT_ERROR and step.send == ()
+    assert later.abandoned(0.3).send == ()  # over already: nothing more to send
+
 def test_duplicate_request_resends_only_before_progress() -> None:
     s, _ = sender(5000, (("blksize", "1024"),))
     first = s.start(0.0)
