@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-from netboot.arrival import arrival
 from netboot.errors import ConfigError, RenderError
 from netboot.shipped import templates_dir
 
@@ -697,7 +696,6 @@ class _Freshness:
         self._watch: _Watch | None = None
         self._recheck = recheck
         self._recheck_at = 0.0
-        self._looked = -1.0  # time.monotonic() when the watch was last asked (_looked_at)
         self._generation = 0
         self._envs: list[ImmutableSandboxedEnvironment] = []
         # Templates by environment and name as last checked, valid while the generation is.
@@ -722,7 +720,7 @@ class _Freshness:
             return self._generation
         watch = self._watch if self._unstarted is None else self._started()
         now = time.monotonic()
-        if watch is not None and self._looked_at(now, watch):
+        if watch is not None and watch.changed():
             for env in self._envs:
                 if env.cache is not None:
                     env.cache.clear()
@@ -734,19 +732,6 @@ class _Freshness:
             if watch is not None:
                 self._sweep()
         return self._generation
-
-    def _looked_at(self, now: float, watch: _Watch) -> bool:
-        """Whether the watch says a template may have changed. It is asked again unless the
-        request this render answers had arrived before it was last asked (netboot.arrival):
-        a change made before the request arrived was made before that look, which saw it
-        (its inotify event is queued by the system call that made the change). The renders
-        of the requests one loop iteration read share one poll(2), as they share the store's
-        probe; a render for no request (the API, a dry run) asks anew."""
-        came = arrival()
-        if came is not None and came < self._looked:
-            return False
-        self._looked = now  # taken before the look: what arrived before it, the look sees
-        return watch.changed()
 
     def close(self) -> None:
         """The watch closed: from now on every use checks the files (as without inotify)."""

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 import yaml
 
-from netboot.arrival import arrived
 from netboot.content import PER_MACHINE, Content, register_command
 from netboot.errors import ConfigError, RenderError
 from netboot.model import (
@@ -972,26 +970,6 @@ def test_a_pinned_render_looks_at_the_watch_once(tmp_path: Path) -> None:
         r.render("ipxe/missing.ipxe", {})
     _edit(path, "#!ipxe\necho three {{ mac }}\n")
     assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho three m1\n"
-
-
-def test_renders_of_requests_that_arrived_before_a_look_at_the_watch_share_it(
-        tmp_path: Path) -> None:
-    """netboot.arrival, as the store's probe uses it: a render for a request that had arrived
-    before the watch was last asked is answered from that look (no poll(2) of its own: the
-    renders of one loop iteration's requests share one); an edit made before a request
-    arrived is seen by its render; a render for no request asks every time."""
-    path = tmp_path / "hold.ipxe"
-    path.write_text("#!ipxe\necho one\n")
-    r = Renderer([tmp_path], recheck=3600)
-    early = time.monotonic()  # a request read before the look below
-    assert r.render("hold.ipxe", {}) == "#!ipxe\necho one\n"  # the look: for no request
-    _edit(path, "#!ipxe\necho two\n")
-    with arrived(early):  # arrived before the look: answered from it, the edit not seen
-        assert r.render("hold.ipxe", {}) == "#!ipxe\necho one\n"
-    with arrived(time.monotonic()):  # arrived after the edit: looks again, sees it
-        assert r.render("hold.ipxe", {}) == "#!ipxe\necho two\n"
-    _edit(path, "#!ipxe\necho three\n")
-    assert r.render("hold.ipxe", {}) == "#!ipxe\necho three\n"  # for no request: a look
 
 
 @pytest.mark.parametrize("watched", [True, False], ids=["inotify", "too-big-to-watch"])
