@@ -1,0 +1,171 @@
+"""`/ipxe` first installs in process, two trees at the same time: the event loop's CPU per
+request beside a baseline's, under the same load.
+
+    python benchmarks/ipxe_inproc.py --compare /work/main [--requests 10000] [--rounds 3]
+
+Each tree's child builds the service as ``netboot serve`` does (``service.build``, the view
+loaded, the heap frozen, uvloop, the batched log handler writing to a file) on its own copy
+of a seeded inventory (``storm.Workload``, 100,000 machines by default, clusters with a fixed
+server URL so that every request is a first install, as http_paths.py ``--fixed-url``) and calls
+``DeviceRoutes._ipxe`` from 50 tasks, each for a random enrolled MAC (the same MACs in both
+trees), without sockets: the decision, the render, the group commit on the store's writer
+thread, the log line. As the HTTP front door does, a request is read in one loop iteration and
+decided in the next, and says when it arrived (``netboot.arrival``), so that one loop
+iteration's requests share one store probe.
+
+Why both at once: on a shared 2-core machine the load of other processes drifts within a
+minute, and two runs taken one after the other measured the drift (session 15: a sequential
+A/B of two trees showed one 5-10 % ahead in 3 of 4 rounds; run side by side, the same two
+trees were within 1-3 %). Side by side, both children meet the same load at the same moment;
+they also share the two CPUs with each other, so the figures are a comparison, not an
+absolute rate. Printed per round: each child's loop CPU per request (``time.thread_time``
+of the loop's thread), the other threads' (the store's writer, its checkpointer, its reader)
+and the wall rate; then the medians and the median of the rounds' ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from storm import REPO, Workload
+
+CONCURRENCY = 50
+
+CHILD = r"""
+import asyncio, json, logging, os, random, sys, time
+
+run, count, seed, conc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+from netboot.logs import BatchedStreamHandler, TextFormatter
+
+handler = BatchedStreamHandler(open(os.path.join(run, "netboot.log"), "w"))
+handler.setFormatter(TextFormatter())
+logging.basicConfig(level="INFO", handlers=[handler])
+logging._srcfile = None  # as netboot.cli sets it for serve
+logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+from netboot import config as configs
+from netboot.arrival import arrived
+from netboot.servers.http import DeviceRoutes
+from netboot.service import FrozenHeap, build, loop_factory
+
+
+def threads():
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        out[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+async def main():
+    service = await build(configs.load(os.path.join(run, "netboot.yaml")), app=False)
+    await service.boot.load_view()
+    FrozenHeap().start()
+    devices = DeviceRoutes(service.content)
+    draw = random.Random(seed)
+    machines = iter([draw.randrange(0, int(sys.argv[5])) for _ in range(count + 2 * conc * 40)])
+
+    async def worker(n):
+        for _ in range(n):
+            i = next(machines)
+            mac = f"02-00-00-{i >> 16 & 255:02x}-{i >> 8 & 255:02x}-{i & 255:02x}"
+            came = time.monotonic()  # read in this iteration, decided in the next
+            await asyncio.sleep(0)
+            with arrived(came):
+                await devices._ipxe(f"mac={mac}", "127.0.0.1")
+
+    await asyncio.gather(*(worker(40) for _ in range(conc)))  # warm-up
+    before, t0, c0 = threads(), time.perf_counter(), time.thread_time()
+    per = count // conc
+    await asyncio.gather(*(worker(per) for _ in range(conc)))
+    c1, t1, after = time.thread_time(), time.perf_counter(), threads()
+    done = per * conc
+    loop_tid = str(os.getpid())
+    others = sorted(((after[t] - before.get(t, 0.0)) * 1e6 / done for t in after
+                     if t != loop_tid), reverse=True)
+    print(json.dumps({"loop_us": (c1 - c0) * 1e6 / done, "others_us": others,
+                      "rps": done / (t1 - t0)}), flush=True)
+    handler.flush()
+    await service.close()
+
+
+with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner:
+    runner.run(main())
+"""
+
+CONFIG = """{{"server": {{"advertise": "127.0.0.1", "data_dir": "{data}", "log_level": "info"}},
+ "http": {{"listen": "127.0.0.1", "port": 0, "access_log": false}}, "https": {{"port": 0}},
+ "dhcp": {{"mode": "off"}}, "tftp": {{"enabled": false}}, "dns": {{"enabled": false}},
+ "assets": {{"dirs": ["{assets}"]}}}}
+"""
+
+
+def start(python: str, tree: Path, run: Path, seed: Path, assets: Path, requests: int,
+          draw: int, enrolled: int) -> subprocess.Popen[str]:
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    shutil.copytree(seed, run / "data")
+    (run / "netboot.yaml").write_text(CONFIG.format(data=run / "data", assets=assets))
+    return subprocess.Popen([python, "-c", CHILD, str(run), str(requests), str(draw),
+                             str(CONCURRENCY), str(enrolled)], cwd=run, text=True,
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tree)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", type=Path, required=True, metavar="TREE",
+                        help="the other checkout, run at the same time as this one")
+    parser.add_argument("--enrolled", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=10_000, help="measured, per child")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--managed", action="store_true",
+                        help="managed clusters (as http_paths.py without --fixed-url): their "
+                             "agents are held until a server registers, so no install")
+    parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    trees = {"netboot": REPO, "compare": args.compare.resolve()}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    with tempfile.TemporaryDirectory(prefix="netboot-ipxe-inproc-") as tmp_text:
+        tmp = Path(tmp_text)
+        work = Workload(tmp, args.enrolled, args.enrolled, 1 << 20, 1 << 20,
+                        managed=args.managed)
+        work.build()
+        took = work.netboot_seed(args.python)
+        print(f"netboot import of {args.enrolled} machines: {took:.1f} s", flush=True)
+        seed = work.root / "netboot-seed"
+        for r in range(1, args.rounds + 1):
+            children = {name: start(args.python, tree, tmp / f"run-{name}", seed, work.assets,
+                                    args.requests, r, args.enrolled)
+                        for name, tree in trees.items()}
+            line = f"round {r}:"
+            for name, child in children.items():
+                out, _ = child.communicate(timeout=1800)
+                if child.returncode != 0:
+                    raise SystemExit(f"{name}'s child failed ({child.returncode})")
+                got = json.loads(out.strip().splitlines()[-1])
+                results[name].append(got)
+                others = " ".join(f"{o:.0f}" for o in got["others_us"] if o >= 0.5)
+                line += (f"  {name} loop {got['loop_us']:.1f} µs/req (others {others})"
+                         f" {got['rps']:,.0f} req/s")
+            print(f"{line}  (load average {os.getloadavg()[0]:.1f})", flush=True)
+    ratios = [a["loop_us"] / b["loop_us"] for a, b in zip(results["netboot"],
+                                                            results["compare"], strict=True)]
+    for name in trees:
+        print(f"{name}: loop {statistics.median(g['loop_us'] for g in results[name]):.1f} "
+              f"µs/req, {statistics.median(g['rps'] for g in results[name]):,.0f} req/s "
+              f"(medians of {args.rounds})")
+    print(f"netboot ÷ compare, loop CPU per request: {statistics.median(ratios):.3f}x "
+          f"(median of the rounds' ratios: {', '.join(f'{x:.3f}' for x in ratios)})")
+
+
+if __name__ == "__main__":
+    main()
