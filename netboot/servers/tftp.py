@@ -234,8 +234,8 @@ class _Transfer:
     its client and its socket. Datagrams come from its :class:`_Link`; the sweep calls
     :meth:`on_timer`."""
 
-    __slots__ = ("closed", "fd", "link", "path", "peer", "recv_into", "request", "send",
-                 "sender", "server", "sock", "window")
+    __slots__ = ("closed", "fd", "link", "path", "peer", "request", "sender", "server",
+                 "sock", "window")
 
     def __init__(self, server: TftpServer, link: _Link, peer: Address, path: str,
                  sender: Sender, fd: int | None, sock: socket.socket, request: bytes) -> None:
@@ -251,10 +251,6 @@ class _Transfer:
         # Connected to the client, bound to the link's address (see _Link): send() without
         # an address, and only this client's datagrams arrive on it.
         self.sock = sock
-        # Its two calls per lock-step block, bound once (a method looked up on the socket
-        # per datagram was two attribute lookups and a bound method made and dropped).
-        self.recv_into: Callable[[bytearray], int] = sock.recv_into
-        self.send: Callable[[Datagram], int] = sock.send
         # The window its last ACK was answered with, between the read of a poll's ACKs and
         # the sends (_Link._ready): held here, not in a tuple per block.
         self.window: tuple[Datagram, ...] = ()
@@ -463,11 +459,6 @@ class _Link:
             if not events:
                 return
             left -= len(events)
-            # One clock reading per poll: every ACK of the batch was queued before the poll
-            # returned, and its window is sent after the batch is read (below), so a reading
-            # per ACK was no closer to either (its RTT sample errs long by the batch, never
-            # short).
-            now = monotonic()
             # The batch's windows are sent after all its ACKs are read (below).
             answered: list[_Transfer] = []
             for fd, _ in events:
@@ -475,7 +466,7 @@ class _Link:
                 if transfer is None:  # ended earlier in this batch
                     continue
                 try:
-                    size = transfer.recv_into(buf)
+                    size = transfer.sock.recv_into(buf)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
@@ -493,9 +484,9 @@ class _Link:
                     block = (buf[2] << 8) | buf[3]
                     sender = transfer.sender
                     try:
-                        send = sender.ack_window(block, now)
+                        send = sender.ack_window(block, monotonic())
                         if send is None:  # not the whole window acknowledged: the rest
-                            self.apply(transfer, sender.ack(block, now))
+                            self.apply(transfer, sender.ack(block, monotonic()))
                             continue
                     except Exception:
                         transfer.crashed()
@@ -518,7 +509,7 @@ class _Link:
                 send = transfer.window
                 if len(send) == 1:
                     try:
-                        transfer.send(send[0])
+                        transfer.sock.send(send[0])
                     except OSError as exc:
                         self._not_sent(exc, transfer)
                 else:
