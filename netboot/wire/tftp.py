@@ -599,13 +599,15 @@ class Sender:
             return self._arm(now, (self._oack(),))
         return self._send_window(now)
 
-    def ack_window(self, block: int, now: float) -> tuple[Datagram, ...] | None:
+    def ack_window(self, block: int, now: float) -> Datagram | tuple[Datagram, ...] | None:
         """The common ACK, on its own: the client acknowledged every block sent and more
-        remain. Returns the next window to send (its deadline is :attr:`deadline`), or None
-        when the ACK is anything else, which leaves the state untouched: then call
-        :meth:`ack`, which handles every case. Served here: prebuilt :class:`Packets`, and
-        from a :class:`Source` a full window read into the frame or a lock-step block; the
-        last window of a streamed file and a short read go to :meth:`ack`.
+        remain. Returns the next window to send (its deadline is :attr:`deadline`): a tuple
+        of datagrams, or the datagram itself when the window is one block (lock-step: no
+        tuple made and dropped per block), or None when the ACK is anything else, which
+        leaves the state untouched: then call :meth:`ack`, which handles every case. Served
+        here: prebuilt :class:`Packets`, and from a :class:`Source` a full window read into
+        the frame or a lock-step block; the last window of a streamed file and a short read
+        go to :meth:`ack`.
 
         The same steps as :meth:`ack` (RTT sample, progress, interval, next window) written
         out in one function without a :class:`Step`: in lock-step this runs once per block
@@ -624,9 +626,9 @@ class Sender:
         blocks = self.blocks
         last = blocks if last > blocks else last
         packets = self._packets
-        send: tuple[Datagram, ...]
+        send: Datagram | tuple[Datagram, ...]
         if packets is not None:
-            send = (packets.datagrams[n],) if last == n + 1 else tuple(packets.datagrams[n:last])
+            send = packets.datagrams[n] if last == n + 1 else tuple(packets.datagrams[n:last])
         elif last == blocks:
             return None  # the last window: its short block is ack()'s to read
         elif self._read_into is not None:
@@ -644,7 +646,7 @@ class Sender:
             chunk = self._source.read(n * bs, bs)
             if len(chunk) != bs:
                 return None
-            send = (data_packet((n + 1) & 0xFFFF, chunk),)
+            send = data_packet((n + 1) & 0xFFFF, chunk)
         else:
             return None
         self.acked = n
@@ -698,7 +700,7 @@ class Sender:
     def ack(self, block: int, now: float) -> Step:
         send = self.ack_window(block, now)
         if send is not None:
-            return Step(send, self.deadline)
+            return Step(send if isinstance(send, tuple) else (send,), self.deadline)
         if self.phase is Phase.DONE:
             return self._over()
         if self.phase is Phase.OACK:
