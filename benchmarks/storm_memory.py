@@ -2,6 +2,7 @@
 
     sudo python benchmarks/storm_memory.py [--runs 3] [--devices 1000] [--enrolled 100000]
                                            [--settle 15] [--baseline /path/to/other/checkout]
+                                           [--restart]
 
 Issue 10's target: < 150 MiB resident with 100,000 machines, after the storm. Each run is
 storm.py's (``--loaded``): a fresh copy of one seeded data dir, netboot in a server
@@ -12,8 +13,11 @@ view_memory.py reads it) is read three times: with the view loaded (a second aft
 line), as the last device finishes, and ``--settle`` seconds later, the server still
 running (what it keeps, not what the storm held). With ``--baseline``, another checkout's
 netboot (PYTHONPATH) runs the same storm on the same seed, the two alternating run by run;
-the medians per checkout are printed. Needs root (namespaces); every process is stopped by
-its own PID and the namespaces deleted (storm.py). Not part of pytest; no assertion.
+the medians per checkout are printed. Each run is a first start on a fresh data dir (the CA
+and the server's certificate made in the process that then serves the storm); ``--restart``
+serves each data dir once and stops it first, so that the measured server is a restart, as
+a server in service is (its certificate only read back). Needs root (namespaces); every
+process is stopped by its own PID and the namespaces deleted (storm.py). Not part of pytest; no assertion.
 """
 
 from __future__ import annotations
@@ -45,10 +49,22 @@ def vm(pid: int) -> dict[str, float]:
 
 
 def one_run(tree: Path, work: storm.Workload, spec: storm.Spec, server_ns: str,
-            client_ns: str, run: Path, python: str, settle: float) -> dict[str, float]:
+            client_ns: str, run: Path, python: str, settle: float,
+            restart: bool = False) -> dict[str, float]:
     run.mkdir()
-    spec = storm.Spec(**{**spec.__dict__, "started": time.monotonic()})
     conf = work.netboot_config(run, "info")
+    if restart:
+        # A server in service, restarted: its first start made the CA and the server's
+        # certificate (and recorded the check), which a restart only reads back.
+        first = storm.start("netboot", server_ns, [python, "-m", "netboot", "serve",
+                                                   "--config", str(conf)],
+                            run / "first-start.log",
+                            {"PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"})
+        try:
+            storm.view_loaded(run / "first-start.log")
+        finally:
+            first.stop()
+    spec = storm.Spec(**{**spec.__dict__, "started": time.monotonic()})
     proc = storm.start("netboot", server_ns, [python, "-m", "netboot", "serve", "--config",
                                               str(conf)],
                        run / "netboot.log", {"PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"})
@@ -123,6 +139,10 @@ def main() -> None:
                         help="seconds after the last device before the settled reading")
     parser.add_argument("--baseline", type=Path, help="another checkout, run alternately")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
+    parser.add_argument("--restart", action="store_true",
+                        help="measure a restarted server: each run's data dir is served once "
+                             "(its CA and certificate made) and stopped before the measured "
+                             "start; without it, a first start on a fresh data dir")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: it creates network namespaces")
@@ -144,7 +164,8 @@ def main() -> None:
                 order = list(trees) if n % 2 == 0 else list(reversed(trees))
                 for name in order:
                     r = one_run(trees[name], work, spec, server_ns, client_ns,
-                                tmp / f"run-{n}-{name}", args.python, args.settle)
+                                tmp / f"run-{n}-{name}", args.python, args.settle,
+                                args.restart)
                     load = os.getloadavg()[0]
                     r["load"] = load
                     results[name].append(r)
@@ -155,7 +176,8 @@ def main() -> None:
                           f"load {load:.1f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n{args.devices} devices, {args.enrolled} machines enrolled; VmRSS MiB, median "
+    print(f"\n{args.devices} devices, {args.enrolled} machines enrolled, "
+          f"{'a restarted server' if args.restart else 'a first start'}; VmRSS MiB, median "
           f"of {args.runs} run(s)")
     print(f"{'checkout':<10} {'loaded':>7} {'after':>7} {'settled':>8} {'peak':>7}  path")
     for name, rs in results.items():
