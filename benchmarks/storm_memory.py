@@ -17,7 +17,8 @@ the medians per checkout are printed. Each run is a first start on a fresh data 
 and the server's certificate made in the process that then serves the storm); ``--restart``
 serves each data dir once and stops it first, so that the measured server is a restart, as
 a server in service is (its certificate only read back). Needs root (namespaces); every
-process is stopped by its own PID and the namespaces deleted (storm.py). Not part of pytest; no assertion.
+process is stopped by its own PID and the namespaces deleted (storm.py). Not part of
+pytest; no assertion.
 """
 
 from __future__ import annotations
