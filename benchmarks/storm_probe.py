@@ -190,6 +190,8 @@ def run_storm(args: argparse.Namespace, probe: Probe, gen: subprocess.Popen[str]
         time.sleep(max(0.0, at - (time.monotonic() - t0)))
         probe.reading(f"idle{at:g}")
     print("live objects by type:", probe.ask("types"), flush=True)
+    probe.ask(f"modules {probe.out}/modules.txt")
+    shutil.copyfile(f"/proc/{probe.pid}/smaps", probe.out / "smaps.idle")
     if args.census:
         print("census:", probe.ask(f"census {probe.out}/census.json"), flush=True)
     if args.trace:

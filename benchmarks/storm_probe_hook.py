@@ -27,6 +27,26 @@ from typing import Any
 
 _DIR = os.environ["PROBE_DIR"]
 _LIBC = ctypes.CDLL(None)
+_IMPORTED_BY: dict[str, list[str]] = {}
+
+
+class _ImportTracer:
+    """Records, for each module imported after the hook, the importing frames (file:line)."""
+
+    @staticmethod
+    def find_spec(name: str, path: Any = None, target: Any = None) -> None:
+        if name not in _IMPORTED_BY:
+            frames = []
+            f = sys._getframe(1)
+            while f is not None:
+                file = f.f_code.co_filename
+                if "importlib" not in file and "<frozen" not in file:
+                    frames.append(f"{file.rsplit('site-packages/', 1)[-1]}:{f.f_lineno}")
+                f = f.f_back
+            _IMPORTED_BY[name] = frames[:12]
+
+
+sys.meta_path.insert(0, _ImportTracer)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -393,6 +413,10 @@ def _handle(command: str) -> str:
         _malloc_info(arg)
     elif word == "threads":
         return json.dumps([t.name for t in threading.enumerate()])
+    elif word == "modules":
+        with open(arg, "w") as fh:
+            for k in sorted(k for k, v in sys.modules.items() if v is not None):
+                fh.write(f"{k}\t{' < '.join(_IMPORTED_BY.get(k, []))}\n")
     elif word == "collect":
         return str(gc.collect())
     elif word == "trim":

@@ -8,7 +8,6 @@ than a traceback.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import os
 import re
@@ -379,6 +378,10 @@ def _build(cls: Any, raw: Any, path: str, src: _Source) -> Any:
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in names:
+            # Imported for a misspelt key only: a serve that started has no use for difflib
+            # (benchmarks/README.md, issue 10, session 15).
+            import difflib
+
             close = difflib.get_close_matches(str(key), names, n=1)
             fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
             raise src.error(dotted, "unknown key", fix)

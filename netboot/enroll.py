@@ -8,7 +8,6 @@ table in :mod:`netboot.lifecycle`; this module only says which step happened.
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
 import hashlib
 import hmac
@@ -281,6 +280,10 @@ def _iter_import(text: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    # Imported by a CSV import only: serve (which imports this module for its Enroller) does
+    # not load csv and its C module until an import is posted to it.
+    import csv
+
     reader = csv.reader(_lines(text))
     header = next(reader, None)
     if header is None:

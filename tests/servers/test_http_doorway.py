@@ -214,6 +214,44 @@ def test_serve_answers_before_it_imports_aiohttp(tmp_path: Path) -> None:
                      ["frozenlist", False]]
 
 
+def test_serve_starts_without_the_modules_only_errors_and_imports_use(tmp_path: Path) -> None:
+    """A started ``serve`` (the CLI's imports, then build and start, aiohttp's side in) has
+    not loaded difflib (a misspelt configuration key's suggestion) nor csv (a CSV import
+    posted to it): each is imported where it is used, and still does its work there
+    (benchmarks/README.md, issue 10, session 15)."""
+    path = write_config(tmp_path)
+    script = (
+        "import asyncio, json, sys\n"
+        "import netboot.cli\n"
+        "import netboot.service as wiring\n"
+        "from netboot.config import load\n"
+        "from netboot.enroll import parse_import\n"
+        "from netboot.errors import ConfigError\n"
+        "LAZY = ['difflib', 'csv', '_csv']\n"
+        "async def main():\n"
+        f"    service = await wiring.build(load({str(path)!r}, env={{}}), app=False)\n"
+        "    await service.start()\n"
+        "    started = [m for m in LAZY if m in sys.modules]\n"
+        "    await service.close()\n"
+        "    return started\n"
+        "started = asyncio.run(main())\n"
+        f"open({str(tmp_path / 'bad.yaml')!r}, 'w').write('htp:\\n  port: 80\\n')\n"
+        "try:\n"
+        f"    load({str(tmp_path / 'bad.yaml')!r}, env={{}})\n"
+        "    fix = None\n"
+        "except ConfigError as exc:\n"
+        "    fix = exc.fix\n"
+        "rows = parse_import('mac,hostname\\n52:54:00:00:00:01,a\\n', 'csv')\n"
+        "print(json.dumps([started, fix, [r[1]['hostname'] for r in rows],\n"
+        "                  [m for m in LAZY if m in sys.modules]]))\n"
+    )
+    started, fix, hostnames, after = child_json(script)
+    assert started == []
+    assert fix == "did you mean 'http'?"
+    assert hostnames == ["a"]
+    assert after == ["difflib", "csv", "_csv"]
+
+
 async def test_the_view_loads_while_aiohttp_is_still_being_imported(
         tmp_path: Path, gate: threading.Event) -> None:
     """/healthz and DHCP answer as soon as the listeners are bound: a storm that starts
