@@ -177,10 +177,10 @@ class _PacketCache:
     gives too). Bounded in bytes, least recently used first out; files above ``max_file``
     are streamed with ``pread`` instead.
 
-    A file modified less than SETTLE seconds ago is served from packets built for the
-    transfer but not kept: timestamps move in coarse ticks (a jiffy; 2 s on FAT), so a
-    rewrite within the same tick, same size and same inode would look unchanged (git's
-    "racily clean" entries)."""
+    A file modified less than SETTLE seconds ago is streamed, as a big file is, and nothing
+    of it is kept: timestamps move in coarse ticks (a jiffy; 2 s on FAT), so a rewrite within
+    the same tick, same size and same inode would look unchanged (git's "racily clean"
+    entries)."""
 
     SETTLE = 2.0
 
@@ -205,13 +205,19 @@ class _PacketCache:
                 self.hits += 1
                 return entry[1]
             self._drop(key)
+        if time.time() - st.st_mtime < self.SETTLE:
+            # Modified a moment ago: not kept (above), and not built either. Built for each
+            # transfer, every transfer held a copy of the whole file until the file settled:
+            # a storm meeting a loader copied in just before took 1,000 x 170 KB (storm.py,
+            # whose assets are written just before its storm: 244 MiB resident), and a
+            # 16 MiB file could take max_transfers x 16 MiB. Streamed, as a file above
+            # max_file is, a transfer holds a window of it.
+            return None
         payload = _read_all(fd, st.st_size)
         if len(payload) != st.st_size:
             return None  # shrank while read: streamed, and the sender notices
         built = Packets(payload, blksize)
         self.builds += 1
-        if time.time() - st.st_mtime < self.SETTLE:
-            return built
         self._entries[key] = (signature, built)
         self.size += built.nbytes
         while self.size > self.budget:  # max_file <= budget: the newest always fits
