@@ -67,7 +67,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
@@ -518,19 +518,25 @@ class _Link:
             # poll, so a window (a view of its transfer's frame) is still intact when sent.
             for transfer in answered:
                 send = transfer.window
-                # One block comes as the datagram itself (lock-step). Tested with type(), not
-                # isinstance(), whose miss looks up the object's __class__ (~250 instructions
-                # per block, callgrind).
-                if type(send) is bytes:
-                    try:
-                        transfer.sock.send(send)
-                    except OSError as exc:
-                        self._not_sent(exc, transfer)
+                # One block comes as the datagram itself (lock-step from packets or a read),
+                # or as a window of one frame (a streamed file's): sent as one datagram
+                # either way. Tested with type(), not isinstance(), whose miss looks up the
+                # object's __class__ (~250 instructions per block, callgrind).
+                one: Datagram
+                if type(send) is tuple:
+                    if len(send) > 1:
+                        self._send(send, transfer)
+                        # The next window read while the client takes this one: its ACK is
+                        # answered without the read (a streamed file; nothing for packets).
+                        transfer.sender.read_ahead()
+                        continue
+                    one = send[0]
                 else:
-                    self._send(send if isinstance(send, tuple) else (send,), transfer)
-                    # The next window read while the client takes this one: its ACK is
-                    # answered without the read (a streamed file; nothing for packets).
-                    transfer.sender.read_ahead()
+                    one = cast(Datagram, send)  # mypy does not narrow ``type(...) is not``
+                try:
+                    transfer.sock.send(one)
+                except OSError as exc:
+                    self._not_sent(exc, transfer)
 
     def _readable(self) -> None:
         """The unconnected data socket: whatever no transfer's socket took."""
