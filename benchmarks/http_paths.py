@@ -4,10 +4,14 @@
                                     [--only ipxe,asset300,config]
 
 Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machines (a wrk Lua
-script picks the MAC per request) at 50 connections, and for a random one of the first 1,000
-(``ipxe-1k``, after one unmeasured run over them: requests that change nothing); each
-round of ``ipxe`` draws other MACs (first installs), the same ones for every server;
-``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections
+script picks the MAC per request) at 50 connections: first installs (each managed cluster has
+a registered server, so that its agents have an endpoint to join, get an install token and
+commit it before the answer); ``ipxe-held``: the same for agents whose cluster has no server
+yet (held in iPXE's retry loop, nothing committed: a hold event and what the request told are
+queued for the next group commit); ``ipxe-1k``: a random one of the first 1,000 machines
+(after one unmeasured run over them that starts their installs: requests that change
+nothing); each round of ``ipxe`` draws other MACs (first installs), the same ones for every
+server; ``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections
 (MiB/s). ``config``: a random one of the enrolled machines fetches its k3OS config.yaml at 50
 connections, by the URL its install script gives (``/config/<mac>?token=<its install
 token>``), as k3OS's installer does; ``user-data``: the same for cloud-init NoCloud's
@@ -101,10 +105,11 @@ def token_of(i: int) -> str:
     return f"{i:06d}{TOKEN_TAIL}"
 
 
-# Run inside netboot's interpreter on a copy of the seed: every machine gets an install under
-# way (booting, with its install token minted, as /ipxe leaves it), and in a managed cluster
-# its first machine is a registered server, so that the others' configs have an endpoint to
-# join (else a managed cluster's agents are held: 409). Written with netboot's own store.
+# Run inside netboot's interpreter on a copy of the seed: in a managed cluster its first
+# machine is a registered server, so that the others have an endpoint to join (else a
+# managed cluster's agents are held: /ipxe answers a hold, config a 409); with ``mint`` 1
+# every other machine gets an install under way too (booting, with its install token
+# minted, as /ipxe leaves it). Written with netboot's own store.
 MINT = """
 import asyncio, dataclasses, sys, time
 from pathlib import Path
@@ -115,7 +120,7 @@ from netboot.inventory.sqlite import SqliteStore
 from netboot.model import MachineState, Role
 from netboot.sealing import read_key
 
-data, tail, servers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+data, tail, servers, mint = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 
 async def main():
     store = SqliteStore(data / "netboot.db", sealer=read_key(data / "secret.key"))
@@ -126,6 +131,8 @@ async def main():
         if i < servers:
             updates.append(dataclasses.replace(m, state=MachineState.REGISTERED,
                 role=Role.SERVER, ipv4=f"198.51.100.{1 + i}", updated=now))
+            continue
+        if not mint:
             continue
         token = f"{i:06d}{tail}"
         updates.append(lifecycle.advance(m, lifecycle.Trigger.INSTALL_PLAN, now,
@@ -147,17 +154,22 @@ class Row:
     size: int = 0  # bytes per response, for MiB/s
     machines: int = 0  # /ipxe: MACs drawn from the first this many (0: every enrolled one)
     kind: str = "ipxe"  # what the Lua script asks for: ipxe, config, user-data
+    # The inventory it is measured on (SEEDS): "servers", each managed cluster with its
+    # registered server (MINT without tokens); "held", no server anywhere; "installing",
+    # servers and every other machine's install under way (MINT).
+    seed: str = "servers"
 
-    @property
-    def installing(self) -> bool:
-        """Measured on the seed whose machines have installs under way (MINT)."""
-        return self.kind != "ipxe"
+
+SEEDS = ("held", "servers", "installing")  # measured in this order
 
 
 ROWS = [
     Row("ipxe", "", 50),
-    # The same 1,000 machines again and again (held machines' retry loops, a storm's second
-    # minute): the answer changes nothing, so nothing is written or read.
+    # Agents powered on before their cluster's first server registered: each is held (a hold
+    # event, its facts queued), its iPXE asks again every few seconds.
+    Row("ipxe-held", "", 50, seed="held"),
+    # The same 1,000 machines again and again (installers asking for their script again, a
+    # storm's second minute): the answer changes nothing, so nothing is written or read.
     Row("ipxe-1k", "", 50, machines=1000),
     Row("boot.ipxe", "/boot.ipxe", 50),
     Row("asset300", "/assets/small.txt", 50),
@@ -165,11 +177,11 @@ ROWS = [
     Row("32MiBx10", "/assets/32m.bin", 10, 32 << 20),
     # An installer's fetch of its per-machine config, the URL as its install script gives it
     # (token in the query): k3OS's config.yaml, cloud-init NoCloud's user-data.
-    Row("config", "", 50, kind="config"),
+    Row("config", "", 50, kind="config", seed="installing"),
     # An installer's retry: the same 1,000 machines again and again after one unmeasured
     # run over them, which moved them to installing (nothing committed, an event queued).
-    Row("config-1k", "", 50, machines=1000, kind="config"),
-    Row("user-data", "", 50, kind="user-data"),
+    Row("config-1k", "", 50, machines=1000, kind="config", seed="installing"),
+    Row("user-data", "", 50, kind="user-data", seed="installing"),
 ]
 
 
@@ -453,27 +465,30 @@ def main() -> None:
         print(f"netboot import of {args.enrolled} machines: {took:.1f} s", flush=True)
         script = tmp / "random_mac.lua"
         script.write_text(RANDOM_MAC_LUA)
-        seed = installing = work.root / "netboot-seed"
-        # The config rows' machines have installs under way (MINT); the others' are enrolled.
+        # The managed clusters' registered servers: the first machine of each (none in the
+        # "held" seed); never asked for by the Lua script (NB_FIRST).
         servers_seeded = max(1, args.enrolled // PER_CLUSTER) if not args.fixed_url else 0
-        if any(r.installing for r in rows):
-            installing = work.root / "netboot-seed-installing"
-            shutil.copytree(seed, installing)
+        seeds = {"held": work.root / "netboot-seed"}
+        for name in SEEDS[1:]:
+            if not any(r.seed == name for r in rows):
+                continue
+            seeds[name] = work.root / f"netboot-seed-{name}"
+            shutil.copytree(seeds["held"], seeds[name])
             t0 = time.perf_counter()
-            subprocess.run([args.python, "-c", MINT, str(installing), TOKEN_TAIL,
-                            str(servers_seeded)], check=True, timeout=900,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
-            print(f"install tokens minted for {args.enrolled - servers_seeded} machines "
-                  f"({servers_seeded} registered servers): {time.perf_counter() - t0:.1f} s",
-                  flush=True)
+            subprocess.run([args.python, "-c", MINT, str(seeds[name]), TOKEN_TAIL,
+                            str(servers_seeded), "1" if name == "installing" else "0"],
+                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+            print(f"seed {name}: {servers_seeded} registered servers"
+                  + (f", install tokens minted for {args.enrolled - servers_seeded} machines"
+                     if name == "installing" else "")
+                  + f": {time.perf_counter() - t0:.1f} s", flush=True)
         runs: dict[tuple[str, str], list[Measured]] = {}
         ratios: dict[str, list[float]] = {}
-        for phase in (False, True):
-            todo = [r for r in rows if r.installing == phase]
+        for name in SEEDS:
+            todo = [r for r in rows if r.seed == name]
             if todo:
-                measure(args, servers, work, tmp / f"phase-{int(phase)}",
-                        installing if phase else seed, todo, script,
-                        servers_seeded if phase else 0, runs, ratios)
+                measure(args, servers, work, tmp / f"seed-{name}", seeds[name], todo, script,
+                        0 if name == "held" else servers_seeded, runs, ratios)
     results = {key: median_of(ms) for key, ms in runs.items()}
     print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row, "
           f"medians of {args.rounds} round(s); the ratio is the median of each round's "
