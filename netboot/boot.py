@@ -628,6 +628,7 @@ class BootService:
         group commit writes them, Recorder.learned) but in the cases that re-check it: a
         fresh view (what this process committed is in it, what others did within
         DHCP_VIEW_AGE, as for the decision itself) is enough."""
+        await self._recorder.room()  # after the answer: a storm's records wait, not offers
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
         for attempt in range(CAS_ATTEMPTS):
@@ -751,6 +752,7 @@ class BootService:
         if not record:
             await self._view.sync()
             return await self._plan(request, record=False)
+        await self._recorder.room()  # a storm faster than its notes are written waits here
         for attempt in range(CAS_ATTEMPTS):
             async with self._lock(str(request.mac)):
                 # After the lock: what the previous request for this machine committed is

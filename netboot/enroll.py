@@ -688,6 +688,7 @@ class Enroller:
         if updated is machine:
             # Fetched again (an installer retrying): no state moves, and the event tells the
             # device nothing: queued with the next group commit of boot notes.
+            await self.recorder.room()
             self.recorder.record(event)
             return
         # The state and its event in one transaction, grouped with concurrent commits (a

@@ -17,6 +17,14 @@ compares it with the newest event of its machine that this process wrote or queu
 where it knows none, with the newest in the store — read when the batch is written, not
 while the request that noted it waits.
 
+The queue is bounded while the inventory answers: a storm that asks faster than its notes and
+facts can be written (each costs the event loop its share of the write, which a loop busy with
+50 connections' requests gave a fiftieth of its turns) waits in :meth:`room` once ``backlog``
+of them are queued, until the writer takes them. Unbounded, ~6,000 held agents a second left
+~40,000 notes and facts queued within 8 s, 221 flushes waiting for the writer's lock, and
+~2 million objects alive whose garbage collection then stopped the loop for 0.7-4.5 s
+(benchmarks/README.md, session 16): every DHCP answer and TFTP block with it.
+
 While the inventory is unreachable the queue is kept (up to ``max_queued`` events, the oldest
 dropped beyond, with a count in the log), and so are the facts learnt on the boot path, and no
 write is tried until :meth:`flush` is called again (the service's watcher does once the
@@ -40,6 +48,12 @@ from netboot.model import Event, Machine
 # Long enough to gather a storm's events into one commit, short enough that `netboot
 # explain` run right after a boot shows it (reads flush anyway).
 DEFAULT_DELAY = 0.025
+# Notes and facts queued (not yet taken by a write) beyond which boot paths wait for the writer
+# (room()): ~250 held agents' requests (a hold event and facts each). The write of a full
+# backlog is what a waiting request waits for: held agents at 50 connections, p99 90 ms with
+# 4,096, 46 ms with 1,024, 27 ms with 512 at the same req/s; 128 cost throughput (a
+# transaction per ~60 requests). Memory: ~1-2 KB each.
+BACKLOG = 512
 # Machines whose newest event this process remembers (note(), last()): about 100 bytes each,
 # so a storm of 100,000 machines costs ~10 MB, not unbounded memory. Beyond it the oldest are
 # forgotten, which costs one read of the store when one of them notes again.
@@ -55,10 +69,12 @@ class _Group:
 
 class Recorder:
     def __init__(self, store: Store, *, delay: float = DEFAULT_DELAY,
-                 logger: logging.Logger | None = None, max_queued: int = 100_000) -> None:
+                 logger: logging.Logger | None = None, max_queued: int = 100_000,
+                 backlog: int = BACKLOG) -> None:
         self._store = store
         self._delay = delay
         self._max_queued = max_queued
+        self._backlog = backlog
         self.failing: str | None = None  # why the last write failed (None: it did not)
         self.dropped = 0  # events dropped from a full queue while the inventory was away
         self._log = logger or logging.getLogger(__name__)
@@ -71,7 +87,12 @@ class Recorder:
         self._last: collections.OrderedDict[str, tuple[tuple[str, str], object]] = (
             collections.OrderedDict())  # its oldest dropped in O(1), boot._keep says why
         self._unsure: set[int] = set()  # id() of queued notes to compare with the store
+        # The background write: asleep for ``delay`` (``_wake`` set: cut short by room()),
+        # then flushing. One at a time: it is armed again after its flush if more came.
         self._writer: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._room = asyncio.Event()  # set while the backlog is under its bound
+        self._room.set()
         self._lock = asyncio.Lock()  # one batch at a time, in order
         self._gathering: _Group | None = None
         # Facts learnt on the boot path: machine id -> how to learn them again on the machine
@@ -105,6 +126,27 @@ class Recorder:
     def _write_later(self) -> None:
         if self._writer is None and self.failing is None:
             self._writer = asyncio.ensure_future(self._write_soon())
+
+    @property
+    def backlog(self) -> int:
+        """Events queued and machines with facts learnt, not yet taken by a write."""
+        return len(self._queue) + len(self._learned)
+
+    def crowded(self) -> bool:
+        """Whether the backlog is at its bound (never while the inventory is away: then
+        nothing is written until it is back, and the queue is bounded by ``max_queued``)."""
+        return self.backlog >= self._backlog and self.failing is None
+
+    async def room(self) -> None:
+        """Wait while the backlog is at its bound: called by what is about to add to it (a
+        boot decision, a DHCP record, a config fetched again), so that a storm asking faster
+        than its notes are written is paced by the writer instead of queueing without end."""
+        while self.crowded():
+            wake = self._wake
+            if wake is not None and not wake.done():
+                wake.set_result(None)  # write now, not after the delay
+            self._room.clear()
+            await self._room.wait()
 
     @property
     def queued(self) -> int:
@@ -179,10 +221,22 @@ class Recorder:
 
     async def _write_soon(self) -> None:
         try:
-            await asyncio.sleep(self._delay)
+            if not self.crowded():
+                loop = asyncio.get_running_loop()
+                wake = self._wake = loop.create_future()
+                timer = loop.call_later(self._delay, _wake_up, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    self._wake = None
+            # Not a second writer while this one waits for the lock or writes: each armed
+            # while a write was slow queued one more flush behind it (221 of them).
+            await self.flush()
         finally:
             self._writer = None
-        await self.flush()
+        if self._queue or self._learned:
+            self._write_later()  # what came while this one wrote
 
     async def commit(self, batch: Batch, *, version: object = None) -> None:
         """Write ``batch`` before returning, with the events queued before it in the same
@@ -268,6 +322,8 @@ class Recorder:
         if not strict and self.newest is not None:
             learned, self._learned = self._learned, {}
         queued, self._queue = self._queue, []
+        if not self.crowded():
+            self._room.set()  # taken: what waits in room() may queue the next batch
         if not queued and not learned and not (batch.merge or batch.create or batch.update
                                                or batch.events or batch.expect or batch.audit):
             return
@@ -395,14 +451,21 @@ class Recorder:
         return [e for e in queued if id(e) not in drop]
 
     async def close(self) -> None:
-        writer = self._writer
-        if writer is not None:
-            writer.cancel()
+        if self._wake is not None and self._writer is not None:  # asleep: flushed below
+            self._writer.cancel()
             self._writer = None
         await self.flush()
+        if self._wake is not None and self._writer is not None:  # armed by a flush meanwhile
+            self._writer.cancel()
+            self._writer = None
         if self._queue:
             self._log.error("%d boot events not recorded: the inventory is unreachable (%s)",
                             len(self._queue), self.failing)
+
+
+def _wake_up(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 # Facts kept per machine until they are written: a device restates them on every request.

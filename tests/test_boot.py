@@ -879,3 +879,57 @@ async def test_a_machines_lock_orders_its_holders_and_is_forgotten_when_free() -
         async with boot_module._Locked(held, "c"):
             raise RuntimeError("a failure inside")
     assert held == {}
+
+
+async def test_a_storm_of_held_agents_faster_than_the_writer_is_paced_by_it(
+        tmp_path: Path) -> None:
+    """Agents of a cluster whose first server has not registered, all asking at once (50 at
+    a time, as a pallet's iPXE retry loops do): each is held, its hold event and what its
+    request told queued for a background write. The writer is given an hour's delay, so only
+    a full backlog starts it: what waits unwritten stays bounded by the recorder's bound and
+    the requests in flight, every agent is answered, and every hold and fact is written."""
+    from netboot.inventory.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+        agents = [Machine(macs=(MacAddress.parse(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}"),),
+                          hostname=f"a{i}", cluster="m", role=Role.AGENT, profile="p")
+                  for i in range(400)]
+        for agent in agents:
+            await store.create_machine(agent)
+        enroller = Enroller(store)
+        recorder = enroller.recorder
+        recorder._delay, recorder._backlog = 3600, 32
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(), enroller)
+        most, done = 0, False
+
+        async def watch() -> None:
+            nonlocal most
+            while not done:
+                most = max(most, recorder.backlog)
+                await asyncio.sleep(0)
+
+        async def connection(share: list[Machine]) -> None:
+            for agent in share:
+                plan = await boot.plan(BootRequest(mac=agent.mac, firmware=Firmware.IPXE,
+                                                   arch=Arch.X86_64, via="http"))
+                assert plan.action == BootAction.HOLD and plan.token is None
+                assert "first server to register" in plan.reason
+
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.gather(*(connection(agents[k::50]) for k in range(50)))
+        done = True
+        await watcher
+        # Each request in flight adds at most its event and its facts past the bound.
+        assert 32 <= most <= 32 + 2 * 50
+        await boot.drain()
+        for agent in agents:
+            assert [e.kind for e in await store.list_events(agent.id)] == ["hold"]
+            stored = await store.get_machine(agent.id)
+            assert stored is not None and stored.arch == Arch.X86_64  # its facts, learnt
+        await enroller.recorder.close()
+    finally:
+        await store.close()

@@ -322,3 +322,40 @@ async def test_a_run_of_events_goes_after_the_queued_ones_and_is_remembered(
         assert recorder.last("m2") == ("after", "after")
     finally:
         await store.close()
+
+
+async def test_a_backlog_at_its_bound_waits_for_a_write_that_starts_at_once(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """room() returns at once under the bound; at it, it wakes the writer (asleep for an
+    hour here) and returns once a write has taken the backlog, not before."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600, backlog=4)
+    recorder.record(ev("e0"))
+    await recorder.room()  # under the bound: no wait
+    async with recorder._lock:  # a write under way: the backlog cannot be taken yet
+        for k in range(1, 4):
+            recorder.record(ev(f"e{k}"))
+        assert recorder.crowded() and recorder.backlog == 4
+        waiting = asyncio.ensure_future(recorder.room())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+    await asyncio.wait_for(waiting, 30)  # taken by the writer it woke, not in an hour
+    assert not recorder.crowded()
+    await recorder.close()
+    assert await kinds(other) == ["e0", "e1", "e2", "e3"]
+
+
+async def test_a_slow_write_does_not_queue_a_flush_per_delay_behind_it(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """While a write holds the lock, events recorded one after another arm one background
+    write, not one per ``delay`` (a storm's slow batch had 221 flushes queued behind it)."""
+    own, other = stores
+    recorder = Recorder(own, delay=0.001)
+    async with recorder._lock:
+        for k in range(20):
+            recorder.record(ev(f"e{k}"))
+            await asyncio.sleep(0.005)  # past the delay: the writer waits for the lock
+        assert len(recorder._lock._waiters or ()) == 1
+    await recorder.close()
+    assert await kinds(other) == [f"e{k}" for k in range(20)]
