@@ -933,3 +933,50 @@ async def test_a_storm_of_held_agents_faster_than_the_writer_is_paced_by_it(
         await enroller.recorder.close()
     finally:
         await store.close()
+
+
+async def test_a_dhcp_storm_records_after_its_answers_paced_by_the_writer(
+        tmp_path: Path) -> None:
+    """400 enrolled machines' first DISCOVERs at once: every one is answered at once (the
+    DHCP decision never waits for the writer), and their records (a "dhcp" note and the
+    facts each request told), made after the answers, wait for the writer once its backlog
+    is full: what is queued stays bounded, and everything is written in the end."""
+    from netboot.inventory.sqlite import SqliteStore
+
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        machines = [Machine(macs=(MacAddress.parse(f"02:00:00:01:{i >> 8:02x}:{i & 255:02x}"),),
+                            hostname=f"m{i}", profile="p") for i in range(400)]
+        for machine in machines:
+            await store.create_machine(machine)
+        enroller = Enroller(store)
+        recorder = enroller.recorder
+        recorder._delay, recorder._backlog = 3600, 32
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(), enroller)
+        most, done = 0, False
+
+        async def watch() -> None:
+            nonlocal most
+            while not done:
+                most = max(most, recorder.backlog)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        stages = await asyncio.gather(*(boot.first_stage(BootRequest(
+            mac=m.mac, firmware=Firmware.UEFI, arch=Arch.X86_64, via="dhcp",
+            uuid=f"00000000-0000-4000-8000-{i:012d}")) for i, m in enumerate(machines)))
+        assert all(stage is not None and stage.path == "snponly.efi" for stage in stages)
+        await boot.drain()
+        done = True
+        await watcher
+        assert 32 <= most <= 32 + 2 * 64  # a paced slice of records past the bound at most
+        for i, machine in enumerate(machines):
+            assert [e.kind for e in await store.list_events(machine.id)] == ["dhcp"]
+            stored = await store.get_machine(machine.id)
+            assert stored is not None and stored.uuid == f"00000000-0000-4000-8000-{i:012d}"
+        await recorder.close()
+    finally:
+        await store.close()
