@@ -35,6 +35,10 @@ Quirks handled here, with where they come from (``protocols.md`` §3.7, §6):
   default) then costs milliseconds instead of the second a fixed timer costs, which is what
   tftpd-hpa and dnsmasq pay. Timeouts double the interval; only those at the base interval
   or above count toward ``max_retries``, so the time before giving up stays what it was.
+* A lock-step client ACKs both copies of a block resent too early (RFC 1350 answers every
+  DATA): that second ACK marks the timeout spurious, the first copy's round trip becomes a
+  sample and the transfer's floor rises to it (at most 4 x ``min_rto``), so a client or
+  host slower than the floor is not sent every block twice.
 """
 
 from __future__ import annotations
@@ -532,8 +536,8 @@ class Sender:
     :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
 
     __slots__ = (
-        "_ahead", "_base", "_clean", "_expect", "_floor", "_frame", "_frames", "_heads",
-        "_doubt", "_doubt_rtt", "_fresh", "_interval", "_packets", "_policy", "_progress",
+        "_ahead", "_base", "_clean", "_doubt", "_doubt_rtt", "_expect", "_floor", "_frame",
+        "_frames", "_fresh", "_heads", "_interval", "_packets", "_policy", "_progress",
         "_read_into", "_rttvar", "_sent_at", "_slots", "_source", "_top",
         "acked", "answered", "blksize", "blocks", "deadline", "duplicate_acks", "negotiated",
         "outcome", "phase", "retransmissions", "retries", "sent", "size", "spurious", "srtt",
