@@ -733,7 +733,7 @@ class Sender:
         if n == acked:
             # Duplicate: never resend on it (Sorcerer's Apprentice); the timer will.
             self.duplicate_acks += 1
-            if n == self._doubt:
+            if n == self._doubt and n > 0:
                 self._spurious()
             return self._wait()
         if n > self.sent:

@@ -742,6 +742,15 @@ def test_a_lost_block_or_ack_is_not_taken_for_a_spurious_timeout(seed: int) -> N
     assert s.spurious == 0 and s._floor == 0.005
 
 
+def test_a_repeated_ack_of_the_oack_after_a_resend_is_not_a_spurious_timeout() -> None:
+    s, _ = sender(50 * 512, (("tsize", "0"),), Policy(retransmit=1.0, min_rto=0.005))
+    s.start(0.0)
+    s.ack(0, 0.001)  # DATA 1
+    assert blocks(s.timeout(1.001)) == [1]  # the fixed base interval: no sample yet
+    assert s.ack(0, 1.002).send == ()  # the client ACKs the OACK again
+    assert s.spurious == 0 and s.srtt is None
+
+
 def test_a_block_sent_again_in_a_restarted_window_is_not_a_round_trip_sample() -> None:
     """Karn's rule for RFC 7440's restart: after a partial ACK the window starts again
     after the acknowledged block, so its first blocks were sent before; an ACK of one of
