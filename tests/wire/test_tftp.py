@@ -714,7 +714,7 @@ def test_a_client_that_became_slower_than_the_timer_is_learnt() -> None:
     s, _ = sender(200 * 512, policy=Policy(retransmit=1.0, min_rto=0.005))
     resends = lockstep_client(s, lambda block: 0.0002 if block <= 20 else 0.008)
     assert s.outcome is Outcome.COMPLETE
-    assert 1 <= len(resends) <= 4, resends  # the base: 180, one per slow block
+    assert 1 <= len(resends) <= 4, resends  # the base: 181, one per slow block and one more
     assert s.spurious == len(resends)
     assert s.srtt is not None and s.srtt > 0.007
     assert s._floor is not None and 0.008 <= s._floor <= 0.02
