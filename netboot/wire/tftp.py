@@ -35,6 +35,10 @@ Quirks handled here, with where they come from (``protocols.md`` §3.7, §6):
   default) then costs milliseconds instead of the second a fixed timer costs, which is what
   tftpd-hpa and dnsmasq pay. Timeouts double the interval; only those at the base interval
   or above count toward ``max_retries``, so the time before giving up stays what it was.
+* A lock-step client ACKs both copies of a block resent too early (RFC 1350 answers every
+  DATA): that second ACK marks the timeout spurious, the first copy's round trip becomes a
+  sample and the transfer's floor rises to it (at most 4 x ``min_rto``), so a client or
+  host slower than the floor is not sent every block twice.
 """
 
 from __future__ import annotations
@@ -518,6 +522,10 @@ class Step(NamedTuple):
 
 _DATA = Phase.DATA
 _OP_DATA = int(Opcode.DATA)  # a plain int: an enum member's lookup costs more per block
+# A spurious timeout raises a transfer's floor to the late round trip it showed, at most this
+# many times ``Policy.min_rto`` (20 ms at the default 5): a loss then costs at most that, and
+# 10 MiB lock-step at 10 % loss each way (~1,700 timeouts) stays well under a minute.
+_SPURIOUS_FLOOR = 4
 
 
 class Sender:
@@ -528,11 +536,12 @@ class Sender:
     :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
 
     __slots__ = (
-        "_ahead", "_base", "_clean", "_expect", "_floor", "_frame", "_frames", "_heads",
-        "_interval", "_packets", "_policy", "_progress", "_read_into", "_rttvar", "_sent_at",
-        "_slots", "_source",
+        "_ahead", "_base", "_clean", "_doubt", "_doubt_rtt", "_expect", "_floor", "_frame",
+        "_frames", "_fresh", "_heads", "_interval", "_packets", "_policy", "_progress",
+        "_read_into", "_rttvar", "_sent_at", "_slots", "_source", "_top",
         "acked", "answered", "blksize", "blocks", "deadline", "duplicate_acks", "negotiated",
-        "outcome", "phase", "retransmissions", "retries", "sent", "size", "srtt", "windowsize",
+        "outcome", "phase", "retransmissions", "retries", "sent", "size", "spurious", "srtt",
+        "windowsize",
     )
 
     def __init__(
@@ -572,12 +581,16 @@ class Sender:
         self.retries = 0  # consecutive timeouts without progress
         self.retransmissions = 0
         self.duplicate_acks = 0
+        self.spurious = 0  # timeouts found spurious (see _spurious)
         self.outcome: Outcome | None = None
         self._base = (
             float(negotiated.timeout) if negotiated.timeout is not None else policy.retransmit
         )
         self.deadline: float | None = None  # when ``timeout`` is due; None once done
         self._floor = policy.min_rto
+        # What a spurious timeout may raise the floor to (see _spurious), never above the base.
+        self._top = (min(policy.min_rto * _SPURIOUS_FLOOR, self._base)
+                     if policy.min_rto is not None else 0.0)
         self._progress = 0.0
         self.answered = False  # the client acknowledged something: the transfer has begun
         # RFC 6298 state. The base interval (the client's ``timeout`` or ours) stays the
@@ -585,8 +598,13 @@ class Sender:
         self.srtt: float | None = None
         self._rttvar = 0.0
         self._interval = self._base  # what the next (re)transmission arms
-        self._sent_at = 0.0  # when the window in flight was first sent
-        self._clean = False  # ... and not resent since: its ACK is an RTT sample (Karn)
+        self._sent_at = 0.0  # when the newest blocks (above _fresh) were sent
+        self._fresh = 0  # blocks above this one were sent once: only their ACK is timed (Karn)
+        self._clean = False  # the window in flight was not resent by the timer since
+        # After the timer resent a window: 0 until an ACK advances, then that ACK's block and
+        # its round trip from the first copy (see _spurious); -1 otherwise.
+        self._doubt = -1
+        self._doubt_rtt = 0.0
         # The wire number of the ACK that ack_window serves (the window in flight, sent
         # once, more to come), or -1: see _sent_window.
         self._expect = -1
@@ -707,6 +725,7 @@ class Sender:
             if block != 0:
                 return self._wait()
             self.phase = Phase.DATA
+            self._doubt = -1  # a resent OACK's ACK: no block to ask about
             self._advance(now)
             return self._send_window(now)
         acked = self.acked
@@ -714,12 +733,26 @@ class Sender:
         if n == acked:
             # Duplicate: never resend on it (Sorcerer's Apprentice); the timer will.
             self.duplicate_acks += 1
+            if n == self._doubt and n > 0:
+                self._spurious()
             return self._wait()
         if n > self.sent:
-            return self._wait()  # an old ACK from before a wrap, or for a block not sent
+            # An old ACK from before a wrap, or for a block not sent; or the second copy's
+            # ACK of a block resent by the timer, after the first one's: see _spurious.
+            if self._doubt > 0 and block == self._doubt & 0xFFFF:
+                self._spurious()
+            return self._wait()
         self.acked = n
-        if self._clean:
-            self._sample(now - self._sent_at)
+        if n > self._fresh:  # a block sent once: its ACK is a sample (Karn's rule)
+            if self._clean:
+                self._sample(now - self._sent_at)
+        elif self._doubt == 0 and n == acked + 1 and self.answered:
+            # The first ACK after the timer resent one block: it may answer either copy, so
+            # it is no sample. Were it the first copy's, the client answers the second copy
+            # too: see _spurious. (Not after a window of more: a client ACKs each duplicate
+            # block, so a lost ACK brings as many as a late one.)
+            self._doubt = n
+            self._doubt_rtt = now - self._sent_at
         self._advance(now)
         if n == self.blocks:
             return self._finish(Outcome.COMPLETE, "")
@@ -781,6 +814,7 @@ class Sender:
             self.retries += 1
         self.retransmissions += 1
         self._clean = False
+        self._doubt = 0
         return self._resend(now)
 
     def duplicate_request(self, now: float) -> Step:
@@ -801,8 +835,35 @@ class Sender:
         self.retries = 0
         self._progress = now
         self.answered = True
+        # Progress drops a backoff, even without a sample (RFC 6298 §5 keeps it until one,
+        # Karn): on random loss, not congestion, keeping it cost 1.4-3.6x the time in the
+        # simulated lossy link, and let the interval reach a client's own timeout, whose
+        # late ACKs then taught SRTT a second (benchmarks/README.md, session 16). A path
+        # that really got slower is learnt from its spurious timeouts instead (_spurious).
         self._interval = self._rto()
         self._clean = True  # the next window is sent fresh
+
+    def _spurious(self) -> None:
+        """The client acknowledged the block of the ACK that followed a timer's resend a
+        second time: it got both copies, so the timeout was spurious, the first copy's ACK
+        late, not lost (the question RFC 3522 answers with timestamps, answered here by the
+        duplicate). That ACK's round trip from the first copy is then no longer ambiguous
+        (Karn) and is taken as a sample: a client that became slower than the timer (every
+        window timed out and resent, so never a sample) is learnt from its first spurious
+        timeouts. And since a stall of the client or of this host is no round trip's
+        variance (the estimate forgets it within a few blocks), the transfer's floor rises
+        to that round trip, at most ``_SPURIOUS_FLOOR`` times ``min_rto``: a loss then costs
+        at most that."""
+        self._doubt = -1
+        floor = self._floor
+        if floor is None:
+            return
+        rtt = self._doubt_rtt
+        self._sample(rtt)
+        top = self._top
+        if floor < top and rtt > floor:
+            self._floor = top if rtt > top else rtt
+        self.spurious += 1
 
     def _sample(self, rtt: float) -> None:
         # RFC 6298 §2: alpha 1/8, beta 1/4; the first sample sets SRTT and RTTVAR = R/2.
@@ -813,7 +874,7 @@ class Sender:
             self.srtt += (rtt - self.srtt) / 8
 
     def _rto(self) -> float:
-        floor = self._policy.min_rto
+        floor = self._floor
         if floor is None or self.srtt is None:
             return self._base
         return min(max(self.srtt + 4 * self._rttvar, floor), self._base)
@@ -903,13 +964,18 @@ class Sender:
         return self._read_into(start, iov), send
 
     def _sent_window(self, last: int, now: float) -> None:
-        self.sent = max(self.sent, last)
-        self._sent_at = now
+        # Blocks up to the last one sent before are in this window again (a resend, or a
+        # window restarted after a partial ACK, RFC 7440 §4): an ACK of one of them may
+        # answer either copy and is no RTT sample (Karn); blocks above it are sent once.
+        # (ack_window's windows are all new blocks: they keep this true without a store.)
+        fresh = self._fresh = self.sent
+        if last > fresh:
+            self.sent = last
+            self._sent_at = now
         # ack_window serves the ACK of this window if it went out once (not a resend: its
         # ACK is no RTT sample, Karn) after the client's progress (_clean implies answered
         # and no retries), and blocks remain after it; any other ACK goes to ack().
-        sent = self.sent
-        self._expect = sent & 0xFFFF if self._clean and sent < self.blocks else -1
+        self._expect = last & 0xFFFF if self._clean and fresh < last < self.blocks else -1
 
     def _source_error(self, got: int, start: int, end: int) -> Step:
         return self._finish(

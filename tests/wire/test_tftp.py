@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -674,6 +676,96 @@ def test_a_retransmitted_window_is_not_a_round_trip_sample() -> None:
     s.timeout(1.0)  # block 3 resent
     s.ack(3, 1.5)  # would be a 1.5 s sample
     assert s.srtt == srtt
+
+
+def lockstep_client(s: Sender, rtt: Callable[[int], float]) -> list[float]:
+    """Runs ``s`` against a lock-step client on a fake clock: each DATA is answered
+    ``rtt(block)`` after it was sent, a duplicate too (RFC 1350 clients ACK every DATA),
+    nothing lost. Returns the times of the timer's resends."""
+    acks: list[tuple[float, int]] = []  # (arrival, block) in flight
+    got = 0  # the client's last in-order block
+    resends: list[float] = []
+
+    def sent(step: Step, now: float) -> None:
+        nonlocal got
+        for block in blocks(step):
+            got = block if block == got + 1 else got
+            heapq.heappush(acks, (now + rtt(block), got))
+
+    sent(s.start(0.0), 0.0)
+    while s.outcome is None:
+        deadline = s.deadline
+        assert deadline is not None
+        if acks and acks[0][0] <= deadline:
+            now, block = heapq.heappop(acks)
+            sent(s.ack(block, now), now)
+        else:
+            resends.append(deadline)
+            sent(s.timeout(deadline), deadline)
+    return resends
+
+
+def test_a_client_that_became_slower_than_the_timer_is_learnt() -> None:
+    """After 20 blocks at 0.2 ms the client takes 8 ms per block, above the 5 ms floor.
+    Every block times out and is resent, so none is a sample by Karn's rule; without more,
+    SRTT never learns and every block goes twice. The client ACKs both copies: the second
+    ACK shows the timeout spurious, the first copy's round trip is a sample, the floor rises
+    to it, and the resends stop after a few blocks."""
+    s, _ = sender(200 * 512, policy=Policy(retransmit=1.0, min_rto=0.005))
+    resends = lockstep_client(s, lambda block: 0.0002 if block <= 20 else 0.008)
+    assert s.outcome is Outcome.COMPLETE
+    assert 1 <= len(resends) <= 4, resends  # the base: 181, one per slow block and one more
+    assert s.spurious == len(resends)
+    assert s.srtt is not None and s.srtt > 0.007
+    assert s._floor is not None and 0.008 <= s._floor <= 0.02
+
+
+def test_a_stall_raises_the_floor_at_most_four_times_min_rto() -> None:
+    """One 100 ms stall of the client: block 50 resent at the backoff (5, 10, 20, 40 ms),
+    one spurious timeout found, a floor of 20 ms (not 100), and the estimate back near the
+    0.2 ms round trip by the end."""
+    s, _ = sender(2000 * 512, policy=Policy(retransmit=1.0, min_rto=0.005))
+    resends = lockstep_client(s, lambda block: 0.1 if block == 50 else 0.0002)
+    assert s.outcome is Outcome.COMPLETE
+    assert len(resends) == 4 and s.spurious == 1
+    assert s._floor == pytest.approx(0.02)
+    assert s.srtt is not None and s.srtt < 0.001
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_lost_block_or_ack_is_not_taken_for_a_spurious_timeout(seed: int) -> None:
+    """In lock-step a loss brings one ACK after the resend: the floor stays min_rto."""
+    size = 400 * 1468 + 100
+    s, _ = sender(size, (("blksize", "1468"),), Policy(retransmit=1.0, min_rto=0.005))
+    LossyLink(s, loss=0.10, seed=seed).run()
+    assert s.outcome is Outcome.COMPLETE and s.retransmissions > 50
+    assert s.spurious == 0 and s._floor == 0.005
+
+
+def test_a_repeated_ack_of_the_oack_after_a_resend_is_not_a_spurious_timeout() -> None:
+    s, _ = sender(50 * 512, (("tsize", "0"),), Policy(retransmit=1.0, min_rto=0.005))
+    s.start(0.0)
+    s.ack(0, 0.001)  # DATA 1
+    assert blocks(s.timeout(1.001)) == [1]  # the fixed base interval: no sample yet
+    assert s.ack(0, 1.002).send == ()  # the client ACKs the OACK again
+    assert s.spurious == 0 and s.srtt is None
+
+
+def test_a_block_sent_again_in_a_restarted_window_is_not_a_round_trip_sample() -> None:
+    """Karn's rule for RFC 7440's restart: after a partial ACK the window starts again
+    after the acknowledged block, so its first blocks were sent before; an ACK of one of
+    them may answer the earlier copy. Only an ACK of a block sent once is timed."""
+    s, _ = sender(50 * 512, (("windowsize", "4"),), Policy(retransmit=1.0, min_rto=0.005))
+    s.start(0.0)
+    assert blocks(s.ack(0, 0.0)) == [1, 2, 3, 4]  # the OACK's ACK
+    assert blocks(s.ack(4, 0.002)) == [5, 6, 7, 8]  # a 2 ms sample
+    assert blocks(s.ack(6, 0.004)) == [7, 8, 9, 10]  # 2 ms again; 7 and 8 sent again
+    assert s.srtt == pytest.approx(0.002)
+    rttvar = s._rttvar
+    assert blocks(s.ack(7, 0.0041)) == [8, 9, 10, 11]  # may answer the first 7: 0.1 ms?
+    assert s.srtt == pytest.approx(0.002) and s._rttvar == rttvar
+    s.ack(11, 0.0061)  # sent once, 2 ms ago: a sample
+    assert s.srtt == pytest.approx(0.002) and s._rttvar < rttvar
 
 
 def test_fixed_timer_when_min_rto_is_none() -> None:
