@@ -2,11 +2,14 @@
 request beside a baseline's, under the same load.
 
     python benchmarks/ipxe_inproc.py --compare /work/main [--requests 10000] [--rounds 3]
+                                     [--managed]
 
 Each tree's child builds the service as ``netboot serve`` does (``service.build``, the view
 loaded, the heap frozen, uvloop, the batched log handler writing to a file) on its own copy
 of a seeded inventory (``storm.Workload``, 100,000 machines by default, clusters with a fixed
-server URL so that every request is a first install, as http_paths.py ``--fixed-url``) and calls
+server URL so that every request is a first install, as http_paths.py ``--fixed-url``; with
+``--managed``, managed clusters whose first machine is a registered server, as http_paths.py's
+``ipxe`` row: first installs that look up their cluster's servers to join) and calls
 ``DeviceRoutes._ipxe`` from 50 tasks, each for a random enrolled MAC (the same MACs in both
 trees), without sockets: the decision, the render, the group commit on the store's writer
 thread, the log line. As the HTTP front door does, a request is read in one loop iteration and
@@ -19,8 +22,10 @@ A/B of two trees showed one 5-10 % ahead in 3 of 4 rounds; run side by side, the
 trees were within 1-3 %). Side by side, both children meet the same load at the same moment;
 they also share the two CPUs with each other, so the figures are a comparison, not an
 absolute rate. Printed per round: each child's loop CPU per request (``time.thread_time``
-of the loop's thread), the other threads' (the store's writer, its checkpointer, its reader)
-and the wall rate; then the medians and the median of the rounds' ratios.
+of the loop's thread), the other threads' (the store's writer, its checkpointer, its reader),
+the wall rate, the group commits (how many, how many of 5 commits or fewer) and the share of
+the time the writer spent in their transactions; then the medians and the median of the
+rounds' ratios.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from storm import REPO, Workload
+from http_paths import MINT, TOKEN_TAIL
+from storm import PER_CLUSTER, REPO, Workload
 
 CONCURRENCY = 50
 
@@ -44,6 +50,7 @@ CHILD = r"""
 import asyncio, json, logging, os, random, sys, time
 
 run, count, seed, conc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+first = int(sys.argv[6])
 from netboot.logs import BatchedStreamHandler, TextFormatter
 
 handler = BatchedStreamHandler(open(os.path.join(run, "netboot.log"), "w"))
@@ -65,13 +72,39 @@ def threads():
     return out
 
 
+def watch_groups():
+    # Each group commit's size, and the writer's transactions (wall time on its thread):
+    # what a first install's answer waits for besides the loop.
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.recorder import Recorder
+
+    sizes, spans = [], []
+    group_commit, apply_here = Recorder._commit_group, SqliteStore._apply_here
+
+    async def counted(self, group):
+        await group_commit(self, group)
+        sizes.append(len(group.batches))  # every commit it gathered, written or refused
+
+    def timed(self, *args):
+        began = time.perf_counter()
+        try:
+            return apply_here(self, *args)
+        finally:
+            spans.append((began, time.perf_counter()))
+
+    Recorder._commit_group, SqliteStore._apply_here = counted, timed
+    return sizes, spans
+
+
 async def main():
+    sizes, spans = watch_groups()
     service = await build(configs.load(os.path.join(run, "netboot.yaml")), app=False)
     await service.boot.load_view()
     FrozenHeap().start()
     devices = DeviceRoutes(service.content)
     draw = random.Random(seed)
-    machines = iter([draw.randrange(0, int(sys.argv[5])) for _ in range(count + 2 * conc * 40)])
+    machines = iter([draw.randrange(first, int(sys.argv[5]))
+                     for _ in range(count + 2 * conc * 40)])
 
     async def worker(n):
         for _ in range(n):
@@ -83,6 +116,7 @@ async def main():
                 await devices._ipxe(f"mac={mac}", "127.0.0.1")
 
     await asyncio.gather(*(worker(40) for _ in range(conc)))  # warm-up
+    del sizes[:], spans[:]
     before, t0, c0 = threads(), time.perf_counter(), time.thread_time()
     per = count // conc
     await asyncio.gather(*(worker(per) for _ in range(conc)))
@@ -91,8 +125,12 @@ async def main():
     loop_tid = str(os.getpid())
     others = sorted(((after[t] - before.get(t, 0.0)) * 1e6 / done for t in after
                      if t != loop_tid), reverse=True)
+    groups = sizes
+    busy = sum(min(b, t1) - a for a, b in spans if a < t1)
     print(json.dumps({"loop_us": (c1 - c0) * 1e6 / done, "others_us": others,
-                      "rps": done / (t1 - t0)}), flush=True)
+                      "rps": done / (t1 - t0), "groups": len(groups),
+                      "small": sum(n <= 5 for n in groups), "writer_busy": busy / (t1 - t0)}),
+          flush=True)
     handler.flush()
     await service.close()
 
@@ -109,13 +147,13 @@ CONFIG = """{{"server": {{"advertise": "127.0.0.1", "data_dir": "{data}", "log_l
 
 
 def start(python: str, tree: Path, run: Path, seed: Path, assets: Path, requests: int,
-          draw: int, enrolled: int) -> subprocess.Popen[str]:
+          draw: int, enrolled: int, first: int) -> subprocess.Popen[str]:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     shutil.copytree(seed, run / "data")
     (run / "netboot.yaml").write_text(CONFIG.format(data=run / "data", assets=assets))
     return subprocess.Popen([python, "-c", CHILD, str(run), str(requests), str(draw),
-                             str(CONCURRENCY), str(enrolled)], cwd=run, text=True,
+                             str(CONCURRENCY), str(enrolled), str(first)], cwd=run, text=True,
                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tree)})
 
 
@@ -127,8 +165,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000, help="measured, per child")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--managed", action="store_true",
-                        help="managed clusters (as http_paths.py without --fixed-url): their "
-                             "agents are held until a server registers, so no install")
+                        help="managed clusters, each with a registered server (its first "
+                             "machine, never asked for), as http_paths.py's ipxe row without "
+                             "--fixed-url: first installs that join a cluster")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -142,9 +181,15 @@ def main() -> None:
         took = work.netboot_seed(args.python)
         print(f"netboot import of {args.enrolled} machines: {took:.1f} s", flush=True)
         seed = work.root / "netboot-seed"
+        # Without a registered server a managed cluster's agents are held (nothing written):
+        # its first machine is made one, as http_paths.py's seed does (MINT, no tokens).
+        first = max(1, args.enrolled // PER_CLUSTER) if args.managed else 0
+        if first:
+            subprocess.run([args.python, "-c", MINT, str(seed), TOKEN_TAIL, str(first), "0"],
+                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
         for r in range(1, args.rounds + 1):
             children = {name: start(args.python, tree, tmp / f"run-{name}", seed, work.assets,
-                                    args.requests, r, args.enrolled)
+                                    args.requests, r, args.enrolled, first)
                         for name, tree in trees.items()}
             line = f"round {r}:"
             for name, child in children.items():
@@ -155,7 +200,8 @@ def main() -> None:
                 results[name].append(got)
                 others = " ".join(f"{o:.0f}" for o in got["others_us"] if o >= 0.5)
                 line += (f"  {name} loop {got['loop_us']:.1f} µs/req (others {others})"
-                         f" {got['rps']:,.0f} req/s")
+                         f" {got['rps']:,.0f} req/s, {got['groups']} groups ({got['small']} of"
+                         f" ≤ 5), writer {100 * got['writer_busy']:.0f} % busy")
             print(f"{line}  (load average {os.getloadavg()[0]:.1f})", flush=True)
     ratios = [a["loop_us"] / b["loop_us"] for a, b in zip(results["netboot"],
                                                             results["compare"], strict=True)]
