@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -54,6 +55,8 @@ DEFAULT_DELAY = 0.025
 # 4,096, 46 ms with 1,024, 27 ms with 512 at the same req/s; 128 cost throughput (a
 # transaction per ~60 requests). Memory: ~1-2 KB each.
 BACKLOG = 512
+# The warning that requests wait for the writer: the first time, then at most this often.
+PACED_LOG_EVERY = 60.0
 # Machines whose newest event this process remembers (note(), last()): about 100 bytes each,
 # so a storm of 100,000 machines costs ~10 MB, not unbounded memory. Beyond it the oldest are
 # forgotten, which costs one read of the store when one of them notes again.
@@ -93,6 +96,9 @@ class Recorder:
         self._wake: asyncio.Future[None] | None = None
         self._room = asyncio.Event()  # set while the backlog is under its bound
         self._room.set()
+        self.paced = 0  # requests that waited in room(), since the start
+        self._paced_told = 0  # ... as of the last warning
+        self._paced_at: float | None = None  # when it was logged (monotonic)
         self._lock = asyncio.Lock()  # one batch at a time, in order
         self._gathering: _Group | None = None
         # Facts learnt on the boot path: machine id -> how to learn them again on the machine
@@ -141,6 +147,18 @@ class Recorder:
         """Wait while the backlog is at its bound: called by what is about to add to it (a
         boot decision, a DHCP record, a config fetched again), so that a storm asking faster
         than its notes are written is paced by the writer instead of queueing without end."""
+        if not self.crowded():
+            return
+        self.paced += 1
+        now = time.monotonic()
+        if self._paced_at is None or now - self._paced_at >= PACED_LOG_EVERY:
+            # Never silent, never a line per request: the operator learns that devices ask
+            # faster than their boot notes are written, and that answers are paced for it.
+            self._log.warning("boot requests wait for the inventory writer: %d notes and facts "
+                              "queued (%d requests paced, %d since the last warning); devices "
+                              "ask faster than their boot notes can be written",
+                              self.backlog, self.paced, self.paced - self._paced_told)
+            self._paced_at, self._paced_told = now, self.paced
         while self.crowded():
             wake = self._wake
             if wake is not None and not wake.done():

@@ -882,7 +882,7 @@ async def test_a_machines_lock_orders_its_holders_and_is_forgotten_when_free() -
 
 
 async def test_a_storm_of_held_agents_faster_than_the_writer_is_paced_by_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Agents of a cluster whose first server has not registered, all asking at once (50 at
     a time, as a pallet's iPXE retry loops do): each is held, its hold event and what its
     request told queued for a background write. The writer is given an hour's delay, so only
@@ -925,6 +925,10 @@ async def test_a_storm_of_held_agents_faster_than_the_writer_is_paced_by_it(
         await watcher
         # Each request in flight adds at most its event and its facts past the bound.
         assert 32 <= most <= 32 + 2 * 50
+        # Said once, not per paced request.
+        paced = [r.getMessage() for r in caplog.records if "inventory writer" in r.getMessage()]
+        assert recorder.paced > 1 and len(paced) == 1
+        assert "devices ask faster than their boot notes can be written" in paced[0]
         await boot.drain()
         for agent in agents:
             assert [e.kind for e in await store.list_events(agent.id)] == ["hold"]
