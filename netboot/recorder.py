@@ -160,9 +160,8 @@ class Recorder:
                               self.backlog, self.paced, self.paced - self._paced_told)
             self._paced_at, self._paced_told = now, self.paced
         while self.crowded():
-            wake = self._wake
-            if wake is not None and not wake.done():
-                wake.set_result(None)  # write now, not after the delay
+            if self._wake is not None:
+                _wake_up(self._wake)  # write now, not after the delay
             self._room.clear()
             await self._room.wait()
 
@@ -253,7 +252,7 @@ class Recorder:
             await self.flush()
         finally:
             self._writer = None
-        if self._queue or self._learned:
+        if self.backlog:
             self._write_later()  # what came while this one wrote
 
     async def commit(self, batch: Batch, *, version: object = None) -> None:
@@ -468,14 +467,16 @@ class Recorder:
                 and (last.kind, last.message) == (e.kind, e.message)}
         return [e for e in queued if id(e) not in drop]
 
+    def _cancel_asleep(self) -> None:
+        """Cancel the background write while it sleeps (never while it writes)."""
+        if self._wake is not None and self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+
     async def close(self) -> None:
-        if self._wake is not None and self._writer is not None:  # asleep: flushed below
-            self._writer.cancel()
-            self._writer = None
+        self._cancel_asleep()  # its flush is the one below
         await self.flush()
-        if self._wake is not None and self._writer is not None:  # armed by a flush meanwhile
-            self._writer.cancel()
-            self._writer = None
+        self._cancel_asleep()  # armed by a flush meanwhile
         if self._queue:
             self._log.error("%d boot events not recorded: the inventory is unreachable (%s)",
                             len(self._queue), self.failing)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
 from netboot.files import FileTree
 from netboot.inventory.memory import MemoryStore
+from netboot.inventory.sqlite import SqliteStore
 from netboot.model import (
     Arch,
     BootAction,
@@ -881,6 +884,55 @@ async def test_a_machines_lock_orders_its_holders_and_is_forgotten_when_free() -
     assert held == {}
 
 
+class _Watched:
+    """A BootService on a real SQLite store whose recorder's writer sleeps an hour and whose
+    backlog bound is 32 (only a full backlog starts a write), and the largest backlog seen
+    while :meth:`watching` (sampled at every turn of the loop)."""
+
+    def __init__(self, store: SqliteStore, tmp_path: Path) -> None:
+        self.store = store
+        self.enroller = Enroller(store)
+        self.recorder = self.enroller.recorder
+        self.recorder._delay, self.recorder._backlog = 3600, 32
+        self.boot = BootService(store, FileTree([tmp_path]), BootSettings(), self.enroller)
+        self.most = 0
+
+    @contextlib.asynccontextmanager
+    async def watching(self) -> AsyncIterator[None]:
+        done = False
+
+        async def watch() -> None:
+            while not done:
+                self.most = max(self.most, self.recorder.backlog)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            yield
+        finally:
+            done = True
+            await watcher
+
+
+@contextlib.asynccontextmanager
+async def _watched(tmp_path: Path, machines: list[Machine],
+                   cluster: Cluster | None = None) -> AsyncIterator[_Watched]:
+    """``machines`` (and ``cluster``, profile ``p``) in a fresh SQLite inventory: _Watched."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        if cluster is not None:
+            await store.put_cluster(cluster)
+        for machine in machines:
+            await store.create_machine(machine)
+        watched = _Watched(store, tmp_path)
+        yield watched
+        await watched.recorder.close()
+    finally:
+        await store.close()
+
+
 async def test_a_storm_of_held_agents_faster_than_the_writer_is_paced_by_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Agents of a cluster whose first server has not registered, all asking at once (50 at
@@ -888,55 +940,32 @@ async def test_a_storm_of_held_agents_faster_than_the_writer_is_paced_by_it(
     request told queued for a background write. The writer is given an hour's delay, so only
     a full backlog starts it: what waits unwritten stays bounded by the recorder's bound and
     the requests in flight, every agent is answered, and every hold and fact is written."""
-    from netboot.inventory.sqlite import SqliteStore
-
-    store = SqliteStore(tmp_path / "n.db")
-    await store.open()
-    try:
-        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
-        await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
-        agents = [Machine(macs=(MacAddress.parse(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}"),),
-                          hostname=f"a{i}", cluster="m", role=Role.AGENT, profile="p")
-                  for i in range(400)]
-        for agent in agents:
-            await store.create_machine(agent)
-        enroller = Enroller(store)
-        recorder = enroller.recorder
-        recorder._delay, recorder._backlog = 3600, 32
-        boot = BootService(store, FileTree([tmp_path]), BootSettings(), enroller)
-        most, done = 0, False
-
-        async def watch() -> None:
-            nonlocal most
-            while not done:
-                most = max(most, recorder.backlog)
-                await asyncio.sleep(0)
+    agents = [Machine(macs=(MacAddress.parse(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}"),),
+                      hostname=f"a{i}", cluster="m", role=Role.AGENT, profile="p")
+              for i in range(400)]
+    async with _watched(tmp_path, agents,
+                        Cluster(name="m", server_url="managed", token="t")) as w:
 
         async def connection(share: list[Machine]) -> None:
             for agent in share:
-                plan = await boot.plan(BootRequest(mac=agent.mac, firmware=Firmware.IPXE,
-                                                   arch=Arch.X86_64, via="http"))
+                plan = await w.boot.plan(BootRequest(mac=agent.mac, firmware=Firmware.IPXE,
+                                                     arch=Arch.X86_64, via="http"))
                 assert plan.action == BootAction.HOLD and plan.token is None
                 assert "first server to register" in plan.reason
 
-        watcher = asyncio.ensure_future(watch())
-        await asyncio.gather(*(connection(agents[k::50]) for k in range(50)))
-        done = True
-        await watcher
+        async with w.watching():
+            await asyncio.gather(*(connection(agents[k::50]) for k in range(50)))
         # Each request in flight adds at most its event and its facts past the bound.
-        assert 32 <= most <= 32 + 2 * 50
+        assert 32 <= w.most <= 32 + 2 * 50
         # Said once, not per paced request.
         paced = [r.getMessage() for r in caplog.records if "inventory writer" in r.getMessage()]
-        assert recorder.paced > 1 and len(paced) == 1
+        assert w.recorder.paced > 1 and len(paced) == 1
         assert "devices ask faster than their boot notes can be written" in paced[0]
-        await boot.drain()
+        await w.boot.drain()
         for agent in agents:
-            assert [e.kind for e in await store.list_events(agent.id)] == ["hold"]
-            stored = await store.get_machine(agent.id)
+            assert [e.kind for e in await w.store.list_events(agent.id)] == ["hold"]
+            stored = await w.store.get_machine(agent.id)
             assert stored is not None and stored.arch == Arch.X86_64  # its facts, learnt
-        await enroller.recorder.close()
-    finally:
-        await store.close()
 
 
 async def test_a_dhcp_storm_records_after_its_answers_paced_by_the_writer(
@@ -945,42 +974,18 @@ async def test_a_dhcp_storm_records_after_its_answers_paced_by_the_writer(
     DHCP decision never waits for the writer), and their records (a "dhcp" note and the
     facts each request told), made after the answers, wait for the writer once its backlog
     is full: what is queued stays bounded, and everything is written in the end."""
-    from netboot.inventory.sqlite import SqliteStore
-
     (tmp_path / "snponly.efi").write_bytes(b"x")
-    store = SqliteStore(tmp_path / "n.db")
-    await store.open()
-    try:
-        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
-        machines = [Machine(macs=(MacAddress.parse(f"02:00:00:01:{i >> 8:02x}:{i & 255:02x}"),),
-                            hostname=f"m{i}", profile="p") for i in range(400)]
-        for machine in machines:
-            await store.create_machine(machine)
-        enroller = Enroller(store)
-        recorder = enroller.recorder
-        recorder._delay, recorder._backlog = 3600, 32
-        boot = BootService(store, FileTree([tmp_path]), BootSettings(), enroller)
-        most, done = 0, False
-
-        async def watch() -> None:
-            nonlocal most
-            while not done:
-                most = max(most, recorder.backlog)
-                await asyncio.sleep(0)
-
-        watcher = asyncio.ensure_future(watch())
-        stages = await asyncio.gather(*(boot.first_stage(BootRequest(
-            mac=m.mac, firmware=Firmware.UEFI, arch=Arch.X86_64, via="dhcp",
-            uuid=f"00000000-0000-4000-8000-{i:012d}")) for i, m in enumerate(machines)))
-        assert all(stage is not None and stage.path == "snponly.efi" for stage in stages)
-        await boot.drain()
-        done = True
-        await watcher
-        assert 32 <= most <= 32 + 2 * 64  # a paced slice of records past the bound at most
+    machines = [Machine(macs=(MacAddress.parse(f"02:00:00:01:{i >> 8:02x}:{i & 255:02x}"),),
+                        hostname=f"m{i}", profile="p") for i in range(400)]
+    async with _watched(tmp_path, machines) as w:
+        async with w.watching():
+            stages = await asyncio.gather(*(w.boot.first_stage(BootRequest(
+                mac=m.mac, firmware=Firmware.UEFI, arch=Arch.X86_64, via="dhcp",
+                uuid=f"00000000-0000-4000-8000-{i:012d}")) for i, m in enumerate(machines)))
+            assert all(stage is not None and stage.path == "snponly.efi" for stage in stages)
+            await w.boot.drain()
+        assert 32 <= w.most <= 32 + 2 * 64  # a paced slice of records past the bound at most
         for i, machine in enumerate(machines):
-            assert [e.kind for e in await store.list_events(machine.id)] == ["dhcp"]
-            stored = await store.get_machine(machine.id)
+            assert [e.kind for e in await w.store.list_events(machine.id)] == ["dhcp"]
+            stored = await w.store.get_machine(machine.id)
             assert stored is not None and stored.uuid == f"00000000-0000-4000-8000-{i:012d}"
-        await recorder.close()
-    finally:
-        await store.close()
