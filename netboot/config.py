@@ -114,11 +114,17 @@ class DhcpConfig:
 class TftpConfig:
     enabled: bool = True
     port: int = 69
-    # A pallet powered on at once is a thousand devices asking within a second. Transfers share
-    # one data socket and one copy of each file's datagrams, so a slot costs a few hundred
-    # bytes; at 256 the benchmark storm of 1,000 devices lost a sixth of them to retries that
-    # ran out (benchmarks/storm.py).
-    max_transfers: int = 1024
+    # A pallet powered on at once is a thousand devices asking within a second, each a size
+    # probe and a download (EDK2): 1,024 was reached by storm.py's 1,000 devices (RRQs
+    # dropped for a retry a second later; size probe p99 1.25 s against dnsmasq's 0.1), at 256
+    # a sixth of them failed. 4,096 is twice the --tftp-max the benchmark gives dnsmasq for
+    # 1,000 devices (whose own default is 50; atftpd's --maxthread 100; tftpd-hpa forks a
+    # process per transfer, unbounded). A slot costs only when used: measured with 1,100 held
+    # (benchmarks/tftp_slots.py) a probe ~1.7 KiB and one descriptor, a download of a cached
+    # file ~0.4 KiB and one, a streamed one (a file above 16 MiB, or written in the last 2 s)
+    # 64 KiB (its read-ahead) and two. The open-files limit it needs is raised at start, or
+    # this default lowered to fit, with a warning (service.raise_fd_limit).
+    max_transfers: int = 4096
     # Devices behind one relay or NAT address share this; past it an RRQ gets ERROR 0 "busy".
     max_per_client: int = 64
     mtu: int = 1500
@@ -198,6 +204,11 @@ class Config:
     enroll: EnrollConfig = field(default_factory=EnrollConfig)
     inventory: InventoryConfig = field(default_factory=InventoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # Where each value the operator set came from, by dotted key: (file, line), or (the
+    # environment variable or flag, None). Filled by load(), not a key of the file; a value
+    # absent here is an embedded default, which start-up may lower to fit (lowered()).
+    origins: Mapping[str, tuple[str, int | None]] = field(
+        default_factory=dict, repr=False, compare=False, metadata={"key": False})
 
     @property
     def data_dir(self) -> Path:
@@ -366,6 +377,11 @@ def _coerce(tp: Any, value: Any, key: str, src: _Source) -> Any:
     raise src.error(key, f"unsupported type {tp!r}")  # a bug in this module's schema
 
 
+def _keys(cls: Any) -> list[str]:
+    """The keys a section has in a file (Config.origins is not one)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+
+
 def _build(cls: Any, raw: Any, path: str, src: _Source) -> Any:
     if raw is None:
         raw = {}
@@ -373,7 +389,7 @@ def _build(cls: Any, raw: Any, path: str, src: _Source) -> Any:
         raise src.error(path or "(top level)", f"expected a mapping, got {type(raw).__name__}",
                         "write key: value pairs")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = _keys(cls)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
@@ -463,7 +479,7 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, st
     """``NETBOOT_HTTP_PORT=8081`` → {"http": {"port": "8081"}}; returns data and key→var."""
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    sections = {f.name for f in dataclasses.fields(Config)}
+    sections = set(_keys(Config))
     for var, value in env.items():
         if not var.startswith("NETBOOT_") or var in ("NETBOOT_CONFIG", "NETBOOT_E2E"):
             continue
@@ -523,7 +539,35 @@ def load(
     cfg: Config = _build(Config, merged, "", _Source(name, lines))
     _check(cfg if (env_data or flag_data) else file_cfg, _Source(name, lines))
     _check_inventory(cfg, _Source(name, lines), env_origin)
-    return cfg
+    origins: dict[str, tuple[str, int | None]] = {key: (name, line)
+                                                  for key, line in lines.items()}
+    origins.update((key, (f"environment variable {var}", None))
+                   for key, var in env_origin.items())
+    origins.update((key, ("--" + flag.replace("_", "-"), None))
+                   for flag, key in FLAGS.items() if (flags or {}).get(flag) is not None)
+    return dataclasses.replace(cfg, origins=origins)
+
+
+def lowered(cfg: Config, limits: Mapping[str, int], *, why: str, fix: str) -> Config:
+    """``cfg`` with each int setting in ``limits`` (dotted key: most it may be) at most that.
+
+    What the host cannot give (the open-files limit, service.raise_fd_limit) lowers an
+    embedded default, as dnsmasq restricts its --tftp-max to its descriptors and nginx runs
+    with worker_connections above them, with a warning; the caller logs it. A value the
+    operator set (file, environment, flag: ``origins``) is what they asked for and cannot
+    be given: ConfigError naming where it was set, ``why`` and ``fix``."""
+    sections: dict[str, dict[str, int]] = {}
+    for key, most in limits.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= most:
+            continue
+        origin = cfg.origins.get(key)
+        if origin is not None:
+            raise ConfigError(why, source=origin[0], line=origin[1], key=key, fix=fix)
+        sections.setdefault(section, {})[name] = most
+    return dataclasses.replace(cfg, **{
+        section: dataclasses.replace(getattr(cfg, section), **values)
+        for section, values in sections.items()})
 
 
 def _check_inventory(cfg: Config, src: _Source, env_origin: Mapping[str, str]) -> None:
@@ -636,7 +680,7 @@ def _check_limits(cfg: Config, src: _Source) -> None:
         ("http.body_timeout", http.body_timeout, "seconds; nginx uses 60"),
         ("http.keepalive_timeout", http.keepalive_timeout, "seconds; nginx uses 75"),
         ("http.send_timeout", http.send_timeout, "seconds; nginx uses 60"),
-        ("tftp.max_transfers", tftp.max_transfers, "e.g. 256"),
+        ("tftp.max_transfers", tftp.max_transfers, "e.g. 4096"),
         ("tftp.max_per_client", tftp.max_per_client, "e.g. 64"),
         ("discovery.max_discovered", cfg.discovery.max_discovered, "e.g. 10000"),
         ("discovery.burst_per_source", cfg.discovery.burst_per_source, "e.g. 20"),

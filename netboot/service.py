@@ -444,9 +444,10 @@ class Service:
         assert self.front is not None
         doorway = self.doorway = Doorway(
             self.front, AccessLogger(access) if access is not None else None)
+        # The limits the open-files limit holds, from here on (lowered defaults: warned).
+        cfg = self.config = raise_fd_limit(cfg)
         http = cfg.http
         self.http_guard = self.connection_guard()
-        raise_fd_limit(cfg)
         try:
             self.listeners.append(await listen(doorway, http.listen, http.port))
         except OSError as exc:
@@ -704,30 +705,102 @@ class Service:
         return "\n".join(lines)
 
 
-def raise_fd_limit(config: Config) -> None:
-    """Make room for the configured connections and transfers in the descriptor limit.
+# Descriptors an HTTP connection holds: its socket (a file it sends is one of AssetFiles' kept
+# descriptors, counted in OTHER_DESCRIPTORS).
+PER_CONNECTION = 1
+# Descriptors a TFTP transfer holds: its socket, connected to the client on the listener's
+# shared data port (servers/tftp._Link), and, while its file is streamed (above the packet
+# cache's 16 MiB, or written in the last 2 s: storm.py's fresh loader), that file's own;
+# a size probe or a download of a cached file holds the socket only (its datagrams are the
+# cache's shared copy). Measured by benchmarks/tftp_slots.py, 1,100 held of each kind: 1.00
+# a probe or a cached download, 2.00 a streamed one. The worst case is counted: a storm of
+# streamed transfers past the limit would fail its opens (EMFILE) instead of queueing.
+PER_TRANSFER = 2
+# The rest, none of it growing with load: stdio, the event loop's epoll and wake-up pipe, the
+# listeners (TFTP's listener, data socket and epoll per interface, DHCP's, DNS's, HTTP's and
+# HTTPS'), SQLite's database, WAL and shared memory per connection (four), inotify on the
+# templates, the HTTP side's kept asset descriptors (AssetFiles.max_open, 64), and those open
+# for a moment: an asset read for the cache, a TFTP file while its packets are built, a
+# connection accepted past http.max_connections before its 503 closes it. 27 at idle with a
+# listener each (tftp_slots.py), ~45 with HTTPS, DHCP and DNS; the rest is for the moments.
+OTHER_DESCRIPTORS = 256
+# Transfers kept when the limit lowers the defaults: tftp.max_per_client's default, below
+# which one relay's devices would be the whole server's.
+FEWEST_TRANSFERS = 64
 
-    systemd starts services with a soft limit of 1024 and a high hard limit, expecting a
-    program that needs more to raise its own soft limit (as nginx does with
-    worker_rlimit_nofile). Each HTTP connection takes one descriptor, each TFTP transfer two
-    (socket and file); 256 more cover the listeners, the database and asset files.
+
+def descriptors(connections: int, transfers: int) -> int:
+    """The open-files limit that ``connections`` HTTP connections and ``transfers`` TFTP
+    transfers need at once."""
+    return PER_CONNECTION * connections + PER_TRANSFER * transfers + OTHER_DESCRIPTORS
+
+
+def raise_fd_limit(config: Config) -> Config:
+    """Make room for the configured connections and transfers in the descriptor limit, or
+    lower the default limits to what it holds; returns the config to serve with.
+
+    systemd starts services with a soft limit of 1024 and a high hard limit (524,288 since
+    v240), expecting a program that needs more to raise its own soft limit (as nginx does
+    with worker_rlimit_nofile). When the hard limit is lower than what is needed, what is
+    still an embedded default gives way, TFTP's transfers first, as dnsmasq restricts its
+    --tftp-max to its descriptors and nginx runs with "worker_connections exceed open file
+    resource limit": one WARNING naming the limit, what was lowered, and the fix. A value
+    the operator set stops start-up (config.lowered), since what was asked cannot be given.
     """
     import resource
 
-    need = config.http.max_connections + 2 * config.tftp.max_transfers + 256
+    from netboot.config import lowered
+
+    http, tftp = config.http, config.tftp
+    # Transfers count when TFTP serves (what is set for it then is kept as it is).
+    serving = tftp.max_transfers if tftp.enabled else 0
+    need = descriptors(http.max_connections, serving)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
-    if soft != resource.RLIM_INFINITY and soft < need:
-        raise ConfigError(
-            f"the open-files limit is {soft}, below the {need} descriptors that "
-            f"http.max_connections ({config.http.max_connections}) and tftp.max_transfers "
-            f"({config.tftp.max_transfers}) need", key="http.max_connections",
-            fix="lower http.max_connections / tftp.max_transfers, or raise LimitNOFILE= "
-                "(systemd) / ulimit -n")
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return config
+    room = soft - OTHER_DESCRIPTORS
+    connections, transfers = http.max_connections, serving
+    set_connections = "http.max_connections" in config.origins
+    if tftp.enabled and "tftp.max_transfers" not in config.origins:
+        floor = 1 if set_connections else FEWEST_TRANSFERS
+        transfers = min(transfers, max(floor, (room - PER_CONNECTION * connections)
+                                       // PER_TRANSFER))
+    if not set_connections:
+        connections = min(connections, (room - PER_TRANSFER * transfers) // PER_CONNECTION)
+    fix = (f"raise LimitNOFILE= (systemd) / ulimit -n to {need}, or lower "
+           "http.max_connections / tftp.max_transfers")
+    why = (f"the open-files limit is {soft} (hard {hard}), below the {need} descriptors that "
+           f"http.max_connections ({http.max_connections}) and tftp.max_transfers "
+           f"({serving}) need")
+    if connections < 1 or (tftp.enabled and transfers < 1) or descriptors(
+            connections, transfers) > soft:
+        # Nothing left to lower: what was set (or the limit itself) is the trouble.
+        key = next((k for k in ("tftp.max_transfers", "http.max_connections")
+                    if k in config.origins), "http.max_connections")
+        origin = config.origins.get(key, (None, None))
+        raise ConfigError(why, source=origin[0], line=origin[1], key=key, fix=fix)
+    if not tftp.enabled:
+        transfers = tftp.max_transfers
+    fitted = lowered(config, {
+        "tftp.max_transfers": transfers, "http.max_connections": connections,
+        "tftp.max_per_client": transfers, "http.max_connections_per_source": connections,
+    }, why=why, fix=fix)
+    changes = [f"{key} {before} to {after}" for key, before, after in (
+        ("tftp.max_transfers", tftp.max_transfers, fitted.tftp.max_transfers),
+        ("http.max_connections", http.max_connections, fitted.http.max_connections),
+        ("tftp.max_per_client", tftp.max_per_client, fitted.tftp.max_per_client),
+        ("http.max_connections_per_source", http.max_connections_per_source,
+         fitted.http.max_connections_per_source)) if before != after]
+    log.warning("the open-files limit is %d (hard %d), below the %d descriptors that "
+                "http.max_connections and tftp.max_transfers need: lowered %s; raise "
+                "LimitNOFILE= (systemd) or ulimit -n to %d to serve them", soft, hard, need,
+                ", ".join(changes), need)
+    return fitted
 
 
 def _check_hostname_templates(config: Config) -> None:

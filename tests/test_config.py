@@ -209,6 +209,39 @@ def test_every_error_names_a_key_the_config_has() -> None:
     assert [k for k in sorted(keys) if not resolves(k)] == []
 
 
+
+def test_where_each_value_came_from_is_kept_and_a_default_can_be_lowered(
+        tmp_path: Path) -> None:
+    """``origins`` names where the operator set a value (file and line, variable, flag);
+    ``lowered`` lowers only what is still a default and stops at a value that was set,
+    naming where (service.raise_fd_limit's rule)."""
+    from netboot.config import lowered
+
+    path = write(tmp_path, "http:\n  port: 8081\ntftp:\n  max_transfers: 2000\n")
+    cfg = load(path, env={"NETBOOT_HTTP_MAX_CONNECTIONS": "900"}, flags={"tftp_port": 6969})
+    assert cfg.origins == {"http": (str(path), 1), "http.port": (str(path), 2),
+                           "tftp": (str(path), 3), "tftp.max_transfers": (str(path), 4),
+                           "http.max_connections": ("environment variable "
+                                                    "NETBOOT_HTTP_MAX_CONNECTIONS", None),
+                           "tftp.port": ("--tftp-port", None)}
+    assert load(None, env={}).origins == {}
+    fitted = lowered(cfg, {"tftp.max_per_client": 10, "tftp.max_transfers": 2000},
+                     why="w", fix="f")
+    assert fitted.tftp.max_per_client == 10 and fitted.tftp.max_transfers == 2000
+    assert fitted.origins == cfg.origins and cfg.tftp.max_per_client == 64
+    for key, source, line in (("tftp.max_transfers", str(path), 4),
+                              ("http.max_connections",
+                               "environment variable NETBOOT_HTTP_MAX_CONNECTIONS", None)):
+        with pytest.raises(ConfigError) as err:
+            lowered(cfg, {key: 100}, why="too many", fix="lower it")
+        assert (err.value.key, err.value.source, err.value.line) == (key, source, line)
+        assert err.value.fix == "lower it" and err.value.message == "too many"
+    # Not a key of the file, nor of the environment.
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "origins: {}\n"), env={})
+    assert err.value.key == "origins" and err.value.message == "unknown key"
+    assert load(None, env={"NETBOOT_ORIGINS_X": "1"}).origins == {}
+
 # --- inventory.backend: postgresql ------------------------------------------------------------
 
 SECRET_DSN = "postgresql://netboot:hunter2-secret@db.example:5432/netboot"

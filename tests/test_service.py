@@ -360,18 +360,164 @@ def test_read_only_or_missing_data_dir_is_named_at_start(tmp_path: Path) -> None
     assert "rc=1" in text and "rc=2" in text and "Traceback" not in text, text
 
 
-def test_open_files_limit_too_low_for_the_caps_is_a_config_error(tmp_path: Path) -> None:
-    """A hard limit of 512 descriptors cannot hold 1024 connections and 256 transfers: start
-    stops naming the setting, instead of failing accept() with EMFILE under load."""
-    import sys
+def test_the_open_files_limit_is_counted_and_fitted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The descriptors counted (a connection one, a transfer two: its socket and a streamed
+    file's, benchmarks/tftp_slots.py; 256 besides); a soft limit raised to exactly that
+    when the hard one allows; below it the defaults are lowered, TFTP's first; a value set
+    in the file or the environment stops start-up naming where it was set."""
+    import resource
 
-    script = (f"ulimit -n 512 && exec {sys.executable} -m netboot serve --data-dir "
-              f"{tmp_path / 'data'} --http-port 0 --tftp-port 0 --dhcp-mode off")
+    from netboot import service
+    from netboot.config import HttpConfig, TftpConfig
+
+    assert service.descriptors(1024, 4096) == 1024 + 2 * 4096 + 256
+    limits: list[tuple[int, int]] = []
+
+    def setrlimit(which: int, value: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE
+        if value[0] > value[1] or value[1] > limits[-1][1]:
+            raise ValueError("not allowed")
+        limits.append(value)
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits[-1])
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    defaults = load(None, env={})
+    assert (defaults.http.max_connections, defaults.tftp.max_transfers) == (1024, 4096)
+    limits[:] = [(1024, 1 << 20)]  # systemd's: soft 1024, hard 524288 or more
+    assert service.raise_fd_limit(defaults) is defaults
+    assert limits[-1] == (9472, 1 << 20)
+    limits[:] = [(1024, 2048)]  # TFTP gives way first: (2048 - 256 - 1024) / 2
+    fitted = service.raise_fd_limit(defaults)
+    assert limits[-1] == (2048, 2048)
+    assert fitted.tftp == TftpConfig(max_transfers=384) and fitted.http == HttpConfig()
+    limits[:] = [(512, 512)]  # TFTP at its floor, HTTP the rest: 512 - 256 - 2 x 64
+    fitted = service.raise_fd_limit(defaults)
+    assert fitted.tftp == TftpConfig(max_transfers=64)
+    assert fitted.http == HttpConfig(max_connections=128, max_connections_per_source=128)
+    assert service.descriptors(128, 64) == 512
+    limits[:] = [(300, 300)]  # nothing serves in 44 descriptors
+    with pytest.raises(ConfigError) as err:
+        service.raise_fd_limit(defaults)
+    assert err.value.key == "http.max_connections" and "LimitNOFILE=" in (err.value.fix or "")
+    # Set by the operator: not lowered. TFTP's set 2,048 leave HTTP what remains.
+    set_tftp = tmp_path / "set.yaml"
+    set_tftp.write_text("tftp:\n  max_transfers: 2048\n")
+    limits[:] = [(1024, 8192)]
+    fitted = service.raise_fd_limit(load(set_tftp, env={}))
+    assert (fitted.tftp.max_transfers, fitted.http.max_connections) == (2048, 1024)
+    limits[:] = [(1024, 5000)]
+    fitted = service.raise_fd_limit(load(set_tftp, env={}))
+    assert (fitted.tftp.max_transfers, fitted.http.max_connections) == (2048, 5000 - 256 - 4096)
+    limits[:] = [(1024, 2048)]
+    with pytest.raises(ConfigError) as err:
+        service.raise_fd_limit(load(set_tftp, env={}))
+    assert (err.value.source, err.value.line, err.value.key) == (
+        str(set_tftp), 2, "tftp.max_transfers")
+    assert "the open-files limit is 2048 (hard 2048), below the 5376 descriptors" in str(
+        err.value)
+    assert "raise LimitNOFILE= (systemd) / ulimit -n to 5376" in (err.value.fix or "")
+    with pytest.raises(ConfigError) as err:
+        service.raise_fd_limit(load(None, env={"NETBOOT_HTTP_MAX_CONNECTIONS": "1900"}))
+    assert err.value.key == "http.max_connections"
+    assert err.value.source == "environment variable NETBOOT_HTTP_MAX_CONNECTIONS"
+    # TFTP off: its transfers need nothing.
+    limits[:] = [(1280, 1280)]
+    off = load(None, env={"NETBOOT_TFTP_ENABLED": "false"})
+    assert service.raise_fd_limit(off) is off
+
+
+def _limited_serve(tmp_path: Path, config: str, nofile: int) -> tuple[subprocess.Popen[bytes],
+                                                                      Path, int, int]:
+    """`netboot serve` with a soft and hard open-files limit of ``nofile`` (set in the child
+    before it runs), its output in a file; returns it with that file, its TFTP and HTTP
+    ports."""
+    import resource
+
+    ports = []
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    tftp_port, http_port = ports
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "loader.efi").write_bytes(b"EFI loader" * 10)
+    conf = tmp_path / "netboot.yaml"
+    conf.write_text(
+        f"server: {{data_dir: {tmp_path / 'data'}}}\n"
+        f"http: {{listen: 127.0.0.1, port: {http_port}}}\n"
+        "https: {enabled: false}\ndhcp: {mode: 'off'}\n"
+        f"assets: {{dirs: [{assets}]}}\n"
+        f"tftp:\n  port: {tftp_port}\n" + config)
+    out = tmp_path / "serve.log"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120,
-                         env=env)
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    assert "http.max_connections: the open-files limit is 512" in out.stderr, out.stderr
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netboot", "serve", "--config", str(conf)],
+            stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                  (nofile, nofile)))
+    return proc, out, tftp_port, http_port
+
+
+def test_an_open_files_limit_below_the_defaults_lowers_them_and_serves(
+        tmp_path: Path) -> None:
+    """A hard limit of 512 descriptors (a container's, an old distribution's) cannot hold
+    the default 1,024 connections and 4,096 transfers: `netboot serve` starts with as many
+    as fit, says so once with the fix, and serves TFTP (it refused to start before)."""
+    import struct
+
+    proc, out, tftp_port, http_port = _limited_serve(tmp_path, "", 512)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(1.0)
+            data = b""
+            for _ in range(60):  # until the server answers, bounded
+                if proc.poll() is not None:
+                    break
+                client.sendto(b"\0\1loader.efi\0octet\0", ("127.0.0.1", tftp_port))
+                try:
+                    data, tid = client.recvfrom(2048)
+                    break
+                except TimeoutError:
+                    continue
+            assert data[:4] == struct.pack("!HH", 3, 1), (data, out.read_text()[-3000:])
+            assert data[4:] == b"EFI loader" * 10
+            client.sendto(struct.pack("!HH", 4, 1), tid)
+        metrics = _get(f"http://127.0.0.1:{http_port}/metrics")
+        assert 'netboot_tftp_errors_total{kind="busy"} 0.0' in metrics
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = out.read_text()
+    warnings = [line for line in text.splitlines() if "open-files limit" in line]
+    assert len(warnings) == 1, text[-3000:]
+    assert ("WARNING" in warnings[0] and "the open-files limit is 512 (hard 512), below the "
+            "9472 descriptors that http.max_connections and tftp.max_transfers need: lowered "
+            "tftp.max_transfers 4096 to 64, http.max_connections 1024 to 128; raise "
+            "LimitNOFILE= (systemd) or ulimit -n to 9472" in warnings[0]), warnings
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return str(reply.read().decode())
+
+
+def test_an_open_files_limit_below_a_value_set_in_the_file_stops_start_up(
+        tmp_path: Path) -> None:
+    """The same limit with tftp.max_transfers set in the file: what was asked for cannot be
+    given, so start-up stops naming the file, its line, the key and the fix."""
+    proc, out, _, _ = _limited_serve(tmp_path, "  max_transfers: 4096\n", 512)
+    assert proc.wait(timeout=120) == 2, out.read_text()[-3000:]
+    text = out.read_text()
+    assert (f"{tmp_path}/netboot.yaml:8: tftp.max_transfers: the open-files limit is 512 "
+            "(hard 512), below the 9472 descriptors that http.max_connections (1024) and "
+            "tftp.max_transfers (4096) need (fix: raise LimitNOFILE= (systemd) / ulimit -n "
+            "to 9472" in text), text[-3000:]
+    assert "Traceback" not in text
 
 
 async def test_an_admin_token_is_made_again_only_when_none_is_valid(tmp_path: Path) -> None:

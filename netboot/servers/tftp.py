@@ -1021,8 +1021,19 @@ class TftpServer:
                                  *peer, path, exc)
                 return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
             except OSError as exc:
-                # A file removed since the lookup, a name too long, no descriptors left:
-                # the client is told, the log says why, and nothing else is disturbed.
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # No descriptor left (the open-files limit, which service.raise_fd_limit
+                    # sizes for max_transfers: something else holds more than counted): as
+                    # at max_transfers, dropped for the client's retry, not an ERROR that
+                    # would abort its boot.
+                    self.stats.busy += 1
+                    self.limited.log(
+                        logging.WARNING, "busy",
+                        "tftp %s:%d %r: no descriptor left (%s; the open-files limit), "
+                        "request dropped for the client to retry", *peer, path, exc.strerror)
+                    return []
+                # A file removed since the lookup, a name too long: the client is told, the
+                # log says why, and nothing else is disturbed.
                 self.stats.failed += 1
                 self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot start: %s",
                                  *peer, path, exc)

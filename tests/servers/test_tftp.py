@@ -1419,3 +1419,93 @@ async def test_udp_segment_refused_mid_window_sends_the_rest_datagram_by_datagra
         assert len(sock.calls) == 2 and server.gso is False
     finally:
         await server.close()
+
+
+async def test_a_request_met_with_no_descriptor_left_is_dropped_for_a_retry(
+        files: DirFiles, client: RawClient, caplog: pytest.LogCaptureFixture) -> None:
+    """EMFILE when a transfer's socket is opened (the open-files limit reached by more than
+    service.raise_fd_limit counted): the RRQ is dropped as at max_transfers, counted busy and
+    logged, so the client's retry is served, instead of an ERROR that aborts its boot."""
+    caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
+    server = await started(files, retransmit=5.0)
+    link = server._links[None]
+    opens = link.open
+
+    def no_descriptor(peer: tuple[str, int]) -> socket.socket:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    link.open = no_descriptor
+    try:
+        client.rrq(addr(server), "small.bin")
+        await until(lambda: server.stats.busy == 1)
+        assert await client.nothing(0.3)
+        assert server.transfers == 0 and server.stats.failed == 0
+        lines = [r for r in caplog.records if "no descriptor left" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+        link.open = opens
+        got = await fetch(client, addr(server), "small.bin")  # the retry
+        assert got.data == SMALL
+    finally:
+        await server.close()
+
+
+def _spread_clients(n: int) -> list[socket.socket]:
+    """``n`` UDP sockets, 32 per loopback address 127.0.x.y (under tftp.max_per_client)."""
+    socks = []
+    try:
+        for i in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.bind((f"127.0.{1 + i // 32 // 250}.{1 + i // 32 % 250}", 0))
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+async def test_more_than_1024_size_probes_at_once_fit_the_default_transfer_limit(
+        files: DirFiles) -> None:
+    """A storm's burst: 1,100 size probes at once, each held open (its OACK not answered
+    yet, as an EDK2 device's while it has not read it), are all answered with the default
+    tftp.max_transfers, none dropped (1,024 were reached by 1,000 devices, benchmarks/
+    storm.py). The probes then end as EDK2 ends them (ERROR 8)."""
+    import resource
+
+    from netboot.config import TftpConfig
+    from netboot.wire.tftp import encode, parse
+
+    n = 1100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * n + 256  # the clients' sockets and the server's, in this one process
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"the open-files hard limit {hard} is below {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    defaults = TftpConfig()
+    server = await started(files, max_transfers=defaults.max_transfers,
+                           max_per_client=defaults.max_per_client, retransmit=30.0)
+    socks = _spread_clients(n)
+    try:
+        request = encode(ReadRequest("small.bin", "octet", (("tsize", "0"),
+                                                            ("blksize", "1468"))))
+        for sent, sock in enumerate(socks, 1):  # in bursts an unprivileged listener holds
+            sock.sendto(request, addr(server))
+            if sent % 100 == 0 or sent == n:
+                await until(lambda: server.stats.requests == sent, timeout=30.0)  # noqa: B023
+        await until(lambda: server.transfers == n, timeout=30.0)
+        assert server.stats.busy == 0 and server.stats.started == n
+        answered = 0
+        for sock in socks:  # every client got its OACK
+            data, tid = sock.recvfrom(2048)
+            assert isinstance(parse(data), OptionAck), data
+            sock.sendto(encode(Error(ErrorCode.OPTION_NEGOTIATION, "size probe")), tid)
+            answered += 1
+        assert answered == n
+        await until(lambda: server.transfers == 0, timeout=30.0)
+        assert server.stats.probes == n and server.stats.busy == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        await server.close()
