@@ -269,10 +269,9 @@ class Workload:
                        env={**os.environ, "PYTHONPATH": str(REPO)})
         return time.perf_counter() - t0
 
-    def netboot_config(self, run: Path, log_level: str, dsn: str | None = None,
-                       max_transfers: int | None = None) -> Path:
-        """``max_transfers``: tftp.max_transfers (None: netboot's default, as a user runs it;
-        the timed storm gives the limit dnsmasq is given, see start_netboot)."""
+    def netboot_config(self, run: Path, log_level: str, dsn: str | None = None) -> Path:
+        """netboot's config for a run: its own limits, as a user runs it (tftp.max_transfers'
+        default, 4,096, is above the --tftp-max dnsmasq is given: twice the devices)."""
         data = run / "data"
         shutil.copytree(self.root / "netboot-seed", data)
         conf = run / "netboot.yaml"
@@ -283,8 +282,7 @@ class Workload:
                        "log_level": log_level},
             "http": {"listen": SERVER_IP, "port": HTTP_PORT},
             "dhcp": {"mode": "proxy"},
-            "tftp": {"port": 69, **({} if max_transfers is None
-                                    else {"max_transfers": max_transfers})},
+            "tftp": {"port": 69},
             "dns": {"enabled": False},
             "assets": {"dirs": [str(self.assets)]},
             "discovery": {"policy": "ignore"},
@@ -357,10 +355,7 @@ PLAIN_SWITCHING = ("import contextlib, runpy, sys; import netboot.service as s; 
 
 def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: str,
                   dsn: str | None = None, plain_switching: bool = False) -> list[Proc]:
-    # Like for like: dnsmasq is given --tftp-max of twice the devices (a probe and a download
-    # each); netboot's default (1,024) was hit by storms of 1,000 devices, their RRQs dropped
-    # for a retry a second later (tftp_tsize p99 ~1.2 s against dnsmasq's 0.1).
-    conf = work.netboot_config(run, log_level, dsn, max_transfers=max(1024, work.devices * 2))
+    conf = work.netboot_config(run, log_level, dsn)
     command = ["-c", PLAIN_SWITCHING] if plain_switching else ["-m", "netboot"]
     return [start("netboot", ns, [python, *command, "serve", "--config", str(conf)],
                   run / "netboot.log", {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})]
