@@ -466,6 +466,7 @@ def test_an_open_files_limit_below_the_defaults_lowers_them_and_serves(
     """A hard limit of 512 descriptors (a container's, an old distribution's) cannot hold
     the default 1,024 connections and 4,096 transfers: `netboot serve` starts with as many
     as fit, says so once with the fix, and serves TFTP (it refused to start before)."""
+    import select
     import struct
 
     proc, out, tftp_port, http_port = _limited_serve(tmp_path, "", 512)
@@ -487,6 +488,31 @@ def test_an_open_files_limit_below_the_defaults_lowers_them_and_serves(
             client.sendto(struct.pack("!HH", 4, 1), tid)
         metrics = _get(f"http://127.0.0.1:{http_port}/metrics")
         assert 'netboot_tftp_errors_total{kind="busy"} 0.0' in metrics
+        # The server serves with the lowered limit: 65 size probes at once (from two
+        # addresses, under tftp.max_per_client), each held ~3 s unanswered: 64 answered,
+        # the 65th dropped for its retry.
+        probes = []
+        try:
+            for i in range(65):
+                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                probes.append(probe)
+                probe.bind((f"127.0.0.{2 + i % 2}", 0))
+                probe.sendto(b"\0\1loader.efi\0octet\0tsize\0" + b"0\0",
+                             ("127.0.0.1", tftp_port))
+            waiting, answered = list(probes), 0
+            while answered < 64:  # bounded: select's 10 s without a reply ends it
+                ready, _, _ = select.select(waiting, [], [], 10.0)
+                if not ready:
+                    break
+                for probe in ready:
+                    answered += probe.recv(2048)[:2] == struct.pack("!H", 6)  # OACK
+                    waiting.remove(probe)
+        finally:
+            for probe in probes:
+                probe.close()
+        assert answered == 64
+        metrics = _get(f"http://127.0.0.1:{http_port}/metrics")
+        assert 'netboot_tftp_errors_total{kind="busy"} 1.0' in metrics
     finally:
         proc.terminate()
         proc.wait(timeout=30)
