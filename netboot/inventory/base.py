@@ -152,7 +152,15 @@ class Sealer(Protocol):
     def is_sealed(self, value: str) -> bool: ...
 
 
-class Store(ChangeFeed, Protocol):
+class StateCounts(Protocol):
+    """Machines per cluster and state: what the metrics scrape and the fleet status count."""
+
+    async def state_counts(self) -> dict[tuple[str | None, MachineState], int]:
+        """How many machines are in each (cluster, state), None for no cluster; only pairs
+        with at least one machine. Exact as of the call; one read of the store at most."""
+
+
+class Store(ChangeFeed, StateCounts, Protocol):
     """The async inventory. ``mac`` arguments are MACs in any accepted spelling; machines and
     their events are named by machine id."""
 
