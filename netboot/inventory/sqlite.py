@@ -1365,10 +1365,12 @@ def _count_machines(conn: sqlite3.Connection, flt: MachineFilter) -> int:
 
 
 def _state_counts(conn: sqlite3.Connection) -> dict[tuple[str | None, MachineState], int]:
-    # One pass over every machine's row (no index holds the state: ~120 ms for 100,000
-    # machines), for a process without a loaded view (the CLI); a server answers from its view.
-    return {(cluster, MachineState(state)): count for cluster, state, count in conn.execute(
-        "SELECT cluster, state, count(*) FROM machines GROUP BY cluster, state")}
+    # One pass over every machine's row (no index holds the state), for a process without
+    # a loaded view (the CLI); a server answers from its view. Grouped by state first: by
+    # cluster first, the planner walks machines_cluster for its order and looks each row up
+    # in the table (100,000 machines: 116 ms against 51 for the scan, CPU, under load).
+    return {(cluster, MachineState(state)): count for state, cluster, count in conn.execute(
+        "SELECT state, cluster, count(*) FROM machines GROUP BY state, cluster")}
 
 
 def _delete_machine(conn: sqlite3.Connection, machine_id: str) -> None:
