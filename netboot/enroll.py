@@ -33,7 +33,7 @@ from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.identity import Identity
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, MachineFilter, StateCounts, Store
+from netboot.inventory.base import Batch, MachineFilter, StateCounts, Store, by_state
 from netboot.inventory.codec import NO_ENTRIES, NewMachines
 from netboot.model import (
     ID_PREFIX,
@@ -381,18 +381,14 @@ async def fleet_status(store: Store, counts: StateCounts | None = None) -> dict[
 
     What an operator enrolling a thousand devices watches (``netboot status``,
     ``GET /api/v1/status``). A machine counts in its own cluster, else in the cluster of the
-    group that selects it, as it would boot. Counts come from indexed queries; only when a
-    group gives a cluster are the machines without one read once, since a selector matches
-    facts that no index holds.
-
-    The counts by cluster and state come from ``counts`` (the server's in-memory view), else
-    from the store's one grouped read: no index holds the state (sqlite.py, migration 7).
+    group that selects it, as it would boot. The counts by cluster and state come from
+    ``counts`` (the server's in-memory view), else from the store's one grouped read (no
+    index holds the state: sqlite.py, migration 7); only when a group gives a cluster are
+    the machines without one read once, since a selector matches facts that no index holds.
     """
     pairs = await (counts or store).state_counts()
-    by_state = dict.fromkeys((s.value for s in MachineState), 0)
-    for (_, state), count in pairs.items():
-        by_state[state.value] += count
-    total = sum(by_state.values())
+    states = {s.value: n for s, n in by_state(pairs).items()}
+    total = sum(states.values())
     clusters: dict[str, dict[str, int]] = {}
     for cluster in await store.list_clusters():
         clusters[cluster.name] = {s.value: n for s in MachineState
@@ -415,7 +411,7 @@ async def fleet_status(store: Store, counts: StateCounts | None = None) -> dict[
     failed = await store.list_machines(MachineFilter(state=MachineState.FAILED, limit=20))
     return {
         "total": total,
-        "by_state": by_state,
+        "by_state": states,
         "clusters": clusters,
         "failed": [{"mac": str(m.mac) if m.mac else None, "id": m.id, "hostname": m.hostname,
                     "cluster": cluster_of(m)}

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from netboot.errors import StoreError
 from netboot.health import InventoryHealth
-from netboot.inventory.base import StateCounts
+from netboot.inventory.base import StateCounts, by_state
 from netboot.model import Event, MachineState
 
 # prometheus_client is imported at the first scrape (Metrics.registry): its package imports
@@ -280,16 +280,13 @@ class Metrics:
             self._started.popitem(last=False)
 
     # -- scrape -----------------------------------------------------------------------------
-    async def render(self, store: StateCounts) -> bytes:
+    async def render(self, machines: StateCounts) -> bytes:
         """The exposition text, with machines by state counted now (kept from the last
         scrape while the inventory does not answer: the rest is still worth reading)."""
         counts: dict[MachineState, int] = {}
         if self._health is None or self._health.up:  # else no wait for a dead database
             with contextlib.suppress(StoreError):
-                by_pair = await store.state_counts()
-                counts = dict.fromkeys(MachineState, 0)
-                for (_, state), count in by_pair.items():
-                    counts[state] += count
+                counts = by_state(await machines.state_counts())
         for state, count in counts.items():
             self._machines[state.value] = float(count)
         from prometheus_client.exposition import generate_latest

@@ -160,6 +160,15 @@ class StateCounts(Protocol):
         with at least one machine. Exact as of the call; one read of the store at most."""
 
 
+def by_state(counts: Mapping[tuple[str | None, MachineState], int]) -> dict[MachineState, int]:
+    """:meth:`StateCounts.state_counts`' answer summed over the clusters: every state, in
+    MachineState's order, 0 where none."""
+    out = dict.fromkeys(MachineState, 0)
+    for (_, state), count in counts.items():
+        out[state] += count
+    return out
+
+
 class Store(ChangeFeed, StateCounts, Protocol):
     """The async inventory. ``mac`` arguments are MACs in any accepted spelling; machines and
     their events are named by machine id."""

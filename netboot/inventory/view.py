@@ -423,8 +423,8 @@ class InventoryView:
     async def state_counts(self) -> dict[tuple[str | None, MachineState], int]:
         """:meth:`Store.state_counts`, from memory once loaded (after a sync: exact as of
         the call, other processes' commits included); until then, the store's grouped read.
-        The metrics scrape and the fleet status ask it; without the view each asked one
-        scan of every machine per state (no index holds the state: sqlite.py, migration 7)."""
+        The metrics scrape and the fleet status ask it: no index holds the state
+        (sqlite.py, migration 7), the store answers it by reading every machine."""
         if self.loaded:
             await self.sync()
             counts = self._counts
