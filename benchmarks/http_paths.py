@@ -461,7 +461,10 @@ def main() -> None:
         (work.assets / "small.txt").write_bytes(b"x" * 299 + b"\n")
         (work.assets / "1m.bin").write_bytes(os.urandom(1 << 20))
         (work.assets / "32m.bin").write_bytes(os.urandom(32 << 20))
-        took = work.netboot_seed(args.python)
+        # Seeded by the baseline when there is one (the older schema, as a rule): a tree
+        # opens, and migrates, a file its baseline wrote; the baseline refuses a newer one.
+        older = args.baseline.resolve() if args.baseline else REPO
+        took = work.netboot_seed(args.python, older)
         print(f"netboot import of {args.enrolled} machines: {took:.1f} s", flush=True)
         script = tmp / "random_mac.lua"
         script.write_text(RANDOM_MAC_LUA)
@@ -477,7 +480,7 @@ def main() -> None:
             t0 = time.perf_counter()
             subprocess.run([args.python, "-c", MINT, str(seeds[name]), TOKEN_TAIL,
                             str(servers_seeded), "1" if name == "installing" else "0"],
-                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(older)})
             print(f"seed {name}: {servers_seeded} registered servers"
                   + (f", install tokens minted for {args.enrolled - servers_seeded} machines"
                      if name == "installing" else "")

@@ -178,7 +178,10 @@ def main() -> None:
         work = Workload(tmp, args.enrolled, args.enrolled, 1 << 20, 1 << 20,
                         managed=args.managed)
         work.build()
-        took = work.netboot_seed(args.python)
+        # Seeded by the other checkout (the older schema, as a rule): a tree opens, and
+        # migrates, a file its baseline wrote; the baseline refuses a newer schema.
+        older = trees["compare"]
+        took = work.netboot_seed(args.python, older)
         print(f"netboot import of {args.enrolled} machines: {took:.1f} s", flush=True)
         seed = work.root / "netboot-seed"
         # Without a registered server a managed cluster's agents are held (nothing written):
@@ -186,7 +189,7 @@ def main() -> None:
         first = max(1, args.enrolled // PER_CLUSTER) if args.managed else 0
         if first:
             subprocess.run([args.python, "-c", MINT, str(seed), TOKEN_TAIL, str(first), "0"],
-                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(older)})
         for r in range(1, args.rounds + 1):
             children = {name: start(args.python, tree, tmp / f"run-{name}", seed, work.assets,
                                     args.requests, r, args.enrolled, first)

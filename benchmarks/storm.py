@@ -230,12 +230,13 @@ class Workload:
                     left -= len(chunk)
 
     # netboot's inventory
-    def netboot_seed(self, python: str) -> float:
-        """Enroll the fleet in a fresh data dir with the CLI; returns the import's seconds."""
+    def netboot_seed(self, python: str, repo: Path = REPO) -> float:
+        """Enroll the fleet in a fresh data dir with the CLI of ``repo``; returns the
+        import's seconds."""
         data = self.root / "netboot-seed"
         data.mkdir()
         clusters = max(1, self.enrolled // PER_CLUSTER)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(repo)}
 
         def cli(*args: str) -> None:
             subprocess.run([python, "-m", "netboot", *args, "--data-dir", str(data)],

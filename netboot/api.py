@@ -486,7 +486,7 @@ class Api:
         return web.json_response(report.as_dict(), status=status)
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(await fleet_status(self._store))
+        return web.json_response(await fleet_status(self._store, self._core.boot.counts))
 
     async def cluster_nodes(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -38,7 +38,7 @@ from netboot.enroll import Enroller
 from netboot.errors import Conflict, StateChanged, StoreError
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution, Unseen
-from netboot.inventory.base import Batch, Store
+from netboot.inventory.base import Batch, StateCounts, Store
 from netboot.inventory.view import InventoryView
 from netboot.model import (
     Arch,
@@ -382,6 +382,12 @@ class BootService:
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
+
+    @property
+    def counts(self) -> StateCounts:
+        """Machines per cluster and state (the metrics scrape, the fleet status): from the
+        view once loaded, exact after its sync; the store's one grouped read until then."""
+        return self._view
 
     async def load_view(self) -> None:
         """Read the whole inventory into memory (``netboot serve``, in the background once it

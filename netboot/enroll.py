@@ -33,7 +33,7 @@ from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.identity import Identity
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, MachineFilter, Store
+from netboot.inventory.base import Batch, MachineFilter, StateCounts, Store, by_state
 from netboot.inventory.codec import NO_ENTRIES, NewMachines
 from netboot.model import (
     ID_PREFIX,
@@ -376,24 +376,23 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-async def fleet_status(store: Store) -> dict[str, Any]:
+async def fleet_status(store: Store, counts: StateCounts | None = None) -> dict[str, Any]:
     """Where the fleet stands: machines per state, overall and per cluster, and the failed.
 
     What an operator enrolling a thousand devices watches (``netboot status``,
     ``GET /api/v1/status``). A machine counts in its own cluster, else in the cluster of the
-    group that selects it, as it would boot. Counts come from indexed queries; only when a
-    group gives a cluster are the machines without one read once, since a selector matches
-    facts that no index holds.
+    group that selects it, as it would boot. The counts by cluster and state come from
+    ``counts`` (the server's in-memory view), else from the store's one grouped read (no
+    index holds the state: sqlite.py, migration 7); only when a group gives a cluster are
+    the machines without one read once, since a selector matches facts that no index holds.
     """
-    by_state = {s.value: await store.count_machines(MachineFilter(state=s))
-                for s in MachineState}
-    total = sum(by_state.values())
+    pairs = await (counts or store).state_counts()
+    states = {s.value: n for s, n in by_state(pairs).items()}
+    total = sum(states.values())
     clusters: dict[str, dict[str, int]] = {}
     for cluster in await store.list_clusters():
-        counts = {s.value: await store.count_machines(MachineFilter(cluster=cluster.name,
-                                                                    state=s))
-                  for s in MachineState}
-        clusters[cluster.name] = {k: v for k, v in counts.items() if v}
+        clusters[cluster.name] = {s.value: n for s in MachineState
+                                  if (n := pairs.get((cluster.name, s), 0))}
     groups = await store.list_groups()
     groups_give_clusters = any(g.cluster for g in groups)
 
@@ -405,14 +404,14 @@ async def fleet_status(store: Store) -> dict[str, Any]:
 
     if total and groups_give_clusters:
         for machine in await store.list_machines(MachineFilter(limit=total)):
-            # Machines with a cluster of their own were counted by the queries above.
+            # Machines with a cluster of their own were counted above.
             if not machine.cluster and (name := cluster_of(machine)):
-                counts = clusters.setdefault(name, {})
-                counts[machine.state.value] = counts.get(machine.state.value, 0) + 1
+                held = clusters.setdefault(name, {})
+                held[machine.state.value] = held.get(machine.state.value, 0) + 1
     failed = await store.list_machines(MachineFilter(state=MachineState.FAILED, limit=20))
     return {
         "total": total,
-        "by_state": by_state,
+        "by_state": states,
         "clusters": clusters,
         "failed": [{"mac": str(m.mac) if m.mac else None, "id": m.id, "hostname": m.hostname,
                     "cluster": cluster_of(m)}

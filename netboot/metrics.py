@@ -8,8 +8,9 @@ tests, count separately). It is fed three ways, none of which touches the store 
   ``TftpObserver``, ``HttpObserver``), one call per reply, transfer or request;
 * the event bus hands it every committed machine event, from which the install and
   registration durations are measured (event times, not wall-clock at scrape);
-* at scrape time, machines by state are counted by the store (one ``count`` per state, indexed)
-  and the TFTP server's own counters are read.
+* at scrape time, machines by state are counted (``StateCounts``: the serving process's
+  in-memory view, kept exact by the change feed; no index of the store holds the state) and
+  the TFTP server's own counters are read.
 
 Label values are bounded: DHCP firmware and arch are enums, HTTP routes are route patterns
 (an unmatched path is ``unmatched``), error kinds are a fixed vocabulary.
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from netboot.errors import StoreError
 from netboot.health import InventoryHealth
-from netboot.inventory.base import MachineFilter, Store
+from netboot.inventory.base import StateCounts, by_state
 from netboot.model import Event, MachineState
 
 # prometheus_client is imported at the first scrape (Metrics.registry): its package imports
@@ -279,14 +280,13 @@ class Metrics:
             self._started.popitem(last=False)
 
     # -- scrape -----------------------------------------------------------------------------
-    async def render(self, store: Store) -> bytes:
+    async def render(self, machines: StateCounts) -> bytes:
         """The exposition text, with machines by state counted now (kept from the last
         scrape while the inventory does not answer: the rest is still worth reading)."""
         counts: dict[MachineState, int] = {}
         if self._health is None or self._health.up:  # else no wait for a dead database
             with contextlib.suppress(StoreError):
-                counts = {state: await store.count_machines(MachineFilter(state=state))
-                          for state in MachineState}
+                counts = by_state(await machines.state_counts())
         for state, count in counts.items():
             self._machines[state.value] = float(count)
         from prometheus_client.exposition import generate_latest

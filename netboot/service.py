@@ -934,7 +934,7 @@ def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,
     api.add_to(app)
     front.take_reports(api, max_body=config.http.max_body_bytes,
                        max_event=config.http.max_event_bytes)
-    Dashboard(core.access, core.store, metrics,
+    Dashboard(core.access, core.boot.counts, metrics,
               metrics_public=config.metrics.public).add_to(app)
     return app
 

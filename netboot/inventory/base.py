@@ -152,7 +152,24 @@ class Sealer(Protocol):
     def is_sealed(self, value: str) -> bool: ...
 
 
-class Store(ChangeFeed, Protocol):
+class StateCounts(Protocol):
+    """Machines per cluster and state: what the metrics scrape and the fleet status count."""
+
+    async def state_counts(self) -> dict[tuple[str | None, MachineState], int]:
+        """How many machines are in each (cluster, state), None for no cluster; only pairs
+        with at least one machine. Exact as of the call; one read of the store at most."""
+
+
+def by_state(counts: Mapping[tuple[str | None, MachineState], int]) -> dict[MachineState, int]:
+    """:meth:`StateCounts.state_counts`' answer summed over the clusters: every state, in
+    MachineState's order, 0 where none."""
+    out = dict.fromkeys(MachineState, 0)
+    for (_, state), count in counts.items():
+        out[state] += count
+    return out
+
+
+class Store(ChangeFeed, StateCounts, Protocol):
     """The async inventory. ``mac`` arguments are MACs in any accepted spelling; machines and
     their events are named by machine id."""
 

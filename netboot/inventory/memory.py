@@ -10,6 +10,7 @@ is applied.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from collections.abc import Collection
@@ -130,6 +131,10 @@ class MemoryStore:
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         self._check_open()
         return len(self._matching(flt or MachineFilter()))
+
+    async def state_counts(self) -> dict[tuple[str | None, MachineState], int]:
+        self._check_open()
+        return dict(collections.Counter((m.cluster, m.state) for m in self._machines.values()))
 
     async def create_machine(self, machine: Machine) -> None:
         self._changed()

@@ -286,9 +286,28 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
         "DROP INDEX machines_uuid",
         "DROP INDEX machines_serial",
     ),
+    (
+        # The (state, mac) index moved an entry between two random leaves at every state
+        # change of a boot storm (enrolled -> booting -> installing -> installed): ~2 of a
+        # first install's ~4-6 WAL frames, a third of the config step's (benchmarks/README.md,
+        # s12-wal, s17-state). Counts by state come from the serving process's view, else
+        # from one grouped scan (state_counts); only the rare states that are listed by state
+        # keep an index (the discovery limit pages through the discovered records, the
+        # status lists the failed), which no storm transition enters or leaves. A query
+        # uses it only when it names this exact condition (_RARE_STATES).
+        "DROP INDEX machines_state",
+        "CREATE INDEX machines_rare_states ON machines (state, mac IS NULL, mac, id)"
+        " WHERE state IN ('discovered', 'failed')",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# The partial index's condition as queries must state it for SQLite to use the index (its
+# planner proves a query's WHERE implies the index's by matching terms, not by value), and
+# the states it holds.
+_RARE_STATES = "m.state IN ('discovered', 'failed')"
+RARE_STATES = frozenset({MachineState.DISCOVERED, MachineState.FAILED})
 
 _INSERT_MACHINE = (
     "INSERT INTO machines (id, mac, hostname, state, cluster, data, created, updated)"
@@ -766,6 +785,9 @@ class SqliteStore:
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         return await self._read(_count_machines, flt or MachineFilter())
+
+    async def state_counts(self) -> dict[tuple[str | None, MachineState], int]:
+        return await self._read(_state_counts)
 
     async def create_machine(self, machine: Machine) -> None:
         await self.apply_batch(Batch(create=(machine,)))
@@ -1264,6 +1286,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     if flt.state is not None:
+        if flt.state in RARE_STATES:
+            clauses.append(_RARE_STATES)
         clauses.append("m.state = ?")
         params.append(flt.state.value)
     if flt.cluster is not None:
@@ -1338,6 +1362,15 @@ def _count_machines(conn: sqlite3.Connection, flt: MachineFilter) -> int:
     table = "machines m INDEXED BY machines_no_mac" if flt.has_mac is False else "machines m"
     row = conn.execute(f"SELECT count(*) FROM {table}{where}", params).fetchone()  # noqa: S608
     return int(row[0])
+
+
+def _state_counts(conn: sqlite3.Connection) -> dict[tuple[str | None, MachineState], int]:
+    # One pass over every machine's row (no index holds the state), for a process without
+    # a loaded view (the CLI); a server answers from its view. Grouped by state first: by
+    # cluster first, the planner walks machines_cluster for its order and looks each row up
+    # in the table (100,000 machines: 116 ms against 51 for the scan, CPU, under load).
+    return {(cluster, MachineState(state)): count for state, cluster, count in conn.execute(
+        "SELECT state, cluster, count(*) FROM machines GROUP BY state, cluster")}
 
 
 def _delete_machine(conn: sqlite3.Connection, machine_id: str) -> None:

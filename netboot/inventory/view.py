@@ -116,6 +116,9 @@ class InventoryView:
         # cluster -> its registered servers; while not loaded, only clusters asked about.
         self._servers: dict[str, dict[str, Machine]] = {}
         self._no_mac: set[str] | None = None  # ids of machines enrolled without a NIC
+        # (cluster, state) -> how many of the machines held are in it (those with one or
+        # more): only while loaded, when every machine is held.
+        self._counts: dict[tuple[str | None, MachineState], int] | None = None
 
     # loading -----------------------------------------------------------------------------
     async def load(self) -> None:
@@ -157,16 +160,20 @@ class InventoryView:
             if clears != self._clears:
                 continue  # history was pruned meanwhile: ``start`` means nothing now
             # Every machine is held now, as of ``start`` or later; what only a loaded view
-            # keeps of all of them (every cluster's servers, the machines without a NIC):
+            # keeps of all of them (every cluster's servers, the machines without a NIC, the
+            # counts by cluster and state):
             servers: dict[str, dict[str, Machine]] = {}
             no_mac: set[str] = set()
+            counts: dict[tuple[str | None, MachineState], int] = {}
             for machine in self._machines.values():
                 if machine is not None:
                     if machine.cluster is not None and _running_server(machine):
                         servers.setdefault(machine.cluster, {})[machine.id] = machine
                     if not machine.macs:
                         no_mac.add(machine.id)
-            self._servers, self._no_mac = servers, no_mac
+                    pair = (machine.cluster, machine.state)
+                    counts[pair] = counts.get(pair, 0) + 1
+            self._servers, self._no_mac, self._counts = servers, no_mac, counts
             self._profiles = {p.name: p for p in profiles}
             self._clusters = {c.name: c for c in clusters}
             self._groups = {g.name: g for g in groups}
@@ -317,12 +324,14 @@ class InventoryView:
 
     def _put_machine(self, machine_id: str, machine: Machine | None) -> None:
         old = self._machines.get(machine_id)
+        if old is not None and (machine is old or (
+                machine is not None and machine.updated == old.updated and machine == old)):
+            # The same value: keep the object (callers may compare identity). Another
+            # ``updated`` is another value, told without comparing every field.
+            return
+        if self._counts is not None:
+            _recount(self._counts, old, machine)
         if old is not None:
-            if machine is old or (machine is not None and machine.updated == old.updated
-                                  and machine == old):
-                # The same value: keep the object (callers may compare identity). Another
-                # ``updated`` is another value, told without comparing every field.
-                return
             if machine is not None and _same_entries(old, machine):
                 # What no index holds changed (an install's state, token and facts; a
                 # report's step): the object replaced, its index entries left as they are.
@@ -410,6 +419,18 @@ class InventoryView:
                 lambda ms: setattr(self, "_no_mac", {m.id for m in ms}))
             return len(found)
         return len(self._no_mac)
+
+    async def state_counts(self) -> dict[tuple[str | None, MachineState], int]:
+        """:meth:`Store.state_counts`, from memory once loaded (after a sync: exact as of
+        the call, other processes' commits included); until then, the store's grouped read.
+        The metrics scrape and the fleet status ask it: no index holds the state
+        (sqlite.py, migration 7), the store answers it by reading every machine."""
+        if self.loaded:
+            await self.sync()
+            counts = self._counts
+            if self.loaded and counts is not None:  # else the sync dropped everything
+                return dict(counts)
+        return await self._store.state_counts()
 
     async def registered_servers(self, cluster: str) -> list[Machine]:
         """The cluster's registered server nodes, in the store's machine order (by MAC)."""
@@ -586,6 +607,23 @@ def _unindex(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[st
             held.pop(machine_id, None)
     if no_mac is not None:
         no_mac.discard(machine_id)
+
+
+def _recount(counts: dict[tuple[str | None, MachineState], int], old: Machine | None,
+             new: Machine | None) -> None:
+    """Move a machine from its old (cluster, state) count to its new one."""
+    if old is not None:
+        if new is not None and new.state == old.state and new.cluster == old.cluster:
+            return
+        pair = (old.cluster, old.state)
+        left = counts[pair] - 1
+        if left:
+            counts[pair] = left
+        else:
+            del counts[pair]
+    if new is not None:
+        pair = (new.cluster, new.state)
+        counts[pair] = counts.get(pair, 0) + 1
 
 
 def _same_entries(old: Machine, new: Machine) -> bool:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from netboot.access import Permission, Principal
 from netboot.errors import AuthError
-from netboot.inventory.base import Store
+from netboot.inventory.base import StateCounts
 from netboot.logs import RateLimitedLog
 from netboot.metrics import CONTENT_TYPE, Metrics
 from netboot.servers.aio import serve_plain
@@ -33,10 +33,10 @@ MAX_TOKEN = 1024
 
 
 class Dashboard:
-    def __init__(self, auth: TokenCheck, store: Store, metrics: Metrics, *,
+    def __init__(self, auth: TokenCheck, counts: StateCounts, metrics: Metrics, *,
                  metrics_public: bool = True, logger: logging.Logger | None = None) -> None:
         self._auth = auth
-        self._store = store
+        self._counts = counts  # machines by state, for the scrape
         self._metrics = metrics
         self._metrics_public = metrics_public
         self._log = logger or logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class Dashboard:
             if token is None:
                 raise AuthError("metrics.public is false: send 'Authorization: Bearer <token>'")
             (await self._auth.authenticate(token)).require(Permission.READ)
-        body = await self._metrics.render(self._store)
+        body = await self._metrics.render(self._counts)
         resp = web.Response(body=body, headers={"Cache-Control": "no-store"})
         resp.headers["Content-Type"] = CONTENT_TYPE
         return resp

@@ -27,7 +27,17 @@ from netboot.inventory import codec
 from netboot.inventory import sqlite as sqlite_store
 from netboot.inventory.base import Batch, MachineFilter
 from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
-from netboot.model import Cluster, Event, Group, Lease, MacAddress, Machine, Profile, Scope
+from netboot.model import (
+    Cluster,
+    Event,
+    Group,
+    Lease,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Scope,
+)
 from tests.killed import killed_after
 
 MAC1 = "02:00:00:00:00:01"
@@ -349,6 +359,78 @@ async def test_migration_gives_each_machine_an_id_and_its_mac_as_first_nic(
         # The unknown device's event is kept under its MAC, as before.
         assert conn.execute("SELECT machine FROM events WHERE kind = 'dhcp'").fetchone()[0] \
             == "02:00:00:00:00:99"
+
+
+async def test_migration_7_drops_the_state_index_and_keeps_every_machine(
+        tmp_path: Path) -> None:
+    """A file of schema version 6 (the (state, mac) index of every machine) opens at the
+    current version with the rare states' partial index instead, every machine kept."""
+    path = tmp_path / "old.db"
+    store = SqliteStore(path)
+    await store.open()
+    states = list(MachineState)
+    try:
+        await store.apply_batch(Batch(create=[
+            Machine(macs=(MacAddress((0x02_00_00_00_04_00 + i).to_bytes(6, "big")),),
+                    state=states[i % len(states)], cluster=("a", None)[i % 2])
+            for i in range(40)]))
+        before = await store.list_machines(MachineFilter(limit=1000))
+    finally:
+        await store.close()
+    with raw(path) as conn:  # as version 6 left it: the last step undone
+        conn.execute("DROP INDEX machines_rare_states")
+        conn.execute("CREATE INDEX machines_state ON machines (state, mac)")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    assert SCHEMA_VERSION - 1 == 6
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.list_machines(MachineFilter(limit=1000)) == before
+        for state in states:
+            assert await store.list_machines(MachineFilter(state=state, limit=1000)) == [
+                m for m in before if m.state == state]
+    finally:
+        await store.close()
+    with raw(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        indexes = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'machines'")}
+        assert "machines_state" not in indexes and "machines_rare_states" in indexes
+
+
+def _plans(path: Path, run: Callable[[sqlite3.Connection], object]) -> list[str]:
+    """The query plan of every statement ``run`` executes on a plain connection to ``path``
+    (as the store's reader would run them, with their values bound)."""
+    statements: list[str] = []
+    with raw(path) as conn:
+        conn.set_trace_callback(statements.append)
+        run(conn)
+        conn.set_trace_callback(None)
+        return [" / ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                for sql in statements]
+
+
+@pytest.mark.parametrize("state", list(MachineState))
+async def test_only_the_rare_states_list_and_count_by_their_partial_index(
+        tmp_path: Path, state: MachineState) -> None:
+    """The discovered and failed machines (the discovery limit's load, the status' list of
+    the failed) are read from the partial index, in its order (no sort); every other state
+    has no index (a storm's transitions write none) and is a scan."""
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    flt = MachineFilter(state=state, limit=20, offset=5)
+    listed = _plans(path, lambda conn: sqlite_store._list_machines(conn, flt))
+    counted = _plans(path, lambda conn: sqlite_store._count_machines(conn, flt))
+    grouped = _plans(path, sqlite_store._state_counts)
+    if state in (MachineState.DISCOVERED, MachineState.FAILED):
+        assert {MachineState.DISCOVERED, MachineState.FAILED} == sqlite_store.RARE_STATES
+        assert listed == ["SEARCH m USING INDEX machines_rare_states (state=?)"]
+        assert counted == ["SEARCH m USING COVERING INDEX machines_rare_states (state=?)"]
+    else:
+        assert all("machines_rare_states" not in plan for plan in listed + counted)
+    assert grouped == ["SCAN machines / USE TEMP B-TREE FOR GROUP BY"]  # no look-ups
 
 
 async def test_missing_directory_is_named_with_the_fix(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ answers, and the boot plans decided from it, equal those read fresh from the fil
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import os
 import random
@@ -24,12 +26,12 @@ import pytest
 import netboot
 from netboot.arrival import arrived
 from netboot.boot import BootService, BootSettings
-from netboot.enroll import Enroller
+from netboot.enroll import Enroller, fleet_status
 from netboot.errors import StoreError, ValidationError
 from netboot.files import FileTree
 from netboot.identity import claims, request_for
 from netboot.inventory import view as view_module
-from netboot.inventory.base import Batch, Store
+from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
 from netboot.model import (
@@ -45,6 +47,7 @@ from netboot.model import (
     Role,
 )
 from netboot.sealing import Sealer
+from tests import pg
 from tests.held_store import HeldFeedStore
 
 MACS = [f"02:00:00:00:00:{i:02x}" for i in range(1, 9)]
@@ -123,6 +126,13 @@ async def assert_exact(view: InventoryView, boot: BootService, fresh_store: Sqli
                    if m.cluster == name and m.state == MachineState.REGISTERED
                    and m.role == Role.SERVER]
         assert await view.registered_servers(name) == servers
+    assert await view.state_counts() == by_cluster_and_state(
+        await fresh_store.list_machines(MachineFilter(limit=1000)))
+
+
+def by_cluster_and_state(machines: list[Machine]) -> dict[tuple[str | None, MachineState], int]:
+    """What ``state_counts`` must answer, counted one machine at a time."""
+    return dict(collections.Counter((m.cluster, m.state) for m in machines))
 
 
 def boot_on(store: Store, tmp_path: Path) -> BootService:
@@ -733,3 +743,57 @@ async def test_a_committed_machine_adopted_after_the_feed_read_it_back_is_the_on
     assert copy == installing and copy is not installing
     view.adopt((installing,))
     assert await view.get_machine(machine.id) is installing
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_counts_by_cluster_and_state_equal_a_count_of_every_machine(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loaded view's counts (the metrics scrape, the fleet status: no index holds the
+    state) after every kind of change, by its own store and by another connection that the
+    view learns of only from the change feed, equal a count of every machine; so do the
+    stores' own grouped counts, and the fleet status either way."""
+    async with contextlib.AsyncExitStack() as stack:
+        own, other = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        for name in ("a", "b"):
+            await own.put_cluster(Cluster(name=name, token="t"))
+        rng = random.Random(17)
+        states, clusters = list(MachineState), [None, "a", "b", "gone"]
+        await own.apply_batch(Batch(create=[
+            Machine(macs=(MacAddress((0x02_00_00_00_02_00 + i).to_bytes(6, "big")),),
+                    state=rng.choice(states), cluster=rng.choice(clusters))
+            for i in range(30)]))
+        view = InventoryView(own)
+        await view.load()
+        assert view.loaded
+        for step in range(60):
+            store = other if step % 3 else own
+            held = await store.list_machines(MachineFilter(limit=1000))
+            what = rng.randrange(5)
+            if what == 0 or not held:
+                await store.create_machine(Machine(
+                    macs=(MacAddress((0x02_00_00_00_03_00 + step).to_bytes(6, "big")),),
+                    state=rng.choice(states), cluster=rng.choice(clusters)))
+            elif what == 1:
+                await store.delete_machine(rng.choice(held).id)
+            elif what == 2:  # a storm's group: several machines change state at once
+                moved = rng.sample(held, min(4, len(held)))
+                await store.apply_batch(Batch(update=[
+                    replace(m, state=rng.choice(states), updated=m.updated + 1) for m in moved]))
+            else:  # a state or a cluster, or both
+                m = rng.choice(held)
+                await store.update_machine(replace(
+                    m, state=rng.choice(states) if what == 3 else m.state,
+                    cluster=rng.choice(clusters), updated=m.updated + 1))
+            expected = by_cluster_and_state(await other.list_machines(MachineFilter(limit=1000)))
+            assert await view.state_counts() == expected, step
+            assert await own.state_counts() == expected, step
+            if step % 10 == 9:
+                assert await fleet_status(own, view) == await fleet_status(other)
+
+        def scan(*_: object) -> None:
+            raise AssertionError("the loaded view read the whole table")
+
+        monkeypatch.setattr(own, "state_counts", scan)  # a loaded view answers from memory
+        assert await view.state_counts() == by_cluster_and_state(
+            await other.list_machines(MachineFilter(limit=1000)))
