@@ -6,9 +6,11 @@ there, and a checkout runs from them); at build time they are copied into
 Everything else about the build is declared in pyproject.toml.
 
 ``NETBOOT_MYPYC=1`` also compiles the per-packet DHCP path (the codec and the PXE decision
-logic) and the TFTP codec and sender with mypyc, for a platform wheel that spends ~23 % less
-CPU per DISCOVER in process and less per TFTP block (README, "Performance"). It needs mypy,
-setuptools and a C compiler in the building environment, so it is built without isolation:
+logic), the TFTP codec and sender, and a first install's loop work (boot decision, content,
+render, recorder) with mypyc, for a platform wheel that spends ~23 % less CPU per DISCOVER
+in process, less per TFTP block and ~13 % less loop CPU per first install (README,
+"Performance"). It needs mypy, setuptools and a C compiler in the building environment, so
+it is built without isolation:
 ``pip install mypy setuptools && NETBOOT_MYPYC=1 pip install --no-build-isolation .``.
 Without it the wheel is pure Python, and the same modules run as they are.
 """
@@ -30,8 +32,12 @@ SHIPPED = ("templates", "boot_assets")
 # annotated). The TFTP server's adapter (netboot/servers/tftp.py) too since session 12: its
 # per-block loop with native attribute access and native calls into the compiled sender cost
 # 2-6 % less CPU per lock-step block than with the adapter interpreted (benchmarks/README.md).
+# Since session 17 also the modules a first `/ipxe` install's event-loop work runs through
+# (the boot decision, the content and its render, the recorder's group commit): 13 % less of
+# the loop's CPU per first install in process (benchmarks/README.md, branch s17-mypyc).
 COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py", "netboot/wire/tftp.py",
-            "netboot/servers/tftp.py")
+            "netboot/servers/tftp.py", "netboot/boot.py", "netboot/content.py",
+            "netboot/render.py", "netboot/recorder.py")
 
 
 class BuildPyWithShipped(build_py):

@@ -18,7 +18,6 @@ import secrets
 import select
 import stat
 import time
-import weakref
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -175,12 +174,12 @@ class Renderer:
                 source, filename, _ = loader.get_source(self._env, name)
                 self._env.compile(source, name, filename, raw=True)
             except jinja2.TemplateSyntaxError as exc:
-                raise ConfigError(
+                raise _caused(ConfigError(
                     f"template syntax error: {exc.message}",
                     source=exc.filename or name,
                     line=exc.lineno,
                     fix="fix the Jinja2 syntax on that line",
-                ) from exc
+                ), exc) from exc
 
     def render(self, name: str, context: Mapping[str, Any], *,
                volatile: frozenset[str] = frozenset()) -> str:
@@ -196,12 +195,12 @@ class Renderer:
             import jinja2
 
             if isinstance(exc, jinja2.TemplateNotFound):
-                raise RenderError(
-                    f"template {name!r} not found in {self._dirs_text()}") from exc
+                raise _caused(RenderError(
+                    f"template {name!r} not found in {self._dirs_text()}"), exc) from exc
             if isinstance(exc, jinja2.UndefinedError):
-                raise RenderError(f"template {name!r}: {exc.message}") from exc
+                raise _caused(RenderError(f"template {name!r}: {exc.message}"), exc) from exc
             if isinstance(exc, jinja2.TemplateError):
-                raise RenderError(f"template {name!r}: {exc}") from exc
+                raise _caused(RenderError(f"template {name!r}: {exc}"), exc) from exc
             raise
 
     def version(self, name: str) -> object:
@@ -222,7 +221,7 @@ class Renderer:
             import jinja2  # as in render: only once something failed
 
             if isinstance(exc, jinja2.TemplateError):
-                raise RenderError(f"{what}: {exc}") from exc
+                raise _caused(RenderError(f"{what}: {exc}"), exc) from exc
             raise
 
     def _rendered(self, template: jinja2.Template, name: str | None,
@@ -348,7 +347,8 @@ class Renderer:
             # CPU of a /config answer, and every installing device fetches one.
             yaml.load(text, Loader=_LOADER)  # noqa: S506
         except yaml.YAMLError as exc:
-            raise RenderError(f"template {name!r} rendered invalid YAML: {exc}") from exc
+            raise _caused(RenderError(f"template {name!r} rendered invalid YAML: {exc}"),
+                          exc) from exc
         if marked is not None:
             self._shapes.learn(marked)
         return text
@@ -847,7 +847,6 @@ class _Watch:
     def __init__(self, fd: int, add: Callable[[int, bytes, int], int], dirs: Sequence[Path],
                  ) -> None:
         self._fd, self._add, self._dirs = fd, add, dirs
-        self.close = weakref.finalize(self, os.close, fd)  # by close() or when collected
         # Whether an event waits, asked of poll(2): a read of the empty descriptor raised
         # BlockingIOError, ~5 µs against ~1 µs (every install script and config asks).
         self._poll = select.poll()
@@ -875,6 +874,17 @@ class _Watch:
             watch.close()
             return None
         return watch
+
+    def close(self) -> None:
+        """The descriptor closed (once: by the renderer's close, or when collected)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    # Not weakref.finalize: mypyc's native classes (NETBOOT_MYPYC=1 builds this module) take
+    # no weak references.
+    def __del__(self) -> None:
+        self.close()
 
     def _watch_all(self) -> bool:
         """Whether every directory is watched (false: out of watches, or more directories
@@ -1091,6 +1101,17 @@ def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:
         env.handle_exception()
 
 
+_Error = TypeVar("_Error", bound=Exception)
+
+
+def _caused(error: _Error, cause: BaseException) -> _Error:
+    """``error`` with ``cause`` as its cause, as ``raise error from cause`` sets it: mypyc
+    (NETBOOT_MYPYC=1 builds this module) compiles ``raise … from`` without its cause, which
+    a traceback and a caller that reads ``__cause__`` then miss."""
+    error.__cause__ = cause
+    return error
+
+
 def _sandbox() -> type[ImmutableSandboxedEnvironment]:
     """Jinja's immutable sandbox, with ``dict.key`` looked up without raising: the sandbox
     asks ``getattr(obj, key)`` first and, on its AttributeError (~1 µs to raise and catch),
@@ -1102,17 +1123,21 @@ def _sandbox() -> type[ImmutableSandboxedEnvironment]:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     dict_names = frozenset(dir(dict))
+    sandbox_getattr = ImmutableSandboxedEnvironment.getattr
 
-    class Sandbox(ImmutableSandboxedEnvironment):
-        def getattr(self, obj: Any, attribute: str) -> Any:
-            if type(obj) is dict and attribute not in dict_names:
-                try:
-                    return obj[attribute]
-                except KeyError:
-                    return self.undefined(obj=obj, name=attribute)
-            return super().getattr(obj, attribute)
+    def getattr(self: ImmutableSandboxedEnvironment, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in dict_names:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return sandbox_getattr(self, obj, attribute)
 
-    return Sandbox
+    # Made with type(), not a class statement: mypyc (NETBOOT_MYPYC=1 builds this module)
+    # compiles no class defined inside a function.
+    sandbox: type[ImmutableSandboxedEnvironment] = type(
+        "Sandbox", (ImmutableSandboxedEnvironment,), {"getattr": getattr})
+    return sandbox
 
 
 # Jinja's tojson writes ``json.dumps(value, sort_keys=True)`` (its default policy), which

@@ -1018,6 +1018,21 @@ def test_close_gives_the_inotify_instance_back(tmp_path: Path) -> None:
     assert inotify_instances() == before
 
 
+def test_a_renderer_dropped_without_close_gives_its_inotify_instance_back(tmp_path: Path,
+                                                                         ) -> None:
+    """The watch's descriptor is closed when the watch is collected, as by close() (the
+    compiled build's watch, a native class, takes no weak reference: no finalizer)."""
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "hold.ipxe").write_text("#!ipxe\necho one\n")
+    before = inotify_instances()
+    r = Renderer([tmp_path], recheck=3600)
+    r.render("ipxe/hold.ipxe", {})
+    if inotify_instances() == before:
+        pytest.skip("no inotify instance free for this user (fs.inotify.max_user_instances)")
+    del r
+    assert inotify_instances() == before
+
+
 class _Attrs:
     hostname = "from-an-attribute"
 
