@@ -1328,10 +1328,12 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME.encode()
 class ConnectionGuard:
     """Counts open connections overall and per source address and keeps both under their caps.
 
-    At the overall cap the connection idle longest (connected or kept alive, but with no
-    request being handled) is closed to make room, as nginx reuses keep-alive connections
-    when worker_connections run out: a flood of idle connections then churns through the
-    cap while real requests are served. Past the per-source cap, or when every connection is
+    At the overall cap the connection idle longest (connected or kept alive, with no byte of
+    a request read and none being answered) is closed to make room, as nginx reuses
+    keep-alive connections when worker_connections run out (ngx_drain_connections takes the
+    least recently used of its reusable queue): a flood of idle connections then churns
+    through the cap while real requests are served, and a device's pooled connection closed
+    before its next request is reopened by the device (iPXE's http_reopen). Past the per-source cap, or when every connection is
     busy, the new connection gets a 503 and is closed at once, so its descriptor comes back
     right away and a flood costs a counter bump per attempt, not a handler task. Refusals are
     logged once per window (rate-limited), never once per connection.
@@ -1345,7 +1347,9 @@ class ConnectionGuard:
         self.evicted = 0
         self.timed_out = 0
         self._per_source: Counter[str] = Counter()
-        self._open: dict[GuardedHandler, str] = {}  # in the order they were admitted
+        # In the order they were last active (admitted, a request read, an answer sent):
+        # the first idle one is the one idle longest.
+        self._open: dict[GuardedHandler, str] = {}
 
     @property
     def open(self) -> int:
@@ -1379,6 +1383,12 @@ class ConnectionGuard:
         self._open[handler] = source
         self._per_source[source] += 1
         return True
+
+    def touch(self, handler: GuardedHandler) -> None:
+        """``handler`` was active just now: last in the order idle connections are closed."""
+        source = self._open.pop(handler, None)
+        if source is not None:
+            self._open[handler] = source
 
     def release(self, handler: GuardedHandler) -> None:
         source = self._open.pop(handler, None)
@@ -1429,8 +1439,8 @@ class GuardedHandler(_HandlerBase):
         source = str(peer[0]) if peer else "-"
         if not self._guard.admit(self, source):
             # aiohttp never sees this connection: no handler task, no parser state.
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_BUSY)
+            # (uvloop's transports are not asyncio.WriteTransport's subclasses.)
+            cast(asyncio.WriteTransport, transport).write(_BUSY)
             transport.close()
             return
         self._source = source
@@ -1462,6 +1472,7 @@ class GuardedHandler(_HandlerBase):
             self.force_close()
 
     def data_received(self, data: bytes) -> None:
+        self._guard.touch(self)
         if self._front_off:
             super().data_received(data)
             return
@@ -1716,6 +1727,7 @@ class GuardedHandler(_HandlerBase):
             logger.line(self._remote(), head.method, answer.target or _front_target(head),
                         answer.status, sent, seconds, head.user_agent or None,
                         answer.request_id)
+        self._guard.touch(self)
         # aiohttp closes a connection idle this long after its own last response: move
         # that to after this one (its timer re-arms itself at this time).
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
@@ -1779,9 +1791,12 @@ class GuardedHandler(_HandlerBase):
 
     @property
     def idle(self) -> bool:
-        """Waiting for a request (a fresh or kept-alive connection), none being handled."""
+        """Waiting for a request (a fresh or kept-alive connection), none being handled and
+        no byte of the next one read (the front's part of a head: closing then would cut a
+        request the client has begun to send, which it may not retry)."""
         waiter = getattr(self, "_waiter", None)
-        return waiter is not None and not waiter.done() and not self._front_busy
+        return (waiter is not None and not waiter.done() and not self._front_busy
+                and not self._unread)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
