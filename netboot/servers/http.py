@@ -1333,9 +1333,10 @@ class ConnectionGuard:
     keep-alive connections when worker_connections run out (ngx_drain_connections takes the
     least recently used of its reusable queue): a flood of idle connections then churns
     through the cap while real requests are served, and a device's pooled connection closed
-    before its next request is reopened by the device (iPXE's http_reopen). Past the per-source cap, or when every connection is
-    busy, the new connection gets a 503 and is closed at once, so its descriptor comes back
-    right away and a flood costs a counter bump per attempt, not a handler task. Refusals are
+    before its next request is reopened by the device (iPXE's http_reopen). Past the
+    per-source cap, or when every connection is busy, the new connection gets a 503 and is
+    closed at once, so its descriptor comes back right away and a flood costs a counter bump
+    per attempt, not a handler task. Refusals are
     logged once per window (rate-limited), never once per connection.
     """
 
