@@ -428,6 +428,7 @@ class Failed(Exception):
 
 REOPENS = 8  # pooled connections a request may find closed in a row (a device pools a few)
 RETRY_AFTER_MAX = 5  # 503s a request waits out before it counts as failed
+RETRIES = {"reopened": 0, "retry_after": 0}  # requests asked again, by cause (the report)
 
 
 class _Attempt:
@@ -505,12 +506,14 @@ async def request(session: Any, method: str, url: str, **kwargs: Any) -> Any:
                     or attempt.proto.answered or reopens >= REOPENS:
                 raise
             reopens += 1
+            RETRIES["reopened"] += 1
             continue
         finally:
             _ATTEMPT.reset(token)
         after = resp.headers.get("Retry-After", "")
         if resp.status == 503 and after.isdigit() and waits < RETRY_AFTER_MAX:
             waits += 1
+            RETRIES["retry_after"] += 1
             resp.release()
             await asyncio.sleep(int(after))
             continue
@@ -1024,7 +1027,7 @@ class Generator:
                 "generator_cpu": usage.ru_utime + usage.ru_stime - self.cpu0,
                 "late_offers": self.dhcp.late, "loop_lag": self.lags,
                 "retried": self.retried, "dhcp_send_failed": self.dhcp_transport.send_failed,
-                "same_port": self.same_port}
+                "same_port": self.same_port, "http_retries": RETRIES}
 
 
 def generate(spec_json: str) -> None:
@@ -1134,7 +1137,9 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
               f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
               f"DHCP answers after their device gave up (or twice): {data['late_offers']}; "
-              f"downloads from their size probe's port: {data['same_port']}")
+              f"downloads from their size probe's port: {data['same_port']}; HTTP requests "
+              f"asked again: {data['http_retries']['reopened']} on a pooled connection "
+              f"closed before any byte, {data['http_retries']['retry_after']} after a 503")
         retried = data["retried"]
         print(f"{target}: devices offered only after a retransmitted DISCOVER: {len(retried)}"
               + "".join(f"; #{i} xid {xid:#010x} sent at {at:.0f} ms, offer after {took:.0f} ms"
