@@ -12,8 +12,10 @@ aiohttp is imported.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import functools
 import ipaddress
 import json
@@ -25,6 +27,7 @@ import secrets
 import socket
 import ssl
 import stat
+import termios
 import time
 import weakref
 from collections import Counter, OrderedDict
@@ -1366,7 +1369,7 @@ class ConnectionGuard:
                              source, self._per_source[source])
             return False
         if len(self._open) >= lim.max_connections:
-            idle = next((h for h in self._open if h.idle), None)
+            idle = self._reusable()
             if idle is None:
                 self.refused += 1
                 self.limited.log(logging.WARNING, "http-busy",
@@ -1384,6 +1387,20 @@ class ConnectionGuard:
         self._open[handler] = source
         self._per_source[source] += 1
         return True
+
+    def _reusable(self) -> GuardedHandler | None:
+        """The connection to close for a new one: idle longest, kept alive after an answer
+        before one that has not asked yet (a new connection's request may be on its way), and
+        none whose request has come to its socket unread (accepted in a burst, not read yet:
+        closing it would drop a request the client sent on a connection it just opened)."""
+        fresh = None
+        for handler in self._open:
+            if handler.idle and not handler.unread():
+                if handler.answered:
+                    return handler
+                if fresh is None:
+                    fresh = handler
+        return fresh
 
     def touch(self, handler: GuardedHandler) -> None:
         """``handler`` was active just now: last in the order idle connections are closed."""
@@ -1413,6 +1430,7 @@ class GuardedHandler(_HandlerBase):
                          **kwargs)
         self._guard = guard
         self._source: str | None = None
+        self._fd = -1  # the connection's socket, for unread()
         self._head_timer: asyncio.TimerHandle | None = None
         # The front door (FrontDoor): bytes read and neither answered nor handed to aiohttp
         # yet, whether an answer is being decided, whether the rest of the connection is
@@ -1453,6 +1471,7 @@ class GuardedHandler(_HandlerBase):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                                 int(self._guard.limits.send_timeout * 1000))
+        self._fd = sock.fileno() if sock is not None else -1
         self._plain_tcp = sock is not None and transport.get_extra_info("sslcontext") is None
         self._sock = sock if self._plain_tcp else None  # uvloop makes a new one each time
         super().connection_made(transport)
@@ -1798,6 +1817,22 @@ class GuardedHandler(_HandlerBase):
         waiter = getattr(self, "_waiter", None)
         return (waiter is not None and not waiter.done() and not self._front_busy
                 and not self._unread)
+
+    @property
+    def answered(self) -> bool:
+        """A request came on this connection (it is kept alive, or being answered)."""
+        return getattr(self, "_request_count", 0) > 0
+
+    def unread(self) -> bool:
+        """Bytes wait in the socket's receive queue, not read by the loop yet (FIONREAD)."""
+        if self._fd < 0:
+            return False
+        queued = array.array("i", [0])
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, queued)
+        except OSError:
+            return False
+        return queued[0] > 0
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,

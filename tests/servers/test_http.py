@@ -851,6 +851,47 @@ async def test_at_the_cap_the_longest_idle_is_closed_never_a_request_begun(
     assert tracebacks(caplog) == []
 
 
+async def test_at_the_cap_a_request_come_unread_is_kept_and_kept_alive_go_first(
+        tmp_path: Path) -> None:
+    """A new connection is served by closing, in this order: a kept-alive connection, then
+    one that has not asked yet, and never one whose request waits unread in its socket (a
+    burst of connections accepted before their requests are read)."""
+    get = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    async with wired(tmp_path, "  max_connections: 3\n  max_connections_per_source: 3\n"
+                     ) as service:
+        guard = service.http_guard
+        assert guard is not None
+        sources = iter(f"127.0.3.{i}" for i in range(1, 10))
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            before = guard.open + guard.refused + guard.evicted
+            pair = await asyncio.open_connection("127.0.0.1", service.http_port,
+                                                 local_addr=(next(sources), 0))
+            await _until(lambda: guard.open + guard.refused + guard.evicted > before)
+            return pair
+
+        # U: its request has come and waits unread (the server is not reading it yet).
+        u = await connect()
+        (held,) = guard._open
+        assert held.transport is not None
+        held.transport.pause_reading()
+        u[1].write(get)
+        await _until(held.unread)
+        # F has not asked yet; K is kept alive after an answer.
+        f, k = await connect(), await connect()
+        k[1].write(get)
+        assert (await _answer(k[0])).startswith(b"HTTP/1.1 200 ")
+        d = await connect()  # K goes, though U and F came first
+        assert await asyncio.wait_for(k[0].read(), 30) == b""
+        e = await connect()  # then F; U stays
+        assert await asyncio.wait_for(f[0].read(), 30) == b""
+        assert (guard.evicted, guard.refused, guard.open) == (2, 0, 3)
+        held.transport.resume_reading()
+        assert (await _answer(u[0])).startswith(b"HTTP/1.1 200 ")
+        for pair in (u, f, k, d, e):
+            pair[1].close()
+
+
 def test_at_the_cap_on_uvloop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The same on uvloop, whose transports are not asyncio.WriteTransport's: the 503 is
     written, not an AssertionError logged with the connection left open (seen in a
