@@ -14,18 +14,13 @@ closed by this process. No assertion.
 
 from __future__ import annotations
 
-import argparse
 import os
-import resource
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent
+from tftp_slots import each_tree, serve
+
 ASK = b"GET /boot.ipxe HTTP/1.1\r\nHost: netboot\r\nUser-Agent: iPXE/1.21.1\r\n\r\n"
 
 
@@ -85,23 +80,9 @@ def run_tree(tree: Path, n: int, work: Path) -> None:
         f"max_connections: {n + 100}}}\n"
         f"https: {{enabled: false}}\ndhcp: {{mode: 'off'}}\ntftp: {{port: {free_port()}}}\n"
         f"assets: {{dirs: [{work / 'assets'}]}}\n")
-    log = work / f"netboot-{tree.name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "netboot", "serve", "--config", str(conf)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONPATH": str(tree)})
+    proc = serve(tree, conf, work / f"netboot-{tree.name}.log", port)
     socks: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"netboot did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.2)
         for s in hold(50, port):  # the first connections' modules and caches, then closed
             s.close()
         time.sleep(1.0)
@@ -125,15 +106,7 @@ def run_tree(tree: Path, n: int, work: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--connections", type=int, default=2000)
-    p.add_argument("--baseline", type=Path, help="another checkout, measured after this one")
-    args = p.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the clients' sockets
-    with tempfile.TemporaryDirectory(prefix="http-slots-") as tmp:
-        for tree in [HERE, *([args.baseline] if args.baseline else [])]:
-            run_tree(tree.resolve(), args.connections, Path(tmp))
+    each_tree(__doc__, "connections", 2000, run_tree)
 
 
 if __name__ == "__main__":
