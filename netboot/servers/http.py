@@ -1339,8 +1339,8 @@ class ConnectionGuard:
     before its next request is reopened by the device (iPXE's http_reopen). Past the
     per-source cap, or when every connection is busy, the new connection gets a 503 and is
     closed at once, so its descriptor comes back right away and a flood costs a counter bump
-    per attempt, not a handler task. Refusals are
-    logged once per window (rate-limited), never once per connection.
+    per attempt, not a handler task. Refusals are logged once per window (rate-limited),
+    never once per connection.
     """
 
     def __init__(self, limits: HttpLimits, logger: logging.Logger) -> None:
