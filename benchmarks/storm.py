@@ -62,6 +62,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
+import functools
 import json
 import os
 import random
@@ -205,6 +207,7 @@ class Workload:
     kernel_size: int
     initrd_size: int
     managed: bool = False
+    tree: Path = REPO  # the netboot whose server runs (--tree): another checkout's, for A/B
 
     @property
     def assets(self) -> Path:
@@ -230,13 +233,13 @@ class Workload:
                     left -= len(chunk)
 
     # netboot's inventory
-    def netboot_seed(self, python: str, repo: Path = REPO) -> float:
-        """Enroll the fleet in a fresh data dir with the CLI of ``repo``; returns the
-        import's seconds."""
+    def netboot_seed(self, python: str, repo: Path | None = None) -> float:
+        """Enroll the fleet in a fresh data dir with the CLI of ``repo`` (default: the tree
+        whose server runs); returns the import's seconds."""
         data = self.root / "netboot-seed"
         data.mkdir()
         clusters = max(1, self.enrolled // PER_CLUSTER)
-        env = {**os.environ, "PYTHONPATH": str(repo)}
+        env = {**os.environ, "PYTHONPATH": str(repo or self.tree)}
 
         def cli(*args: str) -> None:
             subprocess.run([python, "-m", "netboot", *args, "--data-dir", str(data)],
@@ -267,7 +270,7 @@ class Workload:
         subprocess.run([python, "-m", "netboot", "db", "copy", "--from",
                         str(self.root / "netboot-seed" / "netboot.db"), "--to", f"@{dsn_file}"],
                        check=True, capture_output=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env={**os.environ, "PYTHONPATH": str(self.tree)})
         return time.perf_counter() - t0
 
     def netboot_config(self, run: Path, log_level: str, dsn: str | None = None) -> Path:
@@ -359,7 +362,8 @@ def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: st
     conf = work.netboot_config(run, log_level, dsn)
     command = ["-c", PLAIN_SWITCHING] if plain_switching else ["-m", "netboot"]
     return [start("netboot", ns, [python, *command, "serve", "--config", str(conf)],
-                  run / "netboot.log", {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})]
+                  run / "netboot.log",
+                  {"PYTHONPATH": str(work.tree), "PYTHONUNBUFFERED": "1"})]
 
 
 def start_standins(ns: str, run: Path, work: Workload) -> list[Proc]:
@@ -407,6 +411,114 @@ http {{
 
 class Failed(Exception):
     pass
+
+
+# --- a device's HTTP client: a pool of kept-alive connections, reopened as iPXE does --------
+#
+# iPXE keeps a connection alive for the next request to the same server (src/core/pool.c) and,
+# when a connection taken from that pool is closed before it delivered a byte of the response,
+# reopens it and sends the request again: httpconn.c's http_conn_socket_close() asks for that
+# when pool_is_reopenable() (recycled, not yet alive), httpcore.c's http_reopen() does it.
+# curl's Curl_retry_request() does the same ("Connection died, retrying a fresh connect"), and
+# RFC 9112 §9.3.1 allows it: a server may close an idle kept-alive connection at any time
+# (nginx does so when worker_connections run out), and the request then crosses the close.
+# A response with Retry-After (netboot's 503 at http.max_connections) is asked again after
+# that many seconds, as httpcore.c's http_parse_retry_after() makes iPXE do. aiohttp's own
+# retry (idempotent methods, once, on any connection, fresh ones too) is turned off so that a
+# device retries exactly as iPXE does.
+
+REOPENS = 8  # pooled connections a request may find closed in a row (a device pools a few)
+RETRY_AFTER_MAX = 5  # 503s a request waits out before it counts as failed
+RETRIES = {"reopened": 0, "retry_after": 0}  # requests asked again, by cause (the report)
+
+
+class _Attempt:
+    """What one try of a request used: set by :class:`PoolConnector` while it connects."""
+
+    __slots__ = ("proto", "reused")
+
+    def __init__(self) -> None:
+        self.proto: Any = None
+        self.reused = False
+
+
+_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "storm_attempt", default=None)
+
+
+def _pooled_protocol() -> type:
+    from aiohttp.client_proto import ResponseHandler
+
+    class PooledProtocol(ResponseHandler):  # type: ignore[misc]
+        """A connection that knows whether a byte came since it was last handed out."""
+
+        uses = 0
+        answered = False
+
+        def data_received(self, data: bytes) -> None:
+            if data:
+                self.answered = True
+            super().data_received(data)
+
+    return PooledProtocol
+
+
+def device_session(ip: str, timeout: float) -> Any:
+    """One device's (or one client address's) aiohttp session with iPXE's reopening."""
+    import aiohttp
+
+    class PoolConnector(aiohttp.TCPConnector):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._factory = functools.partial(_pooled_protocol(), loop=self._loop)
+
+        async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+            conn = await super().connect(req, traces, timeout)
+            proto = conn.protocol
+            attempt = _ATTEMPT.get()
+            if attempt is not None and proto is not None:
+                attempt.proto, attempt.reused = proto, proto.uses > 0
+            if proto is not None:
+                proto.uses += 1
+                proto.answered = False
+            return conn
+
+    session = aiohttp.ClientSession(
+        connector=PoolConnector(local_addr=(ip, 0), limit=0, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=timeout), auto_decompress=False)
+    session._retry_connection = False  # no public switch (aiohttp 3.14): iPXE's rule instead
+    return session
+
+
+async def request(session: Any, method: str, url: str, **kwargs: Any) -> Any:
+    """The response to ``method url``, reopened as iPXE reopens (above); the caller closes it.
+    Only a connection from the pool that was closed before any byte of the response came is
+    retried; a new connection's failure, or one after a byte came, is the request's."""
+    import aiohttp
+
+    reopens = waits = 0
+    while True:
+        attempt = _Attempt()
+        token = _ATTEMPT.set(attempt)
+        try:
+            resp = await session.request(method, url, **kwargs)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) or not attempt.reused \
+                    or attempt.proto.answered or reopens >= REOPENS:
+                raise
+            reopens += 1
+            RETRIES["reopened"] += 1
+            continue
+        finally:
+            _ATTEMPT.reset(token)
+        after = resp.headers.get("Retry-After", "")
+        if resp.status == 503 and after.isdigit() and waits < RETRY_AFTER_MAX:
+            waits += 1
+            RETRIES["retry_after"] += 1
+            resp.release()
+            await asyncio.sleep(int(after))
+            continue
+        return resp
 
 
 class _Done(Exception):
@@ -765,7 +877,7 @@ class Generator:
             return result
 
         async def get(url: str, expect: int | None = None) -> bytes:
-            async with session.get(url) as resp:
+            async with await request(session, "GET", url) as resp:
                 if resp.status != 200:
                     raise Failed(f"HTTP {resp.status}")
                 if expect is None:
@@ -778,8 +890,8 @@ class Generator:
                 return b""
 
         async def post(url: str, body: dict[str, Any], token: str) -> None:
-            async with session.post(url, json=body,
-                                    headers={"Authorization": f"Bearer {token}"}) as resp:
+            async with await request(session, "POST", url, json=body,
+                                     headers={"Authorization": f"Bearer {token}"}) as resp:
                 await resp.read()
                 if resp.status // 100 != 2:
                     raise Failed(f"HTTP {resp.status}")
@@ -877,7 +989,6 @@ class Generator:
             self.lags.append(time.perf_counter() - t0 - 0.01)
 
     async def run(self) -> dict[str, Any]:
-        import aiohttp
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -891,10 +1002,7 @@ class Generator:
         devices = [Device(k, k * step, CLIENT_IPS[k % len(CLIENT_IPS)])
                    for k in range(spec.devices)]
         # One connection pool per client address, as each device has its own TCP stack.
-        sessions = [aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(local_addr=(ip, 0), limit=0, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=spec.device_timeout),
-            auto_decompress=False) for ip in CLIENT_IPS]
+        sessions = [device_session(ip, spec.device_timeout) for ip in CLIENT_IPS]
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu0 = usage.ru_utime + usage.ru_stime
         t0 = self.t0 = time.perf_counter()
@@ -920,7 +1028,7 @@ class Generator:
                 "generator_cpu": usage.ru_utime + usage.ru_stime - self.cpu0,
                 "late_offers": self.dhcp.late, "loop_lag": self.lags,
                 "retried": self.retried, "dhcp_send_failed": self.dhcp_transport.send_failed,
-                "same_port": self.same_port}
+                "same_port": self.same_port, "http_retries": RETRIES}
 
 
 def generate(spec_json: str) -> None:
@@ -1030,7 +1138,9 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
               f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
               f"DHCP answers after their device gave up (or twice): {data['late_offers']}; "
-              f"downloads from their size probe's port: {data['same_port']}")
+              f"downloads from their size probe's port: {data['same_port']}; HTTP requests "
+              f"asked again: {data['http_retries']['reopened']} on a pooled connection "
+              f"closed before any byte, {data['http_retries']['retry_after']} after a 503")
         retried = data["retried"]
         print(f"{target}: devices offered only after a retransmitted DISCOVER: {len(retried)}"
               + "".join(f"; #{i} xid {xid:#010x} sent at {at:.0f} ms, offer after {took:.0f} ms"
@@ -1178,6 +1288,9 @@ def main() -> None:
                         default="netboot-first")
     parser.add_argument("--log-level", default="info", help="netboot's log level (info: as run)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
+    parser.add_argument("--tree", type=Path, default=REPO,
+                        help="the netboot checkout whose server runs (this harness's devices "
+                             "against another tree's server: A/B)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--loaded", action="store_true",
                         help="start the storm once netboot's inventory view is loaded (a "
@@ -1215,7 +1328,9 @@ def main() -> None:
             targets.remove("standins")
     tmp = Path(tempfile.mkdtemp(prefix="netboot-storm-"))
     try:
-        work = Workload(tmp, args.devices, enrolled, args.kernel_size, args.initrd_size)
+        work = Workload(tmp, args.devices, enrolled, args.kernel_size, args.initrd_size,
+                        tree=args.tree.resolve())
+        print(f"netboot from {work.tree}; devices from {REPO}")
         work.build()
         with contextlib.ExitStack() as stack:
             database: Cluster | None = None

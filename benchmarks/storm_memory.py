@@ -158,8 +158,10 @@ def main() -> None:
         work = storm.Workload(tmp, args.devices, args.enrolled, args.kernel_size,
                               args.initrd_size)
         work.build()
+        # Seeded by the baseline's CLI when there is one: a tree opens (migrates) a file an
+        # older schema wrote, never the other way round (session 17's migration 7).
         print(f"netboot import of {args.enrolled} machines: "
-              f"{work.netboot_seed(args.python):.1f} s", flush=True)
+              f"{work.netboot_seed(args.python, args.baseline):.1f} s", flush=True)
         with storm.namespaces() as (server_ns, client_ns):
             for n in range(args.runs):
                 order = list(trees) if n % 2 == 0 else list(reversed(trees))

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,41 @@ def hold(kind: str, n: int, port: int, pid: int, idle_fds: int) -> dict[str, flo
             "anon": during["RssAnon"] - before["RssAnon"], "seconds": held}
 
 
+def serve(tree: Path, conf: Path, log: Path, http_port: int) -> subprocess.Popen[bytes]:
+    """``netboot serve`` of ``tree`` with ``conf``, once its HTTP port answers (60 s)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "netboot", "serve", "--config", str(conf)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONPATH": str(tree)})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=2).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(
+                    f"netboot did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.2)
+
+
+def each_tree(doc: str, count: str, default: int,
+              run_tree: Callable[[Path, int, Path], None]) -> None:
+    """The command line of a *_slots benchmark: ``run_tree`` for this checkout, then the
+    baseline, with the open-files limit raised for the clients' sockets."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
+    p.add_argument(f"--{count}", type=int, default=default)
+    p.add_argument("--baseline", type=Path, help="another checkout, measured after this one")
+    args = p.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the clients' sockets
+    with tempfile.TemporaryDirectory(prefix="slots-") as tmp:
+        for tree in [HERE, *([args.baseline] if args.baseline else [])]:
+            run_tree(tree.resolve(), getattr(args, count), Path(tmp))
+
+
 def run_tree(tree: Path, n: int, work: Path) -> None:
     assets = work / "assets"
     assets.mkdir(parents=True, exist_ok=True)
@@ -150,22 +186,8 @@ def run_tree(tree: Path, n: int, work: Path) -> None:
         f"http: {{listen: 127.0.0.1, port: {http_port}, access_log: false}}\n"
         f"https: {{enabled: false}}\ndhcp: {{mode: 'off'}}\ntftp: {{port: {tftp_port}}}\n"
         f"assets: {{dirs: [{assets}]}}\n")
-    log = work / f"netboot-{tree.name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "netboot", "serve", "--config", str(conf)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONPATH": str(tree)})
+    proc = serve(tree, conf, work / f"netboot-{tree.name}.log", http_port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                busy(http_port)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"netboot did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.2)
         # One of each first: the packet cache's copy of the loader is built, modules loaded.
         for kind in KINDS:
             hold(kind, 1, tftp_port, proc.pid, fds(proc.pid))
@@ -192,15 +214,7 @@ def run_tree(tree: Path, n: int, work: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--transfers", type=int, default=1100)
-    p.add_argument("--baseline", type=Path, help="another checkout, measured after this one")
-    args = p.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the clients' sockets
-    with tempfile.TemporaryDirectory(prefix="tftp-slots-") as tmp:
-        for tree in [HERE, *([args.baseline] if args.baseline else [])]:
-            run_tree(tree.resolve(), args.transfers, Path(tmp))
+    each_tree(__doc__, "transfers", 1100, run_tree)
 
 
 if __name__ == "__main__":

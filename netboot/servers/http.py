@@ -12,8 +12,10 @@ aiohttp is imported.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import functools
 import ipaddress
 import json
@@ -25,6 +27,7 @@ import secrets
 import socket
 import ssl
 import stat
+import termios
 import time
 import weakref
 from collections import Counter, OrderedDict
@@ -1328,13 +1331,16 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME.encode()
 class ConnectionGuard:
     """Counts open connections overall and per source address and keeps both under their caps.
 
-    At the overall cap the connection idle longest (connected or kept alive, but with no
-    request being handled) is closed to make room, as nginx reuses keep-alive connections
-    when worker_connections run out: a flood of idle connections then churns through the
-    cap while real requests are served. Past the per-source cap, or when every connection is
-    busy, the new connection gets a 503 and is closed at once, so its descriptor comes back
-    right away and a flood costs a counter bump per attempt, not a handler task. Refusals are
-    logged once per window (rate-limited), never once per connection.
+    At the overall cap the connection idle longest (connected or kept alive, with no byte of
+    a request read and none being answered) is closed to make room, as nginx reuses
+    keep-alive connections when worker_connections run out (ngx_drain_connections takes the
+    least recently used of its reusable queue): a flood of idle connections then churns
+    through the cap while real requests are served, and a device's pooled connection closed
+    before its next request is reopened by the device (iPXE's http_reopen). Past the
+    per-source cap, or when every connection is busy, the new connection gets a 503 and is
+    closed at once, so its descriptor comes back right away and a flood costs a counter bump
+    per attempt, not a handler task. Refusals are logged once per window (rate-limited),
+    never once per connection.
     """
 
     def __init__(self, limits: HttpLimits, logger: logging.Logger) -> None:
@@ -1345,7 +1351,9 @@ class ConnectionGuard:
         self.evicted = 0
         self.timed_out = 0
         self._per_source: Counter[str] = Counter()
-        self._open: dict[GuardedHandler, str] = {}  # in the order they were admitted
+        # In the order they were last active (admitted, a request read, an answer sent):
+        # the first idle one is the one idle longest.
+        self._open: dict[GuardedHandler, str] = {}
 
     @property
     def open(self) -> int:
@@ -1361,7 +1369,7 @@ class ConnectionGuard:
                              source, self._per_source[source])
             return False
         if len(self._open) >= lim.max_connections:
-            idle = next((h for h in self._open if h.idle), None)
+            idle = self._reusable()
             if idle is None:
                 self.refused += 1
                 self.limited.log(logging.WARNING, "http-busy",
@@ -1379,6 +1387,26 @@ class ConnectionGuard:
         self._open[handler] = source
         self._per_source[source] += 1
         return True
+
+    def _reusable(self) -> GuardedHandler | None:
+        """The connection to close for a new one: idle longest, kept alive after an answer
+        before one that has not asked yet (a new connection's request may be on its way), and
+        none whose request has come to its socket unread (accepted in a burst, not read yet:
+        closing it would drop a request the client sent on a connection it just opened)."""
+        fresh = None
+        for handler in self._open:
+            if handler.idle and not handler.unread():
+                if handler.answered:
+                    return handler
+                if fresh is None:
+                    fresh = handler
+        return fresh
+
+    def touch(self, handler: GuardedHandler) -> None:
+        """``handler`` was active just now: last in the order idle connections are closed."""
+        source = self._open.pop(handler, None)
+        if source is not None:
+            self._open[handler] = source
 
     def release(self, handler: GuardedHandler) -> None:
         source = self._open.pop(handler, None)
@@ -1402,6 +1430,7 @@ class GuardedHandler(_HandlerBase):
                          **kwargs)
         self._guard = guard
         self._source: str | None = None
+        self._fd = -1  # the connection's socket, for unread()
         self._head_timer: asyncio.TimerHandle | None = None
         # The front door (FrontDoor): bytes read and neither answered nor handed to aiohttp
         # yet, whether an answer is being decided, whether the rest of the connection is
@@ -1429,8 +1458,8 @@ class GuardedHandler(_HandlerBase):
         source = str(peer[0]) if peer else "-"
         if not self._guard.admit(self, source):
             # aiohttp never sees this connection: no handler task, no parser state.
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_BUSY)
+            # (uvloop's transports are not asyncio.WriteTransport's subclasses.)
+            cast(asyncio.WriteTransport, transport).write(_BUSY)
             transport.close()
             return
         self._source = source
@@ -1442,6 +1471,7 @@ class GuardedHandler(_HandlerBase):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                                 int(self._guard.limits.send_timeout * 1000))
+        self._fd = sock.fileno() if sock is not None else -1
         self._plain_tcp = sock is not None and transport.get_extra_info("sslcontext") is None
         self._sock = sock if self._plain_tcp else None  # uvloop makes a new one each time
         super().connection_made(transport)
@@ -1462,6 +1492,7 @@ class GuardedHandler(_HandlerBase):
             self.force_close()
 
     def data_received(self, data: bytes) -> None:
+        self._guard.touch(self)
         if self._front_off:
             super().data_received(data)
             return
@@ -1716,6 +1747,7 @@ class GuardedHandler(_HandlerBase):
             logger.line(self._remote(), head.method, answer.target or _front_target(head),
                         answer.status, sent, seconds, head.user_agent or None,
                         answer.request_id)
+        self._guard.touch(self)
         # aiohttp closes a connection idle this long after its own last response: move
         # that to after this one (its timer re-arms itself at this time).
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
@@ -1779,9 +1811,28 @@ class GuardedHandler(_HandlerBase):
 
     @property
     def idle(self) -> bool:
-        """Waiting for a request (a fresh or kept-alive connection), none being handled."""
+        """Waiting for a request (a fresh or kept-alive connection), none being handled and
+        no byte of the next one read (the front's part of a head: closing then would cut a
+        request the client has begun to send, which it may not retry)."""
         waiter = getattr(self, "_waiter", None)
-        return waiter is not None and not waiter.done() and not self._front_busy
+        return (waiter is not None and not waiter.done() and not self._front_busy
+                and not self._unread)
+
+    @property
+    def answered(self) -> bool:
+        """A request came on this connection (it is kept alive, or being answered)."""
+        return getattr(self, "_request_count", 0) > 0
+
+    def unread(self) -> bool:
+        """Bytes wait in the socket's receive queue, not read by the loop yet (FIONREAD)."""
+        if self._fd < 0:
+            return False
+        queued = array.array("i", [0])
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, queued)
+        except OSError:
+            return False
+        return queued[0] > 0
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
