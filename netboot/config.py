@@ -548,6 +548,12 @@ def load(
     return dataclasses.replace(cfg, origins=origins)
 
 
+def setting(cfg: Config, key: str) -> Any:
+    """The value of the dotted ``key`` (``"tftp.max_transfers"``) in ``cfg``."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def lowered(cfg: Config, limits: Mapping[str, int], *, why: str, fix: str) -> Config:
     """``cfg`` with each int setting in ``limits`` (dotted key: most it may be) at most that.
 
@@ -558,12 +564,12 @@ def lowered(cfg: Config, limits: Mapping[str, int], *, why: str, fix: str) -> Co
     be given: ConfigError naming where it was set, ``why`` and ``fix``."""
     sections: dict[str, dict[str, int]] = {}
     for key, most in limits.items():
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= most:
+        if setting(cfg, key) <= most:
             continue
         origin = cfg.origins.get(key)
         if origin is not None:
             raise ConfigError(why, source=origin[0], line=origin[1], key=key, fix=fix)
+        section, name = key.split(".")
         sections.setdefault(section, {})[name] = most
     return dataclasses.replace(cfg, **{
         section: dataclasses.replace(getattr(cfg, section), **values)

@@ -386,7 +386,7 @@ async def fleet_status(store: Store, counts: StateCounts | None = None) -> dict[
     index holds the state: sqlite.py, migration 7); only when a group gives a cluster are
     the machines without one read once, since a selector matches facts that no index holds.
     """
-    pairs = await (counts or store).state_counts()
+    pairs = await (store if counts is None else counts).state_counts()
     states = {s.value: n for s, n in by_state(pairs).items()}
     total = sum(states.values())
     clusters: dict[str, dict[str, int]] = {}

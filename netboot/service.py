@@ -751,7 +751,7 @@ def raise_fd_limit(config: Config) -> Config:
     """
     import resource
 
-    from netboot.config import lowered
+    from netboot.config import lowered, setting
 
     http, tftp = config.http, config.tftp
     # Transfers count when TFTP serves (what is set for it then is kept as it is).
@@ -788,16 +788,12 @@ def raise_fd_limit(config: Config) -> Config:
         raise ConfigError(why, source=origin[0], line=origin[1], key=key, fix=fix)
     if not tftp.enabled:
         transfers = tftp.max_transfers
-    fitted = lowered(config, {
-        "tftp.max_transfers": transfers, "http.max_connections": connections,
-        "tftp.max_per_client": transfers, "http.max_connections_per_source": connections,
-    }, why=why, fix=fix)
-    changes = [f"{key} {before} to {after}" for key, before, after in (
-        ("tftp.max_transfers", tftp.max_transfers, fitted.tftp.max_transfers),
-        ("http.max_connections", http.max_connections, fitted.http.max_connections),
-        ("tftp.max_per_client", tftp.max_per_client, fitted.tftp.max_per_client),
-        ("http.max_connections_per_source", http.max_connections_per_source,
-         fitted.http.max_connections_per_source)) if before != after]
+    limits = {"tftp.max_transfers": transfers, "http.max_connections": connections,
+              "tftp.max_per_client": transfers, "http.max_connections_per_source": connections}
+    fitted = lowered(config, limits, why=why, fix=fix)
+
+    changes = [f"{key} {setting(config, key)} to {setting(fitted, key)}" for key in limits
+               if setting(config, key) != setting(fitted, key)]
     log.warning("the open-files limit is %d (hard %d), below the %d descriptors that "
                 "http.max_connections and tftp.max_transfers need: lowered %s; raise "
                 "LimitNOFILE= (systemd) or ulimit -n to %d to serve them", soft, hard, need,
