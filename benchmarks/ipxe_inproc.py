@@ -51,6 +51,7 @@ import asyncio, json, logging, os, random, sys, time
 
 run, count, seed, conc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 first = int(sys.argv[6])
+config = sys.argv[7] == "1"
 from netboot.logs import BatchedStreamHandler, TextFormatter
 
 handler = BatchedStreamHandler(open(os.path.join(run, "netboot.log"), "w"))
@@ -59,6 +60,7 @@ logging.basicConfig(level="INFO", handlers=[handler])
 logging._srcfile = None  # as netboot.cli sets it for serve
 logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 from netboot import config as configs
+TOKEN_TAIL = sys.argv[8]
 from netboot.arrival import arrived
 from netboot.servers.http import DeviceRoutes
 from netboot.service import FrozenHeap, build, loop_factory
@@ -113,7 +115,10 @@ async def main():
             came = time.monotonic()  # read in this iteration, decided in the next
             await asyncio.sleep(0)
             with arrived(came):
-                await devices._ipxe(f"mac={mac}", "127.0.0.1")
+                if config:  # k3OS's fetch, by the URL its install script gives
+                    await devices._config(mac, f"{i:06d}{TOKEN_TAIL}", "127.0.0.1")
+                else:
+                    await devices._ipxe(f"mac={mac}", "127.0.0.1")
 
     await asyncio.gather(*(worker(40) for _ in range(conc)))  # warm-up
     del sizes[:], spans[:]
@@ -150,13 +155,14 @@ CONFIG = """{{"server": {{"advertise": "127.0.0.1", "data_dir": "{data}", "log_l
 
 
 def start(python: str, tree: Path, run: Path, seed: Path, assets: Path, requests: int,
-          draw: int, enrolled: int, first: int) -> subprocess.Popen[str]:
+          draw: int, enrolled: int, first: int, config: bool) -> subprocess.Popen[str]:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     shutil.copytree(seed, run / "data")
     (run / "netboot.yaml").write_text(CONFIG.format(data=run / "data", assets=assets))
     return subprocess.Popen([python, "-c", CHILD, str(run), str(requests), str(draw),
-                             str(CONCURRENCY), str(enrolled), str(first)], cwd=run, text=True,
+                             str(CONCURRENCY), str(enrolled), str(first),
+                             "1" if config else "0", TOKEN_TAIL], cwd=run, text=True,
                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tree)})
 
 
@@ -171,8 +177,14 @@ def main() -> None:
                         help="managed clusters, each with a registered server (its first "
                              "machine, never asked for), as http_paths.py's ipxe row without "
                              "--fixed-url: first installs that join a cluster")
+    parser.add_argument("--config", action="store_true",
+                        help="first config fetches instead (implies --managed): every machine "
+                             "with its install under way and token minted, as http_paths.py's "
+                             "config row; each request is DeviceRoutes._config of a random "
+                             "machine with its token (the booting -> installing commit)")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
+    args.managed = args.managed or args.config
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     trees = {"netboot": REPO, "compare": args.compare.resolve()}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
@@ -191,11 +203,12 @@ def main() -> None:
         # its first machine is made one, as http_paths.py's seed does (MINT, no tokens).
         first = max(1, args.enrolled // PER_CLUSTER) if args.managed else 0
         if first:
-            subprocess.run([args.python, "-c", MINT, str(seed), TOKEN_TAIL, str(first), "0"],
+            subprocess.run([args.python, "-c", MINT, str(seed), TOKEN_TAIL, str(first),
+                            "1" if args.config else "0"],
                            check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(older)})
         for r in range(1, args.rounds + 1):
             children = {name: start(args.python, tree, tmp / f"run-{name}", seed, work.assets,
-                                    args.requests, r, args.enrolled, first)
+                                    args.requests, r, args.enrolled, first, args.config)
                         for name, tree in trees.items()}
             line = f"round {r}:"
             for name, child in children.items():
