@@ -2,7 +2,7 @@
 request beside a baseline's, under the same load.
 
     python benchmarks/ipxe_inproc.py --compare /work/main [--requests 10000] [--rounds 3]
-                                     [--managed]
+                                     [--managed | --config]
 
 Each tree's child builds the service as ``netboot serve`` does (``service.build``, the view
 loaded, the heap frozen, uvloop, the batched log handler writing to a file) on its own copy
@@ -12,9 +12,13 @@ server URL so that every request is a first install, as http_paths.py ``--fixed-
 ``ipxe`` row: first installs that look up their cluster's servers to join) and calls
 ``DeviceRoutes._ipxe`` from 50 tasks, each for a random enrolled MAC (the same MACs in both
 trees), without sockets: the decision, the render, the group commit on the store's writer
-thread, the log line. As the HTTP front door does, a request is read in one loop iteration and
-decided in the next, and says when it arrived (``netboot.arrival``), so that one loop
-iteration's requests share one store probe.
+thread, the log line. ``--config``: first config fetches instead, on http_paths.py's
+"installing" seed (managed clusters with their registered servers, every other machine's
+install under way with its token minted): ``DeviceRoutes._config`` of a random machine with
+its token (the token check, the join, the k3OS render and its YAML check, the booting ->
+installing commit before the answer). As the HTTP front door does, a request is read in
+one loop iteration and decided in the next, and says when it arrived (``netboot.arrival``),
+so that one loop iteration's requests share one store probe.
 
 Why both at once: on a shared 2-core machine the load of other processes drifts within a
 minute, and two runs taken one after the other measured the drift (session 15: a sequential
