@@ -641,6 +641,28 @@ def test_values_alike_in_a_forms_texts_are_taken_verbatim_by_its_pattern(
         r.yaml_document("cloud-config/t.yaml", {"url": "https://b:8443\n- x", "v": "e"})
 
 
+def test_the_form_that_matched_is_tried_first_next_time(tmp_path: Path) -> None:
+    """Two texts of one cluster make a form whose server URL is verbatim; a text of another
+    cluster makes the form that takes any URL, tried after it. Once that one has matched a
+    text it is tried first (a storm over many clusters tried both for most texts); every
+    text is what the template renders, checked as before."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text(
+        "k: {{ v | tojson }}\nurl: {{ url | tojson }}\n")
+    r = Renderer([tmp_path])
+    matched = _matched(r._shapes)
+    for url, v in (("a", "e1"), ("a", "e2"), ("b", "e3"), ("a", "e4"), ("c", "e5"), ("a", "e6")):
+        assert r.yaml_document("cloud-config/t.yaml", {"url": url, "v": v}) == \
+            f'k: "{v}"\nurl: "{url}"\n'
+    assert matched == [False, True, True, True], matched
+    patterns = r._shapes._patterns[("cloud-config/t.yaml", 2)]
+    # The URL of cluster a verbatim, and any URL: the latter matched c's text, so first.
+    assert [p.fullmatch('k: "x"\nurl: "c"\n') is not None for p in patterns] == [True, False]
+    assert r.yaml_document("cloud-config/t.yaml", {"url": "d", "v": "e7"}) == \
+        'k: "e7"\nurl: "d"\n'
+    assert matched[-1] is True
+
+
 def test_a_template_whose_texts_miss_their_forms_patterns_is_not_rendered_twice(
         tmp_path: Path) -> None:
     """Machines' values that hold what the pattern stops at (a ':' where the comment goes
