@@ -243,7 +243,8 @@ class Workload:
 
         def cli(*args: str) -> None:
             subprocess.run([python, "-m", "netboot", *args, "--data-dir", str(data)],
-                           check=True, capture_output=True, timeout=600, env=env)
+                           check=True, capture_output=True, timeout=600, env=env,
+                           cwd=self.root)  # not the harness's: see start()
 
         for c in range(clusters):
             # A fixed server URL: every node installs at once (a managed cluster would hold
@@ -269,7 +270,7 @@ class Workload:
         t0 = time.perf_counter()
         subprocess.run([python, "-m", "netboot", "db", "copy", "--from",
                         str(self.root / "netboot-seed" / "netboot.db"), "--to", f"@{dsn_file}"],
-                       check=True, capture_output=True, timeout=600,
+                       check=True, capture_output=True, timeout=600, cwd=self.root,
                        env={**os.environ, "PYTHONPATH": str(self.tree)})
         return time.perf_counter() - t0
 
@@ -342,11 +343,15 @@ class Proc:
 
 def start(name: str, ns: str, argv: list[str], log: Path, env: dict[str, str] | None = None
           ) -> Proc:
-    # `ip netns exec` and `env` exec the program: the PID is the server's own.
+    # `ip netns exec` and `env` exec the program: the PID is the server's own. In the run's
+    # directory: `python -m` puts its working directory first on sys.path, and run from a
+    # checkout the server imported that checkout's netboot, not --tree's (PYTHONPATH): an
+    # A/B started from a checkout ran that checkout's server on both sides (session 18).
     with log.open("ab") as out:
         popen = subprocess.Popen(["ip", "netns", "exec", ns, "env", *(f"{k}={v}" for k, v in
                                   (env or {}).items()), *argv],
-                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 cwd=log.parent)
     return Proc(name, popen, log)
 
 

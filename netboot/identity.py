@@ -290,14 +290,18 @@ class HeldIndex(MachineIndex, Protocol):
         (``machine_by``) can tell."""
         ...
 
+    async def machines_by(self, claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        """``machine_by`` of each claim, in their order, in one read at most."""
+        ...
+
 
 async def lookup(index: HeldIndex, identity: Identity,
                  keys: Sequence[tuple[str, bytes | str]] | None = None) -> Resolution:
     """:func:`resolve` over an index that holds its identifiers: each looked up in memory,
     without a coroutine per identifier, nor a MAC spelled out for the index to parse back
     (every request of a boot storm, and each one's record, asks this); where the index
-    cannot tell without the store, :func:`resolve` reads through as a store is read.
-    ``keys``: ``identity.lookup_keys()``, when the caller keeps them."""
+    cannot tell without the store, every identifier is read through at once (its
+    ``machines_by``). ``keys``: ``identity.lookup_keys()``, when the caller keeps them."""
     held = index.held
     found: list[tuple[str, bytes | str, Machine]] = []
     for kind, key in identity.lookup_keys() if keys is None else keys:
@@ -305,7 +309,11 @@ async def lookup(index: HeldIndex, identity: Identity,
         if machine is None:
             continue
         if isinstance(machine, Unseen):
-            return await resolve(index, identity)
+            # Every identifier in one read, not one after another: at start-up each device
+            # of a storm comes here, and the index reads many devices' at a time.
+            claims = identity.claims()
+            return choose([(kind, value, m) for (kind, value), m in zip(
+                claims, await index.machines_by(claims), strict=True) if m is not None])
         found.append((kind, key, machine))
     return choose(found)
 

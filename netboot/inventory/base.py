@@ -187,6 +187,12 @@ class Store(ChangeFeed, StateCounts, Protocol):
         ``value`` in the form :func:`netboot.identity.claims` gives (a MAC in any spelling);
         placeholders match nothing. ValidationError naming ``kind`` for an unknown kind."""
 
+    async def machines_by(self, claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        """:meth:`machine_by` of each claim, in their order, in one read: what the boot
+        path's view asks for every device of a storm that comes while it is still loading,
+        many devices' identifiers at a time. A machine holding several of them is given as
+        one value. ValidationError as :meth:`machine_by`."""
+
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None: ...
 
     async def list_machines(self, flt: MachineFilter | None = None) -> list[Machine]: ...

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
@@ -91,6 +91,11 @@ class MemoryStore:
         self._check_open()
         holder = self._keys.get(codec.claim_key(kind, value))
         return None if holder is None else self._machines[holder]
+
+    async def machines_by(self, claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        self._check_open()
+        holders = [self._keys.get(codec.claim_key(kind, value)) for kind, value in claims]
+        return [None if holder is None else self._machines[holder] for holder in holders]
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
         self._check_open()

@@ -44,7 +44,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -475,6 +475,25 @@ class PostgresStore:
                 "SELECT m.data FROM machine_keys k JOIN machines m ON m.id = k.machine"
                 " WHERE k.kind = $1 AND k.value = $2", key_kind, key_value)
         return self._machine(text)
+
+    async def machines_by(self, claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        keys = [codec.claim_key(kind, value) for kind, value in claims]
+        if not keys:
+            return []
+        async with self._conn() as conn:
+            # One statement: one snapshot for every key, the index probed per pair.
+            rows = await conn.fetch(
+                "SELECT k.kind, k.value, m.id, m.data FROM machine_keys k"
+                " JOIN machines m ON m.id = k.machine"
+                " WHERE (k.kind, k.value) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                [kind for kind, _ in keys], [value for _, value in keys])
+        decoded: dict[str, Machine | None] = {}  # one value per machine
+        found: dict[tuple[str, str], Machine | None] = {}
+        for kind, value, ident, data in rows:
+            if ident not in decoded:
+                decoded[ident] = self._machine(data)
+            found[kind, value] = decoded[ident]
+        return [found.get(key) for key in keys]
 
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
         async with self._conn() as conn:

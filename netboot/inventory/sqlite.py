@@ -767,6 +767,20 @@ class SqliteStore:
         key = codec.claim_key(kind, value)
         return self._sealed.open_machine(await self._read(_machine_by, *key))
 
+    async def machines_by(self, claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        keys = [codec.claim_key(kind, value) for kind, value in claims]
+        found = await self._read(_machines_by, keys)
+        opened: dict[str, Machine | None] = {}  # one value per machine, its token opened once
+        out: list[Machine | None] = []
+        for key in keys:
+            machine = found.get(key)
+            if machine is not None:
+                if machine.id not in opened:
+                    opened[machine.id] = self._sealed.open_machine(machine)
+                machine = opened[machine.id]
+            out.append(machine)
+        return out
+
     async def get_machine_by_hostname(self, hostname: str) -> Machine | None:
         return self._sealed.open_machine(await self._read(_get_machine_by_hostname, hostname))
 
@@ -1272,6 +1286,42 @@ def _machine_by(conn: sqlite3.Connection, kind: str, value: str) -> Machine | No
         "SELECT m.data FROM machine_keys k JOIN machines m ON m.id = k.machine"
         " WHERE k.kind = ? AND k.value = ?", (kind, value)).fetchone()
     return None if row is None else _machine(row[0])
+
+
+# Identifiers per statement of machines_by: far inside SQLite's 32,766 variables, and few
+# distinct statements for its cache (one per size of the last chunk).
+CLAIMS_PER_READ = 500
+
+
+def _machines_by(conn: sqlite3.Connection, keys: Sequence[tuple[str, str]],
+                 ) -> dict[tuple[str, str], Machine]:
+    """The holder of each key that has one, one statement per kind (and per
+    :data:`CLAIMS_PER_READ`), in one transaction: one snapshot for all of them. Each machine is
+    decoded once, however many of the keys it holds."""
+    by_kind: dict[str, dict[str, None]] = {}
+    for kind, value in keys:
+        by_kind.setdefault(kind, {})[value] = None
+    found: dict[tuple[str, str], Machine] = {}
+    decoded: dict[str, Machine] = {}
+    conn.execute("BEGIN")
+    try:
+        for kind, distinct in by_kind.items():
+            values = list(distinct)
+            for start in range(0, len(values), CLAIMS_PER_READ):
+                chunk = values[start:start + CLAIMS_PER_READ]
+                rows = conn.execute(
+                    "SELECT k.value, m.id, m.data FROM machine_keys k"  # noqa: S608
+                    " JOIN machines m ON m.id = k.machine"
+                    f" WHERE k.kind = ? AND k.value IN ({','.join('?' * len(chunk))})",
+                    (kind, *chunk))
+                for value, ident, data in rows:
+                    machine = decoded.get(ident)
+                    if machine is None:
+                        machine = decoded[ident] = _machine(data)
+                    found[kind, value] = machine
+    finally:
+        conn.execute("COMMIT")
+    return found
 
 
 def _get_machine_by_hostname(conn: sqlite3.Connection, hostname: str) -> Machine | None:

@@ -16,7 +16,8 @@ once it is ready): every machine by every identifier, the groups, profiles and c
 each cluster's registered servers; from then on a miss is an answer ("nobody's"), and the
 boot path reads nothing from the store but the change feed. Until it is loaded (and in tools
 that never load it) it is filled lazily: a miss reads the store once and remembers the
-answer, a negative one too (unknown NICs ask on every DHCP retransmission).
+answer, a negative one too (unknown NICs ask on every DHCP retransmission); the misses of
+every caller that asks while one such read is under way are the next read, one for all.
 
 Memory, for 100,000 machines: the machines themselves (frozen, slotted values, shared with
 the callers) and one dictionary per identifier kind whose keys are the machine's own objects
@@ -26,7 +27,7 @@ the callers) and one dictionary per identifier kind whose keys are the machine's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
@@ -98,6 +99,12 @@ class InventoryView:
         # leave it (a storm's discovered records, an install wave's registrations).
         self.rules = 0
         self.loaded = False  # True: every machine is here, a miss is an answer
+        # Identifiers to read through (the view not loaded), asked since the read under way
+        # began: (kind, view key) -> the claim as the store takes it; the future the next
+        # read answers them all by, and the task that reads (_read_asked).
+        self._asked: dict[tuple[str, _Key], tuple[str, str]] = {}
+        self._answer: asyncio.Future[dict[tuple[str, _Key], Machine | None]] | None = None
+        self._asking: asyncio.Task[None] | None = None
         self._clear()
 
     def _clear(self) -> None:
@@ -378,27 +385,90 @@ class InventoryView:
 
     async def machine_by(self, kind: str, value: str) -> Machine | None:
         index = self._keys[kind]
-        if kind == "mac":
-            key: _Key = _raw_mac(value)
-        elif value in index:
-            # Found as given, a key is in its canonical spelling (what identity lookups
-            # pass, e.g. clean_uuid): normalising is idempotent, so no need to (perfudp).
-            key = value
-        else:
-            key = codec.claim_key(kind, value)[1]
+        key = _key_of(kind, value, index)
         if key in index:
             machine_id = index[key]
             return None if machine_id is None else self._machines.get(machine_id)
         if self.loaded:
             return None
+        return (await self._read_claims([(kind, key, value)]))[0]
 
-        def keep(machine: Machine | None) -> None:
-            if machine is not None:
-                self._keep_machine(machine.id, machine)
-            elif key not in index:  # else a sync gave it to a machine meanwhile
-                index[key] = None
+    async def machines_by(self, claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        """:meth:`machine_by` of each claim (:meth:`Store.machines_by`): what the view holds
+        from memory, the rest in one store read, shared with every other caller's."""
+        out: list[Machine | None] = []
+        unseen: list[tuple[str, _Key, str]] = []
+        where: list[int] = []
+        keys, machines = self._keys, self._machines
+        for kind, value in claims:
+            index = keys[kind]
+            key = _key_of(kind, value, index)
+            if key in index:
+                machine_id = index[key]
+                out.append(None if machine_id is None else machines.get(machine_id))
+            else:
+                if not self.loaded:
+                    where.append(len(out))
+                    unseen.append((kind, key, value))
+                out.append(None)
+        if unseen:
+            for i, machine in zip(where, await self._read_claims(unseen), strict=True):
+                out[i] = machine
+        return out
 
-        return await self._read_through(self._store.machine_by(kind, value), keep, exact=True)
+    async def _read_claims(self, claims: list[tuple[str, _Key, str]]) -> list[Machine | None]:
+        """Identifiers the view cannot answer (not loaded), read through: asked together with
+        every other caller's that come before the next read begins, and answered by it: one
+        store read for a storm's many devices at start-up, where a read for each identifier
+        of each device queued on the store's one thread, and the decisions waiting for them
+        piled past DHCP's bound (benchmarks/README.md, s18-dhcpstart). Each caller is answered
+        by a read begun after it asked, as a read of its own would be."""
+        asked = self._asked
+        for kind, key, value in claims:
+            asked[kind, key] = (kind, value)
+        answer = self._answer
+        if answer is None:
+            answer = self._answer = asyncio.get_running_loop().create_future()
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._read_asked())
+        # Shielded: a caller past its own deadline (a DHCP decision's) leaves the read to
+        # the others, as sync() does.
+        found = await asyncio.shield(answer)
+        return [found[kind, key] for kind, key, _ in claims]
+
+    async def _read_asked(self) -> None:
+        """While identifiers are asked: one store read of all those asked since the last
+        began, its answers remembered (as :meth:`_keep_machine` keeps a read through) and
+        handed to their callers."""
+        try:
+            while self._asked:
+                asked, self._asked = self._asked, {}
+                answer, self._answer = self._answer, None
+                assert answer is not None
+                clears = self._clears
+                try:
+                    found = await self._store.machines_by(list(asked.values()))
+                except Exception as exc:
+                    answer.set_exception(exc)
+                    answer.exception()  # retrieved: each caller raises it
+                    continue
+                except BaseException:
+                    answer.cancel()
+                    raise
+                if clears == self._clears and not self.loaded:
+                    # Loaded meanwhile, the view holds what this read saw or newer.
+                    keys = self._keys
+                    for (kind, key), machine in zip(asked, found, strict=True):
+                        if machine is not None:
+                            self._keep_machine(machine.id, machine)
+                        elif key not in keys[kind]:  # else a sync gave it to one meanwhile
+                            keys[kind][key] = None
+                answer.set_result(dict(zip(asked, found, strict=True)))
+        finally:
+            self._asking = None
+            if self._answer is not None and self._asked:  # cancelled (the loop stopping)
+                self._answer.cancel()
+                self._answer, self._asked = None, {}
 
     def held(self, kind: str, key: _Key) -> Machine | Unseen | None:
         """What :meth:`machine_by` answers for ``key`` (as :meth:`Identity.lookup_keys`
@@ -504,6 +574,17 @@ class InventoryView:
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         return await self._store.list_events(machine_id, limit=limit)
+
+
+def _key_of(kind: str, value: str, index: dict[_Key, str | None]) -> _Key:
+    """The key of identifier ``kind`` = ``value`` in the view's ``index`` of that kind."""
+    if kind == "mac":
+        return _raw_mac(value)
+    if value in index:
+        # Found as given, a key is in its canonical spelling (what identity lookups pass,
+        # e.g. clean_uuid): normalising is idempotent, so no need to (perfudp).
+        return value
+    return codec.claim_key(kind, value)[1]
 
 
 def _raw_mac(text: str) -> bytes:

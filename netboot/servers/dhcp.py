@@ -43,6 +43,16 @@ _log = logging.getLogger(__name__)
 PROBE_VENDOR_CLASS = b"netboot-probe"
 # Addresses an offer tries when the inventory says the previous ones are another server's.
 CLAIM_ATTEMPTS = 8
+# DHCP decisions waiting for the inventory at once, per listener (~10 KB each: the parsed
+# request, its coroutines and task), and beyond them requests kept unhandled until one
+# ends (~0.5-0.8 KB each: the datagram as it came; udp.BoundaryProtocol's waiting room). A
+# decision ends within decide_timeout, so those in flight and waiting are the requests of
+# about the last decide_timeout: a storm at start-up, while the inventory view loads,
+# brought 1,500 DISCOVERs in 1 s, and those over the bound were dropped, answered only at
+# their 4 s retransmission (benchmarks/README.md, s18-dhcpstart). Past both bounds, a
+# flood: dropped and logged; ~6 MB per listener at most.
+DECISIONS_IN_FLIGHT = 256
+REQUESTS_WAITING = 4096
 # Proxy answers kept per listener for repeats of their requests (_Answer): a storm's devices
 # and their retransmissions, ~0.7 KB each.
 ANSWERS_KEPT = 4096
@@ -227,7 +237,11 @@ class DhcpServer:
                     protocol = BoundaryProtocol(
                         f"dhcp{':' + interface if interface else ''}:{sock.getsockname()[1]}",
                         self._handler(listener), logger=_log,
-                        min_size=1, max_size=4096, max_in_flight=256,
+                        min_size=1, max_size=4096, max_in_flight=DECISIONS_IN_FLIGHT,
+                        max_waiting=REQUESTS_WAITING,
+                        # Kept longer, its answer (up to decide_timeout more) could come
+                        # after iPXE's ~2 s wait for a proxy offer (protocols.md §1.6).
+                        max_wait=self._decide_timeout,
                     )
                     transport = await open_datagram_endpoint(sock, protocol)
                     self._transports.append(transport)

@@ -5,6 +5,9 @@ datagram is handled inside a boundary where "not for us" is a debug line, a malf
 an info line naming the peer and reason (rate-limited per peer), and a bug is logged with its
 traceback, after which the listener keeps serving. Handlers may be sync or async; async ones run
 as tasks with a bound on how many are in flight, so a slow decision cannot pile up unbounded.
+Past that bound a datagram is dropped, or, where the listener has a waiting room, kept as it
+came (its bytes) until a task ends, dropped only when the room is full or it waited longer than
+an answer would be of use.
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         max_size: int = 65535,
         min_size: int = 1,
         max_in_flight: int = 256,
+        max_waiting: int = 0,
+        max_wait: float = 1.0,
     ) -> None:
+        """``max_in_flight``: async handlers running at once. ``max_waiting``: datagrams kept
+        unhandled, in arrival order, while that many run (0: none, dropped at once, after
+        their handler was called); each is handled when a task ends, unless it has waited
+        more than ``max_wait`` seconds by then."""
         self.name = name
         self._handler = handler
         self._log = logger
@@ -48,9 +57,15 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         self._min_size = min_size
         self._max_in_flight = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
+        self._max_waiting = max_waiting
+        self._max_wait = max_wait
+        # (datagram, peer, loop time it came): ~0.5-0.8 KB each (a DHCP request's 300-600
+        # bytes, the peer, the tuple), against ~10 KB for a DHCP decision waiting as a task.
+        self._waiting: deque[tuple[bytes, Address, float]] = deque()
         self.transport: asyncio.DatagramTransport | None = None
         self.dropped = 0
         self.received = 0
+        self.waited = 0  # datagrams handled after a wait for a task to end (tests)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The loop's UDP transport does not subclass asyncio.DatagramTransport on CPython 3.11
@@ -58,6 +73,7 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._waiting.clear()
         for task in self._tasks:
             task.cancel()
         self.transport = None
@@ -76,6 +92,22 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
                 self.name, len(data), peer[0], peer[1],
             )
             return
+        if self._max_waiting and (self._waiting or len(self._tasks) >= self._max_in_flight):
+            # Every task taken: kept as it came, and not handled until one ends (its
+            # decision not begun: no work for a request that may yet be dropped).
+            if len(self._waiting) >= self._max_waiting:
+                self.dropped += 1
+                self._limited.log(
+                    logging.WARNING, "busy", "%s: %d requests in flight and %d waiting, "
+                    "dropping one from %s", self.name, len(self._tasks), len(self._waiting),
+                    peer[0],
+                )
+                return
+            self._waiting.append((data, peer, asyncio.get_running_loop().time()))
+            return
+        self._handle(data, peer)
+
+    def _handle(self, data: bytes, peer: Address) -> None:
         try:
             result = self._handler(data, peer)
         except Exception as exc:  # the boundary: classify, log, keep serving
@@ -95,9 +127,30 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
                 return
             task = asyncio.ensure_future(self._await(result, peer))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._ended)
         elif result is not None:
             self._send(result)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A task ended: the datagrams waiting are handled, oldest first, until one of them
+        takes its place; those that waited past ``max_wait`` are dropped."""
+        self._tasks.discard(task)
+        waiting = self._waiting
+        if not waiting or self.transport is None:
+            return
+        now = asyncio.get_running_loop().time()
+        while waiting and len(self._tasks) < self._max_in_flight:
+            data, peer, came = waiting.popleft()
+            if now - came > self._max_wait:
+                self.dropped += 1
+                self._limited.log(
+                    logging.WARNING, "busy", "%s: %d requests in flight, dropping one from "
+                    "%s that waited %.1fs for its turn", self.name, len(self._tasks),
+                    peer[0], now - came,
+                )
+                continue
+            self.waited += 1
+            self._handle(data, peer)
 
     async def _await(self, result: Awaitable[Iterable[Reply] | None], peer: Address) -> None:
         try:
@@ -140,8 +193,9 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
             )
 
     async def drain(self) -> None:
-        """Wait for in-flight handlers (used at shutdown and by tests)."""
-        if self._tasks:
+        """Wait for in-flight handlers, and those of the datagrams waiting for them (used at
+        shutdown and by tests)."""
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 

@@ -128,6 +128,30 @@ async def test_get_accepts_any_mac_spelling(store: Store) -> None:
     assert got is not None and str(got.mac) == MAC1
 
 
+async def test_machines_by_answers_each_claim_as_machine_by(store: Store) -> None:
+    uuid = "4c4c4544-0042-3510-8052-b2c04f4e3032"
+    one = machine(MAC1, uuid=uuid, serial="SN1", install_token="tok-1")
+    two = Machine(macs=(MacAddress.parse(MAC2), MacAddress.parse(MAC3)), id="m-two",
+                  asset="A-2")
+    await store.create_machine(one)
+    await store.create_machine(two)
+    # Every kind, another spelling, a repeat, a placeholder, unknown values, several chunks of
+    # a store that reads them in chunks.
+    claims = [("mac", MAC1), ("uuid", uuid.upper()), ("mac", "02-00-00-00-00-03"),
+              ("serial", "SN1"), ("asset", "A-2"), ("mac", MAC1), ("mac", mac(9)),
+              ("uuid", "00000000-0000-0000-0000-000000000000"), ("serial", "nope"),
+              *(("mac", mac(100 + i)) for i in range(1200)), ("mac", MAC2)]
+    got = await store.machines_by(claims)
+    assert got == [await store.machine_by(kind, value) for kind, value in claims]
+    assert got[:6] == [one, one, two, one, two, one] and got[-1] == two
+    assert got[0] is got[1] is got[3] is got[5]  # one value per machine read
+    assert got[0] is not None and got[0].install_token == "tok-1"  # opened as machine_by does
+    assert got[2] is got[4] is got[-1]
+    assert await store.machines_by([]) == []
+    with pytest.raises(ValidationError):
+        await store.machines_by([("mac", MAC1), ("colour", "red")])
+
+
 async def test_stored_value_is_detached_from_caller(store: Store) -> None:
     labels = {"rack": "r1"}
     await store.create_machine(machine(MAC1, labels=labels))

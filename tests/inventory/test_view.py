@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -535,13 +535,13 @@ async def test_while_loading_the_machines_read_so_far_answer_without_the_store(
         await own.create_machine(Machine(macs=(MacAddress.parse(f"02:00:00:00:04:{i:02x}"),),
                                          hostname=f"n{i}"))
     view = InventoryView(own)
-    real_page, real_by = own.machines_after, own.machine_by
+    real_page, real_by = own.machines_after, own.machines_by
     store_reads: list[str] = []
     checked = False
 
-    async def counted_by(kind: str, value: str) -> Machine | None:
-        store_reads.append(value)
-        return await real_by(kind, value)
+    async def counted_by(claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        store_reads.extend(value for _, value in claims)
+        return await real_by(claims)
 
     async def page_then_look(after: str, limit: int) -> list[Machine]:
         nonlocal checked
@@ -562,7 +562,7 @@ async def test_while_loading_the_machines_read_so_far_answer_without_the_store(
         return page
 
     monkeypatch.setattr(own, "machines_after", page_then_look)
-    monkeypatch.setattr(own, "machine_by", counted_by)
+    monkeypatch.setattr(own, "machines_by", counted_by)
     await view.load()
     assert checked and view.loaded
     for machine in await own.list_machines():
@@ -797,3 +797,76 @@ async def test_counts_by_cluster_and_state_equal_a_count_of_every_machine(
         monkeypatch.setattr(own, "state_counts", scan)  # a loaded view answers from memory
         assert await view.state_counts() == by_cluster_and_state(
             await other.list_machines(MachineFilter(limit=1000)))
+
+
+async def test_identifiers_asked_together_while_not_loaded_are_one_store_read(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storm's devices at start-up (the view not loaded): their identifiers are read
+    through in one store read, not one each, and the answers, a miss too, are remembered."""
+    own, _, _ = stores
+    macs = [f"02:00:00:00:07:{i:02x}" for i in range(60)]
+    await own.apply_batch(Batch(create=tuple(
+        Machine(macs=(MacAddress.parse(m),), hostname=f"s{i}") for i, m in enumerate(macs[:40]))))
+    view = InventoryView(own)
+    real = own.machines_by
+    reads: list[list[tuple[str, str]]] = []
+
+    async def counted(claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        reads.append(list(claims))
+        return await real(claims)
+
+    monkeypatch.setattr(own, "machines_by", counted)
+    found = await asyncio.gather(*(view.machine_by("mac", m) for m in macs[:30]), *(
+        view.machines_by([("mac", m), ("uuid", "4c4c4544-0042-3510-8052-b2c04f4e3032")])
+        for m in macs[30:]))
+    assert len(reads) == 1 and len(reads[0]) == 30 + 30 + 1  # the UUID asked once
+    assert [m.hostname if m else None for m in found[:30]] == [f"s{i}" for i in range(30)]
+    assert [[m.hostname if m else None for m in pair] for pair in found[30:]] == \
+        [[f"s{i}" if i < 40 else None, None] for i in range(30, 60)]
+    for i, m in enumerate(macs):  # remembered: no second read
+        assert view.held("mac", MacAddress.parse(m).raw) == (found[i] if i < 30
+                                                              else found[i][0])
+    assert await view.machine_by("mac", macs[59]) is None and len(reads) == 1
+
+
+async def test_a_read_through_under_way_answers_no_one_who_asked_after_it_began(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Coalesced reads through stay exact: who asks while a read is under way is answered by
+    the next one, which sees what was committed before it asked. A caller that gives up (a
+    DHCP decision past its deadline) leaves the read to the others; a failed read fails its
+    callers, and the next one is read again."""
+    own, other, _ = stores
+    view = InventoryView(own)
+    real = own.machines_by
+    read_done = asyncio.Event()
+    go_on = asyncio.Event()
+    fail = False
+
+    async def held(claims: Sequence[tuple[str, str]]) -> list[Machine | None]:
+        if fail:
+            raise StoreError("the disk went away")
+        found = await real(claims)
+        read_done.set()
+        await go_on.wait()  # read, and not answered yet
+        return found
+
+    monkeypatch.setattr(own, "machines_by", held)
+    first = asyncio.ensure_future(view.machine_by("mac", MACS[0]))
+    quitter = asyncio.ensure_future(view.machine_by("mac", MACS[1]))
+    await read_done.wait()
+    read_done.clear()
+    await other.create_machine(Machine(macs=(MacAddress.parse(MACS[0]),), hostname="late"))
+    second = asyncio.ensure_future(view.machine_by("mac", MACS[0]))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    go_on.set()
+    assert await first is None  # read before the commit
+    machine = await second  # asked after the commit: the next read
+    assert machine is not None and machine.hostname == "late"
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+    fail = True
+    with pytest.raises(StoreError):
+        await asyncio.gather(view.machine_by("mac", MACS[2]), view.machine_by("mac", MACS[3]))
+    fail = False
+    assert await view.machine_by("mac", MACS[2]) is None

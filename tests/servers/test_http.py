@@ -620,10 +620,12 @@ async def test_unknown_route_is_404_and_wrong_method_405(env: Env) -> None:
 async def test_store_failure_is_503_not_404(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     from netboot.errors import StoreError
 
-    async def broken(kind: str, value: str) -> None:
+    async def broken(*args: object) -> None:
         raise StoreError("database is locked")
 
+    # Every identifier read: one alone, and many at once (the view's reads through).
     monkeypatch.setattr(env.service.store, "machine_by", broken)
+    monkeypatch.setattr(env.service.store, "machines_by", broken)
     r = await call(env, "GET", f"/config/{HEXHYP}?token=x", admin=False)
     assert r.status == 503
     r = await call(env, "GET", f"/ipxe?mac={HEXHYP}", admin=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 
 import pytest
@@ -128,3 +129,83 @@ async def test_receive_errors_go_to_error_received() -> None:
     assert errors and isinstance(errors[0], ConnectionRefusedError)
     transport.close()
     await asyncio.sleep(0)
+
+
+async def test_past_the_tasks_in_flight_datagrams_wait_in_order_for_one_to_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The waiting room: with every task taken, a datagram is kept as it came, its handler
+    not called yet; when a task ends the oldest are handled, in arrival order. Past the
+    room, and for one that waited longer than ``max_wait``, the listener drops and logs."""
+    caplog.set_level(logging.INFO, logger="tests.udp")
+    go_on = asyncio.Event()
+    handled: list[bytes] = []
+
+    def slow(data: bytes, peer: Address) -> list[Reply] | asyncio.Future[list[Reply]]:
+        handled.append(data)
+        if data.startswith(b"quick"):  # answered at once: takes no task
+            return [(data, peer)]
+
+        async def later() -> list[Reply]:
+            await go_on.wait()
+            return [(data, peer)]
+
+        return asyncio.ensure_future(later())
+
+    async def exchange(protocol: BoundaryProtocol, sent: list[bytes],
+                       answered: int) -> list[bytes]:
+        transport = await open_datagram_endpoint(udp_socket(), protocol)
+        port = transport.get_extra_info("socket").getsockname()[1]
+        client = udp_socket()
+        try:
+            for data in sent:
+                client.sendto(data, (LOOPBACK, port))
+            for _ in range(1000):
+                if protocol.received == len(sent):
+                    break
+                await asyncio.sleep(0.001)
+            assert protocol.received == len(sent)
+            return [(await asyncio.wait_for(recvfrom(client, 4096), 5))[0]
+                    for _ in range(answered)]
+        finally:
+            go_on.set()
+            await protocol.drain()
+            transport.close()
+            client.close()
+
+    protocol = BoundaryProtocol("slow", slow, logger=_log, max_in_flight=2, max_waiting=4,
+                                max_wait=60)
+    sent = [b"a", b"b", b"c", b"quick d", b"e", b"f", b"g"]
+
+    async def release_when_all_came() -> None:
+        while protocol.received < len(sent):
+            await asyncio.sleep(0.001)
+        assert handled == [b"a", b"b"]  # the rest not handled yet
+        go_on.set()
+
+    releasing = asyncio.ensure_future(release_when_all_came())
+    got = await exchange(protocol, sent, 6)
+    await releasing
+    assert sorted(got) == sorted(sent[:6]) and handled == sent[:6]  # in arrival order
+    assert (protocol.dropped, protocol.waited) == (1, 4)
+    assert "2 requests in flight and 4 waiting, dropping one" in caplog.text
+
+    go_on.clear()
+    caplog.clear()
+    handled.clear()
+    protocol = BoundaryProtocol("slow", slow, logger=_log, max_in_flight=1, max_waiting=4,
+                                max_wait=0)
+    sent = [b"h", b"i"]
+
+    async def release_later() -> None:
+        while protocol.received < len(sent):
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)  # i waits past max_wait
+        go_on.set()
+
+    releasing = asyncio.ensure_future(release_later())
+    assert await exchange(protocol, sent, 1) == [b"h"]
+    await releasing
+    assert handled == [b"h"] and (protocol.dropped, protocol.waited) == (1, 0)
+    assert re.search(r"dropping one from 127.0.0.1 that waited [0-9.]+s for its turn",
+                     caplog.text)
