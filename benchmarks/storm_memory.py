@@ -49,9 +49,34 @@ def vm(pid: int) -> dict[str, float]:
     return out
 
 
+def smaps_kinds(path: Path) -> dict[str, float]:
+    """Resident MiB of one /proc/PID/smaps copy by kind of mapping: glibc's main heap
+    (``[heap]``), its other threads' arenas (anonymous, read-write and 64 MiB-aligned: what
+    SQLite's page caches and the store threads' blocks live in), the other anonymous
+    mappings (Python's arenas, blocks mapped alone, thread stacks) and files."""
+    kinds = {"[heap]": 0, "thread arenas": 0, "other anon": 0, "files": 0}
+    kind = "files"
+    for line in path.read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if "-" in head[0] and not head[0].endswith(":"):
+            start = int(head[0].split("-")[0], 16)
+            name = head[5] if len(head) > 5 else ""
+            if name == "[heap]":
+                kind = "[heap]"
+            elif name and not name.startswith("["):
+                kind = "files"
+            elif not name and head[1] == "rw-p" and start % (64 << 20) == 0:
+                kind = "thread arenas"
+            else:
+                kind = "other anon"
+        elif head[0] == "Rss:":
+            kinds[kind] += int(head[1])
+    return {k: v / 1024 for k, v in kinds.items()}
+
+
 def one_run(tree: Path, work: storm.Workload, spec: storm.Spec, server_ns: str,
             client_ns: str, run: Path, python: str, settle: float,
-            restart: bool = False) -> dict[str, float]:
+            restart: bool = False, smaps: Path | None = None) -> dict[str, float]:
     run.mkdir()
     conf = work.netboot_config(run, "info")
     if restart:
@@ -90,6 +115,8 @@ def one_run(tree: Path, work: storm.Workload, spec: storm.Spec, server_ns: str,
         if proc.popen.poll() is not None:
             raise RuntimeError(f"netboot stopped; see {run}")
         settled = vm(pid)
+        if smaps is not None:
+            shutil.copyfile(f"/proc/{pid}/smaps", smaps)
         failed = sum(sum(v.values()) for v in data["failures"].values())
         if failed:  # by stage and reason: a storm's failure is a finding, not only a count
             # The run's directory goes with the others at the end: its logs are kept
@@ -144,6 +171,9 @@ def main() -> None:
                         help="measure a restarted server: each run's data dir is served once "
                              "(its CA and certificate made) and stopped before the measured "
                              "start; without it, a first start on a fresh data dir")
+    parser.add_argument("--smaps", type=Path,
+                        help="a directory for each run's /proc/PID/smaps at the settled reading "
+                             "(run-N-this, run-N-baseline): where the MiB are")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: it creates network namespaces")
@@ -154,6 +184,8 @@ def main() -> None:
                       0.0, 0.0, 120.0, 7)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     tmp = Path(tempfile.mkdtemp(prefix="netboot-storm-memory-"))
+    if args.smaps:
+        args.smaps.mkdir(parents=True, exist_ok=True)
     try:
         work = storm.Workload(tmp, args.devices, args.enrolled, args.kernel_size,
                               args.initrd_size)
@@ -168,7 +200,8 @@ def main() -> None:
                 for name in order:
                     r = one_run(trees[name], work, spec, server_ns, client_ns,
                                 tmp / f"run-{n}-{name}", args.python, args.settle,
-                                args.restart)
+                                args.restart,
+                                args.smaps / f"run-{n + 1}-{name}" if args.smaps else None)
                     load = os.getloadavg()[0]
                     r["load"] = load
                     results[name].append(r)
@@ -177,6 +210,10 @@ def main() -> None:
                           f"(anon {r['anon']:.1f}, file {r['file']:.1f}; peak {r['peak']:.1f}); "
                           f"storm {r['wall']:.1f} s, {r['ok']:.0f} ok, {r['failed']:.0f} failed; "
                           f"load {load:.1f}", flush=True)
+                    if args.smaps:
+                        kinds = smaps_kinds(args.smaps / f"run-{n + 1}-{name}")
+                        print("  settled by mapping: " + ", ".join(
+                            f"{k} {v:.1f}" for k, v in kinds.items()), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{args.devices} devices, {args.enrolled} machines enrolled, "

@@ -6,6 +6,7 @@ and after it.
                                           [--trace N] [--peakwatch] [--mid 1,2,4]
                                           [--idle 2,12] [--release _seen,_ended,...]
                                           [--census [--compact] [--evict]]
+                                          [--exec FILE ...]
 
 Each reading (a JSON line in DIR/records.jsonl, and printed) has VmRSS, RssAnon and RssFile
 (/proc/PID/status), the RSS per mapping (/proc/PID/smaps: [heap], the anonymous mappings
@@ -24,7 +25,12 @@ netboot's objects are cleared (what dropping the caches would give back). ``--co
 caches that hold it by identity, then the census again (DIR/census.compacted.json).
 ``--evict`` (with ``--census``): those machines taken out of the process (kept as one stored
 text) and decoded back: pymalloc's arenas without them, the bound of any compaction.
-Needs root (storm.py's namespaces); every process is stopped by its own PID.
+Last, after a collection and ``malloc_trim``, DIR/smaps.trimmed and DIR/minfo.trimmed.xml;
+then each ``--exec FILE`` (Python run in the server: what a release would give, before it is
+built) and a reading and DIR/smaps.STEM after it. The hook's own thread has a glibc arena of
+its own (its readings of /proc: ~3 MiB resident of a free top that malloc_trim leaves):
+count it out of the thread arenas. Needs root (storm.py's namespaces); every process is
+stopped by its own PID.
 """
 
 from __future__ import annotations
@@ -122,6 +128,9 @@ def main() -> None:
     parser.add_argument("--census", action="store_true",
                         help="after the idle readings, the objects in pools the storm added")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
+    parser.add_argument("--exec", action="append", default=[], metavar="FILE",
+                        help="Python run in the server after the trimmed reading (it may set "
+                             "``answer``), then a reading named by the file's stem")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: it creates network namespaces")
@@ -215,6 +224,12 @@ def run_storm(args: argparse.Namespace, probe: Probe, gen: subprocess.Popen[str]
         probe.reading("evicted")
     probe.ask("trim")
     probe.reading("trimmed")
+    shutil.copyfile(f"/proc/{probe.pid}/smaps", probe.out / "smaps.trimmed")
+    probe.ask(f"minfo {probe.out}/minfo.trimmed.xml")
+    for path in args.exec:
+        print(f"exec {path}:", probe.ask(f"exec {path}"), flush=True)
+        probe.reading(Path(path).stem)
+        shutil.copyfile(f"/proc/{probe.pid}/smaps", probe.out / f"smaps.{Path(path).stem}")
 
 
 if __name__ == "__main__":

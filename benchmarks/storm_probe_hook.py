@@ -9,7 +9,8 @@ snapshot each time the traced memory passed its last by 1 MiB, and the series), 
 NAMES`` (clears the dicts of those attribute names on netboot's objects: what dropping the
 caches would give back), ``minfo PATH`` (malloc_info's XML), ``threads``, ``collect``,
 ``trim`` (malloc_trim(0)), ``census mark`` / ``census PATH`` (the objects in pymalloc pools
-that held none at the mark, by type).
+that held none at the mark, by type), ``exec PATH`` (a file of Python run here, the prober's
+own; what it leaves in ``answer`` is the answer).
 """
 
 import collections
@@ -419,6 +420,11 @@ def _handle(command: str) -> str:
                 fh.write(f"{k}\t{' < '.join(_IMPORTED_BY.get(k, []))}\n")
     elif word == "collect":
         return str(gc.collect())
+    elif word == "exec":  # a file of Python run here; it sets ``answer``
+        scope: dict[str, Any] = {}
+        with open(arg) as fh:
+            exec(fh.read(), scope)
+        return str(scope.get("answer", "ok"))
     elif word == "trim":
         return str(_LIBC.malloc_trim(0))
     else:

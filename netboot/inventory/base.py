@@ -133,6 +133,17 @@ class SettledFeed(Protocol):
     def settled(self, seq: int) -> bool: ...
 
 
+@runtime_checkable
+class HeldCaches(Protocol):
+    """A store whose connections keep caches of their own in this process's memory
+    (SQLite's page cache, per connection), which it can give back when asked: what a busy
+    stretch filled stays allocated until then, though the file's pages are in the system's
+    page cache anyway."""
+
+    async def release_caches(self) -> None:
+        """Empty what the connections cache now (each refills as it reads again)."""
+
+
 class EventListener(Protocol):
     """Told of events once they are committed (the live event bus, netboot.events)."""
 

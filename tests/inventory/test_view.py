@@ -602,6 +602,27 @@ async def test_a_load_that_meets_pruned_history_starts_again(
         assert await view.machine_by("mac", str(machine.macs[0])) == machine
 
 
+async def test_a_load_gives_back_what_the_stores_caches_and_the_heap_hold_after_it(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once loaded, the view asks the store to empty its connections' caches (what the
+    load's reads and the first sync's pruning filled: base.HeldCaches), then gives the C
+    heap's free pages back, in that order, once."""
+    own, _, _ = stores
+    await own.create_machine(Machine(macs=(MacAddress.parse("02:00:00:00:07:00"),)))
+    calls: list[str] = []
+    real = own.release_caches
+
+    async def release_caches() -> None:
+        calls.append("caches")
+        await real()
+
+    monkeypatch.setattr(own, "release_caches", release_caches)
+    monkeypatch.setattr(view_module, "return_freed_memory", lambda: calls.append("heap"))
+    view = InventoryView(own)
+    await view.load()
+    assert view.loaded and calls == ["caches", "heap"]
+
+
 async def test_a_sync_whose_caller_is_cancelled_serves_the_callers_waiting_for_it(
         tmp_path: Path) -> None:
     """A caller that arrives while a sync is under way waits for the next one, behind it.
