@@ -617,7 +617,7 @@ class Sender:
             return self._arm(now, (self._oack(),))
         return self._send_window(now)
 
-    def ack_window(self, block: int, now: float) -> Datagram | tuple[Datagram, ...] | None:
+    def ack_window(self, block: int, now: float) -> bytes | tuple[Datagram, ...] | None:
         """The common ACK, on its own: the client acknowledged every block sent and more
         remain. Returns the next window to send (its deadline is :attr:`deadline`): a tuple
         of datagrams, or the datagram itself when the window is one block (lock-step: no
@@ -644,7 +644,7 @@ class Sender:
         blocks = self.blocks
         last = blocks if last > blocks else last
         packets = self._packets
-        send: Datagram | tuple[Datagram, ...]
+        send: bytes | tuple[Datagram, ...]
         if packets is not None:
             send = packets.datagrams[n] if last == n + 1 else tuple(packets.datagrams[n:last])
         elif last == blocks:
