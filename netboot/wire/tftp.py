@@ -706,7 +706,12 @@ class Sender:
         self._interval = interval
         self.sent = last
         self.deadline = now + interval
-        self._expect = last & 0xFFFF if last < self.blocks else -1
+        if last < self.blocks:
+            # Below 65536 the number is its own wire number: a compare, which the
+            # interpreter specialises, instead of an and, which it does not.
+            self._expect = last if last < 0x10000 else last & 0xFFFF
+        else:
+            self._expect = -1
         return send
 
     def read_ahead(self) -> None:
