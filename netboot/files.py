@@ -7,6 +7,7 @@ a path that is absolute, contains NUL, a ``..`` segment, a backslash trick, or t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mimetypes
 import os
@@ -69,6 +70,7 @@ class FileTree:
     def __init__(self, roots: Sequence[Path], *,
                  pinned: Sequence[str] | Mapping[str, Sequence[str]] = ()) -> None:
         self.roots = [Path(r) for r in roots]
+        self._root_texts = [str(r) for r in self.roots]
         self.pinned: dict[str, Path] = {}
         # A pinned name may be found under other names (Debian installs the signed GRUB as
         # x86_64-efi-signed/grubnetx64.efi.signed; shim asks for grubx64.efi): each root is
@@ -97,42 +99,55 @@ class FileTree:
         rel = clean_relative(path, decode_percent=decode_percent)
         if rel in self.pinned:
             return self.pinned[rel]
-        for root in self.roots:
+        return Path(self._find(rel)[0])
+
+    def _find(self, rel: str) -> tuple[str, os.stat_result]:
+        """The real path of clean relative path ``rel`` in the first root that has it as a
+        regular file, and its one ``stat``. On strings, not ``Path``: each TFTP RRQ and each
+        asset's HTTP GET comes here, and ``Path.resolve`` stats the result once more, its
+        ``parents`` build a ``Path`` per level (two thirds of a TFTP transfer's start-up
+        instructions, benchmarks/README.md s18-tftp); ``os.path.realpath`` is what it calls."""
+        for root in self._root_texts:
             try:
-                real_root = root.resolve(strict=True)
+                real_root = os.path.realpath(root, strict=True)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            try:
-                candidate = (real_root / rel).resolve()
-            except RuntimeError:  # a symlink loop (Python < 3.13 raises this, not OSError)
-                raise Forbidden(f"{rel!r} is a symlink loop") from None
-            if candidate != real_root and real_root not in candidate.parents:
+            candidate = os.path.realpath(os.path.join(real_root, rel))
+            inside = real_root if real_root.endswith("/") else real_root + "/"
+            if candidate != real_root and not candidate.startswith(inside):
                 # A symlink inside the root points outside it.
                 raise Forbidden(f"{rel!r} resolves outside {root}")
             try:
-                st = candidate.stat()
+                st = os.stat(candidate)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except PermissionError:
                 raise Forbidden(f"{rel!r} is not readable by netboot") from None
             except OSError as exc:
-                # ENAMETOOLONG (a 300-byte file name), ELOOP: a request for a name that
-                # cannot exist is "not found", not a server failure.
+                if exc.errno == errno.ELOOP:  # realpath leaves a loop unresolved
+                    raise Forbidden(f"{rel!r} is a symlink loop") from None
+                # ENAMETOOLONG (a 300-byte file name): a request for a name that cannot
+                # exist is "not found", not a server failure.
                 raise NotFound(f"{rel[:64]!r}...: {exc.strerror}") from None
             if stat.S_ISREG(st.st_mode):
-                return candidate
+                return candidate, st
         raise NotFound(f"{rel!r} not found")
 
     def blob(self, path: str, *, decode_percent: bool = False) -> Blob:
-        found = self.resolve(path, decode_percent=decode_percent)
-        try:
-            st = found.stat()
-        except OSError as exc:  # removed or replaced since resolve()
-            raise NotFound(f"{path[:64]!r}: {exc.strerror}") from None
+        rel = clean_relative(path, decode_percent=decode_percent)
+        pinned = self.pinned.get(rel)
+        if pinned is None:
+            found, st = self._find(rel)
+        else:
+            found = str(pinned)
+            try:
+                st = os.stat(found)
+            except OSError as exc:  # removed or replaced since start-up
+                raise NotFound(f"{path[:64]!r}: {exc.strerror}") from None
         return Blob(
             size=st.st_size,
-            path=str(found),
-            content_type=content_type(found.name),
+            path=found,
+            content_type=content_type(found),
             mtime=st.st_mtime,
         )
 

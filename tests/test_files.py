@@ -65,3 +65,39 @@ def test_sha256_file(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"abc")
     assert sha256_file(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_refusals_that_a_resolve_on_strings_must_keep(tmp_path: Path) -> None:
+    """What the string-based lookup (FileTree._find) must refuse as the Path one did."""
+    root, sibling = tmp_path / "a", tmp_path / "ab"  # a sibling whose name extends the root's
+    root.mkdir()
+    sibling.mkdir()
+    (sibling / "secret").write_text("no")
+    (root / "prefix-trick").symlink_to(sibling / "secret")  # "…/ab/secret" starts with "…/a"
+    (root / "loop1").symlink_to(root / "loop2")
+    (root / "loop2").symlink_to(root / "loop1")
+    (root / "itself").symlink_to(root)
+    (root / "f").write_text("data")
+    linked_root = tmp_path / "link-to-a"
+    linked_root.symlink_to(root)  # a root given through a symlink still serves its files
+    tree = FileTree([linked_root])
+    with pytest.raises(Forbidden, match="outside"):
+        tree.blob("prefix-trick")
+    with pytest.raises(Forbidden, match="symlink loop"):
+        tree.blob("loop1")
+    with pytest.raises(NotFound):
+        tree.blob("itself")  # the root is a directory, not a file to serve
+    with pytest.raises(NotFound):
+        tree.blob("x" * 300)  # ENAMETOOLONG: a name that cannot exist
+    blob = tree.blob("f")
+    assert (blob.path, blob.size) == (str(root / "f"), 4)
+    assert tree.resolve("f") == root / "f"
+
+
+def test_a_pinned_file_removed_after_start_up_is_not_found(tmp_path: Path) -> None:
+    (tmp_path / "ipxe.efi").write_bytes(b"x" * 10)
+    tree = FileTree([tmp_path], pinned=["ipxe.efi"])
+    assert tree.blob("/ipxe.efi").size == 10
+    (tmp_path / "ipxe.efi").unlink()
+    with pytest.raises(NotFound):
+        tree.blob("ipxe.efi")
