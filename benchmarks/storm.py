@@ -5,7 +5,7 @@
                                     [--kernel-size 8M] [--initrd-size 32M]
                                     [--loss 0.01] [--slow-acks MS] [--only netboot]
                                     [--inventory sqlite|postgresql|both] [--loaded]
-                                    [--plain-switching]
+                                    [--plain-switching] [--device-window 256K] [--diag]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -49,10 +49,18 @@ unix socket in a private directory, no TCP; stopped by its own PID at the end), 
 SQLite seed into it with ``netboot db copy``, and points ``inventory.dsn`` at it. The
 database's own CPU (its backends serving netboot) is reported beside netboot's.
 
+Each device's TCP receive buffer is iPXE's window, 256 KiB (``--device-window``; 0 leaves
+Linux's autotuning, the harness before session 18): every device here shares one kernel and
+its TCP memory with the server, and autotuned buffers filled it (see DEVICE_WINDOW).
+
 Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
 the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
-their children), and netboot ÷ stand-ins. Needs root (namespaces), iproute2, dnsmasq and nginx
-(a target whose binary is missing is left out and said so). Every wait is bounded;
+their children), TCP segments the devices' kernel dropped and the server's retransmission
+timeouts, each device slower than STRAGGLER seconds with its stages and requests, and
+netboot ÷ stand-ins. ``--diag`` keeps nstat of both namespaces before and after and a
+capture of the HTTP connections' SYN/FIN/RST packets in the run dir (with ``--keep``).
+Needs root (namespaces), iproute2, dnsmasq and nginx (a target whose binary is missing is
+left out and said so). Every wait is bounded;
 processes are stopped by their own PID; the namespaces are deleted in a finally.
 Not part of pytest: speed is never asserted.
 """
@@ -140,13 +148,25 @@ def udp_drops(ns: str) -> int:
     return int(udp.get("InErrors", 0)) + int(udp.get("SndbufErrors", 0))
 
 
-def listen_drops(ns: str) -> int:
-    """Connections the namespace's kernel dropped at a full accept queue (TcpExt ListenDrops):
-    a client then waits out SYN retransmissions (1, 2, 4, … s)."""
+def tcp_ext(ns: str, key: str) -> int:
+    """A TcpExt counter of the namespace's kernel (/proc/net/netstat)."""
     text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/netstat"], check=True,
                           capture_output=True, text=True, timeout=30).stdout
     rows = [line.split()[1:] for line in text.splitlines() if line.startswith("TcpExt:")]
-    return int(dict(zip(rows[0], rows[1], strict=False)).get("ListenDrops", 0))
+    return int(dict(zip(rows[0], rows[1], strict=False)).get(key, 0))
+
+
+def listen_drops(ns: str) -> int:
+    """Connections the namespace's kernel dropped at a full accept queue (TcpExt ListenDrops):
+    a client then waits out SYN retransmissions (1, 2, 4, … s)."""
+    return tcp_ext(ns, "ListenDrops")
+
+
+def tcp_losses(server_ns: str, client_ns: str) -> tuple[int, int]:
+    """Segments the devices' kernel dropped for want of receive memory (TCPRcvQDrop: the
+    host's TCP memory under pressure, or a receive buffer full), and the server's
+    retransmission timeouts (TCPTimeouts: each one doubles that connection's next wait)."""
+    return tcp_ext(client_ns, "TCPRcvQDrop"), tcp_ext(server_ns, "TCPTimeouts")
 
 
 def link_drops(ns: str, name: str) -> int:
@@ -435,6 +455,8 @@ class Failed(Exception):
 REOPENS = 8  # pooled connections a request may find closed in a row (a device pools a few)
 RETRY_AFTER_MAX = 5  # 503s a request waits out before it counts as failed
 RETRIES = {"reopened": 0, "retry_after": 0}  # requests asked again, by cause (the report)
+_EVENTS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "storm_events", default=None)
 
 
 class _Attempt:
@@ -468,9 +490,36 @@ def _pooled_protocol() -> type:
     return PooledProtocol
 
 
-def device_session(ip: str, timeout: float) -> Any:
-    """One device's (or one client address's) aiohttp session with iPXE's reopening."""
+# iPXE advertises at most a 256 KiB receive window (TCP_MAX_WINDOW_SIZE, src/include/ipxe/
+# tcp.h) and keeps what it receives in its own memory. Linux sockets left to autotune grow
+# their receive buffers to tcp_rmem's maximum (32 MiB here) whenever the load generator reads
+# late, and all of them, the server's too, draw on the one host-wide TCP memory pool
+# (net.ipv4.tcp_mem): in a 1,500-device storm of 5 MiB downloads that pool reached its
+# pressure mark in every run, the devices' kernel then dropped 450-1,300 arriving segments
+# (TcpExtTCPRcvQDrop), and the server's retransmissions backed off exponentially (TCPTimeouts):
+# now and then one device waited 20-90 s for its initrd, something no real device's TCP
+# would do. So each device connection's receive buffer is held to iPXE's window.
+DEVICE_WINDOW = 256 << 10
+# A device slower than this (seconds, power-on to register) is reported with its stages'
+# start times and its requests (connection reused or new, local port, time to the response
+# head): a straggler is found in the server's log and a capture by these.
+STRAGGLER = 20.0
+
+
+def device_session(ip: str, timeout: float, window: int = DEVICE_WINDOW) -> Any:
+    """One device's (or one client address's) aiohttp session with iPXE's reopening and,
+    when ``window``, iPXE's receive window (0: Linux's autotuning)."""
     import aiohttp
+
+    def device_socket(addr_info: Any) -> socket.socket:
+        family, type_, proto = addr_info[:3]
+        sock = socket.socket(family, type_, proto)
+        if window:
+            # Before connect: the window scale is agreed in the SYN. Linux doubles it for its
+            # bookkeeping and advertises a share of that (its scaling_ratio), and autotuning
+            # leaves it be. (TCP_WINDOW_CLAMP set here is overwritten at connect.)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+        return sock
 
     class PoolConnector(aiohttp.TCPConnector):
         def __init__(self, **kwargs: Any) -> None:
@@ -489,7 +538,8 @@ def device_session(ip: str, timeout: float) -> Any:
             return conn
 
     session = aiohttp.ClientSession(
-        connector=PoolConnector(local_addr=(ip, 0), limit=0, force_close=False),
+        connector=PoolConnector(local_addr=(ip, 0), limit=0, force_close=False,
+                                socket_factory=device_socket),
         timeout=aiohttp.ClientTimeout(total=timeout), auto_decompress=False)
     session._retry_connection = False  # no public switch (aiohttp 3.14): iPXE's rule instead
     return session
@@ -502,12 +552,17 @@ async def request(session: Any, method: str, url: str, **kwargs: Any) -> Any:
     import aiohttp
 
     reopens = waits = 0
+    events = _EVENTS.get()
     while True:
         attempt = _Attempt()
         token = _ATTEMPT.set(attempt)
+        t0 = time.perf_counter()
         try:
             resp = await session.request(method, url, **kwargs)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if events is not None:
+                events.append((t0, time.perf_counter(), f"{method} {url[:40]} "
+                               f"{type(exc).__name__} reused={attempt.reused}"))
             if isinstance(exc, aiohttp.ClientConnectorError) or not attempt.reused \
                     or attempt.proto.answered or reopens >= REOPENS:
                 raise
@@ -516,6 +571,11 @@ async def request(session: Any, method: str, url: str, **kwargs: Any) -> Any:
             continue
         finally:
             _ATTEMPT.reset(token)
+        if events is not None:
+            sock = attempt.proto.transport.get_extra_info("sockname") \
+                if attempt.proto is not None and attempt.proto.transport else None
+            events.append((t0, time.perf_counter(), f"{method} {url[:40]} {resp.status} "
+                           f"reused={attempt.reused} local={sock}"))
         after = resp.headers.get("Retry-After", "")
         if resp.status == 503 and after.isdigit() and waits < RETRY_AFTER_MAX:
             waits += 1
@@ -557,6 +617,7 @@ class Spec:
     device_timeout: float
     seed: int
     until: str | None = None
+    device_window: int = DEVICE_WINDOW  # each device connection's receive buffer, 0: Linux's
     started: float = 0.0  # time.monotonic() when the server was started (one clock per host)
 
 
@@ -756,6 +817,7 @@ class Generator:
         self.retried: list[tuple[int, int, float, float]] = []
         self.probe_ports: dict[int, int] = {}  # device index -> its size probe's port
         self.same_port = 0  # devices whose download came from their probe's port
+        self.slow: list[dict[str, Any]] = []
 
     # -- DHCP -----------------------------------------------------------------------------
     def _packet(self, dev: Device, xid: int, mtype: int, extra: tuple[Any, ...] = (),
@@ -870,6 +932,9 @@ class Generator:
     async def device(self, dev: Device, session: Any) -> None:
         t_start = time.perf_counter()
         stage = "dhcp_offer"
+        reqlog: list[Any] = []
+        _EVENTS.set(reqlog)
+        stamps: list[Any] = []
 
         async def timed(name: str, coro: Any) -> Any:
             nonlocal stage
@@ -877,6 +942,7 @@ class Generator:
             t0 = time.perf_counter()
             result = await coro
             self.times[name].append(time.perf_counter() - t0)
+            stamps.append((name, t0 - self.t0, time.perf_counter() - t0))
             if name == self.spec.until:
                 raise _Done
             return result
@@ -949,7 +1015,11 @@ class Generator:
             per = self.failures.setdefault(stage, {})
             per[reason] = per.get(reason, 0) + 1
             return
-        self.times["total"].append(time.perf_counter() - t_start)
+        total = time.perf_counter() - t_start
+        self.times["total"].append(total)
+        if total > STRAGGLER:
+            self.slow.append({"k": dev.k, "ip": dev.ip, "total": total, "stages": stamps,
+                              "events": [(a - self.t0, b - a, e) for a, b, e in reqlog]})
 
     async def ready(self) -> float:
         """Until the server answers HTTP and TFTP (bounded: 120 s, a big inventory loads);
@@ -1007,7 +1077,8 @@ class Generator:
         devices = [Device(k, k * step, CLIENT_IPS[k % len(CLIENT_IPS)])
                    for k in range(spec.devices)]
         # One connection pool per client address, as each device has its own TCP stack.
-        sessions = [device_session(ip, spec.device_timeout) for ip in CLIENT_IPS]
+        sessions = [device_session(ip, spec.device_timeout, spec.device_window)
+                    for ip in CLIENT_IPS]
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu0 = usage.ru_utime + usage.ru_stime
         t0 = self.t0 = time.perf_counter()
@@ -1033,7 +1104,8 @@ class Generator:
                 "generator_cpu": usage.ru_utime + usage.ru_stime - self.cpu0,
                 "late_offers": self.dhcp.late, "loop_lag": self.lags,
                 "retried": self.retried, "dhcp_send_failed": self.dhcp_transport.send_failed,
-                "same_port": self.same_port, "http_retries": RETRIES}
+                "same_port": self.same_port, "http_retries": RETRIES,
+                "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0)}
 
 
 def generate(spec_json: str) -> None:
@@ -1066,6 +1138,8 @@ class Result:
     server_drops: int = 0
     client_drops: int = 0
     listen_drops: int = 0
+    rcvq_drops: int = 0  # TCP segments the devices' kernel dropped (tcp_losses)
+    rto: int = 0  # the server's TCP retransmission timeouts
     ready: float = 0.0  # seconds from the server's start to its first /healthz 200
     rss_mib: float = 0.0  # the server's resident memory after the storm (all processes)
     times: dict[str, list[float]] = field(default_factory=dict)
@@ -1109,6 +1183,7 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
         db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
+        losses0 = tcp_losses(server_ns, client_ns)
         kernel0 = link_drops(server_ns, SERVER_IF), link_drops(client_ns, CLIENT_IF), \
             backlog_drops()
         if args.capture:
@@ -1117,9 +1192,28 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                  "-w", str(run / "dhcp.pcap"), "udp and (port 67 or port 68 or port 4011)"],
                 stdout=subprocess.DEVNULL, stderr=(run / "tcpdump.log").open("wb"))
             time.sleep(1.0)  # until it listens
+        if args.diag:
+            for ns, side in ((server_ns, "s"), (client_ns, "c")):
+                (run / f"nstat-{side}-before.txt").write_text(subprocess.run(
+                    ["ip", "netns", "exec", ns, "nstat", "-az"], check=False, capture_output=True,
+                    text=True, timeout=30).stdout)
+            flags = subprocess.Popen(
+                ["ip", "netns", "exec", server_ns, "tcpdump", "-i", SERVER_IF, "-n", "-B",
+                 "16384", "-w", str(run / "flags.pcap"),
+                 "tcp port 8080 and (tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0)"],
+                stdout=subprocess.DEVNULL, stderr=(run / "tcpdump-flags.log").open("wb"))
+            time.sleep(1.0)
         gen.stdin.write("GO\n")
         gen.stdin.flush()
         out = gen.stdout.readline()
+        if args.diag:
+            time.sleep(1.0)
+            flags.send_signal(signal.SIGINT)
+            flags.wait(timeout=30)
+            for ns, side in ((server_ns, "s"), (client_ns, "c")):
+                (run / f"nstat-{side}-after.txt").write_text(subprocess.run(
+                    ["ip", "netns", "exec", ns, "nstat", "-az"], check=False, capture_output=True,
+                    text=True, timeout=30).stdout)
         cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
         if capture is not None:
             time.sleep(1.0)  # until it has written what it saw
@@ -1133,6 +1227,8 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         result.server_drops = udp_drops(server_ns) - drops0[0]
         result.client_drops = udp_drops(client_ns) - drops0[1]
         result.listen_drops = listen_drops(server_ns) - drops0[2]
+        losses = tcp_losses(server_ns, client_ns)
+        result.rcvq_drops, result.rto = losses[0] - losses0[0], losses[1] - losses0[1]
         if not out.strip():
             raise RuntimeError(f"{target}: the generator ended without a result; see {run}")
         data = json.loads(out)
@@ -1140,6 +1236,13 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         result.times, result.failures = data["times"], data["failures"]
         result.generator_cpu = data["generator_cpu"]
         lags = data["loop_lag"]
+        (run / "slow.json").write_text(json.dumps({"t0_wall": data.get("t0_wall"),
+                                                   "slow": data.get("slow", [])}, indent=1))
+        for d in data.get("slow", []):
+            print(f"{target}: SLOW device {d['k']} {d['ip']} total {d['total']:.1f} s; "
+                  + ", ".join(f"{n}@{a:.2f}+{b:.2f}" for n, a, b in d["stages"]))
+            for a, b, e in d["events"]:
+                print(f"    {a:8.2f} +{b:7.2f} {e}")
         print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
               f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
               f"DHCP answers after their device gave up (or twice): {data['late_offers']}; "
@@ -1222,7 +1325,8 @@ def report(results: list[Result], spec: Spec) -> None:
     print(f"\nstorm: {spec.devices} devices powered on within {spec.within:g} s, "
           f"{spec.enrolled} machines enrolled, kernel {spec.kernel_size >> 10} KiB + "
           f"initrd {spec.initrd_size >> 10} KiB, loss {spec.loss:g}, "
-          f"slow ACKs {spec.slow_acks_ms:g} ms")
+          f"slow ACKs {spec.slow_acks_ms:g} ms, device TCP window "
+          f"{f'{spec.device_window >> 10} KiB' if spec.device_window else 'autotuned'}")
     for r in results:
         if r.error:
             print(f"{r.target}: {r.error}")
@@ -1241,7 +1345,8 @@ def report(results: list[Result], spec: Spec) -> None:
         print(row)
     print(f"\n{'target':<12} {'ready s':>8} {'RSS MiB':>8} {'wall s':>8} {'server CPU s':>13}"
           f" {'db CPU s':>9} {'client CPU s':>13} {'devices ok':>11} {'failed':>7}"
-          f" {'UDP drops s/c':>14} {'TCP listen drops':>17}  failures")
+          f" {'UDP drops s/c':>14} {'TCP listen drops':>17} {'TCP rcvq drops/RTOs':>20}"
+          f"  failures")
     for r in ok:
         fails = "; ".join(f"{s}: {', '.join(f'{k} x{n}' for k, n in v.items())}"
                           for s, v in r.failures.items())
@@ -1249,7 +1354,8 @@ def report(results: list[Result], spec: Spec) -> None:
         print(f"{r.target:<12} {r.ready:>8.2f} {r.rss_mib:>8.0f} {r.wall:>8.2f} {r.cpu:>13.2f}"
               f" {db:>9} {r.generator_cpu:>13.2f} "
               f"{len(r.times.get('total', [])):>11} {r.failed:>7} "
-              f"{f'{r.server_drops}/{r.client_drops}':>14} {r.listen_drops:>17}  {fails}")
+              f"{f'{r.server_drops}/{r.client_drops}':>14} {r.listen_drops:>17} "
+              f"{f'{r.rcvq_drops}/{r.rto}':>20}  {fails}")
     by_target = {r.target: r for r in ok}
     si = by_target.get("standins")
     pairs = [(nb, si) for nb in (by_target.get(t) for t in NETBOOT_TARGETS) if nb and si]
@@ -1283,6 +1389,9 @@ def main() -> None:
     parser.add_argument("--slow-acks", type=float, default=0.0, metavar="MS",
                         help="delay every TFTP ACK by MS milliseconds")
     parser.add_argument("--device-timeout", type=float, default=120.0)
+    parser.add_argument("--device-window", type=size_arg, default=DEVICE_WINDOW,
+                        help="each device connection's TCP receive buffer, SO_RCVBUF "
+                             "(iPXE's window, 256K; 0: Linux's autotuning, as before s18)")
     parser.add_argument("--until", choices=STAGES,
                         help="each device stops after this stage (e.g. dhcp_offer)")
     parser.add_argument("--only", choices=["netboot", "standins"])
@@ -1307,6 +1416,9 @@ def main() -> None:
                         help="tcpdump the DHCP traffic on the server's veth into the run "
                              "dir (with --keep)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--diag", action="store_true",
+                        help="nstat of both namespaces before/after and a pcap of the HTTP "
+                             "SYN/FIN/RST packets into the run dir (with --keep)")
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
@@ -1318,7 +1430,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     enrolled = max(args.enrolled or args.devices, args.devices)
     spec = Spec(args.devices, args.within, enrolled, args.kernel_size, args.initrd_size,
-                args.loss, args.slow_acks, args.device_timeout, args.seed, args.until)
+                args.loss, args.slow_acks, args.device_timeout, args.seed, args.until,
+                args.device_window)
     netboot_targets = {"sqlite": ["netboot"], "postgresql": [PG_TARGET],
                        "both": ["netboot", PG_TARGET]}[args.inventory]
     targets = [*netboot_targets, "standins"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import storm
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+BIG = b"HTTP/1.1 200 OK\r\nContent-Length: 4194304\r\n\r\n" + bytes(4 << 20)  # still coming
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 0\r\n\r\n"
 
 # What a connection does with its n-th request (1-based), given its own number (1-based).
@@ -46,7 +48,7 @@ async def server(plan: Plan) -> AsyncIterator[tuple[str, list[int]]]:
                 what = plan(conn, seen[conn - 1])
                 if what == "close":
                     return  # closed after reading the request, before a byte of an answer
-                writer.write({"ok": OK, "busy": BUSY, "cut": OK[:20]}[what])
+                writer.write({"ok": OK, "big": BIG, "busy": BUSY, "cut": OK[:20]}[what])
                 await writer.drain()
                 if what == "cut":
                     return
@@ -109,3 +111,47 @@ async def test_a_pooled_connection_closed_after_a_byte_is_not_retried() -> None:
 async def test_a_503_with_retry_after_is_asked_again() -> None:
     status, seen = await twice(lambda conn, n: "busy" if n == 2 else "ok")
     assert (status, seen) == (200, [3])
+
+
+def rcvbuf_of(resp: aiohttp.ClientResponse) -> int:
+    """SO_RCVBUF of the device's socket that carries ``resp`` (a body still coming)."""
+    assert resp.connection is not None and resp.connection.transport is not None
+    sock = resp.connection.transport.get_extra_info("socket")
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+async def test_a_device_receives_with_ipxes_window_on_every_connection() -> None:
+    # iPXE advertises at most 256 KiB (TCP_MAX_WINDOW_SIZE) and holds what it receives in its
+    # own memory; left to Linux's autotuning, 1,500 of these sockets filled the host's TCP
+    # memory in a storm and their kernel dropped the server's segments. The second request's
+    # connection is a reopened one (the first closed before answering it).
+    async with server(lambda conn, n: "close" if (conn, n) == (1, 2) else "big") as (url, seen):
+        session = storm.device_session("127.0.0.1", 30)
+        rcvbufs = []
+        try:
+            for _ in range(2):
+                async with await storm.request(session, "GET", url) as resp:
+                    rcvbufs.append(rcvbuf_of(resp))
+                    await resp.content.readexactly(3 << 20)
+                    rcvbufs.append(rcvbuf_of(resp))  # autotuning did not grow it
+                    assert len(await resp.read()) == 1 << 20
+        finally:
+            await session.close()
+    assert seen == [2, 1]
+    # Linux doubles SO_RCVBUF for its bookkeeping (socket(7)).
+    assert rcvbufs == [2 * storm.DEVICE_WINDOW] * 4
+
+
+async def test_a_device_window_of_0_is_linuxs_autotuning() -> None:
+    default = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[1])
+    async with server(lambda conn, n: "big") as (url, _):
+        session = storm.device_session("127.0.0.1", 30, window=0)
+        try:
+            async with await storm.request(session, "GET", url) as resp:
+                assert rcvbuf_of(resp) == default
+                await resp.content.readexactly(3 << 20)
+                grown = rcvbuf_of(resp)
+                assert len(await resp.read()) == 1 << 20
+        finally:
+            await session.close()
+    assert grown > default  # autotuned as it was read
