@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -667,12 +668,10 @@ def test_freed_memory_is_released_once_after_each_busy_stretch() -> None:
     assert due == [False, False, False, False, False, False, True, False, False, False, True]
 
 
-async def test_release_when_quiet_releases_after_a_storm_not_while_idle() -> None:
-    # The coroutine serve() runs: each look reads the CPU clock; a busy stretch then a
-    # quiet look calls release (on the executor's thread), once.
+def _cpu_clock(done: asyncio.Event) -> Callable[[], float]:
+    """A CPU clock for release_when_quiet: idle, a busy stretch, then quiet; ``done`` is
+    set once its readings are used up (the quiet look has happened)."""
     clock = iter([0.0, 0.0, 5.0, 9.0, 9.0, 9.0, 9.0])
-    released: list[int] = []
-    done = asyncio.Event()
 
     def cpu() -> float:
         try:
@@ -681,8 +680,16 @@ async def test_release_when_quiet_releases_after_a_storm_not_while_idle() -> Non
             done.set()
             return 9.0
 
+    return cpu
+
+
+async def test_release_when_quiet_releases_after_a_storm_not_while_idle() -> None:
+    # The coroutine serve() runs: each look reads the CPU clock; a busy stretch then a
+    # quiet look calls release (on the executor's thread), once.
+    released: list[int] = []
+    done = asyncio.Event()
     task = asyncio.ensure_future(release_when_quiet(lambda: released.append(1), look=0.001,
-                                                    cpu=cpu))
+                                                    cpu=_cpu_clock(done)))
     try:
         await asyncio.wait_for(done.wait(), 10)
     finally:
@@ -694,22 +701,14 @@ async def test_release_when_quiet_empties_the_stores_caches_before_the_heap() ->
     # serve() passes the store's release_caches (base.HeldCaches): at the quiet look after
     # a busy stretch, the caches are emptied first, so that what they held is among the
     # free pages the heap's release gives back.
-    clock = iter([0.0, 0.0, 5.0, 9.0, 9.0, 9.0, 9.0])
     calls: list[str] = []
     done = asyncio.Event()
-
-    def cpu() -> float:
-        try:
-            return next(clock)
-        except StopIteration:
-            done.set()
-            return 9.0
 
     async def caches() -> None:
         calls.append("caches")
 
     task = asyncio.ensure_future(release_when_quiet(lambda: calls.append("heap"), look=0.001,
-                                                    cpu=cpu, caches=caches))
+                                                    cpu=_cpu_clock(done), caches=caches))
     try:
         await asyncio.wait_for(done.wait(), 10)
     finally:
