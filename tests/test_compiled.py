@@ -64,6 +64,7 @@ NOT_COMPILED = (
         "test_shipped_configs_found_again_are_checked_without_marks",
         "test_split_render_equals_the_whole_render_for_every_shipped_template",
         "test_split_render_of_user_templates_equals_the_whole_render[",
+        "test_the_form_that_matched_is_tried_first_next_time",
         "test_uboot_script_image",
         "test_values_alike_in_a_forms_texts_are_taken_verbatim_by_its_pattern",
         "test_yaml_document_of_every_shipped_config_is_parsed_once_per_shape",
