@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import gc
 import logging
 import os
@@ -34,7 +35,7 @@ from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
 from netboot.events import EventBus
 from netboot.files import FileTree
-from netboot.inventory.base import EventListener, HeldCaches, MachineFilter, Store
+from netboot.inventory.base import EventListener, MachineFilter, Store, release_held_caches
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
@@ -1134,7 +1135,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     service.view_loaded = frozen.start
     store = service.store
     service.tasks.append(asyncio.ensure_future(release_when_quiet(
-        caches=store.release_caches if isinstance(store, HeldCaches) else None)))
+        caches=functools.partial(release_held_caches, store))))
     try:
         await service.start()
         print(service.summary(), flush=True)

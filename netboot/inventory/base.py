@@ -144,6 +144,13 @@ class HeldCaches(Protocol):
         """Empty what the connections cache now (each refills as it reads again)."""
 
 
+async def release_held_caches(store: object) -> None:
+    """Empty the store's own caches if it keeps any (:class:`HeldCaches`); the one place
+    that asks, for the view after its load and for ``serve`` once quiet after a storm."""
+    if isinstance(store, HeldCaches):
+        await store.release_caches()
+
+
 class EventListener(Protocol):
     """Told of events once they are committed (the live event bus, netboot.events)."""
 

@@ -34,11 +34,11 @@ from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import (
     Changes,
-    HeldCaches,
     LocalCommits,
     MachineFilter,
     SettledFeed,
     Store,
+    release_held_caches,
 )
 from netboot.model import (
     Cluster,
@@ -196,8 +196,7 @@ class InventoryView:
                 # What the load's reads and the first sync's pruning of the feed left in the
                 # store's caches (a first start after a bulk import: the writer's full
                 # 2,000 KiB), then the C heap's free pages.
-                if isinstance(self._store, HeldCaches):
-                    await self._store.release_caches()
+                await release_held_caches(self._store)
                 return_freed_memory()
                 return
 
