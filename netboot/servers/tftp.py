@@ -193,6 +193,22 @@ class _PacketCache:
         self.hits = 0
         self.builds = 0
 
+    def kept(self, path: str, st: os.stat_result, blksize: int) -> Packets | None:
+        """The packets kept of the file ``st`` describes (a stat of ``path``), if any: a
+        transfer served from them needs no descriptor (an open, fstat and close were a
+        quarter of a storm transfer's system calls). The file's identity and times are the
+        entry's, so its bytes are the ones read when the entry was built; a file whose
+        mode or owner changed since has a new ctime and goes the long way (open, which
+        checks that it is readable)."""
+        key = (path, blksize)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                                         st.st_ctime_ns):
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[1]
+
     def packets(self, path: str, fd: int, st: os.stat_result, blksize: int) -> Packets | None:
         if st.st_size > self.max_file:
             return None
@@ -1074,21 +1090,31 @@ class TftpServer:
                 source = (Packets(blob.data, negotiated.blksize)
                           if size <= self.cache.max_file else MemorySource(blob.data))
             elif blob.path is not None:
-                fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
+                st = os.stat(blob.path)
+                if not stat.S_ISREG(st.st_mode):  # (and a FIFO is never opened: it blocks)
                     raise OSError(errno.EINVAL, "not a regular file")
-                # The size of what we hold open, not of what was stat'ed earlier.
                 size = st.st_size
                 negotiated = negotiate(request.options, size, self.policy)
-                packets = self.cache.packets(blob.path, fd, st, negotiated.blksize)
+                packets = self.cache.kept(blob.path, st, negotiated.blksize)
                 if packets is not None:
                     source = packets
-                    os.close(fd)  # the packets hold every byte
-                    fd = None
                 else:
-                    source = _FileSource(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise OSError(errno.EINVAL, "not a regular file")
+                    if st.st_size != size:
+                        # The size of what we hold open, not of what was stat'ed before.
+                        size = st.st_size
+                        negotiated = negotiate(request.options, size, self.policy)
+                    packets = self.cache.packets(blob.path, fd, st, negotiated.blksize)
+                    if packets is not None:
+                        source = packets
+                        os.close(fd)  # the packets hold every byte
+                        fd = None
+                    else:
+                        source = _FileSource(fd)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             else:
                 raise ValueError("blob has neither data nor path")
             sender = Sender(negotiated, size, source, self.policy)

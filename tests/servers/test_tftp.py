@@ -937,6 +937,31 @@ async def test_clients_of_one_file_share_its_packets(
         await server.close()
 
 
+async def test_a_file_whose_packets_are_kept_is_served_without_opening_it(
+        files: DirFiles, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once its packets are built, a transfer of the unchanged file takes them on a stat():
+    no descriptor opened, read and closed per transfer (a storm's every device)."""
+    settled(root / "big.bin")
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    server = await started(files)
+    try:
+        for n in range(3):
+            with RawClient(f"127.0.0.{n + 2}") as c:
+                got = await fetch(c, addr(server), "big.bin", [("blksize", "1468")])
+                assert got.data == pattern(3_000_000)
+        assert server.cache.builds == 1 and server.cache.hits == 2
+        assert [p for p in opened if p.endswith("big.bin")] == [str(root / "big.bin")]
+    finally:
+        await server.close()
+
+
 @pytest.mark.parametrize("how", ["rewritten in place", "replaced", "resized"])
 async def test_a_file_changed_on_disk_is_served_as_it_is_now(
         files: DirFiles, root: Path, client: RawClient, how: str) -> None:
