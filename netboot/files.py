@@ -94,6 +94,10 @@ class FileTree:
         # Pinned names that are their own clean form: exists() answers those without
         # cleaning them again (the DHCP path asks for a loader on every DISCOVER).
         self._clean_pinned = frozenset(n for n in self.pinned if _is_clean(n))
+        # Their path's text and content type, made once: blob() serves a storm's every
+        # TFTP request for its loader.
+        self._pinned_files = {name: (str(path), content_type(str(path)))
+                              for name, path in self.pinned.items()}
 
     def _first(self, names: Sequence[str]) -> Path | None:
         for root in self.roots:
@@ -146,11 +150,12 @@ class FileTree:
 
     def blob(self, path: str, *, decode_percent: bool = False) -> Blob:
         rel = clean_relative(path, decode_percent=decode_percent)
-        pinned = self.pinned.get(rel)
+        pinned = self._pinned_files.get(rel)
         if pinned is None:
             found, st = self._find(rel)
+            kind = content_type(found)
         else:
-            found = str(pinned)
+            found, kind = pinned
             try:
                 st = os.stat(found)
             except OSError as exc:  # removed or replaced since start-up
@@ -158,7 +163,7 @@ class FileTree:
         return Blob(
             size=st.st_size,
             path=found,
-            content_type=content_type(found),
+            content_type=kind,
             mtime=st.st_mtime,
         )
 
