@@ -1139,14 +1139,16 @@ class TftpServer:
             raise
         self._transfers[peer] = transfer
         self.stats.started += 1
-        n = sender.negotiated
-        # DEBUG: the INFO line is the outcome (sent, failed), one per transfer, not two.
-        log.debug(
-            "tftp %s:%d %r: sending %d bytes (blksize %d, windowsize %d%s%s)",
-            *peer, path, size, n.blksize, n.windowsize,
-            ", OACK" if n.oack else "", ", netascii as octet"
-            if request.mode.lower() == "netascii" else "",
-        )
+        # DEBUG: the INFO line is the outcome (sent, failed), one per transfer, not two. Its
+        # arguments are made only when it is written.
+        if log.isEnabledFor(logging.DEBUG):
+            n = sender.negotiated
+            log.debug(
+                "tftp %s:%d %r: sending %d bytes (blksize %d, windowsize %d%s%s)",
+                *peer, path, size, n.blksize, n.windowsize,
+                ", OACK" if n.oack else "", ", netascii as octet"
+                if request.mode.lower() == "netascii" else "",
+            )
         return transfer
 
     def _release(self, peer: Address) -> None:

@@ -394,13 +394,6 @@ class Negotiated:
     oack: Options = ()
 
 
-def _number(text: str) -> int | None:
-    # Strict decimal: int() would also take " 5", "+5" or non-ASCII digits.
-    if not text or not text.isascii() or not text.isdigit() or len(text) > 10:
-        return None
-    return int(text)
-
-
 def negotiate(options: Options, size: int | None, policy: Policy) -> Negotiated:
     """Grant the options of an RRQ. Unknown or invalid options are left out, not refused:
     RFC 2347 lets the server ignore any option, and an ERROR 8 would abort the boot."""
@@ -412,7 +405,10 @@ def negotiate(options: Options, size: int | None, policy: Policy) -> Negotiated:
         if key in seen:
             continue  # first occurrence wins
         seen.add(key)
-        number = _number(value)
+        # Strict decimal, at most 10 digits: int() would also take " 5", "+5" or non-ASCII
+        # digits. (Written out here, not a function: a call per option.)
+        number = (int(value) if value.isdigit() and value.isascii() and len(value) <= 10
+                  else None)
         if key == "blksize":
             # RFC 2348: the reply must not exceed the request; below 8 is invalid, so the
             # option is ignored and the default 512 applies.
