@@ -18,18 +18,19 @@
               after 1 s without DATA: wall time until all are done, failures, and what was
               moved when ``--cap`` seconds ran out. ``--clients 1 --size 10485760 --loss
               0.1`` is the issue's "10 MiB lock-step with 10 % loss".
-``starts``    what starting and ending a transfer costs: ``--pairs`` times what EDK2 does per
-              file (a size probe, RRQ ``tsize 0 blksize 1468``, its OACK answered with ERROR
-              8; then from a new port the download, ``blksize 1468 windowsize W``) of a
-              small file (``--size``, 4 KiB: one window) named ``--name`` (``snponly.efi``, as in
-              storm.py: a loader's name, which netboot resolves once at start; ``file.bin``
-              is looked up per request), ``--clients`` devices at a time,
-              each pair from another loopback address (the Python client: a pair is a
-              handful of datagrams). Prints pairs/s and the server's CPU µs per pair (two transfers
-              started and ended). netboot runs here as ``netboot serve`` (loopback, DHCP
-              off, log level info into a file, as a storm runs it): the content layer's
-              lookup, the metrics and the log line of each transfer are counted, not only
-              the TFTP server's own work.
+``starts``    what starting and ending a transfer costs: ``--pairs`` times what EDK2 does
+              per file (a size probe, RRQ ``tsize 0 blksize 1468``, its OACK answered with
+              ERROR 8; then from a new port the download, ``blksize 1468 windowsize W``) of
+              a small file (``--size``, 4 KiB: one window) named ``--name``
+              (``snponly.efi``, a loader's name, which netboot resolves once at start, as
+              storm.py's devices ask; ``file.bin`` is looked up per request), ``--clients``
+              devices at a time, each pair from another loopback address (the Python
+              client: a pair is a handful of datagrams). Prints pairs/s and the server's
+              CPU µs per pair (two transfers started and ended), every round's and the
+              median. netboot runs here as ``netboot serve`` (loopback, DHCP off, log level
+              info into a file, as a storm runs it): the content layer's lookup, the
+              metrics and the log line of each transfer are counted, not only the TFTP
+              server's own work.
 
 blksize 1468 throughout (OVMF's; an Ethernet MTU). The client is ``tftp_client.c``, compiled
 with gcc into a temporary directory at the start of the run and used for every server alike
