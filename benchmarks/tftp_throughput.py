@@ -4,6 +4,8 @@
     python benchmarks/tftp_throughput.py lockstep [--clients 50] [--size 1048576]
     python benchmarks/tftp_throughput.py loss     [--clients 10] [--size 1048576]
                                                   [--loss 0.01] [--windows 1,8] [--cap 150]
+    python benchmarks/tftp_throughput.py starts   [--clients 16] [--size 4096] [--pairs 3000]
+                                                  [--windows 4]
 
 ``single``    one transfer at a time of ``--size`` bytes at each windowsize: MiB/s.
 ``lockstep``  ``--clients`` transfers at once, each from its own loopback address (servers
@@ -16,6 +18,19 @@
               after 1 s without DATA: wall time until all are done, failures, and what was
               moved when ``--cap`` seconds ran out. ``--clients 1 --size 10485760 --loss
               0.1`` is the issue's "10 MiB lock-step with 10 % loss".
+``starts``    what starting and ending a transfer costs: ``--pairs`` times what EDK2 does
+              per file (a size probe, RRQ ``tsize 0 blksize 1468``, its OACK answered with
+              ERROR 8; then from a new port the download, ``blksize 1468 windowsize W``) of
+              a small file (``--size``, 4 KiB: one window) named ``--name``
+              (``snponly.efi``, a loader's name, which netboot resolves once at start, as
+              storm.py's devices ask; ``file.bin`` is looked up per request), ``--clients``
+              devices at a time, each pair from another loopback address (the Python
+              client: a pair is a handful of datagrams). Prints pairs/s and the server's
+              CPU µs per pair (two transfers started and ended), every round's and the
+              median. netboot runs here as ``netboot serve`` (loopback, DHCP off, log level
+              info into a file, as a storm runs it): the content layer's lookup, the
+              metrics and the log line of each transfer are counted, not only the TFTP
+              server's own work.
 
 blksize 1468 throughout (OVMF's; an Ethernet MTU). The client is ``tftp_client.c``, compiled
 with gcc into a temporary directory at the start of the run and used for every server alike
@@ -66,6 +81,7 @@ BLKSIZE = 1468
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 PROBE = b"\x00\x01no-such-file\x00octet\x00"  # answered with an ERROR by every server
+LOADER = "snponly.efi"  # starts: what a storm's devices ask for (storm.py)
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,38 @@ def netboot_server(root: Path, binary: str) -> Iterator[tuple[int, int]]:
         yield int(line), proc.pid
     finally:
         stop(proc)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def netboot_serve(root: Path, binary: str) -> Iterator[tuple[int, int]]:
+    """``netboot serve`` of this tree (``binary`` "") or of another checkout, serving
+    ``root`` as its assets on HOST (the ``starts`` mode: the whole per-transfer path)."""
+    tree = Path(binary) if binary and binary not in ("uvloop", "mypyc") else REPO
+    with tempfile.TemporaryDirectory(prefix="serve-") as tmp:
+        work = Path(tmp)
+        tftp_port = _free_udp_port()
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            http_port = int(s.getsockname()[1])
+        conf = work / "netboot.yaml"
+        conf.write_text(
+            f"server: {{data_dir: {work / 'data'}, log_level: info}}\n"
+            f"http: {{listen: {HOST}, port: {http_port}}}\n"
+            f"https: {{enabled: false}}\ndhcp: {{mode: 'off'}}\ndns: {{enabled: false}}\n"
+            f"tftp: {{port: {tftp_port}}}\nassets: {{dirs: [{root}]}}\n")
+        log = (work / "netboot.log").open("wb")
+        # Started in the run's directory: -m puts the working directory first on sys.path.
+        proc = subprocess.Popen([sys.executable, "-m", "netboot", "serve", "--config", str(conf)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=work, env={**os.environ, "PYTHONPATH": str(tree)})
+        try:
+            if not wait_for_udp_answer(HOST, tftp_port, PROBE, tries=300):
+                raise RuntimeError(f"netboot serve did not start: "
+                                   f"{(work / 'netboot.log').read_text()[-2000:]}")
+            yield tftp_port, proc.pid
+        finally:
+            stop(proc)  # type: ignore[arg-type]
+            log.close()
 
 
 def mypyc_tree(work: Path) -> Path:
@@ -445,6 +493,183 @@ def transfers(port: int, name: str, size: int, clients: int, window: int, *, los
                sum(t.duplicates for t in by_fd.values()))
 
 
+class Device:
+    """One device slot of the ``starts`` mode: size probe, then download, then the next
+    pair, each transfer from a new socket (as EDK2 opens one per transfer) and each pair
+    from the next of 50,000 loopback addresses: netboot takes the same RRQ from the same
+    (address, port) within 5 s for a late copy of an ended transfer's (_STALE_COPY), and
+    the ports the kernel hands out to one address repeat within a few hundred binds."""
+
+    def __init__(self, server: tuple[str, int], name: str, size: int, window: int,
+                 poller: select.epoll, by_fd: dict[int, Device]) -> None:
+        self.addr, self.server, self.size = "", server, size
+        self.poller, self.by_fd = poller, by_fd
+        self.probe_rrq = rrq_of(name, tsize=0, blksize=BLKSIZE)
+        self.download_rrq = rrq_of(name, blksize=BLKSIZE, windowsize=window)
+        self.sock: socket.socket | None = None
+        self.probe = True
+        self.tid: tuple[str, int] | None = None
+        self.expected = 1
+        self.since_ack = 0
+        self.received = 0
+        self.window = 1
+        self.last_heard = 0.0
+        self.tries = 0
+        self.pairs = 0
+        self.failures: list[str] = []
+
+    def _open(self, rrq: bytes, now: float) -> None:
+        self._close()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((self.addr, 0))
+        sock.setblocking(False)
+        self.sock = sock
+        self.by_fd[sock.fileno()] = self
+        self.poller.register(sock.fileno(), select.EPOLLIN)
+        self.tid, self.expected, self.since_ack, self.received = None, 1, 0, 0
+        self.last_heard, self.tries = now, 0
+        sock.sendto(rrq, self.server)
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            del self.by_fd[self.sock.fileno()]
+            self.poller.unregister(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def begin(self, now: float, n: int) -> None:
+        self.addr = f"127.{2 + n // 250 % 200}.{n // 50_000 % 5}.{1 + n % 250}"
+        self.probe = True
+        self._open(self.probe_rrq, now)
+
+    def _fail(self, why: str) -> None:
+        self.failures.append(why)
+        self._close()
+
+    def _ack(self, block: int) -> None:
+        assert self.sock is not None and self.tid is not None
+        self.since_ack = 0
+        self.sock.sendto(struct.pack("!HH", 4, block & 0xFFFF), self.tid)
+
+    def tick(self, now: float) -> None:
+        """Lost datagrams: the RRQ or the last ACK again after 1 s, 5 times at most."""
+        if self.sock is None or now - self.last_heard < 1.0:
+            return
+        self.tries += 1
+        if self.tries > 5:
+            self._fail("timed out")
+            return
+        self.last_heard = now
+        if self.tid is None:
+            self.sock.sendto(self.probe_rrq if self.probe else self.download_rrq, self.server)
+        else:
+            self._ack(self.expected - 1)
+
+    def datagram(self, data: bytes, src: tuple[str, int], now: float) -> bool:
+        """True when the pair is done (or failed): the caller starts the next one."""
+        if self.tid is None:
+            self.tid = src
+        elif src != self.tid:
+            return False
+        self.last_heard = now
+        opcode = data[1] if len(data) >= 4 else 0
+        if opcode == 5:
+            self._fail(data[4:].split(b"\x00")[0].decode(errors="replace"))
+            return True
+        if opcode == 6:
+            fields = data[2:].split(b"\x00")
+            granted = dict(zip(fields[0::2], fields[1::2], strict=False))
+            if self.probe:
+                if int(granted.get(b"tsize", -1)) != self.size:
+                    self._fail(f"tsize {granted.get(b'tsize')!r}")
+                    return True
+                assert self.sock is not None
+                self.sock.sendto(b"\x00\x05\x00\x08size probe\x00", src)  # EDK2's
+                self.probe = False
+                self._open(self.download_rrq, now)
+                return False
+            if self.expected == 1:
+                self.window = int(granted.get(b"windowsize", 1))
+                self._ack(0)
+            return False
+        if opcode != 3 or self.probe:
+            return False
+        block = data[2] << 8 | data[3]
+        if block != self.expected & 0xFFFF:
+            self._ack(self.expected - 1)
+            return False
+        payload = len(data) - 4
+        self.received += payload
+        self.expected += 1
+        self.since_ack += 1
+        if payload < BLKSIZE:
+            self._ack(self.expected - 1)
+            if self.received != self.size:
+                self._fail(f"got {self.received} bytes of {self.size}")
+                return True
+            self.pairs += 1
+            self._close()
+            return True
+        if self.since_ack >= self.window:
+            self._ack(self.expected - 1)
+        return False
+
+
+def rrq_of(name: str, **options: int) -> bytes:
+    return (b"\x00\x01" + name.encode() + b"\x00octet\x00"
+            + b"".join(b"%s\x00%d\x00" % (k.encode(), v) for k, v in options.items()))
+
+
+def starts(port: int, name: str, size: int, clients: int, window: int, pairs: int,
+           cap: float) -> Run:
+    """``pairs`` size probes and downloads of ``name``, ``clients`` devices at a time."""
+    poller = select.epoll()
+    by_fd: dict[int, Device] = {}
+    devices = [Device((HOST, port), name, size, window, poller, by_fd)
+               for _ in range(clients)]
+    begun = 0
+    t0 = time.perf_counter()
+    for d in devices[:pairs]:
+        d.begin(t0, begun)
+        begun += 1
+    last_tick = t0
+    try:
+        while by_fd and time.perf_counter() - t0 < cap:
+            events = poller.poll(0.05)
+            now = time.perf_counter()
+            for fd, _ in events:
+                d = by_fd.get(fd)
+                if d is None or d.sock is None or d.sock.fileno() != fd:
+                    continue
+                for _ in range(64):
+                    if d.sock is None or d.sock.fileno() != fd:
+                        break
+                    try:
+                        data, src = d.sock.recvfrom(2048)
+                    except BlockingIOError:
+                        break
+                    if d.datagram(data, src, now):
+                        if begun < pairs:
+                            d.begin(now, begun)
+                            begun += 1
+                        break
+            if now - last_tick >= 0.05:
+                last_tick = now
+                for d in devices:
+                    d.tick(now)
+                    if d.sock is None and begun < pairs:
+                        d.begin(now, begun)
+                        begun += 1
+        seconds = time.perf_counter() - t0
+    finally:
+        for d in devices:
+            d._close()
+        poller.close()
+    done = sum(d.pairs for d in devices)
+    errors = [e for d in devices for e in d.failures]
+    return Run(seconds, done, pairs - done, errors)
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -452,6 +677,11 @@ def available(args: argparse.Namespace) -> list[tuple[Peer, str]]:
     out = []
     for peer in PEERS:
         if args.only and peer.name not in args.only.split(","):
+            continue
+        if peer.binary is None and args.mode == "starts":
+            out.append((Peer("netboot", netboot_serve), ""))
+            if args.baseline:
+                out.append((Peer("baseline", netboot_serve), str(args.baseline)))
             continue
         if peer.binary is None:
             out.append((peer, ""))
@@ -480,8 +710,13 @@ def available(args: argparse.Namespace) -> list[tuple[Peer, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", choices=("single", "lockstep", "loss"),
+    parser.add_argument("mode", nargs="?", choices=("single", "lockstep", "loss", "starts"),
                         default="single")
+    parser.add_argument("--pairs", type=int, default=3000,
+                        help="starts: size probes + downloads per run")
+    parser.add_argument("--name", default=LOADER,
+                        help="starts: the file asked for (file.bin: a name netboot looks up "
+                             "per request, not pinned)")
     parser.add_argument("--size", type=int)
     parser.add_argument("--windows", default=None)
     parser.add_argument("--clients", type=int)
@@ -505,10 +740,13 @@ def main() -> None:
         serve(args.serve, args.tree)
         return
     mode = args.mode
-    size = args.size or {"single": 20_000_000, "lockstep": MiB, "loss": MiB}[mode]
-    clients = args.clients or {"single": 1, "lockstep": 50, "loss": 10}[mode]
+    size = args.size or {"single": 20_000_000, "lockstep": MiB, "loss": MiB,
+                         "starts": 4096}[mode]
+    clients = args.clients or {"single": 1, "lockstep": 50, "loss": 10, "starts": 16}[mode]
     windows = [int(w) for w in (args.windows or {"single": "1,4,8", "lockstep": "1",
-                                                  "loss": "1,8"}[mode]).split(",")]
+                                                  "loss": "1,8", "starts": "4"}[mode]).split(",")]
+    if mode == "starts":
+        args.client = "python"
     loss = args.loss if mode == "loss" else 0.0
     peers = available(args)
     results: dict[tuple[str, int], list[tuple[Run, float]]] = {}
@@ -520,6 +758,9 @@ def main() -> None:
         # transfers each built their own (50 MiB of copies, 65,000 page faults per round).
         stale = time.time() - 3600
         os.utime(root / "file.bin", (stale, stale))
+        # starts: the same bytes under a loader's name, which netboot resolves once at start
+        # (FileTree's pinned names) as in a storm, where every device asks for snponly.efi.
+        os.link(root / "file.bin", root / LOADER)
         digest = hashlib.sha256((root / "file.bin").read_bytes()).hexdigest()
         os.chmod(tmp, 0o755)
         client = c_client(Path(work)) if args.client == "c" else None
@@ -537,8 +778,15 @@ def main() -> None:
                         check(client, port, root, Path(work), peer.name, size, windows,
                               digest, args.cap)
                     for window in windows:
+                        if mode == "starts":
+                            # Warmed first: modules imported, the packet cache built.
+                            starts(port, args.name, size, clients, window, 4 * clients,
+                                   args.cap)
                         meter = CpuMeter(pid)
-                        if client is not None:
+                        if mode == "starts":
+                            run = starts(port, args.name, size, clients, window,
+                                         args.pairs, args.cap)
+                        elif client is not None:
                             run = c_transfers(client, port, root, "file.bin", size, clients,
                                               window, loss=loss, seed=args.seed + rep,
                                               cap=args.cap)
@@ -572,6 +820,10 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
         runs = sorted(results[key], key=lambda rc: rc[0].seconds)
         return runs[len(runs) // 2]
 
+    if mode == "starts":
+        report_starts(size, clients, windows, args, names, results)
+        return
+
     print(f"TFTP {mode}: {clients} x {size / MiB:g} MiB, blksize {BLKSIZE}"
           + (f", {loss:.0%} loss each way" if loss else "")
           + f", median of {args.repeat}, {args.client if args.client == 'python' else 'C'} client"
@@ -596,6 +848,27 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
                   f"{run.duplicates:>10}"
                   f"{ratios}" + (f"  errors: {sorted(set(run.errors))}" if run.errors else "")
                   + (f"  ({run.moved / 1e3:,.0f} kB moved)" if run.failures else ""))
+
+def report_starts(size: int, clients: int, windows: list[int], args: argparse.Namespace,
+                  names: list[str], results: dict[tuple[str, int], list[tuple[Run, float]]]
+                  ) -> None:
+    print(f"TFTP starts: {args.pairs} x (size probe + download of {size} bytes), {clients} "
+          f"devices at a time, blksize {BLKSIZE}; per server every round (order rotated), "
+          "then the median; CPU µs per pair = two transfers started and ended")
+    print(f"{'server':<16}{'window':>7}{'pairs/s':>9}{'µs CPU/pair':>13}{'failed':>8}"
+          f"  rounds (µs CPU/pair)")
+    for window in windows:
+        for name in names:
+            runs = results[(name, window)]
+            per = sorted(cpu * 1e6 / max(run.moved, 1) for run, cpu in runs)
+            rates = sorted(run.moved / run.seconds for run, _ in runs)
+            failed = sum(run.failures for run, _ in runs)
+            errors = sorted({e for run, _ in runs for e in run.errors})
+            print(f"{name:<16}{window:>7}{rates[len(rates) // 2]:>9.0f}"
+                  f"{per[len(per) // 2]:>13.0f}{failed:>8}  "
+                  + " ".join(f"{cpu * 1e6 / max(run.moved, 1):.0f}" for run, cpu in runs)
+                  + (f"  errors: {errors[:5]}" if errors else ""))
+
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,9 @@ _TYPES = {
 }
 
 
+_NOT_FIRST = ("", "/", ".")  # a first character that sends a path the long way (below)
+
+
 def clean_relative(path: str, *, decode_percent: bool = False) -> str:
     """Return a normalised relative path, or raise Forbidden naming what is wrong.
 
@@ -40,6 +43,14 @@ def clean_relative(path: str, *, decode_percent: bool = False) -> str:
     """
     if decode_percent:
         path = unquote(path)
+    elif (path[:1] not in _NOT_FIRST and path[-1] != "/" and "//" not in path
+          and "/." not in path and "\\" not in path and "\x00" not in path):
+        # Already clean, as a TFTP RRQ's name mostly is and as every caller after the first
+        # passes it (a TFTP request is cleaned three times: the server, the content layer,
+        # the file tree): no empty segment (no "//", no "/" first or last), none that
+        # starts with "." (so no "." nor ".."), no backslash, no NUL. What this turns away
+        # is cleaned below as before.
+        return path
     if "\x00" in path:
         raise Forbidden("path contains a NUL byte")
     path = path.replace("\\", "/")
@@ -83,6 +94,10 @@ class FileTree:
         # Pinned names that are their own clean form: exists() answers those without
         # cleaning them again (the DHCP path asks for a loader on every DISCOVER).
         self._clean_pinned = frozenset(n for n in self.pinned if _is_clean(n))
+        # Their path's text and content type, made once: blob() serves a storm's every
+        # TFTP request for its loader.
+        self._pinned_files = {name: (str(path), content_type(str(path)))
+                              for name, path in self.pinned.items()}
 
     def _first(self, names: Sequence[str]) -> Path | None:
         for root in self.roots:
@@ -135,11 +150,12 @@ class FileTree:
 
     def blob(self, path: str, *, decode_percent: bool = False) -> Blob:
         rel = clean_relative(path, decode_percent=decode_percent)
-        pinned = self.pinned.get(rel)
+        pinned = self._pinned_files.get(rel)
         if pinned is None:
             found, st = self._find(rel)
+            kind = content_type(found)
         else:
-            found = str(pinned)
+            found, kind = pinned
             try:
                 st = os.stat(found)
             except OSError as exc:  # removed or replaced since start-up
@@ -147,7 +163,7 @@ class FileTree:
         return Blob(
             size=st.st_size,
             path=found,
-            content_type=content_type(found),
+            content_type=kind,
             mtime=st.st_mtime,
         )
 

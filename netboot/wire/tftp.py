@@ -234,6 +234,20 @@ def _parse_options(data: bytes, pos: int) -> Options:
 
 
 def _parse_request(data: bytes, opcode: int) -> ReadRequest | WriteRequest:
+    cls = ReadRequest if opcode == Opcode.RRQ else WriteRequest
+    # The common request in one split: filename, mode, then names and values, each ended
+    # by a NUL (so an empty field after the last), no name empty (which padding NULs or a
+    # name without its value would leave). Anything else, or a field that does not decode,
+    # goes the long way below, which says where a request is wrong.
+    fields = data[2:].split(b"\x00")
+    if len(fields) & 1 and len(fields) >= 3 and not fields[-1] and all(fields[2:-1:2]):
+        try:
+            filename = fields[0].decode("utf-8")
+            texts = [field.decode("ascii") for field in fields[1:-1]]
+        except UnicodeDecodeError:
+            pass
+        else:
+            return cls(filename, texts[0], tuple(zip(texts[1::2], texts[2::2], strict=True)))
     raw_name, pos = _cstring(data, 2, "filename")
     try:
         filename = raw_name.decode("utf-8")
@@ -245,7 +259,6 @@ def _parse_request(data: bytes, opcode: int) -> ReadRequest | WriteRequest:
     raw_mode, pos = _cstring(data, pos, "mode")
     mode = _ascii(raw_mode, "mode", mode_at)
     options = _parse_options(data, pos)
-    cls = ReadRequest if opcode == Opcode.RRQ else WriteRequest
     return cls(filename, mode, options)
 
 
@@ -381,13 +394,6 @@ class Negotiated:
     oack: Options = ()
 
 
-def _number(text: str) -> int | None:
-    # Strict decimal: int() would also take " 5", "+5" or non-ASCII digits.
-    if not text or not text.isascii() or not text.isdigit() or len(text) > 10:
-        return None
-    return int(text)
-
-
 def negotiate(options: Options, size: int | None, policy: Policy) -> Negotiated:
     """Grant the options of an RRQ. Unknown or invalid options are left out, not refused:
     RFC 2347 lets the server ignore any option, and an ERROR 8 would abort the boot."""
@@ -399,7 +405,10 @@ def negotiate(options: Options, size: int | None, policy: Policy) -> Negotiated:
         if key in seen:
             continue  # first occurrence wins
         seen.add(key)
-        number = _number(value)
+        # Strict decimal, at most 10 digits: int() would also take " 5", "+5" or non-ASCII
+        # digits. (Written out here, not a function: a call per option.)
+        number = (int(value) if value.isdigit() and value.isascii() and len(value) <= 10
+                  else None)
         if key == "blksize":
             # RFC 2348: the reply must not exceed the request; below 8 is invalid, so the
             # option is ignored and the default 512 applies.

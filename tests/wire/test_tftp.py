@@ -204,7 +204,8 @@ def test_blksize_cap_follows_mtu_and_rfc_limit() -> None:
     assert n.blksize == 65464
 
 
-@pytest.mark.parametrize("asked", ["7", "0", "-1", "abc", "", " 512", "+512", "99999999999"])
+@pytest.mark.parametrize("asked", ["7", "0", "-1", "abc", "", " 512", "+512", "99999999999",
+                                   "\u0665\u0661\u0662", "5\u0661\u0662", "512\u00b2"])
 def test_invalid_blksize_is_ignored(asked: str) -> None:
     n = negotiate((("blksize", asked),), 10, POLICY)
     assert n.oack == () and n.blksize == 512
