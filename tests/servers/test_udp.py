@@ -283,23 +283,3 @@ async def until_tasks(protocol: BoundaryProtocol, count: int) -> None:
     async with asyncio.timeout(5):
         while len(protocol._tasks) != count:
             await asyncio.sleep(0.001)
-
-
-async def test_an_eager_handler_that_yields_once_goes_on_at_the_next_trip() -> None:
-    """A bare yield (``asyncio.sleep(0)``) hands the task None, as a task's own first step
-    would: it goes on at the loop's next trip."""
-    async def yields(data: bytes, peer: Address) -> list[Reply]:
-        await asyncio.sleep(0)
-        return [(data + b" later", peer)]
-
-    server, client = udp_socket(), udp_socket()
-    protocol = BoundaryProtocol("yields", yields, logger=_log, eager=True)
-    transport = await open_datagram_endpoint(server, protocol)
-    try:
-        client.sendto(b"one", server.getsockname())
-        got, _ = await asyncio.wait_for(recvfrom(client, 4096), 5)
-        assert got == b"one later"
-        await until_tasks(protocol, 0)
-    finally:
-        transport.close()
-        client.close()
