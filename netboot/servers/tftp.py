@@ -810,8 +810,6 @@ class TftpServer:
             logger=log,
             min_size=2,
             max_size=MAX_REQUEST,
-            # A request for a file on disk is served without a task: its lookup never waits.
-            eager=True,
         )
         # A burst of RRQs read per wake-up, not one per trip round the loop: in a storm the
         # listener fell seconds behind the transfers (each trip also serves every transfer

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.selector_events
-import contextvars
 import errno
 import inspect
 import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from netboot.errors import DecodeError, NetbootError
@@ -45,14 +44,11 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         max_in_flight: int = 256,
         max_waiting: int = 0,
         max_wait: float = 1.0,
-        eager: bool = False,
     ) -> None:
         """``max_in_flight``: async handlers running at once. ``max_waiting``: datagrams kept
         unhandled, in arrival order, while that many run (0: none, dropped at once, after
         their handler was called); each is handled when a task ends, unless it has waited
-        more than ``max_wait`` seconds by then. ``eager``: an async handler's first step runs
-        at once, and only one that waits for something becomes a task (see
-        :class:`_Resumed`)."""
+        more than ``max_wait`` seconds by then."""
         self.name = name
         self._handler = handler
         self._log = logger
@@ -63,7 +59,6 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._max_waiting = max_waiting
         self._max_wait = max_wait
-        self._eager = eager
         # (datagram, peer, loop time it came): ~0.5-0.8 KB each (a DHCP request's 300-600
         # bytes, the peer, the tuple), against ~10 KB for a DHCP decision waiting as a task.
         self._waiting: deque[tuple[bytes, Address, float]] = deque()
@@ -130,36 +125,11 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
                     self.name, len(self._tasks), peer[0],
                 )
                 return
-            if self._eager:
-                self._start(result, peer)
-                return
             task = asyncio.ensure_future(self._await(result, peer))
             self._tasks.add(task)
             task.add_done_callback(self._ended)
         elif result is not None:
             self._send(result)
-
-    def _start(self, result: Awaitable[Iterable[Reply] | None], peer: Address) -> None:
-        """``result``'s first step now, in a context of its own (a task's: what it sets
-        stays its own); a task only if it waits. A TFTP request for a file on disk never
-        waits (its content lookup is async for per-machine files only): a task per
-        transfer, its trip round the loop and its callbacks were work for nothing."""
-        steps = result.__await__()
-        context = contextvars.copy_context()
-        try:
-            first = context.run(steps.send, None)
-        except StopIteration as done:
-            if done.value is not None:
-                self._send(done.value)
-            return
-        except Exception as exc:
-            self._failed(exc, peer)
-            return
-        resumed = _Resumed(steps, first)
-        task = asyncio.get_running_loop().create_task(self._await(resumed, peer),
-                                                      context=context)
-        self._tasks.add(task)
-        task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         """A task ended: the datagrams waiting are handled, oldest first, until one of them
@@ -227,48 +197,6 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         shutdown and by tests)."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-class _Resumed(Generator[Any, None, Any]):
-    """The rest of an awaitable whose first step has run (:meth:`BoundaryProtocol._start`):
-    awaited by a task, it hands the task what that step yielded (the future it waits for,
-    or None), then passes the task's sends and throws (a cancellation) to the awaitable's
-    own steps, as ``await`` would have from the start.
-
-    A future yielded by an ``await`` is marked ``_asyncio_future_blocking`` for the task
-    that takes it, which clears the mark: until the task's first step, another ``await``
-    of the same future would find it marked and raise ("await wasn't used with future").
-    So the mark is cleared here at once, and set again as the task takes the future."""
-
-    __slots__ = ("_blocking", "_first", "_pending", "_steps")
-
-    def __init__(self, steps: Generator[Any, None, Any], first: Any) -> None:
-        self._steps = steps
-        self._first: Any = first
-        self._pending = True
-        self._blocking = getattr(first, "_asyncio_future_blocking", False) is True
-        if self._blocking:
-            first._asyncio_future_blocking = False
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self
-
-    def send(self, value: Any) -> Any:
-        if self._pending:
-            self._pending = False
-            first, self._first = self._first, None
-            if self._blocking:
-                first._asyncio_future_blocking = True
-            return first
-        return self._steps.send(value)
-
-    def throw(self, *exc: Any) -> Any:
-        self._pending = False
-        self._first = None
-        return self._steps.throw(*exc)
-
-    def close(self) -> None:
-        self._steps.close()
 
 
 async def open_datagram_endpoint(

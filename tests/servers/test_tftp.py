@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from netboot.errors import ConfigError
-from netboot.model import Blob
 from netboot.servers.tftp import TftpServer
 from netboot.wire.tftp import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest
 from tests.servers.tftp_client import LOOPBACK, DirFiles, RawClient, fetch, lossy_fetch, until
@@ -426,50 +425,6 @@ async def test_a_download_whose_request_is_read_before_the_probes_error_is_serve
         first, _ = await other.recv()
         assert isinstance(first, Data) and first.block == 1
     await until(lambda: server.stats.completed == 1 and server.stats.probes == 1)
-
-
-class WaitingFiles(DirFiles):
-    """A content layer whose lookups wait (a per-machine file asks the inventory) until
-    ``gate`` is set."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.gate = asyncio.Event()
-
-    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
-        await self.gate.wait()
-        return await super().tftp_open(path, peer)
-
-
-async def test_a_request_whose_lookup_waits_is_served_once_the_lookup_ends(
-    root: Path, client: RawClient
-) -> None:
-    """The listener starts a request's lookup as it reads it and goes on with it in a task
-    only when it waits (a file on disk never does): one that waits is served when it ends,
-    a copy of the RRQ read meanwhile is no second transfer, and the slot is held until then
-    and released after."""
-    files = WaitingFiles(root)
-    server = await started(files)
-    try:
-        client.rrq(addr(server), "small.bin")
-        await until(lambda: server.transfers == 1)
-        client.rrq(addr(server), "small.bin")  # resent while the lookup waits
-        await until(lambda: server.stats.requests == 2)
-        assert server.stats.started == 0 and server.stats.duplicate_requests == 1
-        files.gate.set()
-        data = b""
-        while True:
-            pkt, tid = await client.recv()
-            assert isinstance(pkt, Data) and pkt.block == len(data) // 512 + 1
-            data += pkt.data
-            client.send(Ack(pkt.block), tid)
-            if len(pkt.data) < 512:
-                break
-        assert data == SMALL
-        await until(lambda: server.stats.completed == 1 and server.transfers == 0)
-        assert server.stats.started == 1 and len(files.opened) == 1
-    finally:
-        await server.close()
 
 
 async def test_a_request_for_another_file_while_the_last_block_is_resent_is_served(

@@ -4,7 +4,6 @@ AF_UNIX datagram pair, which blocks a sender when the receiver's queue is full).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import re
 import socket
@@ -210,76 +209,3 @@ async def test_past_the_tasks_in_flight_datagrams_wait_in_order_for_one_to_end(
     assert handled == [b"h"] and (protocol.dropped, protocol.waited) == (1, 0)
     assert re.search(r"dropping one from 127.0.0.1 that waited [0-9.]+s for its turn",
                      caplog.text)
-
-
-async def test_an_eager_handler_that_never_waits_answers_without_a_task() -> None:
-    """``eager``: an async handler's first step runs as the datagram is read; one that
-    finishes there is answered at once, no task made (a TFTP request for a file on disk)."""
-    calls: list[bytes] = []
-
-    async def quick(data: bytes, peer: Address) -> list[Reply]:
-        calls.append(data)
-        return [(data.upper(), peer)]
-
-    server, client = udp_socket(), udp_socket()
-    protocol = BoundaryProtocol("quick", quick, logger=_log, eager=True)
-    transport = await open_datagram_endpoint(server, protocol)
-    try:
-        client.sendto(b"one", server.getsockname())
-        protocol.datagram_received(b"two", client.getsockname())  # as the transport does
-        assert calls == [b"two"] and not protocol._tasks  # handled, before any loop trip
-        got = {(await asyncio.wait_for(recvfrom(client, 4096), 5))[0] for _ in range(2)}
-        assert got == {b"ONE", b"TWO"} and not protocol._tasks
-    finally:
-        transport.close()
-        client.close()
-
-
-async def test_an_eager_handler_that_waits_goes_on_in_a_task_with_its_own_context(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A handler that waits (an inventory lookup) goes on in a task from where it stopped:
-    what it awaited is handed back to it, a failure after the wait is logged by the
-    boundary, a context variable it sets stays its own (a task's context), and closing the
-    listener cancels it inside its wait."""
-    seen = contextvars.ContextVar("seen", default="-")
-    go_on: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    cancelled: list[bytes] = []
-
-    async def waits(data: bytes, peer: Address) -> list[Reply]:
-        seen.set(data.decode())
-        try:
-            word = await go_on if data != b"never" else await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.append(data)
-            raise
-        if data == b"bug":
-            raise RuntimeError("a bug after the wait")
-        return [(f"{data.decode()} {word} {seen.get()}".encode(), peer)]
-
-    caplog.set_level(logging.INFO, logger="tests.udp")
-    server, client = udp_socket(), udp_socket()
-    protocol = BoundaryProtocol("waits", waits, logger=_log, eager=True)
-    transport = await open_datagram_endpoint(server, protocol)
-    try:
-        for data in (b"a", b"bug", b"never"):
-            client.sendto(data, server.getsockname())
-        await until_tasks(protocol, 3)
-        assert seen.get() == "-"  # the handlers' sets are theirs
-        go_on.set_result("went on")
-        got, _ = await asyncio.wait_for(recvfrom(client, 4096), 5)
-        assert got == b"a went on a"
-        await until_tasks(protocol, 1)
-        assert "bug while handling a datagram" in caplog.text
-    finally:
-        transport.close()
-        await asyncio.sleep(0)  # connection_lost: the waiting task is cancelled
-        await protocol.drain()
-        client.close()
-    assert cancelled == [b"never"]
-
-
-async def until_tasks(protocol: BoundaryProtocol, count: int) -> None:
-    async with asyncio.timeout(5):
-        while len(protocol._tasks) != count:
-            await asyncio.sleep(0.001)
