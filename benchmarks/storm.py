@@ -56,7 +56,9 @@ its TCP memory with the server, and autotuned buffers filled it (see DEVICE_WIND
 Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
 the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
 their children), TCP segments the devices' kernel dropped and the server's retransmission
-timeouts, each device slower than STRAGGLER seconds with its stages and requests, and
+timeouts, each device slower than STRAGGLER seconds with its stages and requests, each TFTP
+exchange slower than SLOW_TFTP seconds with its address and port (to find it in netboot's
+log), the TFTP sockets bound again to keep a port from another device (PORT_REUSE), and
 netboot ÷ stand-ins. ``--diag`` keeps nstat of both namespaces before and after and a
 capture of the HTTP connections' SYN/FIN/RST packets in the run dir (with ``--keep``).
 Needs root (namespaces), iproute2, dnsmasq and nginx (a target whose binary is missing is
@@ -513,6 +515,7 @@ STRAGGLER = 20.0
 # 1,000 devices. A device's TFTP socket is therefore never given a port another device on
 # its address closed less than PORT_REUSE seconds ago (benchmarks/README.md, s19-stall).
 PORT_REUSE = 10.0
+SLOW_TFTP = 2.0  # a TFTP exchange this slow is listed with its address and port
 
 
 def device_session(ip: str, timeout: float, window: int = DEVICE_WINDOW) -> Any:
@@ -693,6 +696,7 @@ class TftpReceiver:
         self.tid: tuple[str, int] | None = None
         self.blksize, self.window = 512, 1
         self.expected, self.last_acked, self.total, self.tries, self.packets = 1, 0, 0, 0, 0
+        self.resent = 0  # requests and ACKs sent again at the 1 s timer, in all
         self.timer: asyncio.TimerHandle | None = None
 
     def start(self, transport: UdpSocket) -> None:
@@ -717,6 +721,7 @@ class TftpReceiver:
 
     def _timeout(self) -> None:
         self.tries += 1
+        self.resent += 1
         if self.tries > 6:
             self._finish(Failed("tftp timeout"))
             return
@@ -830,6 +835,9 @@ class Generator:
         # the sockets bound again because another device had that port lately (PORT_REUSE).
         self.port_closed: dict[tuple[str, int], tuple[int, float]] = {}
         self.rebound = 0
+        # TFTP exchanges slower than SLOW_TFTP: (device, address, port, "probe"/"download",
+        # seconds, resent at the 1 s timer), to find them in netboot's log by address:port.
+        self.slow_tftp: list[tuple[int, str, int, str, float, int]] = []
         self.slow: list[dict[str, Any]] = []
 
     # -- DHCP -----------------------------------------------------------------------------
@@ -935,12 +943,17 @@ class Generator:
             self.probe_ports[dev.index] = port
         elif self.probe_ports.pop(dev.index, None) == port:
             self.same_port += 1
+        t0 = time.monotonic()
         receiver.start(transport)
         try:
             return await done
         finally:
             transport.close()
-            self.port_closed[(dev.ip, port)] = (dev.index, time.monotonic())
+            now = time.monotonic()
+            self.port_closed[(dev.ip, port)] = (dev.index, now)
+            if now - t0 > SLOW_TFTP:
+                self.slow_tftp.append((dev.index, dev.ip, port, "probe" if probe else "download",
+                                       round(now - t0, 3), receiver.resent))
 
     def _tftp_socket(self, dev: Device,
                      on_datagram: Callable[[bytes, tuple[str, int]], None]) -> UdpSocket:
@@ -1139,6 +1152,7 @@ class Generator:
                 "late_offers": self.dhcp.late, "loop_lag": self.lags,
                 "retried": self.retried, "dhcp_send_failed": self.dhcp_transport.send_failed,
                 "same_port": self.same_port, "rebound": self.rebound,
+                "slow_tftp": self.slow_tftp,
                 "http_retries": RETRIES,
                 "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0)}
 
@@ -1286,6 +1300,9 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
               f"HTTP requests "
               f"asked again: {data['http_retries']['reopened']} on a pooled connection "
               f"closed before any byte, {data['http_retries']['retry_after']} after a 503")
+        for k, ip, port, kind, took, resent in data.get("slow_tftp", []):
+            print(f"{target}: SLOW TFTP device {k} {ip}:{port} {kind} {took:.2f} s, "
+                  f"{resent} sent again at its 1 s timer")
         retried = data["retried"]
         print(f"{target}: devices offered only after a retransmitted DISCOVER: {len(retried)}"
               + "".join(f"; #{i} xid {xid:#010x} sent at {at:.0f} ms, offer after {took:.0f} ms"
