@@ -56,7 +56,9 @@ its TCP memory with the server, and autotuned buffers filled it (see DEVICE_WIND
 Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
 the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
 their children), TCP segments the devices' kernel dropped and the server's retransmission
-timeouts, each device slower than STRAGGLER seconds with its stages and requests, and
+timeouts, each device slower than STRAGGLER seconds with its stages and requests, each TFTP
+exchange slower than SLOW_TFTP seconds with its address and port (to find it in netboot's
+log), the TFTP sockets bound again to keep a port from another device (PORT_REUSE), and
 netboot ÷ stand-ins. ``--diag`` keeps nstat of both namespaces before and after and a
 capture of the HTTP connections' SYN/FIN/RST packets in the run dir (with ``--keep``).
 Needs root (namespaces), iproute2, dnsmasq and nginx (a target whose binary is missing is
@@ -504,6 +506,16 @@ DEVICE_WINDOW = 256 << 10
 # start times and its requests (connection reused or new, local port, time to the response
 # head): a straggler is found in the server's log and a capture by these.
 STRAGGLER = 20.0
+# Each device here shares its address with the devices ``len(CLIENT_IPS)`` apart, where a
+# real device has one of its own. Two of them could be handed the same random TFTP port
+# (~1 pair in 28,000): the later one's RRQ, byte for byte the earlier one's, came from the
+# (address, port) of a transfer that had just ended, which netboot takes for a late copy of
+# that transfer's request for 5 s (servers/tftp.py _STALE_COPY) and ignores: that device
+# waited ~5 s (its 1 s retransmissions ignored until then), about one storm in six of
+# 1,000 devices. A device's TFTP socket is therefore never given a port another device on
+# its address closed less than PORT_REUSE seconds ago (benchmarks/README.md, s19-stall).
+PORT_REUSE = 10.0
+SLOW_TFTP = 2.0  # a TFTP exchange this slow is listed with its address and port
 
 
 def device_session(ip: str, timeout: float, window: int = DEVICE_WINDOW) -> Any:
@@ -684,6 +696,7 @@ class TftpReceiver:
         self.tid: tuple[str, int] | None = None
         self.blksize, self.window = 512, 1
         self.expected, self.last_acked, self.total, self.tries, self.packets = 1, 0, 0, 0, 0
+        self.resent = 0  # requests and ACKs sent again at the 1 s timer, in all
         self.timer: asyncio.TimerHandle | None = None
 
     def start(self, transport: UdpSocket) -> None:
@@ -708,6 +721,7 @@ class TftpReceiver:
 
     def _timeout(self) -> None:
         self.tries += 1
+        self.resent += 1
         if self.tries > 6:
             self._finish(Failed("tftp timeout"))
             return
@@ -817,6 +831,13 @@ class Generator:
         self.retried: list[tuple[int, int, float, float]] = []
         self.probe_ports: dict[int, int] = {}  # device index -> its size probe's port
         self.same_port = 0  # devices whose download came from their probe's port
+        # (address, port) -> (device index, time.monotonic() its TFTP socket closed), and
+        # the sockets bound again because another device had that port lately (PORT_REUSE).
+        self.port_closed: dict[tuple[str, int], tuple[int, float]] = {}
+        self.rebound = 0
+        # TFTP exchanges slower than SLOW_TFTP: (device, address, port, "probe"/"download",
+        # seconds, resent at the 1 s timer), to find them in netboot's log by address:port.
+        self.slow_tftp: list[tuple[int, str, int, str, float, int]] = []
         self.slow: list[dict[str, Any]] = []
 
     # -- DHCP -----------------------------------------------------------------------------
@@ -914,7 +935,7 @@ class Generator:
         rrq = b"\x00\x01" + name.encode() + b"\x00octet\x00" + opts
         receiver = TftpReceiver(done, rrq, probe, self.spec.loss, self.spec.slow_acks_ms / 1000,
                                 self.rng)
-        transport = UdpSocket.bound((dev.ip, 0), receiver.datagram_received)
+        transport = self._tftp_socket(dev, receiver.datagram_received)
         # The kernel may hand the download's socket the port the size probe's had (a random
         # choice: ~1 device in 28,000): counted, the case of session 15's one failed device.
         port = transport.sock.getsockname()[1]
@@ -922,11 +943,37 @@ class Generator:
             self.probe_ports[dev.index] = port
         elif self.probe_ports.pop(dev.index, None) == port:
             self.same_port += 1
+        t0 = time.monotonic()
         receiver.start(transport)
         try:
             return await done
         finally:
             transport.close()
+            now = time.monotonic()
+            self.port_closed[(dev.ip, port)] = (dev.index, now)
+            if now - t0 > SLOW_TFTP:
+                self.slow_tftp.append((dev.index, dev.ip, port, "probe" if probe else "download",
+                                       round(now - t0, 3), receiver.resent))
+
+    def _tftp_socket(self, dev: Device,
+                     on_datagram: Callable[[bytes, tuple[str, int]], None]) -> UdpSocket:
+        """A TFTP socket on the device's address and a port the kernel picks, but never one
+        that another device sharing this address closed less than PORT_REUSE seconds ago:
+        bound again while the unwanted one stays open (at most 8 tries). See PORT_REUSE."""
+        refused: list[UdpSocket] = []
+        try:
+            for _ in range(8):
+                transport = UdpSocket.bound((dev.ip, 0), on_datagram)
+                last = self.port_closed.get((dev.ip, transport.sock.getsockname()[1]))
+                if (last is None or last[0] == dev.index
+                        or time.monotonic() - last[1] >= PORT_REUSE):
+                    return transport
+                self.rebound += 1
+                refused.append(transport)
+            return refused.pop()  # (not met: 8 recent ports of one address in a row)
+        finally:
+            for other in refused:
+                other.close()
 
     # -- one device --------------------------------------------------------------------------
     async def device(self, dev: Device, session: Any) -> None:
@@ -1104,7 +1151,9 @@ class Generator:
                 "generator_cpu": usage.ru_utime + usage.ru_stime - self.cpu0,
                 "late_offers": self.dhcp.late, "loop_lag": self.lags,
                 "retried": self.retried, "dhcp_send_failed": self.dhcp_transport.send_failed,
-                "same_port": self.same_port, "http_retries": RETRIES,
+                "same_port": self.same_port, "rebound": self.rebound,
+                "slow_tftp": self.slow_tftp,
+                "http_retries": RETRIES,
                 "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0)}
 
 
@@ -1246,9 +1295,14 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
               f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
               f"DHCP answers after their device gave up (or twice): {data['late_offers']}; "
-              f"downloads from their size probe's port: {data['same_port']}; HTTP requests "
+              f"downloads from their size probe's port: {data['same_port']}; TFTP sockets "
+              f"bound again (port of another device lately): {data.get('rebound', 0)}; "
+              f"HTTP requests "
               f"asked again: {data['http_retries']['reopened']} on a pooled connection "
               f"closed before any byte, {data['http_retries']['retry_after']} after a 503")
+        for k, ip, port, kind, took, resent in data.get("slow_tftp", []):
+            print(f"{target}: SLOW TFTP device {k} {ip}:{port} {kind} {took:.2f} s, "
+                  f"{resent} sent again at its 1 s timer")
         retried = data["retried"]
         print(f"{target}: devices offered only after a retransmitted DISCOVER: {len(retried)}"
               + "".join(f"; #{i} xid {xid:#010x} sent at {at:.0f} ms, offer after {took:.0f} ms"
