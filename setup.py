@@ -7,10 +7,11 @@ Everything else about the build is declared in pyproject.toml.
 
 ``NETBOOT_MYPYC=1`` also compiles the per-packet DHCP path (the codec and the PXE decision
 logic), the TFTP codec and sender, and a first install's loop work (boot decision, content,
-render, recorder) with mypyc, for a platform wheel that spends ~23 % less CPU per DISCOVER
-in process, less per TFTP block and ~13 % less loop CPU per first install (README,
-"Performance"). It needs mypy, setuptools and a C compiler in the building environment, so
-it is built without isolation:
+render, recorder, and the view, lifecycle, identity and enroller a first install and a
+first config look up and advance machines with) with mypyc, for a platform wheel that spends
+~23 % less CPU per DISCOVER in process, less per TFTP block and ~17 % less loop CPU per first
+install (README, "Performance"). It needs mypy, setuptools and a C compiler in the building
+environment, so it is built without isolation:
 ``pip install mypy setuptools && NETBOOT_MYPYC=1 pip install --no-build-isolation .``.
 Without it the wheel is pure Python, and the same modules run as they are.
 """
@@ -35,9 +36,13 @@ SHIPPED = ("templates", "boot_assets")
 # Since session 17 also the modules a first `/ipxe` install's event-loop work runs through
 # (the boot decision, the content and its render, the recorder's group commit): 13 % less of
 # the loop's CPU per first install in process (benchmarks/README.md, branch s17-mypyc).
+# Since session 19 also the inventory view, the lifecycle and identity rules and the enroller
+# (a config's token check and its fetch recorded): 4-5 % less loop CPU per first install and
+# ~7 % per first config beside the eight compiled alone (benchmarks/README.md, s19-mypyc).
 COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py", "netboot/wire/tftp.py",
             "netboot/servers/tftp.py", "netboot/boot.py", "netboot/content.py",
-            "netboot/render.py", "netboot/recorder.py")
+            "netboot/render.py", "netboot/recorder.py", "netboot/inventory/view.py",
+            "netboot/lifecycle.py", "netboot/identity.py", "netboot/enroll.py")
 
 
 class BuildPyWithShipped(build_py):

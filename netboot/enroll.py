@@ -28,7 +28,7 @@ import yaml
 from netboot import identity, lifecycle
 from netboot.addresses import IPAddress
 from netboot.addresses import choose as choose_address
-from netboot.errors import AuthError, Conflict, ValidationError
+from netboot.errors import AuthError, Conflict, ValidationError, caused
 from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.identity import Identity
@@ -118,7 +118,7 @@ def render_hostname(template: str, machine: Machine, *, cluster: str | None = No
     except (ValueError, IndexError, AttributeError, TypeError) as exc:
         # "{mac.x}" or "{serial:d}" fail at format time; a bad operator template is a 400 or
         # a start-up error (check_hostname_template), never a 500 in a device's boot request.
-        raise ValidationError("hostname_template", f"{template!r}: {exc}") from exc
+        raise caused(ValidationError("hostname_template", f"{template!r}: {exc}"), exc) from exc
     cleaned = _NOT_IN_HOSTNAME.sub("-", raw.lower()).strip("-")
     if not cleaned:
         raise ValidationError("hostname_template", f"{template!r} gave an empty name")
@@ -236,7 +236,7 @@ def import_macs(row: Mapping[str, Any]) -> tuple[MacAddress, ...]:
         try:
             mac = MacAddress.parse(text)
         except ValidationError as exc:
-            raise ValidationError(field_name, exc.message) from None
+            raise caused(ValidationError(field_name, exc.message), None) from None
         if mac in out:
             raise ValidationError(field_name, f"{mac} is listed twice")
         out.append(mac)
@@ -263,7 +263,9 @@ class _Rows(Iterator[tuple[int, dict[str, Any]]]):
         self._rows = rows
         self._hint = hint
 
-    def __next__(self) -> tuple[int, dict[str, Any]]:
+    # Any, not the tuple: mypyc (setup.py's NETBOOT_MYPYC=1) generates C for a native
+    # __next__ returning a tuple that does not compile.
+    def __next__(self) -> Any:
         return next(self._rows)
 
     def __length_hint__(self) -> int:
@@ -361,7 +363,7 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
             lines = ([n.start_mark.line + 1 for n in node.value]
                      if isinstance(node, yaml.SequenceNode) else None)
     except (ValueError, yaml.YAMLError) as exc:
-        raise ValidationError("file", f"cannot parse {fmt}: {exc}") from exc
+        raise caused(ValidationError("file", f"cannot parse {fmt}: {exc}"), exc) from exc
     if isinstance(data, dict) and "machines" in data:
         data = data["machines"]
         lines = None
@@ -1011,7 +1013,7 @@ class Enroller:
             try:
                 macs: tuple[MacAddress, ...] = (MacAddress.parse(mac_text),)
             except ValidationError as exc:
-                raise ValidationError("mac", exc.message) from None
+                raise caused(ValidationError("mac", exc.message), None) from None
         else:
             macs = import_macs(row)
         # Names are checked against the inventory's and the inventory's copy is kept: one
@@ -1054,7 +1056,8 @@ class Enroller:
             try:
                 fixed = str(ipaddress.IPv4Address(str(fixed)))
             except ValueError:
-                raise ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address") from None
+                raise caused(ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address"),
+                             None) from None
         if not own:
             raise ValidationError("mac", "required: a mac (or macs), serial, asset or uuid")
         return (macs, hostname, uuid, serial, asset, cluster, role, profile,

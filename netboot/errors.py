@@ -7,6 +7,20 @@ that escapes is a bug and is logged as one.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_Error = TypeVar("_Error", bound=BaseException)
+
+
+def caused(error: _Error, cause: BaseException | None) -> _Error:
+    """``error`` with ``cause`` as its cause (None: no cause, and the exception being handled
+    not shown either), as ``raise error from cause`` sets it. mypyc compiles ``raise … from``
+    without its ``from`` part, in the modules setup.py's ``NETBOOT_MYPYC=1`` build compiles: a
+    traceback, and a caller that reads ``__cause__``, would miss the cause there, or show the
+    exception that was being handled as if this one had failed while handling it."""
+    error.__cause__ = cause  # also sets __suppress_context__, as raise ... from does
+    return error
+
 
 class NetbootError(Exception):
     """Base of every error netboot raises deliberately."""

@@ -104,9 +104,12 @@ def enrolled_value(kind: str, text: str) -> str:
     since a machine enrolled by it could never be told from thousands of others."""
     if kind == "uuid":
         try:
-            value = str(uuidlib.UUID(text.strip()))
+            parsed: uuidlib.UUID | None = uuidlib.UUID(text.strip())
         except (ValueError, AttributeError):
-            raise ValidationError("uuid", f"{text!r} is not a UUID") from None
+            parsed = None
+        if parsed is None:  # raised here, not in the except: a mypyc build drops "from None"
+            raise ValidationError("uuid", f"{text!r} is not a UUID")
+        value = str(parsed)
         if clean_uuid(value) is None:
             raise ValidationError("uuid", f"{text!r} is the placeholder UUID many boards share; "
                                           "it cannot identify one machine")

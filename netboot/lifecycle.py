@@ -118,10 +118,12 @@ def apply(state: MachineState | None, trigger: Trigger, *, subject: str = "the m
           ) -> MachineState:
     """The state after ``trigger`` in ``state``; raises TransitionRefused if the table has no
     such edge. Pure: no store, no clock."""
-    try:
-        return TRANSITIONS[(state, trigger)]
-    except KeyError:
-        raise TransitionRefused(subject, state, trigger, allowed(state)) from None
+    # Raised outside any except block: a mypyc build (setup.py) drops "from None" and would
+    # chain the KeyError into the refusal's traceback.
+    after = TRANSITIONS.get((state, trigger))
+    if after is None:
+        raise TransitionRefused(subject, state, trigger, allowed(state))
+    return after
 
 
 def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> Machine:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-from netboot.errors import ConfigError, RenderError
+from netboot.errors import ConfigError, RenderError, caused
 from netboot.shipped import templates_dir
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class Renderer:
                 source, filename, _ = loader.get_source(self._env, name)
                 self._env.compile(source, name, filename, raw=True)
             except jinja2.TemplateSyntaxError as exc:
-                raise _caused(ConfigError(
+                raise caused(ConfigError(
                     f"template syntax error: {exc.message}",
                     source=exc.filename or name,
                     line=exc.lineno,
@@ -195,12 +195,12 @@ class Renderer:
             import jinja2
 
             if isinstance(exc, jinja2.TemplateNotFound):
-                raise _caused(RenderError(
+                raise caused(RenderError(
                     f"template {name!r} not found in {self._dirs_text()}"), exc) from exc
             if isinstance(exc, jinja2.UndefinedError):
-                raise _caused(RenderError(f"template {name!r}: {exc.message}"), exc) from exc
+                raise caused(RenderError(f"template {name!r}: {exc.message}"), exc) from exc
             if isinstance(exc, jinja2.TemplateError):
-                raise _caused(RenderError(f"template {name!r}: {exc}"), exc) from exc
+                raise caused(RenderError(f"template {name!r}: {exc}"), exc) from exc
             raise
 
     def version(self, name: str) -> object:
@@ -221,7 +221,7 @@ class Renderer:
             import jinja2  # as in render: only once something failed
 
             if isinstance(exc, jinja2.TemplateError):
-                raise _caused(RenderError(f"{what}: {exc}"), exc) from exc
+                raise caused(RenderError(f"{what}: {exc}"), exc) from exc
             raise
 
     def _rendered(self, template: jinja2.Template, name: str | None,
@@ -347,7 +347,7 @@ class Renderer:
             # CPU of a /config answer, and every installing device fetches one.
             yaml.load(text, Loader=_LOADER)  # noqa: S506
         except yaml.YAMLError as exc:
-            raise _caused(RenderError(f"template {name!r} rendered invalid YAML: {exc}"),
+            raise caused(RenderError(f"template {name!r} rendered invalid YAML: {exc}"),
                           exc) from exc
         if marked is not None:
             self._shapes.learn(marked)
@@ -1108,17 +1108,6 @@ def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:
             env, {**flat, **context}, template.name, template.blocks, globals=flat)))
     except Exception:
         env.handle_exception()
-
-
-_Error = TypeVar("_Error", bound=Exception)
-
-
-def _caused(error: _Error, cause: BaseException) -> _Error:
-    """``error`` with ``cause`` as its cause, as ``raise error from cause`` sets it: mypyc
-    (NETBOOT_MYPYC=1 builds this module) compiles ``raise … from`` without its cause, which
-    a traceback and a caller that reads ``__cause__`` then miss."""
-    error.__cause__ = cause
-    return error
 
 
 def _sandbox() -> type[ImmutableSandboxedEnvironment]:

@@ -8,6 +8,7 @@ import io
 import itertools
 import operator
 import re
+import traceback
 from typing import Any
 
 import pytest
@@ -546,3 +547,19 @@ async def test_a_reimport_names_a_stored_machine_s_identifier_given_twice(
     }
     again = await e.import_rows(parse_import(CSV, "csv"))
     assert again.unchanged == ("52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03")
+
+
+def test_a_refused_template_or_mac_keeps_its_cause_and_hides_what_it_replaced() -> None:
+    # The same in both builds: mypyc (setup.py's NETBOOT_MYPYC=1 compiles this module) drops
+    # the from part of "raise ... from", so the causes are set by errors.caused as well.
+    machine = Machine(macs=(MacAddress.parse("52:54:00:ab:cd:ef"),))
+    with pytest.raises(ValidationError) as template:
+        render_hostname("node-{mac.nope}", machine)
+    assert isinstance(template.value.__cause__, AttributeError)
+    with pytest.raises(ValidationError) as mac:
+        enroll.import_macs({"macs": ["52:54:00:00:00:01", "not-a-mac"]})
+    shown = "".join(traceback.format_exception(mac.value))
+    assert mac.value.__cause__ is None and "During handling" not in shown, shown
+    with pytest.raises(ValidationError) as document:
+        parse_import("machines: [", "yaml")
+    assert document.value.__cause__ is not None

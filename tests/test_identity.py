@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import traceback
 
 import pytest
 from hypothesis import example, given
@@ -182,3 +183,12 @@ async def test_by_ref_takes_a_mac_or_an_id() -> None:
     with pytest.raises(ValidationError) as err:
         await identity.by_ref(store, "not-a-mac")
     assert err.value.field == "mac"
+
+
+def test_a_uuid_that_does_not_parse_is_refused_without_the_parse_error_chained() -> None:
+    # The same in both builds: a mypyc build (setup.py) drops "raise ... from None", so the
+    # refusal is raised after the parse's except block, not suppressed by "from None".
+    with pytest.raises(ValidationError) as refused:
+        identity.enrolled_value("uuid", "not-a-uuid")
+    shown = "".join(traceback.format_exception(refused.value))
+    assert "badly formed" not in shown and "During handling" not in shown, shown
