@@ -266,14 +266,14 @@ class DrainingTransport(asyncio.DatagramTransport):
         self._max_queued = max_queued
         self._queue: deque[tuple[bytes, Any]] = deque()
         self._closing = False
-        self.arrived: int | None = None
+        self._stamp: list[tuple[int, int, bytes]] = []  # the datagram's ancillary data
         self._reader = self._read_ready
         if stamped:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                 self._reader = self._read_stamped
             except OSError:
-                pass  # no stamps: arrived stays None, which its users must allow for
+                pass  # no stamps: arrived is None, which its users must allow for
         sock.setblocking(False)
         protocol.connection_made(self)
         loop.add_reader(self._fd, self._reader)
@@ -305,14 +305,19 @@ class DrainingTransport(asyncio.DatagramTransport):
             except OSError as exc:
                 self._protocol.error_received(exc)
                 continue
-            arrived = None
-            for level, kind, value in ancdata:
-                if (kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET
-                        and len(value) >= _TIMESPEC.size):
-                    sec, nsec = _TIMESPEC.unpack_from(value)
-                    arrived = sec * 1_000_000_000 + nsec
-            self.arrived = arrived
+            self._stamp = ancdata  # made a number only if asked for (arrived): seldom
             self._protocol.datagram_received(data, addr)
+
+    @property
+    def arrived(self) -> int | None:
+        """The kernel receive time of the datagram being handed over (``datagram_received``)
+        in CLOCK_REALTIME nanoseconds, as ``time.time_ns()``; None if unstamped."""
+        for level, kind, value in self._stamp:
+            if (kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET
+                    and len(value) >= _TIMESPEC.size):
+                sec, nsec = _TIMESPEC.unpack_from(value)
+                return int(sec) * 1_000_000_000 + int(nsec)
+        return None
 
     def pause_reading(self) -> None:
         """Stop reading until :meth:`resume_reading`; datagrams queue in the socket."""
