@@ -242,10 +242,10 @@ class DrainingTransport(asyncio.DatagramTransport):
     protocol's ``error_received``, as asyncio's transport does. Owns ``sock``: closed with
     the transport.
 
-    ``stamped`` (:func:`open_stamped_endpoint`): each datagram is read with ``recvmsg`` and
-    its kernel receive time, ``arrived`` (``CLOCK_REALTIME`` nanoseconds, as
-    ``time.time_ns()``; None where the kernel gives none) is set before the protocol's
-    ``datagram_received``. Unstamped, the read path is unchanged: DHCP and DNS pay nothing.
+    ``stamped`` (:func:`open_stamped_endpoint`): each datagram is read with ``recvmsg``, and
+    while the protocol's ``datagram_received`` runs, ``arrived`` is its kernel receive time
+    (``CLOCK_REALTIME`` nanoseconds, as ``time.time_ns()``; None where the kernel gives
+    none). Unstamped, the read path is unchanged: DHCP and DNS pay nothing.
     """
 
     # Read whole datagrams: one larger than the protocol's limit must arrive whole to be
