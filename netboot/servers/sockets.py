@@ -15,6 +15,9 @@ import struct
 from netboot.errors import ConfigError
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+# Each datagram read with its kernel receive time, a struct timespec of CLOCK_REALTIME
+# (socket(7); asm-generic's SO_TIMESTAMPNS_OLD, which Python's socket module does not name).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 SIOCGIFADDR = 0x8915
 
 

@@ -5,7 +5,8 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 
 * A listener on (host, port), built on :class:`BoundaryProtocol`, so one bad datagram never
   stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped. Its
-  socket is read by :func:`open_datagram_endpoint`'s transport, a burst per wake-up.
+  socket is read by :func:`open_stamped_endpoint`'s transport, a burst per wake-up, each
+  datagram with the kernel's receive time.
 * Each listener has one data port (its address, port 0): its port, not 69, is the server's
   TID (RFC 1350 §4) for every transfer started there, as dnsmasq's ``--tftp-single-port``
   does for 69 itself. Each transfer sends and receives on a socket bound to that port and
@@ -18,12 +19,15 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   first reply was lost, so the first reply is resent instead of starting a second transfer.
   A different RRQ from that port means the client has moved on: the running transfer ends
   and the new request is served (dnsmasq does the same).
-  A copy of the RRQ read after its transfer ended by the client's own doing (its ERROR, its
-  last ACK) is a duplicate too: the client resent it before our answer reached it, and the
-  listener read it late (in a storm, seconds late). Served, it was a transfer to a port
-  nobody reads, holding a slot until ``first_retries`` ran out: in a 1,000-device storm
-  834 of them, and ``max_transfers`` (1,024) was hit. A client that never received our
-  answer, or a request that differs, starts a transfer as before.
+  A copy of the RRQ that reached the kernel before its transfer ended by the client's own
+  doing (its ERROR, its last ACK), but was read after, is a duplicate too: the client resent
+  it before our answer reached it, and the listener read it late (in a storm, seconds
+  late). Served, it was a transfer to a port nobody reads, holding a slot until
+  ``first_retries`` ran out: in a 1,000-device storm 834 of them, and ``max_transfers``
+  (1,024) was hit. The same request that arrived after the end is a new one (U-Boot with a
+  fixed ``tftpsrcp`` fetching the file again, a port reused behind a NAT) and is served at
+  once, as dnsmasq serves it. A client that never received our answer, or a request that
+  differs, starts a transfer as before.
 * Concurrent transfers are bounded overall and per client address. Past the overall bound
   an RRQ is dropped without a reply, so the client retries it later (every boot ROM
   retransmits its RRQ) instead of aborting the boot on an ERROR. Past the per-address bound
@@ -74,7 +78,13 @@ from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, log_line
 from netboot.model import Blob
 from netboot.servers import sockets
-from netboot.servers.udp import Address, BoundaryProtocol, Reply, open_datagram_endpoint
+from netboot.servers.udp import (
+    Address,
+    BoundaryProtocol,
+    DrainingTransport,
+    Reply,
+    open_stamped_endpoint,
+)
 from netboot.wire.tftp import (
     Ack,
     Datagram,
@@ -431,6 +441,8 @@ class _Link:
         self._loop.add_reader(sock.fileno(), self._readable)
         self._loop.add_reader(self._epoll.fileno(), self._ready)
         self.full = 0  # datagrams the send buffer refused (the retransmission timer resends)
+        # The listener's transport: the receive time of the RRQ being handled (_late_copy).
+        self.listener: DrainingTransport | None = None
         # A transfer's socket comes from this attribute, not straight from the method, so
         # that a test can hand out wrapped sockets in the compiled build too (mypyc's native
         # classes have read-only methods; see setup.py).
@@ -672,11 +684,11 @@ class _Link:
 
 
 _ENDED = 4096  # clients remembered after their transfer, for late ACKs and late RRQ copies
-# How long after a transfer's end a copy of its RRQ counts as late rather than as a new
-# request from a client that reuses its port: longer than a storm's listener backlog
-# (copies read up to ~4.5 s late in a 1,000-device storm). A client that does ask for the
-# same file the same way from the same port this soon is served on its next retransmission
-# after the window (U-Boot: 5 s; PXE ROMs: 1, 2, 4 s ...).
+# A copy of an ended transfer's RRQ is told from the same request sent again by when it
+# reached the kernel (see TftpServer._late_copy); this bounds how long after the end a copy
+# read late is still ignored: longer than a storm's listener backlog (copies read up to
+# ~4.5 s late in a 1,000-device storm). An older one is served (so is any copy where the
+# kernel gives no receive time: then this window alone decides, as it did before).
 _STALE_COPY = 5.0
 _SWEEP_TICK = 0.002  # seconds between sweeps at least; a loss costs min_rto + up to this
 _SWEEP_PER_TRANSFER = 2e-6  # ... and more with many transfers: a sweep walks them all
@@ -745,14 +757,16 @@ class TftpServer:
         self.stats = TftpStats()
         self.limited = RateLimitedLog(log)
         self.gso = gso  # send a window in one sendmsg; cleared when the kernel refuses
-        self._listeners: list[tuple[asyncio.BaseTransport, BoundaryProtocol]] = []
+        self._listeners: list[tuple[DrainingTransport, BoundaryProtocol]] = []
         self._links: dict[str | None, _Link] = {}
         # Prebuilt DATA of files up to cache_file_size, cache_size bytes in all.
         self.cache = _PacketCache(cache_size, cache_file_size)
         self._transfers: dict[Address, _Transfer] = {}
         # Clients whose transfer ended lately, oldest first (see _Link._stranger), with the
         # request that transfer answered and when it ended, if the client had our answer.
-        self._ended: OrderedDict[Address, tuple[bytes, float] | None] = OrderedDict()
+        # (The end in monotonic seconds for the window, and as time.time_ns() to compare
+        # with a datagram's kernel receive time: see _late_copy.)
+        self._ended: OrderedDict[Address, tuple[bytes, float, int] | None] = OrderedDict()
         # One timer for every transfer's retransmission deadline (see _sweep_by).
         self._sweep: asyncio.TimerHandle | None = None
         self._rearm_below = math.inf
@@ -816,8 +830,10 @@ class TftpServer:
         # with an ACK waiting, DHCP and HTTP), clients resent their RRQs meanwhile (3,740
         # copies for 2,000 requests in a 1,000-device storm), and a late copy read after
         # its transfer ended started a second one (see _handle).
-        transport = await open_datagram_endpoint(sock, boundary)
+        # Each with its kernel receive time, which tells such a copy from a new request.
+        transport = open_stamped_endpoint(sock, boundary)
         self._listeners.append((transport, boundary))
+        self._links[iface].listener = transport
 
     async def close(self) -> None:
         self._closing = True
@@ -948,8 +964,7 @@ class TftpServer:
                       *peer, packet.filename)
             running.abandoned()
         ended = self._ended.get(peer)
-        if (ended is not None and ended[0] == data
-                and time.monotonic() - ended[1] < _STALE_COPY):
+        if ended is not None and ended[0] == data and self._late_copy(iface, ended):
             self.stats.duplicate_requests += 1
             log.debug("tftp %s:%d %r: copy of the request of a transfer that has ended, ignored",
                       *peer, packet.filename)
@@ -996,6 +1011,31 @@ class TftpServer:
         self._opening.add(peer)
         self._per_client[peer[0]] += 1
         return self._open(iface, packet, path, peer, data)
+
+    def _late_copy(self, iface: str | None, ended: tuple[bytes, float, int]) -> bool:
+        """Whether the RRQ being handled, identical to the one a transfer from its (address,
+        port) answered until it ended, is a copy of it read late: it reached the kernel
+        before that end (the client resent it before our answer reached it; a storm's
+        listener reads seconds behind), within ``_STALE_COPY``. One that arrived after the
+        end is a new request (the client fetches the same file again from a fixed port, or
+        another client behind a NAT or relay has the port now): served at once, where a
+        window alone ignored it until the client's next retransmission after it (U-Boot 5 s,
+        benchmarks/README.md s19-stall). dnsmasq takes a copy as one only while the transfer
+        runs. (RFC 1123's Sorcerer's Apprentice rule is about duplicate ACKs, not this.)
+
+        The kernel stamps a datagram with CLOCK_REALTIME (SO_TIMESTAMPNS; SO_TIMESTAMPING's
+        software receive stamp is the same clock, and none is taken from CLOCK_MONOTONIC),
+        so the end is taken with time.time_ns() too: one clock, read moments to seconds
+        apart. NTP's slewing moves it at most 0.5 ms a second; only a step of the clock (a
+        first sync, a manual set) between a copy's arrival and the end could misorder them,
+        and then one request is served twice (a transfer that times out in ~3 s) or waits
+        for its client's next retransmission, which is what either rule alone costs."""
+        _, end, end_ns = ended
+        if time.monotonic() - end >= _STALE_COPY:
+            return False
+        link = self._links.get(iface)
+        arrived = None if link is None or link.listener is None else link.listener.arrived
+        return arrived is None or arrived < end_ns
 
     async def _open(
         self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes
@@ -1160,7 +1200,10 @@ class TftpServer:
             self._release(peer)
             self._ended.pop(peer, None)  # re-inserted last: the most recent
             request = transfer.request
-            self._ended[peer] = None if request is None else (request, time.monotonic())
+            # Now, when the end is processed: a copy still queued on the listener arrived
+            # before it, one sent after it arrives after.
+            self._ended[peer] = (None if request is None
+                                 else (request, time.monotonic(), time.time_ns()))
             if len(self._ended) > _ENDED:
                 self._ended.popitem(last=False)
 

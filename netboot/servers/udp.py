@@ -18,12 +18,14 @@ import errno
 import inspect
 import logging
 import socket
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from netboot.errors import DecodeError, NetbootError
 from netboot.logs import RateLimitedLog
+from netboot.servers.sockets import SO_TIMESTAMPNS
 
 Address = tuple[str, int]
 Reply = tuple[bytes, Address]
@@ -214,6 +216,22 @@ async def open_datagram_endpoint(
     return transport
 
 
+def open_stamped_endpoint(
+    sock: socket.socket, protocol: asyncio.DatagramProtocol
+) -> DrainingTransport:
+    """A :class:`DrainingTransport` that reads each datagram with the kernel's receive time
+    (``SO_TIMESTAMPNS``), kept in its ``arrived`` while the protocol handles it, on any loop
+    (uvloop's own transport gives no ancillary data). For a listener that must tell a
+    datagram queued before some event from one sent after it (TFTP's late RRQ copies); the
+    others keep :func:`open_datagram_endpoint`'s plain reads."""
+    return DrainingTransport(asyncio.get_running_loop(), sock, protocol, stamped=True)
+
+
+# struct timespec of SCM_TIMESTAMPNS (SO_TIMESTAMPNS_OLD: time_t and long, native sizes).
+_TIMESPEC = struct.Struct("@ll")
+_STAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
 class DrainingTransport(asyncio.DatagramTransport):
     """A UDP transport that reads up to ``batch`` datagrams per wake-up and sends on the
     socket itself while nothing is queued.
@@ -223,6 +241,11 @@ class DrainingTransport(asyncio.DatagramTransport):
     writable. Receive errors (ICMP port unreachable reported on the socket) go to the
     protocol's ``error_received``, as asyncio's transport does. Owns ``sock``: closed with
     the transport.
+
+    ``stamped`` (:func:`open_stamped_endpoint`): each datagram is read with ``recvmsg``, and
+    while the protocol's ``datagram_received`` runs, ``arrived`` is its kernel receive time
+    (``CLOCK_REALTIME`` nanoseconds, as ``time.time_ns()``; None where the kernel gives
+    none). Unstamped, the read path is unchanged: DHCP and DNS pay nothing.
     """
 
     # Read whole datagrams: one larger than the protocol's limit must arrive whole to be
@@ -232,6 +255,7 @@ class DrainingTransport(asyncio.DatagramTransport):
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
         protocol: asyncio.DatagramProtocol, *, batch: int = 64, max_queued: int = 1024,
+        stamped: bool = False,
     ) -> None:
         super().__init__({"socket": sock})
         self._loop = loop
@@ -242,9 +266,17 @@ class DrainingTransport(asyncio.DatagramTransport):
         self._max_queued = max_queued
         self._queue: deque[tuple[bytes, Any]] = deque()
         self._closing = False
+        self._stamp: list[tuple[int, int, bytes]] = []  # the datagram's ancillary data
+        self._reader = self._read_ready
+        if stamped:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                self._reader = self._read_stamped
+            except OSError:
+                pass  # no stamps: arrived is None, which its users must allow for
         sock.setblocking(False)
         protocol.connection_made(self)
-        loop.add_reader(self._fd, self._read_ready)
+        loop.add_reader(self._fd, self._reader)
 
     def _read_ready(self) -> None:
         recvfrom = self._sock.recvfrom
@@ -259,6 +291,42 @@ class DrainingTransport(asyncio.DatagramTransport):
                 self._protocol.error_received(exc)
                 continue
             self._protocol.datagram_received(data, addr)
+
+    def _read_stamped(self) -> None:
+        recvmsg = self._sock.recvmsg
+        space = _STAMP_SPACE
+        for _ in range(self._batch):
+            if self._closing:
+                return
+            try:
+                data, ancdata, _flags, addr = recvmsg(self.READ_SIZE, space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                continue
+            self._stamp = ancdata  # made a number only if asked for (arrived): seldom
+            self._protocol.datagram_received(data, addr)
+
+    @property
+    def arrived(self) -> int | None:
+        """The kernel receive time of the datagram being handed over (``datagram_received``)
+        in CLOCK_REALTIME nanoseconds, as ``time.time_ns()``; None if unstamped."""
+        for level, kind, value in self._stamp:
+            if (kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET
+                    and len(value) >= _TIMESPEC.size):
+                sec, nsec = _TIMESPEC.unpack_from(value)
+                return int(sec) * 1_000_000_000 + int(nsec)
+        return None
+
+    def pause_reading(self) -> None:
+        """Stop reading until :meth:`resume_reading`; datagrams queue in the socket."""
+        if not self._closing:
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._closing:
+            self._loop.add_reader(self._fd, self._reader)
 
     def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
         if self._closing:

@@ -347,25 +347,33 @@ async def test_a_copy_of_an_rrq_read_after_its_transfer_ended_starts_no_transfer
     size probe with an ERROR, or acknowledged the last block. Such a copy was sent before
     the client had our answer; served, it was a second transfer to a port nobody reads,
     held until ``first_retries`` ran out and counted against ``max_transfers`` (a
-    1,000-device storm: 834 of them, and the limit of 1,024 hit). An ERROR or the last
-    ACK shows the client had its answer, so the copy is a duplicate."""
+    1,000-device storm: 834 of them, and the limit of 1,024 hit). It reached the kernel
+    before the end, which tells it from the same request sent after the end (next test):
+    here the listener is not read while the copy comes and the transfer ends."""
+    listener, _ = server._listeners[0]
     probe = [("tsize", "0"), ("blksize", "1468")]
     client.rrq(addr(server), "big.bin", probe)
     oack, tid = await client.recv()
     assert isinstance(oack, OptionAck)
+    listener.pause_reading()
+    client.rrq(addr(server), "big.bin", probe)  # the copy, queued until after the end
     client.send(Error(ErrorCode.OPTION_NEGOTIATION, "size probe"), tid)
     await until(lambda: server.stats.probes == 1 and server.transfers == 0)
-    client.rrq(addr(server), "big.bin", probe)  # the copy, read late
+    assert server.stats.requests == 1
+    listener.resume_reading()
     await until(lambda: server.stats.requests == 2)
     assert server.transfers == 0 and server.stats.duplicate_requests == 1
     assert await client.nothing()
 
-    loader = [("blksize", "1468"), ("windowsize", "4")]
     with RawClient() as other:
-        got = await fetch(other, addr(server), "small.bin", loader)
-        assert got.data == SMALL
+        other.rrq(addr(server), "boot.scr.uimg")
+        data, tid = await other.recv()
+        assert isinstance(data, Data) and data.data == b"script"  # one block: the last
+        listener.pause_reading()
+        other.rrq(addr(server), "boot.scr.uimg")  # a copy of the loader's RRQ
+        other.send(Ack(1), tid)
         await until(lambda: server.stats.completed == 1)
-        other.rrq(addr(server), "small.bin", loader)  # a copy of the loader's RRQ
+        listener.resume_reading()
         await until(lambda: server.stats.requests == 4)
         assert server.transfers == 0 and server.stats.duplicate_requests == 2
         assert await other.nothing()
@@ -373,7 +381,7 @@ async def test_a_copy_of_an_rrq_read_after_its_transfer_ended_starts_no_transfer
 
     # Another request from the same port is a new transfer (a firmware reusing its port
     # for the download after the probe), served at once.
-    got = await fetch(client, addr(server), "big.bin", loader)
+    got = await fetch(client, addr(server), "big.bin", [("blksize", "1468"), ("windowsize", "4")])
     assert got.data == pattern(3_000_000)
     await until(lambda: server.stats.completed == 2)
     assert server.stats.started == 3
@@ -381,6 +389,36 @@ async def test_a_copy_of_an_rrq_read_after_its_transfer_ended_starts_no_transfer
 
 
 LOADER = [("blksize", "1468"), ("windowsize", "4")]
+
+
+async def test_the_same_rrq_sent_again_after_its_transfer_ended_is_served_at_once(
+    server: TftpServer, client: RawClient
+) -> None:
+    """A request byte for byte the one of a transfer that has ended, from the same port,
+    sent after that end, is a new request: U-Boot with a fixed ``tftpsrcp`` fetching the
+    file again, a port reused behind a NAT, two devices behind one relay address. dnsmasq
+    serves it at once; a 5 s window alone ignored it until the client's next
+    retransmission after the window (U-Boot: 5 s; a storm's devices, s19-stall)."""
+    probe = [("tsize", "0"), ("blksize", "1468")]
+    client.rrq(addr(server), "big.bin", probe)
+    oack, tid = await client.recv()
+    assert isinstance(oack, OptionAck)
+    client.send(Error(ErrorCode.OPTION_NEGOTIATION, "size probe"), tid)
+    await until(lambda: server.stats.probes == 1 and server.transfers == 0)
+    client.rrq(addr(server), "big.bin", probe)  # the same probe, after the end
+    oack, tid = await client.recv()
+    assert isinstance(oack, OptionAck) and oack.option("tsize") == "3000000"
+    client.send(Error(ErrorCode.OPTION_NEGOTIATION, "size probe"), tid)
+    await until(lambda: server.stats.probes == 2 and server.transfers == 0)
+
+    with RawClient() as other:
+        for completed in (1, 2):
+            other.rrq(addr(server), "boot.scr.uimg")  # the same file, again
+            data, tid = await other.recv()
+            assert isinstance(data, Data) and data.data == b"script"
+            other.send(Ack(1), tid)
+            await until(lambda n=completed: server.stats.completed == n)  # type: ignore[misc]
+    assert server.stats.started == 4 and server.stats.duplicate_requests == 0
 
 
 async def test_a_new_request_from_the_port_of_a_running_transfer_replaces_it(

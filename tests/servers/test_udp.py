@@ -7,6 +7,7 @@ import asyncio
 import logging
 import re
 import socket
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ from netboot.servers.udp import (
     DrainingTransport,
     Reply,
     open_datagram_endpoint,
+    open_stamped_endpoint,
 )
 from tests.servers.udp_io import recvfrom
 
@@ -72,6 +74,42 @@ async def test_asyncio_loop_gets_the_draining_transport_and_serves_a_burst(
     assert transport.is_closing()
     await asyncio.sleep(0)
     assert protocol.transport is None and server.fileno() == -1
+    client.close()
+
+
+async def test_a_stamped_transport_gives_each_datagram_its_kernel_receive_time() -> None:
+    """Each datagram is handed over with the time the kernel received it (CLOCK_REALTIME
+    nanoseconds, the clock of time.time_ns()), not the time it was read: two datagrams
+    queued while reading is paused keep the order and times they came in, before the
+    moment reading resumed."""
+    server = udp_socket()
+    seen: list[tuple[bytes, int | None]] = []
+
+    class Stamps(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            seen.append((data, transport.arrived))
+
+    transport = open_stamped_endpoint(server, Stamps())
+    client = udp_socket()
+    # The first socket of the system to ask for stamps turns them on by deferred kernel
+    # work (net_enable_timestamp); until it has run, a datagram is stamped when read.
+    await asyncio.sleep(0.05)
+    transport.pause_reading()
+    before = time.time_ns()
+    client.sendto(b"one", server.getsockname())
+    client.sendto(b"two", server.getsockname())
+    await asyncio.sleep(0.05)
+    resumed = time.time_ns()
+    transport.resume_reading()
+    for _ in range(500):
+        if len(seen) == 2:
+            break
+        await asyncio.sleep(0.01)
+    (first, one), (second, two) = seen
+    assert (first, second) == (b"one", b"two")
+    assert one is not None and two is not None
+    assert before <= one <= two < resumed
+    transport.close()
     client.close()
 
 
