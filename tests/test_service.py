@@ -384,14 +384,18 @@ def test_the_open_files_limit_is_counted_and_fitted(
     monkeypatch.setattr(resource, "getrlimit", lambda which: limits[-1])
     monkeypatch.setattr(resource, "setrlimit", setrlimit)
     defaults = load(None, env={})
-    assert (defaults.http.max_connections, defaults.tftp.max_transfers) == (1024, 4096)
+    assert (defaults.http.max_connections, defaults.tftp.max_transfers) == (4096, 4096)
     limits[:] = [(1024, 1 << 20)]  # systemd's: soft 1024, hard 524288 or more
     assert service.raise_fd_limit(defaults) is defaults
-    assert limits[-1] == (9472, 1 << 20)
-    limits[:] = [(1024, 2048)]  # TFTP gives way first: (2048 - 256 - 1024) / 2
+    assert limits[-1] == (12544, 1 << 20)
+    limits[:] = [(1024, 8192)]  # TFTP gives way first: (8192 - 256 - 4096) / 2
     fitted = service.raise_fd_limit(defaults)
-    assert limits[-1] == (2048, 2048)
-    assert fitted.tftp == TftpConfig(max_transfers=384) and fitted.http == HttpConfig()
+    assert limits[-1] == (8192, 8192)
+    assert fitted.tftp == TftpConfig(max_transfers=1920) and fitted.http == HttpConfig()
+    limits[:] = [(1024, 2048)]  # TFTP at its floor, HTTP the rest: 2048 - 256 - 2 x 64
+    fitted = service.raise_fd_limit(defaults)
+    assert fitted.tftp == TftpConfig(max_transfers=64)
+    assert fitted.http == HttpConfig(max_connections=1664)
     limits[:] = [(512, 512)]  # TFTP at its floor, HTTP the rest: 512 - 256 - 2 x 64
     fitted = service.raise_fd_limit(defaults)
     assert fitted.tftp == TftpConfig(max_transfers=64)
@@ -404,9 +408,9 @@ def test_the_open_files_limit_is_counted_and_fitted(
     # Set by the operator: not lowered. TFTP's set 2,048 leave HTTP what remains.
     set_tftp = tmp_path / "set.yaml"
     set_tftp.write_text("tftp:\n  max_transfers: 2048\n")
-    limits[:] = [(1024, 8192)]
+    limits[:] = [(1024, 16384)]
     fitted = service.raise_fd_limit(load(set_tftp, env={}))
-    assert (fitted.tftp.max_transfers, fitted.http.max_connections) == (2048, 1024)
+    assert (fitted.tftp.max_transfers, fitted.http.max_connections) == (2048, 4096)
     limits[:] = [(1024, 5000)]
     fitted = service.raise_fd_limit(load(set_tftp, env={}))
     assert (fitted.tftp.max_transfers, fitted.http.max_connections) == (2048, 5000 - 256 - 4096)
@@ -415,15 +419,15 @@ def test_the_open_files_limit_is_counted_and_fitted(
         service.raise_fd_limit(load(set_tftp, env={}))
     assert (err.value.source, err.value.line, err.value.key) == (
         str(set_tftp), 2, "tftp.max_transfers")
-    assert "the open-files limit is 2048 (hard 2048), below the 5376 descriptors" in str(
+    assert "the open-files limit is 2048 (hard 2048), below the 8448 descriptors" in str(
         err.value)
-    assert "raise LimitNOFILE= (systemd) / ulimit -n to 5376" in (err.value.fix or "")
+    assert "raise LimitNOFILE= (systemd) / ulimit -n to 8448" in (err.value.fix or "")
     with pytest.raises(ConfigError) as err:
         service.raise_fd_limit(load(None, env={"NETBOOT_HTTP_MAX_CONNECTIONS": "1900"}))
     assert err.value.key == "http.max_connections"
     assert err.value.source == "environment variable NETBOOT_HTTP_MAX_CONNECTIONS"
     # TFTP off: its transfers need nothing.
-    limits[:] = [(1280, 1280)]
+    limits[:] = [(4352, 4352)]
     off = load(None, env={"NETBOOT_TFTP_ENABLED": "false"})
     assert service.raise_fd_limit(off) is off
 
@@ -521,9 +525,9 @@ def test_an_open_files_limit_below_the_defaults_lowers_them_and_serves(
     warnings = [line for line in text.splitlines() if "open-files limit" in line]
     assert len(warnings) == 1, text[-3000:]
     assert ("WARNING" in warnings[0] and "the open-files limit is 512 (hard 512), below the "
-            "9472 descriptors that http.max_connections and tftp.max_transfers need: lowered "
-            "tftp.max_transfers 4096 to 64, http.max_connections 1024 to 128; raise "
-            "LimitNOFILE= (systemd) or ulimit -n to 9472" in warnings[0]), warnings
+            "12544 descriptors that http.max_connections and tftp.max_transfers need: lowered "
+            "tftp.max_transfers 4096 to 64, http.max_connections 4096 to 128; raise "
+            "LimitNOFILE= (systemd) or ulimit -n to 12544" in warnings[0]), warnings
 
 
 def _get(url: str) -> str:
@@ -541,9 +545,9 @@ def test_an_open_files_limit_below_a_value_set_in_the_file_stops_start_up(
     assert proc.wait(timeout=120) == 2, out.read_text()[-3000:]
     text = out.read_text()
     assert (f"{tmp_path}/netboot.yaml:8: tftp.max_transfers: the open-files limit is 512 "
-            "(hard 512), below the 9472 descriptors that http.max_connections (1024) and "
+            "(hard 512), below the 12544 descriptors that http.max_connections (4096) and "
             "tftp.max_transfers (4096) need (fix: raise LimitNOFILE= (systemd) / ulimit -n "
-            "to 9472" in text), text[-3000:]
+            "to 12544" in text), text[-3000:]
     assert "Traceback" not in text
 
 
