@@ -46,6 +46,8 @@ _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
 # and the like, and they are filled in (the Renderer's ``volatile``, service.renderer_for).
 PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", "nocloud_url",
                          "events_url", "register_command", "instance_serial", "cmdline", "k3s"})
+# Context names made together (Content.context with names).
+_TRUST_NAMES = frozenset({"https_base_url", "ca_pem", "ca_fingerprint"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
 SCRIPTS_KEPT = 8192
 # Rendered configs kept for installers that ask again (Content._config; ~3.5 KiB each).
@@ -136,53 +138,71 @@ class Content:
 
     # -- context ----------------------------------------------------------------------
     def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,
-                ) -> dict[str, Any]:
+                names: frozenset[str] | None = None) -> dict[str, Any]:
         """What templates are rendered with. ``cmdline=False``: without the kernel command
-        line (for a template that does not read it: rendering it was half of this)."""
+        line (for a template that does not read it: rendering it was half of this).
+        ``names``: the names the template reads (Renderer.ipxe_with, yaml_config), where
+        known: the values no such name reads (and no command line it reads) are not made;
+        an install script reads neither the join nor the register command."""
         urls = self.urls
         mac = plan.mac
         token = token if token is not None else (plan.token or "")
         machine = plan.machine
-        mdict: dict[str, Any] = (machine_to_dict(machine, secrets=False) if machine
-                                 else {"mac": str(mac), "hostname": None})
         profile = plan.profile
+        source = None
+        if profile is not None and cmdline and (names is None or "cmdline" in names):
+            source = profile.cmdline or self._default_cmdline(profile.config_template)
+            if names is not None:  # what the command line reads is made too
+                more = self._render.string_reads(source)
+                names = None if more is None else names | more
         made = self._of_profile(profile, urls) if profile is not None else None
         pdict = made[0] if made is not None else {}
-        config_url = f"{urls.base}/config/{mac.hexhyp}" + (f"?token={token}" if token else "")
-        nocloud_url = f"{urls.base}/nocloud/{mac.hexhyp}/" + (f"{token}/" if token else "")
-        register_url = f"{urls.base}/api/v1/register"
-        events_url = f"{urls.base}/api/v1/machines/{mac.hexhyp}/events"
         k3s = plan.k3s
-        trust = self._trust()
         ctx: dict[str, Any] = {
-            "https_base_url": trust.https_base, "ca_pem": trust.ca_pem,
-            "ca_fingerprint": trust.ca_fingerprint,
             "mac": str(mac), "mac_hexhyp": mac.hexhyp, "base_url": urls.base,
-            "machine": mdict, "profile": pdict,
-            "cluster": self._of_cluster(plan.cluster) if plan.cluster else {},
-            "k3s": {
+            "profile": pdict,
+            "plan": {"action": str(plan.action), "reason": plan.reason,
+                     "retry_seconds": plan.retry_seconds, "command": plan.command},
+            "token": token,
+            "config_url": f"{urls.base}/config/{mac.hexhyp}" + (f"?token={token}" if token
+                                                                  else ""),
+            "instance_serial": int(machine.updated) if machine else 0,
+        }
+        if names is None or "machine" in names:
+            ctx["machine"] = (machine_to_dict(machine, secrets=False) if machine
+                              else {"mac": str(mac), "hostname": None})
+        if names is None or not names.isdisjoint(_TRUST_NAMES):
+            trust = self._trust()
+            ctx["https_base_url"] = trust.https_base
+            ctx["ca_pem"] = trust.ca_pem
+            ctx["ca_fingerprint"] = trust.ca_fingerprint
+        if names is None or "cluster" in names:
+            ctx["cluster"] = self._of_cluster(plan.cluster) if plan.cluster else {}
+        if names is None or "k3s" in names:
+            ctx["k3s"] = {
                 "role": str(k3s.role), "server_url": k3s.server_url,
                 "cluster_init": k3s.cluster_init, "token": k3s.token,
                 "labels": dict(k3s.labels), "taints": list(k3s.taints),
                 "node_name": k3s.node_name, "args": list(k3s.args),
             } if k3s else {"role": "agent", "server_url": None, "cluster_init": False,
                            "token": "", "labels": {}, "taints": [], "node_name": "",
-                           "args": ["agent"]},
-            "plan": {"action": str(plan.action), "reason": plan.reason,
-                     "retry_seconds": plan.retry_seconds, "command": plan.command},
-            "token": token, "config_url": config_url, "nocloud_url": nocloud_url,
-            "events_url": events_url, "register_url": register_url,
-            "register_command": register_command(register_url, str(mac), token,
-                                                 (k3s.node_name if k3s else "")),
-            "instance_serial": int(machine.updated) if machine else 0,
-            "console": default_console(machine.arch if machine else None,
-                                       machine.firmware if machine else None),
-        }
+                           "args": ["agent"]}
+        if names is None or "nocloud_url" in names:
+            ctx["nocloud_url"] = (f"{urls.base}/nocloud/{mac.hexhyp}/"
+                                  + (f"{token}/" if token else ""))
+        if names is None or "events_url" in names:
+            ctx["events_url"] = f"{urls.base}/api/v1/machines/{mac.hexhyp}/events"
+        if names is None or "register_command" in names:
+            ctx["register_command"] = register_command(f"{urls.base}/api/v1/register", str(mac),
+                                                       token,
+                                                       (k3s.node_name if k3s else ""))
+        if names is None or "console" in names:
+            ctx["console"] = default_console(machine.arch if machine else None,
+                                             machine.firmware if machine else None)
         if profile is not None:
             assert made is not None
             ctx.update(made[1])
-            if cmdline:
-                source = profile.cmdline or self._default_cmdline(profile.config_template)
+            if source is not None:
                 ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
                                                       "cmdline")
         return ctx
@@ -256,7 +276,7 @@ class Content:
         name = f"ipxe/{plan.action}.ipxe"
         if plan.token or plan.action == BootAction.INSTALL:
             # An install's command line also comes from files outside the key (cmdline/).
-            return self._render.ipxe(name, self.context(plan))
+            return self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
         made_of = (plan, self._base_url(), self._trust(), self._render.version(name))
         kept = self._scripts.get(plan.mac)
         if kept is not None and kept[0] == made_of:
@@ -497,7 +517,7 @@ class Content:
                     return kept[2]
             text = self._render.yaml_config(
                 name,
-                lambda names: self.context(plan, cmdline=names is None or "cmdline" in names),
+                lambda names: self.context(plan, names=names),
                 header=header)
             if made_of is not None:
                 _keep(self._configs, (plan.mac, name), (template, made_of, text), CONFIGS_KEPT)

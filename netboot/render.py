@@ -90,6 +90,7 @@ class Renderer:
         self._splits: OrderedDict[object, tuple[object, _Split | None]] = OrderedDict()
         self._marking: ImmutableSandboxedEnvironment | None = None
         self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # _read_names
+        self._string_names: OrderedDict[str, frozenset[str] | None] = OrderedDict()
         self._shapes = _YamlShapes()
         self._fresh = _Freshness(self.dirs, self._log, recheck)
 
@@ -293,6 +294,42 @@ class Renderer:
         if not text.startswith("#!ipxe"):
             raise RenderError(f"template {name!r} must start with #!ipxe")
         return text
+
+    def ipxe_with(self, name: str,
+                  context: Callable[[frozenset[str] | None], Mapping[str, Any]]) -> str:
+        """:meth:`ipxe` with the context ``context(names)`` makes for the names the template
+        reads (None: every name, where that cannot be told), as :meth:`yaml_config`: an
+        install script reads a third of the context (no join, no register command). Should
+        that render fail, it renders again with every name, which says what is wrong as
+        before."""
+        _, names = self._read_names(name)
+        if names is not None:
+            try:
+                return self.ipxe(name, context(names))
+            except RenderError:
+                pass
+        return self.ipxe(name, context(None))
+
+    def string_reads(self, source: str) -> frozenset[str] | None:
+        """The context names template text ``source`` (a command line) reads; None where that
+        cannot be told (it takes in another template, or does not parse: its render then
+        says why). Found once per text, as :meth:`_compiled` compiles it once."""
+        if source in self._string_names:
+            return self._string_names[source]
+        from jinja2 import meta, nodes
+
+        try:
+            tree = self._env.parse(source)
+        except Exception:  # rendered with every name, which raises it as a RenderError
+            names = None
+        else:
+            taken = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+            names = None if any(True for _ in tree.find_all(taken)) else frozenset(
+                meta.find_undeclared_variables(tree))
+        if len(self._string_names) >= _MAX_COMPILED:
+            self._string_names.popitem(last=False)  # the oldest
+        self._string_names[source] = names
+        return names
 
     def cmdline(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
         text = " ".join(self.render_string(source, context, what=what,

@@ -259,6 +259,51 @@ async def test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged(
     assert len(rendered) == 6
 
 
+async def test_an_install_script_is_made_of_the_names_its_template_reads(env: Env) -> None:
+    """An install script (and its command line) renders from a context of the names its
+    template and command line read: the same text as the whole context gives."""
+    from netboot.model import BootAction, BootRequest, MacAddress
+
+    await env.seed(cmdline="nb.cfg={{ config_url }} nb.ev={{ events_url }}")
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:41"}, status=201)
+    content = env.service.content
+    made: list[frozenset[str] | None] = []
+    real = content.context
+
+    def context(plan: object, **kw: object) -> dict[str, object]:
+        made.append(kw.get("names"))  # type: ignore[arg-type]
+        return real(plan, **kw)  # type: ignore[arg-type]
+
+    content.context = context  # type: ignore[method-assign,assignment]
+    plan, text = await content.ipxe_script(BootRequest(
+        mac=MacAddress.parse("52:54:00:00:00:41"), arch=Arch.X86_64,
+        firmware=Firmware.IPXE, via="http", remote_addr="192.0.2.9"))
+    assert plan.action == BootAction.INSTALL, plan.reason
+    assert made and made[-1] is not None and "k3s" not in made[-1]  # not the whole context
+    assert text == content._render.ipxe("ipxe/install.ipxe", real(plan))
+    assert f"nb.cfg={env.service.base_url}/config/52-54-00-00-00-41?token={plan.token}" in text
+    assert "nb.ev=" in text and "/api/v1/machines/52-54-00-00-00-41/events" in text
+
+
+async def test_an_operators_install_script_gets_every_name_it_reads(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """An operator's install template that reads more than the shipped one (the join, the
+    register command, the CA, the cluster) is given those too."""
+    from netboot.model import BootRequest, MacAddress
+
+    own_env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    own.write_text(shipped + "# {{ k3s.token }} {{ register_command | length > 0 }}"
+                   " {{ ca_pem is string }} {{ cluster.name }}\n")
+    await own_env.seed()
+    await own_env.post("/api/v1/machines", {"mac": "52:54:00:00:00:42"}, status=201)
+    plan, text = await own_env.service.content.ipxe_script(BootRequest(
+        mac=MacAddress.parse("52:54:00:00:00:42"), arch=Arch.X86_64,
+        firmware=Firmware.IPXE, via="http", remote_addr="192.0.2.9"))
+    assert text.endswith("# k3s-secret-token True True edge\n")
+    assert text == own_env.service.content._render.ipxe(
+        "ipxe/install.ipxe", own_env.service.content.context(plan))
+
+
 async def own_template(make_env: EnvFactory, tmp_path: Path, name: str,
                        ) -> tuple[Env, Path, str]:
     """A server whose template directory overrides ``name`` with a copy of the shipped file:

@@ -836,6 +836,43 @@ def test_a_config_override_made_after_start_is_served(tmp_path: Path) -> None:
     assert r.yaml_config("cloud-config/t.yaml", every) == 'own: "a"\n'
 
 
+def test_an_ipxe_script_is_given_the_names_it_reads_and_all_when_that_fails(
+        tmp_path: Path) -> None:
+    """ipxe_with asks its context for the names the template reads; where that render fails
+    (a context that left out a name), it renders again with every name, and where the
+    names cannot be told (an include), with every name at once. string_reads: a command
+    line's names, None for one that includes a template or does not parse."""
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "t.ipxe").write_text("#!ipxe\necho {{ a }} {{ b.c }}\n")
+    (tmp_path / "ipxe" / "inc.ipxe").write_text("{% include 'ipxe/t.ipxe' %}")
+    r = Renderer([tmp_path], recheck=3600)
+    asked: list[frozenset[str] | None] = []
+
+    def context(names: frozenset[str] | None) -> dict[str, object]:
+        asked.append(names)
+        return {"a": 1, "b": {"c": 2}, "other": 3}
+
+    assert r.ipxe_with("ipxe/t.ipxe", context) == "#!ipxe\necho 1 2\n"
+    assert asked == [frozenset({"a", "b"})]
+    asked.clear()
+    assert r.ipxe_with("ipxe/inc.ipxe", context) == "#!ipxe\necho 1 2\n"
+    assert asked == [None]
+    asked.clear()
+
+    def short(names: frozenset[str] | None) -> dict[str, object]:
+        asked.append(names)
+        return {"a": 1} if names is not None else {"a": 1, "b": {"c": 2}}
+
+    assert r.ipxe_with("ipxe/t.ipxe", short) == "#!ipxe\necho 1 2\n"
+    assert asked == [frozenset({"a", "b"}), None]
+    with pytest.raises(RenderError, match="'b' is undefined"):
+        r.ipxe_with("ipxe/t.ipxe", lambda names: {"a": 1})
+    assert r.string_reads("x={{ u }} {% if v %}{{ w.z }}{% endif %}") == frozenset(
+        {"u", "v", "w"})
+    assert r.string_reads("{% include 'ipxe/t.ipxe' %}") is None
+    assert r.string_reads("{{ broken") is None
+
+
 def _edit(path: Path, text: str) -> None:
     """``path`` now holds ``text``, with a later mtime whatever the clock's resolution."""
     path.write_text(text)
