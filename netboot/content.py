@@ -6,7 +6,6 @@ cloud-init NoCloud files, U-Boot script image); it never decides what a machine 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shlex
@@ -14,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -566,11 +566,14 @@ def register_command(url: str, mac: str, token: str, node_name: str) -> str:
 
     # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts; the
     # values netboot knows are JSON-encoded here, never by the shell.
+    # json.dumps of a str is this C function's text (ensure_ascii), without its Python
+    # layers: three per config an installer fetches.
+    js = encode_basestring_ascii
     body = (
-        "'" + sq(f'{{"mac":{json.dumps(mac)},"token":{json.dumps(token)},"hostname":"')
+        "'" + sq(f'{{"mac":{js(mac)},"token":{js(token)},"hostname":"')
         + "'\"$(hostname)\"'"
         + sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
-        + sq(f'","node_name":{json.dumps(node_name)}}}') + "'"
+        + sq(f'","node_name":{js(node_name)}}}') + "'"
     )
     u = shlex.quote(url)
     marker = "/var/lib/netboot/registered"
