@@ -932,6 +932,17 @@ class BootService:
 
     async def _effective(self, machine: Machine, request: BootRequest | None = None,
                          ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
+        held = self._view.held_settings()
+        if held is not None:  # every read answered by the view: no coroutine each
+            groups, profiles, clusters = held
+            group = grouping.select(groups, grouping.machine_labels(
+                machine, request.labels() if request else None)) if groups else None
+            profile_name = (machine.profile or (group.profile if group else None)
+                            or self.settings.default_profile)
+            cluster_name = machine.cluster or (group.cluster if group else None)
+            return (group, profiles.get(profile_name) if profile_name else None,
+                    clusters.get(cluster_name) if cluster_name else None,
+                    machine.role or (group.role if group else None) or Role.AGENT)
         groups = await self._view.list_groups()
         # Without groups nothing is selected: the labels (a dict of the machine's facts and
         # the request's strings) are not made.
@@ -1131,11 +1142,22 @@ class BootService:
                             ) -> tuple[str | None, list[Machine]]:
         """The id of the node that formed ``cluster`` (None: none, or it was deleted), and
         its registered servers other than ``machine`` (a cluster that already runs)."""
-        init_id = await self._view.get_setting(f"cluster-init/{cluster.name}")
-        if init_id is not None and await self._view.get_machine(init_id) is None:
-            init_id = None
-        running = [m for m in await self._view.registered_servers(cluster.name)
-                   if m.id != machine.id]
+        view = self._view
+        key = f"cluster-init/{cluster.name}"
+        # What the view holds without a coroutine per read; the store's read where it
+        # holds nothing of it yet.
+        held = view.held_setting(key)
+        init_id = await view.get_setting(key) if isinstance(held, Unseen) else held
+        if init_id is not None:
+            there = view.held_machine(init_id)
+            if isinstance(there, Unseen):
+                there = await view.get_machine(init_id)
+            if there is None:
+                init_id = None
+        servers = view.held_servers(cluster.name)
+        if isinstance(servers, Unseen):
+            servers = await view.registered_servers(cluster.name)
+        running = [m for m in servers if m.id != machine.id]
         return init_id, running
 
     def _endpoint(self, cluster: Cluster, running: list[Machine]) -> str | None:

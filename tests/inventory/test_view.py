@@ -29,7 +29,7 @@ from netboot.boot import BootService, BootSettings
 from netboot.enroll import Enroller, fleet_status
 from netboot.errors import StoreError, ValidationError
 from netboot.files import FileTree
-from netboot.identity import claims, request_for
+from netboot.identity import UNSEEN, claims, request_for
 from netboot.inventory import view as view_module
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.inventory.sqlite import SqliteStore
@@ -119,13 +119,22 @@ async def assert_exact(view: InventoryView, boot: BootService, fresh_store: Sqli
     assert await view.list_groups() == await fresh_store.list_groups()
     assert await view.list_profiles() == await fresh_store.list_profiles()
     assert await view.list_clusters() == await fresh_store.list_clusters()
+    held = view.held_settings()  # what a decision reads without a coroutine: the same
+    assert held is not None
+    assert held[0] == await fresh_store.list_groups()
+    assert sorted(held[1].values(), key=lambda p: p.name) == await fresh_store.list_profiles()
+    assert sorted(held[2].values(), key=lambda c: c.name) == await fresh_store.list_clusters()
     for name in CLUSTERS:
         key = f"cluster-init/{name}"
         assert await view.get_setting(key) == await fresh_store.get_setting(key)
+        assert view.held_setting(key) == await fresh_store.get_setting(key)
         servers = [m for m in await fresh_store.list_machines()
                    if m.cluster == name and m.state == MachineState.REGISTERED
                    and m.role == Role.SERVER]
         assert await view.registered_servers(name) == servers
+        assert view.held_servers(name) == servers
+        for server in servers:
+            assert view.held_machine(server.id) == server
     assert await view.state_counts() == by_cluster_and_state(
         await fresh_store.list_machines(MachineFilter(limit=1000)))
 
@@ -522,6 +531,34 @@ def test_the_view_keys_a_machine_by_exactly_its_claims(machine: Machine) -> None
     for kind, key in keys:  # the machine's own string where it is the canonical one
         own = getattr(machine, kind) if kind != "mac" else None
         assert key is own or own != key
+
+
+async def test_what_the_view_holds_answers_at_once_and_only_the_store_tells_the_rest(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """The held answers a boot decision reads without a coroutine: UNSEEN (or None) while
+    only the store can tell, then what the async getters answer; a loaded view knows a
+    missing machine and a cluster without servers are none."""
+    own, _, _ = stores
+    await own.put_profile(Profile(name="p", kernel="k"))
+    await own.put_cluster(Cluster(name="edge", token="t"))
+    await own.put_setting("cluster-init/edge", "m-000000000001")
+    view = InventoryView(own)
+    assert view.held_settings() is None
+    assert view.held_setting("cluster-init/edge") is UNSEEN
+    assert view.held_servers("edge") is UNSEEN
+    assert view.held_machine("m-000000000001") is UNSEEN
+    assert await view.get_setting("cluster-init/edge") == "m-000000000001"
+    assert view.held_setting("cluster-init/edge") == "m-000000000001"
+    await view.list_groups()
+    assert view.held_settings() is None  # profiles and clusters not read yet
+    await view.get_profile("p")
+    await view.get_cluster("edge")
+    held = view.held_settings()
+    assert held is not None and held[0] == [] and list(held[1]) == ["p"] \
+        and list(held[2]) == ["edge"]
+    await view.load()
+    assert view.held_servers("edge") == []
+    assert view.held_machine("m-000000000001") is None
 
 
 async def test_while_loading_the_machines_read_so_far_answer_without_the_store(
