@@ -533,8 +533,8 @@ class InventoryView:
     def held_settings(self) -> tuple[list[Group], dict[str, Profile], dict[str, Cluster]] | None:
         """The groups (by name, as :meth:`list_groups`; not to be changed), profiles and
         clusters by name, when the view holds all three (a boot decision reads them without
-        a coroutine per read: ~10 of them were a tenth of its loop time); None when one
-        must be read first (the async getters read it)."""
+        a coroutine made and run per read); None when one must be read first (the async
+        getters read it)."""
         groups, profiles, clusters = self._groups, self._profiles, self._clusters
         if groups is None or profiles is None or clusters is None:
             return None
