@@ -542,22 +542,24 @@ def machine_json(machine: Machine) -> str:
             + float.__repr__(m.updated) + "}")
 
 
-def same_labels(document: Any, machine: Machine) -> bool:
-    """Whether a stored machine document (:func:`loads_document` of what a store wrote, in
-    this form or :func:`machine_to_dict`'s) has ``machine``'s labels. False when unsure:
-    the caller then writes them again."""
-    return type(document) is dict and (document.get("labels") or {}) == machine.labels
+def same_labels_json(labels: str | None, machine: Machine) -> bool:
+    """Whether the labels of a stored machine document, as the JSON text of its ``labels``
+    field (None when it has none; SQLite's ``data -> '$.labels'``), are ``machine``'s.
+    False when unsure: the caller then writes them again."""
+    value = None if labels is None else loads_document(labels)
+    return (value or {}) == machine.labels
 
 
-def same_identifiers(document: Any, machine: Machine) -> bool:
+def same_identifiers_json(macs: str | None, uuid: Any, serial: Any, asset: Any,
+                          machine: Machine) -> bool:
     """Whether a stored machine document has the fields ``machine``'s identifiers are made
     of (:func:`netboot.identity.claims`: its MACs, UUID, serial and asset tag) as they are in
-    ``machine``, spelled alike. False when unsure: the caller then writes them again."""
+    ``machine``, spelled alike: ``macs`` the JSON text of its MACs (SQLite's ``data ->
+    '$.macs'``, None when absent), the others their values (``->>``). False when unsure: the
+    caller then writes them again."""
     m = machine
-    return (type(document) is dict
-            and document.get("macs") == [mac.raw.hex(":") for mac in m.macs]
-            and document.get("uuid") == m.uuid and document.get("serial") == m.serial
-            and document.get("asset") == m.asset)
+    return (macs == "[" + ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs]) + "]"
+            and uuid == m.uuid and serial == m.serial and asset == m.asset)
 
 
 # What a store indexes of a new machine beside its document: id, first MAC (None without
