@@ -52,7 +52,7 @@ from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
-from netboot.inventory.signal import Answers, Signal, wait_until
+from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -440,8 +440,6 @@ class SqliteStore:
         # with them instead of reading them back (committed.py).
         self._here = CommittedHere()
         self._commits = 0  # writes made through this object, counted as they return
-        self._answering: Answers | None = None  # the running loop's (_answers)
-        self._answered: list[Answers] = []  # every loop's, closed by close()
         # A third connection, used only on the event loop's thread, only for PRAGMA
         # data_version: the boot path asks the feed on every decision, and when nothing was
         # committed (a storm of repeated requests) one read of the WAL index in shared memory
@@ -463,8 +461,9 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._executor is None:
             raise StoreError(f"the inventory {self.path} is not open")
+        loop = asyncio.get_running_loop()
         try:
-            return await self._answers().run(self._executor, self._guard, fn, args, False)
+            return await loop.run_in_executor(self._executor, self._guard, fn, args, False)
         finally:
             # Failed or not: a reader syncs once more, harmlessly. Writes the change feed
             # does not carry (history, leases, tokens) are not counted: a storm's group
@@ -476,19 +475,8 @@ class SqliteStore:
     async def _read(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._reader is None:
             raise StoreError(f"the inventory {self.path} is not open")
-        return await self._answers().run(self._reader, self._guard, fn, args, True)
-
-    def _answers(self) -> Answers:
-        """The writer's and the reader's answers to the running loop (signal.Answers: the
-        loop woken by a write made without the GIL). A store used by another loop (tests,
-        the CLI's runs) gets another; all are closed with the store, once its threads
-        are stopped."""
         loop = asyncio.get_running_loop()
-        answers = self._answering
-        if answers is None or answers.loop is not loop:
-            answers = self._answering = Answers(loop)
-            self._answered.append(answers)
-        return answers
+        return await loop.run_in_executor(self._reader, self._guard, fn, args, True)
 
     def _guard(self, fn: Callable[..., _R], args: Sequence[Any], reader: bool) -> _R:
         """Translate sqlite3 errors on the worker thread, where they happen."""
@@ -768,10 +756,6 @@ class SqliteStore:
         finally:
             self._executor = None
             executor.shutdown(wait=True)
-            # Every thread that answers is stopped (the reader above): nothing writes to them.
-            answered, self._answered, self._answering = self._answered, [], None
-            for answers in answered:
-                answers.close()
 
     async def release_caches(self) -> None:
         """Each connection's page cache emptied (``PRAGMA shrink_memory``), on the
