@@ -1142,10 +1142,18 @@ def stored_event(event: Event) -> tuple[Event, str]:
         if not e.data:
             return e, "{}"
         data = dict(e.data)
-        if all(type(k) is str and type(v) is str for k, v in data.items()):
+        q = _quote
+        pairs = []
+        for k, v in data.items():
+            if type(k) is not str or type(v) is not str:
+                break
+            pairs.append(q(k) + ":" + q(v))
+        else:
             # Text to text (the boot path's events: via, firmware, arch, MAC, peer): what
-            # the round trip gives back, its data encoded once instead of twice.
-            return Event(e.machine, e.time, e.kind, e.message, data), _ENCODE(data)
+            # the round trip gives back, its data encoded once instead of twice, and
+            # written out as _ENCODE writes it (a JSON encoder set up per call was half of
+            # this; on the event loop for every event of a group commit).
+            return Event(e.machine, e.time, e.kind, e.message, data), "{" + ",".join(pairs) + "}"
     value = event_from_dict(event_to_dict(e))
     return value, dumps(dict(value.data), "data")
 
