@@ -319,12 +319,14 @@ _UPDATE_MACHINE = (
 )
 # The stored columns an update compares with, by id, for every machine of a group at once (one
 # statement, not one per machine), with the parts of the stored document that the label and
-# identifier rows are made of, extracted by SQLite's JSON functions: in C, outside the GIL
+# identifier rows are made of, extracted by SQLite's JSON functions (json_extract, not the
+# -> operators of SQLite 3.38): in C, outside the GIL
 # that the event loop waits for (json.loads of the whole document in Python was ~4 us of the
 # writer's GIL time per update, a tenth of a first install's on the writer).
 _STORED_COLUMNS = (
-    "SELECT id, mac, hostname, state, cluster, data, data -> '$.labels', data -> '$.macs',"
-    " data ->> '$.uuid', data ->> '$.serial', data ->> '$.asset' FROM machines"
+    "SELECT id, mac, hostname, state, cluster, data, json_extract(data, '$.labels'),"
+    " json_extract(data, '$.macs'), json_extract(data, '$.uuid'),"
+    " json_extract(data, '$.serial'), json_extract(data, '$.asset') FROM machines"
     " WHERE id IN (SELECT value FROM json_each(?))")
 # The indexed columns that an update sets, by which of them changed: SQLite rewrites the
 # entries of every index on a column named in SET, even to its own value (an install, which

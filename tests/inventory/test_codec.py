@@ -389,16 +389,18 @@ def test_machines_without_labels_share_one_read_only_mapping() -> None:
 
 
 def test_labels_and_identifiers_compared_with_the_stored_documents_parts() -> None:
-    # What SQLite's -> and ->> give of a stored document's labels and identifiers.
+    # What SQLite's json_extract gives of a stored document's labels and identifiers.
     m = replace(MACHINE, labels={"rack": "r1", "k": 'v"'}, uuid="u", serial="s", asset=None)
     assert codec.same_labels_json('{"rack":"r1","k":"v\\""}', m)
     assert codec.same_labels_json('{"k":"v\\"","rack":"r1"}', m)  # another order: equal
     assert not codec.same_labels_json('{"rack":"r1"}', m)
     assert not codec.same_labels_json(None, m)
     bare = replace(m, labels={})
-    for absent in (None, "null", "{}"):
+    for absent in (None, "{}"):
         assert codec.same_labels_json(absent, bare)
     assert not codec.same_labels_json('{"rack":"r1"}', bare)
+    for odd in ("x", "[]", 0, 1.5):  # not an object (json_extract: text, array, number)
+        assert not codec.same_labels_json(odd, bare)
     macs = "[" + ",".join(f'"{mac}"' for mac in m.macs) + "]"
     assert codec.same_identifiers_json(macs, "u", "s", None, m)
     assert not codec.same_identifiers_json(None, "u", "s", None, m)
