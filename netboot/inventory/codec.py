@@ -508,56 +508,82 @@ def machine_document(machine: Machine) -> dict[str, Any]:
 _quote = json.encoder.encode_basestring
 # machine_document's optional fields in its order, each as it starts in the text.
 _TEXT_KEYS = tuple(f',"{key}":' for key in _MACHINE_TEXT)
-_ENUM_KEYS = tuple(f',"{key}":' for key, _ in _MACHINE_ENUMS)
 
 
 def machine_json(machine: Machine) -> str:
     """``dumps(machine_document(machine))`` for a machine :func:`stored_machine` returned,
     written out directly: the same text in half the time (no intermediate dict, no encoder
     set up per call; a bulk import writes 100,000). Strings are quoted by JSON's own quoting;
-    times are finite floats, written as the encoder writes them (``float.__repr__``)."""
-    m, q = machine, _quote
-    text = ('{"id":' + q(m.id) + ',"macs":['
-            + ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs])
-            + '],"state":' + q(m.state._value_))
-    # Each field only when it is not at its default, as machine_document leaves it out.
-    for key, value in zip(_TEXT_KEYS, (m.hostname, m.uuid, m.serial, m.asset, m.cluster,
-                                       m.profile, m.token_hash, m.install_token),
-                          strict=True):
-        if value is not None:
-            text += key + q(value)
-    for key, member in zip(_ENUM_KEYS, (m.role, m.loader, m.arch, m.firmware), strict=True):
-        if member is not None:
-            text += key + q(member._value_)
-    for key, mapping in ((',"labels":{', m.labels), (',"facts":{', m.facts)):
-        if mapping:
-            text += key + ",".join([q(k) + ":" + q(v) for k, v in mapping.items()]) + "}"
-    if m.ipv4 is not None:
-        text += ',"ipv4":' + q(m.ipv4)
-    if m.fixed_ipv4 is not None:
-        text += ',"fixed_ipv4":' + q(m.fixed_ipv4)
-    if m.token_expires is not None:
-        text += ',"token_expires":' + float.__repr__(m.token_expires)
-    return (text + ',"created":' + float.__repr__(m.created) + ',"updated":'
-            + float.__repr__(m.updated) + "}")
+    times are finite floats, written as the encoder writes them (``float.__repr__``).
+    Each field by its own test, parts joined once: zips of keys and values, and a text
+    grown field by field, were a quarter of it (the store's writer encodes every machine of
+    a group commit holding the GIL that the event loop waits for)."""
+    m, q, r = machine, _quote, float.__repr__
+    text = ['{"id":', q(m.id), ',"macs":[',
+            ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs]), '],"state":',
+            q(m.state._value_)]
+    add = text.append
+    # Each field only when it is not at its default, as machine_document leaves it out,
+    # in its order (_MACHINE_TEXT, _MACHINE_ENUMS, then the rest).
+    if (v := m.hostname) is not None:
+        add(',"hostname":' + q(v))
+    if (v := m.uuid) is not None:
+        add(',"uuid":' + q(v))
+    if (v := m.serial) is not None:
+        add(',"serial":' + q(v))
+    if (v := m.asset) is not None:
+        add(',"asset":' + q(v))
+    if (v := m.cluster) is not None:
+        add(',"cluster":' + q(v))
+    if (v := m.profile) is not None:
+        add(',"profile":' + q(v))
+    if (v := m.token_hash) is not None:
+        add(',"token_hash":' + q(v))
+    if (v := m.install_token) is not None:
+        add(',"install_token":' + q(v))
+    if (role := m.role) is not None:
+        add(',"role":' + q(role._value_))
+    if (loader := m.loader) is not None:
+        add(',"loader":' + q(loader._value_))
+    if (arch := m.arch) is not None:
+        add(',"arch":' + q(arch._value_))
+    if (firmware := m.firmware) is not None:
+        add(',"firmware":' + q(firmware._value_))
+    if labels := m.labels:
+        add(',"labels":{' + ",".join([q(k) + ":" + q(v) for k, v in labels.items()]) + "}")
+    if facts := m.facts:
+        add(',"facts":{' + ",".join([q(k) + ":" + q(v) for k, v in facts.items()]) + "}")
+    if (v := m.ipv4) is not None:
+        add(',"ipv4":' + q(v))
+    if (v := m.fixed_ipv4) is not None:
+        add(',"fixed_ipv4":' + q(v))
+    if (expires := m.token_expires) is not None:
+        add(',"token_expires":' + r(expires))
+    add(',"created":' + r(m.created) + ',"updated":' + r(m.updated) + "}")
+    return "".join(text)
 
 
-def same_labels(document: Any, machine: Machine) -> bool:
-    """Whether a stored machine document (:func:`loads_document` of what a store wrote, in
-    this form or :func:`machine_to_dict`'s) has ``machine``'s labels. False when unsure:
-    the caller then writes them again."""
-    return type(document) is dict and (document.get("labels") or {}) == machine.labels
+def same_labels_json(labels: Any, machine: Machine) -> bool:
+    """Whether the labels of a stored machine document, as SQLite's ``json_extract(data,
+    '$.labels')`` gives them (an object's JSON text; None when absent or null), are
+    ``machine``'s. False when unsure (anything but an object): the caller then writes them
+    again."""
+    if labels is None:
+        return not machine.labels
+    return type(labels) is str and labels.startswith("{") and (
+        loads_document(labels) == machine.labels)
 
 
-def same_identifiers(document: Any, machine: Machine) -> bool:
+def same_identifiers_json(macs: str | None, uuid: Any, serial: Any, asset: Any,
+                          machine: Machine) -> bool:
     """Whether a stored machine document has the fields ``machine``'s identifiers are made
     of (:func:`netboot.identity.claims`: its MACs, UUID, serial and asset tag) as they are in
-    ``machine``, spelled alike. False when unsure: the caller then writes them again."""
+    ``machine``, spelled alike, each as SQLite's ``json_extract`` gives it: ``macs`` the JSON
+    text of its array of MACs (None when absent), the others their values. False when
+    unsure: the caller then writes them again."""
     m = machine
-    return (type(document) is dict
-            and document.get("macs") == [mac.raw.hex(":") for mac in m.macs]
-            and document.get("uuid") == m.uuid and document.get("serial") == m.serial
-            and document.get("asset") == m.asset)
+    return (macs == "[" + ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs]) + "]"
+            and uuid == m.uuid and serial == m.serial and asset == m.asset)
 
 
 # What a store indexes of a new machine beside its document: id, first MAC (None without
@@ -1119,10 +1145,18 @@ def stored_event(event: Event) -> tuple[Event, str]:
         if not e.data:
             return e, "{}"
         data = dict(e.data)
-        if all(type(k) is str and type(v) is str for k, v in data.items()):
+        q = _quote
+        pairs = []
+        for k, v in data.items():
+            if type(k) is not str or type(v) is not str:
+                break
+            pairs.append(q(k) + ":" + q(v))
+        else:
             # Text to text (the boot path's events: via, firmware, arch, MAC, peer): what
-            # the round trip gives back, its data encoded once instead of twice.
-            return Event(e.machine, e.time, e.kind, e.message, data), _ENCODE(data)
+            # the round trip gives back, its data encoded once instead of twice, and
+            # written out as _ENCODE writes it (a JSON encoder set up per call was half of
+            # this; on the event loop for every event of a group commit).
+            return Event(e.machine, e.time, e.kind, e.message, data), "{" + ",".join(pairs) + "}"
     value = event_from_dict(event_to_dict(e))
     return value, dumps(dict(value.data), "data")
 

@@ -722,6 +722,46 @@ async def test_an_install_update_sets_only_the_column_that_changed(tmp_path: Pat
         await store.close()
 
 
+async def test_a_group_of_updates_is_read_by_one_statement(tmp_path: Path) -> None:
+    """A group commit's machines are read by one statement (their stored columns and the
+    document's labels and identifiers, extracted by SQLite), not one per machine; only the
+    one whose labels changed has its label rows written again, and only the one whose
+    identifiers changed its identifier rows."""
+    from dataclasses import replace
+
+    from netboot.inventory.base import Batch
+    from netboot.model import MachineState
+
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:09:0{i}"),), hostname=f"g{i}",
+                         serial=f"SN{i}", labels={"rack": "r1"}, state=MachineState.ENROLLED)
+                 for i in range(4)]
+        await store.apply_batch(Batch(create=fleet))
+        statements: list[str] = []
+        await store._run(lambda conn: conn.set_trace_callback(statements.append))
+        moved = [replace(fleet[0], state=MachineState.BOOTING, install_token="t", updated=9.0),
+                 replace(fleet[1], labels={"rack": "r2"}, updated=9.0),
+                 replace(fleet[2], serial="SN9", updated=9.0),
+                 replace(fleet[3], hostname="h3", updated=9.0)]
+        await store.apply_batch(Batch(update=moved, expect={fleet[0].id: MachineState.ENROLLED}))
+        await store._run(lambda conn: conn.set_trace_callback(None))
+        assert len([s for s in statements if s.startswith("SELECT id, mac")]) == 1
+        assert [s for s in statements if s.startswith("DELETE FROM machine_labels")] == [
+            f"DELETE FROM machine_labels WHERE machine = '{fleet[1].id}'"]
+        assert [s for s in statements if s.startswith("DELETE FROM machine_keys")] == [
+            f"DELETE FROM machine_keys WHERE machine = '{fleet[2].id}'"]
+        for m in moved:
+            assert await store.get_machine(m.id) == m
+        assert await store.machine_by("serial", "SN9") == moved[2]
+        assert await store.machine_by("serial", "SN2") is None
+        assert [m.id for m in await store.list_machines(MachineFilter(labels=(("rack", "r2"),)))
+                ] == [fleet[1].id]
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("bad", [0, 2, 4])  # which of the contract's bad rows: mac, serial, ipv4
 async def test_bulk_batch_in_chunks_all_or_nothing(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
