@@ -42,7 +42,8 @@ SHIPPED = ("templates", "boot_assets")
 COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py", "netboot/wire/tftp.py",
             "netboot/servers/tftp.py", "netboot/boot.py", "netboot/content.py",
             "netboot/render.py", "netboot/recorder.py", "netboot/inventory/view.py",
-            "netboot/lifecycle.py", "netboot/identity.py", "netboot/enroll.py")
+            "netboot/lifecycle.py", "netboot/identity.py", "netboot/enroll.py",
+            "netboot/model.py", "netboot/logs.py", "netboot/servers/fasthttp.py")
 
 
 class BuildPyWithShipped(build_py):
