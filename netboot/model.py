@@ -14,15 +14,27 @@ import secrets
 import uuid as uuidlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from netboot.errors import ValidationError
+
+_C = TypeVar("_C")
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # installed with mypy, which only the compiled build needs
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_C], _C]:
+        """mypyc's class marks (setup.py's compiled build), nothing without mypyc."""
+        return lambda cls: cls
 
 _HEX = re.compile(r"^[0-9a-f]{12}$")
 _DNS_NAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?$")
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]+))(?::(?P<port>\d{1,5}))?$")
 
 
+# A subclass of bytes: mypyc makes no native class of one (setup.py's compiled build keeps it a
+# Python class, its methods compiled).
+@mypyc_attr(native_class=False)
 class MacAddress(bytes):
     """A 48-bit Ethernet address, normalised whatever form it came in.
 
@@ -36,7 +48,14 @@ class MacAddress(bytes):
 
     __slots__ = ()
 
-    def __new__(cls, raw: bytes) -> MacAddress:
+    @overload
+    def __new__(cls, raw: bytes) -> MacAddress: ...
+    @overload
+    def __new__(cls, raw: bytearray | memoryview) -> MacAddress: ...
+
+    # Typed for callers by the overloads; the implementation takes any object (compiled, a
+    # ``bytes`` argument is checked on the way in: a TypeError, not the ValidationError below).
+    def __new__(cls, raw: object) -> MacAddress:
         if isinstance(raw, bytes) and len(raw) == 6:  # a DHCP request's: one check, not three
             return bytes.__new__(cls, raw)
         if not isinstance(raw, bytes | bytearray | memoryview):
@@ -254,7 +273,9 @@ def _of_values(cls: type[_F]) -> Callable[[Sequence[Any]], _F]:
 
     lines = [f"    s{i}(m, values[{i}])" for i in range(count)]
     scope: dict[str, Any] = {f"s{i}": put for i, put in enumerate(setters)}
-    scope.update(new=object.__new__, cls=cls, wrong=wrong)
+    # cls.__new__: object.__new__ itself for a Python class; a native class's own (setup.py's
+    # compiled build), which object.__new__ refuses to make.
+    scope.update(new=cls.__new__, cls=cls, wrong=wrong)
     exec("def of_values(values):\n"  # noqa: S102
          f"    if len(values) != {count}:\n        raise wrong(values)\n"
          "    m = new(cls)\n" + "\n".join(lines) + "\n    return m", scope)

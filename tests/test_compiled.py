@@ -1,7 +1,7 @@
 """The mypyc build of the DHCP and TFTP paths and of a first install's and a first config's
 loop work (the boot decision, the content and its render, the recorder's group commit, the
-inventory view, lifecycle, identity and enroller; setup.py with ``NETBOOT_MYPYC=1``) passes
-the same tests.
+inventory view, lifecycle, identity and enroller, the model's values and the front door's
+codec; setup.py with ``NETBOOT_MYPYC=1``) passes the same tests.
 
 mypyc's native classes are stricter than CPython's (no instance ``__dict__``, argument types
 checked as annotated), so a module that passes its tests as Python can still fail compiled:
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ("netboot.wire.dhcp", "netboot.pxe", "netboot.wire.tftp", "netboot.servers.tftp",
             "netboot.boot", "netboot.content", "netboot.render", "netboot.recorder",
             "netboot.inventory.view", "netboot.lifecycle", "netboot.identity",
-            "netboot.enroll")
+            "netboot.enroll", "netboot.model", "netboot.servers.fasthttp")
 TESTS = (
     "tests/wire/test_dhcp.py",
     "tests/test_pxe.py",
@@ -50,6 +50,10 @@ TESTS = (
     "tests/test_lifecycle.py",
     "tests/test_identity.py",
     "tests/test_enroll.py",
+    # The frozen values every layer passes around and the front door's codec (compiled since
+    # session 20).
+    "tests/test_model.py",
+    "tests/servers/test_fasthttp.py",
 )
 # Tests that cannot run against native classes, whose methods cannot be replaced on an
 # instance and whose constructors check their arguments' types: these replace a compiled

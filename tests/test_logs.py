@@ -381,3 +381,23 @@ def test_log_line_takes_loggings_way_wherever_that_could_differ(
     assert json.loads(lines[2])["mac"] == "m" and json.loads(lines[2])["message"] == "c line"
     assert lines[3].endswith(" INFO netboot.http: d mapped")
     assert len(lines) == 4  # the bad one: logging's error report on stderr, no line
+
+
+def test_handlers_and_formatters_are_weakly_referenced_and_freed_as_loggings_own() -> None:
+    """logging keeps a weak reference to every handler (its shutdown list, its fork lock
+    set): one of netboot's freed and its reference cleared must leave the interpreter whole.
+    (Compiled by mypyc as native classes on logging's Python bases, session 20, the freed
+    handler left a dangling weak reference and the next handler made crashed the process;
+    such a build must keep them Python classes: ``mypyc_attr(native_class=False)``.)"""
+    import gc
+    import weakref
+
+    for _ in range(3):
+        handler = BatchedStreamHandler(io.StringIO())
+        handler.setFormatter(TextFormatter())
+        refs = [weakref.ref(handler), weakref.ref(TextFormatter()), weakref.ref(JsonFormatter())]
+        handler.close()
+        del handler
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None, None]
+        logging.StreamHandler(io.StringIO()).close()  # logging's own, after the freed one
