@@ -503,6 +503,9 @@ class _Link:
             if not events:
                 return
             left -= len(events)
+            # One clock read per poll, not per ACK: every ACK of the batch was queued by
+            # now, and its window goes out after the batch's reads whatever the clock says.
+            now = monotonic()
             # The batch's windows are sent after all its ACKs are read (below).
             answered: list[_Transfer] = []
             for fd, _ in events:
@@ -532,9 +535,9 @@ class _Link:
                     block = buf[2] * 256 + buf[3]
                     sender = transfer.sender
                     try:
-                        send = sender.ack_window(block, monotonic())
+                        send = sender.ack_window(block, now)
                         if send is None:  # not the whole window acknowledged: the rest
-                            self.apply(transfer, sender.ack(block, monotonic()))
+                            self.apply(transfer, sender.ack(block, now))
                             continue
                     except Exception:
                         transfer.crashed()
