@@ -73,6 +73,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from netboot.eager import eager
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, log_line
@@ -1040,42 +1041,82 @@ class TftpServer:
         arrived = None if link is None or link.listener is None else link.listener.arrived
         return arrived is None or arrived < end_ns
 
-    async def _open(
+    def _open(
         self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes
+    ) -> list[Reply] | Awaitable[list[Reply]]:
+        """The content lookup, run at once (:func:`netboot.eager.eager`): an asset's blob
+        needs no wait, and the transfer starts in the RRQ's own callback, without a task per
+        request (a task, its scheduling and a trip round the loop before the transfer
+        began); a lookup that waits (a per-machine file asks the inventory) goes on as a
+        task, and the transfer starts when it ends."""
+        try:
+            lookup = eager(self._files.tftp_open(path, peer))
+        except BaseException:  # eager() hands an Exception over in the future: not one
+            self._opened_not(peer)
+            raise
+        if not lookup.done():
+            return self._open_later(iface, request, path, peer, raw, lookup)
+        exc = lookup.exception()
+        if exc is not None:
+            self._opened_not(peer)
+            return self._lookup_failed(exc, path, peer)
+        return self._opened(iface, request, path, peer, raw, lookup.result())
+
+    async def _open_later(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes,
+        lookup: asyncio.Future[Blob],
+    ) -> list[Reply]:
+        try:
+            blob = await lookup
+        except BaseException as exc:
+            self._opened_not(peer)
+            if not isinstance(exc, Exception):
+                raise
+            return self._lookup_failed(exc, path, peer)
+        return self._opened(iface, request, path, peer, raw, blob)
+
+    def _lookup_failed(self, exc: BaseException, path: str, peer: Address) -> list[Reply]:
+        """The content layer's refusal or failure, told to the client and logged."""
+        if isinstance(exc, NotFound):
+            self.stats.not_found += 1
+            # U-Boot's pxelinux.cfg lookup misses up to 14 files in a row (§3.3).
+            if path.startswith("pxelinux.cfg/"):
+                log.debug("tftp %s:%d %r: not found: %s", *peer, path, exc)
+            else:
+                self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: not found: %s",
+                                 *peer, path, exc)
+            return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
+        if isinstance(exc, Forbidden):
+            self.stats.refused += 1
+            self.limited.log(
+                logging.INFO, peer[0], "tftp %s:%d %r: refused: %s", *peer, path, exc
+            )
+            return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
+        if isinstance(exc, StoreError):  # a per-machine file needs the inventory
+            self.stats.failed += 1
+            self.limited.log(logging.WARNING, "store",
+                             "tftp %s:%d %r: inventory unavailable: %s", *peer,
+                             path, exc)
+            return [(error_packet(ErrorCode.NOT_DEFINED, "inventory unavailable"), peer)]
+        if isinstance(exc, OSError):  # the disk, not a bug: no traceback
+            self.stats.failed += 1
+            self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot read: %s",
+                             *peer, path, exc)
+            return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
+        log.error("tftp %s:%d %r: content lookup failed", *peer, path, exc_info=exc)
+        return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
+
+    def _opened_not(self, peer: Address) -> None:
+        """The request opened no transfer: its slot and its client's count given back."""
+        self._opening.discard(peer)
+        self._release(peer)
+
+    def _opened(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes,
+        blob: Blob,
     ) -> list[Reply]:
         registered = False
         try:
-            try:
-                blob = await self._files.tftp_open(path, peer)
-            except NotFound as exc:
-                self.stats.not_found += 1
-                # U-Boot's pxelinux.cfg lookup misses up to 14 files in a row (§3.3).
-                if path.startswith("pxelinux.cfg/"):
-                    log.debug("tftp %s:%d %r: not found: %s", *peer, path, exc)
-                else:
-                    self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: not found: %s",
-                                     *peer, path, exc)
-                return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
-            except Forbidden as exc:
-                self.stats.refused += 1
-                self.limited.log(
-                    logging.INFO, peer[0], "tftp %s:%d %r: refused: %s", *peer, path, exc
-                )
-                return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
-            except StoreError as exc:  # a per-machine file needs the inventory
-                self.stats.failed += 1
-                self.limited.log(logging.WARNING, "store",
-                                 "tftp %s:%d %r: inventory unavailable: %s", *peer,
-                                 path, exc)
-                return [(error_packet(ErrorCode.NOT_DEFINED, "inventory unavailable"), peer)]
-            except OSError as exc:  # the disk, not a bug: no traceback
-                self.stats.failed += 1
-                self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot read: %s",
-                                 *peer, path, exc)
-                return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
-            except Exception:
-                log.exception("tftp %s:%d %r: content lookup failed", *peer, path)
-                return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
             if self._closing:
                 return []
             try:

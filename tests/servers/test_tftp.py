@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import inspect
 import logging
 import os
 import socket
@@ -18,8 +19,18 @@ from typing import Any
 import pytest
 
 from netboot.errors import ConfigError
+from netboot.model import Blob
 from netboot.servers.tftp import TftpServer
-from netboot.wire.tftp import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest
+from netboot.wire.tftp import (
+    Ack,
+    Data,
+    Error,
+    ErrorCode,
+    OptionAck,
+    ReadRequest,
+    WriteRequest,
+    encode,
+)
 from tests.servers.tftp_client import LOOPBACK, DirFiles, RawClient, fetch, lossy_fetch, until
 
 SMALL = bytes(range(256)) * 20 + b"tail"  # 5124 bytes: 11 blocks at 512
@@ -1571,4 +1582,51 @@ async def test_more_than_1024_size_probes_at_once_fit_the_default_transfer_limit
     finally:
         for sock in socks:
             sock.close()
+        await server.close()
+
+
+async def test_an_asset_request_starts_its_transfer_in_the_datagram_callback(
+        server: TftpServer, client: RawClient) -> None:
+    """A lookup that needs no wait (an asset) runs at once: the RRQ's handler answers with a
+    list, no task, and the transfer is running when it returns."""
+    request = encode(ReadRequest("small.bin", "octet", ()))
+    result = server._handle(None, request, client.address)
+    assert result == []  # not an awaitable: no task for the boundary to run
+    assert client.address in server._transfers
+    assert not server._opening
+    packet, _ = await client.recv()
+    assert isinstance(packet, Data) and packet.block == 1
+
+
+class WaitingFiles(DirFiles):
+    """A content layer whose lookup waits, as a per-machine file waits for the inventory."""
+
+    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
+        await asyncio.sleep(0.01)
+        return await super().tftp_open(path, peer)
+
+
+async def test_a_lookup_that_waits_goes_on_as_a_task_and_serves_the_file(
+        root: Path, client: RawClient) -> None:
+    server = await started(WaitingFiles(root), retransmit=5.0, min_rto=None)
+    try:
+        request = encode(ReadRequest("small.bin", "octet", ()))
+        result = server._handle(None, request, client.address)
+        assert inspect.isawaitable(result)  # the boundary runs the rest as a task
+        assert client.address in server._opening  # a copy meanwhile is not a second request
+        assert server._handle(None, request, client.address) is None
+        replies = await result
+        assert replies == [] and client.address in server._transfers
+        assert not server._opening
+        got = await fetch(client, addr(server), "small.bin")
+        assert got.data == SMALL
+        missing = RawClient("127.0.0.3")
+        try:
+            missing.rrq(addr(server), "nothing-here.bin")
+            packet, _ = await missing.recv()
+            assert isinstance(packet, Error) and packet.code == ErrorCode.FILE_NOT_FOUND
+            await until(lambda: missing.address[0] not in server._per_client)
+        finally:
+            missing.close()
+    finally:
         await server.close()
