@@ -707,6 +707,14 @@ _GSO_ERRORS = frozenset({errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPRO
                          errno.EMSGSIZE})
 
 
+def _regular(st: os.stat_result) -> os.stat_result:
+    """``st`` if it is a regular file's; a directory, device or FIFO is refused as the
+    client's error (ERROR 0 "cannot read the file"), not a bug."""
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return st
+
+
 def _gso_per(datagrams: tuple[Datagram, ...]) -> int:
     """Datagrams per ``UDP_SEGMENT`` send of this window, 0 if it cannot be cut so: every
     datagram but the last exactly as long as the first (the segment size), the last no
@@ -1172,9 +1180,7 @@ class TftpServer:
                 source = (Packets(blob.data, negotiated.blksize)
                           if size <= self.cache.max_file else MemorySource(blob.data))
             elif blob.path is not None:
-                st = os.stat(blob.path)
-                if not stat.S_ISREG(st.st_mode):  # (and a FIFO is never opened: it blocks)
-                    raise OSError(errno.EINVAL, "not a regular file")
+                st = _regular(os.stat(blob.path))  # (so a FIFO is never opened: it blocks)
                 size = st.st_size
                 negotiated = negotiate(request.options, size, self.policy)
                 packets = self.cache.kept(blob.path, st, negotiated.blksize)
@@ -1182,9 +1188,7 @@ class TftpServer:
                     source = packets
                 else:
                     fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
-                    st = os.fstat(fd)
-                    if not stat.S_ISREG(st.st_mode):
-                        raise OSError(errno.EINVAL, "not a regular file")
+                    st = _regular(os.fstat(fd))  # what was opened, not what was stat'ed
                     if st.st_size != size:
                         # The size of what we hold open, not of what was stat'ed before.
                         size = st.st_size

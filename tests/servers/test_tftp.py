@@ -1630,3 +1630,33 @@ async def test_a_lookup_that_waits_goes_on_as_a_task_and_serves_the_file(
             missing.close()
     finally:
         await server.close()
+
+
+class FifoFiles(DirFiles):
+    """A content layer that hands out a path which is no regular file (by the time it is
+    opened: a file replaced by a FIFO or a directory between the lookup and the start)."""
+
+    def __init__(self, root: Path, odd: Path) -> None:
+        super().__init__(root)
+        self.odd = odd
+
+    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
+        return Blob(size=0, path=str(self.odd))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+async def test_a_path_that_is_no_regular_file_is_refused_not_opened(
+        root: Path, tmp_path: Path, client: RawClient, kind: str) -> None:
+    odd = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(odd)  # opened, it would block the server until a writer came
+    else:
+        odd.mkdir()
+    server = await started(FifoFiles(root, odd), retransmit=5.0, min_rto=None)
+    try:
+        client.rrq(addr(server), "anything.bin")
+        packet, _ = await client.recv()
+        assert isinstance(packet, Error) and packet.code == ErrorCode.NOT_DEFINED
+        assert server.stats.failed == 1 and not server._transfers
+    finally:
+        await server.close()
