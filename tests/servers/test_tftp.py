@@ -10,9 +10,10 @@ import inspect
 import logging
 import os
 import socket
+import struct
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 
 from netboot.errors import ConfigError
 from netboot.model import Blob
+from netboot.servers.sockets import SO_TIMESTAMPNS
 from netboot.servers.tftp import TftpServer
 from netboot.wire.tftp import (
     Ack,
@@ -42,6 +44,40 @@ def pattern(size: int) -> bytes:
     # A 251-byte period (prime): a block served at the wrong offset shows up.
     unit = bytes((i * 7) & 0xFF for i in range(251))
     return (unit * (size // 251 + 1))[:size]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stamps_on() -> Iterator[None]:
+    """Receive stamps on for the whole module. The kernel turns them on by deferred work
+    when the first socket asks, and off when the last one closes (net_enable_timestamp):
+    with each test's server the only socket asking, a datagram that came while that work
+    was still queued (a loaded machine) was stamped when read, after an event it preceded,
+    and a test of the late-copy rule saw a copy as a new request."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    deadline = time.monotonic() + 2.0
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        probe.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        probe.settimeout(1.0)  # (a loopback datagram is not lost: a bound, not a retry)
+        probe.bind((LOOPBACK, 0))
+        while time.monotonic() < deadline:  # until a datagram is stamped on arrival
+            sent = time.time_ns()
+            sock.sendto(b"x", probe.getsockname())
+            time.sleep(0.002)
+            _, ancillary, _, _ = probe.recvmsg(16, socket.CMSG_SPACE(16))
+            if ancillary and _stamp(ancillary[0][2]) < sent + 1_000_000:
+                break
+        yield
+    finally:
+        probe.close()
+        sock.close()
+
+
+def _stamp(data: bytes) -> int:
+    seconds, nanoseconds = struct.unpack("@ll", data[:16])
+    return int(seconds * 1_000_000_000 + nanoseconds)
 
 
 @pytest.fixture
@@ -1660,3 +1696,4 @@ async def test_a_path_that_is_no_regular_file_is_refused_not_opened(
         assert server.stats.failed == 1 and not server._transfers
     finally:
         await server.close()
+
