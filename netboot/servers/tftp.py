@@ -1056,32 +1056,47 @@ class TftpServer:
         needs no wait, and the transfer starts in the RRQ's own callback, without a task per
         request (a task, its scheduling and a trip round the loop before the transfer
         began); a lookup that waits (a per-machine file asks the inventory) goes on as a
-        task, and the transfer starts when it ends."""
+        task, and the transfer starts when it ends. Then the listener is given a future of
+        the replies, not a coroutine: one it drops unstarted (past its tasks in flight)
+        would never give back the request's slot, and the client's next RRQs would be
+        taken for copies of one being opened."""
         try:
             lookup = eager(self._files.tftp_open(path, peer))
         except BaseException:  # eager() hands an Exception over in the future: not one
             self._opened_not(peer)
             raise
-        if not lookup.done():
-            return self._open_later(iface, request, path, peer, raw, lookup)
+        if lookup.done():
+            return self._looked_up(iface, request, path, peer, raw, lookup)
+        answer: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
+        lookup.add_done_callback(functools.partial(
+            self._answer, iface, request, path, peer, raw, answer))
+        return answer
+
+    def _answer(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes,
+        answer: asyncio.Future[list[Reply]], lookup: asyncio.Future[Blob],
+    ) -> None:
+        try:
+            replies = self._looked_up(iface, request, path, peer, raw, lookup)
+        except Exception as exc:  # a bug: the listener's boundary logs it
+            if not answer.done():
+                answer.set_exception(exc)
+            return
+        if not answer.done():  # (cancelled when the listener closed)
+            answer.set_result(replies)
+
+    def _looked_up(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes,
+        lookup: asyncio.Future[Blob],
+    ) -> list[Reply]:
+        if lookup.cancelled():
+            self._opened_not(peer)
+            return []
         exc = lookup.exception()
         if exc is not None:
             self._opened_not(peer)
             return self._lookup_failed(exc, path, peer)
         return self._opened(iface, request, path, peer, raw, lookup.result())
-
-    async def _open_later(
-        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes,
-        lookup: asyncio.Future[Blob],
-    ) -> list[Reply]:
-        try:
-            blob = await lookup
-        except BaseException as exc:
-            self._opened_not(peer)
-            if not isinstance(exc, Exception):
-                raise
-            return self._lookup_failed(exc, path, peer)
-        return self._opened(iface, request, path, peer, raw, blob)
 
     def _lookup_failed(self, exc: BaseException, path: str, peer: Address) -> list[Reply]:
         """The content layer's refusal or failure, told to the client and logged."""

@@ -1697,3 +1697,28 @@ async def test_a_path_that_is_no_regular_file_is_refused_not_opened(
     finally:
         await server.close()
 
+
+async def test_a_request_dropped_past_the_lookups_in_flight_gives_its_slot_back(
+        root: Path) -> None:
+    """Past the listener's tasks in flight a request whose lookup waits is dropped by the
+    listener. Its lookup had begun (eagerly): when it ends the transfer starts all the same,
+    and nothing is left "being opened" (a coroutine dropped unstarted left the request
+    there, and every later RRQ of its client was taken for a copy of it)."""
+    server = await started(WaitingFiles(root), retransmit=5.0, min_rto=None)
+    _, boundary = server._listeners[0]
+    boundary._max_in_flight = 1
+    first, second = RawClient("127.0.0.2"), RawClient("127.0.0.3")
+    try:
+        first.rrq(addr(server), "small.bin")
+        await until(lambda: len(boundary._tasks) == 1)
+        second.rrq(addr(server), "small.bin")
+        await until(lambda: boundary.dropped == 1)
+        await until(lambda: not server._opening)
+        for client in (first, second):
+            packet, _ = await client.recv()
+            assert isinstance(packet, Data) and packet.block == 1
+        assert server.transfers == 2
+    finally:
+        first.close()
+        second.close()
+        await server.close()
