@@ -73,6 +73,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from netboot.eager import eager
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, log_line
@@ -503,6 +504,9 @@ class _Link:
             if not events:
                 return
             left -= len(events)
+            # One clock read per poll, not per ACK: every ACK of the batch was queued by
+            # now, and its window goes out after the batch's reads whatever the clock says.
+            now = monotonic()
             # The batch's windows are sent after all its ACKs are read (below).
             answered: list[_Transfer] = []
             for fd, _ in events:
@@ -532,9 +536,9 @@ class _Link:
                     block = buf[2] * 256 + buf[3]
                     sender = transfer.sender
                     try:
-                        send = sender.ack_window(block, monotonic())
+                        send = sender.ack_window(block, now)
                         if send is None:  # not the whole window acknowledged: the rest
-                            self.apply(transfer, sender.ack(block, monotonic()))
+                            self.apply(transfer, sender.ack(block, now))
                             continue
                     except Exception:
                         transfer.crashed()
@@ -701,6 +705,14 @@ _GSO_MAX_BYTES = 65000  # a send's datagrams, headers included, fit one IPv4 pac
 # (ECONNREFUSED from an ICMP error on the connected socket), not GSO's.
 _GSO_ERRORS = frozenset({errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT,
                          errno.EMSGSIZE})
+
+
+def _regular(st: os.stat_result) -> os.stat_result:
+    """``st`` if it is a regular file's; a directory, device or FIFO is refused as the
+    client's error (ERROR 0 "cannot read the file"), not a bug."""
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return st
 
 
 def _gso_per(datagrams: tuple[Datagram, ...]) -> int:
@@ -1037,42 +1049,97 @@ class TftpServer:
         arrived = None if link is None or link.listener is None else link.listener.arrived
         return arrived is None or arrived < end_ns
 
-    async def _open(
+    def _open(
         self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes
+    ) -> list[Reply] | Awaitable[list[Reply]]:
+        """The content lookup, run at once (:func:`netboot.eager.eager`): an asset's blob
+        needs no wait, and the transfer starts in the RRQ's own callback, without a task per
+        request (a task, its scheduling and a trip round the loop before the transfer
+        began); a lookup that waits (a per-machine file asks the inventory) goes on as a
+        task, and the transfer starts when it ends. Then the listener is given a future of
+        the replies, not a coroutine: one it drops unstarted (past its tasks in flight)
+        would never give back the request's slot, and the client's next RRQs would be
+        taken for copies of one being opened."""
+        try:
+            lookup = eager(self._files.tftp_open(path, peer))
+        except BaseException:  # eager() hands an Exception over in the future: not one
+            self._opened_not(peer)
+            raise
+        if lookup.done():
+            return self._looked_up(iface, request, path, peer, raw, lookup)
+        answer: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
+        lookup.add_done_callback(functools.partial(
+            self._answer, iface, request, path, peer, raw, answer))
+        return answer
+
+    def _answer(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes,
+        answer: asyncio.Future[list[Reply]], lookup: asyncio.Future[Blob],
+    ) -> None:
+        try:
+            replies = self._looked_up(iface, request, path, peer, raw, lookup)
+        except Exception as exc:  # a bug: the listener's boundary logs it
+            if not answer.done():
+                answer.set_exception(exc)
+            return
+        if not answer.done():  # (cancelled when the listener closed)
+            answer.set_result(replies)
+
+    def _looked_up(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes,
+        lookup: asyncio.Future[Blob],
+    ) -> list[Reply]:
+        if lookup.cancelled():
+            self._opened_not(peer)
+            return []
+        exc = lookup.exception()
+        if exc is not None:
+            self._opened_not(peer)
+            return self._lookup_failed(exc, path, peer)
+        return self._opened(iface, request, path, peer, raw, lookup.result())
+
+    def _lookup_failed(self, exc: BaseException, path: str, peer: Address) -> list[Reply]:
+        """The content layer's refusal or failure, told to the client and logged."""
+        if isinstance(exc, NotFound):
+            self.stats.not_found += 1
+            # U-Boot's pxelinux.cfg lookup misses up to 14 files in a row (§3.3).
+            if path.startswith("pxelinux.cfg/"):
+                log.debug("tftp %s:%d %r: not found: %s", *peer, path, exc)
+            else:
+                self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: not found: %s",
+                                 *peer, path, exc)
+            return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
+        if isinstance(exc, Forbidden):
+            self.stats.refused += 1
+            self.limited.log(
+                logging.INFO, peer[0], "tftp %s:%d %r: refused: %s", *peer, path, exc
+            )
+            return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
+        if isinstance(exc, StoreError):  # a per-machine file needs the inventory
+            self.stats.failed += 1
+            self.limited.log(logging.WARNING, "store",
+                             "tftp %s:%d %r: inventory unavailable: %s", *peer,
+                             path, exc)
+            return [(error_packet(ErrorCode.NOT_DEFINED, "inventory unavailable"), peer)]
+        if isinstance(exc, OSError):  # the disk, not a bug: no traceback
+            self.stats.failed += 1
+            self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot read: %s",
+                             *peer, path, exc)
+            return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
+        log.error("tftp %s:%d %r: content lookup failed", *peer, path, exc_info=exc)
+        return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
+
+    def _opened_not(self, peer: Address) -> None:
+        """The request opened no transfer: its slot and its client's count given back."""
+        self._opening.discard(peer)
+        self._release(peer)
+
+    def _opened(
+        self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes,
+        blob: Blob,
     ) -> list[Reply]:
         registered = False
         try:
-            try:
-                blob = await self._files.tftp_open(path, peer)
-            except NotFound as exc:
-                self.stats.not_found += 1
-                # U-Boot's pxelinux.cfg lookup misses up to 14 files in a row (§3.3).
-                if path.startswith("pxelinux.cfg/"):
-                    log.debug("tftp %s:%d %r: not found: %s", *peer, path, exc)
-                else:
-                    self.limited.log(logging.INFO, peer[0], "tftp %s:%d %r: not found: %s",
-                                     *peer, path, exc)
-                return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
-            except Forbidden as exc:
-                self.stats.refused += 1
-                self.limited.log(
-                    logging.INFO, peer[0], "tftp %s:%d %r: refused: %s", *peer, path, exc
-                )
-                return [(error_packet(ErrorCode.ACCESS_VIOLATION, "access violation"), peer)]
-            except StoreError as exc:  # a per-machine file needs the inventory
-                self.stats.failed += 1
-                self.limited.log(logging.WARNING, "store",
-                                 "tftp %s:%d %r: inventory unavailable: %s", *peer,
-                                 path, exc)
-                return [(error_packet(ErrorCode.NOT_DEFINED, "inventory unavailable"), peer)]
-            except OSError as exc:  # the disk, not a bug: no traceback
-                self.stats.failed += 1
-                self.limited.log(logging.WARNING, peer[0], "tftp %s:%d %r: cannot read: %s",
-                                 *peer, path, exc)
-                return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
-            except Exception:
-                log.exception("tftp %s:%d %r: content lookup failed", *peer, path)
-                return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
             if self._closing:
                 return []
             try:
@@ -1128,9 +1195,7 @@ class TftpServer:
                 source = (Packets(blob.data, negotiated.blksize)
                           if size <= self.cache.max_file else MemorySource(blob.data))
             elif blob.path is not None:
-                st = os.stat(blob.path)
-                if not stat.S_ISREG(st.st_mode):  # (and a FIFO is never opened: it blocks)
-                    raise OSError(errno.EINVAL, "not a regular file")
+                st = _regular(os.stat(blob.path))  # (so a FIFO is never opened: it blocks)
                 size = st.st_size
                 negotiated = negotiate(request.options, size, self.policy)
                 packets = self.cache.kept(blob.path, st, negotiated.blksize)
@@ -1138,9 +1203,7 @@ class TftpServer:
                     source = packets
                 else:
                     fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
-                    st = os.fstat(fd)
-                    if not stat.S_ISREG(st.st_mode):
-                        raise OSError(errno.EINVAL, "not a regular file")
+                    st = _regular(os.fstat(fd))  # what was opened, not what was stat'ed
                     if st.st_size != size:
                         # The size of what we hold open, not of what was stat'ed before.
                         size = st.st_size

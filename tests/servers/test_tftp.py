@@ -6,20 +6,33 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import inspect
 import logging
 import os
 import socket
+import struct
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from netboot.errors import ConfigError
+from netboot.model import Blob
+from netboot.servers.sockets import SO_TIMESTAMPNS
 from netboot.servers.tftp import TftpServer
-from netboot.wire.tftp import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, WriteRequest
+from netboot.wire.tftp import (
+    Ack,
+    Data,
+    Error,
+    ErrorCode,
+    OptionAck,
+    ReadRequest,
+    WriteRequest,
+    encode,
+)
 from tests.servers.tftp_client import LOOPBACK, DirFiles, RawClient, fetch, lossy_fetch, until
 
 SMALL = bytes(range(256)) * 20 + b"tail"  # 5124 bytes: 11 blocks at 512
@@ -31,6 +44,40 @@ def pattern(size: int) -> bytes:
     # A 251-byte period (prime): a block served at the wrong offset shows up.
     unit = bytes((i * 7) & 0xFF for i in range(251))
     return (unit * (size // 251 + 1))[:size]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stamps_on() -> Iterator[None]:
+    """Receive stamps on for the whole module. The kernel turns them on by deferred work
+    when the first socket asks, and off when the last one closes (net_enable_timestamp):
+    with each test's server the only socket asking, a datagram that came while that work
+    was still queued (a loaded machine) was stamped when read, after an event it preceded,
+    and a test of the late-copy rule saw a copy as a new request."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    deadline = time.monotonic() + 2.0
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        probe.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        probe.settimeout(1.0)  # (a loopback datagram is not lost: a bound, not a retry)
+        probe.bind((LOOPBACK, 0))
+        while time.monotonic() < deadline:  # until a datagram is stamped on arrival
+            sent = time.time_ns()
+            sock.sendto(b"x", probe.getsockname())
+            time.sleep(0.002)
+            _, ancillary, _, _ = probe.recvmsg(16, socket.CMSG_SPACE(16))
+            if ancillary and _stamp(ancillary[0][2]) < sent + 1_000_000:
+                break
+        yield
+    finally:
+        probe.close()
+        sock.close()
+
+
+def _stamp(data: bytes) -> int:
+    seconds, nanoseconds = struct.unpack("@ll", data[:16])
+    return int(seconds * 1_000_000_000 + nanoseconds)
 
 
 @pytest.fixture
@@ -1571,4 +1618,107 @@ async def test_more_than_1024_size_probes_at_once_fit_the_default_transfer_limit
     finally:
         for sock in socks:
             sock.close()
+        await server.close()
+
+
+async def test_an_asset_request_starts_its_transfer_in_the_datagram_callback(
+        server: TftpServer, client: RawClient) -> None:
+    """A lookup that needs no wait (an asset) runs at once: the RRQ's handler answers with a
+    list, no task, and the transfer is running when it returns."""
+    request = encode(ReadRequest("small.bin", "octet", ()))
+    result = server._handle(None, request, client.address)
+    assert result == []  # not an awaitable: no task for the boundary to run
+    assert client.address in server._transfers
+    assert not server._opening
+    packet, _ = await client.recv()
+    assert isinstance(packet, Data) and packet.block == 1
+
+
+class WaitingFiles(DirFiles):
+    """A content layer whose lookup waits, as a per-machine file waits for the inventory."""
+
+    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
+        await asyncio.sleep(0.01)
+        return await super().tftp_open(path, peer)
+
+
+async def test_a_lookup_that_waits_goes_on_as_a_task_and_serves_the_file(
+        root: Path, client: RawClient) -> None:
+    server = await started(WaitingFiles(root), retransmit=5.0, min_rto=None)
+    try:
+        request = encode(ReadRequest("small.bin", "octet", ()))
+        result = server._handle(None, request, client.address)
+        assert inspect.isawaitable(result)  # the boundary runs the rest as a task
+        assert client.address in server._opening  # a copy meanwhile is not a second request
+        assert server._handle(None, request, client.address) is None
+        replies = await result
+        assert replies == [] and client.address in server._transfers
+        assert not server._opening
+        got = await fetch(client, addr(server), "small.bin")
+        assert got.data == SMALL
+        missing = RawClient("127.0.0.3")
+        try:
+            missing.rrq(addr(server), "nothing-here.bin")
+            packet, _ = await missing.recv()
+            assert isinstance(packet, Error) and packet.code == ErrorCode.FILE_NOT_FOUND
+            await until(lambda: missing.address[0] not in server._per_client)
+        finally:
+            missing.close()
+    finally:
+        await server.close()
+
+
+class FifoFiles(DirFiles):
+    """A content layer that hands out a path which is no regular file (by the time it is
+    opened: a file replaced by a FIFO or a directory between the lookup and the start)."""
+
+    def __init__(self, root: Path, odd: Path) -> None:
+        super().__init__(root)
+        self.odd = odd
+
+    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
+        return Blob(size=0, path=str(self.odd))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+async def test_a_path_that_is_no_regular_file_is_refused_not_opened(
+        root: Path, tmp_path: Path, client: RawClient, kind: str) -> None:
+    odd = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(odd)  # opened, it would block the server until a writer came
+    else:
+        odd.mkdir()
+    server = await started(FifoFiles(root, odd), retransmit=5.0, min_rto=None)
+    try:
+        client.rrq(addr(server), "anything.bin")
+        packet, _ = await client.recv()
+        assert isinstance(packet, Error) and packet.code == ErrorCode.NOT_DEFINED
+        assert server.stats.failed == 1 and not server._transfers
+    finally:
+        await server.close()
+
+
+async def test_a_request_dropped_past_the_lookups_in_flight_gives_its_slot_back(
+        root: Path) -> None:
+    """Past the listener's tasks in flight a request whose lookup waits is dropped by the
+    listener. Its lookup had begun (eagerly): when it ends the transfer starts all the same,
+    and nothing is left "being opened" (a coroutine dropped unstarted left the request
+    there, and every later RRQ of its client was taken for a copy of it)."""
+    server = await started(WaitingFiles(root), retransmit=5.0, min_rto=None)
+    _, boundary = server._listeners[0]
+    boundary._max_in_flight = 1
+    first, second = RawClient("127.0.0.2"), RawClient("127.0.0.3")
+    try:
+        first.rrq(addr(server), "small.bin")
+        await until(lambda: len(boundary._tasks) == 1)
+        second.rrq(addr(server), "small.bin")
+        await until(lambda: boundary.dropped == 1)
+        await until(lambda: not server._opening)
+        for client in (first, second):
+            packet, _ = await client.recv()
+            assert isinstance(packet, Data) and packet.block == 1
+        assert server.transfers == 2
+    finally:
+        first.close()
+        second.close()
         await server.close()
