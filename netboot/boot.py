@@ -932,18 +932,10 @@ class BootService:
 
     async def _effective(self, machine: Machine, request: BootRequest | None = None,
                          ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
+        # Every read answered by the view when it holds all three (no coroutine each);
+        # otherwise the async getters read what it does not hold yet.
         held = self._view.held_settings()
-        if held is not None:  # every read answered by the view: no coroutine each
-            groups, profiles, clusters = held
-            group = grouping.select(groups, grouping.machine_labels(
-                machine, request.labels() if request else None)) if groups else None
-            profile_name = (machine.profile or (group.profile if group else None)
-                            or self.settings.default_profile)
-            cluster_name = machine.cluster or (group.cluster if group else None)
-            return (group, profiles.get(profile_name) if profile_name else None,
-                    clusters.get(cluster_name) if cluster_name else None,
-                    machine.role or (group.role if group else None) or Role.AGENT)
-        groups = await self._view.list_groups()
+        groups = held[0] if held is not None else await self._view.list_groups()
         # Without groups nothing is selected: the labels (a dict of the machine's facts and
         # the request's strings) are not made.
         group = grouping.select(groups, grouping.machine_labels(
@@ -952,8 +944,13 @@ class BootService:
                         or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)
         role = machine.role or (group.role if group else None) or Role.AGENT
-        profile = await self._view.get_profile(profile_name) if profile_name else None
-        cluster = await self._view.get_cluster(cluster_name) if cluster_name else None
+        if held is not None:
+            _, profiles, clusters = held
+            profile = profiles.get(profile_name) if profile_name else None
+            cluster = clusters.get(cluster_name) if cluster_name else None
+        else:
+            profile = await self._view.get_profile(profile_name) if profile_name else None
+            cluster = await self._view.get_cluster(cluster_name) if cluster_name else None
         return group, profile, cluster, role
 
     async def _install_plan(self, request: BootRequest, machine: Machine, res: Resolution,

@@ -317,16 +317,12 @@ class Renderer:
         says why). Found once per text, as :meth:`_compiled` compiles it once."""
         if source in self._string_names:
             return self._string_names[source]
-        from jinja2 import meta, nodes
-
         try:
             tree = self._env.parse(source)
         except Exception:  # rendered with every name, which raises it as a RenderError
             names = None
         else:
-            taken = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
-            names = None if any(True for _ in tree.find_all(taken)) else frozenset(
-                meta.find_undeclared_variables(tree))
+            names = _names_read(tree)
         if len(self._string_names) >= _MAX_COMPILED:
             self._string_names.popitem(last=False)  # the oldest
         self._string_names[source] = names
@@ -404,7 +400,6 @@ class Renderer:
         reads; None where that cannot be told (it cannot be loaded, it takes in another
         template)."""
         import jinja2
-        from jinja2 import meta, nodes
 
         env = self._marking_env
         try:
@@ -419,10 +414,7 @@ class Renderer:
         source, filename, _ = loader.get_source(env, name)
         if not template.is_up_to_date:  # changed since: ask again next time
             return template, None
-        tree = env.parse(source, name, filename)
-        taken = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
-        names = None if any(True for _ in tree.find_all(taken)) else frozenset(
-            meta.find_undeclared_variables(tree))
+        names = _names_read(env.parse(source, name, filename))
         self._names[name] = (template, names)
         return template, names
 
@@ -980,6 +972,17 @@ _SPECIAL = frozenset({"loop", "self", "caller", "varargs", "kwargs", "super"})
 class _Unsure(Exception):
     """A split render cannot tell what the whole render gives (an undefined value, an
     error): the whole render answers, and says why."""
+
+
+def _names_read(tree: Any) -> frozenset[str] | None:
+    """The context names a parsed template reads; None where that cannot be told (it takes in
+    another template, whose names are not in this tree)."""
+    from jinja2 import meta, nodes
+
+    taken = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+    if any(True for _ in tree.find_all(taken)):
+        return None
+    return frozenset(meta.find_undeclared_variables(tree))
 
 
 class _Split:

@@ -388,10 +388,9 @@ class InventoryView:
         return None if self.loaded else UNSEEN
 
     async def get_machine(self, machine_id: str) -> Machine | None:
-        if machine_id in self._machines:
-            return self._machines[machine_id]
-        if self.loaded:
-            return None
+        held = self.held_machine(machine_id)
+        if not isinstance(held, Unseen):
+            return held
         return await self._read_through(self._store.get_machine(machine_id),
                                         lambda m: self._keep_machine(machine_id, m), exact=True)
 
@@ -539,7 +538,7 @@ class InventoryView:
         if groups is None or profiles is None or clusters is None:
             return None
         if self._group_list is None:
-            self._group_list = sorted(groups.values(), key=lambda g: g.name)
+            self._group_list = _groups_in_order(groups)
         return self._group_list, profiles, clusters
 
     def held_setting(self, key: str) -> str | Unseen | None:
@@ -558,8 +557,7 @@ class InventoryView:
 
     async def list_groups(self) -> list[Group]:
         if self._group_list is None:
-            groups = await self._all_groups()
-            self._group_list = sorted(groups.values(), key=lambda g: g.name)
+            self._group_list = _groups_in_order(await self._all_groups())
         return list(self._group_list)
 
     async def _all_groups(self) -> dict[str, Group]:
@@ -597,8 +595,9 @@ class InventoryView:
         return {item.name: item for item in await read}
 
     async def get_setting(self, key: str) -> str | None:
-        if key in self._settings:
-            return self._settings[key]
+        held = self.held_setting(key)
+        if not isinstance(held, Unseen):
+            return held
 
         def keep(value: str | None) -> None:
             # A sync sets every setting it reports: one present now is at least as new.
@@ -765,3 +764,8 @@ def _by_mac(servers: dict[str, Machine]) -> list[Machine]:
     """Machines in the store's machine order (by MAC; those without one last, by id)."""
     return sorted(servers.values(),
                   key=lambda m: (m.mac is None, str(m.mac) if m.mac else "", m.id))
+
+
+def _groups_in_order(groups: dict[str, Group]) -> list[Group]:
+    """Groups in :meth:`InventoryView.list_groups`' order: by name."""
+    return sorted(groups.values(), key=lambda g: g.name)
