@@ -84,9 +84,15 @@ POLL_SECONDS = 0.25
 # WAL frames not yet copied into the database past which they are (SQLite's own
 # autocheckpoint threshold, which netboot used until the checkpoint left the commit), and
 # the WAL's length past which the writer itself checkpoints (SqliteStore._checkpoint_due):
-# within the -shm's first region (4062 frames), a WAL of ~16 MiB at most.
+# within the -shm's first three regions (4062 + 2 * 4096 frames) and so well within
+# SHM_RESERVE's four, a WAL of ~48 MiB at most. Each time the writer catches the WAL up,
+# every group commit waits for it (it copies what the checkpointer has not and syncs twice):
+# 10-40 ms, up to 80-140 under load, 43-64 times in 30,000 first installs of a storm with
+# 4,000 frames, a third as often with 12,000 (benchmarks/README.md, s21-writer: the
+# writer's time in them 0.27-0.37x, the group commits' p99 0.63-0.89x, and more first
+# installs a second, in process).
 CHECKPOINT_FRAMES = 1000
-WAL_FRAMES = 4 * CHECKPOINT_FRAMES
+WAL_FRAMES = 12 * CHECKPOINT_FRAMES
 # The WAL index (-shm) begins with two copies of its 48-byte header (mxFrame, the frames in
 # the WAL, at offset 16) and then the checkpoint information (nBackfill, the frames copied
 # into the database, at offset 96), in native byte order: SQLite's "WAL-index format"

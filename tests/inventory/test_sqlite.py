@@ -1013,6 +1013,15 @@ async def test_checkpoints_follow_the_commits(tmp_path: Path,
         await store.close()
 
 
+def test_the_wal_bound_and_a_storms_overshoot_fit_the_reserved_wal_index() -> None:
+    # The -shm's first region indexes 4062 frames, each later one 4096 (walformat.html);
+    # SHM_RESERVE's regions must index WAL_FRAMES and what commits while the writer's own
+    # checkpoint is queued (a group commit or a few: well under 2,000 frames).
+    regions = sqlite_store.SHM_RESERVE // 32768
+    indexed = 4062 + (regions - 1) * 4096
+    assert indexed - sqlite_store.WAL_FRAMES >= 2_000
+
+
 async def test_the_wal_stays_short_when_checkpoints_beside_the_commits_never_catch_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A checkpoint beside a storm's commits copies what was committed when it began; the WAL
@@ -1026,7 +1035,7 @@ async def test_the_wal_stays_short_when_checkpoints_beside_the_commits_never_cat
     monkeypatch.setattr(store, "_checkpoint", lambda: asked.append(None))
     try:
         peak = restarts = last = written = 0
-        while written < 3_000:
+        while written < 3_000 * sqlite_store.WAL_FRAMES // 4_000:  # two restarts at least
             await store.apply_batch(Batch(create=_fleet(written, 20)))
             written += 20
             frames, _ = store._wal_frames()
