@@ -288,10 +288,11 @@ def slot_init(cls: type[Any]) -> None:
     """Give the frozen slotted dataclass ``cls`` an ``__init__`` that sets each slot through
     its descriptor: the same parameters, defaults and factories as the one dataclasses writes,
     whose ``object.__setattr__`` by name per field made a BootPlan cost twice as much (a
-    first install builds a BootRequest, a BootPlan, a K3sJoin and two Events). For the
-    values built once or more per request; the class needs no ``__post_init__``, ``InitVar``
-    or keyword-only field, which are refused here. Set on the class (a mypyc build's native
-    class takes it as well, and its slots' setters are its getset descriptors)."""
+    first install builds a BootRequest, a BootPlan, a K3sJoin, two Events, two Identities
+    and a Resolution). For the values built once or more per request; a class with a
+    ``__post_init__`` (what an ``InitVar`` is for) or a keyword-only or ``init=False`` field
+    is refused here. Set on the class (a mypyc build's native class takes it as well, and
+    its slots' setters are its getset descriptors)."""
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__")
     params, lines = [], []
