@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
 from netboot.errors import Conflict, NotFound, ValidationError
-from netboot.model import ID_PREFIX, BootRequest, MacAddress, Machine, MachineState
+from netboot.model import ID_PREFIX, BootRequest, MacAddress, Machine, MachineState, slot_init
 
 KINDS = ("mac", "uuid", "serial", "asset")
 PRECEDENCE = KINDS
@@ -177,6 +177,10 @@ class Identity:
         return self.keys(True)
 
 
+# Made twice per /ipxe decision (its look-up, what it tells): model.slot_init.
+slot_init(Identity)
+
+
 class MachineIndex(Protocol):
     """The store methods identity lookups need (see :class:`netboot.inventory.base.Store`)."""
 
@@ -240,6 +244,9 @@ class Resolution:
     matched_by: str | None = None  # "mac", "uuid", "serial" or "asset"
     absorb: tuple[Machine, ...] = ()  # discovered records of the same device, to merge
     disagree: tuple[tuple[str, Machine], ...] = ()  # other enrolled machines an identifier named
+
+
+slot_init(Resolution)
 
 
 def choose(found: Sequence[tuple[str, object, Machine]]) -> Resolution:

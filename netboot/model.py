@@ -13,6 +13,7 @@ import re
 import secrets
 import uuid as uuidlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING as _MISSING
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar, overload
 
@@ -283,6 +284,45 @@ def _of_values(cls: type[_F]) -> Callable[[Sequence[Any]], _F]:
     return of_values
 
 
+def slot_init(cls: type[Any]) -> None:
+    """Give the frozen slotted dataclass ``cls`` an ``__init__`` that sets each slot through
+    its descriptor: the same parameters, defaults and factories as the one dataclasses writes,
+    whose ``object.__setattr__`` by name per field made a BootPlan cost twice as much (a
+    first install builds a BootRequest, a BootPlan, a K3sJoin, two Events, two Identities
+    and a Resolution). For the values built once or more per request; a class with a
+    ``__post_init__`` (what an ``InitVar`` is for) or a keyword-only or ``init=False`` field
+    is refused here. Set on the class (a mypyc build's native class takes it as well, and
+    its slots' setters are its getset descriptors)."""
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} has a __post_init__")
+    params, lines = [], []
+    scope: dict[str, Any] = {"_missing": _MISSING}
+    for i, f in enumerate(fields(cls)):
+        if not f.init or f.kw_only:
+            raise TypeError(f"{cls.__name__}.{f.name} is not a plain init field")
+        scope[f"s{i}"] = cls.__dict__[f.name].__set__
+        if f.default is not _MISSING:
+            scope[f"d{i}"] = f.default
+            params.append(f"{f.name}=d{i}")
+            lines.append(f"    s{i}(self, {f.name})")
+        elif f.default_factory is not _MISSING:
+            scope[f"f{i}"] = f.default_factory
+            params.append(f"{f.name}=_missing")
+            lines.append(f"    s{i}(self, f{i}() if {f.name} is _missing else {f.name})")
+        else:
+            params.append(f.name)
+            lines.append(f"    s{i}(self, {f.name})")
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines)  # noqa: S102
+         + "\n    return None", scope)
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    setattr(cls, "__init__", init)  # noqa: B010  (mypy refuses a method assigned)
+
+
+slot_init(Event)
+
+
 _machine_of_values = _of_values(Machine)
 
 
@@ -473,6 +513,7 @@ class BootRequest:
         return out
 
 
+slot_init(BootRequest)
 _request_of_values = _of_values(BootRequest)
 
 
@@ -517,6 +558,9 @@ class K3sJoin:
         return tuple(out)
 
 
+slot_init(K3sJoin)
+
+
 @dataclass(frozen=True, slots=True)
 class BootPlan:
     """The one decision of :mod:`netboot.boot`: what this machine boots now, and why."""
@@ -532,6 +576,9 @@ class BootPlan:
     k3s: K3sJoin | None = None
     token: str | None = field(default=None, repr=False)  # install token, only when issued
     command: str | None = None  # for a held machine: what an operator runs to move it on
+
+
+slot_init(BootPlan)
 
 
 @dataclass(frozen=True, slots=True)

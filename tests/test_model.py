@@ -5,20 +5,27 @@ from __future__ import annotations
 import copy
 import pickle
 import sys
-from dataclasses import fields, replace
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass, replace
 
 import pytest
 
 from netboot.errors import ValidationError
+from netboot.identity import Identity, Resolution
 from netboot.model import (
     Arch,
+    BootAction,
+    BootPlan,
+    BootRequest,
+    Event,
     Firmware,
+    K3sJoin,
     LoaderChain,
     MacAddress,
     Machine,
     MachineState,
     Role,
     replace_machine,
+    slot_init,
 )
 
 
@@ -90,3 +97,76 @@ def test_replace_machine_gives_what_dataclasses_replace_gives() -> None:
         replace_machine(machine, colour="blue")
     with pytest.raises(TypeError):
         replace(machine, colour="blue")
+
+
+def _as_dataclasses_writes_it(cls: type) -> type:
+    """A frozen slotted dataclass with ``cls``'s fields, its ``__init__`` dataclasses' own."""
+    made = []
+    for f in fields(cls):
+        if f.default is not MISSING:
+            made.append((f.name, f.type, field(default=f.default)))
+        elif f.default_factory is not MISSING:
+            made.append((f.name, f.type, field(default_factory=f.default_factory)))
+        else:
+            made.append((f.name, f.type))
+    return make_dataclass(cls.__name__, made, frozen=True, slots=True)
+
+
+def _values(value: object) -> tuple[object, ...]:
+    return tuple(getattr(value, f.name) for f in fields(value))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("cls", "calls"), [
+    (Event, [(("m-1", 1.0, "k"), {}), (("m-1", 1.0, "k", "msg"), {"data": {"a": 1}}),
+             ((), {"machine": "m", "time": 2.0, "kind": "x", "message": "y"})]),
+    (BootRequest, [((MacAddress.parse("02:00:00:00:00:01"),), {}),
+                   ((), {"mac": MacAddress.parse("02:00:00:00:00:01"), "arch": Arch.X86_64,
+                         "firmware": Firmware.IPXE, "serial": "s", "via": "dhcp"})]),
+    (K3sJoin, [((Role.AGENT, None, True, "t"), {}),
+               ((Role.SERVER, "https://x:6443", False, "t", {"l": "v"}, ("a",), "n", ("s",)),
+                {})]),
+    (BootPlan, [((BootAction.INSTALL, MacAddress.parse("02:00:00:00:00:01"), "why"), {}),
+                ((BootAction.HOLD, MacAddress.parse("02:00:00:00:00:01"), "why", 5),
+                 {"token": "tok", "command": "c", "group": "g"})]),
+    (Identity, [((), {}), (((MacAddress.parse("02:00:00:00:00:01"),), "u", None, "a"), {})]),
+    (Resolution, [((None,), {}), ((None, "mac"), {"absorb": (), "disagree": ()})]),
+])
+def test_a_values_init_sets_what_the_dataclass_init_sets(
+        cls: type, calls: list[tuple[tuple[object, ...], dict[str, object]]]) -> None:
+    """The hot values' ``__init__`` (model.slot_init) against dataclasses' own: the same
+    fields from the same arguments, defaults and factories (a fresh dict each), and the same
+    refusals of a missing or unknown argument."""
+    reference = _as_dataclasses_writes_it(cls)
+    for args, kwargs in calls:
+        got, want = cls(*args, **kwargs), reference(*args, **kwargs)
+        assert _values(got) == _values(want)
+        assert got == cls(*args, **kwargs) and hash(repr(got))
+    factories = [f.name for f in fields(cls) if f.default_factory is not MISSING]
+    if factories:
+        args, kwargs = calls[0]
+        one, two = cls(*args, **kwargs), cls(*args, **kwargs)
+        for name in factories:
+            assert getattr(one, name) == getattr(reference(*args, **kwargs), name)
+            assert getattr(one, name) is not getattr(two, name)
+    if any(f.default is MISSING and f.default_factory is MISSING for f in fields(cls)):
+        with pytest.raises(TypeError):
+            cls()
+    with pytest.raises(TypeError):
+        cls(*calls[0][0], **calls[0][1], no_such_field=1)
+
+
+def test_a_values_init_is_refused_where_dataclasses_would_do_more() -> None:
+    @dataclass(frozen=True, slots=True)
+    class Checked:
+        a: int
+
+        def __post_init__(self) -> None:
+            raise ValueError
+
+    @dataclass(frozen=True, slots=True)
+    class KeywordOnly:
+        a: int = field(kw_only=True)
+
+    for cls in (Checked, KeywordOnly):
+        with pytest.raises(TypeError):
+            slot_init(cls)

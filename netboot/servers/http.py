@@ -56,7 +56,16 @@ from netboot.errors import (
 )
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, escape, log_context, log_line
-from netboot.model import Arch, Blob, BootPlan, BootRequest, Firmware, MacAddress, normalise_uuid
+from netboot.model import (
+    Arch,
+    Blob,
+    BootPlan,
+    BootRequest,
+    Firmware,
+    MacAddress,
+    boot_request_of_values,
+    normalise_uuid,
+)
 from netboot.servers.fasthttp import (
     MAX_HEAD,
     HeadTemplate,
@@ -192,29 +201,30 @@ def query_pairs(raw: str) -> list[tuple[str, str]]:
 
 def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
     """A BootRequest from the query string iPXE fills in from its settings (protocols.md §2.4)."""
-    mac_text = query.get("mac")
+    get = query.get
+    mac_text = get("mac")
     if not mac_text:
         raise ValidationError("mac", "required (iPXE fills it from ${netX/mac:hexhyp})")
     mac = MacAddress.parse(mac_text)
-    uuid = query.get("uuid") or None
+    uuid = get("uuid") or None
     if uuid:
         try:
             uuid = normalise_uuid(uuid)
         except ValidationError:
             uuid = None  # firmware without SMBIOS UUID sends garbage; not worth refusing a boot
-    build = (query.get("arch") or "").lower()
-    platform = (query.get("platform") or "").lower() or None
+    build = (get("arch") or "").lower()
+    platform = (get("platform") or "").lower() or None
+    # Every field in declaration order, each checked here (a first install makes one per
+    # request: the frozen __init__'s setattr by name per field was half of this function).
+    return boot_request_of_values((
+        mac, _BUILDARCH.get(build, Arch.UNKNOWN), Firmware.IPXE, None, uuid,
+        _text(get("serial")), _text(get("manufacturer")), _text(get("product")),
+        _text(get("asset")), None, platform, remote, None, None, "http"))
 
-    def text(key: str) -> str | None:
-        value = (query.get(key) or "").strip()
-        return value[:128] or None
 
-    return BootRequest(
-        mac=mac, arch=_BUILDARCH.get(build, Arch.UNKNOWN), firmware=Firmware.IPXE,
-        uuid=uuid, serial=text("serial"), manufacturer=text("manufacturer"),
-        product=text("product"), asset=text("asset"), platform=platform,
-        remote_addr=remote, via="http",
-    )
+def _text(value: str | None) -> str | None:
+    """A firmware string of the query: stripped, at most 128 characters, None when empty."""
+    return value.strip()[:128] or None if value else None
 
 
 def bearer_token(request: web.BaseRequest) -> str | None:

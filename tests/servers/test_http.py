@@ -22,7 +22,9 @@ import pytest
 import yaml
 
 from netboot.config import load
-from netboot.model import Machine, MachineState
+from netboot.errors import ValidationError
+from netboot.model import Arch, BootRequest, Firmware, MacAddress, Machine, MachineState
+from netboot.servers.http import ipxe_request, uri_query
 from netboot.service import Service, build
 from tests.conftest import (
     BASE,
@@ -1206,3 +1208,22 @@ async def test_a_config_fetched_again_is_kept_until_anything_it_is_made_of_chang
     assert len(rendered) == 5
     assert await fetch() == await fetch()
     assert len(rendered) == 5
+
+
+def test_an_ipxe_query_is_read_into_the_request_it_describes() -> None:
+    """Each field as iPXE fills it in: firmware strings stripped, cut at 128 characters and
+    dropped when empty, the arch by its buildarch name, a UUID normalised or dropped when it
+    is not one; the whole request equal to the one built field by field."""
+    query = uri_query("mac=02-00-00-0A-0B-0C&uuid=4C4C4544-0042-3510-8052-B4C04F4E4D31"
+                      "&arch=x86_64&platform=EFI&serial=%20SN1%20&manufacturer=&product="
+                      + "p" * 200 + "&asset=%20%20")
+    got = ipxe_request(query, "192.0.2.7")
+    assert got == BootRequest(
+        mac=MacAddress.parse("02:00:00:0a:0b:0c"), arch=Arch.X86_64, firmware=Firmware.IPXE,
+        uuid="4c4c4544-0042-3510-8052-b4c04f4e4d31", serial="SN1", product="p" * 128,
+        platform="efi", remote_addr="192.0.2.7", via="http")
+    bare = ipxe_request(uri_query("mac=02:00:00:0a:0b:0c&uuid=garbage&arch=what"), None)
+    assert bare == BootRequest(mac=MacAddress.parse("02:00:00:0a:0b:0c"), arch=Arch.UNKNOWN,
+                               firmware=Firmware.IPXE, via="http")
+    with pytest.raises(ValidationError):
+        ipxe_request(uri_query("uuid=x"), None)
