@@ -1195,7 +1195,10 @@ class TftpServer:
                 source = (Packets(blob.data, negotiated.blksize)
                           if size <= self.cache.max_file else MemorySource(blob.data))
             elif blob.path is not None:
-                st = _regular(os.stat(blob.path))  # (so a FIFO is never opened: it blocks)
+                # The lookup's own stat when it took one (an asset's): a second here told the
+                # same moments later, a system call and a stat_result per transfer. Regular
+                # checked either way, so a FIFO is never opened (it blocks).
+                st = _regular(blob.stat if blob.stat is not None else os.stat(blob.path))
                 size = st.st_size
                 negotiated = negotiate(request.options, size, self.policy)
                 packets = self.cache.kept(blob.path, st, negotiated.blksize)
