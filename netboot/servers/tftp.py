@@ -56,6 +56,7 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -273,7 +274,7 @@ class _Transfer:
                  "sock", "window")
 
     def __init__(self, server: TftpServer, link: _Link, peer: Address, path: str,
-                 sender: Sender, fd: int | None, sock: socket.socket, request: bytes) -> None:
+                 sender: Sender, fd: int | None, sock: _socket.socket, request: bytes) -> None:
         self.server = server
         self.link = link
         self.peer = peer
@@ -447,7 +448,7 @@ class _Link:
         # A transfer's socket comes from this attribute, not straight from the method, so
         # that a test can hand out wrapped sockets in the compiled build too (mypyc's native
         # classes have read-only methods; see setup.py).
-        self.open: Callable[[Address], socket.socket] = self.connect
+        self.open: Callable[[Address], _socket.socket] = self.connect
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -459,10 +460,13 @@ class _Link:
         self._epoll.close()
         self.sock.close()
 
-    def connect(self, peer: Address) -> socket.socket:
+    def connect(self, peer: Address) -> _socket.socket:
         """A socket for a transfer to ``peer``: bound to this link's address, connected."""
-        # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call. The
+        # C socket type itself: socket.socket, its subclass, adds a Python __init__ and a
+        # Python close() (for makefile's reference count, never used here), two Python
+        # calls a transfer.
+        sock = _socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.iface:
