@@ -488,8 +488,9 @@ class _Link:
         fd = sock.fileno()
         if fd >= 0 and self._transfers.get(fd) is transfer:
             del self._transfers[fd]
-            with contextlib.suppress(OSError, ValueError):
-                self._epoll.unregister(fd)
+        # Its close takes it out of the epoll set (the kernel drops a registration with the
+        # last descriptor of its file, and a transfer's socket has no other): no
+        # EPOLL_CTL_DEL before it, a system call a transfer.
         sock.close()
 
     def _ready(self) -> None:

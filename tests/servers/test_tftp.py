@@ -1749,3 +1749,19 @@ async def test_an_assets_transfer_starts_from_the_lookups_stat_not_a_second_one(
         await until(lambda n=n: server.stats.completed == n)  # type: ignore[misc]
         assert len(stats) == n, stats
     assert server.cache.hits >= 1  # the second transfer went the packets' way
+
+
+async def test_an_ended_transfers_socket_is_closed_and_out_of_the_links_poll(
+        server: TftpServer, client: RawClient) -> None:
+    """A transfer's end closes its socket, which is what takes it out of the link's epoll
+    set (no EPOLL_CTL_DEL is made): a datagram its client sends after the end is the data
+    socket's (a late ACK, ignored), and the link's poll has nothing."""
+    link = server._links[None]
+    opened = wrapped_sockets(server, lambda sock: sock)
+    got = await fetch(client, addr(server), "small.bin")
+    assert got.data == SMALL
+    await until(lambda: server.stats.completed == 1)
+    assert len(opened) == 1 and opened[0].fileno() == -1
+    client.send(Ack(1), got.tid)  # a late copy of an ACK
+    await asyncio.sleep(0.05)
+    assert link._poll(0, 8) == [] and not link._transfers
