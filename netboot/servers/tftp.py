@@ -74,7 +74,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from netboot.eager import eager
+from netboot.eager import carry_on
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, log_line
@@ -1057,8 +1057,8 @@ class TftpServer:
     def _open(
         self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes
     ) -> list[Reply] | Awaitable[list[Reply]]:
-        """The content lookup, run at once (:func:`netboot.eager.eager`): an asset's blob
-        needs no wait, and the transfer starts in the RRQ's own callback, without a task per
+        """The content lookup, run at once (as :func:`netboot.eager.eager` does): an asset's
+        blob needs no wait, and the transfer starts in the RRQ's own callback, without a task per
         request (a task, its scheduling and a trip round the loop before the transfer
         began); a lookup that waits (a per-machine file asks the inventory) goes on as a
         task, and the transfer starts when it ends. Then the listener is given a future of
@@ -1066,12 +1066,20 @@ class TftpServer:
         would never give back the request's slot, and the client's next RRQs would be
         taken for copies of one being opened."""
         try:
-            lookup = eager(self._files.tftp_open(path, peer))
-        except BaseException:  # eager() hands an Exception over in the future: not one
+            # Its first step run here, as netboot.eager.eager does, but the blob taken as
+            # the coroutine's return value, not through a future made, set and read again
+            # (and the loop asked for, a getpid system call) per request.
+            coro = self._files.tftp_open(path, peer)
+            waiting = coro.send(None)
+        except StopIteration as done:
+            return self._opened(iface, request, path, peer, raw, done.value)
+        except Exception as exc:
+            self._opened_not(peer)
+            return self._lookup_failed(exc, path, peer)
+        except BaseException:
             self._opened_not(peer)
             raise
-        if lookup.done():
-            return self._looked_up(iface, request, path, peer, raw, lookup)
+        lookup = carry_on(coro, waiting)
         answer: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
         lookup.add_done_callback(functools.partial(
             self._answer, iface, request, path, peer, raw, answer))
