@@ -33,6 +33,13 @@ def eager(coro: Coroutine[Any, Any, _T]) -> asyncio.Future[_T]:
     return loop.create_task(_carry_on(coro, waiting))
 
 
+def carry_on(coro: Coroutine[Any, Any, _T], waiting: Any) -> asyncio.Task[_T]:
+    """A task that drives ``coro`` on from ``waiting``, what its first ``send(None)``
+    yielded: for a caller that ran that first step itself, to take a coroutine's result
+    without a future when it never waits (the TFTP server's content lookup)."""
+    return asyncio.get_running_loop().create_task(_carry_on(coro, waiting))
+
+
 async def _carry_on(coro: Coroutine[Any, Any, _T], waiting: Any) -> _T:
     """Drive ``coro`` on from the future it yielded, as a task would have."""
     while True:

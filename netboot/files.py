@@ -165,6 +165,7 @@ class FileTree:
             path=found,
             content_type=kind,
             mtime=st.st_mtime,
+            stat=st,
         )
 
     def exists(self, path: str) -> bool:

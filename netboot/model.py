@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import operator
+import os
 import re
 import secrets
 import uuid as uuidlib
@@ -605,6 +606,10 @@ class Blob:
     path: str | None = None  # absolute path of a regular file when not in memory
     content_type: str = "application/octet-stream"
     mtime: float | None = None
+    # The stat the lookup took of ``path``, for a server to start from without a second one
+    # moments later (TFTP: a system call and a stat_result per transfer). Not compared: the
+    # same file is the same blob whichever moment it was looked at.
+    stat: os.stat_result | None = field(default=None, compare=False, repr=False)
 
 
 def normalise_uuid(text: str) -> str:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from netboot.eager import eager
+from netboot.eager import carry_on, eager
 
 
 async def test_a_coroutine_that_never_waits_is_a_done_future() -> None:
@@ -65,3 +65,34 @@ async def test_a_timeout_around_it_still_times_out() -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.01):
             await eager(slow())
+
+
+async def test_carry_on_drives_a_coroutine_whose_first_step_the_caller_ran() -> None:
+    """What a caller that runs the first step itself (the TFTP server's lookup, to take a
+    result without a future) hands on: the task goes on from the future that step yielded
+    to the coroutine's result, and its errors."""
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[int] = loop.create_future()
+
+    async def later() -> int:
+        first = await gate
+        await asyncio.sleep(0)
+        return first + 1
+
+    coro = later()
+    waiting = coro.send(None)  # the first step, here: it yields the gate
+    task = carry_on(coro, waiting)
+    assert not task.done()
+    gate.set_result(41)
+    assert await task == 42
+
+    failing: asyncio.Future[int] = loop.create_future()
+
+    async def fails() -> int:
+        return await failing
+
+    coro = fails()
+    task = carry_on(coro, coro.send(None))
+    failing.set_exception(ValueError("boom"))
+    with pytest.raises(ValueError, match="boom"):
+        await task

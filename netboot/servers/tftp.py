@@ -56,6 +56,7 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -73,7 +74,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from netboot.eager import eager
+from netboot.eager import carry_on
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, log_line
@@ -273,7 +274,7 @@ class _Transfer:
                  "sock", "window")
 
     def __init__(self, server: TftpServer, link: _Link, peer: Address, path: str,
-                 sender: Sender, fd: int | None, sock: socket.socket, request: bytes) -> None:
+                 sender: Sender, fd: int | None, sock: _socket.socket, request: bytes) -> None:
         self.server = server
         self.link = link
         self.peer = peer
@@ -447,7 +448,7 @@ class _Link:
         # A transfer's socket comes from this attribute, not straight from the method, so
         # that a test can hand out wrapped sockets in the compiled build too (mypyc's native
         # classes have read-only methods; see setup.py).
-        self.open: Callable[[Address], socket.socket] = self.connect
+        self.open: Callable[[Address], _socket.socket] = self.connect
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -459,10 +460,13 @@ class _Link:
         self._epoll.close()
         self.sock.close()
 
-    def connect(self, peer: Address) -> socket.socket:
+    def connect(self, peer: Address) -> _socket.socket:
         """A socket for a transfer to ``peer``: bound to this link's address, connected."""
-        # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call. The
+        # C socket type itself: socket.socket, its subclass, adds a Python __init__ and a
+        # Python close() (for makefile's reference count, never used here), two Python
+        # calls a transfer.
+        sock = _socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.iface:
@@ -484,8 +488,9 @@ class _Link:
         fd = sock.fileno()
         if fd >= 0 and self._transfers.get(fd) is transfer:
             del self._transfers[fd]
-            with contextlib.suppress(OSError, ValueError):
-                self._epoll.unregister(fd)
+        # Its close takes it out of the epoll set (the kernel drops a registration with the
+        # last descriptor of its file, and a transfer's socket has no other): no
+        # EPOLL_CTL_DEL before it, a system call a transfer.
         sock.close()
 
     def _ready(self) -> None:
@@ -1052,8 +1057,8 @@ class TftpServer:
     def _open(
         self, iface: str | None, request: ReadRequest, path: str, peer: Address, raw: bytes
     ) -> list[Reply] | Awaitable[list[Reply]]:
-        """The content lookup, run at once (:func:`netboot.eager.eager`): an asset's blob
-        needs no wait, and the transfer starts in the RRQ's own callback, without a task per
+        """The content lookup, run at once (as :func:`netboot.eager.eager` does): an asset's
+        blob needs no wait, and the transfer starts in the RRQ's own callback, without a task per
         request (a task, its scheduling and a trip round the loop before the transfer
         began); a lookup that waits (a per-machine file asks the inventory) goes on as a
         task, and the transfer starts when it ends. Then the listener is given a future of
@@ -1061,12 +1066,20 @@ class TftpServer:
         would never give back the request's slot, and the client's next RRQs would be
         taken for copies of one being opened."""
         try:
-            lookup = eager(self._files.tftp_open(path, peer))
-        except BaseException:  # eager() hands an Exception over in the future: not one
+            # Its first step run here, as netboot.eager.eager does, but the blob taken as
+            # the coroutine's return value, not through a future made, set and read again
+            # (and the loop asked for, a getpid system call) per request.
+            coro = self._files.tftp_open(path, peer)
+            waiting = coro.send(None)
+        except StopIteration as done:
+            return self._opened(iface, request, path, peer, raw, done.value)
+        except Exception as exc:
+            self._opened_not(peer)
+            return self._lookup_failed(exc, path, peer)
+        except BaseException:
             self._opened_not(peer)
             raise
-        if lookup.done():
-            return self._looked_up(iface, request, path, peer, raw, lookup)
+        lookup = carry_on(coro, waiting)
         answer: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
         lookup.add_done_callback(functools.partial(
             self._answer, iface, request, path, peer, raw, answer))
@@ -1195,7 +1208,10 @@ class TftpServer:
                 source = (Packets(blob.data, negotiated.blksize)
                           if size <= self.cache.max_file else MemorySource(blob.data))
             elif blob.path is not None:
-                st = _regular(os.stat(blob.path))  # (so a FIFO is never opened: it blocks)
+                # The lookup's own stat when it took one (an asset's): a second here told the
+                # same moments later, a system call and a stat_result per transfer. Regular
+                # checked either way, so a FIFO is never opened (it blocks).
+                st = _regular(blob.stat if blob.stat is not None else os.stat(blob.path))
                 size = st.st_size
                 negotiated = negotiate(request.options, size, self.policy)
                 packets = self.cache.kept(blob.path, st, negotiated.blksize)

@@ -1722,3 +1722,46 @@ async def test_a_request_dropped_past_the_lookups_in_flight_gives_its_slot_back(
         first.close()
         second.close()
         await server.close()
+
+
+async def test_an_assets_transfer_starts_from_the_lookups_stat_not_a_second_one(
+        server: TftpServer, client: RawClient, root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The content layer's blob of an asset carries the stat its lookup took; the transfer
+    starts from it (a second stat, moments later, told the same at a system call a start).
+    Both the first transfer (which opens the file and builds its packets) and the next
+    (served from the packets kept) stat the file once."""
+    path = str(root / "small.bin")
+    old = time.time() - 3600  # settled: its packets are kept (_PacketCache.SETTLE)
+    os.utime(path, (old, old))
+    stats: list[str] = []
+    real_stat = os.stat
+
+    def counted(target: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if isinstance(target, str) and target == path:
+            stats.append(path)
+        return real_stat(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counted)
+    for n in (1, 2):
+        got = await fetch(client, addr(server), "small.bin")
+        assert got.data == SMALL
+        await until(lambda n=n: server.stats.completed == n)  # type: ignore[misc]
+        assert len(stats) == n, stats
+    assert server.cache.hits >= 1  # the second transfer went the packets' way
+
+
+async def test_an_ended_transfers_socket_is_closed_and_out_of_the_links_poll(
+        server: TftpServer, client: RawClient) -> None:
+    """A transfer's end closes its socket, which is what takes it out of the link's epoll
+    set (no EPOLL_CTL_DEL is made): a datagram its client sends after the end is the data
+    socket's (a late ACK, ignored), and the link's poll has nothing."""
+    link = server._links[None]
+    opened = wrapped_sockets(server, lambda sock: sock)
+    got = await fetch(client, addr(server), "small.bin")
+    assert got.data == SMALL
+    await until(lambda: server.stats.completed == 1)
+    assert len(opened) == 1 and opened[0].fileno() == -1
+    client.send(Ack(1), got.tid)  # a late copy of an ACK
+    await asyncio.sleep(0.05)
+    assert link._poll(0, 8) == [] and not link._transfers
