@@ -68,6 +68,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import os
 import random
 import select
@@ -247,9 +248,14 @@ def serve(root: Path, tree: Path) -> None:
 
     async def main() -> None:
         min_rto = os.environ.get("NETBOOT_MIN_RTO")  # seconds; "none" = the fixed timer
+        # Seconds a lone window's ACK is busy-waited for (0: off); the tree's default unset,
+        # and only for a tree whose server has the option (a --baseline may predate it).
+        spin = os.environ.get("NETBOOT_ACK_SPIN")
+        extra = ({"ack_spin": float(spin)} if spin is not None and "ack_spin"
+                 in inspect.signature(TftpServer.__init__).parameters else {})
         server = TftpServer(Files(), host=HOST, port=0, max_transfers=256,
                             min_rto=None if min_rto == "none" else float(min_rto or 0.005),
-                            gso=os.environ.get("NETBOOT_GSO") != "0")
+                            gso=os.environ.get("NETBOOT_GSO") != "0", **extra)
         await server.start()
         print(server.port, flush=True)
         stopped = asyncio.Event()
