@@ -1,13 +1,24 @@
 """TFTP on loopback: netboot beside tftpd-hpa, atftpd and dnsmasq in the same run.
 
     python benchmarks/tftp_throughput.py single   [--size 20000000] [--windows 1,4,8]
+                                                  [--placements free,split,shared]
     python benchmarks/tftp_throughput.py lockstep [--clients 50] [--size 1048576]
     python benchmarks/tftp_throughput.py loss     [--clients 10] [--size 1048576]
                                                   [--loss 0.01] [--windows 1,8] [--cap 150]
     python benchmarks/tftp_throughput.py starts   [--clients 16] [--size 4096] [--pairs 3000]
                                                   [--windows 4]
 
-``single``    one transfer at a time of ``--size`` bytes at each windowsize: MiB/s.
+``single``    one transfer at a time of ``--size`` bytes at each windowsize: MiB/s, per
+              placement of the server and the client on the CPUs (``--placements``):
+              ``free`` the scheduler's choice (the row every earlier run printed),
+              ``split`` the server on CPU 0 and the client on CPU 1, ``shared`` both on
+              CPU 0 (sched_setaffinity on every thread of the server, taskset for the
+              client). A windowed transfer is a ping-pong of two wake-ups per window, so
+              where the two land sets its pace: unpinned on 2 CPUs the same code measured
+              0.84x and 1.76x atftpd in one session, pinned one CPU each 1.39-1.86x,
+              sharing one 2.5-2.7x. The pinned rows say where an unpinned figure stands.
+              The server's CPU ms/MiB is over all rounds, not the median round's (a clock
+              tick is 0.52 ms/MiB of one 19 MiB transfer).
 ``lockstep``  ``--clients`` transfers at once, each from its own loopback address (servers
               limit transfers per address; a storm comes from many), windowsize 1: MiB/s
               over all, and the server's CPU time per MiB (user + system, children
@@ -59,6 +70,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import os
 import random
 import select
@@ -82,6 +94,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 PROBE = b"\x00\x01no-such-file\x00octet\x00"  # answered with an ERROR by every server
 LOADER = "snponly.efi"  # starts: what a storm's devices ask for (storm.py)
+# --placements: (the server's CPUs, the client's CPUs); None = unpinned.
+PLACEMENTS: dict[str, tuple[set[int], set[int]] | None] = {
+    "free": None, "split": ({0}, {1}), "shared": ({0}, {0})}
 
 
 @dataclass(frozen=True)
@@ -235,9 +250,14 @@ def serve(root: Path, tree: Path) -> None:
 
     async def main() -> None:
         min_rto = os.environ.get("NETBOOT_MIN_RTO")  # seconds; "none" = the fixed timer
+        # Seconds a lone window's ACK is busy-waited for (0: off); the tree's default unset,
+        # and only for a tree whose server has the option (a --baseline may predate it).
+        spin = os.environ.get("NETBOOT_ACK_SPIN")
+        extra = ({"ack_spin": float(spin)} if spin is not None and "ack_spin"
+                 in inspect.signature(TftpServer.__init__).parameters else {})
         server = TftpServer(Files(), host=HOST, port=0, max_transfers=256,
                             min_rto=None if min_rto == "none" else float(min_rto or 0.005),
-                            gso=os.environ.get("NETBOOT_GSO") != "0")
+                            gso=os.environ.get("NETBOOT_GSO") != "0", **extra)
         await server.start()
         print(server.port, flush=True)
         stopped = asyncio.Event()
@@ -259,6 +279,15 @@ def _cpu(pid: int) -> float:
         fields = stat[stat.rindex(")") + 2:].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
     return 0.0
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cpus`` (threads and children started later inherit
+    it: atftpd's thread and tftpd-hpa's process per transfer)."""
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task), cpus)
 
 
 class CpuMeter:
@@ -409,10 +438,12 @@ def c_client(work: Path) -> Path | None:
 
 def c_transfers(client: Path, port: int, root: Path, name: str, size: int, clients: int,
                 window: int, *, loss: float, seed: int, cap: float,
-                copy: Path | None = None) -> Run:
-    """The C client's run (see tftp_client.c): the same workload as :func:`transfers`."""
-    argv = [str(client), HOST, str(port), name, str(size), "-n", str(clients), "-w", str(window),
-            "-b", str(BLKSIZE), "-l", str(loss), "-s", str(seed), "-c", str(cap),
+                copy: Path | None = None, cpus: set[int] | None = None) -> Run:
+    """The C client's run (see tftp_client.c): the same workload as :func:`transfers`;
+    ``cpus``: the CPUs it runs on (taskset), any without."""
+    pinned = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+    argv = [*pinned, str(client), HOST, str(port), name, str(size), "-n", str(clients),
+            "-w", str(window), "-b", str(BLKSIZE), "-l", str(loss), "-s", str(seed), "-c", str(cap),
             "-x", str(root / name)]
     if copy is not None:
         argv += ["-o", str(copy)]
@@ -723,6 +754,9 @@ def main() -> None:
     parser.add_argument("--loss", type=float, default=0.01)
     parser.add_argument("--cap", type=float, default=150.0, help="seconds per run at most")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--placements", default=None,
+                        help="single: where server and client run, comma-separated of "
+                             f"{','.join(PLACEMENTS)} (default all; other modes: free)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default="", help="comma-separated server names")
     parser.add_argument("--uvloop", action="store_true", help="also netboot under uvloop")
@@ -745,11 +779,22 @@ def main() -> None:
     clients = args.clients or {"single": 1, "lockstep": 50, "loss": 10, "starts": 16}[mode]
     windows = [int(w) for w in (args.windows or {"single": "1,4,8", "lockstep": "1",
                                                   "loss": "1,8", "starts": "4"}[mode]).split(",")]
+    placements = (args.placements or ("free,split,shared" if mode == "single" else "free")
+                  ).split(",")
+    for placement in placements:
+        if placement not in PLACEMENTS:
+            parser.error(f"--placements: {placement!r} is none of {', '.join(PLACEMENTS)}")
+    if len(os.sched_getaffinity(0)) < 2 or 1 not in os.sched_getaffinity(0):
+        placements = [p for p in placements if p != "split"]  # needs CPUs 0 and 1
     if mode == "starts":
         args.client = "python"
+    if args.client == "python":
+        placements = [p for p in placements if p == "free"]  # the client runs in-process
+    args.placements = placements
+    everywhere = os.sched_getaffinity(0)
     loss = args.loss if mode == "loss" else 0.0
     peers = available(args)
-    results: dict[tuple[str, int], list[tuple[Run, float]]] = {}
+    results: dict[tuple[str, int, str], list[tuple[Run, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as work:
         root = Path(tmp)
         (root / "file.bin").write_bytes(os.urandom(size))
@@ -782,19 +827,26 @@ def main() -> None:
                             # Warmed first: modules imported, the packet cache built.
                             starts(port, args.name, size, clients, window, 4 * clients,
                                    args.cap)
-                        meter = CpuMeter(pid)
-                        if mode == "starts":
-                            run = starts(port, args.name, size, clients, window,
-                                         args.pairs, args.cap)
-                        elif client is not None:
-                            run = c_transfers(client, port, root, "file.bin", size, clients,
-                                              window, loss=loss, seed=args.seed + rep,
-                                              cap=args.cap)
-                        else:
-                            run = transfers(port, "file.bin", size, clients, window,
-                                            loss=loss, seed=args.seed + rep, cap=args.cap)
-                        cpu = meter.stop()
-                        results.setdefault((peer.name, window), []).append((run, cpu))
+                        # Rotated too: no placement always follows the same one.
+                        for placement in (placements[rep % len(placements):]
+                                          + placements[:rep % len(placements)]):
+                            where = PLACEMENTS[placement]
+                            pin(pid, where[0] if where else everywhere)
+                            meter = CpuMeter(pid)
+                            if mode == "starts":
+                                run = starts(port, args.name, size, clients, window,
+                                             args.pairs, args.cap)
+                            elif client is not None:
+                                run = c_transfers(client, port, root, "file.bin", size,
+                                                  clients, window, loss=loss,
+                                                  seed=args.seed + rep, cap=args.cap,
+                                                  cpus=where[1] if where else None)
+                            else:
+                                run = transfers(port, "file.bin", size, clients, window,
+                                                loss=loss, seed=args.seed + rep, cap=args.cap)
+                            cpu = meter.stop()
+                            results.setdefault((peer.name, window, placement), []).append(
+                                (run, cpu))
     report(mode, size, clients, windows, loss, args, [p.name for p, _ in peers], results)
 
 
@@ -815,8 +867,8 @@ def check(client: Path, port: int, root: Path, work: Path, name: str, size: int,
 
 def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
            args: argparse.Namespace, names: list[str],
-           results: dict[tuple[str, int], list[tuple[Run, float]]]) -> None:
-    def median(key: tuple[str, int]) -> tuple[Run, float]:
+           results: dict[tuple[str, int, str], list[tuple[Run, float]]]) -> None:
+    def median(key: tuple[str, int, str]) -> tuple[Run, float]:
         runs = sorted(results[key], key=lambda rc: rc[0].seconds)
         return runs[len(runs) // 2]
 
@@ -824,33 +876,56 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
         report_starts(size, clients, windows, args, names, results)
         return
 
+    placements = args.placements
+    placed = placements != ["free"]
     print(f"TFTP {mode}: {clients} x {size / MiB:g} MiB, blksize {BLKSIZE}"
           + (f", {loss:.0%} loss each way" if loss else "")
           + f", median of {args.repeat}, {args.client if args.client == 'python' else 'C'} client"
           " (windowsize is what the client asked; a server may grant 1; client: the"
           " client's CPU ms per MiB; dup DATA: duplicate or out-of-order blocks the clients"
-          " received)")
+          " received"
+          + ("; placed: free = unpinned, split = server CPU 0 and client CPU 1, shared = both"
+             " CPU 0; spread: the rounds' fastest-slowest seconds" if placed else "") + ")")
     ours = [n for n in names if n.startswith("netboot")]
-    print(f"{'server':<16}{'window':>7}{'seconds':>9}{'MiB/s':>8}{'CPU ms/MiB':>12}"
+    print(f"{'server':<16}{'window':>7}" + (f"{'placed':>8}" if placed else "")
+          + f"{'seconds':>9}{'MiB/s':>8}{'CPU ms/MiB':>12}"
           f"{'client':>8}{'failed':>8}{'dup DATA':>10}"
-          + "".join(f"{'time ÷ ' + n:>24}" for n in ours))
+          + "".join(f"{'time ÷ ' + n:>24}" for n in ours)
+          + (f"  {'spread':<11}" if placed else ""))
     for window in windows:
-        for name in names:
-            run, cpu = median((name, window))
-            mib = run.moved / MiB
-            # > 1: that netboot variant was faster than this server (same run, same client).
-            ratios = "".join(f"{run.seconds / median((n, window))[0].seconds:>23.2f}x"
-                             for n in ours if name not in ours)
-            client = ("" if run.client_cpu is None
-                      else f"{run.client_cpu * 1000 / max(mib, 1e-9):.2f}")
-            print(f"{name:<16}{window:>7}{run.seconds:>9.2f}{mib / run.seconds:>8.1f}"
-                  f"{cpu * 1000 / max(mib, 1e-9):>12.2f}{client:>8}{run.failures:>8}"
-                  f"{run.duplicates:>10}"
-                  f"{ratios}" + (f"  errors: {sorted(set(run.errors))}" if run.errors else "")
-                  + (f"  ({run.moved / 1e3:,.0f} kB moved)" if run.failures else ""))
+        for placement in placements:
+            for name in names:
+                key = (name, window, placement)
+                run, cpu = median(key)
+                mib = run.moved / MiB
+                per_mib = cpu * 1000 / max(mib, 1e-9)
+                if mode == "single":
+                    # Over every round, not the median round's: a tick (10 ms) is 0.52 ms/MiB
+                    # of one 19 MiB transfer, and the median round's CPU moved by ticks.
+                    per_mib = (sum(c for _, c in results[key]) * 1000
+                               / max(sum(r.moved for r, _ in results[key]) / MiB, 1e-9))
+                # > 1: that netboot variant was faster than this server (same run, same
+                # client, same placement).
+                ratios = "".join(
+                    f"{run.seconds / median((n, window, placement))[0].seconds:>23.2f}x"
+                    for n in ours if name not in ours)
+                pad = " " * 24 * len(ours) if name in ours else ""
+                client = ("" if run.client_cpu is None
+                          else f"{run.client_cpu * 1000 / max(mib, 1e-9):.2f}")
+                seconds = sorted(r.seconds for r, _ in results[key])
+                spread = f"  {seconds[0]:.3f}-{seconds[-1]:.3f}" if placed else ""
+                print(f"{name:<16}{window:>7}" + (f"{placement:>8}" if placed else "")
+                      + f"{run.seconds:>9.2f}{mib / run.seconds:>8.1f}"
+                      f"{per_mib:>12.2f}{client:>8}{run.failures:>8}"
+                      f"{run.duplicates:>10}"
+                      f"{ratios}{pad if placed else ''}{spread}"
+                      + (f"  errors: {sorted(set(run.errors))}" if run.errors else "")
+                      + (f"  ({run.moved / 1e3:,.0f} kB moved)" if run.failures else ""))
+
 
 def report_starts(size: int, clients: int, windows: list[int], args: argparse.Namespace,
-                  names: list[str], results: dict[tuple[str, int], list[tuple[Run, float]]]
+                  names: list[str],
+                  results: dict[tuple[str, int, str], list[tuple[Run, float]]]
                   ) -> None:
     print(f"TFTP starts: {args.pairs} x (size probe + download of {size} bytes), {clients} "
           f"devices at a time, blksize {BLKSIZE}; per server every round (order rotated), "
@@ -859,7 +934,7 @@ def report_starts(size: int, clients: int, windows: list[int], args: argparse.Na
           f"  rounds (µs CPU/pair)")
     for window in windows:
         for name in names:
-            runs = results[(name, window)]
+            runs = results[(name, window, "free")]
             per = sorted(cpu * 1e6 / max(run.moved, 1) for run, cpu in runs)
             rates = sorted(run.moved / run.seconds for run, _ in runs)
             failed = sum(run.failures for run, _ in runs)

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -1765,3 +1766,72 @@ async def test_an_ended_transfers_socket_is_closed_and_out_of_the_links_poll(
     client.send(Ack(1), got.tid)  # a late copy of an ACK
     await asyncio.sleep(0.05)
     assert link._poll(0, 8) == [] and not link._transfers
+
+# An RFC 7440 download by blocking socket calls in a process of its own: the server's event
+# loop may be busy-waiting for this client's ACK, so no client can run on it (nor in a thread
+# of its process, which would wait for the GIL). Prints the SHA-256 of what it received.
+_WINDOW_CLIENT = """
+import hashlib, socket, struct, sys, time
+port, name, blksize, window = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+pause = float(sys.argv[5])  # seconds before each ACK of a full window
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(5.0)
+sock.sendto(b"\\x00\\x01%s\\x00octet\\x00blksize\\x00%d\\x00windowsize\\x00%d\\x00"
+            % (name.encode(), blksize, window), ("127.0.0.1", port))
+oack, tid = sock.recvfrom(2048)
+assert oack[:2] == b"\\x00\\x06", oack
+sock.connect(tid)
+sock.send(b"\\x00\\x04\\x00\\x00")
+digest, expected = hashlib.sha256(), 1
+while True:
+    data = sock.recv(blksize + 4)
+    assert data[:2] == b"\\x00\\x03" and struct.unpack("!H", data[2:4])[0] == expected, data[:4]
+    digest.update(data[4:])
+    last = len(data) < blksize + 4
+    if last or expected % window == 0:
+        time.sleep(pause)
+        sock.send(b"\\x00\\x04" + data[2:4])
+    if last:
+        break
+    expected += 1
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("ack_spin", [0.5, 0.0])  # 0.5 s: a margin for a loaded machine
+async def test_a_lone_windowed_transfer_busy_waits_for_its_next_ack(
+        files: DirFiles, root: Path, ack_spin: float) -> None:
+    """A lone windowed transfer's next ACK is polled for (``ack_spin``) after its window
+    went out, not waited for by the event loop: with a client that takes 1 ms before each
+    ACK, the loop turns a handful of times over the transfer's 101 windows, where without
+    the wait it turns during every one of those milliseconds."""
+    # 100 full windows of 8 x 512, then one of two blocks (a window of one block is sent as
+    # lock-step's, and waited for by the event loop).
+    data = pattern(8 * 512 * 100 + 512 + 7)
+    (root / "windows.bin").write_bytes(data)
+    server = await started(files, retransmit=5.0, min_rto=None, ack_spin=ack_spin)
+    turns = 0  # the event loop's turns from the first window's ACK to the end
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += any(t.sender.acked for t in server._transfers.values())
+            await asyncio.sleep(0)
+
+    tick = asyncio.create_task(ticker())
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WINDOW_CLIENT, str(server.port), "windows.bin", "512", "8",
+            "0.001", stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+        assert out.decode().strip() == hashlib.sha256(data).hexdigest()
+        await until(lambda: server.stats.completed == 1)
+        assert server.stats.retransmissions == 0
+        if ack_spin:
+            assert turns < 20, turns
+        else:
+            assert turns > 100, turns
+    finally:
+        tick.cancel()
+        await server.close()
