@@ -131,6 +131,10 @@ class TftpConfig:
     # Devices behind one relay or NAT address share this; past it an RRQ gets ERROR 0 "busy".
     max_per_client: int = 64
     mtu: int = 1500
+    # Microseconds a lone windowed transfer's next ACK is busy-waited for instead of the
+    # event loop's sleep (servers/tftp.py, _Link._spin); 0 turns it off. A client slower
+    # than the wait (a remote one) is waited for once per up to 64 windows.
+    ack_spin_us: int = 100
 
 
 @dataclass(frozen=True)
@@ -703,6 +707,9 @@ def _check_limits(cfg: Config, src: _Source) -> None:
                         f"{http.max_connections_per_source} is above http.max_connections "
                         f"({http.max_connections})",
                         "lower it, or raise http.max_connections")
+    if not 0 <= tftp.ack_spin_us <= 10_000:
+        raise src.error("tftp.ack_spin_us", f"{tftp.ack_spin_us} is outside 0-10000",
+                        "write microseconds, e.g. 100 (0 turns the busy-wait off)")
     if tftp.max_per_client > tftp.max_transfers:
         raise src.error("tftp.max_per_client",
                         f"{tftp.max_per_client} is above tftp.max_transfers "

@@ -479,6 +479,7 @@ class Service:
             tftp = TftpServer(self.content, host="0.0.0.0", port=cfg.tftp.port,
                               max_transfers=cfg.tftp.max_transfers,
                               max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
+                              ack_spin=cfg.tftp.ack_spin_us / 1e6,
                               interfaces=list(cfg.server.interfaces) or None,
                               observer=self.metrics)
             await tftp.start()

@@ -29,6 +29,23 @@ from tests import pg
 from tests.conftest import EnvFactory, child_json, inotify_instances, write_config
 
 
+@pytest.mark.parametrize(("line", "seconds"), [("", 0.0001), ("  ack_spin_us: 0\n", 0.0)])
+async def test_the_tftp_ack_wait_is_the_configured_one(tmp_path: Path, line: str,
+                                                       seconds: float) -> None:
+    """tftp.ack_spin_us reaches the TFTP server (its lone windowed transfer's busy-wait):
+    100 us by default, 0 turns it off."""
+    path = write_config(tmp_path, "")
+    text = path.read_text().replace("tftp:\n  enabled: false\n", "")
+    path.write_text(text + "tftp:\n  enabled: true\n  port: 0\n" + line)
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        (tftp,) = service.servers
+        assert tftp.ack_spin == seconds
+    finally:
+        await service.close()
+
+
 async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path) -> None:
     path = write_config(tmp_path, "tftp:\n  enabled: true\n  port: 0\n")
     text = path.read_text().replace("tftp:\n  enabled: false\n", "")
