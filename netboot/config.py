@@ -707,8 +707,10 @@ def _check_limits(cfg: Config, src: _Source) -> None:
                         f"{http.max_connections_per_source} is above http.max_connections "
                         f"({http.max_connections})",
                         "lower it, or raise http.max_connections")
-    if not 0 <= tftp.ack_spin_us <= 10_000:
-        raise src.error("tftp.ack_spin_us", f"{tftp.ack_spin_us} is outside 0-10000",
+    # The wait holds the event loop (HTTP, DHCP) for its length per window: a millisecond
+    # at most, ten times the ~100 us a client on the same host answers in.
+    if not 0 <= tftp.ack_spin_us <= 1000:
+        raise src.error("tftp.ack_spin_us", f"{tftp.ack_spin_us} is outside 0-1000",
                         "write microseconds, e.g. 100 (0 turns the busy-wait off)")
     if tftp.max_per_client > tftp.max_transfers:
         raise src.error("tftp.max_per_client",

@@ -70,6 +70,7 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
          "http.max_connections_per_source", 3, "raise http.max_connections"),
         ("tftp:\n  max_per_client: 0\n", "tftp.max_per_client", 2, ">= 1"),
         ("tftp:\n  ack_spin_us: -1\n", "tftp.ack_spin_us", 2, "0 turns"),
+        ("tftp:\n  ack_spin_us: 5000\n", "tftp.ack_spin_us", 2, "0 turns"),
         ("tftp:\n  max_transfers: 10\n  max_per_client: 11\n", "tftp.max_per_client", 3,
          "raise tftp.max_transfers"),
         ("http:\n  plain_api: sometimes\n", "http.plain_api", 2, "loopback"),

@@ -224,7 +224,7 @@ def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
 
 def _text(value: str | None) -> str | None:
     """A firmware string of the query: stripped, at most 128 characters, None when empty."""
-    return value.strip()[:128] or None if value else None
+    return (value.strip()[:128] or None) if value else None
 
 
 def bearer_token(request: web.BaseRequest) -> str | None:
