@@ -16,27 +16,37 @@ from typing import Any, TypeVar, cast
 _T = TypeVar("_T")
 
 
+def first_step(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
+    """Run ``coro`` up to its first real wait: ``(True, its result)`` when it never waits,
+    else ``(False, what it yielded)``, to be driven on by :func:`carry_on`. An exception it
+    raises on the way is the caller's."""
+    try:
+        return False, coro.send(None)
+    except StopIteration as done:
+        return True, done.value
+
+
 def eager(coro: Coroutine[Any, Any, _T]) -> asyncio.Future[_T]:
     """A future already done when ``coro`` never waits, else a task that carries on from
     its first wait. Runs in the caller's context (a task made here copies it)."""
     loop = asyncio.get_running_loop()
     try:
-        waiting = coro.send(None)
-    except StopIteration as done:
-        settled: asyncio.Future[_T] = loop.create_future()
-        settled.set_result(done.value)
-        return settled
+        done, value = first_step(coro)
     except Exception as exc:
         failed: asyncio.Future[_T] = loop.create_future()
         failed.set_exception(exc)
         return failed
-    return loop.create_task(_carry_on(coro, waiting))
+    if done:
+        settled: asyncio.Future[_T] = loop.create_future()
+        settled.set_result(value)
+        return settled
+    return loop.create_task(_carry_on(coro, value))
 
 
 def carry_on(coro: Coroutine[Any, Any, _T], waiting: Any) -> asyncio.Task[_T]:
-    """A task that drives ``coro`` on from ``waiting``, what its first ``send(None)``
-    yielded: for a caller that ran that first step itself, to take a coroutine's result
-    without a future when it never waits (the TFTP server's content lookup)."""
+    """A task that drives ``coro`` on from ``waiting``, what :func:`first_step` gave: for a
+    caller that ran that step itself, to take a coroutine's result without a future when it
+    never waits (the TFTP server's content lookup)."""
     return asyncio.get_running_loop().create_task(_carry_on(coro, waiting))
 
 

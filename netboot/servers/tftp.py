@@ -74,7 +74,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from netboot.eager import carry_on
+from netboot.eager import carry_on, first_step
 from netboot.errors import ConfigError, DecodeError, Forbidden, NotFound, StoreError
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, log_line
@@ -1115,20 +1115,20 @@ class TftpServer:
         would never give back the request's slot, and the client's next RRQs would be
         taken for copies of one being opened."""
         try:
-            # Its first step run here, as netboot.eager.eager does, but the blob taken as
-            # the coroutine's return value, not through a future made, set and read again
-            # (and the loop asked for, a getpid system call) per request.
+            # Its first step run here (netboot.eager.first_step, as eager() runs it), the
+            # blob taken as the coroutine's return value, not through a future made, set
+            # and read again (and the loop asked for, a getpid system call) per request.
             coro = self._files.tftp_open(path, peer)
-            waiting = coro.send(None)
-        except StopIteration as done:
-            return self._opened(iface, request, path, peer, raw, done.value)
+            done, value = first_step(coro)
         except Exception as exc:
             self._opened_not(peer)
             return self._lookup_failed(exc, path, peer)
         except BaseException:
             self._opened_not(peer)
             raise
-        lookup = carry_on(coro, waiting)
+        if done:
+            return self._opened(iface, request, path, peer, raw, value)
+        lookup = carry_on(coro, value)
         answer: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
         lookup.add_done_callback(functools.partial(
             self._answer, iface, request, path, peer, raw, answer))
