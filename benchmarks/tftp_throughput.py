@@ -77,6 +77,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -273,12 +274,25 @@ def serve(root: Path, tree: Path) -> None:
         asyncio.run(main())
 
 
-def _cpu(pid: int) -> float:
+def _ticks(pid: int) -> tuple[int, int]:
+    """User and system clock ticks of ``pid``, its threads, ended ones included."""
     with contextlib.suppress(OSError, ValueError):
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return 0.0
+        return int(fields[11]), int(fields[12])
+    return 0, 0
+
+
+def _threads_ns(pid: int) -> dict[int, int]:
+    """Nanoseconds each live thread of ``pid`` has run (schedstat: the scheduler's own
+    clock, not ticks); an ended thread is not there any more."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError):
+                out[int(task)] = int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text()
+                                     .split()[0])
+    return out
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -293,33 +307,56 @@ def pin(pid: int, cpus: set[int]) -> None:
 class CpuMeter:
     """CPU seconds of a server and of its children while they live: tftpd-hpa forks one per
     transfer and lets the kernel reap it (SIGCHLD ignored), so its children's time never
-    reaches its own counters. Children are sampled every 10 ms; a child's last 10 ms may be
-    missed (a small under-count, in tftpd-hpa's favour)."""
+    reaches its own counters. Children are sampled every 10 ms, in nanoseconds (schedstat:
+    a child's ticks are rounded down, and a 1 MiB transfer's child runs about 1 ms, under
+    one tick); a child's last 10 ms may be missed (a small under-count, in tftpd-hpa's
+    favour).
+
+    The server's own time is in nanoseconds (schedstat, summed over its threads) when the
+    same threads ran from start to stop (netboot, dnsmasq, tftpd-hpa's listener): /proc's
+    user and system times are clock ticks, 10 ms, and a lock-step round of 50 MiB costs
+    about 100 ms, so a tick was a tenth of the figure and the median round's CPU moved by
+    whole ticks. When threads came or went (atftpd's thread per transfer) the ticks are
+    used, which count ended threads too. ``user`` and ``system`` (ticks, children
+    included) say where the time went."""
 
     def __init__(self, pid: int) -> None:
         import threading
 
         self.pid = pid
-        self.own0 = _cpu(pid)
-        self.children: dict[int, float] = {}
+        self.ticks0 = _ticks(pid)
+        self.ns0 = _threads_ns(pid)
+        self.seen = set(self.ns0)
+        self.children: dict[int, tuple[int, int, int]] = {}  # ticks and ns, by PID
+        self.user = self.system = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
+            self.seen.update(_threads_ns(self.pid))
             with contextlib.suppress(OSError):
                 for task in os.listdir(f"/proc/{self.pid}/task"):
                     with contextlib.suppress(OSError):
                         kids = Path(f"/proc/{self.pid}/task/{task}/children").read_text()
                         for child in map(int, kids.split()):
-                            self.children[child] = max(self.children.get(child, 0.0),
-                                                       _cpu(child))
+                            ns = sum(_threads_ns(child).values())
+                            if ns >= self.children.get(child, (0, 0, 0))[2]:
+                                self.children[child] = (*_ticks(child), ns)
 
     def stop(self) -> float:
+        ns1 = _threads_ns(self.pid)
+        ticks1 = _ticks(self.pid)
         self._stop.set()
         self._thread.join(timeout=5)
-        return _cpu(self.pid) - self.own0 + sum(self.children.values())
+        user = ticks1[0] - self.ticks0[0] + sum(u for u, _, _ in self.children.values())
+        system = ticks1[1] - self.ticks0[1] + sum(s for _, s, _ in self.children.values())
+        self.user, self.system = user / CLK_TCK, system / CLK_TCK
+        kids = sum(ns for _, _, ns in self.children.values()) / 1e9
+        if ns1 and set(ns1) == set(self.ns0) == self.seen:
+            return sum(ns1[t] - self.ns0[t] for t in ns1) / 1e9 + kids
+        return sum(ticks1) / CLK_TCK - sum(self.ticks0) / CLK_TCK + kids
 
 
 # --- the client --------------------------------------------------------------------------------
@@ -423,6 +460,8 @@ class Run:
     errors: list[str] = field(default_factory=list)
     duplicates: int = 0
     client_cpu: float | None = None  # seconds; measured by the C client only
+    user: float = 0.0  # the server's user and system seconds (clock ticks, see CpuMeter)
+    system: float = 0.0
 
 
 def c_client(work: Path) -> Path | None:
@@ -845,6 +884,7 @@ def main() -> None:
                                 run = transfers(port, "file.bin", size, clients, window,
                                                 loss=loss, seed=args.seed + rep, cap=args.cap)
                             cpu = meter.stop()
+                            run.user, run.system = meter.user, meter.system
                             results.setdefault((peer.name, window, placement), []).append(
                                 (run, cpu))
     report(mode, size, clients, windows, loss, args, [p.name for p, _ in peers], results)
@@ -882,13 +922,14 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
           + (f", {loss:.0%} loss each way" if loss else "")
           + f", median of {args.repeat}, {args.client if args.client == 'python' else 'C'} client"
           " (windowsize is what the client asked; a server may grant 1; client: the"
-          " client's CPU ms per MiB; dup DATA: duplicate or out-of-order blocks the clients"
-          " received"
+          " client's CPU ms per MiB; CPU ms/MiB: the median of the rounds'; user %: the"
+          " server's user share of its CPU over every round; dup DATA: duplicate or"
+          " out-of-order blocks the clients received"
           + ("; placed: free = unpinned, split = server CPU 0 and client CPU 1, shared = both"
              " CPU 0; spread: the rounds' fastest-slowest seconds" if placed else "") + ")")
     ours = [n for n in names if n.startswith("netboot")]
     print(f"{'server':<16}{'window':>7}" + (f"{'placed':>8}" if placed else "")
-          + f"{'seconds':>9}{'MiB/s':>8}{'CPU ms/MiB':>12}"
+          + f"{'seconds':>9}{'MiB/s':>8}{'CPU ms/MiB':>12}{'user %':>8}"
           f"{'client':>8}{'failed':>8}{'dup DATA':>10}"
           + "".join(f"{'time ÷ ' + n:>24}" for n in ours)
           + (f"  {'spread':<11}" if placed else ""))
@@ -896,9 +937,12 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
         for placement in placements:
             for name in names:
                 key = (name, window, placement)
-                run, cpu = median(key)
+                run, _ = median(key)
                 mib = run.moved / MiB
-                per_mib = cpu * 1000 / max(mib, 1e-9)
+                # The median of the rounds' own, not the median round's (by seconds): on a
+                # loaded machine a round's time and its CPU move apart.
+                per_mib = statistics.median(c * 1000 / max(r.moved / MiB, 1e-9)
+                                            for r, c in results[key])
                 if mode == "single":
                     # Over every round, not the median round's: a tick (10 ms) is 0.52 ms/MiB
                     # of one 19 MiB transfer, and the median round's CPU moved by ticks.
@@ -913,10 +957,14 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
                 client = ("" if run.client_cpu is None
                           else f"{run.client_cpu * 1000 / max(mib, 1e-9):.2f}")
                 seconds = sorted(r.seconds for r, _ in results[key])
+                # Over every round: ticks, too coarse for one round's share.
+                ticked = sum(r.user + r.system for r, _ in results[key])
+                user = (f"{100 * sum(r.user for r, _ in results[key]) / ticked:.0f}"
+                        if ticked else "")
                 spread = f"  {seconds[0]:.3f}-{seconds[-1]:.3f}" if placed else ""
                 print(f"{name:<16}{window:>7}" + (f"{placement:>8}" if placed else "")
                       + f"{run.seconds:>9.2f}{mib / run.seconds:>8.1f}"
-                      f"{per_mib:>12.2f}{client:>8}{run.failures:>8}"
+                      f"{per_mib:>12.2f}{user:>8}{client:>8}{run.failures:>8}"
                       f"{run.duplicates:>10}"
                       f"{ratios}{pad if placed else ''}{spread}"
                       + (f"  errors: {sorted(set(run.errors))}" if run.errors else "")
