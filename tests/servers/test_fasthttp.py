@@ -117,6 +117,9 @@ def test_a_replys_parts_are_its_encoding(close: bool) -> None:
 @pytest.mark.parametrize("query", [
     "", "mac=52-54-00-12-34-56&arch=x86_64&platform=efi", "a=1&b=", "a", "a=1&&b=2", "a=1&",
     "product=Q35%20+%20ICH9", "token=s3cret", "TOKEN=x&a=1", "q=a+b", "x=%0a", "k=v;w=1",
+    "manufacturer=Dell%20Inc.&product=PowerEdge%20R650", "=v", "a==b", "a=b=c", "k%3Dx=1",
+    "a=%26b", "t%6Fken=x", "a=%74oken", "x=%C3%A9", "x=%c3", "p=Q35%20+%20ICH9%2C%202009",
+    "x=%7f", "a=%2B", "a=%2", "a=%zz", "a=%", "a=(b)!*'$@?/~,.:", "%41=%42&%3d=%25",
 ])
 def test_the_fronts_log_target_is_what_aiohttps_path_logs(query: str) -> None:
     from urllib.parse import parse_qsl
@@ -129,6 +132,25 @@ def test_the_fronts_log_target_is_what_aiohttps_path_logs(query: str) -> None:
         assert isinstance(head, RequestHead), raw
         assert _front_target(head) == redacted_target(
             path, parse_qsl(query, keep_blank_values=True))
+
+
+def test_the_fronts_log_target_of_any_query_is_what_aiohttps_path_logs() -> None:
+    # Queries made of the pieces the shortcuts of _front_target tell apart (escapes ASCII or
+    # not, whole or cut, of "&", "=", "%", "+" and controls; empty parts and keys; a token).
+    import random
+    from urllib.parse import parse_qsl
+
+    from netboot.servers.http import _front_target, redacted_target
+
+    pieces = ["a", "Z", "=", "&", "+", "%20", "%26", "%3D", "%25", "%2B", "%0a", "%7F",
+              "%C3%A9", "%c3", "%7e", "%2", "%", "token", "TOK", "%6Fken", "(", ";", "?", "~"]
+    rng = random.Random(10)
+    for _ in range(3000):
+        query = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        head = parse_head(f"GET /ipxe?{query} HTTP/1.1\r\n\r\n".encode())
+        assert isinstance(head, RequestHead), query
+        assert _front_target(head) == redacted_target(
+            "/ipxe", parse_qsl(query, keep_blank_values=True)), query
 
 
 def test_an_installers_post_is_read_with_its_body() -> None:
