@@ -1296,8 +1296,9 @@ def _front_target(head: RequestHead) -> str:
         return escape(head.path, limit=1024)
     if _PLAIN_QUERY.fullmatch(query) and not head.path.startswith("/nocloud/"):
         text = query.replace("+", " ")
-        if "%" in text:
-            text = unquote(text)
+        if "%" in text:  # each one two hex digits of an ASCII character (_PLAIN_QUERY)
+            first, *rest = text.split("%")
+            text = first + "".join([chr(int(part[:2], 16)) + part[2:] for part in rest])
         if "token" not in text.lower():  # a token's pair is redacted: redacted_target's
             return escape(f"{head.path}?{text}", limit=1024)
     return redacted_target(head.path, query_pairs(query))
