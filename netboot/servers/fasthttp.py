@@ -43,6 +43,14 @@ _START = re.compile(rb"[A-Z]{1,20}(?:\Z| [\x21-\x7e]*(?:\Z| [\x21-\x7e]*(?:\Z|\r
 # field-name = token (RFC 9110 §5.1); a field value has no control character but HTAB (§5.5).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Field names as clients spell them, tokens already: no _TOKEN match for these (a device's
+# /ipxe head, new for each machine, is parsed each time).
+_NAMES: Final = frozenset({
+    b"Host", b"User-Agent", b"Accept", b"Accept-Encoding", b"Connection", b"X-Request-Id",
+    b"Authorization", b"Content-Length", b"Content-Type", b"host", b"user-agent",
+    b"accept", b"accept-encoding", b"connection", b"x-request-id", b"authorization",
+    b"content-length", b"content-type",
+})
 
 # Headers after which the request is aiohttp's to answer: a credential but a bearer token
 # (the plain-HTTP policy reads those), conditional and partial requests (FileResponse's
@@ -103,11 +111,12 @@ def parse_head(buf: bytes) -> RequestHead | NotMine | None:
     close = False
     user_agent = request_id = bearer = ""
     accept_encoding = False
-    if max(map(len, lines)) > MAX_LINE:
+    if end > MAX_LINE and max(map(len, lines)) > MAX_LINE:
         return _REST_IS_AIOHTTPS  # aiohttp refuses it (431/400): the same answer
     for raw in lines[1:]:
         name, colon, value = raw.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None or _CONTROL.search(value):
+        if not colon or (name not in _NAMES and _TOKEN.fullmatch(name) is None) \
+                or _CONTROL.search(value):
             return _REST_IS_AIOHTTPS  # obs-fold, a bare LF, a control character: a 400
         name = name.lower()
         if name in _BODY:
@@ -122,7 +131,9 @@ def parse_head(buf: bytes) -> RequestHead | NotMine | None:
                 passed = NotMine(end + 4)
             bearer = token.strip()
         elif name == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
+            # (One token, keep-alive or close, is what clients send.)
+            tokens = ({t.strip().lower() for t in value.split(b",")} if b"," in value
+                      else {value.strip().lower()})
             if b"upgrade" in tokens:
                 return _REST_IS_AIOHTTPS
             close = close or b"close" in tokens

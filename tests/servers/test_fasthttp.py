@@ -67,6 +67,26 @@ def test_what_the_front_cannot_frame_leaves_the_connection_to_aiohttp(raw: bytes
     assert parse_head(raw) == NotMine(None)
 
 
+@pytest.mark.parametrize(("value", "close"), [
+    (b"keep-alive", False), (b"close", True), (b" Close\t", True), (b"keep-alive, close", True),
+    (b"close,keep-alive", True), (b"closed", False), (b"TE", False), (b"", False),
+])
+def test_connection_close_is_read_in_any_spelling(value: bytes, close: bool) -> None:
+    head = parse_head(b"GET /x HTTP/1.1\r\nConnection:" + value + b"\r\n\r\n")
+    assert isinstance(head, RequestHead) and head.close is close
+
+
+@pytest.mark.parametrize("value", [b"Upgrade", b" upgrade ", b"keep-alive, Upgrade"])
+def test_an_upgrade_in_any_spelling_leaves_the_connection_to_aiohttp(value: bytes) -> None:
+    assert parse_head(b"GET /x HTTP/1.1\r\nConnection:" + value + b"\r\n\r\n") == NotMine(None)
+
+
+@pytest.mark.parametrize("field", [b"Host: a\x00b", b"host: a\rb", b"User-Agent: a\x7f",
+                                   b"Hos t: a", b"Host\x01: a"])
+def test_a_control_character_or_a_bad_name_in_a_usual_field_is_refused(field: bytes) -> None:
+    assert parse_head(b"GET /x HTTP/1.1\r\n" + field + b"\r\n\r\n") == NotMine(None)
+
+
 @pytest.mark.parametrize(("field", "token"), [
     (b"Authorization: Bearer abc.def", "abc.def"),
     (b"authorization:bearer   abc  ", "abc"),  # scheme case (RFC 9110 §11.1), spaces
