@@ -68,6 +68,7 @@ from netboot.model import (
 )
 from netboot.servers.fasthttp import (
     MAX_HEAD,
+    Fields,
     HeadTemplate,
     HttpDate,
     NotMine,
@@ -1112,6 +1113,7 @@ class FrontDoor:
         self._wire: dict[int, tuple[Reply, bytes, bytes, bytes]] = {}
         self._wire_bytes = 0  # the bodies of the replies in _wire
         self._heads: dict[bytes, RequestHead] = {}  # head(): whole heads seen, parsed
+        self._fields: dict[bytes, Fields] = {}  # head(): their header lines, read (parse_head)
         # The heads of start()'s replies by status, content type, headers and close.
         self._templates: dict[tuple[int, str, tuple[tuple[str, str], ...], bool],
                               HeadTemplate] = {}
@@ -1125,7 +1127,7 @@ class FrontDoor:
         known = self._heads.get(buf)
         if known is not None:
             return known
-        head = parse_head(buf)
+        head = parse_head(buf, self._fields)
         if isinstance(head, RequestHead) and head.size == len(buf) <= 1024:
             if len(self._heads) >= 1024:  # bounded: a scan of random URLs only churns it
                 self._heads.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from netboot.servers.fasthttp import (
+    Fields,
     NotMine,
     Reply,
     RequestHead,
@@ -65,6 +66,23 @@ def test_a_request_without_a_body_that_is_not_the_fronts_goes_whole_to_aiohttp(
 ])
 def test_what_the_front_cannot_frame_leaves_the_connection_to_aiohttp(raw: bytes) -> None:
     assert parse_head(raw) == NotMine(None)
+
+
+def test_header_lines_read_before_give_the_same_heads() -> None:
+    heads = [IPXE + b"\r\n", b"GET /x HTTP/1.1\r\nConnection: close\r\nUser-Agent: u\r\n\r\n",
+             b"GET /y?a=1 HTTP/1.1\r\nConnection: close\r\nUser-Agent: u\r\n\r\n",
+             b"GET /x HTTP/1.1\r\nAuthorization: Bearer t\r\nX-Request-Id: r\r\n\r\n",
+             b"GET /x HTTP/1.1\r\nCookie: s=1\r\n\r\n", b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n",
+             b"GET /x HTTP/1.1\r\nHost: a\x01\r\n\r\n", b"GET /x HTTP/1.1\r\n\r\n",
+             b"GET /x HTTP/1.1\r\nAccept-Encoding: gzip\r\n\r\nGET /next"]
+    known: dict[bytes, Fields] = {}
+    for _ in range(2):  # read, then from what was kept
+        for raw in heads:
+            assert parse_head(raw, known) == parse_head(raw), raw
+    assert len(known) == 5  # the lines of the heads that are the front's or a condition's
+    for n in range(1500):
+        parse_head(b"GET /x HTTP/1.1\r\nHost: %d\r\n\r\n" % n, known)
+    assert len(known) <= 1024
 
 
 @pytest.mark.parametrize(("value", "close"), [
