@@ -210,12 +210,16 @@ class TextFormatter(logging.Formatter):
 
     def stamp(self, created: float, msecs: float) -> str:
         """The asctime of a record made at ``created``."""
-        second = int(created)
+        # logging's default_msec_format, "%s,%03d"
+        return f"{self.second_text(int(created))},{int(msecs):03d}"
+
+    def second_text(self, second: int) -> str:
+        """The asctime of a whole ``second``, without its milliseconds."""
         known = self._second
         if known[0] != second:
             known = self._second = (second, time.strftime(self.default_time_format,
                                                           self.converter(second)))
-        return f"{known[1]},{int(msecs):03d}"  # logging's default_msec_format, "%s,%03d"
+        return known[1]
 
 
 class BatchedStreamHandler(logging.StreamHandler[TextIO]):
@@ -270,9 +274,11 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
         formatter = self.formatter
         assert isinstance(formatter, TextFormatter)
         created = time.time()
-        # The milliseconds as LogRecord.__init__ (3.11) computes them: the same text.
-        stamp = formatter.stamp(created, int((created - int(created)) * 1000) + 0.0)
-        line = f"{stamp} {logging.getLevelName(level)} {name}: {message}"
+        second = int(created)
+        # TextFormatter.stamp's text, in one f-string: the milliseconds as LogRecord.__init__
+        # (3.11) computes them, int((created - int(created)) * 1000).
+        line = (f"{formatter.second_text(second)},{int((created - second) * 1000):03d} "
+                f"{logging.getLevelName(level)} {name}: {message}")
         with self.lock:  # type: ignore[union-attr]
             self._keep(line)
 

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,27 @@ def test_text_formatter_writes_what_loggings_formatter_writes(created: float) ->
     except ValueError:
         failed.exc_info = sys.exc_info()
     assert ours.format(failed) == theirs.format(failed)
+
+
+@pytest.mark.parametrize("created", [1764641401.0, 1764641401.0009, 1764641401.9994,
+                                     1764641401.9999999, 1764641402.5, 951782400.123])
+def test_a_record_less_lines_time_is_loggings(created: float,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # BatchedStreamHandler.text_line takes the time and writes its text itself: the text of
+    # a LogRecord made at that time (its msecs as LogRecord.__init__ computes them).
+    stream = Writes()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    theirs = logging.Formatter(TEXT_FORMAT)
+    for at in (created, created, created + 0.001, created + 1, created - 1):
+        monkeypatch.setattr(time, "time", lambda at=at: at)
+        handler.text_line(logging.INFO, "netboot.access", "GET /boot.ipxe 200")
+        record = logging.LogRecord("netboot.access", logging.INFO, "", 0, "GET %s %d",
+                                   ("/boot.ipxe", 200), None)
+        record.created, record.msecs = at, int((at - int(at)) * 1000) + 0.0
+        monkeypatch.undo()
+        handler.flush()
+        assert stream.getvalue().splitlines()[-1] == theirs.format(record)
 
 
 async def test_a_loop_iterations_lines_leave_in_one_write_in_order() -> None:

@@ -43,6 +43,14 @@ _START = re.compile(rb"[A-Z]{1,20}(?:\Z| [\x21-\x7e]*(?:\Z| [\x21-\x7e]*(?:\Z|\r
 # field-name = token (RFC 9110 §5.1); a field value has no control character but HTAB (§5.5).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Field names as clients spell them, tokens already: no _TOKEN match for these (a device's
+# /ipxe head, new for each machine, is parsed each time).
+_NAMES: Final = frozenset({
+    b"Host", b"User-Agent", b"Accept", b"Accept-Encoding", b"Connection", b"X-Request-Id",
+    b"Authorization", b"Content-Length", b"Content-Type", b"host", b"user-agent",
+    b"accept", b"accept-encoding", b"connection", b"x-request-id", b"authorization",
+    b"content-length", b"content-type",
+})
 
 # Headers after which the request is aiohttp's to answer: a credential but a bearer token
 # (the plain-HTTP policy reads those), conditional and partial requests (FileResponse's
@@ -86,9 +94,28 @@ _REST_IS_AIOHTTPS: Final = NotMine(None)
 _BODY: Final = frozenset({b"content-length", b"transfer-encoding", b"upgrade"})
 
 
-def parse_head(buf: bytes) -> RequestHead | NotMine | None:
+class Fields(NamedTuple):
+    """What :func:`parse_head` reads of a head's header lines (all of them after the request
+    line): the same for every request whose lines are the same bytes, as a storm's devices
+    send them (one iPXE build, one server), so that its caller may keep it for them."""
+
+    passed: bool  # a field makes the request aiohttp's (a credential, a condition, a range)
+    close: bool
+    user_agent: str
+    request_id: str
+    accept_encoding: bool
+    bearer: str
+
+
+_NO_FIELDS: Final = Fields(False, False, "", "", False, "")
+
+
+def parse_head(buf: bytes, known: dict[bytes, Fields] | None = None
+               ) -> RequestHead | NotMine | None:
     """The first request in ``buf``: a head this front answers, a :class:`NotMine`, or None
-    when the head is not complete yet."""
+    when the head is not complete yet. ``known``: the caller's :class:`Fields` of header
+    lines read before, looked up and added to (at most 1,024 of at most 1 KiB each), where a
+    storm's first installs, each a head never seen (its MAC), share their header lines."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         if len(buf) > MAX_HEAD or not _START.match(buf):
@@ -98,31 +125,60 @@ def parse_head(buf: bytes) -> RequestHead | NotMine | None:
         return None
     if end > MAX_HEAD:
         return _REST_IS_AIOHTTPS
-    lines = buf[:end].split(b"\r\n")
-    passed: NotMine | None = None
-    close = False
-    user_agent = request_id = bearer = ""
-    accept_encoding = False
-    if max(map(len, lines)) > MAX_LINE:
+    if end > MAX_LINE and max(map(len, buf[:end].split(b"\r\n"))) > MAX_LINE:
         return _REST_IS_AIOHTTPS  # aiohttp refuses it (431/400): the same answer
-    for raw in lines[1:]:
+    eol = buf.find(b"\r\n")  # the request line's end: the head's when it has no field
+    fields = _NO_FIELDS
+    if eol < end:
+        block = buf[eol + 2:end]
+        kept = known.get(block) if known is not None else None
+        if kept is None:
+            read = _read_fields(block)
+            if isinstance(read, NotMine):
+                return read
+            if known is not None and len(block) <= 1024:
+                if len(known) >= 1024:  # bounded: odd clients only churn it
+                    known.clear()
+                known[block] = read
+            kept = read
+        fields = kept
+    line = _REQUEST_LINE.fullmatch(buf, 0, eol)
+    if line is None or fields.passed or b"//" in line[1] or b"/." in line[1]:
+        # Another method, HTTP/1.0, a target to decode or normalise: a request without a
+        # body (RFC 9112 §6.3: neither Content-Length nor Transfer-Encoding), for aiohttp.
+        return NotMine(end + 4)
+    path, query = line.groups(b"")
+    return RequestHead(path.decode("ascii"), query.decode("ascii"), end + 4, fields.close,
+                       fields.user_agent, fields.request_id, fields.accept_encoding,
+                       fields.bearer)
+
+
+def _read_fields(block: bytes) -> Fields | NotMine:
+    """:func:`parse_head`'s reading of the header lines ``block`` (their CRLFs between them),
+    or :data:`_REST_IS_AIOHTTPS`."""
+    passed = close = accept_encoding = False
+    user_agent = request_id = bearer = ""
+    for raw in block.split(b"\r\n"):
         name, colon, value = raw.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None or _CONTROL.search(value):
+        if not colon or (name not in _NAMES and _TOKEN.fullmatch(name) is None) \
+                or _CONTROL.search(value):
             return _REST_IS_AIOHTTPS  # obs-fold, a bare LF, a control character: a 400
         name = name.lower()
         if name in _BODY:
             return _REST_IS_AIOHTTPS
         if name in _NOT_MINE:
-            passed = NotMine(end + 4)  # read on: a body framing header may follow
+            passed = True  # read on: a body framing header may follow
         elif name == b"authorization":
             # A bearer token, once, is the caller's to judge; any other credential is the
             # plain-HTTP policy's (aiohttp's).
             scheme, _, token = value.strip(b" \t").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not token.strip() or bearer:
-                passed = NotMine(end + 4)
+                passed = True
             bearer = token.strip()
         elif name == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
+            # (One token, keep-alive or close, is what clients send.)
+            tokens = ({t.strip().lower() for t in value.split(b",")} if b"," in value
+                      else {value.strip().lower()})
             if b"upgrade" in tokens:
                 return _REST_IS_AIOHTTPS
             close = close or b"close" in tokens
@@ -132,14 +188,7 @@ def parse_head(buf: bytes) -> RequestHead | NotMine | None:
             request_id = value.strip(b" \t").decode("latin-1")
         elif name == b"accept-encoding":
             accept_encoding = True
-    line = _REQUEST_LINE.fullmatch(lines[0])
-    if line is None or passed is not None or b"//" in line[1] or b"/." in line[1]:
-        # Another method, HTTP/1.0, a target to decode or normalise: a request without a
-        # body (RFC 9112 §6.3: neither Content-Length nor Transfer-Encoding), for aiohttp.
-        return NotMine(end + 4)
-    path, query = line.groups(b"")
-    return RequestHead(path.decode("ascii"), query.decode("ascii"), end + 4, close,
-                       user_agent, request_id, accept_encoding, bearer)
+    return Fields(passed, close, user_agent, request_id, accept_encoding, bearer)
 
 
 # The installer's two POSTs (netboot.api: a progress report with its install token, the

@@ -68,6 +68,7 @@ from netboot.model import (
 )
 from netboot.servers.fasthttp import (
     MAX_HEAD,
+    Fields,
     HeadTemplate,
     HttpDate,
     NotMine,
@@ -1112,6 +1113,7 @@ class FrontDoor:
         self._wire: dict[int, tuple[Reply, bytes, bytes, bytes]] = {}
         self._wire_bytes = 0  # the bodies of the replies in _wire
         self._heads: dict[bytes, RequestHead] = {}  # head(): whole heads seen, parsed
+        self._fields: dict[bytes, Fields] = {}  # head(): their header lines, read (parse_head)
         # The heads of start()'s replies by status, content type, headers and close.
         self._templates: dict[tuple[int, str, tuple[tuple[str, str], ...], bool],
                               HeadTemplate] = {}
@@ -1125,7 +1127,7 @@ class FrontDoor:
         known = self._heads.get(buf)
         if known is not None:
             return known
-        head = parse_head(buf)
+        head = parse_head(buf, self._fields)
         if isinstance(head, RequestHead) and head.size == len(buf) <= 1024:
             if len(self._heads) >= 1024:  # bounded: a scan of random URLs only churns it
                 self._heads.clear()
@@ -1279,18 +1281,28 @@ class FrontDoor:
 
 # Front-door routes whose answer never reaches the inventory: run eagerly (netboot.eager).
 _FROM_MEMORY = frozenset({"/boot.ipxe", "/healthz", "/assets/{path}"})
-# A query that decodes to itself, joined back as redacted_target joins it, with no token.
-_PLAIN_QUERY = re.compile(r"[\w.~:,/-]+=[\w.~:,/-]*(?:&[\w.~:,/-]+=[\w.~:,/-]*)*", re.ASCII)
+# A query of "key=value" parts, none empty, whose escapes are ASCII (iPXE's, with its %20s:
+# "manufacturer=Dell%20Inc."): parse_qsl's pairs joined back with "&" and "=", as
+# redacted_target joins them, are the query itself with "+" as a space, unquoted whole ("&"
+# and "=" are never a decoded byte's, and an ASCII escape decodes to one character alone).
+# parse_qsl's pairs were half of the front door's own work per request of a real iPXE.
+_KEY = r"[!$'()*+,\-./0-9:;?@A-Z_a-z~]*+(?:%[0-7][0-9A-Fa-f][!$'()*+,\-./0-9:;?@A-Z_a-z~]*+)*+"
+_VALUE = _KEY.replace(":;", ":;=")
+_PLAIN_QUERY = re.compile(rf"{_KEY}={_VALUE}(?:&{_KEY}={_VALUE})*+")
 
 
 def _front_target(head: RequestHead) -> str:
-    """:func:`redacted_target` of a head, without decoding what needs none (iPXE's query)."""
+    """:func:`redacted_target` of a head, without parse_qsl where the query needs none."""
     query = head.query
     if not query:
         return escape(head.path, limit=1024)
-    if _PLAIN_QUERY.fullmatch(query) and "token" not in query.lower() \
-            and not head.path.startswith("/nocloud/"):
-        return escape(f"{head.path}?{query}", limit=1024)
+    if _PLAIN_QUERY.fullmatch(query) and not head.path.startswith("/nocloud/"):
+        text = query.replace("+", " ")
+        if "%" in text:  # each one two hex digits of an ASCII character (_PLAIN_QUERY)
+            first, *rest = text.split("%")
+            text = first + "".join([chr(int(part[:2], 16)) + part[2:] for part in rest])
+        if "token" not in text.lower():  # a token's pair is redacted: redacted_target's
+            return escape(f"{head.path}?{text}", limit=1024)
     return redacted_target(head.path, query_pairs(query))
 
 

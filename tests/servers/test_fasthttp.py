@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from netboot.servers.fasthttp import (
+    Fields,
     NotMine,
     Reply,
     RequestHead,
@@ -67,6 +68,43 @@ def test_what_the_front_cannot_frame_leaves_the_connection_to_aiohttp(raw: bytes
     assert parse_head(raw) == NotMine(None)
 
 
+def test_header_lines_read_before_give_the_same_heads() -> None:
+    heads = [IPXE + b"\r\n", b"GET /x HTTP/1.1\r\nConnection: close\r\nUser-Agent: u\r\n\r\n",
+             b"GET /y?a=1 HTTP/1.1\r\nConnection: close\r\nUser-Agent: u\r\n\r\n",
+             b"GET /x HTTP/1.1\r\nAuthorization: Bearer t\r\nX-Request-Id: r\r\n\r\n",
+             b"GET /x HTTP/1.1\r\nCookie: s=1\r\n\r\n", b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n",
+             b"GET /x HTTP/1.1\r\nHost: a\x01\r\n\r\n", b"GET /x HTTP/1.1\r\n\r\n",
+             b"GET /x HTTP/1.1\r\nAccept-Encoding: gzip\r\n\r\nGET /next"]
+    known: dict[bytes, Fields] = {}
+    for _ in range(2):  # read, then from what was kept
+        for raw in heads:
+            assert parse_head(raw, known) == parse_head(raw), raw
+    assert len(known) == 5  # the lines of the heads that are the front's or a condition's
+    for n in range(1500):
+        parse_head(b"GET /x HTTP/1.1\r\nHost: %d\r\n\r\n" % n, known)
+    assert len(known) <= 1024
+
+
+@pytest.mark.parametrize(("value", "close"), [
+    (b"keep-alive", False), (b"close", True), (b" Close\t", True), (b"keep-alive, close", True),
+    (b"close,keep-alive", True), (b"closed", False), (b"TE", False), (b"", False),
+])
+def test_connection_close_is_read_in_any_spelling(value: bytes, close: bool) -> None:
+    head = parse_head(b"GET /x HTTP/1.1\r\nConnection:" + value + b"\r\n\r\n")
+    assert isinstance(head, RequestHead) and head.close is close
+
+
+@pytest.mark.parametrize("value", [b"Upgrade", b" upgrade ", b"keep-alive, Upgrade"])
+def test_an_upgrade_in_any_spelling_leaves_the_connection_to_aiohttp(value: bytes) -> None:
+    assert parse_head(b"GET /x HTTP/1.1\r\nConnection:" + value + b"\r\n\r\n") == NotMine(None)
+
+
+@pytest.mark.parametrize("field", [b"Host: a\x00b", b"host: a\rb", b"User-Agent: a\x7f",
+                                   b"Hos t: a", b"Host\x01: a"])
+def test_a_control_character_or_a_bad_name_in_a_usual_field_is_refused(field: bytes) -> None:
+    assert parse_head(b"GET /x HTTP/1.1\r\n" + field + b"\r\n\r\n") == NotMine(None)
+
+
 @pytest.mark.parametrize(("field", "token"), [
     (b"Authorization: Bearer abc.def", "abc.def"),
     (b"authorization:bearer   abc  ", "abc"),  # scheme case (RFC 9110 §11.1), spaces
@@ -117,6 +155,9 @@ def test_a_replys_parts_are_its_encoding(close: bool) -> None:
 @pytest.mark.parametrize("query", [
     "", "mac=52-54-00-12-34-56&arch=x86_64&platform=efi", "a=1&b=", "a", "a=1&&b=2", "a=1&",
     "product=Q35%20+%20ICH9", "token=s3cret", "TOKEN=x&a=1", "q=a+b", "x=%0a", "k=v;w=1",
+    "manufacturer=Dell%20Inc.&product=PowerEdge%20R650", "=v", "a==b", "a=b=c", "k%3Dx=1",
+    "a=%26b", "t%6Fken=x", "a=%74oken", "x=%C3%A9", "x=%c3", "p=Q35%20+%20ICH9%2C%202009",
+    "x=%7f", "a=%2B", "a=%2", "a=%zz", "a=%", "a=(b)!*'$@?/~,.:", "%41=%42&%3d=%25",
 ])
 def test_the_fronts_log_target_is_what_aiohttps_path_logs(query: str) -> None:
     from urllib.parse import parse_qsl
@@ -129,6 +170,25 @@ def test_the_fronts_log_target_is_what_aiohttps_path_logs(query: str) -> None:
         assert isinstance(head, RequestHead), raw
         assert _front_target(head) == redacted_target(
             path, parse_qsl(query, keep_blank_values=True))
+
+
+def test_the_fronts_log_target_of_any_query_is_what_aiohttps_path_logs() -> None:
+    # Queries made of the pieces the shortcuts of _front_target tell apart (escapes ASCII or
+    # not, whole or cut, of "&", "=", "%", "+" and controls; empty parts and keys; a token).
+    import random
+    from urllib.parse import parse_qsl
+
+    from netboot.servers.http import _front_target, redacted_target
+
+    pieces = ["a", "Z", "=", "&", "+", "%20", "%26", "%3D", "%25", "%2B", "%0a", "%7F",
+              "%C3%A9", "%c3", "%7e", "%2", "%", "token", "TOK", "%6Fken", "(", ";", "?", "~"]
+    rng = random.Random(10)
+    for _ in range(3000):
+        query = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        head = parse_head(f"GET /ipxe?{query} HTTP/1.1\r\n\r\n".encode())
+        assert isinstance(head, RequestHead), query
+        assert _front_target(head) == redacted_target(
+            "/ipxe", parse_qsl(query, keep_blank_values=True)), query
 
 
 def test_an_installers_post_is_read_with_its_body() -> None:
