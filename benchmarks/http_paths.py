@@ -10,7 +10,9 @@ commit it before the answer); ``ipxe-held``: the same for agents whose cluster h
 yet (held in iPXE's retry loop, nothing committed: a hold event and what the request told are
 queued for the next group commit); ``ipxe-1k``: a random one of the first 1,000 machines
 (after one unmeasured run over them that starts their installs: requests that change
-nothing); each round of ``ipxe`` draws other MACs (first installs), the same ones for every
+nothing); ``ipxe-real``: the first installs of ``ipxe`` asked by the whole query and headers
+iPXE sends (templates/ipxe/boot.ipxe's chain on a QEMU VM: escaped product name, empty
+identifiers); each round of ``ipxe`` draws other MACs (first installs), the same ones for every
 server; ``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections
 (MiB/s). ``config``: a random one of the enrolled machines fetches its k3OS config.yaml at 50
 connections, by the URL its install script gives (``/config/<mac>?token=<its install
@@ -93,8 +95,17 @@ request = function()
     return wrk.format("GET", "/nocloud/" .. mac .. "/" .. string.format("%06d", i)
                       .. tail .. "/user-data")
   end
+  if kind == "ipxe-real" then
+    return wrk.format("GET", "/ipxe?mac=" .. mac .. IPXE_TAIL, IPXE_HEADERS)
+  end
   return wrk.format("GET", "/ipxe?mac=" .. mac .. "&arch=x86_64&platform=efi")
 end
+-- What iPXE sends by templates/ipxe/boot.ipxe's chain on a QEMU q35 VM with no SMBIOS UUID,
+-- serial or asset tag (its :uristring escapes the product's spaces and punctuation), with
+-- its own headers.
+IPXE_TAIL = "&uuid=&arch=x86_64&platform=efi&serial=&manufacturer=QEMU"
+  .. "&product=Standard%20PC%20%28Q35%20%2B%20ICH9%2C%202009%29&asset="
+IPXE_HEADERS = {["Connection"] = "keep-alive", ["User-Agent"] = "iPXE/1.21.1+"}
 """
 # The install token the seed mints for machine i: as long as a real one (token_urlsafe(24)),
 # made of URL-safe characters, and predictable by the Lua script above.
@@ -153,7 +164,7 @@ class Row:
     connections: int
     size: int = 0  # bytes per response, for MiB/s
     machines: int = 0  # /ipxe: MACs drawn from the first this many (0: every enrolled one)
-    kind: str = "ipxe"  # what the Lua script asks for: ipxe, config, user-data
+    kind: str = "ipxe"  # what the Lua script asks for: ipxe, ipxe-real, config, user-data
     # The inventory it is measured on (SEEDS): "servers", each managed cluster with its
     # registered server (MINT without tokens); "held", no server anywhere; "installing",
     # servers and every other machine's install under way (MINT).
@@ -168,6 +179,9 @@ ROWS = [
     # Agents powered on before their cluster's first server registered: each is held (a hold
     # event, its facts queued), its iPXE asks again every few seconds.
     Row("ipxe-held", "", 50, seed="held"),
+    # First installs asked as iPXE asks (boot.ipxe's whole query, its escapes and headers):
+    # the issue's row asks /ipxe?mac= alone, as wrk would.
+    Row("ipxe-real", "", 50, kind="ipxe-real"),
     # The same 1,000 machines again and again (installers asking for their script again, a
     # storm's second minute): the answer changes nothing, so nothing is written or read.
     Row("ipxe-1k", "", 50, machines=1000),
