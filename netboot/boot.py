@@ -121,6 +121,23 @@ class _Repeat:
     plan: BootPlan  # while that note is still the machine's newest
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class _Joining:
+    """What every node of a managed cluster that is neither its init node nor one of its
+    registered servers is told to join (BootService._k3s_join), and what it was read from."""
+
+    shared: int  # InventoryView.shared when read: a setting, cluster or server changed since
+    cluster: Cluster  # the view's object (replaced when the cluster changes)
+    settings: BootSettings  # the port and zone of the endpoint, the zone of the TLS names
+    ids: frozenset[str]  # the init node, the registered servers, the node it was read for
+    endpoint: str | None
+    san: tuple[str, ...]
+
+
+# Clusters whose join is kept (_Joining): a site has a few.
+_FEW_CLUSTERS = 64
+
+
 @dataclass(eq=False, slots=True)
 class _Seen:
     """What one NIC's DHCP request was found to be, for its repeats (a firmware asks two to
@@ -379,6 +396,9 @@ class BootService:
         # First stages already described, by everything their description says (loader()).
         self._stages: collections.OrderedDict[tuple[Any, ...], FirstStage] = (
             collections.OrderedDict())
+        # Cluster name -> what every joining node of it is told alike (_Joining), while the
+        # view's ``shared`` and the cluster and settings objects are the same (_k3s_join).
+        self._joining: dict[str, _Joining] = {}
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
@@ -1116,8 +1136,20 @@ class BootService:
         # in the store, and whoever lost learns the winner from it (no in-process lock). The
         # view is read as the caller synced it: a stale "nobody" only costs a claim, which
         # answers with the winner.
+        view = self._view
+        kept = self._joining.get(cluster.name)
+        if (kept is not None and kept.shared == view.shared and kept.cluster is cluster
+                and kept.settings is self.settings and machine.id not in kept.ids):
+            # A storm's nodes of one cluster: its init node, servers, endpoint and TLS names
+            # are the same for every one but those nodes themselves (not served from here),
+            # until a setting, a cluster or a server changes (``shared`` moves).
+            return K3sJoin(role, kept.endpoint, False, cluster.token, labels, tuple(taints),
+                           node_name, kept.san)
+        shared = view.shared
         init_id, running = await self._cluster_init(cluster, machine)
+        claimed = False
         if init_id is None and role == Role.SERVER and not running:
+            claimed = True
             if claim:
                 key = f"cluster-init/{cluster.name}"
                 stale = await self._view.get_setting(key)  # a deleted node's id, or None
@@ -1132,8 +1164,26 @@ class BootService:
                            san)
         # The first server first, so that every node joins the same one.
         running.sort(key=lambda m: m.id != init_id)
-        return K3sJoin(role, self._endpoint(cluster, running), False, cluster.token, labels,
-                       tuple(taints), node_name, san)
+        endpoint = self._endpoint(cluster, running)
+        if (not claimed and (init_id is not None or running) and view.loaded
+                and shared == view.shared
+                and not isinstance(view.held_setting(f"cluster-init/{cluster.name}"), Unseen)):
+            # Read from the view alone, nothing changed meanwhile, nothing claimed, and a node
+            # of any role joins (a server claims only where no node formed the cluster and
+            # none runs): every other node that is neither the init node nor a registered
+            # server gets this endpoint too while ``shared`` stays.
+            servers = view.held_servers(cluster.name)
+            ids = {m.id for m in servers} if isinstance(servers, list) else None
+            if ids is not None and machine.id not in ids:
+                ids.add(machine.id)
+                if init_id is not None:
+                    ids.add(init_id)
+                self._joining[cluster.name] = _Joining(shared, cluster, self.settings,
+                                                       frozenset(ids), endpoint, san)
+                if len(self._joining) > _FEW_CLUSTERS:
+                    del self._joining[next(iter(self._joining))]  # the oldest
+        return K3sJoin(role, endpoint, False, cluster.token, labels, tuple(taints), node_name,
+                       san)
 
     async def _cluster_init(self, cluster: Cluster, machine: Machine,
                             ) -> tuple[str | None, list[Machine]]:

@@ -37,7 +37,7 @@ from netboot.model import (
     Machine,
     Profile,
 )
-from netboot.render import Renderer
+from netboot.render import WHOLE, Renderer
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
@@ -169,7 +169,7 @@ class Content:
             "instance_serial": int(machine.updated) if machine else 0,
         }
         if names is None or "machine" in names:
-            ctx["machine"] = (machine_to_dict(machine, secrets=False) if machine
+            ctx["machine"] = (_machine_dict(machine, names) if machine
                               else {"mac": str(mac), "hostname": None})
         if names is None or not names.isdisjoint(_TRUST_NAMES):
             trust = self._trust()
@@ -537,6 +537,29 @@ def _keep_few(kept: dict[int, Any], key: int, value: Any) -> None:
     if len(kept) >= _FEW:
         kept.clear()  # bounded: old objects of changed profiles and clusters go
     kept[key] = value
+
+
+# The machine's context keys that are its attribute as it is (machine_to_dict's value):
+# the ones a template may be given alone (_machine_dict).
+_PLAIN_KEYS = frozenset({"id", "hostname", "uuid", "serial", "asset", "cluster", "profile",
+                         "ipv4", "fixed_ipv4", "token_expires", "created", "updated"})
+
+
+def _machine_dict(machine: Machine, names: frozenset[str] | None) -> dict[str, Any]:
+    """The context's ``machine``: the keys the template reads (``names``' ``machine.KEY``,
+    render._keys_read) where it reads it key by key and only plain ones, else the whole
+    dict. A lookup of it answers as the whole dict's: a key read is there when the whole
+    has it, with the same value. An install script reads only its hostname."""
+    if names is None or "machine" + WHOLE in names:
+        return machine_to_dict(machine, secrets=False)
+    out: dict[str, Any] = {}
+    for name in names:
+        if name.startswith("machine."):
+            key = name[8:]
+            if key not in _PLAIN_KEYS:
+                return machine_to_dict(machine, secrets=False)
+            out[key] = getattr(machine, key)
+    return out
 
 
 def _text_blob(data: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Blob:

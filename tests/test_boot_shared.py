@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,42 @@ async def test_a_current_view_still_loading_reads_the_store_outside_a_task(
     request = dhcp_of(machine)
     loop.call_soon(lambda: asked.set_result(a.first_stage(request)))  # as datagram_received
     assert await (await asked) is not None
+
+
+async def test_a_kept_join_follows_what_another_server_changes(
+        servers: tuple[Store, BootService, BootService]) -> None:
+    # A storm's agents of one cluster are told the same endpoint (kept per cluster while the
+    # view's shared count stays): whatever another server or the CLI changes that a join
+    # reads (a server's address, a server added, the cluster, the init node) is seen by the
+    # very next decision of this one.
+    store, a, _ = servers
+    first = replace(server(1), state=MachineState.REGISTERED, ipv4="192.0.2.1")
+    await store.create_machine(first)
+    assert await store.claim_setting("cluster-init/m", first.id) == first.id
+    await a.load_view()
+
+    async def endpoint(n: int) -> str | None:
+        agent = Machine(macs=(MacAddress.parse(f"52:54:00:00:01:{n:02x}"),),
+                        hostname=f"a{n}", cluster="m", role=Role.AGENT, profile="p",
+                        state=MachineState.ENROLLED)
+        await store.create_machine(agent)
+        plan = await a.plan(boots_of(agent))
+        assert plan.action == BootAction.INSTALL, plan.reason
+        assert plan.k3s is not None and not plan.k3s.cluster_init
+        assert plan.k3s.node_name == f"a{n}" and plan.k3s.role == Role.AGENT
+        return plan.k3s.server_url
+
+    assert await endpoint(1) == await endpoint(2) == "https://192.0.2.1:6443"
+    assert await endpoint(3) == "https://192.0.2.1:6443"  # kept, and the same
+    await store.update_machine(replace(first, ipv4="192.0.2.9"))  # the server moved
+    assert await endpoint(4) == "https://192.0.2.9:6443"
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t",
+                                    endpoint="vip.example"))
+    assert await endpoint(5) == "https://vip.example:6443"
+    await store.put_cluster(Cluster(name="m", server_url="managed", token="t"))
+    assert await endpoint(6) == "https://192.0.2.9:6443"
+    await store.delete_machine(first.id)  # no server left: the next agent waits
+    agent = Machine(macs=(MacAddress.parse("52:54:00:00:01:07"),), cluster="m",
+                    role=Role.AGENT, profile="p", state=MachineState.ENROLLED)
+    await store.create_machine(agent)
+    assert (await a.plan(boots_of(agent))).action == BootAction.HOLD

@@ -285,6 +285,59 @@ async def test_an_install_script_is_made_of_the_names_its_template_reads(env: En
     assert "nb.ev=" in text and "/api/v1/machines/52-54-00-00-00-41/events" in text
 
 
+def test_a_machine_read_key_by_key_is_given_those_keys_as_the_whole_has_them() -> None:
+    """Content.context's machine for a template that reads only some of its plain keys has
+    those keys, with machine_to_dict's values; any other key read, or a use of the whole,
+    gets the whole dict (without the secrets)."""
+    from netboot.content import _PLAIN_KEYS, _machine_dict
+    from netboot.inventory.codec import machine_to_dict
+    from netboot.model import MacAddress, Machine, Role
+
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:43"),), hostname="n-1",
+                      uuid="u", serial="s", asset="a", labels={"l": "1"}, cluster="edge",
+                      role=Role.SERVER, profile="k3os", arch=Arch.X86_64, ipv4="192.0.2.1",
+                      fixed_ipv4="192.0.2.2", facts={"f": "1"}, token_hash="h",
+                      token_expires=5.0, install_token="secret", created=1.0, updated=2.0)
+    whole = machine_to_dict(machine, secrets=False)
+    assert whole.keys() >= _PLAIN_KEYS
+    for key in _PLAIN_KEYS:
+        got = _machine_dict(machine, frozenset({"machine", f"machine.{key}"}))
+        assert got == {key: whole[key]}, key
+    got = _machine_dict(machine, frozenset({"machine", "machine.hostname", "machine.uuid"}))
+    assert got == {"hostname": "n-1", "uuid": "u"}
+    for names in (None, frozenset({"machine", "machine.hostname", "machine.*"}),
+                  frozenset({"machine", "machine.hostname", "machine.labels"}),
+                  frozenset({"machine", "machine.install_token"}),
+                  frozenset({"machine", "machine.nothing"})):
+        assert _machine_dict(machine, names) == whole, names
+
+
+async def test_an_install_script_is_given_the_machine_keys_it_reads(env: Env) -> None:
+    """The shipped install script reads the machine's hostname alone: its context's machine
+    is that key, and the script is the one the whole context gives."""
+    from netboot.model import BootAction, BootRequest, MacAddress
+
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:44", "hostname": "n-44"},
+                   status=201)
+    content = env.service.content
+    made: list[dict[str, object]] = []
+    real = content.context
+
+    def context(plan: object, **kw: object) -> dict[str, object]:
+        made.append(real(plan, **kw))  # type: ignore[arg-type]
+        return made[-1]
+
+    content.context = context  # type: ignore[method-assign,assignment]
+    plan, text = await content.ipxe_script(BootRequest(
+        mac=MacAddress.parse("52:54:00:00:00:44"), arch=Arch.X86_64,
+        firmware=Firmware.IPXE, via="http", remote_addr="192.0.2.9"))
+    assert plan.action == BootAction.INSTALL, plan.reason
+    assert made and made[-1]["machine"] == {"hostname": "n-44"}
+    assert "installing n-44 " in text
+    assert text == content._render.ipxe("ipxe/install.ipxe", real(plan))
+
+
 async def test_an_operators_install_script_gets_every_name_it_reads(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """An operator's install template that reads more than the shipped one (the join, the

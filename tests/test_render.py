@@ -873,6 +873,22 @@ def test_an_ipxe_script_is_given_the_names_it_reads_and_all_when_that_fails(
     assert r.string_reads("{{ broken") is None
 
 
+def test_a_templates_reads_of_the_machine_are_told_key_by_key(tmp_path: Path) -> None:
+    """Among the names a template reads, ``machine.KEY`` for each key it reads of the
+    machine's dict by a constant attribute or subscript, and ``machine.*`` for any other use
+    (Content.context may then give the machine with those keys alone)."""
+    r = Renderer([tmp_path], recheck=3600)
+    assert r.string_reads("{{ machine.hostname or mac }} {{ machine['uuid'] }}") == frozenset(
+        {"machine", "mac", "machine.hostname", "machine.uuid"})
+    assert r.string_reads("{{ mac }} {{ b.c }}") == frozenset({"mac", "b"})
+    for whole in ("{{ machine }}", "{{ machine | tojson }}", "{{ machine.hostname }}{{ machine }}",
+                  "{% for k in machine %}{{ k }}{% endfor %}", "{{ machine.items() }}",
+                  "{{ machine.get('uuid') }}", "{{ machine[key] }}", "{{ machine[0] }}",
+                  "{% if machine %}x{% endif %}", "{{ (machine).hostname }}{{ machine | length }}"):
+        names = r.string_reads(whole)
+        assert names is not None and "machine.*" in names, whole
+
+
 def _edit(path: Path, text: str) -> None:
     """``path`` now holds ``text``, with a later mtime whatever the clock's resolution."""
     path.write_text(text)
