@@ -188,13 +188,23 @@ class Access:
     async def record(self, actor: str, action: str, target: str, *, peer: str,
                      outcome: str) -> AuditEntry:
         """Append one entry to the audit log (and now and then drop the oldest)."""
-        entry = AuditEntry(time=self._clock(), actor=actor, action=action, target=target,
-                           peer=peer, outcome=outcome)
+        entry = self.entry(actor, action, target, peer=peer, outcome=outcome)
         await self._commit(Batch(audit=(entry,)))  # on disk before the answer goes
+        await self.recorded()
+        return entry
+
+    def entry(self, actor: str, action: str, target: str, *, peer: str,
+              outcome: str) -> AuditEntry:
+        """An entry for a change's own batch to write (then :meth:`recorded`): the change
+        and its entry in one transaction, one commit where two followed each other."""
+        return AuditEntry(time=self._clock(), actor=actor, action=action, target=target,
+                          peer=peer, outcome=outcome)
+
+    async def recorded(self) -> None:
+        """One more entry written: now and then the oldest are dropped."""
         self._writes += 1
         if self._writes % AUDIT_PRUNE_EVERY == 0:
             await self._store.prune_audit(AUDIT_KEEP)
-        return entry
 
     async def audit_log(self, *, since: float | None = None,
                         limit: int = 1000) -> list[AuditEntry]:

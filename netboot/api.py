@@ -27,7 +27,7 @@ from netboot.errors import NetbootError, NotFound, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
-from netboot.model import Event, Machine, MachineState
+from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, serve_plain
 from netboot.servers.fasthttp import Reply
 from netboot.servers.http import bearer_token
@@ -220,21 +220,29 @@ class Api:
         audit entry. None, having done nothing, where a report needs an operator's token
         (an unknown machine, not its install token): aiohttp's path answers it, with the
         plain-HTTP policy that decides whether such a token may be read at all."""
-        asked = ["-", ref or ""]  # the audit entry's actor and target, as they become known
+        # The audit entry's actor and target, as they become known; a third item once the
+        # entry was written with the change itself (a device's report or registration that
+        # succeeded: one commit where the change's and the entry's followed each other,
+        # and the entry is on disk exactly when the change is).
+        asked = ["-", ref or ""]
         try:
-            reply = await (self._front_event(ref, bearer, body, asked) if ref is not None
-                           else self._front_register(body, remote, asked))
+            reply = await (self._front_event(ref, bearer, body, asked, route, remote)
+                           if ref is not None
+                           else self._front_register(body, remote, asked, route))
         except Exception as exc:  # the one translation (netboot.servers.http.error_reply)
             reply = translate(exc)
         except BaseException:
             await self._audit(asked[0], "POST", route, asked[1], remote, "aborted")
             raise
         if reply is not None:
-            await self._audit(asked[0], "POST", route, asked[1], remote, str(reply.status))
+            if len(asked) > 2:
+                await self._access.recorded()
+            else:
+                await self._audit(asked[0], "POST", route, asked[1], remote, str(reply.status))
         return reply
 
     async def _front_event(self, ref: str, bearer: str | None, body: bytes,
-                           asked: list[str]) -> Reply | None:
+                           asked: list[str], route: str, remote: str | None) -> Reply | None:
         try:
             machine = await self._core.boot.machine_by_ref(ref)
         except NotFound:
@@ -242,15 +250,24 @@ class Api:
         if not token_matches(machine, bearer, self._clock()):
             return None  # an operator reporting by hand, or nobody
         asked[0] = f"machine:{machine.id}"
-        event = await self._reported(machine, loads(body or b"null"))
+        entry = self._access.entry(asked[0], f"POST {route}", asked[1], peer=remote or "-",
+                                   outcome="201")
+        event = await self._reported(machine, loads(body or b"null"), audit=(entry,))
+        asked.append("written")
         return _json_reply(codec.event_to_dict(event), 201)
 
     async def _front_register(self, body: bytes, remote: str | None,
-                              asked: list[str]) -> Reply:
+                              asked: list[str], route: str) -> Reply:
         if not body:
             raise ValidationError("body", "a JSON body is required")
-        machine = await self._enroll.register(_object(loads(body)), parse_peer(remote))
-        asked[:] = [f"machine:{machine.id}", machine.id]
+
+        def entry(machine: Machine) -> AuditEntry:
+            return self._access.entry(f"machine:{machine.id}", f"POST {route}", machine.id,
+                                      peer=remote or "-", outcome="200")
+
+        machine = await self._enroll.register(_object(loads(body)), parse_peer(remote),
+                                              audit=entry)
+        asked[:] = [f"machine:{machine.id}", machine.id, "written"]
         return _json_reply(self._machine_out(machine), 200)
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
@@ -427,8 +444,9 @@ class Api:
         event = await self._reported(machine, loads(raw or b"null"))
         return web.json_response(codec.event_to_dict(event), status=201)
 
-    async def _reported(self, machine: Machine, body: Any) -> Event:
-        event = await self._enroll.report(machine, _object(body))
+    async def _reported(self, machine: Machine, body: Any,
+                        audit: tuple[AuditEntry, ...] = ()) -> Event:
+        event = await self._enroll.report(machine, _object(body), audit=audit)
         self._log.info("event mac=%s kind=%s message=%r", machine.mac, event.kind, event.message)
         return event
 

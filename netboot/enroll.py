@@ -37,6 +37,7 @@ from netboot.inventory.base import Batch, MachineFilter, StateCounts, Store, by_
 from netboot.inventory.codec import NO_ENTRIES, NewMachines
 from netboot.model import (
     ID_PREFIX,
+    AuditEntry,
     Event,
     Group,
     MacAddress,
@@ -698,10 +699,12 @@ class Enroller:
         await self.recorder.commit(Batch(update=(updated,), events=(event,),
                                          expect={machine.id: machine.state}))
 
-    async def report(self, machine: Machine, body: Mapping[str, Any]) -> Event:
+    async def report(self, machine: Machine, body: Mapping[str, Any], *,
+                     audit: Sequence[AuditEntry] = ()) -> Event:
         """A progress report from an installer (POST /api/v1/machines/<ref>/events) about
         ``machine`` as the caller read it to check the token: the state change is a
-        compare-and-set on that read, so a change since then is a 409, not a lost write."""
+        compare-and-set on that read, so a change since then is a 409, not a lost write.
+        ``audit``: the entries of a report that succeeds, written in its transaction."""
         kind = body.get("kind")
         if not isinstance(kind, str) or not kind or len(kind) > MAX_EVENT_KIND \
                 or not re.match(r"^[a-z0-9][a-z0-9._-]*$", kind):
@@ -723,11 +726,16 @@ class Enroller:
         # The reported state and its event in one transaction: acknowledged to the installer.
         moved = updated is not machine
         await self.recorder.commit(Batch(update=(updated,) if moved else (), events=(event,),
-                                         expect={machine.id: machine.state} if moved else {}))
+                                         expect={machine.id: machine.state} if moved else {},
+                                         audit=audit))
         return event
 
-    async def register(self, body: Mapping[str, Any], peer: IPAddress | None) -> Machine:
+    async def register(self, body: Mapping[str, Any], peer: IPAddress | None, *,
+                       audit: Callable[[Machine], AuditEntry] | None = None) -> Machine:
         """First boot of the installed OS: POST /api/v1/register with the install token.
+
+        ``audit``: the audit entry of a registration that succeeds, made for its machine and
+        written in the registration's own transaction.
 
         ``peer`` is the address the request came from; it is registered unless it is not
         routable and the device reports one that is (:func:`netboot.addresses.choose`).
@@ -769,20 +777,25 @@ class Enroller:
         # is told apart from a stranger (and refused by state, above), until a reinstall.
         updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
                                     ipv4=ipv4, facts=facts, install_token=None)
-        # Compare-and-set: of two registrations with one token (two servers), one wins.
-        await self._store.update_machine(updated, expect_state=machine.state)
         where = (f"{choice.address} ({'the request' if choice.source == 'peer' else 'reported'})"
                  if choice.address else f"no usable address (kept {machine.ipv4 or 'none'})")
         # What was refused is said in the one event of this step, where an operator reading
         # why agents join some address looks.
         refused = "".join(f"; ignored {r.source} address {r.text!r} ({r.reason})"
                           for r in choice.refused)
-        await self.event(machine.id, "registered", f"registered at {where}"
-                         + (f" as {hostname}" if hostname else "") + refused
-                         + "; its install token is spent",
-                         {"addresses": addresses, "peer": str(peer) if peer else None,
-                          "refused": [{"address": r.text, "reason": r.reason,
-                                       "source": r.source} for r in choice.refused]})
+        event = Event(machine.id, self._clock(), "registered", f"registered at {where}"
+                      + (f" as {hostname}" if hostname else "") + refused
+                      + "; its install token is spent",
+                      {"addresses": addresses, "peer": str(peer) if peer else None,
+                       "refused": [{"address": r.text, "reason": r.reason,
+                                    "source": r.source} for r in choice.refused]})
+        # The registration and its event in one transaction, grouped with concurrent commits
+        # (a storm's machines register together; a write of its own each was a transaction
+        # and a trip to the store's thread per machine, then a second commit for the event).
+        # Compare-and-set: of two registrations with one token (two servers), one wins.
+        await self.recorder.commit(Batch(update=(updated,), events=(event,),
+                                         expect={machine.id: machine.state},
+                                         audit=(audit(machine),) if audit else ()))
         self._log.info("registered mac=%s ip=%s cluster=%s", mac, ipv4, machine.cluster)
         return updated
 

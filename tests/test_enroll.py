@@ -452,6 +452,48 @@ async def test_register_keeps_the_peer_over_a_claimed_loopback(store) -> None:  
     assert v6.ipv4 == "192.0.2.62" and v6.facts["ipv6"] == "2001:db8::9"
 
 
+async def test_registrations_and_their_events_are_one_grouped_write(store) -> None:  # type: ignore[no-untyped-def]
+    """A storm's machines register together: each registration's state and its event are
+    written in one transaction, grouped with the others' (a write of its own each was a
+    transaction per machine, then a second commit for its event)."""
+    import asyncio
+    import hashlib
+    import ipaddress
+
+    macs = [MacAddress.parse(f"52:54:00:00:01:{i:02x}") for i in range(3)]
+    for i, mac in enumerate(macs):
+        await store.create_machine(Machine(
+            macs=(mac,), hostname=f"r{i}", state=MachineState.INSTALLED, cluster="edge",
+            token_hash=hashlib.sha256(f"tok{i}".encode()).hexdigest(), token_expires=None))
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    writes: list[str] = []
+
+    def counted(name: str) -> Any:
+        real = getattr(store, name)
+
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            writes.append(name)
+            return await real(*args, **kwargs)
+        return write
+
+    for name in ("apply_batch", "update_machine", "append_event"):
+        if hasattr(store, name):
+            setattr(store, name, counted(name))
+    peer = ipaddress.ip_address("192.0.2.70")
+    done = await asyncio.gather(*(enroller.register(
+        {"mac": str(mac), "token": f"tok{i}"}, peer) for i, mac in enumerate(macs)))
+    assert [m.state for m in done] == [MachineState.REGISTERED] * 3
+    assert writes == ["apply_batch"]
+    for m in done:
+        stored = await store.get_machine(m.id)
+        assert stored is not None and stored.state == MachineState.REGISTERED
+        assert [ev.kind for ev in await store.list_events(m.id)][-1:] == ["registered"]
+    # Its token is spent: a replay is refused by state, and writes nothing.
+    with pytest.raises(Exception, match="registered"):
+        await enroller.register({"mac": str(macs[0]), "token": "tok0"}, peer)
+    assert writes == ["apply_batch"]
+
+
 _MACS = [MacAddress(bytes([2, 0, 0, 0, 0, i])) for i in range(3)]
 _SOME = st.sampled_from
 

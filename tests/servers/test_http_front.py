@@ -771,6 +771,40 @@ async def test_the_fronts_posts_are_audited_logged_and_counted_as_aiohttps(
         assert count is not None and float(count.group(1)) == 2, (route, status, metrics)
 
 
+async def test_a_devices_post_and_its_audit_entry_are_one_commit(tmp_path: Path) -> None:
+    """A report or registration that succeeds writes its audit entry in its own transaction:
+    one commit per POST of a storm's installers, where the entry's followed the change's."""
+    async with serving(tmp_path) as service:
+        token = await installing(service, HEXHYP)
+        bearer = b"Authorization: Bearer %s\r\n" % token.encode()
+        store = service.store
+        real = store.apply_batch
+        batches: list[Any] = []
+
+        async def counted(batch: Any) -> None:
+            batches.append(batch)
+            await real(batch)
+
+        store.apply_batch = counted  # type: ignore[method-assign]
+        try:
+            (done,) = await exchange(service.http_port, post(
+                f"/api/v1/machines/{HEXHYP}/events", b'{"kind": "installed"}', bearer))
+            assert done.status == 201, done
+            assert [(len(b.events), len(b.audit)) for b in batches] == [(1, 1)], batches
+            batches.clear()
+            body = json.dumps({"mac": HEXHYP, "token": token}).encode()
+            (done,) = await exchange(service.http_port, post("/api/v1/register", body, bearer))
+            assert done.status == 200, done
+            assert [(len(b.update), len(b.events), len(b.audit)) for b in batches] == [
+                (1, 1, 1)], batches
+        finally:
+            del store.apply_batch
+        (entry,) = batches[0].audit
+        machine = json.loads(done.body)
+        assert (entry.actor, entry.action, entry.target, entry.outcome) == (
+            f"machine:{machine['id']}", "POST /api/v1/register", machine["id"], "200")
+
+
 async def test_a_post_body_in_pieces_and_one_that_does_not_come(tmp_path: Path) -> None:
     async with serving(tmp_path) as service:
         door = service.front
