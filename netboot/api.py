@@ -27,6 +27,7 @@ from netboot.errors import NetbootError, NotFound, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
+from netboot.logs import log_line
 from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, serve_plain
 from netboot.servers.fasthttp import Reply
@@ -447,7 +448,10 @@ class Api:
     async def _reported(self, machine: Machine, body: Any,
                         audit: tuple[AuditEntry, ...] = ()) -> Event:
         event = await self._enroll.report(machine, _object(body), audit=audit)
-        self._log.info("event mac=%s kind=%s message=%r", machine.mac, event.kind, event.message)
+        # log_line: a storm's installers report twice each; without a LogRecord where
+        # serve's text handler is the only one (~15 us a line).
+        log_line(self._log, logging.INFO, "event mac=%s kind=%s message=%r", machine.mac,
+                 event.kind, event.message)
         return event
 
     async def register(self, request: web.Request) -> web.Response:

@@ -35,6 +35,7 @@ from netboot.identity import Identity
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, StateCounts, Store, by_state
 from netboot.inventory.codec import NO_ENTRIES, NewMachines
+from netboot.logs import log_line
 from netboot.model import (
     ID_PREFIX,
     AuditEntry,
@@ -796,7 +797,8 @@ class Enroller:
         await self.recorder.commit(Batch(update=(updated,), events=(event,),
                                          expect={machine.id: machine.state},
                                          audit=(audit(machine),) if audit else ()))
-        self._log.info("registered mac=%s ip=%s cluster=%s", mac, ipv4, machine.cluster)
+        log_line(self._log, logging.INFO, "registered mac=%s ip=%s cluster=%s", mac, ipv4,
+                 machine.cluster)  # once per machine of a storm: see log_line
         return updated
 
     # -- bulk import ------------------------------------------------------------------
