@@ -941,6 +941,13 @@ class TftpServer:
     def _on_sweep(self) -> None:
         self._sweep = None
         self._rearm_below = -math.inf  # no re-arming from inside the sweep: done below
+        # The ACKs already queued first: the event loop runs a due timer before it polls for
+        # I/O (libuv: timers lead each iteration), so after a long iteration (a busy loop in
+        # a storm) the sweep came before the ACKs that arrived meanwhile, and resent windows
+        # their clients had acknowledged. Each such resend cost a window's send, and its
+        # client three ACKs of the copies (a gap to it), each answered again.
+        for link in self._links.values():
+            link._ready()
         now = time.monotonic()
         nearest = math.inf
         for transfer in list(self._transfers.values()):

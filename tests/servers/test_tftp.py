@@ -622,6 +622,31 @@ async def test_retransmits_with_backoff_then_gives_up(files: DirFiles, client: R
         await server.close()
 
 
+async def test_a_sweep_reads_the_acks_already_queued_before_it_resends(
+        files: DirFiles, client: RawClient) -> None:
+    """uvloop runs a due timer before it polls: after a long loop iteration the sweep came
+    before the ACKs that arrived meanwhile and resent windows already acknowledged."""
+    server = await started(files, retransmit=0.02, min_rto=None, max_retries=3)
+    try:
+        client.rrq(addr(server), "small.bin")
+        pkt, tid = await client.recv()
+        assert pkt == Data(1, SMALL[:512])
+        client.send(Ack(1), tid)  # queued on the transfer's socket, not read yet ...
+        time.sleep(0.05)  # ... while the loop is busy past the transfer's deadline
+        server._on_sweep()  # the sweep the loop then runs first
+        pkt, _ = await client.recv()
+        assert pkt == Data(2, SMALL[512:1024])  # not block 1 again
+        for block in range(2, 12):
+            client.send(Ack(block), tid)
+            if block < 11:
+                pkt, _ = await client.recv()
+                assert pkt == Data(block + 1, SMALL[block * 512:(block + 1) * 512])
+        await until(lambda: server.transfers == 0)
+        assert server.stats.completed == 1
+    finally:
+        await server.close()
+
+
 async def test_lost_oack_is_resent(files: DirFiles, client: RawClient) -> None:
     server = await started(files, retransmit=0.02, max_retries=5)
     try:
