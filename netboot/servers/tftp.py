@@ -945,7 +945,7 @@ class TftpServer:
         # I/O (libuv: timers lead each iteration), so after a long iteration (a busy loop in
         # a storm) the sweep came before the ACKs that arrived meanwhile, and resent windows
         # their clients had acknowledged. Each such resend cost a window's send, and its
-        # client three ACKs of the copies (a gap to it), each answered again.
+        # client three ACKs of the copies (a gap to it), each read and ignored here.
         for link in self._links.values():
             link._ready()
         now = time.monotonic()
