@@ -131,10 +131,17 @@ class Content:
         self._profile_parts: dict[int, tuple[Profile, str, tuple[dict[str, Any],
                                                                   dict[str, Any]]]] = {}
         self._cluster_dicts: dict[int, tuple[Cluster, dict[str, Any]]] = {}
+        self._urls: Urls | None = None  # see urls
 
     @property
     def urls(self) -> Urls:
-        return Urls(self._base_url())
+        """The URLs of the base URL as it is now (made again only when it changed: every
+        install script and config reads them)."""
+        base = self._base_url()
+        urls = self._urls
+        if urls is None or urls.base != base:
+            urls = self._urls = Urls(base)
+        return urls
 
     # -- context ----------------------------------------------------------------------
     def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,

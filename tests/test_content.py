@@ -493,3 +493,17 @@ async def test_a_kept_config_is_rendered_again_when_its_template_file_changes(
     own.write_text(shipped + "# edited by the operator\n")
     os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
     assert await fetch() == kept + "# edited by the operator\n"
+
+
+def test_the_urls_follow_the_base_url() -> None:
+    """Content.urls is made again when the base URL changes (kept while it does not): the
+    next script or config carries the new one."""
+    from netboot.content import Content
+
+    base = ["http://192.0.2.10:8080"]
+    content = Content(None, None, None, None, lambda: base[0], None)  # type: ignore[arg-type]
+    assert content.urls is content.urls
+    assert content.urls.asset("k/vmlinuz") == "http://192.0.2.10:8080/assets/k/vmlinuz"
+    base[0] = "http://192.0.2.99:8080"
+    assert content.urls.base == "http://192.0.2.99:8080"
+    assert content.urls.asset("k/vmlinuz") == "http://192.0.2.99:8080/assets/k/vmlinuz"
