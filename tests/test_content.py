@@ -289,7 +289,7 @@ def test_a_machine_read_key_by_key_is_given_those_keys_as_the_whole_has_them() -
     """Content.context's machine for a template that reads only some of its plain keys has
     those keys, with machine_to_dict's values; any other key read, or a use of the whole,
     gets the whole dict (without the secrets)."""
-    from netboot.content import _PLAIN_KEYS, _machine_dict
+    from netboot.content import _PLAIN_KEYS, Content, _machine_dict
     from netboot.inventory.codec import machine_to_dict
     from netboot.model import MacAddress, Machine, Role
 
@@ -310,6 +310,15 @@ def test_a_machine_read_key_by_key_is_given_those_keys_as_the_whole_has_them() -
                   frozenset({"machine", "machine.install_token"}),
                   frozenset({"machine", "machine.nothing"})):
         assert _machine_dict(machine, names) == whole, names
+    # Content's, its keys found once per set of names: each set its own, asked in turn.
+    content = Content(None, None, None, None, lambda: "http://192.0.2.10:8080",  # type: ignore[arg-type]
+                      None)  # type: ignore[arg-type]
+    sets = [frozenset({"machine", "machine.hostname"}), frozenset({"machine", "machine.uuid"}),
+            frozenset({"machine", "machine.labels"}), frozenset({"machine"})]
+    for _ in range(2):
+        for names in sets:
+            assert content._machine_dict(machine, names) == _machine_dict(machine, names)
+    assert content._machine_dict(machine, None) == whole
 
 
 async def test_an_install_script_is_given_the_machine_keys_it_reads(env: Env) -> None:
