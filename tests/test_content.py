@@ -289,7 +289,7 @@ def test_a_machine_read_key_by_key_is_given_those_keys_as_the_whole_has_them() -
     """Content.context's machine for a template that reads only some of its plain keys has
     those keys, with machine_to_dict's values; any other key read, or a use of the whole,
     gets the whole dict (without the secrets)."""
-    from netboot.content import _PLAIN_KEYS, Content, _machine_dict
+    from netboot.content import _PLAIN_KEYS, _machine_dict
     from netboot.inventory.codec import machine_to_dict
     from netboot.model import MacAddress, Machine, Role
 
@@ -310,15 +310,6 @@ def test_a_machine_read_key_by_key_is_given_those_keys_as_the_whole_has_them() -
                   frozenset({"machine", "machine.install_token"}),
                   frozenset({"machine", "machine.nothing"})):
         assert _machine_dict(machine, names) == whole, names
-    # Content's, its keys found once per set of names: each set its own, asked in turn.
-    content = Content(None, None, None, None, lambda: "http://192.0.2.10:8080",  # type: ignore[arg-type]
-                      None)  # type: ignore[arg-type]
-    sets = [frozenset({"machine", "machine.hostname"}), frozenset({"machine", "machine.uuid"}),
-            frozenset({"machine", "machine.labels"}), frozenset({"machine"})]
-    for _ in range(2):
-        for names in sets:
-            assert content._machine_dict(machine, names) == _machine_dict(machine, names)
-    assert content._machine_dict(machine, None) == whole
 
 
 async def test_an_install_script_is_given_the_machine_keys_it_reads(env: Env) -> None:
@@ -504,15 +495,30 @@ async def test_a_kept_config_is_rendered_again_when_its_template_file_changes(
     assert await fetch() == kept + "# edited by the operator\n"
 
 
-def test_the_urls_follow_the_base_url() -> None:
+async def test_the_urls_follow_the_base_url(env: Env) -> None:
     """Content.urls is made again when the base URL changes (kept while it does not): the
     next script or config carries the new one."""
-    from netboot.content import Content
-
-    base = ["http://192.0.2.10:8080"]
-    content = Content(None, None, None, None, lambda: base[0], None)  # type: ignore[arg-type]
+    content = env.service.content
     assert content.urls is content.urls
-    assert content.urls.asset("k/vmlinuz") == "http://192.0.2.10:8080/assets/k/vmlinuz"
-    base[0] = "http://192.0.2.99:8080"
+    assert content.urls.asset("k/vmlinuz") == f"{env.service.base_url}/assets/k/vmlinuz"
+    env.service.base_url = "http://192.0.2.99:8080"
     assert content.urls.base == "http://192.0.2.99:8080"
     assert content.urls.asset("k/vmlinuz") == "http://192.0.2.99:8080/assets/k/vmlinuz"
+
+
+async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(env: Env) -> None:
+    """Content's machine keys are found once per set of names a template reads: each set
+    asked in turn gets what _machine_dict gives for it."""
+    from netboot.content import _machine_dict
+    from netboot.inventory.codec import machine_to_dict
+    from netboot.model import MacAddress, Machine
+
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:44"),), hostname="n-2",
+                      uuid="u", labels={"l": "1"})
+    content = env.service.content
+    sets = [frozenset({"machine", "machine.hostname"}), frozenset({"machine", "machine.uuid"}),
+            frozenset({"machine", "machine.labels"}), frozenset({"machine"})]
+    for _ in range(2):
+        for names in sets:
+            assert content._machine_dict(machine, names) == _machine_dict(machine, names)
+    assert content._machine_dict(machine, None) == machine_to_dict(machine, secrets=False)
