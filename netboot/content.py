@@ -131,10 +131,19 @@ class Content:
         self._profile_parts: dict[int, tuple[Profile, str, tuple[dict[str, Any],
                                                                   dict[str, Any]]]] = {}
         self._cluster_dicts: dict[int, tuple[Cluster, dict[str, Any]]] = {}
+        self._urls: Urls | None = None  # see urls
+        # A template's names (their frozenset) -> the machine keys it is given (_machine_dict)
+        self._machine_keys: dict[frozenset[str], tuple[str, ...] | None] = {}
 
     @property
     def urls(self) -> Urls:
-        return Urls(self._base_url())
+        """The URLs of the base URL as it is now (made again only when it changed: every
+        install script and config reads them)."""
+        base = self._base_url()
+        urls = self._urls
+        if urls is None or urls.base != base:
+            urls = self._urls = Urls(base)
+        return urls
 
     # -- context ----------------------------------------------------------------------
     def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,
@@ -169,7 +178,7 @@ class Content:
             "instance_serial": int(machine.updated) if machine else 0,
         }
         if names is None or "machine" in names:
-            ctx["machine"] = (_machine_dict(machine, names) if machine
+            ctx["machine"] = (self._machine_dict(machine, names) if machine
                               else {"mac": str(mac), "hostname": None})
         if names is None or not names.isdisjoint(_TRUST_NAMES):
             trust = self._trust()
@@ -225,6 +234,22 @@ class Content:
             "initrd_paths": [i.lstrip("/") for i in profile.initrds]})
         _keep_few(self._profile_parts, id(profile), (profile, urls.base, made))
         return made
+
+    def _machine_dict(self, machine: Machine, names: frozenset[str] | None) -> dict[str, Any]:
+        """:func:`_machine_dict`, the keys found once per set of names (a template's): the
+        look through every name read was a tenth of a config's context."""
+        if names is None:
+            return machine_to_dict(machine, secrets=False)
+        if names in self._machine_keys:
+            keys = self._machine_keys[names]
+        else:
+            keys = _machine_keys(names)
+            if len(self._machine_keys) >= _FEW:
+                self._machine_keys.clear()  # bounded: old templates' names go
+            self._machine_keys[names] = keys
+        if keys is None:
+            return machine_to_dict(machine, secrets=False)
+        return {key: getattr(machine, key) for key in keys}
 
     def _of_cluster(self, cluster: Cluster) -> dict[str, Any]:
         """The cluster's context dict (without secrets), made once per cluster object."""
@@ -550,16 +575,25 @@ def _machine_dict(machine: Machine, names: frozenset[str] | None) -> dict[str, A
     render._keys_read) where it reads it key by key and only plain ones, else the whole
     dict. A lookup of it answers as the whole dict's: a key read is there when the whole
     has it, with the same value. An install script reads only its hostname."""
-    if names is None or "machine" + WHOLE in names:
+    keys = None if names is None else _machine_keys(names)
+    if keys is None:
         return machine_to_dict(machine, secrets=False)
-    out: dict[str, Any] = {}
+    return {key: getattr(machine, key) for key in keys}
+
+
+def _machine_keys(names: frozenset[str]) -> tuple[str, ...] | None:
+    """The machine keys a template reading ``names`` is given (:func:`_machine_dict`); None:
+    the whole dict."""
+    if "machine" + WHOLE in names:
+        return None
+    keys = []
     for name in names:
         if name.startswith("machine."):
             key = name[8:]
             if key not in _PLAIN_KEYS:
-                return machine_to_dict(machine, secrets=False)
-            out[key] = getattr(machine, key)
-    return out
+                return None
+            keys.append(key)
+    return tuple(keys)
 
 
 def _text_blob(data: bytes | str, content_type: str = "text/plain; charset=utf-8") -> Blob:

@@ -442,8 +442,10 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # Possessive, so that inside a whole text's pattern (_YamlShapes.matches) a text that does not
 # match fails in linear time; alone or there, it matches what it would without (no run of it
 # can be cut another way: a run of the class holds no '"' nor '\\', an escape starts with one).
-_QUOTED_IN_TEXT = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\bfnrt]'
-                   r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*+"')
+# Unrolled (a run, then each escape with the run after it): one step of the engine's loop per
+# escape, not two (a register command's JSON has ~40; its check was a third faster).
+_QUOTED_IN_TEXT = (r'"[\x20\x21\x23-\x5b\x5d-\x7e]*+(?:\\(?:["\\bfnrt]'
+                   r'|u(?![dD][89abAB])[0-9a-fA-F]{4})[\x20\x21\x23-\x5b\x5d-\x7e]*+)*+"')
 _QUOTED = re.compile(_QUOTED_IN_TEXT)
 _PLAIN_LINE = re.compile(r"[\x20-\x7e]*")
 # libyaml's line breaks besides LF: a text with one is not told apart by lines here.
@@ -492,8 +494,9 @@ class _YamlShapes:
             OrderedDict())
         # (template name, line breaks) -> the patterns of its forms found again (matches),
         # and the names that have one.
-        self._patterns: OrderedDict[tuple[str, int], list[re.Pattern[str]]] = OrderedDict()
+        self._patterns: OrderedDict[tuple[str, int], list[_FormPattern]] = OrderedDict()
         self._again: dict[str, int] = {}  # name -> misses left (seen_again)
+        self._first: dict[str, _FormPattern] = {}  # name -> the pattern last matched
         self._compiled: set[tuple[str, tuple[str, ...], str, tuple[str, ...]]] = set()
         # (pieces, classes) -> the values of the last text of that form (_found_again).
         self._last: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = {}
@@ -554,7 +557,13 @@ class _YamlShapes:
         the cost): a form whose values alike were taken verbatim from one cluster's texts
         (its server URL, its join token) may stand before the one that takes any cluster's,
         and a storm over 8 clusters tried both for 9 texts in 10, the first failing ~1,000
-        characters in: 8.2 against 5.8 µs a shipped k3OS config with a CA."""
+        characters in: 8.2 against 5.8 µs a shipped k3OS config with a CA. That one is tried
+        before the line breaks are counted (a fifth of a match): a pattern matches only
+        texts of its form, whatever list it is in (or was, before the lists were dropped)."""
+        first = self._first.get(name)
+        if first is not None and first.fullmatch(text):
+            self._again[name] = _PLAIN_MISSES
+            return True
         patterns = self._patterns.get((name, text.count("\n")))
         if patterns:
             for i, pattern in enumerate(patterns):
@@ -562,6 +571,7 @@ class _YamlShapes:
                     self._again[name] = _PLAIN_MISSES
                     if i:
                         patterns.insert(0, patterns.pop(i))
+                    _keep(self._first, name, pattern, _MAX_SHAPES)
                     return True
         if name in self._again:
             self._again[name] -= 1
@@ -591,7 +601,7 @@ class _YamlShapes:
             self._patterns.clear()
             patterns = self._patterns[key] = []
         if len(patterns) < _MAX_SHAPE_FORMS:
-            patterns.append(re.compile(_text_pattern(marked, kinds)))
+            patterns.append(_FormPattern(marked, kinds))
         self._compiled.add(form)
         _keep(self._again, name, _PLAIN_MISSES, _MAX_SHAPES)
 
@@ -624,6 +634,59 @@ def _keep(kept: dict[K, V], key: K, value: V, bound: int) -> None:
     kept[key] = value
 
 
+class _FormPattern:
+    """:func:`_text_pattern` of a form, matched piece by piece: each run of literal text (the
+    pieces, the verbatim values) compared whole, each other value by its class's pattern
+    from where the text before it ended. The same answer as the whole pattern's fullmatch:
+    that pattern is a sequence of literals and possessive runs, each of which matches in
+    one way from where the one before ended (nothing in it backtracks into another); but a
+    literal is compared at memcmp's speed, not a character at a time (a CA's PEM verbatim
+    was half of a k3OS config's check)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, marked: _Marked, kinds: str) -> None:
+        pieces, values = marked.pieces, marked.values
+        parts: list[str | re.Pattern[str]] = []
+        literal = [pieces[0]]
+        for i, (value, kind) in enumerate(zip(values, kinds, strict=True)):
+            after = pieces[i + 1]
+            if kind == "v":
+                literal.append(value)
+            else:
+                if literal:
+                    parts.append("".join(literal))
+                parts.append(_QUOTED if kind == "q"
+                             else re.compile(_printable_but(_stop(values, kinds, i, after))))
+                literal = []
+            literal.append(after)
+        parts.append("".join(literal))
+        self.parts = tuple(p for p in parts if p != "")
+
+    def fullmatch(self, text: str) -> bool | None:
+        """True where the whole text is of the form, else None (as a pattern's)."""
+        at = 0
+        for part in self.parts:
+            if type(part) is str:
+                if not text.startswith(part, at):
+                    return None
+                at += len(part)
+            else:
+                assert isinstance(part, re.Pattern)
+                found = part.match(text, at)
+                if found is None:
+                    return None
+                at = found.end()
+        return True if at == len(text) else None
+
+
+def _stop(values: tuple[str, ...], kinds: str, i: int, after: str) -> str:
+    """The character a printable value ``i`` stops before (see :func:`_text_pattern`)."""
+    following = kinds[i + 1] if i + 1 < len(values) else ""
+    return after[:1] or (values[i + 1][:1] if following == "v"
+                         else '"' if following == "q" else "")
+
+
 def _text_pattern(marked: _Marked, kinds: str) -> str:
     """A pattern of the texts of form ``kinds`` of ``marked`` (its classes, ``v`` also for
     the values alike in the form's text before: not a machine's own): its pieces, each value
@@ -640,10 +703,7 @@ def _text_pattern(marked: _Marked, kinds: str) -> str:
         elif kind == "q":
             parts.append(_QUOTED_IN_TEXT)
         else:
-            following = kinds[i + 1] if i + 1 < len(values) else ""
-            stop = after[:1] or (values[i + 1][:1] if following == "v"
-                                 else '"' if following == "q" else "")
-            parts.append(_printable_but(stop))
+            parts.append(_printable_but(_stop(values, kinds, i, after)))
         parts.append(re.escape(after))
     return "".join(parts)
 
@@ -1241,6 +1301,9 @@ _SORTED_JSON = json.JSONEncoder(sort_keys=True)
 # tojson's text of a str this long is kept (a CA's PEM, the same in every config), this many.
 _TOJSON_KEPT_FROM = 1024
 _TOJSON_KEPT = 16
+# tojson's texts of shorter strs kept (a cluster's server URL, join token and k3s arguments,
+# the same in each of its configs; a machine's own values come and go): at most this many.
+_TOJSON_SHORT_KEPT = 256
 
 
 def _tojson() -> Callable[..., str]:
@@ -1252,19 +1315,20 @@ def _tojson() -> Callable[..., str]:
     from markupsafe import Markup
 
     new = str.__new__
-    # Long strings' texts (a config's CA, ~5 µs to write each time), by value: a few.
+    # Strings' texts by value: long ones (a config's CA, ~5 µs to write each time), a few;
+    # shorter ones (~0.3 µs each; a config prints several a cluster's configs share), more.
     kept: dict[str, str] = {}
+    short: dict[str, str] = {}
 
     def tojson(value: Any, indent: int | None = None) -> str:
-        long = False
+        into = None
         if indent is not None:
             text = json.dumps(value, sort_keys=True, indent=indent)
         elif type(value) is str:  # what the encoder does with one, without its checks
-            long = len(value) >= _TOJSON_KEPT_FROM
-            if long:
-                made = kept.get(value)
-                if made is not None:
-                    return made
+            into = kept if len(value) >= _TOJSON_KEPT_FROM else short
+            made = into.get(value)
+            if made is not None:
+                return made
             text = encode_basestring_ascii(value)
         else:
             text = _SORTED_JSON.encode(value)
@@ -1272,8 +1336,8 @@ def _tojson() -> Callable[..., str]:
         # is this very call once it has found that a str has no __html__.
         made = new(Markup, text.replace("<", "\\u003c").replace(">", "\\u003e")
                    .replace("&", "\\u0026").replace("'", "\\u0027"))
-        if long:
-            _keep(kept, value, made, _TOJSON_KEPT)
+        if into is not None:
+            _keep(into, value, made, _TOJSON_KEPT if into is kept else _TOJSON_SHORT_KEPT)
         return made
 
     return tojson

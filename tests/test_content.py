@@ -493,3 +493,32 @@ async def test_a_kept_config_is_rendered_again_when_its_template_file_changes(
     own.write_text(shipped + "# edited by the operator\n")
     os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
     assert await fetch() == kept + "# edited by the operator\n"
+
+
+async def test_the_urls_follow_the_base_url(env: Env) -> None:
+    """Content.urls is made again when the base URL changes (kept while it does not): the
+    next script or config carries the new one."""
+    content = env.service.content
+    assert content.urls is content.urls
+    assert content.urls.asset("k/vmlinuz") == f"{env.service.base_url}/assets/k/vmlinuz"
+    env.service.base_url = "http://192.0.2.99:8080"
+    assert content.urls.base == "http://192.0.2.99:8080"
+    assert content.urls.asset("k/vmlinuz") == "http://192.0.2.99:8080/assets/k/vmlinuz"
+
+
+async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(env: Env) -> None:
+    """Content's machine keys are found once per set of names a template reads: each set
+    asked in turn gets what _machine_dict gives for it."""
+    from netboot.content import _machine_dict
+    from netboot.inventory.codec import machine_to_dict
+    from netboot.model import MacAddress, Machine
+
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:44"),), hostname="n-2",
+                      uuid="u", labels={"l": "1"})
+    content = env.service.content
+    sets = [frozenset({"machine", "machine.hostname"}), frozenset({"machine", "machine.uuid"}),
+            frozenset({"machine", "machine.labels"}), frozenset({"machine"})]
+    for _ in range(2):
+        for names in sets:
+            assert content._machine_dict(machine, names) == _machine_dict(machine, names)
+    assert content._machine_dict(machine, None) == machine_to_dict(machine, secrets=False)

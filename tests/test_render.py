@@ -1184,3 +1184,72 @@ def test_a_render_is_jinjas_own_with_globals_imports_and_inheritance(tmp_path: P
         plain.get_template("undefined.txt").render(v=1)
     with pytest.raises(RenderError, match="'nothing' is undefined"):
         r.render("undefined.txt", {"v": 1})
+
+
+# The pattern of a double-quoted value before it was unrolled (render._QUOTED_IN_TEXT).
+_QUOTED_BEFORE = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\bfnrt]'
+                  r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*+"')
+
+
+def test_the_unrolled_quoted_pattern_matches_what_the_one_before_matched() -> None:
+    """The same texts, and the same length matched at their start, on generated values:
+    escapes valid and not, surrogates, quotes, controls, non-ASCII, text after the value."""
+    import random
+    import re
+
+    from netboot.render import _QUOTED
+
+    before = re.compile(_QUOTED_BEFORE)
+    draw = random.Random(23)
+    alphabet = ['"', "\\", "u", "d", "D", "8", "a", "B", "0", "f", "n", "t", "x", " ", "\x7f",
+                "\n", "é", "\x00"]
+    for _ in range(40_000):
+        text = '"' + "".join(draw.choice(alphabet) for _ in range(draw.randrange(14)))
+        for t in (text, text + '"', text + '"z"'):
+            a, b = before.match(t), _QUOTED.match(t)
+            assert (a and a.end()) == (b and b.end()), t
+            assert (before.fullmatch(t) is None) == (_QUOTED.fullmatch(t) is None), t
+
+
+def test_a_forms_pattern_matched_piece_by_piece_answers_as_the_whole_pattern() -> None:
+    """_FormPattern (literal runs compared whole, each value's class matched from where the
+    text before it ended) says what the form's whole pattern says, on texts made of the
+    form's pieces with values of every class and of none (a quote, a line break, the stop
+    character of a printable value, a value missing or doubled)."""
+    import random
+    import re
+
+    from netboot.render import _FormPattern, _Marked, _text_pattern
+
+    pieces = ("# for ", ": x\nk: ", "\nurl: ", " # ", "\n", "")
+    values = ("edge-1", '"v1"', '"https://a"', "note", "tail")
+    kinds_of = ("cqvcb", "cqqcv", "vvqbc", "cqqcc")
+    marked = _Marked("", pieces, values)
+    draw = random.Random(10)
+    choices = ["edge-2", "a:b", '"v\\"2"', '"bad\\x"', '"https://a"', "note", "", " ", "\n",
+               '"', "tail", "x\x7f", '"u\\u00e9"', '"s\\ud800"']
+    for kinds in kinds_of:
+        whole = re.compile(_text_pattern(marked, kinds))
+        form = _FormPattern(marked, kinds)
+        for _ in range(3_000):
+            vals = [draw.choice(choices) if draw.random() < 0.7 else v for v in values]
+            text = pieces[0] + "".join(v + p for v, p in zip(vals, pieces[1:], strict=True))
+            if draw.random() < 0.1:
+                text = text[:draw.randrange(len(text) + 1)]  # cut short
+            assert (whole.fullmatch(text) is not None) == (form.fullmatch(text) is not None), \
+                (kinds, text)
+
+
+def test_tojson_of_more_strings_than_are_kept_writes_jinjas_text(tmp_path: Path) -> None:
+    """tojson's texts of short strings are kept by value (a cluster's URL and token in each
+    of its configs): more than are kept, printed twice, each is Jinja's own text."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    (tmp_path / "t.txt").write_text("{{ v | tojson }}")
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          autoescape=False, keep_trailing_newline=True)
+    r = Renderer([tmp_path])
+    values = [f"edge-{i} <'&'> \"é\"" for i in range(600)]
+    for v in values + values[::-1]:
+        assert r.render("t.txt", {"v": v}) == plain.get_template("t.txt").render(v=v)

@@ -786,3 +786,26 @@ async def test_the_watcher_reads_no_events_back_while_no_stream_is_open(
     own = [m for m in seen if m != "from the other server"]
     assert own and len(own) == len(set(own)), seen
     assert any(e.message == "from the other server" for e in read)
+
+
+def test_the_trust_is_made_again_when_the_certificate_or_the_https_url_changes(
+        tmp_path: Path) -> None:
+    """TrustOf keeps the Trust it made while the Tls object (replaced by reload_tls) and the
+    HTTPS URL are the same, and gives the new ones' the moment either changes."""
+    from netboot.pki import Tls
+    from netboot.service import TrustOf
+
+    config = load(write_config(tmp_path, ""))
+    state: dict[str, object] = {"tls": None, "https": "https://192.0.2.10:8443"}
+    trust = TrustOf(config, lambda: state["tls"], lambda: str(state["https"]))  # type: ignore[arg-type, return-value]
+    assert trust().ca_pem == "" and trust() is trust()
+    first = Tls(tmp_path / "c", tmp_path / "k", "CA ONE", "AA")
+    state["tls"] = first
+    got = trust()
+    assert (got.https_base, got.ca_pem, got.ca_fingerprint) == (
+        "https://192.0.2.10:8443", "CA ONE", "AA")
+    assert trust() is got
+    state["tls"] = Tls(tmp_path / "c", tmp_path / "k", "CA TWO", "BB")  # reload_tls
+    assert trust().ca_pem == "CA TWO"
+    state["https"] = "https://192.0.2.99:8443"
+    assert trust().https_base == "https://192.0.2.99:8443"
