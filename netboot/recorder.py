@@ -501,7 +501,21 @@ def _overlap(batches: Iterable[Batch]) -> bool:
     """Whether two of ``batches`` update, create or expect the same machine."""
     seen: set[str] = set()
     for batch in batches:
-        ids = {*batch.expect, *(m.id for m in batch.update), *(m.id for m in batch.create)}
+        update, expect = batch.update, batch.expect
+        if not batch.create and len(update) == 1 and len(expect) <= 1:
+            # A group's commits are one machine's each, as a rule (an install's token, a
+            # config fetched): its id alone, without a set made per commit of the group.
+            ident = update[0].id
+            if expect and ident not in expect:
+                other = next(iter(expect))
+                if other in seen:
+                    return True
+                seen.add(other)
+            if ident in seen:
+                return True
+            seen.add(ident)
+            continue
+        ids = {*expect, *(m.id for m in update), *(m.id for m in batch.create)}
         if not seen.isdisjoint(ids):
             return True
         seen |= ids

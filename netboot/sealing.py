@@ -29,6 +29,8 @@ from netboot.errors import ConfigError, StoreError
 PREFIX = "nbs1:"
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # GCM's standard nonce (NIST SP 800-38D §8.2: random 96-bit nonces)
+# Standard base64 to its URL-safe alphabet (RFC 4648 §5), as base64.urlsafe_b64encode maps it.
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -61,10 +63,13 @@ class Sealer:
         return cls(secrets.token_bytes(KEY_BYTES))
 
     def seal(self, value: str, *, context: str) -> str:
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, value.encode(), context.encode())
-        body = base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
-        return f"{PREFIX}{self.key_id}:{body}"
+        # os.urandom and binascii directly: what secrets.token_bytes and
+        # base64.urlsafe_b64encode do, without their Python layers (every first install seals
+        # its new token on the event loop).
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = (self._cipher or self._aead).encrypt(nonce, value.encode(), context.encode())
+        body = binascii.b2a_base64(nonce + sealed, newline=False).translate(_URLSAFE)
+        return f"{PREFIX}{self.key_id}:{body.rstrip(b'=').decode()}"
 
     def unseal(self, value: str, *, context: str) -> str:
         """The clear text of a sealed value; a value without the prefix is returned as is

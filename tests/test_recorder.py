@@ -163,16 +163,22 @@ async def test_last_remembers_what_went_through_queued_or_committed(
     await recorder.close()
 
 
+async def two_discovered(store: SqliteStore) -> tuple[Machine, Machine]:
+    """Machines "a" and "b", discovered, created in ``store``."""
+    a = Machine(macs=(MAC,), hostname="a", state=MachineState.DISCOVERED)
+    b = Machine(macs=(MacAddress.parse("02:00:00:00:00:0a"),), hostname="b",
+                state=MachineState.DISCOVERED)
+    await store.create_machine(a)
+    await store.create_machine(b)
+    return a, b
+
+
 async def test_grouped_commits_keep_compare_and_set(
         stores: tuple[SqliteStore, SqliteStore]) -> None:
     """Commits written in one group carry their expectations: a stale one fails alone, and
     two that decide on one machine from the same state do not both win."""
     own, other = stores
-    a = Machine(macs=(MAC,), hostname="a", state=MachineState.DISCOVERED)
-    b = Machine(macs=(MacAddress.parse("02:00:00:00:00:0a"),), hostname="b",
-                state=MachineState.DISCOVERED)
-    await own.create_machine(a)
-    await own.create_machine(b)
+    a, b = await two_discovered(own)
     recorder = Recorder(own, delay=3600)
     stale, fine = await asyncio.gather(
         recorder.commit(Batch(update=(replace(a, hostname="a2"),), events=(ev("x", a.id),),
@@ -191,6 +197,26 @@ async def test_grouped_commits_keep_compare_and_set(
           for name in ("first", "second")), return_exceptions=True)
     assert results[0] is None and isinstance(results[1], StateChanged)
     assert (await other.get_machine(a.id)).hostname == "first"  # type: ignore[union-attr]
+    await recorder.close()
+
+
+async def test_a_commit_expecting_another_machine_of_its_group_is_written_after_it(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A commit that updates one machine on the state of another (its expectation names
+    that other machine) is not merged with a commit of the same group that moves the
+    other: one after the other, as they came, it meets the moved state and fails alone."""
+    own, other = stores
+    a, b = await two_discovered(own)
+    recorder = Recorder(own, delay=3600)
+    moved, decided = await asyncio.gather(
+        recorder.commit(Batch(update=(replace(a, state=MachineState.REGISTERED),),
+                              expect={a.id: MachineState.DISCOVERED})),
+        recorder.commit(Batch(update=(replace(b, hostname="b2"),),
+                              expect={a.id: MachineState.DISCOVERED})),
+        return_exceptions=True)
+    assert moved is None and isinstance(decided, StateChanged)
+    assert (await other.get_machine(a.id)).state is MachineState.REGISTERED  # type: ignore[union-attr]
+    assert (await other.get_machine(b.id)).hostname == "b"  # type: ignore[union-attr]
     await recorder.close()
 
 

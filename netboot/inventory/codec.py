@@ -510,8 +510,10 @@ _quote = json.encoder.encode_basestring
 _TEXT_KEYS = tuple(f',"{key}":' for key in _MACHINE_TEXT)
 
 
-def machine_json(machine: Machine) -> str:
+def machine_json(machine: Machine, install_token: str | None = None) -> str:
     """``dumps(machine_document(machine))`` for a machine :func:`stored_machine` returned,
+    with ``install_token`` in place of its own when given (the sealed form a store writes:
+    no copy of the machine made for it),
     written out directly: the same text in half the time (no intermediate dict, no encoder
     set up per call; a bulk import writes 100,000). Strings are quoted by JSON's own quoting;
     times are finite floats, written as the encoder writes them (``float.__repr__``).
@@ -539,7 +541,7 @@ def machine_json(machine: Machine) -> str:
         add(',"profile":' + q(v))
     if (v := m.token_hash) is not None:
         add(',"token_hash":' + q(v))
-    if (v := m.install_token) is not None:
+    if (v := install_token or m.install_token) is not None:
         add(',"install_token":' + q(v))
     if (role := m.role) is not None:
         add(',"role":' + q(role._value_))

@@ -357,12 +357,13 @@ class _Row:
 
     __slots__ = ("created", "data", "id", "mac", "machine", "updated")
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, install_token: str | None = None) -> None:
         # What would not read back is refused now (see codec's docstring), checked in place.
+        # ``install_token``: what the document holds in place of the machine's own (sealed).
         self.machine = m = codec.stored_machine(machine)
         self.id = m.id
         self.mac = str(m.macs[0]) if m.macs else None
-        self.data = codec.machine_json(m)
+        self.data = codec.machine_json(m, install_token)
         self.created = m.created
         self.updated = m.updated
 
@@ -477,7 +478,7 @@ class SqliteStore:
             # does not carry (history, leases, tokens) are not counted: a storm's group
             # commits of boot events would otherwise send every reader back to the store.
             if fn not in _OFF_FEED and not (fn == self._apply_here and not any(args[:2])
-                                            and not args[3]):
+                                            and not args[4]):
                 self._commits += 1
 
     async def _read(self, fn: Callable[..., _R], *args: Any) -> _R:
@@ -883,24 +884,31 @@ class SqliteStore:
             # An import's new machines stay rows until written (codec.NewMachines).
             create = (batch.create.sealed(seal) if isinstance(batch.create, codec.NewMachines)
                       else [seal(m) for m in batch.create])
-            await self._run(self._apply_here, create, [seal(m) for m in batch.update], rows,
-                            batch.merge, dict(batch.expect), audit, batch.create, batch.update)
+            # The updates as given, their tokens sealed beside them: encoded with those, not
+            # copied with them (a first install's new token, on the event loop).
+            sealed = self._sealed.sealed_token
+            await self._run(self._apply_here, create, batch.update,
+                            [sealed(m) for m in batch.update], rows, batch.merge,
+                            dict(batch.expect), audit, batch.create)
             if batch.events and self._listener is not None:
                 self._listener.published(codec.joined(*(
                     p if isinstance(p, codec.EventRun) else [v for v, _ in p] for p in parts)))
 
     def _apply_here(self, conn: sqlite3.Connection, create: Sequence[Machine],
-                    update: Sequence[Machine], events: Iterable[_EventRows],
+                    update: Sequence[Machine], tokens: Sequence[str | None],
+                    events: Iterable[_EventRows],
                     merge: Sequence[tuple[str, str]], expect: Mapping[str, MachineState],
                     audit: Sequence[tuple[float, str, str, str, str, str]],
-                    given_create: Sequence[Machine], given_update: Sequence[Machine]) -> None:
-        """On the worker: the batch, then (committed) what it wrote, noted for the feed."""
-        written = _apply_batch(conn, create, update, events, merge, expect, audit)
+                    given_create: Sequence[Machine]) -> None:
+        """On the worker: the batch, then (committed) what it wrote, noted for the feed.
+        ``update`` as given, ``tokens`` what each one's document holds in place of its
+        install token (Sealed.sealed_token)."""
+        written = _apply_batch(conn, create, update, events, merge, expect, audit, tokens)
         if len(create) >= BULK_ROWS:  # committed without a checkpoint: see _apply_batch
             self._bulk_written = True
         if written is not None:
             before, after, rows = written
-            given = (*given_create, *given_update)
+            given = (*given_create, *update)
             read = [self._sealed.as_read(r.machine, sealed, g)
                     for r, sealed, g in zip(rows, (*create, *update), given, strict=True)]
             # A token sealed already (a copied row): only the feed's read can tell.
@@ -1498,14 +1506,18 @@ def _apply_batch(
     merge: Sequence[tuple[str, str]] = (),
     expect: Mapping[str, MachineState] | None = None,
     audit: Sequence[tuple[float, str, str, str, str, str]] = (),
+    tokens: Sequence[str | None] | None = None,
 ) -> tuple[int, int, list[_Row]] | None:
     """The feed's newest position before and after the batch (read under its write lock)
-    and the rows written, creates then updates; None for a bulk import (not kept)."""
+    and the rows written, creates then updates; None for a bulk import (not kept).
+    ``tokens``: what each update's document holds in place of its install token."""
+    updated = zip(update, tokens, strict=True) if tokens is not None else (
+        (m, None) for m in update)
     if len(create) < BULK_ROWS:
         # Encode (and so validate) on the worker, not the event loop: 100k rows take a second
         # of CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before
         # BEGIN, so a bad row costs no lock time.
-        creates, updates = [_Row(m) for m in create], [_Row(m) for m in update]
+        creates, updates = [_Row(m) for m in create], [_Row(m, t) for m, t in updated]
         span = _write_batch(conn, create, creates, updates, events, merge, expect, audit)
         return (*span, [*creates, *updates]) if span is not None else None
     # A bulk import: its new machines are encoded as they are inserted, since a second copy
@@ -1534,8 +1546,8 @@ def _apply_batch(
     autocheckpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     try:
-        _write_batch(conn, create, None, [_Row(m) for m in update], events, merge, expect,
-                     audit)
+        _write_batch(conn, create, None, [_Row(m, t) for m, t in updated], events, merge,
+                     expect, audit)
         return None
     finally:
         conn.execute(f"PRAGMA cache_size = {int(size)}")
