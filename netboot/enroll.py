@@ -34,9 +34,10 @@ from netboot.groups import select as select_group
 from netboot.identity import Identity
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, StateCounts, Store, by_state
-from netboot.inventory.codec import NO_ENTRIES, NewMachines
+from netboot.inventory.codec import NewMachines
 from netboot.model import (
     ID_PREFIX,
+    NO_ENTRIES,
     Event,
     Group,
     MacAddress,

@@ -187,19 +187,23 @@ def test_a_machine_without_its_seldom_set_fields_is_the_compact_layout() -> None
     token...) are all None takes no slot for them: issue 10's 100,000 machines enrolled and
     not yet booted, ~6 MiB less. Every way of making one gives the layout its values call
     for, so that equal values compare equal; each layout is frozen and reads every field."""
-    from netboot.model import _SELDOM_SET, machine_of_values
+    from netboot.model import _SELDOM_SET, NO_ENTRIES, machine_of_values
 
     plain = Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),), hostname="edge-1",
                     uuid="u", serial="SN1", cluster="edge", role=Role.AGENT, profile="p",
-                    created=1.0, updated=1.0)
+                    facts=NO_ENTRIES, created=1.0, updated=1.0)
     values = [getattr(plain, f.name) for f in fields(Machine)]
     compact = type(plain)
     assert compact is type(machine_of_values(values)) is type(replace(plain))
-    assert all(getattr(plain, name) is None for name in _SELDOM_SET)
+    assert all(getattr(plain, name) is first for name, first in _SELDOM_SET.items())
+    # Any empty facts: read back as the shared empty mapping, equal to them.
+    empty = Machine(**{**dict(zip([f.name for f in fields(Machine)], values, strict=True)),
+                       "facts": {}})
+    assert type(empty) is compact and empty == plain and empty.facts is NO_ENTRIES
     for name, value in (("asset", "a"), ("loader", LoaderChain.IPXE), ("arch", Arch.X86_64),
                         ("firmware", Firmware.UEFI), ("ipv4", "192.0.2.1"),
-                        ("fixed_ipv4", "192.0.2.2"), ("token_hash", "h"),
-                        ("token_expires", 1.0), ("install_token", "t")):
+                        ("fixed_ipv4", "192.0.2.2"), ("facts", {"product": "x"}),
+                        ("token_hash", "h"), ("token_expires", 1.0), ("install_token", "t")):
         assert name in _SELDOM_SET
         made = [replace(plain, **{name: value}), replace_machine(plain, **{name: value}),
                 Machine(**{**{f.name: getattr(plain, f.name) for f in fields(Machine)},
@@ -212,8 +216,8 @@ def test_a_machine_without_its_seldom_set_fields_is_the_compact_layout() -> None
             assert machine == made[0]
             assert sys.getsizeof(machine) > sys.getsizeof(plain)
             with pytest.raises(FrozenInstanceError):
-                setattr(machine, name, None)
-            back = replace(machine, **{name: None})
+                setattr(machine, name, _SELDOM_SET[name])
+            back = replace(machine, **{name: _SELDOM_SET[name]})
             assert back == plain and type(back) is compact
     with pytest.raises(FrozenInstanceError):
         plain.asset = "a"  # type: ignore[misc]
