@@ -378,6 +378,13 @@ class Machine:
         """How logs, messages and URLs name the machine: its primary MAC, else its id."""
         return str(self.macs[0]) if self.macs else self.id
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled and copied by its values (copy, pickle), remade in the layout they call
+        # for (_two_layouts): a layout's slots cannot be set again on a frozen instance.
+        # The shared empty mapping as a dict (a mappingproxy is not pickled), equal to it.
+        return machine_of_values, (
+            tuple({} if value is NO_ENTRIES else value for value in _machine_values(self)),)
+
 
 _without_slots_field(Machine)
 _MACHINE_SLOTS = tuple(f.name for f in fields(Machine) if f.name not in _SELDOM_SET)

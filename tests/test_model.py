@@ -219,6 +219,10 @@ def test_a_machine_without_its_seldom_set_fields_is_the_compact_layout() -> None
                 setattr(machine, name, _SELDOM_SET[name])
             back = replace(machine, **{name: _SELDOM_SET[name]})
             assert back == plain and type(back) is compact
+    for machine in (plain, replace(plain, arch=Arch.X86)):  # pickled and copied by value
+        for again in (copy.copy(machine), copy.deepcopy(machine),
+                      pickle.loads(pickle.dumps(machine))):
+            assert again == machine and type(again) is type(machine)
     with pytest.raises(FrozenInstanceError):
         plain.asset = "a"  # type: ignore[misc]
     with pytest.raises(FrozenInstanceError):
