@@ -34,10 +34,11 @@ from netboot.groups import select as select_group
 from netboot.identity import Identity
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, StateCounts, Store, by_state
-from netboot.inventory.codec import NO_ENTRIES, NewMachines
+from netboot.inventory.codec import NewMachines
 from netboot.logs import log_line
 from netboot.model import (
     ID_PREFIX,
+    NO_ENTRIES,
     AuditEntry,
     Event,
     Group,

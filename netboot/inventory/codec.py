@@ -20,7 +20,6 @@ import ipaddress
 import json
 import math
 import sys
-import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
@@ -29,6 +28,7 @@ from netboot.errors import NotFound, StateChanged, ValidationError
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.model import (
     ID_PREFIX,
+    NO_ENTRIES,
     ApiToken,
     Arch,
     Asset,
@@ -395,9 +395,6 @@ _MACHINE_ENUMS: tuple[tuple[str, type[enum.Enum]], ...] = (
 # Enum members by value: a dict look-up, where calling the enum class is ten times slower.
 _MEMBERS: dict[type[enum.Enum], dict[Any, Any]] = {
     cls: {m.value: m for m in cls} for cls in (MachineState, Role, LoaderChain, Arch, Firmware)}
-# The labels or facts of a machine that has none, shared by every such machine a store reads
-# (100,000 empty dicts are 6 MiB). Read-only, so that sharing it cannot leak a change.
-NO_ENTRIES: Mapping[str, str] = types.MappingProxyType({})
 # JSON's own scanner, without json.loads's wrapper (a quarter of reading a stored machine).
 _SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__, untyped
 
