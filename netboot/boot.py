@@ -398,7 +398,7 @@ class BootService:
             collections.OrderedDict())
         # Cluster name -> what every joining node of it is told alike (_Joining), while the
         # view's ``shared`` and the cluster and settings objects are the same (_k3s_join).
-        self._joining: dict[str, _Joining] = {}
+        self._joining: collections.OrderedDict[str, _Joining] = collections.OrderedDict()
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
@@ -1178,10 +1178,9 @@ class BootService:
                 ids.add(machine.id)
                 if init_id is not None:
                     ids.add(init_id)
-                self._joining[cluster.name] = _Joining(shared, cluster, self.settings,
-                                                       frozenset(ids), endpoint, san)
-                if len(self._joining) > _FEW_CLUSTERS:
-                    del self._joining[next(iter(self._joining))]  # the oldest
+                _keep(self._joining, cluster.name, _Joining(shared, cluster, self.settings,
+                                                            frozenset(ids), endpoint, san),
+                      _FEW_CLUSTERS)
         return K3sJoin(role, endpoint, False, cluster.token, labels, tuple(taints), node_name,
                        san)
 

@@ -989,3 +989,52 @@ async def test_a_dhcp_storm_records_after_its_answers_paced_by_the_writer(
             assert [e.kind for e in await w.store.list_events(machine.id)] == ["dhcp"]
             stored = await w.store.get_machine(machine.id)
             assert stored is not None and stored.uuid == f"00000000-0000-4000-8000-{i:012d}"
+
+
+async def test_kept_joins_are_bounded_and_the_oldest_is_made_again(tmp_path: Path) -> None:
+    """The joins kept per managed cluster stay at most ``_FEW_CLUSTERS`` (a site with more
+    clusters churns them, never grows them), the newest kept; a cluster whose join was
+    dropped is answered as before, by reading it again."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        clock = Clock()
+        bound = boot_module._FEW_CLUSTERS
+        names = [f"c{i}" for i in range(bound + 6)]
+        agents = {}
+        for i, name in enumerate(names):
+            await store.put_cluster(Cluster(name=name, server_url="managed", token="t"))
+            await store.create_machine(Machine(
+                macs=(MacAddress.parse(f"52:54:00:01:{i // 256:02x}:{i % 256:02x}"),),
+                cluster=name, role=Role.SERVER, state=MachineState.REGISTERED,
+                ipv4=f"192.0.2.{i + 1}"))
+            agents[name] = Machine(
+                macs=(MacAddress.parse(f"52:54:00:02:{i // 256:02x}:{i % 256:02x}"),),
+                cluster=name, role=Role.AGENT)
+            await store.create_machine(agents[name])
+        other = Machine(macs=(MacAddress.parse("52:54:00:03:00:01"),), cluster=names[-1],
+                        role=Role.AGENT)  # asked last, of a kept cluster
+        await store.create_machine(other)
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await boot.load_view()
+        clusters = {name: await store.get_cluster(name) for name in names}
+        for round_ in range(2):
+            for i, name in enumerate(names):
+                cluster = clusters[name]
+                assert cluster is not None
+                join = await boot.k3s_join(agents[name], cluster, Role.AGENT, None)
+                assert join.server_url == f"https://192.0.2.{i + 1}:6443", (round_, name)
+                assert len(boot._joining) <= bound
+        assert list(boot._joining) == names[-bound:]  # the newest, oldest first
+        # Another node of a kept cluster: answered from the kept join, which stays as it was
+        # (the node it was read for is not: its own servers' list may name it).
+        last = names[-1]
+        kept = boot._joining[last]
+        cluster = clusters[last]
+        assert cluster is not None
+        join = await boot.k3s_join(other, cluster, Role.AGENT, None)
+        assert join.server_url == f"https://192.0.2.{len(names)}:6443"
+        assert boot._joining[last] is kept
+    finally:
+        await store.close()
