@@ -613,3 +613,34 @@ def test_a_refused_template_or_mac_keeps_its_cause_and_hides_what_it_replaced() 
     with pytest.raises(ValidationError) as document:
         parse_import("machines: [", "yaml")
     assert document.value.__cause__ is not None
+
+
+async def test_two_registrations_with_one_token_one_wins_with_one_audit_entry(store) -> None:  # type: ignore[no-untyped-def]
+    """Two registrations racing with one token (in one group commit or not): one wins, the
+    other is refused by the compare-and-set, and only the winner's audit entry is written."""
+    import asyncio
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import NetbootError
+    from netboot.model import AuditEntry
+
+    mac = MacAddress.parse("52:54:00:00:02:01")
+    await store.create_machine(Machine(
+        macs=(mac,), hostname="r", state=MachineState.INSTALLED, cluster="edge",
+        token_hash=hashlib.sha256(b"tok").hexdigest(), token_expires=None))
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    peer = ipaddress.ip_address("192.0.2.70")
+
+    def entry(machine: Machine) -> AuditEntry:
+        return AuditEntry(time=1.0, actor=f"machine:{machine.id}", action="POST /register",
+                          target=machine.id, peer="-", outcome="200")
+
+    done = await asyncio.gather(*(enroller.register(
+        {"mac": str(mac), "token": "tok"}, peer, audit=entry) for _ in range(2)),
+        return_exceptions=True)
+    won = [d for d in done if isinstance(d, Machine)]
+    lost = [d for d in done if not isinstance(d, Machine)]
+    assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], NetbootError), done
+    assert [a.outcome for a in await store.list_audit()] == ["200"]
+    assert [e.kind for e in await store.list_events(won[0].id)].count("registered") == 1

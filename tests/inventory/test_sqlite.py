@@ -1094,3 +1094,33 @@ async def test_what_was_committed_survives_kill_9_while_checkpoints_run(tmp_path
         assert set(events) == set(acked)
     finally:
         await store.close()
+
+
+async def test_an_updated_machines_token_is_never_written_in_clear(tmp_path: Path) -> None:
+    """Updates are encoded with their sealed token beside them (Sealed.sealed_token), not a
+    sealed copy: neither the rows nor the database's files hold the token in clear."""
+    from netboot.model import replace_machine
+    from netboot.sealing import Sealer
+
+    store = SqliteStore(tmp_path / "inv.db", sealer=Sealer.generate())
+    await store.open()
+    secret = "clear-token-" + "x" * 30
+    try:
+        m = Machine(macs=(MacAddress.parse("52:54:00:00:02:02"),), hostname="s",
+                    state=MachineState.BOOTING)
+        other = Machine(macs=(MacAddress.parse("52:54:00:00:02:03"),), hostname="t",
+                        install_token=secret + "c")
+        await store.apply_batch(Batch(create=(m, other)))
+        m2 = replace_machine(m, install_token=secret, state=MachineState.INSTALLING)
+        await store.update_machine(m2, expect_state=MachineState.BOOTING)
+        await store.apply_batch(Batch(update=(replace_machine(other, hostname="t2"),
+                                              replace_machine(m2, hostname="s2"))))
+        got = await store.get_machine(m.id)
+        assert got is not None and got.install_token == secret
+    finally:
+        await store.close()
+    conn = sqlite3.connect(tmp_path / "inv.db")
+    rows = [r[0] for r in conn.execute("SELECT data FROM machines")]
+    conn.close()
+    assert len(rows) == 2 and not any(secret in r for r in rows), rows
+    assert not any(secret.encode() in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
