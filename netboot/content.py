@@ -236,20 +236,19 @@ class Content:
         return made
 
     def _machine_dict(self, machine: Machine, names: frozenset[str] | None) -> dict[str, Any]:
-        """:func:`_machine_dict`, the keys found once per set of names (a template's): the
-        look through every name read was a tenth of a config's context."""
-        if names is None:
-            return machine_to_dict(machine, secrets=False)
-        if names in self._machine_keys:
-            keys = self._machine_keys[names]
-        else:
-            keys = _machine_keys(names)
-            if len(self._machine_keys) >= _FEW:
-                self._machine_keys.clear()  # bounded: old templates' names go
-            self._machine_keys[names] = keys
-        if keys is None:
-            return machine_to_dict(machine, secrets=False)
-        return {key: getattr(machine, key) for key in keys}
+        """:func:`_machine_dict` of the keys a template reading ``names`` is given, found once
+        per set of names (a template's): the look through every name read was a tenth of a
+        config's context."""
+        keys = None
+        if names is not None:
+            if names in self._machine_keys:
+                keys = self._machine_keys[names]
+            else:
+                keys = _machine_keys(names)
+                if len(self._machine_keys) >= _FEW:
+                    self._machine_keys.clear()  # bounded: old templates' names go
+                self._machine_keys[names] = keys
+        return _machine_dict(machine, keys)
 
     def _of_cluster(self, cluster: Cluster) -> dict[str, Any]:
         """The cluster's context dict (without secrets), made once per cluster object."""
@@ -570,20 +569,20 @@ _PLAIN_KEYS = frozenset({"id", "hostname", "uuid", "serial", "asset", "cluster",
                          "ipv4", "fixed_ipv4", "token_expires", "created", "updated"})
 
 
-def _machine_dict(machine: Machine, names: frozenset[str] | None) -> dict[str, Any]:
-    """The context's ``machine``: the keys the template reads (``names``' ``machine.KEY``,
-    render._keys_read) where it reads it key by key and only plain ones, else the whole
-    dict. A lookup of it answers as the whole dict's: a key read is there when the whole
-    has it, with the same value. An install script reads only its hostname."""
-    keys = None if names is None else _machine_keys(names)
+def _machine_dict(machine: Machine, keys: tuple[str, ...] | None) -> dict[str, Any]:
+    """The context's ``machine``: the ``keys`` the template reads (:func:`_machine_keys`),
+    or the whole dict (None). A lookup of it answers as the whole dict's: a key read is
+    there when the whole has it, with the same value. An install script reads only its
+    hostname."""
     if keys is None:
         return machine_to_dict(machine, secrets=False)
     return {key: getattr(machine, key) for key in keys}
 
 
 def _machine_keys(names: frozenset[str]) -> tuple[str, ...] | None:
-    """The machine keys a template reading ``names`` is given (:func:`_machine_dict`); None:
-    the whole dict."""
+    """The machine keys a template reading ``names`` is given: those of ``names``'
+    ``machine.KEY`` (render._keys_read) where it reads the dict key by key and only plain
+    ones; None: the whole dict (:func:`_machine_dict`)."""
     if "machine" + WHOLE in names:
         return None
     keys = []

@@ -635,13 +635,19 @@ def _keep(kept: dict[K, V], key: K, value: V, bound: int) -> None:
 
 
 class _FormPattern:
-    """:func:`_text_pattern` of a form, matched piece by piece: each run of literal text (the
-    pieces, the verbatim values) compared whole, each other value by its class's pattern
-    from where the text before it ended. The same answer as the whole pattern's fullmatch:
-    that pattern is a sequence of literals and possessive runs, each of which matches in
-    one way from where the one before ended (nothing in it backtracks into another); but a
-    literal is compared at memcmp's speed, not a character at a time (a CA's PEM verbatim
-    was half of a k3OS config's check)."""
+    """The texts of form ``kinds`` of ``marked`` (its classes, ``v`` also for the values
+    alike in the form's text before: not a machine's own): its pieces, each value verbatim
+    (``v``) or one of its class. Every repetition is possessive, so a text is matched or
+    refused in linear time; a printable value (``c``, ``b``) stops before the character that
+    follows it (where one does), which it then may not hold. Both narrow the form: every
+    text matched is still of it (another is checked as before, by its marks).
+
+    Matched piece by piece: each run of literal text (the pieces, the verbatim values)
+    compared whole, each other value by its class's pattern from where the text before it
+    ended. The same answer as one regular expression of the whole form (the tests keep
+    one): a sequence of literals and possessive runs, each of which matches in one way from
+    where the one before ended; but a literal is compared at memcmp's speed, not a
+    character at a time (a CA's PEM verbatim was half of a k3OS config's check)."""
 
     __slots__ = ("parts",)
 
@@ -681,31 +687,10 @@ class _FormPattern:
 
 
 def _stop(values: tuple[str, ...], kinds: str, i: int, after: str) -> str:
-    """The character a printable value ``i`` stops before (see :func:`_text_pattern`)."""
+    """The character a printable value ``i`` stops before (see :class:`_FormPattern`)."""
     following = kinds[i + 1] if i + 1 < len(values) else ""
     return after[:1] or (values[i + 1][:1] if following == "v"
                          else '"' if following == "q" else "")
-
-
-def _text_pattern(marked: _Marked, kinds: str) -> str:
-    """A pattern of the texts of form ``kinds`` of ``marked`` (its classes, ``v`` also for
-    the values alike in the form's text before: not a machine's own): its pieces, each value
-    verbatim (``v``) or one of its class. Every repetition is possessive, so a text is
-    matched or refused in linear time; a printable value (``c``, ``b``) stops before the
-    character that follows it (where one does), which it then may not hold. Both narrow the
-    form: every text matched is still of it (another is checked as before, by its marks)."""
-    pieces, values = marked.pieces, marked.values
-    parts = [re.escape(pieces[0])]
-    for i, (value, kind) in enumerate(zip(values, kinds, strict=True)):
-        after = pieces[i + 1]
-        if kind == "v":
-            parts.append(re.escape(value))
-        elif kind == "q":
-            parts.append(_QUOTED_IN_TEXT)
-        else:
-            parts.append(_printable_but(_stop(values, kinds, i, after)))
-        parts.append(re.escape(after))
-    return "".join(parts)
 
 
 def _printable_but(stop: str) -> str:

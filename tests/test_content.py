@@ -289,9 +289,12 @@ def test_a_machine_read_key_by_key_is_given_those_keys_as_the_whole_has_them() -
     """Content.context's machine for a template that reads only some of its plain keys has
     those keys, with machine_to_dict's values; any other key read, or a use of the whole,
     gets the whole dict (without the secrets)."""
-    from netboot.content import _PLAIN_KEYS, _machine_dict
+    from netboot.content import _PLAIN_KEYS, _machine_dict, _machine_keys
     from netboot.inventory.codec import machine_to_dict
     from netboot.model import MacAddress, Machine, Role
+
+    def given(machine: Machine, names: frozenset[str] | None) -> dict[str, object]:
+        return _machine_dict(machine, None if names is None else _machine_keys(names))
 
     machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:43"),), hostname="n-1",
                       uuid="u", serial="s", asset="a", labels={"l": "1"}, cluster="edge",
@@ -301,15 +304,15 @@ def test_a_machine_read_key_by_key_is_given_those_keys_as_the_whole_has_them() -
     whole = machine_to_dict(machine, secrets=False)
     assert whole.keys() >= _PLAIN_KEYS
     for key in _PLAIN_KEYS:
-        got = _machine_dict(machine, frozenset({"machine", f"machine.{key}"}))
+        got = given(machine, frozenset({"machine", f"machine.{key}"}))
         assert got == {key: whole[key]}, key
-    got = _machine_dict(machine, frozenset({"machine", "machine.hostname", "machine.uuid"}))
+    got = given(machine, frozenset({"machine", "machine.hostname", "machine.uuid"}))
     assert got == {"hostname": "n-1", "uuid": "u"}
     for names in (None, frozenset({"machine", "machine.hostname", "machine.*"}),
                   frozenset({"machine", "machine.hostname", "machine.labels"}),
                   frozenset({"machine", "machine.install_token"}),
                   frozenset({"machine", "machine.nothing"})):
-        assert _machine_dict(machine, names) == whole, names
+        assert given(machine, names) == whole, names
 
 
 async def test_an_install_script_is_given_the_machine_keys_it_reads(env: Env) -> None:
@@ -509,7 +512,7 @@ async def test_the_urls_follow_the_base_url(env: Env) -> None:
 async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(env: Env) -> None:
     """Content's machine keys are found once per set of names a template reads: each set
     asked in turn gets what _machine_dict gives for it."""
-    from netboot.content import _machine_dict
+    from netboot.content import _machine_dict, _machine_keys
     from netboot.inventory.codec import machine_to_dict
     from netboot.model import MacAddress, Machine
 
@@ -520,5 +523,6 @@ async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(en
             frozenset({"machine", "machine.labels"}), frozenset({"machine"})]
     for _ in range(2):
         for names in sets:
-            assert content._machine_dict(machine, names) == _machine_dict(machine, names)
+            assert content._machine_dict(machine, names) == _machine_dict(
+                machine, _machine_keys(names))
     assert content._machine_dict(machine, None) == machine_to_dict(machine, secrets=False)

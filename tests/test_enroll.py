@@ -409,6 +409,18 @@ async def test_import_merges_the_discovered_record_of_an_enrolled_serial(
     assert await store.count_machines() == 1
 
 
+async def _installed(store: Any, mac: str, hostname: str) -> MacAddress:
+    """An installed machine of cluster edge whose install token is "tok", as its OS
+    registers with it."""
+    import hashlib
+
+    parsed = MacAddress.parse(mac)
+    await store.create_machine(Machine(
+        macs=(parsed,), hostname=hostname, state=MachineState.INSTALLED, cluster="edge",
+        token_hash=hashlib.sha256(b"tok").hexdigest(), token_expires=None))
+    return parsed
+
+
 async def test_register_keeps_the_peer_over_a_claimed_loopback(store) -> None:  # type: ignore[no-untyped-def]
     """k3OS's `hostname -i` says 127.0.1.1 (and a user may claim 127.0.0.1); the request came
     from 192.0.2.60 on the provisioning network, which is what other nodes reach."""
@@ -417,10 +429,7 @@ async def test_register_keeps_the_peer_over_a_claimed_loopback(store) -> None:  
 
     from netboot.model import MachineState
 
-    mac = MacAddress.parse("52:54:00:00:00:09")
-    await store.create_machine(Machine(
-        macs=(mac,), hostname="s1", state=MachineState.INSTALLED, cluster="edge",
-        token_hash=hashlib.sha256(b"tok").hexdigest(), token_expires=None))
+    mac = await _installed(store, "52:54:00:00:00:09", "s1")
     enroller = Enroller(store, clock=lambda: 1000.0)
     peer = ipaddress.ip_address("192.0.2.60")
     body = {"mac": str(mac), "token": "tok", "addresses": ["127.0.0.1", "127.0.1.1", "nope"]}
@@ -619,16 +628,12 @@ async def test_two_registrations_with_one_token_one_wins_with_one_audit_entry(st
     """Two registrations racing with one token (in one group commit or not): one wins, the
     other is refused by the compare-and-set, and only the winner's audit entry is written."""
     import asyncio
-    import hashlib
     import ipaddress
 
     from netboot.errors import NetbootError
     from netboot.model import AuditEntry
 
-    mac = MacAddress.parse("52:54:00:00:02:01")
-    await store.create_machine(Machine(
-        macs=(mac,), hostname="r", state=MachineState.INSTALLED, cluster="edge",
-        token_hash=hashlib.sha256(b"tok").hexdigest(), token_expires=None))
+    mac = await _installed(store, "52:54:00:00:02:01", "r")
     enroller = Enroller(store, clock=lambda: 1000.0)
     peer = ipaddress.ip_address("192.0.2.70")
 

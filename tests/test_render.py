@@ -1219,7 +1219,18 @@ def test_a_forms_pattern_matched_piece_by_piece_answers_as_the_whole_pattern() -
     import random
     import re
 
-    from netboot.render import _FormPattern, _Marked, _text_pattern
+    from netboot.render import _QUOTED_IN_TEXT, _FormPattern, _Marked, _printable_but, _stop
+
+    def whole_pattern(marked: _Marked, kinds: str) -> str:
+        """The form as one regular expression (what render matched before _FormPattern):
+        its pieces, each value verbatim or a possessive run of its class."""
+        pieces, values = marked.pieces, marked.values
+        parts = [re.escape(pieces[0])]
+        for i, kind in enumerate(kinds):
+            parts.append(re.escape(values[i]) if kind == "v" else _QUOTED_IN_TEXT
+                         if kind == "q" else _printable_but(_stop(values, kinds, i, pieces[i + 1])))
+            parts.append(re.escape(pieces[i + 1]))
+        return "".join(parts)
 
     pieces = ("# for ", ": x\nk: ", "\nurl: ", " # ", "\n", "")
     values = ("edge-1", '"v1"', '"https://a"', "note", "tail")
@@ -1229,7 +1240,7 @@ def test_a_forms_pattern_matched_piece_by_piece_answers_as_the_whole_pattern() -
     choices = ["edge-2", "a:b", '"v\\"2"', '"bad\\x"', '"https://a"', "note", "", " ", "\n",
                '"', "tail", "x\x7f", '"u\\u00e9"', '"s\\ud800"']
     for kinds in kinds_of:
-        whole = re.compile(_text_pattern(marked, kinds))
+        whole = re.compile(whole_pattern(marked, kinds))
         form = _FormPattern(marked, kinds)
         for _ in range(3_000):
             vals = [draw.choice(choices) if draw.random() < 0.7 else v for v in values]
