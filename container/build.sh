@@ -3,8 +3,9 @@
 # the build:
 #   1. a Debian 12 base with python3 and ipxe, made by mmdebstrap from the Debian mirror and
 #      imported into podman (once: reused while the package list is the same);
-#   2. netboot and its dependencies, with the postgresql extra's (asyncpg), as wheels
-#      (pip wheel '.[postgresql]' -w wheelhouse);
+#   2. netboot and its dependencies, with the postgresql extra's (asyncpg) and the fast
+#      extra's (uvloop), as wheels
+#      (pip wheel '.[postgresql,fast]' -w wheelhouse);
 #   3. podman build of the Containerfile from those wheels, with no network.
 #
 #   container/build.sh [TAG]        default TAG: localhost/netboot
@@ -43,7 +44,7 @@ trap 'rm -rf "$context" ${rootfs:+"$rootfs"}' EXIT
 if [ -n "${WHEELHOUSE:-}" ]; then
     cp -r "$WHEELHOUSE" "$context/wheelhouse"
 else
-    "$python" -m pip wheel --quiet --wheel-dir "$context/wheelhouse" "$root[postgresql]"
+    "$python" -m pip wheel --quiet --wheel-dir "$context/wheelhouse" "$root[postgresql,fast]"
 fi
 
 # 3. The image. --network=none: the build must not need one, and no bridge is set up for it.

@@ -181,6 +181,9 @@ def test_container_serves_as_an_unprivileged_user(
     found = podman(podman_env, "exec", name, "/opt/netboot/bin/python", "-c",
                    "import asyncpg, netboot.inventory.postgres; print(asyncpg.__version__)")
     assert found.stdout.strip(), found.stderr
+    # The fast extra is installed, and serve (PID 1) runs on uvloop (server.event_loop: auto).
+    maps = podman(podman_env, "exec", name, "cat", "/proc/1/maps").stdout
+    assert "/uvloop/loop." in maps, "serve does not run on uvloop in the image"
 
     # SIGTERM (podman stop) shuts it down cleanly.
     podman(podman_env, "stop", "--time", "30", name)

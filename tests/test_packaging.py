@@ -51,7 +51,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
                     "--disable-pip-version-check", "--no-index", "--find-links", str(deps),
-                    str(wheel)], check=True, timeout=300, capture_output=True)
+                    # With the extra the README's install command names (uvloop).
+                    f"{wheel}[fast]"], check=True, timeout=300, capture_output=True)
     home = work / "home"
     home.mkdir()
     return Installed(wheel=wheel, bin=venv / "bin", home=home)
@@ -172,6 +173,10 @@ def test_serve_answers_boot_ipxe_and_stops_cleanly(
         assert b"EventSource" in resp.read()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         assert b"netboot_machines{" in resp.read()
+    # server.event_loop: auto picked uvloop, which the fast extra installed: its loop's
+    # extension is mapped into the serving process.
+    maps = Path(f"/proc/{proc.pid}/maps").read_text(encoding="utf-8")
+    assert "/uvloop/loop." in maps, "serve does not run on uvloop"
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output

@@ -25,9 +25,10 @@ SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "netboot", 
            "boot_assets")
 
 
-# The extras the container image installs (netboot[postgresql]: an image must be able to
-# share a PostgreSQL inventory), so their wheels are in the wheelhouse too.
-IMAGE_EXTRAS = ("postgresql",)
+# The extras the container image installs (netboot[postgresql,fast]: an image must be able to
+# share a PostgreSQL inventory, and runs on uvloop as the README's install does), so their
+# wheels are in the wheelhouse too.
+IMAGE_EXTRAS = ("postgresql", "fast")
 
 
 def requirements() -> list[str]:
