@@ -1,7 +1,7 @@
 """HTTP paths of a boot storm under wrk: netboot and nginx side by side on loopback.
 
     python benchmarks/http_paths.py [--enrolled 100000] [--duration 10] [--rounds 3]
-                                    [--only ipxe,asset300,config]
+                                    [--only ipxe,asset300,config] [--processes 2] [--no-nginx]
 
 Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machines (a wrk Lua
 script picks the MAC per request) at 50 connections: first installs (each managed cluster has
@@ -33,7 +33,13 @@ in ``--rounds`` turns, the server that goes first alternating; the ratio printed
 of the turns' ratios (the machine's load drifts between runs a minute apart). ``µs CPU`` is
 each server's CPU (utime + stime of the process and its workers) per request answered, median
 of the turns: steadier than req/s on a loaded machine. ``--baseline REPO`` runs a second
-netboot from another checkout (e.g. main's worktree) in the same turns.
+netboot from another checkout (e.g. main's worktree) in the same turns. ``--processes N`` runs
+netboot a second time in the same turns as N ``serve`` processes on one data dir (one SQLite
+inventory, each its own view kept by the change feed) sharing the HTTP port by SO_REUSEPORT
+(REUSE_PORT), and prints its rate ÷ one process's, each process's RSS and PSS after the rows,
+and, during the first-install rows, a check beside wrk: machines installed through one process
+fetch their config by that token on new connections, which process answered each told by the
+accepted socket's inode (how many landed on the other one; every answer must be 200).
 Needs ``wrk`` and ``nginx`` (``apt-get install wrk nginx-light``); a missing one is said and
 left out. Loopback only; servers stopped by their own PID. Not part of pytest.
 """
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -52,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -61,6 +69,28 @@ from pathlib import Path
 from storm import PER_CLUSTER, REPO, Workload, mac_of
 
 HOST = "127.0.0.1"
+SEVERAL = "processes"  # --processes N: netboot as N processes on one port
+
+# ``python -c REUSE_PORT serve ...``: netboot as ``python -m netboot`` runs it, but its plain
+# HTTP listener is bound with SO_REUSEPORT, so that several serve processes share one port and
+# the kernel spreads connections among them. netboot has no such setting: measured, two
+# processes on this 2-core VM answered first installs at 0.61x one process (benchmarks/
+# README.md, s24-reuseport); this lets the figure be taken again on a larger machine. The
+# listener's arguments are netboot.servers.http.listen's, with reuse_port.
+REUSE_PORT = """
+import asyncio, runpy, sys
+import netboot.service
+
+async def listen(doorway, host, port, *, ssl_context=None):
+    return await asyncio.get_running_loop().create_server(
+        doorway, host, port, reuse_address=True, backlog=4096, ssl=ssl_context,
+        reuse_port=ssl_context is None)  # not HTTPS: its port 0 with SO_REUSEPORT may be
+                                         # one another process of this user holds
+
+netboot.service.listen = listen
+sys.argv[0] = "netboot"
+runpy.run_module("netboot", run_name="__main__")
+"""
 
 # wrk runs LuaJIT (Lua 5.1: no bit operators); MACs as storm.mac_of numbers them, install
 # tokens as token_of below. NB_FIRST: the machines before it are not asked for (the seed's
@@ -237,7 +267,10 @@ def process(argv: list[str], log: Path, env: dict[str, str] | None = None
 
 @contextlib.contextmanager
 def netboot(work: Workload, run: Path, python: str, access_log: bool, seed: Path,
-            repo: Path = REPO) -> Iterator[tuple[int, int]]:
+            repo: Path = REPO, processes: int = 1) -> Iterator[tuple[int, list[int]]]:
+    """``processes`` > 1: as many ``netboot serve`` on one data dir (one SQLite inventory),
+    sharing the HTTP port (REUSE_PORT); each started once the one before has loaded its
+    view (the first makes the data dir's TLS files)."""
     port = free_port()
     data = run / "data"
     shutil.copytree(seed, data)
@@ -250,21 +283,27 @@ def netboot(work: Workload, run: Path, python: str, access_log: bool, seed: Path
         "dhcp": {"mode": "off"}, "tftp": {"enabled": False}, "dns": {"enabled": False},
         "assets": {"dirs": [str(work.assets)]},
     }))
-    log = run / "netboot.log"
-    with process([python, "-m", "netboot", "serve", "--config", str(conf)], log,
-                 {"PYTHONPATH": str(repo)}) as proc:
-        wait_http(f"http://{HOST}:{port}/boot.ipxe")
-        # serve answers at once and loads the inventory view in the background (until then
-        # decisions read the store): measure the server as it runs, once it is loaded.
-        started = time.monotonic()
-        deadline = started + 600
-        while "inventory view loaded" not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("netboot's inventory view did not load within 600 s")
-            time.sleep(0.5)
-        print(f"netboot view of the inventory loaded {time.monotonic() - started:.1f} s "
-              "after serve answered", flush=True)
-        yield port, proc.pid
+    with contextlib.ExitStack() as stack:
+        pids = []
+        for n in range(processes):
+            log = run / f"netboot-{n}.log"
+            run_it = ["-m", "netboot"] if processes == 1 else ["-c", REUSE_PORT]
+            proc = stack.enter_context(process(
+                [python, *run_it, "serve", "--config", str(conf)], log,
+                {"PYTHONPATH": str(repo)}))
+            wait_http(f"http://{HOST}:{port}/boot.ipxe")
+            # serve answers at once and loads the inventory view in the background (until
+            # then decisions read the store): measure the server as it runs, once loaded.
+            started = time.monotonic()
+            deadline = started + 600
+            while "inventory view loaded" not in log.read_text(errors="replace"):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"netboot's inventory view did not load ({log})")
+                time.sleep(0.5)
+            print(f"netboot view of the inventory loaded {time.monotonic() - started:.1f} s "
+                  "after serve answered", flush=True)
+            pids.append(proc.pid)
+        yield port, pids
 
 
 @contextlib.contextmanager
@@ -312,7 +351,7 @@ http {{
 """)
     with process(["nginx", "-c", str(conf), "-p", str(tmp)], run / "nginx.log") as proc:
         wait_http(f"http://{HOST}:{port}/boot.ipxe")
-        yield port, proc.pid
+        yield port, [proc.pid]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -344,6 +383,97 @@ def loop_seconds(pid: int) -> float:
     path = Path(f"/proc/{pid}/task/{pid}/stat")
     fields = path.read_text().rpartition(")")[2].split() if path.exists() else []
     return sum(int(f) for f in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(map(cpu_seconds, pids))
+
+
+def memory_of(pid: int) -> str:
+    """RSS and PSS (pages shared with the other processes counted by share) of ``pid``."""
+    kib = {line.split(":")[0]: int(line.split()[1])
+           for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]}
+    return f"RSS {kib['Rss'] / 1024:.1f} MiB, PSS {kib['Pss'] / 1024:.1f} MiB"
+
+
+def answering_pid(local_port: int, server_port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the accepted end of the loopback connection from
+    ``local_port``: its inode in /proc/net/tcp, then the process whose descriptor it is."""
+    want = (f"{local_port:04X}", f"{server_port:04X}")
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if (f[2].rsplit(":", 1)[1], f[1].rsplit(":", 1)[1]) == want and f[9] != "0":
+            inode = f"socket:[{f[9]}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == inode:
+                        return pid
+    return None
+
+
+def get(port: int, path: str, pids: list[int]) -> tuple[int, bytes, int | None]:
+    """One GET on a connection of its own: (status, body, the process that answered)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        body = r.read()
+        assert conn.sock is not None  # still open (kept alive): its accepted end is found
+        return r.status, body, answering_pid(conn.sock.getsockname()[1], port, pids)
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def crossing(server: str, port: int, pids: list[int], row: Row, first: int, enrolled: int
+             ) -> Iterator[list[str]]:
+    """While wrk's first installs run on several processes: machines installed through one
+    process fetch their config by the token it minted, each fetch on a new connection (the
+    kernel picks the process); every answer must be 200. Yields what it found (after)."""
+    found: list[str] = []
+    if server != SEVERAL or row.path or row.machines or not row.kind.startswith("ipxe"):
+        yield found
+        return
+    stop = threading.Event()
+    counts = {"installs": 0, "configs": 0, "crossed": 0, "unknown": 0, "failed": 0}
+
+    def run() -> None:
+        # Machines from the end of the range, one each, a few per second: the device's
+        # next connection may land on either process.
+        i = enrolled - 1
+        while not stop.is_set() and i > first:
+            mac = mac_of(i).replace(":", "-")
+            i -= 1
+            status, body, minted = get(port, f"/ipxe?mac={mac}&arch=x86_64&platform=efi",
+                                       pids)
+            url = re.search(rb"config_url=http://[^/]+(/config/\S+)", body)
+            if status != 200 or url is None:
+                counts["failed"] += 1
+                continue
+            counts["installs"] += 1
+            for _ in range(4):
+                status, _body, answered = get(port, url.group(1).decode(), pids)
+                counts["configs"] += 1
+                counts["failed"] += status != 200
+                counts["crossed"] += None not in (minted, answered) and answered != minted
+                counts["unknown"] += answered is None
+            stop.wait(0.1)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield found
+    finally:
+        stop.set()
+        thread.join(60)
+        found.append(f"cross-process check: {counts['installs']} installs, "
+                     f"{counts['configs']} config fetches on new connections, "
+                     f"{counts['crossed']} on the other process than the token's "
+                     f"({counts['unknown']} not told), "
+                     f"{counts['failed']} failed")
 
 
 @dataclass
@@ -392,7 +522,7 @@ def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: P
         # Both servers up together, measured row by row in turns (the first server of a
         # turn alternating): on a shared machine the load drifts within seconds, and a
         # ratio of two runs taken a minute apart says more about the drift.
-        ports: dict[str, tuple[int, int]] = {}
+        ports: dict[str, tuple[int, list[int]]] = {}
         for server in servers:
             run = tmp / server
             run.mkdir(parents=True)
@@ -400,7 +530,8 @@ def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: P
                 cm = nginx(work, run, sample_configs(ports["netboot"][0], rows, first))
             else:
                 cm = netboot(work, run, args.python, args.access_log, seed,
-                             args.baseline if server == "baseline" else REPO)
+                             args.baseline if server == "baseline" else REPO,
+                             args.processes if server == SEVERAL else 1)
             ports[server] = stack.enter_context(cm)
         for round_ in range(args.rounds):
             for row in rows:
@@ -408,20 +539,26 @@ def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: P
                 for server in turn:
                     if row.machines and round_ == 0:  # first requests change things
                         wrk(ports[server][0], row, args.duration, script, args.enrolled, first)
-                    port, pid = ports[server]
-                    cpu, loop = cpu_seconds(pid), loop_seconds(pid)
-                    m = wrk(port, row, args.duration, script, args.enrolled, first, round_)
+                    port, pids = ports[server]
+                    cpu, loop = cpu_of(pids), sum(map(loop_seconds, pids))
+                    with crossing(server, port, pids, row, first, args.enrolled) as crossed:
+                        m = wrk(port, row, args.duration, script, args.enrolled, first,
+                                round_)
                     answered = max(1.0, m.rps * args.duration)
-                    m.cpu_us = (cpu_seconds(pid) - cpu) / answered * 1e6
-                    loop_us = (loop_seconds(pid) - loop) / answered * 1e6
+                    m.cpu_us = (cpu_of(pids) - cpu) / answered * 1e6
+                    loop_us = (sum(map(loop_seconds, pids)) - loop) / answered * 1e6
                     runs.setdefault((server, row.name), []).append(m)
                     print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
                           f"{m.p99_ms:.1f} ms, {m.errors} errors, "
-                          f"{m.cpu_us:,.0f} µs CPU/request (main thread {loop_us:,.0f})",
-                          flush=True)
+                          f"{m.cpu_us:,.0f} µs CPU/request (main thread {loop_us:,.0f})"
+                          + "".join(f"; {c}" for c in crossed), flush=True)
                 for peer in servers[1:]:
+                    ratio = runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps
                     ratios.setdefault(f"{row.name}/{peer}", []).append(
-                        runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps)
+                        1 / ratio if peer == SEVERAL else ratio)
+        for server in servers:  # what each process holds after the rows
+            for pid in ports[server][1]:
+                print(f"  {server} pid {pid}: {memory_of(pid)}", flush=True)
 
 
 def sample_configs(port: int, rows: list[Row], first: int) -> dict[str, str]:
@@ -456,6 +593,10 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, metavar="REPO",
                         help="also run netboot from this checkout (e.g. main's worktree) "
                              "in the same turns, as 'baseline'; its ratio is printed too")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="also run netboot as N serve processes on one data dir and one "
+                             "port (http.reuse_port), as 'processes', in the same turns")
+    parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
     args = parser.parse_args()
     # A SIGTERM (e.g. from `timeout`) unwinds: servers stopped, the temp dir removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -464,8 +605,9 @@ def main() -> None:
             raise SystemExit(f"{tool} is not installed (apt-get install wrk)")
     rows = [r for r in ROWS if not args.only or r.name in args.only.split(",")]
     servers = ["netboot"] + (["baseline"] if args.baseline else []) + (
-        ["nginx"] if shutil.which("nginx") else [])
-    if "nginx" not in servers:
+        [SEVERAL] if args.processes > 1 else []) + (
+        ["nginx"] if shutil.which("nginx") and not args.no_nginx else [])
+    if "nginx" not in servers and not args.no_nginx:
         print("nginx left out: not installed (apt-get install nginx-light)")
     with tempfile.TemporaryDirectory(prefix="netboot-http-") as tmp_text:
         tmp = Path(tmp_text)
@@ -513,7 +655,8 @@ def main() -> None:
     head = f"{'path':<11} {'conns':>5}"
     for s in servers:
         head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6} {'µs CPU':>7}"
-    print(head + "".join(f"  netboot ÷ {peer}" for peer in servers[1:]))
+    print(head + "".join(f"  {SEVERAL} ÷ netboot" if peer == SEVERAL else f"  netboot ÷ {peer}"
+                         for peer in servers[1:]))
     for row in rows:
         line = f"{row.name:<11} {row.connections:>5}"
         for s in servers:
