@@ -595,7 +595,8 @@ def main() -> None:
                              "in the same turns, as 'baseline'; its ratio is printed too")
     parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="also run netboot as N serve processes on one data dir and one "
-                             "port (http.reuse_port), as 'processes', in the same turns")
+                             "port (SO_REUSEPORT set by this benchmark's wrapper: netboot has "
+                             "no such setting), as 'processes', in the same turns")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
     args = parser.parse_args()
     # A SIGTERM (e.g. from `timeout`) unwinds: servers stopped, the temp dir removed.
