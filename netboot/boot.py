@@ -280,9 +280,6 @@ def default_chain(firmware: Firmware, arch: Arch) -> LoaderChain:
     return LoaderChain.IPXE
 
 
-_FACT_KEYS = ("manufacturer", "product", "hostname", "platform", "relay", "interface")
-
-
 def learn(machine: Machine, request: BootRequest, now: float,
           taken: frozenset[str] = frozenset(), seen: Identity | None = None) -> Machine:
     """The machine with what this request told about it added; nothing known is lost.
@@ -308,36 +305,62 @@ def teaches(machine: Machine, request: BootRequest, taken: frozenset[str] = froz
 def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
           seen: Identity | None = None) -> dict[str, Any] | None:
     """The fields :func:`learn` sets, or None when the request tells nothing new.
-    ``seen``: ``Identity.of_request(request)``, when the caller keeps it (_Seen)."""
+    ``seen``: ``Identity.of_request(request)``, when the caller keeps it (_Seen).
+
+    Written out field by field (no getattr by name, no closure, no generator): every first
+    install and config asks it, and the loops were half of its ~3.9 µs (session 24)."""
     told: dict[str, str] = {}
-    for key in _FACT_KEYS:
-        value = getattr(request, key)
-        if value:
-            told["dhcp_hostname" if key == "hostname" else key] = value
-    if request.remote_addr:
-        told["remote_addr"] = request.remote_addr
+    r = request
+    # The firmware's strings as facts, in this order (the order the facts are shown in).
+    if r.manufacturer:
+        told["manufacturer"] = r.manufacturer
+    if r.product:
+        told["product"] = r.product
+    if r.hostname:
+        told["dhcp_hostname"] = r.hostname
+    if r.platform:
+        told["platform"] = r.platform
+    if r.relay:
+        told["relay"] = r.relay
+    if r.interface:
+        told["interface"] = r.interface
+    if r.remote_addr:
+        told["remote_addr"] = r.remote_addr
     if seen is None:
         seen = Identity.of_request(request)
-    for key in ("uuid", "serial", "asset"):
-        value = getattr(request, key)
-        if value and (getattr(seen, key) is None or key in taken):
-            told[key] = value
-
-    def pick(key: str) -> str | None:
-        own: str | None = getattr(machine, key)
-        return own or (None if key in taken else getattr(seen, key))
-
-    uuid, serial, asset = pick("uuid"), pick("serial"), pick("asset")
-    arch = request.arch if request.arch != Arch.UNKNOWN else machine.arch
-    firmware = machine.firmware or (request.firmware
-                                    if request.firmware != Firmware.UNKNOWN else None)
+    # The request's identifiers kept as facts when they are no identity (a placeholder) or
+    # another machine holds them; each learnt as the identity only when the machine has
+    # none and no other machine holds it.
+    uuid, serial, asset = r.uuid, r.serial, r.asset
+    seen_uuid, seen_serial, seen_asset = seen.uuid, seen.serial, seen.asset
+    if uuid and (seen_uuid is None or "uuid" in taken):
+        told["uuid"] = uuid
+    if serial and (seen_serial is None or "serial" in taken):
+        told["serial"] = serial
+    if asset and (seen_asset is None or "asset" in taken):
+        told["asset"] = asset
+    if taken:
+        if "uuid" in taken:
+            seen_uuid = None
+        if "serial" in taken:
+            seen_serial = None
+        if "asset" in taken:
+            seen_asset = None
+    uuid = machine.uuid or seen_uuid
+    serial = machine.serial or seen_serial
+    asset = machine.asset or seen_asset
+    arch = r.arch if r.arch != Arch.UNKNOWN else machine.arch
+    firmware = machine.firmware or (r.firmware if r.firmware != Firmware.UNKNOWN else None)
     facts = machine.facts
     # A device that tells what is known already (every retry of a held machine, every
     # repeated step of a storm) changes nothing: answered without building a copy to compare.
     if (uuid == machine.uuid and serial == machine.serial and asset == machine.asset
-            and arch == machine.arch and firmware == machine.firmware
-            and all(k in facts and facts[k] == v for k, v in told.items())):
-        return None
+            and arch == machine.arch and firmware == machine.firmware):
+        for k, v in told.items():
+            if k not in facts or facts[k] != v:
+                break
+        else:
+            return None
     return {"facts": {**facts, **told}, "uuid": uuid, "serial": serial, "asset": asset,
             "arch": arch, "firmware": firmware}
 
