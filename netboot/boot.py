@@ -858,7 +858,9 @@ class BootService:
         (InventoryView.shared), gets that decision again without taking it: taken again it
         would answer the same and write nothing either (its note would repeat, learn() would
         change nothing). A held machine's retry loop, a storm's repeated steps."""
-        res = await self._resolve(request)
+        # The request's identity, made once: the look-up and what the install learns read it.
+        seen = Identity.of_request(request)
+        res = await identity.lookup(self._view, seen)
         machine = res.machine
         kept = self._repeats.get(request.mac)
         if (kept is not None and machine is not None and kept.machine is machine
@@ -867,7 +869,7 @@ class BootService:
                 and self._recorder.repeats(machine.id, kept.kind, kept.plan.reason, machine)):
             return kept.plan
         activity, shared = self._recorder.activity, self._view.shared
-        plan = await self._plan(request, record=True, res=res)
+        plan = await self._plan(request, record=True, res=res, seen=seen)
         kind = _NOTED.get(plan.action)
         if (kind is not None and machine is not None and plan.machine is machine
                 and self._view.loaded and not res.absorb and not res.disagree
@@ -881,7 +883,7 @@ class BootService:
         return plan
 
     async def _plan(self, request: BootRequest, *, record: bool,
-                    res: Resolution | None = None) -> BootPlan:
+                    res: Resolution | None = None, seen: Identity | None = None) -> BootPlan:
         mac = request.mac
         if res is None:
             res = await self._resolve(request)
@@ -914,7 +916,7 @@ class BootService:
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
             return plan
-        return await self._install_plan(request, machine, res, record)
+        return await self._install_plan(request, machine, res, record, seen)
 
     async def _unknown_plan(self, request: BootRequest, machine: Machine | None,
                             record: bool) -> BootPlan:
@@ -997,7 +999,8 @@ class BootService:
         return group, profile, cluster, role
 
     async def _install_plan(self, request: BootRequest, machine: Machine, res: Resolution,
-                            record: bool) -> BootPlan:
+                            record: bool, seen: Identity | None = None) -> BootPlan:
+        """``seen``: ``Identity.of_request(request)``, where the caller made it already."""
         group, profile, cluster, role = await self._effective(machine, request)
         if profile is None:
             reason = ("no profile: set one on the machine, a group that selects it or "
@@ -1075,7 +1078,7 @@ class BootService:
             token = self._new_token()
             now = self._clock()
             # What learn() would add, set in advance()'s copy: one copy of the machine.
-            news = _news(machine, request, _taken(res)) or {}
+            news = _news(machine, request, _taken(res), seen) or {}
             facts = {k: v for k, v in news.pop("facts", machine.facts).items()
                      if k != INSTALL_PEER}
             if request.remote_addr:
