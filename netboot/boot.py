@@ -899,7 +899,7 @@ class BootService:
             if machine is None or machine.state == MachineState.DISCOVERED:
                 return await self._unknown_plan(request, machine, record)
         if machine.state in LOCAL_STATES:
-            plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state}: boot the local disk",
+            plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state!s}: boot the local disk",
                             machine=machine)
             if record:
                 # Once until something else happens: a device that asks again and again
@@ -910,7 +910,7 @@ class BootService:
                 or lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)):
             reason = ("the last install failed; run 'netboot machines reinstall' to retry"
                       if machine.state == MachineState.FAILED else
-                      f"{machine.state}: no install until 'netboot machines reinstall'")
+                      f"{machine.state!s}: no install until 'netboot machines reinstall'")
             plan = BootPlan(BootAction.HOLD, mac, reason,
                             retry_seconds=self.settings.hold_retry_seconds, machine=machine)
             if record:
@@ -1025,7 +1025,9 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None, cluster=cluster)
-        reason = (f"{machine.state}: install profile {profile.name}"
+        # !s: a StrEnum's text as str() makes it (an f-string formats an enum through its
+        # __format__: ~0.2 µs more, for each decision and its event; session 24).
+        reason = (f"{machine.state!s}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
         if record and lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN):
@@ -1099,7 +1101,7 @@ class BootService:
             # at once only one issues a token (the other decides again: install-again).
             await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
-                + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),),
+                + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request),),
                 expect={machine.id: read}), version=machine)
             self._view.adopt((machine,))
         else:
