@@ -499,10 +499,12 @@ def _machine_replacer() -> _ReplaceMachine:
     def unknown(rest: Mapping[str, Any]) -> TypeError:
         return TypeError(f"Machine has no field {next(iter(rest))!r}")
 
-    def other(machine: Machine, given: Sequence[Any], rest: Mapping[str, Any]) -> Machine:
+    def other(machine: Any, given: Sequence[Any], rest: Mapping[str, Any]) -> Any:
         # A subclass: its own __init__ decides (dataclasses.replace), an unknown field too.
-        return replace(machine, **{n: v for n, v in zip(names, given, strict=True)
-                                   if v is not keep}, **rest)
+        # (Any: a compiled build checks a Machine argument against its two layouts alone.)
+        made: Any = replace(machine, **{n: v for n, v in zip(names, given, strict=True)
+                                        if v is not keep}, **rest)
+        return made
 
     scope: dict[str, Any] = {"_KEEP": keep, "of_values": _machine_of_values,
                              "layouts": _MACHINE_LAYOUTS, "unknown": unknown, "other": other}
