@@ -491,8 +491,8 @@ def _machine_replacer() -> _ReplaceMachine:
     the machine when not given (``m.hostname if hostname is _KEEP else hostname``: one
     slot read each), written out as dataclasses writes ``__init__``. Taking the changes as
     ``**changes`` and walking them (a dict look-up and a list store per change, after an
-    attrgetter of all 22 fields into a list) was 5.1 µs of a first install's copy
-    (lifecycle.advance: 14 changes); this is ~3.5 (in process, session 24)."""
+    attrgetter of all 22 fields into a list) was 4.4-5.0 µs of a first install's copy
+    (lifecycle.advance: 14 changes); this is 2.9-3.2 (timed alone, session 24)."""
     names = list(_MACHINE_PLACES)
     keep = object()
 
