@@ -30,6 +30,14 @@ of the loop's thread), the other threads' (the store's writer, its checkpointer,
 the wall rate, the group commits (how many, how many of 5 commits or fewer) and the share of
 the time the writer spent in their transactions; then the medians and the median of the
 rounds' ratios.
+
+``--instructions``: each child under valgrind's callgrind, counting the instructions of each
+thread over the measured requests only (the warm-up and the view's load are not counted):
+the same figure in every round and at any load, where the timed figures moved ±5 % a round
+with the load of other processes (session 24). An instruction is weighed alike wherever it
+is (no cache miss, no system call's kernel side), so the count says which way and how far a
+change moves the interpreter's work; the timed A/B says what that is worth. ~50x slower:
+``--requests 1000 --rounds 1`` takes ~1.5 minutes.
 """
 
 from __future__ import annotations
@@ -126,10 +134,18 @@ async def main():
 
     await asyncio.gather(*(worker(40) for _ in range(conc)))  # warm-up
     del sizes[:], spans[:]
+    counting = os.environ.get("NB_CALLGRIND") == "1"
+    if counting:  # under callgrind (--instructions): the measured requests alone counted
+        import subprocess
+        subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True,
+                       capture_output=True)
     before, t0, c0 = threads(), time.perf_counter(), time.thread_time()
     per = count // conc
     await asyncio.gather(*(worker(per) for _ in range(conc)))
     c1, t1, after = time.thread_time(), time.perf_counter(), threads()
+    if counting:
+        subprocess.run(["callgrind_control", "-i", "off", str(os.getpid())], check=True,
+                       capture_output=True)
     done = per * conc
     loop_tid = str(os.getpid())
     others = sorted(((after[t] - before.get(t, 0.0)) * 1e6 / done for t in after
@@ -159,15 +175,35 @@ CONFIG = """{{"server": {{"advertise": "127.0.0.1", "data_dir": "{data}", "log_l
 
 
 def start(python: str, tree: Path, run: Path, seed: Path, assets: Path, requests: int,
-          draw: int, enrolled: int, first: int, config: bool) -> subprocess.Popen[str]:
+          draw: int, enrolled: int, first: int, config: bool, instructions: bool,
+          ) -> subprocess.Popen[str]:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     shutil.copytree(seed, run / "data")
     (run / "netboot.yaml").write_text(CONFIG.format(data=run / "data", assets=assets))
-    return subprocess.Popen([python, "-c", CHILD, str(run), str(requests), str(draw),
+    # --instructions: each thread's instructions in a file of its own (cg.out-01 is the
+    # loop's), counted only between the child's callgrind_control -i on and off.
+    counted = (["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                f"--callgrind-out-file={run / 'cg.out'}", "--log-file=/dev/null"]
+               if instructions else [])
+    return subprocess.Popen([*counted, python, "-c", CHILD, str(run), str(requests), str(draw),
                              str(CONCURRENCY), str(enrolled), str(first),
                              "1" if config else "0", TOKEN_TAIL], cwd=run, text=True,
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(tree)})
+                            stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(tree),
+                                 "NB_CALLGRIND": "1" if instructions else "0"})
+
+
+def instructions_of(run: Path, requests: int) -> tuple[float, float]:
+    """The loop thread's instructions per request, and the other threads' together, from
+    callgrind's per-thread files (``totals:``)."""
+    per_thread = []
+    for path in sorted(run.glob("cg.out-*")):
+        totals = [line for line in path.read_text().splitlines() if line.startswith("totals:")]
+        per_thread.append(int(totals[0].split()[1]) if totals else 0)
+    if not per_thread:
+        raise SystemExit(f"no callgrind output in {run}")
+    return per_thread[0] / requests, sum(per_thread[1:]) / requests
 
 
 def main() -> None:
@@ -186,11 +222,18 @@ def main() -> None:
                              "with its install under way and token minted, as http_paths.py's "
                              "config row; each request is DeviceRoutes._config of a random "
                              "machine with its token (the booting -> installing commit)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions instead of timing (valgrind's callgrind, "
+                             "~50x slower: use --requests 1000): the loop thread's and the "
+                             "other threads' per request, the same in every round and under "
+                             "any load (a measure the machine's load does not move; it "
+                             "weighs no cache miss or system call's kernel side)")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     args.managed = args.managed or args.config
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     trees = {"netboot": REPO, "compare": args.compare.resolve()}
+    unit = "instructions/req" if args.instructions else "µs/req"
     results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     with tempfile.TemporaryDirectory(prefix="netboot-ipxe-inproc-") as tmp_text:
         tmp = Path(tmp_text)
@@ -212,7 +255,8 @@ def main() -> None:
                            check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(older)})
         for r in range(1, args.rounds + 1):
             children = {name: start(args.python, tree, tmp / f"run-{name}", seed, work.assets,
-                                    args.requests, r, args.enrolled, first, args.config)
+                                    args.requests, r, args.enrolled, first, args.config,
+                                    args.instructions)
                         for name, tree in trees.items()}
             line = f"round {r}:"
             for name, child in children.items():
@@ -220,21 +264,28 @@ def main() -> None:
                 if child.returncode != 0:
                     raise SystemExit(f"{name}'s child failed ({child.returncode})")
                 got = json.loads(out.strip().splitlines()[-1])
+                if args.instructions:
+                    done = args.requests // CONCURRENCY * CONCURRENCY
+                    loop_i, others_i = instructions_of(tmp / f"run-{name}", done)
+                    print(f"round {r}: {name} loop {loop_i:,.0f} instructions/req, other "
+                          f"threads {others_i:,.0f}", flush=True)
+                    got["loop_us"], got["others_us"] = loop_i, [others_i]
                 results[name].append(got)
                 others = " ".join(f"{o:.0f}" for o in got["others_us"] if o >= 0.5)
                 groups = (f"{got['groups']} groups ({got['small']} of ≤ 5)"
                           if got.get("counted", True) else "groups not counted (compiled)")
-                line += (f"  {name} loop {got['loop_us']:.1f} µs/req (others {others})"
+                line += (f"  {name} loop {got['loop_us']:,.1f} {unit} (others {others})"
                          f" {got['rps']:,.0f} req/s, {groups}, writer"
                          f" {100 * got['writer_busy']:.0f} % busy")
             print(f"{line}  (load average {os.getloadavg()[0]:.1f})", flush=True)
     ratios = [a["loop_us"] / b["loop_us"] for a, b in zip(results["netboot"],
                                                             results["compare"], strict=True)]
     for name in trees:
-        print(f"{name}: loop {statistics.median(g['loop_us'] for g in results[name]):.1f} "
-              f"µs/req, {statistics.median(g['rps'] for g in results[name]):,.0f} req/s "
+        print(f"{name}: loop {statistics.median(g['loop_us'] for g in results[name]):,.1f} "
+              f"{unit}, {statistics.median(g['rps'] for g in results[name]):,.0f} req/s "
               f"(medians of {args.rounds})")
-    print(f"netboot ÷ compare, loop CPU per request: {statistics.median(ratios):.3f}x "
+    what = "instructions" if args.instructions else "CPU"
+    print(f"netboot ÷ compare, loop {what} per request: {statistics.median(ratios):.3f}x "
           f"(median of the rounds' ratios: {', '.join(f'{x:.3f}' for x in ratios)})")
 
 

@@ -280,9 +280,6 @@ def default_chain(firmware: Firmware, arch: Arch) -> LoaderChain:
     return LoaderChain.IPXE
 
 
-_FACT_KEYS = ("manufacturer", "product", "hostname", "platform", "relay", "interface")
-
-
 def learn(machine: Machine, request: BootRequest, now: float,
           taken: frozenset[str] = frozenset(), seen: Identity | None = None) -> Machine:
     """The machine with what this request told about it added; nothing known is lost.
@@ -308,36 +305,62 @@ def teaches(machine: Machine, request: BootRequest, taken: frozenset[str] = froz
 def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
           seen: Identity | None = None) -> dict[str, Any] | None:
     """The fields :func:`learn` sets, or None when the request tells nothing new.
-    ``seen``: ``Identity.of_request(request)``, when the caller keeps it (_Seen)."""
+    ``seen``: ``Identity.of_request(request)``, when the caller keeps it (_Seen).
+
+    Written out field by field (no getattr by name, no closure, no generator): every first
+    install and config asks it, and the loops were half of its ~3.9 µs (session 24)."""
     told: dict[str, str] = {}
-    for key in _FACT_KEYS:
-        value = getattr(request, key)
-        if value:
-            told["dhcp_hostname" if key == "hostname" else key] = value
-    if request.remote_addr:
-        told["remote_addr"] = request.remote_addr
+    r = request
+    # The firmware's strings as facts, in this order (the order the facts are shown in).
+    if r.manufacturer:
+        told["manufacturer"] = r.manufacturer
+    if r.product:
+        told["product"] = r.product
+    if r.hostname:
+        told["dhcp_hostname"] = r.hostname
+    if r.platform:
+        told["platform"] = r.platform
+    if r.relay:
+        told["relay"] = r.relay
+    if r.interface:
+        told["interface"] = r.interface
+    if r.remote_addr:
+        told["remote_addr"] = r.remote_addr
     if seen is None:
         seen = Identity.of_request(request)
-    for key in ("uuid", "serial", "asset"):
-        value = getattr(request, key)
-        if value and (getattr(seen, key) is None or key in taken):
-            told[key] = value
-
-    def pick(key: str) -> str | None:
-        own: str | None = getattr(machine, key)
-        return own or (None if key in taken else getattr(seen, key))
-
-    uuid, serial, asset = pick("uuid"), pick("serial"), pick("asset")
-    arch = request.arch if request.arch != Arch.UNKNOWN else machine.arch
-    firmware = machine.firmware or (request.firmware
-                                    if request.firmware != Firmware.UNKNOWN else None)
+    # The request's identifiers kept as facts when they are no identity (a placeholder) or
+    # another machine holds them; each learnt as the identity only when the machine has
+    # none and no other machine holds it.
+    uuid, serial, asset = r.uuid, r.serial, r.asset
+    seen_uuid, seen_serial, seen_asset = seen.uuid, seen.serial, seen.asset
+    if uuid and (seen_uuid is None or "uuid" in taken):
+        told["uuid"] = uuid
+    if serial and (seen_serial is None or "serial" in taken):
+        told["serial"] = serial
+    if asset and (seen_asset is None or "asset" in taken):
+        told["asset"] = asset
+    if taken:
+        if "uuid" in taken:
+            seen_uuid = None
+        if "serial" in taken:
+            seen_serial = None
+        if "asset" in taken:
+            seen_asset = None
+    uuid = machine.uuid or seen_uuid
+    serial = machine.serial or seen_serial
+    asset = machine.asset or seen_asset
+    arch = r.arch if r.arch != Arch.UNKNOWN else machine.arch
+    firmware = machine.firmware or (r.firmware if r.firmware != Firmware.UNKNOWN else None)
     facts = machine.facts
     # A device that tells what is known already (every retry of a held machine, every
     # repeated step of a storm) changes nothing: answered without building a copy to compare.
     if (uuid == machine.uuid and serial == machine.serial and asset == machine.asset
-            and arch == machine.arch and firmware == machine.firmware
-            and all(k in facts and facts[k] == v for k, v in told.items())):
-        return None
+            and arch == machine.arch and firmware == machine.firmware):
+        for k, v in told.items():
+            if k not in facts or facts[k] != v:
+                break
+        else:
+            return None
     return {"facts": {**facts, **told}, "uuid": uuid, "serial": serial, "asset": asset,
             "arch": arch, "firmware": firmware}
 
@@ -835,7 +858,9 @@ class BootService:
         (InventoryView.shared), gets that decision again without taking it: taken again it
         would answer the same and write nothing either (its note would repeat, learn() would
         change nothing). A held machine's retry loop, a storm's repeated steps."""
-        res = await self._resolve(request)
+        # The request's identity, made once: the look-up and what the install learns read it.
+        seen = Identity.of_request(request)
+        res = await identity.lookup(self._view, seen)
         machine = res.machine
         kept = self._repeats.get(request.mac)
         if (kept is not None and machine is not None and kept.machine is machine
@@ -844,7 +869,7 @@ class BootService:
                 and self._recorder.repeats(machine.id, kept.kind, kept.plan.reason, machine)):
             return kept.plan
         activity, shared = self._recorder.activity, self._view.shared
-        plan = await self._plan(request, record=True, res=res)
+        plan = await self._plan(request, record=True, res=res, seen=seen)
         kind = _NOTED.get(plan.action)
         if (kind is not None and machine is not None and plan.machine is machine
                 and self._view.loaded and not res.absorb and not res.disagree
@@ -858,7 +883,7 @@ class BootService:
         return plan
 
     async def _plan(self, request: BootRequest, *, record: bool,
-                    res: Resolution | None = None) -> BootPlan:
+                    res: Resolution | None = None, seen: Identity | None = None) -> BootPlan:
         mac = request.mac
         if res is None:
             res = await self._resolve(request)
@@ -874,7 +899,7 @@ class BootService:
             if machine is None or machine.state == MachineState.DISCOVERED:
                 return await self._unknown_plan(request, machine, record)
         if machine.state in LOCAL_STATES:
-            plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state}: boot the local disk",
+            plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state!s}: boot the local disk",
                             machine=machine)
             if record:
                 # Once until something else happens: a device that asks again and again
@@ -885,13 +910,13 @@ class BootService:
                 or lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)):
             reason = ("the last install failed; run 'netboot machines reinstall' to retry"
                       if machine.state == MachineState.FAILED else
-                      f"{machine.state}: no install until 'netboot machines reinstall'")
+                      f"{machine.state!s}: no install until 'netboot machines reinstall'")
             plan = BootPlan(BootAction.HOLD, mac, reason,
                             retry_seconds=self.settings.hold_retry_seconds, machine=machine)
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
             return plan
-        return await self._install_plan(request, machine, res, record)
+        return await self._install_plan(request, machine, res, record, seen)
 
     async def _unknown_plan(self, request: BootRequest, machine: Machine | None,
                             record: bool) -> BootPlan:
@@ -974,7 +999,8 @@ class BootService:
         return group, profile, cluster, role
 
     async def _install_plan(self, request: BootRequest, machine: Machine, res: Resolution,
-                            record: bool) -> BootPlan:
+                            record: bool, seen: Identity | None = None) -> BootPlan:
+        """``seen``: ``Identity.of_request(request)``, where the caller made it already."""
         group, profile, cluster, role = await self._effective(machine, request)
         if profile is None:
             reason = ("no profile: set one on the machine, a group that selects it or "
@@ -999,7 +1025,9 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None, cluster=cluster)
-        reason = (f"{machine.state}: install profile {profile.name}"
+        # !s: a StrEnum's text as str() makes it (an f-string formats an enum through its
+        # __format__: ~0.2 µs more, for each decision and its event; session 24).
+        reason = (f"{machine.state!s}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
         if record and lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN):
@@ -1052,7 +1080,7 @@ class BootService:
             token = self._new_token()
             now = self._clock()
             # What learn() would add, set in advance()'s copy: one copy of the machine.
-            news = _news(machine, request, _taken(res)) or {}
+            news = _news(machine, request, _taken(res), seen) or {}
             facts = {k: v for k, v in news.pop("facts", machine.facts).items()
                      if k != INSTALL_PEER}
             if request.remote_addr:
@@ -1073,7 +1101,7 @@ class BootService:
             # at once only one issues a token (the other decides again: install-again).
             await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
-                + (f" into cluster {cluster.name} as {role}" if cluster else ""), request),),
+                + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request),),
                 expect={machine.id: read}), version=machine)
             self._view.adopt((machine,))
         else:

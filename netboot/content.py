@@ -297,7 +297,7 @@ class Content:
             return self._render_ipxe(plan)
 
     def _render_ipxe(self, plan: BootPlan) -> str:
-        name = f"ipxe/{plan.action}.ipxe"
+        name = f"ipxe/{plan.action!s}.ipxe"  # !s: see boot._install_plan
         if plan.token or plan.action == BootAction.INSTALL:
             # An install's command line also comes from files outside the key (cmdline/).
             return self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
@@ -481,7 +481,7 @@ class Content:
         is the NIC it is asked for (default: the machine's primary one)."""
         return await self._boot.config_plan(machine, token=token, request=request, claim=claim,
                                             mac=mac,
-                                            reason=f"config for {machine.state} machine")
+                                            reason=f"config for {machine.state!s} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:
         machine = plan.machine

@@ -1038,3 +1038,71 @@ async def test_kept_joins_are_bounded_and_the_oldest_is_made_again(tmp_path: Pat
         assert boot._joining[last] is kept
     finally:
         await store.close()
+
+
+def _news_as_rules_say(machine: Machine, request: BootRequest, taken: frozenset[str],
+                       ) -> dict[str, Any] | None:
+    """learn()'s rules (boot._news), written as plainly as they read: the oracle of the
+    test below."""
+    from netboot.identity import Identity
+
+    seen = Identity.of_request(request)
+    told: dict[str, str] = {}
+    for key in ("manufacturer", "product", "hostname", "platform", "relay", "interface"):
+        value = getattr(request, key)
+        if value:
+            told["dhcp_hostname" if key == "hostname" else key] = value
+    if request.remote_addr:
+        told["remote_addr"] = request.remote_addr
+    for key in ("uuid", "serial", "asset"):
+        value = getattr(request, key)
+        if value and (getattr(seen, key) is None or key in taken):
+            told[key] = value
+    ids = {key: getattr(machine, key) or (None if key in taken else getattr(seen, key))
+           for key in ("uuid", "serial", "asset")}
+    arch = request.arch if request.arch != Arch.UNKNOWN else machine.arch
+    firmware = machine.firmware or (request.firmware
+                                    if request.firmware != Firmware.UNKNOWN else None)
+    facts = machine.facts
+    if (all(ids[k] == getattr(machine, k) for k in ids) and arch == machine.arch
+            and firmware == machine.firmware
+            and all(k in facts and facts[k] == v for k, v in told.items())):
+        return None
+    return {"facts": {**facts, **told}, **ids, "arch": arch, "firmware": firmware}
+
+
+def test_what_a_request_teaches_follows_learns_rules() -> None:
+    """boot._news (every first install asks it), written out field by field, answers as
+    the rules read: over requests and machines with and without each identifier (real ones,
+    firmware placeholders), facts told before or not, kinds other machines hold."""
+    import itertools
+    import random
+
+    draw = random.Random(24)
+    uuids = [None, "", "03000200-0400-0500-0006-000700080009",
+             "00000000-0000-0000-0000-000000000000", "not-a-uuid"]
+    texts = [None, "", "SN-1", "To be filled by O.E.M.", "  padded  ", "0"]
+    kinds = ["uuid", "serial", "asset"]
+    for _ in range(4000):
+        told = {k: draw.choice([None, "", "x", "y"]) for k in (
+            "manufacturer", "product", "hostname", "platform", "relay", "interface")}
+        request = BootRequest(
+            mac=MAC, arch=draw.choice(list(Arch)), firmware=draw.choice(list(Firmware)),
+            uuid=draw.choice(uuids), serial=draw.choice(texts), asset=draw.choice(texts),
+            remote_addr=draw.choice([None, "", "192.0.2.9", "192.0.2.10"]), **told)
+        facts = {k: v for k, v in (("manufacturer", "x"), ("product", "y"),
+                                   ("dhcp_hostname", "x"), ("remote_addr", "192.0.2.9"),
+                                   ("uuid", "not-a-uuid"), ("serial", "SN-1"))
+                 if draw.random() < 0.4}
+        machine = Machine(
+            macs=(MAC,), uuid=draw.choice([None, uuids[2]]), serial=draw.choice([None, "SN-1"]),
+            asset=draw.choice([None, "0", "A-7"]),
+            arch=draw.choice([None, *Arch]), firmware=draw.choice([None, *Firmware]),
+            facts=facts)
+        taken = frozenset(itertools.compress(kinds, [draw.random() < 0.2 for _ in kinds]))
+        expected = _news_as_rules_say(machine, request, taken)
+        assert boot_module._news(machine, request, taken) == expected
+        assert boot_module.teaches(machine, request, taken) == (expected is not None)
+        if expected is not None:
+            assert list(boot_module._news(machine, request, taken)["facts"]) == \
+                list(expected["facts"])  # the facts' order too

@@ -31,6 +31,7 @@ from netboot.model import (
     MacAddress,
     Machine,
     MachineState,
+    Profile,
     Role,
     replace_machine,
     slot_init,
@@ -103,8 +104,19 @@ def test_replace_machine_gives_what_dataclasses_replace_gives() -> None:
     everything = replace_machine(machine, **values)
     assert everything == replace(machine, **values) == Machine(**values)
     assert replace_machine(machine) == machine
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="Machine has no field 'colour'"):
         replace_machine(machine, colour="blue")
+    with pytest.raises(TypeError):  # the machine is given by position only
+        replace_machine(machine=machine)  # type: ignore[call-arg]
+    # Not one of Machine's layouts (a subclass, say): dataclasses.replace itself decides.
+    other = Profile(name="p", kernel="k")
+    copied = replace_machine(other, kernel="k2")  # type: ignore[arg-type]
+    assert copied == replace(other, kernel="k2")
+    with pytest.raises(TypeError):
+        replace_machine(other, colour="blue")  # type: ignore[arg-type]
+    # Back to a field's first value: the compact layout again, as replace gives it.
+    assert type(replace_machine(everything, **{f.name: getattr(machine, f.name)
+                                               for f in fields(Machine)})) is type(machine)
     with pytest.raises(TypeError):
         replace(machine, colour="blue")
 

@@ -239,6 +239,9 @@ def test_split_render_equals_the_whole_render_for_every_shipped_template() -> No
     "#!ipxe\n{{ machine.hostname or no_such_name }} {{ mac }}\n",
     "#!ipxe\n{{ machine.__class__ }} {{ mac }}\n",  # the sandbox's answer, both ways
     "#!ipxe\n{{ k3s.labels }} {{ machine.facts }} {{ plan }} {{ console }}\n",
+    # The skeleton is a %-format: its own % signs stay text, its slots in any order.
+    "#!ipxe\n100% {{ mac }} %s %% %(mac)s %d {{ token }} 50%\n",
+    "#!ipxe\n{% for x in profile.initrds %}{{ token }}%{{ mac }} {% endfor %}{{ mac }}%\n",
 ])
 def test_split_render_of_user_templates_equals_the_whole_render(tmp_path: Path,
                                                                  source: str) -> None:
