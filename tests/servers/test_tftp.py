@@ -1298,7 +1298,8 @@ async def test_another_user_cannot_bind_the_data_port_of_running_transfers(
 
 def wrapped_sockets(server: TftpServer, wrap: Callable[[socket.socket], Any]) -> list[Any]:
     """From now on every transfer socket the server's link opens is ``wrap(sock)`` (the
-    link's ``open`` hook, which both builds honour); returns the list they are added to."""
+    link's ``open`` hook, which both builds honour), and its lock-step blocks go through
+    the wrapper's ``send`` (the ``send_block`` hook); returns the list they are added to."""
     link = server._links[None]
     opened: list[Any] = []
 
@@ -1307,6 +1308,7 @@ def wrapped_sockets(server: TftpServer, wrap: Callable[[socket.socket], Any]) ->
         return opened[-1]  # type: ignore[no-any-return]
 
     link.open = wrapping_open
+    link.send_block = lambda sock, data: sock.send(data)  # the wrapper's own send()
     return opened
 
 
@@ -1423,6 +1425,7 @@ async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
         return _Recording(open_(peer), log)  # type: ignore[return-value]
 
     link.open = recording_open
+    link.send_block = lambda sock, data: sock.send(data)  # the wrapper's own send()
     clients = [RawClient() for _ in range(3)]
     try:
         tids = []
