@@ -1453,6 +1453,38 @@ async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
         await server.close()
 
 
+async def test_a_batchs_refused_send_leaves_its_other_blocks_going_out(
+        files: DirFiles) -> None:
+    """ACKs read in one batch whose blocks each meet a full send buffer (EAGAIN): every
+    block of the batch is tried and counted lost at once, not only the first one, after
+    which the others would wait for their timer (here 5 s)."""
+    server = await started(files, retransmit=5.0, min_rto=None)
+    link = server._links[None]
+    opened = wrapped_sockets(server, lambda sock: _Refusing(sock, 0))
+    clients = [RawClient() for _ in range(3)]
+    try:
+        tids = []
+        for c in clients:
+            c.rrq(addr(server), "small.bin")
+        for c in clients:
+            pkt, tid = await c.recv()
+            assert pkt == Data(1, SMALL[:512])
+            tids.append(tid)
+            c.send(Ack(1), tid)  # the first ACK, one by one (it arms the lock-step path)
+            pkt, _ = await c.recv()
+            assert pkt == Data(2, SMALL[512:1024])
+        for refusing in opened:
+            refusing.left = 1
+        for c, tid in zip(clients, tids, strict=True):  # three ACKs waiting before a poll
+            c.send(Ack(2), tid)
+        await until(lambda: link.full == 3, timeout=2.0)
+        assert [refusing.left for refusing in opened] == [0, 0, 0]
+    finally:
+        for c in clients:
+            c.close()
+        await server.close()
+
+
 @pytest.mark.parametrize("windowsize", [1, 8])
 async def test_a_full_send_buffer_is_a_loss_the_timer_repairs(
         files: DirFiles, client: RawClient, windowsize: int) -> None:
