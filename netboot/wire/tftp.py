@@ -681,9 +681,10 @@ class Sender:
         The same steps as :meth:`ack` (RTT sample, progress, interval, next window) written
         out without a :class:`Step`: in lock-step this runs once per block and the calls and
         the Step were most of the Python cost of a block, and a streamed window went through
-        both. Lock-step from packets has its own few lines (the RFC 6298 update and the
-        next datagram, ~90 bytecodes: each is ~20 instructions of a block whose Python part
-        is the larger half of its user time, benchmarks/README.md s24-tftp).
+        both. Lock-step from packets takes its block straight from the list, and any other
+        window from :meth:`_window_after` (~100 bytecodes a lock-step block in all: each is
+        ~20 instructions of a block whose Python part is the larger half of its user time,
+        benchmarks/README.md s24-tftp).
 
         Which ACK that is was worked out when the window went out (:attr:`_expect`, armed
         only for a window sent once, with more to come, in the DATA phase), so one
@@ -692,12 +693,19 @@ class Sender:
         per block."""
         if word != self._expect:
             return None
-        lockstep = self._lockstep
-        if lockstep is None:
-            return self._next_window(now)
         n = self.sent
+        send: bytes | tuple[Datagram, ...]
+        lockstep = self._lockstep
+        if lockstep is not None:  # lock-step from packets: block n + 1 is a list item
+            send = lockstep[n]
+            last = n + 1
+        else:
+            window = self._window_after(n)
+            if window is None:
+                return None
+            send, last = window
         self.acked = n
-        # RFC 6298 §2, as in _sample: the block was sent once (armed only then). Multiplied
+        # RFC 6298 §2, as in _sample: the window was sent once (armed only then). Multiplied
         # by float constants (exact: powers of 2), which the interpreter specialises; a
         # division by an int takes the generic path.
         rtt = now - self._sent_at
@@ -721,18 +729,21 @@ class Sender:
             rto = self._base
         self._interval = rto
         self.deadline = now + rto
-        self.sent = n + 1
-        self._expect = self._acks[n + 1]  # -1 after the last block
-        return lockstep[n]
+        self.sent = last
+        # From packets the table (-1 after the last block); a source's number made here.
+        acks = self._acks
+        self._expect = acks[last] if acks else ack_word(last) if last < self.blocks else -1
+        return send
 
-    def _next_window(self, now: float) -> bytes | tuple[Datagram, ...] | None:
-        """:meth:`next_window` for a window of more than one block or from a source."""
-        n = self.sent
-        send: bytes | tuple[Datagram, ...]
+    def _window_after(self, n: int) -> tuple[bytes | tuple[Datagram, ...], int] | None:
+        """:meth:`next_window`'s window after block ``n`` and its last block, when it is not
+        a lock-step block from packets; None for ack() to send (the last window of a
+        streamed file, a short read: nothing changed)."""
         last = n + self.windowsize
         blocks = self.blocks
         last = blocks if last > blocks else last
         packets = self._packets
+        send: bytes | tuple[Datagram, ...]
         if packets is not None:
             send = (packets.datagrams[n] if last == n + 1
                     else tuple(packets.datagrams[n:last]))
@@ -756,32 +767,7 @@ class Sender:
             send = data_packet((n + 1) & 0xFFFF, chunk)
         else:
             return None
-        self.acked = n
-        # RFC 6298 §2, as in _sample: the window was sent once (armed only then).
-        rtt = now - self._sent_at
-        srtt = self.srtt
-        if srtt is None:
-            srtt, rttvar = rtt, rtt * 0.5
-        else:
-            rttvar = self._rttvar
-            rttvar += ((srtt - rtt if srtt > rtt else rtt - srtt) - rttvar) * 0.25
-            srtt += (rtt - srtt) * 0.125
-        self.srtt = srtt
-        self._rttvar = rttvar
-        # _advance and _rto (conditional expressions: cheaper than min() and max() calls);
-        # answered, _clean and retries == 0 hold already.
-        self._progress = self._sent_at = now
-        rto = srtt + rttvar * 4.0
-        floor = self._floor
-        rto = floor if rto < floor else rto
-        interval = self._base
-        interval = rto if rto < interval else interval
-        self._interval = interval
-        self.sent = last
-        self.deadline = now + interval
-        acks = self._acks
-        self._expect = acks[last] if acks else ack_word(last) if last < blocks else -1
-        return send
+        return send, last
 
     def read_ahead(self) -> None:
         """Read the next full window into the frame now, after the window in flight was

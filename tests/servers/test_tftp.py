@@ -1412,6 +1412,22 @@ class _Recording:
         return getattr(self._sock, name)
 
 
+async def at_block_two(server: TftpServer, clients: list[RawClient]) -> list[tuple[str, int]]:
+    """Each client's lock-step transfer of small.bin taken to DATA 2, one client at a time
+    (the first ACK arms the lock-step path); returns their TIDs."""
+    tids = []
+    for c in clients:
+        c.rrq(addr(server), "small.bin")
+    for c in clients:
+        pkt, tid = await c.recv()
+        assert pkt == Data(1, SMALL[:512])
+        tids.append(tid)
+        c.send(Ack(1), tid)
+        pkt, _ = await c.recv()
+        assert pkt == Data(2, SMALL[512:1024])
+    return tids
+
+
 async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
         files: DirFiles) -> None:
     """ACKs that wait at once are read in one batch, then the next blocks go out in a run
@@ -1428,16 +1444,7 @@ async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
     link.send_block = lambda sock, data: sock.send(data)  # the wrapper's own send()
     clients = [RawClient() for _ in range(3)]
     try:
-        tids = []
-        for c in clients:
-            c.rrq(addr(server), "small.bin")
-        for c in clients:
-            pkt, tid = await c.recv()
-            assert pkt == Data(1, SMALL[:512])
-            tids.append(tid)
-            c.send(Ack(1), tid)  # the first ACK, one by one
-            pkt, _ = await c.recv()
-            assert pkt == Data(2, SMALL[512:1024])
+        tids = await at_block_two(server, clients)
         log.clear()
         for c, tid in zip(clients, tids, strict=True):  # three ACKs waiting before a poll
             c.send(Ack(2), tid)
@@ -1463,16 +1470,7 @@ async def test_a_batchs_refused_send_leaves_its_other_blocks_going_out(
     opened = wrapped_sockets(server, lambda sock: _Refusing(sock, 0))
     clients = [RawClient() for _ in range(3)]
     try:
-        tids = []
-        for c in clients:
-            c.rrq(addr(server), "small.bin")
-        for c in clients:
-            pkt, tid = await c.recv()
-            assert pkt == Data(1, SMALL[:512])
-            tids.append(tid)
-            c.send(Ack(1), tid)  # the first ACK, one by one (it arms the lock-step path)
-            pkt, _ = await c.recv()
-            assert pkt == Data(2, SMALL[512:1024])
+        tids = await at_block_two(server, clients)
         for refusing in opened:
             refusing.left = 1
         for c, tid in zip(clients, tids, strict=True):  # three ACKs waiting before a poll
