@@ -91,6 +91,7 @@ _MAX_IOV = 512  # buffers per preadv: IOV_MAX is 1024 on Linux
 
 _HEAD = struct.Struct("!H")
 _HEAD2 = struct.Struct("!HH")
+_WORD = struct.Struct("=I")  # four bytes as one unsigned number, in this machine's order
 
 
 class Opcode(enum.IntEnum):
@@ -336,6 +337,19 @@ def data_packet(block: int, payload: bytes | memoryview) -> bytes:
     return _HEAD2.pack(Opcode.DATA, block) + payload
 
 
+def ack_word(block: int) -> int:
+    """The first four bytes of ACK ``block`` (the opcode, then the block number modulo 65536,
+    big-endian on the wire) read as one unsigned 32-bit number in this machine's byte order:
+    what ``memoryview(datagram).cast("I")[0]`` reads from a received ACK. The adapter hands
+    the :class:`Sender` that one number and the sender compares it with the ACK it waits
+    for: one subscript and one comparison per block, where the opcode and the block number
+    read byte by byte were four subscripts and their arithmetic (1,253 instructions beyond
+    a bare receive against 533, callgrind; a lock-step block is ~9,600 in all,
+    benchmarks/README.md s24-tftp)."""
+    word: int = _WORD.unpack(_HEAD2.pack(Opcode.ACK, block & 0xFFFF))[0]
+    return word
+
+
 def error_packet(code: int, message: str) -> bytes:
     return _HEAD2.pack(Opcode.ERROR, code) + message.encode("utf-8", errors="replace") + b"\x00"
 
@@ -477,7 +491,7 @@ class Packets:
     and no copy, and a window the items the adapter hands to one ``sendmsg``. One ``bytes``
     per datagram rather than slices of one buffer: a memoryview slice per send cost more."""
 
-    __slots__ = ("blksize", "blocks", "datagrams", "nbytes", "size")
+    __slots__ = ("_acks", "blksize", "blocks", "datagrams", "nbytes", "size")
 
     def __init__(self, payload: bytes | memoryview, blksize: int) -> None:
         if blksize < 1:
@@ -494,6 +508,17 @@ class Packets:
         self.blocks = blocks
         self.size = size
         self.nbytes = size + 4 * blocks
+        self._acks: list[int] | None = None
+
+    def acks(self) -> list[int]:
+        """``ack_word(n)`` for every block ``n`` but the last, and -1 at ``blocks``: what a
+        sender waits for once block ``n`` is out (the last block's ACK ends the transfer and
+        is :meth:`Sender.ack`'s). Made at the first transfer of these packets and shared
+        like them (a pointer and a number object a block, ~3 % of the datagrams' bytes)."""
+        acks = self._acks
+        if acks is None:
+            acks = self._acks = [*map(ack_word, range(self.blocks)), -1]
+        return acks
 
     def window(self, first: int, last: int) -> tuple[Datagram, ...]:
         """DATA ``first`` .. ``last`` (1-based, inclusive)."""
@@ -545,7 +570,8 @@ class Sender:
     :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
 
     __slots__ = (
-        "_ahead", "_base", "_clean", "_doubt", "_doubt_rtt", "_expect", "_floor", "_frame",
+        "_acks", "_ahead", "_base", "_clean", "_doubt", "_doubt_rtt", "_expect", "_floor",
+        "_frame",
         "_frames", "_fresh", "_heads", "_interval", "_lockstep", "_packets", "_policy",
         "_progress",
         "_read_into", "_rttvar", "_sent_at", "_slots", "_source", "_top",
@@ -571,11 +597,14 @@ class Sender:
             self._packets = source
         else:
             self._source = source
-        # A lock-step transfer from packets: ack_window's block is the item of this list,
-        # without the window's arithmetic (~20 bytecodes of a block's ~200).
-        self._lockstep: list[bytes] | None = (
-            self._packets.datagrams
-            if self._packets is not None and self.windowsize == 1 else None)
+        # From packets, the ACK that next_window waits for once block n is out is acks[n];
+        # in lock-step the block is the item of _lockstep, without the window's arithmetic.
+        self._acks: list[int] = []
+        self._lockstep: list[bytes] | None = None
+        if self._packets is not None:
+            self._acks = self._packets.acks()
+            if self.windowsize == 1:
+                self._lockstep = self._packets.datagrams
         # A window read straight into its datagrams (WindowSource); the frame is made at the
         # first window. Lock-step keeps the source's read-ahead: a read per block would be a
         # system call per block. At most _MAX_IOV buffers go to one preadv.
@@ -602,7 +631,9 @@ class Sender:
             float(negotiated.timeout) if negotiated.timeout is not None else policy.retransmit
         )
         self.deadline: float | None = None  # when ``timeout`` is due; None once done
-        self._floor = policy.min_rto
+        # The least an RTO may be. Without the round-trip timer (min_rto None) it is the base
+        # interval: every RTO is then the base, the fixed timer, with no None to test per ACK.
+        self._floor = policy.min_rto if policy.min_rto is not None else self._base
         # What a spurious timeout may raise the floor to (see _spurious), never above the base.
         self._top = (min(policy.min_rto * _SPURIOUS_FLOOR, self._base)
                      if policy.min_rto is not None else 0.0)
@@ -620,8 +651,8 @@ class Sender:
         # its round trip from the first copy (see _spurious); -1 otherwise.
         self._doubt = -1
         self._doubt_rtt = 0.0
-        # The wire number of the ACK that ack_window serves (the window in flight, sent
-        # once, more to come), or -1: see _sent_window.
+        # The ACK that next_window serves (the window in flight, sent once, more to come) as
+        # its ack_word(), or -1: see _sent_window.
         self._expect = -1
 
     # -- events --------------------------------------------------------------------------
@@ -633,26 +664,35 @@ class Sender:
         return self._send_window(now)
 
     def ack_window(self, block: int, now: float) -> bytes | tuple[Datagram, ...] | None:
-        """The common ACK, on its own: the client acknowledged every block sent and more
-        remain. Returns the next window to send (its deadline is :attr:`deadline`): a tuple
-        of datagrams, or the datagram itself when the window is one block (lock-step: no
-        tuple made and dropped per block), or None when the ACK is anything else, which
-        leaves the state untouched: then call :meth:`ack`, which handles every case. Served
-        here: prebuilt :class:`Packets`, and from a :class:`Source` a full window read into
-        the frame or a lock-step block; the last window of a streamed file and a short read
-        go to :meth:`ack`.
+        """:meth:`next_window` for the ACK of ``block`` (its number on the wire)."""
+        return self.next_window(ack_word(block), now)
+
+    def next_window(self, word: int, now: float) -> bytes | tuple[Datagram, ...] | None:
+        """The common ACK, on its own, given as its :func:`ack_word` (the adapter reads it
+        from the datagram without decoding it): the client acknowledged every block sent
+        and more remain. Returns the next window to send (its deadline is
+        :attr:`deadline`): a tuple of datagrams, or the datagram itself when the window is
+        one block (lock-step: no tuple made and dropped per block), or None when the
+        datagram is anything else (another ACK, an ERROR, a short read of the next window),
+        which leaves the state untouched: then decode it and call :meth:`ack`, which handles
+        every case. Served here: prebuilt :class:`Packets`, and from a :class:`Source` a
+        full window read into the frame or a lock-step block; the last window of a streamed
+        file and a short read go to :meth:`ack`.
 
         The same steps as :meth:`ack` (RTT sample, progress, interval, next window) written
-        out in one function without a :class:`Step`: in lock-step this runs once per block
-        and the calls and the Step were most of the Python cost of a block, and a streamed
-        window went through both.
+        out without a :class:`Step`: in lock-step this runs once per block and the calls and
+        the Step were most of the Python cost of a block, and a streamed window went through
+        both. Lock-step from packets takes its block straight from the list, and any other
+        window from :meth:`_window_after` (~100 bytecodes a lock-step block in all: each is
+        ~20 instructions of a block whose Python part is the larger half of its user time,
+        benchmarks/README.md s24-tftp).
 
-        Which ACK that is was worked out when the window went out (:attr:`_expect`: the
-        wire number of its last block, armed only for a window sent once, with more to
-        come, in the DATA phase), so one comparison turns every other ACK away, and the
-        state that such a window implies (answered, no retries, an RTT sample by Karn's
-        rule) is not written again per block."""
-        if block != self._expect:
+        Which ACK that is was worked out when the window went out (:attr:`_expect`, armed
+        only for a window sent once, with more to come, in the DATA phase), so one
+        comparison turns every other datagram away, and the state that such a window
+        implies (answered, no retries, an RTT sample by Karn's rule) is not written again
+        per block."""
+        if word != self._expect:
             return None
         n = self.sent
         send: bytes | tuple[Datagram, ...]
@@ -661,72 +701,79 @@ class Sender:
             send = lockstep[n]
             last = n + 1
         else:
-            last = n + self.windowsize
-            blocks = self.blocks
-            last = blocks if last > blocks else last
-            packets = self._packets
-            if packets is not None:
-                send = (packets.datagrams[n] if last == n + 1
-                        else tuple(packets.datagrams[n:last]))
-            elif last == blocks:
-                return None  # the last window: its short block is ack()'s to read
-            elif self._read_into is not None:
-                if self._ahead == n + 1:  # read while the client took the window before
-                    self._ahead = 0
-                    send = self._frames
-                else:
-                    # Read before any state changes: a short read leaves ack() to report it.
-                    got, send = self._read_window(n + 1, last, n * self.blksize,
-                                                  last * self.blksize)
-                    if got != (last - n) * self.blksize:
-                        return None
-            elif last == n + 1 and self._source is not None:  # lock-step from the read-ahead
-                bs = self.blksize
-                chunk = self._source.read(n * bs, bs)
-                if len(chunk) != bs:
-                    return None
-                send = data_packet((n + 1) & 0xFFFF, chunk)
-            else:
+            window = self._window_after(n)
+            if window is None:
                 return None
+            send, last = window
         self.acked = n
-        # RFC 6298 §2, as in _sample: the window was sent once (armed only then).
+        # RFC 6298 §2, as in _sample: the window was sent once (armed only then). Multiplied
+        # by float constants (exact: powers of 2), which the interpreter specialises; a
+        # division by an int takes the generic path.
         rtt = now - self._sent_at
         srtt = self.srtt
         if srtt is None:
             srtt, rttvar = rtt, rtt * 0.5
         else:
-            # Multiplied by float constants (exact: powers of 2), which the interpreter
-            # specialises; a division by an int takes the generic path. The variance read
-            # and written once (a local): it is needed again for the RTO below.
             rttvar = self._rttvar
             rttvar += ((srtt - rtt if srtt > rtt else rtt - srtt) - rttvar) * 0.25
             srtt += (rtt - srtt) * 0.125
         self.srtt = srtt
         self._rttvar = rttvar
-        # _advance and _rto (conditional expressions: cheaper than min() and max() calls);
-        # answered, _clean and retries == 0 hold already.
+        # _advance and _rto: answered, _clean and retries == 0 hold already. The floor is
+        # at most the base (Policy, _spurious), so one bound is tested at most.
         self._progress = self._sent_at = now
-        interval = self._base
+        rto = srtt + rttvar * 4.0
         floor = self._floor
-        if floor is not None:
-            rto = srtt + rttvar * 4.0
-            rto = floor if rto < floor else rto
-            interval = rto if rto < interval else interval
-        self._interval = interval
+        if rto < floor:
+            rto = floor
+        elif rto > self._base:
+            rto = self._base
+        self._interval = rto
+        self.deadline = now + rto
         self.sent = last
-        self.deadline = now + interval
-        if last < self.blocks:
-            # Below 65536 the number is its own wire number: a compare, which the
-            # interpreter specialises, instead of an and, which it does not.
-            self._expect = last if last < 0x10000 else last & 0xFFFF
-        else:
-            self._expect = -1
+        # From packets the table (-1 after the last block); a source's number made here.
+        acks = self._acks
+        self._expect = acks[last] if acks else ack_word(last) if last < self.blocks else -1
         return send
+
+    def _window_after(self, n: int) -> tuple[bytes | tuple[Datagram, ...], int] | None:
+        """:meth:`next_window`'s window after block ``n`` and its last block, when it is not
+        a lock-step block from packets; None for ack() to send (the last window of a
+        streamed file, a short read: nothing changed)."""
+        last = n + self.windowsize
+        blocks = self.blocks
+        last = blocks if last > blocks else last
+        packets = self._packets
+        send: bytes | tuple[Datagram, ...]
+        if packets is not None:
+            send = (packets.datagrams[n] if last == n + 1
+                    else tuple(packets.datagrams[n:last]))
+        elif last == blocks:
+            return None  # the last window: its short block is ack()'s to read
+        elif self._read_into is not None:
+            if self._ahead == n + 1:  # read while the client took the window before
+                self._ahead = 0
+                send = self._frames
+            else:
+                # Read before any state changes: a short read leaves ack() to report it.
+                got, send = self._read_window(n + 1, last, n * self.blksize,
+                                              last * self.blksize)
+                if got != (last - n) * self.blksize:
+                    return None
+        elif last == n + 1 and self._source is not None:  # lock-step from the read-ahead
+            bs = self.blksize
+            chunk = self._source.read(n * bs, bs)
+            if len(chunk) != bs:
+                return None
+            send = data_packet((n + 1) & 0xFFFF, chunk)
+        else:
+            return None
+        return send, last
 
     def read_ahead(self) -> None:
         """Read the next full window into the frame now, after the window in flight was
         sent (the kernel copied it) and while the client takes it, so that its ACK is
-        answered without the read (:meth:`ack_window`). Only for a streamed window sent
+        answered without the read (:meth:`next_window`). Only for a streamed window sent
         once with more than one full window to come; any other event that rewrites the
         frame (a resend, a partial ACK's window) drops it. A failed or short read is left
         for the next window's own read to report."""
@@ -884,9 +931,9 @@ class Sender:
         to that round trip, at most ``_SPURIOUS_FLOOR`` times ``min_rto``: a loss then costs
         at most that."""
         self._doubt = -1
+        if self._policy.min_rto is None:
+            return  # the fixed timer: nothing to learn
         floor = self._floor
-        if floor is None:
-            return
         rtt = self._doubt_rtt
         self._sample(rtt)
         top = self._top
@@ -903,10 +950,9 @@ class Sender:
             self.srtt += (rtt - self.srtt) / 8
 
     def _rto(self) -> float:
-        floor = self._floor
-        if floor is None or self.srtt is None:
+        if self.srtt is None:
             return self._base
-        return min(max(self.srtt + 4 * self._rttvar, floor), self._base)
+        return min(max(self.srtt + 4 * self._rttvar, self._floor), self._base)
 
     def _resend(self, now: float) -> Step:
         if self.phase is Phase.OACK:
@@ -996,15 +1042,18 @@ class Sender:
         # Blocks up to the last one sent before are in this window again (a resend, or a
         # window restarted after a partial ACK, RFC 7440 §4): an ACK of one of them may
         # answer either copy and is no RTT sample (Karn); blocks above it are sent once.
-        # (ack_window's windows are all new blocks: they keep this true without a store.)
+        # (next_window's windows are all new blocks: they keep this true without a store.)
         fresh = self._fresh = self.sent
         if last > fresh:
             self.sent = last
             self._sent_at = now
-        # ack_window serves the ACK of this window if it went out once (not a resend: its
+        # next_window serves the ACK of this window if it went out once (not a resend: its
         # ACK is no RTT sample, Karn) after the client's progress (_clean implies answered
         # and no retries), and blocks remain after it; any other ACK goes to ack().
-        self._expect = last & 0xFFFF if self._clean and fresh < last < self.blocks else -1
+        if self._clean and fresh < last < self.blocks:
+            self._expect = self._acks[last] if self._acks else ack_word(last)
+        else:
+            self._expect = -1
 
     def _source_error(self, got: int, start: int, end: int) -> Step:
         return self._finish(

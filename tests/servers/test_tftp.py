@@ -1298,7 +1298,8 @@ async def test_another_user_cannot_bind_the_data_port_of_running_transfers(
 
 def wrapped_sockets(server: TftpServer, wrap: Callable[[socket.socket], Any]) -> list[Any]:
     """From now on every transfer socket the server's link opens is ``wrap(sock)`` (the
-    link's ``open`` hook, which both builds honour); returns the list they are added to."""
+    link's ``open`` hook, which both builds honour), and its lock-step blocks go through
+    the wrapper's ``send`` (the ``send_block`` hook); returns the list they are added to."""
     link = server._links[None]
     opened: list[Any] = []
 
@@ -1307,6 +1308,7 @@ def wrapped_sockets(server: TftpServer, wrap: Callable[[socket.socket], Any]) ->
         return opened[-1]  # type: ignore[no-any-return]
 
     link.open = wrapping_open
+    link.send_block = lambda sock, data: sock.send(data)  # the wrapper's own send()
     return opened
 
 
@@ -1410,6 +1412,22 @@ class _Recording:
         return getattr(self._sock, name)
 
 
+async def at_block_two(server: TftpServer, clients: list[RawClient]) -> list[tuple[str, int]]:
+    """Each client's lock-step transfer of small.bin taken to DATA 2, one client at a time
+    (the first ACK arms the lock-step path); returns their TIDs."""
+    tids = []
+    for c in clients:
+        c.rrq(addr(server), "small.bin")
+    for c in clients:
+        pkt, tid = await c.recv()
+        assert pkt == Data(1, SMALL[:512])
+        tids.append(tid)
+        c.send(Ack(1), tid)
+        pkt, _ = await c.recv()
+        assert pkt == Data(2, SMALL[512:1024])
+    return tids
+
+
 async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
         files: DirFiles) -> None:
     """ACKs that wait at once are read in one batch, then the next blocks go out in a run
@@ -1423,18 +1441,10 @@ async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
         return _Recording(open_(peer), log)  # type: ignore[return-value]
 
     link.open = recording_open
+    link.send_block = lambda sock, data: sock.send(data)  # the wrapper's own send()
     clients = [RawClient() for _ in range(3)]
     try:
-        tids = []
-        for c in clients:
-            c.rrq(addr(server), "small.bin")
-        for c in clients:
-            pkt, tid = await c.recv()
-            assert pkt == Data(1, SMALL[:512])
-            tids.append(tid)
-            c.send(Ack(1), tid)  # the first ACK, one by one
-            pkt, _ = await c.recv()
-            assert pkt == Data(2, SMALL[512:1024])
+        tids = await at_block_two(server, clients)
         log.clear()
         for c, tid in zip(clients, tids, strict=True):  # three ACKs waiting before a poll
             c.send(Ack(2), tid)
@@ -1444,6 +1454,29 @@ async def test_acks_waiting_together_are_all_read_before_their_blocks_are_sent(
         assert [kind for kind, _ in log] == ["recv"] * 3 + ["send"] * 3
         assert sorted(fd for kind, fd in log if kind == "recv") == sorted(
             fd for kind, fd in log if kind == "send")
+    finally:
+        for c in clients:
+            c.close()
+        await server.close()
+
+
+async def test_a_batchs_refused_send_leaves_its_other_blocks_going_out(
+        files: DirFiles) -> None:
+    """ACKs read in one batch whose blocks each meet a full send buffer (EAGAIN): every
+    block of the batch is tried and counted lost at once, not only the first one, after
+    which the others would wait for their timer (here 5 s)."""
+    server = await started(files, retransmit=5.0, min_rto=None)
+    link = server._links[None]
+    opened = wrapped_sockets(server, lambda sock: _Refusing(sock, 0))
+    clients = [RawClient() for _ in range(3)]
+    try:
+        tids = await at_block_two(server, clients)
+        for refusing in opened:
+            refusing.left = 1
+        for c, tid in zip(clients, tids, strict=True):  # three ACKs waiting before a poll
+            c.send(Ack(2), tid)
+        await until(lambda: link.full == 3, timeout=2.0)
+        assert [refusing.left for refusing in opened] == [0, 0, 0]
     finally:
         for c in clients:
             c.close()
