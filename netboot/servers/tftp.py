@@ -530,7 +530,6 @@ class _Link:
             # One clock read per poll, not per ACK: every ACK of the batch was queued by
             # now, and its window goes out after the batch's reads whatever the clock says.
             now = monotonic()
-            rearm = server._rearm_below
             # The batch's windows are sent after all its ACKs are read (below): a lock-step
             # block as its socket and datagram, a window with its transfer.
             socks: list[_socket.socket] = []
@@ -574,10 +573,12 @@ class _Link:
                         transfer.crashed()
                         continue
                     if send is not None:
+                        # The bound read here, not once a batch: an ACK of this batch
+                        # answered by apply() (or an ERROR, an ICMP error) may have armed
+                        # the sweep earlier since, and a later deadline must not re-arm it.
                         deadline = sender.deadline
-                        if deadline is not None and deadline < rearm:
+                        if deadline is not None and deadline < server._rearm_below:
                             server._sweep_by(deadline)
-                            rearm = server._rearm_below
                         # One block comes as the datagram itself (lock-step, from packets or
                         # a read), a window as a tuple. isinstance() on the exact type is a
                         # pointer compare, and it narrows for mypy: a typing.cast() here was

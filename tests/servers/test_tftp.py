@@ -1483,6 +1483,48 @@ async def test_a_batchs_refused_send_leaves_its_other_blocks_going_out(
         await server.close()
 
 
+async def test_a_batchs_earlier_deadline_is_not_overtaken_by_a_later_one(
+        files: DirFiles) -> None:
+    """In one batch, an ACK answered through the full path (apply) arms the sweep for its
+    transfer's early deadline; a lock-step block answered after it in the same batch, due
+    later, must not re-arm the sweep for its own later deadline: the first transfer's
+    retransmission would then wait for the second's timer."""
+    server = await started(files, retransmit=0.05)
+    link = server._links[None]
+    slow, quick = RawClient(), RawClient()
+    try:
+        # The slow client: a 5 s timeout of its own and one 0.3 s round trip, so that its
+        # lock-step ACKs are answered by next_window with an RTO near a second.
+        slow.rrq(addr(server), "small.bin", (("timeout", "5"),))
+        pkt, slow_tid = await slow.recv()
+        assert isinstance(pkt, OptionAck)
+        slow.send(Ack(0), slow_tid)
+        pkt, _ = await slow.recv()
+        assert pkt == Data(1, SMALL[:512])
+        await asyncio.sleep(0.3)
+        slow.send(Ack(1), slow_tid)
+        pkt, _ = await slow.recv()
+        assert pkt == Data(2, SMALL[512:1024])
+        # The quick client: its first ACK goes to Sender.ack (apply), due in 50 ms.
+        quick.rrq(addr(server), "small.bin")
+        pkt, quick_tid = await quick.recv()
+        assert isinstance(pkt, Data) and pkt.block == 1
+        server._sweep_by(time.monotonic() + 100.0)  # the sweep due later than both
+        quick.send(Ack(1), quick_tid)
+        slow.send(Ack(2), slow_tid)
+        link._ready()  # both ACKs in one batch, the quick one first
+        first = server._transfers[quick.address].sender
+        second = server._transfers[slow.address].sender
+        assert first.deadline is not None and second.deadline is not None
+        assert second.deadline > first.deadline + 0.3  # the case: the later one second
+        assert server._sweep is not None
+        assert server._sweep.when() <= first.deadline + 0.001
+    finally:
+        slow.close()
+        quick.close()
+        await server.close()
+
+
 @pytest.mark.parametrize("windowsize", [1, 8])
 async def test_a_full_send_buffer_is_a_loss_the_timer_repairs(
         files: DirFiles, client: RawClient, windowsize: int) -> None:
