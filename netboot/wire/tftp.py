@@ -633,7 +633,10 @@ class Sender:
         self.deadline: float | None = None  # when ``timeout`` is due; None once done
         # The least an RTO may be. Without the round-trip timer (min_rto None) it is the base
         # interval: every RTO is then the base, the fixed timer, with no None to test per ACK.
-        self._floor = policy.min_rto if policy.min_rto is not None else self._base
+        # Never above the base: Policy keeps min_rto within its own retransmit, but a client's
+        # timeout (RFC 2349, 1 s at least) may be below it, and next_window tests one bound.
+        self._floor = (self._base if policy.min_rto is None
+                       else min(policy.min_rto, self._base))
         # What a spurious timeout may raise the floor to (see _spurious), never above the base.
         self._top = (min(policy.min_rto * _SPURIOUS_FLOOR, self._base)
                      if policy.min_rto is not None else 0.0)

@@ -777,6 +777,20 @@ def test_fixed_timer_when_min_rto_is_none() -> None:
     assert step.deadline == pytest.approx(1.001)
 
 
+def test_a_clients_timeout_below_min_rto_is_still_the_ceiling() -> None:
+    """RFC 2349: a client that named a timeout never waits longer than it asked, also when
+    the server's min_rto (valid: at most its own retransmit) is above that timeout."""
+    s, _ = sender(50 * 512, (("timeout", "1"),), Policy(retransmit=3.0, min_rto=2.0))
+    s.start(0.0)
+    s.ack(0, 0.01)
+    window = s.ack_window(1, 0.02)  # the common lock-step ACK (next_window)
+    assert isinstance(window, bytes) and parse(window) == Data(2, bytes(
+        (i * 7) & 0xFF for i in range(512, 1024)))
+    assert s.deadline == pytest.approx(1.02)
+    step = s.ack(2, 0.03)
+    assert step.deadline == pytest.approx(1.03)
+
+
 def test_min_rto_must_not_exceed_retransmit() -> None:
     with pytest.raises(ValueError, match="min_rto"):
         Policy(retransmit=0.5, min_rto=1.0)
