@@ -33,7 +33,7 @@ rounds' ratios.
 
 ``--instructions``: each child under valgrind's callgrind, counting the instructions of each
 thread over the measured requests only (the warm-up and the view's load are not counted):
-the same figure in every round and at any load, where the timed figures moved ±5 % a round
+within ~0.01 % from round to round and at any load, where the timed figures moved ±5 % a round
 with the load of other processes (session 24). An instruction is weighed alike wherever it
 is (no cache miss, no system call's kernel side), so the count says which way and how far a
 change moves the interpreter's work; the timed A/B says what that is worth. ~50x slower:
@@ -225,8 +225,8 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions instead of timing (valgrind's callgrind, "
                              "~50x slower: use --requests 1000): the loop thread's and the "
-                             "other threads' per request, the same in every round and under "
-                             "any load (a measure the machine's load does not move; it "
+                             "other threads' per request, within ~0.01 % from round to round "
+                             "under any load (a measure the machine's load does not move; it "
                              "weighs no cache miss or system call's kernel side)")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
