@@ -661,13 +661,16 @@ class BootService:
         """
         return await self._view.count_machines_without_nic() > 0
 
-    def _resolve(self, request: BootRequest, seen: _Seen | None = None,
+    def _resolve(self, request: BootRequest, seen: _Seen | Identity | None = None,
                  ) -> Coroutine[Any, Any, Resolution]:
         """Which machine ``request`` is: every decision's and record's one look-up,
         :func:`identity.lookup` over the view. ``seen``: the NIC's memo of ``request``
-        where the caller keeps it (its identity and keys worked out once)."""
+        where the caller keeps it (its identity and keys worked out once), or the request's
+        identity where the caller made it for more than the look-up."""
         if seen is None:
             return identity.lookup(self._view, Identity.of_request(request))
+        if isinstance(seen, Identity):
+            return identity.lookup(self._view, seen)
         return identity.lookup(self._view, seen.identity, seen.keys)
 
     async def _record_dhcp(self, request: BootRequest, *, admitted: bool = False,
@@ -860,7 +863,7 @@ class BootService:
         change nothing). A held machine's retry loop, a storm's repeated steps."""
         # The request's identity, made once: the look-up and what the install learns read it.
         seen = Identity.of_request(request)
-        res = await identity.lookup(self._view, seen)
+        res = await self._resolve(request, seen)
         machine = res.machine
         kept = self._repeats.get(request.mac)
         if (kept is not None and machine is not None and kept.machine is machine
