@@ -8,9 +8,9 @@ must change nothing. Run: ``python benchmarks/import_csv.py [rows]``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,4 +63,7 @@ async def main(rows: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", nargs="?", type=int, default=100_000,
+                        help="rows in the CSV (default: 100,000)")
+    asyncio.run(main(parser.parse_args().rows))

@@ -8,8 +8,8 @@ instead of seconds) shows at once.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,4 +57,7 @@ async def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", nargs="?", type=int, default=100_000,
+                        help="machines in the batch (default: 100,000)")
+    asyncio.run(main(parser.parse_args().rows))

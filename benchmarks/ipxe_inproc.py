@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions instead of timing (valgrind's callgrind, "
                              "~50x slower: use --requests 1000): the loop thread's and the "
-                             "other threads' per request, within ~0.01 % from round to round "
+                             "other threads' per request, within ~0.01 %% from round to round "
                              "under any load (a measure the machine's load does not move; it "
                              "weighs no cache miss or system call's kernel side)")
     parser.add_argument("--python", default=sys.executable)

@@ -11,11 +11,11 @@ Run it from /tmp for each tree, alternating. No root; not part of pytest.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import inspect
 import ipaddress
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,5 +88,9 @@ async def main(n: int, at_once: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000,
-                     int(sys.argv[2]) if len(sys.argv) > 2 else 100))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("n", nargs="?", type=int, default=2000, help="machines (default: 2,000)")
+    parser.add_argument("at_once", nargs="?", type=int, default=100,
+                        help="machines at a time (default: 100)")
+    args = parser.parse_args()
+    asyncio.run(main(args.n, args.at_once))
