@@ -32,8 +32,22 @@ def held_writer(store: SqliteStore) -> threading.Event:
     asked meanwhile (real ones, on the real file) wait behind it, as behind a slow commit.
     The caller sets the gate (in a ``finally``: a test that fails must not hang the store's
     close)."""
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        gate.wait(30)  # bounded: a test that forgets the gate ends anyway
+
     executor = store._executor
     assert executor is not None, "the store is not open"
-    executor.submit(gate.wait, 30)  # bounded: a test that forgets the gate ends anyway
+    executor.submit(hold)
+    holding.wait(5)  # taken by the thread: what is queued from now on waits behind it
     return gate
+
+
+def writes_waiting(store: SqliteStore) -> int:
+    """How many writes wait behind the held writer (:func:`held_writer`): a test waits for its
+    request's write to be there before it cancels, not for a guessed time."""
+    executor = store._executor
+    assert executor is not None, "the store is not open"
+    return executor._work_queue.qsize()

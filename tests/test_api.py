@@ -17,7 +17,7 @@ from netboot.lifecycle import Trigger, advance
 from netboot.model import Scope
 from netboot.openapi import document
 from tests.conftest import Env, Reply, boot, call, install_token
-from tests.held_store import held_writer
+from tests.held_store import held_writer, writes_waiting
 
 MAC = "52:54:00:12:34:56"
 MAC2 = "52:54:00:12:34:57"
@@ -1409,7 +1409,7 @@ async def test_a_report_cancelled_while_its_commit_is_held_is_audited_once(env: 
         await until(lambda: front_post_task() is not None, "the front door's report")
         task = front_post_task()
         assert task is not None
-        await asyncio.sleep(0.05)  # its commit handed to the held writer
+        await until(lambda: writes_waiting(store(env)) > 0, "its commit at the writer")
         task.cancel()  # as the server stopping does
         await asyncio.sleep(0.05)
     finally:
@@ -1439,7 +1439,7 @@ async def test_a_registration_cancelled_while_its_commit_is_held_is_audited_once
         await until(lambda: front_post_task() is not None, "the front door's registration")
         task = front_post_task()
         assert task is not None
-        await asyncio.sleep(0.05)
+        await until(lambda: writes_waiting(store(env)) > 0, "its commit at the writer")
         task.cancel()
         await asyncio.sleep(0.05)
     finally:
@@ -1459,7 +1459,7 @@ async def left(env: Env, head: str, body: bytes) -> None:
     gate = held_writer(store(env))
     try:
         writer = await send(env, head, body)
-        await asyncio.sleep(0.1)  # the change handed to the held writer
+        await until(lambda: writes_waiting(store(env)) > 0, "the change at the writer")
         writer.close()
         await until(lambda: bool(cancelling()), "the handler cancelled")
     finally:
@@ -1521,7 +1521,7 @@ async def test_a_change_whose_client_left_before_it_was_made_is_aborted(env: Env
                      f"Authorization: Bearer {env.admin}\r\nContent-Type: application/json"
                      "\r\nContent-Length: 100\r\n\r\n{\"name\": ".encode())
         await writer.drain()
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)  # its head read, its body awaited
         writer.close()
         await until(lambda: bool(cancelling()), "the handler cancelled")
     finally:

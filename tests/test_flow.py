@@ -15,7 +15,7 @@ import yaml
 
 from netboot.inventory.sqlite import SqliteStore
 from tests.conftest import BASE, Env, EnvFactory, boot, call, install_token
-from tests.held_store import held_writer
+from tests.held_store import held_writer, writes_waiting
 
 MAC = "52:54:00:12:34:56"
 HEXHYP = "52-54-00-12-34-56"
@@ -707,7 +707,10 @@ async def test_a_first_install_cancelled_while_its_token_is_written_keeps_that_t
                 break
             await asyncio.sleep(0.01)
         assert decision is not None, "the front door's /ipxe decision"
-        await asyncio.sleep(0.1)  # its token's commit handed to the held writer
+        for _ in range(500):  # its token's commit handed to the held writer
+            if writes_waiting(store):
+                break
+            await asyncio.sleep(0.01)
         decision.cancel()
         await asyncio.sleep(0.05)
     finally:

@@ -20,7 +20,7 @@ from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Event, MacAddress, Machine, MachineState
 from netboot.recorder import Recorder
-from tests.held_store import held_writer
+from tests.held_store import held_writer, writes_waiting
 from tests.killed import killed_after
 
 
@@ -392,6 +392,14 @@ async def test_a_slow_write_does_not_queue_a_flush_per_delay_behind_it(
 # --- a caller cancelled while its batch is written learns what became of it ----------------
 
 
+async def until_waiting(store: SqliteStore) -> None:
+    for _ in range(500):
+        if writes_waiting(store):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no write waits behind the held writer within 5 s")
+
+
 async def test_a_commit_cancelled_while_written_returns_and_its_cancel_comes_after(
         stores: tuple[SqliteStore, SqliteStore]) -> None:
     """The group writes a cancelled caller's batch all the same: the caller is not told
@@ -411,7 +419,7 @@ async def test_a_commit_cancelled_while_written_returns_and_its_cancel_comes_aft
     gate = held_writer(own)
     try:
         task = asyncio.ensure_future(caller())
-        await asyncio.sleep(0.05)  # its batch in the group, the group's write held
+        await until_waiting(own)  # its batch in the group, the group's write held
         task.cancel()
         await asyncio.sleep(0.05)
         assert not task.done()  # waiting for its batch's fate, not told "cancelled"
@@ -439,7 +447,7 @@ async def test_a_commit_cancelled_while_refused_is_cancelled_with_nothing_writte
     gate = held_writer(own)
     try:
         task = asyncio.ensure_future(caller())
-        await asyncio.sleep(0.05)
+        await until_waiting(own)
         task.cancel()
         await asyncio.sleep(0.05)
         assert not task.done()
@@ -466,11 +474,11 @@ async def test_a_cancelled_commit_in_a_group_learns_its_own_fate_not_the_groups(
     gate = held_writer(own)
     try:
         first = asyncio.ensure_future(recorder.commit(Batch(events=(ev("first"),))))
-        await asyncio.sleep(0.05)  # the first group's write held: the next two gather
+        await until_waiting(own)  # the first group's write held: the next two gather
         good = asyncio.ensure_future(caller("good", Batch(events=(ev("good"),))))
         bad = asyncio.ensure_future(caller("bad", Batch(
             update=(Machine(id="m-nobody", macs=(MAC,)),), events=(ev("bad"),))))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # both in the next group (it waits for the lock)
         good.cancel()
         bad.cancel()
         await asyncio.sleep(0.05)
@@ -500,7 +508,7 @@ async def test_a_commit_cancelled_after_its_group_settled_it_still_learns_its_fa
     gate = held_writer(own)
     try:
         task = asyncio.ensure_future(caller())
-        await asyncio.sleep(0.05)
+        await until_waiting(own)
     finally:
         gate.set()
     time.sleep(0.2)  # the write ends on its thread; its answer waits in the loop's queue
