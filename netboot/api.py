@@ -109,6 +109,32 @@ def _float_query(request: web.Request, key: str) -> float | None:
     return value
 
 
+async def _awaited(work: asyncio.Future[Any]) -> asyncio.CancelledError | None:
+    """Wait for ``work`` to end though the waiter is cancelled; the cancel that came, if
+    one did. A second cancel (someone insisting: asyncio.run's end after the runner's)
+    cancels ``work`` too, so that a write that hangs cannot hold the process."""
+    cancel = None
+    while not work.done():
+        try:
+            await asyncio.wait((work,))
+        except asyncio.CancelledError as exc:
+            if cancel is not None:
+                work.cancel()
+            cancel = cancel or exc
+    return cancel
+
+
+def _outcome(work: asyncio.Future[web.StreamResponse]) -> str:
+    """An audit entry's outcome: the status the handler answered or raised, "aborted" if
+    it ended otherwise (cancelled, or an error no middleware translated)."""
+    if work.cancelled():
+        return "aborted"
+    exc = work.exception()
+    if exc is None:
+        return str(work.result().status)
+    return str(exc.status) if isinstance(exc, web.HTTPException) else "aborted"
+
+
 class Api:
     """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""
 
@@ -190,19 +216,25 @@ class Api:
                 or not route.canonical.startswith("/api/v1/")):
             passed: web.StreamResponse = await handler(request)
             return passed
-        outcome = "aborted"
-        try:
-            resp: web.StreamResponse = await handler(request)
-            outcome = str(resp.status)
-            return resp
-        except web.HTTPException as exc:
-            outcome = str(exc.status)
-            raise
-        finally:
-            target = (request.match_info.get("ref") or request.match_info.get("name")
-                      or request.get(TARGET_KEY, ""))
-            await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
-                              target, request.remote, outcome)
+        # Run to its end even if this request is cancelled (aiohttp cancels the handler of a
+        # client that left where handler_cancellation is on, the runner those still running
+        # at shutdown): a change's write goes on in the store's thread or group commit
+        # whatever its caller does, so a cancel that came while it was written would leave
+        # the change made and the log saying "aborted". The cancel is passed on after the
+        # entry, which says what was done.
+        work = asyncio.ensure_future(handler(request))
+        cancel = await _awaited(work)
+        outcome = _outcome(work)
+        if cancel is not None and not (outcome.isdigit() and int(outcome) < 400):
+            outcome = "aborted"  # nothing changed, and nobody was told: the client is gone
+        target = (request.match_info.get("ref") or request.match_info.get("name")
+                  or request.get(TARGET_KEY, ""))
+        await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
+                          target, request.remote, outcome)
+        if cancel is not None:
+            raise cancel
+        done: web.StreamResponse = work.result()  # or the handler's exception, raised
+        return done
 
     async def _audit(self, actor: str, method: str, route: str, target: str,
                      remote: str | None, outcome: str) -> None:
@@ -233,6 +265,10 @@ class Api:
         except Exception as exc:  # the one translation (netboot.servers.http.error_reply)
             reply = translate(exc)
         except BaseException:
+            # Cancelled before its change was made, or with its change refused: a cancel
+            # that comes while the commit is under way is told only once that commit is
+            # over, and a commit that was written returns (Recorder.commit): its entry,
+            # written with it, is the one this request gets, not this one beside it.
             await self._audit(asked[0], "POST", route, asked[1], remote, "aborted")
             raise
         if reply is not None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -68,6 +69,21 @@ class _Group:
     """Commits gathered while a transaction was under way, written in the next one."""
 
     batches: list[tuple[Batch, asyncio.Future[None]]] = field(default_factory=list)
+    # A cancelled caller's future (cancelled with it) -> the one that tells it its batch's
+    # fate all the same (Recorder._fate).
+    fates: dict[asyncio.Future[None], asyncio.Future[None]] = field(default_factory=dict)
+
+    def settle(self, done: asyncio.Future[None], exc: BaseException | None) -> None:
+        if done.cancelled():
+            # Its caller may not have asked yet (it runs after this, in the loop's order).
+            done = self.fate(done)
+        _settle(done, exc)
+
+    def fate(self, done: asyncio.Future[None]) -> asyncio.Future[None]:
+        fate = self.fates.get(done)
+        if fate is None:
+            fate = self.fates[done] = asyncio.get_running_loop().create_future()
+        return fate
 
 
 class Recorder:
@@ -278,9 +294,22 @@ class Recorder:
             task.add_done_callback(self._groups.discard)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         group.batches.append((batch, done))
-        # Not shielded: a caller cancelled cancels only its own future, which the group then
-        # leaves as it is (_settle); its batch is written with the others all the same.
-        await done
+        # Not shielded (a future less per commit): a caller cancelled cancels only its own
+        # future; its batch is written with the others all the same. So the cancel is told
+        # only once that write is over, as what it was: the batch refused, the cancel; the
+        # batch written, this returns as written (an audit entry in the batch is then its
+        # caller's "done", never "aborted" beside it; a token in it goes to the view) and
+        # the cancel comes at the caller's next wait. (A scope that ends with this commit,
+        # an asyncio.timeout around it alone, would see that cancel after its end.)
+        try:
+            await done
+        except asyncio.CancelledError as cancel:
+            if not await _fate(group, done):
+                raise
+            me = asyncio.current_task()
+            assert me is not None
+            me.uncancel()  # the same cancel, counted once (asyncio.timeout counts them)
+            me.cancel(*cancel.args)
         if version is not None:
             for event in batch.events:
                 self._remember(event, version)
@@ -307,7 +336,7 @@ class Recorder:
                         strict=True)
             except (NetbootError, _OneByOne) as exc:
                 if len(batches) == 1:
-                    _settle(batches[0][1], exc)
+                    group.settle(batches[0][1], exc)
                     return
                 # One of them was refused (a conflict, a stale state): each alone, in the
                 # order they came, so that only the refused one fails.
@@ -315,19 +344,19 @@ class Recorder:
                     try:
                         await self._write(batch, strict=True)
                     except NetbootError as one:
-                        _settle(done, one)
+                        group.settle(done, one)
                     except BaseException as one:
-                        _settle(done, one)
+                        group.settle(done, one)
                         raise
                     else:
-                        _settle(done, None)
+                        group.settle(done, None)
                 return
             except BaseException as exc:
                 for _, done in batches:
-                    _settle(done, exc)
+                    group.settle(done, exc)
                 raise
             for _, done in batches:
-                _settle(done, None)
+                group.settle(done, None)
 
     async def flush(self) -> None:
         """Write everything queued until now, in one transaction."""
@@ -530,6 +559,20 @@ def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machi
                  events=codec.joined(events, batch.events),
                  expect={**{old.id: old.state for old, _ in relearnt}, **batch.expect},
                  audit=batch.audit)
+
+
+async def _fate(group: _Group, done: asyncio.Future[None]) -> bool:
+    """Whether the batch of a commit whose caller was cancelled (``done``: its future) was
+    written, once its group has written it or refused it: waited for whatever cancels the
+    caller meanwhile (the group's write ends on its own)."""
+    if not done.cancelled():  # settled just before the cancel came
+        return done.exception() is None
+    fate = group.fate(done)
+    while not fate.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait((fate,))
+    del group.fates[done]
+    return not fate.cancelled() and fate.exception() is None
 
 
 def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -1,10 +1,12 @@
 """A real SQLite store whose next change-feed read, once armed, waits until its caller is
 cancelled: the order of events of a sync whose first caller gives up (a DHCP decision past
-its deadline) while other callers wait for that same sync (netboot.inventory.view)."""
+its deadline) while other callers wait for that same sync (netboot.inventory.view). And a
+real store's writer held: its next writes wait, for real, until the test lets them go."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 from netboot.inventory.base import Changes
@@ -23,3 +25,29 @@ class HeldFeedStore(SqliteStore):
             self.entered.set()
             await asyncio.Event().wait()  # until its caller is cancelled
         return await super().changes_since(seq)
+
+
+def held_writer(store: SqliteStore) -> threading.Event:
+    """Keep ``store``'s one writer thread busy until the returned gate is set: the writes
+    asked meanwhile (real ones, on the real file) wait behind it, as behind a slow commit.
+    The caller sets the gate (in a ``finally``: a test that fails must not hang the store's
+    close)."""
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        gate.wait(30)  # bounded: a test that forgets the gate ends anyway
+
+    executor = store._executor
+    assert executor is not None, "the store is not open"
+    executor.submit(hold)
+    holding.wait(5)  # taken by the thread: what is queued from now on waits behind it
+    return gate
+
+
+def writes_waiting(store: SqliteStore) -> int:
+    """How many writes wait behind the held writer (:func:`held_writer`): a test waits for its
+    request's write to be there before it cancels, not for a guessed time."""
+    executor = store._executor
+    assert executor is not None, "the store is not open"
+    return executor._work_queue.qsize()

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netboot.inventory.sqlite import SqliteStore
 from netboot.lifecycle import Trigger, advance
 from netboot.model import Scope
 from netboot.openapi import document
 from tests.conftest import Env, Reply, boot, call, install_token
+from tests.held_store import held_writer, writes_waiting
 
 MAC = "52:54:00:12:34:56"
 MAC2 = "52:54:00:12:34:57"
@@ -1345,3 +1348,186 @@ async def test_removing_a_profile_or_cluster_in_use_is_409_naming_its_users(
     assert r.status == 409, r.text
     assert "group 'all-x86'" in r.json()["error"] and MAC in r.json()["error"]
     await env.get(f"/api/v1/{kind}/{name}")  # still there
+
+
+# --- a change whose request is cancelled while it is written: said once, as it ended --------
+#
+# The inventory's writer is held (tests/held_store.py) while the request's change waits for
+# it; the request is then cancelled (aiohttp cancels the handler of a client that leaves; the
+# front door's task is cancelled when the server stops), and the writer let go. The change is
+# then on disk: the audit log must say so, once, with the outcome it got, and no "aborted".
+
+
+async def until(found: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if found():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within 5 s: {what}")
+
+
+def cancelling() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.cancelling() and not t.done()]
+
+
+def front_post_task() -> asyncio.Task[Any] | None:
+    for task in asyncio.all_tasks():
+        if getattr(task.get_coro(), "__qualname__", "") == "Api.front_post":
+            return task
+    return None
+
+
+async def send(env: Env, head: str, body: bytes) -> asyncio.StreamWriter:
+    """A real client on a real socket: the request, sent whole; its writer to close."""
+    _, writer = await asyncio.open_connection(env.client.host, env.client.port)
+    writer.write(f"{head}\r\nHost: 192.0.2.10\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    return writer
+
+
+def entries(log: list[dict[str, Any]], action: str) -> list[tuple[str, str, str]]:
+    return [(e["actor"], e["target"], e["outcome"]) for e in log if e["action"] == action]
+
+
+def store(env: Env) -> SqliteStore:
+    found = env.service.store
+    assert isinstance(found, SqliteStore)
+    return found
+
+
+async def test_a_report_cancelled_while_its_commit_is_held_is_audited_once(env: Env) -> None:
+    """The front door's report: its entry is written in its own commit; cancelled while that
+    commit waits for the writer, it is still written, and nothing says "aborted"."""
+    await env.seed()
+    created = await machine(env)
+    token = install_token(await boot(env, MAC))
+    gate = held_writer(store(env))
+    try:
+        writer = await send(env, f"POST /api/v1/machines/{MAC}/events HTTP/1.1\r\n"
+                            f"Authorization: Bearer {token}", b'{"kind": "installed"}')
+        await until(lambda: front_post_task() is not None, "the front door's report")
+        task = front_post_task()
+        assert task is not None
+        await until(lambda: writes_waiting(store(env)) > 0, "its commit at the writer")
+        task.cancel()  # as the server stopping does
+        await asyncio.sleep(0.05)
+    finally:
+        gate.set()
+    await until(task.done, "the cancelled report")
+    assert task.cancelled()
+    writer.close()
+    log = await env.get("/api/v1/audit")
+    assert entries(log, "POST /api/v1/machines/{ref}/events") == [
+        (f"machine:{created['id']}", MAC, "201")]
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "installed"
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    assert [e["kind"] for e in events].count("installed") == 1
+
+
+async def test_a_registration_cancelled_while_its_commit_is_held_is_audited_once(
+        env: Env) -> None:
+    await env.seed()
+    created = await machine(env)
+    token = install_token(await boot(env, MAC))
+    await env.post(f"/api/v1/machines/{MAC}/events", {"kind": "installed"}, status=201,
+                   headers={"Authorization": f"Bearer {token}"})
+    gate = held_writer(store(env))
+    try:
+        body = json.dumps({"mac": MAC, "token": token, "hostname": "n1"}).encode()
+        writer = await send(env, "POST /api/v1/register HTTP/1.1", body)
+        await until(lambda: front_post_task() is not None, "the front door's registration")
+        task = front_post_task()
+        assert task is not None
+        await until(lambda: writes_waiting(store(env)) > 0, "its commit at the writer")
+        task.cancel()
+        await asyncio.sleep(0.05)
+    finally:
+        gate.set()
+    await until(task.done, "the cancelled registration")
+    writer.close()
+    log = await env.get("/api/v1/audit")
+    assert entries(log, "POST /api/v1/register") == [
+        (f"machine:{created['id']}", created["id"], "200")]
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "registered"
+
+
+async def left(env: Env, head: str, body: bytes) -> None:
+    """Send a change while the writer is held, and leave before the answer: aiohttp cancels
+    the handler (the test server cancels a gone client's handler, as aiohttp's
+    handler_cancellation does); then the writer goes on."""
+    gate = held_writer(store(env))
+    try:
+        writer = await send(env, head, body)
+        await until(lambda: writes_waiting(store(env)) > 0, "the change at the writer")
+        writer.close()
+        await until(lambda: bool(cancelling()), "the handler cancelled")
+    finally:
+        gate.set()
+    await until(lambda: not cancelling(), "the cancelled handler finished")
+
+
+CHANGES = [
+    ("POST /api/v1/profiles", "POST /api/v1/profiles", {"name": "p1", "kernel": "vmlinuz"},
+     "p1", "201"),
+    ("PUT /api/v1/clusters/edge", "PUT /api/v1/clusters/{name}",
+     {"server_url": "https://192.0.2.51:6443", "token": "t2"}, "edge", "200"),
+    ("POST /api/v1/machines", "POST /api/v1/machines", {"mac": MAC2}, None, "201"),
+    ("POST /api/v1/machines:bulk", "POST /api/v1/machines:bulk",
+     {"machines": [{"mac": MAC2}]}, "", "201"),
+    ("DELETE /api/v1/machines/" + MAC, "DELETE /api/v1/machines/{ref}", None, MAC, "204"),
+    ("POST /api/v1/tokens", "POST /api/v1/tokens", {"name": "ci2", "scope": "read"},
+     "ci2", "201"),
+    ("DELETE /api/v1/tokens/ci", "DELETE /api/v1/tokens/{name}", None, "ci", "204"),
+]
+
+
+@pytest.mark.parametrize(("request_line", "action", "body", "target", "outcome"), CHANGES,
+                         ids=[c[0] for c in CHANGES])
+async def test_a_change_whose_client_left_while_it_was_written_is_audited_once(
+        env: Env, request_line: str, action: str, body: dict[str, Any] | None,
+        target: str | None, outcome: str) -> None:
+    await env.seed()
+    await machine(env)
+    await env.post("/api/v1/tokens", {"name": "ci", "scope": "read"}, status=201)
+    method, path = request_line.split(" ", 1)
+    before = entries(await env.get("/api/v1/audit"), action)
+    await left(env, f"{method} {path} HTTP/1.1\r\nAuthorization: Bearer {env.admin}",
+               b"" if body is None else json.dumps(body).encode())
+    after = entries(await env.get("/api/v1/audit"), action)[len(before):]
+    assert [(actor, outcome_) for actor, _, outcome_ in after] == [("admin", outcome)]
+    if target is not None:
+        assert after[0][1] == target
+    # ... and the change was made.
+    if path.startswith("/api/v1/machines"):
+        status = 404 if method == "DELETE" else 200
+        await env.get(f"/api/v1/machines/{MAC2 if method == 'POST' else MAC}", status=status)
+    elif path == "/api/v1/profiles":
+        await env.get("/api/v1/profiles/p1")
+    elif path.startswith("/api/v1/clusters"):
+        assert (await env.get("/api/v1/clusters/edge"))["server_url"].endswith(".51:6443")
+    else:
+        names = [t["name"] for t in await env.get("/api/v1/tokens")]
+        assert ("ci2" in names, "ci" in names) == ((True, True) if method == "POST"
+                                                   else (False, False))
+
+
+async def test_a_change_whose_client_left_before_it_was_made_is_aborted(env: Env) -> None:
+    """Gone before its body was whole: nothing was changed, and the log says "aborted"."""
+    gate = held_writer(store(env))
+    try:
+        _, writer = await asyncio.open_connection(env.client.host, env.client.port)
+        writer.write(f"POST /api/v1/profiles HTTP/1.1\r\nHost: 192.0.2.10\r\n"
+                     f"Authorization: Bearer {env.admin}\r\nContent-Type: application/json"
+                     "\r\nContent-Length: 100\r\n\r\n{\"name\": ".encode())
+        await writer.drain()
+        await asyncio.sleep(0.3)  # its head read, its body awaited
+        writer.close()
+        await until(lambda: bool(cancelling()), "the handler cancelled")
+    finally:
+        gate.set()
+    await until(lambda: not cancelling(), "the cancelled handler finished")
+    log = await env.get("/api/v1/audit")
+    # Its token is read after its body: nobody known asked.
+    assert entries(log, "POST /api/v1/profiles") == [("-", "", "aborted")]
+    assert await env.get("/api/v1/profiles") == []

@@ -6,13 +6,16 @@ boot request → install script (token) → config with the token → progress e
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shlex
 from typing import Any
 
 import yaml
 
+from netboot.inventory.sqlite import SqliteStore
 from tests.conftest import BASE, Env, EnvFactory, boot, call, install_token
+from tests.held_store import held_writer, writes_waiting
 
 MAC = "52:54:00:12:34:56"
 HEXHYP = "52-54-00-12-34-56"
@@ -677,3 +680,47 @@ async def test_an_auto_rule_not_trusted_with_firmware_strings_holds_what_it_matc
                    json_body={"cluster": "edge", "role": "agent", "profile": "k3os"})
     assert r.status == 200, r.text
     assert "kernel " in await boot(env, HEXHYP, product="X")
+
+
+async def test_a_first_install_cancelled_while_its_token_is_written_keeps_that_token(
+        env: Env) -> None:
+    """A first ``/ipxe`` whose task is cancelled (the server stopping) while the commit of
+    its new install token waits for the writer: the token is written all the same, and the
+    retry is told that token again (install again), not a second first install."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    store = env.service.store
+    assert isinstance(store, SqliteStore)
+    before = asyncio.all_tasks()
+    gate = held_writer(store)
+    try:
+        _, writer = await asyncio.open_connection(env.client.host, env.client.port)
+        writer.write(f"GET /ipxe?mac={MAC}&arch=x86_64 HTTP/1.1\r\nHost: 192.0.2.10\r\n"
+                     "\r\n".encode())
+        await writer.drain()
+        decision = None
+        for _ in range(500):
+            new = [t for t in asyncio.all_tasks() - before
+                   if "ipxe" in getattr(t.get_coro(), "__qualname__", "")]
+            if new:
+                decision = new[0]
+                break
+            await asyncio.sleep(0.01)
+        assert decision is not None, "the front door's /ipxe decision"
+        for _ in range(500):  # its token's commit handed to the held writer
+            if writes_waiting(store):
+                break
+            await asyncio.sleep(0.01)
+        decision.cancel()
+        await asyncio.sleep(0.05)
+    finally:
+        gate.set()
+    await asyncio.wait({decision}, timeout=5)
+    assert decision.cancelled()
+    writer.close()
+    assert await state(env) == "booting"  # its install plan (and token) was written
+    token = install_token(await boot(env, MAC))
+    assert install_token(await boot(env, MAC)) == token
+    plans = [e["message"] for e in await env.get(f"/api/v1/machines/{MAC}/events")
+             if e["kind"] == "install-plan"]
+    assert len(plans) == 2 and "again" in plans[1] and "again" not in plans[0], plans

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import textwrap
+import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Event, MacAddress, Machine, MachineState
 from netboot.recorder import Recorder
+from tests.held_store import held_writer, writes_waiting
 from tests.killed import killed_after
 
 
@@ -385,3 +387,160 @@ async def test_a_slow_write_does_not_queue_a_flush_per_delay_behind_it(
         assert len(recorder._lock._waiters or ()) == 1
     await recorder.close()
     assert await kinds(other) == [f"e{k}" for k in range(20)]
+
+
+# --- a caller cancelled while its batch is written learns what became of it ----------------
+
+
+async def until_waiting(store: SqliteStore) -> None:
+    for _ in range(500):
+        if writes_waiting(store):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no write waits behind the held writer within 5 s")
+
+
+async def test_a_commit_cancelled_while_written_returns_and_its_cancel_comes_after(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """The group writes a cancelled caller's batch all the same: the caller is not told
+    "cancelled" (nothing done, as far as it knows) before that write ends, and a batch that
+    was written returns as written (its caller's audit entry, the view's copy of a token it
+    carried), the cancel delivered at the caller's next wait."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    said: list[str] = []
+
+    async def caller() -> None:
+        await recorder.commit(Batch(events=(ev("told"),)), version="v1")
+        said.append("written")
+        await asyncio.sleep(0)
+        said.append("went on after its cancel")
+
+    gate = held_writer(own)
+    try:
+        task = asyncio.ensure_future(caller())
+        await until_waiting(own)  # its batch in the group, the group's write held
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # waiting for its batch's fate, not told "cancelled"
+    finally:
+        gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    assert said == ["written"]
+    assert await kinds(other) == ["told"]
+    assert recorder.last("m1") == ("told", "told")
+    assert recorder.repeats("m1", "told", "told", "v1")  # remembered with its version
+
+
+async def test_a_commit_cancelled_while_refused_is_cancelled_with_nothing_written(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    said: list[str] = []
+
+    async def caller() -> None:
+        await recorder.commit(Batch(update=(Machine(id="m-nobody", macs=(MAC,)),),
+                                    events=(ev("told"),)))
+        said.append("written")
+
+    gate = held_writer(own)
+    try:
+        task = asyncio.ensure_future(caller())
+        await until_waiting(own)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()
+    finally:
+        gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    assert said == []
+    assert await kinds(other) == []
+
+
+async def test_a_cancelled_commit_in_a_group_learns_its_own_fate_not_the_groups(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """Two commits gathered in one group, one refused: written one at a time, the refused
+    one's cancelled caller is cancelled, the written one's returns."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    said: list[str] = []
+
+    async def caller(name: str, batch: Batch) -> None:
+        await recorder.commit(batch)
+        said.append(name)
+
+    gate = held_writer(own)
+    try:
+        first = asyncio.ensure_future(recorder.commit(Batch(events=(ev("first"),))))
+        await until_waiting(own)  # the first group's write held: the next two gather
+        good = asyncio.ensure_future(caller("good", Batch(events=(ev("good"),))))
+        bad = asyncio.ensure_future(caller("bad", Batch(
+            update=(Machine(id="m-nobody", macs=(MAC,)),), events=(ev("bad"),))))
+        await asyncio.sleep(0.05)  # both in the next group (it waits for the lock)
+        good.cancel()
+        bad.cancel()
+        await asyncio.sleep(0.05)
+        assert not good.done() and not bad.done()
+    finally:
+        gate.set()
+    await asyncio.wait_for(first, 30)
+    for task in (good, bad):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+    assert said == ["good"]
+    assert await kinds(other) == ["first", "good"]
+
+
+async def test_a_commit_cancelled_after_its_group_settled_it_still_learns_its_fate(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """The cancel lands after the write ended but before its caller ran again: the group,
+    next in the loop's queue, settles the batch before the caller can ask for its fate."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    said: list[str] = []
+
+    async def caller() -> None:
+        await recorder.commit(Batch(events=(ev("told"),)))
+        said.append("written")
+
+    gate = held_writer(own)
+    try:
+        task = asyncio.ensure_future(caller())
+        await until_waiting(own)
+    finally:
+        gate.set()
+    time.sleep(0.2)  # the write ends on its thread; its answer waits in the loop's queue
+    await asyncio.sleep(0)  # taken: the group is next in the queue, then the cancel
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert said == ["written"]
+    assert await kinds(other) == ["told"]
+
+
+async def test_a_timeout_around_a_written_commit_is_still_a_timeout(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """The cancel a written commit delivers late is the one asked for, counted once: a
+    deadline that passed while the write was held is a TimeoutError at the next wait in
+    its scope, as asyncio.timeout promises, and the task is not cancelled again after it."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    gate = held_writer(own)
+    release = asyncio.get_running_loop().call_later(0.2, gate.set)
+    said: list[str] = []
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await recorder.commit(Batch(events=(ev("told"),)))
+                said.append("written")
+                await asyncio.sleep(5)
+    finally:
+        release.cancel()
+        gate.set()
+    await asyncio.sleep(0)  # no cancel left over for this task
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0
+    assert said == ["written"]
+    assert await kinds(other) == ["told"]
