@@ -315,6 +315,17 @@ class Recorder:
                 self._remember(event, version)
 
     async def _commit_group(self, group: _Group) -> None:
+        try:
+            await self._write_group(group)
+        except BaseException as exc:
+            # Cancelled before its write began (asyncio.run's end cancels a group waiting
+            # for the lock): its batches were not written, and a caller cancelled meanwhile
+            # waits for that fate (_fate); _settle leaves those already told alone.
+            for _, done in group.batches:
+                group.settle(done, exc)
+            raise
+
+    async def _write_group(self, group: _Group) -> None:
         async with self._lock:
             if self._gathering is group:
                 self._gathering = None  # from here on, commits gather for the next one

@@ -544,3 +544,32 @@ async def test_a_timeout_around_a_written_commit_is_still_a_timeout(
     assert current is not None and current.cancelling() == 0
     assert said == ["written"]
     assert await kinds(other) == ["told"]
+
+
+async def test_a_cancelled_commit_ends_when_its_group_is_cancelled_before_it_writes(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """asyncio.run's end cancels every task left, the group waiting for the lock among
+    them: a caller cancelled while its group waited must then be told (its batch was not
+    written), not wait for a fate nobody will settle (a shutdown that hangs)."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    gate = held_writer(own)
+    try:
+        first = asyncio.ensure_future(recorder.commit(Batch(events=(ev("first"),))))
+        await until_waiting(own)  # the first group's write held: the next one waits
+        waiting = asyncio.ensure_future(recorder.commit(Batch(events=(ev("second"),))))
+        await asyncio.sleep(0.05)  # its group is waiting for the lock
+        groups = [t for t in recorder._groups if not t.done()]
+        assert len(groups) == 2
+        waiting.cancel()
+        await asyncio.sleep(0.05)
+        for task in groups:
+            task.cancel()
+        done, _ = await asyncio.wait((waiting,), timeout=5)
+        assert waiting in done, "the cancelled caller still waits for its batch's fate"
+        assert waiting.cancelled()
+    finally:
+        gate.set()
+    await asyncio.wait((first,), timeout=30)
+    await recorder.close()
+    assert "second" not in await kinds(other)
