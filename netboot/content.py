@@ -50,8 +50,8 @@ PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", 
 _TRUST_NAMES = frozenset({"https_base_url", "ca_pem", "ca_fingerprint"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
 SCRIPTS_KEPT = 8192
-# Install scripts of installs under way kept (Content._install_script): what each was made
-# of from its first ask, its text from its second (~1.3 KiB).
+# Install scripts of installs under way kept (Content._install_script): the plan of each
+# from its first ask, its text from its second (~1.3 KiB).
 INSTALLS_KEPT = 4096
 # Rendered configs kept for installers that ask again (Content._config; ~3.5 KiB each).
 CONFIGS_KEPT = 1024
@@ -125,10 +125,10 @@ class Content:
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
         self._scripts: OrderedDict[MacAddress, tuple[object, str]] = OrderedDict()  # render_ipxe
-        # NIC -> (what its install script was made of, its text once asked again): see
-        # _install_script.
-        self._installs: OrderedDict[MacAddress, tuple[tuple[object, ...], str | None]] = (
-            OrderedDict())
+        # NIC -> (the plan of its install script, what else the script was made of and its
+        # text, once asked again): see _install_script.
+        self._installs: OrderedDict[MacAddress, tuple[BootPlan, tuple[object, ...] | None,
+                                                      str | None]] = OrderedDict()
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
         # (NIC, template name) -> (template, what else it was made of, text): see _config
         self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
@@ -324,22 +324,25 @@ class Content:
         the CA, the template file as it is now and the command line's text (the profile's,
         or the default cmdline/ file as it is now). Only where the template and its command
         line read nothing but their context: not where either takes in another template.
-        The text is kept from the second ask on (a first install, asked once, keeps only
-        what it was made of): a storm's first installs do not fill memory with scripts.
-        Its render was ~a fifth of the loop's CPU per install asked again (session 25)."""
+        A first ask keeps its plan alone; the text is kept from the second ask of an equal
+        plan on: a storm's first installs, asked once, keep no text and look at nothing
+        more (what the rest is made of cost ~4 % of a first install's loop instructions).
+        Its render was ~a fifth of the loop's work per install asked again (session 25)."""
+        kept = self._installs.get(plan.mac)
+        if kept is None or kept[0] != plan:
+            text = self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
+            _keep(self._installs, plan.mac, (plan, None, None), INSTALLS_KEPT)
+            return text
         made_of = self._install_made_of(name, plan)
-        kept = self._installs.get(plan.mac) if made_of is not None else None
-        if kept is not None and kept[0] == made_of and kept[1] is not None:
-            return kept[1]
+        if made_of is not None and kept[1] == made_of and kept[2] is not None:
+            return kept[2]
         text = self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
         if made_of is not None:
-            asked_again = kept is not None and kept[0] == made_of
-            _keep(self._installs, plan.mac, (made_of, text if asked_again else None),
-                  INSTALLS_KEPT)
+            _keep(self._installs, plan.mac, (plan, made_of, text), INSTALLS_KEPT)
         return text
 
     def _install_made_of(self, name: str, plan: BootPlan) -> tuple[object, ...] | None:
-        """What an install script of ``plan`` is made of besides its context's values (see
+        """What an install script of ``plan`` is made of besides the plan (see
         :meth:`_install_script`); None where it cannot be told, and then it is not kept."""
         template, names = self._render.reads(name)
         if names is None:
@@ -353,7 +356,7 @@ class Content:
                 return None  # the render says why
             if self._render.string_reads(source) is None:
                 return None  # it takes in another template
-        return (plan, self._base_url(), self._trust(), template, source)
+        return (self._base_url(), self._trust(), template, source)
 
     # -- pxelinux / U-Boot / TFTP -------------------------------------------------------
     async def pxelinux(self, request: BootRequest) -> str:
