@@ -1525,6 +1525,13 @@ class BootService:
         if not task.cancelled() and task.exception() is not None:
             self._log.error("background inventory write failed: %s", task.exception())
 
+    def repeated(self, plan: BootPlan) -> bool:
+        """Whether ``plan`` is the decision kept for its NIC (:meth:`_recorded_plan`), which
+        answers its repeats while nothing it was taken from changed: what is made of it
+        alone may be kept with it (Content's install script)."""
+        kept = self._repeats.get(plan.mac)
+        return kept is not None and kept.plan is plan
+
     async def drain(self) -> None:
         """Finish background records and write every queued event (shutdown; readers of
         the history call it first so that they see everything recorded)."""

@@ -50,8 +50,7 @@ PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", 
 _TRUST_NAMES = frozenset({"https_base_url", "ca_pem", "ca_fingerprint"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
 SCRIPTS_KEPT = 8192
-# Install scripts of installs under way kept (Content._install_script): the plan of each
-# from its first ask, its text from its second (~1.3 KiB).
+# Install scripts of installs under way asked again, kept (Content._install_script; ~1.3 KiB).
 INSTALLS_KEPT = 4096
 # Rendered configs kept for installers that ask again (Content._config; ~3.5 KiB each).
 CONFIGS_KEPT = 1024
@@ -125,10 +124,10 @@ class Content:
         self._clock = clock
         self._log = logger or logging.getLogger(__name__)
         self._scripts: OrderedDict[MacAddress, tuple[object, str]] = OrderedDict()  # render_ipxe
-        # NIC -> (the plan of its install script, what else the script was made of and its
-        # text, once asked again): see _install_script.
-        self._installs: OrderedDict[MacAddress, tuple[BootPlan, tuple[object, ...] | None,
-                                                      str | None]] = OrderedDict()
+        # NIC -> (the kept decision of its install under way, what else its script was made
+        # of, its text): see _install_script.
+        self._installs: OrderedDict[MacAddress, tuple[BootPlan, tuple[object, ...], str]] = (
+            OrderedDict())
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
         # (NIC, template name) -> (template, what else it was made of, text): see _config
         self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
@@ -318,23 +317,21 @@ class Content:
     def _install_script(self, name: str, plan: BootPlan) -> str:
         """An install script (template ``name``), which carries the install token and the
         kernel command line. An install under way asked again (its installer's retry, a
-        storm's second minute: the same token, nothing written) gets the text rendered
-        before: kept per NIC while everything it is made of is equal — the plan (with it
-        the machine, profile, cluster, join and token as the view holds them), the base URL,
-        the CA, the template file as it is now and the command line's text (the profile's,
-        or the default cmdline/ file as it is now). Only where the template and its command
-        line read nothing but their context: not where either takes in another template.
-        A first ask keeps its plan alone; the text is kept from the second ask of an equal
-        plan on: a storm's first installs, asked once, keep no text and look at nothing
-        more (what the rest is made of cost ~4 % of a first install's loop instructions).
-        Its render was ~a fifth of the loop's work per install asked again (session 25)."""
-        kept = self._installs.get(plan.mac)
-        if kept is None or kept[0] != plan:
-            text = self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
-            _keep(self._installs, plan.mac, (plan, None, None), INSTALLS_KEPT)
-            return text
+        storm's second minute: the same token, nothing written), once its decision is the
+        one kept for its NIC (BootService.repeated: the same plan object while the machine,
+        profile, cluster, join, token and settings are), gets the text rendered for that
+        plan before while the rest it is made of is equal: the base URL, the CA, the
+        template file as it is now and the command line's text (the profile's, or the
+        default cmdline/ file as it is now). Only where the template and its command line
+        read nothing but their context: not where either takes in another template. A first
+        install's plan is never a kept one: it keeps nothing and looks at nothing more
+        (looking cost ~4 % of a first install's loop instructions). Its render was ~a fifth
+        of the loop's work per install asked again (session 25)."""
+        if not self._boot.repeated(plan):
+            return self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
         made_of = self._install_made_of(name, plan)
-        if made_of is not None and kept[1] == made_of and kept[2] is not None:
+        kept = self._installs.get(plan.mac)
+        if made_of is not None and kept is not None and kept[0] is plan and kept[1] == made_of:
             return kept[2]
         text = self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
         if made_of is not None:
