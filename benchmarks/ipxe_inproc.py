@@ -2,7 +2,7 @@
 request beside a baseline's, under the same load.
 
     python benchmarks/ipxe_inproc.py --compare /work/main [--requests 10000] [--rounds 3]
-                                     [--managed | --config]
+                                     [--managed | --config | --again 1000]
 
 Each tree's child builds the service as ``netboot serve`` does (``service.build``, the view
 loaded, the heap frozen, uvloop, the batched log handler writing to a file) on its own copy
@@ -64,6 +64,7 @@ import asyncio, json, logging, os, random, sys, time
 run, count, seed, conc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 first = int(sys.argv[6])
 config = sys.argv[7] == "1"
+top = int(sys.argv[9]) or int(sys.argv[5])  # --again: the first machines only
 from netboot.logs import BatchedStreamHandler, TextFormatter
 
 handler = BatchedStreamHandler(open(os.path.join(run, "netboot.log"), "w"))
@@ -117,8 +118,10 @@ async def main():
     FrozenHeap().start()
     devices = DeviceRoutes(service.content)
     draw = random.Random(seed)
-    machines = iter([draw.randrange(first, int(sys.argv[5]))
-                     for _ in range(count + 2 * conc * 40)])
+    # --again: every machine asked once first (its install started: unmeasured), then
+    # asked again at random, as http_paths.py's ipxe-1k row.
+    machines = iter([*(range(first, top) if top < int(sys.argv[5]) else ()),
+                     *(draw.randrange(first, top) for _ in range(count + 2 * conc * 40))])
 
     async def worker(n):
         for _ in range(n):
@@ -132,6 +135,9 @@ async def main():
                 else:
                     await devices._ipxe(f"mac={mac}", "127.0.0.1")
 
+    if top < int(sys.argv[5]):
+        await asyncio.gather(*(worker((top - first) // conc) for _ in range(conc)),
+                             worker((top - first) % conc))
     await asyncio.gather(*(worker(40) for _ in range(conc)))  # warm-up
     del sizes[:], spans[:]
     counting = os.environ.get("NB_CALLGRIND") == "1"
@@ -176,7 +182,7 @@ CONFIG = """{{"server": {{"advertise": "127.0.0.1", "data_dir": "{data}", "log_l
 
 def start(python: str, tree: Path, run: Path, seed: Path, assets: Path, requests: int,
           draw: int, enrolled: int, first: int, config: bool, instructions: bool,
-          ) -> subprocess.Popen[str]:
+          again: int = 0) -> subprocess.Popen[str]:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     shutil.copytree(seed, run / "data")
@@ -188,7 +194,8 @@ def start(python: str, tree: Path, run: Path, seed: Path, assets: Path, requests
                if instructions else [])
     return subprocess.Popen([*counted, python, "-c", CHILD, str(run), str(requests), str(draw),
                              str(CONCURRENCY), str(enrolled), str(first),
-                             "1" if config else "0", TOKEN_TAIL], cwd=run, text=True,
+                             "1" if config else "0", TOKEN_TAIL, str(again)], cwd=run,
+                            text=True,
                             stdout=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(tree),
                                  "NB_CALLGRIND": "1" if instructions else "0"})
@@ -228,9 +235,14 @@ def main() -> None:
                              "other threads' per request, within ~0.01 %% from round to round "
                              "under any load (a measure the machine's load does not move; it "
                              "weighs no cache miss or system call's kernel side)")
+    parser.add_argument("--again", type=int, default=0, metavar="N",
+                        help="installs under way asked again, as http_paths.py's ipxe-1k row "
+                             "(implies --managed): each of the first N machines asked once "
+                             "(unmeasured: its install starts), then a random one of them "
+                             "per request, whose answer is decided from the view (no commit)")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
-    args.managed = args.managed or args.config
+    args.managed = args.managed or args.config or bool(args.again)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     trees = {"netboot": REPO, "compare": args.compare.resolve()}
     unit = "instructions/req" if args.instructions else "µs/req"
@@ -256,7 +268,7 @@ def main() -> None:
         for r in range(1, args.rounds + 1):
             children = {name: start(args.python, tree, tmp / f"run-{name}", seed, work.assets,
                                     args.requests, r, args.enrolled, first, args.config,
-                                    args.instructions)
+                                    args.instructions, args.again)
                         for name, tree in trees.items()}
             line = f"round {r}:"
             for name, child in children.items():

@@ -109,6 +109,12 @@ WAITING_PER_NIC = 4
 RECORD_SLICE = 0.001
 
 
+def _asked_again(profile: str) -> str:
+    """The note of an install under way asked for its script again (BootService)."""
+    return (f"install script again for the install under way (profile {profile}, the same "
+            "install token)")
+
+
 @dataclass(frozen=True, eq=False, slots=True)
 class _Repeat:
     """A decision that wrote nothing, and what it was taken from."""
@@ -117,8 +123,11 @@ class _Repeat:
     machine: Machine  # the view's object: replaced when the machine's value changes
     shared: int  # InventoryView.shared when taken
     settings: BootSettings
-    kind: str  # the event it notes (with the plan's reason): a repeat writes nothing only
-    plan: BootPlan  # while that note is still the machine's newest
+    kind: str  # the event it notes, and its message: a repeat writes nothing only while
+    message: str  # that note is still the machine's newest
+    plan: BootPlan
+    # An install under way: its token's expiry, after which the same request is held.
+    expires: float | None = None
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -869,20 +878,31 @@ class BootService:
         if (kept is not None and machine is not None and kept.machine is machine
                 and not res.absorb and not res.disagree and kept.request == request
                 and kept.shared == self._view.shared and kept.settings is self.settings
-                and self._recorder.repeats(machine.id, kept.kind, kept.plan.reason, machine)):
+                and self._recorder.repeats(machine.id, kept.kind, kept.message, machine)
+                and (kept.expires is None or self._clock() <= kept.expires)):
             return kept.plan
         activity, shared = self._recorder.activity, self._view.shared
         plan = await self._plan(request, record=True, res=res, seen=seen)
-        kind = _NOTED.get(plan.action)
-        if (kind is not None and machine is not None and plan.machine is machine
+        if (machine is not None and plan.machine is machine
                 and self._view.loaded and not res.absorb and not res.disagree
                 and activity == self._recorder.activity and shared == self._view.shared
-                # An install under way is held by its token's expiry: the clock decides.
-                and machine.state != MachineState.DISCOVERED
-                and not lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)
-                and self._recorder.repeats(machine.id, kind, plan.reason, machine)):
-            _keep(self._repeats, request.mac,
-                  _Repeat(request, machine, shared, self.settings, kind, plan), REPEATS_KEPT)
+                and machine.state != MachineState.DISCOVERED):
+            under_way = lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)
+            kind: str | None
+            if plan.action == BootAction.INSTALL and under_way and plan.token is not None \
+                    and plan.profile is not None:
+                # An install under way asked again from the address its token was served
+                # to (the request's, compared whole): the same plan until the token
+                # expires, when the clock decides (a hold). Its note is _install_plan's.
+                kind, message = "install-plan", _asked_again(plan.profile.name)
+                expires = machine.token_expires
+            else:
+                kind = None if under_way else _NOTED.get(plan.action)
+                message, expires = plan.reason, None
+            if kind is not None and self._recorder.repeats(machine.id, kind, message, machine):
+                _keep(self._repeats, request.mac,
+                      _Repeat(request, machine, shared, self.settings, kind, message, plan,
+                              expires), REPEATS_KEPT)
         return plan
 
     async def _plan(self, request: BootRequest, *, record: bool,
@@ -1076,9 +1096,8 @@ class BootService:
             if again is not machine:  # a fact that did not change writes nothing
                 machine = again
                 await self._commit_update(machine, read)
-            await self._event(machine, "install-plan",
-                              f"install script again for the install under way (profile "
-                              f"{profile.name}, the same install token)", request, once=True)
+            await self._event(machine, "install-plan", _asked_again(profile.name), request,
+                              once=True)
         elif record:
             token = self._new_token()
             now = self._clock()
@@ -1505,6 +1524,13 @@ class BootService:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self._log.error("background inventory write failed: %s", task.exception())
+
+    def repeated(self, plan: BootPlan) -> bool:
+        """Whether ``plan`` is the decision kept for its NIC (:meth:`_recorded_plan`), which
+        answers its repeats while nothing it was taken from changed: what is made of it
+        alone may be kept with it (Content's install script)."""
+        kept = self._repeats.get(plan.mac)
+        return kept is not None and kept.plan is plan
 
     async def drain(self) -> None:
         """Finish background records and write every queued event (shutdown; readers of

@@ -850,6 +850,70 @@ async def test_a_kept_decision_follows_every_change_at_once(tmp_path: Path) -> N
         await store.close()
 
 
+async def test_an_install_asked_again_is_kept_until_its_token_expires(tmp_path: Path) -> None:
+    """An install under way asked again from the address its token was served to gets the
+    decision kept from the ask before (the same plan object: nothing read or written) until
+    its token expires, when the clock alone holds it; another address, or a change to the
+    machine (by another process), is decided again."""
+    from netboot.inventory.sqlite import SqliteStore
+
+    path = tmp_path / "n.db"
+    store = SqliteStore(path)
+    await store.open()
+    cli = SqliteStore(path)  # another process's store: its commits reach only the feed
+    await cli.open()
+    try:
+        clock = Clock()
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        await store.put_cluster(Cluster(name="edge", server_url="https://192.0.2.50:6443",
+                                        token="t"))
+        m = await enrolled(store, role=Role.AGENT)  # type: ignore[arg-type]
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await boot.load_view()
+        ask = BootRequest(mac=MAC, firmware=Firmware.IPXE, arch=Arch.X86_64, via="http",
+                          remote_addr="192.0.2.7")
+
+        async def kept() -> BootPlan:
+            """The decision once repeats are answered from memory: the same object."""
+            for _ in range(2):
+                plan = await boot.plan(ask)
+                await boot.drain()  # its note, stored in the background
+            assert await boot.plan(ask) is plan
+            assert plan.action == BootAction.INSTALL and plan.token == "tok"
+            return plan
+
+        first = await boot.plan(ask)  # the install begins: its token committed
+        assert first.action == BootAction.INSTALL and first.token == "tok"
+        again = await kept()
+        other = await boot.plan(replace(ask, remote_addr="192.0.2.66"))
+        assert other.action == BootAction.HOLD and "another address" in other.reason
+        # Its note ("token withheld") is the machine's newest now: the install's is noted
+        # again, as without a kept decision, then kept.
+        assert await boot.plan(ask) is not again
+        again = await kept()
+        assert again.machine is not None and again.machine.token_expires is not None
+        clock.now = again.machine.token_expires  # the last moment it is valid
+        assert await boot.plan(ask) is again
+        clock.now += 1
+        expired = await boot.plan(ask)
+        assert expired.action == BootAction.HOLD and "expired" in expired.reason
+        # A change to the machine by another process: decided again, and kept again.
+        clock.now = again.machine.token_expires - 60
+        stored = await cli.get_machine(m.id)
+        assert stored is not None
+        await cli.update_machine(replace(stored, hostname="renamed"))
+        renamed = await boot.plan(ask)
+        assert renamed.machine is not None and renamed.machine.hostname == "renamed"
+        assert (await kept()).machine is renamed.machine
+        await boot.drain()
+        kinds = [e.kind for e in await store.list_events(m.id)]
+        assert kinds.count("token expired") == 1 and kinds.count("token withheld") == 1
+    finally:
+        await cli.close()
+        await store.close()
+
+
 async def test_a_machines_lock_orders_its_holders_and_is_forgotten_when_free() -> None:
     # BootService._lock: holders of one key one at a time, in order; other keys meanwhile;
     # a waiter cancelled leaves it as it was; nothing kept once no one holds or waits.

@@ -224,8 +224,8 @@ async def test_grub_hold_rereads_its_file_and_unknown_exits(env: Env) -> None:
 async def test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged(
         env: Env) -> None:
     """render_ipxe keeps a script per NIC; any change to the plan (here the profile, as a
-    profile edit gives it), the base URL or the template renders again; a script with an
-    install token is never kept."""
+    profile edit gives it), the base URL or the template renders again; an install script
+    (with its token) is kept only for the decision kept for its NIC (the next test)."""
     from netboot.model import BootAction, BootPlan, MacAddress, Profile
 
     content = env.service.content
@@ -255,7 +255,7 @@ async def test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged(
     assert len(rendered) == 4
     install = BootPlan(BootAction.INSTALL, mac, "install", profile=profile, token="tok")
     content.render_ipxe(install)
-    content.render_ipxe(install)
+    content.render_ipxe(install)  # not the decision kept for its NIC (BootService.repeated)
     assert len(rendered) == 6
 
 
@@ -424,6 +424,65 @@ async def test_default_cmdline_file_is_read_again_when_it_changes(
     assert content.context(plan)["cmdline"] == first + " netboot.edited=1"
     own.unlink()  # the shipped file again
     assert content.context(plan)["cmdline"] == first
+
+
+async def test_an_install_asked_again_gets_its_script_as_everything_it_is_made_of_is_now(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """An install under way asked again gets the script kept from its last ask only while
+    nothing it is made of changed: an edit of its profile, of its machine, of the base URL,
+    of the default command line file or of the install template is in the next answer."""
+    from tests.conftest import call, install_token
+
+    env, own, shipped = await own_template(make_env, tmp_path, "cmdline/k3os.txt")
+    own_install = tmp_path / "own-templates" / "ipxe" / "install.ipxe"
+    own_install.parent.mkdir()
+    own_install.write_text((Path(__file__).parent.parent / "templates" / "ipxe"
+                            / "install.ipxe").read_text())
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:79"}, status=201)
+    from netboot.model import MacAddress
+
+    mac = MacAddress.parse("52:54:00:00:00:79")
+
+    async def kept() -> str:
+        """The script once its install's decision is the one kept for the NIC (its note
+        stored), asked again: the text kept with it."""
+        for _ in range(2):
+            text = await boot(env, str(mac))
+            await env.service.boot.drain()
+        assert await boot(env, str(mac)) == text
+        assert env.service.content._installs[mac][2] == text
+        return text
+
+    await env.service.boot.load_view()  # as serve does: decisions kept from a loaded view
+    token = install_token(await boot(env, str(mac)))  # the install begins
+    again = await kept()
+    assert install_token(again) == token
+
+    r = await call(env, "PUT", "/api/v1/profiles/k3os", json_body={"kernel": "vmlinuz-2"})
+    assert r.status == 200, r.text
+    assert "/assets/vmlinuz-2" in await boot(env, str(mac))
+    edited = await kept()
+    assert "/assets/vmlinuz-2" in edited and install_token(edited) == token
+
+    r = await call(env, "PATCH", "/api/v1/machines/52-54-00-00-00-79",
+                   json_body={"hostname": "renamed-node"})
+    assert r.status == 200, r.text
+    assert "renamed-node" in await boot(env, str(mac))  # in the script
+    assert "renamed-node" in await kept()
+
+    # The rest leaves the decision as it is: what else the script is made of.
+    env.service.base_url = "http://192.0.2.98:8080"
+    assert "http://192.0.2.98:8080/assets/vmlinuz-2" in await boot(env, str(mac))
+    await kept()
+    own.write_text(shipped.rstrip("\n") + " netboot.edited=1\n")
+    os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
+    assert "netboot.edited=1" in await boot(env, str(mac))
+    await kept()
+    own_install.write_text(own_install.read_text() + "# edited by the operator\n")
+    os.utime(own_install, (1, 1))
+    assert (await boot(env, str(mac))).endswith("# edited by the operator\n")
+    assert len(env.service.content._installs) == 1
 
 
 async def test_the_servers_renderer_splits_scripts_around_per_machine_values(env: Env) -> None:
