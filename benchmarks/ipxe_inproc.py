@@ -225,9 +225,12 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions instead of timing (valgrind's callgrind, "
                              "~50x slower: use --requests 1000): the loop thread's and the "
-                             "other threads' per request, within ~0.01 % from round to round "
+                             "other threads' per request, within ~0.01 %% from round to round "
                              "under any load (a measure the machine's load does not move; it "
                              "weighs no cache miss or system call's kernel side)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="with --instructions: callgrind's files copied into "
+                             "DIR/<child>-<round>/ (callgrind_annotate: where they go)")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     args.managed = args.managed or args.config
@@ -267,6 +270,11 @@ def main() -> None:
                 if args.instructions:
                     done = args.requests // CONCURRENCY * CONCURRENCY
                     loop_i, others_i = instructions_of(tmp / f"run-{name}", done)
+                    if args.keep is not None:
+                        kept = args.keep / f"{name}-{r}"
+                        kept.mkdir(parents=True, exist_ok=True)
+                        for path in (tmp / f"run-{name}").glob("cg.out-*"):
+                            shutil.copy(path, kept)
                     print(f"round {r}: {name} loop {loop_i:,.0f} instructions/req, other "
                           f"threads {others_i:,.0f}", flush=True)
                     got["loop_us"], got["others_us"] = loop_i, [others_i]
