@@ -240,6 +240,10 @@ def main() -> None:
                              "(implies --managed): each of the first N machines asked once "
                              "(unmeasured: its install starts), then a random one of them "
                              "per request, whose answer is decided from the view (no commit)")
+
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="with --instructions: callgrind's files copied into "
+                             "DIR/<child>-<round>/ (callgrind_annotate: where they go)")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     args.managed = args.managed or args.config or bool(args.again)
@@ -279,6 +283,11 @@ def main() -> None:
                 if args.instructions:
                     done = args.requests // CONCURRENCY * CONCURRENCY
                     loop_i, others_i = instructions_of(tmp / f"run-{name}", done)
+                    if args.keep is not None:
+                        kept = args.keep / f"{name}-{r}"
+                        kept.mkdir(parents=True, exist_ok=True)
+                        for path in (tmp / f"run-{name}").glob("cg.out-*"):
+                            shutil.copy(path, kept)
                     print(f"round {r}: {name} loop {loop_i:,.0f} instructions/req, other "
                           f"threads {others_i:,.0f}", flush=True)
                     got["loop_us"], got["others_us"] = loop_i, [others_i]

@@ -37,7 +37,7 @@ from netboot.model import (
     Machine,
     Profile,
 )
-from netboot.render import WHOLE, Renderer
+from netboot.render import WHOLE, Renderer, Splice, Spliced
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
@@ -83,6 +83,7 @@ _RPI_SERIAL = re.compile(r"^[0-9a-f]{8}$")
 @dataclass(frozen=True)
 class Urls:
     base: str  # http://192.0.2.10:8080
+    register: Splice  # register_texts of the base's register endpoint
 
     def asset(self, path: str) -> str:
         if path.startswith(("http://", "https://")):
@@ -148,7 +149,7 @@ class Content:
         base = self._base_url()
         urls = self._urls
         if urls is None or urls.base != base:
-            urls = self._urls = Urls(base)
+            urls = self._urls = Urls(base, register_texts(f"{base}/api/v1/register"))
         return urls
 
     # -- context ----------------------------------------------------------------------
@@ -209,8 +210,8 @@ class Content:
             ctx["events_url"] = f"{urls.base}/api/v1/machines/{mac.hexhyp}/events"
         if names is None or "register_command" in names:
             ctx["register_command"] = register_command(f"{urls.base}/api/v1/register", str(mac),
-                                                       token,
-                                                       (k3s.node_name if k3s else ""))
+                                                       token, (k3s.node_name if k3s else ""),
+                                                       texts=urls.register)
         if names is None or "console" in names:
             ctx["console"] = default_console(machine.arch if machine else None,
                                              machine.firmware if machine else None)
@@ -650,7 +651,8 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def register_command(url: str, mac: str, token: str, node_name: str) -> str:
+def register_command(url: str, mac: str, token: str, node_name: str, *,
+                     texts: Splice | None = None) -> Spliced:
     """A POSIX shell one-liner the installed OS runs to register, retrying for up to an hour.
 
     It POSTs with curl where there is one (k3OS ships curl) and with busybox ``wget
@@ -661,32 +663,43 @@ def register_command(url: str, mac: str, token: str, node_name: str) -> str:
 
     k3OS runs ``run_cmd`` on every boot; a marker file makes later boots skip the call (the
     install token expires, and an hour of retries on each reboot would only delay the node).
-    """
-    def sq(text: str) -> str:
-        # Inside the single-quoted JSON below: close, escaped quote, reopen.
-        return text.replace("'", "'\\''")
 
-    # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts; the
-    # values netboot knows are JSON-encoded here, never by the shell.
+    ``texts``: :func:`register_texts` of ``url`` (Content makes it once per base URL): the
+    command is its text with the machine's three values, which tojson escapes alone.
+    """
     # json.dumps of a str is this C function's text (ensure_ascii), without its Python
-    # layers: three per config an installer fetches.
+    # layers: three per config an installer fetches. Its quotes are register_texts'; each
+    # value quoted for the single-quoted JSON there, per character as the whole body was.
     js = encode_basestring_ascii
-    body = (
-        "'" + sq(f'{{"mac":{js(mac)},"token":{js(token)},"hostname":"')
-        + "'\"$(hostname)\"'"
-        + sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
-        + sq(f'","node_name":{js(node_name)}}}') + "'"
-    )
+    return (texts if texts is not None else register_texts(url)).of(
+        (_sq(js(mac)[1:-1]), _sq(js(token)[1:-1]), _sq(js(node_name)[1:-1])))
+
+
+def _sq(text: str) -> str:
+    # Inside the single-quoted JSON of register_texts: close, escaped quote, reopen.
+    return text.replace("'", "'\\''")
+
+
+def register_texts(url: str) -> Splice:
+    """The register command's text around its three values (MAC, token, node name), for
+    the register endpoint ``url`` (:func:`register_command`)."""
+    # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts; the
+    # values netboot knows are JSON-encoded (register_command), never by the shell.
     u = shlex.quote(url)
     marker = "/var/lib/netboot/registered"
-    return (
-        f"[ -f {marker} ] || {{ b={body}; i=0; while [ $i -lt 360 ]; do "
+    return Splice((
+        f"[ -f {marker} ] || {{ b='" + _sq('{"mac":"'),
+        _sq('","token":"'),
+        _sq('","hostname":"') + "'\"$(hostname)\"'"
+        + _sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
+        + _sq('","node_name":"'),
+        _sq('"}') + "'; i=0; while [ $i -lt 360 ]; do "
         "if command -v curl >/dev/null; "
         f"then curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}; "
         f"else wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" {u}; "
         f"fi && {{ mkdir -p /var/lib/netboot && touch {marker}; break; }}; "
-        "i=$((i+1)); sleep 10; done; }"
-    )
+        "i=$((i+1)); sleep 10; done; }",
+    ))
 
 
 def _need_profile(plan: BootPlan) -> None:

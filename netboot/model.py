@@ -24,7 +24,8 @@ from netboot.errors import ValidationError
 _C = TypeVar("_C")
 
 try:
-    from mypy_extensions import mypyc_attr
+    # Exported (the alias) to render.py too.
+    from mypy_extensions import mypyc_attr as mypyc_attr  # noqa: PLC0414
 except ImportError:  # installed with mypy, which only the compiled build needs
     def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_C], _C]:
         """mypyc's class marks (setup.py's compiled build), nothing without mypyc."""

@@ -1267,3 +1267,102 @@ def test_tojson_of_more_strings_than_are_kept_writes_jinjas_text(tmp_path: Path)
     values = [f"edge-{i} <'&'> \"é\"" for i in range(600)]
     for v in values + values[::-1]:
         assert r.render("t.txt", {"v": v}) == plain.get_template("t.txt").render(v=v)
+
+
+def _plain_register_command(url: str, mac: str, token: str, node_name: str) -> str:
+    """The register command as one str, written as plainly as it reads (the text
+    register_command's Splice must give)."""
+    import json
+    import shlex
+
+    def sq(text: str) -> str:
+        return text.replace("'", "'\\''")
+
+    body = ("'" + sq(json.dumps({"mac": mac, "token": token, "hostname": ""},
+                                   separators=(",", ":"))[:-2])
+            + "'\"$(hostname)\"'" + sq('","machine_id":"')
+            + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
+            + sq('","node_name":' + json.dumps(node_name) + "}") + "'")
+    u, marker = shlex.quote(url), "/var/lib/netboot/registered"
+    return (f"[ -f {marker} ] || {{ b={body}; i=0; while [ $i -lt 360 ]; do "
+            "if command -v curl >/dev/null; "
+            f"then curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}; "
+            f"else wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" {u}; "
+            f"fi && {{ mkdir -p {marker.rsplit('/', 1)[0]} && touch {marker}; break; }}; "
+            "i=$((i+1)); sleep 10; done; }")
+
+
+# Characters a value may need escaped in JSON, in HTML (tojson) or for the shell, and others.
+_ODD = "ab9:-_ %\"\\<>&'\n\t\x00\x7fé\u2028\U0001f600$()`;"
+
+
+def test_a_register_commands_splice_gives_the_plain_text_and_jinjas_tojson(
+        tmp_path: Path) -> None:
+    """The register command made of its Splice (its text around the machine's values made
+    once per base URL; tojson escaping only the values) is, for many drawn values with
+    everything that needs escaping, the plain command, and prints as Jinja prints that str:
+    through tojson, whole, sliced, joined, filtered."""
+    import random
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from netboot.content import register_texts
+
+    source = ("{{ v | tojson }}|{{ v }}|{{ (v | tojson)[3:] }}|{{ v ~ '<&' }}|{{ v | upper }}"
+              "|{{ [v, 1] | tojson }}|{{ v | length }}|{{ v | tojson(indent=1) }}\n")
+    (tmp_path / "t.txt").write_text(source)
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          autoescape=False, keep_trailing_newline=True)
+    ours = Renderer([tmp_path])
+    draw = random.Random(25)
+    urls = ["http://192.0.2.10:8080/api/v1/register", "http://h/'x<&>%s%%\\\"/api é"]
+    texts = {url: register_texts(url) for url in urls}
+    for _ in range(600):
+        url = draw.choice(urls)
+        values = ["".join(draw.choice(_ODD) for _ in range(draw.randrange(12)))
+                  if draw.random() < 0.5 else draw.choice(["52:54:00:00:00:11", "edge-1", ""])
+                  for _ in range(3)]
+        want = _plain_register_command(url, *values)
+        for cmd in (register_command(url, *values), register_command(url, *values,
+                                                                     texts=texts[url])):
+            assert cmd == want
+            assert ours.render("t.txt", {"v": cmd}) == plain.get_template("t.txt").render(
+                v=want)
+
+
+def test_configs_with_spliced_register_commands_are_the_plain_renders() -> None:
+    """Every shipped config of many drawn machines (hostnames, tokens, node names with
+    quotes, backslashes, HTML's characters, non-ASCII, line breaks), through Content's path
+    (its register command a Splice's, the YAML form check), is the text Jinja renders of the
+    same context with the command as a plain str; one that does not parse is refused alike."""
+    import random
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                                          undefined=jinja2.StrictUndefined,
+                                          autoescape=False, keep_trailing_newline=True)
+    c = content()
+    draw = random.Random(2025)
+    names = ["cloud-config/k3os.yaml", "cloud-config/cloud-init/user-data",
+             "cloud-config/cloud-init/meta-data"]
+    for _ in range(300):
+        odd = "".join(draw.choice(_ODD) for _ in range(draw.randrange(10)))
+        hostname = draw.choice([None, "edge-1", f"node-{draw.randrange(1000)}", odd])
+        k3s = dataclasses.replace(K3S, node_name=draw.choice(["edge-1", odd, ""]))
+        token = draw.choice(["TOKEN123", odd, "x" * 43])
+        p = plan(BootAction.INSTALL, machine=dataclasses.replace(MACHINE, hostname=hostname),
+                 k3s=k3s, token=token)
+        for name in names:
+            ctx = c.context(p)
+            ctx["register_command"] = str(ctx["register_command"])
+            want = plain.get_template(name).render(ctx)
+            try:
+                yaml.load(want, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            except yaml.YAMLError:  # as the renderer parses (libyaml refuses a surrogate)
+                with pytest.raises(RenderError):
+                    c._config(name, p)
+                continue
+            assert c._config(name, p) == want
