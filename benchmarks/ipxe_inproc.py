@@ -240,7 +240,6 @@ def main() -> None:
                              "(implies --managed): each of the first N machines asked once "
                              "(unmeasured: its install starts), then a random one of them "
                              "per request, whose answer is decided from the view (no commit)")
-
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="with --instructions: callgrind's files copied into "
                              "DIR/<child>-<round>/ (callgrind_annotate: where they go)")
