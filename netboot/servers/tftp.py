@@ -515,8 +515,12 @@ class _Link:
                 # What was queued before this connect is the old client's (a new client
                 # sends to our port only after our first datagram): read and answered as a
                 # stranger's, as the data socket would have; so is an ICMP error its
-                # datagrams left, which the first send would otherwise fail with.
-                self._read_spare(sock, old)
+                # datagrams left, which the first send would otherwise fail with. Asked with
+                # select() first, which reports both (an error as readable): a read that
+                # finds nothing raises BlockingIOError, ~7,500 instructions against ~3,200
+                # (callgrind), and nothing is queued at almost every start.
+                if select.select([sock], (), (), 0)[0]:
+                    self._read_spare(sock, old)
                 self._reused = sock
                 return sock
         # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call. The
