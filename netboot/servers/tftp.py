@@ -422,7 +422,11 @@ class _Link:
     finds nothing, where a reader per socket cost an event loop dispatch per datagram. (On
     kernels before 6.13, which lack the 4-tuple hash of connected UDP sockets, the kernel
     walks the sockets sharing P per datagram: as many as transfers run, a storm's 1,000-2,000
-    and up to ``max_transfers``; measured flat on 6.18 only, not on such a kernel.)"""
+    and up to ``max_transfers``; measured flat on 6.18 only, not on such a kernel.)
+
+    An ended transfer's socket is kept, still connected to its client and in the epoll set,
+    and the next transfer connects it to its own client (:meth:`connect`, :meth:`remove`):
+    what a kept socket receives is answered as the data socket answers a stranger."""
 
     BATCH = 128  # datagrams per wake-up at most: the loop's other work is not starved
     # ACKs are 4 bytes, a client's ERROR at most a few hundred; longer is truncated,
@@ -446,6 +450,12 @@ class _Link:
         self._per = 0  # ... and its datagrams per UDP_SEGMENT send
         self._segment: dict[int, list[tuple[int, int, bytes]]] = {}  # UDP_SEGMENT cmsg by size
         self._transfers: dict[int, _Transfer] = {}  # by their socket's descriptor
+        # Ended transfers' sockets kept for the next transfers (see connect): by the client
+        # each is still connected to, oldest first, and that client by descriptor (a
+        # datagram of its, read by _ready, is a stranger's). Still in the epoll set.
+        self._spare: OrderedDict[Address, _socket.socket] = OrderedDict()
+        self._spare_peers: dict[int, Address] = {}
+        self._reused: _socket.socket | None = None  # the spare connect() handed out last
         self._epoll = select.epoll()
         self._poll = self._epoll.poll
         self._unspun = 0  # windows left whose ACK is not busy-waited for (SPIN_BACKOFF)
@@ -472,11 +482,47 @@ class _Link:
             self._loop.remove_reader(self._epoll.fileno())
         for transfer in list(self._transfers.values()):
             self.remove(transfer)
+        for sock in self._spare.values():
+            sock.close()
+        self.server.spares -= len(self._spare)
+        self._spare.clear()
+        self._spare_peers.clear()
         self._epoll.close()
         self.sock.close()
 
     def connect(self, peer: Address) -> _socket.socket:
-        """A socket for a transfer to ``peer``: bound to this link's address, connected."""
+        """A socket for a transfer to ``peer``: bound to this link's address, connected.
+
+        An ended transfer's socket when one is kept (:meth:`remove`), connected again: a
+        start is then one ``connect`` and one ``recv`` where a new socket was five system
+        calls (socket, setsockopt, bind, connect, epoll_ctl) and its end a sixth (close); in
+        EDK2's size probe + download pairs, 4 KiB each, these were a quarter of the server's
+        CPU outside the sends (benchmarks/README.md, s25-tftpstart). The one connected to
+        ``peer`` already if there is one (EDK2's download from the probe's port): two
+        sockets connected to one client would share its datagrams."""
+        spare = self._spare
+        if spare:
+            sock = spare.pop(peer, None)
+            if sock is None:
+                _, sock = spare.popitem(last=False)
+            self.server.spares -= 1
+            old = self._spare_peers.pop(sock.fileno())
+            try:
+                sock.connect(peer)
+            except OSError:
+                sock.close()  # a new one below
+            else:
+                # What was queued before this connect is the old client's (a new client
+                # sends to our port only after our first datagram): read and answered as a
+                # stranger's, as the data socket would have; so is an ICMP error its
+                # datagrams left, which the first send would otherwise fail with. Asked with
+                # select() first, which reports both (an error as readable): a read that
+                # finds nothing raises BlockingIOError, ~7,500 instructions against ~3,200
+                # (callgrind), and nothing is queued at almost every start.
+                if select.select([sock], (), (), 0)[0]:
+                    self._read_spare(sock, old)
+                self._reused = sock
+                return sock
         # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call. The
         # C socket type itself: socket.socket, its subclass, adds a Python __init__ and a
         # Python close() (for makefile's reference count, never used here), two Python
@@ -495,7 +541,11 @@ class _Link:
 
     def add(self, transfer: _Transfer) -> None:
         fd = transfer.sock.fileno()
-        self._epoll.register(fd, select.EPOLLIN)
+        reused = self._reused
+        if reused is not None and reused.fileno() == fd:
+            self._reused = None  # a spare: in the epoll set already
+        else:
+            self._epoll.register(fd, select.EPOLLIN)
         self._transfers[fd] = transfer
 
     def remove(self, transfer: _Transfer) -> None:
@@ -503,6 +553,21 @@ class _Link:
         fd = sock.fileno()
         if fd >= 0 and self._transfers.get(fd) is transfer:
             del self._transfers[fd]
+        server = self.server
+        # Kept for the next transfer (see connect) while the kept and the running sockets
+        # stay within max_transfers, the descriptors service.raise_fd_limit counted (this
+        # transfer is still among server.transfers here). Still connected to its client: a
+        # datagram the client sends after the end reaches it, not the data socket, and
+        # _ready answers it as the data socket would. Only the C type (a test's wrapped
+        # socket is closed).
+        if (type(sock) is _socket.socket and fd >= 0 and not server._closing
+                and server.spares + server.transfers <= server.max_transfers):
+            peer = transfer.peer
+            if peer not in self._spare:
+                self._spare[peer] = sock
+                self._spare_peers[fd] = peer
+                server.spares += 1
+                return
         # Its close takes it out of the epoll set (the kernel drops a registration with the
         # last descriptor of its file, and a transfer's socket has no other): no
         # EPOLL_CTL_DEL before it, a system call a transfer.
@@ -539,7 +604,10 @@ class _Link:
                 try:
                     # A subscript, not .get(): no method call per block (~90 instructions).
                     transfer = transfers[fd]
-                except KeyError:  # ended earlier in this batch
+                except KeyError:  # ended earlier in this batch, or a spare's
+                    peer = self._spare_peers.get(fd)
+                    if peer is not None:
+                        self._read_spare(self._spare[peer], peer)
                     continue
                 sock = transfer.sock
                 try:
@@ -657,6 +725,20 @@ class _Link:
         self._unspun = min(1 << self._missed, self.SPIN_BACKOFF)
         self._missed += 1
         return []
+
+    def _read_spare(self, sock: _socket.socket, peer: Address) -> None:
+        """What waits on a kept socket (see remove), from ``peer``, the client it was
+        connected to: answered as the data socket answers a stranger (a late ACK ignored,
+        ERROR 5 otherwise). An ICMP error its datagrams brought back is dropped."""
+        buf = self._buf
+        for _ in range(self.BATCH):
+            try:
+                size = sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # the error is cleared by its read
+            self._stranger(bytes(buf[:size]), peer)
 
     def _readable(self) -> None:
         """The unconnected data socket: whatever no transfer's socket took."""
@@ -869,6 +951,7 @@ class TftpServer:
         self._sweep: asyncio.TimerHandle | None = None
         self._rearm_below = math.inf
         self._opening: set[Address] = set()
+        self.spares = 0  # ended transfers' sockets the links keep for the next (_Link.remove)
         self._per_client: Counter[str] = Counter()
         self._closing = False
 

@@ -1224,7 +1224,8 @@ async def test_each_transfer_sends_and_receives_on_a_socket_connected_to_its_cli
     """Two transfers at once: each has a socket of its own, bound to the listener's data
     port (the TID both clients see) and connected to its client, so the kernel hands it
     that client's datagrams only and it sends without an address. Both complete, and each
-    socket is closed when its transfer ends."""
+    socket leaves the link's transfers when its transfer ends: closed, or kept for the next
+    transfer (see the tests of kept sockets below)."""
     with RawClient() as a, RawClient("127.0.0.2") as b:
         a.rrq(addr(server), "small.bin")
         b.rrq(addr(server), "small.bin")
@@ -1244,7 +1245,9 @@ async def test_each_transfer_sends_and_receives_on_a_socket_connected_to_its_cli
                 assert isinstance(pkt, Data) and pkt.block == block + 1
                 block += 1
         await until(lambda: server.stats.completed == 2)
-        assert all(sock.fileno() == -1 for sock in socks.values())
+        spare = server._links[None]._spare
+        assert all(sock.fileno() == -1 or spare.get(address) is sock
+                   for address, sock in socks.items())
         assert server._links[None]._transfers == {}
 
 
@@ -1856,9 +1859,10 @@ async def test_an_ended_transfers_socket_is_closed_and_out_of_the_links_poll(
         server: TftpServer, client: RawClient) -> None:
     """A transfer's end closes its socket, which is what takes it out of the link's epoll
     set (no EPOLL_CTL_DEL is made): a datagram its client sends after the end is the data
-    socket's (a late ACK, ignored), and the link's poll has nothing."""
+    socket's (a late ACK, ignored), and the link's poll has nothing. (A wrapped socket, which
+    the link closes rather than keeps for the next transfer: see the tests below for those.)"""
     link = server._links[None]
-    opened = wrapped_sockets(server, lambda sock: sock)
+    opened = wrapped_sockets(server, lambda sock: _Recording(sock, []))
     got = await fetch(client, addr(server), "small.bin")
     assert got.data == SMALL
     await until(lambda: server.stats.completed == 1)
@@ -1866,6 +1870,122 @@ async def test_an_ended_transfers_socket_is_closed_and_out_of_the_links_poll(
     client.send(Ack(1), got.tid)  # a late copy of an ACK
     await asyncio.sleep(0.05)
     assert link._poll(0, 8) == [] and not link._transfers
+
+
+async def test_an_ended_transfers_socket_serves_the_next_transfer(server: TftpServer) -> None:
+    """An ended transfer's socket is kept, still in the link's epoll set, and the next
+    transfer takes it, connected to its own client (a start without a new socket: s25's
+    starts benchmark), and completes on it. A client whose last transfer's socket is kept
+    gets that one again (EDK2's download from its probe's port), not another: two sockets
+    connected to one client would share its datagrams."""
+    link = server._links[None]
+    with RawClient() as a, RawClient("127.0.0.2") as b, RawClient("127.0.0.3") as c:
+        both = await asyncio.gather(*(fetch(x, addr(server), "small.bin") for x in (b, a)))
+        assert [got.data for got in both] == [SMALL, SMALL]
+        await until(lambda: server.stats.completed == 2)
+        kept_b, kept_a = link._spare[b.address], link._spare[a.address]
+        a.rrq(addr(server), "small.bin", [("blksize", "1468")])
+        await until(lambda: a.address in server._transfers)
+        assert server._transfers[a.address].sock is kept_a
+        assert list(link._spare) == [b.address]
+        c.rrq(addr(server), "small.bin", [("blksize", "1468")])
+        await until(lambda: c.address in server._transfers)
+        assert server._transfers[c.address].sock is kept_b and not link._spare
+        assert kept_b.getpeername() == c.address and kept_b.getsockname() == link.address
+        for client in (a, c):
+            oack, tid = await client.recv()
+            assert isinstance(oack, OptionAck) and tid == link.address
+            got = bytearray()
+            client.send(Ack(0), tid)
+            while True:
+                pkt, _ = await client.recv()
+                assert isinstance(pkt, Data)
+                got += pkt.data
+                client.send(Ack(pkt.block), tid)
+                if len(pkt.data) < 1468:
+                    break
+            assert bytes(got) == SMALL
+        await until(lambda: server.stats.completed == 4)
+
+
+async def test_a_datagram_to_a_kept_socket_is_answered_as_the_data_socket_answers(
+        server: TftpServer) -> None:
+    """A kept socket is still connected to its last client, so what that client sends
+    after the end reaches it, not the data socket: a late ACK is ignored, anything else
+    gets ERROR 5 (unknown TID) from the server's port, as from the data socket; one queued
+    when the next transfer takes the socket is the old client's too, never the new one's."""
+    link = server._links[None]
+    with RawClient() as a, RawClient("127.0.0.2") as b:
+        got = await fetch(a, addr(server), "small.bin")
+        await until(lambda: server.stats.completed == 1)
+        assert a.address in link._spare
+        a.send(Ack(11), got.tid)  # a late ACK: nothing
+        assert await a.nothing(0.2)
+        a.send(Data(1, b"x"), got.tid)
+        err, src = await a.recv()
+        assert isinstance(err, Error) and err.code == ErrorCode.UNKNOWN_TID
+        assert src == link.address
+        # Queued on the kept socket, then the next transfer takes it before it is read.
+        b.rrq(addr(server), "small.bin")
+        a.send(Data(2, b"y"), got.tid)
+        first, tid = await b.recv()
+        assert first == Data(1, SMALL[:512]) and tid == link.address
+        err, _ = await a.recv()
+        assert isinstance(err, Error) and err.code == ErrorCode.UNKNOWN_TID
+        assert server.stats.unknown_tid == 2
+        fetched = bytearray(SMALL[:512])
+        for block in range(1, 11):
+            b.send(Ack(block), tid)
+            pkt, _ = await b.recv()
+            assert isinstance(pkt, Data) and pkt.block == block + 1
+            fetched += pkt.data
+        b.send(Ack(11), tid)
+        assert bytes(fetched) == SMALL
+        await until(lambda: server.stats.completed == 2)
+
+
+async def test_a_kept_sockets_pending_icmp_error_does_not_fail_the_next_transfer(
+        server: TftpServer) -> None:
+    """A datagram sent from a kept socket to its old client's closed port leaves an ICMP
+    error pending on it, which the next send would fail with: the socket's next transfer
+    reads it off first, and its first DATA goes out at once (not after its 5 s timer)."""
+    link = server._links[None]
+    with RawClient("127.0.0.2") as b:
+        a = RawClient()
+        await fetch(a, addr(server), "small.bin")
+        await until(lambda: server.stats.completed == 1)
+        kept = link._spare[a.address]
+        a.close()
+        b.rrq(addr(server), "small.bin")  # read once the test awaits, before the error
+        kept.send(b"\x00\x05\x00\x00late\x00")  # to the closed port: ECONNREFUSED queued
+        first, _ = await b.recv(timeout=2.0)
+        assert first == Data(1, SMALL[:512])
+        assert server._transfers[b.address].sock is kept
+
+
+async def test_sockets_are_kept_within_max_transfers(files: DirFiles) -> None:
+    """Kept sockets and running transfers together stay within max_transfers, the
+    descriptors service.raise_fd_limit counts for TFTP; the server's close closes them."""
+    server = await started(files, retransmit=5.0, min_rto=None, max_transfers=2)
+    link = server._links[None]
+    clients = [RawClient(f"127.0.0.{n}") for n in range(1, 5)]
+    try:
+        for c in clients[:3]:  # three at once: two served, the third retries (busy)
+            c.rrq(addr(server), "small.bin")
+        firsts = [await c.recv() for c in clients[:2]]
+        for c, (_, tid) in zip(clients[:2], firsts, strict=True):
+            c.send(Error(0, "stop"), tid)
+        await until(lambda: server.transfers == 0)
+        assert len(link._spare) == 2 and server.spares == 2
+        socks = list(link._spare.values())
+        assert (await fetch(clients[3], addr(server), "small.bin")).data == SMALL
+        await until(lambda: server.stats.completed == 1)
+        assert len(link._spare) <= 2 and server.spares == len(link._spare)
+    finally:
+        for c in clients:
+            c.close()
+        await server.close()
+    assert all(sock.fileno() == -1 for sock in socks)
 
 # An RFC 7440 download by blocking socket calls in a process of its own: the server's event
 # loop may be busy-waiting for this client's ACK, so no client can run on it (nor in a thread
