@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -291,7 +292,7 @@ class Recorder:
             group = self._gathering = _Group()
             task = asyncio.ensure_future(self._commit_group(group))
             self._groups.add(task)  # referenced until done (the loop keeps only weak ones)
-            task.add_done_callback(self._groups.discard)
+            task.add_done_callback(functools.partial(self._group_ended, group))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         group.batches.append((batch, done))
         # Not shielded (a future less per commit): a caller cancelled cancels only its own
@@ -313,6 +314,19 @@ class Recorder:
         if version is not None:
             for event in batch.events:
                 self._remember(event, version)
+
+    def _group_ended(self, group: _Group, task: asyncio.Task[None]) -> None:
+        self._groups.discard(task)
+        if task.cancelled():
+            # Cancelled before it ran (asyncio.run's end cancels a caller and the group its
+            # commit has just made in one go; a coroutine cancelled before its start runs
+            # none of its body, _commit_group's except included) or before it took the lock:
+            # its batches were not written; a caller cancelled meanwhile waits for that fate
+            # (_fate), and a commit from now on gathers in a group of its own, not this one.
+            if self._gathering is group:
+                self._gathering = None
+            for _, done in group.batches:
+                group.settle(done, asyncio.CancelledError())
 
     async def _commit_group(self, group: _Group) -> None:
         try:

@@ -573,3 +573,36 @@ async def test_a_cancelled_commit_ends_when_its_group_is_cancelled_before_it_wri
     await asyncio.wait((first,), timeout=30)
     await recorder.close()
     assert "second" not in await kinds(other)
+
+
+async def test_a_group_cancelled_before_it_ran_settles_its_batches_and_gathers_no_more(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """asyncio.run's end (or a loop stopped by a signal, then asyncio.run's end) cancels, in
+    one go, a caller and the group task its commit has just made, before that task ran: a
+    coroutine cancelled before it starts runs none of its body, so no ``except`` in it can
+    settle its batches. The cancelled caller must be told all the same (not wait for a fate
+    nobody settles: a shutdown that hangs), and a later commit must not join that dead group
+    (it would wait for ever)."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    caller = asyncio.ensure_future(recorder.commit(Batch(events=(ev("lost"),))))
+    await asyncio.sleep(0)  # the caller ran: its group task is made, not yet run
+    groups = [t for t in recorder._groups if not t.done()]
+    assert len(groups) == 1
+    dead = recorder._gathering
+    assert dead is not None
+    for task in (*groups, caller):  # as asyncio.runners._cancel_all_tasks: all at once
+        task.cancel()
+    try:
+        done, _ = await asyncio.wait((caller,), timeout=5)
+        assert caller in done, "the cancelled caller still waits for its batch's fate"
+        assert caller.cancelled()
+        later = asyncio.ensure_future(recorder.commit(Batch(events=(ev("after"),))))
+        done, _ = await asyncio.wait((later,), timeout=5)
+        assert later in done, "a later commit joined the dead group"
+        later.result()
+    finally:
+        for _, fut in dead.batches:  # a failing run: free what waits, not a hung test
+            dead.settle(fut, asyncio.CancelledError())
+    await recorder.close()
+    assert await kinds(other) == ["after"]
