@@ -398,6 +398,12 @@ class _Transfer:
         self.server._forget(self.peer, self)
 
 
+# Fewer bytes than any datagram is charged against a socket's receive buffer (its skb's
+# truesize: the sk_buff and skb_shared_info alone are ~550 on x86-64): a kept socket's
+# queue holds at most SO_RCVBUF / this many (_Link.connect).
+_SKB_AT_LEAST = 256
+
+
 class _Link:
     """The server's end of every transfer started on one listener (RFC 1350 §4: a port of
     its own, not 69): an unconnected data socket on (its address, port P), and per transfer
@@ -520,7 +526,13 @@ class _Link:
                 # finds nothing raises BlockingIOError, ~7,500 instructions against ~3,200
                 # (callgrind), and nothing is queued at almost every start.
                 if select.select([sock], (), (), 0)[0]:
-                    self._read_spare(sock, old)
+                    # All of it, not a batch: what is left the new transfer would read as
+                    # its own client's (a connected socket's recv has no address), an old
+                    # client's ERROR ending another machine's transfer. Bounded by what the
+                    # receive buffer can hold (each datagram is charged its skb's truesize,
+                    # over _SKB_AT_LEAST bytes), not by a sender that keeps sending.
+                    self._read_spare(sock, old, sock.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_RCVBUF) // _SKB_AT_LEAST + 1)
                 self._reused = sock
                 return sock
         # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call. The
@@ -607,7 +619,7 @@ class _Link:
                 except KeyError:  # ended earlier in this batch, or a spare's
                     peer = self._spare_peers.get(fd)
                     if peer is not None:
-                        self._read_spare(self._spare[peer], peer)
+                        self._read_spare(self._spare[peer], peer, self.BATCH)
                     continue
                 sock = transfer.sock
                 try:
@@ -726,12 +738,13 @@ class _Link:
         self._missed += 1
         return []
 
-    def _read_spare(self, sock: _socket.socket, peer: Address) -> None:
+    def _read_spare(self, sock: _socket.socket, peer: Address, most: int) -> None:
         """What waits on a kept socket (see remove), from ``peer``, the client it was
-        connected to: answered as the data socket answers a stranger (a late ACK ignored,
-        ERROR 5 otherwise). An ICMP error its datagrams brought back is dropped."""
+        connected to, ``most`` datagrams at most: answered as the data socket answers a
+        stranger (a late ACK ignored, ERROR 5 otherwise). An ICMP error its datagrams brought
+        back is dropped."""
         buf = self._buf
-        for _ in range(self.BATCH):
+        for _ in range(most):
             try:
                 size = sock.recv_into(buf)
             except (BlockingIOError, InterruptedError):

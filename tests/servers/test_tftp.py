@@ -1963,6 +1963,33 @@ async def test_a_kept_sockets_pending_icmp_error_does_not_fail_the_next_transfer
         assert server._transfers[b.address].sock is kept
 
 
+async def test_a_kept_socket_holds_nothing_of_its_old_client_once_connected_again(
+        server: TftpServer) -> None:
+    """Whatever the old client had queued on a kept socket when the next transfer takes it
+    is read off there, however much it is: not a batch of it only, the rest left to the new
+    transfer, which reads its socket as its own client's (no address on a connected
+    socket). Else a host on the VLAN that fills its kept socket (a storm's loop reads it
+    late) has its datagrams taken for another machine's: an ERROR that ends its boot."""
+    link = server._links[None]
+    with RawClient() as a, RawClient("127.0.0.2") as b:
+        got = await fetch(a, addr(server), "small.bin")
+        await until(lambda: server.stats.completed == 1)
+        kept = link._spare[a.address]
+        kept.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # room for them all
+        queued = 3 * link.BATCH
+        for _ in range(queued):  # no await: the loop reads none of them before the connect
+            a.send(Error(0, "abort"), got.tid)
+        sock = link.connect(b.address)
+        try:
+            assert sock is kept and sock.getpeername() == b.address
+            with pytest.raises(BlockingIOError):
+                left = sock.recv(64)
+                raise AssertionError(f"the new transfer would read its old client's {left!r}")
+        finally:
+            sock.close()
+            link._reused = None
+
+
 async def test_sockets_are_kept_within_max_transfers(files: DirFiles) -> None:
     """Kept sockets and running transfers together stay within max_transfers, the
     descriptors service.raise_fd_limit counts for TFTP; the server's close closes them."""
