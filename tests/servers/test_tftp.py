@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import logging
 import os
+import resource
 import socket
 import struct
 import sys
@@ -1988,6 +1989,37 @@ async def test_a_kept_socket_holds_nothing_of_its_old_client_once_connected_agai
         finally:
             sock.close()
             link._reused = None
+
+
+async def test_a_kept_socket_numbered_past_select_s_limit_serves_the_next_transfer(
+        server: TftpServer) -> None:
+    """A storm's transfers hold thousands of descriptors (service.raise_fd_limit raises the
+    limit for them), so a kept socket is numbered 1024 or more: what connect asks of it must
+    take any descriptor (select() refuses those, ValueError: the next client got ERROR
+    "internal error" and the socket was lost, still open)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard open-files limit ({hard}) leaves no descriptor past 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048) if soft !=
+                                                resource.RLIM_INFINITY else soft, hard))
+    fillers: list[int] = []
+    link = server._links[None]
+    try:
+        while not fillers or fillers[-1] < 1100:  # every lower number taken
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        with RawClient() as a, RawClient("127.0.0.2") as b:
+            assert (await fetch(a, addr(server), "small.bin")).data == SMALL
+            await until(lambda: server.stats.completed == 1)
+            kept = link._spare[a.address]
+            assert kept.fileno() >= 1024
+            got = await fetch(b, addr(server), "small.bin")
+            assert got.data == SMALL
+            await until(lambda: server.stats.completed == 2)
+            assert link._spare.get(b.address) is kept  # used, and kept again
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_sockets_are_kept_within_max_transfers(files: DirFiles) -> None:
