@@ -545,6 +545,13 @@ class _Link:
                         socket.SOL_SOCKET, socket.SO_RCVBUF) // _SKB_AT_LEAST + 1)
                 self._reused = sock
                 return sock
+        server = self.server
+        if server.spares and server.spares + server.transfers > server.max_transfers:
+            # Other links keep sockets (a storm on another interface) and this one has none
+            # to give: one of theirs closed, so that the kept and the running sockets stay
+            # within the max_transfers that service.raise_fd_limit counted, whichever
+            # interface the storm is on.
+            server.drop_spare(self)
         # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call. The
         # C socket type itself: socket.socket, its subclass, adds a Python __init__ and a
         # Python close() (for makefile's reference count, never used here), two Python
@@ -560,6 +567,16 @@ class _Link:
             sock.close()
             raise
         return sock
+
+    def drop_spare(self) -> bool:
+        """Close this link's oldest kept socket (see remove); False if it keeps none."""
+        if not self._spare:
+            return False
+        _, sock = self._spare.popitem(last=False)
+        del self._spare_peers[sock.fileno()]
+        self.server.spares -= 1
+        sock.close()  # out of the epoll set with it (see remove)
+        return True
 
     def add(self, transfer: _Transfer) -> None:
         fd = transfer.sock.fileno()
@@ -977,6 +994,12 @@ class TftpServer:
         self.spares = 0  # ended transfers' sockets the links keep for the next (_Link.remove)
         self._per_client: Counter[str] = Counter()
         self._closing = False
+
+    def drop_spare(self, asking: _Link) -> None:
+        """One socket another link than ``asking`` keeps, closed (_Link.connect)."""
+        for link in self._links.values():
+            if link is not asking and link.drop_spare():
+                return
 
     @property
     def transfers(self) -> int:

@@ -24,7 +24,7 @@ import pytest
 from netboot.errors import ConfigError
 from netboot.model import Blob
 from netboot.servers.sockets import SO_TIMESTAMPNS
-from netboot.servers.tftp import TftpServer
+from netboot.servers.tftp import TftpServer, _Link
 from netboot.wire.tftp import (
     Ack,
     Data,
@@ -2045,6 +2045,48 @@ async def test_sockets_are_kept_within_max_transfers(files: DirFiles) -> None:
             c.close()
         await server.close()
     assert all(sock.fileno() == -1 for sock in socks)
+
+async def test_a_link_without_kept_sockets_closes_another_links_to_stay_within_max_transfers(
+        files: DirFiles) -> None:
+    """A server on two interfaces: one link keeps the sockets of its storm, then the other's
+    storm starts. A link reuses only its own kept sockets, so the other closes one of the
+    first link's for each it makes while the kept and running sockets are at max_transfers
+    (the descriptors service.raise_fd_limit counted): otherwise the first link's kept
+    sockets and the second's running ones went past it (EMFILE: starts dropped, HTTP
+    accepts paused). The second link is a real one on the same address (its own data
+    socket), as the server makes one per interface."""
+    server = await started(files, retransmit=5.0, min_rto=None, max_transfers=2)
+    link = server._links[None]
+    clients = [RawClient(f"127.0.0.{n}") for n in range(1, 3)]
+    other = _Link(server, server._bind(LOOPBACK, 0, None, listener=True, reuse=True), None)
+    server._links["other"] = other
+    made = None
+    try:
+        for c in clients:
+            c.rrq(addr(server), "small.bin")
+        firsts = [await c.recv() for c in clients]
+        for c, (_, tid) in zip(clients, firsts, strict=True):
+            c.send(Error(0, "stop"), tid)
+        await until(lambda: server.transfers == 0)
+        assert len(link._spare) == 2 and server.spares == 2
+        kept = list(link._spare.values())
+        peer = ("127.0.0.9", 4000)
+        server._opening.add(peer)  # a start on the other link, counted as the server does
+        made = other.connect(peer)
+        assert server.spares + server.transfers == 2
+        assert len(link._spare) == 1
+        assert kept[0].fileno() == -1  # the oldest closed
+        assert kept[1].fileno() >= 0
+    finally:
+        server._opening.discard(("127.0.0.9", 4000))
+        if made is not None:
+            made.close()
+        del server._links["other"]
+        other.close()
+        for c in clients:
+            c.close()
+        await server.close()
+
 
 # An RFC 7440 download by blocking socket calls in a process of its own: the server's event
 # loop may be busy-waiting for this client's ACK, so no client can run on it (nor in a thread
