@@ -482,6 +482,7 @@ class Measured:
     p99_ms: float
     errors: int
     cpu_us: float = float("nan")  # the server's CPU per request
+    detail: str = ""  # wrk's lines that counted the errors, if any
 
 
 def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int,
@@ -501,11 +502,23 @@ def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int,
     p99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     p99_ms = float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")
-    errors = 0
+    errors, said = 0, []
     for m in re.finditer(r"Non-2xx or 3xx responses:\s+(\d+)|Socket errors: connect (\d+), "
                          r"read (\d+), write (\d+), timeout (\d+)", out):
         errors += sum(int(g) for g in m.groups() if g)
-    return Measured(rps, p99_ms, errors)
+        said.append(m.group(0))
+    return Measured(rps, p99_ms, errors, detail="; ".join(said))
+
+
+def log_problems(run: Path, last: int = 20) -> list[str]:
+    """The server's own warnings and errors (its log files under ``run``), the last ones:
+    printed beside a row that counted errors, so that a round's failures say what they
+    were (session 25: one round's 50 errors said nothing, and the run's files were gone)."""
+    lines = [line for log in sorted(run.glob("netboot-*.log"))
+             for line in log.read_text(errors="replace").splitlines()
+             if re.search(r'\b(WARNING|ERROR|CRITICAL)\b|"level": "(warning|error|critical)"'
+                         r"|Traceback", line)]
+    return lines[-last:]
 
 
 def median_of(runs: list[Measured]) -> Measured:
@@ -552,6 +565,11 @@ def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: P
                           f"{m.p99_ms:.1f} ms, {m.errors} errors, "
                           f"{m.cpu_us:,.0f} µs CPU/request (main thread {loop_us:,.0f})"
                           + "".join(f"; {c}" for c in crossed), flush=True)
+                    if m.errors:
+                        print(f"    wrk: {m.detail}", flush=True)
+                        if server != "nginx":
+                            for line in log_problems(tmp / server):
+                                print(f"    log: {line}", flush=True)
                 for peer in servers[1:]:
                     ratio = runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps
                     ratios.setdefault(f"{row.name}/{peer}", []).append(
