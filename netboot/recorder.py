@@ -302,11 +302,17 @@ class Recorder:
         # caller's "done", never "aborted" beside it; a token in it goes to the view) and
         # the cancel comes at the caller's next wait. (A scope that ends with this commit,
         # an asyncio.timeout around it alone, would see that cancel after its end.)
+        cancel: asyncio.CancelledError | None = None
         try:
             await done
-        except asyncio.CancelledError as cancel:
+        except asyncio.CancelledError as exc:
+            cancel = exc
+        # The fate waited for outside the except block, as in _write_group: in mypyc's
+        # compiled coroutines an await inside a handler can leave the handled exception as
+        # the thread's current one (every later exception then carries it as __context__).
+        if cancel is not None:
             if not await _fate(group, done):
-                raise
+                raise cancel
             me = asyncio.current_task()
             assert me is not None
             me.uncancel()  # the same cancel, counted once (asyncio.timeout counts them)
@@ -360,28 +366,36 @@ class Recorder:
                         audit=[a for b, _ in batches for a in b.audit]),
                         strict=True)
             except (NetbootError, _OneByOne) as exc:
-                if len(batches) == 1:
-                    group.settle(batches[0][1], exc)
-                    return
-                # One of them was refused (a conflict, a stale state): each alone, in the
-                # order they came, so that only the refused one fails.
-                for batch, done in batches:
-                    try:
-                        await self._write(batch, strict=True)
-                    except NetbootError as one:
-                        group.settle(done, one)
-                    except BaseException as one:
-                        group.settle(done, one)
-                        raise
-                    else:
-                        group.settle(done, None)
-                return
+                refused: BaseException | None = exc
             except BaseException as exc:
                 for _, done in batches:
                     group.settle(done, exc)
                 raise
-            for _, done in batches:
-                group.settle(done, None)
+            else:
+                refused = None
+            # Outside the except block: in mypyc's compiled coroutine an await inside one
+            # left the handled exception as the thread's current one, and every exception
+            # raised later in the process carried it and its frames as __context__
+            # (tests/test_compiled.py: test_identity's and test_lifecycle's chains).
+            if refused is None:
+                for _, done in batches:
+                    group.settle(done, None)
+                return
+            if len(batches) == 1:
+                group.settle(batches[0][1], refused)
+                return
+            # One of them was refused (a conflict, a stale state): each alone, in the
+            # order they came, so that only the refused one fails.
+            for batch, done in batches:
+                try:
+                    await self._write(batch, strict=True)
+                except NetbootError as one:
+                    group.settle(done, one)
+                except BaseException as one:
+                    group.settle(done, one)
+                    raise
+                else:
+                    group.settle(done, None)
 
     async def flush(self) -> None:
         """Write everything queued until now, in one transaction."""
