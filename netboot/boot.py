@@ -1397,16 +1397,19 @@ class BootService:
                 lifecycle.Trigger.DISCOVER, subject=str(request.mac))), request, now, _taken(res))
             if not await self.discovery.reserve(request, machine.id, now, admitted=admitted):
                 return None
+            first: Conflict | None = None
             try:
                 await self._recorder.commit(Batch(create=(machine,), events=(self._new_event(
                     machine, "discovered", f"unknown {request.firmware}/{request.arch} machine "
                     f"seen via {request.via}", request),)))
-            except Conflict:  # a concurrent request created it first: read it back
+            except Conflict as exc:  # a concurrent request created it first: read it back
+                first = exc
+            if first is not None:  # awaited outside the handler: see recorder._write_group
                 self.discovery.release(machine.id)
                 await self._view.sync()
                 existing = (await self._resolve(request)).machine
                 if existing is None:
-                    raise
+                    raise first
                 return existing
             self._log.info("discovered mac=%s firmware=%s arch=%s uuid=%s via=%s",
                            request.mac, request.firmware, request.arch, request.uuid, request.via)

@@ -536,17 +536,20 @@ class Content:
             return
         try:
             await self._enroller.config_fetched(machine, what)
-        except StateChanged:
-            # Asked twice at once (an installer's retry while its first fetch waits for the
-            # group commit): the other fetch moved the machine on. The config rendered is
-            # theirs too while the machine is the one read after that very step, and its
-            # token still opens it (a reinstall meanwhile clears it: refused as before).
-            now = await self._boot.machine_by_mac(plan.mac)
-            step = lifecycle.Trigger.CONFIG_FETCHED
-            if now is None or lifecycle.advance(machine, step, now.updated) != now \
-                    or not token_matches(now, plan.token, self._clock()):
-                raise
-            await self._enroller.config_fetched(now, what)
+            return
+        except StateChanged as exc:
+            moved = exc
+        # Asked twice at once (an installer's retry while its first fetch waits for the
+        # group commit): the other fetch moved the machine on. The config rendered is
+        # theirs too while the machine is the one read after that very step, and its
+        # token still opens it (a reinstall meanwhile clears it: refused as before).
+        # Awaited outside the handler: see recorder._write_group.
+        now = await self._boot.machine_by_mac(plan.mac)
+        step = lifecycle.Trigger.CONFIG_FETCHED
+        if now is None or lifecycle.advance(machine, step, now.updated) != now \
+                or not token_matches(now, plan.token, self._clock()):
+            raise moved
+        await self._enroller.config_fetched(now, what)
 
     def asset(self, path: str) -> Blob:
         return self.assets.blob(path)

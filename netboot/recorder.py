@@ -417,11 +417,14 @@ class Recorder:
         try:
             events = await self._drop_repeats(queued)
             relearnt = await self._relearn(learned)
+            refused: NetbootError | None = None
             try:
                 await self._store.apply_batch(_with(batch, events, relearnt))
             except NetbootError as exc:
                 if strict or not relearnt or isinstance(exc, StoreError):
                     raise
+                refused = exc
+            if refused is not None:  # awaited outside the handler: see _write_group
                 # Refused, perhaps for a learnt fact (another server moved that machine
                 # since it was read): the events without them, then each machine alone.
                 await self._store.apply_batch(_with(batch, events, []))

@@ -1020,13 +1020,16 @@ class TftpServer:
             raise ConfigError(str(exc), key="tftp", fix="check tftp.mtu and timers") from None
         if self.max_transfers < 1 or self.max_per_client < 1:
             raise ConfigError("must be at least 1", key="tftp.max_transfers")
+        failed: BaseException | None = None
         try:
             ifaces: list[str | None] = [*self.interfaces] or [None]
             for iface in ifaces:
                 await self._listen(iface)
-        except BaseException:
+        except BaseException as exc:
+            failed = exc
+        if failed is not None:  # closed outside the handler: see recorder._write_group
             await self.close()
-            raise
+            raise failed
         log.info(
             "tftp listening on %s:%d%s (max blksize %d)",
             self.host, self.port,
