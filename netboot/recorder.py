@@ -613,7 +613,9 @@ async def _fate(group: _Group, done: asyncio.Future[None]) -> bool:
     while not fate.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait((fate,))
-    del group.fates[done]
+    # Kept in the group (which ends with its task): deleted, the group's last settle
+    # (_group_ended, after its task) made a new fate that nobody reads ("Future exception
+    # was never retrieved" at shutdown).
     return not fate.cancelled() and fate.exception() is None
 
 

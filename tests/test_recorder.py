@@ -20,7 +20,7 @@ from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Event, MacAddress, Machine, MachineState
 from netboot.recorder import Recorder
-from tests.held_store import held_writer, writes_waiting
+from tests.held_store import begun, held_writer, write_lock, writes_waiting
 from tests.killed import killed_after
 
 
@@ -606,3 +606,84 @@ async def test_a_group_cancelled_before_it_ran_settles_its_batches_and_gathers_n
             dead.settle(fut, asyncio.CancelledError())
     await recorder.close()
     assert await kinds(other) == ["after"]
+
+
+async def test_a_group_cancelled_while_the_thread_writes_it_tells_what_was_written(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """asyncio.run's end cancels every task at once: here a caller and its group whose
+    write the store's thread had begun. The thread cannot be stopped and commits it: the
+    caller must be told "written" (its audit entry "done", never "aborted" for what is
+    durable), its cancel coming after, as when only the caller is cancelled."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    said: list[str] = []
+
+    async def caller() -> None:
+        await recorder.commit(Batch(events=(ev("told"),)))
+        said.append("written")
+        await asyncio.sleep(0)
+        said.append("went on after its cancel")
+
+    gate = held_writer(own)
+    with write_lock(own) as release:
+        try:
+            task = asyncio.ensure_future(caller())
+            await until_waiting(own)
+        finally:
+            gate.set()
+        await begun(own)  # the thread runs the group's write: it waits for the lock
+        groups = [t for t in recorder._groups if not t.done()]
+        assert len(groups) == 1
+        for t in (*groups, task):  # as asyncio.runners._cancel_all_tasks
+            t.cancel()
+        await asyncio.sleep(0.05)
+        release()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+    assert said == ["written"]
+    assert await kinds(other) == ["told"]
+    await asyncio.wait(groups, timeout=5)
+    assert all(t.cancelled() for t in groups)  # the group's own cancel is kept
+
+
+async def test_a_group_cancelled_while_the_thread_writes_it_leaves_its_caller_written(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """The group task alone cancelled during its write: its caller, not cancelled, returns
+    as written (before: it got the group's CancelledError for a batch that was on disk)."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    gate = held_writer(own)
+    with write_lock(own) as release:
+        try:
+            task = asyncio.ensure_future(recorder.commit(Batch(events=(ev("told"),))))
+            await until_waiting(own)
+        finally:
+            gate.set()
+        await begun(own)
+        for t in list(recorder._groups):
+            t.cancel()
+        await asyncio.sleep(0.05)
+        release()
+        await asyncio.wait_for(task, 30)  # returns: written
+    assert await kinds(other) == ["told"]
+
+
+async def test_a_group_cancelled_before_the_thread_took_its_write_is_told_not_written(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """The other side: cancelled while its write still waited in the thread's queue, the
+    write never runs and its caller is told so (not made to wait for it)."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    gate = held_writer(own)
+    try:
+        task = asyncio.ensure_future(recorder.commit(Batch(events=(ev("lost"),))))
+        await until_waiting(own)  # queued behind the held writer, not begun
+        groups = list(recorder._groups)
+        for t in (*groups, task):
+            t.cancel()
+        done, _ = await asyncio.wait((task,), timeout=5)
+        assert task in done and task.cancelled()
+    finally:
+        gate.set()
+    await recorder.close()
+    assert await kinds(other) == []

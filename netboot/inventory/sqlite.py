@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,6 +71,10 @@ log = logging.getLogger(__name__)
 _R = TypeVar("_R")
 
 BUSY_TIMEOUT_MS = 5000
+# How long a write cancelled once its thread began it is waited for (_outcome): its commit
+# waits at most BUSY_TIMEOUT_MS for the lock, then writes (milliseconds for a group commit).
+# Bounded so that a shutdown cannot hang on a thread that never returns.
+CANCELLED_WRITE_WAIT = 2 * BUSY_TIMEOUT_MS / 1000
 # The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
 # a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES).
@@ -470,9 +474,11 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._executor is None:
             raise StoreError(f"the inventory {self.path} is not open")
-        loop = asyncio.get_running_loop()
+        # The writer's own future, not run_in_executor's wrapper: cancelled, that forgets
+        # whether a write the thread had begun was committed (_outcome).
+        job = self._executor.submit(self._guard, fn, args, False)
         try:
-            return await loop.run_in_executor(self._executor, self._guard, fn, args, False)
+            return await _outcome(job)
         finally:
             # Failed or not: a reader syncs once more, harmlessly. Writes the change feed
             # does not carry (history, leases, tokens) are not counted: a storm's group
@@ -1168,6 +1174,39 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
             log.info("inventory %s: sealed the join tokens of %d clusters", path, sealed)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
+
+
+async def _outcome(job: Future[_R]) -> _R:
+    """What the writer thread's ``job`` did, told as it was: a cancel that comes before the
+    thread began it cancels it (nothing was done); once begun it cannot be stopped, so its
+    end is waited for (at most CANCELLED_WRITE_WAIT) and a write that was committed returns,
+    the cancel delivered at the caller's next wait (counted once). Else a cancelled caller
+    told "not written" of a change the thread then committed (a group commit cancelled at
+    shutdown: its clients and its audit entries told "aborted" of what is durable)."""
+    try:
+        return await asyncio.wrap_future(job)
+    except asyncio.CancelledError as exc:
+        cancel = exc
+    # Outside the except block, as in the compiled modules (tests/test_compiled.py).
+    if job.cancel():
+        raise cancel  # not begun: it never runs
+    ended = asyncio.wrap_future(job)
+    deadline = time.monotonic() + CANCELLED_WRITE_WAIT
+    while not ended.done() and (left := deadline - time.monotonic()) > 0:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait((ended,), timeout=left)
+    if not ended.done():
+        log.error("a write cancelled while the inventory's writer ran it had not ended after "
+                  "%.0f s; its caller is told it was cancelled, though it may yet be "
+                  "committed", CANCELLED_WRITE_WAIT)
+        raise cancel
+    if ended.exception() is not None:
+        raise cancel  # failed: nothing was written, and the caller asked to stop
+    me = asyncio.current_task()
+    assert me is not None
+    me.uncancel()  # the same cancel, counted once (asyncio.timeout counts them)
+    me.cancel(*cancel.args)
+    return ended.result()
 
 
 async def _stop(pool: ThreadPoolExecutor | None, closing: Callable[[], None]) -> None:

@@ -38,6 +38,7 @@ from netboot.model import (
     Profile,
     Scope,
 )
+from tests.held_store import held_writer, write_lock, writes_waiting
 from tests.killed import killed_after
 
 MAC1 = "02:00:00:00:00:01"
@@ -1124,3 +1125,46 @@ async def test_an_updated_machines_token_is_never_written_in_clear(tmp_path: Pat
     conn.close()
     assert len(rows) == 2 and not any(secret in r for r in rows), rows
     assert not any(secret.encode() in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+
+
+async def test_a_write_cancelled_once_its_thread_began_it_returns_as_committed(
+        tmp_path: Path) -> None:
+    """The writer thread cannot be stopped once it has begun a write: cancelled then, the
+    caller waits for it and is told what it did (committed: it returns, and the cancel comes
+    at its next wait), not "cancelled" for what is on disk; cancelled while the write still
+    waited in the thread's queue, the write never runs."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    said: list[str] = []
+
+    async def writer(kind: str) -> None:
+        await store.apply_batch(Batch(events=(Event("m1", 1.0, kind, kind),)))
+        said.append(kind)
+        await asyncio.sleep(0)
+        said.append("went on after its cancel")
+
+    try:
+        gate = held_writer(store)
+        with write_lock(store) as release:
+            try:
+                begun_one = asyncio.ensure_future(writer("begun"))
+                await asyncio.sleep(0.05)  # submitted: the first in the thread's queue
+                queued = asyncio.ensure_future(writer("queued"))
+                await asyncio.sleep(0.05)
+                assert writes_waiting(store) == 2
+            finally:
+                gate.set()
+            await asyncio.sleep(0.1)  # the thread took the first: it waits for the lock
+            assert writes_waiting(store) == 1
+            begun_one.cancel()
+            queued.cancel()
+            await asyncio.sleep(0.05)
+            assert not begun_one.done()  # waiting for the thread, not told "cancelled"
+            release()
+            for task in (begun_one, queued):
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 30)
+        assert said == ["begun"]
+        assert [e.kind for e in await store.list_events("m1")] == ["begun"]
+    finally:
+        await store.close()
