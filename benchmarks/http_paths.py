@@ -482,7 +482,63 @@ class Measured:
     p99_ms: float
     errors: int
     cpu_us: float = float("nan")  # the server's CPU per request
-    detail: str = ""  # wrk's lines that counted the errors, if any
+    detail: str = ""  # wrk's lines that counted the errors, if any, and what each kind is
+    requests: int = 0  # answers wrk read (0: not said)
+    clock_step: float = 0.0  # how far the wall clock moved beyond the run's own time (s)
+
+
+# wrk's time units (its format_time_us).
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# wrk's runtime off from the monotonic clock's by more than this: the wall clock was stepped.
+CLOCK_STEP = 1.0
+# What each of wrk's error counts is (wrk 4.1's src/wrk.c). A server that closes a connection
+# cleanly (FIN), even with a request unanswered, is counted nowhere: wrk reconnects quietly.
+KINDS = {
+    "connect": "connect: the connection was refused or failed",
+    "read": "read: the connection was reset (RST) or its response was malformed",
+    "write": "write: a request could not be sent (the connection was reset)",
+    "timeout": "timeout: answers later than --timeout, timed by wrk's wall clock "
+               "(gettimeofday): one per connection waiting when the server stalled that long, "
+               "or when the clock was stepped (wrk's count, no error of the server's)",
+    "status": "status: answers with a status of 400 or more (the server's)",
+}
+
+
+def read_wrk(out: str, elapsed: float) -> Measured:
+    """wrk's report, and ``elapsed``: the run's time on the monotonic clock. wrk times
+    everything with gettimeofday: a step of the wall clock during a run (a time sync) makes
+    its runtime, so its req/s, wrong, and turns each request waiting at the step into a
+    "timeout" (it measures > --timeout, or < 0 seen unsigned): 50 timeouts at 50 connections
+    for one step, req/s and CPU/request off by the same factor (benchmarks/README.md,
+    s26-errors: reproduced with the clock stepped for wrk alone). Such a run's req/s is then
+    its answers over the monotonic time, and its timeouts are not counted as errors."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    p99_ms = float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),", out)
+    requests = int(done.group(1)) if done else 0
+    step = float(done.group(2)) * _UNITS[done.group(3)] - elapsed if done else 0.0
+    stepped = abs(step) > CLOCK_STEP
+    if stepped:
+        rps = requests / elapsed
+    counts = dict.fromkeys(KINDS, 0)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                     out)
+    if sock:
+        for kind, n in zip(("connect", "read", "write", "timeout"), sock.groups(), strict=True):
+            counts[kind] = int(n)
+    status = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if status:
+        counts["status"] = int(status.group(1))
+    said = [f"{n} {KINDS[kind]}" for kind, n in counts.items() if n]
+    if stepped:
+        said.insert(0, f"the wall clock moved {step:+.1f} s during this run (wrk's runtime "
+                       f"{elapsed + step:.1f} s, the run's {elapsed:.1f} s): req/s taken as "
+                       f"{requests:,} answers over {elapsed:.1f} s, its timeouts not counted")
+    errors = sum(n for kind, n in counts.items() if not (stepped and kind == "timeout"))
+    return Measured(rps, p99_ms, errors, detail="; ".join(said), requests=requests,
+                    clock_step=step if stepped else 0.0)
 
 
 def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int,
@@ -492,22 +548,14 @@ def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int,
     if not row.path:
         argv += ["-s", str(script)]
     argv.append(f"http://{HOST}:{port}{row.path or '/'}")
+    started = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                          env={**os.environ, "NB_ENROLLED": str(row.machines or enrolled),
                               "NB_FIRST": str(first), "NB_KIND": row.kind,
                               "NB_SEED": str(seed),
                               "NB_TOKEN_TAIL": TOKEN_TAIL},
                          check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    p99_ms = float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")
-    errors, said = 0, []
-    for m in re.finditer(r"Non-2xx or 3xx responses:\s+(\d+)|Socket errors: connect (\d+), "
-                         r"read (\d+), write (\d+), timeout (\d+)", out):
-        errors += sum(int(g) for g in m.groups() if g)
-        said.append(m.group(0))
-    return Measured(rps, p99_ms, errors, detail="; ".join(said))
+    return read_wrk(out, time.monotonic() - started)
 
 
 def log_problems(run: Path, last: int = 20) -> list[str]:
@@ -557,7 +605,9 @@ def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: P
                     with crossing(server, port, pids, row, first, args.enrolled) as crossed:
                         m = wrk(port, row, args.duration, script, args.enrolled, first,
                                 round_)
-                    answered = max(1.0, m.rps * args.duration)
+                    # wrk's count, not req/s times the duration: that is off when the wall
+                    # clock was stepped during the run (read_wrk).
+                    answered = max(1.0, m.requests or m.rps * args.duration)
                     m.cpu_us = (cpu_of(pids) - cpu) / answered * 1e6
                     loop_us = (sum(map(loop_seconds, pids)) - loop) / answered * 1e6
                     runs.setdefault((server, row.name), []).append(m)
@@ -565,7 +615,7 @@ def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: P
                           f"{m.p99_ms:.1f} ms, {m.errors} errors, "
                           f"{m.cpu_us:,.0f} µs CPU/request (main thread {loop_us:,.0f})"
                           + "".join(f"; {c}" for c in crossed), flush=True)
-                    if m.errors:
+                    if m.detail:
                         print(f"    wrk: {m.detail}", flush=True)
                         if server != "nginx":
                             for line in log_problems(tmp / server):
