@@ -504,14 +504,16 @@ KINDS = {
 }
 
 
-def read_wrk(out: str, elapsed: float) -> Measured:
+def read_wrk(out: str, elapsed: float, duration: float | None = None) -> Measured:
     """wrk's report, and ``elapsed``: the run's time on the monotonic clock. wrk times
     everything with gettimeofday: a step of the wall clock during a run (a time sync) makes
     its runtime, so its req/s, wrong, and turns each request waiting at the step into a
     "timeout" (it measures > --timeout, or < 0 seen unsigned): 50 timeouts at 50 connections
     for one step, req/s and CPU/request off by the same factor (benchmarks/README.md,
     s26-errors: reproduced with the clock stepped for wrk alone). Such a run's req/s is then
-    its answers over the monotonic time, and its timeouts are not counted as errors."""
+    its answers over the monotonic time, and its timeouts are not counted as errors. A run
+    that took much longer than its ``duration`` (wrk, or the whole machine, stopped: both
+    clocks move on) is said: its timeouts are that stop's."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -536,6 +538,9 @@ def read_wrk(out: str, elapsed: float) -> Measured:
         said.insert(0, f"the wall clock moved {step:+.1f} s during this run (wrk's runtime "
                        f"{elapsed + step:.1f} s, the run's {elapsed:.1f} s): req/s taken as "
                        f"{requests:,} answers over {elapsed:.1f} s, its timeouts not counted")
+    if duration is not None and elapsed > duration + CLOCK_STEP + 1.0:
+        said.insert(0, f"this {duration:g} s wrk run took {elapsed:.1f} s: wrk itself (or "
+                       "the whole machine) was stopped meanwhile")
     errors = sum(n for kind, n in counts.items() if not (stepped and kind == "timeout"))
     return Measured(rps, p99_ms, errors, detail="; ".join(said), requests=requests,
                     clock_step=step if stepped else 0.0)
@@ -555,7 +560,7 @@ def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int,
                               "NB_SEED": str(seed),
                               "NB_TOKEN_TAIL": TOKEN_TAIL},
                          check=True).stdout
-    return read_wrk(out, time.monotonic() - started)
+    return read_wrk(out, time.monotonic() - started, duration)
 
 
 def log_problems(run: Path, last: int = 20) -> list[str]:

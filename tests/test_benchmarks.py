@@ -61,3 +61,6 @@ def test_http_paths_tells_a_clock_step_from_the_servers_errors(
     assert stepped.rps == pytest.approx(376319 / 10.05)  # not wrk's 12,121
     assert stepped.p99_ms == 4.87
     assert stepped.detail.startswith("the wall clock moved +21.0 s during this run")
+    stopped = http_paths.read_wrk(STEPPED, 31.1, 10)  # wrk stopped 21 s: both clocks moved
+    assert (stopped.errors, stopped.clock_step) == (50, 0.0)
+    assert stopped.detail.startswith("this 10 s wrk run took 31.1 s")
