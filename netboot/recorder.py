@@ -414,6 +414,7 @@ class Recorder:
             return
         relearnt: list[tuple[Machine, Machine]] = []
         away: str | None = None  # the inventory went away after the events were written
+        written = False  # the events are committed
         try:
             events = await self._drop_repeats(queued)
             relearnt = await self._relearn(learned)
@@ -424,11 +425,22 @@ class Recorder:
                 if strict or not relearnt or isinstance(exc, StoreError):
                     raise
                 refused = exc
+            else:
+                written = True
             if refused is not None:  # awaited outside the handler: see _write_group
                 # Refused, perhaps for a learnt fact (another server moved that machine
                 # since it was read): the events without them, then each machine alone.
                 await self._store.apply_batch(_with(batch, events, []))
+                written = True
                 relearnt, away = await self._each_alone(relearnt, learned)
+        except asyncio.CancelledError:
+            # Cancelled (at shutdown) before they were committed (the store tells a write
+            # its thread began as it ended): the notes and facts taken stay queued for the
+            # next write (close()'s flush), not dropped.
+            if not written:
+                self._queue[:0] = queued
+                self._keep_learned(learned)
+            raise
         except NetbootError as exc:
             self._queue[:0] = queued  # kept, in order, before anything queued meanwhile
             if strict:
@@ -436,8 +448,7 @@ class Recorder:
             if isinstance(exc, StoreError):
                 # Notes about boots and facts, acknowledged to no one: kept for when the
                 # inventory is back (no write is tried until flush() is called again).
-                for machine_id, redos in learned.items():
-                    self._learned[machine_id] = [*redos, *self._learned.get(machine_id, ())]
+                self._keep_learned(learned)
                 if self.failing is None:
                     self._log.error("could not record %d boot events and facts of %d "
                                     "machines, keeping them until the inventory answers: %s",
@@ -459,6 +470,12 @@ class Recorder:
         for machine_id, said in codec.event_sayings(batch.events):
             self._said(machine_id, said, None)
         await self._relearnt(relearnt)
+
+    def _keep_learned(self, learned: dict[str, list[Callable[[Machine], Machine]]]) -> None:
+        """Facts taken by a write that did not store them: kept for the next, before any
+        learnt meanwhile."""
+        for machine_id, redos in learned.items():
+            self._learned[machine_id] = [*redos, *self._learned.get(machine_id, ())]
 
     async def _each_alone(self, relearnt: list[tuple[Machine, Machine]],
                           learned: dict[str, list[Callable[[Machine], Machine]]],

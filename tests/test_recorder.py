@@ -671,9 +671,11 @@ async def test_a_group_cancelled_while_the_thread_writes_it_leaves_its_caller_wr
 async def test_a_group_cancelled_before_the_thread_took_its_write_is_told_not_written(
         stores: tuple[SqliteStore, SqliteStore]) -> None:
     """The other side: cancelled while its write still waited in the thread's queue, the
-    write never runs and its caller is told so (not made to wait for it)."""
+    write never runs and its caller is told so (not made to wait for it); the boot note
+    queued before it, which that write had taken, stays queued for the next write."""
     own, other = stores
     recorder = Recorder(own, delay=3600)
+    recorder.record(ev("note"))
     gate = held_writer(own)
     try:
         task = asyncio.ensure_future(recorder.commit(Batch(events=(ev("lost"),))))
@@ -683,7 +685,37 @@ async def test_a_group_cancelled_before_the_thread_took_its_write_is_told_not_wr
             t.cancel()
         done, _ = await asyncio.wait((task,), timeout=5)
         assert task in done and task.cancelled()
+        assert recorder.queued == 1
     finally:
         gate.set()
     await recorder.close()
-    assert await kinds(other) == []
+    assert await kinds(other) == ["note"]
+
+
+async def test_a_flush_cancelled_before_its_write_began_keeps_what_it_took(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A flush cancelled at shutdown while its write waits for the writer thread: the notes
+    and facts it took are not written, and stay queued for close()'s flush (they were
+    dropped: lost history)."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+
+    async def newest(ids: Collection[str]) -> dict[str, Machine | None]:
+        return dict.fromkeys(ids)  # gone: the facts change nothing when written
+
+    recorder.newest = newest
+    recorder.record(ev("note"))
+    recorder.learned("m2", lambda m: m)
+    gate = held_writer(own)
+    try:
+        flush = asyncio.ensure_future(recorder.flush())
+        await until_waiting(own)
+        flush.cancel()
+        done, _ = await asyncio.wait((flush,), timeout=5)
+        assert flush in done and flush.cancelled()
+        assert recorder.queued == 1
+        assert recorder.backlog == 2  # the note, and the facts of one machine
+    finally:
+        gate.set()
+    await recorder.close()
+    assert await kinds(other) == ["note"]
