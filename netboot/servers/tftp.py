@@ -432,7 +432,8 @@ class _Link:
 
     An ended transfer's socket is kept, still connected to its client and in the epoll set,
     and the next transfer connects it to its own client (:meth:`connect`, :meth:`remove`):
-    what a kept socket receives is answered as the data socket answers a stranger."""
+    what a kept socket receives is answered as the data socket answers a stranger. One left
+    unused for the server's ``spare_idle`` seconds is closed (:meth:`_sweep_spares`)."""
 
     BATCH = 128  # datagrams per wake-up at most: the loop's other work is not starved
     # ACKs are 4 bytes, a client's ERROR at most a few hundred; longer is truncated,
@@ -458,9 +459,13 @@ class _Link:
         self._transfers: dict[int, _Transfer] = {}  # by their socket's descriptor
         # Ended transfers' sockets kept for the next transfers (see connect): by the client
         # each is still connected to, oldest first, and that client by descriptor (a
-        # datagram of its, read by _ready, is a stranger's). Still in the epoll set.
+        # datagram of its, read by _ready, is a stranger's) with the _spare_tick it was kept
+        # at (see _sweep_spares). Still in the epoll set.
         self._spare: OrderedDict[Address, _socket.socket] = OrderedDict()
-        self._spare_peers: dict[int, Address] = {}
+        self._spare_peers: dict[int, tuple[Address, int]] = {}
+        # The idle kept sockets' sweep: armed only while sockets are kept, its ticks counted.
+        self._spare_sweep: asyncio.TimerHandle | None = None
+        self._spare_tick = 0
         self._reused: _socket.socket | None = None  # the spare connect() handed out last
         self._epoll = select.epoll()
         self._probe = select.poll()  # what a kept socket holds when taken again (connect)
@@ -483,6 +488,9 @@ class _Link:
         self.send_block: Callable[[_socket.socket, bytes], int] = _socket.socket.send
 
     def close(self) -> None:
+        if self._spare_sweep is not None:
+            self._spare_sweep.cancel()
+            self._spare_sweep = None
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self.sock.fileno())
         with contextlib.suppress(Exception):
@@ -513,7 +521,7 @@ class _Link:
             if sock is None:
                 _, sock = spare.popitem(last=False)
             self.server.spares -= 1
-            old = self._spare_peers.pop(sock.fileno())
+            old = self._spare_peers.pop(sock.fileno())[0]
             try:
                 sock.connect(peer)
             except OSError:
@@ -578,6 +586,32 @@ class _Link:
         sock.close()  # out of the epoll set with it (see remove)
         return True
 
+    def _sweep_spares(self) -> None:
+        """Close the kept sockets that no transfer took for ``spare_idle`` seconds, checked
+        every ``spare_idle`` seconds while any is kept: one unused since the tick before last
+        goes, between one and two ``spare_idle`` after its transfer ended. A storm's
+        sockets, up to ``max_transfers`` of them, were otherwise held until shutdown (what
+        dnsmasq and tftpd-hpa never hold: a socket per transfer, closed at its end). A tick
+        number recorded when a socket is kept, not a clock read per transfer's end; the
+        oldest are first (kept in order, taken from anywhere), so the walk stops at the
+        first one kept since. A socket a transfer holds is not in ``_spare`` and is never
+        seen here."""
+        self._spare_tick += 1
+        stale = self._spare_tick - 2
+        spare, peers = self._spare, self._spare_peers
+        idle: list[Address] = []
+        for peer, sock in spare.items():
+            if peers[sock.fileno()][1] > stale:
+                break
+            idle.append(peer)
+        for peer in idle:
+            sock = spare.pop(peer)
+            del peers[sock.fileno()]
+            sock.close()  # out of the epoll set with it (see remove)
+        self.server.spares -= len(idle)
+        self._spare_sweep = (self._loop.call_later(self.server.spare_idle, self._sweep_spares)
+                             if spare else None)
+
     def add(self, transfer: _Transfer) -> None:
         fd = transfer.sock.fileno()
         reused = self._reused
@@ -604,8 +638,11 @@ class _Link:
             peer = transfer.peer
             if peer not in self._spare:
                 self._spare[peer] = sock
-                self._spare_peers[fd] = peer
+                self._spare_peers[fd] = (peer, self._spare_tick)
                 server.spares += 1
+                if self._spare_sweep is None:
+                    self._spare_sweep = self._loop.call_later(server.spare_idle,
+                                                              self._sweep_spares)
                 return
         # Its close takes it out of the epoll set (the kernel drops a registration with the
         # last descriptor of its file, and a transfer's socket has no other): no
@@ -644,9 +681,9 @@ class _Link:
                     # A subscript, not .get(): no method call per block (~90 instructions).
                     transfer = transfers[fd]
                 except KeyError:  # ended earlier in this batch, or a spare's
-                    peer = self._spare_peers.get(fd)
-                    if peer is not None:
-                        self._read_spare(self._spare[peer], peer, self.BATCH)
+                    kept = self._spare_peers.get(fd)
+                    if kept is not None:
+                        self._read_spare(self._spare[kept[0]], kept[0], self.BATCH)
                     continue
                 sock = transfer.sock
                 try:
@@ -958,6 +995,7 @@ class TftpServer:
         ack_spin: float = 0.0001,
         cache_size: int = 64 << 20,
         cache_file_size: int = 16 << 20,
+        spare_idle: float = 5.0,
         observer: TftpObserver | None = None,
     ) -> None:
         self._files = files
@@ -992,6 +1030,10 @@ class TftpServer:
         self._rearm_below = math.inf
         self._opening: set[Address] = set()
         self.spares = 0  # ended transfers' sockets the links keep for the next (_Link.remove)
+        # Seconds a kept socket may stay unused before it is closed (_Link._sweep_spares):
+        # long enough for a storm's next starts to take it (EDK2's download follows its size
+        # probe within milliseconds), short enough that a storm's sockets are not held after.
+        self.spare_idle = spare_idle
         self._per_client: Counter[str] = Counter()
         self._closing = False
 
