@@ -328,12 +328,11 @@ class Content:
         install's plan is never a kept one: it keeps nothing and looks at nothing more
         (looking cost ~4 % of a first install's loop instructions). Its render was ~a fifth
         of the loop's work per install asked again (session 25)."""
-        if not self._boot.repeated(plan):
-            return self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
-        made_of = self._install_made_of(name, plan)
-        kept = self._installs.get(plan.mac)
-        if made_of is not None and kept is not None and kept[0] is plan and kept[1] == made_of:
-            return kept[2]
+        made_of = self._install_made_of(name, plan) if self._boot.repeated(plan) else None
+        if made_of is not None:
+            kept = self._installs.get(plan.mac)
+            if kept is not None and kept[0] is plan and kept[1] == made_of:
+                return kept[2]
         text = self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
         if made_of is not None:
             _keep(self._installs, plan.mac, (plan, made_of, text), INSTALLS_KEPT)
