@@ -514,19 +514,22 @@ class Content:
         # Only during an install (booting, installing): the config carries the cluster's join
         # token, which an installed or registered machine no longer needs (409 naming its
         # state); an unknown MAC and a wrong token get the same 401, leaking nothing.
+        # A token that opens the config is checked without waiting (only a refusal records
+        # an event): the view is as machine_by_mac synced it, not synced again.
         machine = await self._enroller.check_token(
             found, token, lifecycle.Trigger.CONFIG_FETCHED,
             refused="a valid install token is required for this machine's config")
-        return await self.config_plan(machine, token, mac=mac)
+        return await self.config_plan(machine, token, mac=mac, synced=True)
 
     async def config_plan(self, machine: Machine, token: str | None, *, claim: bool = True,
                           request: BootRequest | None = None,
-                          mac: MacAddress | None = None) -> BootPlan:
+                          mac: MacAddress | None = None, synced: bool = False) -> BootPlan:
         """The plan a per-machine config is rendered from (the server's and ``netboot render``'s
         alike). ``claim=False`` for dry runs that must not pick the cluster-init node; ``mac``
-        is the NIC it is asked for (default: the machine's primary one)."""
+        is the NIC it is asked for (default: the machine's primary one); ``synced``: see
+        BootService.config_plan."""
         return await self._boot.config_plan(machine, token=token, request=request, claim=claim,
-                                            mac=mac,
+                                            mac=mac, synced=synced,
                                             reason=f"config for {machine.state!s} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:
