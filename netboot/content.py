@@ -328,12 +328,11 @@ class Content:
         install's plan is never a kept one: it keeps nothing and looks at nothing more
         (looking cost ~4 % of a first install's loop instructions). Its render was ~a fifth
         of the loop's work per install asked again (session 25)."""
-        if not self._boot.repeated(plan):
-            return self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
-        made_of = self._install_made_of(name, plan)
-        kept = self._installs.get(plan.mac)
-        if made_of is not None and kept is not None and kept[0] is plan and kept[1] == made_of:
-            return kept[2]
+        made_of = self._install_made_of(name, plan) if self._boot.repeated(plan) else None
+        if made_of is not None:
+            kept = self._installs.get(plan.mac)
+            if kept is not None and kept[0] is plan and kept[1] == made_of:
+                return kept[2]
         text = self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
         if made_of is not None:
             _keep(self._installs, plan.mac, (plan, made_of, text), INSTALLS_KEPT)
@@ -515,19 +514,22 @@ class Content:
         # Only during an install (booting, installing): the config carries the cluster's join
         # token, which an installed or registered machine no longer needs (409 naming its
         # state); an unknown MAC and a wrong token get the same 401, leaking nothing.
+        # A token that opens the config is checked without waiting (only a refusal records
+        # an event): the view is as machine_by_mac synced it, not synced again.
         machine = await self._enroller.check_token(
             found, token, lifecycle.Trigger.CONFIG_FETCHED,
             refused="a valid install token is required for this machine's config")
-        return await self.config_plan(machine, token, mac=mac)
+        return await self.config_plan(machine, token, mac=mac, synced=True)
 
     async def config_plan(self, machine: Machine, token: str | None, *, claim: bool = True,
                           request: BootRequest | None = None,
-                          mac: MacAddress | None = None) -> BootPlan:
+                          mac: MacAddress | None = None, synced: bool = False) -> BootPlan:
         """The plan a per-machine config is rendered from (the server's and ``netboot render``'s
         alike). ``claim=False`` for dry runs that must not pick the cluster-init node; ``mac``
-        is the NIC it is asked for (default: the machine's primary one)."""
+        is the NIC it is asked for (default: the machine's primary one); ``synced``: see
+        BootService.config_plan."""
         return await self._boot.config_plan(machine, token=token, request=request, claim=claim,
-                                            mac=mac,
+                                            mac=mac, synced=synced,
                                             reason=f"config for {machine.state!s} machine")
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:

@@ -602,7 +602,7 @@ class _YamlShapes:
             self._patterns.clear()
             patterns = self._patterns[key] = []
         if len(patterns) < _MAX_SHAPE_FORMS:
-            patterns.append(_FormPattern(marked, kinds))
+            patterns.append(_FormPattern(marked, kinds, before))
         self._compiled.add(form)
         _keep(self._again, name, _PLAIN_MISSES, _MAX_SHAPES)
 
@@ -648,11 +648,19 @@ class _FormPattern:
     ended. The same answer as one regular expression of the whole form (the tests keep
     one): a sequence of literals and possessive runs, each of which matches in one way from
     where the one before ended; but a literal is compared at memcmp's speed, not a
-    character at a time (a CA's PEM verbatim was half of a k3OS config's check)."""
+    character at a time (a CA's PEM verbatim was half of a k3OS config's check).
+
+    A double-quoted value (``q``) that differs from the one of the form's text before
+    (``before``) in its plain runs alone is matched first by its own form (:func:`_quoted_form`):
+    that text's escapes and the runs alike in both, a possessive plain run where they
+    differ; any other quoted value by ``_QUOTED``, in the same pattern's other branch. The
+    same answer: what the own form matches is a quote, complete escapes and plain
+    characters, a quote, which ``_QUOTED`` matches to the same end."""
 
     __slots__ = ("parts",)
 
-    def __init__(self, marked: _Marked, kinds: str) -> None:
+    def __init__(self, marked: _Marked, kinds: str,
+                 before: tuple[str, ...] | None = None) -> None:
         pieces, values = marked.pieces, marked.values
         parts: list[str | re.Pattern[str]] = []
         literal = [pieces[0]]
@@ -663,7 +671,8 @@ class _FormPattern:
             else:
                 if literal:
                     parts.append("".join(literal))
-                parts.append(_QUOTED if kind == "q"
+                own = _quoted_form(before[i], value) if kind == "q" and before else None
+                parts.append(own if own is not None else _QUOTED if kind == "q"
                              else re.compile(_printable_but(_stop(values, kinds, i, after))))
                 literal = []
             literal.append(after)
@@ -685,6 +694,43 @@ class _FormPattern:
                     return None
                 at = found.end()
         return True if at == len(text) else None
+
+
+# A double-quoted scalar's escapes, its text cut at them (_quoted_form): plain runs, each
+# maybe empty, and between them the escapes.
+_QUOTED_ESCAPE = re.compile(r'(\\u[0-9a-fA-F]{4}|\\.)')
+_PLAIN_RUN = r"[\x20\x21\x23-\x5b\x5d-\x7e]*+"  # _QUOTED's plain characters
+
+
+def _quoted_form(before: str, value: str) -> re.Pattern[str] | None:
+    """The pattern of double-quoted value ``value`` whose form's text before had ``before``
+    there (see :class:`_FormPattern`): first its own form, its escapes and plain runs, each
+    run that differs from ``before``'s at its place a possessive ``_PLAIN_RUN``, the rest
+    literal; else ``_QUOTED``. None where the two do not have their escapes at the same
+    places, or the own form would be all runs (``_QUOTED`` alone then: as fast). A run
+    stands between escapes or the quotes, so ``_PLAIN_RUN`` stops where the literal after it
+    starts (an escape's backslash, the closing quote) and takes every plain text there (none
+    too): a value whose run needs an escape, or has one more, is ``_QUOTED``'s.
+    The literal is compared a character at a time too, but at ~3 times the speed of
+    ``_QUOTED``'s class and escapes: 1.0 against 2.5 µs a shipped config's register command
+    (~750 characters, ~50 escapes), ~2/3 of the check's regular expressions' work."""
+    if not _QUOTED.fullmatch(before) or not _QUOTED.fullmatch(value):
+        return None
+    mine, theirs = _QUOTED_ESCAPE.split(value[1:-1]), _QUOTED_ESCAPE.split(before[1:-1])
+    if len(mine) != len(theirs):
+        return None
+    own, literal = ['"'], False
+    for i, (token, other) in enumerate(zip(mine, theirs, strict=True)):
+        if token == other:
+            own.append(re.escape(token))
+            literal = literal or token != ""
+        elif i % 2:
+            return None  # another escape there
+        else:
+            own.append(_PLAIN_RUN)
+    if not literal:
+        return None
+    return re.compile("(?:" + "".join(own) + '"|' + _QUOTED_IN_TEXT + ")")
 
 
 def _stop(values: tuple[str, ...], kinds: str, i: int, after: str) -> str:

@@ -649,3 +649,22 @@ async def test_two_registrations_with_one_token_one_wins_with_one_audit_entry(st
     assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], NetbootError), done
     assert [a.outcome for a in await store.list_audit()] == ["200"]
     assert [e.kind for e in await store.list_events(won[0].id)].count("registered") == 1
+
+
+def test_a_token_that_opens_a_config_is_checked_without_waiting() -> None:
+    """check_token's answer for a machine's own token, not expired, comes without a wait
+    (a coroutine done at its first step): Content.authorised_plan reads the machine from the
+    view it synced, then plans without syncing again (BootService.config_plan's
+    ``synced``), which holds only while nothing else ran in between."""
+    import hashlib
+
+    from netboot import lifecycle
+
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:0c:01"),),
+                      state=MachineState.BOOTING, token_hash=hashlib.sha256(b"tok").hexdigest(),
+                      token_expires=None)
+    enroller = Enroller(MemoryStore())
+    step = enroller.check_token(machine, "tok", lifecycle.Trigger.CONFIG_FETCHED, refused="no")
+    with pytest.raises(StopIteration) as done:
+        step.send(None)
+    assert done.value.value is machine

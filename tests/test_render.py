@@ -1219,6 +1219,7 @@ def test_a_forms_pattern_matched_piece_by_piece_answers_as_the_whole_pattern() -
     text before it ended) says what the form's whole pattern says, on texts made of the
     form's pieces with values of every class and of none (a quote, a line break, the stop
     character of a printable value, a value missing or doubled)."""
+    import itertools
     import random
     import re
 
@@ -1236,15 +1237,24 @@ def test_a_forms_pattern_matched_piece_by_piece_answers_as_the_whole_pattern() -
         return "".join(parts)
 
     pieces = ("# for ", ": x\nk: ", "\nurl: ", " # ", "\n", "")
-    values = ("edge-1", '"v1"', '"https://a"', "note", "tail")
+    values = ("edge-1", '"v1 \\"m\\": \\"a1\\"\\u0027 t"', '"https://a"', "note", "tail")
+    # The values of the form's text before (a quoted value's own form: its escapes and the
+    # runs alike, _quoted_form), or none.
+    befores = (None, ("edge-0", '"v0 \\"m\\": \\"a0\\"\\u0027 t"', '"https://b"', "n", "t"),
+               ("edge-0", '"v0 \\"m\\": \\"a1\\"\\u0027 t"', '"x\\"y"', "n", "t"))
     kinds_of = ("cqvcb", "cqqcv", "vvqbc", "cqqcc")
     marked = _Marked("", pieces, values)
     draw = random.Random(10)
     choices = ["edge-2", "a:b", '"v\\"2"', '"bad\\x"', '"https://a"', "note", "", " ", "\n",
-               '"', "tail", "x\x7f", '"u\\u00e9"', '"s\\ud800"']
-    for kinds in kinds_of:
+               '"', "tail", "x\x7f", '"u\\u00e9"', '"s\\ud800"',
+               '"v2 \\"m\\": \\"a2\\"\\u0027 t"', '"v2 \\"m\\": \\"a\\u00e9\\"\\u0027 t"',
+               '" \\"m\\": \\"\\"\\u0027 t"', '"v2 \\"m\\": \\"a"2\\"\\u0027 t"',
+               '"v2 \\"m\\": \\"a2\\"\\u0027 t', '"v2 \\"m\\": \\"a\\"\\"\\u0027 t"',
+               '"v2 \\"m\\": \\"a2\\"\\ud800 t"', '"v2 \\"m\\": \\"a\x7f\\"\\u0027 t"',
+               '"v2 \\"m\\": \\"a2\\"\\u0027 t" #', '"v1 \\"m\\": \\"a1\\"\\u0027 t"']
+    for kinds, before in itertools.product(kinds_of, befores):
         whole = re.compile(whole_pattern(marked, kinds))
-        form = _FormPattern(marked, kinds)
+        form = _FormPattern(marked, kinds, before)
         for _ in range(3_000):
             vals = [draw.choice(choices) if draw.random() < 0.7 else v for v in values]
             text = pieces[0] + "".join(v + p for v, p in zip(vals, pieces[1:], strict=True))
@@ -1252,6 +1262,45 @@ def test_a_forms_pattern_matched_piece_by_piece_answers_as_the_whole_pattern() -
                 text = text[:draw.randrange(len(text) + 1)]  # cut short
             assert (whole.fullmatch(text) is not None) == (form.fullmatch(text) is not None), \
                 (kinds, text)
+
+
+def test_a_quoted_values_own_form_ends_where_the_quoted_pattern_does() -> None:
+    """A double-quoted value's own form (render._quoted_form: the escapes and runs alike in
+    two texts literal, a plain run where they differ, else _QUOTED) matches what _QUOTED
+    matches, to the same end, on texts drawn from the two with runs and escapes replaced
+    (quotes, backslashes, controls, non-ASCII, escapes valid and not, text after)."""
+    import random
+
+    from netboot.render import _QUOTED, _quoted_form
+
+    draw = random.Random(26)
+    run = ["", "a", "edge-7", "02:00:00:00:01:02", " x y ", '"', "\\", "\x7f", "é", "\n",
+           "\\u00e9", "\\ud800", "\\x", "\\\"", "'", "z" * 40]
+    escapes = ['\\"', "\\\\", "\\u0027", "\\n", "\\u003c", "\\ud800", "\\q"]
+    used = 0
+    for _ in range(300):
+        count = draw.randrange(5)
+        runs = [draw.choice(run[:5]) for _ in range(count + 1)]
+        escs = [draw.choice(escapes[:5]) for _ in range(count)]
+
+        def text(runs: list[str], escs: list[str]) -> str:
+            return '"' + "".join(r + e for r, e in zip(runs, [*escs, ""], strict=True)) + '"'
+
+        before = text([draw.choice(run[:5]) if draw.random() < 0.5 else r for r in runs],
+                      escs)
+        own = _quoted_form(before, text(runs, escs))
+        if own is None:
+            continue
+        used += 1
+        for _ in range(60):
+            rs = [draw.choice(run) if draw.random() < 0.4 else r for r in runs]
+            es = [draw.choice(escapes) if draw.random() < 0.1 else e for e in escs]
+            t = text(rs, es) + draw.choice(["", '"', " #", "x"])
+            if draw.random() < 0.1:
+                t = t[:draw.randrange(len(t) + 1)]
+            a, b = own.match(t), _QUOTED.match(t)
+            assert (a and a.end()) == (b and b.end()), (before, t)
+    assert used > 100, used
 
 
 def test_tojson_of_more_strings_than_are_kept_writes_jinjas_text(tmp_path: Path) -> None:
