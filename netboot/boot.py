@@ -413,7 +413,8 @@ class BootService:
         self._log = logger or logging.getLogger(__name__)
         self._background: set[asyncio.Task[None]] = set()
         # NIC -> [its lock, how many hold it or wait for it] (_Locked): only while one does.
-        self._locks: dict[str, list[Any]] = {}
+        # Keyed by the MacAddress itself (bytes: equal NICs, equal keys), not its text.
+        self._locks: dict[MacAddress, list[Any]] = {}
         # NIC -> the last decision that wrote nothing, to answer its repeats (_recorded_plan);
         # oldest first, bounded.
         self._repeats: collections.OrderedDict[MacAddress, _Repeat] = collections.OrderedDict()
@@ -693,7 +694,7 @@ class BootService:
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
         for attempt in range(CAS_ATTEMPTS):
-            async with self._lock(str(request.mac)):
+            async with self._lock(request.mac):
                 # A sync per paced record was a quarter of its cost (the store's probe of
                 # its data version, benchmarks/README.md, session 10); a commit made from a
                 # view that missed another process's change fails its compare-and-set
@@ -719,7 +720,7 @@ class BootService:
                     if attempt == CAS_ATTEMPTS - 1:
                         raise
 
-    def _lock(self, mac: str) -> _Locked:
+    def _lock(self, mac: MacAddress) -> _Locked:
         """One lock per machine for read-modify-write on the boot path, forgotten as soon as
         no one holds it or waits for it."""
         return _Locked(self._locks, mac)
@@ -815,7 +816,7 @@ class BootService:
             return await self._plan(request, record=False)
         await self._recorder.room()  # a storm faster than its notes are written waits here
         for attempt in range(CAS_ATTEMPTS):
-            async with self._lock(str(request.mac)):
+            async with self._lock(request.mac):
                 # After the lock: what the previous request for this machine committed is
                 # seen. The lock orders this process's requests; StateChanged says another
                 # server moved the machine between our read and our write: decide again
@@ -1559,7 +1560,7 @@ class _Locked:
 
     __slots__ = ("_entry", "_held", "_key")
 
-    def __init__(self, held: dict[str, list[Any]], key: str) -> None:
+    def __init__(self, held: dict[Any, list[Any]], key: object) -> None:
         self._held = held
         self._key = key
 

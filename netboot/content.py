@@ -174,14 +174,15 @@ class Content:
         made = self._of_profile(profile, urls) if profile is not None else None
         pdict = made[0] if made is not None else {}
         k3s = plan.k3s
+        hexhyp = mac.hexhyp  # made once: three URLs and a name print it
         ctx: dict[str, Any] = {
-            "mac": str(mac), "mac_hexhyp": mac.hexhyp, "base_url": urls.base,
+            "mac": str(mac), "mac_hexhyp": hexhyp, "base_url": urls.base,
             "profile": pdict,
             "plan": {"action": str(plan.action), "reason": plan.reason,
                      "retry_seconds": plan.retry_seconds, "command": plan.command},
             "token": token,
-            "config_url": f"{urls.base}/config/{mac.hexhyp}" + (f"?token={token}" if token
-                                                                  else ""),
+            "config_url": f"{urls.base}/config/{hexhyp}" + (f"?token={token}" if token
+                                                            else ""),
             "instance_serial": int(machine.updated) if machine else 0,
         }
         if names is None or "machine" in names:
@@ -204,10 +205,10 @@ class Content:
                            "token": "", "labels": {}, "taints": [], "node_name": "",
                            "args": ["agent"]}
         if names is None or "nocloud_url" in names:
-            ctx["nocloud_url"] = (f"{urls.base}/nocloud/{mac.hexhyp}/"
+            ctx["nocloud_url"] = (f"{urls.base}/nocloud/{hexhyp}/"
                                   + (f"{token}/" if token else ""))
         if names is None or "events_url" in names:
-            ctx["events_url"] = f"{urls.base}/api/v1/machines/{mac.hexhyp}/events"
+            ctx["events_url"] = f"{urls.base}/api/v1/machines/{hexhyp}/events"
         if names is None or "register_command" in names:
             ctx["register_command"] = register_command(f"{urls.base}/api/v1/register", str(mac),
                                                        token, (k3s.node_name if k3s else ""),

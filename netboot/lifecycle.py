@@ -114,15 +114,18 @@ def allows(state: MachineState | None, trigger: Trigger) -> bool:
     return (state, trigger) in TRANSITIONS
 
 
-def apply(state: MachineState | None, trigger: Trigger, *, subject: str = "the machine",
-          ) -> MachineState:
+def apply(state: MachineState | None, trigger: Trigger, *,
+          subject: str | Machine = "the machine") -> MachineState:
     """The state after ``trigger`` in ``state``; raises TransitionRefused if the table has no
-    such edge. Pure: no store, no clock."""
+    such edge, naming ``subject`` (a machine by its ref). Pure: no store, no clock."""
     # Raised outside any except block: a mypyc build (setup.py) drops "from None" and would
     # chain the KeyError into the refusal's traceback.
     after = TRANSITIONS.get((state, trigger))
     if after is None:
-        raise TransitionRefused(subject, state, trigger, allowed(state))
+        # A machine named only here: its ref (its MAC's text) made for every step was ~600
+        # of a first install's loop instructions, for a message never made (session 26).
+        raise TransitionRefused(subject if isinstance(subject, str) else subject.ref, state,
+                                trigger, allowed(state))
     return after
 
 
@@ -135,7 +138,7 @@ def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> M
     """
     if "state" in changes or "updated" in changes:
         raise TypeError("advance() sets state and updated itself")
-    state = apply(machine.state, trigger, subject=machine.ref)
+    state = apply(machine.state, trigger, subject=machine)
     if state == machine.state and all(getattr(machine, k, changes) == v
                                       for k, v in changes.items()):  # unknown: replace says
         return machine

@@ -400,13 +400,17 @@ class Renderer:
         """Template ``name`` as it is now (marking its outputs) and the context names it
         reads; None where that cannot be told (it cannot be loaded, it takes in another
         template)."""
-        import jinja2
-
         env = self._marking_env
         try:
             template = self._fresh.template(env, name)
-        except jinja2.TemplateError:
-            return None, None
+        except Exception as exc:
+            # Jinja looked up only when one is raised (as in render): an import statement
+            # per install script was ~900 of its loop instructions.
+            import jinja2
+
+            if isinstance(exc, jinja2.TemplateError):
+                return None, None
+            raise
         kept = self._names.get(name)
         if kept is not None and kept[0] is template:
             return template, kept[1]

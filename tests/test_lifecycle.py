@@ -82,8 +82,15 @@ def test_every_refused_step(state: MachineState | None, trigger: Trigger) -> Non
     assert f"(allowed: {', '.join(allowed(state)) or 'nothing'})" in text
     if state is not None:
         machine = Machine(macs=(MacAddress.parse(MAC),), state=state, updated=1.0)
-        with pytest.raises(TransitionRefused):
+        with pytest.raises(TransitionRefused) as refused:
             advance(machine, trigger, 2.0, hostname="changed")
+        # advance() names the machine by its ref, made only for the refusal: its MAC, or
+        # its id where it has none.
+        assert str(refused.value) == text
+        nameless = Machine(macs=(), state=state, updated=1.0)
+        with pytest.raises(TransitionRefused) as refused:
+            advance(nameless, trigger, 2.0)
+        assert str(refused.value).startswith(f"{nameless.id} is ")
 
 
 def test_message_reads_as_an_answer() -> None:
