@@ -786,9 +786,20 @@ class BootService:
 
     async def machine_by_mac(self, mac: MacAddress) -> Machine | None:
         """The machine with this NIC as the inventory holds it now: from the view, synced
-        first (a store read per config fetch was a hop to its thread)."""
-        await self._view.sync()
-        return await self._view.machine_by("mac", str(mac))
+        first (a store read per config fetch was a hop to its thread). The view is synced
+        after the machine was read (what :meth:`config_plan`'s ``synced`` relies on): at
+        once from memory, nothing run in between; or, where the view cannot tell (not
+        loaded yet: a start-up storm's configs), read through the store, a wait during which
+        others commit, and the view synced again, so that a machine moved meanwhile to a
+        cluster or profile made meanwhile is not planned without it."""
+        view = self._view
+        await view.sync()
+        held = view.held("mac", mac.raw)
+        if not isinstance(held, Unseen):
+            return held
+        machine = await view.machine_by("mac", str(mac))
+        await view.sync()
+        return machine
 
     async def chain(self, machine: Machine | None, request: BootRequest,
                     ) -> tuple[LoaderChain | None, str]:
@@ -1143,9 +1154,10 @@ class BootService:
         """What a machine's per-machine config (k3OS, cloud-init) carries: its profile, cluster
         and how it joins. ``claim=False`` for dry runs that must not pick the init node;
         ``mac`` is the NIC the config was asked for (default: the machine's primary one).
-        ``synced``: the caller synced the view (it read ``machine`` by :meth:`machine_by_mac`)
-        and has not waited since: no other work ran, so a sync again would find what that one
-        left (a config fetch's second sync was ~4,600 of its ~500,000 loop instructions)."""
+        ``synced``: the caller synced the view after it read ``machine`` (by
+        :meth:`machine_by_mac`) and has not waited since: no other work ran, so a sync again
+        would find what that one left (a config fetch's second sync was ~4,600 of its
+        ~500,000 loop instructions)."""
         if not synced:
             await self._view.sync()
         group, profile, cluster, role = await self._effective(machine, request)

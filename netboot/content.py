@@ -516,7 +516,8 @@ class Content:
         # token, which an installed or registered machine no longer needs (409 naming its
         # state); an unknown MAC and a wrong token get the same 401, leaking nothing.
         # A token that opens the config is checked without waiting (only a refusal records
-        # an event): the view is as machine_by_mac synced it, not synced again.
+        # an event): the view is as machine_by_mac synced it (after its read of the
+        # machine), not synced again.
         machine = await self._enroller.check_token(
             found, token, lifecycle.Trigger.CONFIG_FETCHED,
             refused="a valid install token is required for this machine's config")

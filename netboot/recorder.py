@@ -485,7 +485,7 @@ class Recorder:
         for later. Those written, and why the inventory did not answer (None: it did)."""
         written = []
         away: str | None = None
-        for old, new in relearnt:
+        for i, (old, new) in enumerate(relearnt):
             if away is None:
                 try:
                     await self._store.apply_batch(Batch(update=(new,),
@@ -495,6 +495,13 @@ class Recorder:
                 except NetbootError as exc:
                     self._log.info("facts learnt about machine %s not stored: %s", new.id, exc)
                     continue
+                except asyncio.CancelledError:
+                    # Cancelled (at shutdown) before the store began this one (it tells a
+                    # begun write as it ended): its facts and the rest's stay queued for the
+                    # next write, as _write keeps what it took (the events are written, so
+                    # its handler keeps nothing).
+                    self._keep_learned({n.id: learned[n.id] for _, n in relearnt[i:]})
+                    raise
                 else:
                     written.append((old, new))
                     continue

@@ -585,3 +585,50 @@ async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(en
             assert content._machine_dict(machine, names) == _machine_dict(
                 machine, _machine_keys(names))
     assert content._machine_dict(machine, None) == machine_to_dict(machine, secrets=False)
+
+
+async def test_a_config_read_through_the_store_is_planned_from_a_view_as_new_as_its_machine(
+        env: Env) -> None:
+    """Until the view is loaded (start-up, a storm's first configs), a MAC it never saw is
+    read through the store: a wait after the view's sync, during which others commit. The
+    machine read then may be newer than the view's clusters and profiles; the plan must not
+    mix them (the machine moved to a cluster made meanwhile, planned with no cluster: a
+    config without its join). Content.authorised_plan skips config_plan's sync only where
+    the machine came from the synced view without a wait."""
+    from netboot.inventory.sqlite import SqliteStore
+    from tests.conftest import install_token
+
+    await env.seed()
+    mac = "52:54:00:00:00:7a"
+    await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    token = install_token(await boot(env, mac))
+    store = env.service.store
+    assert isinstance(store, SqliteStore)
+    view = env.service.boot._view
+    await view.sync()
+    view._clear()  # as at start-up: nothing held, not loaded
+    await view.list_groups()
+    await view.list_profiles()
+    await view.list_clusters()  # the settings held, the MAC not: read through
+    assert view.held_settings() is not None and not view.loaded
+    read = store.machines_by
+
+    async def moved_meanwhile(claims):  # type: ignore[no-untyped-def]
+        # Committed after the config fetch's sync, before its machine is read (another
+        # server, the CLI, an operator's API call while the read waits for its thread).
+        edge = await store.get_cluster("edge")
+        assert edge is not None
+        await store.put_cluster(dataclasses.replace(edge, name="edge2"), create=True)
+        machine = await store.machine_by("mac", mac)
+        assert machine is not None
+        await store.update_machine(dataclasses.replace(machine, cluster="edge2"))
+        return await read(claims)
+
+    store.machines_by = moved_meanwhile  # type: ignore[method-assign]
+    try:
+        plan = await env.service.content.authorised_plan(mac.replace(":", "-"), token)
+    finally:
+        del store.machines_by
+    assert plan.machine is not None and plan.machine.cluster == "edge2"
+    assert plan.cluster is not None and plan.cluster.name == "edge2", plan
+    assert plan.k3s is not None

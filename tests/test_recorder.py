@@ -719,3 +719,59 @@ async def test_a_flush_cancelled_before_its_write_began_keeps_what_it_took(
         gate.set()
     await recorder.close()
     assert await kinds(other) == ["note"]
+
+
+async def test_facts_a_cancelled_write_of_each_machine_alone_did_not_store_stay_queued(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A flush whose batch was refused for a learnt fact (a machine moved since it was
+    read) writes its events without the facts, then each machine's facts alone. Cancelled
+    there (at shutdown) while a machine's write waits for the writer thread: that write
+    never runs, and the facts of that machine stay queued for close()'s flush (they were
+    dropped: the events were written, so the cancel kept nothing)."""
+    own, other = stores
+    stale = Machine(macs=(MAC,), hostname="h1", state=MachineState.DISCOVERED)
+    kept = Machine(macs=(MacAddress.parse("02:00:00:00:00:0a"),), hostname="h2",
+                   state=MachineState.DISCOVERED)
+    await own.apply_batch(Batch(create=(stale, kept)))
+    recorder = Recorder(own, delay=3600)
+
+    async def newest(ids: Collection[str]) -> dict[str, Machine | None]:
+        read = {i: await own.get_machine(i) for i in ids}
+        moved = read.get(stale.id)
+        if moved is not None:
+            # Read in another state than the stored one: the batch with its facts is refused.
+            read[stale.id] = replace(moved, state=MachineState.REGISTERED)
+        return read
+
+    recorder.newest = newest
+    recorder.record(ev("note", stale.id))
+    recorder.learned(stale.id, lambda m: replace(m, hostname="learnt1"))
+    recorder.learned(kept.id, lambda m: replace(m, hostname="learnt2"))
+    apply = own.apply_batch
+    holding = asyncio.Event()
+    gates = []
+
+    async def apply_batch(batch: Batch) -> None:
+        if len(batch.update) == 1 and batch.update[0].id == kept.id and not batch.events:
+            gates.append(held_writer(own))  # its own write: it waits behind the held one
+            holding.set()
+        await apply(batch)
+
+    own.apply_batch = apply_batch  # type: ignore[method-assign]
+    try:
+        flush = asyncio.ensure_future(recorder.flush())
+        await asyncio.wait_for(holding.wait(), 5)
+        await until_waiting(own)
+        flush.cancel()
+        done, _ = await asyncio.wait((flush,), timeout=5)
+        assert flush in done and flush.cancelled()
+        assert recorder.queued == 0  # the note was written
+        assert recorder.backlog == 1  # the facts of the one not stored
+    finally:
+        for gate in gates:
+            gate.set()
+        del own.apply_batch
+    await recorder.close()
+    assert await kinds(other, stale.id) == ["note"]
+    now = await other.get_machine(kept.id)
+    assert now is not None and now.hostname == "learnt2"
