@@ -585,3 +585,37 @@ async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(en
             assert content._machine_dict(machine, names) == _machine_dict(
                 machine, _machine_keys(names))
     assert content._machine_dict(machine, None) == machine_to_dict(machine, secrets=False)
+
+
+async def test_a_profile_edit_shows_at_once_in_the_next_script_and_config(env: Env) -> None:
+    """The split renders key a profile's dict by its identity (Renderer.freeze: made once
+    per profile version, never changed): an edit of the profile is a new dict, and the next
+    install script (its command line) and config print the edit, for a machine whose
+    script was rendered before it and for one never seen."""
+    from tests.conftest import call, install_token
+
+    await env.seed()
+    macs = [f"52:54:00:00:01:{i:02x}" for i in range(3)]
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    before = await boot(env, macs[0])
+    assert "k3os.install.device=/dev/vdz" not in before
+    token = install_token(before)
+    path = f"/config/{macs[0].replace(':', '-')}?token={token}"
+    r = await call(env, "GET", path, admin=False)
+    assert r.status == 200 and "ssh-ed25519 AAAAedited" not in r.body.decode()
+    await boot(env, macs[1])  # rendered with the profile as it was
+
+    r = await call(env, "GET", "/api/v1/profiles/k3os")
+    assert r.status == 200, r.text
+    profile = r.json()
+    for edit in ({"install_device": "/dev/vdz"}, {"install_device": "/dev/vdy"}):
+        r = await call(env, "PUT", "/api/v1/profiles/k3os",
+                       json_body={**profile, **edit,
+                                  "ssh_authorized_keys": ["ssh-ed25519 AAAAedited"]})
+        assert r.status == 200, r.text
+        for mac in macs:
+            script = await boot(env, mac)
+            assert f"k3os.install.device={edit['install_device']} " in script, script
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 200 and "ssh-ed25519 AAAAedited" in r.body.decode(), r.text
