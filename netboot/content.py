@@ -240,13 +240,6 @@ class Content:
             "initrd_names": [i.rstrip("/").rsplit("/", 1)[-1] for i in profile.initrds],
             "kernel_path": profile.kernel.lstrip("/"),
             "initrd_paths": [i.lstrip("/") for i in profile.initrds]})
-        # Never changed once made (above): the renderer may key them by identity. A changed
-        # profile is a new object (the view's), and so new values, frozen anew.
-        freeze = self._render.freeze
-        freeze(made[0])
-        for value in made[1].values():
-            if not isinstance(value, str):  # a str is marshalled as cheaply as a serial
-                freeze(value)
         _keep_few(self._profile_parts, id(profile), (profile, urls.base, made))
         return made
 
@@ -271,7 +264,6 @@ class Content:
         if kept is not None and kept[0] is cluster:
             return kept[1]
         made = cluster_to_dict(cluster, secrets=False)
-        self._render.freeze(made)  # never changed once made, as _of_profile's values
         _keep_few(self._cluster_dicts, id(cluster), (cluster, made))
         return made
 

@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 _MAX_COMPILED = 256
 # Split forms kept (_Split): one per template file version or command-line source.
 _MAX_SPLITS = 256
-# Values frozen (Renderer.freeze): a few per profile and cluster, of which a site has a few.
-_MAX_FROZEN = 1024
 # Skeletons kept per split form: one per distinct value of what is not per machine (profile,
 # plan reason, console...): a few per profile and cluster in practice.
 _MAX_SKELETONS = 256
@@ -97,11 +95,6 @@ class Renderer:
         self._string_names: OrderedDict[str, frozenset[str] | None] = OrderedDict()
         self._shapes = _YamlShapes()
         self._fresh = _Freshness(self.dirs, self._log, recheck)
-        # Values never changed once made (freeze): id() -> its serial (never given twice);
-        # the values, kept so that no other object has their id while they are listed.
-        self._frozen: dict[int, int] = {}
-        self._frozen_kept: list[object] = []
-        self._serials = 0
 
     def generation(self) -> int:
         """A number that changes whenever a template file may have changed since it was
@@ -119,21 +112,6 @@ class Renderer:
         for everything rendered inside (an install script and its command line, a config and
         its): one look at the watch per answer, not one per file. Never across an await."""
         return self._fresh.pin
-
-    def freeze(self, value: object) -> None:
-        """The caller's word that ``value`` (a context value: a profile's dict, made once
-        per profile version) is never changed from now on, by anyone: a split render keys
-        its skeleton by its identity (a serial of its own) instead of its content. Its
-        marshalled content was 5.6 % of a first install's loop instructions (the profile's
-        dict, twice: the script's render and its command line's; session 26). A changed
-        profile is a new value, frozen anew."""
-        frozen = self._frozen
-        if len(frozen) >= _MAX_FROZEN:
-            frozen.clear()  # bounded: old profiles' values go (theirs are marshalled again)
-            self._frozen_kept.clear()
-        self._serials += 1
-        frozen[id(value)] = self._serials
-        self._frozen_kept.append(value)  # its id is not another's while listed
 
     def close(self) -> None:
         """Give back the inotify instance (128 per user by default; a test suite's servers
@@ -257,7 +235,7 @@ class Renderer:
         if volatile:
             split = self._split_of(template if name is not None else source, volatile, name)
             if split is not None:
-                text = split.render(context, self._frozen)
+                text = split.render(context)
                 if text is not None:
                     return text
         return _render(template, context)
@@ -1168,10 +1146,8 @@ class _Split:
         # ``%s`` in order (None: the slots' own order, each once).
         self.skeletons: OrderedDict[bytes, tuple[str, tuple[int, ...] | None]] = OrderedDict()
 
-    def render(self, context: Mapping[str, Any],
-               frozen: dict[int, int]) -> str | None:
-        """The text, or None: render the whole template. ``frozen``: values never changed
-        once made (Renderer.freeze), keyed by their serial, not their content."""
+    def render(self, context: Mapping[str, Any]) -> str | None:
+        """The text, or None: render the whole template."""
         fixed = self.fixed
         try:
             # Which names are there, and their values, as marshal writes them: it takes only
@@ -1187,10 +1163,11 @@ class _Split:
                 else:
                     values = (values,) if len(fixed) == 1 else values
             if values is not None:
-                key = _key(self.all_there, values, frozen)
+                key = marshal.dumps((self.all_there, values), 2)
             else:
-                key = _key(tuple(name in context for name in fixed),
-                           tuple(context[name] for name in fixed if name in context), frozen)
+                key = marshal.dumps((tuple(name in context for name in fixed),
+                                     tuple(context[name] for name in fixed
+                                           if name in context)), 2)
         except ValueError:
             return None
         try:
@@ -1222,19 +1199,6 @@ class _Split:
         return ("%s".join(p.replace("%", "%%") for p in parts[::2]),
                 None if order == tuple(range(len(self.slots))) else order)
 
-
-def _key(there: tuple[bool, ...], values: tuple[Any, ...], frozen: dict[int, int]) -> bytes:
-    """A skeleton's key (_Split.render): which names are there and their values, a frozen
-    value (Renderer.freeze) by its serial. Equal keys, equal values: the serials (None where
-    a value is not frozen) are in it, and a serial is one object's (the renderer keeps it
-    while its id is listed, so no other object has that id), never changed; the others'
-    values are marshalled. In C calls (map, dict.get): a loop in Python cost as much as
-    the marshalling it saved (callgrind, session 26)."""
-    ids = tuple(map(id, values))
-    serials = tuple(map(frozen.get, ids))
-    if not any(serials):  # serials start at 1
-        return marshal.dumps((there, values), 2)
-    return marshal.dumps((there, tuple(map(frozen.get, ids, values)), serials), 2)
 
 
 def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,

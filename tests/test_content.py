@@ -588,10 +588,11 @@ async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(en
 
 
 async def test_a_profile_edit_shows_at_once_in_the_next_script_and_config(env: Env) -> None:
-    """The split renders key a profile's dict by its identity (Renderer.freeze: made once
-    per profile version, never changed): an edit of the profile is a new dict, and the next
-    install script (its command line) and config print the edit, for a machine whose
-    script was rendered before it and for one never seen."""
+    """A profile's context values are made once per profile version (Content._of_profile)
+    and the split renders keep a skeleton per distinct value: an edit of the profile is in
+    the next install script (its command line) and config, for a machine whose script was
+    rendered before it and for one never seen. (It failed with a skeleton key that took a
+    profile's dict by a serial not given anew per version: session 26's s26-key.)"""
     from tests.conftest import call, install_token
 
     await env.seed()

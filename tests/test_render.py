@@ -1415,27 +1415,3 @@ def test_configs_with_spliced_register_commands_are_the_plain_renders() -> None:
                     c._config(name, p)
                 continue
             assert c._config(name, p) == want
-
-
-def test_a_frozen_value_keys_split_renders_by_its_identity() -> None:
-    """A value frozen (Renderer.freeze: never changed once made, as Content's profile dicts)
-    keys a skeleton by a serial of its own, not its content: a new value (a profile's next
-    version) renders its own text, even at the id of one freed before it; an unfrozen value
-    is still keyed by its content."""
-    r = Renderer([templates_dir()], volatile=PER_MACHINE)
-    source = "{{ profile.name }} {{ profile.initrds }} {{ mac }}"
-    for i in range(20):
-        pdict = {"name": f"p{i}", "initrds": [f"i{i}"]}
-        r.freeze(pdict)
-        for mac in ("m1", "m2"):
-            ctx = {"profile": pdict, "mac": mac}
-            assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == \
-                f"p{i} ['i{i}'] {mac}"
-        del pdict, ctx  # its id is free for the next one's
-    (split,) = [s for _, s in r._splits.values() if s is not None]
-    assert len(split.skeletons) == 20
-    unfrozen: dict[str, object] = {"name": "a", "initrds": []}
-    ctx = {"profile": unfrozen, "mac": "m"}
-    assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == "a [] m"
-    unfrozen["name"] = "b"
-    assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == "b [] m"
