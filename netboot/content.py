@@ -46,6 +46,10 @@ _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
 # and the like, and they are filled in (the Renderer's ``volatile``, service.renderer_for).
 PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", "nocloud_url",
                          "events_url", "register_command", "instance_serial", "cmdline", "k3s"})
+# The context names whose values are made once per profile version and never changed
+# (Content._of_profile, Renderer.freeze): the profile's dict, the largest value a split
+# render's key marshalled (service.renderer_for).
+STABLE = frozenset({"profile"})
 # Context names made together (Content.context with names).
 _TRUST_NAMES = frozenset({"https_base_url", "ca_pem", "ca_fingerprint"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
@@ -240,6 +244,9 @@ class Content:
             "initrd_names": [i.rstrip("/").rsplit("/", 1)[-1] for i in profile.initrds],
             "kernel_path": profile.kernel.lstrip("/"),
             "initrd_paths": [i.lstrip("/") for i in profile.initrds]})
+        # Never changed once made (above): a split render may key it by identity
+        # (Renderer.freeze, STABLE). A changed profile is a new object, so a new dict.
+        self._render.freeze(made[0])
         _keep_few(self._profile_parts, id(profile), (profile, urls.base, made))
         return made
 

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 _MAX_COMPILED = 256
 # Split forms kept (_Split): one per template file version or command-line source.
 _MAX_SPLITS = 256
+# Values frozen (Renderer.freeze): one per profile version, of which a site has a few.
+_MAX_FROZEN = 1024
 # Skeletons kept per split form: one per distinct value of what is not per machine (profile,
 # plan reason, console...): a few per profile and cluster in practice.
 _MAX_SKELETONS = 256
@@ -66,7 +68,7 @@ _MAX_WATCHED = 256
 
 class Renderer:
     def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None,
-                 volatile: frozenset[str] = frozenset(),
+                 volatile: frozenset[str] = frozenset(), stable: frozenset[str] = frozenset(),
                  recheck: float = RECHECK_SECONDS) -> None:
         """``volatile``: the context names whose values differ from one machine to the next,
         around which :meth:`ipxe` and :meth:`cmdline` split their templates (render's).
@@ -81,6 +83,7 @@ class Renderer:
             )
         self.dirs = existing
         self.volatile = volatile
+        self.stable = stable
         self._log = logger or logging.getLogger(__name__)
         self._jinja: ImmutableSandboxedEnvironment | None = None
         # The bounded caches below are OrderedDicts: the oldest entry of a full dict is
@@ -95,6 +98,11 @@ class Renderer:
         self._string_names: OrderedDict[str, frozenset[str] | None] = OrderedDict()
         self._shapes = _YamlShapes()
         self._fresh = _Freshness(self.dirs, self._log, recheck)
+        # Values never changed once made (freeze): id() -> its serial (never given twice);
+        # the values, kept so that no other object has their id while they are listed.
+        self._frozen: dict[int, int] = {}
+        self._frozen_kept: list[object] = []
+        self._serials = 0
 
     def generation(self) -> int:
         """A number that changes whenever a template file may have changed since it was
@@ -112,6 +120,20 @@ class Renderer:
         for everything rendered inside (an install script and its command line, a config and
         its): one look at the watch per answer, not one per file. Never across an await."""
         return self._fresh.pin
+
+    def freeze(self, value: object) -> None:
+        """The caller's word that ``value`` (a ``stable`` name's value: a profile's dict,
+        made once per profile version) is never changed from now on, by anyone: a split
+        render keys its skeleton by a serial of its own instead of its marshalled content
+        (the profile's dict, marshalled twice per first install, was 5.6 % of its loop
+        instructions; session 26). A changed profile is a new value, frozen anew."""
+        frozen = self._frozen
+        if len(frozen) >= _MAX_FROZEN:
+            frozen.clear()  # bounded: old profiles' values go (theirs are marshalled again)
+            self._frozen_kept.clear()
+        self._serials += 1
+        frozen[id(value)] = self._serials
+        self._frozen_kept.append(value)  # its id is not another's while listed
 
     def close(self) -> None:
         """Give back the inotify instance (128 per user by default; a test suite's servers
@@ -235,7 +257,7 @@ class Renderer:
         if volatile:
             split = self._split_of(template if name is not None else source, volatile, name)
             if split is not None:
-                text = split.render(context)
+                text = split.render(context, self._frozen)
                 if text is not None:
                     return text
         return _render(template, context)
@@ -278,7 +300,7 @@ class Renderer:
             assert isinstance(key, str)
             source, filename = key, None
         try:
-            split = _split(env, source, name, filename, volatile)
+            split = _split(env, source, name, filename, volatile, self.stable)
         except Exception:  # a tree the split cannot compile: rendered whole, as it was
             self._log.debug("template %r not split", name or source, exc_info=True)
             split = None
@@ -1129,12 +1151,16 @@ class _Split:
     very text a whole render gives. Anything the split cannot be sure of (an undefined
     value, an input it cannot key on) leaves the render to the whole template."""
 
-    __slots__ = ("all_there", "fixed", "skeletons", "slots", "template", "values")
+    __slots__ = ("all_there", "fixed", "skeletons", "slots", "stable_at", "template", "values")
 
     def __init__(self, template: jinja2.Template, fixed: tuple[str, ...],
-                 slots: tuple[Callable[[Mapping[str, Any]], Any], ...]) -> None:
+                 slots: tuple[Callable[[Mapping[str, Any]], Any], ...],
+                 stable: frozenset[str] = frozenset()) -> None:
         self.template = template
         self.fixed = fixed  # the other names it reads
+        # The place in ``fixed`` of the first name whose value may be frozen (-1: none):
+        # one place looked at, not every value (a pass over them cost what it saved).
+        self.stable_at = next((i for i, n in enumerate(fixed) if n in stable), -1)
         self.slots = slots
         # The fixed names' values of a context that has them all, in one C call (the
         # generators of the general case below were a fifth of a split render).
@@ -1146,8 +1172,9 @@ class _Split:
         # ``%s`` in order (None: the slots' own order, each once).
         self.skeletons: OrderedDict[bytes, tuple[str, tuple[int, ...] | None]] = OrderedDict()
 
-    def render(self, context: Mapping[str, Any]) -> str | None:
-        """The text, or None: render the whole template."""
+    def render(self, context: Mapping[str, Any], frozen: dict[int, int]) -> str | None:
+        """The text, or None: render the whole template. ``frozen``: values never changed
+        once made (Renderer.freeze), by their serial."""
         fixed = self.fixed
         try:
             # Which names are there, and their values, as marshal writes them: it takes only
@@ -1162,7 +1189,13 @@ class _Split:
                     values = None
                 else:
                     values = (values,) if len(fixed) == 1 else values
-            if values is not None:
+            at = self.stable_at
+            serial = frozen.get(id(values[at])) if values is not None and at >= 0 else None
+            if serial is not None:
+                # The frozen value by its serial (one object's, never changed), the rest
+                # marshalled: a 3-tuple, never equal to a 2-tuple's key.
+                key = marshal.dumps((self.all_there, values[:at] + values[at + 1:], serial), 2)
+            elif values is not None:
                 key = marshal.dumps((self.all_there, values), 2)
             else:
                 key = marshal.dumps((tuple(name in context for name in fixed),
@@ -1202,7 +1235,8 @@ class _Split:
 
 
 def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
-           filename: str | None, volatile: frozenset[str]) -> _Split | None:
+           filename: str | None, volatile: frozenset[str],
+           stable: frozenset[str] = frozenset()) -> _Split | None:
     """The split form of ``source`` (see :class:`_Split`), or None where it cannot be."""
     from jinja2 import nodes
 
@@ -1236,7 +1270,7 @@ def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
     fixed = tuple(sorted(n for n in loads - bound if not n.startswith("_nb_slot_")))
     code = env.compile(tree, name, filename)
     template = env.template_class.from_code(env, code, env.make_globals(None))
-    return _Split(template, fixed, tuple(slots))
+    return _Split(template, fixed, tuple(slots), stable)
 
 
 def _lookup(env: ImmutableSandboxedEnvironment, node: nodes.Node,

@@ -28,7 +28,7 @@ from netboot.access import SESSION_COOKIE, TOKEN_PREFIX, Access
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.cacerts import deferred_system_cas
 from netboot.config import Config, inventory_dsn
-from netboot.content import PER_MACHINE, Content, Trust
+from netboot.content import PER_MACHINE, STABLE, Content, Trust
 from netboot.core import Core
 from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
@@ -259,7 +259,7 @@ def renderer_for(config: Config, *, check: bool = True) -> Renderer:
     dirs.append(templates_dir())
     # Scripts and command lines rendered once per profile and reason, the values of each
     # machine filled in (the same text: netboot.render._Split).
-    renderer = Renderer(dirs, volatile=PER_MACHINE)
+    renderer = Renderer(dirs, volatile=PER_MACHINE, stable=STABLE)
     if check:
         renderer.check_all()
     return renderer

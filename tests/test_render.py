@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from netboot.content import PER_MACHINE, Content, register_command
+from netboot.content import PER_MACHINE, STABLE, Content, register_command
 from netboot.errors import ConfigError, RenderError
 from netboot.model import (
     Arch,
@@ -205,7 +205,7 @@ def test_split_render_equals_the_whole_render_for_every_shipped_template() -> No
     """Scripts and command lines are rendered once per profile and reason, the per-machine
     values filled in (Renderer.render's ``volatile``): the same text as a whole render."""
     split, whole = content(), content()
-    split._render = Renderer([templates_dir()], volatile=PER_MACHINE)
+    split._render = Renderer([templates_dir()], volatile=PER_MACHINE, stable=STABLE)
     names = sorted(p.relative_to(templates_dir()).as_posix()
                    for p in (templates_dir() / "ipxe").glob("*.ipxe"))
     for p in _machines(12):
@@ -222,6 +222,7 @@ def test_split_render_equals_the_whole_render_for_every_shipped_template() -> No
     kept = {key: s for key, s in split._render._splits.values() if s is not None}
     assert len(kept) >= 4
     assert all(len(s.skeletons) < 12 for s in kept.values())
+    assert split._render._frozen  # the profiles' dicts keyed by their serials
 
 
 @pytest.mark.parametrize("source", [
@@ -1415,3 +1416,27 @@ def test_configs_with_spliced_register_commands_are_the_plain_renders() -> None:
                     c._config(name, p)
                 continue
             assert c._config(name, p) == want
+
+
+def test_a_frozen_value_keys_split_renders_by_its_identity() -> None:
+    """A ``stable`` name's value frozen (Renderer.freeze: never changed once made, as
+    Content's profile dicts) keys a skeleton by a serial of its own, not its content: a new
+    value (a profile's next version) renders its own text, even at the id of one freed
+    before it; an unfrozen value is still keyed by its content."""
+    r = Renderer([templates_dir()], volatile=PER_MACHINE, stable=frozenset({"profile"}))
+    source = "{{ profile.name }} {{ profile.initrds }} {{ mac }}"
+    for i in range(20):
+        pdict = {"name": f"p{i}", "initrds": [f"i{i}"]}
+        r.freeze(pdict)
+        for mac in ("m1", "m2"):
+            ctx = {"profile": pdict, "mac": mac}
+            assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == \
+                f"p{i} ['i{i}'] {mac}"
+        del pdict, ctx  # its id is free for the next one's
+    (split,) = [s for _, s in r._splits.values() if s is not None]
+    assert len(split.skeletons) == 20
+    unfrozen: dict[str, object] = {"name": "a", "initrds": []}
+    ctx = {"profile": unfrozen, "mac": "m"}
+    assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == "a [] m"
+    unfrozen["name"] = "b"
+    assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == "b [] m"
