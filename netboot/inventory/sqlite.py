@@ -103,9 +103,6 @@ WAL_FRAMES = 12 * CHECKPOINT_FRAMES
 # (walformat.html, section 2.2), shared by every process that opens the file.
 _WAL_INDEX = struct.Struct("=I12xI76xI")
 _WAL_INDEX_VERSION = 3007000
-# Both copies of that header: every commit of any connection rewrites them (iChange, mxFrame,
-# the checksums; the second copy first, so that they differ while one is being written).
-_WAL_HEADERS = 96
 
 # A migration step: SQL text, or a function for what SQL alone cannot do (re-encode documents).
 Step = str | Callable[[sqlite3.Connection], None]
@@ -465,9 +462,6 @@ class SqliteStore:
         # The last probe: the time just before it, its answer, and this store's commits
         # then. A request that arrived before that time is answered from it (arrival.py).
         self._last_probe: tuple[float, int | None, int] = (-math.inf, None, -1)
-        # The WAL index's headers read just before the last probe that ran the PRAGMA, and
-        # its answer (_probe_version).
-        self._probed_wal: tuple[bytes | None, int | None] = (None, None)
 
     @property
     def commits(self) -> int:
@@ -1047,48 +1041,15 @@ class SqliteStore:
         return changes
 
     def _probe_version(self) -> int | None:
-        """The probe connection's ``PRAGMA data_version``; the last one's answer, without
-        asking SQLite, while the WAL index's headers are what they were just before it.
-
-        sqlite3 lets the GIL go around each step of a statement, and the store's writer,
-        waiting for it in a storm, takes it: the loop then waits for the writer's Python.
-        The probe's steps were a third of the loop's waits for the GIL on the wire
-        (benchmarks/README.md, s27-wire), yet most probes of a storm come between two group
-        commits, when nothing changed. SQLite itself tells a changed database by these
-        headers (its read transaction compares them with its own copy: the data version
-        moves only then); read before the PRAGMA, a commit between the two is seen by the
-        next probe."""
         if self._probe is None:
             return None
         at = time.monotonic()  # before the probe: what arrived before it, it sees
-        wal = self._wal_headers()
-        seen, answer = self._probed_wal
-        if wal is not None and wal == seen:
-            version: int | None = answer
-        else:
-            try:
-                version = int(self._probe.execute("PRAGMA data_version").fetchone()[0])
-            except sqlite3.Error:
-                version = None
-            self._probed_wal = (wal, version) if version is not None else (None, None)
+        try:
+            version: int | None = int(self._probe.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            version = None
         self._last_probe = (at, version, self._commits)
         return version
-
-    def _wal_headers(self) -> bytes | None:
-        """Both copies of the WAL index's header, when they agree (no commit is writing
-        them) and say it is built; else None (the PRAGMA answers). One pread(2) of the -shm
-        descriptor held open: a short system call, where the PRAGMA's steps lock and read."""
-        fd = self._shm_fd
-        if fd is None:
-            return None
-        try:
-            head = os.pread(fd, _WAL_HEADERS, 0)
-        except OSError:
-            return None
-        half = _WAL_HEADERS // 2
-        if len(head) != _WAL_HEADERS or head[:half] != head[half:] or not head[12]:
-            return None  # being written, or not built (isInit, byte 12)
-        return head
 
     def _probe_last(self) -> int | None:
         """The change feed's newest seq, read by the probe on the event loop's thread (a read

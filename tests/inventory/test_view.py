@@ -365,40 +365,6 @@ async def test_one_probe_serves_requests_that_arrived_before_it_and_no_later_one
     await view.sync()
     assert (await view.machine_by("mac", MACS[2])) is not None
 
-async def test_a_probe_asks_sqlite_only_once_the_wal_index_changed(
-        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
-    """SqliteStore._probe_version: while no connection committed since the last probe that
-    ran ``PRAGMA data_version``, the next one answers without a statement (sqlite3 lets the
-    GIL go at each step: s27-wire); a commit by another store, or by this one's writer, is
-    seen by the next probe."""
-    own, other, _ = stores
-    real = own._probe
-    assert real is not None
-    asked: list[str] = []
-
-    class Counted:
-        def execute(self, sql: str) -> sqlite3.Cursor:
-            asked.append(sql)
-            return real.execute(sql)
-
-        def close(self) -> None:
-            real.close()
-
-    own._probe = Counted()  # type: ignore[assignment]
-    first = own._probe_version()
-    assert first is not None and asked == ["PRAGMA data_version"]
-    assert own._probe_version() == first and own._probe_version() == first
-    assert len(asked) == 1  # nothing committed: the WAL index's headers unchanged
-    await other.create_machine(Machine(macs=(MacAddress.parse(MACS[0]),), hostname="n1"))
-    second = own._probe_version()
-    assert second is not None and second != first and len(asked) == 2
-    assert own._probe_version() == second and len(asked) == 2
-    await own.create_machine(Machine(macs=(MacAddress.parse(MACS[1]),), hostname="n2"))
-    third = own._probe_version()
-    assert third is not None and third != second and len(asked) == 3
-    assert own._probe_version() == third and len(asked) == 3
-
-
 def change_behind_the_feed(db: Path, machine_id: str, hostname: str) -> None:
     """Rewrite a stored machine's hostname with the feed's trigger dropped (and put back, in
     the same transaction): a reader of the feed learns nothing of it. Tells whether a sync
