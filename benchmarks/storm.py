@@ -27,8 +27,13 @@ no address by broadcasting to 255.255.255.255:68, which on the host's own networ
 leave through a real interface, and dnsmasq only does DHCP on an interface with an address in
 its range. So the benchmark creates two namespaces joined by a veth pair (192.0.2.1 for the
 server, 192.0.2.10-254 for the devices: a real storm comes from many addresses, and servers
-limit transfers per address), runs every server in the one and the load generator in the
-other, and deletes both at the end. Nothing touches the machine's own interfaces.
+limit transfers per address) for each target's run, runs the target's servers in the one and
+a fresh load generator process in the other, and deletes both as the run ends. Nothing touches
+the machine's own interfaces.
+
+Every target is run ``--repeat`` times (default 2), the order reversed each run, and the
+reading is the ratio of the targets' median walls: the target run second in one namespace pair
+was 10-20 % slower (session 26), so one run's ratio carries its order.
 
 netboot runs as ``netboot serve`` on a fresh data directory with ``--enrolled`` machines
 imported by ``netboot import`` (clusters of 12,500 like the issue's fleet, one profile whose
@@ -216,6 +221,12 @@ def machine_cpu() -> dict[str, float]:
     ticks["user"] += ticks.pop("nice")
     ticks["system"] += ticks.pop("irq")
     return {k: v / CLK_TCK for k, v in ticks.items()}
+
+
+def written_kib() -> int:
+    """Page cache written back so far, machine-wide (/proc/vmstat nr_written, 4 KiB pages)."""
+    rows = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return int(rows.get("nr_written", 0)) * 4
 
 
 def dirty_kib() -> int:
@@ -1234,6 +1245,7 @@ class Result:
     load: float = 0.0  # the machine's 1-minute load average as the storm began
     dirty_kib: int = 0  # page cache waiting to be written as the storm began (dirty_kib)
     machine: dict[str, float] = field(default_factory=dict)  # machine_cpu() during the storm
+    written_kib: int = 0  # page cache written back during the storm, machine-wide
 
     @property
     def failed(self) -> int:
@@ -1293,10 +1305,12 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                 stdout=subprocess.DEVNULL, stderr=(run / "tcpdump-flags.log").open("wb"))
             time.sleep(1.0)
         result.load, result.dirty_kib, machine0 = os.getloadavg()[0], dirty_kib(), machine_cpu()
+        written0 = written_kib()
         gen.stdin.write("GO\n")
         gen.stdin.flush()
         out = gen.stdout.readline()
         result.machine = {k: v - machine0[k] for k, v in machine_cpu().items()}
+        result.written_kib = written_kib() - written0
         if args.diag:
             time.sleep(1.0)
             flags.send_signal(signal.SIGINT)
@@ -1334,9 +1348,13 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                   + ", ".join(f"{n}@{a:.2f}+{b:.2f}" for n, a, b in d["stages"]))
             for a, b, e in d["events"]:
                 print(f"    {a:8.2f} +{b:7.2f} {e}")
+        busy = sum(v for k, v in result.machine.items() if k != "idle")
         print(f"{target}: load average {result.load:.2f} and {result.dirty_kib >> 10} MiB dirty "
-              f"as it began; the machine's CPU seconds during it: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in result.machine.items()))
+              f"as it began, {result.written_kib >> 10} MiB written back during it; the "
+              f"machine's CPU seconds during it: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in result.machine.items())
+              + f"; busy beyond this target's server and generator: "
+              f"{busy - result.cpu - result.generator_cpu:.1f}")
         print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
               f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
               f"DHCP answers after their device gave up (or twice): {data['late_offers']}; "
