@@ -1604,6 +1604,9 @@ def main() -> None:
     parser.add_argument("--sequence",
                         help="targets run in this order in every run, comma-separated, a "
                              "target more than once too (e.g. standins,standins): for digging")
+    parser.add_argument("--settle", type=float, default=0.0, metavar="S",
+                        help="seconds to wait before each target but the first (an idle "
+                             "pause: what a run leaves behind that time would clear)")
     parser.add_argument("--shared-namespaces", action="store_true",
                         help="one namespace pair for every run of the invocation (before "
                              "session 27), not a fresh pair for each target")
@@ -1684,6 +1687,8 @@ def main() -> None:
             for n, order in enumerate(plan, 1):
                 runs.append([])
                 for place, target in enumerate(order, 1):
+                    if args.settle and (n, place) != (1, 1):
+                        time.sleep(args.settle)
                     # A fresh namespace pair for each target (unless --shared-namespaces):
                     # nothing of the one before (sockets in TIME_WAIT, neighbours, routes)
                     # is met by the next.
