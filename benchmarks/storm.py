@@ -1598,9 +1598,10 @@ def main() -> None:
     parser.add_argument("--order", choices=["netboot-first", "standins-first"],
                         default="netboot-first", help="the first run's order (the next runs "
                         "alternate it)")
-    parser.add_argument("--repeat", type=int, default=2,
+    parser.add_argument("--repeat", type=int,
                         help="runs of every target, the order reversed each run (default 2: "
-                             "each target once first, once last); medians are printed")
+                             "each target once first, once last; 1 with one target); medians "
+                             "are printed")
     parser.add_argument("--sequence",
                         help="targets run in this order in every run, comma-separated, a "
                              "target more than once too (e.g. standins,standins): for digging")
@@ -1659,8 +1660,8 @@ def main() -> None:
             print(f"stand-ins left out: {tool} is not installed "
                   "(apt-get install dnsmasq-base nginx-light)")
             targets = [t for t in targets if t != "standins"]
-    plan = ([targets] * args.repeat if args.sequence
-            else run_plan(targets, max(1, args.repeat)))
+    repeat = max(1, args.repeat or (2 if len(targets) > 1 else 1))
+    plan = [targets] * repeat if args.sequence else run_plan(targets, repeat)
     tmp = Path(tempfile.mkdtemp(prefix="netboot-storm-"))
     try:
         work = Workload(tmp, args.devices, enrolled, args.kernel_size, args.initrd_size,
