@@ -6,6 +6,7 @@
                                     [--loss 0.01] [--slow-acks MS] [--only netboot]
                                     [--inventory sqlite|postgresql|both] [--loaded]
                                     [--plain-switching] [--device-window 256K] [--diag]
+                                    [--repeat 2] [--order standins-first]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -31,9 +32,9 @@ limit transfers per address) for each target's run, runs the target's servers in
 a fresh load generator process in the other, and deletes both as the run ends. Nothing touches
 the machine's own interfaces.
 
-Every target is run ``--repeat`` times (default 2), the order reversed each run, and the
-reading is the ratio of the targets' median walls: the target run second in one namespace pair
-was 10-20 % slower (session 26), so one run's ratio carries its order.
+Every target is run ``--repeat`` times (default 2; 1 with one target), the order reversed
+each run, and the reading is the ratio of the targets' median walls: the target run second in
+one namespace pair was 10-20 % slower (session 26), so one run's ratio carries its order.
 
 netboot runs as ``netboot serve`` on a fresh data directory with ``--enrolled`` machines
 imported by ``netboot import`` (clusters of 12,500 like the issue's fleet, one profile whose
