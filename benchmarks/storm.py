@@ -6,6 +6,7 @@
                                     [--loss 0.01] [--slow-acks MS] [--only netboot]
                                     [--inventory sqlite|postgresql|both] [--loaded]
                                     [--plain-switching] [--device-window 256K] [--diag]
+                                    [--repeat 2] [--order standins-first]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -27,8 +28,13 @@ no address by broadcasting to 255.255.255.255:68, which on the host's own networ
 leave through a real interface, and dnsmasq only does DHCP on an interface with an address in
 its range. So the benchmark creates two namespaces joined by a veth pair (192.0.2.1 for the
 server, 192.0.2.10-254 for the devices: a real storm comes from many addresses, and servers
-limit transfers per address), runs every server in the one and the load generator in the
-other, and deletes both at the end. Nothing touches the machine's own interfaces.
+limit transfers per address) for each target's run, runs the target's servers in the one and
+a fresh load generator process in the other, and deletes both as the run ends. Nothing touches
+the machine's own interfaces.
+
+Every target is run ``--repeat`` times (default 2; 1 with one target), the order reversed
+each run, and the reading is the ratio of the targets' median walls: the target run second in
+one namespace pair was 10-20 % slower (session 26), so one run's ratio carries its order.
 
 netboot runs as ``netboot serve`` on a fresh data directory with ``--enrolled`` machines
 imported by ``netboot import`` (clusters of 12,500 like the issue's fleet, one profile whose
@@ -180,11 +186,54 @@ def link_drops(ns: str, name: str) -> int:
     return sum(int(stats.get(way, {}).get("dropped", 0)) for way in ("rx", "tx"))
 
 
+def leftovers(server_ns: str, client_ns: str) -> str:
+    """What the namespaces still hold once a target's servers and generator are gone: its
+    processes and its TCP sockets by state (TIME_WAIT ones last 60 s): what a next target in
+    the same namespaces (--shared-namespaces) would meet."""
+    said = []
+    for ns, side in ((server_ns, "server"), (client_ns, "devices")):
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                              timeout=30, check=False).stdout.split()
+        states: dict[str, int] = {}
+        for line in subprocess.run(["ip", "netns", "exec", ns, "ss", "-tanH"],
+                                   capture_output=True, text=True, timeout=30,
+                                   check=False).stdout.splitlines():
+            state = line.split(None, 1)[0] if line.strip() else ""
+            states[state] = states.get(state, 0) + 1
+        said.append(f"{side} namespace {len(pids)} processes, TCP "
+                    + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"))
+    return "; ".join(said)
+
+
 def backlog_drops() -> int:
     """Packets the kernel dropped at a full per-CPU input queue (netdev_max_backlog), all
     namespaces together: /proc/net/softnet_stat's second column, summed over CPUs."""
     return sum(int(line.split()[1], 16)
                for line in Path("/proc/net/softnet_stat").read_text().splitlines())
+
+
+def machine_cpu() -> dict[str, float]:
+    """The whole machine's CPU seconds so far by kind (/proc/stat's first line, every CPU and
+    every process: other helpers' too): user, system, softirq (a veth's packets are carried
+    there), iowait, steal, idle."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    ticks = dict(zip(names, (int(f) for f in fields), strict=False))
+    ticks["user"] += ticks.pop("nice")
+    ticks["system"] += ticks.pop("irq")
+    return {k: v / CLK_TCK for k, v in ticks.items()}
+
+
+def written_kib() -> int:
+    """Page cache written back so far, machine-wide (/proc/vmstat nr_written, 4 KiB pages)."""
+    rows = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return int(rows.get("nr_written", 0)) * 4
+
+
+def dirty_kib() -> int:
+    """Page cache waiting to be written (/proc/meminfo Dirty + Writeback), KiB."""
+    rows = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return sum(int(rows[k].split()[0]) for k in ("Dirty", "Writeback"))
 
 
 # --- CPU of a server and its children ----------------------------------------------------------
@@ -1194,6 +1243,10 @@ class Result:
     times: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
+    load: float = 0.0  # the machine's 1-minute load average as the storm began
+    dirty_kib: int = 0  # page cache waiting to be written as the storm began (dirty_kib)
+    machine: dict[str, float] = field(default_factory=dict)  # machine_cpu() during the storm
+    written_kib: int = 0  # page cache written back during the storm, machine-wide
 
     @property
     def failed(self) -> int:
@@ -1252,9 +1305,13 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                  "tcp port 8080 and (tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0)"],
                 stdout=subprocess.DEVNULL, stderr=(run / "tcpdump-flags.log").open("wb"))
             time.sleep(1.0)
+        result.load, result.dirty_kib, machine0 = os.getloadavg()[0], dirty_kib(), machine_cpu()
+        written0 = written_kib()
         gen.stdin.write("GO\n")
         gen.stdin.flush()
         out = gen.stdout.readline()
+        result.machine = {k: v - machine0[k] for k, v in machine_cpu().items()}
+        result.written_kib = written_kib() - written0
         if args.diag:
             time.sleep(1.0)
             flags.send_signal(signal.SIGINT)
@@ -1292,6 +1349,13 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                   + ", ".join(f"{n}@{a:.2f}+{b:.2f}" for n, a, b in d["stages"]))
             for a, b, e in d["events"]:
                 print(f"    {a:8.2f} +{b:7.2f} {e}")
+        busy = sum(v for k, v in result.machine.items() if k != "idle")
+        print(f"{target}: load average {result.load:.2f} and {result.dirty_kib >> 10} MiB dirty "
+              f"as it began, {result.written_kib >> 10} MiB written back during it; the "
+              f"machine's CPU seconds during it: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in result.machine.items())
+              + f"; busy beyond this target's server and generator: "
+              f"{busy - result.cpu - result.generator_cpu:.1f}")
         print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
               f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
               f"DHCP answers after their device gave up (or twice): {data['late_offers']}; "
@@ -1323,8 +1387,11 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
             except subprocess.TimeoutExpired:
                 gen.kill()
                 gen.wait()
+        t_stop = time.perf_counter()
         for p in procs:
             p.stop()
+        print(f"{target}: stopped in {time.perf_counter() - t_stop:.2f} s; "
+              f"{leftovers(server_ns, client_ns)}")
     if target in NETBOOT_TARGETS:
         print(f"{target}: {server_said(run / 'netboot.log')}")
     return result
@@ -1431,6 +1498,83 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def run_plan(targets: list[str], repeat: int) -> list[list[str]]:
+    """The targets of each of ``repeat`` runs, in the order given and then reversed, in turn:
+    each target is run first as often as last. One invocation's order biased its ratio
+    (benchmarks/README.md, s27-storm): the target run second was 10-20 % slower."""
+    return [list(targets) if r % 2 == 0 else targets[::-1] for r in range(repeat)]
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@dataclass
+class Summary:
+    """Each target's runs (run number, its place in that run, the result) and their medians."""
+
+    target: str
+    runs: list[tuple[int, int, Result]]
+
+    @property
+    def walls(self) -> list[float]:
+        return [r.wall for _, _, r in self.runs]
+
+    @property
+    def wall(self) -> float:
+        return median(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        return median([r.cpu + r.db_cpu for _, _, r in self.runs])
+
+    @property
+    def failed(self) -> int:
+        return sum(r.failed for _, _, r in self.runs)
+
+
+def summarize(runs: list[list[Result]]) -> list[Summary]:
+    """Per target, in the order first met: its runs that ended with a result."""
+    by_target: dict[str, Summary] = {}
+    for n, results in enumerate(runs, 1):
+        for place, r in enumerate(results, 1):
+            if not r.error:
+                by_target.setdefault(r.target, Summary(r.target, [])).runs.append((n, place, r))
+    return list(by_target.values())
+
+
+def report_medians(runs: list[list[Result]], shared: bool = False) -> None:
+    """Every run's order and each target's walls, medians and the ratios of medians: the
+    reading to quote (the ratio within one run carries its order, run_plan)."""
+    summaries = summarize(runs)
+    print(f"\n{len(runs)} run(s), "
+          f"{'in one namespace pair' if shared else 'each target in fresh namespaces'}; "
+          "the order of each: "
+          + "; ".join(f"{n}: {', '.join(r.target for r in rs)}" for n, rs in enumerate(runs, 1)))
+    print(f"{'target':<12} {'median wall s':>14} {'median server CPU s':>20} {'failed':>7}  "
+          "walls s (run.place)")
+    for t in summaries:
+        print(f"{t.target:<12} {t.wall:>14.2f} {t.cpu:>20.2f} {t.failed:>7}  "
+              + ", ".join(f"{r.wall:.2f} ({n}.{place})" for n, place, r in t.runs))
+    for t in summaries:
+        first = [r.wall for _, place, r in t.runs if place == 1]
+        later = [r.wall for _, place, r in t.runs if place > 1]
+        if first and later:  # what the order of a run still does (it was 10-20 %, s27-storm)
+            print(f"{t.target}: median wall run first {median(first):.2f} s, run after another "
+                  f"target {median(later):.2f} s ({ratio(median(later), median(first))})")
+    found = {t.target: t for t in summaries}
+    pairs = [(a, "standins") for a in NETBOOT_TARGETS] + [(PG_TARGET, "netboot")]
+    uneven = len(runs) % 2 == 1 and any(len(rs) > 1 for rs in runs)
+    for a, b in pairs:
+        if a in found and b in found:
+            print(f"{a} ÷ {b}, medians: wall {ratio(found[a].wall, found[b].wall)}, "
+                  f"server CPU {ratio(found[a].cpu, found[b].cpu)}"
+                  + ("  (an odd number of runs: one order is run once more than the other)"
+                     if uneven else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=50)
@@ -1453,7 +1597,21 @@ def main() -> None:
                         default="sqlite", help="netboot's inventory backend(s); postgresql "
                         "starts a throwaway cluster (Debian's postgresql package)")
     parser.add_argument("--order", choices=["netboot-first", "standins-first"],
-                        default="netboot-first")
+                        default="netboot-first", help="the first run's order (the next runs "
+                        "alternate it)")
+    parser.add_argument("--repeat", type=int,
+                        help="runs of every target, the order reversed each run (default 2: "
+                             "each target once first, once last; 1 with one target); medians "
+                             "are printed")
+    parser.add_argument("--sequence",
+                        help="targets run in this order in every run, comma-separated, a "
+                             "target more than once too (e.g. standins,standins): for digging")
+    parser.add_argument("--settle", type=float, default=0.0, metavar="S",
+                        help="seconds to wait before each target but the first (an idle "
+                             "pause: what a run leaves behind that time would clear)")
+    parser.add_argument("--shared-namespaces", action="store_true",
+                        help="one namespace pair for every run of the invocation (before "
+                             "session 27), not a fresh pair for each target")
     parser.add_argument("--log-level", default="info", help="netboot's log level (info: as run)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
     parser.add_argument("--tree", type=Path, default=REPO,
@@ -1493,11 +1651,18 @@ def main() -> None:
         targets.reverse()
     if args.only:
         targets = netboot_targets if args.only == "netboot" else ["standins"]
+    if args.sequence:
+        targets = args.sequence.split(",")
+        unknown = set(targets) - {*NETBOOT_TARGETS, "standins"}
+        if unknown:
+            raise SystemExit(f"--sequence: unknown target(s) {sorted(unknown)}")
     for tool in ("dnsmasq", "nginx"):
         if "standins" in targets and shutil.which(tool) is None:
             print(f"stand-ins left out: {tool} is not installed "
                   "(apt-get install dnsmasq-base nginx-light)")
-            targets.remove("standins")
+            targets = [t for t in targets if t != "standins"]
+    repeat = max(1, args.repeat or (2 if len(targets) > 1 else 1))
+    plan = [targets] * repeat if args.sequence else run_plan(targets, repeat)
     tmp = Path(tempfile.mkdtemp(prefix="netboot-storm-"))
     try:
         work = Workload(tmp, args.devices, enrolled, args.kernel_size, args.initrd_size,
@@ -1519,12 +1684,29 @@ def main() -> None:
                     raise SystemExit(f"netboot-pg: {exc}") from exc
                 took = work.netboot_copy_to(args.python, database.dsn())
                 print(f"netboot db copy of {enrolled} machines into PostgreSQL: {took:.1f} s")
-            results = []
-            with namespaces() as (server_ns, client_ns):
-                for n, target in enumerate(targets):
-                    results.append(run_target(target, server_ns, client_ns, work, spec, args,
-                                              tmp / f"run-{n}-{target}", database))
-        report(results, spec)
+            runs: list[list[Result]] = []
+            shared = (stack.enter_context(namespaces()) if args.shared_namespaces else None)
+            for n, order in enumerate(plan, 1):
+                runs.append([])
+                for place, target in enumerate(order, 1):
+                    if args.settle and (n, place) != (1, 1):
+                        time.sleep(args.settle)
+                    # A fresh namespace pair for each target (unless --shared-namespaces):
+                    # nothing of the one before (sockets in TIME_WAIT, neighbours, routes)
+                    # is met by the next.
+                    with (contextlib.nullcontext(shared) if shared else namespaces()
+                          ) as (server_ns, client_ns):
+                        print(f"run {n}.{place}: {target} (load average "
+                              f"{os.getloadavg()[0]:.2f})", flush=True)
+                        runs[-1].append(run_target(target, server_ns, client_ns, work, spec,
+                                                   args, tmp / f"run-{n}.{place}-{target}",
+                                                   database))
+        for n, results in enumerate(runs, 1):
+            if len(runs) > 1:
+                print(f"\n=== run {n} of {len(runs)}: "
+                      f"{', '.join(r.target for r in results)} ===")
+            report(results, spec)
+        report_medians(runs, args.shared_namespaces)
     finally:
         if args.keep:
             print(f"work dir kept: {tmp}")
