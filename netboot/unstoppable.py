@@ -1,0 +1,47 @@
+"""Work a cancel cannot stop, told as it ended.
+
+A caller cancelled while work it handed off cannot be stopped any more (a write the SQLite
+writer thread has begun, the group commit that carries its batch, a PostgreSQL COMMIT sent)
+must not be told "cancelled", nothing done as far as it knows, of what is then done all the
+same: a client told "not written" of what is durable, an audit entry "aborted" beside it
+(session 26: asyncio.run's end cancelled a group commit the writer thread then committed).
+So the work's end is waited for, whatever cancels the caller meanwhile, and told as it was:
+done, its result is returned and the cancel comes at the caller's next wait; failed, or not
+ended within the caller's bound, the cancel is raised (nothing was done, or nobody can say,
+and the caller asked to stop). One rule for every store and the recorder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+
+async def told(cancel: asyncio.CancelledError, ended: asyncio.Future[_T], *,
+               within: float | None = None, late: Callable[[], object] | None = None) -> _T:
+    """What the work whose outcome is ``ended`` did, told to a caller cancelled (``cancel``,
+    caught outside its ``except`` block: tests/test_compiled.py) while it ran: waited for
+    (at most ``within`` seconds; past it ``late`` is called and the cancel raised), its
+    result returned with the cancel delivered at the caller's next wait, or, failed or
+    cancelled itself, the cancel raised."""
+    deadline = None if within is None else time.monotonic() + within
+    while not ended.done():
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            if late is not None:
+                late()
+            raise cancel
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait((ended,), timeout=left)
+    if ended.cancelled() or ended.exception() is not None:
+        raise cancel  # nothing was done, and the caller asked to stop
+    me = asyncio.current_task()
+    assert me is not None
+    me.uncancel()  # the same cancel, counted once (asyncio.timeout counts them)
+    me.cancel(*cancel.args)
+    return ended.result()
