@@ -25,10 +25,21 @@ _T = TypeVar("_T")
 async def told(cancel: asyncio.CancelledError, ended: asyncio.Future[_T], *,
                within: float | None = None, late: Callable[[], object] | None = None) -> _T:
     """What the work whose outcome is ``ended`` did, told to a caller cancelled (``cancel``,
-    caught outside its ``except`` block: tests/test_compiled.py) while it ran: waited for
-    (at most ``within`` seconds; past it ``late`` is called and the cancel raised), its
-    result returned with the cancel delivered at the caller's next wait, or, failed or
-    cancelled itself, the cancel raised."""
+    caught outside its ``except`` block: tests/test_compiled.py) while it ran: its result
+    returned with the cancel delivered at the caller's next wait, or the cancel raised
+    (:func:`waited`)."""
+    result = await waited(cancel, ended, within=within, late=late)
+    deliver(cancel)
+    return result
+
+
+async def waited(cancel: asyncio.CancelledError, ended: asyncio.Future[_T], *,
+                 within: float | None = None, late: Callable[[], object] | None = None,
+                 ) -> _T:
+    """``ended``'s result once it is done, waited for whatever cancels the caller meanwhile
+    (at most ``within`` seconds; past it ``late`` is called and ``cancel`` raised); failed
+    or cancelled itself, ``cancel`` raised. For a caller that has more to finish before
+    the cancel is delivered (:func:`deliver`)."""
     deadline = None if within is None else time.monotonic() + within
     while not ended.done():
         left = None if deadline is None else deadline - time.monotonic()
@@ -40,8 +51,13 @@ async def told(cancel: asyncio.CancelledError, ended: asyncio.Future[_T], *,
             await asyncio.wait((ended,), timeout=left)
     if ended.cancelled() or ended.exception() is not None:
         raise cancel  # nothing was done, and the caller asked to stop
+    return ended.result()
+
+
+def deliver(cancel: asyncio.CancelledError) -> None:
+    """``cancel``, caught by a caller whose work was done all the same, delivered at its next
+    wait: the same cancel, counted once (asyncio.timeout counts them)."""
     me = asyncio.current_task()
     assert me is not None
-    me.uncancel()  # the same cancel, counted once (asyncio.timeout counts them)
+    me.uncancel()
     me.cancel(*cancel.args)
-    return ended.result()

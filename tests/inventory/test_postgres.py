@@ -14,10 +14,11 @@ import pytest
 
 from netboot.errors import StoreError
 from netboot.inventory import postgres
+from netboot.inventory.base import Batch
 from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
-from netboot.model import Cluster, MacAddress, Machine, MachineState
+from netboot.model import AuditEntry, Cluster, Event, MacAddress, Machine, MachineState
 from netboot.sealing import Sealer
 from tests import pg
 
@@ -276,3 +277,109 @@ async def test_own_commits_reach_the_view_without_a_read_back(
     await view.sync()
     assert await view.get_machine(theirs.id) == theirs
     assert await view.get_machine(mine.id) == again
+
+
+# --- a write cancelled while its COMMIT is under way is told as it ended --------------------
+
+# A deferred constraint trigger makes an event's COMMIT slow: it runs in the COMMIT, before
+# the commit record. "deaf" ignores the cancel asyncpg sends (as a COMMIT past the point
+# where it can be stopped does) and commits; "stoppable" is stopped by it (aborted).
+_SLOW_COMMIT = (
+    """CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.kind = 'deaf' THEN
+            BEGIN
+                PERFORM pg_sleep(30);
+            EXCEPTION WHEN query_canceled THEN
+                NULL;  -- the cancel heard too late: the COMMIT goes on
+            END;
+        ELSIF NEW.kind = 'stoppable' THEN
+            PERFORM pg_sleep(30);
+        END IF;
+        RETURN NULL;
+    END $$""",
+    "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON events DEFERRABLE INITIALLY"
+    " DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+)
+
+
+async def _until(conn: asyncpg.Connection, sql: str, what: str) -> None:
+    for _ in range(500):
+        if await conn.fetchval(sql):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not {what} within 5 s")
+
+
+_COMMITTING = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+               " AND query LIKE 'COMMIT%' AND wait_event = 'PgSleep'")
+_AT_THE_LOCK = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND wait_event = 'advisory'")
+
+
+@pytest.mark.parametrize("kind", ["deaf", "stoppable"])
+async def test_a_batch_cancelled_during_its_commit_is_told_as_it_ended(
+        pg_dsn: str, kind: str) -> None:
+    """A group commit cancelled (asyncio.run's end, a client gone) while its COMMIT is under
+    way: asyncpg asks the server to cancel it, too late for a COMMIT that can no longer be
+    stopped. Such a batch is durable and must be told written (its clients, its audit
+    entries "done"), the cancel coming at the caller's next wait; one the cancel did stop
+    is told cancelled, nothing written. (Before: "cancelled" either way.)"""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    said: list[str] = []
+
+    async def writer() -> None:
+        await store.apply_batch(Batch(
+            events=(Event("m1", 1.0, kind, kind),),
+            audit=(AuditEntry(time=1.0, actor="a", action="x", target="t", peer="p",
+                              outcome="done"),)))
+        said.append("written")
+        await asyncio.sleep(0)
+        said.append("went on after its cancel")
+
+    try:
+        for sql in _SLOW_COMMIT:
+            await admin.execute(sql)
+        task = asyncio.ensure_future(writer())
+        await _until(admin, _COMMITTING, "in its COMMIT")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        kept = [e.kind for e in await store.list_events("m1")]
+        audit = await store.list_audit()
+        if kind == "deaf":
+            assert kept == ["deaf"] and len(audit) == 1
+            assert said == ["written"]  # told written, then cancelled at its next wait
+        else:
+            assert kept == [] and audit == []
+            assert said == []
+        await store.put_setting("after", "1")  # the connection is sound for the next write
+        assert await store.get_setting("after") == "1"
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_a_write_cancelled_before_its_transaction_began_is_told_cancelled(
+        pg_dsn: str) -> None:
+    """The other side: cancelled while it waits for the writers' lock (another server
+    writes), its transaction is rolled back: cancelled, nothing written."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+            task = asyncio.ensure_future(store.put_setting("k", "v"))
+            await _until(admin, _AT_THE_LOCK, "waiting for the writers' lock")
+            task.cancel()
+            done, _ = await asyncio.wait((task,), timeout=5)
+            assert task in done and task.cancelled()
+        assert await store.get_setting("k") is None
+    finally:
+        await holder.close()
+        await admin.close()
+        await store.close()
