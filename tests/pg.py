@@ -4,9 +4,11 @@ store objects that share one inventory, as several servers have."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from netboot.inventory.base import Store
@@ -14,8 +16,8 @@ from netboot.lab.pgcluster import SUPERUSER, Cluster, ClusterError, fresh_schema
 from netboot.lab.pgcluster import running as _running
 from netboot.lab.pgcluster import start as _start
 
-__all__ = ["SUPERUSER", "Cluster", "fresh_schema", "running", "schema_sync", "start",
-           "stores_on_one_inventory"]
+__all__ = ["COMMITTING", "SLOW_COMMIT", "SUPERUSER", "Cluster", "fresh_schema", "running",
+           "schema_sync", "start", "stores_on_one_inventory", "until"]
 
 
 def start() -> Cluster:
@@ -55,3 +57,40 @@ async def stores_on_one_inventory(kind: str, tmp_path: Path, request: pytest.Fix
         await s.open()
         stack.push_async_callback(s.close)
     return stores
+
+
+# A deferred constraint trigger makes an event's COMMIT slow: it runs in the COMMIT, before
+# the commit record. "deaf" ignores the cancel asyncpg sends (as a COMMIT past the point
+# where it can be stopped does) and commits; "stoppable" is stopped by it (aborted).
+SLOW_COMMIT = (
+    """CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.kind = 'deaf' THEN
+            BEGIN
+                PERFORM pg_sleep(30);
+            EXCEPTION WHEN query_canceled THEN
+                NULL;  -- the cancel heard too late: the COMMIT goes on
+            END;
+        ELSIF NEW.kind = 'stoppable' THEN
+            PERFORM pg_sleep(30);
+        END IF;
+        RETURN NULL;
+    END $$""",
+    "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON events DEFERRABLE INITIALLY"
+    " DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+)
+
+
+async def until(conn: asyncpg.Connection, sql: str, what: str) -> None:
+    """Wait until ``sql``, asked on ``conn``, counts something: a test cancels a write once
+    the server shows it where it means it to be, not after a guessed time."""
+    for _ in range(500):
+        if await conn.fetchval(sql):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not {what} within 5 s")
+
+
+# A session in a COMMIT that SLOW_COMMIT holds.
+COMMITTING = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+              " AND query LIKE 'COMMIT%' AND wait_event = 'PgSleep'")

@@ -11,15 +11,18 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from netboot.boot import hash_token
 from netboot.errors import NotFound, StateChanged
 from netboot.inventory import codec
 from netboot.inventory.base import Batch
+from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
-from netboot.model import Event, MacAddress, Machine, MachineState
+from netboot.model import AuditEntry, Event, MacAddress, Machine, MachineState
 from netboot.recorder import Recorder
+from tests import pg
 from tests.held_store import begun, held_writer, write_lock, writes_waiting
 from tests.killed import killed_after
 
@@ -644,6 +647,44 @@ async def test_a_group_cancelled_while_the_thread_writes_it_tells_what_was_writt
     assert await kinds(other) == ["told"]
     await asyncio.wait(groups, timeout=5)
     assert all(t.cancelled() for t in groups)  # the group's own cancel is kept
+
+
+async def test_a_group_cancelled_during_its_postgres_commit_tells_what_was_written(
+        pg_dsn: str) -> None:
+    """The same on PostgreSQL: asyncio.run's end cancels a caller and its group while the
+    group's COMMIT is under way, too far on to be stopped by the cancel asyncpg sends. The
+    batch is durable: its caller is told "written" (its audit entry "done"), its cancel
+    coming after (before: told cancelled, as if nothing had been written)."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    recorder = Recorder(store, delay=3600)
+    said: list[str] = []
+
+    async def caller() -> None:
+        await recorder.commit(Batch(events=(ev("deaf"),), audit=(AuditEntry(
+            time=1.0, actor="a", action="x", target="t", peer="p", outcome="done"),)))
+        said.append("written")
+        await asyncio.sleep(0)
+        said.append("went on after its cancel")
+
+    try:
+        for sql in pg.SLOW_COMMIT:
+            await admin.execute(sql)
+        task = asyncio.ensure_future(caller())
+        await pg.until(admin, pg.COMMITTING, "in its COMMIT")
+        groups = [t for t in recorder._groups if not t.done()]
+        assert len(groups) == 1
+        for t in (*groups, task):  # as asyncio.runners._cancel_all_tasks
+            t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        assert said == ["written"]
+        assert [e.kind for e in await store.list_events("m1")] == ["deaf"]
+        assert len(await store.list_audit()) == 1
+    finally:
+        await admin.close()
+        await store.close()
 
 
 async def test_a_group_cancelled_while_the_thread_writes_it_leaves_its_caller_written(

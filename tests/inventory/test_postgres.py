@@ -281,38 +281,6 @@ async def test_own_commits_reach_the_view_without_a_read_back(
 
 # --- a write cancelled while its COMMIT is under way is told as it ended --------------------
 
-# A deferred constraint trigger makes an event's COMMIT slow: it runs in the COMMIT, before
-# the commit record. "deaf" ignores the cancel asyncpg sends (as a COMMIT past the point
-# where it can be stopped does) and commits; "stoppable" is stopped by it (aborted).
-_SLOW_COMMIT = (
-    """CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        IF NEW.kind = 'deaf' THEN
-            BEGIN
-                PERFORM pg_sleep(30);
-            EXCEPTION WHEN query_canceled THEN
-                NULL;  -- the cancel heard too late: the COMMIT goes on
-            END;
-        ELSIF NEW.kind = 'stoppable' THEN
-            PERFORM pg_sleep(30);
-        END IF;
-        RETURN NULL;
-    END $$""",
-    "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON events DEFERRABLE INITIALLY"
-    " DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
-)
-
-
-async def _until(conn: asyncpg.Connection, sql: str, what: str) -> None:
-    for _ in range(500):
-        if await conn.fetchval(sql):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not {what} within 5 s")
-
-
-_COMMITTING = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
-               " AND query LIKE 'COMMIT%' AND wait_event = 'PgSleep'")
 _AT_THE_LOCK = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                 " AND wait_event = 'advisory'")
 
@@ -340,10 +308,10 @@ async def test_a_batch_cancelled_during_its_commit_is_told_as_it_ended(
         said.append("went on after its cancel")
 
     try:
-        for sql in _SLOW_COMMIT:
+        for sql in pg.SLOW_COMMIT:
             await admin.execute(sql)
         task = asyncio.ensure_future(writer())
-        await _until(admin, _COMMITTING, "in its COMMIT")
+        await pg.until(admin, pg.COMMITTING, "in its COMMIT")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 30)
@@ -374,7 +342,7 @@ async def test_a_write_cancelled_before_its_transaction_began_is_told_cancelled(
         async with holder.transaction():
             await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
             task = asyncio.ensure_future(store.put_setting("k", "v"))
-            await _until(admin, _AT_THE_LOCK, "waiting for the writers' lock")
+            await pg.until(admin, _AT_THE_LOCK, "waiting for the writers' lock")
             task.cancel()
             done, _ = await asyncio.wait((task,), timeout=5)
             assert task in done and task.cancelled()
