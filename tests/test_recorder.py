@@ -20,7 +20,7 @@ from netboot.inventory import codec
 from netboot.inventory.base import Batch
 from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
-from netboot.model import AuditEntry, Event, MacAddress, Machine, MachineState
+from netboot.model import Event, MacAddress, Machine, MachineState
 from netboot.recorder import Recorder
 from tests import pg
 from tests.held_store import begun, held_writer, write_lock, writes_waiting
@@ -660,19 +660,9 @@ async def test_a_group_cancelled_during_its_postgres_commit_tells_what_was_writt
     admin = await asyncpg.connect(pg_dsn)
     recorder = Recorder(store, delay=3600)
     said: list[str] = []
-
-    async def caller() -> None:
-        await recorder.commit(Batch(events=(ev("deaf"),), audit=(AuditEntry(
-            time=1.0, actor="a", action="x", target="t", peer="p", outcome="done"),)))
-        said.append("written")
-        await asyncio.sleep(0)
-        said.append("went on after its cancel")
-
     try:
-        for sql in pg.SLOW_COMMIT:
-            await admin.execute(sql)
-        task = asyncio.ensure_future(caller())
-        await pg.until(admin, pg.COMMITTING, "in its COMMIT")
+        task = await pg.committing(
+            admin, lambda: recorder.commit(pg.slow_batch("deaf")), said)
         groups = [t for t in recorder._groups if not t.done()]
         assert len(groups) == 1
         for t in (*groups, task):  # as asyncio.runners._cancel_all_tasks

@@ -14,11 +14,10 @@ import pytest
 
 from netboot.errors import StoreError
 from netboot.inventory import postgres
-from netboot.inventory.base import Batch
 from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
-from netboot.model import AuditEntry, Cluster, Event, MacAddress, Machine, MachineState
+from netboot.model import Cluster, MacAddress, Machine, MachineState
 from netboot.sealing import Sealer
 from tests import pg
 
@@ -297,21 +296,8 @@ async def test_a_batch_cancelled_during_its_commit_is_told_as_it_ended(
     await store.open()
     admin = await asyncpg.connect(pg_dsn)
     said: list[str] = []
-
-    async def writer() -> None:
-        await store.apply_batch(Batch(
-            events=(Event("m1", 1.0, kind, kind),),
-            audit=(AuditEntry(time=1.0, actor="a", action="x", target="t", peer="p",
-                              outcome="done"),)))
-        said.append("written")
-        await asyncio.sleep(0)
-        said.append("went on after its cancel")
-
     try:
-        for sql in pg.SLOW_COMMIT:
-            await admin.execute(sql)
-        task = asyncio.ensure_future(writer())
-        await pg.until(admin, pg.COMMITTING, "in its COMMIT")
+        task = await pg.committing(admin, lambda: store.apply_batch(pg.slow_batch(kind)), said)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 30)
