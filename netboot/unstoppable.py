@@ -56,8 +56,23 @@ async def waited(cancel: asyncio.CancelledError, ended: asyncio.Future[_T], *,
 
 def deliver(cancel: asyncio.CancelledError) -> None:
     """``cancel``, caught by a caller whose work was done all the same, delivered at its next
-    wait: the same cancel, counted once (asyncio.timeout counts them)."""
+    wait if it is still asked for then: not if the scope that asked took it back meanwhile.
+
+    An asyncio.timeout whose deadline passed during the work and whose body then ends with
+    no other wait takes its cancel back (``uncancel``) without a TimeoutError: the body was
+    done. Re-armed at once (``Task.cancel``), the cancel stayed armed on Python 3.11 and
+    3.12 after that scope (their ``uncancel`` does not rescind it; 3.13's does): a stray
+    CancelledError at the task's next wait, outside any scope, that nobody asked for. So it
+    is delivered when the task next waits, as the same cancel counted once, only while the
+    cancels asked of the task (``cancelling``) are still as many, or fewer but some: one
+    that a scope took back is not, one asked since is delivered by itself. A task that ends
+    before its next wait ends with its result: its work was done."""
     me = asyncio.current_task()
     assert me is not None
-    me.uncancel()
-    me.cancel(*cancel.args)
+    asyncio.get_running_loop().call_soon(_redeliver, me, me.cancelling(), cancel.args)
+
+
+def _redeliver(task: asyncio.Task[object], asked: int, args: tuple[object, ...]) -> None:
+    if not task.done() and 0 < task.cancelling() <= asked:
+        task.uncancel()  # the same cancel, counted once (asyncio.timeout counts them)
+        task.cancel(*args)
