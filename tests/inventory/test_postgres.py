@@ -292,7 +292,7 @@ async def test_a_batch_cancelled_during_its_commit_is_told_as_it_ended(
     stopped. Such a batch is durable and must be told written (its clients, its audit
     entries "done"), the cancel coming at the caller's next wait; one the cancel did stop
     is told cancelled, nothing written. (Before: "cancelled" either way.)"""
-    store = PostgresStore(pg_dsn)
+    store = PostgresStore(pg_dsn, pool_size=1)  # the next write is on the same connection
     await store.open()
     admin = await asyncpg.connect(pg_dsn)
     said: list[str] = []
