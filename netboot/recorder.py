@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 import time
@@ -47,6 +46,7 @@ from netboot.errors import NetbootError, StoreError
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Store
 from netboot.model import Event, Machine
+from netboot.unstoppable import told
 
 # Long enough to gather a storm's events into one commit, short enough that `netboot
 # explain` run right after a boot shows it (reads flush anyway).
@@ -311,12 +311,7 @@ class Recorder:
         # compiled coroutines an await inside a handler can leave the handled exception as
         # the thread's current one (every later exception then carries it as __context__).
         if cancel is not None:
-            if not await _fate(group, done):
-                raise cancel
-            me = asyncio.current_task()
-            assert me is not None
-            me.uncancel()  # the same cancel, counted once (asyncio.timeout counts them)
-            me.cancel(*cancel.args)
+            await told(cancel, _fate(group, done))  # the group's write ends on its own
         if version is not None:
             for event in batch.events:
                 self._remember(event, version)
@@ -627,20 +622,15 @@ def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machi
                  audit=batch.audit)
 
 
-async def _fate(group: _Group, done: asyncio.Future[None]) -> bool:
-    """Whether the batch of a commit whose caller was cancelled (``done``: its future) was
-    written, once its group has written it or refused it: waited for whatever cancels the
-    caller meanwhile (the group's write ends on its own)."""
+def _fate(group: _Group, done: asyncio.Future[None]) -> asyncio.Future[None]:
+    """What tells the batch of a commit whose caller was cancelled (``done``: its future)
+    whether it was written, once its group has written it or refused it."""
     if not done.cancelled():  # settled just before the cancel came
-        return done.exception() is None
-    fate = group.fate(done)
-    while not fate.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait((fate,))
+        return done
     # Kept in the group (which ends with its task): deleted, the group's last settle
     # (_group_ended, after its task) made a new fate that nobody reads ("Future exception
     # was never retrieved" at shutdown).
-    return not fate.cancelled() and fate.exception() is None
+    return group.fate(done)
 
 
 def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:

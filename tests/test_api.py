@@ -17,7 +17,7 @@ from netboot.lifecycle import Trigger, advance
 from netboot.model import Scope
 from netboot.openapi import document
 from tests.conftest import Env, Reply, boot, call, install_token
-from tests.held_store import held_writer, writes_waiting
+from tests.held_store import begun, held_writer, write_lock, writes_waiting
 
 MAC = "52:54:00:12:34:56"
 MAC2 = "52:54:00:12:34:57"
@@ -1415,7 +1415,8 @@ async def test_a_report_cancelled_while_its_commit_is_held_is_audited_once(env: 
     finally:
         gate.set()
     await until(task.done, "the cancelled report")
-    assert task.cancelled()
+    # Its commit done, it ends with no wait left for the cancel: answered (unstoppable).
+    assert not task.cancelled() and task.exception() is None
     writer.close()
     log = await env.get("/api/v1/audit")
     assert entries(log, "POST /api/v1/machines/{ref}/events") == [
@@ -1510,6 +1511,39 @@ async def test_a_change_whose_client_left_while_it_was_written_is_audited_once(
         names = [t["name"] for t in await env.get("/api/v1/tokens")]
         assert ("ci2" in names, "ci" in names) == ((True, True) if method == "POST"
                                                    else (False, False))
+
+
+async def test_a_change_cancelled_with_its_handler_while_written_is_audited_as_made(
+        env: Env) -> None:
+    """asyncio.run's end cancels every task at once: the request's and the handler's that
+    the audit middleware runs to its end, while the change is written. The change is made,
+    and the log says so with its status: the handler, its write done with no wait left for
+    the cancel, ends with its answer (before: re-armed at once, the cancel ended it
+    cancelled, and the entry said "aborted" of a change that was made)."""
+    await env.seed()  # the admin token used once: its touch is not the write held below
+    before = entries(await env.get("/api/v1/audit"), "POST /api/v1/profiles")
+    tasks: list[asyncio.Task[Any]] = []
+    mine = asyncio.all_tasks()
+    gate = held_writer(store(env))
+    with write_lock(store(env)) as release:
+        try:
+            writer = await send(env, f"POST /api/v1/profiles HTTP/1.1\r\n"
+                                f"Authorization: Bearer {env.admin}",
+                                json.dumps({"name": "p1", "kernel": "vmlinuz"}).encode())
+            await until(lambda: writes_waiting(store(env)) > 0, "the change at the writer")
+        finally:
+            gate.set()
+        await begun(store(env))  # the thread writes it: it waits for the file's lock
+        tasks = [t for t in asyncio.all_tasks() - mine if not t.done()]
+        for task in tasks:  # as asyncio.runners._cancel_all_tasks
+            task.cancel()
+        await asyncio.sleep(0.05)
+        release()
+        await asyncio.wait(tasks, timeout=5)
+    writer.close()
+    after = entries(await env.get("/api/v1/audit"), "POST /api/v1/profiles")[len(before):]
+    assert after == [("admin", "p1", "201")]
+    await env.get("/api/v1/profiles/p1")
 
 
 async def test_a_change_whose_client_left_before_it_was_made_is_aborted(env: Env) -> None:

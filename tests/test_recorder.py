@@ -11,15 +11,18 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from netboot.boot import hash_token
 from netboot.errors import NotFound, StateChanged
 from netboot.inventory import codec
 from netboot.inventory.base import Batch
+from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Event, MacAddress, Machine, MachineState
 from netboot.recorder import Recorder
+from tests import pg
 from tests.held_store import begun, held_writer, write_lock, writes_waiting
 from tests.killed import killed_after
 
@@ -486,9 +489,10 @@ async def test_a_cancelled_commit_in_a_group_learns_its_own_fate_not_the_groups(
     finally:
         gate.set()
     await asyncio.wait_for(first, 30)
-    for task in (good, bad):
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 30)
+    # Written, and it ends with no wait left for its cancel: with its result (unstoppable).
+    await asyncio.wait_for(good, 30)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(bad, 30)
     assert said == ["good"]
     assert await kinds(other) == ["first", "good"]
 
@@ -514,8 +518,7 @@ async def test_a_commit_cancelled_after_its_group_settled_it_still_learns_its_fa
     time.sleep(0.2)  # the write ends on its thread; its answer waits in the loop's queue
     await asyncio.sleep(0)  # taken: the group is next in the queue, then the cancel
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(task, 5)  # written, and no wait left for its cancel
     assert said == ["written"]
     assert await kinds(other) == ["told"]
 
@@ -643,7 +646,36 @@ async def test_a_group_cancelled_while_the_thread_writes_it_tells_what_was_writt
     assert said == ["written"]
     assert await kinds(other) == ["told"]
     await asyncio.wait(groups, timeout=5)
-    assert all(t.cancelled() for t in groups)  # the group's own cancel is kept
+    # Its write done, the group ends with no wait left for its own cancel: with its result.
+    assert all(t.done() and not t.cancelled() and t.exception() is None for t in groups)
+
+
+async def test_a_group_cancelled_during_its_postgres_commit_tells_what_was_written(
+        pg_dsn: str) -> None:
+    """The same on PostgreSQL: asyncio.run's end cancels a caller and its group while the
+    group's COMMIT is under way, too far on to be stopped by the cancel asyncpg sends. The
+    batch is durable: its caller is told "written" (its audit entry "done"), its cancel
+    coming after (before: told cancelled, as if nothing had been written)."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    recorder = Recorder(store, delay=3600)
+    said: list[str] = []
+    try:
+        task = await pg.committing(
+            admin, lambda: recorder.commit(pg.slow_batch("deaf")), said)
+        groups = [t for t in recorder._groups if not t.done()]
+        assert len(groups) == 1
+        for t in (*groups, task):  # as asyncio.runners._cancel_all_tasks
+            t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        assert said == ["written"]
+        assert [e.kind for e in await store.list_events("m1")] == ["deaf"]
+        assert len(await store.list_audit()) == 1
+    finally:
+        await admin.close()
+        await store.close()
 
 
 async def test_a_group_cancelled_while_the_thread_writes_it_leaves_its_caller_written(

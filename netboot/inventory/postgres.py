@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -69,6 +70,7 @@ from netboot.model import (
     MachineState,
     Profile,
 )
+from netboot.unstoppable import deliver, waited
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,13 @@ WRITE_LOCK = 0x6E6574626F6F74
 MIGRATE_LOCK = WRITE_LOCK + 1
 CHANNEL = "netboot_changes"
 _LAST_CHANGE = "SELECT coalesce(max(seq), 0) FROM changes"
+# A write's transaction id, learnt as it begins: what a cancel during its COMMIT asks about.
+_BEGUN = "SELECT pg_current_xact_id()::text"
+_BEGUN_LOCKED = "SELECT pg_current_xact_id()::text FROM pg_advisory_xact_lock($1)"
+# How long a write cancelled while its COMMIT was under way is waited for (_committed): the
+# COMMIT's answer, then one question on the same connection, milliseconds. Bounded so that
+# a shutdown cannot hang on a server that no longer answers.
+CANCELLED_COMMIT_WAIT = 10.0
 CONNECT_TIMEOUT = 10.0
 # How long a query may wait for a free connection of the pool (a stuck database answers
 # with a StoreError, a 503, rather than an endless wait).
@@ -339,17 +348,51 @@ class PostgresStore:
             raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
 
     @contextlib.asynccontextmanager
-    async def _write(self, *, feed: bool = True) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction holding the writers' lock (see the module docstring). ``feed``:
-        it may change what the change feed carries, so :attr:`commits` counts it once it is
-        over (after the commit: a sync that begins later reads it)."""
+    async def _write(self, *, feed: bool = True, lock: bool = True,
+                     ) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction holding the writers' lock (see the module docstring; ``lock`` false:
+        a write of what the feed does not carry and no check orders). ``feed``: it may
+        change what the change feed carries, so :attr:`commits` counts it once it is over
+        (after the commit: a sync that begins later reads it).
+
+        Told as it ended (netboot.unstoppable): cancelled before its COMMIT, it is rolled
+        back and the cancel raised; cancelled while its COMMIT was under way (asyncpg then
+        asks the server to cancel it, which it may or may not do), the server is asked
+        what became of the transaction: committed, the write returns and the cancel comes
+        at the caller's next wait; else the cancel is raised. A caller told "cancelled" of
+        a durable write (a group commit's clients, their audit entries "aborted") otherwise.
+        """
+        cancel: asyncio.CancelledError | None = None
+        xid: str | None = None  # set once the body is done: its COMMIT is under way
+        committed = False
         try:
-            async with self._conn() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
-                yield conn
+            async with self._conn() as conn:
+                try:
+                    async with conn.transaction():
+                        # The transaction's id, in the round trip that takes the lock.
+                        begun = await (conn.fetchval(_BEGUN_LOCKED, WRITE_LOCK) if lock
+                                       else conn.fetchval(_BEGUN))
+                        yield conn
+                        xid = begun
+                except asyncio.CancelledError as exc:
+                    if xid is None:
+                        raise  # before its COMMIT: rolled back, nothing was written
+                    cancel = exc
+                if cancel is not None:
+                    assert xid is not None
+                    asking = asyncio.ensure_future(_committed(conn, xid))
+                    await waited(cancel, asking, within=CANCELLED_COMMIT_WAIT,
+                                 late=functools.partial(_late, self.name, asking))
+                committed = True
+        except asyncio.CancelledError as exc:
+            if not committed:
+                raise
+            cancel = exc  # while the connection went back to the pool: written all the same
         finally:
             if feed:
                 self._commits += 1
+        if cancel is not None:
+            deliver(cancel)
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -776,7 +819,7 @@ class PostgresStore:
 
     async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
-        async with self._conn() as conn, conn.transaction():
+        async with self._write(feed=False, lock=False) as conn:
             if now is not None:
                 # A concurrent claim of the same expired row waits for this one's commit,
                 # then finds it gone and fails on the unique address below.
@@ -799,7 +842,7 @@ class PostgresStore:
 
     async def delete_lease(self, mac: str) -> None:
         mac = codec.normalise_mac(mac)
-        async with self._conn() as conn:
+        async with self._write(feed=False, lock=False) as conn:
             await conn.execute("DELETE FROM leases WHERE mac = $1", mac)
 
     async def fixed_address(self, mac: str) -> str | None:
@@ -930,13 +973,14 @@ class PostgresStore:
     # API tokens and the audit log ------------------------------------------------------
     async def create_token(self, token: ApiToken) -> None:
         value = codec.token_from_dict(codec.token_to_dict(token))
-        async with self._conn() as conn:
+        async with self._write(feed=False, lock=False) as conn:
             try:
-                await conn.execute(
-                    f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608 - a constant
-                    " VALUES ($1, $2, $3, $4, $5, $6)",
-                    value.name, value.sha256, str(value.scope), value.created, value.expires,
-                    value.last_used)
+                async with conn.transaction():  # a savepoint: the holder can still be read
+                    await conn.execute(
+                        f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608 - a constant
+                        " VALUES ($1, $2, $3, $4, $5, $6)",
+                        value.name, value.sha256, str(value.scope), value.created,
+                        value.expires, value.last_used)
             except asyncpg.UniqueViolationError as exc:
                 taken = await conn.fetchval("SELECT 1 FROM api_tokens WHERE name = $1",
                                             value.name)
@@ -957,19 +1001,19 @@ class PostgresStore:
         return [codec.token_from_row(r) for r in rows]
 
     async def delete_token(self, name: str) -> None:
-        async with self._conn() as conn:
+        async with self._write(feed=False, lock=False) as conn:
             if await conn.fetchval("DELETE FROM api_tokens WHERE name = $1 RETURNING name",
                                    name) is None:
                 raise NotFound(f"token {name!r} not found")
 
     async def touch_token(self, name: str, when: float) -> None:
-        async with self._conn() as conn:
+        async with self._write(feed=False, lock=False) as conn:
             await conn.execute("UPDATE api_tokens SET last_used = $2 WHERE name = $1", name,
                                float(when))
 
     async def add_audit(self, entry: AuditEntry) -> None:
         e = codec.audit_from_dict(codec.audit_to_dict(entry))
-        async with self._conn() as conn:
+        async with self._write(feed=False, lock=False) as conn:
             await conn.execute(
                 "INSERT INTO audit (time, actor, action, target, peer, outcome)"
                 " VALUES ($1, $2, $3, $4, $5, $6)",
@@ -988,12 +1032,37 @@ class PostgresStore:
                 for t, a, ac, tg, p, o in reversed(rows)]
 
     async def prune_audit(self, keep: int) -> int:
-        async with self._conn() as conn:
+        async with self._write(feed=False, lock=False) as conn:
             deleted = await conn.fetchval(
                 "WITH gone AS (DELETE FROM audit WHERE id <="
                 " (SELECT coalesce(max(id), 0) FROM audit) - $1 RETURNING 1)"
                 " SELECT count(*) FROM gone", max(keep, 0))
         return int(deleted)
+
+
+class _NotCommitted(Exception):
+    """A transaction whose COMMIT was cancelled ended otherwise (aborted)."""
+
+
+async def _committed(conn: asyncpg.Connection, xid: str) -> None:
+    """Return if the transaction ``xid``, whose COMMIT was cancelled, was committed; raise
+    if not, or if the server cannot say. Asked on its own connection: asyncpg sends the
+    question once the cancelled COMMIT's answer is in, so the outcome is final."""
+    try:
+        status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        log.error("a write cancelled during its COMMIT may or may not be committed: its "
+                  "caller is told it was cancelled (%s)", reason(exc))
+        raise
+    if status != "committed":
+        raise _NotCommitted(status)
+
+
+def _late(name: str, asking: asyncio.Future[None]) -> None:
+    asking.cancel()  # the connection goes back to the pool free
+    log.error("inventory %s: a write cancelled during its COMMIT was not told committed "
+              "within %.0f s; its caller is told it was cancelled, though it may be",
+              name, CANCELLED_COMMIT_WAIT)
 
 
 def reason(exc: BaseException) -> str:

@@ -65,6 +65,7 @@ from netboot.model import (
     Profile,
     new_machine_id,
 )
+from netboot.unstoppable import told
 
 log = logging.getLogger(__name__)
 
@@ -1177,12 +1178,9 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
 
 
 async def _outcome(job: Future[_R]) -> _R:
-    """What the writer thread's ``job`` did, told as it was: a cancel that comes before the
-    thread began it cancels it (nothing was done); once begun it cannot be stopped, so its
-    end is waited for (at most CANCELLED_WRITE_WAIT) and a write that was committed returns,
-    the cancel delivered at the caller's next wait (counted once). Else a cancelled caller
-    told "not written" of a change the thread then committed (a group commit cancelled at
-    shutdown: its clients and its audit entries told "aborted" of what is durable)."""
+    """What the writer thread's ``job`` did, told as it was (netboot.unstoppable): a cancel
+    that comes before the thread began it cancels it (nothing was done); once begun it
+    cannot be stopped, so its end is waited for (at most CANCELLED_WRITE_WAIT) and told."""
     try:
         return await asyncio.wrap_future(job)
     except asyncio.CancelledError as exc:
@@ -1190,23 +1188,14 @@ async def _outcome(job: Future[_R]) -> _R:
     # Outside the except block, as in the compiled modules (tests/test_compiled.py).
     if job.cancel():
         raise cancel  # not begun: it never runs
-    ended = asyncio.wrap_future(job)
-    deadline = time.monotonic() + CANCELLED_WRITE_WAIT
-    while not ended.done() and (left := deadline - time.monotonic()) > 0:
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait((ended,), timeout=left)
-    if not ended.done():
-        log.error("a write cancelled while the inventory's writer ran it had not ended after "
-                  "%.0f s; its caller is told it was cancelled, though it may yet be "
-                  "committed", CANCELLED_WRITE_WAIT)
-        raise cancel
-    if ended.exception() is not None:
-        raise cancel  # failed: nothing was written, and the caller asked to stop
-    me = asyncio.current_task()
-    assert me is not None
-    me.uncancel()  # the same cancel, counted once (asyncio.timeout counts them)
-    me.cancel(*cancel.args)
-    return ended.result()
+    return await told(cancel, asyncio.wrap_future(job), within=CANCELLED_WRITE_WAIT,
+                      late=_late)
+
+
+def _late() -> None:
+    log.error("a write cancelled while the inventory's writer ran it had not ended after "
+              "%.0f s; its caller is told it was cancelled, though it may yet be "
+              "committed", CANCELLED_WRITE_WAIT)
 
 
 async def _stop(pool: ThreadPoolExecutor | None, closing: Callable[[], None]) -> None:

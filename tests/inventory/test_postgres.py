@@ -276,3 +276,64 @@ async def test_own_commits_reach_the_view_without_a_read_back(
     await view.sync()
     assert await view.get_machine(theirs.id) == theirs
     assert await view.get_machine(mine.id) == again
+
+
+# --- a write cancelled while its COMMIT is under way is told as it ended --------------------
+
+_AT_THE_LOCK = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND wait_event = 'advisory'")
+
+
+@pytest.mark.parametrize("kind", ["deaf", "stoppable"])
+async def test_a_batch_cancelled_during_its_commit_is_told_as_it_ended(
+        pg_dsn: str, kind: str) -> None:
+    """A group commit cancelled (asyncio.run's end, a client gone) while its COMMIT is under
+    way: asyncpg asks the server to cancel it, too late for a COMMIT that can no longer be
+    stopped. Such a batch is durable and must be told written (its clients, its audit
+    entries "done"), the cancel coming at the caller's next wait; one the cancel did stop
+    is told cancelled, nothing written. (Before: "cancelled" either way.)"""
+    store = PostgresStore(pg_dsn, pool_size=1)  # the next write is on the same connection
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    said: list[str] = []
+    try:
+        task = await pg.committing(admin, lambda: store.apply_batch(pg.slow_batch(kind)), said)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        kept = [e.kind for e in await store.list_events("m1")]
+        audit = await store.list_audit()
+        if kind == "deaf":
+            assert kept == ["deaf"] and len(audit) == 1
+            assert said == ["written"]  # told written, then cancelled at its next wait
+        else:
+            assert kept == [] and audit == []
+            assert said == []
+        await store.put_setting("after", "1")  # the connection is sound for the next write
+        assert await store.get_setting("after") == "1"
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_a_write_cancelled_before_its_transaction_began_is_told_cancelled(
+        pg_dsn: str) -> None:
+    """The other side: cancelled while it waits for the writers' lock (another server
+    writes), its transaction is rolled back: cancelled, nothing written."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+            task = asyncio.ensure_future(store.put_setting("k", "v"))
+            await pg.until(admin, _AT_THE_LOCK, "waiting for the writers' lock")
+            task.cancel()
+            done, _ = await asyncio.wait((task,), timeout=5)
+            assert task in done and task.cancelled()
+        assert await store.get_setting("k") is None
+    finally:
+        await holder.close()
+        await admin.close()
+        await store.close()

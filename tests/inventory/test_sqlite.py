@@ -1168,3 +1168,25 @@ async def test_a_write_cancelled_once_its_thread_began_it_returns_as_committed(
         assert [e.kind for e in await store.list_events("m1")] == ["begun"]
     finally:
         await store.close()
+
+
+async def test_a_write_ending_a_timeout_scope_after_its_deadline_leaves_no_cancel_behind(
+        tmp_path: Path) -> None:
+    """s26-review's case: ``async with asyncio.timeout(...)`` around a write alone, the
+    deadline passing while the thread waits for the file's lock. The write is committed and
+    the body ends with it: no TimeoutError (the body was done), and no cancel reaches the
+    task after the scope (before: a stray CancelledError at its next wait, on 3.11)."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        with write_lock(store) as release:
+            asyncio.get_running_loop().call_later(0.3, release)
+            async with asyncio.timeout(0.05):
+                await store.put_setting("k", "v")
+        await asyncio.sleep(0)  # no cancel left over for this task
+        await asyncio.sleep(0.01)
+        current = asyncio.current_task()
+        assert current is not None and current.cancelling() == 0
+        assert await store.get_setting("k") == "v"
+    finally:
+        await store.close()
