@@ -948,6 +948,45 @@ async def test_a_machines_lock_orders_its_holders_and_is_forgotten_when_free() -
     assert held == {}
 
 
+async def test_a_machines_lock_handed_to_a_waiter_cancelled_before_it_ran_goes_on() -> None:
+    # BootService._lock: the holder leaving hands the key to the first waiter; that waiter
+    # cancelled in the same turn, before it ran, never gets in and hands it on; the key is
+    # never held twice nor left held by no one, and is forgotten once all are gone.
+    held: dict[str, list[Any]] = {}
+    inside: list[str] = []
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold(name: str, wait: bool = False) -> None:
+        async with boot_module._Locked(held, "a"):
+            assert not inside, f"{name} in while {inside} holds it"
+            inside.append(name)
+            order.append(f"{name} in")
+            if wait:
+                await gate.wait()
+            await asyncio.sleep(0)
+            inside.remove(name)
+
+    first = asyncio.ensure_future(hold("1", wait=True))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(hold("2"))
+    third = asyncio.ensure_future(hold("3"))
+    await asyncio.sleep(0)
+    assert held["a"][1] == 3
+    gate.set()
+    while not first.done():  # 1 leaves: the key is handed to 2, which has not run yet
+        await asyncio.sleep(0)
+    second.cancel()
+    await asyncio.wait_for(asyncio.gather(first, third), 5)  # 3 is not left waiting
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert order == ["1 in", "3 in"]
+    assert held == {}
+    again = asyncio.ensure_future(hold("4"))  # free again: taken at once
+    await again
+    assert order[-1] == "4 in" and held == {}
+
+
 class _Watched:
     """A BootService on a real SQLite store whose recorder's writer sleeps an hour and whose
     backlog bound is 32 (only a full backlog starts a write), and the largest backlog seen

@@ -25,6 +25,7 @@ from netboot.model import (
     Machine,
     MachineState,
     Profile,
+    slot_init,
 )
 
 # What machines can be listed by: "mac" is the default order (codec.machine_order).
@@ -62,14 +63,19 @@ class Batch:
     machine at once (two install tokens, a report racing a reinstall) so never both win.
     """
 
-    merge: Sequence[tuple[str, str]] = field(default_factory=tuple)
-    create: Sequence[Machine] = field(default_factory=tuple)
-    update: Sequence[Machine] = field(default_factory=tuple)
-    events: Sequence[Event] = field(default_factory=tuple)
+    merge: Sequence[tuple[str, str]] = ()
+    create: Sequence[Machine] = ()
+    update: Sequence[Machine] = ()
+    events: Sequence[Event] = ()
     expect: Mapping[str, MachineState] = field(default_factory=dict)
     # Audit log entries, written last in the same transaction (Access.record: an entry
     # joins the recorder's group commits instead of a transaction of its own).
-    audit: Sequence[AuditEntry] = field(default_factory=tuple)
+    audit: Sequence[AuditEntry] = ()
+
+
+# Made once per first install, and per group commit (model.slot_init: each slot set by its
+# descriptor, not object.__setattr__ by name).
+slot_init(Batch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final, NamedTuple
 
+from netboot.model import slot_init
+
 # A head longer than this without its end goes to aiohttp, whose limits answer it (8 KiB
 # per line, 32 KiB of headers): the front never buffers more than a normal request.
 MAX_HEAD = 16 * 1024
@@ -250,6 +252,10 @@ class Reply:
     body: bytes
     content_type: str  # with its charset when it is text
     headers: tuple[tuple[str, str], ...] = ()
+
+
+# Made once per answer of a device route (model.slot_init).
+slot_init(Reply)
 
 
 class HttpDate:
