@@ -591,7 +591,8 @@ class Content:
         # and the command line checked by one look at the watch.
         with self._render.pinned():
             machine = plan.machine
-            template, names = self._render.reads(name)
+            read = self._render.reads(name)
+            template, names = read
             made_of: tuple[object, ...] | None = None
             if (names is not None and "cmdline" not in names and machine is not None
                     and lifecycle.TRANSITIONS.get(
@@ -603,7 +604,7 @@ class Content:
             text = self._render.yaml_config(
                 name,
                 lambda names: self.context(plan, names=names),
-                header=header)
+                header=header, read=read)
             if made_of is not None:
                 _keep(self._configs, (plan.mac, name), (template, made_of, text), CONFIGS_KEPT)
             return text
