@@ -185,10 +185,14 @@ class Content:
             "plan": {"action": str(plan.action), "reason": plan.reason,
                      "retry_seconds": plan.retry_seconds, "command": plan.command},
             "token": token,
-            "config_url": f"{urls.base}/config/{hexhyp}" + (f"?token={token}" if token
-                                                            else ""),
-            "instance_serial": int(machine.updated) if machine else 0,
         }
+        # Made only for a template that reads them (a k3OS config reads neither, nor the
+        # profile's file URLs and paths below).
+        if names is None or "config_url" in names:
+            ctx["config_url"] = f"{urls.base}/config/{hexhyp}" + (f"?token={token}" if token
+                                                                 else "")
+        if names is None or "instance_serial" in names:
+            ctx["instance_serial"] = int(machine.updated) if machine else 0
         if names is None or "machine" in names:
             ctx["machine"] = (self._machine_dict(machine, names) if machine
                               else {"mac": str(mac), "hostname": None})
@@ -222,7 +226,8 @@ class Content:
                                              machine.firmware if machine else None)
         if profile is not None:
             assert made is not None
-            ctx.update(made[1])
+            if names is None or not names.isdisjoint(made[1]):
+                ctx.update(made[1])
             if source is not None:
                 ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
                                                       "cmdline")
