@@ -65,7 +65,9 @@ class Sealed:
         sealed = self._seals.get(key)
         if sealed is None:
             sealed = self.sealer.seal(token, context=install_token_context(machine.id))
-            self._keep(key, sealed)
+            if len(self._seals) >= _KEPT_SEALS:  # (not _keep: it is not there, and a first
+                self._seals.popitem(last=False)  # install seals its new token here)
+            self._seals[key] = sealed
         return sealed
 
     def open_machine(self, machine: Machine | None, *, keep: bool = False) -> Machine | None:
