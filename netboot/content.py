@@ -185,10 +185,14 @@ class Content:
             "plan": {"action": str(plan.action), "reason": plan.reason,
                      "retry_seconds": plan.retry_seconds, "command": plan.command},
             "token": token,
-            "config_url": f"{urls.base}/config/{hexhyp}" + (f"?token={token}" if token
-                                                            else ""),
-            "instance_serial": int(machine.updated) if machine else 0,
         }
+        # Made only for a template that reads them (a k3OS config reads neither, nor the
+        # profile's file URLs and paths below).
+        if names is None or "config_url" in names:
+            ctx["config_url"] = f"{urls.base}/config/{hexhyp}" + (f"?token={token}" if token
+                                                                 else "")
+        if names is None or "instance_serial" in names:
+            ctx["instance_serial"] = int(machine.updated) if machine else 0
         if names is None or "machine" in names:
             ctx["machine"] = (self._machine_dict(machine, names) if machine
                               else {"mac": str(mac), "hostname": None})
@@ -222,7 +226,8 @@ class Content:
                                              machine.firmware if machine else None)
         if profile is not None:
             assert made is not None
-            ctx.update(made[1])
+            if names is None or not names.isdisjoint(made[1]):
+                ctx.update(made[1])
             if source is not None:
                 ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
                                                       "cmdline")
@@ -591,7 +596,8 @@ class Content:
         # and the command line checked by one look at the watch.
         with self._render.pinned():
             machine = plan.machine
-            template, names = self._render.reads(name)
+            read = self._render.reads(name)
+            template, names = read
             made_of: tuple[object, ...] | None = None
             if (names is not None and "cmdline" not in names and machine is not None
                     and lifecycle.TRANSITIONS.get(
@@ -603,7 +609,7 @@ class Content:
             text = self._render.yaml_config(
                 name,
                 lambda names: self.context(plan, names=names),
-                header=header)
+                header=header, read=read)
             if made_of is not None:
                 _keep(self._configs, (plan.mac, name), (template, made_of, text), CONFIGS_KEPT)
             return text

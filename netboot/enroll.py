@@ -666,7 +666,7 @@ class Enroller:
         """
         if machine is None or not token_is(machine, token):
             raise AuthError(refused)
-        lifecycle.apply(machine.state, step, subject=machine.ref)
+        lifecycle.apply(machine.state, step, subject=machine)  # its ref made only to refuse
         if token_expired(machine, self._clock()):
             assert machine.token_expires is not None
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(machine.token_expires))

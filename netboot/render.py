@@ -370,11 +370,16 @@ class Renderer:
         return self._yaml(name, context, header, None)
 
     def yaml_config(self, name: str, context: Callable[[frozenset[str] | None], Mapping[str, Any]],
-                    *, header: str = "") -> str:
+                    *, header: str = "",
+                    read: tuple[jinja2.Template | None, frozenset[str] | None] | None = None,
+                    ) -> str:
         """:meth:`yaml_document` with the context ``context(names)`` makes for the names the
         template reads (None: every name, where that cannot be told). Should that render
-        fail, it renders again with every name, which says what is wrong as before."""
-        template, names = self._read_names(name)
+        fail, it renders again with every name, which says what is wrong as before.
+        ``read``: what :meth:`reads` answered for ``name`` inside the same :meth:`pinned`
+        scope as this call (the template as its file is now, and its names): not looked up
+        again (a config fetch asks it first, for its kept text)."""
+        template, names = self._read_names(name) if read is None else read
         if template is not None and names is not None:
             try:
                 return self._yaml(name, context(names), header, template)
@@ -411,7 +416,7 @@ class Renderer:
             self._shapes.learn(marked)
         return text
 
-    def reads(self, name: str) -> tuple[object, frozenset[str] | None]:
+    def reads(self, name: str) -> tuple[jinja2.Template | None, frozenset[str] | None]:
         """What a config render of template ``name`` (:meth:`yaml_config`) reads besides its
         context: the template as its file is now (an object that changes when the file
         does; None where it cannot be loaded), and the context names it reads (None where

@@ -285,6 +285,36 @@ async def test_an_install_script_is_made_of_the_names_its_template_reads(env: En
     assert "nb.ev=" in text and "/api/v1/machines/52-54-00-00-00-41/events" in text
 
 
+async def test_a_context_of_names_has_each_name_read_as_the_whole_context_has_it(
+        env: Env) -> None:
+    """Content.context for the names a template reads gives each of them the whole
+    context's value; the config URL, serial and profile files no name reads are not made (a
+    k3OS config reads none of them)."""
+    from netboot.model import BootAction, BootRequest, MacAddress
+
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:44"}, status=201)
+    content = env.service.content
+    plan, _ = await content.ipxe_script(BootRequest(
+        mac=MacAddress.parse("52:54:00:00:00:44"), arch=Arch.X86_64,
+        firmware=Firmware.IPXE, via="http", remote_addr="192.0.2.9"))
+    assert plan.action == BootAction.INSTALL and plan.token, plan.reason
+    whole = content.context(plan, cmdline=False)
+    optional = {"config_url", "instance_serial", "kernel_url", "initrd_urls", "initrd_names",
+                "kernel_path", "initrd_paths"}
+    assert whole.keys() >= optional
+    for read in [*({name} for name in optional), {"config_url", "kernel_path", "mac"},
+                 {"instance_serial", "plan"}]:
+        names = frozenset(read)
+        ctx = content.context(plan, cmdline=False, names=names)
+        assert {name: ctx[name] for name in names} == {name: whole[name] for name in names}
+        # Made only where read (the profile's files together: made once per profile).
+        files = optional - {"config_url", "instance_serial"}
+        assert ctx.keys() & optional == (names & optional) | (files if names & files else set())
+    config = content.context(plan, names=content._render.reads("cloud-config/k3os.yaml")[1])
+    assert not config.keys() & optional
+
+
 def test_a_machine_read_key_by_key_is_given_those_keys_as_the_whole_has_them() -> None:
     """Content.context's machine for a template that reads only some of its plain keys has
     those keys, with machine_to_dict's values; any other key read, or a use of the whole,

@@ -26,9 +26,15 @@ def join_token_context(cluster: str) -> str:
     return f"join token of cluster {cluster!r}"
 
 
-# Machines whose install token's sealed form is kept (Sealed.seal_machine): a storm's
-# installs under way, each updated a few times (booting, installing, its events' facts).
-_KEPT_SEALS = 4096
+# Machines whose install token's sealed form is kept (Sealed.sealed_token, open_machine): a
+# storm's installs under way, each updated a few times (booting, installing, its events'
+# facts). A storm's first config comes a minute or two after its install script: 4,096 kept
+# the sealed forms of the last second of a storm's installs (~4,500 a second), and every
+# config of a larger storm sealed its token anew (~18,500 of a first config's ~484,000 loop
+# instructions, session 27). Each kept form costs ~340 bytes (its key's tuple, its text, the
+# ordered dict's slot and link; the id and the token are the machine's own strings): ~45 MB
+# at most, ~34 MB with a storm of 100,000 machines' installs under way.
+_KEPT_SEALS = 1 << 17
 
 
 class Sealed:
@@ -59,16 +65,31 @@ class Sealed:
         sealed = self._seals.get(key)
         if sealed is None:
             sealed = self.sealer.seal(token, context=install_token_context(machine.id))
-            if len(self._seals) >= _KEPT_SEALS:
-                self._seals.popitem(last=False)
+            if len(self._seals) >= _KEPT_SEALS:  # (not _keep: it is not there, and a first
+                self._seals.popitem(last=False)  # install seals its new token here)
             self._seals[key] = sealed
         return sealed
 
-    def open_machine(self, machine: Machine | None) -> Machine | None:
+    def open_machine(self, machine: Machine | None, *, keep: bool = False) -> Machine | None:
+        """``machine`` as read, its install token opened. ``keep``: its sealed form is kept
+        as :meth:`sealed_token` keeps those it makes, so that the machine written again with
+        that token (its config fetched: booting -> installing) writes that text again, not
+        a new seal; for the event loop's reads (the view's load) only, not a thread's."""
         if machine is None or self.sealer is None or not machine.install_token:
             return machine
-        return replace_machine(machine, install_token=self.sealer.unseal(
-            machine.install_token, context=install_token_context(machine.id)))
+        sealed = machine.install_token
+        token = self.sealer.unseal(sealed, context=install_token_context(machine.id))
+        if keep and token != sealed:  # it was sealed (a value from before sealing is not)
+            self._keep((machine.id, token), sealed)
+        return replace_machine(machine, install_token=token)
+
+    def _keep(self, key: tuple[str, str], sealed: str) -> None:
+        seals = self._seals
+        if key in seals:
+            seals.move_to_end(key)
+        elif len(seals) >= _KEPT_SEALS:
+            seals.popitem(last=False)
+        seals[key] = sealed
 
     def as_read(self, stored: Machine, sealed: Machine, given: Machine) -> Machine | None:
         """What a read gives back of ``stored``, the stored form (codec.stored_machine) of

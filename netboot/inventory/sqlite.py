@@ -852,7 +852,9 @@ class SqliteStore:
             raise StoreError(f"the inventory {self.path} is not open")
         page = await asyncio.get_running_loop().run_in_executor(
             self._pager, self._paged, _machines_after, after, limit, self._page_maps)
-        return [m for m in map(self._sealed.open_machine, page) if m is not None]
+        # The sealed forms of the tokens opened kept: a storm's configs write them again.
+        opened = self._sealed.open_machine
+        return [m for p in page if (m := opened(p, keep=True)) is not None]
 
     async def count_machines(self, flt: MachineFilter | None = None) -> int:
         return await self._read(_count_machines, flt or MachineFilter())

@@ -45,6 +45,31 @@ def test_a_token_is_sealed_to_its_machine_and_a_new_token_sealed_anew() -> None:
                          context=install_token_context("m-000000000001")) == "new-token"
 
 
+def test_a_token_opened_from_a_read_is_written_again_as_it_was_read() -> None:
+    """A machine read (the view's load: ``keep``) and written again with its token writes
+    the sealed text it was read with, not a new seal; a read that does not keep it, or a
+    new token, is sealed anew."""
+    sealer = Sealer.generate()
+    booting = _machine("m-000000000001", "t" * 43)
+    stored = Sealed(sealer).seal_machine(booting)  # as another process wrote it
+    sealed = Sealed(sealer)
+    read = sealed.open_machine(stored, keep=True)
+    assert read == booting
+    installing = replace_machine(read, state=MachineState.INSTALLING)
+    assert sealed.sealed_token(installing) == stored.install_token
+    assert sealed.seal_machine(installing).install_token == stored.install_token
+    other = Sealed(sealer)
+    assert other.open_machine(stored) == booting
+    assert other.sealed_token(installing) != stored.install_token  # not kept: sealed anew
+    renewed = sealed.sealed_token(replace_machine(read, install_token="u" * 43))
+    assert renewed is not None and renewed != stored.install_token
+    assert sealer.unseal(renewed, context=install_token_context(booting.id)) == "u" * 43
+    # A token from before sealing (no prefix: the start-up migration seals it) is not kept.
+    before = _machine("m-000000000002", "v" * 43)
+    assert sealed.open_machine(before, keep=True) == before
+    assert sealed.sealed_token(before) != before.install_token
+
+
 def test_the_sealed_forms_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sealed_module, "_KEPT_SEALS", 8)
     sealer = Sealer.generate()

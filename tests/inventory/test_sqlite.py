@@ -1127,6 +1127,52 @@ async def test_an_updated_machines_token_is_never_written_in_clear(tmp_path: Pat
     assert not any(secret.encode() in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
 
 
+async def test_a_token_the_views_load_opened_is_written_again_as_stored(tmp_path: Path,
+                                                                          ) -> None:
+    """A machine whose token another process sealed, read by the view's load
+    (machines_after) and written again with its token (a config fetch: booting ->
+    installing), keeps its stored sealed text: no new seal on the event loop; it opens to
+    the same token."""
+    from netboot.model import replace_machine
+    from netboot.sealing import Sealer
+
+    sealer = Sealer.generate()
+    path = tmp_path / "inv.db"
+    secret = "clear-token-" + "y" * 30
+    m = Machine(macs=(MacAddress.parse("52:54:00:00:02:04"),), hostname="s",
+                state=MachineState.BOOTING, install_token=secret)
+    other = SqliteStore(path, sealer=sealer)  # another process minted it
+    await other.open()
+    try:
+        await other.apply_batch(Batch(create=(m,)))
+    finally:
+        await other.close()
+
+    def stored_token() -> str:
+        conn = sqlite3.connect(path)
+        try:
+            return conn.execute("SELECT json_extract(data, '$.install_token') FROM machines"
+                                ).fetchone()[0]
+        finally:
+            conn.close()
+
+    before = stored_token()
+    assert sealer.is_sealed(before)
+    store = SqliteStore(path, sealer=sealer)
+    await store.open()
+    try:
+        [read] = await store.machines_after("", 10)
+        assert read.install_token == secret
+        await store.update_machine(replace_machine(read, state=MachineState.INSTALLING),
+                                   expect_state=MachineState.BOOTING)
+        got = await store.get_machine(m.id)
+        assert got is not None and got.install_token == secret
+        assert got.state is MachineState.INSTALLING
+    finally:
+        await store.close()
+    assert stored_token() == before
+
+
 async def test_a_write_cancelled_once_its_thread_began_it_returns_as_committed(
         tmp_path: Path) -> None:
     """The writer thread cannot be stopped once it has begun a write: cancelled then, the
