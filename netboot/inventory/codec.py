@@ -518,10 +518,11 @@ def machine_json(machine: Machine, install_token: str | None = None,
     Each field by its own test, parts joined once: zips of keys and values, and a text
     grown field by field, were a quarter of it (the store's writer encodes every machine of
     a group commit holding the GIL that the event loop waits for).
-    ``times``: the text of each time written already (by this call or an earlier one given
-    the same dict), reused: a float's shortest repr is ~7,300 instructions (three in a first
+    ``times``: the text of each creation time written already (by an earlier call given the
+    same dict), reused: a float's shortest repr is ~7,000 instructions (three in a first
     install's update, ~10 % of the writer's instructions for it), and the machines of one
-    import share their creation time, which each later update of each of them writes again."""
+    import share their creation time, which each later update of each of them writes again.
+    Not the update's time nor the token's expiry: a storm's installs each have their own."""
     m, q, r = machine, _quote, float.__repr__
     text = ['{"id":', q(m.id), ',"macs":[',
             ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs]), '],"state":',
@@ -563,23 +564,16 @@ def machine_json(machine: Machine, install_token: str | None = None,
         add(',"fixed_ipv4":' + q(v))
     if (expires := m.token_expires) is not None:
         add(',"token_expires":' + r(expires))
-    if times is None:
-        add(',"created":' + r(m.created) + ',"updated":' + r(m.updated) + "}")
-    else:
-        add(',"created":' + _time_text(m.created, times) + ',"updated":'
-            + _time_text(m.updated, times) + "}")
+    # A batch's creation times, memoised (the docstring); not 0.0, an equal key to -0.0 of
+    # another text (any other two equal floats are one double: one text).
+    created = m.created
+    text_created = None if times is None else times.get(created)
+    if text_created is None:
+        text_created = r(created)
+        if times is not None and created:
+            times[created] = text_created
+    add(',"created":' + text_created + ',"updated":' + r(m.updated) + "}")
     return "".join(text)
-
-
-def _time_text(value: float, times: dict[float, str]) -> str:
-    """``float.__repr__(value)``, from ``times`` when it holds it. Zero is not kept: 0.0 and
-    -0.0 are equal keys of different text; any other two equal floats are one double."""
-    text = times.get(value)
-    if text is None:
-        text = float.__repr__(value)
-        if value:
-            times[value] = text
-    return text
 
 
 def same_labels_json(labels: Any, machine: Machine) -> bool:
