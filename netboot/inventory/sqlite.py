@@ -362,13 +362,15 @@ class _Row:
 
     __slots__ = ("created", "data", "id", "mac", "machine", "updated")
 
-    def __init__(self, machine: Machine, install_token: str | None = None) -> None:
+    def __init__(self, machine: Machine, install_token: str | None = None,
+                 times: dict[float, str] | None = None) -> None:
         # What would not read back is refused now (see codec's docstring), checked in place.
-        # ``install_token``: what the document holds in place of the machine's own (sealed).
+        # ``install_token``: what the document holds in place of the machine's own (sealed);
+        # ``times``: the texts of times, shared by a batch's rows (codec.machine_json).
         self.machine = m = codec.stored_machine(machine)
         self.id = m.id
         self.mac = str(m.macs[0]) if m.macs else None
-        self.data = codec.machine_json(m, install_token)
+        self.data = codec.machine_json(m, install_token, times)
         self.created = m.created
         self.updated = m.updated
 
@@ -1547,7 +1549,11 @@ def _apply_batch(
         # Encode (and so validate) on the worker, not the event loop: 100k rows take a second
         # of CPU that the DHCP and TFTP servers sharing the loop should not wait for. Before
         # BEGIN, so a bad row costs no lock time.
-        creates, updates = [_Row(m) for m in create], [_Row(m, t) for m, t in updated]
+        # A group commit's machines imported together share their creation time: its text
+        # is written out once (codec.machine_json).
+        times: dict[float, str] = {}
+        creates = [_Row(m, None, times) for m in create]
+        updates = [_Row(m, t, times) for m, t in updated]
         span = _write_batch(conn, create, creates, updates, events, merge, expect, audit)
         return (*span, [*creates, *updates]) if span is not None else None
     # A bulk import: its new machines are encoded as they are inserted, since a second copy

@@ -350,6 +350,21 @@ def test_machine_json_is_the_documents_text(change: dict[str, Any]) -> None:
     assert codec.machine_from_document(codec.loads_document(codec.machine_json(m))) == m
 
 
+def test_machine_json_with_shared_times_is_the_same_text() -> None:
+    # A group commit's rows share one dict of creation times' texts: each text is the one
+    # the time alone gives, whatever came before it (0.0 and -0.0: equal keys, not text).
+    times: dict[float, str] = {}
+    machines = [replace(MACHINE, created=c, updated=u) for c, u in [
+        (1796442092.472269, 1796442248.9700117), (1796442092.472269, 1796442249.269776),
+        (0.0, 1796442092.472269), (-0.0, 0.0), (0.0, -0.0), (1e16, 1.5e-7),
+        (1796442248.9700117, 1796442092.472269)]]
+    for m in machines:
+        assert codec.stored_machine(m) is m
+        text = codec.machine_json(m, None, times)
+        assert text == codec.machine_json(m) == codec.dumps(codec.machine_document(m))
+    assert times == {m.created: repr(m.created) for m in machines if m.created}
+
+
 @pytest.mark.parametrize("change", [
     {"macs": ["AA-BB-CC-DD-EE-FF"]},  # another spelling: normalised by the strict parse
     {"created": 3},
