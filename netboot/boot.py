@@ -1600,12 +1600,12 @@ class _Locked:
         except BaseException:
             if turn.done() and not turn.cancelled():
                 self._leave()  # handed the key, cancelled before it ran: handed on
-            else:  # cancelled while waiting: never held
-                if turn in waiting:  # (a leaver may have dropped it already)
-                    waiting.remove(turn)
+            elif turn in waiting:  # cancelled while waiting: never held
+                waiting.remove(turn)
                 entry[1] -= 1
                 if not entry[1]:
                     del self._held[self._key]
+            # (else a leaver dropped its cancelled turn and counted it gone: see _leave)
             raise
 
     async def __aexit__(self, *exc: object) -> None:
@@ -1620,6 +1620,10 @@ class _Locked:
             if not turn.done():  # not cancelled meanwhile
                 turn.set_result(None)
                 return
+            # Cancelled, its waiter not yet woken: counted gone now, not when it wakes.
+            # Else a comer before that wake-up found the key counted held by no one and
+            # waited for a hand-over nobody was left to make: the NIC's lock held forever.
+            entry[1] -= 1
         if not entry[1]:
             del self._held[self._key]
 

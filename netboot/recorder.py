@@ -300,8 +300,8 @@ class Recorder:
         # only once that write is over, as what it was: the batch refused, the cancel; the
         # batch written, this returns as written (an audit entry in the batch is then its
         # caller's "done", never "aborted" beside it; a token in it goes to the view) and
-        # the cancel comes at the caller's next wait. (A scope that ends with this commit,
-        # an asyncio.timeout around it alone, would see that cancel after its end.)
+        # the cancel comes at the caller's next wait, if still asked for then (an
+        # asyncio.timeout around this commit alone takes its own back: unstoppable.deliver).
         cancel: asyncio.CancelledError | None = None
         try:
             await done

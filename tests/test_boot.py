@@ -987,6 +987,29 @@ async def test_a_machines_lock_handed_to_a_waiter_cancelled_before_it_ran_goes_o
     assert order[-1] == "4 in" and held == {}
 
 
+async def test_a_machines_lock_left_with_a_cancelled_waiter_not_yet_woken_is_free() -> None:
+    # BootService._lock: a waiter cancelled (its turn cancelled, its wake-up not yet run)
+    # when the holder leaves is skipped; a comer in that same turn, before the cancelled
+    # waiter wakes, must not wait for a hand-over nobody is left to make.
+    held: dict[str, list[Any]] = {}
+    holder = boot_module._Locked(held, "a")
+    await holder.__aenter__()
+    waiter = asyncio.ensure_future(boot_module._Locked(held, "a").__aenter__())
+    await asyncio.sleep(0)  # waits for its turn
+    waiter.cancel()  # its turn cancelled; it wakes at the loop's next turn
+    await holder.__aexit__(None, None, None)  # (no wait: all in this step)
+    comer = boot_module._Locked(held, "a")
+    async with asyncio.timeout(5):  # entered inline: before the cancelled waiter wakes
+        await comer.__aenter__()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await comer.__aexit__(None, None, None)
+    assert held == {}
+    async with asyncio.timeout(5), boot_module._Locked(held, "a"):
+        pass
+    assert held == {}
+
+
 class _Watched:
     """A BootService on a real SQLite store whose recorder's writer sleeps an hour and whose
     backlog bound is 32 (only a full backlog starts a write), and the largest backlog seen
