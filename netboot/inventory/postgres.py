@@ -45,7 +45,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -89,6 +89,8 @@ _BEGUN_LOCKED = "SELECT pg_current_xact_id()::text FROM pg_advisory_xact_lock($1
 # COMMIT's answer, then one question on the same connection, milliseconds. Bounded so that
 # a shutdown cannot hang on a server that no longer answers.
 CANCELLED_COMMIT_WAIT = 10.0
+# pg_current_xact_id and the xid8 type that pg_xact_status is asked with (_write) came in 13.
+MIN_SERVER_VERSION = (13, 0)
 CONNECT_TIMEOUT = 10.0
 # How long a query may wait for a free connection of the pool (a stuck database answers
 # with a StoreError, a 503, rather than an endless wait).
@@ -394,18 +396,53 @@ class PostgresStore:
         if cancel is not None:
             deliver(cancel)
 
+    async def _single(self, run: Callable[[asyncpg.Connection], Awaitable[_R]]) -> _R:
+        """One write that is one autocommit statement (its own transaction): one round trip
+        where a ``_write`` costs four (BEGIN, its id, the statement, COMMIT), told as it
+        ended all the same. The statement is never cancelled from here: asyncpg, its call
+        cancelled, asks the server to cancel the statement and throws its answer away, so
+        nothing would say whether it committed (nor its transaction's id, were the statement
+        to return it). A caller cancelled meanwhile waits for that answer instead (the
+        statement's run, milliseconds; bounded by CANCELLED_COMMIT_WAIT, past which the
+        statement is cancelled and the caller told so, logged as maybe written): answered,
+        it was committed (autocommit commits before ReadyForQuery, on which asyncpg
+        returns), the result is returned and the cancel delivered at the caller's next
+        wait; failed, nothing was written and the cancel is raised."""
+        cancel: asyncio.CancelledError | None = None
+        done = False
+        try:
+            async with self._conn() as conn:
+                statement = asyncio.ensure_future(run(conn))
+                try:
+                    result = await asyncio.shield(statement)
+                except asyncio.CancelledError as exc:
+                    cancel = exc
+                if cancel is not None:
+                    result = await waited(cancel, statement, within=CANCELLED_COMMIT_WAIT,
+                                          late=functools.partial(_late, self.name, statement))
+                done = True
+        except asyncio.CancelledError as exc:
+            if not done:
+                raise
+            cancel = exc  # while the connection went back to the pool: written all the same
+        if cancel is not None:
+            deliver(cancel)
+        return result
+
     async def open(self) -> None:
         if self._pool is not None:
             return
         try:
             pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=None, init=self._adopt_session)
+                command_timeout=None, init=self._adopt_session, reset=_kept_session)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
                 ValueError) as exc:
             raise StoreError(f"cannot open inventory {self.name}: {reason(exc)}") from exc
         self._pool = pool
         try:
+            async with self._conn() as conn:  # the version came with the session: no query
+                supported(conn.get_server_version(), self.name)
             applied = self.migrated = await self.migrate()
             if self._sealed.sealer is not None:
                 await self._seal_clear_tokens(self._sealed.sealer)
@@ -842,8 +879,7 @@ class PostgresStore:
 
     async def delete_lease(self, mac: str) -> None:
         mac = codec.normalise_mac(mac)
-        async with self._write(feed=False, lock=False) as conn:
-            await conn.execute("DELETE FROM leases WHERE mac = $1", mac)
+        await self._single(lambda conn: conn.execute("DELETE FROM leases WHERE mac = $1", mac))
 
     async def fixed_address(self, mac: str) -> str | None:
         machine = await self.machine_by("mac", mac)
@@ -973,19 +1009,18 @@ class PostgresStore:
     # API tokens and the audit log ------------------------------------------------------
     async def create_token(self, token: ApiToken) -> None:
         value = codec.token_from_dict(codec.token_to_dict(token))
-        async with self._write(feed=False, lock=False) as conn:
-            try:
-                async with conn.transaction():  # a savepoint: the holder can still be read
-                    await conn.execute(
-                        f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608 - a constant
-                        " VALUES ($1, $2, $3, $4, $5, $6)",
-                        value.name, value.sha256, str(value.scope), value.created,
-                        value.expires, value.last_used)
-            except asyncpg.UniqueViolationError as exc:
+        try:
+            await self._single(lambda conn: conn.execute(
+                f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608 - a constant
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                value.name, value.sha256, str(value.scope), value.created, value.expires,
+                value.last_used))
+        except Conflict as exc:  # refused, nothing written: name which key was taken
+            async with self._conn() as conn:
                 taken = await conn.fetchval("SELECT 1 FROM api_tokens WHERE name = $1",
                                             value.name)
-                what = f"token {value.name!r}" if taken else "a token with this value"
-                raise Conflict(f"{what} already exists") from exc
+            what = f"token {value.name!r}" if taken else "a token with this value"
+            raise Conflict(f"{what} already exists") from exc
 
     async def token_by_hash(self, sha256: str) -> ApiToken | None:
         async with self._conn() as conn:
@@ -1001,23 +1036,20 @@ class PostgresStore:
         return [codec.token_from_row(r) for r in rows]
 
     async def delete_token(self, name: str) -> None:
-        async with self._write(feed=False, lock=False) as conn:
-            if await conn.fetchval("DELETE FROM api_tokens WHERE name = $1 RETURNING name",
-                                   name) is None:
-                raise NotFound(f"token {name!r} not found")
+        if await self._single(lambda conn: conn.fetchval(
+                "DELETE FROM api_tokens WHERE name = $1 RETURNING name", name)) is None:
+            raise NotFound(f"token {name!r} not found")
 
     async def touch_token(self, name: str, when: float) -> None:
-        async with self._write(feed=False, lock=False) as conn:
-            await conn.execute("UPDATE api_tokens SET last_used = $2 WHERE name = $1", name,
-                               float(when))
+        await self._single(lambda conn: conn.execute(
+            "UPDATE api_tokens SET last_used = $2 WHERE name = $1", name, float(when)))
 
     async def add_audit(self, entry: AuditEntry) -> None:
         e = codec.audit_from_dict(codec.audit_to_dict(entry))
-        async with self._write(feed=False, lock=False) as conn:
-            await conn.execute(
-                "INSERT INTO audit (time, actor, action, target, peer, outcome)"
-                " VALUES ($1, $2, $3, $4, $5, $6)",
-                float(e.time), e.actor, e.action, e.target, e.peer, e.outcome)
+        await self._single(lambda conn: conn.execute(
+            "INSERT INTO audit (time, actor, action, target, peer, outcome)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome))
 
     async def list_audit(self, *, since: float | None = None,
                          limit: int = 1000) -> list[AuditEntry]:
@@ -1032,11 +1064,10 @@ class PostgresStore:
                 for t, a, ac, tg, p, o in reversed(rows)]
 
     async def prune_audit(self, keep: int) -> int:
-        async with self._write(feed=False, lock=False) as conn:
-            deleted = await conn.fetchval(
-                "WITH gone AS (DELETE FROM audit WHERE id <="
-                " (SELECT coalesce(max(id), 0) FROM audit) - $1 RETURNING 1)"
-                " SELECT count(*) FROM gone", max(keep, 0))
+        deleted = await self._single(lambda conn: conn.fetchval(
+            "WITH gone AS (DELETE FROM audit WHERE id <="
+            " (SELECT coalesce(max(id), 0) FROM audit) - $1 RETURNING 1)"
+            " SELECT count(*) FROM gone", max(keep, 0)))
         return int(deleted)
 
 
@@ -1058,11 +1089,31 @@ async def _committed(conn: asyncpg.Connection, xid: str) -> None:
         raise _NotCommitted(status)
 
 
-def _late(name: str, asking: asyncio.Future[None]) -> None:
+def _late(name: str, asking: asyncio.Future[Any]) -> None:
     asking.cancel()  # the connection goes back to the pool free
     log.error("inventory %s: a write cancelled during its COMMIT was not told committed "
               "within %.0f s; its caller is told it was cancelled, though it may be",
               name, CANCELLED_COMMIT_WAIT)
+
+
+async def _kept_session(_conn: asyncpg.Connection) -> None:
+    """The pool's reset of a connection given back: nothing to undo. asyncpg's default sends
+    ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` at every release, a round
+    trip the caller waits for (two per touch_token, one of them this): this store's pool
+    sessions never take a session lock, open a cursor outside a transaction, LISTEN (its
+    own connection does) nor SET anything. asyncpg still rolls back a transaction left open
+    and drops listeners before calling this (Connection._reset)."""
+
+
+def supported(version: tuple[int, ...], name: str) -> None:
+    """Refuse a server older than MIN_SERVER_VERSION, saying which and what to do."""
+    if tuple(version[:2]) < MIN_SERVER_VERSION:
+        have = ".".join(map(str, version[:2]))
+        need = ".".join(map(str, MIN_SERVER_VERSION[:1]))
+        raise StoreError(
+            f"inventory {name}: PostgreSQL {have} is too old: netboot needs PostgreSQL "
+            f"{need} or newer (pg_current_xact_id, pg_xact_status on xid8); upgrade the "
+            "server, or use a SQLite inventory")
 
 
 def reason(exc: BaseException) -> str:

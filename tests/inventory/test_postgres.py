@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -17,7 +18,15 @@ from netboot.inventory import postgres
 from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
-from netboot.model import Cluster, MacAddress, Machine, MachineState
+from netboot.model import (
+    ApiToken,
+    AuditEntry,
+    Cluster,
+    MacAddress,
+    Machine,
+    MachineState,
+    Scope,
+)
 from netboot.sealing import Sealer
 from tests import pg
 
@@ -309,11 +318,16 @@ async def test_a_batch_cancelled_during_its_commit_is_told_as_it_ended(
         else:
             assert kept == [] and audit == []
             assert said == []
-        await store.put_setting("after", "1")  # the connection is sound for the next write
-        assert await store.get_setting("after") == "1"
+        await _next_write_is_sound(store)
     finally:
         await admin.close()
         await store.close()
+
+
+async def _next_write_is_sound(store: PostgresStore) -> None:
+    """The connection (a pool of one) is sound for the next write."""
+    await store.put_setting("after", "1")
+    assert await store.get_setting("after") == "1"
 
 
 async def test_a_write_cancelled_before_its_transaction_began_is_told_cancelled(
@@ -337,3 +351,157 @@ async def test_a_write_cancelled_before_its_transaction_began_is_told_cancelled(
         await holder.close()
         await admin.close()
         await store.close()
+
+
+# --- a write that is one autocommit statement: one round trip, told as it ended -------------
+
+# The audit insert waits in a trigger for an advisory lock the test holds (key 42): the
+# statement is under way, its outcome not yet decided, until the test lets it go.
+_HELD_AUDIT = (
+    """CREATE FUNCTION held_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(42);
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER held_audit AFTER INSERT ON audit FOR EACH ROW EXECUTE FUNCTION held_audit()",
+)
+_AT_42 = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+          " AND query LIKE 'INSERT INTO audit%'")
+
+
+async def _held_audit(store: PostgresStore, admin: asyncpg.Connection,
+                      said: list[str]) -> asyncio.Task[None]:
+    """add_audit started with its statement held at key 42 (which ``admin`` holds)."""
+    for sql in _HELD_AUDIT:
+        await admin.execute(sql)
+    await admin.execute("SELECT pg_advisory_lock(42)")
+
+    async def caller() -> None:
+        await store.add_audit(AuditEntry(time=1.0, actor="a", action="x", target="t",
+                                         peer="p", outcome="done"))
+        said.append("written")
+        await asyncio.sleep(0)
+        said.append("went on after its cancel")
+
+    task = asyncio.ensure_future(caller())
+    await pg.until(admin, _AT_42, "held in its statement")
+    return task
+
+
+@pytest.mark.parametrize("ending", ["committed", "stopped"])
+async def test_a_single_statement_write_cancelled_under_way_is_told_as_it_ended(
+        pg_dsn: str, ending: str) -> None:
+    """A write that is one autocommit statement (an audit entry, a token's touch) cancelled
+    while the statement runs: its answer, not the cancel, says what it did. Let go, it
+    commits: told written, the cancel at the caller's next wait; stopped by the server (an
+    operator's pg_cancel_backend), nothing written: told cancelled."""
+    store = PostgresStore(pg_dsn, pool_size=1)  # the next write is on the same connection
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    said: list[str] = []
+    try:
+        task = await _held_audit(store, admin, said)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # waits for the statement's answer
+        if ending == "committed":
+            await admin.execute("SELECT pg_advisory_unlock(42)")
+        else:
+            await admin.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                                " WHERE query LIKE 'INSERT INTO audit%'")
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        audit = await store.list_audit()
+        if ending == "committed":
+            assert len(audit) == 1 and said == ["written"]
+        else:
+            assert audit == [] and said == []
+        await _next_write_is_sound(store)
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_a_single_statement_write_not_answering_in_time_is_stopped_and_told_cancelled(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Past CANCELLED_COMMIT_WAIT the statement is cancelled at the server (a shutdown does
+    not hang on it) and the caller told cancelled, logged as maybe written."""
+    monkeypatch.setattr(postgres, "CANCELLED_COMMIT_WAIT", 0.2)
+    store = PostgresStore(pg_dsn, pool_size=1)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    said: list[str] = []
+    try:
+        task = await _held_audit(store, admin, said)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert said == [] and "not told committed" in caplog.text
+        await admin.execute("SELECT pg_advisory_unlock(42)")
+        assert await store.list_audit() == []  # here the server's cancel stopped it
+        await _next_write_is_sound(store)
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_single_statement_writes_are_one_round_trip(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token's touch (every API request with a bearer token), an audit entry, a lease's
+    release, a token's creation and deletion, the audit's pruning: one query each, not a
+    transaction's BEGIN, id, statement and COMMIT (four)."""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    sent: list[str] = []
+    for method in ("execute", "fetch", "fetchrow", "fetchval"):
+        real = getattr(asyncpg.Connection, method)
+
+        def counted(self: asyncpg.Connection, query: str, *args: object,
+                    _real: Any = real, **kw: object) -> Any:
+            sent.append(query)
+            return _real(self, query, *args, **kw)
+        monkeypatch.setattr(asyncpg.Connection, method, counted)
+    try:
+        writes: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("create_token", lambda: store.create_token(ApiToken(
+                name="t", sha256="0" * 64, scope=Scope.ADMIN, created=1.0))),
+            ("touch_token", lambda: store.touch_token("t", 2.0)),
+            ("delete_token", lambda: store.delete_token("t")),
+            ("add_audit", lambda: store.add_audit(AuditEntry(
+                time=1.0, actor="a", action="x", target="t", peer="p", outcome="done"))),
+            ("prune_audit", lambda: store.prune_audit(0)),
+            ("delete_lease", lambda: store.delete_lease("52:54:00:00:00:01")),
+        ]
+        for name, write in writes:
+            sent.clear()
+            await write()
+            assert len(sent) == 1, (name, sent)
+    finally:
+        await store.close()
+
+
+def test_a_server_older_than_13_is_refused_naming_its_version_and_the_fix() -> None:
+    with pytest.raises(StoreError) as err:
+        postgres.supported((12, 17, 0), "db@host")
+    message = str(err.value)
+    assert "PostgreSQL 12.17 is too old" in message and "PostgreSQL 13 or newer" in message
+    assert "upgrade the server" in message and "db@host" in message
+    postgres.supported((13, 0), "db@host")
+    postgres.supported((17, 2), "db@host")
+
+
+async def test_opening_a_server_older_than_13_is_refused(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal comes at open, before any migration (the server's version is faked: the
+    session's cluster is newer)."""
+    monkeypatch.setattr(asyncpg.Connection, "get_server_version",
+                        lambda self: asyncpg.ServerVersion(12, 0, 0, "final", 0))
+    store = PostgresStore(pg_dsn)
+    with pytest.raises(StoreError, match=r"PostgreSQL 12\.0 is too old"):
+        await store.open()
+    monkeypatch.undo()
+    admin = await asyncpg.connect(pg_dsn)
+    try:  # nothing was migrated
+        assert await admin.fetchval("SELECT to_regclass('schema_migrations')") is None
+    finally:
+        await admin.close()
