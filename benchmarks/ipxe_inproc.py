@@ -169,6 +169,9 @@ async def main():
                       "txn_ms": statistics.median(w for w, _ in txns) * 1e3 if txns else 0.0,
                       "txn_wait_ms": statistics.median(w - c for w, c in txns) * 1e3
                       if txns else 0.0,
+                      # ... and its mean, the tail's weight included.
+                      "txn_wait_mean_ms": statistics.fmean(w - c for w, c in txns) * 1e3
+                      if txns else 0.0,
                       # A compiled recorder (NETBOOT_MYPYC=1) calls its own _commit_group
                       # natively: the watch above does not see its groups.
                       "counted": not sys.modules["netboot.recorder"].__file__.endswith(".so")}),
@@ -306,7 +309,8 @@ def main() -> None:
                          f" {got['rps']:,.0f} req/s, {groups}, writer"
                          f" {100 * got['writer_busy']:.0f} % busy, transaction"
                          f" {got.get('txn_ms', 0.0):.2f} ms (not running"
-                         f" {got.get('txn_wait_ms', 0.0):.2f})")
+                         f" {got.get('txn_wait_ms', 0.0):.2f}, mean"
+                         f" {got.get('txn_wait_mean_ms', 0.0):.2f})")
             print(f"{line}  (load average {os.getloadavg()[0]:.1f})", flush=True)
     ratios = [a["loop_us"] / b["loop_us"] for a, b in zip(results["netboot"],
                                                             results["compare"], strict=True)]

@@ -1779,25 +1779,8 @@ def _insert_events(conn: sqlite3.Connection, events: Iterable[_EventRows]) -> No
                              " SELECT value, ?, ?, ?, '{}' FROM json_each(?) ORDER BY key",
                              (part.time, part.kind, part.message, ids))
         else:
-            # A group commit's events by a few multi-row statements, not one step per event:
-            # Python 3.11's _sqlite gives up the GIL ~4 times per executemany row (binding,
-            # step, reset), and each time the writer waits for the event loop to give it
-            # back (s27-gil). Row counts from _EVENT_ROWS only, so that the connection's
-            # statement cache holds each text.
-            rows = list(part)
-            at = 0
-            for size in _EVENT_ROWS:
-                while len(rows) - at >= size:
-                    conn.execute(_INSERT_EVENTS[size],
-                                 [v for row in rows[at:at + size] for v in row])
-                    at += size
-
-
-# The row counts of one events statement (_insert_events), largest first; 64 rows bind 320
-# values (SQLite's limit is 32,766).
-_EVENT_ROWS = (64, 16, 4, 1)
-_INSERT_EVENTS = {n: "INSERT INTO events (machine, time, kind, message, data) VALUES "
-                  + ", ".join(["(?, ?, ?, ?, ?)"] * n) for n in _EVENT_ROWS}
+            conn.executemany("INSERT INTO events (machine, time, kind, message, data)"
+                             " VALUES (?, ?, ?, ?, ?)", part)
 
 
 # New machines staged at a time by _bulk_insert: ~1.2 MiB of staging table in memory.

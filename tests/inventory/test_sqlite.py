@@ -1262,7 +1262,7 @@ async def test_a_group_writes_the_rows_a_create_and_executemany_write(
     def tables(path: Path) -> list[list[tuple[Any, ...]]]:
         conn = sqlite3.connect(path)
         try:
-            return [conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall()  # noqa: S608
+            return [conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall()
                     for t in ("machines", "machine_labels", "machine_keys")]
         finally:
             conn.close()
