@@ -576,25 +576,26 @@ def machine_json(machine: Machine, install_token: str | None = None,
     return "".join(text)
 
 
-def same_stored_labels(labels: Any, machine: Machine) -> bool:
-    """Whether the labels of a stored machine document, as parsed from SQLite's
-    ``json_extract(data, '$.labels', …)`` (an object; None when absent or null), are
+def same_labels_json(labels: Any, machine: Machine) -> bool:
+    """Whether the labels of a stored machine document, as SQLite's ``json_extract(data,
+    '$.labels')`` gives them (an object's JSON text; None when absent or null), are
     ``machine``'s. False when unsure (anything but an object): the caller then writes them
     again."""
     if labels is None:
         return not machine.labels
-    return type(labels) is dict and labels == machine.labels
+    return type(labels) is str and labels.startswith("{") and (
+        loads_document(labels) == machine.labels)
 
 
-def same_stored_identifiers(macs: Any, uuid: Any, serial: Any, asset: Any,
-                            machine: Machine) -> bool:
+def same_identifiers_json(macs: str | None, uuid: Any, serial: Any, asset: Any,
+                          machine: Machine) -> bool:
     """Whether a stored machine document has the fields ``machine``'s identifiers are made
     of (:func:`netboot.identity.claims`: its MACs, UUID, serial and asset tag) as they are in
-    ``machine``, each as parsed from SQLite's ``json_extract(data, …, '$.macs', '$.uuid',
-    '$.serial', '$.asset')``: ``macs`` its list of MACs (None when absent), spelled as
-    written. False when unsure: the caller then writes them again."""
+    ``machine``, spelled alike, each as SQLite's ``json_extract`` gives it: ``macs`` the JSON
+    text of its array of MACs (None when absent), the others their values. False when
+    unsure: the caller then writes them again."""
     m = machine
-    return (type(macs) is list and macs == [mac.raw.hex(":") for mac in m.macs]
+    return (macs == "[" + ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs]) + "]"
             and uuid == m.uuid and serial == m.serial and asset == m.asset)
 
 

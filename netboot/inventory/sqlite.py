@@ -334,15 +334,10 @@ _UPDATE_MACHINE = (
 # -> operators of SQLite 3.38): in C, outside the GIL
 # that the event loop waits for (json.loads of the whole document in Python was ~4 us of the
 # writer's GIL time per update, a tenth of a first install's on the writer).
-# One column, a JSON array [id, mac, hostname, state, cluster, [labels, macs, uuid, serial,
-# asset]] (the columns are TEXT or NULL: they read back as they are): Python 3.11's _sqlite
-# gives up the GIL around the read of each column of a row, and each time the writer waits
-# for the event loop to give it back (up to the 5 ms switch interval); eleven columns made
-# ~11 of a first install's ~21.6 hand-backs (s27-gil). The stored document itself is not
-# read: comparing it with the new one only spared the labels' and identifiers' comparison.
 _STORED_COLUMNS = (
-    "SELECT json_array(id, mac, hostname, state, cluster, json_extract(data, '$.labels',"
-    " '$.macs', '$.uuid', '$.serial', '$.asset')) FROM machines"
+    "SELECT id, mac, hostname, state, cluster, data, json_extract(data, '$.labels'),"
+    " json_extract(data, '$.macs'), json_extract(data, '$.uuid'),"
+    " json_extract(data, '$.serial'), json_extract(data, '$.asset') FROM machines"
     " WHERE id IN (SELECT value FROM json_each(?))")
 # The indexed columns that an update sets, by which of them changed: SQLite rewrites the
 # entries of every index on a column named in SET, even to its own value (an install, which
@@ -1723,9 +1718,8 @@ def _update_rows(conn: sqlite3.Connection, updates: list[_Row],
 def _update_group(conn: sqlite3.Connection, updates: list[_Row],
                   expect: dict[str, MachineState]) -> None:
     """:func:`_update_rows` of machines listed once each."""
-    load = codec.loads_document
-    stored = {row[0]: row for row in (load(text) for text, in conn.execute(
-        _STORED_COLUMNS, (json.dumps([r.id for r in updates]),)))}
+    stored = {row[0]: row for row in conn.execute(
+        _STORED_COLUMNS, (json.dumps([r.id for r in updates]),))}
     if len(stored) < len(updates):
         raise _Retry  # no such machine
     shapes: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
@@ -1749,10 +1743,11 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
             shape = tuple([c for c, _ in changed])
             params = (*[now for _, now in changed], r.data, r.created, r.updated, r.id)
         shapes.setdefault(shape, []).append(params)
-        doc = old[5]
-        if not codec.same_stored_labels(doc[0], m):
+        if old[5] == r.data:
+            continue
+        if not codec.same_labels_json(old[6], m):
             labels.append(r)
-        if not codec.same_stored_identifiers(doc[1], doc[2], doc[3], doc[4], m):
+        if not codec.same_identifiers_json(old[7], old[8], old[9], old[10], m):
             keys.append(r)
     for shape, rows in shapes.items():
         conn.executemany(_UPDATE_CHANGED[shape], rows)
