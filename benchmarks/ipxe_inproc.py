@@ -59,7 +59,7 @@ from storm import PER_CLUSTER, REPO, Workload
 CONCURRENCY = 50
 
 CHILD = r"""
-import asyncio, json, logging, os, random, sys, time
+import asyncio, json, logging, os, random, statistics, sys, time
 
 run, count, seed, conc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 first = int(sys.argv[6])
@@ -101,11 +101,13 @@ def watch_groups():
         sizes.append(len(group.batches))  # every commit it gathered, written or refused
 
     def timed(self, *args):
-        began = time.perf_counter()
+        # The thread's CPU beside the wall time: what is left is waiting, mostly for the
+        # GIL, which _sqlite gives up around every step and reset (s27-gil).
+        began, cpu = time.perf_counter(), time.thread_time()
         try:
             return apply_here(self, *args)
         finally:
-            spans.append((began, time.perf_counter()))
+            spans.append((began, time.perf_counter(), time.thread_time() - cpu))
 
     Recorder._commit_group, SqliteStore._apply_here = counted, timed
     return sizes, spans
@@ -157,10 +159,19 @@ async def main():
     others = sorted(((after[t] - before.get(t, 0.0)) * 1e6 / done for t in after
                      if t != loop_tid), reverse=True)
     groups = sizes
-    busy = sum(min(b, t1) - a for a, b in spans if a < t1)
+    busy = sum(min(b, t1) - a for a, b, _ in spans if a < t1)
+    txns = [(b - a, cpu) for a, b, cpu in spans if b <= t1]
     print(json.dumps({"loop_us": (c1 - c0) * 1e6 / done, "others_us": others,
                       "rps": done / (t1 - t0), "groups": len(groups),
                       "small": sum(n <= 5 for n in groups), "writer_busy": busy / (t1 - t0),
+                      # A transaction's wall time and the part of it its thread did not run
+                      # (the GIL, the OS), ms: medians over the groups.
+                      "txn_ms": statistics.median(w for w, _ in txns) * 1e3 if txns else 0.0,
+                      "txn_wait_ms": statistics.median(w - c for w, c in txns) * 1e3
+                      if txns else 0.0,
+                      # ... and its mean, the tail's weight included.
+                      "txn_wait_mean_ms": statistics.fmean(w - c for w, c in txns) * 1e3
+                      if txns else 0.0,
                       # A compiled recorder (NETBOOT_MYPYC=1) calls its own _commit_group
                       # natively: the watch above does not see its groups.
                       "counted": not sys.modules["netboot.recorder"].__file__.endswith(".so")}),
@@ -296,7 +307,10 @@ def main() -> None:
                           if got.get("counted", True) else "groups not counted (compiled)")
                 line += (f"  {name} loop {got['loop_us']:,.1f} {unit} (others {others})"
                          f" {got['rps']:,.0f} req/s, {groups}, writer"
-                         f" {100 * got['writer_busy']:.0f} % busy")
+                         f" {100 * got['writer_busy']:.0f} % busy, transaction"
+                         f" {got.get('txn_ms', 0.0):.2f} ms (not running"
+                         f" {got.get('txn_wait_ms', 0.0):.2f}, mean"
+                         f" {got.get('txn_wait_mean_ms', 0.0):.2f})")
             print(f"{line}  (load average {os.getloadavg()[0]:.1f})", flush=True)
     ratios = [a["loop_us"] / b["loop_us"] for a, b in zip(results["netboot"],
                                                             results["compare"], strict=True)]

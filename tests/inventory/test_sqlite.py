@@ -1236,3 +1236,58 @@ async def test_a_write_ending_a_timeout_scope_after_its_deadline_leaves_no_cance
         assert await store.get_setting("k") == "v"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("events", [0, 1, 5, 37, 90])
+async def test_a_group_writes_the_rows_a_create_and_executemany_write(
+        tmp_path: Path, events: int) -> None:
+    """A group's updates (their stored columns read as one JSON array a row) and events (a
+    few multi-row statements) leave the tables byte for byte as the same machines created
+    anew and the events inserted one row at a time leave them."""
+    fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:{i:02x}"),), hostname=f"e{i}",
+                     serial=f"SN{i}", uuid=f"u-{i}", labels={"rack": "r1", "ü": "ß\n"},
+                     state=MachineState.ENROLLED, created=1.5, updated=2.25)
+                 for i in range(6)]
+    moved = [replace(fleet[0], state=MachineState.BOOTING, install_token="t", updated=9.0),
+             replace(fleet[1], labels={"rack": "r2"}, updated=9.0),
+             replace(fleet[2], serial="SN9", updated=9.0),
+             replace(fleet[3], hostname="h3", cluster=None, updated=9.0),
+             replace(fleet[4], macs=(*fleet[4].macs, MacAddress.parse("52:54:00:00:0b:01")),
+                     hostname=None, updated=9.0),
+             replace(fleet[5], asset="A\"5", uuid=None, labels={}, updated=9.0)]
+    said = [Event(machine=fleet[i % 6].id, time=10.0 + i / 3, kind=f"k{i % 3}",
+                  message=f"m{i}\u00e9", data={"n": str(i)} if i % 2 else {})
+            for i in range(events)]
+
+    def tables(path: Path) -> list[list[tuple[Any, ...]]]:
+        conn = sqlite3.connect(path)
+        try:
+            return [conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall()
+                    for t in ("machines", "machine_labels", "machine_keys")]
+        finally:
+            conn.close()
+
+    grouped, fresh = SqliteStore(tmp_path / "g.db"), SqliteStore(tmp_path / "f.db")
+    await grouped.open()
+    await fresh.open()
+    try:
+        await grouped.apply_batch(Batch(create=fleet))
+        await grouped.apply_batch(Batch(update=moved, events=said))
+        await fresh.apply_batch(Batch(create=moved))
+        stored = await grouped._run(lambda conn: conn.execute(
+            "SELECT id, machine, time, kind, message, data FROM events ORDER BY id").fetchall())
+    finally:
+        await grouped.close()
+        await fresh.close()
+    assert tables(tmp_path / "g.db") == tables(tmp_path / "f.db")
+    one = sqlite3.connect(":memory:")
+    one.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, machine TEXT, time REAL,"
+                " kind TEXT, message TEXT, data TEXT)")
+    one.executemany("INSERT INTO events (machine, time, kind, message, data)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(e.machine, e.time, e.kind, e.message, json.dumps(
+                        dict(e.data), separators=(",", ":"))) for e in said])
+    assert [r[1:] for r in stored] == [r[1:] for r in one.execute(
+        "SELECT * FROM events ORDER BY id")]
+    assert [r[0] for r in stored] == sorted(r[0] for r in stored)
+    one.close()
