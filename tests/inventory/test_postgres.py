@@ -4,6 +4,7 @@ database, a database that is unreachable (a StoreError that never shows the pass
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -369,23 +370,34 @@ _AT_42 = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
           " AND query LIKE 'INSERT INTO audit%'")
 
 
-async def _held_audit(store: PostgresStore, admin: asyncpg.Connection,
-                      said: list[str]) -> asyncio.Task[None]:
-    """add_audit started with its statement held at key 42 (which ``admin`` holds)."""
-    for sql in _HELD_AUDIT:
-        await admin.execute(sql)
-    await admin.execute("SELECT pg_advisory_lock(42)")
+@contextlib.asynccontextmanager
+async def _held_audit(pg_dsn: str, said: list[str],
+                      ) -> AsyncIterator[tuple[PostgresStore, asyncpg.Connection,
+                                               asyncio.Task[None]]]:
+    """A store of one connection (the next write is on the same one), an admin connection
+    holding key 42, and add_audit started with its statement held at that key; both closed
+    at the end."""
+    store = PostgresStore(pg_dsn, pool_size=1)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        for sql in _HELD_AUDIT:
+            await admin.execute(sql)
+        await admin.execute("SELECT pg_advisory_lock(42)")
 
-    async def caller() -> None:
-        await store.add_audit(AuditEntry(time=1.0, actor="a", action="x", target="t",
-                                         peer="p", outcome="done"))
-        said.append("written")
-        await asyncio.sleep(0)
-        said.append("went on after its cancel")
+        async def caller() -> None:
+            await store.add_audit(AuditEntry(time=1.0, actor="a", action="x", target="t",
+                                             peer="p", outcome="done"))
+            said.append("written")
+            await asyncio.sleep(0)
+            said.append("went on after its cancel")
 
-    task = asyncio.ensure_future(caller())
-    await pg.until(admin, _AT_42, "held in its statement")
-    return task
+        task = asyncio.ensure_future(caller())
+        await pg.until(admin, _AT_42, "held in its statement")
+        yield store, admin, task
+    finally:
+        await admin.close()
+        await store.close()
 
 
 @pytest.mark.parametrize("ending", ["committed", "stopped"])
@@ -395,12 +407,8 @@ async def test_a_single_statement_write_cancelled_under_way_is_told_as_it_ended(
     while the statement runs: its answer, not the cancel, says what it did. Let go, it
     commits: told written, the cancel at the caller's next wait; stopped by the server (an
     operator's pg_cancel_backend), nothing written: told cancelled."""
-    store = PostgresStore(pg_dsn, pool_size=1)  # the next write is on the same connection
-    await store.open()
-    admin = await asyncpg.connect(pg_dsn)
     said: list[str] = []
-    try:
-        task = await _held_audit(store, admin, said)
+    async with _held_audit(pg_dsn, said) as (store, admin, task):
         task.cancel()
         await asyncio.sleep(0.05)
         assert not task.done()  # waits for the statement's answer
@@ -417,9 +425,6 @@ async def test_a_single_statement_write_cancelled_under_way_is_told_as_it_ended(
         else:
             assert audit == [] and said == []
         await _next_write_is_sound(store)
-    finally:
-        await admin.close()
-        await store.close()
 
 
 async def test_a_single_statement_write_not_answering_in_time_is_stopped_and_told_cancelled(
@@ -427,12 +432,8 @@ async def test_a_single_statement_write_not_answering_in_time_is_stopped_and_tol
     """Past CANCELLED_COMMIT_WAIT the statement is cancelled at the server (a shutdown does
     not hang on it) and the caller told cancelled, logged as maybe written."""
     monkeypatch.setattr(postgres, "CANCELLED_COMMIT_WAIT", 0.2)
-    store = PostgresStore(pg_dsn, pool_size=1)
-    await store.open()
-    admin = await asyncpg.connect(pg_dsn)
     said: list[str] = []
-    try:
-        task = await _held_audit(store, admin, said)
+    async with _held_audit(pg_dsn, said) as (store, admin, task):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 10)
@@ -440,9 +441,6 @@ async def test_a_single_statement_write_not_answering_in_time_is_stopped_and_tol
         await admin.execute("SELECT pg_advisory_unlock(42)")
         assert await store.list_audit() == []  # here the server's cancel stopped it
         await _next_write_is_sound(store)
-    finally:
-        await admin.close()
-        await store.close()
 
 
 async def test_single_statement_writes_are_one_round_trip(
