@@ -147,6 +147,13 @@ class StoreError(NetbootError):
     """The inventory failed (I/O, corruption, lock timeout). Never reported as "not found"."""
 
 
+class OutcomeUnknown(StoreError):
+    """A write whose commit was under way when the inventory's connection failed (the
+    database restarted or failed over, the connection reset), and the database could not
+    say since whether it committed: it may or may not be there. Not "nothing was changed",
+    as another StoreError is: read it back before doing it again."""
+
+
 class AuthError(NetbootError):
     """Missing or wrong credentials (401)."""
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import re
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -18,8 +20,9 @@ from netboot.lab.pgcluster import running as _running
 from netboot.lab.pgcluster import start as _start
 from netboot.model import AuditEntry, Event
 
-__all__ = ["COMMITTING", "SLOW_COMMIT", "SUPERUSER", "Cluster", "committing", "fresh_schema",
-           "running", "schema_sync", "slow_batch", "start", "stores_on_one_inventory", "until"]
+__all__ = ["COMMITTING", "SLOW_COMMIT", "SUPERUSER", "Cluster", "Cutter", "committing",
+           "cutting", "fresh_schema", "running", "schema_sync", "slow_batch", "start",
+           "stores_on_one_inventory", "until"]
 
 
 def start() -> Cluster:
@@ -63,7 +66,8 @@ async def stores_on_one_inventory(kind: str, tmp_path: Path, request: pytest.Fix
 
 # A deferred constraint trigger makes an event's COMMIT slow: it runs in the COMMIT, before
 # the commit record. "deaf" ignores the cancel asyncpg sends (as a COMMIT past the point
-# where it can be stopped does) and commits; "stoppable" is stopped by it (aborted).
+# where it can be stopped does) and commits; "stoppable" is stopped by it (aborted); "slow"
+# commits after a third of a second; "refused" fails the COMMIT with an ERROR.
 SLOW_COMMIT = (
     """CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
@@ -75,6 +79,10 @@ SLOW_COMMIT = (
             END;
         ELSIF NEW.kind = 'stoppable' THEN
             PERFORM pg_sleep(30);
+        ELSIF NEW.kind = 'slow' THEN
+            PERFORM pg_sleep(0.3);
+        ELSIF NEW.kind = 'refused' THEN
+            RAISE EXCEPTION 'refused at commit';
         END IF;
         RETURN NULL;
     END $$""",
@@ -121,3 +129,76 @@ async def until(conn: asyncpg.Connection, sql: str, what: str) -> None:
 # A session in a COMMIT that SLOW_COMMIT holds.
 COMMITTING = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
               " AND query LIKE 'COMMIT%' AND wait_event = 'PgSleep'")
+
+
+class Cutter:
+    """A proxy between a client and the cluster, on a Unix socket of its own (no TCP), that
+    can lose a connection at a chosen moment: :meth:`cut_after` arms it with a piece of a
+    statement's text; the first client message that holds it is passed on to the server,
+    then the client's connection is reset at once. The server runs the statement to its
+    end (it reads what was sent before it could see the loss, and does not look for one
+    while it runs); its answer never reaches the client, and the server's side is closed
+    once it has answered. What a server restart or a failover does to a COMMIT in flight,
+    at a moment the test chooses."""
+
+    def __init__(self) -> None:
+        self._armed: bytes | None = None
+        self.cut = asyncio.Event()
+        self._streams: list[asyncio.StreamWriter] = []
+
+    def cut_after(self, text: bytes) -> None:
+        self._armed = text
+
+    async def relay(self, target: str, client_in: asyncio.StreamReader,
+                    client_out: asyncio.StreamWriter) -> None:
+        server_in, server_out = await asyncio.open_unix_connection(target)
+        self._streams += (client_out, server_out)
+        lost = False
+
+        async def up() -> None:
+            nonlocal lost
+            while data := await client_in.read(65536):
+                server_out.write(data)
+                await server_out.drain()
+                if self._armed is not None and self._armed in data:
+                    self._armed, lost = None, True
+                    client_out.transport.abort()  # a reset: no answer will come
+                    self.cut.set()
+                    return
+            server_out.close()  # the client left: so does its session
+
+        async def down() -> None:
+            while data := await server_in.read(65536):
+                if lost:
+                    break  # the server answered: its side closed, the answer dropped
+                client_out.write(data)
+                await client_out.drain()
+            server_out.close()
+            client_out.close()  # the server ended the session
+
+        with contextlib.suppress(OSError):
+            await asyncio.gather(up(), down())
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def cutting(dsn: str) -> AsyncIterator[tuple[str, Cutter]]:
+    """A DSN like ``dsn`` (a cluster's, on its Unix socket) through a :class:`Cutter`
+    (its connections are the server's, but for the one it cuts). Its socket is in a
+    directory of its own with a short name (a Unix socket's path has 107 bytes at most)."""
+    host, port = (re.search(rf"[?&]{key}=([^&]+)", dsn) for key in ("host", "port"))
+    assert host is not None and port is not None
+    name = f".s.PGSQL.{port[1]}"
+    cutter = Cutter()
+    with tempfile.TemporaryDirectory(prefix="cut") as directory:
+        server = await asyncio.start_unix_server(
+            lambda r, w: cutter.relay(f"{host[1]}/{name}", r, w), path=f"{directory}/{name}")
+        try:
+            yield dsn.replace(f"host={host[1]}", f"host={directory}"), cutter
+        finally:
+            server.close()
+            cutter.close()
+            await server.wait_closed()

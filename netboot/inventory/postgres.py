@@ -34,7 +34,12 @@ and this); what differs is how, and why:
   DISCOVER through a pool queued behind the boot path's writes timed out under a storm).
 * The DSN (it may hold a password) is never logged nor put in an error: messages name the
   database by :func:`netboot.inventory.dsn.redact`.
-* Any failure of the server or the connection is a :class:`StoreError`, never "not found".
+* Any failure of the server or the connection is a :class:`StoreError`, never "not found";
+  :class:`~netboot.errors.OutcomeUnknown` where the connection failed while a write was
+  being committed and the server, asked on a new connection, could not say whether it was
+  (pg_xact_status, as its documentation suggests: "to determine whether their transaction
+  committed or aborted after the application and database server become disconnected while
+  a COMMIT is in progress"); a write it says committed returns as written.
 """
 
 from __future__ import annotations
@@ -51,7 +56,14 @@ from typing import Any, TypeVar
 import asyncpg
 
 from netboot import identity
-from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
+from netboot.errors import (
+    Conflict,
+    NetbootError,
+    NotFound,
+    OutcomeUnknown,
+    StoreError,
+    ValidationError,
+)
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
@@ -89,6 +101,12 @@ _BEGUN_LOCKED = "SELECT pg_current_xact_id()::text FROM pg_advisory_xact_lock($1
 # COMMIT's answer, then one question on the same connection, milliseconds. Bounded so that
 # a shutdown cannot hang on a server that no longer answers.
 CANCELLED_COMMIT_WAIT = 10.0
+# How long a write whose connection failed during its COMMIT waits to learn what became of it
+# (_status): a new connection (the pool's may all have gone with the server), pg_xact_status
+# asked again while "in progress" (the server may not have seen the loss yet, or still be
+# running the COMMIT). Past it, or with the server unreachable, the outcome is unknown.
+LOST_COMMIT_WAIT = 10.0
+_STATUS = "SELECT pg_xact_status($1::text::xid8)"
 # pg_current_xact_id and the xid8 type that pg_xact_status is asked with (_write) came in 13.
 MIN_SERVER_VERSION = (13, 0)
 CONNECT_TIMEOUT = 10.0
@@ -363,9 +381,15 @@ class PostgresStore:
         what became of the transaction: committed, the write returns and the cancel comes
         at the caller's next wait; else the cancel is raised. A caller told "cancelled" of
         a durable write (a group commit's clients, their audit entries "aborted") otherwise.
+        Its connection failed while its COMMIT was under way (the server restarted or
+        failed over, the connection reset: no answer, where a refused COMMIT answers with an
+        ERROR), the same question is asked on a new connection (:meth:`_settle`): the caller
+        is told "written", "failed", or that the outcome is unknown, never "failed" of what
+        may be durable. A write that succeeded costs no round trip more.
         """
         cancel: asyncio.CancelledError | None = None
         xid: str | None = None  # set once the body is done: its COMMIT is under way
+        lost: BaseException | None = None  # the COMMIT's connection failed before its answer
         committed = False
         try:
             async with self._conn() as conn:
@@ -380,12 +404,16 @@ class PostgresStore:
                     if xid is None:
                         raise  # before its COMMIT: rolled back, nothing was written
                     cancel = exc
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    if xid is None or _answered(exc):
+                        raise  # the body failed, or the server refused the COMMIT: rolled back
+                    lost = exc
                 if cancel is not None:
                     assert xid is not None
                     asking = asyncio.ensure_future(_committed(conn, xid))
                     await waited(cancel, asking, within=CANCELLED_COMMIT_WAIT,
                                  late=functools.partial(_late, self.name, asking))
-                committed = True
+                committed = lost is None
         except asyncio.CancelledError as exc:
             if not committed:
                 raise
@@ -393,8 +421,73 @@ class PostgresStore:
         finally:
             if feed:
                 self._commits += 1
+        if lost is not None:  # asked once the broken connection is back in the pool
+            assert xid is not None
+            await self._settle(xid, lost)
         if cancel is not None:
             deliver(cancel)
+
+    async def _settle(self, xid: str, lost: BaseException) -> None:
+        """A write whose connection failed (``lost``) while its COMMIT was under way, told
+        as it ended, the server asked on a new connection (:meth:`_status`): committed, this
+        returns; aborted, the StoreError of a failed write (nothing was written); still in
+        progress within LOST_COMMIT_WAIT, or the server unreachable, :class:`OutcomeUnknown`
+        (logged here: the one place that knows the transaction). A cancel meanwhile waits
+        for the answer and comes after it, as in :meth:`_write` (netboot.unstoppable)."""
+        asking = asyncio.ensure_future(self._status(xid))
+        cancel: asyncio.CancelledError | None = None
+        status: str | None = None
+        try:
+            status = await asyncio.shield(asking)
+        except asyncio.CancelledError as exc:
+            cancel = exc
+        if cancel is not None:
+            status = await waited(cancel, asking)  # bounded by _status, which never fails
+        if status == "committed":
+            log.warning("inventory %s: the connection failed while a write was committed "
+                        "(%s); the server says it committed: told written", self.name,
+                        reason(lost))
+            if cancel is not None:
+                deliver(cancel)
+            return
+        if cancel is not None:
+            raise cancel  # not written, or nobody can say, and the caller asked to stop
+        if status == "aborted":
+            raise StoreError(f"inventory {self.name}: {reason(lost)}") from lost
+        unknown = self._unknown(lost, f"transaction {xid} is {status}" if status else
+                                "the server could not be asked whether it committed")
+        log.error("%s", unknown)
+        raise unknown from lost
+
+    def _unknown(self, lost: BaseException, why: str) -> OutcomeUnknown:
+        return OutcomeUnknown(
+            f"inventory {self.name}: the connection failed while a write was being committed "
+            f"({reason(lost)}) and {why}: its outcome is unknown, it may or may not be "
+            "written")
+
+    async def _status(self, xid: str) -> str | None:
+        """pg_xact_status of ``xid`` ("committed", "aborted", "in progress"), asked on a
+        connection of its own, again while "in progress", within LOST_COMMIT_WAIT; None
+        when the server cannot be asked (or the id is too old for it to know)."""
+        deadline = time.monotonic() + LOST_COMMIT_WAIT
+        pause = 0.01
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=LOST_COMMIT_WAIT)
+            while True:
+                left = deadline - time.monotonic()
+                status = await conn.fetchval(_STATUS, xid, timeout=max(left, 0.001))
+                if status != "in progress" or time.monotonic() + pause >= deadline:
+                    return None if status is None else str(status)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.25)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            log.info("inventory %s: cannot ask what became of transaction %s: %s", self.name,
+                     xid, reason(exc))
+            return None
+        finally:
+            if conn is not None:
+                conn.terminate()
 
     async def _single(self, run: Callable[[asyncpg.Connection], Awaitable[_R]]) -> _R:
         """One write that is one autocommit statement (its own transaction): one round trip
@@ -407,7 +500,11 @@ class PostgresStore:
         statement is cancelled and the caller told so, logged as maybe written): answered,
         it was committed (autocommit commits before ReadyForQuery, on which asyncpg
         returns), the result is returned and the cancel delivered at the caller's next
-        wait; failed, nothing was written and the cancel is raised."""
+        wait; failed, nothing was written and the cancel is raised.
+
+        Its connection lost once the statement was sent (no ERROR answer), the outcome is
+        unknown and said so (:class:`OutcomeUnknown`): the transaction's id would come in
+        the answer that was lost, and learning it first is ``_write``'s four round trips."""
         cancel: asyncio.CancelledError | None = None
         done = False
         try:
@@ -417,6 +514,14 @@ class PostgresStore:
                     result = await asyncio.shield(statement)
                 except asyncio.CancelledError as exc:
                     cancel = exc
+                except (asyncpg.PostgresError, OSError) as exc:
+                    if _answered(exc):
+                        raise  # the server's own answer: rolled back
+                    # Lost after it was sent: whether it committed, no question can say.
+                    unknown = self._unknown(exc, "its transaction id was not asked for "
+                                            "(one round trip)")
+                    log.error("%s", unknown)
+                    raise unknown from exc
                 if cancel is not None:
                     result = await waited(cancel, statement, within=CANCELLED_COMMIT_WAIT,
                                           late=functools.partial(_late, self.name, statement))
@@ -1069,6 +1174,14 @@ class PostgresStore:
             " (SELECT coalesce(max(id), 0) FROM audit) - $1 RETURNING 1)"
             " SELECT count(*) FROM gone", max(keep, 0)))
         return int(deleted)
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server's answer to the statement, an ERROR, which rolls its
+    transaction back, rather than the connection's loss before the answer (a FATAL error
+    ends the session too: a backend terminated during a COMMIT may have committed first)."""
+    return (isinstance(exc, asyncpg.PostgresError)
+            and (exc.severity_en or exc.severity) == "ERROR")
 
 
 class _NotCommitted(Exception):

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from netboot.errors import StoreError
+from netboot.errors import OutcomeUnknown, StoreError
 from netboot.inventory import postgres
 from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
 from netboot.inventory.sqlite import SqliteStore
@@ -352,6 +352,121 @@ async def test_a_write_cancelled_before_its_transaction_began_is_told_cancelled(
         await holder.close()
         await admin.close()
         await store.close()
+
+
+# --- a write whose connection fails while its COMMIT is under way is told as it ended -------
+
+_HELD_COMMIT = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE"
+                " 'COMMIT%' AND wait_event = 'PgSleep'")
+
+
+@contextlib.asynccontextmanager
+async def _cut_store(pg_dsn: str) -> AsyncIterator[tuple[PostgresStore, pg.Cutter,
+                                                         asyncpg.Connection]]:
+    """A store of one connection whose connections pass through a :class:`pg.Cutter`, with
+    SLOW_COMMIT installed, and an admin connection; what is still committing at the end is
+    ended."""
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async with pg.cutting(pg_dsn) as (dsn, cutter):
+            store = PostgresStore(dsn, pool_size=1)
+            await store.open()
+            try:
+                for sql in pg.SLOW_COMMIT:
+                    await admin.execute(sql)
+                yield store, cutter, admin
+            finally:
+                await admin.execute(_HELD_COMMIT)
+                await store.close()
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("kind", ["quick", "slow"])
+async def test_a_write_whose_connection_is_lost_during_a_commit_that_commits_is_told_written(
+        pg_dsn: str, kind: str) -> None:
+    """The connection reset once the COMMIT was sent (the server failed over or restarted
+    after it, a connection tracker dropped it): the server commits all the same and its
+    answer is lost. Asked on a new connection, the server says it committed ("slow": it is
+    still committing when first asked, then done): told written. (Before: a StoreError, a
+    503 saying nothing was changed, of a write that is durable.)"""
+    async with _cut_store(pg_dsn) as (store, cutter, _):
+        cutter.cut_after(b"COMMIT")
+        await store.apply_batch(pg.slow_batch(kind))
+        assert cutter.cut.is_set()
+        assert [e.kind for e in await store.list_events("m1")] == [kind]
+        assert len(await store.list_audit()) == 1
+        await _next_write_is_sound(store)
+
+
+async def test_a_write_whose_commit_outcome_cannot_be_learnt_is_told_unknown(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Its connection lost during a COMMIT still running past LOST_COMMIT_WAIT: it may yet
+    commit or not. The caller is told the outcome is unknown (OutcomeUnknown, a
+    StoreError), not that it failed; logged once."""
+    monkeypatch.setattr(postgres, "LOST_COMMIT_WAIT", 0.5)
+    async with _cut_store(pg_dsn) as (store, cutter, admin):
+        cutter.cut_after(b"COMMIT")
+        with pytest.raises(OutcomeUnknown) as err:
+            await store.apply_batch(pg.slow_batch("stoppable"))
+        assert "outcome is unknown" in str(err.value) and "in progress" in str(err.value)
+        assert caplog.text.count("outcome is unknown") == 1
+        await admin.execute(_HELD_COMMIT)  # it holds the writers' lock meanwhile
+        await _next_write_is_sound(store)
+
+
+async def test_a_write_whose_session_is_ended_during_its_commit_is_told_failed(
+        pg_dsn: str) -> None:
+    """The other outcome: its session terminated while the COMMIT runs (before the commit
+    record), the transaction is aborted; asked, the server says so: a StoreError that says
+    it failed, not unknown, nothing written."""
+    store = PostgresStore(pg_dsn, pool_size=1)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    said: list[str] = []
+    try:
+        task = await pg.committing(admin, lambda: store.apply_batch(
+            pg.slow_batch("stoppable")), said)
+        await admin.execute(_HELD_COMMIT)
+        with pytest.raises(StoreError) as err:
+            await asyncio.wait_for(task, 30)
+        assert not isinstance(err.value, OutcomeUnknown)
+        assert said == []
+        assert await store.list_events("m1") == [] and await store.list_audit() == []
+        await _next_write_is_sound(store)
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_a_commit_the_server_refuses_is_told_failed_without_asking(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A COMMIT answered with an ERROR (a deferred check failed) was rolled back: a
+    StoreError at once, the server not asked anything more."""
+    async def asked(self: PostgresStore, xid: str) -> str | None:
+        raise AssertionError("asked")
+    monkeypatch.setattr(PostgresStore, "_status", asked)
+    async with _cut_store(pg_dsn) as (store, _, _):
+        with pytest.raises(StoreError, match="refused at commit") as err:
+            await store.apply_batch(pg.slow_batch("refused"))
+        assert not isinstance(err.value, OutcomeUnknown)
+        assert await store.list_events("m1") == [] and await store.list_audit() == []
+
+
+async def test_a_single_statement_write_whose_connection_is_lost_is_told_unknown(
+        pg_dsn: str) -> None:
+    """An autocommit statement (an audit entry) whose connection is lost once it was sent
+    commits or not with nothing to ask by (its transaction's id would have come in the
+    answer): told unknown, not failed. Here it did commit."""
+    async with _cut_store(pg_dsn) as (store, cutter, _):
+        # Cut at the message that runs it (the actor is among its parameters), not at the
+        # statement's preparation (its text), after which nothing would have run.
+        cutter.cut_after(b"cut-here")
+        with pytest.raises(OutcomeUnknown, match="outcome is unknown"):
+            await store.add_audit(AuditEntry(time=1.0, actor="cut-here", action="x",
+                                             target="t", peer="p", outcome="done"))
+        assert len(await store.list_audit()) == 1
+        await _next_write_is_sound(store)
 
 
 # --- a write that is one autocommit statement: one round trip, told as it ended -------------
