@@ -23,13 +23,13 @@ from netboot.access import Permission, Principal, parse_duration, public_token
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, parse_import, token_matches
-from netboot.errors import NetbootError, NotFound, ValidationError
+from netboot.errors import NetbootError, NotFound, OutcomeUnknown, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.logs import log_line
 from netboot.model import AuditEntry, Event, Machine, MachineState
-from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, serve_plain
+from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, OUTCOME_UNKNOWN, serve_plain
 from netboot.servers.fasthttp import Reply
 from netboot.servers.http import bearer_token
 from netboot.web.auth import request_token
@@ -42,6 +42,8 @@ TARGET_KEY = web.RequestKey("target", str)
 SSE_KEEPALIVE_SECONDS = 15.0
 MASKED = "********"
 IMPORT_FORMATS = ("csv", "yaml", "json")
+# After an audit entry's status: the inventory could not say whether the change was written.
+UNKNOWN = "outcome unknown"
 
 
 async def read_json(request: web.Request) -> Any:
@@ -125,14 +127,23 @@ async def _awaited(work: asyncio.Future[Any]) -> asyncio.CancelledError | None:
 
 
 def _outcome(work: asyncio.Future[web.StreamResponse]) -> str:
-    """An audit entry's outcome: the status the handler answered or raised, "aborted" if
-    it ended otherwise (cancelled, or an error no middleware translated)."""
+    """An audit entry's outcome: the status the handler answered or raised (and whether
+    the change's outcome is unknown: :func:`_answered`), "aborted" if it ended otherwise
+    (cancelled, or an error no middleware translated)."""
     if work.cancelled():
         return "aborted"
     exc = work.exception()
     if exc is None:
-        return str(work.result().status)
+        answer = work.result()
+        return _answered(answer.status, answer.get(OUTCOME_UNKNOWN, False))
     return str(exc.status) if isinstance(exc, web.HTTPException) else "aborted"
+
+
+def _answered(status: int, unknown: bool) -> str:
+    """The outcome of a change answered with ``status``; with " outcome unknown" where the
+    inventory could not say whether it was written (OutcomeUnknown): its 503 is not the
+    one that says nothing was changed."""
+    return f"{status} {UNKNOWN}" if unknown else str(status)
 
 
 class Api:
@@ -225,7 +236,8 @@ class Api:
         work = asyncio.ensure_future(handler(request))
         cancel = await _awaited(work)
         outcome = _outcome(work)
-        if cancel is not None and not (outcome.isdigit() and int(outcome) < 400):
+        if (cancel is not None and not (outcome.isdigit() and int(outcome) < 400)
+                and not outcome.endswith(UNKNOWN)):
             outcome = "aborted"  # nothing changed, and nobody was told: the client is gone
         target = (request.match_info.get("ref") or request.match_info.get("name")
                   or request.get(TARGET_KEY, ""))
@@ -258,12 +270,14 @@ class Api:
         # succeeded: one commit where the change's and the entry's followed each other,
         # and the entry is on disk exactly when the change is).
         asked = ["-", ref or ""]
+        unknown = False
         try:
             reply = await (self._front_event(ref, bearer, body, asked, route, remote)
                            if ref is not None
                            else self._front_register(body, remote, asked, route))
         except Exception as exc:  # the one translation (netboot.servers.http.error_reply)
             reply = translate(exc)
+            unknown = isinstance(exc, OutcomeUnknown)
         except BaseException:
             # Cancelled before its change was made, or with its change refused: a cancel
             # that comes while the commit is under way is told only once that commit is
@@ -280,7 +294,8 @@ class Api:
                     # it was (a 503 says nothing was changed; a retry would find it done).
                     self._log.error("audit log prune failed after POST %s: %s", route, exc)
             else:
-                await self._audit(asked[0], "POST", route, asked[1], remote, str(reply.status))
+                await self._audit(asked[0], "POST", route, asked[1], remote,
+                                  _answered(reply.status, unknown))
         return reply
 
     async def _front_event(self, ref: str, bearer: str | None, body: bytes,

@@ -208,7 +208,9 @@ SCHEMAS: dict[str, Any] = {
                                   "command"},
                        "target": _STR, "peer": _STR,
                        "outcome": {"type": "string", "description":
-                                   "the HTTP status, or ok / error for the CLI"}}},
+                                   "the HTTP status (followed by 'outcome unknown' where "
+                                   "the inventory could not say whether the change was "
+                                   "written), or ok / error for the CLI"}}},
     "Status": {"type": "object", "required": ["total", "by_state", "clusters", "failed"],
                "properties": {
                    "total": {"type": "integer"},

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.lifecycle import Trigger, advance
 from netboot.model import Scope
@@ -1565,3 +1566,60 @@ async def test_a_change_whose_client_left_before_it_was_made_is_aborted(env: Env
     # Its token is read after its body: nobody known asked.
     assert entries(log, "POST /api/v1/profiles") == [("-", "", "aborted")]
     assert await env.get("/api/v1/profiles") == []
+
+
+# --- a change whose outcome the inventory cannot tell ----------------------------------------
+
+
+@pytest.mark.parametrize("unknown", [True, False])
+async def test_a_change_whose_outcome_is_unknown_is_answered_and_audited_so(
+        env: Env, monkeypatch: pytest.MonkeyPatch, unknown: bool) -> None:
+    """The inventory's connection failed while the change was being committed and the
+    database could not say whether it was (OutcomeUnknown): the 503 says so, not "nothing
+    was changed", and the audit entry says "503 outcome unknown", not the plain "503" of a
+    change that failed (the other case, unchanged)."""
+    from netboot.errors import OutcomeUnknown, StoreError
+
+    failure = (OutcomeUnknown("connection lost during COMMIT") if unknown
+               else StoreError("database is locked"))
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    apply_batch = store(env).apply_batch
+
+    async def report_broken(batch: Batch) -> None:
+        if batch.events:
+            raise failure  # the report and its entry: the audit entries after it are written
+        await apply_batch(batch)
+
+    monkeypatch.setattr(store(env), "put_profile", broken)
+    monkeypatch.setattr(store(env), "apply_batch", report_broken)
+    profile = error(await call(env, "POST", "/api/v1/profiles",
+                               json_body={"name": "p", "kernel": "vmlinuz"}), 503)
+    report = error(await call(env, "POST", f"/api/v1/machines/{MAC}/events",
+                              json_body={"kind": "installed"},
+                              headers={"Authorization": f"Bearer {token}"}, admin=False), 503)
+    # The same report through the front door (a real socket: Api.front_post).
+    reader, writer = await asyncio.open_connection(env.client.host, env.client.port)
+    body = b'{"kind": "installed"}'
+    writer.write(f"POST /api/v1/machines/{MAC}/events HTTP/1.1\r\nHost: 192.0.2.10\r\n"
+                 f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    length = re.search(r"(?i)\r\ncontent-length: *(\d+)", head)
+    assert head.startswith("HTTP/1.1 503 ") and length is not None, head
+    front = json.loads(await reader.readexactly(int(length[1])))
+    writer.close()
+    for answer in (profile, report, front):
+        assert answer.get("outcome") == ("unknown" if unknown else None), answer
+        assert ("nothing was changed" in answer["error"]) is not unknown
+    monkeypatch.undo()
+    log = await env.get("/api/v1/audit")
+    outcome = "503 outcome unknown" if unknown else "503"
+    assert entries(log, "POST /api/v1/profiles")[-1] == ("admin", "", outcome)  # after seed's
+    assert [e for _, _, e in entries(log, "POST /api/v1/machines/{ref}/events")] == [
+        outcome, outcome]

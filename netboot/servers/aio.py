@@ -22,6 +22,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 from aiohttp.web_fileresponse import NOSENDFILE
 
+from netboot.errors import OutcomeUnknown
 from netboot.logs import log_context
 from netboot.servers.http import (
     _REQUEST_ID,
@@ -47,6 +48,8 @@ MAX_EVENT_KEY = web.AppKey("max_event", int)
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
 REQUEST_ID = web.RequestKey("request_id", str)  # the id echoed in X-Request-Id
 _TARGET = web.RequestKey("loggable_target", str)
+# On an error's answer: the change's outcome is unknown (OutcomeUnknown), for the audit entry.
+OUTCOME_UNKNOWN = web.ResponseKey("outcome_unknown", bool)
 
 REQUEST_IDS_KEY = web.AppKey("request_ids", RequestIds)
 
@@ -102,8 +105,11 @@ class CountingFileResponse(web.FileResponse):
 
 def error_response(exc: Exception, log: logging.Logger, request: web.Request) -> web.Response:
     """:func:`error_reply` for an aiohttp request."""
-    return web_response(error_reply(exc, log, request.method, loggable_target(request),
-                                    request.remote))
+    response = web_response(error_reply(exc, log, request.method, loggable_target(request),
+                                        request.remote))
+    if isinstance(exc, OutcomeUnknown):
+        response[OUTCOME_UNKNOWN] = True
+    return response
 
 
 @web.middleware

@@ -47,6 +47,7 @@ from netboot.errors import (
     DecodeError,
     Forbidden,
     NotFound,
+    OutcomeUnknown,
     PlainHttpRefused,
     RenderError,
     ScopeRequired,
@@ -462,6 +463,12 @@ def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
         return _json({"error": f"render failed: {exc}"}, 500)
     if isinstance(exc, Busy):
         return _json({"error": str(exc)}, 503, {"Retry-After": "5"})
+    if isinstance(exc, OutcomeUnknown):
+        log.error("inventory failed for %s %s, outcome unknown: %s", method, target, exc)
+        # Not "nothing was changed": a retry's answer (409 exists, 404 gone) tells which.
+        return _json({"error": "the inventory's connection failed while the change was "
+                      "being saved, and it cannot say whether it was: read it back before "
+                      "trying again", "outcome": "unknown"}, 503, {"Retry-After": "5"})
     if isinstance(exc, StoreError):
         log.error("inventory failed for %s %s: %s", method, target, exc)
         # Nothing was done: a client retries (iPXE's script, an installer's loop, an operator).
