@@ -143,11 +143,20 @@ class Cutter:
 
     def __init__(self) -> None:
         self._armed: bytes | None = None
+        self._hold = False
         self.cut = asyncio.Event()
         self._streams: list[asyncio.StreamWriter] = []
+        self._held: list[asyncio.StreamWriter] = []
 
-    def cut_after(self, text: bytes) -> None:
-        self._armed = text
+    def cut_after(self, text: bytes, *, hold: bool = False) -> None:
+        """Arm the cut; ``hold``: the client's connection is kept (its answer never comes,
+        nothing more it sends is passed on) until :meth:`reset`."""
+        self._armed, self._hold = text, hold
+
+    def reset(self) -> None:
+        """Reset the connections a cut holds."""
+        for stream in self._held:
+            stream.transport.abort()
 
     async def relay(self, target: str, client_in: asyncio.StreamReader,
                     client_out: asyncio.StreamWriter) -> None:
@@ -162,7 +171,10 @@ class Cutter:
                 await server_out.drain()
                 if self._armed is not None and self._armed in data:
                     self._armed, lost = None, True
-                    client_out.transport.abort()  # a reset: no answer will come
+                    if self._hold:
+                        self._held.append(client_out)  # closed by reset() alone
+                    else:
+                        client_out.transport.abort()  # a reset: no answer will come
                     self.cut.set()
                     return
             server_out.close()  # the client left: so does its session
@@ -174,7 +186,8 @@ class Cutter:
                 client_out.write(data)
                 await client_out.drain()
             server_out.close()
-            client_out.close()  # the server ended the session
+            if client_out not in self._held:
+                client_out.close()  # the server ended the session
 
         with contextlib.suppress(OSError):
             await asyncio.gather(up(), down())

@@ -98,8 +98,9 @@ _LAST_CHANGE = "SELECT coalesce(max(seq), 0) FROM changes"
 _BEGUN = "SELECT pg_current_xact_id()::text"
 _BEGUN_LOCKED = "SELECT pg_current_xact_id()::text FROM pg_advisory_xact_lock($1)"
 # How long a write cancelled while its COMMIT was under way is waited for (_committed): the
-# COMMIT's answer, then one question on the same connection, milliseconds. Bounded so that
-# a shutdown cannot hang on a server that no longer answers.
+# COMMIT's answer, then one question on the same connection, milliseconds (on a new one if
+# that connection failed: _status). Bounded so that a shutdown cannot hang on a server that
+# no longer answers.
 CANCELLED_COMMIT_WAIT = 10.0
 # How long a write whose connection failed during its COMMIT waits to learn what became of it
 # (_status): a new connection (the pool's may all have gone with the server), pg_xact_status
@@ -410,7 +411,7 @@ class PostgresStore:
                     lost = exc
                 if cancel is not None:
                     assert xid is not None
-                    asking = asyncio.ensure_future(_committed(conn, xid))
+                    asking = asyncio.ensure_future(self._committed(conn, xid))
                     await waited(cancel, asking, within=CANCELLED_COMMIT_WAIT,
                                  late=functools.partial(_late, self.name, asking))
                 committed = lost is None
@@ -459,6 +460,28 @@ class PostgresStore:
         log.error("%s", unknown)
         raise unknown from lost
 
+    async def _committed(self, conn: asyncpg.Connection, xid: str) -> None:
+        """Return if the transaction ``xid``, whose COMMIT was cancelled, was committed;
+        raise if not, or if the server cannot say. Asked on its own connection: asyncpg
+        sends the question once the cancelled COMMIT's answer is in, so the outcome is
+        final. That connection lost meanwhile (the COMMIT's answer with it), on a new one
+        (:meth:`_status`)."""
+        try:
+            status = await conn.fetchval(_STATUS, xid)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            if _answered(exc):
+                log.error("a write cancelled during its COMMIT may or may not be committed: "
+                          "its caller is told it was cancelled (%s)", reason(exc))
+                raise
+            status = await self._status(xid)
+            if status not in ("committed", "aborted"):
+                log.error("a write cancelled during its COMMIT, whose connection then "
+                          "failed (%s), may or may not be committed (transaction %s is %s): "
+                          "its caller is told it was cancelled", reason(exc), xid,
+                          status or "not known")
+        if status != "committed":
+            raise _NotCommitted(status)
+
     def _unknown(self, lost: BaseException, why: str) -> OutcomeUnknown:
         return OutcomeUnknown(
             f"inventory {self.name}: the connection failed while a write was being committed "
@@ -467,27 +490,32 @@ class PostgresStore:
 
     async def _status(self, xid: str) -> str | None:
         """pg_xact_status of ``xid`` ("committed", "aborted", "in progress"), asked on a
-        connection of its own, again while "in progress", within LOST_COMMIT_WAIT; None
-        when the server cannot be asked (or the id is too old for it to know)."""
+        connection of its own, again while "in progress", the connection tried again while
+        the server cannot be reached (a restart, a failover under way), all within
+        LOST_COMMIT_WAIT; None when the server could not be asked (or the id is too old
+        for it to know)."""
         deadline = time.monotonic() + LOST_COMMIT_WAIT
         pause = 0.01
-        conn: asyncpg.Connection | None = None
-        try:
-            conn = await asyncpg.connect(self._dsn, timeout=LOST_COMMIT_WAIT)
-            while True:
-                left = deadline - time.monotonic()
-                status = await conn.fetchval(_STATUS, xid, timeout=max(left, 0.001))
-                if status != "in progress" or time.monotonic() + pause >= deadline:
-                    return None if status is None else str(status)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.25)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            log.info("inventory %s: cannot ask what became of transaction %s: %s", self.name,
-                     xid, reason(exc))
-            return None
-        finally:
-            if conn is not None:
-                conn.terminate()
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=_left(deadline))
+                try:
+                    while True:
+                        status = await conn.fetchval(_STATUS, xid, timeout=_left(deadline))
+                        if status != "in progress" or time.monotonic() + pause >= deadline:
+                            return None if status is None else str(status)
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, 0.25)
+                finally:
+                    conn.terminate()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                    TimeoutError) as exc:
+                if time.monotonic() + pause >= deadline:
+                    log.info("inventory %s: cannot ask what became of transaction %s: %s",
+                             self.name, xid, reason(exc))
+                    return None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
     async def _single(self, run: Callable[[asyncpg.Connection], Awaitable[_R]]) -> _R:
         """One write that is one autocommit statement (its own transaction): one round trip
@@ -1176,6 +1204,11 @@ class PostgresStore:
         return int(deleted)
 
 
+def _left(deadline: float) -> float:
+    """The time left before ``deadline`` (monotonic), as a timeout asyncpg accepts."""
+    return max(deadline - time.monotonic(), 0.001)
+
+
 def _answered(exc: BaseException) -> bool:
     """Whether ``exc`` is the server's answer to the statement, an ERROR, which rolls its
     transaction back, rather than the connection's loss before the answer (a FATAL error
@@ -1185,21 +1218,7 @@ def _answered(exc: BaseException) -> bool:
 
 
 class _NotCommitted(Exception):
-    """A transaction whose COMMIT was cancelled ended otherwise (aborted)."""
-
-
-async def _committed(conn: asyncpg.Connection, xid: str) -> None:
-    """Return if the transaction ``xid``, whose COMMIT was cancelled, was committed; raise
-    if not, or if the server cannot say. Asked on its own connection: asyncpg sends the
-    question once the cancelled COMMIT's answer is in, so the outcome is final."""
-    try:
-        status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        log.error("a write cancelled during its COMMIT may or may not be committed: its "
-                  "caller is told it was cancelled (%s)", reason(exc))
-        raise
-    if status != "committed":
-        raise _NotCommitted(status)
+    """A transaction whose COMMIT was cancelled ended otherwise (aborted), or nobody can say."""
 
 
 def _late(name: str, asking: asyncio.Future[Any]) -> None:

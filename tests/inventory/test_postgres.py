@@ -399,6 +399,34 @@ async def test_a_write_whose_connection_is_lost_during_a_commit_that_commits_is_
         await _next_write_is_sound(store)
 
 
+async def test_a_write_cancelled_during_its_commit_then_its_connection_lost_is_told_written(
+        pg_dsn: str) -> None:
+    """A cancel during a COMMIT that commits (asyncio.run's end), then the connection lost
+    before the COMMIT's answer came (and with it the question asked on that connection):
+    asked on a new connection, it committed: told written, the cancel at the caller's next
+    wait. (Before: told cancelled, logged "may or may not be committed".)"""
+    said: list[str] = []
+    async with _cut_store(pg_dsn) as (store, cutter, admin):
+        cutter.cut_after(b"COMMIT", hold=True)  # its answer never comes, until the reset
+
+        async def caller() -> None:
+            await store.apply_batch(pg.slow_batch("quick"))
+            said.append("written")
+            await asyncio.sleep(0)
+            said.append("went on after its cancel")
+
+        task = asyncio.ensure_future(caller())
+        await pg.until(admin, "SELECT count(*) FROM events", "committed")
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done()  # waits for the COMMIT's answer
+        cutter.reset()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert said == ["written"]
+        await _next_write_is_sound(store)
+
+
 async def test_a_write_whose_commit_outcome_cannot_be_learnt_is_told_unknown(
         pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Its connection lost during a COMMIT still running past LOST_COMMIT_WAIT: it may yet
@@ -437,6 +465,35 @@ async def test_a_write_whose_session_is_ended_during_its_commit_is_told_failed(
     finally:
         await admin.close()
         await store.close()
+
+
+async def test_a_write_whose_commit_a_server_restart_ends_is_told_failed_once_it_is_back(
+        ) -> None:
+    """The server stopped while a COMMIT runs (a fast shutdown ends the sessions: aborted)
+    and started again: the store asks on a new connection, tried again while the server
+    is down, within LOST_COMMIT_WAIT: aborted, a StoreError that says it failed, not
+    that the outcome is unknown (as it would be asking only once, into the restart)."""
+    cluster = await asyncio.to_thread(pg.start)  # its own: the session's must stay up
+    store = PostgresStore(cluster.dsn(), pool_size=1)
+    said: list[str] = []
+    try:
+        await store.open()
+        admin = await asyncpg.connect(cluster.dsn())
+        try:
+            task = await pg.committing(admin, lambda: store.apply_batch(
+                pg.slow_batch("stoppable")), said)
+        finally:
+            await admin.close()
+        await asyncio.to_thread(cluster.halt)
+        await asyncio.to_thread(cluster.restart)
+        with pytest.raises(StoreError) as err:
+            await asyncio.wait_for(task, 30)
+        assert not isinstance(err.value, OutcomeUnknown), err.value
+        assert said == []
+        assert await store.list_events("m1") == [] and await store.list_audit() == []
+    finally:
+        await store.close()
+        await asyncio.to_thread(cluster.stop)
 
 
 async def test_a_commit_the_server_refuses_is_told_failed_without_asking(
