@@ -906,12 +906,13 @@ class SqliteStore:
                             [sealed(m) for m in batch.update], rows, batch.merge,
                             dict(batch.expect), audit, batch.create)
             if batch.events and listener is not None:
-                # A stream opened while the batch was written keeps copies, as one opened
-                # before (the events were checked: each copy is the one made then).
+                # A stream opened while the batch was written keeps copies too, as one
+                # opened before: the events are checked already, only their data is copied.
                 late = not copy and listener.holding
                 listener.published(codec.joined(*(
                     p if isinstance(p, codec.EventRun) else
-                    [codec.stored_event(v)[0] if late else v for v, _ in p] for p in parts)))
+                    [replace(v, data=dict(v.data)) if late else v for v, _ in p]
+                    for p in parts)))
 
     def _apply_here(self, conn: sqlite3.Connection, create: Sequence[Machine],
                     update: Sequence[Machine], tokens: Sequence[str | None],
