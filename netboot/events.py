@@ -94,6 +94,13 @@ class EventBus:
         were each read back, decoded and told from this process's own, ~5 % of the GIL)."""
         return bool(self._subscribers)
 
+    @property
+    def holding(self) -> bool:
+        """Whether events published now are kept past the call (``EventListener``): only a
+        subscriber's queue keeps them; the synchronous listeners (metrics) read an event's
+        machine, time and kind as they are told of it."""
+        return bool(self._subscribers)
+
     def published(self, events: Sequence[Event]) -> None:
         """Called by a store once ``events`` are committed, on the event loop's thread."""
         for event in events:

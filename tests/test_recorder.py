@@ -336,6 +336,8 @@ async def test_a_run_of_events_goes_after_the_queued_ones_and_is_remembered(
     told: list[Event] = []
 
     class Listener:
+        holding = True
+
         def published(self, events: Sequence[Event]) -> None:
             told.extend(events)
 

@@ -160,6 +160,13 @@ async def release_held_caches(store: object) -> None:
 class EventListener(Protocol):
     """Told of events once they are committed (the live event bus, netboot.events)."""
 
+    @property
+    def holding(self) -> bool:
+        """Whether events published now are kept past the call (a live stream's queue): a
+        store then publishes copies no caller can change (the values it reads back); else
+        it may publish an event as given where it stores it as it is (text-only data)."""
+        ...
+
     def published(self, events: Sequence[Event]) -> None: ...
 
 

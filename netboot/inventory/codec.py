@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import itertools
 import json
 import math
 import sys
@@ -1147,17 +1148,22 @@ def event_from_dict(data: object) -> Event:
     )
 
 
-def stored_event(event: Event) -> tuple[Event, str]:
+def stored_event(event: Event, copy: bool = True) -> tuple[Event, str]:
     """``event`` as a store reads it back, and its data as JSON text: checked in place when it
     carries no data (the bulk import's 100,000 "enrolled" events) or text only (the boot
-    path's), else the round trip of :func:`event_from_dict`, which names what it refuses."""
+    path's), else the round trip of :func:`event_from_dict`, which names what it refuses.
+
+    ``copy=False``: an event with text-only data is given back itself, not copied: its
+    machine, time, kind and message are the objects a copy would hold and its data equal to
+    the copy's, for a reader done with it before its caller may change that dict (a store's
+    synchronous listeners, see ``EventListener.holding``)."""
     e = event
     if (type(e.machine) is str and e.machine.strip() and type(e.time) is float
             and math.isfinite(e.time) and type(e.kind) is str and e.kind.strip()
             and type(e.message) is str and type(e.data) is dict):
         if not e.data:
             return e, "{}"
-        data = dict(e.data)
+        data = dict(e.data) if copy else e.data
         q = _quote
         pairs = []
         for k, v in data.items():
@@ -1169,7 +1175,8 @@ def stored_event(event: Event) -> tuple[Event, str]:
             # the round trip gives back, its data encoded once instead of twice, and
             # written out as _ENCODE writes it (a JSON encoder set up per call was half of
             # this; on the event loop for every event of a group commit).
-            return Event(e.machine, e.time, e.kind, e.message, data), "{" + ",".join(pairs) + "}"
+            text = "{" + ",".join(pairs) + "}"
+            return (Event(e.machine, e.time, e.kind, e.message, data) if copy else e), text
     value = event_from_dict(event_to_dict(e))
     return value, dumps(dict(value.data), "data")
 
@@ -1244,17 +1251,19 @@ def joined(*parts: Sequence[Event]) -> Sequence[Event]:
     return [e for p in parts for e in p]
 
 
-def event_parts(events: Sequence[Event]) -> Iterator[EventRun | Iterator[tuple[Event, str]]]:
+def event_parts(events: Sequence[Event], copy: bool = True,
+                ) -> Iterator[EventRun | Iterator[tuple[Event, str]]]:
     """``events`` in order: its runs as they are, the other events each with its data's JSON
-    (:func:`stored_event`), checked as they are read."""
+    (:func:`stored_event`, copied or not as ``copy`` says), checked as they are read."""
     parts = events.parts() if isinstance(events, Events) else (events,)
     for part in parts:
         if isinstance(part, EventRun):
             yield part
         elif isinstance(part, Events):
-            yield from event_parts(part)
+            yield from event_parts(part, copy)
         else:
-            yield map(stored_event, part)
+            yield map(stored_event, part) if copy else map(
+                stored_event, part, itertools.repeat(False))
 
 
 def event_sayings(events: Sequence[Event]) -> Iterator[tuple[str, tuple[str, str]]]:

@@ -882,9 +882,13 @@ class SqliteStore:
             # Checked as they are written (on the worker): 100,000 events of an import are
             # not copied first, unless a listener is to be told of them; a run of them
             # (codec.EventRun) stays one.
+            listener = self._listener
+            # Stored copies only for a listener that keeps them (a live stream): the
+            # others (metrics) read machine, time and kind, the objects a copy holds.
+            copy = listener is not None and listener.holding
             parts: list[codec.EventRun | Iterable[tuple[Event, str]]] = list(
-                codec.event_parts(batch.events))
-            if self._listener is not None:
+                codec.event_parts(batch.events, copy))
+            if listener is not None:
                 parts = [p if isinstance(p, codec.EventRun) else list(p) for p in parts]
             rows = [p if isinstance(p, codec.EventRun) else
                     ((v.machine, v.time, v.kind, v.message, data) for v, data in p)
@@ -901,9 +905,14 @@ class SqliteStore:
             await self._run(self._apply_here, create, batch.update,
                             [sealed(m) for m in batch.update], rows, batch.merge,
                             dict(batch.expect), audit, batch.create)
-            if batch.events and self._listener is not None:
-                self._listener.published(codec.joined(*(
-                    p if isinstance(p, codec.EventRun) else [v for v, _ in p] for p in parts)))
+            if batch.events and listener is not None:
+                # A stream opened while the batch was written keeps copies too, as one
+                # opened before: the events are checked already, only their data is copied.
+                late = not copy and listener.holding
+                listener.published(codec.joined(*(
+                    p if isinstance(p, codec.EventRun) else
+                    [replace(v, data=dict(v.data)) if late else v for v, _ in p]
+                    for p in parts)))
 
     def _apply_here(self, conn: sqlite3.Connection, create: Sequence[Machine],
                     update: Sequence[Machine], tokens: Sequence[str | None],

@@ -614,15 +614,24 @@ def test_a_stored_event_is_its_round_trip(machine: str, when: float, kind: str,
         value = codec.event_from_dict(codec.event_to_dict(event))
         expected: object = (value, codec.dumps(dict(value.data), "data"))
     except ValidationError as exc:
-        with pytest.raises(ValidationError) as got:
-            codec.stored_event(event)
-        assert (got.value.field, got.value.message) == (exc.field, exc.message)
+        for copy in (True, False):
+            with pytest.raises(ValidationError) as got:
+                codec.stored_event(event, copy)
+            assert (got.value.field, got.value.message) == (exc.field, exc.message)
         return
     stored = codec.stored_event(event)
     assert stored == expected
     assert type(stored[0].time) is float and type(stored[0].data) is dict
     if data:
         assert stored[0].data is not data  # the caller's dict is not what is kept
+    # Not copied: the event itself where its data is text only (what a copy would hold),
+    # else the same copy; the same text either way.
+    given = codec.stored_event(event, False)
+    assert given == expected and type(given[0].time) is float
+    if type(when) is float and all(type(v) is str for v in data.values()):
+        assert given[0] is event
+    else:
+        assert given[0] is not event and given[0].data is not data
 
 
 def test_equal_creation_times_decoded_are_one_float() -> None:

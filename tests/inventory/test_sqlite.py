@@ -1291,3 +1291,56 @@ async def test_a_group_writes_the_rows_a_create_and_executemany_write(
         "SELECT * FROM events ORDER BY id")]
     assert [r[0] for r in stored] == sorted(r[0] for r in stored)
     one.close()
+
+
+async def test_the_bus_keeps_stored_copies_and_its_listeners_read_the_events_given(
+        tmp_path: Path) -> None:
+    """A live stream (a subscriber of the bus) keeps what it is told: it gets the stored
+    copies, also when it subscribed while the batch was written; with no stream, the
+    synchronous listeners (metrics) are told the events as given where their data is text
+    (the copy would hold the same machine, time, kind and message), the round trip's copy
+    otherwise. Each is equal to what the store reads back."""
+    from netboot.events import EventBus, Published
+
+    bus = EventBus()
+    counted: list[Event] = []
+    bus.listen(counted.append)
+    store = SqliteStore(tmp_path / "inv.db", listener=bus)
+    await store.open()
+    try:
+        text = Event("m1", 1.0, "install-plan", "plan", {"via": "ipxe", "arch": "x86_64"})
+        other = Event("m1", 2.0, "progress", "step", {"step": 3})
+        await store.apply_batch(Batch(events=(text, other)))
+        assert counted[0] is text and counted[1] is not other
+        assert counted == await store.list_events("m1") == [
+            text, Event("m1", 2.0, "progress", "step", {"step": 3})]
+
+        def kept(sub: Any) -> list[Event]:
+            got = []
+            while not sub._queue.empty():
+                item = sub._queue.get_nowait()
+                assert isinstance(item, Published)
+                got.append(item.event)
+            return got
+
+        again = Event("m2", 3.0, "install-plan", "plan", {"via": "ipxe"})
+        with bus.subscribe() as sub:
+            await store.apply_batch(Batch(events=(again,)))
+            told = kept(sub)
+        assert told == [again] and told[0] is not again and told[0].data is not again.data
+        late = Event("m3", 4.0, "install-plan", "plan", {"via": "ipxe"})
+        gate = held_writer(store)
+        try:
+            writing = asyncio.ensure_future(store.apply_batch(Batch(events=(late,))))
+            await asyncio.sleep(0.05)  # checked, submitted: waits behind the held writer
+            with bus.subscribe() as sub:
+                gate.set()
+                await asyncio.wait_for(writing, 30)
+                told = kept(sub)
+        finally:
+            gate.set()
+        assert told == [late] and told[0] is not late and told[0].data is not late.data
+        assert counted[-2:] == [again, late]
+        assert await store.list_events("m3") == [late]
+    finally:
+        await store.close()
