@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import sys
+from _json import make_encoder
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
@@ -122,7 +123,9 @@ def check_expected(machine_id: str, expected: MachineState, current: str | None)
     """The compare-and-set check of ``Batch.expect``, worded alike in every store."""
     if current is None:
         raise NotFound(f"machine {machine_id} not found")
-    if current != expected.value:
+    # _value_, not value: Enum's value is a property in Python (~1,700 instructions, on the
+    # store's writer once a machine of every first install's group commit).
+    if current != expected._value_:
         raise StateChanged(f"machine {machine_id} is {current} now, not {expected} as read: "
                            "another writer changed it meanwhile", field="state",
                            holder=machine_id)
@@ -508,6 +511,19 @@ _quote = json.encoder.encode_basestring
 _TEXT_KEYS = tuple(f',"{key}":' for key in _MACHINE_TEXT)
 
 
+def _unencodable(value: object) -> Any:
+    raise TypeError(f"{type(value).__name__} is not a JSON string")
+
+
+# JSON's own encoder (C) of a mapping of strings, as dumps() writes one (compact, in order,
+# strings quoted by _quote), made once: a machine's labels and facts in one call, where a
+# comprehension of quoted pairs was ~2,000 instructions a machine more (callgrind).
+_ENCODE_MAP = make_encoder(None, _unencodable, _quote, None, ":", ",", False, False, False)
+# The enums' values as JSON strings, quoted once.
+_QUOTED = {member._value_: _quote(member._value_)
+           for cls in (MachineState, Role, LoaderChain, Arch, Firmware) for member in cls}
+
+
 def machine_json(machine: Machine, install_token: str | None = None,
                  times: dict[float, str] | None = None) -> str:
     """``dumps(machine_document(machine))`` for a machine :func:`stored_machine` returned,
@@ -516,55 +532,38 @@ def machine_json(machine: Machine, install_token: str | None = None,
     written out directly: the same text in half the time (no intermediate dict, no encoder
     set up per call; a bulk import writes 100,000). Strings are quoted by JSON's own quoting;
     times are finite floats, written as the encoder writes them (``float.__repr__``).
-    Each field by its own test, parts joined once: zips of keys and values, and a text
-    grown field by field, were a quarter of it (the store's writer encodes every machine of
-    a group commit holding the GIL that the event loop waits for).
+    Each field by its own test, each part its text or "", all joined by one f-string: a
+    list appended to field by field and joined was a tenth more (the store's writer encodes
+    every machine of a group commit holding the GIL that the event loop waits for).
     ``times``: the text of each creation time written already (by an earlier call given the
     same dict), reused: a float's shortest repr is ~7,000 instructions (three in a first
     install's update, ~10 % of the writer's instructions for it), and the machines of one
     import share their creation time, which each later update of each of them writes again.
     Not the update's time nor the token's expiry: a storm's installs each have their own."""
     m, q, r = machine, _quote, float.__repr__
-    text = ['{"id":', q(m.id), ',"macs":[',
-            ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs]), '],"state":',
-            q(m.state._value_)]
-    add = text.append
+    macs = m.macs
+    # One MAC as a rule: without the comprehension (a call of its own in Python 3.11).
+    mac_text = ('"' + macs[0].raw.hex(":") + '"' if len(macs) == 1 else
+                ",".join(['"' + mac.raw.hex(":") + '"' for mac in macs]))
     # Each field only when it is not at its default, as machine_document leaves it out,
     # in its order (_MACHINE_TEXT, _MACHINE_ENUMS, then the rest).
-    if (v := m.hostname) is not None:
-        add(',"hostname":' + q(v))
-    if (v := m.uuid) is not None:
-        add(',"uuid":' + q(v))
-    if (v := m.serial) is not None:
-        add(',"serial":' + q(v))
-    if (v := m.asset) is not None:
-        add(',"asset":' + q(v))
-    if (v := m.cluster) is not None:
-        add(',"cluster":' + q(v))
-    if (v := m.profile) is not None:
-        add(',"profile":' + q(v))
-    if (v := m.token_hash) is not None:
-        add(',"token_hash":' + q(v))
-    if (v := install_token or m.install_token) is not None:
-        add(',"install_token":' + q(v))
-    if (role := m.role) is not None:
-        add(',"role":' + q(role._value_))
-    if (loader := m.loader) is not None:
-        add(',"loader":' + q(loader._value_))
-    if (arch := m.arch) is not None:
-        add(',"arch":' + q(arch._value_))
-    if (firmware := m.firmware) is not None:
-        add(',"firmware":' + q(firmware._value_))
-    if labels := m.labels:
-        add(',"labels":{' + ",".join([q(k) + ":" + q(v) for k, v in labels.items()]) + "}")
-    if facts := m.facts:
-        add(',"facts":{' + ",".join([q(k) + ":" + q(v) for k, v in facts.items()]) + "}")
-    if (v := m.ipv4) is not None:
-        add(',"ipv4":' + q(v))
-    if (v := m.fixed_ipv4) is not None:
-        add(',"fixed_ipv4":' + q(v))
-    if (expires := m.token_expires) is not None:
-        add(',"token_expires":' + r(expires))
+    hostname = "" if (v := m.hostname) is None else ',"hostname":' + q(v)
+    uuid = "" if (v := m.uuid) is None else ',"uuid":' + q(v)
+    serial = "" if (v := m.serial) is None else ',"serial":' + q(v)
+    asset = "" if (v := m.asset) is None else ',"asset":' + q(v)
+    cluster = "" if (v := m.cluster) is None else ',"cluster":' + q(v)
+    profile = "" if (v := m.profile) is None else ',"profile":' + q(v)
+    token_hash = "" if (v := m.token_hash) is None else ',"token_hash":' + q(v)
+    token = "" if (v := install_token or m.install_token) is None else ',"install_token":' + q(v)
+    role = "" if (e1 := m.role) is None else ',"role":' + _QUOTED[e1._value_]
+    loader = "" if (e2 := m.loader) is None else ',"loader":' + _QUOTED[e2._value_]
+    arch = "" if (e3 := m.arch) is None else ',"arch":' + _QUOTED[e3._value_]
+    firmware = "" if (e4 := m.firmware) is None else ',"firmware":' + _QUOTED[e4._value_]
+    labels = ',"labels":' + "".join(_ENCODE_MAP(mapping, 0)) if (mapping := m.labels) else ""
+    facts = ',"facts":' + "".join(_ENCODE_MAP(mapping, 0)) if (mapping := m.facts) else ""
+    ipv4 = "" if (v := m.ipv4) is None else ',"ipv4":' + q(v)
+    fixed_ipv4 = "" if (v := m.fixed_ipv4) is None else ',"fixed_ipv4":' + q(v)
+    expires = "" if (t := m.token_expires) is None else ',"token_expires":' + r(t)
     # A batch's creation times, memoised (the docstring); not 0.0, an equal key to -0.0 of
     # another text (any other two equal floats are one double: one text).
     created = m.created
@@ -573,8 +572,10 @@ def machine_json(machine: Machine, install_token: str | None = None,
         text_created = r(created)
         if times is not None and created:
             times[created] = text_created
-    add(',"created":' + text_created + ',"updated":' + r(m.updated) + "}")
-    return "".join(text)
+    return (f'{{"id":{q(m.id)},"macs":[{mac_text}],"state":{_QUOTED[m.state._value_]}'
+            f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{role}"
+            f"{loader}{arch}{firmware}{labels}{facts}{ipv4}{fixed_ipv4}{expires}"
+            f',"created":{text_created},"updated":{r(m.updated)}}}')
 
 
 def same_labels_json(labels: Any, machine: Machine) -> bool:
@@ -589,14 +590,19 @@ def same_labels_json(labels: Any, machine: Machine) -> bool:
 
 
 def same_identifiers_json(macs: str | None, uuid: Any, serial: Any, asset: Any,
-                          machine: Machine) -> bool:
+                          machine: Machine, text: str) -> bool:
     """Whether a stored machine document has the fields ``machine``'s identifiers are made
     of (:func:`netboot.identity.claims`: its MACs, UUID, serial and asset tag) as they are in
     ``machine``, spelled alike, each as SQLite's ``json_extract`` gives it: ``macs`` the JSON
-    text of its array of MACs (None when absent), the others their values. False when
-    unsure: the caller then writes them again."""
+    text of its array of MACs (None when absent), the others their values. ``text``:
+    ``machine``'s own document, :func:`machine_json`'s, whose array of MACs is compared as
+    it is written there (not written again: its second writing was ~1,500 instructions of
+    each update on the store's writer). False when unsure: the caller then writes them
+    again."""
     m = machine
-    return (macs == "[" + ",".join(['"' + mac.raw.hex(":") + '"' for mac in m.macs]) + "]"
+    # The array between the first two keys: a JSON string holds no unescaped '"', so the
+    # id's text cannot hold either key as it is spelled here.
+    return (macs == text[text.index(',"macs":[') + 8:text.index('],"state":') + 1]
             and uuid == m.uuid and serial == m.serial and asset == m.asset)
 
 

@@ -1756,7 +1756,7 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
             continue
         if not codec.same_labels_json(old[6], m):
             labels.append(r)
-        if not codec.same_identifiers_json(old[7], old[8], old[9], old[10], m):
+        if not codec.same_identifiers_json(old[7], old[8], old[9], old[10], m, r.data):
             keys.append(r)
     for shape, rows in shapes.items():
         conn.executemany(_UPDATE_CHANGED[shape], rows)

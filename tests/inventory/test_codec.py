@@ -417,14 +417,33 @@ def test_labels_and_identifiers_compared_with_the_stored_documents_parts() -> No
     for odd in ("x", "[]", 0, 1.5):  # not an object (json_extract: text, array, number)
         assert not codec.same_labels_json(odd, bare)
     macs = "[" + ",".join(f'"{mac}"' for mac in m.macs) + "]"
-    assert codec.same_identifiers_json(macs, "u", "s", None, m)
-    assert not codec.same_identifiers_json(None, "u", "s", None, m)
-    assert not codec.same_identifiers_json(macs.upper(), "u", "s", None, m)  # unsure: False
-    assert not codec.same_identifiers_json(macs, "u", "s2", None, m)
-    assert not codec.same_identifiers_json(macs, "u", "s", "a", m)
-    assert not codec.same_identifiers_json(macs, 7, "s", None, replace(m, uuid="7"))
-    assert codec.same_identifiers_json("[]", None, None, None, replace(
-        m, macs=(), uuid=None, serial=None))
+    text = codec.machine_json(m)
+    assert codec.same_identifiers_json(macs, "u", "s", None, m, text)
+    assert not codec.same_identifiers_json(None, "u", "s", None, m, text)
+    assert not codec.same_identifiers_json(macs.upper(), "u", "s", None, m, text)  # unsure
+    assert not codec.same_identifiers_json(macs, "u", "s2", None, m, text)
+    assert not codec.same_identifiers_json(macs, "u", "s", "a", m, text)
+    seven = replace(m, uuid="7")
+    assert not codec.same_identifiers_json(macs, 7, "s", None, seven, codec.machine_json(seven))
+    bare = replace(m, macs=(), uuid=None, serial=None)
+    assert codec.same_identifiers_json("[]", None, None, None, bare, codec.machine_json(bare))
+
+
+@pytest.mark.parametrize("macs", [(), ("52:54:00:00:00:01",),
+                                  ("52:54:00:00:00:01", "52:54:00:00:00:02", "02:00:00:00:00:03")])
+@pytest.mark.parametrize("ident", ["m-1", 'm-],"state":"x",\\"macs":[', 'm-,"macs":["a"]'])
+def test_identifiers_compared_with_the_mac_array_of_the_machines_own_text(
+        macs: tuple[str, ...], ident: str) -> None:
+    # The array read from the new document's text, whatever its id holds: as written anew.
+    m = replace(MACHINE, id=ident, macs=tuple(MacAddress.parse(a) for a in macs))
+    assert codec.stored_machine(m) is m
+    text = codec.machine_json(m, "sealed-token")
+    written = "[" + ",".join(f'"{a}"' for a in macs) + "]"
+    assert codec.same_identifiers_json(written, m.uuid, m.serial, m.asset, m, text)
+    for other in ("[]", '["52:54:00:00:00:01"]', '["52:54:00:00:00:02","52:54:00:00:00:01"]',
+                  written[:-1] + ',"52:54:00:00:00:09"]'):
+        if other != written:
+            assert not codec.same_identifiers_json(other, m.uuid, m.serial, m.asset, m, text)
 
 
 @pytest.mark.parametrize("text", ['{"a":1}', ' {"a": 1} ', '{"a":1}\n'])

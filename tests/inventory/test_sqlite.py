@@ -30,12 +30,14 @@ from netboot.inventory.sqlite import SCHEMA_VERSION, SqliteStore
 from netboot.model import (
     Cluster,
     Event,
+    Firmware,
     Group,
     Lease,
     MacAddress,
     Machine,
     MachineState,
     Profile,
+    Role,
     Scope,
 )
 from tests.held_store import held_writer, write_lock, writes_waiting
@@ -742,7 +744,9 @@ async def test_a_group_of_updates_is_read_by_one_statement(tmp_path: Path) -> No
         await store.apply_batch(Batch(create=fleet))
         statements: list[str] = []
         await store._run(lambda conn: conn.set_trace_callback(statements.append))
-        moved = [replace(fleet[0], state=MachineState.BOOTING, install_token="t", updated=9.0),
+        moved = [replace(fleet[0], state=MachineState.BOOTING, install_token="t", updated=9.0,
+                     token_hash="ab" * 32, token_expires=1796453418.0505507, role=Role.AGENT,
+                     firmware=Firmware.IPXE, facts={"install_peer": "127.0.0.1", "é": 'q"\\'}),
                  replace(fleet[1], labels={"rack": "r2"}, updated=9.0),
                  replace(fleet[2], serial="SN9", updated=9.0),
                  replace(fleet[3], hostname="h3", updated=9.0)]
@@ -1280,6 +1284,11 @@ async def test_a_group_writes_the_rows_a_create_and_executemany_write(
         await grouped.close()
         await fresh.close()
     assert tables(tmp_path / "g.db") == tables(tmp_path / "f.db")
+    # ... and each document is the text dumps() makes of it (not only the same text twice).
+    written = sqlite3.connect(tmp_path / "g.db")
+    assert dict(written.execute("SELECT id, data FROM machines").fetchall()) == {
+        m.id: codec.dumps(codec.machine_document(m)) for m in moved}
+    written.close()
     one = sqlite3.connect(":memory:")
     one.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, machine TEXT, time REAL,"
                 " kind TEXT, message TEXT, data TEXT)")
