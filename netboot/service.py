@@ -1029,11 +1029,12 @@ def no_full_collections(threshold: int = LOAD_FULL_THRESHOLD) -> Iterator[None]:
 
     The load adds ~300,000 objects that live as long as the process (100,000 machines), and
     each full collection the collector starts meanwhile walks all of those loaded so far: 4
-    of them in one load, 0.2-0.3 s of CPU and pauses of 60-240 ms in which no DHCP offer,
+    of them in one load, 0.19-0.22 s of CPU and pauses of 60-240 ms in which no DHCP offer,
     TFTP block or HTTP answer of a start-up storm goes out (benchmarks/README.md, sessions 5,
     7 and s28-storm). None is needed: once loaded, FrozenHeap.start collects the whole heap
     once and freezes it. Cycles made meanwhile are still found by the young collections while
-    young, and by that collection if older."""
+    young, and by that collection if older (a load that never ended, on a store that hangs
+    without an error, would leave the older ones uncollected until it did)."""
     before = gc.get_threshold()
     if before[2] >= threshold:
         # Raised already: another load's is on (two services in one process, as tests run
