@@ -6,7 +6,8 @@
                                     [--loss 0.01] [--slow-acks MS] [--only netboot]
                                     [--inventory sqlite|postgresql|both] [--loaded]
                                     [--plain-switching] [--device-window 256K] [--diag]
-                                    [--repeat 2] [--order standins-first]
+                                    [--repeat 2] [--order standins-first] [--startup]
+                                    [--quiet-standins]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -41,13 +42,21 @@ imported by ``netboot import`` (clusters of 12,500 like the issue's fleet, one p
 kernel and initrd are files of the given sizes). The stand-ins get the same loader, kernel and
 initrd; nginx serves one static iPXE script and one config per device, and answers the API
 POSTs from a static ``return 200``. So the stand-ins show what the same storm costs when
-nothing is decided: the floor netboot is measured against.
+nothing is decided: the floor netboot is measured against. Every server logs as it ships:
+netboot at ``info`` (``--log-level``), dnsmasq a line per DHCP answer and TFTP transfer,
+nginx an access line per request (``--quiet-standins``: the stand-ins log nothing, as before
+s28-storm, while netboot wrote ~14 lines a device).
 
-The storm starts as soon as netboot answers, while it still loads its inventory view in the
-background (a storm at start-up: decisions then read the database); ``--loaded`` waits for
-"inventory view loaded" in its log first (a storm on a running server). ``--plain-switching``
-runs netboot with the view loaded at Python's own switch interval instead of
-``service.brisk_switching``'s (the start-up storm's A/B, benchmarks/README.md session 11).
+Each target's storm begins once its servers are idle after their first answer (settle():
+their CPU below 5 % of a core for 1 s): dnsmasq and nginx have finished starting when they
+first answer, netboot then still loads its inventory view (100,000 machines: ~1.5 s of CPU),
+imports aiohttp and collects its heap, which a storm begun at its first answer counted in
+netboot's wall alone (benchmarks/README.md, s28-storm). ``--startup`` begins at the first
+answer (a storm at start-up, the default before s28-storm: decisions then read the database
+until the view is in); ``--loaded`` also waits for "inventory view loaded" in netboot's log.
+``--plain-switching`` runs netboot with the view loaded at Python's own switch interval
+instead of ``service.brisk_switching``'s (the start-up storm's A/B, benchmarks/README.md
+session 11).
 
 ``--inventory postgresql`` (or ``both``) runs netboot on a PostgreSQL inventory too: the
 benchmark starts its own throwaway cluster with netboot.lab.pgcluster (Debian's binaries, a
@@ -267,6 +276,38 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+# A target's storm begins once its servers are idle: their CPU grew by less than IDLE_SHARE
+# of a core in each of IDLE_LOOKS looks in a row, IDLE_LOOK seconds apart (settle()). dnsmasq
+# and nginx have finished starting when they first answer; netboot answers first and then
+# loads its inventory view (100,000 machines: ~1.5 s of CPU, GC included), imports aiohttp
+# and collects its heap, which in a storm begun at its first answer ran inside netboot's
+# measured wall and beside its devices (benchmarks/README.md, s28-storm). ``--startup``
+# begins at the first answer (a storm at start-up, the default before s28-storm).
+IDLE_LOOK = 0.5
+IDLE_LOOKS = 2
+IDLE_SHARE = 0.05
+SETTLE_LIMIT = 120.0
+
+
+def settle(cpu: Callable[[], float], *, look: float = IDLE_LOOK, looks: int = IDLE_LOOKS,
+           share: float = IDLE_SHARE, limit: float = SETTLE_LIMIT,
+           sleep: Callable[[float], None] = time.sleep,
+           clock: Callable[[], float] = time.monotonic) -> tuple[float, bool]:
+    """Until ``cpu()`` (the servers' CPU seconds so far) grows by less than ``share`` of a
+    core over ``looks`` looks in a row ``look`` seconds apart; bounded by ``limit`` seconds.
+    Returns the seconds waited and whether the servers went idle."""
+    t0 = clock()
+    quiet, last = 0, cpu()
+    while quiet < looks:
+        if clock() - t0 >= limit:
+            return clock() - t0, False
+        sleep(look)
+        now = cpu()
+        quiet = quiet + 1 if now - last < share * look else 0
+        last = now
+    return clock() - t0, True
+
+
 # --- files both kinds of server serve ---------------------------------------------------------
 
 
@@ -442,15 +483,19 @@ def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: st
                   {"PYTHONPATH": str(work.tree), "PYTHONUNBUFFERED": "1"})]
 
 
-def start_standins(ns: str, run: Path, work: Workload) -> list[Proc]:
+def start_standins(ns: str, run: Path, work: Workload, quiet: bool = False) -> list[Proc]:
+    """dnsmasq and nginx logging as they ship, as netboot does (its ``info``): dnsmasq a line
+    for each DHCP answer and TFTP transfer, nginx an access line for each request, each into
+    the run dir. ``quiet`` (--quiet-standins): neither logs any (the harness before s28-storm,
+    while netboot logged ~14 lines a device)."""
     www = work.static_site(run)
     dnsmasq = start("dnsmasq", ns, [
         "dnsmasq", "--keep-in-foreground", "--port=0", f"--interface={SERVER_IF}",
         "--bind-interfaces", "--conf-file=/dev/null", "--user=root", "--pid-file=",
         f"--dhcp-leasefile={run / 'dnsmasq.leases'}", f"--dhcp-range={SERVER_IP},proxy",
         f"--pxe-service=x86-64_EFI,storm,{LOADER}", "--enable-tftp", f"--tftp-root={work.assets}",
-        f"--tftp-max={max(50, work.devices * 2)}", "--log-facility=-", "--quiet-dhcp",
-        "--quiet-tftp",
+        f"--tftp-max={max(50, work.devices * 2)}", "--log-facility=-",
+        *(("--quiet-dhcp", "--quiet-tftp") if quiet else ()),
     ], run / "dnsmasq.log")
     (run / "nginx").mkdir()
     conf = run / "nginx" / "nginx.conf"
@@ -463,7 +508,7 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  access_log {'off' if quiet else f'{tmp}/access.log'};
   sendfile on; tcp_nopush on; keepalive_requests 100000;
   default_type application/octet-stream;
   client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
@@ -1239,6 +1284,7 @@ class Result:
     rcvq_drops: int = 0  # TCP segments the devices' kernel dropped (tcp_losses)
     rto: int = 0  # the server's TCP retransmission timeouts
     ready: float = 0.0  # seconds from the server's start to its first /healthz 200
+    settled: float = 0.0  # seconds from its first answer until its servers were idle
     rss_mib: float = 0.0  # the server's resident memory after the storm (all processes)
     times: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -1262,7 +1308,8 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
     on_pg = database if target == PG_TARGET else None
     procs = (start_netboot(server_ns, run, work, args.python, args.log_level,
                            on_pg.dsn() if on_pg else None, args.plain_switching)
-             if target in NETBOOT_TARGETS else start_standins(server_ns, run, work))
+             if target in NETBOOT_TARGETS
+             else start_standins(server_ns, run, work, args.quiet_standins))
     db_pid = on_pg.process.pid if on_pg else None
     gen = subprocess.Popen(
         ["ip", "netns", "exec", client_ns, sys.executable, __file__, "--generate",
@@ -1282,6 +1329,11 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         result.ready = float(line.split()[1])
         if args.loaded and target in NETBOOT_TARGETS:
             view_loaded(run / "netboot.log")
+        if not args.startup:
+            result.settled, idle = settle(lambda: sum(cpu_seconds(p.popen.pid) for p in procs))
+            print(f"{target}: servers idle {result.settled:.1f} s after their first answer"
+                  + ("" if idle else f" (not idle within {SETTLE_LIMIT:.0f} s: begun anyway)"),
+                  flush=True)
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
         db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
@@ -1613,11 +1665,18 @@ def main() -> None:
                         help="one namespace pair for every run of the invocation (before "
                              "session 27), not a fresh pair for each target")
     parser.add_argument("--log-level", default="info", help="netboot's log level (info: as run)")
+    parser.add_argument("--quiet-standins", action="store_true",
+                        help="dnsmasq and nginx log nothing (before s28-storm), not a line "
+                             "per answer and request as they ship and as netboot's info does")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
     parser.add_argument("--tree", type=Path, default=REPO,
                         help="the netboot checkout whose server runs (this harness's devices "
                              "against another tree's server: A/B)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument("--startup", action="store_true",
+                        help="begin each storm as soon as the target answers (a storm at "
+                             "start-up: netboot still loads its inventory view), not once its "
+                             "servers are idle (the default since s28-storm)")
     parser.add_argument("--loaded", action="store_true",
                         help="start the storm once netboot's inventory view is loaded (a "
                              "running server), not as soon as it answers (a start-up storm)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import socket
 import stat
@@ -19,10 +21,12 @@ from netboot.errors import ConfigError
 from netboot.inventory.postgres import PostgresStore
 from netboot.model import MacAddress, Machine
 from netboot.service import (
+    LOAD_FULL_THRESHOLD,
     LOAD_SWITCH_INTERVAL,
     QuietAfterBusy,
     brisk_switching,
     build,
+    no_full_collections,
     release_when_quiet,
 )
 from tests import pg
@@ -242,6 +246,58 @@ async def test_the_view_loads_with_the_gil_handed_over_briskly(tmp_path: Path) -
         assert before > LOAD_SWITCH_INTERVAL
     finally:
         await service.store.close()
+
+
+async def test_no_full_collection_starts_while_the_view_loads(tmp_path: Path) -> None:
+    """A storm at start-up: each full collection the collector started while the view
+    loaded walked every machine loaded so far (4 in a load of 100,000, pauses of 60-240 ms).
+    Pages that leave as many live objects as a big load's start none now, until the loaded
+    view's own full collection (view_loaded); the threshold is as it was after."""
+    cfg = load(write_config(tmp_path), env={})
+    service = await build(cfg)
+    kept: list[list[int]] = []
+    full: list[str] = []
+
+    def collected(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append("full")
+
+    try:
+        for i in range(3):
+            mac = MacAddress(bytes((0x52, 0x54, 0, 0, 0, i + 1)))
+            await service.store.create_machine(Machine(macs=(mac,)))
+        reading = service.store.machines_after
+
+        async def machines_after(after: str, limit: int) -> list[Machine]:
+            kept.extend([i] for i in range(300_000))  # what a page of a big load leaves
+            return await reading(after, limit)
+
+        service.store.machines_after = machines_after  # type: ignore[method-assign]
+        service.view_loaded = lambda: full.append(f"loaded {gc.get_threshold()[2]}")
+        before = gc.get_threshold()
+        gc.collect()
+        gc.callbacks.append(collected)
+        await service._load_view()
+        assert full == [f"loaded {LOAD_FULL_THRESHOLD}"]
+        assert gc.get_threshold() == before
+    finally:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(collected)
+        kept.clear()
+        await service.store.close()
+
+
+def test_two_loads_at_once_leave_the_collector_as_it_was() -> None:
+    """Two services in one process loading at once, the first done first: the threshold
+    ends as it began, never left raised."""
+    before = gc.get_threshold()
+    first, second = no_full_collections(), no_full_collections()
+    first.__enter__()
+    second.__enter__()
+    assert gc.get_threshold() == (*before[:2], LOAD_FULL_THRESHOLD)
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before
 
 
 def test_two_loads_at_once_leave_the_switch_interval_as_it_was() -> None:

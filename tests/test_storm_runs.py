@@ -55,3 +55,58 @@ def test_a_run_that_ended_in_an_error_is_left_out_of_the_medians() -> None:
     by_target = {s.target: s for s in storm.summarize(runs)}
     assert by_target["standins"].walls == [22.0]
     assert by_target["netboot"].wall == 25.0
+
+
+class _Clock:
+    """A fake clock advanced by the fake sleep: settle() without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_storm_begins_once_the_servers_are_idle() -> None:
+    """A server still starting (netboot loading its view after its first answer: ~1.5 s of
+    CPU) is waited for until two looks in a row show it idle; one that is idle at once
+    (dnsmasq and nginx) after two looks (benchmarks/README.md, s28-storm)."""
+    clock = _Clock()
+    used = iter([0.0, 0.5, 1.0, 1.3, 1.31, 1.32])  # CPU seconds at the start and each look
+    waited, idle = storm.settle(lambda: next(used), sleep=clock.sleep, clock=lambda: clock.now)
+    assert idle and waited == 2.5  # busy at 3 looks, then quiet at 2 (0.01 s each)
+    clock = _Clock()
+    waited, idle = storm.settle(lambda: 0.0, sleep=clock.sleep, clock=lambda: clock.now)
+    assert idle and waited == 1.0
+
+
+def test_a_server_never_idle_is_begun_at_the_limit() -> None:
+    clock = _Clock()
+    busy = iter(float(n) for n in range(1000))  # a core's worth of CPU each look
+    waited, idle = storm.settle(lambda: next(busy), sleep=clock.sleep, clock=lambda: clock.now,
+                                limit=10.0)
+    assert not idle and waited == 10.0
+
+
+def test_the_stand_ins_log_as_they_ship_unless_quiet(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """netboot logs at info (~14 lines a device); dnsmasq and nginx log a line per answer and
+    request too, unless --quiet-standins (the harness before s28-storm)."""
+    started: list[list[str]] = []
+
+    def start(name: str, ns: str, argv: list[str], log: Path, env: object = None) -> str:
+        started.append(argv)
+        return name
+
+    monkeypatch.setattr(storm, "start", start)
+    work = storm.Workload(tmp_path / "work", 2, 2, 1024, 1024)
+    work.build()
+    for quiet in (False, True):
+        run = tmp_path / f"run-{quiet}"
+        run.mkdir()
+        storm.start_standins("ns", run, work, quiet=quiet)
+        dnsmasq = started[-2]
+        nginx_conf = (run / "nginx" / "nginx.conf").read_text()
+        assert ("--quiet-dhcp" in dnsmasq and "--quiet-tftp" in dnsmasq) == quiet
+        assert ("access_log off;" in nginx_conf) == quiet
+        assert (f"access_log {run / 'nginx' / 'access.log'};" in nginx_conf) == (not quiet)
