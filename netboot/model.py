@@ -295,19 +295,46 @@ def _without_slots_field(cls: type[_C]) -> type[_C]:
     return made
 
 
+def _twin(cls: type[Any]) -> type[Any] | None:
+    """A class of ``cls``'s own layout whose instances take plain attribute stores, or None
+    where Python refuses one (a mypyc native class, setup.py's compiled build, is no base of
+    a Python class). A frozen value is filled in its twin, then given ``cls`` by
+    ``__class__`` assignment (allowed between two classes of one layout: the twin adds no
+    slot), frozen from then on. Why: the frozen dataclass's ``__setattr__`` refuses every
+    store, so each slot was set through its descriptor's ``__set__`` method-wrapper, ~600
+    instructions a field (a first ``/ipxe`` install made ~84 such stores, ~8 % of the
+    loop's instructions, session 28); the twin's ``__setattr__`` and ``__delattr__`` are
+    ``object``'s (both: either one of Python's own makes every store a call of it), so its
+    stores are STORE_ATTR's specialised slot store, ~20. A whole-layout Machine, built
+    alone: 18,400 -> 5,250 instructions (callgrind); the ``__class__`` assignment ~700 of
+    those."""
+    try:
+        twin = type(cls.__name__, (cls,), {
+            "__slots__": (), "__setattr__": object.__setattr__,
+            "__delattr__": object.__delattr__, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__})
+        probe: Any = object.__new__(twin)
+        probe.__class__ = cls
+    except TypeError:
+        return None
+    return twin
+
+
 def _layouts_of_values(compact: Any, whole: Any, names: list[str], seldom: tuple[str, ...]
                        ) -> Callable[[Sequence[Any]], Any]:
     """:func:`_of_values` for :func:`_two_layouts`' pair: the compact layout when the
-    seldom-set fields are all None."""
+    seldom-set fields are all None. Each filled in its :func:`_twin` (both layouts are
+    Python classes in every build: Machine is no native class)."""
     count = len(names)
-    scope: dict[str, Any] = {"ocompact": object.__new__, "compact": compact, "whole": whole}
-    common, every = [], []
-    for i, name in enumerate(names):
-        holder = whole if name in seldom else compact
-        scope[f"s{i}"] = holder.__dict__[name].__set__
-        every.append(f"        s{i}(m, values[{i}])")
-        if name not in seldom:
-            common.append(f"        s{i}(m, values[{i}])")
+    twins = _twin(compact), _twin(whole)
+    if None in twins:
+        raise TypeError(f"{compact.__name__}'s layouts take no twin")
+    scope: dict[str, Any] = {"new": object.__new__, "compact": compact, "whole": whole,
+                             "tcompact": twins[0], "twhole": twins[1]}
+    # Every value unpacked at once (the length is checked first), stored in declaration
+    # order; the compact layout's seldom-set values (its class attributes) dropped.
+    every = ", ".join(f"m.{name}" for name in names)
+    common = ", ".join("_" if name in seldom else f"m.{name}" for name in names)
     # None, or (facts) any empty mapping: read back as NO_ENTRIES, equal to it. By value,
     # not by identity: equal machines must be of the same layout.
     scope["Mapping"] = Mapping
@@ -323,9 +350,11 @@ def _layouts_of_values(compact: Any, whole: Any, names: list[str], seldom: tuple
     scope["wrong"] = wrong
     exec("def of_values(values):\n"  # noqa: S102
          f"    if len(values) != {count}:\n        raise wrong(values)\n"
-         f"    if {test}:\n        m = ocompact(compact)\n" + "\n".join(common)
-         + "\n    else:\n        m = ocompact(whole)\n" + "\n".join(every)
-         + "\n    return m", scope)
+         f"    if {test}:\n        m = new(tcompact)\n        {common} = values\n"
+         "        m.__class__ = compact\n"
+         f"    else:\n        m = new(twhole)\n        {every} = values\n"
+         "        m.__class__ = whole\n"
+         "    return m", scope)
     of_values: Callable[[Sequence[Any]], Any] = scope["of_values"]
     return of_values
 
