@@ -442,58 +442,77 @@ _F = TypeVar("_F")
 def _of_values(cls: type[_F]) -> Callable[[Sequence[Any]], _F]:
     """A constructor of the frozen slotted dataclass ``cls`` from ``values`` (every field, in
     declaration order, taken as given), without the frozen ``__init__``'s
-    ``object.__setattr__`` by name per field: each slot set by its descriptor directly,
-    written out one statement per field as dataclasses writes ``__init__`` (a loop over the
-    setters cost half as much again)."""
+    ``object.__setattr__`` by name per field: filled in its :func:`_twin`, every value
+    unpacked into its slot at once; where ``cls`` has none (a mypyc native class), each slot
+    set by its descriptor directly, written out one statement per field as dataclasses
+    writes ``__init__`` (a loop over the setters cost half as much again)."""
     klass: Any = cls  # a dataclass: what fields() takes
-    setters = [cls.__dict__[f.name].__set__ for f in fields(klass)]
-    count = len(setters)
+    names = [f.name for f in fields(klass)]
+    count = len(names)
 
     def wrong(values: Sequence[Any]) -> ValueError:
         return ValueError(f"a {cls.__name__} has {count} fields, {len(values)} given")
 
-    lines = [f"    s{i}(m, values[{i}])" for i in range(count)]
-    scope: dict[str, Any] = {f"s{i}": put for i, put in enumerate(setters)}
-    # cls.__new__: object.__new__ itself for a Python class; a native class's own (setup.py's
-    # compiled build), which object.__new__ refuses to make.
-    scope.update(new=cls.__new__, cls=cls, wrong=wrong)
+    twin = _twin(cls)
+    scope: dict[str, Any] = {"cls": cls, "wrong": wrong, "twin": twin}
+    if twin is not None:
+        scope["new"] = object.__new__
+        body = (f"    m = new(twin)\n    {', '.join(f'm.{n}' for n in names)}, = values\n"
+                "    m.__class__ = cls\n")
+    else:
+        scope.update({f"s{i}": cls.__dict__[name].__set__ for i, name in enumerate(names)})
+        # cls.__new__: a native class's own (setup.py's compiled build), which
+        # object.__new__ refuses to make.
+        scope["new"] = cls.__new__
+        body = "    m = new(cls)\n" + "".join(f"    s{i}(m, values[{i}])\n"
+                                              for i in range(count))
     exec("def of_values(values):\n"  # noqa: S102
          f"    if len(values) != {count}:\n        raise wrong(values)\n"
-         "    m = new(cls)\n" + "\n".join(lines) + "\n    return m", scope)
+         + body + "    return m", scope)
     of_values: Callable[[Sequence[Any]], _F] = scope["of_values"]
     return of_values
 
 
 def slot_init(cls: type[Any]) -> None:
-    """Give the frozen slotted dataclass ``cls`` an ``__init__`` that sets each slot through
-    its descriptor: the same parameters, defaults and factories as the one dataclasses writes,
-    whose ``object.__setattr__`` by name per field made a BootPlan cost twice as much (a
-    first install builds a BootRequest, a BootPlan, a K3sJoin, two Events, two Identities
-    and a Resolution). For the values built once or more per request; a class with a
-    ``__post_init__`` (what an ``InitVar`` is for) or a keyword-only or ``init=False`` field
-    is refused here. Set on the class (a mypyc build's native class takes it as well, and
-    its slots' setters are its getset descriptors)."""
+    """Give the frozen slotted dataclass ``cls`` an ``__init__`` that fills its slots
+    without the frozen ``__setattr__``: the same parameters, defaults and factories as the
+    one dataclasses writes, whose ``object.__setattr__`` by name per field made a BootPlan
+    cost twice as much (a first install builds a BootRequest, a BootPlan, a K3sJoin, two
+    Events, two Identities and a Resolution). The value is made ``cls``'s :func:`_twin` by
+    ``__class__`` assignment, its slots stored as plain attributes, and made ``cls`` again
+    (two assignments, ~1,300 instructions, against ~600 a field saved: a BootPlan and an
+    Event built, 17,700 -> 11,300 instructions, callgrind); an instance of a subclass, or
+    of a class with no twin (a mypyc native class: setup.py's compiled build), has each slot
+    set through its descriptor. For the values built once or more per request; a class with
+    a ``__post_init__`` (what an ``InitVar`` is for) or a keyword-only or ``init=False``
+    field is refused here. Set on the class (a mypyc build's native class takes it as well,
+    and its slots' setters are its getset descriptors)."""
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__")
-    params, lines = [], []
-    scope: dict[str, Any] = {"_missing": _MISSING}
+    params, made, set_each = [], [], []
+    twin = _twin(cls)
+    scope: dict[str, Any] = {"_missing": _MISSING, "klass": cls, "twin": twin,
+                             "become": object.__dict__["__class__"].__set__}
     for i, f in enumerate(fields(cls)):
         if not f.init or f.kw_only:
             raise TypeError(f"{cls.__name__}.{f.name} is not a plain init field")
         scope[f"s{i}"] = cls.__dict__[f.name].__set__
+        set_each.append(f"        s{i}(self, {f.name})")
         if f.default is not _MISSING:
             scope[f"d{i}"] = f.default
             params.append(f"{f.name}=d{i}")
-            lines.append(f"    s{i}(self, {f.name})")
         elif f.default_factory is not _MISSING:
             scope[f"f{i}"] = f.default_factory
             params.append(f"{f.name}=_missing")
-            lines.append(f"    s{i}(self, f{i}() if {f.name} is _missing else {f.name})")
+            made.append(f"    if {f.name} is _missing:\n        {f.name} = f{i}()\n")
         else:
             params.append(f.name)
-            lines.append(f"    s{i}(self, {f.name})")
-    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines)  # noqa: S102
-         + "\n    return None", scope)
+    fill = ("    if type(self) is klass:\n        become(self, twin)\n"
+            + "".join(f"        self.{f.name} = {f.name}\n" for f in fields(cls))
+            + "        self.__class__ = klass\n    else:\n") if twin is not None else \
+        "    if True:\n"
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "".join(made)  # noqa: S102
+         + fill + "\n".join(set_each) + "\n    return None", scope)
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
