@@ -492,7 +492,7 @@ def slot_init(cls: type[Any]) -> None:
     params, made, set_each = [], [], []
     twin = _twin(cls)
     scope: dict[str, Any] = {"_missing": _MISSING, "klass": cls, "twin": twin,
-                             "become": object.__dict__["__class__"].__set__}
+                             "become": vars(object)["__class__"].__set__}
     for i, f in enumerate(fields(cls)):
         if not f.init or f.kw_only:
             raise TypeError(f"{cls.__name__}.{f.name} is not a plain init field")
