@@ -295,19 +295,46 @@ def _without_slots_field(cls: type[_C]) -> type[_C]:
     return made
 
 
+def _twin(cls: type[Any]) -> type[Any] | None:
+    """A class of ``cls``'s own layout whose instances take plain attribute stores, or None
+    where Python refuses one (a mypyc native class, setup.py's compiled build, is no base of
+    a Python class). A frozen value is filled in its twin, then given ``cls`` by
+    ``__class__`` assignment (allowed between two classes of one layout: the twin adds no
+    slot), frozen from then on. Why: the frozen dataclass's ``__setattr__`` refuses every
+    store, so each slot was set through its descriptor's ``__set__`` method-wrapper, ~600
+    instructions a field (a first ``/ipxe`` install made ~84 such stores, ~8 % of the
+    loop's instructions, session 28); the twin's ``__setattr__`` and ``__delattr__`` are
+    ``object``'s (both: either one of Python's own makes every store a call of it), so its
+    stores are STORE_ATTR's specialised slot store, ~20. A whole-layout Machine, built
+    alone: 18,400 -> 5,250 instructions (callgrind); the ``__class__`` assignment ~700 of
+    those."""
+    try:
+        twin = type(cls.__name__, (cls,), {
+            "__slots__": (), "__setattr__": object.__setattr__,
+            "__delattr__": object.__delattr__, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__})
+        probe: Any = object.__new__(twin)
+        probe.__class__ = cls
+    except TypeError:
+        return None
+    return twin
+
+
 def _layouts_of_values(compact: Any, whole: Any, names: list[str], seldom: tuple[str, ...]
                        ) -> Callable[[Sequence[Any]], Any]:
     """:func:`_of_values` for :func:`_two_layouts`' pair: the compact layout when the
-    seldom-set fields are all None."""
+    seldom-set fields are all None. Each filled in its :func:`_twin` (both layouts are
+    Python classes in every build: Machine is no native class)."""
     count = len(names)
-    scope: dict[str, Any] = {"ocompact": object.__new__, "compact": compact, "whole": whole}
-    common, every = [], []
-    for i, name in enumerate(names):
-        holder = whole if name in seldom else compact
-        scope[f"s{i}"] = holder.__dict__[name].__set__
-        every.append(f"        s{i}(m, values[{i}])")
-        if name not in seldom:
-            common.append(f"        s{i}(m, values[{i}])")
+    twins = _twin(compact), _twin(whole)
+    if None in twins:
+        raise TypeError(f"{compact.__name__}'s layouts take no twin")
+    scope: dict[str, Any] = {"new": object.__new__, "compact": compact, "whole": whole,
+                             "tcompact": twins[0], "twhole": twins[1]}
+    # Every value unpacked at once (the length is checked first), stored in declaration
+    # order; the compact layout's seldom-set values (its class attributes) dropped.
+    every = ", ".join(f"m.{name}" for name in names)
+    common = ", ".join("_" if name in seldom else f"m.{name}" for name in names)
     # None, or (facts) any empty mapping: read back as NO_ENTRIES, equal to it. By value,
     # not by identity: equal machines must be of the same layout.
     scope["Mapping"] = Mapping
@@ -323,9 +350,11 @@ def _layouts_of_values(compact: Any, whole: Any, names: list[str], seldom: tuple
     scope["wrong"] = wrong
     exec("def of_values(values):\n"  # noqa: S102
          f"    if len(values) != {count}:\n        raise wrong(values)\n"
-         f"    if {test}:\n        m = ocompact(compact)\n" + "\n".join(common)
-         + "\n    else:\n        m = ocompact(whole)\n" + "\n".join(every)
-         + "\n    return m", scope)
+         f"    if {test}:\n        m = new(tcompact)\n        {common} = values\n"
+         "        m.__class__ = compact\n"
+         f"    else:\n        m = new(twhole)\n        {every} = values\n"
+         "        m.__class__ = whole\n"
+         "    return m", scope)
     of_values: Callable[[Sequence[Any]], Any] = scope["of_values"]
     return of_values
 
@@ -413,58 +442,77 @@ _F = TypeVar("_F")
 def _of_values(cls: type[_F]) -> Callable[[Sequence[Any]], _F]:
     """A constructor of the frozen slotted dataclass ``cls`` from ``values`` (every field, in
     declaration order, taken as given), without the frozen ``__init__``'s
-    ``object.__setattr__`` by name per field: each slot set by its descriptor directly,
-    written out one statement per field as dataclasses writes ``__init__`` (a loop over the
-    setters cost half as much again)."""
+    ``object.__setattr__`` by name per field: filled in its :func:`_twin`, every value
+    unpacked into its slot at once; where ``cls`` has none (a mypyc native class), each slot
+    set by its descriptor directly, written out one statement per field as dataclasses
+    writes ``__init__`` (a loop over the setters cost half as much again)."""
     klass: Any = cls  # a dataclass: what fields() takes
-    setters = [cls.__dict__[f.name].__set__ for f in fields(klass)]
-    count = len(setters)
+    names = [f.name for f in fields(klass)]
+    count = len(names)
 
     def wrong(values: Sequence[Any]) -> ValueError:
         return ValueError(f"a {cls.__name__} has {count} fields, {len(values)} given")
 
-    lines = [f"    s{i}(m, values[{i}])" for i in range(count)]
-    scope: dict[str, Any] = {f"s{i}": put for i, put in enumerate(setters)}
-    # cls.__new__: object.__new__ itself for a Python class; a native class's own (setup.py's
-    # compiled build), which object.__new__ refuses to make.
-    scope.update(new=cls.__new__, cls=cls, wrong=wrong)
+    twin = _twin(cls)
+    scope: dict[str, Any] = {"cls": cls, "wrong": wrong, "twin": twin}
+    if twin is not None:
+        scope["new"] = object.__new__
+        body = (f"    m = new(twin)\n    {', '.join(f'm.{n}' for n in names)}, = values\n"
+                "    m.__class__ = cls\n")
+    else:
+        scope.update({f"s{i}": cls.__dict__[name].__set__ for i, name in enumerate(names)})
+        # cls.__new__: a native class's own (setup.py's compiled build), which
+        # object.__new__ refuses to make.
+        scope["new"] = cls.__new__
+        body = "    m = new(cls)\n" + "".join(f"    s{i}(m, values[{i}])\n"
+                                              for i in range(count))
     exec("def of_values(values):\n"  # noqa: S102
          f"    if len(values) != {count}:\n        raise wrong(values)\n"
-         "    m = new(cls)\n" + "\n".join(lines) + "\n    return m", scope)
+         + body + "    return m", scope)
     of_values: Callable[[Sequence[Any]], _F] = scope["of_values"]
     return of_values
 
 
 def slot_init(cls: type[Any]) -> None:
-    """Give the frozen slotted dataclass ``cls`` an ``__init__`` that sets each slot through
-    its descriptor: the same parameters, defaults and factories as the one dataclasses writes,
-    whose ``object.__setattr__`` by name per field made a BootPlan cost twice as much (a
-    first install builds a BootRequest, a BootPlan, a K3sJoin, two Events, two Identities
-    and a Resolution). For the values built once or more per request; a class with a
-    ``__post_init__`` (what an ``InitVar`` is for) or a keyword-only or ``init=False`` field
-    is refused here. Set on the class (a mypyc build's native class takes it as well, and
-    its slots' setters are its getset descriptors)."""
+    """Give the frozen slotted dataclass ``cls`` an ``__init__`` that fills its slots
+    without the frozen ``__setattr__``: the same parameters, defaults and factories as the
+    one dataclasses writes, whose ``object.__setattr__`` by name per field made a BootPlan
+    cost twice as much (a first install builds a BootRequest, a BootPlan, a K3sJoin, two
+    Events, two Identities and a Resolution). The value is made ``cls``'s :func:`_twin` by
+    ``__class__`` assignment, its slots stored as plain attributes, and made ``cls`` again
+    (two assignments, ~1,300 instructions, against ~600 a field saved: a BootPlan and an
+    Event built, 17,700 -> 11,300 instructions, callgrind); an instance of a subclass, or
+    of a class with no twin (a mypyc native class: setup.py's compiled build), has each slot
+    set through its descriptor. For the values built once or more per request; a class with
+    a ``__post_init__`` (what an ``InitVar`` is for) or a keyword-only or ``init=False``
+    field is refused here. Set on the class (a mypyc build's native class takes it as well,
+    and its slots' setters are its getset descriptors)."""
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__")
-    params, lines = [], []
-    scope: dict[str, Any] = {"_missing": _MISSING}
+    params, made, set_each = [], [], []
+    twin = _twin(cls)
+    scope: dict[str, Any] = {"_missing": _MISSING, "klass": cls, "twin": twin,
+                             "become": vars(object)["__class__"].__set__}
     for i, f in enumerate(fields(cls)):
         if not f.init or f.kw_only:
             raise TypeError(f"{cls.__name__}.{f.name} is not a plain init field")
         scope[f"s{i}"] = cls.__dict__[f.name].__set__
+        set_each.append(f"        s{i}(self, {f.name})")
         if f.default is not _MISSING:
             scope[f"d{i}"] = f.default
             params.append(f"{f.name}=d{i}")
-            lines.append(f"    s{i}(self, {f.name})")
         elif f.default_factory is not _MISSING:
             scope[f"f{i}"] = f.default_factory
             params.append(f"{f.name}=_missing")
-            lines.append(f"    s{i}(self, f{i}() if {f.name} is _missing else {f.name})")
+            made.append(f"    if {f.name} is _missing:\n        {f.name} = f{i}()\n")
         else:
             params.append(f.name)
-            lines.append(f"    s{i}(self, {f.name})")
-    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines)  # noqa: S102
-         + "\n    return None", scope)
+    fill = ("    if type(self) is klass:\n        become(self, twin)\n"
+            + "".join(f"        self.{f.name} = {f.name}\n" for f in fields(cls))
+            + "        self.__class__ = klass\n    else:\n") if twin is not None else \
+        "    if True:\n"
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "".join(made)  # noqa: S102
+         + fill + "\n".join(set_each) + "\n    return None", scope)
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__

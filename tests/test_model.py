@@ -240,3 +240,56 @@ def test_a_machine_without_its_seldom_set_fields_is_the_compact_layout() -> None
     with pytest.raises(FrozenInstanceError):
         plain.hostname = "x"  # type: ignore[misc]
     assert repr(plain).startswith("Machine(macs=") and "asset=None" in repr(plain)
+
+
+def test_a_value_filled_in_its_twin_comes_out_of_its_own_class_and_frozen() -> None:
+    """Machines and the slot_init values are filled as a twin class of their layout that
+    takes plain stores, then given their own class (model._twin): what every constructor
+    gives is of the class itself (no twin escapes), refuses every field's assignment and
+    deletion and reads back what it was given; a machine copies as itself. An instance of a
+    subclass keeps its class (its fields set by their descriptors)."""
+    from netboot.model import _CompactMachine, _WholeMachine, boot_request_of_values
+
+    mac = MacAddress.parse("02:00:00:00:00:01")
+    plain = Machine(macs=(mac,), hostname="edge-1", created=1.0, updated=2.0)
+    booted = replace_machine(plain, state=MachineState.BOOTING, arch=Arch.X86_64,
+                             install_token="t", updated=3.0)
+    request = BootRequest(mac, Arch.X86_64, Firmware.IPXE, serial="s")
+    made: list[object] = [
+        plain, booted, replace(booted, hostname="b"), copy.copy(booted),
+        Event("m-1", 1.0, "kind", "msg", {"a": "1"}),
+        BootPlan(BootAction.INSTALL, mac, "why", machine=booted, token="tok"),
+        K3sJoin(Role.AGENT, None, True, "t", {"l": "v"}), request,
+        boot_request_of_values(tuple(getattr(request, f.name) for f in fields(request))),
+        Identity((mac,), "u"), Resolution(None, "mac")]
+    assert type(plain) is _CompactMachine and type(booted) is _WholeMachine
+    assert booted.arch == Arch.X86_64 and booted.install_token == "t" and booted.updated == 3.0
+    for value in made:
+        kind = type(value)
+        assert kind in (_CompactMachine, _WholeMachine, Event, BootPlan, K3sJoin, BootRequest,
+                        Identity, Resolution)
+        for f in fields(value):  # type: ignore[arg-type]
+            with pytest.raises(FrozenInstanceError):
+                setattr(value, f.name, None)
+            with pytest.raises(FrozenInstanceError):
+                delattr(value, f.name)
+    for machine in made[:4]:  # a Machine's copy is its values', remade (Machine.__reduce__)
+        assert machine == copy.copy(machine) and type(copy.deepcopy(machine)) is type(machine)
+    assert made[-1] == Resolution(None, "mac") and made[7] == made[8]
+
+    @dataclass(frozen=True, slots=True)
+    class Point:
+        x: int
+        y: int = 0
+        tags: dict[str, str] = field(default_factory=dict)
+
+    class Named(Point):
+        __slots__ = ()
+
+    slot_init(Point)
+    for cls in (Point, Named):
+        one = cls(1, tags={"a": "b"})
+        assert type(one) is cls and (one.x, one.y, one.tags) == (1, 0, {"a": "b"})
+        assert cls(2).tags == {} and cls(2).tags is not cls(2).tags
+        with pytest.raises(FrozenInstanceError):
+            one.x = 2  # type: ignore[misc]
