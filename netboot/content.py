@@ -179,8 +179,9 @@ class Content:
         pdict = made[0] if made is not None else {}
         k3s = plan.k3s
         hexhyp = mac.hexhyp  # made once: three URLs and a name print it
+        mac_text = str(mac)  # and this: the context and the register command print it
         ctx: dict[str, Any] = {
-            "mac": str(mac), "mac_hexhyp": hexhyp, "base_url": urls.base,
+            "mac": mac_text, "mac_hexhyp": hexhyp, "base_url": urls.base,
             "profile": pdict,
             "plan": {"action": str(plan.action), "reason": plan.reason,
                      "retry_seconds": plan.retry_seconds, "command": plan.command},
@@ -195,7 +196,7 @@ class Content:
             ctx["instance_serial"] = int(machine.updated) if machine else 0
         if names is None or "machine" in names:
             ctx["machine"] = (self._machine_dict(machine, names) if machine
-                              else {"mac": str(mac), "hostname": None})
+                              else {"mac": mac_text, "hostname": None})
         if names is None or not names.isdisjoint(_TRUST_NAMES):
             trust = self._trust()
             ctx["https_base_url"] = trust.https_base
@@ -218,7 +219,7 @@ class Content:
         if names is None or "events_url" in names:
             ctx["events_url"] = f"{urls.base}/api/v1/machines/{hexhyp}/events"
         if names is None or "register_command" in names:
-            ctx["register_command"] = register_command(f"{urls.base}/api/v1/register", str(mac),
+            ctx["register_command"] = register_command(f"{urls.base}/api/v1/register", mac_text,
                                                        token, (k3s.node_name if k3s else ""),
                                                        texts=urls.register)
         if names is None or "console" in names:

@@ -222,7 +222,8 @@ def test_text_formatter_writes_what_loggings_formatter_writes(created: float) ->
 
 
 @pytest.mark.parametrize("created", [1764641401.0, 1764641401.0009, 1764641401.9994,
-                                     1764641401.9999999, 1764641402.5, 951782400.123])
+                                     1764641401.9999999, 1764641402.5, 951782400.123,
+                                     1764641401.999, 1764641401.99999999999])
 def test_a_record_less_lines_time_is_loggings(created: float,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # BatchedStreamHandler.text_line takes the time and writes its text itself: the text of
