@@ -1260,17 +1260,17 @@ class FrontDoor:
             return NotMine(None)
         return parse_post(buf, max(self._post_limits))
 
-    def start_post(self, head: RequestHead, remote: str | None
-                   ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
-                              asyncio.Future[Reply | FileBody | None]] | None:
-        """:meth:`start` for an installer's POST (:meth:`post_head`)."""
+    def start_post(self, head: RequestHead, remote: str | None, *, then: Then,
+                   loop: asyncio.AbstractEventLoop) -> bool:
+        """:meth:`start` for an installer's POST (:meth:`post_head`), always with ``then``:
+        whether it was started (False: aiohttp's)."""
         reports = self._reports
         if reports is None or (head.bearer and (self.plain is None
                                                 or not self.plain.install_token(head.bearer))):
-            return None  # an operator's credential: the plain-HTTP policy's
+            return False  # an operator's credential: the plain-HTTP policy's
         register = head.path == "/api/v1/register"
         if len(head.body) > self._post_limits[register]:
-            return None
+            return False
         label = "/api/v1/register" if register else "/api/v1/machines/{ref}/events"
         ref = None if register else head.path.split("/")[4]
         rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
@@ -1279,11 +1279,6 @@ class FrontDoor:
 
         def translate(exc: Exception) -> Reply:
             return error_reply(exc, self.log, "POST", target, remote)
-
-        with log_context(request_id=rid, peer=remote, path=target):
-            decided: asyncio.Future[Reply | FileBody | None] = (
-                asyncio.get_running_loop().create_task(reports.front_post(
-                    label, ref, head.bearer or None, head.body, remote, translate)))
 
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if not isinstance(reply, Reply):
@@ -1295,7 +1290,11 @@ class FrontDoor:
                 self.observer.http_request(label, "POST", reply.status, seconds)
             return Answer(data, reply.status, seconds, rid)
 
-        return finish, decided
+        with log_context(request_id=rid, peer=remote, path=target):
+            coro = reports.front_post(label, ref, head.bearer or None, head.body, remote,
+                                      translate)
+            asyncio.Task(then(head, finish, coro), loop=loop, name=_DECISION)  # see start()
+        return True
 
 
 # Front-door routes whose answer never reaches the inventory: run eagerly (netboot.eager).
@@ -1640,13 +1639,11 @@ class GuardedHandler(_HandlerBase):
         """Answer an installer's POST here (FrontDoor.start_post); False: aiohttp's."""
         front = self._front
         assert front is not None
-        started = front.start_post(head, self._remote())
-        if started is None:
+        if not front.start_post(head, self._remote(), then=self._front_decide,
+                                loop=self._loop):
             return False
         self._request_count += 1
-        finish, decided = started
-        self._front_busy = True
-        decided.add_done_callback(functools.partial(self._front_later, head, finish))
+        self._front_busy = True  # till _front_decide has answered it
         return True
 
     def _front_later(self, head: RequestHead,
