@@ -242,7 +242,8 @@ _NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/[^/]+)$")
 def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:
     """``netboot.servers.aio.loggable_target`` of a decoded path and query pairs (both
     doors use it)."""
-    path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", path)
+    if path.startswith("/nocloud/"):  # (no expression run on every other path)
+        path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", path)
     pairs = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
              for key, value in query]
     return escape(path + ("?" + "&".join(pairs) if pairs else ""), limit=1024)
@@ -1169,8 +1170,7 @@ class FrontDoor:
             # The body is not copied into what is kept: the reply holds it already.
             wire = self._wire[id(reply)] = (reply, before, between,
                                             after[:len(after) - len(reply.body)])
-        given = head.request_id
-        rid = given if given and _REQUEST_ID.match(given) else self.ids()
+        rid = self._request_id(head.request_id)
         data = b"".join((wire[1], self.date(), wire[2], rid.encode("ascii"), wire[3],
                          reply.body))
         seconds = time.monotonic() - started
@@ -1178,6 +1178,12 @@ class FrontDoor:
         if self.observer is not None:
             self.observer.http_request(label, "GET", reply.status, seconds)
         return Answer(data, reply.status, seconds, rid, body)
+
+    def _request_id(self, given: str) -> str:
+        """The client's X-Request-Id when it is a sane token (as aiohttp's door takes it),
+        else a new one; mostly none is given, and no match is tried (``_REQUEST_ID`` takes
+        1-64 characters)."""
+        return given if given and _REQUEST_ID.match(given) else self.ids()
 
     def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False,
               then: Then | None = None, loop: asyncio.AbstractEventLoop | None = None
@@ -1194,7 +1200,7 @@ class FrontDoor:
         if route is None:
             return None
         label, coro = route
-        rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
+        rid = self._request_id(head.request_id)
         started = time.monotonic()  # after its bytes were read: when it had arrived
         target = _front_target(head)  # for the log context and the access line
 
@@ -1273,7 +1279,7 @@ class FrontDoor:
             return False
         label = "/api/v1/register" if register else "/api/v1/machines/{ref}/events"
         ref = None if register else head.path.split("/")[4]
-        rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
+        rid = self._request_id(head.request_id)
         started = time.monotonic()
         target = _front_target(head)
 
