@@ -364,6 +364,18 @@ async def test_a_decision_that_waits_is_answered_as_it_ends(tmp_path: Path) -> N
         assert noted == [before + 1, before + 2, before + 3, before + 4]
 
 
+@pytest.mark.parametrize("target", ["/healthz", f"/ipxe?mac={HEXHYP}&arch=x86_64",
+                                    "/config/zz?token=x"])
+async def test_a_clients_request_id_is_taken_when_sane_by_both_doors(
+        tmp_path: Path, target: str) -> None:
+    async with serving(tmp_path) as service:
+        for given, sane in ((b"abc-1.2:3", True), (b"x" * 65, False), (b"a b", False)):
+            fast, slow = await both_doors(service, target, b"X-Request-Id: %s\r\n" % given)
+            for answer in (fast, slow):
+                rid = answer.header("X-Request-Id") or ""
+                assert (rid == given.decode()) if sane else re.fullmatch(r"[0-9a-f]{16}", rid)
+
+
 async def test_a_decision_cancelled_answers_nothing(tmp_path: Path) -> None:
     # Its task cancelled (as at the server's stop): nothing is answered, nothing counted.
     async with serving(tmp_path) as service:
