@@ -1,7 +1,7 @@
 """Instructions per request of a real ``netboot serve`` on the wire: each thread counted.
 
     python benchmarks/wire_instructions.py [--enrolled 20000] [--requests 1000]
-                                           [--rows first,again,held] [--keep DIR]
+                                           [--rows first,again,held,config] [--keep DIR]
                                            [--tree REPO] [--annotate DIR]
 
 ipxe_inproc.py --instructions counts a first install's loop work with the handler called
@@ -13,7 +13,9 @@ kept-alive connections by a client of this script's (asyncio, plain sockets, out
 valgrind: wrk's count includes answers in flight when it stops). Rows: ``first``, first
 installs of machines never asked before (http_paths.py's ``ipxe`` on its ``servers`` seed);
 ``again``, 1,000 machines asked once (not counted), then asked again at random (``ipxe-1k``);
-``held``, agents of clusters without a server (``ipxe-held``). This VM has no hardware
+``held``, agents of clusters without a server (``ipxe-held``); ``config``, first k3OS config
+fetches by the install token (http_paths.py's ``config`` on its ``installing`` seed: every
+machine's install under way, its token minted). This VM has no hardware
 counters: this is where the loop's instructions on the wire come from. Under valgrind the
 threads run one at a time (its lock), so this counts work, not waits; the loop's wake-ups
 are as many as its turns, fewer requests a turn than on a fast server (a turn's fixed cost
@@ -35,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from http_paths import MINT, TOKEN_TAIL, free_port
+from http_paths import MINT, TOKEN_TAIL, free_port, token_of
 from storm import PER_CLUSTER, REPO, Workload
 
 HOST = "127.0.0.1"
@@ -46,9 +48,10 @@ def mac(i: int) -> str:
     return f"02-00-00-{i >> 16 & 255:02x}-{i >> 8 & 255:02x}-{i & 255:02x}"
 
 
-async def ask(port: int, macs: list[int]) -> int:
-    """Every MAC of ``macs`` asked once, on CONNECTIONS kept-alive connections; the answers
-    that were 200."""
+async def ask(port: int, macs: list[int], *, config: bool = False) -> int:
+    """Every MAC of ``macs`` asked once (its /ipxe, or with ``config`` its k3OS config by
+    its install token, as http_paths.py's ``config`` row asks), on CONNECTIONS kept-alive
+    connections; the answers that were 200."""
     todo = iter(macs)
     ok = 0
 
@@ -57,8 +60,9 @@ async def ask(port: int, macs: list[int]) -> int:
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
             for i in todo:
-                writer.write(f"GET /ipxe?mac={mac(i)}&arch=x86_64&platform=efi HTTP/1.1\r\n"
-                             f"Host: {HOST}\r\n\r\n".encode())
+                target = (f"/config/{mac(i)}?token={token_of(i)}" if config
+                          else f"/ipxe?mac={mac(i)}&arch=x86_64&platform=efi")
+                writer.write(f"GET {target} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = 0
                 for line in head.split(b"\r\n"):
@@ -107,10 +111,16 @@ def main() -> None:
             subprocess.run([args.python, "-c", MINT, str(seeded), TOKEN_TAIL, str(servers), "0"],
                            check=True, timeout=900,
                            env={**os.environ, "PYTHONPATH": str(args.tree)})
+        installing = root / "netboot-seed-installing"
+        if "config" in args.rows.split(",") and not installing.exists():
+            shutil.copytree(held, installing)
+            subprocess.run([args.python, "-c", MINT, str(installing), TOKEN_TAIL, str(servers),
+                            "1"], check=True, timeout=900,
+                           env={**os.environ, "PYTHONPATH": str(args.tree)})
         for row in args.rows.split(","):
             run = tmp / row
             run.mkdir()
-            shutil.copytree(held if row == "held" else seeded, run / "data")
+            shutil.copytree({"held": held, "config": installing}.get(row, seeded), run / "data")
             port = free_port()
             (run / "netboot.yaml").write_text(json.dumps({
                 "server": {"advertise": HOST, "data_dir": str(run / "data"),
@@ -146,11 +156,12 @@ def main() -> None:
                     warm = [draw.choice(some) for _ in range(200)]
                 else:  # first asks; the warm-up's machines apart from the measured ones
                     warm, measured = pool[:200], pool[200:200 + args.requests]
-                asyncio.run(ask(port, warm))
+                config = row == "config"
+                asyncio.run(ask(port, warm, config=config))
                 subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
                                capture_output=True)
                 t0 = time.monotonic()
-                ok = asyncio.run(ask(port, measured))
+                ok = asyncio.run(ask(port, measured, config=config))
                 took = time.monotonic() - t0
                 subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
                                capture_output=True)

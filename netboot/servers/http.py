@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import functools
 import ipaddress
@@ -242,7 +243,8 @@ _NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/[^/]+)$")
 def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:
     """``netboot.servers.aio.loggable_target`` of a decoded path and query pairs (both
     doors use it)."""
-    path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", path)
+    if path.startswith("/nocloud/"):  # (no expression run on every other path)
+        path = _NOCLOUD_TOKEN.sub(r"\1<token>\2", path)
     pairs = ["token=<redacted>" if key.lower() == "token" else f"{key}={value}"
              for key, value in query]
     return escape(path + ("?" + "&".join(pairs) if pairs else ""), limit=1024)
@@ -1090,6 +1092,14 @@ class DeviceRoutes:
                             headers={"Cache-Control": "no-store"})
 
 
+# FrontDoor.start's: the answer of a reply (None: not the front's after all).
+Finish = Callable[["Reply | FileBody | None"], "Answer | None"]
+# ... and what runs a decision that waits and answers it where it ends: (head, finish, the
+# decision's coroutine) -> the coroutine its task runs.
+Then = Callable[[RequestHead, Finish, Coroutine[Any, Any, "Reply | FileBody | None"]],
+                Coroutine[Any, Any, None]]
+
+
 class FrontDoor:
     """Answers a plain GET of a device route without aiohttp (netboot.servers.fasthttp).
 
@@ -1167,8 +1177,7 @@ class FrontDoor:
             # The body is not copied into what is kept: the reply holds it already.
             wire = self._wire[id(reply)] = (reply, before, between,
                                             after[:len(after) - len(reply.body)])
-        given = head.request_id
-        rid = given if given and _REQUEST_ID.match(given) else self.ids()
+        rid = self._request_id(head.request_id)
         data = b"".join((wire[1], self.date(), wire[2], rid.encode("ascii"), wire[3],
                          reply.body))
         seconds = time.monotonic() - started
@@ -1177,12 +1186,20 @@ class FrontDoor:
             self.observer.http_request(label, "GET", reply.status, seconds)
         return Answer(data, reply.status, seconds, rid, body)
 
-    def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False
-              ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
-                         asyncio.Future[Reply | FileBody | None]] | None:
+    def _request_id(self, given: str) -> str:
+        """The client's X-Request-Id when it is a sane token (as aiohttp's door takes it),
+        else a new one; mostly none is given, and no match is tried (``_REQUEST_ID`` takes
+        1-64 characters)."""
+        return given if given and _REQUEST_ID.match(given) else self.ids()
+
+    def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False,
+              then: Then | None = None, loop: asyncio.AbstractEventLoop | None = None
+              ) -> tuple[Finish, asyncio.Future[Reply | FileBody | None] | None] | None:
         """Begin answering ``head``: how to finish, and the reply as it is decided (done
         already when nothing had to wait); None when aiohttp is to route it. ``sendfile``:
-        the connection can send a large file with sendfile(2) (plain TCP)."""
+        the connection can send a large file with sendfile(2) (plain TCP). With ``then``, a
+        decision that waits (its own task, on ``loop``) runs ``then(head, finish, it)``,
+        which answers where the decision ends, and no future is returned (None)."""
         if head.bearer and (self.plain is None or not self.plain.install_token(head.bearer)):
             return None  # an operator's credential: the plain-HTTP policy's
         route = self.routes.front(head.path, head.query, remote, large=sendfile,
@@ -1190,16 +1207,9 @@ class FrontDoor:
         if route is None:
             return None
         label, coro = route
-        rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
+        rid = self._request_id(head.request_id)
         started = time.monotonic()  # after its bytes were read: when it had arrived
         target = _front_target(head)  # for the log context and the access line
-        with log_context(request_id=rid, peer=remote, path=target), arrived(started):
-            # Answers from memory run at once; a decision runs in a task of its own, as
-            # under aiohttp: its store may need one (asyncpg's pool acquires under
-            # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
-            # anyway, next to which a task is little.
-            decided = (eager(coro) if label in _FROM_MEMORY
-                       else asyncio.get_running_loop().create_task(coro))
 
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if reply is None:
@@ -1213,6 +1223,21 @@ class FrontDoor:
                 self.observer.http_request(label, "GET", whole.status, seconds)
             return Answer(data, whole.status, seconds, rid, body, target)
 
+        with log_context(request_id=rid, peer=remote, path=target), arrived(started):
+            # Answers from memory run at once; a decision runs in a task of its own, as
+            # under aiohttp: its store may need one (asyncpg's pool acquires under
+            # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
+            # anyway, next to which a task is little.
+            if label in _FROM_MEMORY:
+                decided: asyncio.Future[Reply | FileBody | None] | None = eager(coro)
+            elif then is None:
+                decided = asyncio.get_running_loop().create_task(coro)
+            else:
+                decided = None
+                # Named here: uvloop's create_task makes the task and then names it, so
+                # CPython 3.11 formats a "Task-N" name for every request first (~1,600
+                # instructions of a first install on the wire: benchmarks/README.md s27-wire).
+                asyncio.Task(then(head, finish, coro), loop=loop, name=_DECISION)
         return finish, decided
 
     def _encode(self, whole: Reply, head: RequestHead, rid: str,
@@ -1248,30 +1273,25 @@ class FrontDoor:
             return NotMine(None)
         return parse_post(buf, max(self._post_limits))
 
-    def start_post(self, head: RequestHead, remote: str | None
-                   ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
-                              asyncio.Future[Reply | FileBody | None]] | None:
-        """:meth:`start` for an installer's POST (:meth:`post_head`)."""
+    def start_post(self, head: RequestHead, remote: str | None, *, then: Then,
+                   loop: asyncio.AbstractEventLoop) -> bool:
+        """:meth:`start` for an installer's POST (:meth:`post_head`), always with ``then``:
+        whether it was started (False: aiohttp's)."""
         reports = self._reports
         if reports is None or (head.bearer and (self.plain is None
                                                 or not self.plain.install_token(head.bearer))):
-            return None  # an operator's credential: the plain-HTTP policy's
+            return False  # an operator's credential: the plain-HTTP policy's
         register = head.path == "/api/v1/register"
         if len(head.body) > self._post_limits[register]:
-            return None
+            return False
         label = "/api/v1/register" if register else "/api/v1/machines/{ref}/events"
         ref = None if register else head.path.split("/")[4]
-        rid = head.request_id if _REQUEST_ID.match(head.request_id) else self.ids()
+        rid = self._request_id(head.request_id)
         started = time.monotonic()
         target = _front_target(head)
 
         def translate(exc: Exception) -> Reply:
             return error_reply(exc, self.log, "POST", target, remote)
-
-        with log_context(request_id=rid, peer=remote, path=target):
-            decided: asyncio.Future[Reply | FileBody | None] = (
-                asyncio.get_running_loop().create_task(reports.front_post(
-                    label, ref, head.bearer or None, head.body, remote, translate)))
 
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if not isinstance(reply, Reply):
@@ -1283,11 +1303,17 @@ class FrontDoor:
                 self.observer.http_request(label, "POST", reply.status, seconds)
             return Answer(data, reply.status, seconds, rid)
 
-        return finish, decided
+        with log_context(request_id=rid, peer=remote, path=target):
+            coro = reports.front_post(label, ref, head.bearer or None, head.body, remote,
+                                      translate)
+            asyncio.Task(then(head, finish, coro), loop=loop, name=_DECISION)  # see start()
+        return True
 
 
 # Front-door routes whose answer never reaches the inventory: run eagerly (netboot.eager).
 _FROM_MEMORY = frozenset({"/boot.ipxe", "/healthz", "/assets/{path}"})
+# The name of a front-door decision's task (FrontDoor.start).
+_DECISION = "netboot-front-decision"
 # A query of "key=value" parts, none empty, whose escapes are ASCII (iPXE's, with its %20s:
 # "manufacturer=Dell%20Inc."): parse_qsl's pairs joined back with "&" and "=", as
 # redacted_target joins them, are the query itself with "+" as a space, unquoted whole ("&"
@@ -1578,17 +1604,19 @@ class GuardedHandler(_HandlerBase):
                 self._unread = self._unread[head.size:]
                 self._front_send(head, ready)
                 continue
-            started = front.start(head, self._remote(), sendfile=self._plain_tcp)
+            started = front.start(head, self._remote(), sendfile=self._plain_tcp,
+                                  then=self._front_decide, loop=self._loop)
             if started is None:
                 self._to_aiohttp(head.size)
                 continue
             self._request_count += 1  # a request head came: the head deadline is met
             finish, decided = started
-            if decided.done():
+            if decided is not None and decided.done():
                 self._front_answer(head, finish, decided)
                 continue
             self._front_busy = True
-            decided.add_done_callback(functools.partial(self._front_later, head, finish))
+            if decided is not None:  # else its task (_front_decide) answers it
+                decided.add_done_callback(functools.partial(self._front_later, head, finish))
             break
         self._front_flush()
         if self._front_paused or len(self._unread) > 4 * MAX_HEAD:
@@ -1624,13 +1652,11 @@ class GuardedHandler(_HandlerBase):
         """Answer an installer's POST here (FrontDoor.start_post); False: aiohttp's."""
         front = self._front
         assert front is not None
-        started = front.start_post(head, self._remote())
-        if started is None:
+        if not front.start_post(head, self._remote(), then=self._front_decide,
+                                loop=self._loop):
             return False
         self._request_count += 1
-        finish, decided = started
-        self._front_busy = True
-        decided.add_done_callback(functools.partial(self._front_later, head, finish))
+        self._front_busy = True  # till _front_decide has answered it
         return True
 
     def _front_later(self, head: RequestHead,
@@ -1643,15 +1669,40 @@ class GuardedHandler(_HandlerBase):
         if self.transport is not None:
             self._serve_front()
 
+    async def _front_decide(self, head: RequestHead, finish: Finish,
+                            decision: Coroutine[Any, Any, Reply | FileBody | None]) -> None:
+        """A decision that waits (FrontDoor.start's task), answered where it ends: not from
+        its task's done-callback, a loop turn later (benchmarks/README.md, s28-wake)."""
+        try:
+            reply = await decision
+        except Exception as exc:
+            # Translated outside the request's log context, as from a done-callback (and
+            # as aiohttp's error middleware, outside its request middleware, does).
+            reply = contextvars.Context().run(self._front_failed, exc, head)
+        except BaseException:  # cancelled: the server is stopping; nothing is answered
+            self._front_busy = False
+            raise
+        self._front_busy = False
+        self._front_reply(head, finish, reply)
+        if self.transport is not None and (self._unread or self._front_paused):
+            self._serve_front()  # what was pipelined behind it
+
+    def _front_failed(self, exc: Exception, head: RequestHead) -> Reply:
+        front = self._front
+        assert front is not None
+        return front.failed(exc, head, self._remote())  # the one translation both doors use
+
     def _front_answer(self, head: RequestHead,
                       finish: Callable[[Reply | FileBody | None], Answer | None],
                       decided: asyncio.Future[Reply | FileBody | None]) -> None:
-        front = self._front
-        assert front is not None
         try:
             reply: Reply | FileBody | None = decided.result()
-        except Exception as exc:  # the one translation both doors use
-            reply = front.failed(exc, head, self._remote())
+        except Exception as exc:
+            reply = self._front_failed(exc, head)
+        self._front_reply(head, finish, reply)
+
+    def _front_reply(self, head: RequestHead, finish: Finish,
+                     reply: Reply | FileBody | None) -> None:
         answer = finish(reply)
         if answer is None:  # not the front's after all (a compressed sibling may apply)
             self._to_aiohttp(head.size)
@@ -1971,6 +2022,7 @@ class EarlyConnection(asyncio.Protocol):
                     self._wait()
                     break
                 finish, decided = started
+                assert decided is not None  # started without ``then``: always a future
                 if not decided.done():
                     self._deciding = True
                     self.transport.pause_reading()

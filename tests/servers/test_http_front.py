@@ -294,6 +294,120 @@ async def test_the_front_logs_and_counts_as_aiohttp_does(
     assert count is not None and float(count.group(1)) == 2, metrics
 
 
+def _gated(service: Service) -> tuple[asyncio.Future[None], list[int]]:
+    """The front door's decisions made to wait for a gate, and to note, one loop turn after
+    each ends, how many answers the front had encoded by then."""
+    front = service.front
+    assert front is not None
+    routes = front.routes
+    decide = routes.front
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    noted: list[int] = []
+
+    def noting(coro: Any) -> Any:
+        async def decision() -> Any:
+            try:
+                await asyncio.shield(gate)
+            except BaseException:
+                coro.close()  # cancelled before it began
+                raise
+            try:
+                return await coro
+            finally:
+                asyncio.get_running_loop().call_soon(lambda: noted.append(front.answered))
+
+        return decision()
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        route = decide(*args, **kwargs)
+        if route is None or route[0] in ("/boot.ipxe", "/healthz", "/assets/{path}"):
+            return route
+        label, coro = route
+        return label, noting(coro)
+
+    reports = front._reports
+    assert reports is not None
+    report = reports.front_post
+    reports.front_post = (  # type: ignore[method-assign]
+        lambda *args, **kwargs: noting(report(*args, **kwargs)))
+    routes.front = gated  # type: ignore[method-assign]
+    return gate, noted
+
+
+async def test_a_decision_that_waits_is_answered_as_it_ends(tmp_path: Path) -> None:
+    # The answer is encoded and written in the loop turn in which its decision ends, not
+    # from its task's done-callback a turn later (s28-wake: a first install's extra turn).
+    async with serving(tmp_path) as service:
+        front = service.front
+        assert front is not None
+        gate, noted = _gated(service)
+        before = front.answered
+        asking = asyncio.ensure_future(exchange(
+            service.http_port, get(f"/ipxe?mac={HEXHYP}&arch=x86_64")))
+        await _deciding()
+        gate.set_result(None)
+        (first,) = await asyncio.wait_for(asking, 30)
+        assert first.status == 200 and first.body.startswith(b"#!ipxe"), first
+        assert noted == [before + 1]
+        # An error is translated there too, as aiohttp's door translates it.
+        fast, slow = await both_doors(service, "/config/zz?token=x")
+        assert fast.status >= 400 and fast.comparable() == slow.comparable(), (fast, slow)
+        assert noted == [before + 1, before + 2]
+        # And an installer's POST (FrontDoor.start_post).
+        token = install_token(first.body.decode())
+        (config,) = await exchange(service.http_port, get(f"/config/{HEXHYP}?token={token}"))
+        assert config.status == 200, config
+        (posted,) = await exchange(service.http_port, post(
+            f"/api/v1/machines/{HEXHYP}/events", b'{"kind": "progress"}',
+            b"Authorization: Bearer %s\r\n" % token.encode()))
+        assert posted.status == 201, posted
+        assert noted == [before + 1, before + 2, before + 3, before + 4]
+
+
+@pytest.mark.parametrize("target", ["/healthz", f"/ipxe?mac={HEXHYP}&arch=x86_64",
+                                    "/config/zz?token=x"])
+async def test_a_clients_request_id_is_taken_when_sane_by_both_doors(
+        tmp_path: Path, target: str) -> None:
+    async with serving(tmp_path) as service:
+        for given, sane in ((b"abc-1.2:3", True), (b"x" * 65, False), (b"a b", False)):
+            fast, slow = await both_doors(service, target, b"X-Request-Id: %s\r\n" % given)
+            for answer in (fast, slow):
+                rid = answer.header("X-Request-Id") or ""
+                assert (rid == given.decode()) if sane else re.fullmatch(r"[0-9a-f]{16}", rid)
+
+
+async def test_a_decision_cancelled_answers_nothing(tmp_path: Path) -> None:
+    # Its task cancelled (as at the server's stop): nothing is answered, nothing counted.
+    async with serving(tmp_path) as service:
+        front = service.front
+        assert front is not None
+        _gated(service)
+        before = front.answered
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+        try:
+            writer.write(get(f"/ipxe?mac={HEXHYP}&arch=x86_64"))
+            deciding = await _deciding()
+            deciding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deciding
+            assert deciding.cancelled()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.2)
+            assert front.answered == before
+        finally:
+            writer.close()
+
+
+async def _deciding() -> asyncio.Task[Any]:
+    """The front door's decision under way: a task of its own, so named."""
+    for _ in range(5000):
+        found = [t for t in asyncio.all_tasks() if t.get_name() == "netboot-front-decision"]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.001)
+    raise AssertionError("no task named netboot-front-decision")
+
+
 async def test_keep_alive_counts_from_the_fronts_last_answer(tmp_path: Path) -> None:
     async with serving(tmp_path, http="  keepalive_timeout: 3\n") as service:
         reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
