@@ -1372,10 +1372,8 @@ def cancelling() -> list[asyncio.Task[Any]]:
 
 
 def front_post_task() -> asyncio.Task[Any] | None:
-    """The front door's task of a device's POST: its decision's, which answers it too
-    (netboot.servers.http.GuardedHandler._front_decide, since s28-wake)."""
     for task in asyncio.all_tasks():
-        if getattr(task.get_coro(), "__qualname__", "") == "GuardedHandler._front_decide":
+        if task.get_name() == "netboot-front-decision":  # the front door's POST (s28-wake)
             return task
     return None
 
