@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from netboot.errors import NetbootError, StoreError
+from netboot.errors import NetbootError, OutcomeUnknown, StoreError
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Store
 from netboot.model import Event, Machine
@@ -376,8 +376,12 @@ class Recorder:
                 for _, done in batches:
                     group.settle(done, None)
                 return
-            if len(batches) == 1:
-                group.settle(batches[0][1], refused)
+            if len(batches) == 1 or isinstance(refused, OutcomeUnknown):
+                # An outcome unknown is no refusal: the group may be written, and each batch
+                # written again alone would be twice (its events, its audit entries; a
+                # create its own Conflict). Each caller is told what the store said.
+                for _, done in batches:
+                    group.settle(done, refused)
                 return
             # One of them was refused (a conflict, a stale state): each alone, in the
             # order they came, so that only the refused one fails.

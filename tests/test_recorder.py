@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from netboot.boot import hash_token
-from netboot.errors import NotFound, StateChanged
+from netboot.errors import NotFound, OutcomeUnknown, StateChanged
 from netboot.inventory import codec
 from netboot.inventory.base import Batch
 from netboot.inventory.postgres import PostgresStore
@@ -392,6 +392,38 @@ async def test_a_slow_write_does_not_queue_a_flush_per_delay_behind_it(
         assert len(recorder._lock._waiters or ()) == 1
     await recorder.close()
     assert await kinds(other) == [f"e{k}" for k in range(20)]
+
+
+async def test_a_group_whose_outcome_is_unknown_is_not_written_again_one_by_one(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A group commit the store cannot say was written (OutcomeUnknown: its connection
+    lost during the COMMIT, the server not asked within the bound), that was in fact: each
+    of its batches is told so, not written again alone (the one-by-one replay meant for a
+    batch refused for what it is). Replayed, every event and audit entry of the group was
+    stored twice and each caller told "written"; a create was a Conflict of its own write."""
+    own, other = stores
+    apply = own.apply_batch
+    lost: list[Batch] = []
+
+    async def apply_batch(batch: Batch) -> None:
+        await apply(batch)
+        if not lost:
+            lost.append(batch)
+            raise OutcomeUnknown("the connection failed during the COMMIT")
+
+    own.apply_batch = apply_batch  # type: ignore[method-assign]
+    recorder = Recorder(own, delay=3600)
+    created = Machine(macs=(MAC,), hostname="new")
+    results = await asyncio.gather(
+        recorder.commit(Batch(events=(ev("x", "m1"),))),
+        recorder.commit(Batch(create=(created,), events=(ev("y", created.id),))),
+        return_exceptions=True)
+    assert len(lost[0].events) == 2  # one group
+    assert [type(r) for r in results] == [OutcomeUnknown, OutcomeUnknown]
+    assert await kinds(other, "m1") == ["x"]
+    assert await kinds(other, created.id) == ["y"]
+    del own.apply_batch
+    await recorder.close()
 
 
 # --- a caller cancelled while its batch is written learns what became of it ----------------

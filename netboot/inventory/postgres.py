@@ -493,7 +493,7 @@ class PostgresStore:
         connection of its own, again while "in progress", the connection tried again while
         the server cannot be reached (a restart, a failover under way), all within
         LOST_COMMIT_WAIT; None when the server could not be asked (or the id is too old
-        for it to know)."""
+        for it to know); "aborted" at once when the server says the id is in the future."""
         deadline = time.monotonic() + LOST_COMMIT_WAIT
         pause = 0.01
         while True:
@@ -501,7 +501,20 @@ class PostgresStore:
                 conn = await asyncpg.connect(self._dsn, timeout=_left(deadline))
                 try:
                     while True:
-                        status = await conn.fetchval(_STATUS, xid, timeout=_left(deadline))
+                        try:
+                            status = await conn.fetchval(_STATUS, xid, timeout=_left(deadline))
+                        except asyncpg.InvalidParameterValueError:
+                            # "transaction ID ... is in the future": the primary's next id is
+                            # not past it, so nothing of it is there (a crash lost the WAL it
+                            # wrote before its commit record; a failover's new primary never
+                            # received it): not committed. Never asked again: the id may be
+                            # given to another writer's transaction meanwhile, whose outcome
+                            # would be told as this write's. (A standby behind the primary
+                            # says so too: asked again.)
+                            if await conn.fetchval("SELECT pg_is_in_recovery()",
+                                                   timeout=_left(deadline)):
+                                raise
+                            return "aborted"
                         if status != "in progress" or time.monotonic() + pause >= deadline:
                             return None if status is None else str(status)
                         await asyncio.sleep(pause)

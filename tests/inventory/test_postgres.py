@@ -496,6 +496,35 @@ async def test_a_write_whose_commit_a_server_restart_ends_is_told_failed_once_it
         await asyncio.to_thread(cluster.stop)
 
 
+async def test_a_transaction_the_server_has_no_trace_of_is_not_asked_of_again(
+        pg_dsn: str) -> None:
+    """A lost COMMIT's transaction id that the server says is "in the future" (a crash lost
+    the WAL it wrote before its commit record, a failover's new primary never received it):
+    not committed, and told so at once. Asked again until the bound, the id could be given
+    to another writer's transaction meanwhile (another server writes as soon as the primary
+    is back), whose outcome would be told as this write's ("committed": a lost write told
+    written). Here the next few ids stand for a lost transaction's."""
+    store = PostgresStore(pg_dsn, pool_size=1)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        now = int(await admin.fetchval("SELECT pg_current_xact_id()::text"))
+        lost = str(now + 3)  # the server's next id is below it
+
+        async def others_write() -> None:
+            await asyncio.sleep(0.05)
+            for _ in range(6):
+                await admin.fetchval("SELECT pg_current_xact_id()")  # each commits an id
+
+        writing = asyncio.ensure_future(others_write())
+        status = await store._status(lost)
+        await writing
+        assert status == "aborted", status
+    finally:
+        await admin.close()
+        await store.close()
+
+
 async def test_a_commit_the_server_refuses_is_told_failed_without_asking(
         pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A COMMIT answered with an ERROR (a deferred check failed) was rolled back: a
