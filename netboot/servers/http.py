@@ -1685,11 +1685,7 @@ class GuardedHandler(_HandlerBase):
         self._front_busy = False
         self._front_reply(head, finish, reply)
         if self.transport is not None and (self._unread or self._front_paused):
-            # What was read behind it, started outside this request's context, as from
-            # data_received: not with its log context, nor with its arrival (a request read
-            # while this one was decided arrived later: netboot.arrival's shared probe,
-            # made before it was sent, would miss a commit another process made since).
-            contextvars.Context().run(self._serve_front)
+            self._serve_front()  # what was pipelined behind it
 
     def _front_failed(self, exc: Exception, head: RequestHead) -> Reply:
         front = self._front

@@ -23,8 +23,6 @@ from typing import Any, cast
 
 import pytest
 
-from netboot import logs
-from netboot.arrival import arrival
 from netboot.config import load
 from netboot.service import Service, build, loop_factory
 from tests.conftest import install_token, write_config
@@ -398,49 +396,6 @@ async def test_a_decision_cancelled_answers_nothing(tmp_path: Path) -> None:
             assert front.answered == before
         finally:
             writer.close()
-
-
-async def test_a_request_read_while_a_decision_waits_is_not_taken_as_arrived_with_it(
-        tmp_path: Path) -> None:
-    # A request read while the one before it on the connection is being decided is started
-    # once that decision ends, where it ends (s28-wake): in the context of that request's
-    # task. Its own decision must not take the earlier request's arrival (netboot.arrival:
-    # a store would answer it from a probe made before it was sent, missing a commit made
-    # since by another process) nor its log context.
-    async with serving(tmp_path) as service:
-        token = await installing(service, HEXHYP)
-        front = service.front
-        assert front is not None
-        gate, _ = _gated(service)
-        reports = front._reports
-        assert reports is not None
-        report = reports.front_post
-        seen: list[tuple[float | None, object]] = []
-
-        def noting(*args: Any, **kwargs: Any) -> Any:
-            seen.append((arrival(), logs._context.get().get("request_id")))
-            return report(*args, **kwargs)
-
-        reports.front_post = noting  # type: ignore[method-assign]
-        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
-        try:
-            writer.write(get(f"/ipxe?mac={HEXHYP}&arch=x86_64", b"X-Request-Id: first\r\n"))
-            await _deciding()
-            sent = time.monotonic()  # the POST is read after this, its arrival too
-            writer.write(post(f"/api/v1/machines/{HEXHYP}/events", b'{"kind": "progress"}',
-                              b"Authorization: Bearer %s\r\nX-Request-Id: second\r\n"
-                              % token.encode()))
-            await writer.drain()
-            await asyncio.sleep(0.1)  # read, and kept behind the decision
-            gate.set_result(None)
-            first = await asyncio.wait_for(read_response(reader), 30)
-            second = await asyncio.wait_for(read_response(reader), 30)
-        finally:
-            writer.close()
-        assert first.status == 200 and second.status == 201, (first, second)
-        ((came, rid),) = seen
-        assert came is None or came >= sent, (came, sent)
-        assert rid == "second"
 
 
 async def _deciding() -> asyncio.Task[Any]:
