@@ -1373,7 +1373,7 @@ def cancelling() -> list[asyncio.Task[Any]]:
 
 def front_post_task() -> asyncio.Task[Any] | None:
     for task in asyncio.all_tasks():
-        if task.get_name() == "netboot-front-decision":  # the front door's POST (s28-wake)
+        if getattr(task.get_coro(), "__qualname__", "") == "Api.front_post":
             return task
     return None
 

@@ -700,8 +700,8 @@ async def test_a_first_install_cancelled_while_its_token_is_written_keeps_that_t
         await writer.drain()
         decision = None
         for _ in range(500):
-            new = [t for t in asyncio.all_tasks() - before  # the front door's (s28-wake)
-                   if t.get_name() == "netboot-front-decision"]
+            new = [t for t in asyncio.all_tasks() - before
+                   if "ipxe" in getattr(t.get_coro(), "__qualname__", "")]
             if new:
                 decision = new[0]
                 break
