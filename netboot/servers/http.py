@@ -1273,17 +1273,17 @@ class FrontDoor:
             return NotMine(None)
         return parse_post(buf, max(self._post_limits))
 
-    def start_post(self, head: RequestHead, remote: str | None, *, then: Then,
-                   loop: asyncio.AbstractEventLoop) -> bool:
-        """:meth:`start` for an installer's POST (:meth:`post_head`), always with ``then``:
-        whether it was started (False: aiohttp's)."""
+    def start_post(self, head: RequestHead, remote: str | None
+                   ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
+                              asyncio.Future[Reply | FileBody | None]] | None:
+        """:meth:`start` for an installer's POST (:meth:`post_head`)."""
         reports = self._reports
         if reports is None or (head.bearer and (self.plain is None
                                                 or not self.plain.install_token(head.bearer))):
-            return False  # an operator's credential: the plain-HTTP policy's
+            return None  # an operator's credential: the plain-HTTP policy's
         register = head.path == "/api/v1/register"
         if len(head.body) > self._post_limits[register]:
-            return False
+            return None
         label = "/api/v1/register" if register else "/api/v1/machines/{ref}/events"
         ref = None if register else head.path.split("/")[4]
         rid = self._request_id(head.request_id)
@@ -1292,6 +1292,11 @@ class FrontDoor:
 
         def translate(exc: Exception) -> Reply:
             return error_reply(exc, self.log, "POST", target, remote)
+
+        with log_context(request_id=rid, peer=remote, path=target):
+            decided: asyncio.Future[Reply | FileBody | None] = (
+                asyncio.get_running_loop().create_task(reports.front_post(
+                    label, ref, head.bearer or None, head.body, remote, translate)))
 
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if not isinstance(reply, Reply):
@@ -1303,11 +1308,7 @@ class FrontDoor:
                 self.observer.http_request(label, "POST", reply.status, seconds)
             return Answer(data, reply.status, seconds, rid)
 
-        with log_context(request_id=rid, peer=remote, path=target):
-            coro = reports.front_post(label, ref, head.bearer or None, head.body, remote,
-                                      translate)
-            asyncio.Task(then(head, finish, coro), loop=loop, name=_DECISION)  # see start()
-        return True
+        return finish, decided
 
 
 # Front-door routes whose answer never reaches the inventory: run eagerly (netboot.eager).
@@ -1652,11 +1653,13 @@ class GuardedHandler(_HandlerBase):
         """Answer an installer's POST here (FrontDoor.start_post); False: aiohttp's."""
         front = self._front
         assert front is not None
-        if not front.start_post(head, self._remote(), then=self._front_decide,
-                                loop=self._loop):
+        started = front.start_post(head, self._remote())
+        if started is None:
             return False
         self._request_count += 1
-        self._front_busy = True  # till _front_decide has answered it
+        finish, decided = started
+        self._front_busy = True
+        decided.add_done_callback(functools.partial(self._front_later, head, finish))
         return True
 
     def _front_later(self, head: RequestHead,
