@@ -15,7 +15,6 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import contextvars
 import fcntl
 import functools
 import ipaddress
@@ -1092,14 +1091,6 @@ class DeviceRoutes:
                             headers={"Cache-Control": "no-store"})
 
 
-# FrontDoor.start's: the answer of a reply (None: not the front's after all).
-Finish = Callable[["Reply | FileBody | None"], "Answer | None"]
-# ... and what runs a decision that waits and answers it where it ends: (head, finish, the
-# decision's coroutine) -> the coroutine its task runs.
-Then = Callable[[RequestHead, Finish, Coroutine[Any, Any, "Reply | FileBody | None"]],
-                Coroutine[Any, Any, None]]
-
-
 class FrontDoor:
     """Answers a plain GET of a device route without aiohttp (netboot.servers.fasthttp).
 
@@ -1192,14 +1183,12 @@ class FrontDoor:
         1-64 characters)."""
         return given if given and _REQUEST_ID.match(given) else self.ids()
 
-    def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False,
-              then: Then | None = None, loop: asyncio.AbstractEventLoop | None = None
-              ) -> tuple[Finish, asyncio.Future[Reply | FileBody | None] | None] | None:
+    def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False
+              ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
+                         asyncio.Future[Reply | FileBody | None]] | None:
         """Begin answering ``head``: how to finish, and the reply as it is decided (done
         already when nothing had to wait); None when aiohttp is to route it. ``sendfile``:
-        the connection can send a large file with sendfile(2) (plain TCP). With ``then``, a
-        decision that waits (its own task, on ``loop``) runs ``then(head, finish, it)``,
-        which answers where the decision ends, and no future is returned (None)."""
+        the connection can send a large file with sendfile(2) (plain TCP)."""
         if head.bearer and (self.plain is None or not self.plain.install_token(head.bearer)):
             return None  # an operator's credential: the plain-HTTP policy's
         route = self.routes.front(head.path, head.query, remote, large=sendfile,
@@ -1210,6 +1199,13 @@ class FrontDoor:
         rid = self._request_id(head.request_id)
         started = time.monotonic()  # after its bytes were read: when it had arrived
         target = _front_target(head)  # for the log context and the access line
+        with log_context(request_id=rid, peer=remote, path=target), arrived(started):
+            # Answers from memory run at once; a decision runs in a task of its own, as
+            # under aiohttp: its store may need one (asyncpg's pool acquires under
+            # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
+            # anyway, next to which a task is little.
+            decided = (eager(coro) if label in _FROM_MEMORY
+                       else asyncio.get_running_loop().create_task(coro))
 
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if reply is None:
@@ -1223,21 +1219,6 @@ class FrontDoor:
                 self.observer.http_request(label, "GET", whole.status, seconds)
             return Answer(data, whole.status, seconds, rid, body, target)
 
-        with log_context(request_id=rid, peer=remote, path=target), arrived(started):
-            # Answers from memory run at once; a decision runs in a task of its own, as
-            # under aiohttp: its store may need one (asyncpg's pool acquires under
-            # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
-            # anyway, next to which a task is little.
-            if label in _FROM_MEMORY:
-                decided: asyncio.Future[Reply | FileBody | None] | None = eager(coro)
-            elif then is None:
-                decided = asyncio.get_running_loop().create_task(coro)
-            else:
-                decided = None
-                # Named here: uvloop's create_task makes the task and then names it, so
-                # CPython 3.11 formats a "Task-N" name for every request first (~1,600
-                # instructions of a first install on the wire: benchmarks/README.md s27-wire).
-                asyncio.Task(then(head, finish, coro), loop=loop, name=_DECISION)
         return finish, decided
 
     def _encode(self, whole: Reply, head: RequestHead, rid: str,
@@ -1313,8 +1294,6 @@ class FrontDoor:
 
 # Front-door routes whose answer never reaches the inventory: run eagerly (netboot.eager).
 _FROM_MEMORY = frozenset({"/boot.ipxe", "/healthz", "/assets/{path}"})
-# The name of a front-door decision's task (FrontDoor.start).
-_DECISION = "netboot-front-decision"
 # A query of "key=value" parts, none empty, whose escapes are ASCII (iPXE's, with its %20s:
 # "manufacturer=Dell%20Inc."): parse_qsl's pairs joined back with "&" and "=", as
 # redacted_target joins them, are the query itself with "+" as a space, unquoted whole ("&"
@@ -1605,19 +1584,17 @@ class GuardedHandler(_HandlerBase):
                 self._unread = self._unread[head.size:]
                 self._front_send(head, ready)
                 continue
-            started = front.start(head, self._remote(), sendfile=self._plain_tcp,
-                                  then=self._front_decide, loop=self._loop)
+            started = front.start(head, self._remote(), sendfile=self._plain_tcp)
             if started is None:
                 self._to_aiohttp(head.size)
                 continue
             self._request_count += 1  # a request head came: the head deadline is met
             finish, decided = started
-            if decided is not None and decided.done():
+            if decided.done():
                 self._front_answer(head, finish, decided)
                 continue
             self._front_busy = True
-            if decided is not None:  # else its task (_front_decide) answers it
-                decided.add_done_callback(functools.partial(self._front_later, head, finish))
+            decided.add_done_callback(functools.partial(self._front_later, head, finish))
             break
         self._front_flush()
         if self._front_paused or len(self._unread) > 4 * MAX_HEAD:
@@ -1672,40 +1649,15 @@ class GuardedHandler(_HandlerBase):
         if self.transport is not None:
             self._serve_front()
 
-    async def _front_decide(self, head: RequestHead, finish: Finish,
-                            decision: Coroutine[Any, Any, Reply | FileBody | None]) -> None:
-        """A decision that waits (FrontDoor.start's task), answered where it ends: not from
-        its task's done-callback, a loop turn later (benchmarks/README.md, s28-wake)."""
-        try:
-            reply = await decision
-        except Exception as exc:
-            # Translated outside the request's log context, as from a done-callback (and
-            # as aiohttp's error middleware, outside its request middleware, does).
-            reply = contextvars.Context().run(self._front_failed, exc, head)
-        except BaseException:  # cancelled: the server is stopping; nothing is answered
-            self._front_busy = False
-            raise
-        self._front_busy = False
-        self._front_reply(head, finish, reply)
-        if self.transport is not None and (self._unread or self._front_paused):
-            self._serve_front()  # what was pipelined behind it
-
-    def _front_failed(self, exc: Exception, head: RequestHead) -> Reply:
-        front = self._front
-        assert front is not None
-        return front.failed(exc, head, self._remote())  # the one translation both doors use
-
     def _front_answer(self, head: RequestHead,
                       finish: Callable[[Reply | FileBody | None], Answer | None],
                       decided: asyncio.Future[Reply | FileBody | None]) -> None:
+        front = self._front
+        assert front is not None
         try:
             reply: Reply | FileBody | None = decided.result()
-        except Exception as exc:
-            reply = self._front_failed(exc, head)
-        self._front_reply(head, finish, reply)
-
-    def _front_reply(self, head: RequestHead, finish: Finish,
-                     reply: Reply | FileBody | None) -> None:
+        except Exception as exc:  # the one translation both doors use
+            reply = front.failed(exc, head, self._remote())
         answer = finish(reply)
         if answer is None:  # not the front's after all (a compressed sibling may apply)
             self._to_aiohttp(head.size)
@@ -2025,7 +1977,6 @@ class EarlyConnection(asyncio.Protocol):
                     self._wait()
                     break
                 finish, decided = started
-                assert decided is not None  # started without ``then``: always a future
                 if not decided.done():
                     self._deciding = True
                     self.transport.pause_reading()
