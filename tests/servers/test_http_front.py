@@ -927,3 +927,15 @@ def test_a_request_that_came_during_a_stall_is_answered_not_reset(
 
     run_on(loop, scenario)
     assert len(answers) == 2 and all(a.startswith(b"HTTP/1.1 200 ") for a in answers), answers
+
+
+@pytest.mark.parametrize("target", ["/healthz", f"/ipxe?mac={HEXHYP}&arch=x86_64",
+                                    "/config/zz?token=x"])
+async def test_a_clients_request_id_is_taken_when_sane_by_both_doors(
+        tmp_path: Path, target: str) -> None:
+    async with serving(tmp_path) as service:
+        for given, sane in ((b"abc-1.2:3", True), (b"x" * 65, False), (b"a b", False)):
+            fast, slow = await both_doors(service, target, b"X-Request-Id: %s\r\n" % given)
+            for answer in (fast, slow):
+                rid = answer.header("X-Request-Id") or ""
+                assert (rid == given.decode()) if sane else re.fullmatch(r"[0-9a-f]{16}", rid)
