@@ -497,7 +497,7 @@ def slot_init(cls: type[Any]) -> None:
         if not f.init or f.kw_only:
             raise TypeError(f"{cls.__name__}.{f.name} is not a plain init field")
         scope[f"s{i}"] = cls.__dict__[f.name].__set__
-        set_each.append(f"        s{i}(self, {f.name})")
+        set_each.append(f"    s{i}(self, {f.name})\n")
         if f.default is not _MISSING:
             scope[f"d{i}"] = f.default
             params.append(f"{f.name}=d{i}")
@@ -507,12 +507,14 @@ def slot_init(cls: type[Any]) -> None:
             made.append(f"    if {f.name} is _missing:\n        {f.name} = f{i}()\n")
         else:
             params.append(f.name)
-    fill = ("    if type(self) is klass:\n        become(self, twin)\n"
-            + "".join(f"        self.{f.name} = {f.name}\n" for f in fields(cls))
-            + "        self.__class__ = klass\n    else:\n") if twin is not None else \
-        "    if True:\n"
+    # ``become``: object's own __class__ setter, which the frozen __setattr__ would refuse;
+    # back in the twin, a plain assignment gives the class back.
+    twinned = ("" if twin is None else
+               "    if type(self) is klass:\n        become(self, twin)\n"
+               + "".join(f"        self.{f.name} = {f.name}\n" for f in fields(cls))
+               + "        self.__class__ = klass\n        return None\n")
     exec(f"def __init__(self, {', '.join(params)}):\n" + "".join(made)  # noqa: S102
-         + fill + "\n".join(set_each) + "\n    return None", scope)
+         + twinned + "".join(set_each) + "    return None", scope)
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
