@@ -195,6 +195,10 @@ class InventoryConfig:
     # NETBOOT_INVENTORY_DSN. Never logged nor shown (repr=False; messages redact it).
     dsn: str | None = field(default=None, repr=False)
     dsn_file: str | None = None
+    # postgresql: how each connection notices a server gone without a word (a pulled cable,
+    # a failed-over VM): keepalives and TCP_USER_TIMEOUT, libpq's settings (dsn.PeerSettings:
+    # a dead peer ends a connection in ~15 s; a long statement on a live one is never cut).
+    postgresql: pg_dsn.PeerSettings = field(default_factory=pg_dsn.PeerSettings)
 
 
 @dataclass(frozen=True)
@@ -592,6 +596,11 @@ def _check_inventory(cfg: Config, src: _Source, env_origin: Mapping[str, str]) -
         var = env_origin.get(key)
         return _Source(f"environment variable {var}") if var else src
 
+    wrong = inv.postgresql.problem()
+    if wrong is not None:
+        key = f"inventory.postgresql.{wrong[0]}"
+        raise source(key).error(key, wrong[1], "write a whole number in those bounds (see "
+                                "README, 'When the database stops answering')")
     if inv.backend != "postgresql":
         for key, value in (("inventory.dsn", inv.dsn), ("inventory.dsn_file", inv.dsn_file)):
             if value is not None:

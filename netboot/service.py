@@ -90,7 +90,8 @@ def open_store(config: Config, sealer: Sealer | None = None,
             raise ConfigError("postgresql needs the asyncpg driver, which is not installed",
                               key="inventory.backend",
                               fix="pip install 'netboot[postgresql]' (or asyncpg)") from exc
-        return PostgresStore(inventory_dsn(config), sealer=sealer, listener=listener)
+        return PostgresStore(inventory_dsn(config), sealer=sealer, listener=listener,
+                             peer=config.inventory.postgresql)
     from netboot.inventory.sqlite import SqliteStore
 
     try:

@@ -294,6 +294,41 @@ def test_bad_inventory_values_never_show_the_password(
     assert "hunter2" not in str(err.value)
 
 
+def test_postgresql_peer_settings_reach_the_store_and_its_sockets(tmp_path: Path) -> None:
+    """inventory.postgresql: libpq's keepalive settings (seconds), given to the store; each
+    becomes a socket option (dsn.PeerSettings), TCP_USER_TIMEOUT in milliseconds."""
+    import socket
+
+    from netboot.inventory.dsn import PeerSettings
+    from netboot.service import open_store
+
+    assert load(None, env={}).inventory.postgresql == PeerSettings()
+    cfg = load(write(tmp_path, "inventory:\n  backend: postgresql\n  dsn: postgresql://h/d\n"
+                               "  postgresql:\n    keepalives_idle: 7\n"
+                               "    tcp_user_timeout: 30\n"), env={})
+    peer = cfg.inventory.postgresql
+    assert (peer.keepalives_idle, peer.tcp_user_timeout, peer.keepalives_count) == (7, 30, 5)
+    assert open_store(cfg)._peer == peer  # type: ignore[attr-defined]
+    options = peer.socket_options()
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 7) in options
+    assert (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 30_000) in options
+    off = PeerSettings(keepalives=False).socket_options()
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0) in off
+    assert not any(o[1] == socket.TCP_KEEPIDLE for o in off)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("keepalives_idle", "0"), ("keepalives_count", "128"), ("tcp_user_timeout", "-1"),
+    ("connect_timeout", "0"), ("keepalives_interval", "x")])
+def test_bad_postgresql_peer_settings_name_their_key(tmp_path: Path, key: str,
+                                                     value: str) -> None:
+    path = write(tmp_path, f"inventory:\n  postgresql:\n    {key}: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert (err.value.key, err.value.line) == (f"inventory.postgresql.{key}", 3)
+
+
 def test_bad_dsn_in_env_or_file_names_its_source(tmp_path: Path) -> None:
     path = write(tmp_path, "inventory:\n  backend: postgresql\n")
     with pytest.raises(ConfigError) as err:

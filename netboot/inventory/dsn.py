@@ -1,12 +1,16 @@
-"""PostgreSQL connection strings: checked and shown without their secrets.
+"""PostgreSQL connection strings: checked and shown without their secrets; how long a
+connection waits for a peer that stopped answering.
 
-Apart from the PostgreSQL store so that the configuration can check a DSN, and messages can
-name a database, without importing the driver (an optional dependency).
+Apart from the PostgreSQL store so that the configuration can check a DSN and hold the
+connection settings, and messages can name a database, without importing the driver (an
+optional dependency).
 """
 
 from __future__ import annotations
 
+import socket
 import urllib.parse
+from dataclasses import dataclass
 
 SCHEMES = ("postgresql", "postgres")
 
@@ -40,3 +44,57 @@ def redact(dsn: str) -> str:
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     shown = "&".join(f"{k}={'***' if 'pass' in k.lower() else v}" for k, v in query)
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, shown, ""))
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """How every connection to PostgreSQL notices a server (or the network to it) that
+    vanished without a FIN or RST (a pulled cable, a failed-over VM, a firewall that dropped
+    the connection's state): libpq's ``connect_timeout``, ``keepalives*`` and
+    ``tcp_user_timeout`` (in seconds here, where libpq counts milliseconds), which asyncpg
+    does not read from a DSN. Without them a query, a COMMIT or the LISTEN connection
+    waits for the kernel's own bounds: ~15 minutes of retransmissions for data sent, two
+    hours of silence before an idle connection is probed.
+
+    The kernel does the watching, so a statement that runs long on a server that is there
+    (a bulk import's COPY, a slow index scan) is never timed out: the server's kernel
+    answers every probe and acknowledges every byte while its backend works. Only a peer
+    whose kernel answers nothing for ``tcp_user_timeout`` seconds ends the connection (or,
+    since the user timeout also bounds a zero window, a server that reads nothing of what
+    was sent for that long). With the defaults an idle connection is probed after 5 s of
+    silence, every 2 s, and given up 15 s after the peer's last word; data sent and not
+    acknowledged for 15 s ends it too."""
+
+    connect_timeout: int = 10  # seconds for TCP, TLS and authentication, or the connect fails
+    keepalives: bool = True  # false: no probes (then keepalives_* do nothing)
+    keepalives_idle: int = 5  # seconds of silence before the first probe
+    keepalives_interval: int = 2  # seconds between probes
+    keepalives_count: int = 5  # unanswered probes that end the connection
+    # Seconds sent data may stay unacknowledged (and, with probes on, the peer silent once
+    # probing began) before the connection ends; 0: the kernel's own (~15 minutes).
+    tcp_user_timeout: int = 15
+
+    def problem(self) -> tuple[str, str] | None:
+        """(field, what is wrong) for a value no kernel takes, else None."""
+        # Linux's own bounds for the three probe settings (tcp(7)); a day for the others.
+        for name, least, most in (("connect_timeout", 1, 86_400),
+                                  ("keepalives_idle", 1, 32_767),
+                                  ("keepalives_interval", 1, 32_767),
+                                  ("keepalives_count", 1, 127),
+                                  ("tcp_user_timeout", 0, 86_400)):
+            value = getattr(self, name)
+            if not least <= value <= most:
+                return name, f"{value} is not between {least} and {most}"
+        return None
+
+    def socket_options(self) -> list[tuple[int, int, int]]:
+        """(level, option, value) to set on a TCP connection's socket; those the platform
+        lacks (TCP_USER_TIMEOUT and TCP_KEEPIDLE are Linux's) are left out."""
+        wanted = [(socket.SOL_SOCKET, "SO_KEEPALIVE", int(self.keepalives))]
+        if self.keepalives:
+            wanted += [(socket.IPPROTO_TCP, "TCP_KEEPIDLE", self.keepalives_idle),
+                       (socket.IPPROTO_TCP, "TCP_KEEPINTVL", self.keepalives_interval),
+                       (socket.IPPROTO_TCP, "TCP_KEEPCNT", self.keepalives_count)]
+        wanted.append((socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", self.tcp_user_timeout * 1000))
+        return [(level, getattr(socket, name), value) for level, name, value in wanted
+                if hasattr(socket, name)]

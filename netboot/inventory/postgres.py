@@ -46,9 +46,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -68,6 +70,7 @@ from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
 from netboot.inventory.committed import CommittedHere
+from netboot.inventory.dsn import PeerSettings
 from netboot.inventory.dsn import redact as dsn_redact
 from netboot.inventory.sealed import Sealed, join_token_context
 from netboot.inventory.signal import Signal, wait_until
@@ -110,12 +113,13 @@ LOST_COMMIT_WAIT = 10.0
 _STATUS = "SELECT pg_xact_status($1::text::xid8)"
 # pg_current_xact_id and the xid8 type that pg_xact_status is asked with (_write) came in 13.
 MIN_SERVER_VERSION = (13, 0)
-CONNECT_TIMEOUT = 10.0
 # How long a query may wait for a free connection of the pool (a stuck database answers
 # with a StoreError, a 503, rather than an endless wait).
 ACQUIRE_TIMEOUT = 30.0
 # How often wait_for_changes looks while it cannot LISTEN.
 POLL_SECONDS = 1.0
+# The pause between two attempts to LISTEN again, doubling from the first to the last.
+RELISTEN_PAUSES = (0.05, 5.0)
 # Machines decoded between two yields to the event loop (~140 µs each on a busy 2-core
 # machine: ~70 ms).
 DECODE_CHUNK = 500
@@ -300,8 +304,11 @@ class PostgresStore:
     """
 
     def __init__(self, dsn: str, *, sealer: Sealer | None = None,
-                 listener: EventListener | None = None, pool_size: int = 8) -> None:
+                 listener: EventListener | None = None, pool_size: int = 8,
+                 peer: PeerSettings | None = None) -> None:
         self._dsn = dsn
+        # How every connection notices a peer gone without a word (dsn.PeerSettings).
+        self._peer = peer or PeerSettings()
         self.name = dsn_redact(dsn)
         self._sealed = Sealed(sealer)
         # The view's pages share their machines' equal label sets and creation times.
@@ -310,6 +317,10 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._notify: asyncpg.Connection | None = None
+        # Set when the LISTEN connection closes (its peer was lost: the kernel gave it up,
+        # the server ended it); the task that listens again waits for it.
+        self._notify_lost = asyncio.Event()
+        self._relisten: asyncio.Task[None] | None = None
         self._signal = Signal()
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
@@ -498,7 +509,7 @@ class PostgresStore:
         pause = 0.01
         while True:
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=_left(deadline))
+                conn = await self._connect(timeout=_left(deadline))
                 try:
                     while True:
                         try:
@@ -580,7 +591,11 @@ class PostgresStore:
             return
         try:
             pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, timeout=CONNECT_TIMEOUT,
+                self._dsn, min_size=1, max_size=self._pool_size,
+                timeout=self._peer.connect_timeout,
+                # No statement timeout: a bulk import's COPY may rightly run for minutes. A
+                # lost peer is noticed by the kernel instead (keepalives, TCP_USER_TIMEOUT:
+                # dsn.PeerSettings), on every connection, set as it is adopted.
                 command_timeout=None, init=self._adopt_session, reset=_kept_session)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
                 ValueError) as exc:
@@ -596,10 +611,16 @@ class PostgresStore:
         except BaseException:
             await self.close()
             raise
+        self._relisten = asyncio.ensure_future(self._keep_listening())
         log.info("inventory %s open, schema version %d%s", self.name, SCHEMA_VERSION,
                  f" (migrated: {', '.join(map(str, applied))})" if applied else "")
 
     async def close(self) -> None:
+        relisten, self._relisten = self._relisten, None
+        if relisten is not None:
+            relisten.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relisten
         for conn in (self._notify, self._feed):
             if conn is not None:
                 with contextlib.suppress(asyncpg.InterfaceError, OSError,
@@ -613,22 +634,78 @@ class PostgresStore:
             except TimeoutError:
                 pool.terminate()
 
+    async def _connect(self, timeout: float | None = None) -> asyncpg.Connection:
+        """A connection outside the pool (LISTEN, the feed's, a settle's question), set up
+        as the pool's are (:func:`connect`)."""
+        return await connect(self._dsn, self._peer, timeout=timeout)
+
     async def _listen(self) -> None:
         """One connection outside the pool that LISTENs: a notification wakes readers."""
         old, self._notify = self._notify, None
         if old is not None:
             old.terminate()
         try:
-            conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
+            conn = await self._connect()
             await conn.add_listener(CHANNEL, self._notified)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise StoreError(f"inventory {self.name}: cannot LISTEN: {reason(exc)}") from exc
         self._notify = conn
+        self._notify_lost.clear()
+        conn.add_termination_listener(self._notify_closed)
+
+    def _notify_closed(self, conn: object) -> None:
+        if conn is self._notify:  # not one _listen or close replaced on purpose
+            self._notify_lost.set()
+
+    async def _keep_listening(self) -> None:
+        """Listen again whenever the LISTEN connection is lost (the server restarted or
+        failed over, or its peer vanished and the kernel gave the connection up: dsn.
+        PeerSettings), for as long as the store is open.
+
+        Nothing is missed meanwhile: the change feed is the ``changes`` table, and a
+        notification only says "read it". While no connection listens, another server's
+        commit is not counted (:attr:`commits`), so the count is moved at the loss (readers
+        sync before they next answer, then every ``max_age``: InventoryView.fresh) and again
+        once listening (after LISTEN, so that a sync begun from then reads every commit the
+        outage hid, and each later one is notified); waiting readers are woken both times."""
+        first, most = RELISTEN_PAUSES
+        while True:
+            await self._notify_lost.wait()
+            self._notify_lost.clear()
+            self._notify = None
+            self._commits += 1
+            self._signal.fire()
+            log.error("inventory %s: the LISTEN connection was lost; other servers' writes "
+                      "reach this server's view at its next sync until it listens again",
+                      self.name)
+            pause = first
+            while True:
+                try:
+                    await self._listen()
+                    break
+                except StoreError as exc:
+                    log.info("%s; trying again in %.2f s", exc, pause)
+                except Exception:  # a bug: logged, and tried again rather than never
+                    log.exception("inventory %s: listening again failed", self.name)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, most)
+            self._commits += 1
+            self._signal.fire()
+            log.warning("inventory %s: listening for changes again", self.name)
 
     async def _adopt_session(self, conn: asyncpg.Connection) -> None:
         """A new connection of the pool: its notifications are of writes counted already.
         Forgotten when it closes, so that a later session of another server that gets the
-        same backend PID is counted as foreign."""
+        same backend PID is counted as foreign.
+
+        Its keepalives are set on both sides: here (:func:`tune`), and the server's, so that
+        the server notices this host gone (a pulled cable, a crashed VM) within the same
+        bound: a session of a vanished netboot that held the writers' lock in an open
+        transaction would otherwise hold it, and every other server's writes behind it, for
+        the server kernel's two hours. One round trip per pool connection, once: a
+        ``SET``, not a startup parameter, which poolers such as pgbouncer refuse."""
+        tune(conn, self._peer)
+        await conn.execute(*server_keepalives(self._peer))
         pid = conn.get_server_pid()
         self._own.add(pid)
         conn.add_termination_listener(lambda _: self._own.discard(pid))
@@ -1043,7 +1120,7 @@ class PostgresStore:
         async with self._feed_lock:
             try:
                 if self._feed is None or self._feed.is_closed():
-                    self._feed = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
+                    self._feed = await self._connect()
                 yield self._feed
             except NetbootError:
                 raise
@@ -1108,11 +1185,9 @@ class PostgresStore:
 
     async def wait_for_changes(self, seq: int, timeout: float) -> bool:
         """Woken by NOTIFY at the commit of any writer on this database. While the LISTEN
-        connection is down (the database restarted) it polls, and listens again."""
+        connection is down (the database restarted) it polls, until :meth:`_keep_listening`
+        listens again (and wakes it)."""
         async def news() -> bool:
-            if not self._listening():
-                with contextlib.suppress(StoreError):
-                    await self._listen()
             if seq < 0:
                 return True
             async with self._conn() as conn:
@@ -1246,8 +1321,52 @@ async def _kept_session(_conn: asyncpg.Connection) -> None:
     ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` at every release, a round
     trip the caller waits for (two per touch_token, one of them this): this store's pool
     sessions never take a session lock, open a cursor outside a transaction, LISTEN (its
-    own connection does) nor SET anything. asyncpg still rolls back a transaction left open
-    and drops listeners before calling this (Connection._reset)."""
+    own connection does) nor SET anything but the server's side of the keepalives, set once
+    for the session's life (:meth:`PostgresStore._adopt_session`; RESET ALL would undo
+    them). asyncpg still rolls back a transaction left open and drops listeners before
+    calling this (Connection._reset)."""
+
+
+async def connect(dsn: str, peer: PeerSettings, *,
+                  timeout: float | None = None) -> asyncpg.Connection:
+    """A connection to ``dsn`` within ``timeout`` (default: the settings' connect_timeout),
+    set up by :func:`tune`."""
+    conn = await asyncpg.connect(dsn, timeout=peer.connect_timeout if timeout is None
+                                 else timeout)
+    try:
+        tune(conn, peer)
+    except OSError:
+        conn.terminate()
+        raise
+    return conn
+
+
+def tune(conn: asyncpg.Connection, peer: PeerSettings) -> None:
+    """Keepalives and TCP_USER_TIMEOUT on ``conn``'s socket (dsn.PeerSettings): a peer gone
+    without a word ends the connection within the bound, not the kernel's minutes or hours.
+    Set once the connection is made: ``connect_timeout`` bounds the making. A Unix socket
+    has no peer to lose."""
+    sock = conn._transport.get_extra_info("socket")  # asyncpg has no getter
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    for level, option, value in peer.socket_options():
+        sock.setsockopt(level, option, value)
+
+
+def server_keepalives(peer: PeerSettings) -> tuple[str, ...]:
+    """The statement (and its arguments) that gives a session the server's side of ``peer``
+    (PostgreSQL's tcp_keepalives_* and tcp_user_timeout, user-settable; ignored on a Unix
+    socket). The server always probes a TCP session; without ``keepalives`` its kernel's
+    timing is left alone."""
+    names = ["tcp_user_timeout"]
+    values = [str(peer.tcp_user_timeout * 1000)]
+    if peer.keepalives:
+        names += ["tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count"]
+        values += [str(peer.keepalives_idle), str(peer.keepalives_interval),
+                   str(peer.keepalives_count)]
+    calls = ", ".join(f"set_config('{name}', ${n}, false)"
+                      for n, name in enumerate(names, start=1))
+    return (f"SELECT {calls}", *values)
 
 
 def supported(version: tuple[int, ...], name: str) -> None:
@@ -1263,10 +1382,16 @@ def supported(version: tuple[int, ...], name: str) -> None:
 
 def reason(exc: BaseException) -> str:
     """What went wrong, in words that never include the DSN."""
+    if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+        # The kernel gave the connection up (dsn.PeerSettings): no FIN, no RST, nothing.
+        return f"the server stopped answering ({exc.strerror})"
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{exc}: {reason(cause)}"  # asyncpg's "connection was closed", and why
     return str(exc) or type(exc).__name__
 
 

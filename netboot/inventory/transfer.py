@@ -234,11 +234,14 @@ async def _pg(spec: str, work: Callable[[Any], Awaitable[_R]]) -> _R:
     """Run ``work`` on one connection to ``spec``; failures are StoreError without the DSN."""
     import asyncpg
 
-    from netboot.inventory.postgres import CONNECT_TIMEOUT, reason
+    from netboot.inventory.dsn import PeerSettings
+    from netboot.inventory.postgres import connect, reason
 
     name = describe(spec)
     try:
-        conn = await asyncpg.connect(spec, timeout=CONNECT_TIMEOUT)
+        # Keepalives as the store's connections have (a copy's COPY may rightly be long; a
+        # vanished server is noticed all the same).
+        conn = await connect(spec, PeerSettings())
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         raise StoreError(f"cannot open inventory {name}: {reason(exc)}") from exc
     try:
