@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import re
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -131,15 +134,41 @@ COMMITTING = ("SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
               " AND query LIKE 'COMMIT%' AND wait_event = 'PgSleep'")
 
 
+# A classic BPF program of one instruction, "return 0": a socket it is attached to takes
+# no packet. On a TCP socket the kernel runs it before TCP sees the segment (tcp_filter), so
+# nothing the peer sends is acknowledged and no keepalive probe is answered: to the peer, a
+# host that vanished. Unprivileged (SO_ATTACH_FILTER needs no capability).
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = (("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32))
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter)))
+
+
+_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF_RET | BPF_K, 0
+_DROP_PROGRAM = bytes(_SockFprog(1, _DROP_ALL))
+
+
 class Cutter:
-    """A proxy between a client and the cluster, on a Unix socket of its own (no TCP), that
-    can lose a connection at a chosen moment: :meth:`cut_after` arms it with a piece of a
-    statement's text; the first client message that holds it is passed on to the server,
-    then the client's connection is reset at once. The server runs the statement to its
-    end (it reads what was sent before it could see the loss, and does not look for one
-    while it runs); its answer never reaches the client, and the server's side is closed
-    once it has answered. What a server restart or a failover does to a COMMIT in flight,
-    at a moment the test chooses."""
+    """A proxy between a client and the cluster, on a Unix socket of its own (or on TCP
+    loopback: :func:`cutting`'s ``tcp``), that can lose a connection at a chosen moment:
+    :meth:`cut_after` arms it with a piece of a statement's text; the first client message
+    that holds it is passed on to the server, then the client's connection is reset at
+    once. The server runs the statement to its end (it reads what was sent before it could
+    see the loss, and does not look for one while it runs); its answer never reaches the
+    client, and the server's side is closed once it has answered. What a server restart or
+    a failover does to a COMMIT in flight, at a moment the test chooses.
+
+    On TCP it can also black-hole (:meth:`freeze`, :meth:`freeze_after`): stop forwarding
+    without closing anything, in both directions, and its kernel drop every packet of the
+    frozen connections (and, unless only those are frozen, every new connection's SYN): no
+    FIN, no RST, no acknowledgement, no answer to a keepalive probe. What a pulled cable, a
+    VM gone, a firewall that dropped the connections' state do; :meth:`thaw` ends it."""
 
     def __init__(self) -> None:
         self._armed: bytes | None = None
@@ -147,6 +176,40 @@ class Cutter:
         self.cut = asyncio.Event()
         self._streams: list[asyncio.StreamWriter] = []
         self._held: list[asyncio.StreamWriter] = []
+        # Each connection's gate: cleared, nothing is forwarded either way.
+        self._gates: dict[asyncio.StreamWriter, asyncio.Event] = {}
+        self.listeners: list[Any] = []  # set by cutting()
+        self._freeze_armed: tuple[bytes, bool] | None = None
+        self._filtered: list[Any] = []
+
+    def freeze(self, *, new: bool = True) -> None:
+        """Black-hole every connection the proxy holds and, with ``new``, every connection
+        made from now on (a server gone; without ``new``: a failover, the old connections
+        lost, new ones reach the server)."""
+        targets = []
+        for client, gate in self._gates.items():
+            gate.clear()
+            targets.append(client.get_extra_info("socket"))
+        if new:
+            targets += self.listeners
+        for sock in targets:
+            with contextlib.suppress(OSError, AttributeError):  # AttributeError: gone
+                sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_PROGRAM)
+                self._filtered.append(sock)
+
+    def freeze_after(self, text: bytes, *, new: bool = True) -> None:
+        """:meth:`freeze` once the first client message holding ``text`` was passed on."""
+        self._freeze_armed = (text, new)
+
+    def thaw(self) -> None:
+        """The path is back: packets flow and the proxy forwards again (a connection whose
+        client gave it up meanwhile is answered with a reset by the client's kernel)."""
+        for sock in self._filtered:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        self._filtered.clear()
+        for gate in self._gates.values():
+            gate.set()
 
     def cut_after(self, text: bytes, *, hold: bool = False) -> None:
         """Arm the cut; ``hold``: the client's connection is kept (its answer never comes,
@@ -162,13 +225,20 @@ class Cutter:
                     client_out: asyncio.StreamWriter) -> None:
         server_in, server_out = await asyncio.open_unix_connection(target)
         self._streams += (client_out, server_out)
+        gate = self._gates[client_out] = asyncio.Event()
+        gate.set()
         lost = False
 
         async def up() -> None:
             nonlocal lost
             while data := await client_in.read(65536):
+                await gate.wait()  # frozen: what the kernel took before waits
                 server_out.write(data)
                 await server_out.drain()
+                frozen = self._freeze_armed
+                if frozen is not None and frozen[0] in data:
+                    self._freeze_armed = None
+                    self.freeze(new=frozen[1])
                 if self._armed is not None and self._armed in data:
                     self._armed, lost = None, True
                     if self._hold:
@@ -183,6 +253,7 @@ class Cutter:
             while data := await server_in.read(65536):
                 if lost:
                     break  # the server answered: its side closed, the answer dropped
+                await gate.wait()
                 client_out.write(data)
                 await client_out.drain()
             server_out.close()
@@ -198,19 +269,30 @@ class Cutter:
 
 
 @contextlib.asynccontextmanager
-async def cutting(dsn: str) -> AsyncIterator[tuple[str, Cutter]]:
+async def cutting(dsn: str, *, tcp: bool = False) -> AsyncIterator[tuple[str, Cutter]]:
     """A DSN like ``dsn`` (a cluster's, on its Unix socket) through a :class:`Cutter`
     (its connections are the server's, but for the one it cuts). Its socket is in a
-    directory of its own with a short name (a Unix socket's path has 107 bytes at most)."""
+    directory of its own with a short name (a Unix socket's path has 107 bytes at most);
+    ``tcp``: on a port of 127.0.0.1 instead, where connections have keepalives to lose."""
     host, port = (re.search(rf"[?&]{key}=([^&]+)", dsn) for key in ("host", "port"))
     assert host is not None and port is not None
     name = f".s.PGSQL.{port[1]}"
     cutter = Cutter()
     with tempfile.TemporaryDirectory(prefix="cut") as directory:
-        server = await asyncio.start_unix_server(
-            lambda r, w: cutter.relay(f"{host[1]}/{name}", r, w), path=f"{directory}/{name}")
+        def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
+            return cutter.relay(f"{host[1]}/{name}", r, w)
+
+        server = await (asyncio.start_server(relay, "127.0.0.1", 0) if tcp
+                        else asyncio.start_unix_server(relay, path=f"{directory}/{name}"))
+        cutter.listeners = list(server.sockets)
+        if tcp:
+            here = server.sockets[0].getsockname()[1]
+            through = dsn.replace(f"host={host[1]}", "host=127.0.0.1").replace(
+                f"port={port[1]}", f"port={here}")
+        else:
+            through = dsn.replace(f"host={host[1]}", f"host={directory}")
         try:
-            yield dsn.replace(f"host={host[1]}", f"host={directory}"), cutter
+            yield through, cutter
         finally:
             server.close()
             cutter.close()

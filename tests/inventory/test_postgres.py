@@ -9,13 +9,14 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 
 from netboot.errors import OutcomeUnknown, StoreError
 from netboot.inventory import postgres
+from netboot.inventory.dsn import PeerSettings
 from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
@@ -30,6 +31,8 @@ from netboot.model import (
 )
 from netboot.sealing import Sealer
 from tests import pg
+
+_R = TypeVar("_R")
 
 
 async def test_unreachable_database_is_a_store_error_without_the_password(
@@ -704,3 +707,126 @@ async def test_opening_a_server_older_than_13_is_refused(
         assert await admin.fetchval("SELECT to_regclass('schema_migrations')") is None
     finally:
         await admin.close()
+
+
+# --- a peer lost without a reset (a pulled cable, a VM gone, a firewall's dropped state) ------
+
+# Short settings: a silent peer ends a connection within ~2-3 s (keepalives and the user
+# timeout, dsn.PeerSettings); the tests' bounds (HANG) are what a hang would pass, the
+# kernel's own being ~15 minutes for data sent and two hours for an idle connection.
+QUICK = PeerSettings(connect_timeout=1, keepalives_idle=1, keepalives_interval=1,
+                     keepalives_count=2, tcp_user_timeout=2)
+HANG = 20.0
+
+
+@contextlib.asynccontextmanager
+async def _through_tcp(pg_dsn: str, **kw: Any) -> AsyncIterator[tuple[PostgresStore,
+                                                                     pg.Cutter]]:
+    """A store (``kw``: its arguments) whose connections pass through a :class:`pg.Cutter`
+    on TCP loopback, with QUICK settings."""
+    async with pg.cutting(pg_dsn, tcp=True) as (dsn, cutter):
+        store = PostgresStore(dsn, peer=QUICK, **kw)
+        await store.open()
+        try:
+            async with asyncio.timeout(3 * HANG):  # a hang anywhere fails, showing where
+                yield store, cutter
+        finally:
+            cutter.thaw()
+            await store.close()
+
+
+async def _within(what: str, check: Callable[[], Awaitable[bool] | bool]) -> None:
+    """Until ``check()`` holds, HANG seconds at most."""
+    async def poll() -> None:
+        while True:
+            answer = check()
+            if answer if isinstance(answer, bool) else await answer:
+                return
+            await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(poll(), HANG)
+    except TimeoutError:
+        raise AssertionError(f"not {what} within {HANG} s") from None
+
+
+async def _ended(call: Awaitable[_R]) -> _R:
+    """``call``'s result or error, which must come within HANG seconds: a call still under
+    way then is a hang, failed without cancelling it (a cancel through the black hole would
+    only wait in its turn)."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait((task,), timeout=HANG)
+    if task not in done:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise AssertionError(f"still waiting after {HANG} s")
+    return task.result()
+
+
+@pytest.mark.parametrize("gone", ["failover", "server"])
+async def test_a_write_whose_peer_vanishes_during_its_commit_is_settled_within_the_bound(
+        pg_dsn: str, gone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection black-holed once the COMMIT was sent (no FIN, no RST: the server
+    commits, its answer never comes). The kernel's keepalives end the connection within the
+    settings' bound, and the write is settled as a reset one is: asked on a new connection,
+    "written" where the server can be reached ("failover": the old connections lost, new
+    ones get through), else "unknown" within LOST_COMMIT_WAIT. (Before: the COMMIT waited
+    for the kernel's ~15 minutes, and every writer behind it.)"""
+    monkeypatch.setattr(postgres, "LOST_COMMIT_WAIT", 2.0)
+    async with _through_tcp(pg_dsn, pool_size=1) as (store, cutter):
+        cutter.freeze_after(b"COMMIT", new=gone == "server")
+        writing = store.apply_batch(pg.slow_batch("quick"))
+        if gone == "failover":
+            await _ended(writing)  # told written
+        else:
+            with pytest.raises(OutcomeUnknown, match="outcome is unknown"):
+                await _ended(writing)
+        cutter.thaw()
+        assert [e.kind for e in await store.list_events("m1")] == ["quick"]
+        await _next_write_is_sound(store)
+
+
+async def test_an_idle_connection_whose_peer_vanished_fails_its_next_use_within_the_bound(
+        pg_dsn: str) -> None:
+    """A pool's idle connection, its peer black-holed: the next query is a StoreError
+    within the bound (the data sent unacknowledged: TCP_USER_TIMEOUT; or the connection
+    already given up by its keepalives, and a new one not made within connect_timeout),
+    not a wait of the kernel's minutes; once the path is back, the store answers again."""
+    async with _through_tcp(pg_dsn, pool_size=1) as (store, cutter):
+        assert await store.get_setting("k") is None  # the pool's one connection, now idle
+        cutter.freeze()
+        with pytest.raises(StoreError, match="the server stopped answering"):
+            await _ended(store.get_setting("k"))
+        cutter.thaw()
+        await _next_write_is_sound(store)
+
+
+async def test_a_lost_listen_connection_is_noticed_and_listened_again_without_missing_a_change(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LISTEN connection black-holed (no FIN, no RST) while another server commits: its
+    NOTIFY is lost. The kernel ends the connection within the bound; the store counts a
+    possible commit (a view no longer answers from memory without a sync), listens again
+    once the path is back, and a view syncs what was committed meanwhile; later commits
+    wake readers again. (Before: the connection waited for two hours of the kernel's
+    keepalive, the view thought itself current, and nothing listened again.)"""
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # woken by NOTIFY, or not at all
+    async with _through_tcp(pg_dsn) as (b, cutter):
+        a = PostgresStore(pg_dsn)
+        await a.open()
+        try:
+            view = InventoryView(b)
+            await view.sync()
+            assert view.fresh(3600.0)
+            cutter.freeze()
+            during = Machine(macs=(MacAddress.parse("02:00:00:00:07:01"),), hostname="during")
+            await a.create_machine(during)
+            await _within("told the LISTEN connection was lost",
+                          lambda: not view.fresh(3600.0))
+            cutter.thaw()
+            await asyncio.wait_for(view.sync(), HANG)
+            assert await view.machine_by("mac", "02:00:00:00:07:01") == during
+            waiting = asyncio.ensure_future(view.wait(600.0))
+            after = Machine(macs=(MacAddress.parse("02:00:00:00:07:02"),), hostname="after")
+            await a.create_machine(after)
+            assert await asyncio.wait_for(waiting, HANG) is True
+            assert await view.machine_by("mac", "02:00:00:00:07:02") == after
+        finally:
+            await a.close()
