@@ -375,8 +375,12 @@ class PostgresStore:
             raise
         except asyncpg.UniqueViolationError as exc:
             raise Conflict(f"inventory constraint failed: {exc}") from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                TimeoutError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                OSError, TimeoutError) as exc:
+            # InternalClientError: a connection whose server ended it (a shutdown's FATAL)
+            # read while the loop was busy, its end not yet: asyncpg keeps it open, in an
+            # error state, and the pool hands it out; its next statement is refused before
+            # anything is sent (test_a_database_shutdown_while_the_loop_is_busy_...).
             raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
 
     @contextlib.asynccontextmanager
@@ -1124,8 +1128,8 @@ class PostgresStore:
                 yield self._feed
             except NetbootError:
                 raise
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                    TimeoutError) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                    OSError, TimeoutError) as exc:  # InternalClientError: as in _conn
                 if self._feed is not None and not self._feed.is_closed():
                     self._feed.terminate()  # in an unknown state: the next reader reconnects
                 raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc

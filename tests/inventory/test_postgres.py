@@ -257,6 +257,32 @@ async def test_a_database_restart_fails_requests_then_heals(
         await asyncio.to_thread(cluster.stop)
 
 
+async def test_a_database_shutdown_while_the_loop_is_busy_is_a_store_error() -> None:
+    """The server shut down while the event loop was busy (a storm's): its FATAL and the
+    connection's end arrive together, and the loop may read the first before the second.
+    asyncpg then keeps the connection open, in an error state, the pool hands it out, and
+    the next statement raises asyncpg's InternalClientError ("another operation is in
+    progress"), not a StoreError: a 500 where a 503 was due. Every moment of that window is
+    tried (the loop blocked during the shutdown, then 0-4 turns of it). (Before: turns 2 and
+    3 raised InternalClientError; the relistening task, busy on the loop at a shutdown, made
+    test_a_database_restart_fails_requests_then_heals meet it too.)"""
+    cluster = await asyncio.to_thread(pg.start)  # its own: the session's must stay up
+    store = PostgresStore(cluster.dsn(), pool_size=1)
+    try:
+        await store.open()
+        for turns in range(5):
+            assert await store.get_setting("k") is None  # the pool's one connection, idle
+            cluster.halt()  # blocking the loop, as a busy one would be
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            with pytest.raises(StoreError):
+                await store.get_setting("k")
+            await asyncio.to_thread(cluster.restart)
+    finally:
+        await store.close()
+        await asyncio.to_thread(cluster.stop)
+
+
 async def test_own_commits_reach_the_view_without_a_read_back(
         two: tuple[PostgresStore, PostgresStore], pg_dsn: str) -> None:
     """A view's sync after its own server's commit takes what was written, not read back;
