@@ -1265,6 +1265,20 @@ class PostgresStore:
             " VALUES ($1, $2, $3, $4, $5, $6)",
             float(e.time), e.actor, e.action, e.target, e.peer, e.outcome))
 
+    async def settle_audit(self, entry: AuditEntry, written: str, otherwise: str) -> None:
+        e = codec.audit_from_dict(codec.audit_to_dict(entry))
+        # One statement (one round trip): the entry found (by the audit_time index) is
+        # updated, or the other added. An entry whose change's COMMIT still runs is not
+        # seen (its insert is not committed): then both are kept, which only a COMMIT
+        # running past LOST_COMMIT_WAIT leaves.
+        await self._single(lambda conn: conn.execute(
+            "WITH found AS (UPDATE audit SET outcome = $7 WHERE id = (SELECT max(id) FROM"
+            " audit WHERE time = $1 AND actor = $2 AND action = $3 AND target = $4"
+            " AND peer = $5 AND outcome = $6) RETURNING 1)"
+            " INSERT INTO audit (time, actor, action, target, peer, outcome)"
+            " SELECT $1, $2, $3, $4, $5, $8 WHERE NOT EXISTS (SELECT 1 FROM found)",
+            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome, written, otherwise))
+
     async def list_audit(self, *, since: float | None = None,
                          limit: int = 1000) -> list[AuditEntry]:
         if limit <= 0:
