@@ -103,16 +103,21 @@ _LAST_CHANGE = "SELECT coalesce(max(seq), 0) FROM changes"
 # COMMIT is settled by the mark (_status): found, the write committed. Not by the id alone:
 # after a crash that lost the WAL of the write's transaction, or a failover to a standby that
 # never received it, the new primary hands that id to the next writer, and pg_xact_status
-# then tells that writer's outcome as this write's. Each PRUNE_MARKS_EVERY-th write of a store
-# also drops the marks older than MARK_KEEP: a key's first 48 bits are its writer's clock in
-# ms, so the primary key's range finds them (no other index; SKIP LOCKED: two writers pruning
-# together never wait for each other).
-_MARKED = "INSERT INTO commit_marks (id) SELECT $1::uuid"
+# then tells that writer's outcome as this write's. A key is the server's clock in ms (48
+# bits: the primary's clock alone, whatever the netboot servers' clocks say) and 80 random
+# bits from the writer. Each PRUNE_MARKS_EVERY-th write of a store also drops the marks older
+# than MARK_KEEP by the server's clock: the primary key's range finds them (no other index;
+# SKIP LOCKED: two writers pruning together never wait for each other).
+_MARKED = ("INSERT INTO commit_marks (id) SELECT (lpad(to_hex((extract(epoch FROM"
+           " clock_timestamp())::float8 * 1000)::bigint), 12, '0') || $1)::uuid")
 _LOCKED = " FROM pg_advisory_xact_lock($2)"
-_XID = " RETURNING pg_current_xact_id()::text"
+_XID = " RETURNING id, pg_current_xact_id()::text"
 _PRUNING = ("WITH gone AS (DELETE FROM commit_marks WHERE id IN (SELECT id FROM commit_marks"
-            " WHERE id < $0::uuid FOR UPDATE SKIP LOCKED)) ")
-# (lock, prune) -> the statement: $1 the mark, then the lock's key, then the pruning's bound.
+            " WHERE id < (lpad(to_hex(((extract(epoch FROM clock_timestamp())::float8"
+            " - $0::float8) * 1000)::bigint), 12, '0') || '00000000000000000000')::uuid"
+            " FOR UPDATE SKIP LOCKED)) ")
+# (lock, prune) -> the statement: $1 the mark's random part (20 hex digits), then the lock's
+# key, then MARK_KEEP.
 _BEGUN = {
     (False, False): _MARKED + _XID,
     (True, False): _MARKED + _LOCKED + _XID,
@@ -443,18 +448,21 @@ class PostgresStore:
         committed = False
         self._writes += 1
         began = time.monotonic()
-        mark = _mark(time.time(), self._random)
-        args: list[Any] = [mark, WRITE_LOCK] if lock else [mark]
+        # The mark's random part: its key, made by the server with its clock first.
+        args: list[Any] = [f"{self._random.getrandbits(80):020x}"]
+        if lock:
+            args.append(WRITE_LOCK)
         prune = not self._writes % PRUNE_MARKS_EVERY
         if prune:
-            args.append(_mark(time.time() - MARK_KEEP, None))
+            args.append(MARK_KEEP)
+        mark: uuid.UUID | None = None
         try:
             async with self._conn() as conn:
                 try:
                     async with conn.transaction():
                         # Its mark and its transaction's id, in the round trip that takes
                         # the lock.
-                        begun = await conn.fetchval(_BEGUN[lock, prune], *args)
+                        mark, begun = await conn.fetchrow(_BEGUN[lock, prune], *args)
                         yield conn
                         xid = begun
                 except asyncio.CancelledError as exc:
@@ -466,7 +474,7 @@ class PostgresStore:
                         raise  # the body failed, or the server refused the COMMIT: rolled back
                     lost = exc
                 if cancel is not None:
-                    assert xid is not None
+                    assert xid is not None and mark is not None
                     asking = asyncio.ensure_future(self._committed(conn, xid, mark, began))
                     await waited(cancel, asking, within=CANCELLED_COMMIT_WAIT,
                                  late=functools.partial(_late, self.name, asking))
@@ -479,7 +487,7 @@ class PostgresStore:
             if feed:
                 self._commits += 1
         if lost is not None:  # asked once the broken connection is back in the pool
-            assert xid is not None
+            assert xid is not None and mark is not None
             await self._settle(xid, mark, began, lost)
         if cancel is not None:
             deliver(cancel)
@@ -578,15 +586,15 @@ class PostgresStore:
                         except asyncpg.LockNotAvailableError:
                             return "in progress"
                         except asyncpg.ReadOnlySQLTransactionError:
-                            # A standby (or a primary turned read-only): what it has replayed
-                            # says "committed"; nothing else is final there.
-                            if await conn.fetchval(_FOUND, mark, timeout=_left(deadline)) is False:
-                                return "committed"
-                            raise
+                            # A standby (or a primary turned read-only): the write's mark
+                            # or a claim it has replayed is final; their absence is not.
+                            found = await conn.fetchval(_FOUND, mark, timeout=_left(deadline))
+                            if found is None:
+                                raise
+                            return "aborted" if found else "committed"
                         return "aborted" if lost else "committed"
-                    if await conn.fetchval(_FOUND, mark, timeout=_left(deadline)) is False:
-                        return "committed"
-                    return None
+                    found = await conn.fetchval(_FOUND, mark, timeout=_left(deadline))
+                    return None if found is None else "aborted" if found else "committed"
                 finally:
                     conn.terminate()
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
@@ -1297,14 +1305,6 @@ class PostgresStore:
             " (SELECT coalesce(max(id), 0) FROM audit) - $1 RETURNING 1)"
             " SELECT count(*) FROM gone", max(keep, 0)))
         return int(deleted)
-
-
-def _mark(now: float, rand: random.Random | None) -> uuid.UUID:
-    """A write's mark made at ``now`` (seconds since the epoch): the time in ms, then 80
-    random bits (one mark in 2**40 written within the same ms would share a key with another:
-    its write refused as a conflict); without ``rand``, the least key of that ms (the bound
-    of the marks to prune)."""
-    return uuid.UUID(int=(int(now * 1000) << 80) | (rand.getrandbits(80) if rand else 0))
 
 
 def _left(deadline: float) -> float:

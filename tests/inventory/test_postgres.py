@@ -9,6 +9,7 @@ import random
 import sqlite3
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -499,6 +500,11 @@ async def test_a_write_whose_commit_a_server_restart_ends_is_told_failed_once_it
         await asyncio.to_thread(cluster.stop)
 
 
+def _mark(when: float) -> uuid.UUID:
+    """A mark as a write made at ``when`` (seconds since the epoch) has: ms, random bits."""
+    return uuid.UUID(int=(int(when * 1000) << 80) | random.getrandbits(80))
+
+
 async def test_a_write_the_server_has_no_mark_of_is_told_failed_for_good(pg_dsn: str) -> None:
     """A lost COMMIT whose mark is not there (its transaction aborted, or never reached the
     server that answers now): "aborted", the key claimed so that the write can no longer
@@ -510,7 +516,7 @@ async def test_a_write_the_server_has_no_mark_of_is_told_failed_for_good(pg_dsn:
     admin = await asyncpg.connect(pg_dsn)
     try:
         now = time.monotonic()
-        lost = postgres._mark(time.time(), random.Random())
+        lost = _mark(time.time())
         assert await store._status(lost, now) == "aborted"
         assert await store._status(lost, now) == "aborted"
         async with store._write() as conn:  # a write's own mark
@@ -518,7 +524,7 @@ async def test_a_write_the_server_has_no_mark_of_is_told_failed_for_good(pg_dsn:
         assert await store._status(mark, now) == "committed"
         old = now - postgres.MARK_KEEP
         assert await store._status(mark, old) == "committed"
-        other = postgres._mark(time.time(), random.Random())
+        other = _mark(time.time())
         assert await store._status(other, old) is None
         assert await admin.fetchval("SELECT count(*) FROM commit_marks WHERE id = $1",
                                     other) == 0
@@ -536,7 +542,7 @@ async def test_marks_are_pruned_by_the_writes_themselves(
     await store.open()
     admin = await asyncpg.connect(pg_dsn)
     try:
-        stale = postgres._mark(time.time() - postgres.MARK_KEEP - 60, random.Random())
+        stale = _mark(time.time() - postgres.MARK_KEEP - 60)
         await admin.execute("INSERT INTO commit_marks (id) VALUES ($1)", stale)
         for n in range(3):
             await store.put_setting("k", str(n))
