@@ -193,6 +193,13 @@ class Access:
         await self.recorded()
         return entry
 
+    async def settled(self, entry: AuditEntry, written: str, otherwise: str) -> None:
+        """The one entry of a request answered that its change's outcome is unknown, whose
+        ``entry`` (:meth:`entry`) went with the change: its outcome becomes ``written`` if
+        it is stored, else it is added with ``otherwise`` (Store.settle_audit)."""
+        await self._store.settle_audit(entry, written, otherwise)
+        await self.recorded()
+
     def entry(self, actor: str, action: str, target: str, *, peer: str,
               outcome: str) -> AuditEntry:
         """An entry for a change's own batch to write (then :meth:`recorded`): the change

@@ -44,6 +44,8 @@ MASKED = "********"
 IMPORT_FORMATS = ("csv", "yaml", "json")
 # After an audit entry's status: the inventory could not say whether the change was written.
 UNKNOWN = "outcome unknown"
+# ... and after that, where the entry written with the change was found later: it was.
+WRITTEN = "(written)"
 
 
 async def read_json(request: web.Request) -> Any:
@@ -270,11 +272,12 @@ class Api:
         # succeeded: one commit where the change's and the entry's followed each other,
         # and the entry is on disk exactly when the change is).
         asked = ["-", ref or ""]
+        made: list[AuditEntry] = []  # the entry that went with the change, if one did
         unknown = False
         try:
-            reply = await (self._front_event(ref, bearer, body, asked, route, remote)
+            reply = await (self._front_event(ref, bearer, body, asked, route, remote, made)
                            if ref is not None
-                           else self._front_register(body, remote, asked, route))
+                           else self._front_register(body, remote, asked, route, made))
         except Exception as exc:  # the one translation (netboot.servers.http.error_reply)
             reply = translate(exc)
             unknown = isinstance(exc, OutcomeUnknown)
@@ -293,13 +296,23 @@ class Api:
                     # Written with its change: refusing the answer now would only hide that
                     # it was (a 503 says nothing was changed; a retry would find it done).
                     self._log.error("audit log prune failed after POST %s: %s", route, exc)
+            elif unknown and made:
+                # Its entry went with the change, which may be stored: one entry all the
+                # same, that one's outcome replaced if it is (two, "201" and "503 outcome
+                # unknown", told both that it was and that nobody knew).
+                try:
+                    await self._access.settled(made[-1], f"{_answered(reply.status, True)}"
+                                               f" {WRITTEN}", _answered(reply.status, True))
+                except NetbootError as exc:
+                    self._log.error("audit entry lost for POST %s: %s", route, exc)
             else:
                 await self._audit(asked[0], "POST", route, asked[1], remote,
                                   _answered(reply.status, unknown))
         return reply
 
     async def _front_event(self, ref: str, bearer: str | None, body: bytes,
-                           asked: list[str], route: str, remote: str | None) -> Reply | None:
+                           asked: list[str], route: str, remote: str | None,
+                           made: list[AuditEntry]) -> Reply | None:
         try:
             machine = await self._core.boot.machine_by_ref(ref)
         except NotFound:
@@ -309,18 +322,20 @@ class Api:
         asked[0] = f"machine:{machine.id}"
         entry = self._access.entry(asked[0], f"POST {route}", asked[1], peer=remote or "-",
                                    outcome="201")
+        made.append(entry)
         event = await self._reported(machine, loads(body or b"null"), audit=(entry,))
         asked.append("written")
         return _json_reply(codec.event_to_dict(event), 201)
 
-    async def _front_register(self, body: bytes, remote: str | None,
-                              asked: list[str], route: str) -> Reply:
+    async def _front_register(self, body: bytes, remote: str | None, asked: list[str],
+                              route: str, made: list[AuditEntry]) -> Reply:
         if not body:
             raise ValidationError("body", "a JSON body is required")
 
         def entry(machine: Machine) -> AuditEntry:
-            return self._access.entry(f"machine:{machine.id}", f"POST {route}", machine.id,
-                                      peer=remote or "-", outcome="200")
+            made.append(self._access.entry(f"machine:{machine.id}", f"POST {route}",
+                                           machine.id, peer=remote or "-", outcome="200"))
+            return made[-1]
 
         machine = await self._enroll.register(_object(loads(body)), parse_peer(remote),
                                               audit=entry)

@@ -210,7 +210,8 @@ SCHEMAS: dict[str, Any] = {
                        "outcome": {"type": "string", "description":
                                    "the HTTP status (followed by 'outcome unknown' where "
                                    "the inventory could not say whether the change was "
-                                   "written), or ok / error for the CLI"}}},
+                                   "written, and '(written)' where it was found later "
+                                   "that it was), or ok / error for the CLI"}}},
     "Status": {"type": "object", "required": ["total", "by_state", "clusters", "failed"],
                "properties": {
                    "total": {"type": "integer"},

@@ -29,7 +29,8 @@ While the inventory is unreachable the queue is kept (up to ``max_queued`` event
 dropped beyond, with a count in the log), and so are the facts learnt on the boot path, and no
 write is tried until :meth:`flush` is called again (the service's watcher does once the
 inventory answers): a boot storm against a dead database costs no failed transaction per
-event and no log line per event.
+event and no log line per event. The notes of a write whose outcome is unknown
+(OutcomeUnknown: it may be stored) are not kept: written again, they could be stored twice.
 """
 
 from __future__ import annotations
@@ -441,7 +442,17 @@ class Recorder:
                 self._keep_learned(learned)
             raise
         except NetbootError as exc:
-            self._queue[:0] = queued  # kept, in order, before anything queued meanwhile
+            if not isinstance(exc, OutcomeUnknown):
+                self._queue[:0] = queued  # kept, in order, before anything queued meanwhile
+            elif queued:
+                # Perhaps written (a commit whose answer was lost): written again, a group
+                # that was would hold them twice. At most once, as a kill -9 within
+                # ``delay`` loses them too; the facts are kept (learnt again on the machine
+                # as stored, they change nothing that was written).
+                self._log.error("%d boot events not written again: the write that held them "
+                                "may or may not be stored (%s)", len(queued), exc)
+                self._written(queued)
+                queued = []
             if strict:
                 raise
             if isinstance(exc, StoreError):

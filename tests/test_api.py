@@ -1571,6 +1571,25 @@ async def test_a_change_whose_client_left_before_it_was_made_is_aborted(env: Env
 # --- a change whose outcome the inventory cannot tell ----------------------------------------
 
 
+async def front_report(env: Env, token: str, *, register: bool = False) -> dict[str, Any]:
+    """An installer's report (or its registration) through the front door (a real socket:
+    Api.front_post), answered 503: its body."""
+    reader, writer = await asyncio.open_connection(env.client.host, env.client.port)
+    path, body, bearer = ((f"/api/v1/machines/{MAC}/events", b'{"kind": "installed"}',
+                           f"Authorization: Bearer {token}\r\n") if not register else
+                          ("/api/v1/register", json.dumps({"mac": MAC, "token": token}).encode(),
+                           ""))
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: 192.0.2.10\r\n"
+                 f"{bearer}Content-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    length = re.search(r"(?i)\r\ncontent-length: *(\d+)", head)
+    assert head.startswith("HTTP/1.1 503 ") and length is not None, head
+    answer: dict[str, Any] = json.loads(await reader.readexactly(int(length[1])))
+    writer.close()
+    return answer
+
+
 @pytest.mark.parametrize("unknown", [True, False])
 async def test_a_change_whose_outcome_is_unknown_is_answered_and_audited_so(
         env: Env, monkeypatch: pytest.MonkeyPatch, unknown: bool) -> None:
@@ -1604,16 +1623,7 @@ async def test_a_change_whose_outcome_is_unknown_is_answered_and_audited_so(
                               json_body={"kind": "installed"},
                               headers={"Authorization": f"Bearer {token}"}, admin=False), 503)
     # The same report through the front door (a real socket: Api.front_post).
-    reader, writer = await asyncio.open_connection(env.client.host, env.client.port)
-    body = b'{"kind": "installed"}'
-    writer.write(f"POST /api/v1/machines/{MAC}/events HTTP/1.1\r\nHost: 192.0.2.10\r\n"
-                 f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    head = (await reader.readuntil(b"\r\n\r\n")).decode()
-    length = re.search(r"(?i)\r\ncontent-length: *(\d+)", head)
-    assert head.startswith("HTTP/1.1 503 ") and length is not None, head
-    front = json.loads(await reader.readexactly(int(length[1])))
-    writer.close()
+    front = await front_report(env, token)
     for answer in (profile, report, front):
         assert answer.get("outcome") == ("unknown" if unknown else None), answer
         assert ("nothing was changed" in answer["error"]) is not unknown
@@ -1623,3 +1633,34 @@ async def test_a_change_whose_outcome_is_unknown_is_answered_and_audited_so(
     assert entries(log, "POST /api/v1/profiles")[-1] == ("admin", "", outcome)  # after seed's
     assert [e for _, _, e in entries(log, "POST /api/v1/machines/{ref}/events")] == [
         outcome, outcome]
+
+
+@pytest.mark.parametrize("register", [False, True])
+async def test_a_report_told_unknown_that_was_written_is_audited_once(
+        env: Env, monkeypatch: pytest.MonkeyPatch, register: bool) -> None:
+    """A device's report (or registration) through the front door whose commit, with its
+    own audit entry ("201", "200"), was written though the store could not say so
+    (OutcomeUnknown): one entry, "503 outcome unknown (written)": the client's status, and
+    what became of the change. Before: two entries for one request, the change's and "503
+    outcome unknown"."""
+    from netboot.errors import OutcomeUnknown
+
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    apply_batch = store(env).apply_batch
+
+    async def report_lost(batch: Batch) -> None:
+        await apply_batch(batch)
+        if batch.events and batch.audit:  # the change and its entry: committed, then lost
+            raise OutcomeUnknown("connection lost during COMMIT")
+
+    monkeypatch.setattr(store(env), "apply_batch", report_lost)
+    answer = await front_report(env, token, register=register)
+    assert answer.get("outcome") == "unknown", answer
+    monkeypatch.undo()
+    log = await env.get("/api/v1/audit")
+    route = "POST /api/v1/register" if register else "POST /api/v1/machines/{ref}/events"
+    assert [e for _, _, e in entries(log, route)] == ["503 outcome unknown (written)"]
+    kinds = [e["kind"] for e in await env.get(f"/api/v1/machines/{MAC}/events")]
+    assert kinds.count("registered" if register else "installed") == 1

@@ -394,15 +394,11 @@ async def test_a_slow_write_does_not_queue_a_flush_per_delay_behind_it(
     assert await kinds(other) == [f"e{k}" for k in range(20)]
 
 
-async def test_a_group_whose_outcome_is_unknown_is_not_written_again_one_by_one(
-        stores: tuple[SqliteStore, SqliteStore]) -> None:
-    """A group commit the store cannot say was written (OutcomeUnknown: its connection
-    lost during the COMMIT, the server not asked within the bound), that was in fact: each
-    of its batches is told so, not written again alone (the one-by-one replay meant for a
-    batch refused for what it is). Replayed, every event and audit entry of the group was
-    stored twice and each caller told "written"; a create was a Conflict of its own write."""
-    own, other = stores
-    apply = own.apply_batch
+def commits_then_unknown(store: SqliteStore) -> list[Batch]:
+    """``store``'s next write commits and then raises OutcomeUnknown (its connection lost
+    during the COMMIT, the server not asked within the bound); the writes after it are the
+    store's own. The batch so written is put in the list returned."""
+    apply = store.apply_batch
     lost: list[Batch] = []
 
     async def apply_batch(batch: Batch) -> None:
@@ -411,7 +407,19 @@ async def test_a_group_whose_outcome_is_unknown_is_not_written_again_one_by_one(
             lost.append(batch)
             raise OutcomeUnknown("the connection failed during the COMMIT")
 
-    own.apply_batch = apply_batch  # type: ignore[method-assign]
+    store.apply_batch = apply_batch  # type: ignore[method-assign]
+    return lost
+
+
+async def test_a_group_whose_outcome_is_unknown_is_not_written_again_one_by_one(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A group commit the store cannot say was written (OutcomeUnknown: its connection
+    lost during the COMMIT, the server not asked within the bound), that was in fact: each
+    of its batches is told so, not written again alone (the one-by-one replay meant for a
+    batch refused for what it is). Replayed, every event and audit entry of the group was
+    stored twice and each caller told "written"; a create was a Conflict of its own write."""
+    own, other = stores
+    lost = commits_then_unknown(own)
     recorder = Recorder(own, delay=3600)
     created = Machine(macs=(MAC,), hostname="new")
     results = await asyncio.gather(
@@ -841,3 +849,30 @@ async def test_facts_a_cancelled_write_of_each_machine_alone_did_not_store_stay_
     assert await kinds(other, stale.id) == ["note"]
     now = await other.get_machine(kept.id)
     assert now is not None and now.hostname == "learnt2"
+
+
+@pytest.mark.parametrize("strict", [True, False])
+async def test_the_notes_of_a_write_whose_outcome_is_unknown_are_never_written_twice(
+        stores: tuple[SqliteStore, SqliteStore], strict: bool) -> None:
+    """Boot notes queued when a write took them whose outcome is unknown (OutcomeUnknown,
+    here of a write that was in fact committed): not queued again, so never stored twice
+    (strict: a caller's commit took them into its group; else the background flush). Queued
+    again, the next write stored each of them a second time. The commit's caller is told
+    the outcome is unknown; what is noted after is written as before."""
+    own, other = stores
+    lost = commits_then_unknown(own)
+    recorder = Recorder(own, delay=3600)
+    recorder.record(ev("noted", "m1"))
+    if strict:
+        with pytest.raises(OutcomeUnknown):
+            await recorder.commit(Batch(events=(ev("told", "m2"),)))
+    else:
+        await recorder.flush()
+    assert lost
+    recorder.record(ev("after", "m1"))
+    await recorder.flush()
+    assert await kinds(other, "m1") == ["noted", "after"]
+    if strict:
+        assert await kinds(other, "m2") == ["told"]
+    del own.apply_batch
+    await recorder.close()

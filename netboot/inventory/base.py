@@ -334,6 +334,12 @@ class Store(ChangeFeed, StateCounts, Protocol):
 
     async def add_audit(self, entry: AuditEntry) -> None: ...
 
+    async def settle_audit(self, entry: AuditEntry, written: str, otherwise: str) -> None:
+        """The one entry of a request whose change's outcome its answer could not tell:
+        ``entry``, which the change's own transaction carried, gets the outcome ``written``
+        if it is stored (the newest equal one); else an entry like it with ``otherwise`` is
+        added."""
+
     async def list_audit(self, *, since: float | None = None,
                          limit: int = 1000) -> list[AuditEntry]:
         """Oldest first; at most the newest ``limit`` entries at or after ``since``."""

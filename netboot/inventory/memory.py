@@ -416,6 +416,15 @@ class MemoryStore:
         self._check_open()
         self._audit.append(codec.audit_from_dict(codec.audit_to_dict(entry)))
 
+    async def settle_audit(self, entry: AuditEntry, written: str, otherwise: str) -> None:
+        self._check_open()
+        stored = codec.audit_from_dict(codec.audit_to_dict(entry))
+        for i in range(len(self._audit) - 1, -1, -1):
+            if self._audit[i] == stored:
+                self._audit[i] = replace(stored, outcome=written)
+                return
+        self._audit.append(replace(stored, outcome=otherwise))
+
     async def list_audit(self, *, since: float | None = None,
                          limit: int = 1000) -> list[AuditEntry]:
         self._check_open()

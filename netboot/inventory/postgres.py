@@ -36,10 +36,11 @@ and this); what differs is how, and why:
   database by :func:`netboot.inventory.dsn.redact`.
 * Any failure of the server or the connection is a :class:`StoreError`, never "not found";
   :class:`~netboot.errors.OutcomeUnknown` where the connection failed while a write was
-  being committed and the server, asked on a new connection, could not say whether it was
-  (pg_xact_status, as its documentation suggests: "to determine whether their transaction
-  committed or aborted after the application and database server become disconnected while
-  a COMMIT is in progress"); a write it says committed returns as written.
+  being committed and the server, asked on a new connection, could not say whether it was;
+  a write it says committed returns as written. Asked by the write's mark (a random key the
+  transaction wrote, ``commit_marks``), not by its transaction id (pg_xact_status): a
+  failover's new primary, or the same server after a crash that lost the write's WAL, hands
+  that id to the next writer, whose outcome would be told as this write's.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ import errno
 import functools
 import json
 import logging
+import random
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
@@ -97,20 +100,61 @@ WRITE_LOCK = 0x6E6574626F6F74
 MIGRATE_LOCK = WRITE_LOCK + 1
 CHANNEL = "netboot_changes"
 _LAST_CHANGE = "SELECT coalesce(max(seq), 0) FROM changes"
-# A write's transaction id, learnt as it begins: what a cancel during its COMMIT asks about.
-_BEGUN = "SELECT pg_current_xact_id()::text"
-_BEGUN_LOCKED = "SELECT pg_current_xact_id()::text FROM pg_advisory_xact_lock($1)"
+# A write's mark (commit_marks, migration 4): a random key written in its transaction as it
+# begins, in the round trip that takes the lock, which returns the transaction's id (what a
+# cancel during its COMMIT asks about on the same connection, and what the logs name). A lost
+# COMMIT is settled by the mark (_status): found, the write committed. Not by the id alone:
+# after a crash that lost the WAL of the write's transaction, or a failover to a standby that
+# never received it, the new primary hands that id to the next writer, and pg_xact_status
+# then tells that writer's outcome as this write's. A key is the server's clock in ms (48
+# bits: the primary's clock alone, whatever the netboot servers' clocks say) and 80 random
+# bits from the writer. Each PRUNE_MARKS_EVERY-th write of a store also drops the marks older
+# than MARK_KEEP by the server's clock: the primary key's range finds them (no other index;
+# SKIP LOCKED: two writers pruning together never wait for each other).
+_MARKED = ("INSERT INTO commit_marks (id) SELECT (lpad(to_hex((extract(epoch FROM"
+           " clock_timestamp())::float8 * 1000)::bigint), 12, '0') || $1)::uuid")
+_LOCKED = " FROM pg_advisory_xact_lock($2)"
+_XID = " RETURNING id, pg_current_xact_id()::text"
+_PRUNING = ("WITH gone AS (DELETE FROM commit_marks WHERE id IN (SELECT id FROM commit_marks"
+            " WHERE id < (lpad(to_hex(((extract(epoch FROM clock_timestamp())::float8"
+            " - $0::float8) * 1000)::bigint), 12, '0') || '00000000000000000000')::uuid"
+            " FOR UPDATE SKIP LOCKED)) ")
+# (lock, prune) -> the statement: $1 the mark's random part (20 hex digits), then the lock's
+# key, then MARK_KEEP.
+_BEGUN = {
+    (False, False): _MARKED + _XID,
+    (True, False): _MARKED + _LOCKED + _XID,
+    (False, True): _PRUNING.replace("$0", "$2") + _MARKED + _XID,
+    (True, True): _PRUNING.replace("$0", "$3") + _MARKED + _LOCKED + _XID,
+}
+PRUNE_MARKS_EVERY = 100
+# How long a mark is kept: far beyond LOST_COMMIT_WAIT. A write whose COMMIT was lost longer
+# than half of it after it began (a peer lost without a reset, found by TCP's own timeout) is
+# not settled by claiming its mark (it may have been pruned): only a mark found says anything.
+MARK_KEEP = 3600.0
 # How long a write cancelled while its COMMIT was under way is waited for (_committed): the
 # COMMIT's answer, then one question on the same connection, milliseconds (on a new one if
 # that connection failed: _status). Bounded so that a shutdown cannot hang on a server that
 # no longer answers.
 CANCELLED_COMMIT_WAIT = 10.0
 # How long a write whose connection failed during its COMMIT waits to learn what became of it
-# (_status): a new connection (the pool's may all have gone with the server), pg_xact_status
-# asked again while "in progress" (the server may not have seen the loss yet, or still be
-# running the COMMIT). Past it, or with the server unreachable, the outcome is unknown.
+# (_status): a new connection (the pool's may all have gone with the server, tried again while
+# it refuses), its mark claimed, which waits while the write's transaction still runs (the
+# server may not have seen the loss yet, or still be running the COMMIT). Past it, or with
+# the server unreachable, the outcome is unknown.
 LOST_COMMIT_WAIT = 10.0
+# Asked of a write cancelled in its COMMIT on its own connection, once the COMMIT's answer is in
+# (_committed): the same server, the outcome final, the id the write's.
 _STATUS = "SELECT pg_xact_status($1::text::xid8)"
+# Settling a lost COMMIT by its mark, on a new connection: the mark claimed (inserted, lost),
+# unless the write's own is there. A mark whose transaction is still running (its COMMIT under
+# way) holds its key: the claim waits for that transaction to end, then finds the mark
+# (committed: false returned) or inserts its claim (aborted: true). Committed, the claim
+# makes "not written" final: the write's transaction, were it still to come, could not add
+# its mark. A claim of an earlier attempt whose answer was lost is found the same (true).
+_CLAIM = ("INSERT INTO commit_marks (id, lost) VALUES ($1::uuid, true) ON CONFLICT (id)"
+          " DO UPDATE SET lost = commit_marks.lost RETURNING lost")
+_FOUND = "SELECT lost FROM commit_marks WHERE id = $1::uuid"
 # pg_current_xact_id and the xid8 type that pg_xact_status is asked with (_write) came in 13.
 MIN_SERVER_VERSION = (13, 0)
 # How long a query may wait for a free connection of the pool (a stuck database answers
@@ -253,6 +297,12 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         # status, 20 of them) scans instead.
         "DROP INDEX machines_state",
     )),
+    ("commit marks: a write's random key, written in its transaction, which settles a "
+     "COMMIT whose answer was lost (written or not) even after a failover or a crash gave "
+     "its transaction id to another writer", (
+        # No SQLite counterpart: a SQLite write's outcome is its own process's to know.
+        "CREATE TABLE commit_marks (id UUID PRIMARY KEY, lost BOOLEAN NOT NULL DEFAULT false)",
+    )),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -336,6 +386,10 @@ class PostgresStore:
         # with them instead of reading them back (committed.py).
         self._here = CommittedHere()
         self.migrated: list[int] = []  # the schema versions the last open() applied
+        self._writes = 0  # transactions begun (_write): each PRUNE_MARKS_EVERY-th prunes marks
+        # The marks' random bits, seeded from the system's entropy: unique keys, not secret
+        # ones (a mark guessed is worth nothing: writing one takes the database itself).
+        self._random = random.Random()  # noqa: S311
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.name!r})"
@@ -407,13 +461,23 @@ class PostgresStore:
         xid: str | None = None  # set once the body is done: its COMMIT is under way
         lost: BaseException | None = None  # the COMMIT's connection failed before its answer
         committed = False
+        self._writes += 1
+        began = time.monotonic()
+        # The mark's random part: its key, made by the server with its clock first.
+        args: list[Any] = [f"{self._random.getrandbits(80):020x}"]
+        if lock:
+            args.append(WRITE_LOCK)
+        prune = not self._writes % PRUNE_MARKS_EVERY
+        if prune:
+            args.append(MARK_KEEP)
+        mark: uuid.UUID | None = None
         try:
             async with self._conn() as conn:
                 try:
                     async with conn.transaction():
-                        # The transaction's id, in the round trip that takes the lock.
-                        begun = await (conn.fetchval(_BEGUN_LOCKED, WRITE_LOCK) if lock
-                                       else conn.fetchval(_BEGUN))
+                        # Its mark and its transaction's id, in the round trip that takes
+                        # the lock.
+                        mark, begun = await conn.fetchrow(_BEGUN[lock, prune], *args)
                         yield conn
                         xid = begun
                 except asyncio.CancelledError as exc:
@@ -425,8 +489,8 @@ class PostgresStore:
                         raise  # the body failed, or the server refused the COMMIT: rolled back
                     lost = exc
                 if cancel is not None:
-                    assert xid is not None
-                    asking = asyncio.ensure_future(self._committed(conn, xid))
+                    assert xid is not None and mark is not None
+                    asking = asyncio.ensure_future(self._committed(conn, xid, mark, began))
                     await waited(cancel, asking, within=CANCELLED_COMMIT_WAIT,
                                  late=functools.partial(_late, self.name, asking))
                 committed = lost is None
@@ -438,19 +502,22 @@ class PostgresStore:
             if feed:
                 self._commits += 1
         if lost is not None:  # asked once the broken connection is back in the pool
-            assert xid is not None
-            await self._settle(xid, lost)
+            assert xid is not None and mark is not None
+            await self._settle(xid, mark, began, lost)
         if cancel is not None:
             deliver(cancel)
 
-    async def _settle(self, xid: str, lost: BaseException) -> None:
+    async def _settle(self, xid: str, mark: uuid.UUID, began: float,
+                      lost: BaseException) -> None:
         """A write whose connection failed (``lost``) while its COMMIT was under way, told
-        as it ended, the server asked on a new connection (:meth:`_status`): committed, this
-        returns; aborted, the StoreError of a failed write (nothing was written); still in
-        progress within LOST_COMMIT_WAIT, or the server unreachable, :class:`OutcomeUnknown`
-        (logged here: the one place that knows the transaction). A cancel meanwhile waits
-        for the answer and comes after it, as in :meth:`_write` (netboot.unstoppable)."""
-        asking = asyncio.ensure_future(self._status(xid))
+        as it ended, the server asked on a new connection by the write's mark (:meth:`_status`):
+        committed, this returns; not committed (and now never to be), the StoreError of a
+        failed write (nothing was written); still in progress within LOST_COMMIT_WAIT, or
+        the server unreachable, :class:`OutcomeUnknown` (logged here: the one place that
+        knows the transaction). A cancel meanwhile waits for the answer and comes after it,
+        as in :meth:`_write` (netboot.unstoppable). ``began``: when the write began
+        (monotonic)."""
+        asking = asyncio.ensure_future(self._status(mark, began))
         cancel: asyncio.CancelledError | None = None
         status: str | None = None
         try:
@@ -475,11 +542,13 @@ class PostgresStore:
         log.error("%s", unknown)
         raise unknown from lost
 
-    async def _committed(self, conn: asyncpg.Connection, xid: str) -> None:
+    async def _committed(self, conn: asyncpg.Connection, xid: str, mark: uuid.UUID,
+                         began: float) -> None:
         """Return if the transaction ``xid``, whose COMMIT was cancelled, was committed;
         raise if not, or if the server cannot say. Asked on its own connection: asyncpg
         sends the question once the cancelled COMMIT's answer is in, so the outcome is
-        final. That connection lost meanwhile (the COMMIT's answer with it), on a new one
+        final (and the id the write's: the same server). That connection lost meanwhile
+        (the COMMIT's answer with it), on a new one, by the write's ``mark``
         (:meth:`_status`)."""
         try:
             status = await conn.fetchval(_STATUS, xid)
@@ -488,7 +557,7 @@ class PostgresStore:
                 log.error("a write cancelled during its COMMIT may or may not be committed: "
                           "its caller is told it was cancelled (%s)", reason(exc))
                 raise
-            status = await self._status(xid)
+            status = await self._status(mark, began)
             if status not in ("committed", "aborted"):
                 log.error("a write cancelled during its COMMIT, whose connection then "
                           "failed (%s), may or may not be committed (transaction %s is %s): "
@@ -503,44 +572,51 @@ class PostgresStore:
             f"({reason(lost)}) and {why}: its outcome is unknown, it may or may not be "
             "written")
 
-    async def _status(self, xid: str) -> str | None:
-        """pg_xact_status of ``xid`` ("committed", "aborted", "in progress"), asked on a
-        connection of its own, again while "in progress", the connection tried again while
-        the server cannot be reached (a restart, a failover under way), all within
-        LOST_COMMIT_WAIT; None when the server could not be asked (or the id is too old
-        for it to know); "aborted" at once when the server says the id is in the future."""
+    async def _status(self, mark: uuid.UUID, began: float) -> str | None:
+        """What became of the write whose mark is ``mark`` (begun at ``began``, monotonic),
+        asked on a connection of its own by claiming the mark (_CLAIM): "committed" (the
+        write's mark is there), "aborted" (it was not: the claim now holds its key, so the
+        write's transaction can no longer commit it), "in progress" (the write's transaction
+        still held the key at LOST_COMMIT_WAIT: its COMMIT runs), None (the server could not
+        be asked, or only read and did not have the mark: a standby not yet promoted; or the
+        write began so long ago that its mark may have been pruned, and it is not there).
+        The connection is tried again while the server cannot be reached or only read (a
+        restart, a failover under way), all within LOST_COMMIT_WAIT. Exact whoever has the
+        write's transaction id now: a failover's new primary, or the same server after a
+        crash that lost the write's WAL, hands it to the next writer."""
         deadline = time.monotonic() + LOST_COMMIT_WAIT
+        claim = time.monotonic() - began < MARK_KEEP / 2  # its mark cannot have been pruned
         pause = 0.01
         while True:
             try:
-                conn = await self._connect(timeout=_left(deadline))
+                # The claim waits for a transaction that holds the key no longer than the
+                # time left: the server's own lock_timeout says it still runs.
+                conn = await self._connect(
+                    timeout=_left(deadline),
+                    server_settings={"lock_timeout": f"{int(_left(deadline) * 1000) + 1}"})
                 try:
-                    while True:
+                    if claim:
                         try:
-                            status = await conn.fetchval(_STATUS, xid, timeout=_left(deadline))
-                        except asyncpg.InvalidParameterValueError:
-                            # "transaction ID ... is in the future": the primary's next id is
-                            # not past it, so nothing of it is there (a crash lost the WAL it
-                            # wrote before its commit record; a failover's new primary never
-                            # received it): not committed. Never asked again: the id may be
-                            # given to another writer's transaction meanwhile, whose outcome
-                            # would be told as this write's. (A standby behind the primary
-                            # says so too: asked again.)
-                            if await conn.fetchval("SELECT pg_is_in_recovery()",
-                                                   timeout=_left(deadline)):
+                            lost = await conn.fetchval(_CLAIM, mark, timeout=_left(deadline) + 1)
+                        except asyncpg.LockNotAvailableError:
+                            return "in progress"
+                        except asyncpg.ReadOnlySQLTransactionError:
+                            # A standby (or a primary turned read-only): the write's mark
+                            # or a claim it has replayed is final; their absence is not.
+                            found = await conn.fetchval(_FOUND, mark, timeout=_left(deadline))
+                            if found is None:
                                 raise
-                            return "aborted"
-                        if status != "in progress" or time.monotonic() + pause >= deadline:
-                            return None if status is None else str(status)
-                        await asyncio.sleep(pause)
-                        pause = min(pause * 2, 0.25)
+                            return "aborted" if found else "committed"
+                        return "aborted" if lost else "committed"
+                    found = await conn.fetchval(_FOUND, mark, timeout=_left(deadline))
+                    return None if found is None else "aborted" if found else "committed"
                 finally:
                     conn.terminate()
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
                     TimeoutError) as exc:
                 if time.monotonic() + pause >= deadline:
-                    log.info("inventory %s: cannot ask what became of transaction %s: %s",
-                             self.name, xid, reason(exc))
+                    log.info("inventory %s: cannot ask what became of the write marked %s: %s",
+                             self.name, mark, reason(exc))
                     return None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
@@ -638,10 +714,12 @@ class PostgresStore:
             except TimeoutError:
                 pool.terminate()
 
-    async def _connect(self, timeout: float | None = None) -> asyncpg.Connection:
+    async def _connect(self, timeout: float | None = None,
+                       server_settings: dict[str, str] | None = None) -> asyncpg.Connection:
         """A connection outside the pool (LISTEN, the feed's, a settle's question), set up
         as the pool's are (:func:`connect`)."""
-        return await connect(self._dsn, self._peer, timeout=timeout)
+        return await connect(self._dsn, self._peer, timeout=timeout,
+                             server_settings=server_settings)
 
     async def _listen(self) -> None:
         """One connection outside the pool that LISTENs: a notification wakes readers."""
@@ -1276,6 +1354,20 @@ class PostgresStore:
             " VALUES ($1, $2, $3, $4, $5, $6)",
             float(e.time), e.actor, e.action, e.target, e.peer, e.outcome))
 
+    async def settle_audit(self, entry: AuditEntry, written: str, otherwise: str) -> None:
+        e = codec.audit_from_dict(codec.audit_to_dict(entry))
+        # One statement (one round trip): the entry found (by the audit_time index) is
+        # updated, or the other added. An entry whose change's COMMIT still runs is not
+        # seen (its insert is not committed): then both are kept, which only a COMMIT
+        # running past LOST_COMMIT_WAIT leaves.
+        await self._single(lambda conn: conn.execute(
+            "WITH found AS (UPDATE audit SET outcome = $7 WHERE id = (SELECT max(id) FROM"
+            " audit WHERE time = $1 AND actor = $2 AND action = $3 AND target = $4"
+            " AND peer = $5 AND outcome = $6) RETURNING 1)"
+            " INSERT INTO audit (time, actor, action, target, peer, outcome)"
+            " SELECT $1, $2, $3, $4, $5, $8 WHERE NOT EXISTS (SELECT 1 FROM found)",
+            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome, written, otherwise))
+
     async def list_audit(self, *, since: float | None = None,
                          limit: int = 1000) -> list[AuditEntry]:
         if limit <= 0:
@@ -1331,12 +1423,12 @@ async def _kept_session(_conn: asyncpg.Connection) -> None:
     calling this (Connection._reset)."""
 
 
-async def connect(dsn: str, peer: PeerSettings, *,
-                  timeout: float | None = None) -> asyncpg.Connection:
+async def connect(dsn: str, peer: PeerSettings, *, timeout: float | None = None,
+                  server_settings: dict[str, str] | None = None) -> asyncpg.Connection:
     """A connection to ``dsn`` within ``timeout`` (default: the settings' connect_timeout),
-    set up by :func:`tune`."""
+    with ``server_settings`` sent at start-up, set up by :func:`tune`."""
     conn = await asyncpg.connect(dsn, timeout=peer.connect_timeout if timeout is None
-                                 else timeout)
+                                 else timeout, server_settings=server_settings)
     try:
         tune(conn, peer)
     except OSError:

@@ -1158,6 +1158,10 @@ class SqliteStore:
     async def add_audit(self, entry: AuditEntry) -> None:
         await self._run(_add_audit, codec.audit_from_dict(codec.audit_to_dict(entry)))
 
+    async def settle_audit(self, entry: AuditEntry, written: str, otherwise: str) -> None:
+        await self._run(_settle_audit, codec.audit_from_dict(codec.audit_to_dict(entry)),
+                        written, otherwise)
+
     async def list_audit(self, *, since: float | None = None,
                          limit: int = 1000) -> list[AuditEntry]:
         if limit <= 0:
@@ -2053,6 +2057,16 @@ def _add_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
     conn.execute(_INSERT_AUDIT, _audit_row(entry))
 
 
+def _settle_audit(conn: sqlite3.Connection, entry: AuditEntry, written: str,
+                  otherwise: str) -> None:
+    with _immediate(conn):
+        if not conn.execute(
+                "UPDATE audit SET outcome = ? WHERE id = (SELECT max(id) FROM audit WHERE"
+                " time = ? AND actor = ? AND action = ? AND target = ? AND peer = ?"
+                " AND outcome = ?)", (written, *_audit_row(entry))).rowcount:
+            conn.execute(_INSERT_AUDIT, _audit_row(replace(entry, outcome=otherwise)))
+
+
 def _list_audit(conn: sqlite3.Connection, since: float | None, limit: int) -> list[AuditEntry]:
     # Newest `limit` by id (insertion order, not the writers' clocks), then oldest first.
     rows = conn.execute(
@@ -2072,4 +2086,4 @@ def _prune_audit(conn: sqlite3.Connection, keep: int) -> int:
 
 # Writes that change nothing the change feed reports (see SqliteStore.commits).
 _OFF_FEED = frozenset({_add_event, _put_lease, _delete_lease, _forget_changes, _create_token,
-                       _delete_token, _touch_token, _add_audit, _prune_audit})
+                       _delete_token, _touch_token, _add_audit, _settle_audit, _prune_audit})

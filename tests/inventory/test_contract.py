@@ -1088,6 +1088,25 @@ async def test_audit_oldest_first_newest_kept(store: Store) -> None:
     assert await store.list_audit(limit=0) == []
 
 
+async def test_an_entry_settled_replaces_its_requests_stored_entry_or_is_added(
+        store: Store) -> None:
+    """settle_audit: the entry a change's own transaction carried, if stored, gets the
+    settled outcome (one entry per request, not a second beside it); not stored, an entry
+    like it with the other outcome is added. Only the very entry: another request's of
+    another time or outcome is left alone."""
+    await store.add_audit(audit(10.0))
+    await store.add_audit(audit(20.0))
+    await store.add_audit(audit(20.0, outcome="409"))
+    await store.settle_audit(audit(20.0), "503 outcome unknown (written)",
+                             "503 outcome unknown")
+    await store.settle_audit(audit(30.0), "503 outcome unknown (written)",
+                             "503 outcome unknown")
+    assert [(e.time, e.outcome) for e in await store.list_audit()] == [
+        (10.0, "201"), (20.0, "503 outcome unknown (written)"), (20.0, "409"),
+        (30.0, "503 outcome unknown")]
+    assert (await store.list_audit())[-1] == audit(30.0, outcome="503 outcome unknown")
+
+
 async def test_audit_prune_keeps_the_newest(store: Store) -> None:
     for t in range(5):
         await store.add_audit(audit(float(t)))

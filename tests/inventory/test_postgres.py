@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
+import subprocess
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -525,40 +529,143 @@ async def test_a_write_whose_commit_a_server_restart_ends_is_told_failed_once_it
         await asyncio.to_thread(cluster.stop)
 
 
-async def test_a_transaction_the_server_has_no_trace_of_is_not_asked_of_again(
-        pg_dsn: str) -> None:
-    """A lost COMMIT's transaction id that the server says is "in the future" (a crash lost
-    the WAL it wrote before its commit record, a failover's new primary never received it):
-    not committed, and told so at once. Asked again until the bound, the id could be given
-    to another writer's transaction meanwhile (another server writes as soon as the primary
-    is back), whose outcome would be told as this write's ("committed": a lost write told
-    written). Here the next few ids stand for a lost transaction's."""
+def _mark(when: float) -> uuid.UUID:
+    """A mark as a write made at ``when`` (seconds since the epoch) has: ms, random bits."""
+    return uuid.UUID(int=(int(when * 1000) << 80) | random.getrandbits(80))
+
+
+async def test_a_write_the_server_has_no_mark_of_is_told_failed_for_good(pg_dsn: str) -> None:
+    """A lost COMMIT whose mark is not there (its transaction aborted, or never reached the
+    server that answers now): "aborted", the key claimed so that the write can no longer
+    commit; asked again (the first answer lost), the claim is found, not taken for the
+    write's mark. A mark that is there: "committed". A write begun so long ago that its mark
+    may have been pruned: only a mark found says anything (None, unknown, not claimed)."""
     store = PostgresStore(pg_dsn, pool_size=1)
     await store.open()
     admin = await asyncpg.connect(pg_dsn)
     try:
-        now = int(await admin.fetchval("SELECT pg_current_xact_id()::text"))
-        lost = str(now + 3)  # the server's next id is below it
-
-        async def others_write() -> None:
-            await asyncio.sleep(0.05)
-            for _ in range(6):
-                await admin.fetchval("SELECT pg_current_xact_id()")  # each commits an id
-
-        writing = asyncio.ensure_future(others_write())
-        status = await store._status(lost)
-        await writing
-        assert status == "aborted", status
+        now = time.monotonic()
+        lost = _mark(time.time())
+        assert await store._status(lost, now) == "aborted"
+        assert await store._status(lost, now) == "aborted"
+        async with store._write() as conn:  # a write's own mark
+            mark = await conn.fetchval("SELECT id FROM commit_marks ORDER BY id DESC LIMIT 1")
+        assert await store._status(mark, now) == "committed"
+        old = now - postgres.MARK_KEEP
+        assert await store._status(mark, old) == "committed"
+        other = _mark(time.time())
+        assert await store._status(other, old) is None
+        assert await admin.fetchval("SELECT count(*) FROM commit_marks WHERE id = $1",
+                                    other) == 0
     finally:
         await admin.close()
         await store.close()
+
+
+async def test_marks_are_pruned_by_the_writes_themselves(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each PRUNE_MARKS_EVERY-th write drops the marks older than MARK_KEEP, in the round
+    trip that writes its own: the table stays small, no write costs a round trip more."""
+    monkeypatch.setattr(postgres, "PRUNE_MARKS_EVERY", 3)
+    store = PostgresStore(pg_dsn, pool_size=1)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        stale = _mark(time.time() - postgres.MARK_KEEP - 60)
+        await admin.execute("INSERT INTO commit_marks (id) VALUES ($1)", stale)
+        for n in range(3):
+            await store.put_setting("k", str(n))
+        marks = await admin.fetchval("SELECT count(*) FROM commit_marks")
+        gone = await admin.fetchval("SELECT count(*) FROM commit_marks WHERE id = $1", stale)
+        assert (marks, gone) == (3, 0)  # the store's own three (migrate writes none)
+    finally:
+        await admin.close()
+        await store.close()
+
+
+def _standby(cluster: pg.Cluster) -> Path:
+    """A copy of the cluster's data, stopped cleanly for it and started again: a standby
+    that has received everything up to now and nothing after (asynchronous replication
+    behind by what comes next)."""
+    cluster.halt()
+    copy = cluster.base / "standby"
+    subprocess.run(["cp", "-a", str(cluster.base / "data"), str(copy)], check=True)
+    cluster.restart()
+    return copy
+
+
+def _fail_over(cluster: pg.Cluster, standby: Path) -> None:
+    """The primary stopped and the standby started in its place (its address, its data)."""
+    cluster.halt()
+    data = cluster.base / "data"
+    data.rename(cluster.base / "old-primary")
+    standby.rename(data)
+    cluster.restart()
+
+
+@pytest.mark.parametrize("standby", ["behind", "received"])
+async def test_a_write_lost_in_a_failover_is_told_what_the_new_primary_has(
+        standby: str) -> None:
+    """A write committed on the primary, its COMMIT's answer lost in a failover that came
+    before the store first asked. "behind": the new primary never received it, and the next
+    writer there got the lost transaction's id (its WAL never reached it) and committed:
+    asked by that id (pg_xact_status), the other writer's "committed" was told as this
+    write's, a write that is not there told written. By its mark: not there, told failed.
+    "received" (a synchronous standby): the mark is there, told written."""
+    cluster = await asyncio.to_thread(pg.start)  # its own: the session's must stay up
+    try:
+        setup = PostgresStore(cluster.dsn())
+        await setup.open()  # migrated before the standby is taken
+        await setup.close()
+        copy = await asyncio.to_thread(_standby, cluster) if standby == "behind" else None
+        async with pg.cutting(cluster.dsn()) as (dsn, cutter):
+            store = PostgresStore(dsn, pool_size=1)
+            await store.open()
+            try:
+                admin = await asyncpg.connect(cluster.dsn())
+                try:
+                    cutter.cut_after(b"COMMIT", hold=True)  # the answer withheld until reset
+                    write = asyncio.ensure_future(store.apply_batch(pg.slow_batch("quick")))
+                    await pg.until(admin, "SELECT count(*) FROM events", "committed")
+                    lost = int(await admin.fetchval("SELECT xmin::text FROM events"))
+                finally:
+                    await admin.close()
+                if copy is None:
+                    copy = await asyncio.to_thread(_standby, cluster)
+                await asyncio.to_thread(_fail_over, cluster, copy)
+                admin = await asyncpg.connect(cluster.dsn())
+                try:
+                    # Other servers write on the new primary before the store asks.
+                    while int(await admin.fetchval("SELECT pg_current_xact_id()::text")) < lost:
+                        pass
+                    said = await admin.fetchval("SELECT pg_xact_status($1::text::xid8)",
+                                                str(lost))
+                    events = await admin.fetchval("SELECT count(*) FROM events")
+                finally:
+                    await admin.close()
+                assert (said, events) == (("committed", 0) if standby == "behind"
+                                          else ("committed", 1))
+                cutter.reset()
+                if standby == "behind":
+                    with pytest.raises(StoreError) as err:
+                        await asyncio.wait_for(write, 30)
+                    assert not isinstance(err.value, OutcomeUnknown), err.value
+                    assert await store.list_events("m1") == []
+                else:
+                    await asyncio.wait_for(write, 30)
+                    assert [e.kind for e in await store.list_events("m1")] == ["quick"]
+                await _next_write_is_sound(store)
+            finally:
+                await store.close()
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 async def test_a_commit_the_server_refuses_is_told_failed_without_asking(
         pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A COMMIT answered with an ERROR (a deferred check failed) was rolled back: a
     StoreError at once, the server not asked anything more."""
-    async def asked(self: PostgresStore, xid: str) -> str | None:
+    async def asked(self: PostgresStore, mark: object, began: float) -> str | None:
         raise AssertionError("asked")
     monkeypatch.setattr(PostgresStore, "_status", asked)
     async with _cut_store(pg_dsn) as (store, _, _):
