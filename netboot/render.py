@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 _MAX_COMPILED = 256
 # Split forms kept (_Split): one per template file version or command-line source.
 _MAX_SPLITS = 256
-# Values frozen (Renderer.freeze): one per profile version, of which a site has a few.
+# Values frozen (Renderer.freeze): four per profile version, of which a site has a few, and
+# an install plan's dict per reason (state, profile, group).
 _MAX_FROZEN = 1024
 # Skeletons kept per split form: one per distinct value of what is not per machine (profile,
 # plan reason, console...): a few per profile and cluster in practice.
@@ -122,11 +123,13 @@ class Renderer:
         return self._fresh.pin
 
     def freeze(self, value: object) -> None:
-        """The caller's word that ``value`` (a ``stable`` name's value: a profile's dict,
-        made once per profile version) is never changed from now on, by anyone: a split
-        render keys its skeleton by a serial of its own instead of its marshalled content
-        (the profile's dict, marshalled twice per first install, was 5.6 % of its loop
-        instructions; session 26). A changed profile is a new value, frozen anew."""
+        """The caller's word that ``value`` (a context value made once and shared: a
+        profile's dict and lists, made once per profile version; an install plan's dict,
+        once per reason) is never changed from now on, by anyone: a split render keys its
+        skeleton by a serial of its own instead of its marshalled content (the profile's
+        dict, marshalled twice per first install, was 5.6 % of its loop instructions;
+        session 26), and finds it again by the value's identity (_Split.known). A changed
+        profile is a new value, frozen anew."""
         frozen = self._frozen
         if len(frozen) >= _MAX_FROZEN:
             frozen.clear()  # bounded: old profiles' values go (theirs are marshalled again)
@@ -1156,7 +1159,8 @@ class _Split:
     very text a whole render gives. Anything the split cannot be sure of (an undefined
     value, an input it cannot key on) leaves the render to the whole template."""
 
-    __slots__ = ("all_there", "fixed", "skeletons", "slots", "stable_at", "template", "values")
+    __slots__ = ("all_there", "fixed", "ids", "known", "skeletons", "slots", "stable_at",
+                 "template", "values")
 
     def __init__(self, template: jinja2.Template, fixed: tuple[str, ...],
                  slots: tuple[Callable[[Mapping[str, Any]], Any], ...],
@@ -1176,10 +1180,30 @@ class _Split:
         # a ``%s`` where each mark was (its literal ``%`` doubled), and the slot of each
         # ``%s`` in order (None: the slots' own order, each once).
         self.skeletons: OrderedDict[bytes, tuple[str, tuple[int, ...] | None]] = OrderedDict()
+        # The fixed names' values by their identities (their id()s, in one generated call)
+        # -> (those values, kept so that no other object has their ids while listed; their
+        # skeleton): where each value is frozen or of an immutable type (_UNCHANGING), the
+        # same objects are the same values. An install script's and its command line's are
+        # (a profile's dict and lists, an install plan's dict, URLs, the console): found
+        # without marshal, which was ~10,000 of a first install's ~476,000 loop
+        # instructions (two keys; session 29).
+        self.ids: Callable[[dict[str, Any]], tuple[int, ...]] = _ids_of(fixed)
+        self.known: dict[tuple[int, ...], tuple[tuple[Any, ...],
+                                                tuple[str, tuple[int, ...] | None]]] = {}
 
     def render(self, context: Mapping[str, Any], frozen: dict[int, int]) -> str | None:
         """The text, or None: render the whole template. ``frozen``: values never changed
         once made (Renderer.freeze), by their serial."""
+        ids: tuple[int, ...] | None = None
+        if type(context) is dict:
+            try:
+                ids = self.ids(context)
+            except KeyError:  # one is not there: the general case below
+                ids = None
+            else:
+                kept = self.known.get(ids)
+                if kept is not None:
+                    return self._filled(kept[1], context)
         fixed = self.fixed
         try:
             # Which names are there, and their values, as marshal writes them: it takes only
@@ -1217,6 +1241,17 @@ class _Split:
                 if len(self.skeletons) >= _MAX_SKELETONS:
                     self.skeletons.popitem(last=False)  # the oldest
                 self.skeletons[key] = skeleton
+        except Exception:  # the whole render raises it, or says why (RenderError)
+            return None
+        if ids is not None and all(type(v) in _UNCHANGING or id(v) in frozen
+                                   for v in values):
+            _keep(self.known, ids, (values, skeleton), _MAX_SKELETONS)
+        return self._filled(skeleton, context)
+
+    def _filled(self, skeleton: tuple[str, tuple[int, ...] | None],
+                context: Mapping[str, Any]) -> str | None:
+        """``skeleton`` with each slot's value of ``context``; None: render the whole."""
+        try:
             filled = tuple([str(slot(context)) for slot in self.slots])
         except Exception:  # the whole render raises it, or says why (RenderError)
             return None
@@ -1237,6 +1272,20 @@ class _Split:
         return ("%s".join(p.replace("%", "%%") for p in parts[::2]),
                 None if order == tuple(range(len(self.slots))) else order)
 
+
+
+# Types whose values never change: one such object is one value (_Split.known).
+_UNCHANGING = frozenset({str, int, float, bool, type(None)})
+
+
+def _ids_of(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[int, ...]]:
+    """``lambda context: tuple(id(context[n]) for n in names)`` written out, one call: a
+    third of what a map's tuple of them costs (session 29). KeyError where one is not there."""
+    scope: dict[str, Any] = {}
+    exec("def ids(context):\n    return ("  # noqa: S102
+         + "".join(f"id(context[{n!r}]), " for n in names) + ")\n", scope)
+    made: Callable[[dict[str, Any]], tuple[int, ...]] = scope["ids"]
+    return made
 
 
 def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
