@@ -142,6 +142,8 @@ class Content:
         self._profile_parts: dict[int, tuple[Profile, str, tuple[dict[str, Any],
                                                                   dict[str, Any]]]] = {}
         self._cluster_dicts: dict[int, tuple[Cluster, dict[str, Any]]] = {}
+        # An install's reason and retry -> its plan's context dict (_plan_dict).
+        self._plan_dicts: dict[tuple[str, int], dict[str, Any]] = {}
         self._urls: Urls | None = None  # see urls
         # A template's names (their frozenset) -> the machine keys it is given (_machine_dict)
         self._machine_keys: dict[frozenset[str], tuple[str, ...] | None] = {}
@@ -183,8 +185,7 @@ class Content:
         ctx: dict[str, Any] = {
             "mac": mac_text, "mac_hexhyp": hexhyp, "base_url": urls.base,
             "profile": pdict,
-            "plan": {"action": str(plan.action), "reason": plan.reason,
-                     "retry_seconds": plan.retry_seconds, "command": plan.command},
+            "plan": self._plan_dict(plan),
             "token": token,
         }
         # Made only for a template that reads them (a k3OS config reads neither, nor the
@@ -250,10 +251,36 @@ class Content:
             "initrd_names": [i.rstrip("/").rsplit("/", 1)[-1] for i in profile.initrds],
             "kernel_path": profile.kernel.lstrip("/"),
             "initrd_paths": [i.lstrip("/") for i in profile.initrds]})
-        # Never changed once made (above): a split render may key it by identity
-        # (Renderer.freeze, STABLE). A changed profile is a new object, so a new dict.
-        self._render.freeze(made[0])
+        # Never changed once made (above): a split render may key them by identity
+        # (Renderer.freeze, STABLE). A changed profile is a new object, so new values.
+        for value in (made[0], made[1]["initrd_urls"], made[1]["initrd_names"],
+                      made[1]["initrd_paths"]):
+            self._render.freeze(value)
         _keep_few(self._profile_parts, id(profile), (profile, urls.base, made))
+        return made
+
+    def _plan_dict(self, plan: BootPlan) -> dict[str, Any]:
+        """The context's ``plan``. An install's is made once per reason (its state, profile
+        and group) and frozen (Renderer.freeze): its script's split render keys it by
+        identity, not by its marshalled content (session 29). Any other plan's is made for
+        it: a held machine's reason may name the machine, and one frozen value per machine
+        would push the profiles' out of the renderer's bounded list."""
+        reason, retry = plan.reason, plan.retry_seconds
+        # Exact types (a bool is an int, equal to one but printed otherwise): equal keys
+        # give the very same text.
+        shared = (plan.action is BootAction.INSTALL and plan.command is None
+                  and type(reason) is str and type(retry) is int)
+        if shared:
+            made = self._plan_dicts.get((reason, retry))
+            if made is not None:
+                return made
+        made = {"action": str(plan.action), "reason": reason, "retry_seconds": retry,
+                "command": plan.command}
+        if shared:
+            self._render.freeze(made)  # never changed: nothing writes a context's values
+            if len(self._plan_dicts) >= _FEW:
+                self._plan_dicts.clear()  # bounded: old reasons go
+            self._plan_dicts[(reason, retry)] = made
         return made
 
     def _machine_dict(self, machine: Machine, names: frozenset[str] | None) -> dict[str, Any]:

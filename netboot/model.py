@@ -557,11 +557,22 @@ def _machine_replacer() -> _ReplaceMachine:
                                         if v is not keep}, **rest)
         return made
 
+    def positional(given: object) -> TypeError:
+        return TypeError("replace_machine() takes 1 positional argument, the machine: the "
+                         f"changes by name ({given!r} was given by position)")
+
     scope: dict[str, Any] = {"_KEEP": keep, "of_values": _machine_of_values,
-                             "layouts": _MACHINE_LAYOUTS, "unknown": unknown, "other": other}
-    # ``_machine_`` positional-only: no field can clash with it.
-    exec("def replace_machine(_machine_, /, *, "  # noqa: S102
+                             "layouts": _MACHINE_LAYOUTS, "unknown": unknown, "other": other,
+                             "positional": positional}
+    # ``_machine_`` positional-only: no field can clash with it. The fields are not
+    # keyword-only (``*``): a keyword-only parameter not given is filled from the
+    # function's ``__kwdefaults__`` dict, one look-up each (~120 instructions, ~12 a first
+    # install's loop: session 29), the others from its defaults tuple. A field given by
+    # position lands first in ``_by_position_``, which refuses it, as ``*`` did.
+    exec("def replace_machine(_machine_, _by_position_=_KEEP, /, "  # noqa: S102
          + ", ".join(f"{n}=_KEEP" for n in names) + ", **rest):\n"
+         "    if _by_position_ is not _KEEP:\n"
+         "        raise positional(_by_position_)\n"
          "    if type(_machine_) not in layouts:\n"
          "        return other(_machine_, (" + ", ".join(names) + ",), rest)\n"
          "    if rest:\n        raise unknown(rest)\n"

@@ -70,7 +70,9 @@ REMEMBER = 100_000
 class _Group:
     """Commits gathered while a transaction was under way, written in the next one."""
 
-    batches: list[tuple[Batch, asyncio.Future[None]]] = field(default_factory=list)
+    # Each commit's batch, its caller's future, and the version its events are remembered
+    # with once written (commit's ``version``).
+    batches: list[tuple[Batch, asyncio.Future[None], object]] = field(default_factory=list)
     # A cancelled caller's future (cancelled with it) -> the one that tells it its batch's
     # fate all the same (Recorder._fate).
     fates: dict[asyncio.Future[None], asyncio.Future[None]] = field(default_factory=dict)
@@ -295,7 +297,7 @@ class Recorder:
             self._groups.add(task)  # referenced until done (the loop keeps only weak ones)
             task.add_done_callback(functools.partial(self._group_ended, group))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        group.batches.append((batch, done))
+        group.batches.append((batch, done, version))
         # Not shielded (a future less per commit): a caller cancelled cancels only its own
         # future; its batch is written with the others all the same. So the cancel is told
         # only once that write is over, as what it was: the batch refused, the cancel; the
@@ -313,9 +315,8 @@ class Recorder:
         # the thread's current one (every later exception then carries it as __context__).
         if cancel is not None:
             await told(cancel, _fate(group, done))  # the group's write ends on its own
-        if version is not None:
-            for event in batch.events:
-                self._remember(event, version)
+        # Its events were remembered with ``version`` as they were written (_write), not
+        # again here (once a first install: ~3,500 of its loop instructions, session 28).
 
     def _group_ended(self, group: _Group, task: asyncio.Task[None]) -> None:
         self._groups.discard(task)
@@ -327,7 +328,7 @@ class Recorder:
             # (_fate), and a commit from now on gathers in a group of its own, not this one.
             if self._gathering is group:
                 self._gathering = None
-            for _, done in group.batches:
+            for _, done, _ in group.batches:
                 group.settle(done, asyncio.CancelledError())
 
     async def _commit_group(self, group: _Group) -> None:
@@ -337,7 +338,7 @@ class Recorder:
             # Cancelled before its write began (asyncio.run's end cancels a group waiting
             # for the lock): its batches were not written, and a caller cancelled meanwhile
             # waits for that fate (_fate); _settle leaves those already told alone.
-            for _, done in group.batches:
+            for _, done, _ in group.batches:
                 group.settle(done, exc)
             raise
 
@@ -348,23 +349,23 @@ class Recorder:
             batches = group.batches
             try:
                 if len(batches) == 1:
-                    await self._write(batches[0][0], strict=True)
-                elif _overlap(b for b, _ in batches):
+                    await self._write(batches[0][0], strict=True, commits=batches)
+                elif _overlap(b for b, _, _ in batches):
                     # Two of them write one machine: in one transaction both would pass a
                     # compare-and-set that one after the other only the first passes.
                     raise _OneByOne
                 else:
                     await self._write(Batch(
-                        create=[m for b, _ in batches for m in b.create],
-                        update=[m for b, _ in batches for m in b.update],
-                        events=[e for b, _ in batches for e in b.events],
-                        expect={k: v for b, _ in batches for k, v in b.expect.items()},
-                        audit=[a for b, _ in batches for a in b.audit]),
-                        strict=True)
+                        create=[m for b, _, _ in batches for m in b.create],
+                        update=[m for b, _, _ in batches for m in b.update],
+                        events=[e for b, _, _ in batches for e in b.events],
+                        expect={k: v for b, _, _ in batches for k, v in b.expect.items()},
+                        audit=[a for b, _, _ in batches for a in b.audit]),
+                        strict=True, commits=batches)
             except (NetbootError, _OneByOne) as exc:
                 refused: BaseException | None = exc
             except BaseException as exc:
-                for _, done in batches:
+                for _, done, _ in batches:
                     group.settle(done, exc)
                 raise
             else:
@@ -374,21 +375,22 @@ class Recorder:
             # raised later in the process carried it and its frames as __context__
             # (tests/test_compiled.py: test_identity's and test_lifecycle's chains).
             if refused is None:
-                for _, done in batches:
+                for _, done, _ in batches:
                     group.settle(done, None)
                 return
             if len(batches) == 1 or isinstance(refused, OutcomeUnknown):
                 # An outcome unknown is no refusal: the group may be written, and each batch
                 # written again alone would be twice (its events, its audit entries; a
                 # create its own Conflict). Each caller is told what the store said.
-                for _, done in batches:
+                for _, done, _ in batches:
                     group.settle(done, refused)
                 return
             # One of them was refused (a conflict, a stale state): each alone, in the
             # order they came, so that only the refused one fails.
-            for batch, done in batches:
+            for commit in batches:
+                batch, done, _ = commit
                 try:
-                    await self._write(batch, strict=True)
+                    await self._write(batch, strict=True, commits=(commit,))
                 except NetbootError as one:
                     group.settle(done, one)
                 except BaseException as one:
@@ -402,7 +404,11 @@ class Recorder:
         async with self._lock:
             await self._write(Batch())
 
-    async def _write(self, batch: Batch, *, strict: bool = False) -> None:
+    async def _write(self, batch: Batch, *, strict: bool = False,
+                     commits: Sequence[tuple[Batch, object, object]] = ()) -> None:
+        """Write ``batch`` with what is queued. ``commits``: the commits whose batches'
+        events are ``batch.events`` (each batch, its future, its version), whose events are
+        remembered with their version (none given: each with None)."""
         learned: dict[str, list[Callable[[Machine], Machine]]] = {}
         if not strict and self.newest is not None:
             learned, self._learned = self._learned, {}
@@ -476,9 +482,17 @@ class Recorder:
                               "unreachable", len(queued))
         self.failing = away
         self._written(queued)
-        # What each event said, without making the events of a run (an import's 100,000).
-        for machine_id, said in codec.event_sayings(batch.events):
-            self._said(machine_id, said, None)
+        # What each event said, without making the events of a run (an import's 100,000);
+        # a commit's own events (a tuple, a list) read as they are, without the generator
+        # and its type tests per batch.
+        for each, _, version in commits or ((batch, None, None),):
+            committed = each.events
+            if type(committed) is tuple or type(committed) is list:
+                for event in committed:
+                    self._said(event.machine, (event.kind, event.message), version)
+            else:
+                for machine_id, said in codec.event_sayings(committed):
+                    self._said(machine_id, said, version)
         await self._relearnt(relearnt)
 
     def _keep_learned(self, learned: dict[str, list[Callable[[Machine], Machine]]]) -> None:

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 _MAX_COMPILED = 256
 # Split forms kept (_Split): one per template file version or command-line source.
 _MAX_SPLITS = 256
-# Values frozen (Renderer.freeze): one per profile version, of which a site has a few.
+# Values frozen (Renderer.freeze): four per profile version, of which a site has a few, and
+# an install plan's dict per reason (state, profile, group).
 _MAX_FROZEN = 1024
 # Skeletons kept per split form: one per distinct value of what is not per machine (profile,
 # plan reason, console...): a few per profile and cluster in practice.
@@ -122,11 +123,13 @@ class Renderer:
         return self._fresh.pin
 
     def freeze(self, value: object) -> None:
-        """The caller's word that ``value`` (a ``stable`` name's value: a profile's dict,
-        made once per profile version) is never changed from now on, by anyone: a split
-        render keys its skeleton by a serial of its own instead of its marshalled content
-        (the profile's dict, marshalled twice per first install, was 5.6 % of its loop
-        instructions; session 26). A changed profile is a new value, frozen anew."""
+        """The caller's word that ``value`` (a context value made once and shared: a
+        profile's dict and lists, made once per profile version; an install plan's dict,
+        once per reason) is never changed from now on, by anyone: a split render keys its
+        skeleton by a serial of its own instead of its marshalled content (the profile's
+        dict, marshalled twice per first install, was 5.6 % of its loop instructions;
+        session 26), and finds it again by the value's identity (_Split.known). A changed
+        profile is a new value, frozen anew."""
         frozen = self._frozen
         if len(frozen) >= _MAX_FROZEN:
             frozen.clear()  # bounded: old profiles' values go (theirs are marshalled again)
@@ -1145,6 +1148,11 @@ def _keys_read(tree: Any, name: str) -> frozenset[str]:
     return frozenset(keys)
 
 
+# A split render's skeleton (_Split._skeleton): its pieces, with a place ("") for a value
+# between each two, and the slot whose value goes in each place (None: each slot's, in order).
+_Skeleton = tuple[list[str], tuple[int, ...] | None]
+
+
 class _Split:
     """A template whose per-machine values (the ``volatile`` context names) occur only in
     whole ``{{ … }}`` outputs of plain lookups (``{{ mac }}``, ``{{ config_url }}``,
@@ -1156,7 +1164,8 @@ class _Split:
     very text a whole render gives. Anything the split cannot be sure of (an undefined
     value, an input it cannot key on) leaves the render to the whole template."""
 
-    __slots__ = ("all_there", "fixed", "skeletons", "slots", "stable_at", "template", "values")
+    __slots__ = ("all_there", "fixed", "ids", "known", "skeletons", "slots", "stable_at",
+                 "template", "values")
 
     def __init__(self, template: jinja2.Template, fixed: tuple[str, ...],
                  slots: tuple[Callable[[Mapping[str, Any]], Any], ...],
@@ -1172,14 +1181,33 @@ class _Split:
         self.values: Callable[[dict[str, Any]], Any] = (
             operator.itemgetter(*fixed) if fixed else lambda context: ())
         self.all_there = (True,) * len(fixed)
-        # The fixed names' values (marshalled) -> the skeleton: its text as a %-format with
-        # a ``%s`` where each mark was (its literal ``%`` doubled), and the slot of each
-        # ``%s`` in order (None: the slots' own order, each once).
-        self.skeletons: OrderedDict[bytes, tuple[str, tuple[int, ...] | None]] = OrderedDict()
+        # The fixed names' values (marshalled) -> the skeleton: its text's pieces with a
+        # place ("") between each two where a mark was, and the slot of each place in order
+        # (None: the slots' own order, each once).
+        self.skeletons: OrderedDict[bytes, _Skeleton] = OrderedDict()
+        # The fixed names' values by their identities (their id()s, in one generated call)
+        # -> (those values, kept so that no other object has their ids while listed; their
+        # skeleton): where each value is frozen or of an immutable type (_UNCHANGING), the
+        # same objects are the same values. An install script's and its command line's are
+        # (a profile's dict and lists, an install plan's dict, URLs, the console): found
+        # without marshal, which was ~10,000 of a first install's ~476,000 loop
+        # instructions (two keys; session 29).
+        self.ids: Callable[[dict[str, Any]], tuple[int, ...]] = _ids_of(fixed)
+        self.known: dict[tuple[int, ...], tuple[tuple[Any, ...], _Skeleton]] = {}
 
     def render(self, context: Mapping[str, Any], frozen: dict[int, int]) -> str | None:
         """The text, or None: render the whole template. ``frozen``: values never changed
         once made (Renderer.freeze), by their serial."""
+        ids: tuple[int, ...] | None = None
+        if type(context) is dict:
+            try:
+                ids = self.ids(context)
+            except KeyError:  # one is not there: the general case below
+                ids = None
+            else:
+                kept = self.known.get(ids)
+                if kept is not None:
+                    return self._filled(kept[1], context)
         fixed = self.fixed
         try:
             # Which names are there, and their values, as marshal writes them: it takes only
@@ -1217,16 +1245,29 @@ class _Split:
                 if len(self.skeletons) >= _MAX_SKELETONS:
                     self.skeletons.popitem(last=False)  # the oldest
                 self.skeletons[key] = skeleton
-            filled = tuple([str(slot(context)) for slot in self.slots])
         except Exception:  # the whole render raises it, or says why (RenderError)
             return None
-        # One C call (the pieces' join with a type test per piece was ~1 µs of each split
-        # render: two per first install, session 24). %s of a str is that str.
-        text, order = skeleton
-        return text % (filled if order is None else tuple([filled[i] for i in order]))
+        if ids is not None and all(type(v) in _UNCHANGING or id(v) in frozen
+                                   for v in values):
+            _keep(self.known, ids, (values, skeleton), _MAX_SKELETONS)
+        return self._filled(skeleton, context)
 
-    def _skeleton(self, context: Mapping[str, Any],
-                  ) -> tuple[str, tuple[int, ...] | None] | None:
+    def _filled(self, skeleton: _Skeleton, context: Mapping[str, Any]) -> str | None:
+        """``skeleton`` with each slot's value of ``context``; None: render the whole."""
+        try:
+            filled = [str(slot(context)) for slot in self.slots]
+        except Exception:  # the whole render raises it, or says why (RenderError)
+            return None
+        # The values put in their places of a copy of the pieces and joined, in C (the join
+        # with a type test per piece in Python was ~1 µs of each split render, session 24; a
+        # %-format of the skeleton reads its every character: ~5,800 instructions for an
+        # install script of 330 against ~3,100 so, session 29).
+        pieces, order = skeleton
+        text = pieces.copy()
+        text[1::2] = filled if order is None else [filled[i] for i in order]
+        return "".join(text)
+
+    def _skeleton(self, context: Mapping[str, Any]) -> _Skeleton | None:
         ctx = {name: context[name] for name in self.fixed if name in context}
         ctx.update((f"_nb_slot_{i}", f"\x00{i}\x00") for i in range(len(self.slots)))
         text = self.template.render(ctx)
@@ -1234,9 +1275,23 @@ class _Split:
         if text.count("\x00") != len(parts) - 1:
             return None  # a NUL of its own: marks not told apart
         order = tuple(int(p) for p in parts[1::2])
-        return ("%s".join(p.replace("%", "%%") for p in parts[::2]),
-                None if order == tuple(range(len(self.slots))) else order)
+        parts[1::2] = [""] * len(order)
+        return parts, None if order == tuple(range(len(self.slots))) else order
 
+
+
+# Types whose values never change: one such object is one value (_Split.known).
+_UNCHANGING = frozenset({str, int, float, bool, type(None)})
+
+
+def _ids_of(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[int, ...]]:
+    """``lambda context: tuple(id(context[n]) for n in names)`` written out, one call: a
+    third of what a map's tuple of them costs (session 29). KeyError where one is not there."""
+    scope: dict[str, Any] = {}
+    exec("def ids(context):\n    return ("  # noqa: S102
+         + "".join(f"id(context[{n!r}]), " for n in names) + ")\n", scope)
+    made: Callable[[dict[str, Any]], tuple[int, ...]] = scope["ids"]
+    return made
 
 
 def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,

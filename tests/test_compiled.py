@@ -69,6 +69,7 @@ NOT_COMPILED = (
     "tests/inventory/test_view.py::"
     "test_a_load_gives_back_what_the_stores_caches_and_the_heap_hold_after_it",
     "tests/test_content.py::test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged",
+    "tests/test_recorder.py::test_a_committed_event_is_remembered_once_with_its_commits_version",
     "tests/test_content.py::test_an_install_script_is_made_of_the_names_its_template_reads",
     "tests/test_content.py::test_an_install_script_is_given_the_machine_keys_it_reads",
     "tests/servers/test_http.py::"

@@ -562,6 +562,47 @@ async def test_a_profiles_context_values_follow_the_profile_and_the_base_url(env
     assert "secret" not in str(content.context(plan)["cluster"])
 
 
+async def test_an_install_plans_context_dict_is_made_once_per_reason(env: Env) -> None:
+    """An install's ``plan`` context dict is made once per reason and retry and frozen
+    (Content._plan_dict), so that its script's split render finds it again by identity;
+    another reason gives its own, and so does a retry of another type (a bool equals an
+    int but prints otherwise); any other plan's (a hold's, whose reason may name the
+    machine) is made for it and never frozen. Each holds what its plan says, and the
+    scripts follow the reason."""
+    from netboot.model import BootAction, BootPlan, MacAddress, Profile
+
+    content = env.service.content
+    frozen = content._render._frozen
+    mac = MacAddress.parse("52:54:00:00:00:7a")
+    profile = Profile(name="p", kernel="storm/vmlinuz", initrds=("storm/initrd",))
+
+    def plan(reason: str, action: BootAction = BootAction.INSTALL,
+             retry: int = 0) -> dict[str, object]:
+        made = BootPlan(action, mac, reason, retry_seconds=retry, profile=profile, token="tok")
+        got: dict[str, object] = content.context(made)["plan"]
+        kept = made.retry_seconds  # (a compiled BootPlan keeps a bool given as an int)
+        assert got == {"action": str(action), "reason": reason, "retry_seconds": kept,
+                       "command": None} and type(got["retry_seconds"]) is type(kept)
+        return got
+
+    new = plan("new: install profile p")
+    assert plan("new: install profile p") is new and id(new) in frozen
+    again = plan("installing: install profile p")
+    assert again is not new and id(again) in frozen
+    one = plan("new: install profile p", retry=1)
+    assert plan("new: install profile p", retry=1) is one
+    as_bool = plan("new: install profile p", retry=True)  # its own, where the plan keeps it
+    assert (as_bool is one) == (type(as_bool["retry_seconds"]) is int)
+    held = plan("held: 52:54:00:00:00:7a", BootAction.HOLD, 15)
+    assert plan("held: 52:54:00:00:00:7a", BootAction.HOLD, 15) is not held
+    assert id(held) not in frozen
+    scripts = [content.render_ipxe(BootPlan(BootAction.INSTALL, mac, reason, profile=profile,
+                                            token="tok"))
+               for reason in ("new: install profile p", "installing: install profile p")]
+    assert "(new: install profile p)" in scripts[0]
+    assert "(installing: install profile p)" in scripts[1]
+
+
 async def test_a_kept_config_is_rendered_again_when_its_template_file_changes(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """An installer's retry gets the config kept from its last fetch (Content._config) only

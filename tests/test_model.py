@@ -108,6 +108,11 @@ def test_replace_machine_gives_what_dataclasses_replace_gives() -> None:
         replace_machine(machine, colour="blue")
     with pytest.raises(TypeError):  # the machine is given by position only
         replace_machine(machine=machine)  # type: ignore[call-arg]
+    for by_position in (("h",), ("m-1", "h")):  # and only the machine
+        with pytest.raises(TypeError, match="1 positional argument"):
+            replace_machine(machine, *by_position)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="Machine has no field '_by_position_'"):
+        replace_machine(machine, _by_position_="h")
     # Not one of Machine's layouts (a subclass, say): dataclasses.replace itself decides.
     other = Profile(name="p", kernel="k")
     copied = replace_machine(other, kernel="k2")  # type: ignore[arg-type]

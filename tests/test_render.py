@@ -1440,3 +1440,50 @@ def test_a_frozen_value_keys_split_renders_by_its_identity() -> None:
     assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == "a [] m"
     unfrozen["name"] = "b"
     assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == "b [] m"
+
+
+def test_a_split_render_finds_frozen_and_unchanging_values_again_by_their_identity() -> None:
+    """Where each fixed value is frozen (Renderer.freeze) or a str, int, float, bool or
+    None, a split render finds its skeleton again by those objects' identities
+    (_Split.known), as an install script's and its command line's are found: each set of
+    values renders its own text, even new values at the ids of ones freed before them; a
+    value neither frozen nor of such a type (a dict, a list) is keyed by its content, so a
+    change to it is rendered, as before, and never found by its identity."""
+    r = Renderer([templates_dir()], volatile=PER_MACHINE, stable=frozenset({"profile"}))
+    source = ("{{ profile.name }} {{ plan.reason }} {{ initrds }} {{ console }} {{ n }} {{ x }}"
+              " {{ mac }}")
+    for i in range(20):
+        pdict, pplan, initrds = {"name": f"p{i}"}, {"reason": f"r{i}"}, [f"i{i}"]
+        for value in (pdict, pplan, initrds):
+            r.freeze(value)
+        console, x = f"c{i}", None if i % 2 else 0.5
+        for mac in ("m1", "m2"):
+            ctx = {"profile": pdict, "plan": pplan, "initrds": initrds, "console": console,
+                   "n": i, "x": x, "mac": mac}
+            assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == \
+                f"p{i} r{i} ['i{i}'] c{i} {i} {None if i % 2 else 0.5} {mac}"
+        del pdict, pplan, initrds, console, x, ctx  # their ids are free for the next ones'
+    (split,) = [s for _, s in r._splits.values() if s is not None]
+    assert len(split.known) == 20 and len(split.skeletons) == 20  # one each, found again
+    pdict, pplan = {"name": "q"}, {"reason": "s"}
+    r.freeze(pdict)
+    r.freeze(pplan)
+    for unfrozen in ([], {"a": 1}):  # a list, a dict: never found by identity
+        ctx = {"profile": pdict, "plan": pplan, "initrds": unfrozen, "console": "c", "n": 1,
+               "x": None, "mac": "m"}
+        assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == \
+            f"q s {unfrozen} c 1 None m"
+        if isinstance(unfrozen, list):
+            unfrozen.append("changed")
+        else:
+            unfrozen["a"] = True  # equal to 1, printed otherwise
+        assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == \
+            f"q s {unfrozen} c 1 None m"
+    assert len(split.known) == 20
+    # One str, freed each time: its id is likely the next one's (a key by ids alone,
+    # without the values kept, then found the freed one's text).
+    for i in range(20):
+        console = "".join(["c", str(i)])
+        assert r.render_string("{{ console }} {{ mac }}", {"console": console, "mac": "m"},
+                               what="t", volatile=PER_MACHINE) == f"c{i} m"
+        del console
