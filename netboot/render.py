@@ -85,6 +85,7 @@ class Renderer:
         self.stable = stable
         self._log = logger or logging.getLogger(__name__)
         self._jinja: ImmutableSandboxedEnvironment | None = None
+        self._tojson: Callable[..., str] | None = None  # its tojson filter (_split)
         # The bounded caches below are OrderedDicts: the oldest entry of a full dict is
         # dropped by popitem(last=False), O(1), where ``next(iter(dict))`` steps over the
         # slots of every entry deleted since the dict last resized (boot._keep says more).
@@ -158,7 +159,7 @@ class Renderer:
             )
             env.filters["grub_quote"] = grub_quote
             env.filters["grub_args"] = grub_args
-            env.filters["tojson"] = _tojson()
+            env.filters["tojson"] = self._tojson = _tojson()
             self._jinja = self._fresh.adopt(env)
         return self._jinja
 
@@ -300,7 +301,8 @@ class Renderer:
             assert isinstance(key, str)
             source, filename = key, None
         try:
-            split = _split(env, source, name, filename, volatile, self.stable, config=config)
+            split = _split(env, source, name, filename, volatile, self.stable, config=config,
+                           tojson=self._tojson)
         except Exception:  # a tree the split cannot compile: rendered whole, as it was
             self._log.debug("template %r not split", name or source, exc_info=True)
             split = None
@@ -1174,7 +1176,7 @@ class _Skeleton:
     __slots__ = ("check", "order", "slots")
 
     def __init__(self, pieces: list[str], order: tuple[int, ...] | None,
-                 check: Callable[[list[str]], bool] | None) -> None:
+                 check: Callable[[list[str], bool], bool] | None) -> None:
         self.slots = _slots(pieces)
         self.order = order
         self.check = check
@@ -1207,14 +1209,14 @@ class _Split:
     sure of (an undefined value, an input it cannot key on) leaves the render to the whole
     template."""
 
-    __slots__ = ("checkers", "config", "count", "fill", "json", "loops", "names", "skeletons",
-                 "template")
+    __slots__ = ("checkers", "config", "count", "fill", "json", "loops", "names", "proven",
+                 "skeletons", "template")
 
     def __init__(self, template: jinja2.Template, names: tuple[str, ...],
                  fill: Callable[[Mapping[str, Any], dict[int, int]],
-                                tuple[list[str], tuple[Any, ...]]],
+                                tuple[list[str], tuple[Any, ...], bool]],
                  json: tuple[bool, ...], *, loops: tuple[tuple[bool, ...], ...] = (),
-                 config: bool = False) -> None:
+                 config: bool = False, proven: bool = False) -> None:
         self.template = template
         self.names = names  # the other names it reads: what a skeleton is given
         # The values filled in, and what keys the skeleton (:class:`_Filler`).
@@ -1223,11 +1225,12 @@ class _Split:
         self.json = json  # per output: whether its value is the environment's tojson's text
         self.loops = loops  # per loop, per output of its item: through tojson or not
         self.config = config  # a YAML config's: each skeleton gets its checks
+        self.proven = proven  # its tojson is the renderer's (_checker's _JSON)
         # What is not per machine (_Filler's key) -> the skeleton.
         self.skeletons: OrderedDict[tuple[Any, ...], _Skeleton] = OrderedDict()
         # A config's skeletons' checks (_yaml_checks) -> their function (_checker): the same
         # for most of them (a few in all, bounded by the skeletons').
-        self.checkers: dict[tuple[tuple[int, int], ...], Callable[[list[str]], bool]] = {}
+        self.checkers: dict[tuple[tuple[int, int], ...], Callable[[list[str], bool], bool]] = {}
 
     def render(self, context: Mapping[str, Any], frozen: dict[int, int]) -> str | None:
         """The text, or None: render the whole template. ``frozen``: values never changed
@@ -1242,16 +1245,17 @@ class _Split:
         made = self._filled(context, frozen)
         if made is None:
             return None
-        skeleton, filled = made
+        skeleton, filled, ascii = made
         check = skeleton.check
-        return skeleton.fill(filled) if check is not None and check(filled) else None
+        return skeleton.fill(filled) if check is not None and check(filled, ascii) else None
 
     def _filled(self, context: Mapping[str, Any], frozen: dict[int, int],
-                ) -> tuple[_Skeleton, list[str]] | None:
-        """The skeleton of ``context`` and its values filled in, in the marks' numbering;
-        None where anything fails (the whole render raises it, or says why)."""
+                ) -> tuple[_Skeleton, list[str], bool] | None:
+        """The skeleton of ``context``, its values filled in (in the marks' numbering), and
+        whether every value printed through tojson was a str of ASCII alone; None where
+        anything fails (the whole render raises it, or says why)."""
         try:
-            filled, key = self.fill(context, frozen)
+            filled, key, ascii = self.fill(context, frozen)
             skeleton = self.skeletons.get(key)
             if skeleton is None:
                 loops = len(self.loops)  # their lengths end the key
@@ -1263,7 +1267,7 @@ class _Split:
                 self.skeletons[key] = skeleton
         except Exception:  # the whole render raises it, or says why (RenderError)
             return None
-        return skeleton, filled
+        return skeleton, filled, ascii
 
     def _skeleton(self, context: Mapping[str, Any], lengths: tuple[int, ...],
                   ) -> _Skeleton | None:
@@ -1288,7 +1292,7 @@ class _Split:
         pieces = parts[::2]
         check = None
         if self.config:
-            checks = _yaml_checks(pieces, order, json)
+            checks = _yaml_checks(pieces, order, json, self.proven)
             if checks is not None:
                 check = self.checkers.get(checks)
                 if check is None:
@@ -1297,7 +1301,7 @@ class _Split:
 
 
 def _yaml_checks(pieces: list[str], order: tuple[int, ...], json: list[bool],
-                 ) -> tuple[tuple[int, int], ...] | None:
+                 proven: bool = False) -> tuple[tuple[int, int], ...] | None:
     """What the values filled into a skeleton (its literal ``pieces``, the value of each
     place between them ``order``, tojson's text or not by value ``json``) must be for its
     text to parse as YAML, as :class:`_YamlShapes` knows a text by its form: the skeleton
@@ -1318,31 +1322,33 @@ def _yaml_checks(pieces: list[str], order: tuple[int, ...], json: list[bool],
         return None
     if classes is None or "v" in classes:
         return None
-    return tuple(sorted({(i, _LINE if c != "q" else _JSON if json[i] else _QUOTE)
+    return tuple(sorted({(i, _LINE if c != "q" else _JSON if json[i] and proven else _QUOTE)
                          for i, c in zip(order, classes, strict=True)}))
 
 
-def _checker(checks: tuple[tuple[int, int], ...]) -> Callable[[list[str]], bool]:
+def _checker(checks: tuple[tuple[int, int], ...]) -> Callable[[list[str], bool], bool]:
     """Whether filled values pass ``checks`` (:func:`_yaml_checks`), in one function (a loop
-    over them cost ~1,000 instructions a value). A ``_JSON`` value is tojson's text: of a
-    str (a str subclass: the JSON encoder's own), a JSON string of printable ASCII and
-    escapes, of which ``_QUOTED`` refuses only a surrogate's (``\ud800``); every such text
-    starts with its quote, no other of tojson's does (a number, a list...). Any other value,
-    or one with such an escape, is matched by ``_QUOTED``."""
-    terms = ["True"]
+    over them cost ~1,000 instructions a value): ``check(filled, ascii)``. A ``_JSON`` value
+    is the renderer's tojson's text (the JSON encoder's escapes, HTML's characters escaped
+    too): of a str of ASCII alone (``ascii``: every such value's was, _Filler), a JSON
+    string of printable ASCII and escapes none of which is a surrogate's (``\ud800``, which
+    ``_QUOTED`` refuses): a ``_QUOTED`` text; else it is matched by ``_QUOTED``, as a
+    ``_QUOTE`` value is. A ``_LINE`` value is printable ASCII (``_PLAIN_LINE``'s class, by
+    two C calls: its regular expression cost ~1,500 instructions a value)."""
+    json: list[str] = []
+    rest: list[str] = []
     for i, kind in checks:
         value = f"f[{i}]"
         if kind == _LINE:
-            terms.append(f"line({value}) is not None")
-        elif kind == _JSON:
-            terms.append(f"({value}[:1] == q and s not in {value} or quoted({value}) is not None)")
+            rest.append(f"ia({value}) and ip({value})")
         else:
-            terms.append(f"quoted({value}) is not None")
-    namespace: dict[str, Any] = {"line": _PLAIN_LINE.fullmatch, "quoted": _QUOTED.fullmatch,
-                                 "q": '"', "s": "\\ud"}
-    source = "def check(f):\n    return " + " and ".join(terms)
+            (json if kind == _JSON else rest).append(f"quoted({value}) is not None")
+    namespace: dict[str, Any] = {"ia": str.isascii, "ip": str.isprintable,
+                                 "quoted": _QUOTED.fullmatch}
+    terms = ["(a or " + " and ".join(["True", *json]) + ")", *rest]
+    source = "def check(f, a):\n    return " + " and ".join(terms)
     exec(compile(source, "<netboot check>", "exec"), namespace)  # noqa: S102
-    check: Callable[[list[str]], bool] = namespace["check"]
+    check: Callable[[list[str], bool], bool] = namespace["check"]
     return check
 
 
@@ -1379,9 +1385,11 @@ def _is_tojson(node: nodes.Node) -> bool:
 
 def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
            filename: str | None, volatile: frozenset[str],
-           stable: frozenset[str] = frozenset(), *, config: bool = False) -> _Split | None:
+           stable: frozenset[str] = frozenset(), *, config: bool = False,
+           tojson: object = None) -> _Split | None:
     """The split form of ``source`` (see :class:`_Split`), or None where it cannot be.
-    ``config``: a YAML config's (its skeletons get their checks, :func:`_yaml_checks`)."""
+    ``config``: a YAML config's (its skeletons get their checks, :func:`_yaml_checks`);
+    ``tojson``: the renderer's own filter (_checker's proof holds for its texts)."""
     from jinja2 import meta, nodes
 
     if env.finalize is not None or env.autoescape is not False:
@@ -1495,7 +1503,8 @@ def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
     code = env.compile(tree, name, filename)
     template = env.template_class.from_code(env, code, env.make_globals(None))
     return _Split(template, fixed + parts, filler.compiled(), tuple(json_slots),
-                  loops=tuple(loops), config=config)
+                  loops=tuple(loops), config=config,
+                  proven=tojson is not None and filler.tojson is tojson)
 
 
 def _unsure() -> None:
@@ -1549,12 +1558,18 @@ class _Filler:
         self._body: list[str] = []
         self._keys: list[str] = []
         self._lengths: list[str] = []
+        self._ascii: list[str] = []  # each value printed through tojson is a str of ASCII
 
     def output(self, node: nodes.Node) -> bool:
         """``{{ node }}`` filled in; False where its expression is not one followed here."""
         source = self._expression(node)
         if source is None:
             return False
+        if _is_tojson(node) and self.tojson is not None:
+            assert source.startswith("j(") and source.endswith(")")  # _expression's
+            value = f"w{len(self._outputs)}"
+            source = f"j({value} := {source[2:-1]})"
+            self._ascii.append(f"isinstance({value}, str) and ia({value})")
         self._outputs.append(f"str({source})")
         return True
 
@@ -1571,6 +1586,8 @@ class _Filler:
                        "    unsure()  # iterated as it is by the whole render alone",
                        f"for i in s{at}:"]
         self._body += [f"    out.append(str({'j(i)' if json else 'i'}))" for json in outs]
+        if any(outs):
+            self._body.append("    a = a and isinstance(i, str) and ia(i)")
         self._lengths.append(f"len(s{at})")
         return True
 
@@ -1588,23 +1605,25 @@ class _Filler:
         self._keys += [self._key(f"{d}.get({self._const(k)}, M)", False) for k in keys]
 
     def compiled(self) -> Callable[[Mapping[str, Any], dict[int, int]],
-                                   tuple[list[str], tuple[Any, ...]]]:
-        """``fill(context, frozen) -> (filled values, the skeleton's key)``."""
+                                   tuple[list[str], tuple[Any, ...], bool]]:
+        """``fill(context, frozen) -> (filled values, the skeleton's key, ascii)``: ``ascii``,
+        whether every value printed through tojson was a str of ASCII alone (_checker)."""
         import jinja2
 
         source = "\n".join([
             "def fill(c, fr):",
             *(f"    {line}" for line in [
-                "out = [" + ", ".join(self._outputs) + "]", *self._body,
+                "out = [" + ", ".join(self._outputs) + "]",
+                "a = " + " and ".join(["True", *self._ascii]), *self._body,
                 "return out, (" + "".join(f"{k}, " for k in [*self._keys, *self._lengths])
-                + ")"])])
+                + "), a"])])
         namespace: dict[str, Any] = {
             "U": jinja2.Undefined, "unsure": _unsure, "ga": self.env.getattr,
             "gi": self.env.getitem, "j": self.tojson, "M": _Missing(), "mu": marshal.dumps,
-            **self._consts}
+            "ia": str.isascii, **self._consts}
         exec(compile(source, "<netboot split>", "exec"), namespace)  # noqa: S102
-        fill: Callable[[Mapping[str, Any], dict[int, int]], tuple[list[str], tuple[Any, ...]]] = (
-            namespace["fill"])
+        fill: Callable[[Mapping[str, Any], dict[int, int]],
+                       tuple[list[str], tuple[Any, ...], bool]] = namespace["fill"]
         return fill
 
     @staticmethod
