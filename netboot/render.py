@@ -1331,7 +1331,7 @@ def _checker(checks: tuple[tuple[int, int], ...]) -> Callable[[list[str], bool],
     over them cost ~1,000 instructions a value): ``check(filled, ascii)``. A ``_JSON`` value
     is the renderer's tojson's text (the JSON encoder's escapes, HTML's characters escaped
     too): of a str of ASCII alone (``ascii``: every such value's was, _Filler), a JSON
-    string of printable ASCII and escapes none of which is a surrogate's (``\ud800``, which
+    string of printable ASCII and escapes none of which is a surrogate's (``\\ud800``, which
     ``_QUOTED`` refuses): a ``_QUOTED`` text; else it is matched by ``_QUOTED``, as a
     ``_QUOTE`` value is. A ``_LINE`` value is printable ASCII (``_PLAIN_LINE``'s class, by
     two C calls: its regular expression cost ~1,500 instructions a value)."""
