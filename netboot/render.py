@@ -1188,8 +1188,8 @@ class _Skeleton:
         return _filled(self.slots, filled if order is None else [filled[i] for i in order])
 
 
-# A filled value's check (_Skeleton.checks): tojson's text of a double-quoted scalar, another
-# value of one, a value on a comment's or a block scalar's line (_yaml_checks).
+# A filled value's check (_yaml_checks, _checker): tojson's text as a double-quoted scalar,
+# another value as one, a value on a comment's or a block scalar's line.
 _JSON, _QUOTE, _LINE = 0, 1, 2
 
 
