@@ -383,12 +383,12 @@ class Renderer:
         again (a config fetch asks it first, for its kept text)."""
         template, names = self._read_names(name) if read is None else read
         if template is not None and names is not None:
-            made = context(names)
-            if self.volatile:
-                text = self._split_config(name, template, made, header)
-                if text is not None:
-                    return text
             try:
+                made = context(names)
+                if self.volatile:
+                    text = self._split_config(name, template, made, header)
+                    if text is not None:
+                        return text
                 return self._yaml(name, made, header, template)
             except RenderError:
                 pass
