@@ -1406,7 +1406,8 @@ def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
             partial.setdefault(head, set()).add(key)
     every = list(tree.find_all(nodes.Name))
     bound = {n.name for n in every if n.ctx != "load"} | _SPECIAL
-    if bound & (whole | partial.keys()) or any(n.name.startswith("_nb_") for n in every):
+    if (not bound.isdisjoint(whole) or not bound.isdisjoint(partial)
+            or any(n.name.startswith("_nb_") for n in every)):
         return None
 
     def keyed(tree: nodes.Node) -> dict[int, str]:
