@@ -69,8 +69,9 @@ class Renderer:
     def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None,
                  volatile: frozenset[str] = frozenset(), stable: frozenset[str] = frozenset(),
                  recheck: float = RECHECK_SECONDS) -> None:
-        """``volatile``: the context names whose values differ from one machine to the next,
-        around which :meth:`ipxe` and :meth:`cmdline` split their templates (render's).
+        """``volatile``: the context names whose values differ from one machine to the next
+        (and ``name.key`` for a dict of which only that key does), around which :meth:`ipxe`,
+        :meth:`cmdline` and :meth:`yaml_config` split their templates (render's, _Split).
         ``recheck``: seconds after which template files are checked again without a word
         from inotify (:meth:`generation`)."""
         existing = [Path(d) for d in dirs if Path(d).is_dir()]
