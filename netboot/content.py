@@ -41,11 +41,14 @@ from netboot.render import WHOLE, Renderer, Splice, Spliced
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
-# The context names whose values differ from one machine to the next (Content.context): an
-# iPXE script or command line that only prints them is rendered once per profile, reason
-# and the like, and they are filled in (the Renderer's ``volatile``, service.renderer_for).
+# The context names whose values differ from one machine to the next (Content.context), and
+# the keys of ``k3s`` that do (its node name, in its k3s arguments too; the rest is its
+# cluster's, group's and role's): an iPXE script, command line or config that only prints
+# them is rendered once per profile, reason, cluster and the like, and they are filled in
+# (the Renderer's ``volatile``, service.renderer_for).
 PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", "nocloud_url",
-                         "events_url", "register_command", "instance_serial", "cmdline", "k3s"})
+                         "events_url", "register_command", "instance_serial", "cmdline",
+                         "k3s.node_name", "k3s.args"})
 # The context names whose values are made once per profile version and never changed
 # (Content._of_profile, Renderer.freeze): the profile's dict, the largest value a split
 # render's key marshalled (service.renderer_for).

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import marshal
-import operator
 import os
 import re
 import secrets
@@ -39,8 +38,7 @@ if TYPE_CHECKING:
 _MAX_COMPILED = 256
 # Split forms kept (_Split): one per template file version or command-line source.
 _MAX_SPLITS = 256
-# Values frozen (Renderer.freeze): four per profile version, of which a site has a few, and
-# an install plan's dict per reason (state, profile, group).
+# Values frozen (Renderer.freeze): one per profile version, of which a site has a few.
 _MAX_FROZEN = 1024
 # Skeletons kept per split form: one per distinct value of what is not per machine (profile,
 # plan reason, console...): a few per profile and cluster in practice.
@@ -71,8 +69,9 @@ class Renderer:
     def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None,
                  volatile: frozenset[str] = frozenset(), stable: frozenset[str] = frozenset(),
                  recheck: float = RECHECK_SECONDS) -> None:
-        """``volatile``: the context names whose values differ from one machine to the next,
-        around which :meth:`ipxe` and :meth:`cmdline` split their templates (render's).
+        """``volatile``: the context names whose values differ from one machine to the next
+        (and ``name.key`` for a dict of which only that key does), around which :meth:`ipxe`,
+        :meth:`cmdline` and :meth:`yaml_config` split their templates (render's, _Split).
         ``recheck``: seconds after which template files are checked again without a word
         from inotify (:meth:`generation`)."""
         existing = [Path(d) for d in dirs if Path(d).is_dir()]
@@ -87,6 +86,7 @@ class Renderer:
         self.stable = stable
         self._log = logger or logging.getLogger(__name__)
         self._jinja: ImmutableSandboxedEnvironment | None = None
+        self._tojson: Callable[..., str] | None = None  # its tojson filter (_split)
         # The bounded caches below are OrderedDicts: the oldest entry of a full dict is
         # dropped by popitem(last=False), O(1), where ``next(iter(dict))`` steps over the
         # slots of every entry deleted since the dict last resized (boot._keep says more).
@@ -123,13 +123,11 @@ class Renderer:
         return self._fresh.pin
 
     def freeze(self, value: object) -> None:
-        """The caller's word that ``value`` (a context value made once and shared: a
-        profile's dict and lists, made once per profile version; an install plan's dict,
-        once per reason) is never changed from now on, by anyone: a split render keys its
-        skeleton by a serial of its own instead of its marshalled content (the profile's
-        dict, marshalled twice per first install, was 5.6 % of its loop instructions;
-        session 26), and finds it again by the value's identity (_Split.known). A changed
-        profile is a new value, frozen anew."""
+        """The caller's word that ``value`` (a ``stable`` name's value: a profile's dict,
+        made once per profile version) is never changed from now on, by anyone: a split
+        render keys its skeleton by a serial of its own instead of its marshalled content
+        (the profile's dict, marshalled twice per first install, was 5.6 % of its loop
+        instructions; session 26). A changed profile is a new value, frozen anew."""
         frozen = self._frozen
         if len(frozen) >= _MAX_FROZEN:
             frozen.clear()  # bounded: old profiles' values go (theirs are marshalled again)
@@ -162,7 +160,7 @@ class Renderer:
             )
             env.filters["grub_quote"] = grub_quote
             env.filters["grub_args"] = grub_args
-            env.filters["tojson"] = _tojson()
+            env.filters["tojson"] = self._tojson = _tojson()
             self._jinja = self._fresh.adopt(env)
         return self._jinja
 
@@ -280,10 +278,11 @@ class Renderer:
             self._strings[source] = template
         return template
 
-    def _split_of(self, key: object, volatile: frozenset[str], name: str | None,
-                  ) -> _Split | None:
+    def _split_of(self, key: object, volatile: frozenset[str], name: str | None, *,
+                  config: bool = False) -> _Split | None:
         """The split form of a template (``key``: its object, of file ``name``) or of a
-        source string (``key``), made once; None where it cannot be split."""
+        source string (``key``), made once; None where it cannot be split. ``config``: of a
+        YAML config (``key``: its marking template; :meth:`yaml_config`)."""
         # A template object by identity (the loader makes a new one when its file changes),
         # a source string by value.
         index = id(key) if name is not None else key
@@ -303,7 +302,8 @@ class Renderer:
             assert isinstance(key, str)
             source, filename = key, None
         try:
-            split = _split(env, source, name, filename, volatile, self.stable)
+            split = _split(env, source, name, filename, volatile, self.stable, config=config,
+                           tojson=self._tojson)
         except Exception:  # a tree the split cannot compile: rendered whole, as it was
             self._log.debug("template %r not split", name or source, exc_info=True)
             split = None
@@ -385,10 +385,29 @@ class Renderer:
         template, names = self._read_names(name) if read is None else read
         if template is not None and names is not None:
             try:
-                return self._yaml(name, context(names), header, template)
+                made = context(names)
+                if self.volatile:
+                    text = self._split_config(name, template, made, header)
+                    if text is not None:
+                        return text
+                return self._yaml(name, made, header, template)
             except RenderError:
                 pass
         return self._yaml(name, context(None), header, None)
+
+    def _split_config(self, name: str, template: jinja2.Template, context: Mapping[str, Any],
+                      header: str) -> str | None:
+        """Config template ``name`` (``template``: its marking form, as its file is now)
+        rendered split (:class:`_Split`, the renderer's ``volatile``) where its text is then
+        known to parse (:meth:`_Split.yaml_text`) and starts with ``header``: the text
+        :meth:`_yaml` gives, rendered and checked once per skeleton, not once per machine
+        (Jinja's render and the form check were ~120,000 of a first config's ~420,000 loop
+        instructions, session 28). Else None: rendered and checked as before."""
+        split = self._split_of(template, self.volatile, name, config=True)
+        if split is None:
+            return None
+        text = split.yaml_text(context, self._frozen)
+        return text if text is not None and text.startswith(header) else None
 
     def _yaml(self, name: str, context: Mapping[str, Any], header: str,
               template: jinja2.Template | None) -> str:
@@ -1148,98 +1167,100 @@ def _keys_read(tree: Any, name: str) -> frozenset[str]:
     return frozenset(keys)
 
 
-# A split render's skeleton (_Split._skeleton): its pieces, with a place ("") for a value
-# between each two, and the slot whose value goes in each place (None: each slot's, in order).
-_Skeleton = tuple[list[str], tuple[int, ...] | None]
+class _Skeleton:
+    """A split template's text for one value of what is not per machine (:class:`_Split`):
+    its literal pieces with a place between each two (:func:`_slots`), the filled value of
+    each place in order (None: the values' own order, each once), and for a YAML config
+    the check its filled values must pass for the text to be known to parse (None: not
+    known that way; see :func:`_yaml_checks`)."""
+
+    __slots__ = ("check", "order", "slots")
+
+    def __init__(self, pieces: list[str], order: tuple[int, ...] | None,
+                 check: Callable[[list[str], bool], bool] | None) -> None:
+        self.slots = _slots(pieces)
+        self.order = order
+        self.check = check
+
+    def fill(self, filled: list[str]) -> str:
+        # C calls alone (a copy, a slice assignment, a join: :func:`_filled`): a %-format
+        # of a config's skeleton parsed its ~1,500 characters again, ~8,800 instructions.
+        order = self.order
+        return _filled(self.slots, filled if order is None else [filled[i] for i in order])
+
+
+# A filled value's check (_yaml_checks, _checker): tojson's text as a double-quoted scalar,
+# another value as one, a value on a comment's or a block scalar's line.
+_JSON, _QUOTE, _LINE = 0, 1, 2
 
 
 class _Split:
-    """A template whose per-machine values (the ``volatile`` context names) occur only in
-    whole ``{{ … }}`` outputs of plain lookups (``{{ mac }}``, ``{{ config_url }}``,
-    ``{{ machine.hostname or mac }}``): nothing else of it (a test, a loop, a filter, a
-    variable it sets) depends on them. Its skeleton (the template with a mark where each
-    such output goes) is rendered once per distinct value of the other names it reads; a
-    render is then that skeleton with each mark replaced by ``str()`` of its lookup, done
-    as Jinja's generated code does it (``environment.getattr``/``getitem``, ``or``): the
-    very text a whole render gives. Anything the split cannot be sure of (an undefined
-    value, an input it cannot key on) leaves the render to the whole template."""
+    """A template whose per-machine values (the ``volatile`` context names, and the
+    ``name.key`` entries of a dict whose other keys are not: ``k3s.node_name``) are only
+    printed: in whole ``{{ … }}`` outputs of plain lookups (``{{ mac }}``,
+    ``{{ machine.hostname or mac }}``, ``{{ ("node-" ~ mac_hexhyp) | tojson }}``), or as the
+    items of a loop over one (``{% for a in k3s.args %}- {{ a | tojson }}{% endfor %}``)
+    that only prints its item so; nothing else of it (a test, another filter, a variable it
+    sets) depends on them. Its skeleton (the template with a mark where each such output
+    goes, each item of such a loop a mark) is rendered once per distinct value of the other
+    names and keys it reads (and length of each such loop); a render is then that skeleton
+    with each mark replaced by ``str()`` of its value, found as Jinja's generated code finds
+    it (``environment.getattr``/``getitem``, ``or``, ``~``, the environment's ``tojson``;
+    :class:`_Filler`): the very text a whole render gives. Anything the split cannot be
+    sure of (an undefined value, an input it cannot key on) leaves the render to the whole
+    template."""
 
-    __slots__ = ("all_there", "fixed", "ids", "known", "skeletons", "slots", "stable_at",
-                 "template", "values")
+    __slots__ = ("checkers", "config", "count", "fill", "json", "loops", "names", "proven",
+                 "skeletons", "template")
 
-    def __init__(self, template: jinja2.Template, fixed: tuple[str, ...],
-                 slots: tuple[Callable[[Mapping[str, Any]], Any], ...],
-                 stable: frozenset[str] = frozenset()) -> None:
+    def __init__(self, template: jinja2.Template, names: tuple[str, ...],
+                 fill: Callable[[Mapping[str, Any], dict[int, int]],
+                                tuple[list[str], tuple[Any, ...], bool]],
+                 json: tuple[bool, ...], *, loops: tuple[tuple[bool, ...], ...] = (),
+                 config: bool = False, proven: bool = False) -> None:
         self.template = template
-        self.fixed = fixed  # the other names it reads
-        # The place in ``fixed`` of the first name whose value may be frozen (-1: none):
-        # one place looked at, not every value (a pass over them cost what it saved).
-        self.stable_at = next((i for i, n in enumerate(fixed) if n in stable), -1)
-        self.slots = slots
-        # The fixed names' values of a context that has them all, in one C call (the
-        # generators of the general case below were a fifth of a split render).
-        self.values: Callable[[dict[str, Any]], Any] = (
-            operator.itemgetter(*fixed) if fixed else lambda context: ())
-        self.all_there = (True,) * len(fixed)
-        # The fixed names' values (marshalled) -> the skeleton: its text's pieces with a
-        # place ("") between each two where a mark was, and the slot of each place in order
-        # (None: the slots' own order, each once).
-        self.skeletons: OrderedDict[bytes, _Skeleton] = OrderedDict()
-        # The fixed names' values by their identities (their id()s, in one generated call)
-        # -> (those values, kept so that no other object has their ids while listed; their
-        # skeleton): where each value is frozen or of an immutable type (_UNCHANGING), the
-        # same objects are the same values. An install script's and its command line's are
-        # (a profile's dict and lists, an install plan's dict, URLs, the console): found
-        # without marshal, which was ~10,000 of a first install's ~476,000 loop
-        # instructions (two keys; session 29).
-        self.ids: Callable[[dict[str, Any]], tuple[int, ...]] = _ids_of(fixed)
-        self.known: dict[tuple[int, ...], tuple[tuple[Any, ...], _Skeleton]] = {}
+        self.names = names  # the other names it reads: what a skeleton is given
+        # The values filled in, and what keys the skeleton (:class:`_Filler`).
+        self.fill = fill
+        self.count = len(json)  # outputs filled in (before the loops' items)
+        self.json = json  # per output: whether its value is the environment's tojson's text
+        self.loops = loops  # per loop, per output of its item: through tojson or not
+        self.config = config  # a YAML config's: each skeleton gets its checks
+        self.proven = proven  # its tojson is the renderer's (_checker's _JSON)
+        # What is not per machine (_Filler's key) -> the skeleton.
+        self.skeletons: OrderedDict[tuple[Any, ...], _Skeleton] = OrderedDict()
+        # A config's skeletons' checks (_yaml_checks) -> their function (_checker): the same
+        # for most of them (a few in all, bounded by the skeletons').
+        self.checkers: dict[tuple[tuple[int, int], ...], Callable[[list[str], bool], bool]] = {}
 
     def render(self, context: Mapping[str, Any], frozen: dict[int, int]) -> str | None:
         """The text, or None: render the whole template. ``frozen``: values never changed
         once made (Renderer.freeze), by their serial."""
-        ids: tuple[int, ...] | None = None
-        if type(context) is dict:
-            try:
-                ids = self.ids(context)
-            except KeyError:  # one is not there: the general case below
-                ids = None
-            else:
-                kept = self.known.get(ids)
-                if kept is not None:
-                    return self._filled(kept[1], context)
-        fixed = self.fixed
-        try:
-            # Which names are there, and their values, as marshal writes them: it takes only
-            # the built-in types (a str subclass, an enum, any object is refused, ValueError)
-            # and reads back what it wrote, so equal keys are equal values of equal types.
-            # Version 2 writes no back-references: equal values, equal bytes.
-            values: Any = None
-            if type(context) is dict:
-                try:
-                    values = self.values(context)
-                except KeyError:  # one is not there: told apart below
-                    values = None
-                else:
-                    values = (values,) if len(fixed) == 1 else values
-            at = self.stable_at
-            serial = frozen.get(id(values[at])) if values is not None and at >= 0 else None
-            if serial is not None:
-                # The frozen value by its serial (one object's, never changed), the rest
-                # marshalled: a 3-tuple, never equal to a 2-tuple's key.
-                key = marshal.dumps((self.all_there, values[:at] + values[at + 1:], serial), 2)
-            elif values is not None:
-                key = marshal.dumps((self.all_there, values), 2)
-            else:
-                key = marshal.dumps((tuple(name in context for name in fixed),
-                                     tuple(context[name] for name in fixed
-                                           if name in context)), 2)
-        except ValueError:
+        made = self._filled(context, frozen)
+        return None if made is None else made[0].fill(made[1])
+
+    def yaml_text(self, context: Mapping[str, Any], frozen: dict[int, int]) -> str | None:
+        """:meth:`render`'s text where it is known to parse as YAML: its skeleton with
+        placeholders parsed, each filled value of its place's class (:func:`_yaml_checks`);
+        else None (rendered and checked whole)."""
+        made = self._filled(context, frozen)
+        if made is None:
             return None
+        skeleton, filled, ascii = made
+        check = skeleton.check
+        return skeleton.fill(filled) if check is not None and check(filled, ascii) else None
+
+    def _filled(self, context: Mapping[str, Any], frozen: dict[int, int],
+                ) -> tuple[_Skeleton, list[str], bool] | None:
+        """The skeleton of ``context``, its values filled in (in the marks' numbering), and
+        whether every value printed through tojson was a str of ASCII alone; None where
+        anything fails (the whole render raises it, or says why)."""
         try:
+            filled, key, ascii = self.fill(context, frozen)
             skeleton = self.skeletons.get(key)
             if skeleton is None:
-                skeleton = self._skeleton(context)
+                loops = len(self.loops)  # their lengths end the key
+                skeleton = self._skeleton(context, key[len(key) - loops:] if loops else ())
                 if skeleton is None:
                     return None
                 if len(self.skeletons) >= _MAX_SKELETONS:
@@ -1247,138 +1268,422 @@ class _Split:
                 self.skeletons[key] = skeleton
         except Exception:  # the whole render raises it, or says why (RenderError)
             return None
-        if ids is not None and all(type(v) in _UNCHANGING or id(v) in frozen
-                                   for v in values):
-            _keep(self.known, ids, (values, skeleton), _MAX_SKELETONS)
-        return self._filled(skeleton, context)
+        return skeleton, filled, ascii
 
-    def _filled(self, skeleton: _Skeleton, context: Mapping[str, Any]) -> str | None:
-        """``skeleton`` with each slot's value of ``context``; None: render the whole."""
-        try:
-            filled = [str(slot(context)) for slot in self.slots]
-        except Exception:  # the whole render raises it, or says why (RenderError)
-            return None
-        # The values put in their places of a copy of the pieces and joined, in C (the join
-        # with a type test per piece in Python was ~1 µs of each split render, session 24; a
-        # %-format of the skeleton reads its every character: ~5,800 instructions for an
-        # install script of 330 against ~3,100 so, session 29).
-        pieces, order = skeleton
-        text = pieces.copy()
-        text[1::2] = filled if order is None else [filled[i] for i in order]
-        return "".join(text)
-
-    def _skeleton(self, context: Mapping[str, Any]) -> _Skeleton | None:
-        ctx = {name: context[name] for name in self.fixed if name in context}
-        ctx.update((f"_nb_slot_{i}", f"\x00{i}\x00") for i in range(len(self.slots)))
+    def _skeleton(self, context: Mapping[str, Any], lengths: tuple[int, ...],
+                  ) -> _Skeleton | None:
+        ctx = {name: context[name] for name in self.names if name in context}
+        count = self.count
+        ctx.update((f"_nb_slot_{i}", f"\x00{i}\x00") for i in range(count))
+        json = list(self.json)
+        for j, (outs, length) in enumerate(zip(self.loops, lengths, strict=True)):
+            # Each item a tuple of marks, one per output of it in the body (there its
+            # ``item[k]``), numbered as _Filler fills them.
+            items = []
+            for _ in range(length):
+                items.append(tuple(f"\x00{count + k}\x00" for k in range(len(outs))))
+                json.extend(outs)
+                count += len(outs)
+            ctx[f"_nb_loop_{j}"] = items
         text = self.template.render(ctx)
         parts = _MARK.split(text)
         if text.count("\x00") != len(parts) - 1:
             return None  # a NUL of its own: marks not told apart
         order = tuple(int(p) for p in parts[1::2])
-        parts[1::2] = [""] * len(order)
-        return parts, None if order == tuple(range(len(self.slots))) else order
+        pieces = parts[::2]
+        check = None
+        if self.config:
+            checks = _yaml_checks(pieces, order, json, self.proven)
+            if checks is not None:
+                check = self.checkers.get(checks)
+                if check is None:
+                    check = self.checkers[checks] = _checker(checks)
+        return _Skeleton(pieces, None if order == tuple(range(count)) else order, check)
 
 
+def _yaml_checks(pieces: list[str], order: tuple[int, ...], json: list[bool],
+                 proven: bool = False) -> tuple[tuple[int, int], ...] | None:
+    """What the values filled into a skeleton (its literal ``pieces``, the value of each
+    place between them ``order``, tojson's text or not by value ``json``) must be for its
+    text to parse as YAML, as :class:`_YamlShapes` knows a text by its form: the skeleton
+    parsed once with a placeholder at each place (``"x"`` for tojson's text, ``x`` else), each
+    place classed by where the parse put it; every place a whole double-quoted scalar (then
+    each value a ``_QUOTED`` one: ``_JSON`` or ``_QUOTE``) or on a comment's or a block
+    scalar's line (each value a ``_PLAIN_LINE``: ``_LINE``). A text of that form with such
+    values has the same tokens, the same tree of str scalars: it parses too. None where a
+    place is of no such class (a value taken verbatim: a machine's own would never be
+    again), or the skeleton does not parse so: the text is then checked whole."""
+    values = tuple('"x"' if json[i] else "x" for i in order)
+    marked = _Marked("".join(p + v for p, v in zip(pieces, (*values, ""), strict=True)),
+                     tuple(pieces), values)
+    try:
+        yaml.load(marked.text, Loader=_LOADER)  # noqa: S506
+        classes = _classes(marked)
+    except Exception:  # the whole text's check says what is wrong
+        return None
+    if classes is None or "v" in classes:
+        return None
+    return tuple(sorted({(i, _LINE if c != "q" else _JSON if json[i] and proven else _QUOTE)
+                         for i, c in zip(order, classes, strict=True)}))
 
-# Types whose values never change: one such object is one value (_Split.known).
-_UNCHANGING = frozenset({str, int, float, bool, type(None)})
+
+def _checker(checks: tuple[tuple[int, int], ...]) -> Callable[[list[str], bool], bool]:
+    """Whether filled values pass ``checks`` (:func:`_yaml_checks`), in one function (a loop
+    over them cost ~1,000 instructions a value): ``check(filled, ascii)``. A ``_JSON`` value
+    is the renderer's tojson's text (the JSON encoder's escapes, HTML's characters escaped
+    too): of a str of ASCII alone (``ascii``: every such value's was, _Filler), a JSON
+    string of printable ASCII and escapes none of which is a surrogate's (``\\ud800``, which
+    ``_QUOTED`` refuses): a ``_QUOTED`` text; else it is matched by ``_QUOTED``, as a
+    ``_QUOTE`` value is. A ``_LINE`` value is printable ASCII (``_PLAIN_LINE``'s class, by
+    two C calls: its regular expression cost ~1,500 instructions a value)."""
+    json: list[str] = []
+    rest: list[str] = []
+    for i, kind in checks:
+        value = f"f[{i}]"
+        if kind == _LINE:
+            rest.append(f"ia({value}) and ip({value})")
+        else:
+            (json if kind == _JSON else rest).append(f"quoted({value}) is not None")
+    namespace: dict[str, Any] = {"ia": str.isascii, "ip": str.isprintable,
+                                 "quoted": _QUOTED.fullmatch}
+    terms = ["(a or " + " and ".join(["True", *json]) + ")", *rest]
+    source = "def check(f, a):\n    return " + " and ".join(terms)
+    exec(compile(source, "<netboot check>", "exec"), namespace)  # noqa: S102
+    check: Callable[[list[str], bool], bool] = namespace["check"]
+    return check
 
 
-def _ids_of(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[int, ...]]:
-    """``lambda context: tuple(id(context[n]) for n in names)`` written out, one call: a
-    third of what a map's tuple of them costs (session 29). KeyError where one is not there."""
-    scope: dict[str, Any] = {}
-    exec("def ids(context):\n    return ("  # noqa: S102
-         + "".join(f"id(context[{n!r}]), " for n in names) + ")\n", scope)
-    made: Callable[[dict[str, Any]], tuple[int, ...]] = scope["ids"]
-    return made
+def _dict_key(node: nodes.Getattr | nodes.Getitem) -> str | None:
+    """The key ``node`` reads of a dict by a constant attribute or subscript, where the
+    sandbox's look-up of either finds that item or nothing (no dict attribute by that name:
+    ``d.items`` is the method, ``d["items"]`` of a dict without it too); else None."""
+    from jinja2 import nodes
+
+    if isinstance(node, nodes.Getattr):
+        key = node.attr
+    elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        key = node.arg.value
+    else:
+        return None
+    return None if hasattr(dict, key) else key
+
+
+def _nodes_of(node: nodes.Node) -> list[nodes.Node]:
+    """``node`` and every node inside it."""
+    from jinja2 import nodes
+
+    return [node, *node.find_all(nodes.Node)]
+
+
+def _is_tojson(node: nodes.Node) -> bool:
+    """Whether ``node`` is ``x | tojson``, without arguments."""
+    from jinja2 import nodes
+
+    return (isinstance(node, nodes.Filter) and node.name == "tojson" and node.node is not None
+            and not node.args and not node.kwargs and node.dyn_args is None
+            and node.dyn_kwargs is None)
 
 
 def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
            filename: str | None, volatile: frozenset[str],
-           stable: frozenset[str] = frozenset()) -> _Split | None:
-    """The split form of ``source`` (see :class:`_Split`), or None where it cannot be."""
-    from jinja2 import nodes
+           stable: frozenset[str] = frozenset(), *, config: bool = False,
+           tojson: object = None) -> _Split | None:
+    """The split form of ``source`` (see :class:`_Split`), or None where it cannot be.
+    ``config``: a YAML config's (its skeletons get their checks, :func:`_yaml_checks`);
+    ``tojson``: the renderer's own filter (_checker's proof holds for its texts)."""
+    from jinja2 import meta, nodes
 
     if env.finalize is not None or env.autoescape is not False:
         return None  # outputs would not be str() of their values
     tree = env.parse(source, name, filename)
     if any(type(n).__name__ in _OPAQUE for n in tree.find_all(nodes.Node)):
         return None
-    names = list(tree.find_all(nodes.Name))
-    bound = {n.name for n in names if n.ctx != "load"} | _SPECIAL
-    if bound & volatile or any(n.name.startswith("_nb_slot_") for n in names):
+    whole = frozenset(v for v in volatile if "." not in v)
+    # Dicts some keys of which are per machine: name -> those keys.
+    partial: dict[str, set[str]] = {}
+    for entry in volatile:
+        head, _, key = entry.partition(".")
+        if key and head not in whole:
+            partial.setdefault(head, set()).add(key)
+    every = list(tree.find_all(nodes.Name))
+    bound = {n.name for n in every if n.ctx != "load"} | _SPECIAL
+    if (not bound.isdisjoint(whole) or not bound.isdisjoint(partial)
+            or any(n.name.startswith("_nb_") for n in every)):
         return None
-    slots: list[Callable[[Mapping[str, Any]], Any]] = []
+
+    def keyed(tree: nodes.Node) -> dict[int, str]:
+        """id() of each load of a name that is a look-up of one key of it (_dict_key) -> that
+        key."""
+        reads = {}
+        for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+            assert isinstance(node, nodes.Getattr | nodes.Getitem)
+            inner = node.node
+            if isinstance(inner, nodes.Name) and inner.ctx == "load":
+                key = _dict_key(node)
+                if key is not None:
+                    reads[id(inner)] = key
+        return reads
+
+    def hot(node: nodes.Node, reads: dict[int, str]) -> bool:
+        """Whether ``node`` reads a per-machine value (a partial dict otherwise than by one
+        of its other keys, ``reads``, counts as whole)."""
+        return any(isinstance(n, nodes.Name) and n.ctx == "load" and (
+            n.name in whole or (n.name in partial and (
+                id(n) not in reads or reads[id(n)] in partial[n.name])))
+            for n in _nodes_of(node))
+
+    def loads(node: nodes.Node) -> set[str]:
+        return {n.name for n in _nodes_of(node) if isinstance(n, nodes.Name)}
+
+    reads = keyed(tree)
+    filler = _Filler(env)
+    loops: list[tuple[bool, ...]] = []
+    for loop in list(tree.find_all(nodes.For)):
+        if not hot(loop.iter, reads):
+            continue
+        target = loop.target
+        body = [n for b in loop.body for n in _nodes_of(b)]
+        if (loop.test is not None or loop.recursive or loop.else_
+                or not isinstance(target, nodes.Name) or loads(loop.iter) & bound
+                or any(isinstance(n, nodes.For) for n in body)):
+            return None
+        printed: list[tuple[nodes.Output, int, bool]] = []
+        taken = set()
+        for output in body:
+            if not isinstance(output, nodes.Output):
+                continue
+            for i, child in enumerate(output.nodes):
+                json = _is_tojson(child)
+                item = child.node if isinstance(child, nodes.Filter) and json else child
+                if (isinstance(item, nodes.Name) and item.name == target.name
+                        and item.ctx == "load" and (filler.tojson is not None or not json)):
+                    taken.add(id(item))
+                    printed.append((output, i, json))
+        if any(isinstance(n, nodes.Name) and n.name in (target.name, "loop")
+               and id(n) not in taken for n in body):
+            return None  # the item (or the loop) used otherwise than printed so
+        outs = tuple(json for _, _, json in printed)
+        if not filler.loop(loop.iter, outs):
+            return None
+        for k, (output, i, _) in enumerate(printed):
+            output.nodes[i] = nodes.Getitem(nodes.Name(target.name, "load"), nodes.Const(k),
+                                            "load", lineno=output.nodes[i].lineno)
+        loop.iter = nodes.Name(f"_nb_loop_{len(loops)}", "load", lineno=loop.iter.lineno)
+        loops.append(outs)
+    json_slots: list[bool] = []
     for output in tree.find_all(nodes.Output):
         for i, child in enumerate(output.nodes):
-            used = {n.name for n in child.find_all(nodes.Name)}
-            if isinstance(child, nodes.Name):
-                used.add(child.name)
-            if not used & volatile:
+            if not hot(child, reads):
                 continue
-            lookup = None if used & bound else _lookup(env, child)
-            if lookup is None:
+            if loads(child) & bound or not filler.output(child):
                 return None
-            output.nodes[i] = nodes.Name(f"_nb_slot_{len(slots)}", "load", lineno=child.lineno)
-            slots.append(lookup)
-    if not slots:
+            output.nodes[i] = nodes.Name(f"_nb_slot_{len(json_slots)}", "load",
+                                         lineno=child.lineno)
+            json_slots.append(_is_tojson(child))
+    if not json_slots and not loops:
         return None  # nothing to fill in: rendered whole, as before
-    loads = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"}
-    if loads & volatile:
+    reads = keyed(tree)
+    if hot(tree, reads):
         return None  # a per-machine value used otherwise than printed
-    fixed = tuple(sorted(n for n in loads - bound if not n.startswith("_nb_slot_")))
+    # The names the template reads of its context (Jinja's own account; a global's name too:
+    # a context's value of it comes first).
+    names = [n for n in tree.find_all(nodes.Name) if n.ctx == "load"]
+    read = {n for n in meta.find_undeclared_variables(tree) | {
+        n.name for n in names if n.name in env.globals} if not n.startswith("_nb_")}
+    # Those read key by key alone (a partial dict's other keys; a plan's reason), but for a
+    # stable one (its serial keys it: Renderer.freeze) or a global's name: the values of
+    # those keys key the skeleton, not the whole dict's (which marshal wrote object by
+    # object: ~300 instructions each).
+    parts = tuple(sorted(head for head in read if head in partial or (
+        head not in stable and head not in env.globals
+        and all(id(n) in reads for n in names if n.name == head))))
+    fixed = tuple(sorted(read.difference(parts)))
+    for head in fixed:
+        filler.fixed(head, head in stable)
+    for head in parts:
+        filler.part(head, tuple(sorted({reads[id(n)] for n in names if n.name == head})))
     code = env.compile(tree, name, filename)
     template = env.template_class.from_code(env, code, env.make_globals(None))
-    return _Split(template, fixed, tuple(slots), stable)
+    return _Split(template, fixed + parts, filler.compiled(), tuple(json_slots),
+                  loops=tuple(loops), config=config,
+                  proven=tojson is not None and filler.tojson is tojson)
 
 
-def _lookup(env: ImmutableSandboxedEnvironment, node: nodes.Node,
-            ) -> Callable[[Mapping[str, Any]], Any] | None:
-    """``node`` evaluated from a context as Jinja's generated code evaluates it (names,
-    ``.attr``, ``[constant]``, ``or``, ``and``, constants); None for any other expression.
-    An undefined value raises _Unsure: the whole render reports it."""
-    import jinja2
-    from jinja2 import nodes
+def _unsure() -> None:
+    raise _Unsure
 
-    undefined = jinja2.Undefined
 
-    def known(value: Any) -> Any:
-        if isinstance(value, undefined):
-            raise _Unsure
-        return value
+class _Missing:
+    """A name or key not there, in a split's key (_Filler): equal to itself alone."""
 
-    if isinstance(node, nodes.Name):
-        key = node.name
+    __slots__ = ()
 
-        def name(ctx: Mapping[str, Any]) -> Any:
-            if key not in ctx:
-                raise _Unsure
-            return known(ctx[key])
+
+class _Filler:
+    """The source of one function that gives a split template's filled values from a
+    context (:class:`_Split`): ``str()`` of each output's expression, as Jinja's generated
+    code evaluates it (names, ``.attr``, ``[constant]``, ``or``, ``and``, ``~``, constants,
+    ``| tojson``), then of each item of each loop; and the key of its skeleton: each other
+    name's value (the values of the keys read of a dict read key by key), then the length of
+    each loop's list. Compiled once per split, as Jinja compiles a template: a closure per
+    look-up cost a Python call each, ~1,000 instructions (six for a config's hostname). An
+    undefined value, a missing name or key, anything raised: the whole render answers (and
+    says why).
+
+    A key's value is a str, an int or None as it is (a str never equals another type's
+    value, an int only another int of this place: a bool is not an int here), a name or key
+    not there as ``M`` (that sentinel alone), a frozen value (Renderer.freeze) as
+    ``(None, its serial)``, any other as ``(marshal's bytes,)``: marshal takes only the
+    built-in types (a str subclass, an enum, any object is refused, ValueError) and reads
+    back what it wrote, so equal bytes are equal values of equal types (version 2 writes no
+    back-references). So equal keys are equal values of equal types, and a str or int is
+    hashed and compared in place (marshal wrote a config's dozen values at ~350
+    instructions each: a tenth of a split config).
+
+    The source holds no text of the template: every name, key and constant is a value in the
+    function's namespace (``k0``, ``k1``...)."""
+
+    def __init__(self, env: ImmutableSandboxedEnvironment) -> None:
+        from jinja2.sandbox import SandboxedEnvironment
+
+        self.env = env
+        tojson = env.filters.get("tojson")
+        # A filter given the context or environment is not called as Jinja calls it here.
+        self.tojson = None if tojson is None or hasattr(tojson, "jinja_pass_arg") else tojson
+        # A dict's item looked up in place where the environment's look-up would find it
+        # first (_sandbox's getattr for a name no dict attribute has; the sandbox's getitem
+        # for any key), else through the environment's method.
+        self._items = getattr(type(env), "items_by_name", False) is True
+        self._getitem = type(env).getitem is SandboxedEnvironment.getitem
+        self._consts: dict[str, Any] = {}
+        self._outputs: list[str] = []
+        self._body: list[str] = []
+        self._keys: list[str] = []
+        self._lengths: list[str] = []
+        self._ascii: list[str] = []  # each value printed through tojson is a str of ASCII
+
+    def output(self, node: nodes.Node) -> bool:
+        """``{{ node }}`` filled in; False where its expression is not one followed here."""
+        source = self._expression(node)
+        if source is None:
+            return False
+        if _is_tojson(node) and self.tojson is not None:
+            assert source.startswith("j(") and source.endswith(")")  # _expression's
+            value = f"w{len(self._outputs)}"
+            source = f"j({value} := {source[2:-1]})"
+            self._ascii.append(f"isinstance({value}, str) and ia({value})")
+        self._outputs.append(f"str({source})")
+        return True
+
+    def loop(self, seq: nodes.Node, outs: tuple[bool, ...]) -> bool:
+        """A loop over ``seq`` whose body prints its item ``outs`` times (each through tojson
+        or not): each item's texts filled in, in order; its list's length keys the
+        skeleton. False where ``seq`` is not an expression followed here."""
+        source = self._expression(seq)
+        if source is None:
+            return False
+        at = len(self._lengths)
+        self._body += [f"s{at} = {source}",
+                       f"if type(s{at}) is not list and type(s{at}) is not tuple:",
+                       "    unsure()  # iterated as it is by the whole render alone",
+                       f"for i in s{at}:"]
+        self._body += [f"    out.append(str({'j(i)' if json else 'i'}))" for json in outs]
+        if any(outs):
+            self._body.append("    a = a and isinstance(i, str) and ia(i)")
+        self._lengths.append(f"len(s{at})")
+        return True
+
+    def fixed(self, name: str, stable: bool) -> None:
+        """Name ``name``'s value keys the skeleton (``stable``: by its serial where frozen)."""
+        self._keys.append(self._key(f"c.get({self._const(name)}, M)", stable))
+
+    def part(self, name: str, keys: tuple[str, ...]) -> None:
+        """Dict ``name`` read by ``keys`` alone: their values key the skeleton, as the
+        sandbox's look-up of a dict's key finds them."""
+        d = f"p{len(self._body)}"
+        self._body += [f"{d} = c[{self._const(name)}]",
+                       f"if type({d}) is not dict:",
+                       "    unsure()  # an attribute look-up: not followed here"]
+        self._keys += [self._key(f"{d}.get({self._const(k)}, M)", False) for k in keys]
+
+    def compiled(self) -> Callable[[Mapping[str, Any], dict[int, int]],
+                                   tuple[list[str], tuple[Any, ...], bool]]:
+        """``fill(context, frozen) -> (filled values, the skeleton's key, ascii)``: ``ascii``,
+        whether every value printed through tojson was a str of ASCII alone (_checker)."""
+        import jinja2
+
+        source = "\n".join([
+            "def fill(c, fr):",
+            *(f"    {line}" for line in [
+                "out = [" + ", ".join(self._outputs) + "]",
+                "a = " + " and ".join(["True", *self._ascii]), *self._body,
+                "return out, (" + "".join(f"{k}, " for k in [*self._keys, *self._lengths])
+                + "), a"])])
+        namespace: dict[str, Any] = {
+            "U": jinja2.Undefined, "unsure": _unsure, "ga": self.env.getattr,
+            "gi": self.env.getitem, "j": self.tojson, "M": _Missing(), "mu": marshal.dumps,
+            "ia": str.isascii, **self._consts}
+        exec(compile(source, "<netboot split>", "exec"), namespace)  # noqa: S102
+        fill: Callable[[Mapping[str, Any], dict[int, int]],
+                       tuple[list[str], tuple[Any, ...], bool]] = namespace["fill"]
+        return fill
+
+    @staticmethod
+    def _key(source: str, stable: bool) -> str:
+        """The key's value of ``source``'s (see the class)."""
+        frozen = "(None, _s) if (_s := fr.get(id(_v))) is not None else " if stable else ""
+        return (f"(_v if (_y := type(_v := {source})) is str or _y is int or _v is None"
+                f" or _v is M else {frozen}(mu(_v, 2),))")
+
+    def _const(self, value: object) -> str:
+        name = f"k{len(self._consts)}"
+        self._consts[name] = value
         return name
-    if isinstance(node, nodes.Const):
-        const = node.value
-        return lambda ctx: const
-    if isinstance(node, nodes.Getattr):
-        of, attr = _lookup(env, node.node), node.attr
-        if of is None:
-            return None
-        getattr_ = of
-        return lambda ctx: known(env.getattr(getattr_(ctx), attr))
-    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
-        of, item = _lookup(env, node.node), node.arg.value
-        if of is None:
-            return None
-        getitem_ = of
-        return lambda ctx: known(env.getitem(getitem_(ctx), item))
-    if isinstance(node, nodes.Or | nodes.And):
-        left, right = _lookup(env, node.left), _lookup(env, node.right)
-        if left is None or right is None:
-            return None
-        if isinstance(node, nodes.Or):
-            return lambda ctx: left(ctx) or right(ctx)
-        return lambda ctx: left(ctx) and right(ctx)
-    return None
+
+    def _expression(self, node: nodes.Node) -> str | None:
+        """``node``'s source; None for an expression not followed here."""
+        from jinja2 import nodes
+
+        if isinstance(node, nodes.Name):
+            return _known(f"c[{self._const(node.name)}]")
+        if isinstance(node, nodes.Const):
+            return self._const(node.value)
+        if isinstance(node, nodes.Getattr):
+            of, attr = self._expression(node.node), self._const(node.attr)
+            if of is None:
+                return None
+            if self._items and not hasattr(dict, node.attr):
+                return _known(f"(_t[{attr}] if type(_t := {of}) is dict else ga(_t, {attr}))")
+            return _known(f"ga({of}, {attr})")
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            of, item = self._expression(node.node), self._const(node.arg.value)
+            if of is None:
+                return None
+            if self._getitem:
+                return _known(f"(_t[{item}] if type(_t := {of}) is dict else gi(_t, {item}))")
+            return _known(f"gi({of}, {item})")
+        if isinstance(node, nodes.Or | nodes.And):
+            left, right = self._expression(node.left), self._expression(node.right)
+            if left is None or right is None:
+                return None
+            return f"({left} {'or' if isinstance(node, nodes.Or) else 'and'} {right})"
+        if isinstance(node, nodes.Concat):
+            # ``a ~ b``: Jinja's str_join (autoescape off: _split's premise), "".join of str()s.
+            pieces = [self._expression(n) for n in node.nodes]
+            if any(p is None for p in pieces):
+                return None
+            return '"".join([' + "".join(f"str({p}), " for p in pieces) + "])"
+        if _is_tojson(node) and self.tojson is not None:
+            assert isinstance(node, nodes.Filter) and node.node is not None  # _is_tojson's
+            of = self._expression(node.node)
+            return None if of is None else f"j({of})"
+        return None
+
+
+def _known(source: str) -> str:
+    """``source``'s value, where it is not undefined (else _Unsure: the whole render says
+    what is wrong). ``_t`` is taken as soon as it is set: an inner one is done by then."""
+    return f"(_t if not isinstance(_t := {source}, U) else unsure())"
 
 
 def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:
@@ -1425,8 +1730,11 @@ def _sandbox() -> type[ImmutableSandboxedEnvironment]:
 
     # Made with type(), not a class statement: mypyc (NETBOOT_MYPYC=1 builds this module)
     # compiles no class defined inside a function.
+    # ``items_by_name``: its getattr of an exact dict and a name no dict attribute has is
+    # that item (_Filler looks such items up in place).
     sandbox: type[ImmutableSandboxedEnvironment] = type(
-        "Sandbox", (ImmutableSandboxedEnvironment,), {"getattr": getattr})
+        "Sandbox", (ImmutableSandboxedEnvironment,), {"getattr": getattr,
+                                                      "items_by_name": True})
     return sandbox
 
 
@@ -1470,7 +1778,7 @@ def _slots(fixed: Sequence[str]) -> list[str]:
     return slots
 
 
-def _filled(slots: list[str], values: tuple[str, ...]) -> str:
+def _filled(slots: list[str], values: Sequence[str]) -> str:
     """The text of :func:`_slots` with ``values`` in its places: a copy, a slice assignment
     and a join (callgrind: ~3,200 instructions for a register command, where a %-format of
     it parsed its ~640 characters again, ~7,100)."""

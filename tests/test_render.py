@@ -7,6 +7,7 @@ Regenerate the golden files after a deliberate template change with
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -1442,13 +1443,14 @@ def test_a_frozen_value_keys_split_renders_by_its_identity() -> None:
     assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == "b [] m"
 
 
-def test_a_split_render_finds_frozen_and_unchanging_values_again_by_their_identity() -> None:
+def test_a_split_render_of_frozen_and_unchanging_values_renders_each_set_its_own() -> None:
     """Where each fixed value is frozen (Renderer.freeze) or a str, int, float, bool or
-    None, a split render finds its skeleton again by those objects' identities
-    (_Split.known), as an install script's and its command line's are found: each set of
-    values renders its own text, even new values at the ids of ones freed before them; a
-    value neither frozen nor of such a type (a dict, a list) is keyed by its content, so a
-    change to it is rendered, as before, and never found by its identity."""
+    None, as an install script's and its command line's are, each set of values renders its
+    own text, even new values at the ids of ones freed before them (a key by ids alone would
+    find the freed one's text); a value neither frozen nor of such a type (a dict, a list)
+    is keyed by its content, so a change to it is rendered, as before. (Session 29's
+    s29-install keyed such values by their ids; s29-config's split keys them by serial and
+    value, which the merge kept: the texts asserted are what either must give.)"""
     r = Renderer([templates_dir()], volatile=PER_MACHINE, stable=frozenset({"profile"}))
     source = ("{{ profile.name }} {{ plan.reason }} {{ initrds }} {{ console }} {{ n }} {{ x }}"
               " {{ mac }}")
@@ -1464,7 +1466,7 @@ def test_a_split_render_finds_frozen_and_unchanging_values_again_by_their_identi
                 f"p{i} r{i} ['i{i}'] c{i} {i} {None if i % 2 else 0.5} {mac}"
         del pdict, pplan, initrds, console, x, ctx  # their ids are free for the next ones'
     (split,) = [s for _, s in r._splits.values() if s is not None]
-    assert len(split.known) == 20 and len(split.skeletons) == 20  # one each, found again
+    assert len(split.skeletons) == 20  # one each, found again
     pdict, pplan = {"name": "q"}, {"reason": "s"}
     r.freeze(pdict)
     r.freeze(pplan)
@@ -1479,7 +1481,6 @@ def test_a_split_render_finds_frozen_and_unchanging_values_again_by_their_identi
             unfrozen["a"] = True  # equal to 1, printed otherwise
         assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == \
             f"q s {unfrozen} c 1 None m"
-    assert len(split.known) == 20
     # One str, freed each time: its id is likely the next one's (a key by ids alone,
     # without the values kept, then found the freed one's text).
     for i in range(20):
@@ -1487,3 +1488,190 @@ def test_a_split_render_finds_frozen_and_unchanging_values_again_by_their_identi
         assert r.render_string("{{ console }} {{ mac }}", {"console": console, "mac": "m"},
                                what="t", volatile=PER_MACHINE) == f"c{i} m"
         del console
+
+
+def _split_answers(r: Renderer) -> list[bool]:
+    """Whether each config from now on was answered by its split form (Renderer's
+    _split_config gave its text) or rendered and checked whole."""
+    answered: list[bool] = []
+    real = r._split_config
+
+    def counting(*args: object) -> str | None:
+        text = real(*args)  # type: ignore[arg-type]
+        answered.append(text is not None)
+        return text
+
+    r._split_config = counting  # type: ignore[method-assign]
+    return answered
+
+
+def _plain_config(name: str, ctx: dict[str, object]) -> object:
+    """Jinja's own text of config template ``name`` (its plain sandbox, Jinja's tojson, the
+    register command a plain str) where it parses as the renderer parses; else None, or the
+    type of what the parse raised beside (a lone surrogate: _outcome's)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                                          undefined=jinja2.StrictUndefined,
+                                          autoescape=False, keep_trailing_newline=True)
+    ctx = {**ctx, "register_command": str(ctx["register_command"])}
+    text = plain.get_template(name).render(ctx)
+    try:
+        yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    except Exception as exc:
+        return type(exc)
+    return text
+
+
+def test_a_split_config_is_jinjas_text_for_hostile_values() -> None:
+    """Every shipped config of many drawn machines of a few clusters (hostnames, MACs'
+    hexhyp, tokens, node names with quotes, backslashes, HTML's characters, non-ASCII,
+    astral characters, line breaks; the node name in k3s.args too), rendered split (the
+    skeleton once per cluster, the per-machine values filled in already tojson'd), is byte
+    for byte Jinja's own text of the same context; one that does not parse is refused
+    alike. Most were answered by the split form (none before it), the others (a value
+    that is not of its place's class) rendered and checked whole."""
+    import random
+
+    c = content()
+    c._render = Renderer([templates_dir()], volatile=PER_MACHINE, stable=STABLE)
+    answered = _split_answers(c._render)
+    draw = random.Random(29)
+    odd = _ODD + "\ud800\U0001f600\x85\u2028"
+    names = ["cloud-config/k3os.yaml", "cloud-config/cloud-init/user-data",
+             "cloud-config/cloud-init/meta-data", "cloud-config/cloud-init/vendor-data"]
+    joins = [K3S, dataclasses.replace(K3S, labels={}, taints=()),
+             K3sJoin(Role.SERVER, None, True, "s3cret", {"a": "<b>"}, (), "", ("vip.lab",)),
+             dataclasses.replace(K3S, server_url="https://[2001:db8::1]:6443", token="t'\"\\")]
+    for i in range(400):
+        hostile = "".join(draw.choice(odd) for _ in range(draw.randrange(1, 10)))
+        hostname = draw.choice([None, f"edge-{i}", hostile, f"é-{i}"])
+        node = draw.choice([hostname or f"node-{i}", hostile, "", "--node-name", "agent"])
+        k3s = dataclasses.replace(draw.choice(joins), node_name=node)
+        token = draw.choice([f"{i:06d}TOKEN", hostile, "x" * 43, "</script>&'"])
+        mac = MacAddress.parse(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}")
+        p = dataclasses.replace(plan(BootAction.INSTALL, machine=dataclasses.replace(
+            MACHINE, macs=(mac,), hostname=hostname), k3s=k3s, token=token), mac=mac)
+        for name in names:
+            header = "#cloud-config" if "data" in name and "meta" not in name else ""
+            want = _plain_config(name, c.context(p))
+            got = _outcome(
+                lambda n=name, h=header, p=p: c._config(n, p, header=h))  # type: ignore[misc]
+            assert got == want, (name, hostname, node, token)
+    assert answered.count(True) > len(answered) // 2, (answered.count(True), len(answered))
+    assert not all(answered)  # values of another class were checked whole
+    kept = [s for _, s in c._render._splits.values() if s is not None]
+    assert set(names) <= {s.template.name for s in kept}  # each split, its skeletons a few
+    assert all(len(s.skeletons) <= 3 * len(joins) for s in kept), [len(s.skeletons)
+                                                                   for s in kept]
+
+
+@pytest.mark.parametrize("source", [
+    "hostname: {{ machine.hostname | upper | tojson }}\n",  # another filter
+    "hostname: {{ machine.hostname | tojson(indent=1) }}\n",  # tojson with an argument
+    "n: {{ (k3s.node_name | tojson)[1:] }}\n",  # its text sliced
+    "{% if k3s.node_name %}n: {{ k3s.node_name | tojson }}\n{% endif %}",  # a test on it
+    "{% if mac is string %}m: {{ mac | tojson }}\n{% endif %}",
+    "a:\n{% for a in k3s.args %}  - {{ a | upper | tojson }}\n{% endfor %}",  # item filtered
+    "a:\n{% for a in k3s.args %}  - {{ a | tojson }} # {{ loop.index }}\n{% endfor %}",
+    "a:\n{% for a in k3s.args if a %}  - {{ a | tojson }}\n{% endfor %}",
+    "a:\n{% for a in k3s.args %}  - {{ a | tojson }}\n{% else %}  - none\n{% endfor %}",
+    "a:\n{% for a in k3s.args %}{% if a == 'agent' %}  - {{ a | tojson }}\n{% endif %}"
+    "{% endfor %}",
+    "a: {{ k3s.args | join(' ') | tojson }}\n",  # the list joined
+    "k: {{ k3s.items() | list | length }}\nm: {{ mac | tojson }}\n",
+    "{% set n = k3s.node_name %}n: {{ n | tojson }}\n",
+    "n: {{ k3s.args | length }}\nm: {{ mac | tojson }}\n",
+])
+def test_a_config_using_a_per_machine_value_otherwise_is_rendered_whole(tmp_path: Path,
+                                                                        source: str) -> None:
+    """A config template that uses a per-machine value otherwise than printing it (through
+    tojson or as it is, or as an item of a loop that only prints it so) is not split: its
+    text is the whole render's, as before."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "k3os.yaml").write_text(source)
+    c, whole = content(), content()
+    c._render = Renderer([tmp_path, templates_dir()], volatile=PER_MACHINE, stable=STABLE)
+    whole._render = Renderer([tmp_path, templates_dir()])
+    answered = _split_answers(c._render)
+    for p in _machines(6):
+        if p.action == BootAction.INSTALL:
+            assert c.k3os_config(p) == whole.k3os_config(p)
+    assert answered and not any(answered)
+    assert [s for _, s in c._render._splits.values()] == [None]
+
+
+def test_a_config_templates_edit_is_split_anew(tmp_path: Path) -> None:
+    """An edited config template (a new version of its file) is split again: its new text,
+    checked anew (an edit that breaks the YAML is refused, as before)."""
+    (tmp_path / "cloud-config").mkdir()
+    path = tmp_path / "cloud-config" / "k3os.yaml"
+    path.write_text("hostname: {{ machine.hostname | tojson }}\n"
+                    "n: {{ k3s.server_url | tojson }}\n")
+    c = content()
+    c._render = Renderer([tmp_path, templates_dir()], volatile=PER_MACHINE, stable=STABLE)
+    answered = _split_answers(c._render)
+    plans = [p for p in _machines(6) if p.action == BootAction.INSTALL
+             and p.machine is not None and p.machine.hostname]  # (null: not a quoted scalar)
+    for p in plans:
+        assert p.machine is not None
+        host = json.dumps(p.machine.hostname)
+        assert c.k3os_config(p) == f'hostname: {host}\nn: "https://192.0.2.50:6443"\n'
+    st = path.stat()
+    path.write_text("name: {{ k3s.node_name | tojson }}\nhost: {{ machine.hostname | tojson }}\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # a later mtime
+    for p in plans:
+        assert p.machine is not None and p.k3s is not None
+        host, node = json.dumps(p.machine.hostname), json.dumps(p.k3s.node_name)
+        assert c.k3os_config(p) == f"name: {node}\nhost: {host}\n"
+    assert all(answered), answered
+    assert len([s for _, s in c._render._splits.values() if s is not None]) == 2
+    path.write_text("name: {{ k3s.node_name | tojson }}\n  - x\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 4_000_000_000))
+    with pytest.raises(RenderError, match="invalid YAML"):
+        c.k3os_config(plans[0])
+
+
+def test_the_split_checks_premises_hold() -> None:
+    """What a split config's check takes for proven (_checker): the renderer's tojson of a
+    str of ASCII alone is a _QUOTED text (no surrogate's escape), and printable ASCII by
+    str.isascii and str.isprintable is _PLAIN_LINE's class, for drawn strings of every
+    kind of character."""
+    import random
+
+    from netboot.render import _PLAIN_LINE, _QUOTED
+
+    r = Renderer([templates_dir()])
+    tojson = r._env.filters["tojson"]
+    draw = random.Random(2029)
+    chars = [chr(c) for c in range(0x80)] + ["é", "\ud800", "\udc00", "\U0001f600", "\u2028"]
+    for _ in range(5000):
+        s = "".join(draw.choice(chars) for _ in range(draw.randrange(12)))
+        text = str(tojson(s))
+        if s.isascii():
+            assert _QUOTED.fullmatch(text), s
+        assert (str.isascii(s) and str.isprintable(s)) == bool(_PLAIN_LINE.fullmatch(s)), s
+        assert (str.isascii(text) and str.isprintable(text)), s
+
+
+def test_a_split_keys_its_skeleton_by_the_values_and_their_types() -> None:
+    """A split's key holds strs and ints as they are and any other value by marshal (a
+    bool is not an int there, a missing name or key is neither): each context renders its
+    own text, the whole render's, however its values compare (1 == True == 1.0)."""
+    r, whole = (Renderer([templates_dir()], volatile=PER_MACHINE, stable=STABLE),
+                Renderer([templates_dir()]))
+    source = "{{ plan.retry_seconds }} {{ cluster }} {{ mac }}{{ k3s.token | default('-') }}"
+    values = [1, True, 1.0, "1", None, 0, False, "", [1], (1,), {"a": 1}, {"a": True}]
+    for i in range(3):
+        for v in values:
+            for w in values[:4]:
+                ctx = {"plan": {"retry_seconds": v}, "cluster": w, "mac": f"m{i}",
+                       "k3s": {"token": w} if i else {}}
+                assert r.render_string(source, ctx, what="t", volatile=PER_MACHINE) == \
+                    whole.render_string(source, ctx, what="t"), (v, w)
+    (split,) = [s for _, s in r._splits.values() if s is not None]
+    # Per value and cluster: its token missing (i == 0) or the cluster's value.
+    assert len(split.skeletons) == len(values) * 4 * 2
