@@ -491,15 +491,16 @@ V = TypeVar("V")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # What may be printed where (_YamlShapes) without changing what the YAML says: a double-quoted
 # scalar as json.dumps (Jinja's tojson) writes one, in ASCII with the escapes libyaml reads
-# (no surrogate \u escape: libyaml refuses one); and in a comment or a block scalar's line,
-# printable ASCII (no line break, nothing YAML refuses).
+# (no surrogate \u escape, \ud800 to \udfff: libyaml refuses a low one as a high one, and
+# json.dumps writes a lone one of a str that holds it: one the API's JSON would refuse); and
+# in a comment or a block scalar's line, printable ASCII (no line break, nothing YAML refuses).
 # Possessive, so that inside a whole text's pattern (_YamlShapes.matches) a text that does not
 # match fails in linear time; alone or there, it matches what it would without (no run of it
 # can be cut another way: a run of the class holds no '"' nor '\\', an escape starts with one).
 # Unrolled (a run, then each escape with the run after it): one step of the engine's loop per
 # escape, not two (a register command's JSON has ~40; its check was a third faster).
 _QUOTED_IN_TEXT = (r'"[\x20\x21\x23-\x5b\x5d-\x7e]*+(?:\\(?:["\\bfnrt]'
-                   r'|u(?![dD][89abAB])[0-9a-fA-F]{4})[\x20\x21\x23-\x5b\x5d-\x7e]*+)*+"')
+                   r'|u(?![dD][89a-fA-F])[0-9a-fA-F]{4})[\x20\x21\x23-\x5b\x5d-\x7e]*+)*+"')
 _QUOTED = re.compile(_QUOTED_IN_TEXT)
 _PLAIN_LINE = re.compile(r"[\x20-\x7e]*")
 # libyaml's line breaks besides LF: a text with one is not told apart by lines here.

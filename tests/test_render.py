@@ -1193,7 +1193,26 @@ def test_a_render_is_jinjas_own_with_globals_imports_and_inheritance(tmp_path: P
 
 # The pattern of a double-quoted value before it was unrolled (render._QUOTED_IN_TEXT).
 _QUOTED_BEFORE = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\bfnrt]'
-                  r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*+"')
+                  r'|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})*+"')
+
+
+def test_a_config_that_libyaml_refuses_for_a_surrogate_is_refused_after_its_form_is_known(
+        tmp_path: Path) -> None:
+    """A value printed with tojson whose str holds a lone low surrogate is a "\\udc00" escape,
+    which libyaml refuses as it refuses a high one: the text of a form seen before (the YAML
+    shapes, their _QUOTED class) is not known to parse then, but parsed, and refused (it was
+    served: _QUOTED refused only \\ud800 to \\udbff)."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text("k: {{ v | tojson }}\n")
+    r = Renderer([tmp_path], recheck=3600)
+    for v in ("a", "b", "c"):  # the form learnt, then found again
+        assert r.yaml_config("cloud-config/t.yaml", lambda names, v=v: {"v": v}) == \
+            f'k: "{v}"\n'
+    for v in ("\udc00", "a\udfffb", "\ud800"):
+        with pytest.raises(RenderError, match="invalid YAML"):
+            r.yaml_config("cloud-config/t.yaml", lambda names, v=v: {"v": v})
+    assert r.yaml_config("cloud-config/t.yaml", lambda names: {"v": "\ue000"}) == \
+        'k: "\\ue000"\n'  # past the surrogates: libyaml reads it
 
 
 def test_the_unrolled_quoted_pattern_matches_what_the_one_before_matched() -> None:
