@@ -1694,3 +1694,54 @@ def test_a_split_keys_its_skeleton_by_the_values_and_their_types() -> None:
     (split,) = [s for _, s in r._splits.values() if s is not None]
     # Per value and cluster: its token missing (i == 0) or the cluster's value.
     assert len(split.skeletons) == len(values) * 4 * 2
+
+
+def test_split_renders_follow_each_machines_k3s_where_every_other_value_is_the_same_object(
+        tmp_path: Path) -> None:
+    """Machines whose contexts share every value but their ``k3s`` dict, object for object
+    (a frozen profile and plan, the same str objects): each config, command line and script
+    is the one Jinja renders of its own context, whatever part of ``k3s`` differs (its role,
+    node name, arguments and their count). A skeleton found again by the identities of the
+    values it is keyed by must be keyed by everything it was rendered of (s29-review: the
+    install's identity key and the config's keys of a dict read key by key, merged)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from netboot.render import _tojson
+
+    config = ("# {{ plan.reason }} {{ profile.name }} {{ machine.hostname or mac }}\n"
+              "k3os:\n  role: {{ k3s.role | tojson }}\n  token: {{ k3s.token | tojson }}\n"
+              "  node: {{ k3s.node_name | tojson }}\n  k3s_args:\n"
+              "{% for a in k3s.args %}    - {{ a | tojson }}\n{% endfor %}")
+    line = ("k3os.mode=install k3os.role={{ k3s.role }} {% for a in k3s.args %}"
+            "k3s.arg={{ a }} {% endfor %}k3os.node={{ k3s.node_name }} {{ profile.name }}")
+    script = ("#!ipxe\necho {{ plan.reason }} {{ k3s.role }} {{ k3s.node_name }} {{ mac }}\n"
+              "{% for a in k3s.args %}echo {{ a }}\n{% endfor %}")
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "cloud-config" / "t.yaml").write_text(config)
+    (tmp_path / "ipxe" / "t.ipxe").write_text(script)
+    r = Renderer([tmp_path], volatile=PER_MACHINE, stable=STABLE)
+    plain = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          undefined=jinja2.StrictUndefined,
+                                          autoescape=False, keep_trailing_newline=True)
+    plain.filters["tojson"] = _tojson()
+    profile, plan = {"name": "p"}, {"reason": "new: install profile p"}
+    r.freeze(profile)
+    r.freeze(plan)
+    token, mac = "K10-cluster-token", "52:54:00:00:00:01"
+    machine = {"mac": mac, "hostname": "edge-1"}
+    kinds = [("agent", "edge-1", ["agent"]), ("server", "edge-1", ["server"]),
+             ("agent", "edge-2", ["agent", "--node-label=a=b"]), ("agent", "edge-1", []),
+             ("server", "edge-3", ["server", "--cluster-init", "--tls-san=x"]),
+             ("agent", "edge-1", ["agent"])]
+    for _ in range(3):  # each skeleton made, then found again
+        for role, node, args in kinds:
+            k3s = {"role": role, "token": token, "node_name": node, "args": list(args)}
+            ctx = {"profile": profile, "plan": plan, "k3s": k3s, "mac": mac,
+                   "machine": machine}
+            want = plain.get_template("cloud-config/t.yaml").render(ctx)
+            assert r.yaml_config("cloud-config/t.yaml", lambda names, c=ctx: c) == want
+            assert r.render_string(line, ctx, what="t", volatile=PER_MACHINE) == \
+                plain.from_string(line).render(ctx)
+            assert r.ipxe("ipxe/t.ipxe", ctx) == plain.get_template("ipxe/t.ipxe").render(ctx)
