@@ -734,6 +734,10 @@ class PostgresStore:
         self._notify = conn
         self._notify_lost.clear()
         conn.add_termination_listener(self._notify_closed)
+        if conn.is_closed():
+            # Lost before the listener was added (in the turn its LISTEN was answered):
+            # asyncpg tells only the listeners it has when it cleans up, so it never will.
+            self._notify_lost.set()
 
     def _notify_closed(self, conn: object) -> None:
         if conn is self._notify:  # not one _listen or close replaced on purpose

@@ -963,3 +963,35 @@ async def test_a_lost_listen_connection_is_noticed_and_listened_again_without_mi
             assert await view.machine_by("mac", "02:00:00:00:07:02") == after
         finally:
             await a.close()
+
+
+async def test_a_listen_connection_lost_as_its_listen_is_answered_is_listened_again(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LISTEN connection lost in the loop turn its LISTEN was answered, before the store
+    could ask to be told of its end (asyncpg tells only the termination listeners added by
+    then): the store still notices the loss and listens again, rather than never (readers
+    then never told of another server's commit: a view answering from memory until its
+    max_age, every time)."""
+    add = asyncpg.Connection.add_listener
+    lost: list[asyncpg.Connection] = []
+
+    async def listening_then_lost(self: asyncpg.Connection, *args: Any) -> None:
+        await add(self, *args)
+        if not lost:  # the first LISTEN after the store opened: its connection then lost
+            lost.append(self)
+            self._transport.abort()  # asyncpg's connection_lost, called soon
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert self.is_closed()
+
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        monkeypatch.setattr(asyncpg.Connection, "add_listener", listening_then_lost)
+        assert store._notify is not None
+        store._notify.terminate()  # lost: listened again, and that connection lost at once
+        await _within("listening again after the LISTEN connection was lost twice",
+                      lambda: bool(lost) and store._listening())
+        monkeypatch.undo()
+    finally:
+        await store.close()
