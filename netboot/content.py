@@ -49,10 +49,12 @@ _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
 PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", "nocloud_url",
                          "events_url", "register_command", "instance_serial", "cmdline",
                          "k3s.node_name", "k3s.args"})
-# The context names whose values are made once per profile version and never changed
-# (Content._of_profile, Renderer.freeze): the profile's dict, the largest value a split
-# render's key marshalled (service.renderer_for).
-STABLE = frozenset({"profile"})
+# The context names whose values Content freezes (Renderer.freeze) where it makes them once
+# and never changes them: the profile's dict and lists (Content._of_profile, once per profile
+# version), an install plan's dict (Content._plan_dict, once per reason): a split render keys
+# a frozen one by its serial, not by its marshalled content (service.renderer_for); one not
+# frozen (a hold's plan) is marshalled, as any other value.
+STABLE = frozenset({"profile", "plan", "initrd_urls", "initrd_names", "initrd_paths"})
 # Context names made together (Content.context with names).
 _TRUST_NAMES = frozenset({"https_base_url", "ca_pem", "ca_fingerprint"})
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
