@@ -686,7 +686,7 @@ async def _db(args: argparse.Namespace) -> int:
                               key="inventory.backend", fix="set backend: sqlite or postgresql")
         open_store(cfg)  # the data dir and a private (0600) SQLite file, as the server makes
         spec = inventory_dsn(cfg) if cfg.inventory.backend == "postgresql" else str(cfg.db_path)
-        done = await transfer.migrate(spec)
+        done = await transfer.migrate(spec, cfg.inventory.postgresql)
         steps = ", ".join(map(str, done.applied))
         _report(args, f"inventory {done.name}: " + (
             f"applied migration{'s' if len(done.applied) > 1 else ''} {steps}; schema version "
@@ -694,7 +694,10 @@ async def _db(args: argparse.Namespace) -> int:
             {"inventory": done.name, "applied": list(done.applied), "version": done.version})
         return 0
     source, target = _db_spec(args.source), _db_spec(args.target)
-    checks = await transfer.copy(source, target, force=args.force)
+    # The configured inventory.postgresql (file, NETBOOT_INVENTORY_POSTGRESQL_*): how its
+    # connections notice a server gone or silent, as the servers' do.
+    checks = await transfer.copy(source, target, force=args.force,
+                                 peer=_config(args).inventory.postgresql)
     if args.json:
         _print_json({"from": transfer.describe(source), "to": transfer.describe(target),
                      "tables": [{"table": c.table, "rows": c.rows, "sha256": c.sha256}
@@ -877,7 +880,8 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     dsub = d.add_subparsers(dest="action", required=True)
     dsub.add_parser("migrate", parents=[common],
                     help="apply the schema migrations the configured inventory lacks")
-    dc = dsub.add_parser("copy", parents=[output],
+    # --config: its inventory.postgresql sets up the copy's connections (_db).
+    dc = dsub.add_parser("copy", parents=[where, output],
                          help="copy every row of one inventory into another, then verify "
                               "counts and checksums; stop the servers using either first")
     spec_help = ("an SQLite file, a postgresql:// DSN, or @FILE holding one (a DSN given on "

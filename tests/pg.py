@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
 import re
+import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,8 @@ from netboot.lab.pgcluster import start as _start
 from netboot.model import AuditEntry, Event
 
 __all__ = ["COMMITTING", "SLOW_COMMIT", "SUPERUSER", "Cluster", "Cutter", "committing",
-           "cutting", "fresh_schema", "running", "schema_sync", "slow_batch", "start",
-           "stores_on_one_inventory", "until"]
+           "cutting", "fresh_schema", "running", "schema_sync", "server_pids", "slow_batch",
+           "start", "stopped", "stores_on_one_inventory", "until"]
 
 
 def start() -> Cluster:
@@ -297,3 +299,31 @@ async def cutting(dsn: str, *, tcp: bool = False) -> AsyncIterator[tuple[str, Cu
             server.close()
             cutter.close()
             await server.wait_closed()
+
+
+def server_pids(postmaster: int) -> list[int]:
+    """The postmaster and its children (the backends, the checkpointer...), by /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == postmaster:
+                children.append(int(stat.parent.name))
+    return [postmaster, *children]
+
+
+@contextlib.contextmanager
+def stopped(pids: list[int]) -> Iterator[None]:
+    """SIGSTOP to each of ``pids`` (by its own PID), SIGCONT when the block ends: their
+    kernel still answers (TCP's probes, acknowledgements), they do not (a server stopped
+    or hung, as a proxy that lost it looks too)."""
+    done = []
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                done.append(pid)
+        yield
+    finally:
+        for pid in done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

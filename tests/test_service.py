@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -867,14 +868,28 @@ def test_the_trust_is_made_again_when_the_certificate_or_the_https_url_changes(
     assert trust().https_base == "https://192.0.2.99:8443"
 
 
+async def _health_says_down_within_the_bound(env: Any, words: str) -> None:
+    """The watcher's next round ends within 20 s, health is down and /healthz a 503, both
+    saying ``words``."""
+    from tests.conftest import call
+
+    service = env.service
+    watching = asyncio.ensure_future(service.watch_once())
+    done, _ = await asyncio.wait((watching,), timeout=20)
+    assert watching in done, "the watcher still waits after 20 s"
+    watching.result()
+    problem = service.boot.health.problem()
+    assert problem is not None and words in problem, problem
+    health = await call(env, "GET", "/healthz", admin=False)
+    assert health.status == 503 and words in health.text, health.text
+
+
 async def test_a_database_gone_without_a_word_is_told_by_health_within_the_bound(
         make_env: EnvFactory, pg_dsn: str) -> None:
     """The database black-holed (no FIN, no RST: a pulled cable, a VM gone): the watcher's
     sync ends within inventory.postgresql's bound (short here), /healthz says degraded and
     why; once the path is back the next watch says ok. (Before: the watcher waited for the
     kernel's minutes, and health said "ok" all along.)"""
-    from tests.conftest import call
-
     async with pg.cutting(pg_dsn, tcp=True) as (dsn, cutter):
         env = await make_env(
             f'inventory:\n  backend: postgresql\n  dsn: "{dsn}"\n  postgresql:\n'
@@ -884,15 +899,32 @@ async def test_a_database_gone_without_a_word_is_told_by_health_within_the_bound
         await service.watch_once()
         assert service.boot.health.up
         cutter.freeze()
-        watching = asyncio.ensure_future(service.watch_once())
-        done, _ = await asyncio.wait((watching,), timeout=20)
-        assert watching in done, "the watcher still waits after 20 s"
-        watching.result()
-        problem = service.boot.health.problem()
-        assert problem is not None and "the server stopped answering" in problem, problem
-        health = await call(env, "GET", "/healthz", admin=False)
-        assert health.status == 503 and "stopped answering" in health.text, health.text
+        await _health_says_down_within_the_bound(env, "the server stopped answering")
         cutter.thaw()
+        await asyncio.wait_for(service.watch_once(), 20)
+        assert service.boot.health.up
+        await service.store.close()  # before the proxy goes
+
+
+async def test_a_database_that_stopped_answering_is_told_by_health_within_the_checks_bound(
+        make_env: EnvFactory, pg_dsn: str, postgres: pg.Cluster) -> None:
+    """Every process of the database stopped (SIGSTOP: a hung server; its kernel answers
+    every probe, behind a proxy that keeps netboot's side open): the store's check finds it
+    silent (inventory.postgresql.check_interval/check_timeout, short here), the watcher's
+    sync ends, /healthz says degraded and why; once the server runs again the next watch
+    says ok. (Without the checks, check_interval 0: the watcher still waited after 20 s,
+    and health said "ok".)"""
+    async with pg.cutting(pg_dsn, tcp=True) as (dsn, _cutter):
+        env = await make_env(
+            f'inventory:\n  backend: postgresql\n  dsn: "{dsn}"\n  postgresql:\n'
+            "    connect_timeout: 1\n    keepalives_idle: 1\n    keepalives_interval: 1\n"
+            "    keepalives_count: 2\n    tcp_user_timeout: 2\n    check_interval: 1\n"
+            "    check_timeout: 1\n")
+        service = env.service
+        await service.watch_once()
+        assert service.boot.health.up
+        with pg.stopped(pg.server_pids(postgres.process.pid)):
+            await _health_says_down_within_the_bound(env, "no answer to a check within 1 s")
         await asyncio.wait_for(service.watch_once(), 20)
         assert service.boot.health.up
         await service.store.close()  # before the proxy goes

@@ -59,11 +59,13 @@ class PeerSettings:
     The kernel does the watching, so a statement that runs long on a server that is there
     (a bulk import's COPY, a slow index scan) is never timed out: the server's kernel
     answers every probe and acknowledges every byte while its backend works. Only a peer
-    whose kernel answers nothing for ``tcp_user_timeout`` seconds ends the connection (or,
-    since the user timeout also bounds a zero window, a server that reads nothing of what
-    was sent for that long). With the defaults an idle connection is probed after 5 s of
-    silence, every 2 s, and given up 15 s after the peer's last word; data sent and not
-    acknowledged for 15 s ends it too."""
+    whose kernel answers nothing for ``tcp_user_timeout`` seconds ends the connection (the
+    user timeout also bounds a zero window, a server that reads nothing of what was sent
+    for that long: a COPY's rows are sent without it, postgres.copy_records). With the
+    defaults an idle connection is probed after 5 s of silence, every 2 s, and given up
+    15 s after the peer's last word; data sent and not acknowledged for 15 s ends it too.
+    A server whose kernel answers for it is asked by ``check_interval``/``check_timeout``
+    (below): a silent one ends every connection within 15 s with the defaults."""
 
     connect_timeout: int = 10  # seconds for TCP, TLS and authentication, or the connect fails
     keepalives: bool = True  # false: no probes (then keepalives_* do nothing)
@@ -73,6 +75,16 @@ class PeerSettings:
     # Seconds sent data may stay unacknowledged (and, with probes on, the peer silent once
     # probing began) before the connection ends; 0: the kernel's own (~15 minutes).
     tcp_user_timeout: int = 15
+    # A server whose kernel answers but which does not (its processes stopped or hung, a
+    # proxy such as pgbouncer or HAProxy that keeps the client's side open after losing the
+    # server): the kernel's probes are answered, so none of the above notices. Every
+    # ``check_interval`` seconds the store asks it one round trip on its LISTEN connection
+    # (Npgsql's ``Keepalive``, a query, not a TCP probe; libpq has none); unanswered
+    # within ``check_timeout`` seconds, the server is taken as silent: every connection of
+    # the store is ended, as a server restart would, and listened, asked and connected
+    # again. 0: no checks.
+    check_interval: int = 5
+    check_timeout: int = 10
 
     def problem(self) -> tuple[str, str] | None:
         """(field, what is wrong) for a value no kernel takes, else None."""
@@ -81,7 +93,9 @@ class PeerSettings:
                                   ("keepalives_idle", 1, 32_767),
                                   ("keepalives_interval", 1, 32_767),
                                   ("keepalives_count", 1, 127),
-                                  ("tcp_user_timeout", 0, 86_400)):
+                                  ("tcp_user_timeout", 0, 86_400),
+                                  ("check_interval", 0, 86_400),
+                                  ("check_timeout", 1, 86_400)):
             value = getattr(self, name)
             if not least <= value <= most:
                 return name, f"{value} is not between {least} and {most}"

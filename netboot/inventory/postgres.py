@@ -55,6 +55,7 @@ import random
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
@@ -93,6 +94,15 @@ from netboot.unstoppable import deliver, waited
 log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
+
+# What a connection's failure raises (not the server's refusal of a statement alone: every
+# PostgresError is here too, and callers that tell an ERROR from a loss use _answered).
+# InternalClientError: a connection whose server ended it (a shutdown's FATAL) read while the
+# loop was busy, its end not yet: asyncpg keeps it open, in an error state, and the pool hands
+# it out; its next statement is refused before anything is sent (test_a_database_shutdown_
+# while_the_loop_is_busy_is_a_store_error).
+_FAILED = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+           TimeoutError)
 
 # pg_advisory_xact_lock key of the inventory's writers: "netboot" in ASCII.
 WRITE_LOCK = 0x6E6574626F6F74
@@ -371,6 +381,10 @@ class PostgresStore:
         # the server ended it); the task that listens again waits for it.
         self._notify_lost = asyncio.Event()
         self._relisten: asyncio.Task[None] | None = None
+        # The pool's sessions (each adopted: _adopt_session), ended together when the server
+        # is found silent (_silenced); and why, while it is (said in the errors it causes).
+        self._sessions: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+        self._silence: str | None = None
         self._signal = Signal()
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
@@ -429,13 +443,8 @@ class PostgresStore:
             raise
         except asyncpg.UniqueViolationError as exc:
             raise Conflict(f"inventory constraint failed: {exc}") from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
-                OSError, TimeoutError) as exc:
-            # InternalClientError: a connection whose server ended it (a shutdown's FATAL)
-            # read while the loop was busy, its end not yet: asyncpg keeps it open, in an
-            # error state, and the pool hands it out; its next statement is refused before
-            # anything is sent (test_a_database_shutdown_while_the_loop_is_busy_...).
-            raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
+        except _FAILED as exc:
+            raise StoreError(f"inventory {self.name}: {self._reason(exc)}") from exc
 
     @contextlib.asynccontextmanager
     async def _write(self, *, feed: bool = True, lock: bool = True,
@@ -529,14 +538,14 @@ class PostgresStore:
         if status == "committed":
             log.warning("inventory %s: the connection failed while a write was committed "
                         "(%s); the server says it committed: told written", self.name,
-                        reason(lost))
+                        self._reason(lost))
             if cancel is not None:
                 deliver(cancel)
             return
         if cancel is not None:
             raise cancel  # not written, or nobody can say, and the caller asked to stop
         if status == "aborted":
-            raise StoreError(f"inventory {self.name}: {reason(lost)}") from lost
+            raise StoreError(f"inventory {self.name}: {self._reason(lost)}") from lost
         unknown = self._unknown(lost, f"transaction {xid} is {status}" if status else
                                 "the server could not be asked whether it committed")
         log.error("%s", unknown)
@@ -569,7 +578,7 @@ class PostgresStore:
     def _unknown(self, lost: BaseException, why: str) -> OutcomeUnknown:
         return OutcomeUnknown(
             f"inventory {self.name}: the connection failed while a write was being committed "
-            f"({reason(lost)}) and {why}: its outcome is unknown, it may or may not be "
+            f"({self._reason(lost)}) and {why}: its outcome is unknown, it may or may not be "
             "written")
 
     async def _status(self, mark: uuid.UUID, began: float) -> str | None:
@@ -733,6 +742,7 @@ class PostgresStore:
             raise StoreError(f"inventory {self.name}: cannot LISTEN: {reason(exc)}") from exc
         self._notify = conn
         self._notify_lost.clear()
+        self._silence = None  # it answered a connect and a LISTEN
         conn.add_termination_listener(self._notify_closed)
         if conn.is_closed():
             # Lost before the listener was added (in the turn its LISTEN was answered):
@@ -746,30 +756,35 @@ class PostgresStore:
     async def _keep_listening(self) -> None:
         """Listen again whenever the LISTEN connection is lost (the server restarted or
         failed over, or its peer vanished and the kernel gave the connection up: dsn.
-        PeerSettings), for as long as the store is open.
+        PeerSettings) or the server did not answer its check (:meth:`_watch`), for as long
+        as the store is open.
 
         Nothing is missed meanwhile: the change feed is the ``changes`` table, and a
         notification only says "read it". While no connection listens, another server's
         commit is not counted (:attr:`commits`), so the count is moved at the loss (readers
         sync before they next answer, then every ``max_age``: InventoryView.fresh) and again
         once listening (after LISTEN, so that a sync begun from then reads every commit the
-        outage hid, and each later one is notified); waiting readers are woken both times."""
+        outage hid, and each later one is notified); waiting readers are woken both times.
+        An attempt the server does not answer within connect_timeout finds it silent too
+        (:meth:`_silenced`): the store's connections (any made since) are ended again."""
         first, most = RELISTEN_PAUSES
         while True:
-            await self._notify_lost.wait()
+            why = await self._watch()
             self._notify_lost.clear()
             self._notify = None
             self._commits += 1
             self._signal.fire()
-            log.error("inventory %s: the LISTEN connection was lost; other servers' writes "
-                      "reach this server's view at its next sync until it listens again",
-                      self.name)
+            log.error("inventory %s: %s; other servers' writes reach this server's view at "
+                      "its next sync until it listens again", self.name, why)
             pause = first
             while True:
                 try:
                     await self._listen()
                     break
                 except StoreError as exc:
+                    if isinstance(exc.__cause__, TimeoutError):
+                        self._silenced(f"the server stopped answering (no new connection "
+                                       f"within {self._peer.connect_timeout} s)")
                     log.info("%s; trying again in %.2f s", exc, pause)
                 except Exception:  # a bug: logged, and tried again rather than never
                     log.exception("inventory %s: listening again failed", self.name)
@@ -778,6 +793,55 @@ class PostgresStore:
             self._commits += 1
             self._signal.fire()
             log.warning("inventory %s: listening for changes again", self.name)
+
+    async def _watch(self) -> str:
+        """Until the LISTEN connection is lost, or the server does not answer its check:
+        why. Every ``check_interval`` seconds one round trip on it (:func:`answers`); not
+        answered within ``check_timeout``, the server's kernel may well still answer (TCP's
+        probes, acknowledgements: a stopped or hung server, a proxy that lost the server and
+        keeps the client's side), but the server does not: every connection of the store is
+        ended (:meth:`_silenced`), which bounds a query or a COMMIT waiting on it, and the
+        LISTEN connection is made again."""
+        interval, within = self._peer.check_interval, self._peer.check_timeout
+        while True:
+            if not interval:
+                await self._notify_lost.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await self._notify_lost.wait()
+            conn = self._notify
+            if self._notify_lost.is_set() or conn is None or conn.is_closed():
+                return "the LISTEN connection was lost"
+            if await answers(conn, within):
+                continue
+            why = f"the server stopped answering (no answer to a check within {within} s)"
+            self._notify = None  # not "lost": ended here, on purpose
+            conn.terminate()
+            self._silenced(why)
+            return why
+
+    def _silenced(self, why: str) -> None:
+        """The server does not answer (``why``): end every connection of the pool and the
+        feed's, as a server restart would. A statement under way on one fails at once
+        (its write settled as one whose connection was lost: :meth:`_settle`, asked on a new
+        connection within LOST_COMMIT_WAIT), an idle one is made again when next used (within
+        connect_timeout). A statement answered by a server that is there is never cut (a
+        COPY waiting on a lock: its server answers the check)."""
+        self._silence = why
+        for conn in (*self._sessions, self._feed):
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+
+    def _reason(self, exc: BaseException) -> str:
+        """:func:`reason`, and why the store ended the connection if it did (or why a
+        connection could not be made in time: the server found silent, and not since
+        answered a LISTEN)."""
+        said = reason(exc)
+        if self._silence is not None and isinstance(
+                exc, asyncpg.ConnectionDoesNotExistError | TimeoutError):
+            return f"{said}: {self._silence}"
+        return said
 
     async def _adopt_session(self, conn: asyncpg.Connection) -> None:
         """A new connection of the pool: its notifications are of writes counted already.
@@ -792,6 +856,7 @@ class PostgresStore:
         ``SET``, not a startup parameter, which poolers such as pgbouncer refuse."""
         tune(conn, self._peer)
         await conn.execute(*server_keepalives(self._peer))
+        self._sessions.add(conn)
         pid = conn.get_server_pid()
         self._own.add(pid)
         conn.add_termination_listener(lambda _: self._own.discard(pid))
@@ -1002,7 +1067,7 @@ class PostgresStore:
                                    target, source)
             try:
                 async with conn.transaction():  # a savepoint
-                    await _fast_batch(conn, creates, updates)
+                    await _fast_batch(conn, creates, updates, self._peer)
             except (asyncpg.UniqueViolationError, _Retry):
                 # COPY and executemany cannot say which row failed: replay one by one under
                 # the same lock to name it (see sqlite.py).
@@ -1210,11 +1275,10 @@ class PostgresStore:
                 yield self._feed
             except NetbootError:
                 raise
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
-                    OSError, TimeoutError) as exc:  # InternalClientError: as in _conn
+            except _FAILED as exc:
                 if self._feed is not None and not self._feed.is_closed():
                     self._feed.terminate()  # in an unknown state: the next reader reconnects
-                raise StoreError(f"inventory {self.name}: {reason(exc)}") from exc
+                raise StoreError(f"inventory {self.name}: {self._reason(exc)}") from exc
 
     async def changes_since(self, seq: int) -> Changes:
         async with self._feed_conn() as conn:
@@ -1469,6 +1533,112 @@ def server_keepalives(peer: PeerSettings) -> tuple[str, ...]:
     return (f"SELECT {calls}", *values)
 
 
+async def answers(conn: asyncpg.Connection, within: float) -> bool:
+    """Whether the server answers one round trip on ``conn`` (``SELECT 1`` as a simple
+    query; asyncpg fails on an empty query's answer) within ``within`` seconds, counted only
+    while the event loop runs: a loop blocked for a while (a busy one) must not blame the
+    server for its own delay, so each wait of the loop counts a quarter-second at most. An
+    error answered, or the connection lost (its termination tells), is not silence."""
+    asking = asyncio.ensure_future(conn.execute("SELECT 1"))
+    step = min(within, 0.25)
+    waited = 0.0
+    try:
+        while waited < within:
+            before = time.monotonic()
+            done, _ = await asyncio.wait((asking,), timeout=step)
+            if done:
+                with contextlib.suppress(Exception):
+                    asking.result()
+                return True
+            waited += min(time.monotonic() - before, step)
+    finally:  # unanswered, or the caller cancelled (the store closing): ended by its connection
+        asking.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return False
+
+
+async def copy_records(conn: asyncpg.Connection, peer: PeerSettings, table: str,
+                       records: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+    """``copy_records_to_table``, with two things asyncpg does not do:
+
+    * No TCP_USER_TIMEOUT while the rows are sent. A server may rightly stop reading them
+      for as long as a lock it waits for is held (a unique key's entry another transaction
+      wrote and has not committed): the window closes, and Linux ends a connection whose
+      zero window outlasts the user timeout, though every probe is answered (measured:
+      ended 2-3 s into such a wait with a 2 s user timeout, benchmarks/README.md s30-pg).
+      A server that stopped or vanished meanwhile is the checks' to notice
+      (:meth:`PostgresStore._watch`) and the keepalives' while the connection idles.
+    * Its end, if the connection ends. asyncpg's COPY waits for the transport's writes to
+      resume, which a lost connection never does: it waited forever (measured). The COPY
+      runs in a task of its own, stopped when the connection's termination is told."""
+    sock = conn._transport.get_extra_info("socket")  # asyncpg has no getter
+    tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(
+        socket, "TCP_USER_TIMEOUT")
+    if tcp:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def gone(_conn: object) -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    conn.add_termination_listener(gone)
+    copying = asyncio.ensure_future(conn.copy_records_to_table(table, records=records,
+                                                               columns=columns))
+    try:
+        await asyncio.wait((copying, ended), return_when=asyncio.FIRST_COMPLETED)
+        if not copying.done():
+            copying.cancel()
+            # asyncpg, stopped, writes its CopyFail to the transport that is gone
+            # (AttributeError): what it raises then says nothing more.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await copying
+            raise asyncpg.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation")
+        copying.result()
+    except asyncio.CancelledError:
+        copying.cancel()
+        raise
+    finally:
+        conn.remove_termination_listener(gone)
+        if tcp and not conn.is_closed():
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                peer.tcp_user_timeout * 1000)
+
+
+@contextlib.asynccontextmanager
+async def watched(dsn: str, peer: PeerSettings, conn: asyncpg.Connection,
+                  ) -> AsyncIterator[list[str]]:
+    """While the block runs on ``conn`` (one outside a store: ``netboot db copy``'s), the
+    server is asked one round trip every ``check_interval`` on a connection of its own, as a
+    store asks on its LISTEN connection (:meth:`PostgresStore._watch`); unanswered within
+    ``check_timeout``, or that connection lost, ``conn`` is ended, and why is added to the
+    list yielded (for the error's words)."""
+    said: list[str] = []
+    if not peer.check_interval:
+        yield said
+        return
+    checker = await connect(dsn, peer)
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(peer.check_interval)
+            if checker.is_closed() or not await answers(checker, peer.check_timeout):
+                said.append("the server stopped answering (no answer to a check within "
+                            f"{peer.check_timeout} s)")
+                conn.terminate()
+                return
+
+    watching = asyncio.ensure_future(watch())
+    try:
+        yield said
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        checker.terminate()
+
+
 def supported(version: tuple[int, ...], name: str) -> None:
     """Refuse a server older than MIN_SERVER_VERSION, saying which and what to do."""
     if tuple(version[:2]) < MIN_SERVER_VERSION:
@@ -1529,18 +1699,16 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-async def _fast_batch(conn: asyncpg.Connection, creates: list[_Row],
-                      updates: list[_Row]) -> None:
+async def _fast_batch(conn: asyncpg.Connection, creates: list[_Row], updates: list[_Row],
+                      peer: PeerSettings) -> None:
     if creates:
         # COPY: a 100k-machine import is one stream, not 100k statements.
-        await conn.copy_records_to_table("machines", records=[r.params for r in creates],
-                                         columns=_MACHINE_COLUMNS)
-        await conn.copy_records_to_table("machine_labels",
-                                         records=[lab for r in creates for lab in r.labels],
-                                         columns=("machine", "key", "value"))
-        await conn.copy_records_to_table("machine_keys",
-                                         records=[key for r in creates for key in r.keys],
-                                         columns=("kind", "value", "machine"))
+        await copy_records(conn, peer, "machines", [r.params for r in creates],
+                           _MACHINE_COLUMNS)
+        await copy_records(conn, peer, "machine_labels",
+                           [lab for r in creates for lab in r.labels], ("machine", "key", "value"))
+        await copy_records(conn, peer, "machine_keys",
+                           [key for r in creates for key in r.keys], ("kind", "value", "machine"))
     if updates:
         ids = [r.id for r in updates]
         if len(set(ids)) != len(ids):

@@ -59,15 +59,16 @@ def describe(spec: str) -> str:
     return pg_dsn.redact(spec) if is_dsn(spec) else spec
 
 
-def open_spec(spec: str) -> Store:
-    """The store for a DSN (postgresql://…) or an SQLite file path; not yet open."""
+def open_spec(spec: str, peer: pg_dsn.PeerSettings | None = None) -> Store:
+    """The store for a DSN (postgresql://…, its connections set up by ``peer``: the
+    configured inventory.postgresql) or an SQLite file path; not yet open."""
     if is_dsn(spec):
         trouble = pg_dsn.problem(spec)
         if trouble is not None:
             raise StoreError(f"{describe(spec)}: the DSN {trouble}")
         from netboot.inventory.postgres import PostgresStore
 
-        return PostgresStore(spec)
+        return PostgresStore(spec, peer=peer)
     from netboot.inventory.sqlite import SqliteStore
 
     return SqliteStore(spec)
@@ -80,12 +81,12 @@ class Migrated:
     version: int
 
 
-async def migrate(spec: str) -> Migrated:
+async def migrate(spec: str, peer: pg_dsn.PeerSettings | None = None) -> Migrated:
     """Bring ``spec``'s schema to this netboot's version; which steps that took."""
     if is_dsn(spec):
         from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
 
-        store = PostgresStore(spec)
+        store = PostgresStore(spec, peer=peer)
         await store.open()  # migrates
         await store.close()
         return Migrated(describe(spec), tuple(store.migrated), SCHEMA_VERSION)
@@ -118,9 +119,11 @@ class TableCheck:
     sha256: str
 
 
-async def copy(source: str, target: str, *, force: bool = False) -> list[TableCheck]:
-    """Copy every row of ``source`` into ``target`` (each a DSN or an SQLite path), both
-    migrated first; Conflict if the target holds anything and ``force`` is not given (then
+async def copy(source: str, target: str, *, force: bool = False,
+               peer: pg_dsn.PeerSettings | None = None) -> list[TableCheck]:
+    """Copy every row of ``source`` into ``target`` (each a DSN or an SQLite path; a DSN's
+    connections set up by ``peer``, the configured inventory.postgresql), both migrated
+    first; Conflict if the target holds anything and ``force`` is not given (then
     its rows are replaced, in the same transaction). Raises StoreError naming the table if
     the target's counts or checksums differ from the source's afterwards."""
     if describe(source) == describe(target) or (
@@ -129,12 +132,13 @@ async def copy(source: str, target: str, *, force: bool = False) -> list[TableCh
         raise Conflict("--from and --to name the same inventory")
     if not is_dsn(source) and not Path(source).is_file():
         raise StoreError(f"{source}: no such inventory file")
+    peer = peer or pg_dsn.PeerSettings()
     for spec in (source, target):
-        await migrate(spec)
-    rows = await _read(source)
-    await _write(target, rows, force=force)
+        await migrate(spec, peer)
+    rows = await _read(source, peer)
+    await _write(target, rows, force=force, peer=peer)
     expected = checksums(rows)
-    found = checksums(await _read(target))
+    found = checksums(await _read(target, peer))
     for want, got in zip(expected, found, strict=True):
         if want != got:
             raise StoreError(f"copy to {describe(target)} differs in table {want.table}: "
@@ -159,18 +163,18 @@ def _canon(value: Any) -> Any:
         else value
 
 
-async def _read(spec: str) -> Rows:
+async def _read(spec: str, peer: pg_dsn.PeerSettings) -> Rows:
     if is_dsn(spec):
-        return await _pg(spec, _pg_read)
+        return await _pg(spec, _pg_read, peer)
     return await asyncio.to_thread(_sqlite_read, Path(spec))
 
 
-async def _write(spec: str, rows: Rows, *, force: bool) -> None:
+async def _write(spec: str, rows: Rows, *, force: bool, peer: pg_dsn.PeerSettings) -> None:
     if is_dsn(spec):
         async def write(conn: Any) -> None:
-            await _pg_write(conn, rows, force, describe(spec))
+            await _pg_write(conn, rows, force, describe(spec), peer)
 
-        await _pg(spec, write)
+        await _pg(spec, write, peer)
     else:
         await asyncio.to_thread(_sqlite_write, Path(spec), rows, force)
 
@@ -230,26 +234,31 @@ def _sqlite_write(path: Path, rows: Rows, force: bool) -> None:
 # --- PostgreSQL -----------------------------------------------------------------------------
 
 
-async def _pg(spec: str, work: Callable[[Any], Awaitable[_R]]) -> _R:
-    """Run ``work`` on one connection to ``spec``; failures are StoreError without the DSN."""
+async def _pg(spec: str, work: Callable[[Any], Awaitable[_R]], peer: pg_dsn.PeerSettings,
+              ) -> _R:
+    """Run ``work`` on one connection to ``spec``, with the configured ``peer`` settings (as
+    the store's connections have them: a copy's COPY may rightly be long, a server gone or
+    silent is noticed all the same: postgres.watched); failures are StoreError without the
+    DSN."""
     import asyncpg
 
-    from netboot.inventory.dsn import PeerSettings
-    from netboot.inventory.postgres import connect, reason
+    from netboot.inventory.postgres import connect, reason, watched
 
     name = describe(spec)
+    failed = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
     try:
-        # Keepalives as the store's connections have (a copy's COPY may rightly be long; a
-        # vanished server is noticed all the same).
-        conn = await connect(spec, PeerSettings())
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        conn = await connect(spec, peer)
+    except failed as exc:
         raise StoreError(f"cannot open inventory {name}: {reason(exc)}") from exc
+    said: list[str] = []
     try:
-        return await work(conn)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise StoreError(f"inventory {name}: {reason(exc)}") from exc
+        async with watched(spec, peer, conn) as said:
+            return await work(conn)
+    except failed as exc:
+        why = reason(exc) + "".join(f": {s}" for s in said)
+        raise StoreError(f"inventory {name}: {why}") from exc
     finally:
-        await conn.close()
+        conn.terminate() if conn.is_closed() else await conn.close()
 
 
 async def _pg_read(conn: Any) -> Rows:
@@ -259,8 +268,9 @@ async def _pg_read(conn: Any) -> Rows:
             for table, cols in TABLES}
 
 
-async def _pg_write(conn: Any, rows: Rows, force: bool, name: str) -> None:
-    from netboot.inventory.postgres import WRITE_LOCK
+async def _pg_write(conn: Any, rows: Rows, force: bool, name: str,
+                    peer: pg_dsn.PeerSettings) -> None:
+    from netboot.inventory.postgres import WRITE_LOCK, copy_records
 
     async with conn.transaction():
         # The writers' lock: no server writes half-way through (see postgres.py).
@@ -275,7 +285,7 @@ async def _pg_write(conn: Any, rows: Rows, force: bool, name: str) -> None:
                 await conn.execute(f"DELETE FROM {table}")  # noqa: S608
         for table, cols in TABLES:
             if rows[table]:
-                await conn.copy_records_to_table(table, records=rows[table], columns=cols)
+                await copy_records(conn, peer, table, rows[table], cols)
         for table in _SERIAL:
             # Later rows get ids after the copied ones, keeping insertion order.
             await conn.execute(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import sqlite3
 import subprocess
 import time
@@ -856,9 +857,9 @@ HANG = 20.0
 async def _through_tcp(pg_dsn: str, **kw: Any) -> AsyncIterator[tuple[PostgresStore,
                                                                      pg.Cutter]]:
     """A store (``kw``: its arguments) whose connections pass through a :class:`pg.Cutter`
-    on TCP loopback, with QUICK settings."""
+    on TCP loopback, with QUICK settings unless ``kw`` gives others."""
     async with pg.cutting(pg_dsn, tcp=True) as (dsn, cutter):
-        store = PostgresStore(dsn, peer=QUICK, **kw)
+        store = PostgresStore(dsn, **{"peer": QUICK, **kw})
         await store.open()
         try:
             async with asyncio.timeout(3 * HANG):  # a hang anywhere fails, showing where
@@ -892,6 +893,17 @@ async def _ended(call: Awaitable[_R]) -> _R:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise AssertionError(f"still waiting after {HANG} s")
     return task.result()
+
+
+async def _a_commit_wakes_the_view(writer: PostgresStore, view: InventoryView,
+                                   mac: str) -> None:
+    """A machine ``writer`` (another server) commits wakes a reader of ``view`` waiting
+    (by NOTIFY: the view's store listens), and the view then has it."""
+    waiting = asyncio.ensure_future(view.wait(600.0))
+    after = Machine(macs=(MacAddress.parse(mac),), hostname="after")
+    await writer.create_machine(after)
+    assert await asyncio.wait_for(waiting, HANG) is True
+    assert await view.machine_by("mac", mac) == after
 
 
 @pytest.mark.parametrize("gone", ["failover", "server"])
@@ -956,11 +968,7 @@ async def test_a_lost_listen_connection_is_noticed_and_listened_again_without_mi
             cutter.thaw()
             await asyncio.wait_for(view.sync(), HANG)
             assert await view.machine_by("mac", "02:00:00:00:07:01") == during
-            waiting = asyncio.ensure_future(view.wait(600.0))
-            after = Machine(macs=(MacAddress.parse("02:00:00:00:07:02"),), hostname="after")
-            await a.create_machine(after)
-            assert await asyncio.wait_for(waiting, HANG) is True
-            assert await view.machine_by("mac", "02:00:00:00:07:02") == after
+            await _a_commit_wakes_the_view(a, view, "02:00:00:00:07:02")
         finally:
             await a.close()
 
@@ -995,3 +1003,166 @@ async def test_a_listen_connection_lost_as_its_listen_is_answered_is_listened_ag
         monkeypatch.undo()
     finally:
         await store.close()
+
+
+# --- a server whose kernel answers but which does not (stopped, hung; a proxy that lost it) ---
+
+# QUICK, and the server asked a round trip every second, given a second to answer.
+CHECKED = replace(QUICK, check_interval=1, check_timeout=1)
+
+
+async def test_a_stopped_server_is_told_within_the_checks_bound_and_heals(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process of the server stopped (SIGSTOP) behind a TCP proxy that keeps the
+    client's side open: the kernels answer every probe, nothing is unacknowledged, so no
+    keepalive or user timeout fires. The store's check (a round trip on its LISTEN
+    connection every second, a second to answer) finds the server silent: a read under way
+    on an open connection is a StoreError saying so, a write whose COMMIT was under way is
+    told "unknown" (the server could not be asked within LOST_COMMIT_WAIT), a caller
+    cancelled mid-query ends, a view no longer answers from memory. Once the server runs
+    again, that write's COMMIT completes (so "unknown" was exact), the store writes again,
+    listens again (a commit of another store wakes a waiting reader) and the view syncs.
+    (Without the checks, check_interval 0: each still waits after 20 s.)"""
+    monkeypatch.setattr(postgres, "LOST_COMMIT_WAIT", 2.0)
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # woken by NOTIFY, or not at all
+    cluster = await asyncio.to_thread(pg.start)  # its own: all of it is stopped
+    admin = await asyncpg.connect(cluster.dsn())
+    other = PostgresStore(cluster.dsn())
+    try:
+        async with pg.cutting(cluster.dsn(), tcp=True) as (dsn, _cutter):
+            store = PostgresStore(dsn, peer=CHECKED)
+            await store.open()
+            await other.open()
+            try:
+                view = InventoryView(store)
+                await view.sync()
+                assert view.fresh(3600.0)
+                # Two of the pool's connections made: one for the write, one idle for the
+                # caller cancelled mid-query (asyncpg's CancelRequest then waits on the
+                # stopped server: its connection ended ends it).
+                await asyncio.gather(store.get_setting("a"), store.get_setting("b"))
+                said: list[str] = []
+                writing = await pg.committing(
+                    admin, lambda: store.apply_batch(pg.slow_batch("slow")), said)
+                with pg.stopped(pg.server_pids(cluster.process.pid)):
+                    # On the feed's connection, open since the view's sync.
+                    reading = asyncio.ensure_future(store.changes_since(0))
+                    cancelled = asyncio.ensure_future(store.list_machines())
+                    await asyncio.sleep(0.2)
+                    cancelled.cancel()
+                    with pytest.raises(StoreError, match="no answer to a check within 1 s"):
+                        await _ended(reading)
+                    with pytest.raises(OutcomeUnknown, match="outcome is unknown"):
+                        await _ended(writing)
+                    with pytest.raises(asyncio.CancelledError):
+                        await _ended(cancelled)
+                    assert not view.fresh(3600.0)
+                assert said == []
+                await _within("the stopped COMMIT completed once the server runs again",
+                              lambda: _kinds(admin, "m1", ["slow"]))
+                await asyncio.wait_for(_next_write_is_sound(store), HANG)
+                await _within("listening again", store._listening)
+                await asyncio.wait_for(view.sync(), HANG)
+                await _a_commit_wakes_the_view(other, view, "02:00:00:00:08:01")
+            finally:
+                await store.close()
+    finally:
+        await other.close()
+        await admin.close()
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _kinds(admin: asyncpg.Connection, machine: str, kinds: list[str]) -> bool:
+    """Whether ``machine``'s events (in any schema ``admin`` sees: the cluster's own) are
+    of ``kinds``."""
+    rows = await admin.fetch("SELECT kind FROM events WHERE machine = $1 ORDER BY id", machine)
+    return [r[0] for r in rows] == kinds
+
+
+async def test_a_stopped_listen_backend_is_noticed_and_the_view_resynced(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the backend of the LISTEN connection stopped (a hung session: the server, its
+    other sessions and the kernels answer): another server's commit is notified to nobody.
+    The check finds it silent within its bound, the view no longer answers from memory and
+    syncs the commit, the store listens on a new connection and a later commit wakes a
+    reader. (Without the checks, check_interval 0: the view thought itself current.)"""
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # woken by NOTIFY, or not at all
+    async with _through_tcp(pg_dsn, peer=CHECKED) as (b, _cutter):
+        a = PostgresStore(pg_dsn)
+        await a.open()
+        try:
+            view = InventoryView(b)
+            await view.sync()
+            assert view.fresh(3600.0) and b._notify is not None
+            with pg.stopped([b._notify.get_server_pid()]):
+                during = Machine(macs=(MacAddress.parse("02:00:00:00:09:01"),),
+                                 hostname="during")
+                await a.create_machine(during)
+                await _within("told the LISTEN connection's server is silent",
+                              lambda: not view.fresh(3600.0))
+                await asyncio.wait_for(view.sync(), HANG)
+                assert await view.machine_by("mac", "02:00:00:00:09:01") == during
+                await _within("listening again", b._listening)
+                await _a_commit_wakes_the_view(a, view, "02:00:00:00:09:02")
+        finally:
+            await a.close()
+
+
+@contextlib.asynccontextmanager
+async def _a_copy_waiting_on_a_lock(pg_dsn: str) -> AsyncIterator[
+        tuple[asyncpg.Connection, asyncpg.Connection, asyncio.Future[None], int]]:
+    """(an admin connection, the lock's holder, a COPY waiting for it, the rows sent):
+    40 MB of rows, more than the buffers hold, copied through a TCP proxy (QUICK: 2 s of
+    user timeout) into a table where another transaction holds an uncommitted key the rows
+    have (an operator's open transaction, say): the server waits for it reading nothing."""
+    rows = [(i, "p" * 200) for i in range(200_000)]
+    admin = await asyncpg.connect(pg_dsn)
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, pad TEXT)")
+        await holder.execute("BEGIN")
+        await holder.execute("INSERT INTO t VALUES (5, 'held')")
+        async with pg.cutting(pg_dsn, tcp=True) as (dsn, _cutter):
+            conn = await postgres.connect(dsn, QUICK)
+            try:
+                copying = asyncio.ensure_future(
+                    postgres.copy_records(conn, QUICK, "t", rows, ("k", "pad")))
+                await pg.until(admin, "SELECT count(*) FROM pg_stat_activity WHERE query"
+                               " LIKE 'COPY%' AND wait_event_type = 'Lock'", "waiting")
+                yield conn, holder, copying, len(rows)
+            finally:
+                conn.terminate()
+    finally:
+        await holder.close()
+        await admin.close()
+
+
+async def test_a_copy_waiting_on_a_lock_longer_than_the_user_timeout_completes(
+        pg_dsn: str) -> None:
+    """The server reads none of a COPY's rows while it waits for a lock: the window closes,
+    and Linux ends a connection whose zero window outlasts TCP_USER_TIMEOUT, though every
+    probe is answered. copy_records sends without the user timeout: the COPY waits for the
+    lock, as it should, and completes once it is released; the connection keeps its user
+    timeout afterwards. (With asyncpg's copy_records_to_table and QUICK's 2 s user timeout:
+    the connection was ended 2-3 s into the wait, and the COPY, waiting for the transport's
+    writes to resume, still waited after 20 s: forever.)"""
+    async with _a_copy_waiting_on_a_lock(pg_dsn) as (conn, holder, copying, sent):
+        await asyncio.sleep(3 * QUICK.tcp_user_timeout)
+        assert not copying.done()
+        await holder.execute("ROLLBACK")
+        await _ended(copying)
+        sock = conn._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2000
+        assert await conn.fetchval("SELECT count(*) FROM t") == sent
+
+
+async def test_a_copy_whose_connection_ends_fails_rather_than_waiting_for_ever(
+        pg_dsn: str) -> None:
+    """A COPY under way whose connection ends (the store's check ends it so, as it ends a
+    silent server's: _silenced) is a failure at once: asyncpg's own COPY, paused for the
+    transport's writes to resume, is never told and waited for ever."""
+    async with _a_copy_waiting_on_a_lock(pg_dsn) as (conn, _holder, copying, _sent):
+        await asyncio.sleep(0.5)  # the buffers full, the COPY paused
+        conn.terminate()
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+            await _ended(copying)

@@ -152,3 +152,38 @@ def test_db_migrate_says_which_steps_it_applied(
         assert rc == 0 and json.loads(out)["applied"] == list(range(1, PG_SCHEMA_VERSION + 1))
         rc, out, _ = run(capsys, "db", "migrate", "--config", cfg)
         assert rc == 0 and "up to date" in out and "postgresql://netboot@" in out
+
+
+def test_db_copy_connects_with_the_configured_peer_settings(
+        tmp_path: Path, postgres: pg.Cluster, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``netboot db copy``'s connections (the copy's own, its check's, the migration's
+    store's) are set up by the configured inventory.postgresql (here from the file and its
+    NETBOOT_INVENTORY_POSTGRESQL_* variable), as the servers' are, not by the defaults."""
+    from netboot.inventory import postgres as store_module
+    from netboot.inventory.dsn import PeerSettings
+
+    seen: list[PeerSettings] = []
+    connect = store_module.connect
+
+    async def spying(dsn: str, peer: PeerSettings, **kw: Any) -> Any:
+        seen.append(peer)
+        return await connect(dsn, peer, **kw)
+
+    monkeypatch.setattr(store_module, "connect", spying)
+    adopt = PostgresStore._adopt_session
+
+    async def adopting(self: PostgresStore, conn: Any) -> None:
+        seen.append(self._peer)
+        await adopt(self, conn)
+
+    monkeypatch.setattr(PostgresStore, "_adopt_session", adopting)
+    monkeypatch.setenv("NETBOOT_INVENTORY_POSTGRESQL_TCP_USER_TIMEOUT", "21")
+    cfg = str(write_config(tmp_path, "inventory:\n  postgresql:\n    check_interval: 1\n"))
+    source = tmp_path / "source.db"
+    asyncio.run(opened(SqliteStore(source), fill))
+    with pg.schema_sync(postgres) as dsn:
+        rc, _, err = run(capsys, "db", "copy", "--config", cfg, "--from", str(source),
+                         "--to", dsn)
+    assert rc == 0, err
+    assert seen and {(p.tcp_user_timeout, p.check_interval) for p in seen} == {(21, 1)}
