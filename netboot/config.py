@@ -487,9 +487,13 @@ def group_from_mapping(item: Mapping[str, Any], *, default_name: str) -> Group:
 
 
 def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """``NETBOOT_HTTP_PORT=8081`` → {"http": {"port": "8081"}}; returns data and key→var."""
+    """``NETBOOT_HTTP_PORT=8081`` → {"http": {"port": "8081"}}; returns data and key→var.
+    A section's own section is a level more: ``NETBOOT_INVENTORY_POSTGRESQL_CHECK_TIMEOUT=5``
+    → {"inventory": {"postgresql": {"check_timeout": "5"}}} (key inventory.postgresql.
+    check_timeout), as ``NETBOOT_DHCP_AUTHORITATIVE_POOL_START``."""
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    hints = typing.get_type_hints(Config)
     sections = set(_keys(Config))
     for var, value in env.items():
         if not var.startswith("NETBOOT_") or var in ("NETBOOT_CONFIG", "NETBOOT_E2E"):
@@ -498,14 +502,31 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, st
         section, _, key = rest.partition("_")
         if section not in sections or not key:
             continue
-        out.setdefault(section, {})[key] = value
-        origin[f"{section}.{key}"] = var
+        inner = typing.get_type_hints(hints[section])
+        nested = next((name for name in _keys(hints[section])
+                       if dataclasses.is_dataclass(inner[name]) and key.startswith(f"{name}_")
+                       and len(key) > len(name) + 1), None)
+        if nested is None:
+            out.setdefault(section, {})[key] = value
+            origin[f"{section}.{key}"] = var
+        else:
+            sub = key[len(nested) + 1:]
+            out.setdefault(section, {}).setdefault(nested, {})[sub] = value
+            origin[f"{section}.{nested}.{sub}"] = var
     return out, origin
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    section, key = dotted.split(".", 1)
-    data.setdefault(section, {})[key] = value
+    *path, key = dotted.split(".")
+    for part in path:
+        data = data.setdefault(part, {})
+    data[key] = value
+
+
+def _dotted(data: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
 
 
 def load(
@@ -536,7 +557,7 @@ def load(
     env_data, env_origin = _env_overrides(env)
     for dotted, var in env_origin.items():
         probe: dict[str, Any] = {}
-        _set_dotted(probe, dotted, env_data[dotted.split(".")[0]][dotted.split(".", 1)[1]])
+        _set_dotted(probe, dotted, _dotted(env_data, dotted))
         _build(Config, probe, "", _Source(f"environment variable {var}"))
     flag_data: dict[str, Any] = {}
     for flag, value in (flags or {}).items():

@@ -308,6 +308,7 @@ def test_postgresql_peer_settings_reach_the_store_and_its_sockets(tmp_path: Path
                                "    tcp_user_timeout: 30\n"), env={})
     peer = cfg.inventory.postgresql
     assert (peer.keepalives_idle, peer.tcp_user_timeout, peer.keepalives_count) == (7, 30, 5)
+    assert (peer.check_interval, peer.check_timeout) == (5, 10)
     assert open_store(cfg)._peer == peer  # type: ignore[attr-defined]
     options = peer.socket_options()
     assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
@@ -320,13 +321,43 @@ def test_postgresql_peer_settings_reach_the_store_and_its_sockets(tmp_path: Path
 
 @pytest.mark.parametrize(("key", "value"), [
     ("keepalives_idle", "0"), ("keepalives_count", "128"), ("tcp_user_timeout", "-1"),
-    ("connect_timeout", "0"), ("keepalives_interval", "x")])
+    ("connect_timeout", "0"), ("keepalives_interval", "x"), ("check_interval", "-1"),
+    ("check_timeout", "0")])
 def test_bad_postgresql_peer_settings_name_their_key(tmp_path: Path, key: str,
                                                      value: str) -> None:
     path = write(tmp_path, f"inventory:\n  postgresql:\n    {key}: {value}\n")
     with pytest.raises(ConfigError) as err:
         load(path, env={})
     assert (err.value.key, err.value.line) == (f"inventory.postgresql.{key}", 3)
+
+
+def test_postgresql_peer_settings_from_the_environment_name_their_variable(
+        tmp_path: Path) -> None:
+    """inventory.postgresql.* as NETBOOT_INVENTORY_POSTGRESQL_<KEY>, a level below the
+    section, as every other key has its variable (and dhcp.authoritative.*, the other
+    section within a section); over the file, named as the origin; a bad value is refused
+    naming the variable and the key. (Before: each was refused as an unknown key
+    "inventory.postgresql_check_interval".)"""
+    path = write(tmp_path, "inventory:\n  postgresql:\n    check_timeout: 4\n"
+                           "    keepalives_idle: 9\n")
+    cfg = load(path, env={"NETBOOT_INVENTORY_POSTGRESQL_CHECK_TIMEOUT": "3",
+                          "NETBOOT_INVENTORY_POSTGRESQL_TCP_USER_TIMEOUT": "20",
+                          "NETBOOT_INVENTORY_POSTGRESQL_KEEPALIVES": "false",
+                          "NETBOOT_DHCP_AUTHORITATIVE_POOL_START": "192.0.2.50"})
+    peer = cfg.inventory.postgresql
+    assert (peer.check_timeout, peer.tcp_user_timeout, peer.keepalives,
+            peer.keepalives_idle) == (3, 20, False, 9)
+    assert cfg.dhcp.authoritative.pool_start == "192.0.2.50"
+    assert cfg.origins["inventory.postgresql.check_timeout"] == (
+        "environment variable NETBOOT_INVENTORY_POSTGRESQL_CHECK_TIMEOUT", None)
+    for var, value, key in (
+            ("NETBOOT_INVENTORY_POSTGRESQL_CHECK_TIMEOUT", "0", "check_timeout"),
+            ("NETBOOT_INVENTORY_POSTGRESQL_KEEPALIVES_IDLE", "soon", "keepalives_idle"),
+            ("NETBOOT_INVENTORY_POSTGRESQL_CHECK_INTERVALS", "5", "check_intervals")):
+        with pytest.raises(ConfigError) as err:
+            load(path, env={var: value})
+        assert err.value.key == f"inventory.postgresql.{key}", err.value
+        assert err.value.source == f"environment variable {var}", err.value
 
 
 def test_bad_dsn_in_env_or_file_names_its_source(tmp_path: Path) -> None:
