@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from netboot.cli import main
+from netboot.errors import StoreError
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.inventory.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from netboot.inventory.postgres import PostgresStore
@@ -187,3 +188,31 @@ def test_db_copy_connects_with_the_configured_peer_settings(
                          "--to", dsn)
     assert rc == 0, err
     assert seen and {(p.tcp_user_timeout, p.check_interval) for p in seen} == {(21, 1)}
+
+
+async def test_a_copy_whose_server_stops_answering_fails_within_the_checks_bound() -> None:
+    """``netboot db copy``'s connection is watched as a store's are: its server stopped
+    (SIGSTOP, behind a proxy that keeps the client's side open: every probe answered), a
+    statement under way fails within check_interval + check_timeout, saying why, rather
+    than waiting for ever. (Without the check, check_interval 0: still waiting after 20 s.)"""
+    from netboot.inventory import transfer
+    from netboot.inventory.dsn import PeerSettings
+
+    peer = PeerSettings(connect_timeout=1, keepalives_idle=1, keepalives_interval=1,
+                        keepalives_count=2, tcp_user_timeout=2, check_interval=1,
+                        check_timeout=1)
+    cluster = await asyncio.to_thread(pg.start)  # its own: all of it is stopped
+    try:
+        async with pg.cutting(cluster.dsn(), tcp=True) as (dsn, _cutter):
+            async def work(conn: Any) -> None:
+                assert await conn.fetchval("SELECT 1") == 1
+                with pg.stopped(pg.server_pids(cluster.process.pid)):
+                    await conn.fetchval("SELECT 2")
+
+            copying = asyncio.ensure_future(transfer._pg(dsn, work, peer))
+            done, _ = await asyncio.wait((copying,), timeout=20)
+            assert copying in done, "still waiting after 20 s"
+            with pytest.raises(StoreError, match="no answer to a check within 1 s"):
+                copying.result()
+    finally:
+        await asyncio.to_thread(cluster.stop)
