@@ -578,32 +578,43 @@ def machine_json(machine: Machine, install_token: str | None = None,
             f',"created":{text_created},"updated":{r(m.updated)}}}')
 
 
-def same_labels_json(labels: Any, machine: Machine) -> bool:
-    """Whether the labels of a stored machine document, as SQLite's ``json_extract(data,
-    '$.labels')`` gives them (an object's JSON text; None when absent or null), are
-    ``machine``'s. False when unsure (anything but an object): the caller then writes them
-    again."""
-    if labels is None:
-        return not machine.labels
-    return type(labels) is str and labels.startswith("{") and (
-        loads_document(labels) == machine.labels)
-
-
-def same_identifiers_json(macs: str | None, uuid: Any, serial: Any, asset: Any,
-                          machine: Machine, text: str) -> bool:
-    """Whether a stored machine document has the fields ``machine``'s identifiers are made
-    of (:func:`netboot.identity.claims`: its MACs, UUID, serial and asset tag) as they are in
-    ``machine``, spelled alike, each as SQLite's ``json_extract`` gives it: ``macs`` the JSON
-    text of its array of MACs (None when absent), the others their values. ``text``:
-    ``machine``'s own document, :func:`machine_json`'s, whose array of MACs is compared as
-    it is written there (not written again: its second writing was ~1,500 instructions of
-    each update on the store's writer). False when unsure: the caller then writes them
-    again."""
+def claims_json(machine: Machine, text: str) -> str:
+    """What SQLite's ``json_extract(data, '$.labels', '$.macs', '$.uuid', '$.serial',
+    '$.asset')`` gives of ``text``, ``machine``'s own document (:func:`machine_json`'s): the
+    JSON array of the fields its label and identifier rows are made of (its labels, and
+    :func:`netboot.identity.claims`' MACs, UUID, serial and asset tag), ``null`` for each
+    one absent. SQLite writes an extracted value's strings as they are spelled in the
+    document and its objects and arrays without spaces, so a stored document that holds
+    these five fields as this one does gives this same text (the store's writer compares
+    the two texts, :func:`same_claims` only when they differ)."""
     m = machine
-    # The array between the first two keys: a JSON string holds no unescaped '"', so the
-    # id's text cannot hold either key as it is spelled here.
-    return (macs == text[text.index(',"macs":[') + 8:text.index('],"state":') + 1]
-            and uuid == m.uuid and serial == m.serial and asset == m.asset)
+    labels = "".join(_ENCODE_MAP(mapping, 0)) if (mapping := m.labels) else "null"
+    uuid = "null" if (v := m.uuid) is None else _quote(v)
+    serial = "null" if (v := m.serial) is None else _quote(v)
+    asset = "null" if (v := m.asset) is None else _quote(v)
+    # The MAC array as written in the text, between its first two keys: a JSON string holds
+    # no unescaped '"', so the id's text cannot hold either key as it is spelled here.
+    macs = text[text.index(',"macs":[') + 8:text.index('],"state":') + 1]
+    return f"[{labels},{macs},{uuid},{serial},{asset}]"
+
+
+def same_claims(stored: Any, machine: Machine) -> tuple[bool, bool]:
+    """Whether a stored document has ``machine``'s labels, and its identifiers' fields
+    (:func:`claims_json`), by value: ``stored`` is what SQLite's ``json_extract`` of those
+    five paths gave of it (a JSON array's text). False when unsure (anything but that
+    array, a field of another type): the caller then writes those rows again."""
+    try:
+        value = loads_document(stored) if type(stored) is str else None
+    except ValueError:
+        value = None
+    if type(value) is not list or len(value) != 5:
+        return False, False
+    labels, macs, uuid, serial, asset = value
+    m = machine
+    same_labels = not m.labels if labels is None else (
+        type(labels) is dict and labels == m.labels)
+    return same_labels, (macs == [str(mac) for mac in m.macs] and uuid == m.uuid
+                         and serial == m.serial and asset == m.asset)
 
 
 # What a store indexes of a new machine beside its document: id, first MAC (None without
