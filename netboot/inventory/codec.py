@@ -524,6 +524,24 @@ _QUOTED = {member._value_: _quote(member._value_)
            for cls in (MachineState, Role, LoaderChain, Arch, Firmware) for member in cls}
 
 
+# The doubles strictly between 2**30 and 2**31 (times from 2004-01-10 to 2038-01-19): one
+# binade, the same spacing (2**-22) for all, ten digits before the point. The difference of
+# two of them is exact (Sterbenz's lemma): when it is a whole number k, y = x + k exactly.
+# repr() writes the shortest digits that read back to the same double and, of those, the
+# nearest (Python's dtoa.c, mode 0). The decimals that read back to y are those of x plus k,
+# each as far from y as it was from x (the same spacing; neither is the binade's lowest
+# value, whose interval is lopsided; their last bits have the same parity, which decides a
+# tie when read), with the same digits after the point and as many before it: so repr(y)
+# is repr(x) with k added to its integer part. That part is floor(x): a whole number is 2**-22
+# from the doubles beside it, beyond the 2**-23 either side of them that reads back to them.
+# So repr(y) is str(int(y)), then the digits of repr(x) from its point on (ten before it).
+# Checked against repr itself on 7 million random pairs (benchmarks/README.md, s30-writer;
+# tests/inventory/test_codec.py draws 20,000 and the binade's edges).
+# Outside this range, or with a fraction of a second between them, the repr is made.
+_SHIFT_LOW = 2.0 ** 30
+_SHIFT_HIGH = 2.0 ** 31
+
+
 def machine_json(machine: Machine, install_token: str | None = None,
                  times: dict[float, str] | None = None) -> str:
     """``dumps(machine_document(machine))`` for a machine :func:`stored_machine` returned,
@@ -539,7 +557,8 @@ def machine_json(machine: Machine, install_token: str | None = None,
     same dict), reused: a float's shortest repr is ~7,000 instructions (three in a first
     install's update, ~10 % of the writer's instructions for it), and the machines of one
     import share their creation time, which each later update of each of them writes again.
-    Not the update's time nor the token's expiry: a storm's installs each have their own."""
+    Not the update's time: a storm's installs each have their own. The token's expiry,
+    a whole number of seconds after it, is written from the update time's text."""
     m, q, r = machine, _quote, float.__repr__
     macs = m.macs
     # One MAC as a rule: without the comprehension (a call of its own in Python 3.11).
@@ -563,7 +582,17 @@ def machine_json(machine: Machine, install_token: str | None = None,
     facts = ',"facts":' + "".join(_ENCODE_MAP(mapping, 0)) if (mapping := m.facts) else ""
     ipv4 = "" if (v := m.ipv4) is None else ',"ipv4":' + q(v)
     fixed_ipv4 = "" if (v := m.fixed_ipv4) is None else ',"fixed_ipv4":' + q(v)
-    expires = "" if (t := m.token_expires) is None else ',"token_expires":' + r(t)
+    updated = m.updated
+    text_updated = r(updated)
+    # An install's token expires a whole number of seconds after its update time (boot.py:
+    # now + the timeout), whose text is written already: its own is made of that text's
+    # digits after the point (_SHIFT_LOW says why), not by a second repr.
+    if (t := m.token_expires) is None:
+        expires = ""
+    elif (t - updated).is_integer() and _SHIFT_LOW < updated <= t < _SHIFT_HIGH:
+        expires = f',"token_expires":{int(t)}{text_updated[10:]}'
+    else:
+        expires = ',"token_expires":' + r(t)
     # A batch's creation times, memoised (the docstring); not 0.0, an equal key to -0.0 of
     # another text (any other two equal floats are one double: one text).
     created = m.created
@@ -575,7 +604,7 @@ def machine_json(machine: Machine, install_token: str | None = None,
     return (f'{{"id":{q(m.id)},"macs":[{mac_text}],"state":{_QUOTED[m.state._value_]}'
             f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{role}"
             f"{loader}{arch}{firmware}{labels}{facts}{ipv4}{fixed_ipv4}{expires}"
-            f',"created":{text_created},"updated":{r(m.updated)}}}')
+            f',"created":{text_created},"updated":{text_updated}}}')
 
 
 def claims_json(machine: Machine, text: str) -> str:

@@ -365,6 +365,35 @@ def test_machine_json_with_shared_times_is_the_same_text() -> None:
     assert times == {m.created: repr(m.created) for m in machines if m.created}
 
 
+def test_machine_json_writes_the_expiry_from_the_update_times_text() -> None:
+    # An expiry a whole number of seconds after the update time, within 2**30 .. 2**31, is
+    # written from the update time's text: each text is repr's, on random doubles of that
+    # binade (and a whole number of seconds after them) and on its edges, beside pairs the
+    # rule must leave to repr (other binades, a fraction of a second apart, the wrong order;
+    # the last pair crosses into the next binade, whose repr is a digit shorter).
+    import random
+    import struct
+
+    draw = random.Random(30)
+    low, high = 2.0 ** 30, 2.0 ** 31
+    pairs = [(low + 2.0 ** -22, low + 2.0 ** -22 + 1), (high - 3600.5, high - 0.5),
+             (high - 2.0 ** -22 - 7, high - 2.0 ** -22), (1796471103.0, 1796474703.0),
+             (1796471103.9999998, 1796474703.9999998), (high - 1, high + 3599),
+             (low - 1, low + 3599), (2.0, 10.0), (3e9 + 0.1, 3e9 + 3600.1),
+             (1796471103.5, 1796471103.75), (1796474703.7693584, 1796471103.7693584),
+             (1e16, 1e16 + 2.0), (2147483647.0000029, 2147487247.000003)]
+    for _ in range(20_000):
+        u = struct.unpack("<d", struct.pack("<Q", (0x41D << 52) | draw.getrandbits(52)))[0]
+        k = draw.choice((3600, 86400, 0, 1, draw.randrange(10 ** 7)))
+        if u + k < high:
+            pairs.append((u, u + k))
+    for updated, expires in pairs:
+        m = replace(MACHINE, updated=updated, token_expires=expires)
+        assert codec.stored_machine(m) is m
+        assert codec.machine_json(m) == codec.dumps(codec.machine_document(m)), (updated,
+                                                                                  expires)
+
+
 def test_claims_json_is_what_sqlite_extracts_of_the_machines_text() -> None:
     # The store's writer compares this text with json_extract's of the stored document.
     import sqlite3
