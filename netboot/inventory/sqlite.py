@@ -373,7 +373,7 @@ class _Row:
         # ``times``: the texts of times, shared by a batch's rows (codec.machine_json).
         self.machine = m = codec.stored_machine(machine)
         self.id = m.id
-        self.mac = str(m.macs[0]) if m.macs else None
+        self.mac = m.macs[0].hex(":") if m.macs else None  # its str(), without the call
         self.data = codec.machine_json(m, install_token, times)
         self.created = m.created
         self.updated = m.updated
