@@ -524,6 +524,24 @@ _QUOTED = {member._value_: _quote(member._value_)
            for cls in (MachineState, Role, LoaderChain, Arch, Firmware) for member in cls}
 
 
+# The doubles strictly between 2**30 and 2**31 (times from 2004-01-10 to 2038-01-19): one
+# binade, the same spacing (2**-22) for all, ten digits before the point. The difference of
+# two of them is exact (Sterbenz's lemma): when it is a whole number k, y = x + k exactly.
+# repr() writes the shortest digits that read back to the same double and, of those, the
+# nearest (Python's dtoa.c, mode 0). The decimals that read back to y are those of x plus k,
+# each as far from y as it was from x (the same spacing; neither is the binade's lowest
+# value, whose interval is lopsided; their last bits have the same parity, which decides a
+# tie when read), with the same digits after the point and as many before it: so repr(y)
+# is repr(x) with k added to its integer part. That part is floor(x): a whole number is 2**-22
+# from the doubles beside it, beyond the 2**-23 either side of them that reads back to them.
+# So repr(y) is str(int(y)), then the digits of repr(x) from its point on (ten before it).
+# Checked against repr itself on 7 million random pairs (benchmarks/README.md, s30-writer;
+# tests/inventory/test_codec.py draws 20,000 and the binade's edges).
+# Outside this range, or with a fraction of a second between them, the repr is made.
+_SHIFT_LOW = 2.0 ** 30
+_SHIFT_HIGH = 2.0 ** 31
+
+
 def machine_json(machine: Machine, install_token: str | None = None,
                  times: dict[float, str] | None = None) -> str:
     """``dumps(machine_document(machine))`` for a machine :func:`stored_machine` returned,
@@ -539,12 +557,15 @@ def machine_json(machine: Machine, install_token: str | None = None,
     same dict), reused: a float's shortest repr is ~7,000 instructions (three in a first
     install's update, ~10 % of the writer's instructions for it), and the machines of one
     import share their creation time, which each later update of each of them writes again.
-    Not the update's time nor the token's expiry: a storm's installs each have their own."""
+    Not the update's time: a storm's installs each have their own. The token's expiry,
+    a whole number of seconds after it, is written from the update time's text."""
     m, q, r = machine, _quote, float.__repr__
     macs = m.macs
-    # One MAC as a rule: without the comprehension (a call of its own in Python 3.11).
-    mac_text = ('"' + macs[0].raw.hex(":") + '"' if len(macs) == 1 else
-                ",".join(['"' + mac.raw.hex(":") + '"' for mac in macs]))
+    # One MAC as a rule: without the comprehension (a call of its own in Python 3.11). Its
+    # text by bytes.hex of itself (a MacAddress is its six bytes), not through the ``raw``
+    # property: ~600 instructions less a MAC, interpreted.
+    mac_text = ('"' + macs[0].hex(":") + '"' if len(macs) == 1 else
+                ",".join(['"' + mac.hex(":") + '"' for mac in macs]))
     # Each field only when it is not at its default, as machine_document leaves it out,
     # in its order (_MACHINE_TEXT, _MACHINE_ENUMS, then the rest).
     hostname = "" if (v := m.hostname) is None else ',"hostname":' + q(v)
@@ -563,7 +584,17 @@ def machine_json(machine: Machine, install_token: str | None = None,
     facts = ',"facts":' + "".join(_ENCODE_MAP(mapping, 0)) if (mapping := m.facts) else ""
     ipv4 = "" if (v := m.ipv4) is None else ',"ipv4":' + q(v)
     fixed_ipv4 = "" if (v := m.fixed_ipv4) is None else ',"fixed_ipv4":' + q(v)
-    expires = "" if (t := m.token_expires) is None else ',"token_expires":' + r(t)
+    updated = m.updated
+    text_updated = r(updated)
+    # An install's token expires a whole number of seconds after its update time (boot.py:
+    # now + the timeout), whose text is written already: its own is made of that text's
+    # digits after the point (_SHIFT_LOW says why), not by a second repr.
+    if (t := m.token_expires) is None:
+        expires = ""
+    elif (t - updated).is_integer() and _SHIFT_LOW < updated <= t < _SHIFT_HIGH:
+        expires = f',"token_expires":{int(t)}{text_updated[10:]}'
+    else:
+        expires = ',"token_expires":' + r(t)
     # A batch's creation times, memoised (the docstring); not 0.0, an equal key to -0.0 of
     # another text (any other two equal floats are one double: one text).
     created = m.created
@@ -575,35 +606,48 @@ def machine_json(machine: Machine, install_token: str | None = None,
     return (f'{{"id":{q(m.id)},"macs":[{mac_text}],"state":{_QUOTED[m.state._value_]}'
             f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{role}"
             f"{loader}{arch}{firmware}{labels}{facts}{ipv4}{fixed_ipv4}{expires}"
-            f',"created":{text_created},"updated":{r(m.updated)}}}')
+            f',"created":{text_created},"updated":{text_updated}}}')
 
 
-def same_labels_json(labels: Any, machine: Machine) -> bool:
-    """Whether the labels of a stored machine document, as SQLite's ``json_extract(data,
-    '$.labels')`` gives them (an object's JSON text; None when absent or null), are
-    ``machine``'s. False when unsure (anything but an object): the caller then writes them
-    again."""
-    if labels is None:
-        return not machine.labels
-    return type(labels) is str and labels.startswith("{") and (
-        loads_document(labels) == machine.labels)
-
-
-def same_identifiers_json(macs: str | None, uuid: Any, serial: Any, asset: Any,
-                          machine: Machine, text: str) -> bool:
-    """Whether a stored machine document has the fields ``machine``'s identifiers are made
-    of (:func:`netboot.identity.claims`: its MACs, UUID, serial and asset tag) as they are in
-    ``machine``, spelled alike, each as SQLite's ``json_extract`` gives it: ``macs`` the JSON
-    text of its array of MACs (None when absent), the others their values. ``text``:
-    ``machine``'s own document, :func:`machine_json`'s, whose array of MACs is compared as
-    it is written there (not written again: its second writing was ~1,500 instructions of
-    each update on the store's writer). False when unsure: the caller then writes them
-    again."""
+def claims_json(machine: Machine, text: str) -> str:
+    """What SQLite's ``json_extract(data, '$.labels', '$.macs', '$.uuid', '$.serial',
+    '$.asset')`` gives of ``text``, ``machine``'s own document (:func:`machine_json`'s): the
+    JSON array of the fields its label and identifier rows are made of (its labels, and
+    :func:`netboot.identity.claims`' MACs, UUID, serial and asset tag), ``null`` for each
+    one absent. SQLite writes an extracted value's strings as they are spelled in the
+    document and its objects and arrays without spaces, so a stored document that holds
+    these five fields as this one does gives this same text (the store's writer compares
+    the two texts, :func:`same_claims` only when they differ)."""
     m = machine
-    # The array between the first two keys: a JSON string holds no unescaped '"', so the
-    # id's text cannot hold either key as it is spelled here.
-    return (macs == text[text.index(',"macs":[') + 8:text.index('],"state":') + 1]
-            and uuid == m.uuid and serial == m.serial and asset == m.asset)
+    labels = "".join(_ENCODE_MAP(mapping, 0)) if (mapping := m.labels) else "null"
+    uuid = "null" if (v := m.uuid) is None else _quote(v)
+    serial = "null" if (v := m.serial) is None else _quote(v)
+    asset = "null" if (v := m.asset) is None else _quote(v)
+    # One MAC as machine_json writes it (~3,500 instructions less than finding it in the
+    # text); more as written in the text, between its first two keys: a JSON string holds no
+    # unescaped '"', so the id's text cannot hold either key as it is spelled here.
+    macs = ('["' + one[0].hex(":") + '"]' if len(one := m.macs) == 1 else
+            text[text.index(',"macs":[') + 8:text.index('],"state":') + 1])
+    return f"[{labels},{macs},{uuid},{serial},{asset}]"
+
+
+def same_claims(stored: Any, machine: Machine) -> tuple[bool, bool]:
+    """Whether a stored document has ``machine``'s labels, and its identifiers' fields
+    (:func:`claims_json`), by value: ``stored`` is what SQLite's ``json_extract`` of those
+    five paths gave of it (a JSON array's text). False when unsure (anything but that
+    array, a field of another type): the caller then writes those rows again."""
+    try:
+        value = loads_document(stored) if type(stored) is str else None
+    except ValueError:
+        value = None
+    if type(value) is not list or len(value) != 5:
+        return False, False
+    labels, macs, uuid, serial, asset = value
+    m = machine
+    same_labels = not m.labels if labels is None else (
+        type(labels) is dict and labels == m.labels)
+    return same_labels, (macs == [str(mac) for mac in m.macs] and uuid == m.uuid
+                         and serial == m.serial and asset == m.asset)
 
 
 # What a store indexes of a new machine beside its document: id, first MAC (None without

@@ -365,6 +365,77 @@ def test_machine_json_with_shared_times_is_the_same_text() -> None:
     assert times == {m.created: repr(m.created) for m in machines if m.created}
 
 
+def test_machine_json_writes_the_expiry_from_the_update_times_text() -> None:
+    # An expiry a whole number of seconds after the update time, within 2**30 .. 2**31, is
+    # written from the update time's text: each text is repr's, on random doubles of that
+    # binade (and a whole number of seconds after them) and on its edges, beside pairs the
+    # rule must leave to repr (other binades, a fraction of a second apart, the wrong order;
+    # the last pair crosses into the next binade, whose repr is a digit shorter).
+    import random
+    import struct
+
+    draw = random.Random(30)
+    low, high = 2.0 ** 30, 2.0 ** 31
+    pairs = [(low + 2.0 ** -22, low + 2.0 ** -22 + 1), (high - 3600.5, high - 0.5),
+             (high - 2.0 ** -22 - 7, high - 2.0 ** -22), (1796471103.0, 1796474703.0),
+             (1796471103.9999998, 1796474703.9999998), (high - 1, high + 3599),
+             (low - 1, low + 3599), (2.0, 10.0), (3e9 + 0.1, 3e9 + 3600.1),
+             (1796471103.5, 1796471103.75), (1796474703.7693584, 1796471103.7693584),
+             (1e16, 1e16 + 2.0), (2147483647.0000029, 2147487247.000003)]
+    for _ in range(20_000):
+        u = struct.unpack("<d", struct.pack("<Q", (0x41D << 52) | draw.getrandbits(52)))[0]
+        k = draw.choice((3600, 86400, 0, 1, draw.randrange(10 ** 7)))
+        if u + k < high:
+            pairs.append((u, u + k))
+    for updated, expires in pairs:
+        m = replace(MACHINE, updated=updated, token_expires=expires)
+        assert codec.stored_machine(m) is m
+        assert codec.machine_json(m) == codec.dumps(codec.machine_document(m)), (updated,
+                                                                                  expires)
+
+
+def test_claims_json_is_what_sqlite_extracts_of_the_machines_text() -> None:
+    # The store's writer compares this text with json_extract's of the stored document.
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    machines = [
+        MACHINE, replace(MACHINE, labels={}, uuid=None, facts={}),
+        replace(MACHINE, labels={"k": 'v"\\', "\u00fc": "\u00df\n\t\x01", "}": "],"},
+                uuid="u\"1", serial="s/1\u00e9", asset="</script>"),
+        replace(MACHINE, id='m-],"state":"x",\\"macs":[', macs=()),
+        replace(MACHINE, macs=tuple(MacAddress.parse(f"52:54:00:00:00:0{i}") for i in range(3)),
+                labels={"a": "1", "b": "2"}, serial="", asset="a")]
+    for m in machines:
+        assert codec.stored_machine(m) is m
+        text = codec.machine_json(m, "sealed-token")
+        (extracted,) = conn.execute("SELECT json_extract(?, '$.labels', '$.macs', '$.uuid',"
+                                    " '$.serial', '$.asset')", (text,)).fetchone()
+        assert codec.claims_json(m, text) == extracted
+        assert codec.same_claims(extracted, m) == (True, True)
+    conn.close()
+
+
+def test_stored_claims_spelled_otherwise_are_compared_by_value() -> None:
+    # A document another writer spelled otherwise (spaces, another order of keys, escapes
+    # where none are needed): its text is not the new one's, its values are compared.
+    m = replace(MACHINE, labels={"rack": "r1", "k": "v"}, serial="s1", asset=None)
+    other = f'[{{"k":"\\u0076","rack":"r1"}}, ["{MAC}"], "{m.uuid}", "s1", null]'
+    assert other != codec.claims_json(m, codec.machine_json(m))
+    assert codec.same_claims(other, m) == (True, True)
+    assert codec.same_claims(other.replace('"r1"', '"r2"'), m) == (False, True)
+    assert codec.same_claims(other.replace('"s1"', '"s2"'), m) == (True, False)
+    assert codec.same_claims(other.replace(f'"{MAC}"', '"AA:BB:CC:DD:EE:FF"'), m) == (True,
+                                                                                       False)
+    assert codec.same_claims(other.replace("null]", '"a"]'), m) == (True, False)
+    bare = replace(m, labels={})
+    for labels in ("null", "{}"):
+        assert codec.same_claims(f'[{labels},["{MAC}"],"{m.uuid}","s1",null]', bare) == (
+            True, True)
+    for odd in (None, 7, "", "[", "{}", "[1,2]"):  # not the array: unsure
+        assert codec.same_claims(odd, m) == (False, False)
+
+
 @pytest.mark.parametrize("change", [
     {"macs": ["AA-BB-CC-DD-EE-FF"]},  # another spelling: normalised by the strict parse
     {"created": 3},
@@ -404,29 +475,34 @@ def test_machines_without_labels_share_one_read_only_mapping() -> None:
 
 
 def test_labels_and_identifiers_compared_with_the_stored_documents_parts() -> None:
-    # What SQLite's json_extract gives of a stored document's labels and identifiers.
+    # What SQLite's json_extract gives of a stored document's labels and identifiers, as
+    # other writers may have spelled them: compared by value.
     m = replace(MACHINE, labels={"rack": "r1", "k": 'v"'}, uuid="u", serial="s", asset=None)
-    assert codec.same_labels_json('{"rack":"r1","k":"v\\""}', m)
-    assert codec.same_labels_json('{"k":"v\\"","rack":"r1"}', m)  # another order: equal
-    assert not codec.same_labels_json('{"rack":"r1"}', m)
-    assert not codec.same_labels_json(None, m)
-    bare = replace(m, labels={})
-    for absent in (None, "{}"):
-        assert codec.same_labels_json(absent, bare)
-    assert not codec.same_labels_json('{"rack":"r1"}', bare)
-    for odd in ("x", "[]", 0, 1.5):  # not an object (json_extract: text, array, number)
-        assert not codec.same_labels_json(odd, bare)
     macs = "[" + ",".join(f'"{mac}"' for mac in m.macs) + "]"
-    text = codec.machine_json(m)
-    assert codec.same_identifiers_json(macs, "u", "s", None, m, text)
-    assert not codec.same_identifiers_json(None, "u", "s", None, m, text)
-    assert not codec.same_identifiers_json(macs.upper(), "u", "s", None, m, text)  # unsure
-    assert not codec.same_identifiers_json(macs, "u", "s2", None, m, text)
-    assert not codec.same_identifiers_json(macs, "u", "s", "a", m, text)
-    seven = replace(m, uuid="7")
-    assert not codec.same_identifiers_json(macs, 7, "s", None, seven, codec.machine_json(seven))
-    bare = replace(m, macs=(), uuid=None, serial=None)
-    assert codec.same_identifiers_json("[]", None, None, None, bare, codec.machine_json(bare))
+
+    def claims(labels: str, macs: str = macs, uuid: str = '"u"', serial: str = '"s"',
+               asset: str = "null") -> str:
+        return f"[{labels},{macs},{uuid},{serial},{asset}]"
+
+    assert codec.same_claims(claims('{"rack":"r1","k":"v\\""}'), m) == (True, True)
+    assert codec.same_claims(claims('{"k":"v\\"","rack":"r1"}'), m) == (True, True)  # order
+    assert codec.same_claims(claims('{"rack":"r1"}'), m) == (False, True)
+    assert codec.same_claims(claims("null"), m) == (False, True)
+    bare = replace(m, labels={})
+    for absent in ("null", "{}"):
+        assert codec.same_claims(claims(absent), bare) == (True, True)
+    assert codec.same_claims(claims('{"rack":"r1"}'), bare) == (False, True)
+    for odd in ('"x"', "[]", "0", "1.5"):  # not an object
+        assert codec.same_claims(claims(odd), bare) == (False, True)
+    assert codec.same_claims(claims("null", "null"), bare) == (True, False)
+    assert codec.same_claims(claims("null", macs.upper()), bare) == (True, False)
+    assert codec.same_claims(claims("null", serial='"s2"'), bare) == (True, False)
+    assert codec.same_claims(claims("null", asset='"a"'), bare) == (True, False)
+    seven = replace(bare, uuid="7")
+    assert codec.same_claims(claims("null", uuid="7"), seven) == (True, False)
+    assert codec.same_claims(claims("null", uuid='"7"'), seven) == (True, True)
+    bare = replace(bare, macs=(), uuid=None, serial=None)
+    assert codec.same_claims("[null,[],null,null,null]", bare) == (True, True)
 
 
 @pytest.mark.parametrize("macs", [(), ("52:54:00:00:00:01",),
@@ -439,11 +515,8 @@ def test_identifiers_compared_with_the_mac_array_of_the_machines_own_text(
     assert codec.stored_machine(m) is m
     text = codec.machine_json(m, "sealed-token")
     written = "[" + ",".join(f'"{a}"' for a in macs) + "]"
-    assert codec.same_identifiers_json(written, m.uuid, m.serial, m.asset, m, text)
-    for other in ("[]", '["52:54:00:00:00:01"]', '["52:54:00:00:00:02","52:54:00:00:00:01"]',
-                  written[:-1] + ',"52:54:00:00:00:09"]'):
-        if other != written:
-            assert not codec.same_identifiers_json(other, m.uuid, m.serial, m.asset, m, text)
+    labels = codec.dumps(dict(m.labels))
+    assert codec.claims_json(m, text) == f'[{labels},{written},"{m.uuid}",null,null]'
 
 
 @pytest.mark.parametrize("text", ['{"a":1}', ' {"a": 1} ', '{"a":1}\n'])

@@ -1242,6 +1242,16 @@ async def test_a_write_ending_a_timeout_scope_after_its_deadline_leaves_no_cance
         await store.close()
 
 
+def _machine_tables(path: Path) -> list[list[tuple[Any, ...]]]:
+    """The machines' tables of the database at ``path``, every row in order."""
+    conn = sqlite3.connect(path)
+    try:
+        return [conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall()
+                for t in ("machines", "machine_labels", "machine_keys")]
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("events", [0, 1, 5, 37, 90])
 async def test_a_group_writes_the_rows_a_create_and_executemany_write(
         tmp_path: Path, events: int) -> None:
@@ -1263,14 +1273,6 @@ async def test_a_group_writes_the_rows_a_create_and_executemany_write(
                   message=f"m{i}\u00e9", data={"n": str(i)} if i % 2 else {})
             for i in range(events)]
 
-    def tables(path: Path) -> list[list[tuple[Any, ...]]]:
-        conn = sqlite3.connect(path)
-        try:
-            return [conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall()
-                    for t in ("machines", "machine_labels", "machine_keys")]
-        finally:
-            conn.close()
-
     grouped, fresh = SqliteStore(tmp_path / "g.db"), SqliteStore(tmp_path / "f.db")
     await grouped.open()
     await fresh.open()
@@ -1283,7 +1285,7 @@ async def test_a_group_writes_the_rows_a_create_and_executemany_write(
     finally:
         await grouped.close()
         await fresh.close()
-    assert tables(tmp_path / "g.db") == tables(tmp_path / "f.db")
+    assert _machine_tables(tmp_path / "g.db") == _machine_tables(tmp_path / "f.db")
     # ... and each document is the text dumps() makes of it (not only the same text twice).
     written = sqlite3.connect(tmp_path / "g.db")
     assert dict(written.execute("SELECT id, data FROM machines").fetchall()) == {
@@ -1300,6 +1302,44 @@ async def test_a_group_writes_the_rows_a_create_and_executemany_write(
         "SELECT * FROM events ORDER BY id")]
     assert [r[0] for r in stored] == sorted(r[0] for r in stored)
     one.close()
+
+
+async def test_a_group_updates_documents_another_writer_spelled_otherwise(
+        tmp_path: Path) -> None:
+    """Stored documents written by another writer (spaces, keys in another order, escapes
+    where none are needed): their label and identifier parts are not the text the new
+    document gives, and are compared by value; the rows end as the same machines created
+    anew leave them, where they changed and where they did not."""
+    fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0c:{i:02x}"),), hostname=f"o{i}",
+                     serial=f"SN{i}", uuid=f"u-{i}", labels={"rack": "r1", "k": "v"},
+                     state=MachineState.ENROLLED, created=1.5, updated=2.25)
+                 for i in range(4)]
+    moved = [replace(fleet[0], state=MachineState.BOOTING, install_token="t", updated=9.0),
+             replace(fleet[1], labels={"rack": "r2", "k": "v"}, updated=9.0),
+             replace(fleet[2], serial="SN9", updated=9.0),
+             replace(fleet[3], labels={"k": "v", "rack": "r1"}, updated=9.0)]
+
+    grouped, fresh = SqliteStore(tmp_path / "g.db"), SqliteStore(tmp_path / "f.db")
+    await grouped.open()
+    await fresh.open()
+    try:
+        await grouped.apply_batch(Batch(create=fleet))
+        other = sqlite3.connect(tmp_path / "g.db")
+        for m in fleet:
+            document = codec.machine_document(m)
+            document["labels"] = dict(reversed(document["labels"].items()))
+            text = json.dumps(dict(reversed(document.items())), indent=1).replace(
+                '"v"', '"\\u0076"')
+            other.execute("UPDATE machines SET data = ? WHERE id = ?", (text, m.id))
+        other.commit()
+        other.close()
+        assert await grouped.get_machine(fleet[0].id) == fleet[0]
+        await grouped.apply_batch(Batch(update=moved))
+        await fresh.apply_batch(Batch(create=moved))
+    finally:
+        await grouped.close()
+        await fresh.close()
+    assert _machine_tables(tmp_path / "g.db") == _machine_tables(tmp_path / "f.db")
 
 
 async def test_the_bus_keeps_stored_copies_and_its_listeners_read_the_events_given(
