@@ -1132,15 +1132,16 @@ class FrozenHeap:
     collection came every ~40 first installs, walked ~1,200 objects, nearly all of them
     requests' objects still in flight, and moved those to the middle generation, whose
     collections moved them on to the oldest, bringing its full collections closer. At 2,000
-    the swing seldom reaches it: ~6 times fewer young collections on first installs and
+    the swing seldom reaches it: 6-10 times fewer young collections on first installs and
     first configs, the objects the collector walks per request, every generation included,
     35 -> 15 and 25 -> 10, and full collections 2-2.5 times rarer, each walking ~1.4 times
     more (what survived since the last freeze); per first DISCOVER 65 -> 55
     (benchmarks/README.md, s30-gc). The middle generation's 3 (was 10): each young
-    collection hands it ~2-3 times more than at 700, so that its collections walk 2-3 times
-    more, not 10. Raised to (10,000, 10) instead, each older-generation collection walked ten
-    times more survivors: in a storm of enrolled machines' first DISCOVERs the offers' p99
-    rose from ~4 to 6-12 ms with stalls up to 19 ms (dhcp_offers.py, session 10).
+    collection now hands it more, and at 3 its collections walk 1.8-2.7 times what they did
+    at 700 (2.9-3.9 times at 10). Raised to (10,000, 10) instead, each older-generation
+    collection walked ten times more survivors: in a storm of enrolled machines' first
+    DISCOVERs the offers' p99 rose from ~4 to 6-12 ms with stalls up to 19 ms
+    (dhcp_offers.py, session 10).
     """
 
     YOUNG = (2000, 3)  # the young and middle generations' thresholds while frozen
