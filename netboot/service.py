@@ -1124,11 +1124,27 @@ class FrozenHeap:
     paths make no cycles: gc.DEBUG_SAVEALL over a storm's first installs saved nothing,
     session 10.)
 
-    Python's young-collection threshold (700) is left as it is. Raised to 10,000 it cut the
-    collector's share of an /ipxe answer (~25 µs), but each older-generation collection then
-    walked ten times more survivors: in a storm of enrolled machines' first DISCOVERs the
-    offers' p99 rose from ~4 to 6-12 ms with stalls up to 19 ms (dhcp_offers.py, session 10).
+    While frozen, the young and middle generations' thresholds are ``YOUNG`` (Python's are
+    700 and 10), given back at stop. A young collection is due once the tracked objects
+    alive have grown by the first since the last one, and the requests in flight swing that
+    count by more than 700 by themselves (50 first installs hold ~2,000 tracked objects:
+    coroutines, futures, batches, machine copies, freed at the answer): at 700 a young
+    collection came every ~40 first installs, walked ~1,200 objects, nearly all of them
+    requests' objects still in flight, and moved those to the middle generation, whose
+    collections moved them on to the oldest, bringing its full collections closer. At 2,000
+    the swing seldom reaches it: 6-10 times fewer young collections on first installs and
+    first configs, the objects the collector walks per request, every generation included,
+    35 -> 15 and 25 -> 10, and full collections 2-2.5 times rarer, each walking ~1.4 times
+    more (what survived since the last freeze); per first DISCOVER 65 -> 55
+    (benchmarks/README.md, s30-gc). The middle generation's 3 (was 10): each young
+    collection now hands it more, and at 3 its collections walk 1.8-2.7 times what they did
+    at 700 (2.9-3.9 times at 10). Raised to (10,000, 10) instead, each older-generation
+    collection walked ten times more survivors: in a storm of enrolled machines' first
+    DISCOVERs the offers' p99 rose from ~4 to 6-12 ms with stalls up to 19 ms
+    (dhcp_offers.py, session 10).
     """
+
+    YOUNG = (2000, 3)  # the young and middle generations' thresholds while frozen
 
     GROWTH = 2.0  # the frozen count, against the last thaw's, that asks for the next
     # Full collections per look at the frozen count: gc.get_freeze_count() walks every frozen
@@ -1141,20 +1157,30 @@ class FrozenHeap:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._full = 0  # full collections since the last thaw
         self._limit = sys.maxsize
+        self._young: tuple[int, int] | None = None  # the thresholds start replaced
         self.thaws = 0
 
     def start(self) -> None:
-        """Freeze now and after each full collection (``Service.view_loaded``); in the loop."""
+        """Freeze now and after each full collection (``Service.view_loaded``), with the
+        young generations' thresholds at ``YOUNG``; in the loop."""
         self._loop = asyncio.get_running_loop()
         self._thaw()
         if self._collected not in gc.callbacks:
             gc.callbacks.append(self._collected)
+        if self._young is None:
+            # The oldest generation's is left as it is: no_full_collections may hold it.
+            young, middle, oldest = gc.get_threshold()
+            self._young = young, middle
+            gc.set_threshold(*self.YOUNG, oldest)
 
     def stop(self) -> None:
-        """No more freezing (what is frozen stays so)."""
+        """No more freezing (what is frozen stays so); the young thresholds given back."""
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._collected)
         self._loop = None
+        if self._young is not None:
+            gc.set_threshold(*self._young, gc.get_threshold()[2])
+            self._young = None
 
     def _collected(self, phase: str, info: dict[str, int]) -> None:
         # Called by the collector in whichever thread allocated (the GIL held); a collection

@@ -24,6 +24,7 @@ from netboot.model import MacAddress, Machine
 from netboot.service import (
     LOAD_FULL_THRESHOLD,
     LOAD_SWITCH_INTERVAL,
+    FrozenHeap,
     QuietAfterBusy,
     brisk_switching,
     build,
@@ -144,6 +145,7 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
 
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
+    thresholds = gc.get_threshold()
     ready = asyncio.Event()
     task = asyncio.ensure_future(serve(load(write_config(tmp_path), env={}), ready=ready))
     try:
@@ -153,6 +155,7 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
                 break
             await asyncio.sleep(0.02)
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (*FrozenHeap.YOUNG, thresholds[2])
         # What a storm leaves alive (new copies of machines) joins it after each full
         # collection, so that the next one walks only what came since (a bounded pause).
         frozen = gc.get_freeze_count()
@@ -163,9 +166,37 @@ async def test_serve_freezes_the_heap_once_the_view_is_loaded(tmp_path: Path) ->
         gc.unfreeze()  # this test process runs on: leave its collector as it was
         os.kill(os.getpid(), __import__("signal").SIGTERM)
         await asyncio.wait_for(task, 10)
-    # Stopped, serve leaves the collector as it was: nothing frozen by a later collection.
+    # Stopped, serve leaves the collector as it was: nothing frozen by a later collection,
+    # Python's thresholds.
     gc.collect()
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds
+
+
+async def test_the_young_thresholds_are_raised_while_the_heap_is_frozen() -> None:
+    """Frozen, the young and middle generations' thresholds are FrozenHeap.YOUNG: at
+    Python's 700 the objects of the requests in flight alone started a young collection
+    every ~40 first installs, and moved them on to the older generations (s30-gc). The
+    oldest generation's is left as it is (the view's load may hold it raised:
+    no_full_collections); stop gives the young ones back, once, whatever started twice."""
+    gc.unfreeze()
+    before = gc.get_threshold()
+    assert FrozenHeap.YOUNG[0] > before[0]
+    frozen = FrozenHeap()
+    try:
+        with no_full_collections():
+            frozen.start()
+            assert gc.get_threshold() == (*FrozenHeap.YOUNG, LOAD_FULL_THRESHOLD)
+        assert gc.get_threshold() == (*FrozenHeap.YOUNG, before[2])
+        frozen.start()  # a second start: what was before is still Python's
+        frozen.stop()
+        assert gc.get_threshold() == before
+        frozen.stop()
+        assert gc.get_threshold() == before
+    finally:
+        frozen.stop()
+        gc.unfreeze()  # this test process runs on: leave its collector as it was
+        gc.set_threshold(*before)
 
 
 async def test_what_outlives_a_full_collection_is_frozen_and_cycles_go_at_a_thaw() -> None:
