@@ -23,7 +23,6 @@ import asyncio
 import collections
 import hashlib
 import logging
-import secrets
 import time
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, replace
@@ -63,6 +62,7 @@ from netboot.model import (
     url_host,
 )
 from netboot.names import serves_cluster, valid_label
+from netboot.tokens import TokenSource
 
 # How old the view may be for a DHCP answer when this process wrote nothing since its last
 # sync (InventoryView.fresh): what another process commits (the CLI) reaches DHCP answers
@@ -393,7 +393,7 @@ class BootService:
         enroller: Enroller,
         *,
         clock: Callable[[], float] = time.time,
-        new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+        new_token: Callable[[], str] | None = None,
         discovery: DiscoveryLimits | None = None,
         logger: logging.Logger | None = None,
         health: InventoryHealth | None = None,
@@ -409,7 +409,8 @@ class BootService:
         self.settings = settings
         self._enroller = enroller
         self._clock = clock
-        self._new_token = new_token
+        # Install tokens as secrets.token_urlsafe(24) makes them, drawn in bulk (tokens.py).
+        self._new_token = new_token or TokenSource()
         self._log = logger or logging.getLogger(__name__)
         self._background: set[asyncio.Task[None]] = set()
         # NIC -> [its lock, how many hold it or wait for it] (_Locked): only while one does.
