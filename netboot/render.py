@@ -921,12 +921,12 @@ class _Freshness:
         watch = self._watch if self._unstarted is None else self._started()
         now = time.monotonic()  # before the look: what arrived before it, it sees
         if watch is not None:
-            self._looked = now
-        if watch is not None and watch.changed():
-            for env in self._envs:
-                if env.cache is not None:
-                    env.cache.clear()
-            self._recheck_at = 0.0
+            if watch.changed():
+                for env in self._envs:
+                    if env.cache is not None:
+                        env.cache.clear()
+                self._recheck_at = 0.0
+            self._looked = now  # once the look is done (a failed one answers for no one)
         if watch is None or now >= self._recheck_at:
             self._generation += 1
             self._checked.clear()
