@@ -6,8 +6,7 @@ a node to the cluster. So the values that are secrets are stored sealed with a k
 in a separate file (``<data_dir>/secret.key``, 0600), which backups can treat differently.
 
 Named ``sealing`` rather than ``secrets`` so that it never shadows the standard library's
-``secrets`` module, which the rest of netboot uses for keys and secrets (install tokens and
-sealing's nonces are drawn in bulk by :mod:`netboot.tokens`).
+``secrets`` module, which the rest of netboot uses for token generation.
 
 Format of a sealed value: ``nbs1:<key id>:<base64url(nonce || ciphertext || tag)>``. The key id
 tells a wrong key file from a damaged value; the *context* (e.g. ``cluster-token:edge``) is
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netboot.errors import ConfigError, StoreError
-from netboot.tokens import RandomBytes
 
 PREFIX = "nbs1:"
 KEY_BYTES = 32  # AES-256
@@ -51,7 +49,6 @@ class Sealer:
         # Not secret: names the key so that "wrong key file" is an error of its own.
         self.key_id = hashlib.sha256(b"netboot key id\0" + key).hexdigest()[:16]
         self._key = key
-        self._nonces = RandomBytes()  # drawn in bulk: one getrandom(2) per 128 seals
 
     @property
     def _aead(self) -> AESGCM:
@@ -66,11 +63,10 @@ class Sealer:
         return cls(secrets.token_bytes(KEY_BYTES))
 
     def seal(self, value: str, *, context: str) -> str:
-        # Random bytes and binascii directly: what secrets.token_bytes and
-        # base64.urlsafe_b64encode do, without their Python layers, nor a getrandom(2) per
-        # seal, which gives the GIL up (every first install seals its new token on the event
-        # loop; netboot.tokens).
-        nonce = self._nonces.take(NONCE_BYTES)
+        # os.urandom and binascii directly: what secrets.token_bytes and
+        # base64.urlsafe_b64encode do, without their Python layers (every first install seals
+        # its new token on the event loop).
+        nonce = os.urandom(NONCE_BYTES)
         sealed = (self._cipher or self._aead).encrypt(nonce, value.encode(), context.encode())
         body = binascii.b2a_base64(nonce + sealed, newline=False).translate(_URLSAFE)
         return f"{PREFIX}{self.key_id}:{body.rstrip(b'=').decode()}"

@@ -1,5 +1,5 @@
-"""Install tokens (the text ``secrets.token_urlsafe(24)`` gives) and other random bytes
-(sealing's GCM nonces), drawn from the system's CSPRNG in bulk.
+"""Install tokens: the text ``secrets.token_urlsafe(24)`` gives, drawn from the system's
+CSPRNG in bulk.
 
 Why: each first install minted its token by ``secrets.token_urlsafe(24)``, one getrandom(2)
 call per token, made on the event loop; the call gives up the GIL, which the store's writer
@@ -13,11 +13,6 @@ there is no padding, so the text of ``k`` tokens' bytes drawn at once is their `
 one after another. A token is handed out once: the source moves past it. A process forked
 while tokens are drawn and not handed out would hand out the same ones as its parent: the
 child drops them (``os.register_at_fork``) and draws its own.
-
-:class:`RandomBytes` does the same for bytes: each first install seals its token
-(netboot.sealing) with a random 96-bit nonce of its own, one more getrandom(2) per install.
-Bytes drawn at once are as random as bytes drawn one call at a time; each is handed out once,
-and never in a forked child (a GCM nonce used twice under one key gives away both texts).
 """
 
 from __future__ import annotations
@@ -30,22 +25,6 @@ import weakref
 TOKEN_BYTES = 24
 # Tokens drawn per getrandom(2) call: 3 KiB, one call per 128 installs.
 TOKENS_PER_DRAW = 128
-# Bytes drawn per getrandom(2) call by RandomBytes: 128 installs' nonces (12 bytes each).
-BYTES_PER_DRAW = 1536
-
-
-def _dropped_in_child(source: TokenSource | RandomBytes) -> None:
-    """``source`` forgets what it drew in a process forked from this one: its parent hands
-    that out. Held weakly: the registration outlives the source (``os.register_at_fork``
-    keeps what it is given for the life of the process)."""
-    ref = weakref.ref(source)
-
-    def forget() -> None:
-        dropped = ref()
-        if dropped is not None:
-            dropped._drop()
-
-    os.register_at_fork(after_in_child=forget)
 
 
 class TokenSource:
@@ -59,7 +38,16 @@ class TokenSource:
         self._width = nbytes // 3 * 4  # characters per token
         self._text = ""  # drawn, not handed out from self._at on
         self._at = 0
-        _dropped_in_child(self)
+        # Held weakly: the registration outlives the source (os.register_at_fork keeps what
+        # it is given for the life of the process).
+        ref = weakref.ref(self)
+
+        def forget() -> None:
+            source = ref()
+            if source is not None:
+                source._drop()
+
+        os.register_at_fork(after_in_child=forget)
 
     def __call__(self) -> str:
         at, width = self._at, self._width
@@ -74,28 +62,3 @@ class TokenSource:
     def _drop(self) -> None:
         """A forked child's copy: what its parent drew is its parent's to hand out."""
         self._text, self._at = "", 0
-
-
-class RandomBytes:
-    """``take(n)``: ``n`` bytes of ``os.urandom``, drawn ``per_draw`` at a time."""
-
-    def __init__(self, per_draw: int = BYTES_PER_DRAW) -> None:
-        if per_draw <= 0:
-            raise ValueError("at least one byte per draw")
-        self._per_draw = per_draw
-        self._data = b""  # drawn, not handed out from self._at on
-        self._at = 0
-        _dropped_in_child(self)
-
-    def take(self, n: int) -> bytes:
-        at = self._at
-        data = self._data
-        if at + n > len(data):
-            data = self._data = os.urandom(max(n, self._per_draw))
-            at = 0
-        self._at = at + n
-        return data[at:at + n]
-
-    def _drop(self) -> None:
-        """A forked child's copy: what its parent drew is its parent's to hand out."""
-        self._data, self._at = b"", 0
