@@ -10,6 +10,10 @@ probed after reading them), so requests that arrived before one probe may all us
 HTTP front door starts the requests of one loop iteration's reads, their tasks run in the
 next iteration, and the first probe there serves them all.
 
+The renderer's look at its template directories' inotify watch is shared alike (an event is
+queued by the system call that made the change): one ``poll(2)`` per loop iteration's reads,
+not one per install script (render._Freshness).
+
 The server that reads a request says when it arrived (:func:`arrived`, a time of
 ``time.monotonic()`` taken after the bytes were read) for the work it starts for it; the
 store compares that with the time of its last probe (:func:`arrival`). Work that says nothing

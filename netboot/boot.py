@@ -23,9 +23,8 @@ import asyncio
 import collections
 import hashlib
 import logging
-import secrets
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -63,6 +62,7 @@ from netboot.model import (
     url_host,
 )
 from netboot.names import serves_cluster, valid_label
+from netboot.tokens import TokenSource
 
 # How old the view may be for a DHCP answer when this process wrote nothing since its last
 # sync (InventoryView.fresh): what another process commits (the CLI) reaches DHCP answers
@@ -393,7 +393,7 @@ class BootService:
         enroller: Enroller,
         *,
         clock: Callable[[], float] = time.time,
-        new_token: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+        new_token: Callable[[], str] | None = None,
         discovery: DiscoveryLimits | None = None,
         logger: logging.Logger | None = None,
         health: InventoryHealth | None = None,
@@ -409,7 +409,8 @@ class BootService:
         self.settings = settings
         self._enroller = enroller
         self._clock = clock
-        self._new_token = new_token
+        # Install tokens as secrets.token_urlsafe(24) makes them, drawn in bulk (tokens.py).
+        self._new_token = new_token or TokenSource()
         self._log = logger or logging.getLogger(__name__)
         self._background: set[asyncio.Task[None]] = set()
         # NIC -> [its lock, how many hold it or wait for it] (_Locked): only while one does.
@@ -825,29 +826,40 @@ class BootService:
         if not record:
             await self._view.sync()
             return await self._plan(request, record=False)
-        await self._recorder.room()  # a storm faster than its notes are written waits here
+        # What every request does without a wait is done here without a coroutine (the
+        # backlog's room, the lock, the view's freshness: each an awaited call before,
+        # ~1,000 of a first install's loop instructions apiece in the Python build).
+        recorder, view, health = self._recorder, self._view, self.health
+        if recorder.crowded():
+            await recorder.room()  # a storm faster than its notes are written waits here
         for attempt in range(CAS_ATTEMPTS):
-            async with self._lock(request.mac):
+            lock = _Locked(self._locks, request.mac)
+            if not lock.take():
+                await lock.wait()
+            try:
                 # After the lock: what the previous request for this machine committed is
                 # seen. The lock orders this process's requests; StateChanged says another
                 # server moved the machine between our read and our write: decide again
                 # from what it stored.
-                if not await self._fresh():
+                if not (health.up and view.current()) and not await self._fresh(unsure=True):
                     return await self._plan_from_memory(request)
                 try:
                     return await self._recorded_plan(request)
                 except StateChanged:
                     if attempt == CAS_ATTEMPTS - 1:
                         raise
+            finally:
+                lock.leave()
         raise AssertionError("unreachable")
 
-    async def _fresh(self) -> bool:
+    async def _fresh(self, *, unsure: bool = False) -> bool:
         """Sync the view; False when the inventory is unreachable (known to be, or found so
-        now): the view then answers as it is, and nothing may be written from it."""
+        now): the view then answers as it is, and nothing may be written from it.
+        ``unsure``: the view's :meth:`~InventoryView.current` said False just now."""
         if not self.health.up:
             return False
         try:
-            await self._view.sync()
+            await (self._view.catch_up() if unsure else self._view.sync())
         except StoreError as exc:
             if self.health.failed(str(exc)):
                 self._log.error("inventory unreachable, answering boots from memory: %s", exc)
@@ -884,7 +896,10 @@ class BootService:
         change nothing). A held machine's retry loop, a storm's repeated steps."""
         # The request's identity, made once: the look-up and what the install learns read it.
         seen = Identity.of_request(request)
-        res = await self._resolve(request, seen)
+        # From the view's memory without a coroutine where it can tell (loaded: always).
+        res = identity.held_lookup(self._view, seen)
+        if res is None:
+            res = await self._resolve(request, seen)
         machine = res.machine
         kept = self._repeats.get(request.mac)
         if (kept is not None and machine is not None and kept.machine is machine
@@ -922,7 +937,10 @@ class BootService:
         mac = request.mac
         if res is None:
             res = await self._resolve(request)
-        machine = await self._adopt(request, res) if record else res.machine
+        machine = res.machine
+        if record and machine is not None and (res.absorb or res.disagree
+                                               or _new_nic(request, machine, res.absorb)):
+            machine = await self._adopt(request, res)  # else it returns the machine as is
         if machine is None or machine.state == MachineState.DISCOVERED:
             machine = await self._discover(request, machine, res) if record else machine
             if self.settings.policy == "auto" and record:
@@ -1014,8 +1032,30 @@ class BootService:
                          ) -> tuple[Group | None, Profile | None, Cluster | None, Role]:
         # Every read answered by the view when it holds all three (no coroutine each);
         # otherwise the async getters read what it does not hold yet.
+        held = self._held_effective(machine, request)
+        if held is not None:
+            return held
+        group, profile_name, cluster_name, role = self._chosen(
+            machine, request, await self._view.list_groups())
+        profile = await self._view.get_profile(profile_name) if profile_name else None
+        cluster = await self._view.get_cluster(cluster_name) if cluster_name else None
+        return group, profile, cluster, role
+
+    def _held_effective(self, machine: Machine, request: BootRequest | None = None,
+                        ) -> tuple[Group | None, Profile | None, Cluster | None, Role] | None:
+        """:meth:`_effective` where the view holds the groups, profiles and clusters (loaded:
+        always), without a coroutine; None where it does not."""
         held = self._view.held_settings()
-        groups = held[0] if held is not None else await self._view.list_groups()
+        if held is None:
+            return None
+        groups, profiles, clusters = held
+        group, profile_name, cluster_name, role = self._chosen(machine, request, groups)
+        return (group, profiles.get(profile_name) if profile_name else None,
+                clusters.get(cluster_name) if cluster_name else None, role)
+
+    def _chosen(self, machine: Machine, request: BootRequest | None, groups: Sequence[Group],
+                ) -> tuple[Group | None, str | None, str | None, Role]:
+        """The machine's group, the names of its profile and cluster, and its role."""
         # Without groups nothing is selected: the labels (a dict of the machine's facts and
         # the request's strings) are not made.
         group = grouping.select(groups, grouping.machine_labels(
@@ -1024,19 +1064,15 @@ class BootService:
                         or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)
         role = machine.role or (group.role if group else None) or Role.AGENT
-        if held is not None:
-            _, profiles, clusters = held
-            profile = profiles.get(profile_name) if profile_name else None
-            cluster = clusters.get(cluster_name) if cluster_name else None
-        else:
-            profile = await self._view.get_profile(profile_name) if profile_name else None
-            cluster = await self._view.get_cluster(cluster_name) if cluster_name else None
-        return group, profile, cluster, role
+        return group, profile_name, cluster_name, role
 
     async def _install_plan(self, request: BootRequest, machine: Machine, res: Resolution,
                             record: bool, seen: Identity | None = None) -> BootPlan:
         """``seen``: ``Identity.of_request(request)``, where the caller made it already."""
-        group, profile, cluster, role = await self._effective(machine, request)
+        effective = self._held_effective(machine, request)
+        if effective is None:
+            effective = await self._effective(machine, request)
+        group, profile, cluster, role = effective
         if profile is None:
             reason = ("no profile: set one on the machine, a group that selects it or "
                       "enroll.default_profile"
@@ -1046,8 +1082,8 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
-        k3s = (await self._k3s_join(machine, cluster, role, group, claim=record)
-               if cluster else None)
+        k3s = (None if cluster is None else self._known_join(machine, cluster, role, group)
+               or await self._k3s_join(machine, cluster, role, group, claim=record))
         if cluster is not None and k3s is not None and k3s.waiting:
             # Held without a state change or a token: the retry loop asks again and installs
             # by itself once a server registers (no power cycle, no operator).
@@ -1160,9 +1196,12 @@ class BootService:
         ~500,000 loop instructions)."""
         if not synced:
             await self._view.sync()
-        group, profile, cluster, role = await self._effective(machine, request)
-        k3s = (await self._k3s_join(machine, cluster, role, group, claim=claim)
-               if cluster else None)
+        effective = self._held_effective(machine, request)
+        if effective is None:
+            effective = await self._effective(machine, request)
+        group, profile, cluster, role = effective
+        k3s = (None if cluster is None else self._known_join(machine, cluster, role, group)
+               or await self._k3s_join(machine, cluster, role, group, claim=claim))
         if cluster is not None and k3s is not None and k3s.waiting:
             # Its install plan had an endpoint, which has gone since (the server was removed
             # or is reinstalling): a config without one would install a node that never joins.
@@ -1185,33 +1224,39 @@ class BootService:
         await self._view.sync()
         return await self._k3s_join(machine, cluster, role, group, claim=claim)
 
+    def _known_join(self, machine: Machine, cluster: Cluster, role: Role,
+                    group: Group | None) -> K3sJoin | None:
+        """:meth:`_k3s_join` where it is answered without a wait (a cluster with a fixed
+        server URL; a storm's nodes of a managed one, below), without a coroutine; None
+        where the cluster's init node and servers are to be looked at."""
+        if cluster.managed:
+            kept = self._joining.get(cluster.name)
+            if (kept is None or kept.shared != self._view.shared or kept.cluster is not cluster
+                    or kept.settings is not self.settings or machine.id in kept.ids):
+                return None
+            # A storm's nodes of one cluster: its init node, servers, endpoint and TLS names
+            # are the same for every one but those nodes themselves (not served from here),
+            # until a setting, a cluster or a server changes (``shared`` moves).
+            labels, taints, node_name = _node_join(machine, cluster, group)
+            return K3sJoin(role, kept.endpoint, False, cluster.token, labels, taints,
+                           node_name, kept.san)
+        labels, taints, node_name = _node_join(machine, cluster, group)
+        return K3sJoin(role, cluster.server_url, False, cluster.token, labels, taints,
+                       node_name)
+
     async def _k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
                         group: Group | None, *, claim: bool = True) -> K3sJoin:
         """:meth:`k3s_join` from the view as the caller synced it."""
-        labels = dict(cluster.labels)
-        taints = list(cluster.taints)
-        if group is not None:
-            labels.update(group.labels)
-            taints += [t for t in group.taints if t not in taints]
-        node_name = machine.hostname or (f"node-{machine.mac.hexhyp}" if machine.mac
-                                         else f"node-{machine.id}")
-        if not cluster.managed:
-            return K3sJoin(role, cluster.server_url, False, cluster.token, labels,
-                           tuple(taints), node_name)
+        known = self._known_join(machine, cluster, role, group)
+        if known is not None:
+            return known
+        labels, taints, node_name = _node_join(machine, cluster, group)
         # Exactly one node of the cluster ever runs --cluster-init, even when two first
         # servers boot at once through two netboot servers: the claim is one insert-if-absent
         # in the store, and whoever lost learns the winner from it (no in-process lock). The
         # view is read as the caller synced it: a stale "nobody" only costs a claim, which
         # answers with the winner.
         view = self._view
-        kept = self._joining.get(cluster.name)
-        if (kept is not None and kept.shared == view.shared and kept.cluster is cluster
-                and kept.settings is self.settings and machine.id not in kept.ids):
-            # A storm's nodes of one cluster: its init node, servers, endpoint and TLS names
-            # are the same for every one but those nodes themselves (not served from here),
-            # until a setting, a cluster or a server changes (``shared`` moves).
-            return K3sJoin(role, kept.endpoint, False, cluster.token, labels, tuple(taints),
-                           node_name, kept.san)
         shared = view.shared
         init_id, running = await self._cluster_init(cluster, machine)
         claimed = False
@@ -1227,8 +1272,7 @@ class BootService:
         # Only the init node, and only while no other server runs, initialises: reinstalling
         # the first server of a live cluster must join it, not start a second cluster.
         if init_id == machine.id and not running:
-            return K3sJoin(role, None, True, cluster.token, labels, tuple(taints), node_name,
-                           san)
+            return K3sJoin(role, None, True, cluster.token, labels, taints, node_name, san)
         # The first server first, so that every node joins the same one.
         running.sort(key=lambda m: m.id != init_id)
         endpoint = self._endpoint(cluster, running)
@@ -1248,8 +1292,7 @@ class BootService:
                 _keep(self._joining, cluster.name, _Joining(shared, cluster, self.settings,
                                                             frozenset(ids), endpoint, san),
                       _FEW_CLUSTERS)
-        return K3sJoin(role, endpoint, False, cluster.token, labels, tuple(taints), node_name,
-                       san)
+        return K3sJoin(role, endpoint, False, cluster.token, labels, taints, node_name, san)
 
     async def _cluster_init(self, cluster: Cluster, machine: Machine,
                             ) -> tuple[str | None, list[Machine]]:
@@ -1377,8 +1420,7 @@ class BootService:
         for kind, other in res.disagree:
             self._log.warning("identifiers disagree: mac=%s is machine %s, but its %s is %s's",
                               request.mac, machine.id, kind, other.id)
-        new_nic = request.mac != identity.NO_NIC and request.mac not in machine.macs \
-            and all(request.mac not in d.macs for d in res.absorb)
+        new_nic = _new_nic(request, machine, res.absorb)
         if not res.absorb and not new_nic:
             return machine
         now = self._clock()
@@ -1584,12 +1626,24 @@ class _Locked:
         self._key = key
 
     async def __aenter__(self) -> None:
+        if not self.take():
+            await self.wait()
+
+    def take(self) -> bool:
+        """Hold the key now if no one holds it or waits for it (True); else count this
+        user in, and :meth:`wait` for its turn. (``async with`` in two steps, for the
+        caller that enters nearly always at once: no coroutine made for that.)"""
         entry = self._held.get(self._key)
         if entry is None:
             self._entry = self._held[self._key] = [None, 1]
-            return
+            return True
         entry[1] += 1
         self._entry = entry
+        return False
+
+    async def wait(self) -> None:
+        """After :meth:`take` said False: until the key is handed to this user."""
+        entry = self._entry
         waiting: collections.deque[asyncio.Future[None]] | None = entry[0]
         if waiting is None:
             waiting = entry[0] = collections.deque()
@@ -1599,19 +1653,19 @@ class _Locked:
             await turn
         except BaseException:
             if turn.done() and not turn.cancelled():
-                self._leave()  # handed the key, cancelled before it ran: handed on
+                self.leave()  # handed the key, cancelled before it ran: handed on
             elif turn in waiting:  # cancelled while waiting: never held
                 waiting.remove(turn)
                 entry[1] -= 1
                 if not entry[1]:
                     del self._held[self._key]
-            # (else a leaver dropped its cancelled turn and counted it gone: see _leave)
+            # (else a leaver dropped its cancelled turn and counted it gone: see leave)
             raise
 
     async def __aexit__(self, *exc: object) -> None:
-        self._leave()
+        self.leave()
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         entry = self._entry
         entry[1] -= 1
         waiting = entry[0]
@@ -1681,6 +1735,27 @@ def _dhcp_note(request: BootRequest) -> str:
 # spelled out) for every first request of a storm.
 _DHCP_NOTES: dict[tuple[Firmware, Arch], str] = {
     (fw, arch): f"{fw}/{arch} asked for a boot file" for fw in Firmware for arch in Arch}
+
+
+def _node_join(machine: Machine, cluster: Cluster, group: Group | None,
+               ) -> tuple[dict[str, str], tuple[str, ...], str]:
+    """A node's labels, taints and name as it joins ``cluster`` (its group's added)."""
+    labels = dict(cluster.labels)
+    taints = list(cluster.taints)
+    if group is not None:
+        labels.update(group.labels)
+        taints += [t for t in group.taints if t not in taints]
+    node_name = machine.hostname or (f"node-{machine.mac.hexhyp}" if machine.mac
+                                     else f"node-{machine.id}")
+    return labels, tuple(taints), node_name
+
+
+def _new_nic(request: BootRequest, machine: Machine, absorb: tuple[Machine, ...]) -> bool:
+    """Whether ``request`` came from a NIC that neither ``machine`` nor the discovered
+    records it absorbs has yet (BootService._adopt attaches it)."""
+    mac = request.mac
+    return mac != identity.NO_NIC and mac not in machine.macs \
+        and all(mac not in d.macs for d in absorb)
 
 
 def _taken(res: Resolution) -> frozenset[str]:

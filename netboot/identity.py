@@ -312,6 +312,21 @@ async def lookup(index: HeldIndex, identity: Identity,
     (every request of a boot storm, and each one's record, asks this); where the index
     cannot tell without the store, every identifier is read through at once (its
     ``machines_by``). ``keys``: ``identity.lookup_keys()``, when the caller keeps them."""
+    res = held_lookup(index, identity, keys)
+    if res is not None:
+        return res
+    # Every identifier in one read, not one after another: at start-up each device of a
+    # storm comes here, and the index reads many devices' at a time.
+    claims = identity.claims()
+    return choose([(kind, value, m) for (kind, value), m in zip(
+        claims, await index.machines_by(claims), strict=True) if m is not None])
+
+
+def held_lookup(index: HeldIndex, identity: Identity,
+                keys: Sequence[tuple[str, bytes | str]] | None = None) -> Resolution | None:
+    """:func:`lookup` where the index tells every identifier from memory (a loaded view:
+    every request of a storm), without a coroutine; None where one needs the store's read
+    (then :func:`lookup`)."""
     held = index.held
     found: list[tuple[str, bytes | str, Machine]] = []
     for kind, key in identity.lookup_keys() if keys is None else keys:
@@ -319,11 +334,7 @@ async def lookup(index: HeldIndex, identity: Identity,
         if machine is None:
             continue
         if isinstance(machine, Unseen):
-            # Every identifier in one read, not one after another: at start-up each device
-            # of a storm comes here, and the index reads many devices' at a time.
-            claims = identity.claims()
-            return choose([(kind, value, m) for (kind, value), m in zip(
-                claims, await index.machines_by(claims), strict=True) if m is not None])
+            return None
         found.append((kind, key, machine))
     return choose(found)
 

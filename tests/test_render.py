@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 import yaml
 
+from netboot.arrival import arrived
 from netboot.content import PER_MACHINE, STABLE, Content, register_command
 from netboot.errors import ConfigError, RenderError
 from netboot.model import (
@@ -1050,6 +1052,41 @@ def test_a_pinned_render_looks_at_the_watch_once(tmp_path: Path) -> None:
         r.render("ipxe/missing.ipxe", {})
     _edit(path, "#!ipxe\necho three {{ mac }}\n")
     assert r.render("ipxe/hold.ipxe", {"mac": "m1"}) == "#!ipxe\necho three m1\n"
+
+
+def test_the_requests_that_arrived_before_a_look_at_the_watch_share_it(tmp_path: Path,
+                                                                       ) -> None:
+    """A request that says when it arrived (netboot.arrival: the HTTP front door, one loop
+    iteration's reads) is answered by a look at the watch made after that moment: it saw
+    every edit made before the request was sent, so the requests of one iteration share one
+    poll(2). An edit made after that look is not promised to a request that had arrived
+    before it (here: the old text, which shows the look was shared), and is seen by any
+    request that arrives after it, and by every use that says no arrival (the API, tools),
+    as before. Closed, the renderer checks the files at every use whatever the arrival."""
+    (tmp_path / "ipxe").mkdir()
+    path = tmp_path / "ipxe" / "hold.ipxe"
+    path.write_text("#!ipxe\necho one {{ mac }}\n")
+    r = Renderer([tmp_path], recheck=3600)
+    assert r.render("ipxe/hold.ipxe", {"mac": "m"}) == "#!ipxe\necho one m\n"
+    if r._fresh._watch is None:
+        pytest.skip("no inotify instance free for this user (fs.inotify.max_user_instances)")
+    came = time.monotonic()
+    with arrived(came):
+        assert r.render("ipxe/hold.ipxe", {"mac": "m"}) == "#!ipxe\necho one m\n"
+    _edit(path, "#!ipxe\necho two {{ mac }}\n")
+    with arrived(came):  # had arrived before the look that answered it, and the edit
+        assert r.render("ipxe/hold.ipxe", {"mac": "m"}) == "#!ipxe\necho one m\n"
+        with r.pinned():
+            assert r.render("ipxe/hold.ipxe", {"mac": "m"}) == "#!ipxe\necho one m\n"
+    with arrived(time.monotonic()):  # arrived after the edit: looks again, and sees it
+        assert r.render("ipxe/hold.ipxe", {"mac": "m"}) == "#!ipxe\necho two m\n"
+    _edit(path, "#!ipxe\necho three {{ mac }}\n")
+    assert r.render("ipxe/hold.ipxe", {"mac": "m"}) == "#!ipxe\necho three m\n"  # no arrival
+    with arrived(came):
+        _edit(path, "#!ipxe\necho four {{ mac }}\n")
+        assert r.render("ipxe/hold.ipxe", {"mac": "m"}) == "#!ipxe\necho three m\n"
+        r.close()
+        assert r.render("ipxe/hold.ipxe", {"mac": "m"}) == "#!ipxe\necho four m\n"
 
 
 @pytest.mark.parametrize("watched", [True, False], ids=["inotify", "too-big-to-watch"])

@@ -219,15 +219,27 @@ class InventoryView:
         return reading
 
     # syncing -----------------------------------------------------------------------------
-    async def sync(self) -> None:
-        """Apply every change committed before this call."""
+    def current(self) -> bool:
+        """Whether the view holds every change committed before this call, told without a
+        wait: :meth:`sync`'s first step, which then has nothing to apply (True leaves the
+        view as that sync would). False: call :meth:`sync`. Every boot decision asks this
+        first, where the store can tell (SQLite's shared probe): no coroutine made for it."""
         if self._syncing is None and self._settled is not None \
                 and self._settled.settled(self._seq):
             # Nothing committed since the last sync, by anyone (one read of the WAL index
             # in shared memory): nothing to apply, no round trip, no future to share.
             if self._local is not None:
                 self._synced = (self._local.commits, asyncio.get_running_loop().time())
-            return
+            return True
+        return False
+
+    async def sync(self) -> None:
+        """Apply every change committed before this call."""
+        if not self.current():
+            await self.catch_up()
+
+    async def catch_up(self) -> None:
+        """:meth:`sync` once :meth:`current` said False (its probe is not made again)."""
         wanted = self._started + 1  # a sync that starts from now on
         while self._finished < wanted:
             if self._syncing is None:
