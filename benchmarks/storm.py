@@ -1179,8 +1179,11 @@ def generate(spec_json: str) -> None:
 # The storm's generator processes begin this many seconds after they are told (GO): each
 # reads its GO in turn from a pipe, and none may begin before the last has read it.
 GO_AHEAD = 0.2
-# Load generator processes by default (--generators): see benchmarks/README.md, s30-storm.
-GENERATORS = 1
+# Load generator processes by default (--generators): one a core of this 2-core VM. Measured
+# (benchmarks/README.md, s30-storm, under helpers' load 7-18): the loop lag p50 of one
+# process 54-245 ms, of two 10-159 ms, of three 10-52 ms, the generators' CPU the same (it is
+# the devices' TCP receive in the kernel); a third process only shares the two cores.
+GENERATORS = 2
 
 
 def start_generators(client_ns: str, spec: Spec, count: int, run: Path
