@@ -1179,11 +1179,12 @@ def generate(spec_json: str) -> None:
 # The storm's generator processes begin this many seconds after they are told (GO): each
 # reads its GO in turn from a pipe, and none may begin before the last has read it.
 GO_AHEAD = 0.2
-# Load generator processes by default (--generators): one a core of this 2-core VM. Measured
-# (benchmarks/README.md, s30-storm, under helpers' load 7-18): the loop lag p50 of one
-# process 54-245 ms, of two 10-159 ms, of three 10-52 ms, the generators' CPU the same (it is
-# the devices' TCP receive in the kernel); a third process only shares the two cores.
-GENERATORS = 2
+# Load generator processes by default (--generators). Measured on this 2-core VM
+# (benchmarks/README.md, s30-storm): in the quietest round (load 4-9) one process gave walls
+# of 14.2-15.9 s and a loop lag p99 of 118-357 ms, two 26.6-44.9 s and 679-1,042 ms (each
+# took 16-17 ms of CPU a device against 13-15: the servers need the cores too); at load
+# 11-18 the counts' walls did not separate. One process (its CPU halved since session 29).
+GENERATORS = 1
 
 
 def start_generators(client_ns: str, spec: Spec, count: int, run: Path
