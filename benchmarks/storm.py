@@ -7,7 +7,7 @@
                                     [--inventory sqlite|postgresql|both] [--loaded]
                                     [--plain-switching] [--device-window 256K] [--diag]
                                     [--repeat 2] [--order standins-first] [--startup]
-                                    [--quiet-standins]
+                                    [--quiet-standins] [--generators N]
 
 Each device does what a UEFI PC chainloading iPXE does, and what its installer does after:
 
@@ -17,7 +17,7 @@ Each device does what a UEFI PC chainloading iPXE does, and what its installer d
   tftp_loader  RRQ blksize 1468 windowsize 4 (OVMF's defaults), the first stage iPXE loader
   boot_ipxe    GET /boot.ipxe
   ipxe         GET /ipxe?mac=…&uuid=…&arch=x86_64…  (the machine's own script)
-  kernel       GET the kernel URL of that script, every byte read
+  kernel       GET the kernel URL of that script, every byte received and counted
   initrd       GET the initrd URL(s)
   config       GET the config URL of the script (its token is in the query)
   installing   POST /api/v1/machines/<mac>/events {"kind":"installing"}, Bearer <token>
@@ -30,8 +30,20 @@ leave through a real interface, and dnsmasq only does DHCP on an interface with 
 its range. So the benchmark creates two namespaces joined by a veth pair (192.0.2.1 for the
 server, 192.0.2.10-254 for the devices: a real storm comes from many addresses, and servers
 limit transfers per address) for each target's run, runs the target's servers in the one and
-a fresh load generator process in the other, and deletes both as the run ends. Nothing touches
+fresh load generator processes in the other, and deletes both as the run ends. Nothing touches
 the machine's own interfaces.
+
+The load generator is ``--generators`` processes (default GENERATORS), each one bounded
+asyncio program playing its share of the devices end to end: the devices of every N-th
+client address, so that an address's connection pool and TFTP ports stay in one process.
+All of them begin at one instant, each device at its place in ``--within``; their latencies
+are merged (each stage's percentiles are of all devices), failures and CPU summed, the wall
+is the last one's. A device's HTTP is benchmarks/device_http.py: a script, a config, an API
+answer read and kept; a kernel's and an initrd's bytes received, acknowledged and counted by
+the devices' kernel and dropped there (MSG_TRUNC), not copied into the generator
+(``--copy-downloads``: copied, read into one buffer per process). One process on aiohttp,
+the harness until session 30, spent 24-26 s of CPU in a 26-29 s storm: the wall was the
+generator's (benchmarks/README.md, s30-storm).
 
 Every target is run ``--repeat`` times (default 2; 1 with one target), the order reversed
 each run, and the reading is the ratio of the targets' median walls: the target run second in
@@ -70,25 +82,22 @@ its TCP memory with the server, and autotuned buffers filled it (see DEVICE_WIND
 
 Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
 the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
-their children), TCP segments the devices' kernel dropped and the server's retransmission
-timeouts, each device slower than STRAGGLER seconds with its stages and requests, each TFTP
-exchange slower than SLOW_TFTP seconds with its address and port (to find it in netboot's
-log), the TFTP sockets bound again to keep a port from another device (PORT_REUSE), and
-netboot ÷ stand-ins. ``--diag`` keeps nstat of both namespaces before and after and a
-capture of the HTTP connections' SYN/FIN/RST packets in the run dir (with ``--keep``).
-Needs root (namespaces), iproute2, dnsmasq and nginx (a target whose binary is missing is
-left out and said so). Every wait is bounded;
-processes are stopped by their own PID; the namespaces are deleted in a finally.
-Not part of pytest: speed is never asserted.
-"""
+their children), the load generators' CPU (each process's) and loop lag, TCP segments the
+devices' kernel dropped and the server's retransmission timeouts, each device slower than
+STRAGGLER seconds with its stages and requests, each TFTP exchange slower than SLOW_TFTP
+seconds with its address and port (to find it in netboot's log), the TFTP sockets bound
+again to keep a port from another device (PORT_REUSE), and netboot ÷ stand-ins. ``--diag``
+keeps nstat of both namespaces before and after and a capture of the HTTP connections'
+SYN/FIN/RST packets in the run dir (with ``--keep``). Needs root (namespaces), iproute2,
+dnsmasq and nginx (a target whose binary is missing is left out and said so). Every wait is
+bounded; processes are stopped by their own PID; the namespaces are deleted in a finally.
+Not part of pytest: speed is never asserted."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import contextvars
-import functools
 import json
 import os
 import random
@@ -108,7 +117,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import device_http
 import peers
+from device_http import DeviceHttp
 
 if TYPE_CHECKING:
     from netboot.lab.pgcluster import Cluster
@@ -534,57 +545,8 @@ class Failed(Exception):
     pass
 
 
-# --- a device's HTTP client: a pool of kept-alive connections, reopened as iPXE does --------
-#
-# iPXE keeps a connection alive for the next request to the same server (src/core/pool.c) and,
-# when a connection taken from that pool is closed before it delivered a byte of the response,
-# reopens it and sends the request again: httpconn.c's http_conn_socket_close() asks for that
-# when pool_is_reopenable() (recycled, not yet alive), httpcore.c's http_reopen() does it.
-# curl's Curl_retry_request() does the same ("Connection died, retrying a fresh connect"), and
-# RFC 9112 §9.3.1 allows it: a server may close an idle kept-alive connection at any time
-# (nginx does so when worker_connections run out), and the request then crosses the close.
-# A response with Retry-After (netboot's 503 at http.max_connections) is asked again after
-# that many seconds, as httpcore.c's http_parse_retry_after() makes iPXE do. aiohttp's own
-# retry (idempotent methods, once, on any connection, fresh ones too) is turned off so that a
-# device retries exactly as iPXE does.
-
-REOPENS = 8  # pooled connections a request may find closed in a row (a device pools a few)
-RETRY_AFTER_MAX = 5  # 503s a request waits out before it counts as failed
-RETRIES = {"reopened": 0, "retry_after": 0}  # requests asked again, by cause (the report)
-_EVENTS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
-    "storm_events", default=None)
-
-
-class _Attempt:
-    """What one try of a request used: set by :class:`PoolConnector` while it connects."""
-
-    __slots__ = ("proto", "reused")
-
-    def __init__(self) -> None:
-        self.proto: Any = None
-        self.reused = False
-
-
-_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
-    "storm_attempt", default=None)
-
-
-def _pooled_protocol() -> type:
-    from aiohttp.client_proto import ResponseHandler
-
-    class PooledProtocol(ResponseHandler):  # type: ignore[misc]
-        """A connection that knows whether a byte came since it was last handed out."""
-
-        uses = 0
-        answered = False
-
-        def data_received(self, data: bytes) -> None:
-            if data:
-                self.answered = True
-            super().data_received(data)
-
-    return PooledProtocol
-
+# --- a device's HTTP client: benchmarks/device_http.py (kept-alive connections per client
+# address, reopened as iPXE reopens them, every byte read with recv_into) ----------------
 
 # iPXE advertises at most a 256 KiB receive window (TCP_MAX_WINDOW_SIZE, src/include/ipxe/
 # tcp.h) and keeps what it receives in its own memory. Linux sockets left to autotune grow
@@ -610,86 +572,6 @@ STRAGGLER = 20.0
 # its address closed less than PORT_REUSE seconds ago (benchmarks/README.md, s19-stall).
 PORT_REUSE = 10.0
 SLOW_TFTP = 2.0  # a TFTP exchange this slow is listed with its address and port
-
-
-def device_session(ip: str, timeout: float, window: int = DEVICE_WINDOW) -> Any:
-    """One device's (or one client address's) aiohttp session with iPXE's reopening and,
-    when ``window``, iPXE's receive window (0: Linux's autotuning)."""
-    import aiohttp
-
-    def device_socket(addr_info: Any) -> socket.socket:
-        family, type_, proto = addr_info[:3]
-        sock = socket.socket(family, type_, proto)
-        if window:
-            # Before connect: the window scale is agreed in the SYN. Linux doubles it for its
-            # bookkeeping and advertises a share of that (its scaling_ratio), and autotuning
-            # leaves it be. (TCP_WINDOW_CLAMP set here is overwritten at connect.)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
-        return sock
-
-    class PoolConnector(aiohttp.TCPConnector):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self._factory = functools.partial(_pooled_protocol(), loop=self._loop)
-
-        async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
-            conn = await super().connect(req, traces, timeout)
-            proto = conn.protocol
-            attempt = _ATTEMPT.get()
-            if attempt is not None and proto is not None:
-                attempt.proto, attempt.reused = proto, proto.uses > 0
-            if proto is not None:
-                proto.uses += 1
-                proto.answered = False
-            return conn
-
-    session = aiohttp.ClientSession(
-        connector=PoolConnector(local_addr=(ip, 0), limit=0, force_close=False,
-                                socket_factory=device_socket),
-        timeout=aiohttp.ClientTimeout(total=timeout), auto_decompress=False)
-    session._retry_connection = False  # no public switch (aiohttp 3.14): iPXE's rule instead
-    return session
-
-
-async def request(session: Any, method: str, url: str, **kwargs: Any) -> Any:
-    """The response to ``method url``, reopened as iPXE reopens (above); the caller closes it.
-    Only a connection from the pool that was closed before any byte of the response came is
-    retried; a new connection's failure, or one after a byte came, is the request's."""
-    import aiohttp
-
-    reopens = waits = 0
-    events = _EVENTS.get()
-    while True:
-        attempt = _Attempt()
-        token = _ATTEMPT.set(attempt)
-        t0 = time.perf_counter()
-        try:
-            resp = await session.request(method, url, **kwargs)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if events is not None:
-                events.append((t0, time.perf_counter(), f"{method} {url[:40]} "
-                               f"{type(exc).__name__} reused={attempt.reused}"))
-            if isinstance(exc, aiohttp.ClientConnectorError) or not attempt.reused \
-                    or attempt.proto.answered or reopens >= REOPENS:
-                raise
-            reopens += 1
-            RETRIES["reopened"] += 1
-            continue
-        finally:
-            _ATTEMPT.reset(token)
-        if events is not None:
-            sock = attempt.proto.transport.get_extra_info("sockname") \
-                if attempt.proto is not None and attempt.proto.transport else None
-            events.append((t0, time.perf_counter(), f"{method} {url[:40]} {resp.status} "
-                           f"reused={attempt.reused} local={sock}"))
-        after = resp.headers.get("Retry-After", "")
-        if resp.status == 503 and after.isdigit() and waits < RETRY_AFTER_MAX:
-            waits += 1
-            RETRIES["retry_after"] += 1
-            resp.release()
-            await asyncio.sleep(int(after))
-            continue
-        return resp
 
 
 class _Done(Exception):
@@ -725,6 +607,18 @@ class Spec:
     until: str | None = None
     device_window: int = DEVICE_WINDOW  # each device connection's receive buffer, 0: Linux's
     started: float = 0.0  # time.monotonic() when the server was started (one clock per host)
+    share: int = 0  # which of the storm's ``shares`` generator processes this one is
+    shares: int = 1
+    copy_downloads: bool = False  # a download's bytes copied to the generator, not dropped
+
+
+def share_of(spec: Spec) -> list[Device]:
+    """The devices generator process ``spec.share`` of ``spec.shares`` plays: those of every
+    ``shares``-th client address, so that each address's devices (its connection pool, its
+    TFTP ports: PORT_REUSE) are in one process. Power-on times stay the storm's (``k``)."""
+    step = max(1, spec.enrolled // spec.devices)
+    return [Device(k, k * step, CLIENT_IPS[k % len(CLIENT_IPS)]) for k in range(spec.devices)
+            if (k % len(CLIENT_IPS)) % spec.shares == spec.share]
 
 
 class UdpSocket:
@@ -892,32 +786,38 @@ class TftpReceiver:
 
 
 class DhcpPort:
-    """The one :68 socket of the client side: proxy offers come back broadcast to it, and are
-    handed to the device waiting for that xid."""
+    """The :68 socket of a generator process: proxy offers come back broadcast to it, and are
+    handed to the device waiting for that xid. With several generator processes each has
+    its own :68 socket (SO_REUSEADDR: the kernel gives every one of them each broadcast), so
+    an offer to another process's device is left to that process, not counted late here."""
 
     def __init__(self) -> None:
         self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self.sent: set[int] = set()  # the xids this process's devices sent
         self.late = 0  # offers that came after their device gave up
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) >= 240 and data[0] == 2:
-            fut = self.waiting.get(int.from_bytes(data[4:8], "big"))
+            xid = int.from_bytes(data[4:8], "big")
+            fut = self.waiting.get(xid)
             if fut is not None and not fut.done():
                 fut.set_result(data)
-            else:
+            elif xid in self.sent:
                 self.late += 1
 
 
 class Generator:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
-        self.rng = random.Random(spec.seed)  # a workload, not security-relevant
+        # A workload, not security-relevant. Each generator process draws its own xids and
+        # losses (the first as one process did before session 30).
+        self.rng = random.Random(spec.seed if spec.share == 0 else f"{spec.seed}/{spec.share}")
         self.times: dict[str, list[float]] = {s: [] for s in [*STAGES, "total"]}
         self.failures: dict[str, dict[str, int]] = {}
         self.base = f"http://{SERVER_IP}:{HTTP_PORT}"
         self.dhcp: DhcpPort | None = None
         self.dhcp_transport: UdpSocket | None = None
-        self.cpu0 = 0.0
+        self.cpu0 = self.cpu0_system = 0.0
         self.lags: list[float] = []
         self.t0 = 0.0
         # Devices whose first DISCOVER got no offer: (index, xid, ms after the storm began
@@ -960,6 +860,7 @@ class Generator:
         assert self.dhcp is not None and self.dhcp_transport is not None
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.dhcp.waiting[xid] = fut
+        self.dhcp.sent.add(xid)
         payload = self._packet(dev, xid, 1)
         first = time.perf_counter()
         try:
@@ -1070,11 +971,11 @@ class Generator:
                 other.close()
 
     # -- one device --------------------------------------------------------------------------
-    async def device(self, dev: Device, session: Any) -> None:
+    async def device(self, dev: Device, session: DeviceHttp) -> None:
         t_start = time.perf_counter()
         stage = "dhcp_offer"
         reqlog: list[Any] = []
-        _EVENTS.set(reqlog)
+        device_http.EVENTS.set(reqlog)
         stamps: list[Any] = []
 
         async def timed(name: str, coro: Any) -> Any:
@@ -1089,24 +990,19 @@ class Generator:
             return result
 
         async def get(url: str, expect: int | None = None) -> bytes:
-            async with await request(session, "GET", url) as resp:
-                if resp.status != 200:
-                    raise Failed(f"HTTP {resp.status}")
-                if expect is None:
-                    return bytes(await resp.read())
-                n = 0
-                async for chunk in resp.content.iter_chunked(1 << 20):
-                    n += len(chunk)
-                if n != expect:
-                    raise Failed(f"{n} of {expect} bytes")
-                return b""
+            # A download (``expect``: its size) is read byte by byte and counted, not kept.
+            resp = await device_http.request(session, "GET", url, keep=expect is None)
+            if resp.status != 200:
+                raise Failed(f"HTTP {resp.status}")
+            if expect is not None and resp.size != expect:
+                raise Failed(f"{resp.size} of {expect} bytes")
+            return resp.body
 
         async def post(url: str, body: dict[str, Any], token: str) -> None:
-            async with await request(session, "POST", url, json=body,
-                                     headers={"Authorization": f"Bearer {token}"}) as resp:
-                await resp.read()
-                if resp.status // 100 != 2:
-                    raise Failed(f"HTTP {resp.status}")
+            resp = await device_http.request(session, "POST", url, json_body=body,
+                                             headers={"Authorization": f"Bearer {token}"})
+            if resp.status // 100 != 2:
+                raise Failed(f"HTTP {resp.status}")
 
         try:
             async with asyncio.timeout(self.spec.device_timeout):
@@ -1168,7 +1064,7 @@ class Generator:
         10 ms; the stand-ins have no /healthz: their first answer)."""
         import aiohttp
         deadline = time.monotonic() + 120
-        probe = Device(-1, 0, CLIENT_IPS[0])
+        probe = Device(-1, 0, CLIENT_IPS[self.spec.share])  # an address of its own share
         async with aiohttp.ClientSession() as session:
             while True:
                 try:
@@ -1204,7 +1100,7 @@ class Generator:
             await asyncio.sleep(0.01)
             self.lags.append(time.perf_counter() - t0 - 0.01)
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self, start: float | None = None) -> dict[str, Any]:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -1214,15 +1110,17 @@ class Generator:
         self.dhcp = DhcpPort()
         self.dhcp_transport = UdpSocket(sock, self.dhcp.datagram_received)
         spec = self.spec
-        step = max(1, spec.enrolled // spec.devices)
-        devices = [Device(k, k * step, CLIENT_IPS[k % len(CLIENT_IPS)])
-                   for k in range(spec.devices)]
-        # One connection pool per client address, as each device has its own TCP stack.
-        sessions = [device_session(ip, spec.device_timeout, spec.device_window)
-                    for ip in CLIENT_IPS]
+        devices = share_of(spec)
+        # One connection pool per client address, as each device has its own TCP stack; one
+        # read buffer for the process (device_http: each read is consumed before the next).
+        buffer = memoryview(bytearray(device_http.READ_BUFFER))
+        sessions = {ip: DeviceHttp(ip, spec.device_window, buffer, spec.copy_downloads)
+                    for ip in {dev.ip for dev in devices}}
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        self.cpu0 = usage.ru_utime + usage.ru_stime
-        t0 = self.t0 = time.perf_counter()
+        self.cpu0, self.cpu0_system = usage.ru_utime + usage.ru_stime, usage.ru_stime
+        # Every generator process of the storm counts from the same instant (CLOCK_MONOTONIC,
+        # one clock for the host and its namespaces): ``start`` is given by the parent.
+        t0 = self.t0 = start if start is not None else time.perf_counter()
         tasks = []
         lag = asyncio.create_task(self._lag())
         try:
@@ -1231,29 +1129,35 @@ class Generator:
                 delay = t0 + dev.k * spec.within / spec.devices - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(
-                    self.device(dev, sessions[dev.k % len(CLIENT_IPS)])))
+                tasks.append(asyncio.create_task(self.device(dev, sessions[dev.ip])))
             await asyncio.gather(*tasks)
             wall = time.perf_counter() - t0
         finally:
             lag.cancel()
-            for s in sessions:
-                await s.close()
+            for session in sessions.values():
+                await session.close()
             self.dhcp_transport.close()
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        retries = {k: sum(session.retries[k] for session in sessions.values())
+                   for k in ("reopened", "retry_after")}
         return {"wall": wall, "times": self.times, "failures": self.failures,
                 "generator_cpu": usage.ru_utime + usage.ru_stime - self.cpu0,
+                "generator_cpus": [usage.ru_utime + usage.ru_stime - self.cpu0],
+                "generator_system": usage.ru_stime - self.cpu0_system,
+                "devices": len(devices),
                 "late_offers": self.dhcp.late, "loop_lag": self.lags,
                 "retried": self.retried, "dhcp_send_failed": self.dhcp_transport.send_failed,
                 "same_port": self.same_port, "rebound": self.rebound,
                 "slow_tftp": self.slow_tftp,
-                "http_retries": RETRIES,
+                "http_retries": retries,
                 "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0)}
 
 
 def generate(spec_json: str) -> None:
     """Child process in the client namespace: wait for the server, say READY, wait for GO on
-    stdin, run the storm, print the result as one JSON line."""
+    stdin, run the storm (its share of the devices: ``spec.share``), print the result as one
+    JSON line. ``GO <t>`` begins the storm at ``time.perf_counter()`` == t, the instant every
+    generator process of the storm is given; a bare ``GO`` at once."""
     sys.path.insert(0, str(REPO))
     spec = Spec(**json.loads(spec_json))
 
@@ -1261,8 +1165,9 @@ def generate(spec_json: str) -> None:
         gen = Generator(spec)
         healthy = await gen.ready()
         print(f"READY {healthy:.3f}", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        result = await gen.run()
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        words = line.split()
+        result = await gen.run(float(words[1]) if len(words) > 1 else None)
         print(json.dumps(result), flush=True)
 
     asyncio.run(main())
@@ -1271,13 +1176,74 @@ def generate(spec_json: str) -> None:
 # --- a run and the report -------------------------------------------------------------------
 
 
+# The storm's generator processes begin this many seconds after they are told (GO): each
+# reads its GO in turn from a pipe, and none may begin before the last has read it.
+GO_AHEAD = 0.2
+# Load generator processes by default (--generators). Measured on this 2-core VM
+# (benchmarks/README.md, s30-storm): in the quietest round (load 4-9) one process gave walls
+# of 14.2-15.9 s and a loop lag p99 of 118-357 ms, two 26.6-44.9 s and 679-1,042 ms (each
+# took 16-17 ms of CPU a device against 13-15: the servers need the cores too); at load
+# 11-18 the counts' walls did not separate. One process (its CPU halved since session 29).
+GENERATORS = 1
+
+
+def start_generators(client_ns: str, spec: Spec, count: int, run: Path
+                     ) -> list[subprocess.Popen[str]]:
+    """``count`` load generator processes in the client namespace, each playing its share of
+    the devices (share_of), each saying READY and storming at GO (generate)."""
+    gens = []
+    for share in range(count):
+        part = Spec(**{**spec.__dict__, "share": share, "shares": count})
+        gens.append(subprocess.Popen(
+            ["ip", "netns", "exec", client_ns, sys.executable, __file__, "--generate",
+             json.dumps(part.__dict__)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=(run / f"generator-{share}.log").open("wb"), text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)}))
+    return gens
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The storm's result from its generator processes' (each began at the same instant):
+    every stage's latencies and the loop lags are the union of the processes' (a percentile
+    is then one of the whole storm, not an average of the processes'), failures, retries and
+    CPU seconds are summed, and the wall is the last process's."""
+    if len(parts) == 1:
+        return parts[0]
+    times: dict[str, list[float]] = {}
+    failures: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for stage, values in part["times"].items():
+            times.setdefault(stage, []).extend(values)
+        for stage, reasons in part["failures"].items():
+            per = failures.setdefault(stage, {})
+            for reason, n in reasons.items():
+                per[reason] = per.get(reason, 0) + n
+    merged: dict[str, Any] = {
+        "wall": max(part["wall"] for part in parts), "times": times, "failures": failures,
+        "generator_cpus": [cpu for part in parts for cpu in part["generator_cpus"]],
+        "http_retries": {k: sum(part["http_retries"][k] for part in parts)
+                         for k in ("reopened", "retry_after")},
+        "t0_wall": parts[0]["t0_wall"]}
+    for key in ("generator_cpu", "generator_system", "devices", "late_offers",
+                "dhcp_send_failed", "same_port", "rebound"):
+        merged[key] = sum(part[key] for part in parts)
+    for key in ("loop_lag", "retried", "slow_tftp", "slow"):
+        merged[key] = [item for part in parts for item in part[key]]
+    return merged
+
+
+
+
 @dataclass
 class Result:
     target: str
     wall: float = 0.0
     cpu: float = 0.0
     db_cpu: float = 0.0  # the PostgreSQL cluster's processes, for a netboot on PostgreSQL
-    generator_cpu: float = 0.0
+    generator_cpu: float = 0.0  # the generator processes' CPU seconds, summed
+    generator_cpus: list[float] = field(default_factory=list)  # each process's
+    lag_p99: float = 0.0  # the generators' loop lag, p99 of all their samples (seconds)
     server_drops: int = 0
     client_drops: int = 0
     listen_drops: int = 0
@@ -1311,22 +1277,20 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
              if target in NETBOOT_TARGETS
              else start_standins(server_ns, run, work, args.quiet_standins))
     db_pid = on_pg.process.pid if on_pg else None
-    gen = subprocess.Popen(
-        ["ip", "netns", "exec", client_ns, sys.executable, __file__, "--generate",
-         json.dumps(spec.__dict__)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(run / "generator.log").open("wb"),
-        text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    gens = start_generators(client_ns, spec, args.generators, run)
     result = Result(target)
     capture: subprocess.Popen[bytes] | None = None
     try:
-        assert gen.stdin is not None and gen.stdout is not None
-        line = gen.stdout.readline()
-        if line.split()[:1] != ["READY"]:
-            dead = [p.name for p in procs if p.popen.poll() is not None]
-            said = (run / "generator.log").read_text(errors="replace").strip()[-300:]
-            raise RuntimeError(f"not ready ({said or line.strip()!r}; exited: {dead}); "
-                               f"see {run}")
-        result.ready = float(line.split()[1])
+        for n, gen in enumerate(gens):
+            assert gen.stdout is not None
+            line = gen.stdout.readline()
+            if line.split()[:1] != ["READY"]:
+                dead = [p.name for p in procs if p.popen.poll() is not None]
+                said = (run / f"generator-{n}.log").read_text(errors="replace").strip()[-300:]
+                raise RuntimeError(f"not ready ({said or line.strip()!r}; exited: {dead}); "
+                                   f"see {run}")
+            if n == 0:
+                result.ready = float(line.split()[1])
         if args.loaded and target in NETBOOT_TARGETS:
             view_loaded(run / "netboot.log")
         if not args.startup:
@@ -1359,9 +1323,14 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
             time.sleep(1.0)
         result.load, result.dirty_kib, machine0 = os.getloadavg()[0], dirty_kib(), machine_cpu()
         written0 = written_kib()
-        gen.stdin.write("GO\n")
-        gen.stdin.flush()
-        out = gen.stdout.readline()
+        # One instant for every generator process, a little ahead: each process's devices
+        # power on at it plus their place in --within, as one process's did.
+        start = time.perf_counter() + GO_AHEAD
+        for gen in gens:
+            assert gen.stdin is not None
+            gen.stdin.write(f"GO {start!r}\n")
+            gen.stdin.flush()
+        outs = [gen.stdout.readline() for gen in gens]  # type: ignore[union-attr]
         result.machine = {k: v - machine0[k] for k, v in machine_cpu().items()}
         result.written_kib = written_kib() - written0
         if args.diag:
@@ -1387,13 +1356,15 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         result.listen_drops = listen_drops(server_ns) - drops0[2]
         losses = tcp_losses(server_ns, client_ns)
         result.rcvq_drops, result.rto = losses[0] - losses0[0], losses[1] - losses0[1]
-        if not out.strip():
-            raise RuntimeError(f"{target}: the generator ended without a result; see {run}")
-        data = json.loads(out)
+        if not all(out.strip() for out in outs):
+            raise RuntimeError(f"{target}: a generator ended without a result; see {run}")
+        data = merge([json.loads(out) for out in outs])
         result.wall, result.cpu = data["wall"], cpu1 - cpu0
         result.times, result.failures = data["times"], data["failures"]
         result.generator_cpu = data["generator_cpu"]
+        result.generator_cpus = data["generator_cpus"]
         lags = data["loop_lag"]
+        result.lag_p99 = pct(lags, .99) if lags else 0.0
         (run / "slow.json").write_text(json.dumps({"t0_wall": data.get("t0_wall"),
                                                    "slow": data.get("slow", [])}, indent=1))
         for d in data.get("slow", []):
@@ -1408,6 +1379,11 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
               + ", ".join(f"{k} {v:.1f}" for k, v in result.machine.items())
               + f"; busy beyond this target's server and generator: "
               f"{busy - result.cpu - result.generator_cpu:.1f}")
+        devices = data.get("devices") or spec.devices
+        print(f"{target}: {len(result.generator_cpus)} load generator process(es), CPU "
+              + " + ".join(f"{c:.2f}" for c in result.generator_cpus)
+              + f" s ({data.get('generator_system', 0.0):.2f} s of it in the kernel), "
+              f"{result.generator_cpu / devices * 1e3:.1f} ms a device")
         print(f"{target}: load generator loop lag p50 {pct(lags, .5) * 1e3:.1f} ms, "
               f"p99 {pct(lags, .99) * 1e3:.1f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
               f"DHCP answers after their device gave up (or twice): {data['late_offers']}; "
@@ -1431,14 +1407,15 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         if capture is not None:
             capture.send_signal(signal.SIGINT)
             capture.wait(timeout=30)
-        if gen.poll() is None:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                gen.stdin.close()  # type: ignore[union-attr]
-            try:
-                gen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                gen.kill()
-                gen.wait()
+        for gen in gens:
+            if gen.poll() is None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    gen.stdin.close()  # type: ignore[union-attr]
+                try:
+                    gen.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    gen.kill()  # this process only, by its own handle
+                    gen.wait()
         t_stop = time.perf_counter()
         for p in procs:
             p.stop()
@@ -1605,10 +1582,12 @@ def report_medians(runs: list[list[Result]], shared: bool = False) -> None:
           f"{'in one namespace pair' if shared else 'each target in fresh namespaces'}; "
           "the order of each: "
           + "; ".join(f"{n}: {', '.join(r.target for r in rs)}" for n, rs in enumerate(runs, 1)))
-    print(f"{'target':<12} {'median wall s':>14} {'median server CPU s':>20} {'failed':>7}  "
-          "walls s (run.place)")
+    print(f"{'target':<12} {'median wall s':>14} {'median server CPU s':>20} {'failed':>7}"
+          f" {'generator CPU s':>16} {'lag p99 ms':>11}  walls s (run.place)")
     for t in summaries:
-        print(f"{t.target:<12} {t.wall:>14.2f} {t.cpu:>20.2f} {t.failed:>7}  "
+        print(f"{t.target:<12} {t.wall:>14.2f} {t.cpu:>20.2f} {t.failed:>7}"
+              f" {median([r.generator_cpu for _, _, r in t.runs]):>16.2f}"
+              f" {median([r.lag_p99 for _, _, r in t.runs]) * 1e3:>11.0f}  "
               + ", ".join(f"{r.wall:.2f} ({n}.{place})" for n, place, r in t.runs))
     for t in summaries:
         first = [r.wall for _, place, r in t.runs if place == 1]
@@ -1687,6 +1666,14 @@ def main() -> None:
                         help="tcpdump the DHCP traffic on the server's veth into the run "
                              "dir (with --keep)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--copy-downloads", action="store_true",
+                        help="copy each kernel's and initrd's bytes into the load generator "
+                             "(recv_into), not only count them (MSG_TRUNC: received, "
+                             "acknowledged and counted by the devices' kernel, not copied)")
+    parser.add_argument("--generators", type=int, default=GENERATORS, metavar="N",
+                        help="load generator processes, each an asyncio program playing its "
+                             "share of the devices (by client address) end to end; their "
+                             f"latencies are merged (default {GENERATORS})")
     parser.add_argument("--diag", action="store_true",
                         help="nstat of both namespaces before/after and a pcap of the HTTP "
                              "SYN/FIN/RST packets into the run dir (with --keep)")
@@ -1702,7 +1689,7 @@ def main() -> None:
     enrolled = max(args.enrolled or args.devices, args.devices)
     spec = Spec(args.devices, args.within, enrolled, args.kernel_size, args.initrd_size,
                 args.loss, args.slow_acks, args.device_timeout, args.seed, args.until,
-                args.device_window)
+                args.device_window, copy_downloads=args.copy_downloads)
     netboot_targets = {"sqlite": ["netboot"], "postgresql": [PG_TARGET],
                        "both": ["netboot", PG_TARGET]}[args.inventory]
     targets = [*netboot_targets, "standins"]

@@ -1,8 +1,9 @@
-"""benchmarks/storm.py's device HTTP client reopens as iPXE does (httpconn.c's
-http_conn_socket_close, httpcore.c's http_reopen): only a connection taken from the pool and
-closed before any byte of the response came is retried, whatever the method; a new
-connection's failure, or one after a byte came, is the request's. A 503 with Retry-After is
-asked again (httpcore.c's http_parse_retry_after). Real sockets on loopback."""
+"""benchmarks/storm.py's device HTTP client (benchmarks/device_http.py) reopens as iPXE does
+(httpconn.c's http_conn_socket_close, httpcore.c's http_reopen): only a connection taken from
+the pool and closed before any byte of the response came is retried, whatever the method; a
+new connection's failure, or one after a byte came, is the request's. A 503 with Retry-After
+is asked again (httpcore.c's http_parse_retry_after). A download is read whole and counted,
+not kept. Real sockets on loopback."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import device_http
 import storm
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 BIG = b"HTTP/1.1 200 OK\r\nContent-Length: 4194304\r\n\r\n" + bytes(4 << 20)  # still coming
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 0\r\n\r\n"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\n1;x=y\r\nk\r\n0\r\n\r\n"
+CLOSING = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 # What a connection does with its n-th request (1-based), given its own number (1-based).
 Plan = Callable[[int, int], str]
@@ -48,9 +51,10 @@ async def server(plan: Plan) -> AsyncIterator[tuple[str, list[int]]]:
                 what = plan(conn, seen[conn - 1])
                 if what == "close":
                     return  # closed after reading the request, before a byte of an answer
-                writer.write({"ok": OK, "big": BIG, "busy": BUSY, "cut": OK[:20]}[what])
+                writer.write({"ok": OK, "big": BIG, "busy": BUSY, "cut": OK[:20],
+                              "chunked": CHUNKED, "closing": CLOSING}[what])
                 await writer.drain()
-                if what == "cut":
+                if what in ("cut", "closing"):
                     return
         except asyncio.IncompleteReadError:
             pass
@@ -69,15 +73,16 @@ async def server(plan: Plan) -> AsyncIterator[tuple[str, list[int]]]:
 async def twice(plan: Plan, method: str = "POST") -> tuple[int | str, list[int]]:
     """A GET, then ``method`` on the pooled connection: the second's status, or its error."""
     async with server(plan) as (url, seen):
-        session = storm.device_session("127.0.0.1", 30)
+        session = device_http.DeviceHttp("127.0.0.1", storm.DEVICE_WINDOW)
         try:
-            async with await storm.request(session, "GET", url) as resp:
-                assert await resp.read() == b"ok"
+            resp = await device_http.request(session, "GET", url)
+            assert resp.body == b"ok"
             try:
-                async with await storm.request(session, method, url, json={"k": 1}) as resp:
-                    assert await resp.read() == b"ok"
-                    return resp.status, seen
-            except aiohttp.ClientError as exc:
+                resp = await device_http.request(session, method, url,
+                                                 json_body={"k": 1} if method == "POST" else None)
+                assert resp.body == b"ok"
+                return resp.status, seen
+            except device_http.HttpError as exc:
                 return type(exc).__name__, seen
         finally:
             await session.close()
@@ -93,18 +98,18 @@ async def test_a_pooled_connection_closed_before_any_byte_is_reopened(method: st
 
 async def test_a_new_connection_closed_before_any_byte_is_not_retried() -> None:
     async with server(lambda conn, n: "close") as (url, seen):
-        session = storm.device_session("127.0.0.1", 30)
+        session = device_http.DeviceHttp("127.0.0.1", storm.DEVICE_WINDOW)
         try:
-            with pytest.raises(aiohttp.ServerDisconnectedError):
-                await storm.request(session, "GET", url)
+            with pytest.raises(device_http.Disconnected):
+                await device_http.request(session, "GET", url)
         finally:
             await session.close()
-    assert seen == [1]  # aiohttp's own retry of a GET is off too
+    assert seen == [1]  # a GET is not asked again either
 
 
 async def test_a_pooled_connection_closed_after_a_byte_is_not_retried() -> None:
     status, seen = await twice(lambda conn, n: "cut" if (conn, n) == (1, 2) else "ok")
-    assert status in ("ServerDisconnectedError", "ClientPayloadError", "ClientOSError")
+    assert status == "Disconnected"
     assert seen == [2]
 
 
@@ -113,11 +118,10 @@ async def test_a_503_with_retry_after_is_asked_again() -> None:
     assert (status, seen) == (200, [3])
 
 
-def rcvbuf_of(resp: aiohttp.ClientResponse) -> int:
-    """SO_RCVBUF of the device's socket that carries ``resp`` (a body still coming)."""
-    assert resp.connection is not None and resp.connection.transport is not None
-    sock = resp.connection.transport.get_extra_info("socket")
-    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+def rcvbufs_of(session: device_http.DeviceHttp) -> list[int]:
+    """SO_RCVBUF of each of the device's pooled sockets (after a 4 MiB body was read)."""
+    socks = [conn.socket() for pool in session.idle.values() for conn in pool]
+    return [int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)) for sock in socks if sock]
 
 
 async def test_a_device_receives_with_ipxes_window_on_every_connection() -> None:
@@ -126,32 +130,64 @@ async def test_a_device_receives_with_ipxes_window_on_every_connection() -> None
     # memory in a storm and their kernel dropped the server's segments. The second request's
     # connection is a reopened one (the first closed before answering it).
     async with server(lambda conn, n: "close" if (conn, n) == (1, 2) else "big") as (url, seen):
-        session = storm.device_session("127.0.0.1", 30)
+        session = device_http.DeviceHttp("127.0.0.1", storm.DEVICE_WINDOW)
         rcvbufs = []
         try:
             for _ in range(2):
-                async with await storm.request(session, "GET", url) as resp:
-                    rcvbufs.append(rcvbuf_of(resp))
-                    await resp.content.readexactly(3 << 20)
-                    rcvbufs.append(rcvbuf_of(resp))  # autotuning did not grow it
-                    assert len(await resp.read()) == 1 << 20
+                resp = await device_http.request(session, "GET", url, keep=False)
+                assert (resp.status, resp.size, resp.body) == (200, 4 << 20, b"")
+                rcvbufs += rcvbufs_of(session)  # autotuning did not grow it
         finally:
             await session.close()
     assert seen == [2, 1]
     # Linux doubles SO_RCVBUF for its bookkeeping (socket(7)).
-    assert rcvbufs == [2 * storm.DEVICE_WINDOW] * 4
+    assert rcvbufs == [2 * storm.DEVICE_WINDOW] * 2
 
 
 async def test_a_device_window_of_0_is_linuxs_autotuning() -> None:
     default = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[1])
     async with server(lambda conn, n: "big") as (url, _):
-        session = storm.device_session("127.0.0.1", 30, window=0)
+        session = device_http.DeviceHttp("127.0.0.1", 0)
         try:
-            async with await storm.request(session, "GET", url) as resp:
-                assert rcvbuf_of(resp) == default
-                await resp.content.readexactly(3 << 20)
-                grown = rcvbuf_of(resp)
-                assert len(await resp.read()) == 1 << 20
+            resp = await device_http.request(session, "GET", url, keep=False)
+            assert resp.size == 4 << 20
+            [grown] = rcvbufs_of(session)
         finally:
             await session.close()
     assert grown > default  # autotuned as it was read
+
+
+@pytest.mark.parametrize("copy", [False, True])
+async def test_a_kept_body_is_the_bytes_sent_and_a_download_only_counted(copy: bool) -> None:
+    """Both receive every byte (the size is the Content-Length's); a kept body is copied out
+    of the process's read buffer, a download's bytes (after its first read, with the head)
+    are dropped by the kernel once counted (MSG_TRUNC), unless ``copy``."""
+    async with server(lambda conn, n: "big") as (url, seen):
+        session = device_http.DeviceHttp("127.0.0.1", storm.DEVICE_WINDOW, copy=copy)
+        try:
+            kept = await device_http.request(session, "GET", url)
+            counted = await device_http.request(session, "GET", url, keep=False)
+            again = await device_http.request(session, "GET", url)  # the next response whole
+            [conn] = session.idle[("127.0.0.1", int(url.split(":")[2].split("/")[0]))]
+        finally:
+            await session.close()
+    assert seen == [3]
+    assert kept.body == bytes(4 << 20) and kept.size == 4 << 20
+    assert counted.body == b"" and counted.size == 4 << 20
+    assert again.body == kept.body
+    assert isinstance(conn.sock, device_http.DeviceSocket)
+    if copy:
+        assert conn.sock.dropped == 0
+    else:
+        assert 3 << 20 <= conn.sock.dropped < 4 << 20
+
+
+async def test_a_chunked_body_is_decoded_and_its_connection_kept() -> None:
+    status, seen = await twice(lambda conn, n: "chunked", "GET")
+    assert (status, seen) == (200, [2])
+
+
+async def test_a_response_that_says_close_is_not_pooled() -> None:
+    # Not a reopen either: the device saw the close announced and opens a new connection.
+    status, seen = await twice(lambda conn, n: "closing" if n == 1 else "ok", "GET")
+    assert (status, seen) == (200, [1, 1])

@@ -110,3 +110,48 @@ def test_the_stand_ins_log_as_they_ship_unless_quiet(tmp_path: Path,
         assert ("--quiet-dhcp" in dnsmasq and "--quiet-tftp" in dnsmasq) == quiet
         assert ("access_log off;" in nginx_conf) == quiet
         assert (f"access_log {run / 'nginx' / 'access.log'};" in nginx_conf) == (not quiet)
+
+
+def test_the_devices_are_shared_by_client_address_among_the_generators() -> None:
+    """Each device in exactly one generator process, each client address's devices (its
+    connection pool, its TFTP ports) in one, the power-on places kept."""
+    spec = storm.Spec(1000, 1.0, 100_000, 1, 1, 0.0, 0.0, 120.0, 7)
+    alone = storm.share_of(spec)
+    assert [d.k for d in alone] == list(range(1000))
+    shares = [storm.share_of(storm.Spec(**{**spec.__dict__, "share": n, "shares": 3}))
+              for n in range(3)]
+    assert sorted(d.k for share in shares for d in share) == list(range(1000))
+    addresses = [{d.ip for d in share} for share in shares]
+    assert not (addresses[0] & addresses[1] or addresses[0] & addresses[2]
+                or addresses[1] & addresses[2])
+    assert {d.k: d for share in shares for d in share} == {d.k: d for d in alone}
+    assert all(300 <= len(share) <= 340 for share in shares)
+
+
+def _part(times: list[float], failed: int, wall: float, cpu: float) -> dict[str, object]:
+    return {"wall": wall, "times": {"ipxe": times, "total": times},
+            "failures": {"kernel": {"timeout": failed}} if failed else {},
+            "generator_cpu": cpu, "generator_cpus": [cpu], "generator_system": cpu / 2,
+            "devices": len(times) + failed, "late_offers": 1, "dhcp_send_failed": 0,
+            "same_port": 0, "rebound": 0, "loop_lag": [wall / 100], "retried": [],
+            "slow_tftp": [], "slow": [], "http_retries": {"reopened": 1, "retry_after": 0},
+            "t0_wall": 5.0}
+
+
+def test_the_generators_results_are_merged_exactly() -> None:
+    """Percentiles of the union of the processes' latencies (not an average of their
+    percentiles), failures and CPU summed, the wall the last process's."""
+    fast = _part([0.1] * 98, 2, 20.0, 6.0)
+    slow = _part([1.0] * 2, 1, 24.0, 5.0)
+    merged = storm.merge([fast, slow])
+    assert sorted(merged["times"]["ipxe"]) == [0.1] * 98 + [1.0] * 2
+    # p99 of the union is a slow one; the mean of the two p99s (0.1 and 1.0) would be 0.55
+    assert storm.pct(merged["times"]["ipxe"], .99) == 1.0
+    assert storm.pct(merged["times"]["ipxe"], .5) == 0.1
+    assert merged["failures"] == {"kernel": {"timeout": 3}}
+    assert merged["wall"] == 24.0
+    assert merged["generator_cpu"] == 11.0 and merged["generator_cpus"] == [6.0, 5.0]
+    assert merged["devices"] == 103 and merged["late_offers"] == 2
+    assert merged["http_retries"] == {"reopened": 2, "retry_after": 0}
+    assert sorted(merged["loop_lag"]) == [0.2, 0.24]
+    assert storm.merge([fast]) is fast
