@@ -144,6 +144,15 @@ def log_context(**fields: Any) -> _LogContext:
     return _LogContext({k: v for k, v in fields.items() if v is not None})
 
 
+def set_log_context(fields: Mapping[str, Any]) -> None:
+    """:func:`log_context`'s ``fields`` (none None) attached for the rest of the current
+    context, with no way back: for a context made for one unit of work, which ends with it
+    (``contextvars.copy_context().run``, a task's context): the HTTP front door's
+    decisions, once a request (netboot.servers.http.FrontDoor.start)."""
+    outer = _context.get()
+    _context.set({**outer, **fields} if outer else fields)
+
+
 class _LogContext:
     """log_context's manager: a class, not a @contextmanager generator, which cost ~20x
     more; the DHCP path enters one per datagram."""
