@@ -1339,7 +1339,8 @@ def _front_target(head: RequestHead) -> str:
         elif "token" not in text.lower() and len(head.path) + len(text) < 1024:
             # Nothing decoded: parse_head's request line is visible ASCII without a
             # backslash, which escape() leaves as it is below 1,024 characters (its call
-            # was ~3,300 of this function's ~11,500 instructions: callgrind, s30-front).
+            # and its text were ~2,000 of this function's ~11,500 instructions: callgrind,
+            # benchmarks/README.md s30-front).
             return f"{head.path}?{text}"
         if "token" not in text.lower():  # a token's pair is redacted: redacted_target's
             return escape(f"{head.path}?{text}", limit=1024)
