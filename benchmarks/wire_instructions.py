@@ -2,7 +2,7 @@
 
     python benchmarks/wire_instructions.py [--enrolled 20000] [--requests 1000]
                                            [--rows first,again,held,config] [--keep DIR]
-                                           [--tree REPO] [--annotate DIR]
+                                           [--tree REPO] [--annotate DIR] [--access-log]
 
 ipxe_inproc.py --instructions counts a first install's loop work with the handler called
 without the front door; this counts the same request as it comes on a socket: ``netboot
@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--keep", type=Path, help="the seeds made or reused in this directory")
     parser.add_argument("--annotate", type=Path, help="callgrind's files copied here")
+    parser.add_argument("--access-log", action="store_true",
+                        help="the access log on (netboot's default; off, as http_paths.py "
+                             "runs it unless told)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     servers = max(1, args.enrolled // PER_CLUSTER)
@@ -125,7 +128,7 @@ def main() -> None:
             (run / "netboot.yaml").write_text(json.dumps({
                 "server": {"advertise": HOST, "data_dir": str(run / "data"),
                            "log_level": "info"},
-                "http": {"listen": HOST, "port": port, "access_log": False},
+                "http": {"listen": HOST, "port": port, "access_log": args.access_log},
                 "https": {"port": 0}, "dhcp": {"mode": "off"}, "tftp": {"enabled": False},
                 "dns": {"enabled": False}, "assets": {"dirs": [str(work.assets)]}}))
             log = (run / "netboot.log").open("wb")

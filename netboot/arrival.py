@@ -40,6 +40,12 @@ def arrived(at: float) -> _Arrived:
     return _Arrived(at)
 
 
+def set_arrival(at: float) -> None:
+    """:func:`arrived` for the rest of the current context, with no way back: for a context
+    made for the work of one request (``contextvars.copy_context().run``), which ends with it."""
+    _arrival.set(at)
+
+
 class _Arrived:
     """arrived's manager: a class rather than a @contextmanager, entered per request."""
 

@@ -144,6 +144,15 @@ def log_context(**fields: Any) -> _LogContext:
     return _LogContext({k: v for k, v in fields.items() if v is not None})
 
 
+def set_log_context(fields: Mapping[str, Any]) -> None:
+    """:func:`log_context`'s ``fields`` (none None) attached for the rest of the current
+    context, with no way back: for a context made for one unit of work, which ends with it
+    (``contextvars.copy_context().run``, a task's context): the HTTP front door's
+    decisions, once a request (netboot.servers.http.FrontDoor.start)."""
+    outer = _context.get()
+    _context.set({**outer, **fields} if outer else fields)
+
+
 class _LogContext:
     """log_context's manager: a class, not a @contextmanager generator, which cost ~20x
     more; the DHCP path enters one per datagram."""
@@ -195,6 +204,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # float's product rounds up to it): an int's format parsed its spec again at every line,
 # ~1,500 of a first config's ~448,000 loop instructions (callgrind).
 _MSECS = tuple(f"{ms:03d}" for ms in range(1001))
+# logging's table of level names (addLevelName writes it; getLevelName looks here first).
+_LEVEL_NAMES = logging._levelToName
 
 
 class TextFormatter(logging.Formatter):
@@ -280,13 +291,30 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
         created = time.time()
         second = int(created)
         # TextFormatter.stamp's text, in one f-string: the milliseconds as LogRecord.__init__
-        # (3.11) computes them, int((created - int(created)) * 1000).
+        # (3.11) computes them, int((created - int(created)) * 1000). The second's text and
+        # the level's name looked up in place, without a call for either (getLevelName's
+        # own first lookup, in the table addLevelName writes), the lock taken without its
+        # context manager, _keep's common case in place: ~2,000 of a line's ~22,400
+        # instructions (callgrind, benchmarks/README.md s30-front).
+        known = formatter._second
         msecs = int((created - second) * 1000)
-        line = (f"{formatter.second_text(second)},"
+        line = (f"{known[1] if known[0] == second else formatter.second_text(second)},"
                 f"{_MSECS[msecs] if 0 <= msecs <= 1000 else format(msecs, '03d')} "
-                f"{logging.getLevelName(level)} {name}: {message}")
-        with self.lock:  # type: ignore[union-attr]
-            self._keep(line)
+                f"{_LEVEL_NAMES.get(level) or logging.getLevelName(level)} {name}: {message}")
+        lock = self.lock
+        assert lock is not None  # made by Handler.__init__
+        lock.acquire()
+        try:
+            # _keep's common case in place: a line of the loop's iteration whose flush is
+            # scheduled already.
+            lines = self._lines
+            if (self._scheduled is not None and len(lines) < self.max_lines - 1
+                    and asyncio._get_running_loop() is self._scheduled):
+                lines.append(line)
+            else:
+                self._keep(line)
+        finally:
+            lock.release()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__

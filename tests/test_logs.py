@@ -273,6 +273,37 @@ async def test_at_most_max_lines_are_kept() -> None:
     assert stream.getvalue() == "".join(f"{i}\n" for i in range(7))
 
 
+async def test_record_less_lines_are_kept_as_records_lines_are() -> None:
+    """log_line's way (BatchedStreamHandler.text_line) keeps a loop iteration's lines with
+    the records' in the order logged, at most ``max_lines``, under the level's name as
+    logging's table has it then."""
+    stream = Writes()
+    handler = BatchedStreamHandler(stream, max_lines=3)
+    handler.setFormatter(TextFormatter())
+    logger = logging.Logger("netboot.batched-test", logging.DEBUG)
+    logger.addHandler(handler)
+    logging.addLevelName(25, "NOTICE")
+    try:
+        log_line(logger, logging.INFO, "a %d", 0)
+        logger.info("b %d", 1)
+        log_line(logger, 25, "c %d", 2)
+        log_line(logger, logging.INFO, "d %d", 3)
+        assert len(stream.calls) == 1  # the first three, at max_lines
+        log_line(logger, logging.INFO, "e %d", 4)
+        assert len(stream.calls) == 1  # kept until the loop comes round
+        await asyncio.sleep(0)
+        assert len(stream.calls) == 2
+    finally:
+        del logging._levelToName[25], logging._nameToLevel["NOTICE"]
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+    lines = [stamp.sub("", line) for line in stream.getvalue().splitlines()]
+    assert lines == ["INFO netboot.batched-test: a 0", "INFO netboot.batched-test: b 1",
+                     "NOTICE netboot.batched-test: c 2", "INFO netboot.batched-test: d 3",
+                     "INFO netboot.batched-test: e 4"]
+    assert stream.calls[1] == stream.getvalue().splitlines(keepends=True)[3] + \
+        stream.getvalue().splitlines(keepends=True)[4]
+
+
 def test_lines_a_stopped_loop_kept_are_written_first_and_on_flush() -> None:
     logger, handler, stream = batched()
 

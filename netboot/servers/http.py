@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import functools
 import ipaddress
@@ -38,7 +39,7 @@ from http import HTTPStatus
 from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, cast
 from urllib.parse import parse_qsl, unquote
 
-from netboot.arrival import arrived
+from netboot.arrival import set_arrival
 from netboot.eager import eager
 from netboot.errors import (
     AuthError,
@@ -56,7 +57,7 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape, log_context, log_line
+from netboot.logs import RateLimitedLog, escape, log_context, log_line, set_log_context
 from netboot.model import (
     Arch,
     Blob,
@@ -106,7 +107,10 @@ class RequestIds:
 
     def __call__(self) -> str:
         self._next = (self._next + 1) & 0xFFFFFFFF
-        return f"{self._prefix}{self._next:08x}"
+        # f"{n:08x}" without its format spec parsed at every call (~650 of a new id's
+        # ~5,500 instructions through FrontDoor._request_id: callgrind, benchmarks/README.md
+        # s30-front): hex() of the count with a ninth digit set, cut off with the "0x".
+        return self._prefix + hex(0x100000000 | self._next)[3:]
 
 
 
@@ -249,6 +253,11 @@ def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:
     return escape(path + ("?" + "&".join(pairs) if pairs else ""), limit=1024)
 
 
+# Methods escape() leaves as they are (printable ASCII, short): the access line writes them
+# without the call.
+_PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class AccessLogger(_AccessLoggerBase):
     """One line per request: peer, method, target without the install token, status, bytes
     sent, seconds, user agent. What a device fetched, and how long its kernel took, is the
@@ -275,8 +284,12 @@ class AccessLogger(_AccessLoggerBase):
     def line(self, remote: str | None, method: str, target: str, status: int, sent: int,
              seconds: float, user_agent: str | None, request_id: str | None) -> None:
         """The line itself, for aiohttp's requests and the front door's (FrontDoor)."""
+        # escape() is not called where it could change nothing (a method both doors take
+        # as it is, no user agent): ~1,450 of a front answer's line's ~22,800 instructions
+        # (callgrind, benchmarks/README.md s30-front).
         log_line(self.logger, logging.INFO, "%s %s %s %d %d %.3f \"%s\"", remote,
-                 escape(method), target, status, sent, seconds, escape(user_agent, limit=256),
+                 method if method in _PLAIN_METHODS else escape(method), target, status, sent,
+                 seconds, "-" if user_agent is None else escape(user_agent, limit=256),
                  extra={"request_id": request_id, "peer": remote, "path": target})
 
 
@@ -1199,13 +1212,22 @@ class FrontDoor:
         rid = self._request_id(head.request_id)
         started = time.monotonic()  # after its bytes were read: when it had arrived
         target = _front_target(head)  # for the log context and the access line
-        with log_context(request_id=rid, peer=remote, path=target), arrived(started):
-            # Answers from memory run at once; a decision runs in a task of its own, as
-            # under aiohttp: its store may need one (asyncpg's pool acquires under
-            # asyncio.timeout, which refuses to run outside a task), and it costs ~1 ms
-            # anyway, next to which a task is little.
-            decided = (eager(coro) if label in _FROM_MEMORY
-                       else asyncio.get_running_loop().create_task(coro))
+        # The request's context (log_context's fields, arrived's time) made for it, the
+        # values set in it in place: what entering and leaving both managers around the
+        # task's making gave it, at ~6,600 instructions a request, not ~18,200 (callgrind;
+        # benchmarks/README.md, s30-front).
+        context = contextvars.copy_context()
+        context.run(set_log_context, {"request_id": rid, "path": target} if remote is None
+                    else {"request_id": rid, "peer": remote, "path": target})
+        context.run(set_arrival, started)
+        # Answers from memory run at once; a decision runs in a task of its own, as under
+        # aiohttp: its store may need one (asyncpg's pool acquires under asyncio.timeout,
+        # which refuses to run outside a task), and it costs ~1 ms anyway, next to which a
+        # task is little.
+        # The task is named when made: unnamed, CPython 3.11 formats a "Task-N" for each.
+        decided = (context.run(eager, coro) if label in _FROM_MEMORY
+                   else asyncio.Task(coro, loop=asyncio.get_running_loop(), context=context,
+                                     name="netboot-front-decision"))
 
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if reply is None:
@@ -1314,6 +1336,12 @@ def _front_target(head: RequestHead) -> str:
         if "%" in text:  # each one two hex digits of an ASCII character (_PLAIN_QUERY)
             first, *rest = text.split("%")
             text = first + "".join([chr(int(part[:2], 16)) + part[2:] for part in rest])
+        elif "token" not in text.lower() and len(head.path) + len(text) < 1024:
+            # Nothing decoded: parse_head's request line is visible ASCII without a
+            # backslash, which escape() leaves as it is below 1,024 characters (its call
+            # and its text were ~2,000 of this function's ~11,500 instructions: callgrind,
+            # benchmarks/README.md s30-front).
+            return f"{head.path}?{text}"
         if "token" not in text.lower():  # a token's pair is redacted: redacted_target's
             return escape(f"{head.path}?{text}", limit=1024)
     return redacted_target(head.path, query_pairs(query))

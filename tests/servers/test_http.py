@@ -24,7 +24,7 @@ import yaml
 from netboot.config import load
 from netboot.errors import ValidationError
 from netboot.model import Arch, BootRequest, Firmware, MacAddress, Machine, MachineState
-from netboot.servers.http import ipxe_request, uri_query
+from netboot.servers.http import AccessLogger, RequestIds, ipxe_request, uri_query
 from netboot.service import Service, build
 from tests.conftest import (
     BASE,
@@ -1227,3 +1227,29 @@ def test_an_ipxe_query_is_read_into_the_request_it_describes() -> None:
                                firmware=Firmware.IPXE, via="http")
     with pytest.raises(ValidationError):
         ipxe_request(uri_query("uuid=x"), None)
+
+
+def test_the_access_line_escapes_what_a_client_chose_and_nothing_else(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A method and a user agent are written escaped (a forged line cannot come of them),
+    a plain method and a missing user agent as they are."""
+    caplog.set_level(logging.INFO, logger="netboot.access")
+    access = AccessLogger(logging.getLogger("netboot.access"))
+    for method, agent in (("GET", None), ("POST", ""), ("GE\nT", "iPXE\r\n1.21"),
+                          ("M-SEARCH", "a" * 300)):
+        access.line("192.0.2.7", method, "/ipxe", 200, 12, 0.0015, agent, "r1")
+    assert [r.getMessage() for r in caplog.records] == [
+        '192.0.2.7 GET /ipxe 200 12 0.002 "-"',
+        '192.0.2.7 POST /ipxe 200 12 0.002 ""',
+        '192.0.2.7 GE\\nT /ipxe 200 12 0.002 "iPXE\\r\\n1.21"',
+        '192.0.2.7 M-SEARCH /ipxe 200 12 0.002 "' + "a" * 256 + '..."',
+    ]
+
+
+def test_request_ids_are_the_prefix_and_the_count_in_eight_hex_digits() -> None:
+    ids = RequestIds()
+    first, second = ids(), ids()
+    assert re.fullmatch(r"[0-9a-f]{16}", first) and first[:8] == second[:8]
+    assert (first[8:], second[8:]) == ("00000001", "00000002")
+    ids._next = 0xFFFFFFFE
+    assert [ids()[8:], ids()[8:]] == ["ffffffff", "00000000"]

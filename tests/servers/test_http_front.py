@@ -294,6 +294,42 @@ async def test_the_front_logs_and_counts_as_aiohttp_does(
     assert count is not None and float(count.group(1)) == 2, metrics
 
 
+async def test_a_decisions_lines_carry_its_requests_context_by_both_doors(
+        tmp_path: Path) -> None:
+    """What the decision logs (the ``/ipxe`` line) carries the request's id, peer and path in
+    the JSON format, as aiohttp's middleware gives them (log_context): the front sets them in
+    the context made for the decision's task, and the loop's own context is left as it was."""
+    from netboot.logs import JsonFormatter, log_line
+
+    lines: list[dict[str, Any]] = []
+
+    class Json(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    logger = logging.getLogger("netboot.servers.http")
+    handler = Json(logging.INFO)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        async with serving(tmp_path) as service:
+            fast, slow = await both_doors(service, f"/ipxe?mac={HEXHYP}&arch=x86_64")
+            log_line(logger, logging.INFO, "after the requests")
+    finally:
+        logger.setLevel(level)
+        logger.removeHandler(handler)
+    assert fast.status == slow.status == 200, (fast, slow)
+    ipxe = [line for line in lines if line["message"].startswith("ipxe mac=")]
+    assert len(ipxe) == 2, lines
+    for line, reply in zip(ipxe, (fast, slow), strict=True):
+        assert line["request_id"] == reply.header("X-Request-Id"), (line, reply)
+        assert line["peer"] == "127.0.0.1" and line["mac"] == MAC, line
+        assert line["path"] == f"/ipxe?mac={HEXHYP}&arch=x86_64", line
+    assert [set(line) & {"request_id", "peer", "path"} for line in lines
+            if line["message"] == "after the requests"] == [set()], lines
+
+
 async def test_keep_alive_counts_from_the_fronts_last_answer(tmp_path: Path) -> None:
     async with serving(tmp_path, http="  keepalive_timeout: 3\n") as service:
         reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
