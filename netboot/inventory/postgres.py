@@ -735,10 +735,19 @@ class PostgresStore:
         old, self._notify = self._notify, None
         if old is not None:
             old.terminate()
+        conn: asyncpg.Connection | None = None
         try:
             conn = await self._connect()
-            await conn.add_listener(CHANNEL, self._notified)
+            # Its LISTEN within connect_timeout too, a part of the attempt: a connection can
+            # be answered by what does not answer a statement (a proxy such as pgbouncer
+            # authenticates clients itself; a backend stopped once connected), and a LISTEN
+            # waited on for ever stopped the store from listening again, and from checking
+            # (_keep_listening: a session made meanwhile was never ended).
+            async with asyncio.timeout(self._peer.connect_timeout):
+                await conn.add_listener(CHANNEL, self._notified)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            if conn is not None:
+                conn.terminate()  # not left open, in whatever state the failure left it
             raise StoreError(f"inventory {self.name}: cannot LISTEN: {reason(exc)}") from exc
         self._notify = conn
         self._notify_lost.clear()
@@ -784,7 +793,7 @@ class PostgresStore:
                 except StoreError as exc:
                     if isinstance(exc.__cause__, TimeoutError):
                         self._silenced(f"the server stopped answering (no new connection "
-                                       f"within {self._peer.connect_timeout} s)")
+                                       f"listening within {self._peer.connect_timeout} s)")
                     log.info("%s; trying again in %.2f s", exc, pause)
                 except Exception:  # a bug: logged, and tried again rather than never
                     log.exception("inventory %s: listening again failed", self.name)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -1105,6 +1107,45 @@ async def test_a_stopped_listen_backend_is_noticed_and_the_view_resynced(
                 await _within("listening again", b._listening)
                 await _a_commit_wakes_the_view(a, view, "02:00:00:00:09:02")
         finally:
+            await a.close()
+
+
+async def test_a_listen_the_server_does_not_answer_is_given_up_and_listened_again(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection made to listen again is answered (TCP, authentication: a proxy such
+    as pgbouncer answers those itself), then its LISTEN is not (here: its backend stopped
+    once connected). The attempt is given up within connect_timeout, as a connection not
+    made in time is, and the store listens on another: it does not wait on that LISTEN for
+    ever, with no check made meanwhile (a session made since never ended, a commit of
+    another server never notified)."""
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # woken by NOTIFY, or not at all
+    add = asyncpg.Connection.add_listener
+    stopped: list[int] = []
+
+    async def answered_then_silent(self: asyncpg.Connection, *args: Any) -> None:
+        if not stopped:  # the first LISTEN after the loss: its backend stops
+            stopped.append(self.get_server_pid())
+            os.kill(stopped[0], signal.SIGSTOP)
+        await add(self, *args)
+
+    async with _through_tcp(pg_dsn, peer=CHECKED) as (b, _cutter):
+        a = PostgresStore(pg_dsn)
+        await a.open()
+        try:
+            view = InventoryView(b)
+            await view.sync()
+            monkeypatch.setattr(asyncpg.Connection, "add_listener", answered_then_silent)
+            assert b._notify is not None
+            b._notify.terminate()  # lost: listened again, on a connection that goes silent
+            await _within("a LISTEN was sent to the stopped backend", lambda: bool(stopped))
+            await _within("listening again on another connection", lambda: b._listening(
+                ) and b._notify is not None and b._notify.get_server_pid() != stopped[0])
+            await asyncio.wait_for(view.sync(), HANG)
+            await _a_commit_wakes_the_view(a, view, "02:00:00:00:0a:01")
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
             await a.close()
 
 
