@@ -28,7 +28,10 @@ TOKENS_PER_DRAW = 128
 
 
 class TokenSource:
-    """``source()``: a new install token, as ``secrets.token_urlsafe(nbytes)`` makes one."""
+    """``source()``: a new install token, as ``secrets.token_urlsafe(nbytes)`` makes one.
+
+    For one thread (the event loop's, where BootService mints): its position is read and
+    moved without a lock, so two threads calling at once could be handed the same token."""
 
     def __init__(self, nbytes: int = TOKEN_BYTES, per_draw: int = TOKENS_PER_DRAW) -> None:
         if nbytes <= 0 or nbytes % 3 or per_draw <= 0:

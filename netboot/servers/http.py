@@ -1333,16 +1333,17 @@ def _front_target(head: RequestHead) -> str:
         return escape(head.path, limit=1024)
     if _PLAIN_QUERY.fullmatch(query) and not head.path.startswith("/nocloud/"):
         text = query.replace("+", " ")
-        if "%" in text:  # each one two hex digits of an ASCII character (_PLAIN_QUERY)
+        decoded = "%" in text
+        if decoded:  # each one two hex digits of an ASCII character (_PLAIN_QUERY)
             first, *rest = text.split("%")
             text = first + "".join([chr(int(part[:2], 16)) + part[2:] for part in rest])
-        elif "token" not in text.lower() and len(head.path) + len(text) < 1024:
-            # Nothing decoded: parse_head's request line is visible ASCII without a
-            # backslash, which escape() leaves as it is below 1,024 characters (its call
-            # and its text were ~2,000 of this function's ~11,500 instructions: callgrind,
-            # benchmarks/README.md s30-front).
-            return f"{head.path}?{text}"
         if "token" not in text.lower():  # a token's pair is redacted: redacted_target's
+            if not decoded and len(head.path) + len(text) < 1024:
+                # Nothing decoded: parse_head's request line is visible ASCII without a
+                # backslash, which escape() leaves as it is below 1,024 characters (its
+                # call and its text were ~2,000 of this function's ~11,500 instructions:
+                # callgrind, benchmarks/README.md s30-front).
+                return f"{head.path}?{text}"
             return escape(f"{head.path}?{text}", limit=1024)
     return redacted_target(head.path, query_pairs(query))
 

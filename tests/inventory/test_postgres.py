@@ -1089,25 +1089,17 @@ async def test_a_stopped_listen_backend_is_noticed_and_the_view_resynced(
     syncs the commit, the store listens on a new connection and a later commit wakes a
     reader. (Without the checks, check_interval 0: the view thought itself current.)"""
     monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # woken by NOTIFY, or not at all
-    async with _through_tcp(pg_dsn, peer=CHECKED) as (b, _cutter):
-        a = PostgresStore(pg_dsn)
-        await a.open()
-        try:
-            view = InventoryView(b)
-            await view.sync()
-            assert view.fresh(3600.0) and b._notify is not None
-            with pg.stopped([b._notify.get_server_pid()]):
-                during = Machine(macs=(MacAddress.parse("02:00:00:00:09:01"),),
-                                 hostname="during")
-                await a.create_machine(during)
-                await _within("told the LISTEN connection's server is silent",
-                              lambda: not view.fresh(3600.0))
-                await asyncio.wait_for(view.sync(), HANG)
-                assert await view.machine_by("mac", "02:00:00:00:09:01") == during
-                await _within("listening again", b._listening)
-                await _a_commit_wakes_the_view(a, view, "02:00:00:00:09:02")
-        finally:
-            await a.close()
+    async with _a_writer_beside_a_checked_view(pg_dsn) as (a, b, view):
+        assert view.fresh(3600.0) and b._notify is not None
+        with pg.stopped([b._notify.get_server_pid()]):
+            during = Machine(macs=(MacAddress.parse("02:00:00:00:09:01"),), hostname="during")
+            await a.create_machine(during)
+            await _within("told the LISTEN connection's server is silent",
+                          lambda: not view.fresh(3600.0))
+            await asyncio.wait_for(view.sync(), HANG)
+            assert await view.machine_by("mac", "02:00:00:00:09:01") == during
+            await _within("listening again", b._listening)
+            await _a_commit_wakes_the_view(a, view, "02:00:00:00:09:02")
 
 
 async def test_a_listen_the_server_does_not_answer_is_given_up_and_listened_again(
@@ -1128,12 +1120,8 @@ async def test_a_listen_the_server_does_not_answer_is_given_up_and_listened_agai
             os.kill(stopped[0], signal.SIGSTOP)
         await add(self, *args)
 
-    async with _through_tcp(pg_dsn, peer=CHECKED) as (b, _cutter):
-        a = PostgresStore(pg_dsn)
-        await a.open()
+    async with _a_writer_beside_a_checked_view(pg_dsn) as (a, b, view):
         try:
-            view = InventoryView(b)
-            await view.sync()
             monkeypatch.setattr(asyncpg.Connection, "add_listener", answered_then_silent)
             assert b._notify is not None
             b._notify.terminate()  # lost: listened again, on a connection that goes silent
@@ -1146,6 +1134,22 @@ async def test_a_listen_the_server_does_not_answer_is_given_up_and_listened_agai
             for pid in stopped:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.asynccontextmanager
+async def _a_writer_beside_a_checked_view(pg_dsn: str) -> AsyncIterator[
+        tuple[PostgresStore, PostgresStore, InventoryView]]:
+    """(a store that writes, a store reached through a TCP proxy with the checks on
+    (CHECKED), that store's view, synced): another server's commits and one that must hear
+    of them."""
+    async with _through_tcp(pg_dsn, peer=CHECKED) as (b, _cutter):
+        a = PostgresStore(pg_dsn)
+        await a.open()
+        try:
+            view = InventoryView(b)
+            await view.sync()
+            yield a, b, view
+        finally:
             await a.close()
 
 
