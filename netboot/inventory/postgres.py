@@ -824,7 +824,7 @@ class PostgresStore:
                 return "the LISTEN connection was lost"
             if await answers(conn, within):
                 continue
-            why = f"the server stopped answering (no answer to a check within {within} s)"
+            why = _unanswered(within)
             self._notify = None  # not "lost": ended here, on purpose
             conn.terminate()
             self._silenced(why)
@@ -1633,8 +1633,7 @@ async def watched(dsn: str, peer: PeerSettings, conn: asyncpg.Connection,
         while True:
             await asyncio.sleep(peer.check_interval)
             if checker.is_closed() or not await answers(checker, peer.check_timeout):
-                said.append("the server stopped answering (no answer to a check within "
-                            f"{peer.check_timeout} s)")
+                said.append(_unanswered(peer.check_timeout))
                 conn.terminate()
                 return
 
@@ -1646,6 +1645,11 @@ async def watched(dsn: str, peer: PeerSettings, conn: asyncpg.Connection,
         with contextlib.suppress(asyncio.CancelledError):
             await watching
         checker.terminate()
+
+
+def _unanswered(within: float) -> str:
+    """Why a server is taken as silent, in the words a store's check and ``watched`` say."""
+    return f"the server stopped answering (no answer to a check within {within} s)"
 
 
 def supported(version: tuple[int, ...], name: str) -> None:
