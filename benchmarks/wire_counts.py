@@ -2,7 +2,7 @@
 
     python benchmarks/wire_counts.py [--enrolled 100000] [--duration 4] [--rounds 2]
                                      [--only ipxe,ipxe-1k,ipxe-held] [--baseline REPO]
-                                     [--no-trace] [--gil] [--keep DIR]
+                                     [--no-trace] [--gil] [--keep DIR] [--access-log]
 
 A real ``netboot serve`` (http_paths.py's, on http_paths.py's seeds) under wrk (http_paths.py's
 rows and Lua script, 50 connections). Each row, each round, on each server:
@@ -222,8 +222,10 @@ def main() -> None:
                         help="also a window counting the loop's GIL waits by call site")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--keep", type=Path, help="reuse/keep the seeds in this directory")
+    parser.add_argument("--access-log", action="store_true",
+                        help="the servers write their access log (netboot's default; off as "
+                             "in http_paths.py unless told)")
     args = parser.parse_args()
-    args.access_log = False
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = [r for r in ROWS if r.name in args.only.split(",")]
     trees = {"netboot": REPO} | ({"baseline": args.baseline} if args.baseline else {})
@@ -260,7 +262,7 @@ def main() -> None:
                     run = tmp / f"{name}-{server}"
                     run.mkdir()
                     ports[server] = stack.enter_context(
-                        netboot(work, run, args.python, False, seeds[name], tree))
+                        netboot(work, run, args.python, args.access_log, seeds[name], tree))
                 # Each round draws its own machines (the Lua seed): windows numbered apart.
                 for round_ in range(args.rounds):
                     for row in todo:

@@ -19,6 +19,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
+from threading import get_ident
 from types import MappingProxyType
 from typing import Any, TextIO
 
@@ -260,6 +261,7 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
         self._lines: list[str] = []
         self._last: logging.LogRecord | None = None  # for handleError, when a write fails
         self._scheduled: asyncio.AbstractEventLoop | None = None  # whose loop will flush
+        self._scheduled_on = 0  # the thread that loop ran on when its flush was scheduled
 
     def emit(self, record: logging.LogRecord) -> None:
         # Called with self.lock held (Handler.handle).
@@ -280,6 +282,7 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
             # (A loop that stopped with a flush pending, as asyncio.run's last iteration
             # leaves it, never runs it: this one does, with those lines first.)
             self._scheduled = loop
+            self._scheduled_on = get_ident()
             loop.call_soon(self.flush)
 
     def text_line(self, level: int, name: str, message: str) -> None:
@@ -306,10 +309,15 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
         lock.acquire()
         try:
             # _keep's common case in place: a line of the loop's iteration whose flush is
-            # scheduled already.
+            # scheduled already. That loop runs this thread's iteration when it runs and
+            # ran on this thread when the flush was scheduled (a thread runs one loop at a
+            # time): asked so, not by asyncio._get_running_loop(), which in CPython 3.11
+            # makes a getpid(2) system call each time, two a first install with the access
+            # log (perf trace; benchmarks/README.md, s31-front).
             lines = self._lines
-            if (self._scheduled is not None and len(lines) < self.max_lines - 1
-                    and asyncio._get_running_loop() is self._scheduled):
+            scheduled = self._scheduled
+            if (scheduled is not None and len(lines) < self.max_lines - 1
+                    and self._scheduled_on == get_ident() and scheduled.is_running()):
                 lines.append(line)
             else:
                 self._keep(line)

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,41 @@ def test_lines_a_stopped_loop_kept_are_written_first_and_on_flush() -> None:
     stopped_loop()
     handler.flush()  # what logging.shutdown and the CLI do at the end
     assert stream.getvalue() == "last words\n" * 4
+
+
+def test_record_less_lines_are_kept_only_while_their_loop_runs_on_their_thread() -> None:
+    """text_line keeps a line for the loop's next write only where that loop runs now, on
+    this thread: not from another thread while it runs, not on its thread once it stopped
+    with its flush pending (then the line, and those kept before it, are written at once)."""
+    stream = Writes()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    loop = asyncio.new_event_loop()
+    elsewhere: list[int] = []
+
+    def on_the_loop() -> None:
+        handler.text_line(logging.INFO, "netboot.access", "a")
+        handler.text_line(logging.INFO, "netboot.access", "b")
+        elsewhere.append(len(stream.calls))  # kept: nothing written yet
+        thread = threading.Thread(
+            target=handler.text_line, args=(logging.INFO, "netboot.access", "c"))
+        thread.start()
+        thread.join()
+        elsewhere.append(len(stream.calls))  # another thread's: written at once, a, b first
+        handler.text_line(logging.INFO, "netboot.access", "d")
+        loop.stop()  # after this iteration: the flush scheduled for "d" never runs
+
+    try:
+        loop.call_soon(on_the_loop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert elsewhere == [0, 1]
+    assert len(stream.calls) == 1
+    handler.text_line(logging.INFO, "netboot.access", "e")  # the loop's thread, no loop
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO netboot.access: ")
+    assert [stamp.sub("", line) for line in stream.getvalue().splitlines()] == list("abcde")
+    assert len(stream.calls) == 2
 
 
 @pytest.mark.parametrize("ending", ["return", "raise", "sigterm"])

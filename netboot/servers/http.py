@@ -57,7 +57,7 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape, log_context, log_line, set_log_context
+from netboot.logs import RateLimitedLog, escape, log_line, set_log_context
 from netboot.model import (
     Arch,
     Blob,
@@ -1196,12 +1196,17 @@ class FrontDoor:
         1-64 characters)."""
         return given if given and _REQUEST_ID.match(given) else self.ids()
 
-    def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False
+    def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False,
+              loop: asyncio.AbstractEventLoop | None = None
               ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
                          asyncio.Future[Reply | FileBody | None]] | None:
         """Begin answering ``head``: how to finish, and the reply as it is decided (done
         already when nothing had to wait); None when aiohttp is to route it. ``sendfile``:
-        the connection can send a large file with sendfile(2) (plain TCP)."""
+        the connection can send a large file with sendfile(2) (plain TCP). ``loop``: the
+        running loop, when the caller holds it (a connection's): CPython 3.11 asks the
+        kernel for the process id (getpid(2)) at every asyncio.get_running_loop(), to tell
+        a forked child, and a storm's loop made ~4.4 such calls a request (perf trace;
+        benchmarks/README.md, s31-front)."""
         if head.bearer and (self.plain is None or not self.plain.install_token(head.bearer)):
             return None  # an operator's credential: the plain-HTTP policy's
         route = self.routes.front(head.path, head.query, remote, large=sendfile,
@@ -1226,8 +1231,8 @@ class FrontDoor:
         # task is little.
         # The task is named when made: unnamed, CPython 3.11 formats a "Task-N" for each.
         decided = (context.run(eager, coro) if label in _FROM_MEMORY
-                   else asyncio.Task(coro, loop=asyncio.get_running_loop(), context=context,
-                                     name="netboot-front-decision"))
+                   else asyncio.Task(coro, loop=loop or asyncio.get_running_loop(),
+                                     context=context, name="netboot-front-decision"))
 
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if reply is None:
@@ -1276,7 +1281,8 @@ class FrontDoor:
             return NotMine(None)
         return parse_post(buf, max(self._post_limits))
 
-    def start_post(self, head: RequestHead, remote: str | None
+    def start_post(self, head: RequestHead, remote: str | None, *,
+                   loop: asyncio.AbstractEventLoop | None = None
                    ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
                               asyncio.Future[Reply | FileBody | None]] | None:
         """:meth:`start` for an installer's POST (:meth:`post_head`)."""
@@ -1296,10 +1302,15 @@ class FrontDoor:
         def translate(exc: Exception) -> Reply:
             return error_reply(exc, self.log, "POST", target, remote)
 
-        with log_context(request_id=rid, peer=remote, path=target):
-            decided: asyncio.Future[Reply | FileBody | None] = (
-                asyncio.get_running_loop().create_task(reports.front_post(
-                    label, ref, head.bearer or None, head.body, remote, translate)))
+        # Its context made for it, as start() makes a decision's (log_context's fields set
+        # in a copy, not entered and left around the task's making).
+        context = contextvars.copy_context()
+        context.run(set_log_context, {"request_id": rid, "path": target} if remote is None
+                    else {"request_id": rid, "peer": remote, "path": target})
+        decided: asyncio.Future[Reply | FileBody | None] = asyncio.Task(
+            reports.front_post(label, ref, head.bearer or None, head.body, remote, translate),
+            loop=loop or asyncio.get_running_loop(), context=context,
+            name="netboot-front-post")
 
         def finish(reply: Reply | FileBody | None) -> Answer | None:
             if not isinstance(reply, Reply):
@@ -1613,7 +1624,8 @@ class GuardedHandler(_HandlerBase):
                 self._unread = self._unread[head.size:]
                 self._front_send(head, ready)
                 continue
-            started = front.start(head, self._remote(), sendfile=self._plain_tcp)
+            started = front.start(head, self._remote(), sendfile=self._plain_tcp,
+                                  loop=self._loop)
             if started is None:
                 self._to_aiohttp(head.size)
                 continue
@@ -1659,7 +1671,7 @@ class GuardedHandler(_HandlerBase):
         """Answer an installer's POST here (FrontDoor.start_post); False: aiohttp's."""
         front = self._front
         assert front is not None
-        started = front.start_post(head, self._remote())
+        started = front.start_post(head, self._remote(), loop=self._loop)
         if started is None:
             return False
         self._request_count += 1

@@ -809,6 +809,43 @@ async def test_the_fronts_posts_are_audited_logged_and_counted_as_aiohttps(
         assert count is not None and float(count.group(1)) == 2, (route, status, metrics)
 
 
+async def test_a_posts_lines_carry_its_requests_context_by_both_doors(tmp_path: Path) -> None:
+    """What an installer's report logs (the ``event`` line) carries the request's id, peer and
+    path in the JSON format by both doors: the front sets them in the context it makes for
+    the POST's task, and the loop's own context is left as it was."""
+    from netboot.logs import JsonFormatter, log_line
+
+    lines: list[dict[str, Any]] = []
+
+    class Json(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    logger = logging.getLogger("netboot.api")
+    handler = Json(logging.INFO)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    events = f"/api/v1/machines/{HEXHYP}/events"
+    try:
+        async with serving(tmp_path) as service:
+            token = await installing(service, HEXHYP)
+            bearer = b"Authorization: Bearer %s\r\n" % token.encode()
+            fast, slow = await both_posts(service, events, b'{"kind": "progress"}', bearer)
+            log_line(logger, logging.INFO, "after the requests")
+    finally:
+        logger.setLevel(level)
+        logger.removeHandler(handler)
+    assert fast.status == slow.status == 201, (fast, slow)
+    said = [line for line in lines if line["message"].startswith("event mac=")]
+    assert len(said) == 2, lines
+    for line, reply in zip(said, (fast, slow), strict=True):
+        assert line["request_id"] == reply.header("X-Request-Id"), (line, reply)
+        assert line["peer"] == "127.0.0.1" and line["path"] == events, line
+    assert [set(line) & {"request_id", "peer", "path"} for line in lines
+            if line["message"] == "after the requests"] == [set()], lines
+
+
 async def test_a_devices_post_and_its_audit_entry_are_one_commit(tmp_path: Path) -> None:
     """A report or registration that succeeds writes its audit entry in its own transaction:
     one commit per POST of a storm's installers, where the entry's followed the change's."""
