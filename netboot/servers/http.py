@@ -1567,10 +1567,14 @@ class GuardedHandler(_HandlerBase):
             self.force_close()
 
     def data_received(self, data: bytes) -> None:
-        self._guard.touch(self)
         if self._front_off:
+            self._guard.touch(self)
             super().data_received(data)
             return
+        # Not touched here for the front (ConnectionGuard.touch): a connection with bytes
+        # unanswered is not idle, and each of its requests touches it when it is answered
+        # (_front_sent) or handed to aiohttp (_to_aiohttp), the last activity the order of
+        # idle connections counts: one dict move a request, not two.
         self._unread += data
         self._serve_front()
 
@@ -1585,6 +1589,7 @@ class GuardedHandler(_HandlerBase):
     def _to_aiohttp(self, size: int | None) -> None:
         """Hand the next ``size`` bytes (a whole request), or all of them, to aiohttp."""
         self._front_flush()  # the front's answers before aiohttp's
+        self._guard.touch(self)
         if size is None:
             self._front_off = True
             data, self._unread = self._unread, b""
@@ -1687,7 +1692,9 @@ class GuardedHandler(_HandlerBase):
         if decided.cancelled():
             return  # the server is stopping
         self._front_answer(head, finish, decided)
-        if self.transport is not None:
+        # What was read meanwhile (pipelined), or reading to resume: a client that waits
+        # for its answer has sent nothing more, and its answer is written already.
+        if self.transport is not None and (self._unread or self._front_paused):
             self._serve_front()
 
     def _front_answer(self, head: RequestHead,

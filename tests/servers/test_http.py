@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -791,6 +791,23 @@ async def _until(check: Any) -> None:
     raise AssertionError("not reached in 10 s")
 
 
+def _connector(service: Service, sources: Iterator[str]
+               ) -> Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """Connects to ``service``'s HTTP port from the next of ``sources``, once its guard has
+    admitted, evicted for or refused the connection."""
+    guard = service.http_guard
+    assert guard is not None
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        before = guard.open + guard.refused + guard.evicted
+        pair = await asyncio.open_connection("127.0.0.1", service.http_port,
+                                             local_addr=(next(sources), 0))
+        await _until(lambda: guard.open + guard.refused + guard.evicted > before)
+        return pair
+
+    return connect
+
+
 async def _at_the_cap(tmp_path: Path) -> None:
     get = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
     async with wired(tmp_path, "  max_connections: 3\n  max_connections_per_source: 3\n"
@@ -801,12 +818,7 @@ async def _at_the_cap(tmp_path: Path) -> None:
 
         sources = iter(f"127.0.2.{i}" for i in range(1, 10))  # under the per-source cap
 
-        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            before = guard.open + guard.refused + guard.evicted
-            pair = await asyncio.open_connection("127.0.0.1", port,
-                                                 local_addr=(next(sources), 0))
-            await _until(lambda: guard.open + guard.refused + guard.evicted > before)
-            return pair
+        connect = _connector(service, sources)
 
         async def ask(pair: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> bytes:
             pair[1].write(get)
@@ -855,6 +867,40 @@ async def test_at_the_cap_the_longest_idle_is_closed_never_a_request_begun(
     assert tracebacks(caplog) == []
 
 
+async def test_at_the_cap_a_request_handed_to_aiohttp_counts_as_activity(
+        tmp_path: Path) -> None:
+    """A connection's last activity is its last request answered by the front door or handed
+    to aiohttp (the front does not count the bytes it reads as activity: a connection with
+    a request unanswered is not idle): at the cap, the one idle longest by that goes."""
+    get = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    # The same request, which the front hands to aiohttp (a cookie: not the front's).
+    aiohttps = b"GET /healthz HTTP/1.1\r\nHost: a\r\nCookie: not=a-session\r\n\r\n"
+    async with wired(tmp_path, "  max_connections: 2\n  max_connections_per_source: 2\n"
+                     ) as service:
+        guard = service.http_guard
+        assert guard is not None
+        sources = iter(f"127.0.4.{i}" for i in range(1, 10))
+
+        connect = _connector(service, sources)
+
+        a, b = await connect(), await connect()
+        front = service.front
+        assert front is not None
+        for pair, request in ((a, get), (b, get), (a, aiohttps)):
+            answered = front.answered
+            pair[1].write(request)
+            assert (await _answer(pair[0])).startswith(b"HTTP/1.1 200 ")
+            assert front.answered == answered + (request is get)
+        d = await connect()  # B goes: A's last request came after B's answer
+        assert await asyncio.wait_for(b[0].read(), 30) == b""
+        assert (guard.evicted, guard.refused, guard.open) == (1, 0, 2)
+        for pair in (a, d):
+            pair[1].write(get)
+            assert (await _answer(pair[0])).startswith(b"HTTP/1.1 200 ")
+        for pair in (a, b, d):
+            pair[1].close()
+
+
 async def test_at_the_cap_a_request_come_unread_is_kept_and_kept_alive_go_first(
         tmp_path: Path) -> None:
     """A new connection is served by closing, in this order: a kept-alive connection, then
@@ -867,12 +913,7 @@ async def test_at_the_cap_a_request_come_unread_is_kept_and_kept_alive_go_first(
         assert guard is not None
         sources = iter(f"127.0.3.{i}" for i in range(1, 10))
 
-        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            before = guard.open + guard.refused + guard.evicted
-            pair = await asyncio.open_connection("127.0.0.1", service.http_port,
-                                                 local_addr=(next(sources), 0))
-            await _until(lambda: guard.open + guard.refused + guard.evicted > before)
-            return pair
+        connect = _connector(service, sources)
 
         # U: its request has come and waits unread (the server is not reading it yet).
         u = await connect()

@@ -16,7 +16,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -294,12 +294,10 @@ async def test_the_front_logs_and_counts_as_aiohttp_does(
     assert count is not None and float(count.group(1)) == 2, metrics
 
 
-async def test_a_decisions_lines_carry_its_requests_context_by_both_doors(
-        tmp_path: Path) -> None:
-    """What the decision logs (the ``/ipxe`` line) carries the request's id, peer and path in
-    the JSON format, as aiohttp's middleware gives them (log_context): the front sets them in
-    the context made for the decision's task, and the loop's own context is left as it was."""
-    from netboot.logs import JsonFormatter, log_line
+@contextlib.contextmanager
+def json_lines(logger: logging.Logger) -> Iterator[list[dict[str, Any]]]:
+    """What ``logger`` logs at INFO meanwhile, each line as the JSON format writes it."""
+    from netboot.logs import JsonFormatter
 
     lines: list[dict[str, Any]] = []
 
@@ -307,18 +305,29 @@ async def test_a_decisions_lines_carry_its_requests_context_by_both_doors(
         def emit(self, record: logging.LogRecord) -> None:
             lines.append(json.loads(JsonFormatter().format(record)))
 
-    logger = logging.getLogger("netboot.servers.http")
     handler = Json(logging.INFO)
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        async with serving(tmp_path) as service:
-            fast, slow = await both_doors(service, f"/ipxe?mac={HEXHYP}&arch=x86_64")
-            log_line(logger, logging.INFO, "after the requests")
+        yield lines
     finally:
         logger.setLevel(level)
         logger.removeHandler(handler)
+
+
+async def test_a_decisions_lines_carry_its_requests_context_by_both_doors(
+        tmp_path: Path) -> None:
+    """What the decision logs (the ``/ipxe`` line) carries the request's id, peer and path in
+    the JSON format, as aiohttp's middleware gives them (log_context): the front sets them in
+    the context made for the decision's task, and the loop's own context is left as it was."""
+    from netboot.logs import log_line
+
+    logger = logging.getLogger("netboot.servers.http")
+    with json_lines(logger) as lines:
+        async with serving(tmp_path) as service:
+            fast, slow = await both_doors(service, f"/ipxe?mac={HEXHYP}&arch=x86_64")
+            log_line(logger, logging.INFO, "after the requests")
     assert fast.status == slow.status == 200, (fast, slow)
     ipxe = [line for line in lines if line["message"].startswith("ipxe mac=")]
     assert len(ipxe) == 2, lines
@@ -813,29 +822,16 @@ async def test_a_posts_lines_carry_its_requests_context_by_both_doors(tmp_path: 
     """What an installer's report logs (the ``event`` line) carries the request's id, peer and
     path in the JSON format by both doors: the front sets them in the context it makes for
     the POST's task, and the loop's own context is left as it was."""
-    from netboot.logs import JsonFormatter, log_line
-
-    lines: list[dict[str, Any]] = []
-
-    class Json(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(json.loads(JsonFormatter().format(record)))
+    from netboot.logs import log_line
 
     logger = logging.getLogger("netboot.api")
-    handler = Json(logging.INFO)
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
     events = f"/api/v1/machines/{HEXHYP}/events"
-    try:
+    with json_lines(logger) as lines:
         async with serving(tmp_path) as service:
             token = await installing(service, HEXHYP)
             bearer = b"Authorization: Bearer %s\r\n" % token.encode()
             fast, slow = await both_posts(service, events, b'{"kind": "progress"}', bearer)
             log_line(logger, logging.INFO, "after the requests")
-    finally:
-        logger.setLevel(level)
-        logger.removeHandler(handler)
     assert fast.status == slow.status == 201, (fast, slow)
     said = [line for line in lines if line["message"].startswith("event mac=")]
     assert len(said) == 2, lines
