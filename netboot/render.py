@@ -1780,13 +1780,25 @@ class Splice:
         self.fixed = fixed
         self.slots = _slots(fixed)
 
-    def of(self, values: tuple[str, ...]) -> Spliced:
+    def of(self, values: tuple[str, ...], *, plain: bool = False) -> Spliced:
+        """The text with ``values``; ``plain``: the caller found them :func:`plain` (tojson
+        then writes them as they are without looking again)."""
         if len(values) != len(self.fixed) - 1:
             raise ValueError("a Splice's text has one value fewer than fixed texts")
         text = Spliced(_filled(self.slots, values))
         text.splice = self
         text.values = values
+        text.plain = plain
         return text
+
+
+def plain(values: Sequence[str]) -> bool:
+    """Whether every one of ``values`` is printable ASCII without JSON's ``"`` and ``\\``,
+    HTML's ``<``, ``>``, ``&`` and the shell's ``'`` (``_HTML_PLAIN``): a MAC, a token, a
+    node name as a rule. JSON's escape of such a str (``encode_basestring_ascii``) is the
+    str between quotes, HTML's replacements (tojson) and a single quote's closing (the
+    register command) change nothing in it."""
+    return _HTML_PLAIN.fullmatch("".join(values)) is not None
 
 
 def _slots(fixed: Sequence[str]) -> list[str]:
@@ -1814,10 +1826,11 @@ class Spliced(str):
     same text, as JSON's escapes and HTML's replacements are made character by character
     (the whole register command's were ~40,000 instructions of a first config's ~565,000)."""
 
-    __slots__ = ("splice", "values")
+    __slots__ = ("plain", "splice", "values")
 
     splice: Splice
     values: tuple[str, ...]
+    plain: bool  # the values are plain() (Splice.of)
 
 
 # What tojson writes as it is (between its quotes): printable ASCII but for JSON's '"' and
@@ -1849,6 +1862,12 @@ def _tojson() -> Callable[..., str]:
             made = into.get(value)
             if made is not None:
                 return made
+            # A machine's own value (its hostname, its node name: a miss, each config):
+            # plain(), its text is itself quoted, as the encoder and _html_safe write it.
+            if _HTML_PLAIN.fullmatch(value) is not None:
+                made = new(Markup, f'"{value}"')
+                _keep(into, value, made, _TOJSON_KEPT if into is kept else _TOJSON_SHORT_KEPT)
+                return made
             text = encode_basestring_ascii(value)
         elif type(value) is Spliced:
             splice = value.splice
@@ -1859,7 +1878,7 @@ def _tojson() -> Callable[..., str]:
                 form = _slots(fixed)
                 _keep(forms, splice, form, _TOJSON_KEPT)
             values = value.values
-            if _HTML_PLAIN.fullmatch("".join(values)) is None:  # a value to escape
+            if not value.plain and not plain(values):  # a value to escape
                 values = tuple(_html_safe(encode_basestring_ascii(v))[1:-1] for v in values)
             return new(Markup, _filled(form, values))
         else:

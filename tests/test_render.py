@@ -1438,6 +1438,44 @@ def test_a_register_commands_splice_gives_the_plain_text_and_jinjas_tojson(
                 v=want)
 
 
+def test_plain_values_are_written_as_they_are_by_tojson_and_the_register_command(
+        tmp_path: Path) -> None:
+    """A str of printable ASCII without JSON's, HTML's and the shell's special characters
+    (render.plain) is written as it is, between quotes, by tojson and inside the register
+    command (session 31): for every ASCII character and a few others, alone in a value and
+    beside plain ones, tojson's text (of a value it has not kept, and printed again) and
+    the register command's (plain text, through tojson) are Jinja's own text of the plain
+    str; the command takes its values as they are exactly when they are plain."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from netboot.content import register_texts
+    from netboot.render import plain as is_plain
+
+    (tmp_path / "t.txt").write_text("{{ v | tojson }}|{{ (v | tojson) + '<&' }}|{{ v }}")
+    jinja = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(tmp_path)),
+                                          autoescape=False, keep_trailing_newline=True)
+    ours = Renderer([tmp_path])
+    url = "http://192.0.2.10:8080/api/v1/register"
+    texts = register_texts(url)
+    chars = [chr(c) for c in range(128)] + ["\xe9", "\u2028", "\U0001f600"]
+    plain_seen = 0
+    for ch in chars:
+        for v in (ch, f"edge-{ord(ch)}{ch}x", f"{ch}{ch}-{ord(ch)}-tail"):
+            for _ in range(2):  # a miss, then the text kept
+                assert ours.render("t.txt", {"v": v}) == jinja.get_template("t.txt").render(v=v)
+            values = ("52:54:00:00:00:11", f"tok{v}", f"node-{v}")
+            cmd = register_command(url, *values, texts=texts)
+            want = _plain_register_command(url, *values)
+            assert cmd == want
+            assert cmd.plain == is_plain(values)
+            plain_seen += cmd.plain
+            assert ours.render("t.txt", {"v": cmd}) == jinja.get_template("t.txt").render(
+                v=want)
+    # The plain class: printable ASCII but for '"', '\\', '<', '>', '&' and "'".
+    assert plain_seen == 3 * (0x7f - 0x20 - 6)
+
+
 def test_configs_with_spliced_register_commands_are_the_plain_renders() -> None:
     """Every shipped config of many drawn machines (hostnames, tokens, node names with
     quotes, backslashes, HTML's characters, non-ASCII, line breaks), through Content's path
