@@ -785,25 +785,169 @@ class TftpReceiver:
             self._finish(Failed("no OACK to the size probe") if self.probe else self.total)
 
 
+# The devices' :68 port when several generator processes share it. Every process has its
+# own :68 socket (SO_REUSEADDR), and the kernel gives each broadcast offer to every one of
+# them: each process received every other's offers, and an offer one of them dropped (its
+# receive buffer full) was a device answered only at its 4 s retransmission, the server's
+# loss by every figure of the storm. So each process's devices draw their xids in its own
+# residue class (xid_of), and a classic BPF filter on its socket (offer_filter) lets only
+# those in; and a packet socket ahead of the UDP layer (OfferTap) sees each offer to the
+# process's devices as it reaches their side of the veth: on the wire and not delivered is
+# the generator's loss, not the server's. A filter's rejections count in the kernel's UDP
+# InErrors and the socket's drops like a full buffer's (Linux's udp_queue_rcv_one_skb), so
+# the devices' UDP drops are told without them (run_target).
+SO_ATTACH_FILTER = 26
+SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8  # struct sk_meminfo's u32s; sk_drops is the 9th
+SOL_PACKET, PACKET_STATISTICS = 263, 6
+SO_RCVBUFFORCE, SO_TIMESTAMPNS = 33, 35  # not in Python 3.11's socket module
+ETH_P_IP = 0x0800
+Bpf = list[tuple[int, int, int, int]]  # classic BPF: (code, jt, jf, k)
+
+
+def xid_of(draw: int, share: int, shares: int) -> int:
+    """A device's DHCP xid from a 32-bit ``draw``, in its generator process's class
+    (``xid % shares == share``); with one process the draw itself, as before."""
+    return draw % (2**32 // shares) * shares + share
+
+
+def _xid_in_class(share: int, shares: int, load: tuple[int, int, int, int], drop: int) -> Bpf:
+    # ``load`` puts the xid in A; ``drop``: the jump from the jeq to the program's ret 0.
+    return [load, (0x94, 0, 0, shares),  # A %= shares (BPF_ALU|BPF_MOD|BPF_K)
+            (0x15, 0, drop, share)]  # A == share? on, else to ret 0 (BPF_JMP|BPF_JEQ|BPF_K)
+
+
+def offer_filter(share: int, shares: int) -> Bpf:
+    """A UDP socket's filter: the datagrams whose xid is in ``share``'s class. A UDP
+    socket's filter sees the datagram from its UDP header: the xid at 8 + 4."""
+    return [*_xid_in_class(share, shares, (0x20, 0, 0, 12), 1),  # ld [12] (BPF_LD|BPF_W|BPF_ABS)
+            (0x06, 0, 0, 0xFFFFFFFF), (0x06, 0, 0, 0)]  # ret all; ret 0 (dropped)
+
+
+def tap_filter(share: int, shares: int) -> Bpf:
+    """A packet socket's (SOCK_DGRAM: from the IP header): UDP to port 68, unfragmented,
+    its xid in ``share``'s class."""
+    return [(0x30, 0, 0, 9),  # ldb [9]: the protocol
+            (0x15, 0, 9, 17),  # UDP, else ret 0
+            (0x28, 0, 0, 6),  # ldh [6]: flags and fragment offset
+            (0x45, 7, 0, 0x1FFF),  # a fragment after the first: ret 0
+            (0xB1, 0, 0, 0),  # ldxb 4*([0]&0xf): X = the IP header's length
+            (0x48, 0, 0, 2),  # ldh [x+2]: the destination port
+            (0x15, 0, 4, 68),  # 68, else ret 0
+            *_xid_in_class(share, shares, (0x40, 0, 0, 12), 1),  # ld [x+12]: the xid
+            (0x06, 0, 0, 0xFFFFFFFF), (0x06, 0, 0, 0)]
+
+
+def attach_filter(sock: socket.socket, program: Bpf) -> None:
+    """SO_ATTACH_FILTER: ``program`` as a struct sock_fprog (the kernel copies it)."""
+    import ctypes
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    struct.pack("HL", len(program), ctypes.addressof(code)))
+
+
+def socket_drops(sock: socket.socket) -> int:
+    """The datagrams the kernel dropped for ``sock`` (full buffer, or its filter's
+    rejections): sk_drops, as /proc/net/udp's last column says it."""
+    meminfo = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 9 * 4)
+    return int(struct.unpack_from("9I", meminfo)[SK_MEMINFO_DROPS])
+
+
+class OfferTap:
+    """The offers to one generator process's devices as they reach the devices' side of the
+    veth: a packet socket on CLIENT_IF (tap_filter), read once the storm is over (its
+    buffer holds every offer of a storm: ~2.3 KB each). Each with its kernel receive time
+    (SO_TIMESTAMPNS, CLOCK_REALTIME): when the server's answer was there, apart from when
+    the device's coroutine had it."""
+
+    BUFFER = 32 << 20
+
+    def __init__(self, share: int, shares: int, interface: str = CLIENT_IF) -> None:
+        # Protocol 0 until bound: no frame is queued before the filter is on.
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.BUFFER)
+            attach_filter(self.sock, tap_filter(share, shares))
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self.sock.bind((interface, ETH_P_IP))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def read(self) -> tuple[list[tuple[int, int]], int]:
+        """(xid, kernel receive time in ns) of every offer seen, and how many the tap itself
+        dropped (its buffer full: then what it saw is short)."""
+        seen = []
+        space = socket.CMSG_SPACE(16)
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(2048, space)
+            except (BlockingIOError, InterruptedError):
+                break
+            header = (data[0] & 0x0F) * 4
+            if len(data) < header + 12:
+                continue
+            stamp = next((struct.unpack("@ll", value[:16]) for level, kind, value in ancdata
+                          if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS),
+                         (0, 0))
+            seen.append((int.from_bytes(data[header + 12:header + 16], "big"),
+                         stamp[0] * 1_000_000_000 + stamp[1]))
+        _packets, drops = struct.unpack("II", self.sock.getsockopt(
+            SOL_PACKET, PACKET_STATISTICS, 8))
+        return seen, drops
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class DhcpPort:
     """The :68 socket of a generator process: proxy offers come back broadcast to it, and are
-    handed to the device waiting for that xid. With several generator processes each has
-    its own :68 socket (SO_REUSEADDR: the kernel gives every one of them each broadcast), so
-    an offer to another process's device is left to that process, not counted late here."""
+    handed to the device waiting for that xid. With several generator processes, only the
+    offers to this process's devices come in (offer_filter)."""
 
     def __init__(self) -> None:
         self.waiting: dict[int, asyncio.Future[bytes]] = {}
         self.sent: set[int] = set()  # the xids this process's devices sent
         self.late = 0  # offers that came after their device gave up
+        self.sent_at: dict[int, int] = {}  # xid -> time.time_ns() its first DISCOVER left
+        self.got: dict[int, int] = {}  # xid -> offers delivered to this socket
+        self.got_at: dict[int, int] = {}  # xid -> time.time_ns() the first was handed over
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) >= 240 and data[0] == 2:
             xid = int.from_bytes(data[4:8], "big")
+            if xid in self.sent:
+                self.got[xid] = self.got.get(xid, 0) + 1
+                self.got_at.setdefault(xid, time.time_ns())
             fut = self.waiting.get(xid)
             if fut is not None and not fut.done():
                 fut.set_result(data)
             elif xid in self.sent:
                 self.late += 1
+
+    def against(self, seen: list[tuple[int, int]], retried: list[int]) -> dict[str, Any]:
+        """What the offers ``seen`` on the devices' wire (OfferTap) say: the offers to this
+        process's devices there, those its socket never delivered (the generator's loss),
+        the ``retried`` devices' xids among them, and each answered device's DISCOVER →
+        offer time split at the wire (ms: the server's and the kernel's part, then the
+        generator's: its socket and its loop)."""
+        wire: dict[int, int] = {}
+        first: dict[int, int] = {}
+        for xid, at in seen:
+            if xid in self.sent:
+                wire[xid] = wire.get(xid, 0) + 1
+                first.setdefault(xid, at)
+        lost = {xid: n - self.got.get(xid, 0) for xid, n in wire.items()
+                if n > self.got.get(xid, 0)}
+        to_wire, to_device = [], []
+        for xid, at in first.items():
+            if xid in self.got_at and xid in self.sent_at and at:
+                to_wire.append((at - self.sent_at[xid]) / 1e6)
+                to_device.append((self.got_at[xid] - at) / 1e6)
+        return {"offers_on_wire": sum(wire.values()), "offers_delivered": sum(self.got.values()),
+                "offers_lost_here": sum(lost.values()),
+                "retried_lost_here": sum(1 for xid in retried if xid in lost),
+                "offer_to_wire_ms": to_wire, "offer_wire_to_device_ms": to_device}
 
 
 class Generator:
@@ -862,6 +1006,7 @@ class Generator:
         self.dhcp.waiting[xid] = fut
         self.dhcp.sent.add(xid)
         payload = self._packet(dev, xid, 1)
+        self.dhcp.sent_at[xid] = time.time_ns()
         first = time.perf_counter()
         try:
             # PXE retransmits its DISCOVER after 4, 8, 16, 32 s; the first two are enough here.
@@ -1006,7 +1151,7 @@ class Generator:
 
         try:
             async with asyncio.timeout(self.spec.device_timeout):
-                xid = self.rng.getrandbits(32)
+                xid = xid_of(self.rng.getrandbits(32), self.spec.share, self.spec.shares)
                 offer = await timed("dhcp_offer", self.dhcp_offer(dev, xid))
                 loader = await timed("pxe_ack", self.pxe_ack(dev, xid, offer))
                 size = await timed("tftp_tsize", self.tftp(
@@ -1106,10 +1251,14 @@ class Generator:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, CLIENT_IF.encode())
+        spec = self.spec
+        if spec.shares > 1:  # only the offers to this process's devices (offer_filter)
+            attach_filter(sock, offer_filter(spec.share, spec.shares))
         sock.bind(("0.0.0.0", 68))
         self.dhcp = DhcpPort()
         self.dhcp_transport = UdpSocket(sock, self.dhcp.datagram_received)
-        spec = self.spec
+        tap = OfferTap(spec.share, spec.shares)
+        drops0 = socket_drops(sock)
         devices = share_of(spec)
         # One connection pool per client address, as each device has its own TCP stack; one
         # read buffer for the process (device_http: each read is consumed before the next).
@@ -1136,8 +1285,12 @@ class Generator:
             lag.cancel()
             for session in sessions.values():
                 await session.close()
+            socket_dropped = socket_drops(sock) - drops0
             self.dhcp_transport.close()
+            seen, tap_drops = tap.read()
+            tap.close()
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        wire = self.dhcp.against(seen, [xid for _, xid, _, _ in self.retried])
         retries = {k: sum(session.retries[k] for session in sessions.values())
                    for k in ("reopened", "retry_after")}
         return {"wall": wall, "times": self.times, "failures": self.failures,
@@ -1150,7 +1303,8 @@ class Generator:
                 "same_port": self.same_port, "rebound": self.rebound,
                 "slow_tftp": self.slow_tftp,
                 "http_retries": retries,
-                "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0)}
+                "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0),
+                **wire, "offer_tap_drops": tap_drops, "dhcp_socket_drops": socket_dropped}
 
 
 def generate(spec_json: str) -> None:
@@ -1203,6 +1357,13 @@ def start_generators(client_ns: str, spec: Spec, count: int, run: Path
     return gens
 
 
+# A generator's DHCP offers as its tap saw them (DhcpPort.against, OfferTap): summed, and
+# the DISCOVER -> offer times at the wire, the union, by merge().
+WIRE_COUNTS = ("offers_on_wire", "offers_delivered", "offers_lost_here", "retried_lost_here",
+               "offer_tap_drops", "dhcp_socket_drops")
+WIRE_TIMES = ("offer_to_wire_ms", "offer_wire_to_device_ms")
+
+
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The storm's result from its generator processes' (each began at the same instant):
     every stage's latencies and the loop lags are the union of the processes' (a percentile
@@ -1226,10 +1387,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
                          for k in ("reopened", "retry_after")},
         "t0_wall": parts[0]["t0_wall"]}
     for key in ("generator_cpu", "generator_system", "devices", "late_offers",
-                "dhcp_send_failed", "same_port", "rebound"):
-        merged[key] = sum(part[key] for part in parts)
-    for key in ("loop_lag", "retried", "slow_tftp", "slow"):
-        merged[key] = [item for part in parts for item in part[key]]
+                "dhcp_send_failed", "same_port", "rebound", *WIRE_COUNTS):
+        merged[key] = sum(part.get(key, 0) for part in parts)
+    for key in ("loop_lag", "retried", "slow_tftp", "slow", *WIRE_TIMES):
+        merged[key] = [item for part in parts for item in part.get(key, [])]
     return merged
 
 
@@ -1401,6 +1562,7 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                         for i, xid, at, took in retried[:20])
               + f"; DISCOVERs the kernel refused to send: {data['dhcp_send_failed']}; "
               f"veth drops s/c {kernel[0]}/{kernel[1]}, backlog drops {kernel[2]}")
+        result.client_drops -= offers_said(target, data, len(gens))
     except RuntimeError as exc:
         result.error = str(exc)
     finally:
@@ -1424,6 +1586,32 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
     if target in NETBOOT_TARGETS:
         print(f"{target}: {server_said(run / 'netboot.log')}")
     return result
+
+
+def offers_said(target: str, data: dict[str, Any], generators: int) -> int:
+    """Prints what the generators' offer taps saw (OfferTap, DhcpPort.against): the offers
+    to the devices' :68 on the wire against those delivered (the generators' own loss, not
+    the server's), and each first DISCOVER's time to its offer split at the wire. Returns
+    the offers the generators' xid filters turned away (each offer reached every other
+    process's socket), counted in the devices' UDP InErrors: not a loss."""
+    wire = data.get("offers_on_wire", 0)
+    turned_away = (generators - 1) * wire
+    to_wire, to_device = data.get("offer_to_wire_ms", []), data.get("offer_wire_to_device_ms", [])
+    print(f"{target}: DHCP offers to the devices' :68 seen on their side of the veth {wire} "
+          f"(the taps missed {data.get('offer_tap_drops', 0)}), delivered to the generators "
+          f"{data.get('offers_delivered', 0)}: **lost in the generators' own sockets "
+          f"{data.get('offers_lost_here', 0)}** (devices offered only after a retransmission "
+          f"for it: {data.get('retried_lost_here', 0)}); the :68 sockets' kernel drops "
+          f"{data.get('dhcp_socket_drops', 0)}"
+          + (f", {turned_away} of them offers to another process's devices turned away by the "
+             f"xid filters (left out of the devices' UDP drops)" if turned_away else ""))
+    if to_wire:
+        print(f"{target}: DISCOVER -> offer, answered at once ({len(to_wire)}), split at the "
+              f"devices' wire: to the offer there p50 {pct(to_wire, .5):.2f} p99 "
+              f"{pct(to_wire, .99):.2f} max {max(to_wire):.2f} ms (the server and both "
+              f"kernels), from there to the device's coroutine p50 {pct(to_device, .5):.2f} "
+              f"p99 {pct(to_device, .99):.2f} max {max(to_device):.2f} ms (the generator)")
+    return turned_away
 
 
 def server_said(log: Path) -> str:
