@@ -287,6 +287,27 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def run_and_wait(pids: list[int]) -> tuple[float, float]:
+    """Seconds the threads of ``pids`` and their live descendants have run on a CPU, and
+    seconds they have waited for one while runnable (/proc/<pid>/task/<tid>/schedstat,
+    the scheduler's run delay): a server whose answers are late because the machine gave
+    it no CPU, not because its loop was busy, waited much."""
+    ran = waited = 0
+    todo, seen = list(pids), set[int]()
+    while todo and len(seen) < 1000:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    on, wait = Path(f"/proc/{p}/task/{task}/schedstat").read_text().split()[:2]
+                    ran, waited = ran + int(on), waited + int(wait)
+        todo += _children(p)
+    return ran / 1e9, waited / 1e9
+
+
 # A target's storm begins once its servers are idle: their CPU grew by less than IDLE_SHARE
 # of a core in each of IDLE_LOOKS looks in a row, IDLE_LOOK seconds apart (settle()). dnsmasq
 # and nginx have finished starting when they first answer; netboot answers first and then
@@ -1460,6 +1481,8 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                   + ("" if idle else f" (not idle within {SETTLE_LIMIT:.0f} s: begun anyway)"),
                   flush=True)
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        sched0 = (run_and_wait([p.popen.pid for p in procs]),
+                  run_and_wait([gen.pid for gen in gens]))
         db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
         losses0 = tcp_losses(server_ns, client_ns)
@@ -1503,6 +1526,13 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                     ["ip", "netns", "exec", ns, "nstat", "-az"], check=False, capture_output=True,
                     text=True, timeout=30).stdout)
         cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        sched = (run_and_wait([p.popen.pid for p in procs]),
+                 run_and_wait([gen.pid for gen in gens]))
+        print(f"{target}: on a CPU and waiting for one (runnable) during the storm: the servers "
+              f"{sched[0][0] - sched0[0][0]:.2f} and {sched[0][1] - sched0[0][1]:.2f} s, the "
+              f"generators {sched[1][0] - sched0[1][0]:.2f} and "
+              f"{sched[1][1] - sched0[1][1]:.2f} s (the machine's share: a late answer of a "
+              f"server that waited long is the machine's)")
         if capture is not None:
             time.sleep(1.0)  # until it has written what it saw
             capture.send_signal(signal.SIGINT)

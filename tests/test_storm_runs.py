@@ -254,3 +254,24 @@ def test_the_generators_wire_counts_are_summed() -> None:
     assert merged["offers_on_wire"] == 20 and merged["offers_lost_here"] == 1
     assert merged["dhcp_socket_drops"] == 22
     assert sorted(merged["offer_to_wire_ms"]) == [0.5, 0.7]
+
+
+def test_run_and_wait_reads_the_schedulers_times_of_a_process_and_its_children() -> None:
+    import os
+    import subprocess
+    import sys
+
+    # The child runs 0.2 s on a CPU (however loaded the machine), says so, then sleeps.
+    child = subprocess.Popen([sys.executable, "-c", "import time\n"
+                              "while time.process_time() < 0.2: pass\n"
+                              "print('ran', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ran\n"
+        ran, waited = storm.run_and_wait([os.getpid()])
+        alone, _ = storm.run_and_wait([child.pid])
+        assert 0.2 <= alone <= ran  # this process's threads and its child's
+        assert waited >= 0.0
+    finally:
+        child.kill()
+        child.wait()
