@@ -387,14 +387,19 @@ def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
         def sendto(self, data: bytes, addr: Any) -> None:
             self.sent += 1
 
-    # (generation, began inside an answer) -> collections
+    # (generation, began inside an answer) -> collections; generation -> their thread times
     collections: dict[tuple[int, bool], int] = {}
+    took: dict[int, list[float]] = {0: [], 1: [], 2: []}
     inside = [False]
+    began = [0.0]
 
     def probe(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             key = (info["generation"], inside[0])
             collections[key] = collections.get(key, 0) + 1
+            began[0] = time.thread_time()
+        else:
+            took[info["generation"]].append(time.thread_time() - began[0])
 
     async def run(root: Path) -> tuple[float, int, list[float]]:
         server = await make_server("store" if kind in ("enrolled", "first") else kind, "",
@@ -443,7 +448,8 @@ def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
     print(f"in-process, {kind} decider: {count} DISCOVERs, "
           f"{seconds / count * 1e6:.1f} µs CPU each, {count / seconds:,.0f}/s")
     said = ", ".join(f"{name} {sum(n for (g, _), n in collections.items() if g == gen)} "
-                     f"({collections.get((gen, True), 0)} inside an answer)"
+                     f"({collections.get((gen, True), 0)} inside an answer; each "
+                     f"{pct(took[gen], 0.5) * 1e6:.0f} µs, max {max(took[gen] or [0]) * 1e6:.0f})"
                      for gen, name in enumerate(("young", "middle", "full")))
     print(f"collections: {said}; an answer's time p50 {pct(answers, 0.5) * 1e6:.0f} µs, "
           f"p99 {pct(answers, 0.99) * 1e6:.0f} µs, p99.9 {pct(answers, 0.999) * 1e6:.0f} µs, "
