@@ -111,6 +111,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -306,6 +307,14 @@ def run_and_wait(pids: list[int]) -> tuple[float, float]:
                     ran, waited = ran + int(on), waited + int(wait)
         todo += _children(p)
     return ran / 1e9, waited / 1e9
+
+
+def main_thread(pid: int) -> tuple[float, float]:
+    """run_and_wait of ``pid``'s main thread alone (netboot's event loop, dnsmasq)."""
+    with contextlib.suppress(OSError, ValueError):
+        on, wait = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[:2]
+        return int(on) / 1e9, int(wait) / 1e9
+    return 0.0, 0.0
 
 
 # A target's storm begins once its servers are idle: their CPU grew by less than IDLE_SHARE
@@ -819,7 +828,7 @@ class TftpReceiver:
 # the devices' UDP drops are told without them (run_target).
 SO_ATTACH_FILTER = 26
 SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8  # struct sk_meminfo's u32s; sk_drops is the 9th
-SOL_PACKET, PACKET_STATISTICS = 263, 6
+SOL_PACKET, PACKET_STATISTICS, PACKET_IGNORE_OUTGOING = 263, 6, 23
 SO_RCVBUFFORCE, SO_TIMESTAMPNS = 33, 35  # not in Python 3.11's socket module
 ETH_P_IP = 0x0800
 Bpf = list[tuple[int, int, int, int]]  # classic BPF: (code, jt, jf, k)
@@ -875,10 +884,11 @@ def socket_drops(sock: socket.socket) -> int:
 
 class OfferTap:
     """The offers to one generator process's devices as they reach the devices' side of the
-    veth: a packet socket on CLIENT_IF (tap_filter), read once the storm is over (its
-    buffer holds every offer of a storm: ~2.3 KB each). Each with its kernel receive time
-    (SO_TIMESTAMPNS, CLOCK_REALTIME): when the server's answer was there, apart from when
-    the device's coroutine had it."""
+    veth: a packet socket on CLIENT_IF (tap_filter), read and closed once the process's
+    devices are past their DHCP stage (its buffer holds every offer of a storm: ~2.3 KB
+    each); until then its filter runs on every frame the devices receive. Each offer with
+    its kernel receive time (SO_TIMESTAMPNS, CLOCK_REALTIME): when the server's answer was
+    there, apart from when the device's coroutine had it."""
 
     BUFFER = 32 << 20
 
@@ -888,6 +898,9 @@ class OfferTap:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.BUFFER)
             attach_filter(self.sock, tap_filter(share, shares))
+            # Not the devices' own frames going out (their ACKs: each one would be cloned
+            # for the tap before its filter turned it away).
+            self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             self.sock.bind((interface, ETH_P_IP))
             self.sock.setblocking(False)
@@ -982,6 +995,11 @@ class Generator:
         self.base = f"http://{SERVER_IP}:{HTTP_PORT}"
         self.dhcp: DhcpPort | None = None
         self.dhcp_transport: UdpSocket | None = None
+        # The offer tap (OfferTap) until the last device is past its DHCP stage, then what
+        # it saw: (xid, receive time) and its own drops.
+        self.tap: OfferTap | None = None
+        self.in_dhcp = 0
+        self.tapped: tuple[list[tuple[int, int]], int] = ([], 0)
         self.cpu0 = self.cpu0_system = 0.0
         self.lags: list[float] = []
         self.t0 = 0.0
@@ -1043,6 +1061,15 @@ class Generator:
             raise Failed("no offer")
         finally:
             self.dhcp.waiting.pop(xid, None)
+            self.in_dhcp -= 1
+            if not self.in_dhcp:
+                self._read_tap()
+
+    def _read_tap(self) -> None:
+        if self.tap is not None:
+            self.tapped = self.tap.read()
+            self.tap.close()
+            self.tap = None
 
     async def pxe_ack(self, dev: Device, xid: int, offer: bytes) -> str:
         from netboot.wire import dhcp
@@ -1278,9 +1305,10 @@ class Generator:
         sock.bind(("0.0.0.0", 68))
         self.dhcp = DhcpPort()
         self.dhcp_transport = UdpSocket(sock, self.dhcp.datagram_received)
-        tap = OfferTap(spec.share, spec.shares)
+        self.tap = OfferTap(spec.share, spec.shares)
         drops0 = socket_drops(sock)
         devices = share_of(spec)
+        self.in_dhcp = len(devices)  # the tap is read as the last one leaves dhcp_offer
         # One connection pool per client address, as each device has its own TCP stack; one
         # read buffer for the process (device_http: each read is consumed before the next).
         buffer = memoryview(bytearray(device_http.READ_BUFFER))
@@ -1308,9 +1336,9 @@ class Generator:
                 await session.close()
             socket_dropped = socket_drops(sock) - drops0
             self.dhcp_transport.close()
-            seen, tap_drops = tap.read()
-            tap.close()
+            self._read_tap()  # a storm whose devices all failed before their offer
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        seen, tap_drops = self.tapped
         wire = self.dhcp.against(seen, [xid for _, xid, _, _ in self.retried])
         retries = {k: sum(session.retries[k] for session in sessions.values())
                    for k in ("reopened", "retry_after")}
@@ -1510,11 +1538,25 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         # One instant for every generator process, a little ahead: each process's devices
         # power on at it plus their place in --within, as one process's did.
         start = time.perf_counter() + GO_AHEAD
+        # The DHCP server's main thread (netboot's loop, dnsmasq) over the power-ons and a
+        # second after: how much of it ran and how much it waited for a CPU while the
+        # storm's DISCOVERs came.
+        dhcp_pid = procs[0].popen.pid
+        loop0 = main_thread(dhcp_pid)
+        at_dhcp: list[tuple[float, float]] = []
+        looked = threading.Timer(GO_AHEAD + spec.within + 1.0,
+                                 lambda: at_dhcp.append(main_thread(dhcp_pid)))
+        looked.start()
         for gen in gens:
             assert gen.stdin is not None
             gen.stdin.write(f"GO {start!r}\n")
             gen.stdin.flush()
         outs = [gen.stdout.readline() for gen in gens]  # type: ignore[union-attr]
+        looked.join()
+        if at_dhcp:
+            print(f"{target}: the DHCP server's main thread ({procs[0].name}) in the storm's "
+                  f"first {spec.within + 1.0:g} s: on a CPU {at_dhcp[0][0] - loop0[0]:.2f} s, "
+                  f"waiting for one {at_dhcp[0][1] - loop0[1]:.2f} s")
         result.machine = {k: v - machine0[k] for k, v in machine_cpu().items()}
         result.written_kib = written_kib() - written0
         if args.diag:
@@ -1624,7 +1666,7 @@ def offers_said(target: str, data: dict[str, Any], generators: int) -> int:
     the server's), and each first DISCOVER's time to its offer split at the wire. Returns
     the offers the generators' xid filters turned away (each offer reached every other
     process's socket), counted in the devices' UDP InErrors: not a loss."""
-    wire = data.get("offers_on_wire", 0)
+    wire = int(data.get("offers_on_wire", 0))
     turned_away = (generators - 1) * wire
     to_wire, to_device = data.get("offer_to_wire_ms", []), data.get("offer_wire_to_device_ms", [])
     print(f"{target}: DHCP offers to the devices' :68 seen on their side of the veth {wire} "
