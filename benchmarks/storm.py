@@ -272,19 +272,25 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live descendants (nginx's workers), in seconds."""
-    total, todo, seen = 0, [pid], set[int]()
+def _family(pids: list[int]) -> list[int]:
+    """``pids`` and their live descendants (at most 1,000)."""
+    todo, seen = list(pids), list[int]()
     while todo and len(seen) < 1000:
         p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+        if p not in seen:
+            seen.append(p)
+            todo += _children(p)
+    return seen
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live descendants (nginx's workers), in seconds."""
+    total = 0
+    for p in _family([pid]):
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{p}/stat").read_text()
             fields = stat[stat.rindex(")") + 2:].split()
             total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-        todo += _children(p)
     return total / CLK_TCK
 
 
@@ -294,18 +300,12 @@ def run_and_wait(pids: list[int]) -> tuple[float, float]:
     the scheduler's run delay): a server whose answers are late because the machine gave
     it no CPU, not because its loop was busy, waited much."""
     ran = waited = 0
-    todo, seen = list(pids), set[int]()
-    while todo and len(seen) < 1000:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+    for p in _family(pids):
         with contextlib.suppress(OSError):
             for task in os.listdir(f"/proc/{p}/task"):
                 with contextlib.suppress(OSError, ValueError):
                     on, wait = Path(f"/proc/{p}/task/{task}/schedstat").read_text().split()[:2]
                     ran, waited = ran + int(on), waited + int(wait)
-        todo += _children(p)
     return ran / 1e9, waited / 1e9
 
 
