@@ -946,6 +946,7 @@ class DhcpPort:
         self.sent_at: dict[int, int] = {}  # xid -> time.time_ns() its first DISCOVER left
         self.got: dict[int, int] = {}  # xid -> offers delivered to this socket
         self.got_at: dict[int, int] = {}  # xid -> time.time_ns() the first was handed over
+        self.resumed_at: dict[int, int] = {}  # xid -> time.time_ns() its device had it
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) >= 240 and data[0] == 2:
@@ -963,8 +964,9 @@ class DhcpPort:
         """What the offers ``seen`` on the devices' wire (OfferTap) say: the offers to this
         process's devices there, those its socket never delivered (the generator's loss),
         the ``retried`` devices' xids among them, and each answered device's DISCOVER →
-        offer time split at the wire (ms: the server's and the kernel's part, then the
-        generator's: its socket and its loop)."""
+        offer time split at the wire and in the generator (ms: the server's and the
+        kernels' part; the generator's socket and loop until it read the offer; its loop
+        until the device's coroutine had it)."""
         wire: dict[int, int] = {}
         first: dict[int, int] = {}
         for xid, at in seen:
@@ -973,15 +975,17 @@ class DhcpPort:
                 first.setdefault(xid, at)
         lost = {xid: n - self.got.get(xid, 0) for xid, n in wire.items()
                 if n > self.got.get(xid, 0)}
-        to_wire, to_device = [], []
+        to_wire, to_read, to_device = [], [], []
         for xid, at in first.items():
-            if xid in self.got_at and xid in self.sent_at and at:
+            if xid in self.resumed_at and xid in self.got_at and xid in self.sent_at and at:
                 to_wire.append((at - self.sent_at[xid]) / 1e6)
-                to_device.append((self.got_at[xid] - at) / 1e6)
+                to_read.append((self.got_at[xid] - at) / 1e6)
+                to_device.append((self.resumed_at[xid] - self.got_at[xid]) / 1e6)
         return {"offers_on_wire": sum(wire.values()), "offers_delivered": sum(self.got.values()),
                 "offers_lost_here": sum(lost.values()),
                 "retried_lost_here": sum(1 for xid in retried if xid in lost),
-                "offer_to_wire_ms": to_wire, "offer_wire_to_device_ms": to_device}
+                "offer_to_wire_ms": to_wire, "offer_wire_to_read_ms": to_read,
+                "offer_read_to_device_ms": to_device}
 
 
 class Generator:
@@ -1053,7 +1057,9 @@ class Generator:
                 self.dhcp_transport.sendto(payload, ("255.255.255.255", 67))
                 with contextlib.suppress(TimeoutError):
                     offer = await asyncio.wait_for(asyncio.shield(fut), wait)
-                    if n:
+                    if not n:
+                        self.dhcp.resumed_at[xid] = time.time_ns()
+                    else:
                         now = time.perf_counter()
                         self.retried.append((dev.index, xid, (first - self.t0) * 1e3,
                                              (now - first) * 1e3))
@@ -1410,7 +1416,7 @@ def start_generators(client_ns: str, spec: Spec, count: int, run: Path
 # the DISCOVER -> offer times at the wire, the union, by merge().
 WIRE_COUNTS = ("offers_on_wire", "offers_delivered", "offers_lost_here", "retried_lost_here",
                "offer_tap_drops", "dhcp_socket_drops")
-WIRE_TIMES = ("offer_to_wire_ms", "offer_wire_to_device_ms")
+WIRE_TIMES = ("offer_to_wire_ms", "offer_wire_to_read_ms", "offer_read_to_device_ms")
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1668,7 +1674,7 @@ def offers_said(target: str, data: dict[str, Any], generators: int) -> int:
     process's socket), counted in the devices' UDP InErrors: not a loss."""
     wire = int(data.get("offers_on_wire", 0))
     turned_away = (generators - 1) * wire
-    to_wire, to_device = data.get("offer_to_wire_ms", []), data.get("offer_wire_to_device_ms", [])
+    to_wire, to_read, to_device = (data.get(key, []) for key in WIRE_TIMES)
     print(f"{target}: DHCP offers to the devices' :68 seen on their side of the veth {wire} "
           f"(the taps missed {data.get('offer_tap_drops', 0)}), delivered to the generators "
           f"{data.get('offers_delivered', 0)}: **lost in the generators' own sockets "
@@ -1681,8 +1687,10 @@ def offers_said(target: str, data: dict[str, Any], generators: int) -> int:
         print(f"{target}: DISCOVER -> offer, answered at once ({len(to_wire)}), split at the "
               f"devices' wire: to the offer there p50 {pct(to_wire, .5):.2f} p99 "
               f"{pct(to_wire, .99):.2f} max {max(to_wire):.2f} ms (the server and both "
-              f"kernels), from there to the device's coroutine p50 {pct(to_device, .5):.2f} "
-              f"p99 {pct(to_device, .99):.2f} max {max(to_device):.2f} ms (the generator)")
+              f"kernels), from there until the generator read it p50 {pct(to_read, .5):.2f} "
+              f"p99 {pct(to_read, .99):.2f} max {max(to_read):.2f} ms, from the read to the "
+              f"device's coroutine p50 {pct(to_device, .5):.2f} p99 {pct(to_device, .99):.2f} "
+              f"max {max(to_device):.2f} ms (the generator's loop)")
     return turned_away
 
 

@@ -234,6 +234,7 @@ def test_what_the_wire_says_tells_the_generators_loss_from_the_servers() -> None
     dhcp.sent_at = {1: 1_000_000, 2: 2_000_000, 3: 3_000_000, 4: 4_000_000}
     dhcp.got = {1: 1, 2: 1}
     dhcp.got_at = {1: 4_000_000, 2: 2_500_000}
+    dhcp.resumed_at = {1: 4_100_000, 2: 3_500_000}
     # On the wire: 1 (once), 2 (twice: delivered once), 3 (never delivered); 4 never
     # answered (the server's); 99 another process's.
     seen = [(1, 2_000_000), (2, 2_200_000), (2, 6_000_000), (3, 3_100_000), (99, 1)]
@@ -242,13 +243,15 @@ def test_what_the_wire_says_tells_the_generators_loss_from_the_servers() -> None
     assert said["offers_lost_here"] == 2  # one of 2's, 3's
     assert said["retried_lost_here"] == 1  # 3 lost here; 4 was never answered
     assert sorted(said["offer_to_wire_ms"]) == [0.2, 1.0]
-    assert sorted(said["offer_wire_to_device_ms"]) == [0.3, 2.0]
+    assert sorted(said["offer_wire_to_read_ms"]) == [0.3, 2.0]
+    assert sorted(said["offer_read_to_device_ms"]) == [0.1, 1.0]
 
 
 def test_the_generators_wire_counts_are_summed() -> None:
     a = {**_part([0.1], 0, 1.0, 1.0), "offers_on_wire": 10, "offers_delivered": 9,
          "offers_lost_here": 1, "retried_lost_here": 1, "offer_tap_drops": 0,
-         "dhcp_socket_drops": 11, "offer_to_wire_ms": [0.5], "offer_wire_to_device_ms": [3.0]}
+         "dhcp_socket_drops": 11, "offer_to_wire_ms": [0.5], "offer_wire_to_read_ms": [3.0],
+         "offer_read_to_device_ms": [1.0]}
     b = {**a, "offers_lost_here": 0, "retried_lost_here": 0, "offer_to_wire_ms": [0.7]}
     merged = storm.merge([a, b])
     assert merged["offers_on_wire"] == 20 and merged["offers_lost_here"] == 1
