@@ -1045,8 +1045,7 @@ class Generator:
 
     async def dhcp_offer(self, dev: Device, xid: int) -> bytes:
         assert self.dhcp is not None and self.dhcp_transport is not None
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.dhcp.waiting[xid] = fut
+        loop = asyncio.get_running_loop()
         self.dhcp.sent.add(xid)
         payload = self._packet(dev, xid, 1)
         self.dhcp.sent_at[xid] = time.time_ns()
@@ -1054,16 +1053,26 @@ class Generator:
         try:
             # PXE retransmits its DISCOVER after 4, 8, 16, 32 s; the first two are enough here.
             for n, wait in enumerate((4.0, 8.0)):
+                # A future a try, awaited under a timeout: the offer's datagram wakes the
+                # device's coroutine in the loop's next round. wait_for(shield(one future))
+                # took three rounds (the shield's callback, wait_for's, the task's), each
+                # behind a storm's thousands of ready callbacks: ~1 s of the DHCP stage in
+                # a whole storm with two generator processes (benchmarks/README.md, s31-dhcp).
+                fut: asyncio.Future[bytes] = loop.create_future()
+                self.dhcp.waiting[xid] = fut
                 self.dhcp_transport.sendto(payload, ("255.255.255.255", 67))
-                with contextlib.suppress(TimeoutError):
-                    offer = await asyncio.wait_for(asyncio.shield(fut), wait)
-                    if not n:
-                        self.dhcp.resumed_at[xid] = time.time_ns()
-                    else:
-                        now = time.perf_counter()
-                        self.retried.append((dev.index, xid, (first - self.t0) * 1e3,
-                                             (now - first) * 1e3))
-                    return offer
+                try:
+                    async with asyncio.timeout(wait):
+                        offer = await fut
+                except TimeoutError:
+                    continue
+                if not n:
+                    self.dhcp.resumed_at[xid] = time.time_ns()
+                else:
+                    now = time.perf_counter()
+                    self.retried.append((dev.index, xid, (first - self.t0) * 1e3,
+                                         (now - first) * 1e3))
+                return offer
             raise Failed("no offer")
         finally:
             self.dhcp.waiting.pop(xid, None)
@@ -1105,7 +1114,8 @@ class Generator:
                 deadline = loop.time() + wait
                 while (left := deadline - loop.time()) > 0:
                     try:
-                        data = await asyncio.wait_for(replies.get(), left)
+                        async with asyncio.timeout(left):  # not wait_for's task (above)
+                            data = await replies.get()
                     except TimeoutError:
                         break
                     if data[4:8] == payload[4:8] and data[0] == 2:

@@ -278,3 +278,28 @@ def test_run_and_wait_reads_the_schedulers_times_of_a_process_and_its_children()
     finally:
         child.kill()
         child.wait()
+
+
+async def test_an_offer_wakes_its_device_in_the_loops_next_round() -> None:
+    # wait_for(shield(future)) took three rounds of the generator's loop, each behind the
+    # storm's ready callbacks; a future a try under asyncio.timeout takes one.
+    import asyncio
+
+    class Sent:
+        def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+            self.data = data
+
+    gen = storm.Generator(storm.Spec(1000, 1.0, 100_000, 1, 1, 0.0, 0.0, 120.0, 7))
+    gen.dhcp = storm.DhcpPort()
+    gen.dhcp_transport = Sent()  # type: ignore[assignment]
+    gen.in_dhcp = 2
+    device = asyncio.ensure_future(gen.dhcp_offer(storm.Device(0, 0, "192.0.2.10"), 0x1234))
+    await asyncio.sleep(0)  # the DISCOVER sent, its device waiting
+    gen.dhcp.datagram_received(_dhcp_reply(0x1234), ("192.0.2.1", 67))
+    rounds = 0
+    while not device.done():
+        await asyncio.sleep(0)
+        rounds += 1
+    assert device.result()[4:8] == (0x1234).to_bytes(4, "big")
+    assert rounds == 1
+    assert 0x1234 in gen.dhcp.resumed_at and gen.retried == []
