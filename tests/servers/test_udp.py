@@ -384,3 +384,23 @@ async def test_one_collection_is_asked_for_however_many_answers_come_first() -> 
         assert events == [("sent", b"one"), ("sent", b"two"), ("gc", 0)]
         assert young.collected == 1
     del kept
+
+
+async def test_a_threshold_raised_since_is_read_at_the_next_look() -> None:
+    # FrozenHeap.start raises the young threshold after the listeners are made: the first
+    # answer past the old one's eighth looks again, collects nothing, and the next answers
+    # ask for nothing until the new one's.
+    events: list[Any] = []
+    with collections_seen(events):
+        gc.set_threshold(700, 10, 10)
+        young = YoungCollections()
+        gc.set_threshold(100_000, 10, 10)
+        protocol = listener(events, young)
+        kept = near_threshold(1000)
+        protocol.datagram_received(b"one", ("127.0.0.1", 68))
+        await asyncio.sleep(0)
+        protocol.datagram_received(b"two", ("127.0.0.1", 68))
+        assert not young._due
+        await asyncio.sleep(0)
+        assert events == [("sent", b"one"), ("sent", b"two")] and young.collected == 0
+    del kept
