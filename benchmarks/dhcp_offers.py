@@ -367,10 +367,17 @@ def pct(values: list[float], p: float) -> float:
 # --- in-process: the Python cost per packet --------------------------------------------------
 
 
-def inproc(count: int, kind: str, enroll: list[bytes]) -> None:
+def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
     """Datagrams handed to the listener's protocol as the loop would (the error boundary,
     the log context, the decision, the reply), replies kept by a transport that only counts
-    them: everything but the two system calls."""
+    them: everything but the two system calls. ``batch`` datagrams per loop iteration (64:
+    the closed loop's outstanding; 1: a storm's, one DISCOVER per wake-up). Also said: the
+    cyclic collector's collections by generation, how many of them began inside a
+    datagram's answer (the rest between answers: udp.YoungCollections), and the answers'
+    own times (p99, max: what a collection inside one adds)."""
+    import gc
+    import logging
+
     from netboot.servers.dhcp import _Listener
     from netboot.servers.udp import BoundaryProtocol
 
@@ -380,41 +387,74 @@ def inproc(count: int, kind: str, enroll: list[bytes]) -> None:
         def sendto(self, data: bytes, addr: Any) -> None:
             self.sent += 1
 
-    async def run(root: Path) -> tuple[float, int]:
+    # (generation, began inside an answer) -> collections; generation -> their thread times
+    collections: dict[tuple[int, bool], int] = {}
+    took: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    inside = [False]
+    began = [0.0]
+
+    def probe(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            key = (info["generation"], inside[0])
+            collections[key] = collections.get(key, 0) + 1
+            began[0] = time.thread_time()
+        else:
+            took[info["generation"]].append(time.thread_time() - began[0])
+
+    async def run(root: Path) -> tuple[float, int, list[float]]:
         server = await make_server("store" if kind in ("enrolled", "first") else kind, "",
                                    root, enroll=enroll)
+        # A tree before s31-dhcp has no collections between answers.
+        between = getattr(server, "collections", None)
         protocol = BoundaryProtocol("bench", server._handler(_Listener(None, SERVER_IP, False)),
-                                    logger=__import__("logging").getLogger("bench"),
-                                    max_in_flight=1 << 30)
+                                    logger=logging.getLogger("bench"),
+                                    max_in_flight=1 << 30,
+                                    **({"answered": between.answered} if between else {}))
         transport = Counting()
         protocol.connection_made(transport)  # type: ignore[arg-type]
         # "first": each DISCOVER from a machine of its own, seen for the first time (what a
         # storm of enrolled machines is); else 1,000 MACs over and over.
         packets = [discover(mac_of(i), i) for i in range(count if kind == "first" else 1000)]
+        answers: list[float] = []
+        clock = time.perf_counter
+        gc.callbacks.append(probe)
         t0 = time.process_time()
         m0 = time.thread_time()
         for i in range(count):
+            inside[0] = True
+            began = clock()
             protocol.datagram_received(packets[i % len(packets)], ("0.0.0.0", 68))
-            if i % 64 == 63:  # 64 outstanding, as the closed loop keeps them
+            answers.append(clock() - began)
+            inside[0] = False
+            if i % batch == batch - 1:  # 64 outstanding, as the closed loop keeps them
                 await protocol.drain()
-                # One loop iteration per 64 datagrams, as the draining transport reads
-                # them: background records run between batches, as they do when serving.
+                # One loop iteration per batch of datagrams, as the draining transport
+                # reads them: background records run between batches, as when serving.
                 await asyncio.sleep(0)
         await protocol.drain()
         drain = getattr(server._decider, "drain", None)
         if drain is not None:  # the store decider's background records, written
             await drain()
         seconds = time.process_time() - t0
+        gc.callbacks.remove(probe)
         print(f"main thread {(time.thread_time() - m0) / count * 1e6:.1f} µs per DISCOVER")
         await server.close()
-        return seconds, transport.sent
+        return seconds, transport.sent, answers
 
     with tempfile.TemporaryDirectory() as tmp:
-        seconds, sent = asyncio.run(run(Path(tmp)))
+        seconds, sent, answers = asyncio.run(run(Path(tmp)))
     if sent < count:
         print(f"{count - sent} DISCOVERs unanswered (the decision timed out)")
     print(f"in-process, {kind} decider: {count} DISCOVERs, "
           f"{seconds / count * 1e6:.1f} µs CPU each, {count / seconds:,.0f}/s")
+    said = ", ".join(f"{name} {sum(n for (g, _), n in collections.items() if g == gen)} "
+                     f"({collections.get((gen, True), 0)} inside an answer; each "
+                     f"{pct(took[gen], 0.5) * 1e6:.0f} µs, max {max(took[gen] or [0]) * 1e6:.0f})"
+                     for gen, name in enumerate(("young", "middle", "full")))
+    print(f"collections: {said}; an answer's time p50 {pct(answers, 0.5) * 1e6:.0f} µs, "
+          f"p99 {pct(answers, 0.99) * 1e6:.0f} µs, p99.9 {pct(answers, 0.999) * 1e6:.0f} µs, "
+          f"max {max(answers) * 1e6:.0f} µs ({batch} a loop iteration; load "
+          f"{os.getloadavg()[0]:.1f})")
 
 
 # --- in-process: a storm while the view loads ------------------------------------------------
@@ -529,6 +569,8 @@ def main() -> None:
                         choices=("memory", "memory-async", "store", "enrolled", "first"),
                         help="with --inproc (enrolled: the store's, with every MAC of the load "
                              "enrolled; first: --count enrolled machines, one DISCOVER each)")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="with --inproc: datagrams a loop iteration (1: a storm's)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--interface", default="", help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
@@ -552,7 +594,8 @@ def main() -> None:
     if args.inproc:
         inproc(args.count, args.decider,
                enrolled_macs(1000, 0) if args.decider == "enrolled"
-               else enrolled_macs(args.count, 0) if args.decider == "first" else [])
+               else enrolled_macs(args.count, 0) if args.decider == "first" else [],
+               args.batch)
         return
     if os.geteuid() != 0:
         sys.exit("needs root for the network namespaces (or use --inproc)")

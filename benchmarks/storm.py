@@ -111,6 +111,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -271,20 +272,49 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live descendants (nginx's workers), in seconds."""
-    total, todo, seen = 0, [pid], set[int]()
+def _family(pids: list[int]) -> list[int]:
+    """``pids`` and their live descendants (at most 1,000)."""
+    todo, seen = list(pids), list[int]()
     while todo and len(seen) < 1000:
         p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+        if p not in seen:
+            seen.append(p)
+            todo += _children(p)
+    return seen
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live descendants (nginx's workers), in seconds."""
+    total = 0
+    for p in _family([pid]):
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{p}/stat").read_text()
             fields = stat[stat.rindex(")") + 2:].split()
             total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-        todo += _children(p)
     return total / CLK_TCK
+
+
+def run_and_wait(pids: list[int]) -> tuple[float, float]:
+    """Seconds the threads of ``pids`` and their live descendants have run on a CPU, and
+    seconds they have waited for one while runnable (/proc/<pid>/task/<tid>/schedstat,
+    the scheduler's run delay): a server whose answers are late because the machine gave
+    it no CPU, not because its loop was busy, waited much."""
+    ran = waited = 0
+    for p in _family(pids):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    on, wait = Path(f"/proc/{p}/task/{task}/schedstat").read_text().split()[:2]
+                    ran, waited = ran + int(on), waited + int(wait)
+    return ran / 1e9, waited / 1e9
+
+
+def main_thread(pid: int) -> tuple[float, float]:
+    """run_and_wait of ``pid``'s main thread alone (netboot's event loop, dnsmasq)."""
+    with contextlib.suppress(OSError, ValueError):
+        on, wait = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[:2]
+        return int(on) / 1e9, int(wait) / 1e9
+    return 0.0, 0.0
 
 
 # A target's storm begins once its servers are idle: their CPU grew by less than IDLE_SHARE
@@ -785,25 +815,177 @@ class TftpReceiver:
             self._finish(Failed("no OACK to the size probe") if self.probe else self.total)
 
 
+# The devices' :68 port when several generator processes share it. Every process has its
+# own :68 socket (SO_REUSEADDR), and the kernel gives each broadcast offer to every one of
+# them: each process received every other's offers, and an offer one of them dropped (its
+# receive buffer full) was a device answered only at its 4 s retransmission, the server's
+# loss by every figure of the storm. So each process's devices draw their xids in its own
+# residue class (xid_of), and a classic BPF filter on its socket (offer_filter) lets only
+# those in; and a packet socket ahead of the UDP layer (OfferTap) sees each offer to the
+# process's devices as it reaches their side of the veth: on the wire and not delivered is
+# the generator's loss, not the server's. A filter's rejections count in the kernel's UDP
+# InErrors and the socket's drops like a full buffer's (Linux's udp_queue_rcv_one_skb), so
+# the devices' UDP drops are told without them (run_target).
+SO_ATTACH_FILTER = 26
+SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8  # struct sk_meminfo's u32s; sk_drops is the 9th
+SOL_PACKET, PACKET_STATISTICS, PACKET_IGNORE_OUTGOING = 263, 6, 23
+SO_RCVBUFFORCE, SO_TIMESTAMPNS = 33, 35  # not in Python 3.11's socket module
+ETH_P_IP = 0x0800
+Bpf = list[tuple[int, int, int, int]]  # classic BPF: (code, jt, jf, k)
+
+
+def xid_of(draw: int, share: int, shares: int) -> int:
+    """A device's DHCP xid from a 32-bit ``draw``, in its generator process's class
+    (``xid % shares == share``); with one process the draw itself, as before."""
+    return draw % (2**32 // shares) * shares + share
+
+
+def _xid_in_class(share: int, shares: int, load: tuple[int, int, int, int], drop: int) -> Bpf:
+    # ``load`` puts the xid in A; ``drop``: the jump from the jeq to the program's ret 0.
+    return [load, (0x94, 0, 0, shares),  # A %= shares (BPF_ALU|BPF_MOD|BPF_K)
+            (0x15, 0, drop, share)]  # A == share? on, else to ret 0 (BPF_JMP|BPF_JEQ|BPF_K)
+
+
+def offer_filter(share: int, shares: int) -> Bpf:
+    """A UDP socket's filter: the datagrams whose xid is in ``share``'s class. A UDP
+    socket's filter sees the datagram from its UDP header: the xid at 8 + 4."""
+    return [*_xid_in_class(share, shares, (0x20, 0, 0, 12), 1),  # ld [12] (BPF_LD|BPF_W|BPF_ABS)
+            (0x06, 0, 0, 0xFFFFFFFF), (0x06, 0, 0, 0)]  # ret all; ret 0 (dropped)
+
+
+def tap_filter(share: int, shares: int) -> Bpf:
+    """A packet socket's (SOCK_DGRAM: from the IP header): UDP to port 68, unfragmented,
+    its xid in ``share``'s class."""
+    return [(0x30, 0, 0, 9),  # ldb [9]: the protocol
+            (0x15, 0, 9, 17),  # UDP, else ret 0
+            (0x28, 0, 0, 6),  # ldh [6]: flags and fragment offset
+            (0x45, 7, 0, 0x1FFF),  # a fragment after the first: ret 0
+            (0xB1, 0, 0, 0),  # ldxb 4*([0]&0xf): X = the IP header's length
+            (0x48, 0, 0, 2),  # ldh [x+2]: the destination port
+            (0x15, 0, 4, 68),  # 68, else ret 0
+            *_xid_in_class(share, shares, (0x40, 0, 0, 12), 1),  # ld [x+12]: the xid
+            (0x06, 0, 0, 0xFFFFFFFF), (0x06, 0, 0, 0)]
+
+
+def attach_filter(sock: socket.socket, program: Bpf) -> None:
+    """SO_ATTACH_FILTER: ``program`` as a struct sock_fprog (the kernel copies it)."""
+    import ctypes
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *insn) for insn in program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    struct.pack("HL", len(program), ctypes.addressof(code)))
+
+
+def socket_drops(sock: socket.socket) -> int:
+    """The datagrams the kernel dropped for ``sock`` (full buffer, or its filter's
+    rejections): sk_drops, as /proc/net/udp's last column says it."""
+    meminfo = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 9 * 4)
+    return int(struct.unpack_from("9I", meminfo)[SK_MEMINFO_DROPS])
+
+
+class OfferTap:
+    """The offers to one generator process's devices as they reach the devices' side of the
+    veth: a packet socket on CLIENT_IF (tap_filter), read and closed once the process's
+    devices are past their DHCP stage (its buffer holds every offer of a storm: ~2.3 KB
+    each); until then its filter runs on every frame the devices receive. Each offer with
+    its kernel receive time (SO_TIMESTAMPNS, CLOCK_REALTIME): when the server's answer was
+    there, apart from when the device's coroutine had it."""
+
+    BUFFER = 32 << 20
+
+    def __init__(self, share: int, shares: int, interface: str = CLIENT_IF) -> None:
+        # Protocol 0 until bound: no frame is queued before the filter is on.
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.BUFFER)
+            attach_filter(self.sock, tap_filter(share, shares))
+            # Not the devices' own frames going out (their ACKs: each one would be cloned
+            # for the tap before its filter turned it away).
+            self.sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self.sock.bind((interface, ETH_P_IP))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def read(self) -> tuple[list[tuple[int, int]], int]:
+        """(xid, kernel receive time in ns) of every offer seen, and how many the tap itself
+        dropped (its buffer full: then what it saw is short)."""
+        seen = []
+        space = socket.CMSG_SPACE(16)
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(2048, space)
+            except (BlockingIOError, InterruptedError):
+                break
+            header = (data[0] & 0x0F) * 4
+            if len(data) < header + 12:
+                continue
+            stamp = next((struct.unpack("@ll", value[:16]) for level, kind, value in ancdata
+                          if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS),
+                         (0, 0))
+            seen.append((int.from_bytes(data[header + 12:header + 16], "big"),
+                         stamp[0] * 1_000_000_000 + stamp[1]))
+        _packets, drops = struct.unpack("II", self.sock.getsockopt(
+            SOL_PACKET, PACKET_STATISTICS, 8))
+        return seen, drops
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class DhcpPort:
     """The :68 socket of a generator process: proxy offers come back broadcast to it, and are
-    handed to the device waiting for that xid. With several generator processes each has
-    its own :68 socket (SO_REUSEADDR: the kernel gives every one of them each broadcast), so
-    an offer to another process's device is left to that process, not counted late here."""
+    handed to the device waiting for that xid. With several generator processes, only the
+    offers to this process's devices come in (offer_filter)."""
 
     def __init__(self) -> None:
         self.waiting: dict[int, asyncio.Future[bytes]] = {}
         self.sent: set[int] = set()  # the xids this process's devices sent
         self.late = 0  # offers that came after their device gave up
+        self.sent_at: dict[int, int] = {}  # xid -> time.time_ns() its first DISCOVER left
+        self.got: dict[int, int] = {}  # xid -> offers delivered to this socket
+        self.got_at: dict[int, int] = {}  # xid -> time.time_ns() the first was handed over
+        self.resumed_at: dict[int, int] = {}  # xid -> time.time_ns() its device had it
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) >= 240 and data[0] == 2:
             xid = int.from_bytes(data[4:8], "big")
+            if xid in self.sent:
+                self.got[xid] = self.got.get(xid, 0) + 1
+                self.got_at.setdefault(xid, time.time_ns())
             fut = self.waiting.get(xid)
             if fut is not None and not fut.done():
                 fut.set_result(data)
             elif xid in self.sent:
                 self.late += 1
+
+    def against(self, seen: list[tuple[int, int]], retried: list[int]) -> dict[str, Any]:
+        """What the offers ``seen`` on the devices' wire (OfferTap) say: the offers to this
+        process's devices there, those its socket never delivered (the generator's loss),
+        the ``retried`` devices' xids among them, and each answered device's DISCOVER →
+        offer time split at the wire and in the generator (ms: the server's and the
+        kernels' part; the generator's socket and loop until it read the offer; its loop
+        until the device's coroutine had it)."""
+        wire: dict[int, int] = {}
+        first: dict[int, int] = {}
+        for xid, at in seen:
+            if xid in self.sent:
+                wire[xid] = wire.get(xid, 0) + 1
+                first.setdefault(xid, at)
+        lost = {xid: n - self.got.get(xid, 0) for xid, n in wire.items()
+                if n > self.got.get(xid, 0)}
+        to_wire, to_read, to_device = [], [], []
+        for xid, at in first.items():
+            if xid in self.resumed_at and xid in self.got_at and xid in self.sent_at and at:
+                to_wire.append((at - self.sent_at[xid]) / 1e6)
+                to_read.append((self.got_at[xid] - at) / 1e6)
+                to_device.append((self.resumed_at[xid] - self.got_at[xid]) / 1e6)
+        return {"offers_on_wire": sum(wire.values()), "offers_delivered": sum(self.got.values()),
+                "offers_lost_here": sum(lost.values()),
+                "retried_lost_here": sum(1 for xid in retried if xid in lost),
+                "offer_to_wire_ms": to_wire, "offer_wire_to_read_ms": to_read,
+                "offer_read_to_device_ms": to_device}
 
 
 class Generator:
@@ -817,6 +999,11 @@ class Generator:
         self.base = f"http://{SERVER_IP}:{HTTP_PORT}"
         self.dhcp: DhcpPort | None = None
         self.dhcp_transport: UdpSocket | None = None
+        # The offer tap (OfferTap) until the last device is past its DHCP stage, then what
+        # it saw: (xid, receive time) and its own drops.
+        self.tap: OfferTap | None = None
+        self.in_dhcp = 0
+        self.tapped: tuple[list[tuple[int, int]], int] = ([], 0)
         self.cpu0 = self.cpu0_system = 0.0
         self.lags: list[float] = []
         self.t0 = 0.0
@@ -858,25 +1045,46 @@ class Generator:
 
     async def dhcp_offer(self, dev: Device, xid: int) -> bytes:
         assert self.dhcp is not None and self.dhcp_transport is not None
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.dhcp.waiting[xid] = fut
+        loop = asyncio.get_running_loop()
         self.dhcp.sent.add(xid)
         payload = self._packet(dev, xid, 1)
+        self.dhcp.sent_at[xid] = time.time_ns()
         first = time.perf_counter()
         try:
             # PXE retransmits its DISCOVER after 4, 8, 16, 32 s; the first two are enough here.
             for n, wait in enumerate((4.0, 8.0)):
+                # A future a try, awaited under a timeout: the offer's datagram wakes the
+                # device's coroutine in the loop's next round. wait_for(shield(one future))
+                # took three rounds (the shield's callback, wait_for's, the task's), each
+                # behind a storm's thousands of ready callbacks: ~1 s of the DHCP stage in
+                # a whole storm with two generator processes (benchmarks/README.md, s31-dhcp).
+                fut: asyncio.Future[bytes] = loop.create_future()
+                self.dhcp.waiting[xid] = fut
                 self.dhcp_transport.sendto(payload, ("255.255.255.255", 67))
-                with contextlib.suppress(TimeoutError):
-                    offer = await asyncio.wait_for(asyncio.shield(fut), wait)
-                    if n:
-                        now = time.perf_counter()
-                        self.retried.append((dev.index, xid, (first - self.t0) * 1e3,
-                                             (now - first) * 1e3))
-                    return offer
+                try:
+                    async with asyncio.timeout(wait):
+                        offer = await fut
+                except TimeoutError:
+                    continue
+                if not n:
+                    self.dhcp.resumed_at[xid] = time.time_ns()
+                else:
+                    now = time.perf_counter()
+                    self.retried.append((dev.index, xid, (first - self.t0) * 1e3,
+                                         (now - first) * 1e3))
+                return offer
             raise Failed("no offer")
         finally:
             self.dhcp.waiting.pop(xid, None)
+            self.in_dhcp -= 1
+            if not self.in_dhcp:
+                self._read_tap()
+
+    def _read_tap(self) -> None:
+        if self.tap is not None:
+            self.tapped = self.tap.read()
+            self.tap.close()
+            self.tap = None
 
     async def pxe_ack(self, dev: Device, xid: int, offer: bytes) -> str:
         from netboot.wire import dhcp
@@ -906,7 +1114,8 @@ class Generator:
                 deadline = loop.time() + wait
                 while (left := deadline - loop.time()) > 0:
                     try:
-                        data = await asyncio.wait_for(replies.get(), left)
+                        async with asyncio.timeout(left):  # not wait_for's task (above)
+                            data = await replies.get()
                     except TimeoutError:
                         break
                     if data[4:8] == payload[4:8] and data[0] == 2:
@@ -1006,7 +1215,7 @@ class Generator:
 
         try:
             async with asyncio.timeout(self.spec.device_timeout):
-                xid = self.rng.getrandbits(32)
+                xid = xid_of(self.rng.getrandbits(32), self.spec.share, self.spec.shares)
                 offer = await timed("dhcp_offer", self.dhcp_offer(dev, xid))
                 loader = await timed("pxe_ack", self.pxe_ack(dev, xid, offer))
                 size = await timed("tftp_tsize", self.tftp(
@@ -1106,11 +1315,16 @@ class Generator:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, CLIENT_IF.encode())
+        spec = self.spec
+        if spec.shares > 1:  # only the offers to this process's devices (offer_filter)
+            attach_filter(sock, offer_filter(spec.share, spec.shares))
         sock.bind(("0.0.0.0", 68))
         self.dhcp = DhcpPort()
         self.dhcp_transport = UdpSocket(sock, self.dhcp.datagram_received)
-        spec = self.spec
+        self.tap = OfferTap(spec.share, spec.shares)
+        drops0 = socket_drops(sock)
         devices = share_of(spec)
+        self.in_dhcp = len(devices)  # the tap is read as the last one leaves dhcp_offer
         # One connection pool per client address, as each device has its own TCP stack; one
         # read buffer for the process (device_http: each read is consumed before the next).
         buffer = memoryview(bytearray(device_http.READ_BUFFER))
@@ -1136,8 +1350,12 @@ class Generator:
             lag.cancel()
             for session in sessions.values():
                 await session.close()
+            socket_dropped = socket_drops(sock) - drops0
             self.dhcp_transport.close()
+            self._read_tap()  # a storm whose devices all failed before their offer
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        seen, tap_drops = self.tapped
+        wire = self.dhcp.against(seen, [xid for _, xid, _, _ in self.retried])
         retries = {k: sum(session.retries[k] for session in sessions.values())
                    for k in ("reopened", "retry_after")}
         return {"wall": wall, "times": self.times, "failures": self.failures,
@@ -1150,7 +1368,8 @@ class Generator:
                 "same_port": self.same_port, "rebound": self.rebound,
                 "slow_tftp": self.slow_tftp,
                 "http_retries": retries,
-                "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0)}
+                "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0),
+                **wire, "offer_tap_drops": tap_drops, "dhcp_socket_drops": socket_dropped}
 
 
 def generate(spec_json: str) -> None:
@@ -1203,6 +1422,13 @@ def start_generators(client_ns: str, spec: Spec, count: int, run: Path
     return gens
 
 
+# A generator's DHCP offers as its tap saw them (DhcpPort.against, OfferTap): summed, and
+# the DISCOVER -> offer times at the wire, the union, by merge().
+WIRE_COUNTS = ("offers_on_wire", "offers_delivered", "offers_lost_here", "retried_lost_here",
+               "offer_tap_drops", "dhcp_socket_drops")
+WIRE_TIMES = ("offer_to_wire_ms", "offer_wire_to_read_ms", "offer_read_to_device_ms")
+
+
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The storm's result from its generator processes' (each began at the same instant):
     every stage's latencies and the loop lags are the union of the processes' (a percentile
@@ -1226,10 +1452,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
                          for k in ("reopened", "retry_after")},
         "t0_wall": parts[0]["t0_wall"]}
     for key in ("generator_cpu", "generator_system", "devices", "late_offers",
-                "dhcp_send_failed", "same_port", "rebound"):
-        merged[key] = sum(part[key] for part in parts)
-    for key in ("loop_lag", "retried", "slow_tftp", "slow"):
-        merged[key] = [item for part in parts for item in part[key]]
+                "dhcp_send_failed", "same_port", "rebound", *WIRE_COUNTS):
+        merged[key] = sum(part.get(key, 0) for part in parts)
+    for key in ("loop_lag", "retried", "slow_tftp", "slow", *WIRE_TIMES):
+        merged[key] = [item for part in parts for item in part.get(key, [])]
     return merged
 
 
@@ -1299,6 +1525,8 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                   + ("" if idle else f" (not idle within {SETTLE_LIMIT:.0f} s: begun anyway)"),
                   flush=True)
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        sched0 = (run_and_wait([p.popen.pid for p in procs]),
+                  run_and_wait([gen.pid for gen in gens]))
         db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
         losses0 = tcp_losses(server_ns, client_ns)
@@ -1326,11 +1554,25 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         # One instant for every generator process, a little ahead: each process's devices
         # power on at it plus their place in --within, as one process's did.
         start = time.perf_counter() + GO_AHEAD
+        # The DHCP server's main thread (netboot's loop, dnsmasq) over the power-ons and a
+        # second after: how much of it ran and how much it waited for a CPU while the
+        # storm's DISCOVERs came.
+        dhcp_pid = procs[0].popen.pid
+        loop0 = main_thread(dhcp_pid)
+        at_dhcp: list[tuple[float, float]] = []
+        looked = threading.Timer(GO_AHEAD + spec.within + 1.0,
+                                 lambda: at_dhcp.append(main_thread(dhcp_pid)))
+        looked.start()
         for gen in gens:
             assert gen.stdin is not None
             gen.stdin.write(f"GO {start!r}\n")
             gen.stdin.flush()
         outs = [gen.stdout.readline() for gen in gens]  # type: ignore[union-attr]
+        looked.join()
+        if at_dhcp:
+            print(f"{target}: the DHCP server's main thread ({procs[0].name}) in the storm's "
+                  f"first {spec.within + 1.0:g} s: on a CPU {at_dhcp[0][0] - loop0[0]:.2f} s, "
+                  f"waiting for one {at_dhcp[0][1] - loop0[1]:.2f} s")
         result.machine = {k: v - machine0[k] for k, v in machine_cpu().items()}
         result.written_kib = written_kib() - written0
         if args.diag:
@@ -1342,6 +1584,13 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                     ["ip", "netns", "exec", ns, "nstat", "-az"], check=False, capture_output=True,
                     text=True, timeout=30).stdout)
         cpu1 = sum(cpu_seconds(p.popen.pid) for p in procs)
+        sched = (run_and_wait([p.popen.pid for p in procs]),
+                 run_and_wait([gen.pid for gen in gens]))
+        print(f"{target}: on a CPU and waiting for one (runnable) during the storm: the servers "
+              f"{sched[0][0] - sched0[0][0]:.2f} and {sched[0][1] - sched0[0][1]:.2f} s, the "
+              f"generators {sched[1][0] - sched0[1][0]:.2f} and "
+              f"{sched[1][1] - sched0[1][1]:.2f} s (the machine's share: a late answer of a "
+              f"server that waited long is the machine's)")
         if capture is not None:
             time.sleep(1.0)  # until it has written what it saw
             capture.send_signal(signal.SIGINT)
@@ -1401,6 +1650,7 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
                         for i, xid, at, took in retried[:20])
               + f"; DISCOVERs the kernel refused to send: {data['dhcp_send_failed']}; "
               f"veth drops s/c {kernel[0]}/{kernel[1]}, backlog drops {kernel[2]}")
+        result.client_drops -= offers_said(target, data, len(gens))
     except RuntimeError as exc:
         result.error = str(exc)
     finally:
@@ -1424,6 +1674,34 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
     if target in NETBOOT_TARGETS:
         print(f"{target}: {server_said(run / 'netboot.log')}")
     return result
+
+
+def offers_said(target: str, data: dict[str, Any], generators: int) -> int:
+    """Prints what the generators' offer taps saw (OfferTap, DhcpPort.against): the offers
+    to the devices' :68 on the wire against those delivered (the generators' own loss, not
+    the server's), and each first DISCOVER's time to its offer split at the wire. Returns
+    the offers the generators' xid filters turned away (each offer reached every other
+    process's socket), counted in the devices' UDP InErrors: not a loss."""
+    wire = int(data.get("offers_on_wire", 0))
+    turned_away = (generators - 1) * wire
+    to_wire, to_read, to_device = (data.get(key, []) for key in WIRE_TIMES)
+    print(f"{target}: DHCP offers to the devices' :68 seen on their side of the veth {wire} "
+          f"(the taps missed {data.get('offer_tap_drops', 0)}), delivered to the generators "
+          f"{data.get('offers_delivered', 0)}: **lost in the generators' own sockets "
+          f"{data.get('offers_lost_here', 0)}** (devices offered only after a retransmission "
+          f"for it: {data.get('retried_lost_here', 0)}); the :68 sockets' kernel drops "
+          f"{data.get('dhcp_socket_drops', 0)}"
+          + (f", {turned_away} of them offers to another process's devices turned away by the "
+             f"xid filters (left out of the devices' UDP drops)" if turned_away else ""))
+    if to_wire:
+        print(f"{target}: DISCOVER -> offer, answered at once ({len(to_wire)}), split at the "
+              f"devices' wire: to the offer there p50 {pct(to_wire, .5):.2f} p99 "
+              f"{pct(to_wire, .99):.2f} max {max(to_wire):.2f} ms (the server and both "
+              f"kernels), from there until the generator read it p50 {pct(to_read, .5):.2f} "
+              f"p99 {pct(to_read, .99):.2f} max {max(to_read):.2f} ms, from the read to the "
+              f"device's coroutine p50 {pct(to_device, .5):.2f} p99 {pct(to_device, .99):.2f} "
+              f"max {max(to_device):.2f} ms (the generator's loop)")
+    return turned_away
 
 
 def server_said(log: Path) -> str:

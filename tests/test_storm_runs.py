@@ -155,3 +155,151 @@ def test_the_generators_results_are_merged_exactly() -> None:
     assert merged["http_retries"] == {"reopened": 2, "retry_after": 0}
     assert sorted(merged["loop_lag"]) == [0.2, 0.24]
     assert storm.merge([fast]) is fast
+
+
+# -- the devices' :68 port shared by the generator processes ----------------------------------
+
+
+def test_each_generators_xids_are_in_its_own_class_and_one_generators_are_the_draws() -> None:
+    draws = [0, 1, 2, 7, 2**31, 2**32 - 3, 2**32 - 1]
+    assert [storm.xid_of(d, 0, 1) for d in draws] == draws  # one process: as before
+    for shares in (2, 3, 5):
+        for share in range(shares):
+            xids = [storm.xid_of(d, share, shares) for d in draws]
+            assert all(x % shares == share and 0 <= x < 2**32 for x in xids)
+
+
+def _dhcp_reply(xid: int) -> bytes:
+    return bytes((2, 1, 6, 0)) + xid.to_bytes(4, "big") + bytes(292)
+
+
+def test_a_generators_offer_filter_lets_in_only_its_devices_offers() -> None:
+    import socket
+
+    shares = 3
+    for share in range(shares):
+        port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            storm.attach_filter(port, storm.offer_filter(share, shares))
+            port.bind(("127.0.0.1", 0))
+            port.settimeout(0.5)
+            xids = [storm.xid_of(d, s, shares) for d in (5, 99, 2**32 - 1) for s in range(3)]
+            for xid in xids:
+                sender.sendto(_dhcp_reply(xid), port.getsockname())
+            got = []
+            with pytest.raises(TimeoutError):
+                while True:
+                    got.append(int.from_bytes(port.recv(4096)[4:8], "big"))
+            assert got == [x for x in xids if x % shares == share]
+            # The others' were turned away and counted as the socket's drops (what the
+            # devices' UDP drops are then told without).
+            assert storm.socket_drops(port) == len(xids) - len(got)
+        finally:
+            port.close()
+            sender.close()
+
+
+def test_the_offer_tap_sees_the_offers_to_its_devices_with_their_receive_times() -> None:
+    import os
+    import socket
+    import time
+
+    if os.geteuid() != 0:
+        pytest.skip("a packet socket needs CAP_NET_RAW")
+    tap = storm.OfferTap(1, 2, interface="lo")
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        other.bind(("127.0.0.1", 0))
+        before = time.time_ns()
+        # To :68 (nothing listens there: the tap sees them on the wire all the same), one
+        # of another share, and one to another port.
+        sender.sendto(_dhcp_reply(7), ("127.0.0.1", 68))
+        sender.sendto(_dhcp_reply(8), ("127.0.0.1", 68))
+        sender.sendto(_dhcp_reply(9), other.getsockname())
+        time.sleep(0.1)
+        seen, drops = tap.read()
+        assert [xid for xid, _ in seen] == [7] and drops == 0
+        assert before <= seen[0][1] <= time.time_ns()
+    finally:
+        tap.close()
+        sender.close()
+        other.close()
+
+
+def test_what_the_wire_says_tells_the_generators_loss_from_the_servers() -> None:
+    dhcp = storm.DhcpPort()
+    dhcp.sent = {1, 2, 3, 4}
+    dhcp.sent_at = {1: 1_000_000, 2: 2_000_000, 3: 3_000_000, 4: 4_000_000}
+    dhcp.got = {1: 1, 2: 1}
+    dhcp.got_at = {1: 4_000_000, 2: 2_500_000}
+    dhcp.resumed_at = {1: 4_100_000, 2: 3_500_000}
+    # On the wire: 1 (once), 2 (twice: delivered once), 3 (never delivered); 4 never
+    # answered (the server's); 99 another process's.
+    seen = [(1, 2_000_000), (2, 2_200_000), (2, 6_000_000), (3, 3_100_000), (99, 1)]
+    said = dhcp.against(seen, retried=[3, 4])
+    assert said["offers_on_wire"] == 4 and said["offers_delivered"] == 2
+    assert said["offers_lost_here"] == 2  # one of 2's, 3's
+    assert said["retried_lost_here"] == 1  # 3 lost here; 4 was never answered
+    assert sorted(said["offer_to_wire_ms"]) == [0.2, 1.0]
+    assert sorted(said["offer_wire_to_read_ms"]) == [0.3, 2.0]
+    assert sorted(said["offer_read_to_device_ms"]) == [0.1, 1.0]
+
+
+def test_the_generators_wire_counts_are_summed() -> None:
+    a = {**_part([0.1], 0, 1.0, 1.0), "offers_on_wire": 10, "offers_delivered": 9,
+         "offers_lost_here": 1, "retried_lost_here": 1, "offer_tap_drops": 0,
+         "dhcp_socket_drops": 11, "offer_to_wire_ms": [0.5], "offer_wire_to_read_ms": [3.0],
+         "offer_read_to_device_ms": [1.0]}
+    b = {**a, "offers_lost_here": 0, "retried_lost_here": 0, "offer_to_wire_ms": [0.7]}
+    merged = storm.merge([a, b])
+    assert merged["offers_on_wire"] == 20 and merged["offers_lost_here"] == 1
+    assert merged["dhcp_socket_drops"] == 22
+    assert sorted(merged["offer_to_wire_ms"]) == [0.5, 0.7]
+
+
+def test_run_and_wait_reads_the_schedulers_times_of_a_process_and_its_children() -> None:
+    import os
+    import subprocess
+    import sys
+
+    # The child runs 0.2 s on a CPU (however loaded the machine), says so, then sleeps.
+    child = subprocess.Popen([sys.executable, "-c", "import time\n"
+                              "while time.process_time() < 0.2: pass\n"
+                              "print('ran', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ran\n"
+        ran, waited = storm.run_and_wait([os.getpid()])
+        alone, _ = storm.run_and_wait([child.pid])
+        assert 0.2 <= alone <= ran  # this process's threads and its child's
+        assert waited >= 0.0
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_an_offer_wakes_its_device_in_the_loops_next_round() -> None:
+    # wait_for(shield(future)) took three rounds of the generator's loop, each behind the
+    # storm's ready callbacks; a future a try under asyncio.timeout takes one.
+    import asyncio
+
+    class Sent:
+        def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+            self.data = data
+
+    gen = storm.Generator(storm.Spec(1000, 1.0, 100_000, 1, 1, 0.0, 0.0, 120.0, 7))
+    gen.dhcp = storm.DhcpPort()
+    gen.dhcp_transport = Sent()  # type: ignore[assignment]
+    gen.in_dhcp = 2
+    device = asyncio.ensure_future(gen.dhcp_offer(storm.Device(0, 0, "192.0.2.10"), 0x1234))
+    await asyncio.sleep(0)  # the DISCOVER sent, its device waiting
+    gen.dhcp.datagram_received(_dhcp_reply(0x1234), ("192.0.2.1", 67))
+    rounds = 0
+    while not device.done():
+        await asyncio.sleep(0)
+        rounds += 1
+    assert device.result()[4:8] == (0x1234).to_bytes(4, "big")
+    assert rounds == 1
+    assert 0x1234 in gen.dhcp.resumed_at and gen.retried == []
