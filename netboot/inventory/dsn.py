@@ -61,7 +61,8 @@ class PeerSettings:
     answers every probe and acknowledges every byte while its backend works. Only a peer
     whose kernel answers nothing for ``tcp_user_timeout`` seconds ends the connection (the
     user timeout also bounds a zero window, a server that reads nothing of what was sent
-    for that long: a COPY's rows are sent without it, postgres.copy_records). With the
+    for that long: a COPY's rows are sent without it while the checks run,
+    postgres.copy_records). With the
     defaults an idle connection is probed after 5 s of silence, every 2 s, and given up
     15 s after the peer's last word; data sent and not acknowledged for 15 s ends it too.
     A server whose kernel answers for it is asked by ``check_interval``/``check_timeout``

@@ -56,7 +56,7 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -165,6 +165,16 @@ _STATUS = "SELECT pg_xact_status($1::text::xid8)"
 _CLAIM = ("INSERT INTO commit_marks (id, lost) VALUES ($1::uuid, true) ON CONFLICT (id)"
           " DO UPDATE SET lost = commit_marks.lost RETURNING lost")
 _FOUND = "SELECT lost FROM commit_marks WHERE id = $1::uuid"
+# A write that is one autocommit statement (_single) carries its mark too, in a CTE of the
+# same statement (a data-modifying WITH runs to completion whatever the main statement reads:
+# one transaction, still one round trip). Its whole key is chosen here, not by the server:
+# the answer that would carry a key the server made is the one that may be lost. Its first
+# 48 bits are this store's estimate of the server's clock (_server_ms: learnt from every
+# mark a _write returns, and at open), so that pruning, by the server's clock, keeps it as
+# long as any other; the estimate is off by a round trip, far within MARK_KEEP. Pruned as a
+# _write prunes, one statement in PRUNE_MARKS_EVERY.
+_SINGLE_MARK = "_mark AS (INSERT INTO commit_marks (id) VALUES ($M::uuid))"
+_SINGLE_PRUNE = "_pruned AS " + _PRUNING[len("WITH gone AS "):].rstrip()
 # pg_current_xact_id and the xid8 type that pg_xact_status is asked with (_write) came in 13.
 MIN_SERVER_VERSION = (13, 0)
 # How long a query may wait for a free connection of the pool (a stuck database answers
@@ -356,6 +366,59 @@ class _Retry(Exception):
     """The fast path of a batch hit a problem; replay row by row to name it."""
 
 
+# The pool sessions of those given (by their backend PIDs) whose backend the server shows
+# idle, and for how long (seconds, by the server's clock): a session whose statement has
+# been waited for longer than that was never read by its backend (PostgresStore._look).
+_IDLE_FOR = ("SELECT pid, extract(epoch FROM clock_timestamp() - state_change)::float8"
+             " FROM pg_stat_activity WHERE pid = ANY($1::int[]) AND state LIKE 'idle%'")
+
+
+class _Session(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
+    """A pool session that knows since when (``asked``, monotonic; None: not) a statement
+    of its has been waited for, so that the store's check can look at a backend hung alone
+    (:meth:`PostgresStore._look`); ended by the store for it, the statement's error says
+    why (``ended_why``). Every statement of the store passes here: the connection's
+    methods, and asyncpg's BEGIN, COMMIT and ROLLBACK, which call ``execute``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: float | None = None
+        self.ended_why: str | None = None
+
+    async def _asking(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        outer = self.asked is None
+        if outer:
+            self.asked = time.monotonic()
+        try:
+            # Looked up at each call (tests count the statements sent by patching the class).
+            return await getattr(asyncpg.Connection, name)(self, *args, **kwargs)
+        except asyncpg.ConnectionDoesNotExistError as exc:
+            if self.ended_why is None:
+                raise
+            raise asyncpg.ConnectionDoesNotExistError(f"{exc}: {self.ended_why}") from exc
+        finally:
+            if outer:
+                self.asked = None
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._asking("execute", *args, **kwargs)
+
+    async def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._asking("executemany", *args, **kwargs)
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._asking("fetch", *args, **kwargs)
+
+    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._asking("fetchval", *args, **kwargs)
+
+    async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._asking("fetchrow", *args, **kwargs)
+
+    async def copy_records_to_table(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._asking("copy_records_to_table", *args, **kwargs)
+
+
 class PostgresStore:
     """:class:`~netboot.inventory.base.Store` on a PostgreSQL database.
 
@@ -400,7 +463,10 @@ class PostgresStore:
         # with them instead of reading them back (committed.py).
         self._here = CommittedHere()
         self.migrated: list[int] = []  # the schema versions the last open() applied
-        self._writes = 0  # transactions begun (_write): each PRUNE_MARKS_EVERY-th prunes marks
+        self._writes = 0  # writes begun (_write, _single): each PRUNE_MARKS_EVERY-th prunes marks
+        # The server's clock (ms) minus this host's monotonic clock (ms), as last learnt
+        # (_server_ms): the first bits of a single statement's mark.
+        self._clock_offset: float | None = None
         # The marks' random bits, seeded from the system's entropy: unique keys, not secret
         # ones (a mark guessed is worth nothing: writing one takes the database itself).
         self._random = random.Random()  # noqa: S311
@@ -487,6 +553,7 @@ class PostgresStore:
                         # Its mark and its transaction's id, in the round trip that takes
                         # the lock.
                         mark, begun = await conn.fetchrow(_BEGUN[lock, prune], *args)
+                        self._learn_clock(mark.int >> 80)
                         yield conn
                         xid = begun
                 except asyncio.CancelledError as exc:
@@ -516,7 +583,7 @@ class PostgresStore:
         if cancel is not None:
             deliver(cancel)
 
-    async def _settle(self, xid: str, mark: uuid.UUID, began: float,
+    async def _settle(self, xid: str | None, mark: uuid.UUID, began: float,
                       lost: BaseException) -> None:
         """A write whose connection failed (``lost``) while its COMMIT was under way, told
         as it ended, the server asked on a new connection by the write's mark (:meth:`_status`):
@@ -546,7 +613,8 @@ class PostgresStore:
             raise cancel  # not written, or nobody can say, and the caller asked to stop
         if status == "aborted":
             raise StoreError(f"inventory {self.name}: {self._reason(lost)}") from lost
-        unknown = self._unknown(lost, f"transaction {xid} is {status}" if status else
+        unknown = self._unknown(lost, (f"transaction {xid} is {status}" if xid else
+                                       f"its statement is {status}") if status else
                                 "the server could not be asked whether it committed")
         log.error("%s", unknown)
         raise unknown from lost
@@ -630,39 +698,51 @@ class PostgresStore:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
 
-    async def _single(self, run: Callable[[asyncpg.Connection], Awaitable[_R]]) -> _R:
-        """One write that is one autocommit statement (its own transaction): one round trip
-        where a ``_write`` costs four (BEGIN, its id, the statement, COMMIT), told as it
+    async def _single(self, method: str, sql: str, *args: Any, committed: Any = None) -> Any:
+        """One write that is one autocommit statement ``sql`` (its own transaction), run by
+        the connection's ``method`` ("execute", "fetchval") with ``args``: one round trip
+        where a ``_write`` costs four (BEGIN, its mark, the statement, COMMIT), told as it
         ended all the same. The statement is never cancelled from here: asyncpg, its call
         cancelled, asks the server to cancel the statement and throws its answer away, so
-        nothing would say whether it committed (nor its transaction's id, were the statement
-        to return it). A caller cancelled meanwhile waits for that answer instead (the
-        statement's run, milliseconds; bounded by CANCELLED_COMMIT_WAIT, past which the
-        statement is cancelled and the caller told so, logged as maybe written): answered,
-        it was committed (autocommit commits before ReadyForQuery, on which asyncpg
-        returns), the result is returned and the cancel delivered at the caller's next
-        wait; failed, nothing was written and the cancel is raised.
+        nothing would say whether it committed. A caller cancelled meanwhile waits for that
+        answer instead (the statement's run, milliseconds; bounded by CANCELLED_COMMIT_WAIT,
+        past which the statement is cancelled and the caller told so, logged as maybe
+        written): answered, it was committed (autocommit commits before ReadyForQuery, on
+        which asyncpg returns), the result is returned and the cancel delivered at the
+        caller's next wait; failed, nothing was written and the cancel is raised.
 
-        Its connection lost once the statement was sent (no ERROR answer), the outcome is
-        unknown and said so (:class:`OutcomeUnknown`): the transaction's id would come in
-        the answer that was lost, and learning it first is ``_write``'s four round trips."""
+        Its connection lost once the statement was sent (no ERROR answer), it is settled by
+        its mark (_SINGLE_MARK, written by the statement itself) as a ``_write`` whose
+        COMMIT was lost is (:meth:`_settle`): committed, ``committed`` is returned (the
+        statement's own answer is what was lost: a caller that needs more than "it
+        committed" passes what that means); not, the StoreError of a failed write; unknown
+        within LOST_COMMIT_WAIT, :class:`OutcomeUnknown`."""
+        self._writes += 1
+        mark = uuid.UUID(int=(self._server_ms() << 80) | self._random.getrandbits(80))
+        n = len(args)
+        ctes = [_SINGLE_MARK.replace("$M", f"${n + 1}")]
+        params: list[Any] = [*args, mark]
+        if not self._writes % PRUNE_MARKS_EVERY:
+            ctes.append(_SINGLE_PRUNE.replace("$0", f"${n + 2}"))
+            params.append(MARK_KEEP)
+        head = "WITH " + ", ".join(ctes)
+        query = f"{head}, {sql[5:]}" if sql.startswith("WITH ") else f"{head} {sql}"
+        began = time.monotonic()
         cancel: asyncio.CancelledError | None = None
+        lost: BaseException | None = None
         done = False
+        result: Any = committed
         try:
             async with self._conn() as conn:
-                statement = asyncio.ensure_future(run(conn))
+                statement = asyncio.ensure_future(getattr(conn, method)(query, *params))
                 try:
                     result = await asyncio.shield(statement)
                 except asyncio.CancelledError as exc:
                     cancel = exc
-                except (asyncpg.PostgresError, OSError) as exc:
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     if _answered(exc):
                         raise  # the server's own answer: rolled back
-                    # Lost after it was sent: whether it committed, no question can say.
-                    unknown = self._unknown(exc, "its transaction id was not asked for "
-                                            "(one round trip)")
-                    log.error("%s", unknown)
-                    raise unknown from exc
+                    lost = exc  # asked by its mark once the connection is back in the pool
                 if cancel is not None:
                     result = await waited(cancel, statement, within=CANCELLED_COMMIT_WAIT,
                                           late=functools.partial(_late, self.name, statement))
@@ -671,9 +751,23 @@ class PostgresStore:
             if not done:
                 raise
             cancel = exc  # while the connection went back to the pool: written all the same
+        if lost is not None:
+            await self._settle(None, mark, began, lost)  # returns only if it committed
+            result = committed
         if cancel is not None:
             deliver(cancel)
         return result
+
+    def _learn_clock(self, server_ms: int) -> None:
+        """The server's clock read (ms since the epoch, a mark's first bits) just now."""
+        self._clock_offset = server_ms - time.monotonic() * 1000
+
+    def _server_ms(self) -> int:
+        """The server's clock now, in ms, as this store last learnt it (a single statement's
+        mark: _SINGLE_MARK); before it learnt any (open learns it), this host's."""
+        if self._clock_offset is None:
+            return int(time.time() * 1000)
+        return int(time.monotonic() * 1000 + self._clock_offset)
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -685,7 +779,8 @@ class PostgresStore:
                 # No statement timeout: a bulk import's COPY may rightly run for minutes. A
                 # lost peer is noticed by the kernel instead (keepalives, TCP_USER_TIMEOUT:
                 # dsn.PeerSettings), on every connection, set as it is adopted.
-                command_timeout=None, init=self._adopt_session, reset=_kept_session)
+                command_timeout=None, init=self._adopt_session, reset=_kept_session,
+                connection_class=_Session)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
                 ValueError) as exc:
             raise StoreError(f"cannot open inventory {self.name}: {reason(exc)}") from exc
@@ -823,12 +918,49 @@ class PostgresStore:
             if self._notify_lost.is_set() or conn is None or conn.is_closed():
                 return "the LISTEN connection was lost"
             if await answers(conn, within):
+                await self._look(conn, within)
                 continue
             why = _unanswered(within)
             self._notify = None  # not "lost": ended here, on purpose
             conn.terminate()
             self._silenced(why)
             return why
+
+    async def _look(self, conn: asyncpg.Connection, within: float) -> None:
+        """The server answered its check on ``conn``; a pool session whose statement has
+        been waited for longer than ``within`` seconds, while the server shows its backend
+        idle for longer than that (since before the statement was sent), has a backend
+        that does not read it (stopped, hung: the rest of the server answers): it is ended,
+        once logged, and its statement fails (a write in its COMMIT settled as one whose
+        connection was lost: _settle). One round trip more, only while some statement has
+        waited that long. A backend hung while it runs a statement shows "active", as one
+        that runs a long one does (a bulk import's COPY, a COMMIT waiting for a synchronous
+        standby, a write waiting for the writers' lock): not told apart, not ended."""
+        now = time.monotonic()
+        waiting: dict[int, tuple[_Session, float]] = {}
+        for session in self._sessions:
+            asked = getattr(session, "asked", None)
+            if asked is not None and now - asked > within and not session.is_closed():
+                waiting[session.get_server_pid()] = (session, now - asked)
+        if not waiting:
+            return
+        asking = asyncio.ensure_future(conn.fetch(_IDLE_FOR, list(waiting)))
+        done, _ = await asyncio.wait((asking,), timeout=within)
+        if not done:  # the next check tells whether the server answers at all
+            asking.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return
+        with contextlib.suppress(*_FAILED):
+            for pid, idle in asking.result():
+                session, waited = waiting[pid]
+                if idle is None or idle < waited:
+                    continue  # it read the statement: its answer is on its way, or lost
+                session.ended_why = (f"the server did not read a statement of this session "
+                                     f"within {within} s, though it answers others (its "
+                                     f"backend, PID {pid}, does not: stopped or hung)")
+                log.error("inventory %s: %s: the session is ended (a write in its COMMIT is "
+                          "settled as one whose connection was lost)", self.name,
+                          session.ended_why)
+                session.terminate()
 
     def _silenced(self, why: str) -> None:
         """The server does not answer (``why``): end every connection of the pool and the
@@ -862,10 +994,23 @@ class PostgresStore:
         bound: a session of a vanished netboot that held the writers' lock in an open
         transaction would otherwise hold it, and every other server's writes behind it, for
         the server kernel's two hours. One round trip per pool connection, once: a
-        ``SET``, not a startup parameter, which poolers such as pgbouncer refuse."""
+        ``SET``, not a startup parameter, which poolers such as pgbouncer refuse.
+
+        That round trip is a part of making the session: bounded by connect_timeout, as the
+        connect is (asyncpg's pool bounds only the connect; the acquire's 30 s were the
+        bound of a session whose server went silent here), and the session is among those
+        a silent server's check ends (:meth:`_silenced`) from before it is sent."""
         tune(conn, self._peer)
-        await conn.execute(*server_keepalives(self._peer))
         self._sessions.add(conn)
+        try:
+            async with asyncio.timeout(self._peer.connect_timeout):
+                await conn.execute(*server_keepalives(self._peer))
+        except TimeoutError:
+            conn.terminate()  # then asyncpg's pool closes it at once, and raises this
+            why = (f"the server stopped answering (a new session was not set up within "
+                   f"{self._peer.connect_timeout} s)")
+            log.warning("inventory %s: %s: ended", self.name, why)
+            raise StoreError(f"inventory {self.name}: {why}") from None
         pid = conn.get_server_pid()
         self._own.add(pid)
         conn.add_termination_listener(lambda _: self._own.discard(pid))
@@ -886,8 +1031,11 @@ class PostgresStore:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
                 " description TEXT NOT NULL, applied DOUBLE PRECISION NOT NULL)")
-            version = await conn.fetchval(
-                "SELECT coalesce(max(version), 0) FROM schema_migrations")
+            # With the server's clock: the first bits of a single statement's mark (_single).
+            version, server_ms = await conn.fetchrow(
+                "SELECT coalesce(max(version), 0), (extract(epoch FROM clock_timestamp())"
+                " * 1000)::bigint FROM schema_migrations")
+            self._learn_clock(server_ms)
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"inventory {self.name} has schema version {version}, newer than this "
@@ -1262,7 +1410,7 @@ class PostgresStore:
 
     async def delete_lease(self, mac: str) -> None:
         mac = codec.normalise_mac(mac)
-        await self._single(lambda conn: conn.execute("DELETE FROM leases WHERE mac = $1", mac))
+        await self._single("execute", "DELETE FROM leases WHERE mac = $1", mac)
 
     async def fixed_address(self, mac: str) -> str | None:
         machine = await self.machine_by("mac", mac)
@@ -1390,11 +1538,11 @@ class PostgresStore:
     async def create_token(self, token: ApiToken) -> None:
         value = codec.token_from_dict(codec.token_to_dict(token))
         try:
-            await self._single(lambda conn: conn.execute(
-                f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608 - a constant
+            await self._single(
+                "execute", f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608
                 " VALUES ($1, $2, $3, $4, $5, $6)",
                 value.name, value.sha256, str(value.scope), value.created, value.expires,
-                value.last_used))
+                value.last_used)
         except Conflict as exc:  # refused, nothing written: name which key was taken
             async with self._conn() as conn:
                 taken = await conn.fetchval("SELECT 1 FROM api_tokens WHERE name = $1",
@@ -1416,20 +1564,22 @@ class PostgresStore:
         return [codec.token_from_row(r) for r in rows]
 
     async def delete_token(self, name: str) -> None:
-        if await self._single(lambda conn: conn.fetchval(
-                "DELETE FROM api_tokens WHERE name = $1 RETURNING name", name)) is None:
+        # Committed with its answer lost (settled by its mark): the token is gone, which is
+        # what was asked; whether it was there before went with the answer: told deleted.
+        if await self._single("fetchval", "DELETE FROM api_tokens WHERE name = $1"
+                              " RETURNING name", name, committed=name) is None:
             raise NotFound(f"token {name!r} not found")
 
     async def touch_token(self, name: str, when: float) -> None:
-        await self._single(lambda conn: conn.execute(
-            "UPDATE api_tokens SET last_used = $2 WHERE name = $1", name, float(when)))
+        await self._single("execute", "UPDATE api_tokens SET last_used = $2 WHERE name = $1",
+                           name, float(when))
 
     async def add_audit(self, entry: AuditEntry) -> None:
         e = codec.audit_from_dict(codec.audit_to_dict(entry))
-        await self._single(lambda conn: conn.execute(
-            "INSERT INTO audit (time, actor, action, target, peer, outcome)"
+        await self._single(
+            "execute", "INSERT INTO audit (time, actor, action, target, peer, outcome)"
             " VALUES ($1, $2, $3, $4, $5, $6)",
-            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome))
+            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome)
 
     async def settle_audit(self, entry: AuditEntry, written: str, otherwise: str) -> None:
         e = codec.audit_from_dict(codec.audit_to_dict(entry))
@@ -1437,13 +1587,13 @@ class PostgresStore:
         # updated, or the other added. An entry whose change's COMMIT still runs is not
         # seen (its insert is not committed): then both are kept, which only a COMMIT
         # running past LOST_COMMIT_WAIT leaves.
-        await self._single(lambda conn: conn.execute(
-            "WITH found AS (UPDATE audit SET outcome = $7 WHERE id = (SELECT max(id) FROM"
-            " audit WHERE time = $1 AND actor = $2 AND action = $3 AND target = $4"
-            " AND peer = $5 AND outcome = $6) RETURNING 1)"
+        await self._single(
+            "execute", "WITH found AS (UPDATE audit SET outcome = $7 WHERE id ="
+            " (SELECT max(id) FROM audit WHERE time = $1 AND actor = $2 AND action = $3"
+            " AND target = $4 AND peer = $5 AND outcome = $6) RETURNING 1)"
             " INSERT INTO audit (time, actor, action, target, peer, outcome)"
             " SELECT $1, $2, $3, $4, $5, $8 WHERE NOT EXISTS (SELECT 1 FROM found)",
-            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome, written, otherwise))
+            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome, written, otherwise)
 
     async def list_audit(self, *, since: float | None = None,
                          limit: int = 1000) -> list[AuditEntry]:
@@ -1458,10 +1608,12 @@ class PostgresStore:
                 for t, a, ac, tg, p, o in reversed(rows)]
 
     async def prune_audit(self, keep: int) -> int:
-        deleted = await self._single(lambda conn: conn.fetchval(
-            "WITH gone AS (DELETE FROM audit WHERE id <="
+        # Committed with its answer lost (settled by its mark): the count went with the
+        # answer; told 0 (the pruning is done; no caller reads the count but the tests).
+        deleted = await self._single(
+            "fetchval", "WITH gone AS (DELETE FROM audit WHERE id <="
             " (SELECT coalesce(max(id), 0) FROM audit) - $1 RETURNING 1)"
-            " SELECT count(*) FROM gone", max(keep, 0)))
+            " SELECT count(*) FROM gone", max(keep, 0), committed=0)
         return int(deleted)
 
 
@@ -1569,19 +1721,25 @@ async def copy_records(conn: asyncpg.Connection, peer: PeerSettings, table: str,
                        records: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
     """``copy_records_to_table``, with two things asyncpg does not do:
 
-    * No TCP_USER_TIMEOUT while the rows are sent. A server may rightly stop reading them
-      for as long as a lock it waits for is held (a unique key's entry another transaction
-      wrote and has not committed): the window closes, and Linux ends a connection whose
-      zero window outlasts the user timeout, though every probe is answered (measured:
-      ended 2-3 s into such a wait with a 2 s user timeout, benchmarks/README.md s30-pg).
-      A server that stopped or vanished meanwhile is the checks' to notice
-      (:meth:`PostgresStore._watch`) and the keepalives' while the connection idles.
+    * No TCP_USER_TIMEOUT while the rows are sent, where the checks run
+      (``check_interval``). A server may rightly stop reading them for as long as a lock it
+      waits for is held (a unique key's entry another transaction wrote and has not
+      committed): the window closes, and Linux ends a connection whose zero window outlasts
+      the user timeout, though every probe is answered (measured: ended 2-3 s into such a
+      wait with a 2 s user timeout, benchmarks/README.md s30-pg). A server that stopped or
+      vanished meanwhile is the checks' to notice (:meth:`PostgresStore._watch`,
+      :func:`watched`) and the keepalives' while the connection idles. With the checks off
+      nothing else would: a vanished server (rows sent and never acknowledged) was waited
+      for through the kernel's retransmissions (tcp_retries2, ~15 minutes), a stopped one
+      for ever. There the user timeout stays: the COPY fails within it, a COPY waiting on a
+      lock longer than it too (its transaction rolls back, the write told failed: a bound
+      the operator chose by turning the checks off).
     * Its end, if the connection ends. asyncpg's COPY waits for the transport's writes to
       resume, which a lost connection never does: it waited forever (measured). The COPY
       runs in a task of its own, stopped when the connection's termination is told."""
     sock = conn._transport.get_extra_info("socket")  # asyncpg has no getter
-    tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(
-        socket, "TCP_USER_TIMEOUT")
+    tcp = bool(peer.check_interval) and sock is not None and sock.family in (
+        socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_USER_TIMEOUT")
     if tcp:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
     ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
