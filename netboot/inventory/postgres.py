@@ -366,11 +366,20 @@ class _Retry(Exception):
     """The fast path of a batch hit a problem; replay row by row to name it."""
 
 
-# The pool sessions of those given (by their backend PIDs) whose backend the server shows
-# idle, and for how long (seconds, by the server's clock): a session whose statement has
-# been waited for longer than that was never read by its backend (PostgresStore._look).
-_IDLE_FOR = ("SELECT pid, extract(epoch FROM clock_timestamp() - state_change)::float8"
-             " FROM pg_stat_activity WHERE pid = ANY($1::int[]) AND state LIKE 'idle%'")
+# Of the pool sessions given (by their backend PIDs, $1): for how long (seconds, by the
+# server's clock) the server has shown each backend idle, if it does (a session whose
+# statement has been waited for longer than that was never read by its backend); and, for
+# one waiting for a lock, a session that holds it idle in its transaction for longer than
+# $2 seconds, and for how long (a holder that makes no progress: PostgresStore._look).
+# pg_blocking_pids takes the lock manager's locks: asked only of what has waited that long.
+_IDLE_FOR = (
+    "SELECT a.pid, CASE WHEN a.state LIKE 'idle%' THEN extract(epoch FROM clock_timestamp()"
+    " - a.state_change)::float8 END, h.pid, extract(epoch FROM clock_timestamp()"
+    " - h.state_change)::float8 FROM pg_stat_activity a LEFT JOIN LATERAL (SELECT b.pid,"
+    " b.state_change FROM pg_stat_activity b WHERE a.wait_event_type = 'Lock'"
+    " AND b.pid = ANY(pg_blocking_pids(a.pid)) AND b.state LIKE 'idle in transaction%'"
+    " AND clock_timestamp() - b.state_change > make_interval(secs => $2::float8)"
+    " ORDER BY b.state_change LIMIT 1) h ON true WHERE a.pid = ANY($1::int[])")
 
 
 class _Session(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
@@ -448,6 +457,9 @@ class PostgresStore:
         # is found silent (_silenced); and why, while it is (said in the errors it causes).
         self._sessions: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
         self._silence: str | None = None
+        # Sessions found holding a lock others wait for, idle in their transaction, that
+        # have been logged (_look: once each).
+        self._stuck_told: set[int] = set()
         self._signal = Signal()
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
@@ -935,7 +947,16 @@ class PostgresStore:
         connection was lost: _settle). One round trip more, only while some statement has
         waited that long. A backend hung while it runs a statement shows "active", as one
         that runs a long one does (a bulk import's COPY, a COMMIT waiting for a synchronous
-        standby, a write waiting for the writers' lock): not told apart, not ended."""
+        standby): not told apart, not ended.
+
+        A session waiting that long for a lock (the writers' lock, most likely) held by a
+        session idle in its transaction for longer than ``within`` (of any server or
+        client: its client or its backend stopped or hung, an operator's forgotten psql
+        transaction) is ended too: it would wait as long as that holder, for ever if its
+        backend is stopped (pg_terminate_backend acts only once it runs). Its write fails
+        (its first statement takes the lock: nothing was written) saying which PID holds
+        it; logged once per holder. A holder that runs a statement (a bulk import's COPY
+        under the lock) is waited for."""
         now = time.monotonic()
         waiting: dict[int, tuple[_Session, float]] = {}
         for session in self._sessions:
@@ -944,22 +965,34 @@ class PostgresStore:
                 waiting[session.get_server_pid()] = (session, now - asked)
         if not waiting:
             return
-        asking = asyncio.ensure_future(conn.fetch(_IDLE_FOR, list(waiting)))
+        asking = asyncio.ensure_future(conn.fetch(_IDLE_FOR, list(waiting), within))
         done, _ = await asyncio.wait((asking,), timeout=within)
         if not done:  # the next check tells whether the server answers at all
             asking.add_done_callback(lambda t: t.cancelled() or t.exception())
             return
         with contextlib.suppress(*_FAILED):
-            for pid, idle in asking.result():
+            for pid, idle, holder, held in asking.result():
                 session, waited = waiting[pid]
-                if idle is None or idle < waited:
-                    continue  # it read the statement: its answer is on its way, or lost
-                session.ended_why = (f"the server did not read a statement of this session "
-                                     f"within {within} s, though it answers others (its "
-                                     f"backend, PID {pid}, does not: stopped or hung)")
-                log.error("inventory %s: %s: the session is ended (a write in its COMMIT is "
-                          "settled as one whose connection was lost)", self.name,
-                          session.ended_why)
+                if idle is not None and idle >= waited:
+                    session.ended_why = (
+                        f"the server did not read a statement of this session within "
+                        f"{within} s, though it answers others (its backend, PID {pid}, "
+                        "does not: stopped or hung)")
+                    log.error("inventory %s: %s: the session is ended (a write in its COMMIT"
+                              " is settled as one whose connection was lost)", self.name,
+                              session.ended_why)
+                elif holder is not None:
+                    session.ended_why = (
+                        f"waited {waited:.0f} s for a lock held by the session of backend "
+                        f"PID {holder}, idle in its transaction for {held:.0f} s (its client "
+                        "or its backend stopped or hung?): writes wait for it until it ends")
+                    if holder not in self._stuck_told:
+                        self._stuck_told.add(holder)
+                        log.error("inventory %s: %s; each is given up after %s s (ended by "
+                                  "pg_terminate_backend(%d) once it runs)", self.name,
+                                  session.ended_why, within, holder)
+                else:
+                    continue  # it runs the statement, or its answer is on its way
                 session.terminate()
 
     def _silenced(self, why: str) -> None:
@@ -980,7 +1013,7 @@ class PostgresStore:
         answered a LISTEN)."""
         said = reason(exc)
         if self._silence is not None and isinstance(
-                exc, asyncpg.ConnectionDoesNotExistError | TimeoutError):
+                _first(exc), asyncpg.ConnectionDoesNotExistError | TimeoutError):
             return f"{said}: {self._silence}"
         return said
 
@@ -1821,8 +1854,18 @@ def supported(version: tuple[int, ...], name: str) -> None:
             "server, or use a SQLite inventory")
 
 
+def _first(exc: BaseException) -> BaseException:
+    """The failure ``exc`` was raised while handling, if asyncpg raised it for the state that
+    failure left (the transaction's ROLLBACK on a connection that ended: "cannot call
+    Transaction.__aexit__(): the underlying connection is closed"): what went wrong."""
+    while isinstance(exc, asyncpg.InterfaceError) and isinstance(exc.__context__, _FAILED):
+        exc = exc.__context__
+    return exc
+
+
 def reason(exc: BaseException) -> str:
     """What went wrong, in words that never include the DSN."""
+    exc = _first(exc)
     if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
         # The kernel gave the connection up (dsn.PeerSettings): no FIN, no RST, nothing.
         return f"the server stopped answering ({exc.strerror})"

@@ -1431,3 +1431,35 @@ async def test_writes_sent_to_a_backend_hung_alone_are_settled(
 async def _gone(admin: asyncpg.Connection, pids: list[int]) -> bool:
     return not await admin.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids)
+
+
+async def test_a_write_waiting_for_a_lock_a_stuck_session_holds_is_given_up(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A session holds the writers' lock idle in its transaction, its backend stopped (a
+    server's session hung mid-write; pg_terminate_backend cannot end it while stopped):
+    every write waits for that lock. The check gives such a wait up once it has lasted
+    past its timeout: each write is a StoreError naming the holder's PID within the checks'
+    bound, logged once per holder, nothing written; once the holder ends, writes go
+    through. (Before: "still waiting after 20 s", for as long as the holder.)"""
+    store = PostgresStore(pg_dsn, peer=CHECKED)
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    admin = await asyncpg.connect(pg_dsn)
+    pid = holder.get_server_pid()
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+        with pg.stopped([pid]):
+            for value in ("a", "b"):
+                with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+                    await _ended(store.put_setting("k", value))
+            assert caplog.text.count("pg_terminate_backend") == 1
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await _within("the holder gone", lambda: _gone(admin, [pid]))
+        assert await store.get_setting("k") is None
+        await store.put_setting("k", "c")
+        assert await store.get_setting("k") == "c"
+    finally:
+        holder.terminate()
+        await admin.close()
+        await store.close()
