@@ -382,6 +382,11 @@ _IDLE_FOR = (
     " ORDER BY b.state_change LIMIT 1) h ON true WHERE a.pid = ANY($1::int[])")
 
 
+# Whether the session of a PID is still idle in a transaction (a holder found stuck: _look).
+_STILL_STUCK = ("SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1"
+                " AND state LIKE 'idle in transaction%'")
+
+
 class _Session(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
     """A pool session that knows since when (``asked``, monotonic; None: not) a statement
     of its has been waited for, so that the store's check can look at a backend hung alone
@@ -460,6 +465,9 @@ class PostgresStore:
         # Sessions found holding a lock others wait for, idle in their transaction, that
         # have been logged (_look: once each).
         self._stuck_told: set[int] = set()
+        # (its PID, why) while such a holder stops writes (stuck_writes), until a write takes
+        # the writers' lock or the check finds the holder no longer idle in its transaction.
+        self._stuck: tuple[int, str] | None = None
         self._signal = Signal()
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
@@ -566,6 +574,8 @@ class PostgresStore:
                         # the lock.
                         mark, begun = await conn.fetchrow(_BEGUN[lock, prune], *args)
                         self._learn_clock(mark.int >> 80)
+                        if lock:
+                            self._stuck = None  # the writers' lock was free again
                         yield conn
                         xid = begun
                 except asyncio.CancelledError as exc:
@@ -957,6 +967,17 @@ class PostgresStore:
         (its first statement takes the lock: nothing was written) saying which PID holds
         it; logged once per holder. A holder that runs a statement (a bulk import's COPY
         under the lock) is waited for."""
+        if self._stuck is not None:
+            asking = asyncio.ensure_future(conn.fetchval(_STILL_STUCK, self._stuck[0]))
+            done, _ = await asyncio.wait((asking,), timeout=within)
+            if not done:
+                asking.add_done_callback(lambda t: t.cancelled() or t.exception())
+                return
+            with contextlib.suppress(*_FAILED):
+                if not asking.result():
+                    log.warning("inventory %s: the session of backend PID %d no longer "
+                                "holds up writes", self.name, self._stuck[0])
+                    self._stuck = None
         now = time.monotonic()
         waiting: dict[int, tuple[_Session, float]] = {}
         for session in self._sessions:
@@ -986,6 +1007,8 @@ class PostgresStore:
                         f"waited {waited:.0f} s for a lock held by the session of backend "
                         f"PID {holder}, idle in its transaction for {held:.0f} s (its client "
                         "or its backend stopped or hung?): writes wait for it until it ends")
+                    self._stuck = (holder, f"inventory {self.name}: writes are refused: "
+                                   f"{session.ended_why}")
                     if holder not in self._stuck_told:
                         self._stuck_told.add(holder)
                         log.error("inventory %s: %s; each is given up after %s s (ended by "
@@ -994,6 +1017,11 @@ class PostgresStore:
                 else:
                     continue  # it runs the statement, or its answer is on its way
                 session.terminate()
+
+    def stuck_writes(self) -> str | None:
+        """Why writes are given up while reads answer (base.StuckWrites): a lock they wait
+        for held by a session idle in its transaction past check_timeout (:meth:`_look`)."""
+        return None if self._stuck is None else self._stuck[1]
 
     def _silenced(self, why: str) -> None:
         """The server does not answer (``why``): end every connection of the pool and the

@@ -1454,8 +1454,11 @@ async def test_a_write_waiting_for_a_lock_a_stuck_session_holds_is_given_up(
                 with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
                     await _ended(store.put_setting("k", value))
             assert caplog.text.count("pg_terminate_backend") == 1
+            stuck = store.stuck_writes()  # the watcher's health says so (test_service)
+            assert stuck is not None and f"PID {pid}" in stuck
         await admin.execute("SELECT pg_terminate_backend($1)", pid)
         await _within("the holder gone", lambda: _gone(admin, [pid]))
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
         assert await store.get_setting("k") is None
         await store.put_setting("k", "c")
         assert await store.get_setting("k") == "c"
