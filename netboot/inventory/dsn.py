@@ -83,7 +83,10 @@ class PeerSettings:
     # (Npgsql's ``Keepalive``, a query, not a TCP probe; libpq has none); unanswered
     # within ``check_timeout`` seconds, the server is taken as silent: every connection of
     # the store is ended, as a server restart would, and listened, asked and connected
-    # again. 0: no checks.
+    # again. The same check also looks at a pool session whose statement has waited longer
+    # than ``check_timeout`` (its backend hung alone; a lock held by a session stuck in its
+    # transaction: postgres.PostgresStore._look). 0: no checks (and a COPY's rows are sent
+    # with the user timeout, the one bound left: postgres.copy_records).
     check_interval: int = 5
     check_timeout: int = 10
 

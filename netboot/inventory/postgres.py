@@ -398,50 +398,43 @@ _STILL_STUCK = ("SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1"
                 " AND state LIKE 'idle in transaction%'")
 
 
-class _Session(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
-    """A pool session that knows since when (``asked``, monotonic; None: not) a statement
-    of its has been waited for, so that the store's check can look at a backend hung alone
-    (:meth:`PostgresStore._look`); ended by the store for it, the statement's error says
-    why (``ended_why``). Every statement of the store passes here: the connection's
-    methods, and asyncpg's BEGIN, COMMIT and ROLLBACK, which call ``execute``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.asked: float | None = None
-        self.ended_why: str | None = None
-
-    async def _asking(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        outer = self.asked is None
-        if outer:
-            self.asked = time.monotonic()
+def _asking(name: str) -> Callable[..., Any]:
+    """asyncpg's Connection method ``name``, with ``asked`` set while its statement is
+    waited for (_Session); looked up at each call (tests count the statements sent by
+    patching the class). One coroutine, not a wrapper around a second (measured with
+    callgrind: benchmarks/README.md s31-pg)."""
+    async def asking(self: _Session, *args: Any, **kwargs: Any) -> Any:
+        self.asked = time.monotonic()
         try:
-            # Looked up at each call (tests count the statements sent by patching the class).
             return await getattr(asyncpg.Connection, name)(self, *args, **kwargs)
         except asyncpg.ConnectionDoesNotExistError as exc:
             if self.ended_why is None:
                 raise
             raise asyncpg.ConnectionDoesNotExistError(f"{exc}: {self.ended_why}") from exc
         finally:
-            if outer:
-                self.asked = None
+            self.asked = None
+    return asking
 
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._asking("execute", *args, **kwargs)
 
-    async def executemany(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._asking("executemany", *args, **kwargs)
+class _Session(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
+    """A pool session that knows since when (``asked``, monotonic; None: not) a statement
+    of its has been waited for, so that the store's check can look at a backend hung alone
+    (:meth:`PostgresStore._look`); ended by the store for it, the statement's error says
+    why (``ended_why``). Every statement of the store passes here: the connection's
+    methods, and asyncpg's BEGIN, COMMIT and ROLLBACK, which call ``execute`` (none of
+    these calls another of them: ``asked`` is one statement's)."""
 
-    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._asking("fetch", *args, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: float | None = None
+        self.ended_why: str | None = None
 
-    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._asking("fetchval", *args, **kwargs)
-
-    async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._asking("fetchrow", *args, **kwargs)
-
-    async def copy_records_to_table(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._asking("copy_records_to_table", *args, **kwargs)
+    execute = _asking("execute")
+    executemany = _asking("executemany")
+    fetch = _asking("fetch")
+    fetchval = _asking("fetchval")
+    fetchrow = _asking("fetchrow")
+    copy_records_to_table = _asking("copy_records_to_table")
 
 
 class PostgresStore:
@@ -751,9 +744,10 @@ class PostgresStore:
         committed" passes what that means); not, the StoreError of a failed write; unknown
         within LOST_COMMIT_WAIT, :class:`OutcomeUnknown`."""
         self._writes += 1
-        mark = uuid.UUID(int=(self._server_ms() << 80) | self._random.getrandbits(80))
+        # As text: asyncpg encodes it for the uuid parameter; a UUID object only if asked.
+        key = f"{self._server_ms():012x}{self._random.getrandbits(80):020x}"
         prune = not self._writes % PRUNE_MARKS_EVERY
-        params: list[Any] = [*args, mark, MARK_KEEP] if prune else [*args, mark]
+        params: list[Any] = [*args, key, MARK_KEEP] if prune else [*args, key]
         query = _single_sql(sql, len(args), prune)
         began = time.monotonic()
         cancel: asyncio.CancelledError | None = None
@@ -780,7 +774,7 @@ class PostgresStore:
                 raise
             cancel = exc  # while the connection went back to the pool: written all the same
         if lost is not None:
-            await self._settle(None, mark, began, lost)  # returns only if it committed
+            await self._settle(None, uuid.UUID(key), began, lost)  # returns if committed
             result = committed
         if cancel is not None:
             deliver(cancel)
