@@ -951,8 +951,11 @@ class PostgresStore:
     async def _look(self, conn: asyncpg.Connection, within: float) -> None:
         """The server answered its check on ``conn``; a pool session whose statement has
         been waited for longer than ``within`` seconds, while the server shows its backend
-        idle for longer than that (since before the statement was sent), has a backend
-        that does not read it (stopped, hung: the rest of the server answers): it is ended,
+        idle for that long too, has a backend that does not read it (stopped, hung: the
+        rest of the server answers). Not "idle since before the statement was sent": a
+        statement's first use on a session is two round trips (asyncpg prepares it), and a
+        backend stopped between them has been idle only since the first; an answer sent
+        that long ago and not yet read is a loss TCP's bounds are for. It is ended,
         once logged, and its statement fails (a write in its COMMIT settled as one whose
         connection was lost: _settle). One round trip more, only while some statement has
         waited that long. A backend hung while it runs a statement shows "active", as one
@@ -994,7 +997,7 @@ class PostgresStore:
         with contextlib.suppress(*_FAILED):
             for pid, idle, holder, held in asking.result():
                 session, waited = waiting[pid]
-                if idle is not None and idle >= waited:
+                if idle is not None and idle >= within:
                     session.ended_why = (
                         f"the server did not read a statement of this session within "
                         f"{within} s, though it answers others (its backend, PID {pid}, "
