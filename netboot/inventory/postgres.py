@@ -120,7 +120,10 @@ _LAST_CHANGE = "SELECT coalesce(max(seq), 0) FROM changes"
 # bits: the primary's clock alone, whatever the netboot servers' clocks say) and 80 random
 # bits from the writer. Each PRUNE_MARKS_EVERY-th write of a store also drops the marks older
 # than MARK_KEEP by the server's clock: the primary key's range finds them (no other index;
-# SKIP LOCKED: two writers pruning together never wait for each other).
+# SKIP LOCKED: two writers pruning together never wait for each other). Claims (lost: a
+# settle's, _CLAIM) are kept: a single statement settled "failed" while still unread by a
+# backend stopped or hung (_single, PostgresStore._look) can commit only if its claim is
+# gone once that backend runs again, however much later; one row per such settle.
 _MARKED = ("INSERT INTO commit_marks (id) SELECT (lpad(to_hex((extract(epoch FROM"
            " clock_timestamp())::float8 * 1000)::bigint), 12, '0') || $1)::uuid")
 _LOCKED = " FROM pg_advisory_xact_lock($2)"
@@ -128,7 +131,7 @@ _XID = " RETURNING id, pg_current_xact_id()::text"
 _PRUNING = ("WITH gone AS (DELETE FROM commit_marks WHERE id IN (SELECT id FROM commit_marks"
             " WHERE id < (lpad(to_hex(((extract(epoch FROM clock_timestamp())::float8"
             " - $0::float8) * 1000)::bigint), 12, '0') || '00000000000000000000')::uuid"
-            " FOR UPDATE SKIP LOCKED)) ")
+            " AND NOT lost FOR UPDATE SKIP LOCKED)) ")
 # (lock, prune) -> the statement: $1 the mark's random part (20 hex digits), then the lock's
 # key, then MARK_KEEP.
 _BEGUN = {
