@@ -35,7 +35,13 @@ from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
 from netboot.events import EventBus
 from netboot.files import FileTree
-from netboot.inventory.base import EventListener, MachineFilter, Store, release_held_caches
+from netboot.inventory.base import (
+    EventListener,
+    MachineFilter,
+    Store,
+    release_held_caches,
+    stuck_writes,
+)
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
@@ -602,6 +608,9 @@ class Service:
         health, recorder = self.boot.health, self.enroller.recorder
         try:
             await self.boot.resync()
+            stuck = stuck_writes(self.store)
+            if stuck is not None:  # reads answer, writes would each fail after a wait
+                raise StoreError(stuck)
             if recorder.failing is not None:
                 await recorder.flush()
             if not self.events.relaying:

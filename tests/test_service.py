@@ -937,6 +937,43 @@ async def test_a_database_gone_without_a_word_is_told_by_health_within_the_bound
         await service.store.close()  # before the proxy goes
 
 
+async def test_writes_held_up_by_a_stuck_lock_holder_are_told_by_health(
+        make_env: EnvFactory, pg_dsn: str) -> None:
+    """A session idle in its transaction holds the writers' lock, its backend stopped (a
+    server hung mid-write): reads answer, every write is given up after the checks' bound.
+    Once a write was (here the store's own), the watcher says degraded, naming the holder's
+    PID, so that boots are answered from memory at once rather than each write waiting; once
+    the holder ends, the next watch says ok. (Before: writes waited for ever, health "ok".)"""
+    import asyncpg
+
+    from netboot.errors import StoreError
+    from netboot.inventory.postgres import WRITE_LOCK
+
+    env = await make_env(
+        f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n  postgresql:\n'
+        "    connect_timeout: 1\n    check_interval: 1\n    check_timeout: 1\n")
+    service = env.service
+    await service.watch_once()
+    assert service.boot.health.up
+    holder = await asyncpg.connect(pg_dsn)
+    pid = holder.get_server_pid()
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+        with pg.stopped([pid]):
+            with pytest.raises(StoreError, match=f"PID {pid}"):
+                await asyncio.wait_for(service.store.put_setting("k", "v"), 20)
+            await _health_says_down_within_the_bound(env, f"backend PID {pid}")
+    finally:
+        holder.terminate()
+    for _ in range(200):  # the holder's backend, continued, sees its client gone
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(service.watch_once(), 20)
+        if service.boot.health.up:
+            break
+    assert service.boot.health.up
+
+
 async def test_a_database_that_stopped_answering_is_told_by_health_within_the_checks_bound(
         make_env: EnvFactory, pg_dsn: str, postgres: pg.Cluster) -> None:
     """Every process of the database stopped (SIGSTOP: a hung server; its kernel answers

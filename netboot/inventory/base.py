@@ -150,6 +150,22 @@ class HeldCaches(Protocol):
         """Empty what the connections cache now (each refills as it reads again)."""
 
 
+@runtime_checkable
+class StuckWrites(Protocol):
+    """A store that can find its writes stuck while it still answers reads (PostgreSQL: a
+    lock its writers wait for held by a session that makes no progress): why, or None.
+    The service's watcher reports it as an outage (health, ``/healthz``, the
+    ``netboot_inventory_up`` gauge): every write would fail after a wait meanwhile, so
+    boots of known machines are better answered from memory at once."""
+
+    def stuck_writes(self) -> str | None: ...
+
+
+def stuck_writes(store: object) -> str | None:
+    """Why the store's writes are stuck, if it can tell (:class:`StuckWrites`), else None."""
+    return store.stuck_writes() if isinstance(store, StuckWrites) else None
+
+
 async def release_held_caches(store: object) -> None:
     """Empty the store's own caches if it keeps any (:class:`HeldCaches`); the one place
     that asks, for the view after its load and for ``serve`` once quiet after a storm."""

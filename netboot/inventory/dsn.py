@@ -61,7 +61,8 @@ class PeerSettings:
     answers every probe and acknowledges every byte while its backend works. Only a peer
     whose kernel answers nothing for ``tcp_user_timeout`` seconds ends the connection (the
     user timeout also bounds a zero window, a server that reads nothing of what was sent
-    for that long: a COPY's rows are sent without it, postgres.copy_records). With the
+    for that long: a COPY's rows are sent without it while the checks run,
+    postgres.copy_records). With the
     defaults an idle connection is probed after 5 s of silence, every 2 s, and given up
     15 s after the peer's last word; data sent and not acknowledged for 15 s ends it too.
     A server whose kernel answers for it is asked by ``check_interval``/``check_timeout``
@@ -82,7 +83,10 @@ class PeerSettings:
     # (Npgsql's ``Keepalive``, a query, not a TCP probe; libpq has none); unanswered
     # within ``check_timeout`` seconds, the server is taken as silent: every connection of
     # the store is ended, as a server restart would, and listened, asked and connected
-    # again. 0: no checks.
+    # again. The same check also looks at a pool session whose statement has waited longer
+    # than ``check_timeout`` (its backend hung alone; a lock held by a session stuck in its
+    # transaction: postgres.PostgresStore._look). 0: no checks (and a COPY's rows are sent
+    # with the user timeout, the one bound left: postgres.copy_records).
     check_interval: int = 5
     check_timeout: int = 10
 

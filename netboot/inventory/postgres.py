@@ -56,7 +56,7 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -120,7 +120,10 @@ _LAST_CHANGE = "SELECT coalesce(max(seq), 0) FROM changes"
 # bits: the primary's clock alone, whatever the netboot servers' clocks say) and 80 random
 # bits from the writer. Each PRUNE_MARKS_EVERY-th write of a store also drops the marks older
 # than MARK_KEEP by the server's clock: the primary key's range finds them (no other index;
-# SKIP LOCKED: two writers pruning together never wait for each other).
+# SKIP LOCKED: two writers pruning together never wait for each other). Claims (lost: a
+# settle's, _CLAIM) are kept: a single statement settled "failed" while still unread by a
+# backend stopped or hung (_single, PostgresStore._look) can commit only if its claim is
+# gone once that backend runs again, however much later; one row per such settle.
 _MARKED = ("INSERT INTO commit_marks (id) SELECT (lpad(to_hex((extract(epoch FROM"
            " clock_timestamp())::float8 * 1000)::bigint), 12, '0') || $1)::uuid")
 _LOCKED = " FROM pg_advisory_xact_lock($2)"
@@ -128,7 +131,7 @@ _XID = " RETURNING id, pg_current_xact_id()::text"
 _PRUNING = ("WITH gone AS (DELETE FROM commit_marks WHERE id IN (SELECT id FROM commit_marks"
             " WHERE id < (lpad(to_hex(((extract(epoch FROM clock_timestamp())::float8"
             " - $0::float8) * 1000)::bigint), 12, '0') || '00000000000000000000')::uuid"
-            " FOR UPDATE SKIP LOCKED)) ")
+            " AND NOT lost FOR UPDATE SKIP LOCKED)) ")
 # (lock, prune) -> the statement: $1 the mark's random part (20 hex digits), then the lock's
 # key, then MARK_KEEP.
 _BEGUN = {
@@ -165,6 +168,16 @@ _STATUS = "SELECT pg_xact_status($1::text::xid8)"
 _CLAIM = ("INSERT INTO commit_marks (id, lost) VALUES ($1::uuid, true) ON CONFLICT (id)"
           " DO UPDATE SET lost = commit_marks.lost RETURNING lost")
 _FOUND = "SELECT lost FROM commit_marks WHERE id = $1::uuid"
+# A write that is one autocommit statement (_single) carries its mark too, in a CTE of the
+# same statement (a data-modifying WITH runs to completion whatever the main statement reads:
+# one transaction, still one round trip). Its whole key is chosen here, not by the server:
+# the answer that would carry a key the server made is the one that may be lost. Its first
+# 48 bits are this store's estimate of the server's clock (_server_ms: learnt from every
+# mark a _write returns, and at open), so that pruning, by the server's clock, keeps it as
+# long as any other; the estimate is off by a round trip, far within MARK_KEEP. Pruned as a
+# _write prunes, one statement in PRUNE_MARKS_EVERY.
+_SINGLE_MARK = "_mark AS (INSERT INTO commit_marks (id) VALUES ($M::uuid))"
+_SINGLE_PRUNE = "_pruned AS " + _PRUNING[len("WITH gone AS "):].rstrip()
 # pg_current_xact_id and the xid8 type that pg_xact_status is asked with (_write) came in 13.
 MIN_SERVER_VERSION = (13, 0)
 # How long a query may wait for a free connection of the pool (a stuck database answers
@@ -352,8 +365,79 @@ class _Row:
         return self.machine.id
 
 
+@functools.lru_cache(maxsize=64)
+def _single_sql(sql: str, n: int, prune: bool) -> str:
+    """``sql`` (``n`` parameters) with its mark (and the marks' pruning) in a CTE before it
+    (_single); a handful of statements, built once each (~4 µs a call otherwise)."""
+    ctes = [_SINGLE_MARK.replace("$M", f"${n + 1}")]
+    if prune:
+        ctes.append(_SINGLE_PRUNE.replace("$0", f"${n + 2}"))
+    head = "WITH " + ", ".join(ctes)
+    return f"{head}, {sql[5:]}" if sql.startswith("WITH ") else f"{head} {sql}"
+
+
 class _Retry(Exception):
     """The fast path of a batch hit a problem; replay row by row to name it."""
+
+
+# Of the pool sessions given (by their backend PIDs, $1): for how long (seconds, by the
+# server's clock) the server has shown each backend idle, if it does (a session whose
+# statement has been waited for longer than that was never read by its backend); and, for
+# one waiting for a lock, a session that holds it idle in its transaction for longer than
+# $2 seconds, and for how long (a holder that makes no progress: PostgresStore._look).
+# pg_blocking_pids takes the lock manager's locks: asked only of what has waited that long.
+_IDLE_FOR = (
+    "SELECT a.pid, CASE WHEN a.state LIKE 'idle%' THEN extract(epoch FROM clock_timestamp()"
+    " - a.state_change)::float8 END, h.pid, extract(epoch FROM clock_timestamp()"
+    " - h.state_change)::float8 FROM pg_stat_activity a LEFT JOIN LATERAL (SELECT b.pid,"
+    " b.state_change FROM pg_stat_activity b WHERE a.wait_event_type = 'Lock'"
+    " AND b.pid = ANY(pg_blocking_pids(a.pid)) AND b.state LIKE 'idle in transaction%'"
+    " AND clock_timestamp() - b.state_change > make_interval(secs => $2::float8)"
+    " ORDER BY b.state_change LIMIT 1) h ON true WHERE a.pid = ANY($1::int[])")
+
+
+# Whether the session of a PID is still idle in a transaction (a holder found stuck: _look).
+_STILL_STUCK = ("SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1"
+                " AND state LIKE 'idle in transaction%'")
+
+
+def _asking(name: str) -> Callable[..., Any]:
+    """asyncpg's Connection method ``name``, with ``asked`` set while its statement is
+    waited for (_Session); looked up at each call (tests count the statements sent by
+    patching the class). One coroutine, not a wrapper around a second (measured with
+    callgrind: benchmarks/README.md s31-pg)."""
+    async def asking(self: _Session, *args: Any, **kwargs: Any) -> Any:
+        self.asked = time.monotonic()
+        try:
+            return await getattr(asyncpg.Connection, name)(self, *args, **kwargs)
+        except asyncpg.ConnectionDoesNotExistError as exc:
+            if self.ended_why is None:
+                raise
+            raise asyncpg.ConnectionDoesNotExistError(f"{exc}: {self.ended_why}") from exc
+        finally:
+            self.asked = None
+    return asking
+
+
+class _Session(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
+    """A pool session that knows since when (``asked``, monotonic; None: not) a statement
+    of its has been waited for, so that the store's check can look at a backend hung alone
+    (:meth:`PostgresStore._look`); ended by the store for it, the statement's error says
+    why (``ended_why``). Every statement of the store passes here: the connection's
+    methods, and asyncpg's BEGIN, COMMIT and ROLLBACK, which call ``execute`` (none of
+    these calls another of them: ``asked`` is one statement's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: float | None = None
+        self.ended_why: str | None = None
+
+    execute = _asking("execute")
+    executemany = _asking("executemany")
+    fetch = _asking("fetch")
+    fetchval = _asking("fetchval")
+    fetchrow = _asking("fetchrow")
+    copy_records_to_table = _asking("copy_records_to_table")
 
 
 class PostgresStore:
@@ -385,6 +469,12 @@ class PostgresStore:
         # is found silent (_silenced); and why, while it is (said in the errors it causes).
         self._sessions: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
         self._silence: str | None = None
+        # Sessions found holding a lock others wait for, idle in their transaction, that
+        # have been logged (_look: once each).
+        self._stuck_told: set[int] = set()
+        # (its PID, why) while such a holder stops writes (stuck_writes), until a write takes
+        # the writers' lock or the check finds the holder no longer idle in its transaction.
+        self._stuck: tuple[int, str] | None = None
         self._signal = Signal()
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
@@ -400,7 +490,10 @@ class PostgresStore:
         # with them instead of reading them back (committed.py).
         self._here = CommittedHere()
         self.migrated: list[int] = []  # the schema versions the last open() applied
-        self._writes = 0  # transactions begun (_write): each PRUNE_MARKS_EVERY-th prunes marks
+        self._writes = 0  # writes begun (_write, _single): each PRUNE_MARKS_EVERY-th prunes marks
+        # The server's clock (ms) minus this host's monotonic clock (ms), as last learnt
+        # (_server_ms): the first bits of a single statement's mark.
+        self._clock_offset: float | None = None
         # The marks' random bits, seeded from the system's entropy: unique keys, not secret
         # ones (a mark guessed is worth nothing: writing one takes the database itself).
         self._random = random.Random()  # noqa: S311
@@ -487,6 +580,9 @@ class PostgresStore:
                         # Its mark and its transaction's id, in the round trip that takes
                         # the lock.
                         mark, begun = await conn.fetchrow(_BEGUN[lock, prune], *args)
+                        self._learn_clock(mark.int >> 80)
+                        if lock:
+                            self._stuck = None  # the writers' lock was free again
                         yield conn
                         xid = begun
                 except asyncio.CancelledError as exc:
@@ -516,7 +612,7 @@ class PostgresStore:
         if cancel is not None:
             deliver(cancel)
 
-    async def _settle(self, xid: str, mark: uuid.UUID, began: float,
+    async def _settle(self, xid: str | None, mark: uuid.UUID, began: float,
                       lost: BaseException) -> None:
         """A write whose connection failed (``lost``) while its COMMIT was under way, told
         as it ended, the server asked on a new connection by the write's mark (:meth:`_status`):
@@ -546,7 +642,8 @@ class PostgresStore:
             raise cancel  # not written, or nobody can say, and the caller asked to stop
         if status == "aborted":
             raise StoreError(f"inventory {self.name}: {self._reason(lost)}") from lost
-        unknown = self._unknown(lost, f"transaction {xid} is {status}" if status else
+        unknown = self._unknown(lost, (f"transaction {xid} is {status}" if xid else
+                                       f"its statement is {status}") if status else
                                 "the server could not be asked whether it committed")
         log.error("%s", unknown)
         raise unknown from lost
@@ -630,39 +727,47 @@ class PostgresStore:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
 
-    async def _single(self, run: Callable[[asyncpg.Connection], Awaitable[_R]]) -> _R:
-        """One write that is one autocommit statement (its own transaction): one round trip
-        where a ``_write`` costs four (BEGIN, its id, the statement, COMMIT), told as it
+    async def _single(self, method: str, sql: str, *args: Any, committed: Any = None) -> Any:
+        """One write that is one autocommit statement ``sql`` (its own transaction), run by
+        the connection's ``method`` ("execute", "fetchval") with ``args``: one round trip
+        where a ``_write`` costs four (BEGIN, its mark, the statement, COMMIT), told as it
         ended all the same. The statement is never cancelled from here: asyncpg, its call
         cancelled, asks the server to cancel the statement and throws its answer away, so
-        nothing would say whether it committed (nor its transaction's id, were the statement
-        to return it). A caller cancelled meanwhile waits for that answer instead (the
-        statement's run, milliseconds; bounded by CANCELLED_COMMIT_WAIT, past which the
-        statement is cancelled and the caller told so, logged as maybe written): answered,
-        it was committed (autocommit commits before ReadyForQuery, on which asyncpg
-        returns), the result is returned and the cancel delivered at the caller's next
-        wait; failed, nothing was written and the cancel is raised.
+        nothing would say whether it committed. A caller cancelled meanwhile waits for that
+        answer instead (the statement's run, milliseconds; bounded by CANCELLED_COMMIT_WAIT,
+        past which the statement is cancelled and the caller told so, logged as maybe
+        written): answered, it was committed (autocommit commits before ReadyForQuery, on
+        which asyncpg returns), the result is returned and the cancel delivered at the
+        caller's next wait; failed, nothing was written and the cancel is raised.
 
-        Its connection lost once the statement was sent (no ERROR answer), the outcome is
-        unknown and said so (:class:`OutcomeUnknown`): the transaction's id would come in
-        the answer that was lost, and learning it first is ``_write``'s four round trips."""
+        Its connection lost once the statement was sent (no ERROR answer), it is settled by
+        its mark (_SINGLE_MARK, written by the statement itself) as a ``_write`` whose
+        COMMIT was lost is (:meth:`_settle`): committed, ``committed`` is returned (the
+        statement's own answer is what was lost: a caller that needs more than "it
+        committed" passes what that means); not, the StoreError of a failed write; unknown
+        within LOST_COMMIT_WAIT, :class:`OutcomeUnknown`."""
+        self._writes += 1
+        # As text: asyncpg encodes it for the uuid parameter; a UUID object only if asked.
+        key = f"{self._server_ms():012x}{self._random.getrandbits(80):020x}"
+        prune = not self._writes % PRUNE_MARKS_EVERY
+        params: list[Any] = [*args, key, MARK_KEEP] if prune else [*args, key]
+        query = _single_sql(sql, len(args), prune)
+        began = time.monotonic()
         cancel: asyncio.CancelledError | None = None
+        lost: BaseException | None = None
         done = False
+        result: Any = committed
         try:
             async with self._conn() as conn:
-                statement = asyncio.ensure_future(run(conn))
+                statement = asyncio.ensure_future(getattr(conn, method)(query, *params))
                 try:
                     result = await asyncio.shield(statement)
                 except asyncio.CancelledError as exc:
                     cancel = exc
-                except (asyncpg.PostgresError, OSError) as exc:
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     if _answered(exc):
                         raise  # the server's own answer: rolled back
-                    # Lost after it was sent: whether it committed, no question can say.
-                    unknown = self._unknown(exc, "its transaction id was not asked for "
-                                            "(one round trip)")
-                    log.error("%s", unknown)
-                    raise unknown from exc
+                    lost = exc  # asked by its mark once the connection is back in the pool
                 if cancel is not None:
                     result = await waited(cancel, statement, within=CANCELLED_COMMIT_WAIT,
                                           late=functools.partial(_late, self.name, statement))
@@ -671,9 +776,23 @@ class PostgresStore:
             if not done:
                 raise
             cancel = exc  # while the connection went back to the pool: written all the same
+        if lost is not None:
+            await self._settle(None, uuid.UUID(key), began, lost)  # returns if committed
+            result = committed
         if cancel is not None:
             deliver(cancel)
         return result
+
+    def _learn_clock(self, server_ms: int) -> None:
+        """The server's clock read (ms since the epoch, a mark's first bits) just now."""
+        self._clock_offset = server_ms - time.monotonic() * 1000
+
+    def _server_ms(self) -> int:
+        """The server's clock now, in ms, as this store last learnt it (a single statement's
+        mark: _SINGLE_MARK); before it learnt any (open learns it), this host's."""
+        if self._clock_offset is None:
+            return int(time.time() * 1000)
+        return int(time.monotonic() * 1000 + self._clock_offset)
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -685,7 +804,8 @@ class PostgresStore:
                 # No statement timeout: a bulk import's COPY may rightly run for minutes. A
                 # lost peer is noticed by the kernel instead (keepalives, TCP_USER_TIMEOUT:
                 # dsn.PeerSettings), on every connection, set as it is adopted.
-                command_timeout=None, init=self._adopt_session, reset=_kept_session)
+                command_timeout=None, init=self._adopt_session, reset=_kept_session,
+                connection_class=_Session)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
                 ValueError) as exc:
             raise StoreError(f"cannot open inventory {self.name}: {reason(exc)}") from exc
@@ -823,12 +943,91 @@ class PostgresStore:
             if self._notify_lost.is_set() or conn is None or conn.is_closed():
                 return "the LISTEN connection was lost"
             if await answers(conn, within):
+                await self._look(conn, within)
                 continue
             why = _unanswered(within)
             self._notify = None  # not "lost": ended here, on purpose
             conn.terminate()
             self._silenced(why)
             return why
+
+    async def _look(self, conn: asyncpg.Connection, within: float) -> None:
+        """The server answered its check on ``conn``; a pool session whose statement has
+        been waited for longer than ``within`` seconds, while the server shows its backend
+        idle for that long too, has a backend that does not read it (stopped, hung: the
+        rest of the server answers). Not "idle since before the statement was sent": a
+        statement's first use on a session is two round trips (asyncpg prepares it), and a
+        backend stopped between them has been idle only since the first; an answer sent
+        that long ago and not yet read is a loss TCP's bounds are for. It is ended,
+        once logged, and its statement fails (a write in its COMMIT settled as one whose
+        connection was lost: _settle). One round trip more, only while some statement has
+        waited that long. A backend hung while it runs a statement shows "active", as one
+        that runs a long one does (a bulk import's COPY, a COMMIT waiting for a synchronous
+        standby): not told apart, not ended.
+
+        A session waiting that long for a lock (the writers' lock, most likely) held by a
+        session idle in its transaction for longer than ``within`` (of any server or
+        client: its client or its backend stopped or hung, an operator's forgotten psql
+        transaction) is ended too: it would wait as long as that holder, for ever if its
+        backend is stopped (pg_terminate_backend acts only once it runs). Its write fails
+        (its first statement takes the lock: nothing was written) saying which PID holds
+        it; logged once per holder. A holder that runs a statement (a bulk import's COPY
+        under the lock) is waited for."""
+        if self._stuck is not None:
+            asking = asyncio.ensure_future(conn.fetchval(_STILL_STUCK, self._stuck[0]))
+            done, _ = await asyncio.wait((asking,), timeout=within)
+            if not done:
+                asking.add_done_callback(lambda t: t.cancelled() or t.exception())
+                return
+            with contextlib.suppress(*_FAILED):
+                if not asking.result():
+                    log.warning("inventory %s: the session of backend PID %d no longer "
+                                "holds up writes", self.name, self._stuck[0])
+                    self._stuck = None
+        now = time.monotonic()
+        waiting: dict[int, tuple[_Session, float]] = {}
+        for session in self._sessions:
+            asked = getattr(session, "asked", None)
+            if asked is not None and now - asked > within and not session.is_closed():
+                waiting[session.get_server_pid()] = (session, now - asked)
+        if not waiting:
+            return
+        asking = asyncio.ensure_future(conn.fetch(_IDLE_FOR, list(waiting), within))
+        done, _ = await asyncio.wait((asking,), timeout=within)
+        if not done:  # the next check tells whether the server answers at all
+            asking.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return
+        with contextlib.suppress(*_FAILED):
+            for pid, idle, holder, held in asking.result():
+                session, waited = waiting[pid]
+                if idle is not None and idle >= within:
+                    session.ended_why = (
+                        f"the server did not read a statement of this session within "
+                        f"{within} s, though it answers others (its backend, PID {pid}, "
+                        "does not: stopped or hung)")
+                    log.error("inventory %s: %s: the session is ended (a write in its COMMIT"
+                              " is settled as one whose connection was lost)", self.name,
+                              session.ended_why)
+                elif holder is not None:
+                    session.ended_why = (
+                        f"waited {waited:.0f} s for a lock held by the session of backend "
+                        f"PID {holder}, idle in its transaction for {held:.0f} s (its client "
+                        "or its backend stopped or hung?): writes wait for it until it ends")
+                    self._stuck = (holder, f"inventory {self.name}: writes are refused: "
+                                   f"{session.ended_why}")
+                    if holder not in self._stuck_told:
+                        self._stuck_told.add(holder)
+                        log.error("inventory %s: %s; each is given up after %s s (ended by "
+                                  "pg_terminate_backend(%d) once it runs)", self.name,
+                                  session.ended_why, within, holder)
+                else:
+                    continue  # it runs the statement, or its answer is on its way
+                session.terminate()
+
+    def stuck_writes(self) -> str | None:
+        """Why writes are given up while reads answer (base.StuckWrites): a lock they wait
+        for held by a session idle in its transaction past check_timeout (:meth:`_look`)."""
+        return None if self._stuck is None else self._stuck[1]
 
     def _silenced(self, why: str) -> None:
         """The server does not answer (``why``): end every connection of the pool and the
@@ -848,7 +1047,7 @@ class PostgresStore:
         answered a LISTEN)."""
         said = reason(exc)
         if self._silence is not None and isinstance(
-                exc, asyncpg.ConnectionDoesNotExistError | TimeoutError):
+                _first(exc), asyncpg.ConnectionDoesNotExistError | TimeoutError):
             return f"{said}: {self._silence}"
         return said
 
@@ -862,10 +1061,23 @@ class PostgresStore:
         bound: a session of a vanished netboot that held the writers' lock in an open
         transaction would otherwise hold it, and every other server's writes behind it, for
         the server kernel's two hours. One round trip per pool connection, once: a
-        ``SET``, not a startup parameter, which poolers such as pgbouncer refuse."""
+        ``SET``, not a startup parameter, which poolers such as pgbouncer refuse.
+
+        That round trip is a part of making the session: bounded by connect_timeout, as the
+        connect is (asyncpg's pool bounds only the connect; the acquire's 30 s were the
+        bound of a session whose server went silent here), and the session is among those
+        a silent server's check ends (:meth:`_silenced`) from before it is sent."""
         tune(conn, self._peer)
-        await conn.execute(*server_keepalives(self._peer))
         self._sessions.add(conn)
+        try:
+            async with asyncio.timeout(self._peer.connect_timeout):
+                await conn.execute(*server_keepalives(self._peer))
+        except TimeoutError:
+            conn.terminate()  # then asyncpg's pool closes it at once, and raises this
+            why = (f"the server stopped answering (a new session was not set up within "
+                   f"{self._peer.connect_timeout} s)")
+            log.warning("inventory %s: %s: ended", self.name, why)
+            raise StoreError(f"inventory {self.name}: {why}") from None
         pid = conn.get_server_pid()
         self._own.add(pid)
         conn.add_termination_listener(lambda _: self._own.discard(pid))
@@ -886,8 +1098,11 @@ class PostgresStore:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
                 " description TEXT NOT NULL, applied DOUBLE PRECISION NOT NULL)")
-            version = await conn.fetchval(
-                "SELECT coalesce(max(version), 0) FROM schema_migrations")
+            # With the server's clock: the first bits of a single statement's mark (_single).
+            version, server_ms = await conn.fetchrow(
+                "SELECT coalesce(max(version), 0), (extract(epoch FROM clock_timestamp())"
+                " * 1000)::bigint FROM schema_migrations")
+            self._learn_clock(server_ms)
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"inventory {self.name} has schema version {version}, newer than this "
@@ -1262,7 +1477,7 @@ class PostgresStore:
 
     async def delete_lease(self, mac: str) -> None:
         mac = codec.normalise_mac(mac)
-        await self._single(lambda conn: conn.execute("DELETE FROM leases WHERE mac = $1", mac))
+        await self._single("execute", "DELETE FROM leases WHERE mac = $1", mac)
 
     async def fixed_address(self, mac: str) -> str | None:
         machine = await self.machine_by("mac", mac)
@@ -1390,11 +1605,11 @@ class PostgresStore:
     async def create_token(self, token: ApiToken) -> None:
         value = codec.token_from_dict(codec.token_to_dict(token))
         try:
-            await self._single(lambda conn: conn.execute(
-                f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608 - a constant
+            await self._single(
+                "execute", f"INSERT INTO api_tokens ({codec.TOKEN_COLUMNS})"  # noqa: S608
                 " VALUES ($1, $2, $3, $4, $5, $6)",
                 value.name, value.sha256, str(value.scope), value.created, value.expires,
-                value.last_used))
+                value.last_used)
         except Conflict as exc:  # refused, nothing written: name which key was taken
             async with self._conn() as conn:
                 taken = await conn.fetchval("SELECT 1 FROM api_tokens WHERE name = $1",
@@ -1416,20 +1631,22 @@ class PostgresStore:
         return [codec.token_from_row(r) for r in rows]
 
     async def delete_token(self, name: str) -> None:
-        if await self._single(lambda conn: conn.fetchval(
-                "DELETE FROM api_tokens WHERE name = $1 RETURNING name", name)) is None:
+        # Committed with its answer lost (settled by its mark): the token is gone, which is
+        # what was asked; whether it was there before went with the answer: told deleted.
+        if await self._single("fetchval", "DELETE FROM api_tokens WHERE name = $1"
+                              " RETURNING name", name, committed=name) is None:
             raise NotFound(f"token {name!r} not found")
 
     async def touch_token(self, name: str, when: float) -> None:
-        await self._single(lambda conn: conn.execute(
-            "UPDATE api_tokens SET last_used = $2 WHERE name = $1", name, float(when)))
+        await self._single("execute", "UPDATE api_tokens SET last_used = $2 WHERE name = $1",
+                           name, float(when))
 
     async def add_audit(self, entry: AuditEntry) -> None:
         e = codec.audit_from_dict(codec.audit_to_dict(entry))
-        await self._single(lambda conn: conn.execute(
-            "INSERT INTO audit (time, actor, action, target, peer, outcome)"
+        await self._single(
+            "execute", "INSERT INTO audit (time, actor, action, target, peer, outcome)"
             " VALUES ($1, $2, $3, $4, $5, $6)",
-            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome))
+            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome)
 
     async def settle_audit(self, entry: AuditEntry, written: str, otherwise: str) -> None:
         e = codec.audit_from_dict(codec.audit_to_dict(entry))
@@ -1437,13 +1654,13 @@ class PostgresStore:
         # updated, or the other added. An entry whose change's COMMIT still runs is not
         # seen (its insert is not committed): then both are kept, which only a COMMIT
         # running past LOST_COMMIT_WAIT leaves.
-        await self._single(lambda conn: conn.execute(
-            "WITH found AS (UPDATE audit SET outcome = $7 WHERE id = (SELECT max(id) FROM"
-            " audit WHERE time = $1 AND actor = $2 AND action = $3 AND target = $4"
-            " AND peer = $5 AND outcome = $6) RETURNING 1)"
+        await self._single(
+            "execute", "WITH found AS (UPDATE audit SET outcome = $7 WHERE id ="
+            " (SELECT max(id) FROM audit WHERE time = $1 AND actor = $2 AND action = $3"
+            " AND target = $4 AND peer = $5 AND outcome = $6) RETURNING 1)"
             " INSERT INTO audit (time, actor, action, target, peer, outcome)"
             " SELECT $1, $2, $3, $4, $5, $8 WHERE NOT EXISTS (SELECT 1 FROM found)",
-            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome, written, otherwise))
+            float(e.time), e.actor, e.action, e.target, e.peer, e.outcome, written, otherwise)
 
     async def list_audit(self, *, since: float | None = None,
                          limit: int = 1000) -> list[AuditEntry]:
@@ -1458,10 +1675,12 @@ class PostgresStore:
                 for t, a, ac, tg, p, o in reversed(rows)]
 
     async def prune_audit(self, keep: int) -> int:
-        deleted = await self._single(lambda conn: conn.fetchval(
-            "WITH gone AS (DELETE FROM audit WHERE id <="
+        # Committed with its answer lost (settled by its mark): the count went with the
+        # answer; told 0 (the pruning is done; no caller reads the count but the tests).
+        deleted = await self._single(
+            "fetchval", "WITH gone AS (DELETE FROM audit WHERE id <="
             " (SELECT coalesce(max(id), 0) FROM audit) - $1 RETURNING 1)"
-            " SELECT count(*) FROM gone", max(keep, 0)))
+            " SELECT count(*) FROM gone", max(keep, 0), committed=0)
         return int(deleted)
 
 
@@ -1569,19 +1788,25 @@ async def copy_records(conn: asyncpg.Connection, peer: PeerSettings, table: str,
                        records: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
     """``copy_records_to_table``, with two things asyncpg does not do:
 
-    * No TCP_USER_TIMEOUT while the rows are sent. A server may rightly stop reading them
-      for as long as a lock it waits for is held (a unique key's entry another transaction
-      wrote and has not committed): the window closes, and Linux ends a connection whose
-      zero window outlasts the user timeout, though every probe is answered (measured:
-      ended 2-3 s into such a wait with a 2 s user timeout, benchmarks/README.md s30-pg).
-      A server that stopped or vanished meanwhile is the checks' to notice
-      (:meth:`PostgresStore._watch`) and the keepalives' while the connection idles.
+    * No TCP_USER_TIMEOUT while the rows are sent, where the checks run
+      (``check_interval``). A server may rightly stop reading them for as long as a lock it
+      waits for is held (a unique key's entry another transaction wrote and has not
+      committed): the window closes, and Linux ends a connection whose zero window outlasts
+      the user timeout, though every probe is answered (measured: ended 2-3 s into such a
+      wait with a 2 s user timeout, benchmarks/README.md s30-pg). A server that stopped or
+      vanished meanwhile is the checks' to notice (:meth:`PostgresStore._watch`,
+      :func:`watched`) and the keepalives' while the connection idles. With the checks off
+      nothing else would: a vanished server (rows sent and never acknowledged) was waited
+      for through the kernel's retransmissions (tcp_retries2, ~15 minutes), a stopped one
+      for ever. There the user timeout stays: the COPY fails within it, a COPY waiting on a
+      lock longer than it too (its transaction rolls back, the write told failed: a bound
+      the operator chose by turning the checks off).
     * Its end, if the connection ends. asyncpg's COPY waits for the transport's writes to
       resume, which a lost connection never does: it waited forever (measured). The COPY
       runs in a task of its own, stopped when the connection's termination is told."""
     sock = conn._transport.get_extra_info("socket")  # asyncpg has no getter
-    tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(
-        socket, "TCP_USER_TIMEOUT")
+    tcp = bool(peer.check_interval) and sock is not None and sock.family in (
+        socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_USER_TIMEOUT")
     if tcp:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
     ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -1663,8 +1888,18 @@ def supported(version: tuple[int, ...], name: str) -> None:
             "server, or use a SQLite inventory")
 
 
+def _first(exc: BaseException) -> BaseException:
+    """The failure ``exc`` was raised while handling, if asyncpg raised it for the state that
+    failure left (the transaction's ROLLBACK on a connection that ended: "cannot call
+    Transaction.__aexit__(): the underlying connection is closed"): what went wrong."""
+    while isinstance(exc, asyncpg.InterfaceError) and isinstance(exc.__context__, _FAILED):
+        exc = exc.__context__
+    return exc
+
+
 def reason(exc: BaseException) -> str:
     """What went wrong, in words that never include the DSN."""
+    exc = _first(exc)
     if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
         # The kernel gave the connection up (dsn.PeerSettings): no FIN, no RST, nothing.
         return f"the server stopped answering ({exc.strerror})"

@@ -576,11 +576,16 @@ async def test_marks_are_pruned_by_the_writes_themselves(
     try:
         stale = _mark(time.time() - postgres.MARK_KEEP - 60)
         await admin.execute("INSERT INTO commit_marks (id) VALUES ($1)", stale)
+        # A settle's claim is kept: a statement it settled "failed", still unread by a hung
+        # backend, must find it however late that backend runs.
+        claim = _mark(time.time() - postgres.MARK_KEEP - 60)
+        await admin.execute("INSERT INTO commit_marks (id, lost) VALUES ($1, true)", claim)
         for n in range(3):
             await store.put_setting("k", str(n))
-        marks = await admin.fetchval("SELECT count(*) FROM commit_marks")
+        marks = await admin.fetchval("SELECT count(*) FROM commit_marks WHERE NOT lost")
         gone = await admin.fetchval("SELECT count(*) FROM commit_marks WHERE id = $1", stale)
-        assert (marks, gone) == (3, 0)  # the store's own three (migrate writes none)
+        kept = await admin.fetchval("SELECT count(*) FROM commit_marks WHERE id = $1", claim)
+        assert (marks, gone, kept) == (3, 0, 1)  # the store's own three (migrate writes none)
     finally:
         await admin.close()
         await store.close()
@@ -678,20 +683,90 @@ async def test_a_commit_the_server_refuses_is_told_failed_without_asking(
         assert await store.list_events("m1") == [] and await store.list_audit() == []
 
 
-async def test_a_single_statement_write_whose_connection_is_lost_is_told_unknown(
+async def test_a_single_statement_write_whose_connection_is_lost_is_settled_by_its_mark(
         pg_dsn: str) -> None:
-    """An autocommit statement (an audit entry) whose connection is lost once it was sent
-    commits or not with nothing to ask by (its transaction's id would have come in the
-    answer): told unknown, not failed. Here it did commit."""
+    """An autocommit statement (an audit entry) whose connection is lost once it was sent:
+    its mark, written by the statement itself, says it committed: told written, not
+    "unknown" (as it was before the marks: its transaction's id would have come in the
+    answer that was lost)."""
     async with _cut_store(pg_dsn) as (store, cutter, _):
         # Cut at the message that runs it (the actor is among its parameters), not at the
         # statement's preparation (its text), after which nothing would have run.
         cutter.cut_after(b"cut-here")
-        with pytest.raises(OutcomeUnknown, match="outcome is unknown"):
-            await store.add_audit(AuditEntry(time=1.0, actor="cut-here", action="x",
-                                             target="t", peer="p", outcome="done"))
+        await store.add_audit(AuditEntry(time=1.0, actor="cut-here", action="x",
+                                         target="t", peer="p", outcome="done"))
         assert len(await store.list_audit()) == 1
         await _next_write_is_sound(store)
+
+
+async def test_a_single_statement_lost_and_refused_is_told_failed(pg_dsn: str) -> None:
+    """The server refused the statement (a token name taken), but its ERROR was lost with
+    the connection: the mark is not there, so the claim makes "not written" final: told
+    failed (a StoreError), not unknown, and nothing was written."""
+    async with _cut_store(pg_dsn) as (store, cutter, _):
+        token = ApiToken(name="cut-here", sha256="1" * 64, scope=Scope.ADMIN, created=1.0)
+        await store.create_token(token)
+        cutter.cut_after(b"cut-here")
+        with pytest.raises(StoreError) as told:
+            await store.create_token(replace(token, sha256="2" * 64))
+        assert not isinstance(told.value, OutcomeUnknown)
+        assert [t.sha256 for t in await store.list_tokens()] == ["1" * 64]
+        cutter.cut_after(b"cut-here")  # deleted, its answer lost: told deleted
+        await store.delete_token("cut-here")
+        assert await store.list_tokens() == []
+        await _next_write_is_sound(store)
+
+
+async def test_a_single_statement_lost_while_it_still_runs_is_told_unknown(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lost while the statement still waits (held at an advisory lock past LOST_COMMIT_WAIT):
+    the claim of its mark waits for it and gives up: told unknown, which is exact (here it
+    commits once let go)."""
+    monkeypatch.setattr(postgres, "LOST_COMMIT_WAIT", 1.0)
+    async with _cut_store(pg_dsn) as (store, cutter, admin):
+        for sql in _HELD_AUDIT:
+            await admin.execute(sql)
+        await admin.execute("SELECT pg_advisory_lock(42)")
+        cutter.cut_after(b"cut-here")
+        with pytest.raises(OutcomeUnknown, match="its statement is in progress"):
+            await store.add_audit(AuditEntry(time=1.0, actor="cut-here", action="x",
+                                             target="t", peer="p", outcome="done"))
+        await admin.execute("SELECT pg_advisory_unlock(42)")
+        await _within("the statement committed once let go",
+                      lambda: _audit_count(admin, 1))
+        await admin.execute("DROP TRIGGER held_audit ON audit")
+        await _next_write_is_sound(store)
+
+
+async def _audit_count(admin: asyncpg.Connection, count: int) -> bool:
+    return bool(await admin.fetchval("SELECT count(*) FROM audit") == count)
+
+
+async def test_single_statement_marks_are_pruned_and_keyed_by_the_servers_clock(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single statement's mark is keyed by the server's clock (learnt from the server,
+    whatever this host's says), so pruning keeps it as long as a transaction's; each
+    PRUNE_MARKS_EVERY-th statement prunes too."""
+    monkeypatch.setattr(postgres, "PRUNE_MARKS_EVERY", 3)
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            now_ms = await admin.fetchval(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+            old = _mark(0.0)
+            await admin.execute("INSERT INTO commit_marks (id) VALUES ($1)", old)
+            monkeypatch.setattr(time, "time", lambda: 0.0)  # this host's clock far off
+            for i in range(3):
+                await store.touch_token("none", float(i))
+            ids = [r[0] for r in await admin.fetch("SELECT id FROM commit_marks")]
+            assert old not in ids and len(ids) == 3  # the old one pruned by the third
+            assert all(abs((m.int >> 80) - now_ms) < 60_000 for m in ids)
+        finally:
+            await admin.close()
+    finally:
+        await store.close()
 
 
 # --- a write that is one autocommit statement: one round trip, told as it ended -------------
@@ -707,7 +782,7 @@ _HELD_AUDIT = (
     "CREATE TRIGGER held_audit AFTER INSERT ON audit FOR EACH ROW EXECUTE FUNCTION held_audit()",
 )
 _AT_42 = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
-          " AND query LIKE 'INSERT INTO audit%'")
+          " AND query LIKE '%INSERT INTO audit (%'")
 
 
 @contextlib.asynccontextmanager
@@ -756,7 +831,8 @@ async def test_a_single_statement_write_cancelled_under_way_is_told_as_it_ended(
             await admin.execute("SELECT pg_advisory_unlock(42)")
         else:
             await admin.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-                                " WHERE query LIKE 'INSERT INTO audit%'")
+                                " WHERE query LIKE '%INSERT INTO audit (%'"
+                                " AND pid <> pg_backend_pid()")
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 10)
         audit = await store.list_audit()
@@ -1211,3 +1287,187 @@ async def test_a_copy_whose_connection_ends_fails_rather_than_waiting_for_ever(
         conn.terminate()
         with pytest.raises(asyncpg.ConnectionDoesNotExistError):
             await _ended(copying)
+
+
+@pytest.mark.parametrize("silent", ["vanished", "stopped"])
+async def test_a_copy_without_the_checks_to_a_silent_server_fails_within_the_user_timeout(
+        pg_dsn: str, silent: str) -> None:
+    """With the checks off (check_interval 0) nothing but the kernel watches a COPY, so its
+    rows are sent with the user timeout kept: a server that vanishes mid-COPY (the proxy
+    black-holes it, rows left unacknowledged) or whose backend stops (its window closes)
+    ends the connection within it, and the COPY fails. (Sent without it, as with the checks
+    on: the vanished one was waited for through the kernel's ~15 minutes of
+    retransmissions, the stopped one for ever: "still waiting after 20 s".)"""
+    peer = replace(QUICK, check_interval=0)
+    rows = [(i, "p" * 200) for i in range(200_000)]
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, pad TEXT)")
+        async with pg.cutting(pg_dsn, tcp=True) as (dsn, cutter):
+            conn = await postgres.connect(dsn, peer)
+            try:
+                if silent == "vanished":
+                    cutter.freeze_after(b"p" * 200)  # once the first rows were passed on
+                copying = asyncio.ensure_future(
+                    postgres.copy_records(conn, peer, "t", rows, ("k", "pad")))
+                stopping = []
+                if silent == "stopped":  # once its rows flow
+                    await pg.until(admin, "SELECT count(*) FROM pg_stat_progress_copy"
+                                   " WHERE bytes_processed > 0", "copying")
+                    stopping.append(conn.get_server_pid())
+                with pg.stopped(stopping), pytest.raises(asyncpg.ConnectionDoesNotExistError):
+                    await _ended(copying)
+            finally:
+                conn.terminate()
+                cutter.thaw()
+    finally:
+        await admin.close()
+
+
+async def test_a_pool_session_whose_set_up_is_not_answered_fails_within_connect_timeout(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        ) -> None:
+    """A new pool session connected, then its backend silent before its set-up statement
+    (the server's keepalives) is answered: the session is ended within connect_timeout
+    (1 s here), logged once, rather than after the acquire's 30 s; the query that waits for
+    it is answered on a new session (asyncpg makes the pool's floor again in the background:
+    the stopped one is that) or told the StoreError. (Before: "still waiting after 20 s".)"""
+    stopped: list[int] = []
+    tuned = postgres.tune
+
+    def tune_then_stop(conn: asyncpg.Connection, peer: PeerSettings) -> None:
+        tuned(conn, peer)
+        if armed and not stopped:
+            stopped.append(conn.get_server_pid())
+            os.kill(stopped[0], signal.SIGSTOP)
+
+    armed = False
+    monkeypatch.setattr(postgres, "tune", tune_then_stop)
+    store = PostgresStore(pg_dsn, peer=QUICK, pool_size=1)
+    await store.open()
+    try:
+        for session in list(store._sessions):
+            session.terminate()  # the pool's one session: the next query makes another
+        armed = True
+        with contextlib.suppress(StoreError):
+            assert await _ended(store.get_setting("k")) is None
+        assert stopped and caplog.text.count("not set up within 1 s): ended") == 1
+        assert await _ended(store.get_setting("k")) is None
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def _one_checked_session(pg_dsn: str) -> AsyncIterator[tuple[PostgresStore, int]]:
+    """A store of one pool session, checked every second (CHECKED), and its backend's PID;
+    the backend continued (SIGCONT) at the end, whatever stopped it."""
+    store = PostgresStore(pg_dsn, peer=CHECKED, pool_size=1)
+    await store.open()
+    try:
+        (session,) = list(store._sessions)
+        pid = session.get_server_pid()
+        try:
+            yield store, pid
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    finally:
+        await store.close()
+
+
+async def test_a_statement_sent_to_a_backend_hung_alone_fails_within_the_checks_bound(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """One pool session's backend stopped while idle (the server, the LISTEN session and
+    the kernels answer, so neither the check nor TCP notices): a read sent to it is never
+    read. The check sees the statement waited for longer than its timeout while the server
+    shows that backend idle since before it was sent: the session is ended, logged once,
+    the read a StoreError saying why; the next read gets a new session. (Before: "still
+    waiting after 20 s", for ever.)"""
+    async with _one_checked_session(pg_dsn) as (store, pid):
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(StoreError, match=f"its backend, PID {pid}, does not"):
+            await _ended(store.get_setting("k"))
+        assert caplog.text.count("the session is ended") == 1
+        assert await _ended(store.get_setting("k")) is None
+
+
+async def test_writes_sent_to_a_backend_hung_alone_are_settled(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transaction's COMMIT sent to a backend stopped once its body ran (idle in the
+    transaction, which holds the write's mark): the session ended by the check, the write
+    settled as a lost COMMIT, "unknown" (the claim of its mark waits on the stopped
+    transaction past LOST_COMMIT_WAIT: it may commit once continued). A single statement
+    sent to a backend stopped while idle: settled "failed" (its mark claimed: the statement,
+    read once the backend runs again, can no longer commit, and does not)."""
+    monkeypatch.setattr(postgres, "LOST_COMMIT_WAIT", 1.0)
+    async with _one_checked_session(pg_dsn) as (store, pid):
+        with pytest.raises(OutcomeUnknown, match="outcome is unknown"):
+            async def commit_to_a_stopped_backend() -> None:
+                async with store._write() as conn:
+                    await conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
+                    os.kill(pid, signal.SIGSTOP)
+            await _ended(commit_to_a_stopped_backend())
+        os.kill(pid, signal.SIGCONT)
+        (session,) = [s for s in store._sessions if not s.is_closed()] or [None]
+        if session is None:
+            await store.get_setting("k")  # the pool makes its session again
+            (session,) = list(store._sessions)
+        second = session.get_server_pid()
+        os.kill(second, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreError) as told:
+                await _ended(store.add_audit(AuditEntry(
+                    time=1.0, actor="a", action="x", target="t", peer="p", outcome="done")))
+            assert not isinstance(told.value, OutcomeUnknown)
+        finally:
+            os.kill(second, signal.SIGCONT)
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            await _within("the stopped backends gone", lambda: _gone(admin, [pid, second]))
+        finally:
+            await admin.close()
+        assert await store.list_audit() == []
+        await _next_write_is_sound(store)
+
+
+async def _gone(admin: asyncpg.Connection, pids: list[int]) -> bool:
+    return not await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids)
+
+
+async def test_a_write_waiting_for_a_lock_a_stuck_session_holds_is_given_up(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A session holds the writers' lock idle in its transaction, its backend stopped (a
+    server's session hung mid-write; pg_terminate_backend cannot end it while stopped):
+    every write waits for that lock. The check gives such a wait up once it has lasted
+    past its timeout: each write is a StoreError naming the holder's PID within the checks'
+    bound, logged once per holder, nothing written; once the holder ends, writes go
+    through. (Before: "still waiting after 20 s", for as long as the holder.)"""
+    store = PostgresStore(pg_dsn, peer=CHECKED)
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    admin = await asyncpg.connect(pg_dsn)
+    pid = holder.get_server_pid()
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+        with pg.stopped([pid]):
+            for value in ("a", "b"):
+                with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+                    await _ended(store.put_setting("k", value))
+            assert caplog.text.count("pg_terminate_backend") == 1
+            stuck = store.stuck_writes()  # the watcher's health says so (test_service)
+            assert stuck is not None and f"PID {pid}" in stuck
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await _within("the holder gone", lambda: _gone(admin, [pid]))
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+        assert await store.get_setting("k") is None
+        await store.put_setting("k", "c")
+        assert await store.get_setting("k") == "c"
+    finally:
+        holder.terminate()
+        await admin.close()
+        await store.close()
