@@ -343,22 +343,6 @@ _STORED_COLUMNS = (
     "SELECT id, mac, hostname, state, cluster, json_extract(data, '$.labels', '$.macs',"
     " '$.uuid', '$.serial', '$.asset') FROM machines"
     " WHERE id IN (SELECT value FROM json_each(?))")
-# Read as one value: the group's rows as one JSON array of arrays made by SQLite, decoded by
-# one json.loads, not a row per step and a column per call (Python 3.11's _sqlite gives the
-# GIL up and takes it back around each step and each column: ~7 times a machine, each time
-# waiting for the event loop to let it go, which a busy loop does at its next callback;
-# the writer's transaction, which every first install's answer waits for, was mostly those
-# waits). The claims' array is made a plain text (``|| ''`` drops the JSON subtype that
-# json_array would embed as JSON) so that it is compared as the text SQLite gives, as before.
-# SQLite's JSON quoting of a text is undone by json.loads to the same str; NULL is None; a
-# number is one as it was (no column netboot writes holds one).
-_STORED_ROWS = (
-    "SELECT json_group_array(json_array(id, mac, hostname, state, cluster,"
-    " json_extract(data, '$.labels', '$.macs', '$.uuid', '$.serial', '$.asset') || ''))"
-    " FROM machines WHERE id IN (SELECT value FROM json_each(?))")
-# Ids per read of _STORED_ROWS: a storm's group commit is one read (~50 machines); a batch of
-# 100,000 updates holds ~0.4 MB of text at a time, not its whole inventory's.
-STORED_CHUNK = 1024
 # The indexed columns that an update sets, by which of them changed: SQLite rewrites the
 # entries of every index on a column named in SET, even to its own value (an install, which
 # changes the state alone, rewrote the MAC-order, hostname and cluster indexes too).
@@ -1751,7 +1735,8 @@ def _update_rows(conn: sqlite3.Connection, updates: list[_Row],
 def _update_group(conn: sqlite3.Connection, updates: list[_Row],
                   expect: dict[str, MachineState]) -> None:
     """:func:`_update_rows` of machines listed once each."""
-    stored = _stored_rows(conn, [r.id for r in updates])
+    stored = {row[0]: row for row in conn.execute(
+        _STORED_COLUMNS, (json.dumps([r.id for r in updates]),))}
     if len(stored) < len(updates):
         raise _Retry  # no such machine
     shapes: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
@@ -1790,24 +1775,6 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
     for r in keys:
         conn.execute(_DELETE_KEYS, (r.id,))
         conn.executemany(_INSERT_KEY, r.keys)
-
-
-def _stored_rows(conn: sqlite3.Connection, ids: list[str]) -> dict[str, Sequence[Any]]:
-    """id -> (id, mac, hostname, state, cluster, the claims' array's text) of the machines
-    of ``ids`` that are stored (_STORED_COLUMNS' row), by _STORED_ROWS in chunks."""
-    stored: dict[str, Sequence[Any]] = {}
-    for start in range(0, len(ids), STORED_CHUNK):
-        chunk = json.dumps(ids[start:start + STORED_CHUNK])
-        try:
-            (text,) = conn.execute(_STORED_ROWS, (chunk,)).fetchone()
-            rows = json.loads(text)
-        except (sqlite3.OperationalError, ValueError):
-            # A column of a type JSON cannot hold (a BLOB another writer stored): read as
-            # rows, each value as _sqlite gives it, as the update compared it always.
-            rows = conn.execute(_STORED_COLUMNS, (chunk,)).fetchall()
-        for row in rows:
-            stored[row[0]] = row
-    return stored
 
 
 # A batch's events as _write_batch takes them, in order: runs (one statement each) and rows.

@@ -752,9 +752,7 @@ async def test_a_group_of_updates_is_read_by_one_statement(tmp_path: Path) -> No
                  replace(fleet[3], hostname="h3", updated=9.0)]
         await store.apply_batch(Batch(update=moved, expect={fleet[0].id: MachineState.ENROLLED}))
         await store._run(lambda conn: conn.set_trace_callback(None))
-        # One statement, answered as one value (the rows as one JSON array), not a row each.
-        assert len([s for s in statements if s.startswith("SELECT json_group_array")]) == 1
-        assert not [s for s in statements if s.startswith("SELECT id, mac")]
+        assert len([s for s in statements if s.startswith("SELECT id, mac")]) == 1
         assert [s for s in statements if s.startswith("DELETE FROM machine_labels")] == [
             f"DELETE FROM machine_labels WHERE machine = '{fleet[1].id}'"]
         assert [s for s in statements if s.startswith("DELETE FROM machine_keys")] == [
@@ -1395,58 +1393,3 @@ async def test_the_bus_keeps_stored_copies_and_its_listeners_read_the_events_giv
         assert await store.list_events("m3") == [late]
     finally:
         await store.close()
-
-
-def test_a_groups_stored_columns_read_as_one_value_are_those_of_its_rows(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The group's stored columns read as one JSON value (_STORED_ROWS, in chunks) are, value
-    for value and type for type, what the row-per-step statement reads: texts SQLite's JSON
-    quotes (quotes, backslashes, control characters, non-ASCII, beyond the BMP), NULLs, the
-    claims' array as its text; ids missing from the table are left out."""
-    monkeypatch.setattr(sqlite_store, "STORED_CHUNK", 2)  # three chunks for five ids
-    conn = sqlite3.connect(tmp_path / "s.db")
-    conn.execute("CREATE TABLE machines (id TEXT PRIMARY KEY, mac TEXT, hostname TEXT, "
-                 "state TEXT, cluster TEXT, data TEXT)")
-    odd = 'q"\\\n\t\x01é\U0001f600 ,]["'
-    rows = [("m-1", "52:54:00:00:0d:01", odd, "booting", None,
-             json.dumps({"labels": {odd: odd}, "macs": ["52:54:00:00:0d:01"], "uuid": odd},
-                        ensure_ascii=False)),
-            ("m-2", None, None, "enrolled", "c\u2028", '{"macs": [], "serial" : "S\\u0076"}'),
-            ("m-3" + odd, "x", "h", "installed", "c", '{"asset": 3, "labels": {}}'),
-            ("m-4", "", "", "", "", "{}")]
-    conn.executemany("INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?)", rows)
-    ids = [r[0] for r in rows] + ["m-none"]
-    by_rows = {row[0]: row for row in conn.execute(sqlite_store._STORED_COLUMNS,
-                                                   (json.dumps(ids),))}
-    read = sqlite_store._stored_rows(conn, ids)
-    assert read.keys() == by_rows.keys() == {r[0] for r in rows}
-    for key, row in by_rows.items():
-        assert list(read[key]) == list(row)
-        assert [type(v) for v in read[key]] == [type(v) for v in row]
-    assert read["m-1"][2] == odd and read["m-2"][1] is None
-
-
-async def test_a_group_updates_machines_whose_columns_json_cannot_hold(tmp_path: Path) -> None:
-    """A column another writer stored as a BLOB (which SQLite's JSON functions refuse): the
-    group's stored columns are read row by row then, and the update writes that column
-    as it does any other that changed."""
-    fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0e:{i:02x}"),), hostname=f"b{i}",
-                     state=MachineState.ENROLLED, created=1.5, updated=2.25) for i in range(3)]
-    store = SqliteStore(tmp_path / "b.db")
-    await store.open()
-    try:
-        await store.apply_batch(Batch(create=fleet))
-        other = sqlite3.connect(tmp_path / "b.db")
-        other.execute("UPDATE machines SET hostname = ? WHERE id = ?", (b"b1", fleet[1].id))
-        other.commit()
-        other.close()
-        moved = [replace(m, state=MachineState.BOOTING, updated=9.0) for m in fleet]
-        await store.apply_batch(Batch(update=moved, expect={
-            m.id: MachineState.ENROLLED for m in fleet}))
-        assert [await store.get_machine(m.id) for m in fleet] == moved
-    finally:
-        await store.close()
-    check = sqlite3.connect(tmp_path / "b.db")
-    assert check.execute("SELECT hostname, typeof(hostname) FROM machines WHERE id = ?",
-                         (fleet[1].id,)).fetchone() == ("b1", "text")
-    check.close()
