@@ -1571,7 +1571,10 @@ class BootService:
             data = {"via": request.via, "firmware": str(request.firmware),
                     "arch": str(request.arch)}
             if request.mac != identity.NO_NIC:
-                data["mac"] = str(request.mac)
+                # Its text by bytes.hex of itself (a MacAddress is its six bytes), what its
+                # __str__ returns, without that Python-level call (~600 instructions of
+                # every first install's loop).
+                data["mac"] = request.mac.hex(":")
             if request.remote_addr:
                 data["peer"] = request.remote_addr
         return Event(machine.id, self._clock(), kind, message, data)

@@ -171,6 +171,22 @@ async def test_install_then_local_then_reinstall(
     assert (await boot.plan(req(Firmware.IPXE))).action == BootAction.INSTALL
 
 
+async def test_a_first_installs_event_says_what_the_request_told(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """The install-plan event of a first install carries the request's path, firmware,
+    architecture, its MAC as text (aa:bb:cc:dd:ee:ff, whatever form the request spelled it
+    in) and the address it came from."""
+    boot, store, clock = setup
+    await enrolled(store)
+    await boot.plan(BootRequest(mac=MacAddress.parse("52-54-00-00-00-11"),
+                                firmware=Firmware.IPXE, arch=Arch.X86_64, via="ipxe",
+                                remote_addr="192.0.2.7"))
+    (event,) = [e for e in await events_of(store, MAC, boot) if e.kind == "install-plan"]
+    assert event.data == {"via": "ipxe", "firmware": "ipxe", "arch": "x86_64",
+                          "mac": "52:54:00:00:00:11", "peer": "192.0.2.7"}
+    assert type(event.data["mac"]) is str and event.time == clock.now
+
+
 async def test_no_profile_holds(setup: tuple[BootService, MemoryStore, Clock]) -> None:
     boot, store, _ = setup
     await store.create_machine(Machine(macs=(MAC,), hostname="x"))
