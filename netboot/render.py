@@ -1229,13 +1229,14 @@ class _Split:
     template."""
 
     __slots__ = ("checkers", "config", "count", "fill", "json", "loops", "names", "proven",
-                 "skeletons", "template")
+                 "skeletons", "spliced", "template")
 
     def __init__(self, template: jinja2.Template, names: tuple[str, ...],
                  fill: Callable[[Mapping[str, Any], dict[int, int]],
                                 tuple[list[str], tuple[Any, ...], bool]],
                  json: tuple[bool, ...], *, loops: tuple[tuple[bool, ...], ...] = (),
-                 config: bool = False, proven: bool = False) -> None:
+                 config: bool = False, proven: bool = False,
+                 spliced: tuple[int, ...] = ()) -> None:
         self.template = template
         self.names = names  # the other names it reads: what a skeleton is given
         # The values filled in, and what keys the skeleton (:class:`_Filler`).
@@ -1245,6 +1246,9 @@ class _Split:
         self.loops = loops  # per loop, per output of its item: through tojson or not
         self.config = config  # a YAML config's: each skeleton gets its checks
         self.proven = proven  # its tojson is the renderer's (_checker's _JSON)
+        # The outputs whose value's Splice (or None) the key holds, before the loops' lengths:
+        # a Spliced of plain values is filled in as its values (_Filler.output).
+        self.spliced = spliced
         # What is not per machine (_Filler's key) -> the skeleton.
         self.skeletons: OrderedDict[tuple[Any, ...], _Skeleton] = OrderedDict()
         # A config's skeletons' checks (_yaml_checks) -> their function (_checker): the same
@@ -1277,8 +1281,9 @@ class _Split:
             filled, key, ascii = self.fill(context, frozen)
             skeleton = self.skeletons.get(key)
             if skeleton is None:
-                loops = len(self.loops)  # their lengths end the key
-                skeleton = self._skeleton(context, key[len(key) - loops:] if loops else ())
+                end = len(key) - len(self.loops)  # their lengths end the key
+                skeleton = self._skeleton(context, key[end:],
+                                          key[end - len(self.spliced):end])
                 if skeleton is None:
                     return None
                 if len(self.skeletons) >= _MAX_SKELETONS:
@@ -1288,12 +1293,27 @@ class _Split:
             return None
         return skeleton, filled, ascii
 
-    def _skeleton(self, context: Mapping[str, Any], lengths: tuple[int, ...],
-                  ) -> _Skeleton | None:
+    def _skeleton(self, context: Mapping[str, Any], lengths: tuple[Any, ...],
+                  splices: tuple[Any, ...]) -> _Skeleton | None:
         ctx = {name: context[name] for name in self.names if name in context}
-        count = self.count
-        ctx.update((f"_nb_slot_{i}", f"\x00{i}\x00") for i in range(count))
-        json = list(self.json)
+        json: list[bool] = []
+        # A spliced output's first mark -> tojson's text of its fixed texts (_splice_form):
+        # its values' marks go between them.
+        groups: dict[int, list[str]] = {}
+        spliced = dict(zip(self.spliced, splices, strict=True))
+        count = 0
+        for i in range(self.count):
+            splice = spliced.get(i)
+            if splice is None:
+                ctx[f"_nb_slot_{i}"] = f"\x00{count}\x00"
+                json.append(self.json[i])
+                count += 1
+                continue
+            form = groups[count] = _splice_form(splice)
+            width = len(splice.fixed) - 1
+            ctx[f"_nb_slot_{i}"] = _filled(form, [f"\x00{count + k}\x00" for k in range(width)])
+            json += [True] * width
+            count += width
         for j, (outs, length) in enumerate(zip(self.loops, lengths, strict=True)):
             # Each item a tuple of marks, one per output of it in the body (there its
             # ``item[k]``), numbered as _Filler fills them.
@@ -1310,13 +1330,51 @@ class _Split:
         order = tuple(int(p) for p in parts[1::2])
         pieces = parts[::2]
         check = None
-        if self.config:
-            checks = _yaml_checks(pieces, order, json, self.proven)
+        cut = _collapsed(pieces, order, groups) if self.config else None
+        if cut is not None:
+            checks = _yaml_checks(cut[0], cut[1], json, self.proven)
+            if checks is not None and groups:
+                # A spliced output's text (plain values between JSON's escapes) is a _QUOTED
+                # one whatever its values: checked as one place, its values then need none.
+                checks = (None if any(i in groups and kind != _JSON for i, kind in checks)
+                          else tuple(c for c in checks if c[0] not in groups))
             if checks is not None:
                 check = self.checkers.get(checks)
                 if check is None:
                     check = self.checkers[checks] = _checker(checks)
         return _Skeleton(pieces, None if order == tuple(range(count)) else order, check)
+
+
+def _collapsed(pieces: list[str], order: tuple[int, ...], groups: dict[int, list[str]],
+               ) -> tuple[list[str], tuple[int, ...]] | None:
+    """``pieces`` and ``order`` with each spliced output's places (``groups``: its first
+    mark -> its form, _Split._skeleton) one place, its first mark's, and its fixed texts cut
+    from the pieces around: the text its checks are made of (its tojson text one double-quoted
+    value). None where a spliced output's text is not found so."""
+    if not groups:
+        return pieces, order
+    cut, places = [pieces[0]], []
+    at = 0
+    while at < len(order):
+        mark = order[at]
+        form = groups.get(mark)
+        if form is None:
+            places.append(mark)
+            cut.append(pieces[at + 1])
+            at += 1
+            continue
+        fixed = form[::2]
+        width = len(fixed) - 1
+        if (order[at:at + width] != tuple(range(mark, mark + width))
+                or not cut[-1].endswith(fixed[0])
+                or pieces[at + 1:at + width] != fixed[1:width]
+                or not pieces[at + width].startswith(fixed[-1])):
+            return None
+        cut[-1] = cut[-1][:len(cut[-1]) - len(fixed[0])]
+        places.append(mark)
+        cut.append(pieces[at + width][len(fixed[-1]):])
+        at += width
+    return cut, tuple(places)
 
 
 def _yaml_checks(pieces: list[str], order: tuple[int, ...], json: list[bool],
@@ -1454,7 +1512,7 @@ def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
         return {n.name for n in _nodes_of(node) if isinstance(n, nodes.Name)}
 
     reads = keyed(tree)
-    filler = _Filler(env)
+    filler = _Filler(env, tojson)
     loops: list[tuple[bool, ...]] = []
     for loop in list(tree.find_all(nodes.For)):
         if not hot(loop.iter, reads):
@@ -1524,7 +1582,8 @@ def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
     template = env.template_class.from_code(env, code, env.make_globals(None))
     return _Split(template, fixed + parts, filler.compiled(), tuple(json_slots),
                   loops=tuple(loops), config=config,
-                  proven=tojson is not None and filler.tojson is tojson)
+                  proven=tojson is not None and filler.tojson is tojson,
+                  spliced=tuple(filler.spliced))
 
 
 def _unsure() -> None:
@@ -1561,13 +1620,18 @@ class _Filler:
     The source holds no text of the template: every name, key and constant is a value in the
     function's namespace (``k0``, ``k1``...)."""
 
-    def __init__(self, env: ImmutableSandboxedEnvironment) -> None:
+    def __init__(self, env: ImmutableSandboxedEnvironment, own: object = None) -> None:
         from jinja2.sandbox import SandboxedEnvironment
 
         self.env = env
         tojson = env.filters.get("tojson")
         # A filter given the context or environment is not called as Jinja calls it here.
         self.tojson = None if tojson is None or hasattr(tojson, "jinja_pass_arg") else tojson
+        # ``own``: the renderer's tojson, whose text of a Spliced is known (_splice_form):
+        # such an output's values may go into places of the skeleton (spliced).
+        self._own = own is not None and self.tojson is own
+        self.spliced: list[int] = []  # the outputs that may be so: ``name | tojson``
+        self._splices: list[str] = []  # each one's Splice, or None: in the skeleton's key
         # A dict's item looked up in place where the environment's look-up would find it
         # first (_sandbox's getattr for a name no dict attribute has; the sandbox's getitem
         # for any key), else through the environment's method.
@@ -1582,14 +1646,29 @@ class _Filler:
 
     def output(self, node: nodes.Node) -> bool:
         """``{{ node }}`` filled in; False where its expression is not one followed here."""
+        from jinja2 import nodes
+
         source = self._expression(node)
         if source is None:
             return False
         if _is_tojson(node) and self.tojson is not None:
             assert source.startswith("j(") and source.endswith(")")  # _expression's
-            value = f"w{len(self._outputs)}"
-            source = f"j({value} := {source[2:-1]})"
+            at = len(self._outputs)
+            value = f"w{at}"
             self._ascii.append(f"isinstance({value}, str) and ia({value})")
+            assert isinstance(node, nodes.Filter)  # _is_tojson's
+            if self._own and isinstance(node.node, nodes.Name):
+                # A register command (a Spliced of plain values): its values, each in its
+                # place of the skeleton, which holds tojson's text of its fixed texts
+                # (_Split._skeleton); not its whole text written again (session 31).
+                self.spliced.append(at)
+                self._splices.append(f"q{at}")
+                self._outputs.append(
+                    f"*({value}.values if (q{at} := ({value}.splice if type({value} := "
+                    f"{source[2:-1]}) is Sp and {value}.plain else None)) is not None "
+                    f"else (str(j({value})),))")
+                return True
+            source = f"j({value} := {source[2:-1]})"
         self._outputs.append(f"str({source})")
         return True
 
@@ -1635,12 +1714,13 @@ class _Filler:
             *(f"    {line}" for line in [
                 "out = [" + ", ".join(self._outputs) + "]",
                 "a = " + " and ".join(["True", *self._ascii]), *self._body,
-                "return out, (" + "".join(f"{k}, " for k in [*self._keys, *self._lengths])
+                "return out, (" + "".join(f"{k}, " for k in [*self._keys, *self._splices,
+                                                             *self._lengths])
                 + "), a"])])
         namespace: dict[str, Any] = {
             "U": jinja2.Undefined, "unsure": _unsure, "ga": self.env.getattr,
             "gi": self.env.getitem, "j": self.tojson, "M": _Missing(), "mu": marshal.dumps,
-            "ia": str.isascii, **self._consts}
+            "ia": str.isascii, "Sp": Spliced, **self._consts}
         exec(compile(source, "<netboot split>", "exec"), namespace)  # noqa: S102
         fill: Callable[[Mapping[str, Any], dict[int, int]],
                        tuple[list[str], tuple[Any, ...], bool]] = namespace["fill"]
@@ -1873,9 +1953,7 @@ def _tojson() -> Callable[..., str]:
             splice = value.splice
             form = forms.get(splice)
             if form is None:  # the fixed texts' escapes, with places for the values'
-                fixed = [_html_safe(encode_basestring_ascii(f))[1:-1] for f in splice.fixed]
-                fixed[0], fixed[-1] = '"' + fixed[0], fixed[-1] + '"'
-                form = _slots(fixed)
+                form = _splice_form(splice)
                 _keep(forms, splice, form, _TOJSON_KEPT)
             values = value.values
             if not value.plain and not plain(values):  # a value to escape
@@ -1889,6 +1967,17 @@ def _tojson() -> Callable[..., str]:
         return made
 
     return tojson
+
+
+def _splice_form(splice: Splice) -> list[str]:
+    """tojson's text of ``splice``'s texts (:class:`Spliced`) as :func:`_slots`: its fixed
+    texts' escapes, the first after the opening quote, the last before the closing one, with
+    a place for each value's (a plain value's is itself)."""
+    from json.encoder import encode_basestring_ascii
+
+    fixed = [_html_safe(encode_basestring_ascii(f))[1:-1] for f in splice.fixed]
+    fixed[0], fixed[-1] = '"' + fixed[0], fixed[-1] + '"'
+    return _slots(fixed)
 
 
 def _html_safe(text: str) -> str:

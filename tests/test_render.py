@@ -1659,8 +1659,10 @@ def test_a_split_config_is_jinjas_text_for_hostile_values() -> None:
     assert not all(answered)  # values of another class were checked whole
     kept = [s for _, s in c._render._splits.values() if s is not None]
     assert set(names) <= {s.template.name for s in kept}  # each split, its skeletons a few
-    assert all(len(s.skeletons) <= 3 * len(joins) for s in kept), [len(s.skeletons)
-                                                                   for s in kept]
+    # (twice as many where it prints the register command: one with its plain values in
+    # places of its own, one with another's text whole; _Filler.output)
+    assert all(len(s.skeletons) <= 3 * len(joins) * (2 if s.spliced else 1) for s in kept), [
+        len(s.skeletons) for s in kept]
 
 
 @pytest.mark.parametrize("source", [
@@ -1820,3 +1822,48 @@ def test_split_renders_follow_each_machines_k3s_where_every_other_value_is_the_s
             assert r.render_string(line, ctx, what="t", volatile=PER_MACHINE) == \
                 plain.from_string(line).render(ctx)
             assert r.ipxe("ipxe/t.ipxe", ctx) == plain.get_template("ipxe/t.ipxe").render(ctx)
+
+
+def test_a_register_commands_plain_values_are_filled_into_places_of_the_config_skeleton(
+) -> None:
+    """A k3OS config whose register command's values are plain (render.plain: a MAC, a
+    token, a node name) is its split form's: the skeleton holds tojson's text of the
+    command's fixed texts (per base URL) and the fill gives the three values alone, not the
+    ~640-character command written again; for varied plain values, two base URLs, and
+    values that are not plain between them (those filled whole), the text is byte for byte
+    Jinja's own, and known to parse without a parse of its whole text."""
+    import random
+
+    from netboot.render import plain
+
+    base = ["http://192.0.2.10:8080"]
+    c = Content(None, None, Renderer([templates_dir()], volatile=PER_MACHINE,  # type: ignore[arg-type]
+                                     stable=STABLE), None, lambda: base[0], None)  # type: ignore[arg-type]
+    answered = _split_answers(c._render)
+    draw = random.Random(31)
+    printable = "".join(chr(i) for i in range(0x20, 0x7f))
+    name = "cloud-config/k3os.yaml"
+    spliced = []
+    for i in range(300):
+        if i == 150:
+            base[0] = "https://[2001:db8::1]:8443/nb"
+        node = "".join(draw.choice(printable) for _ in range(draw.randrange(0, 12)))
+        token = draw.choice([f"{i:06d}TOKEN", "x" * 43, node + "T"])
+        mac = MacAddress.parse(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}")
+        p = dataclasses.replace(plan(BootAction.INSTALL, machine=dataclasses.replace(
+            MACHINE, macs=(mac,)), k3s=dataclasses.replace(K3S, node_name=node),
+            token=token), mac=mac)
+        assert c._config(name, p) == _plain_config(name, c.context(p)), (node, token)
+        spliced.append(plain((str(mac), token, node)))
+    assert answered == [True] * len(answered), answered.count(False)  # none parsed whole
+    assert 30 < spliced.count(True) < len(spliced) - 30, spliced.count(True)
+    split = next(s for _, s in c._render._splits.values()
+                 if s is not None and s.template.name == name)
+    # Its plain values filled in alone, in places of the skeleton; one skeleton per base URL.
+    ctx = c.context(plan(BootAction.INSTALL, token="000042TOKEN"))
+    filled = split.fill(ctx, c._render._frozen)[0]
+    assert not any("/var/lib/netboot/registered" in str(f) for f in filled)
+    assert "000042TOKEN" in filled and str(MAC) in filled
+    assert split.spliced  # the register command's output
+    splices = {k[len(k) - len(split.loops) - 1] for k in split.skeletons}
+    assert len(splices - {None}) == 2, splices  # one Splice per base URL
