@@ -80,18 +80,20 @@ Each device's TCP receive buffer is iPXE's window, 256 KiB (``--device-window``;
 Linux's autotuning, the harness before session 18): every device here shares one kernel and
 its TCP memory with the server, and autotuned buffers filled it (see DEVICE_WINDOW).
 
-Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
-the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
-their children), the load generators' CPU (each process's) and loop lag, TCP segments the
-devices' kernel dropped and the server's retransmission timeouts, each device slower than
-STRAGGLER seconds with its stages and requests, each TFTP exchange slower than SLOW_TFTP
-seconds with its address and port (to find it in netboot's log), the TFTP sockets bound
-again to keep a port from another device (PORT_REUSE), and netboot ÷ stand-ins. ``--diag``
-keeps nstat of both namespaces before and after and a capture of the HTTP connections'
-SYN/FIN/RST packets in the run dir (with ``--keep``). Needs root (namespaces), iproute2,
-dnsmasq and nginx (a target whose binary is missing is left out and said so). Every wait is
-bounded; processes are stopped by their own PID; the namespaces are deleted in a finally.
-Not part of pytest: speed is never asserted."""
+Reported per target: p50/p95/p99/max per stage, when the devices' downloads began and ended
+and their bulk rate (bulk_rate: the initrd stage's percentiles are not the rate the server
+sent at), failures by stage and reason, wall time of the storm, server CPU seconds
+(utime+stime from /proc/<pid>/stat of the server processes and their children), the load
+generators' CPU (each process's) and loop lag, TCP segments the devices' kernel dropped and
+the server's retransmission timeouts, each device slower than STRAGGLER seconds with its
+stages and requests, each TFTP exchange slower than SLOW_TFTP seconds with its address and
+port (to find it in netboot's log), the TFTP sockets bound again to keep a port from another
+device (PORT_REUSE), and netboot ÷ stand-ins. ``--diag`` keeps nstat of both namespaces
+before and after and a capture of the HTTP connections' SYN/FIN/RST packets in the run dir
+(with ``--keep``). Needs root (namespaces), iproute2, dnsmasq and nginx (a target whose
+binary is missing is left out and said so). Every wait is bounded; processes are stopped by
+their own PID; the namespaces are deleted in a finally. Not part of pytest: speed is never
+asserted."""
 
 from __future__ import annotations
 
