@@ -80,18 +80,20 @@ Each device's TCP receive buffer is iPXE's window, 256 KiB (``--device-window``;
 Linux's autotuning, the harness before session 18): every device here shares one kernel and
 its TCP memory with the server, and autotuned buffers filled it (see DEVICE_WINDOW).
 
-Reported per target: p50/p95/p99/max per stage, failures by stage and reason, wall time of
-the storm, server CPU seconds (utime+stime from /proc/<pid>/stat of the server processes and
-their children), the load generators' CPU (each process's) and loop lag, TCP segments the
-devices' kernel dropped and the server's retransmission timeouts, each device slower than
-STRAGGLER seconds with its stages and requests, each TFTP exchange slower than SLOW_TFTP
-seconds with its address and port (to find it in netboot's log), the TFTP sockets bound
-again to keep a port from another device (PORT_REUSE), and netboot ÷ stand-ins. ``--diag``
-keeps nstat of both namespaces before and after and a capture of the HTTP connections'
-SYN/FIN/RST packets in the run dir (with ``--keep``). Needs root (namespaces), iproute2,
-dnsmasq and nginx (a target whose binary is missing is left out and said so). Every wait is
-bounded; processes are stopped by their own PID; the namespaces are deleted in a finally.
-Not part of pytest: speed is never asserted."""
+Reported per target: p50/p95/p99/max per stage, when the devices' downloads began and ended
+and their bulk rate (bulk_rate: the initrd stage's percentiles are not the rate the server
+sent at), failures by stage and reason, wall time of the storm, server CPU seconds
+(utime+stime from /proc/<pid>/stat of the server processes and their children), the load
+generators' CPU (each process's) and loop lag, TCP segments the devices' kernel dropped and
+the server's retransmission timeouts, each device slower than STRAGGLER seconds with its
+stages and requests, each TFTP exchange slower than SLOW_TFTP seconds with its address and
+port (to find it in netboot's log), the TFTP sockets bound again to keep a port from another
+device (PORT_REUSE), and netboot ÷ stand-ins. ``--diag`` keeps nstat of both namespaces
+before and after and a capture of the HTTP connections' SYN/FIN/RST packets in the run dir
+(with ``--keep``). Needs root (namespaces), iproute2, dnsmasq and nginx (a target whose
+binary is missing is left out and said so). Every wait is bounded; processes are stopped by
+their own PID; the namespaces are deleted in a finally. Not part of pytest: speed is never
+asserted."""
 
 from __future__ import annotations
 
@@ -1020,6 +1022,9 @@ class Generator:
         # seconds, resent at the 1 s timer), to find them in netboot's log by address:port.
         self.slow_tftp: list[tuple[int, str, int, str, float, int]] = []
         self.slow: list[dict[str, Any]] = []
+        # Each device's downloads: (kernel begun, initrd begun, initrd ended), seconds from
+        # the storm's start (report(): the bulk phase's aggregate rate).
+        self.downloads: list[tuple[float, float, float]] = []
 
     # -- DHCP -----------------------------------------------------------------------------
     def _packet(self, dev: Device, xid: int, mtype: int, extra: tuple[Any, ...] = (),
@@ -1194,6 +1199,9 @@ class Generator:
             result = await coro
             self.times[name].append(time.perf_counter() - t0)
             stamps.append((name, t0 - self.t0, time.perf_counter() - t0))
+            if name == "initrd":
+                kernel = next(at for stamp, at, _ in stamps if stamp == "kernel")
+                self.downloads.append((kernel, t0 - self.t0, time.perf_counter() - self.t0))
             if name == self.spec.until:
                 raise _Done
             return result
@@ -1368,7 +1376,8 @@ class Generator:
                 "same_port": self.same_port, "rebound": self.rebound,
                 "slow_tftp": self.slow_tftp,
                 "http_retries": retries,
-                "slow": self.slow, "t0_wall": time.time() - (time.perf_counter() - t0),
+                "slow": self.slow, "downloads": self.downloads,
+                "t0_wall": time.time() - (time.perf_counter() - t0),
                 **wire, "offer_tap_drops": tap_drops, "dhcp_socket_drops": socket_dropped}
 
 
@@ -1454,7 +1463,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("generator_cpu", "generator_system", "devices", "late_offers",
                 "dhcp_send_failed", "same_port", "rebound", *WIRE_COUNTS):
         merged[key] = sum(part.get(key, 0) for part in parts)
-    for key in ("loop_lag", "retried", "slow_tftp", "slow", *WIRE_TIMES):
+    for key in ("loop_lag", "retried", "slow_tftp", "slow", "downloads", *WIRE_TIMES):
         merged[key] = [item for part in parts for item in part.get(key, [])]
     return merged
 
@@ -1479,6 +1488,8 @@ class Result:
     settled: float = 0.0  # seconds from its first answer until its servers were idle
     rss_mib: float = 0.0  # the server's resident memory after the storm (all processes)
     times: dict[str, list[float]] = field(default_factory=dict)
+    # (kernel begun, initrd begun, initrd ended) a device, from the storm's start (Generator)
+    downloads: list[tuple[float, float, float]] = field(default_factory=list)
     failures: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
     load: float = 0.0  # the machine's 1-minute load average as the storm began
@@ -1610,6 +1621,7 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         data = merge([json.loads(out) for out in outs])
         result.wall, result.cpu = data["wall"], cpu1 - cpu0
         result.times, result.failures = data["times"], data["failures"]
+        result.downloads = [tuple(d) for d in data.get("downloads", [])]
         result.generator_cpu = data["generator_cpu"]
         result.generator_cpus = data["generator_cpus"]
         lags = data["loop_lag"]
@@ -1771,6 +1783,11 @@ def report(results: list[Result], spec: Spec) -> None:
                     f" / {max(v) * 1e3:.1f} ({len(v)})" if v else "-")
             row += f"  {cell:>34}"
         print(row)
+    print("\ndownloads (kernel, then initrd), seconds from the storm's start: p1 / p50 / p99 "
+          "of the devices' kernel begun, initrd begun, initrd ended; the bulk rate")
+    for r in ok:
+        if r.downloads:
+            print(f"{r.target:<12} {downloads_line(r.downloads, spec)}")
     print(f"\n{'target':<12} {'ready s':>8} {'RSS MiB':>8} {'wall s':>8} {'server CPU s':>13}"
           f" {'db CPU s':>9} {'client CPU s':>13} {'devices ok':>11} {'failed':>7}"
           f" {'UDP drops s/c':>14} {'TCP listen drops':>17} {'TCP rcvq drops/RTOs':>20}"
@@ -1795,10 +1812,40 @@ def report(results: list[Result], spec: Spec) -> None:
               f"{' (netboot + database)' if a.target == PG_TARGET else ''}, "
               f"p99 per stage: " + ", ".join(
                   f"{s} {ratio(pct(a.times[s], .99), pct(b.times[s], .99))}"
-                  for s in STAGES if a.times.get(s) and b.times.get(s)))
+                  for s in STAGES if a.times.get(s) and b.times.get(s))
+              + (", the downloads' bulk rate (above 1: faster) "
+                 + ratio(bulk_rate(a.downloads, spec), bulk_rate(b.downloads, spec))
+                 if a.downloads and b.downloads else ""))
         if a.failed or b.failed:
             print("  (devices failed: wall time and CPU compare unequal work; the storm's "
                   "target is 0 failures)")
+
+
+def bulk_rate(downloads: list[tuple[float, float, float]], spec: Spec) -> float:
+    """The devices' kernels and initrds, bytes a second, from the first kernel begun to the
+    last initrd ended: what the server sent them at, all at once. The initrd stage's own
+    percentiles are not that rate: sharing the link fairly, the devices' downloads end
+    together whatever the server, so a device's initrd takes as long as the time from its
+    own start to that common end (the earlier a device reaches the initrd, the longer its
+    stage), and a target whose earlier stages gather the devices sooner shows a longer initrd
+    p99 at the same rate (benchmarks/README.md, s31-initrd). A rate of the whole storm where
+    the downloads overlap (1,000 devices of 40 MiB); in a small storm whose devices download
+    one after another it counts the gaps between them too."""
+    begun = min(kernel for kernel, _, _ in downloads)
+    ended = max(end for _, _, end in downloads)
+    size = spec.kernel_size + spec.initrd_size  # the storm's script: one initrd a device
+    return len(downloads) * size / (ended - begun) if ended > begun else 0.0
+
+
+def downloads_line(downloads: list[tuple[float, float, float]], spec: Spec) -> str:
+    cols = []
+    for i in range(3):
+        v = [d[i] for d in downloads]
+        cols.append(f"{pct(v, .01):.1f} / {pct(v, .5):.1f} / {pct(v, .99):.1f}")
+    return (f"kernel begun {cols[0]}, initrd begun {cols[1]}, ended {cols[2]}; "
+            f"{len(downloads)} devices' {(spec.kernel_size + spec.initrd_size) >> 20} MiB in "
+            f"{max(d[2] for d in downloads) - min(d[0] for d in downloads):.1f} s: "
+            f"{bulk_rate(downloads, spec) / (1 << 30):.2f} GiB/s")
 
 
 def ratio(a: float, b: float) -> str:

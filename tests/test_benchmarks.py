@@ -64,3 +64,59 @@ def test_http_paths_tells_a_clock_step_from_the_servers_errors(
     stopped = http_paths.read_wrk(STEPPED, 31.1, 10)  # wrk stopped 21 s: both clocks moved
     assert (stopped.errors, stopped.clock_step) == (50, 0.0)
     assert stopped.detail.startswith("this 10 s wrk run took 31.1 s")
+
+
+def test_storm_reads_the_downloads_bulk_rate_not_the_initrd_stage(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two targets sending at the same rate, shared fairly: every download ends at 40 s. The
+    # one whose devices reached the initrd sooner has the longer initrd stage (p99 30 s
+    # against 20 s); the bulk rate, first kernel begun to last initrd ended, is the same.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    storm = importlib.import_module("storm")
+    spec = storm.Spec(100, 1.0, 100, 8 << 20, 32 << 20, 0.0, 0.0, 120.0, 7, None)
+    early = [(5.0 + k / 100, 10.0 + k / 100, 40.0) for k in range(100)]
+    late = [(5.0 + k / 100, 20.0 + k / 100, 40.0) for k in range(100)]
+    assert storm.pct([end - begun for _, begun, end in early], .99) > 29
+    assert storm.pct([end - begun for _, begun, end in late], .99) <= 20
+    rate = 100 * (40 << 20) / 35.0
+    assert storm.bulk_rate(early, spec) == pytest.approx(rate)
+    assert storm.bulk_rate(late, spec) == pytest.approx(rate)
+    line = storm.downloads_line(late, spec)
+    assert line.startswith("kernel begun 5.0 / 5.5 / 6.0, initrd begun 20.0 / 20.5 / 21.0, "
+                           "ended 40.0 / 40.0 / 40.0; 100 devices' 40 MiB in 35.0 s: ")
+    assert line.endswith(f"{rate / (1 << 30):.2f} GiB/s")
+
+
+SS_SAMPLES = """\
+=== 100.000
+ESTAB 0      1048576 192.0.2.1:8080  192.0.2.10:40000
+\t skmem:(r0,rb131072,t0,tb2097152,f0,w1060000,o0,bl0,d0) bbr wscale:3,10 rto:204 \
+bytes_acked:1000000 notsent:786432 pacing_rate 52000000bps
+ESTAB 0      0      192.0.2.1:8080  192.0.2.11:40001
+\t skmem:(r0,rb131072,t0,tb65536,f0,w0,o0,bl0,d0) bbr bytes_acked:2000000 \
+pacing_rate 40000000bps
+=== 100.500
+ESTAB 0      524288 192.0.2.1:8080  192.0.2.10:40000
+\t skmem:(r0,rb131072,t0,tb2097152,f0,w530000,o0,bl0,d0) bbr bytes_acked:3097152 \
+notsent:262144 pacing_rate 52000000bps
+ESTAB 0      0      192.0.2.1:8080  192.0.2.11:40001
+\t skmem:(r0,rb131072,t0,tb65536,f0,w0,o0,bl0,d0) bbr bytes_acked:2000000 \
+pacing_rate 40000000bps
+"""
+
+
+def test_bigfiles_storm_reads_the_servers_send_queues(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `ss -tinmH` of the server's side twice: one connection moved 2 MiB, one none (a
+    # device the server starves shows so: nothing queued, no progress).
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bigfiles = importlib.import_module("bigfiles_storm")
+    samples = tmp_path / "ss.txt"
+    samples.write_text(SS_SAMPLES)
+    first, second = bigfiles.ss_summary(samples)
+    assert " ".join(first.split()) == (
+        "0.0s conns 2 sending 1 sendq p50 0K notsent p50 0K max 768K sndbuf p50 64K "
+        "progress p10/p50/p90 0/0/0K none 0 pacing p50 40 Mbit/s")
+    assert " ".join(second.split()) == (
+        "0.5s conns 2 sending 1 sendq p50 0K notsent p50 0K max 256K sndbuf p50 64K "
+        "progress p10/p50/p90 0/0/0K none 1 pacing p50 40 Mbit/s")
