@@ -182,6 +182,7 @@ class Cutter:
         self._gates: dict[asyncio.StreamWriter, asyncio.Event] = {}
         self.listeners: list[Any] = []  # set by cutting()
         self._freeze_armed: tuple[bytes, bool] | None = None
+        self._before: tuple[bytes, Callable[[], object]] | None = None
         self._filtered: list[Any] = []
 
     def freeze(self, *, new: bool = True) -> None:
@@ -202,6 +203,11 @@ class Cutter:
     def freeze_after(self, text: bytes, *, new: bool = True) -> None:
         """:meth:`freeze` once the first client message holding ``text`` was passed on."""
         self._freeze_armed = (text, new)
+
+    def call_before(self, text: bytes, call: Callable[[], object]) -> None:
+        """``call()`` once the first client message holding ``text`` has come, before it is
+        passed on (e.g. the server stopped just as that statement reaches it)."""
+        self._before = (text, call)
 
     def thaw(self) -> None:
         """The path is back: packets flow and the proxy forwards again (a connection whose
@@ -235,6 +241,10 @@ class Cutter:
             nonlocal lost
             while data := await client_in.read(65536):
                 await gate.wait()  # frozen: what the kernel took before waits
+                before = self._before
+                if before is not None and before[0] in data:
+                    self._before = None
+                    before[1]()
                 server_out.write(data)
                 await server_out.drain()
                 frozen = self._freeze_armed

@@ -56,7 +56,7 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -942,8 +942,7 @@ class PostgresStore:
             conn = self._notify
             if self._notify_lost.is_set() or conn is None or conn.is_closed():
                 return "the LISTEN connection was lost"
-            if await answers(conn, within):
-                await self._look(conn, within)
+            if await answers(conn, within) and await self._look(conn, within):
                 continue
             why = _unanswered(within)
             self._notify = None  # not "lost": ended here, on purpose
@@ -951,7 +950,7 @@ class PostgresStore:
             self._silenced(why)
             return why
 
-    async def _look(self, conn: asyncpg.Connection, within: float) -> None:
+    async def _look(self, conn: asyncpg.Connection, within: float) -> bool:
         """The server answered its check on ``conn``; a pool session whose statement has
         been waited for longer than ``within`` seconds, while the server shows its backend
         idle for that long too, has a backend that does not read it (stopped, hung: the
@@ -972,15 +971,18 @@ class PostgresStore:
         backend is stopped (pg_terminate_backend acts only once it runs). Its write fails
         (its first statement takes the lock: nothing was written) saying which PID holds
         it; logged once per holder. A holder that runs a statement (a bulk import's COPY
-        under the lock) is waited for."""
+        under the lock) is waited for.
+
+        False if the server did not answer its questions here within ``within`` (as it is
+        a check's: :func:`answered`): the server is silent, as if the check's ``SELECT 1``
+        had gone unanswered (a question left running on ``conn`` would make every later
+        check's refused at once, taken for an answer: the server never told silent)."""
         if self._stuck is not None:
-            asking = asyncio.ensure_future(conn.fetchval(_STILL_STUCK, self._stuck[0]))
-            done, _ = await asyncio.wait((asking,), timeout=within)
-            if not done:
-                asking.add_done_callback(lambda t: t.cancelled() or t.exception())
-                return
+            still = await answered(conn.fetchval(_STILL_STUCK, self._stuck[0]), within)
+            if still is None:
+                return False
             with contextlib.suppress(*_FAILED):
-                if not asking.result():
+                if not still.result():
                     log.warning("inventory %s: the session of backend PID %d no longer "
                                 "holds up writes", self.name, self._stuck[0])
                     self._stuck = None
@@ -991,12 +993,10 @@ class PostgresStore:
             if asked is not None and now - asked > within and not session.is_closed():
                 waiting[session.get_server_pid()] = (session, now - asked)
         if not waiting:
-            return
-        asking = asyncio.ensure_future(conn.fetch(_IDLE_FOR, list(waiting), within))
-        done, _ = await asyncio.wait((asking,), timeout=within)
-        if not done:  # the next check tells whether the server answers at all
-            asking.add_done_callback(lambda t: t.cancelled() or t.exception())
-            return
+            return True
+        asking = await answered(conn.fetch(_IDLE_FOR, list(waiting), within), within)
+        if asking is None:
+            return False
         with contextlib.suppress(*_FAILED):
             for pid, idle, holder, held in asking.result():
                 session, waited = waiting[pid]
@@ -1023,6 +1023,7 @@ class PostgresStore:
                 else:
                     continue  # it runs the statement, or its answer is on its way
                 session.terminate()
+        return True
 
     def stuck_writes(self) -> str | None:
         """Why writes are given up while reads answer (base.StuckWrites): a lock they wait
@@ -1767,7 +1768,21 @@ async def answers(conn: asyncpg.Connection, within: float) -> bool:
     while the event loop runs: a loop blocked for a while (a busy one) must not blame the
     server for its own delay, so each wait of the loop counts a quarter-second at most. An
     error answered, or the connection lost (its termination tells), is not silence."""
-    asking = asyncio.ensure_future(conn.execute("SELECT 1"))
+    asking = await answered(conn.execute("SELECT 1"), within)
+    if asking is None:
+        return False
+    with contextlib.suppress(Exception):
+        asking.result()
+    return True
+
+
+async def answered(question: Awaitable[_R], within: float) -> asyncio.Future[_R] | None:
+    """``question``'s task, done, if the server answers it within ``within`` seconds counted
+    as :func:`answers` counts them (only while the loop runs); None if not: it is left
+    running, and then its connection is to be ended (the server is silent), as nothing
+    else may be sent on it while it runs: asyncpg refuses a next statement at once
+    ("another operation is in progress"), which a check would take for an answer."""
+    asking = asyncio.ensure_future(question)
     step = min(within, 0.25)
     waited = 0.0
     try:
@@ -1775,13 +1790,11 @@ async def answers(conn: asyncpg.Connection, within: float) -> bool:
             before = time.monotonic()
             done, _ = await asyncio.wait((asking,), timeout=step)
             if done:
-                with contextlib.suppress(Exception):
-                    asking.result()
-                return True
+                return asking
             waited += min(time.monotonic() - before, step)
     finally:  # unanswered, or the caller cancelled (the store closing): ended by its connection
         asking.add_done_callback(lambda t: t.cancelled() or t.exception())
-    return False
+    return None
 
 
 async def copy_records(conn: asyncpg.Connection, peer: PeerSettings, table: str,

@@ -1471,3 +1471,64 @@ async def test_a_write_waiting_for_a_lock_a_stuck_session_holds_is_given_up(
         holder.terminate()
         await admin.close()
         await store.close()
+
+
+@pytest.mark.parametrize("question", ["idle", "stuck"])
+async def test_a_server_stopped_as_the_check_looks_at_a_waiting_session_is_told_silent(
+        question: str) -> None:
+    """A write waits past the check's timeout for the writers' lock (held by a session
+    that runs a long statement: "idle" — the look asks how long the waiting backends have
+    been idle — or by one idle in its transaction with its backend stopped: "stuck" — the
+    look asks whether that holder still holds up writes), and the whole server stops just
+    as the check's look at it reaches the server. That look is a round trip on the LISTEN
+    connection that the server does not answer, as a check's own ``SELECT 1``: the server is
+    told silent within the checks' bound and the write fails saying so. (Before, s31-pg's
+    look was left running on the LISTEN connection: every later check's ``SELECT 1`` was
+    refused at once by asyncpg, "another operation is in progress", which counts as an
+    answer: the server was never told silent, the write "still waiting after 20 s", for
+    ever.)"""
+    cluster = await asyncio.to_thread(pg.start)  # its own: all of it is stopped
+    holder = await asyncpg.connect(cluster.dsn())
+    stopped: list[int] = []
+    try:
+        async with pg.cutting(cluster.dsn(), tcp=True) as (dsn, cutter):
+            store = PostgresStore(dsn, peer=CHECKED)
+            await store.open()
+            try:
+                await holder.execute("BEGIN")
+                await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+                if question == "idle":
+                    holding = asyncio.ensure_future(holder.execute("SELECT pg_sleep(60)"))
+                    look = b"pg_blocking_pids"
+                else:
+                    stopped.append(holder.get_server_pid())
+                    os.kill(stopped[0], signal.SIGSTOP)
+                    with pytest.raises(StoreError, match="held by the session of backend"):
+                        await _ended(store.put_setting("k", "a"))
+                    assert store.stuck_writes() is not None
+                    look = b"count(*) > 0 FROM pg_stat_activity"
+
+                def stop_the_server() -> None:
+                    for pid in pg.server_pids(cluster.process.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGSTOP)
+                            stopped.append(pid)
+
+                cutter.call_before(look, stop_the_server)
+                with pytest.raises(StoreError, match="no answer to a check within 1 s"):
+                    await _ended(store.put_setting("k", "v"))
+                assert len(stopped) > 2  # stopped by the look, not by a check's SELECT 1
+            finally:
+                for pid in stopped:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                await store.close()
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        holder.terminate()
+        if question == "idle":
+            with contextlib.suppress(BaseException):
+                await holding
+        await asyncio.to_thread(cluster.stop)
