@@ -915,6 +915,40 @@ async def _health_says_down_within_the_bound(env: Any, words: str) -> None:
     assert health.status == 503 and words in health.text, health.text
 
 
+async def _health_says_ok_again_within_the_bound(env: Any) -> None:
+    """Once the server runs again, health is ok at a watch within 20 s (the watcher's own
+    WATCH_SECONDS apart), /healthz a 200.
+
+    Not "at the very next watch": once it runs again, the server answers the store's new
+    connections (the watch's own, the feed's and the pool's, and the LISTEN its
+    re-listening began while the server was stopped) only after it has worked through what
+    queued meanwhile, each within connect_timeout (1 s here) or the store says it silent
+    still. At load ~12 that second ran out once (session 31's review). Made to happen, the
+    server reniced to 19 beside 8 CPU burners: of 3 runs that got to the resume, the first
+    watch after it failed once, "timed out" after 1.01 s, and health was ok at the next,
+    2.08 s after the resume (the other two: ok at the first, 0.9-1.0 s); the 5 others
+    failed before the stop, the starved server not answering the store's open or first
+    watch within 1 s either. A LISTEN attempt not answered within its second would end the
+    connections made since as well (PostgresStore._keep_listening), a watch more. So an
+    operator sees /healthz degraded until the server answers a new connection within
+    connect_timeout (10 s by default) and a watch (WATCH_SECONDS) more: bounded, stated
+    here as 20 s.
+    """
+    from netboot.service import WATCH_SECONDS
+    from tests.conftest import call
+
+    service = env.service
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    await asyncio.wait_for(service.watch_once(), 20)
+    while not service.boot.health.up and loop.time() < deadline:
+        await asyncio.sleep(WATCH_SECONDS)
+        await asyncio.wait_for(service.watch_once(), 20)
+    assert service.boot.health.up, service.boot.health.problem()
+    health = await call(env, "GET", "/healthz", admin=False)
+    assert health.status == 200, health.text
+
+
 async def test_a_database_gone_without_a_word_is_told_by_health_within_the_bound(
         make_env: EnvFactory, pg_dsn: str) -> None:
     """The database black-holed (no FIN, no RST: a pulled cable, a VM gone): the watcher's
@@ -979,9 +1013,10 @@ async def test_a_database_that_stopped_answering_is_told_by_health_within_the_ch
     """Every process of the database stopped (SIGSTOP: a hung server; its kernel answers
     every probe, behind a proxy that keeps netboot's side open): the store's check finds it
     silent (inventory.postgresql.check_interval/check_timeout, short here), the watcher's
-    sync ends, /healthz says degraded and why; once the server runs again the next watch
-    says ok. (Without the checks, check_interval 0: the watcher still waited after 20 s,
-    and health said "ok".)"""
+    sync ends, /healthz says degraded and why; once the server runs again health says ok
+    within the bound (_health_says_ok_again_within_the_bound: not "the very next watch",
+    which failed once at load ~12, session 31). (Without the checks, check_interval 0: the
+    watcher still waited after 20 s, and health said "ok".)"""
     async with pg.cutting(pg_dsn, tcp=True) as (dsn, _cutter):
         env = await make_env(
             f'inventory:\n  backend: postgresql\n  dsn: "{dsn}"\n  postgresql:\n'
@@ -993,6 +1028,5 @@ async def test_a_database_that_stopped_answering_is_told_by_health_within_the_ch
         assert service.boot.health.up
         with pg.stopped(pg.server_pids(postgres.process.pid)):
             await _health_says_down_within_the_bound(env, "no answer to a check within 1 s")
-        await asyncio.wait_for(service.watch_once(), 20)
-        assert service.boot.health.up
+        await _health_says_ok_again_within_the_bound(env)
         await service.store.close()  # before the proxy goes
