@@ -373,7 +373,7 @@ def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
     them: everything but the two system calls. ``batch`` datagrams per loop iteration (64:
     the closed loop's outstanding; 1: a storm's, one DISCOVER per wake-up). Also said: the
     cyclic collector's collections by generation, how many of them began inside a
-    datagram's answer (the rest between answers: udp.YoungCollections), and the answers'
+    datagram's answer (the rest between answers), and the answers'
     own times (p99, max: what a collection inside one adds)."""
     import gc
     import logging

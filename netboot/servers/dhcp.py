@@ -33,13 +33,7 @@ from netboot.logs import RateLimitedLog, Summary, log_context
 from netboot.model import FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
-from netboot.servers.udp import (
-    Address,
-    BoundaryProtocol,
-    Reply,
-    YoungCollections,
-    open_datagram_endpoint,
-)
+from netboot.servers.udp import Address, BoundaryProtocol, Reply, open_datagram_endpoint
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MIN_PACKET_SIZE, ZERO_IP, MessageType, Op, Opt
 
@@ -203,8 +197,6 @@ class DhcpServer:
         self.summary = Summary(_log, "dhcp", interval=summary_seconds)
         self._limited = RateLimitedLog(_log)
         self._observer = observer
-        # The collector's young collections between answers, not inside one (udp.py).
-        self.collections = YoungCollections()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -250,7 +242,6 @@ class DhcpServer:
                         # Kept longer, its answer (up to decide_timeout more) could come
                         # after iPXE's ~2 s wait for a proxy offer (protocols.md §1.6).
                         max_wait=self._decide_timeout,
-                        answered=self.collections.answered,
                     )
                     transport = await open_datagram_endpoint(sock, protocol)
                     self._transports.append(transport)

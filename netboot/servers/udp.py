@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import asyncio.selector_events
 import errno
-import gc
 import inspect
 import logging
 import socket
@@ -47,16 +46,13 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         max_in_flight: int = 256,
         max_waiting: int = 0,
         max_wait: float = 1.0,
-        answered: Callable[[], None] | None = None,
     ) -> None:
         """``max_in_flight``: async handlers running at once. ``max_waiting``: datagrams kept
         unhandled, in arrival order, while that many run (0: none, dropped at once, after
         their handler was called); each is handled when a task ends, unless it has waited
-        more than ``max_wait`` seconds by then. ``answered``: called after each datagram's
-        replies have been handed to the transport (:class:`YoungCollections`)."""
+        more than ``max_wait`` seconds by then."""
         self.name = name
         self._handler = handler
-        self._answered = answered
         self._log = logger
         self._limited = RateLimitedLog(logger)
         self._max_size = max_size
@@ -180,8 +176,6 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
                     logging.WARNING, dest[0], "%s: send to %s:%d failed: %s",
                     self.name, dest[0], dest[1], exc,
                 )
-        if self._answered is not None:
-            self._answered()
 
     def _failed(self, exc: Exception, peer: Address) -> None:
         self.dropped += 1
@@ -205,69 +199,6 @@ class BoundaryProtocol(asyncio.DatagramProtocol):
         shutdown and by tests)."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-class YoungCollections:
-    """The cyclic collector's young (and middle) collections made between a listener's
-    answers, not inside one.
-
-    Python starts a young collection inside whatever allocation takes the count of tracked
-    objects past the young threshold: during a storm of DHCP DISCOVERs, inside the answer
-    to one of them, which then waits for the whole collection (and a middle one every few:
-    the young generation and all it handed on since). A first DISCOVER of an enrolled
-    machine keeps ~15 tracked objects (the boot path's memories of the machine), so 1,000
-    of them bring ~7 young collections at FrozenHeap's 2,000 and a middle one or two, and
-    the 1,000-DISCOVER storm's p99 is those answers: s30-gc's young threshold of 2,000
-    raised that p99 by 0.3 ms (benchmarks/README.md, s31-dhcp). So after an answer has
-    been sent, once the count is within an eighth of the threshold, the collection that
-    would come next is made from the loop's next round (``call_soon``: after the
-    datagrams already read in this wake-up are answered), where no answer waits for it.
-
-    The generation is chosen as Python chooses it (the middle one when its count is past
-    its threshold), and the count and thresholds stay Python's: the collections are the
-    ones that would have come, a little earlier, never more often than one per
-    seven-eighths of the threshold. A full collection's turn is left to Python, whose rule
-    for it (the long-lived objects' share) is not visible from here: it comes inside an
-    answer, once every ~40 young collections at most."""
-
-    __slots__ = ("_due", "_limit", "collected")
-
-    # Within 1/THRESHOLD_SHARE of the young threshold (250 of FrozenHeap's 2,000, 87 of
-    # Python's 700) the collection is made early: more than one answer adds to the count
-    # (~15 tracked objects a first DISCOVER, 0-1 a repeat), so the answer after the last
-    # one that stays below seldom crosses the threshold.
-    THRESHOLD_SHARE = 8
-
-    def __init__(self) -> None:
-        self._due = False
-        self._limit = self._near()
-        self.collected = 0  # collections made here (tests, benchmarks)
-
-    def _near(self) -> int:
-        threshold = gc.get_threshold()[0]
-        return threshold - threshold // self.THRESHOLD_SHARE
-
-    def answered(self) -> None:
-        """After an answer was sent: a collection asked for if one is near. The threshold
-        is read again only then (``_collect``): its look every answer was ~0.3 µs of a
-        repeat's ~11 µs. One raised since (FrozenHeap.start) costs one look too early; one
-        lowered (FrozenHeap.stop, at shutdown) leaves the collections to Python."""
-        if self._due or gc.get_count()[0] < self._limit:
-            return
-        self._due = True
-        asyncio.get_running_loop().call_soon(self._collect)
-
-    def _collect(self) -> None:
-        self._due = False
-        self._limit = self._near()
-        young, middle, oldest = gc.get_count()
-        _, middle_threshold, oldest_threshold = gc.get_threshold()
-        if young < self._limit or not gc.isenabled():
-            return  # made meanwhile (by Python, or gc.collect), or the threshold was raised
-        if oldest > oldest_threshold:
-            return  # the oldest generation's turn: Python's own rule decides it
-        self.collected += 1
-        gc.collect(1 if middle > middle_threshold else 0)
 
 
 async def open_datagram_endpoint(

@@ -229,33 +229,3 @@ async def test_a_request_dropped_unawaited_closes_what_it_waited_for() -> None:
         _InContext(dropped, {"xid": "0x1"}).close()
     assert inspect.getcoroutinestate(dropped) == inspect.CORO_CLOSED
     assert await _InContext(pending(), {"xid": "0x2"}) == []
-
-
-async def test_the_listeners_make_a_young_collection_due_after_their_answer(
-    server: DhcpServer, client: Client,
-) -> None:
-    # udp.YoungCollections wired into both listeners: a DISCOVER answered with the young
-    # count within an eighth of its threshold brings the collection right after the
-    # answer, from the loop, not inside the next one.
-    import gc
-
-    thresholds = gc.get_threshold()
-    gc.collect()
-    kept: list[list[int]] = []
-    try:
-        gc.set_threshold(100_000, 10, 10)
-        while gc.get_count()[0] < 100_000 - 5_000:
-            kept.append([])
-        dhcp_port, _ = server.ports
-        await client.send(payload("uefi-edk2pxe", 8), dhcp_port)
-        offer, _ = await client.receive()
-        assert offer.message_type == MessageType.OFFER
-        for _ in range(20):  # the collection comes from the loop's next round
-            if server.collections.collected:
-                break
-            await asyncio.sleep(0.01)
-        assert server.collections.collected == 1
-        assert gc.get_count()[0] < 1000
-    finally:
-        gc.set_threshold(*thresholds)
-        del kept

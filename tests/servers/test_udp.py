@@ -4,14 +4,10 @@ AF_UNIX datagram pair, which blocks a sender when the receiver's queue is full).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import logging
 import re
 import socket
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -21,7 +17,6 @@ from netboot.servers.udp import (
     BoundaryProtocol,
     DrainingTransport,
     Reply,
-    YoungCollections,
     open_datagram_endpoint,
     open_stamped_endpoint,
 )
@@ -252,155 +247,3 @@ async def test_past_the_tasks_in_flight_datagrams_wait_in_order_for_one_to_end(
     assert handled == [b"h"] and (protocol.dropped, protocol.waited) == (1, 0)
     assert re.search(r"dropping one from 127.0.0.1 that waited [0-9.]+s for its turn",
                      caplog.text)
-
-
-# -- the collector's young collections between answers (YoungCollections) --------------------
-
-
-@contextlib.contextmanager
-def collections_seen(into: list[Any]) -> Iterator[None]:
-    """Each collection's start, as ("gc", generation), appended to ``into``; Python's
-    thresholds and counts as they were before, after."""
-    def probe(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            into.append(("gc", info["generation"]))
-
-    thresholds = gc.get_threshold()
-    gc.collect()
-    gc.callbacks.append(probe)
-    try:
-        yield
-    finally:
-        gc.callbacks.remove(probe)
-        gc.set_threshold(*thresholds)
-
-
-class Recording:
-    """A transport that notes each datagram sent in the events list the probe also fills."""
-
-    def __init__(self, events: list[Any]) -> None:
-        self.events = events
-
-    def sendto(self, data: bytes, addr: Any = None) -> None:
-        self.events.append(("sent", data))
-
-
-def near_threshold(threshold: int) -> list[list[int]]:
-    """Tracked objects kept until the young count is a few short of ``threshold`` (with the
-    young generation collected first: its count 0)."""
-    kept: list[list[int]] = []
-    while gc.get_count()[0] < threshold - 20:
-        kept.append([])
-    return kept
-
-
-def listener(events: list[Any], answered: YoungCollections | None) -> BoundaryProtocol:
-    protocol = BoundaryProtocol("t", echo, logger=_log,
-                                answered=answered.answered if answered else None)
-    protocol.connection_made(Recording(events))  # type: ignore[arg-type]
-    return protocol
-
-
-async def test_a_young_collection_due_is_made_between_answers_not_inside_one() -> None:
-    # Each answer keeps 60 tracked objects (a first DISCOVER keeps ~15): the first leaves the
-    # count within an eighth of the threshold, the second would cross it. Without
-    # YoungCollections the collection begins inside the second answer.
-    events: list[Any] = []
-    kept: list[list[int]] = []
-
-    def keeping(data: bytes, peer: Address) -> list[Reply]:
-        events.append(("answer", data))
-        kept.extend([] for _ in range(60))
-        return [(data, peer)]
-
-    young = YoungCollections()
-    with collections_seen(events):
-        gc.set_threshold(1000, 10, 10)
-        protocol = BoundaryProtocol("t", keeping, logger=_log, answered=young.answered)
-        protocol.connection_made(Recording(events))  # type: ignore[arg-type]
-        while gc.get_count()[0] < 1000 - 100:
-            kept.append([])
-        protocol.datagram_received(b"one", ("127.0.0.1", 68))
-        await asyncio.sleep(0)  # the loop's next round
-        protocol.datagram_received(b"two", ("127.0.0.1", 68))
-        assert events == [("answer", b"one"), ("sent", b"one"), ("gc", 0),
-                          ("answer", b"two"), ("sent", b"two")]
-        assert young.collected == 1
-
-
-async def test_a_young_collection_far_from_due_is_not_made() -> None:
-    events: list[Any] = []
-    young = YoungCollections()
-    with collections_seen(events):
-        gc.set_threshold(100_000, 10, 10)
-        protocol = listener(events, young)
-        protocol.datagram_received(b"one", ("127.0.0.1", 68))
-        await asyncio.sleep(0)
-        assert events == [("sent", b"one")] and young.collected == 0
-
-
-async def test_the_middle_generation_is_collected_when_python_would() -> None:
-    events: list[Any] = []
-    young = YoungCollections()
-    with collections_seen(events):
-        gc.set_threshold(1000, 3, 10)
-        for _ in range(4):
-            gc.collect(0)  # each young collection adds one to the middle's count: 4 > 3
-        events.clear()
-        protocol = listener(events, young)
-        kept = near_threshold(1000)
-        protocol.datagram_received(b"one", ("127.0.0.1", 68))
-        await asyncio.sleep(0)
-        assert events == [("sent", b"one"), ("gc", 1)]
-    del kept
-
-
-async def test_the_oldest_generations_turn_is_left_to_python() -> None:
-    events: list[Any] = []
-    young = YoungCollections()
-    with collections_seen(events):
-        gc.set_threshold(1000, 0, 0)
-        gc.collect(0)
-        gc.collect(1)  # the oldest's count 1 > 0: a full collection is Python's to choose
-        events.clear()
-        protocol = listener(events, young)
-        kept = near_threshold(1000)
-        protocol.datagram_received(b"one", ("127.0.0.1", 68))
-        await asyncio.sleep(0)
-        assert ("gc", 2) not in events and young.collected == 0
-    del kept
-
-
-async def test_one_collection_is_asked_for_however_many_answers_come_first() -> None:
-    events: list[Any] = []
-    young = YoungCollections()
-    with collections_seen(events):
-        gc.set_threshold(1000, 10, 10)
-        protocol = listener(events, young)
-        kept = near_threshold(1000)
-        protocol.datagram_received(b"one", ("127.0.0.1", 68))
-        protocol.datagram_received(b"two", ("127.0.0.1", 68))
-        await asyncio.sleep(0)
-        assert events == [("sent", b"one"), ("sent", b"two"), ("gc", 0)]
-        assert young.collected == 1
-    del kept
-
-
-async def test_a_threshold_raised_since_is_read_at_the_next_look() -> None:
-    # FrozenHeap.start raises the young threshold after the listeners are made: the first
-    # answer past the old one's eighth looks again, collects nothing, and the next answers
-    # ask for nothing until the new one's.
-    events: list[Any] = []
-    with collections_seen(events):
-        gc.set_threshold(700, 10, 10)
-        young = YoungCollections()
-        gc.set_threshold(100_000, 10, 10)
-        protocol = listener(events, young)
-        kept = near_threshold(1000)
-        protocol.datagram_received(b"one", ("127.0.0.1", 68))
-        await asyncio.sleep(0)
-        protocol.datagram_received(b"two", ("127.0.0.1", 68))
-        assert not young._due
-        await asyncio.sleep(0)
-        assert events == [("sent", b"one"), ("sent", b"two")] and young.collected == 0
-    del kept
