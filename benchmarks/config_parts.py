@@ -66,7 +66,9 @@ async def main():
         "k3os_config": lambda i: content.k3os_config(plans[i]),
         "context": lambda i: content.context(plans[i], names=names),
         "fill": lambda i: split.fill(ctxs[i], r._frozen),
-        "yaml_text": lambda i: split.yaml_text(ctxs[i], r._frozen),
+        # _Split.text since session 32 (yaml_text before it)
+        "yaml_text": (lambda i: split.text(ctxs[i], r._frozen, True)) if hasattr(split, "text")
+        else (lambda i: split.yaml_text(ctxs[i], r._frozen)),
     }
     waited = {
         "authorised_plan": lambda i: content.authorised_plan(macs[i], tokens[i]),

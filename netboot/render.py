@@ -89,6 +89,9 @@ class Renderer:
         self._log = logger or logging.getLogger(__name__)
         self._jinja: ImmutableSandboxedEnvironment | None = None
         self._tojson: Callable[..., str] | None = None  # its tojson filter (_split)
+        # That filter's texts of shorter strs, by the str (_tojson): a split's fill reads them
+        # without calling it (_Filler).
+        self._tojson_texts: dict[str, str] = {}
         # The bounded caches below are OrderedDicts: the oldest entry of a full dict is
         # dropped by popitem(last=False), O(1), where ``next(iter(dict))`` steps over the
         # slots of every entry deleted since the dict last resized (boot._keep says more).
@@ -97,7 +100,7 @@ class Renderer:
         # kept with it so that its id is not reused) or by source string.
         self._splits: OrderedDict[object, tuple[object, _Split | None]] = OrderedDict()
         self._marking: ImmutableSandboxedEnvironment | None = None
-        self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # _read_names
+        self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # reads
         self._string_names: OrderedDict[str, frozenset[str] | None] = OrderedDict()
         self._shapes = _YamlShapes()
         self._fresh = _Freshness(self.dirs, self._log, recheck)
@@ -162,7 +165,7 @@ class Renderer:
             )
             env.filters["grub_quote"] = grub_quote
             env.filters["grub_args"] = grub_args
-            env.filters["tojson"] = self._tojson = _tojson()
+            env.filters["tojson"] = self._tojson = _tojson(self._tojson_texts)
             self._jinja = self._fresh.adopt(env)
         return self._jinja
 
@@ -260,7 +263,7 @@ class Renderer:
         if volatile:
             split = self._split_of(template if name is not None else source, volatile, name)
             if split is not None:
-                text = split.render(context, self._frozen)
+                text = split.text(context, self._frozen, False)
                 if text is not None:
                     return text
         return _render(template, context)
@@ -305,7 +308,7 @@ class Renderer:
             source, filename = key, None
         try:
             split = _split(env, source, name, filename, volatile, self.stable, config=config,
-                           tojson=self._tojson)
+                           tojson=self._tojson, texts=self._tojson_texts)
         except Exception:  # a tree the split cannot compile: rendered whole, as it was
             self._log.debug("template %r not split", name or source, exc_info=True)
             split = None
@@ -331,7 +334,7 @@ class Renderer:
         install script reads a third of the context (no join, no register command). Should
         that render fail, it renders again with every name, which says what is wrong as
         before."""
-        _, names = self._read_names(name)
+        _, names = self.reads(name)
         if names is not None:
             try:
                 return self.ipxe(name, context(names))
@@ -384,7 +387,7 @@ class Renderer:
         ``read``: what :meth:`reads` answered for ``name`` inside the same :meth:`pinned`
         scope as this call (the template as its file is now, and its names): not looked up
         again (a config fetch asks it first, for its kept text)."""
-        template, names = self._read_names(name) if read is None else read
+        template, names = self.reads(name) if read is None else read
         if template is not None and names is not None:
             try:
                 made = context(names)
@@ -401,14 +404,16 @@ class Renderer:
                       header: str) -> str | None:
         """Config template ``name`` (``template``: its marking form, as its file is now)
         rendered split (:class:`_Split`, the renderer's ``volatile``) where its text is then
-        known to parse (:meth:`_Split.yaml_text`) and starts with ``header``: the text
+        known to parse (:meth:`_Split.text`) and starts with ``header``: the text
         :meth:`_yaml` gives, rendered and checked once per skeleton, not once per machine
         (Jinja's render and the form check were ~120,000 of a first config's ~420,000 loop
         instructions, session 28). Else None: rendered and checked as before."""
-        split = self._split_of(template, self.volatile, name, config=True)
+        kept = self._splits.get(id(template))  # _split_of's look-up, without its call
+        split = (kept[1] if kept is not None and kept[0] is template
+                 else self._split_of(template, self.volatile, name, config=True))
         if split is None:
             return None
-        text = split.yaml_text(context, self._frozen)
+        text = split.text(context, self._frozen, True)
         return text if text is not None and text.startswith(header) else None
 
     def _yaml(self, name: str, context: Mapping[str, Any], header: str,
@@ -445,13 +450,11 @@ class Renderer:
         context: the template as its file is now (an object that changes when the file
         does; None where it cannot be loaded), and the context names it reads (None where
         that cannot be told: it takes in another template, or cannot be loaded)."""
-        return self._read_names(name)
-
-    def _read_names(self, name: str) -> tuple[jinja2.Template | None, frozenset[str] | None]:
-        """Template ``name`` as it is now (marking its outputs) and the context names it
-        reads; None where that cannot be told (it cannot be loaded, it takes in another
-        template)."""
-        env = self._marking_env
+        # One call where there were three (this, its helper, the environment's property):
+        # every config fetch and install script asks it (session 32).
+        env = self._marking
+        if env is None:
+            env = self._marking_env
         try:
             template = self._fresh.template(env, name)
         except Exception as exc:
@@ -978,7 +981,8 @@ class _Freshness:
 
     def template(self, env: ImmutableSandboxedEnvironment, name: str) -> jinja2.Template:
         """Template ``name`` of ``env`` (one :meth:`adopt` returned), as its file is now."""
-        self.generation()
+        if not self._pins:  # inside a pin, the generation its start read (no call)
+            self.generation()
         key = (env, name)
         template = self._checked.get(key)
         if template is None:
@@ -1200,11 +1204,6 @@ class _Skeleton:
         self.order = order
         self.check = check
 
-    def fill(self, filled: list[str]) -> str:
-        # C calls alone (a copy, a slice assignment, a join: :func:`_filled`): a %-format
-        # of a config's skeleton parsed its ~1,500 characters again, ~8,800 instructions.
-        order = self.order
-        return _filled(self.slots, filled if order is None else [filled[i] for i in order])
 
 
 # A filled value's check (_yaml_checks, _checker): tojson's text as a double-quoted scalar,
@@ -1255,43 +1254,46 @@ class _Split:
         # for most of them (a few in all, bounded by the skeletons').
         self.checkers: dict[tuple[tuple[int, int], ...], Callable[[list[str], bool], bool]] = {}
 
-    def render(self, context: Mapping[str, Any], frozen: dict[int, int]) -> str | None:
+    def text(self, context: Mapping[str, Any], frozen: dict[int, int], checked: bool,
+             ) -> str | None:
         """The text, or None: render the whole template. ``frozen``: values never changed
-        once made (Renderer.freeze), by their serial."""
-        made = self._filled(context, frozen)
-        return None if made is None else made[0].fill(made[1])
-
-    def yaml_text(self, context: Mapping[str, Any], frozen: dict[int, int]) -> str | None:
-        """:meth:`render`'s text where it is known to parse as YAML: its skeleton with
-        placeholders parsed, each filled value of its place's class (:func:`_yaml_checks`);
-        else None (rendered and checked whole)."""
-        made = self._filled(context, frozen)
-        if made is None:
-            return None
-        skeleton, filled, ascii = made
-        check = skeleton.check
-        return skeleton.fill(filled) if check is not None and check(filled, ascii) else None
-
-    def _filled(self, context: Mapping[str, Any], frozen: dict[int, int],
-                ) -> tuple[_Skeleton, list[str], bool] | None:
-        """The skeleton of ``context``, its values filled in (in the marks' numbering), and
-        whether every value printed through tojson was a str of ASCII alone; None where
-        anything fails (the whole render raises it, or says why)."""
+        once made (Renderer.freeze), by their serial. ``checked`` (a YAML config's): only a
+        text known to parse as YAML, its skeleton with placeholders parsed and each filled
+        value of its place's class (:func:`_yaml_checks`); else None (rendered and checked
+        whole)."""
+        # One call where there were four or five (this, the fill's and skeleton's helpers,
+        # the join's), for every install script and config a device fetches (~3,500 of a
+        # first config's loop instructions, session 32).
         try:
             filled, key, ascii = self.fill(context, frozen)
             skeleton = self.skeletons.get(key)
             if skeleton is None:
-                end = len(key) - len(self.loops)  # their lengths end the key
-                skeleton = self._skeleton(context, key[end:],
-                                          key[end - len(self.spliced):end])
-                if skeleton is None:
-                    return None
-                if len(self.skeletons) >= _MAX_SKELETONS:
-                    self.skeletons.popitem(last=False)  # the oldest
-                self.skeletons[key] = skeleton
+                skeleton = self._made(context, key)
         except Exception:  # the whole render raises it, or says why (RenderError)
             return None
-        return skeleton, filled, ascii
+        if skeleton is None:
+            return None
+        if checked:
+            check = skeleton.check
+            if check is None or not check(filled, ascii):
+                return None
+        order = skeleton.order
+        # C calls alone (_filled's copy, slice assignment and join): a %-format of a
+        # config's skeleton parsed its ~1,500 characters again, ~8,800 instructions.
+        pieces = skeleton.slots.copy()
+        pieces[1::2] = filled if order is None else [filled[i] for i in order]
+        return "".join(pieces)
+
+    def _made(self, context: Mapping[str, Any], key: tuple[Any, ...]) -> _Skeleton | None:
+        """The skeleton of ``key`` (not kept yet) made and kept; None where it cannot be."""
+        end = len(key) - len(self.loops)  # their lengths end the key
+        skeleton = self._skeleton(context, key[end:], key[end - len(self.spliced):end])
+        if skeleton is None:
+            return None
+        if len(self.skeletons) >= _MAX_SKELETONS:
+            self.skeletons.popitem(last=False)  # the oldest
+        self.skeletons[key] = skeleton
+        return skeleton
 
     def _skeleton(self, context: Mapping[str, Any], lengths: tuple[Any, ...],
                   splices: tuple[Any, ...]) -> _Skeleton | None:
@@ -1463,7 +1465,7 @@ def _is_tojson(node: nodes.Node) -> bool:
 def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
            filename: str | None, volatile: frozenset[str],
            stable: frozenset[str] = frozenset(), *, config: bool = False,
-           tojson: object = None) -> _Split | None:
+           tojson: object = None, texts: dict[str, str] | None = None) -> _Split | None:
     """The split form of ``source`` (see :class:`_Split`), or None where it cannot be.
     ``config``: a YAML config's (its skeletons get their checks, :func:`_yaml_checks`);
     ``tojson``: the renderer's own filter (_checker's proof holds for its texts)."""
@@ -1512,7 +1514,7 @@ def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
         return {n.name for n in _nodes_of(node) if isinstance(n, nodes.Name)}
 
     reads = keyed(tree)
-    filler = _Filler(env, tojson)
+    filler = _Filler(env, tojson, texts)
     loops: list[tuple[bool, ...]] = []
     for loop in list(tree.find_all(nodes.For)):
         if not hot(loop.iter, reads):
@@ -1620,7 +1622,8 @@ class _Filler:
     The source holds no text of the template: every name, key and constant is a value in the
     function's namespace (``k0``, ``k1``...)."""
 
-    def __init__(self, env: ImmutableSandboxedEnvironment, own: object = None) -> None:
+    def __init__(self, env: ImmutableSandboxedEnvironment, own: object = None,
+                 texts: dict[str, str] | None = None) -> None:
         from jinja2.sandbox import SandboxedEnvironment
 
         self.env = env
@@ -1630,6 +1633,10 @@ class _Filler:
         # ``own``: the renderer's tojson, whose text of a Spliced is known (_splice_form):
         # such an output's values may go into places of the skeleton (spliced).
         self._own = own is not None and self.tojson is own
+        # ``texts``: the renderer's tojson's texts of strs (_tojson's ``short``), read in place
+        # where it has one: what it returns for such a str, without its call (a config's
+        # k3s arguments, three or more a config: ~1,400 instructions each, session 32).
+        self._texts = texts if self._own else None
         self.spliced: list[int] = []  # the outputs that may be so: ``name | tojson``
         self._splices: list[str] = []  # each one's Splice, or None: in the skeleton's key
         # A dict's item looked up in place where the environment's look-up would find it
@@ -1666,9 +1673,9 @@ class _Filler:
                 self._outputs.append(
                     f"*({value}.values if (q{at} := ({value}.splice if type({value} := "
                     f"{source[2:-1]}) is Sp and {value}.plain else None)) is not None "
-                    f"else (str(j({value})),))")
+                    f"else (str({self._json(value, value)}),))")
                 return True
-            source = f"j({value} := {source[2:-1]})"
+            source = self._json(f"({value} := {source[2:-1]})", value)
         self._outputs.append(f"str({source})")
         return True
 
@@ -1684,7 +1691,8 @@ class _Filler:
                        f"if type(s{at}) is not list and type(s{at}) is not tuple:",
                        "    unsure()  # iterated as it is by the whole render alone",
                        f"for i in s{at}:"]
-        self._body += [f"    out.append(str({'j(i)' if json else 'i'}))" for json in outs]
+        self._body += [f"    out.append(str({self._json('i', 'i') if json else 'i'}))"
+                       for json in outs]
         if any(outs):
             self._body.append("    a = a and isinstance(i, str) and ia(i)")
         self._lengths.append(f"len(s{at})")
@@ -1719,12 +1727,21 @@ class _Filler:
                 + "), a"])])
         namespace: dict[str, Any] = {
             "U": jinja2.Undefined, "unsure": _unsure, "ga": self.env.getattr,
-            "gi": self.env.getitem, "j": self.tojson, "M": _Missing(), "mu": marshal.dumps,
+            "gi": self.env.getitem, "j": self.tojson, "jt": self._texts, "M": _Missing(),
+            "mu": marshal.dumps,
             "ia": str.isascii, "Sp": Spliced, **self._consts}
         exec(compile(source, "<netboot split>", "exec"), namespace)  # noqa: S102
         fill: Callable[[Mapping[str, Any], dict[int, int]],
                        tuple[list[str], tuple[Any, ...], bool]] = namespace["fill"]
         return fill
+
+    def _json(self, source: str, value: str) -> str:
+        """The tojson text of ``source``'s value (named ``value`` once evaluated): the one
+        its texts hold for a str, else its call's."""
+        if self._texts is None:
+            return f"j({source})"
+        return (f"(_h if type({source}) is str and (_h := jt.get({value})) is not None"
+                f" else j({value}))")
 
     @staticmethod
     def _key(source: str, stable: bool) -> str:
@@ -1865,7 +1882,9 @@ class Splice:
         then writes them as they are without looking again)."""
         if len(values) != len(self.fixed) - 1:
             raise ValueError("a Splice's text has one value fewer than fixed texts")
-        text = Spliced(_filled(self.slots, values))
+        pieces = self.slots.copy()  # _filled, without its call: once per config fetched
+        pieces[1::2] = values
+        text = Spliced("".join(pieces))
         text.splice = self
         text.values = values
         text.plain = plain
@@ -1918,7 +1937,7 @@ class Spliced(str):
 _HTML_PLAIN = re.compile(r"[\x20\x21\x23-\x25\x28-\x3b\x3d\x3f-\x5b\x5d-\x7e]*")
 
 
-def _tojson() -> Callable[..., str]:
+def _tojson(texts: dict[str, str] | None = None) -> Callable[..., str]:
     """Jinja's ``tojson`` filter (``htmlsafe_json_dumps``: the same text, HTML's special
     characters written as JSON escapes, as ``Markup``), without its per-use policy lookups
     and keyword copies (a config prints a dozen values through it)."""
@@ -1930,7 +1949,8 @@ def _tojson() -> Callable[..., str]:
     # Strings' texts by value: long ones (a config's CA, ~5 µs to write each time), a few;
     # shorter ones (~0.3 µs each; a config prints several a cluster's configs share), more.
     kept: dict[str, str] = {}
-    short: dict[str, str] = {}
+    # ``texts``: the renderer's (its split fills read it), or its own.
+    short: dict[str, str] = {} if texts is None else texts
     forms: dict[Splice, list[str]] = {}  # a Splice's texts' (a register command's, per base URL)
 
     def tojson(value: Any, indent: int | None = None) -> str:

@@ -1867,3 +1867,63 @@ def test_a_register_commands_plain_values_are_filled_into_places_of_the_config_s
     assert split.spliced  # the register command's output
     splices = {k[len(k) - len(split.loops) - 1] for k in split.skeletons}
     assert len(splices - {None}) == 2, splices  # one Splice per base URL
+
+
+def test_a_split_fill_reads_tojsons_kept_texts_of_strs_and_calls_it_for_the_rest(
+        tmp_path: Path) -> None:
+    """A split config's outputs and loop items through the renderer's tojson (_Filler): a
+    str whose text tojson keeps is filled with that text, read in place, without a call
+    (session 32); any other value (one not seen yet, a long str, a number, None, a bool,
+    a list, a dict, a str subclass) through the call. Each text is byte for byte Jinja's
+    own render of the same context, or refused alike where it does not parse."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from markupsafe import Markup
+
+    source = ("v: {{ value | tojson }}\nl:\n"
+              "{% for a in items %}  - {{ a | tojson }}\n{% endfor %}")
+    (tmp_path / "c.yaml").write_text(source)
+    r = Renderer([tmp_path], volatile=frozenset({"value", "items"}))
+    answered = _split_answers(r)
+    r.yaml_config("c.yaml", lambda names: {"value": "w", "items": []})
+    (split,) = [s for _, s in r._splits.values() if s is not None]
+    # Its tojson calls counted: the generated fill looks the function up at each call.
+    scope = split.fill.__globals__  # type: ignore[attr-defined]
+    called: list[object] = []
+
+    def counting(v: object, *a: object, real: Callable[..., str] = scope["j"]) -> str:
+        called.append(v)
+        return real(v, *a)
+
+    scope["j"] = counting
+    plain = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                          keep_trailing_newline=True).from_string(source)
+    values: list[object] = ["agent", "--node-name", "edge-1", "<b>&'\"", "é", "\u2028",
+                            "x" * 2000, "", 5, -1, 1.5, None, True, False, ["a", 1],
+                            {"k": "<v>"}, Markup("m<&"), Markup("agent")]
+    for i in range(3 * len(values)):
+        value, items = values[i % len(values)], [values[(i + k) % len(values)]
+                                                 for k in range(1 + i % 4)]
+        ctx = {"value": value, "items": items}
+        try:
+            want: object = plain.render(ctx)
+            yaml.load(str(want), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except yaml.YAMLError:
+            want = None
+        # The calls due: each value but a str tojson keeps a text of by then (a shorter
+        # one, kept once written).
+        kept, due = set(r._tojson_texts), []
+        for v in (value, *items):
+            if not (type(v) is str and v in kept):
+                due.append(v)
+                if type(v) is str and len(v) < 1024:
+                    kept.add(v)
+        del called[:]
+        assert _outcome(lambda c=ctx: r.yaml_config(  # type: ignore[misc]
+            "c.yaml", lambda names, c=c: c)) == want, ctx
+        if answered[-1]:
+            assert called == due, ctx
+    # Split where every value is of its place's class (a str of ASCII, as a rule); the
+    # others rendered and checked whole (the calls above not counted for them).
+    assert answered.count(True) >= len(values), answered
+    assert {"agent", "--node-name", "edge-1"} <= set(r._tojson_texts)
