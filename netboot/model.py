@@ -795,7 +795,7 @@ class K3sJoin:
             out.append("--cluster-init")
         if self.node_name:
             out += ["--node-name", self.node_name]
-        if self.role == Role.SERVER:
+        if self.role == "server":  # Role.SERVER's value: its look-up was a fifth of this
             for name in self.tls_san:
                 out += ["--tls-san", name]
         return tuple(out)
