@@ -1205,7 +1205,6 @@ class _Skeleton:
         self.check = check
 
 
-
 # A filled value's check (_yaml_checks, _checker): tojson's text as a double-quoted scalar,
 # another value as one, a value on a comment's or a block scalar's line.
 _JSON, _QUOTE, _LINE = 0, 1, 2
