@@ -1019,7 +1019,7 @@ class PostgresStore:
                     self._stuck = None
         now = time.monotonic()
         waiting: dict[int, tuple[_Session, float]] = {}
-        for session in self._sessions:
+        for session in (*self._sessions, self._feed):
             asked = getattr(session, "asked", None)
             if asked is not None and now - asked > within and not session.is_closed():
                 waiting[session.get_server_pid()] = (session, now - asked)
@@ -1601,7 +1601,7 @@ class PostgresStore:
         async with self._feed_lock:
             try:
                 if self._feed is None or self._feed.is_closed():
-                    self._feed = await self._connect()
+                    self._feed = await self._feed_session()
                 yield self._feed
             except NetbootError:
                 raise
@@ -1609,6 +1609,21 @@ class PostgresStore:
                 if self._feed is not None and not self._feed.is_closed():
                     self._feed.terminate()  # in an unknown state: the next reader reconnects
                 raise StoreError(f"inventory {self.name}: {self._reason(exc)}") from exc
+
+    async def _feed_session(self) -> asyncpg.Connection:
+        """The feed's connection, set up as a pool session is (:meth:`_adopt_session`: the
+        server's keepalives and timeouts, within connect_timeout; one round trip, once per
+        connection), and a :class:`_Session`, which the check looks at (:meth:`_look`):
+        its backend stopped or hung alone, every sync (each DHCP decision after a write
+        waits for one) waited for ever behind the one it holds."""
+        conn = await connect(self._dsn, self._peer, connection_class=_Session)
+        try:
+            async with asyncio.timeout(self._peer.connect_timeout):
+                await conn.execute(*server_keepalives(self._peer))
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
 
     async def changes_since(self, seq: int) -> Changes:
         async with self._feed_conn() as conn:
@@ -1827,11 +1842,14 @@ async def _kept_session(_conn: asyncpg.Connection) -> None:
 
 
 async def connect(dsn: str, peer: PeerSettings, *, timeout: float | None = None,
-                  server_settings: dict[str, str] | None = None) -> asyncpg.Connection:
+                  server_settings: dict[str, str] | None = None,
+                  connection_class: type[asyncpg.Connection] = asyncpg.Connection,
+                  ) -> asyncpg.Connection:
     """A connection to ``dsn`` within ``timeout`` (default: the settings' connect_timeout),
     with ``server_settings`` sent at start-up, set up by :func:`tune`."""
     conn = await asyncpg.connect(dsn, timeout=peer.connect_timeout if timeout is None
-                                 else timeout, server_settings=server_settings)
+                                 else timeout, server_settings=server_settings,
+                                 connection_class=connection_class)
     try:
         tune(conn, peer)
     except OSError:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -1717,3 +1718,58 @@ async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_s
         await admin.execute(f"DROP OWNED BY {role}")
         await admin.execute(f"DROP ROLE {role}")
         await admin.close()
+
+
+@pytest.mark.parametrize("when", ["idle", "running"])
+async def test_a_change_feed_read_whose_backend_hangs_alone_fails_within_the_checks_bound(
+        pg_dsn: str, when: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The change feed's own connection (every sync of a view, outside the pool) with its
+    backend stopped, while idle ("idle": the read sent is never read) or while it runs the
+    read ("running": waiting for a table lock a session at work holds, so active, past its
+    statement_timeout of 1 s): the check ends it as it ends a pool session, logged once,
+    the read a StoreError saying why; the next read makes the connection again. (Before:
+    "still waiting after 20 s", and every later sync behind it, for ever.)"""
+    admin = await asyncpg.connect(pg_dsn)
+    holder = await asyncpg.connect(pg_dsn)
+    store = PostgresStore(pg_dsn, peer=BOUNDED)
+    await store.open()
+    holding: asyncio.Future[Any] | None = None
+    pid = 0
+    try:
+        await store.changes_since(0)
+        assert store._feed is not None
+        pid = store._feed.get_server_pid()
+        if when == "idle":
+            os.kill(pid, signal.SIGSTOP)
+            reading = asyncio.ensure_future(store.changes_since(0))
+            words = f"its backend, PID {pid}, does not"
+        else:
+            await holder.execute("BEGIN")
+            await holder.execute("LOCK TABLE changes IN ACCESS EXCLUSIVE MODE")
+            holding = asyncio.ensure_future(holder.execute("SELECT pg_sleep(60)"))
+            reading = asyncio.ensure_future(store.changes_since(0))
+            await pg.until(admin, f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+                           " AND wait_event_type = 'Lock'", "waiting for the table lock")
+            os.kill(pid, signal.SIGSTOP)
+            words = f"which its backend (PID {pid}: active, waiting for relation) did not"
+        try:
+            with pytest.raises(StoreError, match=re.escape(words)):
+                await _ended(reading)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert caplog.text.count(words) == 1
+        if holding is not None:  # its backend sleeps on, holding the lock, unless ended
+            await admin.execute("SELECT pg_terminate_backend($1)", holder.get_server_pid())
+            await _within("the holder gone", lambda: _gone(admin, [holder.get_server_pid()]))
+        assert (await _ended(store.changes_since(0))).complete
+        assert store._feed is not None and store._feed.get_server_pid() != pid
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        holder.terminate()
+        if holding is not None:
+            with contextlib.suppress(BaseException):
+                await holding
+        await admin.close()
+        await store.close()
