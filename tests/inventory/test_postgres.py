@@ -1537,7 +1537,8 @@ async def test_a_server_stopped_as_the_check_looks_at_a_waiting_session_is_told_
 
 # --- the server's own bounds on netboot's sessions (statement_timeout, idle in transaction) --
 
-BOUNDED = replace(CHECKED, statement_timeout=1)
+# Room for the test to stop a backend mid-statement before its own timeout would fire.
+BOUNDED = replace(CHECKED, statement_timeout=2)
 _SLEEPING = "SELECT count(*) FROM pg_stat_activity WHERE pid = {} AND wait_event = 'PgSleep'"
 
 
@@ -1547,7 +1548,7 @@ async def test_a_statement_whose_backend_hangs_while_it_runs_is_ended_and_settle
         caplog: pytest.LogCaptureFixture) -> None:
     """A pool session's backend stopped while it runs netboot's statement (the server, the
     LISTEN session and the kernels answer; pg_stat_activity shows it "active", as one at
-    work): its own statement_timeout (1 s here) cannot fire while it is stopped. The check
+    work): its own statement_timeout (2 s here) cannot fire while it is stopped. The check
     finds the statement waited for check_timeout past that bound: the session is ended,
     logged once, the backend asked to end (pg_terminate_backend: acted on once it runs),
     and the write settled as one whose connection was lost: a transaction's body ("body":
@@ -1570,11 +1571,11 @@ async def test_a_statement_whose_backend_hangs_while_it_runs_is_ended_and_settle
             async def body() -> None:
                 async with store._write() as conn:
                     await conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
-                    await conn.execute("SELECT pg_sleep(0.8)")
+                    await conn.execute("SELECT pg_sleep(1.8)")
             call = body()
         else:
             call = store._single("execute", "INSERT INTO settings (key, value) SELECT 'k', 'v'"
-                                 " FROM pg_sleep(0.8)")
+                                 " FROM pg_sleep(1.8)")
         task = asyncio.ensure_future(call)
         await pg.until(admin, _SLEEPING.format(pid), "running its statement")
         os.kill(pid, signal.SIGSTOP)
@@ -1587,7 +1588,7 @@ async def test_a_statement_whose_backend_hangs_while_it_runs_is_ended_and_settle
             assert isinstance(told.value, OutcomeUnknown)
         else:
             assert not isinstance(told.value, OutcomeUnknown)
-            assert f"past the server's statement_timeout of 1 s, which its backend (PID {pid}:" \
+            assert f"past the server's statement_timeout of 2 s, which its backend (PID {pid}:" \
                    f" active, waiting for PgSleep) did not enforce" in str(told.value)
         assert caplog.text.count("the backend asked to end (pg_terminate_backend") == 1
         await _within("the stopped backend gone", lambda: _gone(admin, [pid]))
@@ -1611,17 +1612,17 @@ async def test_a_statement_that_runs_past_the_statement_timeout_is_cancelled_by_
     try:
         (session,) = list(store._sessions)
         with pytest.raises(StoreError, match=r"statement timeout \(inventory\.postgresql\."
-                                             r"statement_timeout: 1 s\)"):
+                                             r"statement_timeout: 2 s\)"):
             async with store._write() as conn:
                 await conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
-                await conn.execute("SELECT pg_sleep(3)")
+                await conn.execute("SELECT pg_sleep(4)")
         assert not session.is_closed()
         assert await store.get_setting("k") is None
         async with store._conn() as conn:
             settings = await conn.fetchrow(
                 "SELECT current_setting('statement_timeout'),"
                 " current_setting('idle_in_transaction_session_timeout')")
-        assert tuple(settings) == ("1s", "30s")
+        assert tuple(settings) == ("2s", "30s")
     finally:
         await store.close()
 
@@ -1726,7 +1727,7 @@ async def test_a_change_feed_read_whose_backend_hangs_alone_fails_within_the_che
     """The change feed's own connection (every sync of a view, outside the pool) with its
     backend stopped, while idle ("idle": the read sent is never read) or while it runs the
     read ("running": waiting for a table lock a session at work holds, so active, past its
-    statement_timeout of 1 s): the check ends it as it ends a pool session, logged once,
+    statement_timeout of 2 s): the check ends it as it ends a pool session, logged once,
     the read a StoreError saying why; the next read makes the connection again. (Before:
     "still waiting after 20 s", and every later sync behind it, for ever.)"""
     admin = await asyncpg.connect(pg_dsn)
