@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -1127,9 +1128,13 @@ class PostgresStore:
             # The server's words do not say which setting, nor that it is netboot's.
             return (f"{said} (inventory.postgresql.statement_timeout: "
                     f"{self._peer.statement_timeout} s)")
-        if isinstance(first, asyncpg.InterfaceError) and "released back to the pool" in said:
+        if ((isinstance(first, asyncpg.InterfaceError) and "released back to the pool" in said)
+                or (isinstance(first, asyncpg.InternalClientError)
+                    and "cannot switch to state" in said)):
             # asyncpg's words for a session that ended while idle in a transaction (it drops
-            # the server's FATAL that said why): the server rolled the transaction back.
+            # the server's FATAL that said why; read before the connection's end, it leaves
+            # the protocol in a state the next statement cannot leave): the server rolled
+            # the transaction back.
             said = (f"{said}: the session ended during its transaction, which is rolled "
                     "back (ended by the server: idle in the transaction longer than "
                     "inventory.postgresql.idle_in_transaction_session_timeout, "
@@ -1612,14 +1617,19 @@ class PostgresStore:
 
     async def _feed_session(self) -> asyncpg.Connection:
         """The feed's connection, set up as a pool session is (:meth:`_adopt_session`: the
-        server's keepalives and timeouts, within connect_timeout; one round trip, once per
-        connection), and a :class:`_Session`, which the check looks at (:meth:`_look`):
-        its backend stopped or hung alone, every sync (each DHCP decision after a write
-        waits for one) waited for ever behind the one it holds."""
-        conn = await connect(self._dsn, self._peer, connection_class=_Session)
+        server's keepalives and statement_timeout, within connect_timeout; one round trip,
+        once per connection), and a :class:`_Session`, which the check looks at
+        (:meth:`_look`): its backend stopped or hung alone, every sync (each DHCP decision
+        after a write waits for one) waited for ever behind the one it holds. Not its
+        idle_in_transaction_session_timeout: its read-only transaction holds no lock a
+        writer waits for, and decodes every changed machine between two of its statements
+        (_read_changes: a resync after a long outage, ~140 µs a machine on a busy host),
+        which a bound would fail again at every try."""
+        peer = dataclasses.replace(self._peer, idle_in_transaction_session_timeout=0)
+        conn = await connect(self._dsn, peer, connection_class=_Session)
         try:
             async with asyncio.timeout(self._peer.connect_timeout):
-                await conn.execute(*server_keepalives(self._peer))
+                await conn.execute(*server_keepalives(peer))
         except BaseException:
             conn.terminate()
             raise

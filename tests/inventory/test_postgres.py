@@ -1627,14 +1627,16 @@ async def test_a_statement_that_runs_past_the_statement_timeout_is_cancelled_by_
         await store.close()
 
 
+@pytest.mark.parametrize("closed", [True, False])
 async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write_on(
-        pg_dsn: str) -> None:
+        pg_dsn: str, closed: bool) -> None:
     """A netboot server whose write stops mid-transaction (its process stopped or hung
     between two statements: to the database, its session idle in its transaction, holding
     the writers' lock, and every server's writes behind it). The database ends that session
     past idle_in_transaction_session_timeout (1 s here), rolling it back: another server's
     write waiting for the lock goes through. The first server, run again, is told its write
-    failed, and nothing of it is written. (Before: the other server's write waited until
+    failed, and nothing of it is written, whether its session's end was read before it
+    runs again ("closed") or not. (Before: the other server's write waited until
     its check gave it up, a StoreError naming the holder's PID, as every later write, for
     as long as the stopped server.)"""
     stalled = PostgresStore(pg_dsn, peer=replace(QUICK, idle_in_transaction_session_timeout=1),
@@ -1642,6 +1644,7 @@ async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write
     other = PostgresStore(pg_dsn, peer=replace(CHECKED, check_timeout=5))
     await stalled.open()
     await other.open()
+    (session,) = list(stalled._sessions)
     resume = asyncio.Event()
     inside = asyncio.Event()
 
@@ -1658,6 +1661,8 @@ async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write
         began = time.monotonic()
         await _ended(other.put_setting("k", "other"))
         assert time.monotonic() - began < 5  # within the idle bound, not the check's give-up
+        if closed:  # its end read before it runs again (else asyncpg says it otherwise)
+            await _within("the stalled session's end read", session.is_closed)
         resume.set()
         with pytest.raises(StoreError, match=r"the session ended during its transaction, "
                                              r"which is rolled back .*idle_in_transaction"):
@@ -1764,6 +1769,11 @@ async def test_a_change_feed_read_whose_backend_hangs_alone_fails_within_the_che
             await _within("the holder gone", lambda: _gone(admin, [holder.get_server_pid()]))
         assert (await _ended(store.changes_since(0))).complete
         assert store._feed is not None and store._feed.get_server_pid() != pid
+        # Its server's settings: the statement bound, not the idle-in-transaction one (its
+        # read-only transaction decodes every changed machine between two statements).
+        assert tuple(await store._feed.fetchrow(
+            "SELECT current_setting('statement_timeout'),"
+            " current_setting('idle_in_transaction_session_timeout')")) == ("2s", "0")
     finally:
         if pid:
             with contextlib.suppress(ProcessLookupError):
