@@ -1784,3 +1784,25 @@ async def test_a_change_feed_read_whose_backend_hangs_alone_fails_within_the_che
                 await holding
         await admin.close()
         await store.close()
+
+
+async def test_a_migration_is_not_bounded_by_the_statement_timeout(pg_dsn: str) -> None:
+    """A server starting while another migrates waits for the migrations' lock longer than
+    statement_timeout (1 s here; 2.5 s of wait): it opens all the same, as a migration step
+    rewriting a large table would run on. Only the migration is unbounded: the store's next
+    statements are bounded again."""
+    holder = await asyncpg.connect(pg_dsn)
+    store = PostgresStore(pg_dsn, peer=replace(BOUNDED, statement_timeout=1))
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.MIGRATE_LOCK)
+        opening = asyncio.ensure_future(store.open())
+        await asyncio.sleep(2.5)
+        await holder.execute("ROLLBACK")
+        await _ended(opening)
+        with pytest.raises(StoreError, match="statement timeout"):
+            async with store._conn() as conn:
+                await conn.execute("SELECT pg_sleep(2)")
+    finally:
+        holder.terminate()
+        await store.close()
