@@ -197,7 +197,8 @@ class InventoryConfig:
     dsn_file: str | None = None
     # postgresql: how each connection notices a server gone without a word (a pulled cable,
     # a failed-over VM): keepalives and TCP_USER_TIMEOUT, libpq's settings (dsn.PeerSettings:
-    # a dead peer ends a connection in ~15 s; a long statement on a live one is never cut).
+    # a dead peer ends a connection in ~15 s); the server's statement_timeout and
+    # idle_in_transaction_session_timeout on netboot's sessions.
     postgresql: pg_dsn.PeerSettings = field(default_factory=pg_dsn.PeerSettings)
 
 

@@ -309,6 +309,7 @@ def test_postgresql_peer_settings_reach_the_store_and_its_sockets(tmp_path: Path
     peer = cfg.inventory.postgresql
     assert (peer.keepalives_idle, peer.tcp_user_timeout, peer.keepalives_count) == (7, 30, 5)
     assert (peer.check_interval, peer.check_timeout) == (5, 10)
+    assert (peer.statement_timeout, peer.idle_in_transaction_session_timeout) == (60, 30)
     assert open_store(cfg)._peer == peer  # type: ignore[attr-defined]
     options = peer.socket_options()
     assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
@@ -322,7 +323,8 @@ def test_postgresql_peer_settings_reach_the_store_and_its_sockets(tmp_path: Path
 @pytest.mark.parametrize(("key", "value"), [
     ("keepalives_idle", "0"), ("keepalives_count", "128"), ("tcp_user_timeout", "-1"),
     ("connect_timeout", "0"), ("keepalives_interval", "x"), ("check_interval", "-1"),
-    ("check_timeout", "0")])
+    ("check_timeout", "0"), ("statement_timeout", "-1"),
+    ("idle_in_transaction_session_timeout", "86401")])
 def test_bad_postgresql_peer_settings_name_their_key(tmp_path: Path, key: str,
                                                      value: str) -> None:
     path = write(tmp_path, f"inventory:\n  postgresql:\n    {key}: {value}\n")

@@ -1009,6 +1009,51 @@ async def test_writes_held_up_by_a_stuck_lock_holder_are_told_by_health(
     assert service.boot.health.up
 
 
+async def test_writes_held_up_by_a_holder_hidden_from_netboots_role_name_the_grant(
+        make_env: EnvFactory, pg_dsn: str) -> None:
+    """netboot's role lacks pg_read_all_stats, and a session of another role (the
+    superuser's, as an operator's psql) holds the writers' lock idle in its transaction:
+    netboot cannot see its state, so cannot tell it stuck. A write waits (failed at
+    statement_timeout, 3 s here), and /healthz says degraded, naming the missing privilege
+    and the GRANT, while that session holds the lock; ok once it ends. (Before: the write
+    waited for ever, health "ok", nothing said.)"""
+    import uuid
+
+    import asyncpg
+
+    from netboot.errors import StoreError
+    from netboot.inventory.postgres import WRITE_LOCK
+
+    role = f"r_{uuid.uuid4().hex[:12]}"  # left in the throwaway cluster: it owns the tables
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA "
+                            f"{pg_dsn.rpartition('search_path=')[2]} TO {role}")
+    finally:
+        await admin.close()
+    dsn = pg_dsn.replace(f"//{pg.SUPERUSER}@", f"//{role}@")
+    env = await make_env(
+        f'inventory:\n  backend: postgresql\n  dsn: "{dsn}"\n  postgresql:\n'
+        "    connect_timeout: 1\n    check_interval: 1\n    check_timeout: 1\n"
+        "    statement_timeout: 3\n")
+    service = env.service
+    await service.watch_once()
+    assert service.boot.health.up
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+        with pytest.raises(StoreError, match="statement timeout"):
+            await asyncio.wait_for(service.store.put_setting("k", "v"), 20)
+        await _health_says_down_within_the_bound(
+            env, f"lacks pg_read_all_stats (GRANT pg_read_all_stats TO {role})")
+        await holder.execute("ROLLBACK")
+    finally:
+        holder.terminate()
+    await _health_says_ok_again_within_the_bound(env)
+
+
 async def test_a_database_that_stopped_answering_is_told_by_health_within_the_checks_bound(
         make_env: EnvFactory, pg_dsn: str, postgres: pg.Cluster) -> None:
     """Every process of the database stopped (SIGSTOP: a hung server; its kernel answers

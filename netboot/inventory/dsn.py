@@ -57,8 +57,9 @@ class PeerSettings:
     hours of silence before an idle connection is probed.
 
     The kernel does the watching, so a statement that runs long on a server that is there
-    (a bulk import's COPY, a slow index scan) is never timed out: the server's kernel
-    answers every probe and acknowledges every byte while its backend works. Only a peer
+    (a bulk import's COPY, a slow index scan) is not cut by it: the server's kernel
+    answers every probe and acknowledges every byte while its backend works (the server's
+    own ``statement_timeout``, below, bounds it, 60 s by default). Only a peer
     whose kernel answers nothing for ``tcp_user_timeout`` seconds ends the connection (the
     user timeout also bounds a zero window, a server that reads nothing of what was sent
     for that long: a COPY's rows are sent without it while the checks run,
@@ -89,6 +90,19 @@ class PeerSettings:
     # with the user timeout, the one bound left: postgres.copy_records).
     check_interval: int = 5
     check_timeout: int = 10
+    # The server's own bounds on the store's pool sessions (PostgreSQL's settings of those
+    # names, in seconds here; 0: none), set with the keepalives as a session is made. A
+    # statement (a query, a write's, its lock wait, its COMMIT) running longer than
+    # ``statement_timeout`` is cancelled by its backend: an ERROR, the write told failed.
+    # A backend that cannot (stopped, hung: it shows "active" as one at work does) is the
+    # check's: a statement waited for ``check_timeout`` past it is ended, and its backend
+    # with it (postgres.PostgresStore._look). A session idle in its transaction for longer
+    # than ``idle_in_transaction_session_timeout`` (this netboot stopped or hung
+    # mid-write: it held the writers' lock, and every server's writes behind it) is ended
+    # by the server, its transaction rolled back, the write told failed. A bulk import's
+    # COPY is one statement: one larger than ``statement_timeout`` allows needs it raised.
+    statement_timeout: int = 60
+    idle_in_transaction_session_timeout: int = 30
 
     def problem(self) -> tuple[str, str] | None:
         """(field, what is wrong) for a value no kernel takes, else None."""
@@ -99,7 +113,9 @@ class PeerSettings:
                                   ("keepalives_count", 1, 127),
                                   ("tcp_user_timeout", 0, 86_400),
                                   ("check_interval", 0, 86_400),
-                                  ("check_timeout", 1, 86_400)):
+                                  ("check_timeout", 1, 86_400),
+                                  ("statement_timeout", 0, 86_400),
+                                  ("idle_in_transaction_session_timeout", 0, 86_400)):
             value = getattr(self, name)
             if not least <= value <= most:
                 return name, f"{value} is not between {least} and {most}"

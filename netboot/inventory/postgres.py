@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -384,21 +385,34 @@ class _Retry(Exception):
 # server's clock) the server has shown each backend idle, if it does (a session whose
 # statement has been waited for longer than that was never read by its backend); and, for
 # one waiting for a lock, a session that holds it idle in its transaction for longer than
-# $2 seconds, and for how long (a holder that makes no progress: PostgresStore._look).
+# $2 seconds, and for how long (a holder that makes no progress: PostgresStore._look), or
+# else one whose state this role may not see (its row says "<insufficient privilege>": a
+# session of another role, without pg_read_all_stats; held NULL), and its role; then the
+# backend's state and wait event (what a statement that overran statement_timeout is doing)
+# and this session's role (the GRANT that would make a hidden holder visible).
 # pg_blocking_pids takes the lock manager's locks: asked only of what has waited that long.
 _IDLE_FOR = (
     "SELECT a.pid, CASE WHEN a.state LIKE 'idle%' THEN extract(epoch FROM clock_timestamp()"
     " - a.state_change)::float8 END, h.pid, extract(epoch FROM clock_timestamp()"
-    " - h.state_change)::float8 FROM pg_stat_activity a LEFT JOIN LATERAL (SELECT b.pid,"
-    " b.state_change FROM pg_stat_activity b WHERE a.wait_event_type = 'Lock'"
-    " AND b.pid = ANY(pg_blocking_pids(a.pid)) AND b.state LIKE 'idle in transaction%'"
+    " - h.state_change)::float8, h.usename, a.state, a.wait_event, current_user::text"
+    " FROM pg_stat_activity a LEFT JOIN LATERAL (SELECT b.pid, b.state_change,"
+    " b.usename::text FROM pg_stat_activity b WHERE a.wait_event_type = 'Lock'"
+    " AND b.pid = ANY(pg_blocking_pids(a.pid)) AND (b.state LIKE 'idle in transaction%'"
     " AND clock_timestamp() - b.state_change > make_interval(secs => $2::float8)"
-    " ORDER BY b.state_change LIMIT 1) h ON true WHERE a.pid = ANY($1::int[])")
+    " OR b.state IS NULL AND b.query = '<insufficient privilege>')"
+    " ORDER BY b.state IS NULL, b.state_change LIMIT 1) h ON true"
+    " WHERE a.pid = ANY($1::int[])")
 
 
 # Whether the session of a PID is still idle in a transaction (a holder found stuck: _look).
 _STILL_STUCK = ("SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1"
                 " AND state LIKE 'idle in transaction%'")
+# Whether the session of a PID, whose state this role may not see, still holds the writers'
+# lock (pg_locks shows every role's: an advisory lock on a bigint key is classid, its high
+# 32 bits, objid, its low ones, objsubid 1).
+_STILL_HOLDS = ("SELECT count(*) > 0 FROM pg_locks WHERE pid = $1 AND granted"
+                " AND locktype = 'advisory' AND objsubid = 1 AND classid::int8 = $2"
+                " AND objid::int8 = $3")
 
 
 def _asking(name: str) -> Callable[..., Any]:
@@ -472,9 +486,14 @@ class PostgresStore:
         # Sessions found holding a lock others wait for, idle in their transaction, that
         # have been logged (_look: once each).
         self._stuck_told: set[int] = set()
-        # (its PID, why) while such a holder stops writes (stuck_writes), until a write takes
-        # the writers' lock or the check finds the holder no longer idle in its transaction.
-        self._stuck: tuple[int, str] | None = None
+        # (its PID, why, whether its state is hidden from this role) while such a holder
+        # stops writes (stuck_writes), until a write takes the writers' lock or the check
+        # finds the holder no longer idle in its transaction (hidden: no longer holding the
+        # writers' lock).
+        self._stuck: tuple[int, str, bool] | None = None
+        # Backends whose statements statement_timeout does not bound (a migration's): the
+        # check does not end them for overrunning it.
+        self._unbounded: set[int] = set()
         self._signal = Signal()
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
@@ -801,9 +820,10 @@ class PostgresStore:
             pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size,
                 timeout=self._peer.connect_timeout,
-                # No statement timeout: a bulk import's COPY may rightly run for minutes. A
-                # lost peer is noticed by the kernel instead (keepalives, TCP_USER_TIMEOUT:
-                # dsn.PeerSettings), on every connection, set as it is adopted.
+                # No client-side timeout: a lost peer is noticed by the kernel (keepalives,
+                # TCP_USER_TIMEOUT: dsn.PeerSettings), a long statement by the server's own
+                # statement_timeout, and one whose backend does not run by the check
+                # (_look); each set as a session is adopted.
                 command_timeout=None, init=self._adopt_session, reset=_kept_session,
                 connection_class=_Session)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
@@ -962,7 +982,12 @@ class PostgresStore:
         connection was lost: _settle). One round trip more, only while some statement has
         waited that long. A backend hung while it runs a statement shows "active", as one
         that runs a long one does (a bulk import's COPY, a COMMIT waiting for a synchronous
-        standby): not told apart, not ended.
+        standby): told apart by the server's own statement_timeout, which a backend that
+        runs enforces (an ERROR). A statement waited for ``within`` past it has a backend
+        that does not run: the session is ended, logged once, the server asked to end the
+        backend too (pg_terminate_backend, acted on once it runs), and the statement fails
+        (a write settled as above: its body's, failed; its COMMIT's or a single statement's,
+        by its mark).
 
         A session waiting that long for a lock (the writers' lock, most likely) held by a
         session idle in its transaction for longer than ``within`` (of any server or
@@ -971,24 +996,31 @@ class PostgresStore:
         backend is stopped (pg_terminate_backend acts only once it runs). Its write fails
         (its first statement takes the lock: nothing was written) saying which PID holds
         it; logged once per holder. A holder that runs a statement (a bulk import's COPY
-        under the lock) is waited for.
+        under the lock) is waited for. So is one of another role whose state this role may
+        not see (without pg_read_all_stats, pg_stat_activity hides it): stuck or at work,
+        netboot cannot tell, so it says so (logged once per holder, and stuck_writes while
+        it holds the writers' lock, naming the GRANT that would let it tell); its writes
+        wait, each bounded by statement_timeout.
 
         False if the server did not answer its questions here within ``within`` (as it is
         a check's: :func:`answered`): the server is silent, as if the check's ``SELECT 1``
         had gone unanswered (a question left running on ``conn`` would make every later
         check's refused at once, taken for an answer: the server never told silent)."""
         if self._stuck is not None:
-            still = await answered(conn.fetchval(_STILL_STUCK, self._stuck[0]), within)
+            pid, _, hidden = self._stuck
+            still = await answered(
+                conn.fetchval(_STILL_HOLDS, pid, WRITE_LOCK >> 32, WRITE_LOCK & 0xFFFFFFFF)
+                if hidden else conn.fetchval(_STILL_STUCK, pid), within)
             if still is None:
                 return False
             with contextlib.suppress(*_FAILED):
                 if not still.result():
                     log.warning("inventory %s: the session of backend PID %d no longer "
-                                "holds up writes", self.name, self._stuck[0])
+                                "holds up writes", self.name, pid)
                     self._stuck = None
         now = time.monotonic()
         waiting: dict[int, tuple[_Session, float]] = {}
-        for session in self._sessions:
+        for session in (*self._sessions, self._feed):
             asked = getattr(session, "asked", None)
             if asked is not None and now - asked > within and not session.is_closed():
                 waiting[session.get_server_pid()] = (session, now - asked)
@@ -997,32 +1029,75 @@ class PostgresStore:
         asking = await answered(conn.fetch(_IDLE_FOR, list(waiting), within), within)
         if asking is None:
             return False
+        rows: dict[int, Any] = {}
         with contextlib.suppress(*_FAILED):
-            for pid, idle, holder, held in asking.result():
-                session, waited = waiting[pid]
-                if idle is not None and idle >= within:
-                    session.ended_why = (
-                        f"the server did not read a statement of this session within "
-                        f"{within} s, though it answers others (its backend, PID {pid}, "
-                        "does not: stopped or hung)")
-                    log.error("inventory %s: %s: the session is ended (a write in its COMMIT"
-                              " is settled as one whose connection was lost)", self.name,
-                              session.ended_why)
-                elif holder is not None:
-                    session.ended_why = (
-                        f"waited {waited:.0f} s for a lock held by the session of backend "
-                        f"PID {holder}, idle in its transaction for {held:.0f} s (its client "
-                        "or its backend stopped or hung?): writes wait for it until it ends")
-                    self._stuck = (holder, f"inventory {self.name}: writes are refused: "
-                                   f"{session.ended_why}")
-                    if holder not in self._stuck_told:
-                        self._stuck_told.add(holder)
-                        log.error("inventory %s: %s; each is given up after %s s (ended by "
-                                  "pg_terminate_backend(%d) once it runs)", self.name,
-                                  session.ended_why, within, holder)
-                else:
-                    continue  # it runs the statement, or its answer is on its way
-                session.terminate()
+            rows = {row[0]: row for row in asking.result()}
+        bound = self._peer.statement_timeout
+        overran: list[int] = []
+        for pid, (session, wait) in waiting.items():
+            _, idle, holder, held, role, state, event, me = rows.get(pid, (pid, *[None] * 7))
+            if idle is not None and idle >= within:
+                session.ended_why = (
+                    f"the server did not read a statement of this session within "
+                    f"{within} s, though it answers others (its backend, PID {pid}, "
+                    "does not: stopped or hung)")
+                log.error("inventory %s: %s: the session is ended (a write in its COMMIT"
+                          " is settled as one whose connection was lost)", self.name,
+                          session.ended_why)
+            elif holder is not None and held is not None:
+                session.ended_why = (
+                    f"waited {wait:.0f} s for a lock held by the session of backend "
+                    f"PID {holder}, idle in its transaction for {held:.0f} s (its client "
+                    "or its backend stopped or hung?): writes wait for it until it ends")
+                self._stuck = (holder, f"inventory {self.name}: writes are refused: "
+                               f"{session.ended_why}", False)
+                if holder not in self._stuck_told:
+                    self._stuck_told.add(holder)
+                    log.error("inventory %s: %s; each is given up after %s s (ended by "
+                              "pg_terminate_backend(%d) once it runs)", self.name,
+                              session.ended_why, within, holder)
+            elif bound and wait > bound + within and pid not in self._unbounded:
+                # The backend was to cancel it at statement_timeout (an ERROR, answered at
+                # once), and has not for check_timeout more: it does not run (stopped, hung
+                # in the kernel), though it shows "active" as one at work does. Ended here,
+                # and the server asked to end the backend too: a signal it acts on once it
+                # runs again, rather than finish what its client gave up (a single
+                # statement's settle then finds its claim, or waits on its mark: unknown).
+                doing = f"{state}, waiting for {event}" if event else state or "not shown"
+                session.ended_why = (
+                    f"a statement of this session ran for {wait:.0f} s, past the "
+                    f"server's statement_timeout of {bound} s, which its backend (PID "
+                    f"{pid}: {doing}) did not enforce: stopped or hung")
+                log.error("inventory %s: %s: the session is ended, and the backend asked to "
+                          "end (pg_terminate_backend; a write in its COMMIT is settled as "
+                          "one whose connection was lost)", self.name, session.ended_why)
+                overran.append(pid)
+            elif holder is not None:
+                # Held by a session of another role whose state this role may not see:
+                # stuck or at work, netboot cannot tell; its writes wait (statement_timeout
+                # bounds each). Told, with what would let it tell.
+                why = (f"writes wait for a lock held by the session of backend PID {holder} "
+                       f"(role {role}); this netboot's role, {me}, may not see what that "
+                       "session does (stuck idle in its transaction, or at work), so it "
+                       f"cannot give its writes up: it lacks pg_read_all_stats (GRANT "
+                       f"pg_read_all_stats TO {me})")
+                self._stuck = (holder, f"inventory {self.name}: {why}", True)
+                if holder not in self._stuck_told:
+                    self._stuck_told.add(holder)
+                    log.error("inventory %s: %s; each write is given up after "
+                              "statement_timeout (%s s)", self.name, why, bound or "none")
+                continue
+            else:
+                continue  # it runs the statement, or its answer is on its way
+            session.terminate()
+        if overran:
+            ending = await answered(conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", overran),
+                within)
+            if ending is None:
+                return False
+            with contextlib.suppress(*_FAILED):
+                ending.result()
         return True
 
     def stuck_writes(self) -> str | None:
@@ -1035,8 +1110,9 @@ class PostgresStore:
         feed's, as a server restart would. A statement under way on one fails at once
         (its write settled as one whose connection was lost: :meth:`_settle`, asked on a new
         connection within LOST_COMMIT_WAIT), an idle one is made again when next used (within
-        connect_timeout). A statement answered by a server that is there is never cut (a
-        COPY waiting on a lock: its server answers the check)."""
+        connect_timeout). A statement answered by a server that is there is not cut here (a
+        COPY waiting on a lock: its server answers the check; statement_timeout is the
+        server's)."""
         self._silence = why
         for conn in (*self._sessions, self._feed):
             if conn is not None and not conn.is_closed():
@@ -1047,8 +1123,25 @@ class PostgresStore:
         connection could not be made in time: the server found silent, and not since
         answered a LISTEN)."""
         said = reason(exc)
+        first = _first(exc)
+        if isinstance(first, asyncpg.QueryCanceledError) and "statement timeout" in str(first):
+            # The server's words do not say which setting, nor that it is netboot's.
+            return (f"{said} (inventory.postgresql.statement_timeout: "
+                    f"{self._peer.statement_timeout} s)")
+        if ((isinstance(first, asyncpg.InterfaceError) and "released back to the pool" in said)
+                or (isinstance(first, asyncpg.InternalClientError)
+                    and "cannot switch to state" in said)):
+            # asyncpg's words for a session that ended while idle in a transaction (it drops
+            # the server's FATAL that said why; read before the connection's end, it leaves
+            # the protocol in a state the next statement cannot leave): the server rolled
+            # the transaction back.
+            said = (f"{said}: the session ended during its transaction, which is rolled "
+                    "back (ended by the server: idle in the transaction longer than "
+                    "inventory.postgresql.idle_in_transaction_session_timeout, "
+                    f"{self._peer.idle_in_transaction_session_timeout} s, as when this "
+                    "process stopped or hung; or pg_terminate_backend, a restart)")
         if self._silence is not None and isinstance(
-                _first(exc), asyncpg.ConnectionDoesNotExistError | TimeoutError):
+                first, asyncpg.ConnectionDoesNotExistError | TimeoutError):
             return f"{said}: {self._silence}"
         return said
 
@@ -1061,7 +1154,10 @@ class PostgresStore:
         the server notices this host gone (a pulled cable, a crashed VM) within the same
         bound: a session of a vanished netboot that held the writers' lock in an open
         transaction would otherwise hold it, and every other server's writes behind it, for
-        the server kernel's two hours. One round trip per pool connection, once: a
+        the server kernel's two hours. Its statement_timeout and
+        idle_in_transaction_session_timeout in the same statement (dsn.PeerSettings): a
+        netboot stopped or hung mid-transaction, whose host still answers, is ended by
+        the server too. One round trip per pool connection, once: a
         ``SET``, not a startup parameter, which poolers such as pgbouncer refuse.
 
         That round trip is a part of making the session: bounded by connect_timeout, as the
@@ -1095,30 +1191,44 @@ class PostgresStore:
         """Apply the steps this database lacks; the versions applied (none: up to date)."""
         applied: list[int] = []
         async with self._conn() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+            # Not bounded by statement_timeout: a step may rewrite a large table, and a
+            # server that starts beside another waits here for its migration.
+            pid = conn.get_server_pid()
+            self._unbounded.add(pid)
+            try:
+                # A statement of its own before the lock's (a statement's timeout is armed
+                # as it begins), in the same message (one simple query, one round trip).
+                await conn.execute("SET LOCAL statement_timeout = 0;"
+                                   f" SELECT pg_advisory_xact_lock({MIGRATE_LOCK})")
+                return await self._migrate(conn, applied)
+            finally:
+                self._unbounded.discard(pid)
+
+    async def _migrate(self, conn: asyncpg.Connection, applied: list[int]) -> list[int]:
+        """:meth:`migrate` in its transaction on ``conn``, the migrations' lock held."""
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+            " description TEXT NOT NULL, applied DOUBLE PRECISION NOT NULL)")
+        # With the server's clock: the first bits of a single statement's mark (_single).
+        version, server_ms = await conn.fetchrow(
+            "SELECT coalesce(max(version), 0), (extract(epoch FROM clock_timestamp())"
+            " * 1000)::bigint FROM schema_migrations")
+        self._learn_clock(server_ms)
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"inventory {self.name} has schema version {version}, newer than this "
+                f"netboot knows ({SCHEMA_VERSION}); run the netboot release that wrote "
+                "it, or a newer one")
+        for index in range(version, SCHEMA_VERSION):
+            description, steps = MIGRATIONS[index]
+            for step in steps:
+                await conn.execute(step)
             await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
-                " description TEXT NOT NULL, applied DOUBLE PRECISION NOT NULL)")
-            # With the server's clock: the first bits of a single statement's mark (_single).
-            version, server_ms = await conn.fetchrow(
-                "SELECT coalesce(max(version), 0), (extract(epoch FROM clock_timestamp())"
-                " * 1000)::bigint FROM schema_migrations")
-            self._learn_clock(server_ms)
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"inventory {self.name} has schema version {version}, newer than this "
-                    f"netboot knows ({SCHEMA_VERSION}); run the netboot release that wrote "
-                    "it, or a newer one")
-            for index in range(version, SCHEMA_VERSION):
-                description, steps = MIGRATIONS[index]
-                for step in steps:
-                    await conn.execute(step)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, description, applied)"
-                    " VALUES ($1, $2, $3)", index + 1, description, time.time())
-                log.info("inventory %s: migrated schema to version %d (%s)", self.name,
-                         index + 1, description)
-                applied.append(index + 1)
+                "INSERT INTO schema_migrations (version, description, applied)"
+                " VALUES ($1, $2, $3)", index + 1, description, time.time())
+            log.info("inventory %s: migrated schema to version %d (%s)", self.name,
+                     index + 1, description)
+            applied.append(index + 1)
         return applied
 
     async def schema_version(self) -> int:
@@ -1496,7 +1606,7 @@ class PostgresStore:
         async with self._feed_lock:
             try:
                 if self._feed is None or self._feed.is_closed():
-                    self._feed = await self._connect()
+                    self._feed = await self._feed_session()
                 yield self._feed
             except NetbootError:
                 raise
@@ -1504,6 +1614,26 @@ class PostgresStore:
                 if self._feed is not None and not self._feed.is_closed():
                     self._feed.terminate()  # in an unknown state: the next reader reconnects
                 raise StoreError(f"inventory {self.name}: {self._reason(exc)}") from exc
+
+    async def _feed_session(self) -> asyncpg.Connection:
+        """The feed's connection, set up as a pool session is (:meth:`_adopt_session`: the
+        server's keepalives and statement_timeout, within connect_timeout; one round trip,
+        once per connection), and a :class:`_Session`, which the check looks at
+        (:meth:`_look`): its backend stopped or hung alone, every sync (each DHCP decision
+        after a write waits for one) waited for ever behind the one it holds. Not its
+        idle_in_transaction_session_timeout: its read-only transaction holds no lock a
+        writer waits for, and decodes every changed machine between two of its statements
+        (_read_changes: a resync after a long outage, ~140 µs a machine on a busy host),
+        which a bound would fail again at every try."""
+        peer = dataclasses.replace(self._peer, idle_in_transaction_session_timeout=0)
+        conn = await connect(self._dsn, peer, connection_class=_Session)
+        try:
+            async with asyncio.timeout(self._peer.connect_timeout):
+                await conn.execute(*server_keepalives(peer))
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
 
     async def changes_since(self, seq: int) -> Changes:
         async with self._feed_conn() as conn:
@@ -1714,18 +1844,22 @@ async def _kept_session(_conn: asyncpg.Connection) -> None:
     ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` at every release, a round
     trip the caller waits for (two per touch_token, one of them this): this store's pool
     sessions never take a session lock, open a cursor outside a transaction, LISTEN (its
-    own connection does) nor SET anything but the server's side of the keepalives, set once
+    own connection does) nor SET anything but the server's side of the keepalives and its
+    timeouts (server_keepalives; a migration's SET LOCAL ends with it), set once
     for the session's life (:meth:`PostgresStore._adopt_session`; RESET ALL would undo
     them). asyncpg still rolls back a transaction left open and drops listeners before
     calling this (Connection._reset)."""
 
 
 async def connect(dsn: str, peer: PeerSettings, *, timeout: float | None = None,
-                  server_settings: dict[str, str] | None = None) -> asyncpg.Connection:
+                  server_settings: dict[str, str] | None = None,
+                  connection_class: type[asyncpg.Connection] = asyncpg.Connection,
+                  ) -> asyncpg.Connection:
     """A connection to ``dsn`` within ``timeout`` (default: the settings' connect_timeout),
     with ``server_settings`` sent at start-up, set up by :func:`tune`."""
     conn = await asyncpg.connect(dsn, timeout=peer.connect_timeout if timeout is None
-                                 else timeout, server_settings=server_settings)
+                                 else timeout, server_settings=server_settings,
+                                 connection_class=connection_class)
     try:
         tune(conn, peer)
     except OSError:
@@ -1747,12 +1881,14 @@ def tune(conn: asyncpg.Connection, peer: PeerSettings) -> None:
 
 
 def server_keepalives(peer: PeerSettings) -> tuple[str, ...]:
-    """The statement (and its arguments) that gives a session the server's side of ``peer``
-    (PostgreSQL's tcp_keepalives_* and tcp_user_timeout, user-settable; ignored on a Unix
-    socket). The server always probes a TCP session; without ``keepalives`` its kernel's
-    timing is left alone."""
-    names = ["tcp_user_timeout"]
-    values = [str(peer.tcp_user_timeout * 1000)]
+    """The statement (and its arguments) that gives a pool session the server's side of
+    ``peer``: PostgreSQL's tcp_keepalives_* and tcp_user_timeout (ignored on a Unix socket;
+    the server always probes a TCP session; without ``keepalives`` its kernel's timing is
+    left alone), and its statement_timeout and idle_in_transaction_session_timeout (in ms
+    there; 0: none), all user-settable: one round trip for all."""
+    names = ["tcp_user_timeout", "statement_timeout", "idle_in_transaction_session_timeout"]
+    values = [str(peer.tcp_user_timeout * 1000), str(peer.statement_timeout * 1000),
+              str(peer.idle_in_transaction_session_timeout * 1000)]
     if peer.keepalives:
         names += ["tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count"]
         values += [str(peer.keepalives_idle), str(peer.keepalives_interval),

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -1532,3 +1533,276 @@ async def test_a_server_stopped_as_the_check_looks_at_a_waiting_session_is_told_
             with contextlib.suppress(BaseException):
                 await holding
         await asyncio.to_thread(cluster.stop)
+
+
+# --- the server's own bounds on netboot's sessions (statement_timeout, idle in transaction) --
+
+# Room for the test to stop a backend mid-statement before its own timeout would fire.
+BOUNDED = replace(CHECKED, statement_timeout=2)
+_SLEEPING = "SELECT count(*) FROM pg_stat_activity WHERE pid = {} AND wait_event = 'PgSleep'"
+
+
+@pytest.mark.parametrize("where", ["body", "single", "commit"])
+async def test_a_statement_whose_backend_hangs_while_it_runs_is_ended_and_settled(
+        pg_dsn: str, where: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A pool session's backend stopped while it runs netboot's statement (the server, the
+    LISTEN session and the kernels answer; pg_stat_activity shows it "active", as one at
+    work): its own statement_timeout (2 s here) cannot fire while it is stopped. The check
+    finds the statement waited for check_timeout past that bound: the session is ended,
+    logged once, the backend asked to end (pg_terminate_backend: acted on once it runs),
+    and the write settled as one whose connection was lost: a transaction's body ("body":
+    failed), a single statement (failed: its mark claimed first), a COMMIT ("commit": its
+    stopped transaction holds its mark: unknown). Continued, the backend ends without
+    committing anything. (Before: "still waiting after 20 s", for ever: a backend hung
+    mid-statement was waited for.)"""
+    monkeypatch.setattr(postgres, "LOST_COMMIT_WAIT", 1.0)
+    admin = await asyncpg.connect(pg_dsn)
+    store = PostgresStore(pg_dsn, peer=BOUNDED, pool_size=1)
+    await store.open()
+    (session,) = list(store._sessions)
+    pid = session.get_server_pid()
+    try:
+        if where == "commit":
+            for sql in pg.SLOW_COMMIT:  # "deaf": a COMMIT that sleeps 30 s
+                await admin.execute(sql)
+            call: Awaitable[object] = store.apply_batch(pg.slow_batch("deaf"))
+        elif where == "body":
+            async def body() -> None:
+                async with store._write() as conn:
+                    await conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
+                    await conn.execute("SELECT pg_sleep(1.8)")
+            call = body()
+        else:
+            call = store._single("execute", "INSERT INTO settings (key, value) SELECT 'k', 'v'"
+                                 " FROM pg_sleep(1.8)")
+        task = asyncio.ensure_future(call)
+        await pg.until(admin, _SLEEPING.format(pid), "running its statement")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreError) as told:
+                await _ended(task)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        if where == "commit":
+            assert isinstance(told.value, OutcomeUnknown)
+        else:
+            assert not isinstance(told.value, OutcomeUnknown)
+            assert f"past the server's statement_timeout of 2 s, which its backend (PID {pid}:" \
+                   f" active, waiting for PgSleep) did not enforce" in str(told.value)
+        assert caplog.text.count("the backend asked to end (pg_terminate_backend") == 1
+        await _within("the stopped backend gone", lambda: _gone(admin, [pid]))
+        assert await store.get_setting("k") is None
+        assert await store.list_events("m1") == []
+        await _next_write_is_sound(store)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        await admin.close()
+        await store.close()
+
+
+async def test_a_statement_that_runs_past_the_statement_timeout_is_cancelled_by_the_server(
+        pg_dsn: str) -> None:
+    """A backend that runs (not stopped) cancels a statement of netboot's at the session's
+    statement_timeout itself: an ERROR, the write told failed naming the setting, the
+    session kept; nothing written. A migration is not bounded by it."""
+    store = PostgresStore(pg_dsn, peer=BOUNDED, pool_size=1)
+    await store.open()
+    try:
+        (session,) = list(store._sessions)
+        with pytest.raises(StoreError, match=r"statement timeout \(inventory\.postgresql\."
+                                             r"statement_timeout: 2 s\)"):
+            async with store._write() as conn:
+                await conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
+                await conn.execute("SELECT pg_sleep(4)")
+        assert not session.is_closed()
+        assert await store.get_setting("k") is None
+        async with store._conn() as conn:
+            settings = await conn.fetchrow(
+                "SELECT current_setting('statement_timeout'),"
+                " current_setting('idle_in_transaction_session_timeout')")
+        assert tuple(settings) == ("2s", "30s")
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("closed", [True, False])
+async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write_on(
+        pg_dsn: str, closed: bool) -> None:
+    """A netboot server whose write stops mid-transaction (its process stopped or hung
+    between two statements: to the database, its session idle in its transaction, holding
+    the writers' lock, and every server's writes behind it). The database ends that session
+    past idle_in_transaction_session_timeout (1 s here), rolling it back: another server's
+    write waiting for the lock goes through. The first server, run again, is told its write
+    failed, and nothing of it is written, whether its session's end was read before it
+    runs again ("closed") or not. (Before: the other server's write waited until
+    its check gave it up, a StoreError naming the holder's PID, as every later write, for
+    as long as the stopped server.)"""
+    stalled = PostgresStore(pg_dsn, peer=replace(QUICK, idle_in_transaction_session_timeout=1),
+                            pool_size=1)
+    other = PostgresStore(pg_dsn, peer=replace(CHECKED, check_timeout=5))
+    await stalled.open()
+    await other.open()
+    (session,) = list(stalled._sessions)
+    resume = asyncio.Event()
+    inside = asyncio.Event()
+
+    async def stopped_mid_write() -> None:
+        async with stalled._write() as conn:
+            await conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'stalled')")
+            inside.set()
+            await resume.wait()  # the server's process, stopped: nothing sent
+            await conn.execute("INSERT INTO settings (key, value) VALUES ('j', 'stalled')")
+
+    try:
+        writing = asyncio.ensure_future(stopped_mid_write())
+        await asyncio.wait_for(inside.wait(), HANG)
+        began = time.monotonic()
+        await _ended(other.put_setting("k", "other"))
+        assert time.monotonic() - began < 5  # within the idle bound, not the check's give-up
+        if closed:  # its end read before it runs again (else asyncpg says it otherwise)
+            await _within("the stalled session's end read", session.is_closed)
+        resume.set()
+        with pytest.raises(StoreError, match=r"the session ended during its transaction, "
+                                             r"which is rolled back .*idle_in_transaction"):
+            await _ended(writing)
+        assert await other.get_setting("k") == "other"
+        assert await other.get_setting("j") is None
+        await _next_write_is_sound(stalled)
+    finally:
+        resume.set()
+        await stalled.close()
+        await other.close()
+
+
+@pytest.mark.parametrize("granted", [False, True])
+async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_shows_it(
+        pg_dsn: str, granted: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """netboot's role without pg_read_all_stats: pg_stat_activity hides what a session of
+    another role does (its state NULL), so a holder of the writers' lock stuck idle in its
+    transaction cannot be told from one at work. A write waiting for it past the check's
+    timeout is told (logged once, and stuck_writes, for /healthz, while that session
+    holds the lock), naming the privilege and the GRANT; the write itself fails at
+    statement_timeout (4 s here). With the privilege granted, that holder is the stuck one
+    s31-pg gives writes up for, naming its PID. Once it ends, writes go on. (Before,
+    without the privilege: "still waiting after 20 s", for as long as the holder, nothing
+    said.)"""
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    schema = pg_dsn.rpartition("search_path=")[2]
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
+    if granted:
+        await admin.execute(f"GRANT pg_read_all_stats TO {role}")
+    store = PostgresStore(pg_dsn.replace(f"//{pg.SUPERUSER}@", f"//{role}@"),
+                          peer=replace(CHECKED, statement_timeout=4))
+    holder = await asyncpg.connect(pg_dsn)  # the superuser: another role
+    try:
+        await store.open()
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+        pid = holder.get_server_pid()
+        grant = f"GRANT pg_read_all_stats TO {role}"
+        if granted:
+            with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+                await _ended(store.put_setting("k", "v"))
+            assert grant not in caplog.text
+        else:
+            with pytest.raises(StoreError, match="statement timeout"):
+                await _ended(store.put_setting("k", "v"))
+            assert caplog.text.count(grant) == 1
+            stuck = store.stuck_writes()
+            assert stuck is not None and grant in stuck and f"PID {pid} (role" in stuck
+        await holder.execute("ROLLBACK")
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+        await store.put_setting("k", "w")
+        assert await store.get_setting("k") == "w"
+    finally:
+        holder.terminate()
+        await store.close()
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+@pytest.mark.parametrize("when", ["idle", "running"])
+async def test_a_change_feed_read_whose_backend_hangs_alone_fails_within_the_checks_bound(
+        pg_dsn: str, when: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The change feed's own connection (every sync of a view, outside the pool) with its
+    backend stopped, while idle ("idle": the read sent is never read) or while it runs the
+    read ("running": waiting for a table lock a session at work holds, so active, past its
+    statement_timeout of 2 s): the check ends it as it ends a pool session, logged once,
+    the read a StoreError saying why; the next read makes the connection again. (Before:
+    "still waiting after 20 s", and every later sync behind it, for ever.)"""
+    admin = await asyncpg.connect(pg_dsn)
+    holder = await asyncpg.connect(pg_dsn)
+    store = PostgresStore(pg_dsn, peer=BOUNDED)
+    await store.open()
+    holding: asyncio.Future[Any] | None = None
+    pid = 0
+    try:
+        await store.changes_since(0)
+        assert store._feed is not None
+        pid = store._feed.get_server_pid()
+        if when == "idle":
+            os.kill(pid, signal.SIGSTOP)
+            reading = asyncio.ensure_future(store.changes_since(0))
+            words = f"its backend, PID {pid}, does not"
+        else:
+            await holder.execute("BEGIN")
+            await holder.execute("LOCK TABLE changes IN ACCESS EXCLUSIVE MODE")
+            holding = asyncio.ensure_future(holder.execute("SELECT pg_sleep(60)"))
+            reading = asyncio.ensure_future(store.changes_since(0))
+            await pg.until(admin, f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+                           " AND wait_event_type = 'Lock'", "waiting for the table lock")
+            os.kill(pid, signal.SIGSTOP)
+            words = f"which its backend (PID {pid}: active, waiting for relation) did not"
+        try:
+            with pytest.raises(StoreError, match=re.escape(words)):
+                await _ended(reading)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert caplog.text.count(words) == 1
+        if holding is not None:  # its backend sleeps on, holding the lock, unless ended
+            await admin.execute("SELECT pg_terminate_backend($1)", holder.get_server_pid())
+            await _within("the holder gone", lambda: _gone(admin, [holder.get_server_pid()]))
+        assert (await _ended(store.changes_since(0))).complete
+        assert store._feed is not None and store._feed.get_server_pid() != pid
+        # Its server's settings: the statement bound, not the idle-in-transaction one (its
+        # read-only transaction decodes every changed machine between two statements).
+        assert tuple(await store._feed.fetchrow(
+            "SELECT current_setting('statement_timeout'),"
+            " current_setting('idle_in_transaction_session_timeout')")) == ("2s", "0")
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        holder.terminate()
+        if holding is not None:
+            with contextlib.suppress(BaseException):
+                await holding
+        await admin.close()
+        await store.close()
+
+
+async def test_a_migration_is_not_bounded_by_the_statement_timeout(pg_dsn: str) -> None:
+    """A server starting while another migrates waits for the migrations' lock longer than
+    statement_timeout (1 s here; 2.5 s of wait): it opens all the same, as a migration step
+    rewriting a large table would run on. Only the migration is unbounded: the store's next
+    statements are bounded again."""
+    holder = await asyncpg.connect(pg_dsn)
+    store = PostgresStore(pg_dsn, peer=replace(BOUNDED, statement_timeout=1))
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.MIGRATE_LOCK)
+        opening = asyncio.ensure_future(store.open())
+        await asyncio.sleep(2.5)
+        await holder.execute("ROLLBACK")
+        await _ended(opening)
+        with pytest.raises(StoreError, match="statement timeout"):
+            async with store._conn() as conn:
+                await conn.execute("SELECT pg_sleep(2)")
+    finally:
+        holder.terminate()
+        await store.close()
