@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHILD = r"""
 import asyncio, collections, dataclasses, json, random, secrets, sqlite3, struct, sys, time
+import threading
 from pathlib import Path
 from typing import Any
 from netboot import lifecycle
@@ -59,6 +60,12 @@ if sys.argv[4]:  # --what-if: SQL run on the copy first
     what.close()
 nsqlite.SqliteStore._checkpoint_due = lambda self: None  # the WAL keeps every frame
 
+def syscalls(tid):
+    # The writer thread's read and write system calls so far (pread, pwrite included).
+    fields = dict(line.split(": ") for line in
+                  Path(f"/proc/self/task/{tid}/io").read_text().splitlines())
+    return [int(fields["syscr"]), int(fields["syscw"])]
+
 async def main():
     store = nsqlite.SqliteStore(db, sealer=read_key(data / "secret.key"))
     await store.open()
@@ -67,6 +74,8 @@ async def main():
     side = sqlite3.connect(db, isolation_level=None)
     side.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # an empty WAL to count from
     before = dict(side.execute("SELECT pageno, name FROM dbstat"))
+    writer = store._executor.submit(threading.get_native_id).result()
+    io = syscalls(writer)
     cpu = time.process_time()
     for k in range(0, installs, group):
         now = time.time()
@@ -84,10 +93,12 @@ async def main():
             expect[m.id] = m.state
         await store.apply_batch(Batch(update=update, events=events, expect=expect))
     cpu = time.process_time() - cpu
+    io = [b - a for a, b in zip(io, syscalls(writer))]
     if then:  # the next step of each install (a config fetch: booting -> installing)
         side.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         before = dict(side.execute("SELECT pageno, name FROM dbstat"))
         current = {m.id: m for m in await store.list_machines(MachineFilter(limit=10_000_000))}
+        io = syscalls(writer)
         cpu = time.process_time()
         for k in range(0, installs, group):
             now = time.time()
@@ -97,6 +108,7 @@ async def main():
                 Event(m.id, now, "config", "config fetched", {"peer": "127.0.0.1"})
                 for m in moved], expect={m.id: current[m.id].state for m in moved}))
         cpu = time.process_time() - cpu
+        io = [b - a for a, b in zip(io, syscalls(writer))]
     wal = Path(str(db) + "-wal").read_bytes()
     page_size = struct.unpack(">I", wal[8:12])[0]
     frames, commits, pages = 0, 0, []
@@ -118,7 +130,7 @@ async def main():
     side.close()
     await store.close()
     print(json.dumps({"frames": frames, "commits": commits, "page_size": page_size,
-                      "wal_bytes": len(wal), "by": sizes, "cpu": cpu, "doc": doc}))
+                      "wal_bytes": len(wal), "by": sizes, "cpu": cpu, "doc": doc, "io": io}))
 
 asyncio.run(main())
 """
@@ -144,6 +156,9 @@ def show(label: str, r: dict[str, Any], installs: int) -> None:
           f"({r['wal_bytes'] / installs / 1024:.1f} KiB of WAL), page {r['page_size']} B, "
           f"CPU {r['cpu'] / installs * 1e6:.0f} µs per install, "
           f"machine document {r['doc']:.0f} B on average")
+    reads, writes = r["io"]
+    print(f"  the writer thread's read and write system calls per install: "
+          f"{reads / installs:.2f} and {writes / installs:.2f}")
     print(f"  {'table or index':44} {'frames':>7} {'/install':>9} {'pages':>7}")
     for name, (n, distinct) in sorted(r["by"].items(), key=lambda kv: -kv[1][0]):
         print(f"  {name:44} {n:7} {n / installs:9.2f} {distinct:7}")
