@@ -364,7 +364,7 @@ _TABLES = {"profile": "profiles", "cluster": "clusters", "group": "groups"}
 class _Row:
     """A machine ready for SQL: column values, JSON text, label and identifier rows."""
 
-    __slots__ = ("created", "data", "id", "mac", "machine", "updated")
+    __slots__ = ("claims", "created", "data", "id", "mac", "machine", "updated")
 
     def __init__(self, machine: Machine, install_token: str | None = None,
                  times: dict[float, str] | None = None) -> None:
@@ -374,7 +374,8 @@ class _Row:
         self.machine = m = codec.stored_machine(machine)
         self.id = m.id
         self.mac = m.macs[0].hex(":") if m.macs else None  # its str(), without the call
-        self.data = codec.machine_json(m, install_token, times)
+        # The document and its claims' text (compared by an update, _update_group).
+        self.data, self.claims = codec.machine_texts(m, install_token, times)
         self.created = m.created
         self.updated = m.updated
 
@@ -1760,7 +1761,7 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
             shape = tuple([c for c, _ in changed])
             params = (*[now for _, now in changed], r.data, r.created, r.updated, r.id)
         shapes.setdefault(shape, []).append(params)
-        if old[5] == codec.claims_json(m, r.data):  # as a rule
+        if old[5] == r.claims:  # as a rule
             continue
         same_labels, same_keys = codec.same_claims(old[5], m)
         if not same_labels:

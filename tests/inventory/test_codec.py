@@ -413,6 +413,9 @@ def test_claims_json_is_what_sqlite_extracts_of_the_machines_text() -> None:
                                     " '$.serial', '$.asset')", (text,)).fetchone()
         assert codec.claims_json(m, text) == extracted
         assert codec.same_claims(extracted, m) == (True, True)
+        # The writer's one pass makes both texts (_Row): the same two.
+        assert codec.machine_texts(m, "sealed-token") == (text, extracted)
+        assert codec.machine_texts(m, "sealed-token", {}) == (text, extracted)
     conn.close()
 
 
