@@ -443,31 +443,46 @@ def _exact(m: Machine) -> bool:
         return False
     if type(m.state) is not MachineState:
         return False
-    for value in (m.hostname, m.uuid, m.serial, m.asset, m.cluster, m.profile, m.token_hash,
-                  m.install_token):
-        if value is not None and type(value) is not str:
-            return False
+    # Written out, not a loop over a tuple of the fields: ~1,100 instructions less for the
+    # text fields, ~700 for the two mappings, ~1,600 for the addresses and times, of the
+    # ~13,700 a first install's update took (callgrind; the store's writer checks every
+    # update of a group commit holding the GIL, benchmarks/README.md s32-writer).
+    if (((v := m.hostname) is not None and type(v) is not str)
+            or ((v := m.uuid) is not None and type(v) is not str)
+            or ((v := m.serial) is not None and type(v) is not str)
+            or ((v := m.asset) is not None and type(v) is not str)
+            or ((v := m.cluster) is not None and type(v) is not str)
+            or ((v := m.profile) is not None and type(v) is not str)
+            or ((v := m.token_hash) is not None and type(v) is not str)
+            or ((v := m.install_token) is not None and type(v) is not str)):
+        return False
     if ((m.role is not None and type(m.role) is not Role)
             or (m.loader is not None and type(m.loader) is not LoaderChain)
             or (m.arch is not None and type(m.arch) is not Arch)
             or (m.firmware is not None and type(m.firmware) is not Firmware)):
         return False
-    for mapping in (m.labels, m.facts):
-        if mapping is NO_ENTRIES:
-            continue
-        if type(mapping) is not dict:
+    if (labels := m.labels) is not NO_ENTRIES:
+        if type(labels) is not dict:
             return False
-        for k, v in mapping.items():
+        for k, v in labels.items():
             if type(k) is not str or type(v) is not str:
                 return False
-    for address in (m.ipv4, m.fixed_ipv4):
-        if address is not None and not _canonical_ipv4(address):
+    if (facts := m.facts) is not NO_ENTRIES:
+        if type(facts) is not dict:
             return False
-    for number in (m.created, m.updated):
-        if type(number) is not float or not math.isfinite(number):
-            return False
-    expires = m.token_expires
-    return expires is None or (type(expires) is float and math.isfinite(expires))
+        for k, v in facts.items():
+            if type(k) is not str or type(v) is not str:
+                return False
+    if (((v := m.ipv4) is not None and not _canonical_ipv4(v))
+            or ((v := m.fixed_ipv4) is not None and not _canonical_ipv4(v))):
+        return False
+    created, updated, expires = m.created, m.updated, m.token_expires
+    # Three floats are finite when their sum is: an infinity or a NaN among them makes it
+    # one. (A sum past the largest double, from times near 1e308, says "not exact" of
+    # finite ones: the caller then takes the round trip, which is only slower.)
+    return (type(created) is float and type(updated) is float
+            and (expires is None or type(expires) is float)
+            and math.isfinite(created + updated + (expires or 0.0)))
 
 
 def _canonical_ipv4(value: object) -> bool:
