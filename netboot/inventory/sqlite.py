@@ -335,9 +335,10 @@ _UPDATE_MACHINE = (
 # that the event loop waits for (json.loads of the whole document in Python was ~4 us of the
 # writer's GIL time per update, a tenth of a first install's on the writer). Those five
 # parts as one JSON array (one json_extract of five paths), compared as text with the one
-# the new document gives (codec.claims_json): SQLite 3.40 parsed a document ~2.45 times for
-# five json_extracts of it (its cache of parsed documents is per call site), and
-# Python's _sqlite gives the GIL up and takes it back around each column of each row read.
+# the new document gives (codec.claims_json, made with it by codec.machine_texts): SQLite
+# 3.40 parsed a document ~2.45 times for five json_extracts of it (its cache of parsed
+# documents is per call site), and Python's _sqlite gives the GIL up and takes it back
+# around each column of each row read.
 # Not the document itself: an update that leaves it as it was leaves those parts too.
 _STORED_COLUMNS = (
     "SELECT id, mac, hostname, state, cluster, json_extract(data, '$.labels', '$.macs',"
