@@ -560,16 +560,18 @@ _SHIFT_HIGH = 2.0 ** 31
 def machine_json(machine: Machine, install_token: str | None = None,
                  times: dict[float, str] | None = None) -> str:
     """``dumps(machine_document(machine))``: :func:`machine_texts`' document alone."""
-    return machine_texts(machine, install_token, times)[0]
+    return machine_texts(machine, install_token, times, claims=False)[0]
 
 
 def machine_texts(machine: Machine, install_token: str | None = None,
-                  times: dict[float, str] | None = None) -> tuple[str, str]:
+                  times: dict[float, str] | None = None, *,
+                  claims: bool = True) -> tuple[str, str]:
     """``dumps(machine_document(machine))`` for a machine :func:`stored_machine` returned,
-    and :func:`claims_json` of that text, made of the same quoted parts in one pass (a
-    store's writer compares the claims of every update of a group commit: the second pass
-    quoted the UUID, serial and asset tag again and wrote the MAC again, ~5,000
-    instructions a first install, benchmarks/README.md s32-writer). The document holds
+    and :func:`claims_json` of that text ("" unless ``claims``), made of the same quoted
+    parts in one pass (a store's writer compares the claims of every update of a group
+    commit: the second pass quoted the UUID, serial and asset tag again and wrote the MAC
+    again, ~5,000 instructions a first install, benchmarks/README.md s32-writer; a new
+    machine's are not compared, and building them is ~1,800). The document holds
     ``install_token`` in place of the machine's own when given (the sealed form a store
     writes: no copy of the machine made for it), and is
     written out directly: the same text in half the time (no intermediate dict, no encoder
@@ -633,13 +635,15 @@ def machine_texts(machine: Machine, install_token: str | None = None,
         text_created = r(created)
         if times is not None and created:
             times[created] = text_created
-    return ((f'{{"id":{q(m.id)},"macs":[{mac_text}],"state":{_QUOTED[m.state._value_]}'
-             f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{role}"
-             f"{loader}{arch}{firmware}{labels}{facts}{ipv4}{fixed_ipv4}{expires}"
-             f',"created":{text_created},"updated":{text_updated}}}'),
-            # claims_json: absent fields null, the MACs' array as the document writes it.
-            f"[{labels_text or 'null'},[{mac_text}],{uuid_text or 'null'},"
-            f"{serial_text or 'null'},{asset_text or 'null'}]")
+    text = (f'{{"id":{q(m.id)},"macs":[{mac_text}],"state":{_QUOTED[m.state._value_]}'
+            f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{role}"
+            f"{loader}{arch}{firmware}{labels}{facts}{ipv4}{fixed_ipv4}{expires}"
+            f',"created":{text_created},"updated":{text_updated}}}')
+    if not claims:
+        return text, ""
+    # claims_json: absent fields null, the MACs' array as the document writes it.
+    return text, (f"[{labels_text or 'null'},[{mac_text}],{uuid_text or 'null'},"
+                  f"{serial_text or 'null'},{asset_text or 'null'}]")
 
 
 def claims_json(machine: Machine, text: str) -> str:
@@ -699,7 +703,8 @@ def bulk_columns(machine: Machine) -> BulkColumns:
     # per-machine Identity and list of MAC strings (a sixth of encoding a bulk row).
     macs = m.macs
     return (m.id, str(macs[0]) if macs else None, len(macs) > 1, m.hostname, m.state._value_,
-            m.cluster, machine_json(m), m.created, m.updated, identity.clean_uuid(m.uuid),
+            m.cluster, machine_texts(m, claims=False)[0], m.created, m.updated,
+            identity.clean_uuid(m.uuid),
             identity.clean_text(m.serial), identity.clean_text(m.asset))
 
 

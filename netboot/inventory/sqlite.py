@@ -368,15 +368,16 @@ class _Row:
     __slots__ = ("claims", "created", "data", "id", "mac", "machine", "updated")
 
     def __init__(self, machine: Machine, install_token: str | None = None,
-                 times: dict[float, str] | None = None) -> None:
+                 times: dict[float, str] | None = None, *, update: bool = False) -> None:
         # What would not read back is refused now (see codec's docstring), checked in place.
         # ``install_token``: what the document holds in place of the machine's own (sealed);
         # ``times``: the texts of times, shared by a batch's rows (codec.machine_json).
         self.machine = m = codec.stored_machine(machine)
         self.id = m.id
         self.mac = m.macs[0].hex(":") if m.macs else None  # its str(), without the call
-        # The document and its claims' text (compared by an update, _update_group).
-        self.data, self.claims = codec.machine_texts(m, install_token, times)
+        # The document, and an update's claims' text (compared with the stored document's,
+        # _update_group; "" for a new machine's, never compared).
+        self.data, self.claims = codec.machine_texts(m, install_token, times, claims=update)
         self.created = m.created
         self.updated = m.updated
 
@@ -1572,7 +1573,7 @@ def _apply_batch(
         # is written out once (codec.machine_json).
         times: dict[float, str] = {}
         creates = [_Row(m, None, times) for m in create]
-        updates = [_Row(m, t, times) for m, t in updated]
+        updates = [_Row(m, t, times, update=True) for m, t in updated]
         span = _write_batch(conn, create, creates, updates, events, merge, expect, audit)
         return (*span, [*creates, *updates]) if span is not None else None
     # A bulk import: its new machines are encoded as they are inserted, since a second copy
@@ -1601,8 +1602,8 @@ def _apply_batch(
     autocheckpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     try:
-        _write_batch(conn, create, None, [_Row(m, t) for m, t in updated], events, merge,
-                     expect, audit)
+        _write_batch(conn, create, None, [_Row(m, t, update=True) for m, t in updated], events,
+                     merge, expect, audit)
         return None
     finally:
         conn.execute(f"PRAGMA cache_size = {int(size)}")

@@ -446,6 +446,7 @@ def test_claims_json_is_what_sqlite_extracts_of_the_machines_text() -> None:
         # The writer's one pass makes both texts (_Row): the same two.
         assert codec.machine_texts(m, "sealed-token") == (text, extracted)
         assert codec.machine_texts(m, "sealed-token", {}) == (text, extracted)
+        assert codec.machine_texts(m, "sealed-token", claims=False) == (text, "")
     conn.close()
 
 
