@@ -2,6 +2,7 @@
 
     python benchmarks/wal_frames.py [--enrolled 100000] [--installs 3000] [--group 25]
                                     [--seed DIR] [--compare /path/to/other/checkout]
+                                    [--what-if SQL] [--then STATE] [--pagetype]
 
 A first ``/ipxe`` of an enrolled machine commits its install plan (the machine with its sealed
 install token, its hash, expiry and the request's facts; its ``install-plan`` event;
@@ -13,7 +14,12 @@ them, ``--group`` per ``apply_batch`` (the recorder's merged batch), with the st
 checkpoints off so that the WAL keeps every frame. It then reads the WAL file (frame headers:
 page number, commit marker) and ``dbstat`` (which table or index owns each page, before and after:
 a page freed and reused by another during the step is named ``before -> after``) and prints the
-frames per install, the commits, and per table/index the frames and distinct pages. Each frame
+frames per install, the commits, the store's writer thread's read and write system calls per
+install (/proc/self/task/<tid>/io: the pages its cache does not hold, read back by ``pread``,
+and two ``pwrite`` a frame, its header and its page), the pages a checkpoint every N frames
+would copy per install (each page once, its last frame: the checkpointer's ``pread`` and
+``pwrite`` a page), and per table/index (``--pagetype``: and b-tree page type, leaf or
+internal) the frames and distinct pages. Each frame
 is a whole page (4 KiB): the checkpoints copy them again into the database. The figure is
 deterministic (seeded choice, no load dependence). With ``--compare`` the same on the other
 checkout (PYTHONPATH), on its own copy of the same seed. ``--what-if SQL``: run on this tree's
@@ -41,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHILD = r"""
 import asyncio, collections, dataclasses, json, random, secrets, sqlite3, struct, sys, time
+import threading
 from pathlib import Path
 from typing import Any
 from netboot import lifecycle
@@ -52,12 +59,21 @@ from netboot.sealing import read_key
 
 data, installs, group = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 then = sys.argv[5]
+# --pagetype: each page named with its b-tree page's type (leaf, internal, overflow)
+owned = ("SELECT pageno, name || ' ' || pagetype FROM dbstat" if sys.argv[6]
+         else "SELECT pageno, name FROM dbstat")
 db = data / "netboot.db"
 if sys.argv[4]:  # --what-if: SQL run on the copy first
     what = sqlite3.connect(db, isolation_level=None)
     what.executescript(sys.argv[4])
     what.close()
 nsqlite.SqliteStore._checkpoint_due = lambda self: None  # the WAL keeps every frame
+
+def syscalls(tid):
+    # The writer thread's read and write system calls so far (pread, pwrite included).
+    fields = dict(line.split(": ") for line in
+                  Path(f"/proc/self/task/{tid}/io").read_text().splitlines())
+    return [int(fields["syscr"]), int(fields["syscw"])]
 
 async def main():
     store = nsqlite.SqliteStore(db, sealer=read_key(data / "secret.key"))
@@ -66,7 +82,9 @@ async def main():
     chosen = random.Random(12).sample(machines, installs)
     side = sqlite3.connect(db, isolation_level=None)
     side.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # an empty WAL to count from
-    before = dict(side.execute("SELECT pageno, name FROM dbstat"))
+    before = dict(side.execute(owned))
+    writer = store._executor.submit(threading.get_native_id).result()
+    io = syscalls(writer)
     cpu = time.process_time()
     for k in range(0, installs, group):
         now = time.time()
@@ -84,10 +102,12 @@ async def main():
             expect[m.id] = m.state
         await store.apply_batch(Batch(update=update, events=events, expect=expect))
     cpu = time.process_time() - cpu
+    io = [b - a for a, b in zip(io, syscalls(writer))]
     if then:  # the next step of each install (a config fetch: booting -> installing)
         side.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        before = dict(side.execute("SELECT pageno, name FROM dbstat"))
+        before = dict(side.execute(owned))
         current = {m.id: m for m in await store.list_machines(MachineFilter(limit=10_000_000))}
+        io = syscalls(writer)
         cpu = time.process_time()
         for k in range(0, installs, group):
             now = time.time()
@@ -97,6 +117,7 @@ async def main():
                 Event(m.id, now, "config", "config fetched", {"peer": "127.0.0.1"})
                 for m in moved], expect={m.id: current[m.id].state for m in moved}))
         cpu = time.process_time() - cpu
+        io = [b - a for a, b in zip(io, syscalls(writer))]
     wal = Path(str(db) + "-wal").read_bytes()
     page_size = struct.unpack(">I", wal[8:12])[0]
     frames, commits, pages = 0, 0, []
@@ -105,7 +126,7 @@ async def main():
         frames += 1
         commits += commit != 0
         pages.append(pgno)
-    owner = dict(side.execute("SELECT pageno, name FROM dbstat"))
+    owner = dict(side.execute(owned))
     by = collections.defaultdict(lambda: [0, set()])
     for p in pages:
         name = owner.get(p, "(free list / header)" if p != 1 else "(page 1: header, schema)")
@@ -114,23 +135,28 @@ async def main():
         by[name][0] += 1
         by[name][1].add(p)
     sizes = {name: [n, len(s)] for name, (n, s) in by.items()}
+    # What a checkpoint every N frames copies: each page once, its last frame (the
+    # checkpointer's pread from the WAL and pwrite into the database, per page).
+    copies = {n: sum(len(set(pages[k:k + n])) for k in range(0, len(pages), n))
+              for n in (1000, 2000, 4000, 12000)}
     doc = side.execute("SELECT avg(length(data)) FROM machines").fetchone()[0]
     side.close()
     await store.close()
     print(json.dumps({"frames": frames, "commits": commits, "page_size": page_size,
-                      "wal_bytes": len(wal), "by": sizes, "cpu": cpu, "doc": doc}))
+                      "wal_bytes": len(wal), "by": sizes, "cpu": cpu, "doc": doc, "io": io,
+                      "copies": copies}))
 
 asyncio.run(main())
 """
 
 
 def run(tree: Path, seed: Path, tmp: Path, installs: int, group: int, python: str,
-        what_if: str = "", then: str = "") -> dict[str, Any]:
+        what_if: str = "", then: str = "", pagetype: bool = False) -> dict[str, Any]:
     data = tmp / f"data-{tree.name}"
     shutil.rmtree(data, ignore_errors=True)
     shutil.copytree(seed, data)
     out = subprocess.run([python, "-c", CHILD, str(data), str(installs), str(group),
-                          what_if, then],
+                          what_if, then, "1" if pagetype else ""],
                          check=True, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "PYTHONPATH": str(tree)})
     shutil.rmtree(data)
@@ -144,6 +170,11 @@ def show(label: str, r: dict[str, Any], installs: int) -> None:
           f"({r['wal_bytes'] / installs / 1024:.1f} KiB of WAL), page {r['page_size']} B, "
           f"CPU {r['cpu'] / installs * 1e6:.0f} µs per install, "
           f"machine document {r['doc']:.0f} B on average")
+    reads, writes = r["io"]
+    print(f"  the writer thread's read and write system calls per install: "
+          f"{reads / installs:.2f} and {writes / installs:.2f}")
+    print("  page copies per install of a checkpoint every N frames: " + ", ".join(
+        f"{n}: {c / installs:.2f}" for n, c in r["copies"].items()))
     print(f"  {'table or index':44} {'frames':>7} {'/install':>9} {'pages':>7}")
     for name, (n, distinct) in sorted(r["by"].items(), key=lambda kv: -kv[1][0]):
         print(f"  {name:44} {n:7} {n / installs:9.2f} {distinct:7}")
@@ -161,6 +192,8 @@ def main() -> None:
     parser.add_argument("--then", default="", metavar="STATE",
                         help="count instead a second step of the same machines, to STATE "
                              "(e.g. installing: a config fetch), each with its event")
+    parser.add_argument("--pagetype", action="store_true",
+                        help="name each page with its b-tree page type (leaf, internal)")
     parser.add_argument("--python", default=sys.executable)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="netboot-wal-") as tmp_text:
@@ -179,7 +212,7 @@ def main() -> None:
         for label, tree in trees:
             show(f"{label} ({tree})", run(tree.resolve(), seed, tmp, args.installs, args.group,
                                          args.python, args.what_if if tree == REPO else "",
-                             args.then),
+                                         args.then, args.pagetype),
                  args.installs)
 
 

@@ -335,9 +335,10 @@ _UPDATE_MACHINE = (
 # that the event loop waits for (json.loads of the whole document in Python was ~4 us of the
 # writer's GIL time per update, a tenth of a first install's on the writer). Those five
 # parts as one JSON array (one json_extract of five paths), compared as text with the one
-# the new document gives (codec.claims_json): SQLite 3.40 parsed a document ~2.45 times for
-# five json_extracts of it (its cache of parsed documents is per call site), and
-# Python's _sqlite gives the GIL up and takes it back around each column of each row read.
+# the new document gives (codec.claims_json, made with it by codec.machine_texts): SQLite
+# 3.40 parsed a document ~2.45 times for five json_extracts of it (its cache of parsed
+# documents is per call site), and Python's _sqlite gives the GIL up and takes it back
+# around each column of each row read.
 # Not the document itself: an update that leaves it as it was leaves those parts too.
 _STORED_COLUMNS = (
     "SELECT id, mac, hostname, state, cluster, json_extract(data, '$.labels', '$.macs',"
@@ -364,17 +365,19 @@ _TABLES = {"profile": "profiles", "cluster": "clusters", "group": "groups"}
 class _Row:
     """A machine ready for SQL: column values, JSON text, label and identifier rows."""
 
-    __slots__ = ("created", "data", "id", "mac", "machine", "updated")
+    __slots__ = ("claims", "created", "data", "id", "mac", "machine", "updated")
 
     def __init__(self, machine: Machine, install_token: str | None = None,
-                 times: dict[float, str] | None = None) -> None:
+                 times: dict[float, str] | None = None, *, update: bool = False) -> None:
         # What would not read back is refused now (see codec's docstring), checked in place.
         # ``install_token``: what the document holds in place of the machine's own (sealed);
         # ``times``: the texts of times, shared by a batch's rows (codec.machine_json).
         self.machine = m = codec.stored_machine(machine)
         self.id = m.id
         self.mac = m.macs[0].hex(":") if m.macs else None  # its str(), without the call
-        self.data = codec.machine_json(m, install_token, times)
+        # The document, and an update's claims' text (compared with the stored document's,
+        # _update_group; "" for a new machine's, never compared).
+        self.data, self.claims = codec.machine_texts(m, install_token, times, claims=update)
         self.created = m.created
         self.updated = m.updated
 
@@ -1570,7 +1573,7 @@ def _apply_batch(
         # is written out once (codec.machine_json).
         times: dict[float, str] = {}
         creates = [_Row(m, None, times) for m in create]
-        updates = [_Row(m, t, times) for m, t in updated]
+        updates = [_Row(m, t, times, update=True) for m, t in updated]
         span = _write_batch(conn, create, creates, updates, events, merge, expect, audit)
         return (*span, [*creates, *updates]) if span is not None else None
     # A bulk import: its new machines are encoded as they are inserted, since a second copy
@@ -1599,8 +1602,8 @@ def _apply_batch(
     autocheckpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     try:
-        _write_batch(conn, create, None, [_Row(m, t) for m, t in updated], events, merge,
-                     expect, audit)
+        _write_batch(conn, create, None, [_Row(m, t, update=True) for m, t in updated], events,
+                     merge, expect, audit)
         return None
     finally:
         conn.execute(f"PRAGMA cache_size = {int(size)}")
@@ -1760,7 +1763,7 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
             shape = tuple([c for c, _ in changed])
             params = (*[now for _, now in changed], r.data, r.created, r.updated, r.id)
         shapes.setdefault(shape, []).append(params)
-        if old[5] == codec.claims_json(m, r.data):  # as a rule
+        if old[5] == r.claims:  # as a rule
             continue
         same_labels, same_keys = codec.same_claims(old[5], m)
         if not same_labels:

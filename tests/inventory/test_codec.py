@@ -311,6 +311,36 @@ def test_stored_machine_refuses_what_would_not_read_back(change: dict[str, Any],
     assert err.value.field == field
 
 
+class _Text(str):
+    """A string of another type: written the same, read back as a str."""
+
+
+@pytest.mark.parametrize("change", [
+    *({field: _Text("x-1")} for field in ("hostname", "uuid", "serial", "asset", "cluster",
+                                          "profile", "token_hash", "install_token")),
+    {"labels": {_Text("k"): "v"}}, {"labels": {"k": _Text("v")}},
+    {"facts": {_Text("k"): "v"}}, {"facts": {"k": _Text("v")}},
+    {"ipv4": _Text("192.0.2.1")}, {"fixed_ipv4": _Text("192.0.2.1")},
+    {"created": 5}, {"updated": 6}, {"token_expires": 7},
+])
+def test_stored_machine_copies_a_field_that_would_read_back_otherwise(
+        change: dict[str, Any]) -> None:
+    # Each field's check (codec._exact, written out field by field): a machine with a value
+    # of another type or spelling is not kept as it is but taken through the round trip.
+    odd = replace(MACHINE, **change)
+    got = codec.stored_machine(odd)
+    assert got is not odd
+    assert got == codec.machine_from_dict(codec.machine_to_dict(odd))
+
+
+@pytest.mark.parametrize("field", ["created", "updated", "token_expires"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_stored_machine_refuses_a_time_that_is_not_finite(field: str, value: float) -> None:
+    with pytest.raises(ValidationError) as err:
+        codec.stored_machine(replace(MACHINE, **{field: value}))
+    assert err.value.field == field
+
+
 def test_stored_machine_normalises_like_the_round_trip() -> None:
     odd = replace(MACHINE, created=5)
     got = codec.stored_machine(odd)
@@ -413,6 +443,10 @@ def test_claims_json_is_what_sqlite_extracts_of_the_machines_text() -> None:
                                     " '$.serial', '$.asset')", (text,)).fetchone()
         assert codec.claims_json(m, text) == extracted
         assert codec.same_claims(extracted, m) == (True, True)
+        # The writer's one pass makes both texts (_Row): the same two.
+        assert codec.machine_texts(m, "sealed-token") == (text, extracted)
+        assert codec.machine_texts(m, "sealed-token", {}) == (text, extracted)
+        assert codec.machine_texts(m, "sealed-token", claims=False) == (text, "")
     conn.close()
 
 
