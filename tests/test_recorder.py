@@ -394,6 +394,127 @@ async def test_a_slow_write_does_not_queue_a_flush_per_delay_behind_it(
     assert await kinds(other) == [f"e{k}" for k in range(20)]
 
 
+async def test_the_next_group_is_handed_to_the_store_before_the_last_groups_callers_go_on(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A group written, the lock goes to the group gathered meanwhile before the written
+    group's callers are told: the next transaction is handed to the store's thread first,
+    and the loop renders and sends the answers of the first group while it is written (they
+    came first, and the writer waited for them: benchmarks/README.md, s32-pipeline). Each
+    caller is still told only once its own batch is written, and the groups keep their
+    order."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600)
+    order: list[str] = []
+    apply = own.apply_batch
+
+    async def apply_batch(batch: Batch) -> None:
+        said = " ".join(e.kind for e in batch.events)
+        order.append(f"write {said}")
+        await apply(batch)
+        order.append(f"written {said}")
+
+    own.apply_batch = apply_batch  # type: ignore[method-assign]
+
+    async def caller(kind: str) -> None:
+        await recorder.commit(Batch(events=(ev(kind),)))
+        order.append(f"told {kind}")
+
+    gate = held_writer(own)
+    try:
+        first = asyncio.ensure_future(caller("a"))
+        await until_waiting(own)  # the first group handed to the (held) thread
+        then = [asyncio.ensure_future(caller(kind)) for kind in ("b", "c")]
+        for _ in range(5):
+            await asyncio.sleep(0)  # gathered in the next group, which waits for the lock
+        assert order == ["write a"]
+    finally:
+        gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *then), 30)
+    assert order == ["write a", "written a", "write b c", "told a",
+                     "written b c", "told b", "told c"]
+    assert await kinds(other) == ["a", "b", "c"]
+    await recorder.close()
+
+
+async def test_a_group_is_closed_at_half_the_commits_that_waited_at_once(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """Clients that all wait for a group commit gathered in one group while the one before
+    was written (~47 and ~3 of 50 in turn). Each group that takes the lock closes the next
+    ones at half the commits that waited at once since the last did (never under
+    ``min_group``): the commits beyond go to a group of their own, written after it, in the
+    order they came."""
+    own, other = stores
+    recorder = Recorder(own, delay=3600, min_group=2)
+    written: list[list[str]] = []
+    apply = own.apply_batch
+
+    async def apply_batch(batch: Batch) -> None:
+        await apply(batch)
+        written.append([e.kind for e in batch.events])
+
+    own.apply_batch = apply_batch  # type: ignore[method-assign]
+
+    def commit(kind: str) -> asyncio.Future[None]:
+        return asyncio.ensure_future(recorder.commit(Batch(events=(ev(kind),))))
+
+    gate = held_writer(own)
+    try:
+        calls = [commit(kind) for kind in ("a", *(f"b{k}" for k in range(6)))]  # one group
+        assert recorder.group_cap is None  # no bound yet
+        await until_waiting(own)  # it has the lock, its write waits behind the held thread
+        assert recorder.group_cap == 4  # 7 waited at once
+        calls += [commit(f"c{k}") for k in range(6)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert writes_waiting(own) == 1  # the next groups wait for the lock
+    finally:
+        gate.set()
+    await asyncio.wait_for(asyncio.gather(*calls), 30)
+    assert written == [["a", *(f"b{k}" for k in range(6))], [f"c{k}" for k in range(4)],
+                       ["c4", "c5"]]
+    assert await kinds(other) == ["a", *(f"b{k}" for k in range(6)),
+                                  *(f"c{k}" for k in range(6))]
+    assert recorder._waiting == 0
+    await recorder.close()
+
+
+async def test_groups_closed_at_their_bound_are_written_in_order_past_a_refused_one(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """The groups closed at the bound wait for the lock in the order they were made: one
+    that holds a refused commit is written again one commit at a time, only that one fails,
+    and the group after it is written after it all the same."""
+    own, other = stores
+    a, _ = await two_discovered(own)
+    recorder = Recorder(own, delay=3600, min_group=1)
+
+    def commit(kind: str, **stale: object) -> asyncio.Future[None]:
+        return asyncio.ensure_future(recorder.commit(Batch(events=(ev(kind),), **stale)))
+
+    gate = held_writer(own)
+    try:
+        calls = [commit(kind) for kind in ("a", "b0", "b1", "b2", "b3")]
+        await until_waiting(own)
+        assert recorder.group_cap == 3
+        refused = commit("c0", update=(replace(a, hostname="x"),),
+                         expect={a.id: MachineState.REGISTERED})
+        calls += [commit(kind) for kind in ("c1", "c2", "d0", "d1")]
+        recorder.record(ev("queued"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(recorder._groups) == 3
+    finally:
+        gate.set()
+    with pytest.raises(StateChanged):
+        await asyncio.wait_for(refused, 30)
+    await asyncio.wait_for(asyncio.gather(*calls), 30)
+    await recorder.close()
+    # The note goes with the first write after it, before that write's own events.
+    assert await kinds(other) == ["a", "b0", "b1", "b2", "b3", "queued", "c1", "c2", "d0",
+                                  "d1"]
+    assert (await other.get_machine(a.id)).hostname == "a"  # type: ignore[union-attr]
+    assert recorder._waiting == 0
+
+
 def commits_then_unknown(store: SqliteStore) -> list[Batch]:
     """``store``'s next write commits and then raises OutcomeUnknown (its connection lost
     during the COMMIT, the server not asked within the bound); the writes after it are the
