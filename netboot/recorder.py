@@ -64,9 +64,6 @@ PACED_LOG_EVERY = 60.0
 # so a storm of 100,000 machines costs ~10 MB, not unbounded memory. Beyond it the oldest are
 # forgotten, which costs one read of the store when one of them notes again.
 REMEMBER = 100_000
-# The fewest commits a gathering group is closed at (group_cap). Below it a group gathers every
-# commit that comes while the one before it is written, as it always did.
-MIN_GROUP = 8
 
 
 @dataclass(eq=False)
@@ -96,7 +93,7 @@ class _Group:
 class Recorder:
     def __init__(self, store: Store, *, delay: float = DEFAULT_DELAY,
                  logger: logging.Logger | None = None, max_queued: int = 100_000,
-                 backlog: int = BACKLOG, min_group: int = MIN_GROUP) -> None:
+                 backlog: int = BACKLOG) -> None:
         self._store = store
         self._delay = delay
         self._max_queued = max_queued
@@ -124,12 +121,6 @@ class Recorder:
         self._paced_at: float | None = None  # when it was logged (monotonic)
         self._lock = asyncio.Lock()  # one batch at a time, in order
         self._gathering: _Group | None = None
-        # Commits given to a group and not told yet, the most of them at once since the last
-        # group took the lock, and what a gathering group is closed at (_write_group).
-        self._waiting = 0
-        self._peak = 0
-        self._min_group = min_group
-        self.group_cap: int | None = None
         # Facts learnt on the boot path: machine id -> how to learn them again on the machine
         # as it is stored when they are written (learned()); ``newest`` reads those machines.
         self._learned: dict[str, list[Callable[[Machine], Machine]]] = {}
@@ -300,17 +291,13 @@ class Recorder:
                 self._remember(event, version)
             return
         group = self._gathering
-        cap = self.group_cap
-        if group is None or (cap is not None and len(group.batches) >= cap):
-            # Full: it waits for the lock as it is, and this commit begins the next one.
+        if group is None:
             group = self._gathering = _Group()
             task = asyncio.ensure_future(self._commit_group(group))
             self._groups.add(task)  # referenced until done (the loop keeps only weak ones)
             task.add_done_callback(functools.partial(self._group_ended, group))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         group.batches.append((batch, done, version))
-        self._waiting += 1
-        self._peak = max(self._peak, self._waiting)
         # Not shielded (a future less per commit): a caller cancelled cancels only its own
         # future; its batch is written with the others all the same. So the cancel is told
         # only once that write is over, as what it was: the batch refused, the cancel; the
@@ -333,7 +320,6 @@ class Recorder:
 
     def _group_ended(self, group: _Group, task: asyncio.Task[None]) -> None:
         self._groups.discard(task)
-        self._waiting -= len(group.batches)
         if task.cancelled():
             # Cancelled before it ran (asyncio.run's end cancels a caller and the group its
             # commit has just made in one go; a coroutine cancelled before its start runs
@@ -357,19 +343,9 @@ class Recorder:
             raise
 
     async def _write_group(self, group: _Group) -> None:
-        await self._lock.acquire()
-        locked = True
-        try:
+        async with self._lock:
             if self._gathering is group:
                 self._gathering = None  # from here on, commits gather for the next one
-            # The next groups are closed at half the commits that waited at once since the
-            # last group took the lock: 50 clients that all wait for a group commit made
-            # groups of ~47 and ~3 in turn (the ~47 written while the loop had only the ~3
-            # to answer: asleep ~40 % of each transaction), and make two halves that take
-            # turns, one written while the loop answers the other (benchmarks/README.md,
-            # s32-pipeline).
-            self.group_cap = max(self._min_group, (self._peak + 1) // 2)
-            self._peak = self._waiting
             batches = group.batches
             try:
                 if len(batches) == 1:
@@ -399,12 +375,6 @@ class Recorder:
             # raised later in the process carried it and its frames as __context__
             # (tests/test_compiled.py: test_identity's and test_lifecycle's chains).
             if refused is None:
-                # The lock first, the answers then: the next group, waiting for the lock,
-                # is woken before this group's callers are, so that its transaction is
-                # handed to the writer before the loop renders and sends this group's
-                # answers, not after (the writer idle meanwhile).
-                self._lock.release()
-                locked = False
                 for _, done, _ in batches:
                     group.settle(done, None)
                 return
@@ -428,9 +398,6 @@ class Recorder:
                     raise
                 else:
                     group.settle(done, None)
-        finally:
-            if locked:
-                self._lock.release()
 
     async def flush(self) -> None:
         """Write everything queued until now, in one transaction."""
