@@ -33,7 +33,15 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
 from netboot.errors import Conflict, NotFound, ValidationError
-from netboot.model import ID_PREFIX, BootRequest, MacAddress, Machine, MachineState, slot_init
+from netboot.model import (
+    ID_PREFIX,
+    BootRequest,
+    MacAddress,
+    Machine,
+    MachineState,
+    equal,
+    slot_init,
+)
 
 KINDS = ("mac", "uuid", "serial", "asset")
 PRECEDENCE = KINDS
@@ -140,7 +148,7 @@ class Identity:
 
     @classmethod
     def of_request(cls, request: BootRequest) -> Identity:
-        macs = () if request.mac == NO_NIC else (request.mac,)
+        macs = () if equal(request.mac, NO_NIC) else (request.mac,)
         return cls(macs, clean_uuid(request.uuid), clean_text(request.serial),
                    clean_text(request.asset))
 
