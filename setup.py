@@ -49,7 +49,8 @@ SHIPPED = ("templates", "boot_assets")
 # process: left out (benchmarks/README.md, s20-model).
 # mypyc compiles ``==``/``!=`` between two values of a Python class that a compiled module
 # declares (``Machine``, ``MacAddress``) as ``is``: compiled code compares them with
-# ``model.equal`` (session 32: a config fetched twice at once answered 409, s32-mypyc).
+# ``model.equal``, or against a plain bytes (``identity.NO_NIC_BYTES``) (session 32: a
+# config fetched twice at once answered 409, s32-mypyc).
 COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py", "netboot/wire/tftp.py",
             "netboot/servers/tftp.py", "netboot/boot.py", "netboot/content.py",
             "netboot/render.py", "netboot/recorder.py", "netboot/inventory/view.py",
