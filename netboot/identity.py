@@ -33,14 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
 from netboot.errors import Conflict, NotFound, ValidationError
-from netboot.model import (
-    ID_PREFIX,
-    BootRequest,
-    MacAddress,
-    Machine,
-    MachineState,
-    slot_init,
-)
+from netboot.model import ID_PREFIX, BootRequest, MacAddress, Machine, MachineState, slot_init
 
 KINDS = ("mac", "uuid", "serial", "asset")
 PRECEDENCE = KINDS
