@@ -47,6 +47,10 @@ SHIPPED = ("templates", "boot_assets")
 # logging subclasses kept Python classes (a native class on logging's base broke the weak
 # references logging keeps to handlers: the interpreter crashed), and then saved nothing in
 # process: left out (benchmarks/README.md, s20-model).
+# mypyc compiles ``==``/``!=`` between two values of a Python class that a compiled module
+# declares (``Machine``, ``MacAddress``) as ``is``: compiled code compares them with
+# ``model.equal``, or against a plain bytes (``identity.NO_NIC_BYTES``) (session 32: a
+# config fetched twice at once answered 409, s32-mypyc).
 COMPILED = ("netboot/wire/dhcp.py", "netboot/pxe.py", "netboot/wire/tftp.py",
             "netboot/servers/tftp.py", "netboot/boot.py", "netboot/content.py",
             "netboot/render.py", "netboot/recorder.py", "netboot/inventory/view.py",

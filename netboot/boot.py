@@ -540,7 +540,7 @@ class BootService:
             return seen
         known = Identity.of_request(request)
         seen = _Seen(request, known, known.lookup_keys(), _dhcp_note(request))
-        if request.mac != identity.NO_NIC:  # many devices at once, not one NIC
+        if request.mac != identity.NO_NIC_BYTES:  # many devices at once, not one NIC
             _keep(self._seen, request.mac, seen, REPEATS_KEPT)
         return seen
 
@@ -566,7 +566,7 @@ class BootService:
             return
         if not self._tells_news(request, res, seen):
             return
-        if mac == identity.NO_NIC:  # not one NIC: recorded alone, as it comes
+        if mac == identity.NO_NIC_BYTES:  # not one NIC: recorded alone, as it comes
             self._spawn(self._record_dhcp(request, admitted=res.machine is None))
             return
         self._recording[mac] = []
@@ -617,7 +617,7 @@ class BootService:
         machine = res.machine
         if machine is None:
             return self.discovery.admit(request, self._clock())
-        new_nic = request.mac != identity.NO_NIC and request.mac not in machine.macs
+        new_nic = request.mac != identity.NO_NIC_BYTES and request.mac not in machine.macs
         if res.absorb or res.disagree or new_nic:
             return True
         return self._tells_more(request, res, machine, seen)
@@ -1570,7 +1570,7 @@ class BootService:
         if request is not None:
             data = {"via": request.via, "firmware": str(request.firmware),
                     "arch": str(request.arch)}
-            if request.mac != identity.NO_NIC:
+            if request.mac != identity.NO_NIC_BYTES:
                 # Its text by bytes.hex of itself (a MacAddress is its six bytes), what its
                 # __str__ returns, without that Python-level call (~600 instructions of
                 # every first install's loop).
@@ -1757,7 +1757,7 @@ def _new_nic(request: BootRequest, machine: Machine, absorb: tuple[Machine, ...]
     """Whether ``request`` came from a NIC that neither ``machine`` nor the discovered
     records it absorbs has yet (BootService._adopt attaches it)."""
     mac = request.mac
-    return mac != identity.NO_NIC and mac not in machine.macs \
+    return mac != identity.NO_NIC_BYTES and mac not in machine.macs \
         and all(mac not in d.macs for d in absorb)
 
 

@@ -36,6 +36,7 @@ from netboot.model import (
     MacAddress,
     Machine,
     Profile,
+    equal,
 )
 from netboot.render import WHOLE, Renderer, Splice, Spliced, plain
 from netboot.wire import uimage
@@ -620,7 +621,7 @@ class Content:
         # Awaited outside the handler: see recorder._write_group.
         now = await self._boot.machine_by_mac(plan.mac)
         step = lifecycle.Trigger.CONFIG_FETCHED
-        if now is None or lifecycle.advance(machine, step, now.updated) != now \
+        if now is None or not equal(lifecycle.advance(machine, step, now.updated), now) \
                 or not token_matches(now, plan.token, self._clock()):
             raise moved
         await self._enroller.config_fetched(now, what)

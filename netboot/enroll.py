@@ -46,6 +46,7 @@ from netboot.model import (
     Machine,
     MachineState,
     Role,
+    equal,
 )
 from netboot.recorder import Recorder
 
@@ -899,7 +900,7 @@ class Enroller:
                 continue
             merge += [(d.id, machine.id) for d in absorb]
             merged = _updated(target, machine, absorb, now)
-            if merged == target:
+            if equal(merged, target):
                 unchanged.append(target)
             else:
                 update.append(replace(merged, updated=now))

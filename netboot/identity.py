@@ -42,6 +42,10 @@ PRECEDENCE = KINDS
 # without a MAC. No NIC has it (IEEE 802 never assigns the all-zero address), so it never
 # matches, is never attached and is never learnt.
 NO_NIC = MacAddress(bytes(6))
+# NO_NIC as plain bytes, what a request's MAC is compared with: a MacAddress and a bytes are
+# compared by value in either build, without model.equal's call on every request (setup.py's
+# mypyc build compiles ``==`` between two MacAddresses as ``is``: model.equal).
+NO_NIC_BYTES = bytes(NO_NIC)
 
 # Placeholders seen in SMBIOS type 1/2/3 strings of real boards (compared case-insensitively,
 # spaces and dots ignored): AMI's and Insyde's templates, QEMU without -smbios, vendor dev kits.
@@ -140,7 +144,7 @@ class Identity:
 
     @classmethod
     def of_request(cls, request: BootRequest) -> Identity:
-        macs = () if request.mac == NO_NIC else (request.mac,)
+        macs = () if request.mac == NO_NIC_BYTES else (request.mac,)
         return cls(macs, clean_uuid(request.uuid), clean_text(request.serial),
                    clean_text(request.asset))
 

@@ -49,6 +49,7 @@ from netboot.model import (
     MachineState,
     Profile,
     Role,
+    equal,
 )
 
 # History the store may prune once the view is this far past it (other readers further
@@ -341,7 +342,7 @@ class InventoryView:
         for machine in machines:
             old = held.get(machine.id)
             if old is not None and old is not machine and old.updated == machine.updated \
-                    and old == machine:
+                    and equal(old, machine):
                 held[machine.id] = machine  # the same value: its index entries stay
             else:
                 self._put_machine(machine.id, machine)
@@ -349,7 +350,7 @@ class InventoryView:
     def _put_machine(self, machine_id: str, machine: Machine | None) -> None:
         old = self._machines.get(machine_id)
         if old is not None and (machine is old or (
-                machine is not None and machine.updated == old.updated and machine == old)):
+                machine is not None and machine.updated == old.updated and equal(machine, old))):
             # The same value: keep the object (callers may compare identity). Another
             # ``updated`` is another value, told without comparing every field.
             return

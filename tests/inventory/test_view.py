@@ -803,6 +803,26 @@ async def test_a_committed_machine_adopted_after_the_feed_read_it_back_is_the_on
     assert await view.get_machine(machine.id) is installing
 
 
+
+async def test_a_machine_the_feed_brings_back_unchanged_keeps_the_object_held(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """Another writer stores a machine as it was: the feed brings an equal copy, and the view
+    keeps the object it holds (callers compare machines by identity: the boot service's kept
+    plans, the recorder's versions). setup.py's mypyc build compared the two by identity
+    (model.equal) and took the copy."""
+    store, other, _ = stores
+    machine = Machine(macs=(MacAddress.parse(MACS[0]),), profile="p")
+    await store.create_machine(machine)
+    view = InventoryView(store)
+    await view.load()
+    held = await view.get_machine(machine.id)
+    await other.apply_batch(Batch(update=(replace(held, profile="q"),)))
+    await other.apply_batch(Batch(update=(held,)))
+    await view.sync()
+    copy = await other.get_machine(machine.id)
+    assert copy == held and copy is not held
+    assert await view.get_machine(machine.id) is held
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 async def test_counts_by_cluster_and_state_equal_a_count_of_every_machine(
         kind: str, tmp_path: Path, request: pytest.FixtureRequest,
