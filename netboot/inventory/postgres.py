@@ -384,21 +384,26 @@ class _Retry(Exception):
 # server's clock) the server has shown each backend idle, if it does (a session whose
 # statement has been waited for longer than that was never read by its backend); and, for
 # one waiting for a lock, a session that holds it idle in its transaction for longer than
-# $2 seconds, and for how long (a holder that makes no progress: PostgresStore._look).
-# pg_blocking_pids takes the lock manager's locks: asked only of what has waited that long.
+# $2 seconds, for how long, and when its transaction began (a holder that makes no
+# progress: PostgresStore._look). pg_blocking_pids takes the lock manager's locks: asked
+# only of what has waited that long.
 _IDLE_FOR = (
     "SELECT a.pid, CASE WHEN a.state LIKE 'idle%' THEN extract(epoch FROM clock_timestamp()"
     " - a.state_change)::float8 END, h.pid, extract(epoch FROM clock_timestamp()"
-    " - h.state_change)::float8 FROM pg_stat_activity a LEFT JOIN LATERAL (SELECT b.pid,"
-    " b.state_change FROM pg_stat_activity b WHERE a.wait_event_type = 'Lock'"
+    " - h.state_change)::float8, h.xact_start FROM pg_stat_activity a LEFT JOIN LATERAL"
+    " (SELECT b.pid, b.state_change, b.xact_start FROM pg_stat_activity b"
+    " WHERE a.wait_event_type = 'Lock'"
     " AND b.pid = ANY(pg_blocking_pids(a.pid)) AND b.state LIKE 'idle in transaction%'"
     " AND clock_timestamp() - b.state_change > make_interval(secs => $2::float8)"
     " ORDER BY b.state_change LIMIT 1) h ON true WHERE a.pid = ANY($1::int[])")
 
 
-# Whether the session of a PID is still idle in a transaction (a holder found stuck: _look).
+# Whether the session of a PID is still idle in the transaction it was found stuck in (begun
+# at $2: _look). Not in any transaction: a holder that committed and began another (psql with
+# AUTOCOMMIT off, a driver that opens one implicitly, is idle in a transaction after every
+# statement), or a later session given the same PID, holds nothing writes wait for.
 _STILL_STUCK = ("SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1"
-                " AND state LIKE 'idle in transaction%'")
+                " AND state LIKE 'idle in transaction%' AND xact_start = $2")
 
 
 def _asking(name: str) -> Callable[..., Any]:
@@ -472,9 +477,10 @@ class PostgresStore:
         # Sessions found holding a lock others wait for, idle in their transaction, that
         # have been logged (_look: once each).
         self._stuck_told: set[int] = set()
-        # (its PID, why) while such a holder stops writes (stuck_writes), until a write takes
-        # the writers' lock or the check finds the holder no longer idle in its transaction.
-        self._stuck: tuple[int, str] | None = None
+        # (its PID, its transaction's start, why) while such a holder stops writes
+        # (stuck_writes), until a write takes the writers' lock or the check finds the holder
+        # no longer idle in that transaction.
+        self._stuck: tuple[int, Any, str] | None = None
         self._signal = Signal()
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
@@ -978,7 +984,7 @@ class PostgresStore:
         had gone unanswered (a question left running on ``conn`` would make every later
         check's refused at once, taken for an answer: the server never told silent)."""
         if self._stuck is not None:
-            still = await answered(conn.fetchval(_STILL_STUCK, self._stuck[0]), within)
+            still = await answered(conn.fetchval(_STILL_STUCK, *self._stuck[:2]), within)
             if still is None:
                 return False
             with contextlib.suppress(*_FAILED):
@@ -998,7 +1004,7 @@ class PostgresStore:
         if asking is None:
             return False
         with contextlib.suppress(*_FAILED):
-            for pid, idle, holder, held in asking.result():
+            for pid, idle, holder, held, began in asking.result():
                 session, waited = waiting[pid]
                 if idle is not None and idle >= within:
                     session.ended_why = (
@@ -1013,8 +1019,8 @@ class PostgresStore:
                         f"waited {waited:.0f} s for a lock held by the session of backend "
                         f"PID {holder}, idle in its transaction for {held:.0f} s (its client "
                         "or its backend stopped or hung?): writes wait for it until it ends")
-                    self._stuck = (holder, f"inventory {self.name}: writes are refused: "
-                                   f"{session.ended_why}")
+                    self._stuck = (holder, began, f"inventory {self.name}: writes are "
+                                   f"refused: {session.ended_why}")
                     if holder not in self._stuck_told:
                         self._stuck_told.add(holder)
                         log.error("inventory %s: %s; each is given up after %s s (ended by "
@@ -1028,7 +1034,7 @@ class PostgresStore:
     def stuck_writes(self) -> str | None:
         """Why writes are given up while reads answer (base.StuckWrites): a lock they wait
         for held by a session idle in its transaction past check_timeout (:meth:`_look`)."""
-        return None if self._stuck is None else self._stuck[1]
+        return None if self._stuck is None else self._stuck[2]
 
     def _silenced(self, why: str) -> None:
         """The server does not answer (``why``): end every connection of the pool and the

@@ -1473,6 +1473,37 @@ async def test_a_write_waiting_for_a_lock_a_stuck_session_holds_is_given_up(
         await store.close()
 
 
+async def test_writes_are_no_longer_stuck_once_the_holder_ends_its_transaction(
+        pg_dsn: str) -> None:
+    """An operator's psql holds the writers' lock idle in its transaction (a forgotten
+    UPDATE of a netboot table): writes are given up and told stuck. The operator then
+    commits and leaves the session in a new transaction that holds nothing netboot waits for
+    (psql with AUTOCOMMIT off is idle in a transaction after every statement; so is an
+    application whose driver opens one implicitly): writes are no longer stuck at the next
+    check. (Before: "stuck" for as long as that PID was idle in any transaction, and with the
+    health down the boot path wrote nothing that would take the lock and clear it: installs
+    refused until the operator closed psql.)"""
+    store = PostgresStore(pg_dsn, peer=CHECKED)
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    pid = holder.get_server_pid()
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+        with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+            await _ended(store.put_setting("k", "a"))
+        assert store.stuck_writes() is not None
+        await holder.execute("COMMIT")
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT count(*) FROM settings")  # idle in a new transaction
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+        await store.put_setting("k", "b")
+        assert await store.get_setting("k") == "b"
+    finally:
+        holder.terminate()
+        await store.close()
+
+
 @pytest.mark.parametrize("question", ["idle", "stuck"])
 async def test_a_server_stopped_as_the_check_looks_at_a_waiting_session_is_told_silent(
         question: str) -> None:
