@@ -983,14 +983,15 @@ class PostgresStore:
         a check's: :func:`answered`): the server is silent, as if the check's ``SELECT 1``
         had gone unanswered (a question left running on ``conn`` would make every later
         check's refused at once, taken for an answer: the server never told silent)."""
-        if self._stuck is not None:
-            still = await answered(conn.fetchval(_STILL_STUCK, *self._stuck[:2]), within)
+        stuck = self._stuck  # a write that takes the lock meanwhile clears it (_write)
+        if stuck is not None:
+            still = await answered(conn.fetchval(_STILL_STUCK, stuck[0], stuck[1]), within)
             if still is None:
                 return False
             with contextlib.suppress(*_FAILED):
                 if not still.result():
                     log.warning("inventory %s: the session of backend PID %d no longer "
-                                "holds up writes", self.name, self._stuck[0])
+                                "holds up writes", self.name, stuck[0])
                     self._stuck = None
         now = time.monotonic()
         waiting: dict[int, tuple[_Session, float]] = {}

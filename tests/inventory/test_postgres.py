@@ -1504,6 +1504,43 @@ async def test_writes_are_no_longer_stuck_once_the_holder_ends_its_transaction(
         await store.close()
 
 
+async def test_a_write_taking_the_lock_while_the_check_asks_about_the_holder_stops_no_check(
+        pg_dsn: str) -> None:
+    """Writes stuck behind a holder idle in its transaction; the holder commits, and a
+    write takes the writers' lock (which says writes are no longer stuck) while the check's
+    question about that holder is on its way. The checks go on: a second holder is found
+    and its writers given up as the first's were. (Before: the check named the holder from
+    what the write had just cleared, a TypeError that ended the task that checks and
+    listens again: writes then waited for the next stuck holder for ever.)"""
+    async with pg.cutting(pg_dsn) as (dsn, cutter):
+        store = PostgresStore(dsn, peer=CHECKED)
+        await store.open()
+        holder = await asyncpg.connect(pg_dsn)
+        pid = holder.get_server_pid()
+        asked = asyncio.Event()
+        try:
+            await holder.execute("BEGIN")
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+            with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+                await _ended(store.put_setting("k", "a"))
+            await holder.execute("COMMIT")
+
+            def a_write_takes_the_lock() -> None:
+                store._stuck = None  # as _write does once it holds the writers' lock
+                asked.set()
+
+            cutter.call_before(b"count(*) > 0 FROM pg_stat_activity", a_write_takes_the_lock)
+            await _within("the check's question asked", asked.is_set)
+            await asyncio.sleep(2.5)  # two checks more
+            await holder.execute("BEGIN")
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+            with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+                await _ended(store.put_setting("k", "b"))
+        finally:
+            holder.terminate()
+            await store.close()
+
+
 @pytest.mark.parametrize("question", ["idle", "stuck"])
 async def test_a_server_stopped_as_the_check_looks_at_a_waiting_session_is_told_silent(
         question: str) -> None:
