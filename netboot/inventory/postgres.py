@@ -977,7 +977,10 @@ class PostgresStore:
         backend is stopped (pg_terminate_backend acts only once it runs). Its write fails
         (its first statement takes the lock: nothing was written) saying which PID holds
         it; logged once per holder. A holder that runs a statement (a bulk import's COPY
-        under the lock) is waited for.
+        under the lock) is waited for. Only the store's own sessions are ever ended, never
+        the holder. A holder is seen only if the store's role may see its state: one of the
+        same role, or any with pg_read_all_stats (others' sessions show no state: waited
+        for, as before the checks looked).
 
         False if the server did not answer its questions here within ``within`` (as it is
         a check's: :func:`answered`): the server is silent, as if the check's ``SELECT 1``
@@ -1024,9 +1027,11 @@ class PostgresStore:
                                    f"refused: {session.ended_why}")
                     if holder not in self._stuck_told:
                         self._stuck_told.add(holder)
-                        log.error("inventory %s: %s; each is given up after %s s (ended by "
-                                  "pg_terminate_backend(%d) once it runs)", self.name,
-                                  session.ended_why, within, holder)
+                        # The holder is not ended here (it may be anyone's): an operator
+                        # can, and its backend, if stopped, acts on it once it runs.
+                        log.error("inventory %s: %s; each is given up after %s s (the holder "
+                                  "is left as it is: end it with pg_terminate_backend(%d))",
+                                  self.name, session.ended_why, within, holder)
                 else:
                     continue  # it runs the statement, or its answer is on its way
                 session.terminate()

@@ -1473,6 +1473,55 @@ async def test_a_write_waiting_for_a_lock_a_stuck_session_holds_is_given_up(
         await store.close()
 
 
+async def test_a_store_whose_role_cannot_see_a_holder_waits_for_it_and_ends_nothing(
+        request: pytest.FixtureRequest) -> None:
+    """A store connected as a role without pg_read_all_stats sees other roles' sessions in
+    pg_stat_activity without their state: a holder of the writers' lock of another role
+    (a superuser's psql) idle in its transaction is not told stuck, and a write waits for
+    it, as it did before the checks looked (nothing of the store's ended, nothing told
+    "stuck" it cannot see); the same holder as the store's own role is found and its
+    writers given up. The store never ends a session it does not own: ending one of its
+    own is all it does (the holder lives on in both cases)."""
+    cluster: pg.Cluster = request.getfixturevalue("postgres")
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(cluster.dsn())
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    await admin.execute(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
+    dsn = cluster.dsn().replace(f"{pg.SUPERUSER}@", f"{role}@") + f"&search_path={role}"
+    store = PostgresStore(dsn, peer=CHECKED)
+    holders: list[asyncpg.Connection] = []
+    try:
+        await store.open()
+        for who in (cluster.dsn(), dsn):
+            holder = await asyncpg.connect(who)
+            holders.append(holder)
+            await holder.execute("BEGIN")
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+            writing = asyncio.ensure_future(store.put_setting("k", who))
+            if who == dsn:
+                with pytest.raises(StoreError, match="held by the session of backend PID"):
+                    await _ended(writing)
+                assert store.stuck_writes() is not None
+            else:
+                await asyncio.sleep(3.5)  # three checks past the check's timeout
+                assert not writing.done() and store.stuck_writes() is None
+            assert await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1",
+                                        holder.get_server_pid()) == "idle in transaction"
+            await holder.execute("COMMIT")
+            if who != dsn:
+                await _ended(writing)
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+        await store.put_setting("k", "v")
+        assert await store.get_setting("k") == "v"
+    finally:
+        for holder in holders:
+            holder.terminate()
+        await store.close()
+        await admin.execute(f"DROP SCHEMA {role} CASCADE")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
 async def test_writes_are_no_longer_stuck_once_the_holder_ends_its_transaction(
         pg_dsn: str) -> None:
     """An operator's psql holds the writers' lock idle in its transaction (a forgotten
