@@ -384,13 +384,16 @@ class _Retry(Exception):
 # server's clock) the server has shown each backend idle, if it does (a session whose
 # statement has been waited for longer than that was never read by its backend); and, for
 # one waiting for a lock, a session that holds it idle in its transaction for longer than
-# $2 seconds, for how long, and when its transaction began (a holder that makes no
-# progress: PostgresStore._look). pg_blocking_pids takes the lock manager's locks: asked
+# $2 seconds, for how long, when its transaction began, and whether the lock waited for is
+# an advisory one (the writers' lock, WRITE_LOCK: every write of the feed's tables waits
+# for it; else a row of one table, which only its own writes wait for) (a holder that makes
+# no progress: PostgresStore._look). pg_blocking_pids takes the lock manager's locks: asked
 # only of what has waited that long.
 _IDLE_FOR = (
     "SELECT a.pid, CASE WHEN a.state LIKE 'idle%' THEN extract(epoch FROM clock_timestamp()"
     " - a.state_change)::float8 END, h.pid, extract(epoch FROM clock_timestamp()"
-    " - h.state_change)::float8, h.xact_start FROM pg_stat_activity a LEFT JOIN LATERAL"
+    " - h.state_change)::float8, h.xact_start, a.wait_event = 'advisory'"
+    " FROM pg_stat_activity a LEFT JOIN LATERAL"
     " (SELECT b.pid, b.state_change, b.xact_start FROM pg_stat_activity b"
     " WHERE a.wait_event_type = 'Lock'"
     " AND b.pid = ANY(pg_blocking_pids(a.pid)) AND b.state LIKE 'idle in transaction%'"
@@ -975,12 +978,15 @@ class PostgresStore:
         client: its client or its backend stopped or hung, an operator's forgotten psql
         transaction) is ended too: it would wait as long as that holder, for ever if its
         backend is stopped (pg_terminate_backend acts only once it runs). Its write fails
-        (its first statement takes the lock: nothing was written) saying which PID holds
-        it; logged once per holder. A holder that runs a statement (a bulk import's COPY
-        under the lock) is waited for. Only the store's own sessions are ever ended, never
-        the holder. A holder is seen only if the store's role may see its state: one of the
-        same role, or any with pg_read_all_stats (others' sessions show no state: waited
-        for, as before the checks looked).
+        (its first statement takes the lock: nothing was written; a single statement
+        waiting for a row is settled by its mark, claimed: it can no longer commit) saying
+        which PID holds it; logged once per holder. Only a holder of the writers' lock
+        stops writes (:meth:`stuck_writes`): a row's holder (an operator's UPDATE of one
+        lease or token) stops that row's writes alone. A holder that runs a statement (a
+        bulk import's COPY under the lock) is waited for. Only the store's own sessions are
+        ever ended, never the holder. A holder is seen only if the store's role may see
+        its state: one of the same role, or any with pg_read_all_stats (others' sessions
+        show no state: waited for, as before the checks looked).
 
         False if the server did not answer its questions here within ``within`` (as it is
         a check's: :func:`answered`): the server is silent, as if the check's ``SELECT 1``
@@ -1008,7 +1014,7 @@ class PostgresStore:
         if asking is None:
             return False
         with contextlib.suppress(*_FAILED):
-            for pid, idle, holder, held, began in asking.result():
+            for pid, idle, holder, held, began, advisory in asking.result():
                 session, waited = waiting[pid]
                 if idle is not None and idle >= within:
                     session.ended_why = (
@@ -1022,9 +1028,14 @@ class PostgresStore:
                     session.ended_why = (
                         f"waited {waited:.0f} s for a lock held by the session of backend "
                         f"PID {holder}, idle in its transaction for {held:.0f} s (its client "
-                        "or its backend stopped or hung?): writes wait for it until it ends")
-                    self._stuck = (holder, began, f"inventory {self.name}: writes are "
-                                   f"refused: {session.ended_why}")
+                        "or its backend stopped or hung?): writes "
+                        f"{'' if advisory else 'of what it locked '}wait for it until it ends")
+                    if advisory:
+                        # The writers' lock: every write waits. A row's holder (an operator's
+                        # UPDATE of one lease or token) stops that row's writes alone: each
+                        # is given up, the others go on, and that is no outage.
+                        self._stuck = (holder, began, f"inventory {self.name}: writes are "
+                                       f"refused: {session.ended_why}")
                     if holder not in self._stuck_told:
                         self._stuck_told.add(holder)
                         # The holder is not ended here (it may be anyone's): an operator

@@ -1522,6 +1522,41 @@ async def test_a_store_whose_role_cannot_see_a_holder_waits_for_it_and_ends_noth
         await admin.close()
 
 
+async def test_a_row_lock_held_idle_gives_up_that_write_alone_and_is_no_outage(
+        pg_dsn: str) -> None:
+    """An operator's psql holds one API token's row idle in its transaction (a forgotten
+    UPDATE of it; not a table the change feed carries: the writers' lock is free). The
+    write that waits for that row is given up past the check's timeout, naming the holder;
+    the store's writes are not stuck (stuck_writes: the service's health, /healthz):
+    every other write goes through meanwhile. (Before: any lock's holder idle in its
+    transaction was taken as the writers' lock's: the health went down, installs refused,
+    until that psql ended its transaction, for one token's row.)"""
+    store = PostgresStore(pg_dsn, peer=CHECKED)
+    await store.open()
+    await store.create_token(ApiToken(name="t", sha256="2" * 64, scope=Scope.ADMIN, created=1.0))
+    holder = await asyncpg.connect(pg_dsn)
+    pid = holder.get_server_pid()
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("UPDATE api_tokens SET last_used = 1 WHERE name = 't'")
+        with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+            await _ended(store.touch_token("t", 2.0))
+        await asyncio.sleep(1.5)  # a check more
+        assert store.stuck_writes() is None
+        await store.put_setting("k", "v")
+        assert await store.get_setting("k") == "v"
+        # The given-up statement, run once the holder commits, cannot commit (its mark
+        # was claimed): told failed, it is not written.
+        await holder.execute("COMMIT")
+        await _within("the given-up statement's backend gone", lambda: holder.fetchval(
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE query LIKE"
+            " '%SET last_used = $2 WHERE%' AND pid <> pg_backend_pid()"))
+        assert [t.last_used for t in await store.list_tokens()] == [1.0]
+    finally:
+        holder.terminate()
+        await store.close()
+
+
 async def test_writes_are_no_longer_stuck_once_the_holder_ends_its_transaction(
         pg_dsn: str) -> None:
     """An operator's psql holds the writers' lock idle in its transaction (a forgotten
