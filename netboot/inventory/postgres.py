@@ -907,7 +907,11 @@ class PostgresStore:
         (:meth:`_silenced`): the store's connections (any made since) are ended again."""
         first, most = RELISTEN_PAUSES
         while True:
-            why = await self._watch()
+            try:
+                why = await self._watch()
+            except Exception:  # a bug: logged, and listened again (checked) rather than never
+                log.exception("inventory %s: the check failed", self.name)
+                why = "its check failed (logged)"
             self._notify_lost.clear()
             self._notify = None
             self._commits += 1

@@ -1625,6 +1625,41 @@ async def test_a_write_taking_the_lock_while_the_check_asks_about_the_holder_sto
             await store.close()
 
 
+async def test_a_check_that_fails_is_logged_and_the_checks_go_on(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A check that raises what it never should (a bug, as the one a write taking the lock
+    during the check's question was) is logged, and the store listens again and goes on
+    checking: a stuck holder is then found as ever. (Before: the exception ended the task
+    that checks and listens again, unlogged until the task was collected: no check ran
+    again, writes behind a stuck holder waited for ever.)"""
+    real = PostgresStore._look
+    failed: list[bool] = []
+
+    async def once_broken(self: PostgresStore, conn: asyncpg.Connection, within: float,
+                          ) -> bool:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a bug")
+        return await real(self, conn, within)
+
+    monkeypatch.setattr(PostgresStore, "_look", once_broken)
+    store = PostgresStore(pg_dsn, peer=CHECKED)
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    pid = holder.get_server_pid()
+    try:
+        await _within("a check run", lambda: bool(failed))
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+        with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+            await _ended(store.put_setting("k", "a"))
+        assert "the check failed" in caplog.text and "RuntimeError: a bug" in caplog.text
+    finally:
+        holder.terminate()
+        await store.close()
+
+
 @pytest.mark.parametrize("question", ["idle", "stuck"])
 async def test_a_server_stopped_as_the_check_looks_at_a_waiting_session_is_told_silent(
         question: str) -> None:
