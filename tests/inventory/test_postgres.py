@@ -1473,6 +1473,18 @@ async def test_a_write_waiting_for_a_lock_a_stuck_session_holds_is_given_up(
         await store.close()
 
 
+async def _a_write_given_up_behind(store: PostgresStore, holder: asyncpg.Connection,
+                                   value: str = "a") -> None:
+    """``holder`` takes the writers' lock and stays idle in its transaction (an operator's
+    forgotten psql): a write of ``store`` is given up past the check's timeout, naming the
+    holder's PID."""
+    await holder.execute("BEGIN")
+    await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+    with pytest.raises(StoreError,
+                       match=f"held by the session of backend PID {holder.get_server_pid()}"):
+        await _ended(store.put_setting("k", value))
+
+
 async def test_a_store_whose_role_cannot_see_a_holder_waits_for_it_and_ends_nothing(
         request: pytest.FixtureRequest) -> None:
     """A store connected as a role without pg_read_all_stats sees other roles' sessions in
@@ -1570,12 +1582,8 @@ async def test_writes_are_no_longer_stuck_once_the_holder_ends_its_transaction(
     store = PostgresStore(pg_dsn, peer=CHECKED)
     await store.open()
     holder = await asyncpg.connect(pg_dsn)
-    pid = holder.get_server_pid()
     try:
-        await holder.execute("BEGIN")
-        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
-        with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
-            await _ended(store.put_setting("k", "a"))
+        await _a_write_given_up_behind(store, holder)
         assert store.stuck_writes() is not None
         await holder.execute("COMMIT")
         await holder.execute("BEGIN")
@@ -1600,13 +1608,9 @@ async def test_a_write_taking_the_lock_while_the_check_asks_about_the_holder_sto
         store = PostgresStore(dsn, peer=CHECKED)
         await store.open()
         holder = await asyncpg.connect(pg_dsn)
-        pid = holder.get_server_pid()
         asked = asyncio.Event()
         try:
-            await holder.execute("BEGIN")
-            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
-            with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
-                await _ended(store.put_setting("k", "a"))
+            await _a_write_given_up_behind(store, holder)
             await holder.execute("COMMIT")
 
             def a_write_takes_the_lock() -> None:
@@ -1616,10 +1620,7 @@ async def test_a_write_taking_the_lock_while_the_check_asks_about_the_holder_sto
             cutter.call_before(b"count(*) > 0 FROM pg_stat_activity", a_write_takes_the_lock)
             await _within("the check's question asked", asked.is_set)
             await asyncio.sleep(2.5)  # two checks more
-            await holder.execute("BEGIN")
-            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
-            with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
-                await _ended(store.put_setting("k", "b"))
+            await _a_write_given_up_behind(store, holder, "b")
         finally:
             holder.terminate()
             await store.close()
@@ -1647,13 +1648,9 @@ async def test_a_check_that_fails_is_logged_and_the_checks_go_on(
     store = PostgresStore(pg_dsn, peer=CHECKED)
     await store.open()
     holder = await asyncpg.connect(pg_dsn)
-    pid = holder.get_server_pid()
     try:
         await _within("a check run", lambda: bool(failed))
-        await holder.execute("BEGIN")
-        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
-        with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
-            await _ended(store.put_setting("k", "a"))
+        await _a_write_given_up_behind(store, holder)
         assert "the check failed" in caplog.text and "RuntimeError: a bug" in caplog.text
     finally:
         holder.terminate()
