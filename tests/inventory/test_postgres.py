@@ -1910,6 +1910,51 @@ async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_s
         await admin.close()
 
 
+async def test_a_row_holder_this_role_may_not_see_is_told_and_is_no_outage(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """netboot's role without pg_read_all_stats, and a session of another role (an
+    operator's psql as the superuser) holding one API token's row idle in its transaction:
+    the write waiting for that row is told once with the GRANT (netboot cannot tell the
+    holder stuck) and fails at statement_timeout (4 s here), but only that row's writes
+    wait: stuck_writes stays None at every look (no outage: health up, installs answered)
+    and other writes go through meanwhile. (s32-pg and s32-review merged: without "only
+    the writers' lock", the hidden holder of a row was told stuck at each check, cleared
+    at the next, the health flapping down.)"""
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    schema = pg_dsn.rpartition("search_path=")[2]
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
+    store = PostgresStore(pg_dsn.replace(f"//{pg.SUPERUSER}@", f"//{role}@"),
+                          peer=replace(CHECKED, statement_timeout=4))
+    holder = await asyncpg.connect(pg_dsn)  # the superuser: another role
+    try:
+        await store.open()
+        await store.create_token(ApiToken(name="t", sha256="2" * 64, scope=Scope.ADMIN,
+                                          created=1.0))
+        await holder.execute("BEGIN")
+        await holder.execute("UPDATE api_tokens SET last_used = 1 WHERE name = 't'")
+        touching = asyncio.ensure_future(store.touch_token("t", 2.0))
+        grant = f"GRANT pg_read_all_stats TO {role}"
+        seen: list[str | None] = []
+        while not touching.done():
+            seen.append(store.stuck_writes())
+            await asyncio.sleep(0.05)
+        with pytest.raises(StoreError, match="statement timeout"):
+            await touching
+        assert len(seen) > 40 and seen == [None] * len(seen)
+        assert caplog.text.count(grant) == 1 and "writes of what it locked wait" in caplog.text
+        await store.put_setting("k", "v")  # the writers' lock is free: no wait
+        assert await store.get_setting("k") == "v"
+        await holder.execute("ROLLBACK")
+    finally:
+        holder.terminate()
+        await store.close()
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
 @pytest.mark.parametrize("when", ["idle", "running"])
 async def test_a_change_feed_read_whose_backend_hangs_alone_fails_within_the_checks_bound(
         pg_dsn: str, when: str, caplog: pytest.LogCaptureFixture) -> None:
