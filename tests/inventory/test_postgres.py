@@ -1490,11 +1490,12 @@ async def test_a_store_whose_role_cannot_see_a_holder_waits_for_it_and_ends_noth
         request: pytest.FixtureRequest) -> None:
     """A store connected as a role without pg_read_all_stats sees other roles' sessions in
     pg_stat_activity without their state: a holder of the writers' lock of another role
-    (a superuser's psql) idle in its transaction is not told stuck, and a write waits for
-    it, as it did before the checks looked (nothing of the store's ended, nothing told
-    "stuck" it cannot see); the same holder as the store's own role is found and its
-    writers given up. The store never ends a session it does not own: ending one of its
-    own is all it does (the holder lives on in both cases)."""
+    (a superuser's psql) idle in its transaction is not given up for, and a write waits
+    for it, as it did before the checks looked (nothing of the store's ended); stuck_writes
+    says why, with the GRANT that would let it tell (s32-pg), not that writes are refused;
+    the same holder as the store's own role is found and its writers given up. The store
+    never ends a session it does not own: ending one of its own is all it does (the holder
+    lives on in both cases)."""
     cluster: pg.Cluster = request.getfixturevalue("postgres")
     role = f"r_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(cluster.dsn())
@@ -1517,7 +1518,9 @@ async def test_a_store_whose_role_cannot_see_a_holder_waits_for_it_and_ends_noth
                 assert store.stuck_writes() is not None
             else:
                 await asyncio.sleep(3.5)  # three checks past the check's timeout
-                assert not writing.done() and store.stuck_writes() is None
+                stuck = store.stuck_writes()
+                assert not writing.done() and stuck is not None
+                assert f"GRANT pg_read_all_stats TO {role}" in stuck and "refused" not in stuck
             assert await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1",
                                         holder.get_server_pid()) == "idle in transaction"
             await holder.execute("COMMIT")
