@@ -1863,6 +1863,32 @@ async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write
         await other.close()
 
 
+@contextlib.asynccontextmanager
+async def _a_store_of_another_role(pg_dsn: str, *, granted: bool = False) -> AsyncIterator[
+        tuple[str, PostgresStore, asyncpg.Connection]]:
+    """A new login role that may use ``pg_dsn``'s schema (pg_read_all_stats only if
+    ``granted``), a store connected as it (statement_timeout 4 s), not yet open, and a
+    connection of the superuser (another role: an operator's psql); all dropped after."""
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    schema = pg_dsn.rpartition("search_path=")[2]
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
+    if granted:
+        await admin.execute(f"GRANT pg_read_all_stats TO {role}")
+    store = PostgresStore(pg_dsn.replace(f"//{pg.SUPERUSER}@", f"//{role}@"),
+                          peer=replace(CHECKED, statement_timeout=4))
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        yield role, store, holder
+    finally:
+        holder.terminate()
+        await store.close()
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
 @pytest.mark.parametrize("granted", [False, True])
 async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_shows_it(
         pg_dsn: str, granted: bool, caplog: pytest.LogCaptureFixture) -> None:
@@ -1875,17 +1901,7 @@ async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_s
     s31-pg gives writes up for, naming its PID. Once it ends, writes go on. (Before,
     without the privilege: "still waiting after 20 s", for as long as the holder, nothing
     said.)"""
-    role = f"r_{uuid.uuid4().hex[:12]}"
-    schema = pg_dsn.rpartition("search_path=")[2]
-    admin = await asyncpg.connect(pg_dsn)
-    await admin.execute(f"CREATE ROLE {role} LOGIN")
-    await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
-    if granted:
-        await admin.execute(f"GRANT pg_read_all_stats TO {role}")
-    store = PostgresStore(pg_dsn.replace(f"//{pg.SUPERUSER}@", f"//{role}@"),
-                          peer=replace(CHECKED, statement_timeout=4))
-    holder = await asyncpg.connect(pg_dsn)  # the superuser: another role
-    try:
+    async with _a_store_of_another_role(pg_dsn, granted=granted) as (role, store, holder):
         await store.open()
         await holder.execute("BEGIN")
         await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
@@ -1905,12 +1921,6 @@ async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_s
         await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
         await store.put_setting("k", "w")
         assert await store.get_setting("k") == "w"
-    finally:
-        holder.terminate()
-        await store.close()
-        await admin.execute(f"DROP OWNED BY {role}")
-        await admin.execute(f"DROP ROLE {role}")
-        await admin.close()
 
 
 async def test_a_row_holder_this_role_may_not_see_is_told_and_is_no_outage(
@@ -1923,15 +1933,7 @@ async def test_a_row_holder_this_role_may_not_see_is_told_and_is_no_outage(
     and other writes go through meanwhile. (s32-pg and s32-review merged: without "only
     the writers' lock", the hidden holder of a row was told stuck at each check, cleared
     at the next, the health flapping down.)"""
-    role = f"r_{uuid.uuid4().hex[:12]}"
-    schema = pg_dsn.rpartition("search_path=")[2]
-    admin = await asyncpg.connect(pg_dsn)
-    await admin.execute(f"CREATE ROLE {role} LOGIN")
-    await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
-    store = PostgresStore(pg_dsn.replace(f"//{pg.SUPERUSER}@", f"//{role}@"),
-                          peer=replace(CHECKED, statement_timeout=4))
-    holder = await asyncpg.connect(pg_dsn)  # the superuser: another role
-    try:
+    async with _a_store_of_another_role(pg_dsn) as (role, store, holder):
         await store.open()
         await store.create_token(ApiToken(name="t", sha256="2" * 64, scope=Scope.ADMIN,
                                           created=1.0))
@@ -1950,12 +1952,6 @@ async def test_a_row_holder_this_role_may_not_see_is_told_and_is_no_outage(
         await store.put_setting("k", "v")  # the writers' lock is free: no wait
         assert await store.get_setting("k") == "v"
         await holder.execute("ROLLBACK")
-    finally:
-        holder.terminate()
-        await store.close()
-        await admin.execute(f"DROP OWNED BY {role}")
-        await admin.execute(f"DROP ROLE {role}")
-        await admin.close()
 
 
 @pytest.mark.parametrize("when", ["idle", "running"])
