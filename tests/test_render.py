@@ -1927,3 +1927,86 @@ def test_a_split_fill_reads_tojsons_kept_texts_of_strs_and_calls_it_for_the_rest
     # others rendered and checked whole (the calls above not counted for them).
     assert answered.count(True) >= len(values), answered
     assert {"agent", "--node-name", "edge-1"} <= set(r._tojson_texts)
+# An operator's config templates that print the register command (a Spliced) and the
+# machine's values their own ways: twice, bare beside tojson, in a comment, in flow
+# collections, in a JSON document, in quotes, a block scalar, a key, next to another value.
+_OPERATORS_CONFIGS = {
+    "twice.yaml": "a: {{ register_command | tojson }}\nb: {{ register_command | tojson }}\n",
+    "bare.yaml": "a: {{ register_command | tojson }}\n# {{ register_command }}\nc: x\n",
+    "comment.yaml": "# {{ register_command | tojson }}\nh: {{ machine.hostname | tojson }}\n",
+    "flow.yaml": "a: [{{ register_command | tojson }}, {{ mac | tojson }}]\n"
+                 "m: {k: {{ register_command | tojson }}}\n",
+    "runcmd.yaml": "runcmd:\n  - {{ register_command | tojson }}\n"
+                   "  - [sh, -c, {{ register_command | tojson }}]\n",
+    "document.yaml": "---\na: {{ register_command | tojson }}\n...\n",
+    "json.yaml": '{"a": {{ register_command | tojson }}, "n": {{ k3s.node_name | tojson }}}\n',
+    "args.yaml": "args:\n{% for a in k3s.args %}  - {{ a | tojson }}\n{% endfor %}"
+                 "cmd: {{ register_command | tojson }}\n{# {{ register_command }} #}\n",
+    "quoted.yaml": "a: '{{ register_command | tojson }}'\nb: \"{{ token | tojson }}\"\n",
+    "block.yaml": "a: |\n  {{ register_command | tojson }}\n  {{ token | tojson }}\n",
+    "key.yaml": "{{ register_command | tojson }}: 1\n{{ token | tojson }}: 2\n",
+    "next.yaml": "a: {{ register_command | tojson }}{{ token | tojson }}\n",
+    "filters.yaml": "a: {{ register_command | upper | tojson }}\n"
+                    "b: {{ (k3s.node_name or mac) | tojson }}\n"
+                    "n: {{ register_command | length }}\n",
+}
+
+
+def test_operators_configs_printing_the_register_command_their_own_ways_are_jinjas_text(
+        tmp_path: Path) -> None:
+    """Configs an operator wrote (_OPERATORS_CONFIGS, beside the shipped ones) that print the
+    register command and the machine's values their own ways, for drawn machines (node
+    names, tokens, hostnames, taints and SANs (k3s.args) with YAML's, JSON's, HTML's and
+    the shell's special characters, YAML's words, Jinja's braces, line breaks, non-ASCII,
+    300 characters) and two base URLs: each config is byte for byte Jinja's own text of
+    the same context (the register command a plain str), and one whose text does not parse
+    is refused alike, whether the split form answered it (the command's plain values in
+    places of the skeleton: s31-config2) or it was rendered whole (s32-review)."""
+    import random
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    (tmp_path / "cloud-config").mkdir()
+    for name, source in _OPERATORS_CONFIGS.items():
+        (tmp_path / "cloud-config" / name).write_text(source)
+    base = ["http://192.0.2.10:8080"]
+    c = Content(None, None, Renderer([tmp_path, templates_dir()], volatile=PER_MACHINE,  # type: ignore[arg-type]
+                                     stable=STABLE), None, lambda: base[0], None)  # type: ignore[arg-type]
+    answered = _split_answers(c._render)
+    plain = ImmutableSandboxedEnvironment(
+        loader=jinja2.FileSystemLoader([str(tmp_path), str(templates_dir())]),
+        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    draw = random.Random(32)
+    words = ["yes", "null", "~", "- x", "a: b", "#c", "{{x}}", "{% x %}", "'", '"', "\\", "é",
+             "\n", "0x1f", "&a", "*a", "!!str", "--- ", "x" * 300, "\u2028", "node-7"]
+    odd = _ODD + "#{}[]|>*!?,@\r"
+
+    def text() -> str:
+        return draw.choice([draw.choice(words), "".join(
+            draw.choice(odd) for _ in range(draw.randrange(10))), "".join(
+            chr(draw.randrange(0x20, 0x7F)) for _ in range(draw.randrange(12)))])
+
+    names = [f"cloud-config/{n}" for n in _OPERATORS_CONFIGS]
+    for i in range(120):
+        if i == 60:
+            base[0] = "https://[2001:db8::1]:8443/n'b"
+        mac = MacAddress.parse(f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}")
+        k3s = dataclasses.replace(K3S, node_name=text(), taints=(text(),) * (i % 3),
+                                  tls_san=(text(),) * (i % 2))
+        p = dataclasses.replace(plan(BootAction.INSTALL, machine=dataclasses.replace(
+            MACHINE, macs=(mac,), hostname=draw.choice([None, text()])), k3s=k3s,
+            token=draw.choice([f"{i:06d}TOKEN", text()])), mac=mac)
+        ctx = c.context(p)
+        for name in names:
+            want: object = plain.get_template(name).render(
+                {**ctx, "register_command": str(ctx["register_command"])})
+            try:
+                yaml.load(str(want), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            except yaml.YAMLError:
+                want = None
+            except Exception as exc:  # a lone surrogate: _outcome's
+                want = type(exc)
+            got = _outcome(lambda n=name, p=p: c._config(n, p))  # type: ignore[misc]
+            assert got == want, (name, p.k3s.node_name, p.token, p.machine.hostname)
+    assert 0 < answered.count(True) < len(answered), answered.count(True)

@@ -385,18 +385,22 @@ class _Retry(Exception):
 # server's clock) the server has shown each backend idle, if it does (a session whose
 # statement has been waited for longer than that was never read by its backend); and, for
 # one waiting for a lock, a session that holds it idle in its transaction for longer than
-# $2 seconds, and for how long (a holder that makes no progress: PostgresStore._look), or
-# else one whose state this role may not see (its row says "<insufficient privilege>": a
-# session of another role, without pg_read_all_stats; held NULL), and its role; then the
-# backend's state and wait event (what a statement that overran statement_timeout is doing)
-# and this session's role (the GRANT that would make a hidden holder visible).
+# $2 seconds, for how long and when its transaction began (a holder that makes no progress:
+# PostgresStore._look), or else one whose state this role may not see (its row says
+# "<insufficient privilege>": a session of another role, without pg_read_all_stats; held
+# and its transaction's start NULL), and its role; then the backend's state and wait event
+# (what a statement that overran statement_timeout is doing; "advisory" for the writers'
+# lock, WRITE_LOCK, which every write of the feed's tables waits for, else a row of one
+# table, which only its own writes wait for) and this session's role (the GRANT that would
+# make a hidden holder visible).
 # pg_blocking_pids takes the lock manager's locks: asked only of what has waited that long.
 _IDLE_FOR = (
     "SELECT a.pid, CASE WHEN a.state LIKE 'idle%' THEN extract(epoch FROM clock_timestamp()"
     " - a.state_change)::float8 END, h.pid, extract(epoch FROM clock_timestamp()"
-    " - h.state_change)::float8, h.usename, a.state, a.wait_event, current_user::text"
-    " FROM pg_stat_activity a LEFT JOIN LATERAL (SELECT b.pid, b.state_change,"
-    " b.usename::text FROM pg_stat_activity b WHERE a.wait_event_type = 'Lock'"
+    " - h.state_change)::float8, h.xact_start, h.usename, a.state, a.wait_event,"
+    " current_user::text FROM pg_stat_activity a LEFT JOIN LATERAL (SELECT b.pid,"
+    " b.state_change, b.xact_start, b.usename::text FROM pg_stat_activity b"
+    " WHERE a.wait_event_type = 'Lock'"
     " AND b.pid = ANY(pg_blocking_pids(a.pid)) AND (b.state LIKE 'idle in transaction%'"
     " AND clock_timestamp() - b.state_change > make_interval(secs => $2::float8)"
     " OR b.state IS NULL AND b.query = '<insufficient privilege>')"
@@ -404,9 +408,12 @@ _IDLE_FOR = (
     " WHERE a.pid = ANY($1::int[])")
 
 
-# Whether the session of a PID is still idle in a transaction (a holder found stuck: _look).
+# Whether the session of a PID is still idle in the transaction it was found stuck in (begun
+# at $2: _look). Not in any transaction: a holder that committed and began another (psql with
+# AUTOCOMMIT off, a driver that opens one implicitly, is idle in a transaction after every
+# statement), or a later session given the same PID, holds nothing writes wait for.
 _STILL_STUCK = ("SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1"
-                " AND state LIKE 'idle in transaction%'")
+                " AND state LIKE 'idle in transaction%' AND xact_start = $2")
 # Whether the session of a PID, whose state this role may not see, still holds the writers'
 # lock (pg_locks shows every role's: an advisory lock on a bigint key is classid, its high
 # 32 bits, objid, its low ones, objsubid 1).
@@ -486,11 +493,11 @@ class PostgresStore:
         # Sessions found holding a lock others wait for, idle in their transaction, that
         # have been logged (_look: once each).
         self._stuck_told: set[int] = set()
-        # (its PID, why, whether its state is hidden from this role) while such a holder
-        # stops writes (stuck_writes), until a write takes the writers' lock or the check
-        # finds the holder no longer idle in its transaction (hidden: no longer holding the
-        # writers' lock).
-        self._stuck: tuple[int, str, bool] | None = None
+        # (its PID, its transaction's start, why, whether its state is hidden from this
+        # role) while such a holder of the writers' lock stops writes (stuck_writes), until
+        # a write takes the writers' lock or the check finds the holder no longer idle in
+        # that transaction (hidden: no longer holding the writers' lock).
+        self._stuck: tuple[int, Any, str, bool] | None = None
         # Backends whose statements statement_timeout does not bound (a migration's): the
         # check does not end them for overrunning it.
         self._unbounded: set[int] = set()
@@ -918,7 +925,11 @@ class PostgresStore:
         (:meth:`_silenced`): the store's connections (any made since) are ended again."""
         first, most = RELISTEN_PAUSES
         while True:
-            why = await self._watch()
+            try:
+                why = await self._watch()
+            except Exception:  # a bug: logged, and listened again (checked) rather than never
+                log.exception("inventory %s: the check failed", self.name)
+                why = "its check failed (logged)"
             self._notify_lost.clear()
             self._notify = None
             self._commits += 1
@@ -994,23 +1005,30 @@ class PostgresStore:
         client: its client or its backend stopped or hung, an operator's forgotten psql
         transaction) is ended too: it would wait as long as that holder, for ever if its
         backend is stopped (pg_terminate_backend acts only once it runs). Its write fails
-        (its first statement takes the lock: nothing was written) saying which PID holds
-        it; logged once per holder. A holder that runs a statement (a bulk import's COPY
-        under the lock) is waited for. So is one of another role whose state this role may
-        not see (without pg_read_all_stats, pg_stat_activity hides it): stuck or at work,
-        netboot cannot tell, so it says so (logged once per holder, and stuck_writes while
-        it holds the writers' lock, naming the GRANT that would let it tell); its writes
-        wait, each bounded by statement_timeout.
+        (its first statement takes the lock: nothing was written; a single statement
+        waiting for a row is settled by its mark, claimed: it can no longer commit) saying
+        which PID holds it; logged once per holder. Only a holder of the writers' lock
+        stops writes (:meth:`stuck_writes`): a row's holder (an operator's UPDATE of one
+        lease or token) stops that row's writes alone. A holder that runs a statement (a
+        bulk import's COPY under the lock) is waited for. Only the store's own sessions are
+        ever ended, never the holder. A holder is seen only if the store's role may see
+        its state: one of the same role, or any with pg_read_all_stats. One of another role
+        whose state this role may not see (without pg_read_all_stats, pg_stat_activity
+        hides it) is waited for too: stuck or at work, netboot cannot tell, so it says so
+        (logged once per holder, and stuck_writes while it holds the writers' lock, naming
+        the GRANT that would let it tell); its writes wait, each bounded by
+        statement_timeout.
 
         False if the server did not answer its questions here within ``within`` (as it is
         a check's: :func:`answered`): the server is silent, as if the check's ``SELECT 1``
         had gone unanswered (a question left running on ``conn`` would make every later
         check's refused at once, taken for an answer: the server never told silent)."""
-        if self._stuck is not None:
-            pid, _, hidden = self._stuck
+        stuck = self._stuck  # a write that takes the lock meanwhile clears it (_write)
+        if stuck is not None:
+            pid, began, _, hidden = stuck
             still = await answered(
                 conn.fetchval(_STILL_HOLDS, pid, WRITE_LOCK >> 32, WRITE_LOCK & 0xFFFFFFFF)
-                if hidden else conn.fetchval(_STILL_STUCK, pid), within)
+                if hidden else conn.fetchval(_STILL_STUCK, pid, began), within)
             if still is None:
                 return False
             with contextlib.suppress(*_FAILED):
@@ -1035,7 +1053,13 @@ class PostgresStore:
         bound = self._peer.statement_timeout
         overran: list[int] = []
         for pid, (session, wait) in waiting.items():
-            _, idle, holder, held, role, state, event, me = rows.get(pid, (pid, *[None] * 7))
+            _, idle, holder, held, began, role, state, event, me = rows.get(
+                pid, (pid, *[None] * 8))
+            # The writers' lock (an advisory one): every write waits. A row's holder (an
+            # operator's UPDATE of one lease or token) stops that row's writes alone: each
+            # is given up (or waited for, if hidden), the others go on: no outage.
+            advisory = event == "advisory"
+            what = "" if advisory else "of what it locked "
             if idle is not None and idle >= within:
                 session.ended_why = (
                     f"the server did not read a statement of this session within "
@@ -1048,14 +1072,18 @@ class PostgresStore:
                 session.ended_why = (
                     f"waited {wait:.0f} s for a lock held by the session of backend "
                     f"PID {holder}, idle in its transaction for {held:.0f} s (its client "
-                    "or its backend stopped or hung?): writes wait for it until it ends")
-                self._stuck = (holder, f"inventory {self.name}: writes are refused: "
-                               f"{session.ended_why}", False)
+                    f"or its backend stopped or hung?): writes {what}wait for it until it "
+                    "ends")
+                if advisory:
+                    self._stuck = (holder, began, f"inventory {self.name}: writes are "
+                                   f"refused: {session.ended_why}", False)
                 if holder not in self._stuck_told:
                     self._stuck_told.add(holder)
-                    log.error("inventory %s: %s; each is given up after %s s (ended by "
-                              "pg_terminate_backend(%d) once it runs)", self.name,
-                              session.ended_why, within, holder)
+                    # The holder is not ended here (it may be anyone's): an operator
+                    # can, and its backend, if stopped, acts on it once it runs.
+                    log.error("inventory %s: %s; each is given up after %s s (the holder "
+                              "is left as it is: end it with pg_terminate_backend(%d))",
+                              self.name, session.ended_why, within, holder)
             elif bound and wait > bound + within and pid not in self._unbounded:
                 # The backend was to cancel it at statement_timeout (an ERROR, answered at
                 # once), and has not for check_timeout more: it does not run (stopped, hung
@@ -1076,12 +1104,13 @@ class PostgresStore:
                 # Held by a session of another role whose state this role may not see:
                 # stuck or at work, netboot cannot tell; its writes wait (statement_timeout
                 # bounds each). Told, with what would let it tell.
-                why = (f"writes wait for a lock held by the session of backend PID {holder} "
-                       f"(role {role}); this netboot's role, {me}, may not see what that "
-                       "session does (stuck idle in its transaction, or at work), so it "
+                why = (f"writes {what}wait for a lock held by the session of backend PID "
+                       f"{holder} (role {role}); this netboot's role, {me}, may not see what "
+                       "that session does (stuck idle in its transaction, or at work), so it "
                        f"cannot give its writes up: it lacks pg_read_all_stats (GRANT "
                        f"pg_read_all_stats TO {me})")
-                self._stuck = (holder, f"inventory {self.name}: {why}", True)
+                if advisory:
+                    self._stuck = (holder, None, f"inventory {self.name}: {why}", True)
                 if holder not in self._stuck_told:
                     self._stuck_told.add(holder)
                     log.error("inventory %s: %s; each write is given up after "
@@ -1103,7 +1132,7 @@ class PostgresStore:
     def stuck_writes(self) -> str | None:
         """Why writes are given up while reads answer (base.StuckWrites): a lock they wait
         for held by a session idle in its transaction past check_timeout (:meth:`_look`)."""
-        return None if self._stuck is None else self._stuck[1]
+        return None if self._stuck is None else self._stuck[2]
 
     def _silenced(self, why: str) -> None:
         """The server does not answer (``why``): end every connection of the pool and the

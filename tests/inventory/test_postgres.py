@@ -1474,6 +1474,193 @@ async def test_a_write_waiting_for_a_lock_a_stuck_session_holds_is_given_up(
         await store.close()
 
 
+async def _a_write_given_up_behind(store: PostgresStore, holder: asyncpg.Connection,
+                                   value: str = "a") -> None:
+    """``holder`` takes the writers' lock and stays idle in its transaction (an operator's
+    forgotten psql): a write of ``store`` is given up past the check's timeout, naming the
+    holder's PID."""
+    await holder.execute("BEGIN")
+    await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+    with pytest.raises(StoreError,
+                       match=f"held by the session of backend PID {holder.get_server_pid()}"):
+        await _ended(store.put_setting("k", value))
+
+
+async def test_a_store_whose_role_cannot_see_a_holder_waits_for_it_and_ends_nothing(
+        request: pytest.FixtureRequest) -> None:
+    """A store connected as a role without pg_read_all_stats sees other roles' sessions in
+    pg_stat_activity without their state: a holder of the writers' lock of another role
+    (a superuser's psql) idle in its transaction is not given up for, and a write waits
+    for it, as it did before the checks looked (nothing of the store's ended); stuck_writes
+    says why, with the GRANT that would let it tell (s32-pg), not that writes are refused;
+    the same holder as the store's own role is found and its writers given up. The store
+    never ends a session it does not own: ending one of its own is all it does (the holder
+    lives on in both cases)."""
+    cluster: pg.Cluster = request.getfixturevalue("postgres")
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(cluster.dsn())
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    await admin.execute(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
+    dsn = cluster.dsn().replace(f"{pg.SUPERUSER}@", f"{role}@") + f"&search_path={role}"
+    store = PostgresStore(dsn, peer=CHECKED)
+    holders: list[asyncpg.Connection] = []
+    try:
+        await store.open()
+        for who in (cluster.dsn(), dsn):
+            holder = await asyncpg.connect(who)
+            holders.append(holder)
+            await holder.execute("BEGIN")
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+            writing = asyncio.ensure_future(store.put_setting("k", who))
+            if who == dsn:
+                with pytest.raises(StoreError, match="held by the session of backend PID"):
+                    await _ended(writing)
+                assert store.stuck_writes() is not None
+            else:
+                await asyncio.sleep(3.5)  # three checks past the check's timeout
+                stuck = store.stuck_writes()
+                assert not writing.done() and stuck is not None
+                assert f"GRANT pg_read_all_stats TO {role}" in stuck and "refused" not in stuck
+            assert await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1",
+                                        holder.get_server_pid()) == "idle in transaction"
+            await holder.execute("COMMIT")
+            if who != dsn:
+                await _ended(writing)
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+        await store.put_setting("k", "v")
+        assert await store.get_setting("k") == "v"
+    finally:
+        for holder in holders:
+            holder.terminate()
+        await store.close()
+        await admin.execute(f"DROP SCHEMA {role} CASCADE")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+async def test_a_row_lock_held_idle_gives_up_that_write_alone_and_is_no_outage(
+        pg_dsn: str) -> None:
+    """An operator's psql holds one API token's row idle in its transaction (a forgotten
+    UPDATE of it; not a table the change feed carries: the writers' lock is free). The
+    write that waits for that row is given up past the check's timeout, naming the holder;
+    the store's writes are not stuck (stuck_writes: the service's health, /healthz):
+    every other write goes through meanwhile. (Before: any lock's holder idle in its
+    transaction was taken as the writers' lock's: the health went down, installs refused,
+    until that psql ended its transaction, for one token's row.)"""
+    store = PostgresStore(pg_dsn, peer=CHECKED)
+    await store.open()
+    await store.create_token(ApiToken(name="t", sha256="2" * 64, scope=Scope.ADMIN, created=1.0))
+    holder = await asyncpg.connect(pg_dsn)
+    pid = holder.get_server_pid()
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("UPDATE api_tokens SET last_used = 1 WHERE name = 't'")
+        with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+            await _ended(store.touch_token("t", 2.0))
+        await asyncio.sleep(1.5)  # a check more
+        assert store.stuck_writes() is None
+        await store.put_setting("k", "v")
+        assert await store.get_setting("k") == "v"
+        # The given-up statement, run once the holder commits, cannot commit (its mark
+        # was claimed): told failed, it is not written.
+        await holder.execute("COMMIT")
+        await _within("the given-up statement's backend gone", lambda: holder.fetchval(
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE query LIKE"
+            " '%SET last_used = $2 WHERE%' AND pid <> pg_backend_pid()"))
+        assert [t.last_used for t in await store.list_tokens()] == [1.0]
+    finally:
+        holder.terminate()
+        await store.close()
+
+
+async def test_writes_are_no_longer_stuck_once_the_holder_ends_its_transaction(
+        pg_dsn: str) -> None:
+    """An operator's psql holds the writers' lock idle in its transaction (a forgotten
+    UPDATE of a netboot table): writes are given up and told stuck. The operator then
+    commits and leaves the session in a new transaction that holds nothing netboot waits for
+    (psql with AUTOCOMMIT off is idle in a transaction after every statement; so is an
+    application whose driver opens one implicitly): writes are no longer stuck at the next
+    check. (Before: "stuck" for as long as that PID was idle in any transaction, and with the
+    health down the boot path wrote nothing that would take the lock and clear it: installs
+    refused until the operator closed psql.)"""
+    store = PostgresStore(pg_dsn, peer=CHECKED)
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        await _a_write_given_up_behind(store, holder)
+        assert store.stuck_writes() is not None
+        await holder.execute("COMMIT")
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT count(*) FROM settings")  # idle in a new transaction
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+        await store.put_setting("k", "b")
+        assert await store.get_setting("k") == "b"
+    finally:
+        holder.terminate()
+        await store.close()
+
+
+async def test_a_write_taking_the_lock_while_the_check_asks_about_the_holder_stops_no_check(
+        pg_dsn: str) -> None:
+    """Writes stuck behind a holder idle in its transaction; the holder commits, and a
+    write takes the writers' lock (which says writes are no longer stuck) while the check's
+    question about that holder is on its way. The checks go on: a second holder is found
+    and its writers given up as the first's were. (Before: the check named the holder from
+    what the write had just cleared, a TypeError that ended the task that checks and
+    listens again: writes then waited for the next stuck holder for ever.)"""
+    async with pg.cutting(pg_dsn) as (dsn, cutter):
+        store = PostgresStore(dsn, peer=CHECKED)
+        await store.open()
+        holder = await asyncpg.connect(pg_dsn)
+        asked = asyncio.Event()
+        try:
+            await _a_write_given_up_behind(store, holder)
+            await holder.execute("COMMIT")
+
+            def a_write_takes_the_lock() -> None:
+                store._stuck = None  # as _write does once it holds the writers' lock
+                asked.set()
+
+            cutter.call_before(b"count(*) > 0 FROM pg_stat_activity", a_write_takes_the_lock)
+            await _within("the check's question asked", asked.is_set)
+            await asyncio.sleep(2.5)  # two checks more
+            await _a_write_given_up_behind(store, holder, "b")
+        finally:
+            holder.terminate()
+            await store.close()
+
+
+async def test_a_check_that_fails_is_logged_and_the_checks_go_on(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A check that raises what it never should (a bug, as the one a write taking the lock
+    during the check's question was) is logged, and the store listens again and goes on
+    checking: a stuck holder is then found as ever. (Before: the exception ended the task
+    that checks and listens again, unlogged until the task was collected: no check ran
+    again, writes behind a stuck holder waited for ever.)"""
+    real = PostgresStore._look
+    failed: list[bool] = []
+
+    async def once_broken(self: PostgresStore, conn: asyncpg.Connection, within: float,
+                          ) -> bool:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a bug")
+        return await real(self, conn, within)
+
+    monkeypatch.setattr(PostgresStore, "_look", once_broken)
+    store = PostgresStore(pg_dsn, peer=CHECKED)
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        await _within("a check run", lambda: bool(failed))
+        await _a_write_given_up_behind(store, holder)
+        assert "the check failed" in caplog.text and "RuntimeError: a bug" in caplog.text
+    finally:
+        holder.terminate()
+        await store.close()
+
+
 @pytest.mark.parametrize("question", ["idle", "stuck"])
 async def test_a_server_stopped_as_the_check_looks_at_a_waiting_session_is_told_silent(
         question: str) -> None:
@@ -1676,6 +1863,32 @@ async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write
         await other.close()
 
 
+@contextlib.asynccontextmanager
+async def _a_store_of_another_role(pg_dsn: str, *, granted: bool = False) -> AsyncIterator[
+        tuple[str, PostgresStore, asyncpg.Connection]]:
+    """A new login role that may use ``pg_dsn``'s schema (pg_read_all_stats only if
+    ``granted``), a store connected as it (statement_timeout 4 s), not yet open, and a
+    connection of the superuser (another role: an operator's psql); all dropped after."""
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    schema = pg_dsn.rpartition("search_path=")[2]
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute(f"CREATE ROLE {role} LOGIN")
+    await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
+    if granted:
+        await admin.execute(f"GRANT pg_read_all_stats TO {role}")
+    store = PostgresStore(pg_dsn.replace(f"//{pg.SUPERUSER}@", f"//{role}@"),
+                          peer=replace(CHECKED, statement_timeout=4))
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        yield role, store, holder
+    finally:
+        holder.terminate()
+        await store.close()
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
 @pytest.mark.parametrize("granted", [False, True])
 async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_shows_it(
         pg_dsn: str, granted: bool, caplog: pytest.LogCaptureFixture) -> None:
@@ -1688,17 +1901,7 @@ async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_s
     s31-pg gives writes up for, naming its PID. Once it ends, writes go on. (Before,
     without the privilege: "still waiting after 20 s", for as long as the holder, nothing
     said.)"""
-    role = f"r_{uuid.uuid4().hex[:12]}"
-    schema = pg_dsn.rpartition("search_path=")[2]
-    admin = await asyncpg.connect(pg_dsn)
-    await admin.execute(f"CREATE ROLE {role} LOGIN")
-    await admin.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
-    if granted:
-        await admin.execute(f"GRANT pg_read_all_stats TO {role}")
-    store = PostgresStore(pg_dsn.replace(f"//{pg.SUPERUSER}@", f"//{role}@"),
-                          peer=replace(CHECKED, statement_timeout=4))
-    holder = await asyncpg.connect(pg_dsn)  # the superuser: another role
-    try:
+    async with _a_store_of_another_role(pg_dsn, granted=granted) as (role, store, holder):
         await store.open()
         await holder.execute("BEGIN")
         await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
@@ -1718,12 +1921,37 @@ async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_s
         await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
         await store.put_setting("k", "w")
         assert await store.get_setting("k") == "w"
-    finally:
-        holder.terminate()
-        await store.close()
-        await admin.execute(f"DROP OWNED BY {role}")
-        await admin.execute(f"DROP ROLE {role}")
-        await admin.close()
+
+
+async def test_a_row_holder_this_role_may_not_see_is_told_and_is_no_outage(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """netboot's role without pg_read_all_stats, and a session of another role (an
+    operator's psql as the superuser) holding one API token's row idle in its transaction:
+    the write waiting for that row is told once with the GRANT (netboot cannot tell the
+    holder stuck) and fails at statement_timeout (4 s here), but only that row's writes
+    wait: stuck_writes stays None at every look (no outage: health up, installs answered)
+    and other writes go through meanwhile. (s32-pg and s32-review merged: without "only
+    the writers' lock", the hidden holder of a row was told stuck at each check, cleared
+    at the next, the health flapping down.)"""
+    async with _a_store_of_another_role(pg_dsn) as (role, store, holder):
+        await store.open()
+        await store.create_token(ApiToken(name="t", sha256="2" * 64, scope=Scope.ADMIN,
+                                          created=1.0))
+        await holder.execute("BEGIN")
+        await holder.execute("UPDATE api_tokens SET last_used = 1 WHERE name = 't'")
+        touching = asyncio.ensure_future(store.touch_token("t", 2.0))
+        grant = f"GRANT pg_read_all_stats TO {role}"
+        seen: list[str | None] = []
+        while not touching.done():
+            seen.append(store.stuck_writes())
+            await asyncio.sleep(0.05)
+        with pytest.raises(StoreError, match="statement timeout"):
+            await touching
+        assert len(seen) > 40 and seen == [None] * len(seen)
+        assert caplog.text.count(grant) == 1 and "writes of what it locked wait" in caplog.text
+        await store.put_setting("k", "v")  # the writers' lock is free: no wait
+        assert await store.get_setting("k") == "v"
+        await holder.execute("ROLLBACK")
 
 
 @pytest.mark.parametrize("when", ["idle", "running"])
