@@ -187,13 +187,7 @@ class Content:
             if names is not None:  # what the command line reads is made too
                 more = self._render.string_reads(source)
                 names = None if more is None else names | more
-        made = None
-        if profile is not None:
-            # _of_profile's look-up written out (its call was ~1,200 of every config's and
-            # install script's loop instructions, session 32).
-            kept = self._profile_parts.get(id(profile))
-            made = (kept[2] if kept is not None and kept[0] is profile and kept[1] == urls.base
-                    else self._of_profile(profile, urls))
+        made = self._of_profile(profile, urls) if profile is not None else None
         pdict = made[0] if made is not None else {}
         k3s = plan.k3s
         # MacAddress.hexhyp's and str()'s texts, without their two calls: made once, three
@@ -214,14 +208,8 @@ class Content:
         if names is None or "instance_serial" in names:
             ctx["instance_serial"] = int(machine.updated) if machine else 0
         if names is None or "machine" in names:
-            if not machine:
-                ctx["machine"] = {"mac": mac_text, "hostname": None}
-            elif names is not None and (keys := self._machine_keys.get(names)) is not None:
-                # _machine_dict's keys as found before, without its two calls (a config
-                # reads the hostname alone).
-                ctx["machine"] = {key: getattr(machine, key) for key in keys}
-            else:
-                ctx["machine"] = self._machine_dict(machine, names)
+            ctx["machine"] = (self._machine_dict(machine, names) if machine
+                              else {"mac": mac_text, "hostname": None})
         if names is None or not names.isdisjoint(_TRUST_NAMES):
             trust = self._trust()
             ctx["https_base_url"] = trust.https_base

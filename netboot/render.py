@@ -408,9 +408,7 @@ class Renderer:
         :meth:`_yaml` gives, rendered and checked once per skeleton, not once per machine
         (Jinja's render and the form check were ~120,000 of a first config's ~420,000 loop
         instructions, session 28). Else None: rendered and checked as before."""
-        kept = self._splits.get(id(template))  # _split_of's look-up, without its call
-        split = (kept[1] if kept is not None and kept[0] is template
-                 else self._split_of(template, self.volatile, name, config=True))
+        split = self._split_of(template, self.volatile, name, config=True)
         if split is None:
             return None
         text = split.text(context, self._frozen, True)
