@@ -22,7 +22,7 @@ from aiohttp import web
 from netboot.access import Permission, Principal, parse_duration, public_token
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
-from netboot.enroll import fleet_status, parse_import, token_matches
+from netboot.enroll import fleet_status, parse_import, token_expired, token_is, token_matches
 from netboot.errors import NetbootError, NotFound, OutcomeUnknown, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
@@ -503,6 +503,12 @@ class Api:
         if token_matches(machine, token, self._clock()):
             request[ACTOR_KEY] = f"machine:{machine.id}"
         else:
+            if token_is(machine, token) and token_expired(machine, self._clock()):
+                # Its own token, expired: told so, as its config and registration are
+                # (401 and a "token expired" event), not as a request without a token
+                # (over plain HTTP from the network: "use HTTPS") (s33-attack).
+                request[ACTOR_KEY] = f"machine:{machine.id}"
+                await self._enroll.refuse_expired(machine, "report")
             # Not this machine's install token: an operator reporting by hand, or nobody.
             (await self.principal(request)).require(Permission.OPERATE)
         limit = request.app[MAX_EVENT_KEY]

@@ -414,8 +414,9 @@ class BootService:
         self._log = logger or logging.getLogger(__name__)
         self._background: set[asyncio.Task[None]] = set()
         # NIC -> [its lock, how many hold it or wait for it] (_Locked): only while one does.
-        # Keyed by the MacAddress itself (bytes: equal NICs, equal keys), not its text.
-        self._locks: dict[MacAddress, list[Any]] = {}
+        # Keyed by the MacAddress itself (bytes: equal NICs, equal keys), not its text; a
+        # machine's id (a str: no NIC's key) for what all its NICs write (_adopt).
+        self._locks: dict[MacAddress | str, list[Any]] = {}
         # NIC -> the last decision that wrote nothing, to answer its repeats (_recorded_plan);
         # oldest first, bounded.
         self._repeats: collections.OrderedDict[MacAddress, _Repeat] = collections.OrderedDict()
@@ -1420,9 +1421,27 @@ class BootService:
         for kind, other in res.disagree:
             self._log.warning("identifiers disagree: mac=%s is machine %s, but its %s is %s's",
                               request.mac, machine.id, kind, other.id)
-        new_nic = _new_nic(request, machine, res.absorb)
-        if not res.absorb and not new_nic:
+        if not res.absorb and not _new_nic(request, machine, res.absorb):
             return machine
+        # The caller holds its NIC's lock; another NIC of this machine (a server whose ports
+        # PXE-boot at once) holds its own, and the compare-and-set below checks the state
+        # alone: without the machine's lock and a look from a fresh view, each stored the
+        # machine with its own NIC added, undoing the others' (their "nic-attached" events
+        # told, their NICs gone; a discovered record both absorbed, merged twice) (s33-attack).
+        async with _Locked(self._locks, machine.id):
+            await self._view.sync()
+            res = await self._resolve(request)
+            machine = res.machine
+            if machine is None:
+                return None
+            new_nic = _new_nic(request, machine, res.absorb)
+            if not res.absorb and not new_nic:
+                return machine
+            return await self._attach(request, res, machine, new_nic)
+
+    async def _attach(self, request: BootRequest, res: Resolution, machine: Machine,
+                      new_nic: bool) -> Machine:
+        """:meth:`_adopt`'s write, under the machine's lock."""
         now = self._clock()
         updated = identity.merge(machine, res.absorb, now)
         events = [Event(updated.id, now, "merged",

@@ -4,9 +4,9 @@ Recording an unknown machine is a write that anyone on the provisioning network 
 20,000 PXE requests with random MACs once added 13,351 ``discovered`` rows, the inventory grew
 without limit, and the writes crowded out the answers real devices were waiting for. So:
 
-* each source (the DHCP relay, else the client's address, else the interface a broadcast came
-  in on) gets a token bucket of new records; an empty bucket means the request is still
-  answered, but nothing is recorded for it;
+* each source (the address a request came from, a DHCP relay's own for a relayed one, else
+  the interface a broadcast came in on) gets a token bucket of new records; an empty bucket
+  means the request is still answered, but nothing is recorded for it;
 * the number of discovered records is capped: the oldest is evicted (deleted with its events)
   to make room for a new one, and evictions are counted.
 
@@ -37,13 +37,14 @@ class DiscoveryLimits:
 
 
 def source_of(request: BootRequest) -> str:
-    """Who caused this request, for the per-source budget: a relayed DHCP request counts
-    against its relay (the clients behind it share a segment), a request from an address
-    against that address, a local broadcast against the interface it came in on."""
-    if request.relay:
-        return "relay " + request.relay
-    if request.remote_addr and request.remote_addr not in _UNSPECIFIED:
-        return request.remote_addr
+    """Who caused this request, for the per-source budget: a request from an address counts
+    against that address (a relayed DHCP request against its relay, which sends it from its
+    own: the clients behind it share a segment), a local broadcast against the interface it
+    came in on. Not against giaddr, a field of the datagram that any host fills as it likes:
+    one host varying it had a budget per value (s33-attack)."""
+    remote = request.remote_addr
+    if remote and remote not in _UNSPECIFIED:
+        return "relay " + remote if request.relay else remote
     return "broadcast on " + (request.interface or "the provisioning network")
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -61,6 +61,16 @@ REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
     "installed": lifecycle.Trigger.INSTALLED,
     "failed": lifecycle.Trigger.FAILED,
 }
+# Kinds of the events netboot writes itself (a report's kind is a word: those with spaces,
+# "token withheld", need no entry), the lifecycle's other steps and its states: refused as
+# a report's kind. A device's token (it crossed plain HTTP in the config URL) wrote
+# "registered" or "reinstall" on a machine still installing, which the timeline showed and
+# the metrics counted as netboot's own record (s33-attack).
+NETBOOT_KINDS = frozenset(kind for kind in (
+    "enrolled", "discovered", "merged", "nic-attached", "install-plan", "local-boot", "hold",
+    "dhcp", "config", "registered", "reinstall", "updated",
+    *(t.value for t in lifecycle.Trigger), *(s.value for s in MachineState),
+) if kind not in REPORTED_STEPS)
 
 
 def check_hostname(name: str, field_name: str = "hostname") -> str:
@@ -672,15 +682,20 @@ class Enroller:
             raise AuthError(refused)
         lifecycle.apply(machine.state, step, subject=machine)  # its ref made only to refuse
         if token_expired(machine, self._clock()):
-            assert machine.token_expires is not None
-            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(machine.token_expires))
-            message = (f"the install token of {machine.ref} expired at {when} ({step} "
-                       f"refused); 'netboot machines reinstall {machine.ref}' issues a new one")
-            last = await self._store.list_events(machine.id, limit=1)
-            if not (last and last[0].kind == "token expired" and last[0].message == message):
-                await self.event(machine.id, "token expired", message)
-            raise AuthError(message)
+            await self.refuse_expired(machine, str(step))
         return machine
+
+    async def refuse_expired(self, machine: Machine, what: str) -> NoReturn:
+        """AuthError (401) saying that ``machine``'s install token expired (``what``: the
+        step it refused), told once as a ``token expired`` event."""
+        assert machine.token_expires is not None
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(machine.token_expires))
+        message = (f"the install token of {machine.ref} expired at {when} ({what} "
+                   f"refused); 'netboot machines reinstall {machine.ref}' issues a new one")
+        last = await self._store.list_events(machine.id, limit=1)
+        if not (last and last[0].kind == "token expired" and last[0].message == message):
+            await self.event(machine.id, "token expired", message)
+        raise AuthError(message)
 
     async def reinstall(self, ref: str) -> Machine:
         machine = await identity.require_ref(self._store, ref)
@@ -716,6 +731,10 @@ class Enroller:
                 or not re.match(r"^[a-z0-9][a-z0-9._-]*$", kind):
             raise ValidationError("kind", "required: a short lowercase word such as "
                                           "'installing', 'installed', 'failed', 'progress'")
+        if kind in NETBOOT_KINDS:
+            raise ValidationError("kind", f"'{kind}' is a kind netboot records itself; report "
+                                          "'installing', 'installed', 'failed' or a kind of "
+                                          "your own, such as 'progress'")
         message = body.get("message", "")
         if not isinstance(message, str) or len(message) > MAX_EVENT_MESSAGE:
             raise ValidationError("message", f"text of at most {MAX_EVENT_MESSAGE} characters")

@@ -435,6 +435,41 @@ async def test_a_boot_from_any_enrolled_nic_is_the_same_machine(
     assert stored is not None and stored.macs == (NIC1, NIC2)  # nothing attached twice
 
 
+async def test_nics_of_one_machine_seen_at_once_are_all_attached(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    # A server whose four ports PXE-boot at once, enrolled by its UUID: each port's DHCP
+    # record attaches its NIC. The boot path's lock was its NIC's, so the four
+    # read-modify-writes of the one machine ran together and the last one stored its
+    # attachment alone, after four "nic-attached" events (s33-attack).
+    boot, store, _ = setup
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
+    m = Machine(uuid=uuid, hostname="four", profile="p", cluster="edge")
+    await store.create_machine(m)
+    nics = [MacAddress.parse(f"52:54:00:00:03:{i:02x}") for i in range(1, 5)]
+    await asyncio.gather(*[boot.first_stage(replace(req(Firmware.UEFI, uuid=uuid), mac=nic))
+                           for nic in nics])
+    await boot.drain()
+    stored = await store.get_machine(m.id)
+    assert stored is not None and sorted(stored.macs) == nics
+    attached = [e.data["mac"] for e in await store.list_events(m.id) if e.kind == "nic-attached"]
+    assert sorted(attached) == [str(nic) for nic in nics]
+    assert await store.count_machines() == 1
+
+
+async def test_two_nics_asking_for_their_script_at_once_attach_once_each(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    boot, store, _ = setup
+    m = Machine(serial="CZ2048XYZ", hostname="two", profile="p", cluster="edge")
+    await store.create_machine(m)
+    await asyncio.gather(boot.plan(ipxe(NIC1, serial="CZ2048XYZ")),
+                         boot.plan(ipxe(NIC2, serial="CZ2048XYZ")))
+    await boot.drain()
+    stored = await store.get_machine(m.id)
+    assert stored is not None and sorted(stored.macs) == [NIC1, NIC2]
+    attached = [e.data["mac"] for e in await store.list_events(m.id) if e.kind == "nic-attached"]
+    assert sorted(attached) == [str(NIC1), str(NIC2)]  # each told once, as stored
+
+
 async def test_serial_only_machine_installs_and_gets_its_mac_attached(
         setup: tuple[BootService, MemoryStore, Clock]) -> None:
     boot, store, _ = setup

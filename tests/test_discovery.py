@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits, TokenBuckets, source_of
 from netboot.inventory.base import MachineFilter
 from netboot.inventory.memory import MemoryStore
@@ -41,12 +43,24 @@ def test_buckets_are_bounded_in_number() -> None:
     assert buckets.take("a", 0.0)
 
 
-def test_the_source_is_the_relay_then_the_address_then_the_interface() -> None:
+def test_the_source_is_the_address_a_request_came_from_then_the_interface() -> None:
+    # A relay sends from its own address (RFC 1542 §4.1.1), giaddr in the datagram.
     assert source_of(BootRequest(mac=MAC, relay="198.51.100.1",
-                                 remote_addr="0.0.0.0")) == "relay 198.51.100.1"
+                                 remote_addr="198.51.100.1")) == "relay 198.51.100.1"
     assert source_of(BootRequest(mac=MAC, remote_addr="192.0.2.7")) == "192.0.2.7"
     assert source_of(BootRequest(mac=MAC, remote_addr="0.0.0.0",
                                  interface="eth1")) == "broadcast on eth1"
+
+
+@pytest.mark.parametrize("remote", ["192.0.2.60", "0.0.0.0"])
+def test_a_giaddr_of_its_own_choosing_gives_a_host_no_budget_of_its_own(remote: str) -> None:
+    # giaddr is a field of the datagram, which any host on the segment fills as it likes
+    # (no raw socket needed): one host varying it had a bucket per value, 200 records at
+    # once from 192.0.2.60 where 20 were its budget, filling max_discovered and evicting
+    # the machines held for approval (s33-attack). It counts against where it came from.
+    sources = {source_of(BootRequest(mac=MAC, relay=f"198.51.100.{i}", remote_addr=remote,
+                                     interface="eth1")) for i in range(1, 201)}
+    assert len(sources) == 1
 
 
 def discovered(n: int, created: float) -> Machine:
@@ -97,9 +111,9 @@ async def test_a_flood_of_random_macs_is_bounded_and_real_machines_still_boot(
     # DHCP from many relays (each with its own bucket, so none is refused): the cap holds,
     # the oldest go.
     for i in range(150):
+        relay = f"198.51.100.{i % 50 + 1}"  # a relay sends from its own address
         request = BootRequest(mac=MacAddress.parse(random_mac()), firmware=Firmware.BIOS,
-                              arch=Arch.X86, via="dhcp", remote_addr="0.0.0.0",
-                              relay=f"198.51.100.{i % 50 + 1}")
+                              arch=Arch.X86, via="dhcp", remote_addr=relay, relay=relay)
         await env.service.boot.first_stage(request)
     await env.service.boot.drain()
     count = await store.count_machines(MachineFilter(state=MachineState.DISCOVERED))

@@ -668,3 +668,31 @@ def test_a_token_that_opens_a_config_is_checked_without_waiting() -> None:
     with pytest.raises(StopIteration) as done:
         step.send(None)
     assert done.value.value is machine
+
+
+@pytest.mark.parametrize("kind", [
+    "registered", "enrolled", "discovered", "reinstall", "install-plan", "nic-attached",
+    "merged", "config", "dhcp", "hold", "local-boot", "updated", "register", "approve",
+    "config-fetched", "booting"])
+async def test_a_report_cannot_take_the_kind_of_netboots_own_record(  # type: ignore[no-untyped-def]
+        store, kind: str) -> None:
+    # An installer's token (it crossed plain HTTP in the config URL) wrote "registered",
+    # "reinstall" or "enrolled" events on a machine still installing: a timeline that lied,
+    # and metrics that took them as netboot's own (an install's and a registration's
+    # durations observed, its tracking ended) (s33-attack).
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:31"),), hostname="r1", profile="p")
+    await store.create_machine(machine)
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    with pytest.raises(ValidationError) as refused:
+        await enroller.report(machine, {"kind": kind})
+    assert refused.value.field == "kind" and kind in refused.value.message
+    assert await store.list_events(machine.id) == []
+
+
+@pytest.mark.parametrize("kind", ["progress", "k3s-standin", "install.progress", "installing"])
+async def test_a_report_of_a_kind_of_its_own_is_taken(store, kind: str) -> None:  # type: ignore[no-untyped-def]
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:32"),), hostname="r2", profile="p",
+                      state=MachineState.BOOTING)
+    await store.create_machine(machine)
+    event = await Enroller(store, clock=lambda: 1000.0).report(machine, {"kind": kind})
+    assert [e.kind for e in await store.list_events(machine.id)] == [event.kind] == [kind]

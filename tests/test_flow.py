@@ -619,6 +619,25 @@ async def test_a_spent_token_fetches_nothing_posts_nothing_registers_nothing(env
     assert "token" not in local and local.rstrip().endswith("exit")
 
 
+async def test_a_report_with_its_expired_token_is_told_it_expired(env: Env) -> None:
+    # As the config and the registration tell it (401 naming the expiry, a "token expired"
+    # event): the report was answered as a request without a token ("send 'Authorization:
+    # Bearer <token>'"; over plain HTTP from the network, "use HTTPS"), and nothing was
+    # recorded (s33-attack).
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    machine = await env.service.store.machine_by("mac", MAC)
+    assert machine is not None
+    await env.service.store.update_machine(dataclasses.replace(machine, token_expires=1.0))
+    error = await device_event(env, token, "installed", status=401)
+    assert "expired" in error["error"] and "reinstall" in error["error"], error
+    assert await state(env) == "booting"
+    assert (await kinds(env)).count("token expired") == 1
+    await device_event(env, token, "installed", status=401)
+    assert (await kinds(env)).count("token expired") == 1  # said once
+
+
 async def test_an_expired_token_is_refused_and_said_once(env: Env) -> None:
     await env.seed()
     await env.post("/api/v1/machines", {"mac": MAC}, status=201)

@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from netboot.metrics import DURATION_BUCKETS, Metrics
+from netboot.metrics import DURATION_BUCKETS, EVENT_KINDS, Metrics
 from netboot.model import Event
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import DhcpServer
@@ -123,6 +123,23 @@ def test_two_services_count_apart() -> None:
                  method="GET", status="200") == 1
     assert value(samples(_text(b)), "netboot_http_requests_total", route="/healthz",
                  method="GET", status="200") == 0
+
+
+def test_event_kinds_counted_apart_are_bounded() -> None:
+    # A device names its reports' kinds ("progress", "k3s-standin"): each a new series of
+    # netboot_events_total, without end, from one install token (s33-attack). Past the
+    # bound, new kinds are counted as "other"; the kinds seen first keep their own.
+    metrics = Metrics()
+    metrics.event(Event("m1", 1.0, "registered"))
+    for i in range(5000):
+        metrics.event(Event("m1", 2.0, f"step-{i}"))
+    metrics.event(Event("m1", 3.0, "registered"))
+    m = samples(_text(metrics))
+    counted = {dict(labels)["kind"]: v for (name, labels), v in m.items()
+               if name == "netboot_events_total"}
+    assert len(counted) <= EVENT_KINDS + 1 and "other" in counted
+    assert counted["registered"] == 2 and counted["step-0"] == 1
+    assert sum(counted.values()) == 5002
 
 
 def test_tracked_installs_are_bounded() -> None:

@@ -94,6 +94,18 @@ class NotMine:
 _REST_IS_AIOHTTPS: Final = NotMine(None)
 # Framing the front does not follow: with either, the rest of the stream is aiohttp's.
 _BODY: Final = frozenset({b"content-length", b"transfer-encoding", b"upgrade"})
+# Fields a request may have once (RFC 9110 §5.3: a list-less field sent twice is an error;
+# aiohttp's SINGLETON_HEADERS, refused 400 when repeated); Content-Length and
+# Transfer-Encoding are _BODY's. A head with one twice, or without Host (RFC 9112 §3.2: "A
+# server MUST respond with a 400 (Bad Request) status code to any HTTP/1.1 request message
+# that lacks a Host header field and to any request message that contains more than one"),
+# or with more fields than aiohttp takes (its max_headers), is aiohttp's to answer: the
+# front answered those 200 where aiohttp (3.14) says 400 (s33-attack).
+_SINGLETONS: Final = frozenset({
+    b"host", b"user-agent", b"content-type", b"content-location", b"content-range",
+    b"etag", b"max-forwards", b"server",
+})
+MAX_FIELDS = 128  # aiohttp's max_headers
 
 
 class Fields(NamedTuple):
@@ -109,7 +121,8 @@ class Fields(NamedTuple):
     bearer: str
 
 
-_NO_FIELDS: Final = Fields(False, False, "", "", False, "")
+# A head of a request line alone: no Host, so aiohttp's (see _SINGLETONS).
+_NO_FIELDS: Final = Fields(True, False, "", "", False, "")
 
 
 def parse_head(buf: bytes, known: dict[bytes, Fields] | None = None
@@ -165,7 +178,9 @@ def _read_fields(block: bytes) -> Fields | NotMine:
     or :data:`_REST_IS_AIOHTTPS`."""
     passed = close = accept_encoding = False
     user_agent = request_id = bearer = ""
-    for raw in block.split(b"\r\n"):
+    lines = block.split(b"\r\n")
+    once: list[bytes] = []  # the _SINGLETONS read
+    for raw in lines:
         name, colon, value = raw.partition(b":")
         if not colon or (name not in _NAMES and _TOKEN.fullmatch(name) is None) \
                 or _CONTROL.search(value):
@@ -173,6 +188,10 @@ def _read_fields(block: bytes) -> Fields | NotMine:
         name = name.lower()
         if name in _BODY:
             return _REST_IS_AIOHTTPS
+        if name in _SINGLETONS:
+            if name in once:
+                passed = True  # read on: a body framing header may follow
+            once.append(name)
         if name in _NOT_MINE:
             passed = True  # read on: a body framing header may follow
         elif name == b"authorization":
@@ -195,6 +214,8 @@ def _read_fields(block: bytes) -> Fields | NotMine:
             request_id = value.strip(b" \t").decode("latin-1")
         elif name == b"accept-encoding":
             accept_encoding = True
+    if b"host" not in once or len(lines) > MAX_FIELDS:
+        passed = True
     return Fields(passed, close, user_agent, request_id, accept_encoding, bearer)
 
 

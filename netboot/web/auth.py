@@ -50,9 +50,15 @@ def request_token(request: web.Request) -> str | None:
     Over plain HTTP from a peer that must use HTTPS (netboot.servers.http.PlainHttp) nothing
     is read: a 403 naming HTTPS, even where a route lets an install token through."""
     if request.get(PLAINTEXT):
+        # Only a device's own route comes here so (the plain-HTTP middleware refuses the
+        # rest first, an API token among them): a device's report without its machine's
+        # valid install token, which is then an operator's. It said "an API token" to an
+        # installer that sent none, or an expired install token (s33-attack).
+        what = ("without this machine's valid install token (none, another machine's or an "
+                "expired one), a request that needs an operator's token")
         policy = request.app.get(PLAIN_HTTP_KEY)
-        raise (policy.refusal(request, "an API token") if policy is not None else
-               PlainHttpRefused("an API token over plain HTTP is refused", None))
+        raise (policy.refusal(request, what) if policy is not None else
+               PlainHttpRefused(f"{what} over plain HTTP is refused", None))
     token = bearer_token(request)
     if token is not None:
         return token

@@ -54,6 +54,37 @@ def test_a_request_without_a_body_that_is_not_the_fronts_goes_whole_to_aiohttp(
 
 
 @pytest.mark.parametrize("raw", [
+    b"GET /healthz HTTP/1.1\r\n\r\n",  # no Host: RFC 9112 §3.2's 400, aiohttp's
+    b"GET /healthz HTTP/1.1\r\nUser-Agent: iPXE\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",  # Host twice: the same
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nUser-Agent: a\r\nuser-agent: b\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nContent-Type: a\r\nHost: a\r\nContent-Type: a\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"X: a\r\n" * 128 + b"\r\n",  # > max_headers
+])
+def test_a_head_aiohttp_refuses_is_aiohttps(raw: bytes) -> None:
+    # The front answered these 200 where aiohttp answers 400 (s33-attack): a request the two
+    # doors would answer apart is aiohttp's, whatever its version says of it.
+    assert parse_head(raw + b"GET /next") == NotMine(len(raw))
+    assert parse_head(raw, {}) == NotMine(len(raw))
+    # A body's framing after such a field still leaves the rest of the stream to aiohttp.
+    assert parse_head(raw[:-2] + b"Content-Length: 1\r\n\r\nx") == NotMine(None)
+
+
+def test_the_most_fields_aiohttp_takes_are_the_fronts() -> None:
+    raw = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"X: a\r\n" * 127 + b"\r\n"
+    assert isinstance(parse_head(raw), RequestHead)
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",  # no Host
+    b"POST /api/v1/register HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\n{}",
+])
+def test_an_installers_post_aiohttp_refuses_is_aiohttps(raw: bytes) -> None:
+    assert parse_post(raw, 1024) == NotMine(None)
+
+
+@pytest.mark.parametrize("raw", [
     b"POST /api/v1/register HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
     b"GET /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n",  # framing: aiohttp's from here on
     b"GET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -90,7 +121,7 @@ def test_header_lines_read_before_give_the_same_heads() -> None:
     (b"close,keep-alive", True), (b"closed", False), (b"TE", False), (b"", False),
 ])
 def test_connection_close_is_read_in_any_spelling(value: bytes, close: bool) -> None:
-    head = parse_head(b"GET /x HTTP/1.1\r\nConnection:" + value + b"\r\n\r\n")
+    head = parse_head(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection:" + value + b"\r\n\r\n")
     assert isinstance(head, RequestHead) and head.close is close
 
 
@@ -113,21 +144,21 @@ def test_a_control_character_or_a_bad_name_in_a_usual_field_is_refused(field: by
 def test_a_bearer_token_is_read_for_the_caller(field: bytes, token: str) -> None:
     head = parse_head(b"GET /config/x HTTP/1.1\r\nHost: a\r\n" + field + b"\r\n\r\n")
     assert isinstance(head, RequestHead) and head.bearer == token
-    assert parse_head(b"GET /config/x HTTP/1.1\r\n\r\n") == RequestHead(
-        "/config/x", "", 26, False, "", "", False, "")
+    assert parse_head(b"GET /config/x HTTP/1.1\r\nHost: a\r\n\r\n") == RequestHead(
+        "/config/x", "", 35, False, "", "", False, "")
 
 
 @pytest.mark.parametrize("raw", [
-    b"GET / HTTP/1.1\r\n\r\n", b"GET /x? HTTP/1.1\r\n\r\n",
-    b"GET /a/b.c/~d;e=f?q=%20&r=/?s HTTP/1.1\r\n\r\n",
-    b"GET /x HTTP/1.1\r\nX-A:\t v\xe9\t\r\n\r\n",  # HTAB and obs-text in a value
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /x? HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /a/b.c/~d;e=f?q=%20&r=/?s HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nX-A:\t v\xe9\t\r\n\r\n",  # HTAB and obs-text in a value
 ])
 def test_the_fronts_requests(raw: bytes) -> None:
     assert isinstance(parse_head(raw), RequestHead), raw
 
 
 def test_connection_close_and_header_case() -> None:
-    head = parse_head(b"GET /healthz HTTP/1.1\r\nCONNECTION: keep-alive, Close\r\n"
+    head = parse_head(b"GET /healthz HTTP/1.1\r\nHost: a\r\nCONNECTION: keep-alive, Close\r\n"
                       b"accept-encoding: gzip\r\n\r\n")
     assert isinstance(head, RequestHead) and head.close and head.accept_encoding
 
@@ -167,7 +198,7 @@ def test_the_fronts_log_target_is_what_aiohttps_path_logs(query: str) -> None:
     from netboot.servers.http import _front_target, redacted_target
 
     for path in ("/ipxe", "/config/52-54-00-12-34-56"):
-        raw = f"GET {path}{'?' + query if query else ''} HTTP/1.1\r\n\r\n".encode()
+        raw = f"GET {path}{'?' + query if query else ''} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
         head = parse_head(raw)
         assert isinstance(head, RequestHead), raw
         assert _front_target(head) == redacted_target(
@@ -187,7 +218,7 @@ def test_the_fronts_log_target_of_any_query_is_what_aiohttps_path_logs() -> None
     rng = random.Random(10)
     for _ in range(3000):
         query = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
-        head = parse_head(f"GET /ipxe?{query} HTTP/1.1\r\n\r\n".encode())
+        head = parse_head(f"GET /ipxe?{query} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
         assert isinstance(head, RequestHead), query
         assert _front_target(head) == redacted_target(
             "/ipxe", parse_qsl(query, keep_blank_values=True)), query
@@ -205,7 +236,7 @@ def test_an_installers_post_is_read_with_its_body() -> None:
                                body)
     assert parse_post(head + body[:-1], 1024) is None  # the body is still to come
     assert parse_post(head + body, len(body) - 1) == NotMine(None)  # too large: aiohttp's 413
-    register = b"POST /api/v1/register HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}"
+    register = b"POST /api/v1/register HTTP/1.1\r\nHost: a\r\ncontent-length: 2\r\n\r\n{}"
     found = parse_post(register, 1024)
     assert isinstance(found, RequestHead) and found.body == b"{}" and not found.bearer
 

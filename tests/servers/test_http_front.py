@@ -147,6 +147,25 @@ async def test_front_and_aiohttp_answer_alike(tmp_path: Path, target: str) -> No
         assert re.fullmatch(r"[0-9a-f]{16}", fast.header("X-Request-Id") or ""), fast
 
 
+@pytest.mark.parametrize("head", [
+    b"GET /healthz HTTP/1.1\r\nUser-Agent: iPXE/1.21.1\r\n",  # no Host (RFC 9112 §3.2)
+    b"GET /boot.ipxe HTTP/1.1\r\nHost: a\r\nHost: b\r\n",  # two Hosts
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\nUser-Agent: a\r\nUser-Agent: b\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"X: a\r\n" * 129,  # past max_headers
+])
+async def test_a_head_aiohttp_refuses_is_answered_as_aiohttp_answers_it(
+        tmp_path: Path, head: bytes) -> None:
+    # The front answered these 200 where aiohttp answers 400 (s33-attack): now aiohttp
+    # answers them, whatever its version says.
+    async with serving(tmp_path, seeded=False) as service:
+        front = service.front
+        assert front is not None
+        (fast,) = await exchange(service.http_port, head + b"\r\n")
+        (slow,) = await exchange(service.http_port, head + TO_AIOHTTP + b"\r\n")
+        assert front.answered == 0
+        assert fast.comparable() == slow.comparable(), (fast, slow)
+
+
 @pytest.mark.parametrize(("target", "bearer"), [
     (f"/config/{HEXHYP}", "not-the-install-token"), ("/config/zz", "x"),
     (f"/config/{HEXHYP}?token=also-wrong", "wrong"), ("/boot.ipxe", "x"),

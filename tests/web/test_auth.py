@@ -6,8 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
 from netboot.access import SESSION_COOKIE
-from netboot.web.auth import CSRF_COOKIE, CSRF_HEADER
+from netboot.errors import PlainHttpRefused
+from netboot.servers.aio import PLAIN_HTTP_KEY, PLAINTEXT
+from netboot.servers.http import PlainHttp
+from netboot.web.auth import CSRF_COOKIE, CSRF_HEADER, request_token
 from tests.conftest import Env, call
 
 MAC = "52:54:00:dd:00:01"
@@ -121,3 +128,22 @@ async def test_request_id_is_echoed_or_made(env: Env) -> None:
     assert len(r.headers["x-request-id"]) == 16 and " " not in r.headers["x-request-id"]
     r = await call(env, "GET", "/no/such/page")
     assert r.status == 404 and r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-its-install-token"}])
+def test_a_devices_report_without_its_install_token_over_plain_http_says_so(
+        headers: dict[str, str]) -> None:
+    # A device's report over plain HTTP from the network without this machine's valid
+    # install token (none sent, another machine's, an expired one) needs an operator's
+    # token, which goes over HTTPS: the refusal said "an API token over plain HTTP is
+    # refused" to an installer that sent none (s33-attack).
+    app = web.Application()
+    app[PLAIN_HTTP_KEY] = PlainHttp(https_url=lambda: "https://192.0.2.10:8443")
+    request = make_mocked_request("POST", f"/api/v1/machines/{MAC}/events", headers=headers,
+                                  app=app)
+    request[PLAINTEXT] = True
+    with pytest.raises(PlainHttpRefused) as refused:
+        request_token(request)
+    message = str(refused.value)
+    assert "API token" not in message and "install token" in message, message
+    assert refused.value.https_url == f"https://192.0.2.10:8443/api/v1/machines/{MAC}/events"
