@@ -448,6 +448,7 @@ class _Link:
         self.server = server
         self.sock = sock
         self.iface = iface
+        self._device = iface.encode() if iface else b""  # see connect
         self.address: Address = sock.getsockname()[:2]
         self._buf = bytearray(self.MAX_DATAGRAM)
         # The same bytes as unsigned 32-bit numbers: [0] is a datagram's first four bytes
@@ -486,6 +487,9 @@ class _Link:
         # by map() per socket. An attribute too, so that a test's wrapped sockets can be
         # sent through their own send(): the C method takes only its own type.
         self.send_block: Callable[[_socket.socket, bytes], int] = _socket.socket.send
+        # How connect has the kernel hash a kept socket anew (_rehash): an attribute, so that
+        # a test sees it called in the compiled build too.
+        self.rehash: Callable[[_socket.socket], None] = self._rehash
 
     def close(self) -> None:
         if self._spare_sweep is not None:
@@ -524,6 +528,8 @@ class _Link:
             old = self._spare_peers.pop(sock.fileno())[0]
             try:
                 sock.connect(peer)
+                if old != peer:
+                    self.rehash(sock)
             except OSError:
                 sock.close()  # a new one below
             else:
@@ -575,6 +581,22 @@ class _Link:
             sock.close()
             raise
         return sock
+
+    def _rehash(self, sock: _socket.socket) -> None:
+        """A kept socket just connected to another client, hashed anew by the kernel under
+        its new 4-tuple: its device bound again, the same one (the kernel rehashes a socket
+        whose device is set; no other socket option does, nor connecting a socket bound to
+        an address). It leaves the port's SO_REUSEPORT group, which only ever picks among
+        the unconnected sockets: a connected one is found by its 4-tuple. Linux 6.13+
+        finds a connected UDP socket by a hash of its 4-tuple, but connect() on a socket
+        bound to an address leaves it under its first client's, so each datagram of its new
+        client walked every socket sharing this port before finding it: ~0.35 us a datagram
+        beside 50 transfers, ~7 us beside 1,000 (a storm), where a new socket is found at
+        once (benchmarks/README.md, s33-tftp). Where it is not allowed (a kernel before
+        5.7; an interface's socket without CAP_NET_RAW) the socket is found all the same,
+        by the walk."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, self._device)
 
     def drop_spare(self) -> bool:
         """Close this link's oldest kept socket (see remove); False if it keeps none."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import inspect
@@ -1907,6 +1908,53 @@ async def test_an_ended_transfers_socket_serves_the_next_transfer(server: TftpSe
                     break
             assert bytes(got) == SMALL
         await until(lambda: server.stats.completed == 4)
+
+
+async def test_a_kept_socket_connected_to_another_client_is_hashed_anew(
+        server: TftpServer) -> None:
+    """A kept socket taken by another client is hashed anew by the kernel once connected to
+    it (its device bound again): Linux leaves a socket bound to an address and connected
+    again under its old client's 4-tuple, and each datagram of the new client walked every
+    socket on the port to find it (~7 us a datagram beside 1,000). One taken back by its own
+    client is not (its 4-tuple is the same). Either way the new client's datagrams reach
+    it."""
+    link = server._links[None]
+    rehashed: list[tuple[str, int]] = []
+    rehash = link.rehash
+
+    def recording(sock: socket.socket) -> None:
+        rehashed.append(sock.getpeername())
+        rehash(sock)
+
+    link.rehash = recording
+    with RawClient() as a, RawClient("127.0.0.2") as b, RawClient("127.0.0.3") as c:
+        both = await asyncio.gather(*(fetch(x, addr(server), "small.bin") for x in (a, b)))
+        assert [got.data for got in both] == [SMALL, SMALL]
+        await until(lambda: server.stats.completed == 2)
+        kept_a, kept_b = link._spare[a.address], link._spare[b.address]
+        taken = []
+        try:
+            taken.append(link.connect(a.address))
+            link._reused = None
+            assert taken[0] is kept_a and rehashed == []
+            taken.append(link.connect(c.address))
+            link._reused = None
+            assert taken[1] is kept_b and rehashed == [c.address]
+            assert kept_b.getpeername() == c.address and kept_b.getsockname() == link.address
+            for client, sock in ((a, kept_a), (c, kept_b)):
+                client.send(Ack(7), link.address)
+                got: list[bytes] = []
+
+                def read(sock: socket.socket = sock, got: list[bytes] = got) -> bool:
+                    with contextlib.suppress(BlockingIOError):
+                        got.append(sock.recv(64))
+                    return bool(got)
+
+                await until(read)
+                assert got == [encode(Ack(7))]
+        finally:
+            for sock in taken:
+                sock.close()
 
 
 async def test_a_datagram_to_a_kept_socket_is_answered_as_the_data_socket_answers(
