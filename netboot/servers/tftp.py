@@ -428,7 +428,8 @@ class _Link:
     finds nothing, where a reader per socket cost an event loop dispatch per datagram. (On
     kernels before 6.13, which lack the 4-tuple hash of connected UDP sockets, the kernel
     walks the sockets sharing P per datagram: as many as transfers run, a storm's 1,000-2,000
-    and up to ``max_transfers``; measured flat on 6.18 only, not on such a kernel.)
+    and up to ``max_transfers``; measured flat on 6.18 only, not on such a kernel. On 6.18
+    too for a kept socket connected again, unless hashed anew: see :meth:`_rehash`.)
 
     An ended transfer's socket is kept, still connected to its client and in the epoll set,
     and the next transfer connects it to its own client (:meth:`connect`, :meth:`remove`):
@@ -591,8 +592,8 @@ class _Link:
     def _rehash(self, sock: _socket.socket) -> None:
         """A kept socket just connected to another client for a long transfer (see
         REHASH_ACKS), hashed anew by the kernel under its new 4-tuple: its device bound
-        again, the same one (the kernel rehashes a socket whose device is set; no other
-        socket option does, nor connecting a socket bound to an address). Linux 6.13+ finds
+        again, the same one (the kernel rehashes a socket whose device is set; connecting a
+        socket bound to an address does not, nor disconnecting it first). Linux 6.13+ finds
         a connected UDP socket by a hash of its 4-tuple, but connect() on a socket bound to
         an address leaves it under its first client's, so each datagram of its new client
         walked every socket sharing this port before finding it: ~0.35 us a datagram beside
