@@ -428,7 +428,8 @@ class _Link:
     finds nothing, where a reader per socket cost an event loop dispatch per datagram. (On
     kernels before 6.13, which lack the 4-tuple hash of connected UDP sockets, the kernel
     walks the sockets sharing P per datagram: as many as transfers run, a storm's 1,000-2,000
-    and up to ``max_transfers``; measured flat on 6.18 only, not on such a kernel.)
+    and up to ``max_transfers``; measured flat on 6.18 only, not on such a kernel. On 6.18
+    too for a kept socket connected again, unless hashed anew: see :meth:`_rehash`.)
 
     An ended transfer's socket is kept, still connected to its client and in the epoll set,
     and the next transfer connects it to its own client (:meth:`connect`, :meth:`remove`):
@@ -443,11 +444,18 @@ class _Link:
     # next 1, 2, 4 ... windows' waits are the event loop's, up to this many: a transient
     # miss skips one wait, a client that is always slower costs one spin per this many.
     SPIN_BACKOFF = 64
+    # A kept socket connected to another client is hashed anew (_rehash) for a transfer
+    # that expects at least this many ACKs: the rehash costs ~2.6 us (its system call and
+    # the route looked up again at the next send), the walk it saves ~7 ns a socket on the
+    # port a datagram, so from ~25 sockets 16 ACKs pay for it; EDK2's size probe of a small
+    # file and its one-window download do not (benchmarks/README.md, s33-tftp).
+    REHASH_ACKS = 16
 
     def __init__(self, server: TftpServer, sock: socket.socket, iface: str | None) -> None:
         self.server = server
         self.sock = sock
         self.iface = iface
+        self._device = iface.encode() if iface else b""  # see connect
         self.address: Address = sock.getsockname()[:2]
         self._buf = bytearray(self.MAX_DATAGRAM)
         # The same bytes as unsigned 32-bit numbers: [0] is a datagram's first four bytes
@@ -467,6 +475,7 @@ class _Link:
         self._spare_sweep: asyncio.TimerHandle | None = None
         self._spare_tick = 0
         self._reused: _socket.socket | None = None  # the spare connect() handed out last
+        self._moved = False  # ... connected to another client than before (see _rehash)
         self._epoll = select.epoll()
         self._probe = select.poll()  # what a kept socket holds when taken again (connect)
         self._poll = self._epoll.poll
@@ -486,6 +495,9 @@ class _Link:
         # by map() per socket. An attribute too, so that a test's wrapped sockets can be
         # sent through their own send(): the C method takes only its own type.
         self.send_block: Callable[[_socket.socket, bytes], int] = _socket.socket.send
+        # How connect has the kernel hash a kept socket anew (_rehash): an attribute, so that
+        # a test sees it called in the compiled build too.
+        self.rehash: Callable[[_socket.socket], None] = self._rehash
 
     def close(self) -> None:
         if self._spare_sweep is not None:
@@ -552,6 +564,7 @@ class _Link:
                     self._read_spare(sock, old, sock.getsockopt(
                         socket.SOL_SOCKET, socket.SO_RCVBUF) // _SKB_AT_LEAST + 1)
                 self._reused = sock
+                self._moved = old != peer  # hashed anew by add() if its transfer is long
                 return sock
         server = self.server
         if server.spares and server.spares + server.transfers > server.max_transfers:
@@ -575,6 +588,22 @@ class _Link:
             sock.close()
             raise
         return sock
+
+    def _rehash(self, sock: _socket.socket) -> None:
+        """A kept socket just connected to another client for a long transfer (see
+        REHASH_ACKS), hashed anew by the kernel under its new 4-tuple: its device bound
+        again, the same one (the kernel rehashes a socket whose device is set; connecting a
+        socket bound to an address does not, nor disconnecting it first). Linux 6.13+ finds
+        a connected UDP socket by a hash of its 4-tuple, but connect() on a socket bound to
+        an address leaves it under its first client's, so each datagram of its new client
+        walked every socket sharing this port before finding it: ~0.35 us a datagram beside
+        50 transfers, ~7 us beside 1,000 (a storm), where a new socket is found at once
+        (benchmarks/README.md, s33-tftp). It leaves the port's SO_REUSEPORT group, which
+        only ever picks among the unconnected sockets (a connected one is found by its
+        4-tuple). Where it is not allowed (a kernel before 5.7; an interface's socket
+        without CAP_NET_RAW) the socket is found all the same, by the walk."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, self._device)
 
     def drop_spare(self) -> bool:
         """Close this link's oldest kept socket (see remove); False if it keeps none."""
@@ -617,6 +646,9 @@ class _Link:
         reused = self._reused
         if reused is not None and reused.fileno() == fd:
             self._reused = None  # a spare: in the epoll set already
+            sender = transfer.sender
+            if self._moved and sender.blocks // sender.windowsize >= self.REHASH_ACKS:
+                self.rehash(reused)
         else:
             self._epoll.register(fd, select.EPOLLIN)
         self._transfers[fd] = transfer

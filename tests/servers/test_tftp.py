@@ -1909,6 +1909,55 @@ async def test_an_ended_transfers_socket_serves_the_next_transfer(server: TftpSe
         await until(lambda: server.stats.completed == 4)
 
 
+async def test_a_kept_socket_taken_by_another_clients_long_transfer_is_hashed_anew(
+        server: TftpServer) -> None:
+    """A kept socket taken for another client's transfer of REHASH_ACKS ACKs or more is
+    hashed anew by the kernel (its device bound again): Linux leaves a socket bound to an
+    address and connected again under its old client's 4-tuple, and each datagram of the
+    new client walked every socket on the port to find it (~7 us a datagram beside 1,000).
+    Not for a short transfer (EDK2's size probe, a one-window file: the rehash would cost
+    more than the walks), nor for the socket's own client again (its 4-tuple unchanged).
+    The transfers go on, on those sockets."""
+    link = server._links[None]
+    rehashed: list[tuple[str, int]] = []
+    rehash = link.rehash
+
+    def recording(sock: socket.socket) -> None:
+        rehashed.append(sock.getpeername())
+        rehash(sock)
+
+    link.rehash = recording
+    assert len(SMALL) // 512 < link.REHASH_ACKS < 3_000_000 // 512  # small.bin, big.bin
+    clients = [RawClient(f"127.0.0.{i}") for i in (1, 2, 3, 4, 5)]
+    try:
+        a, b, c, d, e = clients
+        both = await asyncio.gather(*(fetch(x, addr(server), "small.bin") for x in (a, b, c)))
+        assert [got.data for got in both] == [SMALL, SMALL, SMALL]
+        await until(lambda: server.stats.completed == 3)
+        kept_a = link._spare[a.address]
+        kept = {link._spare[x.address] for x in (a, b, c)}
+        started = []
+        for x, name in ((a, "big.bin"), (d, "small.bin"), (e, "big.bin")):
+            # a's own socket for a long transfer, then two others' (a small file, a long one).
+            x.rrq(addr(server), name, [("blksize", "512")])
+            await until(lambda x=x: x.address in server._transfers)
+            started.append(server._transfers[x.address].sock)
+        assert started[0] is kept_a and set(started) == kept
+        assert rehashed == [e.address]
+        got = bytearray()
+        oack, tid = await e.recv()
+        assert isinstance(oack, OptionAck) and tid == link.address
+        for block in range(3):
+            e.send(Ack(block), tid)
+            pkt, _ = await e.recv()
+            assert isinstance(pkt, Data) and pkt.block == block + 1
+            got += pkt.data
+        assert bytes(got) == pattern(3_000_000)[:len(got)] and len(got) == 3 * 512
+    finally:
+        for x in clients:
+            x.close()
+
+
 async def test_a_datagram_to_a_kept_socket_is_answered_as_the_data_socket_answers(
         server: TftpServer) -> None:
     """A kept socket is still connected to its last client, so what that client sends
