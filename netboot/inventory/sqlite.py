@@ -78,8 +78,9 @@ BUSY_TIMEOUT_MS = 5000
 CANCELLED_WRITE_WAIT = 2 * BUSY_TIMEOUT_MS / 1000
 # The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
-# a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES).
-SHM_RESERVE = 4 * 32768
+# a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES):
+# 13 regions, 416 KiB of disk, index 53,214 frames (mapped only as the WAL reaches them).
+SHM_RESERVE = 13 * 32768
 # The pager's page cache (SQLite's default is 2,000 KiB a connection): the view's load reads
 # the machines' pages once each, in order, and the cache held ~2 MiB of them for good after
 # (issue 10: < 150 MiB resident with 100,000 machines).
@@ -89,15 +90,17 @@ POLL_SECONDS = 0.25
 # WAL frames not yet copied into the database past which they are (SQLite's own
 # autocheckpoint threshold, which netboot used until the checkpoint left the commit), and
 # the WAL's length past which the writer itself checkpoints (SqliteStore._checkpoint_due):
-# within the -shm's first three regions (4062 + 2 * 4096 frames) and so well within
-# SHM_RESERVE's four, a WAL of ~48 MiB at most. Each time the writer catches the WAL up,
-# every group commit waits for it (it copies what the checkpointer has not and syncs twice):
-# 10-40 ms, up to 80-140 under load, 43-64 times in 30,000 first installs of a storm with
-# 4,000 frames, a third as often with 12,000 (benchmarks/README.md, s21-writer: the
-# writer's time in them 0.27-0.37x, the group commits' p99 0.63-0.89x, and more first
-# installs a second, in process).
+# within the -shm's first twelve regions (4062 + 11 * 4096 frames) and so within
+# SHM_RESERVE's thirteen, a WAL of ~190 MiB at most (on disk and in the page cache, not
+# resident). Each time the writer catches the WAL up, every group commit waits for it (it
+# copies what the checkpointer has not and syncs twice): 10-40 ms, up to 80-140 under
+# load, 43-64 times in 30,000 first installs of a storm with 4,000 frames, a third as often
+# with 12,000 (benchmarks/README.md, s21-writer). At 12,000 a storm of first installs
+# (~3.7 frames each) filled the WAL every ~0.7 s, and 1.6-2.6 % of the first installs of
+# a 100,000-machine storm on the wire were answered only after such a catch-up: over 1 %,
+# so it set their p99 (s33-tail). At 48,000, 0-0.8 %.
 CHECKPOINT_FRAMES = 1000
-WAL_FRAMES = 12 * CHECKPOINT_FRAMES
+WAL_FRAMES = 48 * CHECKPOINT_FRAMES
 # The WAL index (-shm) begins with two copies of its 48-byte header (mxFrame, the frames in
 # the WAL, at offset 16) and then the checkpoint information (nBackfill, the frames copied
 # into the database, at offset 96), in native byte order: SQLite's "WAL-index format"
