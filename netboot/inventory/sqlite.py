@@ -96,11 +96,16 @@ POLL_SECONDS = 0.25
 # copies what the checkpointer has not and syncs twice): 10-40 ms, up to 80-140 under
 # load, 43-64 times in 30,000 first installs of a storm with 4,000 frames, a third as often
 # with 12,000 (benchmarks/README.md, s21-writer). At 12,000 a storm of first installs
-# (~3.7 frames each) filled the WAL every ~0.7 s, and 1.6-2.6 % of the first installs of
-# a 100,000-machine storm on the wire were answered only after such a catch-up: over 1 %,
-# so it set their p99 (s33-tail). At 48,000, 0-0.8 %.
-CHECKPOINT_FRAMES = 1000
-WAL_FRAMES = 48 * CHECKPOINT_FRAMES
+# (~3.7 frames each) filled the WAL every ~0.7 s, and 0.8-4.8 % of the first installs and
+# configs of a 100,000-machine storm on the wire were answered only after such a catch-up:
+# over 1 %, so it set their p99 (s33-tail). At 48,000, 0-0.8 %. The passes come every
+# 4,000 frames (were 1,000): a page that many commits rewrite (the b-trees' interior
+# pages, the tails of events and changes) is copied once a pass: 0.3-0.7x the bytes
+# written to disk a first install or config, 0.92x the CPU (s33-tail). Within a pass of
+# the bound they follow each other, so that the writer's catch-up copies only the last
+# pass's lag (_checkpoint_due).
+CHECKPOINT_FRAMES = 4000
+WAL_FRAMES = 12 * CHECKPOINT_FRAMES
 # The WAL index (-shm) begins with two copies of its 48-byte header (mxFrame, the frames in
 # the WAL, at offset 16) and then the checkpoint information (nBackfill, the frames copied
 # into the database, at offset 96), in native byte order: SQLite's "WAL-index format"
@@ -725,7 +730,11 @@ class SqliteStore:
                     self._executor.submit(self._checkpoint_here)
                 except RuntimeError:  # closing: closing the connection checkpoints
                     self._writer_checkpoints = False
-        elif frames - copied >= CHECKPOINT_FRAMES and not self._checkpoint_asked:
+        elif not self._checkpoint_asked and (
+                frames - copied >= CHECKPOINT_FRAMES
+                # Within a pass of the bound, passes follow each other: the writer's own
+                # catch-up then copies only what came during the last one (s33-tail).
+                or (frames >= WAL_FRAMES - CHECKPOINT_FRAMES and copied < frames)):
             self._checkpoint_asked = True
             self._checkpoint_soon()
 
