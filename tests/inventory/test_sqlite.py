@@ -1021,10 +1021,11 @@ async def test_checkpoints_follow_the_commits(tmp_path: Path,
 def test_the_wal_bound_and_a_storms_overshoot_fit_the_reserved_wal_index() -> None:
     # The -shm's first region indexes 4062 frames, each later one 4096 (walformat.html);
     # SHM_RESERVE's regions must index WAL_FRAMES and what commits while the writer's own
-    # checkpoint is queued (a group commit or a few: well under 2,000 frames).
+    # checkpoint is queued (a group commit or a few) or finds a checkpointer pass under way
+    # (up to ~0.9 s of a storm's commits under load, ~16,000 frames: s33-tail).
     regions = sqlite_store.SHM_RESERVE // 32768
     indexed = 4062 + (regions - 1) * 4096
-    assert indexed - sqlite_store.WAL_FRAMES >= 2_000
+    assert indexed - sqlite_store.WAL_FRAMES >= 16_000
 
 
 async def test_the_wal_stays_short_when_checkpoints_beside_the_commits_never_catch_up(
