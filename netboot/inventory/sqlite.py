@@ -78,8 +78,13 @@ BUSY_TIMEOUT_MS = 5000
 CANCELLED_WRITE_WAIT = 2 * BUSY_TIMEOUT_MS / 1000
 # The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
-# a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES).
-SHM_RESERVE = 4 * 32768
+# a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES):
+# 16 regions, 512 KiB of disk, index 65,502 frames (mapped only as the WAL reaches them).
+# The WAL passes WAL_FRAMES while a checkpointer pass holds the checkpoint lock (the
+# writer's own attempt then returns at once and comes again after the next commit): passes
+# of 4,000 frames took up to 0.3-0.9 s under load, ~18,000 frames of first installs a
+# second (s33-tail), so the reserve leaves 17,500 frames of room past the bound.
+SHM_RESERVE = 16 * 32768
 # The pager's page cache (SQLite's default is 2,000 KiB a connection): the view's load reads
 # the machines' pages once each, in order, and the cache held ~2 MiB of them for good after
 # (issue 10: < 150 MiB resident with 100,000 machines).
@@ -89,14 +94,21 @@ POLL_SECONDS = 0.25
 # WAL frames not yet copied into the database past which they are (SQLite's own
 # autocheckpoint threshold, which netboot used until the checkpoint left the commit), and
 # the WAL's length past which the writer itself checkpoints (SqliteStore._checkpoint_due):
-# within the -shm's first three regions (4062 + 2 * 4096 frames) and so well within
-# SHM_RESERVE's four, a WAL of ~48 MiB at most. Each time the writer catches the WAL up,
-# every group commit waits for it (it copies what the checkpointer has not and syncs twice):
-# 10-40 ms, up to 80-140 under load, 43-64 times in 30,000 first installs of a storm with
-# 4,000 frames, a third as often with 12,000 (benchmarks/README.md, s21-writer: the
-# writer's time in them 0.27-0.37x, the group commits' p99 0.63-0.89x, and more first
-# installs a second, in process).
-CHECKPOINT_FRAMES = 1000
+# within the -shm's first twelve regions (4062 + 11 * 4096 frames) and so within
+# SHM_RESERVE's thirteen, a WAL of ~190 MiB at most (on disk and in the page cache, not
+# resident). Each time the writer catches the WAL up, every group commit waits for it (it
+# copies what the checkpointer has not and syncs twice): 10-40 ms, up to 80-140 under
+# load, 43-64 times in 30,000 first installs of a storm with 4,000 frames, a third as often
+# with 12,000 (benchmarks/README.md, s21-writer). At 12,000 a storm of first installs
+# (~3.7 frames each) filled the WAL every ~0.7 s, and 0.8-4.8 % of the first installs and
+# configs of a 100,000-machine storm on the wire were answered only after such a catch-up:
+# over 1 %, so it set their p99 (s33-tail). At 48,000, 0-0.8 %. The passes come every
+# 4,000 frames (were 1,000): a page that many commits rewrite (the b-trees' interior
+# pages, the tails of events and changes) is copied once a pass: 0.3-0.7x the bytes
+# written to disk a first install or config, 0.92x the CPU (s33-tail). Within a pass of
+# the bound they follow each other, so that the writer's catch-up copies only the last
+# pass's lag (_checkpoint_due).
+CHECKPOINT_FRAMES = 4000
 WAL_FRAMES = 12 * CHECKPOINT_FRAMES
 # The WAL index (-shm) begins with two copies of its 48-byte header (mxFrame, the frames in
 # the WAL, at offset 16) and then the checkpoint information (nBackfill, the frames copied
@@ -722,7 +734,11 @@ class SqliteStore:
                     self._executor.submit(self._checkpoint_here)
                 except RuntimeError:  # closing: closing the connection checkpoints
                     self._writer_checkpoints = False
-        elif frames - copied >= CHECKPOINT_FRAMES and not self._checkpoint_asked:
+        elif not self._checkpoint_asked and (
+                frames - copied >= CHECKPOINT_FRAMES
+                # Within a pass of the bound, passes follow each other: the writer's own
+                # catch-up then copies only what came during the last one (s33-tail).
+                or (frames >= WAL_FRAMES - CHECKPOINT_FRAMES and copied < frames)):
             self._checkpoint_asked = True
             self._checkpoint_soon()
 
