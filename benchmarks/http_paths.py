@@ -936,12 +936,12 @@ def main() -> None:
                 measure(args, servers, work, tmp / f"seed-{name}", seeds[name], todo, script,
                         0 if name == "held" else servers_seeded, runs, ratios)
     results = {key: median_of(ms) for key, ms in runs.items()}
+    firsts = ", ".join(r.name for r in rows if r.first)
     print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row, "
           f"medians of {args.rounds} round(s); the ratio is the median of each round's "
           f"(load average {os.getloadavg()[0]:.1f})"
-          + "".join(f"; {', '.join(r.name for r in rows if r.first)} each round on fresh "
-                    "servers, every request a machine's first" for _ in [1]
-                    if any(r.first for r in rows)))
+          + (f"; {firsts} each round on fresh servers, every request a machine's first"
+             if firsts else ""))
     head = f"{'path':<11} {'conns':>5}"
     for s in servers:
         head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6} {'µs CPU':>7}"
