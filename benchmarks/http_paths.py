@@ -3,34 +3,52 @@
     python benchmarks/http_paths.py [--enrolled 100000] [--duration 10] [--rounds 3]
                                     [--only ipxe,asset300,config] [--processes 2] [--no-nginx]
 
-Rows (issue 10's table): ``/ipxe?mac=`` for a random one of the enrolled machines (a wrk Lua
-script picks the MAC per request) at 50 connections: first installs (each managed cluster has
-a registered server, so that its agents have an endpoint to join, get an install token and
-commit it before the answer); ``ipxe-held``: the same for agents whose cluster has no server
-yet (held in iPXE's retry loop, nothing committed: a hold event and what the request told are
-queued for the next group commit); ``ipxe-1k``: a random one of the first 1,000 machines
-(after one unmeasured run over them that starts their installs: requests that change
-nothing); ``ipxe-real``: the first installs of ``ipxe`` asked by the whole query and headers
-iPXE sends (templates/ipxe/boot.ipxe's chain on a QEMU VM: escaped product name, empty
-identifiers); each round of ``ipxe`` draws other MACs (first installs), the same ones for every
-server; ``/boot.ipxe``; a 300 B asset at 50 connections; 1 MiB at 50 and 32 MiB at 10 connections
-(MiB/s). ``config``: a random one of the enrolled machines fetches its k3OS config.yaml at 50
-connections, by the URL its install script gives (``/config/<mac>?token=<its install
+Rows (issue 10's table), each at 50 connections unless said. Two kinds, told apart by
+``Row.first``:
+
+*First requests* (``ipxe``, ``ipxe-real``, ``config``, ``user-data``): every request of a
+round is the first any server of that round is asked for its machine. Each round of such a
+row starts its netboot servers afresh on a new copy of the seed and stops them after it, and
+wrk's two threads each walk their own disjoint slice of one shuffled order of the machines
+(first_request_slices, seeded by the row and the round: every server of the round is asked
+the same machines in the same order). A thread that has asked every machine of its slice
+stops (never wraps around into repeats) and the run says so: its req/s is then low, not of
+first requests alone; at 100,000 enrolled a thread's ~50,000 machines last 10 s up to ~10,000
+req/s. Each run prints how many first requests the server made (machines its inventory
+moved to the row's state) beside wrk's answers and the machines the script drew. Session 32
+(s32-ceiling) found the former draws, at random with repeats on servers kept through the
+rounds, ~75 % first installs in round 1 and ~40, 20, 10, 5 % in rounds 2-5: those medians
+overstated first installs, the more for the faster tree. ``ipxe``: ``/ipxe?mac=`` first
+installs (each managed cluster has a registered server, so that its agents have an endpoint
+to join, get an install token and commit it before the answer); ``ipxe-real``: the same asked
+by the whole query and headers iPXE sends (templates/ipxe/boot.ipxe's chain on a QEMU VM:
+escaped product name, empty identifiers). ``config``: a machine's first fetch of its k3OS
+config.yaml, by the URL its install script gives (``/config/<mac>?token=<its install
 token>``), as k3OS's installer does; ``user-data``: the same for cloud-init NoCloud's
 ``/nocloud/<mac>/<token>/user-data``. For the config rows the seed gives every machine an
 install under way (booting, its install token minted, as its /ipxe answer leaves it: MINT), so
 that they measure the config (the token check, the cluster's join decision, the render and its
 check, the booting -> installing commit of a first fetch), not the token's commit; in a
-managed cluster its first machine is a registered server, whose address the others join. Each
-round draws other machines (mostly first fetches; the few drawn again are re-fetches);
+managed cluster its first machine is a registered server, whose address the others join.
+
+*Rows meant to repeat*, on servers started once for all the rounds, a random machine a
+request (with repeats; the Lua script seeded per thread and round): ``ipxe-held``, agents
+whose cluster has no server yet (held in iPXE's retry loop, nothing committed: a hold event
+and what the request told are queued for the next group commit), each asking again as iPXE
+does every few seconds; ``ipxe-1k``: a random one of the first 1,000 machines (after one
+unmeasured run over them that starts their installs: requests that change nothing);
 ``config-1k`` re-fetches the configs of 1,000 machines (after one unmeasured run over them),
-as an installer's retry does. netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data
+as an installer's retry does; ``/boot.ipxe``; a 300 B asset; 1 MiB at 50 and 32 MiB at 10
+connections (MiB/s). nginx is started once and draws at random in every row (a static file
+whatever the machine). netboot runs as ``netboot serve`` (DHCP and TFTP off) on a data
 dir filled by ``netboot import`` (managed clusters of 12,500 machines, as in the issue's
 measurement); nginx serves the same asset files, one static iPXE script for every MAC and one
 static config.yaml and user-data of the size netboot answers, so its /ipxe and config rows are
-the floor: a file served, nothing decided. Both servers run at once and every row is measured
+the floor: a file served, nothing decided. The servers run at once and every row is measured
 in ``--rounds`` turns, the server that goes first alternating; the ratio printed is the median
-of the turns' ratios (the machine's load drifts between runs a minute apart). ``µs CPU`` is
+of the turns' ratios (the machine's load drifts between runs a minute apart), each turn's
+ratio printed after the table, and each first-request row's counts of first requests a
+round. ``µs CPU`` is
 each server's CPU (utime + stime of the process and its workers) per request answered, median
 of the turns: steadier than req/s on a loaded machine. ``--baseline REPO`` runs a second
 netboot from another checkout (e.g. main's worktree) in the same turns. ``--processes N`` runs
@@ -51,10 +69,12 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -63,7 +83,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from storm import PER_CLUSTER, REPO, Workload, mac_of
@@ -96,26 +116,54 @@ runpy.run_module("netboot", run_name="__main__")
 # tokens as token_of below. NB_FIRST: the machines before it are not asked for (the seed's
 # registered servers).
 RANDOM_MAC_LUA = """
--- Each of wrk's threads has its own Lua state. Seeded alike, its two threads asked for the
--- same machines, so half of a run's "first" /ipxe requests were a repeat of the other
--- thread's (install-again), and every round replayed round 1's machines, so that rounds 2
--- and up measured only repeats. An installer fetches its script and config once: seeded per
--- thread (setup numbers them) and per round (NB_SEED), the same sequence on every server of
--- a round.
-local threads = 0
+-- Each of wrk's threads has its own Lua state; setup numbers them (in wrk's main state, which
+-- keeps them for done).
+local threads = {}
 setup = function(thread)
-  threads = threads + 1
-  thread:set("nb_thread", threads)
+  table.insert(threads, thread)
+  thread:set("nb_thread", #threads)
 end
+-- NB_ORDER set (the first-request rows): this thread asks, in order, the machines of its own
+-- slice of the round's shuffled order, written by http_paths.py (first_request_slices) to
+-- NB_ORDER-<thread>, one index a line: every machine at most once in a server's life, the
+-- same sequence on every server of the round. NB_ORDER empty (rows meant to repeat, nginx,
+-- wire_counts.py): a random machine each request, with repeats, seeded per thread (two
+-- threads seeded alike asked the same machines) and per round (NB_SEED).
+local order = nil
 init = function(args)
   math.randomseed(1000 * tonumber(os.getenv("NB_SEED")) + nb_thread)
+  nb_drawn, nb_slice, nb_out_at, nb_spare = 0, 0, 0, 0
+  local path = os.getenv("NB_ORDER")
+  if path ~= nil and path ~= "" then
+    order = {}
+    for line in io.lines(path .. "-" .. nb_thread) do
+      order[#order + 1] = tonumber(line)
+    end
+    nb_slice = #order
+  end
 end
 local n = tonumber(os.getenv("NB_ENROLLED"))
 local first = tonumber(os.getenv("NB_FIRST"))
 local kind = os.getenv("NB_KIND")
 local tail = os.getenv("NB_TOKEN_TAIL")
 request = function()
-  local i = math.random(first, n - 1)
+  local i
+  if order == nil then
+    i = math.random(first, n - 1)
+  elseif nb_drawn < nb_slice then
+    nb_drawn = nb_drawn + 1
+    i = order[nb_drawn]
+  else
+    -- The slice is used up: never wrap around into repeats. The thread stops (its loop ends
+    -- after this turn; done says when); what this turn still sends is a request that decides
+    -- and changes nothing, counted.
+    if nb_out_at == 0 then
+      nb_out_at = os.time()
+      wrk.thread:stop()
+    end
+    nb_spare = nb_spare + 1
+    return wrk.format("GET", "/boot.ipxe")
+  end
   local mac = string.format("02-00-00-%02x-%02x-%02x", math.floor(i / 65536) % 256,
                             math.floor(i / 256) % 256, i % 256)
   if kind == "config" then
@@ -129,6 +177,16 @@ request = function()
     return wrk.format("GET", "/ipxe?mac=" .. mac .. IPXE_TAIL, IPXE_HEADERS)
   end
   return wrk.format("GET", "/ipxe?mac=" .. mac .. "&arch=x86_64&platform=efi")
+end
+-- Read by http_paths.read_order_counts: how many machines each thread took from its slice
+-- (wrk's check of the first request, before the run, takes one of thread 1's unsent), and
+-- when it ran out (epoch seconds; 0: never).
+done = function(summary, latency, requests)
+  for t, thread in ipairs(threads) do
+    io.write(string.format("nb-thread %d: drew %d of %d, out at %d, spare %d\\n", t,
+                           thread:get("nb_drawn"), thread:get("nb_slice"),
+                           thread:get("nb_out_at"), thread:get("nb_spare")))
+  end
 end
 -- What iPXE sends by templates/ipxe/boot.ipxe's chain on a QEMU q35 VM with no SMBIOS UUID,
 -- serial or asset tag (its :uristring escapes the product's spaces and punctuation), with
@@ -144,6 +202,46 @@ TOKEN_TAIL = "-bench-install-token-abcdef"
 
 def token_of(i: int) -> str:
     return f"{i:06d}{TOKEN_TAIL}"
+
+
+# wrk's threads (-t2): the first-request rows' order is cut into as many slices.
+WRK_THREADS = 2
+
+
+def first_request_slices(first: int, end: int, threads: int, seed: str) -> list[list[int]]:
+    """The machines ``first`` .. ``end - 1`` in an order shuffled by ``seed``, cut into
+    ``threads`` disjoint slices, one for each of wrk's threads (the Lua script walks its own):
+    no machine in two slices or twice in one, so a server started on a fresh copy of the seed
+    sees every machine it is asked for for the first time. The same ``seed`` gives the same
+    slices, so every server of a round is asked the same machines in the same order.
+    Contiguous slices of one shuffle: each thread's requests spread over the whole fleet
+    (clusters, pages of the store), as a storm's devices do."""
+    order = list(range(first, end))
+    random.Random(seed).shuffle(order)
+    return [order[t * len(order) // threads:(t + 1) * len(order) // threads]
+            for t in range(threads)]
+
+
+def write_order(path: Path, slices: list[list[int]]) -> None:
+    """Each slice to ``<path>-<thread>`` (threads numbered from 1, as the Lua script's
+    setup numbers them), one machine index a line."""
+    for t, machines in enumerate(slices, 1):
+        Path(f"{path}-{t}").write_text("".join(f"{i}\n" for i in machines))
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """What one of wrk's threads took from its slice (the Lua script's done)."""
+    drawn: int  # machines taken from the slice (each at most once)
+    slice: int  # machines in the slice (0: no order, random draws)
+    out_at: int  # epoch seconds when it had taken them all and stopped, 0 if never
+    spare: int  # requests sent after that (/boot.ipxe: nothing decided, nothing changed)
+
+
+def read_order_counts(out: str) -> list[Drawn]:
+    """The Lua script's ``nb-thread`` lines in wrk's output."""
+    return [Drawn(*map(int, m)) for m in re.findall(
+        r"^nb-thread \d+: drew (\d+) of (\d+), out at (\d+), spare (\d+)$", out, re.M)]
 
 
 # Run inside netboot's interpreter on a copy of the seed: in a managed cluster its first
@@ -199,19 +297,23 @@ class Row:
     # registered server (MINT without tokens); "held", no server anywhere; "installing",
     # servers and every other machine's install under way (MINT).
     seed: str = "servers"
+    # A row of first requests: the state its first request leaves a machine in (counted in
+    # the server's inventory). Each round on fresh servers, each machine asked at most once
+    # (first_request_slices). "": a row meant to repeat (random machines, servers kept).
+    first: str = ""
 
 
 SEEDS = ("held", "servers", "installing")  # measured in this order
 
 
 ROWS = [
-    Row("ipxe", "", 50),
+    Row("ipxe", "", 50, first="booting"),
     # Agents powered on before their cluster's first server registered: each is held (a hold
     # event, its facts queued), its iPXE asks again every few seconds.
     Row("ipxe-held", "", 50, seed="held"),
     # First installs asked as iPXE asks (boot.ipxe's whole query, its escapes and headers):
     # the issue's row asks /ipxe?mac= alone, as wrk would.
-    Row("ipxe-real", "", 50, kind="ipxe-real"),
+    Row("ipxe-real", "", 50, kind="ipxe-real", first="booting"),
     # The same 1,000 machines again and again (installers asking for their script again, a
     # storm's second minute): the answer changes nothing, so nothing is written or read.
     Row("ipxe-1k", "", 50, machines=1000),
@@ -221,11 +323,11 @@ ROWS = [
     Row("32MiBx10", "/assets/32m.bin", 10, 32 << 20),
     # An installer's fetch of its per-machine config, the URL as its install script gives it
     # (token in the query): k3OS's config.yaml, cloud-init NoCloud's user-data.
-    Row("config", "", 50, kind="config", seed="installing"),
+    Row("config", "", 50, kind="config", seed="installing", first="installing"),
     # An installer's retry: the same 1,000 machines again and again after one unmeasured
     # run over them, which moved them to installing (nothing committed, an event queued).
     Row("config-1k", "", 50, machines=1000, kind="config", seed="installing"),
-    Row("user-data", "", 50, kind="user-data", seed="installing"),
+    Row("user-data", "", 50, kind="user-data", seed="installing", first="installing"),
 ]
 
 
@@ -427,14 +529,21 @@ def get(port: int, path: str, pids: list[int]) -> tuple[int, bytes, int | None]:
         conn.close()
 
 
+# The machines at the end of the fleet the cross-process check installs (at most ~10 a second:
+# one install, four configs, 0.1 s), left out of wrk's slices when --processes is on.
+CROSSING = 2000
+
+
 @contextlib.contextmanager
 def crossing(server: str, port: int, pids: list[int], row: Row, first: int, enrolled: int
              ) -> Iterator[list[str]]:
     """While wrk's first installs run on several processes: machines installed through one
     process fetch their config by the token it minted, each fetch on a new connection (the
-    kernel picks the process); every answer must be 200. Yields what it found (after)."""
+    kernel picks the process); every answer must be 200. Yields what it found (after).
+    Its machines are the last CROSSING of the fleet, which wrk's slices leave out (a first
+    install of each); not on held agents (no install, no config to fetch)."""
     found: list[str] = []
-    if server != SEVERAL or row.path or row.machines or not row.kind.startswith("ipxe"):
+    if server != SEVERAL or not row.first or not row.kind.startswith("ipxe"):
         yield found
         return
     stop = threading.Event()
@@ -444,7 +553,7 @@ def crossing(server: str, port: int, pids: list[int], row: Row, first: int, enro
         # Machines from the end of the range, one each, a few per second: the device's
         # next connection may land on either process.
         i = enrolled - 1
-        while not stop.is_set() and i > first:
+        while not stop.is_set() and i >= max(first, enrolled - CROSSING):
             mac = mac_of(i).replace(":", "-")
             i -= 1
             status, body, minted = get(port, f"/ipxe?mac={mac}&arch=x86_64&platform=efi",
@@ -485,6 +594,9 @@ class Measured:
     detail: str = ""  # wrk's lines that counted the errors, if any, and what each kind is
     requests: int = 0  # answers wrk read (0: not said)
     clock_step: float = 0.0  # how far the wall clock moved beyond the run's own time (s)
+    drawn: list[Drawn] = field(default_factory=list)  # the Lua script's, a thread each
+    started: float = 0.0  # the run's start, epoch seconds (for Drawn.out_at)
+    firsts: int | None = None  # first requests by the server's count (its inventory)
 
 
 # wrk's time units (its format_time_us).
@@ -547,20 +659,24 @@ def read_wrk(out: str, elapsed: float, duration: float | None = None) -> Measure
 
 
 def wrk(port: int, row: Row, duration: float, script: Path, enrolled: int,
-        first: int = 0, seed: int = 0) -> Measured:
+        first: int = 0, seed: int = 0, order: Path | None = None) -> Measured:
+    """One wrk run of ``row``. ``order``: the first-request rows' slices (write_order), one
+    a thread, walked in order; without it the Lua script draws machines at random."""
     argv = ["wrk", "-t2", f"-c{row.connections}", f"-d{duration:g}s", "--latency",
             "--timeout", "10s"]
     if not row.path:
         argv += ["-s", str(script)]
     argv.append(f"http://{HOST}:{port}{row.path or '/'}")
-    started = time.monotonic()
+    started, wall = time.monotonic(), time.time()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                          env={**os.environ, "NB_ENROLLED": str(row.machines or enrolled),
                               "NB_FIRST": str(first), "NB_KIND": row.kind,
-                              "NB_SEED": str(seed),
+                              "NB_SEED": str(seed), "NB_ORDER": str(order or ""),
                               "NB_TOKEN_TAIL": TOKEN_TAIL},
                          check=True).stdout
-    return read_wrk(out, time.monotonic() - started, duration)
+    m = read_wrk(out, time.monotonic() - started, duration)
+    m.drawn, m.started = read_order_counts(out), wall
+    return m
 
 
 def log_problems(run: Path, last: int = 20) -> list[str]:
@@ -579,59 +695,156 @@ def median_of(runs: list[Measured]) -> Measured:
     return sorted(runs, key=lambda m: m.rps)[len(runs) // 2]
 
 
+def states_of(data: Path) -> dict[str, int]:
+    """Machines by state in the inventory of a server's data dir (read-only, beside the
+    running server: SQLite's WAL lets a reader in)."""
+    db = sqlite3.connect(f"file:{data / 'netboot.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(db.execute("SELECT state, COUNT(*) FROM machines GROUP BY state"))
+    finally:
+        db.close()
+
+
+def settled(data: Path, state: str, seconds: float = 15.0) -> int:
+    """Machines in ``state`` once the count stops moving (wrk has stopped; the requests
+    still in the server are decided and their group committed), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    last = -1
+    while True:
+        n = states_of(data).get(state, 0)
+        if n == last or time.monotonic() > deadline:
+            return n
+        last = n
+        time.sleep(0.3)
+
+
+def told_firsts(m: Measured, row: Row, duration: float) -> str:
+    """A first-request run's count of them: the server's (machines its inventory moved to
+    ``row.first``), the script's (machines it took from its slices, each once: wrk's check
+    of the request before the run takes one it never sends) and wrk's answers; and a thread
+    that ran out of machines, said."""
+    drawn = sum(d.drawn for d in m.drawn)
+    said = (f"first requests: {m.firsts:,} machines moved to {row.first} by the server, "
+            f"{drawn:,} drawn by wrk's script (none twice), {m.requests:,} answers")
+    for t, d in enumerate(m.drawn, 1):
+        if d.out_at:
+            said += (f"; THREAD {t} RAN OUT of machines ({d.slice:,}) ~{d.out_at - m.started:.0f}"
+                     f" s into this {duration:g} s run and stopped ({d.spare} /boot.ipxe sent"
+                     " as it stopped): this run's req/s is low, not of first requests alone")
+    return said
+
+
 def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: Path,
             seed: Path, rows: list[Row], script: Path, first: int,
             runs: dict[tuple[str, str], list[Measured]], ratios: dict[str, list[float]]
             ) -> None:
-    """Every row of ``rows`` in ``args.rounds`` turns on every server, started on ``seed``."""
+    """Every row of ``rows`` in ``args.rounds`` turns on every server, started on ``seed``.
+
+    Rows meant to repeat run on servers started once for all the rounds. A first-request
+    row (``Row.first``) runs each round on netboot servers started for it on a fresh copy of
+    ``seed`` and stopped after it, every server asked the same slices of one shuffled order
+    of the machines (first_request_slices, seeded by the row and the round), so that every
+    request of the round is a machine's first in that server's life. Session 32 (s32-ceiling)
+    found the old draws, uniform with repeats on servers kept through the rounds, ~75 % first
+    installs in round 1 and ~40, 20, 10, 5 % in rounds 2-5 (repeats are ~4x cheaper): the
+    medians overstated first installs, the more for the faster tree. nginx (a static file for
+    every machine, nothing decided) is started once and draws at random."""
+    netboots = [s for s in servers if s != "nginx"]
+    # The machine whose config nginx serves for every machine (sample_configs), asked on a
+    # netboot before nginx starts, and the cross-process check's: never in wrk's slices.
+    end = args.enrolled - (CROSSING if SEVERAL in servers else 0)
+    tmp.mkdir(parents=True)
     with contextlib.ExitStack() as stack:
         # Both servers up together, measured row by row in turns (the first server of a
         # turn alternating): on a shared machine the load drifts within seconds, and a
         # ratio of two runs taken a minute apart says more about the drift.
-        ports: dict[str, tuple[int, list[int]]] = {}
-        for server in servers:
-            run = tmp / server
+        kept: dict[str, tuple[int, list[int]]] = {}
+
+        def start(server: str, run: Path, into: contextlib.ExitStack
+                  ) -> tuple[int, list[int]]:
             run.mkdir(parents=True)
-            if server == "nginx":
-                cm = nginx(work, run, sample_configs(ports["netboot"][0], rows, first))
-            else:
-                cm = netboot(work, run, args.python, args.access_log, seed,
-                             args.baseline if server == "baseline" else REPO,
-                             args.processes if server == SEVERAL else 1)
-            ports[server] = stack.enter_context(cm)
+            return into.enter_context(netboot(
+                work, run, args.python, args.access_log, seed,
+                args.baseline if server == "baseline" else REPO,
+                args.processes if server == SEVERAL else 1))
+
+        def start_nginx(netboot_port: int) -> None:
+            if "nginx" in servers and "nginx" not in kept:
+                run = tmp / "nginx"
+                run.mkdir(parents=True)
+                kept["nginx"] = stack.enter_context(
+                    nginx(work, run, sample_configs(netboot_port, rows, first)))
+
+        if any(not row.first for row in rows):
+            for server in netboots:
+                kept[server] = start(server, tmp / server, stack)
+            start_nginx(kept["netboot"][0])
         for round_ in range(args.rounds):
+            turn = servers if round_ % 2 == 0 else servers[::-1]
             for row in rows:
-                turn = servers if round_ % 2 == 0 else servers[::-1]
-                for server in turn:
-                    if row.machines and round_ == 0:  # first requests change things
-                        wrk(ports[server][0], row, args.duration, script, args.enrolled, first)
-                    port, pids = ports[server]
-                    cpu, loop = cpu_of(pids), sum(map(loop_seconds, pids))
-                    with crossing(server, port, pids, row, first, args.enrolled) as crossed:
-                        m = wrk(port, row, args.duration, script, args.enrolled, first,
-                                round_)
-                    # wrk's count, not req/s times the duration: that is off when the wall
-                    # clock was stepped during the run (read_wrk).
-                    answered = max(1.0, m.requests or m.rps * args.duration)
-                    m.cpu_us = (cpu_of(pids) - cpu) / answered * 1e6
-                    loop_us = (sum(map(loop_seconds, pids)) - loop) / answered * 1e6
-                    runs.setdefault((server, row.name), []).append(m)
-                    print(f"  {server} {row.name}: {m.rps:,.0f} req/s, p99 "
-                          f"{m.p99_ms:.1f} ms, {m.errors} errors, "
-                          f"{m.cpu_us:,.0f} µs CPU/request (main thread {loop_us:,.0f})"
-                          + "".join(f"; {c}" for c in crossed), flush=True)
-                    if m.detail:
-                        print(f"    wrk: {m.detail}", flush=True)
-                        if server != "nginx":
-                            for line in log_problems(tmp / server):
-                                print(f"    log: {line}", flush=True)
+                ports, logs, order = kept, {s: tmp / s for s in netboots}, None
+                with contextlib.ExitStack() as fresh:
+                    if row.first:
+                        order = tmp / f"order-{row.name}-{round_}"
+                        write_order(order, first_request_slices(
+                            first + 1, end, WRK_THREADS, f"{row.name}/{round_}"))
+                        logs = {s: tmp / f"{row.name}-{round_}" / s for s in netboots}
+                        ports = {s: start(s, logs[s], fresh) for s in turn if s in netboots}
+                        start_nginx(ports["netboot"][0])
+                        ports["nginx"] = kept.get("nginx", (0, []))
+                    for server in turn:
+                        m = one_run(args, server, ports[server], row, round_, script, first,
+                                    order if server != "nginx" else None,
+                                    logs.get(server))
+                        runs.setdefault((server, row.name), []).append(m)
+                    if row.first and round_ == args.rounds - 1:
+                        show_memory({s: ports[s] for s in netboots})
+                for server in logs if row.first else ():
+                    shutil.rmtree(logs[server] / "data")  # its copy of the seed: disk
                 for peer in servers[1:]:
                     ratio = runs["netboot", row.name][-1].rps / runs[peer, row.name][-1].rps
                     ratios.setdefault(f"{row.name}/{peer}", []).append(
                         1 / ratio if peer == SEVERAL else ratio)
-        for server in servers:  # what each process holds after the rows
-            for pid in ports[server][1]:
-                print(f"  {server} pid {pid}: {memory_of(pid)}", flush=True)
+        show_memory(kept)  # what each process holds after the rows
+
+
+def show_memory(servers: dict[str, tuple[int, list[int]]]) -> None:
+    for server, (_port, pids) in servers.items():
+        for pid in pids:
+            print(f"  {server} pid {pid}: {memory_of(pid)}", flush=True)
+
+
+def one_run(args: argparse.Namespace, server: str, at: tuple[int, list[int]], row: Row,
+            round_: int, script: Path, first: int, order: Path | None, run: Path | None
+            ) -> Measured:
+    """One wrk run of ``row`` on ``server`` (its port and processes ``at``, its files in
+    ``run``), printed; a first-request run with its count of first requests."""
+    port, pids = at
+    if row.machines and round_ == 0:  # first requests change things
+        wrk(port, row, args.duration, script, args.enrolled, first)
+    data = run / "data" if run is not None and order is not None else None
+    before = states_of(data).get(row.first, 0) if data else 0
+    cpu, loop = cpu_of(pids), sum(map(loop_seconds, pids))
+    with crossing(server, port, pids, row, first, args.enrolled) as crossed:
+        m = wrk(port, row, args.duration, script, args.enrolled, first, round_, order)
+    # wrk's count, not req/s times the duration: that is off when the wall clock was
+    # stepped during the run (read_wrk).
+    answered = max(1.0, m.requests or m.rps * args.duration)
+    m.cpu_us = (cpu_of(pids) - cpu) / answered * 1e6
+    loop_us = (sum(map(loop_seconds, pids)) - loop) / answered * 1e6
+    if data:
+        m.firsts = settled(data, row.first) - before
+    print(f"  {server} {row.name} round {round_ + 1}: {m.rps:,.0f} req/s, p99 "
+          f"{m.p99_ms:.1f} ms, {m.errors} errors, "
+          f"{m.cpu_us:,.0f} µs CPU/request (main thread {loop_us:,.0f})"
+          + (f"; {told_firsts(m, row, args.duration)}" if data else "")
+          + "".join(f"; {c}" for c in crossed), flush=True)
+    if m.detail:
+        print(f"    wrk: {m.detail}", flush=True)
+        if run is not None:
+            for line in log_problems(run):
+                print(f"    log: {line}", flush=True)
+    return m
 
 
 def sample_configs(port: int, rows: list[Row], first: int) -> dict[str, str]:
@@ -723,9 +936,12 @@ def main() -> None:
                 measure(args, servers, work, tmp / f"seed-{name}", seeds[name], todo, script,
                         0 if name == "held" else servers_seeded, runs, ratios)
     results = {key: median_of(ms) for key, ms in runs.items()}
+    firsts = ", ".join(r.name for r in rows if r.first)
     print(f"\n{args.enrolled} machines enrolled, wrk -t2, {args.duration:g} s a row, "
           f"medians of {args.rounds} round(s); the ratio is the median of each round's "
-          f"(load average {os.getloadavg()[0]:.1f})")
+          f"(load average {os.getloadavg()[0]:.1f})"
+          + (f"; {firsts} each round on fresh servers, every request a machine's first"
+             if firsts else ""))
     head = f"{'path':<11} {'conns':>5}"
     for s in servers:
         head += f" {s + ' req/s':>14} {'p99 ms':>8} {'MiB/s':>8} {'errors':>6} {'µs CPU':>7}"
@@ -741,6 +957,22 @@ def main() -> None:
         for peer in servers[1:]:
             line += f"  {statistics.median(ratios[f'{row.name}/{peer}']):>{10 + len(peer)}.2g}x"
         print(line)
+    for row in rows:  # the rounds behind each median ratio, in order
+        for peer in servers[1:]:
+            who = f"{SEVERAL} ÷ netboot" if peer == SEVERAL else f"netboot ÷ {peer}"
+            print(f"{row.name} {who} a round: "
+                  + ", ".join(f"{r:.2f}" for r in ratios[f"{row.name}/{peer}"]))
+    for row in rows:  # the first-request rows' own check: were they?
+        for s in servers:
+            if not row.first or s == "nginx":
+                continue
+            ms = runs[s, row.name]
+            out = sum(any(d.out_at for d in m.drawn) for m in ms)
+            print(f"{row.name} {s}: first requests by the server's count "
+                  + ", ".join(f"{m.firsts:,}" for m in ms) + " of "
+                  + ", ".join(f"{m.requests:,}" for m in ms) + " answers a round"
+                  + (f"; {out} round(s) RAN OUT of machines (their req/s low)" if out else
+                     "; no round ran out of machines"))
 
 
 if __name__ == "__main__":

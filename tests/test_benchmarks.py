@@ -5,9 +5,15 @@ count is found here, not by the user."""
 
 from __future__ import annotations
 
+import collections
+import http.server
 import importlib
+import os
+import shutil
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -64,6 +70,89 @@ def test_http_paths_tells_a_clock_step_from_the_servers_errors(
     stopped = http_paths.read_wrk(STEPPED, 31.1, 10)  # wrk stopped 21 s: both clocks moved
     assert (stopped.errors, stopped.clock_step) == (50, 0.0)
     assert stopped.detail.startswith("this 10 s wrk run took 31.1 s")
+
+
+def test_http_paths_first_request_slices_never_ask_a_machine_twice(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Session 32 (s32-ceiling): each round drew machines at random with repeats on servers
+    # kept through the rounds, so rounds 2-5 of the first-install rows were mostly repeats.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    http_paths = importlib.import_module("http_paths")
+    slices = http_paths.first_request_slices(9, 10_000, 2, "ipxe/0")
+    asked = [i for piece in slices for i in piece]
+    assert len(asked) == len(set(asked)) == 10_000 - 9  # every machine, none twice
+    assert set(asked) == set(range(9, 10_000))
+    assert [len(piece) for piece in slices] == [4995, 4996]
+    assert asked != sorted(asked)  # shuffled: each thread spread over the whole fleet
+    # Every server of a round is asked the same sequence; another round, another.
+    assert http_paths.first_request_slices(9, 10_000, 2, "ipxe/0") == slices
+    assert http_paths.first_request_slices(9, 10_000, 2, "ipxe/1") != slices
+    http_paths.write_order(tmp_path / "order", slices)
+    for t, piece in enumerate(slices, 1):
+        assert (tmp_path / f"order-{t}").read_text().split() == [str(i) for i in piece]
+
+
+def _run_the_lua_script(http_paths: types.ModuleType, tmp_path: Path, order: bool
+                        ) -> tuple[collections.Counter[str], str]:
+    """wrk with http_paths.py's Lua script for 2 s at a loopback server that counts the
+    paths it is asked: machines 2-299, each thread's slice used up well within the run."""
+    asked: collections.Counter[str] = collections.Counter()
+
+    class Counting(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            asked[self.path] += 1
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Quiet(http.server.ThreadingHTTPServer):
+        def handle_error(self, request: object, client_address: object) -> None:
+            pass  # wrk resets its connections as it exits
+
+    server = Quiet(("127.0.0.1", 0), Counting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = tmp_path / "random_mac.lua"
+    script.write_text(http_paths.RANDOM_MAC_LUA)
+    env = {**os.environ, "NB_ENROLLED": "300", "NB_FIRST": "1", "NB_KIND": "ipxe",
+           "NB_SEED": "0", "NB_TOKEN_TAIL": "-t", "NB_ORDER": ""}
+    if order:
+        env["NB_ORDER"] = str(tmp_path / "order")
+        http_paths.write_order(tmp_path / "order",
+                               http_paths.first_request_slices(2, 300, 2, "ipxe/0"))
+    try:
+        # 2 s: a loaded machine's Python server answers the 298 requests well within it.
+        out = subprocess.run(["wrk", "-t2", "-c4", "-d2s", "-s", str(script),
+                              f"http://127.0.0.1:{server.server_address[1]}/"],
+                             capture_output=True, text=True, env=env, timeout=60,
+                             check=True).stdout
+    finally:
+        server.shutdown()
+        server.server_close()
+    return asked, out
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_http_paths_lua_script_asks_each_machine_once_and_stops_when_out(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    http_paths = importlib.import_module("http_paths")
+    asked, out = _run_the_lua_script(http_paths, tmp_path, order=True)
+    machines = {path: n for path, n in asked.items() if path.startswith("/ipxe?mac=")}
+    assert max(machines.values()) == 1  # no machine asked twice
+    # All but the one wrk's check of the request takes (never sent); none outside.
+    assert len(machines) == 297
+    assert set(asked) - set(machines) <= {"/boot.ipxe"}  # what a stopping thread sends
+    drawn = http_paths.read_order_counts(out)
+    assert [(d.drawn, d.slice) for d in drawn] == [(149, 149), (149, 149)]
+    assert all(d.out_at > 0 for d in drawn)  # both ran out, and said so
+    assert sum(d.spare for d in drawn) == asked["/boot.ipxe"]
+    # Without an order (the rows meant to repeat): random machines, repeats and all.
+    asked, out = _run_the_lua_script(http_paths, tmp_path, order=False)
+    assert max(asked.values()) > 1
+    assert [d.slice for d in http_paths.read_order_counts(out)] == [0, 0]
 
 
 def test_storm_reads_the_downloads_bulk_rate_not_the_initrd_stage(
