@@ -9,7 +9,6 @@ import collections
 import http.server
 import importlib
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -134,7 +133,6 @@ def _run_the_lua_script(http_paths: types.ModuleType, tmp_path: Path, order: boo
     return asked, out
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_http_paths_lua_script_asks_each_machine_once_and_stops_when_out(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
