@@ -179,6 +179,23 @@ def test_query_pairs_are_parse_qsls(query: str) -> None:
     assert query_pairs(query) == parse_qsl(query, keep_blank_values=True)
 
 
+@pytest.mark.parametrize("query", [
+    "", "token=abc-DEF_123.~", "token", "token=&token=2", "a=1&&b=&=x&token=t", "a==b&c=d=e",
+    "token=a%20b", "token=a+b", "x=%ZZ&token=t+u%2B", "&&", "token=é", "tok%65n=x&token=y",
+    "TOKEN=x", "token=x=y&token=z", "a=1", "=token&token", "%74oken=t", "a=b&token=+",
+])
+@pytest.mark.parametrize("name", ["token", "a", ""])
+def test_a_query_value_is_its_first_pair_of_parse_qsl(query: str, name: str) -> None:
+    # The front's /config token: the first pair with that key, as query_pairs (parse_qsl)
+    # gives it, with or without anything to decode; None without one.
+    from urllib.parse import parse_qsl
+
+    from netboot.servers.http import query_value
+
+    assert query_value(query, name) == next(
+        (v for k, v in parse_qsl(query, keep_blank_values=True) if k == name), None)
+
+
 async def test_ipxe_issues_one_token_per_install(env: Env) -> None:
     """A second script request during the install (the device rebooted, or anyone else asked)
     carries the same token: nothing from the network can void the installer's token."""
