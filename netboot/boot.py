@@ -803,7 +803,8 @@ class BootService:
         others commit, and the view synced again, so that a machine moved meanwhile to a
         cluster or profile made meanwhile is not planned without it."""
         view = self._view
-        await view.sync()
+        if not view.current():  # sync()'s first step, without its coroutine (a config fetch)
+            await view.catch_up()
         held = view.held("mac", mac.raw)
         if not isinstance(held, Unseen):
             return held
