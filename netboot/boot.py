@@ -1179,20 +1179,23 @@ class BootService:
             # The token is what the device is told: committed, with its event, before the
             # answer leaves; compare-and-set, so that of two servers planning this machine
             # at once only one issues a token (the other decides again: install-again).
-            await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
+            event = self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
-                + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request),),
-                expect={machine.id: read}), version=machine)
+                + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request)
+            # By position (merge, create, update, events, expect): keywords cost a class
+            # call a dict, ~1,500 loop instructions (callgrind; s33-loop).
+            await self._recorder.commit(Batch((), (), (machine,), (event,), {machine.id: read}),
+                                        version=machine)
             self._view.adopt((machine,))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
             machine = learn(machine, request, machine.updated)
-        return BootPlan(
-            _INSTALL, request.mac, reason, machine=machine,
-            group=group.name if group else None, profile=profile,
-            cluster=cluster, k3s=k3s, token=token,
-        )
+        # By position (action, mac, reason, retry_seconds, machine, group, profile, cluster,
+        # k3s, token): a class called with keywords is handed them in a dict (type_call),
+        # ~3,000 loop instructions more a plan (callgrind; benchmarks/README.md s33-loop).
+        return BootPlan(_INSTALL, request.mac, reason, 0, machine,
+                        group.name if group else None, profile, cluster, k3s, token)
 
     async def config_plan(self, machine: Machine, *, token: str | None, reason: str,
                           request: BootRequest | None = None, claim: bool = True,
@@ -1216,10 +1219,10 @@ class BootService:
             # Its install plan had an endpoint, which has gone since (the server was removed
             # or is reinstalling): a config without one would install a node that never joins.
             raise Conflict(await self._waiting_reason(cluster))
-        return BootPlan(_INSTALL, mac or machine.mac or identity.NO_NIC, reason,
-                        machine=machine,
-                        group=group.name if group else None, profile=profile, cluster=cluster,
-                        k3s=k3s, token=token)
+        # By position, as _install_plan's (action, mac, reason, retry_seconds, machine, group,
+        # profile, cluster, k3s, token): keywords cost a class call a dict.
+        return BootPlan(_INSTALL, mac or machine.mac or identity.NO_NIC, reason, 0, machine,
+                        group.name if group else None, profile, cluster, k3s, token)
 
     async def k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
                        group: Group | None, *, claim: bool = True) -> K3sJoin:
