@@ -1161,8 +1161,10 @@ class BootService:
             now = self._clock()
             # What learn() would add, set in advance()'s copy: one copy of the machine.
             news = _news(machine, request, _taken(res), seen) or {}
-            facts = {k: v for k, v in news.pop("facts", machine.facts).items()
-                     if k != INSTALL_PEER}
+            # A copy without the old install peer, in the order the facts were in (a copy
+            # and a pop, C calls: the comprehension was ~3,500 more loop instructions).
+            facts = dict(news.pop("facts", machine.facts))
+            facts.pop(INSTALL_PEER, None)
             if request.remote_addr:
                 facts[INSTALL_PEER] = request.remote_addr
             read = machine.state
