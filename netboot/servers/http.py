@@ -1030,11 +1030,17 @@ class DeviceRoutes:
             return "/healthz", self._healthz()
         return None
 
+    # What every path :meth:`ready` may answer begins with: the front door asks it for no
+    # other (an /ipxe or /config request's call with its keywords, ~1,000 loop instructions,
+    # for a None; s33-loop).
+    READY_PREFIXES = ("/boot.ipxe", "/assets/")
+
     def ready(self, path: str, *, accept_encoding: bool, large: bool = False
               ) -> tuple[str, Reply | FileBody] | None:
         """:meth:`front`'s route and answer when it is in memory already and the same object
         as the last time (the bootstrap script, a small asset held unchanged), so that the
-        front door may keep its encoding; None: ask :meth:`front`."""
+        front door may keep its encoding; None: ask :meth:`front`. Only for a path that
+        begins with one of :attr:`READY_PREFIXES`."""
         if path == "/boot.ipxe":
             try:
                 return "/boot.ipxe", self._boot_reply()
@@ -1184,7 +1190,7 @@ class FrontDoor:
         """The answer of ``head`` when it is in memory (:meth:`DeviceRoutes.ready`): one
         lookup, the Date, a request id and a join (with ``sendfile``, a large file's head
         too, and its file opened); None: :meth:`start` it."""
-        if head.close or head.bearer:
+        if head.close or head.bearer or not head.path.startswith(self.routes.READY_PREFIXES):
             return None
         found = self.routes.ready(head.path, accept_encoding=head.accept_encoding,
                                   large=sendfile)
