@@ -96,6 +96,15 @@ class BootSettings:
     k3s_port: int = 6443
 
 
+# Enum members a first install or config looks up on its way, looked up once: Python 3.11
+# finds a member through EnumType's __getattr__ hook at each use, ~870 loop instructions
+# (callgrind; a first install looked up 13, a first config 3: benchmarks/README.md s33-loop).
+_DISCOVERED = MachineState.DISCOVERED
+_INSTALL = BootAction.INSTALL
+_INSTALL_PLAN = lifecycle.Trigger.INSTALL_PLAN
+_INSTALL_AGAIN = lifecycle.Trigger.INSTALL_AGAIN
+_NO_ARCH = Arch.UNKNOWN
+_NO_FIRMWARE = Firmware.UNKNOWN
 # The event a decision that installs nothing notes (a repeat of it writes nothing).
 _NOTED = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}
 # Decisions kept for repeated requests (BootService._recorded_plan), one per NIC: a storm's
@@ -358,8 +367,8 @@ def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
     uuid = machine.uuid or seen_uuid
     serial = machine.serial or seen_serial
     asset = machine.asset or seen_asset
-    arch = r.arch if r.arch != Arch.UNKNOWN else machine.arch
-    firmware = machine.firmware or (r.firmware if r.firmware != Firmware.UNKNOWN else None)
+    arch = r.arch if r.arch != _NO_ARCH else machine.arch
+    firmware = machine.firmware or (r.firmware if r.firmware != _NO_FIRMWARE else None)
     facts = machine.facts
     # A device that tells what is known already (every retry of a held machine, every
     # repeated step of a storm) changes nothing: answered without building a copy to compare.
@@ -795,7 +804,8 @@ class BootService:
         others commit, and the view synced again, so that a machine moved meanwhile to a
         cluster or profile made meanwhile is not planned without it."""
         view = self._view
-        await view.sync()
+        if not view.current():  # sync()'s first step, without its coroutine (a config fetch)
+            await view.catch_up()
         held = view.held("mac", mac.raw)
         if not isinstance(held, Unseen):
             return held
@@ -914,10 +924,10 @@ class BootService:
         if (machine is not None and plan.machine is machine
                 and self._view.loaded and not res.absorb and not res.disagree
                 and activity == self._recorder.activity and shared == self._view.shared
-                and machine.state != MachineState.DISCOVERED):
-            under_way = lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)
+                and machine.state != _DISCOVERED):
+            under_way = lifecycle.allows(machine.state, _INSTALL_AGAIN)
             kind: str | None
-            if plan.action == BootAction.INSTALL and under_way and plan.token is not None \
+            if plan.action == _INSTALL and under_way and plan.token is not None \
                     and plan.profile is not None:
                 # An install under way asked again from the address its token was served
                 # to (the request's, compared whole): the same plan until the token
@@ -942,7 +952,7 @@ class BootService:
         if record and machine is not None and (res.absorb or res.disagree
                                                or _new_nic(request, machine, res.absorb)):
             machine = await self._adopt(request, res)  # else it returns the machine as is
-        if machine is None or machine.state == MachineState.DISCOVERED:
+        if machine is None or machine.state == _DISCOVERED:
             machine = await self._discover(request, machine, res) if record else machine
             if self.settings.policy == "auto" and record:
                 group = grouping.select(self.settings.rules, request.labels())
@@ -950,7 +960,7 @@ class BootService:
                     if group.name not in self.settings.trusted_rules:
                         return await self._untrusted_match(request, machine, group)
                     machine = await self._enroller.auto_enroll(machine, group)
-            if machine is None or machine.state == MachineState.DISCOVERED:
+            if machine is None or machine.state == _DISCOVERED:
                 return await self._unknown_plan(request, machine, record)
         if machine.state in LOCAL_STATES:
             plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state!s}: boot the local disk",
@@ -960,8 +970,8 @@ class BootService:
                 # (a retry loop, a storm of reboots) writes one line, not one per request.
                 await self._event(machine, "local-boot", plan.reason, request, once=True)
             return plan
-        if not (lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_PLAN)
-                or lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN)):
+        if not (lifecycle.allows(machine.state, _INSTALL_PLAN)
+                or lifecycle.allows(machine.state, _INSTALL_AGAIN)):
             reason = ("the last install failed; run 'netboot machines reinstall' to retry"
                       if machine.state == MachineState.FAILED else
                       f"{machine.state!s}: no install until 'netboot machines reinstall'")
@@ -1102,7 +1112,7 @@ class BootService:
         reason = (f"{machine.state!s}: install profile {profile.name}"
                   + (f" (group {group.name})" if group else ""))
         token: str | None = None
-        if record and lifecycle.allows(machine.state, lifecycle.Trigger.INSTALL_AGAIN):
+        if record and lifecycle.allows(machine.state, _INSTALL_AGAIN):
             # An install under way: the same token, never a new one (an unauthenticated
             # /ipxe must not void the real installer's token), and only until it expires.
             now = self._clock()
@@ -1140,7 +1150,7 @@ class BootService:
             token = machine.install_token
             read = machine.state
             again = lifecycle.advance(learn(machine, request, now, _taken(res)),
-                                      lifecycle.Trigger.INSTALL_AGAIN, now)
+                                      _INSTALL_AGAIN, now)
             # learn() and advance() return the machine itself when nothing changes.
             if again is not machine:  # a fact that did not change writes nothing
                 machine = again
@@ -1152,13 +1162,15 @@ class BootService:
             now = self._clock()
             # What learn() would add, set in advance()'s copy: one copy of the machine.
             news = _news(machine, request, _taken(res), seen) or {}
-            facts = {k: v for k, v in news.pop("facts", machine.facts).items()
-                     if k != INSTALL_PEER}
+            # A copy without the old install peer, in the order the facts were in (a copy
+            # and a pop, C calls: the comprehension was ~3,500 more loop instructions).
+            facts = dict(news.pop("facts", machine.facts))
+            facts.pop(INSTALL_PEER, None)
             if request.remote_addr:
                 facts[INSTALL_PEER] = request.remote_addr
             read = machine.state
             machine = lifecycle.advance(
-                machine, lifecycle.Trigger.INSTALL_PLAN, now, facts=facts, **news,
+                machine, _INSTALL_PLAN, now, facts=facts, **news,
                 token_hash=hash_token(token), install_token=token,
                 token_expires=now + (profile.install_timeout
                                      or self.settings.token_ttl_seconds),
@@ -1170,20 +1182,23 @@ class BootService:
             # The token is what the device is told: committed, with its event, before the
             # answer leaves; compare-and-set, so that of two servers planning this machine
             # at once only one issues a token (the other decides again: install-again).
-            await self._recorder.commit(Batch(update=(machine,), events=(self._new_event(
+            event = self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
-                + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request),),
-                expect={machine.id: read}), version=machine)
+                + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request)
+            # By position (merge, create, update, events, expect): keywords cost a class
+            # call a dict, ~1,500 loop instructions (callgrind; s33-loop).
+            await self._recorder.commit(Batch((), (), (machine,), (event,), {machine.id: read}),
+                                        version=machine)
             self._view.adopt((machine,))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
             machine = learn(machine, request, machine.updated)
-        return BootPlan(
-            BootAction.INSTALL, request.mac, reason, machine=machine,
-            group=group.name if group else None, profile=profile,
-            cluster=cluster, k3s=k3s, token=token,
-        )
+        # By position (action, mac, reason, retry_seconds, machine, group, profile, cluster,
+        # k3s, token): a class called with keywords is handed them in a dict (type_call),
+        # ~3,000 loop instructions more a plan (callgrind; benchmarks/README.md s33-loop).
+        return BootPlan(_INSTALL, request.mac, reason, 0, machine,
+                        group.name if group else None, profile, cluster, k3s, token)
 
     async def config_plan(self, machine: Machine, *, token: str | None, reason: str,
                           request: BootRequest | None = None, claim: bool = True,
@@ -1207,10 +1222,10 @@ class BootService:
             # Its install plan had an endpoint, which has gone since (the server was removed
             # or is reinstalling): a config without one would install a node that never joins.
             raise Conflict(await self._waiting_reason(cluster))
-        return BootPlan(BootAction.INSTALL, mac or machine.mac or identity.NO_NIC, reason,
-                        machine=machine,
-                        group=group.name if group else None, profile=profile, cluster=cluster,
-                        k3s=k3s, token=token)
+        # By position, as _install_plan's (action, mac, reason, retry_seconds, machine, group,
+        # profile, cluster, k3s, token): keywords cost a class call a dict.
+        return BootPlan(_INSTALL, mac or machine.mac or identity.NO_NIC, reason, 0, machine,
+                        group.name if group else None, profile, cluster, k3s, token)
 
     async def k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
                        group: Group | None, *, claim: bool = True) -> K3sJoin:

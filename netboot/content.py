@@ -84,13 +84,17 @@ _CONSOLES = {
 # The Raspberry Pi firmware rewrites serial0 into whichever UART the board routes to its
 # header pins (the mini UART ttyS0 on a Pi 3/4 with Bluetooth, else ttyAMA0).
 _RPI_CONSOLE = "console=tty1 console=serial0,115200"
+# Looked up once (see _INSTALL): every install script and config asks default_console.
+_RPI = Firmware.RPI
+_NO_ARCH = Arch.UNKNOWN
+_X86_64_CONSOLE = _CONSOLES[Arch.X86_64]
 
 
 def default_console(arch: Arch | None, firmware: Firmware | None = None) -> str:
     """The kernel console arguments for a machine's architecture (and Raspberry Pi firmware)."""
-    if firmware == Firmware.RPI:
+    if firmware == _RPI:
         return _RPI_CONSOLE
-    return _CONSOLES.get(arch or Arch.UNKNOWN, _CONSOLES[Arch.X86_64])
+    return _CONSOLES.get(arch or _NO_ARCH, _X86_64_CONSOLE)
 _RPI_SERIAL = re.compile(r"^[0-9a-f]{8}$")
 
 

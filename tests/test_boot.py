@@ -809,6 +809,26 @@ async def test_a_pxelinux_request_mid_install_gets_the_token_only_at_its_first_a
     assert kinds.count("token withheld") == 1 and kinds.count("install-plan") == 2
 
 
+@pytest.mark.parametrize("peer", ["192.0.2.62", None])
+async def test_a_first_installs_facts_keep_their_order_and_name_only_its_own_peer(
+        setup: tuple[BootService, MemoryStore, Clock], peer: str | None) -> None:
+    """A machine reinstalled carries the old install's peer among its facts: the new install
+    names its own address, after the others and what the request told, or none when the
+    request came from no address (_install_plan's copy of the facts)."""
+    boot, store, _ = setup
+    await enrolled(store, role=Role.AGENT, state=MachineState.ENROLLED,
+                   facts={"a": "1", "install_peer": "192.0.2.9", "z": "2"})
+    request = BootRequest(mac=MAC, firmware=Firmware.IPXE, arch=Arch.X86_64, via="http",
+                          remote_addr=peer, product="Q35")
+    assert (await boot.plan(request)).action == BootAction.INSTALL
+    machine = await store.machine_by("mac", str(MAC))
+    assert machine is not None
+    want = {"a": "1", "z": "2", "product": "Q35"}
+    if peer is not None:
+        want |= {"remote_addr": peer, "install_peer": peer}
+    assert list(machine.facts.items()) == list(want.items())
+
+
 async def test_a_kept_decision_follows_every_change_at_once(tmp_path: Path) -> None:
     """Repeated requests are answered from the decision kept for them (nothing written, the
     same plan object); any change to what that decision read, made here or by another

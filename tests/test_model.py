@@ -49,11 +49,41 @@ def test_mac_spellings(text: str) -> None:
 @pytest.mark.parametrize("text", [
     "aa:bb:cc:dd:ee:fg", "aa:bb-cc:dd:ee:ff", "aa:bb:cc:dd:ee", "aa:bb:cc:dd:ee:ff:00",
     "aab:bc:cd:de:ef:f0", "a:bb:cc:dd:ee:fff", "", "::::::::::::::::",
+    # Whitespace where the usual spellings' shortcut reads hex (bytes.fromhex skips it
+    # between whole bytes): five bytes, or an odd digit.
+    "aa:bb:cc:dd:  :ff", "aa:bb:cc:dd:ee: f", "aa-bb-\t\t-dd-ee-ff", "aa:bb:cc:dd:e :ff",
 ])
 def test_mac_refused(text: str) -> None:
     with pytest.raises(ValidationError) as err:
         MacAddress.parse(text)
     assert err.value.field == "mac"
+
+
+def test_a_mac_of_seventeen_characters_is_six_pairs_of_hex_digits_by_one_separator() -> None:
+    # The usual spellings' shortcut (MacAddress.parse) takes what the general checks take
+    # and refuses what they refuse: random texts of hex digits, separators, whitespace.
+    import random
+    import re
+
+    pattern = re.compile(r"([0-9a-f]{2})([:.-])[0-9a-f]{2}(?:\2[0-9a-f]{2}){4}")
+    rng = random.Random(33)
+    alphabet = "0a9fF:-- :.\tg\n"
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(17))
+        if rng.random() < 0.5:  # mostly a MAC, a character or two changed
+            chars = list("02:ab:cd:ef:00:9f" if rng.random() < 0.5 else "02-ab-cd-ef-00-9f")
+            for _ in range(rng.randint(0, 2)):
+                chars[rng.randrange(17)] = rng.choice(alphabet)
+            text = "".join(chars)
+        lowered = text.strip().lower()
+        want = (bytes.fromhex(lowered.replace(lowered[2], ""))
+                if len(lowered) == 17 and pattern.fullmatch(lowered) else None)
+        if want is None and len(lowered) == 17:
+            with pytest.raises(ValidationError):
+                MacAddress.parse(text)
+        elif want is not None:
+            got = MacAddress.parse(text)
+            assert got == want and type(got) is MacAddress, text
 
 
 def test_a_mac_is_one_object_equal_to_and_hashed_as_its_bytes() -> None:

@@ -763,7 +763,13 @@ def _same_entries(old: Machine, new: Machine) -> bool:
 
 
 def _running_server(machine: Machine) -> bool:
-    return machine.state == MachineState.REGISTERED and machine.role == Role.SERVER
+    return machine.state == _REGISTERED and machine.role == _SERVER
+
+
+# Looked up once: Python 3.11 finds an enum member through EnumType's __getattr__ hook at
+# each use, ~870 instructions, and every machine written asks _running_server twice.
+_REGISTERED = MachineState.REGISTERED
+_SERVER = Role.SERVER
 
 
 def _set(held: dict[str, _V], name: str, value: _V | None) -> None:

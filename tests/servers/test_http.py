@@ -179,6 +179,50 @@ def test_query_pairs_are_parse_qsls(query: str) -> None:
     assert query_pairs(query) == parse_qsl(query, keep_blank_values=True)
 
 
+@pytest.mark.parametrize("query", [
+    "", "token=abc-DEF_123.~", "token", "token=&token=2", "a=1&&b=&=x&token=t", "a==b&c=d=e",
+    "token=a%20b", "token=a+b", "x=%ZZ&token=t+u%2B", "&&", "token=é", "tok%65n=x&token=y",
+    "TOKEN=x", "token=x=y&token=z", "a=1", "=token&token", "%74oken=t", "a=b&token=+",
+])
+@pytest.mark.parametrize("name", ["token", "a", ""])
+def test_a_query_value_is_its_first_pair_of_parse_qsl(query: str, name: str) -> None:
+    # The front's /config token: the first pair with that key, as query_pairs (parse_qsl)
+    # gives it, with or without anything to decode; None without one.
+    from urllib.parse import parse_qsl
+
+    from netboot.servers.http import query_value
+
+    assert query_value(query, name) == next(
+        (v for k, v in parse_qsl(query, keep_blank_values=True) if k == name), None)
+
+
+async def test_only_paths_of_the_ready_prefixes_are_answered_ready(tmp_path: Path) -> None:
+    # The front door asks DeviceRoutes.ready only for a path that begins with one of its
+    # READY_PREFIXES: every path it answers (the bootstrap script, a small asset held in
+    # memory) begins so, and the device routes that decide (/ipxe, /config) do not.
+    from netboot.model import Blob
+    from netboot.servers.http import AssetFiles, DeviceRoutes
+
+    (tmp_path / "x.txt").write_bytes(b"x\n")
+
+    def resolve(name: str) -> Blob:
+        return Blob(2, path=str(tmp_path / name), content_type="text/plain")
+
+    class Content:
+        def bootstrap_ipxe(self) -> str:
+            return "#!ipxe\nchain /ipxe\n"
+
+    files = AssetFiles(resolve)
+    routes = DeviceRoutes(Content(), files=files)  # type: ignore[arg-type]
+    assert await files.reply("x.txt", accept_encoding=False) is not None  # now held
+    paths = ["/boot.ipxe", "/assets/x.txt", "/ipxe", "/config/02-00-00-00-00-01",
+             "/healthz", "/nocloud/02-00-00-00-00-01/user-data", "/grub/grub.cfg", "/"]
+    answered = {p for p in paths if routes.ready(p, accept_encoding=False) is not None}
+    assert answered == {"/boot.ipxe", "/assets/x.txt"}
+    assert all(p.startswith(DeviceRoutes.READY_PREFIXES) for p in answered)
+    assert not any(p.startswith(DeviceRoutes.READY_PREFIXES) for p in set(paths) - answered)
+
+
 async def test_ipxe_issues_one_token_per_install(env: Env) -> None:
     """A second script request during the install (the device rebooted, or anyone else asked)
     carries the same token: nothing from the network can void the installer's token."""

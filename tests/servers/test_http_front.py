@@ -583,6 +583,8 @@ def test_the_encodings_the_front_keeps_are_bounded() -> None:
     from netboot.servers.http import FrontDoor
 
     class Routes:
+        READY_PREFIXES = ("/assets/",)
+
         def __init__(self) -> None:
             self.reply = Reply(200, b"", "text/plain")
 
