@@ -1148,13 +1148,12 @@ class BootService:
                                 retry_seconds=self.settings.hold_retry_seconds,
                                 group=group.name if group else None)
             token = machine.install_token
-            read = machine.state
             again = lifecycle.advance(learn(machine, request, now, _taken(res)),
                                       _INSTALL_AGAIN, now)
             # learn() and advance() return the machine itself when nothing changes.
             if again is not machine:  # a fact that did not change writes nothing
+                await self._commit_update(again, machine)
                 machine = again
-                await self._commit_update(machine, read)
             await self._event(machine, "install-plan", _asked_again(profile.name), request,
                               once=True)
         elif record:
@@ -1168,7 +1167,7 @@ class BootService:
             facts.pop(INSTALL_PEER, None)
             if request.remote_addr:
                 facts[INSTALL_PEER] = request.remote_addr
-            read = machine.state
+            read, version = machine.state, machine.updated
             machine = lifecycle.advance(
                 machine, _INSTALL_PLAN, now, facts=facts, **news,
                 token_hash=hash_token(token), install_token=token,
@@ -1181,14 +1180,17 @@ class BootService:
             )
             # The token is what the device is told: committed, with its event, before the
             # answer leaves; compare-and-set, so that of two servers planning this machine
-            # at once only one issues a token (the other decides again: install-again).
+            # at once only one issues a token (the other decides again: install-again), and
+            # on the version read, so that a change committed since the read (an operator's
+            # new cluster or profile, another NIC attached) is not undone by this whole
+            # machine written from it: the plan is decided again from that change (plan()).
             event = self._new_event(
                 machine, "install-plan", f"install profile {profile.name}"
                 + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request)
-            # By position (merge, create, update, events, expect): keywords cost a class
-            # call a dict, ~1,500 loop instructions (callgrind; s33-loop).
-            await self._recorder.commit(Batch((), (), (machine,), (event,), {machine.id: read}),
-                                        version=machine)
+            # By position (merge, create, update, events, expect, versions): keywords cost a
+            # class call a dict, ~1,500 loop instructions (callgrind; s33-loop).
+            await self._recorder.commit(Batch((), (), (machine,), (event,), {machine.id: read},
+                                              {machine.id: version}), version=machine)
             self._view.adopt((machine,))
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
@@ -1470,10 +1472,11 @@ class BootService:
                                 f"booted from NIC {request.mac}, recognised by its "
                                 f"{res.matched_by}", {"mac": str(request.mac),
                                                       "matched_by": str(res.matched_by)}))
+        read = (machine, *res.absorb)
         await self._recorder.commit(Batch(merge=[(d.id, updated.id) for d in res.absorb],
                                           update=(updated,), events=events,
-                                          expect={m.id: m.state for m in (machine,
-                                                                          *res.absorb)}))
+                                          expect={m.id: m.state for m in read},
+                                          versions={m.id: m.updated for m in read}))
         self._log.info("machine %s: mac=%s attached=%s merged=%s (by %s)", updated.id,
                        request.mac, new_nic, [d.id for d in res.absorb], res.matched_by)
         return updated
@@ -1576,7 +1579,7 @@ class BootService:
         if updated is not machine and (updated.uuid != machine.uuid
                                        or updated.serial != machine.serial
                                        or updated.asset != machine.asset):
-            await self._commit_update(updated, machine.state)
+            await self._commit_update(updated, machine)
             return updated
         return self._learn_later(machine, request, now, taken, updated)
 
@@ -1591,11 +1594,13 @@ class BootService:
             await self._view.sync()
         return {machine_id: await self._view.get_machine(machine_id) for machine_id in ids}
 
-    async def _commit_update(self, machine: Machine, read: MachineState) -> None:
+    async def _commit_update(self, machine: Machine, read: Machine) -> None:
         """Store what a boot taught about ``machine`` (grouped with concurrent commits), and
-        answer with it from now on. Compare-and-set on ``read``, the state it was decided
-        from: StateChanged if another server moved the machine meanwhile."""
-        await self._recorder.commit(Batch(update=(machine,), expect={machine.id: read}))
+        answer with it from now on. Compare-and-set on ``read``, the machine it was decided
+        from (its state and version): StateChanged if anyone changed the machine meanwhile
+        (another server moved it, an operator edited it), which this write would undo."""
+        await self._recorder.commit(Batch(update=(machine,), expect={machine.id: read.state},
+                                          versions={machine.id: read.updated}))
         self._view.adopt((machine,))
 
     def _new_event(self, machine: Machine, kind: str, message: str,

@@ -360,6 +360,7 @@ class Recorder:
                         update=[m for b, _, _ in batches for m in b.update],
                         events=[e for b, _, _ in batches for e in b.events],
                         expect={k: v for b, _, _ in batches for k, v in b.expect.items()},
+                        versions={k: v for b, _, _ in batches for k, v in b.versions.items()},
                         audit=[a for b, _, _ in batches for a in b.audit]),
                         strict=True, commits=batches)
             except (NetbootError, _OneByOne) as exc:
@@ -416,7 +417,8 @@ class Recorder:
         if not self.crowded():
             self._room.set()  # taken: what waits in room() may queue the next batch
         if not queued and not learned and not (batch.merge or batch.create or batch.update
-                                               or batch.events or batch.expect or batch.audit):
+                                               or batch.events or batch.expect
+                                               or batch.versions or batch.audit):
             return
         relearnt: list[tuple[Machine, Machine]] = []
         away: str | None = None  # the inventory went away after the events were written
@@ -513,7 +515,8 @@ class Recorder:
             if away is None:
                 try:
                     await self._store.apply_batch(Batch(update=(new,),
-                                                        expect={new.id: old.state}))
+                                                        expect={new.id: old.state},
+                                                        versions={new.id: old.updated}))
                 except StoreError as exc:
                     away = str(exc)
                 except NetbootError as exc:
@@ -620,8 +623,9 @@ def _overlap(batches: Iterable[Batch]) -> bool:
     """Whether two of ``batches`` update, create or expect the same machine."""
     seen: set[str] = set()
     for batch in batches:
-        update, expect = batch.update, batch.expect
-        if not batch.create and len(update) == 1 and len(expect) <= 1:
+        update, expect, versions = batch.update, batch.expect, batch.versions
+        if not batch.create and len(update) == 1 and len(expect) <= 1 and (
+                not versions or (len(versions) == 1 and update[0].id in versions)):
             # A group's commits are one machine's each, as a rule (an install's token, a
             # config fetched): its id alone, without a set made per commit of the group.
             ident = update[0].id
@@ -634,7 +638,7 @@ def _overlap(batches: Iterable[Batch]) -> bool:
                 return True
             seen.add(ident)
             continue
-        ids = {*expect, *(m.id for m in update), *(m.id for m in batch.create)}
+        ids = {*expect, *versions, *(m.id for m in update), *(m.id for m in batch.create)}
         if not seen.isdisjoint(ids):
             return True
         seen |= ids
@@ -643,11 +647,13 @@ def _overlap(batches: Iterable[Batch]) -> bool:
 
 def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machine]]) -> Batch:
     """``batch`` after the queued ``events``, with the learnt updates (compare-and-set on
-    the state each machine was read in)."""
+    the state and version each machine was read in: learnt again on it, each is the whole
+    machine, which must not undo a change committed since that read)."""
     return Batch(merge=batch.merge, create=batch.create,
                  update=[*batch.update, *(new for _, new in relearnt)],
                  events=codec.joined(events, batch.events),
                  expect={**{old.id: old.state for old, _ in relearnt}, **batch.expect},
+                 versions={**{old.id: old.updated for old, _ in relearnt}, **batch.versions},
                  audit=batch.audit)
 
 

@@ -745,3 +745,53 @@ async def test_a_first_install_cancelled_while_its_token_is_written_keeps_that_t
     plans = [e["message"] for e in await env.get(f"/api/v1/machines/{MAC}/events")
              if e["kind"] == "install-plan"]
     assert len(plans) == 2 and "again" in plans[1] and "again" not in plans[0], plans
+
+
+async def test_an_operators_change_during_a_first_install_decision_is_kept(env: Env) -> None:
+    """An operator moves a machine to another cluster (``PATCH``) after its first ``/ipxe``
+    read it and before the install plan (token, cluster binding) is committed: the plan is
+    refused at its commit (the version it was derived from moved) and decided again from the
+    operator's change, so the stored cluster is the operator's and the device is answered
+    from it: its token's config joins the new cluster. (The other order, answering from the
+    old read, would hand out a token whose stored machine the operator had already moved.)
+    The change is made by a store wrapper at the plan's commit, not by a sleep, through a
+    store of its own on the same inventory, as ``netboot machines edit`` in another process
+    (an HTTP PATCH from there would wait for the recorder, whose write is the one held)."""
+    await env.seed()
+    await env.post("/api/v1/clusters", {"name": "core", "server_url": "https://192.0.2.60:6443",
+                                        "token": "core-token"}, status=201)
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    store = env.service.store
+    assert isinstance(store, SqliteStore)
+    apply_batch = store.apply_batch
+    patched: list[str] = []
+
+    async def operator_first(batch: Any) -> None:
+        if not patched and any(e.kind == "install-plan" for e in batch.events):
+            cli = SqliteStore(store.path)
+            await cli.open()
+            try:
+                read = await cli.machine_by("mac", MAC)
+                assert read is not None and read.state.value == "enrolled"
+                await cli.update_machine(dataclasses.replace(read, cluster="core",
+                                                             updated=read.updated + 1),
+                                         expect_state=read.state)
+            finally:
+                await cli.close()
+            patched.append(read.id)
+        await apply_batch(batch)
+
+    store.apply_batch = operator_first  # type: ignore[method-assign]
+    try:
+        script = await boot(env, HEXHYP)
+    finally:
+        del store.apply_batch
+    assert len(patched) == 1
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["cluster"] == "core" and machine["state"] == "booting"
+    plans = [e["message"] for e in await env.get(f"/api/v1/machines/{MAC}/events")
+             if e["kind"] == "install-plan"]
+    assert len(plans) == 1 and "into cluster core" in plans[0], plans
+    config = k3os(await env.get(f"/config/{HEXHYP}?token={install_token(script)}"))
+    assert config["k3os"]["server_url"] == "https://192.0.2.60:6443"
+    assert config["k3os"]["token"] == "core-token"

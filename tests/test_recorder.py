@@ -265,6 +265,33 @@ async def test_learnt_facts_are_kept_through_an_outage_and_never_overwrite_a_mov
     await store.close()
 
 
+async def test_learnt_facts_never_undo_an_edit_made_after_their_machine_was_read(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """The machine read for learnt facts, then an operator's edit by another process that
+    keeps its state (a new cluster) before the write: the facts, learnt on the whole
+    machine as read, are not written over the edit (Batch.versions); the events are."""
+    store, other = stores
+    machine = Machine(macs=(MAC,), hostname="h", state=MachineState.ENROLLED, updated=1.0)
+    await store.create_machine(machine)
+    recorder = Recorder(store, delay=3600)
+
+    async def newest(ids: Collection[str]) -> dict[str, Machine | None]:
+        read = {i: await store.get_machine(i) for i in ids}
+        edited = replace(read[machine.id], cluster="core", updated=2.0)  # type: ignore[type-var]
+        await other.update_machine(edited, expect_state=MachineState.ENROLLED)
+        return read
+
+    recorder.newest = newest
+    recorder.record(ev("dhcp", machine.id))
+    recorder.learned(machine.id, lambda m: replace(m, hostname="learnt", updated=3.0))
+    await recorder.flush()
+    assert recorder.failing is None and recorder.queued == 0
+    now = await other.get_machine(machine.id)
+    assert now is not None and now.cluster == "core" and now.updated == 2.0
+    assert await kinds(other, machine.id) == ["dhcp"]
+    await recorder.close()
+
+
 async def test_learning_shows_the_facts_queued_for_the_next_batch(
         stores: tuple[SqliteStore, SqliteStore]) -> None:
     """What the boot path asks before queueing a fact again: the machine as the next batch

@@ -61,6 +61,13 @@ class Batch:
     the same transaction: NotFound if the machine is gone, StateChanged (a Conflict) if it is
     in another state now, and nothing of the batch is written. Two servers deciding on one
     machine at once (two install tokens, a report racing a reinstall) so never both win.
+
+    ``versions`` is the same check on the whole machine: machine id → its ``updated`` time as
+    its writer read it (StateChanged, field ``updated``, if the stored one is another: someone
+    changed the machine since, even without moving its state). For a writer that stores the
+    whole machine derived from its read (a boot decision), so that an operator's edit (its
+    cluster, profile, labels) or another NIC's attachment committed between that read and
+    the write is not silently undone. Every writer of a machine sets ``updated``.
     """
 
     merge: Sequence[tuple[str, str]] = ()
@@ -68,6 +75,7 @@ class Batch:
     update: Sequence[Machine] = ()
     events: Sequence[Event] = ()
     expect: Mapping[str, MachineState] = field(default_factory=dict)
+    versions: Mapping[str, float] = field(default_factory=dict)
     # Audit log entries, written last in the same transaction (Access.record: an entry
     # joins the recorder's group commits instead of a transaction of its own).
     audit: Sequence[AuditEntry] = ()

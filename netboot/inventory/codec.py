@@ -131,6 +131,17 @@ def check_expected(machine_id: str, expected: MachineState, current: str | None)
                            holder=machine_id)
 
 
+def check_version(machine_id: str, read: float, current: float | None) -> None:
+    """The compare-and-set check of ``Batch.versions``: the machine's ``updated`` as stored
+    is the one its writer read (after :func:`check_expected` where both are given)."""
+    if current is None:
+        raise NotFound(f"machine {machine_id} not found")
+    if current != read:
+        raise StateChanged(f"machine {machine_id} was changed (updated {current!r}) since it "
+                           f"was read (updated {read!r}): another writer changed it meanwhile",
+                           field="updated", holder=machine_id)
+
+
 def check_filter(flt: MachineFilter) -> None:
     """Negative limits/offsets mean "everything" to SQLite; refuse them rather than guess."""
     if flt.limit < 0:

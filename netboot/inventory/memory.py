@@ -188,6 +188,9 @@ class MemoryStore:
             current = self._machines.get(machine_id)
             codec.check_expected(machine_id, state,
                                  None if current is None else current.state.value)
+        for machine_id, read in batch.versions.items():
+            current = self._machines.get(machine_id)
+            codec.check_version(machine_id, read, None if current is None else current.updated)
         machines = dict(self._machines)
         keys = dict(self._keys)
         hostnames = dict(self._hostnames)

@@ -1403,7 +1403,7 @@ class PostgresStore:
     async def apply_batch(self, batch: Batch) -> None:
         """One transaction: merges, creates, updates, events in order."""
         if not (batch.merge or batch.create or batch.update or batch.events or batch.expect
-                or batch.audit):
+                or batch.versions or batch.audit):
             return
         audit = [codec.audit_from_dict(codec.audit_to_dict(e)) for e in batch.audit]
         events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
@@ -1420,9 +1420,22 @@ class PostgresStore:
             # added by anyone else until this transaction's commit is.
             before = await conn.fetchval(_LAST_CHANGE) if feed else None
             # Under the writers' lock: no other server can move the machine before commit.
+            versions = batch.versions
             for machine_id, state in batch.expect.items():
-                codec.check_expected(machine_id, state, await conn.fetchval(
-                    "SELECT state FROM machines WHERE id = $1", machine_id))
+                if machine_id not in versions:
+                    codec.check_expected(machine_id, state, await conn.fetchval(
+                        "SELECT state FROM machines WHERE id = $1", machine_id))
+                    continue
+                # The state and the version read by one statement (one round trip a machine,
+                # as for the state alone).
+                row = await conn.fetchrow("SELECT state, updated FROM machines WHERE id = $1",
+                                          machine_id)
+                codec.check_expected(machine_id, state, None if row is None else row[0])
+                codec.check_version(machine_id, versions[machine_id], row[1])
+            for machine_id, version in versions.items():
+                if machine_id not in batch.expect:
+                    codec.check_version(machine_id, version, await conn.fetchval(
+                        "SELECT updated FROM machines WHERE id = $1", machine_id))
             for source, target in batch.merge:
                 if await conn.fetchval("DELETE FROM machines WHERE id = $1 RETURNING id",
                                        source) is None:

@@ -354,7 +354,7 @@ _UPDATE_MACHINE = (
 # Not the document itself: an update that leaves it as it was leaves those parts too.
 _STORED_COLUMNS = (
     "SELECT id, mac, hostname, state, cluster, json_extract(data, '$.labels', '$.macs',"
-    " '$.uuid', '$.serial', '$.asset') FROM machines"
+    " '$.uuid', '$.serial', '$.asset'), updated FROM machines"
     " WHERE id IN (SELECT value FROM json_each(?))")
 # The indexed columns that an update sets, by which of them changed: SQLite rewrites the
 # entries of every index on a column named in SET, even to its own value (an install, which
@@ -901,7 +901,7 @@ class SqliteStore:
     async def apply_batch(self, batch: Batch) -> None:
         """One ``BEGIN IMMEDIATE`` transaction: merges, creates, updates, events in order."""
         if (batch.merge or batch.create or batch.update or batch.events or batch.expect
-                or batch.audit):
+                or batch.versions or batch.audit):
             # Checked as they are written (on the worker): 100,000 events of an import are
             # not copied first, unless a listener is to be told of them; a run of them
             # (codec.EventRun) stays one.
@@ -927,7 +927,7 @@ class SqliteStore:
             sealed = self._sealed.sealed_token
             await self._run(self._apply_here, create, batch.update,
                             [sealed(m) for m in batch.update], rows, batch.merge,
-                            dict(batch.expect), audit, batch.create)
+                            dict(batch.expect), audit, batch.create, dict(batch.versions))
             if batch.events and listener is not None:
                 # A stream opened while the batch was written keeps copies too, as one
                 # opened before: the events are checked already, only their data is copied.
@@ -942,11 +942,12 @@ class SqliteStore:
                     events: Iterable[_EventRows],
                     merge: Sequence[tuple[str, str]], expect: Mapping[str, MachineState],
                     audit: Sequence[tuple[float, str, str, str, str, str]],
-                    given_create: Sequence[Machine]) -> None:
+                    given_create: Sequence[Machine], versions: Mapping[str, float]) -> None:
         """On the worker: the batch, then (committed) what it wrote, noted for the feed.
         ``update`` as given, ``tokens`` what each one's document holds in place of its
         install token (Sealed.sealed_token)."""
-        written = _apply_batch(conn, create, update, events, merge, expect, audit, tokens)
+        written = _apply_batch(conn, create, update, events, merge, expect, audit, tokens,
+                               versions)
         if len(create) >= BULK_ROWS:  # committed without a checkpoint: see _apply_batch
             self._bulk_written = True
         if written is not None:
@@ -1575,6 +1576,7 @@ def _apply_batch(
     expect: Mapping[str, MachineState] | None = None,
     audit: Sequence[tuple[float, str, str, str, str, str]] = (),
     tokens: Sequence[str | None] | None = None,
+    versions: Mapping[str, float] | None = None,
 ) -> tuple[int, int, list[_Row]] | None:
     """The feed's newest position before and after the batch (read under its write lock)
     and the rows written, creates then updates; None for a bulk import (not kept).
@@ -1590,7 +1592,8 @@ def _apply_batch(
         times: dict[float, str] = {}
         creates = [_Row(m, None, times) for m in create]
         updates = [_Row(m, t, times, update=True) for m, t in updated]
-        span = _write_batch(conn, create, creates, updates, events, merge, expect, audit)
+        span = _write_batch(conn, create, creates, updates, events, merge, expect, audit,
+                            versions)
         return (*span, [*creates, *updates]) if span is not None else None
     # A bulk import: its new machines are encoded as they are inserted, since a second copy
     # of 100,000 encoded rows is memory the import cannot spare; a bad row rolls it all back.
@@ -1619,7 +1622,7 @@ def _apply_batch(
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     try:
         _write_batch(conn, create, None, [_Row(m, t, update=True) for m, t in updated], events,
-                     merge, expect, audit)
+                     merge, expect, audit, versions)
         return None
     finally:
         conn.execute(f"PRAGMA cache_size = {int(size)}")
@@ -1633,10 +1636,12 @@ def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: l
                  merge: Sequence[tuple[str, str]],
                  expect: Mapping[str, MachineState] | None = None,
                  audit: Sequence[tuple[float, str, str, str, str, str]] = (),
+                 versions: Mapping[str, float] | None = None,
                  ) -> tuple[int, int] | None:
     """The feed's newest position before and after, when the batch writes machines."""
     try:
-        return _write_transaction(conn, create, creates, updates, events, merge, expect, audit)
+        return _write_transaction(conn, create, creates, updates, events, merge, expect, audit,
+                                  versions)
     except _Retry:
         # The fast path failed, and its transaction was rolled back: the whole of it again,
         # one row at a time, to name what failed (every check made again). Not a savepoint
@@ -1644,7 +1649,7 @@ def _write_batch(conn: sqlite3.Connection, create: Sequence[Machine], creates: l
         # into a statement journal, a temporary file once past 64 KiB (40 of the 94 KiB
         # written per machine of a storm's installs, and the openat+unlink pairs under load).
         return _write_transaction(conn, create, creates, updates, events, merge, expect, audit,
-                                  slow=True)
+                                  versions, slow=True)
 
 
 def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
@@ -1653,6 +1658,7 @@ def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
                        merge: Sequence[tuple[str, str]],
                        expect: Mapping[str, MachineState] | None = None,
                        audit: Sequence[tuple[float, str, str, str, str, str]] = (),
+                       versions: Mapping[str, float] | None = None,
                        *, slow: bool = False) -> tuple[int, int] | None:
     span = None
     with _immediate(conn):
@@ -1664,9 +1670,20 @@ def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
         # rows first; the replay (slow) checks them all here, in the order given.
         later = ({} if slow or merge else
                  {u.id: expect.pop(u.id) for u in updates if u.id in expect})
+        # The versions read (Batch.versions) likewise, with the same columns.
+        versions = dict(versions or {})
+        later_versions = ({} if slow or merge or not versions else
+                          {u.id: versions.pop(u.id) for u in updates if u.id in versions})
         for machine_id, state in expect.items():
-            row = conn.execute("SELECT state FROM machines WHERE id = ?", (machine_id,)).fetchone()
+            row = conn.execute("SELECT state, updated FROM machines WHERE id = ?",
+                               (machine_id,)).fetchone()
             codec.check_expected(machine_id, state, None if row is None else row[0])
+            if (read := versions.pop(machine_id, None)) is not None:
+                codec.check_version(machine_id, read, None if row is None else row[1])
+        for machine_id, read in versions.items():
+            row = conn.execute("SELECT updated FROM machines WHERE id = ?",
+                               (machine_id,)).fetchone()
+            codec.check_version(machine_id, read, None if row is None else row[0])
         for source, target in merge:
             if conn.execute("DELETE FROM machines WHERE id = ?", (source,)).rowcount == 0:
                 raise NotFound(f"machine {source} not found")
@@ -1683,7 +1700,7 @@ def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
                     _bulk_insert(conn, create)
                 else:
                     _insert_rows(conn, creates)
-                _update_rows(conn, updates, later)
+                _update_rows(conn, updates, later, later_versions)
             except sqlite3.IntegrityError:
                 raise _Retry from None  # rolled back by _immediate; see _write_batch
         _insert_events(conn, events)
@@ -1717,9 +1734,10 @@ def _insert_rows(conn: sqlite3.Connection, creates: list[_Row]) -> None:
 
 
 def _update_rows(conn: sqlite3.Connection, updates: list[_Row],
-                 expect: dict[str, MachineState]) -> None:
+                 expect: dict[str, MachineState], versions: dict[str, float]) -> None:
     """Each machine's row, and its labels and identifiers where they changed; ``expect``:
-    the states some must be in before the batch (checked, and removed).
+    the states some must be in before the batch, ``versions`` the ``updated`` times (each
+    checked, and removed).
 
     Most updates of a boot storm change a machine's document only (facts learnt, a token)
     or its state with it (an install): the other indexed columns, labels and identifiers
@@ -1746,13 +1764,13 @@ def _update_rows(conn: sqlite3.Connection, updates: list[_Row],
     ids = [r.id for r in updates]
     if len(set(ids)) < len(ids):
         for r in updates:
-            _update_group(conn, [r], expect)
+            _update_group(conn, [r], expect, versions)
         return
-    _update_group(conn, updates, expect)
+    _update_group(conn, updates, expect, versions)
 
 
 def _update_group(conn: sqlite3.Connection, updates: list[_Row],
-                  expect: dict[str, MachineState]) -> None:
+                  expect: dict[str, MachineState], versions: dict[str, float]) -> None:
     """:func:`_update_rows` of machines listed once each."""
     stored = {row[0]: row for row in conn.execute(
         _STORED_COLUMNS, (json.dumps([r.id for r in updates]),))}
@@ -1766,6 +1784,10 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
         old = stored[r.id]
         if expect and (expected := expect.pop(r.id, None)) is not None:
             codec.check_expected(r.id, expected, old[3])
+        # Compared here, the call made only to refuse (a call per machine of a group commit
+        # is ~1,000 of the writer's instructions, held with the GIL).
+        if versions and (read := versions.pop(r.id, None)) is not None and old[6] != read:
+            codec.check_version(r.id, read, old[6])
         state: str = m.state._value_
         shape: tuple[str, ...]
         params: tuple[Any, ...]

@@ -1211,6 +1211,55 @@ async def test_expected_states_are_those_before_the_batch(store: Store) -> None:
     assert await store.get_machine(mid(MAC1)) == installing
 
 
+async def test_a_write_from_an_older_version_does_not_undo_a_change_made_since(
+        pair: tuple[Store, Store]) -> None:
+    """A boot decision reads a machine and writes the whole machine derived from that read
+    a few ms later (its group commit): an operator's edit committed in between through
+    another store (the CLI, another server) keeps the state, so only the version read
+    (Batch.versions) tells that the write would undo it. Refused, nothing written; the
+    same write from the new version passes. In a group of several machines (SQLite's one
+    read of the stored rows) and for a machine expected without being updated alike."""
+    a, b = pair
+    await a.create_machine(machine(MAC1, state=MachineState.ENROLLED, updated=1.0))
+    await a.create_machine(machine(MAC2, state=MachineState.ENROLLED, updated=1.0))
+    read = await a.get_machine(mid(MAC1))
+    assert read is not None
+    # The operator moves it to another cluster meanwhile (the state stays enrolled).
+    await b.update_machine(replace(read, cluster="edge", updated=2.0),
+                           expect_state=MachineState.ENROLLED)
+    plan = replace(read, state=MachineState.BOOTING, token_hash="ab" * 32, updated=3.0)
+    other = machine(MAC2, state=MachineState.BOOTING, updated=3.0)
+    for batch in (Batch(update=[plan], expect={read.id: read.state},
+                        versions={read.id: read.updated}),
+                  Batch(update=[other, plan], events=[Event(read.id, 3.0, "install-plan")],
+                        expect={read.id: read.state, other.id: MachineState.ENROLLED},
+                        versions={read.id: read.updated, other.id: 1.0}),
+                  Batch(update=[other], versions={other.id: 1.0, read.id: read.updated})):
+        with pytest.raises(StateChanged) as err:
+            await a.apply_batch(batch)
+        assert err.value.field == "updated" and err.value.holder == read.id
+        assert "since it was read" in str(err.value)
+        got = await b.get_machine(read.id)
+        assert got is not None and got.cluster == "edge" and got.state == MachineState.ENROLLED
+        assert await a.get_machine(other.id) == machine(MAC2, state=MachineState.ENROLLED,
+                                                        updated=1.0)
+        assert await a.list_events(read.id) == []
+    # Decided again from what is stored now: written.
+    fresh = await a.get_machine(read.id)
+    assert fresh is not None and fresh.updated == 2.0
+    again = replace(fresh, state=MachineState.BOOTING, token_hash="cd" * 32, updated=4.0)
+    await a.apply_batch(Batch(update=[other, again],
+                              expect={fresh.id: fresh.state, other.id: MachineState.ENROLLED},
+                              versions={fresh.id: fresh.updated, other.id: 1.0}))
+    assert await b.get_machine(read.id) == again
+    assert await b.get_machine(other.id) == other
+    # A caller that passes only a state is checked on the state alone, as before.
+    await a.apply_batch(Batch(update=[replace(again, hostname="x", updated=5.0)],
+                              expect={read.id: MachineState.BOOTING}))
+    with pytest.raises(NotFound):
+        await a.apply_batch(Batch(update=[machine(MAC3)], versions={mid(MAC3): 1.0}))
+
+
 async def test_claim_setting_is_insert_if_absent(store: Store) -> None:
     assert await store.claim_setting("cluster-init/edge", "m-1") == "m-1"
     assert await store.claim_setting("cluster-init/edge", "m-2") == "m-1"  # taken: the winner
