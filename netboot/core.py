@@ -24,9 +24,9 @@ from netboot.access import Access
 from netboot.boot import BootService
 from netboot.content import Content
 from netboot.enroll import Enroller, check_hostname, check_hostname_template
-from netboot.errors import Conflict, NotFound, ValidationError
+from netboot.errors import Conflict, NotFound, StateChanged, ValidationError
 from netboot.inventory import codec
-from netboot.inventory.base import MachineFilter, Store
+from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
     Arch,
     BootAction,
@@ -49,6 +49,9 @@ TOKEN_PLACEHOLDER = "INSTALL-TOKEN"
 MACHINE_INPUT = frozenset({"mac", "macs", "hostname", "uuid", "serial", "asset", "labels",
                            "cluster", "role", "profile", "loader", "fixed_ipv4"})
 APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
+# A PATCH made again on a machine another writer changed since its read (update_machine):
+# as the boot path's decisions (boot.CAS_ATTEMPTS), then the 409 of a state changed.
+PATCH_ATTEMPTS = 3
 
 
 def check_name(name: str) -> None:
@@ -162,7 +165,27 @@ class Core:
     async def update_machine(self, ref: str, changes: Mapping[str, Any]) -> Machine:
         """Change the given fields; the others are kept. ``macs`` replaces the NICs; ``mac``
         alone may only repeat one of them (one-NIC clients send it back)."""
-        old = await self.machine(ref)
+        for attempt in range(PATCH_ATTEMPTS):
+            old = await self.machine(ref)
+            machine = await self._patched(old, changes)
+            # The whole machine is written back: compare-and-set on the state and on the
+            # version read, so that what another writer stored since the read (a state and
+            # install token, a NIC attached, a fact a device reported, another server's
+            # edit) is not overwritten with the old one. A state moved is the operator's to
+            # see (409); any other change only moved the base the edit applies to, so the
+            # edit is made again on the new version.
+            try:
+                await self.store.apply_batch(Batch(update=(machine,), expect={old.id: old.state},
+                                                   versions={old.id: old.updated}))
+            except StateChanged as e:
+                if e.field != "updated" or attempt == PATCH_ATTEMPTS - 1:
+                    raise
+                continue
+            return machine
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    async def _patched(self, old: Machine, changes: Mapping[str, Any]) -> Machine:
+        """``old`` with ``changes`` made (update_machine), checked as a new machine is."""
         if "mac" in changes and "macs" not in changes:
             text = changes["mac"]
             if not isinstance(text, str) or MacAddress.parse(text) not in old.macs:
@@ -173,14 +196,10 @@ class Core:
         merged.update(changes)
         parsed = await self._parse_machine(merged)
         identity.require(parsed)
-        machine = replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
-                          serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
-                          cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,
-                          loader=parsed.loader, fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
-        # The whole machine is written back: compare-and-set, so that a state (and install
-        # token) another server stored since the read is not overwritten with the old one.
-        await self.store.update_machine(machine, expect_state=old.state)
-        return machine
+        return replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
+                       serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
+                       cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,
+                       loader=parsed.loader, fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
 
     async def delete_machine(self, ref: str) -> Machine:
         machine = await self.machine(ref)

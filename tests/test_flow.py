@@ -795,3 +795,47 @@ async def test_an_operators_change_during_a_first_install_decision_is_kept(env: 
     config = k3os(await env.get(f"/config/{HEXHYP}?token={install_token(script)}"))
     assert config["k3os"]["server_url"] == "https://192.0.2.60:6443"
     assert config["k3os"]["token"] == "core-token"
+
+
+async def test_an_operators_patch_does_not_undo_what_a_device_reported_since_its_read(
+        env: Env) -> None:
+    """``PATCH`` writes the whole machine back: a fact stored after the PATCH read the machine
+    and before its write (a device's report, another server's edit: made here through a store
+    of its own on the same inventory, as another process would, by a store wrapper at the
+    PATCH's write, not by a sleep) was overwritten with the old document when the write
+    compared the state alone. It compares the version read too, and the edit is made again
+    on the new version: both the operator's labels and the device's fact are kept."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    store = env.service.store
+    assert isinstance(store, SqliteStore)
+    apply_batch = store.apply_batch
+    reported: list[str] = []
+
+    async def device_first(batch: Any) -> None:
+        if not reported and any(m.labels.get("rack") == "r7" for m in batch.update):
+            other = SqliteStore(store.path)
+            await other.open()
+            try:
+                read = await other.machine_by("mac", MAC)
+                assert read is not None
+                await other.update_machine(dataclasses.replace(
+                    read, facts={**read.facts, "ipv4": "192.0.2.77"},
+                    updated=read.updated + 1), expect_state=read.state)
+            finally:
+                await other.close()
+            reported.append(read.id)
+        await apply_batch(batch)
+
+    store.apply_batch = device_first  # type: ignore[method-assign]
+    try:
+        resp = await env.client.patch(f"/api/v1/machines/{MAC}", json={"labels": {"rack": "r7"}},
+                                      headers=env.auth)
+        assert resp.status == 200, await resp.text()
+    finally:
+        del store.apply_batch
+    assert len(reported) == 1
+    stored = await store.machine_by("mac", MAC)
+    assert stored is not None
+    assert stored.labels.get("rack") == "r7"
+    assert stored.facts.get("ipv4") == "192.0.2.77", stored.facts
