@@ -165,7 +165,9 @@ class Core:
     async def update_machine(self, ref: str, changes: Mapping[str, Any]) -> Machine:
         """Change the given fields; the others are kept. ``macs`` replaces the NICs; ``mac``
         alone may only repeat one of them (one-NIC clients send it back)."""
-        for attempt in range(PATCH_ATTEMPTS):
+        attempt = 0
+        while True:
+            attempt += 1
             old = await self.machine(ref)
             machine = await self._patched(old, changes)
             # The whole machine is written back: compare-and-set on the state and on the
@@ -178,11 +180,10 @@ class Core:
                 await self.store.apply_batch(Batch(update=(machine,), expect={old.id: old.state},
                                                    versions={old.id: old.updated}))
             except StateChanged as e:
-                if e.field != "updated" or attempt == PATCH_ATTEMPTS - 1:
+                if e.field != "updated" or attempt == PATCH_ATTEMPTS:
                     raise
                 continue
             return machine
-        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def _patched(self, old: Machine, changes: Mapping[str, Any]) -> Machine:
         """``old`` with ``changes`` made (update_machine), checked as a new machine is."""

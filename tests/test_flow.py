@@ -7,13 +7,17 @@ boot request → install script (token) → config with the token → progress e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shlex
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import yaml
 
+from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
+from netboot.model import Machine
 from tests.conftest import BASE, Env, EnvFactory, boot, call, install_token
 from tests.held_store import held_writer, writes_waiting
 
@@ -747,6 +751,40 @@ async def test_a_first_install_cancelled_while_its_token_is_written_keeps_that_t
     assert len(plans) == 2 and "again" in plans[1] and "again" not in plans[0], plans
 
 
+@contextlib.asynccontextmanager
+async def _changed_meanwhile(env: Env, when: Callable[[Batch], bool],
+                             change: Callable[[Machine], Machine]) -> AsyncIterator[list[Machine]]:
+    """While inside: before the first batch ``when`` picks is written, MAC's machine is read
+    and ``change``d (its ``updated`` moved on) through a store of its own on the same
+    inventory, as another process would write it (``netboot`` in another process, another
+    server); then the batch is written. Yields the machines so read: one once it happened."""
+    store = env.service.store
+    assert isinstance(store, SqliteStore)
+    apply_batch = store.apply_batch
+    read_then: list[Machine] = []
+
+    async def change_first(batch: Batch) -> None:
+        if not read_then and when(batch):
+            other = SqliteStore(store.path)
+            await other.open()
+            try:
+                read = await other.machine_by("mac", MAC)
+                assert read is not None
+                await other.update_machine(dataclasses.replace(change(read),
+                                                               updated=read.updated + 1),
+                                           expect_state=read.state)
+            finally:
+                await other.close()
+            read_then.append(read)
+        await apply_batch(batch)
+
+    store.apply_batch = change_first  # type: ignore[method-assign]
+    try:
+        yield read_then
+    finally:
+        del store.apply_batch
+
+
 async def test_an_operators_change_during_a_first_install_decision_is_kept(env: Env) -> None:
     """An operator moves a machine to another cluster (``PATCH``) after its first ``/ipxe``
     read it and before the install plan (token, cluster binding) is committed: the plan is
@@ -761,32 +799,12 @@ async def test_an_operators_change_during_a_first_install_decision_is_kept(env: 
     await env.post("/api/v1/clusters", {"name": "core", "server_url": "https://192.0.2.60:6443",
                                         "token": "core-token"}, status=201)
     await env.post("/api/v1/machines", {"mac": MAC}, status=201)
-    store = env.service.store
-    assert isinstance(store, SqliteStore)
-    apply_batch = store.apply_batch
-    patched: list[str] = []
-
-    async def operator_first(batch: Any) -> None:
-        if not patched and any(e.kind == "install-plan" for e in batch.events):
-            cli = SqliteStore(store.path)
-            await cli.open()
-            try:
-                read = await cli.machine_by("mac", MAC)
-                assert read is not None and read.state.value == "enrolled"
-                await cli.update_machine(dataclasses.replace(read, cluster="core",
-                                                             updated=read.updated + 1),
-                                         expect_state=read.state)
-            finally:
-                await cli.close()
-            patched.append(read.id)
-        await apply_batch(batch)
-
-    store.apply_batch = operator_first  # type: ignore[method-assign]
-    try:
+    async with _changed_meanwhile(
+            env, lambda batch: any(e.kind == "install-plan" for e in batch.events),
+            lambda read: dataclasses.replace(read, cluster="core")) as patched:
         script = await boot(env, HEXHYP)
-    finally:
-        del store.apply_batch
     assert len(patched) == 1
+    assert patched[0].state.value == "enrolled"
     machine = await env.get(f"/api/v1/machines/{MAC}")
     assert machine["cluster"] == "core" and machine["state"] == "booting"
     plans = [e["message"] for e in await env.get(f"/api/v1/machines/{MAC}/events")
@@ -807,33 +825,14 @@ async def test_an_operators_patch_does_not_undo_what_a_device_reported_since_its
     on the new version: both the operator's labels and the device's fact are kept."""
     await env.seed()
     await env.post("/api/v1/machines", {"mac": MAC}, status=201)
-    store = env.service.store
-    assert isinstance(store, SqliteStore)
-    apply_batch = store.apply_batch
-    reported: list[str] = []
-
-    async def device_first(batch: Any) -> None:
-        if not reported and any(m.labels.get("rack") == "r7" for m in batch.update):
-            other = SqliteStore(store.path)
-            await other.open()
-            try:
-                read = await other.machine_by("mac", MAC)
-                assert read is not None
-                await other.update_machine(dataclasses.replace(
-                    read, facts={**read.facts, "ipv4": "192.0.2.77"},
-                    updated=read.updated + 1), expect_state=read.state)
-            finally:
-                await other.close()
-            reported.append(read.id)
-        await apply_batch(batch)
-
-    store.apply_batch = device_first  # type: ignore[method-assign]
-    try:
+    async with _changed_meanwhile(
+            env, lambda batch: any(m.labels.get("rack") == "r7" for m in batch.update),
+            lambda read: dataclasses.replace(read, facts={**read.facts, "ipv4": "192.0.2.77"})
+    ) as reported:
         resp = await env.client.patch(f"/api/v1/machines/{MAC}", json={"labels": {"rack": "r7"}},
                                       headers=env.auth)
         assert resp.status == 200, await resp.text()
-    finally:
-        del store.apply_batch
+    store = env.service.store
     assert len(reported) == 1
     stored = await store.machine_by("mac", MAC)
     assert stored is not None
