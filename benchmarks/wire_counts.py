@@ -20,11 +20,17 @@ rows and Lua script, 50 connections). Each row, each round, on each server:
   let the GIL go (``perf record`` of its futex waits on a condition variable, user stacks by
   DWARF unwinding; gil_window).
 
-Every figure is per request wrk counted in that window. Rounds draw other machines (the Lua
-seed), so first installs stay first. This VM has no hardware counters (perf's
-``instructions`` is "not supported"): the loop's instructions on the wire are
-wire_instructions.py's (callgrind). Loopback only; servers stopped by their own PID. Not part
-of pytest.
+Every figure is per request wrk counted in that window. A first-request row's windows (``ipxe``,
+``config``: every window of every round, on servers kept through the rounds) each walk their
+own disjoint slices of one shuffled order of the machines (window_orders, on http_paths.py's
+first_request_slices), so no machine is asked twice in a server's life and every request
+counted is a first one; a window whose wrk thread used up its slice says so (``threads ran
+out``: its figures are then partly of /boot.ipxe). Before session 34 each window drew machines
+at random with repeats (the Lua seed), so the later windows were mostly repeats, not first
+installs. Rows meant to repeat (``ipxe-1k``, ``ipxe-held``) still draw at random. This VM
+has no hardware counters (perf's ``instructions`` is "not supported"): the loop's
+instructions on the wire are wire_instructions.py's (callgrind). Loopback only; servers
+stopped by their own PID. Not part of pytest.
 """
 
 from __future__ import annotations
@@ -42,7 +48,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from http_paths import MINT, RANDOM_MAC_LUA, ROWS, SEEDS, TOKEN_TAIL, Row, netboot, wrk
+from http_paths import (
+    MINT,
+    RANDOM_MAC_LUA,
+    ROWS,
+    SEEDS,
+    TOKEN_TAIL,
+    WRK_THREADS,
+    Row,
+    first_request_slices,
+    netboot,
+    write_order,
+    wrk,
+)
 from storm import PER_CLUSTER, REPO, Workload
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -105,16 +123,38 @@ def label(names: dict[int, str], tid: int) -> str:
     return "other"
 
 
+def window_orders(row: Row, first: int, end: int, windows: int, tmp: Path
+                  ) -> list[Path | None]:
+    """The order each of a server's ``windows`` walks (every window of its life: rounds
+    times clean, traced and GIL windows). A first-request row: one shuffled order of the
+    machines ``first`` .. ``end - 1`` (first_request_slices, seeded by the row, so every
+    server is asked the same machines) cut into ``WRK_THREADS`` slices a window, disjoint:
+    a server kept through the rounds is asked each machine at most once. A row meant to
+    repeat: None, random draws."""
+    if not row.first:
+        return [None] * windows
+    slices = first_request_slices(first, end, WRK_THREADS * windows, row.name)
+    tmp.mkdir(parents=True, exist_ok=True)
+    orders: list[Path | None] = []
+    for w in range(windows):
+        path = tmp / f"order-{row.name}-{w}"
+        write_order(path, slices[w * WRK_THREADS:(w + 1) * WRK_THREADS])
+        orders.append(path)
+    return orders
+
+
 def clean_window(port: int, pid: int, row: Row, args: argparse.Namespace, script: Path,
-                 first: int, seed: int) -> dict[str, float]:
+                 first: int, seed: int, order: Path | None = None) -> dict[str, float]:
     names = threads(pid)
     before, busy0, wrk0 = task_counts(pid), machine_busy(), children_cpu()
     t0 = time.monotonic()
-    m = wrk(port, row, args.duration, script, args.enrolled, first, seed)
+    m = wrk(port, row, args.duration, script, args.enrolled, first, seed, order)
     wall = time.monotonic() - t0
     after, busy1, wrk1 = task_counts(pid), machine_busy(), children_cpu()
     n = max(1, m.requests)
-    out: dict[str, float] = {"req/s": m.rps, "errors": m.errors}
+    out: dict[str, float] = {"req/s": m.rps, "errors": m.errors,
+                             # A thread that used up its slice stopped: said, not hidden.
+                             "threads ran out": sum(1 for d in m.drawn if d.out_at)}
     for tid, (cpu, vol, inv, on, waited, sys_) in after.items():
         c0, v0, i0, on0, w0, s0 = before.get(tid, (0.0, 0, 0, 0.0, 0.0, 0.0))
         who = label(names, tid)
@@ -137,7 +177,8 @@ _TRACE_ROW = re.compile(r"^\s+(\w+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+")
 
 
 def traced_window(port: int, pid: int, row: Row, args: argparse.Namespace, script: Path,
-                  first: int, seed: int, tmp: Path) -> dict[str, float]:
+                  first: int, seed: int, tmp: Path, order: Path | None = None
+                  ) -> dict[str, float]:
     """Syscalls per request per thread, and the ms spent in each (perf trace -s)."""
     names = threads(pid)
     out_file = tmp / "trace.txt"
@@ -145,7 +186,7 @@ def traced_window(port: int, pid: int, row: Row, args: argparse.Namespace, scrip
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # perf trace attaches to every thread
     try:
-        m = wrk(port, row, args.duration, script, args.enrolled, first, seed)
+        m = wrk(port, row, args.duration, script, args.enrolled, first, seed, order)
     finally:
         perf.send_signal(signal.SIGINT)  # our own child, by its handle
         perf.wait(timeout=60)
@@ -174,7 +215,8 @@ _GIL_GLUE = ("take_gil", "PyEval_RestoreThread", "PyGILState_Ensure", "PyEval_Ac
 
 
 def gil_window(port: int, pid: int, row: Row, args: argparse.Namespace, script: Path,
-               first: int, seed: int, tmp: Path) -> dict[str, float]:
+               first: int, seed: int, tmp: Path, order: Path | None = None
+               ) -> dict[str, float]:
     """The loop thread's waits for the GIL per request, by the call that had let it go (the
     C function that dropped the GIL: a file write, a sqlite3 step, uvloop's read callback):
     ``perf record`` of the thread's futex waits on a condition variable, user stacks by
@@ -186,7 +228,7 @@ def gil_window(port: int, pid: int, row: Row, args: argparse.Namespace, script: 
                              "-o", str(data), "--", "sleep", str(args.duration + 1.5)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    m = wrk(port, row, args.duration, script, args.enrolled, first, seed)
+    m = wrk(port, row, args.duration, script, args.enrolled, first, seed, order)
     perf.wait(timeout=120)
     text = subprocess.run(["perf", "script", "-i", str(data)], check=True,
                           capture_output=True, text=True, timeout=600).stdout
@@ -263,22 +305,28 @@ def main() -> None:
                     run.mkdir()
                     ports[server] = stack.enter_context(
                         netboot(work, run, args.python, args.access_log, seeds[name], tree))
-                # Each round draws its own machines (the Lua seed): windows numbered apart.
+                # Each window draws its own machines (the Lua seed; a first-request row its
+                # own slices of one order): windows numbered apart.
+                kinds = 1 + (not args.no_trace) + args.gil
+                orders = {row.name: window_orders(row, first, args.enrolled,
+                                                  args.rounds * kinds, tmp / name)
+                          for row in todo}
                 for round_ in range(args.rounds):
                     for row in todo:
+                        at = orders[row.name][round_ * kinds:(round_ + 1) * kinds]
                         turn = list(trees) if round_ % 2 == 0 else list(trees)[::-1]
                         for server in turn:
                             port, (pid,) = ports[server]
                             if row.machines and round_ == 0:
                                 wrk(port, row, args.duration, script, args.enrolled, first)
                             got = clean_window(port, pid, row, args, script, first,
-                                               3 * round_)
+                                               3 * round_, at[0])
                             if not args.no_trace:
                                 got |= traced_window(port, pid, row, args, script, first,
-                                                     3 * round_ + 1, tmp)
+                                                     3 * round_ + 1, tmp, at[1])
                             if args.gil:
                                 got |= gil_window(port, pid, row, args, script, first,
-                                                  3 * round_ + 2, tmp)
+                                                  3 * round_ + 2, tmp, at[-1])
                             results.setdefault((server, row.name), []).append(got)
                             print(f"  {server} {row.name} round {round_}: "
                                   + ", ".join(f"{k} {v:.3g}" for k, v in sorted(got.items())

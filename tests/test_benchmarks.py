@@ -6,6 +6,7 @@ count is found here, not by the user."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.server
 import importlib
 import os
@@ -207,3 +208,70 @@ def test_bigfiles_storm_reads_the_servers_send_queues(
     assert " ".join(second.split()) == (
         "0.5s conns 2 sending 1 sendq p50 0K notsent p50 0K max 256K sndbuf p50 64K "
         "progress p10/p50/p90 0/0/0K none 1 pacing p50 40 Mbit/s")
+
+
+def test_wire_counts_windows_of_a_first_request_row_never_ask_a_machine_twice(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Session 34: wire_counts.py kept its servers through the rounds and each window drew
+    # machines at random with repeats, so its later windows of `ipxe` were mostly repeats,
+    # not first installs (as http_paths.py's rounds were before s33-harness).
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    wire_counts = importlib.import_module("wire_counts")
+    http_paths = importlib.import_module("http_paths")
+    ipxe = next(r for r in http_paths.ROWS if r.name == "ipxe")
+    orders = wire_counts.window_orders(ipxe, 8, 1000, 4, tmp_path / "held")
+    asked = [int(i) for order in orders for t in range(1, http_paths.WRK_THREADS + 1)
+             for i in Path(f"{order}-{t}").read_text().split()]
+    assert len(asked) == len(set(asked)) == 1000 - 8  # every machine once over all windows
+    assert set(asked) == set(range(8, 1000))
+    repeats = next(r for r in http_paths.ROWS if r.name == "ipxe-1k")
+    assert wire_counts.window_orders(repeats, 8, 1000, 4, tmp_path / "r") == [None] * 4
+
+
+def test_wire_counts_hands_each_window_its_own_slices(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """main() end to end with the servers and wrk left out: what order each window of each
+    row on each server walks (read as the window starts: the files go with the run)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    wire_counts = importlib.import_module("wire_counts")
+    walked: dict[tuple[str, int], list[tuple[int, ...] | None]] = collections.defaultdict(list)
+
+    def clean(port: int, pid: int, row: types.SimpleNamespace, args: object, script: Path,
+              first: int, seed: int, order: Path | None = None) -> dict[str, float]:
+        walked[row.name, port].append(None if order is None else tuple(
+            int(i) for t in (1, 2) for i in Path(f"{order}-{t}").read_text().split()))
+        return {"req/s": 1.0}
+
+    def traced(port: int, pid: int, row: types.SimpleNamespace, args: object, script: Path,
+               first: int, seed: int, tmp: Path, order: Path | None = None
+               ) -> dict[str, float]:
+        return clean(port, pid, row, args, script, first, seed, order)
+
+    @contextlib.contextmanager
+    def server(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        server.port += 1  # type: ignore[attr-defined]
+        yield server.port, [os.getpid()]  # type: ignore[attr-defined]
+
+    server.port = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(wire_counts, "netboot", server)
+    monkeypatch.setattr(wire_counts, "clean_window", clean)
+    monkeypatch.setattr(wire_counts, "traced_window", traced)
+    monkeypatch.setattr(wire_counts, "wrk", lambda *a, **k: None)  # ipxe-1k's warm-up
+    keep = tmp_path / "keep"
+    for seed in ("netboot-seed", "netboot-seed-servers"):  # seeds kept: nothing built
+        (keep / seed).mkdir(parents=True)
+    monkeypatch.setattr(sys, "argv", ["wire_counts.py", "--only", "ipxe,ipxe-1k",
+                                      "--rounds", "3", "--enrolled", "2000", "--keep",
+                                      str(keep), "--baseline", str(tmp_path)])
+    wire_counts.main()
+    first = {port: orders for (name, port), orders in walked.items() if name == "ipxe"}
+    assert len(first) == 2  # netboot and baseline, each its own server
+    for orders in first.values():
+        assert len(orders) == 6  # 3 rounds, a clean and a traced window each
+        asked = [i for order in orders for i in order or ()]
+        assert None not in orders
+        assert len(asked) == len(set(asked))  # no machine twice in the server's life
+    one, other = first.values()
+    assert one == other  # both servers asked the same machines in the same order
+    assert all(o is None for (name, _), orders in walked.items() if name == "ipxe-1k"
+               for o in orders)  # the rows meant to repeat draw at random
