@@ -954,13 +954,15 @@ def report(mode: str, size: int, clients: int, windows: list[int], loss: float,
                     f"{run.seconds / median((n, window, placement))[0].seconds:>23.2f}x"
                     for n in ours if name not in ours)
                 pad = " " * 24 * len(ours) if name in ours else ""
-                client = ("" if run.client_cpu is None
+                # "-", not blank, where there is no figure: a blank shifted the columns
+                # after it for a reader splitting the line (targets.py).
+                client = ("-" if run.client_cpu is None
                           else f"{run.client_cpu * 1000 / max(mib, 1e-9):.2f}")
                 seconds = sorted(r.seconds for r, _ in results[key])
                 # Over every round: ticks, too coarse for one round's share.
                 ticked = sum(r.user + r.system for r, _ in results[key])
                 user = (f"{100 * sum(r.user for r, _ in results[key]) / ticked:.0f}"
-                        if ticked else "")
+                        if ticked else "-")
                 spread = f"  {seconds[0]:.3f}-{seconds[-1]:.3f}" if placed else ""
                 print(f"{name:<16}{window:>7}" + (f"{placement:>8}" if placed else "")
                       + f"{run.seconds:>9.2f}{mib / run.seconds:>8.1f}"
