@@ -9,8 +9,9 @@ same client and query mix. Each run sends ``--queries`` queries (default 20,000)
 ``--window`` outstanding, twice: the first pass meets every name for the first time
 (``cold``), the second asks them again (``warm``: a storm asks the same names over and
 over). Bounded: each pass stops after ``--max-seconds``; servers are stopped by their PID.
-``--repeat`` runs rotate the order of the targets; the median by warm qps is printed, with
-the server's CPU per query in each pass (``/proc/<pid>/stat``) and the ratios to dnsmasq.
+``--repeat`` runs rotate the order of the targets; each pass's median run by its own qps is
+printed, with the server's CPU per query in that pass (``/proc/<pid>/stat``) and the ratios
+to dnsmasq.
 On a loaded machine qps follows the scheduler more than the server; CPU per query does not.
 
     python benchmarks/dns_qps.py [--queries 20000] [--window 64] [--repeat 3] [--uvloop]
@@ -198,6 +199,19 @@ def server(target: str, machines: int, probe: bytes) -> Iterator[tuple[int, int]
             stop(proc)
 
 
+Run = tuple[Result, Result, float, float]  # cold pass, warm pass, CPU µs a query in each
+
+
+def medians(runs: list[Run]) -> Run:
+    """Each pass's median run, by its own qps, with that run's CPU per query. Before session
+    34 the run of median warm qps gave both passes' figures: its cold pass was any of the
+    runs', not the median (cold ÷ dnsmasq, the first answers the target names, moved with
+    whichever run the warm passes picked)."""
+    cold = sorted(runs, key=lambda r: r[0].qps)[len(runs) // 2]
+    warm = sorted(runs, key=lambda r: r[1].qps)[len(runs) // 2]
+    return cold[0], warm[1], cold[2], warm[3]
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -225,7 +239,7 @@ def main() -> None:
     payloads = queries(args.queries, args.machines)
     targets = ["netboot", *(["netboot-uvloop"] if args.uvloop else [])]
     targets += ["dnsmasq"] if shutil.which("dnsmasq") else []
-    runs: dict[str, list[tuple[Result, Result, float, float]]] = {t: [] for t in targets}
+    runs: dict[str, list[Run]] = {t: [] for t in targets}
     for rep in range(args.repeat):
         order = targets[rep % len(targets):] + targets[:rep % len(targets)]
         for target in order:
@@ -239,11 +253,12 @@ def main() -> None:
                 cpu_warm = cpu_seconds(pid) - cpu1
                 runs[target].append((cold, warm, (cpu1 - cpu0) / max(cold.answered, 1) * 1e6,
                                      cpu_warm / max(warm.answered, 1) * 1e6))
-    med = {t: sorted(r, key=lambda x: x[1].qps)[len(r) // 2] for t, r in runs.items() if r}
+    med = {t: medians(r) for t, r in runs.items() if r}
     ref = med.get("dnsmasq")
     print(f"dns_qps: {args.machines} machines, {args.queries} queries x 2 passes, window "
           f"{args.window}; server on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; "
-          f"median of {args.repeat} by warm qps; load average {os.getloadavg()[0]:.1f}")
+          f"medians of {args.repeat}, each pass by its own qps; load average "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"{'target':<16}{'cold qps':>10}{'warm qps':>10}{'lost':>6}{'cold µs/q':>11}"
           f"{'warm µs/q':>11}{'cold ÷ dnsmasq':>16}{'warm ÷ dnsmasq':>16}")
     for t, (cold, warm, cpu_cold, cpu) in med.items():

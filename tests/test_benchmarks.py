@@ -275,3 +275,18 @@ def test_wire_counts_hands_each_window_its_own_slices(
     assert one == other  # both servers asked the same machines in the same order
     assert all(o is None for (name, _), orders in walked.items() if name == "ipxe-1k"
                for o in orders)  # the rows meant to repeat draw at random
+
+
+def test_dns_qps_takes_each_pass_median_by_its_own_qps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Session 34: the run of median warm qps gave the cold (first answers) figure too, so
+    # the target's ratio was whichever cold pass that run had, not the median.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    dns_qps = importlib.import_module("dns_qps")
+
+    def run(cold_qps: int, warm_qps: int) -> tuple[object, object, float, float]:
+        return (dns_qps.Result("t", 100, cold_qps, 0, 1.0),
+                dns_qps.Result("t", 100, warm_qps, 0, 1.0), float(cold_qps), float(warm_qps))
+
+    cold, warm, cold_cpu, warm_cpu = dns_qps.medians([run(10, 200), run(30, 100), run(20, 300)])
+    assert (cold.qps, warm.qps) == (20, 200)  # each pass's own median
+    assert (cold_cpu, warm_cpu) == (20.0, 200.0)  # with that pass's CPU
