@@ -290,3 +290,81 @@ def test_dns_qps_takes_each_pass_median_by_its_own_qps(monkeypatch: pytest.Monke
     cold, warm, cold_cpu, warm_cpu = dns_qps.medians([run(10, 200), run(30, 100), run(20, 300)])
     assert (cold.qps, warm.qps) == (20, 200)  # each pass's own median
     assert (cold_cpu, warm_cpu) == (20.0, 200.0)  # with that pass's CPU
+
+
+# Excerpts of the benchmarks' own output (session 34's run of benchmarks/targets.py, load
+# 6-11): what targets.py reads into its one line a target.
+HTTP_TABLE = """\
+path        conns  netboot req/s   p99 ms    MiB/s errors  µs CPU baseline req/s   p99 ms    \
+MiB/s errors  µs CPU    nginx req/s   p99 ms    MiB/s errors  µs CPU  netboot ÷ baseline  \
+netboot ÷ nginx
+boot.ipxe      50         29,046    175.0        -      0      19         28,628     13.5        \
+-      0      18         47,805     23.9        -      0      17                0.97x             \
+0.64x
+32MiBx10       10             39    652.8     1240      0   3,522             37    792.1     \
+1184      0   3,068             43    852.0     1375      0   3,466                0.98x        \
+     0.91x
+boot.ipxe netboot ÷ baseline a round: 0.97, 1.41, 0.92
+boot.ipxe netboot ÷ nginx a round: 0.64, 0.72, 0.36
+32MiBx10 netboot ÷ baseline a round: 0.98, 1.83, 0.85
+32MiBx10 netboot ÷ nginx a round: 0.91, 1.27, 0.81
+"""
+DHCP_TABLE = """\
+target                  offers/s  CPU µs/offer  ÷ dnsmasq  storm answered  p50 ms  p99 ms  \
+max ms  µs/device
+netboot+enrolled-uvloop     4,056           130      0.46x       1000/1000    0.22   15.46   \
+31.32        930
+dnsmasq                    8,868            22      1.00x       1000/1000    0.06    0.35    \
+0.41         40
+baseline+enrolled-uvloop     7,235            97      0.82x       1000/1000    5.68   50.81   \
+50.97        780
+"""
+TFTP_SINGLE = """\
+server           window  placed  seconds   MiB/s  CPU ms/MiB  user %  client  failed  dup DATA\
+          time ÷ netboot  spread
+netboot               8    free     0.08   250.5        1.75       -    1.58       0         0\
+                          0.057-0.125
+baseline              8    free     0.06   331.5        1.64      33    1.38       0         0\
+                   0.76x  0.056-0.124
+atftpd                8    free     0.18   108.3        5.24       3    3.91       0         0\
+                   2.31x  0.173-0.315
+"""
+TFTP_LOSS = """\
+server           window  seconds   MiB/s  CPU ms/MiB  user %  client  failed  dup DATA\
+          time ÷ netboot
+netboot               1     1.13     8.8        7.16      57    5.63       0        68
+baseline              1     1.11     9.0        7.35      57    5.61       0        77\
+                   0.99x
+tftpd-hpa             1    16.09     0.6       10.43      50    8.70       2        64\
+                  14.23x  (1,000 kB moved)
+"""
+
+
+def test_targets_reads_each_benchmarks_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    targets = importlib.import_module("targets")
+    boot, large = (line for line in targets.http_lines(HTTP_TABLE) if line.met is not None)
+    assert (boot.figure, boot.peer, boot.met) == ("29,046 req/s, 19 µs", "nginx 47,805, 17 µs",
+                                                  True)
+    assert boot.ratio.startswith("0.64x (0.36-0.72); B 0.51x")  # B's own: 0.64 ÷ 0.97 ...
+    assert large.figure.startswith("1,240 MiB/s") and large.met is False  # 0.91x < 0.95
+    first, = targets.dhcp_lines(DHCP_TABLE, [("netboot+enrolled-uvloop", "seen first")])
+    assert (first.ratio, first.met) == ("0.46x; B 0.82x", False)
+    free, = targets.tftp_faster_lines(TFTP_SINGLE, "atftpd", 8, 1.5, "windowsize 8")
+    # The printed ratio (unrounded times), not 0.18 / 0.08; B's own 2.31 ÷ 0.76.
+    assert (free.ratio, free.met) == ("2.31x; B 3.04x", True)
+    loss = targets.tftp_time_line(TFTP_LOSS, 1, 0.0, "1 % loss", "tftpd-hpa", 0.5)
+    assert (loss.figure, loss.peer, loss.met) == ("1.13 s, 0 failed",
+                                                  "tftpd-hpa 16.09 s, 2 failed", True)
+    assert loss.ratio == "0.07x its time; B 1.11 s"
+    alone = targets.tftp_time_line(TFTP_LOSS, 1, 1.0, "under 1 s")
+    assert (alone.met, alone.ratio) == (False, "B 1.11 s")
+    import_line = ("import of 100000 CSV rows: 3.61 s wall, 3.51 s CPU (27,719 rows/s), peak "
+                   "RSS 166 MiB (CSV text included); re-import (no change): 2.23 s wall, 2.21 s "
+                   "CPU, peak RSS 205 MiB\n")
+    runs = targets.import_runs(import_line * 3)
+    assert runs == [(3.61, 3.51, 166.0, 205.0)] * 3
+    imported, = targets.import_lines(runs, [])
+    assert imported.met is False  # the re-import's peak is over 200 MiB
+    missing, = targets.startup_lines("netboot serve exited with 1")
+    assert missing.met is None  # a part that printed nothing is said, not met
