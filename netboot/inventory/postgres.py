@@ -453,7 +453,7 @@ class _Session(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
         self.asked: float | None = None
         self.ended_why: str | None = None
         # Its backend's PID, as the server says (pg_backend_pid(), asked as the session is
-        # set up: server_settings): what pg_stat_activity names it by. Not
+        # set up: server_keepalives): what pg_stat_activity names it by. Not
         # get_server_pid(): a pooler (pgbouncer) hands its client a PID of its own.
         self.backend = 0
 
@@ -498,7 +498,8 @@ class PostgresStore:
         # have been logged (_look: once each).
         self._stuck_told: set[int] = set()
         # (its PID, its transaction's start, why, whether its state is hidden from this
-        # role) while such a holder of the writers' lock stops writes (stuck_writes), until
+        # role) while such a holder of the writers' lock stops writes (stuck_writes; a
+        # hidden one: cannot_tell, as it may be at work), until
         # a write takes the writers' lock or the check finds the holder no longer idle in
         # that transaction (hidden: no longer holding the writers' lock).
         self._stuck: tuple[int, Any, str, bool] | None = None
@@ -1073,9 +1074,11 @@ class PostgresStore:
         its state: one of the same role, or any with pg_read_all_stats. One of another role
         whose state this role may not see (without pg_read_all_stats, pg_stat_activity
         hides it) is waited for too: stuck or at work, netboot cannot tell, so it says so
-        (logged once per holder, and stuck_writes while it holds the writers' lock, naming
-        the GRANT that would let it tell); its writes wait, each bounded by
-        statement_timeout.
+        (logged once per holder, and cannot_tell while it holds the writers' lock, naming
+        the GRANT that would let it tell: /healthz "unknown", not an outage); its writes
+        wait, each bounded by statement_timeout. A waiting session whose backend the server
+        does not show under the PID it gave (a pooler that moves sessions between
+        backends) cannot be looked at: cannot_tell says so while one waits.
 
         False if the server did not answer its questions here within ``within`` (as it is
         a check's: :func:`answered`): the server is silent, as if the check's ``SELECT 1``
