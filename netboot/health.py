@@ -18,6 +18,9 @@ class InventoryHealth:
         self.up = True
         self.reason: str | None = None
         self.since = clock()  # of the last change between up and down
+        # What the inventory cannot tell while it answers (a lock its writes wait for held
+        # by a session it may not see): reported, neither "ok" nor an outage.
+        self.unknown: str | None = None
 
     def failed(self, reason: str) -> bool:
         """The inventory did not answer; True when it was up until now."""
@@ -34,6 +37,10 @@ class InventoryHealth:
             self.since = self._clock()
         self.up, self.reason = True, None
         return was_down
+
+    def doubt(self, why: str | None) -> None:
+        """What the inventory cannot tell now (None: nothing)."""
+        self.unknown = why
 
     def problem(self) -> str | None:
         """What is wrong, for an operator (None: nothing)."""

@@ -39,6 +39,7 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     Store,
+    cannot_tell,
     release_held_caches,
     stuck_writes,
 )
@@ -609,6 +610,7 @@ class Service:
         try:
             await self.boot.resync()
             stuck = stuck_writes(self.store)
+            health.doubt(cannot_tell(self.store))
             if stuck is not None:  # reads answer, writes would each fail after a wait
                 raise StoreError(stuck)
             if recorder.failing is not None:

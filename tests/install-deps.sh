@@ -39,11 +39,13 @@ fi
 # wrk: the HTTP load generator of benchmarks/http_paths.py, whose Lua script a test runs.
 # postgresql: its initdb/postgres binaries; the tests make a throwaway cluster of their own
 # (netboot/lab/pgcluster.py, through tests/pg.py) and never use the one the package may start.
+# pgbouncer: the PostgreSQL store through it (tests/pg.py's bouncing, which runs its own on a
+# Unix socket; the package's own service, if the host starts it, is never used).
 PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-tools \
 shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
 isc-dhcp-client udhcpc python3 python3-pip python3-venv python3-dev gcc ca-certificates \
-podman runc mmdebstrap chromium postgresql wrk"
+podman runc mmdebstrap chromium postgresql pgbouncer wrk"
 
 missing=""
 for p in $PKGS; do

@@ -8,10 +8,15 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import tempfile
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +30,10 @@ from netboot.lab.pgcluster import running as _running
 from netboot.lab.pgcluster import start as _start
 from netboot.model import AuditEntry, Event
 
-__all__ = ["COMMITTING", "SLOW_COMMIT", "SUPERUSER", "Cluster", "Cutter", "committing",
-           "cutting", "fresh_schema", "running", "schema_sync", "server_pids", "slow_batch",
-           "start", "stopped", "stores_on_one_inventory", "until"]
+__all__ = ["COMMITTING", "SLOW_COMMIT", "SUPERUSER", "Cluster", "Cutter", "bouncing",
+           "committing", "cutting", "fresh_database", "fresh_schema", "running",
+           "schema_sync", "server_pids", "slow_batch", "start", "stopped",
+           "stores_on_one_inventory", "until"]
 
 
 def start() -> Cluster:
@@ -337,3 +343,72 @@ def stopped(pids: list[int]) -> Iterator[None]:
         for pid in done:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(cluster: Cluster) -> AsyncIterator[str]:
+    """A new, empty database of ``cluster`` (its name), dropped after: for a client that
+    cannot be given a schema by its DSN (pgbouncer refuses a ``search_path`` startup
+    parameter)."""
+    name = f"d_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(cluster.dsn())
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield name
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@contextlib.contextmanager
+def bouncing(cluster: Cluster, mode: str, users: tuple[str, ...] = (SUPERUSER,),
+             ) -> Iterator[Callable[[str], str]]:
+    """Debian's pgbouncer (tests/install-deps.sh installs it) in front of ``cluster``, in
+    ``pool_mode = mode``, on a Unix socket of its own (no TCP), letting ``users`` in without
+    a password (``auth_type = trust``); yields database name -> a DSN through it. pgbouncer
+    refuses to run as root: as root it runs as ``postgres``, as the cluster does. Stopped
+    by its own PID."""
+    binary = shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None)
+    if binary is None:
+        pytest.fail("pgbouncer is missing: install the Debian package pgbouncer "
+                    "(tests/install-deps.sh does)", pytrace=False)
+    base = Path(tempfile.mkdtemp(prefix="netboot-pgb-"))
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))  # only names the socket file, as the cluster's does
+    number = port.getsockname()[1]
+    port.close()
+    (base / "users.txt").write_text("".join(f'"{u}" ""\n' for u in users))
+    (base / "pgbouncer.ini").write_text(
+        f"[databases]\n* = host={cluster.socket_dir} port={cluster.port}\n"
+        f"[pgbouncer]\nlisten_addr =\nlisten_port = {number}\nunix_socket_dir = {base}\n"
+        f"auth_type = trust\nauth_file = {base}/users.txt\npool_mode = {mode}\n"
+        f"logfile = {base}/pgbouncer.log\n")
+    as_owner: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("postgres")
+        for path in (base, *base.iterdir()):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        as_owner = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    process = subprocess.Popen([binary, str(base / "pgbouncer.ini")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               **as_owner)
+    try:
+        listening = base / f".s.PGSQL.{number}"
+        deadline = time.monotonic() + 10
+        while not listening.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = base / "pgbouncer.log"
+                pytest.fail(f"pgbouncer did not start: "
+                            f"{log.read_text()[-2000:] if log.exists() else ''}",
+                            pytrace=False)
+            time.sleep(0.02)
+        yield lambda database: f"postgresql://{SUPERUSER}@/{database}?host={base}&port={number}"
+    finally:
+        process.terminate()  # SIGTERM: pgbouncer's immediate shutdown
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)

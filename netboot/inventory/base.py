@@ -174,6 +174,23 @@ def stuck_writes(store: object) -> str | None:
     return store.stuck_writes() if isinstance(store, StuckWrites) else None
 
 
+@runtime_checkable
+class CannotTell(Protocol):
+    """A store whose writes wait on something it cannot see (PostgreSQL: a lock holder of
+    another role, without pg_read_all_stats), so it cannot tell whether they are stuck:
+    why, and what would let it tell, or None. Not an outage (the holder may be at work:
+    writes wait for it, each bounded), and not "ok" either: the service's health reports
+    it as unknown (``/healthz``)."""
+
+    def cannot_tell(self) -> str | None: ...
+
+
+def cannot_tell(store: object) -> str | None:
+    """Why the store cannot tell whether its writes are stuck (:class:`CannotTell`), else
+    None."""
+    return store.cannot_tell() if isinstance(store, CannotTell) else None
+
+
 async def release_held_caches(store: object) -> None:
     """Empty the store's own caches if it keeps any (:class:`HeldCaches`); the one place
     that asks, for the view after its load and for ``serve`` once quiet after a storm."""

@@ -452,6 +452,10 @@ class _Session(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
         super().__init__(*args, **kwargs)
         self.asked: float | None = None
         self.ended_why: str | None = None
+        # Its backend's PID, as the server says (pg_backend_pid(), asked as the session is
+        # set up: server_keepalives): what pg_stat_activity names it by. Not
+        # get_server_pid(): a pooler (pgbouncer) hands its client a PID of its own.
+        self.backend = 0
 
     execute = _asking("execute")
     executemany = _asking("executemany")
@@ -494,7 +498,8 @@ class PostgresStore:
         # have been logged (_look: once each).
         self._stuck_told: set[int] = set()
         # (its PID, its transaction's start, why, whether its state is hidden from this
-        # role) while such a holder of the writers' lock stops writes (stuck_writes), until
+        # role) while such a holder of the writers' lock stops writes (stuck_writes; a
+        # hidden one: cannot_tell, as it may be at work), until
         # a write takes the writers' lock or the check finds the holder no longer idle in
         # that transaction (hidden: no longer holding the writers' lock).
         self._stuck: tuple[int, Any, str, bool] | None = None
@@ -502,6 +507,13 @@ class PostgresStore:
         # check does not end them for overrunning it.
         self._unbounded: set[int] = set()
         self._signal = Signal()
+        # open()'s notification sent to itself (_delivered): its payload, and the future
+        # set when it arrives.
+        self._probe: tuple[str, asyncio.Future[None]] | None = None
+        # Why the check cannot tell whether a waiting session of the store's is stuck (its
+        # backend not shown by the server: cannot_tell), as the last check found; None:
+        # none such.
+        self._blind: str | None = None
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
         self._commits = 0
@@ -840,10 +852,13 @@ class PostgresStore:
         try:
             async with self._conn() as conn:  # the version came with the session: no query
                 supported(conn.get_server_version(), self.name)
+            # Listening checked before anything else is written: a pooler that pools
+            # transactions or statements is named before it fails a migration its own way.
+            await self._listen()
+            await self._delivered()
             applied = self.migrated = await self.migrate()
             if self._sealed.sealer is not None:
                 await self._seal_clear_tokens(self._sealed.sealer)
-            await self._listen()
         except BaseException:
             await self.close()
             raise
@@ -889,8 +904,13 @@ class PostgresStore:
             # be answered by what does not answer a statement (a proxy such as pgbouncer
             # authenticates clients itself; a backend stopped once connected), and a LISTEN
             # waited on for ever stopped the store from listening again, and from checking
-            # (_keep_listening: a session made meanwhile was never ended).
+            # (_keep_listening: a session made meanwhile was never ended). First the
+            # server's side of the keepalives and timeouts, as a pool session's
+            # (_adopt_session): without them the server kept the LISTEN session of a
+            # vanished netboot for its kernel's two hours of keepalive, or ~15 minutes of
+            # retransmissions once notifications were sent to it (s34-pg).
             async with asyncio.timeout(self._peer.connect_timeout):
+                await conn.fetchrow(*server_keepalives(self._peer))
                 await conn.add_listener(CHANNEL, self._notified)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             if conn is not None:
@@ -904,6 +924,45 @@ class PostgresStore:
             # Lost before the listener was added (in the turn its LISTEN was answered):
             # asyncpg tells only the listeners it has when it cleans up, so it never will.
             self._notify_lost.set()
+
+    async def _delivered(self) -> None:
+        """A notification sent from a pool session reaches the LISTEN connection within
+        connect_timeout, or the store refuses to open (StoreError naming the setting).
+        Behind a pooler in transaction or statement pooling (pgbouncer's ``pool_mode =
+        transaction``) the LISTEN is made on whichever server session ran it, and what that
+        session is notified of goes to whichever client uses it then, or nowhere: the store
+        would open and every other server's commit would reach its view only at the view's
+        own syncs, nothing said. Measured with pgbouncer 1.18: in session pooling the
+        notification comes; in transaction pooling never (tests/inventory/
+        test_postgres.py). One round trip, once per open; the same statement asks whether
+        this role may see other roles' sessions (logged: _look cannot tell a stuck lock
+        holder of another role from one at work without it)."""
+        probe = (f"probe {uuid.uuid4().hex}", asyncio.get_running_loop().create_future())
+        self._probe = probe
+        try:
+            async with self._conn() as conn:
+                _, sees, me = await conn.fetchrow(
+                    f"SELECT pg_notify('{CHANNEL}', '{probe[0]}'),"
+                    " pg_has_role('pg_read_all_stats', 'USAGE'), current_user::text")
+            try:
+                async with asyncio.timeout(self._peer.connect_timeout):
+                    await probe[1]
+            except TimeoutError:
+                raise StoreError(
+                    f"inventory {self.name}: a notification sent on this database did not "
+                    f"reach netboot's LISTEN connection within {self._peer.connect_timeout} "
+                    "s: is a connection pooler between netboot and PostgreSQL in transaction "
+                    "or statement pooling? netboot is told of other servers' changes by "
+                    "LISTEN/NOTIFY, which needs a server session of its own: set pgbouncer's "
+                    "pool_mode = session for netboot's database (or connect netboot to "
+                    "PostgreSQL directly)") from None
+        finally:
+            self._probe = None
+        if not sees:
+            log.warning("inventory %s: netboot's role, %s, lacks pg_read_all_stats: a lock "
+                        "holder of another role that holds up writes cannot be told stuck "
+                        "from at work, only reported (GRANT pg_read_all_stats TO %s)",
+                        self.name, me, me)
 
     def _notify_closed(self, conn: object) -> None:
         if conn is self._notify:  # not one _listen or close replaced on purpose
@@ -1015,9 +1074,11 @@ class PostgresStore:
         its state: one of the same role, or any with pg_read_all_stats. One of another role
         whose state this role may not see (without pg_read_all_stats, pg_stat_activity
         hides it) is waited for too: stuck or at work, netboot cannot tell, so it says so
-        (logged once per holder, and stuck_writes while it holds the writers' lock, naming
-        the GRANT that would let it tell); its writes wait, each bounded by
-        statement_timeout.
+        (logged once per holder, and cannot_tell while it holds the writers' lock, naming
+        the GRANT that would let it tell: /healthz "unknown", not an outage); its writes
+        wait, each bounded by statement_timeout. A waiting session whose backend the server
+        does not show under the PID it gave (a pooler that moves sessions between
+        backends) cannot be looked at: cannot_tell says so while one waits.
 
         False if the server did not answer its questions here within ``within`` (as it is
         a check's: :func:`answered`): the server is silent, as if the check's ``SELECT 1``
@@ -1041,19 +1102,31 @@ class PostgresStore:
         for session in (*self._sessions, self._feed):
             asked = getattr(session, "asked", None)
             if asked is not None and now - asked > within and not session.is_closed():
-                waiting[session.get_server_pid()] = (session, now - asked)
+                waiting[session.backend] = (session, now - asked)
         if not waiting:
+            self._blind = None
             return True
         asking = await answered(conn.fetch(_IDLE_FOR, list(waiting), within), within)
         if asking is None:
             return False
-        rows: dict[int, Any] = {}
+        rows: dict[int, Any] | None = None
         with contextlib.suppress(*_FAILED):
             rows = {row[0]: row for row in asking.result()}
         bound = self._peer.statement_timeout
         overran: list[int] = []
+        blind = None
         for pid, (session, wait) in waiting.items():
-            _, idle, holder, held, began, role, state, event, me = rows.get(
+            if rows is not None and pid not in rows:
+                # The server shows no backend of the PID it named as the session was made
+                # (a pooler in between that moves sessions between backends, or a backend
+                # just ended): nothing to look at, so nothing to tell; said, not "healthy".
+                blind = (f"inventory {self.name}: a statement has waited {wait:.0f} s on a "
+                         f"session whose backend (PID {pid}) the server does not show, so "
+                         "netboot cannot tell whether it is stuck (a connection pooler "
+                         "between netboot and PostgreSQL must keep each session on one "
+                         "backend: pgbouncer's pool_mode = session)")
+                continue
+            _, idle, holder, held, began, role, state, event, me = (rows or {}).get(
                 pid, (pid, *[None] * 8))
             # The writers' lock (an advisory one): every write waits. A row's holder (an
             # operator's UPDATE of one lease or token) stops that row's writes alone: each
@@ -1119,6 +1192,9 @@ class PostgresStore:
             else:
                 continue  # it runs the statement, or its answer is on its way
             session.terminate()
+        if blind is not None and self._blind is None:
+            log.warning("%s", blind)
+        self._blind = blind
         if overran:
             ending = await answered(conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", overran),
@@ -1131,8 +1207,18 @@ class PostgresStore:
 
     def stuck_writes(self) -> str | None:
         """Why writes are given up while reads answer (base.StuckWrites): a lock they wait
-        for held by a session idle in its transaction past check_timeout (:meth:`_look`)."""
-        return None if self._stuck is None else self._stuck[2]
+        for held by a session idle in its transaction past check_timeout (:meth:`_look`).
+        Not a holder whose state this role may not see: that one may be at work (a bulk
+        import of another role), and its writes wait rather than fail: cannot_tell."""
+        stuck = self._stuck
+        return None if stuck is None or stuck[3] else stuck[2]
+
+    def cannot_tell(self) -> str | None:
+        """Why the check cannot tell whether writes are stuck (base.CannotTell), with what
+        would let it: a holder of the writers' lock whose state this role may not see (the
+        GRANT), or a waiting session whose backend the server does not show."""
+        stuck = self._stuck
+        return stuck[2] if stuck is not None and stuck[3] else self._blind
 
     def _silenced(self, why: str) -> None:
         """The server does not answer (``why``): end every connection of the pool and the
@@ -1192,23 +1278,40 @@ class PostgresStore:
         That round trip is a part of making the session: bounded by connect_timeout, as the
         connect is (asyncpg's pool bounds only the connect; the acquire's 30 s were the
         bound of a session whose server went silent here), and the session is among those
-        a silent server's check ends (:meth:`_silenced`) from before it is sent."""
+        a silent server's check ends (:meth:`_silenced`) from before it is sent.
+
+        The same statement asks its backend's PID (pg_backend_pid()): behind pgbouncer the
+        PID asyncpg was handed (get_server_pid) is pgbouncer's, which pg_stat_activity and
+        the notifications never name, so the check found no session of the store's (a
+        write behind a stuck holder waited for ever, health "ok": s34-pg) and every own
+        commit's notification was counted as another server's."""
         tune(conn, self._peer)
+        conn.backend = conn.get_server_pid()  # the server's own, until it says (direct)
         self._sessions.add(conn)
         try:
-            async with asyncio.timeout(self._peer.connect_timeout):
-                await conn.execute(*server_keepalives(self._peer))
+            pid = conn.backend = await self._set_up(conn, self._peer)
         except TimeoutError:
             conn.terminate()  # then asyncpg's pool closes it at once, and raises this
             why = (f"the server stopped answering (a new session was not set up within "
                    f"{self._peer.connect_timeout} s)")
             log.warning("inventory %s: %s: ended", self.name, why)
             raise StoreError(f"inventory {self.name}: {why}") from None
-        pid = conn.get_server_pid()
         self._own.add(pid)
         conn.add_termination_listener(lambda _: self._own.discard(pid))
 
-    def _notified(self, _conn: object, pid: int, _channel: str, _payload: str) -> None:
+    async def _set_up(self, conn: asyncpg.Connection, peer: PeerSettings) -> int:
+        """The server's side of ``peer`` on ``conn`` (:func:`server_keepalives`), within
+        connect_timeout (TimeoutError past it): its backend's PID."""
+        async with asyncio.timeout(self._peer.connect_timeout):
+            row = await conn.fetchrow(*server_keepalives(peer))
+        return int(row[-1])
+
+    def _notified(self, _conn: object, pid: int, _channel: str, payload: str) -> None:
+        if payload:  # not a commit's (its trigger's is empty): open()'s probe (_delivered)
+            probe = self._probe
+            if probe is not None and payload == probe[0] and not probe[1].done():
+                probe[1].set_result(None)
+            return
         if pid not in self._own:
             self._commits += 1  # another session's commit: readers sync before answering
         self._signal.fire()
@@ -1669,9 +1772,9 @@ class PostgresStore:
         which a bound would fail again at every try."""
         peer = dataclasses.replace(self._peer, idle_in_transaction_session_timeout=0)
         conn = await connect(self._dsn, peer, connection_class=_Session)
+        conn.backend = conn.get_server_pid()  # the server's own, until it says (direct)
         try:
-            async with asyncio.timeout(self._peer.connect_timeout):
-                await conn.execute(*server_keepalives(peer))
+            conn.backend = await self._set_up(conn, peer)
         except BaseException:
             conn.terminate()
             raise
@@ -1927,7 +2030,8 @@ def server_keepalives(peer: PeerSettings) -> tuple[str, ...]:
     ``peer``: PostgreSQL's tcp_keepalives_* and tcp_user_timeout (ignored on a Unix socket;
     the server always probes a TCP session; without ``keepalives`` its kernel's timing is
     left alone), and its statement_timeout and idle_in_transaction_session_timeout (in ms
-    there; 0: none), all user-settable: one round trip for all."""
+    there; 0: none), all user-settable: one round trip for all, which also answers the
+    session's backend PID (its last column: _Session.backend)."""
     names = ["tcp_user_timeout", "statement_timeout", "idle_in_transaction_session_timeout"]
     values = [str(peer.tcp_user_timeout * 1000), str(peer.statement_timeout * 1000),
               str(peer.idle_in_transaction_session_timeout * 1000)]
@@ -1937,7 +2041,7 @@ def server_keepalives(peer: PeerSettings) -> tuple[str, ...]:
                    str(peer.keepalives_count)]
     calls = ", ".join(f"set_config('{name}', ${n}, false)"
                       for n, name in enumerate(names, start=1))
-    return (f"SELECT {calls}", *values)
+    return (f"SELECT {calls}, pg_backend_pid()", *values)
 
 
 async def answers(conn: asyncpg.Connection, within: float) -> bool:

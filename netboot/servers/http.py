@@ -165,6 +165,10 @@ class HealthCheck(Protocol):
 
     def problem(self) -> str | None: ...
 
+    @property
+    def unknown(self) -> str | None:
+        """What the inventory cannot tell (reported, not an outage); None: nothing."""
+
 
 class DeviceReports(Protocol):
     """The installer's POSTs (netboot.api.Api), for the front door (:class:`FrontDoor`)."""
@@ -1054,12 +1058,19 @@ class DeviceRoutes:
     async def healthz(self, request: web.Request) -> web.Response:
         """200 ``ok``; 503 ``degraded: <reason>`` while the inventory is unreachable (the
         server still answers boots of known machines: a readiness check, not a liveness one
-        — a restart cannot help, and a server that cannot reach its database cannot start)."""
+        — a restart cannot help, and a server that cannot reach its database cannot start);
+        200 ``unknown: <reason>`` while it answers but cannot tell whether its writes are
+        stuck (the reason names what would let it tell)."""
         return web_response(await self._healthz())
 
     async def _healthz(self) -> Reply:
         problem = self._health.problem() if self._health is not None else None
         if problem is None:
+            unknown = self._health.unknown if self._health is not None else None
+            if unknown is not None:
+                # Writes go on (they wait for a session netboot cannot see, each bounded by
+                # statement_timeout): no outage, so not a 503, and not "ok" either.
+                return Reply(200, f"unknown: {unknown}\n".encode(), _TEXT, _NO_STORE)
             return Reply(200, b"ok\n", _TEXT)
         return Reply(503, f"degraded: {problem}; boots of known machines are answered from "
                      "memory, writes are refused\n".encode(), _TEXT, _NO_STORE)

@@ -1491,9 +1491,10 @@ async def test_a_store_whose_role_cannot_see_a_holder_waits_for_it_and_ends_noth
     """A store connected as a role without pg_read_all_stats sees other roles' sessions in
     pg_stat_activity without their state: a holder of the writers' lock of another role
     (a superuser's psql) idle in its transaction is not given up for, and a write waits
-    for it, as it did before the checks looked (nothing of the store's ended); stuck_writes
-    says why, with the GRANT that would let it tell (s32-pg), not that writes are refused;
-    the same holder as the store's own role is found and its writers given up. The store
+    for it, as it did before the checks looked (nothing of the store's ended); cannot_tell
+    says why, with the GRANT that would let it tell (s32-pg), and stuck_writes says
+    nothing (s34-pg: the holder may be at work, writes are not refused); the same holder
+    as the store's own role is found and its writers given up. The store
     never ends a session it does not own: ending one of its own is all it does (the holder
     lives on in both cases)."""
     cluster: pg.Cluster = request.getfixturevalue("postgres")
@@ -1518,15 +1519,17 @@ async def test_a_store_whose_role_cannot_see_a_holder_waits_for_it_and_ends_noth
                 assert store.stuck_writes() is not None
             else:
                 await asyncio.sleep(3.5)  # three checks past the check's timeout
-                stuck = store.stuck_writes()
-                assert not writing.done() and stuck is not None
-                assert f"GRANT pg_read_all_stats TO {role}" in stuck and "refused" not in stuck
+                unseen = store.cannot_tell()
+                assert not writing.done() and unseen is not None
+                assert store.stuck_writes() is None
+                assert f"GRANT pg_read_all_stats TO {role}" in unseen and "refused" not in unseen
             assert await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1",
                                         holder.get_server_pid()) == "idle in transaction"
             await holder.execute("COMMIT")
             if who != dsn:
                 await _ended(writing)
-        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None
+                      and store.cannot_tell() is None)
         await store.put_setting("k", "v")
         assert await store.get_setting("k") == "v"
     finally:
@@ -1895,12 +1898,14 @@ async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_s
     """netboot's role without pg_read_all_stats: pg_stat_activity hides what a session of
     another role does (its state NULL), so a holder of the writers' lock stuck idle in its
     transaction cannot be told from one at work. A write waiting for it past the check's
-    timeout is told (logged once, and stuck_writes, for /healthz, while that session
-    holds the lock), naming the privilege and the GRANT; the write itself fails at
-    statement_timeout (4 s here). With the privilege granted, that holder is the stuck one
-    s31-pg gives writes up for, naming its PID. Once it ends, writes go on. (Before,
+    timeout is told (logged once, and cannot_tell, for /healthz's "unknown", while that
+    session holds the lock), naming the privilege and the GRANT, and not as stuck (no
+    outage: the holder may be at work); the write itself fails at statement_timeout (4 s
+    here). With the privilege granted, that holder is the stuck one s31-pg gives writes up
+    for, naming its PID, and nothing is unknown. Once it ends, writes go on. (Before,
     without the privilege: "still waiting after 20 s", for as long as the holder, nothing
-    said.)"""
+    said; s32-pg: said, but as stuck_writes, which the health took for an outage: s34-pg.)
+    """
     async with _a_store_of_another_role(pg_dsn, granted=granted) as (role, store, holder):
         await store.open()
         await holder.execute("BEGIN")
@@ -1910,15 +1915,17 @@ async def test_a_lock_holder_this_role_may_not_see_is_told_with_the_grant_that_s
         if granted:
             with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
                 await _ended(store.put_setting("k", "v"))
-            assert grant not in caplog.text
+            assert grant not in caplog.text and store.cannot_tell() is None
         else:
             with pytest.raises(StoreError, match="statement timeout"):
                 await _ended(store.put_setting("k", "v"))
-            assert caplog.text.count(grant) == 1
-            stuck = store.stuck_writes()
-            assert stuck is not None and grant in stuck and f"PID {pid} (role" in stuck
+            assert caplog.text.count(grant) == 2  # at open (the role), and for the holder
+            unseen = store.cannot_tell()
+            assert unseen is not None and grant in unseen and f"PID {pid} (role" in unseen
+            assert store.stuck_writes() is None
         await holder.execute("ROLLBACK")
-        await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+        await _within("writes no longer stuck", lambda: store.stuck_writes() is None
+                      and store.cannot_tell() is None)
         await store.put_setting("k", "w")
         assert await store.get_setting("k") == "w"
 
@@ -1948,7 +1955,8 @@ async def test_a_row_holder_this_role_may_not_see_is_told_and_is_no_outage(
         with pytest.raises(StoreError, match="statement timeout"):
             await touching
         assert len(seen) > 40 and seen == [None] * len(seen)
-        assert caplog.text.count(grant) == 1 and "writes of what it locked wait" in caplog.text
+        # Once at open (the role), once for the holder.
+        assert caplog.text.count(grant) == 2 and "writes of what it locked wait" in caplog.text
         await store.put_setting("k", "v")  # the writers' lock is free: no wait
         assert await store.get_setting("k") == "v"
         await holder.execute("ROLLBACK")
@@ -2034,3 +2042,130 @@ async def test_a_migration_is_not_bounded_by_the_statement_timeout(pg_dsn: str) 
     finally:
         holder.terminate()
         await store.close()
+
+
+# --- s34-pg: the LISTEN connection's own bounds; pgbouncer; a holder this role cannot see ---
+
+async def test_the_listen_session_has_the_servers_side_of_the_settings_a_pool_session_has(
+        pg_dsn: str) -> None:
+    """The LISTEN connection's session is set up as a pool session is (server_keepalives:
+    the server's tcp_keepalives_*, tcp_user_timeout, statement_timeout and
+    idle_in_transaction_session_timeout): the server notices a vanished netboot's LISTEN
+    session within the same bound. Only the timeouts can be read back here (the cluster
+    listens on a Unix socket, where the TCP ones read 0). (Before: the LISTEN session had
+    none of them: statement_timeout 0.)"""
+    store = PostgresStore(pg_dsn, peer=PeerSettings(check_interval=0, statement_timeout=7,
+                                                   idle_in_transaction_session_timeout=9))
+    await store.open()
+    try:
+        assert store._notify is not None
+        assert await store._notify.fetchval("SHOW statement_timeout") == "7s"
+        assert await store._notify.fetchval("SHOW idle_in_transaction_session_timeout") == "9s"
+        async with store._conn() as conn:  # as a pool session has
+            assert await conn.fetchval("SHOW statement_timeout") == "7s"
+    finally:
+        await store.close()
+
+
+async def test_a_listen_backend_the_server_ends_is_listened_again_and_the_view_resynced(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend of the LISTEN connection ended by the server (pg_terminate_backend: an
+    operator, a pooler's or a failover's cleanup) while another server commits: the store
+    notices the loss, its view no longer answers from memory and syncs that commit from the
+    change feed (nothing missed), the store listens on a new connection, and a later
+    commit of the other server wakes a waiting reader."""
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3600.0)  # woken by NOTIFY, or not at all
+    async with _a_writer_beside_a_checked_view(pg_dsn) as (a, b, view):
+        assert view.fresh(3600.0) and b._notify is not None
+        old = b._notify.get_server_pid()
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", old)
+        finally:
+            await admin.close()
+        during = Machine(macs=(MacAddress.parse("02:00:00:00:0b:01"), ), hostname="during")
+        await a.create_machine(during)
+        await _within("told the LISTEN connection was lost", lambda: not view.fresh(3600.0))
+        await asyncio.wait_for(view.sync(), HANG)
+        assert await view.machine_by("mac", "02:00:00:00:0b:01") == during
+        await _within("listening again on another backend", lambda: b._listening(
+            ) and b._notify is not None and b._notify.get_server_pid() != old)
+        await _a_commit_wakes_the_view(a, view, "02:00:00:00:0b:02")
+
+
+async def test_through_pgbouncer_in_session_pooling_a_stuck_holder_is_found(
+        request: pytest.FixtureRequest) -> None:
+    """netboot through pgbouncer (pool_mode = session, the supported mode): the PID asyncpg
+    is handed is pgbouncer's, not the backend's, so the check looks the sessions up by the
+    PID the server names (pg_backend_pid(), asked as each is set up). A write waiting for
+    the writers' lock held by a session idle in its transaction is given up naming the
+    holder, and writes are told stuck until it ends; the store's own commits are not
+    counted as other servers' (their notifications name the real backends). (Before: the
+    check found none of the store's sessions: the write still waited after 20 s, health
+    "ok"; and every own write counted twice.)"""
+    cluster: pg.Cluster = request.getfixturevalue("postgres")
+    async with pg.fresh_database(cluster) as database:
+        with pg.bouncing(cluster, "session") as through:
+            store = PostgresStore(through(database), peer=CHECKED)
+            await store.open()
+            holder = await asyncpg.connect(cluster.dsn(database))  # an operator's psql
+            try:
+                before = store.commits
+                await store.put_setting("k", "v")
+                await asyncio.sleep(0.3)  # its notification has come by now
+                assert store.commits == before + 1
+                await holder.execute("BEGIN")
+                await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+                pid = holder.get_server_pid()
+                with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+                    await _ended(store.put_setting("k", "w"))
+                stuck = store.stuck_writes()
+                assert stuck is not None and f"PID {pid}" in stuck
+                await holder.execute("ROLLBACK")
+                await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+                await store.put_setting("k", "x")
+                assert await store.get_setting("k") == "x"
+            finally:
+                holder.terminate()
+                await store.close()
+
+
+@pytest.mark.parametrize("mode", ["transaction", "statement"])
+async def test_through_pgbouncer_pooling_transactions_the_store_refuses_to_open(
+        request: pytest.FixtureRequest, mode: str) -> None:
+    """Through pgbouncer in transaction (or statement) pooling, LISTEN/NOTIFY cannot work:
+    the LISTEN runs on whichever server session pgbouncer lends, and what that session is
+    notified of goes to whoever uses it next, or nowhere. The store refuses to open, within
+    connect_timeout, naming the setting. (Before: it opened, and no other server's commit
+    ever woke its readers: its view learnt them only at its own syncs, nothing said.)"""
+    cluster: pg.Cluster = request.getfixturevalue("postgres")
+    async with pg.fresh_database(cluster) as database:
+        with pg.bouncing(cluster, mode) as through:
+            store = PostgresStore(through(database), peer=QUICK)
+            with pytest.raises(StoreError, match="pool_mode = session"):
+                await _ended(store.open())
+            await store.close()
+
+
+async def test_a_waiting_session_whose_backend_the_server_does_not_show_is_told_unknown(
+        pg_dsn: str) -> None:
+    """A write waiting past the check's timeout on a session whose backend the server does
+    not show under the PID the store knows it by (what every session was behind pgbouncer
+    before s34-pg: pgbouncer's own PID; a pooler that moves sessions between backends):
+    the check cannot look at it, so it says so (cannot_tell, /healthz's "unknown"), rather
+    than nothing (health "ok"); once nothing waits, nothing is unknown."""
+    async with _a_store_of_another_role(pg_dsn, granted=True) as (_role, store, holder):
+        store._pool_size = 1
+        await store.open()
+        for session in store._sessions:
+            session.backend = 2**31 - 1  # no backend's
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+        writing = asyncio.ensure_future(store.put_setting("k", "v"))
+        await _within("told it cannot tell", lambda: store.cannot_tell() is not None)
+        unseen = store.cannot_tell()
+        assert unseen is not None and f"PID {2**31 - 1}" in unseen and "pool_mode" in unseen
+        assert store.stuck_writes() is None and not writing.done()
+        await holder.execute("ROLLBACK")
+        await _ended(writing)
+        await _within("nothing unknown once nothing waits", lambda: store.cannot_tell() is None)
