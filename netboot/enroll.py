@@ -66,6 +66,8 @@ REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
 # a report's kind. A device's token (it crossed plain HTTP in the config URL) wrote
 # "registered" or "reinstall" on a machine still installing, which the timeline showed and
 # the metrics counted as netboot's own record (s33-attack).
+# The writers keep their literals; tests/test_enroll.py reads netboot's source for every kind
+# written and fails on one missing here.
 NETBOOT_KINDS = frozenset(kind for kind in (
     "enrolled", "discovered", "merged", "nic-attached", "install-plan", "local-boot", "hold",
     "dhcp", "config", "registered", "reinstall", "updated",

@@ -15,7 +15,7 @@ from netboot.access import (
     scope_needed,
 )
 from netboot.inventory.base import SORT_KEYS
-from netboot.model import Arch, MachineState, Scope
+from netboot.model import Arch, MachineState, Role, Scope
 
 _STR = {"type": "string"}
 _NSTR = {"type": ["string", "null"]}
@@ -60,6 +60,8 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
+# The roles as the model has them (one owner: a role added there is documented here too).
+_ROLE = {"type": ["string", "null"], "enum": [*(r.value for r in Role), None]}
 _LOADER = {"type": ["string", "null"], "enum": ["ipxe", "shim-grub", None],
            "description": "UEFI first-stage chain: ipxe (unsigned iPXE) or shim-grub (shim, "
                           "GRUB and kernel signed: Secure Boot); unset, the group's, then the "
@@ -70,15 +72,13 @@ _MACHINE_PROPS: dict[str, Any] = {
              "description": "every NIC; a boot from any of them is this machine"},
     "hostname": _nullable(HOSTNAME), "uuid": _nullable(_UUID), "serial": _NSTR,
     "asset": _NSTR, "labels": _MAP, "cluster": _NSTR,
-    "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
+    "role": _ROLE,
     "profile": _NSTR, "loader": _LOADER,
     "fixed_ipv4": _nullable({"type": "string", "format": "ipv4"}),
 }
 # Read-only: a state changes only by what happens to the machine (netboot.lifecycle), so the
 # input schemas do not have it and the API answers 400 naming "state".
-_STATE = {"type": "string", "readOnly": True,
-          "enum": ["discovered", "enrolled", "booting", "installing", "installed", "registered",
-                   "failed", "reinstall"]}
+_STATE = {"type": "string", "readOnly": True, "enum": [s.value for s in MachineState]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"],
@@ -100,7 +100,7 @@ SCHEMAS: dict[str, Any] = {
     "MachinePatch": {"type": "object", "additionalProperties": False,
                      "properties": _MACHINE_PROPS},
     "Approve": {"type": "object", "additionalProperties": False, "properties": {
-        "cluster": _NSTR, "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
+        "cluster": _NSTR, "role": _ROLE,
         "profile": _NSTR, "hostname": _nullable(HOSTNAME)}},
     # Not allOf MachineInput: its additionalProperties=false would reject every response.
     "Machine": {"type": "object", "required": ["id", "macs", "state"], "properties": {
@@ -155,7 +155,7 @@ SCHEMAS: dict[str, Any] = {
                     "naming profile)"},
         "cluster": {**_NSTR, "description": "the name of an existing cluster (else a 400 "
                     "naming cluster)"},
-        "role": {"type": ["string", "null"], "enum": ["server", "agent", None]},
+        "role": _ROLE,
         "labels": _MAP, "taints": _LIST,
         "hostname_template": {**_NSTR, "description": "fields in braces, e.g. "
                               "node-{mac_hexhyp}; an unknown field or bad syntax is a 400"},

@@ -947,6 +947,7 @@ def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,
         install,
         plain_http_middleware,
         request_middleware,
+        serve_devices,
     )
     from netboot.web.dashboard import Dashboard
 
@@ -962,7 +963,7 @@ def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,
     app[MAX_EVENT_KEY] = config.http.max_event_bytes
     app[OBSERVER_KEY] = metrics
     app[PLAIN_HTTP_KEY] = plain
-    devices.add_to(app)
+    serve_devices(app, devices)
     api = Api(core, clock=time.time, events=events)
     api.add_to(app)
     front.take_reports(api, max_body=config.http.max_body_bytes,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import gc
 import io
 import itertools
 import operator
+import pathlib
 import re
 import traceback
 from typing import Any
@@ -696,3 +698,132 @@ async def test_a_report_of_a_kind_of_its_own_is_taken(store, kind: str) -> None:
     await store.create_machine(machine)
     event = await Enroller(store, clock=lambda: 1000.0).report(machine, {"kind": kind})
     assert [e.kind for e in await store.list_events(machine.id)] == [event.kind] == [kind]
+
+
+# -- the kinds netboot writes, found in its source ----------------------------------------
+# enroll.NETBOOT_KINDS owns which kinds a device may not report; the writers keep their
+# literals (a name looked up in the boot loop costs instructions for nothing). So that a kind
+# added to a writer is not forgotten in that list, the source is read: every call that makes
+# an event (Event, EventRun, and the functions that pass a ``kind`` parameter on to them,
+# found by following it) and the kind it writes.
+_EVENT_MAKERS = {"Event": 2, "EventRun": 2}  # the kind's position among the arguments
+# Where a kind that is not netboot's own is written: the device's report (what report()
+# checks). netboot/inventory/ carries kinds it reads back or copies, and writes none of its own.
+_FOREIGN_KINDS = {("enroll.py", "report")}
+
+
+def _called(call: ast.Call) -> str | None:
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+
+
+def _kind_argument(call: ast.Call, position: int) -> ast.expr | None:
+    for keyword in call.keywords:
+        if keyword.arg == "kind":
+            return keyword.value
+    return call.args[position] if len(call.args) > position else None
+
+
+def _kinds_netboot_writes() -> dict[str, list[str]]:
+    """Each kind netboot's source writes, with the places (file:line) that write it; an
+    AssertionError names a place whose kind cannot be told from the source."""
+    root = pathlib.Path(enroll.__file__).parent
+    functions = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        # Module-level dicts of kinds (boot._NOTED: the decision's action → its event).
+        tables = {t.id: n.value for n in tree.body if isinstance(n, ast.Assign)
+                  and isinstance(n.value, ast.Dict) for t in n.targets if isinstance(t, ast.Name)}
+        functions += [(path.relative_to(root), tables, f) for f in ast.walk(tree)
+                      if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    makers = dict(_EVENT_MAKERS)
+    grown = True
+    while grown:  # a function whose ``kind`` parameter reaches a maker's kind is one too
+        grown = False
+        for _, _, f in functions:
+            params = [a.arg for a in f.args.args]
+            if f.name in makers or "kind" not in params:
+                continue
+            if any(isinstance(c, ast.Call) and _called(c) in makers
+                   and isinstance(a := _kind_argument(c, makers[_called(c)]), ast.Name)
+                   and a.id == "kind" for c in ast.walk(f)):
+                makers[f.name] = params.index("kind") - (params[0] in ("self", "cls"))
+                grown = True
+
+    def values(expr: ast.expr, f: ast.AST, tables: dict[str, ast.Dict]) -> list[ast.expr]:
+        """The expressions ``expr`` can stand for: a local name by its assignments, a
+        ``table.get(…)`` or ``table[…]`` by the table's values, a conditional by both."""
+        if isinstance(expr, ast.Name) and expr.id in tables:
+            return [v for v in tables[expr.id].values if v is not None]
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) \
+                and expr.func.attr == "get":
+            return values(expr.func.value, f, tables)
+        if isinstance(expr, ast.Subscript):
+            return values(expr.value, f, tables)
+        if isinstance(expr, ast.IfExp):
+            return values(expr.body, f, tables) + values(expr.orelse, f, tables)
+        if isinstance(expr, ast.Name):
+            found = [n.value for n in ast.walk(f) if isinstance(n, ast.Assign)
+                     and any(isinstance(t, ast.Name) and t.id == expr.id for t in n.targets)]
+            return [v for a in found for v in values(a, f, tables)] if found else [expr]
+        return [expr]
+
+    written: dict[str, list[str]] = {}
+    unknown = []
+    for path, tables, f in functions:
+        params = {a.arg for a in f.args.args}
+        for call in ast.walk(f):
+            if not isinstance(call, ast.Call) or _called(call) not in makers:
+                continue
+            kind = _kind_argument(call, makers[_called(call)])
+            if kind is None:  # asyncio.Event(), another function of the same name
+                continue
+            for expr in values(kind, f, tables):
+                if isinstance(expr, ast.Constant) and expr.value is None:
+                    continue
+                if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
+                    written.setdefault(expr.value, []).append(f"{path}:{call.lineno}")
+                elif isinstance(expr, ast.Name) and expr.id == "kind" and "kind" in params \
+                        and f.name in makers:
+                    continue  # passed on: its callers' kinds are read at their calls
+                elif (path.parts[0] != "inventory"
+                      and (path.name, f.name) not in _FOREIGN_KINDS):
+                    unknown.append(f"{path}:{call.lineno} {ast.unparse(expr)}")
+    assert not unknown, ("an event whose kind the source does not tell (write it as a "
+                         f"literal, or from a module-level table of them): {unknown}")
+    return written
+
+
+def test_the_kinds_netboot_writes_are_found_in_its_source() -> None:
+    # The reading must find the writers it exists for, or it would pass on finding nothing.
+    written = _kinds_netboot_writes()
+    assert {"discovered", "hold", "local-boot", "install-plan", "dhcp", "config", "registered",
+            "reinstall", "enrolled", "merged", "nic-attached", "updated"} <= set(written)
+    assert any(place.startswith("boot.py:") for place in written["local-boot"])
+
+
+async def test_every_kind_netboot_writes_is_refused_as_a_device_s_report() -> None:
+    # NETBOOT_KINDS was a list written by hand beside the literals that write those kinds: a
+    # kind added to a writer and not to it would be a kind any install token could post as
+    # netboot's own record (s33-attack's "registered", "reinstall"). The lifecycle's steps an
+    # installer reports (REPORTED_STEPS) are the kinds both may write.
+    store = MemoryStore()
+    await store.open()
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:33"),), hostname="r3", profile="p",
+                      state=MachineState.INSTALLING)
+    await store.create_machine(machine)
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    taken = {}
+    for kind, places in sorted(_kinds_netboot_writes().items()):
+        if kind in enroll.REPORTED_STEPS:
+            continue
+        try:
+            await enroller.report(machine, {"kind": kind})
+        except ValidationError as refused:
+            assert refused.field == "kind"
+        else:
+            taken[kind] = places
+    assert not taken, ("kinds netboot writes that a device may report as its own: add them "
+                       f"to enroll.NETBOOT_KINDS: {taken}")
+    assert await store.list_events(machine.id) == []
+    await store.close()

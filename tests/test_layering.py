@@ -79,3 +79,59 @@ def test_no_module_level_mutable_globals() -> None:
                     assert all(n.isupper() or (n.startswith("_") and n[1:].isupper())
                                or (n.startswith("__") and n.endswith("__"))
                                for n in names), f"{path.relative_to(PKG)}: mutable global {names}"
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The modules of ours ``path`` imports, at its top or inside a function (a late import
+    is a tie all the same), but not those for the type checker only."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                   for n in ast.walk(node)}
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:  # ``from netboot import lifecycle`` names a module
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if _path(sub) is not None else node.module)
+    return {m for m in out if m.split(".")[0] == "netboot"}
+
+
+def _path(module: str) -> Path | None:
+    base = PKG.parent.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No circle of imports (DESIGN.md §7: "0 cycles"): servers/http.py, the front door,
+    used to import servers/aio.py's keys and responses inside its functions while aio.py
+    imports it; what needs them moved to aio.py."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PKG.rglob("*.py")):
+        parts = path.relative_to(PKG.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = {m for m in _module_imports(path) if m != name and _path(m) is not None}
+    # Depth-first search; a module met again while still on the path closes a circle.
+    circles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for other in sorted(graph.get(module, ())):
+            if state.get(other) == 1:
+                circles.append([*path[path.index(other):], other])
+            elif other not in state:
+                visit(other, [*path, other])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, f"import circles: {circles}"

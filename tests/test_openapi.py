@@ -16,6 +16,7 @@ from pathlib import Path
 import schemathesis
 
 from netboot.config import load
+from netboot.model import MachineState, Role
 from netboot.openapi import document
 from netboot.service import build
 from tests.conftest import write_config
@@ -78,3 +79,28 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
         assert not refused, refused
     finally:
         await service.close()
+
+
+def test_every_state_and_role_the_document_names_is_the_model_s() -> None:
+    # The Machine schema's states and the roles were lists written beside MachineState and
+    # Role (the ?state= filter read the enum): a state or role added to the model would have
+    # been missing from the document, and a client validating against it would refuse it.
+    states = [s.value for s in MachineState]
+    roles = [*(r.value for r in Role), None]
+    found: dict[str, list[object]] = {}
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            if path.endswith(("/state", "/role")) and "enum" in node:
+                found[path] = node["enum"]
+            for key, value in node.items():
+                walk(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}/{i}")
+
+    walk(document(), "")
+    assert found["/components/schemas/Machine/properties/state"] == states
+    assert found["/components/schemas/Error/properties/state"] == states
+    for path in ("Machine", "MachineInput", "MachinePatch", "Approve", "Group", "GroupReplace"):
+        assert found[f"/components/schemas/{path}/properties/role"] == roles, path

@@ -126,8 +126,8 @@ def test_assets_reads_the_shipped_checksums(installed: Installed) -> None:
     assert rows["undionly.kpxe"]["status"] == "ok (known build)", rows["undionly.kpxe"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(type=kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -138,9 +138,14 @@ def served(installed: Installed) -> Iterator[tuple[subprocess.Popen[str], int]]:
     env = {**clean_env(), "NETBOOT_HTTP_LISTEN": "127.0.0.1"}
     proc = subprocess.Popen([str(installed.bin / "netboot"), "serve",
                              "--data-dir", str(installed.home / "serve-data"),
-                             # Loopback only: TFTP binds to the lo device, HTTP to 127.0.0.1.
+                             # The embedded defaults (proxyDHCP, TFTP, HTTP, HTTPS), loopback
+                             # only: DHCP and TFTP bind to the lo device, HTTP and HTTPS to
+                             # 127.0.0.1, all on free ports.
                              "--interface", "lo", "--http-port", str(port),
-                             "--dhcp-mode", "off", "--tftp-port", str(free_port())],
+                             "--https-port", str(free_port()),
+                             "--dhcp-port", str(free_port(socket.SOCK_DGRAM)),
+                             "--pxe-port", str(free_port(socket.SOCK_DGRAM)),
+                             "--tftp-port", str(free_port(socket.SOCK_DGRAM))],
                             cwd=installed.home, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -168,6 +173,9 @@ def test_serve_answers_boot_ipxe_and_stops_cleanly(
     assert body is not None, f"no answer from {url}; netboot said:\n" + (
         proc.stdout.read() if proc.poll() is not None and proc.stdout else "(still running)")
     assert body.startswith("#!ipxe") and f"http://127.0.0.1:{port}/ipxe?" in body
+    # The readiness check a load balancer or the operator asks first (README, "Access").
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+        assert resp.read() == b"ok\n"
     # The dashboard's assets come from the installed package, and /metrics answers.
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/app.js", timeout=5) as resp:
         assert b"EventSource" in resp.read()
@@ -181,3 +189,4 @@ def test_serve_answers_boot_ipxe_and_stops_cleanly(
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert "Traceback" not in output, output
+    assert "DHCP   proxy on udp/" in output, output  # what the embedded defaults serve

@@ -28,7 +28,9 @@ from netboot.servers.http import (
     _REQUEST_ID,
     SERVER_NAME,
     AccessLogger,
+    AssetFiles,
     ConnectionGuard,
+    DeviceRoutes,
     FrontDoor,
     GuardedHandler,
     HttpObserver,
@@ -127,6 +129,25 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return error_response(exc, log, request)
 
 
+# Request headers the in-memory path leaves to aiohttp's FileResponse (conditional requests).
+_CONDITIONAL = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+
+
+async def asset_response(files: AssetFiles, request: web.BaseRequest, name: str
+                         ) -> web.StreamResponse:
+    """``name`` of ``files`` as aiohttp answers it: conditional requests, Range, a compressed
+    sibling by Accept-Encoding (the front door answers a plain GET: AssetFiles.reply)."""
+    blob, held, st_path = await files.find(name)
+    if blob.data is not None:
+        return web.Response(body=blob.data, content_type=blob.content_type.split(";")[0])
+    if held is None or any(h in request.headers for h in _CONDITIONAL) or (
+            held.compressed and hdrs.ACCEPT_ENCODING in request.headers):
+        resp = CountingFileResponse(st_path)
+        resp.content_type = blob.content_type.split(";")[0]
+        return resp
+    return held_response(request, held)
+
+
 def held_response(request: web.BaseRequest, held: _Held) -> web.Response:
     """A small asset from memory, with Range as aiohttp's FileResponse answers it."""
     size = len(held.body)
@@ -168,6 +189,41 @@ PLAIN_HTTP_KEY = web.AppKey("plain_http", PlainHttp)
 PLAIN_ROUTES_KEY = web.AppKey("plain_routes", set[tuple[str, str]])
 
 
+def serve_devices(app: web.Application, devices: DeviceRoutes) -> None:
+    """The device routes' handlers on ``app``: every one is for firmware or an installer,
+    neither of which can verify TLS, so all of them stay on plain HTTP (PlainHttp)."""
+    r = app.router
+    files = devices.files
+
+    async def asset(request: web.Request) -> web.StreamResponse:
+        # match_info is already percent-decoded by aiohttp; check the decoded form so that
+        # %2e%2e and %00 are refused like their literal forms.
+        return await asset_response(files, request, request.match_info["path"])
+
+    serve_plain(
+        app,
+        r.add_get("/healthz", devices.healthz),
+        r.add_get("/boot.ipxe", devices.boot_ipxe),
+        # These have effects (an install token, a state change): HEAD must not run them.
+        r.add_get("/ipxe", devices.ipxe, allow_head=False),
+        r.add_get("/assets/{path:.+}", asset),  # also answers HEAD
+        # GRUB loaded by UEFI HTTP boot reads its built-in prefix /grub from this server.
+        r.add_get("/grub/{name:.+}", devices.grub, allow_head=False),
+        r.add_get("/config/{mac}", devices.config, allow_head=False),
+        r.add_get("/nocloud/{mac}/{name}", devices.nocloud, allow_head=False),
+        r.add_get("/nocloud/{mac}/{token}/{name}", devices.nocloud, allow_head=False),
+    )
+
+
+def plain_route(request: web.Request) -> bool:
+    """Whether the matched route was marked with :func:`serve_plain`."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return True  # no route: a 404 or 405 carries nothing
+    method = "GET" if request.method == "HEAD" else request.method
+    return (method, resource.canonical) in request.app.get(PLAIN_ROUTES_KEY, ())
+
+
 def serve_plain(app: web.Application, *routes: web.AbstractRoute) -> None:
     """Serve ``routes`` on the plain HTTP listener to every peer: firmware and installer
     routes, which take no credential but an install token. (HEAD follows GET.)"""
@@ -188,11 +244,14 @@ async def plain_http_middleware(request: web.Request, handler: Any) -> web.Strea
         passed: web.StreamResponse = await handler(request)
         return passed
     request[PLAINTEXT] = True
-    plain_route = policy.plain_route(request)
-    leaked = policy.credential(request, plain_route)
+    plain = plain_route(request)
+    leaked = policy.credential(request, plain)
     if leaked is not None:
-        policy.leaked(request, leaked)
-    elif plain_route:
+        observer = request.app.get(OBSERVER_KEY)
+        if observer is not None:  # a credential sent in clear, counted in the metrics
+            observer.plain_http_credential()
+        policy.leaked(request, leaked, loggable_target(request))
+    elif plain:
         resp: web.StreamResponse = await handler(request)
         return resp
     base = policy.https_url()
@@ -269,7 +328,18 @@ def install(app: web.Application, *, body_timeout: float) -> None:
 
 
 class AiohttpAccessLogger(AccessLogger, AbstractAccessLogger):
-    """:class:`AccessLogger` as aiohttp takes it (a subclass of its abstract logger)."""
+    """:class:`AccessLogger` as aiohttp takes it (a subclass of its abstract logger): the
+    line of a request aiohttp answered."""
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        # CountingFileResponse's, what sendfile() moved past aiohttp's writer.
+        sent = response.body_length + getattr(response, "sendfile_bytes", 0)
+        self.line(request.remote, request.method, loggable_target(request), response.status,
+                  sent, time, request.headers.get("User-Agent"), request.get(REQUEST_ID))
 
 
 class AiohttpHandler(GuardedHandler, web.RequestHandler):

@@ -85,14 +85,15 @@ from netboot.servers.fasthttp import (
 
 # aiohttp is imported by netboot.servers.aio, once netboot serve's listeners answer (its
 # import is a third of the start-up): this module runs the front door without it, and
-# aiohttp's classes are its bases only for the type checker; netboot.servers.aio puts them
-# under the handler and the access logger at run time.
+# aiohttp's RequestHandler is the handler's base only for the type checker;
+# netboot.servers.aio puts it under the handler at run time. This module imports nothing of
+# netboot.servers.aio: what needs its keys and responses lives there (AiohttpAccessLogger.log,
+# asset_response, serve_devices, plain_http_middleware), so the two are no circle.
 if TYPE_CHECKING:
     from aiohttp import web
-    from aiohttp.abc import AbstractAccessLogger as _AccessLoggerBase
     from aiohttp.web import RequestHandler as _HandlerBase
 else:
-    _AccessLoggerBase = _HandlerBase = object
+    _HandlerBase = object
 
 
 
@@ -285,28 +286,16 @@ def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:
 _PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-class AccessLogger(_AccessLoggerBase):
+class AccessLogger:
     """One line per request: peer, method, target without the install token, status, bytes
     sent, seconds, user agent. What a device fetched, and how long its kernel took, is the
     first thing a failed or slow boot needs. Everything the client chose is escaped, so a
-    ``%0a`` in a URL cannot forge a second line. (aiohttp's AbstractAccessLogger is its base
-    for the type checker only: the front door logs with it before aiohttp is imported.)"""
+    ``%0a`` in a URL cannot forge a second line. (The front door logs with it before aiohttp
+    is imported; netboot.servers.aio.AiohttpAccessLogger is it as aiohttp's access logger.)"""
 
     def __init__(self, logger: logging.Logger, log_format: str = "") -> None:
         self.logger = logger
         self.log_format = log_format
-
-    @property
-    def enabled(self) -> bool:
-        return True
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        from netboot.servers.aio import REQUEST_ID, loggable_target
-
-        # CountingFileResponse's, what sendfile() moved past aiohttp's writer.
-        sent = response.body_length + getattr(response, "sendfile_bytes", 0)
-        self.line(request.remote, request.method, loggable_target(request), response.status,
-                  sent, time, request.headers.get("User-Agent"), request.get(REQUEST_ID))
 
     def line(self, remote: str | None, method: str, target: str, status: int, sent: int,
              seconds: float, user_agent: str | None, request_id: str | None) -> None:
@@ -532,10 +521,6 @@ class _Held:
     reply: Reply  # the whole file, for the front door
 
 
-# Request headers the in-memory path leaves to aiohttp's FileResponse (conditional requests).
-_CONDITIONAL = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
-
-
 class AssetFiles:
     """Assets over HTTP: small files from memory, large ones with sendfile(2).
 
@@ -583,29 +568,15 @@ class AssetFiles:
         self._resolved[name] = (blob, now + self._ttl)
         return blob
 
-    async def response(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
-        from aiohttp import hdrs, web
-
-        from netboot.servers.aio import CountingFileResponse, held_response
-
-        blob, held, st_path = await self._find(name)
-        if blob.data is not None:
-            return web.Response(body=blob.data, content_type=blob.content_type.split(";")[0])
-        if held is None or any(h in request.headers for h in _CONDITIONAL) or (
-                held.compressed and hdrs.ACCEPT_ENCODING in request.headers):
-            resp = CountingFileResponse(st_path)
-            resp.content_type = blob.content_type.split(";")[0]
-            return resp
-        return held_response(request, held)
-
     async def reply(self, name: str, *, accept_encoding: bool, large: bool = False
                     ) -> Reply | FileBody | None:
         """The whole file for a plain GET (no Range, no validators: the front door leaves
-        those to :meth:`response`): from memory, or with ``large`` a larger file opened to be
-        sent with sendfile(2) (:class:`FileBody`); None when :meth:`response` is to answer (a
-        large file without ``large``, a client that accepts an encoding a compressed sibling
-        may have, something that is not a regular file)."""
-        blob, held, st_path = await self._find(name)
+        those to aiohttp's path, netboot.servers.aio.asset_response): from memory, or with
+        ``large`` a larger file opened to be sent with sendfile(2) (:class:`FileBody`); None
+        when aiohttp's path is to answer (a large file without ``large``, a client that
+        accepts an encoding a compressed sibling may have, something that is not a regular
+        file)."""
+        blob, held, st_path = await self.find(name)
         if blob.data is not None:
             return Reply(200, blob.data, blob.content_type.split(";")[0])
         if held is None:
@@ -714,7 +685,7 @@ class AssetFiles:
         if self._open:
             self._sweeper = asyncio.get_running_loop().call_later(self._open_ttl, self._sweep)
 
-    async def _find(self, name: str) -> tuple[Blob, _Held | None, str]:
+    async def find(self, name: str) -> tuple[Blob, _Held | None, str]:
         """The asset: its blob, its copy in memory when it is small enough (read now if
         needed), and the path of its file ("" for a blob rendered in memory)."""
         blob = self._blob(name)
@@ -917,17 +888,6 @@ class PlainHttp:
         sockname = transport.get_extra_info("sockname") if transport is not None else None
         return isinstance(sockname, tuple) and _address(str(sockname[0])) == address
 
-    @staticmethod
-    def plain_route(request: web.Request) -> bool:
-        """Whether the matched route was marked with :func:`serve_plain`."""
-        resource = request.match_info.route.resource
-        if resource is None:
-            return True  # no route: a 404 or 405 carries nothing
-        method = "GET" if request.method == "HEAD" else request.method
-        from netboot.servers.aio import PLAIN_ROUTES_KEY
-
-        return (method, resource.canonical) in request.app.get(PLAIN_ROUTES_KEY, ())
-
     def credential(self, request: web.Request, plain_route: bool) -> str | None:
         """What credential the request carries, by its form only (never looked up)."""
         if request.cookies.get(self.session_cookie):
@@ -954,18 +914,14 @@ class PlainHttp:
         front door asks too: it answers a device route with the one, never the other."""
         return not (self.api_token_prefix and bearer.strip().startswith(self.api_token_prefix))
 
-    def leaked(self, request: web.Request, what: str) -> None:
-        """Count a credential sent in clear (metrics), and say so once per peer and hour."""
-        from netboot.servers.aio import OBSERVER_KEY, loggable_target
-
-        observer = request.app.get(OBSERVER_KEY)
-        if observer is not None:
-            observer.plain_http_credential()
+    def leaked(self, request: web.Request, what: str, target: str) -> None:
+        """Say once per peer and hour that ``request`` (its loggable ``target``) sent a
+        credential in clear (counted in the metrics by netboot.servers.aio's middleware)."""
         self._limited.log(
             logging.WARNING, request.remote or "-",
             "http: %s sent %s over plain HTTP (%s %s): refused without reading it; it "
             "crossed the network in clear, so revoke and replace it, and point the client "
-            "at %s", request.remote, what, escape(request.method), loggable_target(request),
+            "at %s", request.remote, what, escape(request.method), target,
             self.https_url() or "HTTPS (https.enabled is false)")
 
     def refusal(self, request: web.Request, what: str) -> PlainHttpRefused:
@@ -991,25 +947,10 @@ class DeviceRoutes:
         self._files = files or AssetFiles(content.asset)
         self._bootstrap: tuple[str, Reply] | None = None
 
-    def add_to(self, app: web.Application) -> None:
-        from netboot.servers.aio import serve_plain
-
-        r = app.router
-        # Every route here is for firmware or an installer, neither of which can verify TLS:
-        # all of them stay on plain HTTP (PlainHttp).
-        serve_plain(
-            app,
-            r.add_get("/healthz", self.healthz),
-            r.add_get("/boot.ipxe", self.boot_ipxe),
-            # These have effects (an install token, a state change): HEAD must not run them.
-            r.add_get("/ipxe", self.ipxe, allow_head=False),
-            r.add_get("/assets/{path:.+}", self.asset),  # also answers HEAD
-            # GRUB loaded by UEFI HTTP boot reads its built-in prefix /grub from this server.
-            r.add_get("/grub/{name:.+}", self.grub, allow_head=False),
-            r.add_get("/config/{mac}", self.config, allow_head=False),
-            r.add_get("/nocloud/{mac}/{name}", self.nocloud, allow_head=False),
-            r.add_get("/nocloud/{mac}/{token}/{name}", self.nocloud, allow_head=False),
-        )
+    @property
+    def files(self) -> AssetFiles:
+        """The asset files ``/assets/`` serves (aiohttp's path: asset_response)."""
+        return self._files
 
     def front(self, path: str, query: str, remote: str | None, *, accept_encoding: bool,
               bearer: str = "", large: bool = False
@@ -1101,11 +1042,6 @@ class DeviceRoutes:
         log_line(self._log, logging.INFO, "ipxe mac=%s peer=%s action=%s reason=%r",
                  boot.mac.hex(":"), remote, plan.action, plan.reason, extra={"mac": boot.mac})
         return Reply(200, script.encode(), _TEXT, _NO_STORE)
-
-    async def asset(self, request: web.Request) -> web.StreamResponse:
-        # match_info is already percent-decoded by aiohttp; check the decoded form so that
-        # %2e%2e and %00 are refused like their literal forms.
-        return await self._files.response(request, request.match_info["path"])
 
     async def grub(self, request: web.Request) -> web.Response:
         peer = (request.remote or "", 0)
@@ -1875,7 +1811,10 @@ class GuardedHandler(_HandlerBase):
     def _front_sent(self, head: RequestHead, answer: Answer, sent: int, seconds: float
                     ) -> None:
         """What follows a front answer: its access log line, keep-alive, close."""
-        logger = self.access_logger
+        # object: aiohttp types it as its abstract logger, which this module's AccessLogger
+        # is only as netboot.servers.aio's AiohttpAccessLogger (a local's annotation costs
+        # nothing at run time).
+        logger: object = self.access_logger
         if self._logging_enabled and isinstance(logger, AccessLogger):
             logger.line(self._remote(), head.method, answer.target or _front_target(head),
                         answer.status, sent, seconds, head.user_agent or None,

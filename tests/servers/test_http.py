@@ -1111,6 +1111,7 @@ def test_sendfile_on_uvloop(tmp_path: Path) -> None:
     from aiohttp import web
 
     from netboot.model import Blob
+    from netboot.servers.aio import asset_response
     from netboot.servers.http import AssetFiles
 
     data = os.urandom(3 << 20)
@@ -1122,7 +1123,7 @@ def test_sendfile_on_uvloop(tmp_path: Path) -> None:
     files = AssetFiles(resolve)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await files.response(request, request.match_info["name"])
+        return await asset_response(files, request, request.match_info["name"])
 
     async def main() -> None:
         app = web.Application()
