@@ -478,7 +478,11 @@ class Service:
         http = cfg.http
         self.http_guard = self.connection_guard()
         try:
-            self.listeners.append(await listen(doorway, http.listen, http.port))
+            # Bound, not yet served: /healthz answers "ok" only once every listener of
+            # start() is bound (below), or a client told "ready" found HTTPS, TFTP or DHCP
+            # not yet there (the e2e lab's API call over HTTPS was refused under load).
+            self.listeners.append(await listen(doorway, http.listen, http.port,
+                                               start_serving=False))
         except OSError as exc:
             raise bind_error(exc, what="HTTP", proto="TCP", host=http.listen,
                              port=http.port, key="http.port", flag="--http-port") from exc
@@ -492,7 +496,8 @@ class Service:
             self.tls_context = self.tls.ssl_context()
             try:
                 self.listeners.append(await listen(doorway, host, cfg.https.port,
-                                                   ssl_context=self.tls_context))
+                                                   ssl_context=self.tls_context,
+                                                   start_serving=False))
             except OSError as exc:
                 raise bind_error(exc, what="HTTPS", proto="TCP", host=host,
                                  port=cfg.https.port, key="https.port",
@@ -532,6 +537,8 @@ class Service:
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
+        for listener in self.listeners:
+            await listener.start_serving()
         # The whole inventory into the boot path's view, while serving (until it is in,
         # decisions read through to the store): ready at once, no reads once loaded. Begun
         # before aiohttp's import: /healthz and DHCP answer from now on, and a storm that

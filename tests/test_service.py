@@ -91,6 +91,56 @@ async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path)
         await again.store.close()
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_healthz_says_ok_only_once_every_listener_is_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client told "ok" by /healthz finds HTTPS (and TFTP) there: the HTTP listener is
+    served only once start() has bound them all. Its HTTPS bind is slowed here, as load
+    slowed it in the e2e lab, where the API's first call over HTTPS was refused."""
+    import netboot.service as service_module
+
+    http_port, https_port = _free_port(), _free_port()
+    path = write_config(tmp_path, "tftp:\n  enabled: true\n  port: 0\n")
+    text = path.read_text().replace("tftp:\n  enabled: false\n", "")
+    text = text.replace("http:\n  port: 0\n",
+                        f"http:\n  port: {http_port}\n  listen: 127.0.0.1\n", 1)
+    path.write_text(text.replace("https:\n  port: 0\n", f"https:\n  port: {https_port}\n", 1))
+    service = await build(load(path, env={}))
+    bound = service_module.listen
+
+    async def slow_https(*args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl_context") is not None:
+            await asyncio.sleep(0.5)
+        return await bound(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "listen", slow_https)
+    starting = asyncio.ensure_future(service.start())
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(400):  # bounded: ~4 s of polls at most
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://127.0.0.1:{http_port}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("/healthz never said ok")
+        # Told ready: HTTPS accepts at once, and TFTP is bound.
+        _, writer = await asyncio.open_connection("127.0.0.1", https_port)
+        writer.close()
+        await starting
+        (tftp,) = service.servers
+        assert tftp.port > 0
+    finally:
+        await asyncio.gather(starting, return_exceptions=True)
+        await service.close()
+
+
 async def test_busy_http_port_names_the_flag(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -2093,11 +2093,14 @@ class EarlyConnection(asyncio.Protocol):
 
 
 async def listen(doorway: Doorway, host: str, port: int, *,
-                 ssl_context: ssl.SSLContext | None = None) -> asyncio.Server:
-    """A listener whose connections :class:`Doorway` makes (OSError as create_server)."""
+                 ssl_context: ssl.SSLContext | None = None,
+                 start_serving: bool = True) -> asyncio.Server:
+    """A listener whose connections :class:`Doorway` makes (OSError as create_server);
+    bound but not accepting until ``start_serving()`` when ``start_serving`` is False."""
     # backlog 4096 (the kernel caps it at net.core.somaxconn): a pallet of devices that finish
     # their TFTP download together opens ~1,000 connections within milliseconds; at nginx's
     # default of 511 a third were dropped and retried a second later (the 1,000-device storm
     # counted 331 listen drops; its nginx stand-in listens with 4096).
     return await asyncio.get_running_loop().create_server(
-        doorway, host, port, reuse_address=True, backlog=4096, ssl=ssl_context)
+        doorway, host, port, reuse_address=True, backlog=4096, ssl=ssl_context,
+        start_serving=start_serving)
