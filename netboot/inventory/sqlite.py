@@ -1782,7 +1782,9 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
     for r in updates:
         m = r.machine
         old = stored[r.id]
-        if expect and (expected := expect.pop(r.id, None)) is not None:
+        # Compared here, as the version below (the stored state is never NULL).
+        if (expect and (expected := expect.pop(r.id, None)) is not None
+                and old[3] != expected._value_):
             codec.check_expected(r.id, expected, old[3])
         # Compared here, the call made only to refuse (a call per machine of a group commit
         # is ~1,000 of the writer's instructions, held with the GIL).
