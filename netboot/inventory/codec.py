@@ -542,7 +542,8 @@ def _unencodable(value: object) -> Any:
 
 
 # JSON's own encoder (C) of a mapping of strings, as dumps() writes one (compact, in order,
-# strings quoted by _quote), made once: a machine's labels and facts in one call, where a
+# strings quoted by _quote), made once: a machine's labels in one call (facts: pair by pair,
+# their keys looked up in _QUOTED_KEYS, s34-writer), where a
 # comprehension of quoted pairs was ~2,000 instructions a machine more (callgrind).
 _ENCODE_MAP = make_encoder(None, _unencodable, _quote, None, ":", ",", False, False, False)
 # The enums' values as JSON strings, quoted once.
