@@ -371,6 +371,14 @@ def test_document_leaves_out_defaults_and_reads_back_the_same() -> None:
     {"cluster": "c", "profile": "p", "install_token": "tok", "loader": LoaderChain.IPXE,
      "fixed_ipv4": "10.0.0.9", "created": 1e-7, "updated": 1.7e300, "token_expires": -0.0},
     {"created": 1700000000.123456789, "updated": 0.1 + 0.2},
+    # Facts under the keys whose quoted text is looked up (codec._QUOTED_KEYS), in any
+    # order, beside keys that are not, and values JSON must escape (s34-writer).
+    {"facts": {"install_peer": "192.0.2.7", "arch": "x86_64", "firmware": "efi"}},
+    {"facts": {"zz": "1", "product": 'a"b', "install_peer": "\\", "k\n": "v",
+               "remote_addr": "\u00e9", "ipv6": "2001:db8::1", "manufacturer": "\x7f",
+               "dhcp_hostname": "", "platform": "p", "relay": "r", "interface": "i",
+               "uuid": "u", "serial": "s", "asset": "a", "via": "http", "mac": "m",
+               "peer": "x", "": "empty key"}},
 ])
 def test_machine_json_is_the_documents_text(change: dict[str, Any]) -> None:
     # The bulk path writes this text directly; it must be what dumps() makes of the document.
@@ -758,6 +766,27 @@ def test_a_stored_event_is_its_round_trip(machine: str, when: float, kind: str,
         assert given[0] is event
     else:
         assert given[0] is not event and given[0].data is not data
+
+
+@pytest.mark.parametrize("data", [
+    {"via": "http", "firmware": "efi", "arch": "x86_64", "mac": "02:00:00:00:00:01",
+     "peer": "192.0.2.7"},
+    {"peer": 'a"b', "other": "\\", "mac": "\n", "via": "\u2028", "": "", "arch": "\U0001f600"},
+    {key: key for key in codec._QUOTED_KEYS},
+])
+def test_a_stored_event_with_the_boot_paths_keys_writes_what_dumps_does(
+        data: dict[str, str]) -> None:
+    # The keys of the boot path's events are quoted by a look-up (codec._QUOTED_KEYS):
+    # the text is still the one JSON's encoder writes, in the dict's order.
+    event = Event("m-1", 1.5, "install-plan", "m", data)
+    for copy in (True, False):
+        stored, text = codec.stored_event(event, copy)
+        assert text == codec.dumps(data) and stored == event
+        assert json.loads(text) == data and list(json.loads(text)) == list(data)
+
+
+def test_the_quoted_keys_are_jsons_own_quoting() -> None:
+    assert {key: json.dumps(key) + ":" for key in codec._QUOTED_KEYS} == codec._QUOTED_KEYS
 
 
 def test_equal_creation_times_decoded_are_one_float() -> None:

@@ -1466,3 +1466,57 @@ async def test_the_bus_keeps_stored_copies_and_its_listeners_read_the_events_giv
         assert await store.list_events("m3") == [late]
     finally:
         await store.close()
+
+
+async def test_a_groups_notes_for_the_feed_are_its_updates_as_read_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the writer notes of a committed group for this process's view (CommittedHere):
+    an update in stored form whose token came in clear (sealed here) is noted as given;
+    one that is not in stored form (an int time), with or without a token, as normalised;
+    a group holding a token sealed already (a copied row) is not noted at all (only a
+    read can tell what it opens to). Each as a read gives it back."""
+    from netboot.inventory.sealed import install_token_context
+    from netboot.model import replace_machine
+    from netboot.sealing import Sealer
+
+    sealer = Sealer.generate()
+    store = SqliteStore(tmp_path / "inv.db", sealer=sealer)
+    await store.open()
+    noted: list[list[tuple[str, Machine | None]]] = []
+    add = store._here.add
+
+    def noting(before: int, after: int, machines: list[tuple[str, Machine | None]]) -> None:
+        noted.append(machines)
+        add(before, after, machines)
+
+    monkeypatch.setattr(store._here, "add", noting)
+    try:
+        made = [Machine(macs=(MacAddress.parse(f"52:54:00:00:03:0{i}"),), hostname=f"n{i}")
+                for i in range(4)]
+        await store.apply_batch(Batch(create=made))
+        a, b, c, d = made
+        clear = replace_machine(a, state=MachineState.BOOTING, install_token="tok-a",
+                                token_hash="ab" * 32, updated=5.0)
+        no_token = replace_machine(b, hostname="n1b")
+        int_time = replace_machine(c, updated=7)
+        int_time_token = replace_machine(d, install_token="tok-d", updated=8)
+        noted.clear()
+        await store.apply_batch(Batch(update=(clear, no_token, int_time, int_time_token)))
+        [notes] = noted
+        assert [ident for ident, _ in notes] == [m.id for m in made]
+        got = [m for _, m in notes]
+        assert got[0] is clear and got[1] is no_token
+        for given, note in zip((int_time, int_time_token), got[2:], strict=True):
+            assert note is not given and note == codec.stored_machine(given)
+            assert type(note.updated) is float
+        for note in got:
+            assert note is not None and note == await store.get_machine(note.id)
+        noted.clear()
+        copied = sealer.seal("tok-b", context=install_token_context(b.id))
+        await store.apply_batch(Batch(update=(replace_machine(clear, updated=6.0),
+                                              replace_machine(no_token, install_token=copied))))
+        assert noted == []
+        read = await store.get_machine(b.id)
+        assert read is not None and read.install_token == "tok-b"
+    finally:
+        await store.close()
