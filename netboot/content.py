@@ -159,8 +159,8 @@ class Content:
         # An install's reason and retry -> its plan's context dict (_plan_dict).
         self._plan_dicts: dict[tuple[str, int], dict[str, Any]] = {}
         self._urls: Urls | None = None  # see urls
-        # A template's names (their frozenset) -> the machine keys it is given (_machine_dict)
-        self._machine_keys: dict[frozenset[str], tuple[str, ...] | None] = {}
+        # (A template's names, its command line's text) -> what its context is given (_wanted)
+        self._wants: dict[tuple[frozenset[str] | None, str | None], _Wanted] = {}
 
     @property
     def urls(self) -> Urls:
@@ -188,40 +188,33 @@ class Content:
         source = None
         if profile is not None and cmdline and (names is None or "cmdline" in names):
             source = profile.cmdline or self._default_cmdline(profile.config_template)
-            if names is not None:  # what the command line reads is made too
-                more = self._render.string_reads(source)
-                names = None if more is None else names | more
-        made = self._of_profile(profile, urls) if profile is not None else None
-        pdict = made[0] if made is not None else {}
+        # What the names (with what the command line reads) ask for, told once per template
+        # and command line, not by a dozen look-ups in a set made anew (the union) for each
+        # install script and config (s34-loop).
+        want = self._wanted(names, source)
+        trust = self._trust() if want.trust else None
         k3s = plan.k3s
+        # The values every machine of a profile, reason, cluster and CA shares, made once
+        # for them and copied (_shared).
+        ctx = self._shared(want, urls, profile, plan, trust).copy()
         # MacAddress.hexhyp's and str()'s texts, without their two calls: made once, three
         # URLs and a name print the first, the context and the register command the second.
         hexhyp = mac.hex("-")
         mac_text = mac.hex(":")
-        ctx: dict[str, Any] = {
-            "mac": mac_text, "mac_hexhyp": hexhyp, "base_url": urls.base,
-            "profile": pdict,
-            "plan": self._plan_dict(plan),
-            "token": token,
-        }
+        ctx["mac"] = mac_text
+        ctx["mac_hexhyp"] = hexhyp
+        ctx["token"] = token
         # Made only for a template that reads them (a k3OS config reads neither, nor the
-        # profile's file URLs and paths below).
-        if names is None or "config_url" in names:
+        # profile's file URLs and paths).
+        if want.config_url:
             ctx["config_url"] = f"{urls.base}/config/{hexhyp}" + (f"?token={token}" if token
                                                                  else "")
-        if names is None or "instance_serial" in names:
+        if want.instance_serial:
             ctx["instance_serial"] = int(machine.updated) if machine else 0
-        if names is None or "machine" in names:
-            ctx["machine"] = (self._machine_dict(machine, names) if machine
+        if want.machine:
+            ctx["machine"] = (_machine_dict(machine, want.machine_keys) if machine
                               else {"mac": mac_text, "hostname": None})
-        if names is None or not names.isdisjoint(_TRUST_NAMES):
-            trust = self._trust()
-            ctx["https_base_url"] = trust.https_base
-            ctx["ca_pem"] = trust.ca_pem
-            ctx["ca_fingerprint"] = trust.ca_fingerprint
-        if names is None or "cluster" in names:
-            ctx["cluster"] = self._of_cluster(plan.cluster) if plan.cluster else {}
-        if names is None or "k3s" in names:
+        if want.k3s:
             ctx["k3s"] = {
                 "role": str(k3s.role), "server_url": k3s.server_url,
                 "cluster_init": k3s.cluster_init, "token": k3s.token,
@@ -230,12 +223,12 @@ class Content:
             } if k3s else {"role": "agent", "server_url": None, "cluster_init": False,
                            "token": "", "labels": {}, "taints": [], "node_name": "",
                            "args": ["agent"]}
-        if names is None or "nocloud_url" in names:
+        if want.nocloud_url:
             ctx["nocloud_url"] = (f"{urls.base}/nocloud/{hexhyp}/"
                                   + (f"{token}/" if token else ""))
-        if names is None or "events_url" in names:
+        if want.events_url:
             ctx["events_url"] = f"{urls.base}/api/v1/machines/{hexhyp}/events"
-        if names is None or "register_command" in names:
+        if want.register_command:
             values = (mac_text, token, k3s.node_name if k3s else "")
             # register_command's way for plain values (a MAC, a token, a node name, as a
             # rule) without its call and its URL's text, which only the other way reads.
@@ -243,17 +236,68 @@ class Content:
                 urls.register.of(values, plain=True) if plain(values)
                 else register_command(f"{urls.base}/api/v1/register", *values,
                                       texts=urls.register))
-        if names is None or "console" in names:
+        if want.console:
             ctx["console"] = default_console(machine.arch if machine else None,
                                              machine.firmware if machine else None)
-        if profile is not None:
-            assert made is not None
-            if names is None or not names.isdisjoint(made[1]):
-                ctx.update(made[1])
-            if source is not None:
-                ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
-                                                      "cmdline")
+        if source is not None:
+            assert profile is not None  # source is its command line
+            ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
+                                                  "cmdline")
         return ctx
+
+    def _wanted(self, names: frozenset[str] | None, source: str | None) -> _Wanted:
+        """What a template reading ``names`` (None: every name) is given, with what its
+        command line ``source`` reads (None: none read), found once per such pair (the
+        template's names and the text are the same objects at every render: their hashes
+        are kept)."""
+        key = (names, source)
+        want = self._wants.get(key)
+        if want is None:
+            every = names
+            if names is not None and source is not None:
+                more = self._render.string_reads(source)
+                every = None if more is None else names | more
+            want = _Wanted(every)
+            if len(self._wants) >= _FEW:
+                self._wants.clear()  # bounded: old templates' and command lines' go
+            self._wants[key] = want
+        return want
+
+    def _shared(self, want: _Wanted, urls: Urls, profile: Profile | None, plan: BootPlan,
+                trust: Trust | None) -> dict[str, Any]:
+        """The context's values that are not the machine's (Content.PER_MACHINE's are): the
+        base URL, the profile's dict and file URLs, the plan's dict, the CA, the cluster's
+        dict, as ``want`` asks for them. Kept per template's wants while the objects they
+        are made of are the same (the view's profile and cluster, the install's plan dict,
+        the CA as TrustOf keeps it): a storm's every install script and config copies one
+        dict, without the look-ups and calls that made its values (s34-loop)."""
+        plan_dict, stable = self._plan_dict(plan)
+        cluster = plan.cluster
+        # By the objects' ids: the entry holds the objects, so no other takes their ids
+        # while it is kept.
+        kept = want.shared.get((id(profile), id(plan_dict), id(cluster)), None) \
+            if stable else None
+        if kept is not None and kept[3] == urls.base and (kept[4] is trust or kept[4] == trust):
+            return kept[5]
+        made = self._of_profile(profile, urls) if profile is not None else None
+        shared: dict[str, Any] = {
+            "base_url": urls.base, "profile": made[0] if made is not None else {},
+            "plan": plan_dict}
+        if trust is not None:
+            shared["https_base_url"] = trust.https_base
+            shared["ca_pem"] = trust.ca_pem
+            shared["ca_fingerprint"] = trust.ca_fingerprint
+        if want.cluster:
+            shared["cluster"] = self._of_cluster(cluster) if cluster else {}
+        if made is not None and want.profile_files:
+            shared.update(made[1])
+        if stable:
+            # Bounded: a site has a few profiles, clusters and reasons; old objects go.
+            if len(want.shared) >= _FEW:
+                want.shared.clear()
+            want.shared[(id(profile), id(plan_dict), id(cluster))] = (
+                profile, plan_dict, cluster, urls.base, trust, shared)
+        return shared
 
     def _of_profile(self, profile: Profile, urls: Urls,
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -279,12 +323,13 @@ class Content:
         _keep_few(self._profile_parts, id(profile), (profile, urls.base, made))
         return made
 
-    def _plan_dict(self, plan: BootPlan) -> dict[str, Any]:
+    def _plan_dict(self, plan: BootPlan) -> tuple[dict[str, Any], bool]:
         """The context's ``plan``. An install's is made once per reason (its state, profile
         and group) and frozen (Renderer.freeze): its script's split render keys it by
         identity, not by its marshalled content (session 29). Any other plan's is made for
         it: a held machine's reason may name the machine, and one frozen value per machine
-        would push the profiles' out of the renderer's bounded list."""
+        would push the profiles' out of the renderer's bounded list. With it, whether it
+        is an install's shared one (Content._shared keeps what is made of it)."""
         reason, retry = plan.reason, plan.retry_seconds
         # Exact types (a bool is an int, equal to one but printed otherwise): equal keys
         # give the very same text.
@@ -293,7 +338,7 @@ class Content:
         if shared:
             made = self._plan_dicts.get((reason, retry))
             if made is not None:
-                return made
+                return made, True
         made = {"action": str(plan.action), "reason": reason, "retry_seconds": retry,
                 "command": plan.command}
         if shared:
@@ -301,22 +346,7 @@ class Content:
             if len(self._plan_dicts) >= _FEW:
                 self._plan_dicts.clear()  # bounded: old reasons go
             self._plan_dicts[(reason, retry)] = made
-        return made
-
-    def _machine_dict(self, machine: Machine, names: frozenset[str] | None) -> dict[str, Any]:
-        """:func:`_machine_dict` of the keys a template reading ``names`` is given, found once
-        per set of names (a template's): the look through every name read was a tenth of a
-        config's context."""
-        keys = None
-        if names is not None:
-            if names in self._machine_keys:
-                keys = self._machine_keys[names]
-            else:
-                keys = _machine_keys(names)
-                if len(self._machine_keys) >= _FEW:
-                    self._machine_keys.clear()  # bounded: old templates' names go
-                self._machine_keys[names] = keys
-        return _machine_dict(machine, keys)
+        return made, shared
 
     def _of_cluster(self, cluster: Cluster) -> dict[str, Any]:
         """The cluster's context dict (without secrets), made once per cluster object."""
@@ -679,6 +709,43 @@ def _keep_few(kept: dict[int, Any], key: int, value: Any) -> None:
     if len(kept) >= _FEW:
         kept.clear()  # bounded: old objects of changed profiles and clusters go
     kept[key] = value
+
+
+# The context names Content._of_profile's second dict gives (the profile's file URLs, names
+# and paths).
+_PROFILE_FILES = frozenset({"kernel_url", "initrd_urls", "initrd_names", "kernel_path",
+                            "initrd_paths"})
+
+
+class _Wanted:
+    """What Content.context gives a template reading ``names`` (None: every name): each
+    optional value, the machine's keys (:func:`_machine_keys`), and the values it shares
+    with every machine of a profile, plan dict and cluster (Content._shared: by their ids,
+    the objects kept beside, so that no other object takes one of those ids meanwhile)."""
+
+    __slots__ = ("cluster", "config_url", "console", "events_url", "instance_serial", "k3s",
+                 "machine", "machine_keys", "nocloud_url", "profile_files",
+                 "register_command", "shared", "trust")
+
+    def __init__(self, names: frozenset[str] | None) -> None:
+        def reads(some: frozenset[str]) -> bool:
+            return names is None or not names.isdisjoint(some)
+
+        self.config_url = reads(frozenset({"config_url"}))
+        self.instance_serial = reads(frozenset({"instance_serial"}))
+        self.machine = reads(frozenset({"machine"}))
+        self.trust = reads(_TRUST_NAMES)
+        self.cluster = reads(frozenset({"cluster"}))
+        self.k3s = reads(frozenset({"k3s"}))
+        self.nocloud_url = reads(frozenset({"nocloud_url"}))
+        self.events_url = reads(frozenset({"events_url"}))
+        self.register_command = reads(frozenset({"register_command"}))
+        self.console = reads(frozenset({"console"}))
+        self.profile_files = reads(_PROFILE_FILES)
+        self.machine_keys = None if names is None else _machine_keys(names)
+        self.shared: dict[tuple[int, int, int], tuple[Profile | None, dict[str, Any],
+                                                      Cluster | None, str, Trust | None,
+                                                      dict[str, Any]]] = {}
 
 
 # The machine's context keys that are its attribute as it is (machine_to_dict's value):

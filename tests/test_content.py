@@ -640,8 +640,9 @@ async def test_the_urls_follow_the_base_url(env: Env) -> None:
 
 
 async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(env: Env) -> None:
-    """Content's machine keys are found once per set of names a template reads: each set
-    asked in turn gets what _machine_dict gives for it."""
+    """Content's machine keys are found once per set of names a template reads (with its
+    command line's: Content._wanted): each set asked in turn gets what _machine_dict gives
+    for it."""
     from netboot.content import _machine_dict, _machine_keys
     from netboot.inventory.codec import machine_to_dict
     from netboot.model import MacAddress, Machine
@@ -653,9 +654,74 @@ async def test_the_machine_keys_found_once_per_set_of_names_are_each_sets_own(en
             frozenset({"machine", "machine.labels"}), frozenset({"machine"})]
     for _ in range(2):
         for names in sets:
-            assert content._machine_dict(machine, names) == _machine_dict(
-                machine, _machine_keys(names))
-    assert content._machine_dict(machine, None) == machine_to_dict(machine, secrets=False)
+            assert _machine_dict(machine, content._wanted(names, None).machine_keys) == \
+                _machine_dict(machine, _machine_keys(names))
+    assert _machine_dict(machine, content._wanted(None, None).machine_keys) == \
+        machine_to_dict(machine, secrets=False)
+
+
+async def test_a_contexts_shared_values_follow_the_ca_profile_cluster_and_base_url(
+        env: Env) -> None:
+    """The values of a context no machine has of its own (the base URL, the profile's dict
+    and files, the plan's, the CA, the cluster's) are made once per template's names and
+    the objects they come from (Content._shared), and shared by the next machine's; a new
+    CA, an edited profile, another cluster or base URL each give the context a context made
+    from nothing gives, for a k3OS config's names (with the CA) and an install script's
+    (with its command line's)."""
+    from netboot.content import Trust
+    from netboot.model import BootAction, BootPlan, Cluster, K3sJoin, MacAddress, Profile, Role
+
+    content = env.service.content
+    config = content._render.reads("cloud-config/k3os.yaml")[1]
+    script = content._render.reads("ipxe/install.ipxe")[1]
+    assert config is not None and script is not None and "ca_pem" in config
+    profile = Profile(name="p", kernel="storm/vmlinuz", initrds=("storm/initrd",))
+    trust = Trust("https://192.0.2.10:8443", "PEM-1", "AA:01")
+    content._trust = lambda: trust
+    join = K3sJoin(Role.AGENT, "https://192.0.2.20:6443", False, "secret", node_name="n")
+    edge = Cluster(name="edge", token="secret")  # the view's object: the same for each
+
+    def plan(mac: str, **changes: object) -> BootPlan:
+        made = BootPlan(BootAction.INSTALL, MacAddress.parse(mac), "new: install profile p",
+                        profile=profile, token="tok-" + mac[-2:],
+                        cluster=edge, k3s=join)
+        return dataclasses.replace(made, **changes) if changes else made
+
+    def fresh(p: BootPlan, names: frozenset[str]) -> dict[str, object]:
+        content._wants.clear()  # nothing kept: made from nothing
+        return content.context(p, names=names)
+
+    base = env.service.base_url
+    for names in (config, script):
+        content._wants.clear()
+        first = content.context(plan("52:54:00:00:01:01"), names=names)
+        second = content.context(plan("52:54:00:00:01:02"), names=names)
+        assert second["profile"] is first["profile"] and second["mac"] != first["mac"]
+        assert second == fresh(plan("52:54:00:00:01:02"), names)
+        content._wants.clear()
+        content.context(plan("52:54:00:00:01:01"), names=names)  # kept for what follows
+        trust = Trust("https://192.0.2.11:8443", "PEM-2", "AA:02")  # a new CA
+        got = content.context(plan("52:54:00:00:01:03"), names=names)
+        assert got == fresh(plan("52:54:00:00:01:03"), names)
+        assert ("ca_pem" in names) == (got.get("ca_pem") == "PEM-2")
+        profile = dataclasses.replace(profile, kernel="v2")  # an edited profile
+        got = content.context(plan("52:54:00:00:01:04"), names=names)
+        assert got == fresh(plan("52:54:00:00:01:04"), names)
+        other = plan("52:54:00:00:01:05", cluster=Cluster(name="core", token="s2"))
+        assert content.context(other, names=names) == fresh(other, names)
+        content.context(plan("52:54:00:00:01:06"), names=names)
+        env.service.base_url = "http://192.0.2.99:8080"
+        got = content.context(plan("52:54:00:00:01:07"), names=names)
+        assert got == fresh(plan("52:54:00:00:01:07"), names)
+        assert "192.0.2.99" in str(got.get("kernel_url", got["base_url"]))
+        env.service.base_url = base
+    # The whole context (no names) too: what a hold's and pxelinux's renders are given.
+    content.context(plan("52:54:00:00:01:08"))
+    trust = Trust("https://192.0.2.12:8443", "PEM-3", "AA:03")
+    assert content.context(plan("52:54:00:00:01:09"))["ca_pem"] == "PEM-3"
+    other = plan("52:54:00:00:01:0a", cluster=Cluster(name="core", token="s2"))
+    assert content.context(other)["cluster"]["name"] == "core"
+    assert content.context(plan("52:54:00:00:01:0b"))["cluster"]["name"] == "edge"
 
 
 async def test_a_config_read_through_the_store_is_planned_from_a_view_as_new_as_its_machine(
