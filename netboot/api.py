@@ -23,7 +23,7 @@ from netboot.access import Permission, Principal, parse_duration, public_token
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, parse_import, token_expired, token_is, token_matches
-from netboot.errors import NetbootError, NotFound, OutcomeUnknown, ValidationError
+from netboot.errors import NetbootError, NotFound, OutcomeUnknown, RateLimited, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
@@ -38,6 +38,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Per request, for the audit log: who asked (a token's name, machine:<id>) and, where the path
 # does not name it, what was created.
 ACTOR_KEY = web.RequestKey("actor", str)
+# Set on a refused report that is not the first of its run (RateLimited.told): not audited.
+TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
 SSE_KEEPALIVE_SECONDS = 15.0
 MASKED = "********"
@@ -243,8 +245,9 @@ class Api:
             outcome = "aborted"  # nothing changed, and nobody was told: the client is gone
         target = (request.match_info.get("ref") or request.match_info.get("name")
                   or request.get(TARGET_KEY, ""))
-        await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
-                          target, request.remote, outcome)
+        if not request.get(TOLD_KEY, False):  # a run of refused reports: audited once
+            await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
+                              target, request.remote, outcome)
         if cancel is not None:
             raise cancel
         done: web.StreamResponse = work.result()  # or the handler's exception, raised
@@ -273,7 +276,7 @@ class Api:
         # and the entry is on disk exactly when the change is).
         asked = ["-", ref or ""]
         made: list[AuditEntry] = []  # the entry that went with the change, if one did
-        unknown = False
+        unknown = told = False
         try:
             reply = await (self._front_event(ref, bearer, body, asked, route, remote, made)
                            if ref is not None
@@ -281,6 +284,7 @@ class Api:
         except Exception as exc:  # the one translation (netboot.servers.http.error_reply)
             reply = translate(exc)
             unknown = isinstance(exc, OutcomeUnknown)
+            told = isinstance(exc, RateLimited) and exc.told
         except BaseException:
             # Cancelled before its change was made, or with its change refused: a cancel
             # that comes while the commit is under way is told only once that commit is
@@ -305,7 +309,7 @@ class Api:
                                                f" {WRITTEN}", _answered(reply.status, True))
                 except NetbootError as exc:
                     self._log.error("audit entry lost for POST %s: %s", route, exc)
-            else:
+            elif not told:  # a run of refused reports is audited once, by its first
                 await self._audit(asked[0], "POST", route, asked[1], remote,
                                   _answered(reply.status, unknown))
         return reply
@@ -519,7 +523,11 @@ class Api:
         if len(raw) > request.app[MAX_EVENT_KEY]:
             raise web.HTTPRequestEntityTooLarge(max_size=request.app[MAX_EVENT_KEY],
                                                 actual_size=len(raw))
-        event = await self._reported(machine, loads(raw or b"null"))
+        try:
+            event = await self._reported(machine, loads(raw or b"null"))
+        except RateLimited as exc:
+            request[TOLD_KEY] = exc.told
+            raise
         return web.json_response(codec.event_to_dict(event), status=201)
 
     async def _reported(self, machine: Machine, body: Any,
