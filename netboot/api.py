@@ -19,7 +19,15 @@ from typing import Any
 
 from aiohttp import web
 
-from netboot.access import Permission, Principal, parse_duration, public_token
+from netboot.access import (
+    REFUSED_BURST,
+    REFUSED_RATE,
+    Permission,
+    Principal,
+    RefusalBudget,
+    parse_duration,
+    public_token,
+)
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, parse_import, token_expired, token_is, token_matches
@@ -27,7 +35,7 @@ from netboot.errors import NetbootError, NotFound, OutcomeUnknown, RateLimited, 
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
-from netboot.logs import log_line
+from netboot.logs import RateLimitedLog, log_line
 from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, OUTCOME_UNKNOWN, serve_plain
 from netboot.servers.fasthttp import Reply
@@ -163,6 +171,8 @@ class Api:
         self._clock = clock
         self._events = events
         self._log = logger or logging.getLogger(__name__)
+        self._refusals = RefusalBudget()
+        self._limited = RateLimitedLog(self._log, burst=1)
 
     def add_to(self, app: web.Application) -> None:
         """Every route with the permission it needs (netboot.access); the audit middleware
@@ -255,8 +265,23 @@ class Api:
 
     async def _audit(self, actor: str, method: str, route: str, target: str,
                      remote: str | None, outcome: str) -> None:
+        peer = remote or "-"
+        skipped = 0
+        if actor == "-" and outcome[:1] == "4":  # refused, no valid token: budgeted per peer
+            counted = self._refusals.admit(peer, self._clock())
+            if counted is None:
+                # One line a peer a minute (lines past it counted by the log's own limit).
+                self._limited.log(logging.WARNING, peer, "audit: refused requests from %s "
+                                  "past %d at once (%g a second): counted, not recorded one by "
+                                  "one (%s %s %s)", peer, REFUSED_BURST, REFUSED_RATE, method,
+                                  route, outcome)
+                return
+            skipped = counted
         try:
-            await self._access.record(actor, f"{method} {route}", target, peer=remote or "-",
+            if skipped:
+                await self._access.record("-", "refused requests not recorded", "", peer=peer,
+                                          outcome=f"{skipped} refused")
+            await self._access.record(actor, f"{method} {route}", target, peer=peer,
                                       outcome=outcome)
         except NetbootError as exc:
             # The change (if any) is done; refusing the answer now would only hide it.
