@@ -73,6 +73,9 @@ WRITE_ATTEMPTS = 3
 # Machines whose report budgets are kept (the least recently reporting forgotten: it starts
 # again with a full burst), and whose run of refusals is remembered (told once).
 _REPORT_BUDGETS = 16_384
+# How many of a machine's newest events are looked through for the ``token expired`` event
+# already written for its token (by another process, before a restart).
+_EXPIRED_SEEN = 20
 
 # Event kinds an installer may post that are lifecycle steps; any other kind is only recorded.
 REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
@@ -555,6 +558,8 @@ class Enroller:
         self._report_burst, self._report_rate = report_burst, report_rate
         self._reports = TokenBuckets(report_rate, report_burst, _REPORT_BUDGETS)
         self._refusing: set[str] = set()
+        # (machine id, token expiry) told as a "token expired" event (refuse_expired).
+        self._expired_told: set[tuple[str, float, str]] = set()
         # Every event of this process is written through one recorder, so that history keeps
         # its order: what the boot path queued goes out before what is committed here.
         self.recorder = Recorder(store, logger=logger)
@@ -776,9 +781,19 @@ class Enroller:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(machine.token_expires))
         message = (f"the install token of {machine.ref} expired at {when} ({what} "
                    f"refused); 'netboot machines reinstall {machine.ref}' issues a new one")
-        last = await self._store.list_events(machine.id, limit=1)
-        if not (last and last[0].kind == "token expired" and last[0].message == message):
-            await self.event(machine.id, "token expired", message)
+        # Told once a step a token: this process remembers whom it told (bounded), and the
+        # newest events tell another process or a restart. The newest event alone was not
+        # enough: a holder of the expired token alternating its config and a report made
+        # every refusal's message differ from the newest event's, and every request wrote
+        # an event, without bound (s34-attack).
+        told = (machine.id, machine.token_expires, what)
+        if told not in self._expired_told:
+            recent = await self._store.list_events(machine.id, limit=_EXPIRED_SEEN)
+            if not any(e.kind == "token expired" and e.message == message for e in recent):
+                await self.event(machine.id, "token expired", message)
+            if len(self._expired_told) >= _REPORT_BUDGETS:
+                self._expired_told.clear()
+            self._expired_told.add(told)
         raise AuthError(message)
 
     async def reinstall(self, ref: str) -> Machine:

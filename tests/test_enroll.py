@@ -896,3 +896,39 @@ async def test_auto_enrollment_from_an_older_version_is_refused(pair) -> None:  
     assert refused.value.field == "updated"
     stored = await _stored(b, mac)
     assert stored.state == MachineState.DISCOVERED and stored.facts == {"vendor": "acme"}
+
+
+async def test_an_expired_token_asked_with_again_is_recorded_once_whatever_it_asks(  # type: ignore[no-untyped-def]
+        store) -> None:
+    """The first refusal of an expired install token for each step it asks (its config, a
+    report) is recorded (``token expired``), later ones not. Only the newest event was
+    compared: a holder of the expired token alternating its config and a report made each
+    refusal's message differ from the newest, so every request wrote an event, without
+    bound, long after the token expired (s34-attack)."""
+    import hashlib
+
+    from netboot import lifecycle
+    from netboot.errors import AuthError
+
+    mac = MacAddress.parse("52:54:00:00:0e:01")
+    machine = Machine(macs=(mac,), hostname="e1", state=MachineState.INSTALLING, profile="p",
+                      token_hash=hashlib.sha256(b"tok").hexdigest(), token_expires=500.0)
+    await store.create_machine(machine)
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    for n in range(30):
+        with pytest.raises(AuthError, match="expired"):
+            if n % 2:
+                await enroller.refuse_expired(machine, "report")
+            else:
+                await enroller.check_token(machine, "tok", lifecycle.Trigger.CONFIG_FETCHED,
+                                           refused="no")
+    events = await store.list_events(machine.id)
+    assert [e.kind for e in events] == ["token expired"] * 2, events
+    assert "(config-fetched refused)" in events[0].message
+    assert "(report refused)" in events[1].message
+    # Another process (or this one restarted) finds them among the newest events.
+    again = Enroller(store, clock=lambda: 1000.0)
+    for what in ("report", "config-fetched"):
+        with pytest.raises(AuthError):
+            await again.refuse_expired(machine, what)
+    assert len(await store.list_events(machine.id)) == 2
