@@ -1131,27 +1131,17 @@ class DeviceRoutes:
         while True:
             plan = await self._content.authorised_plan(mac, token)
             text = self._content.k3os_config(plan)
-            if await self._fetched(plan, "k3OS config", attempt):
+            # Written out, not a coroutine of its own (a first config's loop instructions).
+            try:
+                await self._content.config_fetched(plan, "k3OS config")
                 break
-            attempt += 1
+            except StateChanged as exc:
+                if exc.field != "updated" or attempt >= CONFIG_ATTEMPTS:
+                    raise
+            attempt += 1  # the machine was changed since it was read: planned again
         log_line(self._log, logging.INFO, "config mac=%s peer=%s served", plan.mac.hex(":"),
                  remote)  # the MAC's text as _ipxe's line makes it
         return Reply(200, text.encode(), "text/yaml; charset=utf-8", _NO_STORE)
-
-    async def _fetched(self, plan: BootPlan, what: str, attempt: int) -> bool:
-        """Whether the fetch of the config rendered from ``plan`` was recorded; False: the
-        machine was changed since it was read, without moving its state (StateChanged on
-        ``updated``), and the config is to be planned again (CONFIG_ATTEMPTS)."""
-        refused: StateChanged | None = None
-        try:
-            await self._content.config_fetched(plan, what)
-        except StateChanged as exc:
-            refused = exc
-        if refused is None:
-            return True
-        if refused.field != "updated" or attempt >= CONFIG_ATTEMPTS:
-            raise refused
-        return False
 
     async def nocloud(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -1160,10 +1150,15 @@ class DeviceRoutes:
             plan = await self._content.authorised_plan(request.match_info["mac"],
                                                        self._token(request))
             text = self._content.nocloud(plan, name)
-            if name != "user-data" or await self._fetched(plan, "cloud-init user-data",
-                                                          attempt):
+            if name != "user-data":
                 break
-            attempt += 1
+            try:
+                await self._content.config_fetched(plan, "cloud-init user-data")
+                break
+            except StateChanged as exc:
+                if exc.field != "updated" or attempt >= CONFIG_ATTEMPTS:
+                    raise
+            attempt += 1  # as _config
         from aiohttp import web
 
         return web.Response(text=text, content_type="text/plain",
