@@ -21,9 +21,11 @@ import hmac
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from netboot.discovery import TokenBuckets
 from netboot.errors import AuthError, NotFound, ScopeRequired, ValidationError
 from netboot.inventory.base import Batch, Store
 from netboot.model import ApiToken, AuditEntry, Scope
@@ -41,6 +43,15 @@ TOUCH_EVERY = 60.0
 # writes, so a flood of refused requests cannot grow the database without bound.
 AUDIT_KEEP = 100_000
 AUDIT_PRUNE_EVERY = 1000
+# Refused requests without a valid token, recorded per peer address: this many at once, then
+# this many a second; past it they are counted and told in one entry when the peer is
+# recorded again. Without it any host on the provisioning network pushed every entry out of
+# the AUDIT_KEEP newest with 100,000 refused POSTs (a minute's work), an operator's among
+# them (s34-attack). Requests with a valid token (an operator's, a device's own) are all
+# recorded.
+REFUSED_BURST = 60
+REFUSED_RATE = 1.0
+_REFUSED_PEERS = 4096
 # A positive count and a unit; also the pattern the OpenAPI document declares.
 DURATION_PATTERN = r"^[1-9][0-9]{0,5}[smhdw]$"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -114,6 +125,29 @@ def parse_duration(text: object, field: str = "expires") -> float:
     if not isinstance(text, str) or not re.fullmatch(DURATION_PATTERN[1:-1], text):
         raise ValidationError(field, f"{text!r}: a positive duration such as 12h, 30d, 2w")
     return float(int(text[:-1]) * _UNITS[text[-1]])
+
+
+class RefusalBudget:
+    """Which refused, unauthenticated requests get an audit entry of their own: a token
+    bucket per peer (REFUSED_BURST, REFUSED_RATE), the peers held bounded (the least
+    recently refused forgotten: a full bucket again, its count lost)."""
+
+    def __init__(self, *, burst: int = REFUSED_BURST, rate: float = REFUSED_RATE,
+                 max_peers: int = _REFUSED_PEERS) -> None:
+        self._buckets = TokenBuckets(rate, burst, max_peers)
+        self._max_peers = max_peers
+        self._unrecorded: OrderedDict[str, int] = OrderedDict()  # peer -> refusals not recorded
+
+    def admit(self, peer: str, now: float) -> int | None:
+        """None: not recorded (counted); else how many of this peer's refusals were not
+        recorded before this one (0 mostly), which its entry's caller tells."""
+        if self._buckets.take(peer, now):
+            return self._unrecorded.pop(peer, 0)
+        count = self._unrecorded.pop(peer, 0) + 1
+        self._unrecorded[peer] = count
+        if len(self._unrecorded) > self._max_peers:
+            self._unrecorded.popitem(last=False)
+        return None
 
 
 class Access:

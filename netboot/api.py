@@ -19,15 +19,23 @@ from typing import Any
 
 from aiohttp import web
 
-from netboot.access import Permission, Principal, parse_duration, public_token
+from netboot.access import (
+    REFUSED_BURST,
+    REFUSED_RATE,
+    Permission,
+    Principal,
+    RefusalBudget,
+    parse_duration,
+    public_token,
+)
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, parse_import, token_expired, token_is, token_matches
-from netboot.errors import NetbootError, NotFound, OutcomeUnknown, ValidationError
+from netboot.errors import NetbootError, NotFound, OutcomeUnknown, RateLimited, ValidationError
 from netboot.events import EventBus, Missed
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
-from netboot.logs import log_line
+from netboot.logs import RateLimitedLog, log_line
 from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, OUTCOME_UNKNOWN, serve_plain
 from netboot.servers.fasthttp import Reply
@@ -38,6 +46,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Per request, for the audit log: who asked (a token's name, machine:<id>) and, where the path
 # does not name it, what was created.
 ACTOR_KEY = web.RequestKey("actor", str)
+# Set on a refused report that is not the first of its run (RateLimited.told): not audited.
+TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
 SSE_KEEPALIVE_SECONDS = 15.0
 MASKED = "********"
@@ -161,6 +171,8 @@ class Api:
         self._clock = clock
         self._events = events
         self._log = logger or logging.getLogger(__name__)
+        self._refusals = RefusalBudget()
+        self._limited = RateLimitedLog(self._log, burst=1)
 
     def add_to(self, app: web.Application) -> None:
         """Every route with the permission it needs (netboot.access); the audit middleware
@@ -243,8 +255,9 @@ class Api:
             outcome = "aborted"  # nothing changed, and nobody was told: the client is gone
         target = (request.match_info.get("ref") or request.match_info.get("name")
                   or request.get(TARGET_KEY, ""))
-        await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
-                          target, request.remote, outcome)
+        if not request.get(TOLD_KEY, False):  # a run of refused reports: audited once
+            await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
+                              target, request.remote, outcome)
         if cancel is not None:
             raise cancel
         done: web.StreamResponse = work.result()  # or the handler's exception, raised
@@ -252,8 +265,23 @@ class Api:
 
     async def _audit(self, actor: str, method: str, route: str, target: str,
                      remote: str | None, outcome: str) -> None:
+        peer = remote or "-"
+        skipped = 0
+        if actor == "-" and outcome[:1] == "4":  # refused, no valid token: budgeted per peer
+            counted = self._refusals.admit(peer, self._clock())
+            if counted is None:
+                # One line a peer a minute (lines past it counted by the log's own limit).
+                self._limited.log(logging.WARNING, peer, "audit: refused requests from %s "
+                                  "past %d at once (%g a second): counted, not recorded one by "
+                                  "one (%s %s %s)", peer, REFUSED_BURST, REFUSED_RATE, method,
+                                  route, outcome)
+                return
+            skipped = counted
         try:
-            await self._access.record(actor, f"{method} {route}", target, peer=remote or "-",
+            if skipped:
+                await self._access.record("-", "refused requests not recorded", "", peer=peer,
+                                          outcome=f"{skipped} refused")
+            await self._access.record(actor, f"{method} {route}", target, peer=peer,
                                       outcome=outcome)
         except NetbootError as exc:
             # The change (if any) is done; refusing the answer now would only hide it.
@@ -273,7 +301,7 @@ class Api:
         # and the entry is on disk exactly when the change is).
         asked = ["-", ref or ""]
         made: list[AuditEntry] = []  # the entry that went with the change, if one did
-        unknown = False
+        unknown = told = False
         try:
             reply = await (self._front_event(ref, bearer, body, asked, route, remote, made)
                            if ref is not None
@@ -281,6 +309,7 @@ class Api:
         except Exception as exc:  # the one translation (netboot.servers.http.error_reply)
             reply = translate(exc)
             unknown = isinstance(exc, OutcomeUnknown)
+            told = isinstance(exc, RateLimited) and exc.told
         except BaseException:
             # Cancelled before its change was made, or with its change refused: a cancel
             # that comes while the commit is under way is told only once that commit is
@@ -305,7 +334,7 @@ class Api:
                                                f" {WRITTEN}", _answered(reply.status, True))
                 except NetbootError as exc:
                     self._log.error("audit entry lost for POST %s: %s", route, exc)
-            else:
+            elif not told:  # a run of refused reports is audited once, by its first
                 await self._audit(asked[0], "POST", route, asked[1], remote,
                                   _answered(reply.status, unknown))
         return reply
@@ -519,7 +548,11 @@ class Api:
         if len(raw) > request.app[MAX_EVENT_KEY]:
             raise web.HTTPRequestEntityTooLarge(max_size=request.app[MAX_EVENT_KEY],
                                                 actual_size=len(raw))
-        event = await self._reported(machine, loads(raw or b"null"))
+        try:
+            event = await self._reported(machine, loads(raw or b"null"))
+        except RateLimited as exc:
+            request[TOLD_KEY] = exc.told
+            raise
         return web.json_response(codec.event_to_dict(event), status=201)
 
     async def _reported(self, machine: Machine, body: Any,

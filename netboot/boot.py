@@ -1189,9 +1189,10 @@ class BootService:
                 + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request)
             # By position (merge, create, update, events, expect, versions): keywords cost a
             # class call a dict, ~1,500 loop instructions (callgrind; s33-loop).
+            versions = {machine.id: version}
             await self._recorder.commit(Batch((), (), (machine,), (event,), {machine.id: read},
-                                              {machine.id: version}), version=machine)
-            self._view.adopt((machine,))
+                                              versions), version=machine)
+            self._view.adopt((machine,), versions)
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
@@ -1599,9 +1600,10 @@ class BootService:
         answer with it from now on. Compare-and-set on ``read``, the machine it was decided
         from (its state and version): StateChanged if anyone changed the machine meanwhile
         (another server moved it, an operator edited it), which this write would undo."""
+        versions = {machine.id: read.updated}
         await self._recorder.commit(Batch(update=(machine,), expect={machine.id: read.state},
-                                          versions={machine.id: read.updated}))
-        self._view.adopt((machine,))
+                                          versions=versions))
+        self._view.adopt((machine,), versions)
 
     def _new_event(self, machine: Machine, kind: str, message: str,
                    request: BootRequest | None = None) -> Event:

@@ -181,6 +181,13 @@ class EnrollConfig:
     # an install and its first boot's registration, short enough that a token read off a
     # network or a console log is soon worth nothing.
     token_ttl_seconds: int = 3600
+    # Progress reports (POST /api/v1/machines/<ref>/events) a machine may post at once, and a
+    # second after that: an installer sends a few per install; a holder of one machine's
+    # install token (it crossed plain HTTP in the config URL) wrote an event, an audit entry
+    # and a dashboard line per report without bound until the token expired (s34-attack).
+    # Beyond them a report is refused 429 with Retry-After, told once per run.
+    report_burst: int = 60
+    report_rate: int = 1
     # Profile of machines that neither name one nor are given one by a group; without it,
     # approving such a machine is refused (it would only be held). Checked at start-up.
     default_profile: str | None = None
@@ -730,6 +737,8 @@ def _check_limits(cfg: Config, src: _Source) -> None:
         ("discovery.max_discovered", cfg.discovery.max_discovered, "e.g. 10000"),
         ("discovery.burst_per_source", cfg.discovery.burst_per_source, "e.g. 20"),
         ("discovery.rate_per_source", cfg.discovery.rate_per_source, "records a second, e.g. 2"),
+        ("enroll.report_burst", cfg.enroll.report_burst, "e.g. 60"),
+        ("enroll.report_rate", cfg.enroll.report_rate, "reports a second, e.g. 1"),
     ):
         if value < 1:
             raise src.error(key, f"{value} is below 1", f"write a whole number >= 1 ({fix})")

@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import operator
 import re
 import secrets
@@ -28,7 +29,16 @@ import yaml
 from netboot import identity, lifecycle
 from netboot.addresses import IPAddress
 from netboot.addresses import choose as choose_address
-from netboot.errors import AuthError, Conflict, ValidationError, caused
+from netboot.discovery import TokenBuckets
+from netboot.errors import (
+    AuthError,
+    Conflict,
+    NotFound,
+    RateLimited,
+    StateChanged,
+    ValidationError,
+    caused,
+)
 from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.identity import Identity
@@ -54,6 +64,18 @@ _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-
 _NOT_IN_HOSTNAME = re.compile(r"[^a-z0-9-]+")
 MAX_EVENT_KIND = 64
 MAX_EVENT_MESSAGE = 2048
+# A write of a machine read earlier is a compare-and-set on its state and its version
+# (Batch.versions): refused because another writer changed the machine meanwhile without
+# moving its state (an operator's PATCH, a fact a device reported, another NIC attached),
+# the step is made again on the machine as stored now, this many times in all, as the boot
+# path's decisions are (boot.CAS_ATTEMPTS) and the API's edit (core.PATCH_ATTEMPTS).
+WRITE_ATTEMPTS = 3
+# Machines whose report budgets are kept (the least recently reporting forgotten: it starts
+# again with a full burst), and whose run of refusals is remembered (told once).
+_REPORT_BUDGETS = 16_384
+# How many of a machine's newest events are looked through for the ``token expired`` event
+# already written for its token (by another process, before a restart).
+_EXPIRED_SEEN = 20
 
 # Event kinds an installer may post that are lifecycle steps; any other kind is only recorded.
 REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
@@ -529,8 +551,17 @@ class Enroller:
         hostname_template: str = "node-{mac_suffix}",
         clock: Callable[[], float] = time.time,
         logger: logging.Logger | None = None,
+        report_burst: int = 60,
+        report_rate: float = 1.0,
     ) -> None:
         self._store = store
+        # Reports a machine may post (config enroll.report_burst, enroll.report_rate): a
+        # token bucket per machine; the machines refused since their last report taken.
+        self._report_burst, self._report_rate = report_burst, report_rate
+        self._reports = TokenBuckets(report_rate, report_burst, _REPORT_BUDGETS)
+        self._refusing: set[str] = set()
+        # (machine id, token expiry) told as a "token expired" event (refuse_expired).
+        self._expired_told: set[tuple[str, float, str]] = set()
         # Every event of this process is written through one recorder, so that history keeps
         # its order: what the boot path queued goes out before what is committed here.
         self.recorder = Recorder(store, logger=logger)
@@ -593,6 +624,15 @@ class Enroller:
         NICs, facts and events kept.
         """
         identity.require(machine)
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            made = await self._enroll(machine, how, attempt)
+            if made is not None:
+                return made
+        raise AssertionError("unreachable: the last attempt raises")
+
+    async def _enroll(self, machine: Machine, how: str, attempt: int) -> Machine | None:
+        """One attempt of :meth:`enroll`; None: a discovered record it takes over was
+        changed since it was read (a boot's facts, its DHCP notes), and is read again."""
         found = await identity.matches(self._store, Identity.of_machine(machine))
         for kind, value, other in found:
             if other.state != MachineState.DISCOVERED:
@@ -623,10 +663,51 @@ class Enroller:
         events += [Event(machine.id, now, "merged", f"discovered record {d.id} "
                          f"({', '.join(map(str, d.macs))}) is this machine; its history is kept",
                          {"merged": d.id}) for d in absorb]
-        await self.recorder.commit(Batch(
-            merge=[(d.id, machine.id) for d in absorb], events=events,
-            create=() if keep else (machine,), update=(machine,) if keep else ()))
-        return machine
+        # Compare-and-set on every record taken over, as read: the boot path may store a
+        # discovered record's facts (or another NIC's, an approval) meanwhile, which
+        # writing the record read would undo; refused, the records are read again.
+        read = [keep, *absorb] if keep is not None else []
+        batch = Batch(merge=[(d.id, machine.id) for d in absorb], events=events,
+                      create=() if keep else (machine,), update=(machine,) if keep else (),
+                      expect={d.id: d.state for d in read},
+                      versions={d.id: d.updated for d in read})
+        return machine if await self._written(batch, attempt, read) else None
+
+    async def _written(self, batch: Batch, attempt: int, read: Sequence[Machine], *,
+                       recorded: bool = True) -> bool:
+        """Whether ``batch``, a write of the machines ``read`` as read, was written (through
+        the recorder, else straight to the store). False when another writer changed one of
+        them since its read without moving its state (StateChanged on ``updated``) and an
+        attempt is left: the caller makes its step again on the machines as stored now.
+        Any other refusal, and the last, is raised as it came."""
+        refused: StateChanged | None = None
+        try:
+            if recorded:
+                await self.recorder.commit(batch)
+            else:
+                await self._store.apply_batch(batch)
+        except StateChanged as exc:
+            refused = exc
+        # Decided outside the handler: see recorder._write_group (mypyc's coroutines).
+        if refused is None:
+            return True
+        if refused.field != "updated" or attempt >= WRITE_ATTEMPTS \
+                or all(m.id != refused.holder for m in read):
+            raise refused
+        return False
+
+    async def _read_again(self, machine: Machine) -> Machine:
+        """``machine`` as stored now, for a device's step refused by :meth:`_written`: made
+        again only on the same state and install token (a reinstall, another server's step
+        is the device's 409 as before)."""
+        now = await self._store.get_machine(machine.id)
+        if now is None:
+            raise NotFound(f"machine {machine.ref} not found")
+        if now.state != machine.state or now.token_hash != machine.token_hash:
+            raise StateChanged(f"machine {machine.id} is {now.state} now, not {machine.state} "
+                               "as read: another writer changed it meanwhile", field="state",
+                               holder=machine.id)
+        return now
 
     # -- transitions ------------------------------------------------------------------
     async def validate_refs(self, cluster: str | None, profile: str | None) -> None:
@@ -645,7 +726,10 @@ class Enroller:
             profile=machine.profile or group.profile,
             labels={**group.labels, **machine.labels},
         )
-        await self._store.update_machine(updated, expect_state=machine.state)
+        # On the version read too: the boot path that called decides again on a refusal
+        # (its CAS_ATTEMPTS), from the change that moved it.
+        await self._store.apply_batch(Batch(update=(updated,), expect={machine.id: machine.state},
+                                            versions={machine.id: machine.updated}))
         await self.event(machine.id, "enrolled",
                          f"auto-enrolled by rule {group.name!r} as {updated.hostname}")
         self._log.info("auto-enrolled mac=%s rule=%s hostname=%s cluster=%s",
@@ -654,17 +738,22 @@ class Enroller:
 
     async def approve(self, ref: str, *, cluster: str | None, role: Role | None,
                       profile: str | None, hostname: str | None = None) -> Machine:
-        machine = await identity.require_ref(self._store, ref)
         await self.validate_refs(cluster, profile)
-        lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
-        name = check_hostname(hostname) if hostname else machine.hostname
-        if not name:
-            name = await self.name_for(machine, cluster=cluster, role=str(role) if role else None)
-        updated = lifecycle.advance(machine, lifecycle.Trigger.APPROVE, self._clock(),
-                                    hostname=name, cluster=cluster or machine.cluster,
-                                    role=role or machine.role,
-                                    profile=profile or machine.profile)
-        await self._store.update_machine(updated, expect_state=machine.state)
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            machine = await identity.require_ref(self._store, ref)
+            lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
+            name = check_hostname(hostname) if hostname else machine.hostname
+            if not name:
+                name = await self.name_for(machine, cluster=cluster,
+                                           role=str(role) if role else None)
+            updated = lifecycle.advance(machine, lifecycle.Trigger.APPROVE, self._clock(),
+                                        hostname=name, cluster=cluster or machine.cluster,
+                                        role=role or machine.role,
+                                        profile=profile or machine.profile)
+            if await self._written(Batch(update=(updated,), expect={machine.id: machine.state},
+                                         versions={machine.id: machine.updated}),
+                                   attempt, (machine,), recorded=False):
+                break
         await self.event(machine.id, "enrolled", f"approved as {name}"
                          + (f" for cluster {updated.cluster}" if updated.cluster else ""))
         return updated
@@ -694,16 +783,30 @@ class Enroller:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(machine.token_expires))
         message = (f"the install token of {machine.ref} expired at {when} ({what} "
                    f"refused); 'netboot machines reinstall {machine.ref}' issues a new one")
-        last = await self._store.list_events(machine.id, limit=1)
-        if not (last and last[0].kind == "token expired" and last[0].message == message):
-            await self.event(machine.id, "token expired", message)
+        # Told once a step a token: this process remembers whom it told (bounded), and the
+        # newest events tell another process or a restart. The newest event alone was not
+        # enough: a holder of the expired token alternating its config and a report made
+        # every refusal's message differ from the newest event's, and every request wrote
+        # an event, without bound (s34-attack).
+        told = (machine.id, machine.token_expires, what)
+        if told not in self._expired_told:
+            recent = await self._store.list_events(machine.id, limit=_EXPIRED_SEEN)
+            if not any(e.kind == "token expired" and e.message == message for e in recent):
+                await self.event(machine.id, "token expired", message)
+            if len(self._expired_told) >= _REPORT_BUDGETS:
+                self._expired_told.clear()
+            self._expired_told.add(told)
         raise AuthError(message)
 
     async def reinstall(self, ref: str) -> Machine:
-        machine = await identity.require_ref(self._store, ref)
-        updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
-                                    token_hash=None, token_expires=None, install_token=None)
-        await self._store.update_machine(updated, expect_state=machine.state)
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            machine = await identity.require_ref(self._store, ref)
+            updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
+                                        token_hash=None, token_expires=None, install_token=None)
+            if await self._written(Batch(update=(updated,), expect={machine.id: machine.state},
+                                         versions={machine.id: machine.updated}),
+                                   attempt, (machine,), recorded=False):
+                break
         await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
@@ -719,17 +822,29 @@ class Enroller:
         # The state and its event in one transaction, grouped with concurrent commits (a
         # storm's devices fetch their configs together): committed before the config is
         # answered, compare-and-set on the state it was read in.
-        # By position (merge, create, update, events, expect): keywords cost a class call a
-        # dict, ~1,500 loop instructions a first config (callgrind; s33-loop).
+        # On its version too (Batch.versions): an operator's edit or a device's fact stored
+        # since the read is not undone; refused, the config is planned again (the HTTP
+        # server's CONFIG_ATTEMPTS).
+        # By position (merge, create, update, events, expect, versions): keywords cost a
+        # class call a dict, ~1,500 loop instructions a first config (callgrind; s33-loop).
         await self.recorder.commit(Batch((), (), (updated,), (event,),
-                                         {machine.id: machine.state}))
+                                         {machine.id: machine.state},
+                                         {machine.id: machine.updated}))
 
     async def report(self, machine: Machine, body: Mapping[str, Any], *,
                      audit: Sequence[AuditEntry] = ()) -> Event:
         """A progress report from an installer (POST /api/v1/machines/<ref>/events) about
         ``machine`` as the caller read it to check the token: the state change is a
         compare-and-set on that read, so a change since then is a 409, not a lost write.
-        ``audit``: the entries of a report that succeeds, written in its transaction."""
+        ``audit``: the entries of a report that succeeds, written in its transaction.
+
+        At most ``report_burst`` reports of a machine at once, ``report_rate`` a second after
+        that: beyond, RateLimited (429), the first of a run logged and recorded as an event
+        (``reports limited``), the others not."""
+        if not self._reports.take(machine.id, self._clock()):
+            await self._refuse_report(machine)
+        if self._refusing:
+            self._refusing.discard(machine.id)  # a run of refusals ends: the next one is told
         kind = body.get("kind")
         if not isinstance(kind, str) or not kind or len(kind) > MAX_EVENT_KIND \
                 or not re.match(r"^[a-z0-9][a-z0-9._-]*$", kind):
@@ -749,15 +864,42 @@ class Enroller:
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
         step = REPORTED_STEPS.get(kind)
-        updated = (lifecycle.advance(machine, step, self._clock()) if step is not None
-                   else machine)
-        event = Event(machine.id, self._clock(), kind, message, data)
-        # The reported state and its event in one transaction: acknowledged to the installer.
-        moved = updated is not machine
-        await self.recorder.commit(Batch(update=(updated,) if moved else (), events=(event,),
-                                         expect={machine.id: machine.state} if moved else {},
-                                         audit=audit))
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            updated = (lifecycle.advance(machine, step, self._clock()) if step is not None
+                       else machine)
+            event = Event(machine.id, self._clock(), kind, message, data)
+            # The reported state and its event in one transaction: acknowledged to the
+            # installer. Compare-and-set on the state and the version read: an operator's
+            # edit or another writer's fact stored since is not undone by the whole machine
+            # written from this read (the step is made again on it).
+            moved = updated is not machine
+            if await self._written(Batch(
+                    update=(updated,) if moved else (), events=(event,),
+                    expect={machine.id: machine.state} if moved else {},
+                    versions={machine.id: machine.updated} if moved else {}, audit=audit),
+                    attempt, (machine,)):
+                break
+            machine = await self._read_again(machine)
         return event
+
+    async def _refuse_report(self, machine: Machine) -> NoReturn:
+        """RateLimited for a report past its machine's budget; the first of a run is told."""
+        retry = max(1, math.ceil(1 / self._report_rate))
+        told = machine.id in self._refusing
+        message = (f"more than {self._report_burst} reports about {machine.ref} at once "
+                   f"({self._report_rate:g} a second after): refused until the rate allows "
+                   f"one; try again in {retry} s")
+        if not told:
+            if len(self._refusing) >= _REPORT_BUDGETS:
+                self._refusing.clear()  # bounded; each machine refused is told once again
+            self._refusing.add(machine.id)
+            self._log.warning("reports refused mac=%s machine=%s: more than %d at once, %g a "
+                              "second after (enroll.report_burst, enroll.report_rate); told "
+                              "once until one is taken", machine.mac, machine.id,
+                              self._report_burst, self._report_rate)
+            await self.event(machine.id, "reports limited",
+                             f"{message}; the refused ones are not recorded")
+        raise RateLimited(message, retry_after=retry, told=told)
 
     async def register(self, body: Mapping[str, Any], peer: IPAddress | None, *,
                        audit: Callable[[Machine], AuditEntry] | None = None) -> Machine:
@@ -788,43 +930,54 @@ class Enroller:
         addresses = body.get("addresses", [])
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValidationError("addresses", "must be a list of strings")
-        facts = dict(machine.facts)
+        reported: dict[str, str] = {}
         for key in ("machine_id", "node_name", "os"):
             value = body.get(key)
             if value is not None:
                 if not isinstance(value, str) or len(value) > 256:
                     raise ValidationError(key, "must be a string of at most 256 characters")
-                facts[key] = value
+                reported[key] = value
         hostname = body.get("hostname")
         if hostname is not None and not isinstance(hostname, str):
             raise ValidationError("hostname", "must be a string")
         choice = choose_address(peer, addresses)
-        ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
-        if choice.ipv6:
-            facts["ipv6"] = str(choice.ipv6)
-        # The token is spent: its retrievable copy goes; its hash stays only so that a replay
-        # is told apart from a stranger (and refused by state, above), until a reinstall.
-        updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
-                                    ipv4=ipv4, facts=facts, install_token=None)
-        where = (f"{choice.address} ({'the request' if choice.source == 'peer' else 'reported'})"
-                 if choice.address else f"no usable address (kept {machine.ipv4 or 'none'})")
         # What was refused is said in the one event of this step, where an operator reading
         # why agents join some address looks.
         refused = "".join(f"; ignored {r.source} address {r.text!r} ({r.reason})"
                           for r in choice.refused)
-        event = Event(machine.id, self._clock(), "registered", f"registered at {where}"
-                      + (f" as {hostname}" if hostname else "") + refused
-                      + "; its install token is spent",
-                      {"addresses": addresses, "peer": str(peer) if peer else None,
-                       "refused": [{"address": r.text, "reason": r.reason,
-                                    "source": r.source} for r in choice.refused]})
-        # The registration and its event in one transaction, grouped with concurrent commits
-        # (a storm's machines register together; a write of its own each was a transaction
-        # and a trip to the store's thread per machine, then a second commit for the event).
-        # Compare-and-set: of two registrations with one token (two servers), one wins.
-        await self.recorder.commit(Batch(update=(updated,), events=(event,),
+        entries = (audit(machine),) if audit else ()  # made once: the caller keeps each
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            facts = {**machine.facts, **reported}
+            ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
+            if choice.ipv6:
+                facts["ipv6"] = str(choice.ipv6)
+            # The token is spent: its retrievable copy goes; its hash stays only so that a
+            # replay is told apart from a stranger (and refused by state, above), until a
+            # reinstall.
+            updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
+                                        ipv4=ipv4, facts=facts, install_token=None)
+            where = (f"{choice.address} "
+                     f"({'the request' if choice.source == 'peer' else 'reported'})"
+                     if choice.address else
+                     f"no usable address (kept {machine.ipv4 or 'none'})")
+            event = Event(machine.id, self._clock(), "registered", f"registered at {where}"
+                          + (f" as {hostname}" if hostname else "") + refused
+                          + "; its install token is spent",
+                          {"addresses": addresses, "peer": str(peer) if peer else None,
+                           "refused": [{"address": r.text, "reason": r.reason,
+                                        "source": r.source} for r in choice.refused]})
+            # The registration and its event in one transaction, grouped with concurrent
+            # commits (a storm's machines register together; a write of its own each was a
+            # transaction and a trip to the store's thread per machine, then a second commit
+            # for the event). Compare-and-set on the state: of two registrations with one
+            # token (two servers), one wins; and on the version read: an operator's edit (its
+            # labels, cluster) stored since is not undone, the registration made again on it.
+            if await self._written(Batch(update=(updated,), events=(event,),
                                          expect={machine.id: machine.state},
-                                         audit=(audit(machine),) if audit else ()))
+                                         versions={machine.id: machine.updated},
+                                         audit=entries), attempt, (machine,)):
+                break
+            machine = await self._read_again(machine)
         log_line(self._log, logging.INFO, "registered mac=%s ip=%s cluster=%s", mac, ipv4,
                  machine.cluster)  # once per machine of a storm: see log_line
         return updated
@@ -842,8 +995,21 @@ class Enroller:
         whose identifiers point at two enrolled machines, or repeat one of an earlier row, is
         an error naming the line and the field.
         """
-        with _collector_paused():
-            return await self._import_rows(rows, dry_run=dry_run, progress=progress)
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            refused: StateChanged | None = None
+            with _collector_paused():
+                try:
+                    return await self._import_rows(rows, dry_run=dry_run, progress=progress)
+                except StateChanged as exc:
+                    refused = exc
+            # A machine the import read was changed meanwhile without moving its state (a
+            # boot's facts, an edit): the import is made again from what is stored now when
+            # its rows can be read again (a list: the API's, a parsed file); a stream of
+            # rows is read once, and the import is re-run by whoever ran it (409).
+            if refused.field != "updated" or attempt >= WRITE_ATTEMPTS \
+                    or not isinstance(rows, Sequence):
+                raise refused
+        raise AssertionError("unreachable: the last attempt raises")
 
     async def _import_rows(self, rows: Iterable[tuple[int, Mapping[str, Any]]], *,
                            dry_run: bool, progress: Callable[[int], None] | None,
@@ -981,12 +1147,15 @@ class Enroller:
             [Event(target, now, "merged", f"discovered record {source} is this machine "
                    "(found by an import); its history is kept", {"merged": source})
              for source, target in merge])
-        # Compare-and-set on every machine the import read and changes or absorbs: a
-        # machine another server moved meanwhile fails the import, which is re-run.
-        expect = {m: existing[m].state for m in [*(u.id for u in update),
-                                                 *(s for s, _ in merge)] if m in existing}
+        # Compare-and-set on every machine the import read and changes or absorbs, on its
+        # state and its version: a machine another server moved meanwhile fails the import,
+        # which is re-run; one changed otherwise (a fact, an edit) is not undone by the
+        # machine written from the import's read (import_rows makes it again).
+        read = [existing[m] for m in [*(u.id for u in update), *(s for s, _ in merge)]
+                if m in existing]
         await self.recorder.commit(Batch(merge=merge, create=create, update=update,
-                                         events=events, expect=expect))
+                                         events=events, expect={m.id: m.state for m in read},
+                                         versions={m.id: m.updated for m in read}))
         return replace(report, applied=True)
 
     @staticmethod

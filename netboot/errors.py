@@ -176,6 +176,17 @@ class Busy(NetbootError):
     """A bounded resource is full right now (503): try again later."""
 
 
+class RateLimited(NetbootError):
+    """A client asked more often than its budget allows (429): ``retry_after`` seconds
+    until it may again. ``told``: not the first refusal of its run, whose log line, event
+    and audit entry said so for the run (a flood of refusals writes nothing each)."""
+
+    def __init__(self, message: str, *, retry_after: int, told: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.told = told
+
+
 class ScopeRequired(Forbidden):
     """A valid token whose scope does not grant this (403); ``scope`` names one that would."""
 

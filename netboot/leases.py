@@ -259,11 +259,24 @@ class LeasePool:
         """The client chose another server's offer (REQUEST with another server id)."""
         self._drop_offer(mac)
 
-    def decline(self, mac: str, ip: str, now: float) -> Changes:
+    def decline(self, mac: str, ip: str, now: float) -> Changes | None:
         """DHCPDECLINE: the client found ``ip`` in use (RFC 2131 §4.3.3). Mark it bad for
-        ``decline_seconds`` and drop the client's binding to it."""
+        ``decline_seconds`` and drop the client's binding to it.
+
+        Only from the client ``ip`` was offered or leased to (§4.3.3: the DECLINE names the
+        address this server gave that client; dnsmasq honours one only for the client's own
+        lease): None, nothing marked, for any other. Any host could otherwise mark any
+        address of the pool bad (one another client holds, whose renewal was then NAKed, or
+        every free one: the pool exhausted) by naming it (s33-attack's "Left"). DHCP proves
+        nothing of who sends it (a chaddr is a field), but such a host now has to hold the
+        offer itself, which it gets only as any client does, one address at a time."""
         if not self.on_network(ip):
             return Changes()
+        offer = self._offers.get(mac)
+        lease = self._leases.get(mac)
+        if not ((offer is not None and offer.ipv4 == ip) or (lease is not None
+                                                               and lease.ipv4 == ip)):
+            return None
         self._declined[ip] = now + self.decline_seconds
         self._drop_offer(mac)
         lease = self._leases.get(mac)

@@ -281,7 +281,10 @@ _ERRORS = {400: "a field is wrong; 'field' names it", 401: "no token, or an unkn
            "or expired one (WWW-Authenticate: Bearer)",
            403: "the token's scope does not allow this; 'scope' names one that would",
            404: "not found", 409: "conflicts with the inventory or the machine's state",
-           413: "request body too large", 503: "the inventory is unavailable"}
+           413: "request body too large",
+           429: "more reports than the machine's budget (enroll.report_burst, report_rate): "
+                "ask again after Retry-After seconds",
+           503: "the inventory is unavailable"}
 
 
 def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
@@ -386,7 +389,7 @@ def document() -> dict[str, Any]:
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000}),)),
             "post": {**_op("progress report: the machine's install token, or an operator's",
                             need=None, body="EventInput", ok=201, out="Event",
-                            errors=(400, 401, 403, 404, 409, 413)),
+                            errors=(400, 401, 403, 404, 409, 413, 429)),
                      "security": [{"installToken": []}, *_security(OPERATE)],
                      "x-netboot-scope": str(scope_needed(OPERATE)),
                      "description": "The machine's own install token, or a token of scope "

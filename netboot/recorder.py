@@ -40,7 +40,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from netboot.errors import NetbootError, OutcomeUnknown, StoreError
@@ -126,7 +126,8 @@ class Recorder:
         self._learned: dict[str, list[Callable[[Machine], Machine]]] = {}
         self.newest: Callable[[Collection[str]], Awaitable[dict[str, Machine | None]]] | None = (
             None)
-        self.adopt: Callable[[Sequence[Machine]], None] | None = None  # told what was written
+        # Told what was written, with the version each was written from (InventoryView.adopt).
+        self.adopt: Callable[[Sequence[Machine], Mapping[str, float]], None] | None = None
         self._groups: set[asyncio.Task[None]] = set()
         # Bumped by everything that may write (record, note, learned, commit): a caller that
         # finds it unchanged across a decision knows the decision wrote nothing.
@@ -557,7 +558,8 @@ class Recorder:
         for start in range(0, len(relearnt), _SLICE):
             if start:
                 await asyncio.sleep(0)
-            adopt([new for _, new in relearnt[start:start + _SLICE]])
+            part = relearnt[start:start + _SLICE]
+            adopt([new for _, new in part], {old.id: old.updated for old, _ in part})
 
     async def _relearn(self, learned: dict[str, list[Callable[[Machine], Machine]]],
                        ) -> list[tuple[Machine, Machine]]:

@@ -299,7 +299,9 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     ``netboot render`` and ``explain`` answer with the server's settings (DNS zone, default
     profile, discovery policy, token lifetime)."""
     assets = FileTree(asset_roots(config), pinned=loader_aliases())
-    enroller = Enroller(store, hostname_template=config.enroll.hostname_template)
+    enroller = Enroller(store, hostname_template=config.enroll.hostname_template,
+                        report_burst=config.enroll.report_burst,
+                        report_rate=config.enroll.report_rate)
     boot = BootService(store, assets, boot_settings(config), enroller,
                        discovery=DiscoveryLimits(
                            max_discovered=config.discovery.max_discovered,

@@ -189,3 +189,13 @@ async def test_has_admin_ignores_expired_and_narrow_tokens(access: Access, clock
     assert await access.has_admin()
     clock.now += 60
     assert not await access.has_admin()
+
+
+def test_a_peers_refusals_past_its_budget_are_counted_and_told_with_its_next_entry() -> None:
+    from netboot.access import RefusalBudget
+
+    budget = RefusalBudget(burst=2, rate=1.0, max_peers=2)
+    assert [budget.admit("192.0.2.60", 10.0) for _ in range(5)] == [0, 0, None, None, None]
+    assert budget.admit("192.0.2.61", 10.0) == 0  # another peer: its own budget
+    assert budget.admit("192.0.2.60", 11.0) == 3  # a token again: three were not recorded
+    assert budget.admit("192.0.2.60", 11.0) is None

@@ -1664,3 +1664,28 @@ async def test_a_report_told_unknown_that_was_written_is_audited_once(
     assert [e for _, _, e in entries(log, route)] == ["503 outcome unknown (written)"]
     kinds = [e["kind"] for e in await env.get(f"/api/v1/machines/{MAC}/events")]
     assert kinds.count("registered" if register else "installed") == 1
+
+
+async def test_refused_requests_of_one_peer_cannot_flush_the_audit_log(env: Env) -> None:
+    """Every API change asked, refused or not, is an audit entry, and the newest 100,000 are
+    kept: any host on the provisioning network could send 100,000 refused POSTs (a
+    registration without a body, a report about no machine, no token: a write each) and
+    push every earlier entry out, an operator's deletions among them, in about a minute
+    (s34-attack). A peer's refused requests are recorded up to access.REFUSED_BURST at once
+    (REFUSED_RATE a second after); past it they are counted, told in one log line and in
+    one entry when the peer is recorded again, and what others do is recorded as ever."""
+    from netboot.access import REFUSED_BURST
+
+    store = env.service.store
+    before = len(await store.list_audit(limit=1_000_000))
+    for n in range(3 * REFUSED_BURST):
+        r = await call(env, "POST", "/api/v1/register" if n % 2 else
+                       "/api/v1/machines/52:54:00:99:99:99/events",
+                       json_body={"kind": "x"} if n % 2 == 0 else {"mac": "nope"}, admin=False)
+        assert r.status in (400, 401, 403), (r.status, r.text)
+    refused = (await store.list_audit(limit=1_000_000))[before:]
+    assert REFUSED_BURST <= len(refused) <= REFUSED_BURST + 1, len(refused)
+    # An operator's change is recorded as ever.
+    await env.post("/api/v1/clusters", {"name": "after", "token": "t"}, status=201)
+    last = (await store.list_audit(limit=1))[-1]
+    assert last.action == "POST /api/v1/clusters" and last.outcome == "201"

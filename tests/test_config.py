@@ -69,6 +69,8 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
         ("http:\n  max_connections: 100\n  max_connections_per_source: 200\n",
          "http.max_connections_per_source", 3, "raise http.max_connections"),
         ("tftp:\n  max_per_client: 0\n", "tftp.max_per_client", 2, ">= 1"),
+        ("enroll:\n  report_burst: 0\n", "enroll.report_burst", 2, ">= 1"),
+        ("enroll:\n  report_rate: 0\n", "enroll.report_rate", 2, ">= 1"),
         ("tftp:\n  ack_spin_us: -1\n", "tftp.ack_spin_us", 2, "0 turns"),
         ("tftp:\n  ack_spin_us: 5000\n", "tftp.ack_spin_us", 2, "0 turns"),
         ("tftp:\n  max_transfers: 10\n  max_per_client: 11\n", "tftp.max_per_client", 3,

@@ -11,6 +11,7 @@ import operator
 import pathlib
 import re
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -827,3 +828,238 @@ async def test_every_kind_netboot_writes_is_refused_as_a_device_s_report() -> No
                        f"to enroll.NETBOOT_KINDS: {taken}")
     assert await store.list_events(machine.id) == []
     await store.close()
+
+
+# --- every write of a machine read earlier is a compare-and-set on its version (s34-attack) --
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def pair(request: pytest.FixtureRequest, tmp_path):  # type: ignore[no-untyped-def]
+    """Two store objects on one inventory, as two servers (or the CLI in another process)
+    have; a memory store cannot be shared between processes: there it is one object twice."""
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack)
+        await a.put_cluster(Cluster(name="edge", token="t"))
+        await a.put_profile(Profile(name="p", kernel="vmlinuz"))
+        yield a, b
+
+
+@contextlib.contextmanager
+def _meanwhile(a: Any, b: Any, mac: MacAddress,
+               change: Any) -> Iterator[list[Machine]]:
+    """While inside: before ``a`` writes a batch that updates or merges ``mac``'s machine
+    for the first time, that machine is read and ``change``d (its version moved on) through
+    ``b``, as another process sharing the inventory would write it between the writer's
+    read and its write (an operator's PATCH, a device's fact, another server's step): made
+    by a store wrapper at the write, not by a sleep. Yields the machines so read."""
+    apply_batch = a.apply_batch
+    read_then: list[Machine] = []
+
+    async def change_first(batch: Any) -> None:
+        touched = {m.id for m in batch.update} | {source for source, _ in batch.merge}
+        if not read_then:
+            read = await b.machine_by("mac", str(mac))
+            if read is not None and read.id in touched:
+                read_then.append(read)  # first: b's own write (one memory store) passes
+                import dataclasses
+                await b.update_machine(dataclasses.replace(change(read), updated=read.updated + 1),
+                                       expect_state=read.state)
+        await apply_batch(batch)
+
+    a.apply_batch = change_first
+    try:
+        yield read_then
+    finally:
+        del a.apply_batch
+
+
+def _rack(machine: Machine) -> Machine:
+    import dataclasses
+    return dataclasses.replace(machine, labels={**machine.labels, "rack": "r9"})
+
+
+def _fact(machine: Machine) -> Machine:
+    import dataclasses
+    return dataclasses.replace(machine, facts={**machine.facts, "vendor": "acme"})
+
+
+async def _stored(store: Any, mac: MacAddress) -> Machine:
+    found = await store.machine_by("mac", str(mac))
+    assert found is not None
+    return found
+
+
+@pytest.mark.parametrize("step", ["report", "register"])
+async def test_a_devices_step_does_not_undo_an_edit_stored_since_its_read(  # type: ignore[no-untyped-def]
+        pair, step: str) -> None:
+    """An installer's report, its config fetch and the first boot's registration each write
+    the whole machine derived from the read that checked their token: an operator's edit
+    (``PATCH`` of labels, cluster, profile: here through another store on the inventory)
+    committed between that read and the write kept the state, so the state-only
+    compare-and-set let the write undo it, answered 201. Now the version read is compared
+    too and the step made again on the machine as stored: both the edit and the step kept,
+    one event."""
+    import hashlib
+    import ipaddress
+
+    a, b = pair
+    mac = MacAddress.parse("52:54:00:00:0d:01")
+    state = {"report": MachineState.INSTALLING, "register": MachineState.INSTALLED}[step]
+    await a.create_machine(Machine(macs=(mac,), hostname="d1", state=state, cluster="edge",
+                                   profile="p", token_hash=hashlib.sha256(b"tok").hexdigest()))
+    enroller = Enroller(a, clock=lambda: 1000.0)
+    read = await _stored(a, mac)
+    with _meanwhile(a, b, mac, _rack) as edited:
+        if step == "report":
+            await enroller.report(read, {"kind": "installed"})
+        else:
+            await enroller.register({"mac": str(mac), "token": "tok"},
+                                    ipaddress.ip_address("192.0.2.61"))
+    assert len(edited) == 1
+    stored = await _stored(b, mac)
+    assert stored.labels == {"rack": "r9"}, "the edit was undone"
+    want = {"report": MachineState.INSTALLED, "register": MachineState.REGISTERED}[step]
+    assert stored.state == want
+    kind = {"report": "installed", "register": "registered"}[step]
+    assert [e.kind for e in await b.list_events(stored.id)].count(kind) == 1
+    if step == "register":
+        assert stored.ipv4 == "192.0.2.61" and stored.install_token is None
+
+
+async def test_a_config_fetch_from_an_older_version_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    """The config fetch's step (booting -> installing) is written from the machine its
+    config was planned from: refused on the version when an edit was stored since, nothing
+    written (the HTTP server plans and renders it again: tests/test_flow.py)."""
+    import hashlib
+
+    from netboot.errors import StateChanged
+
+    a, b = pair
+    mac = MacAddress.parse("52:54:00:00:0d:05")
+    await a.create_machine(Machine(macs=(mac,), hostname="d5", state=MachineState.BOOTING,
+                                   cluster="edge", profile="p",
+                                   token_hash=hashlib.sha256(b"tok").hexdigest()))
+    read = await _stored(a, mac)
+    with _meanwhile(a, b, mac, _rack), pytest.raises(StateChanged) as refused:
+        await Enroller(a, clock=lambda: 1000.0).config_fetched(read, "k3OS config")
+    assert refused.value.field == "updated"
+    stored = await _stored(b, mac)
+    assert stored.labels == {"rack": "r9"} and stored.state == MachineState.BOOTING
+    assert [e.kind for e in await b.list_events(stored.id)] == []
+
+
+async def test_a_devices_step_after_a_reinstall_meanwhile_is_still_refused(  # type: ignore[no-untyped-def]
+        pair) -> None:
+    """Made again only on the same state and token: a reinstall between the report's read
+    and its write (a new state, the token gone) is the installer's 409, as before."""
+    import dataclasses
+    import hashlib
+
+    from netboot.errors import StateChanged
+
+    a, b = pair
+    mac = MacAddress.parse("52:54:00:00:0d:02")
+    await a.create_machine(Machine(macs=(mac,), hostname="d2", state=MachineState.INSTALLING,
+                                   profile="p", token_hash=hashlib.sha256(b"tok").hexdigest()))
+    read = await _stored(a, mac)
+
+    def reinstalled(machine: Machine) -> Machine:
+        return dataclasses.replace(machine, state=MachineState.ENROLLED, token_hash=None)
+
+    with _meanwhile(a, b, mac, reinstalled), pytest.raises(StateChanged):
+        await Enroller(a, clock=lambda: 1000.0).report(read, {"kind": "installed"})
+    stored = await _stored(b, mac)
+    assert stored.state == MachineState.ENROLLED
+    assert [e.kind for e in await b.list_events(stored.id)] == []
+
+
+@pytest.mark.parametrize("step", ["approve", "reinstall", "enroll", "import"])
+async def test_an_operators_step_does_not_undo_what_a_device_stored_since_its_read(  # type: ignore[no-untyped-def]
+        pair, step: str) -> None:
+    """Approving a discovered machine, asking a reinstall, enrolling a device seen before
+    (its discovered record taken over) and an import that changes a machine each write the
+    machine read a moment before: a fact its boot stored in between (another server's DHCP
+    note, here through another store) was overwritten with the old one. Now refused by the
+    version read and made again on the machine as stored: the fact and the step kept."""
+    a, b = pair
+    mac = MacAddress.parse("52:54:00:00:0d:03")
+    state = {"approve": MachineState.DISCOVERED, "reinstall": MachineState.REGISTERED,
+             "enroll": MachineState.DISCOVERED, "import": MachineState.ENROLLED}[step]
+    await a.create_machine(Machine(macs=(mac,), hostname="d3", state=state, cluster="edge",
+                                   profile="p"))
+    enroller = Enroller(a, clock=lambda: 1000.0)
+    with _meanwhile(a, b, mac, _fact) as reported:
+        if step == "approve":
+            await enroller.approve(str(mac), cluster="edge", role=Role.AGENT, profile="p")
+        elif step == "reinstall":
+            await enroller.reinstall(str(mac))
+        elif step == "enroll":
+            await enroller.enroll(Machine(macs=(mac,), hostname="d3", profile="p",
+                                          labels={"rack": "r1"}), "enrolled by hand")
+        else:
+            report = await enroller.import_rows([(2, {"mac": str(mac), "hostname": "d3b",
+                                                      "profile": "p"})])
+            assert report.applied and report.changed
+    assert len(reported) == 1
+    stored = await _stored(b, mac)
+    assert stored.facts.get("vendor") == "acme", "the device's fact was undone"
+    want = {"approve": (MachineState.ENROLLED, "d3"), "reinstall": (MachineState.REINSTALL, "d3"),
+            "enroll": (MachineState.ENROLLED, "d3"),
+            "import": (MachineState.ENROLLED, "d3b")}[step]
+    assert (stored.state, stored.hostname) == want
+    if step == "enroll":
+        assert stored.labels == {"rack": "r1"}
+
+
+async def test_auto_enrollment_from_an_older_version_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    """Auto-enrollment (the boot path's, under its lock) writes the discovered record as read:
+    refused on the version when the record was changed since (the boot path then decides
+    again from what is stored, boot.CAS_ATTEMPTS); nothing written."""
+    from netboot.errors import StateChanged
+    from netboot.model import Group
+
+    a, b = pair
+    mac = MacAddress.parse("52:54:00:00:0d:04")
+    await a.create_machine(Machine(macs=(mac,), state=MachineState.DISCOVERED))
+    read = await _stored(a, mac)
+    group = Group(name="all", selector={"mac": (str(mac),)}, cluster="edge", profile="p")
+    with _meanwhile(a, b, mac, _fact), pytest.raises(StateChanged) as refused:
+        await Enroller(a, clock=lambda: 1000.0).auto_enroll(read, group)
+    assert refused.value.field == "updated"
+    stored = await _stored(b, mac)
+    assert stored.state == MachineState.DISCOVERED and stored.facts == {"vendor": "acme"}
+
+
+async def test_an_expired_token_asked_with_again_is_recorded_once_whatever_it_asks(  # type: ignore[no-untyped-def]
+        store) -> None:
+    """The first refusal of an expired install token for each step it asks (its config, a
+    report) is recorded (``token expired``), later ones not. Only the newest event was
+    compared: a holder of the expired token alternating its config and a report made each
+    refusal's message differ from the newest, so every request wrote an event, without
+    bound, long after the token expired (s34-attack)."""
+    import hashlib
+
+    from netboot import lifecycle
+    from netboot.errors import AuthError
+
+    mac = MacAddress.parse("52:54:00:00:0e:01")
+    machine = Machine(macs=(mac,), hostname="e1", state=MachineState.INSTALLING, profile="p",
+                      token_hash=hashlib.sha256(b"tok").hexdigest(), token_expires=500.0)
+    await store.create_machine(machine)
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    for n in range(30):
+        with pytest.raises(AuthError, match="expired"):
+            if n % 2:
+                await enroller.refuse_expired(machine, "report")
+            else:
+                await enroller.check_token(machine, "tok", lifecycle.Trigger.CONFIG_FETCHED,
+                                           refused="no")
+    events = await store.list_events(machine.id)
+    assert [e.kind for e in events] == ["token expired"] * 2, events
+    assert "(config-fetched refused)" in events[0].message
+    assert "(report refused)" in events[1].message
+    # Another process (or this one restarted) finds them among the newest events.
+    again = Enroller(store, clock=lambda: 1000.0)
+    for what in ("report", "config-fetched"):
+        with pytest.raises(AuthError):
+            await again.refuse_expired(machine, what)
+    assert len(await store.list_events(machine.id)) == 2

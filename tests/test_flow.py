@@ -13,6 +13,7 @@ import shlex
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 import yaml
 
 from netboot.inventory.base import Batch
@@ -815,6 +816,32 @@ async def test_an_operators_change_during_a_first_install_decision_is_kept(env: 
     assert config["k3os"]["token"] == "core-token"
 
 
+async def test_an_operators_change_during_a_config_fetch_is_kept_and_answered(
+        env: Env) -> None:
+    """An operator moves a booting machine to another cluster after its installer's
+    ``/config`` read it and before the fetch's step (booting -> installing) is committed:
+    the step's write compared the state alone and put the old cluster back, answering a
+    config that joins it. The version read is compared too (s34-attack): refused, the
+    config is planned and rendered again from the operator's change, so the machine keeps
+    ``core`` and the installer's config joins it."""
+    await env.seed()
+    await env.post("/api/v1/clusters", {"name": "core", "server_url": "https://192.0.2.60:6443",
+                                        "token": "core-token"}, status=201)
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    script = await boot(env, HEXHYP)
+    async with _changed_meanwhile(
+            env, lambda batch: any(e.kind == "config" for e in batch.events) and bool(batch.update),
+            lambda read: dataclasses.replace(read, cluster="core")) as patched:
+        config = k3os(await env.get(f"/config/{HEXHYP}?token={install_token(script)}"))
+    assert len(patched) == 1 and patched[0].state.value == "booting"
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["cluster"] == "core" and machine["state"] == "installing", machine
+    assert config["k3os"]["server_url"] == "https://192.0.2.60:6443"
+    assert config["k3os"]["token"] == "core-token"
+    fetched = [e for e in await env.get(f"/api/v1/machines/{MAC}/events") if e["kind"] == "config"]
+    assert len(fetched) == 1, fetched
+
+
 async def test_an_operators_patch_does_not_undo_what_a_device_reported_since_its_read(
         env: Env) -> None:
     """``PATCH`` writes the whole machine back: a fact stored after the PATCH read the machine
@@ -838,3 +865,37 @@ async def test_an_operators_patch_does_not_undo_what_a_device_reported_since_its
     assert stored is not None
     assert stored.labels.get("rack") == "r7"
     assert stored.facts.get("ipv4") == "192.0.2.77", stored.facts
+
+
+@pytest.mark.parametrize("door", ["front", "aiohttp"])
+async def test_a_machines_reports_past_its_budget_are_refused_and_told_once(
+        make_env: EnvFactory, door: str) -> None:
+    """A holder of one machine's install token (it crossed plain HTTP in the config URL)
+    posted reports without bound: an event, an audit entry and a dashboard line each until
+    the token expired (s33-attack's "Left"). Past ``enroll.report_burst`` at once (then
+    ``report_rate`` a second) a report is refused 429 with Retry-After; the run of refusals
+    writes one event, one audit entry and one log line, not one per report. Both doors (a
+    ``Cookie`` sends the same request to aiohttp)."""
+    env = await make_env("enroll:\n  report_burst: 3\n  report_rate: 1\n")
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, HEXHYP))
+    headers = {"Authorization": f"Bearer {token}"}
+    if door == "aiohttp":
+        headers["Cookie"] = "x=1"
+    audited = len(await env.service.store.list_audit())
+    answers = []
+    for n in range(12):
+        r = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/events",
+                       json_body={"kind": "progress", "message": f"step {n}"},
+                       headers=headers, admin=False)
+        answers.append((r.status, r.headers.get("retry-after")))
+    assert answers[:3] == [(201, None)] * 3, answers
+    assert answers[3:] == [(429, "1")] * 9, answers
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    assert [e["kind"] for e in events].count("progress") == 3
+    limited = [e for e in events if e["kind"] == "reports limited"]
+    assert len(limited) == 1 and "more than 3 reports" in limited[0]["message"], limited
+    outcomes = [a.outcome for a in (await env.service.store.list_audit())[audited:]
+                if "/events" in a.action]
+    assert sorted(outcomes) == ["201", "201", "201", "429"], outcomes

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from netboot.inventory.base import Store
-from netboot.leases import LeasePool, LeaseStore
+from netboot.leases import Changes, LeasePool, LeaseStore
 from netboot.model import Lease
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import DhcpServer
@@ -102,12 +102,31 @@ def test_decline_marks_address_bad_for_a_while() -> None:
     p.offer(A, T0)
     p.request(A, "192.0.2.100", T0, selecting=True)
     changes = p.decline(A, "192.0.2.100", T0 + 1)
-    assert changes.delete == (A,)
+    assert changes is not None and changes.delete == (A,)
     assert p.declined("192.0.2.100", T0 + 2)
     assert p.offer(A, T0 + 2) == "192.0.2.101"
     assert p.request(B, "192.0.2.100", T0 + 3) is None
     p.expire(T0 + 601)
     assert not p.declined("192.0.2.100", T0 + 601)
+
+
+def test_a_decline_counts_only_from_the_client_given_that_address() -> None:
+    """RFC 2131 §4.3.3: a DECLINE names the address this server offered or leased to that
+    client. One from another MAC (any host on the link) marked any pool address bad: one
+    another client holds (its renewal then NAKed), or each free one in turn. Refused now,
+    nothing marked; the holder's own is honoured, for an offer as for a lease."""
+    p = pool()
+    assert p.offer(A, T0) == "192.0.2.100"
+    assert p.request(A, "192.0.2.100", T0, selecting=True) is not None
+    for ip in ("192.0.2.100", "192.0.2.101", "192.0.2.102"):  # A's lease, free ones
+        assert p.decline(B, ip, T0 + 1) is None
+        assert not p.declined(ip, T0 + 2)
+    assert p.request(A, "192.0.2.100", T0 + 3) is not None  # A renews
+    assert p.offer(B, T0 + 3) == "192.0.2.101"
+    assert p.decline(B, "192.0.2.101", T0 + 4) == Changes()  # its offer: honoured
+    assert p.declined("192.0.2.101", T0 + 5)
+    assert p.decline(A, "192.0.2.100", T0 + 6) == Changes(delete=(A,))
+    assert p.declined("192.0.2.100", T0 + 7)
 
 
 def test_release() -> None:

@@ -334,7 +334,7 @@ async def test_a_storm_of_learnt_facts_is_adopted_a_slice_at_a_time(
         return {i: await own.get_machine(i) for i in ids}
 
     recorder.newest = newest
-    recorder.adopt = lambda ms: adopted.append((len(ms), ticks))
+    recorder.adopt = lambda ms, read: adopted.append((len(ms), ticks))
     for machine in machines:
         recorder.learned(machine.id, lambda m: replace(m, facts={"cpus": "4"}))
 

@@ -27,7 +27,7 @@ the callers) and one dictionary per identifier kind whose keys are the machine's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
@@ -332,19 +332,32 @@ class InventoryView:
         self._seq = changes.seq
         self._applied += 1
 
-    def adopt(self, machines: Iterable[Machine]) -> None:
+    def adopt(self, machines: Iterable[Machine], read: Mapping[str, float]) -> None:
         """Machines this process has just committed: answered from now on, before the feed
         reports them (it then brings equal values, and the objects stay the same). The feed
         may have brought them first, read back while the commit returned: the committed
         object is kept all the same, which is the one its committer remembers
-        (Recorder.note's version: an install asked again then reads no events back)."""
+        (Recorder.note's version: an install asked again then reads no events back).
+
+        ``read``: machine id -> the version (``updated``) each commit was made from, as its
+        compare-and-set (Batch.versions) checked it. A sync in the moment between the commit
+        and this call may have brought a version stored after it (another server's edit made
+        on it): the commit passed its check, so nothing was stored between that read and
+        the commit, and a held version that is neither came after both. It is kept: put
+        over, it stayed for good, as the feed had reported that change already (s34-attack).
+        A held version older than the read is replaced (a later sync would bring the
+        commit anyway)."""
         held = self._machines
         for machine in machines:
             old = held.get(machine.id)
-            if old is not None and old is not machine and old.updated == machine.updated \
-                    and equal(old, machine):
-                held[machine.id] = machine  # the same value: its index entries stay
-            else:
+            if old is None or old is machine:
+                self._put_machine(machine.id, machine)
+            elif old.updated == machine.updated:
+                if equal(old, machine):
+                    held[machine.id] = machine  # the same value: its index entries stay
+                else:
+                    self._put_machine(machine.id, machine)
+            elif old.updated == read.get(machine.id, old.updated):
                 self._put_machine(machine.id, machine)
 
     def _put_machine(self, machine_id: str, machine: Machine | None) -> None:

@@ -622,7 +622,18 @@ class DhcpServer:
 
         if mt == MessageType.DECLINE:
             if server_id in (None, server_ip) and requested:
-                self._persist(pool.decline(mac, requested, now))
+                changes = pool.decline(mac, requested, now)
+                if changes is None:
+                    # Not the address this server gave that client (LeasePool.decline):
+                    # dropped, logged under one key, not per MAC (random MACs would each
+                    # get a line).
+                    self.summary.note("decline refused")
+                    self._limited.log(logging.WARNING, "decline refused",
+                                      "dhcp: %s xid %#010x from %s: DECLINE of %s dropped: not "
+                                      "the address offered or leased to it (RFC 2131 §4.3.3)",
+                                      mac, xid, peer[0], requested)
+                    return []
+                self._persist(changes)
                 self.summary.note("declined")
                 self._limited.log(logging.WARNING, mac,
                                   "dhcp: %s xid %#010x: declined %s (address in use?), marked "

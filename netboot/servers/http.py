@@ -50,8 +50,10 @@ from netboot.errors import (
     NotFound,
     OutcomeUnknown,
     PlainHttpRefused,
+    RateLimited,
     RenderError,
     ScopeRequired,
+    StateChanged,
     StoreError,
     TransitionRefused,
     ValidationError,
@@ -140,6 +142,12 @@ _BUILDARCH = {"i386": Arch.X86, "x86_64": Arch.X86_64, "arm32": Arch.ARM32,
 # Looked up once: Python 3.11 finds an enum member through EnumType's __getattr__ hook at
 # each use, ~870 instructions (callgrind), and every /ipxe request takes both.
 _NO_ARCH = Arch.UNKNOWN
+# A per-machine config is planned from the machine as read; its fetch is a compare-and-set
+# on that read (state and version): refused because an operator's edit (its cluster,
+# profile) or a device's fact was stored since, the config is planned and rendered again
+# from it, this many times in all (as the boot path's decisions, boot.CAS_ATTEMPTS), so
+# that the text answered is the stored machine's, not the one the edit replaced.
+CONFIG_ATTEMPTS = 3
 _IPXE = Firmware.IPXE
 
 
@@ -493,6 +501,9 @@ def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
         return _json({"error": f"render failed: {exc}"}, 500)
     if isinstance(exc, Busy):
         return _json({"error": str(exc)}, 503, {"Retry-After": "5"})
+    if isinstance(exc, RateLimited):
+        # RFC 6585 §4: Too Many Requests, with when to ask again.
+        return _json({"error": str(exc)}, 429, {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, OutcomeUnknown):
         log.error("inventory failed for %s %s, outcome unknown: %s", method, target, exc)
         # Not "nothing was changed": a retry's answer (409 exists, 404 gone) tells which.
@@ -1063,19 +1074,38 @@ class DeviceRoutes:
                                                request.remote))
 
     async def _config(self, mac: str, token: str | None, remote: str | None) -> Reply:
-        plan = await self._content.authorised_plan(mac, token)
-        text = self._content.k3os_config(plan)
-        await self._content.config_fetched(plan, "k3OS config")
+        attempt = 1
+        while True:
+            plan = await self._content.authorised_plan(mac, token)
+            text = self._content.k3os_config(plan)
+            # Written out, not a coroutine of its own (a first config's loop instructions).
+            try:
+                await self._content.config_fetched(plan, "k3OS config")
+                break
+            except StateChanged as exc:
+                if exc.field != "updated" or attempt >= CONFIG_ATTEMPTS:
+                    raise
+            attempt += 1  # the machine was changed since it was read: planned again
         log_line(self._log, logging.INFO, "config mac=%s peer=%s served", plan.mac.hex(":"),
                  remote)  # the MAC's text as _ipxe's line makes it
         return Reply(200, text.encode(), "text/yaml; charset=utf-8", _NO_STORE)
 
     async def nocloud(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        plan = await self._content.authorised_plan(request.match_info["mac"], self._token(request))
-        text = self._content.nocloud(plan, name)
-        if name == "user-data":
-            await self._content.config_fetched(plan, "cloud-init user-data")
+        attempt = 1
+        while True:
+            plan = await self._content.authorised_plan(request.match_info["mac"],
+                                                       self._token(request))
+            text = self._content.nocloud(plan, name)
+            if name != "user-data":
+                break
+            try:
+                await self._content.config_fetched(plan, "cloud-init user-data")
+                break
+            except StateChanged as exc:
+                if exc.field != "updated" or attempt >= CONFIG_ATTEMPTS:
+                    raise
+            attempt += 1  # as _config
         from aiohttp import web
 
         return web.Response(text=text, content_type="text/plain",

@@ -734,7 +734,7 @@ async def test_a_machine_put_again_leaves_the_index_a_fresh_one_would_have(
                 first, (*first, MacAddress.parse(f"02:00:00:02:{step // 256:02x}:"
                                                  f"{step % 256:02x}")))))
         machines[machine.id] = machine
-        view.adopt((machine,))
+        view.adopt((machine,), {})  # no commit: nothing read
         keys: dict[str, dict[object, str | None]] = {k: {} for k in view_module._KINDS}
         servers: dict[str, dict[str, Machine]] = {}
         no_mac: set[str] = set()
@@ -799,9 +799,48 @@ async def test_a_committed_machine_adopted_after_the_feed_read_it_back_is_the_on
     await view.sync()
     copy = await view.get_machine(machine.id)
     assert copy == installing and copy is not installing
-    view.adopt((installing,))
+    view.adopt((installing,), {})
     assert await view.get_machine(machine.id) is installing
 
+
+
+async def test_a_commit_adopted_after_the_feed_brought_a_newer_version_keeps_the_newer(
+        stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
+    """A committer adopts its machine a moment after its commit returned (the recorder's
+    group commit, its learnt facts a slice at a time); a sync in that moment may have
+    applied a newer version stored after the commit (another server's edit made on it, an
+    operator's PATCH). Adopting the older one over it left the view holding a copy that no
+    later sync replaced (the feed had reported that change already): every decision for
+    that machine from then on was made from the old version, and each of its writes was
+    refused by the version check (s34-attack). The commit's own version read tells: a held
+    machine neither the one the commit was made from nor the committed one came after it."""
+    store, other, _ = stores
+    machine = Machine(macs=(MacAddress.parse(MACS[0]),), profile="p", updated=1.0)
+    await store.create_machine(machine)
+    view = InventoryView(store)
+    await view.load()
+    read = await view.get_machine(machine.id)
+    assert read is not None
+    ours = replace(read, state=MachineState.BOOTING, token_hash="ab" * 32, updated=2.0)
+    await store.apply_batch(Batch(update=(ours,), expect={read.id: read.state},
+                                  versions={read.id: read.updated}))
+    # Before the committer adopts it: another server edits the machine from that version,
+    # and a reader of this process syncs.
+    theirs = replace(ours, labels={"rack": "r9"}, updated=3.0)
+    await other.apply_batch(Batch(update=(theirs,), expect={ours.id: ours.state},
+                                  versions={ours.id: ours.updated}))
+    await view.sync()
+    assert await view.get_machine(machine.id) == theirs
+    view.adopt((ours,), {read.id: read.updated})
+    assert await view.get_machine(machine.id) == theirs
+    await view.sync()  # nothing new to report: what the view holds now it holds for good
+    assert await view.get_machine(machine.id) == theirs
+    # The usual order (adopted before any sync brought something newer) is unchanged: the
+    # committed object is held at once, an older copy replaced by it.
+    mine = replace(theirs, state=MachineState.INSTALLING, updated=4.0)
+    await store.apply_batch(Batch(update=(mine,), versions={theirs.id: theirs.updated}))
+    view.adopt((mine,), {theirs.id: theirs.updated})
+    assert await view.get_machine(machine.id) is mine
 
 
 async def test_a_machine_the_feed_brings_back_unchanged_keeps_the_object_held(

@@ -222,3 +222,91 @@ def test_authoritative_mode_warns_about_another_dhcp_server(link: Link, tmp_path
             server.stop()
         other.terminate()  # the dnsmasq this test started, by its own handle
         other.wait(timeout=10)
+
+
+STEPS_SCRIPT = r"""
+import socket, sys, select
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+sock.setsockopt(socket.SOL_SOCKET, 25, sys.argv[1].encode())  # SO_BINDTODEVICE
+sock.bind(("0.0.0.0", 68))
+for step in sys.argv[2:]:
+    wanted, data = step[0] == "?", bytes.fromhex(step[1:])
+    got = "-"
+    for attempt in range(5 if wanted else 1):
+        sock.sendto(data, ("255.255.255.255", 67))
+        ready, _, _ = select.select([sock], [], [], 2 if wanted else 0.5)
+        while ready:
+            reply, _ = sock.recvfrom(4096)
+            if reply[4:8] == data[4:8] and reply[0] == 2:
+                got = reply.hex()
+                break
+            ready, _, _ = select.select([sock], [], [], 0.5)
+        if got != "-":
+            break
+    print(got, flush=True)
+"""
+
+
+def _conversation(link: Link, steps: list[tuple[bool, bytes]]) -> list[bytes | None]:
+    """Broadcast each datagram from the client namespace in turn, from one socket on port
+    68; for those marked wanted, the reply with its xid (retransmitted, bounded to five
+    tries), else whatever came within half a second (None: nothing)."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", link.client_ns, sys.executable, "-c", STEPS_SCRIPT,
+         link.client_if, *(("?" if wanted else ".") + data.hex() for wanted, data in steps)],
+        capture_output=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return [None if line == "-" else bytes.fromhex(line)
+            for line in result.stdout.decode().split()]
+
+
+def _client(mtype: MessageType, mac: bytes, xid: int, **options: bytes) -> bytes:
+    opts = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,)))]
+    opts += [dhcp.Option(Opt[name], value) for name, value in options.items()]
+    return dhcp.encode(dhcp.Packet(op=Op.REQUEST, xid=xid, chaddr=mac,
+                                   flags=dhcp.BROADCAST_FLAG, options=tuple(opts)), pad_to=300)
+
+
+def test_a_decline_from_a_client_not_given_that_address_is_dropped(link: Link) -> None:
+    """Authoritative mode: host B on the link sends a DHCPDECLINE naming the address A holds
+    (RFC 2131 §4.3.3: a DECLINE names the address offered to its sender). It marked the
+    address bad, so A's next REQUEST for it was NAKed and A lost its address. Dropped now
+    (logged once), and A keeps it; B's DECLINE of the address offered to B is honoured."""
+    ip("-n", link.client_ns, "addr", "add", "192.0.2.50/24", "dev", link.client_if)
+    server = Server(link, "authoritative")
+    a, b = bytes.fromhex("5254000000a1"), bytes.fromhex("5254000000b2")
+    sid, held = bytes((192, 0, 2, 1)), bytes((192, 0, 2, 100))
+    try:
+        replies = _conversation(link, [
+            (True, _client(MessageType.DISCOVER, a, 0x5EED0101)),
+            (True, _client(MessageType.REQUEST, a, 0x5EED0102, SERVER_ID=sid,
+                           REQUESTED_IP=held)),
+            (False, _client(MessageType.DECLINE, b, 0x5EED0103, SERVER_ID=sid,
+                            REQUESTED_IP=held)),
+            # A asks for its address again (INIT-REBOOT: the address, no server id).
+            (True, _client(MessageType.REQUEST, a, 0x5EED0104, REQUESTED_IP=held)),
+            (True, _client(MessageType.DISCOVER, b, 0x5EED0105)),
+        ])
+        # B declines what it was offered: that address is marked bad, B offered another.
+        offered = dhcp.parse(replies[4] or b"").yiaddr if replies[4] else None
+        assert offered == "192.0.2.101", replies
+        again = _conversation(link, [
+            (False, _client(MessageType.DECLINE, b, 0x5EED0106, SERVER_ID=sid,
+                            REQUESTED_IP=bytes((192, 0, 2, 101)))),
+            (True, _client(MessageType.DISCOVER, b, 0x5EED0107)),
+        ])
+    finally:
+        log = server.stop()
+    offer, ack, dropped, renewed = (dhcp.parse(r) if r else None for r in replies[:4])
+    assert offer is not None and offer.yiaddr == "192.0.2.100", log
+    assert ack is not None and ack.message_type == MessageType.ACK, log
+    assert dropped is None
+    assert renewed is not None and renewed.message_type == MessageType.ACK, log
+    assert renewed.yiaddr == "192.0.2.100"
+    assert again[0] is None and again[1] is not None
+    assert dhcp.parse(again[1]).yiaddr == "192.0.2.102", log
+    assert log.count("DECLINE of 192.0.2.100 dropped") == 1, log
+    assert "declined 192.0.2.101" in log and "Traceback" not in log, log
