@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -1674,17 +1675,21 @@ async def test_refused_requests_of_one_peer_cannot_flush_the_audit_log(env: Env)
     (s34-attack). A peer's refused requests are recorded up to access.REFUSED_BURST at once
     (REFUSED_RATE a second after); past it they are counted, told in one log line and in
     one entry when the peer is recorded again, and what others do is recorded as ever."""
-    from netboot.access import REFUSED_BURST
+    from netboot.access import REFUSED_BURST, REFUSED_RATE
 
     store = env.service.store
     before = len(await store.list_audit(limit=1_000_000))
+    started = time.monotonic()
     for n in range(3 * REFUSED_BURST):
         r = await call(env, "POST", "/api/v1/register" if n % 2 else
                        "/api/v1/machines/52:54:00:99:99:99/events",
                        json_body={"kind": "x"} if n % 2 == 0 else {"mac": "nope"}, admin=False)
         assert r.status in (400, 401, 403), (r.status, r.text)
+    # The budget refills at REFUSED_RATE while the requests are sent (a loaded machine takes
+    # seconds over them): that much more may be recorded, never the 3x a flood sends.
+    refill = int((time.monotonic() - started) * REFUSED_RATE) + 1
     refused = (await store.list_audit(limit=1_000_000))[before:]
-    assert REFUSED_BURST <= len(refused) <= REFUSED_BURST + 1, len(refused)
+    assert REFUSED_BURST <= len(refused) <= REFUSED_BURST + 1 + refill, (len(refused), refill)
     # An operator's change is recorded as ever.
     await env.post("/api/v1/clusters", {"name": "after", "token": "t"}, status=201)
     last = (await store.list_audit(limit=1))[-1]
