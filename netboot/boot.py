@@ -720,8 +720,8 @@ class BootService:
                 # The NIC's memo of this request (BootService._seen_dhcp): the one its
                 # decision made, else the one still kept: its identity worked out once, not
                 # per step (without it, a storm's records worked out the identity, the
-                # look-up keys and what the request teaches a second time: ~6 % of the
-                # loop's CPU a first DISCOVER, benchmarks/README.md, s34-dhcp).
+                # look-up keys and what the request teaches a second time: 5-6 % of the
+                # loop's instructions a first DISCOVER, benchmarks/README.md, s34-dhcp).
                 if seen is None or seen.request != request:
                     seen = self._seen.get(request.mac)
                     if seen is not None and seen.request != request:
