@@ -434,8 +434,11 @@ class BootService:
         self._recording: dict[MacAddress, list[BootRequest]] = {}
         # NIC -> what its last DHCP request was found to be (_Seen), oldest first, bounded.
         self._seen: collections.OrderedDict[MacAddress, _Seen] = collections.OrderedDict()
-        # DHCP records of known machines, run one after another by one task (_pace_records).
-        self._paced: collections.deque[BootRequest] = collections.deque()
+        # DHCP records of known machines, run one after another by one task (_pace_records),
+        # each with the memo its decision made (_Seen): in a storm of first requests the
+        # records fall thousands behind the answers, past the REPEATS_KEPT memos kept by NIC.
+        self._paced: collections.deque[tuple[BootRequest, _Seen | None]] = (
+            collections.deque())
         self._pacer: asyncio.Task[None] | None = None
         # First stages already described, by everything their description says (loader()).
         self._stages: collections.OrderedDict[tuple[Any, ...], FirstStage] = (
@@ -586,7 +589,7 @@ class BootService:
             # done, grouped with other tasks' commits.
             self._spawn(self._record_dhcp_nic(request, admitted=machine is None))
             return
-        self._paced.append(request)
+        self._paced.append((request, seen))
         if self._pacer is None:
             self._pacer = self._spawn(self._pace_records())
 
@@ -607,8 +610,9 @@ class BootService:
                 until = time.perf_counter() + RECORD_SLICE
                 while True:
                     try:
-                        await self._record_dhcp_nic(self._paced.popleft(), admitted=False,
-                                                    paced=True)
+                        request, seen = self._paced.popleft()
+                        await self._record_dhcp_nic(request, admitted=False, paced=True,
+                                                    seen=seen)
                     except Exception as exc:  # one record's failure is not the next one's
                         self._log.error("background inventory write failed: %s", exc)
                     if not self._paced or time.perf_counter() >= until:
@@ -617,7 +621,7 @@ class BootService:
         finally:
             self._pacer = None
             while self._paced:  # cancelled (shutdown): the ones never started
-                del self._recording[self._paced.popleft().mac]
+                del self._recording[self._paced.popleft()[0].mac]
 
     def _tells_news(self, request: BootRequest, res: Resolution,
                     seen: _Seen | None = None) -> bool:
@@ -655,13 +659,14 @@ class BootService:
                 "dhcp", _dhcp_note(request) if seen is None else seen.note)
 
     async def _record_dhcp_nic(self, request: BootRequest, *, admitted: bool,
-                               paced: bool = False) -> None:
+                               paced: bool = False, seen: _Seen | None = None) -> None:
         """:meth:`_record_dhcp`, then each request of the same NIC that came meanwhile and
-        still tells something new, judged from the inventory as it is then."""
+        still tells something new, judged from the inventory as it is then. ``seen``: the
+        memo the decision of ``request`` made."""
         mac = request.mac
         waiting = self._recording[mac]
         try:
-            await self._record_dhcp(request, admitted=admitted, paced=paced)
+            await self._record_dhcp(request, admitted=admitted, paced=paced, seen=seen)
             while waiting:
                 request = waiting.pop(0)
                 if not await self._fresh():
@@ -695,7 +700,7 @@ class BootService:
         return identity.lookup(self._view, seen.identity, seen.keys)
 
     async def _record_dhcp(self, request: BootRequest, *, admitted: bool = False,
-                           paced: bool = False) -> None:
+                           paced: bool = False, seen: _Seen | None = None) -> None:
         """``paced``: a known machine's record (_pace_records), which commits nothing as it
         is decided (a step noted, facts learnt again on the machine as stored when the next
         group commit writes them, Recorder.learned) but in the cases that re-check it: a
@@ -712,11 +717,15 @@ class BootService:
                 # (StateChanged) and is decided again from a sync, below.
                 if not (paced and attempt == 0 and self._view.fresh(DHCP_VIEW_AGE)):
                     await self._view.sync()
-                # The NIC's memo of this request (BootService._seen_dhcp) when it is still
-                # kept: its identity worked out once, not per step.
-                seen = self._seen.get(request.mac)
-                if seen is not None and seen.request != request:
-                    seen = None
+                # The NIC's memo of this request (BootService._seen_dhcp): the one its
+                # decision made, else the one still kept: its identity worked out once, not
+                # per step (without it, a storm's records worked out the identity, the
+                # look-up keys and what the request teaches a second time: 5-6 % of the
+                # loop's instructions a first DISCOVER, benchmarks/README.md, s34-dhcp).
+                if seen is None or seen.request != request:
+                    seen = self._seen.get(request.mac)
+                    if seen is not None and seen.request != request:
+                        seen = None
                 res = await self._resolve(request, seen)
                 try:
                     machine = await self._adopt(request, res)
