@@ -1106,6 +1106,10 @@ async def test_writes_held_up_by_a_holder_hidden_from_netboots_role_name_the_gra
         said = await call(env, "GET", "/healthz", admin=False)
         assert said.status == 200 and said.text.startswith("unknown: "), said.text
         assert words in said.text and "ok" not in said.text.split(":")[0]
+        # And Prometheus can alert on it: up stays 1 (no outage), unknown is 1 (s34-pg2).
+        scraped = await call(env, "GET", "/metrics", admin=False)
+        assert "\nnetboot_inventory_up 1.0\n" in scraped.text
+        assert "\nnetboot_inventory_unknown 1.0\n" in scraped.text
         await holder.execute("ROLLBACK")
     finally:
         holder.terminate()
@@ -1118,6 +1122,8 @@ async def test_writes_held_up_by_a_holder_hidden_from_netboots_role_name_the_gra
     assert service.boot.health.unknown is None
     said = await call(env, "GET", "/healthz", admin=False)
     assert said.status == 200 and said.text == "ok\n", said.text
+    scraped = await call(env, "GET", "/metrics", admin=False)
+    assert "\nnetboot_inventory_unknown 0.0\n" in scraped.text
 
 
 async def test_a_database_that_stopped_answering_is_told_by_health_within_the_checks_bound(
