@@ -355,6 +355,14 @@ class _Collector(_CollectorBase):
                                 "be written (they pile up while the inventory is "
                                 "unreachable)",
                                 value=0.0 if queued is None else float(queued()))
+        # Its own gauge, not a value of netboot_inventory_up: writes are accepted (they wait
+        # for a lock holder this role may not see, each bounded by statement_timeout), so
+        # "up" stays true, and an alert on up == 0 would never see it (s34-pg2).
+        yield GaugeMetricFamily("netboot_inventory_unknown", "1 while the inventory "
+                                "answers but cannot tell whether its writes are stuck "
+                                "(/healthz: 200 unknown), else 0",
+                                value=0.0 if health is None or health.unknown is None
+                                else 1.0)
         yield from m._tftp.collect()
 
 

@@ -383,7 +383,7 @@ def bouncing(cluster: Cluster, mode: str, users: tuple[str, ...] = (SUPERUSER,),
         f"[databases]\n* = host={cluster.socket_dir} port={cluster.port}\n"
         f"[pgbouncer]\nlisten_addr =\nlisten_port = {number}\nunix_socket_dir = {base}\n"
         f"auth_type = trust\nauth_file = {base}/users.txt\npool_mode = {mode}\n"
-        f"logfile = {base}/pgbouncer.log\n")
+        f"logfile = {base}/pgbouncer.log\npidfile = {base}/pgbouncer.pid\n")
     as_owner: dict[str, Any] = {}
     if os.geteuid() == 0:
         entry = pwd.getpwnam("postgres")
@@ -412,3 +412,13 @@ def bouncing(cluster: Cluster, mode: str, users: tuple[str, ...] = (SUPERUSER,),
             process.kill()
             process.wait(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def repool(dsn: str, mode: str) -> None:
+    """The pgbouncer of ``dsn`` (one :func:`bouncing` made) switched to ``pool_mode = mode``
+    while it runs, as an operator would: its configuration rewritten, then SIGHUP (its
+    RELOAD). Clients connected already stay connected."""
+    base = Path(dsn.partition("host=")[2].partition("&")[0])
+    ini = base / "pgbouncer.ini"
+    ini.write_text(re.sub(r"(?m)^pool_mode = .*$", f"pool_mode = {mode}", ini.read_text()))
+    os.kill(int((base / "pgbouncer.pid").read_text()), signal.SIGHUP)

@@ -9,6 +9,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from netboot.health import InventoryHealth
 from netboot.metrics import DURATION_BUCKETS, EVENT_KINDS, Metrics
 from netboot.model import Event
 from netboot.pxe import DhcpSettings
@@ -142,6 +143,28 @@ def test_event_kinds_counted_apart_are_bounded() -> None:
     assert sum(counted.values()) == 5002
 
 
+def test_the_inventory_s_health_is_a_gauge_each_for_down_and_unknown() -> None:
+    """netboot_inventory_up is 0 in an outage; netboot_inventory_unknown is 1 while the
+    inventory answers but cannot tell whether its writes are stuck (/healthz "200 unknown":
+    a lock holder this role may not see), where netboot_inventory_up stays 1: without it
+    an alert could not tell that state from "ok"."""
+    metrics, health = Metrics(), InventoryHealth()
+    metrics.watch_inventory(health, lambda: 3)
+
+    def gauges() -> tuple[float, float, float]:
+        m = samples(_text(metrics))
+        return (value(m, "netboot_inventory_up"), value(m, "netboot_inventory_unknown"),
+                value(m, "netboot_inventory_queued_events"))
+
+    assert gauges() == (1, 0, 3)
+    health.doubt("it lacks pg_read_all_stats (GRANT pg_read_all_stats TO netboot)")
+    assert gauges() == (1, 1, 3)
+    health.doubt(None)
+    assert gauges() == (1, 0, 3)
+    health.failed("connection refused")
+    assert gauges() == (0, 0, 3)
+
+
 def test_tracked_installs_are_bounded() -> None:
     metrics = Metrics(max_tracked=10)
     for i in range(100):
@@ -219,6 +242,8 @@ def _reference() -> tuple[Any, Callable[..., None]]:
           registry=r)
     Gauge("netboot_inventory_queued_events", "boot events waiting to be written (they pile "
           "up while the inventory is unreachable)", registry=r)
+    Gauge("netboot_inventory_unknown", "1 while the inventory answers but cannot tell "
+          "whether its writes are stuck (/healthz: 200 unknown), else 0", registry=r)
 
     def feed(metrics: Metrics, kind: str, *args: Any) -> None:
         if kind == "dhcp":
@@ -285,7 +310,7 @@ def test_the_plain_counts_are_exposed_as_prometheus_clients_own_metrics() -> Non
         return out
 
     expected = families(reference)
-    assert len(expected) == 17  # 10 families; the 5 counters' and 2 histograms' _created
+    assert len(expected) == 18  # 11 families; the 5 counters' and 2 histograms' _created
     assert families(metrics.registry) == expected
 
 

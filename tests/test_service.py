@@ -32,7 +32,7 @@ from netboot.service import (
     release_when_quiet,
 )
 from tests import pg
-from tests.conftest import EnvFactory, child_json, inotify_instances, write_config
+from tests.conftest import Env, EnvFactory, child_json, inotify_instances, write_config
 
 
 @pytest.mark.parametrize(("line", "seconds"), [("", 0.0001), ("  ack_spin_us: 0\n", 0.0)])
@@ -1022,6 +1022,17 @@ async def test_a_database_gone_without_a_word_is_told_by_health_within_the_bound
         await service.store.close()  # before the proxy goes
 
 
+async def _checked_env(make_env: EnvFactory, dsn: str) -> Env:
+    """A service on the PostgreSQL inventory at ``dsn``, checked every second (each bound
+    1 s), whose first watch found it healthy."""
+    env = await make_env(
+        f'inventory:\n  backend: postgresql\n  dsn: "{dsn}"\n  postgresql:\n'
+        "    connect_timeout: 1\n    check_interval: 1\n    check_timeout: 1\n")
+    await env.service.watch_once()
+    assert env.service.boot.health.up
+    return env
+
+
 async def test_writes_held_up_by_a_stuck_lock_holder_are_told_by_health(
         make_env: EnvFactory, pg_dsn: str) -> None:
     """A session idle in its transaction holds the writers' lock, its backend stopped (a
@@ -1034,12 +1045,8 @@ async def test_writes_held_up_by_a_stuck_lock_holder_are_told_by_health(
     from netboot.errors import StoreError
     from netboot.inventory.postgres import WRITE_LOCK
 
-    env = await make_env(
-        f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n  postgresql:\n'
-        "    connect_timeout: 1\n    check_interval: 1\n    check_timeout: 1\n")
+    env = await _checked_env(make_env, pg_dsn)
     service = env.service
-    await service.watch_once()
-    assert service.boot.health.up
     holder = await asyncpg.connect(pg_dsn)
     pid = holder.get_server_pid()
     try:
@@ -1106,6 +1113,10 @@ async def test_writes_held_up_by_a_holder_hidden_from_netboots_role_name_the_gra
         said = await call(env, "GET", "/healthz", admin=False)
         assert said.status == 200 and said.text.startswith("unknown: "), said.text
         assert words in said.text and "ok" not in said.text.split(":")[0]
+        # And Prometheus can alert on it: up stays 1 (no outage), unknown is 1 (s34-pg2).
+        scraped = await call(env, "GET", "/metrics", admin=False)
+        assert "\nnetboot_inventory_up 1.0\n" in scraped.text
+        assert "\nnetboot_inventory_unknown 1.0\n" in scraped.text
         await holder.execute("ROLLBACK")
     finally:
         holder.terminate()
@@ -1118,6 +1129,59 @@ async def test_writes_held_up_by_a_holder_hidden_from_netboots_role_name_the_gra
     assert service.boot.health.unknown is None
     said = await call(env, "GET", "/healthz", admin=False)
     assert said.status == 200 and said.text == "ok\n", said.text
+    scraped = await call(env, "GET", "/metrics", admin=False)
+    assert "\nnetboot_inventory_unknown 0.0\n" in scraped.text
+
+
+async def test_a_pooler_switched_to_transaction_pooling_is_told_degraded_by_health(
+        make_env: EnvFactory, postgres: pg.Cluster) -> None:
+    """netboot through pgbouncer in session pooling; pgbouncer is switched to transaction
+    pooling while netboot runs (reloaded), then the LISTEN connection's backend ends: the
+    store listens again, no notification reaches it, and health says so: /healthz 503
+    "degraded" naming pool_mode = session, netboot_inventory_up 0 (the watcher syncs the
+    view every half second meanwhile). Back in session pooling, "ok" again, the sessions
+    made in transaction pooling made anew. (Before s34-pg2: "ok" at most watches, "degraded"
+    at some with asyncpg's words for a prepared statement the pooler had lent away, never
+    naming the setting; after 40 watches, "ok"; the view told of no other server's
+    commit.)"""
+    import asyncpg
+
+    from tests.conftest import call
+
+    async with pg.fresh_database(postgres) as database:
+        with pg.bouncing(postgres, "session") as through:
+            dsn = through(database)
+            env = await _checked_env(make_env, dsn)
+            service = env.service
+            pg.repool(dsn, "transaction")
+            admin = await asyncpg.connect(postgres.dsn(database))
+            try:
+                assert await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND query LIKE 'LISTEN%'", database) == 1
+            finally:
+                await admin.close()
+            # Its first failures may be the pooler's own (asyncpg's prepared statements made
+            # on one server session, asked for on another): then the store's words follow.
+            for _ in range(40):
+                await asyncio.wait_for(service.watch_once(), 20)
+                if "pool_mode = session" in (service.boot.health.reason or ""):
+                    break
+                await asyncio.sleep(0.5)
+            said = await call(env, "GET", "/healthz", admin=False)
+            assert said.status == 503 and said.text.startswith("degraded: "), said.text
+            assert "pool_mode = session" in said.text
+            scraped = await call(env, "GET", "/metrics", admin=False)
+            assert "\nnetboot_inventory_up 0.0\n" in scraped.text
+            pg.repool(dsn, "session")
+            for _ in range(40):
+                await asyncio.sleep(0.5)
+                await asyncio.wait_for(service.watch_once(), 20)
+                if service.boot.health.up:
+                    break
+            said = await call(env, "GET", "/healthz", admin=False)
+            assert said.status == 200 and said.text == "ok\n", said.text
+            await service.store.close()  # before its pgbouncer and database go
 
 
 async def test_a_database_that_stopped_answering_is_told_by_health_within_the_checks_bound(

@@ -164,7 +164,9 @@ class StuckWrites(Protocol):
     lock its writers wait for held by a session that makes no progress): why, or None.
     The service's watcher reports it as an outage (health, ``/healthz``, the
     ``netboot_inventory_up`` gauge): every write would fail after a wait meanwhile, so
-    boots of known machines are better answered from memory at once."""
+    boots of known machines are better answered from memory at once. PostgreSQL also
+    says so while no notification reaches its LISTEN connection (a pooler switched to
+    transaction pooling): its view is not told of other servers' commits then."""
 
     def stuck_writes(self) -> str | None: ...
 

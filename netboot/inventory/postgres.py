@@ -514,6 +514,9 @@ class PostgresStore:
         # backend not shown by the server: cannot_tell), as the last check found; None:
         # none such.
         self._blind: str | None = None
+        # Why no notification reaches a LISTEN connection made again (_keep_listening asks,
+        # as open() does: _undelivered), until one made later does; None: they do.
+        self._deaf: str | None = None
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
         self._commits = 0
@@ -926,8 +929,16 @@ class PostgresStore:
             self._notify_lost.set()
 
     async def _delivered(self) -> None:
-        """A notification sent from a pool session reaches the LISTEN connection within
-        connect_timeout, or the store refuses to open (StoreError naming the setting).
+        """:meth:`_undelivered` at open: the store refuses to open if a notification does
+        not reach it (StoreError naming the setting)."""
+        deaf = await self._undelivered(tell_role=True)
+        if deaf is not None:
+            raise StoreError(f"inventory {self.name}: {deaf}")
+
+    async def _undelivered(self, *, tell_role: bool = False) -> str | None:
+        """Why a notification sent from a pool session did not reach the LISTEN connection
+        within connect_timeout, naming the setting; None if it did (StoreError: the pool
+        session could not ask).
         Behind a pooler in transaction or statement pooling (pgbouncer's ``pool_mode =
         transaction``) the LISTEN is made on whichever server session ran it, and what that
         session is notified of goes to whichever client uses it then, or nowhere: the store
@@ -948,21 +959,28 @@ class PostgresStore:
                 async with asyncio.timeout(self._peer.connect_timeout):
                     await probe[1]
             except TimeoutError:
-                raise StoreError(
-                    f"inventory {self.name}: a notification sent on this database did not "
+                return (
+                    "a notification sent on this database did not "
                     f"reach netboot's LISTEN connection within {self._peer.connect_timeout} "
                     "s: is a connection pooler between netboot and PostgreSQL in transaction "
                     "or statement pooling? netboot is told of other servers' changes by "
                     "LISTEN/NOTIFY, which needs a server session of its own: set pgbouncer's "
                     "pool_mode = session for netboot's database (or connect netboot to "
-                    "PostgreSQL directly)") from None
+                    "PostgreSQL directly)")
         finally:
             self._probe = None
-        if not sees:
+        if tell_role and not sees:
             log.warning("inventory %s: netboot's role, %s, lacks pg_read_all_stats: a lock "
                         "holder of another role that holds up writes cannot be told stuck "
                         "from at work, only reported (GRANT pg_read_all_stats TO %s)",
                         self.name, me, me)
+        return None
+
+    def _unlisten(self) -> None:
+        """End the LISTEN connection on purpose (not "lost": :meth:`_notify_closed`)."""
+        conn, self._notify = self._notify, None
+        if conn is not None:
+            conn.terminate()
 
     def _notify_closed(self, conn: object) -> None:
         if conn is self._notify:  # not one _listen or close replaced on purpose
@@ -999,7 +1017,36 @@ class PostgresStore:
             while True:
                 try:
                     await self._listen()
-                    break
+                    # Asked again at each new LISTEN connection, not only at open(): a
+                    # pooler switched to transaction pooling while netboot runs (pgbouncer
+                    # reloaded) lends the new LISTEN a server session whose notifications
+                    # go to whoever uses it next (s34-pg2). Then the connection is ended:
+                    # readers poll (wait_for_changes) rather than wait on it, health says
+                    # why (stuck_writes), and the next attempt asks again.
+                    try:
+                        deaf = await self._undelivered()
+                    except StoreError:
+                        self._unlisten()  # made again, and asked again, next attempt
+                        raise
+                    if deaf is None:
+                        if self._deaf is not None:
+                            # The pool's sessions made meanwhile may hold asyncpg's
+                            # prepared statements made on server sessions the pooler then
+                            # lent to others ("prepared statement does not exist" at each
+                            # use, measured with pgbouncer 1.18 switched back): made anew.
+                            for session in (*self._sessions, self._feed):
+                                if session is not None and not session.is_closed():
+                                    session.terminate()
+                            log.warning("inventory %s: notifications reach netboot again; "
+                                        "its sessions are made anew", self.name)
+                        self._deaf = None
+                        break
+                    self._unlisten()
+                    if self._deaf is None:
+                        log.error("inventory %s: %s; readers poll the change feed every %s "
+                                  "s meanwhile", self.name, deaf, POLL_SECONDS)
+                    self._deaf = deaf
+                    pause = most  # no faster than the pooler's configuration is changed
                 except StoreError as exc:
                     if isinstance(exc.__cause__, TimeoutError):
                         self._silenced(f"the server stopped answering (no new connection "
@@ -1209,7 +1256,14 @@ class PostgresStore:
         """Why writes are given up while reads answer (base.StuckWrites): a lock they wait
         for held by a session idle in its transaction past check_timeout (:meth:`_look`).
         Not a holder whose state this role may not see: that one may be at work (a bulk
-        import of another role), and its writes wait rather than fail: cannot_tell."""
+        import of another role), and its writes wait rather than fail: cannot_tell.
+
+        Also while no notification reaches a LISTEN connection made again (a pooler
+        switched to transaction pooling while netboot runs: :meth:`_keep_listening`): the
+        view would otherwise be told of no other server's commit, nothing said; health
+        says so, naming pool_mode = session, until a later LISTEN is notified."""
+        if self._deaf is not None:
+            return f"inventory {self.name}: {self._deaf}"
         stuck = self._stuck
         return None if stuck is None or stuck[3] else stuck[2]
 
@@ -1258,6 +1312,11 @@ class PostgresStore:
         if self._silence is not None and isinstance(
                 first, asyncpg.ConnectionDoesNotExistError | TimeoutError):
             return f"{said}: {self._silence}"
+        if self._deaf is not None:
+            # A pooler in transaction pooling fails statements its own way too (asyncpg's
+            # prepared statements, made on one server session, asked for on another):
+            # every error says what the store found (s34-pg2).
+            return f"{said}; {self._deaf}"
         return said
 
     async def _adopt_session(self, conn: asyncpg.Connection) -> None:

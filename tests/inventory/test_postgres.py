@@ -2130,6 +2130,45 @@ async def test_through_pgbouncer_in_session_pooling_a_stuck_holder_is_found(
                 await store.close()
 
 
+async def test_through_pgbouncer_switched_to_transaction_pooling_a_relisten_is_told(
+        request: pytest.FixtureRequest) -> None:
+    """pgbouncer switched from session to transaction pooling while netboot runs (its
+    configuration reloaded), then the LISTEN connection's backend ended: the store listens
+    again through it, and checks again that a notification reaches it. None does, so the
+    store says so where health reads it (stuck_writes: /healthz "degraded", naming
+    pool_mode = session) and its readers poll rather than wait for notifications that never
+    come; once the pooler is back in session pooling, a new attempt listens and the store is
+    healthy again. (Before: open() alone checked: the store listened, said nothing, and its
+    view learnt other servers' commits only at its own syncs.)"""
+    cluster: pg.Cluster = request.getfixturevalue("postgres")
+    async with pg.fresh_database(cluster) as database:
+        with pg.bouncing(cluster, "session") as through:
+            dsn = through(database)
+            store = PostgresStore(dsn, peer=CHECKED)
+            await store.open()
+            admin = await asyncpg.connect(cluster.dsn(database))
+            try:
+                assert store.stuck_writes() is None
+                pg.repool(dsn, "transaction")
+                ended = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND query LIKE 'LISTEN%'", database)
+                assert ended == 1
+
+                def told() -> bool:
+                    said = store.stuck_writes()
+                    return said is not None and "pool_mode = session" in said
+
+                await _within("told no notification reaches it", told)
+                assert not store._listening()  # readers poll meanwhile
+                pg.repool(dsn, "session")
+                await _within("listening again, healthy", lambda: store.stuck_writes(
+                    ) is None and store._listening())
+            finally:
+                await admin.close()
+                await store.close()
+
+
 @pytest.mark.parametrize("mode", ["transaction", "statement"])
 async def test_through_pgbouncer_pooling_transactions_the_store_refuses_to_open(
         request: pytest.FixtureRequest, mode: str) -> None:
