@@ -1802,7 +1802,12 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
         raise _Retry  # no such machine
     shapes: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     labels: list[_Row] = []
-    keys: list[_Row] = []
+    # In the group's order, as today's delete-and-insert of each: a machine whose
+    # identifiers changed, or the rows that machines only adding some insert (one list for
+    # a run of those, one executemany). The order keeps a conflict what it was: a key added
+    # before another machine of the group gives it up is refused, the group written again
+    # row by row to name it (_slow_batch), as when every row was deleted and inserted.
+    keys: list[_Row | list[tuple[str, str, str]]] = []
     for r in updates:
         m = r.machine
         old = stored[r.id]
@@ -1829,19 +1834,30 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
         shapes.setdefault(shape, []).append(params)
         if old[5] == r.claims:  # as a rule
             continue
-        same_labels, same_keys = codec.same_claims(old[5], m)
+        same_labels, same_keys, added = codec.claims_change(old[5], m)
         if not same_labels:
             labels.append(r)
-        if not same_keys:
+        if same_keys:
+            continue
+        if added is None:
             keys.append(r)
+        elif added:
+            run = keys[-1] if keys else None
+            if not isinstance(run, list):
+                run = []
+                keys.append(run)
+            run.extend([(kind, value, r.id) for kind, value in added])
     for shape, rows in shapes.items():
         conn.executemany(_UPDATE_CHANGED[shape], rows)
     for r in labels:
         conn.execute(_DELETE_LABELS, (r.id,))
         conn.executemany(_INSERT_LABEL, r.labels)
-    for r in keys:
-        conn.execute(_DELETE_KEYS, (r.id,))
-        conn.executemany(_INSERT_KEY, r.keys)
+    for k in keys:
+        if isinstance(k, _Row):
+            conn.execute(_DELETE_KEYS, (k.id,))
+            conn.executemany(_INSERT_KEY, k.keys)
+        else:
+            conn.executemany(_INSERT_KEY, k)
 
 
 # A batch's events as _write_batch takes them, in order: runs (one statement each) and rows.

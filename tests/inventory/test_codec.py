@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netboot.errors import ValidationError
+from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter
 from netboot.model import (
@@ -545,6 +546,41 @@ def test_labels_and_identifiers_compared_with_the_stored_documents_parts() -> No
     assert codec.same_claims(claims("null", uuid='"7"'), seven) == (True, True)
     bare = replace(bare, macs=(), uuid=None, serial=None)
     assert codec.same_claims("[null,[],null,null,null]", bare) == (True, True)
+
+
+def test_identifiers_only_added_are_the_rows_to_insert() -> None:
+    # A UUID, serial or asset tag where the stored document has none (a first DHCP sighting
+    # learns the UUID): the rows identity.claims gives of those, cleaned, and no others; a
+    # changed or removed one, or other MACs, is None (every row written again).
+    m = replace(MACHINE, labels={}, uuid=None, serial=None, asset=None)
+    macs = "[" + ",".join(f'"{mac}"' for mac in m.macs) + "]"
+
+    def stored(uuid: str = "null", serial: str = "null", asset: str = "null") -> str:
+        return f"[null,{macs},{uuid},{serial},{asset}]"
+
+    uuid = "0A1B2C3D-0000-4000-8000-00000000000E"  # cleaned: lower case
+    assert codec.claims_change(stored(), m) == (True, True, None)
+    learnt = replace(m, uuid=uuid, asset=" A1 ")
+    assert codec.claims_change(stored(), learnt) == (
+        True, False, [("uuid", uuid.lower()), ("asset", "A1")])
+    assert codec.claims_change(stored(), learnt) == (
+        True, False, [c for c in claims(learnt) if c[0] != "mac"])
+    # A stored field kept as it was is not added again; one that changed or went: None.
+    assert codec.claims_change(stored(asset='" A1 "'), learnt) == (
+        True, False, [("uuid", uuid.lower())])
+    assert codec.claims_change(stored(asset='"A2"'), learnt) == (True, False, None)
+    assert codec.claims_change(stored(serial='"s"'), learnt) == (True, False, None)
+    assert codec.claims_change(stored(uuid="7"), replace(learnt, uuid="7")) == (
+        True, False, None)  # not a string as stored: unsure
+    assert codec.claims_change("[null,[],null,null,null]", learnt) == (True, False, None)
+    # A placeholder claims nothing: no row to add.
+    assert codec.claims_change(stored(), replace(m, serial="To be filled by O.E.M.")) == (
+        True, False, [])
+    # The labels are answered from the same parse.
+    assert codec.claims_change(stored(), replace(learnt, labels={"r": "1"}))[:2] == (
+        False, False)
+    for odd in (None, 7, "", "[", "[1,2]"):
+        assert codec.claims_change(odd, learnt) == (False, False, None)
 
 
 @pytest.mark.parametrize("macs", [(), ("52:54:00:00:00:01",),

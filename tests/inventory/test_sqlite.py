@@ -767,6 +767,96 @@ async def test_a_group_of_updates_is_read_by_one_statement(tmp_path: Path) -> No
         await store.close()
 
 
+async def test_identifiers_only_added_insert_only_their_rows(tmp_path: Path) -> None:
+    """A first DHCP sighting learns a machine's UUID (or serial, asset tag): only the new
+    rows are inserted, the group's in one statement; its MAC rows are not deleted and
+    inserted again (most of the writer's work a first-seen DISCOVER, s34-keys). A machine
+    whose identifiers changed still has its rows written again. The rows are those writing
+    everything gives."""
+    from netboot.inventory.base import Batch
+
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:0{i}"),), hostname=f"k{i}",
+                         serial="SN3" if i == 3 else None) for i in range(4)]
+        await store.apply_batch(Batch(create=fleet))
+        statements: list[str] = []
+        await store._run(lambda conn: conn.set_trace_callback(statements.append))
+        uuid = "00000000-0000-4000-8000-0000000000{:02x}".format
+        seen = [replace(fleet[0], uuid=uuid(0), updated=9.0),
+                replace(fleet[1], uuid=uuid(1), serial="SN1", updated=9.0),
+                replace(fleet[2], serial="To be filled by O.E.M.", updated=9.0),  # claims none
+                replace(fleet[3], uuid=uuid(3), serial="SN9", updated=9.0)]  # changed
+        await store.apply_batch(Batch(update=seen))
+        await store._run(lambda conn: conn.set_trace_callback(None))
+        assert [s for s in statements if s.startswith("DELETE FROM machine_keys")] == [
+            f"DELETE FROM machine_keys WHERE machine = '{fleet[3].id}'"]
+        inserted = [s.split("VALUES ")[1] for s in statements
+                    if s.startswith("INSERT INTO machine_keys")]
+        assert inserted == [f"('uuid', '{uuid(0)}', '{fleet[0].id}')",
+                            f"('uuid', '{uuid(1)}', '{fleet[1].id}')",
+                            f"('serial', 'SN1', '{fleet[1].id}')",
+                            f"('mac', '52:54:00:00:0a:03', '{fleet[3].id}')",
+                            f"('uuid', '{uuid(3)}', '{fleet[3].id}')",
+                            f"('serial', 'SN9', '{fleet[3].id}')"]
+        with raw(tmp_path / "n.db") as conn:
+            assert sorted(conn.execute("SELECT machine, kind, value FROM machine_keys")) == sorted(
+                (m.id, k, v) for m in seen for k, v in claims(m))
+        for m in seen:
+            assert await store.get_machine(m.id) == m
+            for kind, value in claims(m):
+                assert await store.machine_by(kind, value) == m
+        assert await store.machine_by("serial", "SN3") is None
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("case", ["held", "twice", "before", "after"])
+async def test_an_added_identifier_another_machine_holds_is_refused_as_before(
+        tmp_path: Path, case: str) -> None:
+    """An identifier added (only) that another machine holds: the batch is refused as when
+    every row was deleted and inserted, with the same error (MemoryStore's, the contract's),
+    and nothing written; in a group, in the group's order: added before the machine
+    holding it gives it up is refused, after is written. The key rows are the same either
+    way."""
+    from netboot.inventory.base import Batch
+    from netboot.inventory.memory import MemoryStore
+
+    x = "00000000-0000-4000-8000-0000000000aa"
+    a, b, c = (Machine(macs=(MacAddress.parse(f"52:54:00:00:0b:0{i}"),), hostname=f"c{i}",
+                       id=f"m-c{i}") for i in range(3))
+    b = replace(b, uuid=x)
+    a_adds = replace(a, uuid=x, updated=9.0)
+    c_adds = replace(c, uuid=x, updated=9.0)
+    b_gives = replace(b, uuid=None, updated=9.0)
+    updates = {"held": [c_adds, a_adds], "twice": [replace(b_gives, serial="S"), a_adds,
+                                                   c_adds],
+               "before": [a_adds, b_gives], "after": [b_gives, a_adds]}[case]
+
+    async def outcome(store: Any) -> tuple[object, ...]:
+        await store.open()
+        try:
+            await store.apply_batch(Batch(create=(a, b, c)))
+            try:
+                await store.apply_batch(Batch(update=updates))
+                error = None
+            except Conflict as e:
+                error = (str(e), e.field, e.holder)
+            machines = [await store.get_machine(m.id) for m in (a, b, c)]
+            owner = await store.machine_by("uuid", x)
+            return error, machines, None if owner is None else owner.id
+        finally:
+            await store.close()
+
+    got = await outcome(SqliteStore(tmp_path / "n.db"))
+    assert got == await outcome(MemoryStore())
+    assert (got[0] is None) == (case == "after")
+    with raw(tmp_path / "n.db") as conn:
+        assert sorted(conn.execute("SELECT machine, kind, value FROM machine_keys")) == sorted(
+            (m.id, k, v) for m in got[1] for k, v in claims(m))
+
+
 @pytest.mark.parametrize("bad", [0, 2, 4])  # which of the contract's bad rows: mac, serial, ipv4
 async def test_bulk_batch_in_chunks_all_or_nothing(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
