@@ -34,7 +34,7 @@ from netboot.arrival import arrived
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits
 from netboot.eager import eager
 from netboot.enroll import Enroller
-from netboot.errors import Conflict, StateChanged, StoreError
+from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution, Unseen
 from netboot.inventory.base import Batch, StateCounts, Store
@@ -75,9 +75,6 @@ LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
 # The fact naming the address an install's token was served to: the one address that gets it
 # again (a device that reboots mid-install asks from the address it booted with).
 INSTALL_PEER = "install_peer"
-# Decisions taken again when another server moved the machine meanwhile (StateChanged):
-# each retry reads what that server committed, so more than a few means a bug, not a race.
-CAS_ATTEMPTS = 3
 
 
 class AssetLookup(Protocol):
@@ -709,7 +706,7 @@ class BootService:
         await self._recorder.room()  # after the answer: a storm's records wait, not offers
         # Under the machine's lock, from a fresh read: a write from a stale snapshot would
         # undo what a concurrent /ipxe plan just stored (its state and install token).
-        for attempt in range(CAS_ATTEMPTS):
+        for attempt in range(DECIDE_ATTEMPTS):
             async with self._lock(request.mac):
                 # A sync per paced record was a quarter of its cost (the store's probe of
                 # its data version, benchmarks/README.md, session 10); a commit made from a
@@ -737,7 +734,7 @@ class BootService:
                         await self._note(machine, request, res, "dhcp", seen.note, seen)
                     return
                 except StateChanged:  # another server moved it: note what it is now
-                    if attempt == CAS_ATTEMPTS - 1:
+                    if attempt == DECIDE_ATTEMPTS - 1:
                         raise
 
     def _lock(self, mac: MacAddress) -> _Locked:
@@ -852,7 +849,7 @@ class BootService:
         recorder, view, health = self._recorder, self._view, self.health
         if recorder.crowded():
             await recorder.room()  # a storm faster than its notes are written waits here
-        for attempt in range(CAS_ATTEMPTS):
+        for attempt in range(DECIDE_ATTEMPTS):
             lock = _Locked(self._locks, request.mac)
             if not lock.take():
                 await lock.wait()
@@ -866,7 +863,7 @@ class BootService:
                 try:
                     return await self._recorded_plan(request)
                 except StateChanged:
-                    if attempt == CAS_ATTEMPTS - 1:
+                    if attempt == DECIDE_ATTEMPTS - 1:
                         raise
             finally:
                 lock.leave()

@@ -24,7 +24,7 @@ from netboot.access import Access
 from netboot.boot import BootService
 from netboot.content import Content
 from netboot.enroll import Enroller, check_hostname, check_hostname_template
-from netboot.errors import Conflict, NotFound, StateChanged, ValidationError
+from netboot.errors import DECIDE_ATTEMPTS, Conflict, NotFound, StateChanged, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
@@ -49,9 +49,6 @@ TOKEN_PLACEHOLDER = "INSTALL-TOKEN"
 MACHINE_INPUT = frozenset({"mac", "macs", "hostname", "uuid", "serial", "asset", "labels",
                            "cluster", "role", "profile", "loader", "fixed_ipv4"})
 APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
-# A PATCH made again on a machine another writer changed since its read (update_machine):
-# as the boot path's decisions (boot.CAS_ATTEMPTS), then the 409 of a state changed.
-PATCH_ATTEMPTS = 3
 
 
 def check_name(name: str) -> None:
@@ -180,7 +177,7 @@ class Core:
                 await self.store.apply_batch(Batch(update=(machine,), expect={old.id: old.state},
                                                    versions={old.id: old.updated}))
             except StateChanged as e:
-                if e.field != "updated" or attempt == PATCH_ATTEMPTS:
+                if e.field != "updated" or attempt == DECIDE_ATTEMPTS:
                     raise
                 continue
             return machine

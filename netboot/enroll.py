@@ -31,6 +31,7 @@ from netboot.addresses import IPAddress
 from netboot.addresses import choose as choose_address
 from netboot.discovery import TokenBuckets
 from netboot.errors import (
+    DECIDE_ATTEMPTS,
     AuthError,
     Conflict,
     NotFound,
@@ -64,12 +65,6 @@ _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-
 _NOT_IN_HOSTNAME = re.compile(r"[^a-z0-9-]+")
 MAX_EVENT_KIND = 64
 MAX_EVENT_MESSAGE = 2048
-# A write of a machine read earlier is a compare-and-set on its state and its version
-# (Batch.versions): refused because another writer changed the machine meanwhile without
-# moving its state (an operator's PATCH, a fact a device reported, another NIC attached),
-# the step is made again on the machine as stored now, this many times in all, as the boot
-# path's decisions are (boot.CAS_ATTEMPTS) and the API's edit (core.PATCH_ATTEMPTS).
-WRITE_ATTEMPTS = 3
 # Machines whose report budgets are kept (the least recently reporting forgotten: it starts
 # again with a full burst), and whose run of refusals is remembered (told once).
 _REPORT_BUDGETS = 16_384
@@ -624,7 +619,7 @@ class Enroller:
         NICs, facts and events kept.
         """
         identity.require(machine)
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
             made = await self._enroll(machine, how, attempt)
             if made is not None:
                 return made
@@ -691,7 +686,7 @@ class Enroller:
         # Decided outside the handler: see recorder._write_group (mypyc's coroutines).
         if refused is None:
             return True
-        if refused.field != "updated" or attempt >= WRITE_ATTEMPTS \
+        if refused.field != "updated" or attempt >= DECIDE_ATTEMPTS \
                 or all(m.id != refused.holder for m in read):
             raise refused
         return False
@@ -727,7 +722,7 @@ class Enroller:
             labels={**group.labels, **machine.labels},
         )
         # On the version read too: the boot path that called decides again on a refusal
-        # (its CAS_ATTEMPTS), from the change that moved it.
+        # (errors.DECIDE_ATTEMPTS), from the change that moved it.
         await self._store.apply_batch(Batch(update=(updated,), expect={machine.id: machine.state},
                                             versions={machine.id: machine.updated}))
         await self.event(machine.id, "enrolled",
@@ -739,7 +734,7 @@ class Enroller:
     async def approve(self, ref: str, *, cluster: str | None, role: Role | None,
                       profile: str | None, hostname: str | None = None) -> Machine:
         await self.validate_refs(cluster, profile)
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
             machine = await identity.require_ref(self._store, ref)
             lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
             name = check_hostname(hostname) if hostname else machine.hostname
@@ -799,7 +794,7 @@ class Enroller:
         raise AuthError(message)
 
     async def reinstall(self, ref: str) -> Machine:
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
             machine = await identity.require_ref(self._store, ref)
             updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
                                         token_hash=None, token_expires=None, install_token=None)
@@ -824,7 +819,7 @@ class Enroller:
         # answered, compare-and-set on the state it was read in.
         # On its version too (Batch.versions): an operator's edit or a device's fact stored
         # since the read is not undone; refused, the config is planned again (the HTTP
-        # server's CONFIG_ATTEMPTS).
+        # server, errors.DECIDE_ATTEMPTS).
         # By position (merge, create, update, events, expect, versions): keywords cost a
         # class call a dict, ~1,500 loop instructions a first config (callgrind; s33-loop).
         await self.recorder.commit(Batch((), (), (updated,), (event,),
@@ -864,7 +859,7 @@ class Enroller:
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
         step = REPORTED_STEPS.get(kind)
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
             updated = (lifecycle.advance(machine, step, self._clock()) if step is not None
                        else machine)
             event = Event(machine.id, self._clock(), kind, message, data)
@@ -946,7 +941,7 @@ class Enroller:
         refused = "".join(f"; ignored {r.source} address {r.text!r} ({r.reason})"
                           for r in choice.refused)
         entries = (audit(machine),) if audit else ()  # made once: the caller keeps each
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
             facts = {**machine.facts, **reported}
             ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
             if choice.ipv6:
@@ -995,7 +990,7 @@ class Enroller:
         whose identifiers point at two enrolled machines, or repeat one of an earlier row, is
         an error naming the line and the field.
         """
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
             refused: StateChanged | None = None
             with _collector_paused():
                 try:
@@ -1006,7 +1001,7 @@ class Enroller:
             # boot's facts, an edit): the import is made again from what is stored now when
             # its rows can be read again (a list: the API's, a parsed file); a stream of
             # rows is read once, and the import is re-run by whoever ran it (409).
-            if refused.field != "updated" or attempt >= WRITE_ATTEMPTS \
+            if refused.field != "updated" or attempt >= DECIDE_ATTEMPTS \
                     or not isinstance(rows, Sequence):
                 raise refused
         raise AssertionError("unreachable: the last attempt raises")

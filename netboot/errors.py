@@ -120,6 +120,13 @@ class StateChanged(Conflict):
     written; read the machine again and decide again."""
 
 
+# Times in all a step refused with StateChanged is made again from the machine as stored now:
+# the boot path's decisions, the installer's writes (enroll), a config fetch, the API's edit
+# (core). Each retry reads what the other writer committed, so more than a few means a bug,
+# not a race; then the refusal is the caller's 409.
+DECIDE_ATTEMPTS = 3
+
+
 class TransitionRefused(Conflict):
     """A machine's lifecycle does not allow this step in its current state (netboot.lifecycle).
 

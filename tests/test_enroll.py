@@ -1013,7 +1013,7 @@ async def test_an_operators_step_does_not_undo_what_a_device_stored_since_its_re
 async def test_auto_enrollment_from_an_older_version_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
     """Auto-enrollment (the boot path's, under its lock) writes the discovered record as read:
     refused on the version when the record was changed since (the boot path then decides
-    again from what is stored, boot.CAS_ATTEMPTS); nothing written."""
+    again from what is stored, errors.DECIDE_ATTEMPTS); nothing written."""
     from netboot.errors import StateChanged
     from netboot.model import Group
 

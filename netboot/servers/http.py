@@ -42,6 +42,7 @@ from urllib.parse import parse_qsl, unquote
 from netboot.arrival import set_arrival
 from netboot.eager import eager
 from netboot.errors import (
+    DECIDE_ATTEMPTS,
     AuthError,
     Busy,
     Conflict,
@@ -142,12 +143,6 @@ _BUILDARCH = {"i386": Arch.X86, "x86_64": Arch.X86_64, "arm32": Arch.ARM32,
 # Looked up once: Python 3.11 finds an enum member through EnumType's __getattr__ hook at
 # each use, ~870 instructions (callgrind), and every /ipxe request takes both.
 _NO_ARCH = Arch.UNKNOWN
-# A per-machine config is planned from the machine as read; its fetch is a compare-and-set
-# on that read (state and version): refused because an operator's edit (its cluster,
-# profile) or a device's fact was stored since, the config is planned and rendered again
-# from it, this many times in all (as the boot path's decisions, boot.CAS_ATTEMPTS), so
-# that the text answered is the stored machine's, not the one the edit replaced.
-CONFIG_ATTEMPTS = 3
 _IPXE = Firmware.IPXE
 
 
@@ -1083,7 +1078,7 @@ class DeviceRoutes:
                 await self._content.config_fetched(plan, "k3OS config")
                 break
             except StateChanged as exc:
-                if exc.field != "updated" or attempt >= CONFIG_ATTEMPTS:
+                if exc.field != "updated" or attempt >= DECIDE_ATTEMPTS:
                     raise
             attempt += 1  # the machine was changed since it was read: planned again
         log_line(self._log, logging.INFO, "config mac=%s peer=%s served", plan.mac.hex(":"),
@@ -1103,7 +1098,7 @@ class DeviceRoutes:
                 await self._content.config_fetched(plan, "cloud-init user-data")
                 break
             except StateChanged as exc:
-                if exc.field != "updated" or attempt >= CONFIG_ATTEMPTS:
+                if exc.field != "updated" or attempt >= DECIDE_ATTEMPTS:
                     raise
             attempt += 1  # as _config
         from aiohttp import web
