@@ -153,14 +153,17 @@ def test_pxe_discover_gets_proxy_offer(link: Link) -> None:
     assert "Traceback" not in log and "proxy OFFER" in log, log
 
 
-CLIENT_SCRIPT = r"""
+# A DHCP client's socket on port 68 of the interface named by argv[1], for both scripts.
+_CLIENT_SOCKET = r"""
 import socket, sys, select
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
 sock.setsockopt(socket.SOL_SOCKET, 25, sys.argv[1].encode())  # SO_BINDTODEVICE
 sock.bind(("0.0.0.0", 68))
-data = bytes.fromhex(sys.argv[2])
+"""
+
+CLIENT_SCRIPT = _CLIENT_SOCKET + r"""data = bytes.fromhex(sys.argv[2])
 for attempt in range(5):
     sock.sendto(data, ("255.255.255.255", 67))
     ready, _, _ = select.select([sock], [], [], 2)
@@ -224,14 +227,7 @@ def test_authoritative_mode_warns_about_another_dhcp_server(link: Link, tmp_path
         other.wait(timeout=10)
 
 
-STEPS_SCRIPT = r"""
-import socket, sys, select
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-sock.setsockopt(socket.SOL_SOCKET, 25, sys.argv[1].encode())  # SO_BINDTODEVICE
-sock.bind(("0.0.0.0", 68))
-for step in sys.argv[2:]:
+STEPS_SCRIPT = _CLIENT_SOCKET + r"""for step in sys.argv[2:]:
     wanted, data = step[0] == "?", bytes.fromhex(step[1:])
     got = "-"
     for attempt in range(5 if wanted else 1):
