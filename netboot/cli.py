@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from netboot import __version__
-from netboot.config import Config, load
+from netboot.config import Config, load, located
 from netboot.core import Core, machine_dict, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
@@ -148,7 +148,10 @@ async def _with_store(args: argparse.Namespace,
     from netboot.service import open_inventory
 
     cfg = _config(args)
-    store, _ = await open_inventory(cfg)
+    try:
+        store, _ = await open_inventory(cfg)
+    except ConfigError as exc:
+        raise located(cfg, exc) from exc
     try:
         what = (args.cmd, getattr(args, "action", None))
         if what not in CHANGES or getattr(args, "dry_run", False):
@@ -192,8 +195,13 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
     )
 
     @functools.cache
+    def advertise() -> str:
+        # Once: found without --advertise, it logs a warning, which a render said twice.
+        return advertised_address(cfg)
+
+    @functools.cache
     def base_url() -> str:
-        return public_base_url(cfg, advertised_address(cfg))
+        return public_base_url(cfg, advertise())
 
     @functools.cache
     def trust() -> Trust:
@@ -201,7 +209,7 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
         found = _exported_ca(cfg) if cfg.https.enabled else None
         if found is None:
             return Trust()
-        return Trust(public_https_url(cfg, advertised_address(cfg)), *found)
+        return Trust(public_https_url(cfg, advertise()), *found)
 
     return build_core(cfg, store, base_url, check_templates=check_templates, trust=trust)
 
@@ -943,6 +951,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 with asyncio.Runner(loop_factory=loop_factory(cfg.server.event_loop)) as runner:
                     runner.run(serve(cfg))
+            except ConfigError as exc:
+                raise located(cfg, exc) from exc
             finally:
                 handler.flush()  # the last iteration's lines, before any traceback
             return 0

@@ -325,6 +325,13 @@ def _yaml_with_lines(text: str, name: str) -> tuple[Any, dict[str, int]]:
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = f"{path}.{k.value}" if path else str(k.value)
+                if key in lines:
+                    # PyYAML keeps the last of two equal keys without a word: a second
+                    # 'http:' section would silently undo the first one's settings.
+                    raise ConfigError(
+                        f"given twice (first on line {lines[key]}); YAML keeps only the last",
+                        source=name, line=k.start_mark.line + 1, key=key,
+                        fix="merge the two into one")
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
         elif isinstance(n, yaml.SequenceNode):
@@ -586,6 +593,17 @@ def load(
     origins.update((key, ("--" + flag.replace("_", "-"), None))
                    for flag, key in FLAGS.items() if (flags or {}).get(flag) is not None)
     return dataclasses.replace(cfg, origins=origins)
+
+
+def located(cfg: Config, error: ConfigError) -> ConfigError:
+    """``error`` naming where its key was set (file and line, variable or flag), when the
+    check that raised it knew only the key: what start-up finds (a port in use, a TLS file,
+    an interface, a profile) is about a value the operator set, who must find it to fix it."""
+    origin = cfg.origins.get(error.key) if error.key and error.source is None else None
+    if origin is None:
+        return error
+    return ConfigError(error.message, source=origin[0], line=origin[1], key=error.key,
+                       fix=error.fix)
 
 
 def setting(cfg: Config, key: str) -> Any:

@@ -86,6 +86,44 @@ def test_errors_are_one_line(cfg: str, capsys: pytest.CaptureFixture[str]) -> No
     assert rc == 2 and "unknown cluster" in err
 
 
+def test_serve_names_the_file_and_line_of_a_setting_start_up_refuses(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What start-up finds wrong (here a TLS file that is not there) is told with the file
+    and line that set it, as a syntax or type error in the file is (s35-user)."""
+    path = write_config(tmp_path, https="  cert_file: /nonexistent/cert.pem\n"
+                                        "  key_file: /nonexistent/key.pem\n")
+    line = path.read_text().splitlines().index("  cert_file: /nonexistent/cert.pem") + 1
+    rc, _, err = run(capsys, "serve", "--config", str(path))
+    assert rc == 2, err
+    assert f"netboot: configuration error: {path}:{line}: https.cert_file: cannot read " \
+        "/nonexistent/cert.pem" in err, err
+
+
+def test_render_warns_once_about_the_advertised_address(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Without --advertise, the address found is warned about once per command, not once
+    per URL base (s35-user)."""
+    text = write_config(tmp_path).read_text().replace("  advertise: 192.0.2.10\n", "")
+    path = tmp_path / "noadvertise.yaml"
+    path.write_text(text)
+    assert run(capsys, "machines", "add", "aa:bb:cc:dd:ee:01", "--config", str(path))[0] == 0
+
+    async def make_ca() -> None:  # as the server's first start does: renders then carry it
+        from netboot.service import open_inventory, prepare_tls
+
+        store, sealer = await open_inventory(load(path, env={}))
+        prepare_tls(load(path, env={}), "192.0.2.10", sealer)
+        await store.close()
+
+    asyncio.run(make_ca())
+    caplog.clear()
+    rc, out, err = run(capsys, "render", "aa:bb:cc:dd:ee:01", "ipxe", "--config", str(path))
+    assert rc == 0 and out.startswith("#!ipxe"), err
+    told = [r for r in caplog.records if "no --interface or --advertise given" in r.message]
+    assert len(told) == 1, told
+
+
 def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "fleet.csv"

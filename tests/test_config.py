@@ -92,6 +92,43 @@ def test_bad_values(tmp_path: Path, text: str, key: str, line: int | None,
         assert fix_word in (err.value.fix or "") + err.value.message
 
 
+def test_a_key_given_twice_names_both_lines(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys without a word: a second http: section
+    silently dropped the first one's port (s35-user)."""
+    path = write(tmp_path, "http:\n  port: 8081\ntftp:\n  port: 6969\nhttp:\n  listen: 127.0.0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert (err.value.source, err.value.line, err.value.key) == (str(path), 5, "http")
+    assert "first on line 1" in err.value.message
+    path = write(tmp_path, "tftp:\n  port: 6969\n  mtu: 1400\n  port: 6970\n")
+    with pytest.raises(ConfigError, match="tftp.port: given twice") as err:
+        load(path, env={})
+    assert err.value.line == 4
+    # The same key in two sections is no repetition.
+    assert load(write(tmp_path, "http:\n  port: 1\ntftp:\n  port: 2\n"), env={}).tftp.port == 2
+
+
+def test_a_start_up_error_is_located_where_its_key_was_set(tmp_path: Path) -> None:
+    """A check at start-up (a port in use, a TLS file, a profile) knows only the key; the
+    message names the file and line, variable or flag that set it (s35-user)."""
+    from netboot.config import located
+
+    path = write(tmp_path, "server:\n  log_level: info\nhttps:\n  cert_file: /x.pem\n"
+                           "  key_file: /x.key\n")
+    cfg = load(path, env={"NETBOOT_HTTP_PORT": "8081"}, flags={"tftp_port": 6969})
+    got = located(cfg, ConfigError("cannot read /x.pem", key="https.cert_file", fix="check"))
+    assert str(got) == f"{path}:4: https.cert_file: cannot read /x.pem (fix: check)"
+    got = located(cfg, ConfigError("in use", key="http.port"))
+    assert str(got) == "environment variable NETBOOT_HTTP_PORT: http.port: in use"
+    assert str(located(cfg, ConfigError("in use", key="tftp.port"))) == \
+        "--tftp-port: tftp.port: in use"
+    # An embedded default, or an error that knows its source already, is left as it is.
+    unset = ConfigError("busy", key="dhcp.port")
+    assert located(cfg, unset) is unset
+    known = ConfigError("x", source="other.yaml", line=9, key="https.cert_file")
+    assert located(cfg, known) is known
+
+
 def test_invalid_yaml_names_line(tmp_path: Path) -> None:
     path = write(tmp_path, "http:\n  port: 8080\n bad: [\n")
     with pytest.raises(ConfigError) as err:
