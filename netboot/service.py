@@ -166,7 +166,16 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
     if sealer is None:
         sealer = Sealer.generate()
     store = open_store(config, sealer, listener)
-    await store.open()
+    try:
+        await store.open()
+    except StoreError as exc:
+        if config.inventory.backend != "sqlite":
+            raise
+        # The file cannot be opened (its directory unwritable or read-only, not a database):
+        # a setting to fix, named with the file and line it was set on (config.located);
+        # the reason says how (inventory.sqlite._unopenable).
+        raise ConfigError(str(exc), key="inventory.path" if config.inventory.path
+                          else "server.data_dir") from exc
     try:
         fix = (f"restore {key_path} from a backup of {config.data_dir}; the join tokens "
                "cannot be read without it (else move the inventory away and enroll again)")
@@ -264,6 +273,11 @@ def asset_roots(config: Config) -> list[Path]:
 
 def renderer_for(config: Config, *, check: bool = True) -> Renderer:
     dirs = [Path(config.templates.dir)] if config.templates.dir else []
+    if check and dirs and not dirs[0].is_dir():
+        # Else a mistyped path serves the shipped templates in place of the site's, silently.
+        raise ConfigError(f"{dirs[0]} is not a directory", key="templates.dir",
+                          fix="give the directory of the site's templates (templates/README.md)"
+                              ", or remove the key to use the shipped ones")
     dirs.append(templates_dir())
     # Scripts and command lines rendered once per profile and reason, the values of each
     # machine filled in (the same text: netboot.render._Split).
@@ -331,8 +345,12 @@ def advertised_address(config: Config) -> str:
         try:
             return interface_ipv4(config.server.interfaces[0])
         except Exception as exc:
+            # interface_ipv4's ConfigError says what failed already: its message alone, not
+            # its str() (key and fix), or the line says each twice.
+            wanted = config.server.interfaces[0]
             raise ConfigError(
-                f"cannot read the IPv4 address of {config.server.interfaces[0]!r}: {exc}",
+                exc.message if isinstance(exc, ConfigError)
+                else f"cannot read the IPv4 address of {wanted!r}: {exc}",
                 key="server.interfaces", fix="name an interface that has an IPv4 address, "
                 "or set server.advertise / --advertise") from exc
     # Embedded defaults: the address of the interface that carries the default route, read

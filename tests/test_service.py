@@ -511,9 +511,49 @@ def test_read_only_or_missing_data_dir_is_named_at_start(tmp_path: Path) -> None
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                          capture_output=True, text=True, timeout=120, env=env)
     text = out.stdout + out.stderr
-    assert f"{ro} is on a read-only file system" in text, text
+    assert f"server.data_dir: cannot open inventory {ro}/netboot.db: {ro} is on a read-only " \
+        "file system" in text, text
     assert f"server.data_dir: cannot create {ro}/sub: Read-only file system" in text, text
-    assert "rc=1" in text and "rc=2" in text and "Traceback" not in text, text
+    # Both are settings to fix (s35-user): the configuration error's status, 2.
+    assert text.count("rc=2") == 2 and "Traceback" not in text, text
+
+
+async def test_an_inventory_that_cannot_be_opened_names_its_setting(tmp_path: Path) -> None:
+    """SQLite's "unable to open database file" (here: the path is a directory) is a setting
+    to fix, named by its key, and so by the file and line that set it (s35-user)."""
+    from netboot.config import located
+    from netboot.service import open_inventory
+
+    path = write_config(tmp_path, f"inventory:\n  path: {tmp_path}\n")
+    cfg = load(path, env={})
+    with pytest.raises(ConfigError) as err:
+        await open_inventory(cfg)
+    assert err.value.key == "inventory.path" and f"cannot open inventory {tmp_path}" in \
+        err.value.message
+    line = path.read_text().splitlines().index(f"  path: {tmp_path}") + 1
+    assert str(located(cfg, err.value)).startswith(f"{path}:{line}: inventory.path: ")
+
+
+def test_a_missing_templates_dir_and_a_missing_interface_are_told_once(tmp_path: Path) -> None:
+    """templates.dir that does not exist stops start-up (it was skipped, and the shipped
+    templates served in place of the site's); an interface without an address is told
+    once, not its message and fix twice over (s35-user)."""
+    from netboot.service import advertised_address, renderer_for
+
+    cfg = load(write_config(tmp_path, f"templates:\n  dir: {tmp_path}/site\n"), env={})
+    with pytest.raises(ConfigError, match="is not a directory") as err:
+        renderer_for(cfg)
+    assert err.value.key == "templates.dir"
+    renderer_for(cfg, check=False)  # the CLI's renders without the start-up checks
+    (tmp_path / "site").mkdir()
+    renderer_for(cfg)
+    cfg = load(None, env={}, flags={"interface": ["nb-s35-none0"]})
+    with pytest.raises(ConfigError) as err:
+        advertised_address(cfg)
+    text = str(err.value)
+    assert text.count("nb-s35-none0") == 1 and text.count("fix:") == 1, text
+    assert text.startswith("server.interfaces: cannot read an IPv4 address of interface "
+                           "'nb-s35-none0'"), text
 
 
 def test_the_open_files_limit_is_counted_and_fitted(
