@@ -67,6 +67,29 @@ _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 _MAX_WATCHED = 256
 
 
+def _check_sandboxed(tree: nodes.Template, filename: str) -> None:
+    """Refuse a template that reads an attribute the sandbox never allows (a name starting
+    with ``_``: ``__class__``, ``__globals__``, ...; jinja2.sandbox.is_safe_attribute), by
+    ``.name``, ``["name"]`` or ``|attr("name")``. Rendered, it raises SecurityError at every
+    boot of the machines it serves; found here, it stops start-up naming the line, as a
+    syntax error does."""
+    from jinja2 import nodes
+
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            attr: object = node.attr
+        elif isinstance(node, nodes.Getitem):
+            attr = node.arg.value if isinstance(node.arg, nodes.Const) else None
+        else:
+            attr = (node.args[0].value if node.name == "attr" and node.args
+                    and isinstance(node.args[0], nodes.Const) else None)
+        if isinstance(attr, str) and attr.startswith("_"):
+            raise ConfigError(f"template reads {attr!r}, which the sandbox refuses",
+                              source=filename, line=node.lineno,
+                              fix="use the variables of templates/README.md; names starting "
+                                  "with '_' are never readable")
+
+
 class Renderer:
     def __init__(self, dirs: Sequence[Path], *, logger: logging.Logger | None = None,
                  volatile: frozenset[str] = frozenset(), stable: frozenset[str] = frozenset(),
@@ -203,7 +226,9 @@ class Renderer:
                 continue
             try:
                 source, filename, _ = loader.get_source(self._env, name)
-                self._env.compile(source, name, filename, raw=True)
+                tree = self._env.parse(source, name, filename)
+                _check_sandboxed(tree, filename or name)
+                self._env.compile(tree, name, filename, raw=True)
             except jinja2.TemplateSyntaxError as exc:
                 raise caused(ConfigError(
                     f"template syntax error: {exc.message}",

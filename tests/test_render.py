@@ -314,6 +314,20 @@ def test_syntax_error_stops_startup_with_file_and_line(tmp_path: Path) -> None:
     assert err.value.line == 3 and "local.ipxe" in (err.value.source or "")
 
 
+@pytest.mark.parametrize("expression", ["machine.__class__", "machine['__class__']",
+                                        "machine | attr('__class__')"])
+def test_an_attribute_the_sandbox_refuses_stops_startup(tmp_path: Path,
+                                                          expression: str) -> None:
+    """Rendered, it fails every boot it serves with SecurityError; found at start-up, it
+    names the file and line, as a syntax error does (s35-user)."""
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "local.ipxe").write_text(f"#!ipxe\n\necho {{{{ {expression} }}}}\n")
+    with pytest.raises(ConfigError) as err:
+        Renderer([tmp_path]).check_all()
+    assert err.value.line == 3 and "local.ipxe" in (err.value.source or "")
+    assert "'__class__'" in err.value.message and "sandbox" in err.value.message
+
+
 def test_unknown_filter_stops_startup(tmp_path: Path) -> None:
     # Found when the template is translated, not only when it is parsed.
     (tmp_path / "ipxe").mkdir()
