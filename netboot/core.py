@@ -42,6 +42,9 @@ from netboot.model import (
 KINDS = ("profiles", "clusters", "groups")
 RENDER_KINDS = ("ipxe", "pxelinux", "grub", "config", "nocloud")
 NOCLOUD_FILES = ("meta-data", "user-data", "vendor-data")
+# The config formats a profile can name (templates/cloud-config/): any other was rendered
+# as k3os.
+CONFIG_TEMPLATES = ("k3os", "cloud-init")
 # What a render shows where a device's one-time install token would be (none is issued). In
 # a token's own alphabet (URL-safe base64), so it is quoted and escaped exactly as a real one
 # (in URLs, JSON, shell), and the rest of the text is byte for byte what the device gets.
@@ -271,6 +274,11 @@ class Core:
             item = await self._check_cluster(item, data, create=create)
         elif single == "group":
             await self._check_group(item)
+        elif item.config_template not in CONFIG_TEMPLATES:
+            # Any other name was rendered as k3os: a "cloudinit" typo installed the wrong OS
+            # config instead of being refused (the OpenAPI document's enum; the CLI's choices).
+            raise ValidationError("config_template", f"{item.config_template!r} is not one "
+                                  f"of {', '.join(CONFIG_TEMPLATES)}")
         await getattr(self.store, f"put_{single}")(item, create=create)
         return item
 

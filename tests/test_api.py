@@ -398,6 +398,8 @@ async def test_profile_crud(env: Env) -> None:
     ({"name": "p", "kernel": "v", "initrds": [1]}, "initrds[0]"),
     ({"name": "p", "kernel": "v", "assets": [{"path": "x", "md5": "y"}]}, "assets[0].md5"),
     ({"name": "p", "kernel": "v", "wat": 1}, "wat"),
+    # Was stored, and rendered as k3os (s35-user).
+    ({"name": "p", "kernel": "v", "config_template": "cloudinit"}, "config_template"),
 ])
 async def test_profile_bad_input(env: Env, body: dict[str, Any], field: str) -> None:
     error(await call(env, "POST", "/api/v1/profiles", json_body=body), 400, field)
