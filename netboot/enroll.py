@@ -347,6 +347,7 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
             row.extend([""] * (width - len(row)))  # missing trailing cells are empty
         clean: dict[str, Any] = {}
         labels: dict[str, str] = {}
+        bad_labels: ValidationError | None = None
         for i, key, kind in columns:
             value = row[i].strip()
             if not value:
@@ -359,9 +360,16 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 for pair in value.split(";"):
                     k, sep, v = pair.partition("=")
                     if not sep:
-                        raise ValidationError("labels", f"line {reader.line_num}: {pair!r} "
-                                                        "is not key=value")
+                        # The row's error, listed with the others' by import_rows
+                        # (_row_values), not the end of the file's reading: the operator
+                        # fixes every bad row in one go.
+                        bad_labels = ValidationError("labels", f"{pair!r} is not key=value")
+                        break
                     labels[k.strip()] = v.strip()
+        if bad_labels is not None:
+            clean["labels"] = bad_labels  # named before extra values on its line, as before
+            yield reader.line_num, clean
+            continue
         # After the row's own cells, as csv.DictReader files extra values last.
         if len(row) > width:
             raise ValidationError("file", f"line {reader.line_num}: more values than "
@@ -1240,6 +1248,8 @@ class Enroller:
         if role_text is not None and role is None:
             raise ValidationError("role", f"{role_text!r} is not server or agent")
         if not isinstance(labels, dict):
+            if isinstance(labels, ValidationError):
+                raise labels  # a CSV labels cell that is not k=v;k=v (_csv_rows)
             raise ValidationError("labels", "must be a mapping of key: value")
         hostname = check_hostname(str(row["hostname"])) if row.get("hostname") else None
         # enrolled_value refuses placeholders and normalises the rest: these are the claims

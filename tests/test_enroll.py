@@ -121,6 +121,20 @@ zz:54:00:00:00:02,bad-mac,,,
     assert await store.machine_by("mac", "52:54:00:00:00:01") is None  # all or nothing
 
 
+async def test_a_bad_labels_cell_is_its_row_error_among_the_others(  # type: ignore[no-untyped-def]
+        store) -> None:
+    """A labels cell that is not k=v;k=v is listed with its line as any bad row is, not the
+    end of the file's reading after which the operator finds the next bad row (s35-user)."""
+    text = ("mac,role,labels\n52:54:00:00:00:01,agent,rack=a;row=1\n"
+            "52:54:00:00:00:02,agentt,rack=a\n52:54:00:00:00:03,agent,rack\n"
+            "52:54:00:00:00:04,agent,rack=b\n")
+    report = await Enroller(store).import_rows(parse_import(text, "csv"))
+    assert [(e.line, e.field) for e in report.errors] == [(3, "role"), (4, "labels")]
+    assert report.errors[1].message == "'rack' is not key=value"
+    assert not report.applied
+    assert await store.machine_by("mac", "52:54:00:00:00:01") is None  # all or nothing
+
+
 async def test_yaml_and_json_imports_with_lines(store) -> None:  # type: ignore[no-untyped-def]
     yaml_text = "- mac: 52:54:00:00:00:01\n  hostname: a\n  labels: {rack: r1}\n" \
                 "- mac: nope\n  hostname: b\n"
@@ -138,8 +152,10 @@ def test_parse_errors() -> None:
         parse_import("{", "json")
     with pytest.raises(ValidationError, match="list"):
         parse_import("a: 1\n", "yaml")
-    with pytest.raises(ValidationError, match="key=value"):
-        parse_import("mac,labels\n52:54:00:00:00:01,rack\n", "csv")
+    # A bad labels cell is its row's error (import_rows lists it with the others').
+    ((line, row),) = parse_import("mac,labels\n52:54:00:00:00:01,rack\n", "csv")
+    assert line == 2 and isinstance(row["labels"], ValidationError)
+    assert (row["labels"].field, row["labels"].message) == ("labels", "'rack' is not key=value")
 
 
 def test_csv_cells_are_read_by_their_header() -> None:
@@ -159,8 +175,10 @@ def test_csv_cells_are_read_by_their_header() -> None:
         (5, {"mac": "52:54:00:00:00:03"}),
     ]
     # A bad labels cell is named before extra values on the same line.
-    with pytest.raises(ValidationError, match="line 2: 'rack' is not key=value"):
-        parse_import("mac,labels\n52:54:00:00:00:01,rack,extra\n", "csv")
+    ((_, row),) = parse_import("mac,labels\n52:54:00:00:00:01,rack,extra\n", "csv")
+    assert "'rack' is not key=value" in str(row["labels"])
+    with pytest.raises(ValidationError, match="line 2: more values than header columns"):
+        parse_import("mac,labels\n52:54:00:00:00:01,rack=a,extra\n", "csv")
     with pytest.raises(ValidationError, match="empty CSV file"):
         parse_import("", "csv")
 
