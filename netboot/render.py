@@ -76,13 +76,14 @@ def _check_sandboxed(tree: nodes.Template, filename: str) -> None:
     from jinja2 import nodes
 
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        attr: object = None
         if isinstance(node, nodes.Getattr):
-            attr: object = node.attr
-        elif isinstance(node, nodes.Getitem):
-            attr = node.arg.value if isinstance(node.arg, nodes.Const) else None
-        else:
-            attr = (node.args[0].value if node.name == "attr" and node.args
-                    and isinstance(node.args[0], nodes.Const) else None)
+            attr = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            attr = node.arg.value
+        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args \
+                and isinstance(node.args[0], nodes.Const):
+            attr = node.args[0].value
         if isinstance(attr, str) and attr.startswith("_"):
             raise ConfigError(f"template reads {attr!r}, which the sandbox refuses",
                               source=filename, line=node.lineno,
