@@ -658,14 +658,17 @@ def _check_config(args: argparse.Namespace) -> int:
     cfg = load(args.file, env={})
     from netboot.service import renderer_for
 
-    renderer_for(cfg)
-    from netboot import groups as grouping
+    try:
+        renderer_for(cfg)
+        from netboot import groups as grouping
 
-    grouping.check_groups(cfg.discovery.rules)
-    if cfg.https.enabled and cfg.https.cert_file:
-        from netboot.pki import operator_files
+        grouping.check_groups(cfg.discovery.rules)
+        if cfg.https.enabled and cfg.https.cert_file:
+            from netboot.pki import operator_files
 
-        operator_files(cfg.https.cert_file, cfg.https.key_file, cfg.https.ca_file)
+            operator_files(cfg.https.cert_file, cfg.https.key_file, cfg.https.ca_file)
+    except ConfigError as exc:
+        raise located(cfg, exc) from exc  # as serve tells it: the file's line
     _report(args, f"{args.file}: OK", {"file": args.file, "ok": True})
     return 0
 

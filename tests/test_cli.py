@@ -93,10 +93,12 @@ def test_serve_names_the_file_and_line_of_a_setting_start_up_refuses(
     path = write_config(tmp_path, https="  cert_file: /nonexistent/cert.pem\n"
                                         "  key_file: /nonexistent/key.pem\n")
     line = path.read_text().splitlines().index("  cert_file: /nonexistent/cert.pem") + 1
+    told = f"netboot: configuration error: {path}:{line}: https.cert_file: cannot read " \
+        "/nonexistent/cert.pem"
     rc, _, err = run(capsys, "serve", "--config", str(path))
-    assert rc == 2, err
-    assert f"netboot: configuration error: {path}:{line}: https.cert_file: cannot read " \
-        "/nonexistent/cert.pem" in err, err
+    assert rc == 2 and told in err, err
+    rc, _, err = run(capsys, "check-config", str(path))  # which checks the files as serve does
+    assert rc == 2 and told in err, err
 
 
 def test_render_warns_once_about_the_advertised_address(

@@ -101,7 +101,7 @@ def test_a_key_given_twice_names_both_lines(tmp_path: Path) -> None:
     assert (err.value.source, err.value.line, err.value.key) == (str(path), 5, "http")
     assert "first on line 1" in err.value.message
     path = write(tmp_path, "tftp:\n  port: 6969\n  mtu: 1400\n  port: 6970\n")
-    with pytest.raises(ConfigError, match="tftp.port: given twice") as err:
+    with pytest.raises(ConfigError, match=r"tftp\.port: given twice") as err:
         load(path, env={})
     assert err.value.line == 4
     # The same key in two sections is no repetition.
