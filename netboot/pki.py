@@ -38,6 +38,7 @@ import logging
 import os
 import secrets
 import ssl
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,6 +410,20 @@ def _load_pem(path: str, key: str, parse: Callable[[bytes], _T], what: str, fix:
         raise ConfigError(f"{path} holds no {what} ({exc})", key=key, fix=fix) from exc
 
 
+def _warn_if_world_readable(key_file: str) -> None:
+    """The key of the site's certificate, readable by every user of the host (a copy made
+    with the umask's 0644), lets any of them impersonate netboot to the operators' browsers
+    and scripts. Told, not refused: a key 0640 for a group (Debian's ssl-cert) is usual, and
+    netboot's own keys (ca.key, secret.key) are made 0600."""
+    try:
+        mode = stat.S_IMODE(os.stat(key_file).st_mode)
+    except OSError:
+        return  # read a moment ago: gone since, and the next read says so
+    if mode & stat.S_IROTH:
+        log.warning("https.key_file %s is mode %04o: every user of this host can read the "
+                    "HTTPS key; chmod 600 (or 640 for a group such as ssl-cert)", key_file, mode)
+
+
 def operator_files(cert_file: str, key_file: str | None, ca_file: str | None) -> Tls:
     """The operator's certificate, checked now so that a typo stops start-up, not the first
     TLS handshake."""
@@ -429,6 +444,7 @@ def operator_files(cert_file: str, key_file: str | None, ca_file: str | None) ->
         raise ConfigError(f"{key_file} is not the key of the first certificate in {cert_file}",
                           key="https.key_file", fix="give the key that belongs to that "
                                                     "certificate (or reorder the PEM file)")
+    _warn_if_world_readable(key_file)
     ca_pem, ca_fp = "", ""
     if ca_file:
         ca = _load_pem(ca_file, "https.ca_file", x509.load_pem_x509_certificate,

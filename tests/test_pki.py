@@ -211,6 +211,24 @@ async def test_operator_files_are_served_as_given(tmp_path: Path) -> None:
         await service.close()
 
 
+def test_a_site_key_every_user_can_read_is_told(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """README: the site's key is "PEM, unencrypted, 0600"; one 0644 (a copy under the umask)
+    was served without a word (s35-user). Told, not refused; 0640 (ssl-cert) is not told."""
+    from netboot.pki import operator_files
+
+    cert, key, ca = operator_pki(tmp_path / "site")
+    for mode, told in ((0o644, True), (0o640, False), (0o600, False)):
+        caplog.clear()
+        key.chmod(mode)
+        operator_files(str(cert), str(key), str(ca))
+        lines = [r.getMessage() for r in caplog.records if "every user of this host" in
+                 r.getMessage()]
+        assert lines == ([f"https.key_file {key} is mode {mode:04o}: every user of this host "
+                          "can read the HTTPS key; chmod 600 (or 640 for a group such as "
+                          "ssl-cert)"] if told else []), (oct(mode), lines)
+
+
 @pytest.mark.parametrize(("broken", "key"), [
     ("missing-cert", "https.cert_file"), ("not-pem", "https.cert_file"),
     ("other-key", "https.key_file"), ("missing-ca", "https.ca_file"),
