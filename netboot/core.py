@@ -140,6 +140,8 @@ class Core:
                 raise ValidationError("mac", "must be a string such as aa:bb:cc:dd:ee:ff")
             mac = MacAddress.parse(mac_text)
             macs = [mac, *(m for m in macs if m != mac)]
+        for i, nic in enumerate(macs):
+            identity.enrolled_mac(nic, "mac" if i == 0 and mac_text is not None else "macs")
         machine = replace(codec.machine_from_dict(fields), macs=tuple(macs))
         if machine.hostname:
             machine = replace(machine, hostname=check_hostname(machine.hostname))

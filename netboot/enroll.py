@@ -1231,6 +1231,8 @@ class Enroller:
                 raise caused(ValidationError("mac", exc.message), None) from None
         else:
             macs = import_macs(row)
+        for mac in macs:
+            identity.enrolled_mac(mac, "mac" if "macs" not in row else "macs")
         # Names are checked against the inventory's and the inventory's copy is kept: one
         # string for the 12,500 machines of a cluster, not one each.
         cluster = row.get("cluster") or None

@@ -125,6 +125,24 @@ def enrolled_value(kind: str, text: str) -> str:
     return value
 
 
+def enrolled_mac(mac: MacAddress, field: str) -> MacAddress:
+    """An operator's MAC, refused naming ``field`` where no NIC can have it: a group
+    (multicast, broadcast) address, its first byte odd (IEEE 802 I/G bit), or all zeros. A
+    machine enrolled by one never matched a boot, and nothing said why (often a typo in the
+    first byte)."""
+    if mac[0] & 1:
+        kind = "the broadcast" if mac == _BROADCAST else "a multicast"
+        raise ValidationError(field, f"{mac} is {kind} address, never a NIC's (its first "
+                                     "byte is odd); check the MAC on the device's label")
+    if mac == _ZERO_MAC:
+        raise ValidationError(field, f"{mac} is the all-zero address, never a NIC's")
+    return mac
+
+
+_BROADCAST = MacAddress(b"\xff" * 6)
+_ZERO_MAC = MacAddress(bytes(6))
+
+
 def claims(machine: Machine) -> list[tuple[str, str]]:
     """Every identifier ``machine`` holds, as (kind, value), in :data:`PRECEDENCE` order.
 

@@ -1087,9 +1087,19 @@ async def test_placeholder_identifiers_are_refused_at_enrollment(env: Env) -> No
                         ({"mac": MAC, "asset": "Default string"}, "asset"),
                         ({"uuid": "00000000-0000-0000-0000-000000000000"}, "uuid"),
                         ({"hostname": "no-id"}, "mac"), ({"macs": []}, "mac"),
-                        ({"macs": [MAC, MAC]}, "macs[1]"), ({"macs": MAC}, "macs")):
+                        ({"macs": [MAC, MAC]}, "macs[1]"), ({"macs": MAC}, "macs"),
+                        # No NIC has these: an odd first byte (a typo) was enrolled and never
+                        # matched a boot (s35-user).
+                        ({"mac": "53:54:00:12:34:56"}, "mac"),
+                        ({"mac": "ff-ff-ff-ff-ff-ff"}, "mac"),
+                        ({"macs": [MAC, "01:00:5e:00:00:01"]}, "macs"),
+                        ({"mac": "0000.0000.0000"}, "mac")):
         error(await call(env, "POST", "/api/v1/machines", json_body=body), 400, field)
     assert (await env.get("/api/v1/machines"))["total"] == 0
+    created = await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    error(await call(env, "PATCH", f"/api/v1/machines/{MAC}",
+                     json_body={"macs": [MAC, "03:00:00:00:00:01"]}), 400, "macs")
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["macs"] == created["macs"]
 
 
 async def test_enrolling_a_discovered_device_by_serial_merges_its_record(env: Env) -> None:

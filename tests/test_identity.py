@@ -202,3 +202,19 @@ def test_a_uuid_that_does_not_parse_is_refused_without_the_parse_error_chained()
         identity.enrolled_value("uuid", "not-a-uuid")
     shown = "".join(traceback.format_exception(refused.value))
     assert "badly formed" not in shown and "During handling" not in shown, shown
+
+
+@pytest.mark.parametrize(("text", "told"), [
+    ("53:54:00:12:34:56", "is a multicast address"), ("01:00:5e:00:00:01", "multicast"),
+    ("ff:ff:ff:ff:ff:ff", "is the broadcast address"), ("00:00:00:00:00:00", "all-zero"),
+    ("52:54:00:12:34:56", None), ("02:00:00:00:00:00", None), ("00:00:00:00:00:01", None),
+])
+def test_an_enrolled_mac_is_one_a_nic_can_have(text: str, told: str | None) -> None:
+    """A group address (first byte odd) or all zeros never matched a boot (s35-user)."""
+    mac = MacAddress.parse(text)
+    if told is None:
+        assert identity.enrolled_mac(mac, "mac") is mac
+        return
+    with pytest.raises(ValidationError, match=told) as err:
+        identity.enrolled_mac(mac, "macs")
+    assert err.value.field == "macs" and text in err.value.message
