@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 import time
@@ -26,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from netboot.discovery import TokenBuckets
+from netboot.discovery import TokenBuckets, peer_key
 from netboot.errors import AuthError, NotFound, ScopeRequired, ValidationError
 from netboot.inventory.base import Batch, Store
 from netboot.model import ApiToken, AuditEntry, Scope
@@ -151,26 +150,10 @@ class RefusalBudget:
         self._max_peers = max_peers
         self._unrecorded: OrderedDict[str, int] = OrderedDict()  # peer -> refusals not recorded
 
-    @staticmethod
-    def key(peer: str) -> str:
-        """The budget's key for ``peer``: a global IPv6 address's /64, else the peer as it
-        is."""
-        if ":" not in peer:
-            return peer
-        try:
-            address = ipaddress.IPv6Address(peer)
-        except ValueError:  # not an address: as it is
-            return peer
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        if address.is_link_local:  # every host's is in fe80::/64: each its own
-            return peer
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-
     def admit(self, peer: str, now: float) -> int | None:
         """None: not recorded (counted); else how many of this peer's refusals were not
         recorded before this one (0 mostly), which its entry's caller tells."""
-        peer = self.key(peer)
+        peer = peer_key(peer)
         if self._all.would_take("", now) and self._buckets.take(peer, now):
             self._all.take("", now)
             return self._unrecorded.pop(peer, 0)

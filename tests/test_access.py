@@ -204,6 +204,7 @@ def test_a_peers_refusals_past_its_budget_are_counted_and_told_with_its_next_ent
 def test_refusals_from_many_peers_are_bounded_together_and_a_v6_peer_by_its_64() -> None:
     # A host with many addresses had a burst per address (s35-attack).
     from netboot.access import RefusalBudget
+    from netboot.discovery import peer_key
 
     budget = RefusalBudget(burst=2, rate=1.0, max_peers=100, all_burst=5, all_rate=1.0)
     admitted = [budget.admit(f"192.0.2.{i}", 10.0) for i in range(8)]
@@ -218,4 +219,4 @@ def test_refusals_from_many_peers_are_bounded_together_and_a_v6_peer_by_its_64()
     assert budget.admit("::ffff:192.0.2.1", 10.0) == 0
     assert budget.admit("192.0.2.1", 10.0) == 0
     assert budget.admit("192.0.2.1", 10.0) is None  # the mapped address was the same peer
-    assert RefusalBudget.key("fe80::1%eth0") == "fe80::1%eth0"  # link-local: each its own
+    assert peer_key("fe80::1%eth0") == "fe80::1%eth0"  # link-local: each its own
