@@ -9,14 +9,14 @@ the store's leases back (:meth:`LeasePool.load`), so leases survive a restart.
 State is bounded by the size of the pool: one lease or offer per address, and one "declined"
 mark per address.
 
-Every operation costs about the same whatever the pool's size and fill. A free address is
-found without scanning the pool: addresses never handed out are taken in order behind a
-cursor, and every address given back since (released, moved from, its offer or lease or
-mark run out) is kept in a set of candidates, found by expiry through a heap of every
-holding's end. A scan from the pool's start each time (as before session 35) cost 14 ms a
-DISCOVER on a full pool of 4,094 addresses and 0.36 s on a /16, and a pool filled in
-quadratic time: any host that sends DISCOVERs with made-up MACs (chaddr is a field) held
-the event loop, which also serves TFTP and HTTP, from a few dozen packets a second
+Every operation costs about the same whatever the pool's size and fill. A free address is found
+without scanning the pool: addresses never handed out are taken in order behind a cursor, and
+every address given back since (released, moved from, its offer or lease or mark run out) in a
+min-heap of candidates, those that ran out found through a heap of every holding's end; the
+lowest free address is still the one chosen. A scan from the pool's start each time (as before
+session 35) cost 14 ms a DISCOVER on a full pool of 4,094 addresses and 0.36 s on a /16, and a
+pool filled in quadratic time: any host that sends DISCOVERs with made-up MACs (chaddr is a
+field) held the event loop, which also serves TFTP and HTTP, from a few dozen packets a second
 (s35-attack).
 """
 
