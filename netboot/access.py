@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from netboot.discovery import TokenBuckets
+from netboot.discovery import TokenBuckets, peer_key
 from netboot.errors import AuthError, NotFound, ScopeRequired, ValidationError
 from netboot.inventory.base import Batch, Store
 from netboot.model import ApiToken, AuditEntry, Scope
@@ -52,6 +52,14 @@ AUDIT_PRUNE_EVERY = 1000
 REFUSED_BURST = 60
 REFUSED_RATE = 1.0
 _REFUSED_PEERS = 4096
+# ... and all peers together: this many at once, then one peer's rate. A peer is an address,
+# and a host on the provisioning network can take many (the VLAN's spare IPv4 addresses, a
+# whole IPv6 /64): with a budget per address alone, 1,700 addresses' bursts pushed out every
+# entry kept (s35-attack). At one a second, refused strangers need a day to push out an
+# operator's entry. An IPv6 peer is budgeted by its /64 (one interface's SLAAC and privacy
+# addresses), an IPv4-mapped one as the IPv4 address it is.
+REFUSED_ALL_BURST = 600
+REFUSED_ALL_RATE = REFUSED_RATE
 # A positive count and a unit; also the pattern the OpenAPI document declares.
 DURATION_PATTERN = r"^[1-9][0-9]{0,5}[smhdw]$"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -129,19 +137,25 @@ def parse_duration(text: object, field: str = "expires") -> float:
 
 class RefusalBudget:
     """Which refused, unauthenticated requests get an audit entry of their own: a token
-    bucket per peer (REFUSED_BURST, REFUSED_RATE), the peers held bounded (the least
-    recently refused forgotten: a full bucket again, its count lost)."""
+    bucket per peer (REFUSED_BURST, REFUSED_RATE; an IPv6 peer by its /64), the peers held
+    bounded (the least recently refused forgotten: a full bucket again, its count lost), and
+    one bucket for all (REFUSED_ALL_BURST, REFUSED_ALL_RATE), spent only by the entries it
+    admits: a peer over its own budget does not take the others' share."""
 
     def __init__(self, *, burst: int = REFUSED_BURST, rate: float = REFUSED_RATE,
-                 max_peers: int = _REFUSED_PEERS) -> None:
+                 max_peers: int = _REFUSED_PEERS, all_burst: int = REFUSED_ALL_BURST,
+                 all_rate: float = REFUSED_ALL_RATE) -> None:
         self._buckets = TokenBuckets(rate, burst, max_peers)
+        self._all = TokenBuckets(all_rate, all_burst, 1)
         self._max_peers = max_peers
         self._unrecorded: OrderedDict[str, int] = OrderedDict()  # peer -> refusals not recorded
 
     def admit(self, peer: str, now: float) -> int | None:
         """None: not recorded (counted); else how many of this peer's refusals were not
         recorded before this one (0 mostly), which its entry's caller tells."""
-        if self._buckets.take(peer, now):
+        peer = peer_key(peer)
+        if self._all.would_take("", now) and self._buckets.take(peer, now):
+            self._all.take("", now)
             return self._unrecorded.pop(peer, 0)
         count = self._unrecorded.pop(peer, 0) + 1
         self._unrecorded[peer] = count

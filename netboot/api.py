@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from netboot.access import (
+    REFUSED_ALL_BURST,
     REFUSED_BURST,
     REFUSED_RATE,
     Permission,
@@ -272,8 +273,9 @@ class Api:
             if counted is None:
                 # One line a peer a minute (lines past it counted by the log's own limit).
                 self._limited.log(logging.WARNING, peer, "audit: refused requests from %s "
-                                  "past %d at once (%g a second): counted, not recorded one by "
-                                  "one (%s %s %s)", peer, REFUSED_BURST, REFUSED_RATE, method,
+                                  "past %d at once (%g a second), or all peers' past %d: "
+                                  "counted, not recorded one by one (%s %s %s)", peer,
+                                  REFUSED_BURST, REFUSED_RATE, REFUSED_ALL_BURST, method,
                                   route, outcome)
                 return
             skipped = counted

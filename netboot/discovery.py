@@ -17,6 +17,7 @@ The clock comes in as an argument, so the buckets are tested without sleeping.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,6 +37,24 @@ class DiscoveryLimits:
     max_sources: int = 4096  # buckets kept; the least recently used is forgotten
 
 
+def peer_key(peer: str) -> str:
+    """A budget's key for a peer address: a global IPv6 address's /64 (one interface's
+    SLAAC and privacy addresses, which a host picks as it likes: a budget per address was a
+    budget per packet), an IPv4-mapped one as the IPv4 address it is, else the peer as it is
+    (a link-local address too: every host's is in fe80::/64) (s35-attack)."""
+    if ":" not in peer:
+        return peer
+    try:
+        address = ipaddress.IPv6Address(peer)
+    except ValueError:  # not an address: as it is
+        return peer
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.is_link_local:
+        return peer
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
 def source_of(request: BootRequest) -> str:
     """Who caused this request, for the per-source budget: a request from an address counts
     against that address (a relayed DHCP request against its relay, which sends it from its
@@ -44,6 +63,7 @@ def source_of(request: BootRequest) -> str:
     one host varying it had a budget per value (s33-attack)."""
     remote = request.remote_addr
     if remote and remote not in _UNSPECIFIED:
+        remote = peer_key(remote)
         return "relay " + remote if request.relay else remote
     return "broadcast on " + (request.interface or "the provisioning network")
 

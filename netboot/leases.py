@@ -8,10 +8,21 @@ the store's leases back (:meth:`LeasePool.load`), so leases survive a restart.
 
 State is bounded by the size of the pool: one lease or offer per address, and one "declined"
 mark per address.
+
+Every operation costs about the same whatever the pool's size and fill. A free address is found
+without scanning the pool: addresses never handed out are taken in order behind a cursor, and
+every address given back since (released, moved from, its offer or lease or mark run out) in a
+min-heap of candidates, those that ran out found through a heap of every holding's end; the
+lowest free address is still the one chosen. A scan from the pool's start each time (as before
+session 35) cost 14 ms a DISCOVER on a full pool of 4,094 addresses and 0.36 s on a /16, and a
+pool filled in quadratic time: any host that sends DISCOVERs with made-up MACs (chaddr is a
+field) held the event loop, which also serves TFTP and HTTP, from a few dozen packets a second
+(s35-attack).
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,6 +84,15 @@ class LeasePool:
         # Addresses the inventory refused (another netboot server sharing it holds them),
         # not offered until then: ip -> until.
         self._elsewhere: dict[str, float] = {}
+        # Finding a free address without a scan (module docstring): the next address never
+        # handed out, addresses that may have been given back since, and (end, address) of
+        # every holding above (stale entries, of holdings renewed or dropped, are skipped
+        # when they come up, and the heap is rebuilt when they outnumber the live ones).
+        self._fresh = self._start
+        self._maybe_free: list[int] = []  # a heap: the lowest free address first, as before
+        self._maybe_free_set: set[int] = set()  # the same addresses, each kept once
+        self._ends: list[tuple[float, str]] = []
+        self._gone: list[str] = []  # MACs whose lease ran out, for the next expire()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -136,42 +156,83 @@ class LeasePool:
         old = self._leases.get(lease.mac)
         if old is not None and self._by_ip.get(old.ipv4) == lease.mac:
             del self._by_ip[old.ipv4]
+            self._given_back(old.ipv4)
         previous_holder = self._by_ip.get(lease.ipv4)
         if previous_holder is not None and previous_holder != lease.mac:
             self._leases.pop(previous_holder, None)
         self._leases[lease.mac] = lease
         self._by_ip[lease.ipv4] = lease.mac
         self._drop_offer(lease.mac)
+        self._ends_at(lease.expires, lease.ipv4)
 
     def _drop_offer(self, mac: str) -> None:
         offer = self._offers.pop(mac, None)
         if offer is not None and self._offered_ip.get(offer.ipv4) == mac:
             del self._offered_ip[offer.ipv4]
+            self._given_back(offer.ipv4)
 
     def _drop_lease(self, mac: str) -> Lease | None:
         lease = self._leases.pop(mac, None)
         if lease is not None and self._by_ip.get(lease.ipv4) == mac:
             del self._by_ip[lease.ipv4]
+            self._given_back(lease.ipv4)
         return lease
+
+    def _given_back(self, ip: str) -> None:
+        """``ip`` may be free now: a candidate for the next client (checked when taken)."""
+        value = int(ipaddress.IPv4Address(ip))
+        if (self._start <= value <= self._end and value not in self._reserved
+                and value not in self._maybe_free_set):
+            self._maybe_free_set.add(value)
+            heapq.heappush(self._maybe_free, value)
+
+    def _ends_at(self, until: float, ip: str) -> None:
+        ends = self._ends
+        heapq.heappush(ends, (until, ip))
+        live = len(self._leases) + len(self._offers) + len(self._declined) + len(self._elsewhere)
+        if len(ends) > 2 * live + 64:
+            # Mostly stale (renewals push an entry each): keep one per live holding. A
+            # holding run out but not yet expired is still in its map, so it is kept too.
+            ends[:] = [(lease.expires, lease.ipv4) for lease in self._leases.values()]
+            ends.extend((offer.expires, offer.ipv4) for offer in self._offers.values())
+            ends.extend((t, ip) for ip, t in self._declined.items())
+            ends.extend((t, ip) for ip, t in self._elsewhere.items())
+            heapq.heapify(ends)
+
+    def _run_out(self, now: float) -> None:
+        """Drop the holdings that ended by ``now``, their addresses made candidates: only
+        the addresses whose end has come are looked at, not every holding."""
+        ends = self._ends
+        while ends and ends[0][0] <= now:
+            _, ip = heapq.heappop(ends)
+            holder = self._by_ip.get(ip)
+            if holder is not None and self._leases[holder].expires <= now:
+                self._drop_lease(holder)
+                self._gone.append(holder)
+            offered = self._offered_ip.get(ip)
+            if offered is not None and self._offers[offered].expires <= now:
+                self._drop_offer(offered)
+            if self._declined.get(ip, now + 1.0) <= now:
+                del self._declined[ip]
+                self._given_back(ip)
+            if self._elsewhere.get(ip, now + 1.0) <= now:
+                del self._elsewhere[ip]
+                self._given_back(ip)
 
     def expire(self, now: float) -> Changes:
         """Forget expired leases, offers and decline marks (RFC 2131 §4.4.6 lease expiry)."""
-        gone = [mac for mac, lease in self._leases.items() if lease.expires <= now]
-        for mac in gone:
-            self._drop_lease(mac)
-        for mac in [m for m, o in self._offers.items() if o.expires <= now]:
-            self._drop_offer(mac)
-        for ip in [ip for ip, until in self._declined.items() if until <= now]:
-            del self._declined[ip]
-        for ip in [ip for ip, until in self._elsewhere.items() if until <= now]:
-            del self._elsewhere[ip]
-        return Changes(delete=tuple(gone))
+        self._run_out(now)
+        # A MAC leased again since its lease ran out keeps its new lease in the store.
+        gone = tuple(dict.fromkeys(mac for mac in self._gone if mac not in self._leases))
+        self._gone = []
+        return Changes(delete=gone)
 
     def held_elsewhere(self, ip: str, until: float) -> None:
         """The inventory refused our claim on ``ip``: another server sharing it gave it to
         another client. Drop our offer or lease of it, and do not offer it before ``until``
         (then the inventory is asked again, and says again if it is still taken)."""
         self._elsewhere[ip] = until
+        self._ends_at(until, ip)
         offered = self._offered_ip.get(ip)
         if offered is not None:
             self._drop_offer(offered)
@@ -189,8 +250,14 @@ class LeasePool:
         if ip is None:
             return None
         self._drop_offer(mac)
+        # An address whose offer to another client ran out: that offer goes (it is not
+        # reached through its address any more, and would stay in memory for good).
+        previous = self._offered_ip.get(ip)
+        if previous is not None and previous != mac:
+            self._offers.pop(previous, None)
         self._offers[mac] = Offer(mac, ip, now + self.offer_seconds)
         self._offered_ip[ip] = mac
+        self._ends_at(now + self.offer_seconds, ip)
         return ip
 
     def _choose(
@@ -212,13 +279,26 @@ class LeasePool:
             requested, mac, now
         ):
             return requested
-        for value in range(self._start, self._end + 1):
-            if value in self._reserved:
-                continue
+        # The lowest free address: of those given back, and of those never handed out (an
+        # address passed over there is held, so it comes back as a candidate when its
+        # holding ends). A candidate held again is dropped, and added again when it is given
+        # back once more.
+        self._run_out(now)
+        candidates = self._maybe_free
+        while True:
+            if candidates and (candidates[0] < self._fresh or self._fresh > self._end):
+                value = heapq.heappop(candidates)
+                self._maybe_free_set.discard(value)
+            elif self._fresh <= self._end:
+                value = self._fresh
+                self._fresh += 1
+                if value in self._reserved:
+                    continue
+            else:
+                return None
             ip = str(ipaddress.IPv4Address(value))
             if self._free_for(ip, mac, now):
                 return ip
-        return None
 
     def request(
         self,
@@ -278,6 +358,7 @@ class LeasePool:
                                                                and lease.ipv4 == ip)):
             return None
         self._declined[ip] = now + self.decline_seconds
+        self._ends_at(now + self.decline_seconds, ip)
         self._drop_offer(mac)
         lease = self._leases.get(mac)
         if lease is not None and lease.ipv4 == ip:

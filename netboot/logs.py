@@ -50,6 +50,12 @@ class RateLimitedLog:
     peer's ("busy"). When a window with suppressed lines ends, one line says how many were
     dropped. The table of keys is bounded (least recently used goes first), so a flood from
     spoofed addresses cannot grow memory.
+
+    All keys together write at most ``overall`` lines a window, then one line says how many
+    more there were: a key is an address or a MAC, which a host on the provisioning network
+    chooses per datagram (a spoofed UDP source, a made-up chaddr), so a budget per key alone
+    let a flood write a line a datagram (TFTP RRQs for a missing file from 10,000 source
+    addresses: 10,000 lines, s35-attack).
     """
 
     def __init__(
@@ -59,14 +65,17 @@ class RateLimitedLog:
         burst: int = 5,
         window: float = 60.0,
         max_peers: int = 1024,
+        overall: int = 200,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._logger = logger
         self._burst = burst
         self._window = window
         self._max_peers = max_peers
+        self._overall = overall
         self._clock = clock
         self._peers: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._all: tuple[float, int] = (0.0, 0)  # every key's lines: window start, count
 
     def log(self, level: int, peer: str, msg: str, *args: Any) -> bool:
         """Log unless ``peer`` is over its budget; returns whether the line was written."""
@@ -81,10 +90,19 @@ class RateLimitedLog:
         self._peers.move_to_end(peer)
         while len(self._peers) > self._max_peers:
             self._peers.popitem(last=False)
-        if count <= self._burst:
-            self._logger.log(level, msg, *args)
-            return True
-        return False
+        if count > self._burst:
+            return False
+        start, count = self._all
+        if now - start > self._window:
+            if count > self._overall:
+                self._logger.log(level, "%d more lines suppressed (over %d a window from all "
+                                 "sources)", count - self._overall, self._overall)
+            start, count = now, 0
+        self._all = (start, count + 1)
+        if count >= self._overall:
+            return False
+        self._logger.log(level, msg, *args)
+        return True
 
 
 class Summary:

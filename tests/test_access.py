@@ -199,3 +199,24 @@ def test_a_peers_refusals_past_its_budget_are_counted_and_told_with_its_next_ent
     assert budget.admit("192.0.2.61", 10.0) == 0  # another peer: its own budget
     assert budget.admit("192.0.2.60", 11.0) == 3  # a token again: three were not recorded
     assert budget.admit("192.0.2.60", 11.0) is None
+
+
+def test_refusals_from_many_peers_are_bounded_together_and_a_v6_peer_by_its_64() -> None:
+    # A host with many addresses had a burst per address (s35-attack).
+    from netboot.access import RefusalBudget
+    from netboot.discovery import peer_key
+
+    budget = RefusalBudget(burst=2, rate=1.0, max_peers=100, all_burst=5, all_rate=1.0)
+    admitted = [budget.admit(f"192.0.2.{i}", 10.0) for i in range(8)]
+    assert admitted == [0] * 5 + [None] * 3
+    assert budget.admit("192.0.2.5", 11.0) == 1  # a token for all again: its one told
+    assert budget.admit("192.0.2.6", 11.0) is None
+    # A peer over its own budget does not spend the others' share.
+    budget = RefusalBudget(burst=2, rate=1.0, max_peers=100, all_burst=5, all_rate=1.0)
+    assert [budget.admit("2001:db8::1", 10.0) for _ in range(4)] == [0, 0, None, None]
+    assert budget.admit("2001:db8::2:3", 10.0) is None  # the same /64
+    assert budget.admit("2001:db8:0:1::1", 10.0) == 0  # another /64
+    assert budget.admit("::ffff:192.0.2.1", 10.0) == 0
+    assert budget.admit("192.0.2.1", 10.0) == 0
+    assert budget.admit("192.0.2.1", 10.0) is None  # the mapped address was the same peer
+    assert peer_key("fe80::1%eth0") == "fe80::1%eth0"  # link-local: each its own

@@ -1706,3 +1706,33 @@ async def test_refused_requests_of_one_peer_cannot_flush_the_audit_log(env: Env)
     await env.post("/api/v1/clusters", {"name": "after", "token": "t"}, status=201)
     last = (await store.list_audit(limit=1))[-1]
     assert last.action == "POST /api/v1/clusters" and last.outcome == "201"
+
+
+async def test_refused_requests_from_many_addresses_cannot_flush_the_audit_log(env: Env) -> None:
+    """The budget above was per address, and a host on the provisioning network can take
+    many: 1,700 addresses' bursts pushed out every entry kept (s35-attack). All peers'
+    refused requests together are recorded up to access.REFUSED_ALL_BURST at once. Real
+    connections from 70 loopback addresses (127.0.5.x), 10 refused POSTs each: under each
+    address's own budget, over all's."""
+    import aiohttp
+
+    from netboot.access import REFUSED_ALL_BURST, REFUSED_ALL_RATE
+
+    store = env.service.store
+    before = len(await store.list_audit(limit=1_000_000))
+    url = f"http://{env.client.host}:{env.client.port}/api/v1/register"
+    started = time.monotonic()
+    sent = 0
+    for host in range(70):
+        connector = aiohttp.TCPConnector(local_addr=(f"127.0.5.{host + 1}", 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(10):
+                async with session.post(url, json={"mac": "nope"}) as resp:
+                    assert resp.status == 400
+                sent += 1
+    assert sent > REFUSED_ALL_BURST
+    refill = int((time.monotonic() - started) * REFUSED_ALL_RATE) + 1
+    refused = (await store.list_audit(limit=1_000_000))[before:]
+    assert {e.peer for e in refused} <= {f"127.0.5.{h}" for h in range(1, 71)}
+    assert REFUSED_ALL_BURST <= len(refused) <= REFUSED_ALL_BURST + refill, (len(refused),
+                                                                           refill)

@@ -63,6 +63,16 @@ def test_a_giaddr_of_its_own_choosing_gives_a_host_no_budget_of_its_own(remote: 
     assert len(sources) == 1
 
 
+def test_an_ipv6_host_has_one_budget_for_its_64() -> None:
+    # A host picks any number of addresses in its /64 (SLAAC, privacy addresses): a budget
+    # per address was a budget per request (s35-attack).
+    sources = {source_of(BootRequest(mac=MAC, remote_addr=f"2001:db8::{i:x}"))
+               for i in range(1, 201)}
+    assert sources == {"2001:db8::/64"}
+    assert source_of(BootRequest(mac=MAC, remote_addr="::ffff:192.0.2.7")) == "192.0.2.7"
+    assert source_of(BootRequest(mac=MAC, remote_addr="fe80::7")) == "fe80::7"
+
+
 def discovered(n: int, created: float) -> Machine:
     return Machine(macs=(MacAddress(bytes([2, 0, 0, 0, 0, n])),), created=created,
                    state=MachineState.DISCOVERED)

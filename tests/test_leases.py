@@ -343,6 +343,119 @@ async def test_uefi_http_authoritative_answer_echoes_httpclient() -> None:
     assert offer.file_name == "http://192.0.2.1:8080/assets/ipxe.efi"
 
 
+# -- cost whatever the pool's size: a flood of made-up MACs (s35-attack) ----------------------
+
+
+def _counting(p: LeasePool) -> list[int]:
+    """Counts the addresses ``p`` looks at (each is one _free_for)."""
+    looked = [0]
+    free_for = p._free_for
+
+    def counted(ip: str, mac: str, now: float) -> bool:
+        looked[0] += 1
+        return free_for(ip, mac, now)
+
+    p._free_for = counted  # type: ignore[method-assign]
+    return looked
+
+
+def _mac(i: int) -> str:
+    return f"02:00:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
+
+
+def test_discovers_from_many_macs_look_at_few_addresses_however_full_the_pool() -> None:
+    # Before, each DISCOVER scanned the pool from its start: filling 4,094 addresses looked
+    # at 8.4 million, and each DISCOVER on the full pool at all 4,094 (14 ms of the event
+    # loop: a few dozen made-up MACs a second held it).
+    p = LeasePool("10.0.0.1", "10.0.15.254", lease_seconds=3600, decline_seconds=600,
+                  offer_seconds=60)
+    looked = _counting(p)
+    for i in range(p.size):
+        p.expire(T0)
+        assert p.offer(_mac(i), T0) is not None
+    assert looked[0] <= 2 * p.size
+    looked[0] = 0
+    for i in range(p.size, p.size + 100):
+        p.expire(T0 + 1)
+        assert p.offer(_mac(i), T0 + 1) is None
+    assert looked[0] <= 100
+    # Given back (a release) or run out: found at once, the lowest first.
+    p.request(_mac(7), "10.0.0.8", T0 + 2, selecting=True)
+    p.release(_mac(7), "10.0.0.8")
+    looked[0] = 0
+    assert p.offer("52:54:00:00:00:01", T0 + 3) == "10.0.0.8"
+    assert p.expire(T0 + 61) == Changes()
+    assert p.offer("52:54:00:00:00:02", T0 + 61) == "10.0.0.1"
+    assert looked[0] <= 4
+
+
+def test_renewals_do_not_grow_the_pools_memory() -> None:
+    p = pool()
+    p.offer(A, T0)
+    for i in range(10_000):
+        assert p.request(A, "192.0.2.100", T0 + i) is not None
+    assert len(p._ends) <= 64 + 2 * 1
+
+
+def test_a_random_conversation_gets_the_lowest_address_no_live_client_holds() -> None:
+    # The pool against a model of what it promised, expired before each packet as the DHCP
+    # server does: every address it offers is the client's own or the lowest one no other
+    # client holds and not declined, None only when there is none, and expire() names
+    # exactly the leases that ran out.
+    import random
+
+    rng = random.Random(35)
+    p = LeasePool("192.0.2.10", "192.0.2.17", lease_seconds=50, decline_seconds=30,
+                  offer_seconds=10, reserved=["192.0.2.12"])
+    addresses = [f"192.0.2.{i}" for i in range(10, 18) if i != 12]
+    offers: dict[str, tuple[str, float]] = {}
+    leases: dict[str, tuple[str, float]] = {}
+    declined: dict[str, float] = {}
+    macs = [_mac(i) for i in range(12)]
+    now = T0
+
+    def held(ip: str, by: str) -> bool:
+        return (ip in declined or any(m != by and i == ip for m, (i, _t) in offers.items())
+                or any(m != by and i == ip for m, (i, _t) in leases.items()))
+
+    for _ in range(3000):
+        now += rng.choice((0.0, 0.5, 1.0, 3.0, 11.0))
+        ran_out = {m for m, (_i, t) in leases.items() if t <= now}
+        assert set(p.expire(now).delete) == ran_out
+        for held_by in (offers, leases):
+            for m in [m for m, (_i, t) in held_by.items() if t <= now]:
+                del held_by[m]
+        for ip in [ip for ip, t in declined.items() if t <= now]:
+            del declined[ip]
+        mac = rng.choice(macs)
+        action = rng.random()
+        if action < 0.45:
+            mine = leases.get(mac) or offers.get(mac)
+            ip = p.offer(mac, now)
+            if mine is not None and not held(mine[0], mac):
+                assert ip == mine[0]
+            else:
+                free = [a for a in addresses if not held(a, mac)]
+                assert ip == (free[0] if free else None)
+            if ip is not None:
+                offers[mac] = (ip, now + 10)
+        elif action < 0.75 and mac in offers:
+            ip = offers[mac][0]
+            lease = p.request(mac, ip, now, selecting=True)
+            assert lease is not None
+            del offers[mac]
+            leases[mac] = (ip, now + 50)
+        elif action < 0.85 and mac in leases:
+            p.release(mac, leases.pop(mac)[0])
+        elif action < 0.95 and (mac in offers or mac in leases):
+            ip = (offers.get(mac) or leases[mac])[0]
+            if p.decline(mac, ip, now) is not None:
+                declined[ip] = now + 30
+                offers.pop(mac, None)
+                if leases.get(mac, ("", 0.0))[0] == ip:
+                    del leases[mac]
+
+
 # -- several servers, one inventory: address claims (issue 13) --------------------------------
 
 

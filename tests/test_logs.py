@@ -81,6 +81,22 @@ def test_rate_limit_table_is_bounded() -> None:
     assert len(limited._peers) == 16
 
 
+def test_all_keys_together_write_at_most_overall_lines_a_window(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A key per datagram (spoofed sources, made-up MACs) wrote a line per datagram.
+    caplog.set_level(logging.INFO)
+    clock = Clock()
+    limited = RateLimitedLog(logging.getLogger("t"), burst=5, window=10, overall=3,
+                             clock=clock)
+    written = [limited.log(logging.INFO, f"10.0.0.{i}", "line %d", i) for i in range(100)]
+    assert written == [True] * 3 + [False] * 97
+    clock.now = 11
+    assert limited.log(logging.INFO, "10.0.1.1", "later")
+    assert [r.getMessage() for r in caplog.records] == [
+        "line 0", "line 1", "line 2",
+        "97 more lines suppressed (over 3 a window from all sources)", "later"]
+
+
 def test_summary_counts_per_kind_and_flushes_on_interval(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)

@@ -813,6 +813,26 @@ async def test_per_client_bound(files: DirFiles, caplog: pytest.LogCaptureFixtur
         await server.close()
 
 
+async def test_requests_from_many_addresses_write_a_bounded_number_of_lines(
+        files: DirFiles, caplog: pytest.LogCaptureFixture) -> None:
+    # Each source address had a budget of its own (5 lines a minute) and nothing bounded
+    # them together: RRQs for a missing file from 400 addresses (spoofed UDP on the VLAN;
+    # here 127.0.x.y, all loopback) wrote 400 lines, one a datagram (s35-attack).
+    caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
+    server = await started(files)
+    try:
+        for i in range(400):
+            with RawClient(f"127.0.{1 + i // 250}.{1 + i % 250}") as c:
+                c.rrq(addr(server), "missing.bin")
+                pkt, _ = await c.recv()
+                assert pkt == Error(ErrorCode.FILE_NOT_FOUND, "file not found")
+        lines = [r for r in caplog.records if "not found" in r.getMessage()]
+        assert server.stats.not_found == 400
+        assert len(lines) == 200
+    finally:
+        await server.close()
+
+
 async def _tid_of(server: TftpServer, client: RawClient) -> tuple[str, int]:
     return server._transfers[client.address].tid
 
