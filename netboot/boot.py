@@ -104,7 +104,7 @@ _NO_ARCH = Arch.UNKNOWN
 _NO_FIRMWARE = Firmware.UNKNOWN
 # The event a decision that installs nothing notes (a repeat of it writes nothing).
 _NOTED = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}
-# Decisions kept for repeated requests (BootService._recorded_plan), one per NIC: a storm's
+# Decisions kept for repeated requests (BootService.plan), one per NIC: a storm's
 # devices and held machines' retry loops, not every machine of a large inventory.
 REPEATS_KEPT = 8192
 # Distinct DHCP requests of one NIC kept while a record of that NIC is under way
@@ -423,7 +423,7 @@ class BootService:
         # Keyed by the MacAddress itself (bytes: equal NICs, equal keys), not its text; a
         # machine's id (a str: no NIC's key) for what all its NICs write (_adopt).
         self._locks: dict[MacAddress | str, list[Any]] = {}
-        # NIC -> the last decision that wrote nothing, to answer its repeats (_recorded_plan);
+        # NIC -> the last decision that wrote nothing, to answer its repeats (plan);
         # oldest first, bounded.
         self._repeats: collections.OrderedDict[MacAddress, _Repeat] = collections.OrderedDict()
         # NIC -> its DHCP requests that came while a record of it was under way, looked at
@@ -861,13 +861,66 @@ class BootService:
                 if not (health.up and view.current()) and not await self._fresh(unsure=True):
                     return await self._plan_from_memory(request)
                 try:
-                    return await self._recorded_plan(request)
+                    # Recorded, as _plan decides it. A request equal to an earlier one whose
+                    # decision wrote nothing, resolved to the same machine object (the view
+                    # replaces it when its value changes), with the same settings and nothing
+                    # else a decision reads changed since (InventoryView.shared), gets that
+                    # decision again without taking it: taken again it would answer the same
+                    # and write nothing either (its note would repeat, learn() would change
+                    # nothing). A held machine's retry loop, a storm's repeated steps.
+                    # Written out here, not a coroutine of its own: one level less between
+                    # the task and every wait of a decision (~1,400 loop instructions a
+                    # level; s35-loop). The request's identity made once: the look-up and
+                    # what the install learns read it. From the view's memory without a
+                    # coroutine where it can tell (loaded: always).
+                    seen = Identity.of_request(request)
+                    res = identity.held_lookup(view, seen)
+                    if res is None:
+                        res = await self._resolve(request, seen)
+                    machine = res.machine
+                    kept = self._repeats.get(request.mac)
+                    if (kept is not None and machine is not None and kept.machine is machine
+                            and not res.absorb and not res.disagree and kept.request == request
+                            and kept.shared == view.shared and kept.settings is self.settings
+                            and recorder.repeats(machine.id, kept.kind, kept.message, machine)
+                            and (kept.expires is None or self._clock() <= kept.expires)):
+                        return kept.plan
+                    activity, shared = recorder.activity, view.shared
+                    plan = await self._plan(request, record=True, res=res, seen=seen)
+                    if (machine is not None and plan.machine is machine
+                            and view.loaded and not res.absorb and not res.disagree
+                            and activity == recorder.activity and shared == view.shared
+                            and machine.state != _DISCOVERED):
+                        self._keep_repeat(request, machine, shared, plan)
+                    return plan
                 except StateChanged:
                     if attempt == DECIDE_ATTEMPTS - 1:
                         raise
             finally:
                 lock.leave()
         raise AssertionError("unreachable")
+
+    def _keep_repeat(self, request: BootRequest, machine: Machine, shared: int,
+                     plan: BootPlan) -> None:
+        """Keep ``plan``, a decision of ``request`` for ``machine`` taken while nothing
+        else changed (``shared``: the view's then), to answer the request's repeats
+        (:meth:`plan`), where its note repeats too."""
+        under_way = lifecycle.allows(machine.state, _INSTALL_AGAIN)
+        kind: str | None
+        if plan.action == _INSTALL and under_way and plan.token is not None \
+                and plan.profile is not None:
+            # An install under way asked again from the address its token was served to
+            # (the request's, compared whole): the same plan until the token expires, when
+            # the clock decides (a hold). Its note is _install_plan's.
+            kind, message = "install-plan", _asked_again(plan.profile.name)
+            expires = machine.token_expires
+        else:
+            kind = None if under_way else _NOTED.get(plan.action)
+            message, expires = plan.reason, None
+        if kind is not None and self._recorder.repeats(machine.id, kind, message, machine):
+            _keep(self._repeats, request.mac,
+                  _Repeat(request, machine, shared, self.settings, kind, message, plan,
+                          expires), REPEATS_KEPT)
 
     async def _fresh(self, *, unsure: bool = False) -> bool:
         """Sync the view; False when the inventory is unreachable (known to be, or found so
@@ -902,51 +955,6 @@ class BootService:
             last = self._recorder.pending(machine.id)
             if last is None or (last.kind, last.message) != (kind, plan.reason):
                 self._recorder.record(self._new_event(machine, kind, plan.reason, request))
-        return plan
-
-    async def _recorded_plan(self, request: BootRequest) -> BootPlan:
-        """:meth:`_plan`, recorded. A request equal to an earlier one whose decision wrote
-        nothing, resolved to the same machine object (the view replaces it when its value
-        changes), with the same settings and nothing else a decision reads changed since
-        (InventoryView.shared), gets that decision again without taking it: taken again it
-        would answer the same and write nothing either (its note would repeat, learn() would
-        change nothing). A held machine's retry loop, a storm's repeated steps."""
-        # The request's identity, made once: the look-up and what the install learns read it.
-        seen = Identity.of_request(request)
-        # From the view's memory without a coroutine where it can tell (loaded: always).
-        res = identity.held_lookup(self._view, seen)
-        if res is None:
-            res = await self._resolve(request, seen)
-        machine = res.machine
-        kept = self._repeats.get(request.mac)
-        if (kept is not None and machine is not None and kept.machine is machine
-                and not res.absorb and not res.disagree and kept.request == request
-                and kept.shared == self._view.shared and kept.settings is self.settings
-                and self._recorder.repeats(machine.id, kept.kind, kept.message, machine)
-                and (kept.expires is None or self._clock() <= kept.expires)):
-            return kept.plan
-        activity, shared = self._recorder.activity, self._view.shared
-        plan = await self._plan(request, record=True, res=res, seen=seen)
-        if (machine is not None and plan.machine is machine
-                and self._view.loaded and not res.absorb and not res.disagree
-                and activity == self._recorder.activity and shared == self._view.shared
-                and machine.state != _DISCOVERED):
-            under_way = lifecycle.allows(machine.state, _INSTALL_AGAIN)
-            kind: str | None
-            if plan.action == _INSTALL and under_way and plan.token is not None \
-                    and plan.profile is not None:
-                # An install under way asked again from the address its token was served
-                # to (the request's, compared whole): the same plan until the token
-                # expires, when the clock decides (a hold). Its note is _install_plan's.
-                kind, message = "install-plan", _asked_again(plan.profile.name)
-                expires = machine.token_expires
-            else:
-                kind = None if under_way else _NOTED.get(plan.action)
-                message, expires = plan.reason, None
-            if kind is not None and self._recorder.repeats(machine.id, kind, message, machine):
-                _keep(self._repeats, request.mac,
-                      _Repeat(request, machine, shared, self.settings, kind, message, plan,
-                              expires), REPEATS_KEPT)
         return plan
 
     async def _plan(self, request: BootRequest, *, record: bool,
@@ -1638,7 +1646,7 @@ class BootService:
             self._log.error("background inventory write failed: %s", task.exception())
 
     def repeated(self, plan: BootPlan) -> bool:
-        """Whether ``plan`` is the decision kept for its NIC (:meth:`_recorded_plan`), which
+        """Whether ``plan`` is the decision kept for its NIC (:meth:`plan`), which
         answers its repeats while nothing it was taken from changed: what is made of it
         alone may be kept with it (Content's install script)."""
         kept = self._repeats.get(plan.mac)

@@ -11,7 +11,7 @@ import re
 import shlex
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
@@ -378,8 +378,14 @@ class Content:
         return text
 
     async def ipxe_script(self, request: BootRequest) -> tuple[BootPlan, str]:
-        plan = await self._boot.plan(request)
+        plan = await self.ipxe_plan(request)
         return plan, self.render_ipxe(plan)
+
+    def ipxe_plan(self, request: BootRequest) -> Awaitable[BootPlan]:
+        """The decision for an iPXE script (:meth:`render_ipxe` renders it): the boot
+        service's coroutine itself, not one of this module's around it (the HTTP front
+        door awaits it in its own)."""
+        return self._boot.plan(request)
 
     def render_ipxe(self, plan: BootPlan) -> str:
         """The iPXE script of a plan (one template per boot action).

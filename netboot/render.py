@@ -363,7 +363,20 @@ class Renderer:
         _, names = self.reads(name)
         if names is not None:
             try:
-                return self.ipxe(name, context(names))
+                made = context(names)
+                # render's split form reached at once where it is kept, its template known
+                # in this pinned scope (the one its file is now): a storm's every install
+                # script, without render's, _template's, _rendered's and _split_of's calls
+                # (s35-loop). Else render's way, which says what fails.
+                fresh, env = self._fresh, self._jinja
+                template = fresh._checked.get((env, name)) \
+                    if fresh._pins and env is not None and self.volatile else None
+                kept = self._splits.get(id(template)) if template is not None else None
+                if kept is not None and kept[0] is template and kept[1] is not None:
+                    text = kept[1].text(made, self._frozen, False)
+                    if text is not None and text.startswith("#!ipxe"):
+                        return text
+                return self.ipxe(name, made)
             except RenderError:
                 pass
         return self.ipxe(name, context(None))
@@ -386,8 +399,15 @@ class Renderer:
         return names
 
     def cmdline(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
-        text = " ".join(self.render_string(source, context, what=what,
-                                           volatile=self.volatile).split())
+        # render_string's split form reached at once where it is kept and answers (a storm's
+        # every command line: render_string's, _compiled's, _rendered's and _split_of's calls
+        # skipped, s35-loop); else its way, which compiles and says what fails.
+        kept = self._splits.get(source) if self.volatile else None
+        raw = kept[1].text(context, self._frozen, False) \
+            if kept is not None and kept[1] is not None else None
+        if raw is None:
+            raw = self.render_string(source, context, what=what, volatile=self.volatile)
+        text = " ".join(raw.split())
         # iPXE's tokenizer treats a token starting with '#' as a comment (exec.c). (A text
         # without '#' has none: most command lines, asked once per install.)
         if "#" in text and any(tok.startswith("#") for tok in text.split()):
@@ -434,7 +454,11 @@ class Renderer:
         :meth:`_yaml` gives, rendered and checked once per skeleton, not once per machine
         (Jinja's render and the form check were ~120,000 of a first config's ~420,000 loop
         instructions, session 28). Else None: rendered and checked as before."""
-        split = self._split_of(template, self.volatile, name, config=True)
+        # Kept by the template object, as _split_of keeps it: found here without its call
+        # (every config fetch; s35-loop).
+        kept = self._splits.get(id(template))
+        split = kept[1] if kept is not None and kept[0] is template else self._split_of(
+            template, self.volatile, name, config=True)
         if split is None:
             return None
         text = split.text(context, self._frozen, True)

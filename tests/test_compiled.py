@@ -79,6 +79,7 @@ NOT_COMPILED = (
     *(f"tests/test_render.py::{name}" for name in (
         "test_a_config_templates_edit_is_split_anew",
         "test_a_config_using_a_per_machine_value_otherwise_is_rendered_whole[",
+        "test_a_kept_split_form_answers_at_once_and_an_edit_is_rendered_anew",
         "test_a_register_commands_plain_values_are_filled_into_places_of_the_config_skeleton",
         "test_a_split_config_is_jinjas_text_for_hostile_values",
         "test_a_split_fill_reads_tojsons_kept_texts_of_strs_and_calls_it_for_the_rest",

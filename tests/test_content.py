@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -230,13 +231,26 @@ async def test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged(
 
     content = env.service.content
     rendered: list[str] = []
-    real = content._render.ipxe
+    real, real_with = content._render.ipxe, content._render.ipxe_with
+    inside: list[bool] = []
 
+    # A script rendered is one call of ipxe or of ipxe_with (an install script's, whose
+    # split form may answer without ipxe), whichever comes first.
     def counting(name: str, context: dict[str, object]) -> str:
-        rendered.append(name)
+        if not inside:
+            rendered.append(name)
         return real(name, context)
 
+    def counting_with(name: str, context: Callable[[object], dict[str, object]]) -> str:
+        rendered.append(name)
+        inside.append(True)
+        try:
+            return real_with(name, context)  # type: ignore[arg-type]
+        finally:
+            inside.pop()
+
     content._render.ipxe = counting  # type: ignore[method-assign]
+    content._render.ipxe_with = counting_with  # type: ignore[method-assign]
     mac = MacAddress.parse("52:54:00:00:00:77")
     profile = Profile(name="p", kernel="vmlinuz")
     plan = BootPlan(BootAction.HOLD, mac, "held for a test", retry_seconds=15,

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -892,6 +893,61 @@ def test_an_ipxe_script_is_given_the_names_it_reads_and_all_when_that_fails(
         {"u", "v", "w"})
     assert r.string_reads("{% include 'ipxe/t.ipxe' %}") is None
     assert r.string_reads("{{ broken") is None
+
+
+def test_a_kept_split_form_answers_at_once_and_an_edit_is_rendered_anew(
+        tmp_path: Path) -> None:
+    """In a pinned scope, ipxe_with takes the split form kept for its template as the file
+    is now, and cmdline the one kept for its text, at once: render and render_string are
+    not called (a storm's every install script and command line), and the text is the
+    whole render's. Outside a pin, or once the template is edited (a new template object),
+    render's way again, with the new text."""
+    (tmp_path / "ipxe").mkdir()
+    template = tmp_path / "ipxe" / "t.ipxe"
+    template.write_text("#!ipxe\necho {{ mac }} {{ p }}\n")
+    r = Renderer([tmp_path], volatile=frozenset({"mac"}), recheck=3600)
+    calls: list[str] = []
+    real_render, real_string = r.render, r.render_string
+
+    def render(*args: Any, **kw: Any) -> str:
+        calls.append("render")
+        return real_render(*args, **kw)
+
+    def render_string(*args: Any, **kw: Any) -> str:
+        calls.append("string")
+        return real_string(*args, **kw)
+
+    r.render = render  # type: ignore[method-assign]
+    r.render_string = render_string  # type: ignore[method-assign]
+
+    def context(mac: str) -> Callable[[frozenset[str] | None], dict[str, object]]:
+        return lambda names: {"mac": mac, "p": "x"}
+
+    line = "a={{ mac }}  b={{ p }}"
+    with r.pinned():
+        assert r.ipxe_with("ipxe/t.ipxe", context("m1")) == "#!ipxe\necho m1 x\n"
+        assert r.cmdline(line, {"mac": "m1", "p": "y"}, what="w") == "a=m1 b=y"
+    assert calls == ["render", "string"]  # the split forms made
+    calls.clear()
+    with r.pinned():
+        assert r.ipxe_with("ipxe/t.ipxe", context("m2")) == "#!ipxe\necho m2 x\n"
+        assert r.cmdline(line, {"mac": "m2", "p": "y"}, what="w") == "a=m2 b=y"
+        assert r.cmdline(line, {"mac": "m 3", "p": "z"}, what="w") == "a=m 3 b=z"
+    assert calls == []
+    assert r.ipxe_with("ipxe/t.ipxe", context("m4")) == "#!ipxe\necho m4 x\n"
+    assert calls == ["render"]  # not pinned: the template looked up as render does
+    calls.clear()
+    _edit(template, "#!ipxe\necho new {{ mac }}\n")
+    with r.pinned():
+        assert r.ipxe_with("ipxe/t.ipxe", context("m5")) == "#!ipxe\necho new m5\n"
+        assert r.ipxe_with("ipxe/t.ipxe", context("m6")) == "#!ipxe\necho new m6\n"
+    assert calls == ["render"]
+    # A kept split that does not answer (a value it cannot be sure of): render's way, which
+    # says what is wrong.
+    calls.clear()
+    with r.pinned(), pytest.raises(RenderError, match="undefined"):
+        r.ipxe_with("ipxe/t.ipxe", lambda names: {"p": "x"})
+    assert calls[:1] == ["render"]
 
 
 def test_a_templates_reads_of_the_machine_are_told_key_by_key(tmp_path: Path) -> None:
