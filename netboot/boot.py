@@ -1652,6 +1652,15 @@ class BootService:
         kept = self._repeats.get(plan.mac)
         return kept is not None and kept.plan is plan
 
+    def forget_memos(self) -> None:
+        """The NICs' DHCP memos (_Seen) dropped, once quiet after a storm (Service.forget_idle):
+        each is worked out again from its NIC's next request, as for a NIC not seen yet. A
+        1,000-device storm left ~1,000 of them (the request, its identity and look-up keys,
+        the decision: ~0.7 MiB) held until 8,192 other NICs pushed them out, scattered over
+        the pools the storm's Python heap grew by (benchmarks/README.md, s35-mem). A record
+        under way keeps the memo it was given (_record_dhcp's ``seen``)."""
+        self._seen.clear()
+
     async def drain(self) -> None:
         """Finish background records and write every queued event (shutdown; readers of
         the history call it first so that they see everything recorded)."""

@@ -834,6 +834,13 @@ class Enroller:
                                          {machine.id: machine.state},
                                          {machine.id: machine.updated}))
 
+    def forget_idle(self) -> None:
+        """The report budgets full again by now forgotten (the same as none: a machine
+        reporting again starts from a full burst either way), once quiet after a storm
+        (Service.forget_idle): else each machine of a storm held one until 16,384 others
+        reported."""
+        self._reports.forget_full(self._clock())
+
     async def report(self, machine: Machine, body: Mapping[str, Any], *,
                      audit: Sequence[AuditEntry] = ()) -> Event:
         """A progress report from an installer (POST /api/v1/machines/<ref>/events) about

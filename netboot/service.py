@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import functools
 import gc
 import logging
 import os
@@ -471,6 +470,25 @@ class Service:
     @base_url.setter
     def base_url(self, value: str) -> None:
         self.url_holder["base"] = value
+
+    def forget_idle(self) -> None:
+        """Per-machine state a storm left that mattered only while it lasted, dropped once
+        quiet after it (``serve``'s release_when_quiet, before the heap is trimmed): the
+        NICs' DHCP memos, the installers' report budgets full again, the TFTP clients past
+        their late-copy window, the HTTP front's parsed request heads. Each is made again as
+        for a machine not seen yet. Held, a 1,000-device storm's ~2 MB of them stayed until
+        thousands of other machines pushed them out. Dropped, they leave room in the arenas
+        Python's heap grew by in the storm (which other survivors keep: the resident figure
+        stays), for the next storm to fill before it asks for new ones (benchmarks/README.md,
+        s35-mem)."""
+        self.boot.forget_memos()
+        self.enroller.forget_idle()
+        if self.front is not None:
+            self.front.forget_heads()
+        for server in self.servers:
+            forget = getattr(server, "forget_ended", None)
+            if forget is not None:
+                forget()
 
     def connection_guard(self) -> ConnectionGuard:
         """The bounds on HTTP connections the config sets (both listeners share one)."""
@@ -1256,8 +1274,12 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     frozen = FrozenHeap()
     service.view_loaded = frozen.start
     store = service.store
-    service.tasks.append(asyncio.ensure_future(release_when_quiet(
-        caches=functools.partial(release_held_caches, store))))
+
+    async def caches() -> None:
+        service.forget_idle()
+        await release_held_caches(store)
+
+    service.tasks.append(asyncio.ensure_future(release_when_quiet(caches=caches)))
     try:
         await service.start()
         print(service.summary(), flush=True)

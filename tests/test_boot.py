@@ -1234,6 +1234,36 @@ async def test_a_dhcp_storms_records_use_their_decisions_memo_once_it_is_evicted
             assert stored.facts.get("manufacturer") == "QEMU"
 
 
+async def test_dhcp_memos_forgotten_when_quiet_are_made_again_with_the_same_answers(
+        tmp_path: Path) -> None:
+    """Once quiet after a storm (Service.forget_idle) the NICs' DHCP memos are dropped, not
+    held until 8,192 other NICs push them out (s35-mem); a NIC asking again is decided as
+    one not seen yet: the same loader, and its repeat writes nothing (one "dhcp" note a
+    machine, as without the forgetting)."""
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    machines = [Machine(macs=(MacAddress.parse(f"02:00:00:03:00:{i:02x}"),),
+                        hostname=f"f{i}", profile="p") for i in range(10)]
+    requests = [BootRequest(mac=m.mac, firmware=Firmware.UEFI, arch=Arch.X86_64, via="dhcp")
+                for m in machines]
+    async with _watched(tmp_path, machines) as w:
+        await w.boot.load_view()
+        for stage in await asyncio.gather(*(w.boot.first_stage(r) for r in requests)):
+            assert stage is not None and stage.path == "snponly.efi"
+        await w.boot.drain()
+        await w.recorder.flush()
+        assert len(w.boot._seen) == len(requests)
+        w.boot.forget_memos()
+        assert not w.boot._seen
+        for request in requests:  # each asks again: a retransmission, the next boot
+            stage = await w.boot.first_stage(request)
+            assert stage is not None and stage.path == "snponly.efi"
+        assert len(w.boot._seen) == len(requests)  # made again
+        await w.boot.drain()
+        await w.recorder.flush()
+        for machine in machines:
+            assert [e.kind for e in await w.store.list_events(machine.id)] == ["dhcp"]
+
+
 async def test_kept_joins_are_bounded_and_the_oldest_is_made_again(tmp_path: Path) -> None:
     """The joins kept per managed cluster stay at most ``_FEW_CLUSTERS`` (a site with more
     clusters churns them, never grows them), the newest kept; a cluster whose join was

@@ -43,6 +43,32 @@ def test_buckets_are_bounded_in_number() -> None:
     assert buckets.take("a", 0.0)
 
 
+def test_a_bucket_full_again_is_forgotten_and_gives_its_burst_as_before() -> None:
+    # A storm's machines each took from a budget of their own (enroll.py's reports), and
+    # every bucket stayed until max_keys others came: now one full again is no bucket, and
+    # forget_full (when quiet: Service.forget_idle) drops those.
+    buckets = TokenBuckets(rate=2, burst=3, max_keys=100)
+    for key in ("a", "b", "c"):
+        assert buckets.take(key, 10.0)
+    assert buckets.take("a", 10.0) and buckets.take("a", 10.0) and not buckets.take("a", 10.0)
+    assert len(buckets) == 3
+    buckets.forget_full(10.4)  # "b" and "c" owe 0.5 s until 10.5, "a" 1.5 s
+    assert len(buckets) == 3
+    buckets.forget_full(10.5)
+    assert len(buckets) == 1  # "a" still owes a second: kept, as spent as it was
+    assert buckets.take("a", 10.5) and not buckets.take("a", 10.5)  # one token, as before
+    # "b", forgotten, has its burst again, as it would have had by now anyway.
+    assert [buckets.take("b", 11.0) for _ in range(4)] == [True, True, True, False]
+
+
+def test_a_clock_stepped_back_leaves_a_bucket_empty_at_worst() -> None:
+    buckets = TokenBuckets(rate=1, burst=2, max_keys=10)
+    assert buckets.take("a", 1000.0) and buckets.take("a", 1000.0)
+    assert not buckets.take("a", 10.0)  # the clock 990 s back: empty, not 990 s of debt
+    assert buckets.take("a", 11.0)  # a token back after a second, as at any rate
+    assert buckets.would_take("a", 13.0) and not buckets.would_take("a", 11.5)
+
+
 def test_the_source_is_the_address_a_request_came_from_then_the_interface() -> None:
     # A relay sends from its own address (RFC 1542 §4.1.1), giaddr in the datagram.
     assert source_of(BootRequest(mac=MAC, relay="198.51.100.1",

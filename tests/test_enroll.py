@@ -721,6 +721,40 @@ async def test_a_report_of_a_kind_of_its_own_is_taken(store, kind: str) -> None:
     assert [e.kind for e in await store.list_events(machine.id)] == [event.kind] == [kind]
 
 
+async def test_report_budgets_full_again_are_forgotten_when_quiet(store) -> None:  # type: ignore[no-untyped-def]
+    """A storm's installers each spend from a report budget of their machine's; held until
+    16,384 other machines reported, a 1,000-device storm's budgets stayed resident after it
+    (s35-mem). Once quiet (Service.forget_idle) those full again are dropped, and such a
+    machine's next reports have the whole burst again, as a kept full bucket gave; one still
+    spent is kept as it was."""
+    from netboot.errors import RateLimited
+
+    now = [1000.0]
+    machines = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0f:{i:02x}"),), hostname=f"q{i}",
+                        profile="p", state=MachineState.BOOTING) for i in range(3)]
+    for machine in machines:
+        await store.create_machine(machine)
+    enroller = Enroller(store, clock=lambda: now[0], report_burst=2, report_rate=1)
+    for machine in machines[:2]:
+        await enroller.report(machine, {"kind": "progress"})
+    for _ in range(2):
+        await enroller.report(machines[2], {"kind": "progress"})
+    with pytest.raises(RateLimited):
+        await enroller.report(machines[2], {"kind": "progress"})
+    assert len(enroller._reports) == 3
+    now[0] = 1001.0  # the first two full again; the third a token short
+    enroller.forget_idle()
+    assert len(enroller._reports) == 1
+    for machine in machines[:2]:
+        for _ in range(2):
+            await enroller.report(machine, {"kind": "progress"})
+        with pytest.raises(RateLimited):
+            await enroller.report(machine, {"kind": "progress"})
+    await enroller.report(machines[2], {"kind": "progress"})
+    with pytest.raises(RateLimited):
+        await enroller.report(machines[2], {"kind": "progress"})
+
+
 # -- the kinds netboot writes, found in its source ----------------------------------------
 # enroll.NETBOOT_KINDS owns which kinds a device may not report; the writers keep their
 # literals (a name looked up in the boot loop costs instructions for nothing). So that a kind

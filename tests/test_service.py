@@ -52,6 +52,44 @@ async def test_the_tftp_ack_wait_is_the_configured_one(tmp_path: Path, line: str
         await service.close()
 
 
+async def test_a_quiet_service_forgets_what_a_storm_left_per_machine(tmp_path: Path) -> None:
+    """Service.forget_idle (``serve`` calls it once quiet after a busy stretch, before the
+    heap is trimmed): the NICs' DHCP memos, the report budgets full again and the TFTP
+    clients past their late-copy window go; what still matters stays (s35-mem)."""
+    import time as time_module
+
+    from netboot.model import Arch, BootRequest, Firmware, MacAddress
+
+    path = write_config(tmp_path, "tftp:\n  enabled: true\n  port: 0\n")
+    path.write_text(path.read_text().replace("tftp:\n  enabled: false\n", ""))
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        (tftp,) = service.servers
+        mac = MacAddress.parse("52:54:00:00:5e:01")
+        await service.boot.first_stage(BootRequest(mac=mac, firmware=Firmware.UEFI,
+                                                   arch=Arch.X86_64, via="dhcp"))
+        assert mac in service.boot._seen
+        reports = service.enroller._reports
+        assert reports.take("m-old", 0.0)  # full again long since
+        assert reports.take("m-new", time_module.time() + 60)  # spent for a minute yet
+        assert service.front is not None
+        ask = b"GET /boot.ipxe HTTP/1.1\r\nHost: x\r\n\r\n"
+        head = service.front.head(ask)
+        assert service.front._heads == {ask: head}
+        now = time_module.monotonic()
+        tftp._ended[("192.0.2.1", 1)] = (b"old", now - 60, 0)
+        tftp._ended[("192.0.2.2", 2)] = (b"new", now, 0)
+        service.forget_idle()
+        assert mac not in service.boot._seen
+        assert len(reports) == 1 and not reports.would_take("m-new", time_module.time())
+        assert list(tftp._ended) == [("192.0.2.2", 2)]
+        assert not service.front._heads
+        assert service.front.head(ask) == head  # parsed again, the same
+    finally:
+        await service.close()
+
+
 async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path) -> None:
     path = write_config(tmp_path, "tftp:\n  enabled: true\n  port: 0\n")
     text = path.read_text().replace("tftp:\n  enabled: false\n", "")

@@ -1165,6 +1165,13 @@ class FrontDoor:
             self._heads[buf] = head
         return head
 
+    def forget_heads(self) -> None:
+        """The parsed heads remembered by :meth:`head` dropped, once quiet after a storm
+        (Service.forget_idle): a storm's first requests are each a head of its own (the
+        device's MAC in the URL), and up to 1,024 of them (~0.5 KiB each with their bytes)
+        stayed until a scan or the next storm churned them (s35-mem)."""
+        self._heads.clear()
+
     def ready(self, head: RequestHead, *, sendfile: bool = False) -> Answer | None:
         """The answer of ``head`` when it is in memory (:meth:`DeviceRoutes.ready`): one
         lookup, the Date, a request id and a join (with ``sendfile``, a large file's head

@@ -1069,6 +1069,19 @@ class TftpServer:
         self._per_client: Counter[str] = Counter()
         self._closing = False
 
+    def forget_ended(self, now: float | None = None) -> None:
+        """Clients whose transfer ended over ``_STALE_COPY`` seconds ago (monotonic ``now``)
+        forgotten, once quiet after a storm (Service.forget_idle): past that window a copy of
+        their request is served anyway (_late_copy), and a late ACK comes within a
+        retransmission of the last DATA, not seconds after it (one later is answered ERROR 5,
+        as it was once 4,096 newer transfers had ended). A 1,000-device storm left its ~2,000
+        transfers' entries (~0.4 MiB) until 4,096 newer ones pushed them out. (Those without
+        an end time, kept for their late ACKs only, stay: few.)"""
+        cutoff = (time.monotonic() if now is None else now) - _STALE_COPY
+        ended = self._ended
+        for peer in [p for p, e in ended.items() if e is not None and e[1] <= cutoff]:
+            del ended[peer]
+
     def drop_spare(self, asking: _Link) -> None:
         """One socket another link than ``asking`` keeps, closed (_Link.connect)."""
         for link in self._links.values():

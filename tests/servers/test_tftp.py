@@ -470,6 +470,42 @@ async def test_the_same_rrq_sent_again_after_its_transfer_ended_is_served_at_onc
     assert server.stats.started == 4 and server.stats.duplicate_requests == 0
 
 
+async def test_clients_past_the_late_copy_window_are_forgotten_when_quiet(
+    server: TftpServer, client: RawClient
+) -> None:
+    """Once quiet after a storm (Service.forget_idle) the clients whose transfer ended over
+    ``_STALE_COPY`` seconds ago are forgotten: a 1,000-device storm's ~2,000 stayed until
+    4,096 newer transfers ended (s35-mem). One that ended within the window is kept (a copy
+    of its RRQ read late is still ignored), and a forgotten client's same request is served
+    as it was (past the window, it was anyway)."""
+    from netboot.servers.tftp import _STALE_COPY
+
+    with RawClient() as other:
+        other.rrq(addr(server), "boot.scr.uimg")
+        data, tid = await other.recv()
+        assert isinstance(data, Data)
+        other.send(Ack(1), tid)
+        await until(lambda: server.stats.completed == 1)
+        ended = time.monotonic()
+        got = await fetch(client, addr(server), "big.bin", LOADER)
+        assert got.data == pattern(3_000_000)
+        await until(lambda: server.stats.completed == 2)
+        assert len(server._ended) == 2
+        server.forget_ended()  # both within the window: kept
+        assert len(server._ended) == 2
+        server._ended[("127.0.0.9", 9)] = None  # an end without its request: kept
+        server.forget_ended(ended + _STALE_COPY + 0.001)  # the first one only is past it
+        assert list(server._ended) == [client.address, ("127.0.0.9", 9)]
+        server.forget_ended(time.monotonic() + _STALE_COPY)
+        assert list(server._ended.values()) == [None]
+        other.rrq(addr(server), "boot.scr.uimg")  # the same request: served
+        data, tid = await other.recv()
+        assert isinstance(data, Data) and data.data == b"script"
+        other.send(Ack(1), tid)
+        await until(lambda: server.stats.completed == 3)
+    assert server.stats.duplicate_requests == 0
+
+
 async def test_a_new_request_from_the_port_of_a_running_transfer_replaces_it(
     server: TftpServer, client: RawClient
 ) -> None:
