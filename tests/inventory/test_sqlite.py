@@ -1648,7 +1648,9 @@ async def _noted_late(store: SqliteStore, monkeypatch: pytest.MonkeyPatch,
         last = store._probe_last()
         if last is not None and last > seq:
             break
-    assert not writing.done()
+    if writing.done():
+        gate.set()
+        raise AssertionError("the group commit returned before it was noted")
     return gate, writing, seq
 
 
@@ -1668,11 +1670,14 @@ async def test_a_sync_meeting_an_own_commit_not_yet_noted_waits_for_it_instead_o
         mine = replace(a, hostname="mine")
         monkeypatch.setattr(sqlite_store, "NOTE_WAIT", 30.0)
         gate, writing, seq = await _noted_late(store, monkeypatch, mine)
-        theirs = replace(b, hostname="theirs")
-        await other.update_machine(theirs)  # after the own commit, before it is noted
-        opened = _decodes(store, monkeypatch)
-        asyncio.get_running_loop().call_later(0.1, gate.set)
-        changes = await store.changes_since(seq)
+        try:
+            theirs = replace(b, hostname="theirs")
+            await other.update_machine(theirs)  # after the own commit, before it is noted
+            opened = _decodes(store, monkeypatch)
+            asyncio.get_running_loop().call_later(0.1, gate.set)
+            changes = await store.changes_since(seq)
+        finally:
+            gate.set()
         await writing
         assert changes.complete and changes.machines == {a.id: mine, b.id: theirs}
         assert changes.machines[a.id] is mine  # as written: not read back
