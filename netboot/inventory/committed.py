@@ -6,11 +6,13 @@ the writer held the very values. A store's writer notes, inside its transaction 
 writers' lock: SQLite's ``BEGIN IMMEDIATE``, PostgreSQL's advisory lock), the newest feed
 position before and after its writes; a commit whose "before" is the previous one's "after"
 follows it with nothing of anyone else in between. A reader asking for what changed after
-``seq`` whose feed ends at ``last`` is answered from here only when such a chain of this
+``seq`` whose feed ends at ``last`` is answered from here alone when such a chain of this
 store's commits leads exactly from ``seq`` to ``last``; anything else committed in between (the
 CLI in another process, another server, a write of this store that noted nothing) breaks
-the chain, and the reader reads the feed as before. Exact, not a guess: the positions are the
-feed's own.
+the chain, and the reader reads the feed, but only the positions between this store's
+commits (:meth:`CommittedHere.split`): what another writer committed is decoded, what this
+one wrote is taken as written (a machine both wrote is read, as it is now). Exact, not a
+guess: the positions are the feed's own.
 
 Thread-safe: SQLite's writer thread adds, the event loop asks.
 """
@@ -64,6 +66,30 @@ class CommittedHere:
                 return None
             self._forget(last)
             return merged
+
+    def split(self, seq: int, last: int,
+              ) -> tuple[dict[str, Machine | None], list[tuple[int, int]]]:
+        """The feed range after ``seq`` up to ``last`` split into what this store committed
+        in it and the rest: the machines of its own commits there, merged in commit order,
+        and the ranges between them, each (after, up to), that anyone else (or a write of
+        this store that noted nothing) may have committed in. A reader reads those alone,
+        and what it finds there wins: a machine changed by another writer after an own
+        commit is read as it is now (a sync after an own commit and another process's one
+        reads only the other's). Nothing is forgotten: the reader forgets once its answer
+        is out."""
+        with self._lock:
+            merged: dict[str, Machine | None] = {}
+            gaps: list[tuple[int, int]] = []
+            at = seq
+            for before, (after, machines) in self._spans.items():
+                if seq <= before and after <= last:  # in commit order: ascending
+                    if before > at:
+                        gaps.append((at, before))
+                    merged.update(machines)
+                    at = after
+            if at < last:
+                gaps.append((at, last))
+            return merged, gaps
 
     def forget(self, seq: int) -> None:
         """Readers are at ``seq``: what was committed before it is not asked for again."""

@@ -1863,10 +1863,18 @@ class PostgresStore:
         # which can only make this say "incomplete" needlessly, never the other way.
         if seq < 0 or seq > last or (first is not None and first > seq + 1 and seq < last):
             return Changes(last, complete=False)
-        keys: dict[str, list[str]] = {}
-        for tbl, key in await conn.fetch(
-                "SELECT DISTINCT tbl, key FROM changes WHERE seq > $1 AND seq <= $2", seq, last):
-            keys.setdefault(tbl, []).append(key)
+        # This store's own commits in the range are taken as they were written, not read
+        # back (committed.py): only the positions between them are read (another server's
+        # commit amid a storm of this one's). Their spans are noted once committed, so in
+        # this snapshot.
+        machines, gaps = self._here.split(seq, last)
+        named_in: dict[str, dict[str, None]] = {}  # table -> its keys, once each
+        for after, upto in gaps:
+            for tbl, key in await conn.fetch(
+                    "SELECT DISTINCT tbl, key FROM changes WHERE seq > $1 AND seq <= $2",
+                    after, upto):
+                named_in.setdefault(tbl, {})[key] = None
+        keys = {tbl: list(names) for tbl, names in named_in.items()}
 
         async def rows(sql: str, names: list[str]) -> dict[str, Any]:
             return {k: v for k, v in await conn.fetch(sql, names)} if names else {}
@@ -1874,7 +1882,7 @@ class PostgresStore:
         machine_ids = keys.get("machines", [])
         found = await rows("SELECT id, data FROM machines WHERE id = ANY($1::text[])",
                            machine_ids)
-        machines = {m: self._machine(found.get(m)) for m in machine_ids}
+        machines.update((m, self._machine(found.get(m))) for m in machine_ids)
 
         async def named(kind: str, decode: Callable[[Any], _R]) -> dict[str, _R | None]:
             names = keys.get(_TABLES[kind], [])

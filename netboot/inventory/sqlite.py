@@ -76,6 +76,11 @@ BUSY_TIMEOUT_MS = 5000
 # waits at most BUSY_TIMEOUT_MS for the lock, then writes (milliseconds for a group commit).
 # Bounded so that a shutdown cannot hang on a thread that never returns.
 CANCELLED_WRITE_WAIT = 2 * BUSY_TIMEOUT_MS / 1000
+# How long a sync waits for a group commit of this store's under way to be noted, rather
+# than read it back (changes_since): a group commit's transaction takes ~0.2-5 ms in a storm
+# (benchmarks/README.md, s35-echo); a writer waiting for another process's lock (up to
+# BUSY_TIMEOUT_MS) is not waited for past this.
+NOTE_WAIT = 0.02
 # The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
 # a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES):
@@ -476,6 +481,8 @@ class SqliteStore:
         # The machines this store committed, by feed position: a sync after them is answered
         # with them instead of reading them back (committed.py).
         self._here = CommittedHere()
+        # Group commits submitted to the writer and not yet returned, in order (_run).
+        self._noting: list[Future[Any]] = []
         self._commits = 0  # writes made through this object, counted as they return
         # A third connection, used only on the event loop's thread, only for PRAGMA
         # data_version: the boot path asks the feed on every decision, and when nothing was
@@ -501,9 +508,14 @@ class SqliteStore:
         # The writer's own future, not run_in_executor's wrapper: cancelled, that forgets
         # whether a write the thread had begun was committed (_outcome).
         job = self._executor.submit(self._guard, fn, args, False)
+        noting = fn == self._apply_here
+        if noting:
+            self._noting.append(job)  # changes_since: its notes are on their way
         try:
             return await _outcome(job)
         finally:
+            if noting:
+                self._noting.remove(job)
             # Failed or not: a reader syncs once more, harmlessly. Writes the change feed
             # does not carry (history, leases, tokens) are not counted: a storm's group
             # commits of boot events would otherwise send every reader back to the store.
@@ -1073,6 +1085,18 @@ class SqliteStore:
             return Changes(seq, complete=True)  # nothing committed since the last full read
         last = None if probed is None or seq < 0 else self._probe_last()
         mine = None if last is None or last < seq else self._here.since(seq, last)
+        if last is not None and mine is None and (job := self._noting_now()) is not None:
+            # A group commit of this store's is under way, and may be what the probe saw:
+            # SQLite releases the GIL around COMMIT, so the loop often sees a commit before
+            # the writer thread has it back to note it (CommittedHere.add). Read now, the
+            # feed decoded it again (~1.5 % of a storm's machines, s35-echo); its end is
+            # waited for instead (the rest of the writer's turn, not a read and a decode of
+            # every machine of it), within a bound: a writer waiting for another process's
+            # lock is not waited for. Then asked again: exact either way.
+            await _ended(job, NOTE_WAIT)
+            probed = self._probe_version()
+            last = None if probed is None else self._probe_last()
+            mine = None if last is None or last < seq else self._here.since(seq, last)
         if last is not None and mine is not None:
             # All committed by this store since ``seq`` (events alone move no position):
             # what it wrote, not read back. The probe's answers came from one snapshot at
@@ -1086,6 +1110,14 @@ class SqliteStore:
             self._probed = probed
         self._feed_seq = changes.seq
         return changes
+
+    def _noting_now(self) -> Future[None] | None:
+        """The group commit the writer thread runs now (begun, not ended), if any: the one
+        whose COMMIT a reader may see before it is noted."""
+        for job in self._noting:
+            if job.running():
+                return job
+        return None
 
     def _probe_version(self) -> int | None:
         if self._probe is None:
@@ -1129,12 +1161,17 @@ class SqliteStore:
         self._data_version, self._read_seq = version, last
         if seq < 0 or seq > last or (first is not None and first > seq + 1 and seq < last):
             return Changes(last, complete=False)  # nothing known, or pruned past it
+        # This store's own commits in the range are taken as its writer noted them, not
+        # decoded again (committed.py): only the positions between them are read. Their
+        # spans are committed (noted after COMMIT) and so in this snapshot.
+        machines, gaps = self._here.split(seq, last)
         keys: dict[str, set[str]] = {}
-        for tbl, key in conn.execute(
-                "SELECT tbl, key FROM changes WHERE seq > ? AND seq <= ?", (seq, last)):
-            keys.setdefault(tbl, set()).add(key)
-        machines = {m: self._sealed.open_machine(_get_machine(conn, m))
-                    for m in keys.get("machines", ())}
+        for after, upto in gaps:
+            for tbl, key in conn.execute(
+                    "SELECT tbl, key FROM changes WHERE seq > ? AND seq <= ?", (after, upto)):
+                keys.setdefault(tbl, set()).add(key)
+        for m in keys.get("machines", ()):
+            machines[m] = self._sealed.open_machine(_get_machine(conn, m))
 
         def named(kind: str, decode: Callable[[Any], _R]) -> dict[str, _R | None]:
             out: dict[str, _R | None] = {}
@@ -1240,6 +1277,19 @@ async def _outcome(job: Future[_R]) -> _R:
         raise cancel  # not begun: it never runs
     return await told(cancel, asyncio.wrap_future(job), within=CANCELLED_WRITE_WAIT,
                       late=_late)
+
+
+async def _ended(job: Future[Any], within: float) -> None:
+    """Until the writer thread's ``job`` has ended, at most ``within`` seconds; its outcome
+    is its caller's to tell, not this waiter's."""
+    waiting = asyncio.wrap_future(job)
+    waiting.add_done_callback(_retrieved)
+    await asyncio.wait((waiting,), timeout=within)
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()
 
 
 def _late() -> None:

@@ -42,3 +42,21 @@ def test_answered_ranges_are_forgotten_and_the_count_is_bounded() -> None:
         here.add(100 + n, 101 + n, [])
     assert here.since(100, 101) is None  # the oldest went when the bound was reached
     assert here.since(100 + committed._KEEP, 101 + committed._KEEP) == {}
+
+
+def test_split_gives_the_own_commits_inside_a_range_and_leaves_the_rest_to_a_read() -> None:
+    """A reader whose range holds another writer's commit (12..14) reads only the positions
+    between the own ones; these it takes as noted, the newest value of each machine.
+    Nothing is forgotten."""
+    here = CommittedHere()
+    a, b = machine(1, "a"), machine(2, "b")
+    here.add(10, 12, [("m-1", a)])
+    here.add(14, 15, [("m-2", b), ("m-1", None)])
+    assert here.split(10, 15) == ({"m-1": None, "m-2": b}, [(12, 14)])
+    assert here.split(10, 17) == ({"m-1": None, "m-2": b}, [(12, 14), (15, 17)])
+    assert here.split(10, 14) == ({"m-1": a}, [(12, 14)])  # 14..15 is past the reader's end
+    assert here.split(11, 15) == ({"m-2": b, "m-1": None}, [(11, 14)])  # 10..12 began before
+    assert here.split(9, 12) == ({"m-1": a}, [(9, 10)])
+    assert here.split(15, 20) == ({}, [(15, 20)])
+    assert here.split(12, 12) == ({}, [])
+    assert here.since(10, 15) is None and here.split(10, 15)[0]

@@ -291,6 +291,18 @@ async def test_a_database_shutdown_while_the_loop_is_busy_is_a_store_error() -> 
         await asyncio.to_thread(cluster.stop)
 
 
+async def read_back_shows(dsn: str, machine_id: str) -> None:
+    """Change a stored machine's hostname to "read-back" behind the feed's back (triggers
+    off for this session): a sync shows it only if it read the row back."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute("UPDATE machines SET data = jsonb_set(data::jsonb, '{hostname}',"
+                           " '\"read-back\"')::text WHERE id = $1", machine_id)
+    finally:
+        await conn.close()
+
+
 async def test_own_commits_reach_the_view_without_a_read_back(
         two: tuple[PostgresStore, PostgresStore], pg_dsn: str) -> None:
     """A view's sync after its own server's commit takes what was written, not read back;
@@ -304,14 +316,7 @@ async def test_own_commits_reach_the_view_without_a_read_back(
     await view.load()
     mine = replace(machines[0], hostname="mine")
     await b.update_machine(mine)
-    # Changed behind the feed's back (triggers off for this session): shown only if read.
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.execute("SET session_replication_role = replica")
-        await conn.execute("UPDATE machines SET data = jsonb_set(data::jsonb, '{hostname}',"
-                           " '\"read-back\"')::text WHERE id = $1", mine.id)
-    finally:
-        await conn.close()
+    await read_back_shows(pg_dsn, mine.id)
     await view.sync()
     assert await view.get_machine(mine.id) == mine  # not "read-back"
 
@@ -323,6 +328,45 @@ async def test_own_commits_reach_the_view_without_a_read_back(
     await view.sync()
     assert await view.get_machine(theirs.id) == theirs
     assert await view.get_machine(mine.id) == again
+
+
+async def test_a_sync_over_own_commits_and_another_servers_reads_only_the_others(
+        two: tuple[PostgresStore, PostgresStore], pg_dsn: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Own commits with another server's between them: the sync reads and decodes only the
+    other's machine, the own ones are the objects written (each changed behind the feed's
+    back: read back, it would show). (Before s35-echo the whole range was read back.)"""
+    a, b = two
+    machines = [Machine(macs=(MacAddress.parse(f"02:00:00:00:06:0{i}"),), hostname=f"n{i}")
+                for i in range(3)]
+    for machine in machines:
+        await b.create_machine(machine)
+    view = InventoryView(b)
+    await view.load()
+    decoded: list[str] = []
+    decode = b._machine
+
+    def counted(text: str | None, *args: Any) -> Machine | None:
+        found = decode(text, *args)
+        if found is not None:
+            decoded.append(found.id)
+        return found
+
+    monkeypatch.setattr(b, "_machine", counted)
+
+    first = replace(machines[0], hostname="first")
+    await b.update_machine(first)
+    await read_back_shows(pg_dsn, first.id)
+    theirs = replace(machines[1], hostname="theirs")
+    await a.update_machine(theirs)
+    last = replace(machines[2], hostname="last")
+    await b.update_machine(last)
+    await read_back_shows(pg_dsn, last.id)
+    await view.sync()
+    assert await view.get_machine(first.id) == first
+    assert await view.get_machine(last.id) == last
+    assert await view.get_machine(theirs.id) == theirs
+    assert decoded == [theirs.id]
 
 
 # --- a write cancelled while its COMMIT is under way is told as it ended --------------------

@@ -1610,3 +1610,103 @@ async def test_a_groups_notes_for_the_feed_are_its_updates_as_read_back(
         assert read is not None and read.install_token == "tok-b"
     finally:
         await store.close()
+
+
+def _decodes(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The machines the store's feed reads back and decodes, by id, as they are."""
+    opened: list[str] = []
+    open_machine = store._sealed.open_machine
+
+    def counted(machine: Machine | None, **kw: Any) -> Machine | None:
+        if machine is not None:
+            opened.append(machine.id)
+        return open_machine(machine, **kw)
+
+    monkeypatch.setattr(store._sealed, "open_machine", counted)
+    return opened
+
+
+async def _noted_late(store: SqliteStore, monkeypatch: pytest.MonkeyPatch,
+                      machine: Machine) -> tuple[threading.Event, asyncio.Future[None], int]:
+    """A group commit of ``machine`` that is committed (the probe sees it) but not yet noted
+    as this store's own (CommittedHere.add) until the returned gate is set: what a sync
+    meets when the writer thread has not the GIL back after COMMIT. Returns the gate, the
+    write, and the feed position before it."""
+    seq = (await store.changes_since(-1)).seq
+    seq = (await store.changes_since(seq)).seq
+    gate = threading.Event()
+    add = store._here.add
+
+    def late(before: int, after: int, machines: Any) -> None:
+        gate.wait(30)
+        add(before, after, machines)
+
+    monkeypatch.setattr(store._here, "add", late)
+    writing = asyncio.ensure_future(store.apply_batch(Batch(update=(machine,))))
+    for _ in range(3000):  # committed: the feed's newest position moved
+        await asyncio.sleep(0.01)
+        last = store._probe_last()
+        if last is not None and last > seq:
+            break
+    if writing.done():
+        gate.set()
+        raise AssertionError("the group commit returned before it was noted")
+    return gate, writing, seq
+
+
+async def test_a_sync_meeting_an_own_commit_not_yet_noted_waits_for_it_instead_of_reading_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed's reader saw a group commit of this store before its writer noted it (the
+    GIL given up around COMMIT): it waits for the note (within NOTE_WAIT) and takes the
+    machine as written; another connection's commit made meanwhile is read, exactly. Before
+    s35-echo both were read back and decoded (~1.5 % of a storm's machines)."""
+    store, other = SqliteStore(tmp_path / "inv.db"), SqliteStore(tmp_path / "inv.db")
+    await store.open()
+    await other.open()
+    try:
+        a, b = (Machine(macs=(MacAddress.parse(f"52:54:00:00:05:0{i}"),), hostname=f"n{i}")
+                for i in range(2))
+        await store.apply_batch(Batch(create=(a, b)))
+        mine = replace(a, hostname="mine")
+        monkeypatch.setattr(sqlite_store, "NOTE_WAIT", 30.0)
+        gate, writing, seq = await _noted_late(store, monkeypatch, mine)
+        try:
+            theirs = replace(b, hostname="theirs")
+            await other.update_machine(theirs)  # after the own commit, before it is noted
+            opened = _decodes(store, monkeypatch)
+            asyncio.get_running_loop().call_later(0.1, gate.set)
+            changes = await store.changes_since(seq)
+        finally:
+            gate.set()
+        await writing
+        assert changes.complete and changes.machines == {a.id: mine, b.id: theirs}
+        assert changes.machines[a.id] is mine  # as written: not read back
+        assert opened == [b.id]  # only the other connection's commit was decoded
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_a_sync_waits_for_an_unnoted_own_commit_only_within_its_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that does not note its commit within NOTE_WAIT (stuck, or waiting for
+    another process's lock while something else committed) is not waited for: the sync
+    reads the feed, exactly, and returns."""
+    store = SqliteStore(tmp_path / "inv.db")
+    await store.open()
+    try:
+        a = Machine(macs=(MacAddress.parse("52:54:00:00:05:10"),), hostname="n")
+        await store.apply_batch(Batch(create=(a,)))
+        mine = replace(a, hostname="mine")
+        monkeypatch.setattr(sqlite_store, "NOTE_WAIT", 0.05)
+        gate, writing, seq = await _noted_late(store, monkeypatch, mine)
+        opened = _decodes(store, monkeypatch)
+        try:
+            changes = await asyncio.wait_for(store.changes_since(seq), 10)
+            assert not writing.done()
+        finally:
+            gate.set()
+        await writing
+        assert changes.machines == {a.id: mine} and opened == [a.id]
+    finally:
+        await store.close()

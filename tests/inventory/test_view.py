@@ -460,6 +460,58 @@ async def test_own_commits_are_seen_at_once_without_reading_them_back(
     assert await view.machine_by("mac", MACS[0]) is None
 
 
+async def test_a_sync_over_own_commits_and_anothers_reads_only_the_others(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Own commits, another connection's between them, then an own one again: the sync
+    reads and decodes only the other's machine; the own ones are the objects written (each
+    changed behind the feed's back: read back, it would show). The CLI's delete of a machine
+    this process wrote before is seen. (Before s35-echo the whole range was read back.)"""
+    own, other, data = stores
+    db = data / "netboot.db"
+    machines = [Machine(macs=(MacAddress.parse(mac),), hostname=f"n{i}", profile="p")
+                for i, mac in enumerate(MACS[:4])]
+    for machine in machines:
+        await own.create_machine(machine)
+    view = InventoryView(own)
+    await view.load()
+    opened: list[str] = []
+    open_machine = own._sealed.open_machine
+
+    def counted(machine: Machine | None, **kw: object) -> Machine | None:
+        if machine is not None:
+            opened.append(machine.id)
+        return open_machine(machine, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(own._sealed, "open_machine", counted)
+
+    first = replace(machines[0], hostname="first")
+    await own.apply_batch(Batch(update=(first,)))
+    change_behind_the_feed(db, first.id, "read-back")
+    theirs = replace(machines[1], hostname="theirs")
+    await other.update_machine(theirs)
+    last = replace(machines[2], hostname="last")
+    await own.apply_batch(Batch(update=(last,)))
+    change_behind_the_feed(db, last.id, "read-back")
+    await view.sync()
+    assert await view.get_machine(first.id) is first
+    assert await view.get_machine(last.id) is last
+    assert await view.get_machine(theirs.id) == theirs
+    assert opened == [theirs.id]
+
+    # Another's change of a machine this process wrote just before: read, as it is now.
+    opened.clear()
+    mine = replace(machines[3], hostname="mine")
+    await own.apply_batch(Batch(update=(mine,)))
+    cli(data, "machines", "rm", MACS[3])
+    again = replace(first, hostname="again")
+    await own.apply_batch(Batch(update=(again,)))
+    await view.sync()
+    assert await view.get_machine(mine.id) is None
+    assert await view.machine_by("mac", MACS[3]) is None
+    assert await view.get_machine(again.id) is again
+    assert opened == []  # the deleted machine is read as absent: nothing to decode
+
+
 async def test_an_own_commit_with_a_sealed_token_reaches_the_view_in_clear(
         tmp_path: Path) -> None:
     """The store seals install tokens on disk; what the view takes from the writer is the
