@@ -2336,9 +2336,47 @@ async def _fast_batch(conn: asyncpg.Connection, creates: list[_Row], updates: li
                                [r.id for r in relabel])
             await conn.executemany(_INSERT_LABEL, [lab for r in relabel for lab in r.labels])
         if rekey:
-            await conn.execute("DELETE FROM machine_keys WHERE machine = ANY($1::text[])",
-                               [r.id for r in rekey])
-            await conn.executemany(_INSERT_KEY, [key for r in rekey for key in r.keys])
+            gone, added = _rekeyed(rekey, keys, updates)
+            if gone:
+                await conn.execute(
+                    "DELETE FROM machine_keys WHERE (kind, value) IN"
+                    " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [k for k, _ in gone], [v for _, v in gone])
+            if added:
+                await conn.executemany(_INSERT_KEY, added)
+
+
+def _rekeyed(rekey: list[_Row], stored: dict[str, list[tuple[str, str]]], updates: list[_Row],
+             ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """The identifier rows of the machines ``rekey`` whose identifiers changed: the stored
+    (kind, value) rows to delete (those a machine no longer claims) and the rows to insert
+    (those it claims anew), given ``stored``, every updated machine's rows as stored.
+
+    Only the difference is written: a first DHCP sighting learns a machine's UUID (option
+    97), and deleting and inserting its MAC row again was half of those statements' rows
+    (s34-keys did the same for SQLite; s35-pg). Raises _Retry when a machine takes an
+    identifier that a machine listed after it in ``updates`` gives up: a batch is its
+    machines written in order (the recorder joins commits into one batch and, refused,
+    writes them one by one), and that identifier is still the later one's when the earlier
+    takes it. The deletes, all made before the inserts, would let it pass; _slow_batch
+    refuses it naming the holder, as MemoryStore and SQLite do."""
+    order = {r.id: n for n, r in enumerate(updates)}
+    holder = {key: r.id for r in rekey for key in stored.get(r.id, ())}
+    gone: list[tuple[str, str]] = []
+    added: list[tuple[str, str, str]] = []
+    for r in rekey:
+        old = set(stored.get(r.id, ()))
+        for row in r.keys:
+            key = (row[0], row[1])
+            if key in old:
+                old.discard(key)
+                continue
+            giver = holder.get(key)
+            if giver is not None and order[giver] > order[r.id]:
+                raise _Retry
+            added.append(row)
+        gone += old
+    return gone, added
 
 
 async def _stored(conn: asyncpg.Connection, query: str,

@@ -895,6 +895,62 @@ async def test_single_statement_writes_are_one_round_trip(
         await store.close()
 
 
+async def test_identifiers_only_added_insert_only_their_rows(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first DHCP sighting learns a machine's UUID (or serial, asset tag): only its new
+    rows are inserted, its MAC rows neither deleted nor inserted again (as the SQLite store
+    does since s34-keys); a machine whose serial changed has only that row replaced. The
+    rows read back are those writing everything gives."""
+    from netboot.identity import claims
+    from netboot.inventory.base import Batch
+
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:0{i}"),), hostname=f"k{i}",
+                         serial="SN3" if i == 3 else None) for i in range(4)]
+        await store.apply_batch(Batch(create=fleet))
+        sent: list[tuple[str, list[Any]]] = []
+        for method in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+            real = getattr(asyncpg.Connection, method)
+
+            def counted(self: asyncpg.Connection, query: str, *args: Any,
+                        _real: Any = real, _many: bool = method == "executemany",
+                        **kw: Any) -> Any:
+                sent.append((query, list(args[0]) if _many else [args]))
+                return _real(self, query, *args, **kw)
+            monkeypatch.setattr(asyncpg.Connection, method, counted)
+        uuid = "00000000-0000-4000-8000-0000000000{:02x}".format
+        seen = [replace(fleet[0], uuid=uuid(0), updated=9.0),
+                replace(fleet[1], uuid=uuid(1), serial="SN1", updated=9.0),
+                replace(fleet[2], serial="To be filled by O.E.M.", updated=9.0),  # claims none
+                replace(fleet[3], uuid=uuid(3), serial="SN9", updated=9.0)]  # changed
+        await store.apply_batch(Batch(update=seen))
+        monkeypatch.undo()
+        deleted = [args for query, rows in sent if query.startswith("DELETE FROM machine_keys")
+                   for args in rows]
+        assert deleted == [(["serial"], ["SN3"])]
+        inserted = sorted(row for query, rows in sent
+                          if query.startswith("INSERT INTO machine_keys") for row in rows)
+        assert inserted == sorted([("uuid", uuid(0), fleet[0].id), ("uuid", uuid(1), fleet[1].id),
+                                   ("serial", "SN1", fleet[1].id), ("uuid", uuid(3), fleet[3].id),
+                                   ("serial", "SN9", fleet[3].id)])
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            assert sorted(tuple(r) for r in await admin.fetch(
+                "SELECT machine, kind, value FROM machine_keys")) == sorted(
+                (m.id, k, v) for m in seen for k, v in claims(m))
+        finally:
+            await admin.close()
+        for m in seen:
+            assert await store.get_machine(m.id) == m
+            for kind, value in claims(m):
+                assert await store.machine_by(kind, value) == m
+        assert await store.machine_by("serial", "SN3") is None
+    finally:
+        await store.close()
+
+
 def test_a_server_older_than_13_is_refused_naming_its_version_and_the_fix() -> None:
     with pytest.raises(StoreError) as err:
         postgres.supported((12, 17, 0), "db@host")
