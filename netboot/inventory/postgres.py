@@ -1018,6 +1018,8 @@ class PostgresStore:
                 async with asyncio.timeout(self._peer.connect_timeout):
                     await probe[1]
             except TimeoutError:
+                if self._beat is asyncio.current_task():
+                    self._notify_lost.set()  # wakes the check now, not at its next turn
                 return self._undelivered_words()
             return None
         finally:
@@ -1124,6 +1126,7 @@ class PostgresStore:
         stretch the checks' bound on a silent server (check_interval + check_timeout)."""
         interval, within = self._peer.check_interval, self._peer.check_timeout
         beat: asyncio.Future[str | None] | None = None
+        self._beat = None  # an earlier check's, if still under way, wakes this one no more
         while True:
             if not interval:
                 await self._notify_lost.wait()
@@ -1132,16 +1135,19 @@ class PostgresStore:
                     async with asyncio.timeout(interval):
                         await self._notify_lost.wait()
             conn = self._notify
+            deaf = None
+            if beat is not None and beat.done():
+                deaf, beat = beat.result(), None
+            if deaf is not None and conn is not None:
+                self._notify = None  # not "lost": ended here, on purpose
+                conn.terminate()
+                # Told now (health: stuck_writes), not after the new LISTEN's own probe's
+                # connect_timeout too; that probe keeps it or clears it.
+                self._deaf = deaf
+                return deaf
             if self._notify_lost.is_set() or conn is None or conn.is_closed():
                 return "the LISTEN connection was lost"
             if await answers(conn, within) and await self._look(conn, within):
-                deaf = None
-                if beat is not None and beat.done():
-                    deaf, beat = beat.result(), None
-                if deaf is not None:
-                    self._notify = None  # not "lost": ended here, on purpose
-                    conn.terminate()
-                    return deaf
                 pool = self._pool
                 if (beat is None and time.monotonic() - self._heard >= interval
                         and pool is not None and pool.get_idle_size()):

@@ -2186,6 +2186,19 @@ async def test_through_pgbouncer_in_session_pooling_a_stuck_holder_is_found(
                 await store.close()
 
 
+async def _told_deaf_then_healthy_again(store: PostgresStore, dsn: str) -> None:
+    """``store`` behind the pgbouncer of ``dsn``, now in transaction pooling: told that no
+    notification reaches it (stuck_writes names pool_mode = session) and not listening
+    (readers poll meanwhile); the pooler back in session pooling, healthy and listening."""
+    def told() -> bool:
+        said = store.stuck_writes()
+        return said is not None and "pool_mode = session" in said and not store._listening()
+
+    await _within("told no notification reaches it, not listening", told)
+    pg.repool(dsn, "session")
+    await _within("listening again, healthy", lambda: store.stuck_writes(
+        ) is None and store._listening())
+
 async def test_through_pgbouncer_switched_to_transaction_pooling_a_relisten_is_told(
         request: pytest.FixtureRequest) -> None:
     """pgbouncer switched from session to transaction pooling while netboot runs (its
@@ -2210,16 +2223,7 @@ async def test_through_pgbouncer_switched_to_transaction_pooling_a_relisten_is_t
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                     "WHERE datname = $1 AND query LIKE 'LISTEN%'", database)
                 assert ended == 1
-
-                def told() -> bool:
-                    said = store.stuck_writes()
-                    return said is not None and "pool_mode = session" in said
-
-                await _within("told no notification reaches it", told)
-                assert not store._listening()  # readers poll meanwhile
-                pg.repool(dsn, "session")
-                await _within("listening again, healthy", lambda: store.stuck_writes(
-                    ) is None and store._listening())
+                await _told_deaf_then_healthy_again(store, dsn)
             finally:
                 await admin.close()
                 await store.close()
@@ -2231,7 +2235,7 @@ async def test_through_pgbouncer_reloaded_into_transaction_pooling_a_kept_listen
     client kept connected (nothing ends its backend): from the check's next ``SELECT 1`` on,
     that client's server session is lent to others and no notification reaches it. The
     check sends one to itself when nothing was heard for a check_interval, so the store is
-    told within about check_interval + connect_timeout: it stops listening (readers poll),
+    told within about two check_intervals + connect_timeout: it stops listening (readers poll),
     health names pool_mode = session; back in session pooling, it listens again. (Before:
     other servers' commits went unseen, the store listening and healthy, for as long as it
     was watched: "not told ... within 20.0 s".)"""
@@ -2248,16 +2252,7 @@ async def test_through_pgbouncer_reloaded_into_transaction_pooling_a_kept_listen
                 await other.put_setting("k", "1")
                 await _within("another server's commit heard", lambda: store.commits > before)
                 pg.repool(dsn, "transaction")
-
-                def told() -> bool:
-                    said = store.stuck_writes()
-                    return said is not None and "pool_mode = session" in said
-
-                await _within("told no notification reaches it", told)
-                assert not store._listening()  # readers poll meanwhile
-                pg.repool(dsn, "session")
-                await _within("listening again, healthy", lambda: store.stuck_writes(
-                    ) is None and store._listening())
+                await _told_deaf_then_healthy_again(store, dsn)
                 before = store.commits
                 await other.put_setting("k", "2")
                 await _within("another server's commit heard again",
