@@ -426,9 +426,9 @@ def bouncing(cluster: Cluster, mode: str, users: tuple[str, ...] = (SUPERUSER,),
     try:
         listening = base / f".s.PGSQL.{number}"
         deadline = time.monotonic() + 10
-        # Until it accepts a connection, not only until its socket file is there: pgbouncer
-        # 1.24 binds the file a moment before it listens, and a store opened in between was
-        # refused (ECONNREFUSED, 1 run in 4 of the pgbouncer tests; s35-pg).
+        # Until it accepts a connection, not only until its socket file is there: with
+        # pgbouncer 1.24 a store opened at once was refused now and then (ECONNREFUSED, 1 run
+        # in 4 of the pgbouncer tests, 0 in 6 since; s35-pg): the file made before listen().
         while not _accepts(listening):
             if process.poll() is not None or time.monotonic() > deadline:
                 log = base / "pgbouncer.log"
