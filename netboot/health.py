@@ -21,13 +21,17 @@ class InventoryHealth:
         # What the inventory cannot tell while it answers (a lock its writes wait for held
         # by a session it may not see): reported, neither "ok" nor an outage.
         self.unknown: str | None = None
+        # Down, but its reads answer (writes are refused: stuck behind a lock holder, or no
+        # notification reaches the store): said so, not "unreachable" (s35-pg).
+        self.answers = False
 
-    def failed(self, reason: str) -> bool:
-        """The inventory did not answer; True when it was up until now."""
+    def failed(self, reason: str, *, answers: bool = False) -> bool:
+        """The inventory did not answer (``answers``: it answers reads, but its writes would
+        each fail); True when it was up until now."""
         was_up = self.up
         if was_up:
             self.since = self._clock()
-        self.up, self.reason = False, reason
+        self.up, self.reason, self.answers = False, reason, answers
         return was_up
 
     def restored(self) -> bool:
@@ -35,7 +39,7 @@ class InventoryHealth:
         was_down = not self.up
         if was_down:
             self.since = self._clock()
-        self.up, self.reason = True, None
+        self.up, self.reason, self.answers = True, None, False
         return was_down
 
     def doubt(self, why: str | None) -> None:
@@ -47,4 +51,6 @@ class InventoryHealth:
         if self.up:
             return None
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        if self.answers:
+            return f"the inventory answers reads but refuses writes since {when}: {self.reason}"
         return f"the inventory is unreachable since {when}: {self.reason}"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -1027,9 +1028,15 @@ def test_the_trust_is_made_again_when_the_certificate_or_the_https_url_changes(
     assert trust().https_base == "https://192.0.2.99:8443"
 
 
-async def _health_says_down_within_the_bound(env: Any, words: str) -> None:
+UNREACHABLE = "degraded: the inventory is unreachable since "
+REFUSES_WRITES = "degraded: the inventory answers reads but refuses writes since "
+
+
+async def _health_says_down_within_the_bound(env: Any, words: str,
+                                             opening: str = UNREACHABLE) -> None:
     """The watcher's next round ends within 20 s, health is down and /healthz a 503, both
-    saying ``words``."""
+    saying ``words``, /healthz's text beginning with ``opening`` and ending with what the
+    server does meanwhile."""
     from tests.conftest import call
 
     service = env.service
@@ -1041,6 +1048,10 @@ async def _health_says_down_within_the_bound(env: Any, words: str) -> None:
     assert problem is not None and words in problem, problem
     health = await call(env, "GET", "/healthz", admin=False)
     assert health.status == 503 and words in health.text, health.text
+    assert re.match(re.escape(opening) + r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: ",
+                    health.text), health.text
+    assert health.text.endswith("; boots of known machines are answered from memory, writes "
+                                "are refused\n"), health.text
 
 
 async def _health_says_ok_again_within_the_bound(env: Any) -> None:
@@ -1133,7 +1144,8 @@ async def test_writes_held_up_by_a_stuck_lock_holder_are_told_by_health(
         with pg.stopped([pid]):
             with pytest.raises(StoreError, match=f"PID {pid}"):
                 await asyncio.wait_for(service.store.put_setting("k", "v"), 20)
-            await _health_says_down_within_the_bound(env, f"backend PID {pid}")
+            # Its reads answer: not "unreachable" (before s35-pg it said so).
+            await _health_says_down_within_the_bound(env, f"backend PID {pid}", REFUSES_WRITES)
     finally:
         holder.terminate()
     for _ in range(200):  # the holder's backend, continued, sees its client gone

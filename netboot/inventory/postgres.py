@@ -510,6 +510,10 @@ class PostgresStore:
         # open()'s notification sent to itself (_delivered): its payload, and the future
         # set when it arrives.
         self._probe: tuple[str, asyncio.Future[None]] | None = None
+        # When the LISTEN connection last got a notification (or was made), monotonic: the
+        # check sends one to itself when none came for a check_interval (_heartbeat).
+        self._heard = 0.0
+        self._beat: asyncio.Future[str | None] | None = None  # the last _heartbeat
         # Why the check cannot tell whether a waiting session of the store's is stuck (its
         # backend not shown by the server: cannot_tell), as the last check found; None:
         # none such.
@@ -875,6 +879,9 @@ class PostgresStore:
             relisten.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await relisten
+        beat, self._beat = self._beat, None
+        if beat is not None:
+            beat.cancel()  # its session is closed with the pool's, below
         for conn in (self._notify, self._feed):
             if conn is not None:
                 with contextlib.suppress(asyncpg.InterfaceError, OSError,
@@ -920,6 +927,7 @@ class PostgresStore:
                 conn.terminate()  # not left open, in whatever state the failure left it
             raise StoreError(f"inventory {self.name}: cannot LISTEN: {reason(exc)}") from exc
         self._notify = conn
+        self._heard = time.monotonic()
         self._notify_lost.clear()
         self._silence = None  # it answered a connect and a LISTEN
         conn.add_termination_listener(self._notify_closed)
@@ -959,14 +967,7 @@ class PostgresStore:
                 async with asyncio.timeout(self._peer.connect_timeout):
                     await probe[1]
             except TimeoutError:
-                return (
-                    "a notification sent on this database did not "
-                    f"reach netboot's LISTEN connection within {self._peer.connect_timeout} "
-                    "s: is a connection pooler between netboot and PostgreSQL in transaction "
-                    "or statement pooling? netboot is told of other servers' changes by "
-                    "LISTEN/NOTIFY, which needs a server session of its own: set pgbouncer's "
-                    "pool_mode = session for netboot's database (or connect netboot to "
-                    "PostgreSQL directly)")
+                return self._undelivered_words()
         finally:
             self._probe = None
         if tell_role and not sees:
@@ -975,6 +976,55 @@ class PostgresStore:
                         "from at work, only reported (GRANT pg_read_all_stats TO %s)",
                         self.name, me, me)
         return None
+
+    def _undelivered_words(self) -> str:
+        return ("a notification sent on this database did not "
+                f"reach netboot's LISTEN connection within {self._peer.connect_timeout} "
+                "s: is a connection pooler between netboot and PostgreSQL in transaction "
+                "or statement pooling? netboot is told of other servers' changes by "
+                "LISTEN/NOTIFY, which needs a server session of its own: set pgbouncer's "
+                "pool_mode = session for netboot's database (or connect netboot to "
+                "PostgreSQL directly)")
+
+    async def _heartbeat(self) -> str | None:
+        """:meth:`_undelivered` for the check, when the LISTEN connection has heard nothing
+        for a check_interval: why no notification reached it, None if one did or it could
+        not be sent (no verdict: a silent server is the check's ``SELECT 1``'s to tell, a
+        pool session whose backend does not read it the check's _look's, which ends it).
+        Sent on a pool session, not on the LISTEN connection: behind a pooler in
+        transaction pooling, that client's statement may be lent the very server session
+        that still LISTENs, which would notify it, and say it hears. Not cancelled on a
+        timeout of its own: asyncpg's pool waits for a cancelled statement's session to be
+        reset, and a session whose backend is stopped never is (the check then waited on it
+        and a write on the pool waited for ever).
+
+        A pooler reloaded into transaction pooling (pgbouncer's RELOAD) keeps netboot's
+        LISTEN client connected, and its ``SELECT 1`` answered; from its next query on, its
+        server session is lent to others, and no notification reaches it. Measured with
+        pgbouncer 1.18 and 1.24.1 (s35-pg): every other server's commit unseen for as long
+        as it was watched (20 s), health "ok", listening; found only at a re-listen, which
+        nothing caused. A store that commits hears its own commits' notifications, so only
+        an idle one sends this: one NOTIFY a check_interval, which the other servers
+        receive and ignore (it has a payload)."""
+        probe = (f"probe {uuid.uuid4().hex}", asyncio.get_running_loop().create_future())
+        self._probe = probe
+        try:
+            try:
+                async with self._conn() as conn:
+                    await conn.execute(f"SELECT pg_notify('{CHANNEL}', '{probe[0]}')")
+            except StoreError:
+                return None
+            try:
+                async with asyncio.timeout(self._peer.connect_timeout):
+                    await probe[1]
+            except TimeoutError:
+                if self._beat is asyncio.current_task():
+                    self._notify_lost.set()  # wakes the check now, not at its next turn
+                return self._undelivered_words()
+            return None
+        finally:
+            if self._probe is probe:  # cancelled, it ends after a re-listen's probe began
+                self._probe = None
 
     def _unlisten(self) -> None:
         """End the LISTEN connection on purpose (not "lost": :meth:`_notify_closed`)."""
@@ -1067,8 +1117,16 @@ class PostgresStore:
         probes, acknowledgements: a stopped or hung server, a proxy that lost the server and
         keeps the client's side), but the server does not: every connection of the store is
         ended (:meth:`_silenced`), which bounds a query or a COMMIT waiting on it, and the
-        LISTEN connection is made again."""
+        LISTEN connection is made again.
+
+        Also when a notification the store sent itself did not reach it (:meth:`_heartbeat`,
+        sent when it heard none for a check_interval): the LISTEN connection is made again,
+        and its own probe tells health why (_deaf). The heartbeat runs beside the checks, not
+        between them: waiting for a pool session, or for the notification, it must not
+        stretch the checks' bound on a silent server (check_interval + check_timeout)."""
         interval, within = self._peer.check_interval, self._peer.check_timeout
+        beat: asyncio.Future[str | None] | None = None
+        self._beat = None  # an earlier check's, if still under way, wakes this one no more
         while True:
             if not interval:
                 await self._notify_lost.wait()
@@ -1077,9 +1135,25 @@ class PostgresStore:
                     async with asyncio.timeout(interval):
                         await self._notify_lost.wait()
             conn = self._notify
+            deaf = None
+            if beat is not None and beat.done():
+                deaf, beat = beat.result(), None
+            if deaf is not None and conn is not None:
+                self._notify = None  # not "lost": ended here, on purpose
+                conn.terminate()
+                # Told now (health: stuck_writes), not after the new LISTEN's own probe's
+                # connect_timeout too; that probe keeps it or clears it.
+                self._deaf = deaf
+                return deaf
             if self._notify_lost.is_set() or conn is None or conn.is_closed():
                 return "the LISTEN connection was lost"
             if await answers(conn, within) and await self._look(conn, within):
+                pool = self._pool
+                if (beat is None and time.monotonic() - self._heard >= interval
+                        and pool is not None and pool.get_idle_size()):
+                    # Only on a session idle now: never queued behind the storm's writes.
+                    # Left to end on its own if this returns (bounded: _heartbeat).
+                    beat = self._beat = asyncio.ensure_future(self._heartbeat())
                 continue
             why = _unanswered(within)
             self._notify = None  # not "lost": ended here, on purpose
@@ -1366,6 +1440,7 @@ class PostgresStore:
         return int(row[-1])
 
     def _notified(self, _conn: object, pid: int, _channel: str, payload: str) -> None:
+        self._heard = time.monotonic()
         if payload:  # not a commit's (its trigger's is empty): open()'s probe (_delivered)
             probe = self._probe
             if probe is not None and payload == probe[0] and not probe[1].done():
@@ -2344,9 +2419,47 @@ async def _fast_batch(conn: asyncpg.Connection, creates: list[_Row], updates: li
                                [r.id for r in relabel])
             await conn.executemany(_INSERT_LABEL, [lab for r in relabel for lab in r.labels])
         if rekey:
-            await conn.execute("DELETE FROM machine_keys WHERE machine = ANY($1::text[])",
-                               [r.id for r in rekey])
-            await conn.executemany(_INSERT_KEY, [key for r in rekey for key in r.keys])
+            gone, added = _rekeyed(rekey, keys, updates)
+            if gone:
+                await conn.execute(
+                    "DELETE FROM machine_keys WHERE (kind, value) IN"
+                    " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [k for k, _ in gone], [v for _, v in gone])
+            if added:
+                await conn.executemany(_INSERT_KEY, added)
+
+
+def _rekeyed(rekey: list[_Row], stored: dict[str, list[tuple[str, str]]], updates: list[_Row],
+             ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """The identifier rows of the machines ``rekey`` whose identifiers changed: the stored
+    (kind, value) rows to delete (those a machine no longer claims) and the rows to insert
+    (those it claims anew), given ``stored``, every updated machine's rows as stored.
+
+    Only the difference is written: a first DHCP sighting learns a machine's UUID (option
+    97), and deleting and inserting its MAC row again was half of those statements' rows
+    (s34-keys did the same for SQLite; s35-pg). Raises _Retry when a machine takes an
+    identifier that a machine listed after it in ``updates`` gives up: a batch is its
+    machines written in order (the recorder joins commits into one batch and, refused,
+    writes them one by one), and that identifier is still the later one's when the earlier
+    takes it. The deletes, all made before the inserts, would let it pass; _slow_batch
+    refuses it naming the holder, as MemoryStore and SQLite do."""
+    order = {r.id: n for n, r in enumerate(updates)}
+    holder = {key: r.id for r in rekey for key in stored.get(r.id, ())}
+    gone: list[tuple[str, str]] = []
+    added: list[tuple[str, str, str]] = []
+    for r in rekey:
+        old = set(stored.get(r.id, ()))
+        for row in r.keys:
+            key = (row[0], row[1])
+            if key in old:
+                old.discard(key)
+                continue
+            giver = holder.get(key)
+            if giver is not None and order[giver] > order[r.id]:
+                raise _Retry
+            added.append(row)
+        gone += old
+    return gone, added
 
 
 async def _stored(conn: asyncpg.Connection, query: str,

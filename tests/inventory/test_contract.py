@@ -916,6 +916,76 @@ async def test_update_releases_identifiers(store: Store) -> None:
     assert got is not None and got.id == mid(MAC1) and got.mac == MacAddress.parse(MAC2)
 
 
+# One batch in which one machine gives up an identifier and another takes it. A batch is its
+# machines written in order, each checked against the state the earlier ones left: that is
+# what the recorder relies on when it joins independent commits into one batch and, when
+# the store refuses the group, writes them again one by one ("only the refused one fails"):
+# a group must not pass where its commits one after the other would not. So the giver must
+# come first; a taker listed before its giver is refused, naming the giver, and a swap of
+# two identifiers between two machines cannot be one batch (written as three: one machine
+# gives its identifier up first). An import never moves an identifier: a row naming one
+# that another enrolled machine holds is refused before the store is asked.
+UUID_X = "4c4c4544-0042-3510-8052-b2c04f4e3099"
+
+
+def _giver_and_taker(kind: str) -> tuple[Machine, Machine, Machine, Machine]:
+    """(taker, giver) as stored, then (taker, giver) after the move of one ``kind``."""
+    one, two, three = (MacAddress.parse(m) for m in (MAC1, MAC2, MAC3))
+    if kind == "mac":
+        giver = Machine(id="m-giver", macs=(two, three))
+        return (Machine(id="m-taker", macs=(one,)), giver,
+                Machine(id="m-taker", macs=(one, three)), replace(giver, macs=(two,)))
+    value = UUID_X if kind == "uuid" else "SN-MOVED"
+    giver = Machine(id="m-giver", macs=(two,), **{kind: value})  # type: ignore[arg-type]
+    taker = Machine(id="m-taker", macs=(one,))
+    return taker, giver, replace(taker, **{kind: value}), replace(giver, **{kind: None})
+
+
+@pytest.mark.parametrize("kind", ["mac", "uuid", "serial"])
+async def test_an_identifier_given_up_earlier_in_a_batch_may_be_taken(store: Store,
+                                                                      kind: str) -> None:
+    taker, giver, took, gave = _giver_and_taker(kind)
+    await store.apply_batch(Batch(create=[taker, giver]))
+    await store.apply_batch(Batch(update=[gave, took]))
+    assert await store.list_machines() == [took, gave]
+    value = str(took.macs[1]) if kind == "mac" else getattr(took, kind)
+    assert await store.machine_by(kind, value) == took
+
+
+@pytest.mark.parametrize("kind", ["mac", "uuid", "serial"])
+async def test_an_identifier_taken_before_its_holder_gives_it_up_is_refused(
+        store: Store, kind: str) -> None:
+    taker, giver, took, gave = _giver_and_taker(kind)
+    await store.apply_batch(Batch(create=[taker, giver]))
+    with pytest.raises(Conflict, match="already belongs to machine m-giver") as err:
+        await store.apply_batch(Batch(update=[took, gave]))
+    assert err.value.field == kind and err.value.holder == giver.id
+    assert await store.list_machines() == [taker, giver]  # nothing written
+    # A new machine taking it is refused too: a batch's creates come before its updates.
+    new = replace(took, id="m-new", macs=(MacAddress.parse(mac(9)), *took.macs[1:]))
+    with pytest.raises(Conflict, match="already belongs to machine m-giver") as err:
+        await store.apply_batch(Batch(create=[new], update=[gave]))
+    assert err.value.field == kind and err.value.holder == giver.id
+    assert await store.list_machines() == [taker, giver]
+
+
+async def test_two_machines_swapping_macs_in_one_batch_are_refused(store: Store) -> None:
+    one, two, three, four = (MacAddress.parse(m) for m in (MAC1, MAC2, MAC3, mac(4)))
+    a, b = Machine(id="m-a", macs=(one, three)), Machine(id="m-b", macs=(two, four))
+    await store.apply_batch(Batch(create=[a, b]))
+    with pytest.raises(Conflict, match=f"mac {mac(4)} already belongs to machine m-b") as err:
+        await store.apply_batch(Batch(update=[replace(a, macs=(one, four)),
+                                              replace(b, macs=(two, three))]))
+    assert err.value.field == "mac" and err.value.holder == b.id
+    assert await store.list_machines() == [a, b]
+    # Three batches (or one with a giver first): b gives its NIC up, a takes it, b takes a's.
+    await store.apply_batch(Batch(update=[replace(b, macs=(two,)),
+                                          replace(a, macs=(one, four))]))
+    await store.apply_batch(Batch(update=[replace(b, macs=(two, three))]))
+    assert await store.list_machines() == [replace(a, macs=(one, four)),
+                                           replace(b, macs=(two, three))]
+
+
 async def test_machines_without_mac_list_last_by_id(store: Store) -> None:
     await store.create_machine(Machine(id="m-b", serial="B"))
     await store.create_machine(machine(MAC2))
