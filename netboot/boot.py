@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import logging
 import time
@@ -380,6 +381,15 @@ def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
             "arch": arch, "firmware": firmware}
 
 
+def _learnt_again(machine: Machine, learnt: Machine, request: BootRequest, now: float,
+                  taken: frozenset[str], seen: Identity | None, current: Machine) -> Machine:
+    """BootService._learn_later's redo: ``learnt`` (:func:`learn` of ``machine``) learnt
+    again on ``current``, the machine as stored when the facts are written."""
+    # Still the object it was learnt on (the view replaces a machine's object when its
+    # value changes): learn() would give the same value again.
+    return learnt if current is machine else learn(current, request, now, taken, seen)
+
+
 def _utc(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
@@ -508,7 +518,9 @@ class BootService:
                 seen.machine, seen.rules, seen.settings = machine, rules, self.settings
             args = seen.chain
         stage = self.loader(request, *args)
-        if fresh:
+        if fresh and request.mac not in self._recording:
+            # (While a record of the NIC is under way repeat_guard keeps no answer: not
+            # made then, nor kept alive with the memo, for every first request of a storm.)
             seen.decided = _Decided(request, res, args, stage)
         return stage
 
@@ -1607,15 +1619,10 @@ class BootService:
         if updated is None:  # else the caller learnt it already
             updated = learn(machine, request, now, taken, seen)
         if updated is not machine:
-            learnt = updated
-
-            def redo(current: Machine) -> Machine:
-                # Still the object it was learnt on (the view replaces a machine's object
-                # when its value changes): learn() would give the same value again.
-                return learnt if current is machine else learn(current, request, now, taken,
-                                                               seen)
-
-            self._recorder.learned(machine.id, redo)
+            # A partial, not a closure: two objects kept until the group commit, not a
+            # function and a cell per variable (seven), for every record of a storm.
+            self._recorder.learned(machine.id, functools.partial(
+                _learnt_again, machine, updated, request, now, taken, seen))
         return updated
 
     async def _learn(self, machine: Machine, request: BootRequest, now: float,
