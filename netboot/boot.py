@@ -643,8 +643,9 @@ class BootService:
         the same order; False (nothing done) otherwise, for the coroutine to do it all.
 
         A storm's first DISCOVERs are nearly all such records; the eight coroutines, the
-        lock and the awaits of the general path were ~7 % of the event loop's
-        instructions a first DISCOVER (benchmarks/README.md, s35-dhcp)."""
+        lock and the awaits of the general path were, with _newest's coroutine per
+        machine, ~7.5 % of the event loop's instructions a first DISCOVER (callgrind,
+        benchmarks/README.md, s35-dhcp)."""
         mac = request.mac
         if seen is None or self._recording[mac] or mac in self._locks \
                 or self._recorder.crowded() or not self._view.fresh(DHCP_VIEW_AGE):
