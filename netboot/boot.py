@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import logging
 import time
@@ -380,6 +381,15 @@ def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
             "arch": arch, "firmware": firmware}
 
 
+def _learnt_again(machine: Machine, learnt: Machine, request: BootRequest, now: float,
+                  taken: frozenset[str], seen: Identity | None, current: Machine) -> Machine:
+    """BootService._learn_later's redo: ``learnt`` (:func:`learn` of ``machine``) learnt
+    again on ``current``, the machine as stored when the facts are written."""
+    # Still the object it was learnt on (the view replaces a machine's object when its
+    # value changes): learn() would give the same value again.
+    return learnt if current is machine else learn(current, request, now, taken, seen)
+
+
 def _utc(when: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
@@ -508,7 +518,9 @@ class BootService:
                 seen.machine, seen.rules, seen.settings = machine, rules, self.settings
             args = seen.chain
         stage = self.loader(request, *args)
-        if fresh:
+        if fresh and request.mac not in self._recording:
+            # (While a record of the NIC is under way repeat_guard keeps no answer: not
+            # made then, nor kept alive with the memo, for every first request of a storm.)
             seen.decided = _Decided(request, res, args, stage)
         return stage
 
@@ -608,8 +620,9 @@ class BootService:
                 while True:
                     try:
                         request, seen = self._paced.popleft()
-                        await self._record_dhcp_nic(request, admitted=False, paced=True,
-                                                    seen=seen)
+                        if not self._record_now(request, seen):
+                            await self._record_dhcp_nic(request, admitted=False, paced=True,
+                                                        seen=seen)
                     except Exception as exc:  # one record's failure is not the next one's
                         self._log.error("background inventory write failed: %s", exc)
                     if not self._paced or time.perf_counter() >= until:
@@ -619,6 +632,38 @@ class BootService:
             self._pacer = None
             while self._paced:  # cancelled (shutdown): the ones never started
                 del self._recording[self._paced.popleft()[0].mac]
+
+    def _record_now(self, request: BootRequest, seen: _Seen | None) -> bool:
+        """:meth:`_record_dhcp_nic` of a paced record, done here without a coroutine, where
+        that one would run from start to end without waiting: no room to wait for in the
+        recorder, the NIC's lock free, no later request of the NIC waiting, the view fresh
+        (its first attempt syncs nothing then), every identifier answered from memory, the
+        machine found by this NIC alone (nothing to attach or merge, no disagreement to
+        log) and not a discovered record. The same reads and the same note and facts, in
+        the same order; False (nothing done) otherwise, for the coroutine to do it all.
+
+        A storm's first DISCOVERs are nearly all such records; the eight coroutines, the
+        lock and the awaits of the general path were, with _newest's coroutine per
+        machine, ~7.5 % of the event loop's instructions a first DISCOVER (callgrind,
+        benchmarks/README.md, s35-dhcp)."""
+        mac = request.mac
+        if seen is None or self._recording[mac] or mac in self._locks \
+                or self._recorder.crowded() or not self._view.fresh(DHCP_VIEW_AGE):
+            return False
+        if seen.request != request:  # (the decision's own memo: equal as a rule)
+            return False
+        res = identity.held_lookup(self._view, seen.identity, seen.keys)
+        if res is None:
+            return False
+        machine = res.machine
+        if machine is None or res.absorb or res.disagree or mac not in machine.macs \
+                or machine.state == MachineState.DISCOVERED:
+            return False
+        try:
+            self._note_now(machine, request, res, "dhcp", seen.note, seen)
+        finally:
+            del self._recording[mac]
+        return True
 
     def _tells_news(self, request: BootRequest, res: Resolution,
                     seen: _Seen | None = None) -> bool:
@@ -1531,8 +1576,13 @@ class BootService:
                     message: str, seen: _Seen | None = None) -> None:
         """``seen``: the NIC's memo of ``request`` (its identity, what its decision found it
         teaches)."""
+        self._note_now(machine, request, res, kind, message, seen)
+
+    def _note_now(self, machine: Machine, request: BootRequest, res: Resolution, kind: str,
+                  message: str, seen: _Seen | None = None) -> None:
+        """:meth:`_note`, which waits for nothing, without its coroutine."""
         # A firmware retransmits and asks twice (port 67, then 4011): one line per step.
-        await self._event(machine, kind, message, request, once=True)
+        self._event_now(machine, kind, message, request, once=True)
         # Even a new identifier (a UUID in option 97) goes with the next group commit, not a
         # commit of its own: this record runs after the answer, and the device's next
         # requests (retransmissions, :4011, iPXE) are recognised by the NIC this one came
@@ -1554,6 +1604,11 @@ class BootService:
     async def _event(self, machine: Machine, kind: str, message: str,
                      request: BootRequest | None = None, *, once: bool = False) -> None:
         """Queue an event that acknowledges nothing (written within the recorder's delay)."""
+        self._event_now(machine, kind, message, request, once=once)
+
+    def _event_now(self, machine: Machine, kind: str, message: str,
+                   request: BootRequest | None = None, *, once: bool = False) -> None:
+        """:meth:`_event` without its coroutine."""
         event = self._new_event(machine, kind, message, request)
         if once:
             # A held machine retries every few seconds; one event says it, thousands bury
@@ -1573,15 +1628,10 @@ class BootService:
         if updated is None:  # else the caller learnt it already
             updated = learn(machine, request, now, taken, seen)
         if updated is not machine:
-            learnt = updated
-
-            def redo(current: Machine) -> Machine:
-                # Still the object it was learnt on (the view replaces a machine's object
-                # when its value changes): learn() would give the same value again.
-                return learnt if current is machine else learn(current, request, now, taken,
-                                                               seen)
-
-            self._recorder.learned(machine.id, redo)
+            # A partial, not a closure: two objects kept until the group commit, not a
+            # function and a cell per variable (seven), for every record of a storm.
+            self._recorder.learned(machine.id, functools.partial(
+                _learnt_again, machine, updated, request, now, taken, seen))
         return updated
 
     async def _learn(self, machine: Machine, request: BootRequest, now: float,
@@ -1607,7 +1657,15 @@ class BootService:
         would be written over it."""
         with arrived(time.monotonic()):
             await self._view.sync()
-        return {machine_id: await self._view.get_machine(machine_id) for machine_id in ids}
+        view = self._view
+        out: dict[str, Machine | None] = {}
+        for machine_id in ids:
+            # From memory where the view holds it (a loaded view: every machine), without
+            # a coroutine per machine: a storm's group commit learns thousands of them.
+            held = view.held_machine(machine_id)
+            out[machine_id] = (held if not isinstance(held, Unseen)
+                               else await view.get_machine(machine_id))
+        return out
 
     async def _commit_update(self, machine: Machine, read: Machine) -> None:
         """Store what a boot taught about ``machine`` (grouped with concurrent commits), and

@@ -135,6 +135,11 @@ class Recorder:
 
     def record(self, event: Event) -> None:
         """Queue ``event``; it is committed within ``delay`` seconds."""
+        self._record(event, None)
+
+    def _record(self, event: Event, version: object) -> None:
+        """:meth:`record`, ``event`` remembered with ``version`` (:meth:`note`'s: once, not
+        for None and then again for it)."""
         self.activity += 1
         self._queue.append(event)
         self._newest[event.machine] = event
@@ -147,7 +152,7 @@ class Recorder:
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 self._log.error("%d boot events dropped: the inventory is unreachable and "
                                 "%d are queued already", self.dropped, self._max_queued)
-        self._remember(event, None)
+        self._remember(event, version)
         self._write_later()
 
     def _write_later(self) -> None:
@@ -229,8 +234,7 @@ class Recorder:
             known = self._last.get(event.machine)
             if known is None or known[1] is not version:
                 self._unsure.add(id(event))  # compared with the store when written
-        self.record(event)
-        self._remember(event, version)
+        self._record(event, version)
 
     def repeats(self, machine_id: str, kind: str, message: str, version: object = None,
                 ) -> bool:

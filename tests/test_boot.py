@@ -1188,6 +1188,31 @@ async def test_a_dhcp_storm_records_after_its_answers_paced_by_the_writer(
             assert stored is not None and stored.uuid == f"00000000-0000-4000-8000-{i:012d}"
 
 
+def _first_dhcp(count: int, tag: int) -> tuple[list[Machine], list[BootRequest]]:
+    """``count`` enrolled machines (profile ``p``) and each one's first DISCOVER (a UUID in
+    option 97, the firmware's manufacturer): what a fleet's first power-on sends."""
+    machines = [Machine(macs=(MacAddress.parse(f"02:00:00:{tag:02x}:00:{i:02x}"),),
+                        hostname=f"m{i}", profile="p") for i in range(count)]
+    requests = [BootRequest(mac=m.mac, firmware=Firmware.UEFI, arch=Arch.X86_64, via="dhcp",
+                            uuid=f"00000000-0000-4000-8000-{i:012d}", manufacturer="QEMU")
+                for i, m in enumerate(machines)]
+    return machines, requests
+
+
+async def _stored_first_dhcp(w: _Watched, machines: list[Machine],
+                             requests: list[BootRequest]) -> None:
+    """Each machine holds its one "dhcp" note and what its first DISCOVER told."""
+    for i, machine in enumerate(machines):
+        events = await w.store.list_events(machine.id)
+        assert [(e.kind, e.message) for e in events] == [
+            ("dhcp", boot_module._dhcp_note(requests[i]))]
+        stored = await w.store.get_machine(machine.id)
+        assert stored is not None
+        assert stored.uuid == f"00000000-0000-4000-8000-{i:012d}"
+        assert (stored.arch, stored.firmware) == (Arch.X86_64, Firmware.UEFI)
+        assert stored.facts.get("manufacturer") == "QEMU"
+
+
 async def test_a_dhcp_storms_records_use_their_decisions_memo_once_it_is_evicted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A storm of first DISCOVERs whose records fall behind the answers by more than the
@@ -1207,11 +1232,7 @@ async def test_a_dhcp_storms_records_use_their_decisions_memo_once_it_is_evicted
 
     monkeypatch.setattr(Identity, "of_request", classmethod(counted))
     (tmp_path / "snponly.efi").write_bytes(b"x")
-    machines = [Machine(macs=(MacAddress.parse(f"02:00:00:02:00:{i:02x}"),),
-                        hostname=f"m{i}", profile="p") for i in range(100)]
-    requests = [BootRequest(mac=m.mac, firmware=Firmware.UEFI, arch=Arch.X86_64, via="dhcp",
-                            uuid=f"00000000-0000-4000-8000-{i:012d}", manufacturer="QEMU")
-                for i, m in enumerate(machines)]
+    machines, requests = _first_dhcp(100, 2)
     async with _watched(tmp_path, machines) as w:
         await w.boot.load_view()
         stages = [w.boot.first_stage(request) for request in requests]  # all before a record
@@ -1223,15 +1244,90 @@ async def test_a_dhcp_storms_records_use_their_decisions_memo_once_it_is_evicted
         # Each request's identity once, by its decision (before: 2 more a record whose memo
         # was evicted, its look-up's and its learn()'s).
         assert len(made) == len(requests)
-        for i, machine in enumerate(machines):
-            events = await w.store.list_events(machine.id)
-            assert [(e.kind, e.message) for e in events] == [
-                ("dhcp", boot_module._dhcp_note(requests[i]))]
-            stored = await w.store.get_machine(machine.id)
-            assert stored is not None
-            assert stored.uuid == f"00000000-0000-4000-8000-{i:012d}"
-            assert (stored.arch, stored.firmware) == (Arch.X86_64, Firmware.UEFI)
-            assert stored.facts.get("manufacturer") == "QEMU"
+        await _stored_first_dhcp(w, machines, requests)
+
+
+async def test_a_dhcp_storms_paced_records_are_made_without_a_coroutine_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storm of enrolled machines' first DISCOVERs: each paced record that would wait for
+    nothing (the NIC's lock free, room in the recorder, a fresh view, the machine found by
+    this NIC alone) is made in the pacer's loop, not by the record's coroutine
+    (BootService._record_now), and stores the same: the facts told and one "dhcp" note."""
+    general: list[BootRequest] = []
+    record_dhcp = BootService._record_dhcp
+
+    async def counted(self: BootService, request: BootRequest, **kw: Any) -> None:
+        general.append(request)
+        await record_dhcp(self, request, **kw)
+
+    monkeypatch.setattr(BootService, "_record_dhcp", counted)
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    machines, requests = _first_dhcp(60, 3)
+    async with _watched(tmp_path, machines) as w:
+        await w.boot.load_view()
+        # No group commit until the flush below: the view stays fresh for every record (one
+        # made after a commit of this process syncs first: the coroutine's path).
+        w.recorder._delay, w.recorder._backlog = 3600.0, 1000
+        for stage in await asyncio.gather(*(w.boot.first_stage(r) for r in requests)):
+            assert stage is not None and stage.path == "snponly.efi"
+        while w.boot._paced or w.boot._recording:
+            await asyncio.sleep(0)
+        assert general == []  # before: one coroutine each (60)
+        assert w.recorder.backlog == 2 * len(machines)  # a note and facts each, queued
+        await w.boot.drain()
+        await w.recorder.flush()
+        await _stored_first_dhcp(w, machines, requests)
+        assert not w.boot._recording and not w.boot._paced
+
+
+async def test_a_paced_dhcp_record_whose_nic_is_locked_waits_for_its_holder(
+        tmp_path: Path) -> None:
+    """A paced record of a NIC whose lock another request holds (an /ipxe plan writing the
+    machine) is not made in the pacer's loop: it waits for the lock (and the records paced
+    after it wait with it), then is made, as the record's coroutine always made it."""
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    machines, requests = _first_dhcp(3, 4)
+    async with _watched(tmp_path, machines) as w:
+        await w.boot.load_view()
+        lock = w.boot._lock(requests[1].mac)
+        await lock.__aenter__()
+        try:
+            for stage in await asyncio.gather(*(w.boot.first_stage(r) for r in requests)):
+                assert stage is not None
+            for _ in range(20):
+                await asyncio.sleep(0)
+            # The first NIC's note is queued; the locked NIC's waits, unnoted.
+            assert w.recorder.pending(machines[0].id) is not None
+            assert w.recorder.pending(machines[1].id) is None
+            assert requests[1].mac in w.boot._recording
+        finally:
+            await lock.__aexit__(None, None, None)
+        await w.boot.drain()
+        await w.recorder.flush()
+        await _stored_first_dhcp(w, machines, requests)
+
+
+async def test_a_paced_dhcp_record_with_the_recorder_full_waits_for_room(
+        tmp_path: Path) -> None:
+    """While the recorder's backlog is at its bound, a paced record is not made in the
+    pacer's loop (which would queue past the bound): it waits in Recorder.room() for the
+    writer, as the record's coroutine does, and is made once there is room."""
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    machines, requests = _first_dhcp(3, 5)
+    async with _watched(tmp_path, machines) as w:
+        await w.boot.load_view()
+        w.recorder._backlog = 0  # crowded from the start: every record waits for room
+        stages = await asyncio.gather(*(w.boot.first_stage(r) for r in requests))
+        assert all(stage is not None for stage in stages)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert all(w.recorder.pending(m.id) is None for m in machines)
+        assert w.recorder.paced >= 1  # the first record waits in room()
+        w.recorder._backlog = 512
+        w.recorder._room.set()
+        await w.boot.drain()
+        await w.recorder.flush()
+        await _stored_first_dhcp(w, machines, requests)
 
 
 async def test_dhcp_memos_forgotten_when_quiet_are_made_again_with_the_same_answers(

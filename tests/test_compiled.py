@@ -67,6 +67,7 @@ TESTS = (
 # has no __func__ to wrap). The Python build runs them.
 NOT_COMPILED = (
     "tests/test_boot.py::test_a_dhcp_storms_records_use_their_decisions_memo_once_it_is_evicted",
+    "tests/test_boot.py::test_a_dhcp_storms_paced_records_are_made_without_a_coroutine_each",
     "tests/servers/test_http.py::test_config_fetched_twice_at_once_is_served_twice",
     "tests/inventory/test_view.py::"
     "test_a_load_gives_back_what_the_stores_caches_and_the_heap_hold_after_it",
