@@ -41,11 +41,14 @@ fi
 # (netboot/lab/pgcluster.py, through tests/pg.py) and never use the one the package may start.
 # pgbouncer: the PostgreSQL store through it (tests/pg.py's bouncing, which runs its own on a
 # Unix socket; the package's own service, if the host starts it, is never used).
+# make pkg-config dpkg-dev libevent-dev libc-ares-dev libssl-dev: building the newer
+# pgbouncer below.
 PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-tools \
 shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
 isc-dhcp-client udhcpc python3 python3-pip python3-venv python3-dev gcc ca-certificates \
-podman runc mmdebstrap chromium postgresql pgbouncer wrk"
+podman runc mmdebstrap chromium postgresql pgbouncer wrk \
+make pkg-config dpkg-dev libevent-dev libc-ares-dev libssl-dev"
 
 missing=""
 for p in $PKGS; do
@@ -63,6 +66,49 @@ if ! command -v tshark >/dev/null 2>&1; then
     echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
     apt-get install -y -q --no-install-recommends tshark \
         || echo "install-deps.sh: tshark not installed (optional; tcpdump decodes instead)" >&2
+fi
+
+# pgbouncer 1.21 or newer, beside Debian's: Debian 12 ships 1.18, which refuses to start with
+# max_prepared_statements (1.21+), and tests/inventory/test_postgres.py checks that netboot
+# still refuses transaction pooling with it (tests/pg.py looks for it here). Debian 13's .deb
+# needs glibc 2.38 (bookworm has 2.36) and bookworm-backports has no pgbouncer, so it is built
+# from Debian 13's source package, fetched through an apt source list, lists and cache of the
+# build's own: the machine's apt sources and lists are not touched. Every other test runs
+# Debian's pgbouncer. About a minute on 2 cores (benchmarks/README.md, s35-bouncer); skipped
+# when the binary is there and runs (its libraries still installed) as 1.21 or newer.
+PGBOUNCER_NEW=/opt/netboot-tests/pgbouncer/bin/pgbouncer
+pgbouncer_new_enough() {
+    # "PgBouncer 1.24.1" -> "1 24"
+    v=$("$PGBOUNCER_NEW" --version 2>/dev/null \
+        | sed -n 's/^PgBouncer \([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1 \2/p')
+    [ -n "$v" ] || return 1
+    # shellcheck disable=SC2086
+    set -- $v
+    [ "$1" -gt 1 ] || { [ "$1" -eq 1 ] && [ "$2" -ge 21 ]; }
+}
+if ! pgbouncer_new_enough; then
+    work=$(mktemp -d /var/tmp/netboot-pgbouncer.XXXXXX)
+    trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/src"
+    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]" \
+        "http://deb.debian.org/debian trixie main" >"$work/trixie.list"
+    own="-o Dir::Etc::sourcelist=$work/trixie.list -o Dir::Etc::sourceparts=- \
+-o Dir::State::Lists=$work/lists -o Dir::Cache=$work/cache -o APT::Sandbox::User=root"
+    # shellcheck disable=SC2086
+    apt-get $own update -q
+    # shellcheck disable=SC2086
+    (cd "$work/src" && apt-get $own source -q pgbouncer)
+    build=$(find "$work/src" -mindepth 1 -maxdepth 1 -type d -name 'pgbouncer-*')
+    (cd "$build" && ./configure -q --without-pam --without-systemd >/dev/null \
+        && make -s -j"$(nproc)" >/dev/null)
+    install -D -m 755 "$build/pgbouncer" "$PGBOUNCER_NEW"
+    rm -rf "$work"
+    trap - EXIT
+    if ! pgbouncer_new_enough; then
+        echo "install-deps.sh: the pgbouncer built from Debian 13's source is not 1.21+:" \
+            "$("$PGBOUNCER_NEW" --version 2>&1 | head -1)" >&2
+        exit 1
+    fi
 fi
 
 if [ -z "${NO_PIP:-}" ]; then

@@ -360,8 +360,31 @@ async def fresh_database(cluster: Cluster) -> AsyncIterator[str]:
         await admin.close()
 
 
-def _pgbouncer() -> str:
-    """The pgbouncer binary :func:`bouncing` runs."""
+# Where tests/install-deps.sh builds pgbouncer 1.21+ (Debian 12 ships 1.18).
+NEWER_PGBOUNCER = "/opt/netboot-tests/pgbouncer/bin/pgbouncer"
+
+
+def _pgbouncer(at_least: tuple[int, ...] | None = None) -> str:
+    """The pgbouncer binary :func:`bouncing` runs: $NETBOOT_PGBOUNCER, else Debian's; with
+    ``at_least``, the first of $NETBOOT_PGBOUNCER and :data:`NEWER_PGBOUNCER` that is that
+    version or newer. None there fails the test (never skips: a test skipped for a missing
+    tool is a test CI never runs)."""
+    if at_least is not None:
+        wanted = ".".join(map(str, at_least))
+        seen = []
+        for candidate in (os.environ.get("NETBOOT_PGBOUNCER"), NEWER_PGBOUNCER):
+            if not candidate:
+                continue
+            if not os.path.exists(candidate):
+                seen.append(f"no {candidate}")
+                continue
+            version = pgbouncer_version(candidate)
+            if version >= at_least:
+                return candidate
+            seen.append(f"{candidate} is {'.'.join(map(str, version))}")
+        pytest.fail(f"pgbouncer {wanted} or newer is missing ({'; '.join(seen)}): "
+                    f"tests/install-deps.sh builds it into {NEWER_PGBOUNCER} (or name one "
+                    "with $NETBOOT_PGBOUNCER)", pytrace=False)
     binary = os.environ.get("NETBOOT_PGBOUNCER") or shutil.which("pgbouncer") or next(
         (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None)
     if binary is None:
@@ -380,29 +403,35 @@ def _accepts(path: Path) -> bool:
         return True
 
 
-def pgbouncer_version() -> tuple[int, ...]:
-    """The version of the pgbouncer :func:`bouncing` runs ("PgBouncer 1.18.0" -> (1, 18, 0))."""
-    said = subprocess.run([_pgbouncer(), "--version"], capture_output=True, text=True,
-                          timeout=10, check=True).stdout
+def pgbouncer_version(binary: str | None = None) -> tuple[int, ...]:
+    """The version of ``binary``, or of the pgbouncer :func:`bouncing` runs by default
+    ("PgBouncer 1.18.0" -> (1, 18, 0)); (0,) if it does not run (its libraries gone)."""
+    try:
+        said = subprocess.run([binary or _pgbouncer(), "--version"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (0,)
     found = re.search(r"PgBouncer (\d+(?:\.\d+)*)", said)
-    assert found is not None, said
+    if found is None:
+        return (0,)
     return tuple(int(n) for n in found[1].split("."))
 
 
 @contextlib.contextmanager
 def bouncing(cluster: Cluster, mode: str, users: tuple[str, ...] = (SUPERUSER,),
-             settings: str = "") -> Iterator[Callable[[str], str]]:
+             settings: str = "", at_least: tuple[int, ...] | None = None,
+             ) -> Iterator[Callable[[str], str]]:
     """Debian's pgbouncer (tests/install-deps.sh installs it) in front of ``cluster``, in
     ``pool_mode = mode``, on a Unix socket of its own (no TCP), letting ``users`` in without
     a password (``auth_type = trust``), with ``settings`` (more lines of its [pgbouncer]
     section); yields database name -> a DSN through it. pgbouncer refuses to run as root:
     as root it runs as ``postgres``, as the cluster does. Stopped by its own PID.
 
-    $NETBOOT_PGBOUNCER names another pgbouncer binary: Debian 12 ships 1.18, and 1.21
-    added prepared statements in transaction pooling (``max_prepared_statements``), which
-    these tests are run against by hand with one built from source (benchmarks/README.md,
-    s35-pg)."""
-    binary = _pgbouncer()
+    ``at_least``: a pgbouncer of that version or newer, for settings Debian 12's 1.18 does
+    not know (1.21 added ``max_prepared_statements``): the one tests/install-deps.sh builds
+    from Debian 13's source into :data:`NEWER_PGBOUNCER`. $NETBOOT_PGBOUNCER names another
+    binary to run instead (every test, by hand: benchmarks/README.md, s35-pg)."""
+    binary = _pgbouncer(at_least)
     base = Path(tempfile.mkdtemp(prefix="netboot-pgb-"))
     port = socket.socket()
     port.bind(("127.0.0.1", 0))  # only names the socket file, as the cluster's does
