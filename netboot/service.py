@@ -515,6 +515,7 @@ class Service:
                               max_transfers=cfg.tftp.max_transfers,
                               max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
                               ack_spin=cfg.tftp.ack_spin_us / 1e6,
+                              single_port=cfg.tftp.single_port,
                               interfaces=list(cfg.server.interfaces) or None,
                               observer=self.metrics)
             await tftp.start()

@@ -7,14 +7,22 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped. Its
   socket is read by :func:`open_stamped_endpoint`'s transport, a burst per wake-up, each
   datagram with the kernel's receive time.
-* Each listener has one data port (its address, port 0): its port, not 69, is the server's
-  TID (RFC 1350 §4) for every transfer started there, as dnsmasq's ``--tftp-single-port``
-  does for 69 itself. Each transfer sends and receives on a socket bound to that port and
-  connected to its client; a datagram from any other (ip, port) reaches the port's
-  unconnected socket and gets ERROR 5, and the transfers go on (dnsmasq: "TID mismatch").
-  :class:`_Link` says why and what it costs. The trade of one port: an off-path attacker
-  who wants to inject an ACK or ERROR into a transfer must guess the client's port only,
-  not also a random server port (TFTP has no other protection against an on-path one).
+* Each transfer sends and receives on a socket of its own, connected to its client and
+  bound to an ephemeral port the kernel picks: its port, not 69, is the server's TID (RFC
+  1350 §4), random per transfer, as dnsmasq (by default), tftpd-hpa and atftpd choose it.
+  A port shared by every transfer is learnt by anyone who makes one transfer, and then a
+  blind attacker could forge an RRQ from a victim's address and the victim's ACKs to that
+  port: 101 forged datagrams (~4 KB) had 10.3 MB of DATA sent to the victim
+  (benchmarks/README.md, s35-attack); with a port per transfer the ACKs must also guess
+  it. A datagram to a transfer's port from any other (ip, port) finds no socket (the
+  transfer's is connected): the kernel answers ICMP port unreachable, as it does for
+  tftpd-hpa, and the transfer goes on.
+* ``single_port`` (``tftp.single_port``) keeps one data port per listener instead (its
+  address, port 0), every transfer's socket bound to it, for a firewall or NAT that passes
+  one fixed port (dnsmasq's ``--tftp-single-port``): a datagram from any other (ip, port)
+  reaches the port's unconnected socket and gets ERROR 5, and the transfers go on
+  (dnsmasq: "TID mismatch"). :class:`_Link` says what it costs. Its trade: the forged ACKs
+  above need only the client's port, which the attacker chose.
 * Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
   first reply was lost, so the first reply is resent instead of starting a second transfer.
   A different RRQ from that port means the client has moved on: the running transfer ends
@@ -286,8 +294,8 @@ class _Transfer:
         self.request: bytes | None = request
         self.sender = sender
         self.fd = fd
-        # Connected to the client, bound to the link's address (see _Link): send() without
-        # an address, and only this client's datagrams arrive on it.
+        # Connected to the client, bound to an ephemeral port of its own or the link's port
+        # (see _Link): send() without an address, and only this client's datagrams arrive.
         self.sock = sock
         # The window its last ACK was answered with, between the read of a poll's ACKs and
         # the sends (_Link._ready; a lock-step block goes in the batch's lists instead).
@@ -296,8 +304,12 @@ class _Transfer:
 
     @property
     def tid(self) -> Address:
-        """The server's end of the transfer (RFC 1350 §4): its link's address."""
-        return self.link.address
+        """The server's end of the transfer (RFC 1350 §4): its socket's port of its own, or
+        its link's address in single-port mode. (Tests and diagnostics: a system call.)"""
+        if self.link.single_port:
+            return self.link.address
+        host, port = self.sock.getsockname()[:2]
+        return host, port
 
     def begin(self) -> None:
         self._guard(self.sender.start)
@@ -406,8 +418,11 @@ _SKB_AT_LEAST = 256
 
 class _Link:
     """The server's end of every transfer started on one listener (RFC 1350 §4: a port of
-    its own, not 69): an unconnected data socket on (its address, port P), and per transfer
-    a socket bound to the same (address, P) and ``connect()``-ed to the client.
+    its own, not 69): per transfer a socket ``connect()``-ed to the client and bound to an
+    ephemeral port of its own (the default: the server's TID is random per transfer, see
+    the module's docstring), or, with ``single_port``, to the link's data port P, whose
+    unconnected data socket on (its address, P) takes what no transfer's socket takes.
+    (The data socket exists in both modes; by default no transfer uses its port.)
 
     The kernel hands each client's datagrams to its transfer's connected socket (an exact
     4-tuple outranks the unconnected socket), so a block costs a ``recv_into`` and a
@@ -432,9 +447,12 @@ class _Link:
     too for a kept socket connected again, unless hashed anew: see :meth:`_rehash`.)
 
     An ended transfer's socket is kept, still connected to its client and in the epoll set,
-    and the next transfer connects it to its own client (:meth:`connect`, :meth:`remove`):
-    what a kept socket receives is answered as the data socket answers a stranger. One left
-    unused for the server's ``spare_idle`` seconds is closed (:meth:`_sweep_spares`)."""
+    and the next transfer of that client (same address and port) takes it again; in
+    single-port mode the next transfer of any client connects it to its own (:meth:`connect`,
+    :meth:`remove`). Not by default: a port one client has seen, handed to another client's
+    transfer, is a port the first could forge ACKs to. What a kept socket receives is
+    answered as the data socket answers a stranger. One left unused for the server's
+    ``spare_idle`` seconds is closed (:meth:`_sweep_spares`)."""
 
     BATCH = 128  # datagrams per wake-up at most: the loop's other work is not starved
     # ACKs are 4 bytes, a client's ERROR at most a few hundred; longer is truncated,
@@ -457,6 +475,8 @@ class _Link:
         self.iface = iface
         self._device = iface.encode() if iface else b""  # see connect
         self.address: Address = sock.getsockname()[:2]
+        # Every transfer's socket on this link's port (True), or each on a port of its own.
+        self.single_port = server.single_port
         self._buf = bytearray(self.MAX_DATAGRAM)
         # The same bytes as unsigned 32-bit numbers: [0] is a datagram's first four bytes
         # as the Sender's ack_word (its opcode and block in one subscript).
@@ -526,12 +546,14 @@ class _Link:
         EDK2's size probe + download pairs, 4 KiB each, these were a quarter of the server's
         CPU outside the sends (benchmarks/README.md, s25-tftpstart). The one connected to
         ``peer`` already if there is one (EDK2's download from the probe's port): two
-        sockets connected to one client would share its datagrams."""
+        sockets connected to one client would share its datagrams. Another client's only in
+        single-port mode, where every transfer has the same port anyway: by default a new
+        socket, bound to a port the kernel picks (see the class's docstring)."""
         spare = self._spare
-        if spare:
-            sock = spare.pop(peer, None)
-            if sock is None:
-                _, sock = spare.popitem(last=False)
+        sock = spare.pop(peer, None) if spare else None
+        if sock is None and spare and self.single_port:
+            _, sock = spare.popitem(last=False)
+        if sock is not None:
             self.server.spares -= 1
             old = self._spare_peers.pop(sock.fileno())[0]
             try:
@@ -561,17 +583,21 @@ class _Link:
                     # client's ERROR ending another machine's transfer. Bounded by what the
                     # receive buffer can hold (each datagram is charged its skb's truesize,
                     # over _SKB_AT_LEAST bytes), not by a sender that keeps sending.
+                    # (Connected to peer now: the answers to another old client go from the
+                    # data socket, the same port in single-port mode.)
                     self._read_spare(sock, old, sock.getsockopt(
-                        socket.SOL_SOCKET, socket.SO_RCVBUF) // _SKB_AT_LEAST + 1)
+                        socket.SOL_SOCKET, socket.SO_RCVBUF) // _SKB_AT_LEAST + 1,
+                        sock if old == peer else None)
                 self._reused = sock
                 self._moved = old != peer  # hashed anew by add() if its transfer is long
                 return sock
         server = self.server
-        if server.spares and server.spares + server.transfers > server.max_transfers:
-            # Other links keep sockets (a storm on another interface) and this one has none
-            # to give: one of theirs closed, so that the kept and the running sockets stay
-            # within the max_transfers that service.raise_fd_limit counted, whichever
-            # interface the storm is on.
+        if (server.spares and server.spares + server.transfers > server.max_transfers
+                and not self.drop_spare()):
+            # A kept socket closed, so that the kept and the running sockets stay within the
+            # max_transfers that service.raise_fd_limit counted: this link's oldest (kept
+            # for their own clients only, by default), else another link's (a storm on
+            # another interface), whichever interface the storm is on.
             server.drop_spare(self)
         # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call. The
         # C socket type itself: socket.socket, its subclass, adds a Python __init__ and a
@@ -579,10 +605,12 @@ class _Link:
         # calls a transfer.
         sock = _socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if self.single_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.iface:
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, self.iface.encode())
-            sock.bind(self.address)
+            # Port 0 by default: the kernel's random ephemeral port, the transfer's own TID.
+            sock.bind(self.address if self.single_port else (self.address[0], 0))
             sock.connect(peer)
         except BaseException:
             sock.close()
@@ -715,7 +743,8 @@ class _Link:
                 except KeyError:  # ended earlier in this batch, or a spare's
                     kept = self._spare_peers.get(fd)
                     if kept is not None:
-                        self._read_spare(self._spare[kept[0]], kept[0], self.BATCH)
+                        spare = self._spare[kept[0]]
+                        self._read_spare(spare, kept[0], self.BATCH, spare)
                     continue
                 sock = transfer.sock
                 try:
@@ -834,11 +863,14 @@ class _Link:
         self._missed += 1
         return []
 
-    def _read_spare(self, sock: _socket.socket, peer: Address, most: int) -> None:
+    def _read_spare(self, sock: _socket.socket, peer: Address, most: int,
+                    reply: _socket.socket | None) -> None:
         """What waits on a kept socket (see remove), from ``peer``, the client it was
         connected to, ``most`` datagrams at most: answered as the data socket answers a
-        stranger (a late ACK ignored, ERROR 5 otherwise). An ICMP error its datagrams brought
-        back is dropped."""
+        stranger (a late ACK ignored, ERROR 5 otherwise): through ``reply`` when given (the
+        kept socket itself, still connected to ``peer``: from the port ``peer`` sent to,
+        which by default is not the data socket's), else from the data socket. An ICMP
+        error its datagrams brought back is dropped."""
         buf = self._buf
         for _ in range(most):
             try:
@@ -847,7 +879,7 @@ class _Link:
                 return
             except OSError:
                 continue  # the error is cleared by its read
-            self._stranger(bytes(buf[:size]), peer)
+            self._stranger(bytes(buf[:size]), peer, reply)
 
     def _readable(self) -> None:
         """The unconnected data socket: whatever no transfer's socket took."""
@@ -870,7 +902,7 @@ class _Link:
             else:
                 self._stranger(bytes(buf[:size]), peer)
 
-    def _stranger(self, data: bytes, src: Address) -> None:
+    def _stranger(self, data: bytes, src: Address, via: _socket.socket | None = None) -> None:
         if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
             return  # never answer an ERROR (RFC 1350 §7): a client ending a finished transfer
         server = self.server
@@ -884,7 +916,12 @@ class _Link:
             logging.INFO, src[0], "tftp %s:%d: packet from unknown TID %s:%d (ERROR 5)",
             *self.address, *src,
         )
-        self.send(error_packet(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), src)
+        error = error_packet(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
+        if via is None:
+            self.send(error, src)
+        else:  # a kept socket, connected to src
+            with contextlib.suppress(OSError):
+                via.send(error)
 
     def apply(self, transfer: _Transfer, step: Step) -> None:
         if transfer.closed:
@@ -1028,6 +1065,7 @@ class TftpServer:
         cache_size: int = 64 << 20,
         cache_file_size: int = 16 << 20,
         spare_idle: float = 5.0,
+        single_port: bool = False,
         observer: TftpObserver | None = None,
     ) -> None:
         self._files = files
@@ -1066,6 +1104,9 @@ class TftpServer:
         # long enough for a storm's next starts to take it (EDK2's download follows its size
         # probe within milliseconds), short enough that a storm's sockets are not held after.
         self.spare_idle = spare_idle
+        # Every transfer of a listener on one data port (tftp.single_port; see _Link), or
+        # each on an ephemeral port of its own: the default, which forged ACKs cannot find.
+        self.single_port = single_port
         self._per_client: Counter[str] = Counter()
         self._closing = False
 
