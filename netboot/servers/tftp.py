@@ -446,13 +446,18 @@ class _Link:
     and up to ``max_transfers``; measured flat on 6.18 only, not on such a kernel. On 6.18
     too for a kept socket connected again, unless hashed anew: see :meth:`_rehash`.)
 
-    An ended transfer's socket is kept, still connected to its client and in the epoll set,
-    and the next transfer of that client (same address and port) takes it again; in
-    single-port mode the next transfer of any client connects it to its own (:meth:`connect`,
-    :meth:`remove`). Not by default: a port one client has seen, handed to another client's
-    transfer, is a port the first could forge ACKs to. What a kept socket receives is
-    answered as the data socket answers a stranger. One left unused for the server's
-    ``spare_idle`` seconds is closed (:meth:`_sweep_spares`)."""
+    In single-port mode an ended transfer's socket is kept, still connected to its client and
+    in the epoll set, and the next transfer connects it to its own client (:meth:`connect`,
+    :meth:`remove`): what a kept socket receives is answered as the data socket answers a
+    stranger. One left unused for the server's ``spare_idle`` seconds is closed
+    (:meth:`_sweep_spares`). By default a transfer's socket is closed at its end, as
+    dnsmasq's and tftpd-hpa's are: its port, one its client has seen, handed to another
+    client's transfer would be a port the first could forge that transfer's ACKs to; and
+    kept for its own client's next transfer only it was seldom taken (EDK2's download comes
+    from a new port) and cost more than it saved: ``starts`` (EDK2's size probe and
+    download, 4 KiB) 0.96x the CPU per pair closed at the end (0.89-1.01, 9 paired runs,
+    benchmarks/README.md s35-tid). A datagram its client sends after the end finds no
+    socket (ICMP port unreachable, as for tftpd-hpa)."""
 
     BATCH = 128  # datagrams per wake-up at most: the loop's other work is not starved
     # ACKs are 4 bytes, a client's ERROR at most a few hundred; longer is truncated,
@@ -546,14 +551,14 @@ class _Link:
         EDK2's size probe + download pairs, 4 KiB each, these were a quarter of the server's
         CPU outside the sends (benchmarks/README.md, s25-tftpstart). The one connected to
         ``peer`` already if there is one (EDK2's download from the probe's port): two
-        sockets connected to one client would share its datagrams. Another client's only in
-        single-port mode, where every transfer has the same port anyway: by default a new
-        socket, bound to a port the kernel picks (see the class's docstring)."""
+        sockets connected to one client would share its datagrams. Single-port mode only:
+        by default no socket is kept, and each is new, on a port the kernel picks (see the
+        class's docstring)."""
         spare = self._spare
-        sock = spare.pop(peer, None) if spare else None
-        if sock is None and spare and self.single_port:
-            _, sock = spare.popitem(last=False)
-        if sock is not None:
+        if spare:
+            sock = spare.pop(peer, None)
+            if sock is None:
+                _, sock = spare.popitem(last=False)
             self.server.spares -= 1
             old = self._spare_peers.pop(sock.fileno())[0]
             try:
@@ -583,21 +588,17 @@ class _Link:
                     # client's ERROR ending another machine's transfer. Bounded by what the
                     # receive buffer can hold (each datagram is charged its skb's truesize,
                     # over _SKB_AT_LEAST bytes), not by a sender that keeps sending.
-                    # (Connected to peer now: the answers to another old client go from the
-                    # data socket, the same port in single-port mode.)
                     self._read_spare(sock, old, sock.getsockopt(
-                        socket.SOL_SOCKET, socket.SO_RCVBUF) // _SKB_AT_LEAST + 1,
-                        sock if old == peer else None)
+                        socket.SOL_SOCKET, socket.SO_RCVBUF) // _SKB_AT_LEAST + 1)
                 self._reused = sock
                 self._moved = old != peer  # hashed anew by add() if its transfer is long
                 return sock
         server = self.server
-        if (server.spares and server.spares + server.transfers > server.max_transfers
-                and not self.drop_spare()):
-            # A kept socket closed, so that the kept and the running sockets stay within the
-            # max_transfers that service.raise_fd_limit counted: this link's oldest (kept
-            # for their own clients only, by default), else another link's (a storm on
-            # another interface), whichever interface the storm is on.
+        if server.spares and server.spares + server.transfers > server.max_transfers:
+            # Other links keep sockets (a storm on another interface) and this one has none
+            # to give: one of theirs closed, so that the kept and the running sockets stay
+            # within the max_transfers that service.raise_fd_limit counted, whichever
+            # interface the storm is on.
             server.drop_spare(self)
         # Non-blocking from its creation (SOCK_NONBLOCK): no setblocking() system call. The
         # C socket type itself: socket.socket, its subclass, adds a Python __init__ and a
@@ -687,13 +688,15 @@ class _Link:
         if fd >= 0 and self._transfers.get(fd) is transfer:
             del self._transfers[fd]
         server = self.server
-        # Kept for the next transfer (see connect) while the kept and the running sockets
-        # stay within max_transfers, the descriptors service.raise_fd_limit counted (this
+        # Single-port mode: kept for the next transfer (see connect; by default closed, see
+        # the class's docstring) while the kept and the running sockets stay within
+        # max_transfers, the descriptors service.raise_fd_limit counted (this
         # transfer is still among server.transfers here). Still connected to its client: a
         # datagram the client sends after the end reaches it, not the data socket, and
         # _ready answers it as the data socket would. Only the C type (a test's wrapped
         # socket is closed).
-        if (type(sock) is _socket.socket and fd >= 0 and not server._closing
+        if (self.single_port and type(sock) is _socket.socket and fd >= 0
+                and not server._closing
                 and server.spares + server.transfers <= server.max_transfers):
             peer = transfer.peer
             if peer not in self._spare:
@@ -743,8 +746,7 @@ class _Link:
                 except KeyError:  # ended earlier in this batch, or a spare's
                     kept = self._spare_peers.get(fd)
                     if kept is not None:
-                        spare = self._spare[kept[0]]
-                        self._read_spare(spare, kept[0], self.BATCH, spare)
+                        self._read_spare(self._spare[kept[0]], kept[0], self.BATCH)
                     continue
                 sock = transfer.sock
                 try:
@@ -863,14 +865,11 @@ class _Link:
         self._missed += 1
         return []
 
-    def _read_spare(self, sock: _socket.socket, peer: Address, most: int,
-                    reply: _socket.socket | None) -> None:
+    def _read_spare(self, sock: _socket.socket, peer: Address, most: int) -> None:
         """What waits on a kept socket (see remove), from ``peer``, the client it was
         connected to, ``most`` datagrams at most: answered as the data socket answers a
-        stranger (a late ACK ignored, ERROR 5 otherwise): through ``reply`` when given (the
-        kept socket itself, still connected to ``peer``: from the port ``peer`` sent to,
-        which by default is not the data socket's), else from the data socket. An ICMP
-        error its datagrams brought back is dropped."""
+        stranger (a late ACK ignored, ERROR 5 otherwise). An ICMP error its datagrams brought
+        back is dropped."""
         buf = self._buf
         for _ in range(most):
             try:
@@ -879,7 +878,7 @@ class _Link:
                 return
             except OSError:
                 continue  # the error is cleared by its read
-            self._stranger(bytes(buf[:size]), peer, reply)
+            self._stranger(bytes(buf[:size]), peer)
 
     def _readable(self) -> None:
         """The unconnected data socket: whatever no transfer's socket took."""
@@ -902,7 +901,7 @@ class _Link:
             else:
                 self._stranger(bytes(buf[:size]), peer)
 
-    def _stranger(self, data: bytes, src: Address, via: _socket.socket | None = None) -> None:
+    def _stranger(self, data: bytes, src: Address) -> None:
         if len(data) >= 2 and data[0] == 0 and data[1] == Opcode.ERROR:
             return  # never answer an ERROR (RFC 1350 §7): a client ending a finished transfer
         server = self.server
@@ -916,12 +915,7 @@ class _Link:
             logging.INFO, src[0], "tftp %s:%d: packet from unknown TID %s:%d (ERROR 5)",
             *self.address, *src,
         )
-        error = error_packet(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
-        if via is None:
-            self.send(error, src)
-        else:  # a kept socket, connected to src
-            with contextlib.suppress(OSError):
-                via.send(error)
+        self.send(error_packet(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), src)
 
     def apply(self, transfer: _Transfer, step: Step) -> None:
         if transfer.closed:
