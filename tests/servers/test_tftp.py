@@ -589,6 +589,20 @@ async def test_a_transfer_whose_first_answer_meets_a_closed_port_ends_at_once(
         await server.close()
 
 
+async def _the_rest(client: RawClient, first: object, tid: tuple[str, int]) -> bytes:
+    """A lock-step transfer at 512 from its first DATA to its end: the file's bytes."""
+    out = bytearray(first.data if isinstance(first, Data) else b"")
+    for n in range(1, 20):
+        client.send(Ack(n), tid)
+        pkt, _ = await client.recv()
+        assert isinstance(pkt, Data) and pkt.block == n + 1
+        out += pkt.data
+        if len(pkt.data) < 512:
+            client.send(Ack(pkt.block), tid)
+            break
+    return bytes(out)
+
+
 @ONE_PORT
 async def test_unknown_tid_gets_error_5_and_transfer_goes_on(
     server: TftpServer, client: RawClient
@@ -600,16 +614,7 @@ async def test_unknown_tid_gets_error_5_and_transfer_goes_on(
         err, src = await stranger.recv()
         assert isinstance(err, Error) and err.code == ErrorCode.UNKNOWN_TID
         assert src == tid
-    out = bytearray(pkt.data if isinstance(pkt, Data) else b"")
-    for n in range(1, 20):
-        client.send(Ack(n), tid)
-        pkt, _ = await client.recv()
-        assert isinstance(pkt, Data) and pkt.block == n + 1
-        out += pkt.data
-        if len(pkt.data) < 512:
-            client.send(Ack(pkt.block), tid)
-            break
-    assert bytes(out) == SMALL
+    assert await _the_rest(client, pkt, tid) == SMALL
     assert server.stats.unknown_tid == 1
 
 
@@ -626,16 +631,7 @@ async def test_a_stranger_to_a_transfers_port_finds_no_socket_and_the_transfer_g
         stranger.send(Ack(1), tid)
         elsewhere.send(Ack(1), tid)
         assert await stranger.nothing() and await elsewhere.nothing()
-    out = bytearray(pkt.data if isinstance(pkt, Data) else b"")
-    for n in range(1, 20):
-        client.send(Ack(n), tid)
-        pkt, _ = await client.recv()
-        assert isinstance(pkt, Data) and pkt.block == n + 1
-        out += pkt.data
-        if len(pkt.data) < 512:
-            client.send(Ack(pkt.block), tid)
-            break
-    assert bytes(out) == SMALL
+    assert await _the_rest(client, pkt, tid) == SMALL
     assert server.stats.unknown_tid == 0
 
 
