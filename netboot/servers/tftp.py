@@ -18,8 +18,9 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   transfer's is connected): the kernel answers ICMP port unreachable, as it does for
   tftpd-hpa, and the transfer goes on.
 * ``single_port`` (``tftp.single_port``) keeps one data port per listener instead (its
-  address, port 0), every transfer's socket bound to it, for a firewall or NAT that passes
-  one fixed port (dnsmasq's ``--tftp-single-port``): a datagram from any other (ip, port)
+  address, port 0: the kernel's pick at start, the same for every transfer until a
+  restart), every transfer's socket bound to it, for a firewall that should pass one port
+  (dnsmasq's ``--tftp-single-port``): a datagram from any other (ip, port)
   reaches the port's unconnected socket and gets ERROR 5, and the transfers go on
   (dnsmasq: "TID mismatch"). :class:`_Link` says what it costs. Its trade: the forged ACKs
   above need only the client's port, which the attacker chose.
