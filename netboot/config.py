@@ -135,6 +135,12 @@ class TftpConfig:
     # event loop's sleep (servers/tftp.py, _Link._spin); 0 turns it off. A client slower
     # than the wait (a remote one) is waited for once per up to 64 windows.
     ack_spin_us: int = 100
+    # true: every transfer answers from one data port per listener (the kernel's pick at
+    # start; dnsmasq's --tftp-single-port), for a firewall that should pass one port. Its
+    # price: a host that learnt the port can forge a victim's RRQ and ACKs and have the
+    # whole file sent to it (~2,500x amplification, benchmarks/README.md s35-attack).
+    # Default: a port the kernel picks per transfer (RFC 1350 §4).
+    single_port: bool = False
 
 
 @dataclass(frozen=True)

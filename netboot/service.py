@@ -551,6 +551,7 @@ class Service:
                               max_transfers=cfg.tftp.max_transfers,
                               max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
                               ack_spin=cfg.tftp.ack_spin_us / 1e6,
+                              single_port=cfg.tftp.single_port,
                               interfaces=list(cfg.server.interfaces) or None,
                               observer=self.metrics)
             await tftp.start()
@@ -795,9 +796,10 @@ class Service:
 # Descriptors an HTTP connection holds: its socket (a file it sends is one of AssetFiles' kept
 # descriptors, counted in OTHER_DESCRIPTORS).
 PER_CONNECTION = 1
-# Descriptors a TFTP transfer holds: its socket, connected to the client on the listener's
-# shared data port (servers/tftp._Link), and, while its file is streamed (above the packet
-# cache's 16 MiB, or written in the last 2 s: storm.py's fresh loader), that file's own;
+# Descriptors a TFTP transfer holds: its socket, connected to the client on a port of its
+# own (the listener's shared data port with tftp.single_port; servers/tftp._Link), and,
+# while its file is streamed (above the packet cache's 16 MiB, or written in the last 2 s:
+# storm.py's fresh loader), that file's own;
 # a size probe or a download of a cached file holds the socket only (its datagrams are the
 # cache's shared copy). Measured by benchmarks/tftp_slots.py, 1,100 held of each kind: 1.00
 # a probe or a cached download, 2.00 a streamed one. The worst case is counted: a storm of

@@ -24,6 +24,7 @@ def test_embedded_defaults() -> None:
     assert cfg.dhcp.mode == "proxy"
     assert cfg.dhcp.port == 67 and cfg.dhcp.pxe_port == 4011
     assert cfg.tftp.port == 69
+    assert cfg.tftp.single_port is False  # a port per transfer (RFC 1350 §4)
     assert "/usr/lib/ipxe" in cfg.assets.dirs and "/usr/share/ipxe" in cfg.assets.dirs
     assert str(cfg.db_path) == "/var/lib/netboot/netboot.db"
 
@@ -39,6 +40,13 @@ def test_file_env_and_flags_layer_in_order(tmp_path: Path) -> None:
                                                                 "interface": ["eth1"]})
     assert cfg.http.port == 9000
     assert cfg.server.interfaces == ("eth1",)
+
+
+def test_tftp_single_port_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "tftp:\n  single_port: true\n")
+    assert load(path, env={}).tftp.single_port is True
+    assert load(None, env={"NETBOOT_TFTP_SINGLE_PORT": "yes"}).tftp.single_port is True
+    assert load(path, env={"NETBOOT_TFTP_SINGLE_PORT": "off"}).tftp.single_port is False
 
 
 def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
@@ -73,6 +81,7 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
         ("enroll:\n  report_rate: 0\n", "enroll.report_rate", 2, ">= 1"),
         ("tftp:\n  ack_spin_us: -1\n", "tftp.ack_spin_us", 2, "0 turns"),
         ("tftp:\n  ack_spin_us: 5000\n", "tftp.ack_spin_us", 2, "0 turns"),
+        ("tftp:\n  single_port: sometimes\n", "tftp.single_port", 2, "true or false"),
         ("tftp:\n  max_transfers: 10\n  max_per_client: 11\n", "tftp.max_per_client", 3,
          "raise tftp.max_transfers"),
         ("http:\n  plain_api: sometimes\n", "http.plain_api", 2, "loopback"),

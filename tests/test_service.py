@@ -36,11 +36,14 @@ from tests import pg
 from tests.conftest import Env, EnvFactory, child_json, inotify_instances, write_config
 
 
-@pytest.mark.parametrize(("line", "seconds"), [("", 0.0001), ("  ack_spin_us: 0\n", 0.0)])
+@pytest.mark.parametrize(("line", "seconds", "single_port"), [
+    ("", 0.0001, False), ("  ack_spin_us: 0\n", 0.0, False),
+    ("  single_port: true\n", 0.0001, True)])
 async def test_the_tftp_ack_wait_is_the_configured_one(tmp_path: Path, line: str,
-                                                       seconds: float) -> None:
+                                                       seconds: float, single_port: bool) -> None:
     """tftp.ack_spin_us reaches the TFTP server (its lone windowed transfer's busy-wait):
-    100 us by default, 0 turns it off."""
+    100 us by default, 0 turns it off; so does tftp.single_port (a port per transfer by
+    default)."""
     path = write_config(tmp_path, "")
     text = path.read_text().replace("tftp:\n  enabled: false\n", "")
     path.write_text(text + "tftp:\n  enabled: true\n  port: 0\n" + line)
@@ -48,7 +51,7 @@ async def test_the_tftp_ack_wait_is_the_configured_one(tmp_path: Path, line: str
     await service.start()
     try:
         (tftp,) = service.servers
-        assert tftp.ack_spin == seconds
+        assert tftp.ack_spin == seconds and tftp.single_port is single_port
     finally:
         await service.close()
 

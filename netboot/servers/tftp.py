@@ -7,14 +7,23 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   stops the service. RRQs start transfers, WRQs get ERROR 2, other packets are dropped. Its
   socket is read by :func:`open_stamped_endpoint`'s transport, a burst per wake-up, each
   datagram with the kernel's receive time.
-* Each listener has one data port (its address, port 0): its port, not 69, is the server's
-  TID (RFC 1350 §4) for every transfer started there, as dnsmasq's ``--tftp-single-port``
-  does for 69 itself. Each transfer sends and receives on a socket bound to that port and
-  connected to its client; a datagram from any other (ip, port) reaches the port's
-  unconnected socket and gets ERROR 5, and the transfers go on (dnsmasq: "TID mismatch").
-  :class:`_Link` says why and what it costs. The trade of one port: an off-path attacker
-  who wants to inject an ACK or ERROR into a transfer must guess the client's port only,
-  not also a random server port (TFTP has no other protection against an on-path one).
+* Each transfer sends and receives on a socket of its own, connected to its client and
+  bound to an ephemeral port the kernel picks: its port, not 69, is the server's TID (RFC
+  1350 §4), random per transfer, as dnsmasq (by default), tftpd-hpa and atftpd choose it.
+  A port shared by every transfer is learnt by anyone who makes one transfer, and then a
+  blind attacker could forge an RRQ from a victim's address and the victim's ACKs to that
+  port: 101 forged datagrams (~4 KB) had 10.3 MB of DATA sent to the victim
+  (benchmarks/README.md, s35-attack); with a port per transfer the ACKs must also guess
+  it. A datagram to a transfer's port from any other (ip, port) finds no socket (the
+  transfer's is connected): the kernel answers ICMP port unreachable, as it does for
+  tftpd-hpa, and the transfer goes on.
+* ``single_port`` (``tftp.single_port``) keeps one data port per listener instead (its
+  address, port 0: the kernel's pick at start, the same for every transfer until a
+  restart), every transfer's socket bound to it, for a firewall that should pass one port
+  (dnsmasq's ``--tftp-single-port``): a datagram from any other (ip, port)
+  reaches the port's unconnected socket and gets ERROR 5, and the transfers go on
+  (dnsmasq: "TID mismatch"). :class:`_Link` says what it costs. Its trade: the forged ACKs
+  above need only the client's port, which the attacker chose.
 * Transfers are keyed by the client's (ip, port): a repeated RRQ while one runs means our
   first reply was lost, so the first reply is resent instead of starting a second transfer.
   A different RRQ from that port means the client has moved on: the running transfer ends
@@ -286,8 +295,8 @@ class _Transfer:
         self.request: bytes | None = request
         self.sender = sender
         self.fd = fd
-        # Connected to the client, bound to the link's address (see _Link): send() without
-        # an address, and only this client's datagrams arrive on it.
+        # Connected to the client, bound to an ephemeral port of its own or the link's port
+        # (see _Link): send() without an address, and only this client's datagrams arrive.
         self.sock = sock
         # The window its last ACK was answered with, between the read of a poll's ACKs and
         # the sends (_Link._ready; a lock-step block goes in the batch's lists instead).
@@ -296,8 +305,12 @@ class _Transfer:
 
     @property
     def tid(self) -> Address:
-        """The server's end of the transfer (RFC 1350 §4): its link's address."""
-        return self.link.address
+        """The server's end of the transfer (RFC 1350 §4): its socket's port of its own, or
+        its link's address in single-port mode. (Tests and diagnostics: a system call.)"""
+        if self.link.single_port:
+            return self.link.address
+        host, port = self.sock.getsockname()[:2]
+        return host, port
 
     def begin(self) -> None:
         self._guard(self.sender.start)
@@ -406,8 +419,11 @@ _SKB_AT_LEAST = 256
 
 class _Link:
     """The server's end of every transfer started on one listener (RFC 1350 §4: a port of
-    its own, not 69): an unconnected data socket on (its address, port P), and per transfer
-    a socket bound to the same (address, P) and ``connect()``-ed to the client.
+    its own, not 69): per transfer a socket ``connect()``-ed to the client and bound to an
+    ephemeral port of its own (the default: the server's TID is random per transfer, see
+    the module's docstring), or, with ``single_port``, to the link's data port P, whose
+    unconnected data socket on (its address, P) takes what no transfer's socket takes.
+    (The data socket exists in both modes; by default no transfer uses its port.)
 
     The kernel hands each client's datagrams to its transfer's connected socket (an exact
     4-tuple outranks the unconnected socket), so a block costs a ``recv_into`` and a
@@ -431,10 +447,18 @@ class _Link:
     and up to ``max_transfers``; measured flat on 6.18 only, not on such a kernel. On 6.18
     too for a kept socket connected again, unless hashed anew: see :meth:`_rehash`.)
 
-    An ended transfer's socket is kept, still connected to its client and in the epoll set,
-    and the next transfer connects it to its own client (:meth:`connect`, :meth:`remove`):
-    what a kept socket receives is answered as the data socket answers a stranger. One left
-    unused for the server's ``spare_idle`` seconds is closed (:meth:`_sweep_spares`)."""
+    In single-port mode an ended transfer's socket is kept, still connected to its client and
+    in the epoll set, and the next transfer connects it to its own client (:meth:`connect`,
+    :meth:`remove`): what a kept socket receives is answered as the data socket answers a
+    stranger. One left unused for the server's ``spare_idle`` seconds is closed
+    (:meth:`_sweep_spares`). By default a transfer's socket is closed at its end, as
+    dnsmasq's and tftpd-hpa's are: its port, one its client has seen, handed to another
+    client's transfer would be a port the first could forge that transfer's ACKs to; and
+    kept for its own client's next transfer only it was seldom taken (EDK2's download comes
+    from a new port) and cost more than it saved: ``starts`` (EDK2's size probe and
+    download, 4 KiB) 0.96x the CPU per pair closed at the end (0.89-1.01, 9 paired runs,
+    benchmarks/README.md s35-tid). A datagram its client sends after the end finds no
+    socket (ICMP port unreachable, as for tftpd-hpa)."""
 
     BATCH = 128  # datagrams per wake-up at most: the loop's other work is not starved
     # ACKs are 4 bytes, a client's ERROR at most a few hundred; longer is truncated,
@@ -457,6 +481,8 @@ class _Link:
         self.iface = iface
         self._device = iface.encode() if iface else b""  # see connect
         self.address: Address = sock.getsockname()[:2]
+        # Every transfer's socket on this link's port (True), or each on a port of its own.
+        self.single_port = server.single_port
         self._buf = bytearray(self.MAX_DATAGRAM)
         # The same bytes as unsigned 32-bit numbers: [0] is a datagram's first four bytes
         # as the Sender's ack_word (its opcode and block in one subscript).
@@ -526,7 +552,9 @@ class _Link:
         EDK2's size probe + download pairs, 4 KiB each, these were a quarter of the server's
         CPU outside the sends (benchmarks/README.md, s25-tftpstart). The one connected to
         ``peer`` already if there is one (EDK2's download from the probe's port): two
-        sockets connected to one client would share its datagrams."""
+        sockets connected to one client would share its datagrams. Single-port mode only:
+        by default no socket is kept, and each is new, on a port the kernel picks (see the
+        class's docstring)."""
         spare = self._spare
         if spare:
             sock = spare.pop(peer, None)
@@ -579,10 +607,12 @@ class _Link:
         # calls a transfer.
         sock = _socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if self.single_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.iface:
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, self.iface.encode())
-            sock.bind(self.address)
+            # Port 0 by default: the kernel's random ephemeral port, the transfer's own TID.
+            sock.bind(self.address if self.single_port else (self.address[0], 0))
             sock.connect(peer)
         except BaseException:
             sock.close()
@@ -659,13 +689,15 @@ class _Link:
         if fd >= 0 and self._transfers.get(fd) is transfer:
             del self._transfers[fd]
         server = self.server
-        # Kept for the next transfer (see connect) while the kept and the running sockets
-        # stay within max_transfers, the descriptors service.raise_fd_limit counted (this
+        # Single-port mode: kept for the next transfer (see connect; by default closed, see
+        # the class's docstring) while the kept and the running sockets stay within
+        # max_transfers, the descriptors service.raise_fd_limit counted (this
         # transfer is still among server.transfers here). Still connected to its client: a
         # datagram the client sends after the end reaches it, not the data socket, and
         # _ready answers it as the data socket would. Only the C type (a test's wrapped
         # socket is closed).
-        if (type(sock) is _socket.socket and fd >= 0 and not server._closing
+        if (self.single_port and type(sock) is _socket.socket and fd >= 0
+                and not server._closing
                 and server.spares + server.transfers <= server.max_transfers):
             peer = transfer.peer
             if peer not in self._spare:
@@ -1028,6 +1060,7 @@ class TftpServer:
         cache_size: int = 64 << 20,
         cache_file_size: int = 16 << 20,
         spare_idle: float = 5.0,
+        single_port: bool = False,
         observer: TftpObserver | None = None,
     ) -> None:
         self._files = files
@@ -1066,6 +1099,9 @@ class TftpServer:
         # long enough for a storm's next starts to take it (EDK2's download follows its size
         # probe within milliseconds), short enough that a storm's sockets are not held after.
         self.spare_idle = spare_idle
+        # Every transfer of a listener on one data port (tftp.single_port; see _Link), or
+        # each on an ephemeral port of its own: the default, which forged ACKs cannot find.
+        self.single_port = single_port
         self._per_client: Counter[str] = Counter()
         self._closing = False
 

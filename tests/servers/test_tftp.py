@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import inspect
@@ -111,11 +112,13 @@ async def started(files: DirFiles, **kwargs: object) -> TftpServer:
 
 
 @pytest.fixture
-async def server(files: DirFiles) -> AsyncIterator[TftpServer]:
+async def server(files: DirFiles, request: pytest.FixtureRequest) -> AsyncIterator[TftpServer]:
     # Long enough that no retransmission interleaves with a test's own steps, even on a
     # loaded CI machine; tests about the timer start their own server. The fixed timer:
     # the round-trip one would resend within milliseconds while a test pauses between steps.
-    srv = await started(files, retransmit=5.0, min_rto=None)
+    # A port per transfer (the default), or one data port for all (ONE_PORT, BOTH_MODES).
+    single_port = getattr(request, "param", "port_per_transfer") == "single_port"
+    srv = await started(files, retransmit=5.0, min_rto=None, single_port=single_port)
     try:
         yield srv
     finally:
@@ -133,6 +136,13 @@ async def client() -> AsyncIterator[RawClient]:
 
 def addr(server: TftpServer) -> tuple[str, int]:
     return LOOPBACK, server.port
+
+
+# The ``server`` fixture in tftp.single_port mode (every transfer on its link's data port,
+# kept sockets handed to any client): for what only that mode does. BOTH_MODES: each.
+ONE_PORT = pytest.mark.parametrize("server", ["single_port"], indirect=True)
+BOTH_MODES = pytest.mark.parametrize("server", ["port_per_transfer", "single_port"],
+                                     indirect=True)
 
 
 # ------------------------------------------------------------------ independent clients
@@ -615,6 +625,21 @@ async def test_a_transfer_whose_first_answer_meets_a_closed_port_ends_at_once(
         await server.close()
 
 
+async def _the_rest(client: RawClient, first: object, tid: tuple[str, int]) -> bytes:
+    """A lock-step transfer at 512 from its first DATA to its end: the file's bytes."""
+    out = bytearray(first.data if isinstance(first, Data) else b"")
+    for n in range(1, 20):
+        client.send(Ack(n), tid)
+        pkt, _ = await client.recv()
+        assert isinstance(pkt, Data) and pkt.block == n + 1
+        out += pkt.data
+        if len(pkt.data) < 512:
+            client.send(Ack(pkt.block), tid)
+            break
+    return bytes(out)
+
+
+@ONE_PORT
 async def test_unknown_tid_gets_error_5_and_transfer_goes_on(
     server: TftpServer, client: RawClient
 ) -> None:
@@ -625,17 +650,51 @@ async def test_unknown_tid_gets_error_5_and_transfer_goes_on(
         err, src = await stranger.recv()
         assert isinstance(err, Error) and err.code == ErrorCode.UNKNOWN_TID
         assert src == tid
-    out = bytearray(pkt.data if isinstance(pkt, Data) else b"")
-    for n in range(1, 20):
-        client.send(Ack(n), tid)
-        pkt, _ = await client.recv()
-        assert isinstance(pkt, Data) and pkt.block == n + 1
-        out += pkt.data
-        if len(pkt.data) < 512:
-            client.send(Ack(pkt.block), tid)
-            break
-    assert bytes(out) == SMALL
+    assert await _the_rest(client, pkt, tid) == SMALL
     assert server.stats.unknown_tid == 1
+
+
+async def test_a_stranger_to_a_transfers_port_finds_no_socket_and_the_transfer_goes_on(
+    server: TftpServer, client: RawClient
+) -> None:
+    """By default a transfer's port is its socket's alone, connected to its client: what
+    anyone else sends there finds no socket, so the kernel answers ICMP port unreachable
+    (as for tftpd-hpa), not ERROR 5 (RFC 1350 §4's "should"; single-port mode sends it, the
+    test above), and the transfer goes on."""
+    client.rrq(addr(server), "small.bin")
+    pkt, tid = await client.recv()
+    with RawClient() as stranger, RawClient("127.0.0.2") as elsewhere:
+        stranger.send(Ack(1), tid)
+        elsewhere.send(Ack(1), tid)
+        assert await stranger.nothing() and await elsewhere.nothing()
+    assert await _the_rest(client, pkt, tid) == SMALL
+    assert server.stats.unknown_tid == 0
+
+
+async def test_forged_acks_to_the_port_of_an_earlier_transfer_send_nothing_to_the_victim(
+        server: TftpServer) -> None:
+    """The reflection s35-attack measured (benchmarks/README.md): a host makes a transfer
+    of its own and learns the server's port, then forges an RRQ with windowsize 64 from a
+    victim's address and the victim's ACKs to that port. With one port for all transfers
+    each forged ACK sent a 64-block window to the victim (101 datagrams, 10.3 MB); with a
+    port per transfer the ACKs reach no transfer of the victim's, and the victim gets the
+    OACK and its retransmissions only. (The victim's socket sends what the attacker
+    would forge from its address.)"""
+    with RawClient() as attacker, RawClient("127.0.0.2") as victim:
+        learnt = (await fetch(attacker, addr(server), "small.bin")).tid
+        await until(lambda: server.stats.completed == 1)
+        victim.rrq(addr(server), "big.bin", [("blksize", "1024"), ("windowsize", "64")])
+        first, tid = await victim.recv()
+        assert isinstance(first, OptionAck)
+        for block in range(0, 64 * 20, 64):
+            victim.send(Ack(block), learnt)
+        reflected = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                reflected.append((await victim.recv(timeout=0.5))[0])
+        assert len([p for p in reflected if isinstance(p, Data)]) == 0
+        assert server._transfers[victim.address].sender.acked == 0
+        assert tid != learnt
 
 
 async def test_retransmits_with_backoff_then_gives_up(files: DirFiles, client: RawClient) -> None:
@@ -1230,15 +1289,17 @@ async def test_a_late_ack_after_the_transfer_is_not_an_unknown_tid(
 # ------------------------------------------------------- the data socket's hot paths
 
 
+@pytest.mark.parametrize("single_port", [False, True])
 async def test_a_burst_of_acks_past_one_drain_is_answered_in_full(
-        files: DirFiles, caplog: pytest.LogCaptureFixture) -> None:
+        files: DirFiles, caplog: pytest.LogCaptureFixture, single_port: bool) -> None:
     """150 lock-step clients ACK at the same instant, so more ACKs are queued on the data
     socket than one readiness event drains (``_Link.BATCH``); a malformed datagram and a
     stranger's ACK sit among them. Every client gets its next block on every round, the
-    stranger gets ERROR 5, and the transfers complete intact."""
+    stranger gets ERROR 5 in single-port mode (by default its ACK to another's transfer's
+    port finds no socket: nothing), and the transfers complete intact."""
     caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
     server = await started(files, max_transfers=200, max_per_client=200, retransmit=5.0,
-                           min_rto=None)
+                           min_rto=None, single_port=single_port)
     clients = [RawClient(f"127.0.0.{n % 50 + 2}") for n in range(150)]
     stranger, garbler = RawClient(), clients[0]
     try:
@@ -1265,9 +1326,12 @@ async def test_a_burst_of_acks_past_one_drain_is_answered_in_full(
             c.send(Ack(11), tids[n])
         await until(lambda: server.stats.completed == 150)
         assert all(bytes(data) == SMALL for data in got.values())
-        for _ in range(10):
-            pkt, _ = await stranger.recv()
-            assert pkt == Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
+        if single_port:
+            for _ in range(10):
+                pkt, _ = await stranger.recv()
+                assert pkt == Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
+        else:
+            assert await stranger.nothing() and server.stats.unknown_tid == 0
         assert server.stats.failed == 0 and server.stats.retransmissions == 0
     finally:
         for c in (*clients, stranger):
@@ -1276,22 +1340,29 @@ async def test_a_burst_of_acks_past_one_drain_is_answered_in_full(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
+@BOTH_MODES
 async def test_each_transfer_sends_and_receives_on_a_socket_connected_to_its_client(
         server: TftpServer) -> None:
-    """Two transfers at once: each has a socket of its own, bound to the listener's data
-    port (the TID both clients see) and connected to its client, so the kernel hands it
-    that client's datagrams only and it sends without an address. Both complete, and each
-    socket leaves the link's transfers when its transfer ends: closed, or kept for the next
-    transfer (see the tests of kept sockets below)."""
+    """Two transfers at once: each has a socket of its own, connected to its client, so the
+    kernel hands it that client's datagrams only and it sends without an address. Its port
+    (the TID its client sees) is its own, the kernel's random pick (RFC 1350 §4): two
+    transfers, two ports, neither the listener's nor its data socket's; in single-port
+    mode both are the listener's data port. Both complete, and each socket leaves the
+    link's transfers when its transfer ends: closed, or kept for the next transfer (see
+    the tests of kept sockets below)."""
+    link = server._links[None]
     with RawClient() as a, RawClient("127.0.0.2") as b:
         a.rrq(addr(server), "small.bin")
         b.rrq(addr(server), "small.bin")
         (first_a, tid_a), (first_b, tid_b) = await a.recv(), await b.recv()
         assert first_a == first_b == Data(1, SMALL[:512])
-        assert tid_a == tid_b == server._links[None].address
+        if server.single_port:
+            assert tid_a == tid_b == link.address
+        else:
+            assert len({tid_a[1], tid_b[1], link.address[1], server.port}) == 4
         socks = {c.address: server._transfers[c.address].sock for c in (a, b)}
-        for address, sock in socks.items():
-            assert sock.getpeername() == address and sock.getsockname() == tid_a
+        for (address, sock), tid in zip(socks.items(), (tid_a, tid_b), strict=True):
+            assert sock.getpeername() == address and sock.getsockname() == tid
         for c, tid in ((a, tid_a), (b, tid_b)):
             block = 1
             while True:
@@ -1340,12 +1411,14 @@ def _bind_as_another_user(address: tuple[str, int]) -> list[str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+@BOTH_MODES
 async def test_another_user_cannot_bind_the_data_port_of_running_transfers(
         server: TftpServer) -> None:
-    """The transfers share their data port through SO_REUSEPORT, which Linux grants only to
-    sockets of the same user: another local user can bind it neither so nor with
-    SO_REUSEADDR (which any user could, were the port shared that way), so it can neither
-    send DATA to a client from the server's port nor take the client's ACKs."""
+    """In single-port mode the transfers share their data port through SO_REUSEPORT, which
+    Linux grants only to sockets of the same user: another local user can bind it neither
+    so nor with SO_REUSEADDR (which any user could, were the port shared that way), so it
+    can neither send DATA to a client from the server's port nor take the client's ACKs. A
+    port per transfer (the default) carries neither option: refused both ways too."""
     with RawClient() as client:
         client.rrq(addr(server), "small.bin")
         first, tid = await client.recv()
@@ -1929,6 +2002,7 @@ async def test_an_ended_transfers_socket_is_closed_and_out_of_the_links_poll(
     assert link._poll(0, 8) == [] and not link._transfers
 
 
+@ONE_PORT
 async def test_an_ended_transfers_socket_serves_the_next_transfer(server: TftpServer) -> None:
     """An ended transfer's socket is kept, still in the link's epoll set, and the next
     transfer takes it, connected to its own client (a start without a new socket: s25's
@@ -1965,6 +2039,31 @@ async def test_an_ended_transfers_socket_serves_the_next_transfer(server: TftpSe
         await until(lambda: server.stats.completed == 4)
 
 
+async def test_a_transfers_socket_is_closed_at_its_end_by_default(
+        server: TftpServer) -> None:
+    """By default an ended transfer's socket is closed, not kept for the next transfer (as
+    in single-port mode, the tests below): its port is one its client has seen, and handed
+    to another client's transfer it would be a port the first could forge that transfer's
+    ACKs to (the reflection above). The next transfer, the same client's too, has a new
+    socket; a late datagram to the old port finds none (ICMP, nothing from the server)."""
+    link = server._links[None]
+    with RawClient() as a, RawClient("127.0.0.2") as b:
+        got = await asyncio.gather(*(fetch(x, addr(server), "small.bin") for x in (a, b)))
+        assert [g.data for g in got] == [SMALL, SMALL]
+        await until(lambda: server.stats.completed == 2)
+        assert not link._spare and server.spares == 0 and link._spare_sweep is None
+        a.send(Data(1, b"x"), got[0].tid)
+        assert await a.nothing() and server.stats.unknown_tid == 0
+        a.rrq(addr(server), "small.bin", [("blksize", "1468")])
+        await until(lambda: a.address in server._transfers)
+        oack, tid = await a.recv()
+        assert isinstance(oack, OptionAck) and tid != got[1].tid
+        a.send(Error(0, "enough"), tid)
+        await until(lambda: server.transfers == 0)
+        assert server.spares == 0
+
+
+@ONE_PORT
 async def test_a_kept_socket_taken_by_another_clients_long_transfer_is_hashed_anew(
         server: TftpServer) -> None:
     """A kept socket taken for another client's transfer of REHASH_ACKS ACKs or more is
@@ -2014,6 +2113,7 @@ async def test_a_kept_socket_taken_by_another_clients_long_transfer_is_hashed_an
             x.close()
 
 
+@ONE_PORT
 async def test_a_datagram_to_a_kept_socket_is_answered_as_the_data_socket_answers(
         server: TftpServer) -> None:
     """A kept socket is still connected to its last client, so what that client sends
@@ -2050,6 +2150,7 @@ async def test_a_datagram_to_a_kept_socket_is_answered_as_the_data_socket_answer
         await until(lambda: server.stats.completed == 2)
 
 
+@ONE_PORT
 async def test_a_kept_sockets_pending_icmp_error_does_not_fail_the_next_transfer(
         server: TftpServer) -> None:
     """A datagram sent from a kept socket to its old client's closed port leaves an ICMP
@@ -2069,6 +2170,7 @@ async def test_a_kept_sockets_pending_icmp_error_does_not_fail_the_next_transfer
         assert server._transfers[b.address].sock is kept
 
 
+@ONE_PORT
 async def test_a_kept_socket_holds_nothing_of_its_old_client_once_connected_again(
         server: TftpServer) -> None:
     """Whatever the old client had queued on a kept socket when the next transfer takes it
@@ -2096,6 +2198,7 @@ async def test_a_kept_socket_holds_nothing_of_its_old_client_once_connected_agai
             link._reused = None
 
 
+@ONE_PORT
 async def test_a_kept_socket_numbered_past_select_s_limit_serves_the_next_transfer(
         server: TftpServer) -> None:
     """A storm's transfers hold thousands of descriptors (service.raise_fd_limit raises the
@@ -2130,7 +2233,8 @@ async def test_a_kept_socket_numbered_past_select_s_limit_serves_the_next_transf
 async def test_sockets_are_kept_within_max_transfers(files: DirFiles) -> None:
     """Kept sockets and running transfers together stay within max_transfers, the
     descriptors service.raise_fd_limit counts for TFTP; the server's close closes them."""
-    server = await started(files, retransmit=5.0, min_rto=None, max_transfers=2)
+    server = await started(files, retransmit=5.0, min_rto=None, max_transfers=2,
+                           single_port=True)
     link = server._links[None]
     clients = [RawClient(f"127.0.0.{n}") for n in range(1, 5)]
     try:
@@ -2160,7 +2264,8 @@ async def test_a_link_without_kept_sockets_closes_another_links_to_stay_within_m
     sockets and the second's running ones went past it (EMFILE: starts dropped, HTTP
     accepts paused). The second link is a real one on the same address (its own data
     socket), as the server makes one per interface."""
-    server = await started(files, retransmit=5.0, min_rto=None, max_transfers=2)
+    server = await started(files, retransmit=5.0, min_rto=None, max_transfers=2,
+                           single_port=True)
     link = server._links[None]
     clients = [RawClient(f"127.0.0.{n}") for n in range(1, 3)]
     other = _Link(server, server._bind(LOOPBACK, 0, None, listener=True, reuse=True), None)
@@ -2202,7 +2307,8 @@ async def test_kept_sockets_left_unused_for_spare_idle_are_closed(files: DirFile
     transfer takes within ``spare_idle`` are closed (between one and two ``spare_idle``
     after their end), not held until shutdown: the process's open descriptors are back
     where they were before the storm, and no timer is left armed with nothing kept."""
-    server = await started(files, retransmit=5.0, min_rto=None, spare_idle=0.5)
+    server = await started(files, retransmit=5.0, min_rto=None, spare_idle=0.5,
+                           single_port=True)
     link = server._links[None]
     clients = [RawClient(f"127.0.0.{n}") for n in range(1, 21)]
     try:
@@ -2238,7 +2344,8 @@ async def test_transfers_starting_while_kept_sockets_are_swept_are_served(
     after it closed them, or ends just before a sweep; every transfer completes intact and
     on a socket still open, and the kept ones are closed once the clients stop."""
     idle = 0.02
-    server = await started(files, retransmit=5.0, min_rto=None, spare_idle=idle)
+    server = await started(files, retransmit=5.0, min_rto=None, spare_idle=idle,
+                           single_port=True)
     link = server._links[None]
     clients = [RawClient(f"127.0.0.{n}") for n in range(1, 9)]
     pauses = [0.0, idle / 2, idle, 1.5 * idle, 2 * idle, 3 * idle]
