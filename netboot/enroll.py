@@ -828,11 +828,12 @@ class Enroller:
         # On its version too (Batch.versions): an operator's edit or a device's fact stored
         # since the read is not undone; refused, the config is planned again (the HTTP
         # server, errors.DECIDE_ATTEMPTS).
-        # By position (merge, create, update, events, expect, versions): keywords cost a
-        # class call a dict, ~1,500 loop instructions a first config (callgrind; s33-loop).
+        # By position (merge, create, update, events, expect, versions, audit, bases):
+        # keywords cost a class call a dict, ~1,500 loop instructions a first config
+        # (callgrind; s33-loop). The machine read as its base (Batch.bases).
         await self.recorder.commit(Batch((), (), (updated,), (event,),
                                          {machine.id: machine.state},
-                                         {machine.id: machine.updated}))
+                                         {machine.id: machine.updated}, (), {machine.id: machine}))
 
     def forget_idle(self) -> None:
         """The report budgets full again by now forgotten (the same as none: a machine

@@ -366,7 +366,8 @@ class Recorder:
                         events=[e for b, _, _ in batches for e in b.events],
                         expect={k: v for b, _, _ in batches for k, v in b.expect.items()},
                         versions={k: v for b, _, _ in batches for k, v in b.versions.items()},
-                        audit=[a for b, _, _ in batches for a in b.audit]),
+                        audit=[a for b, _, _ in batches for a in b.audit],
+                        bases={k: v for b, _, _ in batches for k, v in b.bases.items()}),
                         strict=True, commits=batches)
             except (NetbootError, _OneByOne) as exc:
                 refused: BaseException | None = exc
@@ -521,7 +522,8 @@ class Recorder:
                 try:
                     await self._store.apply_batch(Batch(update=(new,),
                                                         expect={new.id: old.state},
-                                                        versions={new.id: old.updated}))
+                                                        versions={new.id: old.updated},
+                                                        bases={new.id: old}))
                 except StoreError as exc:
                     away = str(exc)
                 except NetbootError as exc:
@@ -660,7 +662,7 @@ def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machi
                  events=codec.joined(events, batch.events),
                  expect={**{old.id: old.state for old, _ in relearnt}, **batch.expect},
                  versions={**{old.id: old.updated for old, _ in relearnt}, **batch.versions},
-                 audit=batch.audit)
+                 audit=batch.audit, bases={**{old.id: old for old, _ in relearnt}, **batch.bases})
 
 
 def _fate(group: _Group, done: asyncio.Future[None]) -> asyncio.Future[None]:

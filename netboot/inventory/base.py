@@ -79,6 +79,11 @@ class Batch:
     # Audit log entries, written last in the same transaction (Access.record: an entry
     # joins the recorder's group commits instead of a transaction of its own).
     audit: Sequence[AuditEntry] = ()
+    # Machine id -> the machine an update was made from, as read (its ``updated`` the one in
+    # ``versions``): a store may write only what changed from it (SQLite changes the stored
+    # document in place, benchmarks/README.md s35-writer). A hint: writing the whole
+    # machine stores the same.
+    bases: Mapping[str, Machine] = field(default_factory=dict)
 
 
 # Made once per first install, and per group commit (model.slot_init: each slot set by its

@@ -637,9 +637,7 @@ def machine_texts(machine: Machine, install_token: str | None = None,
     labels_text = "".join(_ENCODE_MAP(mapping, 0)) if (mapping := m.labels) else None
     labels = "" if labels_text is None else ',"labels":' + labels_text
     if mapping := m.facts:
-        # Pair by pair, each key's quoted text looked up (_QUOTED_KEYS): ~2,000 instructions
-        # less than _ENCODE_MAP for a first install's three facts. The keys and values are
-        # str (stored_machine's machines), as that encoder writes them.
+        # _facts_text's, written out here: the call was ~700 instructions a machine.
         keyed, pairs = _QUOTED_KEYS.get, []
         for key, value in mapping.items():
             pairs.append((keyed(key) or q(key) + ":") + q(value))
@@ -676,6 +674,17 @@ def machine_texts(machine: Machine, install_token: str | None = None,
     # claims_json: absent fields null, the MACs' array as the document writes it.
     return text, (f"[{labels_text or 'null'},[{mac_text}],{uuid_text or 'null'},"
                   f"{serial_text or 'null'},{asset_text or 'null'}]")
+
+
+def _facts_text(mapping: Mapping[str, str]) -> str:
+    """A machine's facts as the document writes them (``_ENCODE_MAP``'s text), pair by pair,
+    each key's quoted text looked up (_QUOTED_KEYS): ~2,000 instructions less than
+    _ENCODE_MAP for a first install's three facts. The keys and values are str (checked by
+    :func:`machine_delta`, its caller; :func:`machine_texts` writes the same inline)."""
+    q, keyed, pairs = _quote, _QUOTED_KEYS.get, []
+    for key, value in mapping.items():
+        pairs.append((keyed(key) or q(key) + ":") + q(value))
+    return "{" + ",".join(pairs) + "}"
 
 
 def claims_json(machine: Machine, text: str) -> str:
@@ -749,6 +758,176 @@ def claims_change(stored: Any, machine: Machine
     if asset is None and (v := identity.clean_text(new_asset)) is not None:
         added.append(("asset", v))
     return same_labels, False, added
+
+
+# The fields machine_delta writes as JSON text (bound through SQLite's json()), the others
+# as strings (quoted by SQLite).
+DELTA_JSON = frozenset({"facts", "token_expires", "updated"})
+
+
+def machine_delta(old: Machine, new: Machine, install_token: str | None = None
+                  ) -> tuple[tuple[str, ...], tuple[str, ...], list[str]] | None:
+    """What makes the document of ``old`` (a machine as a store read it: every field in
+    :func:`stored_machine`'s form) a document of ``new``: the top-level keys to set, with
+    their values (the JSON text of :data:`DELTA_JSON`'s, the string of the others), and
+    the keys to remove (a field back at its default, which :func:`machine_document` leaves
+    out). None when ``new`` changes what this does not write this way (its id, MACs, other
+    identifiers, labels or creation time: rows beside the document depend on them) or a
+    changed field would not read back as it is (the caller then writes the whole document,
+    whose check names it). ``install_token``: what the document holds in place of
+    ``new``'s token when it changed (its sealed form).
+
+    A first install changes a machine's state, facts, token and times; its config fetch the
+    state and update time: the document written whole was ~52,000 of the SQLite writer's
+    instructions a first install, holding the interpreter lock, and its check ~12,500
+    (benchmarks/README.md s34-writer, s35-writer). A field is the same when it is the same
+    object (a machine made from another by ``replace`` shares the others) or an equal value
+    of the same type (an int time equal to a float one is not what a read gives back).
+    Written out field by field, without helpers: a call or a loop over a tuple of fields is
+    ~1,000 instructions a field here."""
+    o, n = old, new
+    if ((n.macs is not o.macs and (type(n.macs) is not type(o.macs) or n.macs != o.macs))
+            or (n.id is not o.id and n.id != o.id)
+            or ((a := n.uuid) is not (b := o.uuid) and (type(a) is not type(b) or a != b))
+            or ((a := n.serial) is not (b := o.serial) and (type(a) is not type(b) or a != b))
+            or ((a := n.asset) is not (b := o.asset) and (type(a) is not type(b) or a != b))
+            or ((c := n.labels) is not (d := o.labels) and (c or d)
+                and (type(c) is not dict or type(d) is not dict or c != d))
+            or ((x := n.created) is not (y := o.created)
+                and (type(x) is not type(y) or x != y))):
+        return None
+    keys: list[str] = []
+    values: list[str] = []
+    gone: list[str] = []
+    if (e := n.state) is not o.state:
+        if type(e) is not MachineState:
+            return None
+        keys.append("state")
+        values.append(e._value_)
+    # The optional strings in machine_document's order (json_set appends a key the document
+    # lacks: any order reads back alike). A string is compared by value only when both are
+    # str: any other type is refused when set.
+    if (a := n.hostname) is not (b := o.hostname) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("hostname")
+        elif type(a) is str:
+            keys.append("hostname")
+            values.append(a)
+        else:
+            return None
+    if (a := n.cluster) is not (b := o.cluster) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("cluster")
+        elif type(a) is str:
+            keys.append("cluster")
+            values.append(a)
+        else:
+            return None
+    if (a := n.profile) is not (b := o.profile) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("profile")
+        elif type(a) is str:
+            keys.append("profile")
+            values.append(a)
+        else:
+            return None
+    if (a := n.token_hash) is not (b := o.token_hash) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("token_hash")
+        elif type(a) is str:
+            keys.append("token_hash")
+            values.append(a)
+        else:
+            return None
+    if (a := n.install_token) is not (b := o.install_token) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("install_token")
+        elif type(a) is str:
+            keys.append("install_token")
+            values.append(a if install_token is None else install_token)
+        else:
+            return None
+    if (f1 := n.role) is not o.role:
+        if f1 is None:
+            gone.append("role")
+        elif type(f1) is Role:
+            keys.append("role")
+            values.append(f1._value_)
+        else:
+            return None
+    if (f2 := n.loader) is not o.loader:
+        if f2 is None:
+            gone.append("loader")
+        elif type(f2) is LoaderChain:
+            keys.append("loader")
+            values.append(f2._value_)
+        else:
+            return None
+    if (f3 := n.arch) is not o.arch:
+        if f3 is None:
+            gone.append("arch")
+        elif type(f3) is Arch:
+            keys.append("arch")
+            values.append(f3._value_)
+        else:
+            return None
+    if (f4 := n.firmware) is not o.firmware:
+        if f4 is None:
+            gone.append("firmware")
+        elif type(f4) is Firmware:
+            keys.append("firmware")
+            values.append(f4._value_)
+        else:
+            return None
+    # (Two empty mappings are alike: read back as NO_ENTRIES both.)
+    if (c := n.facts) is not (d := o.facts) and (c or d) and (type(c) is not type(d) or c != d):
+        if not c:
+            gone.append("facts")
+        elif type(c) is not dict:
+            return None
+        else:
+            for k, v in c.items():
+                if type(k) is not str or type(v) is not str:
+                    return None
+            keys.append("facts")
+            values.append(_facts_text(c))
+    if (a := n.ipv4) is not (b := o.ipv4) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("ipv4")
+        elif _canonical_ipv4(a):
+            keys.append("ipv4")
+            values.append(a)
+        else:
+            return None
+    if (a := n.fixed_ipv4) is not (b := o.fixed_ipv4) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("fixed_ipv4")
+        elif _canonical_ipv4(a):
+            keys.append("fixed_ipv4")
+            values.append(a)
+        else:
+            return None
+    updated = n.updated
+    if type(updated) is not float or not math.isfinite(updated):
+        return None
+    text_updated = "" if updated is o.updated or updated == o.updated else repr(updated)
+    if (t := n.token_expires) is not (u := o.token_expires) and (
+            type(t) is not type(u) or t != u):
+        if t is None:
+            gone.append("token_expires")
+        elif type(t) is not float or not math.isfinite(t):
+            return None
+        elif (t - updated).is_integer() and _SHIFT_LOW < updated <= t < _SHIFT_HIGH:
+            # As machine_texts writes it (its text from the update time's).
+            keys.append("token_expires")
+            values.append(f"{int(t)}{(text_updated or repr(updated))[10:]}")
+        else:
+            keys.append("token_expires")
+            values.append(repr(t))
+    if text_updated:
+        keys.append("updated")
+        values.append(text_updated)
+    return tuple(keys), tuple(gone), values
 
 
 # What a store indexes of a new machine beside its document: id, first MAC (None without

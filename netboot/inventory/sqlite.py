@@ -380,25 +380,47 @@ _TABLES = {"profile": "profiles", "cluster": "clusters", "group": "groups"}
 
 
 class _Row:
-    """A machine ready for SQL: column values, JSON text, label and identifier rows."""
+    """A machine ready for SQL: column values, JSON text (or what changes in the stored
+    one), label and identifier rows."""
 
-    __slots__ = ("claims", "created", "data", "id", "mac", "machine", "updated")
+    __slots__ = ("_token", "base", "claims", "created", "data", "delta", "id", "mac",
+                 "machine", "updated")
 
     def __init__(self, machine: Machine, install_token: str | None = None,
-                 times: dict[float, str] | None = None, update: bool = False) -> None:
+                 times: dict[float, str] | None = None, update: bool = False,
+                 base: Machine | None = None) -> None:
         # What would not read back is refused now (see codec's docstring), checked in place.
         # ``install_token``: what the document holds in place of the machine's own (sealed);
         # ``times``: the texts of times, shared by a batch's rows (codec.machine_json).
         # ``update`` by position: a class called with a keyword is handed it in a dict
         # (type_call), ~1,000 of the writer's instructions a row of a group commit.
-        self.machine = m = codec.stored_machine(machine)
+        # ``base``: the machine as stored (_bases), of which only what changed is written
+        # (codec.machine_delta): its other fields, identifiers and labels are the stored
+        # ones, so the claims are too (None: never compared), and the document is made
+        # only if the group is written row by row (_slow_batch).
+        self.delta = None if base is None else codec.machine_delta(base, machine, install_token)
+        self.base = base
+        if self.delta is not None:
+            self.machine = m = machine
+            self.data: str | None = None
+            self._token = install_token
+            self.claims: str | None = None
+        else:
+            self.machine = m = codec.stored_machine(machine)
+            # The document, and an update's claims' text (compared with the stored
+            # document's, _update_group; "" for a new machine's, never compared).
+            self.data, self.claims = codec.machine_texts(m, install_token, times,
+                                                         claims=update)
         self.id = m.id
         self.mac = m.macs[0].hex(":") if m.macs else None  # its str(), without the call
-        # The document, and an update's claims' text (compared with the stored document's,
-        # _update_group; "" for a new machine's, never compared).
-        self.data, self.claims = codec.machine_texts(m, install_token, times, claims=update)
         self.created = m.created
         self.updated = m.updated
+
+    def document(self) -> str:
+        """The whole document (for a row changed in place, made when it is written whole)."""
+        if self.data is None:
+            self.data = codec.machine_json(self.machine, self._token)
+        return self.data
 
     # Made when written, not with the row: most updates leave both as they are (_update_rows).
     @property
@@ -412,14 +434,14 @@ class _Row:
     def insert_params(self) -> tuple[Any, ...]:
         m = self.machine
         state, cluster = m.state.value, m.cluster
-        return (self.id, self.mac, m.hostname, state, cluster, self.data, self.created,
+        return (self.id, self.mac, m.hostname, state, cluster, self.document(), self.created,
                 self.updated)
 
     def update_params(self) -> tuple[Any, ...]:
         m = self.machine
         state, cluster = m.state.value, m.cluster
-        return (self.mac, m.hostname, state, cluster, self.data, self.created, self.updated,
-                self.id)
+        return (self.mac, m.hostname, state, cluster, self.document(), self.created,
+                self.updated, self.id)
 
 
 class _Retry(Exception):
@@ -941,7 +963,8 @@ class SqliteStore:
             sealed = self._sealed.sealed_token
             await self._run(self._apply_here, create, batch.update,
                             [sealed(m) for m in batch.update], rows, batch.merge,
-                            dict(batch.expect), audit, batch.create, dict(batch.versions))
+                            dict(batch.expect), audit, batch.create, dict(batch.versions),
+                            batch.bases)
             if batch.events and listener is not None:
                 # A stream opened while the batch was written keeps copies too, as one
                 # opened before: the events are checked already, only their data is copied.
@@ -956,12 +979,13 @@ class SqliteStore:
                     events: Iterable[_EventRows],
                     merge: Sequence[tuple[str, str]], expect: Mapping[str, MachineState],
                     audit: Sequence[tuple[float, str, str, str, str, str]],
-                    given_create: Sequence[Machine], versions: Mapping[str, float]) -> None:
+                    given_create: Sequence[Machine], versions: Mapping[str, float],
+                    bases: Mapping[str, Machine]) -> None:
         """On the worker: the batch, then (committed) what it wrote, noted for the feed.
         ``update`` as given, ``tokens`` what each one's document holds in place of its
         install token (Sealed.sealed_token)."""
         written = _apply_batch(conn, create, update, events, merge, expect, audit, tokens,
-                               versions)
+                               versions, bases)
         if len(create) >= BULK_ROWS:  # committed without a checkpoint: see _apply_batch
             self._bulk_written = True
         if written is not None:
@@ -1636,10 +1660,12 @@ def _apply_batch(
     audit: Sequence[tuple[float, str, str, str, str, str]] = (),
     tokens: Sequence[str | None] | None = None,
     versions: Mapping[str, float] | None = None,
+    bases: Mapping[str, Machine] | None = None,
 ) -> tuple[int, int, list[_Row]] | None:
     """The feed's newest position before and after the batch (read under its write lock)
     and the rows written, creates then updates; None for a bulk import (not kept).
-    ``tokens``: what each update's document holds in place of its install token."""
+    ``tokens``: what each update's document holds in place of its install token;
+    ``bases``: Batch.bases."""
     updated = zip(update, tokens, strict=True) if tokens is not None else (
         (m, None) for m in update)
     if len(create) < BULK_ROWS:
@@ -1650,7 +1676,9 @@ def _apply_batch(
         # is written out once (codec.machine_json).
         times: dict[float, str] = {}
         creates = [_Row(m, None, times) for m in create]
-        updates = [_Row(m, t, times, True) for m, t in updated]
+        found = _bases(update, bases, versions) if bases and not (create or merge) else None
+        updates = ([_Row(m, t, times, True) for m, t in updated] if found is None else
+                   [_Row(m, t, times, True, found.get(m.id)) for m, t in updated])
         span = _write_batch(conn, create, creates, updates, events, merge, expect, audit,
                             versions)
         return (*span, [*creates, *updates]) if span is not None else None
@@ -1784,6 +1812,18 @@ def _write_transaction(conn: sqlite3.Connection, create: Sequence[Machine],
     return span
 
 
+def _bases(update: Sequence[Machine], bases: Mapping[str, Machine],
+           versions: Mapping[str, float] | None) -> Mapping[str, Machine] | None:
+    """The machines of ``bases`` whose stored document an update may change in place: each
+    one's version is checked (``versions``, in _update_group, before its row is written), so
+    the stored document is the one that read as it. Not in a batch that creates or merges
+    machines (their rows are written first), nor when a machine is updated twice (the
+    second update's base is not what the first one left)."""
+    if versions is None or len({m.id for m in update}) < len(update):
+        return None
+    return {i: b for i, b in bases.items() if versions.get(i) == b.updated}
+
+
 # From this many new machines a batch is a bulk import (see _bulk_insert).
 BULK_ROWS = 500
 # Page cache of a bulk import, KiB. SQLite's default (2 MiB) holds a sliver of 100,000
@@ -1846,11 +1886,19 @@ def _update_rows(conn: sqlite3.Connection, updates: list[_Row],
 def _update_group(conn: sqlite3.Connection, updates: list[_Row],
                   expect: dict[str, MachineState], versions: dict[str, float]) -> None:
     """:func:`_update_rows` of machines listed once each."""
+    for r in updates:
+        if r.delta is None:
+            break
+    else:  # as a rule (a group of first installs, of config fetches)
+        _update_bases(conn, updates, expect, versions)
+        return
     stored = {row[0]: row for row in conn.execute(
         _STORED_COLUMNS, (json.dumps([r.id for r in updates]),))}
     if len(stored) < len(updates):
         raise _Retry  # no such machine
     shapes: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    in_place: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+                   list[tuple[Any, ...]]] = {}
     labels: list[_Row] = []
     # In the group's order, as today's delete-and-insert of each: a machine whose
     # identifiers changed, or the rows that machines only adding some insert (one list for
@@ -1872,17 +1920,24 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
         state: str = m.state._value_
         shape: tuple[str, ...]
         params: tuple[Any, ...]
+        # The document: its text, or the values of what changes in it (their keys in the
+        # statement's shape).
+        # (Changed in place, its creation time is the stored one: not set again.)
+        data = (r.data, r.created) if (delta := r.delta) is None else delta[2]
         if old[1] == r.mac and old[2] == m.hostname and old[4] == m.cluster:  # as a rule
-            shape, params = (((), (r.data, r.created, r.updated, r.id)) if old[3] == state
-                             else (_STATE_ONLY, (state, r.data, r.created, r.updated, r.id)))
+            shape, params = (((), (*data, r.updated, r.id)) if old[3] == state
+                             else (_STATE_ONLY, (state, *data, r.updated, r.id)))
         else:
             changed = [(c, now) for c, was, now in zip(
                 _INDEXED, old[1:5], (r.mac, m.hostname, state, m.cluster), strict=True)
                 if was != now]
             shape = tuple([c for c, _ in changed])
-            params = (*[now for _, now in changed], r.data, r.created, r.updated, r.id)
-        shapes.setdefault(shape, []).append(params)
-        if old[5] == r.claims:  # as a rule
+            params = (*[now for _, now in changed], *data, r.updated, r.id)
+        if delta is None:
+            shapes.setdefault(shape, []).append(params)
+        else:
+            in_place.setdefault((shape, delta[0], delta[1]), []).append(params)
+        if r.claims is None or old[5] == r.claims:  # as a rule (None: the stored ones)
             continue
         same_labels, same_keys, added = codec.claims_change(old[5], m)
         if not same_labels:
@@ -1899,6 +1954,8 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
             run.extend([(kind, value, r.id) for kind, value in added])
     for shape, rows in shapes.items():
         conn.executemany(_UPDATE_CHANGED[shape], rows)
+    for (shape, keys_set, gone), rows in in_place.items():
+        conn.executemany(_update_in_place(shape, keys_set, gone, False), rows)
     for r in labels:
         conn.execute(_DELETE_LABELS, (r.id,))
         conn.executemany(_INSERT_LABEL, r.labels)
@@ -1908,6 +1965,69 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
             conn.executemany(_INSERT_KEY, k.keys)
         else:
             conn.executemany(_INSERT_KEY, k)
+
+
+def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
+                  expect: dict[str, MachineState], versions: dict[str, float]) -> None:
+    """:func:`_update_group` of rows that each change their stored document in place
+    (``_Row.delta``): their stored columns are not read. Each one's version is checked
+    (_bases), so the stored row is its base's: the indexed columns are compared with the
+    base's (the MACs are the same, codec.machine_delta) and the compare-and-set is the
+    UPDATE's own (``WHERE updated = ? AND state = ?``: the version, and the state expected,
+    else the base's). A machine not written so (gone, changed meanwhile) makes the group
+    written again row by row, which names it (_slow_batch, as a refusal did here).
+
+    The read of the group's stored columns (one statement, then seven columns a machine
+    made into Python values) was ~11,000 of the writer's instructions a first install
+    holding the interpreter lock (benchmarks/README.md s35-writer)."""
+    shapes: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+                 list[tuple[Any, ...]]] = {}
+    for r in updates:
+        m, base, delta = r.machine, r.base, r.delta
+        assert base is not None and delta is not None  # the caller tested
+        expected = expect.pop(r.id, None) if expect else None
+        was: str = (base.state if expected is None else expected)._value_
+        state: str = m.state._value_
+        hostname, cluster = m.hostname, m.cluster
+        shape: tuple[str, ...]
+        params: tuple[Any, ...]
+        if hostname == base.hostname and cluster == base.cluster:  # as a rule
+            shape = () if state == was else _STATE_ONLY
+            params = ((*delta[2], r.updated, r.id, versions.pop(r.id), was) if state == was
+                      else (state, *delta[2], r.updated, r.id, versions.pop(r.id), was))
+        else:
+            changed = [(c, now) for c, was_value, now in (
+                ("hostname", base.hostname, hostname), ("state", was, state),
+                ("cluster", base.cluster, cluster)) if was_value != now]
+            shape = tuple([c for c, _ in changed])
+            params = (*[now for _, now in changed], *delta[2], r.updated, r.id,
+                      versions.pop(r.id), was)
+        shapes.setdefault((shape, delta[0], delta[1]), []).append(params)
+    written = 0
+    for (columns, keys_set, gone), rows in shapes.items():
+        written += conn.executemany(_update_in_place(columns, keys_set, gone, True),
+                                    rows).rowcount
+    if written != len(updates):
+        raise _Retry
+
+
+def _update_in_place(changed: tuple[str, ...], keys: tuple[str, ...],
+                     gone: tuple[str, ...], checked: bool) -> str:
+    """The UPDATE of a machine whose document changes in place (codec.machine_delta): the
+    indexed columns ``changed``, the document's top-level ``keys`` set (a JSON text for
+    codec.DELTA_JSON's, else a string) and ``gone`` removed, by SQLite's JSON functions;
+    ``checked``: only if its version and state are those given (_update_bases).
+    Made per group commit (one a group of first installs; sqlite3's statement cache keeps
+    it prepared). The keys are codec's own names, never a caller's."""
+    data = "data"
+    if keys:
+        data = "json_set(data, " + ", ".join(
+            f"'$.{k}', json(?)" if k in codec.DELTA_JSON else f"'$.{k}', ?" for k in keys) + ")"
+    if gone:
+        data = "json_remove(" + data + "".join(f", '$.{k}'" for k in gone) + ")"
+    return ("UPDATE machines SET " + "".join(f"{c} = ?, " for c in changed)  # noqa: S608
+            + f"data = {data}, updated = ? WHERE id = ?"
+            + (" AND updated = ? AND state = ?" if checked else ""))
 
 
 # A batch's events as _write_batch takes them, in order: runs (one statement each) and rows.

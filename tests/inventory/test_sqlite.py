@@ -1052,6 +1052,196 @@ def test_updates_write_what_changed_and_read_back_exactly(tmp_path_factory: pyte
     asyncio.run(run())
 
 
+# What an update changes of a machine it was made from (Batch.bases), for the property
+# below: every field machine_delta writes, set, changed and back at its default.
+_DELTA_POOL: dict[str, st.SearchStrategy[Any]] = {
+    "state": st.sampled_from(list(netboot.model.MachineState)),
+    "hostname": st.sampled_from([None, "h", "H2"]),
+    "cluster": st.sampled_from([None, "c1", 'c"\\2']),
+    "profile": st.sampled_from([None, "p", "p\n\u00e9\U0001f600\x7f\x01"]),
+    "role": st.sampled_from([None, *Role]),
+    "loader": st.sampled_from([None, *netboot.model.LoaderChain]),
+    "arch": st.sampled_from([None, *netboot.model.Arch]),
+    "firmware": st.sampled_from([None, *Firmware]),
+    "ipv4": st.sampled_from([None, "192.0.2.1", "192.0.2.2"]),
+    "fixed_ipv4": st.sampled_from([None, "198.51.100.7"]),
+    "facts": st.dictionaries(st.sampled_from(["arch", "install_peer", "k\"", "a.b"]),
+                             st.sampled_from(["x", "127.0.0.1", "\u00e9\t"]), max_size=3),
+    "token_hash": st.sampled_from([None, "ab" * 32]),
+    "install_token": st.sampled_from([None, "tok-1", "tok-2"]),
+    "token_expires": st.sampled_from([None, 1.5, 1764960000.1234567 + 3600]),
+    "labels": st.sampled_from([{}, {"rack": "1"}]),
+    "serial": st.sampled_from([None, "SN"]),
+}
+
+
+@settings(max_examples=40)
+@given(st.data())
+def test_updates_from_their_bases_read_back_exactly(tmp_path_factory: pytest.TempPathFactory,
+                                                   data: st.DataObject) -> None:
+    """Updates given the machine they were made from (Batch.bases) change the stored
+    document in place (only what changed, SQLite's json_set and json_remove), and leave a
+    document that reads back as the machine written, its facts in their order: as the
+    whole document would, which it is as a JSON value when the stored one was this
+    netboot's (the fields at their defaults left out). Also when it was written in
+    machine_to_dict's long form (an older netboot), with install tokens sealed, and when
+    identifiers or labels change (the whole document written then)."""
+    from netboot.sealing import Sealer
+
+    path = tmp_path_factory.mktemp("delta") / "n.db"
+    sealed = data.draw(st.booleans())
+
+    def change(i: int) -> dict[str, Any]:
+        drawn = data.draw(st.fixed_dictionaries({}, optional=_DELTA_POOL))
+        for key in ("hostname", "serial"):  # each machine's own (no two conflict)
+            if drawn.get(key) is not None:
+                drawn[key] += f"-{i}"
+        return drawn
+
+    async def run() -> None:
+        store = SqliteStore(path, sealer=Sealer.generate() if sealed else None)
+        await store.open()
+        try:
+            now = [Machine(macs=(MacAddress.parse(f"02:00:00:00:00:0{i}"),), id=f"m-d{i}",
+                           created=1764900000.25, updated=1764900000.25, **change(i))
+                   for i in range(2)]
+            await store.apply_batch(Batch(create=now))
+            now = [m for m in [await store.get_machine(m.id) for m in now] if m is not None]
+            long_form: set[str] = set()
+            for step in range(data.draw(st.integers(1, 3))):
+                if data.draw(st.booleans()):  # an older netboot rewrote one, long form
+                    old = now[data.draw(st.integers(0, 1))]
+                    long_form.add(old.id)
+                    with raw(path) as conn:
+                        doc = codec.machine_to_dict(old)
+                        doc["install_token"] = json.loads(conn.execute(
+                            "SELECT data FROM machines WHERE id = ?", (old.id,)).fetchone()[0]
+                            ).get("install_token")
+                        conn.execute("UPDATE machines SET data = ? WHERE id = ?",
+                                     (json.dumps(doc), old.id))
+                picked = sorted(data.draw(st.sets(st.integers(0, 1), min_size=1)))
+                bases = {now[i].id: now[i] for i in picked}
+                for i in picked:
+                    now[i] = replace(now[i], **change(i), updated=1764960000.1234567 + step)
+                await store.apply_batch(Batch(
+                    update=[now[i] for i in picked], versions={
+                        i: b.updated for i, b in bases.items()}, bases=bases))
+                for m in now:
+                    read = await store.get_machine(m.id)
+                    assert read == m
+                    assert read is not None and list(read.facts) == list(m.facts)
+                    with raw(path) as conn:
+                        text = conn.execute("SELECT data FROM machines WHERE id = ?",
+                                            (m.id,)).fetchone()[0]
+                    if not sealed and m.id not in long_form:
+                        assert json.loads(text) == codec.machine_document(m)
+                    if sealed and m.install_token is not None:
+                        assert m.install_token not in text
+                for m in now:
+                    for kind, value in claims(m):
+                        assert await store.machine_by(kind, value) == m
+                with raw(path) as conn:
+                    assert sorted(conn.execute(
+                        "SELECT id, mac, hostname, state, cluster, updated FROM machines")
+                    ) == sorted((m.id, str(m.macs[0]), m.hostname, m.state.value, m.cluster,
+                                 m.updated) for m in now)
+                    assert sorted(conn.execute("SELECT machine, key, value FROM machine_labels")
+                                  ) == sorted((m.id, k, v) for m in now
+                                              for k, v in m.labels.items())
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+async def test_a_first_install_changes_the_stored_document_in_place(tmp_path: Path) -> None:
+    """A first install given the machine it was made from (Batch.bases, as boot.py writes
+    it) is one UPDATE setting the state and changing only what changed in the document: no
+    whole document bound, the claims not compared (nothing of them changed), the token
+    sealed; it reads back as written, and its config fetch likewise."""
+    from netboot.sealing import Sealer
+
+    store = SqliteStore(tmp_path / "n.db", sealer=Sealer.generate())
+    await store.open()
+    try:
+        m = Machine(macs=(MacAddress.parse(MAC1),), hostname="n1", labels={"rack": "r1"},
+                    facts={"manufacturer": "QEMU", "install_peer": "192.0.2.9"},
+                    profile="k3os", created=1764900000.5, updated=1764900000.5)
+        await store.apply_batch(Batch(create=(m,)))
+        read = await store.get_machine(m.id)
+        assert read is not None
+        statements: list[str] = []
+        await store._run(lambda conn: conn.set_trace_callback(statements.append))
+        now = 1764960000.0137
+        facts = {"manufacturer": "QEMU", "arch": "x86_64", "install_peer": "127.0.0.1"}
+        installed = replace(read, state=MachineState.BOOTING, token_hash="cd" * 32,
+                            install_token="secret-token", token_expires=now + 3600,
+                            facts=facts, updated=now, cluster="c0", role=Role.AGENT)
+        await store.apply_batch(Batch(update=(installed,), expect={m.id: read.state},
+                                      versions={m.id: read.updated}, bases={m.id: read}))
+        fetched = replace(installed, state=MachineState.INSTALLING, updated=now + 61.5)
+        await store.apply_batch(Batch(update=(fetched,), expect={m.id: installed.state},
+                                      versions={m.id: installed.updated},
+                                      bases={m.id: installed}))
+        await store._run(lambda conn: conn.set_trace_callback(None))
+        # (Each statement traced once more for each trigger it runs: the change feed's.)
+        updates = list(dict.fromkeys(s for s in statements if s.startswith("UPDATE machines")))
+        assert len(updates) == 2
+        assert "json_set(data, '$.state', 'booting'" in updates[0]
+        assert "'$.install_token', 'nbs1:" in updates[0]
+        assert "'$.facts', json('" in updates[0] and "cluster = 'c0'" in updates[0]
+        assert "secret-token" not in updates[0]
+        assert updates[1].startswith("UPDATE machines SET state = 'installing', data = "
+                                     "json_set(data, '$.state', 'installing', '$.updated', "
+                                     "json('1764960061.5137'))")
+        assert not any("machine_keys" in s or "machine_labels" in s for s in statements)
+        assert await store.get_machine(m.id) == fetched
+        with raw(tmp_path / "n.db") as conn:
+            text = conn.execute("SELECT data FROM machines").fetchone()[0]
+        doc = json.loads(text)
+        assert doc.pop("install_token").startswith("nbs1:")
+        expected = codec.machine_document(fetched)
+        del expected["install_token"]
+        assert doc == expected
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("case", ["older base", "twice", "with a create"])
+async def test_an_update_whose_base_cannot_be_changed_in_place_is_written_whole(
+        tmp_path: Path, case: str) -> None:
+    """A base that is not the version the update's compare-and-set reads (an older one), a
+    machine updated twice in the batch (its second base is not what the first left), a batch
+    that creates machines: the whole document is written, as without a base, and reads back
+    as written."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        m = Machine(macs=(MacAddress.parse(MAC1),), hostname="n1", profile="p1", updated=1.0)
+        await store.apply_batch(Batch(create=(m,)))
+        second = replace(m, profile="p2", cluster="c2", updated=2.0)
+        await store.apply_batch(Batch(update=(second,)))
+        statements: list[str] = []
+        await store._run(lambda conn: conn.set_trace_callback(statements.append))
+        last = replace(second, state=MachineState.BOOTING, updated=3.0)
+        other = Machine(macs=(MacAddress.parse("02:00:00:00:00:02"),))
+        if case == "older base":  # made from the first version, checked on the second's
+            batch = Batch(update=(last,), versions={m.id: second.updated}, bases={m.id: m})
+        elif case == "twice":
+            first = replace(second, hostname="n9", updated=2.5)
+            batch = Batch(update=(first, last), versions={m.id: second.updated},
+                          bases={m.id: second})
+        else:
+            batch = Batch(create=(other,), update=(last,), versions={m.id: second.updated},
+                          bases={m.id: second})
+        await store.apply_batch(batch)
+        await store._run(lambda conn: conn.set_trace_callback(None))
+        assert not any("json_set" in s for s in statements)
+        assert await store.get_machine(m.id) == last
+    finally:
+        await store.close()
+
+
 def _fleet(start: int, n: int) -> list[Machine]:
     return [Machine(macs=(MacAddress((0x02_00_00_00_00_00 + i).to_bytes(6, "big")),),
                     hostname=f"w{i}", serial=f"SN{i}", labels={"rack": str(i % 7)})
@@ -1710,3 +1900,53 @@ async def test_a_sync_waits_for_an_unnoted_own_commit_only_within_its_bound(
         assert changes.machines == {a.id: mine} and opened == [a.id]
     finally:
         await store.close()
+@pytest.mark.parametrize("case", ["moved", "edited", "deleted", "state only"])
+async def test_an_update_from_a_base_changed_meanwhile_is_refused_as_without_it(
+        tmp_path: Path, case: str) -> None:
+    """The compare-and-set of updates changed in place is their UPDATE's own (no stored
+    columns read): a machine moved, edited or deleted since its base was read (or whose
+    state alone differs from the one expected) refuses the group with the error an update
+    without a base gets, word for word, and nothing of the group is written."""
+    from netboot.errors import StateChanged
+
+    async def outcome(path: Path, with_bases: bool) -> tuple[str, str, str | None]:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            fleet = [Machine(macs=(MacAddress.parse(f"02:00:00:00:00:0{i}"),), id=f"m-c{i}",
+                             updated=1.0) for i in range(3)]
+            await store.apply_batch(Batch(create=fleet))
+            read = [await store.get_machine(m.id) for m in fleet]
+            victim = fleet[1]
+            with raw(path) as conn:
+                if case == "moved":
+                    conn.execute("UPDATE machines SET state = 'booting', updated = 2.0,"
+                                 " data = json_set(data, '$.state', 'booting', '$.updated',"
+                                 " 2.0) WHERE id = ?", (victim.id,))
+                elif case == "edited":
+                    conn.execute("UPDATE machines SET updated = 2.0, data = json_set(data,"
+                                 " '$.updated', 2.0, '$.profile', 'p9') WHERE id = ?",
+                                 (victim.id,))
+                elif case == "deleted":
+                    conn.execute("DELETE FROM machines WHERE id = ?", (victim.id,))
+                else:  # another state at the same version (no writer of netboot's does it)
+                    conn.execute("UPDATE machines SET state = 'failed' WHERE id = ?",
+                                 (victim.id,))
+            new = [replace(m, state=MachineState.BOOTING, profile="p1", updated=3.0)
+                   for m in read if m is not None]
+            batch = Batch(update=new, expect={m.id: m.state for m in read if m},
+                          versions={m.id: m.updated for m in read if m},
+                          bases={m.id: m for m in read if m} if with_bases else {})
+            with pytest.raises((StateChanged, NotFound)) as refused:
+                await store.apply_batch(batch)
+            with raw(path) as conn:
+                assert conn.execute("SELECT count(*) FROM machines WHERE"
+                                    " json_extract(data, '$.profile') IS NOT NULL"
+                                    ).fetchone()[0] == (1 if case == "edited" else 0)
+            return (type(refused.value).__name__, str(refused.value),
+                    getattr(refused.value, "field", None))
+        finally:
+            await store.close()
+
+    with_bases = await outcome(tmp_path / "a.db", True)
+    assert with_bases == await outcome(tmp_path / "b.db", False)
