@@ -421,12 +421,15 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         _print_json(report.as_dict())
     else:
         for err in report.errors:
-            print(f"{path}:{err}", file=sys.stderr)
+            # FILE:LINE: as compilers, config errors (config.located) and editors' jump lists
+            # read it.
+            print(f"{path}:{err.line}: {err.field}: {err.message}", file=sys.stderr)
         verb = "would be" if args.dry_run else ("were" if report.applied else "would have been")
         print(f"{len(report.created)} {verb} created, {len(report.changed)} changed, "
               f"{len(report.unchanged)} left as they are")
         if report.errors:
-            print(f"{len(report.errors)} bad rows: nothing was imported", file=sys.stderr)
+            n = len(report.errors)
+            print(f"{n} bad row{'' if n == 1 else 's'}: nothing was imported", file=sys.stderr)
     return 1 if report.errors else 0
 
 

@@ -140,8 +140,14 @@ def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
     bad.write_text("mac,role\n02:00:00:00:00:03,agent\nxx,agent\n02:00:00:00:00:04,king\n")
     rc, out, err = run(capsys, "import", str(bad), "--config", cfg)
     assert rc == 1
-    assert f"{bad}:line 3: mac:" in err and f"{bad}:line 4: role:" in err
-    assert "nothing was imported" in err
+    # FILE:LINE:, the form of every other error (the user asked for it in place of
+    # "FILE:line 3:", s35-user2).
+    assert f"{bad}:3: mac:" in err and f"{bad}:4: role:" in err
+    assert "\n2 bad rows: nothing was imported" in err
+    bad.write_text("mac,role\n02:00:00:00:00:03,agent\n02:00:00:00:00:04,king\n")
+    rc, out, err = run(capsys, "import", str(bad), "--config", cfg)
+    assert rc == 1 and f"{bad}:3: role:" in err
+    assert "\n1 bad row: nothing was imported" in err
     rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
     assert len(json.loads(out)) == 2
 
