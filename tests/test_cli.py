@@ -482,6 +482,27 @@ def test_commands_lists_every_sub_command_but_lab() -> None:
     assert set(sub.choices) == COMMANDS
 
 
+def test_every_command_and_sub_command_has_its_line_in_help() -> None:
+    # argparse lists a sub-command under its parent's --help only when given help=: `netboot
+    # machines --help` showed "{add,ls,show,rm,reinstall,approve}" and a line for add alone
+    # (s35-user).
+    missing = []
+    parsers = [("netboot", build_parser())]
+    while parsers:
+        name, parser = parsers.pop()
+        for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+            helped = {a.dest: a.help for a in sub._choices_actions}
+            for word, child in sub.choices.items():
+                if not helped.get(word):
+                    missing.append(f"{name} {word}")
+                parsers.append((f"{name} {word}", child))
+    assert missing == []
+    out = build_parser().format_help()
+    assert "    machines " in out
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert "    ls " in sub.choices["machines"].format_help()
+
+
 def test_serve_parses_as_with_the_whole_command_line() -> None:
     # main() builds only serve's parser for serve: the same options, defaults and help.
     words = ["serve", "--config", "x.yaml", "-i", "eth1", "--advertise", "192.0.2.10",
