@@ -84,8 +84,10 @@ def check_asset_ref(field: str, ref: str, *, url: bool = True) -> None:
         return
     fix = ("a path relative to assets.dirs (e.g. 'k3os/vmlinuz')"
            + (" or an http:// or https:// URL" if url else ""))
-    if _SCHEME.match(ref):
-        raise ValidationError(field, f"{ref!r}: netboot does not fetch that; give {fix}")
+    scheme = _SCHEME.match(ref)
+    if scheme:
+        raise ValidationError(field, f"{ref!r} is a {scheme[0]} URL, which netboot does not "
+                                     f"serve or hand on; give {fix}")
     if ref.startswith("/"):
         raise ValidationError(field, f"{ref!r} is not relative; give {fix}")
     # A backslash is a separator where the path is served (files.clean_relative).
