@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -95,7 +96,15 @@ def test_serve_names_the_file_and_line_of_a_setting_start_up_refuses(
     line = path.read_text().splitlines().index("  cert_file: /nonexistent/cert.pem") + 1
     told = f"netboot: configuration error: {path}:{line}: https.cert_file: cannot read " \
         "/nonexistent/cert.pem"
-    rc, _, err = run(capsys, "serve", "--config", str(path))
+    # serve sets the root logger's level (server.log_level, info) for the process: put back,
+    # or aiohttp's own access log (the test servers') is on in every later test of the
+    # session, and tests/test_flow.py::test_install_tokens_are_not_logged finds a token in it.
+    root = logging.getLogger()
+    level = root.level
+    try:
+        rc, _, err = run(capsys, "serve", "--config", str(path))
+    finally:
+        root.setLevel(level)
     assert rc == 2 and told in err, err
     rc, _, err = run(capsys, "check-config", str(path))  # which checks the files as serve does
     assert rc == 2 and told in err, err
