@@ -421,12 +421,15 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         _print_json(report.as_dict())
     else:
         for err in report.errors:
-            print(f"{path}:{err}", file=sys.stderr)
+            # FILE:LINE: as compilers, config errors (config.located) and editors' jump lists
+            # read it.
+            print(f"{path}:{err.line}: {err.field}: {err.message}", file=sys.stderr)
         verb = "would be" if args.dry_run else ("were" if report.applied else "would have been")
         print(f"{len(report.created)} {verb} created, {len(report.changed)} changed, "
               f"{len(report.unchanged)} left as they are")
         if report.errors:
-            print(f"{len(report.errors)} bad rows: nothing was imported", file=sys.stderr)
+            n = len(report.errors)
+            print(f"{n} bad row{'' if n == 1 else 's'}: nothing was imported", file=sys.stderr)
     return 1 if report.errors else 0
 
 
@@ -787,17 +790,21 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     a.add_argument("--role", choices=["server", "agent"])
     a.add_argument("--label", action="append")
     a.add_argument("--loader", choices=[c.value for c in LoaderChain], help=LOADER_HELP)
-    ls = msub.add_parser("ls", parents=[common])
+    ls = msub.add_parser("ls", parents=[common], help="list machines (--state, --cluster, "
+                                                       "--label narrow it)")
     ls.add_argument("--state", choices=[s.value for s in MachineState])
     ls.add_argument("--cluster")
     ls.add_argument("--label", action="append")
     ls.add_argument("--limit", type=int, default=1000)
-    sh = msub.add_parser("show", parents=[common])
+    sh = msub.add_parser("show", parents=[common], help="one machine whole, with its events")
     sh.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
-    for action in ("rm", "reinstall"):
-        x = msub.add_parser(action, parents=[common])
+    for action, what in (("rm", "remove machines from the inventory"),
+                         ("reinstall", "install again at the next network boot (a new "
+                                       "install token)")):
+        x = msub.add_parser(action, parents=[common], help=what)
         x.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
-    ap = msub.add_parser("approve", parents=[common])
+    ap = msub.add_parser("approve", parents=[common],
+                         help="let held (discovered) machines install: cluster, role, profile")
     ap.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
     ap.add_argument("--cluster")
     ap.add_argument("--role", choices=["server", "agent"])
@@ -807,10 +814,12 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     for kind in ("profiles", "clusters", "groups"):
         k = sub.add_parser(kind, help=f"{kind} of the inventory")
         ksub = k.add_subparsers(dest="action", required=True)
-        ksub.add_parser("ls", parents=[common])
-        for action in ("show", "rm"):
-            ksub.add_parser(action, parents=[common]).add_argument("name")
-        add = ksub.add_parser("add", parents=[common])
+        one = kind[:-1]
+        ksub.add_parser("ls", parents=[common], help=f"list the {kind}")
+        ksub.add_parser("show", parents=[common], help=f"one {one} whole").add_argument("name")
+        ksub.add_parser("rm", parents=[common], help=f"remove a {one}" + (
+            "" if kind == "groups" else " (refused while in use)")).add_argument("name")
+        add = ksub.add_parser("add", parents=[common], help=f"create a {one}")
         add.add_argument("name")
         if kind == "profiles":
             add.add_argument("--kernel", required=True)
@@ -851,8 +860,10 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                          "approve machines only")
     tc.add_argument("--expires", metavar="DURATION", help="lifetime: 12h, 30d, 2w (default: "
                                                            "until revoked)")
-    tsub.add_parser("ls", parents=[common])
-    tsub.add_parser("revoke", parents=[common]).add_argument("name")
+    tsub.add_parser("ls", parents=[common], help="list tokens: name, scope, created, expires, "
+                                                 "last used (never their values)")
+    tsub.add_parser("revoke", parents=[common],
+                    help="revoke a token: refused from then on").add_argument("name")
     au = sub.add_parser("audit", parents=[common],
                         help="who changed what, when, from where (API and CLI)")
     au.add_argument("--since", help="2h, 7d, an ISO 8601 time or Unix seconds")

@@ -290,8 +290,11 @@ class _Source:
         self.name = name
         self.lines = lines or {}
 
-    def error(self, key: str, message: str, fix: str | None = None) -> ConfigError:
-        line = self.lines.get(key)
+    def error(self, key: str, message: str, fix: str | None = None, *,
+              at: str | None = None) -> ConfigError:
+        """``at``: the key whose line to name, where ``key`` is one that is missing (it has
+        no line; the setting that needs it does)."""
+        line = self.lines.get(at or key)
         return ConfigError(message, source=self.name, line=line, key=key, fix=fix)
 
 
@@ -730,11 +733,14 @@ def _check(cfg: Config, src: _Source) -> None:
         raise src.error("https.public_url", "must start with https://",
                         "write e.g. https://boot.example:8443, or leave it unset")
     if (cfg.https.key_file or cfg.https.ca_file) and not cfg.https.cert_file:
-        raise src.error("https.cert_file", "https.key_file/ca_file given without a certificate",
-                        "set https.cert_file too, or remove them to use netboot's own CA")
+        given = "https.key_file" if cfg.https.key_file else "https.ca_file"
+        raise src.error("https.cert_file", f"not set, and {given} is given without a "
+                        "certificate", "set https.cert_file too, or remove "
+                        "https.key_file/ca_file to use netboot's own CA", at=given)
     if cfg.https.cert_file and not cfg.https.key_file:
-        raise src.error("https.key_file", "a certificate needs its key",
-                        "set https.key_file to the PEM private key of https.cert_file")
+        raise src.error("https.key_file", "not set, and https.cert_file is given without its "
+                        "key", "set https.key_file to the PEM private key of https.cert_file",
+                        at="https.cert_file")
     if cfg.http.plain_api == "refuse" and not cfg.https.enabled:
         raise src.error("http.plain_api", "'refuse' with https.enabled false leaves no way to "
                         "reach the API or the dashboard",

@@ -12,6 +12,7 @@ NotFound (404), Conflict (409) naming what is in the way.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +53,47 @@ TOKEN_PLACEHOLDER = "INSTALL-TOKEN"
 MACHINE_INPUT = frozenset({"mac", "macs", "hostname", "uuid", "serial", "asset", "labels",
                            "cluster", "role", "profile", "loader", "fixed_ipv4"})
 APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
+# A URL scheme (RFC 3986 §3.1) before the first '/': netboot hands on http(s) URLs as they
+# are (content.Urls.asset) and reads anything else as a path under assets.dirs, where
+# "tftp://host/x" or "file:/x" is never found.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def check_asset_ref(field: str, ref: str, *, url: bool = True) -> None:
+    """Refuse a profile's kernel, initrd or asset that netboot could never serve: it was
+    stored and each boot was refused (the asset route's 403 for '..', a 404 for the rest).
+
+    A path is relative to ``assets.dirs`` ('k3os/vmlinuz', the README's form), with no '..'
+    segment (the asset route and TFTP refuse one, files.clean_relative) and not absolute: a
+    leading '/' was read from the assets' root, so '/var/lib/netboot/assets/k3os/vmlinuz' or
+    matchbox's '/assets/k3os/vmlinuz' named a file that is not there. An http(s) URL (where
+    ``url``) is fetched by the firmware itself. No control character (a newline would start
+    a command of its own in an iPXE, pxelinux or GRUB script), and no space in a URL: it
+    is written into the script as given, where a space ends it (a path is percent-quoted in
+    iPXE's URL, content.Urls.asset, so a space there is kept)."""
+    bad = next((c for c in ref if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValidationError(field, f"{ref!r} holds {bad!r}: a boot script would read it as "
+                                     "the end of the line")
+    if ref.startswith(("http://", "https://")) and url:
+        if len(ref.split("/", 3)[2]) == 0:
+            raise ValidationError(field, f"{ref!r} names no host")
+        if " " in ref:  # iPXE, pxelinux and GRUB split their lines at ASCII spaces only
+            raise ValidationError(field, f"{ref!r} holds a space: a boot script would read it "
+                                         "as the end of the URL (write it %20)")
+        return
+    fix = ("a path relative to assets.dirs (e.g. 'k3os/vmlinuz')"
+           + (" or an http:// or https:// URL" if url else ""))
+    scheme = _SCHEME.match(ref)
+    if scheme:
+        raise ValidationError(field, f"{ref!r} is a {scheme[0]} URL, which netboot does not "
+                                     f"serve or hand on; give {fix}")
+    if ref.startswith("/"):
+        raise ValidationError(field, f"{ref!r} is not relative; give {fix}")
+    # A backslash is a separator where the path is served (files.clean_relative).
+    if ".." in re.split(r"[/\\]", ref):
+        raise ValidationError(field, f"{ref!r} leaves the assets: '..' is refused when "
+                                     f"served; give {fix}")
 
 
 def check_name(name: str) -> None:
@@ -281,6 +323,13 @@ class Core:
             # config instead of being refused (the OpenAPI document's enum; the CLI's choices).
             raise ValidationError("config_template", f"{item.config_template!r} is not one "
                                   f"of {', '.join(CONFIG_TEMPLATES)}")
+        else:
+            check_asset_ref("kernel", item.kernel)
+            for i, ref in enumerate(item.initrds):
+                check_asset_ref(f"initrds[{i}]", ref)
+            for i, asset in enumerate(item.assets):
+                # netboot assets checks these files on disk (cli._assets): no URL.
+                check_asset_ref(f"assets[{i}].path", asset.path, url=False)
         await getattr(self.store, f"put_{single}")(item, create=create)
         return item
 

@@ -962,11 +962,13 @@ class Enroller:
             ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
             if choice.ipv6:
                 facts["ipv6"] = str(choice.ipv6)
-            # The token is spent: its retrievable copy goes; its hash stays only so that a
-            # replay is told apart from a stranger (and refused by state, above), until a
-            # reinstall.
+            # The token is spent: its retrievable copy goes, and its expiry (the API, the
+            # dashboard and `machines show` showed a registered machine's token as valid
+            # until then: s35-user); its hash stays only so that a replay is told apart from
+            # a stranger (and refused by state, above, before any expiry), until a reinstall.
             updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
-                                        ipv4=ipv4, facts=facts, install_token=None)
+                                        ipv4=ipv4, facts=facts, install_token=None,
+                                        token_expires=None)
             where = (f"{choice.address} "
                      f"({'the request' if choice.source == 'peer' else 'reported'})"
                      if choice.address else

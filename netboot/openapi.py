@@ -49,6 +49,20 @@ NAME = {"type": "string", "minLength": 1, "maxLength": 253, "pattern": NAME_PATT
 # Required text that is not only spaces (codec._name).
 _TEXT = {"type": "string", "pattern": "\\S"}
 _FACT = {"type": ["string", "null"], "maxLength": 256}
+# A profile's kernel, initrds and assets (netboot.core.check_asset_ref): a path relative to
+# assets.dirs (no URL scheme, no '/' first, no '..' segment, no control character) or, but
+# for an asset, an http(s) URL with a host and no space or control character.
+_ASSET_PATH = ("(?![A-Za-z][A-Za-z0-9+.-]*:)(?!/)(?!(?:[^/\\\\]*[/\\\\])*[.][.](?:[/\\\\]|$))"
+               "[^\\x00-\\x1f\\x7f]*")
+_ASSET_URL = "https?://[^/\\x00-\\x20\\x7f][^\\x00-\\x20\\x7f]*"
+# The end as (?![\s\S]), not $: Python's $ (jsonschema, schemathesis) also matches before a
+# last newline, which the server refuses.
+_END = "(?![\\s\\S])"
+_BOOT_FILE = {"type": "string", "pattern": f"^(?:{_ASSET_URL}|{_ASSET_PATH}){_END}",
+              "description": "a path relative to assets.dirs (e.g. k3os/vmlinuz: no '..', not "
+                             "starting with '/') or an http:// or https:// URL"}
+_ASSET_FILE = {"type": "string", "pattern": f"^{_ASSET_PATH}{_END}",
+               "description": "a path relative to assets.dirs (no '..', not starting with '/')"}
 _EXTERNAL = {"required": ["server_url"], "properties": {"server_url": {"pattern": "^https://"}}}
 
 
@@ -114,11 +128,12 @@ SCHEMAS: dict[str, Any] = {
         "offset": {"type": "integer"}}},
     "Profile": {"type": "object", "required": ["name", "kernel"], "additionalProperties": False,
                 "properties": {
-        "name": NAME, "kernel": _TEXT, "initrds": _LIST, "cmdline": _STR,
+        "name": NAME, "kernel": {**_BOOT_FILE, "allOf": [_TEXT]},
+        "initrds": {"type": "array", "items": _BOOT_FILE}, "cmdline": _STR,
         "config_template": {"type": "string", "enum": ["k3os", "cloud-init"]},
         "assets": {"type": "array", "items": {
             "type": "object", "required": ["path"], "additionalProperties": False,
-            "properties": {"path": _TEXT, "sha256": _NSTR}}},
+            "properties": {"path": {**_ASSET_FILE, "allOf": [_TEXT]}, "sha256": _NSTR}}},
         "install_device": _STR, "iso_url": _NSTR, "ssh_authorized_keys": _LIST,
         "fdtdir": _NSTR, "loader": _LOADER, "description": _STR,
         "install_timeout": {"type": ["integer", "null"], "minimum": 60, "maximum": 604800,

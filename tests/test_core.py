@@ -136,6 +136,54 @@ async def test_bad_machine_is_refused_by_both(make_env: EnvFactory, tmp_path: Pa
     assert (await env.get("/api/v1/machines"))["total"] == 0
 
 
+# Each was stored and every boot of the profile refused when served (403 for '..', 404 for the
+# rest: a leading '/' is the assets' root, a tftp:// or file: URL a path under it) (s35-user).
+@pytest.mark.parametrize(("flags", "body", "field"), [
+    (["--kernel", "../../etc/passwd"], {"kernel": "../../etc/passwd"}, "kernel"),
+    (["--kernel", "k3os/../../x"], {"kernel": "k3os/../../x"}, "kernel"),
+    (["--kernel", "..\\x"], {"kernel": "..\\x"}, "kernel"),
+    (["--kernel", "/etc/passwd"], {"kernel": "/etc/passwd"}, "kernel"),
+    (["--kernel", "/assets/k3os/vmlinuz"], {"kernel": "/assets/k3os/vmlinuz"}, "kernel"),
+    (["--kernel", "tftp://192.0.2.10/vmlinuz"], {"kernel": "tftp://192.0.2.10/vmlinuz"},
+     "kernel"),
+    (["--kernel", "file:///boot/vmlinuz"], {"kernel": "file:///boot/vmlinuz"}, "kernel"),
+    (["--kernel", "http:///vmlinuz"], {"kernel": "http:///vmlinuz"}, "kernel"),
+    (["--kernel", "vmlinuz\nchain http://192.0.2.99/x"],
+     {"kernel": "vmlinuz\nchain http://192.0.2.99/x"}, "kernel"),
+    (["--kernel", "v", "--initrd", "ok", "--initrd", "../initrd"],
+     {"kernel": "v", "initrds": ["ok", "../initrd"]}, "initrds[1]"),
+    (["--kernel", "v", "--initrd", "/initrd"], {"kernel": "v", "initrds": ["/initrd"]},
+     "initrds[0]"),
+    (["--kernel", "http://192.0.2.10/a b"], {"kernel": "http://192.0.2.10/a b"}, "kernel"),
+])
+async def test_a_boot_file_netboot_cannot_serve_is_refused_by_both(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        flags: list[str], body: dict[str, Any], field: str) -> None:
+    env, cli = await start(make_env, tmp_path, capsys)
+    same_refusal(await cli("profiles", "add", "p", *flags),
+                 await call(env, "POST", "/api/v1/profiles", json_body={"name": "p", **body}),
+                 400, field)
+    assert await env.get("/api/v1/profiles") == []
+
+
+async def test_an_asset_path_is_relative_and_not_a_url(env: Env) -> None:
+    for path in ("../x", "/x", "http://192.0.2.10/x"):
+        r = await call(env, "POST", "/api/v1/profiles", json_body={
+            "name": "p", "kernel": "v", "assets": [{"path": "ok"}, {"path": path}]})
+        assert r.status == 400, (path, r.text)
+        assert r.json()["field"] == "assets[1].path", r.text
+
+
+@pytest.mark.parametrize("kernel", [
+    "vmlinuz", "k3os/vmlinuz", "k3os/v1.2/vmlinuz-5.15", "a..b/vmlinuz", "a b/vmlinuz",
+    "http://192.0.2.10:8080/assets/k3os/vmlinuz", "https://mirror.example/k3os/vmlinuz",
+    "http://[2001:db8::1]/vmlinuz"])
+async def test_the_forms_a_profile_names_its_files_in_are_kept(env: Env, kernel: str) -> None:
+    body = {"name": "p", "kernel": kernel, "initrds": [kernel], "assets": [{"path": "k/i"}]}
+    created = await env.post("/api/v1/profiles", body, status=201)
+    assert created["kernel"] == kernel and created["initrds"] == [kernel]
+
+
 async def test_uuid_is_stored_in_one_form_by_both(make_env: EnvFactory, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     env, cli = await start(make_env, tmp_path, capsys)

@@ -624,6 +624,25 @@ async def test_a_spent_token_fetches_nothing_posts_nothing_registers_nothing(env
     assert "token" not in local and local.rstrip().endswith("exit")
 
 
+async def test_a_registered_machines_token_is_shown_spent(env: Env) -> None:
+    # Its expiry stayed after registration spent the token: the API (so the dashboard and
+    # `machines show`) showed a token valid until then (s35-user).
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    token = install_token(await boot(env, MAC))
+    await device_event(env, token, "installed")
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["token_expires"] is not None
+    await register(env, token, "192.0.2.101")
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["state"] == "registered" and machine["token_expires"] is None
+    stored = await env.service.store.machine_by("mac", MAC)
+    assert stored is not None and stored.token_expires is None and stored.token_hash
+    # Its replay is still told apart from a stranger's token, by state.
+    body = await register(env, token, "198.51.100.66", status=409)
+    assert body["state"] == "registered"
+    await register(env, "not-its-token", "198.51.100.66", status=401)
+
+
 async def test_a_report_with_its_expired_token_is_told_it_expired(env: Env) -> None:
     # As the config and the registration tell it (401 naming the expiry, a "token expired"
     # event): the report was answered as a request without a token ("send 'Authorization:

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import schemathesis
 
 from netboot.config import load
@@ -104,3 +105,26 @@ def test_every_state_and_role_the_document_names_is_the_model_s() -> None:
     assert found["/components/schemas/Error/properties/state"] == states
     for path in ("Machine", "MachineInput", "MachinePatch", "Approve", "Group", "GroupReplace"):
         assert found[f"/components/schemas/{path}/properties/role"] == roles, path
+
+
+@pytest.mark.parametrize("ref", [
+    "vmlinuz", "k3os/vmlinuz", "a..b/x", "a b/x", "", "http://192.0.2.10/x", "https://[::1]/x",
+    "../x", "a/../x", "a\\..\\x", "..", "/x", "//x", "tftp://h/x", "file:/x", "x:y", "http://",
+    "http:///x", "http://h/a b", "x\n", "x\ny", "x\x00", "x\x7f", "http://h/\u2003",
+])
+def test_the_documents_boot_file_pattern_is_what_the_server_takes(ref: str) -> None:
+    # The server refuses what the document declares otherwise (core.check_asset_ref):
+    # schemathesis generates from the pattern, and a client validates against it.
+    import re
+
+    from netboot import openapi
+    from netboot.core import check_asset_ref
+    from netboot.errors import ValidationError
+
+    for url, schema in ((True, openapi._BOOT_FILE), (False, openapi._ASSET_FILE)):
+        try:
+            check_asset_ref("kernel", ref, url=url)
+            taken = True
+        except ValidationError:
+            taken = False
+        assert (re.search(schema["pattern"], ref) is not None) == taken, (ref, url)

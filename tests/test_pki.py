@@ -268,6 +268,24 @@ def test_https_settings_that_cannot_work_are_config_errors(tmp_path: Path, https
     assert err.value.key == key and err.value.fix
 
 
+@pytest.mark.parametrize(("https", "key", "given"), [
+    ("  cert_file: /etc/ssl/x.pem\n", "https.key_file", "https.cert_file"),
+    ("  key_file: /etc/ssl/x.key\n", "https.cert_file", "https.key_file"),
+    ("  ca_file: /etc/ssl/ca.pem\n", "https.cert_file", "https.ca_file"),
+])
+def test_an_https_file_without_its_partner_names_the_line_given(
+        tmp_path: Path, https: str, key: str, given: str) -> None:
+    # The missing key has no line; the one given has, as every other setting's error
+    # (s35-user found the file named and no line).
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("  port: 0\n  listen: 127.0.0.1\n", https))
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    line = path.read_text().splitlines().index(https.rstrip("\n")) + 1
+    assert (err.value.key, err.value.source, err.value.line) == (key, str(path), line)
+    assert str(err.value).startswith(f"{path}:{line}: {key}: not set, and {given} is given")
+
+
 def test_https_on_the_http_port_is_a_config_error(tmp_path: Path) -> None:
     path = write_config(tmp_path, extra="")
     path.write_text(path.read_text().replace("http:\n  port: 0", "http:\n  port: 8080")

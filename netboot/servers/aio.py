@@ -254,7 +254,7 @@ async def plain_http_middleware(request: web.Request, handler: Any) -> web.Strea
     elif plain:
         resp: web.StreamResponse = await handler(request)
         return resp
-    base = policy.https_url()
+    base = policy.https_base(request)
     is_api = request.path.startswith("/api/")
     if request.method in ("GET", "HEAD") and not is_api and base:
         # A browser that typed the plain URL lands on the dashboard over HTTPS. 308 keeps

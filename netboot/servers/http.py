@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, cast
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from netboot.arrival import set_arrival
 from netboot.eager import eager
@@ -70,6 +70,7 @@ from netboot.model import (
     MacAddress,
     boot_request_of_values,
     normalise_uuid,
+    url_host,
 )
 from netboot.servers.fasthttp import (
     MAX_HEAD,
@@ -837,6 +838,14 @@ def _compressed_sibling(path: str) -> bool:
 PlainApi = Literal["refuse", "loopback", "allow"]
 
 
+def _loopback_host(host: str | None) -> bool:
+    """Whether a URL's host names this host's loopback only (no other host can reach it)."""
+    if host is None:
+        return False
+    address = _address(host)
+    return host.lower() == "localhost" if address is None else address.is_loopback
+
+
 def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An address of a transport (IPv4-mapped IPv6 as IPv4), or None."""
     try:
@@ -930,10 +939,32 @@ class PlainHttp:
             "http: %s sent %s over plain HTTP (%s %s): refused without reading it; it "
             "crossed the network in clear, so revoke and replace it, and point the client "
             "at %s", request.remote, what, escape(request.method), target,
-            self.https_url() or "HTTPS (https.enabled is false)")
+            self.https_base(request) or "HTTPS (https.enabled is false)")
+
+    def https_base(self, request: web.BaseRequest) -> str | None:
+        """The HTTPS base URL to send ``request``'s client to (None: HTTPS is off).
+
+        A loopback host in it (the advertised address of a host without a default route
+        and no --advertise, which start-up warns of) is the address the request came in
+        on: the client reached this host there, and could never reach its 127.0.0.1. Not
+        the Host header, which the client writes (an open redirect): the socket's own
+        address, as `trusts` reads it."""
+        base = self.https_url()
+        if not base:
+            return base
+        parts = urlsplit(base)
+        if not _loopback_host(parts.hostname):
+            return base
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        local = _address(str(sockname[0])) if isinstance(sockname, tuple) else None
+        if local is None or local.is_loopback or local.is_unspecified:
+            return base
+        port = f":{parts.port}" if parts.port is not None else ""
+        return urlunsplit(parts._replace(netloc=f"{url_host(str(local))}{port}"))
 
     def refusal(self, request: web.Request, what: str) -> PlainHttpRefused:
-        base = self.https_url()
+        base = self.https_base(request)
         url = f"{base.rstrip('/')}{request.rel_url}" if base else None
         where = (f"use {url}" if url else "HTTPS is off (https.enabled), and plain HTTP "
                  "serves the API only to this host")

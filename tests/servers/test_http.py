@@ -1358,3 +1358,34 @@ def test_request_ids_are_the_prefix_and_the_count_in_eight_hex_digits() -> None:
     assert (first[8:], second[8:]) == ("00000001", "00000002")
     ids._next = 0xFFFFFFFE
     assert [ids()[8:], ids()[8:]] == ["ffffffff", "00000000"]
+
+
+@pytest.mark.parametrize(("base", "sockname", "sent"), [
+    ("https://127.0.0.1:8443", ("192.0.2.10", 8080), "https://192.0.2.10:8443"),
+    ("https://localhost:8443", ("192.0.2.10", 8080), "https://192.0.2.10:8443"),
+    ("https://[::1]:8443", ("2001:db8::10", 8080, 0, 0), "https://[2001:db8::10]:8443"),
+    ("https://127.0.0.1:8443", ("::ffff:192.0.2.10", 8080, 0, 0), "https://192.0.2.10:8443"),
+    ("https://127.0.0.1", ("192.0.2.10", 80), "https://192.0.2.10"),
+    # This host's own client: the configured URL works for it.
+    ("https://127.0.0.1:8443", ("127.0.0.1", 8080), "https://127.0.0.1:8443"),
+    # Not loopback: the operator's (or advertised) URL, whichever address was reached.
+    ("https://boot.example:8443", ("192.0.2.10", 8080), "https://boot.example:8443"),
+    ("https://192.0.2.10:8443", ("198.51.100.1", 8080), "https://192.0.2.10:8443"),
+])
+def test_a_loopback_https_url_is_the_address_the_request_came_in_on(
+        base: str, sockname: tuple[Any, ...], sent: str) -> None:
+    # s35-user: with no default route and no --advertise, remote clients were sent to
+    # https://127.0.0.1 (themselves). tests/servers/test_http_plain_netns.py: the same on
+    # real sockets.
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from netboot.servers.http import PlainHttp
+
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        sockname if name == "sockname" else default)
+    request = make_mocked_request("GET", "/", transport=transport)
+    assert PlainHttp(https_url=lambda: base).https_base(request) == sent
+    assert PlainHttp(https_url=lambda: None).https_base(request) is None

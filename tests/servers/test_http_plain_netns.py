@@ -171,6 +171,49 @@ def test_a_device_gets_firmware_routes_over_http_and_the_api_only_over_https(
     assert admin_not_in(leaks[0], tmp_path)
 
 
+def test_a_loopback_https_url_sends_a_remote_client_to_the_address_it_reached(
+        namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A host without a default route and no --advertise advertises 127.0.0.1: a device was
+    # sent to https://127.0.0.1:8443/…, which on its side is itself (s35-user). It is sent to
+    # the address it came in on; this host's own clients keep the configured URL.
+    caplog.set_level(logging.WARNING, logger="netboot.http")
+
+    async def scenario() -> dict[str, Any]:
+        service, admin = await started(tmp_path)
+        loopback = f"https://127.0.0.1:{service.https_port}"
+        service.url_holder["https"] = loopback
+        reached = f"https://{SERVER}:{service.https_port}"
+        out: dict[str, Any] = {"reached": reached, "loopback": loopback}
+        try:
+            async with session(service, DEVICE) as http:
+                plain = f"http://{SERVER}:{service.http_port}"
+                async with http.get(f"{plain}/login?next=1", allow_redirects=False) as r:
+                    out["page"] = await answer(r)
+                async with http.get(f"{plain}/api/v1/machines") as r:
+                    out["api"] = await answer(r)
+                async with http.get(f"{plain}/api/v1/machines",
+                                    headers={"Authorization": f"Bearer {admin}",
+                                             "Host": "evil.example"}) as r:
+                    out["api with a token"] = await answer(r)
+                # Where it was sent is served: the certificate names the address.
+                async with http.get(f"{reached}/healthz") as r:
+                    out["there"] = r.status
+        finally:
+            await service.close()
+        return out
+
+    out = in_namespace(namespace, scenario)
+    reached = out["reached"]
+    assert out["page"] == (308, f"{reached}/login?next=1")
+    status, body = out["api"]
+    assert status == 403 and body["https_url"] == f"{reached}/api/v1/machines", body
+    status, body = out["api with a token"]
+    assert status == 403 and body["https_url"] == f"{reached}/api/v1/machines", body
+    assert out["there"] == 200
+    leaks = [r.getMessage() for r in caplog.records if "over plain HTTP" in r.getMessage()]
+    assert len(leaks) == 1 and f"point the client at {reached}" in leaks[0], leaks
+
+
 def admin_not_in(line: str, tmp_path: Path) -> bool:
     return (tmp_path / "data" / "admin.token").read_text().strip() not in line
 
