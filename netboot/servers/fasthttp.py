@@ -32,19 +32,33 @@ MAX_HEAD = 16 * 1024
 # aiohttp's bound on a request line and on a header line (max_line_size, max_field_size).
 MAX_LINE = 8190
 
-# The request line of a GET this front may answer (RFC 9112 §3): origin-form target of
-# visible ASCII with no percent-encoding, dot segments or empty segments (no "//" or "/."
-# in the path, checked apart: look-aheads per character made this regex cost ~6 µs), so
-# that the path the route sees is exactly what aiohttp (yarl) would have decoded and
-# normalised.
-_REQUEST_LINE = re.compile(rb"GET (/[!$&'()*+,\-./0-9:;=@A-Z_a-z~]*)"
-                           rb"(?:\?([!$%&'()*+,\-./0-9:;=?@A-Z_a-z~]*))? HTTP/1\.1")
+# The request line of a GET this front may answer (RFC 9112 §3): "GET ", an origin-form
+# target of visible ASCII with no percent-encoding, dot segments or empty segments (no "//"
+# or "/." in the path), " HTTP/1.1", so that the path the route sees is exactly what aiohttp
+# (yarl) would have decoded and normalised. Read with startswith, partition and translate
+# (_only), not a regular expression: ~4,500 loop instructions a first install were the
+# regular expressions' (s35-loop's callgrind), the match of the target the most of them.
+_PATH_BYTES = b"!$&'()*+,-./0123456789:;=@ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~"
+_QUERY_BYTES = _PATH_BYTES + b"%?"
+
+
+def _only(allowed: bytes) -> bytes:
+    """A translate() table that keeps ``allowed`` and changes every other byte: ``b`` is
+    made of ``allowed`` alone iff ``b.translate(table) == b`` (one pass in C, no copy kept:
+    translate returns ``b`` itself when nothing changed)."""
+    return bytes(c if c in allowed else c ^ 0x80 for c in range(256))
+
+
+_PATH: Final = _only(_PATH_BYTES)
+_QUERY: Final = _only(_QUERY_BYTES)
 # What may begin a request line while the rest is still to come: a method, then visible
 # ASCII (RFC 9112 §3).
 _START = re.compile(rb"[A-Z]{1,20}(?:\Z| [\x21-\x7e]*(?:\Z| [\x21-\x7e]*(?:\Z|\r)))")
 # field-name = token (RFC 9110 §5.1); a field value has no control character but HTAB (§5.5).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The header lines' bytes but a control character (HTAB, and the CR LF between lines, which
+# are counted apart: a bare CR or LF is a control character in a line).
+_FIELD: Final = _only(bytes(c for c in range(256) if c == 9 or c in b"\r\n" or 0x1f < c != 0x7f))
 # Field names as clients spell them, tokens already: no _TOKEN match for these (a device's
 # /ipxe head, new for each machine, is parsed each time).
 _NAMES: Final = frozenset({
@@ -157,17 +171,21 @@ def parse_head(buf: bytes, known: dict[bytes, Fields] | None = None
                 known[block] = read
             kept = read
         fields = kept
-    line = _REQUEST_LINE.fullmatch(buf, 0, eol)
-    # find(), not ``in``: bytes' ``in`` first reads its operand as an integer (a byte's
-    # value) and, for bytes, raises and clears a TypeError before it searches: ~1,800
-    # instructions each, twice a request (callgrind of a first install's loop on the wire:
-    # benchmarks/README.md, s27-wire).
-    if line is None or fields.passed or line[1].find(b"//") >= 0 \
-            or line[1].find(b"/.") >= 0:
+    # "GET /" and " HTTP/1.1" around the target, apart (they cannot overlap: the target is
+    # "/" at least; eol >= 5 after "GET /", so eol - 9 >= -4 slices fewer than 9 bytes).
+    # Compared as slices: startswith() with a start parses its arguments at ~500
+    # instructions a call. find(), not ``in``: bytes' ``in`` first reads its operand as an
+    # integer (a byte's value) and, for bytes, raises and clears a TypeError before it
+    # searches: ~1,800 instructions each, twice a request (callgrind of a first install's
+    # loop on the wire: benchmarks/README.md, s27-wire).
+    if fields.passed or buf[:5] != b"GET /" or buf[eol - 9:eol] != b" HTTP/1.1":
+        return NotMine(end + 4)
+    path, _, query = buf[4:eol - 9].partition(b"?")
+    if path.translate(_PATH) != path or (query and query.translate(_QUERY) != query) \
+            or path.find(b"//") >= 0 or path.find(b"/.") >= 0:
         # Another method, HTTP/1.0, a target to decode or normalise: a request without a
         # body (RFC 9112 §6.3: neither Content-Length nor Transfer-Encoding), for aiohttp.
         return NotMine(end + 4)
-    path, query = line.groups(b"")
     return RequestHead(path.decode("ascii"), query.decode("ascii"), end + 4, fields.close,
                        fields.user_agent, fields.request_id, fields.accept_encoding,
                        fields.bearer)
@@ -179,12 +197,16 @@ def _read_fields(block: bytes) -> Fields | NotMine:
     passed = close = accept_encoding = False
     user_agent = request_id = bearer = ""
     lines = block.split(b"\r\n")
+    # A control character anywhere (obs-fold, a bare CR or LF, NUL): a 400. One pass over
+    # the block, where a regular expression's search a line cost ~800 instructions each.
+    if block.translate(_FIELD) != block or block.count(b"\n") >= len(lines) \
+            or block.count(b"\r") >= len(lines):
+        return _REST_IS_AIOHTTPS
     once: list[bytes] = []  # the _SINGLETONS read
     for raw in lines:
         name, colon, value = raw.partition(b":")
-        if not colon or (name not in _NAMES and _TOKEN.fullmatch(name) is None) \
-                or _CONTROL.search(value):
-            return _REST_IS_AIOHTTPS  # obs-fold, a bare LF, a control character: a 400
+        if not colon or (name not in _NAMES and _TOKEN.fullmatch(name) is None):
+            return _REST_IS_AIOHTTPS  # obs-fold (a leading blank), a name not a token: a 400
         name = name.lower()
         if name in _BODY:
             return _REST_IS_AIOHTTPS

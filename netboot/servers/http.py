@@ -1428,6 +1428,9 @@ def _front_target(head: RequestHead) -> str:
 # client sends both at once (aiohttp's and curl's clients, in one write for a small body);
 # a body later than this is aiohttp's, whose http.body_timeout then bounds it.
 _BODY_GRACE = 0.5
+# The head deadlines' sweep's tick (ConnectionGuard._sweep_heads): a head deadline is met
+# at most this late; coarse, as nginx's timers (ngx_timer_resolution) may be.
+HEAD_TICK = 1.0
 
 
 class Answer(NamedTuple):
@@ -1494,6 +1497,15 @@ class ConnectionGuard:
         # In the order they were last active (admitted, a request read, an answer sent):
         # the first idle one is the one idle longest.
         self._open: dict[GuardedHandler, str] = {}
+        # Connections whose first request head is still to come, in the order they came,
+        # with when it is due (header_timeout after): one sweep for them all, not a timer
+        # a connection (a uvloop TimerHandle, its uv timer and a bound method each: s35-mem
+        # counted two timers a connection at a storm's end). The sweep runs at the first
+        # deadline and then at most every HEAD_TICK while any is due, so a head's deadline
+        # is met between header_timeout and header_timeout + HEAD_TICK.
+        self._heads_due: dict[GuardedHandler, float] = {}
+        self._head_sweep: asyncio.TimerHandle | None = None
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def open(self) -> int:
@@ -1528,6 +1540,35 @@ class ConnectionGuard:
         self._per_source[source] += 1
         return True
 
+    def await_head(self, handler: GuardedHandler, loop: asyncio.AbstractEventLoop) -> None:
+        """``handler``'s connection came: its first request head is due header_timeout from
+        now (:meth:`_sweep_heads` closes it then if none came)."""
+        now = loop.time()
+        self._heads_due[handler] = now + self.limits.header_timeout
+        if self._head_sweep is None or self._sweep_loop is not loop:  # (a service restarted)
+            self._sweep_loop = loop
+            self._head_sweep = loop.call_later(self.limits.header_timeout, self._sweep_heads)
+
+    def head_met(self, handler: GuardedHandler) -> None:
+        """``handler`` has no head deadline any more (a whole POST head read, or closed)."""
+        self._heads_due.pop(handler, None)
+
+    def _sweep_heads(self) -> None:
+        self._head_sweep = None
+        loop = self._sweep_loop
+        if loop is None:
+            return
+        now = loop.time()
+        due = self._heads_due
+        while due:  # in the order they came: the first not due ends the sweep
+            handler = next(iter(due))
+            if due[handler] > now:
+                self._head_sweep = loop.call_later(max(due[handler] - now, HEAD_TICK),
+                                                   self._sweep_heads)
+                return
+            del due[handler]
+            handler.head_deadline()
+
     def _reusable(self) -> GuardedHandler | None:
         """The connection to close for a new one: idle longest, kept alive after an answer
         before one that has not asked yet (a new connection's request may be on its way), and
@@ -1549,6 +1590,7 @@ class ConnectionGuard:
             self._open[handler] = source
 
     def release(self, handler: GuardedHandler) -> None:
+        self._heads_due.pop(handler, None)
         source = self._open.pop(handler, None)
         if source is None:
             return
@@ -1571,7 +1613,6 @@ class GuardedHandler(_HandlerBase):
         self._guard = guard
         self._source: str | None = None
         self._fd = -1  # the connection's socket, for unread()
-        self._head_timer: asyncio.TimerHandle | None = None
         # The front door (FrontDoor): bytes read and neither answered nor handed to aiohttp
         # yet, whether an answer is being decided, whether the rest of the connection is
         # aiohttp's (after a request with a body), and whether reading was paused here.
@@ -1615,11 +1656,10 @@ class GuardedHandler(_HandlerBase):
         self._plain_tcp = sock is not None and transport.get_extra_info("sslcontext") is None
         self._sock = sock if self._plain_tcp else None  # uvloop makes a new one each time
         super().connection_made(transport)
-        self._head_timer = self._loop.call_later(self._guard.limits.header_timeout,
-                                                 self._head_deadline)
+        self._guard.await_head(self, self._loop)
 
-    def _head_deadline(self) -> None:
-        self._head_timer = None
+    def head_deadline(self) -> None:
+        """header_timeout is over (ConnectionGuard._sweep_heads)."""
         # aiohttp counts parsed request heads; none yet means a slow or silent client
         # (slowloris). Later requests are bounded by keepalive_timeout, which aiohttp
         # re-arms after each response.
@@ -1724,11 +1764,9 @@ class GuardedHandler(_HandlerBase):
         assert front is not None
         post = front.post_head(self._unread)
         if post is None:
-            if self._head_timer is not None:
-                # The head is whole: its deadline is met, as aiohttp would count it; the
-                # body's is aiohttp's once the grace is over.
-                self._head_timer.cancel()
-                self._head_timer = None
+            # The head is whole: its deadline is met, as aiohttp would count it; the body's
+            # is aiohttp's once the grace is over.
+            self._guard.head_met(self)
             if self._body_timer is None:
                 self._body_timer = self._loop.call_later(_BODY_GRACE, self._body_late)
         elif self._body_timer is not None:
@@ -1965,9 +2003,6 @@ class GuardedHandler(_HandlerBase):
             own.close()  # the last descriptor of the socket: the connection ends
         if self._source is None:
             return  # refused in connection_made: nothing of aiohttp's to tear down
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
         self._guard.release(self)
         self._source = None
         super().connection_lost(exc)

@@ -157,6 +157,43 @@ def test_the_fronts_requests(raw: bytes) -> None:
     assert isinstance(parse_head(raw), RequestHead), raw
 
 
+# The request line and the header lines are read without regular expressions (s35-door):
+# the edges where a hand-written reading could drift from the expressions it replaced.
+@pytest.mark.parametrize("raw", [
+    b"GET  /x HTTP/1.1", b"GET /x  HTTP/1.1", b"GET\t/x HTTP/1.1", b"GET /x\tHTTP/1.1",
+    b"GET /x HTTP/1.10", b"GET /x HTTP/1.1\t", b"GET /x HTTP/1.2", b"GET /x http/1.1",
+    b"GET HTTP/1.1", b"GET /HTTP/1.1", b"GET / HTTP/1.1 HTTP/1.1", b"GET /x\x00 HTTP/1.1",
+    b"GET /x\r HTTP/1.1", b"GET /x\n HTTP/1.1", b"GET /x?a\x00 HTTP/1.1",
+    b"GET /x?a\r HTTP/1.1", b"GET /\xe9 HTTP/1.1", b"GET /x?\xe9 HTTP/1.1", b"GET /% HTTP/1.1",
+    b"GET /x?a#b HTTP/1.1", b"GET /x?a\x7f HTTP/1.1", b" GET /x HTTP/1.1", b"GET /x?/. HTTP/1.1x",
+    b"GET /a?b//c HTTP/1.1x", b"get /x HTTP/1.1", b"GET /" + b"a" * 8100 + b" HTTP/1.0",
+])
+def test_a_request_line_not_the_fronts_goes_whole_to_aiohttp(raw: bytes) -> None:
+    whole = raw + b"\r\nHost: a\r\n\r\n"
+    assert parse_head(whole + b"GET /next") == NotMine(len(whole))
+    assert parse_head(whole, {}) == NotMine(len(whole))
+
+
+@pytest.mark.parametrize(("target", "path", "query"), [
+    (b"/", "/", ""), (b"/?", "/", ""), (b"/x?a//b/./c??", "/x", "a//b/./c??"),
+    (b"/x?%41%zz", "/x", "%41%zz"), (b"/" + b"a" * 8100, "/" + "a" * 8100, ""),
+])
+def test_a_request_line_that_is_the_fronts(target: bytes, path: str, query: str) -> None:
+    head = parse_head(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(head, RequestHead) and (head.path, head.query) == (path, query)
+
+
+@pytest.mark.parametrize("lines", [
+    b"Host: a\nX: b", b"Host: a\r\r\nX: b", b"Host: a\r", b"Host: a\n", b"\rHost: a",
+    b"Host: a\r\n\tfolded", b"Host: a\r\n folded", b"Host: a\x0bb", b"Host: a\x0cb",
+    b"Host: a\x1fb", b"X: \x00\r\nHost: a", b"X-\x7f: a\r\nHost: a", b"Host: a\r\n\x00",
+    b"Host: a\r\nX: b\r\x00\nY: c",
+])
+def test_a_control_character_anywhere_in_the_header_lines_is_refused(lines: bytes) -> None:
+    assert parse_head(b"GET /x HTTP/1.1\r\n" + lines + b"\r\n\r\n") == NotMine(None)
+    assert parse_head(b"GET /x HTTP/1.1\r\n" + lines + b"\r\n\r\n", {}) == NotMine(None)
+
+
 def test_connection_close_and_header_case() -> None:
     head = parse_head(b"GET /healthz HTTP/1.1\r\nHost: a\r\nCONNECTION: keep-alive, Close\r\n"
                       b"accept-encoding: gzip\r\n\r\n")

@@ -24,7 +24,13 @@ import yaml
 from netboot.config import load
 from netboot.errors import ValidationError
 from netboot.model import Arch, BootRequest, Firmware, MacAddress, Machine, MachineState
-from netboot.servers.http import AccessLogger, RequestIds, ipxe_request, uri_query
+from netboot.servers.http import (
+    HEAD_TICK,
+    AccessLogger,
+    RequestIds,
+    ipxe_request,
+    uri_query,
+)
 from netboot.service import Service, build
 from tests.conftest import (
     BASE,
@@ -1029,6 +1035,37 @@ async def test_silent_and_slow_clients_are_closed(tmp_path: Path) -> None:
                   b"Content-Type: application/json\r\n\r\n{\"mac\":")
         assert reply.startswith(b"HTTP/1.1 408 "), reply
         assert service.http_guard is not None and service.http_guard.timed_out == 2
+
+
+async def test_head_deadlines_are_one_sweep_not_a_timer_a_connection(tmp_path: Path) -> None:
+    """Connections awaiting their first head add no timer each (ConnectionGuard's sweep,
+    s35-door): 20 silent connections are all closed after header_timeout, within the
+    sweep's tick, while at most one timer of the guard's was scheduled for them."""
+    async with wired(tmp_path, "  header_timeout: 1\n") as service:
+        loop = asyncio.get_running_loop()
+
+        def timers() -> int:  # asyncio's loop's timer heap, but aiohttp's keep-alive timers
+            return sum(getattr(h._callback, "__name__", "") != "_process_keepalive"
+                       for h in getattr(loop, "_scheduled", ()))
+
+        before = timers()
+        opened = [await asyncio.open_connection("127.0.0.1", service.http_port)
+                  for _ in range(20)]
+        await asyncio.sleep(0.2)  # every connection_made has run
+        assert timers() - before <= 1, timers() - before
+        start = loop.time()
+        for reader, writer in opened:
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            writer.close()
+        assert loop.time() - start < 1 + HEAD_TICK + 1  # the deadline, the tick, slack
+        assert service.http_guard is not None and service.http_guard.timed_out == 20
+        # One that asked before its deadline is left open by the sweep.
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        await asyncio.sleep(1 + HEAD_TICK + 0.5)
+        assert not writer.is_closing() and service.http_guard.timed_out == 20
+        writer.close()
 
 
 async def test_server_header_names_no_versions(env: Env) -> None:
