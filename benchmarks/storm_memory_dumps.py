@@ -27,8 +27,12 @@ HOOK = Path(__file__).resolve().parent / "memdump"
 
 def main() -> None:
     args = sys.argv[1:]
-    if "--dumps" not in args:
-        raise SystemExit("usage: storm_memory_dumps.py --dumps DIR [storm_memory.py options]")
+    usage = "usage: storm_memory_dumps.py --dumps DIR [storm_memory.py options]"
+    if "-h" in args or "--help" in args:  # every benchmark answers --help (tests/test_benchmarks)
+        print(f"{usage}\n\n{__doc__}")
+        return
+    if "--dumps" not in args or args.index("--dumps") + 1 >= len(args):
+        raise SystemExit(usage)
     at = args.index("--dumps")
     out = Path(args[at + 1]).resolve()
     del args[at:at + 2]
