@@ -130,17 +130,20 @@ def enrolled_mac(mac: MacAddress, field: str) -> MacAddress:
     (multicast, broadcast) address, its first byte odd (IEEE 802 I/G bit), or all zeros. A
     machine enrolled by one never matched a boot, and nothing said why (often a typo in the
     first byte)."""
-    if mac[0] & 1:
-        kind = "the broadcast" if mac == _BROADCAST else "a multicast"
+    # Compared as plain bytes: compiled by mypyc, ``mac == MacAddress(...)`` of two
+    # MacAddress (a bytes subclass) was false for equal addresses (the session's CI).
+    raw = bytes(mac)
+    if raw[0] & 1:
+        kind = "the broadcast" if raw == _BROADCAST else "a multicast"
         raise ValidationError(field, f"{mac} is {kind} address, never a NIC's (its first "
                                      "byte is odd); check the MAC on the device's label")
-    if mac == _ZERO_MAC:
+    if raw == _ZERO_MAC:
         raise ValidationError(field, f"{mac} is the all-zero address, never a NIC's")
     return mac
 
 
-_BROADCAST = MacAddress(b"\xff" * 6)
-_ZERO_MAC = MacAddress(bytes(6))
+_BROADCAST = b"\xff" * 6
+_ZERO_MAC = bytes(6)
 
 
 def claims(machine: Machine) -> list[tuple[str, str]]:
