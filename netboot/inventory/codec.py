@@ -806,7 +806,8 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
         values.append(e._value_)
     # The optional strings in machine_document's order (json_set appends a key the document
     # lacks: any order reads back alike). A string is compared by value only when both are
-    # str: any other type is refused when set.
+    # str: any other type is refused when set. Written out five times on purpose: a loop
+    # over (name, value) pairs cost 50,947 instructions a call against 35,402 (s35-writer).
     if (a := n.hostname) is not (b := o.hostname) and (type(a) is not str or a != b):
         if a is None:
             gone.append("hostname")
