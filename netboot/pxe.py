@@ -686,13 +686,15 @@ def reply_destination(
     :4011 answers go back to the requester's address and port (EDK2 sends from 4011). Relayed
     requests are answered to giaddr:67. A NAK, or a client without an address, gets a
     broadcast: unicast to yiaddr would need the ARP-cache injection dnsmasq does. A client that
-    has an address (ciaddr, e.g. renewing or INFORM) gets unicast.
+    has an address (ciaddr, e.g. renewing or INFORM) gets unicast. An OFFER answers a
+    DISCOVER, whose ciaddr is 0 (RFC 2131 table 5): broadcast whatever it says, or any host
+    aimed OFFERs at any address by writing it there (s36-udp).
     """
     if pxe_port:
         return peer
     if request.giaddr != ZERO_IP:
         return (request.giaddr, relay_port)
-    if reply.message_type == MessageType.NAK:
+    if reply.message_type in (MessageType.NAK, MessageType.OFFER):
         return (broadcast, client_port)
     if request.ciaddr != ZERO_IP:
         return (request.ciaddr, client_port)

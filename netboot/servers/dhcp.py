@@ -650,6 +650,15 @@ class DhcpServer:
             return []
         if mt not in (MessageType.DISCOVER, MessageType.REQUEST, MessageType.INFORM):
             return []
+        if (mt != MessageType.DISCOVER and packet.ciaddr != ZERO_IP
+                and not pool.on_network(packet.ciaddr)):
+            # The ACK would be unicast there (RFC 2131 §4.1): a client's own address is on
+            # the network served (§4.3.5: an INFORM's is checked "for consistency"); another
+            # is a host aiming the reply at someone else (s36-udp). (An OFFER is broadcast:
+            # pxe.reply_destination.)
+            _log.debug("dhcp: %s xid %#010x: ciaddr %s, not our network", mac, xid,
+                       packet.ciaddr)
+            return []
 
         stage_task = self._decide(client, xid) if client.pxe else _none()
         fixed, stage = await asyncio.gather(self._fixed(mac, xid), stage_task)

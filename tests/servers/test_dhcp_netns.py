@@ -306,3 +306,78 @@ def test_a_decline_from_a_client_not_given_that_address_is_dropped(link: Link) -
     assert dhcp.parse(again[1]).yiaddr == "192.0.2.102", log
     assert log.count("DECLINE of 192.0.2.100 dropped") == 1, log
     assert "declined 192.0.2.101" in log and "Traceback" not in log, log
+
+
+# An attacker's socket on port 68 of the link, and a victim's on 198.51.100.7:68 (an address
+# of the client namespace off the link's network, routed to it from the server's): each
+# datagram broadcast in turn, then what reached each socket within `wait` seconds, by xid.
+REFLECT_SCRIPT = _CLIENT_SOCKET + r"""victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+victim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+victim.bind(("198.51.100.7", 68))
+for step in sys.argv[2:]:
+    data = bytes.fromhex(step)
+    sock.sendto(data, ("255.255.255.255", 67))
+    got = {"link": 0, "victim": 0}
+    ready, _, _ = select.select([sock, victim], [], [], 1.0)
+    while ready:
+        for s in ready:
+            reply, _ = s.recvfrom(4096)
+            if reply[4:8] == data[4:8] and reply[0] == 2:
+                got["victim" if s is victim else "link"] += 1
+        ready, _, _ = select.select([sock, victim], [], [], 0.3)
+    print(got["link"], got["victim"], flush=True)
+"""
+
+
+def _reflected(link: Link, datagrams: list[bytes]) -> list[tuple[int, int]]:
+    """How many replies to each datagram reached the link's broadcast and the victim."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", link.client_ns, sys.executable, "-c", REFLECT_SCRIPT,
+         link.client_if, *(d.hex() for d in datagrams)],
+        capture_output=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    lines = result.stdout.decode().splitlines()
+    return [(int(a), int(b)) for a, b in (line.split() for line in lines)]
+
+
+def _with_ciaddr(data: bytes, ciaddr: str) -> bytes:
+    out = bytearray(data)
+    out[12:16] = bytes(int(part) for part in ciaddr.split("."))
+    return bytes(out)
+
+
+_PXE = {"VENDOR_CLASS": b"PXEClient:Arch:00000:UNDI:002001", "CLIENT_ARCH": b"\x00\x00",
+        "CLIENT_NDI": b"\x01\x02\x01"}
+
+
+@pytest.mark.parametrize("mode", ["authoritative", "proxy"])
+def test_a_ciaddr_off_the_link_does_not_aim_a_reply_at_another_host(link: Link,
+                                                                    mode: str) -> None:
+    """A host on the link sends a DISCOVER or an INFORM naming another host's address in
+    ciaddr (198.51.100.7, off the link's network, routed from the server): the reply went
+    there (RFC 2131 §4.1 unicasts to ciaddr), a reflector whose target is a field of the
+    datagram, so source-address filtering does not stop it. A DISCOVER has ciaddr 0 (RFC 2131
+    table 5): answered by broadcast whatever it says; an INFORM's ciaddr is checked against
+    the network served (§4.3.5 "SHOULD check ... for consistency"), as dnsmasq answers only
+    an address range it serves."""
+    ip("-n", link.client_ns, "addr", "add", "192.0.2.50/24", "dev", link.client_if)
+    ip("-n", link.client_ns, "addr", "add", "198.51.100.7/32", "dev", "lo")
+    ip("-n", link.server_ns, "route", "add", "198.51.100.0/24", "via", "192.0.2.50")
+    server = Server(link, mode)
+    mac = bytes.fromhex("5254000000c7")
+    pxe = _PXE if mode == "proxy" else {}
+    datagrams = [
+        _with_ciaddr(_client(MessageType.DISCOVER, mac, 0x5EED0201, **pxe), "198.51.100.7"),
+        # An INFORM from an address of the served network is answered to it, unicast.
+        _with_ciaddr(_client(MessageType.INFORM, mac, 0x5EED0202), "198.51.100.7"),
+    ]
+    try:
+        got = _reflected(link, datagrams)
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+    # The DISCOVER: its answer on the link by broadcast, none to the victim.
+    assert got[0] == (1, 0), (got, log)
+    # The INFORM: nothing anywhere (a proxy answers no INFORM on :67 either).
+    assert got[1] == (0, 0), (got, log)
