@@ -171,10 +171,14 @@ class DiscoveryConfig:
     rules: tuple[Group, ...] = ()  # for policy "auto": selectors → cluster/role/profile
     # Bounds on the records unknown devices cause (netboot.discovery): the oldest discovered
     # record is evicted beyond max_discovered; each source (relay, address, interface) adds at
-    # most burst_per_source at once and rate_per_source a second after that.
+    # most burst_per_source at once and rate_per_source a second after that; all sources
+    # together at most burst_all_sources at once and rate_all_sources a second (a host that
+    # takes many addresses of the VLAN is many sources).
     max_discovered: int = 10_000
     rate_per_source: int = 2
     burst_per_source: int = 20
+    rate_all_sources: int = 20
+    burst_all_sources: int = 200
     # Names of the rules with ``trust_firmware_strings: true`` (written in the rule, not here):
     # only they install a machine they match; the others hold it for approval.
     trusted_rules: tuple[str, ...] = ()
@@ -767,6 +771,9 @@ def _check_limits(cfg: Config, src: _Source) -> None:
         ("discovery.max_discovered", cfg.discovery.max_discovered, "e.g. 10000"),
         ("discovery.burst_per_source", cfg.discovery.burst_per_source, "e.g. 20"),
         ("discovery.rate_per_source", cfg.discovery.rate_per_source, "records a second, e.g. 2"),
+        ("discovery.burst_all_sources", cfg.discovery.burst_all_sources, "e.g. 200"),
+        ("discovery.rate_all_sources", cfg.discovery.rate_all_sources,
+         "records a second, e.g. 20"),
         ("enroll.report_burst", cfg.enroll.report_burst, "e.g. 60"),
         ("enroll.report_rate", cfg.enroll.report_rate, "reports a second, e.g. 1"),
     ):

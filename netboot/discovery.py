@@ -7,6 +7,8 @@ without limit, and the writes crowded out the answers real devices were waiting 
 * each source (the address a request came from, a DHCP relay's own for a relayed one, else
   the interface a broadcast came in on) gets a token bucket of new records; an empty bucket
   means the request is still answered, but nothing is recorded for it;
+* all sources together get one bucket too: a host that takes many addresses of the VLAN had
+  a budget per address (a /24's 254 addresses: 5,080 records at once, then 508 a second);
 * the number of discovered records is capped: the oldest is evicted (deleted with its events)
   to make room for a new one, and evictions are counted.
 
@@ -35,6 +37,10 @@ class DiscoveryLimits:
     rate_per_source: float = 2.0  # new records a second, per source, once the burst is spent
     burst_per_source: int = 20  # new records a source may add at once
     max_sources: int = 4096  # buckets kept; the least recently used is forgotten
+    # All sources together: ten sources' worth (the broadcasts of a few interfaces and a
+    # few relays each spending their own at once); a site with more relays raises it.
+    rate_all_sources: float = 20.0
+    burst_all_sources: int = 200
 
 
 def peer_key(peer: str) -> str:
@@ -133,6 +139,7 @@ class DiscoveryGuard:
         self.limits = limits
         self._buckets = TokenBuckets(limits.rate_per_source, limits.burst_per_source,
                                      limits.max_sources)
+        self._all = TokenBuckets(limits.rate_all_sources, limits.burst_all_sources, 1)
         self._log = logger or logging.getLogger(__name__)
         # Discovered machine ids, oldest first; read from the store on first use, then kept
         # as records are added. An id that has left ``discovered`` since (approved, merged,
@@ -148,7 +155,10 @@ class DiscoveryGuard:
         (a flood of unknown MACs costs no task per packet); the record then calls
         :meth:`reserve` with ``admitted=True``."""
         source = source_of(request)
-        if self._buckets.take(source, now):
+        # The bucket for all spent only by a record admitted: a source over its own budget
+        # does not take the others' share (access.RefusalBudget likewise).
+        if self._all.would_take("", now) and self._buckets.take(source, now):
+            self._all.take("", now)
             return True
         self.refused += 1
         if self._log.isEnabledFor(logging.DEBUG):  # a flood refuses thousands a second
@@ -161,7 +171,7 @@ class DiscoveryGuard:
         spending nothing, where it would admit. For the DHCP answer cache: a repeat of an
         unknown device answered without the decision refuses as the decision would, and one
         its source's budget would admit again is decided (and recorded) in full."""
-        if self._buckets.would_take(source_of(request), now):
+        if self._buckets.would_take(source_of(request), now) and self._all.would_take("", now):
             return False
         return not self.admit(request, now)
 

@@ -319,7 +319,9 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
                        discovery=DiscoveryLimits(
                            max_discovered=config.discovery.max_discovered,
                            rate_per_source=config.discovery.rate_per_source,
-                           burst_per_source=config.discovery.burst_per_source))
+                           burst_per_source=config.discovery.burst_per_source,
+                           rate_all_sources=config.discovery.rate_all_sources,
+                           burst_all_sources=config.discovery.burst_all_sources))
     enroller.find_mac = boot.machine_by_mac  # registrations from the synced view
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
                       base_url, enroller, trust=trust)

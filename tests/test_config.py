@@ -78,6 +78,8 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
          "http.max_connections_per_source", 3, "raise http.max_connections"),
         ("tftp:\n  max_per_client: 0\n", "tftp.max_per_client", 2, ">= 1"),
         ("enroll:\n  report_burst: 0\n", "enroll.report_burst", 2, ">= 1"),
+        ("discovery:\n  burst_all_sources: 0\n", "discovery.burst_all_sources", 2, ">= 1"),
+        ("discovery:\n  rate_all_sources: 0\n", "discovery.rate_all_sources", 2, ">= 1"),
         ("enroll:\n  report_rate: 0\n", "enroll.report_rate", 2, ">= 1"),
         ("tftp:\n  ack_spin_us: -1\n", "tftp.ack_spin_us", 2, "0 turns"),
         ("tftp:\n  ack_spin_us: 5000\n", "tftp.ack_spin_us", 2, "0 turns"),

@@ -56,6 +56,21 @@ async def test_the_tftp_ack_wait_is_the_configured_one(tmp_path: Path, line: str
         await service.close()
 
 
+@pytest.mark.parametrize(("line", "burst", "rate"), [
+    ("", 200, 20.0), ("  burst_all_sources: 500\n  rate_all_sources: 50\n", 500, 50.0)])
+async def test_the_discovery_budget_for_all_sources_is_the_configured_one(
+        tmp_path: Path, line: str, burst: int, rate: float) -> None:
+    """discovery.burst_all_sources and rate_all_sources reach the boot path's guard."""
+    path = write_config(tmp_path, "")
+    path.write_text(path.read_text() + "discovery:\n" + (line or "  policy: ignore\n"))
+    service = await build(load(path, env={}))
+    try:
+        limits = service.boot.discovery.limits
+        assert (limits.burst_all_sources, limits.rate_all_sources) == (burst, rate)
+    finally:
+        await service.close()
+
+
 async def test_a_quiet_service_forgets_what_a_storm_left_per_machine(tmp_path: Path) -> None:
     """Service.forget_idle (``serve`` calls it once quiet after a busy stretch, before the
     heap is trimmed): the NICs' DHCP memos, the report budgets full again and the TFTP

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sqlite3
 import threading
 import time
@@ -680,3 +681,44 @@ async def test_a_start_up_storm_over_the_decisions_in_flight_is_answered_at_once
             await loading
             await server.close()
             client.close()
+
+
+async def test_unknown_devices_from_many_source_addresses_share_one_budget_for_all(
+        tmp_path: Path) -> None:
+    """DISCOVERs of new MACs over real UDP from 60 loopback addresses (a host that takes many
+    addresses of the VLAN), two each: each address had a budget of its own, so 60 addresses
+    wrote 120 records at once (and on a /24, 254 x 20, then 508 a second, evicting every
+    discovered record the operator had not yet approved in ~20 s). All sources together now
+    add at most ``burst_all_sources`` at once, a source over its own budget spending none of
+    it; the rest are answered and not recorded."""
+    async with started(tmp_path, discovery=DiscoveryLimits(
+            burst_per_source=2, rate_per_source=0.001,
+            burst_all_sources=20, rate_all_sources=0.001)) as env:
+        server = DhcpServer(DhcpSettings(), env.boot, env.store, interfaces=None,
+                            advertise=SERVER_IP, host="127.0.0.1", port=0, pxe_port=0,
+                            broadcast_address="127.0.0.1", client_port=9, probe=False)
+        await server.start()
+        socks = []
+        try:
+            port, _ = server.ports
+            for i in range(60):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind((f"127.0.3.{i + 1}", 0))
+                for j in range(2):
+                    mac = MacAddress(bytes((0x02, 0, 0, 3, i, j)))
+                    sock.sendto(discover(mac, i * 2 + j + 1), ("127.0.0.1", port))
+            deadline = time.monotonic() + 20
+            recorded = 0
+            while time.monotonic() < deadline:  # bounded: every datagram decided, or 20 s
+                await asyncio.sleep(0.1)
+                await env.settle()
+                recorded = await env.store.count_machines()
+                if recorded + env.boot.discovery.refused >= 120:
+                    break
+        finally:
+            for sock in socks:
+                sock.close()
+            await server.close()
+        assert recorded == 20, (recorded, env.boot.discovery.refused)
+        assert env.boot.discovery.refused == 100
