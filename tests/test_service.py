@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -506,6 +507,81 @@ async def test_dns_answers_from_the_inventory(tmp_path: Path) -> None:
         assert [rr.to_text() for rrset in answer.answer for rr in rrset] == ["192.0.2.101"]
         answer = await ask("nope.netboot.lan")
         assert answer.rcode() == dns.rcode.NXDOMAIN
+    finally:
+        await service.close()
+
+
+async def test_what_a_host_on_the_vlan_sends_names_nothing_in_dns(tmp_path: Path) -> None:
+    """The outcome an attacker on the provisioning VLAN wants from DNS: the cluster endpoint
+    (the k3s agents' server URL) or another machine's name answering with its own address.
+    A host sends DHCP hostnames (option 12) of the cluster, of a machine, of the server's
+    own name (by case, with a trailing dot, as an FQDN), from unknown MACs and from the
+    enrolled server's own MAC; and an auto-enrollment rule that names machines by a firmware
+    string of theirs ({product}, the device's choice) names one like the cluster and one
+    like the machine, which then register from the attacker's address. A resolver still gets
+    the server's address for both names, and the server's for its own (held up, s36-udp:
+    names come from the operator or the template only, a hostname is unique without case,
+    and the server's name and the clusters' are claimed before any machine's)."""
+    import dns.asyncquery
+    import dns.message
+
+    from netboot.model import (
+        Arch,
+        BootRequest,
+        Cluster,
+        Firmware,
+        MacAddress,
+        Machine,
+        MachineState,
+        Role,
+    )
+
+    path = write_config(tmp_path, "dns:\n  enabled: true\n  listen: 127.0.0.1\n  port: 0\n"
+                                  "  zone: netboot.lan\n  forward: false\n"
+                                  "discovery:\n  policy: auto\n  rules:\n"
+                                  "    - {selector: {product: [edge, edge-1, netboot]}, "
+                                  "cluster: other, role: server, hostname_template: "
+                                  "'{product}', trust_firmware_strings: true}\n")
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        store = service.store
+        await store.put_cluster(Cluster(name="edge", token="t"))
+        await store.put_cluster(Cluster(name="other", token="t"))
+        server_mac = MacAddress.parse("52:54:00:00:00:11")
+        await store.create_machine(Machine(macs=(server_mac,), hostname="edge-1",
+                                           cluster="edge", role=Role.SERVER,
+                                           state=MachineState.REGISTERED, ipv4="192.0.2.101"))
+        names = ("edge", "EDGE", "edge.", "edge-1", "Edge-1.", "edge.netboot.lan",
+                 "edge-1.netboot.lan.", "netboot")
+        for n, name in enumerate(names):
+            for mac in (MacAddress(bytes((2, 0, 0, 0, 9, n))), server_mac):
+                await service.boot.first_stage(BootRequest(
+                    mac=mac, hostname=name, firmware=Firmware.BIOS, arch=Arch.X86, via="dhcp",
+                    remote_addr="192.0.2.66"))
+        for n, product in enumerate(("edge", "edge-1", "netboot")):
+            await service.boot.plan(BootRequest(  # iPXE's request: where rules enroll
+                mac=MacAddress(bytes((2, 0, 0, 0, 8, n))), product=product,
+                firmware=Firmware.IPXE, arch=Arch.X86, via="http", remote_addr="192.0.2.66"))
+        await service.boot.drain()
+        # The auto-enrolled ones register from the attacker's address (their own token).
+        named = [m for m in await store.list_machines() if m.hostname and m.macs[0] != server_mac]
+        assert sorted(m.hostname or "" for m in named) == ["edge", "edge-1-2", "netboot"]
+        for machine in named:
+            await store.update_machine(replace(machine, state=MachineState.REGISTERED,
+                                               ipv4="192.0.2.66"))
+        server = await store.machine_by("mac", str(server_mac))
+        assert server is not None and server.hostname == "edge-1"
+        await service.refresh_zone()
+
+        async def ask(name: str) -> list[str]:
+            q = dns.message.make_query(name, "A")
+            answer = await dns.asyncquery.udp(q, "127.0.0.1", port=service.dns_port, timeout=5)
+            return [rr.to_text() for rrset in answer.answer for rr in rrset]
+
+        for name in ("edge.netboot.lan", "EDGE.netboot.lan.", "edge-1.netboot.lan"):
+            assert await ask(name) == ["192.0.2.101"], name
+        assert await ask("netboot.netboot.lan") == ["192.0.2.10"]
     finally:
         await service.close()
 
