@@ -27,8 +27,10 @@ Quirks handled here, with where they come from (``protocols.md`` §3.7, §6):
 * An ERROR from the client right after the OACK (or DATA 1) is the usual size/existence probe
   of PXE ROMs and EDK2, not a failure.
 * Until the client acknowledges anything, the first OACK/DATA is resent only
-  ``Policy.first_retries`` times without backoff (~3 s): a client that never answered is gone
-  or spoofed, and the full backoff would let a few RRQs a second hold every slot.
+  ``Policy.first_retries`` times without backoff (~3 s), at most
+  ``Policy.max_first_interval`` apart whatever ``timeout`` it asked: a client that never
+  answered is gone or spoofed, and the full backoff (or a 255 s timeout) would let a few
+  RRQs a second hold every slot.
 * Once it has answered, the retransmission timer follows the measured round trip (RFC 6298:
   SRTT + 4 RTTVAR, at least ``Policy.min_rto``, at most the base interval), sampled only from
   windows sent once (Karn's rule). A lost block in lock-step (U-Boot's and PXE ROMs'
@@ -372,6 +374,11 @@ class Policy:
     # and then never answered is gone or was never there (a spoofed RRQ); the full backoff
     # would hold its slot for ~45 s, and a few RRQs per second would hold every slot.
     first_retries: int = 2
+    # ... and at most this long apart, whatever ``timeout`` the RRQ named (RFC 2349 allows
+    # 255 s): a forged RRQ asking 255 held its slot 255 s instead of ~3 s, so 16 datagrams a
+    # second held all 4,096 (s36-udp). 5 s is U-Boot's own timeout option, kept as asked;
+    # the OACK sent again sooner than a client's timeout is a duplicate it answers with ACK 0.
+    max_first_interval: float = 5.0
     stall: float = 120.0  # no progress for this long: give up (dnsmasq TFTP_TRANSFER_TIME)
     # The floor of the round-trip-derived timer; None keeps the fixed ``retransmit`` timer.
     # A few ms: a LAN round trip is well under one, and a spurious resend costs one block
@@ -387,6 +394,8 @@ class Policy:
                 or self.first_retries < 0):
             raise ValueError("retransmit must be > 0, backoff >= 1, max_retries and "
                              "first_retries >= 0")
+        if self.max_first_interval <= 0:
+            raise ValueError("max_first_interval must be > 0")
         if self.min_rto is not None and not 0 < self.min_rto <= self.retransmit:
             raise ValueError("min_rto must be > 0 and at most retransmit")
 
@@ -571,8 +580,8 @@ class Sender:
     :class:`Packets` at the negotiated blksize (then a window is slices of it)."""
 
     __slots__ = (
-        "_acks", "_ahead", "_base", "_clean", "_doubt", "_doubt_rtt", "_expect", "_floor",
-        "_frame",
+        "_acks", "_ahead", "_base", "_clean", "_doubt", "_doubt_rtt", "_expect", "_first",
+        "_floor", "_frame",
         "_frames", "_fresh", "_heads", "_interval", "_lockstep", "_packets", "_policy",
         "_progress",
         "_read_into", "_rttvar", "_sent_at", "_slots", "_source", "_top",
@@ -631,6 +640,8 @@ class Sender:
         self._base = (
             float(negotiated.timeout) if negotiated.timeout is not None else policy.retransmit
         )
+        # Until the client answers: the base, at most max_first_interval (see Policy).
+        self._first = min(self._base, policy.max_first_interval)
         self.deadline: float | None = None  # when ``timeout`` is due; None once done
         # The least an RTO may be. Without the round-trip timer (min_rto None) it is the base
         # interval: every RTO is then the base, the fixed timer, with no None to test per ACK.
@@ -969,7 +980,7 @@ class Sender:
         packets = self._packets
         if packets is not None:  # the hot path: slices of the prebuilt datagrams
             self._sent_window(last, now)
-            deadline = self.deadline = now + (self._interval if self.answered else self._base)
+            deadline = self.deadline = now + (self._interval if self.answered else self._first)
             return Step(packets.window(first, last), deadline)
         assert self._source is not None
         bs = self.blksize
@@ -1068,8 +1079,9 @@ class Sender:
         )
 
     def _arm(self, now: float, packets: tuple[Datagram, ...]) -> Step:
-        # Before the first ACK: the base interval, no backoff (see first_retries).
-        self.deadline = now + (self._interval if self.answered else self._base)
+        # Before the first ACK: the base interval (at most max_first_interval), no backoff
+        # (see first_retries).
+        self.deadline = now + (self._interval if self.answered else self._first)
         return Step(packets, self.deadline)
 
     def _wait(self) -> Step:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import inspect
@@ -1024,6 +1025,30 @@ async def test_a_flood_of_unanswered_requests_cannot_hold_the_slots(
         await server.close()
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert len(caplog.records) < 100, len(caplog.records)
+
+
+async def test_requests_asking_a_long_timeout_and_never_answering_give_their_slots_back(
+        files: DirFiles) -> None:
+    """RRQs over real UDP asking ``timeout`` 255 whose senders never answer the OACK (forged,
+    or a host holding slots): each held its slot for 255 s, so ~16 datagrams a second held
+    every one of ``max_transfers``. Given back after first_retries at max_first_interval
+    (here 0.3 s: ~1 s), and the OACK each got still echoed 255."""
+    server = await started(files, max_transfers=64, max_per_client=64, retransmit=0.2)
+    server.policy = dataclasses.replace(server.policy, max_first_interval=0.3)
+    holders = [RawClient(f"127.0.0.{n % 4 + 2}") for n in range(64)]
+    try:
+        for holder in holders:
+            holder.send(ReadRequest("small.bin", "octet", (("timeout", "255"),)), addr(server))
+        await until(lambda: server.transfers == 64, timeout=10)
+        pkt, _ = await holders[0].recv()
+        assert isinstance(pkt, OptionAck) and pkt.options == (("timeout", "255"),)
+        started_at = time.monotonic()
+        await until(lambda: server.transfers == 0, timeout=20)
+        assert time.monotonic() - started_at < 10
+    finally:
+        for holder in holders:
+            holder.close()
+        await server.close()
 
 
 async def test_a_file_name_too_long_for_the_os_is_not_found(

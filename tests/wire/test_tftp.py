@@ -411,6 +411,38 @@ def test_a_client_that_never_answers_is_given_up_quickly(
     assert step.outcome is Outcome.TIMED_OUT and "never answered" in step.reason
 
 
+@pytest.mark.parametrize(("timeout", "deadlines"), [
+    ("255", [5.0, 10.0, 15.0]), ("5", [5.0, 10.0, 15.0]), ("2", [2.0, 4.0, 6.0])])
+def test_a_clients_long_timeout_does_not_hold_its_slot_before_it_answers(
+        timeout: str, deadlines: list[float]) -> None:
+    """An RRQ asking ``timeout`` 255 (RFC 2349's most) and never answering: its OACK was
+    resent every 255 s, so the slot was held 255 s (the stall ends it at the first timer),
+    not the ~3 s first_retries mean; 16 forged RRQs a second held all 4,096. Until the client
+    answers, resends are at most max_first_interval (5 s) apart; the OACK still echoes 255,
+    and a client's timeout up to 5 s (U-Boot's) is kept as it asked. Once it answered, its
+    timeout is the ceiling of the timer again."""
+    policy = Policy(retransmit=1.0, max_retries=6, first_retries=2)
+    negotiated = negotiate((("timeout", timeout),), 5000, policy)
+    assert negotiated.oack == (("timeout", timeout),)
+    s = Sender(negotiated, 5000, MemorySource(b"x" * 5000), policy)
+    step = s.start(0.0)
+    seen = [step.deadline]
+    for _ in range(2):
+        assert step.deadline is not None
+        step = s.timeout(step.deadline)
+        seen.append(step.deadline)
+    assert seen == deadlines
+    assert step.deadline is not None
+    step = s.timeout(step.deadline)
+    assert step.outcome is Outcome.TIMED_OUT and "never answered" in step.reason
+    # Answered: the client's own timeout bounds the timer (the fixed timer: its value).
+    fixed = Policy(retransmit=1.0, min_rto=None)
+    s = Sender(negotiate((("timeout", "255"),), 5000, fixed), 5000,
+               MemorySource(b"x" * 5000), fixed)
+    assert s.start(0.0).deadline == 5.0
+    assert s.ack(0, 1.0).deadline == 256.0
+
+
 def test_stale_timer_is_ignored() -> None:
     s, _ = sender(5000)
     s.start(0.0)
