@@ -171,7 +171,7 @@ IPXE_FEATURE_HTTP = 0x13
 # ~0.1-0.3 µs, and the DHCP path read a dozen per datagram.
 _VENDOR_SPECIFIC, _HOSTNAME, _VENDOR_CLASS, _CLIENT_UUID = 43, 12, 60, 97
 _CLIENT_ARCH, _USER_CLASS, _ETHERBOOT, _PARAMETER_REQUEST_LIST = 93, 77, 175, 55
-_TFTP_SERVER_NAME, _BOOTFILE_NAME = 66, 67
+_TFTP_SERVER_NAME, _BOOTFILE_NAME, _RELAY_AGENT_INFO = 66, 67, 82
 _DISCOVER = MessageType.DISCOVER
 
 
@@ -480,6 +480,7 @@ def proxy_reply(
     if opt43 is not None:
         options.append(Option(Opt.VENDOR_SPECIFIC, opt43))
     options.extend(_boot_name_options(client, name, server_ip, always_67=False))
+    options.extend(_agent_information(request))
     # dnsmasq forces the broadcast flag on a DISCOVER answer (the client has no address);
     # on :4011 the request came from an address and the answer goes back to it.
     flags = request.flags | BROADCAST_FLAG if not pxe_port else request.flags
@@ -516,6 +517,11 @@ class ProxyReplies:
                pxe_port: bool) -> tuple[bytes, Packet]:
         """The reply's bytes (padded to MIN_PACKET_SIZE) and a Packet that tells its message
         type and file (its other fields may be another device's). Raises Unanswerable."""
+        if request.giaddr != ZERO_IP and request.option(_RELAY_AGENT_INFO) is not None:
+            # Echoed per request (RFC 3046 §2.2): relayed ones only, never a template.
+            reply = proxy_reply(request, client, stage, server_ip=server_ip,
+                                settings=self._settings, pxe_port=pxe_port)
+            return encode(reply, pad_to=MIN_PACKET_SIZE), reply
         uuid = request.option(_CLIENT_UUID)
         requested = client.requested
         boot = client.request
@@ -564,6 +570,17 @@ def _template(data: bytes, reply: Packet, chaddr_size: int) -> _Template | None:
             uuid_at = at + 2
         at += 2 + len(option.data)
     return _Template(data, reply, uuid_at)
+
+
+def _agent_information(request: Inbound) -> list[Option]:
+    """RFC 3046 §2.2: a relayed request's Relay Agent Information (82), echoed verbatim as
+    the reply's last option: the relay (a switch snooping DHCP) may drop a reply without it
+    and reads from it which port the client is on. Relayed requests only (giaddr set): the
+    reply goes to the relay, which strips it; from anyone else it is not asked for."""
+    if request.giaddr == ZERO_IP:
+        return []
+    info = request.option(_RELAY_AGENT_INFO)
+    return [] if info is None else [Option(Opt.RELAY_AGENT_INFO, info)]
 
 
 def _boot_name_options(
@@ -626,6 +643,7 @@ def authoritative_reply(
         # RFC 2131 table 3: a NAK carries only 53, 54, 56 (and client id); yiaddr 0.
         if grant.message:
             options.append(Option(Opt.MESSAGE, grant.message.encode()))
+        options.extend(_agent_information(request))
         return Packet(
             op=Op.REPLY, htype=request.htype, hlen=request.hlen, xid=request.xid,
             flags=request.flags, giaddr=request.giaddr, chaddr=request.chaddr,
@@ -661,6 +679,7 @@ def authoritative_reply(
         if uuid_raw is not None and client.pxe:
             options.append(Option(Opt.CLIENT_UUID, uuid_raw))
         options.extend(_boot_name_options(client, name, server_ip, always_67=True))
+    options.extend(_agent_information(request))
     flags = request.flags
     return Packet(
         op=Op.REPLY, htype=request.htype, hlen=request.hlen, hops=0, xid=request.xid,

@@ -93,6 +93,7 @@ class Opt(enum.IntEnum):
     TFTP_SERVER_NAME = 66
     BOOTFILE_NAME = 67
     USER_CLASS = 77
+    RELAY_AGENT_INFO = 82  # RFC 3046
     CLIENT_ARCH = 93
     CLIENT_NDI = 94
     CLIENT_UUID = 97

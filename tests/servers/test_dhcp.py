@@ -229,3 +229,60 @@ async def test_a_request_dropped_unawaited_closes_what_it_waited_for() -> None:
         _InContext(dropped, {"xid": "0x1"}).close()
     assert inspect.getcoroutinestate(dropped) == inspect.CORO_CLOSED
     assert await _InContext(pending(), {"xid": "0x2"}) == []
+
+
+AGENT_INFO = bytes((1, 6)) + b"Gi0/12" + bytes((2, 6)) + bytes.fromhex("0050569a0b0c")
+
+
+def _relayed(mtype: MessageType, *, giaddr: str, xid: int, **options: bytes) -> bytes:
+    """A PXE request as a relay forwards it: giaddr, hops 1 and option 82 (RFC 3046) last."""
+    opts = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,))),
+            dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
+            dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
+            dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 43, 60, 66, 67)))]
+    opts += [dhcp.Option(Opt[name], value) for name, value in options.items()]
+    opts.append(dhcp.Option(82, AGENT_INFO))
+    return dhcp.encode(dhcp.Packet(op=dhcp.Op.REQUEST, xid=xid, hops=1, giaddr=giaddr,
+                                   chaddr=bytes.fromhex("525400000082"),
+                                   options=tuple(opts)), pad_to=300)
+
+
+@pytest.mark.parametrize("mode", ["proxy", "authoritative"])
+async def test_a_relayed_requests_agent_information_is_echoed_last(mode: str) -> None:
+    """RFC 3046 §2.2: a server echoes the Relay Agent Information option (82) of a relayed
+    request verbatim, as the last option of its reply; a relay that inserted it (a switch's
+    DHCP snooping, the defence against pool exhaustion) may drop a reply without it, and
+    needs it to tell which port the client is on. netboot left it out. Real UDP: a relay's
+    socket on loopback sends the request and gets the reply on its port 67 (here its own)."""
+    relay = Client()
+    settings = (DhcpSettings() if mode == "proxy" else DhcpSettings(
+        mode="authoritative", pool_start="127.0.0.100", pool_end="127.0.0.109",
+        netmask="255.0.0.0"))
+    server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(), interfaces=None,
+                        advertise=LOOPBACK, host=LOOPBACK, port=0, pxe_port=0,
+                        broadcast_address=LOOPBACK, client_port=9, relay_port=relay.port,
+                        probe=False)
+    await server.start()
+    try:
+        dhcp_port, _ = server.ports
+        await relay.send(_relayed(MessageType.DISCOVER, giaddr=LOOPBACK, xid=0x82), dhcp_port)
+        offer, _ = await relay.receive()
+        replies = [offer]
+        if mode == "authoritative":
+            await relay.send(_relayed(MessageType.REQUEST, giaddr=LOOPBACK, xid=0x83,
+                                      SERVER_ID=bytes((127, 0, 0, 1)),
+                                      REQUESTED_IP=bytes((127, 0, 0, 100))), dhcp_port)
+            ack, _ = await relay.receive()
+            assert ack.message_type == MessageType.ACK
+            replies.append(ack)
+        # Not relayed: nobody to echo it to (the reply is the client's).
+        [(data, _)] = await server.handle(
+            _relayed(MessageType.DISCOVER, giaddr="0.0.0.0", xid=0x84), ("0.0.0.0", 68),
+            server_ip=LOOPBACK, pxe_port=False)
+        assert not dhcp.parse(data).has_option(82)
+    finally:
+        relay.close()
+        await server.close()
+    for reply in replies:
+        assert reply.option(82) == AGENT_INFO
+        assert [o.code for o in reply.options if o.code not in (0, 255)][-1] == 82
