@@ -173,6 +173,9 @@ _VENDOR_SPECIFIC, _HOSTNAME, _VENDOR_CLASS, _CLIENT_UUID = 43, 12, 60, 97
 _CLIENT_ARCH, _USER_CLASS, _ETHERBOOT, _PARAMETER_REQUEST_LIST = 93, 77, 175, 55
 _TFTP_SERVER_NAME, _BOOTFILE_NAME, _RELAY_AGENT_INFO = 66, 67, 82
 _DISCOVER = MessageType.DISCOVER
+# Replies broadcast on the client's link whatever ciaddr says (reply_destination): as plain
+# ints, for the per-reply test (an enum member read costs ~0.1-0.3 µs).
+_BROADCAST_REPLIES = frozenset({int(MessageType.NAK), int(MessageType.OFFER)})
 
 
 class Client(NamedTuple):
@@ -713,7 +716,7 @@ def reply_destination(
         return peer
     if request.giaddr != ZERO_IP:
         return (request.giaddr, relay_port)
-    if reply.message_type in (MessageType.NAK, MessageType.OFFER):
+    if reply.message_type in _BROADCAST_REPLIES:
         return (broadcast, client_port)
     if request.ciaddr != ZERO_IP:
         return (request.ciaddr, client_port)
