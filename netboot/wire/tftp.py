@@ -377,7 +377,7 @@ class Policy:
     # ... and at most this long apart, whatever ``timeout`` the RRQ named (RFC 2349 allows
     # 255 s): a forged RRQ asking 255 held its slot 255 s instead of ~3 s, so 16 datagrams a
     # second held all 4,096 (s36-udp). 5 s is U-Boot's own timeout option, kept as asked;
-    # the OACK sent again sooner than a client's timeout is a duplicate it answers with ACK 0.
+    # a client that asked more gets its OACK again sooner, as one whose ACK 0 was lost must.
     max_first_interval: float = 5.0
     stall: float = 120.0  # no progress for this long: give up (dnsmasq TFTP_TRANSFER_TIME)
     # The floor of the round-trip-derived timer; None keeps the fixed ``retransmit`` timer.
