@@ -303,3 +303,24 @@ async def test_an_offer_wakes_its_device_in_the_loops_next_round() -> None:
     assert device.result()[4:8] == (0x1234).to_bytes(4, "big")
     assert rounds == 1
     assert 0x1234 in gen.dhcp.resumed_at and gen.retried == []
+
+
+def test_with_sync_inventory_each_runs_copy_is_written_to_disk_before_its_server_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The copy of a 100,000-machine inventory (~92 MB) was otherwise written back during the
+    # storm (s36-storm); without the option the copy is left as before.
+    seed = tmp_path / "netboot-seed"
+    (seed / "tls").mkdir(parents=True)
+    for name in ("netboot.db", "secret.key", "tls/ca.pem"):
+        (seed / name).write_bytes(b"x" * 10)
+    synced: list[str] = []
+    fsync = storm.os.fsync
+    monkeypatch.setattr(storm.os, "fsync",
+                        lambda fd: (synced.append(Path(f"/proc/self/fd/{fd}").resolve().name),
+                                    fsync(fd))[1])
+    for sync, run in ((False, "plain"), (True, "synced")):
+        work = storm.Workload(tmp_path, 1, 1, 1, 1, sync_copy=sync)
+        (tmp_path / run).mkdir()
+        work.netboot_config(tmp_path / run, "info")
+        assert (tmp_path / run / "data" / "tls" / "ca.pem").read_bytes() == b"x" * 10
+        assert sorted(synced) == (["ca.pem", "netboot.db", "secret.key"] if sync else [])
