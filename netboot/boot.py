@@ -92,6 +92,9 @@ class BootSettings:
     cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
     default_profile: str | None = None  # for machines whose own settings and group name none
     k3s_port: int = 6443
+    # s36-journey: netboot's DHCP is authoritative, so a machine is at its fixed address
+    # when it has one (names.address_of): a cluster's endpoint follows a server moved there.
+    fixed_first: bool = False
 
 
 # Enum members a first install or config looks up on its way, looked up once: Python 3.11
@@ -1413,10 +1416,12 @@ class BootService:
         if cluster.endpoint:
             return endpoint_url(cluster.endpoint, port)
         domain = self.settings.cluster_domain
-        if domain and serves_cluster(cluster.name, running):
+        fixed_first = self.settings.fixed_first
+        if domain and serves_cluster(cluster.name, running, fixed_first=fixed_first):
             return f"https://{cluster.name.lower()}.{domain}:{port}"
         for node in running:
-            host = node.ipv4 or node.facts.get("ipv6") or node.fixed_ipv4
+            host = ((node.fixed_ipv4 if fixed_first else None) or node.ipv4
+                    or node.facts.get("ipv6") or node.fixed_ipv4)
             if host:
                 return f"https://{url_host(host)}:{port}"
         return None

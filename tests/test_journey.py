@@ -8,11 +8,17 @@ node are tests/multiserver/test_pair.py's; the store's claim is the contract sui
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.conftest import Env, boot, call, install_token
+from netboot.config import load
+from netboot.model import Cluster, MacAddress, Machine, MachineState, Role
+from netboot.names import Zone
+from netboot.service import build
+from tests.conftest import Env, boot, call, install_token, write_config
 
 S0, S1, S2 = "52:54:00:36:00:01", "52:54:00:36:00:02", "52:54:00:36:00:03"
 AGENT = "52:54:00:36:00:10"
@@ -119,15 +125,17 @@ async def test_a_first_server_that_never_registers_is_named_and_removing_it_free
 
 async def test_a_failed_first_server_made_an_agent_lets_the_next_server_initialise(
         env: Env) -> None:
-    await managed(env, S0, S1)
+    await managed(env, S0, S1, S2)
     token, config = await install(env, S0)
     assert inits(config)
     await report(env, S0, token, "failed")
     assert "kernel " not in await boot(env, S1)
     r = await call(env, "PATCH", f"/api/v1/machines/{S0}", json_body={"role": "agent"})
     assert r.status == 200, r.text
-    _, config1 = await install(env, S1)
-    assert inits(config1)
+    # A server that never asked before (not S1, which waited for S0) is the next to boot.
+    _, config2 = await install(env, S2)
+    assert inits(config2)
+    assert "kernel " not in await boot(env, S1)
 
 
 # --- 2. power lost mid-install ----------------------------------------------------------------
@@ -233,6 +241,46 @@ async def test_a_server_reinstalled_at_a_new_address_is_where_later_nodes_join(e
     url = (await install(env, "52:54:00:36:00:12"))[1]["server_url"]
     assert url in ("https://192.0.2.70:6443", "https://192.0.2.61:6443")
     assert url != "https://192.0.2.60:6443"
+
+
+async def test_with_authoritative_dhcp_nodes_and_dns_follow_a_servers_new_fixed_address(
+        tmp_path: Path) -> None:
+    """netboot's own DHCP hands a machine its fixed address and NAKs any other
+    (netboot.leases): an operator who gives a registered server a new one moves it there at
+    its next renewal. Nodes installed later and the cluster's DNS name follow it; the address
+    it registered from is where it was. (A site DHCP server's new lease netboot never sees:
+    README, "Enrollment at scale".)"""
+    path = write_config(tmp_path, "dns:\n  enabled: true\n  zone: netboot.lan\n")
+    cfg = load(path, env={"NETBOOT_DHCP_MODE": "authoritative",
+                          "NETBOOT_DHCP_AUTHORITATIVE_POOL_START": "192.0.2.100",
+                          "NETBOOT_DHCP_AUTHORITATIVE_POOL_END": "192.0.2.150"})
+    service = await build(cfg)  # nothing started: no DHCP socket
+    try:
+        store = service.store
+        await store.put_cluster(Cluster(name="edge", server_url="managed", token="t"))
+        cluster = await store.get_cluster("edge")
+        assert cluster is not None
+        server = Machine(macs=(MacAddress.parse(S0),), hostname="s0", cluster="edge",
+                         role=Role.SERVER, state=MachineState.REGISTERED, ipv4="192.0.2.60",
+                         fixed_ipv4="192.0.2.60")
+        agent = Machine(macs=(MacAddress.parse(AGENT),), hostname="a0", cluster="edge",
+                        role=Role.AGENT)
+        await store.create_machine(server)
+        await store.create_machine(agent)
+
+        async def endpoint() -> tuple[str | None, tuple[str, ...]]:
+            join = await service.boot.k3s_join(agent, cluster, Role.AGENT, None)
+            zone: Zone = await service._build_zone()  # what `netboot serve`'s DNS answers
+            return join.server_url, zone.endpoints.get("edge", ())
+
+        assert await endpoint() == ("https://edge.netboot.lan:6443", ("192.0.2.60",))
+        await store.update_machine(dataclasses.replace(server, fixed_ipv4="192.0.2.70"))
+        assert await endpoint() == ("https://edge.netboot.lan:6443", ("192.0.2.70",))
+        # Without netboot's DNS, the address itself.
+        service.boot.settings = dataclasses.replace(service.boot.settings, cluster_domain=None)
+        assert (await endpoint())[0] == "https://192.0.2.70:6443"
+    finally:
+        await service.store.close()
 
 
 # --- 6. one NIC, two boxes --------------------------------------------------------------------
