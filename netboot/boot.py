@@ -1442,15 +1442,17 @@ class BootService:
                     f"registered without one other nodes can reach ({fix})")
         reason = (f"waiting for cluster {cluster.name}'s first server to register: its nodes "
                   f"have no endpoint to join yet ({fix})")
-        # s36-journey: the servers held here wait for one node, which may never come (a dead
-        # disk): name it and the way out, or they wait forever with nothing said.
+        # s36-journey: the nodes held here wait for one node, which may never come (a dead
+        # disk): name it and the way out, or they wait forever with nothing said. Not its
+        # state: each held node records its hold once per reason, and a reason that moved
+        # with the first server's install would record each of a storm's holds again.
         init_id = await self._view.get_setting(f"cluster-init/{cluster.name}")
         first = await self._view.get_machine(init_id) if init_id else None
         if first is None or _left(first, cluster.name):
             return reason
-        return (f"{reason}; it is {first.ref} ({first.state}), chosen to initialise it: if it "
-                f"never will, remove it (netboot machines rm {first.ref}) and the next server "
-                "to boot initialises the cluster")
+        return (f"{reason}; it is {first.ref}, chosen to initialise it: if it never registers "
+                f"(a dead disk), remove it (netboot machines rm {first.ref}) and the next "
+                "server to boot initialises the cluster")
 
     async def explain(self, ref: str, *, arch: Arch | None = None) -> dict[str, Any]:
         """Which group matched and why, which profile, which state (``netboot explain``).

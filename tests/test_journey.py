@@ -111,8 +111,12 @@ async def test_a_first_server_that_never_registers_is_named_and_removing_it_free
     held = await boot(env, S1)
     assert "kernel " not in held
     # The held servers say who they wait for and how to stop waiting.
-    assert f"it is {S0} (failed), chosen to initialise it" in held, held
+    assert f"it is {S0}, chosen to initialise it" in held, held
     assert f"netboot machines rm {S0}" in held
+    explained = await env.get(f"/api/v1/machines/{S1}/explain?arch=x86_64")
+    assert explained["decision"] == "hold" and f"it is {S0}, chosen" in explained["reason"]
+    hold = [e for e in await env.get(f"/api/v1/machines/{S1}/events") if e["kind"] == "hold"]
+    assert len(hold) == 1 and f"netboot machines rm {S0}" in hold[0]["message"], hold
     r = await call(env, "DELETE", f"/api/v1/machines/{S0}")
     assert r.status == 204
     token1, config1 = await install(env, S1)
@@ -281,6 +285,27 @@ async def test_with_authoritative_dhcp_nodes_and_dns_follow_a_servers_new_fixed_
         assert (await endpoint())[0] == "https://192.0.2.70:6443"
     finally:
         await service.store.close()
+
+
+# --- 5. clocks ---------------------------------------------------------------------------------
+
+
+async def test_a_device_clock_at_1970_plays_no_part(env: Env) -> None:
+    """A first boot has no NTP yet: its RTC may say 1970 or years ahead. Nothing a device
+    sends carries its time; every stamp and the token's expiry are netboot's clock (the
+    writing server's, over PostgreSQL: keep the servers' clocks in step)."""
+    before = env.service.boot._clock()
+    await managed(env, S0)
+    token, _ = await install(env, S0)
+    r = await call(env, "POST", f"/api/v1/machines/{hexhyp(S0)}/events", admin=False,
+                   json_body={"kind": "installed", "message": "done",
+                              "data": {"time": "1970-01-01T00:00:00Z"}},
+                   headers={"Authorization": f"Bearer {token}",
+                            "Date": "Thu, 01 Jan 1970 00:00:00 GMT"})
+    assert r.status == 201, r.text
+    await register(env, S0, token, "192.0.2.60")
+    events = await env.get(f"/api/v1/machines/{S0}/events")
+    assert events and all(e["time"] >= before for e in events), events
 
 
 # --- 6. one NIC, two boxes --------------------------------------------------------------------
