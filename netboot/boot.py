@@ -92,6 +92,9 @@ class BootSettings:
     cluster_domain: str | None = None  # DNS zone when netboot's DNS serves cluster names
     default_profile: str | None = None  # for machines whose own settings and group name none
     k3s_port: int = 6443
+    # s36-journey: netboot's DHCP is authoritative, so a machine is at its fixed address
+    # when it has one (names.address_of): a cluster's endpoint follows a server moved there.
+    fixed_first: bool = False
 
 
 # Enum members a first install or config looks up on its way, looked up once: Python 3.11
@@ -1390,7 +1393,10 @@ class BootService:
             there = view.held_machine(init_id)
             if isinstance(there, Unseen):
                 there = await view.get_machine(init_id)
-            if there is None:
+            # s36-journey: an init node moved to another cluster or made an agent (what an
+            # operator does with a first server whose disk died before it registered) no
+            # longer forms this one: the next server claims in its place, as for one deleted.
+            if there is None or _left(there, cluster.name):
                 init_id = None
         servers = view.held_servers(cluster.name)
         if isinstance(servers, Unseen):
@@ -1410,10 +1416,12 @@ class BootService:
         if cluster.endpoint:
             return endpoint_url(cluster.endpoint, port)
         domain = self.settings.cluster_domain
-        if domain and serves_cluster(cluster.name, running):
+        fixed_first = self.settings.fixed_first
+        if domain and serves_cluster(cluster.name, running, fixed_first=fixed_first):
             return f"https://{cluster.name.lower()}.{domain}:{port}"
         for node in running:
-            host = node.ipv4 or node.facts.get("ipv6") or node.fixed_ipv4
+            host = ((node.fixed_ipv4 if fixed_first else None) or node.ipv4
+                    or node.facts.get("ipv6") or node.fixed_ipv4)
             if host:
                 return f"https://{url_host(host)}:{port}"
         return None
@@ -1432,8 +1440,19 @@ class BootService:
             # Registered, but from no address another node could reach (all were refused).
             return (f"waiting for an address of cluster {cluster.name}'s servers: they "
                     f"registered without one other nodes can reach ({fix})")
-        return (f"waiting for cluster {cluster.name}'s first server to register: its nodes "
-                f"have no endpoint to join yet ({fix})")
+        reason = (f"waiting for cluster {cluster.name}'s first server to register: its nodes "
+                  f"have no endpoint to join yet ({fix})")
+        # s36-journey: the nodes held here wait for one node, which may never come (a dead
+        # disk): name it and the way out, or they wait forever with nothing said. Not its
+        # state: each held node records its hold once per reason, and a reason that moved
+        # with the first server's install would record each of a storm's holds again.
+        init_id = await self._view.get_setting(f"cluster-init/{cluster.name}")
+        first = await self._view.get_machine(init_id) if init_id else None
+        if first is None or _left(first, cluster.name):
+            return reason
+        return (f"{reason}; it is {first.ref}, chosen to initialise it: if it never registers "
+                f"(a dead disk), remove it (netboot machines rm {first.ref}) and the next "
+                "server to boot initialises the cluster")
 
     async def explain(self, ref: str, *, arch: Arch | None = None) -> dict[str, Any]:
         """Which group matched and why, which profile, which state (``netboot explain``).
@@ -1864,6 +1883,13 @@ def _dhcp_note(request: BootRequest) -> str:
 # spelled out) for every first request of a storm.
 _DHCP_NOTES: dict[tuple[Firmware, Arch], str] = {
     (fw, arch): f"{fw}/{arch} asked for a boot file" for fw in Firmware for arch in Arch}
+
+
+def _left(machine: Machine, cluster: str) -> bool:
+    """Whether a cluster's init node was since given another cluster or made an agent
+    (s36-journey). A cluster or role not yet bound (None) has not left."""
+    return (machine.cluster is not None and machine.cluster != cluster) or \
+        machine.role == Role.AGENT
 
 
 def _node_join(machine: Machine, cluster: Cluster, group: Group | None,

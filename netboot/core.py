@@ -241,6 +241,7 @@ class Core:
         merged.update(changes)
         parsed = await self._parse_machine(merged)
         identity.require(parsed)
+        lifecycle.check_move(old, parsed.cluster, parsed.role)
         return replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
                        serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
                        cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,

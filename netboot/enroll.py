@@ -1100,8 +1100,13 @@ class Enroller:
                     unnamed.append(len(create))
                 create.add_machine(identity.merge(machine, absorb, now))
                 continue
-            merge += [(d.id, machine.id) for d in absorb]
             merged = _updated(target, machine, absorb, now)
+            try:
+                lifecycle.check_move(target, merged.cluster, merged.role)
+            except Conflict as exc:
+                errors.append(RowError(line, exc.field or "cluster", str(exc)))
+                continue
+            merge += [(d.id, machine.id) for d in absorb]
             if equal(merged, target):
                 unchanged.append(target)
             else:

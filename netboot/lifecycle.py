@@ -27,6 +27,9 @@ The rows below read as the product's rules:
   a second registration is refused (its token is spent): a reinstall issues a new one.
 * failed holds until reinstall, so a broken install does not loop.
 * reinstall can be asked for any enrolled machine, from any state but discovered.
+* A booting, installing, installed or registered machine holds or runs its cluster's join
+  (a token for it, a config naming it, k3s installed with it): it keeps its cluster and
+  role until a reinstall (:func:`check_move`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from netboot.errors import TransitionRefused
-from netboot.model import Machine, MachineState, replace_machine
+from netboot.errors import Conflict, TransitionRefused
+from netboot.model import Machine, MachineState, Role, replace_machine
 
 
 class Trigger(enum.StrEnum):
@@ -150,3 +153,31 @@ def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> M
 def first_state(trigger: Trigger, *, subject: str = "the machine") -> MachineState:
     """The state a machine is created in (discovered by its firmware, or enrolled)."""
     return apply(None, trigger, subject=subject)
+
+
+# The states in which a machine holds its cluster's join (an install token for it, a config
+# that names the cluster's server and token) or runs it (k3s installed with them): the
+# cluster and role it has are the ones it joined, and its cluster's endpoint, DNS name and
+# servers are reckoned from them.
+JOINED: frozenset[MachineState] = frozenset({_S.BOOTING, _S.INSTALLING, _S.INSTALLED,
+                                              _S.REGISTERED})
+
+
+def check_move(machine: Machine, cluster: str | None, role: Role | None) -> None:
+    """Refuse (a Conflict naming the field) to give ``machine`` another cluster or role
+    while it is in :data:`JOINED`: a registered server moved to another cluster would be
+    that cluster's endpoint at once while it runs the old one's k3s with the old token (the
+    new cluster's nodes sent to it, its own still counting it), until it installs again.
+    A reinstall first ends the join (its token void, out of the old cluster's servers);
+    then the move is taken and the next install joins the new cluster (session 36)."""
+    if machine.state not in JOINED:
+        return
+    field = ("cluster" if cluster != machine.cluster
+             else "role" if role != machine.role else None)
+    if field is None:
+        return
+    raise Conflict(
+        f"{machine.ref} is {machine.state}: it joined cluster {machine.cluster or '(none)'} "
+        f"as {machine.role or '(no role)'} and stays in it until it installs again; ask for "
+        f"that first (netboot machines reinstall {machine.ref}), then change its {field}",
+        field=field)

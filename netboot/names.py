@@ -100,15 +100,30 @@ def valid_label(text: str) -> bool:
     return bool(_LABEL.match(text))
 
 
-def host_record(machine: Machine) -> tuple[str, ipaddress.IPv4Address] | str | None:
+def address_of(machine: Machine, *, fixed_first: bool = False) -> str | None:
+    """Where a machine is (IPv4): the address it registered from, else its fixed one.
+
+    ``fixed_first`` where netboot's own DHCP hands the fixed address out (authoritative
+    mode: the lease NAKs any other, netboot.leases): an operator who changes a registered
+    server's fixed address moves the machine there at its next renewal, while the address
+    it registered from is where it was. Its cluster's nodes and DNS follow it (s36-journey).
+    """
+    if fixed_first:
+        return machine.fixed_ipv4 or machine.ipv4
+    return machine.ipv4 or machine.fixed_ipv4
+
+
+def host_record(machine: Machine, *, fixed_first: bool = False,
+                ) -> tuple[str, ipaddress.IPv4Address] | str | None:
     """The ``<hostname>.Z`` A record a machine gets: (label, address); a reason it is skipped
-    (str); or None when it has no name or no address yet (nothing to report)."""
+    (str); or None when it has no name or no address yet (nothing to report).
+    ``fixed_first``: see :func:`address_of`."""
     if not machine.hostname:
         return None
     host = machine.hostname.lower()
     if not valid_label(host):
         return f"hostname {machine.hostname!r} is not a DNS label"
-    addr = machine.ipv4 or machine.fixed_ipv4
+    addr = address_of(machine, fixed_first=fixed_first)
     if not addr:
         return None
     try:
@@ -123,12 +138,14 @@ def is_cluster_endpoint(machine: Machine) -> bool:
     return machine.role == Role.SERVER and machine.state == MachineState.REGISTERED
 
 
-def serves_cluster(cluster: str, servers: Iterable[Machine]) -> bool:
+def serves_cluster(cluster: str, servers: Iterable[Machine], *,
+                   fixed_first: bool = False) -> bool:
     """Whether :meth:`Zone.build` answers ``<cluster>.Z`` with an address, given the cluster's
     machines: what the boot decision asks before it hands a node that name. (Two machines
     claiming one hostname can still leave one out; the other servers answer then.)"""
     return valid_label(cluster.lower()) and any(
-        is_cluster_endpoint(m) and isinstance(host_record(m), tuple) for m in servers)
+        is_cluster_endpoint(m) and isinstance(host_record(m, fixed_first=fixed_first), tuple)
+        for m in servers)
 
 
 def _valid_zone(name: str) -> bool:
@@ -181,11 +198,13 @@ class Zone:
         k3s_port: int = 6443,
         serial: int,
         reverse_networks: Iterable[str] | None = None,
+        fixed_first: bool = False,
     ) -> Zone:
         """Build the snapshot. Raises :class:`ConfigError` for a bad zone or server setting.
 
         Inventory problems (a hostname that is not a DNS label, two machines claiming one
         name) never raise: the entry is skipped and reported in ``skipped``/``conflicts``.
+        ``fixed_first``: netboot's DHCP is authoritative (:func:`address_of`).
         """
         if not _valid_zone(zone):
             raise ConfigError(
@@ -233,7 +252,7 @@ class Zone:
             c: [] for c in cluster_names
         }
         for machine in machines:
-            named = host_record(machine)
+            named = host_record(machine, fixed_first=fixed_first)
             if named is None:
                 continue
             if isinstance(named, str):

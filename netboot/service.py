@@ -303,7 +303,8 @@ def boot_settings(config: Config) -> BootSettings:
                         trusted_rules=frozenset(config.discovery.trusted_rules),
                         token_ttl_seconds=config.enroll.token_ttl_seconds,
                         cluster_domain=config.dns.zone if config.dns.enabled else None,
-                        default_profile=config.enroll.default_profile)
+                        default_profile=config.enroll.default_profile,
+                        fixed_first=config.dhcp.mode == "authoritative")
 
 
 def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
@@ -734,14 +735,17 @@ class Service:
         machines = await self.store.list_machines(MachineFilter(limit=10_000_000))
         clusters = await self.store.list_clusters()
         fingerprint = hash((
-            tuple((m.id, m.hostname, m.ipv4, m.state, m.role, m.cluster) for m in machines),
+            # fixed_ipv4: an address of the zone too (names.address_of), s36-journey.
+            tuple((m.id, m.hostname, m.ipv4, m.fixed_ipv4, m.state, m.role, m.cluster)
+                  for m in machines),
             tuple(c.name for c in clusters)))
         if fingerprint == self._zone_fingerprint and self._zone_holder is not None:
             return self._zone_holder.zone()
         self._zone_fingerprint = fingerprint
         self._zone_serial = max(self._zone_serial + 1, int(time.time()))
         zone = Zone.build(machines, clusters, zone=cfg.dns.zone, server_addrs=[self.advertise],
-                          ttl=cfg.dns.ttl, serial=self._zone_serial)
+                          ttl=cfg.dns.ttl, serial=self._zone_serial,
+                          fixed_first=cfg.dhcp.mode == "authoritative")
         for problem in (*zone.conflicts, *zone.skipped):
             log.warning("dns zone %s: %s", cfg.dns.zone, problem)
         return zone

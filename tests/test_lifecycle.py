@@ -15,6 +15,7 @@ import pytest
 from netboot.cli import main
 from netboot.errors import Conflict, TransitionRefused
 from netboot.lifecycle import (
+    JOINED,
     STATES,
     TRANSITIONS,
     Trigger,
@@ -22,9 +23,10 @@ from netboot.lifecycle import (
     allowed,
     allows,
     apply,
+    check_move,
     first_state,
 )
-from netboot.model import MacAddress, Machine, MachineState
+from netboot.model import MacAddress, Machine, MachineState, Role
 from tests.conftest import Env, Reply, boot, call, install_token, write_config
 
 S = MachineState
@@ -297,3 +299,24 @@ def test_a_refused_transition_does_not_chain_the_table_lookup_into_its_traceback
         apply(None, Trigger.REGISTER)  # not in the inventory: nothing to register
     shown = "".join(traceback.format_exception(refused.value))
     assert "KeyError" not in shown and "During handling" not in shown, shown
+
+
+@pytest.mark.parametrize("state", list(MachineState), ids=str)
+def test_a_machine_keeps_the_cluster_and_role_it_joined_until_a_reinstall(
+        state: MachineState) -> None:
+    """Booting to registered, it holds or runs its cluster's join: another cluster or role is
+    refused naming the field and the reinstall that ends the join (s36-journey); in any
+    other state the next install takes it."""
+    machine = Machine(macs=(MacAddress.parse(MAC),), state=state, cluster="edge",
+                      role=Role.SERVER)
+    check_move(machine, "edge", Role.SERVER)  # no change is never refused
+    for cluster, role, field in (("far", Role.SERVER, "cluster"), (None, Role.SERVER, "cluster"),
+                                 ("edge", Role.AGENT, "role"), ("far", Role.AGENT, "cluster")):
+        if state not in JOINED:
+            check_move(machine, cluster, role)
+            continue
+        with pytest.raises(Conflict) as refused:
+            check_move(machine, cluster, role)
+        assert refused.value.field == field
+        assert f"netboot machines reinstall {MAC}" in str(refused.value)
+    assert {S.BOOTING, S.INSTALLING, S.INSTALLED, S.REGISTERED} == JOINED

@@ -407,3 +407,20 @@ def test_structured_queries_always_get_a_decision(
         limit = 65535 if max_udp is None else udp_limit
         assert len(decision.data) <= limit
         assert reply.header.id == 1
+
+
+def test_with_authoritative_dhcp_a_machine_is_at_its_fixed_address() -> None:
+    """netboot's own DHCP moves a machine to its fixed address (fixed_first): its A record
+    and its cluster's name follow; otherwise the address it registered from wins, the fixed
+    one standing in only before it registered (s36-journey)."""
+    moved = [machine(0, role=Role.SERVER, fixed_ipv4="10.0.1.10"),
+             machine(1, ipv4=None, fixed_ipv4="10.0.1.11")]
+    proxy = build(moved)
+    assert rdata(ask(proxy, "node0.netboot.lan")) == ["10.0.0.10"]
+    assert rdata(ask(proxy, "edge.netboot.lan")) == ["10.0.0.10"]
+    assert rdata(ask(proxy, "node1.netboot.lan")) == ["10.0.1.11"]
+    own = build(moved, fixed_first=True)
+    assert rdata(ask(own, "node0.netboot.lan")) == ["10.0.1.10"]
+    assert rdata(ask(own, "edge.netboot.lan")) == ["10.0.1.10"]
+    assert own.endpoints["edge"] == ("10.0.1.10",)
+    assert rdata(ask(own, "node1.netboot.lan")) == ["10.0.1.11"]

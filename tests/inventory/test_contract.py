@@ -1370,6 +1370,21 @@ async def test_two_servers_claiming_the_cluster_init_node_agree_on_one(
         assert await a.get_setting(key) == winners[0] == await b.get_setting(key)
 
 
+async def test_two_servers_claiming_a_dead_init_nodes_place_agree_on_one(
+        pair: tuple[Store, Store]) -> None:
+    """The init node removed (its disk died: netboot machines rm), two held servers of the
+    cluster retry through two netboot servers at once: each claims in the dead node's place
+    (BootService._k3s_join's replace=), one wins, and both are told the same (s36-journey)."""
+    a, b = pair
+    for n in range(5):
+        key = f"cluster-init/d{n}"
+        assert await a.claim_setting(key, "m-dead") == "m-dead"
+        winners = await asyncio.gather(a.claim_setting(key, "m-a", replace="m-dead"),
+                                       b.claim_setting(key, "m-b", replace="m-dead"))
+        assert winners[0] == winners[1] in ("m-a", "m-b")
+        assert await a.get_setting(key) == winners[0] == await b.get_setting(key)
+
+
 async def test_two_servers_leasing_one_address_exactly_one_wins(
         pair: tuple[Store, Store]) -> None:
     a, b = pair
