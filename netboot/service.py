@@ -507,6 +507,11 @@ class Service:
         cfg = self.config
         self._event_cursor, _ = await self.store.events_since(-1)
         self.tasks.append(asyncio.ensure_future(self._watch_inventory()))
+        if cfg.inventory.events_keep_days:
+            from netboot.retention import keep_events
+
+            self.tasks.append(asyncio.ensure_future(keep_events(
+                self.store, cfg.inventory.events_keep_days, clock=time.time, log=log)))
         access = logging.getLogger("netboot.access") if cfg.http.access_log else None
         assert self.front is not None
         doorway = self.doorway = Doorway(

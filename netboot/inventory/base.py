@@ -335,6 +335,12 @@ class Store(ChangeFeed, StateCounts, Protocol):
         id, for those that have one: one read for a batch of machines (netboot.recorder
         compares a storm's first notes with the store's history in one query per batch)."""
 
+    async def prune_events(self, before: float, limit: int) -> int:
+        """Drop the events recorded before ``before`` (the writer's clock) among the oldest
+        ``limit`` (by insertion order); returns how many were dropped. Bounded work per call,
+        so that a retention pass (netboot.retention) never holds the writer for long: a
+        caller repeats it while it drops any."""
+
     async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
         """Events of every machine committed after position ``after`` (by any writer: this
         process, another server), in commit order, at most ``limit``; and the position to

@@ -689,6 +689,25 @@ async def test_newest_events_of_many_machines_in_one_read(store: Store) -> None:
         m: f"n{k}" for k, m in enumerate(ids) if k % 2 == 0}
 
 
+async def test_prune_events_drops_the_old_among_the_oldest_only(store: Store) -> None:
+    """Retention (netboot.retention): events recorded before a time go, the oldest first,
+    at most ``limit`` rows looked at a call, so a pass never holds the writer for long."""
+    for t, m in [(1.0, MAC1), (2.0, MAC2), (3.0, MAC1), (4.0, MAC2), (5.0, MAC1)]:
+        await store.add_event(Event(machine=mid(m), time=t, kind="k", message=f"t{t:g}"))
+    assert await store.prune_events(2.5, 1) == 1  # the oldest only
+    assert [e.time for e in await store.list_events(mid(MAC1))] == [3.0, 5.0]
+    assert [e.time for e in await store.list_events(mid(MAC2))] == [2.0, 4.0]
+    assert await store.prune_events(3.5, 10) == 2
+    assert [e.time for e in await store.list_events(mid(MAC1))] == [5.0]
+    assert [e.time for e in await store.list_events(mid(MAC2))] == [4.0]
+    assert await store.prune_events(3.5, 10) == 0  # nothing older left
+    assert await store.prune_events(100.0, 0) == 0
+    assert await store.prune_events(100.0, 10) == 2
+    assert await store.list_events(mid(MAC1)) == await store.list_events(mid(MAC2)) == []
+    await store.add_event(Event(machine=mid(MAC1), time=9.0, kind="k"))
+    assert [e.time for e in await store.list_events(mid(MAC1))] == [9.0]
+
+
 async def test_event_round_trip(store: Store) -> None:
     event = Event(
         machine=mid(MAC1),
