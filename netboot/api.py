@@ -472,8 +472,13 @@ class Api:
         order = request.query.get("order", "asc")
         if order not in ("asc", "desc"):
             raise ValidationError("order", f"{order!r} is not asc or desc")
+        # Machines stuck in a storm: unchanged (state, learnt facts) for at least this many
+        # seconds; with a state, where they are stuck (booting: a script fetched and no
+        # config; installing: no "installed"; installed: never registered).
+        still = _int_query(request, "unchanged_for", 0, 0, 10**9)
         flt = MachineFilter(state=st, cluster=request.query.get("cluster") or None,
                             labels=tuple(labels), text=request.query.get("q") or None,
+                            updated_before=self._clock() - still if still else None,
                             sort=sort, descending=order == "desc",
                             limit=_int_query(request, "limit", 100, 1, 1000),
                             offset=_int_query(request, "offset", 0, 0, 10**9))
@@ -646,7 +651,12 @@ class Api:
     async def cluster_nodes(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         await self._core.get("clusters", name)
-        nodes = await self._store.list_machines(MachineFilter(cluster=name, limit=100_000))
+        # Paged when asked (the dashboard asks for a page: a cluster of 12,500 nodes was
+        # ~8 MiB of JSON a cluster, fetched again at every reload of a storm); all of them
+        # by default, as before.
+        nodes = await self._store.list_machines(MachineFilter(
+            cluster=name, limit=_int_query(request, "limit", 100_000, 1, 100_000),
+            offset=_int_query(request, "offset", 0, 0, 10**9)))
         return web.json_response([self._machine_out(m) for m in nodes])
 
     # -- profiles, clusters, groups -----------------------------------------------------

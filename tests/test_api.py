@@ -8,6 +8,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -523,6 +524,41 @@ async def test_register_records_the_peer_not_a_claimed_loopback(env: Env) -> Non
     assert {(r["address"], r["source"], r["reason"]) for r in event["data"]["refused"]} == {
         ("127.0.0.2", "peer", "loopback"), ("127.0.0.1", "reported", "loopback")}
     assert "ignored reported address '127.0.0.1' (loopback)" in event["message"]
+
+
+async def test_machines_unchanged_for_a_while_are_the_stuck_ones(env: Env) -> None:
+    """GET /machines?state=booting&unchanged_for=600: which machines fetched their script
+    ten minutes ago or more and nothing since (s36-ops)."""
+    await env.seed()
+    for n in (1, 2, 3):
+        await env.post("/api/v1/machines", {"mac": f"52:54:00:ab:00:0{n}"}, status=201)
+        await boot(env, f"52:54:00:ab:00:0{n}")
+    store = env.service.store
+    for n, age in ((1, 3600.0), (3, 900.0)):
+        m = await store.machine_by("mac", f"52:54:00:ab:00:0{n}")
+        assert m is not None and m.state.value == "booting"
+        await store.update_machine(replace(m, updated=time.time() - age))
+    listed = await env.get("/api/v1/machines?state=booting&unchanged_for=600&last_event=1")
+    assert [m["macs"] for m in listed["items"]] == [["52:54:00:ab:00:01"], ["52:54:00:ab:00:03"]]
+    assert listed["total"] == 2
+    assert listed["items"][0]["last_event"]["kind"] == "install-plan"  # where it stopped
+    listed = await env.get("/api/v1/machines?unchanged_for=1800")
+    assert [m["macs"] for m in listed["items"]] == [["52:54:00:ab:00:01"]]
+    assert (await env.get("/api/v1/machines?state=booting"))["total"] == 3
+    error(await call(env, "GET", "/api/v1/machines?unchanged_for=-1"), 400)
+
+
+async def test_cluster_nodes_are_paged_when_asked(env: Env) -> None:
+    """The dashboard asks for a page of a cluster's nodes (s36-ops); all by default."""
+    await env.seed()
+    rows = [{"mac": f"52:54:00:ee:00:{i:02x}", "cluster": "edge"} for i in range(5)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    every = [n["mac"] for n in await env.get("/api/v1/clusters/edge/nodes")]
+    assert every == [r["mac"] for r in rows]
+    assert [n["mac"] for n in await env.get("/api/v1/clusters/edge/nodes?limit=2")] == every[:2]
+    assert [n["mac"] for n in await env.get(
+        "/api/v1/clusters/edge/nodes?limit=2&offset=4")] == every[4:]
+    error(await call(env, "GET", "/api/v1/clusters/edge/nodes?limit=0"), 400)
 
 
 async def test_cluster_crud_and_nodes(env: Env) -> None:

@@ -43,6 +43,10 @@ class MachineFilter:
     # Case-insensitive substring of the hostname, id, or any MAC, UUID, serial or asset tag
     # (the dashboard's search box).
     text: str | None = None
+    # Machines whose last change (``updated``: a state, a learnt fact) is older than this
+    # (seconds since the epoch): with a state, the ones stuck in it (the dashboard's
+    # "unchanged for" filter in a storm).
+    updated_before: float | None = None
     sort: str = "mac"  # one of SORT_KEYS
     descending: bool = False
     limit: int = 100

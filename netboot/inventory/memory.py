@@ -117,6 +117,8 @@ class MemoryStore:
                 continue
             if flt.has_mac is not None and bool(machine.macs) != flt.has_mac:
                 continue
+            if flt.updated_before is not None and not machine.updated < flt.updated_before:
+                continue
             if flt.text and not codec.matches_text(machine, flt.text):
                 continue
             out.append(machine)

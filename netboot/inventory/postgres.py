@@ -2380,6 +2380,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"((m.data::jsonb) ->> 'serial') = ANY({arg(list(flt.serials))}::text[])")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
+    if flt.updated_before is not None:
+        clauses.append(f"m.updated < {arg(float(flt.updated_before))}")
     if flt.text:
         # strpos, not LIKE: no wildcard characters to escape in the text.
         needle = arg(flt.text.lower())

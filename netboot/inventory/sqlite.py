@@ -1572,6 +1572,9 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         params.extend(flt.serials)
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
+    if flt.updated_before is not None:
+        clauses.append("m.updated < ?")
+        params.append(flt.updated_before)
     if flt.text:
         # instr(lower(..)) rather than LIKE: no wildcard characters to escape in the text.
         clauses.append("(instr(lower(coalesce(m.hostname, '')), ?) OR instr(lower(m.id), ?)"

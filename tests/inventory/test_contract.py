@@ -450,6 +450,20 @@ async def test_list_and_count_filters(
     assert await store.count_machines(flt) == len(expected)
 
 
+async def test_filter_by_last_change_finds_the_stuck(store: Store) -> None:
+    """``updated_before``: the dashboard's "unchanged for" filter (s36-ops), with a state
+    the machines stuck in it."""
+    for i, (t, state) in enumerate([(10.0, MachineState.BOOTING), (20.0, MachineState.BOOTING),
+                                    (30.0, MachineState.BOOTING), (5.0, MachineState.ENROLLED)]):
+        await store.create_machine(machine(mac(i), state=state, created=1.0, updated=t))
+    stuck = MachineFilter(state=MachineState.BOOTING, updated_before=25.0)
+    assert macs(await store.list_machines(stuck)) == [mac(0), mac(1)]
+    assert await store.count_machines(stuck) == 2
+    assert macs(await store.list_machines(MachineFilter(updated_before=25.0))) == [
+        mac(0), mac(1), mac(3)]
+    assert await store.count_machines(MachineFilter(updated_before=5.0)) == 0
+
+
 async def _mixed_states(store: Store) -> None:
     """Machines in every state, in clusters and none, then moved and deleted (a storm's
     steps and an operator's), so that the rows' order is not their creation order."""
