@@ -578,6 +578,7 @@ class Service:
                               advertise=self.advertise, port=cfg.dhcp.port,
                               pxe_port=cfg.dhcp.pxe_port, observer=self.metrics)
             await dhcp.start()
+            self.metrics.read_dhcp_outcomes(dhcp.summary.totals)
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
@@ -946,7 +947,8 @@ async def build(config: Config, *, app: bool = True) -> Service:
                         "from any peer, and tokens cross the network in clear")
         devices = DeviceRoutes(core.content, health=core.boot.health)
         front = FrontDoor(devices, log=http_log, observer=metrics, ids=ids, plain=plain)
-        metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued)
+        metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued,
+                                lambda: core.enroller.recorder.backlog)
 
         def make_app() -> web.Application:
             return web_app(config, core, events, metrics, devices, front, ids, plain, http_log)
