@@ -260,3 +260,21 @@ async def test_the_machines_stuck_in_a_storm_are_one_filter_away(
     await expect(rows.first).to_contain_text("install-plan")
     await expect(rows.first).to_contain_text("30 min")
     await shots(page, "stuck")
+
+
+async def test_the_search_box_takes_a_label_as_key_value(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """Searching by label (a rack, a line): "rack=r2" in the search box is the label filter
+    (GET /machines?label=rack=r2), not a part of a name (s36-ops)."""
+    env = await make_env()
+    rows = [{"mac": f"52:54:00:fa:00:0{i}", "hostname": f"n{i}", "labels": {"rack": f"r{i % 3}"}}
+            for i in range(6)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    page = await logged_in(browser, env, shots)
+    body = page.locator("table.machines tbody tr")
+    await expect(body).to_have_count(6)
+    await page.fill("input[type=search]", "rack=r2")
+    await expect(body).to_have_count(2)
+    await expect(body.nth(0)).to_contain_text("n2")
+    await expect(body.nth(1)).to_contain_text("n5")
+    await shots(page, "label-search")

@@ -174,7 +174,8 @@ const STILL = [["", "changed any time"], ["300", "unchanged 5 min+"],
 function machinesView(root) {
   const counts = h("section", {class: "counts", "aria-label": "machines by state"});
   const clusterCounts = h("section", {class: "cluster-counts"});
-  const search = h("input", {type: "search", placeholder: "search MAC, hostname, serial, id…",
+  const search = h("input", {type: "search",
+    placeholder: "search MAC, hostname, serial, id… or a label key=value",
     value: query.q, "aria-label": "search"});
   const stateSel = select("state", STATES, {empty: "any state", value: query.state});
   const clusterSel = h("select", {name: "cluster", "aria-label": "cluster"},
@@ -236,7 +237,11 @@ function machinesView(root) {
   async function loadPage() {
     const params = new URLSearchParams({limit: PAGE, offset: query.offset, sort: query.sort,
       order: query.order, last_event: "1"});
-    for (const k of ["q", "state", "cluster"]) if (query[k]) params.set(k, query[k]);
+    for (const k of ["state", "cluster"]) if (query[k]) params.set(k, query[k]);
+    // key=value is a label (GET /machines?label=, indexed); anything else a part of a MAC,
+    // hostname, serial, UUID or id.
+    if (/^[^=\s]+=\S*$/.test(query.q)) params.set("label", query.q);
+    else if (query.q) params.set("q", query.q);
     if (query.still) params.set("unchanged_for", query.still);
     const {data} = await api("GET", `/machines?${params}`);
     tbody.replaceChildren(...data.items.map((m) => {
