@@ -217,6 +217,10 @@ class InventoryConfig:
     # (netboot.retention: hourly, in small batches); 0 keeps them forever. A year keeps a
     # machine's install and registration for its first year of service.
     events_keep_days: int = 365
+    # Audit log entries kept, the newest (netboot.access); a count, not an age, so that a
+    # flood of refused requests cannot grow it. An install writes 3: the default holds a
+    # month of daily 1,000-device pallets; 1,100,000 holds a year of them (~130 MiB).
+    audit_keep: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -773,6 +777,7 @@ def _check_limits(cfg: Config, src: _Source) -> None:
         ("discovery.rate_per_source", cfg.discovery.rate_per_source, "records a second, e.g. 2"),
         ("enroll.report_burst", cfg.enroll.report_burst, "e.g. 60"),
         ("enroll.report_rate", cfg.enroll.report_rate, "reports a second, e.g. 1"),
+        ("inventory.audit_keep", cfg.inventory.audit_keep, "entries, e.g. 100000"),
     ):
         if value < 1:
             raise src.error(key, f"{value} is below 1", f"write a whole number >= 1 ({fix})")

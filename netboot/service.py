@@ -323,7 +323,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     enroller.find_mac = boot.machine_by_mac  # registrations from the synced view
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
                       base_url, enroller, trust=trust)
-    return Core(store, enroller, boot, content)
+    return Core(store, enroller, boot, content, audit_keep=config.inventory.audit_keep)
 
 
 async def check_default_profile(config: Config, store: Store) -> None:
