@@ -2,8 +2,8 @@
 
 Every boot, report and registration appends an event (``netboot explain``, the dashboard's
 timeline); nothing else ever removed one but the removal of its machine. A 1,000-device
-install adds ~5,000 rows, ~0.9 MiB of SQLite file (benchmarks/README.md, s36-ops): a pallet a
-day grew the inventory by ~330 MiB a year, and with it a copy (``netboot db copy``), a
+install adds 6,000 rows, ~0.9 MiB of SQLite file (benchmarks/README.md, s36-ops): a pallet a
+day grew the inventory by ~310 MiB a year, and with it a copy (``netboot db copy``), a
 backup, a first sync. The audit log (netboot.access, newest 100,000 kept), discovered
 records (``discovery.max_discovered``) and the change feed (the view's pruning) were bounded
 already; events were not.
