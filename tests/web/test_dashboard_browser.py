@@ -9,6 +9,7 @@ be looked at, not only read.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from netboot.model import Event
 from tests.conftest import Env, EnvFactory, boot, call, install_token
 
 CHROMIUM = "/usr/bin/chromium"
@@ -278,3 +280,36 @@ async def test_the_search_box_takes_a_label_as_key_value(
     await expect(body.nth(0)).to_contain_text("n2")
     await expect(body.nth(1)).to_contain_text("n5")
     await shots(page, "label-search")
+
+
+async def test_a_slow_list_is_not_asked_again_while_it_is_answering(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """A storm's events ask the open list to reload at most every 0.7 s; a search over
+    100,000 machines takes ~2 s (a scan), and the page asked again meanwhile, three reloads
+    running at once per tab. Now the next waits for the last to answer (s36-ops)."""
+    env = await make_env()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:fb:00:01"}, status=201)
+    page = await logged_in(browser, env, shots)
+    await expect(page.locator("table.machines tbody tr")).to_have_count(1)
+    running = [0]
+    most = [0]
+    asked = [0]
+
+    async def slow(route: Any) -> None:
+        running[0] += 1
+        asked[0] += 1
+        most[0] = max(most[0], running[0])
+        await asyncio.sleep(1.5)
+        try:
+            await route.continue_()
+        finally:
+            running[0] -= 1
+
+    await page.route(re.compile(r".*/api/v1/machines\?.*last_event=1.*"), slow)
+    for i in range(40):  # 4 s of a storm's events
+        env.service.events.published(
+            [Event("m-storm", time.time(), "dhcp", f"seen {i}")])
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2.0)
+    assert asked[0] >= 2  # it did reload
+    assert most[0] == 1, most[0]
