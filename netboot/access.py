@@ -40,7 +40,10 @@ TOKEN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 # must not turn every read into a database write.
 TOUCH_EVERY = 60.0
 # The audit log keeps this many entries (the oldest go first), checked every AUDIT_PRUNE_EVERY
-# writes, so a flood of refused requests cannot grow the database without bound.
+# writes, so a flood of refused requests cannot grow the database without bound. The default
+# of inventory.audit_keep: an install writes 3 (the installer's two reports, its
+# registration), so 100,000 hold ~33 days of a 1,000-device pallet a day (s36-ops); a year
+# of them is ~1,100,000 (~130 MiB of SQLite, ~127 bytes an entry with its index).
 AUDIT_KEEP = 100_000
 AUDIT_PRUNE_EVERY = 1000
 # Refused requests without a valid token, recorded per peer address: this many at once, then
@@ -169,8 +172,10 @@ class Access:
 
     def __init__(self, store: Store, *, clock: Callable[[], float] = time.time,
                  new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(32),
-                 commit: Callable[[Batch], Awaitable[None]] | None = None) -> None:
+                 commit: Callable[[Batch], Awaitable[None]] | None = None,
+                 audit_keep: int = AUDIT_KEEP) -> None:
         self._store = store
+        self._audit_keep = audit_keep
         self._clock = clock
         self._new_secret = new_secret
         self._writes = 0
@@ -259,7 +264,7 @@ class Access:
         """One more entry written: now and then the oldest are dropped."""
         self._writes += 1
         if self._writes % AUDIT_PRUNE_EVERY == 0:
-            await self._store.prune_audit(AUDIT_KEEP)
+            await self._store.prune_audit(self._audit_keep)
 
     async def audit_log(self, *, since: float | None = None,
                         limit: int = 1000) -> list[AuditEntry]:

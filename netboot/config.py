@@ -217,6 +217,14 @@ class InventoryConfig:
     # a dead peer ends a connection in ~15 s); the server's statement_timeout and
     # idle_in_transaction_session_timeout on netboot's sessions.
     postgresql: pg_dsn.PeerSettings = field(default_factory=pg_dsn.PeerSettings)
+    # Machine events (the timeline, `netboot explain`) older than this many days are dropped
+    # (netboot.retention: hourly, in small batches); 0 keeps them forever. A year keeps a
+    # machine's install and registration for its first year of service.
+    events_keep_days: int = 365
+    # Audit log entries kept, the newest (netboot.access); a count, not an age, so that a
+    # flood of refused requests cannot grow it. An install writes 3: the default holds a
+    # month of daily 1,000-device pallets; 1,100,000 holds a year of them (~130 MiB).
+    audit_keep: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -776,9 +784,13 @@ def _check_limits(cfg: Config, src: _Source) -> None:
          "records a second, e.g. 20"),
         ("enroll.report_burst", cfg.enroll.report_burst, "e.g. 60"),
         ("enroll.report_rate", cfg.enroll.report_rate, "reports a second, e.g. 1"),
+        ("inventory.audit_keep", cfg.inventory.audit_keep, "entries, e.g. 100000"),
     ):
         if value < 1:
             raise src.error(key, f"{value} is below 1", f"write a whole number >= 1 ({fix})")
+    if cfg.inventory.events_keep_days < 0:
+        raise src.error("inventory.events_keep_days", f"{cfg.inventory.events_keep_days} is "
+                        "below 0", "write days, e.g. 365 (0 keeps events forever)")
     if http.max_connections_per_source > http.max_connections:
         raise src.error("http.max_connections_per_source",
                         f"{http.max_connections_per_source} is above http.max_connections "

@@ -21,7 +21,7 @@ from typing import Any
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
-from netboot.access import Access
+from netboot.access import AUDIT_KEEP, Access
 from netboot.boot import BootService
 from netboot.content import Content
 from netboot.enroll import Enroller, check_hostname, check_hostname_template
@@ -150,14 +150,16 @@ def _arch(text: str | None) -> Arch | None:
 
 class Core:
     def __init__(self, store: Store, enroller: Enroller, boot: BootService, content: Content,
-                 *, clock: Callable[[], float] = time.time) -> None:
+                 *, clock: Callable[[], float] = time.time,
+                 audit_keep: int = AUDIT_KEEP) -> None:
         self.store = store
         self.enroller = enroller
         self.boot = boot
         self.content = content
         self._clock = clock
         # Tokens, scopes and the audit log: one set of rules for the API, CLI and dashboard.
-        self.access = Access(store, clock=clock, commit=enroller.recorder.commit)
+        self.access = Access(store, clock=clock, commit=enroller.recorder.commit,
+                             audit_keep=audit_keep)
 
     # -- machines -----------------------------------------------------------------------
     async def machine(self, ref: str) -> Machine:

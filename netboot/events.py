@@ -62,6 +62,18 @@ class Subscription:
             return missed
         return await self._queue.get()
 
+    def ready(self) -> list[Published | Missed]:
+        """What :meth:`next` would return now without waiting, all of it (at most the
+        queue's size, and a :class:`Missed` first): a stream writes a burst as one chunk."""
+        out: list[Published | Missed] = []
+        if self.missed:
+            out.append(Missed(self.missed))
+            self.missed = 0
+        queue = self._queue
+        while not queue.empty():
+            out.append(queue.get_nowait())
+        return out
+
     def close(self) -> None:
         self._bus._subscribers.discard(self)
 

@@ -128,12 +128,17 @@ class Summary:
         self.interval = interval
         self._clock = clock
         self._counts: Counter[str] = Counter()
+        self._totals: Counter[str] = Counter()  # of the lines logged so far
         self._since = clock()
 
     @property
     def counts(self) -> Counter[str]:
         """What was counted since the last summary line."""
         return self._counts
+
+    def totals(self) -> Counter[str]:
+        """Everything counted since the start, by kind (the metrics' counters, at scrape)."""
+        return self._totals + self._counts
 
     def note(self, kind: str) -> None:
         self._counts[kind] += 1
@@ -145,6 +150,7 @@ class Summary:
         if self._counts:
             parts = ", ".join(f"{n} {kind}" for kind, n in sorted(self._counts.items()))
             self._logger.info("%s: last %.0f s: %s", self._what, now - self._since, parts)
+            self._totals.update(self._counts)
             self._counts = Counter()
         self._since = now
 

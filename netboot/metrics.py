@@ -22,7 +22,7 @@ import contextlib
 import time
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from netboot.errors import StoreError
@@ -186,6 +186,8 @@ class Metrics:
         self._max_tracked = max_tracked
         self._health: InventoryHealth | None = None
         self._queued_now: Callable[[], int] | None = None
+        self._backlog_now: Callable[[], int] | None = None
+        self._dhcp_outcomes: Callable[[], Mapping[str, int]] | None = None
         self._tftp = _TftpCollector()
         self._http_counts = _HttpCollector()
         now = time.time()
@@ -211,9 +213,16 @@ class Metrics:
             self._registry = registry
         return self._registry
 
-    def watch_inventory(self, health: InventoryHealth, queued: Callable[[], int]) -> None:
-        """Where the inventory's health and the recorder's queue are read at scrape."""
-        self._health, self._queued_now = health, queued
+    def watch_inventory(self, health: InventoryHealth, queued: Callable[[], int],
+                        backlog: Callable[[], int] | None = None) -> None:
+        """Where the inventory's health and the recorder's queue (its events; ``backlog``:
+        with the machines' learnt facts) are read at scrape."""
+        self._health, self._queued_now, self._backlog_now = health, queued, backlog
+
+    def read_dhcp_outcomes(self, outcomes: Callable[[], Mapping[str, int]]) -> None:
+        """Where the DHCP server's outcomes so far are read at scrape (its summary line's
+        counts: each reply sent, and each request left unanswered and why)."""
+        self._dhcp_outcomes = outcomes
 
     def read_tftp_stats(self, stats: Callable[[], Any | None]) -> None:
         """Where the TFTP server's counters are read from at scrape (None: TFTP is off)."""
@@ -363,6 +372,22 @@ class _Collector(_CollectorBase):
                                 "(/healthz: 200 unknown), else 0",
                                 value=0.0 if health is None or health.unknown is None
                                 else 1.0)
+        if m._backlog_now is not None:
+            yield GaugeMetricFamily("netboot_inventory_backlog", "boot notes and learnt facts "
+                                    "waiting for the inventory's writer (at its bound, boot "
+                                    "answers are paced until it writes)",
+                                    value=float(m._backlog_now()))
+        if m._dhcp_outcomes is not None:
+            # Replies and silences alike, as the DHCP summary line counts them: a fixed
+            # vocabulary ("proxy OFFER", "silent (no boot)", "decision timed out",
+            # "pool exhausted", ...), never a MAC or an address. Where netboot_dhcp_replies
+            # says what was sent, this also says what was not (dnsmasq logs "ignored").
+            outcomes = CounterMetricFamily("netboot_dhcp_outcomes", "DHCP requests by "
+                                           "outcome: a reply sent, or why none was",
+                                           labels=["outcome"])
+            for outcome, n in sorted(m._dhcp_outcomes().items()):
+                outcomes.add_metric([outcome], n)
+            yield outcomes
         yield from m._tftp.collect()
 
 

@@ -336,6 +336,9 @@ def document() -> dict[str, Any]:
                 _query("order", {"type": "string", "enum": ["asc", "desc"]}),
                 _query("last_event", {"type": "string", "enum": ["1", "true"]},
                        "add each machine's last event"),
+                _query("unchanged_for", {"type": "integer", "minimum": 0, "maximum": 10**9},
+                       "seconds: only machines unchanged (state, learnt facts) for at least "
+                       "this long; with state, those stuck in it"),
                 _query("label", {"type": "array",
                                  "items": {"type": "string", "pattern": "^[^=]+="}},
                        "key=value; every one must match"),
@@ -420,7 +423,11 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/clusters/{name}/nodes": {
             "parameters": [_path_param("name")],
-            "get": _op("machines of a cluster", need=READ, out="array:Machine"),
+            "get": _op("machines of a cluster (all of them unless paged)", need=READ,
+                       out="array:Machine", params=(
+                           _query("limit", {"type": "integer", "minimum": 1,
+                                            "maximum": 100000}),
+                           _query("offset", {"type": "integer", "minimum": 0}))),
         },
     }
     paths["/api/v1/tokens"] = {

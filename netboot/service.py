@@ -326,7 +326,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     enroller.find_mac = boot.machine_by_mac  # registrations from the synced view
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
                       base_url, enroller, trust=trust)
-    return Core(store, enroller, boot, content)
+    return Core(store, enroller, boot, content, audit_keep=config.inventory.audit_keep)
 
 
 async def check_default_profile(config: Config, store: Store) -> None:
@@ -510,6 +510,11 @@ class Service:
         cfg = self.config
         self._event_cursor, _ = await self.store.events_since(-1)
         self.tasks.append(asyncio.ensure_future(self._watch_inventory()))
+        if cfg.inventory.events_keep_days:
+            from netboot.retention import keep_events
+
+            self.tasks.append(asyncio.ensure_future(keep_events(
+                self.store, cfg.inventory.events_keep_days, clock=time.time, log=log)))
         access = logging.getLogger("netboot.access") if cfg.http.access_log else None
         assert self.front is not None
         doorway = self.doorway = Doorway(
@@ -576,6 +581,7 @@ class Service:
                               advertise=self.advertise, port=cfg.dhcp.port,
                               pxe_port=cfg.dhcp.pxe_port, observer=self.metrics)
             await dhcp.start()
+            self.metrics.read_dhcp_outcomes(dhcp.summary.totals)
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
@@ -947,7 +953,8 @@ async def build(config: Config, *, app: bool = True) -> Service:
                         "from any peer, and tokens cross the network in clear")
         devices = DeviceRoutes(core.content, health=core.boot.health)
         front = FrontDoor(devices, log=http_log, observer=metrics, ids=ids, plain=plain)
-        metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued)
+        metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued,
+                                lambda: core.enroller.recorder.backlog)
 
         def make_app() -> web.Application:
             return web_app(config, core, events, metrics, devices, front, ids, plain, http_log)

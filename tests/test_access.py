@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -171,10 +172,8 @@ async def test_audit_records_and_reads_back(access: Access, clock: Clock) -> Non
     assert [e.actor for e in await access.audit_log(since=clock.now)] == ["cli:ops"]
 
 
-async def test_audit_log_is_bounded(store: MemoryStore, clock: Clock,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("netboot.access.AUDIT_KEEP", 3)
-    access = Access(store, clock=clock)
+async def test_audit_log_is_bounded(store: MemoryStore, clock: Clock) -> None:
+    access = Access(store, clock=clock, audit_keep=3)  # inventory.audit_keep
     for i in range(AUDIT_PRUNE_EVERY):
         await access.record("x", "POST /api/v1/machines", str(i), peer="p", outcome="401")
     log = await store.list_audit(limit=10 * AUDIT_PRUNE_EVERY)
@@ -220,3 +219,21 @@ def test_refusals_from_many_peers_are_bounded_together_and_a_v6_peer_by_its_64()
     assert budget.admit("192.0.2.1", 10.0) == 0
     assert budget.admit("192.0.2.1", 10.0) is None  # the mapped address was the same peer
     assert peer_key("fe80::1%eth0") == "fe80::1%eth0"  # link-local: each its own
+
+
+async def test_the_audit_bound_is_the_configs(tmp_path: Path) -> None:
+    """inventory.audit_keep reaches the server's Access (s36-ops): the default keeps ~33
+    days of a daily 1,000-device pallet (3 entries an install), a year needs ~1,100,000."""
+    from netboot.config import load
+    from netboot.service import build_core
+
+    conf = tmp_path / "netboot.yaml"
+    conf.write_text(f"server:\n  data_dir: {tmp_path}\ninventory:\n  audit_keep: 2\n")
+    store = MemoryStore()
+    await store.open()
+    core = build_core(load(conf, env={}), store, lambda: "http://192.0.2.10:8080",
+                      check_templates=False)
+    for i in range(AUDIT_PRUNE_EVERY):
+        await core.access.record("x", "POST /api/v1/machines", str(i), peer="p", outcome="401")
+    log = await store.list_audit(limit=10 * AUDIT_PRUNE_EVERY)
+    assert [e.target for e in log] == [str(AUDIT_PRUNE_EVERY - i) for i in (2, 1)]

@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netboot.inventory import codec
 from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.lifecycle import Trigger, advance
-from netboot.model import Scope
+from netboot.model import Event, Scope
 from netboot.openapi import document
-from tests.conftest import Env, Reply, boot, call, install_token
+from tests.conftest import Env, EnvFactory, Reply, boot, call, install_token
 from tests.held_store import begun, held_writer, write_lock, writes_waiting
 
 MAC = "52:54:00:12:34:56"
@@ -520,6 +524,41 @@ async def test_register_records_the_peer_not_a_claimed_loopback(env: Env) -> Non
     assert {(r["address"], r["source"], r["reason"]) for r in event["data"]["refused"]} == {
         ("127.0.0.2", "peer", "loopback"), ("127.0.0.1", "reported", "loopback")}
     assert "ignored reported address '127.0.0.1' (loopback)" in event["message"]
+
+
+async def test_machines_unchanged_for_a_while_are_the_stuck_ones(env: Env) -> None:
+    """GET /machines?state=booting&unchanged_for=600: which machines fetched their script
+    ten minutes ago or more and nothing since (s36-ops)."""
+    await env.seed()
+    for n in (1, 2, 3):
+        await env.post("/api/v1/machines", {"mac": f"52:54:00:ab:00:0{n}"}, status=201)
+        await boot(env, f"52:54:00:ab:00:0{n}")
+    store = env.service.store
+    for n, age in ((1, 3600.0), (3, 900.0)):
+        m = await store.machine_by("mac", f"52:54:00:ab:00:0{n}")
+        assert m is not None and m.state.value == "booting"
+        await store.update_machine(replace(m, updated=time.time() - age))
+    listed = await env.get("/api/v1/machines?state=booting&unchanged_for=600&last_event=1")
+    assert [m["macs"] for m in listed["items"]] == [["52:54:00:ab:00:01"], ["52:54:00:ab:00:03"]]
+    assert listed["total"] == 2
+    assert listed["items"][0]["last_event"]["kind"] == "install-plan"  # where it stopped
+    listed = await env.get("/api/v1/machines?unchanged_for=1800")
+    assert [m["macs"] for m in listed["items"]] == [["52:54:00:ab:00:01"]]
+    assert (await env.get("/api/v1/machines?state=booting"))["total"] == 3
+    error(await call(env, "GET", "/api/v1/machines?unchanged_for=-1"), 400)
+
+
+async def test_cluster_nodes_are_paged_when_asked(env: Env) -> None:
+    """The dashboard asks for a page of a cluster's nodes (s36-ops); all by default."""
+    await env.seed()
+    rows = [{"mac": f"52:54:00:ee:00:{i:02x}", "cluster": "edge"} for i in range(5)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    every = [n["mac"] for n in await env.get("/api/v1/clusters/edge/nodes")]
+    assert every == [r["mac"] for r in rows]
+    assert [n["mac"] for n in await env.get("/api/v1/clusters/edge/nodes?limit=2")] == every[:2]
+    assert [n["mac"] for n in await env.get(
+        "/api/v1/clusters/edge/nodes?limit=2&offset=4")] == every[4:]
+    error(await call(env, "GET", "/api/v1/clusters/edge/nodes?limit=0"), 400)
 
 
 async def test_cluster_crud_and_nodes(env: Env) -> None:
@@ -1736,3 +1775,99 @@ async def test_refused_requests_from_many_addresses_cannot_flush_the_audit_log(e
     assert {e.peer for e in refused} <= {f"127.0.5.{h}" for h in range(1, 71)}
     assert REFUSED_ALL_BURST <= len(refused) <= REFUSED_ALL_BURST + refill, (len(refused),
                                                                            refill)
+
+
+# --- the event stream (GET /api/v1/events/stream) at fleet scale (s36-ops) --------------------
+
+
+async def _open_stream(env: Env) -> Any:
+    resp = await env.client.get("/api/v1/events/stream", headers=env.auth)
+    assert resp.status == 200
+    assert (await resp.content.readuntil(b"\n\n")).startswith(b"retry: 3000")
+    return resp
+
+
+def _burst(n: int, start: int = 0) -> list[Event]:
+    return [Event(f"m-{i}", 1_800_000_000.0 + i, "dhcp", f"seen {i}") for i in
+            range(start, start + n)]
+
+
+async def test_a_burst_of_events_is_one_write_and_one_encoding_for_every_stream(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storm's group commit publishes hundreds of events at once: each open dashboard
+    got a write per event (a send and a TCP segment each) and each event was encoded once
+    per open dashboard. Now: one write a burst a stream, one encoding an event."""
+    streams = [await _open_stream(env) for _ in range(3)]
+    try:
+        encoded: list[str] = []
+        real = codec.event_to_dict
+        monkeypatch.setattr(codec, "event_to_dict",
+                            lambda e: encoded.append(e.machine) or real(e))
+        writes: list[bytes] = []
+        write = web.StreamResponse.write
+
+        async def counted(self: web.StreamResponse, data: bytes) -> None:
+            if b"event: machine" in data:
+                writes.append(bytes(data))
+            await write(self, data)
+
+        monkeypatch.setattr(web.StreamResponse, "write", counted)
+        env.service.events.published(_burst(200))
+        for resp in streams:
+            got = b""
+            while got.count(b"event: machine") < 200:
+                got += await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+            messages = [json.loads(line[6:]) for line in got.split(b"\n")
+                        if line.startswith(b"data: ")]
+            assert [m["message"] for m in messages] == [f"seen {i}" for i in range(200)]
+        assert len(writes) == 3  # one per stream
+        assert sorted(encoded) == sorted(f"m-{i}" for i in range(200))  # once each
+    finally:
+        for resp in streams:
+            resp.close()
+
+
+async def test_a_stream_that_never_reads_holds_bounded_memory_and_is_let_go(
+        make_env: EnvFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dashboard tab that stopped reading (a frozen browser, a suspended laptop) while a
+    storm publishes: what the server buffers for it is bounded (its queue, then "missed";
+    the connection's write buffer at its high-water mark), and once its data stays
+    unacknowledged for http.send_timeout its connection is dropped and its stream's slot
+    given back (EventBus.max_subscribers)."""
+    env = await make_env(http="  send_timeout: 3\n")
+    bus = env.service.events
+    buffered: list[int] = []
+    write = web.StreamResponse.write
+
+    async def watched(self: web.StreamResponse, data: bytes) -> None:
+        await write(self, data)
+        assert self._req is not None and self._req.transport is not None
+        buffered.append(self._req.transport.get_write_buffer_size())
+
+    monkeypatch.setattr(web.StreamResponse, "write", watched)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, (env.client.host, env.client.port))
+        await loop.sock_sendall(sock, (
+            f"GET /api/v1/events/stream HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {env.admin}\r\n\r\n").encode())
+        for _ in range(100):
+            if bus.subscribers:
+                break
+            await asyncio.sleep(0.02)
+        assert bus.subscribers == 1
+        for k in range(40):  # 20,000 events; the reader takes none past its few KiB
+            bus.published(_burst(500, k * 500))
+            await asyncio.sleep(0.01)
+        assert buffered and max(buffered) < 1 << 20, max(buffered)
+        # Dropped by the kernel (TCP_USER_TIMEOUT = send_timeout), the slot is free again.
+        for _ in range(200):
+            if not bus.subscribers:
+                break
+            await asyncio.sleep(0.05)
+        assert bus.subscribers == 0
+    finally:
+        sock.close()

@@ -86,6 +86,8 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
         ("tftp:\n  single_port: sometimes\n", "tftp.single_port", 2, "true or false"),
         ("tftp:\n  max_transfers: 10\n  max_per_client: 11\n", "tftp.max_per_client", 3,
          "raise tftp.max_transfers"),
+        ("inventory:\n  events_keep_days: -1\n", "inventory.events_keep_days", 2, "forever"),
+        ("inventory:\n  audit_keep: 0\n", "inventory.audit_keep", 2, ">= 1"),
         ("http:\n  plain_api: sometimes\n", "http.plain_api", 2, "loopback"),
         ("http:\n  plain_api: refuse\nhttps:\n  enabled: false\n", "http.plain_api", 2,
          "enable https"),

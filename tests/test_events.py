@@ -72,3 +72,15 @@ async def test_relay_publishes_other_servers_events_once_and_not_ours() -> None:
         relayed = [await sub.next() for _ in range(2)]
         assert [r.event for r in relayed if isinstance(r, Published)] == [ev(2), ev(3)]
     assert counted == [ev(1)]
+
+
+async def test_ready_takes_everything_queued_without_waiting_missed_first() -> None:
+    """A stream writes a burst as one chunk (api.event_stream): what is queued, at once."""
+    bus = EventBus(queue_size=3)
+    with bus.subscribe() as sub:
+        assert sub.ready() == []
+        bus.published([ev(i) for i in range(5)])
+        got = sub.ready()
+        assert got[0] == Missed(2)
+        assert [r.event.message for r in got[1:] if isinstance(r, Published)] == ["2", "3", "4"]
+        assert sub.ready() == [] and sub.missed == 0

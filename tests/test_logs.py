@@ -113,6 +113,9 @@ def test_summary_counts_per_kind_and_flushes_on_interval(
     summary.flush()
     summary.flush()  # nothing pending: no line
     assert len(caplog.records) == 1
+    # The counts since the start, the metrics' (netboot_dhcp_outcomes_total), lines or not.
+    summary.note("silent")
+    assert summary.totals() == {"proxy OFFER": 300, "proxy ACK": 1, "silent": 2}
 
 
 # --- --log-format json ---------------------------------------------------------------------

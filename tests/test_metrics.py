@@ -344,3 +344,31 @@ def test_http_requests_are_exposed_as_prometheus_clients_counter_and_histogram()
     assert value(samples(_text(metrics)), "netboot_errors_total", kind="http_5xx") == 0
     metrics.http_request("/ipxe", "GET", 503, 0.2)
     assert value(samples(_text(metrics)), "netboot_errors_total", kind="http_5xx") == 1
+
+
+async def test_dhcp_requests_left_unanswered_are_counted_by_why(make_env: EnvFactory) -> None:
+    """netboot_dhcp_outcomes_total: what the DHCP summary line counts, replies and silences
+    alike: an operator sees a storm's unknown devices ignored (discovery policy ignore)
+    without reading the log (s36-ops)."""
+    env = await make_env()
+    await env.seed()
+    dhcp = DhcpServer(DhcpSettings(), env.service.boot, MemoryLeaseStore(), interfaces=None,
+                      advertise=LOOPBACK, host=LOOPBACK, port=0, pxe_port=0,
+                      broadcast_address=LOOPBACK, observer=env.service.metrics,
+                      summary_seconds=0.0)
+    env.service.metrics.read_dhcp_outcomes(dhcp.summary.totals)
+    await dhcp.start()
+    try:
+        # Unknown to the inventory: ignored (twice: a line logged between, counted on).
+        for _ in range(2):
+            assert await dhcp.handle(payload("uefi-edk2pxe", 8), ("0.0.0.0", 68),
+                                     server_ip=LOOPBACK, pxe_port=False) == []
+        await env.post("/api/v1/machines", {"mac": PCAP_MAC}, status=201)
+        assert await dhcp.handle(payload("uefi-edk2pxe", 8), ("0.0.0.0", 68),
+                                 server_ip=LOOPBACK, pxe_port=False)
+    finally:
+        await dhcp.close()
+    m = await scrape(env)
+    assert value(m, "netboot_dhcp_outcomes_total", outcome="silent (no boot)") == 2
+    assert value(m, "netboot_dhcp_outcomes_total", outcome="proxy OFFER") == 1
+    assert ("netboot_inventory_backlog", ()) in m

@@ -1390,3 +1390,27 @@ async def test_a_database_that_stopped_answering_is_told_by_health_within_the_ch
             await _health_says_down_within_the_bound(env, "no answer to a check within 1 s")
         await _health_says_ok_again_within_the_bound(env)
         await service.store.close()  # before the proxy goes
+
+
+@pytest.mark.parametrize(("line", "days"), [("", 365), ("  events_keep_days: 30\n", 30),
+                                            ("  events_keep_days: 0\n", None)])
+async def test_old_events_are_pruned_as_configured(tmp_path: Path, line: str, days: int | None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """inventory.events_keep_days reaches the retention task (netboot.retention), which a
+    server starts beside its others; 0 starts none (s36-ops)."""
+    import netboot.retention
+
+    asked: list[tuple[object, float]] = []
+
+    async def keep_events(store: object, keep: float, **kw: object) -> None:
+        asked.append((store, keep))
+
+    monkeypatch.setattr(netboot.retention, "keep_events", keep_events)
+    path = write_config(tmp_path, "inventory:\n" + line if line else "")
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        await asyncio.sleep(0)
+        assert asked == ([] if days is None else [(service.store, days)])
+    finally:
+        await service.close()

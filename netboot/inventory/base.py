@@ -43,6 +43,10 @@ class MachineFilter:
     # Case-insensitive substring of the hostname, id, or any MAC, UUID, serial or asset tag
     # (the dashboard's search box).
     text: str | None = None
+    # Machines whose last change (``updated``: a state, a learnt fact) is older than this
+    # (seconds since the epoch): with a state, the ones stuck in it (the dashboard's
+    # "unchanged for" filter in a storm).
+    updated_before: float | None = None
     sort: str = "mac"  # one of SORT_KEYS
     descending: bool = False
     limit: int = 100
@@ -334,6 +338,12 @@ class Store(ChangeFeed, StateCounts, Protocol):
         """Each machine's newest event (what ``list_events(id, limit=1)`` holds), by machine
         id, for those that have one: one read for a batch of machines (netboot.recorder
         compares a storm's first notes with the store's history in one query per batch)."""
+
+    async def prune_events(self, before: float, limit: int) -> int:
+        """Drop the events recorded before ``before`` (the writer's clock) among the oldest
+        ``limit`` (by insertion order); returns how many were dropped. Bounded work per call,
+        so that a retention pass (netboot.retention) never holds the writer for long: a
+        caller repeats it while it drops any."""
 
     async def events_since(self, after: int, *, limit: int = 1000) -> tuple[int, list[Event]]:
         """Events of every machine committed after position ``after`` (by any writer: this

@@ -117,6 +117,8 @@ class MemoryStore:
                 continue
             if flt.has_mac is not None and bool(machine.macs) != flt.has_mac:
                 continue
+            if flt.updated_before is not None and not machine.updated < flt.updated_before:
+                continue
             if flt.text and not codec.matches_text(machine, flt.text):
                 continue
             out.append(machine)
@@ -300,6 +302,21 @@ class MemoryStore:
         if limit <= 0:
             return []
         return list(self._events.get(machine_id, [])[-limit:])
+
+    async def prune_events(self, before: float, limit: int) -> int:
+        self._check_open()
+        # The oldest ``limit`` events of all machines (time stands for the SQL stores' ids),
+        # and of those, the ones recorded before ``before``.
+        oldest = sorted((e.time, m, i) for m, history in self._events.items()
+                        for i, e in enumerate(history))[:max(limit, 0)]
+        gone = {(m, i) for t, m, i in oldest if t < before}
+        for m in {m for m, _ in gone}:
+            kept = [e for i, e in enumerate(self._events[m]) if (m, i) not in gone]
+            if kept:
+                self._events[m] = kept
+            else:
+                del self._events[m]
+        return len(gone)
 
     async def newest_events(self, machine_ids: Collection[str]) -> dict[str, Event]:
         self._check_open()

@@ -2102,6 +2102,17 @@ class PostgresStore:
         return int(deleted)
 
 
+    async def prune_events(self, before: float, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        # As sqlite.py's: only the oldest ``limit`` rows by id are looked at. A lost answer
+        # is told 0: the caller's pass stops, and the next pass goes on from there.
+        deleted = await self._single(
+            "fetchval", "WITH gone AS (DELETE FROM events WHERE id IN (SELECT id FROM"
+            " (SELECT id, time FROM events ORDER BY id LIMIT $2) oldest WHERE time < $1)"
+            " RETURNING 1) SELECT count(*) FROM gone", float(before), limit, committed=0)
+        return int(deleted)
+
 def _left(deadline: float) -> float:
     """The time left before ``deadline`` (monotonic), as a timeout asyncpg accepts."""
     return max(deadline - time.monotonic(), 0.001)
@@ -2369,6 +2380,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"((m.data::jsonb) ->> 'serial') = ANY({arg(list(flt.serials))}::text[])")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
+    if flt.updated_before is not None:
+        clauses.append(f"m.updated < {arg(float(flt.updated_before))}")
     if flt.text:
         # strpos, not LIKE: no wildcard characters to escape in the text.
         needle = arg(flt.text.lower())

@@ -1265,6 +1265,11 @@ class SqliteStore:
     async def prune_audit(self, keep: int) -> int:
         return await self._run(_prune_audit, max(keep, 0))
 
+    async def prune_events(self, before: float, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        return await self._run(_prune_events, before, limit)
+
 
 def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> None:
     """Seal the join tokens an older netboot stored in clear (one transaction), then move the
@@ -1567,6 +1572,9 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         params.extend(flt.serials)
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
+    if flt.updated_before is not None:
+        clauses.append("m.updated < ?")
+        params.append(flt.updated_before)
     if flt.text:
         # instr(lower(..)) rather than LIKE: no wildcard characters to escape in the text.
         clauses.append("(instr(lower(coalesce(m.hostname, '')), ?) OR instr(lower(m.id), ?)"
@@ -2342,6 +2350,16 @@ def _prune_audit(conn: sqlite3.Connection, keep: int) -> int:
     return cur.rowcount
 
 
+def _prune_events(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    # Only the oldest ``limit`` rows by id are looked at (the primary key's order, no index
+    # on time): a pass over a table with nothing to drop reads ``limit`` rows, not all.
+    cur = conn.execute(
+        "DELETE FROM events WHERE id IN (SELECT id FROM"
+        " (SELECT id, time FROM events ORDER BY id LIMIT ?) WHERE time < ?)", (limit, before))
+    return cur.rowcount
+
+
 # Writes that change nothing the change feed reports (see SqliteStore.commits).
 _OFF_FEED = frozenset({_add_event, _put_lease, _delete_lease, _forget_changes, _create_token,
-                       _delete_token, _touch_token, _add_audit, _settle_audit, _prune_audit})
+                       _delete_token, _touch_token, _add_audit, _settle_audit, _prune_audit,
+                       _prune_events})

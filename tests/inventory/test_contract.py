@@ -450,6 +450,20 @@ async def test_list_and_count_filters(
     assert await store.count_machines(flt) == len(expected)
 
 
+async def test_filter_by_last_change_finds_the_stuck(store: Store) -> None:
+    """``updated_before``: the dashboard's "unchanged for" filter (s36-ops), with a state
+    the machines stuck in it."""
+    for i, (t, state) in enumerate([(10.0, MachineState.BOOTING), (20.0, MachineState.BOOTING),
+                                    (30.0, MachineState.BOOTING), (5.0, MachineState.ENROLLED)]):
+        await store.create_machine(machine(mac(i), state=state, created=1.0, updated=t))
+    stuck = MachineFilter(state=MachineState.BOOTING, updated_before=25.0)
+    assert macs(await store.list_machines(stuck)) == [mac(0), mac(1)]
+    assert await store.count_machines(stuck) == 2
+    assert macs(await store.list_machines(MachineFilter(updated_before=25.0))) == [
+        mac(0), mac(1), mac(3)]
+    assert await store.count_machines(MachineFilter(updated_before=5.0)) == 0
+
+
 async def _mixed_states(store: Store) -> None:
     """Machines in every state, in clusters and none, then moved and deleted (a storm's
     steps and an operator's), so that the rows' order is not their creation order."""
@@ -687,6 +701,25 @@ async def test_newest_events_of_many_machines_in_one_read(store: Store) -> None:
     many = await store.newest_events(ids)
     assert {m: e.message for m, e in many.items()} == {
         m: f"n{k}" for k, m in enumerate(ids) if k % 2 == 0}
+
+
+async def test_prune_events_drops_the_old_among_the_oldest_only(store: Store) -> None:
+    """Retention (netboot.retention): events recorded before a time go, the oldest first,
+    at most ``limit`` rows looked at a call, so a pass never holds the writer for long."""
+    for t, m in [(1.0, MAC1), (2.0, MAC2), (3.0, MAC1), (4.0, MAC2), (5.0, MAC1)]:
+        await store.add_event(Event(machine=mid(m), time=t, kind="k", message=f"t{t:g}"))
+    assert await store.prune_events(2.5, 1) == 1  # the oldest only
+    assert [e.time for e in await store.list_events(mid(MAC1))] == [3.0, 5.0]
+    assert [e.time for e in await store.list_events(mid(MAC2))] == [2.0, 4.0]
+    assert await store.prune_events(3.5, 10) == 2
+    assert [e.time for e in await store.list_events(mid(MAC1))] == [5.0]
+    assert [e.time for e in await store.list_events(mid(MAC2))] == [4.0]
+    assert await store.prune_events(3.5, 10) == 0  # nothing older left
+    assert await store.prune_events(100.0, 0) == 0
+    assert await store.prune_events(100.0, 10) == 2
+    assert await store.list_events(mid(MAC1)) == await store.list_events(mid(MAC2)) == []
+    await store.add_event(Event(machine=mid(MAC1), time=9.0, kind="k"))
+    assert [e.time for e in await store.list_events(mid(MAC1))] == [9.0]
 
 
 async def test_event_round_trip(store: Store) -> None:

@@ -929,6 +929,7 @@ async def test_single_statement_writes_are_one_round_trip(
             ("add_audit", lambda: store.add_audit(AuditEntry(
                 time=1.0, actor="a", action="x", target="t", peer="p", outcome="done"))),
             ("prune_audit", lambda: store.prune_audit(0)),
+            ("prune_events", lambda: store.prune_events(1.0, 1000)),  # retention
             ("delete_lease", lambda: store.delete_lease("52:54:00:00:00:01")),
         ]
         for name, write in writes:

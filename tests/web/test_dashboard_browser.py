@@ -9,14 +9,18 @@ be looked at, not only read.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from netboot.model import Event
 from tests.conftest import Env, EnvFactory, boot, call, install_token
 
 CHROMIUM = "/usr/bin/chromium"
@@ -207,3 +211,105 @@ async def test_many_machines_are_paged_and_sorted_by_the_server(
     await expect(body.first).to_contain_text("n0069")
     await shots(page, "paged")
     assert re.search(r"n0069", await body.first.inner_text())
+
+
+async def test_a_big_cluster_is_shown_a_page_at_a_time_with_a_way_to_all_of_it(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """The clusters view fetched every node of every cluster (~8 MiB of JSON for a cluster of
+    12,500) at each reload, several a second during a storm: now a page of each, the count,
+    and a link to the machines list filtered by the cluster."""
+    env = await make_env()
+    await env.seed()
+    rows = [{"mac": f"52:54:00:dd:{i // 256:02x}:{i % 256:02x}", "hostname": f"e{i:04d}",
+             "cluster": "edge" if i < 120 else None, "role": "agent"} for i in range(130)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    page = await logged_in(browser, env, shots)
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/nodes" in r.url else None)
+    await page.click("nav a[data-nav=clusters]")
+    section = page.locator("section.cluster[data-cluster=edge]")
+    await expect(section.locator("tbody tr")).to_have_count(50)
+    await expect(section.locator(".more")).to_contain_text("the first 50 of 120")
+    assert asked and all("limit=50" in u for u in asked), asked
+    await shots(page, "cluster-paged")
+    await section.locator(".more a").click()
+    await expect(page.locator(".pager")).to_contain_text("1\u201350 of 120")
+    await expect(page.locator("select[name=cluster]")).to_have_value("edge")
+    await shots(page, "cluster-all")
+
+
+async def test_the_machines_stuck_in_a_storm_are_one_filter_away(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """Mid-storm, which machines fetched their script and then nothing for 15 minutes, and
+    what they did last: the state filter with "unchanged 15 min+" (GET
+    /machines?state=booting&unchanged_for=900), the last event in its column."""
+    env = await make_env()
+    await env.seed()
+    for n in range(1, 5):
+        await env.post("/api/v1/machines", {"mac": f"52:54:00:ef:00:0{n}"}, status=201)
+        await boot(env, f"52:54:00:ef:00:0{n}")
+    store = env.service.store
+    stuck = await store.machine_by("mac", "52:54:00:ef:00:02")
+    assert stuck is not None
+    await store.update_machine(replace(stuck, updated=time.time() - 1800))
+    page = await logged_in(browser, env, shots)
+    rows = page.locator("table.machines tbody tr")
+    await expect(rows).to_have_count(4)
+    await page.select_option("select[name=state]", "booting")
+    await page.select_option("select[name=still]", "900")
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("52:54:00:ef:00:02")
+    await expect(rows.first).to_contain_text("install-plan")
+    await expect(rows.first).to_contain_text("30 min")
+    await shots(page, "stuck")
+
+
+async def test_the_search_box_takes_a_label_as_key_value(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """Searching by label (a rack, a line): "rack=r2" in the search box is the label filter
+    (GET /machines?label=rack=r2), not a part of a name (s36-ops)."""
+    env = await make_env()
+    rows = [{"mac": f"52:54:00:fa:00:0{i}", "hostname": f"n{i}", "labels": {"rack": f"r{i % 3}"}}
+            for i in range(6)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    page = await logged_in(browser, env, shots)
+    body = page.locator("table.machines tbody tr")
+    await expect(body).to_have_count(6)
+    await page.fill("input[type=search]", "rack=r2")
+    await expect(body).to_have_count(2)
+    await expect(body.nth(0)).to_contain_text("n2")
+    await expect(body.nth(1)).to_contain_text("n5")
+    await shots(page, "label-search")
+
+
+async def test_a_slow_list_is_not_asked_again_while_it_is_answering(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """A storm's events ask the open list to reload at most every 0.7 s; a search over
+    100,000 machines takes ~2 s (a scan), and the page asked again meanwhile, three reloads
+    running at once per tab. Now the next waits for the last to answer (s36-ops)."""
+    env = await make_env()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:fb:00:01"}, status=201)
+    page = await logged_in(browser, env, shots)
+    await expect(page.locator("table.machines tbody tr")).to_have_count(1)
+    running = [0]
+    most = [0]
+    asked = [0]
+
+    async def slow(route: Any) -> None:
+        running[0] += 1
+        asked[0] += 1
+        most[0] = max(most[0], running[0])
+        await asyncio.sleep(1.5)
+        try:
+            await route.continue_()
+        finally:
+            running[0] -= 1
+
+    await page.route(re.compile(r".*/api/v1/machines\?.*last_event=1.*"), slow)
+    for i in range(40):  # 4 s of a storm's events
+        env.service.events.published(
+            [Event("m-storm", time.time(), "dhcp", f"seen {i}")])
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2.0)
+    assert asked[0] >= 2  # it did reload
+    assert most[0] == 1, most[0]

@@ -106,16 +106,23 @@ function failed(err) {
 }
 
 function throttled(fn) {
-  // Runs fn at most once per RELOAD_MS, and once more after the last call.
-  let timer = null;
+  // Runs fn at most once per RELOAD_MS and never while its last run is under way, and once
+  // more after the last call. A storm's events asked a reload every RELOAD_MS whether the
+  // last had answered or not: a search over 100,000 machines (~2 s, a scan) had three of
+  // them running at once, per open tab.
+  let busy = false;
   let again = false;
-  return () => {
-    if (timer) { again = true; return; }
-    fn();
-    timer = setTimeout(function tick() {
-      timer = null;
-      if (again) { again = false; fn(); timer = setTimeout(tick, RELOAD_MS); }
+  async function run() {
+    busy = true;
+    try { await fn(); } catch (err) { failed(err); }
+    setTimeout(() => {
+      busy = false;
+      if (again) { again = false; run(); }
     }, RELOAD_MS);
+  }
+  return () => {
+    if (busy) { again = true; return; }
+    run();
   };
 }
 
@@ -165,16 +172,23 @@ const refreshDiscovered = throttled(async () => {
 
 // ---- views -------------------------------------------------------------------------------
 
-const query = {q: "", state: "", cluster: "", sort: "mac", order: "asc", offset: 0};
+const query = {q: "", state: "", cluster: "", still: "", sort: "mac", order: "asc", offset: 0};
+// "Unchanged for" (GET /machines?unchanged_for=): with a state, the machines stuck in it
+// during a storm (booting: script fetched, no config; installing; installed: not registered).
+const STILL = [["", "changed any time"], ["300", "unchanged 5 min+"],
+  ["900", "unchanged 15 min+"], ["3600", "unchanged 1 h+"], ["86400", "unchanged 1 day+"]];
 
 function machinesView(root) {
   const counts = h("section", {class: "counts", "aria-label": "machines by state"});
   const clusterCounts = h("section", {class: "cluster-counts"});
-  const search = h("input", {type: "search", placeholder: "search MAC, hostname, serial, id…",
+  const search = h("input", {type: "search",
+    placeholder: "search MAC, hostname, serial, id… or a label key=value",
     value: query.q, "aria-label": "search"});
   const stateSel = select("state", STATES, {empty: "any state", value: query.state});
   const clusterSel = h("select", {name: "cluster", "aria-label": "cluster"},
     h("option", {value: ""}, "any cluster"));
+  const stillSel = h("select", {name: "still", "aria-label": "unchanged for"},
+    STILL.map(([v, label]) => h("option", {value: v, selected: v === query.still}, label)));
   const tbody = h("tbody");
   const pager = h("div", {class: "pager"});
   const columns = [["macs", "MAC(s)", null], ["hostname", "Hostname", "hostname"],
@@ -192,7 +206,7 @@ function machinesView(root) {
   }));
   root.append(
     h("h1", {}, "Machines"), counts, clusterCounts,
-    h("div", {class: "filters"}, search, stateSel, clusterSel),
+    h("div", {class: "filters"}, search, stateSel, clusterSel, stillSel),
     h("table", {class: "machines"}, h("thead", {}, head), tbody), pager);
 
   let typing = null;
@@ -202,6 +216,7 @@ function machinesView(root) {
   });
   stateSel.addEventListener("change", () => { query.state = stateSel.value; query.offset = 0; load(); });
   clusterSel.addEventListener("change", () => { query.cluster = clusterSel.value; query.offset = 0; load(); });
+  stillSel.addEventListener("change", () => { query.still = stillSel.value; query.offset = 0; load(); });
 
   const changed = new Set(); // machines named by events since the last load
 
@@ -220,15 +235,21 @@ function machinesView(root) {
       h("thead", {}, h("tr", {}, h("th", {}, "Cluster"), STATES.map((s) => h("th", {}, s)))),
       h("tbody", {}, names.map((n) => h("tr", {}, h("td", {}, n),
         STATES.map((s) => h("td", {class: "num"}, data.clusters[n][s] || "")))))) : "");
-    const current = clusterSel.value;
+    const current = clusterSel.value || query.cluster;
+    // Spread: replaceChildren takes nodes, and made an array one "[object …]" text node.
     clusterSel.replaceChildren(h("option", {value: ""}, "any cluster"),
-      names.map((n) => h("option", {value: n, selected: n === current}, n)));
+      ...names.map((n) => h("option", {value: n, selected: n === current}, n)));
   }
 
   async function loadPage() {
     const params = new URLSearchParams({limit: PAGE, offset: query.offset, sort: query.sort,
       order: query.order, last_event: "1"});
-    for (const k of ["q", "state", "cluster"]) if (query[k]) params.set(k, query[k]);
+    for (const k of ["state", "cluster"]) if (query[k]) params.set(k, query[k]);
+    // key=value is a label (GET /machines?label=, indexed); anything else a part of a MAC,
+    // hostname, serial, UUID or id.
+    if (/^[^=\s]+=\S*$/.test(query.q)) params.set("label", query.q);
+    else if (query.q) params.set("q", query.q);
+    if (query.still) params.set("unchanged_for", query.still);
     const {data} = await api("GET", `/machines?${params}`);
     tbody.replaceChildren(...data.items.map((m) => {
       const last = m.last_event;
@@ -260,7 +281,9 @@ function machinesView(root) {
       }}, "next →"));
   }
 
-  function load() { loadCounts().catch(failed); loadPage().catch(failed); }
+  function load() {
+    return Promise.all([loadCounts().catch(failed), loadPage().catch(failed)]);
+  }
   const reload = throttled(load);
   load();
   return {
@@ -483,16 +506,28 @@ function enrollView(root) {
 }
 
 function clustersView(root) {
+  // A page of each cluster's nodes, and how many it has (GET /status): a cluster of 12,500
+  // nodes was fetched whole, ~8 MiB of JSON, again at every reload during a storm.
   const list = h("div");
   root.append(h("h1", {}, "Clusters"), list);
   async function load() {
-    const {data} = await api("GET", "/clusters");
+    const [{data}, {data: status}] = await Promise.all([api("GET", "/clusters"),
+      api("GET", "/status")]);
     if (!data.length) { list.replaceChildren(h("p", {class: "muted"}, "No clusters yet.")); return; }
     const sections = await Promise.all(data.map(async (c) => {
-      const nodes = (await api("GET", `/clusters/${encodeURIComponent(c.name)}/nodes`)).data;
+      const nodes = (await api("GET",
+        `/clusters/${encodeURIComponent(c.name)}/nodes?limit=${PAGE}`)).data;
+      const total = Object.values(status.clusters[c.name] || {}).reduce((a, b) => a + b, 0);
       const first = nodes.find((n) => n.role === "server" && n.state === "registered" && n.ipv4);
+      const registered = (status.clusters[c.name] || {}).registered || 0;
       const endpoint = c.server_url !== "managed" ? c.server_url
-        : c.endpoint || (first ? `${first.ipv4} (first registered server)` : "none yet: waiting for a server to register");
+        : c.endpoint || (first ? `${first.ipv4} (first registered server)`
+          : registered && nodes.length < total ? "the first registered server's address"
+            : "none yet: waiting for a server to register");
+      const all = () => {
+        Object.assign(query, {q: "", state: "", still: "", cluster: c.name, offset: 0});
+        if (location.hash === "#/") route(); else location.hash = "#/";
+      };
       return h("section", {class: "cluster", dataset: {cluster: c.name}},
         h("h2", {}, c.name),
         h("dl", {class: "fields"}, h("dt", {}, "k3s"), h("dd", {}, c.server_url),
@@ -503,7 +538,10 @@ function clustersView(root) {
         h("tbody", {}, nodes.map((n) => h("tr", {onclick: () => {
           location.hash = `#/machine/${encodeURIComponent(n.id)}`;
         }}, h("td", {}, n.hostname || n.id), h("td", {class: "mono"}, n.macs.join(" ")),
-        h("td", {}, n.role || ""), h("td", {}, stateBadge(n.state)), h("td", {}, n.ipv4 || ""))))));
+        h("td", {}, n.role || ""), h("td", {}, stateBadge(n.state)), h("td", {}, n.ipv4 || ""))))),
+        total > nodes.length ? h("p", {class: "more"}, `the first ${nodes.length} of ${total} — `,
+          h("a", {href: "#/", onclick: (e) => { e.preventDefault(); all(); }},
+            "all of them in the machines list")) : null);
     }));
     list.replaceChildren(...sections);
   }
