@@ -335,6 +335,19 @@ async def check_default_profile(config: Config, store: Store) -> None:
                               "works while the server is stopped) or remove the key")
 
 
+async def warn_of_unservable_profiles(store: Store) -> None:
+    """A profile stored before its files were checked at write time (session 35) may name
+    one netboot never serves (core.profile_file_errors): its boots fail and a PUT of it
+    unchanged is refused. Said at start, each file with its fix, not left to be found."""
+    from netboot.core import profile_file_errors
+
+    for profile in await store.list_profiles():
+        for _, error in profile_file_errors(profile):
+            log.warning("profile %s: %s: %s; its machines cannot boot until it is corrected "
+                        "(netboot profiles show %s; PUT /api/v1/profiles/%s)", profile.name,
+                        error.field, error.message, profile.name, profile.name)
+
+
 def advertised_address(config: Config) -> str:
     if config.server.advertise:
         return config.server.advertise
@@ -924,6 +937,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         grouping.check_groups(config.discovery.rules)
         _check_hostname_templates(config)
         await check_default_profile(config, store)
+        await warn_of_unservable_profiles(store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

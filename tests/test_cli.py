@@ -161,6 +161,36 @@ def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
     assert len(json.loads(out)) == 2
 
 
+@pytest.mark.parametrize(("name", "text", "line", "message"), [
+    ("fleet.csv", "mac,hostname\n02:00:00:00:00:01,a,extra\n", 2,
+     "more values than header columns"),
+    ("fleet.csv", "mac\n02:00:00:00:00:01\n02:00:00:00:00:02\n02:00:00:00:00:03,x\n", 4,
+     "more values than header columns"),
+    ("fleet.yaml", "machines:\n  - mac: 02:00:00:00:00:01\n    hostname: [a\n", 3,
+     "cannot parse yaml: expected ',' or ']', but got '<stream end>' (while parsing a flow "
+     "sequence on line 3, column 15)"),
+    ("fleet.yaml", "- mac: 02:00:00:00:00:01\n  hostname: a: b\n", 2,
+     "cannot parse yaml: mapping values are not allowed here (column 14)"),
+    ("fleet.yaml", "- mac: 02:00:00:00:00:01\n- just a string\n", 2,
+     "expected a mapping (a machine's fields)"),
+    ("fleet.json", '[\n  {"mac": "02:00:00:00:00:01",}\n]\n', 2,
+     "cannot parse json: Expecting property name enclosed in double quotes (column 31)"),
+    ("fleet.yaml", "mac: 02:00:00:00:00:01\n", None,
+     "expected a list of machines (or {machines: [...]})"),
+])
+def test_import_names_a_whole_file_error_by_file_and_line(
+        cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str,
+        line: int | None, message: str) -> None:
+    # As its rows' errors: FILE:LINE: (s35-user2 left `netboot: file: line 2: ...` and
+    # PyYAML's `in "<unicode string>", line 3`).
+    path = tmp_path / name
+    path.write_text(text)
+    rc, _out, err = run(capsys, "import", str(path), "--config", cfg)
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    assert (rc, err) == (2, f"{where}: {message}\n")
+    assert "unicode string" not in err and "netboot: file" not in err
+
+
 def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import hashlib
 
