@@ -102,12 +102,12 @@ def check_asset_ref(field: str, ref: str, *, url: bool = True, path: bool = True
 
 
 def profile_file_errors(profile: Profile) -> list[tuple[str, ValidationError]]:
-    """Each file a profile names that netboot could never serve or hand on
-    (:func:`check_asset_ref`): its kernel, initrds, assets, fdtdir and iso_url. A write is
-    refused for the first (:meth:`Core.put`); a profile stored before these checks (session
-    35) is shown with all of them (``problems``, :func:`public_dict`; ``netboot assets``; a
-    warning at start), so its operator learns why its PUT is refused and its boots fail.
-    Each with the text the profile gives."""
+    """Each file a profile names as netboot does not take it (:func:`check_asset_ref`): its
+    kernel, initrds, assets, fdtdir and iso_url. A write is refused for the first
+    (:meth:`Core.put`); a profile stored before these checks (session 35) is shown with all
+    of them (``problems``, :func:`public_dict`; ``netboot assets``; a warning at start), so
+    its operator learns why its PUT is refused (and, for a '..' or a URL netboot does not
+    hand on, why its boots fail). Each with the text the profile gives."""
     checks: list[tuple[str, str, bool, bool]] = [("kernel", profile.kernel, True, True)]
     checks += [(f"initrds[{i}]", ref, True, True) for i, ref in enumerate(profile.initrds)]
     # netboot assets checks these files on disk (cli._assets): no URL.

@@ -143,9 +143,9 @@ SCHEMAS: dict[str, Any] = {
         "install_device": _STR, "iso_url": _ISO_URL, "ssh_authorized_keys": _LIST,
         "fdtdir": _FDTDIR, "loader": _LOADER,
         "problems": {"type": "array", "readOnly": True, "description": (
-            "shown, never taken: each file the profile names that netboot never serves (a "
-            "profile stored before these checks); its boots fail, and a write of it is "
-            "refused until corrected"), "items": {
+            "shown, never taken: each file the profile names as netboot no longer takes it "
+            "(a profile stored by an older netboot); a write of it is refused until "
+            "corrected"), "items": {
                 "type": "object", "required": ["field", "error"],
                 "properties": {"field": _STR, "error": _STR}}}, "description": _STR,
         "install_timeout": {"type": ["integer", "null"], "minimum": 60, "maximum": 604800,

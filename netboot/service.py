@@ -337,15 +337,17 @@ async def check_default_profile(config: Config, store: Store) -> None:
 
 async def warn_of_unservable_profiles(store: Store) -> None:
     """A profile stored before its files were checked at write time (session 35) may name
-    one netboot never serves (core.profile_file_errors): its boots fail and a PUT of it
-    unchanged is refused. Said at start, each file with its fix, not left to be found."""
+    one as netboot no longer takes it (core.profile_file_errors): a PUT of it unchanged is
+    refused, and a '..' or a URL netboot does not hand on fails its boots too (a leading '/'
+    is still read from the assets' root). Said at start, each file with its fix."""
     from netboot.core import profile_file_errors
 
     for profile in await store.list_profiles():
         for _, error in profile_file_errors(profile):
-            log.warning("profile %s: %s: %s; its machines cannot boot until it is corrected "
-                        "(netboot profiles show %s; PUT /api/v1/profiles/%s)", profile.name,
-                        error.field, error.message, profile.name, profile.name)
+            log.warning("profile %s: %s: %s; stored by an older netboot, it is kept, but "
+                        "a write of it is refused until it is corrected (netboot profiles "
+                        "show %s; PUT /api/v1/profiles/%s)", profile.name, error.field,
+                        error.message, profile.name, profile.name)
 
 
 def advertised_address(config: Config) -> str:
