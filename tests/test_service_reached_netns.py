@@ -6,7 +6,9 @@ default route: it advertises 127.0.0.1 (start-up warns of it). Before, every dev
 ``http://127.0.0.1:8080/…`` in its bootstrap script, its install script (kernel, initrds,
 config URL) and its config, which on its side is itself: its boot failed, silently. Now a
 device gets the address its request came in on, and fetching every URL works; a script or
-config kept for one interface is never served to the other's clients.
+config kept for one interface is never served to the other's clients. Its PXE firmware's
+proxyDHCP offer names the same address (it named 127.0.0.1), and the HTTPS certificate
+names both addresses (it named 127.0.0.1, localhost and ::1 only).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
 from tests.conftest import INITRD, KERNEL
+from tests.servers.test_dhcp_netns import CLIENT_SCRIPT
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
               pytest.mark.requires("curl", "curl")]
@@ -71,11 +76,29 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def curl(ns: str, url: str) -> tuple[int, bytes]:
+def curl(ns: str, url: str, *args: str) -> tuple[int, bytes]:
     done = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "-o", "-",
-                           "-w", "\n%{http_code}", url], capture_output=True, timeout=20)
+                           "-w", "\n%{http_code}", *args, url], capture_output=True,
+                          timeout=20)
     body, _, status = done.stdout.rpartition(b"\n")
     return int(status or 0), body
+
+
+def pxe_offer(ns: str, mac: str) -> dhcp.Packet | None:
+    """A BIOS PXE ROM's DISCOVER broadcast from ``ns``'s eth0, and the proxy offer."""
+    discover = dhcp.Packet(
+        op=Op.REQUEST, xid=0x36005EED, chaddr=bytes.fromhex(mac.replace(":", "")),
+        flags=dhcp.BROADCAST_FLAG, options=(
+            dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.DISCOVER,))),
+            dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 43, 60, 66, 67))),
+            dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
+            dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
+            dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01")))
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_SCRIPT,
+                           "eth0", dhcp.encode(discover, pad_to=300).hex()],
+                          capture_output=True, timeout=60)
+    return dhcp.parse(bytes.fromhex(done.stdout.decode().strip())) if done.returncode == 0 \
+        else None
 
 
 def test_each_subnets_device_gets_urls_of_the_address_it_reached(
@@ -84,9 +107,10 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
     (assets / "initrd.img").write_bytes(INITRD)
+    (assets / "undionly.kpxe").write_bytes(b"UNDI" * 100)  # what a BIOS PXE ROM is offered
     config = tmp_path / "netboot.yaml"
-    # No server.advertise, no interfaces: what a newcomer's first run has.
-    config.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\ndhcp:\n  mode: \"off\"\n"
+    # No server.advertise, no interfaces: what a newcomer's first run has (proxyDHCP).
+    config.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\n"
                       f"tftp:\n  enabled: false\nassets:\n  dirs: [{assets}]\n")
     cfg = ("--config", str(config))
     for args in (("clusters", "add", "edge", "--endpoint", "k3s.example"),
@@ -106,6 +130,11 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
             assert time.monotonic() < deadline, "netboot did not start"
             time.sleep(0.2)
         seen: dict[str, dict[str, str]] = {}
+        offers = {side: pxe_offer(subnets[side], mac)
+                  for side, mac in (("a", MAC_A), ("b", MAC_B))}
+        ca = tmp_path / "data" / "tls" / "ca.pem"
+        https = {side: curl(subnets[side], f"https://{SUBNETS[side][0]}:8443/healthz",
+                            "--cacert", str(ca))[0] for side in SUBNETS}
         for side, mac in (("a", MAC_A), ("b", MAC_B)):
             server_ip = SUBNETS[side][0]
             base = f"http://{server_ip}:8080"
@@ -154,5 +183,9 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
         assert f"http://{server_ip}:8080/ipxe" in got["boot.ipxe"], got["boot.ipxe"]
         assert f"http://{server_ip}:8080/assets/vmlinuz" in got["ipxe"]
         assert f"http://{server_ip}:8080/config/" in got["ipxe"]
+    for side, offer in offers.items():
+        assert offer is not None and offer.siaddr == SUBNETS[side][0], (side, offer)
+        assert offer.file_name == "undionly.kpxe"
+    assert https == {"a": 200, "b": 200}
     served = (tmp_path / "serve.log").read_text()
     assert "no default route: advertising 127.0.0.1" in served
