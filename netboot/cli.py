@@ -1032,6 +1032,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `netboot explain … | head`: the reader left; as any Unix tool, no traceback (and
+        # none at exit either, when Python flushes stdout again: it goes to /dev/null).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     parser.error(f"unknown command {args.cmd!r}")
 
 

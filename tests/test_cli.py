@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -576,3 +577,16 @@ def test_help_and_lab_still_get_the_lab(capsys: pytest.CaptureFixture[str]) -> N
         main(["lba"])  # misspelt: argparse's own error, naming the choices, lab among them
     assert exc.value.code == 2
     assert "'lab'" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(cfg: str, tmp_path: Path) -> None:
+    # `netboot explain MAC | head -3` printed a BrokenPipeError traceback (s36-user): the
+    # reader is gone before the first line is written here.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "netboot", "explain", "52:54:00:12:34:56",
+                             "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Traceback" not in err and "Broken pipe" not in err, err
