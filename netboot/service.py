@@ -384,8 +384,12 @@ def advertised_address(config: Config) -> str:
                         "route's interface); name the provisioning interface with --interface",
                         address, name)
             return address
+    # Devices are still answered where they reach this host (reached_at, Content.at), but
+    # what is printed and rendered here (netboot render, the summary) names 127.0.0.1.
     log.warning("no --interface or --advertise given and no default route: advertising "
-                "127.0.0.1, which only local clients can reach")
+                "127.0.0.1; devices are answered with the address they reach this host at "
+                "(DHCP on each interface, the URLs of each request), but name the "
+                "provisioning interface with --interface to fix it")
     return "127.0.0.1"
 
 

@@ -188,4 +188,5 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
         assert offer.file_name == "undionly.kpxe"
     assert https == {"a": 200, "b": 200}
     served = (tmp_path / "serve.log").read_text()
-    assert "no default route: advertising 127.0.0.1" in served
+    assert "no default route: advertising 127.0.0.1; devices are answered with the address" \
+        in served
