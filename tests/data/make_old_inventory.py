@@ -1,6 +1,6 @@
 """Make the inventory an older netboot leaves behind, for tests/test_upgrade.py.
 
-    python tests/data/make_old_inventory.py OLD_TREE OUT_DIR
+    python tests/data/make_old_inventory.py OLD_TREE OUT_DIR [--postgresql]
 
 OLD_TREE is a checkout of an older commit (``git worktree add --detach /tmp/old <commit>``,
 or ``git archive <commit> | tar -x -C /tmp/old``); OUT_DIR receives its data directory
@@ -14,6 +14,10 @@ What an operator of that version had: a managed cluster, a profile, a group, an 
 enrolled and asked for its install (its token issued, not spent), one enrolled never seen, and
 a device that booted unknown (a discovered record). Only the old tree's CLI and HTTP API are
 used: they are what its operators used.
+
+With ``--postgresql`` the inventory is in PostgreSQL (a throwaway cluster of this tree's
+netboot.lab.pgcluster, schema ``netboot_old``): OUT_DIR gets ``inventory.sql``
+(``pg_dump --schema netboot_old --no-owner``) in place of ``netboot.db``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def main(old: Path, out: Path) -> None:
+SCHEMA = "netboot_old"  # the PostgreSQL schema the inventory is in (--postgresql)
+
+
+def main(old: Path, out: Path, postgresql: bool = False) -> None:
+    if not postgresql:
+        make(old, out, "")
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from netboot.lab.pgcluster import bindir, start
+
+    cluster = start()
+    try:
+        subprocess.run([str(bindir() / "psql"), cluster.dsn(), "-q", "-c",
+                        f"CREATE SCHEMA {SCHEMA}"], check=True, capture_output=True)
+        dsn = f"{cluster.dsn()}&search_path={SCHEMA}"
+        make(old, out, f"inventory:\n  backend: postgresql\n  dsn: \"{dsn}\"\n")
+        subprocess.run([str(bindir() / "pg_dump"), cluster.dsn(), "--schema", SCHEMA,
+                        "--no-owner", "--no-privileges", "-f", str(out / "inventory.sql")],
+                       check=True, capture_output=True)
+    finally:
+        cluster.stop()
+
+
+def make(old: Path, out: Path, inventory: str) -> None:
     out = out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     work = out.parent / (out.name + ".work")
@@ -56,7 +83,7 @@ def main(old: Path, out: Path) -> None:
     config.write_text(f"server:\n  advertise: 127.0.0.1\n  data_dir: {work / 'data'}\n"
                       f"http:\n  port: {port}\nhttps:\n  port: {free_port()}\n"
                       f"  listen: 127.0.0.1\ndhcp:\n  mode: \"off\"\ntftp:\n  enabled: false\n"
-                      f"assets:\n  dirs: [{work / 'assets'}]\n")
+                      f"assets:\n  dirs: [{work / 'assets'}]\n{inventory}")
     env = {**os.environ, "PYTHONPATH": str(old.resolve())}
 
     def cli(*args: str) -> str:
@@ -129,7 +156,8 @@ def main(old: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] in ("-h", "--help"):
+    args = [a for a in sys.argv[1:] if a != "--postgresql"]
+    if len(args) != 2 or args[0] in ("-h", "--help"):
         print(__doc__)
-        sys.exit(0 if len(sys.argv) == 2 else 2)
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+        sys.exit(0 if args[:1] in (["-h"], ["--help"]) else 2)
+    main(Path(args[0]), Path(args[1]), postgresql="--postgresql" in sys.argv[1:])

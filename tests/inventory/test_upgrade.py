@@ -7,36 +7,65 @@ whose install was asked for (a token issued, not spent), one enrolled and never 
 device that booted unknown (discovered). Started on a copy, everything must be there and
 work: the old API token and admin token, boots of each machine as its state says, a config
 and a registration of the install under way, the cluster's join token (sealed by the old
-secrets key), the CA.
+secrets key), the CA. A ``-pg`` fixture holds the PostgreSQL inventory as ``pg_dump`` wrote
+it (``inventory.sql``), restored into a fresh database of the session's cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import ssl
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from netboot.config import load
+from netboot.lab.pgcluster import bindir
 from netboot.service import build
+from tests import pg
 from tests.conftest import write_config
 
 DATA = Path(__file__).resolve().parent.parent / "data"
+SCHEMA = "netboot_old"  # the schema of a -pg fixture (tests/data/make_old_inventory.py)
 FIXTURES = sorted(p.name for p in DATA.glob("inventory-*") if (p / "made.json").is_file())
+
+
+async def restored(postgres: pg.Cluster, dump: Path) -> str:
+    """``dump`` restored into a new database of ``postgres``: its DSN, on the dump's schema."""
+    database = f"up_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres.dsn())
+    try:
+        await admin.execute(f"CREATE DATABASE {database}")
+    finally:
+        await admin.close()
+    done = await asyncio.create_subprocess_exec(
+        str(bindir() / "psql"), postgres.dsn(database), "-q", "-v", "ON_ERROR_STOP=1", "-f",
+        str(dump), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await done.communicate()
+    assert done.returncode == 0, out.decode()
+    return f"{postgres.dsn(database)}&search_path={SCHEMA}"
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
 async def test_an_older_netboots_inventory_is_all_there_and_works(
-        tmp_path: Path, fixture: str) -> None:
+        tmp_path: Path, fixture: str, request: pytest.FixtureRequest) -> None:
     assert FIXTURES, "no fixture in tests/data"
     made = json.loads((DATA / fixture / "made.json").read_text())
-    cfg = load(write_config(tmp_path), env={})
-    shutil.copytree(DATA / fixture, cfg.data_dir, ignore=shutil.ignore_patterns("made.json"))
+    dump = DATA / fixture / "inventory.sql"
+    extra = ""
+    if dump.is_file():
+        dsn = await restored(request.getfixturevalue("postgres"), dump)
+        extra = f"inventory:\n  backend: postgresql\n  dsn: \"{dsn}\"\n"
+    cfg = load(write_config(tmp_path, extra), env={})
+    shutil.copytree(DATA / fixture, cfg.data_dir,
+                    ignore=shutil.ignore_patterns("made.json", "inventory.sql"))
     for path in cfg.data_dir.rglob("*"):  # git keeps no modes: the keys as netboot made them
         path.chmod(0o700 if path.is_dir() else 0o600)
     ca_before = (cfg.data_dir / "tls" / "ca.pem").read_text()
