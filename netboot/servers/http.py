@@ -993,8 +993,15 @@ class DeviceRoutes:
     def local_of(self, transport: asyncio.BaseTransport) -> str | None:
         """The ``local`` to give :meth:`front` and :meth:`ready` for a connection's requests:
         its own address where a device's URLs name it (Content.at), else None. Asked once
-        a connection: nothing more a request where the base URL is the advertised one."""
-        return sockname_host(transport) if self._content.by_address() else None
+        a connection: nothing more a request where the base URL is the advertised one, nor
+        for a client of this host itself (its loopback address: the base URL as it is; the
+        benchmarks' clients, whose every request paid ~4,500 instructions for Content.at's
+        look-up otherwise, s36-user)."""
+        if not self._content.by_address():
+            return None
+        local = sockname_host(transport)
+        return local if local is not None and self._content.at(local) is not self._content \
+            else None
 
     def front(self, path: str, query: str, remote: str | None, *, accept_encoding: bool,
               bearer: str = "", large: bool = False, local: str | None = None
