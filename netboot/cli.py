@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from netboot import __version__
 from netboot.config import Config, load, located
-from netboot.core import Core, machine_dict, public_dict
+from netboot.core import Core, machine_dict, profile_file_errors, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
@@ -403,7 +403,10 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     if fmt == "csv":
         rows, total = iter_import(text, fmt), max(text.count("\n") - 1, 0)
     else:
-        rows = parse_import(text, fmt)
+        try:
+            rows = parse_import(text, fmt)
+        except ValidationError as exc:
+            return _file_error(path, exc)
         total = len(rows)
     show = sys.stderr.isatty() and total >= 1000
 
@@ -414,7 +417,10 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             print(f"\r[{'#' * done}{'.' * (width - done)}] {n}/{total}", end="", file=sys.stderr)
 
     enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
-    report = await enroller.import_rows(rows, dry_run=args.dry_run, progress=progress)
+    try:
+        report = await enroller.import_rows(rows, dry_run=args.dry_run, progress=progress)
+    except ValidationError as exc:  # a CSV file is read as the import goes
+        return _file_error(path, exc)
     if show:
         print(f"\r[{'#' * 40}] {total}/{total}", file=sys.stderr)
     if args.json:
@@ -431,6 +437,15 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             n = len(report.errors)
             print(f"{n} bad row{'' if n == 1 else 's'}: nothing was imported", file=sys.stderr)
     return 1 if report.errors else 0
+
+
+def _file_error(path: Path, exc: ValidationError) -> int:
+    """An import file's whole-file error (not a row's), FILE:LINE: as its rows' errors."""
+    if exc.field != "file":
+        raise exc
+    where = f"{path}:{exc.line}" if exc.line is not None else str(path)
+    print(f"{where}: {exc.reason}", file=sys.stderr)
+    return 2
 
 
 async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config) -> int:
@@ -570,7 +585,15 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         for ref in (profile.kernel, *profile.initrds):
             if not ref.startswith(("http://", "https://")):
                 wanted.setdefault(ref, None)
+        # A file named as netboot never serves it (stored before the check, session 35):
+        # why, not "missing".
+        refused = dict(profile_file_errors(profile))
         for ref, expected in wanted.items():
+            if ref in refused:
+                bad += 1
+                rows.append({"kind": f"profile {profile.name}", "name": ref,
+                             "status": f"refused ({refused[ref].message})", "path": None})
+                continue
             try:
                 path = tree.resolve(ref)
             except (NotFound, Forbidden) as exc:
@@ -1009,6 +1032,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `netboot explain … | head`: the reader left; as any Unix tool, no traceback (and
+        # none at exit either, when Python flushes stdout again: it goes to /dev/null).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     parser.error(f"unknown command {args.cmd!r}")
 
 

@@ -37,6 +37,8 @@ from netboot.model import (
     Machine,
     Profile,
     equal,
+    loopback_url,
+    reached_url,
 )
 from netboot.render import WHOLE, Renderer, Splice, Spliced, plain
 from netboot.wire import uimage
@@ -119,6 +121,42 @@ class Trust:
     ca_fingerprint: str = ""  # SHA-256, AA:BB:…
 
 
+class _Reached:
+    """A base URL as served to the clients that reach this host at one address
+    (:func:`reached_url`), made again only when the base changed (a port bound at start)."""
+
+    def __init__(self, base_url: Callable[[], str], local: str) -> None:
+        self._base_url = base_url
+        self._local = local
+        self._kept = ("", "")
+
+    def __call__(self) -> str:
+        base = self._base_url()
+        kept = self._kept
+        if kept[0] != base:
+            kept = self._kept = (base, reached_url(base, self._local))
+        return kept[1]
+
+
+class _ReachedTrust:
+    """:class:`_Reached` for the HTTPS base URL of a Trust: the same Trust object while the
+    one it is made of is (the caches compare it by identity first)."""
+
+    def __init__(self, trust: Callable[[], Trust], local: str) -> None:
+        self._trust = trust
+        self._local = local
+        self._kept: tuple[Trust | None, Trust] = (None, Trust())
+
+    def __call__(self) -> Trust:
+        trust = self._trust()
+        kept = self._kept
+        if kept[0] is not trust:
+            https = reached_url(trust.https_base, self._local) if trust.https_base else ""
+            kept = self._kept = (trust, trust if https == trust.https_base
+                                 else replace(trust, https_base=https))
+        return kept[1]
+
+
 class Content:
     def __init__(
         self,
@@ -132,6 +170,7 @@ class Content:
         clock: Callable[[], float] = time.time,
         logger: logging.Logger | None = None,
         trust: Callable[[], Trust] = Trust,
+        caches_of: Content | None = None,
     ) -> None:
         self._trust = trust
         self._store = store
@@ -161,6 +200,48 @@ class Content:
         self._urls: Urls | None = None  # see urls
         # (A template's names, its command line's text) -> what its context is given (_wanted)
         self._wants: dict[tuple[frozenset[str] | None, str | None], _Wanted] = {}
+        # Local address -> this content as the clients that reached it there get it (at).
+        self._views: dict[str, Content] = {}
+        self._by_address: tuple[str, bool] = ("", False)  # base URL -> at() may differ
+        if caches_of is not None:
+            # A view (at): every cache shared. Each keeps with a text the base URL and the
+            # Trust it was made with and hands it out only while they are equal, so a text
+            # made for one address is never served to another's clients; the few that keep
+            # one value (_urls, _bootstrap) are the view's own.
+            self._scripts = caches_of._scripts
+            self._installs = caches_of._installs
+            self._configs = caches_of._configs
+            self._profile_parts = caches_of._profile_parts
+            self._cluster_dicts = caches_of._cluster_dicts
+            self._plan_dicts = caches_of._plan_dicts
+            self._wants = caches_of._wants
+
+    def by_address(self) -> bool:
+        """Whether what is served differs by the address a client reached (:meth:`at`): the
+        base URL names a loopback host (a host without a default route and no --advertise)."""
+        base = self._base_url()
+        known = self._by_address
+        if known[0] != base:  # one look at the base's host a base (not one a request)
+            known = self._by_address = (base, loopback_url(base))
+        return known[1]
+
+    def at(self, local: str | None) -> Content:
+        """This content as served to a client that reached this host at ``local`` (its
+        connection's own address): itself, unless the base URL names a loopback host
+        (:func:`reached_url`), then a view whose URLs name ``local``. One view per address
+        (a host has a few), made once."""
+        if local is None or not self.by_address():
+            return self
+        base = self._base_url()
+        view = self._views.get(local)
+        if view is None:
+            if len(self._views) >= _FEW:
+                self._views.clear()  # bounded: a host has a few addresses
+            view = self._views[local] = self if reached_url(base, local) == base else Content(
+                self._store, self._boot, self._render, self.assets,
+                _Reached(self._base_url, local), self._enroller, clock=self._clock,
+                logger=self._log, trust=_ReachedTrust(self._trust, local), caches_of=self)
+        return view
 
     @property
     def urls(self) -> Urls:

@@ -37,6 +37,7 @@ from netboot.model import (
     Group,
     MacAddress,
     Machine,
+    Profile,
     Role,
 )
 
@@ -59,7 +60,7 @@ APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-def check_asset_ref(field: str, ref: str, *, url: bool = True) -> None:
+def check_asset_ref(field: str, ref: str, *, url: bool = True, path: bool = True) -> None:
     """Refuse a profile's kernel, initrd or asset that netboot could never serve: it was
     stored and each boot was refused (the asset route's 403 for '..', a 404 for the rest).
 
@@ -70,7 +71,8 @@ def check_asset_ref(field: str, ref: str, *, url: bool = True) -> None:
     ``url``) is fetched by the firmware itself. No control character (a newline would start
     a command of its own in an iPXE, pxelinux or GRUB script), and no space in a URL: it
     is written into the script as given, where a space ends it (a path is percent-quoted in
-    iPXE's URL, content.Urls.asset, so a space there is kept)."""
+    iPXE's URL, content.Urls.asset, so a space there is kept). ``path``: False where only
+    a URL will do (a profile's iso_url, which the installer fetches as given)."""
     bad = next((c for c in ref if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
         raise ValidationError(field, f"{ref!r} holds {bad!r}: a boot script would read it as "
@@ -82,6 +84,9 @@ def check_asset_ref(field: str, ref: str, *, url: bool = True) -> None:
             raise ValidationError(field, f"{ref!r} holds a space: a boot script would read it "
                                          "as the end of the URL (write it %20)")
         return
+    if not path:
+        raise ValidationError(field, f"{ref!r} is not an http:// or https:// URL: the "
+                                     "installer fetches it as given")
     fix = ("a path relative to assets.dirs (e.g. 'k3os/vmlinuz')"
            + (" or an http:// or https:// URL" if url else ""))
     scheme = _SCHEME.match(ref)
@@ -94,6 +99,33 @@ def check_asset_ref(field: str, ref: str, *, url: bool = True) -> None:
     if ".." in re.split(r"[/\\]", ref):
         raise ValidationError(field, f"{ref!r} leaves the assets: '..' is refused when "
                                      f"served; give {fix}")
+
+
+def profile_file_errors(profile: Profile) -> list[tuple[str, ValidationError]]:
+    """Each file a profile names as netboot does not take it (:func:`check_asset_ref`): its
+    kernel, initrds, assets, fdtdir and iso_url. A write is refused for the first
+    (:meth:`Core.put`); a profile stored before these checks (session 35) is shown with all
+    of them (``problems``, :func:`public_dict`; ``netboot assets``; a warning at start), so
+    its operator learns why its PUT is refused (and, for a '..' or a URL netboot does not
+    hand on, why its boots fail). Each with the text the profile gives."""
+    checks: list[tuple[str, str, bool, bool]] = [("kernel", profile.kernel, True, True)]
+    checks += [(f"initrds[{i}]", ref, True, True) for i, ref in enumerate(profile.initrds)]
+    # netboot assets checks these files on disk (cli._assets): no URL.
+    checks += [(f"assets[{i}].path", a.path, False, True) for i, a in enumerate(profile.assets)]
+    # U-Boot fetches <fdtdir>/<board>.dtb over TFTP, from the assets as the kernel's path is
+    # (templates/pxelinux/install.cfg); the installer fetches iso_url (the k3OS command
+    # line's k3os.install.iso_url), where a space would end it.
+    if profile.fdtdir:
+        checks.append(("fdtdir", profile.fdtdir, False, True))
+    if profile.iso_url:
+        checks.append(("iso_url", profile.iso_url, True, False))
+    errors = []
+    for field, ref, url, path in checks:
+        try:
+            check_asset_ref(field, ref, url=url, path=path)
+        except ValidationError as exc:
+            errors.append((ref, exc))
+    return errors
 
 
 def check_name(name: str) -> None:
@@ -117,7 +149,11 @@ def machine_dict(machine: Machine) -> dict[str, Any]:
 def public_dict(kind: str, item: Any) -> dict[str, Any]:
     """A profile, cluster or group as the API and ``--json`` show it (never a cluster token)."""
     if kind == "profiles":
-        return codec.profile_to_dict(item)
+        out = codec.profile_to_dict(item)
+        errors = profile_file_errors(item)
+        if errors:
+            out["problems"] = [{"field": e.field, "error": e.message} for _, e in errors]
+        return out
     if kind == "clusters":
         return codec.cluster_to_dict(item, secrets=False)
     return codec.group_to_dict(item)
@@ -315,7 +351,9 @@ class Core:
         parse: Callable[[Any], Any] = {"profile": codec.profile_from_dict,
                                        "cluster": codec.cluster_from_dict,
                                        "group": codec.group_from_dict}[single]
-        item = parse(dict(data))
+        # A profile's problems are what a GET shows (public_dict), not a field: a body read,
+        # corrected and written back carries them.
+        item = parse({k: v for k, v in data.items() if k != "problems" or single != "profile"})
         check_name(item.name)
         if single == "cluster":
             item = await self._check_cluster(item, data, create=create)
@@ -327,12 +365,9 @@ class Core:
             raise ValidationError("config_template", f"{item.config_template!r} is not one "
                                   f"of {', '.join(CONFIG_TEMPLATES)}")
         else:
-            check_asset_ref("kernel", item.kernel)
-            for i, ref in enumerate(item.initrds):
-                check_asset_ref(f"initrds[{i}]", ref)
-            for i, asset in enumerate(item.assets):
-                # netboot assets checks these files on disk (cli._assets): no URL.
-                check_asset_ref(f"assets[{i}].path", asset.path, url=False)
+            errors = profile_file_errors(item)
+            if errors:
+                raise errors[0][1]
         await getattr(self.store, f"put_{single}")(item, create=create)
         return item
 

@@ -372,8 +372,8 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
             continue
         # After the row's own cells, as csv.DictReader files extra values last.
         if len(row) > width:
-            raise ValidationError("file", f"line {reader.line_num}: more values than "
-                                          "header columns")
+            raise ValidationError("file", "more values than header columns",
+                                  line=reader.line_num)
         if labels:
             clean["labels"] = labels
         yield reader.line_num, clean
@@ -406,6 +406,11 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
             data = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader is safe
             lines = ([n.start_mark.line + 1 for n in node.value]
                      if isinstance(node, yaml.SequenceNode) else None)
+    except json.JSONDecodeError as exc:
+        raise caused(ValidationError("file", f"cannot parse json: {exc.msg} (column "
+                                     f"{exc.colno})", line=exc.lineno), exc) from exc
+    except yaml.MarkedYAMLError as exc:
+        raise caused(_yaml_error(exc, text), exc) from exc
     except (ValueError, yaml.YAMLError) as exc:
         raise caused(ValidationError("file", f"cannot parse {fmt}: {exc}"), exc) from exc
     if isinstance(data, dict) and "machines" in data:
@@ -417,9 +422,29 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
     for i, item in enumerate(data):
         line = lines[i] if lines else i + 1
         if not isinstance(item, dict):
+            if lines:  # the line it is on
+                raise ValidationError("file", "expected a mapping (a machine's fields)",
+                                      line=line)
             raise ValidationError("file", f"row {line}: expected a mapping")
         out.append((line, item))
     return out
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError, text: str) -> ValidationError:
+    """A YAML file's error on the line it was found (PyYAML's own text names the
+    ``"<unicode string>"`` it was read from, and its line a second time): where the problem
+    is past the last line (an unclosed bracket or quote), the line of what it left open."""
+    mark = exc.problem_mark or exc.context_mark
+    context = exc.context_mark
+    problem = exc.problem or "not YAML"
+    if context is not None and exc.context:
+        problem += f" ({exc.context} on line {context.line + 1}, column {context.column + 1})"
+    elif mark is not None:
+        problem += f" (column {mark.column + 1})"
+    line = None if mark is None else mark.line + 1
+    if line is not None and context is not None and line > text.count("\n"):
+        line = context.line + 1  # the end of the file: the line that was left open
+    return ValidationError("file", f"cannot parse yaml: {problem}", line=line)
 
 
 async def fleet_status(store: Store, counts: StateCounts | None = None) -> dict[str, Any]:

@@ -90,10 +90,15 @@ class ValidationError(NetbootError):
     ``field`` names the offending field so that the API can answer 400 naming it.
     """
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, line: int | None = None) -> None:
         self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
+        # ``line``: the line of a file it is about (an import file's), which ``message``
+        # names too (the API's answer is the message); ``reason``: the message without it,
+        # for a caller that names the line its own way (the CLI's FILE:LINE:).
+        self.line = line
+        self.reason = message
+        self.message = message if line is None else f"line {line}: {message}"
+        super().__init__(f"{field}: {self.message}")
 
 
 class NotFound(NetbootError):

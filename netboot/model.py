@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING as _MISSING
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, TypeVar, overload
+from urllib.parse import urlsplit, urlunsplit
 
 from netboot.errors import ValidationError
 
@@ -945,3 +946,47 @@ def endpoint_host(endpoint: str) -> str:
 def url_host(address: str) -> str:
     """An address as the host part of a URL: IPv6 in brackets (RFC 3986 §3.2.2)."""
     return f"[{address}]" if ":" in address else address
+
+
+def reached_url(url: str, local: str | None) -> str:
+    """``url`` as a client that reached this host at ``local`` (the socket's own address of
+    its connection) can use it: a loopback host in it is ``local``; any other URL, or a
+    ``local`` that is loopback itself, unspecified or unknown (None), unchanged.
+
+    A loopback host is what a host without a default route advertises when no address is
+    given (service.advertised_address warns of it): on a device's side 127.0.0.1 is the
+    device itself, and its boot fails there, silently. dnsmasq (``--dhcp-boot`` without a
+    server address) and pixiecore's DHCP answer with the address of the interface the
+    request came in on, pixiecore's iPXE scripts with the request's Host header; this takes
+    the socket's own address, not the Host header, which the client writes (an open
+    redirect where the URL is a page's)."""
+    if local is None:
+        return url
+    address = _ip(local)
+    if address is None or address.is_loopback or address.is_unspecified:
+        return url
+    if not loopback_url(url):
+        return url
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{url_host(str(address))}{port}"))
+
+
+def loopback_url(url: str) -> bool:
+    """Whether a URL's host names this host's loopback only (no other host can reach it)."""
+    host = urlsplit(url).hostname
+    if host is None:
+        return False
+    named = _ip(host)
+    return host.lower() == "localhost" if named is None else named.is_loopback
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address of a transport or a URL's host (IPv4-mapped IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

@@ -63,6 +63,12 @@ _BOOT_FILE = {"type": "string", "pattern": f"^(?:{_ASSET_URL}|{_ASSET_PATH}){_EN
                              "starting with '/') or an http:// or https:// URL"}
 _ASSET_FILE = {"type": "string", "pattern": f"^{_ASSET_PATH}{_END}",
                "description": "a path relative to assets.dirs (no '..', not starting with '/')"}
+# A profile's fdtdir (U-Boot's FDTDIR, fetched over TFTP from the assets) and iso_url (the
+# installer fetches it): the same rules, a path and a URL only (core.Core.put).
+_FDTDIR = {"type": ["string", "null"], "pattern": f"^{_ASSET_PATH}{_END}",
+           "description": "a directory relative to assets.dirs (no '..', not starting with '/')"}
+_ISO_URL = {"type": ["string", "null"], "pattern": f"^(?:{_ASSET_URL})?{_END}",
+            "description": "an http:// or https:// URL (no space)"}
 _EXTERNAL = {"required": ["server_url"], "properties": {"server_url": {"pattern": "^https://"}}}
 
 
@@ -134,8 +140,14 @@ SCHEMAS: dict[str, Any] = {
         "assets": {"type": "array", "items": {
             "type": "object", "required": ["path"], "additionalProperties": False,
             "properties": {"path": {**_ASSET_FILE, "allOf": [_TEXT]}, "sha256": _NSTR}}},
-        "install_device": _STR, "iso_url": _NSTR, "ssh_authorized_keys": _LIST,
-        "fdtdir": _NSTR, "loader": _LOADER, "description": _STR,
+        "install_device": _STR, "iso_url": _ISO_URL, "ssh_authorized_keys": _LIST,
+        "fdtdir": _FDTDIR, "loader": _LOADER,
+        "problems": {"type": "array", "readOnly": True, "description": (
+            "shown, never taken: each file the profile names as netboot no longer takes it "
+            "(a profile stored by an older netboot); a write of it is refused until "
+            "corrected"), "items": {
+                "type": "object", "required": ["field", "error"],
+                "properties": {"field": _STR, "error": _STR}}}, "description": _STR,
         "install_timeout": {"type": ["integer", "null"], "minimum": 60, "maximum": 604800,
                             "description": "seconds an install may take: the install token's "
                                            "lifetime (null: enroll.token_ttl_seconds)"}}},

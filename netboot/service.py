@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import faulthandler
 import gc
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import ssl
 import stat
 import sys
@@ -222,7 +224,7 @@ def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
     # reach the API at https://127.0.0.1:8443, the only place plain HTTP would also answer.
     names = server_names(advertise, config.http.public_url, (
         *([h] if (h := _url_host(https.public_url)) else []), *https.names,
-        *LOCAL_NAMES))
+        *LOCAL_NAMES, *(address for _, address in reached_at(config, advertise))))
     authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
     return authority.server_certificate(names)
 
@@ -338,6 +340,21 @@ async def check_default_profile(config: Config, store: Store) -> None:
                               "works while the server is stopped) or remove the key")
 
 
+async def warn_of_unservable_profiles(store: Store) -> None:
+    """A profile stored before its files were checked at write time (session 35) may name
+    one as netboot no longer takes it (core.profile_file_errors): a PUT of it unchanged is
+    refused, and a '..' or a URL netboot does not hand on fails its boots too (a leading '/'
+    is still read from the assets' root). Said at start, each file with its fix."""
+    from netboot.core import profile_file_errors
+
+    for profile in await store.list_profiles():
+        for _, error in profile_file_errors(profile):
+            log.warning("profile %s: %s: %s; stored by an older netboot, it is kept, but "
+                        "a write of it is refused until it is corrected (netboot profiles "
+                        "show %s; PUT /api/v1/profiles/%s)", profile.name, error.field,
+                        error.message, profile.name, profile.name)
+
+
 def advertised_address(config: Config) -> str:
     if config.server.advertise:
         return config.server.advertise
@@ -370,9 +387,57 @@ def advertised_address(config: Config) -> str:
                         "route's interface); name the provisioning interface with --interface",
                         address, name)
             return address
+    # Devices are still answered where they reach this host (reached_at, Content.at), but
+    # what is printed and rendered here (netboot render, the summary) names 127.0.0.1.
     log.warning("no --interface or --advertise given and no default route: advertising "
-                "127.0.0.1, which only local clients can reach")
+                "127.0.0.1; devices are answered with the address they reach this host at "
+                "(DHCP on each interface, the URLs of each request), but name the "
+                "provisioning interface with --interface to fix it")
     return "127.0.0.1"
+
+
+def dhcp_listeners(config: Config, advertise: str) -> tuple[list[str] | None, str | None]:
+    """The interfaces DHCP listens on (None: all, on one socket) and the address its answers
+    give (None: each interface's own).
+
+    Where nothing was given and the host has no default route, the advertised address is
+    127.0.0.1 (advertised_address), which a PXE client would take as its boot server: it is
+    itself. Then DHCP listens on each interface that has an IPv4 address, each answering
+    with that address, as dnsmasq answers with the address of the interface a request came
+    in on (an interface that comes up later is not served: name it with --interface)."""
+    found = [name for name, _ in reached_at(config, advertise)]
+    if not found:
+        return list(config.server.interfaces) or None, advertise
+    log.info("dhcp: no address to advertise: answering on %s, each with its own address",
+             ", ".join(found))
+    return found, None
+
+
+def reached_at(config: Config, advertise: str) -> list[tuple[str, str]]:
+    """Where nothing was given and 127.0.0.1 is advertised (no default route): each
+    interface with an IPv4 address that is not loopback, and that address, where devices
+    reach this host (DHCP answers with it, the HTTPS certificate names it, a device's URLs
+    name the one its request came in on: Content.at). Else none."""
+    if config.server.interfaces or config.server.advertise or not _loopback(advertise):
+        return []
+    from netboot.servers.sockets import interface_ipv4
+
+    found = []
+    for _, name in socket.if_nameindex():
+        try:
+            address = interface_ipv4(name)
+        except ConfigError:
+            continue
+        if not _loopback(address):
+            found.append((name, address))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def default_route_interface(route_table: str = "/proc/net/route") -> str | None:
@@ -576,9 +641,9 @@ class Service:
                 pool_start=auth.pool_start, pool_end=auth.pool_end, netmask=auth.netmask,
                 router=auth.router, dns_servers=auth.dns, domain=auth.domain,
                 lease_seconds=auth.lease_seconds)
-            dhcp = DhcpServer(settings, self.boot, self.store,
-                              interfaces=list(cfg.server.interfaces) or None,
-                              advertise=self.advertise, port=cfg.dhcp.port,
+            interfaces, advertise = dhcp_listeners(cfg, self.advertise)
+            dhcp = DhcpServer(settings, self.boot, self.store, interfaces=interfaces,
+                              advertise=advertise, port=cfg.dhcp.port,
                               pxe_port=cfg.dhcp.pxe_port, observer=self.metrics)
             await dhcp.start()
             self.metrics.read_dhcp_outcomes(dhcp.summary.totals)
@@ -936,6 +1001,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         grouping.check_groups(config.discovery.rules)
         _check_hostname_templates(config)
         await check_default_profile(config, store)
+        await warn_of_unservable_profiles(store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

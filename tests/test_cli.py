@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -159,6 +160,36 @@ def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
     assert "\n1 bad row: nothing was imported" in err
     rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
     assert len(json.loads(out)) == 2
+
+
+@pytest.mark.parametrize(("name", "text", "line", "message"), [
+    ("fleet.csv", "mac,hostname\n02:00:00:00:00:01,a,extra\n", 2,
+     "more values than header columns"),
+    ("fleet.csv", "mac\n02:00:00:00:00:01\n02:00:00:00:00:02\n02:00:00:00:00:03,x\n", 4,
+     "more values than header columns"),
+    ("fleet.yaml", "machines:\n  - mac: 02:00:00:00:00:01\n    hostname: [a\n", 3,
+     "cannot parse yaml: expected ',' or ']', but got '<stream end>' (while parsing a flow "
+     "sequence on line 3, column 15)"),
+    ("fleet.yaml", "- mac: 02:00:00:00:00:01\n  hostname: a: b\n", 2,
+     "cannot parse yaml: mapping values are not allowed here (column 14)"),
+    ("fleet.yaml", "- mac: 02:00:00:00:00:01\n- just a string\n", 2,
+     "expected a mapping (a machine's fields)"),
+    ("fleet.json", '[\n  {"mac": "02:00:00:00:00:01",}\n]\n', 2,
+     "cannot parse json: Expecting property name enclosed in double quotes (column 31)"),
+    ("fleet.yaml", "mac: 02:00:00:00:00:01\n", None,
+     "expected a list of machines (or {machines: [...]})"),
+])
+def test_import_names_a_whole_file_error_by_file_and_line(
+        cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str,
+        line: int | None, message: str) -> None:
+    # As its rows' errors: FILE:LINE: (s35-user2 left `netboot: file: line 2: ...` and
+    # PyYAML's `in "<unicode string>", line 3`).
+    path = tmp_path / name
+    path.write_text(text)
+    rc, _out, err = run(capsys, "import", str(path), "--config", cfg)
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    assert (rc, err) == (2, f"{where}: {message}\n")
+    assert "unicode string" not in err and "netboot: file" not in err
 
 
 def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -546,3 +577,16 @@ def test_help_and_lab_still_get_the_lab(capsys: pytest.CaptureFixture[str]) -> N
         main(["lba"])  # misspelt: argparse's own error, naming the choices, lab among them
     assert exc.value.code == 2
     assert "'lab'" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(cfg: str, tmp_path: Path) -> None:
+    # `netboot explain MAC | head -3` printed a BrokenPipeError traceback (s36-user): the
+    # reader is gone before the first line is written here.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "netboot", "explain", "52:54:00:12:34:56",
+                             "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Traceback" not in err and "Broken pipe" not in err, err

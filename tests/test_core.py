@@ -174,6 +174,90 @@ async def test_an_asset_path_is_relative_and_not_a_url(env: Env) -> None:
         assert r.json()["field"] == "assets[1].path", r.text
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    # U-Boot's FDTDIR, fetched over TFTP from the assets as the kernel is: a path, not a URL.
+    ("fdtdir", "../../etc"), ("fdtdir", "dtbs/../../x"), ("fdtdir", "/boot/dtbs"),
+    ("fdtdir", "tftp://192.0.2.10/dtbs"), ("fdtdir", "http://192.0.2.10/dtbs"),
+    ("fdtdir", "dtbs\nKERNEL http://192.0.2.99/x"),
+    # What the installer fetches (k3os.install.iso_url=): an http(s) URL, no space.
+    ("iso_url", "k3os.iso"), ("iso_url", "/var/lib/netboot/assets/k3os.iso"),
+    ("iso_url", "ftp://mirror.example/k3os.iso"), ("iso_url", "http:///k3os.iso"),
+    ("iso_url", "http://mirror.example/k3 os.iso"),
+    ("iso_url", "http://mirror.example/k3os.iso\nx"),
+])
+async def test_a_profiles_fdtdir_and_iso_url_are_checked_as_its_files(
+        env: Env, field: str, value: str) -> None:
+    # s35-user2 checked kernel, initrds and assets; these two were stored as given.
+    r = await call(env, "POST", "/api/v1/profiles",
+                   json_body={"name": "p", "kernel": "v", field: value})
+    assert r.status == 400 and r.json()["field"] == field, r.text
+    assert await env.get("/api/v1/profiles") == []
+
+
+async def test_a_profiles_fdtdir_and_iso_url_in_their_forms_are_kept(env: Env) -> None:
+    await env.post("/api/v1/profiles", {"name": "p", "kernel": "v"}, status=201)
+    for fdtdir, iso_url in (("dtbs", "https://github.com/rancher/k3os/releases/k3os.iso"),
+                            ("rpi/dtbs/", "http://192.0.2.10:8080/assets/k3os.iso"),
+                            (None, None), ("", "")):
+        body = {"name": "p", "kernel": "v", "fdtdir": fdtdir, "iso_url": iso_url}
+        r = await call(env, "PUT", "/api/v1/profiles/p", json_body=body)
+        assert r.status in (200, 201), r.text
+        assert (r.json()["fdtdir"], r.json()["iso_url"]) == (fdtdir, iso_url)
+
+
+async def test_a_profile_stored_before_the_checks_says_why_it_is_refused(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Written by a netboot before s35-user2 (or into the store directly): kept and loaded,
+    # its boots refused when served, and a PUT of it unchanged refused. Its GET, `netboot
+    # assets` and the start-up log say which file and why, so the refusal is no surprise.
+    from dataclasses import replace as with_
+
+    from netboot.model import Asset, Profile
+    from netboot.service import warn_of_unservable_profiles
+
+    env, cli = await start(make_env, tmp_path, capsys)
+    old = Profile(name="old", kernel="../../etc/passwd", initrds=("ok.img", "/initrd.img"),
+                  assets=(Asset(path="vmlinuz"),), fdtdir="/boot/dtbs",
+                  iso_url="k3os.iso")
+    await env.service.store.put_profile(old, create=True)
+    shown = await env.get("/api/v1/profiles/old")
+    assert [p["field"] for p in shown["problems"]] == [
+        "kernel", "initrds[1]", "fdtdir", "iso_url"]
+    assert "'..' is refused when served" in shown["problems"][0]["error"]
+    assert (await env.get("/api/v1/profiles"))[0]["problems"] == shown["problems"]
+    # Written back as read: refused, naming the first.
+    r = await call(env, "PUT", "/api/v1/profiles/old", json_body=shown)
+    assert r.status == 400 and r.json()["field"] == "kernel", r.text
+    # `netboot assets`: refused and why, not "missing".
+    rc, out, _ = await cli("assets", "--json")
+    rows = {r["name"]: r["status"] for r in json.loads(out) if r["kind"] == "profile old"}
+    assert rc == 1
+    assert rows["../../etc/passwd"].startswith("refused ('../../etc/passwd' leaves the assets")
+    assert rows["/initrd.img"].startswith("refused ('/initrd.img' is not relative")
+    assert rows["vmlinuz"] == "ok"
+    rc, out, _ = await cli("profiles", "show", "old", "--json")
+    assert rc == 0 and json.loads(out)["problems"] == shown["problems"]
+    # The start-up log names each.
+    caplog.clear()
+    await warn_of_unservable_profiles(env.service.store)
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 4 and told[0].startswith("profile old: kernel: '../../etc/passwd' "
+                                                 "leaves the assets"), told
+    # Corrected, the same body (its problems still in it: shown, never taken) is taken.
+    fixed = {**shown, "kernel": "vmlinuz", "initrds": ["ok.img", "initrd.img"],
+             "fdtdir": "dtbs", "iso_url": "http://192.0.2.10/k3os.iso"}
+    r = await call(env, "PUT", "/api/v1/profiles/old", json_body=fixed)
+    assert r.status == 200 and "problems" not in r.json(), r.text
+    assert "problems" not in await env.get("/api/v1/profiles/old")
+    assert await env.service.store.get_profile("old") == with_(
+        old, kernel="vmlinuz", initrds=("ok.img", "initrd.img"), fdtdir="dtbs",
+        iso_url="http://192.0.2.10/k3os.iso")
+    caplog.clear()
+    await warn_of_unservable_profiles(env.service.store)
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("kernel", [
     "vmlinuz", "k3os/vmlinuz", "k3os/v1.2/vmlinuz-5.15", "a..b/vmlinuz", "a b/vmlinuz",
     "http://192.0.2.10:8080/assets/k3os/vmlinuz", "https://mirror.example/k3os/vmlinuz",

@@ -328,3 +328,31 @@ def test_a_value_filled_in_its_twin_comes_out_of_its_own_class_and_frozen() -> N
         assert cls(2).tags == {} and cls(2).tags is not cls(2).tags
         with pytest.raises(FrozenInstanceError):
             one.x = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("url", "local", "expected"), [
+    # A loopback host is the address the client reached (s36-user: a host without a
+    # default route and no --advertise advertises 127.0.0.1).
+    ("http://127.0.0.1:8080", "192.0.2.10", "http://192.0.2.10:8080"),
+    ("http://127.0.0.1:8080/boot.ipxe?x=1", "198.51.100.10",
+     "http://198.51.100.10:8080/boot.ipxe?x=1"),
+    ("https://localhost:8443", "192.0.2.10", "https://192.0.2.10:8443"),
+    ("http://127.0.1.1", "192.0.2.10", "http://192.0.2.10"),
+    ("http://[::1]:8080", "2001:db8::10", "http://[2001:db8::10]:8080"),
+    ("http://127.0.0.1:8080", "::ffff:192.0.2.10", "http://192.0.2.10:8080"),
+    ("http://127.0.0.1:8080", "fe80::1%eth0", "http://[fe80::1]:8080"),
+    # Anything else is the operator's choice, kept.
+    ("http://192.0.2.10:8080", "198.51.100.10", "http://192.0.2.10:8080"),
+    ("https://netboot.example", "198.51.100.10", "https://netboot.example"),
+    ("http://127.0.0.1:8080", "127.0.0.1", "http://127.0.0.1:8080"),  # this host's client
+    ("http://127.0.0.1:8080", "0.0.0.0", "http://127.0.0.1:8080"),
+    ("http://127.0.0.1:8080", None, "http://127.0.0.1:8080"),
+    ("http://127.0.0.1:8080", "not an address", "http://127.0.0.1:8080"),
+    ("", "192.0.2.10", ""),
+])
+def test_a_loopback_url_is_the_address_the_client_reached(
+        url: str, local: str | None, expected: str) -> None:
+    from netboot.model import loopback_url, reached_url
+
+    assert reached_url(url, local) == expected
+    assert loopback_url(url) == (url != expected or url.startswith("http://127.0.0.1"))

@@ -1369,6 +1369,10 @@ def _install_timeout(d: Mapping[str, Any]) -> int | None:
     value = d.get("install_timeout")
     if value is None:
         return None
+    # JSON has one number type: 600.0 is the integer 600 (JSON Schema's "integer" takes it,
+    # and so does the OpenAPI document; schemathesis sends such a value).
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     # bool is an int in Python; "true" is not a number of seconds.
     if isinstance(value, bool) or not isinstance(value, int) or not 60 <= value <= 7 * 86_400:
         raise ValidationError("install_timeout", "seconds an install may take: an integer "

@@ -1444,7 +1444,10 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                         conn.execute(step)
                 # Inside the transaction: the version and the schema change commit together.
                 conn.execute(f"PRAGMA user_version = {index + 1}")
-                log.info("inventory %s: migrated schema to version %d", path, index + 1)
+                if version:  # a new inventory's first start is one line, not one a step
+                    log.info("inventory %s: migrated schema to version %d", path, index + 1)
+            if not version:
+                log.info("inventory %s: created (schema version %d)", path, SCHEMA_VERSION)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot migrate inventory {path}: {exc}") from exc
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, cast
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote
 
 from netboot.arrival import set_arrival
 from netboot.eager import eager
@@ -70,7 +70,7 @@ from netboot.model import (
     MacAddress,
     boot_request_of_values,
     normalise_uuid,
-    url_host,
+    reached_url,
 )
 from netboot.servers.fasthttp import (
     MAX_HEAD,
@@ -148,6 +148,10 @@ _IPXE = Firmware.IPXE
 
 
 class DeviceContent(Protocol):
+    def by_address(self) -> bool: ...
+
+    def at(self, local: str | None) -> DeviceContent: ...
+
     def bootstrap_ipxe(self) -> str: ...
 
     def ipxe_plan(self, request: BootRequest) -> Awaitable[BootPlan]: ...
@@ -838,12 +842,16 @@ def _compressed_sibling(path: str) -> bool:
 PlainApi = Literal["refuse", "loopback", "allow"]
 
 
-def _loopback_host(host: str | None) -> bool:
-    """Whether a URL's host names this host's loopback only (no other host can reach it)."""
-    if host is None:
-        return False
-    address = _address(host)
-    return host.lower() == "localhost" if address is None else address.is_loopback
+def local_address(request: web.BaseRequest) -> str | None:
+    """The address ``request`` came in on: its connection's own (None: not known)."""
+    transport = request.transport
+    return sockname_host(transport) if transport is not None else None
+
+
+def sockname_host(transport: asyncio.BaseTransport) -> str | None:
+    """A connection's own address (where its client reached this host), or None."""
+    sockname = transport.get_extra_info("sockname")
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else None
 
 
 def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -950,18 +958,7 @@ class PlainHttp:
         the Host header, which the client writes (an open redirect): the socket's own
         address, as `trusts` reads it."""
         base = self.https_url()
-        if not base:
-            return base
-        parts = urlsplit(base)
-        if not _loopback_host(parts.hostname):
-            return base
-        transport = request.transport
-        sockname = transport.get_extra_info("sockname") if transport is not None else None
-        local = _address(str(sockname[0])) if isinstance(sockname, tuple) else None
-        if local is None or local.is_loopback or local.is_unspecified:
-            return base
-        port = f":{parts.port}" if parts.port is not None else ""
-        return urlunsplit(parts._replace(netloc=f"{url_host(str(local))}{port}"))
+        return reached_url(base, local_address(request)) if base else base
 
     def refusal(self, request: web.Request, what: str) -> PlainHttpRefused:
         base = self.https_base(request)
@@ -984,32 +981,49 @@ class DeviceRoutes:
         self._health = health
         self._log = logger or logging.getLogger(__name__)
         self._files = files or AssetFiles(content.asset)
-        self._bootstrap: tuple[str, Reply] | None = None
+        # The bootstrap script's text -> its Reply, by the local address it is served on
+        # (None: every one but where the base URL is a loopback one, Content.at).
+        self._bootstraps: dict[str | None, tuple[str, Reply]] = {}
 
     @property
     def files(self) -> AssetFiles:
         """The asset files ``/assets/`` serves (aiohttp's path: asset_response)."""
         return self._files
 
+    def local_of(self, transport: asyncio.BaseTransport) -> str | None:
+        """The ``local`` to give :meth:`front` and :meth:`ready` for a connection's requests:
+        its own address where a device's URLs name it (Content.at), else None. Asked once
+        a connection: nothing more a request where the base URL is the advertised one, nor
+        for a client of this host itself (its loopback address: the base URL as it is; the
+        benchmarks' clients, whose every request paid ~4,500 instructions for Content.at's
+        look-up otherwise, s36-user)."""
+        if not self._content.by_address():
+            return None
+        local = sockname_host(transport)
+        return local if local is not None and self._content.at(local) is not self._content \
+            else None
+
     def front(self, path: str, query: str, remote: str | None, *, accept_encoding: bool,
-              bearer: str = "", large: bool = False
+              bearer: str = "", large: bool = False, local: str | None = None
               ) -> tuple[str, Coroutine[Any, Any, Reply | FileBody | None]] | None:
         """The route pattern (the metrics' label, as aiohttp names it) and the answer of a
         plain GET the front door may give (:class:`FrontDoor`); None for aiohttp to route.
         The answers are the same coroutines aiohttp's handlers below await. ``bearer``: an
         install token from the Authorization header (:meth:`PlainHttp.install_token`),
         which ``/config`` takes before the query's, as :meth:`_token` does. ``large``: a
-        large asset may be answered too (:meth:`AssetFiles.reply`)."""
+        large asset may be answered too (:meth:`AssetFiles.reply`). ``local``: the address
+        the request came in on (its connection's own), which the URLs in a script or config
+        name where the base URL is a loopback one (Content.at)."""
         if path == "/ipxe":
-            return "/ipxe", self._ipxe(query, remote)
+            return "/ipxe", self._ipxe(query, remote, local)
         if path == "/boot.ipxe":
-            return "/boot.ipxe", self._boot_ipxe()
+            return "/boot.ipxe", self._boot_ipxe(local)
         if path.startswith("/assets/") and len(path) > 8:
             return "/assets/{path}", self._files.reply(path[8:], large=large,
                                                        accept_encoding=accept_encoding)
         if path.startswith("/config/") and "/" not in path[8:] and len(path) > 8:
             token = bearer or query_value(query, "token")
-            return "/config/{mac}", self._config(path[8:], token, remote)
+            return "/config/{mac}", self._config(path[8:], token, remote, local)
         if path == "/healthz":
             return "/healthz", self._healthz()
         return None
@@ -1019,15 +1033,15 @@ class DeviceRoutes:
     # for a None; s33-loop).
     READY_PREFIXES = ("/boot.ipxe", "/assets/")
 
-    def ready(self, path: str, *, accept_encoding: bool, large: bool = False
-              ) -> tuple[str, Reply | FileBody] | None:
+    def ready(self, path: str, *, accept_encoding: bool, large: bool = False,
+              local: str | None = None) -> tuple[str, Reply | FileBody] | None:
         """:meth:`front`'s route and answer when it is in memory already and the same object
         as the last time (the bootstrap script, a small asset held unchanged), so that the
         front door may keep its encoding; None: ask :meth:`front`. Only for a path that
         begins with one of :attr:`READY_PREFIXES`."""
         if path == "/boot.ipxe":
             try:
-                return "/boot.ipxe", self._boot_reply()
+                return "/boot.ipxe", self._boot_reply(local)
             except Exception:  # a template that does not render: front's error translation
                 return None
         if path.startswith("/assets/") and len(path) > 8:
@@ -1056,29 +1070,34 @@ class DeviceRoutes:
                      "memory, writes are refused\n".encode(), _TEXT, _NO_STORE)
 
     async def boot_ipxe(self, request: web.Request) -> web.Response:
-        return web_response(await self._boot_ipxe())
+        return web_response(await self._boot_ipxe(local_address(request)))
 
-    async def _boot_ipxe(self) -> Reply:
-        return self._boot_reply()
+    async def _boot_ipxe(self, local: str | None = None) -> Reply:
+        return self._boot_reply(local)
 
-    def _boot_reply(self) -> Reply:
+    def _boot_reply(self, local: str | None = None) -> Reply:
         # The same Reply while the script is the same text (content keeps it until its
         # template or the base URL changes).
-        text = self._content.bootstrap_ipxe()
-        kept = self._bootstrap
+        content = self._content if local is None else self._content.at(local)
+        text = content.bootstrap_ipxe()
+        key = None if content is self._content else local
+        kept = self._bootstraps.get(key)
         if kept is None or kept[0] is not text:
-            kept = self._bootstrap = (text, Reply(200, text.encode(), _TEXT))
+            if len(self._bootstraps) >= 64:
+                self._bootstraps.clear()  # bounded: a host has a few addresses
+            kept = self._bootstraps[key] = (text, Reply(200, text.encode(), _TEXT))
         return kept[1]
 
     async def ipxe(self, request: web.Request) -> web.Response:
-        return web_response(await self._ipxe(request.rel_url.raw_query_string, request.remote))
+        return web_response(await self._ipxe(request.rel_url.raw_query_string, request.remote,
+                                             local_address(request)))
 
-    async def _ipxe(self, query: str, remote: str | None) -> Reply:
+    async def _ipxe(self, query: str, remote: str | None, local: str | None = None) -> Reply:
         boot = ipxe_request(uri_query(query), remote)
         # The decision awaited here and its script rendered here: Content.ipxe_script's
         # coroutine between them was a level more between the task and the decision's
         # every wait (~1,400 loop instructions a level; s35-loop).
-        content = self._content
+        content = self._content if local is None else self._content.at(local)
         plan = await content.ipxe_plan(boot)
         script = content.render_ipxe(plan)
         # The MAC's text by bytes.hex, what its __str__ returns, without that Python call
@@ -1090,7 +1109,7 @@ class DeviceRoutes:
     async def grub(self, request: web.Request) -> web.Response:
         peer = (request.remote or "", 0)
         name = clean_relative(request.match_info["name"])
-        text = await self._content.grub_file(name, peer, "http")
+        text = await self._content.at(local_address(request)).grub_file(name, peer, "http")
         from aiohttp import web
 
         return web.Response(body=text, content_type="text/plain",
@@ -1104,13 +1123,15 @@ class DeviceRoutes:
 
     async def config(self, request: web.Request) -> web.Response:
         return web_response(await self._config(request.match_info["mac"], self._token(request),
-                                               request.remote))
+                                               request.remote, local_address(request)))
 
-    async def _config(self, mac: str, token: str | None, remote: str | None) -> Reply:
+    async def _config(self, mac: str, token: str | None, remote: str | None,
+                      local: str | None = None) -> Reply:
         attempt = 1
+        content = self._content if local is None else self._content.at(local)
         while True:
-            plan = await self._content.authorised_plan(mac, token)
-            text = self._content.k3os_config(plan)
+            plan = await content.authorised_plan(mac, token)
+            text = content.k3os_config(plan)
             # Written out, not a coroutine of its own (a first config's loop instructions).
             try:
                 await self._content.config_fetched(plan, "k3OS config")
@@ -1126,10 +1147,11 @@ class DeviceRoutes:
     async def nocloud(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         attempt = 1
+        content = self._content.at(local_address(request))
         while True:
-            plan = await self._content.authorised_plan(request.match_info["mac"],
-                                                       self._token(request))
-            text = self._content.nocloud(plan, name)
+            plan = await content.authorised_plan(request.match_info["mac"],
+                                                 self._token(request))
+            text = content.nocloud(plan, name)
             if name != "user-data":
                 break
             try:
@@ -1203,14 +1225,16 @@ class FrontDoor:
         stayed until a scan or the next storm churned them (s35-mem)."""
         self._heads.clear()
 
-    def ready(self, head: RequestHead, *, sendfile: bool = False) -> Answer | None:
+    def ready(self, head: RequestHead, *, sendfile: bool = False,
+              local: str | None = None) -> Answer | None:
         """The answer of ``head`` when it is in memory (:meth:`DeviceRoutes.ready`): one
         lookup, the Date, a request id and a join (with ``sendfile``, a large file's head
-        too, and its file opened); None: :meth:`start` it."""
+        too, and its file opened); None: :meth:`start` it. ``local``: the address its
+        connection reached (DeviceRoutes.front)."""
         if head.close or head.bearer or not head.path.startswith(self.routes.READY_PREFIXES):
             return None
         found = self.routes.ready(head.path, accept_encoding=head.accept_encoding,
-                                  large=sendfile)
+                                  large=sendfile, local=local)
         if found is None:
             return None
         started = time.monotonic()
@@ -1245,7 +1269,7 @@ class FrontDoor:
         return given if given and _REQUEST_ID.match(given) else self.ids()
 
     def start(self, head: RequestHead, remote: str | None, *, sendfile: bool = False,
-              loop: asyncio.AbstractEventLoop | None = None
+              loop: asyncio.AbstractEventLoop | None = None, local: str | None = None
               ) -> tuple[Callable[[Reply | FileBody | None], Answer | None],
                          asyncio.Future[Reply | FileBody | None]] | None:
         """Begin answering ``head``: how to finish, and the reply as it is decided (done
@@ -1254,11 +1278,13 @@ class FrontDoor:
         running loop, when the caller holds it (a connection's): CPython 3.11 asks the
         kernel for the process id (getpid(2)) at every asyncio.get_running_loop(), to tell
         a forked child, and a storm's loop made ~4.4 such calls a request (perf trace;
-        benchmarks/README.md, s31-front)."""
+        benchmarks/README.md, s31-front). ``local``: the address the connection reached
+        (DeviceRoutes.front)."""
         if head.bearer and (self.plain is None or not self.plain.install_token(head.bearer)):
             return None  # an operator's credential: the plain-HTTP policy's
         route = self.routes.front(head.path, head.query, remote, large=sendfile,
-                                  accept_encoding=head.accept_encoding, bearer=head.bearer)
+                                  accept_encoding=head.accept_encoding, bearer=head.bearer,
+                                  local=local)
         if route is None:
             return None
         label, coro = route
@@ -1623,6 +1649,7 @@ class GuardedHandler(_HandlerBase):
         self._front_paused = False
         self._handed = False  # aiohttp was given a request on this connection
         self._peer: str | Literal[False] | None = False  # _remote(), False: not asked yet
+        self._local: str | None = None  # the address the client reached (connection_made)
         self._plain_tcp = False  # a TCP socket without TLS: sendfile(2) may write to it
         self._sock: Any = None  # its socket object (asyncio's or uvloop's), when plain TCP
         self._own: socket.socket | None = None  # _own_socket(), when a file was sent
@@ -1655,6 +1682,10 @@ class GuardedHandler(_HandlerBase):
         self._fd = sock.fileno() if sock is not None else -1
         self._plain_tcp = sock is not None and transport.get_extra_info("sslcontext") is None
         self._sock = sock if self._plain_tcp else None  # uvloop makes a new one each time
+        # Asked once a connection: a device's URLs name it where the base URL is a loopback
+        # one (Content.at).
+        if self._front is not None:
+            self._local = self._front.routes.local_of(transport)
         super().connection_made(transport)
         self._guard.await_head(self, self._loop)
 
@@ -1730,7 +1761,7 @@ class GuardedHandler(_HandlerBase):
                 continue
             # Only a path ready() may answer asks it (READY_PREFIXES: not an /ipxe or a
             # /config, whose call found None at ~1,000 loop instructions; s34-loop).
-            ready = (front.ready(head, sendfile=self._plain_tcp)
+            ready = (front.ready(head, sendfile=self._plain_tcp, local=self._local)
                      if head.path.startswith(front.routes.READY_PREFIXES) else None)
             if ready is not None:
                 self._request_count += 1
@@ -1739,7 +1770,7 @@ class GuardedHandler(_HandlerBase):
                 continue
             peer = self._peer  # _remote()'s, asked once a connection: no call for it
             started = front.start(head, self._remote() if peer is False else peer,
-                                  sendfile=self._plain_tcp, loop=self._loop)
+                                  sendfile=self._plain_tcp, loop=self._loop, local=self._local)
             if started is None:
                 self._to_aiohttp(head.size)
                 continue
@@ -2102,6 +2133,7 @@ class EarlyConnection(asyncio.Protocol):
         self._doorway = doorway
         self.transport: asyncio.Transport | None = None
         self._peer: str | None = None
+        self._local: str | None = None  # the address the client reached
         self._unread = b""
         self._deciding = False  # a decision is awaited: nothing else answered meanwhile
         self._waiting = False  # the next request is aiohttp's: reading paused until then
@@ -2110,6 +2142,7 @@ class EarlyConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._local = self._doorway.front.routes.local_of(transport)
         self._doorway.early.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -2133,9 +2166,9 @@ class EarlyConnection(asyncio.Protocol):
             if isinstance(head, NotMine):
                 self._wait()
                 break
-            answer = front.ready(head)
+            answer = front.ready(head, local=self._local)
             if answer is None:
-                started = front.start(head, self._peer)
+                started = front.start(head, self._peer, local=self._local)
                 if started is None:
                     self._wait()
                     break

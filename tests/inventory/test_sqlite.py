@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -141,6 +143,28 @@ async def test_reopen_is_a_no_op_migration(tmp_path: Path) -> None:
         assert conn.execute(
             "SELECT type, name, sql FROM sqlite_master ORDER BY name"
         ).fetchall() == (schema)
+
+
+async def test_a_new_inventory_says_so_in_one_line_and_an_old_one_each_step(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A newcomer's first start printed "migrated schema to version 1" ... "7" (s36-user).
+    caplog.set_level(logging.INFO, logger="netboot.inventory.sqlite")
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    told = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
+    assert told[0] == f"inventory {path}: created (schema version {SCHEMA_VERSION})"
+    assert not any("migrated" in line for line in told), told
+    # Session 10's (tests/data/inventory-s10, schema 6): each step it took is told.
+    old = tmp_path / "old.db"
+    shutil.copyfile(Path(__file__).parent.parent / "data" / "inventory-s10" / "netboot.db", old)
+    caplog.clear()
+    store = SqliteStore(old)
+    await store.open()
+    await store.close()
+    assert next(r.getMessage() for r in caplog.records if "schema" in r.getMessage()) == (
+        f"inventory {old}: migrated schema to version {SCHEMA_VERSION}")
 
 
 async def test_refuses_newer_schema(tmp_path: Path) -> None:

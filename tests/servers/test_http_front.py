@@ -588,8 +588,8 @@ def test_the_encodings_the_front_keeps_are_bounded() -> None:
         def __init__(self) -> None:
             self.reply = Reply(200, b"", "text/plain")
 
-        def ready(self, path: str, *, accept_encoding: bool, large: bool = False
-                  ) -> tuple[str, Reply]:
+        def ready(self, path: str, *, accept_encoding: bool, large: bool = False,
+                  local: str | None = None) -> tuple[str, Reply]:
             return "/assets/{path}", self.reply
 
     routes = Routes()

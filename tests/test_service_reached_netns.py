@@ -1,0 +1,192 @@
+"""A device's URLs on a host without a default route and no --advertise (s36-user).
+
+``netboot serve`` runs in a network namespace of its own with two interfaces, one on
+192.0.2.0/24 and one on 198.51.100.0/24 (veth pairs to a client namespace each), and no
+default route: it advertises 127.0.0.1 (start-up warns of it). Before, every device got
+``http://127.0.0.1:8080/…`` in its bootstrap script, its install script (kernel, initrds,
+config URL) and its config, which on its side is itself: its boot failed, silently. Now a
+device gets the address its request came in on, and fetching every URL works; a script or
+config kept for one interface is never served to the other's clients. Its PXE firmware's
+proxyDHCP offer names the same address (it named 127.0.0.1), and the HTTPS certificate
+names both addresses (it named 127.0.0.1, localhost and ::1 only).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
+from tests.conftest import INITRD, KERNEL
+from tests.servers.test_dhcp_netns import CLIENT_SCRIPT
+
+pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
+              pytest.mark.requires("curl", "curl")]
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBNETS = {"a": ("192.0.2.10", "192.0.2.60"), "b": ("198.51.100.10", "198.51.100.60")}
+MAC_A = "52:54:00:36:00:0a"
+MAC_B = "52:54:00:36:00:0b"
+MAC_HELD = "52:54:00:36:00:0c"  # enrolled without a profile: held, its script kept per NIC
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def subnets() -> Iterator[dict[str, str]]:
+    """The server's namespace and a client's on each subnet, no default route in any."""
+    tag = secrets.token_hex(3)
+    names = {"srv": f"s36user-{tag}-s", "a": f"s36user-{tag}-a", "b": f"s36user-{tag}-b"}
+    made: list[str] = []
+    try:
+        for ns in names.values():
+            ip("netns", "add", ns)
+            made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        for side, (server, client) in SUBNETS.items():
+            ip("-n", names["srv"], "link", "add", f"v{side}", "type", "veth", "peer", "name",
+               "eth0", "netns", names[side])
+            ip("-n", names["srv"], "addr", "add", f"{server}/24", "dev", f"v{side}")
+            ip("-n", names["srv"], "link", "set", f"v{side}", "up")
+            ip("-n", names[side], "addr", "add", f"{client}/24", "dev", "eth0")
+            ip("-n", names[side], "link", "set", "eth0", "up")
+        yield names
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def netboot(*args: str, ns: str | None = None) -> list[str]:
+    command = [sys.executable, "-m", "netboot", *args]
+    return ["ip", "netns", "exec", ns, *command] if ns else command
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def curl(ns: str, url: str, *args: str) -> tuple[int, bytes]:
+    done = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "-o", "-",
+                           "-w", "\n%{http_code}", *args, url], capture_output=True,
+                          timeout=20)
+    body, _, status = done.stdout.rpartition(b"\n")
+    return int(status or 0), body
+
+
+def pxe_offer(ns: str, mac: str) -> dhcp.Packet | None:
+    """A BIOS PXE ROM's DISCOVER broadcast from ``ns``'s eth0, and the proxy offer."""
+    discover = dhcp.Packet(
+        op=Op.REQUEST, xid=0x36005EED, chaddr=bytes.fromhex(mac.replace(":", "")),
+        flags=dhcp.BROADCAST_FLAG, options=(
+            dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.DISCOVER,))),
+            dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 43, 60, 66, 67))),
+            dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
+            dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
+            dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01")))
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_SCRIPT,
+                           "eth0", dhcp.encode(discover, pad_to=300).hex()],
+                          capture_output=True, timeout=60)
+    return dhcp.parse(bytes.fromhex(done.stdout.decode().strip())) if done.returncode == 0 \
+        else None
+
+
+def test_each_subnets_device_gets_urls_of_the_address_it_reached(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "vmlinuz").write_bytes(KERNEL)
+    (assets / "initrd.img").write_bytes(INITRD)
+    (assets / "undionly.kpxe").write_bytes(b"UNDI" * 100)  # what a BIOS PXE ROM is offered
+    config = tmp_path / "netboot.yaml"
+    # No server.advertise, no interfaces: what a newcomer's first run has (proxyDHCP).
+    config.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\n"
+                      f"tftp:\n  enabled: false\nassets:\n  dirs: [{assets}]\n")
+    cfg = ("--config", str(config))
+    for args in (("clusters", "add", "edge", "--endpoint", "k3s.example"),
+                 ("profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img"),
+                 ("machines", "add", MAC_A, "--profile", "p", "--cluster", "edge"),
+                 ("machines", "add", MAC_B, "--profile", "p", "--cluster", "edge"),
+                 ("machines", "add", MAC_HELD)):
+        subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
+                       capture_output=True, timeout=60)
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(netboot("serve", *cfg, ns=subnets["srv"]), env=env(),
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while curl(subnets["a"], "http://192.0.2.10:8080/healthz")[0] != 200:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "netboot did not start"
+            time.sleep(0.2)
+        seen: dict[str, dict[str, str]] = {}
+        offers = {side: pxe_offer(subnets[side], mac)
+                  for side, mac in (("a", MAC_A), ("b", MAC_B))}
+        ca = tmp_path / "data" / "tls" / "ca.pem"
+        https = {side: curl(subnets[side], f"https://{SUBNETS[side][0]}:8443/healthz",
+                            "--cacert", str(ca))[0] for side in SUBNETS}
+        for side, mac in (("a", MAC_A), ("b", MAC_B)):
+            server_ip = SUBNETS[side][0]
+            base = f"http://{server_ip}:8080"
+            got = seen[side] = {}
+            status, body = curl(subnets[side], f"{base}/boot.ipxe")
+            assert status == 200
+            got["boot.ipxe"] = body.decode()
+            status, body = curl(subnets[side], f"{base}/ipxe?mac={mac}&arch=x86_64")
+            assert status == 200
+            got["ipxe"] = script = body.decode()
+            # Every URL in it is fetched from the device's side, as iPXE and k3OS would.
+            urls = re.findall(r"https?://[^\s\"']+", script)
+            assert urls, script
+            for url in urls:
+                assert url.startswith(f"{base}/"), (url, script)
+                status, body = curl(subnets[side], url)
+                assert status == 200, (url, body)
+                if "/config/" in url:
+                    got["config"] = body.decode()
+            assert "config" in got, script
+        # The server's own clients keep the advertised address.
+        status, body = curl(subnets["srv"], "http://127.0.0.1:8080/boot.ipxe")
+        assert status == 200 and "http://127.0.0.1:8080/" in body.decode()
+        # One NIC's script asked on one subnet, then on the other (a held machine's is
+        # kept per NIC; an install's too, asked again): each time the address it reached.
+        for mac in (MAC_HELD, MAC_A):
+            for side in ("a", "b", "a"):
+                server_ip = SUBNETS[side][0]
+                status, body = curl(subnets[side],
+                                    f"http://{server_ip}:8080/ipxe?mac={mac}&arch=x86_64")
+                assert status == 200
+                hosts = set(re.findall(r"https?://([^/:\s]+)", body.decode()))
+                assert hosts <= {server_ip}, (mac, side, body)
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+        log.close()
+    for side, got in seen.items():
+        server_ip = SUBNETS[side][0]
+        for what, text in got.items():
+            assert "127.0.0.1" not in text, (side, what, text)
+        assert f"http://{server_ip}:8080/ipxe" in got["boot.ipxe"], got["boot.ipxe"]
+        assert f"http://{server_ip}:8080/assets/vmlinuz" in got["ipxe"]
+        assert f"http://{server_ip}:8080/config/" in got["ipxe"]
+    for side, offer in offers.items():
+        assert offer is not None and offer.siaddr == SUBNETS[side][0], (side, offer)
+        assert offer.file_name == "undionly.kpxe"
+    assert https == {"a": 200, "b": 200}
+    served = (tmp_path / "serve.log").read_text()
+    assert "no default route: advertising 127.0.0.1; devices are answered with the address" \
+        in served
