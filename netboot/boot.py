@@ -103,8 +103,9 @@ _INSTALL_PLAN = lifecycle.Trigger.INSTALL_PLAN
 _INSTALL_AGAIN = lifecycle.Trigger.INSTALL_AGAIN
 _NO_ARCH = Arch.UNKNOWN
 _NO_FIRMWARE = Firmware.UNKNOWN
-# ... and those a first DHCP sighting looks up (its decision, its loader, its record: eight,
-# ~1.8 % of the event loop's instructions a first DISCOVER; benchmarks/README.md s36-dhcp1st).
+# ... and those a first DHCP sighting looks up (its decision, its role, its loader, its
+# record: nine, ~2 % of the event loop's instructions a first DISCOVER; benchmarks/README.md
+# s36-dhcp1st).
 _UEFI_FIRMWARES = (Firmware.UEFI, Firmware.UEFI_HTTP)
 _IPXE = Firmware.IPXE
 _UBOOT = Firmware.UBOOT
