@@ -106,6 +106,14 @@ _INSTALL_PLAN = lifecycle.Trigger.INSTALL_PLAN
 _INSTALL_AGAIN = lifecycle.Trigger.INSTALL_AGAIN
 _NO_ARCH = Arch.UNKNOWN
 _NO_FIRMWARE = Firmware.UNKNOWN
+# ... and those a first DHCP sighting looks up (its decision, its role, its loader, its
+# record: nine, ~2 % of the event loop's instructions a first DISCOVER; benchmarks/README.md
+# s36-dhcp1st).
+_UEFI_FIRMWARES = (Firmware.UEFI, Firmware.UEFI_HTTP)
+_IPXE = Firmware.IPXE
+_UBOOT = Firmware.UBOOT
+_RPI = Firmware.RPI
+_AGENT = Role.AGENT  # every decision's role, when neither machine nor group sets one
 # The event a decision that installs nothing notes (a repeat of it writes nothing).
 _NOTED = {BootAction.LOCAL: "local-boot", BootAction.HOLD: "hold"}
 # Decisions kept for repeated requests (BootService.plan), one per NIC: a storm's
@@ -498,17 +506,21 @@ class BootService:
         fresh = fresh or (self.health.up and await self._fresh())
         seen = self._seen_dhcp(request)
         seen.decided = None
-        res = await self._resolve(request, seen)
+        # From the view's memory without a coroutine where it can tell (loaded: always), as
+        # plan() looks up: _resolve's coroutine only where the store must be read.
+        res = identity.held_lookup(self._view, seen.identity, seen.keys)
+        if res is None:
+            res = await self._resolve(request, seen)
         machine = res.machine
         if fresh:
             self._record_dhcp_soon(request, res, seen)
-        if (machine is None or machine.state == MachineState.DISCOVERED) \
+        if (machine is None or machine.state == _DISCOVERED) \
                 and self.settings.policy == "ignore":
             if not await self._awaiting_nic():
                 return None
             fresh = False  # decided from more than repeat_guard checks: not for repeats
         args: tuple[LoaderChain | None, str]
-        if request.firmware not in (Firmware.UEFI, Firmware.UEFI_HTTP):
+        if request.firmware not in _UEFI_FIRMWARES:
             args = (None, "")
         elif machine is None:
             args = (None, "default for the architecture")
@@ -517,7 +529,9 @@ class BootService:
             if seen.machine is not machine or seen.rules != rules \
                     or seen.settings is not self.settings:
                 # Taken with the counter read before: a change while deciding makes it stale.
-                seen.chain = await self._chain(machine, request)
+                # Without a coroutine where the view holds the settings (loaded: always).
+                chain = self._held_chain(machine, request)
+                seen.chain = await self._chain(machine, request) if chain is None else chain
                 seen.machine, seen.rules, seen.settings = machine, rules, self.settings
             args = seen.chain
         stage = self.loader(request, *args)
@@ -653,14 +667,17 @@ class BootService:
         if seen is None or self._recording[mac] or mac in self._locks \
                 or self._recorder.crowded() or not self._view.fresh(DHCP_VIEW_AGE):
             return False
-        if seen.request != request:  # (the decision's own memo: equal as a rule)
+        # The decision's own memo: the same request object as a rule (told by identity
+        # first: the dataclass's != builds and compares every field's tuple, ~1 % of the
+        # loop's samples a first DISCOVER, s36-dhcp1st).
+        if seen.request is not request and seen.request != request:
             return False
         res = identity.held_lookup(self._view, seen.identity, seen.keys)
         if res is None:
             return False
         machine = res.machine
         if machine is None or res.absorb or res.disagree or mac not in machine.macs \
-                or machine.state == MachineState.DISCOVERED:
+                or machine.state == _DISCOVERED:
             return False
         try:
             self._note_now(machine, request, res, "dhcp", seen.note, seen)
@@ -699,7 +716,7 @@ class BootService:
                 return True
             seen.quiet = known
         # A discovered record notes no steps (its "discovered" event says it all).
-        return machine.state != MachineState.DISCOVERED \
+        return machine.state != _DISCOVERED \
             and self._recorder.last(machine.id) != (
                 "dhcp", _dhcp_note(request) if seen is None else seen.note)
 
@@ -799,12 +816,12 @@ class BootService:
         says why. The default chain falls back to the other one.
         """
         fw, arch = request.firmware, request.arch
-        if fw == Firmware.IPXE:
+        if fw == _IPXE:
             return FirstStage("/boot.ipxe", http=True, reason="iPXE gets the HTTP script")
-        if fw == Firmware.UBOOT:
+        if fw == _UBOOT:
             # U-Boot's distro boot fetches boot.scr.uimg itself; netboot generates it.
             return FirstStage("boot.scr.uimg", reason="U-Boot boot script")
-        if fw == Firmware.RPI:
+        if fw == _RPI:
             return FirstStage("bootcode.bin", reason="Raspberry Pi bootloader")
         if chain is None:
             why = why or "default for the architecture"
@@ -880,11 +897,16 @@ class BootService:
         if machine.loader is not None:
             return machine.loader, "set on the machine"
         group, profile, _, _ = await self._effective(machine, request)
-        if group is not None and group.loader is not None:
-            return group.loader, f"set on group {group.name}"
-        if profile is not None and profile.loader is not None:
-            return profile.loader, f"set on profile {profile.name}"
-        return None, "default for the architecture"
+        return _chain_of(group, profile)
+
+    def _held_chain(self, machine: Machine, request: BootRequest,
+                    ) -> tuple[LoaderChain | None, str] | None:
+        """:meth:`_chain` where the view holds the groups, profiles and clusters (loaded:
+        always), without its coroutine and _effective's; None where it does not."""
+        if machine.loader is not None:
+            return machine.loader, "set on the machine"
+        held = self._held_effective(machine, request)
+        return None if held is None else _chain_of(held[0], held[1])
 
     # -- iPXE / pxelinux ---------------------------------------------------------------
     async def plan(self, request: BootRequest, *, record: bool = True) -> BootPlan:
@@ -1136,7 +1158,7 @@ class BootService:
         profile_name = (machine.profile or (group.profile if group else None)
                         or self.settings.default_profile)
         cluster_name = machine.cluster or (group.cluster if group else None)
-        role = machine.role or (group.role if group else None) or Role.AGENT
+        role = machine.role or (group.role if group else None) or _AGENT
         return group, profile_name, cluster_name, role
 
     async def _install_plan(self, request: BootRequest, machine: Machine, res: Resolution,
@@ -1890,6 +1912,16 @@ def _left(machine: Machine, cluster: str) -> bool:
     (s36-journey). A cluster or role not yet bound (None) has not left."""
     return (machine.cluster is not None and machine.cluster != cluster) or \
         machine.role == Role.AGENT
+
+
+def _chain_of(group: Group | None, profile: Profile | None) -> tuple[LoaderChain | None, str]:
+    """The loader chain a machine that sets none gets from its group or profile, and who
+    chose it (None: the default)."""
+    if group is not None and group.loader is not None:
+        return group.loader, f"set on group {group.name}"
+    if profile is not None and profile.loader is not None:
+        return profile.loader, f"set on profile {profile.name}"
+    return None, "default for the architecture"
 
 
 def _node_join(machine: Machine, cluster: Cluster, group: Group | None,

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from netboot.errors import NetbootError, OutcomeUnknown, StoreError
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Store
-from netboot.model import Event, Machine
+from netboot.model import Event, Machine, MachineState
 from netboot.unstoppable import told
 
 # Long enough to gather a storm's events into one commit, short enough that `netboot
@@ -657,12 +657,26 @@ def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machi
     """``batch`` after the queued ``events``, with the learnt updates (compare-and-set on
     the state and version each machine was read in: learnt again on it, each is the whole
     machine, which must not undo a change committed since that read)."""
-    return Batch(merge=batch.merge, create=batch.create,
-                 update=[*batch.update, *(new for _, new in relearnt)],
-                 events=codec.joined(events, batch.events),
-                 expect={**{old.id: old.state for old, _ in relearnt}, **batch.expect},
-                 versions={**{old.id: old.updated for old, _ in relearnt}, **batch.versions},
-                 audit=batch.audit, bases={**{old.id: old for old, _ in relearnt}, **batch.bases})
+    # One walk over the learnt updates, not four (a storm's group commit learns ~256).
+    update = list(batch.update)
+    expect: dict[str, MachineState] = {}
+    versions: dict[str, float] = {}
+    bases: dict[str, Machine] = {}
+    for old, new in relearnt:
+        update.append(new)
+        ident = old.id
+        expect[ident] = old.state
+        versions[ident] = old.updated
+        bases[ident] = old
+    if batch.expect:
+        expect.update(batch.expect)
+    if batch.versions:
+        versions.update(batch.versions)
+    if batch.bases:
+        bases.update(batch.bases)
+    return Batch(merge=batch.merge, create=batch.create, update=update,
+                 events=codec.joined(events, batch.events), expect=expect, versions=versions,
+                 audit=batch.audit, bases=bases)
 
 
 def _fate(group: _Group, done: asyncio.Future[None]) -> asyncio.Future[None]:

@@ -1280,6 +1280,58 @@ async def test_a_dhcp_storms_paced_records_are_made_without_a_coroutine_each(
         assert not w.boot._recording and not w.boot._paced
 
 
+async def test_a_first_discover_is_decided_from_the_views_memory_without_a_coroutine_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded view answers a first DISCOVER's look-up and its loader chain from memory:
+    neither the look-up's coroutine (_resolve) nor the chain's (_chain, _effective) is made,
+    and the first stage and its reason are what those coroutines choose (the machine's own
+    chain, its group's, its profile's, the default)."""
+    from netboot.model import Group
+
+    made: list[str] = []
+    resolve, chain = BootService._resolve, BootService._chain
+
+    def counted_resolve(self: BootService, *args: Any, **kw: Any) -> Any:
+        made.append("_resolve")
+        return resolve(self, *args, **kw)
+
+    async def counted_chain(self: BootService, *args: Any, **kw: Any) -> Any:
+        made.append("_chain")
+        return await chain(self, *args, **kw)
+
+    for name in ("snponly.efi", "shimx64.efi"):
+        (tmp_path / name).write_bytes(b"x")
+    machines, requests = _first_dhcp(4, 6)
+    machines[0] = replace(machines[0], loader=LoaderChain.SHIM_GRUB)
+    machines[1] = replace(machines[1], labels={"rack": "r1"})
+    machines[2] = replace(machines[2], profile="sb")
+    async with _watched(tmp_path, machines) as w:
+        await w.store.put_profile(Profile(name="sb", kernel="vmlinuz",
+                                          loader=LoaderChain.SHIM_GRUB))
+        await w.store.put_group(Group(name="g", selector={"rack": ("r1",)},
+                                      loader=LoaderChain.SHIM_GRUB))
+        await w.boot.load_view()
+        w.recorder._delay, w.recorder._backlog = 3600.0, 1000  # no commit: the view stays
+        monkeypatch.setattr(BootService, "_resolve", counted_resolve)
+        monkeypatch.setattr(BootService, "_chain", counted_chain)
+        held = [w.boot.first_stage(r) for r in requests]
+        assert all(f.done() for f in held)  # answered at once, from memory
+        assert made == []  # before: a _resolve and a _chain each (8)
+        # The coroutines' answers, for the same requests (as a view that cannot tell gets).
+        monkeypatch.setattr(BootService, "_held_chain", lambda *a: None)
+        monkeypatch.setattr(boot_module.identity, "held_lookup", lambda *a: None)
+        w.boot.forget_memos()
+        for request in requests:
+            w.boot._seen.pop(request.mac, None)
+        told = [await w.boot.first_stage(r) for r in requests]
+        assert made.count("_chain") == len(requests)
+        assert [(f.result().path, f.result().reason) for f in held] == [
+            (s.path, s.reason) for s in told if s is not None]
+        assert [f.result().reason.split("; ")[1] for f in held] == [
+            "chain shim-grub: set on the machine)", "chain shim-grub: set on group g)",
+            "chain shim-grub: set on profile sb)", "chain ipxe: default for the architecture)"]
+
+
 async def test_a_paced_dhcp_record_whose_nic_is_locked_waits_for_its_holder(
         tmp_path: Path) -> None:
     """A paced record of a NIC whose lock another request holds (an /ipxe plan writing the

@@ -375,6 +375,16 @@ class InventoryView:
                 # report's step): the object replaced, its index entries left as they are.
                 self._machines[machine_id] = machine
                 return
+            if machine is not None and _entries_added(old, machine):
+                # Identifiers only added (a first DHCP sighting's UUID from option 97): every
+                # entry of the old one is the new one's too, so indexing the new one leaves
+                # what removing the old one first would, without that walk (each first
+                # sighting of a storm's group commit comes here, benchmarks/README.md,
+                # s36-dhcp1st).
+                self._machines[machine_id] = machine
+                _index(self._keys, self._servers, self._no_mac, machine,
+                       all_clusters=self.loaded)
+                return
             _unindex(self._keys, self._servers, self._no_mac, machine_id, old)
         if old is None or machine is None or _running_server(old) or _running_server(machine):
             # Another machine's decision may read this one: as a cluster's server (its join
@@ -773,6 +783,16 @@ def _same_entries(old: Machine, new: Machine) -> bool:
     return (new.macs == old.macs and new.uuid == old.uuid and new.serial == old.serial
             and new.asset == old.asset and not _running_server(old)
             and not _running_server(new))
+
+
+def _entries_added(old: Machine, new: Machine) -> bool:
+    """Whether ``new`` has every index entry ``old`` has and perhaps more: the same NICs, each
+    of UUID, serial and asset tag the same or set where ``old`` had none, and neither a running
+    server (:func:`_same_entries` otherwise)."""
+    return (new.macs == old.macs and (old.uuid is None or new.uuid == old.uuid)
+            and (old.serial is None or new.serial == old.serial)
+            and (old.asset is None or new.asset == old.asset)
+            and not _running_server(old) and not _running_server(new))
 
 
 def _running_server(machine: Machine) -> bool:

@@ -798,6 +798,52 @@ async def test_a_machine_put_again_leaves_the_index_a_fresh_one_would_have(
         assert await view.get_machine(machine.id) == machine
 
 
+async def test_identifiers_only_added_are_indexed_without_taking_the_old_entries_out(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine put again with identifiers only added (a first DHCP sighting's UUID from
+    option 97, a serial where it had none) is indexed over its old entries, which it keeps
+    (no walk taking them out first); a changed or removed identifier is taken out as before.
+    Either way the index is the one built anew, and the machine is found by each identifier."""
+    store, _, _ = stores
+    for i, mac in enumerate(MACS[:3]):
+        await store.create_machine(Machine(macs=(MacAddress.parse(mac),), hostname=f"n{i}",
+                                           serial="SN0" if i == 2 else None))
+    view = InventoryView(store)
+    await view.load()
+    machines = {m.id: m for m in await store.list_machines()}
+    taken_out: list[str] = []
+    unindex = view_module._unindex
+
+    def counted(keys: object, servers: object, no_mac: object, machine_id: str,
+                machine: Machine) -> None:
+        taken_out.append(machine_id)
+        unindex(keys, servers, no_mac, machine_id, machine)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(view_module, "_unindex", counted)
+    first, second, third = sorted(machines.values(), key=lambda m: m.hostname or "")
+    steps = [(replace(first, uuid=uuid_of(1), updated=1.0), False),  # added
+             (replace(second, uuid=uuid_of(2), serial="SN2", updated=1.0), False),  # added
+             (replace(third, uuid=uuid_of(3), updated=1.0), False),  # added, serial kept
+             (replace(first, uuid=uuid_of(4), updated=2.0), True),  # changed
+             (replace(third, uuid=uuid_of(3), serial=None, updated=2.0), True)]  # removed
+    for machine, out in steps:
+        taken_out.clear()
+        view.adopt((machine,), {})
+        assert taken_out == ([machine.id] if out else [])  # before: always taken out
+        machines[machine.id] = machine
+        keys: dict[str, dict[object, str | None]] = {k: {} for k in view_module._KINDS}
+        no_mac: set[str] = set()
+        for held in machines.values():
+            view_module._index(keys, {}, no_mac, held)
+        assert view._keys == keys
+        assert view._no_mac == no_mac
+        for kind, value in claims(machine):
+            assert await view.machine_by(kind, value) is machine
+    assert await view.machine_by("uuid", uuid_of(1)) is None  # the changed one's old UUID
+    assert await view.machine_by("serial", "SN0") is None  # the removed serial
+
+
+
 def uuid_of(i: int) -> str:
     return f"4c4c4544-0000-0000-0000-{i:012x}"
 
