@@ -60,7 +60,7 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape, log_line, set_log_context
+from netboot.logs import RateLimitedLog, escape, log_line, printable, set_log_context
 from netboot.model import (
     Arch,
     Blob,
@@ -247,7 +247,8 @@ def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
         except ValidationError:
             uuid = None  # firmware without SMBIOS UUID sends garbage; not worth refusing a boot
     build = (get("arch") or "").lower()
-    platform = (get("platform") or "").lower() or None
+    platform = get("platform")
+    platform = _text(platform.lower()) if platform else None  # "efi" or "pcbios", bounded
     # _text's call only for a string given (iPXE's chain URL may leave each one out: its
     # call was ~600 loop instructions for each missing one).
     serial, manufacturer, product, asset = (get("serial"), get("manufacturer"),
@@ -263,8 +264,19 @@ def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
 
 
 def _text(value: str | None) -> str | None:
-    """A firmware string of the query: stripped, at most 128 characters, None when empty."""
-    return (value.strip()[:128] or None) if value else None
+    """A firmware string of the query: stripped, at most 128 characters, None when empty.
+
+    A character that is not printable is written as its escape (``\\x0a``): SMBIOS strings
+    are printable text, but anyone may send ``/ipxe?mac=…&serial=…``, and the string is kept
+    as the machine's serial, asset tag or a fact, which ``netboot machines show``, the API
+    and site templates write out: a line break or an ESC there forged lines of an operator's
+    terminal or of a rendered script (s36-attack)."""
+    if not value:
+        return None
+    text = value.strip()
+    if not text.isprintable():
+        text = printable(text)
+    return text[:128] or None
 
 
 def bearer_token(request: web.BaseRequest) -> str | None:
