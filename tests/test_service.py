@@ -519,19 +519,28 @@ async def test_access_log_never_holds_the_install_token(tmp_path: Path,
         base = f"http://127.0.0.1:{service.http_port}"
         async with aiohttp.ClientSession() as http:
             with caplog.at_level(logging.INFO, logger="netboot.access"):
+                # The last three: a seed URL a site's template or a cloud-init joined
+                # otherwise (a slash after it, two before the file, the seed directory
+                # itself): 404s whose lines held the token (s36-attack).
                 for path in ("/config/52-54-00-00-00-11?token=SECRETTOKEN",
                              "/nocloud/52-54-00-00-00-11/SECRETTOKEN/user-data",
-                             "/healthz"):
+                             "/healthz",
+                             "/nocloud/52-54-00-00-00-11/SECRETTOKEN/user-data/",
+                             "/nocloud/52-54-00-00-00-11/SECRETTOKEN//meta-data",
+                             "/nocloud/52-54-00-00-00-11/SECRETTOKEN/"):
                     async with http.get(base + path) as resp:
                         await resp.read()
     finally:
         await service.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
-    assert len(lines) == 3, lines
+    assert len(lines) == 6, lines
     assert all("SECRETTOKEN" not in line for line in lines), lines
     assert "GET /config/52-54-00-00-00-11?token=<redacted> 401" in lines[0]
     assert "/nocloud/52-54-00-00-00-11/<token>/user-data 401" in lines[1]
     assert "GET /healthz 200" in lines[2]
+    assert "/nocloud/52-54-00-00-00-11/<token>/user-data/ 404" in lines[3]
+    assert "/nocloud/52-54-00-00-00-11/<token>//meta-data 404" in lines[4]
+    assert "/nocloud/52-54-00-00-00-11/<token>/ 404" in lines[5]
 
 
 @pytest.mark.root

@@ -285,8 +285,10 @@ def bearer_token(request: web.BaseRequest) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-# /nocloud/{mac}/{token}/{name}: the one route with the install token in the path.
-_NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/[^/]+)$")
+# /nocloud/{mac}/{token}/{name}: the one route with the install token in the path. Its
+# third segment is redacted whatever follows it (a trailing slash, "//meta-data", nothing
+# after the seed's slash): those are 404s, and their lines held the token (s36-attack).
+_NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/.*)$", re.DOTALL)
 
 
 def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:
