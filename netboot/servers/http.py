@@ -233,6 +233,11 @@ def query_value(raw: str, name: str) -> str | None:
     return None
 
 
+# ${platform} as iPXE builds give it: taken as they are, without _text's call (~1,800
+# callgrind instructions of an /ipxe request).
+_PLATFORMS = frozenset({"efi", "pcbios"})
+
+
 def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
     """A BootRequest from the query string iPXE fills in from its settings (protocols.md §2.4)."""
     get = query.get
@@ -247,8 +252,9 @@ def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
         except ValidationError:
             uuid = None  # firmware without SMBIOS UUID sends garbage; not worth refusing a boot
     build = (get("arch") or "").lower()
-    platform = get("platform")
-    platform = _text(platform.lower()) if platform else None  # "efi" or "pcbios", bounded
+    platform = get("platform")  # iPXE's "efi" or "pcbios"; anything else bounded by _text
+    if platform is not None and platform not in _PLATFORMS:
+        platform = _text(platform.lower())
     # _text's call only for a string given (iPXE's chain URL may leave each one out: its
     # call was ~600 loop instructions for each missing one).
     serial, manufacturer, product, asset = (get("serial"), get("manufacturer"),
