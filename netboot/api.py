@@ -395,6 +395,8 @@ class Api:
                     # and finds a reader that went away.
                     await resp.write(b": keep-alive\n\n")
                     continue
+                if item is None:  # the server stops: the stream ends (EventBus.close)
+                    return resp
                 if isinstance(item, Missed):
                     await resp.write(f"event: missed\ndata: {item.count}\n\n".encode())
                     continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from netboot.errors import Busy
@@ -42,6 +44,24 @@ async def test_a_slow_reader_is_told_what_it_missed() -> None:
 async def test_streams_are_capped() -> None:
     bus = EventBus(max_subscribers=1)
     with bus.subscribe(), pytest.raises(Busy), bus.subscribe():
+        pass
+
+
+async def test_closing_the_bus_ends_every_stream_and_opens_none() -> None:
+    # The server stops: a waiting reader (an SSE handler) is woken with the end, a full
+    # queue's reader too, and no stream opens after (s36-attack).
+    bus = EventBus(queue_size=2)
+    with bus.subscribe() as waiting, bus.subscribe() as full:
+        bus.published([ev(1), ev(2)])
+        assert isinstance(await waiting.next(), Published)
+        assert isinstance(await waiting.next(), Published)
+        reader = asyncio.ensure_future(waiting.next())
+        await asyncio.sleep(0)
+        bus.close()
+        assert await asyncio.wait_for(reader, 1) is None
+        items = [await full.next() for _ in range(2)]
+        assert items[-1] is None and bus.subscribers == 0
+    with pytest.raises(Busy), bus.subscribe():
         pass
 
 
