@@ -31,12 +31,15 @@ from netboot.core import Core, machine_dict, profile_file_errors, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.logs import BatchedStreamHandler, TextFormatter
+from netboot.logs import BatchedStreamHandler, TextFormatter, printable
 from netboot.model import Arch, LoaderChain, MachineState, Scope
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    # printable(): a cell may be a stranger's (a firmware serial, an audit entry's target
+    # taken from a refused request's path): a line break or an ESC must not drive the
+    # operator's terminal or forge a row (s36-attack).
+    cells = [[("" if c is None else printable(str(c))) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [line.rstrip()]
@@ -69,10 +72,10 @@ def _when(t: float | None, now: float) -> str:
 def _human(value: Any) -> str:
     """A field value as a person reads it: mappings as ``k=v, k=v``, lists comma-separated."""
     if isinstance(value, Mapping):
-        return ", ".join(f"{k}={_human(v)}" for k, v in value.items())
+        return ", ".join(f"{printable(str(k))}={_human(v)}" for k, v in value.items())
     if isinstance(value, list | tuple):
         return ", ".join(_human(v) for v in value)
-    return str(value)
+    return printable(str(value))  # a stranger's text too: see _table
 
 
 # Fields of the codec dicts that hold Unix times.

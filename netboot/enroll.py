@@ -882,8 +882,10 @@ class Enroller:
         if self._refusing:
             self._refusing.discard(machine.id)  # a run of refusals ends: the next one is told
         kind = body.get("kind")
+        # fullmatch: "$" matches before a trailing newline too, so "registered\n" passed as
+        # a kind of the device's own, shown as netboot's "registered" (s36-attack).
         if not isinstance(kind, str) or not kind or len(kind) > MAX_EVENT_KIND \
-                or not re.match(r"^[a-z0-9][a-z0-9._-]*$", kind):
+                or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", kind):
             raise ValidationError("kind", "required: a short lowercase word such as "
                                           "'installing', 'installed', 'failed', 'progress'")
         if kind in NETBOOT_KINDS:

