@@ -6,12 +6,13 @@ import asyncio
 import collections
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from netboot import identity
 from netboot.errors import Conflict, NotFound, StateChanged, StoreError, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
@@ -53,6 +54,14 @@ def mid(m: str) -> str:
 
 def machine(m: str = MAC1, **kw: object) -> Machine:
     return Machine(macs=(MacAddress.parse(m),), id=mid(m), **kw)  # type: ignore[arg-type]
+
+
+async def assert_found(store: Store, machines: Iterable[Machine]) -> None:
+    """Each of ``machines`` is read back as itself by its id and by every claim it holds."""
+    for m in machines:
+        assert await store.get_machine(m.id) == m
+        for kind, value in identity.claims(m):
+            assert await store.machine_by(kind, value) == m
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])

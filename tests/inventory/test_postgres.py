@@ -39,6 +39,7 @@ from netboot.model import (
 )
 from netboot.sealing import Sealer
 from tests import pg
+from tests.inventory import test_contract as contract
 from tests.inventory.test_view import loaded
 
 _R = TypeVar("_R")
@@ -981,10 +982,7 @@ async def test_identifiers_only_added_insert_only_their_rows(
                 (m.id, k, v) for m in seen for k, v in claims(m))
         finally:
             await admin.close()
-        for m in seen:
-            assert await store.get_machine(m.id) == m
-            for kind, value in claims(m):
-                assert await store.machine_by(kind, value) == m
+        await contract.assert_found(store, seen)
         assert await store.machine_by("serial", "SN3") is None
     finally:
         await store.close()
