@@ -947,8 +947,7 @@ async def test_identifiers_only_added_insert_only_their_rows(
     store = PostgresStore(pg_dsn)
     await store.open()
     try:
-        fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:0{i}"),), hostname=f"k{i}",
-                         serial="SN3" if i == 3 else None) for i in range(4)]
+        fleet = contract.keyed_fleet()
         await store.apply_batch(Batch(create=fleet))
         sent: list[tuple[str, list[Any]]] = []
         for method in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
@@ -960,11 +959,8 @@ async def test_identifiers_only_added_insert_only_their_rows(
                 sent.append((query, list(args[0]) if _many else [args]))
                 return _real(self, query, *args, **kw)
             monkeypatch.setattr(asyncpg.Connection, method, counted)
-        uuid = "00000000-0000-4000-8000-0000000000{:02x}".format
-        seen = [replace(fleet[0], uuid=uuid(0), updated=9.0),
-                replace(fleet[1], uuid=uuid(1), serial="SN1", updated=9.0),
-                replace(fleet[2], serial="To be filled by O.E.M.", updated=9.0),  # claims none
-                replace(fleet[3], uuid=uuid(3), serial="SN9", updated=9.0)]  # changed
+        uuid = contract.sighting_uuid
+        seen = contract.sightings(fleet)
         await store.apply_batch(Batch(update=seen))
         monkeypatch.undo()
         deleted = [args for query, rows in sent if query.startswith("DELETE FROM machine_keys")

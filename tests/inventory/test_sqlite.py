@@ -779,16 +779,12 @@ async def test_identifiers_only_added_insert_only_their_rows(tmp_path: Path) -> 
     store = SqliteStore(tmp_path / "n.db")
     await store.open()
     try:
-        fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:0{i}"),), hostname=f"k{i}",
-                         serial="SN3" if i == 3 else None) for i in range(4)]
+        fleet = contract.keyed_fleet()
         await store.apply_batch(Batch(create=fleet))
         statements: list[str] = []
         await store._run(lambda conn: conn.set_trace_callback(statements.append))
-        uuid = "00000000-0000-4000-8000-0000000000{:02x}".format
-        seen = [replace(fleet[0], uuid=uuid(0), updated=9.0),
-                replace(fleet[1], uuid=uuid(1), serial="SN1", updated=9.0),
-                replace(fleet[2], serial="To be filled by O.E.M.", updated=9.0),  # claims none
-                replace(fleet[3], uuid=uuid(3), serial="SN9", updated=9.0)]  # changed
+        uuid = contract.sighting_uuid
+        seen = contract.sightings(fleet)
         await store.apply_batch(Batch(update=seen))
         await store._run(lambda conn: conn.set_trace_callback(None))
         assert [s for s in statements if s.startswith("DELETE FROM machine_keys")] == [
