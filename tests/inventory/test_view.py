@@ -151,7 +151,7 @@ def boot_on(store: Store, tmp_path: Path) -> BootService:
 
 async def loaded(store: Store, *machines: Machine) -> InventoryView:
     """A view loaded over ``store`` once ``machines`` are created there: the setup of the
-    tests of what a view takes from its own process's commits (here, test_postgres.py)."""
+    tests of a view over its own process's commits, here and in test_postgres.py."""
     for machine in machines:
         await store.create_machine(machine)
     view = InventoryView(store)
