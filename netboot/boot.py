@@ -1152,6 +1152,26 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
+        pinned = machine.fixed_ipv4
+        if record and pinned and request.remote_addr != pinned:
+            # PXE proves nothing about who asks: anyone who saw the MAC in a DHCP broadcast
+            # can ask first, take the token and the config (the cluster's join token) and
+            # register in the device's place. An address the operator gave the machine is
+            # the one thing the asker must hold (Tinkerbell's hegel serves by source address
+            # the same way; HTTP is TCP: the address answered the handshake). Checked before
+            # the cluster's join is planned, so a stranger claims nothing (s36-claim).
+            asker = request.remote_addr or "an unknown address"
+            reason = (f"{machine.state}: its install script is served only at its fixed "
+                      f"address {pinned}; asked from {asker}")
+            await self._event(machine, "token withheld",
+                              f"install script asked from {asker}, not from its fixed "
+                              f"address {pinned}: held without a token. If the device's "
+                              "address changed, change its fixed_ipv4 (PATCH "
+                              f"/api/v1/machines/{machine.ref} or an import row)", request,
+                              once=True)
+            return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                            retry_seconds=self.settings.hold_retry_seconds,
+                            group=group.name if group else None)
         k3s = (None if cluster is None else self._known_join(machine, cluster, role, group)
                or await self._k3s_join(machine, cluster, role, group, claim=record))
         if cluster is not None and k3s is not None and k3s.waiting:
