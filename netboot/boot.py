@@ -1022,8 +1022,19 @@ class BootService:
             if machine is None or machine.state == _DISCOVERED:
                 return await self._unknown_plan(request, machine, record)
         if machine.state in LOCAL_STATES:
-            plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state!s}: boot the local disk",
-                            machine=machine)
+            reason = f"{machine.state!s}: boot the local disk"
+            asker = request.remote_addr  # None for DHCP: only HTTP and TFTP say
+            if asker is not None:
+                issued_to = machine.facts.get(INSTALL_PEER)
+                if issued_to is not None and issued_to != asker:
+                    # The one trace of an install a stranger took (it asked first with this
+                    # MAC: s36-claim): the device, booting after, is sent to an empty disk.
+                    # Said in its script and its event; a device whose address merely
+                    # changed reads it once.
+                    reason += (f" (its install was served to {issued_to}, this request came "
+                               f"from {asker}: if this device never installed, another host "
+                               f"took its install; 'netboot machines reinstall {machine.ref}')")
+            plan = BootPlan(BootAction.LOCAL, mac, reason, machine=machine)
             if record:
                 # Once until something else happens: a device that asks again and again
                 # (a retry loop, a storm of reboots) writes one line, not one per request.

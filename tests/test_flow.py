@@ -1014,6 +1014,16 @@ async def test_who_knows_a_server_nodes_mac_first_takes_its_install_and_the_clus
     assert agent["k3os"]["server_url"] == "https://edge.netboot.lan:6443"
     status, script = await from_address(env, DEVICE, "GET", f"/ipxe?mac={SERVER}&arch=x86_64")
     assert "kernel" not in script and script.rstrip().endswith("exit"), script
+    # Its one trace, in its script and its event: where its install went.
+    said = (f"its install was served to {ATTACKER}, this request came from {DEVICE}: if this "
+            "device never installed, another host took its install")
+    assert said in script, script
+    local = [e for e in await env.get(f"/api/v1/machines/{SERVER}/events")
+             if e["kind"] == "local-boot"]
+    assert len(local) == 1 and said in local[0]["message"], local
+    # The host that took it, booting as the machine, is told nothing of the kind.
+    status, script = await from_address(env, ATTACKER, "GET", f"/ipxe?mac={SERVER}&arch=x86_64")
+    assert "served to" not in script and script.rstrip().endswith("exit"), script
 
 
 async def test_a_fixed_address_keeps_a_server_nodes_install_and_the_cluster_name_its_own(
