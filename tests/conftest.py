@@ -58,6 +58,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                     pytrace=False)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The compiled build of tests/test_compiled.py starts now, beside the tests before it."""
+    from tests import test_compiled
+
+    test_compiled.start_early(session)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests import test_compiled
+
+    test_compiled.stop_early(config)
+
+
 def this_checkout() -> dict[str, str]:
     """The environment for a child Python that must import this checkout's netboot (the
     venv's editable install may point at another)."""
