@@ -626,7 +626,8 @@ class Service:
                               ack_spin=cfg.tftp.ack_spin_us / 1e6,
                               single_port=cfg.tftp.single_port,
                               interfaces=list(cfg.server.interfaces) or None,
-                              observer=self.metrics)
+                              observer=self.metrics,
+                              by_address=self.content.by_address())
             await tftp.start()
             self.metrics.read_tftp_stats(lambda: tftp.stats)
             self.servers.append(tftp)
