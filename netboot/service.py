@@ -47,7 +47,7 @@ from netboot.inventory.base import (
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
-from netboot.model import Scope
+from netboot.model import Scope, reached_url
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
 from netboot.sealing import Sealer, read_key, write_key
@@ -850,10 +850,21 @@ class Service:
 
     def summary(self) -> str:
         cfg = self.config
+        # Where a device's URLs name the address it reached (Content.at: 127.0.0.1 is
+        # advertised), each interface's, not the loopback one no device can use.
+        reached = [address for _, address in reached_at(cfg, self.advertise)] \
+            if self.content.by_address() else []
+        https = self.url_holder.get("https", "")
+
+        def each(url: str, path: str = "") -> str:
+            return ", ".join(f"{reached_url(url, a)}/{path}" for a in reached) or f"{url}/{path}"
+
         lines = [
-            f"netboot serving on {self.advertise}",
-            f"  HTTP   {self.base_url}/  (iPXE chain URL: {self.base_url}/boot.ipxe)",
-            (f"  HTTPS  {self.url_holder.get('https', '')}/  (API and configs; CA SHA-256 "
+            f"netboot serving on {', '.join(reached) or self.advertise}"
+            + (" (no address advertised: each device gets the one it reaches)"
+               if reached else ""),
+            f"  HTTP   {each(self.base_url)}  (iPXE chain URL: {each(self.base_url, 'boot.ipxe')})",
+            (f"  HTTPS  {each(https)}  (API and configs; CA SHA-256 "
              f"{self.tls.ca_fingerprint or 'not given'}, printed by: netboot ca export)"
              if self.tls else "  HTTPS  off"),
             f"  TFTP   udp/{cfg.tftp.port}" if cfg.tftp.enabled else "  TFTP   off",

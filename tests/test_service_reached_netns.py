@@ -212,7 +212,9 @@ def test_each_subnets_device_gets_tftp_configs_naming_the_address_it_reached(
     """U-Boot's pxelinux config and GRUB's per-NIC config, read over TFTP, carry the kernel
     command line's config URL: on such a host it named http://127.0.0.1:8080 (the device
     itself) where HTTP's answers already named the address reached (s36-user). Now the
-    address the TFTP request came in on, each subnet's its own, asked in turn."""
+    address the TFTP request came in on, each subnet's its own, asked in turn. ``netboot
+    render`` and the start-up summary printed 127.0.0.1 there too: now what a device on
+    the first interface gets (the others named), and each interface's address."""
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
@@ -229,6 +231,15 @@ def test_each_subnets_device_gets_tftp_configs_naming_the_address_it_reached(
                  ("machines", "add", MAC_B, "--profile", "p", "--cluster", "edge")):
         subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
                        capture_output=True, timeout=60)
+    # netboot render on that host: what a device on its first interface gets (it printed
+    # 127.0.0.1), the other named on stderr.
+    rendered = subprocess.run(netboot("render", *cfg, MAC_A, "pxelinux", ns=subnets["srv"]),
+                              env=env(), capture_output=True, timeout=60, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "http://192.0.2.10:8080/config/" in rendered.stdout, rendered.stdout
+    assert "127.0.0.1" not in rendered.stdout, rendered.stdout
+    assert "rendered as a device on va gets it (192.0.2.10); on vb 198.51.100.10" \
+        in rendered.stderr, rendered.stderr
     got: list[tuple[str, str, str, int, bytes]] = []
     with serving(cfg, subnets, tmp_path):
         # Each subnet's machine in turn, twice (its install under way: the second is the
@@ -242,6 +253,14 @@ def test_each_subnets_device_gets_tftp_configs_naming_the_address_it_reached(
                     status, body = tftp(subnets[side], f"tftp://{server_ip}/{path}")
                     got.append((mac, side, path, status, body))
     assert len(got) == 8
+    # The start-up summary names each address a device may reach, not 127.0.0.1.
+    served = (tmp_path / "serve.log").read_text()
+    summary = served[served.index("netboot serving on"):]
+    assert summary.startswith("netboot serving on 192.0.2.10, 198.51.100.10 (no address "
+                              "advertised: each device gets the one it reaches)\n"), served
+    assert "  HTTP   http://192.0.2.10:8080/, http://198.51.100.10:8080/  (iPXE chain URL: " \
+        "http://192.0.2.10:8080/boot.ipxe, http://198.51.100.10:8080/boot.ipxe)\n" in summary, \
+        served
     for mac, side, path, status, body in got:
         server_ip = SUBNETS[side][0]
         text = body.decode()
