@@ -777,11 +777,20 @@ class Service:
             except ValueError:
                 raise ConfigError(f"{item!r} is not addr or addr#port", key="dns.upstreams",
                                   fix="write e.g. 192.0.2.53 or 192.0.2.53#5353") from None
-        dns = DnsServer(self._zone_holder, host=cfg.dns.listen or self.advertise,
-                        port=cfg.dns.port, upstreams=upstreams, forward=cfg.dns.forward)
-        await dns.start()
-        self.servers.append(dns)
-        self.dns_port = dns.port
+        # Default: the advertised address, never 0.0.0.0 (a resolver of this host's may own
+        # port 53 elsewhere). Where that is 127.0.0.1 (no default route, no --advertise),
+        # which no device can reach, each interface's address too, as DHCP answers on each
+        # (dhcp_listeners): one server each, the zone shared; the advertised one last, for
+        # this host's own clients.
+        hosts = [cfg.dns.listen] if cfg.dns.listen else [
+            *(address for _, address in reached_at(cfg, self.advertise)), self.advertise]
+        asked = cfg.dns.port
+        for address in hosts:
+            dns = DnsServer(self._zone_holder, host=address, port=asked, upstreams=upstreams,
+                            forward=cfg.dns.forward)
+            await dns.start()
+            self.servers.append(dns)
+            asked = self.dns_port = dns.port  # port 0: the first's, for every address
 
         limited = RateLimitedLog(log)
 

@@ -207,6 +207,19 @@ def tftp(ns: str, url: str) -> tuple[int, bytes]:
     return done.returncode, done.stdout
 
 
+def soa(ns: str, server: str) -> str:
+    """The rcode of an SOA query for netboot.lan sent from ``ns`` to ``server``:53."""
+    script = ("import sys, dns.message, dns.query, dns.rcode\n"
+              "q = dns.message.make_query('netboot.lan', 'SOA')\n"
+              "try:\n"
+              "    print(dns.rcode.to_text(dns.query.udp(q, sys.argv[1], timeout=3).rcode()))\n"
+              "except Exception as exc:\n"
+              "    print(type(exc).__name__)\n")
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script, server],
+                          capture_output=True, timeout=30, text=True, env=env())
+    return done.stdout.strip() or done.stderr.strip()
+
+
 def test_each_subnets_device_gets_tftp_configs_naming_the_address_it_reached(
         subnets: dict[str, str], tmp_path: Path) -> None:
     """U-Boot's pxelinux config and GRUB's per-NIC config, read over TFTP, carry the kernel
@@ -214,7 +227,8 @@ def test_each_subnets_device_gets_tftp_configs_naming_the_address_it_reached(
     itself) where HTTP's answers already named the address reached (s36-user). Now the
     address the TFTP request came in on, each subnet's its own, asked in turn. ``netboot
     render`` and the start-up summary printed 127.0.0.1 there too: now what a device on
-    the first interface gets (the others named), and each interface's address."""
+    the first interface gets (the others named), and each interface's address. DNS
+    listened on 127.0.0.1 only: now on each interface's address too."""
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
@@ -223,6 +237,7 @@ def test_each_subnets_device_gets_tftp_configs_naming_the_address_it_reached(
     # No server.advertise, no interfaces, no DHCP; TFTP on (its default port, 69).
     config.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\n"
                       f"dhcp:\n  mode: \"off\"\nhttps:\n  enabled: false\n"
+                      f"dns:\n  enabled: true\n"
                       f"assets:\n  dirs: [{assets}]\n")
     cfg = ("--config", str(config))
     for args in (("clusters", "add", "edge", "--endpoint", "k3s.example"),
@@ -252,7 +267,12 @@ def test_each_subnets_device_gets_tftp_configs_naming_the_address_it_reached(
                              f"grub/grub.cfg-01-{mac}"):
                     status, body = tftp(subnets[side], f"tftp://{server_ip}/{path}")
                     got.append((mac, side, path, status, body))
+        # DNS's default listen was the advertised address, 127.0.0.1 here: no device
+        # reached it. Now each interface's too (and 127.0.0.1 still, for this host).
+        zone = {side: soa(subnets[side], SUBNETS[side][0]) for side in SUBNETS}
+        zone["srv"] = soa(subnets["srv"], "127.0.0.1")
     assert len(got) == 8
+    assert zone == {"a": "NOERROR", "b": "NOERROR", "srv": "NOERROR"}, zone
     # The start-up summary names each address a device may reach, not 127.0.0.1.
     served = (tmp_path / "serve.log").read_text()
     summary = served[served.index("netboot serving on"):]
