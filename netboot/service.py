@@ -387,8 +387,9 @@ def advertised_address(config: Config) -> str:
                         "route's interface); name the provisioning interface with --interface",
                         address, name)
             return address
-    # Devices are still answered where they reach this host (reached_at, Content.at), but
-    # what is printed and rendered here (netboot render, the summary) names 127.0.0.1.
+    # Devices are still answered where they reach this host (reached_at, Content.at: DHCP,
+    # HTTP, TFTP's rendered files, DNS on each interface; netboot render and the summary
+    # name the interfaces' addresses), but which interface provisions is a guess.
     log.warning("no --interface or --advertise given and no default route: advertising "
                 "127.0.0.1; devices are answered with the address they reach this host at "
                 "(DHCP on each interface, the URLs of each request), but name the "
