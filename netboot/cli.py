@@ -187,9 +187,13 @@ def _report(args: argparse.Namespace, text: str, value: Any) -> None:
         print(text)
 
 
-def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
-    """The same core the server builds, with its settings; URLs as the server would give."""
+def _core(store: Store, cfg: Config, *, check_templates: bool = False,
+          as_device: bool = False) -> Core:
+    """The same core the server builds, with its settings; URLs as the server would give.
+    ``as_device`` (``netboot render``): as a device gets them where nothing reachable is
+    advertised (:func:`_device_address`), not the server's own 127.0.0.1."""
     from netboot.content import Trust
+    from netboot.model import reached_url
     from netboot.service import (
         advertised_address,
         build_core,
@@ -203,8 +207,12 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
         return advertised_address(cfg)
 
     @functools.cache
+    def local() -> str | None:
+        return _device_address(cfg, advertise()) if as_device else None
+
+    @functools.cache
     def base_url() -> str:
-        return public_base_url(cfg, advertise())
+        return reached_url(public_base_url(cfg, advertise()), local())
 
     @functools.cache
     def trust() -> Trust:
@@ -212,9 +220,26 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
         found = _exported_ca(cfg) if cfg.https.enabled else None
         if found is None:
             return Trust()
-        return Trust(public_https_url(cfg, advertise()), *found)
+        return Trust(reached_url(public_https_url(cfg, advertise()), local()), *found)
 
     return build_core(cfg, store, base_url, check_templates=check_templates, trust=trust)
+
+
+def _device_address(cfg: Config, advertise: str) -> str | None:
+    """The address ``netboot render`` names where the server advertises 127.0.0.1 (no
+    default route, no --advertise) and answers each device with the address it reaches
+    (service.reached_at, Content.at): the first interface's, said on stderr with the
+    others' (a device on another gets that one's). None where an address is advertised."""
+    from netboot.service import reached_at
+
+    found = reached_at(cfg, advertise)
+    if not found:
+        return None
+    (name, address), others = found[0], found[1:]
+    also = "; on " + ", ".join(f"{n} {a}" for n, a in others) if others else ""
+    print(f"netboot: no address advertised: rendered as a device on {name} gets it "
+          f"({address}){also} (--advertise ADDRESS to choose)", file=sys.stderr)
+    return address
 
 
 def _exported_ca(cfg: Config) -> tuple[str, str] | None:
@@ -452,7 +477,7 @@ def _file_error(path: Path, exc: ValidationError) -> int:
 
 
 async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    core = _core(store, cfg, check_templates=True)
+    core = _core(store, cfg, check_templates=True, as_device=args.cmd == "render")
     if args.cmd == "explain":
         result = await core.explain(args.mac, arch=args.arch)
         if args.json:
