@@ -767,7 +767,7 @@ DELTA_JSON = frozenset({"facts", "token_expires", "updated"})
 
 def machine_delta(old: Machine, new: Machine, install_token: str | None = None
                   ) -> tuple[tuple[str, ...], tuple[str, ...], list[str],
-                             list[tuple[str, str]]] | None:
+                             tuple[tuple[str, str], ...]] | None:
     """What makes the document of ``old`` (a machine as a store read it: every field in
     :func:`stored_machine`'s form) a document of ``new``: the top-level keys to set, with
     their values (the JSON text of :data:`DELTA_JSON`'s, the string of the others), and
@@ -800,7 +800,8 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
     keys: list[str] = []
     values: list[str] = []
     gone: list[str] = []
-    added: list[tuple[str, str]] = []
+    # (A tuple, not a list: none made for the update that adds none, a first install.)
+    added: tuple[tuple[str, str], ...] = ()
     # Identifiers only added (a UUID, serial or asset tag where the stored document has
     # none): set in the document, their rows inserted beside the stored ones. A first DHCP
     # sighting learns a UUID (option 97): written whole, that was ~66,000 of the writer's
@@ -813,21 +814,21 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
         keys.append("uuid")
         values.append(a)
         if v := identity.clean_uuid(a):
-            added.append(("uuid", v))
+            added += (("uuid", v),)
     if (a := n.serial) is not (b := o.serial) and (type(a) is not type(b) or a != b):
         if b is not None or type(a) is not str:
             return None
         keys.append("serial")
         values.append(a)
         if v := identity.clean_text(a):
-            added.append(("serial", v))
+            added += (("serial", v),)
     if (a := n.asset) is not (b := o.asset) and (type(a) is not type(b) or a != b):
         if b is not None or type(a) is not str:
             return None
         keys.append("asset")
         values.append(a)
         if v := identity.clean_text(a):
-            added.append(("asset", v))
+            added += (("asset", v),)
     if (e := n.state) is not o.state:
         if type(e) is not MachineState:
             return None
