@@ -766,16 +766,20 @@ DELTA_JSON = frozenset({"facts", "token_expires", "updated"})
 
 
 def machine_delta(old: Machine, new: Machine, install_token: str | None = None
-                  ) -> tuple[tuple[str, ...], tuple[str, ...], list[str]] | None:
+                  ) -> tuple[tuple[str, ...], tuple[str, ...], list[str],
+                             tuple[tuple[str, str], ...]] | None:
     """What makes the document of ``old`` (a machine as a store read it: every field in
     :func:`stored_machine`'s form) a document of ``new``: the top-level keys to set, with
     their values (the JSON text of :data:`DELTA_JSON`'s, the string of the others), and
     the keys to remove (a field back at its default, which :func:`machine_document` leaves
-    out). None when ``new`` changes what this does not write this way (its id, MACs, other
-    identifiers, labels or creation time: rows beside the document depend on them) or a
-    changed field would not read back as it is (the caller then writes the whole document,
-    whose check names it). ``install_token``: what the document holds in place of
-    ``new``'s token when it changed (its sealed form).
+    out), and the identifier rows ``new`` adds (the (kind, value) pairs
+    :func:`netboot.identity.claims` gives of a UUID, serial or asset tag ``old`` lacked: the
+    caller inserts them, its other rows staying). None when ``new`` changes what this does
+    not write this way (its id, MACs, labels or creation time, an identifier changed or
+    removed: rows beside the document depend on them) or a changed field would not read back
+    as it is (the caller then writes the whole document, whose check names it).
+    ``install_token``: what the document holds in place of ``new``'s token when it changed
+    (its sealed form).
 
     A first install changes a machine's state, facts, token and times; its config fetch the
     state and update time: the document written whole was ~52,000 of the SQLite writer's
@@ -788,9 +792,6 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
     o, n = old, new
     if ((n.macs is not o.macs and (type(n.macs) is not type(o.macs) or n.macs != o.macs))
             or (n.id is not o.id and n.id != o.id)
-            or ((a := n.uuid) is not (b := o.uuid) and (type(a) is not type(b) or a != b))
-            or ((a := n.serial) is not (b := o.serial) and (type(a) is not type(b) or a != b))
-            or ((a := n.asset) is not (b := o.asset) and (type(a) is not type(b) or a != b))
             or ((c := n.labels) is not (d := o.labels) and (c or d)
                 and (type(c) is not dict or type(d) is not dict or c != d))
             or ((x := n.created) is not (y := o.created)
@@ -799,6 +800,35 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
     keys: list[str] = []
     values: list[str] = []
     gone: list[str] = []
+    # (A tuple, not a list: none made for the update that adds none, a first install.)
+    added: tuple[tuple[str, str], ...] = ()
+    # Identifiers only added (a UUID, serial or asset tag where the stored document has
+    # none): set in the document, their rows inserted beside the stored ones. A first DHCP
+    # sighting learns a UUID (option 97): written whole, that was ~66,000 of the writer's
+    # lock-held instructions a first DISCOVER (benchmarks/README.md s36-dhcp1st, s36-ident).
+    # One changed or removed: None (its row goes, the whole path deletes and writes them).
+    # Cleaned as identity.claims cleans them: a placeholder is stored and claims no row.
+    if (a := n.uuid) is not (b := o.uuid) and (type(a) is not type(b) or a != b):
+        if b is not None or type(a) is not str:
+            return None
+        keys.append("uuid")
+        values.append(a)
+        if v := identity.clean_uuid(a):
+            added += (("uuid", v),)
+    if (a := n.serial) is not (b := o.serial) and (type(a) is not type(b) or a != b):
+        if b is not None or type(a) is not str:
+            return None
+        keys.append("serial")
+        values.append(a)
+        if v := identity.clean_text(a):
+            added += (("serial", v),)
+    if (a := n.asset) is not (b := o.asset) and (type(a) is not type(b) or a != b):
+        if b is not None or type(a) is not str:
+            return None
+        keys.append("asset")
+        values.append(a)
+        if v := identity.clean_text(a):
+            added += (("asset", v),)
     if (e := n.state) is not o.state:
         if type(e) is not MachineState:
             return None
@@ -928,7 +958,7 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
     if text_updated:
         keys.append("updated")
         values.append(text_updated)
-    return tuple(keys), tuple(gone), values
+    return tuple(keys), tuple(gone), values, added
 
 
 # What a store indexes of a new machine beside its document: id, first MAC (None without

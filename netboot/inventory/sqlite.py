@@ -395,9 +395,10 @@ class _Row:
         # ``update`` by position: a class called with a keyword is handed it in a dict
         # (type_call), ~1,000 of the writer's instructions a row of a group commit.
         # ``base``: the machine as stored (_bases), of which only what changed is written
-        # (codec.machine_delta): its other fields, identifiers and labels are the stored
-        # ones, so the claims are too (None: never compared), and the document is made
-        # only if the group is written row by row (_slow_batch).
+        # (codec.machine_delta): its other fields, labels and identifiers are the stored
+        # ones but those it adds (their rows inserted, ``delta[3]``), so the claims are not
+        # compared (None), and the document is made only if the group is written row by
+        # row (_slow_batch).
         self.delta = None if base is None else codec.machine_delta(base, machine, install_token)
         self.base = base
         if self.delta is not None:
@@ -1945,6 +1946,14 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
         else:
             in_place.setdefault((shape, delta[0], delta[1]), []).append(params)
         if r.claims is None or old[5] == r.claims:  # as a rule (None: the stored ones)
+            # Changed in place: the rows of the identifiers it adds (codec.machine_delta),
+            # in the group's order as below.
+            if delta is not None and delta[3]:
+                run = keys[-1] if keys else None
+                if not isinstance(run, list):
+                    run = []
+                    keys.append(run)
+                run.extend([(kind, value, r.id) for kind, value in delta[3]])
             continue
         same_labels, same_keys, added = codec.claims_change(old[5], m)
         if not same_labels:
@@ -1986,12 +1995,24 @@ def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
 
     The read of the group's stored columns (one statement, then seven columns a machine
     made into Python values) was ~11,000 of the writer's instructions a first install
-    holding the interpreter lock (benchmarks/README.md s35-writer)."""
+    holding the interpreter lock (benchmarks/README.md s35-writer).
+
+    The identifier rows an update adds (a first DHCP sighting's UUID: ``delta[3]``) are
+    inserted after the group's UPDATEs, in its order: one another machine holds (or one of
+    the group added before) breaks machine_keys' uniqueness, and the group is written again
+    row by row, which names it as the whole write does (identity.claimed). No machine of
+    such a group gives up an identifier (machine_delta refuses a change or a removal), so
+    inserting them after every UPDATE refuses what inserting each with its row would."""
     shapes: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
                  list[tuple[Any, ...]]] = {}
+    added: list[tuple[str, str, str]] | None = None
     for r in updates:
         m, base, delta = r.machine, r.base, r.delta
         assert base is not None and delta is not None  # the caller tested
+        if delta[3]:
+            if added is None:
+                added = []
+            added.extend([(kind, value, r.id) for kind, value in delta[3]])
         expected = expect.pop(r.id, None) if expect else None
         was: str = (base.state if expected is None else expected)._value_
         state: str = m.state._value_
@@ -2016,6 +2037,8 @@ def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
                                     rows).rowcount
     if written != len(updates):
         raise _Retry
+    if added:
+        conn.executemany(_INSERT_KEY, added)
 
 
 def _update_in_place(changed: tuple[str, ...], keys: tuple[str, ...],

@@ -1032,6 +1032,46 @@ async def test_an_identifier_taken_before_its_holder_gives_it_up_is_refused(
     assert await store.list_machines() == [taker, giver]
 
 
+@pytest.mark.parametrize("kind", ["uuid", "serial", "asset"])
+async def test_an_identifier_learnt_from_its_base_is_claimed_as_written_whole(
+        store: Store, kind: str) -> None:
+    """An update given the machine it was made from (Batch.bases, as the recorder writes a
+    first DHCP sighting's learnt UUID) that adds an identifier: found by it, and refused
+    alike when another machine holds it, or takes it before its holder gives it up in the
+    same batch (SQLite changes such a document in place, inserting the new rows only)."""
+    value = UUID_X if kind == "uuid" else "SN-LEARNT"
+    await store.apply_batch(Batch(create=[machine(MAC1), machine(MAC2)]))
+    one, two = await store.get_machine(mid(MAC1)), await store.get_machine(mid(MAC2))
+    assert one is not None and two is not None
+
+    def learnt(base: Machine, **kw: object) -> Batch:
+        new = replace(base, facts={"manufacturer": "QEMU"}, updated=base.updated + 1,
+                      **kw)  # type: ignore[arg-type]
+        return Batch(update=[new], versions={base.id: base.updated}, bases={base.id: base})
+
+    await store.apply_batch(learnt(one, **{kind: value}))
+    got = await store.machine_by(kind, value)
+    assert got is not None and got.id == one.id and got.facts == {"manufacturer": "QEMU"}
+    with pytest.raises(Conflict, match=f"{kind} {value} already belongs to machine") as err:
+        await store.apply_batch(learnt(two, **{kind: value}))
+    assert err.value.field == kind and err.value.holder == one.id
+    assert await store.get_machine(two.id) == two  # nothing written
+    # The holder gives it up in the same batch, after the taker: refused; before: taken.
+    held = await store.get_machine(one.id)
+    assert held is not None
+    gave = replace(held, **{kind: None}, updated=held.updated + 1)  # type: ignore[arg-type]
+    took = replace(two, **{kind: value}, updated=two.updated + 1)  # type: ignore[arg-type]
+    versions = {held.id: held.updated, two.id: two.updated}
+    bases = {held.id: held, two.id: two}
+    with pytest.raises(Conflict, match="already belongs to machine") as err:
+        await store.apply_batch(Batch(update=[took, gave], versions=versions, bases=bases))
+    assert err.value.field == kind and err.value.holder == one.id
+    assert await store.list_machines() == [held, two]
+    await store.apply_batch(Batch(update=[gave, took], versions=versions, bases=bases))
+    assert await store.machine_by(kind, value) == took
+    assert await store.list_machines() == [gave, took]
+
+
 async def test_two_machines_swapping_macs_in_one_batch_are_refused(store: Store) -> None:
     one, two, three, four = (MacAddress.parse(m) for m in (MAC1, MAC2, MAC3, mac(4)))
     a, b = Machine(id="m-a", macs=(one, three)), Machine(id="m-b", macs=(two, four))

@@ -1080,7 +1080,10 @@ _DELTA_POOL: dict[str, st.SearchStrategy[Any]] = {
     "install_token": st.sampled_from([None, "tok-1", "tok-2"]),
     "token_expires": st.sampled_from([None, 1.5, 1764960000.1234567 + 3600]),
     "labels": st.sampled_from([{}, {"rack": "1"}]),
-    "serial": st.sampled_from([None, "SN"]),
+    "serial": st.sampled_from([None, "SN", "To be filled by O.E.M."]),
+    # (Each machine's own, made in change(): "u1"/"u2" two UUIDs, the other a placeholder.)
+    "uuid": st.sampled_from([None, "u1", "u2", "ffffffff-ffff-ffff-ffff-ffffffffffff"]),
+    "asset": st.sampled_from([None, "AT"]),
 }
 
 
@@ -1093,8 +1096,10 @@ def test_updates_from_their_bases_read_back_exactly(tmp_path_factory: pytest.Tem
     document that reads back as the machine written, its facts in their order: as the
     whole document would, which it is as a JSON value when the stored one was this
     netboot's (the fields at their defaults left out). Also when it was written in
-    machine_to_dict's long form (an older netboot), with install tokens sealed, and when
-    identifiers or labels change (the whole document written then)."""
+    machine_to_dict's long form (an older netboot), with install tokens sealed, when
+    identifiers are added (a UUID, placeholder or not, a serial, an asset tag: their rows
+    inserted) and when identifiers or labels change (the whole document written then): the
+    identifier rows are the machines' claims after each step."""
     from netboot.sealing import Sealer
 
     path = tmp_path_factory.mktemp("delta") / "n.db"
@@ -1102,9 +1107,11 @@ def test_updates_from_their_bases_read_back_exactly(tmp_path_factory: pytest.Tem
 
     def change(i: int) -> dict[str, Any]:
         drawn = data.draw(st.fixed_dictionaries({}, optional=_DELTA_POOL))
-        for key in ("hostname", "serial"):  # each machine's own (no two conflict)
-            if drawn.get(key) is not None:
+        for key in ("hostname", "serial", "asset"):  # each machine's own (no two conflict)
+            if drawn.get(key) is not None and not drawn[key].startswith("To be"):
                 drawn[key] += f"-{i}"
+        if drawn.get("uuid") in ("u1", "u2"):
+            drawn["uuid"] = f"4c4c4544-0000-4000-8000-0000000000{drawn['uuid'][1]}{i}"
         return drawn
 
     async def run() -> None:
@@ -1150,6 +1157,8 @@ def test_updates_from_their_bases_read_back_exactly(tmp_path_factory: pytest.Tem
                     for kind, value in claims(m):
                         assert await store.machine_by(kind, value) == m
                 with raw(path) as conn:
+                    assert sorted(conn.execute("SELECT machine, kind, value FROM machine_keys")
+                                  ) == sorted((m.id, k, v) for m in now for k, v in claims(m))
                     assert sorted(conn.execute(
                         "SELECT id, mac, hostname, state, cluster, updated FROM machines")
                     ) == sorted((m.id, str(m.macs[0]), m.hostname, m.state.value, m.cluster,
@@ -1249,6 +1258,126 @@ async def test_an_update_whose_base_cannot_be_changed_in_place_is_written_whole(
         assert await store.get_machine(m.id) == last
     finally:
         await store.close()
+
+
+_UUID1 = "4c4c4544-0042-3910-8056-b4c04f4b3632"
+
+
+@pytest.mark.parametrize("learnt", [
+    {"uuid": _UUID1},
+    {"serial": "SN-1", "asset": "AT-1"},
+    {"uuid": _UUID1, "serial": "SN-1", "asset": "AT-1"},
+    {"uuid": "00000000-0000-0000-0000-000000000000", "serial": "To be filled by O.E.M."},
+])
+async def test_identifiers_learnt_change_the_stored_document_in_place(
+        tmp_path: Path, learnt: dict[str, str]) -> None:
+    """A first DHCP sighting learns a UUID (option 97) and facts: given the machine it was
+    made from (Batch.bases, as the recorder writes it), the update is one UPDATE setting the
+    changed keys by json_set and an INSERT of the new identifiers' rows only (a
+    placeholder: none), no delete of the stored ones; the document reads back as the whole
+    write's (the same JSON value), and the machine is found by each identifier."""
+    async def write(path: Path, with_bases: bool) -> tuple[list[str], Machine, str, list[Any]]:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            m = Machine(macs=(MacAddress.parse(MAC1),), id="m-learn", hostname="n1",
+                        labels={"rack": "r1"}, profile="k3os", created=1764900000.5,
+                        updated=1764900000.5)
+            other = Machine(macs=(MacAddress.parse("02:00:00:00:00:02"),), id="m-other",
+                            uuid="4c4c4544-0042-3910-8056-b4c04f4b3699")
+            await store.apply_batch(Batch(create=(m, other)))
+            read = await store.get_machine(m.id)
+            assert read is not None
+            statements: list[str] = []
+            await store._run(lambda conn: conn.set_trace_callback(statements.append))
+            new = replace(read, **learnt, facts={"manufacturer": "QEMU", "arch": "x86_64"},
+                          updated=1764960000.0137)
+            await store.apply_batch(Batch(update=(new,), versions={m.id: read.updated},
+                                          bases={m.id: read} if with_bases else {}))
+            await store._run(lambda conn: conn.set_trace_callback(None))
+            assert await store.get_machine(m.id) == new
+            for kind, value in claims(new):
+                assert await store.machine_by(kind, value) == new
+            with raw(path) as conn:
+                text = conn.execute("SELECT data FROM machines WHERE id = ?",
+                                    (m.id,)).fetchone()[0]
+                keys = sorted(conn.execute("SELECT machine, kind, value FROM machine_keys"))
+            return statements, new, text, keys
+        finally:
+            await store.close()
+
+    statements, new, text, keys = await write(tmp_path / "a.db", True)
+    _, _, whole_text, whole_keys = await write(tmp_path / "b.db", False)
+    # (Each statement traced once more for each trigger it runs: the change feed's.)
+    updates = list(dict.fromkeys(s for s in statements if s.startswith("UPDATE machines")))
+    assert len(updates) == 1 and updates[0].startswith("UPDATE machines SET data = json_set(")
+    for key, value in learnt.items():
+        assert f"'$.{key}', '{value}'" in updates[0]
+    inserted = [s for s in statements if "machine_keys" in s]
+    assert sorted(inserted) == sorted(
+        f"INSERT INTO machine_keys (kind, value, machine) VALUES ('{kind}', '{value}',"
+        f" 'm-learn')" for kind, value in claims(new) if kind != "mac")
+    assert not any("machine_labels" in s for s in statements)
+    assert json.loads(text) == json.loads(whole_text) == codec.machine_document(new)
+    assert keys == whole_keys == sorted(
+        [("m-learn", k, v) for k, v in claims(new)]
+        + [("m-other", "mac", "02:00:00:00:00:02"),
+           ("m-other", "uuid", "4c4c4544-0042-3910-8056-b4c04f4b3699")])
+
+
+@pytest.mark.parametrize("case", ["held by another", "two of the group", "a mixed group",
+                                  "serial held"])
+async def test_an_identifier_added_in_place_that_another_machine_holds_is_refused_as_whole(
+        tmp_path: Path, case: str) -> None:
+    """An identifier added in place (codec.machine_delta) that another machine holds, or
+    that another machine of the group adds first, refuses the batch with the error the
+    whole write gives (type, words, field, holder) and writes nothing of it."""
+    taken = "4c4c4544-0042-3910-8056-b4c04f4b3699"
+
+    async def outcome(path: Path, with_bases: bool) -> tuple[Any, ...]:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            fleet = [Machine(macs=(MacAddress.parse(f"02:00:00:00:00:0{i}"),), id=f"m-k{i}",
+                             updated=1.0) for i in range(3)]
+            holder = Machine(macs=(MacAddress.parse("02:00:00:00:00:09"),), id="m-holder",
+                             uuid=taken, serial="SN-H")
+            await store.apply_batch(Batch(create=(*fleet, holder)))
+            read = [m for m in [await store.get_machine(m.id) for m in fleet] if m]
+            new = [replace(m, facts={"manufacturer": "QEMU"}, updated=2.0,
+                           uuid=f"4c4c4544-0042-3910-8056-b4c04f4b363{i}") for i, m in
+                   enumerate(read)]
+            if case == "held by another":
+                new[1] = replace(new[1], uuid=taken)
+            elif case == "two of the group":
+                new[2] = replace(new[2], uuid=new[0].uuid)
+            elif case == "a mixed group":  # one written whole (a label changed), one taken
+                new[0] = replace(new[0], labels={"rack": "1"})
+                new[2] = replace(new[2], uuid=taken)
+            else:
+                new[1] = replace(new[1], serial="SN-H")
+            statements: list[str] = []
+            await store._run(lambda conn: conn.set_trace_callback(statements.append))
+            with pytest.raises(Conflict) as refused:
+                await store.apply_batch(Batch(
+                    update=new, versions={m.id: m.updated for m in read},
+                    bases={m.id: m for m in read} if with_bases else {}))
+            await store._run(lambda conn: conn.set_trace_callback(None))
+            # Tried in place first (with bases), then replayed row by row to name it.
+            assert any("json_set(data" in s for s in statements) == with_bases
+            assert [await store.get_machine(m.id) for m in fleet] == read
+            with raw(path) as conn:
+                keys = sorted(conn.execute("SELECT machine, kind, value FROM machine_keys"))
+            assert keys == sorted((m.id, k, v) for m in (*read, holder)
+                                  for k, v in claims(m))
+            e = refused.value
+            return type(e).__name__, str(e), e.field, e.holder
+        finally:
+            await store.close()
+
+    with_bases = await outcome(tmp_path / "a.db", True)
+    assert with_bases == await outcome(tmp_path / "b.db", False)
+    assert with_bases[0] == "Conflict" and "already belongs to machine" in with_bases[1]
 
 
 def _fleet(start: int, n: int) -> list[Machine]:
