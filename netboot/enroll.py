@@ -653,10 +653,29 @@ class Enroller:
         """
         identity.require(machine)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
-            made = await self._enroll(machine, how, attempt)
+            refused: Conflict | None = None
+            try:
+                made = await self._enroll(machine, how, attempt)
+            except Conflict as exc:
+                refused = exc
+            # Decided outside the handler: see recorder._write_group (mypyc's coroutines).
+            if refused is not None:
+                # The device's DISCOVER recorded between this read and this write (an
+                # operator enrolling a pallet as it powers on): its discovered record now
+                # holds the identifier; read again and take it over, as if it had been there.
+                if attempt >= DECIDE_ATTEMPTS or not await self._discovered(refused.holder):
+                    raise refused
+                continue
             if made is not None:
                 return made
         raise AssertionError("unreachable: the last attempt raises")
+
+    async def _discovered(self, holder: str | None) -> bool:
+        """Whether ``holder`` (a Conflict's machine) is a discovered record."""
+        if holder is None:
+            return False
+        other = await self._store.get_machine(holder)
+        return other is not None and other.state == MachineState.DISCOVERED
 
     async def _enroll(self, machine: Machine, how: str, attempt: int) -> Machine | None:
         """One attempt of :meth:`enroll`; None: a discovered record it takes over was
