@@ -400,6 +400,8 @@ class Api:
                     # and finds a reader that went away.
                     await resp.write(b": keep-alive\n\n")
                     continue
+                if item is None:  # the server stops: the stream ends (EventBus.close)
+                    return resp
                 # What else is queued goes in the same write: a storm's group commit
                 # publishes hundreds of events at once, which were a write (a send, a TCP
                 # segment) each, per open dashboard (benchmarks/README.md, s36-ops).

@@ -1047,8 +1047,19 @@ class BootService:
             if machine is None or machine.state == _DISCOVERED:
                 return await self._unknown_plan(request, machine, record)
         if machine.state in LOCAL_STATES:
-            plan = BootPlan(BootAction.LOCAL, mac, f"{machine.state!s}: boot the local disk",
-                            machine=machine)
+            reason = f"{machine.state!s}: boot the local disk"
+            asker = request.remote_addr  # None for DHCP: only HTTP and TFTP say
+            if asker is not None:
+                issued_to = machine.facts.get(INSTALL_PEER)
+                if issued_to is not None and issued_to != asker:
+                    # The one trace of an install a stranger took (it asked first with this
+                    # MAC: s36-claim): the device, booting after, is sent to an empty disk.
+                    # Said in its script and its event; a device whose address merely
+                    # changed reads it once.
+                    reason += (f" (its install was served to {issued_to}, this request came "
+                               f"from {asker}: if this device never installed, another host "
+                               f"took its install; 'netboot machines reinstall {machine.ref}')")
+            plan = BootPlan(BootAction.LOCAL, mac, reason, machine=machine)
             if record:
                 # Once until something else happens: a device that asks again and again
                 # (a retry loop, a storm of reboots) writes one line, not one per request.
@@ -1174,6 +1185,26 @@ class BootService:
                       + (f" (group {group.name!r} has none)" if group else ""))
             if record:
                 await self._event(machine, "hold", reason, request, once=True)
+            return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                            retry_seconds=self.settings.hold_retry_seconds,
+                            group=group.name if group else None)
+        pinned = machine.fixed_ipv4
+        if record and pinned and request.remote_addr != pinned:
+            # PXE proves nothing about who asks: anyone who saw the MAC in a DHCP broadcast
+            # can ask first, take the token and the config (the cluster's join token) and
+            # register in the device's place. An address the operator gave the machine is
+            # the one thing the asker must hold (Tinkerbell's hegel serves by source address
+            # the same way; HTTP is TCP: the address answered the handshake). Checked before
+            # the cluster's join is planned, so a stranger claims nothing (s36-claim).
+            asker = request.remote_addr or "an unknown address"
+            reason = (f"{machine.state}: its install script is served only at its fixed "
+                      f"address {pinned}; asked from {asker}")
+            await self._event(machine, "token withheld",
+                              f"install script asked from {asker}, not from its fixed "
+                              f"address {pinned}: held without a token. If the device's "
+                              "address changed, change its fixed_ipv4 (PATCH "
+                              f"/api/v1/machines/{machine.ref} or an import row)", request,
+                              once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)

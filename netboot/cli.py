@@ -31,12 +31,15 @@ from netboot.core import Core, machine_dict, profile_file_errors, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
-from netboot.logs import BatchedStreamHandler, TextFormatter
+from netboot.logs import BatchedStreamHandler, TextFormatter, printable
 from netboot.model import Arch, LoaderChain, MachineState, Scope
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    # printable(): a cell may be a stranger's (a firmware serial, an audit entry's target
+    # taken from a refused request's path): a line break or an ESC must not drive the
+    # operator's terminal or forge a row (s36-attack).
+    cells = [[("" if c is None else printable(str(c))) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [line.rstrip()]
@@ -69,10 +72,10 @@ def _when(t: float | None, now: float) -> str:
 def _human(value: Any) -> str:
     """A field value as a person reads it: mappings as ``k=v, k=v``, lists comma-separated."""
     if isinstance(value, Mapping):
-        return ", ".join(f"{k}={_human(v)}" for k, v in value.items())
+        return ", ".join(f"{printable(str(k))}={_human(v)}" for k, v in value.items())
     if isinstance(value, list | tuple):
         return ", ".join(_human(v) for v in value)
-    return str(value)
+    return printable(str(value))  # a stranger's text too: see _table
 
 
 # Fields of the codec dicts that hold Unix times.
@@ -184,9 +187,13 @@ def _report(args: argparse.Namespace, text: str, value: Any) -> None:
         print(text)
 
 
-def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
-    """The same core the server builds, with its settings; URLs as the server would give."""
+def _core(store: Store, cfg: Config, *, check_templates: bool = False,
+          as_device: bool = False) -> Core:
+    """The same core the server builds, with its settings; URLs as the server would give.
+    ``as_device`` (``netboot render``): as a device gets them where nothing reachable is
+    advertised (:func:`_device_address`), not the server's own 127.0.0.1."""
     from netboot.content import Trust
+    from netboot.model import reached_url
     from netboot.service import (
         advertised_address,
         build_core,
@@ -200,8 +207,12 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
         return advertised_address(cfg)
 
     @functools.cache
+    def local() -> str | None:
+        return _device_address(cfg, advertise()) if as_device else None
+
+    @functools.cache
     def base_url() -> str:
-        return public_base_url(cfg, advertise())
+        return reached_url(public_base_url(cfg, advertise()), local())
 
     @functools.cache
     def trust() -> Trust:
@@ -209,9 +220,26 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False) -> Core:
         found = _exported_ca(cfg) if cfg.https.enabled else None
         if found is None:
             return Trust()
-        return Trust(public_https_url(cfg, advertise()), *found)
+        return Trust(reached_url(public_https_url(cfg, advertise()), local()), *found)
 
     return build_core(cfg, store, base_url, check_templates=check_templates, trust=trust)
+
+
+def _device_address(cfg: Config, advertise: str) -> str | None:
+    """The address ``netboot render`` names where the server advertises 127.0.0.1 (no
+    default route, no --advertise) and answers each device with the address it reaches
+    (service.reached_at, Content.at): the first interface's, said on stderr with the
+    others' (a device on another gets that one's). None where an address is advertised."""
+    from netboot.service import reached_at
+
+    found = reached_at(cfg, advertise)
+    if not found:
+        return None
+    (name, address), others = found[0], found[1:]
+    also = "; on " + ", ".join(f"{n} {a}" for n, a in others) if others else ""
+    print(f"netboot: no address advertised: rendered as a device on {name} gets it "
+          f"({address}){also} (--advertise ADDRESS to choose)", file=sys.stderr)
+    return address
 
 
 def _exported_ca(cfg: Config) -> tuple[str, str] | None:
@@ -449,7 +477,7 @@ def _file_error(path: Path, exc: ValidationError) -> int:
 
 
 async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    core = _core(store, cfg, check_templates=True)
+    core = _core(store, cfg, check_templates=True, as_device=args.cmd == "render")
     if args.cmd == "explain":
         result = await core.explain(args.mac, arch=args.arch)
         if args.json:

@@ -147,7 +147,7 @@ class TftpConfig:
 class DnsConfig:
     enabled: bool = False
     port: int = 53
-    listen: str | None = None  # default: the advertised address, never 0.0.0.0
+    listen: str | None = None  # default: the advertised address (service._start_dns), never 0.0.0.0
     zone: str = "netboot.lan"
     upstreams: tuple[str, ...] = ()
     forward: bool = True

@@ -157,6 +157,14 @@ class _ReachedTrust:
         return kept[1]
 
 
+def _rendered_over_tftp(rel: str) -> bool:
+    """Whether Content.tftp_open renders ``rel`` (with the base URL at hand), not an asset."""
+    if rel == "boot.scr.uimg" or rel.startswith(("pxelinux.cfg/", "grub/")):
+        return True
+    head, _, rest = rel.partition("/")
+    return bool(rest) and _RPI_SERIAL.match(head.lower()) is not None
+
+
 class Content:
     def __init__(
         self,
@@ -601,9 +609,17 @@ class Content:
             ctx["grub_initrds"] = [head + p for p in ctx["initrd_paths"]]
         return self._render.render(f"grub/{plan.action}.cfg", ctx)
 
-    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
-        """Dynamic per-machine files first (U-Boot/pxelinux/GRUB lookup order), then assets."""
+    async def tftp_open(self, path: str, peer: tuple[str, int],
+                        local: Callable[[], str | None] | None = None) -> Blob:
+        """Dynamic per-machine files first (U-Boot/pxelinux/GRUB lookup order), then assets.
+        ``local`` (TftpServer.by_address): asks the address the request came in on, which a
+        rendered file's URLs name where the base URL is loopback (:meth:`at`; a pxelinux or
+        GRUB config's command line carries the config URL). Not asked for an asset."""
         rel = clean_relative(path)
+        if local is not None and _rendered_over_tftp(rel) and self.by_address():
+            view = self.at(local())
+            if view is not self:
+                return await view.tftp_open(rel, peer)
         if rel == "boot.scr.uimg":
             return _text_blob(self.uboot_script(), "application/octet-stream")
         if rel.startswith("pxelinux.cfg/"):

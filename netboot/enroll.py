@@ -882,8 +882,10 @@ class Enroller:
         if self._refusing:
             self._refusing.discard(machine.id)  # a run of refusals ends: the next one is told
         kind = body.get("kind")
+        # fullmatch: "$" matches before a trailing newline too, so "registered\n" passed as
+        # a kind of the device's own, shown as netboot's "registered" (s36-attack).
         if not isinstance(kind, str) or not kind or len(kind) > MAX_EVENT_KIND \
-                or not re.match(r"^[a-z0-9][a-z0-9._-]*$", kind):
+                or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", kind):
             raise ValidationError("kind", "required: a short lowercase word such as "
                                           "'installing', 'installed', 'failed', 'progress'")
         if kind in NETBOOT_KINDS:
@@ -984,7 +986,12 @@ class Enroller:
         entries = (audit(machine),) if audit else ()  # made once: the caller keeps each
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             facts = {**machine.facts, **reported}
-            ipv4 = str(choice.ipv4) if choice.ipv4 else machine.ipv4
+            # A machine the operator gave an address (fixed_ipv4) registers that one, never
+            # the request's or its report's: its servers' address is where agents send their
+            # join token, and the holder of a token is not proven to be the device (PXE
+            # proves nothing: s36-claim). Its install script goes only to that address.
+            pinned = machine.fixed_ipv4
+            ipv4 = pinned or (str(choice.ipv4) if choice.ipv4 else machine.ipv4)
             if choice.ipv6:
                 facts["ipv6"] = str(choice.ipv6)
             # The token is spent: its retrievable copy goes, and its expiry (the API, the
@@ -994,7 +1001,9 @@ class Enroller:
             updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
                                         ipv4=ipv4, facts=facts, install_token=None,
                                         token_expires=None)
-            where = (f"{choice.address} "
+            where = (f"{pinned} (its fixed address; the request came from "
+                     f"{peer or 'an unknown address'})" if pinned else
+                     f"{choice.address} "
                      f"({'the request' if choice.source == 'peer' else 'reported'})"
                      if choice.address else
                      f"no usable address (kept {machine.ipv4 or 'none'})")

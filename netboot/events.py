@@ -46,7 +46,8 @@ class Missed:
 class Subscription:
     def __init__(self, bus: EventBus, size: int) -> None:
         self._bus = bus
-        self._queue: asyncio.Queue[Published] = asyncio.Queue(maxsize=size)
+        # None: the bus closed (the server stops), the stream ends.
+        self._queue: asyncio.Queue[Published | None] = asyncio.Queue(maxsize=size)
         self.missed = 0
 
     def _offer(self, item: Published) -> None:
@@ -55,8 +56,9 @@ class Subscription:
             self.missed += 1
         self._queue.put_nowait(item)
 
-    async def next(self) -> Published | Missed:
-        """The next event, or a :class:`Missed` first when events were dropped."""
+    async def next(self) -> Published | Missed | None:
+        """The next event, or a :class:`Missed` first when events were dropped; None once
+        the bus is closed (:meth:`EventBus.close`)."""
         if self.missed:
             missed, self.missed = Missed(self.missed), 0
             return missed
@@ -71,11 +73,20 @@ class Subscription:
             self.missed = 0
         queue = self._queue
         while not queue.empty():
-            out.append(queue.get_nowait())
+            item = queue.get_nowait()
+            if item is None:  # the bus closed (EventBus.close): next() says so after this
+                queue.put_nowait(None)
+                break
+            out.append(item)
         return out
 
     def close(self) -> None:
         self._bus._subscribers.discard(self)
+
+    def _end(self) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
 
 
 class EventBus:
@@ -93,6 +104,7 @@ class EventBus:
         self._seq = itertools.count(1)
         self.queue_size = queue_size
         self.max_subscribers = max_subscribers
+        self._closed = False
 
     @property
     def subscribers(self) -> int:
@@ -158,8 +170,20 @@ class EventBus:
         """``callback(event)`` for every event, synchronously (must be cheap, must not raise)."""
         self._listeners.append(callback)
 
+    def close(self) -> None:
+        """The server stops: every subscriber's stream ends now, and none opens again. An
+        open stream (a dashboard's tab) otherwise held the HTTP server's shutdown for
+        aiohttp's two 60 s waits, ~127 s measured, past systemd's 90 s stop timeout
+        (s36-attack)."""
+        self._closed = True
+        for sub in self._subscribers:
+            sub._end()
+        self._subscribers.clear()
+
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[Subscription]:
+        if self._closed:
+            raise Busy("the server is shutting down")
         if len(self._subscribers) >= self.max_subscribers:
             raise Busy(f"{len(self._subscribers)} event streams are open already")
         sub = Subscription(self, self.queue_size)
@@ -172,7 +196,10 @@ class EventBus:
     async def stream(self) -> AsyncIterator[Published | Missed]:
         with self.subscribe() as sub:
             while True:
-                yield await sub.next()
+                item = await sub.next()
+                if item is None:
+                    return
+                yield item
 
 
 def _identity(event: Event) -> tuple[str, float, str, str]:

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from netboot.errors import AuthError, NetbootError
+from netboot.logs import printable
 
 RECONNECT_SECONDS = 3.0
 
@@ -37,9 +38,11 @@ def event_line(event: dict[str, Any], *, as_json: bool, names: dict[str, str] | 
     when = datetime.fromtimestamp(float(event["time"])).astimezone().isoformat(
         timespec="seconds")
     who = (names or {}).get(event["machine"], event["machine"])
-    # Messages come from devices too: one line each, whatever they contain.
-    message = str(event.get("message", "")).replace("\n", "\\n").replace("\r", "\\r")
-    return f"{when}  {who}  {event['kind']}  {message}".rstrip()
+    # Messages come from devices too: one line each, whatever they contain, and no ESC or
+    # other control character left to drive the terminal (s36-attack).
+    message = printable(str(event.get("message", "")).replace("\n", "\\n")
+                        .replace("\r", "\\r"))
+    return f"{when}  {who}  {printable(str(event['kind']))}  {message}".rstrip()
 
 
 def _session(ca_file: Path | None, **kwargs: Any) -> aiohttp.ClientSession:

@@ -43,6 +43,18 @@ def escape(text: str | None, limit: int = 512) -> str:
                    for c in text)
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable written as its escape (``\\x0a``,
+    ``\\x1b``, ``\\u2028``), everything else as it is (a backslash too: unlike
+    :func:`escape`, a printable text is returned unchanged, so a serial an operator typed
+    still matches). For strings a stranger chose, kept or shown where a line break or an ESC
+    would forge a line: a firmware string of a boot request, a table in a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
+
+
 class RateLimitedLog:
     """Logs at most ``burst`` lines per key every ``window`` seconds, then counts silently.
 

@@ -47,7 +47,7 @@ from netboot.inventory.base import (
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
-from netboot.model import Scope
+from netboot.model import Scope, reached_url
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
 from netboot.sealing import Sealer, read_key, write_key
@@ -387,8 +387,9 @@ def advertised_address(config: Config) -> str:
                         "route's interface); name the provisioning interface with --interface",
                         address, name)
             return address
-    # Devices are still answered where they reach this host (reached_at, Content.at), but
-    # what is printed and rendered here (netboot render, the summary) names 127.0.0.1.
+    # Devices are still answered where they reach this host (reached_at, Content.at: DHCP,
+    # HTTP, TFTP's rendered files, DNS on each interface; netboot render and the summary
+    # name the interfaces' addresses), but which interface provisions is a guess.
     log.warning("no --interface or --advertise given and no default route: advertising "
                 "127.0.0.1; devices are answered with the address they reach this host at "
                 "(DHCP on each interface, the URLs of each request), but name the "
@@ -626,7 +627,8 @@ class Service:
                               ack_spin=cfg.tftp.ack_spin_us / 1e6,
                               single_port=cfg.tftp.single_port,
                               interfaces=list(cfg.server.interfaces) or None,
-                              observer=self.metrics)
+                              observer=self.metrics,
+                              by_address=self.content.by_address())
             await tftp.start()
             self.metrics.read_tftp_stats(lambda: tftp.stats)
             self.servers.append(tftp)
@@ -776,11 +778,20 @@ class Service:
             except ValueError:
                 raise ConfigError(f"{item!r} is not addr or addr#port", key="dns.upstreams",
                                   fix="write e.g. 192.0.2.53 or 192.0.2.53#5353") from None
-        dns = DnsServer(self._zone_holder, host=cfg.dns.listen or self.advertise,
-                        port=cfg.dns.port, upstreams=upstreams, forward=cfg.dns.forward)
-        await dns.start()
-        self.servers.append(dns)
-        self.dns_port = dns.port
+        # Default: the advertised address, never 0.0.0.0 (a resolver of this host's may own
+        # port 53 elsewhere). Where that is 127.0.0.1 (no default route, no --advertise),
+        # which no device can reach, each interface's address too, as DHCP answers on each
+        # (dhcp_listeners): one server each, the zone shared; the advertised one last, for
+        # this host's own clients.
+        hosts = [cfg.dns.listen] if cfg.dns.listen else [
+            *(address for _, address in reached_at(cfg, self.advertise)), self.advertise]
+        asked = cfg.dns.port
+        for address in hosts:
+            dns = DnsServer(self._zone_holder, host=address, port=asked, upstreams=upstreams,
+                            forward=cfg.dns.forward)
+            await dns.start()
+            self.servers.append(dns)
+            asked = self.dns_port = dns.port  # port 0: the first's, for every address
 
         limited = RateLimitedLog(log)
 
@@ -827,6 +838,7 @@ class Service:
             self._zone_holder.replace(await self._build_zone())
 
     async def close(self) -> None:
+        self.events.close()  # open event streams end first: see EventBus.close
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -849,10 +861,21 @@ class Service:
 
     def summary(self) -> str:
         cfg = self.config
+        # Where a device's URLs name the address it reached (Content.at: 127.0.0.1 is
+        # advertised), each interface's, not the loopback one no device can use.
+        reached = [address for _, address in reached_at(cfg, self.advertise)] \
+            if self.content.by_address() else []
+        https = self.url_holder.get("https", "")
+
+        def each(url: str, path: str = "") -> str:
+            return ", ".join(f"{reached_url(url, a)}/{path}" for a in reached) or f"{url}/{path}"
+
         lines = [
-            f"netboot serving on {self.advertise}",
-            f"  HTTP   {self.base_url}/  (iPXE chain URL: {self.base_url}/boot.ipxe)",
-            (f"  HTTPS  {self.url_holder.get('https', '')}/  (API and configs; CA SHA-256 "
+            f"netboot serving on {', '.join(reached) or self.advertise}"
+            + (" (no address advertised: each device gets the one it reaches)"
+               if reached else ""),
+            f"  HTTP   {each(self.base_url)}  (iPXE chain URL: {each(self.base_url, 'boot.ipxe')})",
+            (f"  HTTPS  {each(https)}  (API and configs; CA SHA-256 "
              f"{self.tls.ca_fingerprint or 'not given'}, printed by: netboot ca export)"
              if self.tls else "  HTTPS  off"),
             f"  TFTP   udp/{cfg.tftp.port}" if cfg.tftp.enabled else "  TFTP   off",

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,55 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") is not None and os.geteuid() != 0:
         pytest.fail("needs root (network namespaces); run the suite as root, as CI does",
                     pytrace=False)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The compiled build of tests/test_compiled.py starts now, beside the tests before it."""
+    from tests import test_compiled
+
+    test_compiled.start_early(session)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests import test_compiled
+
+    test_compiled.stop_early(config)
+
+
+class RsaKeys:
+    """RSA keys for this test process, each of the first ``size`` made by cryptography, then
+    given out again in turn: every service a test builds makes its CA's and its server's key
+    (netboot.pki), ~60 ms of CPU each, hundreds of services a run (benchmarks/README.md,
+    s36-ci). Keys of the same parameters only; two keys asked for one after the other are
+    never the same one, so a test's CA and server key, a renewed key and the keys of a
+    test's first eight services all differ, as freshly made ones would."""
+
+    def __init__(self, make: Callable[..., Any], size: int = 16) -> None:
+        self._make = make
+        self._size = size
+        self._kept: dict[tuple[int, int], list[Any]] = {}
+        self._next: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()  # a service may make its keys on a worker thread
+
+    def __call__(self, public_exponent: int, key_size: int, backend: Any = None) -> Any:
+        params = (public_exponent, key_size)
+        with self._lock:
+            kept = self._kept.setdefault(params, [])
+            if len(kept) < self._size:
+                kept.append(self._make(public_exponent=public_exponent, key_size=key_size))
+                return kept[-1]
+            turn = self._next.get(params, 0)
+            self._next[params] = (turn + 1) % self._size
+            return kept[turn]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _rsa_keys_made_once() -> Iterator[None]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rsa, "generate_private_key", RsaKeys(rsa.generate_private_key))
+        yield
 
 
 def this_checkout() -> dict[str, str]:

@@ -21,7 +21,10 @@ if ! dpkg --print-foreign-architectures | grep -qx arm64; then
     dpkg --add-architecture arm64
 fi
 # Update once; again only when the arm64 lists are missing (architecture just added).
-if ! apt-cache show linux-image-arm64:arm64 >/dev/null 2>&1; then
+# Looked for as files: `apt-cache show linux-image-arm64:arm64` parsed every list (no
+# pkgcache.bin kept here), 5-10 s on a loaded 2-core machine at every run.
+eval "$(apt-config shell LISTS Dir::State::Lists/d)"
+if ! ls "${LISTS:-/var/lib/apt/lists/}" 2>/dev/null | grep -q '_binary-arm64_Packages'; then
     apt-get update -q
     updated=1
 fi
@@ -50,10 +53,13 @@ isc-dhcp-client udhcpc python3 python3-pip python3-venv python3-dev gcc ca-certi
 podman runc mmdebstrap chromium postgresql pgbouncer wrk \
 make pkg-config dpkg-dev libevent-dev libc-ares-dev libssl-dev"
 
+# One dpkg-query for all (one a package took ~2.5 s of processes under load).
+# shellcheck disable=SC2086
+installed=" $(dpkg-query -W -f='${Package} ${Status}\n' $PKGS 2>/dev/null \
+    | sed -n 's/ install ok installed$//p' | tr '\n' ' ') "
 missing=""
 for p in $PKGS; do
-    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" \
-        || missing="$missing $p"
+    case "$installed" in *" $p "*) ;; *) missing="$missing $p" ;; esac
 done
 if [ -n "$missing" ]; then
     [ -n "$updated" ] || apt-get update -q
@@ -116,8 +122,15 @@ if [ -z "${NO_PIP:-}" ]; then
     cd "$(dirname "$0")/.."
     venv="${NETBOOT_VENV:-.venv}"
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -e '.[test]'
+    # Already installed (this checkout's netboot installed editable, every requirement of it and of
+    # its test extra present at a version its pyproject.toml accepts): nothing to do. pip
+    # itself would ask the index again and build an editable wheel in an isolated
+    # environment it fetches setuptools into: 8-20 s and a network fetch on every run
+    # (benchmarks/README.md, s36-ci).
+    if ! "$venv/bin/python" -m tests.installed 2>/dev/null; then
+        "$venv/bin/python" -m pip install -q --upgrade pip
+        "$venv/bin/python" -m pip install -q -e '.[test]'
+    fi
     # The wheels the packaging and container tests install from with --no-index, fetched
     # now while the package index is reachable (tests/wheels.py).
     "$venv/bin/python" -m tests.wheels >/dev/null

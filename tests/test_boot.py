@@ -809,6 +809,32 @@ async def test_a_pxelinux_request_mid_install_gets_the_token_only_at_its_first_a
     assert kinds.count("token withheld") == 1 and kinds.count("install-plan") == 2
 
 
+@pytest.mark.parametrize("via", ["tftp", "http"])
+async def test_a_machine_with_a_fixed_address_is_planned_an_install_only_from_it(
+        setup: tuple[BootService, MemoryStore, Clock], via: str) -> None:
+    """A first install asked from another address than the machine's fixed one (or from
+    none) is held with no token made and nothing claimed: the machine stays enrolled, one
+    ``token withheld`` event; from its fixed address it installs (s36-claim)."""
+    boot, store, _ = setup
+    await enrolled(store, role=Role.AGENT, fixed_ipv4="192.0.2.61")
+
+    def request(peer: str | None) -> BootRequest:
+        return BootRequest(mac=MAC, firmware=Firmware.UBOOT, arch=Arch.ARM64, via=via,
+                           remote_addr=peer)
+
+    for peer in ("192.0.2.66", "192.0.2.66", None):  # told once per asker in a row
+        held = await boot.plan(request(peer))
+        assert held.action == BootAction.HOLD and held.token is None
+        assert "fixed address 192.0.2.61" in held.reason
+    machine = await store.machine_by("mac", str(MAC))
+    assert machine is not None and machine.state == MachineState.ENROLLED
+    assert machine.token_hash is None and "install_peer" not in machine.facts
+    first = await boot.plan(request("192.0.2.61"))
+    assert first.action == BootAction.INSTALL and first.token == "tok"
+    kinds = [e.kind for e in await events_of(store, MAC, boot)]
+    assert kinds.count("token withheld") == 2 and kinds.count("install-plan") == 1
+
+
 @pytest.mark.parametrize("peer", ["192.0.2.62", None])
 async def test_a_first_installs_facts_keep_their_order_and_name_only_its_own_peer(
         setup: tuple[BootService, MemoryStore, Clock], peer: str | None) -> None:

@@ -472,6 +472,45 @@ def test_tokens_create_list_revoke_and_the_audit_log(
     assert rc == 2 and "--since" in err
 
 
+async def _strangers_text(cfg: str) -> None:
+    """What a stranger on the provisioning network can put in the inventory, written as the
+    servers write it: a discovered machine's serial and DHCP hostname (a boot request's
+    strings), its installer's event message, and the audit entry of a refused request whose
+    path it chose (``POST /api/v1/machines/<ref>/events``: the target is the ref)."""
+    from netboot.inventory.base import Batch
+    from netboot.model import Event, MacAddress, Machine
+
+    store = SqliteStore(load(cfg, env={}).db_path)
+    await store.open()
+    try:
+        machine = Machine(macs=(MacAddress.parse("02:00:00:00:00:09"),),
+                          serial="S1\nstate          registered\x1b[2J",
+                          facts={"dhcp_hostname": "h\x1b]0;title\x07\r\nforged-fact x"})
+        await store.create_machine(machine)
+        await store.apply_batch(Batch(events=(Event(machine.id, time.time(), "progress",
+                                                    "ok\x1b[1A\rforged event"),)))
+        await Access(store).record("-", "POST /api/v1/machines/{ref}/events",
+                                   "\x1b[2J\nforged target", peer="192.0.2.9", outcome="400")
+    finally:
+        await store.close()
+
+
+def test_a_strangers_text_cannot_drive_the_operators_terminal(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # printed as it was, an ESC drove the terminal (cleared it, set its title) and a line
+    # break forged a field, a row or an audit entry (s36-attack).
+    assert run(capsys, "machines", "ls", "--config", cfg)[0] == 0  # the inventory made
+    asyncio.run(_strangers_text(cfg))
+    for args in (("machines", "show", "02:00:00:00:00:09"), ("audit",)):
+        rc, out, err = run(capsys, *args, "--config", cfg)
+        assert rc == 0, err
+        assert all(line.isprintable() for line in out.splitlines()), out
+        assert not any(line.startswith(("state          registered", "forged"))
+                       for line in out.splitlines()), out
+    assert "S1\\x0astate          registered\\x1b[2J" in run(
+        capsys, "machines", "show", "02:00:00:00:00:09", "--config", cfg)[1]
+
+
 async def _authenticate(cfg: str, token: str) -> Principal:
     store = SqliteStore(load(cfg, env={}).db_path)
     await store.open()

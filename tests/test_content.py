@@ -818,3 +818,34 @@ async def test_a_profile_edit_shows_at_once_in_the_next_script_and_config(env: E
             assert f"k3os.install.device={edit['install_device']} " in script, script
         r = await call(env, "GET", path, admin=False)
         assert r.status == 200 and "ssh-ed25519 AAAAedited" in r.body.decode(), r.text
+
+
+async def test_a_tftp_config_names_the_address_reached_where_the_base_url_is_loopback(
+        env: Env) -> None:
+    """A host without a default route and no --advertise serves 127.0.0.1 as its base URL
+    (a device's own loopback): a pxelinux config's command line (its config URL) names the
+    address the request came in on, as TftpServer's ``local`` tells it; an asset's lookup
+    never asks it (a system call per RRQ); with an advertised base it is not asked."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:41", "profile": "k3os"},
+                   status=201)
+    content = env.service.content
+    asked: list[str] = []
+
+    def local() -> str:
+        asked.append("asked")
+        return "198.51.100.10"
+
+    path = "pxelinux.cfg/01-52-54-00-00-00-41"
+    advertised = (await content.tftp_open(path, PEER, local)).data
+    assert advertised is not None and b"http://192.0.2.10:8080/" in advertised
+    assert asked == []
+    env.service.base_url = "http://127.0.0.1:8080"
+    await content.tftp_open("vmlinuz", PEER, local)
+    assert asked == []
+    text = (await content.tftp_open(path, PEER, local)).data
+    assert text is not None and asked == ["asked"]
+    assert b"http://198.51.100.10:8080/config/" in text and b"127.0.0.1" not in text, text
+    # Without a way to ask (TftpServer without by_address), the base URL as it is.
+    kept = (await content.tftp_open(path, PEER)).data
+    assert kept is not None and b"http://127.0.0.1:8080/config/" in kept

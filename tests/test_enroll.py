@@ -712,6 +712,22 @@ async def test_a_report_cannot_take_the_kind_of_netboots_own_record(  # type: ig
     assert await store.list_events(machine.id) == []
 
 
+@pytest.mark.parametrize("kind", ["registered\n", "progress\n", "hold\n", "installed\n"])
+async def test_a_kind_with_a_trailing_newline_is_refused(  # type: ignore[no-untyped-def]
+        store, kind: str) -> None:
+    # The kind's expression ended in "$", which matches before a final newline: an
+    # installer's "registered\n" was taken as a kind of its own, shown in the dashboard's
+    # timeline and `machines show` as netboot's "registered", its newline in log lines
+    # and the metrics' kind label (s36-attack).
+    machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:33"),), hostname="r3", profile="p",
+                      state=MachineState.BOOTING)
+    await store.create_machine(machine)
+    with pytest.raises(ValidationError) as refused:
+        await Enroller(store, clock=lambda: 1000.0).report(machine, {"kind": kind})
+    assert refused.value.field == "kind"
+    assert await store.list_events(machine.id) == []
+
+
 @pytest.mark.parametrize("kind", ["progress", "k3s-standin", "install.progress", "installing"])
 async def test_a_report_of_a_kind_of_its_own_is_taken(store, kind: str) -> None:  # type: ignore[no-untyped-def]
     machine = Machine(macs=(MacAddress.parse("52:54:00:00:00:32"),), hostname="r2", profile="p",

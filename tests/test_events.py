@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from netboot.errors import Busy
@@ -43,6 +45,39 @@ async def test_streams_are_capped() -> None:
     bus = EventBus(max_subscribers=1)
     with bus.subscribe(), pytest.raises(Busy), bus.subscribe():
         pass
+
+
+async def test_closing_the_bus_ends_every_stream_and_opens_none() -> None:
+    # The server stops: a waiting reader (an SSE handler) is woken with the end, a full
+    # queue's reader too, and no stream opens after (s36-attack).
+    bus = EventBus(queue_size=2)
+    with bus.subscribe() as waiting, bus.subscribe() as full:
+        bus.published([ev(1), ev(2)])
+        assert isinstance(await waiting.next(), Published)
+        assert isinstance(await waiting.next(), Published)
+        reader = asyncio.ensure_future(waiting.next())
+        await asyncio.sleep(0)
+        bus.close()
+        assert await asyncio.wait_for(reader, 1) is None
+        items = [await full.next() for _ in range(2)]
+        assert items[-1] is None and bus.subscribers == 0
+    with pytest.raises(Busy), bus.subscribe():
+        pass
+
+
+async def test_a_burst_read_before_the_bus_closed_ends_with_the_close() -> None:
+    # The live feed writes a burst at once (Subscription.ready, s36-ops) and ends when the
+    # server stops (EventBus.close, s36-attack): what was queued before the close goes out,
+    # the close is not taken for an event and is still there for next() after the burst.
+    bus = EventBus(queue_size=4)
+    with bus.subscribe() as sub:
+        bus.published([ev(1), ev(2)])
+        bus.close()
+        first = await sub.next()
+        assert isinstance(first, Published)
+        burst = sub.ready()
+        assert [type(x) for x in burst] == [Published]
+        assert await asyncio.wait_for(sub.next(), 1) is None
 
 
 async def test_the_store_publishes_committed_events_only() -> None:

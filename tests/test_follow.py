@@ -87,6 +87,11 @@ def test_event_line_keeps_one_line_per_event() -> None:
     line = follow.event_line({"time": 0, "machine": "m-1", "kind": "progress",
                               "message": "a\nforged"}, as_json=False)
     assert "\n" not in line and line.endswith("a\\nforged")
+    # An ESC (an installer's message, the hostname a registration names) drove the
+    # operator's terminal: written as its escape (s36-attack).
+    line = follow.event_line({"time": 0, "machine": "m-1", "kind": "progress",
+                              "message": "ok\x1b]0;title\x07\x1b[2J\u2028x"}, as_json=False)
+    assert line.isprintable() and line.endswith("ok\\x1b]0;title\\x07\\x1b[2J\\u2028x")
 
 
 async def test_follow_over_https_trusts_netboots_ca(tmp_path: Path) -> None:

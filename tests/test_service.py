@@ -600,6 +600,33 @@ def test_default_route_interface(tmp_path: Path) -> None:
     assert default_route_interface(str(tmp_path / "missing")) is None
 
 
+async def test_an_open_event_stream_does_not_hold_the_shutdown(tmp_path: Path) -> None:
+    """A dashboard's tab (an open ``/api/v1/events/stream``) held ``close`` for aiohttp's
+    two 60 s waits (127 s measured with ``netboot serve`` and SIGTERM), past systemd's
+    90 s stop timeout: the streams now end first, the client sees its stream end
+    (s36-attack)."""
+    cfg = load(write_config(tmp_path), env={})
+    service = await build(cfg)
+    await service.start()
+    token = (cfg.data_dir / "admin.token").read_text().strip()
+    closed = False
+    try:
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{service.http_port}/api/v1/events/stream",
+                headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 200
+            assert await resp.content.readuntil(b": connected\n\n")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.wait_for(service.close(), 30)
+            closed = True
+            assert loop.time() - started < 10
+            assert await asyncio.wait_for(resp.content.read(), 5) == b""  # ended
+    finally:
+        if not closed:
+            await service.close()
+
+
 async def test_access_log_never_holds_the_install_token(tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     import logging
@@ -610,19 +637,28 @@ async def test_access_log_never_holds_the_install_token(tmp_path: Path,
         base = f"http://127.0.0.1:{service.http_port}"
         async with aiohttp.ClientSession() as http:
             with caplog.at_level(logging.INFO, logger="netboot.access"):
+                # The last three: a seed URL a site's template or a cloud-init joined
+                # otherwise (a slash after it, two before the file, the seed directory
+                # itself): 404s whose lines held the token (s36-attack).
                 for path in ("/config/52-54-00-00-00-11?token=SECRETTOKEN",
                              "/nocloud/52-54-00-00-00-11/SECRETTOKEN/user-data",
-                             "/healthz"):
+                             "/healthz",
+                             "/nocloud/52-54-00-00-00-11/SECRETTOKEN/user-data/",
+                             "/nocloud/52-54-00-00-00-11/SECRETTOKEN//meta-data",
+                             "/nocloud/52-54-00-00-00-11/SECRETTOKEN/"):
                     async with http.get(base + path) as resp:
                         await resp.read()
     finally:
         await service.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
-    assert len(lines) == 3, lines
+    assert len(lines) == 6, lines
     assert all("SECRETTOKEN" not in line for line in lines), lines
     assert "GET /config/52-54-00-00-00-11?token=<redacted> 401" in lines[0]
     assert "/nocloud/52-54-00-00-00-11/<token>/user-data 401" in lines[1]
     assert "GET /healthz 200" in lines[2]
+    assert "/nocloud/52-54-00-00-00-11/<token>/user-data/ 404" in lines[3]
+    assert "/nocloud/52-54-00-00-00-11/<token>//meta-data 404" in lines[4]
+    assert "/nocloud/52-54-00-00-00-11/<token>/ 404" in lines[5]
 
 
 @pytest.mark.root

@@ -13,6 +13,7 @@ names both addresses (it named 127.0.0.1, localhost and ::1 only).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -84,6 +85,29 @@ def curl(ns: str, url: str, *args: str) -> tuple[int, bytes]:
     return int(status or 0), body
 
 
+@contextlib.contextmanager
+def serving(cfg: tuple[str, ...], subnets: dict[str, str], tmp_path: Path) -> Iterator[None]:
+    """``netboot serve`` in the server's namespace (its log in serve.log), once it answers."""
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(netboot("serve", *cfg, ns=subnets["srv"]), env=env(),
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while curl(subnets["a"], "http://192.0.2.10:8080/healthz")[0] != 200:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "netboot did not start"
+            time.sleep(0.2)
+        yield
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+        log.close()
+
+
 def pxe_offer(ns: str, mac: str) -> dhcp.Packet | None:
     """A BIOS PXE ROM's DISCOVER broadcast from ``ns``'s eth0, and the proxy offer."""
     discover = dhcp.Packet(
@@ -120,15 +144,7 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
                  ("machines", "add", MAC_HELD)):
         subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
                        capture_output=True, timeout=60)
-    log = (tmp_path / "serve.log").open("wb")
-    server = subprocess.Popen(netboot("serve", *cfg, ns=subnets["srv"]), env=env(),
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while curl(subnets["a"], "http://192.0.2.10:8080/healthz")[0] != 200:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "netboot did not start"
-            time.sleep(0.2)
+    with serving(cfg, subnets, tmp_path):
         seen: dict[str, dict[str, str]] = {}
         offers = {side: pxe_offer(subnets[side], mac)
                   for side, mac in (("a", MAC_A), ("b", MAC_B))}
@@ -168,14 +184,6 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
                 assert status == 200
                 hosts = set(re.findall(r"https?://([^/:\s]+)", body.decode()))
                 assert hosts <= {server_ip}, (mac, side, body)
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
-        log.close()
     for side, got in seen.items():
         server_ip = SUBNETS[side][0]
         for what, text in got.items():
@@ -190,3 +198,93 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
     served = (tmp_path / "serve.log").read_text()
     assert "no default route: advertising 127.0.0.1; devices are answered with the address" \
         in served
+
+
+def tftp(ns: str, url: str) -> tuple[int, bytes]:
+    """A TFTP read by curl from ``ns`` (curl's exit status: 0 when the file came)."""
+    done = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "-o", "-",
+                           url], capture_output=True, timeout=20)
+    return done.returncode, done.stdout
+
+
+def soa(ns: str, server: str) -> str:
+    """The rcode of an SOA query for netboot.lan sent from ``ns`` to ``server``:53."""
+    script = ("import sys, dns.message, dns.query, dns.rcode\n"
+              "q = dns.message.make_query('netboot.lan', 'SOA')\n"
+              "try:\n"
+              "    print(dns.rcode.to_text(dns.query.udp(q, sys.argv[1], timeout=3).rcode()))\n"
+              "except Exception as exc:\n"
+              "    print(type(exc).__name__)\n")
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script, server],
+                          capture_output=True, timeout=30, text=True, env=env())
+    return done.stdout.strip() or done.stderr.strip()
+
+
+def test_each_subnets_device_gets_tftp_configs_naming_the_address_it_reached(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """U-Boot's pxelinux config and GRUB's per-NIC config, read over TFTP, carry the kernel
+    command line's config URL: on such a host it named http://127.0.0.1:8080 (the device
+    itself) where HTTP's answers already named the address reached (s36-user). Now the
+    address the TFTP request came in on, each subnet's its own, asked in turn. ``netboot
+    render`` and the start-up summary printed 127.0.0.1 there too: now what a device on
+    the first interface gets (the others named), and each interface's address. DNS
+    listened on 127.0.0.1 only: now on each interface's address too."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "vmlinuz").write_bytes(KERNEL)
+    (assets / "initrd.img").write_bytes(INITRD)
+    config = tmp_path / "netboot.yaml"
+    # No server.advertise, no interfaces, no DHCP; TFTP on (its default port, 69).
+    config.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\n"
+                      f"dhcp:\n  mode: \"off\"\nhttps:\n  enabled: false\n"
+                      f"dns:\n  enabled: true\n"
+                      f"assets:\n  dirs: [{assets}]\n")
+    cfg = ("--config", str(config))
+    for args in (("clusters", "add", "edge", "--endpoint", "k3s.example"),
+                 ("profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img"),
+                 ("machines", "add", MAC_A, "--profile", "p", "--cluster", "edge"),
+                 ("machines", "add", MAC_B, "--profile", "p", "--cluster", "edge")):
+        subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
+                       capture_output=True, timeout=60)
+    # netboot render on that host: what a device on its first interface gets (it printed
+    # 127.0.0.1), the other named on stderr.
+    rendered = subprocess.run(netboot("render", *cfg, MAC_A, "pxelinux", ns=subnets["srv"]),
+                              env=env(), capture_output=True, timeout=60, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "http://192.0.2.10:8080/config/" in rendered.stdout, rendered.stdout
+    assert "127.0.0.1" not in rendered.stdout, rendered.stdout
+    assert "rendered as a device on va gets it (192.0.2.10); on vb 198.51.100.10" \
+        in rendered.stderr, rendered.stderr
+    got: list[tuple[str, str, str, int, bytes]] = []
+    with serving(cfg, subnets, tmp_path):
+        # Each subnet's machine in turn, twice (its install under way: the second is the
+        # same plan's config again): the caches the two addresses' views share (a profile's
+        # and a cluster's values, the plan's) filled by one, then read by the other.
+        for _ in range(2):
+            for side, mac in (("a", MAC_A), ("b", MAC_B)):
+                server_ip = SUBNETS[side][0]
+                for path in (f"pxelinux.cfg/01-{mac.replace(':', '-')}",
+                             f"grub/grub.cfg-01-{mac}"):
+                    status, body = tftp(subnets[side], f"tftp://{server_ip}/{path}")
+                    got.append((mac, side, path, status, body))
+        # DNS's default listen was the advertised address, 127.0.0.1 here: no device
+        # reached it. Now each interface's too (and 127.0.0.1 still, for this host).
+        zone = {side: soa(subnets[side], SUBNETS[side][0]) for side in SUBNETS}
+        zone["srv"] = soa(subnets["srv"], "127.0.0.1")
+    assert len(got) == 8
+    assert zone == {"a": "NOERROR", "b": "NOERROR", "srv": "NOERROR"}, zone
+    # The start-up summary names each address a device may reach, not 127.0.0.1.
+    served = (tmp_path / "serve.log").read_text()
+    summary = served[served.index("netboot serving on"):]
+    assert summary.startswith("netboot serving on 192.0.2.10, 198.51.100.10 (no address "
+                              "advertised: each device gets the one it reaches)\n"), served
+    assert "  HTTP   http://192.0.2.10:8080/, http://198.51.100.10:8080/  (iPXE chain URL: " \
+        "http://192.0.2.10:8080/boot.ipxe, http://198.51.100.10:8080/boot.ipxe)\n" in summary, \
+        served
+    for mac, side, path, status, body in got:
+        server_ip = SUBNETS[side][0]
+        text = body.decode()
+        assert status == 0, (mac, side, path, status, (tmp_path / "serve.log").read_text())
+        assert f"http://{server_ip}:8080/config/" in text, (mac, side, path, text)
+        hosts = set(re.findall(r"https?://([^/:\s]+)", text))
+        assert hosts == {server_ip}, (mac, side, path, text)

@@ -1365,6 +1365,15 @@ def profile_from_dict(data: object) -> Profile:
     )
 
 
+def profile_json(profile: Profile) -> str:
+    """The text the SQL stores keep for ``profile`` (sqlite.py's and postgres.py's
+    put_profile): its dict, read back first so that what a read of it would refuse is
+    refused before it is written, not found by the next reader."""
+    data = profile_to_dict(profile)
+    profile_from_dict(data)
+    return dumps(data, "profile")
+
+
 def _install_timeout(d: Mapping[str, Any]) -> int | None:
     value = d.get("install_timeout")
     if value is None:
@@ -1454,6 +1463,13 @@ def group_from_dict(data: object) -> Group:
         hostname_template=_opt_str(d, "hostname_template"),
         loader=_opt_enum(d, "loader", LoaderChain),
     )
+
+
+def group_json(group: Group) -> str:
+    """The text the SQL stores keep for ``group``, read back first as :func:`profile_json`."""
+    data = group_to_dict(group)
+    group_from_dict(data)
+    return dumps(data, "group")
 
 
 # --- events -------------------------------------------------------------------------------

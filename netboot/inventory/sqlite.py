@@ -1015,9 +1015,7 @@ class SqliteStore:
         return [codec.profile_from_dict(d) for d in await self._read(_list_named, "profile")]
 
     async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
-        data = codec.profile_to_dict(profile)
-        codec.profile_from_dict(data)
-        await self._run(_put_named, "profile", profile.name, codec.dumps(data, "profile"), create)
+        await self._run(_put_named, "profile", profile.name, codec.profile_json(profile), create)
 
     async def delete_profile(self, name: str) -> None:
         await self._run(_delete_named, "profile", name)
@@ -1044,9 +1042,7 @@ class SqliteStore:
         return [codec.group_from_dict(d) for d in await self._read(_list_named, "group")]
 
     async def put_group(self, group: Group, *, create: bool = False) -> None:
-        data = codec.group_to_dict(group)
-        codec.group_from_dict(data)
-        await self._run(_put_named, "group", group.name, codec.dumps(data, "group"), create)
+        await self._run(_put_named, "group", group.name, codec.group_json(group), create)
 
     async def delete_group(self, name: str) -> None:
         await self._run(_delete_named, "group", name)

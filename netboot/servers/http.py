@@ -60,7 +60,7 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape, log_line, set_log_context
+from netboot.logs import RateLimitedLog, escape, log_line, printable, set_log_context
 from netboot.model import (
     Arch,
     Blob,
@@ -237,6 +237,11 @@ def query_value(raw: str, name: str) -> str | None:
     return None
 
 
+# ${platform} as iPXE builds give it: taken as they are, without _text's call (~1,800
+# callgrind instructions of an /ipxe request).
+_PLATFORMS = frozenset({"efi", "pcbios"})
+
+
 def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
     """A BootRequest from the query string iPXE fills in from its settings (protocols.md §2.4)."""
     get = query.get
@@ -251,7 +256,9 @@ def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
         except ValidationError:
             uuid = None  # firmware without SMBIOS UUID sends garbage; not worth refusing a boot
     build = (get("arch") or "").lower()
-    platform = (get("platform") or "").lower() or None
+    platform = get("platform")  # iPXE's "efi" or "pcbios"; anything else bounded by _text
+    if platform is not None and platform not in _PLATFORMS:
+        platform = _text(platform.lower())
     # _text's call only for a string given (iPXE's chain URL may leave each one out: its
     # call was ~600 loop instructions for each missing one).
     serial, manufacturer, product, asset = (get("serial"), get("manufacturer"),
@@ -267,8 +274,19 @@ def ipxe_request(query: Mapping[str, str], remote: str | None) -> BootRequest:
 
 
 def _text(value: str | None) -> str | None:
-    """A firmware string of the query: stripped, at most 128 characters, None when empty."""
-    return (value.strip()[:128] or None) if value else None
+    """A firmware string of the query: stripped, at most 128 characters, None when empty.
+
+    A character that is not printable is written as its escape (``\\x0a``): SMBIOS strings
+    are printable text, but anyone may send ``/ipxe?mac=…&serial=…``, and the string is kept
+    as the machine's serial, asset tag or a fact, which ``netboot machines show``, the API
+    and site templates write out: a line break or an ESC there forged lines of an operator's
+    terminal or of a rendered script (s36-attack)."""
+    if not value:
+        return None
+    text = value.strip()
+    if not text.isprintable():
+        text = printable(text)
+    return text[:128] or None
 
 
 def bearer_token(request: web.BaseRequest) -> str | None:
@@ -277,8 +295,10 @@ def bearer_token(request: web.BaseRequest) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-# /nocloud/{mac}/{token}/{name}: the one route with the install token in the path.
-_NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/[^/]+)$")
+# /nocloud/{mac}/{token}/{name}: the one route with the install token in the path. Its
+# third segment is redacted whatever follows it (a trailing slash, "//meta-data", nothing
+# after the seed's slash): those are 404s, and their lines held the token (s36-attack).
+_NOCLOUD_TOKEN = re.compile(r"^(/nocloud/[^/]+/)[^/]+(/.*)$", re.DOTALL)
 
 
 def redacted_target(path: str, query: Iterable[tuple[str, str]]) -> str:

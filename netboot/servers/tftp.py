@@ -127,10 +127,13 @@ PORT_FLAG = "--tftp-port"
 
 
 class TftpFiles(Protocol):
-    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob: ...
+    async def tftp_open(self, path: str, peer: tuple[str, int],
+                        local: Callable[[], str | None] | None = None) -> Blob: ...
 
     # raises NotFound (→ ERROR 1) or Forbidden (→ ERROR 2); anything else → ERROR 0 + logged
     # ``path`` arrives normalised: relative, "/"-separated, no "..", no NUL.
+    # ``local`` (only with TftpServer's ``by_address``): asked, it tells the address the
+    # request came in on (None if unknown), for a file whose URLs name it (Content.at).
 
 
 @dataclass(slots=True)
@@ -619,6 +622,30 @@ class _Link:
             raise
         return sock
 
+    def local_for(self, peer: Address) -> str | None:
+        """The address of this host a request from ``peer`` came in on, as its transfer's
+        socket will have it: this link's own where it is bound to one, else the source the
+        kernel picks by the route to ``peer`` (a UDP socket connected to it, on this link's
+        device if it has one: no datagram is sent), which for a client on a subnet of this
+        host is that subnet's address, the one its request was sent to. None where no route
+        leads to it. Asked only where a file's URLs name it (TftpServer.by_address), once a
+        rendered file: four system calls, not on an asset's path. (IP_PKTINFO on the
+        listener would tell the address the datagram was sent to, but costs a recvmsg's
+        ancillary data on every RRQ of every setup.)"""
+        if self.address[0] != "0.0.0.0":
+            return self.address[0]
+        probe = _socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            if self.iface:
+                probe.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, self._device)
+            probe.connect(peer)
+            local: str = probe.getsockname()[0]
+        except OSError:
+            return None
+        finally:
+            probe.close()
+        return local
+
     def _rehash(self, sock: _socket.socket) -> None:
         """A kept socket just connected to another client for a long transfer (see
         REHASH_ACKS), hashed anew by the kernel under its new 4-tuple: its device bound
@@ -1062,8 +1089,15 @@ class TftpServer:
         spare_idle: float = 5.0,
         single_port: bool = False,
         observer: TftpObserver | None = None,
+        by_address: bool = False,
     ) -> None:
         self._files = files
+        # The files' answers name the address a request came in on (Content.by_address: a
+        # host without a default route and no --advertise, whose base URL is 127.0.0.1, a
+        # device's own loopback): each lookup is given a way to ask it (_Link.local_for),
+        # asked only for a file rendered with URLs. Off (every other setup), an RRQ's only
+        # cost is this flag's test.
+        self.by_address = by_address
         self.observer = observer
         self.host = host
         self.port = port
@@ -1412,7 +1446,9 @@ class TftpServer:
             # Its first step run here (netboot.eager.first_step, as eager() runs it), the
             # blob taken as the coroutine's return value, not through a future made, set
             # and read again (and the loop asked for, a getpid system call) per request.
-            coro = self._files.tftp_open(path, peer)
+            coro = (self._files.tftp_open(path, peer) if not self.by_address else
+                    self._files.tftp_open(path, peer, functools.partial(
+                        self._links[iface].local_for, peer)))
             done, value = first_step(coro)
         except Exception as exc:
             self._opened_not(peer)

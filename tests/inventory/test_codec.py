@@ -79,6 +79,23 @@ def test_profile_to_dict_lists() -> None:
     assert d["initrds"] == ["a", "b"] and d["assets"] == [{"path": "a", "sha256": "00"}]
 
 
+def test_the_stored_text_of_a_profile_or_group_is_its_dict_and_what_a_read_refuses_is_refused(
+        ) -> None:
+    # profile_json/group_json: what sqlite.py's and postgres.py's puts store; a value its
+    # own read would refuse never reaches the database.
+    p = Profile(name="p", kernel="k", initrds=("a",), assets=(Asset("a", "00"),))
+    assert json.loads(codec.profile_json(p)) == codec.profile_to_dict(p)
+    assert codec.profile_from_dict(json.loads(codec.profile_json(p))) == p
+    g = Group(name="g", selector={"arch": ("x86_64",)}, profile="p")
+    assert json.loads(codec.group_json(g)) == codec.group_to_dict(g)
+    assert codec.group_from_dict(json.loads(codec.group_json(g))) == g
+    for refused, field in ((lambda: codec.profile_json(Profile(name="p", kernel="")), "kernel"),
+                           (lambda: codec.group_json(Group(name="")), "name")):
+        with pytest.raises(ValidationError) as err:
+            refused()
+        assert err.value.field == field
+
+
 @pytest.mark.parametrize(
     ("to_dict", "from_dict", "value"),
     [

@@ -6,12 +6,13 @@ import asyncio
 import collections
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from netboot import identity
 from netboot.errors import Conflict, NotFound, StateChanged, StoreError, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
@@ -53,6 +54,35 @@ def mid(m: str) -> str:
 
 def machine(m: str = MAC1, **kw: object) -> Machine:
     return Machine(macs=(MacAddress.parse(m),), id=mid(m), **kw)  # type: ignore[arg-type]
+
+
+def sighting_uuid(i: int) -> str:
+    return f"00000000-0000-4000-8000-0000000000{i:02x}"
+
+
+def keyed_fleet() -> list[Machine]:
+    """Four machines known by their MACs alone but the last (serial SN3): what
+    :func:`sightings` are learnt of, in test_sqlite.py's and test_postgres.py's tests of the
+    identifier rows a first DHCP sighting writes."""
+    return [Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:0{i}"),), hostname=f"k{i}",
+                    serial="SN3" if i == 3 else None) for i in range(4)]
+
+
+def sightings(fleet: list[Machine]) -> list[Machine]:
+    """:func:`keyed_fleet` after first sightings: UUIDs learnt (and a serial for the second),
+    the third's placeholder serial claims nothing, the last's serial changed."""
+    return [replace(fleet[0], uuid=sighting_uuid(0), updated=9.0),
+            replace(fleet[1], uuid=sighting_uuid(1), serial="SN1", updated=9.0),
+            replace(fleet[2], serial="To be filled by O.E.M.", updated=9.0),  # claims none
+            replace(fleet[3], uuid=sighting_uuid(3), serial="SN9", updated=9.0)]  # changed
+
+
+async def assert_found(store: Store, machines: Iterable[Machine]) -> None:
+    """Each of ``machines`` is read back as itself by its id and by every claim it holds."""
+    for m in machines:
+        assert await store.get_machine(m.id) == m
+        for kind, value in identity.claims(m):
+            assert await store.machine_by(kind, value) == m
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])

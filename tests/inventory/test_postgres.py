@@ -39,6 +39,8 @@ from netboot.model import (
 )
 from netboot.sealing import Sealer
 from tests import pg
+from tests.inventory import test_contract as contract
+from tests.inventory.test_view import loaded
 
 _R = TypeVar("_R")
 
@@ -310,10 +312,7 @@ async def test_own_commits_reach_the_view_without_a_read_back(
     a, b = two
     machines = [Machine(macs=(MacAddress.parse(f"02:00:00:00:03:0{i}"),), hostname=f"n{i}")
                 for i in range(2)]
-    for machine in machines:
-        await b.create_machine(machine)
-    view = InventoryView(b)
-    await view.load()
+    view = await loaded(b, *machines)
     mine = replace(machines[0], hostname="mine")
     await b.update_machine(mine)
     await read_back_shows(pg_dsn, mine.id)
@@ -339,10 +338,7 @@ async def test_a_sync_over_own_commits_and_another_servers_reads_only_the_others
     a, b = two
     machines = [Machine(macs=(MacAddress.parse(f"02:00:00:00:06:0{i}"),), hostname=f"n{i}")
                 for i in range(3)]
-    for machine in machines:
-        await b.create_machine(machine)
-    view = InventoryView(b)
-    await view.load()
+    view = await loaded(b, *machines)
     decoded: list[str] = []
     decode = b._machine
 
@@ -952,8 +948,7 @@ async def test_identifiers_only_added_insert_only_their_rows(
     store = PostgresStore(pg_dsn)
     await store.open()
     try:
-        fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:0{i}"),), hostname=f"k{i}",
-                         serial="SN3" if i == 3 else None) for i in range(4)]
+        fleet = contract.keyed_fleet()
         await store.apply_batch(Batch(create=fleet))
         sent: list[tuple[str, list[Any]]] = []
         for method in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
@@ -965,11 +960,8 @@ async def test_identifiers_only_added_insert_only_their_rows(
                 sent.append((query, list(args[0]) if _many else [args]))
                 return _real(self, query, *args, **kw)
             monkeypatch.setattr(asyncpg.Connection, method, counted)
-        uuid = "00000000-0000-4000-8000-0000000000{:02x}".format
-        seen = [replace(fleet[0], uuid=uuid(0), updated=9.0),
-                replace(fleet[1], uuid=uuid(1), serial="SN1", updated=9.0),
-                replace(fleet[2], serial="To be filled by O.E.M.", updated=9.0),  # claims none
-                replace(fleet[3], uuid=uuid(3), serial="SN9", updated=9.0)]  # changed
+        uuid = contract.sighting_uuid
+        seen = contract.sightings(fleet)
         await store.apply_batch(Batch(update=seen))
         monkeypatch.undo()
         deleted = [args for query, rows in sent if query.startswith("DELETE FROM machine_keys")
@@ -987,10 +979,7 @@ async def test_identifiers_only_added_insert_only_their_rows(
                 (m.id, k, v) for m in seen for k, v in claims(m))
         finally:
             await admin.close()
-        for m in seen:
-            assert await store.get_machine(m.id) == m
-            for kind, value in claims(m):
-                assert await store.machine_by(kind, value) == m
+        await contract.assert_found(store, seen)
         assert await store.machine_by("serial", "SN3") is None
     finally:
         await store.close()
@@ -2194,6 +2183,18 @@ async def test_a_listen_backend_the_server_ends_is_listened_again_and_the_view_r
         await _a_commit_wakes_the_view(a, view, "02:00:00:00:0b:02")
 
 
+@contextlib.asynccontextmanager
+async def _through_pgbouncer(request: pytest.FixtureRequest, mode: str, **kw: Any,
+                             ) -> AsyncIterator[tuple[pg.Cluster, str, Callable[[str], str]]]:
+    """A fresh database of the session's cluster and a pgbouncer in ``pool_mode = mode`` in
+    front of it (``kw``: pg.bouncing's other arguments): the cluster, the database's name,
+    and database name -> a DSN through the pooler."""
+    cluster: pg.Cluster = request.getfixturevalue("postgres")
+    async with pg.fresh_database(cluster) as database:
+        with pg.bouncing(cluster, mode, **kw) as through:
+            yield cluster, database, through
+
+
 async def test_through_pgbouncer_in_session_pooling_a_stuck_holder_is_found(
         request: pytest.FixtureRequest) -> None:
     """netboot through pgbouncer (pool_mode = session, the supported mode): the PID asyncpg
@@ -2204,31 +2205,29 @@ async def test_through_pgbouncer_in_session_pooling_a_stuck_holder_is_found(
     counted as other servers' (their notifications name the real backends). (Before: the
     check found none of the store's sessions: the write still waited after 20 s, health
     "ok"; and every own write counted twice.)"""
-    cluster: pg.Cluster = request.getfixturevalue("postgres")
-    async with pg.fresh_database(cluster) as database:
-        with pg.bouncing(cluster, "session") as through:
-            store = PostgresStore(through(database), peer=CHECKED)
-            await store.open()
-            holder = await asyncpg.connect(cluster.dsn(database))  # an operator's psql
-            try:
-                before = store.commits
-                await store.put_setting("k", "v")
-                await asyncio.sleep(0.3)  # its notification has come by now
-                assert store.commits == before + 1
-                await holder.execute("BEGIN")
-                await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
-                pid = holder.get_server_pid()
-                with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
-                    await _ended(store.put_setting("k", "w"))
-                stuck = store.stuck_writes()
-                assert stuck is not None and f"PID {pid}" in stuck
-                await holder.execute("ROLLBACK")
-                await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
-                await store.put_setting("k", "x")
-                assert await store.get_setting("k") == "x"
-            finally:
-                holder.terminate()
-                await store.close()
+    async with _through_pgbouncer(request, "session") as (cluster, database, through):
+        store = PostgresStore(through(database), peer=CHECKED)
+        await store.open()
+        holder = await asyncpg.connect(cluster.dsn(database))  # an operator's psql
+        try:
+            before = store.commits
+            await store.put_setting("k", "v")
+            await asyncio.sleep(0.3)  # its notification has come by now
+            assert store.commits == before + 1
+            await holder.execute("BEGIN")
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", postgres.WRITE_LOCK)
+            pid = holder.get_server_pid()
+            with pytest.raises(StoreError, match=f"held by the session of backend PID {pid}"):
+                await _ended(store.put_setting("k", "w"))
+            stuck = store.stuck_writes()
+            assert stuck is not None and f"PID {pid}" in stuck
+            await holder.execute("ROLLBACK")
+            await _within("writes no longer stuck", lambda: store.stuck_writes() is None)
+            await store.put_setting("k", "x")
+            assert await store.get_setting("k") == "x"
+        finally:
+            holder.terminate()
+            await store.close()
 
 
 async def _told_deaf_then_healthy_again(store: PostgresStore, dsn: str) -> None:
@@ -2254,26 +2253,24 @@ async def test_through_pgbouncer_switched_to_transaction_pooling_a_relisten_is_t
     come; once the pooler is back in session pooling, a new attempt listens and the store is
     healthy again. (Before: open() alone checked: the store listened, said nothing, and its
     view learnt other servers' commits only at its own syncs.)"""
-    cluster: pg.Cluster = request.getfixturevalue("postgres")
-    async with pg.fresh_database(cluster) as database:
-        with pg.bouncing(cluster, "session") as through:
-            dsn = through(database)
-            store = PostgresStore(dsn, peer=CHECKED)
-            await store.open()
-            admin = await asyncpg.connect(cluster.dsn(database))
-            try:
-                assert store.stuck_writes() is None
-                pg.repool(dsn, "transaction")
-                # By its PID: its query text is "LISTEN ..." only until the check's first
-                # SELECT 1 on it, a second after open here (s36-flaky).
-                ended = await admin.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = $1 AND pid = $2", database, store._notify_backend)
-                assert ended == 1
-                await _told_deaf_then_healthy_again(store, dsn)
-            finally:
-                await admin.close()
-                await store.close()
+    async with _through_pgbouncer(request, "session") as (cluster, database, through):
+        dsn = through(database)
+        store = PostgresStore(dsn, peer=CHECKED)
+        await store.open()
+        admin = await asyncpg.connect(cluster.dsn(database))
+        try:
+            assert store.stuck_writes() is None
+            pg.repool(dsn, "transaction")
+            # By its PID: its query text is "LISTEN ..." only until the check's first
+            # SELECT 1 on it, a second after open here (s36-flaky).
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid = $2", database, store._notify_backend)
+            assert ended == 1
+            await _told_deaf_then_healthy_again(store, dsn)
+        finally:
+            await admin.close()
+            await store.close()
 
 
 async def test_through_pgbouncer_reloaded_into_transaction_pooling_a_kept_listen_is_told(
@@ -2286,27 +2283,25 @@ async def test_through_pgbouncer_reloaded_into_transaction_pooling_a_kept_listen
     health names pool_mode = session; back in session pooling, it listens again. (Before:
     other servers' commits went unseen, the store listening and healthy, for as long as it
     was watched: "not told ... within 20.0 s".)"""
-    cluster: pg.Cluster = request.getfixturevalue("postgres")
-    async with pg.fresh_database(cluster) as database:
-        with pg.bouncing(cluster, "session") as through:
-            dsn = through(database)
-            store = PostgresStore(dsn, peer=CHECKED)
-            other = PostgresStore(cluster.dsn(database))
-            await store.open()
-            await other.open()
-            try:
-                before = store.commits
-                await other.put_setting("k", "1")
-                await _within("another server's commit heard", lambda: store.commits > before)
-                pg.repool(dsn, "transaction")
-                await _told_deaf_then_healthy_again(store, dsn)
-                before = store.commits
-                await other.put_setting("k", "2")
-                await _within("another server's commit heard again",
-                              lambda: store.commits > before)
-            finally:
-                await other.close()
-                await store.close()
+    async with _through_pgbouncer(request, "session") as (cluster, database, through):
+        dsn = through(database)
+        store = PostgresStore(dsn, peer=CHECKED)
+        other = PostgresStore(cluster.dsn(database))
+        await store.open()
+        await other.open()
+        try:
+            before = store.commits
+            await other.put_setting("k", "1")
+            await _within("another server's commit heard", lambda: store.commits > before)
+            pg.repool(dsn, "transaction")
+            await _told_deaf_then_healthy_again(store, dsn)
+            before = store.commits
+            await other.put_setting("k", "2")
+            await _within("another server's commit heard again",
+                          lambda: store.commits > before)
+        finally:
+            await other.close()
+            await store.close()
 
 
 @pytest.mark.parametrize(("mode", "settings"), [
@@ -2322,16 +2317,14 @@ async def test_through_pgbouncer_pooling_transactions_the_store_refuses_to_open(
     notified of goes to whoever uses it next, or nowhere. The store refuses to open, within
     connect_timeout, naming the setting. (Before: it opened, and no other server's commit
     ever woke its readers: its view learnt them only at its own syncs, nothing said.)"""
-    cluster: pg.Cluster = request.getfixturevalue("postgres")
-    async with pg.fresh_database(cluster) as database:
-        # Debian 12's 1.18 refuses to start with the setting ("unknown parameter"):
-        # tests/install-deps.sh builds a newer one from Debian 13's source.
-        with pg.bouncing(cluster, mode, settings=settings,
-                         at_least=(1, 21) if settings else None) as through:
-            store = PostgresStore(through(database), peer=QUICK)
-            with pytest.raises(StoreError, match="pool_mode = session"):
-                await _ended(store.open())
-            await store.close()
+    # Debian 12's 1.18 refuses to start with the setting ("unknown parameter"):
+    # tests/install-deps.sh builds a newer one from Debian 13's source.
+    async with _through_pgbouncer(request, mode, settings=settings,
+                                  at_least=(1, 21) if settings else None) as (_, database, through):
+        store = PostgresStore(through(database), peer=QUICK)
+        with pytest.raises(StoreError, match="pool_mode = session"):
+            await _ended(store.open())
+        await store.close()
 
 
 async def test_a_waiting_session_whose_backend_the_server_does_not_show_is_told_unknown(

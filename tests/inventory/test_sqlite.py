@@ -43,6 +43,7 @@ from netboot.model import (
     Scope,
 )
 from tests.held_store import held_writer, write_lock, writes_waiting
+from tests.inventory import test_contract as contract
 from tests.killed import killed_after
 
 MAC1 = "02:00:00:00:00:01"
@@ -802,16 +803,12 @@ async def test_identifiers_only_added_insert_only_their_rows(tmp_path: Path) -> 
     store = SqliteStore(tmp_path / "n.db")
     await store.open()
     try:
-        fleet = [Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:0{i}"),), hostname=f"k{i}",
-                         serial="SN3" if i == 3 else None) for i in range(4)]
+        fleet = contract.keyed_fleet()
         await store.apply_batch(Batch(create=fleet))
         statements: list[str] = []
         await store._run(lambda conn: conn.set_trace_callback(statements.append))
-        uuid = "00000000-0000-4000-8000-0000000000{:02x}".format
-        seen = [replace(fleet[0], uuid=uuid(0), updated=9.0),
-                replace(fleet[1], uuid=uuid(1), serial="SN1", updated=9.0),
-                replace(fleet[2], serial="To be filled by O.E.M.", updated=9.0),  # claims none
-                replace(fleet[3], uuid=uuid(3), serial="SN9", updated=9.0)]  # changed
+        uuid = contract.sighting_uuid
+        seen = contract.sightings(fleet)
         await store.apply_batch(Batch(update=seen))
         await store._run(lambda conn: conn.set_trace_callback(None))
         assert [s for s in statements if s.startswith("DELETE FROM machine_keys")] == [
@@ -827,10 +824,7 @@ async def test_identifiers_only_added_insert_only_their_rows(tmp_path: Path) -> 
         with raw(tmp_path / "n.db") as conn:
             assert sorted(conn.execute("SELECT machine, kind, value FROM machine_keys")) == sorted(
                 (m.id, k, v) for m in seen for k, v in claims(m))
-        for m in seen:
-            assert await store.get_machine(m.id) == m
-            for kind, value in claims(m):
-                assert await store.machine_by(kind, value) == m
+        await contract.assert_found(store, seen)
         assert await store.machine_by("serial", "SN3") is None
     finally:
         await store.close()
@@ -887,8 +881,6 @@ async def test_bulk_batch_in_chunks_all_or_nothing(tmp_path: Path,
                                                    bad: int) -> None:
     # A bulk batch is staged BULK_CHUNK machines at a time: a bad row in a later chunk still
     # undoes the earlier ones, is named as with one chunk, and a good batch reads back.
-    from tests.inventory import test_contract as contract
-
     monkeypatch.setattr(sqlite_store, "BULK_CHUNK", 128)
     store = SqliteStore(tmp_path / "chunks.db")
     await store.open()
@@ -917,8 +909,6 @@ async def test_a_bulk_import_commits_without_its_checkpoint_which_follows_on_its
     # the checkpoint runs afterwards on a thread of its own and leaves nothing behind, and the
     # writer's settings are back to its own for the commits that follow (no autocheckpoint
     # inside a commit: the store's, after it, test_checkpoints_follow_the_commits).
-    from tests.inventory import test_contract as contract
-
     path = tmp_path / "bulk.db"
     store = SqliteStore(path)
     await store.open()
@@ -953,8 +943,6 @@ async def test_a_bulk_import_commits_without_its_checkpoint_which_follows_on_its
 
 
 async def test_a_failed_bulk_import_schedules_no_checkpoint(tmp_path: Path) -> None:
-    from tests.inventory import test_contract as contract
-
     store = SqliteStore(tmp_path / "bulk.db")
     await store.open()
     try:
@@ -1055,10 +1043,7 @@ def test_updates_write_what_changed_and_read_back_exactly(tmp_path_factory: pyte
                         await store.apply_batch(Batch(update=(u,)))
                 else:
                     await store.apply_batch(Batch(update=updates))
-                for m in now:
-                    assert await store.get_machine(m.id) == m
-                    for kind, value in claims(m):
-                        assert await store.machine_by(kind, value) == m
+                await contract.assert_found(store, now)
                 with raw(path) as conn:
                     assert sorted(conn.execute("SELECT machine, key, value FROM machine_labels")
                                   ) == sorted((m.id, k, v) for m in now

@@ -149,6 +149,16 @@ def boot_on(store: Store, tmp_path: Path) -> BootService:
                        Enroller(store))
 
 
+async def loaded(store: Store, *machines: Machine) -> InventoryView:
+    """A view loaded over ``store`` once ``machines`` are created there: the setup of the
+    tests of a view over its own process's commits, here and in test_postgres.py."""
+    for machine in machines:
+        await store.create_machine(machine)
+    view = InventoryView(store)
+    await view.load()
+    return view
+
+
 async def test_view_equals_a_fresh_read_after_every_write(
         stores: tuple[SqliteStore, SqliteStore, Path], tmp_path: Path) -> None:
     own, other, data = stores
@@ -390,9 +400,7 @@ async def test_a_mac_in_any_spelling_finds_its_machine_and_a_bad_one_is_refused(
     refuses it."""
     own, _, _ = stores
     machine = Machine(macs=(MacAddress.parse("02:ab:00:00:00:01"),), hostname="n")
-    await own.create_machine(machine)
-    view = InventoryView(own)
-    await view.load()
+    view = await loaded(own, machine)
     for spelling in ("02:ab:00:00:00:01", "02:AB:00:00:00:01", "02-ab-00-00-00-01",
                      "02ab.0000.0001", "02ab00000001", " 02:ab:00:00:00:01 ",
                      "01-02-ab-00-00-00-01"):
@@ -415,10 +423,7 @@ async def test_own_commits_are_seen_at_once_without_reading_them_back(
     db = data / "netboot.db"
     machines = [Machine(macs=(MacAddress.parse(mac),), hostname=f"n{i}", profile="p")
                 for i, mac in enumerate(MACS[:3])]
-    for machine in machines:
-        await own.create_machine(machine)
-    view = InventoryView(own)
-    await view.load()
+    view = await loaded(own, *machines)
 
     mine = replace(machines[0], hostname="mine", facts={"cpus": "4"})
     await own.apply_batch(Batch(update=(mine,), events=(Event(mine.id, 1.0, "note", "x"),)))
@@ -470,10 +475,7 @@ async def test_a_sync_over_own_commits_and_anothers_reads_only_the_others(
     db = data / "netboot.db"
     machines = [Machine(macs=(MacAddress.parse(mac),), hostname=f"n{i}", profile="p")
                 for i, mac in enumerate(MACS[:4])]
-    for machine in machines:
-        await own.create_machine(machine)
-    view = InventoryView(own)
-    await view.load()
+    view = await loaded(own, *machines)
     opened: list[str] = []
     open_machine = own._sealed.open_machine
 
@@ -521,9 +523,7 @@ async def test_an_own_commit_with_a_sealed_token_reaches_the_view_in_clear(
     await store.open()
     try:
         machine = Machine(macs=(MacAddress.parse(MACS[0]),), hostname="n0")
-        await store.create_machine(machine)
-        view = InventoryView(store)
-        await view.load()
+        view = await loaded(store, machine)
         for given in (replace(machine, install_token="tok-1"),  # in stored form
                       replace(machine, install_token="tok-2", created=1)):  # an int time
             await store.update_machine(given)
@@ -933,9 +933,7 @@ async def test_a_committed_machine_adopted_after_the_feed_read_it_back_is_the_on
     without reading the machine's newest events back (Recorder.note's version)."""
     store, other, _ = stores
     machine = Machine(macs=(MacAddress.parse(MACS[0]),), profile="p")
-    await store.create_machine(machine)
-    view = InventoryView(store)
-    await view.load()
+    view = await loaded(store, machine)
     installing = replace(await view.get_machine(machine.id), state=MachineState.INSTALLING,
                          updated=123.0, facts={"install_peer": "192.0.2.7"})
     await other.apply_batch(Batch(update=(installing,)))  # read back, not known as our own
@@ -959,9 +957,7 @@ async def test_a_commit_adopted_after_the_feed_brought_a_newer_version_keeps_the
     machine neither the one the commit was made from nor the committed one came after it."""
     store, other, _ = stores
     machine = Machine(macs=(MacAddress.parse(MACS[0]),), profile="p", updated=1.0)
-    await store.create_machine(machine)
-    view = InventoryView(store)
-    await view.load()
+    view = await loaded(store, machine)
     read = await view.get_machine(machine.id)
     assert read is not None
     ours = replace(read, state=MachineState.BOOTING, token_hash="ab" * 32, updated=2.0)
@@ -994,9 +990,7 @@ async def test_a_machine_the_feed_brings_back_unchanged_keeps_the_object_held(
     (model.equal) and took the copy."""
     store, other, _ = stores
     machine = Machine(macs=(MacAddress.parse(MACS[0]),), profile="p")
-    await store.create_machine(machine)
-    view = InventoryView(store)
-    await view.load()
+    view = await loaded(store, machine)
     held = await view.get_machine(machine.id)
     await other.apply_batch(Batch(update=(replace(held, profile="q"),)))
     await other.apply_batch(Batch(update=(held,)))

@@ -2473,3 +2473,34 @@ async def test_a_lone_windowed_transfer_busy_waits_for_its_next_ack(
     finally:
         tick.cancel()
         await server.close()
+
+
+class _AskingFiles(DirFiles):
+    """DirFiles that asks ``local`` (TftpServer's by_address) for every file, as Content does
+    for a rendered one, and keeps what it was told."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.told: list[str | None] = []
+
+    async def tftp_open(self, path: str, peer: tuple[str, int],
+                        local: Callable[[], str | None] | None = None) -> Blob:
+        self.told.append(local() if local is not None else "not asked")
+        return await super().tftp_open(path, peer)
+
+
+@pytest.mark.parametrize("by_address", [False, True])
+async def test_a_lookup_is_told_the_address_reached_only_where_the_files_answer_by_it(
+        root: Path, client: RawClient, by_address: bool) -> None:
+    """With ``by_address`` (the base URL is loopback: Content.at) the lookup may ask the
+    address the request came in on: the listener's own where it is bound to one (else the
+    route's source to the client: tests/test_service_reached_netns.py). Without, it is
+    given nothing to ask (every other setup: an RRQ's cost unchanged)."""
+    files = _AskingFiles(root)
+    server = await started(files, by_address=by_address)
+    try:
+        got = await fetch(client, addr(server), "small.bin")
+    finally:
+        await server.close()
+    assert got.data == (root / "small.bin").read_bytes()
+    assert files.told == (["127.0.0.1"] if by_address else ["not asked"])

@@ -313,3 +313,44 @@ async def test_a_slow_list_is_not_asked_again_while_it_is_answering(
     await asyncio.sleep(2.0)
     assert asked[0] >= 2  # it did reload
     assert most[0] == 1, most[0]
+# Markup a stranger sends as text: it must be shown as these characters, never run.
+MARKUP = ('<img src=x onerror="window.__ran=1">', "<script>window.__ran=2</script>",
+          '"><svg onload="window.__ran=3">')
+
+
+async def test_a_strangers_markup_is_shown_as_text_and_never_run(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """A firmware string of a boot request (anyone's), an installer's event message and the
+    hostname it registers with reach the machine list, the discovered queue, the timeline
+    and the live feed: shown as text, none of it run, the page's policy untouched
+    (s36-attack: read in app.js, every inventory string set as textContent, and held here)."""
+    env = await make_env(HOLD)
+    await env.seed()
+    page = await logged_in(browser, env, shots)
+    await boot(env, "52-54-00-aa-00-07", serial=MARKUP[0], product=MARKUP[2])
+    await page.click("nav a[data-nav=discovered]")
+    await expect(page.locator("table.machines tbody")).to_contain_text(MARKUP[0])
+    await shots(page, "discovered-markup")
+    r = await call(env, "POST", "/api/v1/machines/52:54:00:aa:00:07/approve",
+                   json_body={"cluster": "edge", "role": "agent", "profile": "k3os"})
+    assert r.status == 200, r.text
+    token = install_token(await boot(env, "52-54-00-aa-00-07"))
+    r = await call(env, "POST", "/api/v1/machines/52:54:00:aa:00:07/events", admin=False,
+                   json_body={"kind": "progress", "message": MARKUP[1]},
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 201, r.text
+    await page.click("nav a[data-nav=machines]")
+    row = page.locator("table.machines tbody tr", has_text="52:54:00:aa:00:07")
+    await expect(row).to_contain_text(MARKUP[1])  # the last event's column, live
+    r = await call(env, "POST", "/api/v1/register", admin=False,
+                   json_body={"mac": "52:54:00:aa:00:07", "token": token,
+                              "hostname": MARKUP[2], "addresses": ["192.0.2.78"]})
+    assert r.status == 200, r.text
+    await row.click()
+    timeline = page.locator("ol.timeline")
+    await expect(timeline).to_contain_text(MARKUP[1])
+    await expect(timeline).to_contain_text(f"as {MARKUP[2]}")
+    await expect(page.locator("dl.fields")).to_contain_text(MARKUP[0])
+    await shots(page, "machine-markup")
+    assert await page.evaluate("window.__ran") is None
+    assert await page.locator("#view img, #view script, #view svg").count() == 0

@@ -241,7 +241,9 @@ function machinesView(root) {
       ...names.map((n) => h("option", {value: n, selected: n === current}, n)));
   }
 
+  let asked = 0; // the newest page asked for: an older answer that comes later is dropped
   async function loadPage() {
+    const mine = ++asked;
     const params = new URLSearchParams({limit: PAGE, offset: query.offset, sort: query.sort,
       order: query.order, last_event: "1"});
     for (const k of ["state", "cluster"]) if (query[k]) params.set(k, query[k]);
@@ -251,6 +253,9 @@ function machinesView(root) {
     else if (query.q) params.set("q", query.q);
     if (query.still) params.set("unchanged_for", query.still);
     const {data} = await api("GET", `/machines?${params}`);
+    // Two filters changed in a row ask two pages at once; the first (a bigger page, one
+    // event read per row) can answer last and showed the filter no longer asked for.
+    if (mine !== asked) return;
     tbody.replaceChildren(...data.items.map((m) => {
       const last = m.last_event;
       return h("tr", {dataset: {id: m.id},
