@@ -486,6 +486,11 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._notify: asyncpg.Connection | None = None
+        # The last LISTEN connection's backend PID, as the server says (server_keepalives'
+        # last column): what pg_stat_activity names it by. Not get_server_pid(): behind a
+        # pooler that is the pooler's own number; not its query text either, which is
+        # "LISTEN ..." only until the check's first SELECT 1 on it (s36-flaky).
+        self._notify_backend = 0
         # Set when the LISTEN connection closes (its peer was lost: the kernel gave it up,
         # the server ended it); the task that listens again waits for it.
         self._notify_lost = asyncio.Event()
@@ -920,13 +925,13 @@ class PostgresStore:
             # vanished netboot for its kernel's two hours of keepalive, or ~15 minutes of
             # retransmissions once notifications were sent to it (s34-pg).
             async with asyncio.timeout(self._peer.connect_timeout):
-                await conn.fetchrow(*server_keepalives(self._peer))
+                backend = (await conn.fetchrow(*server_keepalives(self._peer)))[-1]
                 await conn.add_listener(CHANNEL, self._notified)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             if conn is not None:
                 conn.terminate()  # not left open, in whatever state the failure left it
             raise StoreError(f"inventory {self.name}: cannot LISTEN: {reason(exc)}") from exc
-        self._notify = conn
+        self._notify, self._notify_backend = conn, backend
         self._heard = time.monotonic()
         self._notify_lost.clear()
         self._silence = None  # it answered a connect and a LISTEN

@@ -101,6 +101,9 @@ class InventoryView:
         # leave it (a storm's discovered records, an install wave's registrations).
         self.rules = 0
         self.loaded = False  # True: every machine is here, a miss is an answer
+        # A load's feed position and what it puts in place, for the next sync to read the
+        # feed from there and put it in place as it applies that read (load()).
+        self._rewind: tuple[int, Callable[[], None]] | None = None
         # Identifiers to read through (the view not loaded), asked since the read under way
         # began: (kind, view key) -> the claim as the store takes it; the future the next
         # read answers them all by, and the task that reads (_read_asked).
@@ -134,9 +137,10 @@ class InventoryView:
         """Read the whole inventory into the view; afterwards nothing is read on a miss.
 
         Consistent without a lock on the store: the reads are taken after a feed position
-        ``start``, and once they are in place the view rewinds to ``start`` and syncs, which
-        applies again every change committed since (as it is now). Whatever the reads saw
-        that changed later is replaced, whatever did not change they saw as it is.
+        ``start``, and they are put in place by a sync that reads the feed from ``start``
+        again, in the turn it applies that read, which applies again every change committed
+        since (as it is now). Whatever the reads saw that changed later is replaced, whatever
+        did not change they saw as it is.
 
         By pages in id order, not one listing: the store reads on one thread (SQLite) or a
         small pool (PostgreSQL), and a decision that read through to it while the view
@@ -168,31 +172,44 @@ class InventoryView:
                 await asyncio.shield(self._syncing)
             if clears != self._clears:
                 continue  # history was pruned meanwhile: ``start`` means nothing now
-            # Every machine is held now, as of ``start`` or later; what only a loaded view
-            # keeps of all of them (every cluster's servers, the machines without a NIC, the
-            # counts by cluster and state):
-            servers: dict[str, dict[str, Machine]] = {}
-            no_mac: set[str] = set()
-            counts: dict[tuple[str | None, MachineState], int] = {}
-            for machine in self._machines.values():
-                if machine is not None:
-                    if machine.cluster is not None and _running_server(machine):
-                        servers.setdefault(machine.cluster, {})[machine.id] = machine
-                    if not machine.macs:
-                        no_mac.add(machine.id)
-                    pair = (machine.cluster, machine.state)
-                    counts[pair] = counts.get(pair, 0) + 1
-            self._servers, self._no_mac, self._counts = servers, no_mac, counts
-            self._profiles = {p.name: p for p in profiles}
-            self._clusters = {c.name: c for c in clusters}
-            self._groups = {g.name: g for g in groups}
-            self._group_list = None
-            self._seq = start
-            self.loaded = True
-            self._applied += 1
-            self.shared += 1
-            self.rules += 1
-            await self.sync()
+
+            def install(start: int = start, profiles: list[Profile] = profiles,
+                        clusters: list[Cluster] = clusters, groups: list[Group] = groups,
+                        ) -> None:
+                # Every machine is held now, as of ``start`` or later; what only a loaded
+                # view keeps of all of them (every cluster's servers, the machines without a
+                # NIC, the counts by cluster and state):
+                servers: dict[str, dict[str, Machine]] = {}
+                no_mac: set[str] = set()
+                counts: dict[tuple[str | None, MachineState], int] = {}
+                for machine in self._machines.values():
+                    if machine is not None:
+                        if machine.cluster is not None and _running_server(machine):
+                            servers.setdefault(machine.cluster, {})[machine.id] = machine
+                        if not machine.macs:
+                            no_mac.add(machine.id)
+                        pair = (machine.cluster, machine.state)
+                        counts[pair] = counts.get(pair, 0) + 1
+                self._servers, self._no_mac, self._counts = servers, no_mac, counts
+                self._profiles = {p.name: p for p in profiles}
+                self._clusters = {c.name: c for c in clusters}
+                self._groups = {g.name: g for g in groups}
+                self._group_list = None
+                self._seq = start
+                self.loaded = True
+                self._applied += 1
+                self.shared += 1
+                self.rules += 1
+
+            # Put in place by the sync that reads the feed from ``start`` again, in the
+            # same turn as it applies that read (catch_up), never before: the lists were
+            # read as of ``start`` or later, and a sync meanwhile (a decision's) may have
+            # moved the view past a profile, cluster or group change that the view, holding
+            # none of them then, did not keep. Put in place before the read, they were what
+            # the view answered without a sync while that read was under way: a first /ipxe
+            # at start-up was held "no profile" for a profile committed before it (s36-flaky).
+            self._rewind = (start, install)
+            await self.catch_up()
             if self.loaded:
                 # What the load's reads and the first sync's pruning of the feed left in the
                 # store's caches (a first start after a bulk import: the writer's full
@@ -225,7 +242,7 @@ class InventoryView:
         wait: :meth:`sync`'s first step, which then has nothing to apply (True leaves the
         view as that sync would). False: call :meth:`sync`. Every boot decision asks this
         first, where the store can tell (SQLite's shared probe): no coroutine made for it."""
-        if self._syncing is None and self._settled is not None \
+        if self._syncing is None and self._rewind is None and self._settled is not None \
                 and self._settled.settled(self._seq):
             # Nothing committed since the last sync, by anyone (one read of the WAL index
             # in shared memory): nothing to apply, no round trip, no future to share.
@@ -249,8 +266,14 @@ class InventoryView:
                 loop = asyncio.get_running_loop()
                 self._syncing = loop.create_future()
                 began = None if self._local is None else (self._local.commits, loop.time())
+                rewind = self._rewind
                 try:
-                    self._apply(await self._store.changes_since(self._seq))
+                    changes = await self._store.changes_since(
+                        self._seq if rewind is None else rewind[0])
+                    if rewind is not None:
+                        self._rewind = None
+                        rewind[1]()  # a load's lists, as of its start: load()
+                    self._apply(changes)
                     self._synced = began
                 except asyncio.CancelledError:
                     # The caller that ran this sync was cancelled (its own deadline: a DHCP

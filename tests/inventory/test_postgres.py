@@ -2261,9 +2261,11 @@ async def test_through_pgbouncer_switched_to_transaction_pooling_a_relisten_is_t
         try:
             assert store.stuck_writes() is None
             pg.repool(dsn, "transaction")
+            # By its PID: its query text is "LISTEN ..." only until the check's first
+            # SELECT 1 on it, a second after open here (s36-flaky).
             ended = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = $1 AND query LIKE 'LISTEN%'", database)
+                "WHERE datname = $1 AND pid = $2", database, store._notify_backend)
             assert ended == 1
             await _told_deaf_then_healthy_again(store, dsn)
         finally:

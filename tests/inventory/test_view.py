@@ -31,7 +31,7 @@ from netboot.errors import StoreError, ValidationError
 from netboot.files import FileTree
 from netboot.identity import UNSEEN, claims, request_for
 from netboot.inventory import view as view_module
-from netboot.inventory.base import Batch, MachineFilter, Store
+from netboot.inventory.base import Batch, Changes, MachineFilter, Store
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
 from netboot.model import (
@@ -611,6 +611,51 @@ async def test_what_the_view_holds_answers_at_once_and_only_the_store_tells_the_
     await view.load()
     assert view.held_servers("edge") == []
     assert view.held_machine("m-000000000001") is None
+
+
+async def test_a_loads_lists_are_not_answered_before_the_feed_is_read_again_from_its_start(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load listed the profiles, then a profile was committed and a decision's sync moved
+    the view past it (the view, holding no profiles yet, kept nothing of it). While the
+    load's sync reads the feed again from the load's start, the profile is found (read
+    through). Before (s36-flaky): the load's list was put in place, and the view called
+    loaded, before that read: a first /ipxe at start-up, at load 8-16, was held "no profile"
+    for a profile committed before it, until the read was applied."""
+    own, _other, _data = stores
+    view = InventoryView(own)
+    real_list, real_changes = own.list_profiles, own.changes_since
+    listed, go_on = asyncio.Event(), asyncio.Event()
+
+    async def listed_before_the_commit() -> list[Profile]:
+        profiles = await real_list()
+        if not listed.is_set():  # the load's: returned once the profile is committed
+            listed.set()
+            await go_on.wait()
+        return profiles
+
+    monkeypatch.setattr(own, "list_profiles", listed_before_the_commit)
+    loading = asyncio.ensure_future(view.load())
+    await asyncio.wait_for(listed.wait(), 20)
+    profile = Profile(name="p", kernel="k1")
+    await own.put_profile(profile)
+    await view.sync()  # a decision's: past the profile's commit
+    reading, read = asyncio.Event(), asyncio.Event()
+
+    async def read_again(seq: int) -> Changes:
+        reading.set()
+        await read.wait()  # the load's read from its start, under way while looked at
+        return await real_changes(seq)
+
+    monkeypatch.setattr(own, "changes_since", read_again)
+    go_on.set()
+    try:
+        await asyncio.wait_for(reading.wait(), 20)
+        assert await view.get_profile("p") == profile  # base: None, the load's list
+    finally:
+        read.set()
+        await asyncio.wait_for(loading, 20)
+    assert view.loaded and view.held_settings() is not None
+    assert await view.get_profile("p") == profile
 
 
 async def test_while_loading_the_machines_read_so_far_answer_without_the_store(
