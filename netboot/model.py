@@ -962,7 +962,7 @@ def reached_url(url: str, local: str | None) -> str:
     redirect where the URL is a page's)."""
     if local is None:
         return url
-    address = _ip(local)
+    address = parse_ip(local)
     if address is None or address.is_loopback or address.is_unspecified:
         return url
     if not loopback_url(url):
@@ -977,14 +977,15 @@ def loopback_url(url: str) -> bool:
     host = urlsplit(url).hostname
     if host is None:
         return False
-    named = _ip(host)
+    named = parse_ip(host)
     return host.lower() == "localhost" if named is None else named.is_loopback
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address of a transport or a URL's host (IPv4-mapped IPv6 as IPv4), or None."""
+def parse_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address of a transport or a URL's host (its scope dropped, IPv4-mapped IPv6 as
+    IPv4), or None."""
     try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
+        address = ipaddress.ip_address((text or "").split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

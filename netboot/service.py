@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import faulthandler
 import gc
-import ipaddress
 import logging
 import os
 import signal
@@ -47,7 +46,7 @@ from netboot.inventory.base import (
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
-from netboot.model import Scope, reached_url
+from netboot.model import Scope, parse_ip, reached_url
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
 from netboot.sealing import Sealer, read_key, write_key
@@ -435,10 +434,8 @@ def reached_at(config: Config, advertise: str) -> list[tuple[str, str]]:
 
 
 def _loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+    parsed = parse_ip(address)
+    return parsed is not None and parsed.is_loopback
 
 
 def default_route_interface(route_table: str = "/proc/net/route") -> str | None:

@@ -18,7 +18,6 @@ import contextlib
 import contextvars
 import fcntl
 import functools
-import ipaddress
 import json
 import logging
 import math
@@ -70,6 +69,7 @@ from netboot.model import (
     MacAddress,
     boot_request_of_values,
     normalise_uuid,
+    parse_ip,
     reached_url,
 )
 from netboot.servers.fasthttp import (
@@ -874,17 +874,6 @@ def sockname_host(transport: asyncio.BaseTransport) -> str | None:
     return str(sockname[0]) if isinstance(sockname, tuple) and sockname else None
 
 
-def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address of a transport (IPv4-mapped IPv6 as IPv4), or None."""
-    try:
-        address = ipaddress.ip_address((text or "").split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 @dataclass
 class PlainHttp:
     """What the plain HTTP listener serves to whom (``http.plain_api``).
@@ -921,7 +910,7 @@ class PlainHttp:
             return True
         if self.mode == "refuse":
             return False
-        address = _address(request.remote)
+        address = parse_ip(request.remote)
         if address is None:
             return False  # a Unix socket or an unknown transport: not known to be this host
         if address.is_loopback:
@@ -929,9 +918,7 @@ class PlainHttp:
         # A connection from this host to its own address (the CLI told http.listen's
         # address): the peer is the address it reached. No other host can open one: Linux
         # drops a packet from outside whose source is a local address ("martian source").
-        transport = request.transport
-        sockname = transport.get_extra_info("sockname") if transport is not None else None
-        return isinstance(sockname, tuple) and _address(str(sockname[0])) == address
+        return parse_ip(local_address(request)) == address
 
     def credential(self, request: web.Request, plain_route: bool) -> str | None:
         """What credential the request carries, by its form only (never looked up)."""
