@@ -424,7 +424,10 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
 
     path = Path(args.file)
     fmt = args.format or path.suffix.lstrip(".").lower() or "csv"
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = _import_text(path)
+    except ValidationError as exc:
+        return _file_error(path, exc)
     # A CSV file is read as the import goes (its lines count its rows, near enough for a
     # progress bar); YAML and JSON are parsed whole anyway.
     rows: Iterable[tuple[int, dict[str, Any]]]
@@ -465,6 +468,25 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             n = len(report.errors)
             print(f"{n} bad row{'' if n == 1 else 's'}: nothing was imported", file=sys.stderr)
     return 1 if report.errors else 0
+
+
+def _import_text(path: Path) -> str:
+    """An import file's text. A spreadsheet's "CSV UTF-8" export starts with a byte-order
+    mark, which would otherwise be part of the first column's name (every row then "unknown
+    column '\ufeffmac'"); ``POST /api/v1/machines:import`` reads its body the same way. A file
+    that cannot be read, or is not UTF-8 (a spreadsheet's plain "CSV" on Windows is
+    cp1252), is told as the file's error, not a traceback."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValidationError("file", f"cannot read it: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ValidationError(
+            "file", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8 (a "
+            "spreadsheet's \"CSV UTF-8\")", line=line) from None
 
 
 def _file_error(path: Path, exc: ValidationError) -> int:

@@ -192,6 +192,28 @@ def test_import_names_a_whole_file_error_by_file_and_line(
     assert "unicode string" not in err and "netboot: file" not in err
 
 
+def test_import_reads_a_spreadsheets_file_and_names_one_it_cannot(
+        cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A spreadsheet's "CSV UTF-8" export: a byte-order mark and CRLF line ends. The mark was
+    # read as part of the first column's name, so every row was "unknown column '\ufeffmac'".
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_bytes("\ufeffmac,hostname\r\n5254.00aa.0001,cafe-1\r\n".encode())
+    rc, out, err = run(capsys, "import", str(fleet), "--config", cfg)
+    assert (rc, err) == (0, "") and "1 were created" in out
+    rc, out, _ = run(capsys, "machines", "show", "52:54:00:aa:00:01", "--json", "--config", cfg)
+    assert json.loads(out)["hostname"] == "cafe-1"
+    # What cannot be read is the file's error (FILE[:LINE]: ..., exit 2), not a traceback.
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"mac,hostname\n52:54:00:aa:00:02,caf\xe9\n")
+    cases = [(latin, f"{latin}:2: not UTF-8 text (byte 0xe9); save it as UTF-8 "
+                     "(a spreadsheet's \"CSV UTF-8\")\n"),
+             (tmp_path / "missing.csv",
+              f"{tmp_path / 'missing.csv'}: cannot read it: No such file or directory\n"),
+             (tmp_path, f"{tmp_path}: cannot read it: Is a directory\n")]
+    for path, message in cases:
+        assert run(capsys, "import", str(path), "--config", cfg)[::2] == (2, message)
+
+
 def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import hashlib
 
