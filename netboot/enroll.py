@@ -370,8 +370,9 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
             clean["labels"] = bad_labels  # named before extra values on its line, as before
             yield reader.line_num, clean
             continue
-        # After the row's own cells, as csv.DictReader files extra values last.
-        if len(row) > width:
+        # After the row's own cells, as csv.DictReader files extra values last. Empty ones
+        # are no values: a spreadsheet's export or a hand-edited row ending in a comma.
+        if len(row) > width and any(cell.strip() for cell in row[width:]):
             raise ValidationError("file", "more values than header columns",
                                   line=reader.line_num)
         if labels:

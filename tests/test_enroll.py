@@ -185,6 +185,23 @@ def test_csv_cells_are_read_by_their_header() -> None:
         parse_import("", "csv")
 
 
+def test_a_rows_trailing_commas_are_no_values() -> None:
+    # A row ending in a comma (typed by hand, or a spreadsheet's empty trailing columns)
+    # stopped the whole import: "line 3: more values than header columns".
+    text = ("mac,hostname,labels\r\n"
+            "52:54:00:00:00:01,a,rack=r1\r\n"
+            "52:54:00:00:00:02,b,rack=r2,\r\n"
+            "52:54:00:00:00:03,c,, ,,\r\n")
+    assert parse_import(text, "csv") == [
+        (2, {"mac": "52:54:00:00:00:01", "hostname": "a", "labels": {"rack": "r1"}}),
+        (3, {"mac": "52:54:00:00:00:02", "hostname": "b", "labels": {"rack": "r2"}}),
+        (4, {"mac": "52:54:00:00:00:03", "hostname": "c"}),
+    ]
+    # A value past the header is still the file's error: it is a column nobody named.
+    with pytest.raises(ValidationError, match="line 3: more values than header columns"):
+        parse_import(text.replace("rack=r2,", "rack=r2,r3"), "csv")
+
+
 async def test_streamed_csv_import_writes_nothing_when_the_file_breaks_late(
         store) -> None:  # type: ignore[no-untyped-def]
     # Rows are read as the import goes: a malformed line after good ones still stops the
