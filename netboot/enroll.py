@@ -405,8 +405,7 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
             # 52:54:00:00:00:01 as a base-60 integer and lose the MAC.
             node = yaml.compose(text, Loader=yaml.BaseLoader)
             data = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader is safe
-            lines = ([n.start_mark.line + 1 for n in node.value]
-                     if isinstance(node, yaml.SequenceNode) else None)
+            lines = _yaml_item_lines(node)
     except json.JSONDecodeError as exc:
         raise caused(ValidationError("file", f"cannot parse json: {exc.msg} (column "
                                      f"{exc.colno})", line=exc.lineno), exc) from exc
@@ -416,7 +415,6 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
         raise caused(ValidationError("file", f"cannot parse {fmt}: {exc}"), exc) from exc
     if isinstance(data, dict) and "machines" in data:
         data = data["machines"]
-        lines = None
     if not isinstance(data, list):
         raise ValidationError("file", "expected a list of machines (or {machines: [...]})")
     out = []
@@ -429,6 +427,20 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
             raise ValidationError("file", f"row {line}: expected a mapping")
         out.append((line, item))
     return out
+
+
+def _yaml_item_lines(node: yaml.Node | None) -> list[int] | None:
+    """The line each machine of a YAML file starts on: the items of the list at its top,
+    or of its ``machines:`` key (the form the error for a lone mapping suggests, whose rows
+    were numbered 1, 2, 3 and printed as the file's lines 1, 2, 3)."""
+    if isinstance(node, yaml.MappingNode):
+        # The last, as the loaded mapping keeps a key given twice.
+        found = [value for key, value in node.value
+                 if isinstance(key, yaml.ScalarNode) and key.value == "machines"]
+        node = found[-1] if found else None
+    if isinstance(node, yaml.SequenceNode):
+        return [n.start_mark.line + 1 for n in node.value]
+    return None
 
 
 def _yaml_error(exc: yaml.MarkedYAMLError, text: str) -> ValidationError:

@@ -185,6 +185,23 @@ def test_csv_cells_are_read_by_their_header() -> None:
         parse_import("", "csv")
 
 
+def test_a_yaml_files_machines_key_numbers_its_rows_by_their_lines() -> None:
+    # The {machines: [...]} form numbered its rows 1, 2, 3, printed as the file's lines
+    # ("fleet.yaml:3: mac: duplicate of line 2" for the machines on lines 9 and 5).
+    text = ("# the rack\r\n"
+            "machines:\r\n"
+            "  - mac: 52:54:00:aa:00:01\r\n"
+            "    hostname: srv-1\r\n"
+            "  - mac: 5254.00aa.0002\r\n"
+            "\r\n"
+            "    hostname: srv-2\r\n"
+            "  - {mac: 52:54:00:aa:00:03, hostname: srv-3,}\r\n")
+    assert [line for line, _ in parse_import(text, "yaml")] == [3, 5, 8]
+    assert [line for line, _ in parse_import("\ufeff" + text, "yaml")] == [3, 5, 8]
+    assert [line for line, _ in parse_import("- mac: 52:54:00:aa:00:01\n\n- mac: "
+                                             "52:54:00:aa:00:02\n", "yaml")] == [1, 3]
+
+
 def test_a_rows_trailing_commas_are_no_values() -> None:
     # A row ending in a comma (typed by hand, or a spreadsheet's empty trailing columns)
     # stopped the whole import: "line 3: more values than header columns".
