@@ -400,7 +400,10 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
         data: dict[str, Any] = {"name": args.name}
         if kind == "profiles":
             data |= {"initrds": args.initrd or [],
-                     **_given(args, "kernel", "cmdline", "config_template", "loader")}
+                     "ssh_authorized_keys": args.ssh_authorized_key or [],
+                     **_given(args, "kernel", "cmdline", "config_template", "loader",
+                              "iso_url", "fdtdir", "install_device", "install_timeout",
+                              "description")}
         elif kind == "clusters":
             data |= {"labels": _labels(args.label),
                      **_given(args, "server_url", "token", "endpoint")}
@@ -902,6 +905,21 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                              default="k3os")
             add.add_argument("--loader", choices=[c.value for c in LoaderChain],
                              help=LOADER_HELP)
+            # The API's other fields of a profile: without --iso-url a k3OS install booted
+            # over the network has no image to install (k3os.install.iso_url), and an Arm
+            # board needs --fdtdir and its own --install-device (an SD card, eMMC).
+            add.add_argument("--iso-url", help="k3OS: the ISO the installer fetches "
+                                               "(http:// or https://)")
+            add.add_argument("--fdtdir", help="U-Boot: the device trees' directory under "
+                                              "the assets (pxelinux FDTDIR)")
+            add.add_argument("--install-device", help="the disk to install to (default "
+                                                      "/dev/sda; a Pi: /dev/mmcblk0)")
+            add.add_argument("--install-timeout", type=int, metavar="SECONDS",
+                             help="the install token's lifetime (default: "
+                                  "enroll.token_ttl_seconds)")
+            add.add_argument("--ssh-authorized-key", action="append", metavar="KEY",
+                             help="a public key for the installed OS (repeat)")
+            add.add_argument("--description")
         elif kind == "clusters":
             add.add_argument("--server-url", default="managed")
             add.add_argument("--token")

@@ -214,6 +214,33 @@ def test_import_reads_a_spreadsheets_file_and_names_one_it_cannot(
         assert run(capsys, "import", str(path), "--config", cfg)[::2] == (2, message)
 
 
+def test_profiles_add_sets_what_the_api_sets(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # The README's CLI quickstart made a k3OS profile without the iso_url its API one has
+    # (a k3OS install booted over the network has nothing to install without it), and an
+    # Arm board's profile could not be made at all: no --fdtdir, no --install-device.
+    rc, out, err = run(capsys, "profiles", "add", "rpi", "--kernel", "k3os/vmlinuz-arm64",
+                       "--initrd", "k3os/initrd-arm64", "--iso-url",
+                       "http://192.0.2.10:8080/assets/k3os/k3os-arm64.iso", "--fdtdir",
+                       "dtbs", "--install-device", "/dev/mmcblk0", "--install-timeout", "5400",
+                       "--ssh-authorized-key", "ssh-ed25519 AAAA a@b", "--description",
+                       "Pi 4 racks", "--json", "--config", cfg)
+    assert (rc, err) == (0, "")
+    made = json.loads(out)
+    assert {k: made[k] for k in ("iso_url", "fdtdir", "install_device", "install_timeout",
+                                 "ssh_authorized_keys", "description")} == {
+        "iso_url": "http://192.0.2.10:8080/assets/k3os/k3os-arm64.iso", "fdtdir": "dtbs",
+        "install_device": "/dev/mmcblk0", "install_timeout": 5400,
+        "ssh_authorized_keys": ["ssh-ed25519 AAAA a@b"], "description": "Pi 4 racks"}
+    # Checked as the API checks them: the field named, exit 2.
+    rc, _, err = run(capsys, "profiles", "add", "bad", "--kernel", "vmlinuz", "--iso-url",
+                     "ftp://x/k3os.iso", "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: iso_url: ")
+    rc, _, err = run(capsys, "profiles", "add", "bad", "--kernel", "vmlinuz", "--fdtdir",
+                     "../../etc", "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: fdtdir: ")
+
+
 def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import hashlib
 
