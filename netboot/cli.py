@@ -120,6 +120,7 @@ def _config(args: argparse.Namespace) -> Config:
 # Commands that change the inventory: each goes to the audit log, as the API's changes do.
 CHANGES = frozenset({
     ("machines", "add"), ("machines", "rm"), ("machines", "reinstall"), ("machines", "approve"),
+    ("machines", "set"),
     *((kind, action) for kind in ("profiles", "clusters", "groups")
       for action in ("add", "rm", "set")),
     ("import", None), ("tokens", "create"), ("tokens", "revoke"),
@@ -278,6 +279,38 @@ def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
 
 
 # -- machines ----------------------------------------------------------------------------
+# What `machines set` changes, in its report's order; "" clears the ones a machine may lack.
+_SETTABLE = ("hostname", "cluster", "role", "profile", "fixed_ipv4", "loader")
+_CLEARABLE = frozenset({"cluster", "profile", "fixed_ipv4", "loader"})
+
+
+async def _set_machine(args: argparse.Namespace, core: Core) -> int:
+    """``netboot machines set REF --cluster ...``: the API's ``PATCH /machines/{ref}``, the
+    fields given and no others (``machines add`` of an enrolled MAC is a 409: there was no
+    way to move a machine to another cluster but a file import)."""
+    changes: dict[str, Any] = {}
+    for key in _SETTABLE:
+        value = getattr(args, key, None)
+        if value is not None:
+            changes[key] = (value or None) if key in _CLEARABLE else value
+    if args.label or args.remove_label:
+        labels = dict((await core.machine(args.mac)).labels)
+        labels.update(_labels(args.label))
+        for key in args.remove_label or ():
+            labels.pop(key, None)
+        changes["labels"] = labels
+    if not changes:
+        raise ValidationError("machines set", "nothing to change: give --cluster, --role, "
+                                              "--profile, --hostname, --label, --remove-label, "
+                                              "--fixed-ipv4 or --loader")
+    m = await core.update_machine(args.mac, changes)
+    shown = [f"{key} {getattr(m, key) or '-'}" for key in _SETTABLE if key in changes]
+    if "labels" in changes:
+        shown.append("labels " + (",".join(f"{k}={v}" for k, v in m.labels.items()) or "-"))
+    _report(args, f"{m.ref}: {', '.join(shown)}", machine_dict(m))
+    return 0
+
+
 async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     core = _core(store, cfg)
     if args.action == "add":
@@ -288,6 +321,8 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         _report(args, f"enrolled {machine.ref} as {machine.hostname} (id {machine.id})",
                 machine_dict(machine))
         return 0
+    if args.action == "set":
+        return await _set_machine(args, core)
     if args.action == "ls":
         st = MachineState(args.state) if args.state else None
         flt = MachineFilter(state=st, cluster=args.cluster,
@@ -866,6 +901,18 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     a.add_argument("--role", choices=["server", "agent"])
     a.add_argument("--label", action="append")
     a.add_argument("--loader", choices=[c.value for c in LoaderChain], help=LOADER_HELP)
+    ms = msub.add_parser("set", parents=[common],
+                         help="change a machine: cluster, role, profile, hostname, labels")
+    ms.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
+    ms.add_argument("--hostname")
+    for flag in ("--cluster", "--profile", "--fixed-ipv4"):
+        ms.add_argument(flag, help="'' unsets it")
+    ms.add_argument("--role", choices=["server", "agent"])
+    ms.add_argument("--label", action="append", metavar="KEY=VALUE",
+                    help="set a label; the others are kept (repeat)")
+    ms.add_argument("--remove-label", action="append", metavar="KEY")
+    ms.add_argument("--loader", choices=["", *(c.value for c in LoaderChain)],
+                    help=LOADER_HELP + "; '' unsets it")
     ls = msub.add_parser("ls", parents=[common], help="list machines (--state, --cluster, "
                                                        "--label narrow it)")
     ls.add_argument("--state", choices=[s.value for s in MachineState])

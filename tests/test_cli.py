@@ -241,6 +241,43 @@ def test_profiles_add_sets_what_the_api_sets(
     assert rc == 2 and err.startswith("netboot: fdtdir: ")
 
 
+def test_machines_set_moves_a_machine_and_changes_only_what_is_given(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # `machines add` of an enrolled MAC is a 409 and there was no other command: moving a
+    # machine to another cluster (README "Moving a machine to another cluster") needed the
+    # API's PATCH or a file import.
+    for name in ("edge", "lab"):
+        assert run(capsys, "clusters", "add", name, "--config", cfg)[0] == 0
+    assert run(capsys, "profiles", "add", "k3os", "--kernel", "vmlinuz", "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "52:54:00:aa:00:11", "--hostname", "agent-1",
+               "--cluster", "edge", "--role", "agent", "--label", "rack=r1", "--label",
+               "room=a", "--config", cfg)[0] == 0
+    rc, out, err = run(capsys, "machines", "set", "5254.00aa.0011", "--cluster", "lab",
+                       "--label", "rack=r9", "--remove-label", "room", "--config", cfg)
+    assert (rc, out, err) == (0, "52:54:00:aa:00:11: cluster lab, labels rack=r9\n", "")
+    rc, out, _ = run(capsys, "machines", "show", "52:54:00:aa:00:11", "--json", "--config", cfg)
+    shown = json.loads(out)
+    assert (shown["cluster"], shown["role"], shown["hostname"], shown["labels"]) == (
+        "lab", "agent", "agent-1", {"rack": "r9"})
+    rc, out, _ = run(capsys, "machines", "set", "52:54:00:aa:00:11", "--cluster", "",
+                     "--profile", "k3os", "--fixed-ipv4", "192.0.2.77", "--config", cfg)
+    assert (rc, out) == (0, "52:54:00:aa:00:11: cluster -, profile k3os, "
+                            "fixed_ipv4 192.0.2.77\n")
+    # Checked as the API checks them; nothing given is said, not a silent success.
+    rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:11", "--cluster", "nope",
+                     "--config", cfg)
+    assert (rc, err) == (2, "netboot: cluster: unknown cluster 'nope'\n")
+    rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:11", "--config", cfg)
+    assert rc == 2 and "nothing to change" in err
+    rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:99", "--role", "server",
+                     "--config", cfg)
+    assert rc == 1 and "52:54:00:aa:00:99" in err
+    rc, out, _ = run(capsys, "audit", "--json", "--config", cfg)
+    sets = [(e["action"], e["target"], e["outcome"]) for e in json.loads(out)
+            if e["action"] == "machines set"]
+    assert sets[0] == ("machines set", "5254.00aa.0011", "ok") and len(sets) == 5
+
+
 def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import hashlib
 
