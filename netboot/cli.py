@@ -770,13 +770,14 @@ async def _machine_events(args: argparse.Namespace, store: Store, cfg: Config) -
 
 def _check_config(args: argparse.Namespace) -> int:
     cfg = load(args.file, env={})
-    from netboot.service import renderer_for
+    from netboot.service import check_hostname_templates, renderer_for
 
     try:
         renderer_for(cfg)
         from netboot import groups as grouping
 
         grouping.check_groups(cfg.discovery.rules)
+        check_hostname_templates(cfg)  # serve stopped on a typo that this said OK to
         if cfg.https.enabled and cfg.https.cert_file:
             from netboot.pki import operator_files
 

@@ -987,8 +987,9 @@ def raise_fd_limit(config: Config) -> Config:
     return fitted
 
 
-def _check_hostname_templates(config: Config) -> None:
-    """A template typo must stop start-up, not fail every matching device's boot request."""
+def check_hostname_templates(config: Config) -> None:
+    """A template typo must stop start-up (and `netboot check-config`), not fail every
+    matching device's boot request."""
     from netboot.enroll import check_hostname_template
     from netboot.errors import ValidationError
 
@@ -1019,7 +1020,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         from netboot import groups as grouping
 
         grouping.check_groups(config.discovery.rules)
-        _check_hostname_templates(config)
+        check_hostname_templates(config)
         await check_default_profile(config, store)
         await warn_of_unservable_profiles(store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),

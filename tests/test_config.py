@@ -190,6 +190,28 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert f"{bad}:3: tftp.portt: unknown key" in err and "port" in err
 
 
+@pytest.mark.parametrize(("text", "line", "key", "problem"), [
+    ("enroll:\n  hostname_template: \"{serial}-{rack}\"\n", 2, "enroll.hostname_template",
+     "unknown field {rack}"),
+    ("enroll:\n  hostname_template: \"{serial\"\n", 2, "enroll.hostname_template",
+     "'{serial': expected '}' before end of string"),
+    ("discovery:\n  policy: auto\n  rules:\n    - name: a\n      selector: {arch: [arm64]}\n"
+     "      cluster: c\n      hostname_template: \"pi-{mac_sufix}\"\n", 7,
+     "discovery.rules[0].hostname_template", "unknown field {mac_sufix}"),
+])
+def test_check_config_refuses_the_hostname_template_serve_refuses(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: int, key: str,
+        problem: str) -> None:
+    # check-config said "OK" to a template that stopped `netboot serve`.
+    from netboot.cli import main
+
+    path = write(tmp_path, text)
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"netboot: configuration error: {path}:{line}: {key}: {problem} (fix: use "
+        "{mac_suffix}, {mac}, {serial}, {uuid}, {asset}, {cluster}, {role} or {product})\n")
+
+
 def test_a_rule_trusts_firmware_strings_only_when_told(tmp_path: Path) -> None:
     rules = ("discovery:\n  policy: auto\n  rules:\n"
              "    - {name: a, selector: {product: X}, cluster: c}\n"
