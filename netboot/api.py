@@ -40,7 +40,7 @@ from netboot.logs import RateLimitedLog, log_line
 from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, OUTCOME_UNKNOWN, serve_plain
 from netboot.servers.fasthttp import Reply
-from netboot.servers.http import bearer_token
+from netboot.servers.http import bearer_token, local_address
 from netboot.web.auth import request_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -535,8 +535,11 @@ class Api:
         """What the machine would be served now (``netboot render``), secrets masked: the
         install token is a placeholder already, cluster join tokens are replaced here. Admin
         only all the same: a config names the cluster's servers and the machine's setup."""
+        # At the address the request came in on: on a host with no address advertised, a
+        # device there gets URLs naming it, not the 127.0.0.1 the base URL holds.
         text = await self._core.render(request.match_info["ref"], request.match_info["kind"],
-                                       arch=request.query.get("arch"))
+                                       arch=request.query.get("arch"),
+                                       local=local_address(request))
         for cluster in await self._store.list_clusters():
             if cluster.token:
                 text = text.replace(cluster.token, MASKED)

@@ -441,9 +441,12 @@ class Core:
         too: what the discovery policy gives it."""
         return await self.boot.explain(ref, arch=_arch(arch))
 
-    async def render(self, ref: str, kind: str, *, arch: str | None = None) -> str:
+    async def render(self, ref: str, kind: str, *, arch: str | None = None,
+                     local: str | None = None) -> str:
         """Exactly what the server would serve this machine now, by the same calls, without
         recording anything; :data:`TOKEN_PLACEHOLDER` stands where its install token goes.
+        ``local``: as a device that reached this host at that address gets it (where the
+        base URL is loopback, :meth:`Content.at`; the dashboard's preview, asked at it).
 
         ``ref`` is a MAC (as if the machine booted from that NIC; an unknown one gets what the
         discovery policy gives) or a machine id (as if it booted from its first NIC, or, with
@@ -455,6 +458,7 @@ class Core:
         if machine is None and key is None:
             raise NotFound(f"machine {ref} not found (give one of its MACs or its id)")
         wanted = _arch(arch)
+        content = self.content.at(local)
         if kind in ("ipxe", "pxelinux", "grub"):
             firmware = {"pxelinux": Firmware.UBOOT, "grub": Firmware.UEFI}.get(kind,
                                                                                Firmware.IPXE)
@@ -471,10 +475,10 @@ class Core:
             if plan.action == BootAction.INSTALL:
                 plan = replace(plan, token=TOKEN_PLACEHOLDER)
             if kind == "ipxe":
-                return self.content.render_ipxe(plan)
+                return content.render_ipxe(plan)
             if kind == "grub":
-                return self.content.render_grub(plan)
-            return self.content.render_pxelinux(plan)
+                return content.render_grub(plan)
+            return content.render_pxelinux(plan)
         if machine is None:
             raise NotFound(f"machine {ref} not found")
         # The server's config request carries no facts of its own; an --arch asks "as if it
@@ -482,9 +486,9 @@ class Core:
         nic = key or machine.mac or identity.NO_NIC
         facts = (BootRequest(mac=nic, arch=wanted, firmware=machine.firmware or Firmware.UNKNOWN,
                              via="cli") if wanted else None)
-        plan = await self.content.config_plan(machine, TOKEN_PLACEHOLDER, claim=False,
-                                              request=facts, mac=key)
+        plan = await content.config_plan(machine, TOKEN_PLACEHOLDER, claim=False,
+                                         request=facts, mac=key)
         if kind == "config":
-            return self.content.k3os_config(plan)
-        return "".join(f"--- {name}\n{self.content.nocloud(plan, name)}"
+            return content.k3os_config(plan)
+        return "".join(f"--- {name}\n{content.nocloud(plan, name)}"
                        for name in NOCLOUD_FILES)

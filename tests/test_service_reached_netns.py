@@ -171,6 +171,13 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
                 if "/config/" in url:
                     got["config"] = body.decode()
             assert "config" in got, script
+        # The dashboard's preview of what a machine gets (the API's render, asked over HTTPS
+        # at each address): it named 127.0.0.1, which the device never gets (s37-user).
+        admin = (tmp_path / "data" / "admin.token").read_text().strip()
+        previews = {(side, kind): curl(subnets[side], f"https://{SUBNETS[side][0]}:8443/api/v1/"
+                               f"machines/{MAC_A}/render/{kind}", "--cacert", str(ca), "-H",
+                               f"Authorization: Bearer {admin}")
+                    for side in SUBNETS for kind in ("ipxe", "config")}
         # The server's own clients keep the advertised address.
         status, body = curl(subnets["srv"], "http://127.0.0.1:8080/boot.ipxe")
         assert status == 200 and "http://127.0.0.1:8080/" in body.decode()
@@ -191,6 +198,10 @@ def test_each_subnets_device_gets_urls_of_the_address_it_reached(
         assert f"http://{server_ip}:8080/ipxe" in got["boot.ipxe"], got["boot.ipxe"]
         assert f"http://{server_ip}:8080/assets/vmlinuz" in got["ipxe"]
         assert f"http://{server_ip}:8080/config/" in got["ipxe"]
+    for (side, kind), (status, body) in previews.items():
+        text = body.decode()
+        hosts = set(re.findall(r"https?://([^/:\s]+)", text)) - {"k3s.example"}
+        assert status == 200 and hosts == {SUBNETS[side][0]}, (side, kind, status, text)
     for side, offer in offers.items():
         assert offer is not None and offer.siaddr == SUBNETS[side][0], (side, offer)
         assert offer.file_name == "undionly.kpxe"
