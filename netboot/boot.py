@@ -1542,6 +1542,15 @@ class BootService:
         chain, why = await self.chain(machine, request)
         fw = machine.firmware if machine.firmware in (Firmware.UEFI, Firmware.UEFI_HTTP) \
             else Firmware.UEFI
+        if request.arch == Arch.UNKNOWN:
+            # Not seen yet, no --arch: its loader follows the architecture its firmware's
+            # request names. Asked for "unknown", the loader look-up found none: every machine
+            # enrolled before its first boot was said to get "no answer" (and a warning logged).
+            return {"loader": str(chain or default_chain(fw, request.arch)),
+                    "loader_source": why, "first_stage": None,
+                    "first_stage_reason": "not known until it boots: its firmware's request "
+                    f"names its architecture (netboot explain {machine.ref} --arch "
+                    "x86_64 or arm64 shows one)"}
         stage = self.loader(replace(request, firmware=fw), chain, why)
         effective = (stage.chain if stage is not None and stage.chain is not None
                      else chain or default_chain(fw, request.arch))

@@ -337,6 +337,11 @@ def test_explain_for_an_architecture_not_seen_yet(cfg: str,
     _, out, _ = run(capsys, "explain", "02:00:00:00:00:01", "--json", "--config", cfg)
     before = json.loads(out)
     assert before["group"] is None and before["arch"] == "unknown (not seen yet)"
+    # Its loader is not known yet either; it was "no ipxe loader installed for
+    # uefi/unknown: the firmware gets no answer" (s37-user), for every machine not booted.
+    assert (before["first_stage"], before["first_stage_reason"]) == (
+        None, "not known until it boots: its firmware's request names its architecture "
+        "(netboot explain 02:00:00:00:00:01 --arch x86_64 or arm64 shows one)")
     rc, out, _ = run(capsys, "explain", "02:00:00:00:00:01", "--arch", "x86_64", "--json",
                      "--config", cfg)
     assert rc == 0
