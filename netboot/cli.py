@@ -293,18 +293,26 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         value = getattr(args, key, None)
         if value is not None:
             changes[key] = (value or None) if key in _CLEARABLE else value
-    if args.label or args.remove_label:
-        labels = dict((await core.machine(args.mac)).labels)
-        labels.update(_labels(args.label))
-        for key in args.remove_label or ():
-            labels.pop(key, None)
-        changes["labels"] = labels
+    if args.label or args.remove_label or args.add_mac:
+        machine = await core.machine(args.mac)
+        if args.label or args.remove_label:
+            labels = dict(machine.labels)
+            labels.update(_labels(args.label))
+            for key in args.remove_label or ():
+                labels.pop(key, None)
+            changes["labels"] = labels
+        if args.add_mac:
+            # A NIC more (one enrolled by serial alone, a Raspberry Pi's); the API's PATCH
+            # takes the whole list.
+            changes["macs"] = [*map(str, machine.macs), *args.add_mac]
     if not changes:
         raise ValidationError("machines set", "nothing to change: give --cluster, --role, "
                                               "--profile, --hostname, --label, --remove-label, "
-                                              "--fixed-ipv4 or --loader")
+                                              "--add-mac, --fixed-ipv4 or --loader")
     m = await core.update_machine(args.mac, changes)
     shown = [f"{key} {getattr(m, key) or '-'}" for key in _SETTABLE if key in changes]
+    if "macs" in changes:
+        shown.append("macs " + ",".join(map(str, m.macs)))
     if "labels" in changes:
         shown.append("labels " + (",".join(f"{k}={v}" for k, v in m.labels.items()) or "-"))
     _report(args, f"{m.ref}: {', '.join(shown)}", machine_dict(m))
@@ -912,6 +920,8 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ms.add_argument("--label", action="append", metavar="KEY=VALUE",
                     help="set a label; the others are kept (repeat)")
     ms.add_argument("--remove-label", action="append", metavar="KEY")
+    ms.add_argument("--add-mac", action="append", metavar="MAC",
+                    help="a NIC's MAC more (repeat); one enrolled by serial alone needs it")
     ms.add_argument("--loader", choices=["", *(c.value for c in LoaderChain)],
                     help=LOADER_HELP + "; '' unsets it")
     ls = msub.add_parser("ls", parents=[common], help="list machines (--state, --cluster, "

@@ -663,6 +663,15 @@ class Content:
         machine = await self._by_serial(serial)
         if machine is None:
             raise NotFound(f"no machine enrolled with Raspberry Pi serial {serial}")
+        if not machine.macs:
+            # Its TFTP requests carry no MAC, and its installer's config URL, progress reports
+            # and registration are keyed by one: enrolled by serial alone, it booted the
+            # installer, which then fetched /config/00-00-00-00-00-00 (401) and stopped.
+            # Refused before any file, its bootloader goes on to its next BOOT_ORDER entry.
+            raise NotFound(f"{machine.ref} (Raspberry Pi serial {serial}) has no MAC enrolled: "
+                           "its installer's config and registration need one; add it: netboot "
+                           f"machines set {machine.ref} --add-mac MAC (on its label, or "
+                           "'ip link' on the Pi)")
         # The Pi's TFTP requests carry no MAC: its serial is what recognises it (the form it
         # was enrolled with, so that the boot path finds the same machine).
         request = replace(identity.request_for(machine, firmware=Firmware.RPI, arch=Arch.ARM64,

@@ -269,13 +269,24 @@ def test_machines_set_moves_a_machine_and_changes_only_what_is_given(
     assert (rc, err) == (2, "netboot: cluster: unknown cluster 'nope'\n")
     rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:11", "--config", cfg)
     assert rc == 2 and "nothing to change" in err
+    # A NIC more: a machine enrolled by serial alone (a Raspberry Pi's TFTP carries none).
+    assert run(capsys, "machines", "add", "--serial", "0a1b2c3d", "--hostname", "pi-1",
+               "--config", cfg)[0] == 0
+    rc, _, err = run(capsys, "machines", "set", "pi-1", "--add-mac", "dc-a6-32-01-36-c2",
+                     "--config", cfg)
+    assert rc == 2 and "nor a machine id" in err  # a hostname is no REF
+    rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
+    pi = next(m for m in json.loads(out) if m["hostname"] == "pi-1")
+    rc, out, _ = run(capsys, "machines", "set", pi["id"], "--add-mac", "dc-a6-32-01-36-c2",
+                     "--config", cfg)
+    assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2\n")
     rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:99", "--role", "server",
                      "--config", cfg)
     assert rc == 1 and "52:54:00:aa:00:99" in err
     rc, out, _ = run(capsys, "audit", "--json", "--config", cfg)
     sets = [(e["action"], e["target"], e["outcome"]) for e in json.loads(out)
             if e["action"] == "machines set"]
-    assert sets[0] == ("machines set", "5254.00aa.0011", "ok") and len(sets) == 5
+    assert sets[0] == ("machines set", "5254.00aa.0011", "ok") and len(sets) == 7
 
 
 def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

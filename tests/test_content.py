@@ -129,6 +129,35 @@ async def test_raspberry_pi_serial_prefix(env: Env) -> None:
             await content.tftp_open(f"9ffefdef/{name}", PEER)
 
 
+async def test_a_raspberry_pi_enrolled_without_a_mac_is_refused_saying_how_to_add_it(
+        env: Env) -> None:
+    # Enrolled by serial alone (boot_assets/README.md: "enroll it with serial"), a Pi was
+    # handed its firmware and a cmdline.txt whose config URL named 00-00-00-00-00-00: its
+    # installer's config fetch was a 401 and its registration could never be taken.
+    await env.seed()
+    await env.post("/api/v1/machines", {"serial": "0a1b2c3d", "hostname": "pi-1",
+                                        "profile": "k3os", "cluster": "edge"}, status=201)
+    root = env.service.content.assets.roots[-1]
+    (root / "rpi").mkdir()
+    (root / "rpi" / "start4.elf").write_bytes(b"pi")
+    content = env.service.content
+    machine = await env.service.store.machine_by("serial", "0a1b2c3d")
+    assert machine is not None
+    for name in ("start4.elf", "cmdline.txt"):
+        with pytest.raises(NotFound) as refused:
+            await content.tftp_open(f"0a1b2c3d/{name}", PEER)
+        assert str(refused.value) == (
+            f"{machine.ref} (Raspberry Pi serial 0a1b2c3d) has no MAC enrolled: its "
+            "installer's config and registration need one; add it: netboot machines set "
+            f"{machine.ref} --add-mac MAC (on its label, or 'ip link' on the Pi)")
+    resp = await env.client.patch(f"/api/v1/machines/{machine.id}",
+                                  json={"macs": ["dc:a6:32:01:36:c2"]}, headers=env.auth)
+    assert resp.status == 200, await resp.text()
+    assert (await content.tftp_open("0a1b2c3d/start4.elf", PEER)).path is not None
+    cmdline = await content.tftp_open("0a1b2c3d/cmdline.txt", PEER)
+    assert cmdline.data is not None and b"/config/dc-a6-32-01-36-c2?token=" in cmdline.data
+
+
 @pytest.mark.parametrize(("buildarch", "arch", "console"), [
     ("x86_64", "x86_64", "console=ttyS0 console=tty1"),
     ("i386", "x86", "console=ttyS0 console=tty1"),
