@@ -730,14 +730,17 @@ def _check(cfg: Config, src: _Source) -> None:
     auth = cfg.dhcp.authoritative
     if cfg.dhcp.mode == "authoritative":
         if not auth.pool_start or not auth.pool_end:
+            # Without its section the pool has no line: the mode's, that asks for it.
             raise src.error("dhcp.authoritative", "authoritative mode needs an address pool",
-                            "set dhcp.authoritative.pool_start and pool_end")
+                            "set dhcp.authoritative.pool_start and pool_end",
+                            at=None if "dhcp.authoritative" in src.lines else "dhcp.mode")
         if ipaddress.IPv4Address(auth.pool_start) > ipaddress.IPv4Address(auth.pool_end):
             raise src.error("dhcp.authoritative.pool_end", "pool_end is before pool_start",
                             "swap the two addresses")
     if cfg.discovery.policy == "auto" and not cfg.discovery.rules:
         raise src.error("discovery.rules", "policy 'auto' needs at least one rule",
-                        "add rules: - {selector: {product: X}, cluster: line-3, role: agent}")
+                        "add rules: - {selector: {product: X}, cluster: line-3, role: agent}",
+                        at="discovery.policy")
     _check_limits(cfg, src)
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
         raise src.error("http.public_url", "must start with http:// or https://")

@@ -212,6 +212,24 @@ def test_check_config_refuses_the_hostname_template_serve_refuses(
         "{mac_suffix}, {mac}, {serial}, {uuid}, {asset}, {cluster}, {role} or {product})\n")
 
 
+@pytest.mark.parametrize(("text", "line", "message"), [
+    ("server:\n  data_dir: /x\ndhcp:\n  mode: authoritative\n", 4,
+     "dhcp.authoritative: authoritative mode needs an address pool"),
+    ("dhcp:\n  mode: authoritative\n  authoritative:\n    pool_start: 192.0.2.100\n", 3,
+     "dhcp.authoritative: authoritative mode needs an address pool"),  # as before: its section
+    ("# the lab\ndiscovery:\n  policy: auto\n", 3,
+     "discovery.rules: policy 'auto' needs at least one rule"),
+])
+def test_a_setting_that_needs_a_missing_one_names_its_own_line(
+        tmp_path: Path, text: str, line: int, message: str) -> None:
+    # The missing setting has no line; these named none (`netboot.yaml: dhcp.authoritative:
+    # ...`), where the https pair names the line of the one given (s35-user2).
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert str(err.value).startswith(f"{path}:{line}: {message} (fix: ")
+
+
 def test_a_rule_trusts_firmware_strings_only_when_told(tmp_path: Path) -> None:
     rules = ("discovery:\n  policy: auto\n  rules:\n"
              "    - {name: a, selector: {product: X}, cluster: c}\n"
