@@ -331,12 +331,27 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
 
 
 async def check_default_profile(config: Config, store: Store) -> None:
-    """A default profile that does not exist would hold every machine it is meant for."""
+    """A default profile (or an auto rule's profile or cluster) that does not exist would
+    hold every machine it is meant for."""
     name = config.enroll.default_profile
     if name is not None and await store.get_profile(name) is None:
         raise ConfigError(f"profile {name!r} does not exist", key="enroll.default_profile",
                           fix=f"create it (netboot profiles add {name} --kernel ...; the CLI "
                               "works while the server is stopped) or remove the key")
+    if config.discovery.policy != "auto":
+        return  # the rules enroll nothing
+    # So would an auto rule's: each device it matched was held with a console telling
+    # `netboot machines approve MAC --cluster nope`, which is refused (s37-user).
+    for i, rule in enumerate(config.discovery.rules):
+        for kind, ref in (("cluster", rule.cluster), ("profile", rule.profile)):
+            found = (await store.get_cluster(ref) if kind == "cluster"
+                     else await store.get_profile(ref)) if ref is not None else True
+            if found is None:
+                add = "--kernel ..." if kind == "profile" else "--server-url managed"
+                raise ConfigError(
+                    f"{kind} {ref!r} does not exist", key=f"discovery.rules[{i}].{kind}",
+                    fix=f"create it (netboot {kind}s add {ref} {add}; the CLI works while "
+                        "the server is stopped) or correct the rule")
 
 
 async def warn_of_unservable_profiles(store: Store) -> None:

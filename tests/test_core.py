@@ -323,6 +323,24 @@ async def test_the_held_machines_console_prints_a_command_that_works(
     assert (got["state"], got["hostname"], got["profile"]) == ("booting", "edge-1", "k3os")
 
 
+@pytest.mark.parametrize(("rule", "key", "fix"), [
+    ("{name: a, selector: {arch: [arm64]}, cluster: nope}", "discovery.rules[0].cluster",
+     "netboot clusters add nope --server-url managed"),
+    ("{name: a, selector: {arch: [arm64]}, role: agent}\n"
+     "    - {name: b, selector: {arch: [x86_64]}, profile: nada}",
+     "discovery.rules[1].profile", "netboot profiles add nada --kernel ..."),
+])
+async def test_an_auto_rules_cluster_and_profile_are_checked_at_start_up(
+        make_env: EnvFactory, rule: str, key: str, fix: str) -> None:
+    # Started without a word: each device the rule matched was held, its console telling
+    # an approve with the missing cluster (refused).
+    extra = f"discovery:\n  policy: auto\n  rules:\n    - {rule}\n"
+    with pytest.raises(ConfigError) as info:
+        await make_env(extra, sub="empty", http=PUBLIC)
+    assert info.value.key == key and fix in str(info.value)
+    await make_env(extra.replace("auto", "hold"), sub="empty", http=PUBLIC)  # inert: started
+
+
 async def test_default_profile_is_used_and_checked_at_start_up(
         make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra = "discovery:\n  policy: hold\nenroll:\n  default_profile: k3os\n"
