@@ -414,6 +414,12 @@ class Core:
                  if getattr(g, ref) == name]
         if ref == "profile" and name == self.boot.settings.default_profile:
             users.append("the configuration (enroll.default_profile)")
+        settings = self.boot.settings
+        if settings.policy == "auto":
+            # Start-up refuses a rule naming one that does not exist (check_default_profile):
+            # removed while serving, the next start would stop.
+            users += [f"the configuration (discovery.rules[{i}].{ref})"
+                      for i, rule in enumerate(settings.rules) if getattr(rule, ref) == name]
         if ref == "cluster":
             flt = MachineFilter(cluster=name, limit=most)
             macs = [m.ref for m in await self.store.list_machines(flt)]

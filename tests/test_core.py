@@ -341,6 +341,21 @@ async def test_an_auto_rules_cluster_and_profile_are_checked_at_start_up(
     await make_env(extra.replace("auto", "hold"), sub="empty", http=PUBLIC)  # inert: started
 
 
+async def test_an_auto_rules_cluster_and_profile_cannot_be_removed(
+        make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Removed while serving, the next start stopped on the rule (the test above).
+    extra = ("discovery:\n  policy: auto\n  rules:\n"
+             "    - {name: a, selector: {arch: [arm64]}, cluster: line-3, profile: k3os}\n")
+    cli = Cli(write_config(tmp_path / "a", extra, http=PUBLIC), capsys)
+    assert (await cli("profiles", "add", "k3os", "--kernel", "vmlinuz"))[0] == 0
+    assert (await cli("clusters", "add", "line-3"))[0] == 0
+    env = await make_env(extra, http=PUBLIC)
+    for kind, name in (("profiles", "k3os"), ("clusters", "line-3")):
+        message = same_refusal(await cli(kind, "rm", name),
+                               await call(env, "DELETE", f"/api/v1/{kind}/{name}"), 409)
+        assert f"the configuration (discovery.rules[0].{kind[:-1]})" in message
+
+
 async def test_default_profile_is_used_and_checked_at_start_up(
         make_env: EnvFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra = "discovery:\n  policy: hold\nenroll:\n  default_profile: k3os\n"
