@@ -468,10 +468,12 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
 async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     from netboot.enroll import Enroller, iter_import, parse_import
 
-    path = Path(args.file)
-    fmt = args.format or path.suffix.lstrip(".").lower() or "csv"
+    # "-": standard input, as Unix tools read it (a file outside a container, piped into
+    # `podman exec -i NAME netboot import -`); its errors are named "<stdin>:LINE:".
+    path = Path("<stdin>" if args.file == "-" else args.file)
+    fmt = args.format or ("" if args.file == "-" else path.suffix.lstrip(".").lower()) or "csv"
     try:
-        text = _import_text(path)
+        text = _import_text(None if args.file == "-" else path)
     except ValidationError as exc:
         return _file_error(path, exc)
     # A CSV file is read as the import goes (its lines count its rows, near enough for a
@@ -516,14 +518,14 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     return 1 if report.errors else 0
 
 
-def _import_text(path: Path) -> str:
+def _import_text(path: Path | None) -> str:
     """An import file's text. A spreadsheet's "CSV UTF-8" export starts with a byte-order
     mark, which would otherwise be part of the first column's name (every row then "unknown
     column '\ufeffmac'"); ``POST /api/v1/machines:import`` reads its body the same way. A file
     that cannot be read, or is not UTF-8 (a spreadsheet's plain "CSV" on Windows is
-    cp1252), is told as the file's error, not a traceback."""
+    cp1252), is told as the file's error, not a traceback. ``None``: standard input."""
     try:
-        raw = path.read_bytes()
+        raw = sys.stdin.buffer.read() if path is None else path.read_bytes()
     except OSError as exc:
         raise ValidationError("file", f"cannot read it: {exc.strerror}") from None
     try:
@@ -1019,8 +1021,9 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     au.add_argument("--limit", type=int, default=1000, help="the newest N (default 1000)")
 
     i = sub.add_parser("import", parents=[common], help="bulk-enroll from CSV, YAML or JSON")
-    i.add_argument("file")
-    i.add_argument("--format", choices=["csv", "yaml", "json"])
+    i.add_argument("file", help="the file, or - to read standard input (podman exec -i)")
+    i.add_argument("--format", choices=["csv", "yaml", "json"],
+                   help="default: the file's suffix, else csv")
     i.add_argument("--dry-run", action="store_true")
 
     r = sub.add_parser("render", parents=[where, address], help="what a device would get")

@@ -214,6 +214,23 @@ def test_import_reads_a_spreadsheets_file_and_names_one_it_cannot(
         assert run(capsys, "import", str(path), "--config", cfg)[::2] == (2, message)
 
 
+def test_import_reads_standard_input_given_as_a_dash(
+        cfg: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The container's CLI (podman exec -i NAME netboot import - < fleet.csv) sees no file of
+    # the host's: "-" was read as a file named "-".
+    import io
+
+    def stdin(data: bytes) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+    stdin(b"\xef\xbb\xbfmac,hostname\r\n52:54:00:aa:00:01,a\r\n")
+    rc, out, err = run(capsys, "import", "-", "--config", cfg)
+    assert (rc, err) == (0, "") and "1 were created" in out
+    stdin(b"- {mac: 52:54:00:aa:00:02, hostname: b}\n- {mac: 52:54:00:aa:00:02}\n")
+    rc, out, err = run(capsys, "import", "-", "--format", "yaml", "--config", cfg)
+    assert rc == 1 and err.startswith("<stdin>:2: mac: duplicate of line 1")
+
+
 def test_profiles_add_sets_what_the_api_sets(
         cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
     # The README's CLI quickstart made a k3OS profile without the iso_url its API one has

@@ -177,6 +177,10 @@ def test_container_serves_as_an_unprivileged_user(
                                 timeout=10) as resp:
         assert resp.status == 200
 
+    # The CLI by its name (README: podman exec netboot netboot ...): it was not on PATH.
+    exported = podman(podman_env, "exec", name, "netboot", "ca", "export").stdout
+    assert exported.startswith("# SHA256 Fingerprint=") and "BEGIN CERTIFICATE" in exported
+
     # The postgresql extra is installed: the image can share a PostgreSQL inventory.
     found = podman(podman_env, "exec", name, "/opt/netboot/bin/python", "-c",
                    "import asyncpg, netboot.inventory.postgres; print(asyncpg.__version__)")
