@@ -398,8 +398,7 @@ def _lines(text: str) -> Iterator[str]:
 def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
     try:
         if fmt == "json":
-            data = json.loads(text)
-            lines = None
+            data, lines = _json_with_lines(text)
         else:
             # BaseLoader keeps every scalar a string: YAML 1.1 would read an unquoted
             # 52:54:00:00:00:01 as a base-60 integer and lose the MAC.
@@ -427,6 +426,88 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
             raise ValidationError("file", f"row {line}: expected a mapping")
         out.append((line, item))
     return out
+
+
+# JSON's insignificant whitespace (RFC 8259 §2), what json's own scanner skips.
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, i: int) -> int:
+    """Past the whitespace at ``text[i]``."""
+    space = _JSON_SPACE.match(text, i)
+    assert space is not None  # "*": it matches everywhere
+    return space.end()
+
+
+def _json_with_lines(text: str) -> tuple[Any, list[int] | None]:
+    """``json.loads(text)``, and the line each machine starts on where the machines are the
+    list at its top or under its ``"machines"`` key (rows were numbered 1, 2, 3 and printed
+    as the file's lines 1, 2, 3). Each item is decoded where it starts (``raw_decode``), so
+    the text is parsed once; a text that is anything else, or malformed, is parsed again by
+    ``json.loads``, whose error (or value) is the file's as before."""
+    try:
+        return _json_items(text)
+    except (ValueError, TypeError):
+        return json.loads(text), None
+
+
+def _json_items(text: str) -> tuple[Any, list[int] | None]:
+    decode = json.JSONDecoder().raw_decode
+    i = _skip(text, 0)
+    lines: list[int] | None = None
+    if text.startswith("[", i):
+        data: Any
+        data, lines, i = _json_list(text, i, decode)
+    elif text.startswith("{", i):
+        data = {}
+        i = _skip(text, i + 1)
+        closed = text.startswith("}", i)
+        while not closed:
+            key, i = decode(text, i)
+            i = _skip(text, i)
+            if not isinstance(key, str) or not text.startswith(":", i):
+                raise ValueError("not an object")
+            i = _skip(text, i + 1)
+            if key == "machines" and text.startswith("[", i):
+                data[key], lines, i = _json_list(text, i, decode)
+            else:
+                data[key], i = decode(text, i)
+                lines = None if key == "machines" else lines
+            i = _skip(text, i)
+            closed = text.startswith("}", i)
+            if not closed:
+                if not text.startswith(",", i):
+                    raise ValueError("not an object")
+                i = _skip(text, i + 1)
+        i += 1
+    else:
+        raise ValueError("not a list or an object")
+    if _skip(text, i) != len(text):
+        raise ValueError("extra data")
+    return data, lines
+
+
+def _json_list(text: str, i: int, decode: Callable[[str, int], tuple[Any, int]],
+               ) -> tuple[list[Any], list[int], int]:
+    """The list starting at ``text[i]`` ("["), the line of each item, and where it ends."""
+    items: list[Any] = []
+    lines: list[int] = []
+    line, seen = 1, 0
+    i = _skip(text, i + 1)
+    if text.startswith("]", i):
+        return items, lines, i + 1
+    while True:
+        line += text.count("\n", seen, i)
+        seen = i
+        lines.append(line)
+        value, i = decode(text, i)
+        items.append(value)
+        i = _skip(text, i)
+        if text.startswith("]", i):
+            return items, lines, i + 1
+        if not text.startswith(",", i):
+            raise ValueError("not a list")
+        i = _skip(text, i + 1)
 
 
 def _yaml_item_lines(node: yaml.Node | None) -> list[int] | None:

@@ -202,6 +202,36 @@ def test_a_yaml_files_machines_key_numbers_its_rows_by_their_lines() -> None:
                                              "52:54:00:aa:00:02\n", "yaml")] == [1, 3]
 
 
+def test_a_json_files_rows_are_numbered_by_their_lines() -> None:
+    # Rows were numbered 1, 2, 3 and printed as the file's lines ("fleet.json:3: mac:
+    # duplicate of line 2" for the machines on lines 8 and 5).
+    rows = ('[\n  {"mac": "52:54:00:aa:00:01",\n   "hostname": "a"},\n\n'
+            '  {"mac": "52:54:00:aa:00:02"}, {"mac": "52:54:00:aa:00:03"},\n'
+            '  {\n    "mac": "52:54:00:aa:00:04"\n  }\n]\n')
+    expected = [{"mac": "52:54:00:aa:00:01", "hostname": "a"},
+                {"mac": "52:54:00:aa:00:02"}, {"mac": "52:54:00:aa:00:03"},
+                {"mac": "52:54:00:aa:00:04"}]
+    assert parse_import(rows, "json") == list(zip([2, 5, 5, 6], expected))
+    wrapped = '{"site": {"name": "x"}, \r\n"machines": ' + rows.replace("\n", "\r\n") + "}"
+    assert parse_import(wrapped, "json") == list(zip([3, 6, 6, 7], expected))
+    assert parse_import("[]", "json") == []
+    assert parse_import(' { "machines" : [ ] } ', "json") == []
+    # Malformed: json's own error, its line, as before (a trailing comma, a missing one,
+    # data after the end, a key twice: the last kept, as json.loads keeps it).
+    for text, line, message in [
+            ('[\n {"mac": "52:54:00:aa:00:01"},\n]\n', 3, "Expecting value"),
+            ('[\n {"mac": "52:54:00:aa:00:01"}\n {"mac": "52:54:00:aa:00:02"}]', 3,
+             "Expecting ',' delimiter"),
+            ('{"machines": [], }', 1, "Expecting property name enclosed in double quotes"),
+            ('[] []', 1, "Extra data")]:
+        with pytest.raises(ValidationError) as bad:
+            parse_import(text, "json")
+        assert (bad.value.line, bad.value.reason.split(" (")[0]) == (
+            line, f"cannot parse json: {message}"), text
+    assert parse_import('{"machines": [{"mac": "a"}], "machines": [{"mac": "b"}]}',
+                        "json") == [(1, {"mac": "b"})]
+
+
 def test_a_rows_trailing_commas_are_no_values() -> None:
     # A row ending in a comma (typed by hand, or a spreadsheet's empty trailing columns)
     # stopped the whole import: "line 3: more values than header columns".
