@@ -416,8 +416,8 @@ class Core:
             users.append("the configuration (enroll.default_profile)")
         settings = self.boot.settings
         if settings.policy == "auto":
-            # Start-up refuses a rule naming one that does not exist (check_default_profile):
-            # removed while serving, the next start would stop.
+            # A rule naming one that does not exist holds every device it matches (start-up
+            # warns of it: service.warn_of_missing_rule_refs), as a group naming one would.
             users += [f"the configuration (discovery.rules[{i}].{ref})"
                       for i, rule in enumerate(settings.rules) if getattr(rule, ref) == name]
         if ref == "cluster":

@@ -331,27 +331,35 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
 
 
 async def check_default_profile(config: Config, store: Store) -> None:
-    """A default profile (or an auto rule's profile or cluster) that does not exist would
-    hold every machine it is meant for."""
+    """A default profile that does not exist would hold every machine it is meant for."""
     name = config.enroll.default_profile
     if name is not None and await store.get_profile(name) is None:
         raise ConfigError(f"profile {name!r} does not exist", key="enroll.default_profile",
                           fix=f"create it (netboot profiles add {name} --kernel ...; the CLI "
                               "works while the server is stopped) or remove the key")
+
+
+async def warn_of_missing_rule_refs(config: Config, store: Store) -> None:
+    """An auto rule's cluster or profile that does not exist: each device it matched was
+    held, its console telling `netboot machines approve MAC --cluster nope`, which is
+    refused, and nothing said at start (s37-user). Told, file and line, not refused: it may
+    be created once the server runs (through the API: a container's operator has no CLI
+    while it is stopped), and removing one a rule names is refused (Core.delete)."""
+    from netboot.config import located
+
     if config.discovery.policy != "auto":
         return  # the rules enroll nothing
-    # So would an auto rule's: each device it matched was held with a console telling
-    # `netboot machines approve MAC --cluster nope`, which is refused (s37-user).
     for i, rule in enumerate(config.discovery.rules):
         for kind, ref in (("cluster", rule.cluster), ("profile", rule.profile)):
             found = (await store.get_cluster(ref) if kind == "cluster"
                      else await store.get_profile(ref)) if ref is not None else True
             if found is None:
                 add = "--kernel ..." if kind == "profile" else "--server-url managed"
-                raise ConfigError(
-                    f"{kind} {ref!r} does not exist", key=f"discovery.rules[{i}].{kind}",
-                    fix=f"create it (netboot {kind}s add {ref} {add}; the CLI works while "
-                        "the server is stopped) or correct the rule")
+                told = located(config, ConfigError(
+                    f"{kind} {ref!r} does not exist: until it does, the devices this rule "
+                    "matches are held", key=f"discovery.rules[{i}].{kind}",
+                    fix=f"create it: netboot {kind}s add {ref} {add}, or correct the rule"))
+                log.warning("%s", told)
 
 
 async def warn_of_unservable_profiles(store: Store) -> None:
@@ -1037,6 +1045,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         grouping.check_groups(config.discovery.rules)
         check_hostname_templates(config)
         await check_default_profile(config, store)
+        await warn_of_missing_rule_refs(config, store)
         await warn_of_unservable_profiles(store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}

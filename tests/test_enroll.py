@@ -211,9 +211,9 @@ def test_a_json_files_rows_are_numbered_by_their_lines() -> None:
     expected = [{"mac": "52:54:00:aa:00:01", "hostname": "a"},
                 {"mac": "52:54:00:aa:00:02"}, {"mac": "52:54:00:aa:00:03"},
                 {"mac": "52:54:00:aa:00:04"}]
-    assert parse_import(rows, "json") == list(zip([2, 5, 5, 6], expected))
+    assert parse_import(rows, "json") == list(zip([2, 5, 5, 6], expected, strict=True))
     wrapped = '{"site": {"name": "x"}, \r\n"machines": ' + rows.replace("\n", "\r\n") + "}"
-    assert parse_import(wrapped, "json") == list(zip([3, 6, 6, 7], expected))
+    assert parse_import(wrapped, "json") == list(zip([3, 6, 6, 7], expected, strict=True))
     assert parse_import("[]", "json") == []
     assert parse_import(' { "machines" : [ ] } ', "json") == []
     # Malformed: json's own error, its line, as before (a trailing comma, a missing one,
