@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 from netboot import pxe
 from netboot.errors import ConfigError, Conflict, DecodeError, NetbootError, StoreError
@@ -71,9 +71,9 @@ class _Listener:
     pxe_port: bool
 
 
-@dataclass(slots=True)
-class _Open:
-    """The two listeners (:67, :4011) of one interface (or of every one: ``None``)."""
+class _Open(NamedTuple):
+    """The two listeners (:67, :4011) of one interface (or of every one: ``None``); a
+    NamedTuple, not a dataclass: ~0.15 ms at import against ~0.7 (serve's ready time)."""
 
     server_ip: str
     endpoints: list[tuple[_Listener, asyncio.DatagramTransport, BoundaryProtocol, int]]

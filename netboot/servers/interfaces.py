@@ -55,7 +55,7 @@ class _Table:
         self.entries: dict[tuple[int, str, int], AddressMessage] = {}
 
     def apply(self, message: AddressMessage) -> None:
-        key = (message.index, message.address, message.prefixlen)
+        key = (message.ifindex, message.address, message.prefixlen)
         if message.new:
             self.entries[key] = message
         else:
@@ -190,11 +190,10 @@ class InterfaceWatcher:
                 entry = message
                 if not entry.name:  # the kernel always labels IPv4 addresses; in case not
                     try:
-                        name = socket.if_indextoname(entry.index)
+                        name = socket.if_indextoname(entry.ifindex)
                     except OSError:
                         name = ""
-                    entry = AddressMessage(entry.new, entry.index, name, entry.address,
-                                           entry.prefixlen, entry.secondary)
+                    entry = entry._replace(name=name)
                 if self._dumping is not None:
                     self._dumping.apply(entry)
                 self._table.apply(entry)

@@ -13,9 +13,9 @@ from netboot.wire.rtnetlink import AddressMessage, Done, Failed
 
 
 def test_an_added_and_a_removed_address_in_one_datagram() -> None:
-    data = (rtnetlink.address_message(new=True, index=3, name="eth1", address="192.0.2.1",
+    data = (rtnetlink.address_message(new=True, ifindex=3, name="eth1", address="192.0.2.1",
                                       prefixlen=24)
-            + rtnetlink.address_message(new=False, index=4, name="vlan7:1",
+            + rtnetlink.address_message(new=False, ifindex=4, name="vlan7:1",
                                         address="198.51.100.9", prefixlen=25, secondary=True))
     assert rtnetlink.parse(data) == [
         AddressMessage(True, 3, "eth1", "192.0.2.1", 24),
