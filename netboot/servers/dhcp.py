@@ -59,11 +59,6 @@ REQUESTS_WAITING = 4096
 ANSWERS_KEPT = 4096
 
 
-def interface_ipv4(name: str) -> str:
-    """The first IPv4 address of interface ``name``, or ConfigError."""
-    return sockets.interface_ipv4(name, key="server.interfaces")
-
-
 @dataclass(frozen=True, slots=True)
 class _Listener:
     interface: str | None
