@@ -189,10 +189,11 @@ def _report(args: argparse.Namespace, text: str, value: Any) -> None:
 
 
 def _core(store: Store, cfg: Config, *, check_templates: bool = False,
-          as_device: bool = False) -> Core:
+          as_device: bool = False, device_at: str | None = None) -> Core:
     """The same core the server builds, with its settings; URLs as the server would give.
     ``as_device`` (``netboot render``): as a device gets them where nothing reachable is
-    advertised (:func:`_device_address`), not the server's own 127.0.0.1."""
+    advertised (:func:`_device_address`), not the server's own 127.0.0.1; ``device_at``:
+    the address the machine is known at (names.address_of), which tells its interface."""
     from netboot.content import Trust
     from netboot.model import reached_url
     from netboot.service import (
@@ -209,7 +210,7 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False,
 
     @functools.cache
     def local() -> str | None:
-        return _device_address(cfg, advertise()) if as_device else None
+        return _device_address(cfg, advertise(), device_at) if as_device else None
 
     @functools.cache
     def base_url() -> str:
@@ -226,16 +227,33 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False,
     return build_core(cfg, store, base_url, check_templates=check_templates, trust=trust)
 
 
-def _device_address(cfg: Config, advertise: str) -> str | None:
+def _device_address(cfg: Config, advertise: str, device_at: str | None = None) -> str | None:
     """The address ``netboot render`` names where the server advertises 127.0.0.1 (no
     default route, no --advertise) and answers each device with the address it reaches
-    (service.reached_at, Content.at): the first interface's, said on stderr with the
-    others' (a device on another gets that one's). None where an address is advertised."""
+    (service.reached_at, Content.at): that of the interface whose network holds the address
+    the machine is known at (``device_at``), as the device asking over it gets; else the
+    first interface's, said on stderr with the others' (a device on another gets that
+    one's). None where an address is advertised."""
+    import ipaddress
+
+    from netboot.servers.interfaces import network, snapshot_by_ioctl
     from netboot.service import reached_at
 
     found = reached_at(cfg, advertise)
     if not found:
         return None
+    if device_at is not None:
+        try:
+            known = ipaddress.IPv4Address(device_at)
+        except ValueError:
+            known = None
+        names = dict(found)
+        for entry in snapshot_by_ioctl():
+            if known is not None and entry.name in names and known in network(entry):
+                print(f"netboot: no address advertised: rendered as the device at "
+                      f"{device_at} gets it, over {entry.name} ({names[entry.name]}) "
+                      f"(--advertise ADDRESS to choose)", file=sys.stderr)
+                return names[entry.name]
     (name, address), others = found[0], found[1:]
     also = "; on " + ", ".join(f"{n} {a}" for n, a in others) if others else ""
     print(f"netboot: no address advertised: rendered as a device on {name} gets it "
@@ -547,7 +565,18 @@ def _file_error(path: Path, exc: ValidationError) -> int:
 
 
 async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    core = _core(store, cfg, check_templates=True, as_device=args.cmd == "render")
+    device_at = None
+    if args.cmd == "render":
+        from netboot.identity import by_ref
+        from netboot.names import address_of
+
+        # Where the machine is known to be (registered from, or its fixed address) tells
+        # which interface it reaches this host over (_device_address).
+        machine = await by_ref(store, args.mac)
+        if machine is not None:
+            device_at = address_of(machine, fixed_first=cfg.dhcp.mode == "authoritative")
+    core = _core(store, cfg, check_templates=True, as_device=args.cmd == "render",
+                 device_at=device_at)
     if args.cmd == "explain":
         result = await core.explain(args.mac, arch=args.arch)
         if args.json:

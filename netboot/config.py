@@ -110,6 +110,11 @@ class DhcpConfig:
     pxe_port: int = 4011
     uefi_option43: bool = False  # smee-style single offer for UEFI instead of the 4011 path
     ack_on_67: bool = False
+    # Relays (giaddr) answered besides those on a served interface's own networks (and, in
+    # authoritative mode, the pool's): the reply goes to giaddr:67, so any other giaddr made
+    # netboot reflect offers toward any address (dnsmasq answers a relay only on a network
+    # it has a dhcp-range for). IPv4 networks, e.g. ["198.51.100.0/24"].
+    relay_networks: tuple[str, ...] = ()
     authoritative: AuthoritativeConfig = field(default_factory=AuthoritativeConfig)
 
 
@@ -727,6 +732,12 @@ def _check(cfg: Config, src: _Source) -> None:
                 raise src.error(
                     key, f"{addr!r} is not an IPv4 address", "write e.g. 192.0.2.10"
                 ) from None
+    for text in cfg.dhcp.relay_networks:
+        try:
+            ipaddress.IPv4Network(text, strict=False)
+        except ValueError:
+            raise src.error("dhcp.relay_networks", f"{text!r} is not an IPv4 network",
+                            "write e.g. 198.51.100.0/24") from None
     auth = cfg.dhcp.authoritative
     if cfg.dhcp.mode == "authoritative":
         if not auth.pool_start or not auth.pool_end:

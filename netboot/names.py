@@ -34,7 +34,7 @@ import ipaddress
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -316,6 +316,22 @@ class Zone:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def served_at(self, address: str) -> Zone:
+        """This zone as a listener on ``address`` answers it: the server's own name holds
+        that address alone (dnsmasq's ``--localise-queries``: the address on the interface
+        the query came in on). A host without a default route advertises 127.0.0.1 and
+        listens on each interface (service._start_dns): a device asking over one was told
+        127.0.0.1, itself. Everything else is this zone's, shared."""
+        ip = ipaddress.ip_address(address)
+        key = _key(self.server_fqdn)
+        types = {t: rrs for t, rrs in self.nodes.get(key, {}).items()
+                 if t not in (_T_A, _T_AAAA)}
+        rtype = _T_A if ip.version == 4 else _T_AAAA
+        types[rtype] = (wire.Record(key, rtype, self.ttl, ip.packed),)
+        nodes = dict(self.nodes)
+        nodes[key] = MappingProxyType(types)
+        return replace(self, nodes=MappingProxyType(nodes))
 
 
 class _Builder:
@@ -734,6 +750,25 @@ class ZoneHolder:
 
     def replace(self, zone: Zone) -> None:
         self._zone = zone
+
+
+class ServedAt:
+    """A :class:`~netboot.servers.dns.ZoneSource` for the listener on one address: the
+    shared zone of ``source`` as :meth:`Zone.served_at` that address, made again only when
+    the shared one was replaced (a query asks for it each time: one identity check)."""
+
+    def __init__(self, source: Any, address: str) -> None:
+        self._source = source
+        self.address = address
+        self._base: Zone | None = None
+        self._zone: Zone | None = None
+
+    def zone(self) -> Zone:
+        base = self._source.zone()
+        if base is not self._base or self._zone is None:
+            self._zone = base.served_at(self.address)
+            self._base = base
+        return self._zone
 
 
 def question(name: str, qtype: str = "A", qclass: str = "IN") -> Any:

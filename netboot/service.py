@@ -419,21 +419,30 @@ def advertised_address(config: Config) -> str:
     return "127.0.0.1"
 
 
-def dhcp_listeners(config: Config, advertise: str) -> tuple[list[str] | None, str | None]:
-    """The interfaces DHCP listens on (None: all, on one socket) and the address its answers
-    give (None: each interface's own).
+def dhcp_listeners(config: Config,
+                   advertise: str) -> tuple[list[str] | None, str | None, bool]:
+    """The interfaces DHCP listens on (None: all, on one socket), the address its answers
+    give (None: each interface's own) and whether it listens on each interface that has an
+    IPv4 address (DhcpServer's each_interface).
 
     Where nothing was given and the host has no default route, the advertised address is
     127.0.0.1 (advertised_address), which a PXE client would take as its boot server: it is
     itself. Then DHCP listens on each interface that has an IPv4 address, each answering
     with that address, as dnsmasq answers with the address of the interface a request came
-    in on (an interface that comes up later is not served: name it with --interface)."""
+    in on; one that comes up later is served too, one that goes away let go (dnsmasq's
+    --bind-dynamic: servers.interfaces)."""
+    if not by_reach(config, advertise):
+        return list(config.server.interfaces) or None, advertise, False
     found = [name for name, _ in reached_at(config, advertise)]
-    if not found:
-        return list(config.server.interfaces) or None, advertise
-    log.info("dhcp: no address to advertise: answering on %s, each with its own address",
-             ", ".join(found))
-    return found, None
+    log.info("dhcp: no address to advertise: answering on %s, each with its own address, "
+             "and on each interface that comes up later", ", ".join(found) or "no interface yet")
+    return None, None, True
+
+
+def by_reach(config: Config, advertise: str) -> bool:
+    """Whether devices are answered with the address they reach this host at: nothing was
+    given and 127.0.0.1 is advertised (no default route: advertised_address)."""
+    return not (config.server.interfaces or config.server.advertise) and _loopback(advertise)
 
 
 def reached_at(config: Config, advertise: str) -> list[tuple[str, str]]:
@@ -441,7 +450,7 @@ def reached_at(config: Config, advertise: str) -> list[tuple[str, str]]:
     interface with an IPv4 address that is not loopback, and that address, where devices
     reach this host (DHCP answers with it, the HTTPS certificate names it, a device's URLs
     name the one its request came in on: Content.at). Else none."""
-    if config.server.interfaces or config.server.advertise or not _loopback(advertise):
+    if not by_reach(config, advertise):
         return []
     from netboot.servers.sockets import interface_ipv4
 
@@ -547,6 +556,11 @@ class Service:
     # bound at start (http.port 0) reaches the URLs without rebuilding anything.
     url_holder: dict[str, str] = field(default_factory=dict)
     dns_port: int = 0
+    # The host's IPv4 addresses as they come and go, for the listeners that follow them
+    # (DHCP on named interfaces or each one, DNS on each address): None when none does.
+    watcher: Any = None
+    _dns_by_address: dict[str, Any] = field(default_factory=dict)
+    _dns_changed: asyncio.Event | None = None
     _event_cursor: int = -1
     _zone_holder: Any = None
     _zone_fingerprint: int | None = None
@@ -663,10 +677,12 @@ class Service:
                 pool_start=auth.pool_start, pool_end=auth.pool_end, netmask=auth.netmask,
                 router=auth.router, dns_servers=auth.dns, domain=auth.domain,
                 lease_seconds=auth.lease_seconds)
-            interfaces, advertise = dhcp_listeners(cfg, self.advertise)
+            interfaces, advertise, each = dhcp_listeners(cfg, self.advertise)
             dhcp = DhcpServer(settings, self.boot, self.store, interfaces=interfaces,
                               advertise=advertise, port=cfg.dhcp.port,
-                              pxe_port=cfg.dhcp.pxe_port, observer=self.metrics)
+                              pxe_port=cfg.dhcp.pxe_port, observer=self.metrics,
+                              each_interface=each, relay_networks=cfg.dhcp.relay_networks,
+                              watcher=await self._watcher())
             await dhcp.start()
             self.metrics.read_dhcp_outcomes(dhcp.summary.totals)
             self.servers.append(dhcp)
@@ -786,7 +802,6 @@ class Service:
 
     async def _start_dns(self) -> None:
         from netboot.names import ZoneHolder
-        from netboot.servers.dns import DnsServer
 
         cfg = self.config
         self._zone_holder = ZoneHolder(await self._build_zone())
@@ -801,17 +816,20 @@ class Service:
         # Default: the advertised address, never 0.0.0.0 (a resolver of this host's may own
         # port 53 elsewhere). Where that is 127.0.0.1 (no default route, no --advertise),
         # which no device can reach, each interface's address too, as DHCP answers on each
-        # (dhcp_listeners): one server each, the zone shared; the advertised one last, for
-        # this host's own clients.
-        hosts = [cfg.dns.listen] if cfg.dns.listen else [
-            *(address for _, address in reached_at(cfg, self.advertise)), self.advertise]
-        asked = cfg.dns.port
+        # (dhcp_listeners): one server each, the zone shared, the server's own name holding
+        # the address asked (names.ServedAt); the advertised one last, for this host's own
+        # clients. An address that comes later gets one, one that goes away is let go.
+        following = not cfg.dns.listen and by_reach(cfg, self.advertise)
+        hosts = [cfg.dns.listen or self.advertise]
+        if following:
+            hosts[:0] = self._dns_addresses((await self._watcher()).addresses())
+        self.dns_port = cfg.dns.port
         for address in hosts:
-            dns = DnsServer(self._zone_holder, host=address, port=asked, upstreams=upstreams,
-                            forward=cfg.dns.forward)
-            await dns.start()
-            self.servers.append(dns)
-            asked = self.dns_port = dns.port  # port 0: the first's, for every address
+            await self._listen_dns(address, upstreams, fixed=address == hosts[-1])
+        if following:
+            self._dns_changed = changed = asyncio.Event()
+            self.watcher.subscribe(lambda _: changed.set())
+            self.tasks.append(asyncio.ensure_future(self._follow_dns(upstreams)))
 
         limited = RateLimitedLog(log)
 
@@ -829,6 +847,59 @@ class Service:
                     log.exception("DNS zone rebuild failed; keeping the previous zone")
 
         self.tasks.append(asyncio.ensure_future(refresh()))
+
+    async def _watcher(self) -> Any:
+        """The host's addresses, followed (one rtnetlink socket for every listener)."""
+        if self.watcher is None:
+            from netboot.servers.interfaces import InterfaceWatcher
+
+            self.watcher = InterfaceWatcher()
+            await self.watcher.start()
+        return self.watcher
+
+    @staticmethod
+    def _dns_addresses(addresses: Any) -> list[str]:
+        found: list[str] = []
+        for entry in addresses:
+            if not _loopback(entry.address) and entry.address not in found:
+                found.append(entry.address)
+        return found
+
+    async def _listen_dns(self, address: str, upstreams: list[tuple[str, int]], *,
+                          fixed: bool) -> None:
+        from netboot.names import ServedAt
+        from netboot.servers.dns import DnsServer
+
+        cfg = self.config
+        source = self._zone_holder if fixed else ServedAt(self._zone_holder, address)
+        dns = DnsServer(source, host=address, port=self.dns_port, upstreams=upstreams,
+                        forward=cfg.dns.forward)
+        await dns.start()
+        self.servers.append(dns)
+        self.dns_port = dns.port  # port 0: the first's, for every address
+        if not fixed:
+            self._dns_by_address[address] = dns
+
+    async def _follow_dns(self, upstreams: list[tuple[str, int]]) -> None:
+        """DNS on each address of the host as addresses come and go (by_reach)."""
+        assert self._dns_changed is not None
+        while True:
+            await self._dns_changed.wait()
+            self._dns_changed.clear()
+            wanted = self._dns_addresses(self.watcher.addresses())
+            for address, dns in list(self._dns_by_address.items()):
+                if address not in wanted:
+                    del self._dns_by_address[address]
+                    self.servers.remove(dns)
+                    await dns.close()
+                    log.info("dns: stopped listening on %s (the address went away)", address)
+            for address in wanted:
+                if address in self._dns_by_address:
+                    continue
+                try:
+                    await self._listen_dns(address, upstreams, fixed=False)
+                except (ConfigError, OSError) as exc:
+                    log.warning("dns: cannot listen on %s: %s", address, exc)
 
     async def _build_zone(self) -> Any:
         from netboot.names import Zone
@@ -867,6 +938,9 @@ class Service:
         for server in reversed(self.servers):
             await server.close()
         self.servers.clear()
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
         await self.boot.drain()
         if self.runner is not None:
             await self.runner.cleanup()

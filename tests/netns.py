@@ -15,7 +15,8 @@ import os
 import secrets
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -65,3 +66,22 @@ def in_namespace(ns: str, scenario: Any) -> Any:
     if "error" in out:
         raise out["error"]
     return out["result"]
+
+
+def until(predicate: Callable[[], bool], seconds: float) -> float | None:
+    """Seconds until ``predicate`` held (polled every 50 ms), or None if not within
+    ``seconds``."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return None
+
+
+def udp_sockets(ns: str, needle: str) -> int:
+    """How many UDP sockets of ``ns`` have ``needle`` in their ``ss`` line (e.g. "%eth1:67",
+    a socket bound to eth1 on port 67; "192.0.2.1:53")."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-uanH"], capture_output=True,
+                         timeout=20, text=True, check=True).stdout
+    return sum(needle in line for line in out.splitlines())

@@ -466,3 +466,12 @@ def test_bad_dsn_in_env_or_file_names_its_source(tmp_path: Path) -> None:
              env={})
     assert str(secret) in str(err.value) and "hunter2" not in str(err.value)
     assert err.value.key == "inventory.dsn_file" and err.value.line == 3
+
+
+def test_relay_networks_are_ipv4_networks(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "dhcp:\n  relay_networks: [198.51.100.0/24, 192.0.2.7]\n"),
+               env={})
+    assert cfg.dhcp.relay_networks == ("198.51.100.0/24", "192.0.2.7")
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "dhcp:\n  relay_networks: [198.51.100.0/33]\n"), env={})
+    assert err.value.key == "dhcp.relay_networks" and err.value.line == 2

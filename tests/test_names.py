@@ -424,3 +424,34 @@ def test_with_authoritative_dhcp_a_machine_is_at_its_fixed_address() -> None:
     assert rdata(ask(own, "edge.netboot.lan")) == ["10.0.1.10"]
     assert own.endpoints["edge"] == ("10.0.1.10",)
     assert rdata(ask(own, "node1.netboot.lan")) == ["10.0.1.11"]
+
+
+def test_the_server_name_as_a_listener_on_one_address_answers_it() -> None:
+    """A host without a default route advertises 127.0.0.1 and listens on each interface
+    (service._start_dns): a device asking for the server's own name over one was told
+    127.0.0.1 (itself). The listener on an address answers that address alone (dnsmasq's
+    --localise-queries), on both answering paths; the rest of the zone is the shared one's."""
+    from netboot.names import ServedAt, answer_plain
+    from netboot.wire.dns import parse_plain_query
+
+    shared = build(server_addrs=["127.0.0.1"])
+    assert rdata(ask(shared, "netboot.netboot.lan")) == ["127.0.0.1"]
+    holder = ZoneHolder(shared)
+    source = ServedAt(holder, "192.0.2.10")
+    zone = source.zone()
+    assert source.zone() is zone  # made once per shared zone: a query costs a look-up
+    assert rdata(ask(zone, "netboot.netboot.lan")) == ["192.0.2.10"]
+    assert rdata(ask(zone, "netboot.netboot.lan", "AAAA")) == []
+    assert rdata(ask(zone, "node1.netboot.lan")) == ["10.0.0.11"]
+    assert rdata(ask(zone, "netboot.lan", "NS")) == ["netboot.netboot.lan."]
+    query = DNSRecord(DNSHeader(id=7), questions=[DNSQuestion("netboot.netboot.lan")])
+    query = bytes(query.pack())
+    plain = parse_plain_query(query)
+    assert plain is not None
+    fast = answer_plain(zone, query, plain, max_udp=1232, recursion=False)
+    assert fast is not None and rdata(DNSRecord.parse(fast.data)) == ["192.0.2.10"]
+    # The shared zone replaced (the inventory changed): the listener's is made again.
+    holder.replace(build([machine(1, ipv4="10.0.0.99")], server_addrs=["127.0.0.1"]))
+    assert rdata(ask(source.zone(), "node1.netboot.lan")) == ["10.0.0.99"]
+    assert rdata(ask(source.zone(), "netboot.netboot.lan")) == ["192.0.2.10"]
+    assert rdata(ask(shared, "netboot.netboot.lan")) == ["127.0.0.1"]  # itself unchanged

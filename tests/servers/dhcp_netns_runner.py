@@ -1,8 +1,11 @@
 """Runs netboot's DHCP server for tests/servers/test_dhcp_netns.py inside a network namespace.
 
-Usage: ``ip netns exec NS python -m tests.servers.dhcp_netns_runner MODE INTERFACE``.
-Prints ``READY <advertised ip>`` on stdout once listening, serves until stdin closes (the test
-closes it, or dies), then shuts down cleanly. Logs go to stderr.
+Usage: ``ip netns exec NS python -m tests.servers.dhcp_netns_runner MODE INTERFACE
+[RELAY_NETWORKS]``: INTERFACE ``each`` serves every interface with an IPv4 address (what
+``serve`` does on a host without a default route); RELAY_NETWORKS, comma-separated, are
+``dhcp.relay_networks``. Prints ``READY <advertised ip>`` on stdout once listening (``-`` when
+the interface has no address yet), serves until stdin closes (the test closes it, or dies),
+then shuts down cleanly. Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import logging
 import sys
 
 from netboot.pxe import DhcpSettings
-from netboot.servers.dhcp import DhcpServer, interface_ipv4
+from netboot.servers.dhcp import DhcpServer
 from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
 
 
-async def main(mode: str, interface: str) -> None:
+async def main(mode: str, interface: str, relay_networks: tuple[str, ...] = ()) -> None:
     if mode == "authoritative":
         settings = DhcpSettings(
             mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.109",
@@ -25,10 +28,12 @@ async def main(mode: str, interface: str) -> None:
         )
     else:
         settings = DhcpSettings()
-    server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(), interfaces=[interface],
-                        advertise=None)
+    each = interface == "each"
+    server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(),
+                        interfaces=None if each else [interface], advertise=None,
+                        each_interface=each, relay_networks=relay_networks)
     await server.start()
-    print("READY", interface_ipv4(interface), flush=True)
+    print("READY", next(iter(server.interfaces.values()), "-"), flush=True)
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, sys.stdin.read)  # returns at EOF
@@ -39,4 +44,5 @@ async def main(mode: str, interface: str) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2],
+                     tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ()))

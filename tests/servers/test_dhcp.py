@@ -261,7 +261,10 @@ async def test_a_relayed_requests_agent_information_is_echoed_last(mode: str) ->
     server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(), interfaces=None,
                         advertise=LOOPBACK, host=LOOPBACK, port=0, pxe_port=0,
                         broadcast_address=LOOPBACK, client_port=9, relay_port=relay.port,
-                        probe=False)
+                        probe=False,
+                        # A relay is answered on a network served (dhcp.relay_networks; the
+                        # authoritative pool's network is one by itself).
+                        relay_networks=("127.0.0.0/8",) if mode == "proxy" else ())
     await server.start()
     try:
         dhcp_port, _ = server.ports
@@ -286,3 +289,41 @@ async def test_a_relayed_requests_agent_information_is_echoed_last(mode: str) ->
     for reply in replies:
         assert reply.option(82) == AGENT_INFO
         assert [o.code for o in reply.options if o.code not in (0, 255)][-1] == 82
+
+
+def test_a_relay_is_allowed_on_the_networks_served_only() -> None:
+    from ipaddress import IPv4Network
+
+    from netboot.servers.dhcp import relay_allowed
+
+    nets = [IPv4Network("192.0.2.0/24"), IPv4Network("198.51.100.0/25")]
+    assert relay_allowed("192.0.2.200", nets) and relay_allowed("198.51.100.127", nets)
+    assert not relay_allowed("198.51.100.128", nets)
+    assert not relay_allowed("203.0.113.1", [])
+    assert not relay_allowed("not an address", nets)
+
+
+async def test_an_unlisted_relay_is_dropped_with_a_line_and_an_outcome(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Proxy mode on loopback: a DISCOVER relayed by 203.0.113.9 (in no network served, none
+    listed) was answered to 203.0.113.9:67 (s36-attack's ~1x reflection). Dropped: warnings
+    rate-limited under one key (any giaddr: a host writes what it likes there), each
+    counted as "relay not allowed" (the outcome netboot_dhcp_outcomes_total reads)."""
+    server = DhcpServer(DhcpSettings(), TableDecider(), MemoryLeaseStore(), interfaces=None,
+                        advertise=LOOPBACK, host=LOOPBACK, port=0, pxe_port=0, probe=False)
+    await server.start()
+    try:
+        for xid in range(20):
+            data = _relayed(MessageType.DISCOVER, giaddr=f"203.0.113.{xid}", xid=0x90 + xid)
+            assert await server.handle(data, ("203.0.113.9", 67), server_ip=LOOPBACK,
+                                       pxe_port=False) == []
+        # On :4011 the answer goes back to the sender (no giaddr aiming): answered.
+        replies = await server.handle(
+            _relayed(MessageType.REQUEST, giaddr="203.0.113.9", xid=0x99),
+            ("203.0.113.9", 4011), server_ip=LOOPBACK, pxe_port=True)
+        assert [dest for _, dest in replies] == [("203.0.113.9", 4011)]
+    finally:
+        await server.close()
+    assert server.summary.totals()["relay not allowed"] == 20
+    lines = [r for r in caplog.records if "relayed by 203.0.113." in r.getMessage()]
+    assert len(lines) == 5 and {r.levelno for r in lines} == {logging.WARNING}

@@ -21,6 +21,7 @@ import pytest
 
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
+from tests.netns import udp_sockets, until
 
 ROOT = Path(__file__).resolve().parents[2]
 UDHCPC = shutil.which("udhcpc") or shutil.which("busybox")
@@ -45,7 +46,8 @@ class Link:
 
 
 @pytest.fixture
-def link() -> Iterator[Link]:
+def bare_link() -> Iterator[Link]:
+    """Two namespaces and nothing between them yet: the test makes the veth pair."""
     tag = secrets.token_hex(3)
     lk = Link(f"nbt-{tag}-s", f"nbt-{tag}-c")
     created: list[str] = []
@@ -54,23 +56,31 @@ def link() -> Iterator[Link]:
             ip("netns", "add", ns)
             created.append(ns)
             ip("-n", ns, "link", "set", "lo", "up")
-        # Created inside the server namespace, peer moved straight into the client's.
-        ip("-n", lk.server_ns, "link", "add", lk.server_if, "type", "veth", "peer", "name",
-           lk.client_if, "netns", lk.client_ns)
-        ip("-n", lk.server_ns, "addr", "add", "192.0.2.1/24", "dev", lk.server_if)
-        ip("-n", lk.server_ns, "link", "set", lk.server_if, "up")
-        ip("-n", lk.client_ns, "link", "set", lk.client_if, "up")
         yield lk
     finally:
         for ns in created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
+@pytest.fixture
+def link(bare_link: Link) -> Iterator[Link]:
+    lk = bare_link
+    # Created inside the server namespace, peer moved straight into the client's.
+    ip("-n", lk.server_ns, "link", "add", lk.server_if, "type", "veth", "peer", "name",
+       lk.client_if, "netns", lk.client_ns)
+    ip("-n", lk.server_ns, "addr", "add", "192.0.2.1/24", "dev", lk.server_if)
+    ip("-n", lk.server_ns, "link", "set", lk.server_if, "up")
+    ip("-n", lk.client_ns, "link", "set", lk.client_if, "up")
+    yield lk
+
+
 class Server:
-    def __init__(self, link: Link, mode: str) -> None:
+    def __init__(self, link: Link, mode: str, interface: str | None = None,
+                 relay_networks: str | None = None) -> None:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", link.server_ns, sys.executable, "-m",
-             "tests.servers.dhcp_netns_runner", mode, link.server_if],
+             "tests.servers.dhcp_netns_runner", mode, interface or link.server_if,
+             *([relay_networks] if relay_networks else [])],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
@@ -381,3 +391,129 @@ def test_a_ciaddr_off_the_link_does_not_aim_a_reply_at_another_host(link: Link,
     assert got[0] == (1, 0), (got, log)
     # The INFORM: nothing anywhere (a proxy answers no INFORM on :67 either).
     assert got[1] == (0, 0), (got, log)
+
+
+# A relay's sockets on port 67 of the addresses given (argv[2]: comma-separated), and a
+# host's on port 68 of the link: each datagram (argv[3:]) broadcast from the host in turn,
+# then how many replies with its xid reached each relay address within a second.
+RELAY_SCRIPT = _CLIENT_SOCKET + r"""relays = {}
+for address in sys.argv[2].split(","):
+    relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    relay.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    relay.bind((address, 67))
+    relays[relay] = address
+for step in sys.argv[3:]:
+    data = bytes.fromhex(step)
+    sock.sendto(data, ("255.255.255.255", 67))
+    got = dict.fromkeys(relays.values(), 0)
+    ready, _, _ = select.select(list(relays), [], [], 1.0)
+    while ready:
+        for s in ready:
+            reply, _ = s.recvfrom(4096)
+            if reply[4:8] == data[4:8] and reply[0] == 2:
+                got[relays[s]] += 1
+        ready, _, _ = select.select(list(relays), [], [], 0.3)
+    print(" ".join(f"{a}={n}" for a, n in got.items()), flush=True)
+"""
+
+
+def _relayed_to(link: Link, relays: list[str], datagrams: list[bytes]) -> list[dict[str, int]]:
+    result = subprocess.run(
+        ["ip", "netns", "exec", link.client_ns, sys.executable, "-c", RELAY_SCRIPT,
+         link.client_if, ",".join(relays), *(d.hex() for d in datagrams)],
+        capture_output=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return [{a: int(n) for a, n in (pair.split("=") for pair in line.split())}
+            for line in result.stdout.decode().splitlines()]
+
+
+def _with_giaddr(data: bytes, giaddr: str) -> bytes:
+    out = bytearray(data)
+    out[24:28] = bytes(int(part) for part in giaddr.split("."))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("mode", ["proxy", "authoritative"])
+def test_a_relayed_request_is_answered_only_from_a_relay_network_served(link: Link,
+                                                                       mode: str) -> None:
+    """A DISCOVER naming a relay (giaddr) is answered to giaddr:67 (RFC 2131 §4.1). Proxy
+    mode answered whatever giaddr a host wrote: an OFFER aimed at port 67 of any address
+    (~1x reflection, s36-attack). dnsmasq answers a relayed request only when giaddr lies in
+    a network it serves; netboot now too: the served interface's own network (192.0.2.0/24
+    here) and dhcp.relay_networks (198.51.100.0/25); a relay elsewhere (198.51.100.200) is
+    dropped, with one log line and the outcome "relay not allowed". The relays' addresses
+    live in the client namespace, routed from the server's."""
+    ip("-n", link.client_ns, "addr", "add", "192.0.2.50/24", "dev", link.client_if)
+    for address in ("198.51.100.7", "198.51.100.200"):
+        ip("-n", link.client_ns, "addr", "add", f"{address}/32", "dev", "lo")
+    ip("-n", link.server_ns, "route", "add", "198.51.100.0/24", "via", "192.0.2.50")
+    server = Server(link, mode, relay_networks="198.51.100.0/25")
+    relays = ["192.0.2.50", "198.51.100.7", "198.51.100.200"]
+    pxe = _PXE if mode == "proxy" else {}
+    mac = bytes.fromhex("5254000000d7")
+    datagrams = [_with_giaddr(_client(MessageType.DISCOVER, mac, 0x5EED0300 + i, **pxe), relay)
+                 for i, relay in enumerate([*relays, "198.51.100.201"])]
+    try:
+        got = _relayed_to(link, relays, datagrams)
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+    nothing = dict.fromkeys(relays, 0)
+    # A relay on the served interface's network: answered, as before.
+    assert got[0] == {**nothing, "192.0.2.50": 1}, (got, log)
+    if mode == "proxy":
+        # Listed in dhcp.relay_networks: answered.
+        assert got[1] == {**nothing, "198.51.100.7": 1}, (got, log)
+    else:
+        # Listed, but off the pool's network: no address to offer behind it.
+        assert got[1] == nothing, (got, log)
+        assert "1 relay off the pool's network" in log, log
+    # Neither: dropped (it was answered, to 198.51.100.200:67).
+    assert got[2] == nothing, (got, log)
+    # A line (rate-limited under one key: any giaddr is a host's choice), and the outcome
+    # counted (netboot_dhcp_outcomes_total).
+    assert log.count("relayed by 198.51.100.200, which is in no network served nor in "
+                     "dhcp.relay_networks: dropped") == 1, log
+    assert "2 relay not allowed" in log, log
+
+
+@pytest.mark.requires("ss", "iproute2")
+@pytest.mark.parametrize("named", [True, False], ids=["interface-named", "each-interface"])
+def test_an_interface_that_comes_up_after_start_is_served_and_let_go(bare_link: Link,
+                                                                    named: bool) -> None:
+    """DHCP listened on the interfaces it found at start only: one that came up later (a
+    VLAN, a USB NIC, a hypervisor's bridge) was never served, and on a host without a
+    default route (each interface served with its own address) not even a restart's worth
+    of warning said so. Now, as dnsmasq's --bind-dynamic, netboot follows the kernel's
+    address events (rtnetlink): started with no such interface, the veth that comes up with
+    192.0.2.1 is listened on within about a second and a PXE DISCOVER over it gets an OFFER
+    naming 192.0.2.1; the address removed, its sockets are closed (they stayed)."""
+    link = bare_link
+    server = Server(link, "proxy", interface=link.server_if if named else "each")
+    try:
+        assert server.address == "-"
+        assert udp_sockets(link.server_ns, f"%{link.server_if}:") == 0
+        ip("-n", link.server_ns, "link", "add", link.server_if, "type", "veth", "peer",
+           "name", link.client_if, "netns", link.client_ns)
+        ip("-n", link.server_ns, "link", "set", link.server_if, "up")
+        ip("-n", link.client_ns, "link", "set", link.client_if, "up")
+        ip("-n", link.client_ns, "addr", "add", "192.0.2.50/24", "dev", link.client_if)
+        ip("-n", link.server_ns, "addr", "add", "192.0.2.1/24", "dev", link.server_if)
+        came = until(lambda: udp_sockets(link.server_ns, f"%{link.server_if}:") == 2, 5)
+        assert came is not None and came < 1.5, came
+        mac = bytes.fromhex("5254000000e1")
+        reply = _exchange_in_namespace(link, _client(MessageType.DISCOVER, mac, 0x5EED0401,
+                                                     PARAMETER_REQUEST_LIST=bytes((1, 3, 66, 67)),
+                                                     **_PXE))
+        ip("-n", link.server_ns, "addr", "del", "192.0.2.1/24", "dev", link.server_if)
+        went = until(lambda: udp_sockets(link.server_ns, f"%{link.server_if}:") == 0, 5)
+    finally:
+        log = server.stop()
+    assert reply is not None, log
+    offer = dhcp.parse(reply)
+    assert offer.message_type == MessageType.OFFER and offer.siaddr == "192.0.2.1", log
+    assert went is not None and went < 1.5, (went, log)
+    assert f"listening on 0.0.0.0:67 ({link.server_if}), advertising 192.0.2.1" in log, log
+    assert f"dhcp: stopped listening on {link.server_if} (its address went away)" in log, log
+    assert "Traceback" not in log, log

@@ -1,0 +1,169 @@
+"""A host without a default route: DNS's own name, ``netboot render``, and interfaces that
+come up after ``netboot serve`` started (s37-net).
+
+The same namespaces as tests/test_service_reached_netns.py: ``netboot serve`` in one of its
+own with an interface on 192.0.2.0/24 and one on 198.51.100.0/24 (veth pairs to a client
+namespace each), no default route, nothing advertised: it advertises 127.0.0.1 and answers
+each device with the address its request came in on.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import INITRD, KERNEL
+from tests.netns import udp_sockets, until
+from tests.test_service_reached_netns import (
+    MAC_A,
+    MAC_B,
+    SUBNETS,
+    env,
+    ip,
+    netboot,
+    pxe_offer,
+    serving,
+)
+
+pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
+              pytest.mark.requires("curl", "curl"), pytest.mark.requires("ss", "iproute2")]
+
+
+def _namespaces(sides: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    tag = secrets.token_hex(3)
+    names = {"srv": f"s37net-{tag}-s", "a": f"s37net-{tag}-a", "b": f"s37net-{tag}-b"}
+    made: list[str] = []
+    try:
+        for ns in names.values():
+            ip("netns", "add", ns)
+            made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        for side in sides:
+            connect(names, side)
+        yield names
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def connect(names: dict[str, str], side: str) -> None:
+    """The veth pair between the server's namespace and ``side``'s, addressed and up."""
+    server, client = SUBNETS[side]
+    ip("-n", names["srv"], "link", "add", f"v{side}", "type", "veth", "peer", "name", "eth0",
+       "netns", names[side])
+    ip("-n", names[side], "addr", "add", f"{client}/24", "dev", "eth0")
+    ip("-n", names[side], "link", "set", "eth0", "up")
+    ip("-n", names["srv"], "link", "set", f"v{side}", "up")
+    ip("-n", names["srv"], "addr", "add", f"{server}/24", "dev", f"v{side}")
+
+
+@pytest.fixture
+def subnets() -> Iterator[dict[str, str]]:
+    yield from _namespaces(("a", "b"))
+
+
+@pytest.fixture
+def one_subnet() -> Iterator[dict[str, str]]:
+    """Side a connected; side b's namespace is there, its link made by the test."""
+    yield from _namespaces(("a",))
+
+
+def resolve(ns: str, server: str, name: str = "netboot.netboot.lan") -> str:
+    """The A records of ``name`` asked from ``ns`` of ``server``:53 (or the error's name)."""
+    script = ("import sys, dns.message, dns.query\n"
+              "q = dns.message.make_query(sys.argv[2], 'A')\n"
+              "try:\n"
+              "    r = dns.query.udp(q, sys.argv[1], timeout=1)\n"
+              "    print(' '.join(sorted(i.address for s in r.answer for i in s)))\n"
+              "except Exception as exc:\n"
+              "    print(type(exc).__name__)\n")
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script, server,
+                           name], capture_output=True, timeout=30, text=True, env=env())
+    return done.stdout.strip() or done.stderr.strip()
+
+
+def config(tmp_path: Path, dhcp: bool = True) -> tuple[str, ...]:
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "vmlinuz").write_bytes(KERNEL)
+    (assets / "initrd.img").write_bytes(INITRD)
+    (assets / "undionly.kpxe").write_bytes(b"UNDI" * 100)
+    path = tmp_path / "netboot.yaml"
+    # No server.advertise, no interfaces: a newcomer's first run; DNS on.
+    path.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\n"
+                    f"tftp:\n  enabled: false\nhttps:\n  enabled: false\n"
+                    f"dns:\n  enabled: true\n"
+                    + ("" if dhcp else "dhcp:\n  mode: \"off\"\n")
+                    + f"assets:\n  dirs: [{assets}]\n")
+    cfg = ("--config", str(path))
+    for args in (("clusters", "add", "edge", "--endpoint", "k3s.example"),
+                 ("profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img"),
+                 ("machines", "add", MAC_A, "--profile", "p", "--cluster", "edge"),
+                 # Known on b's network (its fixed address): render names b's interface.
+                 ("machines", "add", MAC_B, "--profile", "p", "--cluster", "edge",
+                  "--fixed-ipv4", "198.51.100.60")):
+        subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
+                       capture_output=True, timeout=60)
+    return cfg
+
+
+def test_the_servers_own_name_and_render_name_the_interface_a_device_reaches(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """DNS listened on each interface (s36-user) but the server's own name held 127.0.0.1
+    there: a device resolving netboot.<zone> was told itself. Now each listener answers
+    its own address (dnsmasq's --localise-queries), 127.0.0.1 still for this host.
+    ``netboot render`` named the first interface's address for every machine: now, for a
+    machine known at an address (198.51.100.60), the interface on that network's."""
+    cfg = config(tmp_path, dhcp=False)
+    rendered = subprocess.run(netboot("render", *cfg, MAC_B, "pxelinux", ns=subnets["srv"]),
+                              env=env(), capture_output=True, timeout=60, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "http://198.51.100.10:8080/config/" in rendered.stdout, rendered.stdout
+    assert "192.0.2.10" not in rendered.stdout and "127.0.0.1" not in rendered.stdout
+    assert "rendered as the device at 198.51.100.60 gets it, over vb (198.51.100.10)" \
+        in rendered.stderr, rendered.stderr
+    # A machine known nowhere: the first interface's, as before, the others named.
+    first = subprocess.run(netboot("render", *cfg, MAC_A, "pxelinux", ns=subnets["srv"]),
+                           env=env(), capture_output=True, timeout=60, text=True)
+    assert "http://192.0.2.10:8080/config/" in first.stdout, first.stdout
+    assert "rendered as a device on va gets it (192.0.2.10); on vb 198.51.100.10" \
+        in first.stderr, first.stderr
+    with serving(cfg, subnets, tmp_path):
+        got = {side: resolve(subnets[side], SUBNETS[side][0]) for side in SUBNETS}
+        got["srv"] = resolve(subnets["srv"], "127.0.0.1")
+    assert got == {"a": "192.0.2.10", "b": "198.51.100.10", "srv": "127.0.0.1"}, got
+
+
+def test_an_interface_that_comes_up_after_start_gets_dhcp_and_dns(
+        one_subnet: dict[str, str], tmp_path: Path) -> None:
+    """``netboot serve`` started with one interface (va); vb comes up later. DHCP and DNS
+    were never served on it (a restart was needed) and, the address gone, their sockets
+    stayed. Now within about a second of its address a PXE DISCOVER over it gets an OFFER
+    naming 198.51.100.10 and DNS there answers the server's name with that address; the
+    address removed, both let go of it."""
+    subnets = one_subnet
+    cfg = config(tmp_path)
+    with serving(cfg, subnets, tmp_path):
+        connect(subnets, "b")
+        came = until(lambda: resolve(subnets["b"], "198.51.100.10") == "198.51.100.10", 10)
+        offer = pxe_offer(subnets["b"], MAC_B)
+        ip("-n", subnets["srv"], "addr", "del", "198.51.100.10/24", "dev", "vb")
+        went = until(lambda: udp_sockets(subnets["srv"], "198.51.100.10:53") == 0
+                      and udp_sockets(subnets["srv"], "%vb:67") == 0, 5)
+        # Side a served throughout.
+        still = resolve(subnets["a"], "192.0.2.10")
+    log = (tmp_path / "serve.log").read_text()
+    assert came is not None and came < 3, (came, log)
+    assert offer is not None and offer.siaddr == "198.51.100.10", (offer, log)
+    assert went is not None and went < 1.5, (went, log)
+    assert still == "192.0.2.10"
+    assert "dhcp: proxy mode listening on 0.0.0.0:67 (vb), advertising 198.51.100.10" in log
+    assert "dns: listening on 198.51.100.10:53" in log, log
+    assert "dhcp: stopped listening on vb (its address went away)" in log, log
+    assert "dns: stopped listening on 198.51.100.10 (the address went away)" in log, log
+    assert "Traceback" not in log, log
