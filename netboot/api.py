@@ -32,7 +32,15 @@ from netboot.access import (
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, parse_import, token_expired, token_is, token_matches
-from netboot.errors import NetbootError, NotFound, OutcomeUnknown, RateLimited, ValidationError
+from netboot.errors import (
+    AuthError,
+    NetbootError,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    StoreError,
+    ValidationError,
+)
 from netboot.events import EventBus, Missed, Published
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
@@ -51,6 +59,12 @@ ACTOR_KEY = web.RequestKey("actor", str)
 TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
 SSE_KEEPALIVE_SECONDS = 15.0
+# How often an open event stream's token is checked again: a stream is authenticated when it
+# opens and then lasts as long as its reader, so a revoked or expired token (a leaked
+# dashboard token revoked, a 90 s one) kept receiving every machine event, and kept one of
+# EventBus.max_subscribers, for good (s37-attack). Kubernetes ends a watch at a timeout for
+# the same reason; here the stream ends within this time of the token's end.
+SSE_RECHECK_SECONDS = 15.0
 # Encoded SSE messages kept for the other streams (Api._frame): a subscriber's queue holds
 # at most EventBus.queue_size (1,000) events, so a stream that is behind by more has been
 # told "missed" for the rest.
@@ -384,6 +398,9 @@ class Api:
         what is shown). Needs a token (bearer or the dashboard's cookie): event messages
         name machines, addresses and clusters (read scope)."""
         assert self._events is not None
+        token = request_token(request)  # what opened it (guarded: valid then)
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         with self._events.subscribe() as sub:
             resp = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-store",
@@ -393,15 +410,29 @@ class Api:
             # The browser reconnects by itself after a drop (EventSource, 3 s by default).
             await resp.write(b"retry: 3000\n: connected\n\n")
             while True:
+                idle = False
                 try:
                     item = await asyncio.wait_for(sub.next(), SSE_KEEPALIVE_SECONDS)
                 except TimeoutError:
+                    item, idle = None, True
+                if item is None and not idle:  # the server stops (EventBus.close)
+                    return resp
+                if loop.time() - checked >= SSE_RECHECK_SECONDS:
+                    # Before anything more is sent: the token may have been revoked or
+                    # expired since the stream opened (or since the last check).
+                    try:
+                        await self._access.authenticate(token)
+                    except AuthError:
+                        return resp  # EventSource reconnects and is told 401
+                    except StoreError:
+                        pass  # the inventory does not answer now: asked again next time
+                    else:
+                        checked = loop.time()
+                if item is None:
                     # A comment line: keeps proxies and NAT from closing an idle stream,
                     # and finds a reader that went away.
                     await resp.write(b": keep-alive\n\n")
                     continue
-                if item is None:  # the server stops: the stream ends (EventBus.close)
-                    return resp
                 # What else is queued goes in the same write: a storm's group commit
                 # publishes hundreds of events at once, which were a write (a send, a TCP
                 # segment) each, per open dashboard (benchmarks/README.md, s36-ops).

@@ -1871,3 +1871,40 @@ async def test_a_stream_that_never_reads_holds_bounded_memory_and_is_let_go(
         assert bus.subscribers == 0
     finally:
         sock.close()
+
+
+async def test_a_stream_opened_with_a_token_ends_once_the_token_is_revoked(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event stream was authenticated when it opened, then lasted as long as its reader:
+    a revoked (or expired) token's stream kept receiving every machine event, and kept its
+    slot of EventBus.max_subscribers, for good (s37-attack). Now its token is checked again
+    before anything more is sent, and the stream ends; a valid token's stream goes on."""
+    from netboot import api
+
+    monkeypatch.setattr(api, "SSE_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(api, "SSE_KEEPALIVE_SECONDS", 0.2)
+    made = await env.post("/api/v1/tokens", {"name": "leaked", "scope": "read"}, status=201)
+    reader = {"Authorization": f"Bearer {made['token']}"}
+    leaked = await env.client.get("/api/v1/events/stream", headers=reader)
+    kept = await _open_stream(env)
+    assert leaked.status == 200
+    assert (await leaked.content.readuntil(b"\n\n")).startswith(b"retry: 3000")
+    try:
+        r = await call(env, "DELETE", "/api/v1/tokens/leaked")
+        assert r.status == 204
+        await asyncio.sleep(0.5)
+        env.service.events.published(_burst(3))
+        got = b""
+        while got.count(b"event: machine") < 3:
+            got += await asyncio.wait_for(kept.content.readuntil(b"\n\n"), 10)
+        rest = await asyncio.wait_for(leaked.content.read(), 10)  # ends: b"" at its end
+        assert b"event: machine" not in rest, rest
+        assert leaked.content.at_eof()
+        for _ in range(100):
+            if env.service.events.subscribers == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert env.service.events.subscribers == 1  # the revoked one's slot given back
+    finally:
+        leaked.close()
+        kept.close()
