@@ -1908,3 +1908,4 @@ async def test_a_stream_opened_with_a_token_ends_once_the_token_is_revoked(
     finally:
         leaked.close()
         kept.close()
+
