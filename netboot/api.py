@@ -35,6 +35,7 @@ from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, parse_import, token_expired, token_is, token_matches
 from netboot.errors import (
     AuthError,
+    Conflict,
     NetbootError,
     NotFound,
     OutcomeUnknown,
@@ -56,6 +57,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Per request, for the audit log: who asked (a token's name, machine:<id>) and, where the path
 # does not name it, what was created.
 ACTOR_KEY = web.RequestKey("actor", str)
+# Who the request's token is (Api.principal): what an import may do with it.
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 # Set on a refused report that is not the first of its run (RateLimited.told): not audited.
 TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
@@ -245,13 +248,34 @@ class Api:
         # A bearer token, or the dashboard's session cookie (with its CSRF token on changes).
         found = await self._access.authenticate(request_token(request))
         request[ACTOR_KEY] = found.name
+        request[PRINCIPAL_KEY] = found
         return found
 
     def allow(self, permission: Permission, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            (await self.principal(request)).require(permission)
-            return await handler(request)
+            who = await self.principal(request)
+            who.require(permission)
+            if who.allows(Permission.READ):
+                return await handler(request)
+            try:
+                return await handler(request)
+            except Conflict as exc:
+                if exc.holder is None:
+                    raise
+                # A token that may not read (enroll: a factory-floor scanner) is told that an
+                # identifier or name is taken, not which machine holds it: "serial X already
+                # belongs to machine m-… (52:54:…)" mapped serials and hostnames to the MACs
+                # a host on the VLAN needs to take a machine's install (s37-attack).
+                raise Conflict(f"{exc.field or 'an identifier'} is held by another machine "
+                               "already", field=exc.field) from None
         return guarded
+
+    @staticmethod
+    def _create_only(request: web.Request) -> bool:
+        """Whether an import may only create machines (and enroll discovered ones): for a
+        token that may not change them (enroll scope), Enroller.import_rows' create_only."""
+        who = request.get(PRINCIPAL_KEY)
+        return who is None or not who.allows(Permission.OPERATE)
 
     @web.middleware
     async def _audit_middleware(self, request: web.Request,
@@ -662,7 +686,8 @@ class Api:
             if not isinstance(row, dict):
                 raise ValidationError(f"machines[{i}]", "expected an object")
             items.append((i + 1, row))
-        report = await self._enroll.import_rows(items, dry_run=dry_run)
+        report = await self._enroll.import_rows(items, dry_run=dry_run,
+                                                create_only=self._create_only(request))
         status = 400 if report.errors else (200 if dry_run else 201)
         return web.json_response(report.as_dict(), status=status)
 
@@ -686,7 +711,8 @@ class Api:
         except UnicodeDecodeError:
             raise ValidationError("body", "the file is not UTF-8 text") from None
         rows = parse_import(text, fmt)
-        report = await self._enroll.import_rows(rows, dry_run=dry_run in ("1", "true"))
+        report = await self._enroll.import_rows(rows, dry_run=dry_run in ("1", "true"),
+                                                create_only=self._create_only(request))
         status = 400 if report.errors else (200 if not report.applied else 201)
         return web.json_response(report.as_dict(), status=status)
 

@@ -1909,3 +1909,80 @@ async def test_a_stream_opened_with_a_token_ends_once_the_token_is_revoked(
         leaked.close()
         kept.close()
 
+
+
+# --- an enroll token (a factory-floor scanner) changes and reads nothing (s37-attack) --------
+
+
+async def _scanner(env: Env) -> dict[str, str]:
+    made = await env.post("/api/v1/tokens", {"name": "scanner", "scope": "enroll"}, status=201)
+    return {"Authorization": f"Bearer {made['token']}"}
+
+
+@pytest.mark.parametrize("route", ["import", "bulk"])
+async def test_an_enroll_token_cannot_change_a_machine_through_an_import(
+        env: Env, route: str) -> None:
+    """PATCH needs scope operator; an enroll token's import of a row naming an enrolled
+    machine updated it all the same: renamed, made a server, labelled and pinned to an
+    address of the token holder's choosing (a machine with fixed_ipv4 installs only from
+    that address and registers it: its install, the cluster's join token and the
+    endpoint's name go there). Now such a row is an error naming no machine; new machines
+    and discovered records are enrolled as before."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1", "serial": "SN-1"},
+                   status=201)
+    await env.client.get("/ipxe", params={"mac": "52:54:00:00:00:77", "arch": "x86_64"})
+    scanner = await _scanner(env)
+    rows = [{"mac": MAC, "hostname": "evil-1", "role": "server", "fixed_ipv4": "192.0.2.66",
+             "labels": {"owned": "yes"}},
+            {"serial": "SN-1", "hostname": "evil-2"}]
+    for row in rows:
+        if route == "bulk":
+            r = await call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [row]},
+                           headers=scanner, admin=False)
+        else:
+            body = json.dumps([row])
+            r = await call(env, "POST", "/api/v1/machines:import?format=json", data=body,
+                           headers={**scanner, "Content-Type": "application/json"},
+                           admin=False)
+        assert r.status == 400, (r.status, r.text)
+        report = r.json()
+        assert report["changed"] == [] and report["applied"] is False, report
+        assert "scope operator" in report["errors"][0]["message"], report
+        assert MAC not in r.text and "edge-1" not in r.text, r.text
+    stored = await env.get(f"/api/v1/machines/{MAC}")
+    assert (stored["hostname"], stored["role"], stored["fixed_ipv4"], stored["labels"]) == (
+        "edge-1", None, None, {})
+    # What a scanner is for still works: a new machine, and a discovered record enrolled.
+    r = await call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [
+        {"mac": "52:54:00:00:00:88", "hostname": "new-1"}, {"mac": "52:54:00:00:00:77"}]},
+        headers=scanner, admin=False)
+    assert r.status == 201, r.text
+    assert (await env.get("/api/v1/machines/52:54:00:00:00:77"))["state"] == "enrolled"
+    # An operator's import still updates.
+    r = await call(env, "POST", "/api/v1/machines:bulk",
+                   json_body={"machines": [{"mac": MAC, "hostname": "edge-9"}]})
+    assert r.status == 201 and r.json()["changed"] == [MAC], r.text
+
+
+async def test_an_enroll_token_is_not_told_which_machine_holds_a_name(env: Env) -> None:
+    """A scanner's create of a serial or hostname another machine holds is refused (409) and
+    its import row too, without naming the holder: "serial SN-1 already belongs to machine
+    m-… (52:54:…)" and "'edge-1' is used by 52:54:…" mapped the fleet's serials and
+    hostnames to the MACs with which a host on the VLAN asks for a machine's install."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1", "serial": "SN-1"},
+                   status=201)
+    scanner = await _scanner(env)
+    for body in ({"serial": "SN-1"}, {"mac": "52:54:00:00:00:99", "hostname": "edge-1"},
+                 {"mac": MAC}):
+        r = await call(env, "POST", "/api/v1/machines", json_body=body, headers=scanner,
+                       admin=False)
+        found = error(r, 409)
+        assert "holder" not in found and MAC not in r.text and "m-" not in r.text, r.text
+    r = await call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [
+        {"mac": "52:54:00:00:00:99", "hostname": "edge-1"}]}, headers=scanner, admin=False)
+    assert r.status == 400 and MAC not in r.text, r.text
+    # An operator is told, as before.
+    r = await call(env, "POST", "/api/v1/machines", json_body={"serial": "SN-1"})
+    assert error(r, 409)["holder"] and MAC in r.text
