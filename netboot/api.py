@@ -600,10 +600,11 @@ class Api:
 
     async def render(self, request: web.Request) -> web.Response:
         """What the machine would be served now (``netboot render``), secrets masked: the
-        install token is a placeholder already, cluster join tokens are replaced here. Admin
-        only all the same: a config names the cluster's servers and the machine's setup."""
+        install token and the machine's join token are placeholders (Core.render); any other
+        cluster's join token that a template wrote as it is, is replaced here. Read scope
+        (README's "Access")."""
         text = await self._core.render(request.match_info["ref"], request.match_info["kind"],
-                                       arch=request.query.get("arch"))
+                                       arch=request.query.get("arch"), join_token=MASKED)
         for cluster in await self._store.list_clusters():
             if cluster.token:
                 text = text.replace(cluster.token, MASKED)

@@ -1986,3 +1986,25 @@ async def test_an_enroll_token_is_not_told_which_machine_holds_a_name(env: Env) 
     # An operator is told, as before.
     r = await call(env, "POST", "/api/v1/machines", json_body={"serial": "SN-1"})
     assert error(r, 409)["holder"] and MAC in r.text
+
+
+async def test_a_read_token_never_sees_a_join_token_in_a_render_whatever_its_characters(
+        env: Env) -> None:
+    """``render`` masked the join token by replacing its text in the rendered output; the
+    configs write it through ``tojson``, which escapes ``<``, ``>``, ``&`` and ``'`` as
+    ``\\u003c``… (Jinja2) and ``"``, ``\\`` and non-ASCII as JSON does: a token an operator
+    chose with such a character was handed whole, escaped, to any read token
+    (checked on the wire, s37-attack). Now the token is replaced before rendering."""
+    secret = "K10pa<ss>&w0rd'Z\"q\\é-5f3a"
+    await env.seed()
+    await env.post("/api/v1/clusters", {"name": "lab", "server_url": "https://192.0.2.50:6443",
+                                        "token": secret}, status=201)
+    await env.post("/api/v1/machines", {"mac": MAC, "cluster": "lab", "role": "agent",
+                                        "profile": "k3os"}, status=201)
+    made = await env.post("/api/v1/tokens", {"name": "dash", "scope": "read"}, status=201)
+    reader = {"Authorization": f"Bearer {made['token']}"}
+    for kind in ("config", "nocloud"):
+        text = await env.get(f"/api/v1/machines/{MAC}/render/{kind}?arch=x86_64",
+                             headers=reader)
+        assert "w0rd" not in text and "5f3a" not in text, text
+        assert "********" in text, text
