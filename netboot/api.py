@@ -10,6 +10,7 @@ change asked (allowed or not) goes to the audit log. Errors are translated in on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -32,8 +33,17 @@ from netboot.access import (
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
 from netboot.enroll import fleet_status, parse_import, token_expired, token_is, token_matches
-from netboot.errors import NetbootError, NotFound, OutcomeUnknown, RateLimited, ValidationError
-from netboot.events import EventBus, Missed, Published
+from netboot.errors import (
+    AuthError,
+    Conflict,
+    NetbootError,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    StoreError,
+    ValidationError,
+)
+from netboot.events import EventBus, Missed, Published, Subscription
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, MachineFilter
 from netboot.logs import RateLimitedLog, log_line
@@ -47,10 +57,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Per request, for the audit log: who asked (a token's name, machine:<id>) and, where the path
 # does not name it, what was created.
 ACTOR_KEY = web.RequestKey("actor", str)
+# Who the request's token is (Api.principal): what an import may do with it.
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 # Set on a refused report that is not the first of its run (RateLimited.told): not audited.
 TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
 SSE_KEEPALIVE_SECONDS = 15.0
+# How often an open event stream's token is checked again: a stream is authenticated when it
+# opens and then lasts as long as its reader, so a revoked or expired token (a leaked
+# dashboard token revoked, a 90 s one) kept receiving every machine event, and kept one of
+# EventBus.max_subscribers, for good (s37-attack). Kubernetes ends a watch at a timeout for
+# the same reason; here the stream ends within this time of the token's end.
+SSE_RECHECK_SECONDS = 15.0
 # Encoded SSE messages kept for the other streams (Api._frame): a subscriber's queue holds
 # at most EventBus.queue_size (1,000) events, so a stream that is behind by more has been
 # told "missed" for the rest.
@@ -230,13 +248,34 @@ class Api:
         # A bearer token, or the dashboard's session cookie (with its CSRF token on changes).
         found = await self._access.authenticate(request_token(request))
         request[ACTOR_KEY] = found.name
+        request[PRINCIPAL_KEY] = found
         return found
 
     def allow(self, permission: Permission, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            (await self.principal(request)).require(permission)
-            return await handler(request)
+            who = await self.principal(request)
+            who.require(permission)
+            if who.allows(Permission.READ):
+                return await handler(request)
+            try:
+                return await handler(request)
+            except Conflict as exc:
+                if exc.holder is None:
+                    raise
+                # A token that may not read (enroll: a factory-floor scanner) is told that an
+                # identifier or name is taken, not which machine holds it: "serial X already
+                # belongs to machine m-… (52:54:…)" mapped serials and hostnames to the MACs
+                # a host on the VLAN needs to take a machine's install (s37-attack).
+                raise Conflict(f"{exc.field or 'an identifier'} is held by another machine "
+                               "already", field=exc.field) from None
         return guarded
+
+    @staticmethod
+    def _create_only(request: web.Request) -> bool:
+        """Whether an import may only create machines (and enroll discovered ones): for a
+        token that may not change them (enroll scope), Enroller.import_rows' create_only."""
+        who = request.get(PRINCIPAL_KEY)
+        return who is None or not who.allows(Permission.OPERATE)
 
     @web.middleware
     async def _audit_middleware(self, request: web.Request,
@@ -384,29 +423,57 @@ class Api:
         what is shown). Needs a token (bearer or the dashboard's cookie): event messages
         name machines, addresses and clusters (read scope)."""
         assert self._events is not None
+        token = request_token(request)  # what opened it (guarded: valid then)
         with self._events.subscribe() as sub:
             resp = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-store",
                 # nginx would buffer the stream otherwise.
                 "X-Accel-Buffering": "no"})
             await resp.prepare(request)
-            # The browser reconnects by itself after a drop (EventSource, 3 s by default).
-            await resp.write(b"retry: 3000\n: connected\n\n")
-            while True:
+            # The reader left (a tab closed): its next write finds the connection gone
+            # (aiohttp's ClientConnectionResetError). Not a bug: it was logged as one, with
+            # a traceback and a 500 in the access log, per closed tab (s37-attack).
+            with contextlib.suppress(ConnectionResetError):
+                await self._stream(resp, sub, token)
+            return resp
+
+    async def _stream(self, resp: web.StreamResponse, sub: Subscription,
+                      token: str | None) -> None:
+        """:meth:`event_stream`'s messages until the server stops, the token ends or the
+        reader leaves (ConnectionResetError)."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        # The browser reconnects by itself after a drop (EventSource, 3 s by default).
+        await resp.write(b"retry: 3000\n: connected\n\n")
+        while True:
+            idle = False
+            try:
+                item = await asyncio.wait_for(sub.next(), SSE_KEEPALIVE_SECONDS)
+            except TimeoutError:
+                item, idle = None, True
+            if item is None and not idle:  # the server stops (EventBus.close)
+                return
+            if loop.time() - checked >= SSE_RECHECK_SECONDS:
+                # Before anything more is sent: the token may have been revoked or
+                # expired since the stream opened (or since the last check).
                 try:
-                    item = await asyncio.wait_for(sub.next(), SSE_KEEPALIVE_SECONDS)
-                except TimeoutError:
-                    # A comment line: keeps proxies and NAT from closing an idle stream,
-                    # and finds a reader that went away.
-                    await resp.write(b": keep-alive\n\n")
-                    continue
-                if item is None:  # the server stops: the stream ends (EventBus.close)
-                    return resp
-                # What else is queued goes in the same write: a storm's group commit
-                # publishes hundreds of events at once, which were a write (a send, a TCP
-                # segment) each, per open dashboard (benchmarks/README.md, s36-ops).
-                await resp.write(b"".join([self._frame(item),
-                                           *map(self._frame, sub.ready())]))
+                    await self._access.authenticate(token)
+                except AuthError:
+                    return  # EventSource reconnects and is told 401
+                except StoreError:
+                    pass  # the inventory does not answer now: asked again next time
+                else:
+                    checked = loop.time()
+            if item is None:
+                # A comment line: keeps proxies and NAT from closing an idle stream,
+                # and finds a reader that went away.
+                await resp.write(b": keep-alive\n\n")
+                continue
+            # What else is queued goes in the same write: a storm's group commit
+            # publishes hundreds of events at once, which were a write (a send, a TCP
+            # segment) each, per open dashboard (benchmarks/README.md, s36-ops).
+            await resp.write(b"".join([self._frame(item),
+                                       *map(self._frame, sub.ready())]))
 
     def _frame(self, item: Published | Missed) -> bytes:
         """An SSE message. A machine event is encoded once for every stream that sends it
@@ -533,13 +600,14 @@ class Api:
 
     async def render(self, request: web.Request) -> web.Response:
         """What the machine would be served now (``netboot render``), secrets masked: the
-        install token is a placeholder already, cluster join tokens are replaced here. Admin
-        only all the same: a config names the cluster's servers and the machine's setup."""
+        install token and the machine's join token are placeholders (Core.render); any other
+        cluster's join token that a template wrote as it is, is replaced here. Read scope
+        (README's "Access")."""
         # At the address the request came in on: on a host with no address advertised, a
         # device there gets URLs naming it, not the 127.0.0.1 the base URL holds.
         text = await self._core.render(request.match_info["ref"], request.match_info["kind"],
                                        arch=request.query.get("arch"),
-                                       local=local_address(request))
+                                       local=local_address(request), join_token=MASKED)
         for cluster in await self._store.list_clusters():
             if cluster.token:
                 text = text.replace(cluster.token, MASKED)
@@ -622,7 +690,8 @@ class Api:
             if not isinstance(row, dict):
                 raise ValidationError(f"machines[{i}]", "expected an object")
             items.append((i + 1, row))
-        report = await self._enroll.import_rows(items, dry_run=dry_run)
+        report = await self._enroll.import_rows(items, dry_run=dry_run,
+                                                create_only=self._create_only(request))
         status = 400 if report.errors else (200 if dry_run else 201)
         return web.json_response(report.as_dict(), status=status)
 
@@ -646,7 +715,8 @@ class Api:
         except UnicodeDecodeError:
             raise ValidationError("body", "the file is not UTF-8 text") from None
         rows = parse_import(text, fmt)
-        report = await self._enroll.import_rows(rows, dry_run=dry_run in ("1", "true"))
+        report = await self._enroll.import_rows(rows, dry_run=dry_run in ("1", "true"),
+                                                create_only=self._create_only(request))
         status = 400 if report.errors else (200 if not report.applied else 201)
         return web.json_response(report.as_dict(), status=status)
 

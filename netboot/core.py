@@ -31,6 +31,7 @@ from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
     Arch,
     BootAction,
+    BootPlan,
     BootRequest,
     Cluster,
     Firmware,
@@ -448,9 +449,13 @@ class Core:
         return await self.boot.explain(ref, arch=_arch(arch))
 
     async def render(self, ref: str, kind: str, *, arch: str | None = None,
-                     local: str | None = None) -> str:
+                     local: str | None = None, join_token: str | None = None) -> str:
         """Exactly what the server would serve this machine now, by the same calls, without
-        recording anything; :data:`TOKEN_PLACEHOLDER` stands where its install token goes.
+        recording anything; :data:`TOKEN_PLACEHOLDER` stands where its install token goes,
+        and ``join_token`` (when given) where its cluster's join token goes: put there
+        before rendering, so that no form a template gives it (JSON's and Jinja2's
+        ``tojson`` escapes, any filter) is left for a reader to find (the API's masking of
+        the token's text missed ``tojson``'s ``\u0026`` for ``&``: s37-attack).
         ``local``: as a device that reached this host at that address gets it (where the
         base URL is loopback, :meth:`Content.at`; the dashboard's preview, asked at it).
 
@@ -477,7 +482,7 @@ class Core:
             else:
                 assert key is not None
                 request = BootRequest(mac=key, firmware=firmware, arch=arch_now, via="cli")
-            plan = await self.boot.plan(request, record=False)
+            plan = _join_token_as(await self.boot.plan(request, record=False), join_token)
             if plan.action == BootAction.INSTALL:
                 plan = replace(plan, token=TOKEN_PLACEHOLDER)
             if kind == "ipxe":
@@ -492,9 +497,16 @@ class Core:
         nic = key or machine.mac or identity.NO_NIC
         facts = (BootRequest(mac=nic, arch=wanted, firmware=machine.firmware or Firmware.UNKNOWN,
                              via="cli") if wanted else None)
-        plan = await content.config_plan(machine, TOKEN_PLACEHOLDER, claim=False,
-                                         request=facts, mac=key)
+        plan = _join_token_as(await content.config_plan(
+            machine, TOKEN_PLACEHOLDER, claim=False, request=facts, mac=key), join_token)
         if kind == "config":
             return content.k3os_config(plan)
         return "".join(f"--- {name}\n{content.nocloud(plan, name)}"
                        for name in NOCLOUD_FILES)
+
+
+def _join_token_as(plan: BootPlan, token: str | None) -> BootPlan:
+    """``plan`` with ``token`` as its cluster's join token (None: as it is)."""
+    if token is None or plan.k3s is None:
+        return plan
+    return replace(plan, k3s=replace(plan.k3s, token=token))

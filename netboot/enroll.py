@@ -109,6 +109,9 @@ TOKEN_STATES = frozenset({MachineState.BOOTING, MachineState.INSTALLING, Machine
 # Looked up once: Python 3.11 finds an enum member through EnumType at each use (~870
 # instructions, callgrind), and every first config fetch takes this step (session 32).
 _FETCHED = lifecycle.Trigger.CONFIG_FETCHED
+# An import row of a caller that may only enroll (Enroller.import_rows' create_only).
+_ENROLLED_ALREADY = ("names a machine in the inventory already: changing a machine needs "
+                     "scope operator")
 
 
 def token_is(machine: Machine, token: str | None) -> bool:
@@ -1145,7 +1148,8 @@ class Enroller:
     # -- bulk import ------------------------------------------------------------------
     async def import_rows(self, rows: Iterable[tuple[int, Mapping[str, Any]]], *,
                           dry_run: bool = False,
-                          progress: Callable[[int], None] | None = None) -> ImportReport:
+                          progress: Callable[[int], None] | None = None,
+                          create_only: bool = False) -> ImportReport:
         """One transaction: every row applies or none; errors list every bad row.
 
         A row names a machine by any of its identifiers (MACs, serial, asset tag, UUID): one
@@ -1154,12 +1158,20 @@ class Enroller:
         with no enrolled machine named, the first of them is enrolled in place). A row
         whose identifiers point at two enrolled machines, or repeat one of an earlier row, is
         an error naming the line and the field.
+
+        ``create_only``: for a caller that may enroll but not change or read machines (an
+        ``enroll`` token: a factory-floor scanner). A row that names an enrolled machine is
+        an error instead of its update, and no error names another machine: through an
+        import such a token renamed machines and set their role, labels and fixed address
+        (s37-attack), which PATCH refuses it, and each "used by" told it which MAC holds a
+        serial or a hostname. Discovered records are still enrolled (what approving does).
         """
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             refused: StateChanged | None = None
             with _collector_paused():
                 try:
-                    return await self._import_rows(rows, dry_run=dry_run, progress=progress)
+                    return await self._import_rows(rows, dry_run=dry_run, progress=progress,
+                                                   create_only=create_only)
                 except StateChanged as exc:
                     refused = exc
             # A machine the import read was changed meanwhile without moving its state (a
@@ -1173,7 +1185,7 @@ class Enroller:
 
     async def _import_rows(self, rows: Iterable[tuple[int, Mapping[str, Any]]], *,
                            dry_run: bool, progress: Callable[[int], None] | None,
-                           ) -> ImportReport:
+                           create_only: bool = False) -> ImportReport:
         errors: list[RowError] = []
         clusters = {c.name: c.name for c in await self._store.list_clusters()}
         profiles = {p.name: p.name for p in await self._store.list_profiles()}
@@ -1201,9 +1213,13 @@ class Enroller:
                 progress(n)
             try:
                 values, own = self._row_values(row, clusters, profiles)
-                target, absorb = self._row_target(own, line, existing, claimed)
+                target, absorb = self._row_target(own, line, existing, claimed,
+                                                  anonymous=create_only)
             except ValidationError as exc:
                 errors.append(RowError(line, exc.field, exc.message))
+                continue
+            if create_only and target is not None and target.state != MachineState.DISCOVERED:
+                errors.append(RowError(line, own[0][0] if own else "mac", _ENROLLED_ALREADY))
                 continue
             if target is not None:
                 if target.id in line_of:
@@ -1225,8 +1241,9 @@ class Enroller:
                 seen_host[hostname] = line
                 owner = by_host.get(hostname)
                 if owner is not None and owner != ident and owner not in {d.id for d in absorb}:
+                    holder = "another machine" if create_only else existing[owner].ref
                     errors.append(RowError(line, "hostname", f"{hostname!r} is used by "
-                                           f"{existing[owner].ref} in the inventory"))
+                                           f"{holder} in the inventory"))
                     continue
             if target is None and not absorb:
                 # The usual row: a new machine, never built as a Machine here (its checked
@@ -1295,8 +1312,9 @@ class Enroller:
             if owner and owner != ident and owner not in renamed:
                 line = line_of[ident]
                 if not any(e.line == line for e in errors):
+                    holder = "another machine" if create_only else existing[owner].ref
                     errors.append(RowError(line, "hostname",
-                                           f"{hostname!r} is used by {existing[owner].ref}"))
+                                           f"{hostname!r} is used by {holder}"))
         report = ImportReport(
             created=tuple(create.refs()), changed=tuple(m.ref for m in update),
             unchanged=tuple(m.ref for m in unchanged),
@@ -1325,12 +1343,13 @@ class Enroller:
 
     @staticmethod
     def _row_target(own: Sequence[_Claim], line: int, existing: Mapping[str, Machine],
-                    claimed: _Claimed) -> tuple[Machine | None, list[Machine]]:
+                    claimed: _Claimed, *, anonymous: bool = False,
+                    ) -> tuple[Machine | None, list[Machine]]:
         """The machine an import row updates (None: a new one) and the discovered records it
         absorbs, given the row's identifiers (``own``) and ``claimed`` (each identifier met
         so far: the id of the machine holding it, or the line of the row that named it, as
         it leaves it for the row); ValidationError naming the field of a contested
-        identifier."""
+        identifier (``anonymous``: without naming the machines)."""
         for kind, key in own:
             seen = claimed[kind].get(key)
             if type(seen) is int:
@@ -1347,6 +1366,9 @@ class Enroller:
             elif target is None:
                 target = other
             elif other.id != target.id:
+                if anonymous:
+                    raise ValidationError(kind, f"{_claim_text(key)} belongs to another "
+                                                "machine than the row's other identifiers")
                 raise ValidationError(kind, f"{_claim_text(key)} belongs to machine "
                                             f"{other.ref}, but the "
                                             f"row's other identifiers name {target.ref}")

@@ -513,11 +513,13 @@ def document() -> dict[str, Any]:
     for op in machines[:2]:
         op["description"] += (" A MAC, UUID, serial, asset tag or hostname that another "
                               "machine holds is a 409 naming the field and that machine "
-                              "(holder).")
+                              "(holder; not to an enroll token, which reads nothing).")
     for path in ("/api/v1/machines:bulk", "/api/v1/machines:import"):
         paths[path]["post"]["description"] += (
             " Each row is checked as one enrollment (its profile and cluster must exist); any "
-            "error is a 400 listing line and field, and nothing is applied.")
+            "error is a 400 listing line and field, and nothing is applied. With an enroll "
+            "token a row may only add a machine or enroll a discovered one: a row naming an "
+            "enrolled machine is an error (changing one needs scope operator).")
     return {
         "openapi": "3.1.0",
         "info": {"title": "netboot", "version": "1",

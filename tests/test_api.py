@@ -1871,3 +1871,140 @@ async def test_a_stream_that_never_reads_holds_bounded_memory_and_is_let_go(
         assert bus.subscribers == 0
     finally:
         sock.close()
+
+
+async def test_a_stream_opened_with_a_token_ends_once_the_token_is_revoked(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event stream was authenticated when it opened, then lasted as long as its reader:
+    a revoked (or expired) token's stream kept receiving every machine event, and kept its
+    slot of EventBus.max_subscribers, for good (s37-attack). Now its token is checked again
+    before anything more is sent, and the stream ends; a valid token's stream goes on."""
+    from netboot import api
+
+    monkeypatch.setattr(api, "SSE_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(api, "SSE_KEEPALIVE_SECONDS", 0.2)
+    made = await env.post("/api/v1/tokens", {"name": "leaked", "scope": "read"}, status=201)
+    reader = {"Authorization": f"Bearer {made['token']}"}
+    leaked = await env.client.get("/api/v1/events/stream", headers=reader)
+    kept = await _open_stream(env)
+    assert leaked.status == 200
+    assert (await leaked.content.readuntil(b"\n\n")).startswith(b"retry: 3000")
+    try:
+        r = await call(env, "DELETE", "/api/v1/tokens/leaked")
+        assert r.status == 204
+        await asyncio.sleep(0.5)
+        env.service.events.published(_burst(3))
+        got = b""
+        while got.count(b"event: machine") < 3:
+            got += await asyncio.wait_for(kept.content.readuntil(b"\n\n"), 10)
+        rest = await asyncio.wait_for(leaked.content.read(), 10)  # ends: b"" at its end
+        assert b"event: machine" not in rest, rest
+        assert leaked.content.at_eof()
+        for _ in range(100):
+            if env.service.events.subscribers == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert env.service.events.subscribers == 1  # the revoked one's slot given back
+    finally:
+        leaked.close()
+        kept.close()
+
+
+
+# --- an enroll token (a factory-floor scanner) changes and reads nothing (s37-attack) --------
+
+
+async def _scanner(env: Env) -> dict[str, str]:
+    made = await env.post("/api/v1/tokens", {"name": "scanner", "scope": "enroll"}, status=201)
+    return {"Authorization": f"Bearer {made['token']}"}
+
+
+@pytest.mark.parametrize("route", ["import", "bulk"])
+async def test_an_enroll_token_cannot_change_a_machine_through_an_import(
+        env: Env, route: str) -> None:
+    """PATCH needs scope operator; an enroll token's import of a row naming an enrolled
+    machine updated it all the same: renamed, made a server, labelled and pinned to an
+    address of the token holder's choosing (a machine with fixed_ipv4 installs only from
+    that address and registers it: its install, the cluster's join token and the
+    endpoint's name go there). Now such a row is an error naming no machine; new machines
+    and discovered records are enrolled as before."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1", "serial": "SN-1"},
+                   status=201)
+    await env.client.get("/ipxe", params={"mac": "52:54:00:00:00:77", "arch": "x86_64"})
+    scanner = await _scanner(env)
+    rows = [{"mac": MAC, "hostname": "evil-1", "role": "server", "fixed_ipv4": "192.0.2.66",
+             "labels": {"owned": "yes"}},
+            {"serial": "SN-1", "hostname": "evil-2"}]
+    for row in rows:
+        if route == "bulk":
+            r = await call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [row]},
+                           headers=scanner, admin=False)
+        else:
+            body = json.dumps([row])
+            r = await call(env, "POST", "/api/v1/machines:import?format=json", data=body,
+                           headers={**scanner, "Content-Type": "application/json"},
+                           admin=False)
+        assert r.status == 400, (r.status, r.text)
+        report = r.json()
+        assert report["changed"] == [] and report["applied"] is False, report
+        assert "scope operator" in report["errors"][0]["message"], report
+        assert MAC not in r.text and "edge-1" not in r.text, r.text
+    stored = await env.get(f"/api/v1/machines/{MAC}")
+    assert (stored["hostname"], stored["role"], stored["fixed_ipv4"], stored["labels"]) == (
+        "edge-1", None, None, {})
+    # What a scanner is for still works: a new machine, and a discovered record enrolled.
+    r = await call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [
+        {"mac": "52:54:00:00:00:88", "hostname": "new-1"}, {"mac": "52:54:00:00:00:77"}]},
+        headers=scanner, admin=False)
+    assert r.status == 201, r.text
+    assert (await env.get("/api/v1/machines/52:54:00:00:00:77"))["state"] == "enrolled"
+    # An operator's import still updates.
+    r = await call(env, "POST", "/api/v1/machines:bulk",
+                   json_body={"machines": [{"mac": MAC, "hostname": "edge-9"}]})
+    assert r.status == 201 and r.json()["changed"] == [MAC], r.text
+
+
+async def test_an_enroll_token_is_not_told_which_machine_holds_a_name(env: Env) -> None:
+    """A scanner's create of a serial or hostname another machine holds is refused (409) and
+    its import row too, without naming the holder: "serial SN-1 already belongs to machine
+    m-… (52:54:…)" and "'edge-1' is used by 52:54:…" mapped the fleet's serials and
+    hostnames to the MACs with which a host on the VLAN asks for a machine's install."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1", "serial": "SN-1"},
+                   status=201)
+    scanner = await _scanner(env)
+    for body in ({"serial": "SN-1"}, {"mac": "52:54:00:00:00:99", "hostname": "edge-1"},
+                 {"mac": MAC}):
+        r = await call(env, "POST", "/api/v1/machines", json_body=body, headers=scanner,
+                       admin=False)
+        found = error(r, 409)
+        assert "holder" not in found and MAC not in r.text and "m-" not in r.text, r.text
+    r = await call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [
+        {"mac": "52:54:00:00:00:99", "hostname": "edge-1"}]}, headers=scanner, admin=False)
+    assert r.status == 400 and MAC not in r.text, r.text
+    # An operator is told, as before.
+    r = await call(env, "POST", "/api/v1/machines", json_body={"serial": "SN-1"})
+    assert error(r, 409)["holder"] and MAC in r.text
+
+
+async def test_a_read_token_never_sees_a_join_token_in_a_render_whatever_its_characters(
+        env: Env) -> None:
+    """``render`` masked the join token by replacing its text in the rendered output; the
+    configs write it through ``tojson``, which escapes ``<``, ``>``, ``&`` and ``'`` as
+    ``\\u003c``… (Jinja2) and ``"``, ``\\`` and non-ASCII as JSON does: a token an operator
+    chose with such a character was handed whole, escaped, to any read token
+    (checked on the wire, s37-attack). Now the token is replaced before rendering."""
+    secret = "K10pa<ss>&w0rd'Z\"q\\é-5f3a"
+    await env.seed()
+    await env.post("/api/v1/clusters", {"name": "lab", "server_url": "https://192.0.2.50:6443",
+                                        "token": secret}, status=201)
+    await env.post("/api/v1/machines", {"mac": MAC, "cluster": "lab", "role": "agent",
+                                        "profile": "k3os"}, status=201)
+    made = await env.post("/api/v1/tokens", {"name": "dash", "scope": "read"}, status=201)
+    reader = {"Authorization": f"Bearer {made['token']}"}
+    for kind in ("config", "nocloud"):
+        text = await env.get(f"/api/v1/machines/{MAC}/render/{kind}?arch=x86_64",
+                             headers=reader)
+        assert "w0rd" not in text and "5f3a" not in text, text
+        assert "********" in text, text

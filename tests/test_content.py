@@ -64,6 +64,33 @@ async def test_pxelinux_by_uuid_and_hex_ip(env: Env) -> None:
             await content.tftp_open(miss, PEER)
 
 
+async def test_a_hex_ip_name_reads_one_lease_not_every_lease(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pxelinux.cfg/<hex IP>`` (TFTP, any host, a forged source too) and GRUB's
+    ``grub.cfg-<hex IP>`` (TFTP and HTTP) read every lease of the inventory per request to
+    find one: 7 ms of CPU at 4,094 leases, 132 ms at 65,534 (a /16 pool that forged
+    DISCOVERs fill), so a few dozen such names a second held the process that answers every
+    boot (s37-attack). Now the address's index is asked; the answer is the same."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:00:00:21", "hostname": "arm-1",
+                                        "profile": "k3os"}, status=201)
+    store = env.service.store
+    for i in range(50):
+        await store.put_lease(Lease(f"02:00:00:00:01:{i:02x}", f"198.51.100.{i + 1}", 2e9))
+    await store.put_lease(Lease("52:54:00:00:00:21", "192.0.2.101", 2e9))
+
+    async def every_lease() -> list[Lease]:
+        raise AssertionError("read every lease to find one address")
+
+    monkeypatch.setattr(store, "list_leases", every_lease)
+    content = env.service.content
+    for name in ("pxelinux.cfg/C0000265", "grub/grub.cfg-C0000265"):
+        blob = await content.tftp_open(name, PEER)
+        assert blob.data is not None and b"install" in blob.data, name
+    with pytest.raises(NotFound):
+        await content.tftp_open("pxelinux.cfg/C6336499", PEER)  # 198.51.100.153: none
+
+
 async def test_site_default_file_and_assets(env: Env) -> None:
     root = env.service.content.assets.roots[-1]
     (root / "pxelinux.cfg").mkdir()

@@ -2080,3 +2080,42 @@ def test_operators_configs_printing_the_register_command_their_own_ways_are_jinj
             got = _outcome(lambda n=name, p=p: c._config(n, p))  # type: ignore[misc]
             assert got == want, (name, p.k3s.node_name, p.token, p.machine.hostname)
     assert 0 < answered.count(True) < len(answered), answered.count(True)
+
+
+# What an admin's profile command line (rendered into every install script, served over plain
+# HTTP) could read through str.format, which formats its fields with Python's own attribute
+# access, outside the sandbox. With Jinja2 3.1.5 (which ``jinja2>=3.1`` allowed) the two
+# ``|attr`` shapes did: the first read NETBOOT_INVENTORY_POSTGRESQL_PASSWORD from the
+# process's environment (CVE-2025-27516, fixed in 3.1.6; checked with 3.1.5's wheel, and
+# 3.1.4 refused them: s37-attack). The stored-method shapes are refused by every 3.1.x here.
+_FORMAT_ESCAPES = (
+    '{{ "{0.__globals__[os].environ}" | attr("format")(lipsum) }}',
+    '{% set f = "{0.__globals__[os].environ}".format %}{{ f(lipsum) }}',
+    '{{ "{x.__globals__[os].environ}" | attr("format_map")({"x": lipsum}) }}',
+    '{% set f = "{x.__globals__[os].environ}".format_map %}{{ f({"x": lipsum}) }}',
+)
+
+
+@pytest.mark.parametrize("source", _FORMAT_ESCAPES)
+def test_str_format_reached_indirectly_reads_nothing_outside_the_sandbox(
+        source: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NETBOOT_S37_CANARY", "canary-8c1f")
+    r = Renderer([templates_dir()])
+    try:
+        out = r.render_string(source, {}, what="profile cmdline")
+    except RenderError:
+        return
+    assert "canary-8c1f" not in out and "__globals__" not in out, out
+
+
+def test_jinja2_is_required_at_a_release_whose_sandbox_holds() -> None:
+    """The sandbox is what stands between an admin's API token (profile command lines) or a
+    site's template directory and the server's memory and environment; ``jinja2>=3.1``
+    allowed 3.1.5, whose sandbox the shapes above leave. The floor is the first release that
+    holds against them (3.1.6)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    (floor,) = [d.split(">=", 1)[1] for d in deps if d.lower().startswith("jinja2>=")]
+    assert tuple(int(p) for p in floor.split(".")) >= (3, 1, 6), floor

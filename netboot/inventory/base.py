@@ -354,6 +354,13 @@ class Store(ChangeFeed, StateCounts, Protocol):
     # leases (authoritative DHCP mode) ------------------------------------------------
     async def list_leases(self) -> list[Lease]: ...
 
+    async def lease_by_ip(self, ipv4: str) -> Lease | None:
+        """The lease of this address (expired or not), None if there is none: one look-up by
+        the address's unique index. U-Boot's ``pxelinux.cfg/<hex IP>`` and GRUB's
+        ``grub.cfg-<hex IP>`` ask it per request, which any host can send (TFTP: a forged
+        source too); read through :meth:`list_leases` each was a read of every lease (7 ms of
+        CPU at 4,094 leases, 132 ms at 65,534: s37-attack)."""
+
     async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         """Insert or replace by MAC; Conflict if another MAC holds the address. With ``now``,
         a lease of another MAC that expired by then is replaced instead: one atomic claim

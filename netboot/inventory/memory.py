@@ -334,6 +334,11 @@ class MemoryStore:
         self._check_open()
         return [self._leases[k] for k in sorted(self._leases)]
 
+    async def lease_by_ip(self, ipv4: str) -> Lease | None:
+        self._check_open()
+        holder = self._lease_addrs.get(ipv4)
+        return None if holder is None else self._leases[holder]
+
     async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         self._check_open()
         value = codec.lease_from_dict(codec.lease_to_dict(lease))

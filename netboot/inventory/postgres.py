@@ -1843,6 +1843,13 @@ class PostgresStore:
             rows = await conn.fetch("SELECT mac, ipv4, expires, hostname FROM leases ORDER BY mac")
         return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
 
+    async def lease_by_ip(self, ipv4: str) -> Lease | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow("SELECT mac, ipv4, expires, hostname FROM leases"
+                                      " WHERE ipv4 = $1", ipv4)
+        return None if row is None else Lease(mac=row[0], ipv4=row[1], expires=row[2],
+                                              hostname=row[3])
+
     async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
         async with self._write(feed=False, lock=False) as conn:

@@ -1075,6 +1075,9 @@ class SqliteStore:
     async def list_leases(self) -> list[Lease]:
         return await self._read(_list_leases)
 
+    async def lease_by_ip(self, ipv4: str) -> Lease | None:
+        return await self._read(_lease_by_ip, ipv4)
+
     async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
         await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)), now)
 
@@ -2243,6 +2246,14 @@ def _events_since(conn: sqlite3.Connection, after: int, limit: int) -> tuple[int
 def _list_leases(conn: sqlite3.Connection) -> list[Lease]:
     rows = conn.execute("SELECT mac, ipv4, expires, hostname FROM leases ORDER BY mac")
     return [Lease(mac=m, ipv4=ip, expires=e, hostname=h) for m, ip, e, h in rows]
+
+
+def _lease_by_ip(conn: sqlite3.Connection, ipv4: str) -> Lease | None:
+    # The address's UNIQUE constraint is its index: one row, not the table.
+    row = conn.execute("SELECT mac, ipv4, expires, hostname FROM leases WHERE ipv4 = ?",
+                       (ipv4,)).fetchone()
+    return None if row is None else Lease(mac=row[0], ipv4=row[1], expires=row[2],
+                                          hostname=row[3])
 
 
 def _put_lease(conn: sqlite3.Connection, lease: Lease, now: float | None) -> None:

@@ -833,6 +833,23 @@ async def test_leases(store: Store) -> None:
     }
 
 
+async def test_a_lease_is_found_by_its_address(store: Store) -> None:
+    """U-Boot's ``pxelinux.cfg/<hex IP>`` and GRUB's ``grub.cfg-<hex IP>`` look a machine up
+    by its leased address (content.py's _by_ip): one indexed read, expired or not."""
+    assert await store.lease_by_ip("10.0.0.1") is None
+    await store.put_lease(Lease(mac=MAC2, ipv4="10.0.0.2", expires=200.0, hostname="b"))
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=100.0))
+    assert await store.lease_by_ip("10.0.0.2") == Lease(mac=MAC2, ipv4="10.0.0.2",
+                                                         expires=200.0, hostname="b")
+    await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.3", expires=300.0))  # moved
+    assert await store.lease_by_ip("10.0.0.1") is None
+    assert await store.lease_by_ip("10.0.0.3") == Lease(mac=MAC1, ipv4="10.0.0.3",
+                                                         expires=300.0)
+    await store.delete_lease(MAC1)
+    assert await store.lease_by_ip("10.0.0.3") is None
+    assert await store.lease_by_ip("10.0.0.20") is None  # no prefix match
+
+
 async def test_lease_address_conflict(store: Store) -> None:
     await store.put_lease(Lease(mac=MAC1, ipv4="10.0.0.1", expires=100.0))
     with pytest.raises(Conflict) as err:
