@@ -234,6 +234,8 @@ class Api:
                       self.allow(configure, self._put(kind, create=False)))
             r.add_delete(f"{p}/{kind}/{{name}}", self.allow(configure, self._delete(kind)))
         r.add_get(f"{p}/clusters/{{name}}/nodes", self.allow(read, self.cluster_nodes))
+        r.add_post(f"{p}/clusters/{{name}}/secure-token",
+                   self.allow(configure, self.secure_token))
         r.add_get(f"{p}/status", self.allow(read, self.status))
         r.add_get(f"{p}/tokens", self.allow(administer, self.list_tokens))
         r.add_post(f"{p}/tokens", self.allow(administer, self.create_token))
@@ -733,6 +735,10 @@ class Api:
             cluster=name, limit=_int_query(request, "limit", 100_000, 1, 100_000),
             offset=_int_query(request, "offset", 0, 0, 10**9)))
         return web.json_response([self._machine_out(m) for m in nodes])
+
+    async def secure_token(self, request: web.Request) -> web.Response:
+        cluster = await self._core.secure_token(request.match_info["name"])
+        return web.json_response(public_dict("clusters", cluster))
 
     # -- profiles, clusters, groups -----------------------------------------------------
     def _list(self, kind: str) -> Handler:

@@ -455,7 +455,11 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
         if args.endpoint is not None:
             changed["endpoint"] = args.endpoint or None  # "" clears it
         cluster = await core.put(kind, changed, create=False)
-        print(f"cluster {cluster.name}: endpoint {cluster.endpoint or 'unset (first server)'}")
+        if args.secure_token:
+            cluster = await core.secure_token(args.name)
+        print(f"cluster {cluster.name}: endpoint {cluster.endpoint or 'unset (first server)'}"
+              + (f", k3s CA {public_dict(kind, cluster)['ca_hash']} (secure token)"
+                 if cluster.ca_cert else ", short token"))
         return 0
     if args.action == "add":
         data: dict[str, Any] = {"name": args.name}
@@ -1020,6 +1024,10 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
             cset = ksub.add_parser("set", parents=[common], help="change a cluster")
             cset.add_argument("name")
             cset.add_argument("--endpoint", help=endpoint_help + " ('' unsets it)")
+            cset.add_argument("--secure-token", action="store_true",
+                              help="a managed cluster made with the short token (before "
+                              "netboot made k3s CAs): make its CA and give its nodes the "
+                              "secure token (refused once a node fetched its config)")
         else:
             add.add_argument("--selector", action="append", help="key=value[,value...]")
             add.add_argument("--profile")

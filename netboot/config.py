@@ -206,6 +206,12 @@ class EnrollConfig:
     # Profile of machines that neither name one nor are given one by a group; without it,
     # approving such a machine is refused (it would only be held). Checked at start-up.
     default_profile: str | None = None
+    # A new managed cluster gets a k3s server CA made by netboot, written to its servers
+    # before k3s first starts, and its nodes the secure join token K10<CA hash>::server:…
+    # that makes them verify a server before they join it (README "What a host on the
+    # provisioning network can take"). False: the short token, as before (a site whose
+    # config templates do not write the CA).
+    k3s_secure_token: bool = True
 
 
 @dataclass(frozen=True)

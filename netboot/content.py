@@ -304,14 +304,22 @@ class Content:
             ctx["machine"] = (_machine_dict(machine, want.machine_keys) if machine
                               else {"mac": mac_text, "hostname": None})
         if want.k3s:
+            # The cluster's k3s server CA, for its servers only (written before k3s first
+            # starts: netboot.pki, k3s_server_ca); "" for agents and clusters without one.
+            ca = ca_key = ""
+            if k3s and k3s.role == "server":  # Role.SERVER's value, as K3sJoin.args
+                cluster = plan.cluster
+                if cluster is not None:
+                    ca, ca_key = cluster.ca_cert, cluster.ca_key
             ctx["k3s"] = {
                 "role": str(k3s.role), "server_url": k3s.server_url,
                 "cluster_init": k3s.cluster_init, "token": k3s.token,
                 "labels": dict(k3s.labels), "taints": list(k3s.taints),
                 "node_name": k3s.node_name, "args": list(k3s.args),
+                "server_ca": ca, "server_ca_key": ca_key,
             } if k3s else {"role": "agent", "server_url": None, "cluster_init": False,
                            "token": "", "labels": {}, "taints": [], "node_name": "",
-                           "args": ["agent"]}
+                           "args": ["agent"], "server_ca": "", "server_ca_key": ""}
         if want.nocloud_url:
             ctx["nocloud_url"] = (f"{urls.base}/nocloud/{hexhyp}/"
                                   + (f"{token}/" if token else ""))
@@ -802,6 +810,9 @@ class Content:
                 name,
                 lambda names: self.context(plan, names=names),
                 header=header, read=read)
+            k3s = plan.k3s
+            if k3s is not None and k3s.role == "server" and name in _CA_WRITERS:
+                _check_writes_ca(name, plan, text)  # (an agent's config never has the CA)
             if made_of is not None:
                 _keep(self._configs, (plan.mac, name), (template, made_of, text), CONFIGS_KEPT)
             return text
@@ -809,6 +820,35 @@ class Content:
     def close(self) -> None:
         """What the renderer holds (its inotify instance) given back."""
         self._render.close()
+
+
+# The configs that write a server's k3s CA files (before k3s first starts).
+_CA_WRITERS = frozenset({"cloud-config/k3os.yaml", "cloud-config/cloud-init/user-data"})
+
+
+def _server_ca(plan: BootPlan) -> tuple[str, str] | None:
+    """(certificate, key) PEM of the k3s server CA ``plan``'s node writes: a server of a
+    cluster that has one; None for any other."""
+    cluster, k3s = plan.cluster, plan.k3s
+    if cluster is None or k3s is None or not cluster.ca_cert or k3s.role != "server":
+        return None
+    return cluster.ca_cert, cluster.ca_key
+
+
+def _check_writes_ca(name: str, plan: BootPlan, text: str) -> None:
+    """A server's config that does not write its cluster's k3s CA is refused: its k3s would
+    make a CA of its own, whose hash is not the secure token's, and every other node would
+    refuse it (a site's template from before netboot made the CA)."""
+    ca = _server_ca(plan)
+    # The certificate's first base64 line: the same text in any YAML form of the PEM (tojson,
+    # a block scalar) but base64 (which a site's template would not use for a PEM).
+    if ca is not None and ca[0].split("\n", 2)[1] not in text:
+        raise RenderError(f"template {name} does not write the k3s server CA of cluster "
+                          f"{plan.cluster.name if plan.cluster else ''!r} to a server node "
+                          "(k3s.server_ca and k3s.server_ca_key to "
+                          "/var/lib/rancher/k3s/server/tls/server-ca.crt and .key, as netboot's "
+                          "template does): k3s would make its own, which the cluster's secure "
+                          "token does not name")
 
 
 # Profiles' and clusters' context values kept (Content._of_profile, _of_cluster): a site has

@@ -12,6 +12,7 @@ NotFound (404), Conflict (409) naming what is in the way.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -38,9 +39,11 @@ from netboot.model import (
     Group,
     MacAddress,
     Machine,
+    MachineState,
     Profile,
     Role,
 )
+from netboot.pki import k3s_secure_token, k3s_server_ca
 
 KINDS = ("profiles", "clusters", "groups")
 RENDER_KINDS = ("ipxe", "pxelinux", "grub", "config", "nocloud")
@@ -52,6 +55,8 @@ CONFIG_TEMPLATES = ("k3os", "cloud-init")
 # a token's own alphabet (URL-safe base64), so it is quoted and escaped exactly as a real one
 # (in URLs, JSON, shell), and the rest of the text is byte for byte what the device gets.
 TOKEN_PLACEHOLDER = "INSTALL-TOKEN"
+# What ``netboot render`` shows in place of a cluster's k3s CA key.
+CA_KEY_PLACEHOLDER = "K3S-CA-KEY"
 MACHINE_INPUT = frozenset({"mac", "macs", "hostname", "uuid", "serial", "asset", "labels",
                            "cluster", "role", "profile", "loader", "fixed_ipv4"})
 APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
@@ -188,12 +193,15 @@ def _arch(text: str | None) -> Arch | None:
 class Core:
     def __init__(self, store: Store, enroller: Enroller, boot: BootService, content: Content,
                  *, clock: Callable[[], float] = time.time,
-                 audit_keep: int = AUDIT_KEEP) -> None:
+                 audit_keep: int = AUDIT_KEEP, secure_token: bool = True) -> None:
         self.store = store
         self.enroller = enroller
         self.boot = boot
         self.content = content
         self._clock = clock
+        # enroll.k3s_secure_token: a new managed cluster gets its k3s server CA and the
+        # secure join token (_managed_join).
+        self._secure_token = secure_token
         # Tokens, scopes and the audit log: one set of rules for the API, CLI and dashboard.
         self.access = Access(store, clock=clock, commit=enroller.recorder.commit,
                              audit_keep=audit_keep)
@@ -352,9 +360,16 @@ class Core:
         parse: Callable[[Any], Any] = {"profile": codec.profile_from_dict,
                                        "cluster": codec.cluster_from_dict,
                                        "group": codec.group_from_dict}[single]
-        # A profile's problems are what a GET shows (public_dict), not a field: a body read,
-        # corrected and written back carries them.
-        item = parse({k: v for k, v in data.items() if k != "problems" or single != "profile"})
+        # A profile's problems and a cluster's ca_hash are what a GET shows (public_dict), not
+        # fields: a body read, corrected and written back carries them. A cluster's CA is
+        # netboot's own (_managed_join).
+        aside = {"profile": "problems", "cluster": "ca_hash"}.get(single)
+        if single == "cluster":
+            for key in ("ca_cert", "ca_key"):
+                if key in data:
+                    raise ValidationError(key, "a managed cluster's k3s CA is made by netboot, "
+                                               "never given")
+        item = parse({k: v for k, v in data.items() if k != aside})
         check_name(item.name)
         if single == "cluster":
             item = await self._check_cluster(item, data, create=create)
@@ -380,16 +395,76 @@ class Core:
         if cluster.endpoint and not cluster.managed:
             raise ValidationError("endpoint", "only a managed cluster has one: an external "
                                               "cluster's server_url already is its endpoint")
-        if cluster.token:
-            return cluster
-        if not create and "token" not in data:
-            old = await self.store.get_cluster(cluster.name)
+        if not cluster.managed:
+            if cluster.token:
+                return cluster
+            if not create and "token" not in data:
+                old = await self.store.get_cluster(cluster.name)
+                if old is not None:
+                    return replace(cluster, token=old.token)
+            raise ValidationError("token", "required for an external cluster (k3s node token)")
+        return await self._managed_join(cluster, data, create=create)
+
+    async def secure_token(self, name: str) -> Cluster:
+        """Give a managed cluster made with the short token (before netboot made k3s CAs, or
+        with ``enroll.k3s_secure_token: false``) its CA and the secure token: refused once a
+        node of it fetched its config (_no_node_configured); a cluster that has one keeps
+        it."""
+        cluster = await self.get("clusters", name)
+        if not cluster.managed:
+            raise ValidationError("server_url", f"cluster {name!r} is external: its servers "
+                                  "made their CA; give their own secure token (K10…, their "
+                                  "node-token file) as its token")
+        made: Cluster = await self._managed_join(cluster, {}, create=False, secure=True)
+        if made != cluster:
+            await self.store.put_cluster(made, create=False)
+        return made
+
+    async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
+                            secure: bool = False) -> Cluster:
+        """A managed cluster's join token and k3s server CA (README "What a host on the
+        provisioning network can take").
+
+        A new cluster gets a CA (netboot.pki, k3s_server_ca) and the secure token form
+        ``K10<its hash>::server:<secret>``, unless ``enroll.k3s_secure_token`` is false (its
+        token then as given: a site's own secure token, say). A cluster made before keeps
+        its short token: its first server may have made its own CA already, and agents
+        given a hash of another would refuse it; ``secure`` (:meth:`secure_token`) makes
+        its CA while none of its nodes has fetched its config. A cluster's CA, once made, is
+        kept (its servers run on it), and a token given for it is taken as the secret it
+        wraps."""
+        old = None if create else await self.store.get_cluster(cluster.name)
+        ca_cert, ca_key = (old.ca_cert, old.ca_key) if old is not None else ("", "")
+        given = cluster.token if cluster.token and (create or "token" in data) else None
+        # The secret alone: what was given, or kept, or new (never returned or logged).
+        secret = given
+        if secret is None and old is not None:
+            # After "::" and the user, as k3s's parseToken reads it.
+            secret = old.token.partition("::")[2].partition(":")[2] if old.ca_cert \
+                else old.token
+        if not secret:
+            secret = secrets.token_hex(32)
+        if not ca_cert and (secure or (create and self._secure_token)):
             if old is not None:
-                return replace(cluster, token=old.token)
-        if cluster.managed:
-            # Managed clusters get a generated join secret; it is never returned or logged.
-            return replace(cluster, token=secrets.token_hex(32))
-        raise ValidationError("token", "required for an external cluster (k3s node token)")
+                await self._no_node_configured(old)
+            # An RSA key: 10-70 ms of CPU here, off the event loop.
+            ca_cert, ca_key = await asyncio.to_thread(k3s_server_ca)
+        token = k3s_secure_token(secret, ca_cert) if ca_cert else secret
+        return replace(cluster, token=token, ca_cert=ca_cert, ca_key=ca_key)
+
+    async def _no_node_configured(self, cluster: Cluster) -> None:
+        """Refuse a new CA for ``cluster`` once one of its nodes fetched a config without it:
+        a server among them runs k3s on a CA of its own making, whose hash no token names."""
+        for state in (MachineState.INSTALLING, MachineState.INSTALLED, MachineState.REGISTERED,
+                      MachineState.FAILED):
+            nodes = await self.store.list_machines(MachineFilter(cluster=cluster.name,
+                                                                 state=state, limit=1))
+            if nodes:
+                raise Conflict(f"cluster {cluster.name!r} has nodes that fetched their config "
+                               f"with its short token ({nodes[0].ref} is {state}): a server "
+                               "among them made its own k3s CA. Reinstall every node of it "
+                               "(netboot machines reinstall) before asking for the secure "
+                               "token")
 
     async def _check_group(self, group: Group) -> None:
         if group.hostname_template:
@@ -499,6 +574,10 @@ class Core:
                              via="cli") if wanted else None)
         plan = _join_token_as(await content.config_plan(
             machine, TOKEN_PLACEHOLDER, claim=False, request=facts, mac=key), join_token)
+        if plan.cluster is not None and plan.cluster.ca_key:
+            # The CA key a server is given, withheld as the install token is: it would let
+            # whoever reads the render (the dashboard's view of it) sign as the cluster.
+            plan = replace(plan, cluster=replace(plan.cluster, ca_key=CA_KEY_PLACEHOLDER))
         if kind == "config":
             return content.k3os_config(plan)
         return "".join(f"--- {name}\n{content.nocloud(plan, name)}"

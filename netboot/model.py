@@ -662,6 +662,13 @@ class Cluster:
     # them (kube-vip, a load balancer), as host, host:port or https URL (check_endpoint).
     # Unset, it is the first registered server's address (netboot.boot).
     endpoint: str | None = None
+    # The k3s server CA netboot made for this managed cluster (netboot.pki, k3s_server_ca):
+    # written to its server nodes before k3s first starts, and named by the secure form of
+    # ``token``. Empty for a cluster made before netboot made them (its first server made
+    # its own CA) or made without one. The key is a secret as the token is (sealed at rest,
+    # out of repr, never listed).
+    ca_cert: str = ""
+    ca_key: str = field(default="", repr=False)
 
     @property
     def managed(self) -> bool:

@@ -161,7 +161,15 @@ SCHEMAS: dict[str, Any] = {
                        "description": "https://… of the k3s API, or 'managed' (the default)"},
         "token": {"type": "string", "writeOnly": True,
                   "description": "the k3s node token; required to create an external cluster, "
-                                 "generated for a managed one; a replace without it keeps it"},
+                                 "generated for a managed one; a replace without it keeps it. "
+                                 "A managed cluster with a k3s CA is given it in the secure "
+                                 "form K10<ca_hash>::server:<this>"},
+        "ca_hash": {"type": ["string", "null"], "readOnly": True,
+                    "description": "managed clusters: SHA-256 of the k3s server CA netboot made "
+                                   "(what /cacerts of its servers serves), named by the secure "
+                                   "join token; null: the short token (no CA made: a cluster "
+                                   "made before, or with enroll.k3s_secure_token false; see "
+                                   "POST /api/v1/clusters/{name}/secure-token)"},
         "labels": _MAP, "taints": _LIST, "description": _STR,
         "endpoint": {"type": ["string", "null"], "description":
                      "managed clusters: where nodes reach the servers (a VIP or DNS name): "
@@ -432,6 +440,12 @@ def document() -> dict[str, Any]:
         "/api/v1/status": {
             "get": _op("machines per state, overall and per cluster; the failed ones",
                        need=READ, out="Status", errors=()),
+        },
+        "/api/v1/clusters/{name}/secure-token": {
+            "parameters": [_path_param("name")],
+            "post": _op("a managed cluster made with the short token: make its k3s server CA "
+                        "and join with the secure token (409 once a node fetched its config)",
+                        need=CONFIGURE, out="Cluster", errors=(400, 404, 409)),
         },
         "/api/v1/clusters/{name}/nodes": {
             "parameters": [_path_param("name")],

@@ -127,6 +127,27 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
+def _self_signed_ca(key: rsa.RSAPrivateKey, name: x509.Name, now: datetime.datetime, *,
+                    path_length: int | None, usage: x509.KeyUsage) -> x509.Certificate:
+    """A self-signed CA certificate of ``key`` (netboot's own CA, a k3s cluster's server CA),
+    valid from an hour before ``now`` (devices with a slow clock) for CA_DAYS."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
 def _san(name: str) -> x509.GeneralName:
     from cryptography import x509
 
@@ -196,7 +217,7 @@ class Authority:
 
     def load_or_create(self) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
         from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
         from cryptography.x509.oid import NameOID
 
@@ -209,22 +230,10 @@ class Authority:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "netboot"),
             x509.NameAttribute(NameOID.COMMON_NAME, f"netboot CA {secrets.token_hex(4)}"),
         ])
-        now = self._clock()
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))  # devices with a slow clock
-            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256())
-        )
+        cert = _self_signed_ca(key, name, self._clock(), path_length=0, usage=x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True,
+            crl_sign=True, encipher_only=False, decipher_only=False))
         _write(self.private_file, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(self._passphrase)), 0o600)
@@ -468,3 +477,66 @@ def exported_ca(ca_file: str | None, directory: Path) -> tuple[str, str] | None:
                           key="https.ca_file" if ca_file else "server.data_dir",
                           fix="give a PEM certificate") from exc
     return cert.public_bytes(serialization.Encoding.PEM).decode(), fingerprint(cert)
+
+
+# --- a managed cluster's k3s server CA ------------------------------------------------------
+#
+# k3s's secure join token is ``K10<CA hash>::<user>:<password>``: before it sends anything, a
+# joining node fetches the server's ``/cacerts`` and compares their hash with the token's
+# (k3s pkg/clientaccess/token.go, validateCAHash), so a host that took the endpoint's address
+# or name cannot collect the cluster's nodes. The CA does not exist until k3s's first server
+# makes it, so netboot makes it instead: k3s uses CA files it finds in
+# ``<data-dir>/server/tls/`` before its first start (pkg/daemons/control/deps,
+# createSigningCertKey: a cert and key that both exist are used as they are; each CA on its
+# own), and ``/cacerts`` serves that file's bytes as read (pkg/server/router.go, cacerts).
+# Only the server CA is made: it is the one ``/cacerts`` serves and the token names; k3s
+# makes the client, request-header and etcd CAs itself, and servers that join an HA cluster
+# take those from its datastore (identical files on disk are left alone: pkg/cluster,
+# isNewerFile), so netboot hands out no more key material than the secure token needs.
+
+# Where k3s (data-dir /var/lib/rancher/k3s, k3OS's and the install script's) reads its server
+# CA, and what /cacerts serves.
+K3S_SERVER_CA = "/var/lib/rancher/k3s/server/tls/server-ca.crt"
+K3S_SERVER_CA_KEY = "/var/lib/rancher/k3s/server/tls/server-ca.key"
+# The user part of the secure token: what k3s's own node-token file names (servers and agents
+# both accept it; k3s keeps only the password: pkg/util/token.go, NormalizeToken).
+K3S_TOKEN_USER = "server"
+
+
+def k3s_server_ca(*, clock: Callable[[], datetime.datetime] = _now) -> tuple[str, str]:
+    """(certificate PEM, key PEM) of a new k3s server CA, as k3s would make its own: RSA 2048
+    (k3s releases before 2022 sign with an ``*rsa.PrivateKey`` only), self-signed, CA:TRUE,
+    key usage digitalSignature, keyEncipherment, keyCertSign (k8s certutil
+    NewSelfSignedCACert), ten years, the key in PKCS#1 PEM as k3s writes its own. One
+    certificate: k3s hashes a one-certificate bundle as the file's literal bytes in every
+    release (hashCA), a chain by its root's DER only in later ones."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+    now = clock()
+    # k3s's own name for it (deps.go: "<program>-server-ca@<unix time>").
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                         f"k3s-server-ca@{int(now.timestamp())}")])
+    cert = _self_signed_ca(key, name, now, path_length=None, usage=x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=True,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True,
+        crl_sign=False, encipher_only=False, decipher_only=False))
+    return (cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.TraditionalOpenSSL,
+                              serialization.NoEncryption()).decode("ascii"))
+
+
+def k3s_ca_hash(ca_pem: str) -> str:
+    """The CA hash of k3s's secure token for a server whose ``/cacerts`` serves ``ca_pem``:
+    SHA-256 (hex) of the bundle's bytes, as k3s's hashCA takes a one-certificate bundle."""
+    return hashlib.sha256(ca_pem.encode("ascii")).hexdigest()
+
+
+def k3s_secure_token(password: str, ca_pem: str) -> str:
+    """``K10<CA hash>::server:<password>``: the secure form of a join secret (k3s
+    clientaccess.FormatTokenBytes)."""
+    return f"K10{k3s_ca_hash(ca_pem)}::{K3S_TOKEN_USER}:{password}"

@@ -327,7 +327,8 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
     enroller.find_mac = boot.machine_by_mac  # registrations from the synced view
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
                       base_url, enroller, trust=trust)
-    return Core(store, enroller, boot, content, audit_keep=config.inventory.audit_keep)
+    return Core(store, enroller, boot, content, audit_keep=config.inventory.audit_keep,
+                secure_token=config.enroll.k3s_secure_token)
 
 
 async def check_default_profile(config: Config, store: Store) -> None:

@@ -543,6 +543,25 @@ def test_cluster_endpoint_add_set_and_refused(cfg: str, capsys: pytest.CaptureFi
     assert rc == 1 and "not found" in err
 
 
+def test_cluster_secure_token_by_default_and_opted_in_later(
+        tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "clusters", "add", "edge", "--config", cfg)[0] == 0
+    shown = json.loads(run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)[1])
+    assert len(shown["ca_hash"]) == 64 and "ca_key" not in shown and "token" not in shown
+    # A server configured for the short token, as every netboot before made them.
+    short = tmp_path / "short.yaml"
+    short.write_text(Path(cfg).read_text() + "enroll:\n  k3s_secure_token: false\n")
+    assert run(capsys, "clusters", "add", "old", "--config", str(short))[0] == 0
+    shown = json.loads(run(capsys, "clusters", "show", "old", "--json", "--config", cfg)[1])
+    assert shown["ca_hash"] is None
+    rc, out, _ = run(capsys, "clusters", "set", "old", "--endpoint", "vip.example",
+                     "--config", cfg)
+    assert rc == 0 and "short token" in out
+    rc, out, _ = run(capsys, "clusters", "set", "old", "--secure-token", "--config", cfg)
+    shown = json.loads(run(capsys, "clusters", "show", "old", "--json", "--config", cfg)[1])
+    assert rc == 0 and shown["ca_hash"] in out and shown["endpoint"] == "vip.example"
+
+
 def test_tokens_create_list_revoke_and_the_audit_log(
         cfg: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUDO_USER", "alice")

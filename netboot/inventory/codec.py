@@ -50,6 +50,7 @@ from netboot.model import (
     check_endpoint,
     machine_of_values,
 )
+from netboot.pki import k3s_ca_hash
 
 _E = TypeVar("_E", bound=enum.Enum)
 _V = TypeVar("_V")
@@ -1424,7 +1425,9 @@ def _install_timeout(d: Mapping[str, Any]) -> int | None:
 
 
 def cluster_to_dict(cluster: Cluster, *, secrets: bool = True) -> dict[str, Any]:
-    """``secrets=False`` leaves out the join ``token`` (it is never listed by the API)."""
+    """``secrets=False`` leaves out the join ``token`` and the k3s CA (never listed by the
+    API) and names the CA by ``ca_hash``, the hash its secure token carries (None without
+    one): what ``curl -sk https://<server>:6443/cacerts | sha256sum`` prints."""
     out: dict[str, Any] = {
         "name": cluster.name,
         "server_url": cluster.server_url,
@@ -1436,6 +1439,11 @@ def cluster_to_dict(cluster: Cluster, *, secrets: bool = True) -> dict[str, Any]
     }
     if not secrets:
         del out["token"]
+        out["ca_hash"] = k3s_ca_hash(cluster.ca_cert) if cluster.ca_cert else None
+    elif cluster.ca_cert or cluster.ca_key:
+        # Only where there is one: documents of clusters without stay as they were.
+        out["ca_cert"] = cluster.ca_cert
+        out["ca_key"] = cluster.ca_key
     return out
 
 
@@ -1451,6 +1459,8 @@ def cluster_from_dict(data: object) -> Cluster:
         taints=_str_tuple(d, "taints"),
         description=_str(d, "description", default=""),
         endpoint=_endpoint(d),
+        ca_cert=_str(d, "ca_cert", default=""),
+        ca_key=_str(d, "ca_key", default=""),
     )
 
 

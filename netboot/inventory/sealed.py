@@ -1,10 +1,10 @@
 """The secrets inside stored values, sealed on write and opened on read (every store on disk).
 
-A cluster's join token, and a machine's install token while its install is under way (it
-opens the machine's config, which carries the join token), are sealed with the injected
-:class:`~netboot.inventory.base.Sealer`, each bound to the cluster or machine it belongs to:
-the database file, its logs and its backups never hold them in clear. Callers see plain
-values. Without a sealer (tests, ``--memory``) values pass through unchanged.
+A cluster's join token and k3s CA key, and a machine's install token while its install is
+under way (it opens the machine's config, which carries the join token), are sealed with the
+injected :class:`~netboot.inventory.base.Sealer`, each bound to the cluster or machine it
+belongs to: the database file, its logs and its backups never hold them in clear. Callers
+see plain values. Without a sealer (tests, ``--memory``) values pass through unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ def install_token_context(machine_id: str) -> str:
 def join_token_context(cluster: str) -> str:
     # Authenticated with the sealed token: a token copied to another cluster's row won't open.
     return f"join token of cluster {cluster!r}"
+
+
+def ca_key_context(cluster: str) -> str:
+    # As the join token's: bound to its cluster.
+    return f"k3s CA key of cluster {cluster!r}"
 
 
 # Machines whose install token's sealed form is kept (Sealed.sealed_token, open_machine): a
@@ -112,11 +117,18 @@ class Sealed:
         if self.sealer is not None and data["token"]:
             data["token"] = self.sealer.seal(data["token"],
                                              context=join_token_context(cluster.name))
+        if self.sealer is not None and data.get("ca_key"):
+            data["ca_key"] = self.sealer.seal(data["ca_key"],
+                                              context=ca_key_context(cluster.name))
         return data
 
     def open_cluster(self, data: Any) -> Cluster:
-        if self.sealer is not None and isinstance(data, dict) and data.get("token"):
+        if self.sealer is not None and isinstance(data, dict):
             name = str(data.get("name"))
-            data["token"] = self.sealer.unseal(str(data["token"]),
-                                               context=join_token_context(name))
+            if data.get("token"):
+                data["token"] = self.sealer.unseal(str(data["token"]),
+                                                   context=join_token_context(name))
+            if data.get("ca_key"):
+                data["ca_key"] = self.sealer.unseal(str(data["ca_key"]),
+                                                    context=ca_key_context(name))
         return codec.cluster_from_dict(data)

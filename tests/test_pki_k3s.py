@@ -1,0 +1,381 @@
+"""A managed cluster's k3s server CA and secure join token (netboot.pki, k3s_server_ca; README
+"What a host on the provisioning network can take").
+
+k3s's secure token ``K10<CA hash>::<user>:<password>`` makes a joining node compare the hash
+of the server's ``/cacerts`` with the token's before it sends anything (k3s
+pkg/clientaccess/token.go). netboot makes the CA, writes it to server nodes before k3s first
+starts (k3s uses CA files it finds in ``server/tls/``), and mints every node's token in the
+secure form. These tests compute the hash as k3s does, from the bytes a server's config
+writes to the file ``/cacerts`` serves."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from netboot.config import load
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import Cluster
+from netboot.pki import K3S_SERVER_CA, K3S_SERVER_CA_KEY, k3s_server_ca
+from netboot.sealing import Sealer
+from netboot.service import build
+from netboot.shipped import templates_dir
+from tests.conftest import (
+    Env,
+    EnvFactory,
+    FrontTestServer,
+    boot,
+    call,
+    install_token,
+    write_config,
+)
+
+S0, S1 = "52:54:00:37:00:01", "52:54:00:37:00:02"
+AGENT = "52:54:00:37:00:10"
+CLOUD_INIT = {"name": "ubuntu", "kernel": "vmlinuz", "initrds": ["initrd.img"],
+              "config_template": "cloud-init"}
+
+
+# --- k3s's side, as its source computes it -------------------------------------------------
+
+
+def k3s_hash_ca(bundle: bytes) -> str:
+    """pkg/clientaccess/token.go hashCA: a bundle of one certificate is hashed as the literal
+    bytes served; of more, as the DER of the first one's root (certificates without an
+    authority key id, or whose AKI is their SKI, are the roots)."""
+    from cryptography import x509
+
+    certs = x509.load_pem_x509_certificates(bundle)
+    if len(certs) > 1:
+        for cert in certs[1:]:
+            try:
+                aki = cert.extensions.get_extension_for_class(
+                    x509.AuthorityKeyIdentifier).value.key_identifier
+            except x509.ExtensionNotFound:
+                aki = None
+            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+            if not aki or aki == ski:
+                bundle = cert.public_bytes(serialization_der())
+    return hashlib.sha256(bundle).hexdigest()
+
+
+def serialization_der() -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.Encoding.DER
+
+
+def k3s_parse_token(token: str) -> tuple[str, str, str]:
+    """pkg/clientaccess/token.go parseToken: (CA hash, username, password)."""
+    assert token.startswith("K10"), token
+    ca_hash, sep, creds = token[3:].partition("::")
+    assert sep and len(ca_hash) == 64, token  # "invalid token CA hash length"
+    user, sep, password = creds.partition(":")
+    assert sep and password, token  # "invalid token format"
+    return ca_hash, user, password
+
+
+def written(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A config's write_files by path."""
+    return {f["path"]: f for f in config.get("write_files") or ()}
+
+
+# --- through the service ------------------------------------------------------------------
+
+
+def hexhyp(mac: str) -> str:
+    return mac.replace(":", "-")
+
+
+async def managed(env: Env, *, body: dict[str, Any] | None = None) -> None:
+    """Cluster ``edge`` (managed, made through the API as an operator makes it), S0 and S1
+    its servers, AGENT its agent."""
+    await env.post("/api/v1/clusters", {"name": "edge", "server_url": "managed",
+                                        **(body or {})}, status=201)
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                        "initrds": ["initrd.img"]}, status=201)
+    for mac, name, role in ((S0, "s0", "server"), (S1, "s1", "server"),
+                            (AGENT, "a0", "agent")):
+        await env.post("/api/v1/machines", {"mac": mac, "hostname": name, "cluster": "edge",
+                                            "role": role, "profile": "k3os"}, status=201)
+
+
+async def k3os_config(env: Env, mac: str) -> tuple[str, dict[str, Any]]:
+    token = install_token(await boot(env, mac))
+    r = await call(env, "GET", f"/config/{hexhyp(mac)}?token={token}", admin=False)
+    assert r.status == 200, (r.status, r.text)
+    return token, yaml.safe_load(r.text)
+
+
+async def registered(env: Env, mac: str, token: str, address: str) -> None:
+    r = await call(env, "POST", "/api/v1/register", admin=False, json_body={
+        "mac": mac, "token": token, "hostname": "x", "addresses": [address]})
+    assert r.status == 200, (r.status, r.text)
+
+
+async def test_the_token_names_the_hash_k3s_computes_of_what_the_servers_cacerts_serve(
+        env: Env) -> None:
+    await managed(env)
+    token, first = await k3os_config(env, S0)
+    files = written(first)
+    # What k3s's /cacerts serves: os.ReadFile of server/tls/server-ca.crt (router.go), the
+    # bytes k3OS's write_files put there.
+    served = files[K3S_SERVER_CA]["content"].encode()
+    ca_hash, user, password = k3s_parse_token(first["k3os"]["token"])
+    assert ca_hash == k3s_hash_ca(served) == hashlib.sha256(served).hexdigest()
+    assert user == "server" and len(password) == 64
+    assert files[K3S_SERVER_CA]["permissions"] == "0644"
+    assert files[K3S_SERVER_CA_KEY]["permissions"] == "0600"
+    assert "PRIVATE KEY" in files[K3S_SERVER_CA_KEY]["content"]
+    assert "--cluster-init" in first["k3os"]["k3s_args"]
+    # The second server joins it with the same token and writes the same bytes (k3s leaves
+    # files identical to its datastore's alone: pkg/cluster isNewerFile).
+    await registered(env, S0, token, "192.0.2.21")
+    _, second = await k3os_config(env, S1)
+    assert second["k3os"]["token"] == first["k3os"]["token"]
+    assert written(second)[K3S_SERVER_CA] == files[K3S_SERVER_CA]
+    assert written(second)[K3S_SERVER_CA_KEY] == files[K3S_SERVER_CA_KEY]
+    # An agent: the same secure token, no CA file.
+    _, agent = await k3os_config(env, AGENT)
+    assert agent["k3os"]["token"] == first["k3os"]["token"]
+    assert not any("rancher" in path for path in written(agent))
+    # The API names the CA by that hash, never the CA's key or the token.
+    shown = await env.get("/api/v1/clusters/edge")
+    assert shown["ca_hash"] == ca_hash
+    assert not {"token", "ca_cert", "ca_key"} & set(shown)
+
+
+async def test_without_https_a_servers_config_writes_the_ca_alone(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    """k3OS's write_files then holds only the k3s CA (no netboot CA before it)."""
+    cfg = load(write_config(tmp_path, https="  enabled: false\n"), env={})
+    service = await build(cfg)
+    try:
+        client = await aiohttp_client(FrontTestServer(service))
+        env = Env(service, client, (cfg.data_dir / "admin.token").read_text().strip())
+        await managed(env)
+        _, config = await k3os_config(env, S0)
+        assert set(written(config)) == {K3S_SERVER_CA, K3S_SERVER_CA_KEY}
+        served = written(config)[K3S_SERVER_CA]["content"].encode()
+        assert k3s_parse_token(config["k3os"]["token"])[0] == k3s_hash_ca(served)
+    finally:
+        await service.boot.drain()
+        await service.store.close()
+
+
+async def test_cloud_init_user_data_writes_the_ca_for_servers_only(env: Env) -> None:
+    await env.post("/api/v1/clusters", {"name": "edge", "server_url": "managed"}, status=201)
+    await env.post("/api/v1/profiles", CLOUD_INIT, status=201)
+    for mac, role in ((S0, "server"), (AGENT, "agent")):
+        await env.post("/api/v1/machines", {"mac": mac, "cluster": "edge", "role": role,
+                                            "profile": "ubuntu"}, status=201)
+    users = {}
+    for mac in (S0, AGENT):
+        token = install_token(await boot(env, mac))
+        r = await call(env, "GET", f"/nocloud/{hexhyp(mac)}/{token}/user-data", admin=False)
+        assert r.status == 200, (r.status, r.text)
+        users[mac] = yaml.safe_load(r.text)
+        if mac == S0:  # the cluster's endpoint, for its agent
+            await registered(env, S0, token, "192.0.2.21")
+    server, agent = written(users[S0]), written(users[AGENT])
+    k3s_config = yaml.safe_load(server["/etc/rancher/k3s/config.yaml"]["content"])
+    served = server[K3S_SERVER_CA]["content"].encode()
+    assert k3s_parse_token(k3s_config["token"])[0] == k3s_hash_ca(served)
+    assert server[K3S_SERVER_CA_KEY]["permissions"] == "0600"
+    assert set(agent) == {"/etc/rancher/k3s/config.yaml"}
+    assert yaml.safe_load(agent["/etc/rancher/k3s/config.yaml"]["content"])["token"] \
+        == k3s_config["token"]
+    # cloud-init writes files (init stage) before runcmd installs and starts k3s.
+    assert list(users[S0]).index("write_files") < list(users[S0]).index("runcmd")
+
+
+@pytest.mark.requires("openssl", "openssl")
+def test_the_ca_is_what_k3s_signs_with(tmp_path: Path) -> None:
+    """CA:TRUE and certificate signing (k8s certutil's NewSelfSignedCACert's usages), an RSA
+    key in the PKCS#1 form k3s writes its own, and a certificate signed with it as k3s signs
+    its serving certificates verifies against it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    cert_pem, key_pem = k3s_server_ca()
+    (tmp_path / "server-ca.crt").write_text(cert_pem)
+    (tmp_path / "server-ca.key").write_text(key_pem)
+
+    def openssl(*args: str) -> str:
+        done = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    text = openssl("x509", "-in", str(tmp_path / "server-ca.crt"), "-noout", "-text")
+    assert "CA:TRUE" in text and "Certificate Sign" in text
+    assert "Digital Signature" in text and "Key Encipherment" in text
+    assert "Public-Key: (2048 bit)" in text and "k3s-server-ca@" in text
+    assert key_pem.startswith("-----BEGIN RSA PRIVATE KEY-----")
+    assert "RSA key ok" in openssl("rsa", "-in", str(tmp_path / "server-ca.key"), "-check",
+                                   "-noout")
+    assert openssl("x509", "-in", str(tmp_path / "server-ca.crt"), "-noout", "-modulus") == \
+        openssl("rsa", "-in", str(tmp_path / "server-ca.key"), "-noout", "-modulus")
+    # Signed as k3s signs kube-apiserver's certificate (deps.go createClientCertKey).
+    ca = x509.load_pem_x509_certificate(cert_pem.encode())
+    ca_key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(ca.subject).public_key(leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=365))
+            .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "leaf.crt").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    assert "OK" in openssl("verify", "-CAfile", str(tmp_path / "server-ca.crt"),
+                           str(tmp_path / "leaf.crt"))
+
+
+async def test_the_ca_key_is_sealed_at_rest(tmp_path: Path) -> None:
+    sealer = Sealer.generate()
+    path = tmp_path / "inventory.db"
+    store = SqliteStore(path, sealer=sealer)
+    await store.open()
+    cert, key = k3s_server_ca()
+    await store.put_cluster(Cluster(name="edge", token="K10" + "0" * 64 + "::server:s",
+                                    ca_cert=cert, ca_key=key), create=True)
+    assert (await store.get_cluster("edge")) == Cluster(
+        name="edge", token="K10" + "0" * 64 + "::server:s", ca_cert=cert, ca_key=key)
+    await store.close()
+    import sqlite3
+
+    (data,) = sqlite3.connect(path).execute(
+        "SELECT data FROM clusters WHERE name = 'edge'").fetchone()
+    assert "PRIVATE KEY" not in data and key.splitlines()[1] not in data
+    assert '"ca_key": "nbs1:' in data or '"ca_key":"nbs1:' in data
+    assert cert.splitlines()[1] in data  # the certificate is public
+    assert "ca_key" not in repr(Cluster(name="edge", ca_key=key))
+
+
+async def test_render_and_the_dashboards_view_withhold_the_ca_key(env: Env) -> None:
+    await managed(env)
+    cluster = await env.service.store.get_cluster("edge")
+    assert cluster is not None and cluster.ca_key
+    key_line = cluster.ca_key.splitlines()[1]
+    for kind in ("config", "nocloud"):
+        # The dashboard shows a machine's render through this route.
+        text = await env.get(f"/api/v1/machines/{hexhyp(S0)}/render/{kind}")
+        assert key_line not in text and "K3S-CA-KEY" in text, text
+        assert cluster.ca_cert.splitlines()[1] in text
+        assert cluster.token not in text
+    for listed in (await env.get("/api/v1/clusters"), [await env.get("/api/v1/clusters/edge")]):
+        assert all("ca_key" not in c and "token" not in c for c in listed)
+    # (``netboot render``, the CLI, prints what the same core call gives.)
+
+
+async def test_a_cluster_made_before_keeps_its_short_token_until_its_operator_opts_in(
+        env: Env) -> None:
+    # As an inventory written before netboot made CAs holds it.
+    await env.service.store.put_cluster(Cluster(name="edge", token="s" * 64), create=True)
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                        "initrds": ["initrd.img"]}, status=201)
+    for mac, role in ((S0, "server"), (AGENT, "agent")):
+        await env.post("/api/v1/machines", {"mac": mac, "cluster": "edge", "role": role,
+                                            "profile": "k3os"}, status=201)
+    assert (await env.get("/api/v1/clusters/edge"))["ca_hash"] is None
+    # An edit (the CLI's `clusters set` sends back what it read) changes nothing of it.
+    shown = await env.get("/api/v1/clusters/edge")
+    r = await call(env, "PUT", "/api/v1/clusters/edge", json_body={**shown, "endpoint": None})
+    assert r.status == 200, r.text
+    assert (await env.service.store.get_cluster("edge")) == Cluster(name="edge",
+                                                                    token="s" * 64)
+    # Opting in while no node has its config: the same secret, now in the secure form.
+    r = await call(env, "POST", "/api/v1/clusters/edge/secure-token")
+    assert r.status == 200, r.text
+    assert r.json()["ca_hash"] and "ca_key" not in r.text
+    cluster = await env.service.store.get_cluster("edge")
+    assert cluster is not None and cluster.ca_cert and cluster.ca_key
+    assert k3s_parse_token(cluster.token) == (k3s_hash_ca(cluster.ca_cert.encode()), "server",
+                                              "s" * 64)
+    _, config = await k3os_config(env, S0)
+    assert config["k3os"]["token"] == cluster.token
+    assert written(config)[K3S_SERVER_CA]["content"] == cluster.ca_cert
+    # Asked again, or the cluster edited: the CA is kept (its servers run on it).
+    r = await call(env, "POST", "/api/v1/clusters/edge/secure-token")
+    assert r.status == 200 and await env.service.store.get_cluster("edge") == cluster
+    r = await call(env, "PUT", "/api/v1/clusters/edge", json_body={"name": "edge"})
+    assert r.status == 200 and await env.service.store.get_cluster("edge") == cluster
+    # A new secret is wrapped with the same CA's hash.
+    r = await call(env, "PUT", "/api/v1/clusters/edge",
+                   json_body={"name": "edge", "token": "K10x::server:y"})
+    assert r.status == 200
+    again = await env.service.store.get_cluster("edge")
+    assert again is not None and again.ca_key == cluster.ca_key
+    assert k3s_parse_token(again.token) == (k3s_hash_ca(cluster.ca_cert.encode()), "server",
+                                            "K10x::server:y")
+
+
+async def test_opting_in_is_refused_once_a_server_made_its_own_ca(env: Env) -> None:
+    await env.service.store.put_cluster(Cluster(name="edge", token="s" * 64), create=True)
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                        "initrds": ["initrd.img"]}, status=201)
+    await env.post("/api/v1/machines", {"mac": S0, "cluster": "edge", "role": "server",
+                                        "profile": "k3os"}, status=201)
+    _, config = await k3os_config(env, S0)  # its k3s will make a CA of its own
+    assert config["k3os"]["token"] == "s" * 64 and K3S_SERVER_CA not in written(config)
+    r = await call(env, "POST", "/api/v1/clusters/edge/secure-token")
+    assert r.status == 409 and "reinstall" in r.text, r.text
+    assert await env.service.store.get_cluster("edge") == Cluster(name="edge", token="s" * 64)
+
+
+async def test_the_short_form_on_request_and_for_external_clusters(
+        make_env: EnvFactory) -> None:
+    env = await make_env("enroll:\n  k3s_secure_token: false\n")
+    await managed(env)
+    cluster = await env.service.store.get_cluster("edge")
+    assert cluster is not None and not cluster.ca_cert and len(cluster.token) == 64
+    _, config = await k3os_config(env, S0)
+    assert config["k3os"]["token"] == cluster.token and K3S_SERVER_CA not in written(config)
+    await env.post("/api/v1/clusters", {"name": "ext", "server_url": "https://192.0.2.50:6443",
+                                        "token": "t"}, status=201)
+    r = await call(env, "POST", "/api/v1/clusters/ext/secure-token")
+    assert r.status == 400 and "external" in r.text
+    r = await call(env, "POST", "/api/v1/clusters/nope/secure-token")
+    assert r.status == 404
+    for body in ({"ca_key": "x"}, {"ca_cert": "x"}):
+        r = await call(env, "POST", "/api/v1/clusters", json_body={"name": "other", **body})
+        assert r.status == 400, r.text
+
+
+async def test_a_secret_given_for_a_cluster_is_wrapped_in_the_secure_form(env: Env) -> None:
+    await env.post("/api/v1/clusters", {"name": "given", "token": "my-secret"}, status=201)
+    given = await env.service.store.get_cluster("given")
+    assert given is not None
+    assert k3s_parse_token(given.token) == (k3s_hash_ca(given.ca_cert.encode()), "server",
+                                            "my-secret")
+
+
+async def test_a_site_template_that_does_not_write_the_ca_is_refused_for_servers(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A site's k3os.yaml from before netboot made CAs: its servers' k3s would make their
+    own CA, which no token names, so every other node would refuse them."""
+    own = tmp_path / "templates"
+    (own / "cloud-config").mkdir(parents=True)
+    text = (templates_dir() / "cloud-config/k3os.yaml").read_text(encoding="utf-8")
+    old = text[:text.index("{% if k3s.server_ca %}")] + "\n"
+    (own / "cloud-config/k3os.yaml").write_text(old, encoding="utf-8")
+    env = await make_env(f"templates:\n  dir: {own}\n")
+    await managed(env)
+    token = install_token(await boot(env, S0))
+    r = await call(env, "GET", f"/config/{hexhyp(S0)}?token={token}", admin=False)
+    assert r.status == 500, (r.status, r.text)
+    await registered(env, S0, token, "192.0.2.21")
+    # An agent's config never has the CA: the same template is fine for it.
+    token = install_token(await boot(env, AGENT))
+    r = await call(env, "GET", f"/config/{hexhyp(AGENT)}?token={token}", admin=False)
+    assert r.status == 200 and "server-ca" not in r.text, r.text
