@@ -15,6 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -484,6 +485,13 @@ class Api:
                             sort=sort, descending=order == "desc",
                             limit=_int_query(request, "limit", 100, 1, 1000),
                             offset=_int_query(request, "offset", 0, 0, 10**9))
+        if flt.text:
+            # The view finds the few machines a search names in memory (~10-20 ms with
+            # 100,000); the store then reads those, with the other filters, its order and
+            # its own text check. Scanned by the store, every machine: ~1 s (s37-ops).
+            ids = await self._core.boot.matching_text(flt.text)
+            if ids is not None:
+                flt = replace(flt, ids=ids)
         items = await self._store.list_machines(flt)
         total = await self._store.count_machines(flt)
         out = [self._machine_out(m) for m in items]

@@ -43,6 +43,9 @@ class MachineFilter:
     # Case-insensitive substring of the hostname, id, or any MAC, UUID, serial or asset tag
     # (the dashboard's search box).
     text: str | None = None
+    # Only machines of these ids (None: any): what a loaded view found for ``text``
+    # (InventoryView.matching_text), so that the store reads those rows, not every one.
+    ids: frozenset[str] | None = None
     # Machines whose last change (``updated``: a state, a learnt fact) is older than this
     # (seconds since the epoch): with a state, the ones stuck in it (the dashboard's
     # "unchanged for" filter in a storm).

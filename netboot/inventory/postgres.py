@@ -2383,6 +2383,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:
         clauses.append(f"m.updated < {arg(float(flt.updated_before))}")
+    if flt.ids is not None:
+        clauses.append(f"m.id = ANY({arg(sorted(flt.ids))}::text[])")
     if flt.text:
         # strpos, not LIKE: no wildcard characters to escape in the text.
         needle = arg(flt.text.lower())
