@@ -1041,6 +1041,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         front = FrontDoor(devices, log=http_log, observer=metrics, ids=ids, plain=plain)
         metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued,
                                 lambda: core.enroller.recorder.backlog)
+        core.enroller.recorder.committed = metrics.inventory_commit
 
         def make_app() -> web.Application:
             return web_app(config, core, events, metrics, devices, front, ids, plain, http_log)
