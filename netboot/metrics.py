@@ -199,6 +199,7 @@ class Metrics:
         self._queued_now: Callable[[], int] | None = None
         self._backlog_now: Callable[[], int] | None = None
         self._dhcp_outcomes: Callable[[], Mapping[str, int]] | None = None
+        self._clock_skew: Callable[[], float | None] | None = None
         self._tftp = _TftpCollector()
         self._http_counts = _HttpCollector()
         now = time.time()
@@ -236,6 +237,11 @@ class Metrics:
         """Where the DHCP server's outcomes so far are read at scrape (its summary line's
         counts: each reply sent, and each request left unanswered and why)."""
         self._dhcp_outcomes = outcomes
+
+    def read_clock_skew(self, skew: Callable[[], float | None]) -> None:
+        """Where the shared database's clock minus this host's is read at scrape (None:
+        not measured, as with SQLite: health.ClockSkew)."""
+        self._clock_skew = skew
 
     def read_tftp_stats(self, stats: Callable[[], Any | None]) -> None:
         """Where the TFTP server's counters are read from at scrape (None: TFTP is off)."""
@@ -401,6 +407,11 @@ class _Collector(_CollectorBase):
                                     "waiting for the inventory's writer (at its bound, boot "
                                     "answers are paced until it writes)",
                                     value=float(m._backlog_now()))
+        skew = m._clock_skew() if m._clock_skew is not None else None
+        if skew is not None:
+            yield GaugeMetricFamily("netboot_inventory_clock_skew_seconds", "the inventory "
+                                    "database's clock minus this host's, at the last check "
+                                    "(PostgreSQL: at start and every 5 minutes)", value=skew)
         if m._dhcp_outcomes is not None:
             # Replies and silences alike, as the DHCP summary line counts them: a fixed
             # vocabulary ("proxy OFFER", "silent (no boot)", "decision timed out",

@@ -205,6 +205,20 @@ def cannot_tell(store: object) -> str | None:
     return store.cannot_tell() if isinstance(store, CannotTell) else None
 
 
+@runtime_checkable
+class ServerClock(Protocol):
+    """A store on a database server with a clock of its own (PostgreSQL), which several
+    netboot servers share: their install tokens' expiry, ``install_timeout`` and
+    ``unchanged_for`` compare times each one wrote by its own clock, so servers out of
+    step eat into them. The service's watcher compares it with this host's
+    (health.ClockSkew)."""
+
+    async def server_clock(self) -> tuple[float, float, float]:
+        """(the database's clock, this host's clock at the middle of the round trip that
+        read it, that round trip's length), in seconds; StoreError when it does not answer."""
+        ...
+
+
 async def release_held_caches(store: object) -> None:
     """Empty the store's own caches if it keeps any (:class:`HeldCaches`); the one place
     that asks, for the view after its load and for ``serve`` once quiet after a storm."""

@@ -833,6 +833,15 @@ class PostgresStore:
             deliver(cancel)
         return result
 
+    async def server_clock(self) -> tuple[float, float, float]:
+        """base.ServerClock: the server's clock_timestamp() (now() is the transaction's
+        start), this host's wall clock at the middle of the round trip."""
+        async with self._conn() as conn:
+            began = time.time()
+            server = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+            ended = time.time()
+        return float(server), (began + ended) / 2, ended - began
+
     def _learn_clock(self, server_ms: int) -> None:
         """The server's clock read (ms since the epoch, a mark's first bits) just now."""
         self._clock_offset = server_ms - time.monotonic() * 1000
