@@ -164,6 +164,13 @@ def _answered(status: int, unknown: bool) -> str:
     return f"{status} {UNKNOWN}" if unknown else str(status)
 
 
+# At most this many machines named by a text search are read by id (GET /machines?q=);
+# more, and the store scans: with 100,000 machines, 10,000 read by id took 0.3-0.5 s where
+# the scan took 1.4-2 s, 100,000 took 6-13 s where the scan, finding its page at once,
+# took 0.4-0.9 s (SQLite, load 10; benchmarks/README.md s37-ops).
+TEXT_IDS_MAX = 20_000
+
+
 class Api:
     """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""
 
@@ -486,11 +493,13 @@ class Api:
                             limit=_int_query(request, "limit", 100, 1, 1000),
                             offset=_int_query(request, "offset", 0, 0, 10**9))
         if flt.text:
-            # The view finds the few machines a search names in memory (~10-20 ms with
+            # The view finds the few machines a search names in memory (~5-30 ms with
             # 100,000); the store then reads those, with the other filters, its order and
-            # its own text check. Scanned by the store, every machine: ~1 s (s37-ops).
+            # its own text check. Scanned by the store, every machine: 1-2 s (s37-ops). A
+            # search naming most of the fleet is left to the scan, which finds its page's
+            # first rows at once: read by id, 100,000 of them took 6-13 s.
             ids = await self._core.boot.matching_text(flt.text)
-            if ids is not None:
+            if ids is not None and len(ids) <= TEXT_IDS_MAX:
                 flt = replace(flt, ids=ids)
         items = await self._store.list_machines(flt)
         total = await self._store.count_machines(flt)

@@ -16,6 +16,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netboot import api as api_module
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter
 from netboot.inventory.sqlite import SqliteStore
@@ -395,6 +396,11 @@ async def test_a_text_search_reads_only_the_machines_the_view_found(
     found = await env.get("/api/v1/machines?q=rack1-l")
     assert [m["id"] for m in found["items"]] == [late.id]
     assert asked[-1].ids == {late.id}
+    # Naming more machines than TEXT_IDS_MAX: the store's scan, which finds a page at once.
+    monkeypatch.setattr(api_module, "TEXT_IDS_MAX", 2)
+    assert await env.get("/api/v1/machines?q=RACK1&sort=hostname") == {
+        **after, "items": [found["items"][0], *after["items"]], "total": 4}
+    assert asked[-1].ids is None
 
 
 @pytest.mark.parametrize(("query", "field"), [
