@@ -82,9 +82,9 @@ async def run(store: Store, count: int, runs: int) -> None:
                 flt = MachineFilter(text=text, limit=50)
                 if view.loaded:  # as api.py asks (Boot.matching_text, TEXT_IDS_MAX)
                     await view.sync()
-                    ids = frozenset(view.matching_text(text))
-                    if len(ids) <= getattr(api, "TEXT_IDS_MAX", len(ids)):
-                        flt = dataclasses.replace(flt, ids=ids)
+                    found = view.matching_text(text, getattr(api, "TEXT_IDS_MAX", None))
+                    if found is not None:
+                        flt = dataclasses.replace(flt, ids=frozenset(found))
                 page = await store.list_machines(flt)
                 total = await store.count_machines(flt)
                 times.append((time.perf_counter() - t0) * 1000)

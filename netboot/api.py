@@ -165,10 +165,11 @@ def _answered(status: int, unknown: bool) -> str:
 
 
 # At most this many machines named by a text search are read by id (GET /machines?q=);
-# more, and the store scans: with 100,000 machines, 10,000 read by id took 0.3-0.5 s where
-# the scan took 1.4-2 s, 100,000 took 6-13 s where the scan, finding its page at once,
-# took 0.4-0.9 s (SQLite, load 10; benchmarks/README.md s37-ops).
-TEXT_IDS_MAX = 20_000
+# more, and the store scans. With 100,000 machines (SQLite, load ~12): by id ~22-37 us a
+# machine (1,000: 33-49 ms, 10,000: 0.22-0.37 s, 100,000: 1.1-1.2 s), the scan 0.7-1.1 s
+# for a few matches and ~0.15 s for all (its page found at once, the count cut short);
+# the view stops looking past this many (benchmarks/README.md s37-ops).
+TEXT_IDS_MAX = 10_000
 
 
 class Api:
@@ -498,8 +499,8 @@ class Api:
             # its own text check. Scanned by the store, every machine: 1-2 s (s37-ops). A
             # search naming most of the fleet is left to the scan, which finds its page's
             # first rows at once: read by id, 100,000 of them took 6-13 s.
-            ids = await self._core.boot.matching_text(flt.text)
-            if ids is not None and len(ids) <= TEXT_IDS_MAX:
+            ids = await self._core.boot.matching_text(flt.text, TEXT_IDS_MAX)
+            if ids is not None:
                 flt = replace(flt, ids=ids)
         items = await self._store.list_machines(flt)
         total = await self._store.count_machines(flt)

@@ -558,11 +558,12 @@ class InventoryView:
             return None if machine_id is None else self._machines.get(machine_id)
         return None if self.loaded else UNSEEN
 
-    def matching_text(self, text: str) -> set[str] | None:
+    def matching_text(self, text: str, most: int | None = None) -> set[str] | None:
         """The ids of the machines whose hostname, id, or any MAC, UUID, serial or asset tag
         (as the stores index them: netboot.identity.claims) holds ``text``
         case-insensitively (:class:`MachineFilter`'s ``text``), from memory; None while the
-        view is not loaded (only the store can tell). Call after a sync.
+        view is not loaded (only the store can tell), or when more than ``most`` match
+        (found so far: the search stops there). Call after a sync.
 
         Why: the stores answer ``text`` by reading every machine (SQLite ~0.8-1.1 s a query
         with 100,000: benchmarks/README.md s37-ops). Here every machine's fields are joined,
@@ -582,7 +583,7 @@ class InventoryView:
             held = self._search = _SearchText(self._machines, self._keys)
             loop = asyncio.get_running_loop()
             loop.call_later(_SEARCH_KEEP, self._drop_search, held)
-        return held.find(needle)
+        return held.find(needle, most)
 
     def _drop_search(self, held: _SearchText) -> None:
         if self._search is held:
@@ -818,8 +819,11 @@ class _SearchText:
         self.macs = b"".join(cast("dict[bytes, str | None]", keys["mac"])).hex(":")
         self.mac_owners = list(keys["mac"].values())
 
-    def find(self, needle: str) -> set[str]:
+    def find(self, needle: str, most: int | None = None) -> set[str] | None:
+        """The owners of every line and MAC holding ``needle``; None past ``most`` of them
+        (checked a line at a time: a search naming the whole fleet stops early)."""
         found: set[str] = set()
+        cap = -1 if most is None else most
         if "\n" not in needle:
             for hay, owners in self.lines:
                 at = hay.find(needle)
@@ -829,6 +833,8 @@ class _SearchText:
                     owner = owners[line]
                     if owner is not None:
                         found.add(owner)
+                        if len(found) == cap + 1:
+                            return None
                     end = hay.find("\n", at)
                     if end < 0:
                         break
@@ -842,6 +848,8 @@ class _SearchText:
                 owner = owners[row]
                 if owner is not None:
                     found.add(owner)
+                    if len(found) == cap + 1:
+                        return None
                 at = hay.find(needle, (row + 1) * 18)
             else:
                 at = hay.find(needle, at + 1)

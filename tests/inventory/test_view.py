@@ -1202,6 +1202,20 @@ async def test_a_search_from_the_view_drops_its_strings_after_a_while(
         await store.close()
 
 
+async def test_a_search_naming_more_than_asked_stops_and_leaves_it_to_the_store(
+        tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    try:
+        view = await loaded(store, *_search_fleet())
+        assert len(view.matching_text("rack", 3) or ()) == 3
+        assert view.matching_text("rack", 2) is None
+        assert view.matching_text("02:00", 0) is None  # the MACs' part too
+        assert view.matching_text("nothing", 0) == set()
+    finally:
+        await store.close()
+
+
 async def test_a_view_not_loaded_leaves_a_search_to_the_store(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "netboot.db")
     await store.open()
