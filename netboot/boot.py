@@ -859,6 +859,17 @@ class BootService:
         tried, at = self._loader_file(request.firmware, request.arch, chain)
         return tuple((name, i == at) for i, (_, name) in enumerate(tried[:at + 1]))
 
+    async def matching_text(self, text: str, most: int | None = None
+                            ) -> frozenset[str] | None:
+        """The ids of the machines a search by ``text`` may find (MachineFilter.text), from
+        the view synced first (every commit made before the call); None until the view is
+        loaded, when only the store can tell, or when more than ``most`` match."""
+        if not self._view.loaded:
+            return None
+        await self._view.sync()
+        found = self._view.matching_text(text, most)
+        return None if found is None else frozenset(found)
+
     async def machine_by_ref(self, ref: str) -> Machine:
         """:func:`identity.require_ref` against the view, synced first (as
         :meth:`machine_by_mac`): an installer's report finds its machine without a hop to

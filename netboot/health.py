@@ -54,3 +54,51 @@ class InventoryHealth:
         if self.answers:
             return f"the inventory answers reads but refuses writes since {when}: {self.reason}"
         return f"the inventory is unreachable since {when}: {self.reason}"
+
+
+# Past this, the database's clock and this host's are out of step enough to say so: NTP
+# keeps hosts within milliseconds, and a few seconds are what an operator reading two
+# servers' logs, or an install_timeout of a few minutes, would notice.
+CLOCK_SKEW_WARN = 3.0
+
+
+def _utc(seconds: float) -> str:
+    """ISO 8601, UTC, to the millisecond (two clocks a few seconds apart, side by side)."""
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{whole}.{int(seconds % 1 * 1000):03d}Z"
+
+
+class ClockSkew:
+    """The database's clock against this host's (a PostgreSQL inventory several servers
+    share: each one's install tokens expire, and ``install_timeout`` and ``unchanged_for``
+    are counted, by the clock of the server that wrote the time, so two servers out of step
+    by S seconds give one machine S seconds more or less). Each check is judged here; the
+    service's watcher reads the clocks and logs what :meth:`observe` says."""
+
+    def __init__(self, threshold: float = CLOCK_SKEW_WARN) -> None:
+        self.threshold = threshold
+        self.seconds: float | None = None  # the database's clock minus this host's, last seen
+        self.warned = False
+
+    def observe(self, database: float, local: float, round_trip: float = 0.0
+                ) -> tuple[str, str] | None:
+        """One reading: ``database``'s clock and this host's at the same moment (within
+        ``round_trip``). What to log, as (level, message), or None: a warning the first time
+        they are further apart than the threshold (the round trip's uncertainty given the
+        benefit of the doubt), naming both times; an info line once back in step."""
+        skew = database - local
+        self.seconds = skew
+        off = abs(skew) - round_trip / 2 > self.threshold
+        if off and not self.warned:
+            self.warned = True
+            ahead = "ahead of" if skew > 0 else "behind"
+            return ("warning", f"the inventory database's clock ({_utc(database)}) is "
+                    f"{abs(skew):.1f} s {ahead} this host's ({_utc(local)}): install "
+                    "tokens, install_timeout and unchanged_for are counted by the clock of "
+                    "the server that wrote each time, so servers sharing this inventory "
+                    "should keep their clocks in step (NTP) with each other and with it")
+        if not off and self.warned and abs(skew) <= self.threshold / 2:
+            self.warned = False
+            return ("info", f"the inventory database's clock ({_utc(database)}) and this "
+                    f"host's ({_utc(local)}) are in step again ({skew:+.3f} s)")
+        return None

@@ -132,6 +132,9 @@ class Recorder:
         # Bumped by everything that may write (record, note, learned, commit): a caller that
         # finds it unchanged across a decision knows the decision wrote nothing.
         self.activity = 0
+        # Told each write's rows (machines and events) and seconds from its start to its
+        # commit (Metrics.inventory_commit: netboot_inventory_commit_*), once it committed.
+        self.committed: Callable[[int, float], None] | None = None
 
     def record(self, event: Event) -> None:
         """Queue ``event``; it is committed within ``delay`` seconds."""
@@ -433,19 +436,27 @@ class Recorder:
             events = await self._drop_repeats(queued)
             relearnt = await self._relearn(learned)
             refused: NetbootError | None = None
+            whole = _with(batch, events, relearnt)
+            began = time.perf_counter()
             try:
-                await self._store.apply_batch(_with(batch, events, relearnt))
+                await self._store.apply_batch(whole)
             except NetbootError as exc:
                 if strict or not relearnt or isinstance(exc, StoreError):
                     raise
                 refused = exc
             else:
                 written = True
+                if self.committed is not None:
+                    self.committed(_rows(whole), time.perf_counter() - began)
             if refused is not None:  # awaited outside the handler: see _write_group
                 # Refused, perhaps for a learnt fact (another server moved that machine
                 # since it was read): the events without them, then each machine alone.
-                await self._store.apply_batch(_with(batch, events, []))
+                whole = _with(batch, events, [])
+                began = time.perf_counter()
+                await self._store.apply_batch(whole)
                 written = True
+                if self.committed is not None:
+                    self.committed(_rows(whole), time.perf_counter() - began)
                 relearnt, away = await self._each_alone(relearnt, learned)
         except asyncio.CancelledError:
             # Cancelled (at shutdown) before they were committed (the store tells a write
@@ -651,6 +662,11 @@ def _overlap(batches: Iterable[Batch]) -> bool:
             return True
         seen |= ids
     return False
+
+
+def _rows(batch: Batch) -> int:
+    """A write's size as netboot_inventory_commit_rows counts it: machines and events."""
+    return len(batch.create) + len(batch.update) + len(batch.events) + len(batch.merge)
 
 
 def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machine]]) -> Batch:

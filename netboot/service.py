@@ -35,9 +35,11 @@ from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
 from netboot.events import EventBus
 from netboot.files import FileTree
+from netboot.health import ClockSkew
 from netboot.inventory.base import (
     EventListener,
     MachineFilter,
+    ServerClock,
     Store,
     cannot_tell,
     release_held_caches,
@@ -78,6 +80,9 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 # end without traffic, writes the boot events queued meanwhile, and relays other servers'
 # events to this server's live streams.
 WATCH_SECONDS = 0.5
+# How often a shared database's clock is compared with this host's (health.ClockSkew): a
+# clock drifts over hours, or jumps when NTP first sets it; one statement each time.
+CLOCK_CHECK_SECONDS = 300.0
 # The id of the key that sealed this inventory's secrets: a different key file is refused at
 # start rather than discovered at the first config request.
 SEAL_KEY_SETTING = "secrets-key-id"
@@ -538,6 +543,8 @@ class Service:
     tls_source: Callable[[], Tls | None] | None = None
     tls_context: ssl.SSLContext | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    # The shared database's clock against this host's (a store with a ServerClock).
+    clock_skew: ClockSkew = field(default_factory=ClockSkew)
     events: EventBus = field(default_factory=EventBus)
     # Answers plain GETs of device routes before aiohttp (both listeners); None: aiohttp all.
     front: FrontDoor | None = None
@@ -611,6 +618,8 @@ class Service:
         cfg = self.config
         self._event_cursor, _ = await self.store.events_since(-1)
         self.tasks.append(asyncio.ensure_future(self._watch_inventory()))
+        if isinstance(self.store, ServerClock):
+            self.tasks.append(asyncio.ensure_future(self._watch_clock(self.store)))
         if cfg.inventory.events_keep_days:
             from netboot.retention import keep_events
 
@@ -760,6 +769,27 @@ class Service:
                 await self.watch_once()
             except Exception:
                 log.exception("watching the inventory failed; trying again")
+
+    async def _watch_clock(self, store: ServerClock) -> None:
+        """At start and every CLOCK_CHECK_SECONDS, one :meth:`check_clock`."""
+        while True:
+            try:
+                await self.check_clock(store)
+            except Exception:
+                log.exception("comparing the inventory's clock with this host's failed")
+            await asyncio.sleep(CLOCK_CHECK_SECONDS)
+
+    async def check_clock(self, store: ServerClock) -> None:
+        """The database's clock against this host's (health.ClockSkew): logged past its
+        threshold, the gauge netboot_inventory_clock_skew_seconds either way."""
+        try:
+            database, local, round_trip = await store.server_clock()
+        except StoreError:
+            return  # the watcher reports the outage
+        said = self.clock_skew.observe(database, local, round_trip)
+        if said is not None:
+            level, message = said
+            log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
 
     async def watch_once(self) -> None:
         """Sync the boot path's view (noticing an outage of the inventory and its end),
@@ -1141,6 +1171,9 @@ async def build(config: Config, *, app: bool = True) -> Service:
         front = FrontDoor(devices, log=http_log, observer=metrics, ids=ids, plain=plain)
         metrics.watch_inventory(core.boot.health, lambda: core.enroller.recorder.queued,
                                 lambda: core.enroller.recorder.backlog)
+        core.enroller.recorder.committed = metrics.inventory_commit
+        skew = ClockSkew()
+        metrics.read_clock_skew(lambda: skew.seconds)
 
         def make_app() -> web.Application:
             return web_app(config, core, events, metrics, devices, front, ids, plain, http_log)
@@ -1149,7 +1182,8 @@ async def build(config: Config, *, app: bool = True) -> Service:
                           make_app() if app else None, advertise,
                           new_admin_token_file=new_token, tls=tls, url_holder=holder,
                           tls_source=lambda: prepare_tls(config, advertise, sealer),
-                          metrics=metrics, events=events, front=front, app_factory=make_app)
+                          metrics=metrics, events=events, front=front, app_factory=make_app,
+                          clock_skew=skew)
     except BaseException:
         await store.close()
         raise

@@ -10,7 +10,13 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from netboot.health import InventoryHealth
-from netboot.metrics import DURATION_BUCKETS, EVENT_KINDS, Metrics
+from netboot.metrics import (
+    COMMIT_BUCKETS,
+    COMMIT_ROWS_BUCKETS,
+    DURATION_BUCKETS,
+    EVENT_KINDS,
+    Metrics,
+)
 from netboot.model import Event
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import DhcpServer
@@ -233,6 +239,13 @@ def _reference() -> tuple[Any, Callable[..., None]]:
     register = Histogram("netboot_registration_duration_seconds", "from installed "
                          "to registered (first boot of the installed OS)",
                          buckets=DURATION_BUCKETS, registry=r)
+    commit_seconds = Histogram("netboot_inventory_commit_seconds", "the inventory writer's "
+                               "group commits of boot events, facts and states: from a "
+                               "write's start to its commit", buckets=COMMIT_BUCKETS,
+                               registry=r)
+    commit_rows = Histogram("netboot_inventory_commit_rows", "the inventory writer's group "
+                            "commits: machines and events written by each",
+                            buckets=COMMIT_ROWS_BUCKETS, registry=r)
     errors = Counter("netboot_errors", "errors by kind: http_5xx, install_failed, "
                      "dhcp_nak, http_plaintext_credential", ["kind"], registry=r)
     events = Counter("netboot_events", "machine events recorded, by kind", ["kind"],
@@ -261,6 +274,10 @@ def _reference() -> tuple[Any, Callable[..., None]]:
         elif kind == "state":
             metrics._machines[args[0]] = float(args[1])
             machines.labels(args[0]).set(args[1])
+        elif kind == "commit":
+            metrics.inventory_commit(*args)
+            commit_rows.observe(args[0])
+            commit_seconds.observe(args[1])
         else:  # an event, with the durations it ends
             metrics.event(Event(args[0], args[1], kind))
             events.labels(kind).inc()
@@ -296,6 +313,10 @@ def test_the_plain_counts_are_exposed_as_prometheus_clients_own_metrics() -> Non
     feed(metrics, "install-plan", "f", 1.0)
     feed(metrics, "failed", "f", 2.0)
     feed(metrics, "booted", "x", 3.0)
+    # Group commits on and around every bucket bound of both.
+    for rows, seconds in [(1, 0.0), (2, 0.001), (3, 0.0011), (256, 0.0049), (10_000, 0.5),
+                          (100_000, 10.0), (0, 12.5), (7, 0.025)]:
+        feed(metrics, "commit", rows, seconds)
 
     def families(registry: Any) -> list[tuple[Any, ...]]:
         out = []
@@ -310,7 +331,7 @@ def test_the_plain_counts_are_exposed_as_prometheus_clients_own_metrics() -> Non
         return out
 
     expected = families(reference)
-    assert len(expected) == 18  # 11 families; the 5 counters' and 2 histograms' _created
+    assert len(expected) == 22  # 13 families; the 5 counters' and 4 histograms' _created
     assert families(metrics.registry) == expected
 
 
@@ -372,3 +393,30 @@ async def test_dhcp_requests_left_unanswered_are_counted_by_why(make_env: EnvFac
     assert value(m, "netboot_dhcp_outcomes_total", outcome="silent (no boot)") == 2
     assert value(m, "netboot_dhcp_outcomes_total", outcome="proxy OFFER") == 1
     assert ("netboot_inventory_backlog", ()) in m
+
+
+async def test_the_writers_group_commits_are_counted_with_their_size_and_time(
+        make_env: EnvFactory) -> None:
+    """netboot_inventory_commit_seconds and _rows: each group commit of the recorder
+    (boot events, learnt facts, a first install's state) once committed, its machines and
+    events, its time from the write's start (s37-ops)."""
+    env = await make_env()
+    await env.seed()
+    await env.service.boot.drain()
+    before = await scrape(env)
+
+    def grew(m: dict[Any, float], name: str, **labels: str) -> float:
+        return value(m, name, **labels) - value(before, name, **labels)
+
+    recorder = env.service.boot._recorder
+    for i in range(3):
+        recorder.record(Event("m-nobody", float(i), "held", f"note {i}"))
+    await recorder.flush()
+    m = await scrape(env)
+    assert grew(m, "netboot_inventory_commit_rows_count") == 1
+    assert grew(m, "netboot_inventory_commit_rows_sum") == 3
+    assert grew(m, "netboot_inventory_commit_rows_bucket", le="2.0") == 0
+    assert grew(m, "netboot_inventory_commit_rows_bucket", le="5.0") == 1
+    assert grew(m, "netboot_inventory_commit_seconds_count") == 1
+    assert 0 < grew(m, "netboot_inventory_commit_seconds_sum") < 10
+    assert grew(m, "netboot_inventory_commit_seconds_bucket", le="+Inf") == 1

@@ -4,6 +4,7 @@ was told is lost when the server is killed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import textwrap
 import time
@@ -930,3 +931,36 @@ async def test_a_committed_event_is_remembered_once_with_its_commits_version(
     await recorder.commit(Batch(events=(ev("d", "m1"),)), version=second)  # a group of one
     assert said == [("m1", ("d", "d"), second)]
     await recorder.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_each_group_commit_is_told_its_rows_and_time(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """``committed`` (Metrics.inventory_commit: netboot_inventory_commit_*) hears of each
+    group commit once it committed, on either store: its machines and events, its seconds
+    from the write's start; a refused one is not a commit."""
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "sqlite":
+            store: SqliteStore | PostgresStore = SqliteStore(tmp_path / "inv.db")
+        else:
+            cluster = request.getfixturevalue("postgres")
+            store = PostgresStore(await stack.enter_async_context(pg.fresh_schema(cluster)))
+        await store.open()
+        stack.push_async_callback(store.close)
+        told: list[tuple[int, float]] = []
+        rec = Recorder(store, delay=60)
+        rec.committed = lambda rows, seconds: told.append((rows, seconds))
+        machine = Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),))
+        await store.create_machine(machine)
+        rec.record(ev("held", machine.id))
+        rec.record(ev("booted", machine.id))
+        await rec.flush()
+        assert [rows for rows, _ in told] == [2]
+        await asyncio.gather(*(rec.commit(Batch(events=[ev(f"k{i}", machine.id)]))
+                               for i in range(3)))
+        assert [rows for rows, _ in told] == [2, 3]  # the three gathered in one
+        assert all(0 < seconds < 10 for _, seconds in told)
+        with pytest.raises(StateChanged):
+            await rec.commit(Batch(update=[machine], events=[ev("x", machine.id)],
+                                   expect={machine.id: MachineState.INSTALLED}))
+        assert len(told) == 2

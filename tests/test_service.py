@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import re
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +36,7 @@ from netboot.service import (
     release_when_quiet,
 )
 from tests import pg
-from tests.conftest import Env, EnvFactory, child_json, inotify_instances, write_config
+from tests.conftest import Env, EnvFactory, call, child_json, inotify_instances, write_config
 
 
 @pytest.mark.parametrize(("line", "seconds", "single_port"), [
@@ -1497,3 +1499,84 @@ async def test_a_stream_whose_reader_left_ends_without_an_error(
     access = [r.getMessage() for r in caplog.records if r.name == "netboot.access"
               and "/api/v1/events/stream" in r.getMessage()]
     assert access and all(" 500 " not in line for line in access), access
+class _SkewedTime:
+    """The ``time`` module as PostgresStore reads it, its wall clock ``ahead`` seconds
+    ahead of the database's (this host's clock out of step)."""
+
+    def __init__(self, ahead: float) -> None:
+        self.ahead = ahead
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_a_database_clock_out_of_step_with_this_hosts_is_logged_and_measured(
+        make_env: EnvFactory, pg_dsn: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Servers sharing a PostgreSQL inventory write times by their own clocks (tokens'
+    expiry, install_timeout, unchanged_for): this one's compared with the database's at
+    start and every CLOCK_CHECK_SECONDS, a warning past a few seconds naming both times,
+    and the gauge netboot_inventory_clock_skew_seconds."""
+    from netboot.inventory import postgres as pg_module
+    from netboot.inventory.base import ServerClock
+
+    env = await make_env(f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n')
+    store = env.service.store
+    assert isinstance(store, ServerClock)
+    database, local, round_trip = await store.server_clock()
+    assert abs(database - local) < 1.0 and 0 <= round_trip < 1.0  # one host: one clock
+    await env.service.check_clock(store)
+    metrics = (await call(env, "GET", "/metrics")).text
+    (line,) = [x for x in metrics.splitlines()
+               if x.startswith("netboot_inventory_clock_skew_seconds ")]
+    assert abs(float(line.split()[1])) < 1.0
+    monkeypatch.setattr(pg_module, "time", _SkewedTime(42.0))
+    with caplog.at_level(logging.INFO, logger="netboot.service"):
+        await env.service.check_clock(store)
+        await env.service.check_clock(store)  # said once while it lasts
+    (warned,) = [r for r in caplog.records if "database's clock" in r.getMessage()]
+    assert warned.levelno == logging.WARNING
+    assert re.search(r"the inventory database's clock \(\d{4}-\d\d-\d\dT[\d:.]+Z\) is 4\d\.\d s "
+                     r"behind this host's \(\d{4}-\d\d-\d\dT[\d:.]+Z\)", warned.getMessage())
+    metrics = (await call(env, "GET", "/metrics")).text
+    (line,) = [x for x in metrics.splitlines()
+               if x.startswith("netboot_inventory_clock_skew_seconds ")]
+    assert -43.0 < float(line.split()[1]) < -41.0
+    monkeypatch.setattr(pg_module, "time", time)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="netboot.service"):
+        await env.service.check_clock(store)
+    assert [r.levelno for r in caplog.records if "in step again" in r.getMessage()] == [
+        logging.INFO]
+
+
+async def test_the_clock_is_compared_at_start_on_postgresql_only(
+        tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from netboot.inventory import postgres as pg_module
+
+    monkeypatch.setattr(pg_module, "time", _SkewedTime(-20.0))
+    for sub, extra in (("sqlite", ""),
+                       ("pg", f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n')):
+        caplog.clear()
+        service = await build(load(write_config(tmp_path / sub, extra), env={}))
+        with caplog.at_level(logging.WARNING, logger="netboot.service"):
+            await service.start()
+            try:
+                for _ in range(100):
+                    await asyncio.sleep(0.02)
+                    if service.clock_skew.seconds is not None:
+                        break
+                told = [r.getMessage() for r in caplog.records
+                        if "database's clock" in r.getMessage()]
+            finally:
+                await service.close()
+        if sub == "sqlite":
+            assert service.clock_skew.seconds is None and told == []
+        else:
+            assert service.clock_skew.seconds is not None
+            assert 19.0 < service.clock_skew.seconds < 21.0
+            assert len(told) == 1 and "s ahead of this host's" in told[0]

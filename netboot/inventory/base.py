@@ -43,6 +43,9 @@ class MachineFilter:
     # Case-insensitive substring of the hostname, id, or any MAC, UUID, serial or asset tag
     # (the dashboard's search box).
     text: str | None = None
+    # Only machines of these ids (None: any): what a loaded view found for ``text``
+    # (InventoryView.matching_text), so that the store reads those rows, not every one.
+    ids: frozenset[str] | None = None
     # Machines whose last change (``updated``: a state, a learnt fact) is older than this
     # (seconds since the epoch): with a state, the ones stuck in it (the dashboard's
     # "unchanged for" filter in a storm).
@@ -200,6 +203,20 @@ def cannot_tell(store: object) -> str | None:
     """Why the store cannot tell whether its writes are stuck (:class:`CannotTell`), else
     None."""
     return store.cannot_tell() if isinstance(store, CannotTell) else None
+
+
+@runtime_checkable
+class ServerClock(Protocol):
+    """A store on a database server with a clock of its own (PostgreSQL), which several
+    netboot servers share: their install tokens' expiry, ``install_timeout`` and
+    ``unchanged_for`` compare times each one wrote by its own clock, so servers out of
+    step eat into them. The service's watcher compares it with this host's
+    (health.ClockSkew)."""
+
+    async def server_clock(self) -> tuple[float, float, float]:
+        """(the database's clock, this host's clock at the middle of the round trip that
+        read it, that round trip's length), in seconds; StoreError when it does not answer."""
+        ...
 
 
 async def release_held_caches(store: object) -> None:

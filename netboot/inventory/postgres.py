@@ -833,6 +833,15 @@ class PostgresStore:
             deliver(cancel)
         return result
 
+    async def server_clock(self) -> tuple[float, float, float]:
+        """base.ServerClock: the server's clock_timestamp() (now() is the transaction's
+        start), this host's wall clock at the middle of the round trip."""
+        async with self._conn() as conn:
+            began = time.time()
+            server = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+            ended = time.time()
+        return float(server), (began + ended) / 2, ended - began
+
     def _learn_clock(self, server_ms: int) -> None:
         """The server's clock read (ms since the epoch, a mark's first bits) just now."""
         self._clock_offset = server_ms - time.monotonic() * 1000
@@ -2390,6 +2399,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:
         clauses.append(f"m.updated < {arg(float(flt.updated_before))}")
+    if flt.ids is not None:
+        clauses.append(f"m.id = ANY({arg(sorted(flt.ids))}::text[])")
     if flt.text:
         # strpos, not LIKE: no wildcard characters to escape in the text.
         needle = arg(flt.text.lower())

@@ -1578,6 +1578,10 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     if flt.updated_before is not None:
         clauses.append("m.updated < ?")
         params.append(flt.updated_before)
+    if flt.ids is not None:
+        # One parameter however many (a JSON array), not one each: SQLite's limit is 32,766.
+        clauses.append("m.id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(sorted(flt.ids)))
     if flt.text:
         # instr(lower(..)) rather than LIKE: no wildcard characters to escape in the text.
         clauses.append("(instr(lower(coalesce(m.hostname, '')), ?) OR instr(lower(m.id), ?)"

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
 from netboot.inventory import codec
@@ -59,6 +59,9 @@ _KEEP_CHANGES = 10_000
 # a quiet machine; SQLite reads pages on a thread of their own, PostgreSQL on one of its pool's
 # connections), indexed by the event loop between two yields (~5-10 ms).
 _LOAD_PAGE = 1_000
+
+# How long the strings a text search made are kept for the next (InventoryView.matching_text).
+_SEARCH_KEEP = 60.0
 
 _V = TypeVar("_V")
 _N = TypeVar("_N", Profile, Cluster, Group)
@@ -131,6 +134,7 @@ class InventoryView:
         # (cluster, state) -> how many of the machines held are in it (those with one or
         # more): only while loaded, when every machine is held.
         self._counts: dict[tuple[str | None, MachineState], int] | None = None
+        self._search: _SearchText | None = None  # matching_text's, until a machine changes
 
     # loading -----------------------------------------------------------------------------
     async def load(self) -> None:
@@ -224,6 +228,7 @@ class InventoryView:
         or a read at least as new as the load's ``start``; a sync puts every machine it
         reports, so one that changed after this read is replaced by the next sync)."""
         held, keys, servers = self._machines, self._keys, self._servers
+        self._search = None
         for machine in page:
             if machine.id not in held:
                 held[machine.id] = machine
@@ -390,6 +395,7 @@ class InventoryView:
             # The same value: keep the object (callers may compare identity). Another
             # ``updated`` is another value, told without comparing every field.
             return
+        self._search = None
         if self._counts is not None:
             _recount(self._counts, old, machine)
         if old is not None:
@@ -551,6 +557,37 @@ class InventoryView:
             machine_id = index[key]
             return None if machine_id is None else self._machines.get(machine_id)
         return None if self.loaded else UNSEEN
+
+    def matching_text(self, text: str, most: int | None = None) -> set[str] | None:
+        """The ids of the machines whose hostname, id, or any MAC, UUID, serial or asset tag
+        (as the stores index them: netboot.identity.claims) holds ``text``
+        case-insensitively (:class:`MachineFilter`'s ``text``), from memory; None while the
+        view is not loaded (only the store can tell), or when more than ``most`` match
+        (found so far: the search stops there). Call after a sync.
+
+        Why: the stores answer ``text`` by reading every machine (SQLite ~0.8-1.1 s a query
+        with 100,000: benchmarks/README.md s37-ops). Here every machine's fields are joined,
+        a kind at a time, into one lowered string searched by ``str.find`` in C. Making those
+        strings walks 100,000 scattered objects (~100-150 ms); searching them takes a few ms.
+        So they are kept (~14 MiB for 100,000) for the searches that follow (a dashboard's
+        search box asks as the operator types), until the first machine changes or
+        ``_SEARCH_KEEP`` seconds pass: in a storm each search makes them again, and a quiet
+        server does not hold them past a minute."""
+        if not self.loaded:
+            return None
+        needle = text.lower()
+        if not needle:
+            return set(self._machines)
+        held = self._search
+        if held is None:
+            held = self._search = _SearchText(self._machines, self._keys)
+            loop = asyncio.get_running_loop()
+            loop.call_later(_SEARCH_KEEP, self._drop_search, held)
+        return held.find(needle, most)
+
+    def _drop_search(self, held: _SearchText) -> None:
+        if self._search is held:
+            self._search = None
 
     async def count_machines_without_nic(self) -> int:
         if self._no_mac is None:
@@ -750,6 +787,73 @@ def _keys_of(machine: Machine) -> list[tuple[str, _Key]]:
         if value:
             out.append(("asset", text if value == text else value))
     return out
+
+
+def _joined(values: list[str]) -> str:
+    """``values`` lowered, a line each."""
+    hay = "\n".join(values).lower()
+    if hay.count("\n") != max(len(values) - 1, 0):
+        # A value with a newline (none should: identifiers and hostnames are checked
+        # text), which would shift the lines after it: a space in its place.
+        hay = "\n".join(v.replace("\n", " ") for v in values).lower()
+    return hay
+
+
+class _SearchText:
+    """What :meth:`InventoryView.matching_text` searches: per kind of field, every
+    machine's value lowered and joined by newlines (``lines``: the text, the owner of each
+    line), and every MAC in its text form (``macs``)."""
+
+    __slots__ = ("lines", "mac_owners", "macs")
+
+    def __init__(self, machines: dict[str, Machine | None],
+                 keys: dict[str, dict[_Key, str | None]]) -> None:
+        ids: list[str | None] = list(machines)  # loaded: no None values (deleted: popped)
+        hostnames = [m.hostname or "" if m is not None else "" for m in machines.values()]
+        columns: list[tuple[list[str], list[str | None]]] = [
+            (list(machines), ids), (hostnames, ids),
+            *((cast("list[str]", list(keys[kind])), list(keys[kind].values()))
+              for kind in ("uuid", "serial", "asset"))]
+        self.lines = [(_joined(values), owners) for values, owners in columns]
+        # 6 raw bytes a MAC (MacAddress), 18 characters each as "aa:bb:cc:dd:ee:ff:".
+        self.macs = b"".join(cast("dict[bytes, str | None]", keys["mac"])).hex(":")
+        self.mac_owners = list(keys["mac"].values())
+
+    def find(self, needle: str, most: int | None = None) -> set[str] | None:
+        """The owners of every line and MAC holding ``needle``; None past ``most`` of them
+        (checked a line at a time: a search naming the whole fleet stops early)."""
+        found: set[str] = set()
+        cap = -1 if most is None else most
+        if "\n" not in needle:
+            for hay, owners in self.lines:
+                at = hay.find(needle)
+                line, counted = 0, 0
+                while at >= 0:
+                    line += hay.count("\n", counted, at)
+                    owner = owners[line]
+                    if owner is not None:
+                        found.add(owner)
+                        if len(found) == cap + 1:
+                            return None
+                    end = hay.find("\n", at)
+                    if end < 0:
+                        break
+                    counted, line = end + 1, line + 1
+                    at = hay.find(needle, counted)
+        hay, owners = self.macs, self.mac_owners
+        at, width = hay.find(needle), len(needle)
+        while at >= 0:
+            row, col = divmod(at, 18)
+            if col + width <= 17:  # inside one MAC, not across two
+                owner = owners[row]
+                if owner is not None:
+                    found.add(owner)
+                    if len(found) == cap + 1:
+                        return None
+                at = hay.find(needle, (row + 1) * 18)
+            else:
+                at = hay.find(needle, at + 1)
+        return found
 
 
 def _index(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str, Machine]],

@@ -13,6 +13,13 @@ cross-site page can neither read that cookie nor set the header on a cross-site 
 without a CORS preflight, which netboot never grants. SameSite=Strict alone would stop most
 of this; the header is the defence for browsers and proxies that do not honour it.
 
+The dashboard's two plain HTML forms, ``POST /login`` and ``POST /logout``, carry no header
+(a form cannot set one) and need no cookie, yet each changes the session: any site the
+operator visits could end it with a form of its own, or log the browser into a session of
+the attacker's token (login CSRF). They check where the form came from instead (OWASP's
+"verifying origin with standard headers"): the ``Origin`` header a browser sends with every
+cross-origin POST, else its ``Referer``, must name this host, or the answer is 403.
+
 Tokens are checked by :mod:`netboot.access`, whatever carries them: a session has the scope
 of the token it was opened with.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -83,6 +91,50 @@ async def session(check: TokenCheck, request: web.Request) -> Principal | None:
         return await check.authenticate(cookie)
     except AuthError:
         return None
+
+
+def same_origin(request: web.Request) -> bool:
+    """Whether a form's POST came from a page of this host: its ``Origin`` (every browser
+    sends one with a cross-origin POST; ``null`` from a sandboxed frame or a privacy
+    redirect is no host), else its ``Referer``, names the host the request was sent to
+    (``Host``, or a proxy's ``X-Forwarded-Host``; the scheme is not compared, as a proxy
+    that ends TLS sends plain HTTP on). A request with neither is no browser's cross-site
+    form, and passes (a script, ``curl``)."""
+    source = request.headers.get("Origin")
+    if source is None:
+        source = request.headers.get("Referer")
+        if source is None:
+            return True
+    try:
+        parts = urlsplit(source.strip())
+        given = _netloc(parts.scheme, parts.netloc)
+    except ValueError:
+        return False
+    if not given:
+        return False
+    scheme = "https" if request.secure else "http"
+    own = {_netloc(scheme, request.host)}
+    forwarded = request.headers.get("X-Forwarded-Host")
+    if forwarded:
+        own.add(_netloc(request.headers.get("X-Forwarded-Proto", scheme),
+                        forwarded.split(",")[0].strip()))
+    return given in own
+
+
+def _netloc(scheme: str, netloc: str) -> str:
+    """``host[:port]`` lowered, the scheme's default port left out (as an Origin has it)."""
+    netloc = netloc.rpartition("@")[2].lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme.lower())
+    if default is not None and netloc.endswith(default):
+        netloc = netloc[: -len(default)]
+    return netloc
+
+
+def require_same_origin(request: web.Request) -> None:
+    """403 for a form posted from another site (:func:`same_origin`)."""
+    if not same_origin(request):
+        raise web.HTTPForbidden(text="refused: this form was posted from another site "
+                                     "(its Origin or Referer is not this host)\n")
 
 
 def start_session(request: web.Request, response: web.StreamResponse, token: str) -> None:

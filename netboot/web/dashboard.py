@@ -25,7 +25,14 @@ from netboot.inventory.base import StateCounts
 from netboot.logs import RateLimitedLog
 from netboot.metrics import CONTENT_TYPE, Metrics
 from netboot.servers.aio import serve_plain
-from netboot.web.auth import TokenCheck, end_session, request_token, session, start_session
+from netboot.web.auth import (
+    TokenCheck,
+    end_session,
+    request_token,
+    require_same_origin,
+    session,
+    start_session,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 # A token is at most a few hundred characters; anything longer is not one.
@@ -67,6 +74,8 @@ class Dashboard:
         return _page("login.html")
 
     async def login(self, request: web.Request) -> web.StreamResponse:
+        # Another site's form would log this browser into a session of its own token.
+        require_same_origin(request)
         form = await request.post()
         token = form.get("token")
         token = token.strip() if isinstance(token, str) else ""
@@ -82,6 +91,8 @@ class Dashboard:
         raise resp
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
+        # A form needs no cookie to end the session: only the dashboard's own may.
+        require_same_origin(request)
         resp = web.HTTPSeeOther("/login")
         end_session(resp)
         raise resp

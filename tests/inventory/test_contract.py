@@ -1184,6 +1184,25 @@ async def test_text_search(store: Store, text: str, expected: list[str | None]) 
     assert await store.count_machines(flt) == len(expected)
 
 
+async def test_a_search_within_given_ids(store: Store) -> None:
+    """``ids`` (what a loaded view found for a text, api.py): only those machines, with every
+    other filter, the order and the store's own text check; none for an empty set."""
+    await _named_fleet(store)
+    everyone = {m.id: m for m in await store.list_machines()}
+    by_host = {m.hostname: m.id for m in everyone.values()}
+    some = frozenset({by_host["rack2-b"], by_host[None], "m-nonic", "m-gone"})
+    flt = MachineFilter(ids=some)
+    assert [m.hostname for m in await store.list_machines(flt)] == ["rack2-b", None, "rack1-z"]
+    assert await store.count_machines(flt) == 3
+    flt = MachineFilter(ids=some, text="rack")  # the store's text check still holds
+    assert [m.hostname for m in await store.list_machines(flt)] == ["rack2-b", "rack1-z"]
+    assert await store.count_machines(flt) == 2
+    flt = MachineFilter(ids=some, state=MachineState.FAILED)
+    assert [m.hostname for m in await store.list_machines(flt)] == [None]
+    assert await store.list_machines(MachineFilter(ids=frozenset())) == []
+    assert await store.count_machines(MachineFilter(ids=frozenset(), text="rack")) == 0
+
+
 @pytest.mark.parametrize(
     ("sort", "descending", "expected"),
     [

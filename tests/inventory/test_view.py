@@ -1124,3 +1124,102 @@ async def test_a_read_through_under_way_answers_no_one_who_asked_after_it_began(
         await asyncio.gather(view.machine_by("mac", MACS[2]), view.machine_by("mac", MACS[3]))
     fail = False
     assert await view.machine_by("mac", MACS[2]) is None
+
+
+# --- text search from memory (the dashboard's search box, s37-ops) -------------------------
+
+
+def _search_fleet() -> list[Machine]:
+    return [
+        Machine(macs=(MacAddress.parse("02:00:00:00:c3:50"), MacAddress.parse("02:00:00:00:c3:51")),
+                hostname="Rack2-B", serial="SN-0001", asset="AT-7",
+                uuid="6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f"),
+        Machine(macs=(MacAddress.parse("0a:00:00:00:00:02"),), hostname="rack1-a",
+                serial="sn-0002"),
+        Machine(macs=(MacAddress.parse("50:02:00:00:00:03"),), serial="X-9"),
+        Machine(id="m-nonic", hostname="rack1-z", serial="SN-NONIC"),
+    ]
+
+
+@pytest.mark.parametrize("text", [
+    "rack1", "RACK2", "sn-000", "00:03", "c3:5", "c3:51", "50:02", "0:5", "nonic", "m-",
+    "at-7", "6F1C", "4b5a-4c", "x-9", "no such thing", "%", "_", ":", "\n", "a\tb",
+])
+async def test_a_search_from_the_view_finds_what_the_store_finds(
+        tmp_path: Path, text: str) -> None:
+    """Every search of the store's text filter (hostname, id, any MAC, UUID, serial, asset
+    tag, case-insensitive substring) found in memory: the same machines, and none of a
+    MAC's text across two MACs ("50:02" is one MAC's head, not c3:50's tail and the next
+    one's head)."""
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    try:
+        view = await loaded(store, *_search_fleet())
+        expected = {m.id for m in await store.list_machines(MachineFilter(text=text))}
+        assert view.matching_text(text) == expected
+    finally:
+        await store.close()
+
+
+async def test_a_search_from_the_view_sees_every_change_synced(tmp_path: Path) -> None:
+    """The strings a search made are kept for the next one, but never past a change: a
+    renamed machine is found by its new name at once, its old one finds nothing; one
+    created or deleted is found or not."""
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    try:
+        view = await loaded(store, *_search_fleet())
+        held = await store.machine_by("mac", "0a:00:00:00:00:02")
+        assert held is not None
+        assert view.matching_text("rack1-a") == {held.id}
+        await store.update_machine(replace(held, hostname="moved-b", updated=held.updated + 1))
+        await view.sync()
+        assert view.matching_text("rack1-a") == set()
+        assert view.matching_text("moved") == {held.id}
+        new = Machine(macs=(MacAddress.parse("0e:00:00:00:00:09"),), hostname="late-one")
+        await store.create_machine(new)
+        await view.sync()
+        assert view.matching_text("0e:00") == {new.id}
+        await store.delete_machine(new.id)
+        await view.sync()
+        assert view.matching_text("late") == set()
+    finally:
+        await store.close()
+
+
+async def test_a_search_from_the_view_drops_its_strings_after_a_while(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet server does not keep a search's strings (~14 MiB for 100,000 machines)."""
+    monkeypatch.setattr(view_module, "_SEARCH_KEEP", 0.05)
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    try:
+        view = await loaded(store, *_search_fleet())
+        assert view.matching_text("rack") and view._search is not None
+        await asyncio.sleep(0.2)
+        assert view._search is None
+    finally:
+        await store.close()
+
+
+async def test_a_search_naming_more_than_asked_stops_and_leaves_it_to_the_store(
+        tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    try:
+        view = await loaded(store, *_search_fleet())
+        assert len(view.matching_text("rack", 3) or ()) == 3
+        assert view.matching_text("rack", 2) is None
+        assert view.matching_text("02:00", 0) is None  # the MACs' part too
+        assert view.matching_text("nothing", 0) == set()
+    finally:
+        await store.close()
+
+
+async def test_a_view_not_loaded_leaves_a_search_to_the_store(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    try:
+        assert InventoryView(store).matching_text("rack") is None
+    finally:
+        await store.close()

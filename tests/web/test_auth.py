@@ -85,6 +85,67 @@ async def test_logout_ends_the_session(env: Env) -> None:
     assert resp.status == 302
 
 
+async def session_alive(env: Env) -> bool:
+    resp = await env.client.get("/", allow_redirects=False)
+    return resp.status == 200
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "https://evil.example"},
+    {"Origin": "http://evil.example", "Referer": "{own}/"},  # the Origin decides
+    {"Origin": "null"},  # a sandboxed frame, a privacy redirect: no host of ours
+    {"Referer": "https://evil.example/page"},  # no Origin (an older browser): the Referer
+    {"Origin": "{own}.evil.example"},
+    {"Origin": "http://evil.example", "X-Forwarded-Host": "evil.example:1"},
+    {"Origin": "not a url at all"},
+])
+async def test_a_form_from_another_site_neither_ends_nor_opens_a_session(
+        env: Env, headers: dict[str, str]) -> None:
+    """``POST /logout`` needs no cookie: any site the operator visits could end the
+    session with a form of its own; ``POST /login`` from another site would log the browser
+    into the attacker's token. Both answer 403 unless the form came from this host."""
+    own = str(env.client.make_url("")).rstrip("/")
+    sent = {k: v.replace("{own}", own) for k, v in headers.items()}
+    if "X-Forwarded-Host" in sent:  # a proxy's header names where the browser was: not evil
+        sent["X-Forwarded-Host"] = "netboot.example"
+    await login(env, env.admin)
+    resp = await env.client.post("/logout", allow_redirects=False, headers=sent)
+    assert resp.status == 403
+    assert not resp.headers.getall("Set-Cookie", [])
+    assert await session_alive(env)
+    made = await env.post("/api/v1/tokens", {"name": "theirs", "scope": "read"}, status=201)
+    resp = await env.client.post("/login", data={"token": made["token"]},
+                                 allow_redirects=False, headers=sent)
+    assert resp.status == 403
+    assert not resp.headers.getall("Set-Cookie", [])
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "{own}"},
+    {"Origin": "{own}", "Referer": "https://evil.example/"},  # the Origin decides
+    {"Referer": "{own}/"},
+    {"Origin": "https://netboot.example", "X-Forwarded-Host": "netboot.example",
+     "X-Forwarded-Proto": "https"},  # behind a proxy that ends TLS
+    {"Origin": "https://netboot.example:443", "X-Forwarded-Host": "NetBoot.example",
+     "X-Forwarded-Proto": "https"},
+    {},  # no browser's form: a script
+])
+async def test_the_dashboards_own_forms_end_and_open_a_session(
+        env: Env, headers: dict[str, str]) -> None:
+    own = str(env.client.make_url("")).rstrip("/")
+    sent = {k: v.replace("{own}", own) for k, v in headers.items()}
+    resp = await env.client.post("/login", data={"token": env.admin}, allow_redirects=False,
+                                 headers=sent)
+    assert resp.status == 303 and resp.headers["Location"] == "/"
+    assert any(c.startswith(f"{SESSION_COOKIE}=") for c in resp.headers.getall("Set-Cookie"))
+    # (Behind the TLS proxy the cookie is Secure: this plain HTTP client keeps it unsent.)
+    assert await session_alive(env) != ("X-Forwarded-Proto" in sent)
+    resp = await env.client.post("/logout", allow_redirects=False, headers=sent)
+    assert resp.status == 303
+    assert any(c.startswith(f'{SESSION_COOKIE}=""') for c in resp.headers.getall("Set-Cookie"))
+    assert not await session_alive(env)
+
+
 async def test_a_session_has_its_tokens_scope_and_ends_with_it(env: Env) -> None:
     made = await env.post("/api/v1/tokens", {"name": "wall-screen", "scope": "read"},
                           status=201)

@@ -354,3 +354,65 @@ async def test_a_strangers_markup_is_shown_as_text_and_never_run(
     await shots(page, "machine-markup")
     assert await page.evaluate("window.__ran") is None
     assert await page.locator("#view img, #view script, #view svg").count() == 0
+
+
+async def test_a_profiles_problems_are_shown_on_profiles_and_on_a_machine_that_uses_it(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """A profile stored before the path checks (s35) names files netboot refuses to serve:
+    its ``problems`` (GET /profiles) are on the Profiles view and on the plan of a machine
+    that boots with it, each field and why; a sound profile shows none (s37-ops)."""
+    from netboot.model import Profile
+
+    env = await make_env()
+    await env.seed()
+    old = Profile(name="old", kernel="../../etc/passwd", initrds=("initrd.img",))
+    await env.service.store.put_profile(old, create=True)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:aa:00:31", "hostname": "uses-old",
+                                        "cluster": "edge", "role": "agent", "profile": "old"},
+                   status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:aa:00:32", "hostname": "uses-k3os",
+                                        "cluster": "edge", "role": "agent", "profile": "k3os"},
+                   status=201)
+    page = await logged_in(browser, env, shots)
+    await page.click("nav a[data-nav=profiles]")
+    bad = page.locator("section.profile[data-profile=old]")
+    await expect(bad.locator(".problems")).to_contain_text("kernel")
+    await expect(bad.locator(".problems")).to_contain_text("'..' is refused when served")
+    await expect(bad.locator("h2 .badge")).to_have_text("1 problem")
+    await expect(page.locator("section.profile[data-profile=k3os]")).to_be_visible()
+    await expect(page.locator("section.profile[data-profile=k3os] .problems")).to_have_count(0)
+    await shots(page, "profiles")
+    machine = await env.get("/api/v1/machines/52:54:00:aa:00:31")
+    await page.goto(url(env, f"/#/machine/{machine['id']}"))
+    plan = page.locator(".decision .problems")
+    await expect(plan).to_contain_text("Its profile old has problems")
+    await expect(plan).to_contain_text("kernel")
+    await shots(page, "machine-with-a-bad-profile")
+    sound = await env.get("/api/v1/machines/52:54:00:aa:00:32")
+    await page.goto(url(env, f"/#/machine/{sound['id']}"))
+    await expect(page.locator(".decision")).to_contain_text("k3os")
+    await expect(page.locator(".decision .problems")).to_have_count(0)
+
+
+async def test_another_sites_form_cannot_end_the_session_and_the_own_button_does(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """A page of any other site the operator visits posts a form to /logout (which needs
+    no cookie): chromium sends that site's Origin, netboot answers 403 and the session
+    lives on. The dashboard's own "Log out" still ends it (s37-ops)."""
+    env = await make_env()
+    page = await logged_in(browser, env, shots)
+    evil = ("<html><body><form id=f method=post action='" + url(env, "/logout") +
+            "'></form><script>document.getElementById('f').submit()</script></body></html>")
+    await page.route("http://evil.example/**", lambda route: route.fulfill(
+        status=200, content_type="text/html", body=evil))
+    async with page.expect_response(url(env, "/logout")) as answer:
+        await page.goto("http://evil.example/")
+    assert (await answer.value).status == 403
+    await shots(page, "cross-site-logout-refused")
+    await page.goto(url(env))
+    await expect(page).to_have_url(url(env, "/"))
+    await expect(page.locator("#live")).to_have_text("live")
+    await page.click("form.logout button[type=submit]")
+    await expect(page).to_have_url(url(env, "/login"))
+    await page.goto(url(env))
+    await expect(page).to_have_url(url(env, "/login"))

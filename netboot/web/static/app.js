@@ -359,8 +359,15 @@ function machineView(root, id) {
       h("time", {title: iso(e.time)}, `${ago(e.time)} ago`), " ",
       h("strong", {}, e.kind), " ", e.message)));
     const why = (await api("GET", `/machines/${ref}/explain`)).data;
+    // The profile its plan uses, for its problems (a file netboot refuses to serve).
+    const used = why.profile ? (await api("GET", `/profiles/${encodeURIComponent(why.profile)}`,
+      undefined, {allowError: true})).data : null;
+    const problems = problemsBox(used && typeof used === "object" && used.name ? used : null,
+      `Its profile ${why.profile} has problems: what it names below is refused when served ` +
+      "(see Profiles):");
     decision.replaceChildren(h("strong", {}, why.decision || "—"), " — ", why.reason || "",
-      why.group ? ` (group ${why.group}, profile from ${why.profile_source})` : "");
+      why.group ? ` (group ${why.group}, profile from ${why.profile_source})` : "",
+      ...(problems ? [problems] : []));
     explain.textContent = JSON.stringify(why, null, 2);
     for (const [kind, el] of [["ipxe", ipxe], ["config", config]]) {
       const r = await api("GET", `/machines/${ref}/render/${kind}`, undefined, {allowError: true});
@@ -555,6 +562,39 @@ function clustersView(root) {
   return {onEvent: reload, onMissed: reload};
 }
 
+function problemsBox(profile, intro) {
+  // A profile's problems (GET /profiles: a file it names that netboot refuses to serve, a
+  // profile stored before the checks): each field and why, where an operator looks.
+  if (!profile || !profile.problems || !profile.problems.length) return null;
+  return h("div", {class: "problems", dataset: {profile: profile.name}},
+    h("strong", {}, intro),
+    h("ul", {}, profile.problems.map((p) => h("li", {},
+      h("span", {class: "mono"}, p.field), ": ", p.error))));
+}
+
+function profilesView(root) {
+  const list = h("div");
+  root.append(h("h1", {}, "Profiles"), list);
+  async function load() {
+    const {data} = await api("GET", "/profiles");
+    if (!data.length) { list.replaceChildren(h("p", {class: "muted"}, "No profiles yet.")); return; }
+    list.replaceChildren(...data.map((p) => h("section", {class: "profile", dataset: {profile: p.name}},
+      h("h2", {}, p.name, p.problems && p.problems.length
+        ? h("span", {class: "badge badge-bad"}, `${p.problems.length} problem` +
+          (p.problems.length > 1 ? "s" : "")) : null),
+      problemsBox(p, "Boots with this profile are refused when served, until it is fixed " +
+        "(PUT /api/v1/profiles/" + p.name + "):"),
+      h("dl", {class: "fields"}, [["kernel", p.kernel], ["initrds", (p.initrds || []).join(", ")],
+        ["command line", p.cmdline], ["config template", p.config_template],
+        ["install timeout", p.install_timeout ? `${p.install_timeout} s` : ""],
+        ["description", p.description]].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "—")])))));
+  }
+  const reload = throttled(() => load().catch(failed));
+  reload();
+  // Machine events change no profile; a stream that missed some reloads all the same.
+  return {onEvent() {}, onMissed: reload};
+}
+
 // ---- router ------------------------------------------------------------------------------
 
 function route() {
@@ -570,6 +610,7 @@ function route() {
   else if (page === "discovered") view = discoveredView(root);
   else if (page === "enroll") view = enrollView(root);
   else if (page === "clusters") view = clustersView(root);
+  else if (page === "profiles") view = profilesView(root);
   else view = machinesView(root);
 }
 
