@@ -1455,18 +1455,27 @@ def _plain_register_command(url: str, mac: str, token: str, node_name: str) -> s
     def sq(text: str) -> str:
         return text.replace("'", "'\\''")
 
-    body = ("'" + sq(json.dumps({"mac": mac, "token": token, "hostname": ""},
-                                   separators=(",", ":"))[:-2])
-            + "'\"$(hostname)\"'" + sq('","machine_id":"')
-            + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
-            + sq('","node_name":' + json.dumps(node_name) + "}") + "'")
-    u, marker = shlex.quote(url), "/var/lib/netboot/registered"
-    return (f"[ -f {marker} ] || {{ b={body}; i=0; while [ $i -lt 360 ]; do "
-            "if command -v curl >/dev/null; "
-            f"then curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}; "
-            f"else wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" {u}; "
-            f"fi && {{ mkdir -p {marker.rsplit('/', 1)[0]} && touch {marker}; break; }}; "
-            "i=$((i+1)); sleep 10; done; }")
+    def js(value: str) -> str:
+        return json.dumps(value)[1:-1]
+
+    u, d = shlex.quote(url), "/var/lib/netboot"
+    post = ("if command -v curl >/dev/null; "
+            f"then o=$(curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}); "
+            "else o=$(wget -q -O- --header 'Content-Type: application/json' --post-data "
+            f"\"$b\" {u}); fi")
+    key = "'\"machine_token\": \"'"
+    return (f"k={d}/machine-token; n=360; b='" + sq('{"mac":"' + js(mac) + '",')
+            + "'; a='" + sq('"token":"' + js(token) + '"')
+            + "'; [ -s $k ] && { n=30; a='\"machine_token\":\"'\"$(cat $k)\"'\"'; }; "
+            "b=\"$b$a\"'" + sq(',"hostname":"') + "'\"$(hostname)\"'"
+            + sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
+            + sq('","node_name":"' + js(node_name) + '"}') + "'; "
+            "r() { i=0; while [ $i -lt $n ]; do "
+            f"{post} && {{ mkdir -p {d} && touch {d}/registered; "
+            f"case $o in *{key}*) t=${{o#*{key}}}; t=${{t%%'\"'*}}; "
+            "[ -z \"$t\" ] || (umask 077; printf %s \"$t\" >$k);; esac; "
+            "return 0; }; i=$((i+1)); sleep 10; done; }; "
+            f"if [ -s $k ]; then r & elif [ ! -f {d}/registered ]; then r; fi")
 
 
 # Characters a value may need escaped in JSON, in HTML (tojson) or for the shell, and others.
