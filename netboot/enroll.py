@@ -61,6 +61,7 @@ from netboot.model import (
     replace_machine,
 )
 from netboot.recorder import Recorder
+from netboot.tokens import TokenSource
 
 _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
 _NOT_IN_HOSTNAME = re.compile(r"[^a-z0-9-]+")
@@ -609,8 +610,12 @@ class Enroller:
         logger: logging.Logger | None = None,
         report_burst: int = 60,
         report_rate: float = 1.0,
+        new_token: Callable[[], str] | None = None,
     ) -> None:
         self._store = store
+        # Machine tokens, as install tokens are minted (netboot.tokens: one getrandom(2) a
+        # draw, not one a registration on the event loop; ~4 us a registration otherwise).
+        self._new_token = new_token or TokenSource()
         # Reports a machine may post (config enroll.report_burst, enroll.report_rate): a
         # token bucket per machine; the machines refused since their last report taken.
         self._report_burst, self._report_rate = report_burst, report_rate
@@ -1093,7 +1098,7 @@ class Enroller:
             # (install_token is "the device's secret": one at a time, sealed alike).
             updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
                                         ipv4=ipv4, facts=facts,
-                                        install_token=secrets.token_urlsafe(32),
+                                        install_token=self._new_token(),
                                         token_expires=None)
             where = (f"{pinned} (its fixed address; the request came from "
                      f"{peer or 'an unknown address'})" if pinned else
@@ -1139,10 +1144,15 @@ class Enroller:
         update: tuple[Machine, ...] = ()
         if not machine.install_token:
             # Registered by a netboot that gave no machine token: it gets one now.
-            machine = replace_machine(machine, install_token=secrets.token_urlsafe(32),
+            machine = replace_machine(machine, install_token=self._new_token(),
                                       updated=self._clock())
             update = (machine,)
-        await self.recorder.commit(Batch(update=update, events=(event,), audit=entries))
+        # Said once while it repeats from one place (its retries, or whoever replays the
+        # spent token from there): each is audited, as every request is; only the first is
+        # history.
+        told = self.recorder.last(machine.id) == (event.kind, event.message)
+        await self.recorder.commit(Batch(update=update, events=() if told else (event,),
+                                         audit=entries))
         return machine
 
     async def _reported_at(self, machine: Machine, choice: AddressChoice,

@@ -1217,10 +1217,16 @@ async def test_a_registration_made_again_from_where_it_registered_is_answered_as
     stored = await store.get_machine(first.id)
     assert stored is not None and stored.updated == 1000.0 and stored.ipv4 == "192.0.2.70"
     assert stored.install_token == first.install_token
+    again = await enroller.register(body, at, audit=_audited)  # its retry, repeated
+    assert again.install_token == first.install_token
     kinds = [e.kind for e in await store.list_events(first.id)]
-    assert kinds == ["registered", "registration repeated", "registration repeated"], kinds
+    # Once a place while it repeats (from 192.0.2.70 as peer, then as reported by 127.0.0.1,
+    # then from 192.0.2.70 again): each audited.
+    assert kinds == ["registered"] + ["registration repeated"] * 3, kinds
     assert "192.0.2.70" in (await store.list_events(first.id))[-1].message
-    assert [a.outcome for a in await store.list_audit()] == ["200"] * 3
+    again = await enroller.register(body, at, audit=_audited)
+    assert len(await store.list_events(first.id)) == 4
+    assert [a.outcome for a in await store.list_audit()] == ["200"] * 5
     # From elsewhere: the 409 naming its state, nothing written.
     with pytest.raises(TransitionRefused) as refused:
         await enroller.register(body, ipaddress.ip_address("192.0.2.71"), audit=_audited)
@@ -1230,7 +1236,7 @@ async def test_a_registration_made_again_from_where_it_registered_is_answered_as
                                 ipaddress.ip_address("127.0.0.1"))
     with pytest.raises(AuthError):
         await enroller.register({**body, "token": "not-its-token"}, at)
-    assert len(await store.list_events(first.id)) == 3 and len(await store.list_audit()) == 3
+    assert len(await store.list_events(first.id)) == 4 and len(await store.list_audit()) == 5
     # After a reinstall its old token is no token of its (401), nor its machine token.
     await enroller.reinstall(str(mac))
     with pytest.raises(AuthError):
