@@ -151,6 +151,40 @@ def test_nocloud_golden_and_valid(name: str) -> None:
         assert doc["local-hostname"] == "edge-1"
 
 
+def test_cloud_inits_later_boots_run_the_register_command_once_registered(
+        tmp_path: Path) -> None:
+    """cloud-init runs runcmd once per instance: the user-data also writes the register
+    command to a file and a per-boot script that runs it only once a machine token is kept
+    (on a first boot per-boot scripts run before runcmd: registering then would come before
+    the k3s install). Run as written, against a fake curl (s37-register)."""
+    import subprocess
+
+    doc = yaml.safe_load(content().nocloud(plan(BootAction.INSTALL), "user-data"))
+    files = {f["path"]: f for f in doc["write_files"]}
+    command = files["/var/lib/netboot/register"]["content"]
+    assert ["sh", "-c", command] in doc["runcmd"]  # the same command, once in each place
+    per_boot = files["/var/lib/cloud/scripts/per-boot/netboot-register"]
+    assert per_boot["permissions"] == "0755"
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "register").write_text(command.replace("/var/lib/netboot", str(root)))
+    script = tmp_path / "per-boot"
+    script.write_text(per_boot["content"].replace("/var/lib/netboot", str(root)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "curl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                                  "echo '{\"machine_token\": \"mt-1\"}'\n")
+    (bin_dir / "curl").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["sh", str(script)], check=True, env=env, timeout=30)
+    assert not calls.exists()  # a first boot: nothing kept yet, runcmd registers
+    (root / "machine-token").write_text("mt-1")
+    subprocess.run(["sh", str(script)], check=True, env=env, timeout=30, capture_output=True)
+    (line,) = calls.read_text().splitlines()
+    assert '"machine_token":"mt-1"' in line and '"token"' not in line
+
+
 def test_uboot_script_image() -> None:
     from netboot.wire import uimage
 
