@@ -115,6 +115,16 @@ def _json_reply(body: Any, status: int) -> Reply:
     return Reply(status, json.dumps(body).encode(), "application/json; charset=utf-8")
 
 
+def _registered_out(machine: Machine) -> dict[str, Any]:
+    """The answer to a registration: the machine, and its machine token, which the installed
+    OS keeps (/var/lib/netboot/machine-token) and reports with at its later boots (the
+    register command, netboot.content.register_texts). Only here: the API never lists it."""
+    out = machine_dict(machine)
+    if machine.install_token and machine.state is MachineState.REGISTERED:
+        out["machine_token"] = machine.install_token
+    return out
+
+
 def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValidationError("body", "expected a JSON object")
@@ -426,7 +436,7 @@ class Api:
         machine = await self._enroll.register(_object(loads(body)), parse_peer(remote),
                                               audit=entry)
         asked[:] = [f"machine:{machine.id}", machine.id, "written"]
-        return _json_reply(self._machine_out(machine), 200)
+        return _json_reply(_registered_out(machine), 200)
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: every machine event as it is recorded (``event: machine``),
@@ -692,7 +702,7 @@ class Api:
         machine = await self._enroll.register(body, parse_peer(request.remote))
         request[ACTOR_KEY] = f"machine:{machine.id}"
         request[TARGET_KEY] = machine.id
-        return web.json_response(self._machine_out(machine))
+        return web.json_response(_registered_out(machine))
 
     async def bulk(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))

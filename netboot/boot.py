@@ -34,7 +34,7 @@ from netboot import identity, lifecycle
 from netboot.arrival import arrived
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits
 from netboot.eager import eager
-from netboot.enroll import Enroller
+from netboot.enroll import Enroller, hostname_ok
 from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution, Unseen
@@ -343,7 +343,7 @@ def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
         told["manufacturer"] = r.manufacturer
     if r.product:
         told["product"] = r.product
-    if r.hostname:
+    if r.hostname and hostname_ok(r.hostname):  # else ignored, its note says (_dhcp_note)
         told["dhcp_hostname"] = r.hostname
     if r.platform:
         told["platform"] = r.platform
@@ -1653,7 +1653,7 @@ class BootService:
             try:
                 await self._recorder.commit(Batch(create=(machine,), events=(self._new_event(
                     machine, "discovered", f"unknown {request.firmware}/{request.arch} machine "
-                    f"seen via {request.via}", request),)))
+                    f"seen via {request.via}{_hostname_note(request.hostname)}", request),)))
             except Conflict as exc:  # a concurrent request created it first: read it back
                 first = exc
             if first is not None:  # awaited outside the handler: see recorder._write_group
@@ -1949,7 +1949,18 @@ _TRIED: dict[tuple[Firmware, Arch, LoaderChain | None], tuple[tuple[LoaderChain,
 
 
 def _dhcp_note(request: BootRequest) -> str:
-    return _DHCP_NOTES[request.firmware, request.arch]
+    note = _DHCP_NOTES[request.firmware, request.arch]
+    return note if not request.hostname else note + _hostname_note(request.hostname)
+
+
+def _hostname_note(name: str | None) -> str:
+    """What a device's event says of its DHCP hostname (option 12): nothing, or that it was
+    ignored, not stored, for not being an RFC 1123 name (a device may send any 255 bytes
+    there; a refusal would only leave it unanswered). Never the name itself."""
+    if not name or hostname_ok(name):
+        return ""
+    return (f"; ignored its DHCP hostname (option 12, {len(name)} characters): not an RFC "
+            "1123 name (letters, digits and '-', labels of at most 63, at most 253)")
 
 
 # What a DHCP record notes, by firmware and arch: written once, not formatted (two enums

@@ -942,7 +942,8 @@ def _read(path: Path) -> bytes:
 
 def register_command(url: str, mac: str, token: str, node_name: str, *,
                      texts: Splice | None = None) -> Spliced:
-    """A POSIX shell one-liner the installed OS runs to register, retrying for up to an hour.
+    """A POSIX shell one-liner the installed OS runs at each boot to register, then to say
+    where it is.
 
     It POSTs with curl where there is one (k3OS ships curl) and with busybox ``wget
     --post-data --header`` otherwise, so it also runs on a busybox-only image. It reports no
@@ -950,8 +951,15 @@ def register_command(url: str, mac: str, token: str, node_name: str, *,
     names loopback, and any address the node picks itself may be one other nodes cannot
     reach. netboot records the address the request came from on the provisioning network.
 
-    k3OS runs ``run_cmd`` on every boot; a marker file makes later boots skip the call (the
-    install token expires, and an hour of retries on each reboot would only delay the node).
+    First boot: the install token, retried for up to an hour; the answer's machine token is
+    kept in ``/var/lib/netboot/machine-token`` (k3OS keeps ``/var`` across boots). k3OS runs
+    ``run_cmd`` on every boot (its ``ccapply`` service applies the config each time), and
+    cloud-init's template runs the command from a per-boot script once that file exists:
+    each later boot reports with the machine token, in the background and for 5 minutes at
+    most, so that a new lease from a site DHCP server moves the machine's address, its DNS
+    name and (a server) its cluster's endpoint (netboot.enroll.Enroller.register). A machine
+    registered without a machine token in the answer (the marker file alone) skips the call,
+    as before: its spent install token would only be refused.
 
     ``texts``: :func:`register_texts` of ``url`` (Content makes it once per base URL): the
     command is its text with the machine's three values, which tojson escapes alone.
@@ -980,20 +988,31 @@ def register_texts(url: str) -> Splice:
     the register endpoint ``url`` (:func:`register_command`)."""
     # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts; the
     # values netboot knows are JSON-encoded (register_command), never by the shell.
+    # The answer's machine token is cut out of it with the shell's own patterns (no sed: a
+    # busybox image may have only the applets the command names); both doors answer with
+    # json.dumps' '": "' between a key and its value.
     u = shlex.quote(url)
-    marker = "/var/lib/netboot/registered"
+    d = "/var/lib/netboot"
+    k = f"{d}/machine-token"
+    post = (
+        "if command -v curl >/dev/null; "
+        f"then o=$(curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}); "
+        f"else o=$(wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" "
+        f"{u}); fi"
+    )
     return Splice((
-        f"[ -f {marker} ] || {{ b='" + _sq('{"mac":"'),
-        _sq('","token":"'),
-        _sq('","hostname":"') + "'\"$(hostname)\"'"
+        f"k={k}; n=360; b='" + _sq('{"mac":"'),
+        _sq('",') + "'; a='" + _sq('"token":"'),
+        _sq('"') + "'; [ -s $k ] && { n=30; a='" + _sq('"machine_token":"') + "'\"$(cat $k)\"'"
+        + _sq('"') + "'; }; b=\"$b$a\"'" + _sq(',"hostname":"') + "'\"$(hostname)\"'"
         + _sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
         + _sq('","node_name":"'),
-        _sq('"}') + "'; i=0; while [ $i -lt 360 ]; do "
-        "if command -v curl >/dev/null; "
-        f"then curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}; "
-        f"else wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" {u}; "
-        f"fi && {{ mkdir -p /var/lib/netboot && touch {marker}; break; }}; "
-        "i=$((i+1)); sleep 10; done; }",
+        _sq('"}') + "'; r() { i=0; while [ $i -lt $n ]; do "
+        f"{post} && {{ mkdir -p {d} && touch {d}/registered; "
+        "case $o in *'\"machine_token\": \"'*) t=${o#*'\"machine_token\": \"'}; "
+        "t=${t%%'\"'*}; [ -z \"$t\" ] || (umask 077; printf %s \"$t\" >$k);; esac; "
+        "return 0; }; i=$((i+1)); sleep 10; done; }; "
+        f"if [ -s $k ]; then r & elif [ ! -f {d}/registered ]; then r; fi",
     ))
 
 

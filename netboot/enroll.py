@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import yaml
 
 from netboot import identity, lifecycle
-from netboot.addresses import IPAddress
+from netboot.addresses import AddressChoice, IPAddress
 from netboot.addresses import choose as choose_address
 from netboot.discovery import TokenBuckets
 from netboot.errors import (
@@ -58,8 +58,10 @@ from netboot.model import (
     MachineState,
     Role,
     equal,
+    replace_machine,
 )
 from netboot.recorder import Recorder
+from netboot.tokens import TokenSource
 
 _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
 _NOT_IN_HOSTNAME = re.compile(r"[^a-z0-9-]+")
@@ -92,6 +94,13 @@ NETBOOT_KINDS = frozenset(kind for kind in (
 ) if kind not in REPORTED_STEPS)
 
 
+def hostname_ok(name: str) -> bool:
+    """Whether a device's name for itself (DHCP option 12, the hostname a registration
+    reports) is an RFC 1123 host name: labels of letters, digits and '-' (not at either end),
+    at most 63 each, at most 253 in all. Not lowered: a name in capitals is still one."""
+    return len(name) <= 253 and _HOSTNAME.fullmatch(name.lower()) is not None
+
+
 def check_hostname(name: str, field_name: str = "hostname") -> str:
     lowered = name.strip().lower()
     if len(lowered) > 253 or not _HOSTNAME.match(lowered):
@@ -109,6 +118,7 @@ TOKEN_STATES = frozenset({MachineState.BOOTING, MachineState.INSTALLING, Machine
 # Looked up once: Python 3.11 finds an enum member through EnumType at each use (~870
 # instructions, callgrind), and every first config fetch takes this step (session 32).
 _FETCHED = lifecycle.Trigger.CONFIG_FETCHED
+_REGISTERED = MachineState.REGISTERED
 # An import row of a caller that may only enroll (Enroller.import_rows' create_only).
 _ENROLLED_ALREADY = ("names a machine in the inventory already: changing a machine needs "
                      "scope operator")
@@ -120,6 +130,25 @@ def token_is(machine: Machine, token: str | None) -> bool:
         return False
     digest = hashlib.sha256(token.encode()).hexdigest()
     return hmac.compare_digest(digest, machine.token_hash)
+
+
+def machine_token_is(machine: Machine, token: str) -> bool:
+    """Whether ``token`` is the machine token of a registered ``machine`` (constant-time).
+
+    Registration answers it and keeps it in ``install_token``, where the install token was:
+    only in state registered is that field a machine token (a reinstall clears it, and the
+    next install puts an install token there, which this never takes)."""
+    held = machine.install_token
+    return (machine.state is _REGISTERED and bool(held) and held is not None
+            and hmac.compare_digest(held.encode(), token.encode()))
+
+
+def _registered_from(machine: Machine, peer: IPAddress | None, choice: AddressChoice) -> bool:
+    """Whether a registration made again comes from where ``machine`` registered: from its
+    address, or reporting it (the one this registration would record)."""
+    at = machine.ipv4
+    return at is not None and ((peer is not None and str(peer) == at)
+                               or (choice.ipv4 is not None and str(choice.ipv4) == at))
 
 
 def token_expired(machine: Machine, now: float) -> bool:
@@ -678,8 +707,12 @@ class Enroller:
         logger: logging.Logger | None = None,
         report_burst: int = 60,
         report_rate: float = 1.0,
+        new_token: Callable[[], str] | None = None,
     ) -> None:
         self._store = store
+        # Machine tokens, as install tokens are minted (netboot.tokens: one getrandom(2) a
+        # draw, not one a registration on the event loop; ~4 us a registration otherwise).
+        self._new_token = new_token or TokenSource()
         # Reports a machine may post (config enroll.report_burst, enroll.report_rate): a
         # token bucket per machine; the machines refused since their last report taken.
         self._report_burst, self._report_rate = report_burst, report_rate
@@ -1057,7 +1090,8 @@ class Enroller:
 
     async def register(self, body: Mapping[str, Any], peer: IPAddress | None, *,
                        audit: Callable[[Machine], AuditEntry] | None = None) -> Machine:
-        """First boot of the installed OS: POST /api/v1/register with the install token.
+        """The installed OS's POST /api/v1/register: its first boot with the install token,
+        and every later boot with the machine token that registration answered.
 
         ``audit``: the audit entry of a registration that succeeds, made for its machine and
         written in the registration's own transaction.
@@ -1067,20 +1101,51 @@ class Enroller:
         A reported entry that is not a usable address is ignored with an event, not a 400:
         the device builds the list from ``hostname -i`` on its own, and refusing the whole
         registration would leave it retrying, unregistered, for something it cannot fix.
+        The same for its ``hostname`` (``$(hostname)``): one that is no RFC 1123 name is
+        left out of the event, which says so.
+
+        The machine it returns holds its machine token in ``install_token`` (the field that
+        held the install token until then: one secret a machine at a time, sealed at rest
+        the same way), for the caller's answer to the device.
+
+        Three ways in, by the credential (README, "Registration and later boots"):
+
+        * the install token of a machine installed: the registration (one transition);
+        * the same, spent, from the place the machine registered (its address, or reporting
+          it): a repeat of a registration whose answer was lost. Answered as the first was,
+          with the same machine token; no state change, one event saying it was a repeat.
+          From anywhere else it is a 409 naming the state, as before;
+        * ``machine_token``: a later boot of the registered OS reporting where it is now.
+          Its address (DNS name, a server's cluster endpoint) follows, unless the operator
+          fixed one (``fixed_ipv4``), which it keeps whatever it reports.
         """
         mac_text = body.get("mac")
         if not isinstance(mac_text, str):
             raise ValidationError("mac", "required")
         mac = MacAddress.parse(mac_text)
         token = body.get("token")
-        if not isinstance(token, str) or not token:
+        machine_token = body.get("machine_token")
+        if machine_token is not None:
+            if not isinstance(machine_token, str) or not machine_token:
+                raise ValidationError("machine_token", "the machine token that registration "
+                                                       "answered (text)")
+            if token is not None:
+                raise ValidationError("token", "give the install token or the machine token, "
+                                               "not both")
+        elif not isinstance(token, str) or not token:
             raise ValidationError("token", "required: the install token from the kernel command "
                                            "line or config")
         machine = await self.find_mac(mac)
         # Same answer for unknown MAC and wrong token: registration must not reveal the inventory.
-        # A replay with the spent token of a registered machine is a 409 naming its state.
-        machine = await self.check_token(machine, token, lifecycle.Trigger.REGISTER,
-                                         refused="unknown machine or wrong token")
+        if machine_token is not None:
+            if machine is None or not machine_token_is(machine, machine_token):
+                raise AuthError("unknown machine or wrong token")
+        elif machine is None or machine.state is not _REGISTERED \
+                or not token_is(machine, token):
+            # A replay with the spent token of a registered machine is a 409 naming its state
+            # (below, once its place is known: a repeat from where it registered is not).
+            machine = await self.check_token(machine, token, lifecycle.Trigger.REGISTER,
+                                             refused="unknown machine or wrong token")
         addresses = body.get("addresses", [])
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValidationError("addresses", "must be a list of strings")
@@ -1099,7 +1164,19 @@ class Enroller:
         # why agents join some address looks.
         refused = "".join(f"; ignored {r.source} address {r.text!r} ({r.reason})"
                           for r in choice.refused)
+        if hostname and not hostname_ok(hostname):
+            # The device's own $(hostname): bounded and checked (RFC 1123), never a refusal
+            # that would leave it retrying for a name it cannot change; not written either.
+            refused += (f"; ignored its hostname ({len(hostname)} characters, not an RFC 1123 "
+                        "name: letters, digits and '-', labels of at most 63, at most 253)")
+            hostname = None
         entries = (audit(machine),) if audit else ()  # made once: the caller keeps each
+        if machine.state is _REGISTERED:
+            if machine_token is not None:
+                return await self._reported_at(machine, choice, peer, reported, entries)
+            if not _registered_from(machine, peer, choice):
+                lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
+            return await self._repeated(machine, peer, choice, entries)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             facts = {**machine.facts, **reported}
             # A machine the operator gave an address (fixed_ipv4) registers that one, never
@@ -1112,10 +1189,13 @@ class Enroller:
                 facts["ipv6"] = str(choice.ipv6)
             # The token is spent: its retrievable copy goes, and its expiry (the API, the
             # dashboard and `machines show` showed a registered machine's token as valid
-            # until then: s35-user); its hash stays only so that a replay is told apart from
-            # a stranger (and refused by state, above, before any expiry), until a reinstall.
+            # until then: s35-user); its hash stays so that a replay is told apart from a
+            # stranger (and refused by state, above, before any expiry), until a reinstall.
+            # In its place the machine token, with which the OS reports at later boots
+            # (install_token is "the device's secret": one at a time, sealed alike).
             updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
-                                        ipv4=ipv4, facts=facts, install_token=None,
+                                        ipv4=ipv4, facts=facts,
+                                        install_token=self._new_token(),
                                         token_expires=None)
             where = (f"{pinned} (its fixed address; the request came from "
                      f"{peer or 'an unknown address'})" if pinned else
@@ -1126,7 +1206,8 @@ class Enroller:
             event = Event(machine.id, self._clock(), "registered", f"registered at {where}"
                           + (f" as {hostname}" if hostname else "") + refused
                           + "; its install token is spent",
-                          {"addresses": addresses, "peer": str(peer) if peer else None,
+                          {"addresses": addresses,
+                           "peer": str(peer) if peer else None,
                            "refused": [{"address": r.text, "reason": r.reason,
                                         "source": r.source} for r in choice.refused]})
             # The registration and its event in one transaction, grouped with concurrent
@@ -1143,6 +1224,67 @@ class Enroller:
             machine = await self._read_again(machine)
         log_line(self._log, logging.INFO, "registered mac=%s ip=%s cluster=%s", mac, ipv4,
                  machine.cluster)  # once per machine of a storm: see log_line
+        return updated
+
+    async def _repeated(self, machine: Machine, peer: IPAddress | None,
+                        choice: AddressChoice, entries: Sequence[AuditEntry]) -> Machine:
+        """A registration made again with the spent install token from where the machine
+        registered: the device's connection dropped after netboot committed, and its register
+        command retries. Answered as the first was (the same machine token), nothing moved;
+        one event says it was a repeat. (It retried 409s for an hour and never learnt it was
+        registered: the defect session 36 left.)"""
+        from_ = peer or choice.address or "an unknown address"
+        event = Event(machine.id, self._clock(), "registration repeated",
+                      f"registered again from {from_} with its spent install token: a repeat "
+                      f"of its registration at {machine.ipv4 or 'no address'} (its answer was "
+                      "lost), answered as the first; nothing changed")
+        update: tuple[Machine, ...] = ()
+        if not machine.install_token:
+            # Registered by a netboot that gave no machine token: it gets one now.
+            machine = replace_machine(machine, install_token=self._new_token(),
+                                      updated=self._clock())
+            update = (machine,)
+        # Said once while it repeats from one place (its retries, or whoever replays the
+        # spent token from there): each is audited, as every request is; only the first is
+        # history.
+        told = self.recorder.last(machine.id) == (event.kind, event.message)
+        await self.recorder.commit(Batch(update=update, events=() if told else (event,),
+                                         audit=entries))
+        return machine
+
+    async def _reported_at(self, machine: Machine, choice: AddressChoice,
+                           peer: IPAddress | None, reported: Mapping[str, str],
+                           entries: Sequence[AuditEntry]) -> Machine:
+        """A later boot of a registered machine, with its machine token, saying where it is:
+        a site DHCP server's new lease moves its address, so its DNS name and, for a server,
+        its cluster's endpoint follow. A fixed_ipv4 stays whatever it reports."""
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            facts = {**machine.facts, **reported}
+            if choice.ipv6:
+                facts["ipv6"] = str(choice.ipv6)
+            ipv4 = machine.fixed_ipv4 or (str(choice.ipv4) if choice.ipv4 else machine.ipv4)
+            if ipv4 == machine.ipv4 and facts == machine.facts:
+                # The usual boot: nothing moved, nothing written but its audit entry.
+                if entries:
+                    await self.recorder.commit(Batch(audit=entries))
+                return machine
+            updated = replace_machine(machine, ipv4=ipv4, facts=facts, updated=self._clock())
+            events: tuple[Event, ...] = ()
+            if ipv4 != machine.ipv4:
+                events = (Event(machine.id, self._clock(), "address changed",
+                                f"reported {choice.address} "
+                                f"({'the request' if choice.source == 'peer' else 'reported'})"
+                                f" at boot with its machine token: {machine.ipv4 or 'none'} "
+                                f"-> {ipv4}", {"peer": str(peer) if peer else None}),)
+            # Compare-and-set as the registration: an operator's edit since is not undone.
+            if await self._written(Batch(update=(updated,), events=events,
+                                         expect={machine.id: machine.state},
+                                         versions={machine.id: machine.updated},
+                                         audit=entries), attempt, (machine,)):
+                break
+            machine = await self._read_again(machine)
+        log_line(self._log, logging.INFO, "address mac=%s ip=%s cluster=%s", machine.mac, ipv4,
+                 machine.cluster)
         return updated
 
     # -- bulk import ------------------------------------------------------------------

@@ -128,6 +128,10 @@ SCHEMAS: dict[str, Any] = {
         "firmware": _NSTR, "ipv4": _NSTR,
         "facts": _MAP, "token_expires": {"type": ["number", "null"]},
         "created": {"type": "number"}, "updated": {"type": "number"}}},
+    "Registered": {"allOf": [{"$ref": "#/components/schemas/Machine"}, {
+        "type": "object", "properties": {"machine_token": {
+            "type": "string", "description": "the machine's own token, answered only here: "
+                                             "what its later boots report with"}}}]},
     "MachineList": {"type": "object", "properties": {
         "items": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}},
         "total": {"type": "integer"}, "limit": {"type": "integer"},
@@ -200,11 +204,24 @@ SCHEMAS: dict[str, Any] = {
         "data": {"type": "object"}}},
     "EventInput": {"type": "object", "required": ["kind"], "properties": {
         "kind": _STR, "message": _STR, "data": {"type": "object"}}},
-    "Register": {"type": "object", "required": ["mac", "token"], "properties": {
+    # One credential: the install token or the machine token, never both (a 400 naming
+    # "token"; without either, a 400 too).
+    "Register": {"type": "object", "required": ["mac"], "oneOf": [
+        {"required": ["token"], "not": {"required": ["machine_token"]}},
+        {"required": ["machine_token"], "not": {"required": ["token"]}}], "properties": {
         "mac": _MAC, "token": {"type": "string", "minLength": 1,
-                               "description": "the machine's install token; an unknown MAC "
-                                              "or a wrong token is a 401"},
-        "hostname": _NSTR,
+                               "description": "the machine's install token (its first boot); "
+                                              "an unknown MAC or a wrong token is a 401. "
+                                              "Spent, from the address it registered: the "
+                                              "same answer again (its reply was lost); from "
+                                              "elsewhere a 409"},
+        "machine_token": {"type": "string", "minLength": 1,
+                          "description": "instead of token, at later boots: the machine token "
+                                         "the registration answered; the machine's address "
+                                         "follows the request's (not a fixed_ipv4)"},
+        "hostname": {"type": ["string", "null"],
+                     "description": "the device's own name, recorded in the event when it is "
+                                    "an RFC 1123 name, else ignored (the event says so)"},
         "addresses": {**_LIST, "description":
                       "the device's own addresses; the request's source address wins unless "
                       "it is not routable. Entries that are loopback, link-local, unspecified, "
@@ -434,8 +451,9 @@ def document() -> dict[str, Any]:
                                     "operator or admin."},
         },
         "/api/v1/register": {
-            "post": _op("first boot of the installed OS, with its install token (in the body)",
-                        need=None, body="Register", out="Machine", errors=(400, 401, 409)),
+            "post": _op("the installed OS at each boot: first with its install token, then "
+                        "with the machine token that answered (in the body)",
+                        need=None, body="Register", out="Registered", errors=(400, 401, 409)),
         },
         "/api/v1/status": {
             "get": _op("machines per state, overall and per cluster; the failed ones",

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from netboot import boot as boot_module
+from netboot import enroll
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
 from netboot.files import FileTree
@@ -590,6 +591,34 @@ async def test_uuid_enrolled_machine_is_recognised_by_dhcp_option_97(
     stored = await store.machine_by("mac", str(MAC))
     assert stored is not None and stored.id == m.id  # attached by the DHCP record
     assert await store.count_machines() == 1
+
+
+async def test_a_dhcp_hostname_that_is_no_rfc1123_name_is_ignored_with_an_event(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """DHCP option 12 is any 255 bytes a device sends: stored raw, it became a fact shown as
+    the machine's. Now only an RFC 1123 name is kept; another is left out, and the DHCP
+    record's event says it was ignored (never the name itself), once while it repeats; a
+    good one after it is kept. Nothing is refused: the device is answered as before."""
+    boot, store, clock = setup
+    m = Machine(macs=(MAC,), hostname="edge-1", profile="p")
+    await store.create_machine(m)
+    for name in ("a" * 64, "bad_name\n" + "x" * 200):
+        stage = await boot.first_stage(req(Firmware.UEFI, hostname=name))
+        assert stage is not None and stage.path == "snponly.efi"
+        events = await events_of(store, MAC, boot)  # drained: the facts are written too
+        stored = await store.get_machine(m.id)
+        assert stored is not None and "dhcp_hostname" not in stored.facts, stored.facts
+        note = events[-1]
+        assert note.kind == "dhcp" and "ignored its DHCP hostname" in note.message
+        assert name not in note.message and len(note.message) < 300
+        clock.now += 1
+    told = len(await events_of(store, MAC, boot))
+    await boot.first_stage(req(Firmware.UEFI, hostname="bad_name\n" + "x" * 200))
+    assert len(await events_of(store, MAC, boot)) == told  # the same note is not written again
+    await boot.first_stage(req(Firmware.UEFI, hostname="Edge-1.lab"))
+    assert "ignored" not in (await events_of(store, MAC, boot))[-1].message
+    stored = await store.get_machine(m.id)
+    assert stored is not None and stored.facts["dhcp_hostname"] == "Edge-1.lab"
 
 
 # -- the loader chain (ipxe | shim-grub) ------------------------------------------------------
@@ -1497,7 +1526,7 @@ def _news_as_rules_say(machine: Machine, request: BootRequest, taken: frozenset[
     told: dict[str, str] = {}
     for key in ("manufacturer", "product", "hostname", "platform", "relay", "interface"):
         value = getattr(request, key)
-        if value:
+        if value and (key != "hostname" or enroll.hostname_ok(value)):
             told["dhcp_hostname" if key == "hostname" else key] = value
     if request.remote_addr:
         told["remote_addr"] = request.remote_addr
@@ -1531,7 +1560,7 @@ def test_what_a_request_teaches_follows_learns_rules() -> None:
     texts = [None, "", "SN-1", "To be filled by O.E.M.", "  padded  ", "0"]
     kinds = ["uuid", "serial", "asset"]
     for _ in range(4000):
-        told = {k: draw.choice([None, "", "x", "y"]) for k in (
+        told = {k: draw.choice([None, "", "x", "y", "no_name"]) for k in (
             "manufacturer", "product", "hostname", "platform", "relay", "interface")}
         request = BootRequest(
             mac=MAC, arch=draw.choice(list(Arch)), firmware=draw.choice(list(Firmware)),

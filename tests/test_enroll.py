@@ -591,11 +591,19 @@ async def test_registrations_and_their_events_are_one_grouped_write(store) -> No
         stored = await store.get_machine(m.id)
         assert stored is not None and stored.state == MachineState.REGISTERED
         assert [ev.kind for ev in await store.list_events(m.id)][-1:] == ["registered"]
-    # Its token is spent: a replay is refused by state, and writes nothing.
+    # Its token is spent: a replay from elsewhere is refused by state, and writes nothing.
     before = len(writes)
     with pytest.raises(Exception, match="registered"):
-        await enroller.register({"mac": str(macs[0]), "token": "tok0"}, peer)
+        await enroller.register({"mac": str(macs[0]), "token": "tok0"},
+                                ipaddress.ip_address("192.0.2.71"))
     assert len(writes) == before
+    # From where it registered, it is a repeat (its answer was lost): answered as the first
+    # (its machine token again), its state unwritten, one event saying so (s37-register).
+    again = await enroller.register({"mac": str(macs[0]), "token": "tok0"}, peer)
+    assert again.install_token == done[0].install_token and again.updated == done[0].updated
+    assert [m for _, batch in writes[before:] for m in batch.update] == []
+    assert [ev.kind for ev in await store.list_events(done[0].id)][-2:] == [
+        "registered", "registration repeated"]
 
 
 _MACS = [MacAddress(bytes([2, 0, 0, 0, 0, i])) for i in range(3)]
@@ -733,9 +741,17 @@ async def test_two_registrations_with_one_token_one_wins_with_one_audit_entry(st
         return_exceptions=True)
     won = [d for d in done if isinstance(d, Machine)]
     lost = [d for d in done if not isinstance(d, Machine)]
-    assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], NetbootError), done
-    assert [a.outcome for a in await store.list_audit()] == ["200"]
-    assert [e.kind for e in await store.list_events(won[0].id)].count("registered") == 1
+    # Read before the other's commit: refused by the compare-and-set. Read after it: a
+    # repeat from the same address (s37-register), answered as the first with its machine
+    # token and an event saying so. Either way one registration, one "registered" event,
+    # and an audit entry only for each answered.
+    assert won and len(won) + len(lost) == 2, done
+    assert all(isinstance(d, NetbootError) for d in lost), done
+    assert len({m.install_token for m in won}) == 1 and won[0].install_token
+    assert [a.outcome for a in await store.list_audit()] == ["200"] * len(won)
+    kinds = [e.kind for e in await store.list_events(won[0].id)]
+    assert kinds.count("registered") == 1
+    assert kinds.count("registration repeated") == len(won) - 1, kinds
 
 
 def test_a_token_that_opens_a_config_is_checked_without_waiting() -> None:
@@ -1056,7 +1072,8 @@ async def test_a_devices_step_does_not_undo_an_edit_stored_since_its_read(  # ty
     kind = {"report": "installed", "register": "registered"}[step]
     assert [e.kind for e in await b.list_events(stored.id)].count(kind) == 1
     if step == "register":
-        assert stored.ipv4 == "192.0.2.61" and stored.install_token is None
+        # The install token's copy gone; in its place the machine token registration answered.
+        assert stored.ipv4 == "192.0.2.61" and stored.install_token not in (None, "tok")
 
 
 async def test_a_config_fetch_from_an_older_version_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
@@ -1226,3 +1243,178 @@ async def test_enrolling_a_device_whose_discover_is_recorded_meanwhile_takes_its
     m = await store.machine_by("mac", str(mac))
     assert m.id == seen.id and m.hostname == "six" and m.facts["product"] == "Box"
     assert await store.count_machines() == 1
+
+
+# --- registration again, and later boots (s37-register) --------------------------------------
+
+def _audited(machine: Machine) -> Any:
+    from netboot.model import AuditEntry
+
+    return AuditEntry(time=1.0, actor=f"machine:{machine.id}", action="POST /register",
+                      target=machine.id, peer="-", outcome="200")
+
+
+async def test_a_registration_made_again_from_where_it_registered_is_answered_as_the_first(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """The device's connection dropped after netboot committed: its register command retries
+    with the spent install token. From the address it registered (or reporting it), that is
+    answered as the first was (the same machine token), nothing moved, one event saying it
+    was a repeat; from another address, with another token or after a reinstall, refused as
+    before."""
+    import ipaddress
+
+    from netboot.errors import AuthError, TransitionRefused
+
+    store = every_store
+    mac = await _installed(store, "52:54:00:00:37:01", "r1")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    at = ipaddress.ip_address("192.0.2.70")
+    body = {"mac": str(mac), "token": "tok"}
+    first = await enroller.register(body, at, audit=_audited)
+    assert first.state == MachineState.REGISTERED and first.install_token
+    enroller._clock = lambda: 2000.0  # a repeat stamps nothing: its updated stays 1000
+    again = await enroller.register(body, at, audit=_audited)
+    assert again.install_token == first.install_token and again.state == first.state
+    reported = await enroller.register({**body, "addresses": ["192.0.2.70"]},
+                                       ipaddress.ip_address("127.0.0.1"), audit=_audited)
+    assert reported.install_token == first.install_token
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.updated == 1000.0 and stored.ipv4 == "192.0.2.70"
+    assert stored.install_token == first.install_token
+    again = await enroller.register(body, at, audit=_audited)  # its retry, repeated
+    assert again.install_token == first.install_token
+    kinds = [e.kind for e in await store.list_events(first.id)]
+    # Once a place while it repeats (from 192.0.2.70 as peer, then as reported by 127.0.0.1,
+    # then from 192.0.2.70 again): each audited.
+    assert kinds == ["registered"] + ["registration repeated"] * 3, kinds
+    assert "192.0.2.70" in (await store.list_events(first.id))[-1].message
+    again = await enroller.register(body, at, audit=_audited)
+    assert len(await store.list_events(first.id)) == 4
+    assert [a.outcome for a in await store.list_audit()] == ["200"] * 5
+    # From elsewhere: the 409 naming its state, nothing written.
+    with pytest.raises(TransitionRefused) as refused:
+        await enroller.register(body, ipaddress.ip_address("192.0.2.71"), audit=_audited)
+    assert refused.value.state == MachineState.REGISTERED
+    with pytest.raises(TransitionRefused):
+        await enroller.register({**body, "addresses": ["192.0.2.71"]},
+                                ipaddress.ip_address("127.0.0.1"))
+    with pytest.raises(AuthError):
+        await enroller.register({**body, "token": "not-its-token"}, at)
+    assert len(await store.list_events(first.id)) == 4 and len(await store.list_audit()) == 5
+    # After a reinstall its old token is no token of its (401), nor its machine token.
+    await enroller.reinstall(str(mac))
+    with pytest.raises(AuthError):
+        await enroller.register(body, at)
+    with pytest.raises(AuthError):
+        await enroller.register({"mac": str(mac), "machine_token": first.install_token}, at)
+
+
+async def test_a_later_boot_reports_its_new_lease_with_its_machine_token(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A site DHCP server's new lease for a registered machine: its next boot reports it with
+    the machine token registration answered, and its address follows (its DNS name, a
+    server's cluster endpoint: names.py reads ipv4). The same address again writes nothing
+    but the request's audit entry; fixed_ipv4 stays whatever it reports."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import AuthError
+
+    store = every_store
+    mac = await _installed(store, "52:54:00:00:37:02", "r2")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    first = await enroller.register({"mac": str(mac), "token": "tok"},
+                                    ipaddress.ip_address("192.0.2.70"))
+    token = first.install_token
+    assert token is not None
+    later = {"mac": str(mac), "machine_token": token}
+    enroller._clock = lambda: 2000.0
+    moved = await enroller.register(later, ipaddress.ip_address("192.0.2.80"), audit=_audited)
+    assert moved.ipv4 == "192.0.2.80" and moved.state == MachineState.REGISTERED
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.ipv4 == "192.0.2.80" and stored.updated == 2000.0
+    event = (await store.list_events(first.id))[-1]
+    assert event.kind == "address changed" and "192.0.2.70 -> 192.0.2.80" in event.message
+    assert event.data["peer"] == "192.0.2.80"
+    enroller._clock = lambda: 3000.0
+    same = await enroller.register(later, ipaddress.ip_address("192.0.2.80"), audit=_audited)
+    assert same.ipv4 == "192.0.2.80"
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.updated == 2000.0
+    assert len(await store.list_events(first.id)) == 2
+    assert [a.outcome for a in await store.list_audit()] == ["200", "200"]
+    # Not its machine token, the spent install token in its place, or both: refused.
+    with pytest.raises(AuthError):
+        await enroller.register({**later, "machine_token": "x" + token},
+                                ipaddress.ip_address("192.0.2.90"))
+    with pytest.raises(AuthError):
+        await enroller.register({**later, "machine_token": "tok"},
+                                ipaddress.ip_address("192.0.2.90"))
+    with pytest.raises(ValidationError) as both:
+        await enroller.register({**later, "token": "tok"}, ipaddress.ip_address("192.0.2.90"))
+    assert both.value.field == "token"
+    assert (await store.get_machine(first.id)).ipv4 == "192.0.2.80"  # type: ignore[union-attr]
+    # An install under way holds its install token in the same field: never a machine token.
+    booting = MacAddress.parse("52:54:00:00:37:03")
+    await store.create_machine(Machine(
+        macs=(booting,), hostname="r3", state=MachineState.BOOTING, cluster="edge",
+        token_hash=hashlib.sha256(b"itok").hexdigest(), install_token="itok"))
+    with pytest.raises(AuthError):
+        await enroller.register({"mac": str(booting), "machine_token": "itok"},
+                                ipaddress.ip_address("192.0.2.91"))
+    # The operator's fixed address stays, whatever the machine reports.
+    pinned = MacAddress.parse("52:54:00:00:37:04")
+    await store.create_machine(Machine(
+        macs=(pinned,), hostname="r4", state=MachineState.INSTALLED, cluster="edge",
+        fixed_ipv4="192.0.2.44", token_hash=hashlib.sha256(b"ptok").hexdigest()))
+    done = await enroller.register({"mac": str(pinned), "token": "ptok"},
+                                   ipaddress.ip_address("192.0.2.44"))
+    kept = await enroller.register({"mac": str(pinned), "machine_token": done.install_token},
+                                   ipaddress.ip_address("192.0.2.99"))
+    assert kept.ipv4 == "192.0.2.44"
+    assert [e.kind for e in await store.list_events(done.id)] == ["registered"]
+
+
+@pytest.mark.parametrize("name", [
+    "a" * 64, ".".join(["a" * 63] * 4) + "a", "under_score", "-edge", "edge-", "edge..lab",
+    "edge\n", "é", "edge 1", "x" * 100_000])
+async def test_register_ignores_a_hostname_that_is_no_rfc1123_name(store, name: str) -> None:  # type: ignore[no-untyped-def]
+    """The hostname a registration reports is the device's $(hostname): one that is no RFC
+    1123 name (a label over 63, a name over 253, other characters) is left out of its event,
+    which says it was ignored, and the registration goes on (a 400 would leave the device
+    retrying for a name it cannot change); it was written into the event whatever its size."""
+    import ipaddress
+
+    mac = await _installed(store, "52:54:00:00:37:05", "r5")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    done = await enroller.register({"mac": str(mac), "token": "tok", "hostname": name},
+                                   ipaddress.ip_address("192.0.2.70"))
+    assert done.state == MachineState.REGISTERED
+    event = (await store.list_events(done.id))[-1]
+    assert event.kind == "registered" and " as " not in event.message
+    assert "ignored its hostname" in event.message and len(event.message) < 400
+
+
+async def test_register_names_a_good_hostname_and_refuses_one_that_is_no_text(store) -> None:  # type: ignore[no-untyped-def]
+    import ipaddress
+
+    mac = await _installed(store, "52:54:00:00:37:06", "r6")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    with pytest.raises(ValidationError) as bad:
+        await enroller.register({"mac": str(mac), "token": "tok", "hostname": 7},
+                                ipaddress.ip_address("192.0.2.70"))
+    assert bad.value.field == "hostname"
+    name = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters
+    done = await enroller.register({"mac": str(mac), "token": "tok", "hostname": name},
+                                   ipaddress.ip_address("192.0.2.70"))
+    event = (await store.list_events(done.id))[-1]
+    assert f" as {name};" in event.message and "ignored" not in event.message
+
+
+def test_hostname_ok_is_rfc_1123() -> None:
+    assert enroll.hostname_ok("edge-1") and enroll.hostname_ok("Edge-1.Lab")
+    assert enroll.hostname_ok("a" * 63) and not enroll.hostname_ok("a" * 64)
+    assert enroll.hostname_ok(".".join(["a" * 63] * 3) + "." + "b" * 61)
+    assert not enroll.hostname_ok(".".join(["a" * 63] * 3) + "." + "b" * 62)
+    for bad in ("", "-a", "a-", "a_b", "a..b", ".a", "a\n", "a b", "é"):
+        assert not enroll.hostname_ok(bad), bad

@@ -252,8 +252,8 @@ async def test_with_authoritative_dhcp_nodes_and_dns_follow_a_servers_new_fixed_
     """netboot's own DHCP hands a machine its fixed address and NAKs any other
     (netboot.leases): an operator who gives a registered server a new one moves it there at
     its next renewal. Nodes installed later and the cluster's DNS name follow it; the address
-    it registered from is where it was. (A site DHCP server's new lease netboot never sees:
-    README, "Enrollment at scale".)"""
+    it registered from is where it was. (A site DHCP server's new lease the installed OS reports
+    at its next boot with its machine token: tests/test_register_netns.py.)"""
     path = write_config(tmp_path, "dns:\n  enabled: true\n  zone: netboot.lan\n")
     cfg = load(path, env={"NETBOOT_DHCP_MODE": "authoritative",
                           "NETBOOT_DHCP_AUTHORITATIVE_POOL_START": "192.0.2.100",

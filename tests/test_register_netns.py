@@ -8,6 +8,8 @@ interface), entered by one thread. Nothing touches the host's interfaces.
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,28 @@ import pytest
 from aiohttp import web
 
 from netboot.config import load
+from netboot.content import register_command
 from netboot.model import Cluster, MacAddress, Machine, Profile, Role
-from netboot.service import build
+from netboot.service import Service, build
 from tests.conftest import write_config
 from tests.netns import in_namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2")]
 
 MAC = "52:54:00:00:60:01"
+
+
+async def _served(service: Service, runner: web.AppRunner) -> int:
+    """Profile ``p`` and server MAC (s1, cluster edge) in the inventory, and netboot's HTTP
+    on 192.0.2.1: its port."""
+    await service.store.put_profile(Profile(name="p", kernel="vmlinuz"))
+    await service.store.create_machine(Machine(macs=(MacAddress.parse(MAC),), hostname="s1",
+                                               cluster="edge", role=Role.SERVER, profile="p"))
+    await runner.setup()
+    await web.TCPSite(runner, "192.0.2.1", 0).start()
+    port: int = runner.addresses[0][1]
+    service.base_url = f"http://192.0.2.1:{port}"
+    return port
 
 
 def test_register_from_192_0_2_60_claiming_loopback_records_192_0_2_60(
@@ -34,14 +50,7 @@ def test_register_from_192_0_2_60_claiming_loopback_records_192_0_2_60(
         try:
             store = service.store
             await store.put_cluster(Cluster(name="edge", token="t"))
-            await store.put_profile(Profile(name="p", kernel="vmlinuz"))
-            await store.create_machine(Machine(macs=(MacAddress.parse(MAC),), hostname="s1",
-                                               cluster="edge", role=Role.SERVER, profile="p"))
-            await runner.setup()
-            site = web.TCPSite(runner, "192.0.2.1", 0)
-            await site.start()
-            port = runner.addresses[0][1]
-            service.base_url = f"http://192.0.2.1:{port}"
+            await _served(service, runner)
             base = service.base_url
             connector = aiohttp.TCPConnector(local_addr=("192.0.2.60", 0))
             async with aiohttp.ClientSession(connector=connector) as http:
@@ -67,3 +76,146 @@ def test_register_from_192_0_2_60_claiming_loopback_records_192_0_2_60(
     assert event.kind == "registered" and event.data["peer"] == "192.0.2.60"
     assert event.data["refused"] == [{"address": "127.0.0.1", "reason": "loopback",
                                       "source": "reported"}]
+
+
+class _Proxy:
+    """A TCP relay to netboot, from the device's address, that can lose a reply: the
+    request reaches netboot whole and netboot answers (its commit is made), then the device's
+    connection is closed without that answer, as a dropped link or a reset does."""
+
+    def __init__(self, upstream: tuple[str, int], source: str, drop: int = 0) -> None:
+        self.upstream, self.source, self.drop = upstream, source, drop
+        self.answered: list[bytes] = []  # netboot's answers, dropped or not
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(
+            *self.upstream, local_addr=(self.source, 0))
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            up_writer.write(head + await reader.readexactly(length))
+            await up_writer.drain()
+            answer = await up_reader.read(1 << 16)  # one small JSON answer
+            self.answered.append(answer)
+            if self.drop > 0:
+                self.drop -= 1  # lost: the device never sees it
+            else:
+                writer.write(answer)
+                await writer.drain()
+        finally:
+            up_writer.close()
+            writer.close()
+
+
+def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
+        namespace: str, tmp_path: Path) -> None:
+    """The register command netboot's templates emit, run by busybox sh (no curl) in a
+    namespace: its first answer is lost after netboot committed; its retry, from the same
+    address with the spent token, is answered as the first (200, the same machine token), so
+    it keeps that token and stops. A later boot from a new lease (another address) reports it
+    with the machine token: the machine's address and its cluster's DNS endpoint follow; a
+    boot after that from the same address writes nothing. (Before s37-register the retry was
+    a 409 for an hour and the new lease was never seen.)"""
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget", "printf"):
+        (bin_dir / applet).symlink_to(busybox)
+    root = tmp_path / "root"
+
+    async def run(command: str) -> tuple[int, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            str(bin_dir / "sh"), "-c", command, env={"PATH": str(bin_dir)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        # communicate: until the pipe closes, so a later boot's background report is over too.
+        out, _ = await asyncio.wait_for(proc.communicate(), 40)
+        assert proc.returncode is not None
+        return proc.returncode, out
+
+    async def scenario() -> dict[str, Any]:
+        path = write_config(tmp_path / "cfg", "dns:\n  enabled: true\n  zone: netboot.lan\n")
+        service = await build(load(path, env={}))
+        runner = web.AppRunner(service.app)
+        servers: list[asyncio.Server] = []
+        out: dict[str, Any] = {}
+        try:
+            store = service.store
+            await store.put_cluster(Cluster(name="edge", token="t", server_url="managed"))
+            port = await _served(service, runner)
+            connector = aiohttp.TCPConnector(local_addr=("192.0.2.60", 0))
+            async with aiohttp.ClientSession(connector=connector) as http, \
+                    http.get(f"{service.base_url}/ipxe?mac={MAC}&arch=x86_64") as resp:
+                script = await resp.text()
+            token = script.split("?token=", 1)[1].split()[0]
+
+            async def device_at(address: str, drop: int = 0) -> tuple[_Proxy, str]:
+                proxy = _Proxy(("192.0.2.1", port), address, drop)
+                server = await asyncio.start_server(proxy.handle, address, 0)
+                servers.append(server)
+                url = f"http://{address}:{server.sockets[0].getsockname()[1]}/api/v1/register"
+                # As rendered, with the device's root in the test's directory and its waits
+                # short: bounded to 5 tries of 1 s, so that a 409 gives up in seconds.
+                command = (register_command(url, MAC, token, "s1")
+                           .replace("/var/lib/netboot", str(root))
+                           .replace("n=360", "n=5").replace("sleep 10", "sleep 1"))
+                return proxy, command
+
+            # First boot: the first answer is lost after netboot committed.
+            proxy, command = await device_at("192.0.2.60", drop=1)
+            out["first"] = await run(command)
+            out["first answers"] = list(proxy.answered)
+            stored = await store.machine_by("mac", MAC)
+            assert stored is not None
+            out["token"] = stored.install_token
+            out["first ipv4"] = stored.ipv4
+            out["first events"] = [e.kind for e in await store.list_events(stored.id)]
+            # A later boot, from a new lease.
+            proxy, command = await device_at("192.0.2.10")
+            out["later"] = await run(command)
+            out["later answers"] = list(proxy.answered)
+            stored = await store.machine_by("mac", MAC)
+            assert stored is not None
+            out["later ipv4"] = stored.ipv4
+            out["endpoint"] = (await service._build_zone()).endpoints.get("edge", ())
+            out["later events"] = [e for e in await store.list_events(stored.id)]
+            # And the boot after, from the same lease: nothing moves, no event.
+            proxy, command = await device_at("192.0.2.10")
+            out["again"] = await run(command)
+            out["again answers"] = list(proxy.answered)
+            stored = await store.machine_by("mac", MAC)
+            assert stored is not None
+            out["again events"] = len(await store.list_events(stored.id))
+            out["again updated"] = stored.updated
+            return out
+        finally:
+            for server in servers:
+                server.close()
+            await runner.cleanup()
+            await service.boot.drain()
+            await service.store.close()
+
+    out = in_namespace(namespace, scenario)
+    status, printed = out["first"]
+    assert status == 0, printed
+    answers = [a.split(b" ", 2)[1] for a in out["first answers"]]
+    assert answers == [b"200", b"200"], out["first answers"]  # the lost one, its repeat
+    assert (root / "registered").exists()
+    assert (root / "machine-token").read_text() == out["token"] and out["token"]
+    assert (root / "machine-token").stat().st_mode & 0o077 == 0
+    assert out["first ipv4"] == "192.0.2.60"
+    kinds = out["first events"]
+    assert kinds.count("registered") == 1 and kinds[-1] == "registration repeated", kinds
+
+    status, printed = out["later"]
+    assert status == 0, printed
+    assert [a.split(b" ", 2)[1] for a in out["later answers"]] == [b"200"]
+    assert out["later ipv4"] == "192.0.2.10" and out["endpoint"] == ("192.0.2.10",)
+    moved = out["later events"][-1]
+    assert moved.kind == "address changed" and "192.0.2.60 -> 192.0.2.10" in moved.message
+    assert [e.kind for e in out["later events"]].count("registered") == 1
+
+    status, printed = out["again"]
+    assert status == 0 and [a.split(b" ", 2)[1] for a in out["again answers"]] == [b"200"]
+    assert out["again events"] == len(out["later events"])

@@ -151,6 +151,40 @@ def test_nocloud_golden_and_valid(name: str) -> None:
         assert doc["local-hostname"] == "edge-1"
 
 
+def test_cloud_inits_later_boots_run_the_register_command_once_registered(
+        tmp_path: Path) -> None:
+    """cloud-init runs runcmd once per instance: the user-data also writes the register
+    command to a file and a per-boot script that runs it only once a machine token is kept
+    (on a first boot per-boot scripts run before runcmd: registering then would come before
+    the k3s install). Run as written, against a fake curl (s37-register)."""
+    import subprocess
+
+    doc = yaml.safe_load(content().nocloud(plan(BootAction.INSTALL), "user-data"))
+    files = {f["path"]: f for f in doc["write_files"]}
+    command = files["/var/lib/netboot/register"]["content"]
+    assert ["sh", "-c", command] in doc["runcmd"]  # the same command, once in each place
+    per_boot = files["/var/lib/cloud/scripts/per-boot/netboot-register"]
+    assert per_boot["permissions"] == "0755"
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "register").write_text(command.replace("/var/lib/netboot", str(root)))
+    script = tmp_path / "per-boot"
+    script.write_text(per_boot["content"].replace("/var/lib/netboot", str(root)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "curl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                                  "echo '{\"machine_token\": \"mt-1\"}'\n")
+    (bin_dir / "curl").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["sh", str(script)], check=True, env=env, timeout=30)
+    assert not calls.exists()  # a first boot: nothing kept yet, runcmd registers
+    (root / "machine-token").write_text("mt-1")
+    subprocess.run(["sh", str(script)], check=True, env=env, timeout=30, capture_output=True)
+    (line,) = calls.read_text().splitlines()
+    assert '"machine_token":"mt-1"' in line and '"token"' not in line
+
+
 def test_uboot_script_image() -> None:
     from netboot.wire import uimage
 
@@ -1455,18 +1489,27 @@ def _plain_register_command(url: str, mac: str, token: str, node_name: str) -> s
     def sq(text: str) -> str:
         return text.replace("'", "'\\''")
 
-    body = ("'" + sq(json.dumps({"mac": mac, "token": token, "hostname": ""},
-                                   separators=(",", ":"))[:-2])
-            + "'\"$(hostname)\"'" + sq('","machine_id":"')
-            + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
-            + sq('","node_name":' + json.dumps(node_name) + "}") + "'")
-    u, marker = shlex.quote(url), "/var/lib/netboot/registered"
-    return (f"[ -f {marker} ] || {{ b={body}; i=0; while [ $i -lt 360 ]; do "
-            "if command -v curl >/dev/null; "
-            f"then curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}; "
-            f"else wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" {u}; "
-            f"fi && {{ mkdir -p {marker.rsplit('/', 1)[0]} && touch {marker}; break; }}; "
-            "i=$((i+1)); sleep 10; done; }")
+    def js(value: str) -> str:
+        return json.dumps(value)[1:-1]
+
+    u, d = shlex.quote(url), "/var/lib/netboot"
+    post = ("if command -v curl >/dev/null; "
+            f"then o=$(curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}); "
+            "else o=$(wget -q -O- --header 'Content-Type: application/json' --post-data "
+            f"\"$b\" {u}); fi")
+    key = "'\"machine_token\": \"'"
+    return (f"k={d}/machine-token; n=360; b='" + sq('{"mac":"' + js(mac) + '",')
+            + "'; a='" + sq('"token":"' + js(token) + '"')
+            + "'; [ -s $k ] && { n=30; a='\"machine_token\":\"'\"$(cat $k)\"'\"'; }; "
+            "b=\"$b$a\"'" + sq(',"hostname":"') + "'\"$(hostname)\"'"
+            + sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
+            + sq('","node_name":"' + js(node_name) + '"}') + "'; "
+            "r() { i=0; while [ $i -lt $n ]; do "
+            f"{post} && {{ mkdir -p {d} && touch {d}/registered; "
+            f"case $o in *{key}*) t=${{o#*{key}}}; t=${{t%%'\"'*}}; "
+            "[ -z \"$t\" ] || (umask 077; printf %s \"$t\" >$k);; esac; "
+            "return 0; }; i=$((i+1)); sleep 10; done; }; "
+            f"if [ -s $k ]; then r & elif [ ! -f {d}/registered ]; then r; fi")
 
 
 # Characters a value may need escaped in JSON, in HTML (tojson) or for the shell, and others.
