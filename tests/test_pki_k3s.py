@@ -187,7 +187,11 @@ async def test_cloud_init_user_data_writes_the_ca_for_servers_only(env: Env) -> 
     served = server[K3S_SERVER_CA]["content"].encode()
     assert k3s_parse_token(k3s_config["token"])[0] == k3s_hash_ca(served)
     assert server[K3S_SERVER_CA_KEY]["permissions"] == "0600"
-    assert set(agent) == {"/etc/rancher/k3s/config.yaml"}
+    # An agent writes its k3s config (and the register command's per-boot files:
+    # s37-register), never the cluster's CA.
+    assert "/etc/rancher/k3s/config.yaml" in agent
+    assert not {K3S_SERVER_CA, K3S_SERVER_CA_KEY} & set(agent)
+    assert not any(path.startswith("/var/lib/rancher/k3s/server/") for path in agent)
     assert yaml.safe_load(agent["/etc/rancher/k3s/config.yaml"]["content"])["token"] \
         == k3s_config["token"]
     # cloud-init writes files (init stage) before runcmd installs and starts k3s.
