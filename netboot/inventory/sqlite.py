@@ -617,17 +617,17 @@ class SqliteStore:
         full = self._full
         if full is None:
             return None
-        if self._room():
+        if self._free() >= FREE_TO_WRITE:
             self._full = None
             return None
         return full
 
-    def _room(self) -> bool:
-        """Whether the inventory's directory has FREE_TO_WRITE bytes free (unknown: yes)."""
+    def _free(self) -> int:
+        """Bytes free in the inventory's directory (unknown: taken as FREE_TO_WRITE)."""
         try:
-            return self._free_space(self.path.parent) >= FREE_TO_WRITE
+            return self._free_space(self.path.parent)
         except OSError:
-            return True
+            return FREE_TO_WRITE
 
     def _reserve_shm(self, size: int) -> None:
         """Allocate the -shm file's blocks up to ``size`` (never shrinking it)."""
@@ -734,11 +734,11 @@ class SqliteStore:
             self._shm_size = 0
         self._checkpoint_due()  # after a migration's writes
         log.info("inventory %s open, schema version %d", self.path, SCHEMA_VERSION)
-        if not self._room():
+        free = self._free()
+        if free < FREE_TO_WRITE:
             # Said at start-up, not at the first write a device's boot fails with: the
             # watcher reports it (stuck_writes) until space is freed.
-            self._full = (f"inventory {self.path}: its disk is full (less than "
-                          f"{FREE_TO_WRITE >> 10} KiB free in {self.path.parent})")
+            self._full = f"inventory {self.path}: {_full_disk(self.path.parent, free)}"
             log.error("%s", self._full)
 
     def _open_reader(self) -> None:
@@ -1445,7 +1445,19 @@ def _unopenable(path: Path, exc: BaseException) -> StoreError:
         else:
             detail = str(exc).removeprefix(f"cannot open inventory {path}: ")
             reason = detail
+            try:
+                free = _free_space(directory)
+            except OSError:
+                free = FREE_TO_WRITE
+            if free < FREE_TO_WRITE:
+                # SQLite says "disk I/O error" when the -shm cannot grow on a full disk.
+                reason += f" ({_full_disk(directory, free)})"
     return StoreError(f"cannot open inventory {path}: {reason}")
+
+
+def _full_disk(directory: Path, free: int) -> str:
+    return (f"its disk is full: {free >> 10} KiB free in {directory}, netboot writes with "
+            f"{FREE_TO_WRITE >> 10} KiB or more; free space there")
 
 
 def _free_space(directory: Path) -> int:

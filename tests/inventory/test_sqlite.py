@@ -2162,3 +2162,21 @@ async def test_start_up_on_a_full_disk_says_so(tmp_path: Path,
         assert stuck_writes(store) is None
     finally:
         await store.close()
+
+
+def test_an_inventory_that_cannot_open_on_a_full_disk_names_the_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first start with 8 KiB free: SQLite fails the migration with "disk I/O error" (its
+    -shm cannot grow), which sends an operator to the hardware; the message names the full
+    disk and the free space (seen on a tmpfs, s37-chaos; before: "disk I/O error" alone).
+    With room, the message stays SQLite's."""
+    path = tmp_path / "netboot.db"
+    failed = StoreError(f"cannot migrate inventory {path}: disk I/O error")
+    monkeypatch.setattr(sqlite_store, "_free_space", lambda directory: 8 << 10)
+    said = str(sqlite_store._unopenable(path, failed))
+    assert said == (f"cannot open inventory {path}: cannot migrate inventory {path}: disk I/O "
+                    f"error (its disk is full: 8 KiB free in {tmp_path}, netboot writes with "
+                    "1024 KiB or more; free space there)"), said
+    monkeypatch.setattr(sqlite_store, "_free_space", lambda directory: 1 << 30)
+    said = str(sqlite_store._unopenable(path, failed))
+    assert said == f"cannot open inventory {path}: cannot migrate inventory {path}: disk I/O error"
