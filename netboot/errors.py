@@ -159,7 +159,12 @@ class StoreError(NetbootError):
     """The inventory failed (I/O, corruption, lock timeout). Never reported as "not found"."""
 
 
-class StoreFull(StoreError):
+class WritesRefused(StoreError):
+    """The inventory answers reads but refuses writes (its disk is full, its writes are stuck
+    behind a lock holder): nothing was written. Not "unreachable": the network is not it."""
+
+
+class StoreFull(WritesRefused):
     """The inventory's filesystem is full (SQLite's SQLITE_FULL): nothing was written, reads
     still answer, and writes succeed again once space is freed. Told apart from an outage so
     that a client and an operator are sent to the disk, not to the network."""

@@ -1466,6 +1466,7 @@ async def test_a_full_disk_is_told_by_health_and_the_503_and_clears_by_itself(
     restarting anything."""
     from tests.conftest import call
 
+    await env.seed()  # a profile and group for the enrolled machines: /ipxe installs
     service = env.service
     store = service.store
     free = [0]
@@ -1487,6 +1488,12 @@ async def test_a_full_disk_is_told_by_health_and_the_503_and_clears_by_itself(
     listed = await call(env, "GET", "/api/v1/machines?limit=1")
     assert listed.status == 200, listed.text  # reads answer
     await _health_says_down_within_the_bound(env, "database or disk is full", REFUSES_WRITES)
+    # A first install now refused from memory (its token cannot be committed): "refuses
+    # writes", not "unreachable" either (the base said so).
+    refused = await call(env, "GET", "/ipxe?mac=02-00-00-37-00-00&arch=x86_64", admin=False)
+    assert refused.status == 503, refused.text
+    assert refused.json()["error"].startswith("the inventory refuses writes now: nothing was "
+                                              "changed"), refused.text
     free[0] = 1 << 30  # space freed (and the database may grow again)
     await store._run(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
     await asyncio.wait_for(service.watch_once(), 20)

@@ -58,6 +58,7 @@ from netboot.errors import (
     StoreFull,
     TransitionRefused,
     ValidationError,
+    WritesRefused,
 )
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, escape, log_line, printable, set_log_context
@@ -537,6 +538,11 @@ def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
         log.error("inventory failed for %s %s: %s", method, target, exc)
         # Not "unreachable": the inventory answers; an operator is sent to the disk.
         return _json({"error": "the inventory's disk is full: nothing was changed; try "
+                      "again later (boots of known machines are answered from memory "
+                      "meanwhile)"}, 503, {"Retry-After": "5"})
+    if isinstance(exc, WritesRefused):
+        log.error("inventory failed for %s %s: %s", method, target, exc)
+        return _json({"error": "the inventory refuses writes now: nothing was changed; try "
                       "again later (boots of known machines are answered from memory "
                       "meanwhile)"}, 503, {"Retry-After": "5"})
     if isinstance(exc, StoreError):
