@@ -35,7 +35,7 @@ from netboot.arrival import arrived
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits
 from netboot.eager import eager
 from netboot.enroll import Enroller, hostname_ok
-from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError
+from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError, WritesRefused
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution, Unseen
 from netboot.inventory.base import Batch, StateCounts, Store
@@ -1028,8 +1028,11 @@ class BootService:
         an install is refused, since its token must be committed before it is handed out."""
         plan = await self._plan(request, record=False)
         if plan.action == BootAction.INSTALL:
-            raise StoreError(f"{self.health.problem()}; an install needs its token recorded "
-                             "first")
+            # Told apart for the client: reads answer (a full disk, a stuck lock holder),
+            # so its 503 does not send anyone to the network (s37-chaos).
+            refused = WritesRefused if self.health.answers else StoreError
+            raise refused(f"{self.health.problem()}; an install needs its token recorded "
+                          "first")
         kind = _NOTED.get(plan.action)
         machine = plan.machine
         if kind is not None and machine is not None:

@@ -159,6 +159,17 @@ class StoreError(NetbootError):
     """The inventory failed (I/O, corruption, lock timeout). Never reported as "not found"."""
 
 
+class WritesRefused(StoreError):
+    """The inventory answers reads but refuses writes (its disk is full, its writes are stuck
+    behind a lock holder): nothing was written. Not "unreachable": the network is not it."""
+
+
+class StoreFull(WritesRefused):
+    """The inventory's filesystem is full (SQLite's SQLITE_FULL): nothing was written, reads
+    still answer, and writes succeed again once space is freed. Told apart from an outage so
+    that a client and an operator are sent to the disk, not to the network."""
+
+
 class OutcomeUnknown(StoreError):
     """A write whose commit was under way when the inventory's connection failed (the
     database restarted or failed over, the connection reset), and the database could not

@@ -1580,3 +1580,49 @@ async def test_the_clock_is_compared_at_start_on_postgresql_only(
             assert service.clock_skew.seconds is not None
             assert 19.0 < service.clock_skew.seconds < 21.0
             assert len(told) == 1 and "s ahead of this host's" in told[0]
+async def test_a_full_disk_is_told_by_health_and_the_503_and_clears_by_itself(
+        env: Env) -> None:
+    """The data directory's filesystem fills while serving (here SQLite's max_page_count
+    stands in for it, and the store's free-space reading says 0): a write is a 503 that
+    names the full disk, not "unreachable"; reads answer; the watcher says "degraded: ...
+    refuses writes" naming it, so /healthz is a 503 (before s37-chaos: "ok" while every
+    write failed); once space is back the next watch says ok and writes succeed, nobody
+    restarting anything."""
+    from tests.conftest import call
+
+    await env.seed()  # a profile and group for the enrolled machines: /ipxe installs
+    service = env.service
+    store = service.store
+    free = [0]
+    store._free_space = lambda directory: free[0]
+
+    def fill_up(conn: Any) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    await store._run(fill_up)
+    r = None
+    for i in range(2000):  # bounded: a page holds a few dozen machines
+        r = await call(env, "POST", "/api/v1/machines",
+                       json_body={"mac": f"02:00:00:37:{i >> 8:02x}:{i & 255:02x}"})
+        if r.status != 201:
+            break
+    assert r is not None and r.status == 503, (r and r.status, r and r.text)
+    assert "disk is full" in r.text and "unreachable" not in r.text, r.text
+    listed = await call(env, "GET", "/api/v1/machines?limit=1")
+    assert listed.status == 200, listed.text  # reads answer
+    await _health_says_down_within_the_bound(env, "database or disk is full", REFUSES_WRITES)
+    # A first install now refused from memory (its token cannot be committed): "refuses
+    # writes", not "unreachable" either (the base said so).
+    refused = await call(env, "GET", "/ipxe?mac=02-00-00-37-00-00&arch=x86_64", admin=False)
+    assert refused.status == 503, refused.text
+    assert refused.json()["error"].startswith("the inventory refuses writes now: nothing was "
+                                              "changed"), refused.text
+    free[0] = 1 << 30  # space freed (and the database may grow again)
+    await store._run(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
+    await asyncio.wait_for(service.watch_once(), 20)
+    assert service.boot.health.up
+    health = await call(env, "GET", "/healthz", admin=False)
+    assert (health.status, health.text) == (200, "ok\n")
+    r = await call(env, "POST", "/api/v1/machines", json_body={"mac": "02:00:00:37:ff:ff"})
+    assert r.status == 201, r.text

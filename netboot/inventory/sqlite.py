@@ -46,7 +46,14 @@ from typing import Any, TypeVar
 
 from netboot import identity
 from netboot.arrival import arrival
-from netboot.errors import Conflict, NetbootError, NotFound, StoreError, ValidationError
+from netboot.errors import (
+    Conflict,
+    NetbootError,
+    NotFound,
+    StoreError,
+    StoreFull,
+    ValidationError,
+)
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
@@ -94,6 +101,12 @@ SHM_RESERVE = 16 * 32768
 # the machines' pages once each, in order, and the cache held ~2 MiB of them for good after
 # (issue 10: < 150 MiB resident with 100,000 machines).
 PAGER_CACHE_KIB = 256
+# Free space in the inventory's directory below which it is taken as full (a write failed
+# with SQLITE_FULL, or start-up found less): room for ~250 WAL frames of 4 KiB, ~70 first
+# installs (~3.7 frames each, s33-tail). Until the filesystem has this much again, writes are
+# reported stuck (stuck_writes), so /healthz says "degraded" and the boot path answers known
+# machines from memory at once instead of failing a write per request.
+FREE_TO_WRITE = 1 << 20
 # How often wait_for_changes looks for commits of other processes.
 POLL_SECONDS = 0.25
 # WAL frames not yet copied into the database past which they are (SQLite's own
@@ -457,8 +470,15 @@ class SqliteStore:
     """
 
     def __init__(self, path: str | Path, *, sealer: Sealer | None = None,
-                 listener: EventListener | None = None) -> None:
+                 listener: EventListener | None = None,
+                 free_space: Callable[[Path], int] | None = None) -> None:
         self.path = Path(path)
+        # Bytes an unprivileged writer may still use in a directory (tests give their own).
+        self._free_space = free_space or _free_space
+        # Why writes fail for a full filesystem (set by the thread whose write or start-up
+        # found it, read on the event loop's: a str or None, replaced whole), until
+        # stuck_writes finds FREE_TO_WRITE free again.
+        self._full: str | None = None
         self._sealer = sealer
         self._sealed = Sealed(sealer)
         self._listener = listener
@@ -583,7 +603,31 @@ class SqliteStore:
             # Only reached for a constraint the explicit checks did not foresee.
             raise Conflict(f"inventory constraint failed: {exc}") from exc
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                self._full = why = (f"inventory {self.path}: {exc} (free space in "
+                                    f"{self.path.parent})")
+                raise StoreFull(why) from exc
             raise StoreError(f"inventory {self.path}: {exc}") from exc
+
+    def stuck_writes(self) -> str | None:
+        """Why writes fail while reads answer (base.StuckWrites): the filesystem was found
+        full (a write failed with SQLITE_FULL, or start-up found less than FREE_TO_WRITE
+        free), and has not had FREE_TO_WRITE free since. Asked by the service's watcher
+        (every 0.5 s): one statvfs while full, nothing otherwise."""
+        full = self._full
+        if full is None:
+            return None
+        if self._free() >= FREE_TO_WRITE:
+            self._full = None
+            return None
+        return full
+
+    def _free(self) -> int:
+        """Bytes free in the inventory's directory (unknown: taken as FREE_TO_WRITE)."""
+        try:
+            return self._free_space(self.path.parent)
+        except OSError:
+            return FREE_TO_WRITE
 
     def _reserve_shm(self, size: int) -> None:
         """Allocate the -shm file's blocks up to ``size`` (never shrinking it)."""
@@ -690,6 +734,12 @@ class SqliteStore:
             self._shm_size = 0
         self._checkpoint_due()  # after a migration's writes
         log.info("inventory %s open, schema version %d", self.path, SCHEMA_VERSION)
+        free = self._free()
+        if free < FREE_TO_WRITE:
+            # Said at start-up, not at the first write a device's boot fails with: the
+            # watcher reports it (stuck_writes) until space is freed.
+            self._full = f"inventory {self.path}: {_full_disk(self.path.parent, free)}"
+            log.error("%s", self._full)
 
     def _open_reader(self) -> None:
         self._rconn = self._query_only()
@@ -1398,7 +1448,25 @@ def _unopenable(path: Path, exc: BaseException) -> StoreError:
         else:
             detail = str(exc).removeprefix(f"cannot open inventory {path}: ")
             reason = detail
+            try:
+                free = _free_space(directory)
+            except OSError:
+                free = FREE_TO_WRITE
+            if free < FREE_TO_WRITE:
+                # SQLite says "disk I/O error" when the -shm cannot grow on a full disk.
+                reason += f" ({_full_disk(directory, free)})"
     return StoreError(f"cannot open inventory {path}: {reason}")
+
+
+def _full_disk(directory: Path, free: int) -> str:
+    return (f"its disk is full: {free >> 10} KiB free in {directory}, netboot writes with "
+            f"{FREE_TO_WRITE >> 10} KiB or more; free space there")
+
+
+def _free_space(directory: Path) -> int:
+    """Bytes an unprivileged process may still write in ``directory``'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
 
 
 def _journal_mode_wal(conn: sqlite3.Connection) -> str:

@@ -55,8 +55,10 @@ from netboot.errors import (
     ScopeRequired,
     StateChanged,
     StoreError,
+    StoreFull,
     TransitionRefused,
     ValidationError,
+    WritesRefused,
 )
 from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, escape, log_line, printable, set_log_context
@@ -532,6 +534,17 @@ def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
         return _json({"error": "the inventory's connection failed while the change was "
                       "being saved, and it cannot say whether it was: read it back before "
                       "trying again", "outcome": "unknown"}, 503, {"Retry-After": "5"})
+    if isinstance(exc, StoreFull):
+        log.error("inventory failed for %s %s: %s", method, target, exc)
+        # Not "unreachable": the inventory answers; an operator is sent to the disk.
+        return _json({"error": "the inventory's disk is full: nothing was changed; try "
+                      "again later (boots of known machines are answered from memory "
+                      "meanwhile)"}, 503, {"Retry-After": "5"})
+    if isinstance(exc, WritesRefused):
+        log.error("inventory failed for %s %s: %s", method, target, exc)
+        return _json({"error": "the inventory refuses writes now: nothing was changed; try "
+                      "again later (boots of known machines are answered from memory "
+                      "meanwhile)"}, 503, {"Retry-After": "5"})
     if isinstance(exc, StoreError):
         log.error("inventory failed for %s %s: %s", method, target, exc)
         # Nothing was done: a client retries (iPXE's script, an installer's loop, an operator).

@@ -2088,3 +2088,95 @@ async def test_an_update_from_a_base_changed_meanwhile_is_refused_as_without_it(
 
     with_bases = await outcome(tmp_path / "a.db", True)
     assert with_bases == await outcome(tmp_path / "b.db", False)
+
+
+# --- a full disk (s37-chaos) -------------------------------------------------------------------
+
+
+def _fill_up(conn: sqlite3.Connection) -> None:
+    """The database may grow no further: a write that needs a new page fails with
+    SQLITE_FULL, as on a full filesystem (the writer's connection: max_page_count is its)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+async def _write_until_full(store: SqliteStore) -> StoreError:
+    for i in range(10_000):  # bounded: a page holds a few dozen machines
+        try:
+            await store.create_machine(Machine(
+                macs=(MacAddress((0x02_00_00_37_00_00 + i).to_bytes(6, "big")),),
+                hostname=f"full-{i}"))
+        except StoreError as exc:
+            return exc
+    raise AssertionError("no write failed")
+
+
+async def test_a_full_disk_is_said_and_its_writes_reported_stuck_until_space_is_free(
+        tmp_path: Path) -> None:
+    """A write failing with SQLITE_FULL raises StoreFull (not a bare StoreError, which says
+    "unreachable" to a client), and stuck_writes names the full disk, so the watcher says
+    "degraded: ... refuses writes" (it said "ok" while every write failed), until the
+    directory has FREE_TO_WRITE free again. Reads answer meanwhile. (Before s37-chaos: a
+    StoreError, stuck_writes not there.)"""
+    from netboot.errors import StoreFull
+    from netboot.inventory.base import stuck_writes
+
+    free = [1 << 30]
+    store = SqliteStore(tmp_path / "inv.db", free_space=lambda d: free[0])
+    await store.open()
+    try:
+        assert stuck_writes(store) is None
+        await store._run(_fill_up)
+        free[0] = 0
+        exc = await _write_until_full(store)
+        assert isinstance(exc, StoreFull), exc
+        assert "full" in str(exc) and str(tmp_path) in str(exc), exc
+        said = stuck_writes(store)
+        assert said is not None and "full" in said and str(tmp_path) in said, said
+        assert (await store.list_machines(MachineFilter(limit=1))) != []  # reads answer
+        free[0] = sqlite_store.FREE_TO_WRITE - 1
+        assert stuck_writes(store) == said  # not yet room for a commit's frames
+        free[0] = sqlite_store.FREE_TO_WRITE
+        assert stuck_writes(store) is None
+    finally:
+        await store.close()
+
+
+async def test_start_up_on_a_full_disk_says_so(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Opened with less than FREE_TO_WRITE free in its directory, the store logs an error
+    naming it and reports its writes stuck from the start (before s37-chaos: nothing said
+    until the first device's boot failed), until the space is back."""
+    from netboot.inventory.base import stuck_writes
+
+    free = [0]
+    store = SqliteStore(tmp_path / "inv.db", free_space=lambda d: free[0])
+    with caplog.at_level(logging.ERROR, logger="netboot.inventory.sqlite"):
+        await store.open()
+    try:
+        said = stuck_writes(store)
+        assert said is not None and "disk is full" in said and str(tmp_path) in said, said
+        assert [r.getMessage() for r in caplog.records
+                if r.levelno == logging.ERROR] == [said]
+        free[0] = 1 << 30
+        assert stuck_writes(store) is None
+    finally:
+        await store.close()
+
+
+def test_an_inventory_that_cannot_open_on_a_full_disk_names_the_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first start with 8 KiB free: SQLite fails the migration with "disk I/O error" (its
+    -shm cannot grow), which sends an operator to the hardware; the message names the full
+    disk and the free space (seen on a tmpfs, s37-chaos; before: "disk I/O error" alone).
+    With room, the message stays SQLite's."""
+    path = tmp_path / "netboot.db"
+    failed = StoreError(f"cannot migrate inventory {path}: disk I/O error")
+    monkeypatch.setattr(sqlite_store, "_free_space", lambda directory: 8 << 10)
+    said = str(sqlite_store._unopenable(path, failed))
+    assert said == (f"cannot open inventory {path}: cannot migrate inventory {path}: disk I/O "
+                    f"error (its disk is full: 8 KiB free in {tmp_path}, netboot writes with "
+                    "1024 KiB or more; free space there)"), said
+    monkeypatch.setattr(sqlite_store, "_free_space", lambda directory: 1 << 30)
+    said = str(sqlite_store._unopenable(path, failed))
+    assert said == f"cannot open inventory {path}: cannot migrate inventory {path}: disk I/O error"
