@@ -33,7 +33,7 @@ from netboot import groups as grouping
 from netboot import identity, lifecycle
 from netboot.arrival import arrived
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits
-from netboot.eager import eager
+from netboot.eager import carry_on, eager, first_step
 from netboot.enroll import Enroller
 from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError
 from netboot.health import InventoryHealth
@@ -488,6 +488,28 @@ class BootService:
         in-memory view; when it holds everything needed the future is already done (the DHCP
         server answers without a task), else it finishes after the store read.
         """
+        decision = self._first_stage_started(request)
+        return decision if isinstance(decision, asyncio.Task) else eager(decision)
+
+    def first_stage_now(self, request: BootRequest,
+                        ) -> FirstStage | asyncio.Task[FirstStage | None] | None:
+        """:meth:`first_stage` for the DHCP server (pxe.BootDecider takes a value): a
+        decision taken at once is the value itself, not a future already done. That future
+        cost each DISCOVER an ``asyncio.get_running_loop()``, whose fork check is a getpid(2)
+        system call in Python 3.11 (~0.5 µs on this project's VM, which callgrind's counts
+        do not show), and the future's creation and result (benchmarks/README.md,
+        s37-dhcp1st). An error raised while deciding is the caller's."""
+        decision = self._first_stage_started(request)
+        if isinstance(decision, asyncio.Task):
+            return decision
+        done, value = first_step(decision)
+        return value if done else carry_on(decision, value)
+
+    def _first_stage_started(self, request: BootRequest,
+                             ) -> asyncio.Task[FirstStage | None] \
+            | Coroutine[Any, Any, FirstStage | None]:
+        """The decision's task when the view must be synced first, else its coroutine, not
+        yet started (to be run at once as far as it goes)."""
         # From memory when this process wrote nothing since a recent sync (what other
         # processes commit is seen within DHCP_VIEW_AGE); else a sync first, which also
         # notices an unreachable inventory: then the view answers as it is and nothing is
@@ -498,7 +520,7 @@ class BootService:
             # asyncio.timeout, which refuses to run outside one).
             return asyncio.get_running_loop().create_task(
                 self._first_stage(request, fresh=False))
-        return eager(self._first_stage(request, fresh=self.health.up))
+        return self._first_stage(request, fresh=self.health.up)
 
     async def _first_stage(self, request: BootRequest, *, fresh: bool) -> FirstStage | None:
         """``fresh``: the view is known current; else it is synced here when the inventory

@@ -54,7 +54,9 @@ class BootDecider(Protocol):  # implemented by netboot/boot.py
     # after ``first_stage(request)`` answered ``stage`` at once, returns a check that stays
     # True while a request equal to this one would get the same answer and record nothing
     # (or None): the server then answers repeats of the same bytes with the reply it sent.
-    # netboot.boot.BootService.repeat_guard says what it checks.
+    # netboot.boot.BootService.repeat_guard says what it checks. Also optional:
+    # ``first_stage_now(request)``, asked instead of ``first_stage`` when the decider has it
+    # (BootService's: its ``first_stage`` always answers a future, for other callers).
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ the callers) and one dictionary per identifier kind whose keys are the machine's
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -83,8 +84,11 @@ class InventoryView:
         # older than the view's, so it is answered but not remembered (where the view cannot
         # tell which keys the sync touched).
         self._applied = 0
-        # For fresh(): the store's own write count and the loop time when the last applied
-        # sync started (None: the store counts no writes, every reader syncs).
+        # For fresh(): the store's own write count and the time (time.monotonic) when the
+        # last applied sync started (None: the store counts no writes, every reader syncs).
+        # Not the loop's time: asyncio.get_running_loop() makes a getpid(2) system call in
+        # Python 3.11's C code (a fork check), ~0.5 µs on this project's VM, and fresh() is
+        # asked twice for every first DISCOVER of a storm (benchmarks/README.md, s37-dhcp1st).
         self._local = store if isinstance(store, LocalCommits) else None
         self._settled = store if isinstance(store, SettledFeed) else None
         self._synced: tuple[int, float] | None = None
@@ -247,7 +251,7 @@ class InventoryView:
             # Nothing committed since the last sync, by anyone (one read of the WAL index
             # in shared memory): nothing to apply, no round trip, no future to share.
             if self._local is not None:
-                self._synced = (self._local.commits, asyncio.get_running_loop().time())
+                self._synced = (self._local.commits, time.monotonic())
             return True
         return False
 
@@ -263,9 +267,8 @@ class InventoryView:
             if self._syncing is None:
                 self._started += 1
                 number = self._started
-                loop = asyncio.get_running_loop()
-                self._syncing = loop.create_future()
-                began = None if self._local is None else (self._local.commits, loop.time())
+                self._syncing = asyncio.get_running_loop().create_future()
+                began = None if self._local is None else (self._local.commits, time.monotonic())
                 rewind = self._rewind
                 try:
                     changes = await self._store.changes_since(
@@ -327,7 +330,7 @@ class InventoryView:
         if commits != self._local.commits:
             return False
         if (self._refresh is None or self._refresh.done()) \
-                and asyncio.get_running_loop().time() - began >= max_age:
+                and time.monotonic() - began >= max_age:
             self._refresh = asyncio.ensure_future(self.sync())
             self._refresh.add_done_callback(_seen)
         return True

@@ -163,6 +163,11 @@ class DhcpServer:
         self._replies = pxe.ProxyReplies(settings)
         self._classifier = pxe.Classifier(settings)
         self._decider = decider
+        # A decider's first_stage_now (BootService's) answers a decision taken at once with
+        # the value itself, not a future already done: no asyncio.get_running_loop() (a
+        # getpid(2) call in Python 3.11) and no future for every DISCOVER decided from memory.
+        self._first_stage: Callable[[Any], FirstStage | Awaitable[FirstStage | None] | None] = (
+            getattr(decider, "first_stage_now", None) or decider.first_stage)
         # Deciders that can tell when their answer to a request still holds let repeats of
         # it be answered without parsing, classifying, deciding or encoding (_Answer).
         self._repeat_guard: Callable[[Any, FirstStage], Callable[[], bool] | None] | None = (
@@ -454,7 +459,7 @@ class DhcpServer:
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
         try:
-            decision = _settled(self._decider.first_stage(client.request))
+            decision = _settled(self._first_stage(client.request))
         except Exception as exc:
             self._decision_failed(exc, client, xid)
             return None
@@ -538,7 +543,7 @@ class DhcpServer:
             return []
         decision: FirstStage | Awaitable[FirstStage | None] | None
         try:
-            decision = _settled(self._decider.first_stage(client.request))
+            decision = _settled(self._first_stage(client.request))
         except Exception as exc:
             # The same boundary as an awaited decision: logged, silent, keep serving.
             self._decision_failed(exc, client, packet.xid)
