@@ -71,9 +71,13 @@ _Key = bytes | str
 
 class InventoryView:
     def __init__(self, store: Store) -> None:
+        # At most 29 instance attributes (29 now): from the 30th CPython 3.11 keeps them in
+        # a dict of the object's own instead of its inline values, and every attribute read
+        # of the view, the boot path's many included, costs ~27 instructions more (~10 %;
+        # callgrind, benchmarks/README.md, s37-dhcp1st). Compiled (mypyc) it has no such
+        # limit.
         self._store = store
         self._seq = -1
-        self._pruned = 0
         self._syncing: asyncio.Future[None] | None = None
         # Syncs are numbered as they start; _finished is the number of the last one that
         # ended, applied or failed (one cancelled ends nothing: its waiters sync again). A
@@ -104,6 +108,12 @@ class InventoryView:
         # the machine (its loader chain): machines added, removed or registered as servers
         # leave it (a storm's discovered records, an install wave's registrations).
         self.rules = 0
+        # Bumped whenever what held() answers may change: a machine put or taken (even an
+        # equal value's new object: callers compare identity), everything dropped, a load's
+        # page or its end, an identifier read through as nobody's. A look-up answered from
+        # memory while it had one value answers the same while it has it (a DHCP record made
+        # from its decision's look-up, BootService._record_now).
+        self.held_changes = 0
         self.loaded = False  # True: every machine is here, a miss is an answer
         # A load's feed position and what it puts in place, for the next sync to read the
         # feed from there and put it in place as it applies that read (load()).
@@ -118,6 +128,7 @@ class InventoryView:
 
     def _clear(self) -> None:
         self._clears += 1
+        self.held_changes += 1
         self.shared += 1
         self.rules += 1
         self.loaded = False
@@ -201,6 +212,7 @@ class InventoryView:
                 self._group_list = None
                 self._seq = start
                 self.loaded = True
+                self.held_changes += 1
                 self._applied += 1
                 self.shared += 1
                 self.rules += 1
@@ -228,6 +240,7 @@ class InventoryView:
         or a read at least as new as the load's ``start``; a sync puts every machine it
         reports, so one that changed after this read is replaced by the next sync)."""
         held, keys, servers = self._machines, self._keys, self._servers
+        self.held_changes += 1
         for machine in page:
             if machine.id not in held:
                 held[machine.id] = machine
@@ -270,6 +283,7 @@ class InventoryView:
                 self._syncing = asyncio.get_running_loop().create_future()
                 began = None if self._local is None else (self._local.commits, time.monotonic())
                 rewind = self._rewind
+                before = self._seq
                 try:
                     changes = await self._store.changes_since(
                         self._seq if rewind is None else rewind[0])
@@ -297,9 +311,15 @@ class InventoryView:
                     self._finished = number
                 finally:
                     self._syncing = None
-                if self._seq - self._pruned > 2 * _KEEP_CHANGES:
-                    self._pruned = self._seq - _KEEP_CHANGES
-                    await self._store.forget_changes(self._pruned)
+                # The feed's older changes forgotten each time it passes a multiple of
+                # _KEEP_CHANGES (the store keeps one to two times that many). Told by the
+                # sync's own positions, not remembered in an attribute: at 30 instance
+                # attributes CPython 3.11 keeps an object's attributes in a dict of its own
+                # instead of its inline values, and each read of one took ~27 instructions
+                # more (~1,000 a first DISCOVER's group commit; s37-dhcp1st).
+                if self._seq > 2 * _KEEP_CHANGES \
+                        and self._seq // _KEEP_CHANGES > before // _KEEP_CHANGES:
+                    await self._store.forget_changes(self._seq - _KEEP_CHANGES)
             else:
                 await asyncio.shield(self._syncing)
 
@@ -381,6 +401,7 @@ class InventoryView:
             elif old.updated == machine.updated:
                 if equal(old, machine):
                     held[machine.id] = machine  # the same value: its index entries stay
+                    self.held_changes += 1
                 else:
                     self._put_machine(machine.id, machine)
             elif old.updated == read.get(machine.id, old.updated):
@@ -393,6 +414,7 @@ class InventoryView:
             # The same value: keep the object (callers may compare identity). Another
             # ``updated`` is another value, told without comparing every field.
             return
+        self.held_changes += 1
         if self._counts is not None:
             _recount(self._counts, old, machine)
         if old is not None:
@@ -531,6 +553,7 @@ class InventoryView:
                 if clears == self._clears and not self.loaded:
                     # Loaded meanwhile, the view holds what this read saw or newer.
                     keys = self._keys
+                    self.held_changes += 1
                     for (kind, key), machine in zip(asked, found, strict=True):
                         if machine is not None:
                             self._keep_machine(machine.id, machine)

@@ -207,6 +207,41 @@ async def test_pruned_history_reads_everything_again(
     assert await view.get_setting("k") == "1"
 
 
+async def test_the_change_feed_is_pruned_each_time_it_passes_a_multiple_of_what_is_kept(
+        stores: tuple[SqliteStore, SqliteStore, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A view forgets the feed's changes older than the newest ``_KEEP_CHANGES`` each time
+    its syncs take it past a multiple of that (10 here, 10,000 when serving), once the feed
+    holds twice as many: the store keeps one to two times that many, and a view behind by
+    no more still reads only what changed."""
+    monkeypatch.setattr(view_module, "_KEEP_CHANGES", 10)
+    own, other, _ = stores
+    forgotten: list[int] = []
+    forget = own.forget_changes
+
+    async def counted(seq: int) -> None:
+        forgotten.append(seq)
+        await forget(seq)
+
+    monkeypatch.setattr(own, "forget_changes", counted)
+    view = InventoryView(own)
+    await view.sync()
+    start = view._seq
+    seqs = []
+    for i in range(45):
+        await other.put_setting(f"k{i}", "1")
+        await view.sync()
+        seqs.append(view._seq)
+    assert view._seq == start + 45
+    # Each sync that passed a multiple of 10 past 20 forgot all but the newest 10.
+    assert forgotten == [s - 10 for before, s in zip([start, *seqs], seqs, strict=False)
+                         if s > 20 and s // 10 > before // 10]
+    assert forgotten  # some were
+    behind = InventoryView(own)
+    await behind.sync()
+    assert await behind.get_setting("k44") == "1" and await behind.get_setting("k0") == "1"
+
+
 async def test_fresh_knows_this_process_wrote_and_refreshes_for_the_others(
         stores: tuple[SqliteStore, SqliteStore, Path]) -> None:
     """fresh(): no waiting while nothing was written here since the last sync; a write
