@@ -286,3 +286,17 @@ async def test_a_relayed_requests_agent_information_is_echoed_last(mode: str) ->
     for reply in replies:
         assert reply.option(82) == AGENT_INFO
         assert [o.code for o in reply.options if o.code not in (0, 255)][-1] == 82
+
+
+def test_a_datagrams_log_context_names_its_peer_xid_and_chaddr() -> None:
+    """Every line logged while a datagram is answered names its peer, its xid (a number) and
+    its chaddr as text, read at their BOOTP offsets; a datagram too short for them, its peer
+    only: no None value (logs.log_fields takes the dict as it is)."""
+    from netboot.servers.dhcp import _about
+
+    data = bytes(4) + (0xE25D9B73).to_bytes(4, "big") + bytes(20) \
+        + bytes.fromhex("525400000011") + bytes(266)
+    assert _about(data, ("192.0.2.9", 68)) == {
+        "peer": "192.0.2.9", "xid": 0xE25D9B73, "mac": "52:54:00:00:00:11"}
+    assert _about(data[:34], ("192.0.2.9", 68))["mac"] == "52:54:00:00:00:11"
+    assert _about(data[:33], ("192.0.2.9", 68)) == {"peer": "192.0.2.9"}
