@@ -33,13 +33,13 @@ from netboot import groups as grouping
 from netboot import identity, lifecycle
 from netboot.arrival import arrived
 from netboot.discovery import DiscoveryGuard, DiscoveryLimits
-from netboot.eager import eager
+from netboot.eager import carry_on, eager, first_step
 from netboot.enroll import Enroller, hostname_ok
 from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError, WritesRefused
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution, Unseen
 from netboot.inventory.base import Batch, StateCounts, Store
-from netboot.inventory.view import InventoryView
+from netboot.inventory.view import InventoryView, SearchKept
 from netboot.model import (
     Arch,
     BootAction,
@@ -189,6 +189,11 @@ class _Seen:
     # The last decision taken for a request of this NIC from a fresh view, for
     # BootService.repeat_guard (the DHCP server asks right after it).
     decided: _Decided | None = None
+    # The look-up from the view's memory of a decision whose record is paced, and the view's
+    # ``held_changes`` then: the record's look-up while the view has not changed since
+    # (BootService._record_now, which drops it).
+    res: Resolution | None = None
+    looked: int = -1
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -427,6 +432,7 @@ class BootService:
     ) -> None:
         self._store = store  # writes; reads go through the view, kept exact by sync()
         self._view = InventoryView(store)
+        self._search = SearchKept()  # matching_text's strings, kept for the next search
         # Whether the inventory answers (kept by the service's watcher and by _fresh).
         self.health = health or InventoryHealth()
         self._recorder = enroller.recorder  # one per process: history keeps its order
@@ -488,6 +494,28 @@ class BootService:
         in-memory view; when it holds everything needed the future is already done (the DHCP
         server answers without a task), else it finishes after the store read.
         """
+        decision = self._first_stage_started(request)
+        return decision if isinstance(decision, asyncio.Task) else eager(decision)
+
+    def first_stage_now(self, request: BootRequest,
+                        ) -> FirstStage | asyncio.Task[FirstStage | None] | None:
+        """:meth:`first_stage` for the DHCP server (pxe.BootDecider takes a value): a
+        decision taken at once is the value itself, not a future already done. That future
+        cost each DISCOVER an ``asyncio.get_running_loop()``, whose fork check is a getpid(2)
+        system call in Python 3.11 (~0.5 µs on this project's VM, which callgrind's counts
+        do not show), and the future's creation and result (benchmarks/README.md,
+        s37-dhcp1st). An error raised while deciding is the caller's."""
+        decision = self._first_stage_started(request)
+        if isinstance(decision, asyncio.Task):
+            return decision
+        done, value = first_step(decision)
+        return value if done else carry_on(decision, value)
+
+    def _first_stage_started(self, request: BootRequest,
+                             ) -> asyncio.Task[FirstStage | None] \
+            | Coroutine[Any, Any, FirstStage | None]:
+        """The decision's task when the view must be synced first, else its coroutine, not
+        yet started (to be run at once as far as it goes)."""
         # From memory when this process wrote nothing since a recent sync (what other
         # processes commit is seen within DHCP_VIEW_AGE); else a sync first, which also
         # notices an unreachable inventory: then the view answers as it is and nothing is
@@ -498,7 +526,7 @@ class BootService:
             # asyncio.timeout, which refuses to run outside one).
             return asyncio.get_running_loop().create_task(
                 self._first_stage(request, fresh=False))
-        return eager(self._first_stage(request, fresh=self.health.up))
+        return self._first_stage(request, fresh=self.health.up)
 
     async def _first_stage(self, request: BootRequest, *, fresh: bool) -> FirstStage | None:
         """``fresh``: the view is known current; else it is synced here when the inventory
@@ -508,12 +536,14 @@ class BootService:
         seen.decided = None
         # From the view's memory without a coroutine where it can tell (loaded: always), as
         # plan() looks up: _resolve's coroutine only where the store must be read.
-        res = identity.held_lookup(self._view, seen.identity, seen.keys)
+        view = self._view
+        res = identity.held_lookup(view, seen.identity, seen.keys)
+        looked = view.held_changes  # -1: not answered from memory
         if res is None:
-            res = await self._resolve(request, seen)
+            res, looked = await self._resolve(request, seen), -1
         machine = res.machine
         if fresh:
-            self._record_dhcp_soon(request, res, seen)
+            self._record_dhcp_soon(request, res, seen, looked)
         if (machine is None or machine.state == _DISCOVERED) \
                 and self.settings.policy == "ignore":
             if not await self._awaiting_nic():
@@ -584,7 +614,7 @@ class BootService:
         return seen
 
     def _record_dhcp_soon(self, request: BootRequest, res: Resolution,
-                          seen: _Seen | None = None) -> None:
+                          seen: _Seen | None = None, looked: int = -1) -> None:
         """Record what a DHCP request told in the background, unless it told nothing new.
 
         A firmware asks two to four times per boot (retransmissions, then :4011) and a storm
@@ -596,7 +626,8 @@ class BootService:
         way (a retransmission, or any repeat once the loop is busy, when records fall behind
         and a task per request only made them fall further) waits for it, and is then looked
         at against what it wrote: a repeat then writes nothing, costs no second task and
-        spends no discovery budget."""
+        spends no discovery budget. ``looked``: the view's ``held_changes`` when ``res`` was
+        looked up from its memory (-1: read from the store)."""
         mac = request.mac
         waiting = self._recording.get(mac)
         if waiting is not None:
@@ -615,6 +646,8 @@ class BootService:
             # done, grouped with other tasks' commits.
             self._spawn(self._record_dhcp_nic(request, admitted=machine is None))
             return
+        if seen is not None and looked >= 0:
+            seen.res, seen.looked = res, looked  # for the record: _record_now
         self._paced.append((request, seen))
         if self._pacer is None:
             self._pacer = self._spawn(self._pace_records())
@@ -664,17 +697,28 @@ class BootService:
         machine, ~7.5 % of the event loop's instructions a first DISCOVER (callgrind,
         benchmarks/README.md, s35-dhcp)."""
         mac = request.mac
-        if seen is None or self._recording[mac] or mac in self._locks \
-                or self._recorder.crowded() or not self._view.fresh(DHCP_VIEW_AGE):
+        if seen is None:
+            return False
+        # Used once: not kept alive with the memo (what a storm's memos hold is walked by
+        # every full collection of the cyclic GC until they are dropped).
+        res, seen.res = seen.res, None
+        view = self._view
+        if self._recording[mac] or mac in self._locks \
+                or self._recorder.crowded() or not view.fresh(DHCP_VIEW_AGE):
             return False
         # The decision's own memo: the same request object as a rule (told by identity
         # first: the dataclass's != builds and compares every field's tuple, ~1 % of the
         # loop's samples a first DISCOVER, s36-dhcp1st).
         if seen.request is not request and seen.request != request:
             return False
-        res = identity.held_lookup(self._view, seen.identity, seen.keys)
-        if res is None:
-            return False
+        # The decision's look-up where nothing the view answers from has changed since (its
+        # group commits and syncs change it: then looked up again): the same answer, without
+        # the ~10,000 instructions of the look-up (18 % of the record; callgrind,
+        # benchmarks/README.md, s37-dhcp1st).
+        if res is None or seen.looked != view.held_changes:
+            res = identity.held_lookup(view, seen.identity, seen.keys)
+            if res is None:
+                return False
         machine = res.machine
         if machine is None or res.absorb or res.disagree or mac not in machine.macs \
                 or machine.state == _DISCOVERED:
@@ -867,7 +911,7 @@ class BootService:
         if not self._view.loaded:
             return None
         await self._view.sync()
-        found = self._view.matching_text(text, most)
+        found = self._view.matching_text(text, self._search, most)
         return None if found is None else frozenset(found)
 
     async def machine_by_ref(self, ref: str) -> Machine:

@@ -1335,6 +1335,81 @@ async def test_a_dhcp_storms_paced_records_are_made_without_a_coroutine_each(
         assert not w.boot._recording and not w.boot._paced
 
 
+def _counting_lookups(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The look-ups from the view's memory (identity.held_lookup) BootService makes."""
+    made: list[object] = []
+    held_lookup = boot_module.identity.held_lookup
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        made.append(None)
+        return held_lookup(*args, **kw)
+
+    monkeypatch.setattr(boot_module.identity, "held_lookup", counted)
+    return made
+
+
+async def test_a_paced_dhcp_record_takes_its_decisions_look_up_while_the_view_is_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first DISCOVER's record, paced after its answer, finds its machine by the look-up
+    its decision made from the view's memory when the view has changed nothing it answers
+    from since (InventoryView.held_changes): one look-up a first DISCOVER, not two; and
+    stores the same (the facts told, one "dhcp" note each)."""
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    machines, requests = _first_dhcp(40, 7)
+    async with _watched(tmp_path, machines) as w:
+        await w.boot.load_view()
+        w.recorder._delay, w.recorder._backlog = 3600.0, 1000  # no commit: the view stays
+        made = _counting_lookups(monkeypatch)
+        for stage in await asyncio.gather(*(w.boot.first_stage(r) for r in requests)):
+            assert stage is not None and stage.path == "snponly.efi"
+        assert len(made) == len(requests)
+        while w.boot._paced or w.boot._recording:
+            await asyncio.sleep(0)
+        assert len(made) == len(requests)  # before: a second one each (80)
+        assert w.recorder.backlog == 2 * len(machines)  # a note and facts each, queued
+        assert all(w.boot._seen[r.mac].res is None for r in requests)  # not kept alive
+        await w.boot.drain()
+        await w.recorder.flush()
+        await _stored_first_dhcp(w, machines, requests)
+
+
+async def test_a_paced_dhcp_record_looks_up_again_once_the_view_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change the view takes between a first DISCOVER's answer and its record (a group
+    commit's adopt, a sync) is what the record sees: it looks its machine up again, and
+    notes the step for the machine object the view holds now (the recorder's version: the
+    next note compares with it), not the one its decision found. Another machine's change
+    alone has every record look up again."""
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    machines, requests = _first_dhcp(4, 8)
+    async with _watched(tmp_path, machines) as w:
+        await w.boot.load_view()
+        w.recorder._delay, w.recorder._backlog = 3600.0, 1000
+        view = w.boot._view
+        held = [view.held_machine(m.id) for m in machines]
+        first, fourth = held[0], held[3]
+        assert isinstance(first, Machine) and isinstance(fourth, Machine)
+        made = _counting_lookups(monkeypatch)
+        # Decided now, recorded at the pacer's next turn of the loop: the view changes in
+        # between (nothing awaited before the adopt).
+        stages = [w.boot.first_stage(r) for r in requests[:3]]
+        assert all(f.done() and f.result() is not None for f in stages)
+        relabelled = replace(first, labels={"rack": "r9"}, updated=first.updated + 1)
+        view.adopt([relabelled, replace(fourth, hostname="renamed", updated=fourth.updated + 1)],
+                   {first.id: first.updated, fourth.id: fourth.updated})
+        assert view.held_machine(first.id) is relabelled
+        while w.boot._paced or w.boot._recording:
+            await asyncio.sleep(0)
+        assert len(made) == 3 + 3  # before: 3, each record took its decision's
+        assert w.recorder._last[first.id][1] is relabelled  # before: ``first``
+        assert w.recorder._last[machines[1].id][1] is held[1]
+        assert all(w.recorder.pending(m.id) is not None for m in machines[:3])
+        await w.boot.drain()
+        # What the view was told is not what is stored: nothing of it is written.
+        w.recorder._queue.clear()
+        w.recorder._learned.clear()
+
+
 async def test_a_first_discover_is_decided_from_the_views_memory_without_a_coroutine_each(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A loaded view answers a first DISCOVER's look-up and its loader chain from memory:

@@ -177,6 +177,28 @@ def test_raspberry_pi_by_oui_and_by_fourcc() -> None:
     assert plain.firmware == Firmware.BIOS
 
 
+@pytest.mark.parametrize(("uuid_raw", "option_43", "pi"), [
+    (b"\x00" + b"5iPR" + bytes(12), None, True),  # the FourCC byte-swapped
+    (b"\x00" + b"RPi5" + bytes(12), b"", True),
+    (b"\x00" + b"RPi3" + bytes(12), None, False),  # "RPi" but no Pi 4/5 FourCC
+    (b"\x00" + b"iPR" + bytes(13), b"\x09\x0cRaspberry P", False),
+    (None, b"\x09\x0cRaspberry Pi Boot", True),  # 43 alone (a Pi 3's bootloader)
+    (b"\x00" + bytes(16), b"Raspberry Pi", True),
+    (b"\x00" + bytes(16), b"raspberry pi", False),
+    (None, None, False),
+])
+def test_raspberry_pi_by_option_97_or_43(uuid_raw: bytes | None, option_43: bytes | None,
+                                         pi: bool) -> None:
+    """A non-Pi MAC: told by a FourCC in 97 (either byte order) or "Raspberry Pi" in 43,
+    each a byte-string search (quirk 7)."""
+    packet = pi_discover(mac=bytes.fromhex("020000000001"), uuid_raw=uuid_raw)
+    if option_43 is not None:
+        packet = dataclasses.replace(packet, options=(
+            *packet.options, dhcp.Option(Opt.VENDOR_SPECIFIC, option_43)))
+    firmware = pxe.classify(packet).firmware
+    assert firmware == (Firmware.RPI if pi else Firmware.BIOS)
+
+
 # -- proxy answers ------------------------------------------------------------------------------
 
 async def answer(

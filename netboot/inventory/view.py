@@ -27,6 +27,7 @@ the callers) and one dictionary per identifier kind whose keys are the machine's
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -73,9 +74,13 @@ _Key = bytes | str
 
 class InventoryView:
     def __init__(self, store: Store) -> None:
+        # At most 29 instance attributes (29 now): from the 30th CPython 3.11 keeps them in
+        # a dict of the object's own instead of its inline values, and every attribute read
+        # of the view, the boot path's many included, costs ~27 instructions more (~10 %;
+        # callgrind, benchmarks/README.md, s37-dhcp1st). Compiled (mypyc) it has no such
+        # limit.
         self._store = store
         self._seq = -1
-        self._pruned = 0
         self._syncing: asyncio.Future[None] | None = None
         # Syncs are numbered as they start; _finished is the number of the last one that
         # ended, applied or failed (one cancelled ends nothing: its waiters sync again). A
@@ -86,8 +91,11 @@ class InventoryView:
         # older than the view's, so it is answered but not remembered (where the view cannot
         # tell which keys the sync touched).
         self._applied = 0
-        # For fresh(): the store's own write count and the loop time when the last applied
-        # sync started (None: the store counts no writes, every reader syncs).
+        # For fresh(): the store's own write count and the time (time.monotonic) when the
+        # last applied sync started (None: the store counts no writes, every reader syncs).
+        # Not the loop's time: asyncio.get_running_loop() makes a getpid(2) system call in
+        # Python 3.11's C code (a fork check), ~0.5 µs on this project's VM, and fresh() is
+        # asked twice for every first DISCOVER of a storm (benchmarks/README.md, s37-dhcp1st).
         self._local = store if isinstance(store, LocalCommits) else None
         self._settled = store if isinstance(store, SettledFeed) else None
         self._synced: tuple[int, float] | None = None
@@ -103,6 +111,12 @@ class InventoryView:
         # the machine (its loader chain): machines added, removed or registered as servers
         # leave it (a storm's discovered records, an install wave's registrations).
         self.rules = 0
+        # Bumped whenever what held() answers may change: a machine put or taken (even an
+        # equal value's new object: callers compare identity), everything dropped, a load's
+        # page or its end, an identifier read through as nobody's. A look-up answered from
+        # memory while it had one value answers the same while it has it (a DHCP record made
+        # from its decision's look-up, BootService._record_now).
+        self.held_changes = 0
         self.loaded = False  # True: every machine is here, a miss is an answer
         # A load's feed position and what it puts in place, for the next sync to read the
         # feed from there and put it in place as it applies that read (load()).
@@ -117,6 +131,7 @@ class InventoryView:
 
     def _clear(self) -> None:
         self._clears += 1
+        self.held_changes += 1
         self.shared += 1
         self.rules += 1
         self.loaded = False
@@ -134,7 +149,6 @@ class InventoryView:
         # (cluster, state) -> how many of the machines held are in it (those with one or
         # more): only while loaded, when every machine is held.
         self._counts: dict[tuple[str | None, MachineState], int] | None = None
-        self._search: _SearchText | None = None  # matching_text's, until a machine changes
 
     # loading -----------------------------------------------------------------------------
     async def load(self) -> None:
@@ -201,6 +215,7 @@ class InventoryView:
                 self._group_list = None
                 self._seq = start
                 self.loaded = True
+                self.held_changes += 1
                 self._applied += 1
                 self.shared += 1
                 self.rules += 1
@@ -228,7 +243,7 @@ class InventoryView:
         or a read at least as new as the load's ``start``; a sync puts every machine it
         reports, so one that changed after this read is replaced by the next sync)."""
         held, keys, servers = self._machines, self._keys, self._servers
-        self._search = None
+        self.held_changes += 1
         for machine in page:
             if machine.id not in held:
                 held[machine.id] = machine
@@ -252,7 +267,7 @@ class InventoryView:
             # Nothing committed since the last sync, by anyone (one read of the WAL index
             # in shared memory): nothing to apply, no round trip, no future to share.
             if self._local is not None:
-                self._synced = (self._local.commits, asyncio.get_running_loop().time())
+                self._synced = (self._local.commits, time.monotonic())
             return True
         return False
 
@@ -268,10 +283,10 @@ class InventoryView:
             if self._syncing is None:
                 self._started += 1
                 number = self._started
-                loop = asyncio.get_running_loop()
-                self._syncing = loop.create_future()
-                began = None if self._local is None else (self._local.commits, loop.time())
+                self._syncing = asyncio.get_running_loop().create_future()
+                began = None if self._local is None else (self._local.commits, time.monotonic())
                 rewind = self._rewind
+                before = self._seq
                 try:
                     changes = await self._store.changes_since(
                         self._seq if rewind is None else rewind[0])
@@ -299,9 +314,15 @@ class InventoryView:
                     self._finished = number
                 finally:
                     self._syncing = None
-                if self._seq - self._pruned > 2 * _KEEP_CHANGES:
-                    self._pruned = self._seq - _KEEP_CHANGES
-                    await self._store.forget_changes(self._pruned)
+                # The feed's older changes forgotten each time it passes a multiple of
+                # _KEEP_CHANGES (the store keeps one to two times that many). Told by the
+                # sync's own positions, not remembered in an attribute: at 30 instance
+                # attributes CPython 3.11 keeps an object's attributes in a dict of its own
+                # instead of its inline values, and each read of one took ~27 instructions
+                # more (~1,000 a first DISCOVER's group commit; s37-dhcp1st).
+                if self._seq > 2 * _KEEP_CHANGES \
+                        and self._seq // _KEEP_CHANGES > before // _KEEP_CHANGES:
+                    await self._store.forget_changes(self._seq - _KEEP_CHANGES)
             else:
                 await asyncio.shield(self._syncing)
 
@@ -332,7 +353,7 @@ class InventoryView:
         if commits != self._local.commits:
             return False
         if (self._refresh is None or self._refresh.done()) \
-                and asyncio.get_running_loop().time() - began >= max_age:
+                and time.monotonic() - began >= max_age:
             self._refresh = asyncio.ensure_future(self.sync())
             self._refresh.add_done_callback(_seen)
         return True
@@ -383,6 +404,7 @@ class InventoryView:
             elif old.updated == machine.updated:
                 if equal(old, machine):
                     held[machine.id] = machine  # the same value: its index entries stay
+                    self.held_changes += 1
                 else:
                     self._put_machine(machine.id, machine)
             elif old.updated == read.get(machine.id, old.updated):
@@ -395,7 +417,7 @@ class InventoryView:
             # The same value: keep the object (callers may compare identity). Another
             # ``updated`` is another value, told without comparing every field.
             return
-        self._search = None
+        self.held_changes += 1
         if self._counts is not None:
             _recount(self._counts, old, machine)
         if old is not None:
@@ -534,6 +556,7 @@ class InventoryView:
                 if clears == self._clears and not self.loaded:
                     # Loaded meanwhile, the view holds what this read saw or newer.
                     keys = self._keys
+                    self.held_changes += 1
                     for (kind, key), machine in zip(asked, found, strict=True):
                         if machine is not None:
                             self._keep_machine(machine.id, machine)
@@ -558,7 +581,8 @@ class InventoryView:
             return None if machine_id is None else self._machines.get(machine_id)
         return None if self.loaded else UNSEEN
 
-    def matching_text(self, text: str, most: int | None = None) -> set[str] | None:
+    def matching_text(self, text: str, kept: SearchKept, most: int | None = None
+                      ) -> set[str] | None:
         """The ids of the machines whose hostname, id, or any MAC, UUID, serial or asset tag
         (as the stores index them: netboot.identity.claims) holds ``text``
         case-insensitively (:class:`MachineFilter`'s ``text``), from memory; None while the
@@ -569,25 +593,24 @@ class InventoryView:
         with 100,000: benchmarks/README.md s37-ops). Here every machine's fields are joined,
         a kind at a time, into one lowered string searched by ``str.find`` in C. Making those
         strings walks 100,000 scattered objects (~100-150 ms); searching them takes a few ms.
-        So they are kept (~14 MiB for 100,000) for the searches that follow (a dashboard's
-        search box asks as the operator types), until the first machine changes or
-        ``_SEARCH_KEEP`` seconds pass: in a storm each search makes them again, and a quiet
-        server does not hold them past a minute."""
+        So they are kept (~14 MiB for 100,000) in ``kept`` for the searches that follow (a
+        dashboard's search box asks as the operator types), until the first machine changes
+        (``held_changes`` moves) or ``_SEARCH_KEEP`` seconds pass: in a storm each search
+        makes them again, and a quiet server does not hold them past a minute. ``kept`` is
+        the caller's, not an attribute of the view: a 30th attribute moves CPython 3.11's
+        instance values to a dict and costs every attribute read on the boot path
+        (s37-dhcp1st)."""
         if not self.loaded:
             return None
         needle = text.lower()
         if not needle:
             return set(self._machines)
-        held = self._search
-        if held is None:
-            held = self._search = _SearchText(self._machines, self._keys)
-            loop = asyncio.get_running_loop()
-            loop.call_later(_SEARCH_KEEP, self._drop_search, held)
+        held = kept.held
+        if held is None or kept.at != self.held_changes:
+            held = kept.held = _SearchText(self._machines, self._keys)
+            kept.at = self.held_changes
+            asyncio.get_running_loop().call_later(_SEARCH_KEEP, kept.drop, held)
         return held.find(needle, most)
-
-    def _drop_search(self, held: _SearchText) -> None:
-        if self._search is held:
-            self._search = None
 
     async def count_machines_without_nic(self) -> int:
         if self._no_mac is None:
@@ -797,6 +820,22 @@ def _joined(values: list[str]) -> str:
         # text), which would shift the lines after it: a space in its place.
         hay = "\n".join(v.replace("\n", " ") for v in values).lower()
     return hay
+
+
+class SearchKept:
+    """What :meth:`InventoryView.matching_text` made for a search, kept by its caller for
+    the next: the strings searched and the view's ``held_changes`` they were made at."""
+
+    __slots__ = ("at", "held")
+
+    def __init__(self) -> None:
+        self.held: _SearchText | None = None
+        self.at = -1
+
+    def drop(self, held: _SearchText) -> None:
+        """Forget ``held`` (``_SEARCH_KEEP`` after it was made) unless newer ones replaced it."""
+        if self.held is held:
+            self.held = None
 
 
 class _SearchText:

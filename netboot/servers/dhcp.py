@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any, NamedTuple, Protocol, cast
 from netboot import pxe
 from netboot.errors import ConfigError, Conflict, DecodeError, NetbootError, StoreError
 from netboot.leases import Changes, LeasePool, LeaseStore
-from netboot.logs import RateLimitedLog, Summary, log_context
+from netboot.logs import RateLimitedLog, Summary, log_fields
 from netboot.model import FirstStage, Lease
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
@@ -121,14 +122,20 @@ class DhcpObserver(Protocol):
     def dhcp_reply(self, kind: str, firmware: str, arch: str) -> None: ...
 
 
+_XID = struct.Struct("!I")
+
+
 def _about(data: bytes, peer: Address) -> dict[str, Any]:
-    big = len(data) >= 34
-    return {"peer": peer[0], "xid": int.from_bytes(data[4:8]) if big else None,
-            "mac": data[28:34].hex(":") if big else None}
+    """The log context of a datagram (logs.log_fields: no None value). The xid by a
+    Struct, not int.from_bytes of a slice (~1,100 instructions less a datagram)."""
+    if len(data) >= 34:
+        return {"peer": peer[0], "xid": _XID.unpack_from(data, 4)[0],
+                "mac": data[28:34].hex(":")}
+    return {"peer": peer[0]}
 
 
 async def _awaited_in(pending: Awaitable[list[Reply]], fields: dict[str, Any]) -> list[Reply]:
-    with log_context(**fields):
+    with log_fields(fields):
         return await pending
 
 
@@ -182,6 +189,11 @@ class DhcpServer:
         self._replies = pxe.ProxyReplies(settings)
         self._classifier = pxe.Classifier(settings)
         self._decider = decider
+        # A decider's first_stage_now (BootService's) answers a decision taken at once with
+        # the value itself, not a future already done: no asyncio.get_running_loop() (a
+        # getpid(2) call in Python 3.11) and no future for every DISCOVER decided from memory.
+        self._first_stage: Callable[[Any], FirstStage | Awaitable[FirstStage | None] | None] = (
+            getattr(decider, "first_stage_now", None) or decider.first_stage)
         # Deciders that can tell when their answer to a request still holds let repeats of
         # it be answered without parsing, classifying, deciding or encoding (_Answer).
         self._repeat_guard: Callable[[Any, FirstStage], Callable[[], bool] | None] | None = (
@@ -553,7 +565,7 @@ class DhcpServer:
             # Who this datagram is about, for every line logged while answering it
             # (--log-format json): xid and chaddr at their fixed BOOTP offsets (RFC 2131 §2).
             fields = _about(data, peer)
-            with log_context(**fields):
+            with log_fields(fields):
                 result = self.respond(
                     data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
                     interface=listener.interface, keep=keep,
@@ -588,7 +600,7 @@ class DhcpServer:
             self._observer.dhcp_reply(*answer.observed)
         if _log.isEnabledFor(logging.DEBUG):
             mac, *rest = answer.logged
-            with log_context(**_about(data, peer)):
+            with log_fields(_about(data, peer)):
                 _log.debug("dhcp: %s xid %#010x from %s: %s (%s, arch %s) file %r to %s:%d",
                            mac, int.from_bytes(data[4:8]), peer[0], *rest)
         return bytes(out), answer.dest
@@ -630,7 +642,7 @@ class DhcpServer:
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
         try:
-            decision = _settled(self._decider.first_stage(client.request))
+            decision = _settled(self._first_stage(client.request))
         except Exception as exc:
             self._decision_failed(exc, client, xid)
             return None
@@ -714,7 +726,7 @@ class DhcpServer:
             return []
         decision: FirstStage | Awaitable[FirstStage | None] | None
         try:
-            decision = _settled(self._decider.first_stage(client.request))
+            decision = _settled(self._first_stage(client.request))
         except Exception as exc:
             # The same boundary as an awaited decision: logged, silent, keep serving.
             self._decision_failed(exc, client, packet.xid)

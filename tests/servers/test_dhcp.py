@@ -327,3 +327,15 @@ async def test_an_unlisted_relay_is_dropped_with_a_line_and_an_outcome(
     assert server.summary.totals()["relay not allowed"] == 20
     lines = [r for r in caplog.records if "relayed by 203.0.113." in r.getMessage()]
     assert len(lines) == 5 and {r.levelno for r in lines} == {logging.WARNING}
+def test_a_datagrams_log_context_names_its_peer_xid_and_chaddr() -> None:
+    """Every line logged while a datagram is answered names its peer, its xid (a number) and
+    its chaddr as text, read at their BOOTP offsets; a datagram too short for them, its peer
+    only: no None value (logs.log_fields takes the dict as it is)."""
+    from netboot.servers.dhcp import _about
+
+    data = bytes(4) + (0xE25D9B73).to_bytes(4, "big") + bytes(20) \
+        + bytes.fromhex("525400000011") + bytes(266)
+    assert _about(data, ("192.0.2.9", 68)) == {
+        "peer": "192.0.2.9", "xid": 0xE25D9B73, "mac": "52:54:00:00:00:11"}
+    assert _about(data[:34], ("192.0.2.9", 68))["mac"] == "52:54:00:00:00:11"
+    assert _about(data[:33], ("192.0.2.9", 68)) == {"peer": "192.0.2.9"}

@@ -37,7 +37,7 @@ from netboot.model import (
 )
 from netboot.pxe import DhcpSettings, classify
 from netboot.recorder import Recorder
-from netboot.servers.dhcp import DECISIONS_IN_FLIGHT, DhcpServer
+from netboot.servers.dhcp import DECISIONS_IN_FLIGHT, DhcpServer, _Listener
 from netboot.servers.sockets import grow_receive_buffer
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
@@ -96,6 +96,7 @@ async def started(tmp_path: Path, loaders: tuple[str, ...] = ("snponly.efi",),
     assets = tmp_path / "assets"
     assets.mkdir()
     for name in loaders:
+        (assets / name).parent.mkdir(exist_ok=True)
         (assets / name).write_bytes(b"loader")
     store = SqliteStore(tmp_path / "netboot.db")
     await store.open()
@@ -722,3 +723,148 @@ async def test_unknown_devices_from_many_source_addresses_share_one_budget_for_a
             await server.close()
         assert recorded == 20, (recorded, env.boot.discovery.refused)
         assert env.boot.discovery.refused == 100
+
+
+# -- first sightings: the decision as a value (BootService.first_stage_now) -----------------
+
+# The firmwares and arches of a first sighting: (option 93, vendor class, more options).
+FIRST_SIGHTINGS: dict[str, tuple[bytes, bytes, tuple[dhcp.Option, ...]]] = {
+    "bios": (b"\x00\x00", b"PXEClient:Arch:00000:UNDI:002001", ()),
+    "uefi-x64": (b"\x00\x07", b"PXEClient:Arch:00007:UNDI:003000", ()),
+    "uefi-arm64": (b"\x00\x0b", b"PXEClient:Arch:00011:UNDI:003000", ()),
+    "uefi-http": (b"\x00\x10", b"HTTPClient:Arch:00016:UNDI:003001", ()),
+    "ipxe": (b"\x00\x07", b"PXEClient:Arch:00007:UNDI:003000",
+             (dhcp.Option(Opt.USER_CLASS, b"iPXE"),)),
+}
+FIRST_SIGHTING_LOADERS = ("snponly.efi", "ipxe.efi", "undionly.kpxe", "shimx64.efi",
+                          "arm64/snponly.efi", "shimaa64.efi")
+
+
+def first_discover(mac: MacAddress, xid: int, shape: str,
+                   message: MessageType = MessageType.DISCOVER) -> bytes:
+    """A first DISCOVER (or :4011 REQUEST) of ``shape``, with the device's UUID (option 97)."""
+    arch, vendor, extra = FIRST_SIGHTINGS[shape]
+    return dhcp.encode(dhcp.Packet(
+        op=Op.REQUEST, xid=xid, chaddr=mac.raw,
+        flags=dhcp.BROADCAST_FLAG if message == MessageType.DISCOVER else 0,
+        options=(
+            dhcp.Option(Opt.MESSAGE_TYPE, bytes((message,))),
+            dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 60, 66, 67, 97))),
+            dhcp.Option(Opt.CLIENT_ARCH, arch),
+            dhcp.Option(Opt.CLIENT_UUID, b"\x00" + bytes(range(1, 11)) + mac.raw),
+            dhcp.Option(Opt.VENDOR_CLASS, vendor), *extra,
+        )), pad_to=dhcp.MIN_PACKET_SIZE)
+
+
+async def enrol_fleet(env: Env) -> list[MacAddress]:
+    """Machines whose first stage comes from each place a chain is set (the machine, a
+    group selecting it, its profile, none), one per firmware/arch of FIRST_SIGHTINGS each;
+    the same ids in every store this is called on. Their MACs, and one MAC never enrolled."""
+    from netboot.model import Profile
+
+    await env.store.put_profile(Profile(name="sb", kernel="vmlinuz",
+                                        loader=LoaderChain.SHIM_GRUB))
+    await env.store.put_profile(Profile(name="p", kernel="vmlinuz"))
+    await env.store.put_group(Group(name="g", selector={"rack": ("r1",)},
+                                    loader=LoaderChain.SHIM_GRUB))
+    macs = []
+    for i, how in enumerate(("machine", "group", "profile", "none")):
+        for j, _ in enumerate(FIRST_SIGHTINGS):
+            mac = MacAddress(bytes((0x02, 0, 0, 0x37, i, j)))
+            macs.append(mac)
+            await env.store.create_machine(Machine(
+                id=f"m-0000003700{i:x}{j:x}", macs=(mac,), hostname=f"n{i}-{j}",
+                profile="sb" if how == "profile" else "p",
+                loader=LoaderChain.SHIM_GRUB if how == "machine" else None,
+                labels={"rack": "r1"} if how == "group" else {}))
+    return [*macs, MacAddress(bytes((0x02, 0, 0, 0x37, 9, 9)))]
+
+
+class FuturesOnly:
+    """BootService as a decider without first_stage_now: every decision a future, as the
+    DHCP server asked before session 37."""
+
+    def __init__(self, boot: BootService) -> None:
+        self._boot = boot
+
+    def first_stage(self, request: Any) -> Any:
+        return self._boot.first_stage(request)
+
+    def repeat_guard(self, request: Any, stage: Any) -> Any:
+        return self._boot.repeat_guard(request, stage)
+
+
+async def test_first_sightings_are_offered_byte_for_byte_what_the_futures_path_offers(
+        tmp_path: Path) -> None:
+    """Each enrolled machine's first DISCOVER, its retransmission and its :4011 REQUEST, for
+    every firmware/arch and wherever its chain is set (and an unknown device's): the DHCP
+    server answering from BootService.first_stage_now sends the very bytes that one
+    answering from first_stage's futures sends (two servers, two stores of the same
+    inventory)."""
+    (tmp_path / "now").mkdir()
+    (tmp_path / "futures").mkdir()
+    async with started(tmp_path / "now", FIRST_SIGHTING_LOADERS) as now, \
+            started(tmp_path / "futures", FIRST_SIGHTING_LOADERS) as futures:
+        macs = await enrol_fleet(now)
+        assert await enrol_fleet(futures) == macs
+        await now.boot.load_view()
+        await futures.boot.load_view()
+        assert now.server._first_stage == now.boot.first_stage_now
+        futures_server = DhcpServer(DhcpSettings(), FuturesOnly(futures.boot), futures.store,
+                                    interfaces=None, advertise=SERVER_IP, host="127.0.0.1")
+        assert futures_server._first_stage != futures.boot.first_stage_now
+        sent: list[tuple[bytes, object]] = []
+        xid = 0
+        for mac in macs:
+            for shape in FIRST_SIGHTINGS:
+                for message, pxe_port, peer in (
+                        (MessageType.DISCOVER, False, ("0.0.0.0", 68)),
+                        (MessageType.DISCOVER, False, ("0.0.0.0", 68)),
+                        (MessageType.REQUEST, True, ("192.0.2.50", 4011))):
+                    xid += 1
+                    data = first_discover(mac, xid, shape, message)
+                    got = await now.server.handle(data, peer, server_ip=SERVER_IP,
+                                                  pxe_port=pxe_port)
+                    want = await futures_server.handle(data, peer, server_ip=SERVER_IP,
+                                                       pxe_port=pxe_port)
+                    assert got == want, (mac, shape, message)
+                    sent += got
+            await now.settle()
+            await futures.settle()
+        # Every shape answered (the unknown device too: policy hold boots it to iPXE), with
+        # each kind of first stage among them.
+        assert len(sent) == len(macs) * len(FIRST_SIGHTINGS) * 3
+        files = {dhcp.parse(data).file_name for data, _ in sent}
+        assert {"snponly.efi", "undionly.kpxe", "shimx64.efi", "shimaa64.efi",
+                f"http://{SERVER_IP}:8080/boot.ipxe"} <= files, files
+
+
+async def test_a_first_discover_decided_from_memory_asks_asyncio_for_no_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first DISCOVER decided from the loaded view is answered without
+    asyncio.get_running_loop(): Python 3.11's makes a getpid(2) system call (its fork
+    check), ~0.5 µs on a VM, which instruction counts do not show. Before, each asked it
+    twice or more: eager()'s future for the decision, and the view's fresh() for the loop's
+    time. The offers are the offers (the test above)."""
+    async with started(tmp_path, FIRST_SIGHTING_LOADERS) as env:
+        macs = (await enrol_fleet(env))[:-1]
+        await env.boot.load_view()
+        env.recorder._delay, env.recorder._backlog = 3600.0, 1000  # no commit: the view stays
+        handler = env.server._handler(_Listener(None, SERVER_IP, False))
+        asked: list[object] = []
+        running = asyncio.get_running_loop
+
+        def counted() -> asyncio.AbstractEventLoop:
+            asked.append(None)
+            return running()
+
+        # The first one starts the paced records' task: not counted.
+        assert type(handler(first_discover(macs[0], 1, "uefi-x64"), ("0.0.0.0", 68))) is list
+        monkeypatch.setattr(asyncio, "get_running_loop", counted)
+        for xid, mac in enumerate(macs[1:], 2):
+            for shape in FIRST_SIGHTINGS:
+                replies = handler(first_discover(mac, xid, shape), ("0.0.0.0", 68))
+                assert type(replies) is list and len(replies) == 1  # answered at once
+        assert asked == []  # before: 2-3 a DISCOVER
+        monkeypatch.undo()
+        await env.settle()
