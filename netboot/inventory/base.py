@@ -243,6 +243,15 @@ class StateCounts(Protocol):
         with at least one machine. Exact as of the call; one read of the store at most."""
 
 
+class GroupCounts(StateCounts, Protocol):
+    """And the machines that a group puts in a cluster (none of their own), by that cluster
+    and state, where they are held in memory (the loaded view): what the fleet status reads
+    otherwise by reading every machine."""
+
+    async def group_counts(self) -> dict[tuple[str, MachineState], int] | None:
+        """Only pairs with at least one machine; None where only the store can tell."""
+
+
 def by_state(counts: Mapping[tuple[str | None, MachineState], int]) -> dict[MachineState, int]:
     """:meth:`StateCounts.state_counts`' answer summed over the clusters: every state, in
     MachineState's order, 0 where none."""

@@ -30,6 +30,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from netboot.groups import machine_labels
+from netboot.groups import select as select_group
 from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import (
@@ -131,6 +133,13 @@ class InventoryView:
         # (cluster, state) -> how many of the machines held are in it (those with one or
         # more): only while loaded, when every machine is held.
         self._counts: dict[tuple[str | None, MachineState], int] | None = None
+        # For group_counts(), once asked: machine id -> (the cluster its group gives, its
+        # state) for machines without a cluster of their own; their counts; the ``rules``
+        # they were selected under; the machines written since (None: never asked).
+        self._grouped: dict[str, tuple[str, MachineState]] = {}
+        self._grouped_counts: dict[tuple[str, MachineState], int] = {}
+        self._grouped_rules = -1
+        self._regroup: set[str] | None = None
 
     # loading -----------------------------------------------------------------------------
     async def load(self) -> None:
@@ -392,6 +401,8 @@ class InventoryView:
             return
         if self._counts is not None:
             _recount(self._counts, old, machine)
+        if self._regroup is not None:
+            self._regroup.add(machine_id)
         if old is not None:
             if machine is not None and _same_entries(old, machine):
                 # What no index holds changed (an install's state, token and facts; a
@@ -571,6 +582,44 @@ class InventoryView:
             if self.loaded and counts is not None:  # else the sync dropped everything
                 return dict(counts)
         return await self._store.state_counts()
+
+    async def group_counts(self) -> dict[tuple[str, MachineState], int] | None:
+        """Machines without a cluster of their own that a group puts in one, by that
+        cluster and their state (:func:`netboot.enroll.fleet_status`): from memory once
+        loaded (after a sync), None until then (the caller reads the store). A selector
+        matches facts no index holds, so the store's answer is a read of every machine
+        (100,000 at fleet scale, per ``GET /api/v1/status``: benchmarks/README.md,
+        s37-polish); here each machine is selected once per change of the rules, and again
+        only when it was written since the last call."""
+        if not self.loaded:
+            return None
+        await self.sync()
+        listed = self.held_settings()
+        if not self.loaded or listed is None:
+            return None
+        groups = listed[0]
+        machines, grouped, counts = self._machines, self._grouped, self._grouped_counts
+        if self._regroup is None or self._grouped_rules != self.rules:
+            grouped.clear()
+            counts.clear()
+            changed: Iterable[str] = machines
+            self._grouped_rules = self.rules
+        else:
+            changed = self._regroup
+        for machine_id in changed:
+            if (old := grouped.pop(machine_id, None)) is not None:
+                if left := counts[old] - 1:
+                    counts[old] = left
+                else:
+                    del counts[old]
+            machine = machines.get(machine_id)
+            if machine is not None and not machine.cluster:
+                group = select_group(groups, machine_labels(machine))
+                if group is not None and group.cluster:
+                    pair = grouped[machine_id] = (group.cluster, machine.state)
+                    counts[pair] = counts.get(pair, 0) + 1
+        self._regroup = set()
+        return dict(counts)
 
     async def registered_servers(self, cluster: str) -> list[Machine]:
         """The cluster's registered server nodes, in the store's machine order (by MAC)."""
