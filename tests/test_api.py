@@ -1061,6 +1061,33 @@ async def test_status_endpoint(env: Env) -> None:
     assert status["clusters"] == {"edge": {"enrolled": 1}} and status["failed"] == []
 
 
+async def test_healthz_tells_anyone_the_state_and_only_a_token_what_the_store_said(
+        env: Env) -> None:
+    """The store's words name the database's host, user and locks: public ``/healthz`` says
+    the state, ``GET /api/v1/status`` (a read token) says the state and those words."""
+    said = "connection to server at db.internal (10.1.2.3), port 5432 failed: user netboot"
+    health = env.service.boot.health
+    status = await env.get("/api/v1/status")
+    assert status["inventory"] == {"state": "ok", "detail": None}
+    health.doubt(f"cannot tell: {said}")
+    reply = await call(env, "GET", "/healthz", admin=False)
+    assert reply.status == 200 and reply.text.startswith("unknown: "), reply.text
+    assert "db.internal" not in reply.text and "10.1.2.3" not in reply.text, reply.text
+    status = await env.get("/api/v1/status")
+    assert status["inventory"] == {"state": "unknown", "detail": f"cannot tell: {said}"}
+    health.doubt(None)
+    health.failed(said)
+    reply = await call(env, "GET", "/healthz", admin=False)
+    assert reply.status == 503, reply.text
+    assert reply.text.startswith("degraded: the inventory is unreachable since "), reply.text
+    assert "db.internal" not in reply.text and "10.1.2.3" not in reply.text, reply.text
+    assert "boots of known machines are answered from memory" in reply.text
+    status = await env.get("/api/v1/status")
+    assert status["inventory"]["state"] == "degraded"
+    assert said in status["inventory"]["detail"]
+    assert (await call(env, "GET", "/api/v1/status", admin=False)).status == 401
+
+
 # --- identity: several NICs, enrollment by serial / asset / UUID, conflicts ------------------
 
 
