@@ -384,7 +384,7 @@ class Api:
         what is shown). Needs a token (bearer or the dashboard's cookie): event messages
         name machines, addresses and clusters (read scope)."""
         assert self._events is not None
-        with self._events.subscribe() as sub:
+        with self._events.subscribe(request.get(ACTOR_KEY)) as sub:
             resp = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-store",
                 # nginx would buffer the stream otherwise.

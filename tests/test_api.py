@@ -1814,6 +1814,32 @@ async def _open_stream(env: Env) -> Any:
     return resp
 
 
+async def test_one_token_holds_at_most_its_share_of_the_event_streams(env: Env) -> None:
+    """One read token could hold every one of the server's 256 streams (and every other
+    dashboard was refused): now ``max_per_holder`` a token, told with a 429 that names the
+    limit; another token still opens one (tests/test_events.py: a slot given back)."""
+    bus = env.service.events
+    bus.max_per_holder = 2
+    made = await env.post("/api/v1/tokens", {"name": "wall", "scope": "read"}, status=201)
+    wall = {"Authorization": f"Bearer {made['token']}"}
+    held = []
+    try:
+        for _ in range(2):
+            resp = await env.client.get("/api/v1/events/stream", headers=wall)
+            assert resp.status == 200
+            held.append(resp)
+        refused = await env.client.get("/api/v1/events/stream", headers=wall)
+        assert refused.status == 429 and refused.headers["Retry-After"] == "30"
+        said = (await refused.json())["error"]
+        assert "token 'wall' holds 2 event streams already" in said, said
+        assert "256 in all" in said, said
+        held.append(await _open_stream(env))  # the admin token: its own share
+        assert bus.subscribers == 3
+    finally:
+        for resp in held:
+            resp.close()
+
+
 def _burst(n: int, start: int = 0) -> list[Event]:
     return [Event(f"m-{i}", 1_800_000_000.0 + i, "dhcp", f"seen {i}") for i in
             range(start, start + n)]
