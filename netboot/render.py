@@ -258,7 +258,10 @@ class Renderer:
                 raise caused(RenderError(f"template {name!r}: {exc.message}"), exc) from exc
             if isinstance(exc, jinja2.TemplateError):
                 raise caused(RenderError(f"template {name!r}: {exc}"), exc) from exc
-            raise
+            if isinstance(exc, RenderError):
+                raise
+            raise caused(RenderError(f"template {name!r}{_failed_at(exc, name)}"),
+                         exc) from exc
 
     def version(self, name: str) -> object:
         """What changes when template ``name`` changes on disk (its compiled form, re-read
@@ -279,7 +282,9 @@ class Renderer:
 
             if isinstance(exc, jinja2.TemplateError):
                 raise caused(RenderError(f"{what}: {exc}"), exc) from exc
-            raise
+            if isinstance(exc, RenderError):
+                raise
+            raise caused(RenderError(f"{what}{_failed_at(exc, None)}"), exc) from exc
 
     def _rendered(self, template: jinja2.Template, name: str | None,
                   context: Mapping[str, Any], volatile: frozenset[str],
@@ -1846,6 +1851,30 @@ def _known(source: str) -> str:
     """``source``'s value, where it is not undefined (else _Unsure: the whole render says
     what is wrong). ``_t`` is taken as soon as it is set: an inner one is done by then."""
     return f"(_t if not isinstance(_t := {source}, U) else unsure())"
+
+
+def _failed_at(exc: Exception, name: str | None) -> str:
+    """Where and how a template's render failed with a plain Python error (an IndexError
+    of ``"{0}".format_map(...)``, a ZeroDivisionError, a TypeError): ``, line N: kind:
+    message``, the line of the innermost template frame (Jinja rewrites a render's traceback
+    into frames of the template's lines, named "template", "top-level template code" or
+    "block '...'": jinja2.debug.fake_traceback), another file's name where an included
+    template's line failed (``name``: the template rendered). Such an error was let out as
+    it was: a 500 and a traceback for an operator's template text (benchmarks/README.md,
+    s37-attack, s37-polish)."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in ("template", "top-level template code") or (
+                code.co_name.startswith("block '")):
+            where = f", line {tb.tb_lineno}"
+            file = os.path.basename(code.co_filename)
+            if code.co_filename not in ("<template>", "<unknown>") and (
+                    name is None or file != os.path.basename(name)):
+                where += f" of {file}"
+        tb = tb.tb_next
+    return f"{where}: {type(exc).__name__}: {exc}"
 
 
 def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:

@@ -2080,3 +2080,28 @@ def test_operators_configs_printing_the_register_command_their_own_ways_are_jinj
             got = _outcome(lambda n=name, p=p: c._config(n, p))  # type: ignore[misc]
             assert got == want, (name, p.k3s.node_name, p.token, p.machine.hostname)
     assert 0 < answered.count(True) < len(answered), answered.count(True)
+
+
+@pytest.mark.parametrize(("source", "kind"), [
+    ("{{ '{0}'.format_map(values) }}", "IndexError"),
+    ("{{ 1 // zero }}", "ZeroDivisionError"),
+    ("{{ 'x' + zero }}", "TypeError"),
+])
+@pytest.mark.parametrize("volatile", [frozenset(), PER_MACHINE])
+def test_a_plain_python_error_in_a_template_is_a_render_error_naming_its_line(
+        tmp_path: Path, source: str, kind: str, volatile: frozenset[str]) -> None:
+    """A template's plain Python error (an IndexError of ``"{0}".format_map``, a division by
+    zero) left the renderer as it was (a 500 with a traceback); it is a RenderError naming
+    the template (an included one's file too), the line and the error."""
+    (tmp_path / "site.ipxe").write_text(f"#!ipxe\necho one\n{source}\n")
+    (tmp_path / "outer.ipxe").write_text("#!ipxe\n{% include 'site.ipxe' %}\n")
+    r = Renderer([tmp_path, templates_dir()])
+    ctx = {"values": {}, "zero": 0, "mac": "52:54:00:00:00:01"}
+    with pytest.raises(RenderError, match=rf"^template 'site.ipxe', line 3: {kind}: "):
+        r.render("site.ipxe", ctx, volatile=volatile)
+    with pytest.raises(RenderError,
+                       match=rf"^template 'outer.ipxe', line 3 of site.ipxe: {kind}: "):
+        r.render("outer.ipxe", ctx, volatile=volatile)
+    with pytest.raises(RenderError, match=rf"^profile p's cmdline, line 2: {kind}: "):
+        r.render_string(f"quiet\n{source}", ctx, what="profile p's cmdline",
+                        volatile=volatile)
