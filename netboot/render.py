@@ -189,6 +189,8 @@ class Renderer:
             )
             env.filters["grub_quote"] = grub_quote
             env.filters["grub_args"] = grub_args
+            env.filters["ipxe_arg"] = ipxe_arg
+            env.filters["ipxe_text"] = ipxe_text
             env.filters["tojson"] = self._tojson = _tojson(self._tojson_texts)
             self._jinja = self._fresh.adopt(env)
         return self._jinja
@@ -2090,6 +2092,37 @@ def grub_quote(text: str) -> str:
     if "\n" in text or "\r" in text:
         raise RenderError("a GRUB word cannot contain a line break")
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+# iPXE has no quoting: a line is split into tokens at whitespace (src/core/exec.c,
+# split_command), a token that is exactly "&&", "||" or ";" ends the command and starts
+# another (command_terminator), one starting with "#" begins a comment, and "${name}" in a
+# token is replaced by a setting after the split (src/core/settings.c, expand_settings). A
+# value written into a command can be made inert only by changing those characters: they
+# are percent-encoded, as iPXE's own ``${serial:uristring}`` writes a value.
+_IPXE_ARG = re.compile(r"[\x00-\x20\x7f%$&|;#]")
+_IPXE_TEXT = re.compile(r"[\x00-\x1f\x7f]|\$(?=\{)|(?<!\S)(?:&&|\|\||;)(?!\S)|(?<!\S)#")
+
+
+def _percent(match: re.Match[str]) -> str:
+    char = match.group()[0]
+    return f"%{ord(char):02X}{match.group()[1:]}"
+
+
+def ipxe_arg(value: object) -> str:
+    """``value`` as (part of) one iPXE argument: whitespace, control characters, ``%``,
+    ``$``, ``&``, ``|``, ``;`` and ``#`` percent-encoded, so that it neither splits into
+    more arguments (a kernel parameter of its own) nor ends the command (``&& chain
+    http://…``), starts a comment or expands a setting."""
+    return _IPXE_ARG.sub(_percent, str(value))
+
+
+def ipxe_text(value: object) -> str:
+    """``value`` as words of an iPXE ``echo`` (or ``#`` comment) line, its spaces kept: a
+    word that is ``&&``, ``||`` or ``;`` or starts with ``#``, ``${`` and control
+    characters (a line break would start a command) have their first character
+    percent-encoded; any other text is left as it is."""
+    return _IPXE_TEXT.sub(_percent, str(value))
 
 
 def grub_args(cmdline: str) -> str:
