@@ -35,7 +35,7 @@ from netboot.enroll import fleet_status, parse_import, token_expired, token_is, 
 from netboot.errors import NetbootError, NotFound, OutcomeUnknown, RateLimited, ValidationError
 from netboot.events import EventBus, Missed, Published
 from netboot.inventory import codec
-from netboot.inventory.base import SORT_KEYS, MachineFilter
+from netboot.inventory.base import SORT_KEYS, GroupsKept, MachineFilter
 from netboot.logs import RateLimitedLog, log_line
 from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, OUTCOME_UNKNOWN, serve_plain
@@ -179,6 +179,8 @@ class Api:
         self._refusals = RefusalBudget()
         self._limited = RateLimitedLog(self._log, burst=1)
         self._frames: dict[int, bytes] = {}  # SSE messages by event sequence (_frame)
+        # What the fleet status's counts by group remember between calls (fleet_status).
+        self._groups_kept = GroupsKept()
 
     def add_to(self, app: web.Application) -> None:
         """Every route with the permission it needs (netboot.access); the audit middleware
@@ -648,7 +650,7 @@ class Api:
         return web.json_response(report.as_dict(), status=status)
 
     async def status(self, request: web.Request) -> web.Response:
-        status = await fleet_status(self._store, self._core.boot.counts)
+        status = await fleet_status(self._store, self._core.boot.counts, self._groups_kept)
         # What /healthz tells anyone only as a state, with the store's own words (while
         # its reads answer: a token is checked by one; the log has them always).
         status["inventory"] = self._core.boot.health.as_dict()

@@ -47,6 +47,7 @@ from netboot.inventory import codec
 from netboot.inventory.base import (
     Batch,
     GroupCounts,
+    GroupsKept,
     MachineFilter,
     Store,
     by_state,
@@ -453,7 +454,8 @@ def _yaml_error(exc: yaml.MarkedYAMLError, text: str) -> ValidationError:
     return ValidationError("file", f"cannot parse yaml: {problem}", line=line)
 
 
-async def fleet_status(store: Store, counts: GroupCounts | None = None) -> dict[str, Any]:
+async def fleet_status(store: Store, counts: GroupCounts | None = None,
+                       kept: GroupsKept | None = None) -> dict[str, Any]:
     """Where the fleet stands: machines per state, overall and per cluster, and the failed.
 
     What an operator enrolling a thousand devices watches (``netboot status``,
@@ -462,7 +464,8 @@ async def fleet_status(store: Store, counts: GroupCounts | None = None) -> dict[
     ``counts`` (the server's in-memory view), else from the store's one grouped read (no
     index holds the state: sqlite.py, migration 7); only when a group gives a cluster are
     the machines without one read once, since a selector matches facts that no index holds,
-    and not even then where ``counts`` holds them (the loaded view).
+    and not even then where ``counts`` holds them (the loaded view; ``kept``: what it
+    remembers between calls, the caller's).
     """
     pairs = await (store if counts is None else counts).state_counts()
     states = {s.value: n for s, n in by_state(pairs).items()}
@@ -481,8 +484,8 @@ async def fleet_status(store: Store, counts: GroupCounts | None = None) -> dict[
         return group.cluster if group else None
 
     grouped: dict[tuple[str, MachineState], int] | None = None
-    if total and groups_give_clusters and counts is not None:
-        grouped = await counts.group_counts()
+    if total and groups_give_clusters and counts is not None and kept is not None:
+        grouped = await counts.group_counts(kept)
     if grouped is not None:
         for (given, state), n in grouped.items():
             held = clusters.setdefault(given, {})

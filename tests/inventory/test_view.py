@@ -31,7 +31,7 @@ from netboot.errors import StoreError, ValidationError
 from netboot.files import FileTree
 from netboot.identity import UNSEEN, claims, request_for
 from netboot.inventory import view as view_module
-from netboot.inventory.base import Batch, Changes, MachineFilter, Store
+from netboot.inventory.base import Batch, Changes, GroupsKept, MachineFilter, Store
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView
 from netboot.model import (
@@ -1092,6 +1092,7 @@ async def test_the_fleet_status_counts_group_clusters_from_memory_once_loaded(
             return await listing(f)
 
         monkeypatch.setattr(own, "list_machines", counted)
+        kept = GroupsKept()
         for step in range(40):
             store = other if step % 2 else own
             held = await other.list_machines(MachineFilter(limit=1000))
@@ -1111,7 +1112,7 @@ async def test_the_fleet_status_counts_group_clusters_from_memory_once_loaded(
                     m, state=rng.choice(states), cluster=rng.choice(clusters),
                     labels=labels() if what == 3 else m.labels, updated=m.updated + 1))
             before = reads
-            assert await fleet_status(own, view) == await fleet_status(other), step
+            assert await fleet_status(own, view, kept) == await fleet_status(other), step
             assert reads == before, step
 
 
