@@ -46,7 +46,7 @@ from netboot.errors import (
 )
 from netboot.events import EventBus, Missed, Published, Subscription
 from netboot.inventory import codec
-from netboot.inventory.base import SORT_KEYS, MachineFilter
+from netboot.inventory.base import SORT_KEYS, GroupsKept, MachineFilter
 from netboot.logs import RateLimitedLog, log_line
 from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, OUTCOME_UNKNOWN, serve_plain
@@ -216,6 +216,8 @@ class Api:
         self._refusals = RefusalBudget()
         self._limited = RateLimitedLog(self._log, burst=1)
         self._frames: dict[int, bytes] = {}  # SSE messages by event sequence (_frame)
+        # What the fleet status's counts by group remember between calls (fleet_status).
+        self._groups_kept = GroupsKept()
 
     def add_to(self, app: web.Application) -> None:
         """Every route with the permission it needs (netboot.access); the audit middleware
@@ -445,7 +447,7 @@ class Api:
         name machines, addresses and clusters (read scope)."""
         assert self._events is not None
         token = request_token(request)  # what opened it (guarded: valid then)
-        with self._events.subscribe() as sub:
+        with self._events.subscribe(request.get(ACTOR_KEY)) as sub:
             resp = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-store",
                 # nginx would buffer the stream otherwise.
@@ -751,7 +753,11 @@ class Api:
         return web.json_response(report.as_dict(), status=status)
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(await fleet_status(self._store, self._core.boot.counts))
+        status = await fleet_status(self._store, self._core.boot.counts, self._groups_kept)
+        # What /healthz tells anyone only as a state, with the store's own words (while
+        # its reads answer: a token is checked by one; the log has them always).
+        status["inventory"] = self._core.boot.health.as_dict()
+        return web.json_response(status)
 
     async def cluster_nodes(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

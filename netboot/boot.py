@@ -38,7 +38,7 @@ from netboot.enroll import Enroller, hostname_ok
 from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError, WritesRefused
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution, Unseen
-from netboot.inventory.base import Batch, StateCounts, Store
+from netboot.inventory.base import Batch, GroupCounts, Store
 from netboot.inventory.view import InventoryView, SearchKept
 from netboot.model import (
     Arch,
@@ -475,7 +475,7 @@ class BootService:
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
 
     @property
-    def counts(self) -> StateCounts:
+    def counts(self) -> GroupCounts:
         """Machines per cluster and state (the metrics scrape, the fleet status): from the
         view once loaded, exact after its sync; the store's one grouped read until then."""
         return self._view

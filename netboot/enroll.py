@@ -44,7 +44,14 @@ from netboot.groups import machine_labels
 from netboot.groups import select as select_group
 from netboot.identity import Identity
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, MachineFilter, StateCounts, Store, by_state
+from netboot.inventory.base import (
+    Batch,
+    GroupCounts,
+    GroupsKept,
+    MachineFilter,
+    Store,
+    by_state,
+)
 from netboot.inventory.codec import NewMachines
 from netboot.logs import log_line
 from netboot.model import (
@@ -573,7 +580,8 @@ def _yaml_error(exc: yaml.MarkedYAMLError, text: str) -> ValidationError:
     return ValidationError("file", f"cannot parse yaml: {problem}", line=line)
 
 
-async def fleet_status(store: Store, counts: StateCounts | None = None) -> dict[str, Any]:
+async def fleet_status(store: Store, counts: GroupCounts | None = None,
+                       kept: GroupsKept | None = None) -> dict[str, Any]:
     """Where the fleet stands: machines per state, overall and per cluster, and the failed.
 
     What an operator enrolling a thousand devices watches (``netboot status``,
@@ -581,7 +589,9 @@ async def fleet_status(store: Store, counts: StateCounts | None = None) -> dict[
     group that selects it, as it would boot. The counts by cluster and state come from
     ``counts`` (the server's in-memory view), else from the store's one grouped read (no
     index holds the state: sqlite.py, migration 7); only when a group gives a cluster are
-    the machines without one read once, since a selector matches facts that no index holds.
+    the machines without one read once, since a selector matches facts that no index holds,
+    and not even then where ``counts`` holds them (the loaded view; ``kept``: what it
+    remembers between calls, the caller's).
     """
     pairs = await (store if counts is None else counts).state_counts()
     states = {s.value: n for s, n in by_state(pairs).items()}
@@ -599,7 +609,14 @@ async def fleet_status(store: Store, counts: StateCounts | None = None) -> dict[
         group = select_group(groups, machine_labels(machine))
         return group.cluster if group else None
 
-    if total and groups_give_clusters:
+    grouped: dict[tuple[str, MachineState], int] | None = None
+    if total and groups_give_clusters and counts is not None and kept is not None:
+        grouped = await counts.group_counts(kept)
+    if grouped is not None:
+        for (given, state), n in grouped.items():
+            held = clusters.setdefault(given, {})
+            held[state.value] = held.get(state.value, 0) + n
+    elif total and groups_give_clusters:
         for machine in await store.list_machines(MachineFilter(limit=total)):
             # Machines with a cluster of their own were counted above.
             if not machine.cluster and (name := cluster_of(machine)):

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from netboot.errors import Busy
+from netboot.errors import Busy, RateLimited
 from netboot.model import Event
 
 
@@ -93,8 +93,13 @@ class EventBus:
     """Fan-out of committed events to subscribers and synchronous listeners (metrics)."""
 
     def __init__(self, *, queue_size: int = 1000, max_subscribers: int = 256,
-                 max_own: int = 50_000) -> None:
+                 max_per_holder: int = 32, max_own: int = 50_000) -> None:
         self._subscribers: set[Subscription] = set()
+        # Streams open per holder (a token's name): one read token held every one of
+        # max_subscribers, and every other dashboard was refused (benchmarks/README.md,
+        # s37-attack, s37-polish); 32 leaves a wall of dashboards sharing a token its tabs.
+        self._held_by: dict[str, int] = {}
+        self.max_per_holder = max_per_holder
         # Identities of events published here that the feed has not shown back yet (bounded:
         # without a relay running, e.g. in the CLI, the oldest are forgotten).
         self._own: OrderedDict[tuple[str, float, str, str], None] = OrderedDict()
@@ -181,17 +186,32 @@ class EventBus:
         self._subscribers.clear()
 
     @contextlib.contextmanager
-    def subscribe(self) -> Iterator[Subscription]:
+    def subscribe(self, holder: str | None = None) -> Iterator[Subscription]:
+        """A stream's subscription; ``holder`` (a token's name) may hold ``max_per_holder``
+        at once (429, RateLimited), all of them ``max_subscribers`` (503, Busy)."""
         if self._closed:
             raise Busy("the server is shutting down")
+        held = self._held_by.get(holder, 0) if holder is not None else 0
+        if held >= self.max_per_holder:
+            raise RateLimited(f"token {holder!r} holds {held} event streams already, the most "
+                              f"one token may hold ({self.max_subscribers} in all): close one "
+                              "(a dashboard tab) or use another token", retry_after=30)
         if len(self._subscribers) >= self.max_subscribers:
-            raise Busy(f"{len(self._subscribers)} event streams are open already")
+            raise Busy(f"{len(self._subscribers)} event streams are open already, the most "
+                       "the server holds")
         sub = Subscription(self, self.queue_size)
         self._subscribers.add(sub)
+        if holder is not None:
+            self._held_by[holder] = held + 1
         try:
             yield sub
         finally:
             sub.close()
+            if holder is not None:
+                if left := self._held_by[holder] - 1:
+                    self._held_by[holder] = left
+                else:
+                    del self._held_by[holder]
 
     async def stream(self) -> AsyncIterator[Published | Missed]:
         with self.subscribe() as sub:

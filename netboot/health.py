@@ -46,14 +46,26 @@ class InventoryHealth:
         """What the inventory cannot tell now (None: nothing)."""
         self.unknown = why
 
-    def problem(self) -> str | None:
-        """What is wrong, for an operator (None: nothing)."""
+    def problem(self, *, detail: bool = True) -> str | None:
+        """What is wrong, for an operator (None: nothing); without ``detail``, without the
+        store's own words, for anyone who asks (``/healthz``, a device's refused install):
+        they name the database's host, user and locks (benchmarks/README.md, s37-polish)."""
         if self.up:
             return None
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        why = f": {self.reason}" if detail else ""
         if self.answers:
-            return f"the inventory answers reads but refuses writes since {when}: {self.reason}"
-        return f"the inventory is unreachable since {when}: {self.reason}"
+            return f"the inventory answers reads but refuses writes since {when}{why}"
+        return f"the inventory is unreachable since {when}{why}"
+
+    def as_dict(self) -> dict[str, str | None]:
+        """The inventory's state and what the store said, for an authenticated reader
+        (``GET /api/v1/status``): ``ok``, ``degraded`` or ``unknown``, as ``/healthz``."""
+        problem = self.problem()
+        if problem is not None:
+            return {"state": "degraded", "detail": problem}
+        return {"state": "ok" if self.unknown is None else "unknown", "detail": self.unknown}
+
 
 
 # Past this, the database's clock and this host's are out of step enough to say so: NTP

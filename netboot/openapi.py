@@ -270,7 +270,13 @@ SCHEMAS: dict[str, Any] = {
                    "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
                    "clusters": {"type": "object", "additionalProperties": {
                        "type": "object", "additionalProperties": {"type": "integer"}}},
-                   "failed": {"type": "array", "items": {"type": "object"}}}},
+                   "failed": {"type": "array", "items": {"type": "object"}},
+                   # /healthz's state with the store's own words, which /healthz (public)
+                   # leaves out.
+                   "inventory": {"type": "object", "required": ["state", "detail"],
+                                 "properties": {
+                                     "state": {"enum": ["ok", "degraded", "unknown"]},
+                                     "detail": {"type": ["string", "null"]}}}}},
 }
 
 

@@ -189,6 +189,8 @@ class Renderer:
             )
             env.filters["grub_quote"] = grub_quote
             env.filters["grub_args"] = grub_args
+            env.filters["ipxe_arg"] = ipxe_arg
+            env.filters["ipxe_text"] = ipxe_text
             env.filters["tojson"] = self._tojson = _tojson(self._tojson_texts)
             self._jinja = self._fresh.adopt(env)
         return self._jinja
@@ -258,7 +260,10 @@ class Renderer:
                 raise caused(RenderError(f"template {name!r}: {exc.message}"), exc) from exc
             if isinstance(exc, jinja2.TemplateError):
                 raise caused(RenderError(f"template {name!r}: {exc}"), exc) from exc
-            raise
+            if isinstance(exc, RenderError):
+                raise
+            raise caused(RenderError(f"template {name!r}{_failed_at(exc, name)}"),
+                         exc) from exc
 
     def version(self, name: str) -> object:
         """What changes when template ``name`` changes on disk (its compiled form, re-read
@@ -279,7 +284,9 @@ class Renderer:
 
             if isinstance(exc, jinja2.TemplateError):
                 raise caused(RenderError(f"{what}: {exc}"), exc) from exc
-            raise
+            if isinstance(exc, RenderError):
+                raise
+            raise caused(RenderError(f"{what}{_failed_at(exc, None)}"), exc) from exc
 
     def _rendered(self, template: jinja2.Template, name: str | None,
                   context: Mapping[str, Any], volatile: frozenset[str],
@@ -1848,6 +1855,30 @@ def _known(source: str) -> str:
     return f"(_t if not isinstance(_t := {source}, U) else unsure())"
 
 
+def _failed_at(exc: Exception, name: str | None) -> str:
+    """Where and how a template's render failed with a plain Python error (an IndexError
+    of ``"{0}".format_map(...)``, a ZeroDivisionError, a TypeError): ``, line N: kind:
+    message``, the line of the innermost template frame (Jinja rewrites a render's traceback
+    into frames of the template's lines, named "template", "top-level template code" or
+    "block '...'": jinja2.debug.fake_traceback), another file's name where an included
+    template's line failed (``name``: the template rendered). Such an error was let out as
+    it was: a 500 and a traceback for an operator's template text (benchmarks/README.md,
+    s37-attack, s37-polish)."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in ("template", "top-level template code") or (
+                code.co_name.startswith("block '")):
+            where = f", line {tb.tb_lineno}"
+            file = os.path.basename(code.co_filename)
+            if code.co_filename not in ("<template>", "<unknown>") and (
+                    name is None or file != os.path.basename(name)):
+                where += f" of {file}"
+        tb = tb.tb_next
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
 def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:
     """``template.render(**context)``: the same text and errors, the same Context (its
     parent: the template's globals under the context; its globals' names), made with C-level
@@ -2061,6 +2092,37 @@ def grub_quote(text: str) -> str:
     if "\n" in text or "\r" in text:
         raise RenderError("a GRUB word cannot contain a line break")
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+# iPXE has no quoting: a line is split into tokens at whitespace (src/core/exec.c,
+# split_command), a token that is exactly "&&", "||" or ";" ends the command and starts
+# another (command_terminator), one starting with "#" begins a comment, and "${name}" in a
+# token is replaced by a setting after the split (src/core/settings.c, expand_settings). A
+# value written into a command can be made inert only by changing those characters: they
+# are percent-encoded, as iPXE's own ``${serial:uristring}`` writes a value.
+_IPXE_ARG = re.compile(r"[\x00-\x20\x7f%$&|;#]")
+_IPXE_TEXT = re.compile(r"[\x00-\x1f\x7f]|\$(?=\{)|(?<!\S)(?:&&|\|\||;)(?!\S)|(?<!\S)#")
+
+
+def _percent(match: re.Match[str]) -> str:
+    char = match.group()[0]
+    return f"%{ord(char):02X}{match.group()[1:]}"
+
+
+def ipxe_arg(value: object) -> str:
+    """``value`` as (part of) one iPXE argument: whitespace, control characters, ``%``,
+    ``$``, ``&``, ``|``, ``;`` and ``#`` percent-encoded, so that it neither splits into
+    more arguments (a kernel parameter of its own) nor ends the command (``&& chain
+    http://…``), starts a comment or expands a setting."""
+    return _IPXE_ARG.sub(_percent, str(value))
+
+
+def ipxe_text(value: object) -> str:
+    """``value`` as words of an iPXE ``echo`` (or ``#`` comment) line, its spaces kept: a
+    word that is ``&&``, ``||`` or ``;`` or starts with ``#``, ``${`` and control
+    characters (a line break would start a command) have their first character
+    percent-encoded; any other text is left as it is."""
+    return _IPXE_TEXT.sub(_percent, str(value))
 
 
 def grub_args(cmdline: str) -> str:

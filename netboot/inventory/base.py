@@ -260,6 +260,29 @@ class StateCounts(Protocol):
         with at least one machine. Exact as of the call; one read of the store at most."""
 
 
+class GroupsKept:
+    """What :meth:`GroupCounts.group_counts` remembers between calls, kept by its caller:
+    machine id -> (the machine object, the (cluster, state) its group gives it or None), the
+    counts of those pairs, and the view's ``rules`` they were selected under."""
+
+    __slots__ = ("counts", "rules", "seen")
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[Machine, tuple[str, MachineState] | None]] = {}
+        self.counts: dict[tuple[str, MachineState], int] = {}
+        self.rules = -1
+
+
+class GroupCounts(StateCounts, Protocol):
+    """And the machines that a group puts in a cluster (none of their own), by that cluster
+    and state, where they are held in memory (the loaded view): what the fleet status reads
+    otherwise by reading every machine."""
+
+    async def group_counts(self, kept: GroupsKept,
+                           ) -> dict[tuple[str, MachineState], int] | None:
+        """Only pairs with at least one machine; None where only the store can tell."""
+
+
 def by_state(counts: Mapping[tuple[str | None, MachineState], int]) -> dict[MachineState, int]:
     """:meth:`StateCounts.state_counts`' answer summed over the clusters: every state, in
     MachineState's order, 0 where none."""

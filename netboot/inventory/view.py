@@ -31,10 +31,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
+from netboot.groups import machine_labels
+from netboot.groups import select as select_group
 from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import (
     Changes,
+    GroupsKept,
     LocalCommits,
     MachineFilter,
     SettledFeed,
@@ -632,6 +635,53 @@ class InventoryView:
                 return dict(counts)
         return await self._store.state_counts()
 
+    async def group_counts(self, kept: GroupsKept) -> dict[tuple[str, MachineState], int] | None:
+        """Machines without a cluster of their own that a group puts in one, by that
+        cluster and their state (:func:`netboot.enroll.fleet_status`): from memory once
+        loaded (after a sync), None until then (the caller reads the store). A selector
+        matches facts no index holds, so the store's answer is a read of every machine
+        (100,000 at fleet scale, per ``GET /api/v1/status``: benchmarks/README.md,
+        s37-polish). ``kept`` (the caller's) remembers each machine object with its pair: a
+        machine is selected again only when the view holds another object for it (it
+        replaces one whose value changed), every one when the rules changed. Nothing is
+        added to the view or to its writes: an attribute more on the view slowed every
+        ``_put_machine`` by 326 instructions (CPython 3.11 shares an instance dict's keys up
+        to 30 names; callgrind)."""
+        if not self.loaded:
+            return None
+        await self.sync()
+        listed = self.held_settings()
+        if not self.loaded or listed is None:
+            return None
+        groups, seen, counts = listed[0], kept.seen, kept.counts
+        if kept.rules != self.rules:
+            seen.clear()
+            counts.clear()
+            kept.rules = self.rules
+        live = 0
+        for machine_id, machine in self._machines.items():
+            if machine is None or machine.cluster:
+                continue
+            live += 1
+            old = seen.get(machine_id)
+            if old is not None and old[0] is machine:
+                continue
+            if old is not None and old[1] is not None:
+                _uncount(counts, old[1])
+            group = select_group(groups, machine_labels(machine))
+            pair = (group.cluster, machine.state) if group is not None and group.cluster \
+                else None
+            seen[machine_id] = (machine, pair)
+            if pair is not None:
+                counts[pair] = counts.get(pair, 0) + 1
+        if len(seen) > live:  # machines deleted, or given a cluster of their own, since
+            for machine_id in [i for i, (m, _) in seen.items()
+                               if (held := self._machines.get(i)) is None or held.cluster]:
+                pair = seen.pop(machine_id)[1]
+                if pair is not None:
+                    _uncount(counts, pair)
+        return dict(counts)
+
     async def registered_servers(self, cluster: str) -> list[Machine]:
         """The cluster's registered server nodes, in the store's machine order (by MAC)."""
         held = self.held_servers(cluster)
@@ -726,6 +776,14 @@ class InventoryView:
 
     async def list_events(self, machine_id: str, *, limit: int = 1000) -> list[Event]:
         return await self._store.list_events(machine_id, limit=limit)
+
+
+def _uncount(counts: dict[tuple[str, MachineState], int],
+             pair: tuple[str, MachineState]) -> None:
+    if left := counts[pair] - 1:
+        counts[pair] = left
+    else:
+        del counts[pair]
 
 
 def _key_of(kind: str, value: str, index: dict[_Key, str | None]) -> _Key:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -83,6 +84,20 @@ class CountingFileResponse(web.FileResponse):
     """
 
     sendfile_bytes = 0
+
+    async def _prepare_open_file(self, request: web.BaseRequest, fobj: Any,
+                                 st: os.stat_result, file_encoding: str | None,
+                                 ) -> AbstractStreamWriter | None:
+        # aiohttp answers ``bytes=-0`` 206 with the whole file (slice(-0) is slice(0));
+        # RFC 9110 §14.1.1: a suffix range is satisfiable only with a nonzero length: 416,
+        # as nginx answers. After If-Range, as aiohttp checks it (no Range: no 416).
+        if_range = request.if_range
+        if _zero_suffix(request) and (if_range is None
+                                      or st.st_mtime <= if_range.timestamp()):
+            self.headers[hdrs.CONTENT_RANGE] = f"bytes */{st.st_size}"
+            self.set_status(416)
+            return await web.StreamResponse.prepare(self, request)
+        return await super()._prepare_open_file(request, fobj, st, file_encoding)
 
     async def _sendfile(
         self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
@@ -157,6 +172,8 @@ def held_response(request: web.BaseRequest, held: _Held) -> web.Response:
     if_range = request.if_range
     if if_range is not None and held.mtime > if_range.timestamp():
         return resp  # changed since the client's copy: the whole file (RFC 9110 §13.1.5)
+    if _zero_suffix(request):
+        return _unsatisfiable(held, size)  # as CountingFileResponse answers it
     try:
         rng = request.http_range
     except ValueError:
@@ -174,6 +191,13 @@ def held_response(request: web.BaseRequest, held: _Held) -> web.Response:
     part = web.Response(body=held.body[start:end], headers=held.headers, status=206)
     part.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
     return part
+
+
+def _zero_suffix(request: web.BaseRequest) -> bool:
+    """Whether the request's Range is a suffix of length 0 (``bytes=-0``), which aiohttp's
+    ``http_range`` reads as the whole file (its pattern: ``bytes=(\\d*)-(\\d*)``)."""
+    rng = request.headers.get(hdrs.RANGE, "")
+    return rng.startswith("bytes=-") and rng[7:].isdigit() and not int(rng[7:])
 
 
 def _unsatisfiable(held: _Held, size: int) -> web.Response:

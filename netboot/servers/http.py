@@ -176,7 +176,7 @@ class DeviceContent(Protocol):
 class HealthCheck(Protocol):
     """What ``/healthz`` reports (netboot.health.InventoryHealth)."""
 
-    def problem(self) -> str | None: ...
+    def problem(self, *, detail: bool = True) -> str | None: ...
 
     @property
     def unknown(self) -> str | None:
@@ -1073,21 +1073,25 @@ class DeviceRoutes:
         """200 ``ok``; 503 ``degraded: <reason>`` while the inventory is unreachable (the
         server still answers boots of known machines: a readiness check, not a liveness one
         — a restart cannot help, and a server that cannot reach its database cannot start);
-        200 ``unknown: <reason>`` while it answers but cannot tell whether its writes are
-        stuck (the reason names what would let it tell)."""
+        200 ``unknown: ...`` while it answers but cannot tell whether its writes are stuck.
+        The state only: anyone may ask, and the store's words name the database's host,
+        user, locks and grants; they go to the log and to ``GET /api/v1/status``."""
         return web_response(await self._healthz())
 
     async def _healthz(self) -> Reply:
-        problem = self._health.problem() if self._health is not None else None
+        problem = self._health.problem(detail=False) if self._health is not None else None
         if problem is None:
             unknown = self._health.unknown if self._health is not None else None
             if unknown is not None:
                 # Writes go on (they wait for a session netboot cannot see, each bounded by
                 # statement_timeout): no outage, so not a 503, and not "ok" either.
-                return Reply(200, f"unknown: {unknown}\n".encode(), _TEXT, _NO_STORE)
+                return Reply(200, b"unknown: the inventory answers but cannot tell whether "
+                             b"its writes are stuck (why: the server's log, GET "
+                             b"/api/v1/status)\n", _TEXT, _NO_STORE)
             return Reply(200, b"ok\n", _TEXT)
         return Reply(503, f"degraded: {problem}; boots of known machines are answered from "
-                     "memory, writes are refused\n".encode(), _TEXT, _NO_STORE)
+                     "memory, writes are refused (why: the server's log, GET /api/v1/status)"
+                     "\n".encode(), _TEXT, _NO_STORE)
 
     async def boot_ipxe(self, request: web.Request) -> web.Response:
         return web_response(await self._boot_ipxe(local_address(request)))

@@ -31,7 +31,7 @@ from netboot.errors import StoreError, ValidationError
 from netboot.files import FileTree
 from netboot.identity import UNSEEN, claims, request_for
 from netboot.inventory import view as view_module
-from netboot.inventory.base import Batch, Changes, MachineFilter, Store
+from netboot.inventory.base import Batch, Changes, GroupsKept, MachineFilter, Store
 from netboot.inventory.sqlite import SqliteStore
 from netboot.inventory.view import InventoryView, SearchKept
 from netboot.model import (
@@ -1086,6 +1086,69 @@ async def test_counts_by_cluster_and_state_equal_a_count_of_every_machine(
         monkeypatch.setattr(own, "state_counts", scan)  # a loaded view answers from memory
         assert await view.state_counts() == by_cluster_and_state(
             await other.list_machines(MachineFilter(limit=1000)))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_the_fleet_status_counts_group_clusters_from_memory_once_loaded(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where groups give clusters, the fleet status (``GET /api/v1/status``) of a loaded view
+    reads no machine from the store (it read all of them: 100,000 at fleet scale), and
+    equals the store's own answer after machines' labels, states and clusters change, by
+    this connection and another, and after the groups change."""
+    async with contextlib.AsyncExitStack() as stack:
+        own, other = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        for name in ("a", "b"):
+            await own.put_cluster(Cluster(name=name, token="t"))
+        await own.put_group(Group(name="rack1", selector={"rack": ("1",)}, cluster="a"))
+        await own.put_group(Group(name="rack2", selector={"rack": ("2",)}, cluster="b"))
+        await own.put_group(Group(name="rack2gpu", selector={"rack": ("2",), "gpu": ("y",)},
+                                  cluster="elsewhere"))
+        rng = random.Random(23)
+        states, clusters = list(MachineState), [None, None, "a", "b"]
+
+        def labels() -> dict[str, str]:
+            return {k: v for k, v in (("rack", rng.choice(["1", "2", "3"])),
+                                      ("gpu", rng.choice(["y", "n"]))) if rng.random() < 0.8}
+
+        await own.apply_batch(Batch(create=[
+            Machine(macs=(MacAddress((0x02_00_00_00_04_00 + i).to_bytes(6, "big")),),
+                    state=rng.choice(states), cluster=rng.choice(clusters), labels=labels())
+            for i in range(40)]))
+        view = InventoryView(own)
+        await view.load()
+        assert view.loaded
+        reads = 0
+        listing = own.list_machines
+
+        async def counted(f: MachineFilter) -> list[Machine]:
+            nonlocal reads
+            reads += f.state is None  # the failed ones are read by their state
+            return await listing(f)
+
+        monkeypatch.setattr(own, "list_machines", counted)
+        kept = GroupsKept()
+        for step in range(40):
+            store = other if step % 2 else own
+            held = await other.list_machines(MachineFilter(limit=1000))
+            what = rng.randrange(5)
+            if what == 0:
+                await store.create_machine(Machine(
+                    macs=(MacAddress((0x02_00_00_00_05_00 + step).to_bytes(6, "big")),),
+                    state=rng.choice(states), labels=labels()))
+            elif what == 1:
+                await store.delete_machine(rng.choice(held).id)
+            elif what == 2:
+                await store.put_group(Group(name="rack3", selector={"rack": ("3",)},
+                                            cluster=rng.choice(["a", "b", "c"])))
+            else:
+                m = rng.choice(held)
+                await store.update_machine(replace(
+                    m, state=rng.choice(states), cluster=rng.choice(clusters),
+                    labels=labels() if what == 3 else m.labels, updated=m.updated + 1))
+            before = reads
+            assert await fleet_status(own, view, kept) == await fleet_status(other), step
+            assert reads == before, step
 
 
 async def test_identifiers_asked_together_while_not_loaded_are_one_store_read(

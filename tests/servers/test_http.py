@@ -1108,6 +1108,27 @@ async def test_asset_range_from_memory_and_from_disk_alike(
     assert (r.status, r.body) == (200, data)
 
 
+@pytest.mark.parametrize("name", ["vmlinuz", "big.bin"])
+@pytest.mark.parametrize("spec", ["bytes=-0", "bytes=-000"])
+async def test_a_suffix_range_of_length_zero_is_unsatisfiable(
+        env: Env, name: str, spec: str) -> None:
+    """RFC 9110 §14.1.1: a suffix range is satisfiable only with a nonzero length; nginx
+    answers ``bytes=-0`` 416 ``bytes */LEN``, aiohttp answered 206 with the whole file. From
+    memory and by sendfile alike; with an If-Range that does not match, the Range is
+    ignored (200, the whole file) as for any other range."""
+    (assets_dir(env) / "big.bin").write_bytes(BIG)
+    data = KERNEL if name == "vmlinuz" else BIG
+    for _ in range(2):  # the first request reads the file, the second is answered from memory
+        r = await call(env, "GET", f"/assets/{name}", headers={"Range": spec}, admin=False)
+        assert (r.status, r.headers["content-range"]) == (416, f"bytes */{len(data)}")
+        assert data[:64] not in r.body
+    r = await call(env, "GET", f"/assets/{name}", admin=False,
+                   headers={"Range": spec, "If-Range": formatdate(0, usegmt=True)})
+    assert (r.status, r.body) == (200, data)
+    r = await call(env, "GET", f"/assets/{name}", headers={"Range": "bytes=-1"}, admin=False)
+    assert (r.status, r.body) == (206, data[-1:])
+
+
 async def test_asset_from_memory_has_the_validators_of_the_file_path(env: Env) -> None:
     """The in-memory answer and FileResponse's (taken for a conditional request) agree, so
     that a client's cache works whichever answered."""

@@ -193,7 +193,7 @@ function machinesView(root) {
   const pager = h("div", {class: "pager"});
   const columns = [["macs", "MAC(s)", null], ["hostname", "Hostname", "hostname"],
     ["serial", "Serial", null], ["cluster", "Cluster", "cluster"], ["role", "Role", null],
-    ["state", "State", "state"], ["last", "Last event", null], ["since", "In state", "updated"]];
+    ["state", "State", "state"], ["last", "Last event", null], ["since", "Unchanged for", "updated"]];
   const head = h("tr", {}, columns.map(([, label, key]) => {
     if (!key) return h("th", {}, label);
     const mark = query.sort === key ? (query.order === "asc" ? " ▲" : " ▼") : "";
@@ -337,7 +337,7 @@ function machineView(root, id) {
       ["serial", m.serial], ["UUID", m.uuid], ["asset", m.asset], ["cluster", m.cluster],
       ["role", m.role], ["profile", m.profile], ["arch", m.arch], ["firmware", m.firmware],
       ["address", m.ipv4], ["labels", Object.entries(m.labels).map(([k, v]) => `${k}=${v}`).join(", ")],
-      ["created", iso(m.created)], ["in this state", `${ago(m.updated)} (since ${iso(m.updated)})`]];
+      ["created", iso(m.created)], ["last changed", `${ago(m.updated)} ago (${iso(m.updated)})`]];
     info.replaceChildren(...fields.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "—")]));
     const {clusters, profiles} = await choices();
     const buttons = [];
