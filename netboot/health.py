@@ -67,7 +67,6 @@ class InventoryHealth:
         return {"state": "ok" if self.unknown is None else "unknown", "detail": self.unknown}
 
 
-
 # Past this, the database's clock and this host's are out of step enough to say so: NTP
 # keeps hosts within milliseconds, and a few seconds are what an operator reading two
 # servers' logs, or an install_timeout of a few minutes, would notice.

@@ -9,7 +9,6 @@ each device with the address its request came in on.
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,8 +22,10 @@ from tests.test_service_reached_netns import (
     MAC_A,
     MAC_B,
     SUBNETS,
+    connect,
     env,
     ip,
+    namespaces,
     netboot,
     pxe_offer,
     serving,
@@ -34,43 +35,15 @@ pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "i
               pytest.mark.requires("curl", "curl"), pytest.mark.requires("ss", "iproute2")]
 
 
-def _namespaces(sides: tuple[str, ...]) -> Iterator[dict[str, str]]:
-    tag = secrets.token_hex(3)
-    names = {"srv": f"s37net-{tag}-s", "a": f"s37net-{tag}-a", "b": f"s37net-{tag}-b"}
-    made: list[str] = []
-    try:
-        for ns in names.values():
-            ip("netns", "add", ns)
-            made.append(ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-        for side in sides:
-            connect(names, side)
-        yield names
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-
-
-def connect(names: dict[str, str], side: str) -> None:
-    """The veth pair between the server's namespace and ``side``'s, addressed and up."""
-    server, client = SUBNETS[side]
-    ip("-n", names["srv"], "link", "add", f"v{side}", "type", "veth", "peer", "name", "eth0",
-       "netns", names[side])
-    ip("-n", names[side], "addr", "add", f"{client}/24", "dev", "eth0")
-    ip("-n", names[side], "link", "set", "eth0", "up")
-    ip("-n", names["srv"], "link", "set", f"v{side}", "up")
-    ip("-n", names["srv"], "addr", "add", f"{server}/24", "dev", f"v{side}")
-
-
 @pytest.fixture
 def subnets() -> Iterator[dict[str, str]]:
-    yield from _namespaces(("a", "b"))
+    yield from namespaces("s37net", ("a", "b"))
 
 
 @pytest.fixture
 def one_subnet() -> Iterator[dict[str, str]]:
     """Side a connected; side b's namespace is there, its link made by the test."""
-    yield from _namespaces(("a",))
+    yield from namespaces("s37net", ("a",))
 
 
 def resolve(ns: str, server: str, name: str = "netboot.netboot.lan") -> str:

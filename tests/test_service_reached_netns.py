@@ -44,28 +44,40 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
 
 
-@pytest.fixture
-def subnets() -> Iterator[dict[str, str]]:
-    """The server's namespace and a client's on each subnet, no default route in any."""
+def namespaces(prefix: str, sides: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """The server's namespace and a client's for each side of SUBNETS, no default route in
+    any; ``sides`` connected (a test may connect the others later); all deleted after."""
     tag = secrets.token_hex(3)
-    names = {"srv": f"s36user-{tag}-s", "a": f"s36user-{tag}-a", "b": f"s36user-{tag}-b"}
+    names = {"srv": f"{prefix}-{tag}-s", "a": f"{prefix}-{tag}-a", "b": f"{prefix}-{tag}-b"}
     made: list[str] = []
     try:
         for ns in names.values():
             ip("netns", "add", ns)
             made.append(ns)
             ip("-n", ns, "link", "set", "lo", "up")
-        for side, (server, client) in SUBNETS.items():
-            ip("-n", names["srv"], "link", "add", f"v{side}", "type", "veth", "peer", "name",
-               "eth0", "netns", names[side])
-            ip("-n", names["srv"], "addr", "add", f"{server}/24", "dev", f"v{side}")
-            ip("-n", names["srv"], "link", "set", f"v{side}", "up")
-            ip("-n", names[side], "addr", "add", f"{client}/24", "dev", "eth0")
-            ip("-n", names[side], "link", "set", "eth0", "up")
+        for side in sides:
+            connect(names, side)
         yield names
     finally:
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def connect(names: dict[str, str], side: str) -> None:
+    """The veth pair between the server's namespace and ``side``'s, addressed and up."""
+    server, client = SUBNETS[side]
+    ip("-n", names["srv"], "link", "add", f"v{side}", "type", "veth", "peer", "name", "eth0",
+       "netns", names[side])
+    ip("-n", names[side], "addr", "add", f"{client}/24", "dev", "eth0")
+    ip("-n", names[side], "link", "set", "eth0", "up")
+    ip("-n", names["srv"], "link", "set", f"v{side}", "up")
+    ip("-n", names["srv"], "addr", "add", f"{server}/24", "dev", f"v{side}")
+
+
+@pytest.fixture
+def subnets() -> Iterator[dict[str, str]]:
+    """The server's namespace and a client's on each subnet, no default route in any."""
+    yield from namespaces("s36user", tuple(SUBNETS))
 
 
 def netboot(*args: str, ns: str | None = None) -> list[str]:
