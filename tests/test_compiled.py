@@ -90,8 +90,13 @@ NOT_COMPILED = (
     "tests/test_content.py::test_an_install_script_is_given_the_machine_keys_it_reads",
     "tests/servers/test_http.py::"
     "test_a_config_fetched_again_is_kept_until_anything_it_is_made_of_changes",
+    # A compiled InventoryView keeps its attributes in a struct (no __dict__): the
+    # interpreter's shared-keys limit the test guards is not there to meet.
+    "tests/inventory/test_view.py::test_the_view_keeps_under_thirty_attributes",
     *(f"tests/test_render.py::{name}" for name in (
         "test_a_config_templates_edit_is_split_anew",
+        "test_a_device_or_operator_value_adds_no_ipxe_command[",
+        "test_cloud_inits_later_boots_run_the_register_command_once_registered",
         "test_a_config_using_a_per_machine_value_otherwise_is_rendered_whole[",
         "test_a_kept_split_form_answers_at_once_and_an_edit_is_rendered_anew",
         "test_a_register_commands_plain_values_are_filled_into_places_of_the_config_skeleton",
