@@ -20,7 +20,8 @@ import yaml
 
 from netboot.arrival import arrived
 from netboot.content import PER_MACHINE, STABLE, Content, register_command
-from netboot.errors import ConfigError, RenderError
+from netboot.enroll import check_hostname
+from netboot.errors import ConfigError, RenderError, ValidationError
 from netboot.model import (
     Arch,
     BootAction,
@@ -127,11 +128,20 @@ def test_a_device_or_operator_value_adds_no_ipxe_command(action: BootAction) -> 
     its own (``&& chain``, ``;``, a line break), expands no setting and comments nothing
     out: the same commands as with a plain value."""
     c = content()
+    # An install script prints the machine's hostname as it is: a per-machine value the
+    # split render fills into the script's skeleton (an `ipxe_text` there made every first
+    # install render whole: +114,000 loop instructions, session 37's end run). A hostname
+    # is a name wherever it comes from (the API's check_hostname, a hostname template's
+    # cleaning, a device's report kept only as an RFC 1123 name: s37-register), so the
+    # install case's hostile values are the others it prints.
+    with pytest.raises(ValidationError):
+        check_hostname(HOSTILE)
 
     def script(value: str) -> str:
+        host = "node-1" if action is BootAction.INSTALL else value
         return c._render.ipxe(f"ipxe/{action}.ipxe", c.context(BootPlan(
             action, MAC, f"auto rule 'r' matched on product={value!r}", retry_seconds=15,
-            machine=replace(MACHINE, hostname=value), profile=PROFILE, cluster=CLUSTER,
+            machine=replace(MACHINE, hostname=host), profile=PROFILE, cluster=CLUSTER,
             k3s=K3S, token="TOKEN123", command=f"netboot machines approve {value}")))
 
     text = script(HOSTILE)
