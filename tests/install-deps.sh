@@ -39,6 +39,8 @@ fi
 # shim-signed + grub-efi-amd64-signed: the Secure Boot chain (shim → signed GRUB); the arm64
 # signed GRUB is fetched by the harness like the arm64 kernel (its grub-common:arm64 cannot
 # be installed beside the amd64 one); qemu-efi-aarch64: AAVMF, arm64 UEFI.
+# curl, openssl, util-linux (unshare): tools tests run (their requires marks), named here
+# rather than left to other packages' dependencies.
 # wrk: the HTTP load generator of benchmarks/http_paths.py, whose Lua script a test runs.
 # postgresql: its initdb/postgres binaries; the tests make a throwaway cluster of their own
 # (netboot/lab/pgcluster.py, through tests/pg.py) and never use the one the package may start.
@@ -50,7 +52,7 @@ PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-too
 shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
 isc-dhcp-client udhcpc python3 python3-pip python3-venv python3-dev gcc ca-certificates \
-podman runc mmdebstrap chromium postgresql pgbouncer wrk \
+podman runc mmdebstrap chromium postgresql pgbouncer wrk curl openssl util-linux \
 make pkg-config dpkg-dev libevent-dev libc-ares-dev libssl-dev"
 
 # One dpkg-query for all (one a package took ~2.5 s of processes under load).

@@ -27,3 +27,18 @@ def test_netboot_installed_from_another_checkout_or_at_another_version_is_report
     elsewhere = not_this_checkout(tmp_path, "0.0.0")
     assert any("pyproject.toml says 0.0.0" in line for line in elsewhere), elsewhere
     assert any(f"not {tmp_path}" in line for line in elsewhere), elsewhere
+
+
+def test_every_tool_a_test_requires_is_installed_by_install_deps() -> None:
+    """A test marked ``requires(tool, package)`` fails where the tool is missing: its
+    package must be in tests/install-deps.sh's list, not left to another package's
+    dependencies (a fresh CI machine has only what the list names)."""
+    import re
+
+    root = Path(__file__).resolve().parent
+    script = (root / "install-deps.sh").read_text()
+    listed = set(re.search(r'PKGS="([^"]*)"', script).group(1).replace("\\\n", " ").split())  # type: ignore[union-attr]
+    marked = {package for path in root.rglob("*.py")
+              for package in re.findall(r'requires\("[^"]+", *"([^"]+)"\)', path.read_text())}
+    assert marked, "no requires marks found"
+    assert marked - listed == set(), sorted(marked - listed)
