@@ -4,6 +4,7 @@ with no index, and run from outside the checkout (render, check-config, assets, 
 from __future__ import annotations
 
 import email.parser
+import importlib.metadata
 import json
 import os
 import signal
@@ -85,6 +86,13 @@ def test_wheel_carries_templates_and_boot_assets_as_they_are_in_the_repository(
                        "prometheus-client"}
     # tftpy is only the tests' second TFTP client.
     assert any(r.startswith("tftpy") and 'extra == "test"' in r for r in requires)
+    # A user's pip must not pick an aiohttp with a known server advisory: pipelined requests
+    # queued without limit (GHSA-4fvr-rgm6-gqmc, 3.14.1), smuggling through an Upgrade
+    # (GHSA-mfx4-hv73-q22v, 3.14.2). The installed aiohttp must meet the same floor.
+    floor = next(r for r in requires if r.startswith("aiohttp"))
+    assert floor.replace(" ", "") == "aiohttp>=3.14.3", floor
+    version = tuple(int(p) for p in importlib.metadata.version("aiohttp").split(".")[:3])
+    assert version >= (3, 14, 3), version
 
 
 def test_installed_package_finds_its_own_templates_not_the_checkouts(
