@@ -835,6 +835,9 @@ class Service:
         from netboot.names import ZoneHolder
 
         cfg = self.config
+        if cfg.server.interfaces or by_reach(cfg, self.advertise):
+            # Each interface's address points back at the server's name (PTR), followed.
+            await self._watcher()
         self._zone_holder = ZoneHolder(await self._build_zone())
         upstreams = []
         for item in cfg.dns.upstreams:
@@ -863,12 +866,18 @@ class Service:
             self.tasks.append(asyncio.ensure_future(self._follow_dns(upstreams)))
 
         limited = RateLimitedLog(log)
+        due = asyncio.Event()
+        if self.watcher is not None:
+            self.watcher.subscribe(lambda _: due.set())  # an address's PTR at once
 
         async def refresh() -> None:
             # Registrations and failures change cluster endpoints; a bounded staleness of a
             # couple of seconds keeps the answer path free of inventory reads.
             while True:
-                await asyncio.sleep(2.0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await due.wait()
+                due.clear()
                 try:
                     await self.refresh_zone()
                 except StoreError as exc:  # every 2 s while the disk is broken: no traceback
@@ -887,6 +896,17 @@ class Service:
             self.watcher = InterfaceWatcher()
             await self.watcher.start()
         return self.watcher
+
+    def _interface_addresses(self) -> list[str]:
+        """The addresses of the interfaces served, as they are now: each interface's on a
+        host without a default route (by_reach), the named interfaces' where some are named,
+        else none (the advertised address alone). The zone gives each a PTR to the server's
+        name (dnsmasq's --interface-name answers both ways)."""
+        if self.watcher is None:
+            return []
+        named = self.config.server.interfaces
+        return self._dns_addresses(a for a in self.watcher.addresses()
+                                   if not named or a.name in named)
 
     @staticmethod
     def _dns_addresses(addresses: Any) -> list[str]:
@@ -938,7 +958,9 @@ class Service:
         cfg = self.config
         machines = await self.store.list_machines(MachineFilter(limit=10_000_000))
         clusters = await self.store.list_clusters()
+        ptrs = self._interface_addresses()
         fingerprint = hash((
+            tuple(ptrs),
             # fixed_ipv4: an address of the zone too (names.address_of), s36-journey.
             tuple((m.id, m.hostname, m.ipv4, m.fixed_ipv4, m.state, m.role, m.cluster)
                   for m in machines),
@@ -948,6 +970,7 @@ class Service:
         self._zone_fingerprint = fingerprint
         self._zone_serial = max(self._zone_serial + 1, int(time.time()))
         zone = Zone.build(machines, clusters, zone=cfg.dns.zone, server_addrs=[self.advertise],
+                          server_ptrs=ptrs,
                           ttl=cfg.dns.ttl, serial=self._zone_serial,
                           fixed_first=cfg.dhcp.mode == "authoritative")
         for problem in (*zone.conflicts, *zone.skipped):

@@ -60,6 +60,22 @@ def resolve(ns: str, server: str, name: str = "netboot.netboot.lan") -> str:
     return done.stdout.strip() or done.stderr.strip()
 
 
+def reverse(ns: str, server: str, address: str) -> str:
+    """The PTR names of ``address`` asked from ``ns`` of ``server``:53 (or the rcode's or
+    error's name)."""
+    script = ("import sys, dns.message, dns.query, dns.rcode, dns.reversename\n"
+              "q = dns.message.make_query(dns.reversename.from_address(sys.argv[2]), 'PTR')\n"
+              "try:\n"
+              "    r = dns.query.udp(q, sys.argv[1], timeout=1)\n"
+              "    names = sorted(str(i.target) for s in r.answer for i in s)\n"
+              "    print(' '.join(names) or dns.rcode.to_text(r.rcode()))\n"
+              "except Exception as exc:\n"
+              "    print(type(exc).__name__)\n")
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script, server,
+                           address], capture_output=True, timeout=30, text=True, env=env())
+    return done.stdout.strip() or done.stderr.strip()
+
+
 def config(tmp_path: Path, dhcp: bool = True) -> tuple[str, ...]:
     assets = tmp_path / "assets"
     assets.mkdir()
@@ -139,4 +155,31 @@ def test_an_interface_that_comes_up_after_start_gets_dhcp_and_dns(
     assert "dns: listening on 198.51.100.10:53" in log, log
     assert "dhcp: stopped listening on vb (its address went away)" in log, log
     assert "dns: stopped listening on 198.51.100.10 (the address went away)" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_each_interfaces_address_has_a_ptr_to_the_server_following_it(
+        one_subnet: dict[str, str], tmp_path: Path) -> None:
+    """Each DNS listener answered the server's name with its interface's address (s37-net),
+    but the reverse was unknown: a PTR query for 192.0.2.10 got NXDOMAIN (the reverse zones
+    held 127.0.0.1's alone). Now each interface's address has a PTR to netboot.<zone>, as
+    dnsmasq's --interface-name answers both ways, following the addresses: one that comes
+    up after start gets its PTR within about a second, one removed loses it."""
+    subnets = one_subnet
+    cfg = config(tmp_path, dhcp=False)
+    server = "netboot.netboot.lan."
+    with serving(cfg, subnets, tmp_path):
+        at_start = reverse(subnets["a"], "192.0.2.10", "192.0.2.10")
+        connect(subnets, "b")
+        came = until(lambda: reverse(subnets["a"], "192.0.2.10", "198.51.100.10") == server,
+                     10)
+        over_b = reverse(subnets["b"], "198.51.100.10", "198.51.100.10")
+        ip("-n", subnets["srv"], "addr", "del", "198.51.100.10/24", "dev", "vb")
+        went = until(lambda: reverse(subnets["a"], "192.0.2.10", "198.51.100.10")
+                     == "NXDOMAIN", 10)
+    log = (tmp_path / "serve.log").read_text()
+    assert at_start == server, (at_start, log)
+    assert came is not None and came < 3, (came, log)
+    assert over_b == server, over_b
+    assert went is not None and went < 3, (went, log)
     assert "Traceback" not in log, log
