@@ -672,7 +672,11 @@ class Service:
                               single_port=cfg.tftp.single_port,
                               interfaces=list(cfg.server.interfaces) or None,
                               observer=self.metrics,
-                              by_address=self.content.by_address())
+                              by_address=self.content.by_address(),
+                              # Named interfaces followed as they come and go (0.0.0.0
+                              # without: every interface's datagrams reach it already).
+                              watcher=await self._watcher() if cfg.server.interfaces
+                              else None)
             await tftp.start()
             self.metrics.read_tftp_stats(lambda: tftp.stats)
             self.servers.append(tftp)

@@ -76,7 +76,8 @@ def reverse(ns: str, server: str, address: str) -> str:
     return done.stdout.strip() or done.stderr.strip()
 
 
-def config(tmp_path: Path, dhcp: bool = True) -> tuple[str, ...]:
+def config(tmp_path: Path, dhcp: bool = True, *, interfaces: tuple[str, ...] = (),
+           tftp: bool = False, https: bool = False) -> tuple[str, ...]:
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
@@ -85,7 +86,9 @@ def config(tmp_path: Path, dhcp: bool = True) -> tuple[str, ...]:
     path = tmp_path / "netboot.yaml"
     # No server.advertise, no interfaces: a newcomer's first run; DNS on.
     path.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\n"
-                    f"tftp:\n  enabled: false\nhttps:\n  enabled: false\n"
+                    + (f"  interfaces: [{', '.join(interfaces)}]\n" if interfaces else "")
+                    + f"tftp:\n  enabled: {str(tftp).lower()}\n"
+                    f"https:\n  enabled: {str(https).lower()}\n"
                     f"dns:\n  enabled: true\n"
                     + ("" if dhcp else "dhcp:\n  mode: \"off\"\n")
                     + f"assets:\n  dirs: [{assets}]\n")
@@ -183,3 +186,45 @@ def test_each_interfaces_address_has_a_ptr_to_the_server_following_it(
     assert over_b == server, over_b
     assert went is not None and went < 3, (went, log)
     assert "Traceback" not in log, log
+
+
+def tftp_get(ns: str, server: str, name: str) -> bytes:
+    """``name`` fetched over TFTP from ``ns`` (curl; empty when it failed)."""
+    done = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "5", "-o", "-",
+                           f"tftp://{server}/{name}"], capture_output=True, timeout=20)
+    return done.stdout if done.returncode == 0 else b""
+
+
+def test_tftp_on_named_interfaces_follows_one_that_comes_up_after_start(
+        one_subnet: dict[str, str], tmp_path: Path) -> None:
+    """``server.interfaces: [va, vb]``, vb made after ``netboot serve`` started (a VLAN, a
+    USB NIC). TFTP bound each named interface once at start: vb, not there yet, failed the
+    start (SO_BINDTODEVICE: no such device) and one made again later was never heard (its
+    socket held the old device's index). Now, as DHCP and DNS since S37 (dnsmasq's
+    --bind-dynamic), TFTP listens on a named interface while it has an IPv4 address: vb's
+    RRQ is answered within about a second of its address; the interface deleted, its
+    sockets go; made again, it is served again."""
+    subnets = one_subnet
+    cfg = config(tmp_path, interfaces=("va", "vb"), tftp=True)
+    want = b"UNDI" * 100
+    with serving(cfg, subnets, tmp_path):
+        at_a = tftp_get(subnets["a"], "192.0.2.10", "undionly.kpxe")
+        connect(subnets, "b")
+        came = until(lambda: udp_sockets(subnets["srv"], "%vb:69") == 1, 10)
+        at_b = tftp_get(subnets["b"], "198.51.100.10", "undionly.kpxe")
+        ip("-n", subnets["srv"], "link", "del", "vb")
+        went = until(lambda: udp_sockets(subnets["srv"], "%vb:") == 0, 10)
+        connect(subnets, "b")  # the same name, a new device
+        again = until(lambda: tftp_get(subnets["b"], "198.51.100.10", "undionly.kpxe")
+                      == want, 10)
+    log = (tmp_path / "serve.log").read_text()
+    assert at_a == want, log
+    assert came is not None and came < 3, (came, log)
+    assert at_b == want, log
+    assert went is not None and went < 3, (went, log)
+    assert again is not None and again < 5, (again, log)
+    assert "tftp: interface vb has no IPv4 address (yet): served once it has one" in log, log
+    assert "tftp listening on 0.0.0.0:69 on vb" in log, log
+    assert "tftp: stopped listening on vb (its address went away)" in log, log
+    assert "Traceback" not in log, log
+
