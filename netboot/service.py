@@ -18,7 +18,7 @@ import ssl
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,9 +216,12 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
     return store, sealer
 
 
-def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
+def prepare_tls(config: Config, advertise: str, sealer: Sealer,
+                addresses: Sequence[str] | None = None) -> Tls | None:
     """The HTTPS certificate: the operator's files, checked, or netboot's own CA's (made on
-    first start, re-issued when it no longer names the advertised address)."""
+    first start, re-issued when it no longer names the advertised address). ``addresses``:
+    the interfaces' addresses devices reach this host at, as the watcher has them now
+    (Service._follow_tls); None: reached_at's, read now."""
     https = config.https
     if not https.enabled:
         return None
@@ -226,11 +229,23 @@ def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
         return operator_files(https.cert_file, https.key_file, https.ca_file)
     # This host's own names too: the CLI (netboot events --follow) and scripts on the server
     # reach the API at https://127.0.0.1:8443, the only place plain HTTP would also answer.
+    if addresses is None:
+        addresses = [address for _, address in reached_at(config, advertise)]
     names = server_names(advertise, config.http.public_url, (
         *([h] if (h := _url_host(https.public_url)) else []), *https.names,
-        *LOCAL_NAMES, *(address for _, address in reached_at(config, advertise))))
+        *LOCAL_NAMES, *addresses))
     authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
     return authority.server_certificate(names)
+
+
+def _read_or_empty(tls: Tls | None) -> bytes:
+    """The certificate file's bytes (b"": none, or unreadable): whether a re-issue wrote it."""
+    if tls is None:
+        return b""
+    try:
+        return tls.cert_file.read_bytes()
+    except OSError:
+        return b""
 
 
 def _url_host(url: str | None) -> str | None:
@@ -539,8 +554,9 @@ class Service:
     advertise: str
     new_admin_token_file: Path | None = None
     tls: Tls | None = None
-    # Prepares the certificate again (re-issued if due, or the operator's files re-read).
-    tls_source: Callable[[], Tls | None] | None = None
+    # Prepares the certificate again (re-issued if due, or the operator's files re-read),
+    # naming the addresses given (None: those read now; prepare_tls).
+    tls_source: Callable[[Sequence[str] | None], Tls | None] | None = None
     tls_context: ssl.SSLContext | None = None
     metrics: Metrics = field(default_factory=Metrics)
     # The shared database's clock against this host's (a store with a ServerClock).
@@ -569,6 +585,7 @@ class Service:
     watcher: Any = None
     _dns_by_address: dict[str, Any] = field(default_factory=dict)
     _dns_changed: asyncio.Event | None = None
+    _tls_changed: asyncio.Event | None = None  # set: the certificate follows the addresses
     _event_cursor: int = -1
     _zone_holder: Any = None
     _zone_fingerprint: int | None = None
@@ -662,6 +679,12 @@ class Service:
             if cfg.https.port == 0 and not cfg.https.public_url:
                 self.url_holder["https"] = f"https://{self.advertise}:{self.https_port}"
             self.tasks.append(asyncio.ensure_future(self._renew_tls_periodically()))
+            if not cfg.https.cert_file and by_reach(cfg, self.advertise):
+                # The certificate names each interface's address (reached_at): one that
+                # comes later is named too, re-issued by netboot's CA within a second.
+                self._tls_changed = changed = asyncio.Event()
+                (await self._watcher()).subscribe(lambda _: changed.set())
+                self.tasks.append(asyncio.ensure_future(self._follow_tls()))
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
@@ -750,10 +773,49 @@ class Service:
         CA re-issues it when it is due; an operator's renewed files are read again."""
         if self.tls_source is None or self.tls_context is None:
             return
-        tls = self.tls_source()
+        tls = self.tls_source(self._tls_addresses())
         if tls is not None:
-            tls.load_into(self.tls_context)
-            self.tls = tls
+            self._use_tls(tls)
+
+    def _use_tls(self, tls: Tls) -> None:
+        """Loaded into the listener's context: the handshakes from now on use it; a
+        connection open already keeps the certificate it was given (an SSL object copies
+        its context's certificate when it is made)."""
+        assert self.tls_context is not None
+        tls.load_into(self.tls_context)
+        self.tls = tls
+
+    def _tls_addresses(self) -> list[str] | None:
+        """The interfaces' addresses the certificate names where they are followed (no
+        default route, netboot's own CA: _follow_tls), as the watcher has them now, each
+        one, secondaries too; else None (prepare_tls reads them)."""
+        if self._tls_changed is None or self.watcher is None:
+            return None
+        return self._dns_addresses(self.watcher.addresses())
+
+    async def _follow_tls(self) -> None:
+        """The certificate re-issued when an address comes that it does not name (the CA's
+        check: Authority.server_certificate), in a thread (a new RSA key is ~0.1 s of CPU,
+        the event loop serves meanwhile), then loaded for new connections. An address that
+        goes away stays named until the next re-issue."""
+        assert self._tls_changed is not None and self.tls_source is not None
+        while True:
+            await self._tls_changed.wait()
+            self._tls_changed.clear()
+            addresses = self._tls_addresses()
+            current = self.tls
+            try:
+                before = await asyncio.to_thread(_read_or_empty, current)
+                tls = await asyncio.to_thread(self.tls_source, addresses)
+                if tls is None or await asyncio.to_thread(_read_or_empty, tls) == before:
+                    continue
+                self._use_tls(tls)
+            except (ConfigError, OSError, ssl.SSLError) as exc:
+                log.error("HTTPS certificate not re-issued for %s, keeping the loaded one: "
+                          "%s", ", ".join(addresses or ()), exc)
+                continue
+            log.info("https: the certificate now names %s; new connections get it",
+                     ", ".join(addresses or ()))
 
     async def _renew_tls_periodically(self) -> None:
         # Twice a day is far inside the 30 days of RENEW_BEFORE; a failure keeps the loaded
@@ -1208,7 +1270,8 @@ async def build(config: Config, *, app: bool = True) -> Service:
         service = Service(config, store, core.enroller, core.boot, core.content,
                           make_app() if app else None, advertise,
                           new_admin_token_file=new_token, tls=tls, url_holder=holder,
-                          tls_source=lambda: prepare_tls(config, advertise, sealer),
+                          tls_source=lambda addresses: prepare_tls(config, advertise,
+                                                                   sealer, addresses),
                           metrics=metrics, events=events, front=front, app_factory=make_app,
                           clock_skew=skew)
     except BaseException:

@@ -23,6 +23,7 @@ from tests.test_service_reached_netns import (
     MAC_B,
     SUBNETS,
     connect,
+    curl,
     env,
     ip,
     namespaces,
@@ -228,3 +229,61 @@ def test_tftp_on_named_interfaces_follows_one_that_comes_up_after_start(
     assert "tftp: stopped listening on vb (its address went away)" in log, log
     assert "Traceback" not in log, log
 
+
+# One TLS connection kept open: a request, its certificate's addresses, then (a line on
+# stdin) a second request on the same connection.
+KEPT_TLS = r"""import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+sock = ctx.wrap_socket(socket.create_connection((sys.argv[1], 8443), timeout=10),
+                       server_hostname=sys.argv[1])
+def get():
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    return head.split(b" ")[1].decode()
+names = sorted(v for k, v in sock.getpeercert()["subjectAltName"] if k == "IP Address")
+print(get(), ",".join(names), flush=True)
+sys.stdin.readline()
+print(get(), flush=True)
+"""
+
+
+def test_the_https_certificate_names_an_interface_that_comes_up_after_start(
+        one_subnet: dict[str, str], tmp_path: Path) -> None:
+    """No default route, netboot's own CA: the certificate names each interface's address
+    (s36-user), but only those found at start; vb, up later, was served over DHCP, DNS and
+    plain HTTP, and its HTTPS clients refused the certificate (curl: no alternative subject
+    name matches, exit 60) until a restart. Now the certificate is re-issued by netboot's
+    CA within about a second of the address and loaded for new connections; a connection
+    open already goes on with the certificate it was given."""
+    subnets = one_subnet
+    cfg = config(tmp_path, dhcp=False, https=True)
+    ca = str(tmp_path / "data" / "tls" / "ca.pem")
+    with serving(cfg, subnets, tmp_path):
+        kept = subprocess.Popen(["ip", "netns", "exec", subnets["a"], sys.executable, "-c",
+                                 KEPT_TLS, "192.0.2.10", ca], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert kept.stdout is not None and kept.stdin is not None
+            first = kept.stdout.readline().split()
+            connect(subnets, "b")
+            came = until(lambda: curl(subnets["b"], "https://198.51.100.10:8443/healthz",
+                                      "--cacert", ca)[0] == 200, 10)
+            kept.stdin.write("\n")
+            kept.stdin.flush()
+            second = kept.stdout.readline().split()
+            kept.wait(20)
+        finally:
+            if kept.poll() is None:
+                kept.kill()  # this test's own client, by its handle
+                kept.wait(10)
+        side_a = curl(subnets["a"], "https://192.0.2.10:8443/healthz", "--cacert", ca)[0]
+    log = (tmp_path / "serve.log").read_text()
+    assert first == ["200", "0:0:0:0:0:0:0:1,127.0.0.1,192.0.2.10"], first
+    assert came is not None and came < 5, (came, log)
+    assert second == ["200"], (second, log)
+    assert side_a == 200
+    assert "https: the certificate now names 192.0.2.10, 198.51.100.10; new connections " \
+        "get it" in log, log
+    assert "Traceback" not in log, log
