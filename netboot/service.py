@@ -586,6 +586,7 @@ class Service:
     _dns_by_address: dict[str, Any] = field(default_factory=dict)
     _dns_changed: asyncio.Event | None = None
     _tls_changed: asyncio.Event | None = None  # set: the certificate follows the addresses
+    _tls_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _event_cursor: int = -1
     _zone_holder: Any = None
     _zone_fingerprint: int | None = None
@@ -805,11 +806,12 @@ class Service:
             addresses = self._tls_addresses()
             current = self.tls
             try:
-                before = await asyncio.to_thread(_read_or_empty, current)
-                tls = await asyncio.to_thread(self.tls_source, addresses)
-                if tls is None or await asyncio.to_thread(_read_or_empty, tls) == before:
-                    continue
-                self._use_tls(tls)
+                async with self._tls_lock:  # one writer of the CA's files at a time
+                    before = await asyncio.to_thread(_read_or_empty, current)
+                    tls = await asyncio.to_thread(self.tls_source, addresses)
+                    if tls is None or await asyncio.to_thread(_read_or_empty, tls) == before:
+                        continue
+                    self._use_tls(tls)
             except (ConfigError, OSError, ssl.SSLError) as exc:
                 log.error("HTTPS certificate not re-issued for %s, keeping the loaded one: "
                           "%s", ", ".join(addresses or ()), exc)
@@ -823,7 +825,8 @@ class Service:
         while True:
             await asyncio.sleep(12 * 3600)
             try:
-                self.reload_tls()
+                async with self._tls_lock:
+                    self.reload_tls()
             except (ConfigError, OSError, ssl.SSLError) as exc:
                 log.error("HTTPS certificate not renewed, keeping the loaded one: %s", exc)
 

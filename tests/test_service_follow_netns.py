@@ -9,6 +9,7 @@ each device with the address its request came in on.
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -47,34 +48,30 @@ def one_subnet() -> Iterator[dict[str, str]]:
     yield from namespaces("s37net", ("a",))
 
 
-def resolve(ns: str, server: str, name: str = "netboot.netboot.lan") -> str:
-    """The A records of ``name`` asked from ``ns`` of ``server``:53 (or the error's name)."""
-    script = ("import sys, dns.message, dns.query\n"
-              "q = dns.message.make_query(sys.argv[2], 'A')\n"
+def ask(ns: str, server: str, name: str, qtype: str) -> str:
+    """The answers' data (addresses, names) to ``name`` ``qtype`` asked from ``ns`` of
+    ``server``:53, sorted; the rcode's name when none, or the error's."""
+    script = ("import sys, dns.message, dns.query, dns.rcode\n"
+              "q = dns.message.make_query(sys.argv[2], sys.argv[3])\n"
               "try:\n"
               "    r = dns.query.udp(q, sys.argv[1], timeout=1)\n"
-              "    print(' '.join(sorted(i.address for s in r.answer for i in s)))\n"
+              "    found = sorted(i.to_text() for s in r.answer for i in s)\n"
+              "    print(' '.join(found) or dns.rcode.to_text(r.rcode()))\n"
               "except Exception as exc:\n"
               "    print(type(exc).__name__)\n")
     done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script, server,
-                           name], capture_output=True, timeout=30, text=True, env=env())
+                           name, qtype], capture_output=True, timeout=30, text=True, env=env())
     return done.stdout.strip() or done.stderr.strip()
+
+
+def resolve(ns: str, server: str, name: str = "netboot.netboot.lan") -> str:
+    """The A records of ``name`` asked from ``ns`` of ``server``:53."""
+    return ask(ns, server, name, "A")
 
 
 def reverse(ns: str, server: str, address: str) -> str:
-    """The PTR names of ``address`` asked from ``ns`` of ``server``:53 (or the rcode's or
-    error's name)."""
-    script = ("import sys, dns.message, dns.query, dns.rcode, dns.reversename\n"
-              "q = dns.message.make_query(dns.reversename.from_address(sys.argv[2]), 'PTR')\n"
-              "try:\n"
-              "    r = dns.query.udp(q, sys.argv[1], timeout=1)\n"
-              "    names = sorted(str(i.target) for s in r.answer for i in s)\n"
-              "    print(' '.join(names) or dns.rcode.to_text(r.rcode()))\n"
-              "except Exception as exc:\n"
-              "    print(type(exc).__name__)\n")
-    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script, server,
-                           address], capture_output=True, timeout=30, text=True, env=env())
-    return done.stdout.strip() or done.stderr.strip()
+    """The PTR names of ``address`` asked from ``ns`` of ``server``:53."""
+    return ask(ns, server, ipaddress.ip_address(address).reverse_pointer, "PTR")
 
 
 def config(tmp_path: Path, dhcp: bool = True, *, interfaces: tuple[str, ...] = (),
