@@ -74,7 +74,11 @@ class LeasePool:
         self.lease_seconds = lease_seconds
         self.decline_seconds = decline_seconds
         self.offer_seconds = offer_seconds
-        self._reserved = frozenset(int(ipaddress.IPv4Address(a)) for a in reserved)
+        self._reserved = self._configured = frozenset(
+            int(ipaddress.IPv4Address(a)) for a in reserved)
+        # This host's own addresses inside the pool, as its interfaces have them now
+        # (reserve_host): reserved beside the configured ones.
+        self._host: frozenset[int] = frozenset()
         self._network = network
         self._leases: dict[str, Lease] = {}  # mac -> lease
         self._by_ip: dict[str, str] = {}  # ip -> mac (leases)
@@ -122,6 +126,37 @@ class LeasePool:
             return ipaddress.IPv4Address(ip) in self._network
         except ValueError:
             return False
+
+    def reserve_host(self, addresses: Iterable[str]) -> list[Lease]:
+        """This host's IPv4 addresses now (an interface's that came or went: rtnetlink):
+        those inside the pool are never offered, as dnsmasq never offers the address of the
+        interface a request came in on (dhcp.c ``address_allocate``/``address_available``,
+        which read the interfaces' addresses for every packet). An address that stops being
+        this host's is offered again. An offer of a newly reserved address is withdrawn.
+        A live lease of one is left as dnsmasq leaves it: not offered to its client again
+        (a DISCOVER gets another address) and its renewal NAKed ("address not available",
+        rfc2131.c), so the client moves off it at its next renewal or boot; returned, for
+        the caller to say so."""
+        host = frozenset(value for value in (int(ipaddress.IPv4Address(a)) for a in addresses)
+                         if self._start <= value <= self._end)
+        if host == self._host:
+            return []
+        came, went = host - self._host, self._host - host
+        self._host = host
+        self._reserved = self._configured | host
+        for value in sorted(went):
+            if value not in self._reserved:
+                self._given_back(str(ipaddress.IPv4Address(value)))
+        held = []
+        for value in sorted(came):
+            ip = str(ipaddress.IPv4Address(value))
+            offered = self._offered_ip.get(ip)
+            if offered is not None:
+                self._drop_offer(offered)
+            holder = self._by_ip.get(ip)
+            if holder is not None:
+                held.append(self._leases[holder])
+        return held
 
     def declined(self, ip: str, now: float) -> bool:
         until = self._declined.get(ip)
@@ -289,6 +324,8 @@ class LeasePool:
             if candidates and (candidates[0] < self._fresh or self._fresh > self._end):
                 value = heapq.heappop(candidates)
                 self._maybe_free_set.discard(value)
+                if value in self._reserved:  # given back before it became this host's
+                    continue
             elif self._fresh <= self._end:
                 value = self._fresh
                 self._fresh += 1

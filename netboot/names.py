@@ -24,8 +24,10 @@ Records served for zone ``Z`` (e.g. ``netboot.lan``):
   stable name instead of one node's address.
 * ``_k3s._tcp.<cluster>.Z`` and ``_kubernetes._tcp.<cluster>.Z``: ``SRV`` to each registered
   server's ``<hostname>.Z:<k3s_port>``.
-* ``PTR`` in the reverse zones covering the addresses above (``/24`` for IPv4 and ``/64`` for
-  IPv6 unless networks are given), each with its own ``SOA`` and ``NS``.
+* ``PTR`` in the reverse zones covering the addresses above and each of the server's
+  interfaces' (``server_ptrs``: ``<server_name>.Z``, as dnsmasq's ``--interface-name``
+  answers both ways), ``/24`` for IPv4 and ``/64`` for IPv6 unless networks are given, each
+  with its own ``SOA`` and ``NS``.
 """
 
 from __future__ import annotations
@@ -194,6 +196,7 @@ class Zone:
         zone: str,
         server_name: str = "netboot",
         server_addrs: Sequence[str] = (),
+        server_ptrs: Sequence[str] = (),
         ttl: int = 60,
         k3s_port: int = 6443,
         serial: int,
@@ -205,6 +208,9 @@ class Zone:
         Inventory problems (a hostname that is not a DNS label, two machines claiming one
         name) never raise: the entry is skipped and reported in ``skipped``/``conflicts``.
         ``fixed_first``: netboot's DHCP is authoritative (:func:`address_of`).
+        ``server_ptrs``: the server's other addresses (its interfaces'), which get a PTR to
+        the server's name but no ``A`` in the shared zone (each DNS listener answers the
+        server's name with its own address: :meth:`served_at`).
         """
         if not _valid_zone(zone):
             raise ConfigError(
@@ -233,6 +239,15 @@ class Zone:
         builder.claim(server_key, "the server's own name")
         for ip in server_ips:
             builder.address(server_key, ip)
+        ptr_ips = []
+        for text in server_ptrs:
+            try:
+                extra = ipaddress.ip_address(text)
+            except ValueError as exc:
+                raise ConfigError(f"{text!r} is not an IP address",
+                                  key="server.interfaces") from exc
+            if extra not in server_ips and extra not in ptr_ips:
+                ptr_ips.append(extra)
 
         clusters = list(clusters)
         cluster_names: dict[bytes, str] = {}
@@ -280,7 +295,7 @@ class Zone:
             endpoints[cluster_names[clabel]] = tuple(str(ip) for _, ip in members)
 
         # Reverse zones: given networks, or the /24 (IPv4) and /64 (IPv6) of every address.
-        all_ips = [(server_key, ip) for ip in server_ips] + list(machine_ips)
+        all_ips = [(server_key, ip) for ip in (*server_ips, *ptr_ips)] + list(machine_ips)
         if reverse_networks is None:
             nets = {_default_net(ip) for _, ip in all_ips}
         else:

@@ -18,7 +18,7 @@ import ssl
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,9 +216,12 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
     return store, sealer
 
 
-def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
+def prepare_tls(config: Config, advertise: str, sealer: Sealer,
+                addresses: Sequence[str] | None = None) -> Tls | None:
     """The HTTPS certificate: the operator's files, checked, or netboot's own CA's (made on
-    first start, re-issued when it no longer names the advertised address)."""
+    first start, re-issued when it no longer names the advertised address). ``addresses``:
+    the interfaces' addresses devices reach this host at, as the watcher has them now
+    (Service._follow_tls); None: reached_at's, read now."""
     https = config.https
     if not https.enabled:
         return None
@@ -226,11 +229,23 @@ def prepare_tls(config: Config, advertise: str, sealer: Sealer) -> Tls | None:
         return operator_files(https.cert_file, https.key_file, https.ca_file)
     # This host's own names too: the CLI (netboot events --follow) and scripts on the server
     # reach the API at https://127.0.0.1:8443, the only place plain HTTP would also answer.
+    if addresses is None:
+        addresses = [address for _, address in reached_at(config, advertise)]
     names = server_names(advertise, config.http.public_url, (
         *([h] if (h := _url_host(https.public_url)) else []), *https.names,
-        *LOCAL_NAMES, *(address for _, address in reached_at(config, advertise))))
+        *LOCAL_NAMES, *addresses))
     authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
     return authority.server_certificate(names)
+
+
+def _read_or_empty(tls: Tls | None) -> bytes:
+    """The certificate file's bytes (b"": none, or unreadable): whether a re-issue wrote it."""
+    if tls is None:
+        return b""
+    try:
+        return tls.cert_file.read_bytes()
+    except OSError:
+        return b""
 
 
 def _url_host(url: str | None) -> str | None:
@@ -539,8 +554,9 @@ class Service:
     advertise: str
     new_admin_token_file: Path | None = None
     tls: Tls | None = None
-    # Prepares the certificate again (re-issued if due, or the operator's files re-read).
-    tls_source: Callable[[], Tls | None] | None = None
+    # Prepares the certificate again (re-issued if due, or the operator's files re-read),
+    # naming the addresses given (None: those read now; prepare_tls).
+    tls_source: Callable[[Sequence[str] | None], Tls | None] | None = None
     tls_context: ssl.SSLContext | None = None
     metrics: Metrics = field(default_factory=Metrics)
     # The shared database's clock against this host's (a store with a ServerClock).
@@ -569,6 +585,8 @@ class Service:
     watcher: Any = None
     _dns_by_address: dict[str, Any] = field(default_factory=dict)
     _dns_changed: asyncio.Event | None = None
+    _tls_changed: asyncio.Event | None = None  # set: the certificate follows the addresses
+    _tls_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _event_cursor: int = -1
     _zone_holder: Any = None
     _zone_fingerprint: int | None = None
@@ -662,6 +680,12 @@ class Service:
             if cfg.https.port == 0 and not cfg.https.public_url:
                 self.url_holder["https"] = f"https://{self.advertise}:{self.https_port}"
             self.tasks.append(asyncio.ensure_future(self._renew_tls_periodically()))
+            if not cfg.https.cert_file and by_reach(cfg, self.advertise):
+                # The certificate names each interface's address (reached_at): one that
+                # comes later is named too, re-issued by netboot's CA within a second.
+                self._tls_changed = changed = asyncio.Event()
+                (await self._watcher()).subscribe(lambda _: changed.set())
+                self.tasks.append(asyncio.ensure_future(self._follow_tls()))
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
@@ -672,7 +696,11 @@ class Service:
                               single_port=cfg.tftp.single_port,
                               interfaces=list(cfg.server.interfaces) or None,
                               observer=self.metrics,
-                              by_address=self.content.by_address())
+                              by_address=self.content.by_address(),
+                              # Named interfaces followed as they come and go (0.0.0.0
+                              # without: every interface's datagrams reach it already).
+                              watcher=await self._watcher() if cfg.server.interfaces
+                              else None)
             await tftp.start()
             self.metrics.read_tftp_stats(lambda: tftp.stats)
             self.servers.append(tftp)
@@ -746,10 +774,50 @@ class Service:
         CA re-issues it when it is due; an operator's renewed files are read again."""
         if self.tls_source is None or self.tls_context is None:
             return
-        tls = self.tls_source()
+        tls = self.tls_source(self._tls_addresses())
         if tls is not None:
-            tls.load_into(self.tls_context)
-            self.tls = tls
+            self._use_tls(tls)
+
+    def _use_tls(self, tls: Tls) -> None:
+        """Loaded into the listener's context: the handshakes from now on use it; a
+        connection open already keeps the certificate it was given (an SSL object copies
+        its context's certificate when it is made)."""
+        assert self.tls_context is not None
+        tls.load_into(self.tls_context)
+        self.tls = tls
+
+    def _tls_addresses(self) -> list[str] | None:
+        """The interfaces' addresses the certificate names where they are followed (no
+        default route, netboot's own CA: _follow_tls), as the watcher has them now, each
+        one, secondaries too; else None (prepare_tls reads them)."""
+        if self._tls_changed is None or self.watcher is None:
+            return None
+        return self._dns_addresses(self.watcher.addresses())
+
+    async def _follow_tls(self) -> None:
+        """The certificate re-issued when an address comes that it does not name (the CA's
+        check: Authority.server_certificate), in a thread (a new RSA key is ~0.1 s of CPU,
+        the event loop serves meanwhile), then loaded for new connections. An address that
+        goes away stays named until the next re-issue."""
+        assert self._tls_changed is not None and self.tls_source is not None
+        while True:
+            await self._tls_changed.wait()
+            self._tls_changed.clear()
+            addresses = self._tls_addresses()
+            current = self.tls
+            try:
+                async with self._tls_lock:  # one writer of the CA's files at a time
+                    before = await asyncio.to_thread(_read_or_empty, current)
+                    tls = await asyncio.to_thread(self.tls_source, addresses)
+                    if tls is None or await asyncio.to_thread(_read_or_empty, tls) == before:
+                        continue
+                    self._use_tls(tls)
+            except (ConfigError, OSError, ssl.SSLError) as exc:
+                log.error("HTTPS certificate not re-issued for %s, keeping the loaded one: "
+                          "%s", ", ".join(addresses or ()), exc)
+                continue
+            log.info("https: the certificate now names %s; new connections get it",
+                     ", ".join(addresses or ()))
 
     async def _renew_tls_periodically(self) -> None:
         # Twice a day is far inside the 30 days of RENEW_BEFORE; a failure keeps the loaded
@@ -757,7 +825,8 @@ class Service:
         while True:
             await asyncio.sleep(12 * 3600)
             try:
-                self.reload_tls()
+                async with self._tls_lock:
+                    self.reload_tls()
             except (ConfigError, OSError, ssl.SSLError) as exc:
                 log.error("HTTPS certificate not renewed, keeping the loaded one: %s", exc)
 
@@ -835,6 +904,9 @@ class Service:
         from netboot.names import ZoneHolder
 
         cfg = self.config
+        if cfg.server.interfaces or by_reach(cfg, self.advertise):
+            # Each interface's address points back at the server's name (PTR), followed.
+            await self._watcher()
         self._zone_holder = ZoneHolder(await self._build_zone())
         upstreams = []
         for item in cfg.dns.upstreams:
@@ -863,12 +935,18 @@ class Service:
             self.tasks.append(asyncio.ensure_future(self._follow_dns(upstreams)))
 
         limited = RateLimitedLog(log)
+        due = asyncio.Event()
+        if self.watcher is not None:
+            self.watcher.subscribe(lambda _: due.set())  # an address's PTR at once
 
         async def refresh() -> None:
             # Registrations and failures change cluster endpoints; a bounded staleness of a
             # couple of seconds keeps the answer path free of inventory reads.
             while True:
-                await asyncio.sleep(2.0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await due.wait()
+                due.clear()
                 try:
                     await self.refresh_zone()
                 except StoreError as exc:  # every 2 s while the disk is broken: no traceback
@@ -887,6 +965,17 @@ class Service:
             self.watcher = InterfaceWatcher()
             await self.watcher.start()
         return self.watcher
+
+    def _interface_addresses(self) -> list[str]:
+        """The addresses of the interfaces served, as they are now: each interface's on a
+        host without a default route (by_reach), the named interfaces' where some are named,
+        else none (the advertised address alone). The zone gives each a PTR to the server's
+        name (dnsmasq's --interface-name answers both ways)."""
+        if self.watcher is None:
+            return []
+        named = self.config.server.interfaces
+        return self._dns_addresses(a for a in self.watcher.addresses()
+                                   if not named or a.name in named)
 
     @staticmethod
     def _dns_addresses(addresses: Any) -> list[str]:
@@ -938,7 +1027,9 @@ class Service:
         cfg = self.config
         machines = await self.store.list_machines(MachineFilter(limit=10_000_000))
         clusters = await self.store.list_clusters()
+        ptrs = self._interface_addresses()
         fingerprint = hash((
+            tuple(ptrs),
             # fixed_ipv4: an address of the zone too (names.address_of), s36-journey.
             tuple((m.id, m.hostname, m.ipv4, m.fixed_ipv4, m.state, m.role, m.cluster)
                   for m in machines),
@@ -948,6 +1039,7 @@ class Service:
         self._zone_fingerprint = fingerprint
         self._zone_serial = max(self._zone_serial + 1, int(time.time()))
         zone = Zone.build(machines, clusters, zone=cfg.dns.zone, server_addrs=[self.advertise],
+                          server_ptrs=ptrs,
                           ttl=cfg.dns.ttl, serial=self._zone_serial,
                           fixed_first=cfg.dhcp.mode == "authoritative")
         for problem in (*zone.conflicts, *zone.skipped):
@@ -1181,7 +1273,8 @@ async def build(config: Config, *, app: bool = True) -> Service:
         service = Service(config, store, core.enroller, core.boot, core.content,
                           make_app() if app else None, advertise,
                           new_admin_token_file=new_token, tls=tls, url_holder=holder,
-                          tls_source=lambda: prepare_tls(config, advertise, sealer),
+                          tls_source=lambda addresses: prepare_tls(config, advertise,
+                                                                   sealer, addresses),
                           metrics=metrics, events=events, front=front, app_factory=make_app,
                           clock_skew=skew)
     except BaseException:

@@ -56,6 +56,44 @@ def test_reserved_addresses_skipped() -> None:
     assert p.size == 2
 
 
+def test_an_address_that_becomes_the_hosts_is_not_offered_and_its_lease_moves() -> None:
+    """An interface that comes up with an address inside the pool (rtnetlink, s38-net):
+    not offered from then on, as dnsmasq never offers its interface's address; an offer of
+    it withdrawn; a lease of it not offered to its client again and its renewal NAKed
+    (dnsmasq's "address not available"), so the client moves; given back when the host lets
+    go of it. Before, only the addresses known at start were reserved."""
+    p = LeasePool("192.0.2.100", "192.0.2.104", lease_seconds=3600, decline_seconds=600,
+                  offer_seconds=60, reserved=["192.0.2.1"])
+    leased = p.request(A, "192.0.2.100", T0)
+    assert leased is not None
+    assert p.offer(B, T0) == "192.0.2.101"
+    p.release(C, "192.0.2.102")  # nothing: C holds nothing
+    # .100 (A's lease), .101 (B's offer) and .103 become this host's; .1 is outside the pool.
+    held = p.reserve_host(["192.0.2.1", "192.0.2.100", "192.0.2.101", "192.0.2.103"])
+    assert held == [leased]
+    assert p.size == 2
+    assert not p.in_pool("192.0.2.100") and not p.in_pool("192.0.2.103")
+    assert p.offer(B, T0 + 1) == "192.0.2.102"  # its offer of .101 withdrawn
+    assert p.request(A, "192.0.2.100", T0 + 2) is None  # a renewal: NAK
+    assert p.offer(A, T0 + 3) == "192.0.2.104"  # another address, not its lease's
+    assert p.request(A, "192.0.2.104", T0 + 4, selecting=True) is not None
+    assert p.offer(C, T0 + 5) is None  # .102 offered to B, .104 A's: nothing else
+    assert p.reserve_host(["192.0.2.1", "192.0.2.100", "192.0.2.101", "192.0.2.103"]) == []
+    # .101 and .103 let go of: offered again, the lowest first.
+    assert p.reserve_host(["192.0.2.100"]) == []
+    assert p.offer(C, T0 + 6) == "192.0.2.101"
+    assert p.in_pool("192.0.2.103") and p.size == 4
+
+
+def test_an_address_given_back_then_made_the_hosts_is_not_offered() -> None:
+    """An address among the pool's free candidates (released) that becomes the host's."""
+    p = pool()
+    assert p.request(A, "192.0.2.100", T0) is not None
+    p.release(A, "192.0.2.100")
+    p.reserve_host(["192.0.2.100"])
+    assert p.offer(B, T0 + 1) == "192.0.2.101"
+
+
 def test_renew_extends_lease() -> None:
     p = pool()
     p.offer(A, T0)

@@ -210,6 +210,25 @@ def test_ptr_in_reverse_zone() -> None:
     assert rdata(ask(zone, "0.0.10.in-addr.arpa", "SOA")) != []
 
 
+def test_each_interfaces_address_points_back_at_the_server() -> None:
+    """server_ptrs (each interface's address, s38-net): a PTR to the server's name in its
+    own reverse zone, as dnsmasq's --interface-name answers both ways; no A for it in the
+    shared zone (each listener answers its own: served_at); one already a server address or
+    listed twice is one PTR; a machine at one of them keeps its A, the PTR is the server's."""
+    machines = [*inventory(), machine(9, hostname="squat", ipv4="198.51.100.10")]
+    zone = build(machines, server_ptrs=["192.0.2.10", "198.51.100.10", "10.0.0.1",
+                                        "192.0.2.10"])
+    assert rdata(ask(zone, "10.2.0.192.in-addr.arpa", "PTR")) == ["netboot.netboot.lan."]
+    assert rdata(ask(zone, "10.100.51.198.in-addr.arpa", "PTR")) == ["netboot.netboot.lan."]
+    assert rdata(ask(zone, "1.0.0.10.in-addr.arpa", "PTR")) == ["netboot.netboot.lan."]
+    assert rdata(ask(zone, "netboot.netboot.lan", "A")) == ["10.0.0.1"]
+    assert rdata(ask(zone, "squat.netboot.lan", "A")) == ["198.51.100.10"]
+    assert "198.51.100.10: more than one name; PTR kept for the first" in zone.conflicts
+    assert ask(zone, "11.2.0.192.in-addr.arpa", "PTR").header.rcode == NXDOMAIN
+    with pytest.raises(ConfigError):
+        build(server_ptrs=["eth0"])
+
+
 def test_explicit_reverse_networks() -> None:
     zone = build(reverse_networks=["10.0.0.0/16"])
     assert rdata(ask(zone, "11.0.0.10.in-addr.arpa", "PTR")) == ["node1.netboot.lan."]

@@ -9,6 +9,7 @@ each device with the address its request came in on.
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from tests.test_service_reached_netns import (
     MAC_B,
     SUBNETS,
     connect,
+    curl,
     env,
     ip,
     namespaces,
@@ -46,21 +48,34 @@ def one_subnet() -> Iterator[dict[str, str]]:
     yield from namespaces("s37net", ("a",))
 
 
-def resolve(ns: str, server: str, name: str = "netboot.netboot.lan") -> str:
-    """The A records of ``name`` asked from ``ns`` of ``server``:53 (or the error's name)."""
-    script = ("import sys, dns.message, dns.query\n"
-              "q = dns.message.make_query(sys.argv[2], 'A')\n"
+def ask(ns: str, server: str, name: str, qtype: str) -> str:
+    """The answers' data (addresses, names) to ``name`` ``qtype`` asked from ``ns`` of
+    ``server``:53, sorted; the rcode's name when none, or the error's."""
+    script = ("import sys, dns.message, dns.query, dns.rcode\n"
+              "q = dns.message.make_query(sys.argv[2], sys.argv[3])\n"
               "try:\n"
               "    r = dns.query.udp(q, sys.argv[1], timeout=1)\n"
-              "    print(' '.join(sorted(i.address for s in r.answer for i in s)))\n"
+              "    found = sorted(i.to_text() for s in r.answer for i in s)\n"
+              "    print(' '.join(found) or dns.rcode.to_text(r.rcode()))\n"
               "except Exception as exc:\n"
               "    print(type(exc).__name__)\n")
     done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script, server,
-                           name], capture_output=True, timeout=30, text=True, env=env())
+                           name, qtype], capture_output=True, timeout=30, text=True, env=env())
     return done.stdout.strip() or done.stderr.strip()
 
 
-def config(tmp_path: Path, dhcp: bool = True) -> tuple[str, ...]:
+def resolve(ns: str, server: str, name: str = "netboot.netboot.lan") -> str:
+    """The A records of ``name`` asked from ``ns`` of ``server``:53."""
+    return ask(ns, server, name, "A")
+
+
+def reverse(ns: str, server: str, address: str) -> str:
+    """The PTR names of ``address`` asked from ``ns`` of ``server``:53."""
+    return ask(ns, server, ipaddress.ip_address(address).reverse_pointer, "PTR")
+
+
+def config(tmp_path: Path, dhcp: bool = True, *, interfaces: tuple[str, ...] = (),
+           tftp: bool = False, https: bool = False) -> tuple[str, ...]:
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
@@ -69,7 +84,9 @@ def config(tmp_path: Path, dhcp: bool = True) -> tuple[str, ...]:
     path = tmp_path / "netboot.yaml"
     # No server.advertise, no interfaces: a newcomer's first run; DNS on.
     path.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\n"
-                    f"tftp:\n  enabled: false\nhttps:\n  enabled: false\n"
+                    + (f"  interfaces: [{', '.join(interfaces)}]\n" if interfaces else "")
+                    + f"tftp:\n  enabled: {str(tftp).lower()}\n"
+                    f"https:\n  enabled: {str(https).lower()}\n"
                     f"dns:\n  enabled: true\n"
                     + ("" if dhcp else "dhcp:\n  mode: \"off\"\n")
                     + f"assets:\n  dirs: [{assets}]\n")
@@ -139,4 +156,131 @@ def test_an_interface_that_comes_up_after_start_gets_dhcp_and_dns(
     assert "dns: listening on 198.51.100.10:53" in log, log
     assert "dhcp: stopped listening on vb (its address went away)" in log, log
     assert "dns: stopped listening on 198.51.100.10 (the address went away)" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_each_interfaces_address_has_a_ptr_to_the_server_following_it(
+        one_subnet: dict[str, str], tmp_path: Path) -> None:
+    """Each DNS listener answered the server's name with its interface's address (s37-net),
+    but the reverse was unknown: a PTR query for 192.0.2.10 got NXDOMAIN (the reverse zones
+    held 127.0.0.1's alone). Now each interface's address has a PTR to netboot.<zone>, as
+    dnsmasq's --interface-name answers both ways, following the addresses: one that comes
+    up after start gets its PTR within about a second, one removed loses it."""
+    subnets = one_subnet
+    cfg = config(tmp_path, dhcp=False)
+    server = "netboot.netboot.lan."
+    with serving(cfg, subnets, tmp_path):
+        at_start = reverse(subnets["a"], "192.0.2.10", "192.0.2.10")
+        connect(subnets, "b")
+        came = until(lambda: reverse(subnets["a"], "192.0.2.10", "198.51.100.10") == server,
+                     10)
+        over_b = reverse(subnets["b"], "198.51.100.10", "198.51.100.10")
+        ip("-n", subnets["srv"], "addr", "del", "198.51.100.10/24", "dev", "vb")
+        went = until(lambda: reverse(subnets["a"], "192.0.2.10", "198.51.100.10")
+                     == "NXDOMAIN", 10)
+    log = (tmp_path / "serve.log").read_text()
+    assert at_start == server, (at_start, log)
+    assert came is not None and came < 3, (came, log)
+    assert over_b == server, over_b
+    assert went is not None and went < 3, (went, log)
+    assert "Traceback" not in log, log
+
+
+def tftp_get(ns: str, server: str, name: str) -> bytes:
+    """``name`` fetched over TFTP from ``ns`` (curl; empty when it failed)."""
+    done = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "5", "-o", "-",
+                           f"tftp://{server}/{name}"], capture_output=True, timeout=20)
+    return done.stdout if done.returncode == 0 else b""
+
+
+def test_tftp_on_named_interfaces_follows_one_that_comes_up_after_start(
+        one_subnet: dict[str, str], tmp_path: Path) -> None:
+    """``server.interfaces: [va, vb]``, vb made after ``netboot serve`` started (a VLAN, a
+    USB NIC). TFTP bound each named interface once at start: vb, not there yet, failed the
+    start (SO_BINDTODEVICE: no such device) and one made again later was never heard (its
+    socket held the old device's index). Now, as DHCP and DNS since S37 (dnsmasq's
+    --bind-dynamic), TFTP listens on a named interface while it has an IPv4 address: vb's
+    RRQ is answered within about a second of its address; the interface deleted, its
+    sockets go; made again, it is served again."""
+    subnets = one_subnet
+    cfg = config(tmp_path, interfaces=("va", "vb"), tftp=True)
+    want = b"UNDI" * 100
+    with serving(cfg, subnets, tmp_path):
+        at_a = tftp_get(subnets["a"], "192.0.2.10", "undionly.kpxe")
+        connect(subnets, "b")
+        came = until(lambda: udp_sockets(subnets["srv"], "%vb:69") == 1, 10)
+        at_b = tftp_get(subnets["b"], "198.51.100.10", "undionly.kpxe")
+        ip("-n", subnets["srv"], "link", "del", "vb")
+        went = until(lambda: udp_sockets(subnets["srv"], "%vb:") == 0, 10)
+        connect(subnets, "b")  # the same name, a new device
+        again = until(lambda: tftp_get(subnets["b"], "198.51.100.10", "undionly.kpxe")
+                      == want, 10)
+    log = (tmp_path / "serve.log").read_text()
+    assert at_a == want, log
+    assert came is not None and came < 3, (came, log)
+    assert at_b == want, log
+    assert went is not None and went < 3, (went, log)
+    assert again is not None and again < 5, (again, log)
+    assert "tftp: interface vb has no IPv4 address (yet): served once it has one" in log, log
+    assert "tftp listening on 0.0.0.0:69 on vb" in log, log
+    assert "tftp: stopped listening on vb (its address went away)" in log, log
+    assert "Traceback" not in log, log
+
+
+# One TLS connection kept open: a request, its certificate's addresses, then (a line on
+# stdin) a second request on the same connection.
+KEPT_TLS = r"""import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+sock = ctx.wrap_socket(socket.create_connection((sys.argv[1], 8443), timeout=10),
+                       server_hostname=sys.argv[1])
+def get():
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    return head.split(b" ")[1].decode()
+names = sorted(v for k, v in sock.getpeercert()["subjectAltName"] if k == "IP Address")
+print(get(), ",".join(names), flush=True)
+sys.stdin.readline()
+print(get(), flush=True)
+"""
+
+
+def test_the_https_certificate_names_an_interface_that_comes_up_after_start(
+        one_subnet: dict[str, str], tmp_path: Path) -> None:
+    """No default route, netboot's own CA: the certificate names each interface's address
+    (s36-user), but only those found at start; vb, up later, was served over DHCP, DNS and
+    plain HTTP, and its HTTPS clients refused the certificate (curl: no alternative subject
+    name matches, exit 60) until a restart. Now the certificate is re-issued by netboot's
+    CA within about a second of the address and loaded for new connections; a connection
+    open already goes on with the certificate it was given."""
+    subnets = one_subnet
+    cfg = config(tmp_path, dhcp=False, https=True)
+    ca = str(tmp_path / "data" / "tls" / "ca.pem")
+    with serving(cfg, subnets, tmp_path):
+        kept = subprocess.Popen(["ip", "netns", "exec", subnets["a"], sys.executable, "-c",
+                                 KEPT_TLS, "192.0.2.10", ca], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert kept.stdout is not None and kept.stdin is not None
+            first = kept.stdout.readline().split()
+            connect(subnets, "b")
+            came = until(lambda: curl(subnets["b"], "https://198.51.100.10:8443/healthz",
+                                      "--cacert", ca)[0] == 200, 10)
+            kept.stdin.write("\n")
+            kept.stdin.flush()
+            second = kept.stdout.readline().split()
+            kept.wait(20)
+        finally:
+            if kept.poll() is None:
+                kept.kill()  # this test's own client, by its handle
+                kept.wait(10)
+        side_a = curl(subnets["a"], "https://192.0.2.10:8443/healthz", "--cacert", ca)[0]
+    log = (tmp_path / "serve.log").read_text()
+    assert first == ["200", "0:0:0:0:0:0:0:1,127.0.0.1,192.0.2.10"], first
+    assert came is not None and came < 5, (came, log)
+    assert second == ["200"], (second, log)
+    assert side_a == 200
+    assert "https: the certificate now names 192.0.2.10, 198.51.100.10; new connections " \
+        "get it" in log, log
     assert "Traceback" not in log, log

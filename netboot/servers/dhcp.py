@@ -326,6 +326,7 @@ class DhcpServer:
                              "served once it has one")
             if self._settings.mode == "authoritative":
                 await self.load_pool(list(targets.values()))
+                self._reserve_host(addresses)
             self._wake = asyncio.Event()
             self._writer = asyncio.create_task(self._write_leases(), name="dhcp-lease-writer")
             self._summarise = asyncio.create_task(self._summaries(), name="dhcp-summary")
@@ -385,7 +386,19 @@ class DhcpServer:
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
 
+    def _reserve_host(self, addresses: Addresses) -> None:
+        """This host's addresses kept out of the pool as they come and go (an interface's
+        that came up later inside it: netboot leased its own address, s37-net's "left")."""
+        if self.pool is None:
+            return
+        for lease in self.pool.reserve_host(a.address for a in addresses):
+            _log.warning("dhcp: %s is now an address of this host, and leased to %s until %s: "
+                         "its renewal is refused and it is offered another address (as "
+                         "dnsmasq does)", lease.ipv4, lease.mac,
+                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.expires)))
+
     def _on_addresses(self, addresses: Addresses) -> None:
+        self._reserve_host(addresses)
         networks = self._served_networks(addresses)
         if networks != self._networks:
             self._networks = networks

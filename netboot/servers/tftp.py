@@ -91,6 +91,7 @@ from netboot.files import clean_relative
 from netboot.logs import RateLimitedLog, log_line
 from netboot.model import Blob
 from netboot.servers import sockets
+from netboot.servers.interfaces import Addresses, InterfaceWatcher
 from netboot.servers.udp import (
     Address,
     BoundaryProtocol,
@@ -1090,8 +1091,18 @@ class TftpServer:
         single_port: bool = False,
         observer: TftpObserver | None = None,
         by_address: bool = False,
+        watcher: InterfaceWatcher | None = None,
     ) -> None:
         self._files = files
+        # With interfaces named: the host's addresses as they come and go (dnsmasq's
+        # --bind-dynamic, as DHCP and DNS follow them): a named interface is listened on
+        # while it has an IPv4 address, by its index (one deleted and made again, a VLAN's
+        # or a USB NIC's, is a new device its old socket never hears). None: bound once.
+        self._watcher = watcher
+        self._ifindex: dict[str, int] = {}
+        self._changed: asyncio.Event | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._draining: set[asyncio.Task[None]] = set()
         # The files' answers name the address a request came in on (Content.by_address: a
         # host without a default route and no --advertise, whose base URL is 127.0.0.1, a
         # device's own loopback): each lookup is given a way to ask it (_Link.local_for),
@@ -1178,8 +1189,18 @@ class TftpServer:
         if self.max_transfers < 1 or self.max_per_client < 1:
             raise ConfigError("must be at least 1", key="tftp.max_transfers")
         failed: BaseException | None = None
+        following = bool(self.interfaces) and self._watcher is not None
         try:
             ifaces: list[str | None] = [*self.interfaces] or [None]
+            if following:
+                present = self._present()
+                for name in self.interfaces:
+                    if name not in present:
+                        log.warning("tftp: interface %s has no IPv4 address (yet): served "
+                                    "once it has one", name)
+                ifaces = [name for name in self.interfaces if name in present]
+                self._ifindex = {name: present[name] for name in self.interfaces
+                                 if name in present}
             for iface in ifaces:
                 await self._listen(iface)
         except BaseException as exc:
@@ -1187,6 +1208,11 @@ class TftpServer:
         if failed is not None:  # closed outside the handler: see recorder._write_group
             await self.close()
             raise failed
+        if following:
+            assert self._watcher is not None
+            self._changed = asyncio.Event()
+            self._watcher.subscribe(self._on_addresses)
+            self._follower = asyncio.create_task(self._follow(), name="tftp-interfaces")
         log.info(
             "tftp listening on %s:%d%s (max blksize %d)",
             self.host, self.port,
@@ -1222,8 +1248,76 @@ class TftpServer:
         self._listeners.append((transport, boundary))
         self._links[iface].listener = transport
 
+    def _present(self) -> dict[str, int]:
+        """The named interfaces that have an IPv4 address now, and their indexes."""
+        assert self._watcher is not None
+        present: dict[str, int] = {}
+        for entry in self._watcher.addresses():
+            if entry.name in self.interfaces and entry.name not in present:
+                present[entry.name] = entry.ifindex
+        return present
+
+    def _on_addresses(self, addresses: Addresses) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def _follow(self) -> None:
+        assert self._changed is not None
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Listen on each named interface that has an IPv4 address, and on no other."""
+        wanted = self._present()
+        for name, index in list(self._ifindex.items()):
+            if wanted.get(name) != index:
+                del self._ifindex[name]
+                self._let_go(name)
+                log.info("tftp: stopped listening on %s (%s)", name,
+                         "its address went away" if name not in wanted
+                         else "the interface was made again")
+        for name, index in wanted.items():
+            if name in self._ifindex:
+                continue
+            try:
+                await self._listen(name)
+            except (ConfigError, OSError) as exc:
+                self.limited.log(logging.WARNING, f"listen {name}",
+                                 "tftp: cannot listen on %s: %s", name, exc)
+                continue
+            self._ifindex[name] = index
+            log.info("tftp listening on %s:%d on %s", self.host, self.port, name)
+
+    def _let_go(self, iface: str) -> None:
+        """One interface's listener, data socket and transfers closed (its device went
+        away, or was made again under another index)."""
+        link = self._links.pop(iface, None)
+        if link is None:
+            return
+        for transport, boundary in list(self._listeners):
+            if transport is link.listener:
+                self._listeners.remove((transport, boundary))
+                transport.close()
+                task = asyncio.ensure_future(boundary.drain())
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+        for transfer in list(link._transfers.values()):
+            transfer.close()
+        link.close()
+
     async def close(self) -> None:
         self._closing = True
+        if self._watcher is not None:
+            self._watcher.unsubscribe(self._on_addresses)
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        for task in list(self._draining):
+            await task
         for transport, _ in self._listeners:
             transport.close()
         for _, proto in self._listeners:
