@@ -544,3 +544,26 @@ def test_a_classified_request_holds_each_fact_in_its_own_field() -> None:
     assert boot_request_of_values(values) == BootRequest(*values)
     with pytest.raises(ValueError):
         boot_request_of_values(values[:-1])
+
+
+def test_uuid_text_is_what_the_uuid_module_makes_of_either_byte_order() -> None:
+    """pxe._uuid's text, worked from the option's hex digits (s38-dhcp1st), against
+    uuid.UUID for random values: EFI and iPXE in EFI byte order (bytes_le), U-Boot in
+    RFC 4122's; the placeholders and malformed values none."""
+    import random
+
+    from netboot.model import Firmware
+
+    rng = random.Random(38)
+    for _ in range(500):
+        value = uuid.UUID(bytes=rng.randbytes(16))
+        for firmware in (Firmware.UEFI, Firmware.IPXE, Firmware.BIOS, Firmware.UEFI_HTTP):
+            assert pxe._uuid(b"\x00" + value.bytes_le, firmware) == str(value)
+        assert pxe._uuid(b"\x00" + value.bytes, Firmware.UBOOT) == str(value)
+        assert pxe._uuid(b"\x00" + value.bytes, Firmware.RPI) is None
+        assert pxe._uuid(b"\x01" + value.bytes, Firmware.UEFI) is None
+        assert pxe._uuid(value.bytes, Firmware.UEFI) is None
+    for firmware in (Firmware.UEFI, Firmware.UBOOT):
+        assert pxe._uuid(b"\x00" + bytes(16), firmware) is None
+        assert pxe._uuid(b"\x00" + b"\xff" * 16, firmware) is None
+        assert pxe._uuid(None, firmware) is None
