@@ -567,3 +567,31 @@ def test_uuid_text_is_what_the_uuid_module_makes_of_either_byte_order() -> None:
         assert pxe._uuid(b"\x00" + bytes(16), firmware) is None
         assert pxe._uuid(b"\x00" + b"\xff" * 16, firmware) is None
         assert pxe._uuid(None, firmware) is None
+
+
+def test_a_request_and_a_packet_of_the_same_bytes_classify_alike() -> None:
+    """classify reads a parsed Request's options through its dict (pxe._options) and a
+    Packet's through option() (s38-dhcp1st): every captured client datagram, and each with
+    a Pi's option 43 and a hostname added, classifies to the same Client either way, by
+    classify and by a Classifier (whose second reading of a shape is from memory)."""
+    datagrams = [d.payload for path in all_captures() for d in dhcp_datagrams(capture(path.stem))]
+    extra = [dhcp.encode(with_option(with_option(dhcp.parse(data), Opt.VENDOR_SPECIFIC,
+                                                 b"\x09\x0cRaspberry Pi"), Opt.HOSTNAME, b"n1"))
+             for data in datagrams[:20]]
+    classifier = pxe.Classifier(SETTINGS)
+    seen = 0
+    for data in datagrams + extra:
+        try:
+            packet = dhcp.parse(data)
+        except Exception:
+            continue
+        request = dhcp.parse_request(data)
+        if packet.op != Op.REQUEST:
+            continue
+        expected = pxe.classify(packet, SETTINGS, "0.0.0.0", "eth0")
+        assert pxe.classify(request, SETTINGS, "0.0.0.0", "eth0") == expected
+        for _ in range(2):
+            assert classifier.classify(request, "0.0.0.0", "eth0") == expected
+            assert classifier.classify(packet, "0.0.0.0", "eth0") == expected
+        seen += 1
+    assert seen > 40
