@@ -177,6 +177,7 @@ _CLIENT_ARCH, _USER_CLASS, _ETHERBOOT, _PARAMETER_REQUEST_LIST = 93, 77, 175, 55
 _TFTP_SERVER_NAME, _BOOTFILE_NAME, _RELAY_AGENT_INFO = 66, 67, 82
 _DISCOVER, _REQUEST = MessageType.DISCOVER, MessageType.REQUEST
 _RPI, _UBOOT = Firmware.RPI, Firmware.UBOOT
+_NO_ADDRESS = bytes(4)  # 0.0.0.0 as sent
 # Option 97's values that mean "no UUID" (_uuid): type 0 and all zeros (QEMU without -uuid)
 # or all FF.
 _NO_UUIDS = (bytes(17), b"\0" + b"\xff" * 16)
@@ -547,7 +548,8 @@ class ProxyReplies:
                pxe_port: bool) -> tuple[bytes, Packet]:
         """The reply's bytes (padded to MIN_PACKET_SIZE) and a Packet that tells its message
         type and file (its other fields may be another device's). Raises Unanswerable."""
-        if request.giaddr != ZERO_IP and request.option(_RELAY_AGENT_INFO) is not None:
+        giaddr = request.giaddr
+        if giaddr != ZERO_IP and request.option(_RELAY_AGENT_INFO) is not None:
             # Echoed per request (RFC 3046 §2.2): relayed ones only, never a template.
             reply = proxy_reply(request, client, stage, server_ip=server_ip,
                                 settings=self._settings, pxe_port=pxe_port)
@@ -579,7 +581,8 @@ class ProxyReplies:
         out[10:12] = flags.to_bytes(2, "big")
         if pxe_port:
             out[12:16] = ip_option(request.ciaddr)
-        out[24:28] = ip_option(request.giaddr)
+        # (0.0.0.0, a request not relayed, without ip_option's two calls: s38-dhcp1st.)
+        out[24:28] = _NO_ADDRESS if giaddr == ZERO_IP else ip_option(giaddr)
         out[28:44] = request.chaddr
         if uuid is not None:
             out[held.uuid_at:held.uuid_at + len(uuid)] = uuid

@@ -92,3 +92,20 @@ def test_stages_differing_only_in_reason_or_chain_share_a_template(shape: str,
         assert data == dhcp.encode(built, pad_to=dhcp.MIN_PACKET_SIZE)
         assert (reply.message_type, reply.file_name) == (built.message_type, built.file_name)
     assert len(replies._held) == 1
+
+
+def test_a_template_made_for_a_relayed_request_answers_one_not_relayed_and_back() -> None:
+    """giaddr is patched per reply, whatever the template was made from: relayed (without
+    option 82, so templated) then not, and the other way round, each the bytes built."""
+    settings = DhcpSettings()
+    for first, then in (("198.51.100.1", dhcp.ZERO_IP), (dhcp.ZERO_IP, "198.51.100.1")):
+        replies = ProxyReplies(settings)
+        for i, giaddr in enumerate((first, then, first), 1):
+            packet = request(i, giaddr=giaddr)
+            client = classify(packet, settings, "0.0.0.0")
+            stage = FirstStage("snponly.efi")
+            built = proxy_reply(packet, client, stage, server_ip=SERVER_IP, settings=settings,
+                                pxe_port=False)
+            data, _ = replies.encode(packet, client, stage, server_ip=SERVER_IP, pxe_port=False)
+            assert data == dhcp.encode(built, pad_to=dhcp.MIN_PACKET_SIZE), (first, i)
+        assert len(replies._held) == 1
