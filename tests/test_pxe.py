@@ -544,3 +544,54 @@ def test_a_classified_request_holds_each_fact_in_its_own_field() -> None:
     assert boot_request_of_values(values) == BootRequest(*values)
     with pytest.raises(ValueError):
         boot_request_of_values(values[:-1])
+
+
+def test_uuid_text_is_what_the_uuid_module_makes_of_either_byte_order() -> None:
+    """pxe._uuid's text, worked from the option's hex digits (s38-dhcp1st), against
+    uuid.UUID for random values: EFI and iPXE in EFI byte order (bytes_le), U-Boot in
+    RFC 4122's; the placeholders and malformed values none."""
+    import random
+
+    from netboot.model import Firmware
+
+    rng = random.Random(38)
+    for _ in range(500):
+        value = uuid.UUID(bytes=rng.randbytes(16))
+        for firmware in (Firmware.UEFI, Firmware.IPXE, Firmware.BIOS, Firmware.UEFI_HTTP):
+            assert pxe._uuid(b"\x00" + value.bytes_le, firmware) == str(value)
+        assert pxe._uuid(b"\x00" + value.bytes, Firmware.UBOOT) == str(value)
+        assert pxe._uuid(b"\x00" + value.bytes, Firmware.RPI) is None
+        assert pxe._uuid(b"\x01" + value.bytes, Firmware.UEFI) is None
+        assert pxe._uuid(value.bytes, Firmware.UEFI) is None
+    for firmware in (Firmware.UEFI, Firmware.UBOOT):
+        assert pxe._uuid(b"\x00" + bytes(16), firmware) is None
+        assert pxe._uuid(b"\x00" + b"\xff" * 16, firmware) is None
+        assert pxe._uuid(None, firmware) is None
+
+
+def test_a_request_and_a_packet_of_the_same_bytes_classify_alike() -> None:
+    """classify reads a parsed Request's options through its dict (pxe._options) and a
+    Packet's through option() (s38-dhcp1st): every captured client datagram, and each with
+    a Pi's option 43 and a hostname added, classifies to the same Client either way, by
+    classify and by a Classifier (whose second reading of a shape is from memory)."""
+    datagrams = [d.payload for path in all_captures() for d in dhcp_datagrams(capture(path.stem))]
+    extra = [dhcp.encode(with_option(with_option(dhcp.parse(data), Opt.VENDOR_SPECIFIC,
+                                                 b"\x09\x0cRaspberry Pi"), Opt.HOSTNAME, b"n1"))
+             for data in datagrams[:20]]
+    classifier = pxe.Classifier(SETTINGS)
+    seen = 0
+    for data in datagrams + extra:
+        try:
+            packet = dhcp.parse(data)
+        except Exception:
+            continue
+        request = dhcp.parse_request(data)
+        if packet.op != Op.REQUEST:
+            continue
+        expected = pxe.classify(packet, SETTINGS, "0.0.0.0", "eth0")
+        assert pxe.classify(request, SETTINGS, "0.0.0.0", "eth0") == expected
+        for _ in range(2):
+            assert classifier.classify(request, "0.0.0.0", "eth0") == expected
+            assert classifier.classify(packet, "0.0.0.0", "eth0") == expected
+        seen += 1
+    assert seen > 40

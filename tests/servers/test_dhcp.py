@@ -339,3 +339,14 @@ def test_a_datagrams_log_context_names_its_peer_xid_and_chaddr() -> None:
         "peer": "192.0.2.9", "xid": 0xE25D9B73, "mac": "52:54:00:00:00:11"}
     assert _about(data[:34], ("192.0.2.9", 68))["mac"] == "52:54:00:00:00:11"
     assert _about(data[:33], ("192.0.2.9", 68)) == {"peer": "192.0.2.9"}
+
+
+def test_a_message_types_name_is_its_members_name() -> None:
+    """The names logged and counted (the metrics' dhcp_reply) come from a dict, not the
+    member's ``name`` descriptor (s38-dhcp1st): the same text for every type, and BOOTP for
+    none."""
+    from netboot.servers.dhcp import _name
+
+    for mt in MessageType:
+        assert _name(mt) == mt.name
+    assert _name(None) == "BOOTP"
