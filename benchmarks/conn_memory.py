@@ -90,7 +90,7 @@ def measure(python: str, repo: Path, run: Path, count: int, path: str, trace: in
         time.sleep(0.5)
         if trace:  # (sys._debugmallocstats says nothing of pymalloc while tracing)
             probe.ask(f"snap {run}/conns.snap")
-            return {"per": 0, "arenas": 0}
+            return {"per": 0, "arenas": 0, "cpu_us": 0.0}  # (no cycles run while tracing)
         after, arenas1 = pymalloc(probe)
         # Then the server's CPU for connections opened, asked once and closed (a storm's
         # devices' pattern): ``cycles`` rounds of ``count``, a connection at a time.
