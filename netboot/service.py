@@ -45,6 +45,7 @@ from netboot.inventory.base import (
     release_held_caches,
     stuck_writes,
 )
+from netboot.inventory.dsn import INSTALL_ASYNCPG
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
@@ -101,7 +102,7 @@ def open_store(config: Config, sealer: Sealer | None = None,
         except ImportError as exc:
             raise ConfigError("postgresql needs the asyncpg driver, which is not installed",
                               key="inventory.backend",
-                              fix="pip install 'netboot[postgresql]' (or asyncpg)") from exc
+                              fix=INSTALL_ASYNCPG) from exc
         return PostgresStore(inventory_dsn(config), sealer=sealer, listener=listener,
                              peer=config.inventory.postgresql)
     from netboot.inventory.sqlite import SqliteStore
@@ -1280,8 +1281,9 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         if choice == "uvloop":
             raise ConfigError("uvloop is not installed", key="server.event_loop",
-                              fix="pip install 'netboot[fast]', or set it to auto or "
-                                  "asyncio") from None
+                              fix="install uvloop into netboot's environment (from the "
+                                  "source checkout: pip install '.[fast]'), or set it to "
+                                  "auto or asyncio") from None
         return None
     return uvloop.new_event_loop
 
