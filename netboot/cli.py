@@ -885,6 +885,28 @@ COMMANDS = frozenset({"serve", "ca", "check-config", "machines", "profiles", "cl
                       "events", "explain", "db"})
 
 
+def version_line() -> str:
+    """``netboot --version``: the version, and which build. Every build is "0.1.0", so the
+    version alone cannot tell an operator whether an upgrade took (pip keeps an installed
+    version's files when given a wheel of the same version): a wheel names the digest of its
+    files (setup.py), a source checkout its directory."""
+    from netboot.shipped import build
+
+    found = build()
+    if found is not None:
+        return f"netboot {__version__} (build {found})"
+    return f"netboot {__version__} (source tree {Path(__file__).resolve().parent.parent})"
+
+
+class _Version(argparse.Action):
+    """``--version``, its line made only when asked (it reads a file)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.ArgumentParser:
     """The whole command line; ``lab=False`` leaves out ``lab``, whose parser imports the
     QEMU lab (a twentieth of ``serve``'s start-up, for a command it never runs), and
@@ -892,7 +914,8 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     a thirtieth of ``serve``'s start-up: issue 10)."""
     parser = argparse.ArgumentParser(prog="netboot", description="Network-boot provisioning "
                                      "server for edge Kubernetes fleets.")
-    parser.add_argument("--version", action="version", version=f"netboot {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+                        help="show the version and the build, and exit")
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--config", "-c", help="YAML config file (or NETBOOT_CONFIG)")
     where.add_argument("--data-dir", help="where the inventory and admin token live")
@@ -1094,7 +1117,9 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     # --config: its inventory.postgresql sets up the copy's connections (_db).
     dc = dsub.add_parser("copy", parents=[where, output],
                          help="copy every row of one inventory into another, then verify "
-                              "counts and checksums; stop the servers using either first")
+                              "counts and checksums; the source is read in one snapshot (a "
+                              "running server's inventory can be backed up), stop the servers "
+                              "using the target first")
     spec_help = ("an SQLite file, a postgresql:// DSN, or @FILE holding one (a DSN given on "
                  "the command line is visible to other users in ps)")
     dc.add_argument("--from", dest="source", required=True, metavar="DSN_OR_PATH",

@@ -215,3 +215,17 @@ def test_no_instruction_installs_netboot_by_its_name_from_an_index() -> None:
     for good in ("pip install '.[postgresql]'", "pip install dist/netboot-0.1.0-py3-none-any.whl",
                  "pip install --force-reinstall ./netboot-0.1.0-py3-none-any.whl"):
         assert not by_name.search(good), good
+
+
+def test_version_names_the_wheels_build(installed: Installed) -> None:
+    """Every build is version 0.1.0, and pip given a newer wheel of an installed version
+    keeps the old files ("already installed", exit 0): README's upgrade says
+    ``--force-reinstall``, and ``--version`` names the build that runs (a digest of the
+    wheel's files) so the operator can see that it took."""
+    import re
+
+    line = installed.run("--version").stdout.strip()
+    assert re.fullmatch(r"netboot 0\.1\.0 \(build [0-9a-f]{12}\)", line), line
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        build = wheel.read("netboot/_shipped/BUILD").decode().strip()
+    assert line.endswith(f"(build {build})")

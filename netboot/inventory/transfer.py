@@ -9,7 +9,9 @@ machines nobody enrolled come along too, which a copy through the Store API woul
 
 It is proven, not assumed: after the copy each table is read back from the target and its row
 count and a SHA-256 over its rows in a canonical form (sorted, numbers as floats) must equal
-the source's. The source is read in one snapshot; stop the servers that write it first.
+the source's. The source is read in one snapshot (SQLite's WAL, PostgreSQL's repeatable
+read), so a running server's inventory can be backed up; stop the servers that use the
+target first (README, "Backup, restore and upgrades").
 The change feed is not copied: the target's own triggers record the inserted rows, so a
 server that starts on it reads everything once.
 """
