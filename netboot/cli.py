@@ -205,8 +205,10 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False,
 
     @functools.cache
     def advertise() -> str:
-        # Once: found without --advertise, it logs a warning, which a render said twice.
-        return advertised_address(cfg)
+        # Once: found without --advertise, it logs a warning, which a render said twice. A
+        # render says which address it names itself (_device_address): the server's
+        # "advertising 127.0.0.1" above a script naming 192.0.2.10 told the reader wrong.
+        return advertised_address(cfg, by_reach_told=as_device)
 
     @functools.cache
     def local() -> str | None:
@@ -237,10 +239,14 @@ def _device_address(cfg: Config, advertise: str, device_at: str | None = None) -
     import ipaddress
 
     from netboot.servers.interfaces import network, snapshot_by_ioctl
-    from netboot.service import reached_at
+    from netboot.service import by_reach, reached_at
 
     found = reached_at(cfg, advertise)
     if not found:
+        if by_reach(cfg, advertise):
+            print("netboot: no address advertised, no default route and no interface with "
+                  "an IPv4 address: rendered with 127.0.0.1, which no device reaches "
+                  "(--advertise ADDRESS to choose)", file=sys.stderr)
         return None
     if device_at is not None:
         try:

@@ -384,7 +384,11 @@ async def warn_of_unservable_profiles(store: Store) -> None:
                         error.message, profile.name, profile.name)
 
 
-def advertised_address(config: Config) -> str:
+def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
+    """The address DHCP answers and URLs name. ``by_reach_told``: the caller says itself
+    which address a device gets where none is found (``netboot render`` prints the
+    interface's), so the warning that 127.0.0.1 is advertised, which its output would
+    contradict, is left out."""
     if config.server.advertise:
         return config.server.advertise
     if config.server.interfaces:
@@ -419,6 +423,8 @@ def advertised_address(config: Config) -> str:
     # Devices are still answered where they reach this host (reached_at, Content.at: DHCP,
     # HTTP, TFTP's rendered files, DNS on each interface; netboot render and the summary
     # name the interfaces' addresses), but which interface provisions is a guess.
+    if by_reach_told:
+        return "127.0.0.1"
     log.warning("no --interface or --advertise given and no default route: advertising "
                 "127.0.0.1; devices are answered with the address they reach this host at "
                 "(DHCP on each interface, the URLs of each request), but name the "

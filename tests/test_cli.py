@@ -136,6 +136,39 @@ def test_render_warns_once_about_the_advertised_address(
     assert len(told) == 1, told
 
 
+def test_render_without_a_default_route_says_only_the_address_it_names(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's quickstart on a host without a default route: ``netboot render`` logged
+    the server's "advertising 127.0.0.1 ... --interface to fix it", then said it rendered as a
+    device on the first interface gets it, above a script naming that interface's address:
+    two lines, the first wrong for what it printed (s38-user). Now the second alone; with no
+    interface address at all, a line says the script names 127.0.0.1."""
+    import netboot.service
+
+    text = write_config(tmp_path).read_text().replace("  advertise: 192.0.2.10\n", "")
+    path = tmp_path / "noadvertise.yaml"
+    path.write_text(text)
+    assert run(capsys, "machines", "add", "aa:bb:cc:dd:ee:01", "--config", str(path))[0] == 0
+    monkeypatch.setattr(netboot.service, "default_route_interface", lambda *a: None)
+    monkeypatch.setattr(netboot.service, "reached_at", lambda cfg, adv: [("eth9", "192.0.2.77")])
+    caplog.clear()
+    rc, out, err = run(capsys, "render", "aa:bb:cc:dd:ee:01", "ipxe", "--config", str(path))
+    assert rc == 0 and "http://192.0.2.77:" in out, err
+    assert "rendered as a device on eth9 gets it (192.0.2.77)" in err, err
+    assert not [r for r in caplog.records if "advertising 127.0.0.1" in r.message]
+    monkeypatch.setattr(netboot.service, "reached_at", lambda cfg, adv: [])
+    rc, out, err = run(capsys, "render", "aa:bb:cc:dd:ee:01", "ipxe", "--config", str(path))
+    assert rc == 0 and "http://127.0.0.1:" in out, err
+    assert "rendered with 127.0.0.1, which no device reaches" in err, err
+    # The server itself still warns: it advertises 127.0.0.1 to what asks it by that name.
+    from netboot.config import load as load_config
+
+    caplog.clear()
+    assert netboot.service.advertised_address(load_config(path, env={})) == "127.0.0.1"
+    assert [r for r in caplog.records if "advertising 127.0.0.1" in r.message]
+
+
 def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "fleet.csv"
