@@ -800,3 +800,33 @@ def test_a_reader_that_leaves_early_gets_no_traceback(cfg: str, tmp_path: Path) 
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141 and "Traceback" not in err and "Broken pipe" not in err, err
+
+
+def test_no_readme_block_enrolls_one_identifier_twice() -> None:
+    """A README block is run as it stands, line after line: "Machines and their identity"
+    enrolled 52:54:00:00:01:01 and CZ2048XYZ with the CLI, then both again with curl -sf,
+    which failed with a 409 and printed nothing (s38-user). The quickstart's API block and
+    its CLI block are alternatives, each its own block."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    mac = r"(?:[0-9a-f]{2}[:-]){5}[0-9a-f]{2}"
+    repeated = []
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.S):
+        seen: dict[str, str] = {}
+        for line in block.splitlines():
+            if "machines add" in line:
+                ids = re.findall(mac, line.split("#")[0], re.I) + re.findall(
+                    r"--(?:serial|uuid|asset) (\S+)", line)
+            elif re.search(r"curl .*\$NB/machines -d", line):
+                body = line.split(" -d ", 1)[1]
+                ids = re.findall(mac, body, re.I) + re.findall(
+                    r'"(?:serial|uuid|asset)":\s*"([^"]+)"', body)
+            else:
+                continue
+            for ident in ids:
+                key = ident.lower().replace("-", ":")
+                if key in seen:
+                    repeated.append(f"{ident}: {seen[key]!r} then {line!r}")
+                seen[key] = line
+    assert repeated == [], repeated
