@@ -146,6 +146,38 @@ def _target(args: argparse.Namespace) -> str:
     return " ".join(getattr(args, "macs", None) or ())
 
 
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a container user without a passwd entry
+        return f"uid {uid}"
+
+
+def _readable_data_dir(cfg: Config) -> None:
+    """A command run by a user who cannot read the data directory (0700, its keys 0600; the
+    README runs the CLI with sudo): one error saying whose it is and to run the command as
+    that user. It was the first file's permission error with that file's own fix: for
+    secret.key "make it readable by the netboot user", which a user who only forgot sudo
+    may follow by opening the key to others; for the CA "give a PEM certificate"."""
+    path = cfg.data_dir
+    try:
+        st = path.stat()
+    except OSError:
+        return  # missing (made by the command) or unreachable: the command's own error
+    if os.access(path, os.R_OK | os.X_OK):
+        return
+    import stat
+
+    owner = _user_name(st.st_uid)
+    raise ConfigError(f"{path} (owner {owner}, mode {stat.S_IMODE(st.st_mode):04o}) holds the "
+                      f"inventory and its keys, and this command runs as "
+                      f"{_user_name(os.geteuid())}, who cannot read it", key="server.data_dir",
+                      fix=f"run the command as {owner}, the user netboot serve runs as "
+                          f"(sudo netboot ...), or name another data directory")
+
+
 async def _with_store(args: argparse.Namespace,
                       fn: Callable[[Store, Config], Awaitable[int]]) -> int:
     from netboot.access import Access
@@ -153,6 +185,7 @@ async def _with_store(args: argparse.Namespace,
 
     cfg = _config(args)
     try:
+        _readable_data_dir(cfg)
         store, _ = await open_inventory(cfg)
     except ConfigError as exc:
         raise located(cfg, exc) from exc
@@ -277,6 +310,11 @@ def _exported_ca(cfg: Config) -> tuple[str, str] | None:
 def _ca(args: argparse.Namespace) -> int:
     """``netboot ca export``: the CA certificate installers and iPXE builds should trust."""
     cfg = _config(args)
+    if not cfg.https.cert_file:
+        try:
+            _readable_data_dir(cfg)
+        except ConfigError as exc:
+            raise located(cfg, exc) from exc
     found = _exported_ca(cfg)
     if found is None:
         where = ("https.cert_file is set without https.ca_file" if cfg.https.cert_file
@@ -802,6 +840,10 @@ def _api_token(args: argparse.Namespace, cfg: Config) -> str:
         if env:
             return env.strip()
         path = cfg.data_dir / "admin.token"
+        try:
+            _readable_data_dir(cfg)
+        except ConfigError as exc:
+            raise located(cfg, exc) from exc
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:

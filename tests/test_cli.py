@@ -830,3 +830,33 @@ def test_no_readme_block_enrolls_one_identifier_twice() -> None:
                     repeated.append(f"{ident}: {seen[key]!r} then {line!r}")
                 seen[key] = line
     assert repeated == [], repeated
+
+
+def test_a_user_who_cannot_read_the_data_dir_is_told_to_run_it_as_its_owner(
+        cfg: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README runs the CLI with sudo; a user who forgot it met the first file's own
+    error: `cannot read the secrets key ...: Permission denied (fix: make it readable by the
+    netboot user (mode 0600))`, which invites opening the key to others, or for `ca export`
+    `(fix: give a PEM certificate)`, or for `events --follow` no fix at all (s38-user). As
+    root every file is readable, so the user's view of the data dir is played here."""
+    import os
+
+    import netboot.cli
+    from netboot.config import load as load_config
+
+    assert run(capsys, "machines", "add", "aa:bb:cc:dd:ee:01", "--config", cfg)[0] == 0
+    data_dir = load_config(Path(cfg), env={}).data_dir
+    real = os.access
+
+    def access(path: object, mode: int, **kw: object) -> bool:
+        return False if Path(str(path)) == data_dir else real(path, mode, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(netboot.cli.os, "access", access)
+    monkeypatch.delenv("NETBOOT_TOKEN", raising=False)
+    for command in (["machines", "ls"], ["ca", "export"], ["events", "--follow"],
+                    ["render", "aa:bb:cc:dd:ee:01", "ipxe"]):
+        rc, out, err = run(capsys, *command, "--config", cfg)
+        assert rc == 2 and out == "", (command, err)
+        assert f"{data_dir} (owner " in err and "who cannot read it" in err, (command, err)
+        assert "(fix: run the command as " in err and "sudo netboot" in err, (command, err)
+        assert f"{cfg}:" in err, err  # where it was set: the file and its line
