@@ -726,6 +726,26 @@ async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     return 0
 
 
+def _own_asset(cfg: Config, ref: str) -> str | None:
+    """The asset path a profile's file names where netboot serves it: a path, or a URL of
+    this server's ``/assets/`` (its HTTP or HTTPS port; the README's ``iso_url``
+    ``http://192.0.2.10:8080/assets/k3os/k3os.iso``, which k3OS's installer fetches only
+    once the kernel runs: missing, every install failed there while ``netboot assets`` said
+    ok). None for a URL of another server, which netboot cannot check."""
+    import urllib.parse
+
+    if not ref.startswith(("http://", "https://")):
+        return ref
+    try:
+        url = urllib.parse.urlsplit(ref)
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if url.path.startswith("/assets/") and port in (cfg.http.port, cfg.https.port):
+        return urllib.parse.unquote(url.path[len("/assets/"):]) or None
+    return None
+
+
 async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     """Which first-stage loaders and profile assets are found, and do their checksums match."""
     from netboot.boot import loader_aliases, loader_names
@@ -757,9 +777,10 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                      "sha256": d, "signed": signed})
     for profile in await store.list_profiles():
         wanted = {a.path: a.sha256 for a in profile.assets}
-        for ref in (profile.kernel, *profile.initrds):
-            if not ref.startswith(("http://", "https://")):
-                wanted.setdefault(ref, None)
+        for ref in (profile.kernel, *profile.initrds, profile.iso_url):
+            own = _own_asset(cfg, ref) if ref is not None else None
+            if own is not None:
+                wanted.setdefault(own, None)
         # A file named as netboot never serves it (stored before the check, session 35):
         # why, not "missing".
         refused = dict(profile_file_errors(profile))

@@ -358,6 +358,31 @@ def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rc == 1 and "missing" in out
 
 
+def test_assets_checks_a_profiles_iso_url_on_this_server(
+        cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's profile has ``iso_url http://192.0.2.10:8080/assets/k3os/k3os.iso``,
+    which k3OS's installer fetches once its kernel runs: a user who put the kernel and
+    initrd in place (as the README said) and not the ISO saw `netboot assets` say ok, and
+    every install failed on its console (s38-user). A URL of another server is not
+    netboot's to check."""
+    monkeypatch.setenv("NETBOOT_HTTP_PORT", "8080")
+    iso = "http://192.0.2.10:8080/assets/k3os/k3os%2Dx.iso"
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img",
+               "--iso-url", iso, "--config", cfg)[0] == 0
+    assert run(capsys, "profiles", "add", "q", "--kernel", "vmlinuz",
+               "--iso-url", "https://releases.example/k3os.iso", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
+    rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
+    assert rc == 1 and rows[("profile p", "k3os/k3os-x.iso")]["status"].startswith("missing")
+    assert not [k for k in rows if k[0] == "profile q" and "iso" in k[1]]
+    (tmp_path / "assets" / "k3os").mkdir()
+    (tmp_path / "assets" / "k3os" / "k3os-x.iso").write_bytes(b"ISO")
+    rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
+    rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
+    assert rc == 0 and rows[("profile p", "k3os/k3os-x.iso")]["status"] == "ok"
+
+
 def test_render_does_not_claim_the_managed_cluster(cfg: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """'render' shows what a device would get without deciding anything for it."""
