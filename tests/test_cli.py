@@ -885,3 +885,49 @@ def test_a_user_who_cannot_read_the_data_dir_is_told_to_run_it_as_its_owner(
         assert f"{data_dir} (owner " in err and "who cannot read it" in err, (command, err)
         assert "(fix: run the command as " in err and "sudo netboot" in err, (command, err)
         assert f"{cfg}:" in err, err  # where it was set: the file and its line
+
+
+def test_the_readmes_https_ipxe_templates_keep_the_installers_urls_on_http(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README "iPXE with netboot's CA" said to set http.public_url to the HTTPS base: that
+    base also names k3OS's config URL and the registration URL, fetched by curl and busybox
+    wget without netboot's CA, so every install failed there (s38-user). Its recipe now is a
+    site template from the shipped ones, as this test makes it: iPXE's fetches over HTTPS,
+    the installer's on HTTP."""
+    from netboot.shipped import templates_dir
+
+    site = tmp_path / "site"
+    (site / "ipxe").mkdir(parents=True)
+    for name in ("boot.ipxe", "hold.ipxe", "install.ipxe"):
+        text = (templates_dir() / "ipxe" / name).read_text(encoding="utf-8")
+        text = text.replace("{{ kernel_url }}",
+                            "{{ kernel_url | replace(base_url, https_base_url, 1) }}")
+        text = text.replace("{{ url }}", "{{ url | replace(base_url, https_base_url, 1) }}")
+        (site / "ipxe" / name).write_text(text.replace("{{ base_url }}", "{{ https_base_url }}"),
+                                          encoding="utf-8")
+    path = write_config(tmp_path, f"templates:\n  dir: {site}\n")
+    monkeypatch.setenv("NETBOOT_HTTP_PORT", "8080")
+    monkeypatch.setenv("NETBOOT_HTTPS_PORT", "8443")
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img",
+               "--config", str(path))[0] == 0
+    assert run(capsys, "machines", "add", "aa:bb:cc:dd:ee:01", "--profile", "p",
+               "--config", str(path))[0] == 0
+
+    async def make_ca() -> None:  # the server's first start makes it; renders carry it
+        from netboot.service import open_inventory, prepare_tls
+
+        cfg = load(path, env={"NETBOOT_HTTPS_PORT": "8443"})
+        store, sealer = await open_inventory(cfg)
+        prepare_tls(cfg, "192.0.2.10", sealer)
+        await store.close()
+
+    asyncio.run(make_ca())
+    rc, out, err = run(capsys, "render", "aa:bb:cc:dd:ee:01", "ipxe", "--config", str(path))
+    assert rc == 0, err
+    assert "kernel https://192.0.2.10:8443/assets/vmlinuz " in out, out
+    assert "initrd --name initrd.img https://192.0.2.10:8443/assets/initrd.img" in out, out
+    assert "config_url=http://192.0.2.10:8080/config/" in out, out
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**iPXE with netboot's CA**")[1].split("**Secrets at rest.**")[0]
+    assert "https_base_url" in section and "set\n`http.public_url` to the HTTPS" not in section
