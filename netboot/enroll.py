@@ -372,7 +372,12 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     columns: list[tuple[int, str, int]] = []
     for raw, i in last.items():
         key = raw.strip()
-        if key.startswith(("label.", "labels.")):
+        # A factory's or a spreadsheet's header says "MAC", "Serial", "Label.rack": the
+        # fields by any case (a label's own name kept as written). JSON and YAML keys are
+        # the format's own, exact.
+        if key.lower() in _IMPORT_FIELDS:
+            key = key.lower()
+        if key.lower().startswith(("label.", "labels.")):
             columns.append((i, key.split(".", 1)[1], _LABEL_COLUMN))
         elif key == "labels":
             columns.append((i, key, _LABELS_COLUMN))
