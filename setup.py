@@ -19,6 +19,7 @@ Without it the wheel is pure Python, and the same modules run as they are.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -68,6 +69,23 @@ class BuildPyWithShipped(build_py):
             target = Path(self.build_lib) / "netboot" / "_shipped" / name
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(ROOT / name, target)
+        package = Path(self.build_lib) / "netboot"
+        (package / "_shipped" / "BUILD").write_text(build_id(package) + "\n", encoding="ascii")
+
+
+def build_id(package: Path) -> str:
+    """What ``netboot --version`` names beside the version: a digest of the files the wheel
+    carries. Every build says "0.1.0", and pip installs a wheel of an installed version
+    without a word but "already installed" (exit 0): an upgrade by wheel needs
+    --force-reinstall (README, "Backup, restore and upgrades"), and this tells the operator
+    which build runs."""
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and path.name != "BUILD" and "__pycache__" not in path.parts \
+                and path.suffix not in (".so", ".c", ".o"):
+            h.update(f"{path.relative_to(package)}\0{path.stat().st_size}\0".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def compiled() -> dict[str, Any]:

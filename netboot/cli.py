@@ -146,6 +146,38 @@ def _target(args: argparse.Namespace) -> str:
     return " ".join(getattr(args, "macs", None) or ())
 
 
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a container user without a passwd entry
+        return f"uid {uid}"
+
+
+def _readable_data_dir(cfg: Config) -> None:
+    """A command run by a user who cannot read the data directory (0700, its keys 0600; the
+    README runs the CLI with sudo): one error saying whose it is and to run the command as
+    that user. It was the first file's permission error with that file's own fix: for
+    secret.key "make it readable by the netboot user", which a user who only forgot sudo
+    may follow by opening the key to others; for the CA "give a PEM certificate"."""
+    path = cfg.data_dir
+    try:
+        st = path.stat()
+    except OSError:
+        return  # missing (made by the command) or unreachable: the command's own error
+    if os.access(path, os.R_OK | os.X_OK):
+        return
+    import stat
+
+    owner = _user_name(st.st_uid)
+    raise ConfigError(f"{path} (owner {owner}, mode {stat.S_IMODE(st.st_mode):04o}) holds the "
+                      f"inventory and its keys, and this command runs as "
+                      f"{_user_name(os.geteuid())}, who cannot read it", key="server.data_dir",
+                      fix=f"run the command as {owner}, the user netboot serve runs as "
+                          f"(sudo netboot ...), or name another data directory")
+
+
 async def _with_store(args: argparse.Namespace,
                       fn: Callable[[Store, Config], Awaitable[int]]) -> int:
     from netboot.access import Access
@@ -153,6 +185,7 @@ async def _with_store(args: argparse.Namespace,
 
     cfg = _config(args)
     try:
+        _readable_data_dir(cfg)
         store, _ = await open_inventory(cfg)
     except ConfigError as exc:
         raise located(cfg, exc) from exc
@@ -205,8 +238,10 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False,
 
     @functools.cache
     def advertise() -> str:
-        # Once: found without --advertise, it logs a warning, which a render said twice.
-        return advertised_address(cfg)
+        # Once: found without --advertise, it logs a warning, which a render said twice. A
+        # render says which address it names itself (_device_address): the server's
+        # "advertising 127.0.0.1" above a script naming 192.0.2.10 told the reader wrong.
+        return advertised_address(cfg, by_reach_told=as_device)
 
     @functools.cache
     def local() -> str | None:
@@ -237,10 +272,14 @@ def _device_address(cfg: Config, advertise: str, device_at: str | None = None) -
     import ipaddress
 
     from netboot.servers.interfaces import network, snapshot_by_ioctl
-    from netboot.service import reached_at
+    from netboot.service import by_reach, reached_at
 
     found = reached_at(cfg, advertise)
     if not found:
+        if by_reach(cfg, advertise):
+            print("netboot: no address advertised, no default route and no interface with "
+                  "an IPv4 address: rendered with 127.0.0.1, which no device reaches "
+                  "(--advertise ADDRESS to choose)", file=sys.stderr)
         return None
     if device_at is not None:
         try:
@@ -271,6 +310,11 @@ def _exported_ca(cfg: Config) -> tuple[str, str] | None:
 def _ca(args: argparse.Namespace) -> int:
     """``netboot ca export``: the CA certificate installers and iPXE builds should trust."""
     cfg = _config(args)
+    if not cfg.https.cert_file:
+        try:
+            _readable_data_dir(cfg)
+        except ConfigError as exc:
+            raise located(cfg, exc) from exc
     found = _exported_ca(cfg)
     if found is None:
         where = ("https.cert_file is set without https.ca_file" if cfg.https.cert_file
@@ -682,6 +726,26 @@ async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     return 0
 
 
+def _own_asset(cfg: Config, ref: str) -> str | None:
+    """The asset path a profile's file names where netboot serves it: a path, or a URL of
+    this server's ``/assets/`` (its HTTP or HTTPS port; the README's ``iso_url``
+    ``http://192.0.2.10:8080/assets/k3os/k3os.iso``, which k3OS's installer fetches only
+    once the kernel runs: missing, every install failed there while ``netboot assets`` said
+    ok). None for a URL of another server, which netboot cannot check."""
+    import urllib.parse
+
+    if not ref.startswith(("http://", "https://")):
+        return ref
+    try:
+        url = urllib.parse.urlsplit(ref)
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if url.path.startswith("/assets/") and port in (cfg.http.port, cfg.https.port):
+        return urllib.parse.unquote(url.path[len("/assets/"):]) or None
+    return None
+
+
 async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     """Which first-stage loaders and profile assets are found, and do their checksums match."""
     from netboot.boot import loader_aliases, loader_names
@@ -713,9 +777,10 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                      "sha256": d, "signed": signed})
     for profile in await store.list_profiles():
         wanted = {a.path: a.sha256 for a in profile.assets}
-        for ref in (profile.kernel, *profile.initrds):
-            if not ref.startswith(("http://", "https://")):
-                wanted.setdefault(ref, None)
+        for ref in (profile.kernel, *profile.initrds, profile.iso_url):
+            own = _own_asset(cfg, ref) if ref is not None else None
+            if own is not None:
+                wanted.setdefault(own, None)
         # A file named as netboot never serves it (stored before the check, session 35):
         # why, not "missing".
         refused = dict(profile_file_errors(profile))
@@ -796,6 +861,10 @@ def _api_token(args: argparse.Namespace, cfg: Config) -> str:
         if env:
             return env.strip()
         path = cfg.data_dir / "admin.token"
+        try:
+            _readable_data_dir(cfg)
+        except ConfigError as exc:
+            raise located(cfg, exc) from exc
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -885,6 +954,28 @@ COMMANDS = frozenset({"serve", "ca", "check-config", "machines", "profiles", "cl
                       "events", "explain", "db"})
 
 
+def version_line() -> str:
+    """``netboot --version``: the version, and which build. Every build is "0.1.0", so the
+    version alone cannot tell an operator whether an upgrade took (pip keeps an installed
+    version's files when given a wheel of the same version): a wheel names the digest of its
+    files (setup.py), a source checkout its directory."""
+    from netboot.shipped import build
+
+    found = build()
+    if found is not None:
+        return f"netboot {__version__} (build {found})"
+    return f"netboot {__version__} (source tree {Path(__file__).resolve().parent.parent})"
+
+
+class _Version(argparse.Action):
+    """``--version``, its line made only when asked (it reads a file)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.ArgumentParser:
     """The whole command line; ``lab=False`` leaves out ``lab``, whose parser imports the
     QEMU lab (a twentieth of ``serve``'s start-up, for a command it never runs), and
@@ -892,7 +983,8 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     a thirtieth of ``serve``'s start-up: issue 10)."""
     parser = argparse.ArgumentParser(prog="netboot", description="Network-boot provisioning "
                                      "server for edge Kubernetes fleets.")
-    parser.add_argument("--version", action="version", version=f"netboot {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+                        help="show the version and the build, and exit")
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--config", "-c", help="YAML config file (or NETBOOT_CONFIG)")
     where.add_argument("--data-dir", help="where the inventory and admin token live")
@@ -1094,7 +1186,9 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     # --config: its inventory.postgresql sets up the copy's connections (_db).
     dc = dsub.add_parser("copy", parents=[where, output],
                          help="copy every row of one inventory into another, then verify "
-                              "counts and checksums; stop the servers using either first")
+                              "counts and checksums; the source is read in one snapshot (a "
+                              "running server's inventory can be backed up), stop the servers "
+                              "using the target first")
     spec_help = ("an SQLite file, a postgresql:// DSN, or @FILE holding one (a DSN given on "
                  "the command line is visible to other users in ps)")
     dc.add_argument("--from", dest="source", required=True, metavar="DSN_OR_PATH",

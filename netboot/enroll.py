@@ -372,12 +372,26 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     columns: list[tuple[int, str, int]] = []
     for raw, i in last.items():
         key = raw.strip()
-        if key.startswith(("label.", "labels.")):
+        # A factory's or a spreadsheet's header says "MAC", "Serial", "Label.rack": the
+        # fields by any case (a label's own name kept as written). JSON and YAML keys are
+        # the format's own, exact.
+        if key.lower() in _IMPORT_FIELDS:
+            key = key.lower()
+        if key.lower().startswith(("label.", "labels.")):
             columns.append((i, key.split(".", 1)[1], _LABEL_COLUMN))
         elif key == "labels":
             columns.append((i, key, _LABELS_COLUMN))
         else:
             columns.append((i, key, _PLAIN_COLUMN))
+    # A column no field is named once, at the header's line: refused by each row's check, a
+    # factory's 1,000-row file with a "Location" column printed 1,000 lines. An empty name
+    # (a trailing comma) is no column unless a row puts a value under it.
+    unknown = [key for _, key, kind in columns if kind == _PLAIN_COLUMN and key
+               and key not in _IMPORT_FIELDS]
+    if unknown:
+        raise ValidationError("file", f"{unknown[0]}: unknown column (known: "
+                              + ", ".join(IMPORT_FIELDS) + ", label.NAME)",
+                              line=reader.line_num)
     width = len(header)
     for row in reader:
         if not row:

@@ -45,6 +45,7 @@ from netboot.inventory.base import (
     release_held_caches,
     stuck_writes,
 )
+from netboot.inventory.dsn import INSTALL_ASYNCPG
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
@@ -101,7 +102,7 @@ def open_store(config: Config, sealer: Sealer | None = None,
         except ImportError as exc:
             raise ConfigError("postgresql needs the asyncpg driver, which is not installed",
                               key="inventory.backend",
-                              fix="pip install 'netboot[postgresql]' (or asyncpg)") from exc
+                              fix=INSTALL_ASYNCPG) from exc
         return PostgresStore(inventory_dsn(config), sealer=sealer, listener=listener,
                              peer=config.inventory.postgresql)
     from netboot.inventory.sqlite import SqliteStore
@@ -398,7 +399,11 @@ async def warn_of_unservable_profiles(store: Store) -> None:
                         error.message, profile.name, profile.name)
 
 
-def advertised_address(config: Config) -> str:
+def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
+    """The address DHCP answers and URLs name. ``by_reach_told``: the caller says itself
+    which address a device gets where none is found (``netboot render`` prints the
+    interface's), so the warning that 127.0.0.1 is advertised, which its output would
+    contradict, is left out."""
     if config.server.advertise:
         return config.server.advertise
     if config.server.interfaces:
@@ -433,6 +438,8 @@ def advertised_address(config: Config) -> str:
     # Devices are still answered where they reach this host (reached_at, Content.at: DHCP,
     # HTTP, TFTP's rendered files, DNS on each interface; netboot render and the summary
     # name the interfaces' addresses), but which interface provisions is a guess.
+    if by_reach_told:
+        return "127.0.0.1"
     log.warning("no --interface or --advertise given and no default route: advertising "
                 "127.0.0.1; devices are answered with the address they reach this host at "
                 "(DHCP on each interface, the URLs of each request), but name the "
@@ -1373,8 +1380,9 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         if choice == "uvloop":
             raise ConfigError("uvloop is not installed", key="server.event_loop",
-                              fix="pip install 'netboot[fast]', or set it to auto or "
-                                  "asyncio") from None
+                              fix="install uvloop into netboot's environment (from the "
+                                  "source checkout: pip install '.[fast]'), or set it to "
+                                  "auto or asyncio") from None
         return None
     return uvloop.new_event_loop
 

@@ -25,3 +25,13 @@ def templates_dir() -> Path:
 
 def boot_assets_dir() -> Path:
     return shipped_root() / "boot_assets"
+
+
+def build() -> str | None:
+    """The build an installed wheel names (a digest of its files, written by setup.py at
+    build time); None in a source checkout or an editable install."""
+    try:
+        return (Path(__file__).resolve().parent / "_shipped" / "BUILD").read_text(
+            encoding="ascii").strip() or None
+    except OSError:
+        return None

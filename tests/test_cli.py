@@ -136,6 +136,39 @@ def test_render_warns_once_about_the_advertised_address(
     assert len(told) == 1, told
 
 
+def test_render_without_a_default_route_says_only_the_address_it_names(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's quickstart on a host without a default route: ``netboot render`` logged
+    the server's "advertising 127.0.0.1 ... --interface to fix it", then said it rendered as a
+    device on the first interface gets it, above a script naming that interface's address:
+    two lines, the first wrong for what it printed (s38-user). Now the second alone; with no
+    interface address at all, a line says the script names 127.0.0.1."""
+    import netboot.service
+
+    text = write_config(tmp_path).read_text().replace("  advertise: 192.0.2.10\n", "")
+    path = tmp_path / "noadvertise.yaml"
+    path.write_text(text)
+    assert run(capsys, "machines", "add", "aa:bb:cc:dd:ee:01", "--config", str(path))[0] == 0
+    monkeypatch.setattr(netboot.service, "default_route_interface", lambda *a: None)
+    monkeypatch.setattr(netboot.service, "reached_at", lambda cfg, adv: [("eth9", "192.0.2.77")])
+    caplog.clear()
+    rc, out, err = run(capsys, "render", "aa:bb:cc:dd:ee:01", "ipxe", "--config", str(path))
+    assert rc == 0 and "http://192.0.2.77:" in out, err
+    assert "rendered as a device on eth9 gets it (192.0.2.77)" in err, err
+    assert not [r for r in caplog.records if "advertising 127.0.0.1" in r.message]
+    monkeypatch.setattr(netboot.service, "reached_at", lambda cfg, adv: [])
+    rc, out, err = run(capsys, "render", "aa:bb:cc:dd:ee:01", "ipxe", "--config", str(path))
+    assert rc == 0 and "http://127.0.0.1:" in out, err
+    assert "rendered with 127.0.0.1, which no device reaches" in err, err
+    # The server itself still warns: it advertises 127.0.0.1 to what asks it by that name.
+    from netboot.config import load as load_config
+
+    caplog.clear()
+    assert netboot.service.advertised_address(load_config(path, env={})) == "127.0.0.1"
+    assert [r for r in caplog.records if "advertising 127.0.0.1" in r.message]
+
+
 def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "fleet.csv"
@@ -323,6 +356,31 @@ def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     (tmp_path / "assets" / "initrd.img").unlink()
     rc, out, _ = run(capsys, "assets", "--config", cfg)
     assert rc == 1 and "missing" in out
+
+
+def test_assets_checks_a_profiles_iso_url_on_this_server(
+        cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's profile has ``iso_url http://192.0.2.10:8080/assets/k3os/k3os.iso``,
+    which k3OS's installer fetches once its kernel runs: a user who put the kernel and
+    initrd in place (as the README said) and not the ISO saw `netboot assets` say ok, and
+    every install failed on its console (s38-user). A URL of another server is not
+    netboot's to check."""
+    monkeypatch.setenv("NETBOOT_HTTP_PORT", "8080")
+    iso = "http://192.0.2.10:8080/assets/k3os/k3os%2Dx.iso"
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img",
+               "--iso-url", iso, "--config", cfg)[0] == 0
+    assert run(capsys, "profiles", "add", "q", "--kernel", "vmlinuz",
+               "--iso-url", "https://releases.example/k3os.iso", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
+    rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
+    assert rc == 1 and rows[("profile p", "k3os/k3os-x.iso")]["status"].startswith("missing")
+    assert not [k for k in rows if k[0] == "profile q" and "iso" in k[1]]
+    (tmp_path / "assets" / "k3os").mkdir()
+    (tmp_path / "assets" / "k3os" / "k3os-x.iso").write_bytes(b"ISO")
+    rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
+    rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
+    assert rc == 0 and rows[("profile p", "k3os/k3os-x.iso")]["status"] == "ok"
 
 
 def test_render_does_not_claim_the_managed_cluster(cfg: str,
@@ -767,3 +825,109 @@ def test_a_reader_that_leaves_early_gets_no_traceback(cfg: str, tmp_path: Path) 
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141 and "Traceback" not in err and "Broken pipe" not in err, err
+
+
+def test_no_readme_block_enrolls_one_identifier_twice() -> None:
+    """A README block is run as it stands, line after line: "Machines and their identity"
+    enrolled 52:54:00:00:01:01 and CZ2048XYZ with the CLI, then both again with curl -sf,
+    which failed with a 409 and printed nothing (s38-user). The quickstart's API block and
+    its CLI block are alternatives, each its own block."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    mac = r"(?:[0-9a-f]{2}[:-]){5}[0-9a-f]{2}"
+    repeated = []
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.S):
+        seen: dict[str, str] = {}
+        for line in block.splitlines():
+            if "machines add" in line:
+                ids = re.findall(mac, line.split("#")[0], re.I) + re.findall(
+                    r"--(?:serial|uuid|asset) (\S+)", line)
+            elif re.search(r"curl .*\$NB/machines -d", line):
+                body = line.split(" -d ", 1)[1]
+                ids = re.findall(mac, body, re.I) + re.findall(
+                    r'"(?:serial|uuid|asset)":\s*"([^"]+)"', body)
+            else:
+                continue
+            for ident in ids:
+                key = ident.lower().replace("-", ":")
+                if key in seen:
+                    repeated.append(f"{ident}: {seen[key]!r} then {line!r}")
+                seen[key] = line
+    assert repeated == [], repeated
+
+
+def test_a_user_who_cannot_read_the_data_dir_is_told_to_run_it_as_its_owner(
+        cfg: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README runs the CLI with sudo; a user who forgot it met the first file's own
+    error: `cannot read the secrets key ...: Permission denied (fix: make it readable by the
+    netboot user (mode 0600))`, which invites opening the key to others, or for `ca export`
+    `(fix: give a PEM certificate)`, or for `events --follow` no fix at all (s38-user). As
+    root every file is readable, so the user's view of the data dir is played here."""
+    import os
+
+    import netboot.cli
+    from netboot.config import load as load_config
+
+    assert run(capsys, "machines", "add", "aa:bb:cc:dd:ee:01", "--config", cfg)[0] == 0
+    data_dir = load_config(Path(cfg), env={}).data_dir
+    real = os.access
+
+    def access(path: object, mode: int, **kw: object) -> bool:
+        return False if Path(str(path)) == data_dir else real(path, mode, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(netboot.cli.os, "access", access)
+    monkeypatch.delenv("NETBOOT_TOKEN", raising=False)
+    for command in (["machines", "ls"], ["ca", "export"], ["events", "--follow"],
+                    ["render", "aa:bb:cc:dd:ee:01", "ipxe"]):
+        rc, out, err = run(capsys, *command, "--config", cfg)
+        assert rc == 2 and out == "", (command, err)
+        assert f"{data_dir} (owner " in err and "who cannot read it" in err, (command, err)
+        assert "(fix: run the command as " in err and "sudo netboot" in err, (command, err)
+        assert f"{cfg}:" in err, err  # where it was set: the file and its line
+
+
+def test_the_readmes_https_ipxe_templates_keep_the_installers_urls_on_http(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README "iPXE with netboot's CA" said to set http.public_url to the HTTPS base: that
+    base also names k3OS's config URL and the registration URL, fetched by curl and busybox
+    wget without netboot's CA, so every install failed there (s38-user). Its recipe now is a
+    site template from the shipped ones, as this test makes it: iPXE's fetches over HTTPS,
+    the installer's on HTTP."""
+    from netboot.shipped import templates_dir
+
+    site = tmp_path / "site"
+    (site / "ipxe").mkdir(parents=True)
+    for name in ("boot.ipxe", "hold.ipxe", "install.ipxe"):
+        text = (templates_dir() / "ipxe" / name).read_text(encoding="utf-8")
+        text = text.replace("{{ kernel_url }}",
+                            "{{ kernel_url | replace(base_url, https_base_url, 1) }}")
+        text = text.replace("{{ url }}", "{{ url | replace(base_url, https_base_url, 1) }}")
+        (site / "ipxe" / name).write_text(text.replace("{{ base_url }}", "{{ https_base_url }}"),
+                                          encoding="utf-8")
+    path = write_config(tmp_path, f"templates:\n  dir: {site}\n")
+    monkeypatch.setenv("NETBOOT_HTTP_PORT", "8080")
+    monkeypatch.setenv("NETBOOT_HTTPS_PORT", "8443")
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img",
+               "--config", str(path))[0] == 0
+    assert run(capsys, "machines", "add", "aa:bb:cc:dd:ee:01", "--profile", "p",
+               "--config", str(path))[0] == 0
+
+    async def make_ca() -> None:  # the server's first start makes it; renders carry it
+        from netboot.service import open_inventory, prepare_tls
+
+        cfg = load(path, env={"NETBOOT_HTTPS_PORT": "8443"})
+        store, sealer = await open_inventory(cfg)
+        prepare_tls(cfg, "192.0.2.10", sealer)
+        await store.close()
+
+    asyncio.run(make_ca())
+    rc, out, err = run(capsys, "render", "aa:bb:cc:dd:ee:01", "ipxe", "--config", str(path))
+    assert rc == 0, err
+    assert "kernel https://192.0.2.10:8443/assets/vmlinuz " in out, out
+    assert "initrd --name initrd.img https://192.0.2.10:8443/assets/initrd.img" in out, out
+    assert "config_url=http://192.0.2.10:8080/config/" in out, out
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**iPXE with netboot's CA**")[1].split("**Secrets at rest.**")[0]
+    assert "https_base_url" in section and "set\n`http.public_url` to the HTTPS" not in section

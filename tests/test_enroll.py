@@ -185,6 +185,26 @@ def test_csv_cells_are_read_by_their_header() -> None:
         parse_import("", "csv")
 
 
+def test_a_csv_headers_field_names_are_read_in_any_case() -> None:
+    """A factory's CSV says "MAC,Serial,Hostname": every row was `MAC: unknown column
+    (known: mac, ...)` and nothing was imported (s38-user). A label's own name keeps its
+    case; a name that is no field is still refused, once."""
+    text = ("MAC, Serial ,HostName,Label.Rack,LABELS\n"
+            "52:54:00:00:00:01,S1,a-1,r1,site=x\n")
+    assert parse_import(text, "csv") == [
+        (2, {"mac": "52:54:00:00:00:01", "serial": "S1", "hostname": "a-1",
+             "labels": {"Rack": "r1", "site": "x"}})]
+    # A name no field is refused once, at the header's line, not on each of 1,000 rows;
+    # an empty name (a trailing comma) is no column.
+    rows = "".join(f"52:54:00:00:01:{i:02x},r{i}\n" for i in range(100))
+    with pytest.raises(ValidationError, match=r"line 1: Location: unknown column \(known: mac,") \
+            as refused:
+        parse_import("mac,Location\n" + rows, "csv")
+    assert refused.value.field == "file" and refused.value.line == 1
+    assert parse_import("mac,serial,\n52:54:00:00:00:01,S1,\n", "csv") == [
+        (2, {"mac": "52:54:00:00:00:01", "serial": "S1"})]
+
+
 def test_a_yaml_files_machines_key_numbers_its_rows_by_their_lines() -> None:
     # The {machines: [...]} form numbered its rows 1, 2, 3, printed as the file's lines
     # ("fleet.yaml:3: mac: duplicate of line 2" for the machines on lines 9 and 5).

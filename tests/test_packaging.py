@@ -198,3 +198,44 @@ def test_serve_answers_boot_ipxe_and_stops_cleanly(
     assert proc.returncode == 0, output
     assert "Traceback" not in output, output
     assert "DHCP   proxy on udp/" in output, output  # what the embedded defaults serve
+
+
+def test_no_instruction_installs_netboot_by_its_name_from_an_index() -> None:
+    """"netboot" on PyPI is another project ("PXE provisioning management", 0.4.1): an
+    instruction to ``pip install netboot`` (contrib/netboot.service's comment did, into a
+    fresh venv that the unit then runs as root) or ``'netboot[postgresql]'`` (a pip without
+    this netboot installed fetches that one) installs someone else's code. Install from the
+    checkout or a wheel built from it (``'.[postgresql]'``), or the dependency by its own
+    name."""
+    import re
+
+    # One command: up to the line's end or the shell's next command (&&, ;, |).
+    by_name = re.compile(r"""pip[x]? install\b[^\n&;|]*?(?<![\w./-])['"]?netboot(\[|['"\s)]|$)""",
+                         re.MULTILINE)
+    texts = [ROOT / "README.md", ROOT / "contrib" / "netboot.service", ROOT / "Containerfile",
+             *sorted((ROOT / "netboot").rglob("*.py")), *sorted((ROOT / "container").glob("*"))]
+    found = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in texts if path.is_file()
+             for m in by_name.finditer(path.read_text(encoding="utf-8"))]
+    assert found == [], found
+    # The pattern does find the forms it is there for.
+    for bad in ("pip install netboot", "/opt/netboot/bin/pip install netboot)",
+                "pip install 'netboot[postgresql]'", "pipx install netboot"):
+        assert by_name.search(bad), bad
+    for good in ("pip install '.[postgresql]'", "pip install dist/netboot-0.1.0-py3-none-any.whl",
+                 "pip install --force-reinstall ./netboot-0.1.0-py3-none-any.whl",
+                 "pip install '.[fast]' && systemctl enable --now netboot"):
+        assert not by_name.search(good), good
+
+
+def test_version_names_the_wheels_build(installed: Installed) -> None:
+    """Every build is version 0.1.0, and pip given a newer wheel of an installed version
+    keeps the old files ("already installed", exit 0): README's upgrade says
+    ``--force-reinstall``, and ``--version`` names the build that runs (a digest of the
+    wheel's files) so the operator can see that it took."""
+    import re
+
+    line = installed.run("--version").stdout.strip()
+    assert re.fullmatch(r"netboot 0\.1\.0 \(build [0-9a-f]{12}\)", line), line
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        build = wheel.read("netboot/_shipped/BUILD").decode().strip()
+    assert line.endswith(f"(build {build})")

@@ -56,3 +56,23 @@ def test_a_sigbus_is_named_with_the_file_that_causes_it() -> None:
                                               ("dumped", "SEGV")])
 def test_other_ends_say_nothing_more(code: str, status: str) -> None:
     assert stop_post(code, status) == ""
+
+
+def test_the_readmes_service_install_is_what_the_unit_runs() -> None:
+    """The README told how to run netboot in the foreground only; the unit's comment said
+    to install it by name from PyPI, where "netboot" is another project (s38-user). The
+    README's service command installs from the checkout into the venv the unit runs, with
+    the config file the unit names."""
+    import re
+
+    readme = (UNIT.parent.parent / "README.md").read_text(encoding="utf-8")
+    (command,) = [line for line in readme.splitlines() if "contrib/netboot.service" in line
+                  and "systemctl enable" in line]
+    (exec_start,) = service_section()["ExecStart"]
+    binary, _, config = re.fullmatch(r"(\S+) (serve) --config (\S+)", exec_start).groups()  # type: ignore[union-attr]
+    venv = binary.removesuffix("/bin/netboot")
+    assert f"python3 -m venv {venv} " in command, command
+    assert f"{venv}/bin/pip install '.[fast]'" in command, command
+    assert config in command, command
+    header = UNIT.read_text(encoding="utf-8").split("[Unit]")[0]
+    assert f"{venv}/bin/pip install '.[fast]'" in header, header

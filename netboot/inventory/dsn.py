@@ -14,6 +14,12 @@ from dataclasses import dataclass
 
 SCHEMES = ("postgresql", "postgres")
 
+# How to get the driver (the ``postgresql`` extra's one requirement). Never "pip install
+# 'netboot[postgresql]'": a pip without netboot installed fetches the PyPI project of that
+# name, which is another one.
+INSTALL_ASYNCPG = ("install asyncpg into netboot's environment (from the source checkout: "
+                   "pip install '.[postgresql]')")
+
 
 def problem(dsn: str) -> str | None:
     """What is wrong with ``dsn`` (None: nothing), in words that never repeat it."""

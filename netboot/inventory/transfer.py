@@ -9,7 +9,9 @@ machines nobody enrolled come along too, which a copy through the Store API woul
 
 It is proven, not assumed: after the copy each table is read back from the target and its row
 count and a SHA-256 over its rows in a canonical form (sorted, numbers as floats) must equal
-the source's. The source is read in one snapshot; stop the servers that write it first.
+the source's. The source is read in one snapshot (SQLite's WAL, PostgreSQL's repeatable
+read), so a running server's inventory can be backed up; stop the servers that use the
+target first (README, "Backup, restore and upgrades").
 The change feed is not copied: the target's own triggers record the inserted rows, so a
 server that starts on it reads everything once.
 """
@@ -17,15 +19,17 @@ server that starts on it reads everything once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from netboot.errors import Conflict, StoreError
+from netboot.errors import ConfigError, Conflict, StoreError
 from netboot.inventory import dsn as pg_dsn
 from netboot.inventory.base import Store
 
@@ -57,6 +61,18 @@ def is_dsn(spec: str) -> bool:
 def describe(spec: str) -> str:
     """How messages name an inventory: a path, or a DSN without its password."""
     return pg_dsn.redact(spec) if is_dsn(spec) else spec
+
+
+def _needs_driver(*specs: str) -> None:
+    """A ConfigError with the fix where a DSN is given and asyncpg is not installed (the
+    README's install has only the ``fast`` extra): not the driver's traceback."""
+    if any(is_dsn(spec) for spec in specs):
+        try:
+            import asyncpg  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("a postgresql:// inventory needs the asyncpg driver, which is "
+                              "not installed", source="--from/--to",
+                              fix=pg_dsn.INSTALL_ASYNCPG) from exc
 
 
 def open_spec(spec: str, peer: pg_dsn.PeerSettings | None = None) -> Store:
@@ -130,9 +146,12 @@ async def copy(source: str, target: str, *, force: bool = False,
             not is_dsn(source) and not is_dsn(target)
             and Path(source).resolve() == Path(target).resolve()):
         raise Conflict("--from and --to name the same inventory")
+    _needs_driver(source, target)
     if not is_dsn(source) and not Path(source).is_file():
         raise StoreError(f"{source}: no such inventory file")
     peer = peer or pg_dsn.PeerSettings()
+    if not is_dsn(target):
+        _private_file(Path(target))
     for spec in (source, target):
         await migrate(spec, peer)
     rows = await _read(source, peer)
@@ -145,6 +164,16 @@ async def copy(source: str, target: str, *, force: bool = False,
                              f"{got.rows} rows (sha256 {got.sha256[:16]}) where the source "
                              f"has {want.rows} (sha256 {want.sha256[:16]})")
     return expected
+
+
+def _private_file(path: Path) -> None:
+    """Make a new SQLite target 0600 before SQLite does (its -wal and -shm take the file's
+    mode), as the server makes its netboot.db: a copy (a backup) holds what the inventory
+    does, the audit log, serials and sealed secrets, and the umask's 0644 let every user of
+    the host read it. An existing file is the operator's (a restore with --force) and kept
+    as it is; one that cannot be made is left to the store, which names the cause."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def checksums(rows: Rows) -> list[TableCheck]:

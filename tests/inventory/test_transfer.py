@@ -216,3 +216,57 @@ async def test_a_copy_whose_server_stops_answering_fails_within_the_checks_bound
                 copying.result()
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+def test_a_backup_copy_is_readable_by_its_owner_only(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """README "Backup, restore and upgrades": ``db copy`` of the running server's inventory
+    is the backup. It holds what netboot.db holds (the audit log, serials, sealed secrets),
+    which the server keeps 0600: the copy was made with the umask's 0644, every user's to
+    read. A restore (--force onto an existing file) keeps that file's mode."""
+    import os
+    import stat
+
+    source = tmp_path / "netboot.db"
+    asyncio.run(opened(SqliteStore(source, sealer=SEALER), fill))
+    backup = tmp_path / "backup.db"
+    old = os.umask(0o022)
+    try:
+        rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(backup))
+    finally:
+        os.umask(old)
+    assert rc == 0 and "counts and checksums equal" in out, err
+    for path in (backup, *(backup.with_name(backup.name + s) for s in ("-wal", "-shm"))):
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    restored = tmp_path / "restored.db"
+    restored.touch(mode=0o640)
+    rc, _, err = run(capsys, "db", "copy", "--from", str(backup), "--to", str(restored),
+                     "--force")
+    assert rc == 0, err
+    assert stat.S_IMODE(restored.stat().st_mode) == 0o640
+    before = asyncio.run(opened(SqliteStore(source, sealer=SEALER), snapshot))
+    assert asyncio.run(opened(SqliteStore(restored, sealer=SEALER), snapshot)) == before
+
+
+def test_a_postgresql_copy_without_the_driver_says_how_to_install_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's install (``.[fast]``) has no asyncpg; its step to PostgreSQL (``db copy
+    --to postgresql://…``) printed the driver's ImportError traceback. And never by the
+    name ``netboot[postgresql]``: PyPI's "netboot" is another project."""
+    import sys
+
+    source = tmp_path / "netboot.db"
+    asyncio.run(opened(SqliteStore(source), fill))
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # import asyncpg raises ImportError
+    monkeypatch.delitem(sys.modules, "netboot.inventory.postgres")
+    for args in (("--from", str(source), "--to", "postgresql://netboot@127.0.0.1:1/netboot"),
+                 ("--from", "postgresql://netboot@127.0.0.1:1/netboot", "--to",
+                  str(tmp_path / "back.db"))):
+        rc, _, err = run(capsys, "db", "copy", *args)
+        assert rc == 2, err
+        assert "Traceback" not in err and "--from/--to" in err, err
+        assert "asyncpg" in err and "pip install '.[postgresql]'" in err, err
+        assert "netboot[" not in err, err
+    assert not (tmp_path / "back.db").exists()
