@@ -235,6 +235,10 @@ class _DhcpRepeat:
     # is unchanged skips the look-ups: ~4,400 of a repeat's ~36,600 instructions
     # (benchmarks/README.md, s38-dhcprep).
     held_at: int
+    # The recorder's ``told`` when _tells_more last said False (-1: not yet asked): while
+    # it has not moved (and the machine is the one held), it says False again (~3,300
+    # instructions a repeat; benchmarks/README.md, s38-dhcprep).
+    told_at: int = -1
 
     def __call__(self) -> bool:
         service = self.service
@@ -256,8 +260,10 @@ class _DhcpRepeat:
         if machine is None:
             if not service.discovery.refuses(request, service._clock()):
                 return False
-        elif service._tells_more(request, self.res, machine, self.seen):
-            return False
+        elif self.told_at != service._recorder.told:
+            if service._tells_more(request, self.res, machine, self.seen):
+                return False
+            self.told_at = service._recorder.told
         exists = service._assets.exists
         for name, found in self.assets:  # noqa: SIM110 - no generator per datagram
             if exists(name) is not found:

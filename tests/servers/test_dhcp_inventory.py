@@ -955,3 +955,45 @@ async def test_a_repeat_looks_nothing_up_while_the_view_has_not_changed(
         assert offer is not None and offer.file_name == "snponly.efi"
     assert env.server.answered_again == before + 3
     assert sorted(kind for kind, _ in looked) == ["mac", "uuid"]  # the first repeat's only
+
+
+async def test_a_repeat_asks_what_would_be_recorded_only_once_the_recorder_was_told_more(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache's check asks whether a repeat would record something (_tells_more: facts
+    queued, the machine's newest event) only when the recorder's ``told`` moved since it
+    last said no: none for repeats while nothing is noted; once another machine's event
+    is, one, still answered from the cache; once this machine's newer event is, the next
+    request is decided again and its step noted (s38-dhcprep)."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    other = Machine(macs=(MacAddress.parse("52:54:00:00:0a:04"),),
+                    state=MachineState.INSTALLED)
+    await env.store.create_machine(other)
+    await env.boot.load_view()
+    await cached(env)
+    asked: list[object] = []
+    tells_more = BootService._tells_more
+
+    def counted(self: Any, *args: Any) -> bool:
+        asked.append(args[2])
+        return tells_more(self, *args)
+
+    monkeypatch.setattr(BootService, "_tells_more", counted)
+    before = env.server.answered_again
+    for xid in range(200, 203):
+        assert await env.offer(xid) is not None
+    assert env.server.answered_again == before + 3
+    assert len(asked) <= 1  # the first repeat's, if none was asked since it was kept
+    asked.clear()
+    env.recorder.record(Event(other.id, time.time(), "ipxe", "asked for its script"))
+    for xid in range(300, 303):
+        assert await env.offer(xid) is not None
+    assert env.server.answered_again == before + 6
+    assert len(asked) == 1
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None
+    env.recorder.record(Event(machine.id, time.time(), "ipxe", "asked for its script"))
+    assert await env.offer(400) is not None
+    assert env.server.answered_again == before + 6  # decided again: its step is news
+    await env.settle()
+    kinds = [e.kind for e in await env.store.list_events(machine.id)]
+    assert kinds == ["dhcp", "ipxe", "dhcp"]
