@@ -132,6 +132,10 @@ class Recorder:
         # Bumped by everything that may write (record, note, learned, commit): a caller that
         # finds it unchanged across a decision knows the decision wrote nothing.
         self.activity = 0
+        # Bumped by every change to what last() or learning() answers (the newest sayings
+        # remembered, the facts queued): a caller that saw one answer, and finds it
+        # unchanged, knows they answer as then (boot._DhcpRepeat, per repeated DISCOVER).
+        self.told = 0
         # Told each write's rows (machines and events) and seconds from its start to its
         # commit (Metrics.inventory_commit: netboot_inventory_commit_*), once it committed.
         self.committed: Callable[[int, float], None] | None = None
@@ -212,6 +216,7 @@ class Recorder:
         then (nothing if it changes nothing, or the machine is gone). For what a device told
         about itself and was told nothing about: not worth a commit before the answer."""
         self.activity += 1
+        self.told += 1
         redos = self._learned.setdefault(machine_id, [])
         if len(redos) >= _REDOS:
             # A machine asking again and again while the inventory is away: the newest
@@ -254,6 +259,7 @@ class Recorder:
         self._said(event.machine, (event.kind, event.message), version)
 
     def _said(self, machine_id: str, said: tuple[str, str], version: object) -> None:
+        self.told += 1
         last = self._last
         last[machine_id] = (said, version)
         last.move_to_end(machine_id)  # the newest last: oldest first
@@ -293,6 +299,7 @@ class Recorder:
             async with self._lock:
                 await self._write(Batch())
                 await self._write(batch, strict=True)
+            self.told += 1
             for old, _ in batch.merge:  # events moved to the surviving ids: forget these
                 self._last.pop(old, None)
             for event in batch.events:
@@ -422,6 +429,7 @@ class Recorder:
         learned: dict[str, list[Callable[[Machine], Machine]]] = {}
         if not strict and self.newest is not None:
             learned, self._learned = self._learned, {}
+            self.told += 1
         queued, self._queue = self._queue, []
         if not self.crowded():
             self._room.set()  # taken: what waits in room() may queue the next batch
@@ -517,6 +525,7 @@ class Recorder:
     def _keep_learned(self, learned: dict[str, list[Callable[[Machine], Machine]]]) -> None:
         """Facts taken by a write that did not store them: kept for the next, before any
         learnt meanwhile."""
+        self.told += 1
         for machine_id, redos in learned.items():
             self._learned[machine_id] = [*redos, *self._learned.get(machine_id, ())]
 
@@ -550,6 +559,7 @@ class Recorder:
                 else:
                     written.append((old, new))
                     continue
+            self.told += 1
             self._learned[new.id] = [*learned[new.id], *self._learned.get(new.id, ())]
         return written, away
 

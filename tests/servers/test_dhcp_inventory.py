@@ -319,6 +319,49 @@ async def test_a_repeat_is_the_reply_to_its_request_with_its_own_xid_and_flags(
     assert env.server.answered_again == before
 
 
+@pytest.mark.parametrize("pxe_port", [False, True])
+async def test_repeats_are_byte_for_byte_the_full_answer_whatever_their_xid_secs_and_flags(
+        env: Env, pxe_port: bool) -> None:
+    """The cache's reply is joined from the first reply's pieces and each repeat's xid and
+    flags (s38-dhcprep): for any xid, secs and flags, on :67 (the broadcast bit set) and
+    :4011 (the request's own flags, reserved bits too), every byte is what deciding the
+    request in full gives, and it goes to the same place."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    request = bytearray(discover(MAC, 0))
+    peer = ("0.0.0.0", 68)
+    if pxe_port:
+        request[242] = MessageType.REQUEST  # option 53, the first option
+        peer = ("192.0.2.50", 4011)
+    fresh = DhcpServer(DhcpSettings(), env.boot, env.store, interfaces=None,
+                       advertise=SERVER_IP, host="127.0.0.1")  # keeps nothing
+    for xid in range(100, 110):  # until one is answered from the cache; bounded
+        request[4:8] = xid.to_bytes(4, "big")
+        before = env.server.answered_again
+        await env.server.handle(bytes(request), peer, server_ip=SERVER_IP, pxe_port=pxe_port)
+        await env.settle()
+        if env.server.answered_again > before:
+            break
+    else:
+        raise AssertionError("no repeat was answered from the cache")
+    for n, (xid, secs, flags) in enumerate([
+            (0x1234, 7, 0x0000), (0xFFFFFFFF, 0, 0x8000), (0, 0xFFFF, 0x0001),
+            (0x80000001, 3, 0x7FFF), (0x0A0B0C0D, 1, 0xFFFF), (5, 2, 0x00FF)]):
+        request[4:8] = xid.to_bytes(4, "big")
+        request[8:10] = secs.to_bytes(2, "big")
+        request[10:12] = flags.to_bytes(2, "big")
+        before = env.server.answered_again
+        replies = await env.server.handle(bytes(request), peer, server_ip=SERVER_IP,
+                                          pxe_port=pxe_port)
+        assert env.server.answered_again == before + 1, n
+        decided = fresh.respond(bytes(request), peer, server_ip=SERVER_IP, pxe_port=pxe_port)
+        assert isinstance(decided, list)
+        assert replies == decided, n
+        assert type(replies[0][0]) is bytes
+        reply = dhcp.parse(replies[0][0])
+        assert reply.xid == xid
+        assert reply.flags == (flags | dhcp.BROADCAST_FLAG if not pxe_port else flags)
+
+
 async def test_a_change_to_the_machine_through_the_store_ends_its_cached_answer(
         env: Env) -> None:
     await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
@@ -916,3 +959,89 @@ async def test_a_first_discover_reads_no_enum_member_through_its_class(tmp_path:
                    for replies in answered)
         assert read == []
         await env.settle()
+
+
+async def test_a_repeat_looks_nothing_up_while_the_view_has_not_changed(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache's check looks the request's identifiers up in the view only when what
+    the view holds has changed since it last did (InventoryView.held_changes): none for
+    repeats in a quiet storm; once another machine is added, one look-up per identifier,
+    still answered from the cache, and none again after (s38-dhcprep)."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    await cached(env)
+    view = env.boot._view
+    looked: list[tuple[str, object]] = []
+    held = type(view).held
+
+    def counted(self: Any, kind: str, key: Any) -> Any:
+        looked.append((kind, key))
+        return held(self, kind, key)
+
+    monkeypatch.setattr(type(view), "held", counted)
+    before = env.server.answered_again
+    for xid in range(200, 203):
+        assert await env.offer(xid) is not None
+    assert env.server.answered_again == before + 3
+    assert looked == []
+    other = SqliteStore(env.path)  # another process enrolls another machine
+    await other.open()
+    try:
+        await other.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:0a:03"),)))
+    finally:
+        await other.close()
+    changes = view.held_changes
+    for _ in range(100):  # bounded: until the view has synced the new machine
+        await asyncio.sleep(0.005)
+        await env.boot.resync()
+        if view.held_changes != changes:
+            break
+    assert view.held_changes != changes
+    before = env.server.answered_again
+    for xid in range(300, 303):
+        offer = await env.offer(xid)
+        assert offer is not None and offer.file_name == "snponly.efi"
+    assert env.server.answered_again == before + 3
+    assert sorted(kind for kind, _ in looked) == ["mac", "uuid"]  # the first repeat's only
+
+
+async def test_a_repeat_asks_what_would_be_recorded_only_once_the_recorder_was_told_more(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache's check asks whether a repeat would record something (_tells_more: facts
+    queued, the machine's newest event) only when the recorder's ``told`` moved since it
+    last said no: none for repeats while nothing is noted; once another machine's event
+    is, one, still answered from the cache; once this machine's newer event is, the next
+    request is decided again and its step noted (s38-dhcprep)."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    other = Machine(macs=(MacAddress.parse("52:54:00:00:0a:04"),),
+                    state=MachineState.INSTALLED)
+    await env.store.create_machine(other)
+    await env.boot.load_view()
+    await cached(env)
+    asked: list[object] = []
+    tells_more = BootService._tells_more
+
+    def counted(self: Any, *args: Any) -> bool:
+        asked.append(args[2])
+        return tells_more(self, *args)
+
+    monkeypatch.setattr(BootService, "_tells_more", counted)
+    before = env.server.answered_again
+    for xid in range(200, 203):
+        assert await env.offer(xid) is not None
+    assert env.server.answered_again == before + 3
+    assert len(asked) <= 1  # the first repeat's, if none was asked since it was kept
+    asked.clear()
+    env.recorder.record(Event(other.id, time.time(), "ipxe", "asked for its script"))
+    for xid in range(300, 303):
+        assert await env.offer(xid) is not None
+    assert env.server.answered_again == before + 6
+    assert len(asked) == 1
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None
+    env.recorder.record(Event(machine.id, time.time(), "ipxe", "asked for its script"))
+    assert await env.offer(400) is not None
+    assert env.server.answered_again == before + 6  # decided again: its step is news
+    await env.settle()
+    kinds = [e.kind for e in await env.store.list_events(machine.id)]
+    assert kinds == ["dhcp", "ipxe", "dhcp"]
