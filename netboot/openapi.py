@@ -176,6 +176,11 @@ SCHEMAS: dict[str, Any] = {
                                    "join token; null: the short token (no CA made: a cluster "
                                    "made before, or with enroll.k3s_secure_token false; see "
                                    "POST /api/v1/clusters/{name}/secure-token)"},
+        "problems": {"type": "array", "readOnly": True, "description": (
+            "shown, never taken: a join token in k3s's short form (agents then check "
+            "nothing of the server they join), with the way to the secure form"), "items": {
+                "type": "object", "required": ["field", "error"],
+                "properties": {"field": _STR, "error": _STR}}},
         "labels": _MAP, "taints": _LIST, "description": _STR,
         "endpoint": {"type": ["string", "null"], "description":
                      "managed clusters: where nodes reach the servers (a VIP or DNS name): "
