@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,22 +109,15 @@ class _Proxy:
             writer.close()
 
 
-def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
-        namespace: str, tmp_path: Path) -> None:
-    """The register command netboot's templates emit, run by busybox sh (no curl) in a
-    namespace: its first answer is lost after netboot committed; its retry, from the same
-    address with the spent token, is answered as the first (200, the same machine token), so
-    it keeps that token and stops. A later boot from a new lease (another address) reports it
-    with the machine token: the machine's address and its cluster's DNS endpoint follow; a
-    boot after that from the same address writes nothing. (Before s37-register the retry was
-    a 409 for an hour and the new lease was never seen.)"""
+def _busybox_sh(tmp_path: Path) -> Callable[[str], Awaitable[tuple[int, bytes]]]:
+    """A device's shell: busybox ``sh`` with only the applets the register command names
+    (``wget``, no curl) on its PATH; what it prints and its status, bounded to 40 s."""
     busybox = shutil.which("busybox")
     assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget", "printf"):
         (bin_dir / applet).symlink_to(busybox)
-    root = tmp_path / "root"
 
     async def run(command: str) -> tuple[int, bytes]:
         proc = await asyncio.create_subprocess_exec(
@@ -133,6 +127,20 @@ def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
         out, _ = await asyncio.wait_for(proc.communicate(), 40)
         assert proc.returncode is not None
         return proc.returncode, out
+    return run
+
+
+def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
+        namespace: str, tmp_path: Path) -> None:
+    """The register command netboot's templates emit, run by busybox sh (no curl) in a
+    namespace: its first answer is lost after netboot committed; its retry, from the same
+    address with the spent token, is answered as the first (200, the same machine token), so
+    it keeps that token and stops. A later boot from a new lease (another address) reports it
+    with the machine token: the machine's address and its cluster's DNS endpoint follow; a
+    boot after that from the same address writes nothing. (Before s37-register the retry was
+    a 409 for an hour and the new lease was never seen.)"""
+    run = _busybox_sh(tmp_path)
+    root = tmp_path / "root"
 
     async def scenario() -> dict[str, Any]:
         path = write_config(tmp_path / "cfg", "dns:\n  enabled: true\n  zone: netboot.lan\n")
@@ -228,23 +236,10 @@ def test_a_lost_answer_retried_from_a_new_lease_registers_there(
     k3OS's run_cmd at the next boot, from 192.0.2.10). Within the hour that is taken as the
     device: 200 with the machine token, which it keeps, and the machine, its DNS name and its
     cluster's endpoint move to 192.0.2.10. (Before s38-journey: 409s until a reinstall.)"""
-    busybox = shutil.which("busybox")
-    assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget", "printf"):
-        (bin_dir / applet).symlink_to(busybox)
+    run = _busybox_sh(tmp_path)
     root = tmp_path / "root"
     machine_id = tmp_path / "machine-id"  # the device's /etc/machine-id, what it proves with
     machine_id.write_text("5f3a8c0e2b7d4e61a9c0d1e2f3a4b5c6\n")
-
-    async def run(command: str) -> tuple[int, bytes]:
-        proc = await asyncio.create_subprocess_exec(
-            str(bin_dir / "sh"), "-c", command, env={"PATH": str(bin_dir)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        out, _ = await asyncio.wait_for(proc.communicate(), 40)
-        assert proc.returncode is not None
-        return proc.returncode, out
 
     async def scenario() -> dict[str, Any]:
         path = write_config(tmp_path / "cfg", "dns:\n  enabled: true\n  zone: netboot.lan\n")
@@ -336,12 +331,7 @@ def test_an_older_netboots_register_command_stops_and_prints_no_secret(
     the machine's address). Its registration's event says its later boots will report nothing
     until a reinstall renders the current command. (Before s38-journey: the machine token in
     the printed answer, and nothing told the operator.)"""
-    busybox = shutil.which("busybox")
-    assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget"):
-        (bin_dir / applet).symlink_to(busybox)
+    run = _busybox_sh(tmp_path)
     root = tmp_path / "root"
 
     async def scenario() -> dict[str, Any]:
@@ -364,11 +354,7 @@ def test_an_older_netboots_register_command_stops_and_prints_no_secret(
             url = f"http://192.0.2.60:{server.sockets[0].getsockname()[1]}/api/v1/register"
             command = (_older_register_command(url, MAC, token, "s1")
                        .replace("/var/lib/netboot", str(root)).replace("sleep 10", "sleep 1"))
-            proc = await asyncio.create_subprocess_exec(
-                str(bin_dir / "sh"), "-c", command, env={"PATH": str(bin_dir)},
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-            out["printed"], _ = await asyncio.wait_for(proc.communicate(), 40)
-            out["status"] = proc.returncode
+            out["status"], out["printed"] = await run(command)
             out["answers"] = list(proxy.answered)
             stored = await store.machine_by("mac", MAC)
             assert stored is not None
