@@ -61,7 +61,8 @@ async def main(n: int, at_once: int) -> None:
                     await enroller.report(current, {"kind": kind})
                     await access.record(actor, EVENTS, ref, peer=PEER, outcome="201")
                 current = await store.get_machine(m.id)
-            body = {"mac": str(m.macs[0]), "token": f"tok{i}"}
+            # As the register command posts it since s38-journey (older trees ignore "keeps").
+            body = {"mac": str(m.macs[0]), "token": f"tok{i}", "keeps": "machine_token"}
             if folded:
                 await enroller.register(body, peer, audit=lambda r: access.entry(
                     f"machine:{r.id}", REGISTER, r.id, peer=PEER, outcome="200"))

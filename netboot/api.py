@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -115,12 +115,18 @@ def _json_reply(body: Any, status: int) -> Reply:
     return Reply(status, json.dumps(body).encode(), "application/json; charset=utf-8")
 
 
-def _registered_out(machine: Machine) -> dict[str, Any]:
+def _registered_out(machine: Machine, body: Mapping[str, Any]) -> dict[str, Any]:
     """The answer to a registration: the machine, and its machine token, which the installed
     OS keeps (/var/lib/netboot/machine-token) and reports with at its later boots (the
-    register command, netboot.content.register_texts). Only here: the API never lists it."""
+    register command, netboot.content.register_texts). Only here: the API never lists it.
+
+    Only to a command that keeps it (its body says ``"keeps": "machine_token"``, or it
+    reported with one): an older netboot's register command cannot, and prints the answer
+    to the boot log (k3OS's run_cmd output, cloud-init-output.log, which most images leave
+    world-readable), where whoever reads it could move the machine's address (s38-journey)."""
     out = machine_dict(machine)
-    if machine.install_token and machine.state is MachineState.REGISTERED:
+    if machine.install_token and machine.state is MachineState.REGISTERED \
+            and (body.get("keeps") == "machine_token" or "machine_token" in body):
         out["machine_token"] = machine.install_token
     return out
 
@@ -435,10 +441,10 @@ class Api:
                                            machine.id, peer=remote or "-", outcome="200"))
             return made[-1]
 
-        machine = await self._enroll.register(_object(loads(body)), parse_peer(remote),
-                                              audit=entry)
+        asked_for = _object(loads(body))
+        machine = await self._enroll.register(asked_for, parse_peer(remote), audit=entry)
         asked[:] = [f"machine:{machine.id}", machine.id, "written"]
-        return _json_reply(_registered_out(machine), 200)
+        return _json_reply(_registered_out(machine, asked_for), 200)
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: every machine event as it is recorded (``event: machine``),
@@ -704,7 +710,7 @@ class Api:
         machine = await self._enroll.register(body, parse_peer(request.remote))
         request[ACTOR_KEY] = f"machine:{machine.id}"
         request[TARGET_KEY] = machine.id
-        return web.json_response(_registered_out(machine))
+        return web.json_response(_registered_out(machine, body))
 
     async def bulk(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from netboot import __version__
 from netboot.config import Config, load, located
-from netboot.core import Core, machine_dict, profile_file_errors, public_dict
+from netboot.core import Core, cluster_problems, machine_dict, profile_file_errors, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
@@ -466,6 +466,10 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
         elif kind == "clusters":
             print(_table([(c.name, c.server_url, ",".join(f"{k}={v}" for k, v in c.labels.items()))
                           for c in items], ["name", "server_url", "labels"]))
+            # Under the table, where an operator listing clusters reads (cluster_problems).
+            for c in items:
+                for problem in cluster_problems(c):
+                    print(f"\ncluster {c.name}: {problem['error']}")
         else:
             print(_table([(g.name, " ".join(f"{k}={','.join(v)}" for k, v in g.selector.items()),
                            g.profile, g.cluster, g.role) for g in items],

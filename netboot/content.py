@@ -990,7 +990,9 @@ def register_texts(url: str) -> Splice:
     # values netboot knows are JSON-encoded (register_command), never by the shell.
     # The answer's machine token is cut out of it with the shell's own patterns (no sed: a
     # busybox image may have only the applets the command names); both doors answer with
-    # json.dumps' '": "' between a key and its value.
+    # json.dumps' '": "' between a key and its value. '"keeps":"machine_token"' asks for
+    # that token: an older netboot's command printed its answer, so netboot gives it only to
+    # a command that says it keeps it (api._registered_out).
     u = shlex.quote(url)
     d = "/var/lib/netboot"
     k = f"{d}/machine-token"
@@ -1004,7 +1006,8 @@ def register_texts(url: str) -> Splice:
         f"k={k}; n=360; b='" + _sq('{"mac":"'),
         _sq('",') + "'; a='" + _sq('"token":"'),
         _sq('"') + "'; [ -s $k ] && { n=30; a='" + _sq('"machine_token":"') + "'\"$(cat $k)\"'"
-        + _sq('"') + "'; }; b=\"$b$a\"'" + _sq(',"hostname":"') + "'\"$(hostname)\"'"
+        + _sq('"') + "'; }; b=\"$b$a\"'" + _sq(',"keeps":"machine_token","hostname":"')
+        + "'\"$(hostname)\"'"
         + _sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
         + _sq('","node_name":"'),
         _sq('"}') + "'; r() { i=0; while [ $i -lt $n ]; do "

@@ -161,8 +161,40 @@ def public_dict(kind: str, item: Any) -> dict[str, Any]:
             out["problems"] = [{"field": e.field, "error": e.message} for _, e in errors]
         return out
     if kind == "clusters":
-        return codec.cluster_to_dict(item, secrets=False)
+        out = codec.cluster_to_dict(item, secrets=False)
+        problems = cluster_problems(item)
+        if problems:
+            out["problems"] = problems
+        return out
     return codec.group_to_dict(item)
+
+
+# k3s's secure token: "K10" and the server CA's SHA-256 (hex), then "::" (k3s clientaccess).
+_SECURE_TOKEN = re.compile(r"K10[0-9a-f]{64}::")
+
+
+def cluster_problems(cluster: Cluster) -> list[dict[str, str]]:
+    """What an operator should know of ``cluster``, as a profile's problems are shown: a
+    join token in k3s's short form, with which an agent checks nothing of the server it
+    joins (k3s sends the token to whoever answers at the endpoint; the secure form's CA hash
+    makes an agent refuse a server whose CA is not the cluster's). A cluster made before
+    netboot made k3s CAs keeps it until its operator opts in (session 37's note); said where
+    an operator looks (``clusters ls``/``show``, GET /clusters, the dashboard), with the way
+    out for its case. The token is not shown: only its form."""
+    if not cluster.token or _SECURE_TOKEN.match(cluster.token):
+        return []
+    node_token = ("the secure token its first server wrote, "
+                  "/var/lib/rancher/k3s/server/node-token (K10…), as its token")
+    if cluster.managed:
+        fix = (f"'netboot clusters set {cluster.name} --secure-token' while none of its nodes "
+               f"has fetched its config; after, give it {node_token} "
+               f"(PUT /api/v1/clusters/{cluster.name} with \"token\")")
+    else:
+        fix = f"give it {node_token.replace('its first server', 'one of its servers')}"
+    return [{"field": "token", "error": "the short k3s join token: an agent joining checks "
+             "nothing of the server it reaches at the endpoint, and sends it the token; the "
+             f"secure form (K10<CA hash>::…) makes it refuse a server that is not the "
+             f"cluster's. Fix: {fix}"}]
 
 
 def _kind(kind: str) -> str:
@@ -360,16 +392,16 @@ class Core:
         parse: Callable[[Any], Any] = {"profile": codec.profile_from_dict,
                                        "cluster": codec.cluster_from_dict,
                                        "group": codec.group_from_dict}[single]
-        # A profile's problems and a cluster's ca_hash are what a GET shows (public_dict), not
-        # fields: a body read, corrected and written back carries them. A cluster's CA is
-        # netboot's own (_managed_join).
-        aside = {"profile": "problems", "cluster": "ca_hash"}.get(single)
+        # A profile's problems and a cluster's ca_hash and problems are what a GET shows
+        # (public_dict), not fields: a body read, corrected and written back carries them.
+        # A cluster's CA is netboot's own (_managed_join).
+        aside = {"profile": ("problems",), "cluster": ("ca_hash", "problems")}.get(single, ())
         if single == "cluster":
             for key in ("ca_cert", "ca_key"):
                 if key in data:
                     raise ValidationError(key, "a managed cluster's k3s CA is made by netboot, "
                                                "never given")
-        item = parse({k: v for k, v in data.items() if k != aside})
+        item = parse({k: v for k, v in data.items() if k not in aside})
         check_name(item.name)
         if single == "cluster":
             item = await self._check_cluster(item, data, create=create)

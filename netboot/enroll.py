@@ -80,6 +80,19 @@ _REPORT_BUDGETS = 16_384
 # How many of a machine's newest events are looked through for the ``token expired`` event
 # already written for its token (by another process, before a restart).
 _EXPIRED_SEEN = 20
+# Said by the registration of a machine whose register command keeps no machine token (the
+# marker-only one configs rendered before session 37 carry): its answer holds none (that
+# command prints it to the boot log: api._registered_out), so its later boots report nothing.
+_OLDER_COMMAND = ("; its register command is an older netboot's (it keeps no machine token): "
+                  "its later boots will not report a new address until 'netboot machines "
+                  "reinstall' renders the current one")
+# How long after its registration a repeat with the spent install token may come from another
+# address and be taken as the device (Enroller._moved_before_its_answer): the register
+# command's own retries, 360 tries 10 s apart (content.register_texts), an hour.
+REPEAT_ELSEWHERE_SECONDS = 3600
+# The newest events of a machine read to find its registration's (a registered machine writes
+# a few: its repeats are told once a place, its later boots only when its address moves).
+_REGISTERED_SEEN = 50
 
 # Event kinds an installer may post that are lifecycle steps; any other kind is only recorded.
 REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
@@ -1190,6 +1203,10 @@ class Enroller:
         hostname = body.get("hostname")
         if hostname is not None and not isinstance(hostname, str):
             raise ValidationError("hostname", "must be a string")
+        keeps = body.get("keeps")
+        if keeps is not None and keeps != "machine_token":
+            raise ValidationError("keeps", 'only "machine_token": the register command keeps '
+                                           "the machine token the answer carries")
         choice = choose_address(peer, addresses)
         # What was refused is said in the one event of this step, where an operator reading
         # why agents join some address looks.
@@ -1205,9 +1222,11 @@ class Enroller:
         if machine.state is _REGISTERED:
             if machine_token is not None:
                 return await self._reported_at(machine, choice, peer, reported, entries)
-            if not _registered_from(machine, peer, choice):
-                lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
-            return await self._repeated(machine, peer, choice, entries)
+            if _registered_from(machine, peer, choice):
+                return await self._repeated(machine, peer, choice, entries)
+            if await self._moved_before_its_answer(machine, choice, reported):
+                return await self._repeated_elsewhere(machine, peer, choice, entries)
+            lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             facts = {**machine.facts, **reported}
             # A machine the operator gave an address (fixed_ipv4) registers that one, never
@@ -1236,7 +1255,7 @@ class Enroller:
                      f"no usable address (kept {machine.ipv4 or 'none'})")
             event = Event(machine.id, self._clock(), "registered", f"registered at {where}"
                           + (f" as {hostname}" if hostname else "") + refused
-                          + "; its install token is spent",
+                          + "; its install token is spent" + ("" if keeps else _OLDER_COMMAND),
                           {"addresses": addresses,
                            "peer": str(peer) if peer else None,
                            "refused": [{"address": r.text, "reason": r.reason,
@@ -1282,6 +1301,61 @@ class Enroller:
         await self.recorder.commit(Batch(update=update, events=() if told else (event,),
                                          audit=entries))
         return machine
+
+    async def _moved_before_its_answer(self, machine: Machine, choice: AddressChoice,
+                                       reported: Mapping[str, str]) -> bool:
+        """Whether a repeat with the spent install token from an address that is not where
+        ``machine`` registered is taken as its device, whose answer was lost and whose lease
+        changed before it retried (it has no machine token, so it could only retry 409s until
+        a reinstall: s37-register's "left"). Only while the register command would still be
+        retrying (:data:`REPEAT_ELSEWHERE_SECONDS` since its registration), only carrying the
+        ``/etc/machine-id`` its registration reported (none reported: never), only for a
+        machine without ``fixed_ipv4`` (its address is the operator's, and a request from
+        elsewhere is not its device: s36-claim), only to a usable address. The spent token
+        alone is not enough: it crossed plain HTTP in the config URL and sits in the config
+        on disk, where the machine-id is not. What this gives a holder of both is in README
+        "Registration and later boots". Read on this path
+        alone (it was a 409), so the registration's time is its event's, not a field more on
+        every machine."""
+        known = machine.facts.get("machine_id")
+        if machine.fixed_ipv4 is not None or choice.ipv4 is None or not known \
+                or not hmac.compare_digest(known.encode(),
+                                           reported.get("machine_id", "").encode()):
+            return False
+        since = self._clock() - REPEAT_ELSEWHERE_SECONDS
+        events = await self._store.list_events(machine.id, limit=_REGISTERED_SEEN)
+        registered = next((e.time for e in reversed(events) if e.kind == "registered"), None)
+        return registered is not None and registered >= since
+
+    async def _repeated_elsewhere(self, machine: Machine, peer: IPAddress | None,
+                                  choice: AddressChoice,
+                                  entries: Sequence[AuditEntry]) -> Machine:
+        """A repeat taken by :meth:`_moved_before_its_answer`: answered as the first was (the
+        same machine token), its address moved to where it is now (its DNS name, a server's
+        cluster endpoint follow, as a later boot's report moves them), one event saying so.
+        Its later retries come from that address: repeats as any other."""
+        ipv4 = str(choice.ipv4)
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            updated = replace_machine(machine, ipv4=ipv4, updated=self._clock(),
+                                      install_token=machine.install_token
+                                      or self._new_token())
+            event = Event(machine.id, self._clock(), "registration repeated",
+                          f"registered again from {choice.address} "
+                          f"({'the request' if choice.source == 'peer' else 'reported'}) "
+                          "with its spent install token, within "
+                          f"{REPEAT_ELSEWHERE_SECONDS // 60} minutes of its registration at "
+                          f"{machine.ipv4 or 'no address'}: taken as its device, whose answer "
+                          f"was lost and whose address changed; {machine.ipv4 or 'none'} -> "
+                          f"{ipv4}", {"peer": str(peer) if peer else None})
+            if await self._written(Batch(update=(updated,), events=(event,),
+                                         expect={machine.id: machine.state},
+                                         versions={machine.id: machine.updated},
+                                         audit=entries), attempt, (machine,)):
+                break
+            machine = await self._read_again(machine)  # a reinstall since: its 409/401
+        log_line(self._log, logging.INFO, "address mac=%s ip=%s cluster=%s", machine.mac, ipv4,
+                 machine.cluster)
+        return updated
 
     async def _reported_at(self, machine: Machine, choice: AddressChoice,
                            peer: IPAddress | None, reported: Mapping[str, str],

@@ -130,8 +130,10 @@ SCHEMAS: dict[str, Any] = {
         "created": {"type": "number"}, "updated": {"type": "number"}}},
     "Registered": {"allOf": [{"$ref": "#/components/schemas/Machine"}, {
         "type": "object", "properties": {"machine_token": {
-            "type": "string", "description": "the machine's own token, answered only here: "
-                                             "what its later boots report with"}}}]},
+            "type": "string", "description": "the machine's own token, answered only here "
+                                             "and only to a request that keeps it (keeps, or "
+                                             "a machine_token): what its later boots report "
+                                             "with"}}}]},
     "MachineList": {"type": "object", "properties": {
         "items": {"type": "array", "items": {"$ref": "#/components/schemas/Machine"}},
         "total": {"type": "integer"}, "limit": {"type": "integer"},
@@ -174,6 +176,11 @@ SCHEMAS: dict[str, Any] = {
                                    "join token; null: the short token (no CA made: a cluster "
                                    "made before, or with enroll.k3s_secure_token false; see "
                                    "POST /api/v1/clusters/{name}/secure-token)"},
+        "problems": {"type": "array", "readOnly": True, "description": (
+            "shown, never taken: a join token in k3s's short form (agents then check "
+            "nothing of the server they join), with the way to the secure form"), "items": {
+                "type": "object", "required": ["field", "error"],
+                "properties": {"field": _STR, "error": _STR}}},
         "labels": _MAP, "taints": _LIST, "description": _STR,
         "endpoint": {"type": ["string", "null"], "description":
                      "managed clusters: where nodes reach the servers (a VIP or DNS name): "
@@ -214,7 +221,9 @@ SCHEMAS: dict[str, Any] = {
                                               "an unknown MAC or a wrong token is a 401. "
                                               "Spent, from the address it registered: the "
                                               "same answer again (its reply was lost); from "
-                                              "elsewhere a 409"},
+                                              "elsewhere the same, moved there, within an "
+                                              "hour of its registration and with the "
+                                              "machine_id it reported, else a 409"},
         "machine_token": {"type": "string", "minLength": 1,
                           "description": "instead of token, at later boots: the machine token "
                                          "the registration answered; the machine's address "
@@ -226,6 +235,10 @@ SCHEMAS: dict[str, Any] = {
                       "the device's own addresses; the request's source address wins unless "
                       "it is not routable. Entries that are loopback, link-local, unspecified, "
                       "multicast, broadcast or not addresses are ignored (an event says so)"},
+        "keeps": {"type": "string", "enum": ["machine_token"],
+                  "description": "the caller keeps the machine token: only then does the "
+                                 "answer carry it (an older register command printed the "
+                                 "answer to its boot log)"},
         "machine_id": _FACT, "node_name": _FACT, "os": _FACT}},
     "Bulk": {"type": "object", "required": ["machines"], "additionalProperties": False,
              "properties": {

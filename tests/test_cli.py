@@ -620,6 +620,36 @@ def test_cluster_secure_token_by_default_and_opted_in_later(
     assert rc == 0 and shown["ca_hash"] in out and shown["endpoint"] == "vip.example"
 
 
+def test_a_cluster_with_the_short_token_is_named_by_clusters_ls_and_show(
+        tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A cluster made before netboot made k3s CAs keeps the short join token until its
+    operator opts in: `clusters ls` says so under its table, with the way out, and `show`
+    (and the API, the same public form) lists it among its problems; a cluster with the
+    secure token, or given one, says nothing. The token itself is never printed
+    (s38-journey)."""
+    assert run(capsys, "clusters", "add", "edge", "--config", cfg)[0] == 0
+    short = tmp_path / "short.yaml"
+    short.write_text(Path(cfg).read_text() + "enroll:\n  k3s_secure_token: false\n")
+    assert run(capsys, "clusters", "add", "old", "--token", "short-secret",
+               "--config", str(short))[0] == 0
+    rc, out, _ = run(capsys, "clusters", "ls", "--config", cfg)
+    assert rc == 0 and "cluster old: the short k3s join token" in out, out
+    assert "netboot clusters set old --secure-token" in out and "cluster edge:" not in out
+    assert "short-secret" not in out
+    shown = json.loads(run(capsys, "clusters", "show", "old", "--json", "--config", cfg)[1])
+    assert [p["field"] for p in shown["problems"]] == ["token"]
+    assert "problems" not in json.loads(
+        run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)[1])
+    # Read, changed and written back with its problems: they are shown, never taken.
+    rc, out, _ = run(capsys, "clusters", "set", "old", "--endpoint", "vip.example",
+                     "--config", cfg)
+    assert rc == 0, out
+    rc, out, _ = run(capsys, "clusters", "set", "old", "--secure-token", "--config", cfg)
+    assert rc == 0
+    rc, out, _ = run(capsys, "clusters", "ls", "--config", cfg)
+    assert "cluster old:" not in out
+
+
 def test_tokens_create_list_revoke_and_the_audit_log(
         cfg: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUDO_USER", "alice")

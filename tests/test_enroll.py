@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from netboot import enroll
 from netboot.enroll import (
+    REPEAT_ELSEWHERE_SECONDS,
     Enroller,
     _changes_nothing,
     _lines,
@@ -35,7 +36,15 @@ from netboot.inventory.codec import NO_ENTRIES
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
-from netboot.model import Cluster, MacAddress, Machine, MachineState, Profile, Role
+from netboot.model import (
+    Cluster,
+    MacAddress,
+    Machine,
+    MachineState,
+    Profile,
+    Role,
+    replace_machine,
+)
 from tests import pg
 
 CSV = """mac,hostname,serial,cluster,role,profile,label.rack
@@ -1327,6 +1336,94 @@ async def test_a_registration_made_again_from_where_it_registered_is_answered_as
         await enroller.register(body, at)
     with pytest.raises(AuthError):
         await enroller.register({"mac": str(mac), "machine_token": first.install_token}, at)
+
+
+async def test_a_repeat_from_a_new_address_within_the_hour_is_its_device_whose_lease_changed(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A registration whose answer was lost, retried from another address (the device's lease
+    changed meanwhile): within an hour of the registration, with the /etc/machine-id the
+    registration reported, it is answered as the first (the same machine token) and the
+    machine moves there, one event saying from where to where; its next retries from there
+    are repeats. Refused (409, nothing written) after the hour, with another or no
+    machine-id, for a machine with fixed_ipv4. (Before s38-journey: 409 until a reinstall.)"""
+    import ipaddress
+
+    from netboot.errors import TransitionRefused
+
+    store = every_store
+    mac = await _installed(store, "52:54:00:00:38:01", "r1")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    body = {"mac": str(mac), "token": "tok", "machine_id": "0123abcd"}
+    first = await enroller.register(body, ipaddress.ip_address("192.0.2.70"), audit=_audited)
+    enroller._clock = lambda: 1000.0 + REPEAT_ELSEWHERE_SECONDS - 1
+    # Not the device: another machine-id, none, an address that is no address to register.
+    for other in ({**body, "machine_id": "ffff"}, {k: v for k, v in body.items()
+                                                    if k != "machine_id"}):
+        with pytest.raises(TransitionRefused):
+            await enroller.register(other, ipaddress.ip_address("198.51.100.9"), audit=_audited)
+    with pytest.raises(TransitionRefused):
+        await enroller.register(body, ipaddress.ip_address("127.0.0.1"), audit=_audited)
+    assert [e.kind for e in await store.list_events(first.id)] == ["registered"]
+    moved = await enroller.register(body, ipaddress.ip_address("192.0.2.71"), audit=_audited)
+    assert moved.install_token == first.install_token and moved.ipv4 == "192.0.2.71"
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.ipv4 == "192.0.2.71"
+    assert stored.state == MachineState.REGISTERED and stored.install_token == first.install_token
+    event = (await store.list_events(first.id))[-1]
+    assert event.kind == "registration repeated" and "192.0.2.70 -> 192.0.2.71" in event.message
+    again = await enroller.register(body, ipaddress.ip_address("192.0.2.71"), audit=_audited)
+    assert again.install_token == first.install_token
+    # After the hour: the 409 it was.
+    enroller._clock = lambda: 1000.0 + REPEAT_ELSEWHERE_SECONDS + 1
+    with pytest.raises(TransitionRefused):
+        await enroller.register(body, ipaddress.ip_address("192.0.2.72"), audit=_audited)
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.ipv4 == "192.0.2.71"
+    # A machine the operator gave its address: never from elsewhere.
+    pinned = await _installed(store, "52:54:00:00:38:02", "r2")
+    machine = await store.machine_by("mac", str(pinned))
+    await store.update_machine(replace_machine(machine, fixed_ipv4="192.0.2.80"))
+    enroller._clock = lambda: 5000.0
+    fixed = {"mac": str(pinned), "token": "tok", "machine_id": "4567"}
+    await enroller.register(fixed, ipaddress.ip_address("192.0.2.80"))
+    with pytest.raises(TransitionRefused):
+        await enroller.register(fixed, ipaddress.ip_address("192.0.2.81"))
+
+
+async def test_what_a_spent_token_gives_a_stranger_within_the_hour(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """The rule's cost, as README "Registration and later boots" states it. The spent
+    install token alone (it is in the config and its URL) moves nothing from elsewhere, even
+    a second after the registration: the 409 it was. With the machine-id too (it crossed
+    plain HTTP in the registration; a read token sees it among the facts), within the hour, a
+    stranger gets the machine token and the machine's address, as whoever watched that
+    traffic could; the event names both addresses, and the device's next boot with its
+    machine token moves it back. After the hour, the 409."""
+    import ipaddress
+
+    from netboot.errors import TransitionRefused
+
+    store = every_store
+    mac = await _installed(store, "52:54:00:00:38:03", "r3")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    body = {"mac": str(mac), "token": "tok", "machine_id": "89ab"}
+    first = await enroller.register(body, ipaddress.ip_address("192.0.2.70"))
+    enroller._clock = lambda: 1001.0
+    with pytest.raises(TransitionRefused):
+        await enroller.register({"mac": str(mac), "token": "tok"},
+                                ipaddress.ip_address("198.51.100.9"))
+    taken = await enroller.register(body, ipaddress.ip_address("198.51.100.9"))
+    assert taken.install_token == first.install_token and taken.ipv4 == "198.51.100.9"
+    event = (await store.list_events(first.id))[-1]
+    assert "192.0.2.70 -> 198.51.100.9" in event.message
+    back = await enroller.register({"mac": str(mac), "machine_token": first.install_token},
+                                   ipaddress.ip_address("192.0.2.70"))
+    assert back.ipv4 == "192.0.2.70"
+    enroller._clock = lambda: 1000.0 + REPEAT_ELSEWHERE_SECONDS + 1
+    with pytest.raises(TransitionRefused):
+        await enroller.register(body, ipaddress.ip_address("198.51.100.9"))
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.ipv4 == "192.0.2.70"
 
 
 async def test_a_later_boot_reports_its_new_lease_with_its_machine_token(  # type: ignore[no-untyped-def]

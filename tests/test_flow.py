@@ -52,10 +52,10 @@ async def device_event(env: Env, token: str, kind: str, mac: str = HEXHYP,
 
 
 async def register(env: Env, token: str, address: str, mac: str = MAC,
-                   status: int = 200) -> Any:
+                   status: int = 200, machine_id: str = "abc") -> Any:
     r = await call(env, "POST", "/api/v1/register",
                    json_body={"mac": mac, "token": token, "hostname": "whatever",
-                              "addresses": [address, "fe80::1"], "machine_id": "abc"},
+                              "addresses": [address, "fe80::1"], "machine_id": machine_id},
                    admin=False)
     assert r.status == status, (r.status, r.text)
     return r.json()
@@ -402,8 +402,10 @@ async def test_agent_before_its_server_waits_then_installs_by_itself(env: Env) -
     await device_event(env, token, "installed", mac=server.replace(":", "-"))
     await register(env, token, "192.0.2.60", mac=server)
     assert (await env.get(f"/api/v1/machines/{server}"))["ipv4"] == "192.0.2.60"
-    # A replay cannot move the address agents join (the token is spent).
-    await register(env, token, "192.0.2.66", mac=server, status=409)
+    # A replay cannot move the address agents join (the token is spent): not without the
+    # machine-id its registration reported (with it, within the hour, it is taken as the
+    # device whose lease changed: tests/test_enroll.py, s38-journey).
+    await register(env, token, "192.0.2.66", mac=server, status=409, machine_id="not-its")
     assert (await env.get(f"/api/v1/machines/{server}"))["ipv4"] == "192.0.2.60"
 
     retry = await boot(env, agent)  # the held agent's next retry, no power cycle
@@ -636,7 +638,9 @@ async def test_a_spent_token_fetches_nothing_posts_nothing_registers_nothing(env
         assert r.status == 409 and r.json()["state"] == "registered", (path, r.text)
         assert b"k3s-secret-token" not in r.body
     await device_event(env, token, "progress", status=401)
-    body = await register(env, token, "198.51.100.66", status=409)
+    # (A stranger's: the device's own machine-id from elsewhere within the hour is its
+    # device whose lease changed, tests/test_enroll.py.)
+    body = await register(env, token, "198.51.100.66", status=409, machine_id="not-its")
     assert body["state"] == "registered" and "reinstall" in body["error"]
     machine = await env.get(f"/api/v1/machines/{MAC}")
     assert machine["ipv4"] == "192.0.2.101" and machine["state"] == "registered"
@@ -662,8 +666,9 @@ async def test_a_registered_machines_token_is_shown_spent(env: Env) -> None:
     assert machine["state"] == "registered" and machine["token_expires"] is None
     stored = await env.service.store.machine_by("mac", MAC)
     assert stored is not None and stored.token_expires is None and stored.token_hash
-    # Its replay is still told apart from a stranger's token, by state.
-    body = await register(env, token, "198.51.100.66", status=409)
+    # Its replay is still told apart from a stranger's token, by state (without its
+    # machine-id: with it, within the hour, it is its device whose lease changed).
+    body = await register(env, token, "198.51.100.66", status=409, machine_id="not-its")
     assert body["state"] == "registered"
     await register(env, "not-its-token", "198.51.100.66", status=401)
 

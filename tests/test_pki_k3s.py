@@ -383,3 +383,25 @@ async def test_a_site_template_that_does_not_write_the_ca_is_refused_for_servers
     token = install_token(await boot(env, AGENT))
     r = await call(env, "GET", f"/config/{hexhyp(AGENT)}?token={token}", admin=False)
     assert r.status == 200 and "server-ca" not in r.text, r.text
+
+
+async def test_a_short_token_cluster_is_a_problem_until_given_its_servers_secure_token(
+        env: Env) -> None:
+    """A managed cluster made before netboot made CAs, whose nodes run already (too late for
+    --secure-token): GET names its short token among its problems, with the way out the
+    problem names, the secure token its first server wrote (node-token). Given it by PUT,
+    the cluster keeps it as given, agents' configs carry it, and the problem is gone
+    (s38-journey)."""
+    ca, _ = k3s_server_ca()  # the CA its first server made itself
+    await env.service.store.put_cluster(Cluster(name="old", token="short-secret"), create=True)
+    shown = await env.get("/api/v1/clusters/old")
+    (problem,) = shown["problems"]
+    assert problem["field"] == "token" and "node-token" in problem["error"]
+    assert "short-secret" not in str(shown)
+    node_token = f"K10{k3s_hash_ca(ca.encode())}::server:short-secret"
+    r = await call(env, "PUT", "/api/v1/clusters/old", json_body={**shown, "token": node_token})
+    assert r.status == 200, r.text
+    assert "problems" not in r.json() and "problems" not in await env.get("/api/v1/clusters/old")
+    stored = await env.service.store.get_cluster("old")
+    assert stored is not None and stored.token == node_token and not stored.ca_cert
+    assert k3s_parse_token(stored.token) == (k3s_hash_ca(ca.encode()), "server", "short-secret")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,22 +109,15 @@ class _Proxy:
             writer.close()
 
 
-def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
-        namespace: str, tmp_path: Path) -> None:
-    """The register command netboot's templates emit, run by busybox sh (no curl) in a
-    namespace: its first answer is lost after netboot committed; its retry, from the same
-    address with the spent token, is answered as the first (200, the same machine token), so
-    it keeps that token and stops. A later boot from a new lease (another address) reports it
-    with the machine token: the machine's address and its cluster's DNS endpoint follow; a
-    boot after that from the same address writes nothing. (Before s37-register the retry was
-    a 409 for an hour and the new lease was never seen.)"""
+def _busybox_sh(tmp_path: Path) -> Callable[[str], Awaitable[tuple[int, bytes]]]:
+    """A device's shell: busybox ``sh`` with only the applets the register command names
+    (``wget``, no curl) on its PATH; what it prints and its status, bounded to 40 s."""
     busybox = shutil.which("busybox")
     assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget", "printf"):
         (bin_dir / applet).symlink_to(busybox)
-    root = tmp_path / "root"
 
     async def run(command: str) -> tuple[int, bytes]:
         proc = await asyncio.create_subprocess_exec(
@@ -133,6 +127,20 @@ def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
         out, _ = await asyncio.wait_for(proc.communicate(), 40)
         assert proc.returncode is not None
         return proc.returncode, out
+    return run
+
+
+def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
+        namespace: str, tmp_path: Path) -> None:
+    """The register command netboot's templates emit, run by busybox sh (no curl) in a
+    namespace: its first answer is lost after netboot committed; its retry, from the same
+    address with the spent token, is answered as the first (200, the same machine token), so
+    it keeps that token and stops. A later boot from a new lease (another address) reports it
+    with the machine token: the machine's address and its cluster's DNS endpoint follow; a
+    boot after that from the same address writes nothing. (Before s37-register the retry was
+    a 409 for an hour and the new lease was never seen.)"""
+    run = _busybox_sh(tmp_path)
+    root = tmp_path / "root"
 
     async def scenario() -> dict[str, Any]:
         path = write_config(tmp_path / "cfg", "dns:\n  enabled: true\n  zone: netboot.lan\n")
@@ -219,3 +227,153 @@ def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
     status, printed = out["again"]
     assert status == 0 and [a.split(b" ", 2)[1] for a in out["again answers"]] == [b"200"]
     assert out["again events"] == len(out["later events"])
+
+
+def test_a_lost_answer_retried_from_a_new_lease_registers_there(
+        namespace: str, tmp_path: Path) -> None:
+    """The register command as rendered, under busybox sh + wget: its answer is lost after
+    netboot committed, and the device's lease changes before it tries again (its retry, or
+    k3OS's run_cmd at the next boot, from 192.0.2.10). Within the hour that is taken as the
+    device: 200 with the machine token, which it keeps, and the machine, its DNS name and its
+    cluster's endpoint move to 192.0.2.10. (Before s38-journey: 409s until a reinstall.)"""
+    run = _busybox_sh(tmp_path)
+    root = tmp_path / "root"
+    machine_id = tmp_path / "machine-id"  # the device's /etc/machine-id, what it proves with
+    machine_id.write_text("5f3a8c0e2b7d4e61a9c0d1e2f3a4b5c6\n")
+
+    async def scenario() -> dict[str, Any]:
+        path = write_config(tmp_path / "cfg", "dns:\n  enabled: true\n  zone: netboot.lan\n")
+        service = await build(load(path, env={}))
+        runner = web.AppRunner(service.app)
+        servers: list[asyncio.Server] = []
+        out: dict[str, Any] = {}
+        try:
+            store = service.store
+            await store.put_cluster(Cluster(name="edge", token="t", server_url="managed"))
+            port = await _served(service, runner)
+            connector = aiohttp.TCPConnector(local_addr=("192.0.2.60", 0))
+            async with aiohttp.ClientSession(connector=connector) as http, \
+                    http.get(f"{service.base_url}/ipxe?mac={MAC}&arch=x86_64") as resp:
+                script = await resp.text()
+            token = script.split("?token=", 1)[1].split()[0]
+
+            async def device_at(address: str, drop: int = 0) -> tuple[_Proxy, str]:
+                proxy = _Proxy(("192.0.2.1", port), address, drop)
+                server = await asyncio.start_server(proxy.handle, address, 0)
+                servers.append(server)
+                url = f"http://{address}:{server.sockets[0].getsockname()[1]}/api/v1/register"
+                # One try a run: the lease changes between the first and the next.
+                command = (register_command(url, MAC, token, "s1")
+                           .replace("/var/lib/netboot", str(root))
+                           .replace("/etc/machine-id", str(machine_id))
+                           .replace("n=360", "n=1").replace("sleep 10", "sleep 1"))
+                return proxy, command
+
+            proxy, command = await device_at("192.0.2.60", drop=1)
+            out["first"] = await run(command)
+            out["first answers"] = list(proxy.answered)
+            out["kept after the first"] = (root / "machine-token").exists()
+            proxy, command = await device_at("192.0.2.10")
+            out["retry"] = await run(command)
+            out["retry answers"] = list(proxy.answered)
+            stored = await store.machine_by("mac", MAC)
+            assert stored is not None
+            out["token"] = stored.install_token
+            out["ipv4"] = stored.ipv4
+            out["endpoint"] = (await service._build_zone()).endpoints.get("edge", ())
+            out["events"] = await store.list_events(stored.id)
+            out["machine_id"] = stored.facts.get("machine_id")
+            return out
+        finally:
+            for server in servers:
+                server.close()
+            await runner.cleanup()
+            await service.boot.drain()
+            await service.store.close()
+
+    out = in_namespace(namespace, scenario)
+    assert [a.split(b" ", 2)[1] for a in out["first answers"]] == [b"200"]  # lost
+    assert not out["kept after the first"]
+    status, printed = out["retry"]
+    assert status == 0, printed
+    assert [a.split(b" ", 2)[1] for a in out["retry answers"]] == [b"200"], out["retry answers"]
+    assert (root / "machine-token").read_text() == out["token"] and out["token"]
+    assert out["ipv4"] == "192.0.2.10" and out["endpoint"] == ("192.0.2.10",)
+    kinds = [e.kind for e in out["events"]]
+    assert kinds.count("registered") == 1 and kinds[-1] == "registration repeated", kinds
+    assert "192.0.2.60 -> 192.0.2.10" in out["events"][-1].message
+    assert out["machine_id"] == "5f3a8c0e2b7d4e61a9c0d1e2f3a4b5c6"
+
+
+def _older_register_command(url: str, mac: str, token: str, node_name: str) -> str:
+    """The register command netboot rendered before session 37 (content.register_texts at
+    c7bd941^, as configs installed then still carry it): a marker file only, the answer
+    printed (curl or wget to standard output: k3OS's run_cmd log, cloud-init's
+    /var/log/cloud-init-output.log)."""
+    marker = "/var/lib/netboot/registered"
+    return (f"[ -f {marker} ] || {{ b='{{\"mac\":\"{mac}\",\"token\":\"{token}\","
+            "\"hostname\":\"'\"$(hostname)\"'\",\"machine_id\":\"'\"$(cat /etc/machine-id "
+            f"2>/dev/null)\"'\",\"node_name\":\"{node_name}\"}}'; i=0; while [ $i -lt 360 ]; do "
+            "if command -v curl >/dev/null; "
+            f"then curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {url}; "
+            f"else wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" "
+            f"{url}; fi && {{ mkdir -p /var/lib/netboot && touch {marker}; break; }}; "
+            "i=$((i+1)); sleep 10; done; }")
+
+
+def test_an_older_netboots_register_command_stops_and_prints_no_secret(
+        namespace: str, tmp_path: Path) -> None:
+    """A machine whose config an older netboot rendered (the marker-only register command)
+    registering with this one, under busybox sh + wget: its first answer lost, then its
+    retry from the same address. Each answer is a 200, so it writes its marker and stops, and
+    neither holds the machine token, which that command cannot keep and prints to its boot
+    log (cloud-init-output.log is world-readable on most images; whoever reads it could move
+    the machine's address). Its registration's event says its later boots will report nothing
+    until a reinstall renders the current command. (Before s38-journey: the machine token in
+    the printed answer, and nothing told the operator.)"""
+    run = _busybox_sh(tmp_path)
+    root = tmp_path / "root"
+
+    async def scenario() -> dict[str, Any]:
+        service = await build(load(write_config(tmp_path / "cfg"), env={}))
+        runner = web.AppRunner(service.app)
+        servers: list[asyncio.Server] = []
+        out: dict[str, Any] = {}
+        try:
+            store = service.store
+            await store.put_cluster(Cluster(name="edge", token="t"))
+            port = await _served(service, runner)
+            connector = aiohttp.TCPConnector(local_addr=("192.0.2.60", 0))
+            async with aiohttp.ClientSession(connector=connector) as http, \
+                    http.get(f"{service.base_url}/ipxe?mac={MAC}&arch=x86_64") as resp:
+                script = await resp.text()
+            token = script.split("?token=", 1)[1].split()[0]
+            proxy = _Proxy(("192.0.2.1", port), "192.0.2.60", drop=1)
+            server = await asyncio.start_server(proxy.handle, "192.0.2.60", 0)
+            servers.append(server)
+            url = f"http://192.0.2.60:{server.sockets[0].getsockname()[1]}/api/v1/register"
+            command = (_older_register_command(url, MAC, token, "s1")
+                       .replace("/var/lib/netboot", str(root)).replace("sleep 10", "sleep 1"))
+            out["status"], out["printed"] = await run(command)
+            out["answers"] = list(proxy.answered)
+            stored = await store.machine_by("mac", MAC)
+            assert stored is not None
+            out["state"], out["machine token"] = stored.state, stored.install_token
+            out["events"] = await store.list_events(stored.id)
+            return out
+        finally:
+            for server in servers:
+                server.close()
+            await runner.cleanup()
+            await service.boot.drain()
+            await service.store.close()
+
+    out = in_namespace(namespace, scenario)
+    assert out["status"] == 0 and (root / "registered").exists(), out["printed"]
+    assert [a.split(b" ", 2)[1] for a in out["answers"]] == [b"200", b"200"], out["answers"]
+    assert out["state"] == "registered" and out["machine token"]
+    assert b'"state": "registered"' in out["printed"]  # the repeat's answer, printed
+    for answer in (out["printed"], *out["answers"]):
+        assert out["machine token"].encode() not in answer and b"machine_token" not in answer
+    registered = next(e for e in out["events"] if e.kind == "registered")
+    assert "netboot machines reinstall" in registered.message, registered.message

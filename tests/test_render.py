@@ -1564,7 +1564,7 @@ def _plain_register_command(url: str, mac: str, token: str, node_name: str) -> s
     return (f"k={d}/machine-token; n=360; b='" + sq('{"mac":"' + js(mac) + '",')
             + "'; a='" + sq('"token":"' + js(token) + '"')
             + "'; [ -s $k ] && { n=30; a='\"machine_token\":\"'\"$(cat $k)\"'\"'; }; "
-            "b=\"$b$a\"'" + sq(',"hostname":"') + "'\"$(hostname)\"'"
+            "b=\"$b$a\"'" + sq(',"keeps":"machine_token","hostname":"') + "'\"$(hostname)\"'"
             + sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
             + sq('","node_name":"' + js(node_name) + '"}') + "'; "
             "r() { i=0; while [ $i -lt $n ]; do "

@@ -69,6 +69,7 @@ from netboot.errors import (
     NotFound,
     OutcomeUnknown,
     StoreError,
+    StoreFull,
     ValidationError,
 )
 from netboot.identity import claims
@@ -104,6 +105,28 @@ _R = TypeVar("_R")
 # while_the_loop_is_busy_is_a_store_error).
 _FAILED = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
            TimeoutError)
+
+# The server's disk (or quota) is full: SQLSTATE 53100, which PostgreSQL gives every ENOSPC
+# (errcode_for_file_access) of a table, an index, a temporary file. Its words for EDQUOT and
+# for a full disk met with another code (an I/O error) are matched too. Not the other class-53
+# errors (memory, connections, configured limits): those do not say that writes are refused
+# while reads answer.
+_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the PostgreSQL server's full disk (see _DISK_FULL_WORDS)."""
+    return isinstance(exc, asyncpg.DiskFullError) or (
+        isinstance(exc, asyncpg.PostgresError)
+        and any(words in str(exc) for words in _DISK_FULL_WORDS))
+
+
+# _probe_full's rows: ~1 MiB of commit_marks heap and index (a uuid row ~40 bytes with its
+# header and line pointer, its index entry ~24), rolled back.
+FULL_PROBE_ROWS = 16_384
+_FULL_PROBE = ("INSERT INTO commit_marks (id) SELECT gen_random_uuid()"
+               " FROM generate_series(1, $1::int)")
+
 
 # pg_advisory_xact_lock key of the inventory's writers: "netboot" in ASCII.
 WRITE_LOCK = 0x6E6574626F6F74
@@ -526,6 +549,10 @@ class PostgresStore:
         # Why no notification reaches a LISTEN connection made again (_keep_listening asks,
         # as open() does: _undelivered), until one made later does; None: they do.
         self._deaf: str | None = None
+        # Why writes are refused while the server's disk is full (a write met DiskFullError:
+        # _conn), until a write succeeds (_probe_full, from the check); None: not full.
+        self._full: str | None = None
+        self._full_probe: asyncio.Future[None] | None = None
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
         self._commits = 0
@@ -587,7 +614,38 @@ class PostgresStore:
         except asyncpg.UniqueViolationError as exc:
             raise Conflict(f"inventory constraint failed: {exc}") from exc
         except _FAILED as exc:
+            if _disk_full(exc):
+                # Reads still answer: "unreachable" sent operators to the network, and health
+                # said ok (s37-chaos's SQLite fix, for PostgreSQL). Said by stuck_writes until
+                # a write succeeds (the check probes while it is: _probe_full).
+                self._full = why = (f"inventory {self.name}: {self._reason(exc)} (free space "
+                                    "on the PostgreSQL server's disk that holds the "
+                                    "inventory's tablespace)")
+                raise StoreFull(why) from exc
             raise StoreError(f"inventory {self.name}: {self._reason(exc)}") from exc
+
+    async def _probe_full(self) -> None:
+        """While the server's disk was found full, asked by the check every check_interval:
+        FULL_PROBE_ROWS commit marks written in a transaction rolled back, ~1 MiB of the
+        inventory's own table and index (what SQLite's store waits to have free,
+        FREE_TO_WRITE; the server's free space is not for a client to read, so here it is
+        tried). Taken, writes are taken again (stuck_writes clears); refused, it stays.
+        Not a real write's success: a small one fits on a page with room left while the
+        next needs a new one, and health would flap between the two. The dead rows the
+        one that succeeds leaves are autovacuum's."""
+        try:
+            async with self._conn() as conn:
+                probe = conn.transaction()
+                await probe.start()
+                try:
+                    await conn.execute(_FULL_PROBE, FULL_PROBE_ROWS)
+                finally:
+                    await probe.rollback()
+        except StoreError:
+            return  # StoreFull: still full (_conn said so again); another: the check's
+        if self._full is not None:
+            log.warning("inventory %s: its disk takes writes again", self.name)
+        self._full = None
 
     @contextlib.asynccontextmanager
     async def _write(self, *, feed: bool = True, lock: bool = True,
@@ -896,6 +954,9 @@ class PostgresStore:
         beat, self._beat = self._beat, None
         if beat is not None:
             beat.cancel()  # its session is closed with the pool's, below
+        probe, self._full_probe = self._full_probe, None
+        if probe is not None:
+            probe.cancel()
         for conn in (self._notify, self._feed):
             if conn is not None:
                 with contextlib.suppress(asyncpg.InterfaceError, OSError,
@@ -1162,6 +1223,10 @@ class PostgresStore:
             if self._notify_lost.is_set() or conn is None or conn.is_closed():
                 return "the LISTEN connection was lost"
             if await answers(conn, within) and await self._look(conn, within):
+                if self._full is not None and (self._full_probe is None
+                                               or self._full_probe.done()):
+                    # Beside the check, as the heartbeat: a write may wait for a session.
+                    self._full_probe = asyncio.ensure_future(self._probe_full())
                 pool = self._pool
                 if (beat is None and time.monotonic() - self._heard >= interval
                         and pool is not None and pool.get_idle_size()):
@@ -1349,9 +1414,14 @@ class PostgresStore:
         Also while no notification reaches a LISTEN connection made again (a pooler
         switched to transaction pooling while netboot runs: :meth:`_keep_listening`): the
         view would otherwise be told of no other server's commit, nothing said; health
-        says so, naming pool_mode = session, until a later LISTEN is notified."""
+        says so, naming pool_mode = session, until a later LISTEN is notified.
+
+        Also while the server's disk is full (a write met DiskFullError), until a write
+        succeeds (:meth:`_probe_full`)."""
         if self._deaf is not None:
             return f"inventory {self.name}: {self._deaf}"
+        if self._full is not None:
+            return self._full
         stuck = self._stuck
         return None if stuck is None or stuck[3] else stuck[2]
 

@@ -2349,3 +2349,76 @@ async def test_a_waiting_session_whose_backend_the_server_does_not_show_is_told_
         await holder.execute("ROLLBACK")
         await _ended(writing)
         await _within("nothing unknown once nothing waits", lambda: store.cannot_tell() is None)
+
+
+@pytest.mark.root
+async def test_the_servers_full_disk_is_store_full_told_by_health_until_a_write_succeeds(
+        postgres: pg.Cluster) -> None:
+    """The inventory's tablespace on a 3 MiB tmpfs, filled by another table: a write is
+    StoreFull (the 503 "the inventory's disk is full", not "unreachable"), naming the
+    server's disk; reads answer; stuck_writes says why (health: degraded) until the check's
+    probe write succeeds once space is freed, then writes are taken again. (Before
+    s38-journey: a StoreError read "unreachable", and stuck_writes said nothing.)"""
+    import pwd
+
+    from netboot.errors import StoreFull
+
+    # In the cluster's own directory: the server's user reaches it (not pytest's 0700 one).
+    mount = postgres.base / f"tiny-{uuid.uuid4().hex[:8]}"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
+    space = f"s38_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres.dsn())
+    store: PostgresStore | None = None
+    try:
+        entry = pwd.getpwnam("postgres")
+        os.chown(mount, entry.pw_uid, entry.pw_gid)
+        await admin.execute(f"CREATE TABLESPACE {space} LOCATION '{mount}'")
+        async with pg.fresh_schema(postgres) as dsn:
+            try:
+                store = PostgresStore(f"{dsn}&default_tablespace={space}",
+                                      peer=replace(QUICK, check_interval=1, check_timeout=1))
+                await store.open()
+                kept = Machine(macs=(MacAddress.parse("52:54:00:00:38:30"),), hostname="kept")
+                await store.create_machine(kept)
+                schema = dsn.split("search_path=", 1)[1]
+                await admin.execute(f"CREATE TABLE {schema}.filler (t text) TABLESPACE "
+                                    f"{space}; ALTER TABLE {schema}.filler ALTER t SET "
+                                    "STORAGE PLAIN")
+                with pytest.raises(asyncpg.DiskFullError):
+                    for _ in range(10_000):  # bounded: 3 MiB is ~1,600 rows
+                        await admin.execute(
+                            f"INSERT INTO {schema}.filler SELECT (SELECT string_agg("
+                            "md5(random()::text || g || h), '') FROM generate_series(1, 60) h) "
+                            "FROM generate_series(1, 50) g")
+                assert store.stuck_writes() is None
+                with pytest.raises(StoreFull) as full:
+                    for i in range(200):  # until a write needs a page the disk has not
+                        await store.create_machine(Machine(
+                            macs=(MacAddress.parse(f"52:54:00:00:39:{i % 256:02x}"),)))
+                assert "No space left on device" in str(full.value)
+                assert "PostgreSQL server's disk" in str(full.value)
+                said = store.stuck_writes()
+                assert said is not None and "No space left on device" in said
+                read = await store.machine_by("mac", "52:54:00:00:38:30")
+                assert read is not None and read.hostname == "kept"  # reads answer
+                await asyncio.sleep(2.5)  # probes meanwhile: still refused, still said
+                assert store.stuck_writes() is not None
+                await admin.execute(f"DROP TABLE {schema}.filler")
+                for _ in range(150):  # the check's probe, every check_interval (1 s)
+                    if store.stuck_writes() is None:
+                        break
+                    await asyncio.sleep(0.1)
+                assert store.stuck_writes() is None
+                await store.create_machine(Machine(
+                    macs=(MacAddress.parse("52:54:00:00:38:31"),), hostname="after"))
+            finally:
+                if store is not None:
+                    await store.close()
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await admin.execute(f"DROP TABLESPACE IF EXISTS {space}")
+        await admin.close()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()

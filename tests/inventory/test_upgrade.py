@@ -144,7 +144,7 @@ async def test_an_older_netboots_inventory_is_all_there_and_works(
                 out["register again"] = r.status
             async with http.post(f"{base}/api/v1/register", headers=bearer, json={
                     "mac": made["asked"], "token": token, "hostname": "node-2",
-                    "addresses": ["198.51.100.52"], "machine_id": "m-2"}) as r:
+                    "addresses": ["198.51.100.52"], "machine_id": "m-3"}) as r:
                 out["register from elsewhere"] = r.status
             out["asked boots"] = await ipxe(made["asked"])
             # The one never seen boots by its group (rack=r1: the group's profile, cluster).
@@ -171,7 +171,8 @@ async def test_an_older_netboots_inventory_is_all_there_and_works(
     assert '\n  token: "' in config  # the cluster's join token, sealed by the old key
     assert out["installed event"] == 201
     # Again from the same address: a repeat of a registration whose answer was lost, 200 as
-    # the first; from another, the spent token is refused by state (s37-register).
+    # the first; from another, the spent token is refused by state (s37-register), unless it
+    # carries the machine-id the registration reported, within the hour (s38-journey).
     assert (out["register"], out["register again"], out["register from elsewhere"]) == \
         (200, 200, 409)
     assert "exit" in out["asked boots"]

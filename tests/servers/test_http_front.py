@@ -813,7 +813,8 @@ async def test_registration_through_the_front(tmp_path: Path) -> None:
         assert door is not None
         before = door.answered
         body = json.dumps({"mac": HEXHYP, "token": token, "hostname": "edge-1",
-                           "addresses": ["127.0.0.1"], "machine_id": "0" * 32}).encode()
+                           "addresses": ["127.0.0.1"], "machine_id": "0" * 32,
+                           "keeps": "machine_token"}).encode()
         (fast,) = await exchange(service.http_port, post("/api/v1/register", body, bearer))
         assert door.answered == before + 1
         assert fast.status == 200, fast

@@ -419,3 +419,25 @@ async def test_another_sites_form_cannot_end_the_session_and_the_own_button_does
     await expect(page).to_have_url(url(env, "/login"))
     await page.goto(url(env))
     await expect(page).to_have_url(url(env, "/login"))
+
+
+async def test_a_cluster_with_the_short_k3s_token_says_so_on_the_clusters_page(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """A cluster made before netboot made k3s CAs keeps the short join token until its
+    operator opts in (s37-k3sca): the Clusters page says so, with the way out; a cluster with
+    the secure token says nothing (s38-journey)."""
+    from netboot.model import Cluster
+
+    env = await make_env()
+    await env.seed(server_url="managed")  # made now: its k3s CA and the secure token
+    await env.service.store.put_cluster(Cluster(name="old", token="short-secret"),
+                                        create=True)
+    page = await logged_in(browser, env, shots)
+    await page.click("nav a[data-nav=clusters]")
+    box = page.locator("section.cluster[data-cluster=old] .problems")
+    await expect(box).to_contain_text("the short k3s join token")
+    await expect(box).to_contain_text("netboot clusters set old --secure-token")
+    assert "short-secret" not in await page.content()
+    await expect(page.locator("section.cluster[data-cluster=edge]")).to_be_visible()
+    await expect(page.locator("section.cluster[data-cluster=edge] .problems")).to_have_count(0)
+    await shots(page, "clusters-short-token")

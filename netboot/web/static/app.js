@@ -545,6 +545,7 @@ function clustersView(root) {
         h("dl", {class: "fields"}, h("dt", {}, "k3s"), h("dd", {}, c.server_url),
           h("dt", {}, "endpoint"), h("dd", {}, endpoint),
           c.description ? [h("dt", {}, "description"), h("dd", {}, c.description)] : null),
+        problemsBox(c, "This cluster's agents check nothing of the server they join:", "cluster"),
         h("table", {class: "machines"}, h("thead", {}, h("tr", {},
           ["Hostname", "MAC(s)", "Role", "State", "Address"].map((t) => h("th", {}, t)))),
         h("tbody", {}, nodes.map((n) => h("tr", {onclick: () => {
@@ -562,11 +563,12 @@ function clustersView(root) {
   return {onEvent: reload, onMissed: reload};
 }
 
-function problemsBox(profile, intro) {
+function problemsBox(profile, intro, kind = "profile") {
   // A profile's problems (GET /profiles: a file it names that netboot refuses to serve, a
-  // profile stored before the checks): each field and why, where an operator looks.
+  // profile stored before the checks), or a cluster's (GET /clusters: its short k3s token):
+  // each field and why, where an operator looks.
   if (!profile || !profile.problems || !profile.problems.length) return null;
-  return h("div", {class: "problems", dataset: {profile: profile.name}},
+  return h("div", {class: "problems", dataset: {[kind]: profile.name}},
     h("strong", {}, intro),
     h("ul", {}, profile.problems.map((p) => h("li", {},
       h("span", {class: "mono"}, p.field), ": ", p.error))));
