@@ -324,3 +324,23 @@ def test_with_sync_inventory_each_runs_copy_is_written_to_disk_before_its_server
         work.netboot_config(tmp_path / run, "info")
         assert (tmp_path / run / "data" / "tls" / "ca.pem").read_bytes() == b"x" * 10
         assert sorted(synced) == (["ca.pem", "netboot.db", "secret.key"] if sync else [])
+
+
+def test_what_reached_the_disks_is_counted_from_the_disks_sectors(tmp_path: Path) -> None:
+    # nr_written counts a large folio whole when one 4 KiB block of it was written back (82
+    # MiB for 11 MiB written, s38-storm); the disks' own counters say what was written. A
+    # loop or device-mapper device (no `device` link) is not counted: what it writes reaches
+    # a disk that is.
+    def block(name: str, sectors_written: int, disk: bool) -> None:
+        (tmp_path / name).mkdir()
+        if disk:
+            (tmp_path / name / "device").mkdir()
+        (tmp_path / name / "stat").write_text(
+            f"    1234        0    56789      100 {7:8d}        0 {sectors_written:8d}      40"
+            "        0      120      140        0        0        0        0\n")
+
+    block("vda", 22_528, True)   # 11 MiB
+    block("vdb", 2_048, True)    # 1 MiB
+    block("loop0", 999_999, False)
+    block("dm-0", 999_999, False)
+    assert storm.disk_written_kib(tmp_path) == 12 * 1024
