@@ -354,6 +354,11 @@ class DhcpServer:
             self._changed = asyncio.Event()
             self._follower = asyncio.create_task(self._follow(), name="dhcp-interfaces")
         self._watcher.subscribe(self._on_addresses)
+        if (now := self._watcher.addresses()) != addresses:
+            # Changed while start() waited (the leases' load, the listens), before it
+            # subscribed: the watcher tells only later changes (an address of this host
+            # inside the pool went unreserved, and was leased).
+            self._on_addresses(now)
         if self._settings.mode == "authoritative" and self._interfaces and self._probe:
             self._probe_task = asyncio.create_task(
                 self._probe_for_servers(list(targets.items())), name="dhcp-probe"

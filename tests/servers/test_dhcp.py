@@ -350,3 +350,54 @@ def test_a_message_types_name_is_its_members_name() -> None:
     for mt in MessageType:
         assert _name(mt) == mt.name
     assert _name(None) == "BOOTP"
+
+
+async def test_an_address_the_host_takes_while_the_server_starts_is_not_leased() -> None:
+    """Authoritative mode keeps this host's addresses inside the pool out of it as the
+    watcher reports them (s38-net: dnsmasq never offers the address of the interface a
+    request came in on). start() took the addresses before it loaded the leases from the
+    store and listened, both of which wait, and subscribed after: an address an interface
+    got meanwhile (netboot started as the network comes up) was never reserved, as the
+    watcher tells only later changes, and the pool offered this host's own address."""
+    from netboot.leases import Lease
+    from netboot.wire.rtnetlink import AddressMessage
+
+    class Watcher:
+        """An InterfaceWatcher whose table changes while the leases load: it tells no
+        subscriber, as the real one tells none of a change before they subscribe."""
+
+        def __init__(self) -> None:
+            self.table: tuple[AddressMessage, ...] = (
+                AddressMessage(True, 1, "lo", LOOPBACK, 8),)
+
+        def addresses(self) -> tuple[AddressMessage, ...]:
+            return self.table
+
+        def subscribe(self, callback: object) -> None:
+            pass
+
+        def unsubscribe(self, callback: object) -> None:
+            pass
+
+    watcher = Watcher()
+
+    class Leases(MemoryLeaseStore):
+        async def list_leases(self) -> list[Lease]:
+            await asyncio.sleep(0)
+            # The pool's first address becomes this host's while the store answers.
+            watcher.table += (AddressMessage(True, 2, "eth0", "127.0.0.100", 8, True),)
+            return await super().list_leases()
+
+    settings = DhcpSettings(mode="authoritative", pool_start="127.0.0.100",
+                            pool_end="127.0.0.109", netmask="255.0.0.0")
+    server = DhcpServer(settings, TableDecider(), Leases(), interfaces=None,
+                        advertise=LOOPBACK, host=LOOPBACK, port=0, pxe_port=0,
+                        broadcast_address=LOOPBACK, client_port=9, probe=False,
+                        watcher=watcher)  # type: ignore[arg-type]
+    await server.start()
+    try:
+        assert server.pool is not None
+        assert not server.pool.in_pool("127.0.0.100")
+        assert server.pool.offer("52:54:00:00:00:01", 1000.0) == "127.0.0.101"
+    finally:
+        await server.close()
