@@ -692,6 +692,9 @@ class Service:
                 # comes later is named too, re-issued by netboot's CA within a second.
                 self._tls_changed = changed = asyncio.Event()
                 (await self._watcher()).subscribe(lambda _: changed.set())
+                # Checked once now: build() read the addresses (prepare_tls), and one that
+                # came since is told by no change (the watcher tells only later ones).
+                changed.set()
                 self.tasks.append(asyncio.ensure_future(self._follow_tls()))
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer

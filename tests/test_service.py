@@ -1631,3 +1631,56 @@ async def test_a_full_disk_is_told_by_health_and_the_503_and_clears_by_itself(
     assert (health.status, health.text) == (200, "ok\n")
     r = await call(env, "POST", "/api/v1/machines", json_body={"mac": "02:00:00:37:ff:ff"})
     assert r.status == 201, r.text
+
+
+async def test_an_address_that_came_while_the_service_started_is_named_by_the_certificate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a host without a default route the certificate follows the interfaces' addresses
+    (s38-net, Service._follow_tls), told by the watcher of each change. build() named the
+    addresses it read (prepare_tls), and start() subscribed much later (the inventory, the
+    listeners): an address that came in between was never named until another change or
+    the twice-daily renewal. Now the addresses are checked once as it subscribes."""
+    from cryptography import x509
+
+    import netboot.service as service_module
+    from netboot.wire.rtnetlink import AddressMessage
+
+    monkeypatch.setattr(service_module, "default_route_interface", lambda *_: None)
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("  advertise: 192.0.2.10\n", ""))
+    service = await build(load(path, env={}))
+
+    class Watcher:
+        """The host's addresses as they are once build() read them: one more, already
+        there when start() subscribes (so never told as a change)."""
+
+        def addresses(self) -> tuple[AddressMessage, ...]:
+            return (AddressMessage(True, 9, "eth9", "192.0.2.77", 24),)
+
+        def subscribe(self, callback: object) -> None:
+            pass
+
+        def unsubscribe(self, callback: object) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    service.watcher = Watcher()
+
+    def named() -> set[str]:
+        assert service.tls is not None
+        leaf = x509.load_pem_x509_certificates(service.tls.cert_file.read_bytes())[0]
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
+
+    await service.start()
+    try:
+        assert "192.0.2.77" not in named()  # build() did not see it
+        for _ in range(100):  # bounded: ~5 s (a re-issue is ~0.1 s of CPU, in a thread)
+            if "192.0.2.77" in named():
+                break
+            await asyncio.sleep(0.05)
+        assert "192.0.2.77" in named()
+    finally:
+        await service.close()
