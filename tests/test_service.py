@@ -1684,3 +1684,36 @@ async def test_an_address_that_came_while_the_service_started_is_named_by_the_ce
         assert "192.0.2.77" in named()
     finally:
         await service.close()
+
+
+async def test_a_certificate_that_fails_to_load_leaves_the_loaded_one_serving(
+        tmp_path: Path) -> None:
+    """A reload (the twice-daily renewal, an address's re-issue: Service._use_tls) loads the
+    files into the listener's live context. OpenSSL takes the certificate first and drops
+    the loaded key that does not match it; a key that then fails (another certificate's,
+    the files changed between the check and the load, unreadable) left the context with
+    neither, and every handshake failed (no shared cipher) while the log said the loaded
+    certificate was kept. Now a pair that does not load leaves the context as it was."""
+    import ssl
+
+    from netboot.pki import Authority, Tls
+
+    service = await build(load(write_config(tmp_path), env={}))
+    await service.start()
+    try:
+        good = service.tls
+        assert good is not None
+        other = Authority(tmp_path / "other", b"another CA").server_certificate(["192.0.2.99"])
+        service.tls_source = lambda _: Tls(other.cert_file, good.key_file, "", "")
+        with pytest.raises(ssl.SSLError):
+            service.reload_tls()
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        _, writer = await asyncio.wait_for(asyncio.open_connection(
+            "127.0.0.1", service.https_port, ssl=client), 10)
+        peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        assert peer == ssl.PEM_cert_to_DER_cert(good.cert_file.read_text())
+        assert service.tls is good
+    finally:
+        await service.close()
