@@ -692,6 +692,9 @@ class Service:
                 # comes later is named too, re-issued by netboot's CA within a second.
                 self._tls_changed = changed = asyncio.Event()
                 (await self._watcher()).subscribe(lambda _: changed.set())
+                # Checked once now: build() read the addresses (prepare_tls), and one that
+                # came since is told by no change (the watcher tells only later ones).
+                changed.set()
                 self.tasks.append(asyncio.ensure_future(self._follow_tls()))
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
@@ -790,6 +793,11 @@ class Service:
         connection open already keeps the certificate it was given (an SSL object copies
         its context's certificate when it is made)."""
         assert self.tls_context is not None
+        # Loaded into a scratch context first: OpenSSL drops the live context's key when
+        # given a certificate it does not match, so a pair that fails after the certificate
+        # (a key that does not load or match) left the listener neither, every handshake
+        # failing, where this raises with the loaded pair still served.
+        tls.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         tls.load_into(self.tls_context)
         self.tls = tls
 

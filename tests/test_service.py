@@ -1631,3 +1631,89 @@ async def test_a_full_disk_is_told_by_health_and_the_503_and_clears_by_itself(
     assert (health.status, health.text) == (200, "ok\n")
     r = await call(env, "POST", "/api/v1/machines", json_body={"mac": "02:00:00:37:ff:ff"})
     assert r.status == 201, r.text
+
+
+async def test_an_address_that_came_while_the_service_started_is_named_by_the_certificate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a host without a default route the certificate follows the interfaces' addresses
+    (s38-net, Service._follow_tls), told by the watcher of each change. build() named the
+    addresses it read (prepare_tls), and start() subscribed much later (the inventory, the
+    listeners): an address that came in between was never named until another change or
+    the twice-daily renewal. Now the addresses are checked once as it subscribes."""
+    from cryptography import x509
+
+    import netboot.service as service_module
+    from netboot.wire.rtnetlink import AddressMessage
+
+    monkeypatch.setattr(service_module, "default_route_interface", lambda *_: None)
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace("  advertise: 192.0.2.10\n", ""))
+    service = await build(load(path, env={}))
+
+    class Watcher:
+        """The host's addresses as they are once build() read them: one more, already
+        there when start() subscribes (so never told as a change)."""
+
+        def addresses(self) -> tuple[AddressMessage, ...]:
+            return (AddressMessage(True, 9, "eth9", "192.0.2.77", 24),)
+
+        def subscribe(self, callback: object) -> None:
+            pass
+
+        def unsubscribe(self, callback: object) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    service.watcher = Watcher()
+
+    def named() -> set[str]:
+        assert service.tls is not None
+        leaf = x509.load_pem_x509_certificates(service.tls.cert_file.read_bytes())[0]
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
+
+    await service.start()
+    try:
+        assert "192.0.2.77" not in named()  # build() did not see it
+        for _ in range(100):  # bounded: ~5 s (a re-issue is ~0.1 s of CPU, in a thread)
+            if "192.0.2.77" in named():
+                break
+            await asyncio.sleep(0.05)
+        assert "192.0.2.77" in named()
+    finally:
+        await service.close()
+
+
+async def test_a_certificate_that_fails_to_load_leaves_the_loaded_one_serving(
+        tmp_path: Path) -> None:
+    """A reload (the twice-daily renewal, an address's re-issue: Service._use_tls) loads the
+    files into the listener's live context. OpenSSL takes the certificate first and drops
+    the loaded key that does not match it; a key that then fails (another certificate's,
+    the files changed between the check and the load, unreadable) left the context with
+    neither, and every handshake failed (no shared cipher) while the log said the loaded
+    certificate was kept. Now a pair that does not load leaves the context as it was."""
+    import ssl
+
+    from netboot.pki import Authority, Tls
+
+    service = await build(load(write_config(tmp_path), env={}))
+    await service.start()
+    try:
+        good = service.tls
+        assert good is not None
+        other = Authority(tmp_path / "other", b"another CA").server_certificate(["192.0.2.99"])
+        service.tls_source = lambda _: Tls(other.cert_file, good.key_file, "", "")
+        with pytest.raises(ssl.SSLError):
+            service.reload_tls()
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        _, writer = await asyncio.wait_for(asyncio.open_connection(
+            "127.0.0.1", service.https_port, ssl=client), 10)
+        peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        assert peer == ssl.PEM_cert_to_DER_cert(good.cert_file.read_text())
+        assert service.tls is good
+    finally:
+        await service.close()

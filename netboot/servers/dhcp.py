@@ -338,7 +338,12 @@ class DhcpServer:
                 _log.warning("dhcp: no interface with an IPv4 address yet: each one is "
                              "served once it has one")
             if self._settings.mode == "authoritative":
-                await self.load_pool(list(targets.values()))
+                # An interface's address is reserved while it is this host's (_reserve_host):
+                # for good, it stayed out of the pool after the interface let go of it. Only
+                # one given (--advertise) or bound to is reserved whatever the host has.
+                here = {entry.address for entry in addresses}
+                await self.load_pool([ip for ip in targets.values()
+                                      if ip == self._advertise or ip not in here])
                 self._reserve_host(addresses)
             self._wake = asyncio.Event()
             self._writer = asyncio.create_task(self._write_leases(), name="dhcp-lease-writer")
@@ -354,6 +359,11 @@ class DhcpServer:
             self._changed = asyncio.Event()
             self._follower = asyncio.create_task(self._follow(), name="dhcp-interfaces")
         self._watcher.subscribe(self._on_addresses)
+        if (now := self._watcher.addresses()) != addresses:
+            # Changed while start() waited (the leases' load, the listens), before it
+            # subscribed: the watcher tells only later changes (an address of this host
+            # inside the pool went unreserved, and was leased).
+            self._on_addresses(now)
         if self._settings.mode == "authoritative" and self._interfaces and self._probe:
             self._probe_task = asyncio.create_task(
                 self._probe_for_servers(list(targets.items())), name="dhcp-probe"

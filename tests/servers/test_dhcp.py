@@ -350,3 +350,96 @@ def test_a_message_types_name_is_its_members_name() -> None:
     for mt in MessageType:
         assert _name(mt) == mt.name
     assert _name(None) == "BOOTP"
+
+
+async def test_an_address_the_host_takes_while_the_server_starts_is_not_leased() -> None:
+    """Authoritative mode keeps this host's addresses inside the pool out of it as the
+    watcher reports them (s38-net: dnsmasq never offers the address of the interface a
+    request came in on). start() took the addresses before it loaded the leases from the
+    store and listened, both of which wait, and subscribed after: an address an interface
+    got meanwhile (netboot started as the network comes up) was never reserved, as the
+    watcher tells only later changes, and the pool offered this host's own address."""
+    from netboot.leases import Lease
+    from netboot.wire.rtnetlink import AddressMessage
+
+    class Watcher:
+        """An InterfaceWatcher whose table changes while the leases load: it tells no
+        subscriber, as the real one tells none of a change before they subscribe."""
+
+        def __init__(self) -> None:
+            self.table: tuple[AddressMessage, ...] = (
+                AddressMessage(True, 1, "lo", LOOPBACK, 8),)
+
+        def addresses(self) -> tuple[AddressMessage, ...]:
+            return self.table
+
+        def subscribe(self, callback: object) -> None:
+            pass
+
+        def unsubscribe(self, callback: object) -> None:
+            pass
+
+    watcher = Watcher()
+
+    class Leases(MemoryLeaseStore):
+        async def list_leases(self) -> list[Lease]:
+            await asyncio.sleep(0)
+            # The pool's first address becomes this host's while the store answers.
+            watcher.table += (AddressMessage(True, 2, "eth0", "127.0.0.100", 8, True),)
+            return await super().list_leases()
+
+    settings = DhcpSettings(mode="authoritative", pool_start="127.0.0.100",
+                            pool_end="127.0.0.109", netmask="255.0.0.0")
+    server = DhcpServer(settings, TableDecider(), Leases(), interfaces=None,
+                        advertise=LOOPBACK, host=LOOPBACK, port=0, pxe_port=0,
+                        broadcast_address=LOOPBACK, client_port=9, probe=False,
+                        watcher=watcher)  # type: ignore[arg-type]
+    await server.start()
+    try:
+        assert server.pool is not None
+        assert not server.pool.in_pool("127.0.0.100")
+        assert server.pool.offer("52:54:00:00:00:01", 1000.0) == "127.0.0.101"
+    finally:
+        await server.close()
+
+
+async def test_an_interfaces_address_it_lets_go_of_is_offered_again() -> None:
+    """The address a named interface had at start is the listener's (it answers with it)
+    and was reserved in the pool for good (load_pool's server addresses): readdressed, the
+    interface's new address was reserved as it came (s38-net), but the old one, no longer
+    this host's, was never offered again until a restart, where dnsmasq (which reads the
+    interfaces' addresses per packet) offers it. An address given (--advertise) stays
+    reserved whatever the interfaces say."""
+    from netboot.wire.rtnetlink import AddressMessage
+
+    class Watcher:
+        def __init__(self) -> None:
+            self.table = (AddressMessage(True, 1, "lo", "127.0.0.100", 8),
+                          AddressMessage(True, 1, "lo", LOOPBACK, 8, True))
+
+        def addresses(self) -> tuple[AddressMessage, ...]:
+            return self.table
+
+        def subscribe(self, callback: object) -> None:
+            pass
+
+        def unsubscribe(self, callback: object) -> None:
+            pass
+
+    watcher = Watcher()
+    settings = DhcpSettings(mode="authoritative", pool_start="127.0.0.100",
+                            pool_end="127.0.0.109", netmask="255.0.0.0")
+    server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(), interfaces=["lo"],
+                        advertise=None, host=LOOPBACK, port=0, pxe_port=0,
+                        broadcast_address=LOOPBACK, client_port=9, probe=False,
+                        watcher=watcher)  # type: ignore[arg-type]
+    await server.start()
+    try:
+        assert server.pool is not None
+        assert not server.pool.in_pool("127.0.0.100")  # the interface's: its listener's
+        watcher.table = (AddressMessage(True, 1, "lo", LOOPBACK, 8),)  # .100 removed
+        server._on_addresses(watcher.table)
+        assert server.pool.in_pool("127.0.0.100")
+        assert server.pool.offer("52:54:00:00:00:01", 1000.0) == "127.0.0.100"
+    finally:
+        await server.close()
