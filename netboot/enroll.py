@@ -150,12 +150,25 @@ def machine_token_is(machine: Machine, token: str) -> bool:
             and hmac.compare_digest(held.encode(), token.encode()))
 
 
-def _registered_from(machine: Machine, peer: IPAddress | None, choice: AddressChoice) -> bool:
-    """Whether a registration made again comes from where ``machine`` registered: from its
-    address, or reporting it (the one this registration would record)."""
+def _registered_from(machine: Machine, peer: IPAddress | None,
+                     choice: AddressChoice) -> bool | None:
+    """Whether a registration made again comes from where ``machine`` registered: True from
+    its address; None reporting it, which counts only where the registration's own request
+    came from the same peer (its event's, for the caller to read: netboot behind a proxy on
+    this host, every request from 127.0.0.1 and the report all there is); else False.
+
+    A report stood for the address from any peer: whoever held the spent install token (in
+    the config, which crossed plain HTTP) got the machine token from a link-local or IPv6
+    peer or from this host, and with it the machine's address and a server's endpoint
+    (s38-attack)."""
     at = machine.ipv4
-    return at is not None and ((peer is not None and str(peer) == at)
-                               or (choice.ipv4 is not None and str(choice.ipv4) == at))
+    if at is None:
+        return False
+    if peer is not None and str(peer) == at:
+        return True
+    if peer is None or choice.ipv4 is None or str(choice.ipv4) != at:
+        return False
+    return None
 
 
 def token_expired(machine: Machine, now: float) -> bool:
@@ -1129,8 +1142,9 @@ class Enroller:
 
         * the install token of a machine installed: the registration (one transition);
         * the same, spent, from the place the machine registered (its address, or reporting
-          it): a repeat of a registration whose answer was lost. Answered as the first was,
-          with the same machine token; no state change, one event saying it was a repeat.
+          it from the peer its registration came from: a proxy on this host): a repeat of a
+          registration whose answer was lost. Answered as the first was, with the same
+          machine token; no state change, one event saying it was a repeat.
           From anywhere else it is a 409 naming the state, as before;
         * ``machine_token``: a later boot of the registered OS reporting where it is now.
           Its address (DNS name, a server's cluster endpoint) follows, unless the operator
@@ -1191,7 +1205,10 @@ class Enroller:
         if machine.state is _REGISTERED:
             if machine_token is not None:
                 return await self._reported_at(machine, choice, peer, reported, entries)
-            if not _registered_from(machine, peer, choice):
+            repeat = _registered_from(machine, peer, choice)
+            if repeat is None:  # reporting its address: with the registration's evidence?
+                repeat = await self._registered_peer(machine) == str(peer)
+            if not repeat:
                 lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
             return await self._repeated(machine, peer, choice, entries)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
@@ -1242,6 +1259,15 @@ class Enroller:
         log_line(self._log, logging.INFO, "registered mac=%s ip=%s cluster=%s", mac, ipv4,
                  machine.cluster)  # once per machine of a storm: see log_line
         return updated
+
+    async def _registered_peer(self, machine: Machine) -> str | None:
+        """The peer the newest registration of ``machine`` came from, as its event recorded
+        it (None when that event is gone): a repeat by report only, rare."""
+        for event in reversed(await self._store.list_events(machine.id)):
+            if event.kind == "registered":
+                peer = event.data.get("peer")
+                return peer if isinstance(peer, str) else None
+        return None
 
     async def _repeated(self, machine: Machine, peer: IPAddress | None,
                         choice: AddressChoice, entries: Sequence[AuditEntry]) -> Machine:
