@@ -1203,13 +1203,21 @@ class Enroller:
             hostname = None
         entries = (audit(machine),) if audit else ()  # made once: the caller keeps each
         if machine.state is _REGISTERED:
+            if machine_token is None:
+                repeat = _registered_from(machine, peer, choice)
+                if repeat is None:  # reporting its address: with the registration's evidence?
+                    repeat = await self._registered_peer(machine) == str(peer)
+                if not repeat:
+                    lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
+            # Each writes an audit entry (and the log keeps the newest AUDIT_KEEP): at the
+            # reports' rate, or one machine's token pushed the operator's entries out in a
+            # minute of requests (s38-attack). A later boot posts a few; a repeat one in 10 s.
+            if not self._reports.take(machine.id, self._clock()):
+                await self._refuse_report(machine)
+            if self._refusing:
+                self._refusing.discard(machine.id)
             if machine_token is not None:
                 return await self._reported_at(machine, choice, peer, reported, entries)
-            repeat = _registered_from(machine, peer, choice)
-            if repeat is None:  # reporting its address: with the registration's evidence?
-                repeat = await self._registered_peer(machine) == str(peer)
-            if not repeat:
-                lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
             return await self._repeated(machine, peer, choice, entries)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             facts = {**machine.facts, **reported}

@@ -1356,6 +1356,43 @@ async def test_a_spent_install_token_repeats_only_with_the_evidence_it_registere
         await enroller.register(pbody, ipaddress.ip_address("fe80::2"))
 
 
+async def test_a_machine_token_posts_at_the_report_rate_not_without_bound(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """Every later boot's report with a machine token (and every repeat of a registration)
+    writes an audit entry, and the log keeps the newest 100,000: without a rate, whoever
+    holds one machine's token (its root, or a host that saw it cross plain HTTP) pushed the
+    operator's entries out in a minute of requests (s38-attack). Now at the device reports'
+    rate (enroll.report_burst at once, report_rate a second after): past it 429, the run told
+    once (one ``reports limited`` event), nothing written for the refused."""
+    import ipaddress
+
+    from netboot.errors import RateLimited
+
+    store = every_store
+    mac = await _installed(store, "52:54:00:00:38:03", "a3")
+    now = [1000.0]
+    enroller = Enroller(store, clock=lambda: now[0], report_burst=5, report_rate=1.0)
+    at = ipaddress.ip_address("192.0.2.72")
+    first = await enroller.register({"mac": str(mac), "token": "tok"}, at, audit=_audited)
+    later = {"mac": str(mac), "machine_token": first.install_token}
+    again = {"mac": str(mac), "token": "tok"}
+    taken = refused = 0
+    for i in range(40):
+        try:
+            await enroller.register(later if i % 2 else again, at, audit=_audited)
+            taken += 1
+        except RateLimited as exc:
+            refused += 1
+            assert exc.retry_after == 1 and exc.told == (refused > 1)
+    assert taken == 5 and refused == 35
+    assert len(await store.list_audit()) == 1 + 5
+    kinds = [e.kind for e in await store.list_events(first.id)]
+    assert kinds.count("reports limited") == 1, kinds
+    now[0] += 1.0  # the rate gives one more a second
+    moved = await enroller.register(later, ipaddress.ip_address("192.0.2.73"), audit=_audited)
+    assert moved.ipv4 == "192.0.2.73"
+
+
 async def test_a_later_boot_reports_its_new_lease_with_its_machine_token(  # type: ignore[no-untyped-def]
         every_store) -> None:
     """A site DHCP server's new lease for a registered machine: its next boot reports it with
