@@ -224,6 +224,7 @@ class Api:
         self._frames: dict[int, bytes] = {}  # SSE messages by event sequence (_frame)
         # What the fleet status's counts by group remember between calls (fleet_status).
         self._groups_kept = GroupsKept()
+        self._parsing = asyncio.Lock()  # import files parsed one at a time (import_file)
 
     def add_to(self, app: web.Application) -> None:
         """Every route with the permission it needs (netboot.access); the audit middleware
@@ -704,7 +705,19 @@ class Api:
         return event
 
     async def register(self, request: web.Request) -> web.Response:
-        body = _object(await read_json(request))
+        # Bounded as a device's report is (the front door's limit too): anyone may post
+        # one, and up to http.max_body_bytes of JSON was parsed before any token was
+        # looked at (~53 ms of the loop's CPU a 1 MiB body; s38-attack).
+        limit = request.app[MAX_EVENT_KEY]
+        if request.content_length is not None and request.content_length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                                actual_size=request.content_length)
+        raw = await request.read()
+        if len(raw) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+        if not raw:
+            raise ValidationError("body", "a JSON body is required")
+        body = _object(loads(raw))
         # The transport's peer, typed here at the edge: what the device reports about its own
         # address is checked against it (k3OS reports 127.0.1.1, netboot.addresses).
         machine = await self._enroll.register(body, parse_peer(request.remote))
@@ -752,7 +765,13 @@ class Api:
             text = raw.decode("utf-8-sig")  # a BOM, as spreadsheet exports write one
         except UnicodeDecodeError:
             raise ValidationError("body", "the file is not UTF-8 text") from None
-        rows = parse_import(text, fmt)
+        # In a thread, one file at a time: PyYAML's parser is pure Python, and on the loop's
+        # thread one 1 MiB YAML file (340,000 empty mappings) from an enroll token held
+        # every DHCP, TFTP and HTTP answer for ~20 s of CPU (s38-attack). The thread shares
+        # the GIL, which the loop takes back every switch interval (5 ms); one at a time, so
+        # that files posted together do not split it further.
+        async with self._parsing:
+            rows = await asyncio.to_thread(parse_import, text, fmt)
         report = await self._enroll.import_rows(rows, dry_run=dry_run in ("1", "true"),
                                                 create_only=self._create_only(request))
         status = 400 if report.errors else (200 if not report.applied else 201)

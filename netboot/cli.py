@@ -376,7 +376,10 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
     if "macs" in changes:
         shown.append("macs " + ",".join(map(str, m.macs)))
     if "labels" in changes:
-        shown.append("labels " + (",".join(f"{k}={v}" for k, v in m.labels.items()) or "-"))
+        # Every label the machine keeps, a scanner's too (an enroll token writes any text):
+        # escaped as every table is (s38-attack).
+        shown.append("labels " + (",".join(f"{printable(k)}={printable(v)}"
+                                           for k, v in m.labels.items()) or "-"))
     _report(args, f"{m.ref}: {', '.join(shown)}", machine_dict(m))
     return 0
 

@@ -163,12 +163,25 @@ def machine_token_is(machine: Machine, token: str) -> bool:
             and hmac.compare_digest(held.encode(), token.encode()))
 
 
-def _registered_from(machine: Machine, peer: IPAddress | None, choice: AddressChoice) -> bool:
-    """Whether a registration made again comes from where ``machine`` registered: from its
-    address, or reporting it (the one this registration would record)."""
+def _registered_from(machine: Machine, peer: IPAddress | None,
+                     choice: AddressChoice) -> bool | None:
+    """Whether a registration made again comes from where ``machine`` registered: True from
+    its address; None reporting it, which counts only where the registration's own request
+    came from the same peer (its event's, for the caller to read: netboot behind a proxy on
+    this host, every request from 127.0.0.1 and the report all there is); else False.
+
+    A report stood for the address from any peer: whoever held the spent install token (in
+    the config, which crossed plain HTTP) got the machine token from a link-local or IPv6
+    peer or from this host, and with it the machine's address and a server's endpoint
+    (s38-attack)."""
     at = machine.ipv4
-    return at is not None and ((peer is not None and str(peer) == at)
-                               or (choice.ipv4 is not None and str(choice.ipv4) == at))
+    if at is None:
+        return False
+    if peer is not None and str(peer) == at:
+        return True
+    if peer is None or choice.ipv4 is None or str(choice.ipv4) != at:
+        return False
+    return None
 
 
 def token_expired(machine: Machine, now: float) -> bool:
@@ -468,8 +481,16 @@ def _document_rows(text: str, fmt: str) -> list[tuple[int, dict[str, Any]]]:
         else:
             # BaseLoader keeps every scalar a string: YAML 1.1 would read an unquoted
             # 52:54:00:00:00:01 as a base-60 integer and lose the MAC.
-            node = yaml.compose(text, Loader=yaml.BaseLoader)
-            data = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader is safe
+            # Parsed once: the items' lines come from the node the data is made of (it was
+            # composed, then loaded, a second parse of the whole file: PyYAML's parser is
+            # pure Python, ~10 s a 1 MiB file of 340,000 empty mappings each time; s38-attack).
+            # What yaml.load does, keeping the node.
+            loader = yaml.BaseLoader(text)
+            try:
+                node = loader.get_single_node()
+                data = None if node is None else loader.construct_document(node)
+            finally:
+                loader.dispose()
             lines = _yaml_item_lines(node)
     except json.JSONDecodeError as exc:
         raise caused(ValidationError("file", f"cannot parse json: {exc.msg} (column "
@@ -1156,8 +1177,9 @@ class Enroller:
 
         * the install token of a machine installed: the registration (one transition);
         * the same, spent, from the place the machine registered (its address, or reporting
-          it): a repeat of a registration whose answer was lost. Answered as the first was,
-          with the same machine token; no state change, one event saying it was a repeat.
+          it from the peer its registration came from: a proxy on this host): a repeat of a
+          registration whose answer was lost. Answered as the first was, with the same
+          machine token; no state change, one event saying it was a repeat.
           From anywhere else it is a 409 naming the state, as before;
         * ``machine_token``: a later boot of the registered OS reporting where it is now.
           Its address (DNS name, a server's cluster endpoint) follows, unless the operator
@@ -1220,13 +1242,30 @@ class Enroller:
             hostname = None
         entries = (audit(machine),) if audit else ()  # made once: the caller keeps each
         if machine.state is _REGISTERED:
+            elsewhere = False
+            if machine_token is None:
+                repeat = _registered_from(machine, peer, choice)
+                if repeat is None:  # reporting its address: with the registration's evidence?
+                    repeat = await self._registered_peer(machine) == str(peer)
+                if not repeat:
+                    # From a new lease, its answer lost: with the machine-id it registered
+                    # (s38-journey); else a 409.
+                    elsewhere = await self._moved_before_its_answer(machine, choice, reported)
+                    if not elsewhere:
+                        lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER,
+                                        subject=machine)
+            # Each writes an audit entry (and the log keeps the newest AUDIT_KEEP): at the
+            # reports' rate, or one machine's token pushed the operator's entries out in a
+            # minute of requests (s38-attack). A later boot posts a few; a repeat one in 10 s.
+            if not self._reports.take(machine.id, self._clock()):
+                await self._refuse_report(machine)
+            if self._refusing:
+                self._refusing.discard(machine.id)
             if machine_token is not None:
                 return await self._reported_at(machine, choice, peer, reported, entries)
-            if _registered_from(machine, peer, choice):
-                return await self._repeated(machine, peer, choice, entries)
-            if await self._moved_before_its_answer(machine, choice, reported):
+            if elsewhere:
                 return await self._repeated_elsewhere(machine, peer, choice, entries)
-            lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
+            return await self._repeated(machine, peer, choice, entries)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             facts = {**machine.facts, **reported}
             # A machine the operator gave an address (fixed_ipv4) registers that one, never
@@ -1275,6 +1314,15 @@ class Enroller:
         log_line(self._log, logging.INFO, "registered mac=%s ip=%s cluster=%s", mac, ipv4,
                  machine.cluster)  # once per machine of a storm: see log_line
         return updated
+
+    async def _registered_peer(self, machine: Machine) -> str | None:
+        """The peer the newest registration of ``machine`` came from, as its event recorded
+        it (None when that event is gone): a repeat by report only, rare."""
+        for event in reversed(await self._store.list_events(machine.id)):
+            if event.kind == "registered":
+                peer = event.data.get("peer")
+                return peer if isinstance(peer, str) else None
+        return None
 
     async def _repeated(self, machine: Machine, peer: IPAddress | None,
                         choice: AddressChoice, entries: Sequence[AuditEntry]) -> Machine:

@@ -472,7 +472,8 @@ def document() -> dict[str, Any]:
         "/api/v1/register": {
             "post": _op("the installed OS at each boot: first with its install token, then "
                         "with the machine token that answered (in the body)",
-                        need=None, body="Register", out="Registered", errors=(400, 401, 409)),
+                        need=None, body="Register", out="Registered",
+                        errors=(400, 401, 409, 413, 429)),
         },
         "/api/v1/status": {
             "get": _op("machines per state, overall and per cluster; the failed ones",

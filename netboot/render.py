@@ -2099,9 +2099,14 @@ def grub_quote(text: str) -> str:
 # another (command_terminator), one starting with "#" begins a comment, and "${name}" in a
 # token is replaced by a setting after the split (src/core/settings.c, expand_settings). A
 # value written into a command can be made inert only by changing those characters: they
-# are percent-encoded, as iPXE's own ``${serial:uristring}`` writes a value.
-_IPXE_ARG = re.compile(r"[\x00-\x20\x7f%$&|;#]")
-_IPXE_TEXT = re.compile(r"[\x00-\x1f\x7f]|\$(?=\{)|(?<!\S)(?:&&|\|\||;)(?!\S)|(?<!\S)#")
+# are percent-encoded, as iPXE's own ``${serial:uristring}`` writes a value. And a script line
+# that ends in a backslash is continued by the next (src/image/script.c, process_script): a
+# value last on its line that ends in one took the next line in as its words (an imgverify,
+# an initrd, the hold's sleep: s38-attack), so ipxe_arg encodes every backslash (uristring
+# does) and ipxe_text the one a value ends with.
+_IPXE_ARG = re.compile(r"[\x00-\x20\x7f%$&|;#\\]")
+_IPXE_TEXT = re.compile(r"[\x00-\x1f\x7f]|\$(?=\{)|(?<!\S)(?:&&|\|\||;)(?!\S)|(?<!\S)#"
+                        r"|\\\Z")
 
 
 def _percent(match: re.Match[str]) -> str:
@@ -2111,7 +2116,7 @@ def _percent(match: re.Match[str]) -> str:
 
 def ipxe_arg(value: object) -> str:
     """``value`` as (part of) one iPXE argument: whitespace, control characters, ``%``,
-    ``$``, ``&``, ``|``, ``;`` and ``#`` percent-encoded, so that it neither splits into
+    ``$``, ``&``, ``|``, ``;``, ``#`` and ``\\`` percent-encoded, so that it neither splits into
     more arguments (a kernel parameter of its own) nor ends the command (``&& chain
     http://…``), starts a comment or expands a setting."""
     return _IPXE_ARG.sub(_percent, str(value))
@@ -2119,9 +2124,10 @@ def ipxe_arg(value: object) -> str:
 
 def ipxe_text(value: object) -> str:
     """``value`` as words of an iPXE ``echo`` (or ``#`` comment) line, its spaces kept: a
-    word that is ``&&``, ``||`` or ``;`` or starts with ``#``, ``${`` and control
-    characters (a line break would start a command) have their first character
-    percent-encoded; any other text is left as it is."""
+    word that is ``&&``, ``||`` or ``;`` or starts with ``#``, ``${``, control
+    characters (a line break would start a command) and a backslash that ends the value (it
+    would continue the line) have their first character percent-encoded; any other text is
+    left as it is."""
     return _IPXE_TEXT.sub(_percent, str(value))
 
 

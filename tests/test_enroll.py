@@ -1304,22 +1304,24 @@ async def test_a_registration_made_again_from_where_it_registered_is_answered_as
     enroller._clock = lambda: 2000.0  # a repeat stamps nothing: its updated stays 1000
     again = await enroller.register(body, at, audit=_audited)
     assert again.install_token == first.install_token and again.state == first.state
-    reported = await enroller.register({**body, "addresses": ["192.0.2.70"]},
-                                       ipaddress.ip_address("127.0.0.1"), audit=_audited)
-    assert reported.install_token == first.install_token
+    # It registered from its own address (the request's): a report of that address from
+    # elsewhere is no repeat (s38-attack; the proxy case, where it registered by report, is
+    # test_a_spent_install_token_repeats_only_with_the_evidence_it_registered_with).
+    with pytest.raises(TransitionRefused):
+        await enroller.register({**body, "addresses": ["192.0.2.70"]},
+                                ipaddress.ip_address("127.0.0.1"), audit=_audited)
     stored = await store.get_machine(first.id)
     assert stored is not None and stored.updated == 1000.0 and stored.ipv4 == "192.0.2.70"
     assert stored.install_token == first.install_token
     again = await enroller.register(body, at, audit=_audited)  # its retry, repeated
     assert again.install_token == first.install_token
     kinds = [e.kind for e in await store.list_events(first.id)]
-    # Once a place while it repeats (from 192.0.2.70 as peer, then as reported by 127.0.0.1,
-    # then from 192.0.2.70 again): each audited.
-    assert kinds == ["registered"] + ["registration repeated"] * 3, kinds
+    # Once while it repeats from one place: each audited.
+    assert kinds == ["registered", "registration repeated"], kinds
     assert "192.0.2.70" in (await store.list_events(first.id))[-1].message
     again = await enroller.register(body, at, audit=_audited)
-    assert len(await store.list_events(first.id)) == 4
-    assert [a.outcome for a in await store.list_audit()] == ["200"] * 5
+    assert len(await store.list_events(first.id)) == 2
+    assert [a.outcome for a in await store.list_audit()] == ["200"] * 4
     # From elsewhere: the 409 naming its state, nothing written.
     with pytest.raises(TransitionRefused) as refused:
         await enroller.register(body, ipaddress.ip_address("192.0.2.71"), audit=_audited)
@@ -1329,7 +1331,7 @@ async def test_a_registration_made_again_from_where_it_registered_is_answered_as
                                 ipaddress.ip_address("127.0.0.1"))
     with pytest.raises(AuthError):
         await enroller.register({**body, "token": "not-its-token"}, at)
-    assert len(await store.list_events(first.id)) == 4 and len(await store.list_audit()) == 5
+    assert len(await store.list_events(first.id)) == 2 and len(await store.list_audit()) == 4
     # After a reinstall its old token is no token of its (401), nor its machine token.
     await enroller.reinstall(str(mac))
     with pytest.raises(AuthError):
@@ -1535,3 +1537,85 @@ def test_hostname_ok_is_rfc_1123() -> None:
     assert not enroll.hostname_ok(".".join(["a" * 63] * 3) + "." + "b" * 62)
     for bad in ("", "-a", "a-", "a_b", "a..b", ".a", "a\n", "a b", "é"):
         assert not enroll.hostname_ok(bad), bad
+
+
+async def test_a_spent_install_token_repeats_only_with_the_evidence_it_registered_with(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """The install token is spent at registration and weak by then (it crossed plain HTTP in
+    the config URL and sits in the config on the node's disk); a repeat answers the machine
+    token, which moves the machine's address (a server's: its cluster's endpoint). A
+    reported address stood for the registered one whatever the request came from: from a
+    link-local or any IPv6 peer (a dual-stack listener), or from this host (any local user),
+    the holder of the spent token got the machine token and moved the address (s38-attack).
+    A report counts only where the registration itself had nothing better: its request came
+    from the same peer (a proxy on this host), as the repeat's does."""
+    import ipaddress
+
+    from netboot.errors import TransitionRefused
+
+    store = every_store
+    mac = await _installed(store, "52:54:00:00:38:01", "a1")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    body = {"mac": str(mac), "token": "tok"}
+    first = await enroller.register(body, ipaddress.ip_address("192.0.2.70"))
+    assert first.ipv4 == "192.0.2.70" and first.install_token
+    claim = {**body, "addresses": ["192.0.2.70"]}
+    for peer in ("fe80::1", "2001:db8::66", "127.0.0.1", "169.254.7.7"):
+        with pytest.raises(TransitionRefused):
+            await enroller.register(claim, ipaddress.ip_address(peer))
+    # Without a machine token the address stays: the holder of the spent token moves nothing.
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.ipv4 == "192.0.2.70"
+    assert [e.kind for e in await store.list_events(first.id)] == ["registered"]
+    # From its own address it is the repeat of a lost answer, as before.
+    again = await enroller.register(body, ipaddress.ip_address("192.0.2.70"))
+    assert again.install_token == first.install_token
+
+    # Behind a proxy on this host every request comes from 127.0.0.1 and the report is all
+    # there is: a repeat with the same evidence is answered as the first was.
+    proxied = await _installed(store, "52:54:00:00:38:02", "a2")
+    loop = ipaddress.ip_address("127.0.0.1")
+    pbody = {"mac": str(proxied), "token": "tok", "addresses": ["192.0.2.71"]}
+    registered = await enroller.register(pbody, loop)
+    assert registered.ipv4 == "192.0.2.71"
+    repeated = await enroller.register(pbody, loop)
+    assert repeated.install_token == registered.install_token
+    with pytest.raises(TransitionRefused):  # another peer reporting it: not the same evidence
+        await enroller.register(pbody, ipaddress.ip_address("fe80::2"))
+
+
+async def test_a_machine_token_posts_at_the_report_rate_not_without_bound(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """Every later boot's report with a machine token (and every repeat of a registration)
+    writes an audit entry, and the log keeps the newest 100,000: without a rate, whoever
+    holds one machine's token (its root, or a host that saw it cross plain HTTP) pushed the
+    operator's entries out in a minute of requests (s38-attack). Now at the device reports'
+    rate (enroll.report_burst at once, report_rate a second after): past it 429, the run told
+    once (one ``reports limited`` event), nothing written for the refused."""
+    import ipaddress
+
+    from netboot.errors import RateLimited
+
+    store = every_store
+    mac = await _installed(store, "52:54:00:00:38:03", "a3")
+    now = [1000.0]
+    enroller = Enroller(store, clock=lambda: now[0], report_burst=5, report_rate=1.0)
+    at = ipaddress.ip_address("192.0.2.72")
+    first = await enroller.register({"mac": str(mac), "token": "tok"}, at, audit=_audited)
+    later = {"mac": str(mac), "machine_token": first.install_token}
+    again = {"mac": str(mac), "token": "tok"}
+    taken = refused = 0
+    for i in range(40):
+        try:
+            await enroller.register(later if i % 2 else again, at, audit=_audited)
+            taken += 1
+        except RateLimited as exc:
+            refused += 1
+            assert exc.retry_after == 1 and exc.told == (refused > 1)
+    assert taken == 5 and refused == 35
+    assert len(await store.list_audit()) == 1 + 5
+    kinds = [e.kind for e in await store.list_events(first.id)]
+    assert kinds.count("reports limited") == 1, kinds
+    now[0] += 1.0  # the rate gives one more a second
+    moved = await enroller.register(later, ipaddress.ip_address("192.0.2.73"), audit=_audited)
+    assert moved.ipv4 == "192.0.2.73"

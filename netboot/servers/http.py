@@ -1368,10 +1368,13 @@ class FrontDoor:
 
     def take_reports(self, reports: DeviceReports, *, max_body: int, max_event: int) -> None:
         """Answer the installer's POSTs too (event reports, registration): bodies up to the
-        limits aiohttp's path enforces (``http.max_body_bytes``, ``http.max_event_bytes``);
-        a larger one goes to aiohttp, which answers 413."""
+        limit aiohttp's path enforces (``http.max_event_bytes``, within
+        ``http.max_body_bytes``); a larger one goes to aiohttp, which answers 413. A
+        registration's too: anyone may post one, and 1 MiB of JSON was parsed before any
+        token was looked at (s38-attack)."""
         self._reports = reports
-        self._post_limits = (min(max_body, max_event), max_body)
+        limit = min(max_body, max_event)
+        self._post_limits = (limit, limit)
 
     def post_head(self, buf: bytes) -> RequestHead | NotMine | None:
         """:func:`parse_post` of ``buf``, whose head :meth:`head` found whole and aiohttp's:
