@@ -1328,7 +1328,7 @@ class Enroller:
         if registered is None or registered < since:
             return False
         # A machine-id another machine reported too is the image's, not the device's: an
-        # image built with one in /etc (a cloned golden image; k3OS's read-only /etc comes
+        # image built with one in /etc (a cloned golden image; k3OS's /etc, its image's, comes
         # from an Alpine stage that ran `apk add dbus`, whose post-install in today's aports
         # writes /etc/machine-id) gives every machine the same one, known to whoever has the
         # image, and the spent token alone would move the machine (s38-review2). Read on
