@@ -1373,7 +1373,16 @@ class Enroller:
         since = self._clock() - REPEAT_ELSEWHERE_SECONDS
         events = await self._store.list_events(machine.id, limit=_REGISTERED_SEEN)
         registered = next((e.time for e in reversed(events) if e.kind == "registered"), None)
-        return registered is not None and registered >= since
+        if registered is None or registered < since:
+            return False
+        # A machine-id another machine reported too is the image's, not the device's: an
+        # image built with one in /etc (a cloned golden image; k3OS's /etc, its image's, comes
+        # from an Alpine stage that ran `apk add dbus`, whose post-install in today's aports
+        # writes /etc/machine-id) gives every machine the same one, known to whoever has the
+        # image, and the spent token alone would move the machine (s38-review2). Read on
+        # this rare path alone, after the token, the machine-id and the hour matched.
+        return not any(other.id != machine.id and other.facts.get("machine_id") == known
+                       for other in await self._all_machines())
 
     async def _repeated_elsewhere(self, machine: Machine, peer: IPAddress | None,
                                   choice: AddressChoice,

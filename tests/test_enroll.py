@@ -1428,6 +1428,33 @@ async def test_what_a_spent_token_gives_a_stranger_within_the_hour(  # type: ign
     assert stored is not None and stored.ipv4 == "192.0.2.70"
 
 
+async def test_a_machine_id_two_machines_reported_moves_neither(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A machine-id that another machine reported too is its image's (one baked into the
+    image's /etc: k3OS's squashfs, a cloned golden image), known to whoever has the image: a
+    repeat from elsewhere with the spent token and that machine-id, within the hour, is the
+    409 it was, nothing moved (s38-review2: before, the spent token alone moved it)."""
+    import ipaddress
+
+    from netboot.errors import TransitionRefused
+
+    store = every_store
+    first_mac = await _installed(store, "52:54:00:00:38:21", "s1")
+    second_mac = await _installed(store, "52:54:00:00:38:22", "s2")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    shared = "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e"
+    body = {"mac": str(first_mac), "token": "tok", "machine_id": shared}
+    first = await enroller.register(body, ipaddress.ip_address("192.0.2.70"))
+    await enroller.register({**body, "mac": str(second_mac)},
+                            ipaddress.ip_address("192.0.2.75"))
+    enroller._clock = lambda: 1001.0
+    with pytest.raises(TransitionRefused):
+        await enroller.register(body, ipaddress.ip_address("198.51.100.9"))
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.ipv4 == "192.0.2.70"
+    assert [e.kind for e in await store.list_events(first.id)] == ["registered"]
+
+
 async def test_a_later_boot_reports_its_new_lease_with_its_machine_token(  # type: ignore[no-untyped-def]
         every_store) -> None:
     """A site DHCP server's new lease for a registered machine: its next boot reports it with
