@@ -781,9 +781,12 @@ def _events(args: argparse.Namespace) -> int:
         machine = (await follow.machine_id(base, token, args.ref, ca_file=ca) if args.ref
                    else None)
 
+        # Lines name machines by hostname or MAC, as the dashboard does; JSON keeps the id.
+        names: dict[str, str] | None = None if args.json else {}
+
         def emit(event: dict[str, Any]) -> None:
-            print(follow.event_line(event, as_json=args.json), flush=True)
-        await follow.follow(base, token, machine=machine, emit=emit, ca_file=ca)
+            print(follow.event_line(event, as_json=args.json, names=names), flush=True)
+        await follow.follow(base, token, machine=machine, emit=emit, ca_file=ca, names=names)
 
     asyncio.run(run())
     return 0
@@ -806,8 +809,9 @@ async def _machine_events(args: argparse.Namespace, store: Store, cfg: Config) -
     from netboot import follow
 
     machine = await _core(store, cfg).machine(args.ref)
+    names = {machine.id: follow.machine_name(codec.machine_to_dict(machine))}
     for event in await store.list_events(machine.id):
-        print(follow.event_line(codec.event_to_dict(event), as_json=args.json))
+        print(follow.event_line(codec.event_to_dict(event), as_json=args.json, names=names))
     return 0
 
 

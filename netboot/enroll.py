@@ -944,6 +944,10 @@ class Enroller:
                                         hostname=name, cluster=cluster or machine.cluster,
                                         role=role or machine.role,
                                         profile=profile or machine.profile)
+            if updated is machine:
+                # A repeated approval, nothing new: answered as a repeated PUT is, with no
+                # write and no second "enrolled" event in the machine's history.
+                return machine
             if await self._written(Batch(update=(updated,), expect={machine.id: machine.state},
                                          versions={machine.id: machine.updated}),
                                    attempt, (machine,), recorded=False):
