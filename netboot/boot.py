@@ -1296,8 +1296,13 @@ class BootService:
                             group=group.name if group else None, cluster=cluster)
         # !s: a StrEnum's text as str() makes it (an f-string formats an enum through its
         # __format__: ~0.2 µs more, for each decision and its event; session 24).
+        # Where the profile came from, as _chosen picked it (explain's profile_source): a
+        # group's or enroll.default_profile is named; the machine's own is not, so that the
+        # usual plan's text (and its log line, its script) is no longer than before: the
+        # group was named even when the profile was the machine's own (s38-user).
         reason = (f"{machine.state!s}: install profile {profile.name}"
-                  + (f" (group {group.name})" if group else ""))
+                  + ("" if machine.profile else f" (group {group.name})"
+                     if group is not None and group.profile else " (enroll.default_profile)"))
         token: str | None = None
         if record and lifecycle.allows(machine.state, _INSTALL_AGAIN):
             # An install under way: the same token, never a new one (an unauthenticated

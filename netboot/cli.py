@@ -853,9 +853,12 @@ def _events(args: argparse.Namespace) -> int:
         machine = (await follow.machine_id(base, token, args.ref, ca_file=ca) if args.ref
                    else None)
 
+        # Lines name machines by hostname or MAC, as the dashboard does; JSON keeps the id.
+        names: dict[str, str] | None = None if args.json else {}
+
         def emit(event: dict[str, Any]) -> None:
-            print(follow.event_line(event, as_json=args.json), flush=True)
-        await follow.follow(base, token, machine=machine, emit=emit, ca_file=ca)
+            print(follow.event_line(event, as_json=args.json, names=names), flush=True)
+        await follow.follow(base, token, machine=machine, emit=emit, ca_file=ca, names=names)
 
     asyncio.run(run())
     return 0
@@ -882,8 +885,9 @@ async def _machine_events(args: argparse.Namespace, store: Store, cfg: Config) -
     from netboot import follow
 
     machine = await _core(store, cfg).machine(args.ref)
+    names = {machine.id: follow.machine_name(codec.machine_to_dict(machine))}
     for event in await store.list_events(machine.id):
-        print(follow.event_line(codec.event_to_dict(event), as_json=args.json))
+        print(follow.event_line(codec.event_to_dict(event), as_json=args.json, names=names))
     return 0
 
 
@@ -941,17 +945,31 @@ async def _db(args: argparse.Namespace) -> int:
     source, target = _db_spec(args.source), _db_spec(args.target)
     # The configured inventory.postgresql (file, NETBOOT_INVENTORY_POSTGRESQL_*): how its
     # connections notice a server gone or silent, as the servers' do.
-    checks = await transfer.copy(source, target, force=args.force,
+    copied = await transfer.copy(source, target, force=args.force,
                                  peer=_config(args).inventory.postgresql)
     if args.json:
         _print_json({"from": transfer.describe(source), "to": transfer.describe(target),
                      "tables": [{"table": c.table, "rows": c.rows, "sha256": c.sha256}
-                                for c in checks]})
+                                for c in copied.checks],
+                     "installs_on_boot": copied.installs_on_boot})
     else:
-        for c in checks:
+        for c in copied.checks:
             print(f"{c.table:15} {c.rows:8} rows  sha256 {c.sha256}")
         print(f"copied {transfer.describe(source)} to {transfer.describe(target)}: "
               "counts and checksums equal")
+    if copied.installs_on_boot:
+        # A restored backup brings machines back as they were then: one that installed
+        # since would install again, its disk wiped (s38-user). Said before the servers
+        # start, with what avoids it (README's "Restoring a backup").
+        count = sum(copied.installs_on_boot.values())
+        states = ", ".join(f"{n} {state}" for state, n in copied.installs_on_boot.items())
+        print(f"netboot: warning: {count} machine{'s' if count > 1 else ''} in the copy "
+              f"install{'' if count > 1 else 's'} at the next network boot ({states}): if "
+              "this restores a backup, one that installed after the backup was taken "
+              "installs again. Before starting the servers, report those installed (POST "
+              "/api/v1/machines/REF/events {\"kind\": \"installed\"} with an operator token, "
+              "for booting and installing ones) or keep them from booting from the network "
+              "(README.md: \"Restoring a backup\")", file=sys.stderr)
     return 0
 
 

@@ -388,7 +388,13 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     import csv
 
     reader = csv.reader(_lines(text))
-    header = next(reader, None)
+    # Blank lines before the header are skipped, as after it: a spreadsheet's export often
+    # starts with one (or a row of empty cells, ",,,"), which was read as a header of no
+    # columns, and the real header as a row of "more values than header columns".
+    header, header_line = next(reader, None), 1  # the line the header starts on
+    while header is not None and not any(cell.strip() for cell in header):
+        header_line = reader.line_num + 1
+        header = next(reader, None)
     if header is None:
         raise ValidationError("file", "empty CSV file (need a header row with 'mac')")
     # What each column is, decided once from the header rather than per cell: (index, name,
@@ -452,8 +458,11 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         # After the row's own cells, as csv.DictReader files extra values last. Empty ones
         # are no values: a spreadsheet's export or a hand-edited row ending in a comma.
         if len(row) > width and any(cell.strip() for cell in row[width:]):
-            raise ValidationError("file", "more values than header columns",
-                                  line=reader.line_num)
+            # Where the header was, when blank lines before it were skipped: the line an
+            # operator would count from is not the first.
+            raise ValidationError("file", "more values than header columns" + (
+                f" (header: line {header_line})" if header_line > 1 else ""),
+                line=reader.line_num)
         if labels:
             clean["labels"] = labels
         yield reader.line_num, clean
@@ -992,6 +1001,10 @@ class Enroller:
                                         hostname=name, cluster=cluster or machine.cluster,
                                         role=role or machine.role,
                                         profile=profile or machine.profile)
+            if updated is machine:
+                # A repeated approval, nothing new: answered as a repeated PUT is, with no
+                # write and no second "enrolled" event in the machine's history.
+                return machine
             if await self._written(Batch(update=(updated,), expect={machine.id: machine.state},
                                          versions={machine.id: machine.updated}),
                                    attempt, (machine,), recorded=False):

@@ -29,6 +29,17 @@ from netboot.logs import printable
 
 RECONNECT_SECONDS = 3.0
 
+# The events after which a machine's name is asked again: the step that names it (approval,
+# auto-enrollment, an import) makes a discovered machine, shown by its MAC, a hostname.
+RENAMING_KINDS = frozenset({"enrolled"})
+
+
+def machine_name(body: dict[str, Any]) -> str:
+    """What an operator knows a machine by, as the dashboard shows it: its hostname, else its
+    first MAC (a discovered machine), else its id (one enrolled by serial, no NIC yet)."""
+    macs = body.get("macs") or []
+    return str(body.get("hostname") or (macs[0] if macs else "") or body["id"])
+
 
 def event_line(event: dict[str, Any], *, as_json: bool, names: dict[str, str] | None = None,
                ) -> str:
@@ -86,10 +97,13 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[st
 async def follow(base_url: str, token: str, *, machine: str | None = None,
                  emit: Callable[[dict[str, Any]], None],
                  stop: Callable[[], bool] = lambda: False, err: TextIO = sys.stderr,
-                 ca_file: Path | None = None) -> None:
+                 ca_file: Path | None = None, names: dict[str, str] | None = None) -> None:
     """Print events as they come until ``stop()`` (checked after each event) or Ctrl-C.
 
-    ``machine`` (an id) keeps only that machine's events.
+    ``machine`` (an id) keeps only that machine's events. ``names``, when given, is kept
+    holding the :func:`machine_name` of each machine an emitted event names (for
+    :func:`event_line`): asked of the server the first time a machine is seen and after a
+    :data:`RENAMING_KINDS` event, not per event (a storm repeats the same machines).
     """
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
@@ -113,6 +127,8 @@ async def follow(base_url: str, token: str, *, machine: str | None = None,
                             continue
                         event = json.loads(data)
                         if machine is None or event.get("machine") == machine:
+                            if names is not None:
+                                await _learn(http, base_url, headers, event, names)
                             emit(event)
                             if stop():
                                 return
@@ -126,6 +142,27 @@ async def follow(base_url: str, token: str, *, machine: str | None = None,
             else:
                 print(f"netboot: {url}: stream ended; reconnecting", file=err)
             await asyncio.sleep(RECONNECT_SECONDS)
+
+
+async def _learn(http: aiohttp.ClientSession, base_url: str, headers: dict[str, str],
+                 event: dict[str, Any], names: dict[str, str]) -> None:
+    """``names`` with the name of ``event``'s machine, asked of the server when not known
+    yet or when the event may have renamed it. A machine the server no longer has (deleted
+    since), or a request that fails, keeps its id: the line is printed all the same."""
+    from urllib.parse import quote
+
+    ident = str(event.get("machine", ""))
+    if ident in names and event.get("kind") not in RENAMING_KINDS:
+        return
+    names[ident] = ident
+    url = f"{base_url.rstrip('/')}/api/v1/machines/{quote(ident, safe='')}"
+    try:
+        async with http.get(url, headers={"Authorization": headers["Authorization"]},
+                            timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status == 200:
+                names[ident] = machine_name(await resp.json(content_type=None))
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+        pass
 
 
 async def machine_id(base_url: str, token: str, ref: str, *,

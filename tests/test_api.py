@@ -710,6 +710,26 @@ async def test_approve_without_body(env: Env) -> None:
     assert r.json()["state"] == "enrolled"
 
 
+async def test_a_repeated_approval_changes_nothing(env: Env) -> None:
+    """Approving an enrolled machine again with nothing new is a repeated PUT: the same
+    answer, and no second ``enrolled`` event (its history said "approved" twice, its
+    ``updated`` moved). A new cluster, role or profile is still taken, and told."""
+    await env.seed()
+    await boot(env, MAC)
+    first = await call(env, "POST", f"/api/v1/machines/{MAC}/approve")
+    again = await call(env, "POST", f"/api/v1/machines/{MAC}/approve")
+    assert (first.status, again.status) == (200, 200), again.text
+    assert again.json() == first.json()
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    assert [e["kind"] for e in events].count("enrolled") == 1, events
+    await env.post("/api/v1/profiles", {"name": "other", "kernel": "vmlinuz"}, status=201)
+    moved = await call(env, "POST", f"/api/v1/machines/{MAC}/approve",
+                       json_body={"profile": "other"})
+    assert moved.status == 200 and moved.json()["profile"] == "other", moved.text
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    assert [e["kind"] for e in events].count("enrolled") == 2, events
+
+
 async def test_reinstall_errors(env: Env) -> None:
     await boot(env, MAC)
     error(await call(env, "POST", f"/api/v1/machines/{MAC}/reinstall"), 409)

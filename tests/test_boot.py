@@ -188,6 +188,32 @@ async def test_a_first_installs_event_says_what_the_request_told(
     assert type(event.data["mac"]) is str and event.time == clock.now
 
 
+@pytest.mark.parametrize(("own", "group_profile", "said"), [
+    ("p", "q", "install profile p"),
+    (None, "q", "install profile q (group g)"),
+    (None, None, "install profile p (enroll.default_profile)"),
+])
+async def test_an_install_plan_says_where_its_profile_came_from(
+        setup: tuple[BootService, MemoryStore, Clock], tmp_path: Path, own: str | None,
+        group_profile: str | None, said: str) -> None:
+    """The install script's comment (the plan's reason) named the machine's group whatever
+    gave the profile: "install profile p (group g)" for a profile set on the machine, which
+    the group did not give. A group's or the default is named now (explain's
+    profile_source); the machine's own, the usual case, is not."""
+    _, store, clock = setup
+    boot = BootService(store, FileTree([tmp_path]),
+                       BootSettings(policy="ignore", default_profile="p"),
+                       Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+    await store.put_profile(Profile(name="q", kernel="vmlinuz"))
+    await store.put_group(Group(name="g", selector={"arch": ("x86_64",)},
+                                profile=group_profile))
+    await store.create_machine(Machine(macs=(MAC,), hostname="edge-1", profile=own,
+                                       cluster="edge"))
+    plan = await boot.plan(req(Firmware.IPXE))
+    assert plan.action == BootAction.INSTALL and plan.reason == f"enrolled: {said}"
+    await boot.drain()
+
+
 async def test_no_profile_holds(setup: tuple[BootService, MemoryStore, Clock]) -> None:
     boot, store, _ = setup
     await store.create_machine(Machine(macs=(MAC,), hostname="x"))

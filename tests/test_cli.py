@@ -71,6 +71,9 @@ def test_enroll_render_explain(cfg: str, capsys: pytest.CaptureFixture[str]) -> 
     rc, out, _ = run(capsys, "machines", "show", "aa:bb:cc:dd:ee:01", "--json", "--config", cfg)
     shown = json.loads(out)
     assert shown["state"] == "enrolled" and [e["kind"] for e in shown["events"]] == ["enrolled"]
+    # Its history names it as the operator knows it (its hostname), not by its id.
+    rc, out, _ = run(capsys, "events", "aa:bb:cc:dd:ee:01", "--config", cfg)
+    assert rc == 0 and out.split("  ")[1:3] == ["edge-1", "enrolled"], out
     rc, out, _ = run(capsys, "clusters", "show", "edge", "--config", cfg)
     assert "nodes (1)" in out and "edge-1" in out and "sekret" not in out
     rc, out, _ = run(capsys, "machines", "reinstall", "aa:bb:cc:dd:ee:01", "--config", cfg)

@@ -214,6 +214,21 @@ def test_a_csv_headers_field_names_are_read_in_any_case() -> None:
         (2, {"mac": "52:54:00:00:00:01", "serial": "S1"})]
 
 
+def test_csv_blank_lines_before_the_header_are_skipped() -> None:
+    """A spreadsheet's export that starts with a blank line (or a row of empty cells) had
+    that line read as its header: no columns, and the real header "more values than header
+    columns". Skipped now, as blank lines after the header are; rows keep their lines, and
+    an error says which line the header was read from."""
+    text = "\n ,,\nmac,hostname\n52:54:00:00:00:01,a\n\n52:54:00:00:00:02,b\n"
+    assert parse_import(text, "csv") == [(4, {"mac": "52:54:00:00:00:01", "hostname": "a"}),
+                                         (6, {"mac": "52:54:00:00:00:02", "hostname": "b"})]
+    with pytest.raises(ValidationError, match=r"line 4: more values than header columns "
+                                              r"\(header: line 3\)"):
+        parse_import("\n\nmac\n52:54:00:00:00:01,x\n", "csv")
+    with pytest.raises(ValidationError, match="empty CSV file"):
+        parse_import("\n,,\n\n", "csv")
+
+
 def test_a_yaml_files_machines_key_numbers_its_rows_by_their_lines() -> None:
     # The {machines: [...]} form numbered its rows 1, 2, 3, printed as the file's lines
     # ("fleet.yaml:3: mac: duplicate of line 2" for the machines on lines 9 and 5).

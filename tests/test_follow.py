@@ -15,7 +15,7 @@ import pytest
 from netboot import follow
 from netboot.errors import NetbootError
 from netboot.model import MacAddress, Machine
-from tests.conftest import Env, EnvFactory
+from tests.conftest import Env, EnvFactory, boot
 
 MAC = "52:54:00:ee:00:01"
 
@@ -71,6 +71,33 @@ async def test_follow_one_machine_in_human_lines(env: Env) -> None:
     when, who, kind, message = line.split("  ", 3)
     assert "T" in when and when[-6] in "+-"  # local ISO 8601 with its offset
     assert (who, kind) == (wanted, "reinstall") and message.startswith("reinstall requested")
+
+
+async def test_follow_names_machines_as_the_dashboard_does(env: Env) -> None:
+    """Lines named machines by id (m-33de7d19b390), which an operator does not know: now by
+    hostname, else by first MAC (a discovered machine), as the dashboard shows them; asked
+    of the server once per machine and again when an event may rename it, not per event."""
+    await env.seed()  # its group gives the machine a profile: approving needs nothing else
+    base = f"http://{env.client.host}:{env.client.port}"
+    known = await env.post("/api/v1/machines", {"mac": "52:54:00:ee:00:02", "hostname": "b"},
+                           status=201)
+    names = {known["id"]: "as-told-before"}
+    lines: list[str] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        lines.append(follow.event_line(event, as_json=False, names=names))
+
+    task = asyncio.ensure_future(follow.follow(base, env.admin, emit=emit, names=names,
+                                               stop=lambda: len(lines) >= 3))
+    await subscribed(env)
+    await env.post("/api/v1/machines/52:54:00:ee:00:02/reinstall", {}, status=200)
+    await boot(env, MAC)  # discovered: no hostname yet
+    await env.post(f"/api/v1/machines/{MAC}/approve", {"hostname": "rack1-n1"}, status=200)
+    await asyncio.wait_for(task, 20)
+    who = [(line.split("  ")[1], line.split("  ")[2]) for line in lines]
+    # A machine already named is not asked again for an event that does not rename it.
+    assert who == [("as-told-before", "reinstall"), (MAC, "discovered"),
+                   ("rack1-n1", "enrolled")], lines
 
 
 async def test_follow_with_a_wrong_token_says_so(env: Env) -> None:

@@ -135,8 +135,35 @@ class TableCheck:
     sha256: str
 
 
+@dataclass(frozen=True)
+class Copied:
+    """What :func:`copy` proved (each table's count and checksum) and, by state, the copied
+    machines whose next network boot installs (:func:`installs_on_boot`)."""
+    checks: list[TableCheck]
+    installs_on_boot: dict[str, int]
+
+
+def installs_on_boot(rows: Rows) -> dict[str, int]:
+    """How many of the machines in ``rows`` are, by state, in one whose next network boot
+    is given an install (a plan or the install under way asked again). A copy restoring a
+    backup brings machines back as they were then: one that installed since is in such a
+    state again and installs again, its disk wiped, when it next boots from the network."""
+    from netboot import lifecycle
+    from netboot.model import MachineState
+
+    column = TABLES[0][1].index("state")
+    counts: dict[str, int] = {}
+    for row in rows["machines"]:
+        state = str(row[column])
+        counts[state] = counts.get(state, 0) + 1
+    return {state: n for state, n in sorted(counts.items())
+            if state in MachineState._value2member_map_ and any(
+                lifecycle.allows(MachineState(state), step) for step in (
+                    lifecycle.Trigger.INSTALL_PLAN, lifecycle.Trigger.INSTALL_AGAIN))}
+
+
 async def copy(source: str, target: str, *, force: bool = False,
-               peer: pg_dsn.PeerSettings | None = None) -> list[TableCheck]:
+               peer: pg_dsn.PeerSettings | None = None) -> Copied:
     """Copy every row of ``source`` into ``target`` (each a DSN or an SQLite path; a DSN's
     connections set up by ``peer``, the configured inventory.postgresql), both migrated
     first; Conflict if the target holds anything and ``force`` is not given (then
@@ -163,7 +190,7 @@ async def copy(source: str, target: str, *, force: bool = False,
             raise StoreError(f"copy to {describe(target)} differs in table {want.table}: "
                              f"{got.rows} rows (sha256 {got.sha256[:16]}) where the source "
                              f"has {want.rows} (sha256 {want.sha256[:16]})")
-    return expected
+    return Copied(expected, installs_on_boot(rows))
 
 
 def _private_file(path: Path) -> None:

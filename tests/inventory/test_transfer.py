@@ -270,3 +270,33 @@ def test_a_postgresql_copy_without_the_driver_says_how_to_install_it(
         assert "asyncpg" in err and "pip install '.[postgresql]'" in err, err
         assert "netboot[" not in err, err
     assert not (tmp_path / "back.db").exists()
+
+
+def test_a_copy_warns_of_the_machines_whose_next_boot_installs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A restored backup brings machines back as they were: one that installed after the
+    backup was taken is enrolled (or booting) again, and reinstalls at its next network boot.
+    The copy says how many would, by state, and what avoids it; not for installed ones."""
+    source, target, done = tmp_path / "source.db", tmp_path / "target.db", tmp_path / "d.db"
+
+    async def machines(store: Store, states: tuple[MachineState, ...]) -> None:
+        for i, state in enumerate(states):
+            await store.create_machine(Machine(macs=(MacAddress.parse(f"52:54:00:00:0a:{i:02x}"),),
+                                               hostname=f"n{i}", state=state))
+
+    asyncio.run(opened(SqliteStore(source), lambda s: machines(s, (
+        MachineState.ENROLLED, MachineState.BOOTING, MachineState.ENROLLED,
+        MachineState.REGISTERED, MachineState.INSTALLED, MachineState.DISCOVERED))))
+    rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(target))
+    assert rc == 0 and "counts and checksums equal" in out, err
+    assert err.startswith("netboot: warning: 3 machines in the copy install at the next "
+                          "network boot (1 booting, 2 enrolled): if this restores a backup"), err
+    assert '{"kind": "installed"}' in err and "Restoring a backup" in err
+    rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(target),
+                       "--force", "--json")
+    assert rc == 0 and json.loads(out)["installs_on_boot"] == {"booting": 1, "enrolled": 2}
+    installed = tmp_path / "installed.db"
+    asyncio.run(opened(SqliteStore(installed), lambda s: machines(s, (
+        MachineState.REGISTERED, MachineState.INSTALLED))))
+    rc, out, err = run(capsys, "db", "copy", "--from", str(installed), "--to", str(done))
+    assert (rc, err) == (0, ""), err
