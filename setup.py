@@ -70,22 +70,26 @@ class BuildPyWithShipped(build_py):
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(ROOT / name, target)
         package = Path(self.build_lib) / "netboot"
-        (package / "_shipped" / "BUILD").write_text(build_id(package) + "\n", encoding="ascii")
+        # build_py runs before build_ext: the extensions are not there yet, but whether the
+        # wheel will carry them is known (NETBOOT_MYPYC=1 gave setup() its ext_modules).
+        build = build_id(package, compiled=self.distribution.has_ext_modules())
+        (package / "_shipped" / "BUILD").write_text(build + "\n", encoding="ascii")
 
 
-def build_id(package: Path) -> str:
+def build_id(package: Path, *, compiled: bool) -> str:
     """What ``netboot --version`` names beside the version: a digest of the files the wheel
     carries. Every build says "0.1.0", and pip installs a wheel of an installed version
     without a word but "already installed" (exit 0): an upgrade by wheel needs
     --force-reinstall (README, "Backup, restore and upgrades"), and this tells the operator
-    which build runs."""
-    h = hashlib.sha256()
+    which build runs. A mypyc wheel (``compiled``) says so, and its digest covers it: the
+    Python files are the same as a pure wheel's of the tree, and both named one build."""
+    h = hashlib.sha256(b"mypyc\0" if compiled else b"")
     for path in sorted(package.rglob("*")):
         if path.is_file() and path.name != "BUILD" and "__pycache__" not in path.parts \
                 and path.suffix not in (".so", ".c", ".o"):
             h.update(f"{path.relative_to(package)}\0{path.stat().st_size}\0".encode())
             h.update(path.read_bytes())
-    return h.hexdigest()[:12]
+    return h.hexdigest()[:12] + (", compiled" if compiled else "")
 
 
 def compiled() -> dict[str, Any]:
@@ -96,4 +100,7 @@ def compiled() -> dict[str, Any]:
     return {"ext_modules": mypycify(list(COMPILED), opt_level="3")}
 
 
-setup(cmdclass={"build_py": BuildPyWithShipped}, **compiled())
+# Only when run as the build's script (setuptools' backend runs it as __main__): the tests
+# import it for build_id.
+if __name__ == "__main__":
+    setup(cmdclass={"build_py": BuildPyWithShipped}, **compiled())

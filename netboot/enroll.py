@@ -402,6 +402,11 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     # of its first, as csv.DictReader's dict of a row has it.
     last = {raw: i for i, raw in enumerate(header)}
     columns: list[tuple[int, str, int]] = []
+    # The header's name of each field (and label) so far: two names of one ("MAC" and
+    # "mac", "label.rack" and "Labels.rack") were two columns whose later value won, the
+    # earlier's dropped without a word. Refused at the header, naming both (which one is
+    # meant is the operator's to say).
+    named: dict[tuple[int, str], str] = {}
     for raw, i in last.items():
         key = raw.strip()
         # A factory's or a spreadsheet's header says "MAC", "Serial", "Label.rack": the
@@ -410,11 +415,19 @@ def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         if key.lower() in _IMPORT_FIELDS:
             key = key.lower()
         if key.lower().startswith(("label.", "labels.")):
-            columns.append((i, key.split(".", 1)[1], _LABEL_COLUMN))
+            column = (i, key.split(".", 1)[1], _LABEL_COLUMN)
         elif key == "labels":
-            columns.append((i, key, _LABELS_COLUMN))
+            column = (i, key, _LABELS_COLUMN)
         else:
-            columns.append((i, key, _PLAIN_COLUMN))
+            column = (i, key, _PLAIN_COLUMN)
+        _, name, kind = column
+        if name:  # empty names (trailing commas) are no column: see below
+            first = named.setdefault((kind, name), raw)
+            if first != raw:
+                what = f"label {name}" if kind == _LABEL_COLUMN else name
+                raise ValidationError("file", f"columns {first!r} and {raw!r} are both "
+                                      f"{what}: keep one", line=reader.line_num)
+        columns.append(column)
     # A column no field is named once, at the header's line: refused by each row's check, a
     # factory's 1,000-row file with a "Location" column printed 1,000 lines. An empty name
     # (a trailing comma) is no column unless a row puts a value under it.

@@ -229,6 +229,25 @@ def test_csv_blank_lines_before_the_header_are_skipped() -> None:
         parse_import("\n,,\n\n", "csv")
 
 
+def test_a_csv_header_naming_one_field_twice_in_two_spellings_is_refused() -> None:
+    """"MAC" and "mac" in one header were two columns of one field, the later's value
+    winning (the earlier's dropped without a word): refused at the header's line, naming
+    both. The same name twice still counts by its last column, and labels whose own names
+    differ in case are two labels."""
+    for header, first, second, what in (
+            ("MAC,hostname,mac", "MAC", "mac", "mac"),
+            ("mac,Serial, serial ", "Serial", " serial ", "serial"),
+            ("mac,label.rack,Labels.rack", "label.rack", "Labels.rack", "label rack")):
+        with pytest.raises(ValidationError) as refused:
+            parse_import(header + "\n52:54:00:00:00:01,a,b\n", "csv")
+        assert refused.value.field == "file" and refused.value.line == 1
+        assert refused.value.message == (f"line 1: columns {first!r} and {second!r} are "
+                                         f"both {what}: keep one")
+    assert parse_import("mac,label.Rack,label.rack,mac\n,R,r,52:54:00:00:00:01\n",
+                        "csv") == [
+        (2, {"mac": "52:54:00:00:00:01", "labels": {"Rack": "R", "rack": "r"}})]
+
+
 def test_a_yaml_files_machines_key_numbers_its_rows_by_their_lines() -> None:
     # The {machines: [...]} form numbered its rows 1, 2, 3, printed as the file's lines
     # ("fleet.yaml:3: mac: duplicate of line 2" for the machines on lines 9 and 5).

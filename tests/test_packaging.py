@@ -227,6 +227,30 @@ def test_no_instruction_installs_netboot_by_its_name_from_an_index() -> None:
         assert not by_name.search(good), good
 
 
+def test_a_compiled_wheels_build_says_so_and_is_another_build(tmp_path: Path) -> None:
+    """setup.py names the build from the wheel's Python files, taken before build_ext makes
+    the extensions: a mypyc wheel and a pure wheel of one tree named the same build, so
+    ``--version`` could not tell which runs. The compiled one says "compiled", and its
+    digest differs. (The function alone: a mypyc wheel takes minutes to build.)"""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("netboot_setup", ROOT / "setup.py")
+    assert spec is not None and spec.loader is not None
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # not __main__: setup() is not run
+    package = tmp_path / "netboot"
+    (package / "_shipped").mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    pure = setup_py.build_id(package, compiled=False)
+    built = setup_py.build_id(package, compiled=True)
+    assert re.fullmatch(r"[0-9a-f]{12}", pure), pure
+    assert re.fullmatch(r"[0-9a-f]{12}, compiled", built), built
+    assert built.split(",")[0] != pure
+    (package / "cli.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    assert setup_py.build_id(package, compiled=True) == built  # what build_ext adds later
+
+
 def test_version_names_the_wheels_build(installed: Installed) -> None:
     """Every build is version 0.1.0, and pip given a newer wheel of an installed version
     keeps the old files ("already installed", exit 0): README's upgrade says

@@ -1230,23 +1230,31 @@ class TftpServer:
         except BaseException:
             sock.close()
             raise
-        self._links[iface] = _Link(self, data, iface)
-        boundary = BoundaryProtocol(
-            f"tftp[{iface}]" if iface else "tftp",
-            functools.partial(self._handle, iface),
-            logger=log,
-            min_size=2,
-            max_size=MAX_REQUEST,
-        )
-        # A burst of RRQs read per wake-up, not one per trip round the loop: in a storm the
-        # listener fell seconds behind the transfers (each trip also serves every transfer
-        # with an ACK waiting, DHCP and HTTP), clients resent their RRQs meanwhile (3,740
-        # copies for 2,000 requests in a 1,000-device storm), and a late copy read after
-        # its transfer ended started a second one (see _handle).
-        # Each with its kernel receive time, which tells such a copy from a new request.
-        transport = open_stamped_endpoint(sock, boundary)
+        link = _Link(self, data, iface)
+        try:
+            boundary = BoundaryProtocol(
+                f"tftp[{iface}]" if iface else "tftp",
+                functools.partial(self._handle, iface),
+                logger=log,
+                min_size=2,
+                max_size=MAX_REQUEST,
+            )
+            # A burst of RRQs read per wake-up, not one per trip round the loop: in a storm the
+            # listener fell seconds behind the transfers (each trip also serves every
+            # transfer with an ACK waiting, DHCP and HTTP), clients resent their RRQs
+            # meanwhile (3,740 copies for 2,000 requests in a 1,000-device storm), and a late
+            # copy read after its transfer ended started a second one (see _handle).
+            # Each with its kernel receive time, which tells such a copy from a new request.
+            transport = open_stamped_endpoint(sock, boundary)
+        except BaseException:
+            # Both sockets closed here: a link left behind kept its data socket open until
+            # the next listen on the interface replaced it (or for good, at a failed start).
+            link.close()
+            sock.close()
+            raise
+        self._links[iface] = link
         self._listeners.append((transport, boundary))
-        self._links[iface].listener = transport
+        link.listener = transport
 
     def _present(self) -> dict[str, int]:
         """The named interfaces that have an IPv4 address now, and their indexes."""
@@ -1627,6 +1635,16 @@ class TftpServer:
         registered = False
         try:
             if self._closing:
+                return []
+            if iface not in self._links:
+                # Its interface was let go while the lookup waited (_let_go: its address went
+                # away, its device was made again): the listener that would carry an ERROR
+                # closed with it, so the request is dropped, told once, without a traceback
+                # (was a KeyError in _start_transfer, logged as a bug). The client's retry
+                # reaches the interface's next listener, as dnsmasq's would its new socket.
+                self.limited.log(logging.INFO, f"gone {iface}",
+                                 "tftp %s:%d %r: interface %s let go while the file was "
+                                 "looked up: request dropped", *peer, path, iface)
                 return []
             try:
                 transfer = self._start_transfer(iface, request, path, peer, blob, raw)

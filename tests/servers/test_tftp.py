@@ -1927,6 +1927,62 @@ async def test_a_lookup_that_waits_goes_on_as_a_task_and_serves_the_file(
         await server.close()
 
 
+class GatedFiles(DirFiles):
+    """A content layer whose lookup waits until the test opens its gate."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = asyncio.Event()
+
+    async def tftp_open(self, path: str, peer: tuple[str, int]) -> Blob:
+        await self.gate.wait()
+        return await super().tftp_open(path, peer)
+
+
+async def test_a_lookup_that_ends_after_its_interface_was_let_go_is_dropped_quietly(
+        root: Path, client: RawClient, caplog: pytest.LogCaptureFixture) -> None:
+    """A per-machine file's lookup waits (the inventory) while its named interface goes away
+    (_let_go: its address removed, its device made again). Its end starts no transfer: the
+    listener is closed, so the request is dropped and said once at INFO, no traceback (it
+    was a KeyError in _start_transfer, logged as "cannot start the transfer"), and its
+    slot and its client's count are given back."""
+    caplog.set_level(logging.INFO, logger="netboot.servers.tftp")
+    files = GatedFiles(root)
+    server = await started(files, interfaces=["lo"], retransmit=5.0, min_rto=None)
+    try:
+        request = encode(ReadRequest("small.bin", "octet", ()))
+        result = server._handle("lo", request, client.address)
+        assert inspect.isawaitable(result)
+        server._let_go("lo")
+        files.gate.set()
+        assert await result == []
+        assert not server._transfers and not server._opening and not server._per_client
+        assert server.stats.started == 0
+        said = [r for r in caplog.records if "let go while" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.INFO, caplog.records
+        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    finally:
+        await server.close()
+
+
+async def test_a_listen_that_fails_partway_closes_what_it_opened(
+        files: DirFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener's transport failing after both sockets were bound: both closed, and no
+    link left behind with its data socket open until the next listen replaced it."""
+    import netboot.servers.tftp as tftp
+
+    def refused(sock: socket.socket, protocol: object) -> object:
+        raise OSError(errno.ENOMEM, "no memory")
+
+    monkeypatch.setattr(tftp, "open_stamped_endpoint", refused)
+    server = TftpServer(files, host=LOOPBACK, port=0)
+    before = open_fds()
+    with pytest.raises(OSError):
+        await server._listen(None)
+    assert server._links == {} and server._listeners == []
+    assert open_fds() == before
+
+
 class FifoFiles(DirFiles):
     """A content layer that hands out a path which is no regular file (by the time it is
     opened: a file replaced by a FIFO or a directory between the lookup and the start)."""
