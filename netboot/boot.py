@@ -38,7 +38,7 @@ from netboot.enroll import Enroller, hostname_ok
 from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError, WritesRefused
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution, Unseen
-from netboot.inventory.base import Batch, GroupCounts, Store
+from netboot.inventory.base import Batch, GroupCounts, Store, batch_of
 from netboot.inventory.view import InventoryView, SearchKept
 from netboot.model import (
     Arch,
@@ -59,6 +59,9 @@ from netboot.model import (
     Role,
     endpoint_host,
     endpoint_url,
+    event_of,
+    join_of,
+    plan_of,
     replace_machine,
     url_host,
 )
@@ -1385,19 +1388,20 @@ class BootService:
             # s33-loop). The machine read as its base: only what changed is written
             # (Batch.bases).
             versions = {machine.id: version}
-            await self._recorder.commit(Batch((), (), (machine,), (event,), {machine.id: read},
-                                              versions, (), {machine.id: was}),
-                                        version=machine)
+            await self._recorder.commit(batch_of((), (), (machine,), (event,),
+                                                 {machine.id: read}, versions, (),
+                                                 {machine.id: was}), version=machine)
             self._view.adopt((machine,), versions)
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
             machine = learn(machine, request, machine.updated)
         # By position (action, mac, reason, retry_seconds, machine, group, profile, cluster,
-        # k3s, token): a class called with keywords is handed them in a dict (type_call),
-        # ~3,000 loop instructions more a plan (callgrind; benchmarks/README.md s33-loop).
-        return BootPlan(_INSTALL, request.mac, reason, 0, machine,
-                        group.name if group else None, profile, cluster, k3s, token)
+        # k3s, token, command), by model.plan_of: a class called with keywords is handed
+        # them in a dict (type_call), ~3,000 loop instructions more a plan (s33-loop); called
+        # at all, ~1,400 more than plan_of (s38-install).
+        return plan_of(_INSTALL, request.mac, reason, 0, machine,
+                       group.name if group else None, profile, cluster, k3s, token, None)
 
     async def config_plan(self, machine: Machine, *, token: str | None, reason: str,
                           request: BootRequest | None = None, claim: bool = True,
@@ -1422,9 +1426,9 @@ class BootService:
             # or is reinstalling): a config without one would install a node that never joins.
             raise Conflict(await self._waiting_reason(cluster))
         # By position, as _install_plan's (action, mac, reason, retry_seconds, machine, group,
-        # profile, cluster, k3s, token): keywords cost a class call a dict.
-        return BootPlan(_INSTALL, mac or machine.mac or identity.NO_NIC, reason, 0, machine,
-                        group.name if group else None, profile, cluster, k3s, token)
+        # profile, cluster, k3s, token, command): keywords cost a class call a dict.
+        return plan_of(_INSTALL, mac or machine.mac or identity.NO_NIC, reason, 0, machine,
+                       group.name if group else None, profile, cluster, k3s, token, None)
 
     async def k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
                        group: Group | None, *, claim: bool = True) -> K3sJoin:
@@ -1453,11 +1457,11 @@ class BootService:
             # are the same for every one but those nodes themselves (not served from here),
             # until a setting, a cluster or a server changes (``shared`` moves).
             labels, taints, node_name = _node_join(machine, cluster, group)
-            return K3sJoin(role, kept.endpoint, False, cluster.token, labels, taints,
+            return join_of(role, kept.endpoint, False, cluster.token, labels, taints,
                            node_name, kept.san)
         labels, taints, node_name = _node_join(machine, cluster, group)
-        return K3sJoin(role, cluster.server_url, False, cluster.token, labels, taints,
-                       node_name)
+        return join_of(role, cluster.server_url, False, cluster.token, labels, taints,
+                       node_name, ())
 
     async def _k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
                         group: Group | None, *, claim: bool = True) -> K3sJoin:
@@ -1852,7 +1856,7 @@ class BootService:
                 data["mac"] = request.mac.hex(":")
             if request.remote_addr:
                 data["peer"] = request.remote_addr
-        return Event(machine.id, self._clock(), kind, message, data)
+        return event_of(machine.id, self._clock(), kind, message, data)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

@@ -912,6 +912,11 @@ def _machine_dict(machine: Machine, keys: tuple[str, ...] | None) -> dict[str, A
     hostname."""
     if keys is None:
         return machine_to_dict(machine, secrets=False)
+    if len(keys) == 1:
+        # One key (an install script's hostname): without the comprehension's own call,
+        # ~1,300 of a first install's loop instructions (callgrind, s38-install).
+        key = keys[0]
+        return {key: getattr(machine, key)}
     return {key: getattr(machine, key) for key in keys}
 
 

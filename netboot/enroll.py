@@ -50,6 +50,7 @@ from netboot.inventory.base import (
     GroupsKept,
     MachineFilter,
     Store,
+    batch_of,
     by_state,
 )
 from netboot.inventory.codec import NewMachines
@@ -65,6 +66,7 @@ from netboot.model import (
     MachineState,
     Role,
     equal,
+    event_of,
     replace_machine,
 )
 from netboot.recorder import Recorder
@@ -1080,7 +1082,8 @@ class Enroller:
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
         updated = lifecycle.advance(machine, _FETCHED, self._clock())
-        event = Event(machine.id, self._clock(), "config", f"{what} fetched")
+        # By position, as model.event_of makes it (no class call: s38-install).
+        event = event_of(machine.id, self._clock(), "config", f"{what} fetched", {})
         if updated is machine:
             # Fetched again (an installer retrying): no state moves, and the event tells the
             # device nothing: queued with the next group commit of boot notes.
@@ -1096,9 +1099,10 @@ class Enroller:
         # By position (merge, create, update, events, expect, versions, audit, bases):
         # keywords cost a class call a dict, ~1,500 loop instructions a first config
         # (callgrind; s33-loop). The machine read as its base (Batch.bases).
-        await self.recorder.commit(Batch((), (), (updated,), (event,),
-                                         {machine.id: machine.state},
-                                         {machine.id: machine.updated}, (), {machine.id: machine}))
+        await self.recorder.commit(batch_of((), (), (updated,), (event,),
+                                            {machine.id: machine.state},
+                                            {machine.id: machine.updated}, (),
+                                            {machine.id: machine}))
 
     def forget_idle(self) -> None:
         """The report budgets full again by now forgotten (the same as none: a machine

@@ -28,12 +28,20 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
 from netboot.errors import Conflict, NotFound, ValidationError
-from netboot.model import ID_PREFIX, BootRequest, MacAddress, Machine, MachineState, slot_init
+from netboot.model import (
+    ID_PREFIX,
+    BootRequest,
+    MacAddress,
+    Machine,
+    MachineState,
+    by_position,
+    slot_init,
+)
 
 KINDS = ("mac", "uuid", "serial", "asset")
 PRECEDENCE = KINDS
@@ -170,9 +178,11 @@ class Identity:
         # request mostly has no UUID, serial or asset tag, and their calls were ~1,800 of
         # a first install's loop instructions; callgrind, s33-loop).
         uuid, serial, asset = request.uuid, request.serial, request.asset
-        return cls(macs, clean_uuid(uuid) if uuid else None,
-                   clean_text(serial) if serial is not None else None,
-                   clean_text(asset) if asset is not None else None)
+        # identity_of, not a class call (model.by_position), for this class itself.
+        return (identity_of if cls is Identity else cls)(
+            macs, clean_uuid(uuid) if uuid else None,
+            clean_text(serial) if serial is not None else None,
+            clean_text(asset) if asset is not None else None)
 
     @classmethod
     def of_machine(cls, machine: Machine) -> Identity:
@@ -209,6 +219,9 @@ class Identity:
 
 # Made twice per /ipxe decision (its look-up, what it tells): model.slot_init.
 slot_init(Identity)
+# By position: macs, uuid, serial, asset (model.by_position).
+identity_of: Callable[[tuple[MacAddress, ...], str | None, str | None, str | None],
+                      Identity] = by_position(Identity)
 
 
 class MachineIndex(Protocol):
@@ -277,12 +290,16 @@ class Resolution:
 
 
 slot_init(Resolution)
+# By position: machine, matched_by, absorb, disagree (model.by_position): a known device's
+# every request resolves to one.
+resolution_of: Callable[[Machine | None, str | None, tuple[Machine, ...],
+                         tuple[tuple[str, Machine], ...]], Resolution] = by_position(Resolution)
 
 
 def choose(found: Sequence[tuple[str, object, Machine]]) -> Resolution:
     """The precedence rule of this module's docstring, over :func:`matches`' answer. Pure."""
     if not found:
-        return Resolution(None)
+        return resolution_of(None, None, (), ())
     kind, _, first = found[0]
     for _, _, m in found:  # no generator: every DHCP request of a storm comes here
         if m is not first:
@@ -290,7 +307,7 @@ def choose(found: Sequence[tuple[str, object, Machine]]) -> Resolution:
     else:
         # Every identifier names the same machine (a known device, every DHCP request of a
         # storm): that machine, by the first of them, as below.
-        return Resolution(first, kind)
+        return resolution_of(first, kind, (), ())
     enrolled = [(k, m) for k, _, m in found if m.state != MachineState.DISCOVERED]
     kind, winner = (enrolled or [(k, m) for k, _, m in found])[0]
     absorb: dict[str, Machine] = {}

@@ -918,9 +918,10 @@ async def test_report_budgets_full_again_are_forgotten_when_quiet(store) -> None
 # enroll.NETBOOT_KINDS owns which kinds a device may not report; the writers keep their
 # literals (a name looked up in the boot loop costs instructions for nothing). So that a kind
 # added to a writer is not forgotten in that list, the source is read: every call that makes
-# an event (Event, EventRun, and the functions that pass a ``kind`` parameter on to them,
-# found by following it) and the kind it writes.
-_EVENT_MAKERS = {"Event": 2, "EventRun": 2}  # the kind's position among the arguments
+# an event (Event, EventRun, model.event_of, and the functions that pass a ``kind`` parameter
+# on to them, found by following it) and the kind it writes.
+# The kind's position among the arguments:
+_EVENT_MAKERS = {"Event": 2, "EventRun": 2, "event_of": 2}
 # Where a kind that is not netboot's own is written: the device's report (what report()
 # checks). netboot/inventory/ carries kinds it reads back or copies, and writes none of its own.
 _FOREIGN_KINDS = {("enroll.py", "report")}

@@ -330,6 +330,66 @@ def test_a_value_filled_in_its_twin_comes_out_of_its_own_class_and_frozen() -> N
             one.x = 2  # type: ignore[misc]
 
 
+def test_a_value_made_by_position_is_the_class_calls_value() -> None:
+    """The makers of the hot values by position (model.by_position: one Python call, no
+    class call) give what the class called with the same values gives: of the class itself
+    (no twin escapes), equal, with the same repr, every field read back as the very
+    object given (an equal float in a compiled build), frozen; a value short or over
+    refused."""
+    from netboot.identity import identity_of, resolution_of
+    from netboot.inventory.base import Batch, batch_of
+    from netboot.model import by_position, event_of, join_of, plan_of
+    from netboot.servers.fasthttp import Reply, reply_of
+
+    mac = MacAddress.parse("02:00:00:00:00:01")
+    machine = Machine(macs=(mac,), hostname="edge-1", created=1.0, updated=2.0)
+    event = Event("m-1", 1.5, "install-plan", "install profile p", {"via": "http"})
+    join = K3sJoin(Role.SERVER, "https://s:6443", False, "t", {"l": "v"}, ("a=b:NoSchedule",),
+                   "node-1", ("s.example",))
+    cases: list[tuple[type, object, tuple[object, ...]]] = [
+        (Event, event_of, ("m-1", 1.5, "install-plan", "install profile p", {"via": "http"})),
+        (K3sJoin, join_of, (Role.SERVER, "https://s:6443", False, "t", {"l": "v"},
+                            ("a=b:NoSchedule",), "node-1", ("s.example",))),
+        (BootPlan, plan_of, (BootAction.INSTALL, mac, "why", 0, machine, "g", None, None, join,
+                             "tok", None)),
+        (BootPlan, plan_of, (BootAction.HOLD, mac, "held", 5, None, None, None, None, None, None,
+                             "netboot machines approve x")),
+        (Batch, batch_of, ((), (), (machine,), (event,), {machine.id: MachineState.ENROLLED},
+                           {machine.id: 2.0}, (), {machine.id: machine})),
+        (Identity, identity_of, ((mac,), "u", None, "a")),
+        (Resolution, resolution_of, (machine, "mac", (), ())),
+        (Resolution, resolution_of, (None, None, (), ())),
+        (Reply, reply_of, (200, b"#!ipxe\n", "text/plain; charset=utf-8",
+                           (("Cache-Control", "no-store"),))),
+    ]
+    for cls, maker, values in cases:
+        assert len(values) == len(fields(cls))  # type: ignore[arg-type]
+        made, called = maker(*values), cls(*values)  # type: ignore[operator]
+        assert type(made) is cls and made == called and repr(made) == repr(called)
+        for f, value in zip(fields(cls), values, strict=True):  # type: ignore[arg-type]
+            got = getattr(made, f.name)
+            # The very object (a compiled build's native class keeps a float unboxed:
+            # an equal one of its type read back).
+            assert got is value or (type(got) is type(value) is float and got == value)
+            with pytest.raises(FrozenInstanceError):
+                setattr(made, f.name, None)
+        if maker is not cls:  # a generated maker (the class itself in a compiled build)
+            with pytest.raises(TypeError):
+                maker(*values[:-1])  # type: ignore[operator]
+        with pytest.raises(TypeError):
+            maker(*values, None)  # type: ignore[operator]
+    assert Identity.of_request(BootRequest(mac, Arch.X86_64, Firmware.IPXE)) == Identity((mac,))
+
+    @dataclass(frozen=True, slots=True)
+    class Point:
+        x: int
+        y: int = 0
+
+    slot_init(Point)
+    point = by_position(Point)(1, 2)
+    assert type(point) is Point and point == Point(1, 2)
+
+
 @pytest.mark.parametrize(("url", "local", "expected"), [
     # A loopback host is the address the client reached (s36-user: a host without a
     # default route and no --advertise advertises 127.0.0.1).

@@ -11,7 +11,7 @@ fails; a store failure is never reported as "not found".
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +25,7 @@ from netboot.model import (
     Machine,
     MachineState,
     Profile,
+    by_position,
     slot_init,
 )
 
@@ -96,6 +97,10 @@ class Batch:
 # Made once per first install, and per group commit (model.slot_init: each slot set by its
 # descriptor, not object.__setattr__ by name).
 slot_init(Batch)
+# By position: merge, create, update, events, expect, versions, audit, bases (model.by_position).
+batch_of: Callable[[Sequence[tuple[str, str]], Sequence[Machine], Sequence[Machine],
+                    Sequence[Event], Mapping[str, MachineState], Mapping[str, float],
+                    Sequence[AuditEntry], Mapping[str, Machine]], Batch] = by_position(Batch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final, NamedTuple
 
-from netboot.model import slot_init
+from netboot.model import by_position, slot_init
 
 # A head longer than this without its end goes to aiohttp, whose limits answer it (8 KiB
 # per line, 32 KiB of headers): the front never buffers more than a normal request.
@@ -299,6 +300,9 @@ class Reply:
 
 # Made once per answer of a device route (model.slot_init).
 slot_init(Reply)
+# By position: status, body, content_type, headers (model.by_position): a first install's
+# and a first config's answer.
+reply_of: Callable[[int, bytes, str, tuple[tuple[str, str], ...]], Reply] = by_position(Reply)
 
 
 class HttpDate:

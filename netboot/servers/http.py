@@ -86,6 +86,7 @@ from netboot.servers.fasthttp import (
     head_template,
     parse_head,
     parse_post,
+    reply_of,
     reply_parts,
 )
 
@@ -1128,7 +1129,7 @@ class DeviceRoutes:
         # (~500 loop instructions a line; callgrind, s33-loop).
         log_line(self._log, logging.INFO, "ipxe mac=%s peer=%s action=%s reason=%r",
                  boot.mac.hex(":"), remote, plan.action, plan.reason, extra={"mac": boot.mac})
-        return Reply(200, script.encode(), _TEXT, _NO_STORE)
+        return reply_of(200, script.encode(), _TEXT, _NO_STORE)  # Reply's, by position
 
     async def grub(self, request: web.Request) -> web.Response:
         peer = (request.remote or "", 0)
@@ -1166,7 +1167,7 @@ class DeviceRoutes:
             attempt += 1  # the machine was changed since it was read: planned again
         log_line(self._log, logging.INFO, "config mac=%s peer=%s served", plan.mac.hex(":"),
                  remote)  # the MAC's text as _ipxe's line makes it
-        return Reply(200, text.encode(), "text/yaml; charset=utf-8", _NO_STORE)
+        return reply_of(200, text.encode(), "text/yaml; charset=utf-8", _NO_STORE)
 
     async def nocloud(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
