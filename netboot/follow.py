@@ -30,8 +30,11 @@ from netboot.logs import printable
 RECONNECT_SECONDS = 3.0
 
 # The events after which a machine's name is asked again: the step that names it (approval,
-# auto-enrollment, an import) makes a discovered machine, shown by its MAC, a hostname.
-RENAMING_KINDS = frozenset({"enrolled"})
+# auto-enrollment, an import) makes a discovered machine, shown by its MAC, a hostname; an
+# import that changes an enrolled machine (its hostname too) writes "updated" (without it,
+# the old name stayed on every later line, s38-review3). An API edit (PATCH) writes no
+# event: a follower started before it shows the name it was told.
+RENAMING_KINDS = frozenset({"enrolled", "updated"})
 
 
 def machine_name(body: dict[str, Any]) -> str:

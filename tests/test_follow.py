@@ -100,6 +100,29 @@ async def test_follow_names_machines_as_the_dashboard_does(env: Env) -> None:
                    ("rack1-n1", "enrolled")], lines
 
 
+async def test_follow_names_a_machine_again_after_an_import_renames_it(env: Env) -> None:
+    """An import that changes a machine (its hostname too) writes "updated": its name is
+    asked again, or every later line of it kept the old name, and two machines whose names
+    an import swapped were each shown by the other's (s38-review3)."""
+    base = f"http://{env.client.host}:{env.client.port}"
+    known = await env.post("/api/v1/machines", {"mac": "52:54:00:ee:00:02", "hostname": "b"},
+                           status=201)
+    names = {known["id"]: "b"}
+    lines: list[str] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        lines.append(follow.event_line(event, as_json=False, names=names))
+
+    task = asyncio.ensure_future(follow.follow(base, env.admin, emit=emit, names=names,
+                                               stop=lambda: len(lines) >= 1))
+    await subscribed(env)
+    resp = await env.client.post("/api/v1/machines:import?format=csv",
+                                 data="mac,hostname\n52:54:00:ee:00:02,c\n", headers=env.auth)
+    assert resp.status in (200, 201), await resp.text()
+    await asyncio.wait_for(task, 20)
+    assert [line.split("  ")[1:3] for line in lines] == [["c", "updated"]], lines
+
+
 async def test_follow_with_a_wrong_token_says_so(env: Env) -> None:
     base = f"http://{env.client.host}:{env.client.port}"
     try:
