@@ -1348,7 +1348,10 @@ class Enroller:
     async def _registered_peer(self, machine: Machine) -> str | None:
         """The peer the newest registration of ``machine`` came from, as its event recorded
         it (None when that event is gone): a repeat by report only, rare."""
-        for event in reversed(await self._store.list_events(machine.id)):
+        # Bounded as _moved_before_its_answer's read: each such 409 came before the rate
+        # limit, and the default read was 1,000 events (s38-review3).
+        for event in reversed(await self._store.list_events(machine.id,
+                                                            limit=_REGISTERED_SEEN)):
             if event.kind == "registered":
                 peer = event.data.get("peer")
                 return peer if isinstance(peer, str) else None

@@ -1644,6 +1644,22 @@ async def test_a_spent_install_token_repeats_only_with_the_evidence_it_registere
     assert repeated.install_token == registered.install_token
     with pytest.raises(TransitionRefused):  # another peer reporting it: not the same evidence
         await enroller.register(pbody, ipaddress.ip_address("fe80::2"))
+    # Each such 409 reads the machine's events, before the rate limit: the newest few, not
+    # the store's default of 1,000 (whoever holds the spent token sends as many as it likes).
+    limits: list[int] = []
+    list_events = store.list_events
+
+    async def counted(machine_id: str, *, limit: int = 1000) -> list[Any]:
+        limits.append(limit)
+        return await list_events(machine_id, limit=limit)
+
+    store.list_events = counted
+    try:
+        with pytest.raises(TransitionRefused):
+            await enroller.register(claim, ipaddress.ip_address("127.0.0.1"))
+    finally:
+        del store.list_events
+    assert limits and max(limits) <= 50, limits
 
 
 async def test_a_machine_token_posts_at_the_report_rate_not_without_bound(  # type: ignore[no-untyped-def]
