@@ -1345,17 +1345,20 @@ class Enroller:
                  machine.cluster)  # once per machine of a storm: see log_line
         return updated
 
+    async def _registration(self, machine: Machine) -> Event | None:
+        """The newest ``registered`` event of ``machine`` among its newest
+        :data:`_REGISTERED_SEEN` (None when it is gone): read only on the rare paths of a
+        repeat that is not from the registered address. Bounded: each such 409 comes before
+        the rate limit, and the store's default read was 1,000 events (s38-review3)."""
+        events = await self._store.list_events(machine.id, limit=_REGISTERED_SEEN)
+        return next((e for e in reversed(events) if e.kind == "registered"), None)
+
     async def _registered_peer(self, machine: Machine) -> str | None:
         """The peer the newest registration of ``machine`` came from, as its event recorded
-        it (None when that event is gone): a repeat by report only, rare."""
-        # Bounded as _moved_before_its_answer's read: each such 409 came before the rate
-        # limit, and the default read was 1,000 events (s38-review3).
-        for event in reversed(await self._store.list_events(machine.id,
-                                                            limit=_REGISTERED_SEEN)):
-            if event.kind == "registered":
-                peer = event.data.get("peer")
-                return peer if isinstance(peer, str) else None
-        return None
+        it: a repeat by report only."""
+        event = await self._registration(machine)
+        peer = event.data.get("peer") if event is not None else None
+        return peer if isinstance(peer, str) else None
 
     async def _repeated(self, machine: Machine, peer: IPAddress | None,
                         choice: AddressChoice, entries: Sequence[AuditEntry]) -> Machine:
@@ -1404,9 +1407,8 @@ class Enroller:
                                            reported.get("machine_id", "").encode()):
             return False
         since = self._clock() - REPEAT_ELSEWHERE_SECONDS
-        events = await self._store.list_events(machine.id, limit=_REGISTERED_SEEN)
-        registered = next((e.time for e in reversed(events) if e.kind == "registered"), None)
-        if registered is None or registered < since:
+        registered = await self._registration(machine)
+        if registered is None or registered.time < since:
             return False
         # A machine-id another machine reported too is the image's, not the device's: an
         # image built with one in /etc (a cloned golden image; k3OS's /etc, its image's, comes
