@@ -33,7 +33,14 @@ from netboot.access import (
 )
 from netboot.addresses import parse_peer
 from netboot.core import Core, machine_dict, public_dict
-from netboot.enroll import fleet_status, parse_import, token_expired, token_is, token_matches
+from netboot.enroll import (
+    SERVER_NEEDS_OPERATOR,
+    fleet_status,
+    parse_import,
+    token_expired,
+    token_is,
+    token_matches,
+)
 from netboot.errors import (
     AuthError,
     Conflict,
@@ -41,6 +48,7 @@ from netboot.errors import (
     NotFound,
     OutcomeUnknown,
     RateLimited,
+    ScopeRequired,
     StoreError,
     ValidationError,
 )
@@ -302,8 +310,9 @@ class Api:
 
     @staticmethod
     def _create_only(request: web.Request) -> bool:
-        """Whether an import may only create machines (and enroll discovered ones): for a
-        token that may not change them (enroll scope), Enroller.import_rows' create_only."""
+        """Whether an import may only create machines (and enroll discovered ones), and no
+        server: for a token that may not change them (enroll scope), Enroller.import_rows'
+        create_only and Enroller.approve's enroll_only."""
         who = request.get(PRINCIPAL_KEY)
         return who is None or not who.allows(Permission.OPERATE)
 
@@ -604,6 +613,8 @@ class Api:
 
     async def create_machine(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request))
+        if body.get("role") == "server" and self._create_only(request):
+            raise ScopeRequired("operator", SERVER_NEEDS_OPERATOR)
         machine = await self._core.create_machine(body, note="created through the API")
         request[TARGET_KEY] = machine.id
         return web.json_response(self._machine_out(machine), status=201)
@@ -626,7 +637,8 @@ class Api:
 
     async def approve(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request)) if request.body_exists else {}
-        machine = await self._core.approve(request.match_info["ref"], body)
+        machine = await self._core.approve(request.match_info["ref"], body,
+                                           enroll_only=self._create_only(request))
         return web.json_response(self._machine_out(machine))
 
     async def reinstall(self, request: web.Request) -> web.Response:

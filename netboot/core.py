@@ -25,7 +25,7 @@ from netboot import identity, lifecycle
 from netboot.access import AUDIT_KEEP, Access
 from netboot.boot import BootService
 from netboot.content import Content
-from netboot.enroll import Enroller, check_hostname, check_hostname_template
+from netboot.enroll import Enroller, check_hostname, check_hostname_template, enroll_only_refusal
 from netboot.errors import DECIDE_ATTEMPTS, Conflict, NotFound, StateChanged, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
@@ -331,10 +331,12 @@ class Core:
         await self.store.delete_machine(machine.id)
         return machine
 
-    async def approve(self, ref: str, data: Mapping[str, Any]) -> Machine:
+    async def approve(self, ref: str, data: Mapping[str, Any], *,
+                      enroll_only: bool = False) -> Machine:
         """Let a discovered machine install: cluster, role, profile and hostname are optional,
         but it must end up with a profile (its own, a group's or ``enroll.default_profile``),
-        or approving would leave it held with nothing said."""
+        or approving would leave it held with nothing said. ``enroll_only``: the caller may
+        not change machines (Enroller.approve)."""
         unknown = sorted(set(data) - set(APPROVE_INPUT))
         if unknown:
             raise ValidationError(unknown[0], "unknown field")
@@ -349,11 +351,16 @@ class Core:
         cluster, profile = data.get("cluster"), data.get("profile")
         await self.enroller.validate_refs(cluster, profile)
         lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
+        refused = enroll_only and enroll_only_refusal(
+            machine, cluster=cluster, role=role, profile=profile, hostname=data.get("hostname"))
+        if refused:  # before the profile's check, whose error names every profile
+            raise refused
         await self._check_installable(replace(machine, cluster=cluster or machine.cluster,
                                               role=role or machine.role,
                                               profile=profile or machine.profile))
         return await self.enroller.approve(machine.id, cluster=cluster, role=role,
-                                           profile=profile, hostname=data.get("hostname"))
+                                           profile=profile, hostname=data.get("hostname"),
+                                           enroll_only=enroll_only)
 
     async def _check_installable(self, machine: Machine) -> None:
         group, profile, _, _ = await self.boot.effective(machine)

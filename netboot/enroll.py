@@ -36,6 +36,7 @@ from netboot.errors import (
     Conflict,
     NotFound,
     RateLimited,
+    ScopeRequired,
     StateChanged,
     ValidationError,
     caused,
@@ -144,6 +145,32 @@ _REGISTERED = MachineState.REGISTERED
 # An import row of a caller that may only enroll (Enroller.import_rows' create_only).
 _ENROLLED_ALREADY = ("names a machine in the inventory already: changing a machine needs "
                      "scope operator")
+# ... and what it may not make: a k3s server is a cluster's control plane (the first one
+# forms it and becomes its endpoint, where every later node sends its join token, and a
+# server's config carries the cluster's k3s CA key). Tinkerbell's Hardware makes nothing run
+# until a Workflow names it; here a server is an operator's choice, or an admin's through a
+# group (s39-attack).
+SERVER_NEEDS_OPERATOR = ("a server node of a cluster needs scope operator (a scanner's token "
+                         "enrolls agents; a group an admin made may give the role)")
+# ... nor change through an approval: approving an enrolled machine not yet booted sets its
+# cluster, role, profile and hostname, which PATCH and an import refuse such a token.
+_APPROVED_ALREADY = ("is enrolled already: changing its cluster, role, profile or hostname "
+                     "needs scope operator")
+
+
+def enroll_only_refusal(machine: Machine, *, cluster: str | None, role: Role | None,
+                        profile: str | None, hostname: str | None) -> ScopeRequired | None:
+    """Why a caller that may enroll but not change machines (an ``enroll`` token) may not
+    approve ``machine`` so, or None: a server never, a discovered machine as it likes, an
+    enrolled one only by a repeat that changes nothing (an approval whose answer was lost)."""
+    if role is Role.SERVER:
+        return ScopeRequired("operator", SERVER_NEEDS_OPERATOR)
+    if machine.state is MachineState.DISCOVERED or (
+            machine.hostname and hostname in (None, machine.hostname)
+            and cluster in (None, machine.cluster) and role in (None, machine.role)
+            and profile in (None, machine.profile)):
+        return None
+    return ScopeRequired("operator", f"{machine.ref} {_APPROVED_ALREADY}")
 
 
 def token_is(machine: Machine, token: str | None) -> bool:
@@ -1003,11 +1030,20 @@ class Enroller:
         return updated
 
     async def approve(self, ref: str, *, cluster: str | None, role: Role | None,
-                      profile: str | None, hostname: str | None = None) -> Machine:
+                      profile: str | None, hostname: str | None = None,
+                      enroll_only: bool = False) -> Machine:
+        """Enroll a discovered machine (or change an enrolled one before it boots).
+        ``enroll_only``: for a caller that may enroll but not change machines (an ``enroll``
+        token): no server, and no change to a machine enrolled already (its repeat of an
+        approval that changes nothing is answered as before)."""
         await self.validate_refs(cluster, profile)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             machine = await identity.require_ref(self._store, ref)
             lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
+            refused = enroll_only and enroll_only_refusal(
+                machine, cluster=cluster, role=role, profile=profile, hostname=hostname)
+            if refused:
+                raise refused
             name = check_hostname(hostname) if hostname else machine.hostname
             if not name:
                 name = await self.name_for(machine, cluster=cluster,
@@ -1556,6 +1592,9 @@ class Enroller:
                                                   anonymous=create_only)
             except ValidationError as exc:
                 errors.append(RowError(line, exc.field, exc.message))
+                continue
+            if create_only and values[6] is Role.SERVER:
+                errors.append(RowError(line, "role", SERVER_NEEDS_OPERATOR))
                 continue
             if create_only and target is not None and target.state != MachineState.DISCOVERED:
                 errors.append(RowError(line, own[0][0] if own else "mac", _ENROLLED_ALREADY))

@@ -2081,6 +2081,66 @@ async def test_an_enroll_token_cannot_change_a_machine_through_an_import(
     assert r.status == 201 and r.json()["changed"] == [MAC], r.text
 
 
+async def test_an_enroll_token_makes_no_server_node_and_changes_no_enrolled_machine(
+        env: Env) -> None:
+    """A scanner's token made k3s **server** nodes: created, imported or approved with
+    ``role: server`` (S38 left it). The first server of a managed cluster forms it, its
+    registered address is the cluster's endpoint (where every later node sends its join
+    token) and its config carries the cluster's k3s CA key: a control-plane join from a
+    factory-floor credential. And its approval of a machine enrolled already (not yet
+    booted) changed that machine's cluster, role, profile and hostname, which PATCH and an
+    import refuse it (s39-attack). Now both need scope operator; what a scanner is for
+    (agents, discovered records approved, an approval repeated) still works."""
+    await env.seed(server_url="managed")
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1"}, status=201)
+    discovered = "52:54:00:00:00:77"
+    await env.client.get("/ipxe", params={"mac": discovered, "arch": "x86_64"})
+    scanner = await _scanner(env)
+    server = {"cluster": "edge", "role": "server", "profile": "k3os"}
+    r = await call(env, "POST", "/api/v1/machines", json_body={"mac": MAC2, **server},
+                   headers=scanner, admin=False)
+    assert error(r, 403)["scope"] == "operator" and "server" in r.text, r.text
+    for route in ("bulk", "import"):
+        rows = [{"mac": "52:54:00:00:00:88", **server}]
+        if route == "bulk":
+            r = await call(env, "POST", "/api/v1/machines:bulk",
+                           json_body={"machines": rows}, headers=scanner, admin=False)
+        else:
+            r = await call(env, "POST", "/api/v1/machines:import?format=json",
+                           data=json.dumps(rows), admin=False,
+                           headers={**scanner, "Content-Type": "application/json"})
+        assert r.status == 400, (route, r.status, r.text)
+        assert [(e["field"], "scope operator" in e["message"]) for e in r.json()["errors"]] \
+            == [("role", True)], r.text
+    for ref, body in ((discovered, {"role": "server"}), (MAC, {"role": "server"}),
+                      (MAC, {"cluster": "edge", "hostname": "evil-1"})):
+        r = await call(env, "POST", f"/api/v1/machines/{ref}/approve", json_body=body,
+                       headers=scanner, admin=False)
+        assert error(r, 403)["scope"] == "operator", (ref, body, r.text)
+    for ref in (MAC2, "52:54:00:00:00:88"):
+        assert (await call(env, "GET", f"/api/v1/machines/{ref}")).status == 404
+    stored = await env.get(f"/api/v1/machines/{MAC}")
+    assert (stored["hostname"], stored["cluster"], stored["role"]) == ("edge-1", None, None)
+    assert (await env.get(f"/api/v1/machines/{discovered}"))["state"] == "discovered"
+    # What a scanner is for: an agent, a discovered record approved, the approval repeated.
+    r = await call(env, "POST", "/api/v1/machines", json_body={
+        "mac": MAC2, "cluster": "edge", "role": "agent"}, headers=scanner, admin=False)
+    assert r.status == 201, r.text
+    for _ in range(2):
+        r = await call(env, "POST", f"/api/v1/machines/{discovered}/approve",
+                       json_body={"hostname": "found-1"}, headers=scanner, admin=False)
+        assert r.status == 200, r.text
+    assert (await env.get(f"/api/v1/machines/{discovered}"))["state"] == "enrolled"
+    # An operator makes servers and changes enrolled machines, as before.
+    operator = {"Authorization": f"Bearer {await scoped_token(env, 'operator')}"}
+    r = await call(env, "POST", "/api/v1/machines", json_body={
+        "mac": "52:54:00:00:00:99", **server}, headers=operator, admin=False)
+    assert r.status == 201, r.text
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={
+        "role": "server", "cluster": "edge", "profile": "k3os"}, headers=operator, admin=False)
+    assert r.status == 200 and r.json()["role"] == "server", r.text
+
+
 async def test_an_enroll_token_is_not_told_which_machine_holds_a_name(env: Env) -> None:
     """A scanner's create of a serial or hostname another machine holds is refused (409) and
     its import row too, without naming the holder: "serial SN-1 already belongs to machine
