@@ -35,6 +35,7 @@ from netboot.model import (
     BootPlan,
     BootRequest,
     Cluster,
+    Event,
     Firmware,
     Group,
     MacAddress,
@@ -60,6 +61,10 @@ CA_KEY_PLACEHOLDER = "K3S-CA-KEY"
 MACHINE_INPUT = frozenset({"mac", "macs", "hostname", "uuid", "serial", "asset", "labels",
                            "cluster", "role", "profile", "loader", "fixed_ipv4"})
 APPROVE_INPUT = ("cluster", "role", "profile", "hostname")
+# What an edit (PATCH, `machines set`) may change, as a machine's attributes, in the order its
+# "updated" event names them.
+_EDITABLE = ("macs", "hostname", "uuid", "serial", "asset", "labels", "cluster", "role",
+             "profile", "loader", "fixed_ipv4")
 # A URL scheme (RFC 3986 §3.1) before the first '/': netboot hands on http(s) URLs as they
 # are (content.Urls.asset) and reads anything else as a path under assets.dirs, where
 # "tftp://host/x" or "file:/x" is never found.
@@ -299,8 +304,16 @@ class Core:
             # edit) is not overwritten with the old one. A state moved is the operator's to
             # see (409); any other change only moved the base the edit applies to, so the
             # edit is made again on the new version.
+            # An "updated" event with the change, as an import's: without it a machine's
+            # history skipped every edit (its hostname, cluster or fixed address moved with
+            # no line between its events), and `events --follow` kept its old name
+            # (s39-attack). The audit log says who; the event says what, where it is read.
+            changed = [f for f in _EDITABLE if getattr(old, f) != getattr(machine, f)]
+            events = (Event(old.id, machine.updated, "updated",
+                            f"changed {', '.join(changed)}"),) if changed else ()
             try:
-                await self.store.apply_batch(Batch(update=(machine,), expect={old.id: old.state},
+                await self.store.apply_batch(Batch(update=(machine,), events=events,
+                                                   expect={old.id: old.state},
                                                    versions={old.id: old.updated}))
             except StateChanged as e:
                 if e.field != "updated" or attempt == DECIDE_ATTEMPTS:

@@ -123,6 +123,36 @@ async def test_follow_names_a_machine_again_after_an_import_renames_it(env: Env)
     assert [line.split("  ")[1:3] for line in lines] == [["c", "updated"]], lines
 
 
+async def test_an_edit_is_in_the_machines_history_and_follow_names_it_again(
+        env: Env) -> None:
+    """A PATCH (``machines set``) wrote no event: the machine's history skipped the edit (its
+    hostname, cluster or fixed address moved with no line) and a follower started before it
+    showed every later line by the old name (s38-review3, left). Now an edit that changes
+    something writes "updated" naming the fields, as an import does; one that changes
+    nothing writes none."""
+    base = f"http://{env.client.host}:{env.client.port}"
+    known = await env.post("/api/v1/machines", {"mac": "52:54:00:ee:00:03", "hostname": "b"},
+                           status=201)
+    names = {known["id"]: "b"}
+    lines: list[str] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        lines.append(follow.event_line(event, as_json=False, names=names))
+
+    task = asyncio.ensure_future(follow.follow(base, env.admin, emit=emit, names=names,
+                                               stop=lambda: len(lines) >= 1))
+    await subscribed(env)
+    path = f"/api/v1/machines/{known['id']}"
+    for body in ({"hostname": "c", "fixed_ipv4": "192.0.2.31"}, {"hostname": "c"}):
+        resp = await env.client.patch(path, json=body, headers=env.auth)
+        assert resp.status == 200, await resp.text()
+    await asyncio.wait_for(task, 20)
+    assert [line.split("  ")[1:3] for line in lines] == [["c", "updated"]], lines
+    history = await env.get(f"{path}/events")
+    edits = [e["message"] for e in history if e["kind"] == "updated"]
+    assert edits == ["changed hostname, fixed_ipv4"], history
+
+
 async def test_follow_with_a_wrong_token_says_so(env: Env) -> None:
     base = f"http://{env.client.host}:{env.client.port}"
     try:
