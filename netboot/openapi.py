@@ -247,7 +247,10 @@ SCHEMAS: dict[str, Any] = {
     "ImportReport": {"type": "object", "properties": {
         "created": _LIST, "changed": _LIST, "unchanged": _LIST, "applied": {"type": "boolean"},
         "errors": {"type": "array", "items": {"type": "object", "properties": {
-            "line": {"type": "integer"}, "field": _STR, "message": _STR}}}}},
+            "line": {"type": "integer"}, "field": _STR, "message": _STR}}},
+        "errors_total": {"type": "integer", "description": "how many rows are bad, present "
+                                                           "when errors lists only the first "
+                                                           "1000"}}},
     "Explanation": {"type": "object"},
     "TokenInput": {"type": "object", "required": ["name", "scope"], "additionalProperties": False,
                    "properties": {
