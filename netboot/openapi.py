@@ -574,7 +574,9 @@ def document() -> dict[str, Any]:
             " Each row is checked as one enrollment (its profile and cluster must exist); any "
             "error is a 400 listing line and field, and nothing is applied. With an enroll "
             "token a row may only add a machine or enroll a discovered one: a row naming an "
-            "enrolled machine is an error (changing one needs scope operator).")
+            "enrolled machine is an error (changing one needs scope operator), as is a row "
+            "with role server. An error answer lists the first 1000 bad rows; errors_total "
+            "counts them all when there are more.")
     return {
         "openapi": "3.1.0",
         "info": {"title": "netboot", "version": "1",
