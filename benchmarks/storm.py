@@ -1880,7 +1880,8 @@ def report(results: list[Result], spec: Spec) -> None:
           "of the devices' kernel begun, initrd begun, initrd ended; the bulk rate")
     for r in ok:
         if r.downloads:
-            print(f"{r.target:<12} {downloads_line(r.downloads, spec)}")
+            print(f"{r.target:<12} {downloads_line(r.downloads, spec)}; the wall's tail after "
+                  f"the last download {tail_after_downloads(r.wall, r.downloads):.2f} s")
     print(f"\n{'target':<12} {'ready s':>8} {'RSS MiB':>8} {'wall s':>8} {'server CPU s':>13}"
           f" {'db CPU s':>9} {'client CPU s':>13} {'devices ok':>11} {'failed':>7}"
           f" {'UDP drops s/c':>14} {'TCP listen drops':>17} {'TCP rcvq drops/RTOs':>20}"
@@ -1934,6 +1935,14 @@ def bulk_rate(downloads: list[tuple[float, float, float]], spec: Spec) -> float:
     ended = max(end for _, _, end in downloads)
     size = spec.kernel_size + spec.initrd_size  # the storm's script: one initrd a device
     return len(downloads) * size / (ended - begun) if ended > begun else 0.0
+
+
+def tail_after_downloads(wall: float, downloads: list[tuple[float, float, float]]) -> float:
+    """Seconds of the storm's wall after its last initrd ended: the last devices' config and
+    installer POSTs, which nothing overlaps (every device's downloads end together: the link
+    is shared fairly), so they add to the wall whole, where a stage before the downloads
+    only moves when a device joins them."""
+    return wall - max(end for _, _, end in downloads) if downloads else 0.0
 
 
 def downloads_line(downloads: list[tuple[float, float, float]], spec: Spec) -> str:

@@ -384,3 +384,11 @@ def test_each_stages_share_is_of_the_devices_time_summed() -> None:
     times = {"kernel": [0.5, 1.0], "initrd": [1.0, 3.0], "total": [2.0, 6.0]}
     assert storm.stage_shares(times) == {"kernel": 1.5 / 8, "initrd": 0.5}
     assert storm.stage_shares({}) == {}
+
+
+def test_the_walls_tail_is_what_comes_after_the_last_download() -> None:
+    # Downloads end together (the link is shared fairly): what follows the last one (the
+    # last devices' config and POSTs) adds to the wall whole. 0 without downloads.
+    downloads = [(1.0, 3.0, 20.5), (1.5, 3.5, 21.0), (0.5, 2.0, 19.0)]
+    assert storm.tail_after_downloads(22.25, downloads) == 1.25
+    assert storm.tail_after_downloads(22.25, []) == 0.0
