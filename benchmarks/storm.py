@@ -187,6 +187,48 @@ def tcp_ext(ns: str, key: str) -> int:
     return int(dict(zip(rows[0], rows[1], strict=False)).get(key, 0))
 
 
+def wire_counts(snmp: str, netstat: str) -> dict[str, int]:
+    """A namespace's kernel counters of what crossed its stack (the texts of its
+    /proc/net/snmp and /proc/net/netstat): TCP segments and bytes each way, retransmitted
+    segments, UDP datagrams each way. What the server gave the devices' kernel to handle:
+    the same bytes in more segments or datagrams cost that kernel (and the generator's system
+    time, which a storm's wall follows on 2 cores) more, whoever sent them."""
+    def table(text: str, name: str) -> dict[str, int]:
+        rows = [line.split()[1:] for line in text.splitlines() if line.startswith(name + ":")]
+        return {k: int(v) for k, v in zip(rows[0], rows[1], strict=False)} if rows else {}
+
+    tcp, udp = table(snmp, "Tcp"), table(snmp, "Udp")
+    ip_ext = table(netstat, "IpExt")
+    return {"tcp_out": tcp.get("OutSegs", 0), "tcp_in": tcp.get("InSegs", 0),
+            "tcp_resent": tcp.get("RetransSegs", 0), "udp_out": udp.get("OutDatagrams", 0),
+            "udp_in": udp.get("InDatagrams", 0), "bytes_out": ip_ext.get("OutOctets", 0),
+            "bytes_in": ip_ext.get("InOctets", 0)}
+
+
+def wire(ns: str) -> dict[str, int]:
+    """:func:`wire_counts` of the namespace ``ns`` now."""
+    texts = [subprocess.run(["ip", "netns", "exec", ns, "cat", path], check=True,
+                            capture_output=True, text=True, timeout=30).stdout
+             for path in ("/proc/net/snmp", "/proc/net/netstat")]
+    return wire_counts(*texts)
+
+
+def wire_line(target: str, before: dict[str, int], after: dict[str, int]) -> str:
+    """The server namespace's traffic during a storm, one line (:func:`wire_counts`)."""
+    d = {k: after[k] - before.get(k, 0) for k in after}
+    per = d["bytes_out"] / d["tcp_out"] / 1024 if d["tcp_out"] else 0.0
+    return (f"{target}: the server's side of the wire: {d['tcp_out']} TCP segments out "
+            f"({per:.1f} KiB each, {d['bytes_out'] >> 20} MiB with the UDP), {d['tcp_resent']} "
+            f"sent again, {d['tcp_in']} in; UDP datagrams {d['udp_out']} out, {d['udp_in']} in")
+
+
+def stage_shares(times: dict[str, list[float]]) -> dict[str, float]:
+    """Each stage's share of the devices' time (its seconds summed over the devices, over
+    their totals summed): which stages a storm's time is spent in, the downloads' mostly."""
+    total = sum(times.get("total", []))
+    return {s: sum(times[s]) / total for s in STAGES if times.get(s)} if total else {}
+
+
 def listen_drops(ns: str) -> int:
     """Connections the namespace's kernel dropped at a full accept queue (TcpExt ListenDrops):
     a client then waits out SYN retransmissions (1, 2, 4, … s)."""
@@ -1534,6 +1576,7 @@ class Result:
     machine: dict[str, float] = field(default_factory=dict)  # machine_cpu() during the storm
     written_kib: int = 0  # page cache written back during the storm, machine-wide
     disk_kib: int = 0  # what reached the disks during the storm, machine-wide
+    wire: dict[str, int] = field(default_factory=dict)  # the server namespace's (wire_counts)
 
     @property
     def failed(self) -> int:
@@ -1579,6 +1622,7 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         db0 = cpu_seconds(db_pid) if db_pid else 0.0
         drops0 = udp_drops(server_ns), udp_drops(client_ns), listen_drops(server_ns)
         losses0 = tcp_losses(server_ns, client_ns)
+        wire0 = wire(server_ns)
         kernel0 = link_drops(server_ns, SERVER_IF), link_drops(client_ns, CLIENT_IF), \
             backlog_drops()
         if args.capture:
@@ -1655,6 +1699,9 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         result.listen_drops = listen_drops(server_ns) - drops0[2]
         losses = tcp_losses(server_ns, client_ns)
         result.rcvq_drops, result.rto = losses[0] - losses0[0], losses[1] - losses0[1]
+        wire1 = wire(server_ns)
+        result.wire = {k: wire1[k] - wire0[k] for k in wire1}
+        print(wire_line(target, wire0, wire1))
         if not all(out.strip() for out in outs):
             raise RuntimeError(f"{target}: a generator ended without a result; see {run}")
         data = merge([json.loads(out) for out in outs])
@@ -1824,11 +1871,17 @@ def report(results: list[Result], spec: Spec) -> None:
                     f" / {max(v) * 1e3:.1f} ({len(v)})" if v else "-")
             row += f"  {cell:>34}"
         print(row)
+    print("\neach stage's share of the devices' time (stage_shares), %")
+    print(f"{'stage':<12}" + "".join(f"  {r.target:>10}" for r in ok))
+    shares = [stage_shares(r.times) for r in ok]
+    for stage in STAGES:
+        print(f"{stage:<12}" + "".join(f"  {sh.get(stage, 0.0) * 100:>10.2f}" for sh in shares))
     print("\ndownloads (kernel, then initrd), seconds from the storm's start: p1 / p50 / p99 "
           "of the devices' kernel begun, initrd begun, initrd ended; the bulk rate")
     for r in ok:
         if r.downloads:
-            print(f"{r.target:<12} {downloads_line(r.downloads, spec)}")
+            print(f"{r.target:<12} {downloads_line(r.downloads, spec)}; the wall's tail after "
+                  f"the last download {tail_after_downloads(r.wall, r.downloads):.2f} s")
     print(f"\n{'target':<12} {'ready s':>8} {'RSS MiB':>8} {'wall s':>8} {'server CPU s':>13}"
           f" {'db CPU s':>9} {'client CPU s':>13} {'devices ok':>11} {'failed':>7}"
           f" {'UDP drops s/c':>14} {'TCP listen drops':>17} {'TCP rcvq drops/RTOs':>20}"
@@ -1857,6 +1910,12 @@ def report(results: list[Result], spec: Spec) -> None:
               + (", the downloads' bulk rate (above 1: faster) "
                  + ratio(bulk_rate(a.downloads, spec), bulk_rate(b.downloads, spec))
                  if a.downloads and b.downloads else ""))
+        if a.wire and b.wire:
+            print("  the server's side of the wire: " + ", ".join(
+                f"{name} {ratio(a.wire[key], b.wire[key])}" for name, key in (
+                    ("bytes out", "bytes_out"), ("TCP segments out", "tcp_out"),
+                    ("TCP segments in", "tcp_in"), ("UDP datagrams out", "udp_out"),
+                    ("UDP datagrams in", "udp_in"))))
         if a.failed or b.failed:
             print("  (devices failed: wall time and CPU compare unequal work; the storm's "
                   "target is 0 failures)")
@@ -1876,6 +1935,14 @@ def bulk_rate(downloads: list[tuple[float, float, float]], spec: Spec) -> float:
     ended = max(end for _, _, end in downloads)
     size = spec.kernel_size + spec.initrd_size  # the storm's script: one initrd a device
     return len(downloads) * size / (ended - begun) if ended > begun else 0.0
+
+
+def tail_after_downloads(wall: float, downloads: list[tuple[float, float, float]]) -> float:
+    """Seconds of the storm's wall after its last initrd ended: the last devices' config and
+    installer POSTs, which nothing overlaps (every device's downloads end together: the link
+    is shared fairly), so they add to the wall whole, where a stage before the downloads
+    only moves when a device joins them."""
+    return wall - max(end for _, _, end in downloads) if downloads else 0.0
 
 
 def downloads_line(downloads: list[tuple[float, float, float]], spec: Spec) -> str:

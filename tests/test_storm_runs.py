@@ -344,3 +344,51 @@ def test_what_reached_the_disks_is_counted_from_the_disks_sectors(tmp_path: Path
     block("loop0", 999_999, False)
     block("dm-0", 999_999, False)
     assert storm.disk_written_kib(tmp_path) == 12 * 1024
+
+
+SNMP = """Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 {ip_in}
+Tcp: RtoAlgorithm RtoMin InSegs OutSegs RetransSegs InErrs
+Tcp: 1 200 {tcp_in} {tcp_out} {resent} 0
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors
+Udp: {udp_in} 0 0 {udp_out} 0
+"""
+NETSTAT = """TcpExt: SyncookiesSent ListenDrops
+TcpExt: 0 0
+IpExt: InNoRoutes InOctets OutOctets
+IpExt: 0 {octets_in} {octets_out}
+"""
+
+
+def test_the_servers_side_of_the_wire_is_counted_from_its_namespaces_kernel() -> None:
+    # Two snapshots of a server namespace's counters, as `cat /proc/net/snmp` and
+    # `/proc/net/netstat` print them there (a header row, then the values): the line says
+    # what the storm sent between them, TCP segments by their size (the same bytes in more
+    # segments cost the devices' kernel more) and datagrams each way (windowed TFTP).
+    before = storm.wire_counts(
+        SNMP.format(ip_in=5, tcp_in=10, tcp_out=20, resent=1, udp_in=3, udp_out=4),
+        NETSTAT.format(octets_in=100, octets_out=1000))
+    after = storm.wire_counts(
+        SNMP.format(ip_in=9, tcp_in=1_010, tcp_out=1_044, resent=3, udp_in=303, udp_out=104),
+        NETSTAT.format(octets_in=5_100, octets_out=1000 + 64 * 1024 * 1024))
+    assert before == {"tcp_out": 20, "tcp_in": 10, "tcp_resent": 1, "udp_out": 4,
+                      "udp_in": 3, "bytes_out": 1000, "bytes_in": 100}
+    assert storm.wire_line("netboot", before, after) == (
+        "netboot: the server's side of the wire: 1024 TCP segments out (64.0 KiB each, 64 MiB "
+        "with the UDP), 2 sent again, 1000 in; UDP datagrams 100 out, 300 in")
+
+
+def test_each_stages_share_is_of_the_devices_time_summed() -> None:
+    # Two devices: 1 + 3 s of initrd in 2 + 6 s of total, 0.5 + 1 s of kernel: the initrd is
+    # half the devices' time, the kernel three sixteenths, a stage no device reached none.
+    times = {"kernel": [0.5, 1.0], "initrd": [1.0, 3.0], "total": [2.0, 6.0]}
+    assert storm.stage_shares(times) == {"kernel": 1.5 / 8, "initrd": 0.5}
+    assert storm.stage_shares({}) == {}
+
+
+def test_the_walls_tail_is_what_comes_after_the_last_download() -> None:
+    # Downloads end together (the link is shared fairly): what follows the last one (the
+    # last devices' config and POSTs) adds to the wall whole. 0 without downloads.
+    downloads = [(1.0, 3.0, 20.5), (1.5, 3.5, 21.0), (0.5, 2.0, 19.0)]
+    assert storm.tail_after_downloads(22.25, downloads) == 1.25
+    assert storm.tail_after_downloads(22.25, []) == 0.0
