@@ -576,6 +576,20 @@ def _dotted(data: Mapping[str, Any], dotted: str) -> Any:
     return data
 
 
+def _utf8(blob: bytes, name: str) -> str:
+    """The config file's text; a file in another encoding (an editor's UTF-16, a Latin-1
+    comment) is a ConfigError naming its line, not a UnicodeDecodeError's traceback."""
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        utf16 = blob[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise ConfigError(
+            "is UTF-16 (its byte-order mark), not UTF-8" if utf16 else
+            f"byte 0x{blob[exc.start]:02x} is not UTF-8", source=name,
+            line=blob.count(b"\n", 0, exc.start) + 1,
+            fix="save the file as UTF-8 (iconv -t UTF-8)") from None
+
+
 def load(
     path: str | Path | None = None,
     *,
@@ -590,11 +604,11 @@ def load(
     if path is not None:
         name = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            blob = Path(path).read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read: {exc.strerror}", source=name,
                               fix="check the path given to --config") from exc
-        raw, lines = _yaml_with_lines(text, name)
+        raw, lines = _yaml_with_lines(_utf8(blob, name), name)
         if raw is not None and not isinstance(raw, Mapping):
             raise ConfigError("expected a mapping at the top level", source=name, line=1,
                               fix="start with sections such as 'http:' or 'dhcp:'")
