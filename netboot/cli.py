@@ -120,7 +120,7 @@ def _config(args: argparse.Namespace) -> Config:
 # Commands that change the inventory: each goes to the audit log, as the API's changes do.
 CHANGES = frozenset({
     ("machines", "add"), ("machines", "rm"), ("machines", "reinstall"), ("machines", "approve"),
-    ("machines", "set"),
+    ("machines", "set"), ("machines", "mark-installed"),
     *((kind, action) for kind in ("profiles", "clusters", "groups")
       for action in ("add", "rm", "set")),
     ("import", None), ("tokens", "create"), ("tokens", "revoke"),
@@ -452,6 +452,22 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                 print(line)
         if args.json:
             _print_json(changed)
+        return 0
+    if args.action == "mark-installed":
+        # The installer's own report, made by the operator (lifecycle: enrolled, booting or
+        # installing → installed): a machine that installed after a restored backup, whose
+        # next network boot would install it again, boots its disk instead.
+        marked = []
+        for text in args.macs:
+            m = await core.machine(text)
+            await core.enroller.report(m, {"kind": "installed", "message": (
+                f"marked installed by the operator (was {m.state})")})
+            marked.append(await core.machine(m.id))
+            if not args.json:
+                print(f"{m.ref} is installed: its next network boot goes to its disk "
+                      f"(was {m.state})")
+        if args.json:
+            _print_json([machine_dict(m) for m in marked])
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
 
@@ -966,10 +982,10 @@ async def _db(args: argparse.Namespace) -> int:
         print(f"netboot: warning: {count} machine{'s' if count > 1 else ''} in the copy "
               f"install{'' if count > 1 else 's'} at the next network boot ({states}): if "
               "this restores a backup, one that installed after the backup was taken "
-              "installs again. Before starting the servers, report those installed (POST "
-              "/api/v1/machines/REF/events {\"kind\": \"installed\"} with an operator token, "
-              "for booting and installing ones) or keep them from booting from the network "
-              "(README.md: \"Restoring a backup\")", file=sys.stderr)
+              "installs again. Before starting the servers, mark those installed (netboot "
+              "machines mark-installed REF ...; `netboot machines ls --state enrolled` lists "
+              "the enrolled ones) (README.md: \"Backup, restore and upgrades\")",
+              file=sys.stderr)
     return 0
 
 
@@ -1089,6 +1105,11 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                                        "install token)")):
         x = msub.add_parser(action, parents=[common], help=what)
         x.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
+    mi = msub.add_parser("mark-installed", parents=[common],
+                         help="say machines run their installed OS (enrolled, booting or "
+                              "installing): the next network boot goes to the disk, not an "
+                              "install (after restoring a backup)")
+    mi.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
     ap = msub.add_parser("approve", parents=[common],
                          help="let held (discovered) machines install: cluster, role, profile")
     ap.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
