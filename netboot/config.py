@@ -469,6 +469,11 @@ def _build(cls: Any, raw: Any, path: str, src: _Source) -> Any:
     return cls(**kwargs)
 
 
+_RULE_FIX = ("write a rule as - {selector: {product: X}, cluster: line-3, role: agent}; its "
+             "keys: name, selector, profile, cluster, role (server or agent), labels, taints, "
+             "hostname_template, trust_firmware_strings")
+
+
 def _rules(value: Any, key: str, src: _Source) -> tuple[tuple[Group, ...], tuple[str, ...]]:
     """The auto-enroll rules, and the names of those trusted to install on what they match.
 
@@ -493,7 +498,9 @@ def _rules(value: Any, key: str, src: _Source) -> tuple[tuple[Group, ...], tuple
         try:
             rule = group_from_mapping(fields, default_name=f"rule-{i}")
         except ValidationError as exc:
-            raise src.error(f"{k}.{exc.field}", exc.message) from exc
+            # With the fix the other errors of a config file carry: the rule's keys, whose
+            # list in an "unknown key" message lacks trust_firmware_strings (taken out above).
+            raise src.error(f"{k}.{exc.field}", exc.message, _RULE_FIX) from exc
         if any(r.name == rule.name for r in out):
             # Events and trust name a rule: two of one name would be told apart by neither.
             raise src.error(f"{k}.name", f"a second rule named {rule.name!r}",
@@ -774,7 +781,8 @@ def _check(cfg: Config, src: _Source) -> None:
                         at="discovery.policy")
     _check_limits(cfg, src)
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
-        raise src.error("http.public_url", "must start with http:// or https://")
+        raise src.error("http.public_url", "must start with http:// or https://",
+                        "write e.g. http://boot.example:8080, or leave it unset")
     if cfg.https.public_url and not cfg.https.public_url.startswith("https://"):
         raise src.error("https.public_url", "must start with https://",
                         "write e.g. https://boot.example:8443, or leave it unset")

@@ -497,3 +497,24 @@ def test_a_file_not_in_utf8_names_its_line_and_the_fix(tmp_path: Path) -> None:
     bom = tmp_path / "bom.yaml"
     bom.write_bytes("\ufeffhttp:\n  port: 8081\n".encode())
     assert load(bom, env={}).http.port == 8081
+
+
+@pytest.mark.parametrize(("text", "line", "key"), [
+    ("discovery:\n  policy: hold\n  rules:\n    - select: {arch: x86_64}\n", 4,
+     "discovery.rules[0].select"),
+    ("discovery:\n  rules:\n    - selector: {arch: x86_64}\n      role: master\n", 4,
+     "discovery.rules[0].role"),
+    ("discovery:\n  rules:\n    - selector: [x86_64]\n", 3, "discovery.rules[0].selector"),
+    ("http:\n  public_url: ftp://boot.example/\n", 2, "http.public_url"),
+])
+def test_every_broken_setting_stops_start_up_with_its_line_and_a_fix(
+        tmp_path: Path, text: str, line: int, key: str) -> None:
+    # A discovery rule's mistakes and an http.public_url of another scheme named the line
+    # and the key but no fix, where every other setting's error says what to write.
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert (err.value.source, err.value.line, err.value.key) == (str(path), line, key)
+    assert err.value.fix, str(err.value)
+    if key.startswith("discovery"):
+        assert "trust_firmware_strings" in err.value.fix
