@@ -831,6 +831,15 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         print(_table([(r["kind"], r["name"], r["status"], _signature(r.get("signed")),
                        r["path"]) for r in rows],
                      ["for", "file", "status", "signature", "path"]))
+    missing = [r["name"] for r in rows
+               if r["kind"] != "loader" and r["status"].startswith("missing")]
+    if missing:
+        # "'k3os/vmlinuz' not found" told a new user neither where it was looked for nor
+        # where to put it: the data directory's assets/ is the first of assets.dirs.
+        roots = asset_roots(cfg)
+        print(f"netboot: {len(missing)} profile file{'s' if len(missing) > 1 else ''} "
+              f"missing, looked for under {', '.join(map(str, roots))} (assets.dirs): put "
+              f"them under {roots[0]}, e.g. {roots[0] / missing[0]}", file=sys.stderr)
     return 1 if bad else 0
 
 

@@ -375,10 +375,15 @@ def test_assets_checks_a_profiles_iso_url_on_this_server(
                "--iso-url", iso, "--config", cfg)[0] == 0
     assert run(capsys, "profiles", "add", "q", "--kernel", "vmlinuz",
                "--iso-url", "https://releases.example/k3os.iso", "--config", cfg)[0] == 0
-    rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
+    rc, out, err = run(capsys, "assets", "--json", "--config", cfg)
     rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
     assert rc == 1 and rows[("profile p", "k3os/k3os-x.iso")]["status"].startswith("missing")
     assert not [k for k in rows if k[0] == "profile q" and "iso" in k[1]]
+    # Where they are looked for, and where to put them (a new user knew neither: s39-user).
+    first = tmp_path / "data" / "assets"  # the data directory's, then the config's dirs
+    assert err.strip() == (
+        f"netboot: 1 profile file missing, looked for under {first}, {tmp_path / 'assets'} "
+        f"(assets.dirs): put them under {first}, e.g. {first / 'k3os' / 'k3os-x.iso'}"), err
     (tmp_path / "assets" / "k3os").mkdir()
     (tmp_path / "assets" / "k3os" / "k3os-x.iso").write_bytes(b"ISO")
     rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
