@@ -981,3 +981,20 @@ def test_the_readmes_https_ipxe_templates_keep_the_installers_urls_on_http(
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("**iPXE with netboot's CA**")[1].split("**Secrets at rest.**")[0]
     assert "https_base_url" in section and "set\n`http.public_url` to the HTTPS" not in section
+
+
+def test_the_programs_the_readmes_quickstart_runs_are_installed_by_its_install_line() -> None:
+    """The quickstart's API form runs curl, which a minimal Debian 12 (a container's, a
+    debootstrap's, a netinst without its standard utilities) does not have: the README's
+    install line, run as written in such a system, left `curl: command not found` at the
+    first line after `netboot serve` (s39-user)."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    install = re.search(r"apt-get install -y ([^&]+)&&", readme)
+    assert install is not None
+    packages = set(install.group(1).split())
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    used = {word for block in re.findall(r"```sh\n(.*?)```", quickstart, re.S)
+            for word in re.findall(r"(?:^|[;&|(]\s*|\$\()\s*(curl|wget|jq|dig)\b", block, re.M)}
+    assert used and used <= packages, (used, packages)
