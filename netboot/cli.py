@@ -947,6 +947,22 @@ def _db_spec(text: str) -> str:
                           fix="give a readable file holding the DSN") from exc
 
 
+def _is_own_inventory(cfg: Config, spec: str) -> bool:
+    """Whether ``spec`` names the inventory the configuration serves: a copy of it (a
+    backup, a move to PostgreSQL) is as current as it is, so its machines' next boots are
+    the server's own, not a restore's: the warning of those was said on every nightly
+    backup (a cron job's mail each night)."""
+    from netboot.config import inventory_dsn
+    from netboot.inventory import transfer
+
+    if transfer.is_dsn(spec):
+        try:
+            return cfg.inventory.backend == "postgresql" and spec == inventory_dsn(cfg)
+        except ConfigError:
+            return False
+    return cfg.inventory.backend == "sqlite" and Path(spec).resolve() == cfg.db_path.resolve()
+
+
 async def _db(args: argparse.Namespace) -> int:
     from netboot.inventory import transfer
 
@@ -968,10 +984,11 @@ async def _db(args: argparse.Namespace) -> int:
             {"inventory": done.name, "applied": list(done.applied), "version": done.version})
         return 0
     source, target = _db_spec(args.source), _db_spec(args.target)
+    cfg = _config(args)
     # The configured inventory.postgresql (file, NETBOOT_INVENTORY_POSTGRESQL_*): how its
     # connections notice a server gone or silent, as the servers' do.
     copied = await transfer.copy(source, target, force=args.force,
-                                 peer=_config(args).inventory.postgresql)
+                                 peer=cfg.inventory.postgresql)
     if args.json:
         _print_json({"from": transfer.describe(source), "to": transfer.describe(target),
                      "tables": [{"table": c.table, "rows": c.rows, "sha256": c.sha256}
@@ -982,7 +999,7 @@ async def _db(args: argparse.Namespace) -> int:
             print(f"{c.table:15} {c.rows:8} rows  sha256 {c.sha256}")
         print(f"copied {transfer.describe(source)} to {transfer.describe(target)}: "
               "counts and checksums equal")
-    if copied.installs_on_boot:
+    if copied.installs_on_boot and not _is_own_inventory(cfg, source):
         # A restored backup brings machines back as they were then: one that installed
         # since would install again, its disk wiped (s38-user). Said before the servers
         # start, with what avoids it (README's "Restoring a backup").

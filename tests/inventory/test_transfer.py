@@ -404,3 +404,32 @@ def test_the_readmes_backup_block_runs_as_it_stands_on_a_fresh_host(tmp_path: Pa
     assert len(copies) == 1 and {"secret.key", "admin.token", "tls"} <= {
         p.name for p in backup.iterdir()}, copies
     assert backup.stat().st_mode & 0o077 == 0  # the backups' directory is root's alone
+
+
+def test_a_backup_of_the_served_inventory_warns_of_nothing_and_its_restore_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's nightly backup copies the served inventory, as current as the server:
+    its enrolled and booting machines' next boots are the server's own, yet every backup
+    warned that they would "install again" (a cron job's mail each night). The warning is
+    for a copy from elsewhere (a backup restored, another server's inventory)."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+
+    async def machines(store: Store) -> None:
+        for i, state in enumerate((MachineState.ENROLLED, MachineState.BOOTING)):
+            await store.create_machine(Machine(macs=(MacAddress.parse(f"52:54:00:00:0c:{i:02x}"),),
+                                               state=state))
+
+    asyncio.run(opened(SqliteStore(data / "netboot.db"), machines))
+    backup = tmp_path / "backup.db"
+    rc, out, err = run(capsys, "db", "copy", "--from", str(data / "netboot.db"), "--to",
+                       str(backup), "--data-dir", str(data))
+    assert (rc, err) == (0, ""), err
+    assert "counts and checksums equal" in out
+    # The same, named another way (a relative path through the data directory).
+    rc, _, err = run(capsys, "db", "copy", "--from", f"{data}/../data/netboot.db", "--to",
+                     str(tmp_path / "b2.db"), "--data-dir", str(data))
+    assert (rc, err) == (0, ""), err
+    rc, _, err = run(capsys, "db", "copy", "--from", str(backup), "--to",
+                     str(data / "netboot.db"), "--force", "--data-dir", str(data))
+    assert rc == 0 and err.startswith("netboot: warning: 2 machines in the copy install"), err
