@@ -374,8 +374,10 @@ def test_the_readmes_backup_block_runs_as_it_stands_on_a_fresh_host(tmp_path: Pa
     on a host where no /backup exists yet (a fresh one), with sudo as root has it and the
     paths moved under tmp_path. It named /backup without making it: the copy and the cp both
     failed there (s39-user)."""
+    import base64
     import os
     import re
+    import shutil
     import subprocess
     import sys
 
@@ -389,14 +391,22 @@ def test_the_readmes_backup_block_runs_as_it_stands_on_a_fresh_host(tmp_path: Pa
     data.mkdir(mode=0o700)
     asyncio.run(opened(SqliteStore(data / "netboot.db"), fill))
     (data / "tls").mkdir()
-    for name in ("secret.key", "admin.token", "tls/ca.pem"):
+    for name in ("admin.token", "tls/ca.pem"):
         (data / name).write_text("x\n")
+    key = base64.b64encode(os.urandom(32)).decode() + "\n"  # as the server writes it
+    (data / "secret.key").write_text(key)
+    (data / "assets" / "k3os").mkdir(parents=True)  # the quickstart's kernel
+    (data / "assets" / "k3os" / "vmlinuz").write_bytes(b"kernel")
     bin_dir.mkdir(parents=True)
     (bin_dir / "netboot").write_text(f"#!/bin/sh\nexec {sys.executable} -m netboot \"$@\"\n")
     (bin_dir / "netboot").chmod(0o755)
-    script = (block.group(1).replace("/var/lib/netboot", str(data))
-              .replace("/backup", str(backup)).replace(".venv/bin/", f"{bin_dir}/"))
-    env = {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).resolve().parents[1])}
+    script = backup_script = (block.group(1).replace("/var/lib/netboot", str(data))
+                              .replace("/backup", str(backup))
+                              .replace(".venv/bin/", f"{bin_dir}/"))
+    # The data directory a command names by default (mark-installed), moved too.
+    env = {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).resolve().parents[1]),
+           "NETBOOT_SERVER_DATA_DIR": str(data)}
+    env.pop("NETBOOT_CONFIG", None)
     done = subprocess.run(["bash", "-euc", "sudo() { \"$@\"; }\n" + script], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
@@ -404,6 +414,29 @@ def test_the_readmes_backup_block_runs_as_it_stands_on_a_fresh_host(tmp_path: Pa
     assert len(copies) == 1 and {"secret.key", "admin.token", "tls"} <= {
         p.name for p in backup.iterdir()}, copies
     assert backup.stat().st_mode & 0o077 == 0  # the backups' directory is root's alone
+    # Its restore block on a new host (no data directory; systemctl played by a no-op, the
+    # README's example date by the backup's, its REF by a machine of the copy): the keys,
+    # the CA and the assets back, and the inventory as it was.
+    restore = re.search(r"\*\*Restore\*\*.*?```sh\n(.*?)```", section, re.S)
+    assert restore is not None
+    shutil.rmtree(data)
+    script = (restore.group(1).replace("/var/lib/netboot", str(data))
+              .replace("/backup", str(backup)).replace(".venv/bin/", f"{bin_dir}/")
+              .replace("netboot-2026-12-06T031500.db", sorted(backup.glob("netboot-*.db"))[-1].name)
+              .replace("REF ...", "02:00:00:00:01:00"))
+    done = subprocess.run(["bash", "-euc", "sudo() { \"$@\"; }\nsystemctl() { :; }\n" + script],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert data.stat().st_mode & 0o077 == 0
+    assert (data / "secret.key").read_text() == key
+    assert (data / "assets" / "k3os" / "vmlinuz").read_bytes() == b"kernel"
+    assert "counts and checksums equal" in done.stdout
+    assert "02:00:00:00:01:00 is installed" in done.stdout
+    # Twice a day (an hourly cron job): each backup its own file, none refused as not empty.
+    again = subprocess.run(["bash", "-euc", "sudo() { \"$@\"; }\nsleep 1\n" + backup_script],
+                           env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    assert len(list(backup.glob("netboot-*.db"))) == 2
 
 
 def test_a_backup_of_the_served_inventory_warns_of_nothing_and_its_restore_does(
