@@ -1015,6 +1015,19 @@ async def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+# Help of the options several sub-commands share (--help of every option says what it takes).
+MACHINE_FLAGS = (("--hostname", "its name: a DNS label, and its k3s node name"),
+                 ("--cluster", "the cluster it joins (default: its group's)"),
+                 ("--profile", "the profile it installs (default: its group's)"),
+                 ("--serial", "its serial number (the firmware's SMBIOS serial)"),
+                 ("--uuid", "its SMBIOS system UUID"),
+                 ("--asset", "its asset tag"),
+                 ("--fixed-ipv4", "the IPv4 address it keeps (authoritative DHCP gives it "
+                                  "this one)"))
+ROLE_HELP = "k3s role: server (control plane) or agent (default: its group's)"
+MACHINE_LABEL_HELP = "a label of the machine, which group selectors match (repeat)"
+NODE_LABEL_HELP = "a k3s node label its nodes get (repeat)"
+
 # The sub-commands build_parser adds besides ``lab`` (tests/test_cli.py keeps the two equal).
 COMMANDS = frozenset({"serve", "ca", "check-config", "machines", "profiles", "clusters",
                       "groups", "tokens", "audit", "import", "render", "status", "assets",
@@ -1068,15 +1081,21 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
 
     s = sub.add_parser("serve", parents=[where, address],
                        help="run proxyDHCP, TFTP, HTTP (and DNS)")
-    s.add_argument("--http-port", type=int)
-    s.add_argument("--https-port", type=int)
-    s.add_argument("--dhcp-port", type=int)
-    s.add_argument("--pxe-port", type=int)
-    s.add_argument("--dhcp-mode", choices=["proxy", "authoritative", "off"])
-    s.add_argument("--tftp-port", type=int)
-    s.add_argument("--dns-port", type=int)
-    s.add_argument("--discovery", choices=["ignore", "hold", "auto"])
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--http-port", type=int, help="iPXE scripts, assets, configs (default 8080)")
+    s.add_argument("--https-port", type=int, help="the API and the dashboard (default 8443)")
+    s.add_argument("--dhcp-port", type=int, help="DHCP (default 67)")
+    s.add_argument("--pxe-port", type=int, help="proxyDHCP's PXE port (default 4011)")
+    s.add_argument("--dhcp-mode", choices=["proxy", "authoritative", "off"],
+                   help="proxy: beside the site's DHCP server (default); authoritative: "
+                        "netboot leases addresses (an isolated VLAN); off")
+    s.add_argument("--tftp-port", type=int, help="TFTP (default 69)")
+    s.add_argument("--dns-port", type=int, help="DNS, when dns is enabled (default 53)")
+    s.add_argument("--discovery", choices=["ignore", "hold", "auto"],
+                   help="unknown machines: ignore (recorded, boot their disk; default), hold "
+                        "(wait for netboot machines approve), auto (discovery.rules enroll "
+                        "them)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="default info")
     s.add_argument("--log-format", choices=["text", "json"], default=None,
                    help="json: one object per line with time, level, logger, message, and "
                         "mac, peer, xid, path, request_id where known (or NETBOOT_LOG_FORMAT)")
@@ -1089,7 +1108,7 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                      help="print the CA certificate (PEM) and its SHA-256 fingerprint")
 
     c = sub.add_parser("check-config", parents=[output], help="validate a config file")
-    c.add_argument("file")
+    c.add_argument("file", help="the YAML config file, as serve --config reads it")
 
     m = sub.add_parser("machines", help="enrolled and discovered machines")
     msub = m.add_subparsers(dest="action", required=True)
@@ -1098,32 +1117,34 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     a.add_argument("mac", nargs="?", help="its (first) MAC")
     a.add_argument("--mac", dest="more_macs", action="append", metavar="MAC",
                    help="a MAC of the machine; repeat for each NIC")
-    for flag in ("--hostname", "--cluster", "--profile", "--serial", "--uuid", "--asset",
-                 "--fixed-ipv4"):
-        a.add_argument(flag)
-    a.add_argument("--role", choices=["server", "agent"])
-    a.add_argument("--label", action="append")
+    for flag, what in MACHINE_FLAGS:
+        a.add_argument(flag, help=what)
+    a.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
+    a.add_argument("--label", action="append", metavar="KEY=VALUE", help=MACHINE_LABEL_HELP)
     a.add_argument("--loader", choices=[c.value for c in LoaderChain], help=LOADER_HELP)
     ms = msub.add_parser("set", parents=[common],
                          help="change a machine: cluster, role, profile, hostname, labels")
     ms.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
-    ms.add_argument("--hostname")
+    ms.add_argument("--hostname", help=dict(MACHINE_FLAGS)["--hostname"])
     for flag in ("--cluster", "--profile", "--fixed-ipv4"):
-        ms.add_argument(flag, help="'' unsets it")
-    ms.add_argument("--role", choices=["server", "agent"])
+        ms.add_argument(flag, help=dict(MACHINE_FLAGS)[flag] + "; '' unsets it")
+    ms.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
     ms.add_argument("--label", action="append", metavar="KEY=VALUE",
                     help="set a label; the others are kept (repeat)")
-    ms.add_argument("--remove-label", action="append", metavar="KEY")
+    ms.add_argument("--remove-label", action="append", metavar="KEY",
+                    help="remove a label (repeat)")
     ms.add_argument("--add-mac", action="append", metavar="MAC",
                     help="a NIC's MAC more (repeat); one enrolled by serial alone needs it")
     ms.add_argument("--loader", choices=["", *(c.value for c in LoaderChain)],
                     help=LOADER_HELP + "; '' unsets it")
     ls = msub.add_parser("ls", parents=[common], help="list machines (--state, --cluster, "
                                                        "--label narrow it)")
-    ls.add_argument("--state", choices=[s.value for s in MachineState])
-    ls.add_argument("--cluster")
-    ls.add_argument("--label", action="append")
-    ls.add_argument("--limit", type=int, default=1000)
+    ls.add_argument("--state", choices=[s.value for s in MachineState],
+                    help="only machines in this state")
+    ls.add_argument("--cluster", help="only machines of this cluster")
+    ls.add_argument("--label", action="append", metavar="KEY=VALUE",
+                    help="only machines with this label (repeat: all of them)")
+    ls.add_argument("--limit", type=int, default=1000, help="at most N (default 1000)")
     sh = msub.add_parser("show", parents=[common], help="one machine whole, with its events")
     sh.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
     for action, what in (("rm", "remove machines from the inventory"),
@@ -1139,9 +1160,9 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ap = msub.add_parser("approve", parents=[common],
                          help="let held (discovered) machines install: cluster, role, profile")
     ap.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
-    ap.add_argument("--cluster")
-    ap.add_argument("--role", choices=["server", "agent"])
-    ap.add_argument("--profile")
+    ap.add_argument("--cluster", help=dict(MACHINE_FLAGS)["--cluster"])
+    ap.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
+    ap.add_argument("--profile", help=dict(MACHINE_FLAGS)["--profile"])
     ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
 
     for kind in ("profiles", "clusters", "groups"):
@@ -1155,11 +1176,15 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
         add = ksub.add_parser("add", parents=[common], help=f"create a {one}")
         add.add_argument("name")
         if kind == "profiles":
-            add.add_argument("--kernel", required=True)
-            add.add_argument("--initrd", action="append")
-            add.add_argument("--cmdline")
+            add.add_argument("--kernel", required=True,
+                             help="a path under the assets (k3os/vmlinuz) or an http(s):// URL")
+            add.add_argument("--initrd", action="append",
+                             help="as --kernel (repeat, in the order they load)")
+            add.add_argument("--cmdline", help="the kernel command line, in place of its "
+                                               "config template's (templates/README.md)")
             add.add_argument("--config-template", choices=["k3os", "cloud-init"],
-                             default="k3os")
+                             default="k3os", help="the OS config its machines fetch: k3OS's "
+                                                  "config.yaml (default) or cloud-init's")
             add.add_argument("--loader", choices=[c.value for c in LoaderChain],
                              help=LOADER_HELP)
             # The API's other fields of a profile: without --iso-url a k3OS install booted
@@ -1176,11 +1201,16 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                                   "enroll.token_ttl_seconds)")
             add.add_argument("--ssh-authorized-key", action="append", metavar="KEY",
                              help="a public key for the installed OS (repeat)")
-            add.add_argument("--description")
+            add.add_argument("--description", help="free text, shown in listings")
         elif kind == "clusters":
-            add.add_argument("--server-url", default="managed")
-            add.add_argument("--token")
-            add.add_argument("--label", action="append")
+            add.add_argument("--server-url", default="managed",
+                             help="managed (default): netboot forms the cluster, its first "
+                                  "server inits it; or the https://HOST:6443 of an existing "
+                                  "k3s server, which --token joins")
+            add.add_argument("--token", help="an existing cluster's join token (with an "
+                                             "https:// --server-url); a managed one's is made")
+            add.add_argument("--label", action="append", metavar="KEY=VALUE",
+                             help=NODE_LABEL_HELP)
             endpoint_help = ("where nodes reach a managed cluster's servers (a VIP or DNS "
                              "name): host, host:port or https://host:port; default: the "
                              "first registered server")
@@ -1194,10 +1224,11 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                               "secure token (refused once a node fetched its config)")
         else:
             add.add_argument("--selector", action="append", help="key=value[,value...]")
-            add.add_argument("--profile")
-            add.add_argument("--cluster")
-            add.add_argument("--role", choices=["server", "agent"])
-            add.add_argument("--label", action="append")
+            add.add_argument("--profile", help="the profile its machines install")
+            add.add_argument("--cluster", help="the cluster its machines join")
+            add.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
+            add.add_argument("--label", action="append", metavar="KEY=VALUE",
+                             help=NODE_LABEL_HELP)
             add.add_argument("--loader", choices=[c.value for c in LoaderChain],
                              help=LOADER_HELP)
 
@@ -1225,11 +1256,14 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     i.add_argument("file", help="the file, or - to read standard input (podman exec -i)")
     i.add_argument("--format", choices=["csv", "yaml", "json"],
                    help="default: the file's suffix, else csv")
-    i.add_argument("--dry-run", action="store_true")
+    i.add_argument("--dry-run", action="store_true",
+                   help="check every row and say what would change; write nothing")
 
     r = sub.add_parser("render", parents=[where, address], help="what a device would get")
     r.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
-    r.add_argument("kind", choices=["ipxe", "pxelinux", "grub", "config", "nocloud"])
+    r.add_argument("kind", choices=["ipxe", "pxelinux", "grub", "config", "nocloud"],
+                   help="the boot script of that loader, or the OS config (config: k3OS's or "
+                        "cloud-init's user-data; nocloud: cloud-init's seed)")
     r.add_argument("--arch", choices=[a.value for a in Arch],
                    help="architecture the device reports (default: last seen)")
     sub.add_parser("status", parents=[common],

@@ -998,3 +998,29 @@ def test_the_programs_the_readmes_quickstart_runs_are_installed_by_its_install_l
     used = {word for block in re.findall(r"```sh\n(.*?)```", quickstart, re.S)
             for word in re.findall(r"(?:^|[;&|(]\s*|\$\()\s*(curl|wget|jq|dig)\b", block, re.M)}
     assert used and used <= packages, (used, packages)
+
+
+def test_every_option_of_every_command_says_what_it_takes() -> None:
+    """`--help` of each command and subcommand, read as a new user does: 42 options said
+    nothing (`clusters add --server-url SERVER_URL`, whose "managed" a user could only learn
+    from the README; `serve --discovery {ignore,hold,auto}`; `import --dry-run`; the label
+    options' KEY=VALUE). Each option now has a help; a positional NAME of a profile,
+    cluster, group or token is its own help."""
+    import argparse
+
+    from netboot.cli import build_parser
+
+    silent = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not action.help and not (action.dest == "name" and not action.option_strings):
+                silent.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "netboot")
+    assert silent == [], silent
+    text = build_parser().parse_args(["clusters", "add", "x"])  # the default stays
+    assert text.server_url == "managed"
