@@ -51,7 +51,9 @@ def event_line(event: dict[str, Any], *, as_json: bool, names: dict[str, str] | 
         return json.dumps(event, ensure_ascii=False, sort_keys=True)
     when = datetime.fromtimestamp(float(event["time"])).astimezone().isoformat(
         timespec="seconds")
-    who = (names or {}).get(event["machine"], event["machine"])
+    # A name is the server's (a hostname checked where it was written), but a line is a
+    # terminal's: written as printable() as the message is (s38-review3).
+    who = printable(str((names or {}).get(event["machine"], event["machine"])))
     # Messages come from devices too: one line each, whatever they contain, and no ESC or
     # other control character left to drive the terminal (s36-attack).
     message = printable(str(event.get("message", "")).replace("\n", "\\n")

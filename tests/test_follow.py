@@ -143,6 +143,10 @@ def test_event_line_keeps_one_line_per_event() -> None:
     line = follow.event_line({"time": 0, "machine": "m-1", "kind": "progress",
                               "message": "ok\x1b]0;title\x07\x1b[2J\u2028x"}, as_json=False)
     assert line.isprintable() and line.endswith("ok\\x1b]0;title\\x07\\x1b[2J\\u2028x")
+    # The machine's name too: a server's answer, printed on the operator's terminal.
+    line = follow.event_line({"time": 0, "machine": "m-1", "kind": "progress", "message": ""},
+                             as_json=False, names={"m-1": "n\x1b[2Jx"})
+    assert line.isprintable() and line.split("  ")[1] == "n\\x1b[2Jx", line
 
 
 async def test_follow_over_https_trusts_netboots_ca(tmp_path: Path) -> None:
