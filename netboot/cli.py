@@ -178,6 +178,43 @@ def _readable_data_dir(cfg: Config) -> None:
                           f"(sudo netboot ...), or name another data directory")
 
 
+async def _hostname_refs(args: argparse.Namespace, store: Store) -> None:
+    """A machine named by its hostname where the CLI asks for a REF (`netboot machines show
+    edge-1`, `mark-installed rack1-a`): hostnames are unique in the inventory and are what the
+    dashboard and `events` name machines by, yet a REF was only a MAC or an id ("'edge-1' is
+    neither a MAC address nor a machine id"). Each such REF is given to the command as the
+    machine's id; the API's {ref} stays a MAC or an id."""
+    for attr in ("mac", "macs", "ref"):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            setattr(args, attr, await _by_hostname(store, value))
+        elif isinstance(value, list):
+            setattr(args, attr, [await _by_hostname(store, v) for v in value])
+
+
+async def _by_hostname(store: Store, text: str) -> str:
+    from netboot.enroll import check_hostname
+    from netboot.model import ID_PREFIX, MacAddress
+
+    bare = text.strip()
+    if bare.startswith(ID_PREFIX):
+        return text
+    try:
+        MacAddress.parse(bare)
+        return text  # a MAC is a MAC, whatever a hostname spells
+    except ValidationError:
+        pass
+    try:
+        name = check_hostname(bare)
+    except ValidationError:
+        return text  # neither: the command says so, as before
+    machine = await store.get_machine_by_hostname(name)
+    if machine is None:
+        raise NotFound(f"machine {text} not found (give one of its MACs, its id or its "
+                       "hostname)")
+    return machine.id
+
+
 async def _with_store(args: argparse.Namespace,
                       fn: Callable[[Store, Config], Awaitable[int]]) -> int:
     from netboot.access import Access
@@ -191,6 +228,8 @@ async def _with_store(args: argparse.Namespace,
         raise located(cfg, exc) from exc
     try:
         what = (args.cmd, getattr(args, "action", None))
+        if what != ("machines", "add"):  # its MAC is a new machine's
+            await _hostname_refs(args, store)
         if what not in CHANGES or getattr(args, "dry_run", False):
             return await fn(store, cfg)
         outcome = "error"
@@ -1024,6 +1063,7 @@ MACHINE_FLAGS = (("--hostname", "its name: a DNS label, and its k3s node name"),
                  ("--asset", "its asset tag"),
                  ("--fixed-ipv4", "the IPv4 address it keeps (authoritative DHCP gives it "
                                   "this one)"))
+REF_HELP = "one of its MACs, its id or its hostname"
 ROLE_HELP = "k3s role: server (control plane) or agent (default: its group's)"
 MACHINE_LABEL_HELP = "a label of the machine, which group selectors match (repeat)"
 NODE_LABEL_HELP = "a k3s node label its nodes get (repeat)"
@@ -1124,7 +1164,7 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     a.add_argument("--loader", choices=[c.value for c in LoaderChain], help=LOADER_HELP)
     ms = msub.add_parser("set", parents=[common],
                          help="change a machine: cluster, role, profile, hostname, labels")
-    ms.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
+    ms.add_argument("mac", metavar="REF", help=REF_HELP)
     ms.add_argument("--hostname", help=dict(MACHINE_FLAGS)["--hostname"])
     for flag in ("--cluster", "--profile", "--fixed-ipv4"):
         ms.add_argument(flag, help=dict(MACHINE_FLAGS)[flag] + "; '' unsets it")
@@ -1146,20 +1186,20 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                     help="only machines with this label (repeat: all of them)")
     ls.add_argument("--limit", type=int, default=1000, help="at most N (default 1000)")
     sh = msub.add_parser("show", parents=[common], help="one machine whole, with its events")
-    sh.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
+    sh.add_argument("mac", metavar="REF", help=REF_HELP)
     for action, what in (("rm", "remove machines from the inventory"),
                          ("reinstall", "install again at the next network boot (a new "
                                        "install token)")):
         x = msub.add_parser(action, parents=[common], help=what)
-        x.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
+        x.add_argument("macs", nargs="+", metavar="REF", help=REF_HELP)
     mi = msub.add_parser("mark-installed", parents=[common],
                          help="say machines run their installed OS (enrolled, booting or "
                               "installing): the next network boot goes to the disk, not an "
                               "install (after restoring a backup)")
-    mi.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
+    mi.add_argument("macs", nargs="+", metavar="REF", help=REF_HELP)
     ap = msub.add_parser("approve", parents=[common],
                          help="let held (discovered) machines install: cluster, role, profile")
-    ap.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
+    ap.add_argument("macs", nargs="+", metavar="REF", help=REF_HELP)
     ap.add_argument("--cluster", help=dict(MACHINE_FLAGS)["--cluster"])
     ap.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
     ap.add_argument("--profile", help=dict(MACHINE_FLAGS)["--profile"])
@@ -1260,7 +1300,7 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                    help="check every row and say what would change; write nothing")
 
     r = sub.add_parser("render", parents=[where, address], help="what a device would get")
-    r.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
+    r.add_argument("mac", metavar="REF", help=REF_HELP)
     r.add_argument("kind", choices=["ipxe", "pxelinux", "grub", "config", "nocloud"],
                    help="the boot script of that loader, or the OS config (config: k3OS's or "
                         "cloud-init's user-data; nocloud: cloud-init's seed)")
@@ -1280,7 +1320,7 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ev.add_argument("--token-file", help="file with an API token (default: NETBOOT_TOKEN, "
                                          "else admin.token in the data directory)")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
-    e.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
+    e.add_argument("mac", metavar="REF", help=REF_HELP)
     e.add_argument("--arch", choices=[a.value for a in Arch],
                    help="answer for this architecture (default: last seen)")
 

@@ -325,14 +325,15 @@ def test_machines_set_moves_a_machine_and_changes_only_what_is_given(
     # A NIC more: a machine enrolled by serial alone (a Raspberry Pi's TFTP carries none).
     assert run(capsys, "machines", "add", "--serial", "0a1b2c3d", "--hostname", "pi-1",
                "--config", cfg)[0] == 0
-    rc, _, err = run(capsys, "machines", "set", "pi-1", "--add-mac", "dc-a6-32-01-36-c2",
-                     "--config", cfg)
-    assert rc == 2 and "nor a machine id" in err  # a hostname is no REF
+    # Named by its hostname (a CLI REF is a MAC, an id or a hostname: s39-user), or its id.
+    rc, out, err = run(capsys, "machines", "set", "pi-1", "--add-mac", "dc-a6-32-01-36-c2",
+                       "--config", cfg)
+    assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2\n"), err
     rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
     pi = next(m for m in json.loads(out) if m["hostname"] == "pi-1")
-    rc, out, _ = run(capsys, "machines", "set", pi["id"], "--add-mac", "dc-a6-32-01-36-c2",
+    rc, out, _ = run(capsys, "machines", "set", pi["id"], "--add-mac", "dc-a6-32-01-36-c3",
                      "--config", cfg)
-    assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2\n")
+    assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2,dc:a6:32:01:36:c3\n")
     rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:99", "--role", "server",
                      "--config", cfg)
     assert rc == 1 and "52:54:00:aa:00:99" in err
@@ -1024,3 +1025,32 @@ def test_every_option_of_every_command_says_what_it_takes() -> None:
     assert silent == [], silent
     text = build_parser().parse_args(["clusters", "add", "x"])  # the default stays
     assert text.server_url == "managed"
+
+
+def test_a_machine_is_named_by_its_hostname_where_a_ref_is_asked(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`netboot machines show edge-1`: hostnames are unique in the inventory and are what the
+    dashboard and `events` name machines by, yet a REF was only a MAC or an id ("'edge-1' is
+    neither a MAC address (aa:bb:cc:dd:ee:ff) nor a machine id (m-…)"). A MAC stays a MAC."""
+    assert run(capsys, "machines", "add", "02:00:00:00:0e:01", "--hostname", "Edge-1",
+               "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "02:00:00:00:0e:02", "--hostname", "edge-2",
+               "--config", cfg)[0] == 0
+    rc, out, err = run(capsys, "machines", "show", "edge-1", "--json", "--config", cfg)
+    assert rc == 0, err
+    assert json.loads(out)["macs"] == ["02:00:00:00:0e:01"]
+    rc, out, err = run(capsys, "explain", "EDGE-2", "--arch", "x86_64", "--json",
+                       "--config", cfg)
+    assert rc == 0 and json.loads(out)["mac"] == "02:00:00:00:0e:02", err
+    rc, out, err = run(capsys, "machines", "mark-installed", "edge-1", "edge-2", "--config", cfg)
+    assert rc == 0, err
+    assert out.splitlines()[1].startswith("02:00:00:00:0e:02 is installed"), out
+    rc, out, err = run(capsys, "events", "edge-2", "--config", cfg)
+    assert rc == 0 and "marked installed by the operator" in out, err
+    rc, _, err = run(capsys, "machines", "rm", "edge-9", "--config", cfg)
+    assert rc != 0 and err.strip() == ("netboot: machine edge-9 not found (give one of its "
+                                       "MACs, its id or its hostname)"), err
+    rc, _, err = run(capsys, "machines", "show", "not a name", "--config", cfg)
+    assert rc != 0 and "neither a MAC address" in err, err
+    # `machines add`'s MAC is a new machine's, never looked up as a hostname.
+    assert run(capsys, "machines", "add", "edge-1", "--config", cfg)[0] != 0
