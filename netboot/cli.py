@@ -120,7 +120,7 @@ def _config(args: argparse.Namespace) -> Config:
 # Commands that change the inventory: each goes to the audit log, as the API's changes do.
 CHANGES = frozenset({
     ("machines", "add"), ("machines", "rm"), ("machines", "reinstall"), ("machines", "approve"),
-    ("machines", "set"),
+    ("machines", "set"), ("machines", "mark-installed"),
     *((kind, action) for kind in ("profiles", "clusters", "groups")
       for action in ("add", "rm", "set")),
     ("import", None), ("tokens", "create"), ("tokens", "revoke"),
@@ -178,6 +178,43 @@ def _readable_data_dir(cfg: Config) -> None:
                           f"(sudo netboot ...), or name another data directory")
 
 
+async def _hostname_refs(args: argparse.Namespace, store: Store) -> None:
+    """A machine named by its hostname where the CLI asks for a REF (`netboot machines show
+    edge-1`, `mark-installed rack1-a`): hostnames are unique in the inventory and are what the
+    dashboard and `events` name machines by, yet a REF was only a MAC or an id ("'edge-1' is
+    neither a MAC address nor a machine id"). Each such REF is given to the command as the
+    machine's id; the API's {ref} stays a MAC or an id."""
+    for attr in ("mac", "macs", "ref"):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            setattr(args, attr, await _by_hostname(store, value))
+        elif isinstance(value, list):
+            setattr(args, attr, [await _by_hostname(store, v) for v in value])
+
+
+async def _by_hostname(store: Store, text: str) -> str:
+    from netboot.enroll import check_hostname
+    from netboot.model import ID_PREFIX, MacAddress
+
+    bare = text.strip()
+    if bare.startswith(ID_PREFIX):
+        return text
+    try:
+        MacAddress.parse(bare)
+        return text  # a MAC is a MAC, whatever a hostname spells
+    except ValidationError:
+        pass
+    try:
+        name = check_hostname(bare)
+    except ValidationError:
+        return text  # neither: the command says so, as before
+    machine = await store.get_machine_by_hostname(name)
+    if machine is None:
+        raise NotFound(f"machine {text} not found (give one of its MACs, its id or its "
+                       "hostname)")
+    return machine.id
+
+
 async def _with_store(args: argparse.Namespace,
                       fn: Callable[[Store, Config], Awaitable[int]]) -> int:
     from netboot.access import Access
@@ -191,6 +228,8 @@ async def _with_store(args: argparse.Namespace,
         raise located(cfg, exc) from exc
     try:
         what = (args.cmd, getattr(args, "action", None))
+        if what != ("machines", "add"):  # its MAC is a new machine's
+            await _hostname_refs(args, store)
         if what not in CHANGES or getattr(args, "dry_run", False):
             return await fn(store, cfg)
         outcome = "error"
@@ -452,6 +491,22 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                 print(line)
         if args.json:
             _print_json(changed)
+        return 0
+    if args.action == "mark-installed":
+        # The installer's own report, made by the operator (lifecycle: enrolled, booting or
+        # installing → installed): a machine that installed after a restored backup, whose
+        # next network boot would install it again, boots its disk instead.
+        marked = []
+        for text in args.macs:
+            m = await core.machine(text)
+            await core.enroller.report(m, {"kind": "installed", "message": (
+                f"marked installed by the operator (was {m.state})")})
+            marked.append(await core.machine(m.id))
+            if not args.json:
+                print(f"{m.ref} is installed: its next network boot goes to its disk "
+                      f"(was {m.state})")
+        if args.json:
+            _print_json([machine_dict(m) for m in marked])
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
 
@@ -815,6 +870,15 @@ async def _assets(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         print(_table([(r["kind"], r["name"], r["status"], _signature(r.get("signed")),
                        r["path"]) for r in rows],
                      ["for", "file", "status", "signature", "path"]))
+    missing = [r["name"] for r in rows
+               if r["kind"] != "loader" and r["status"].startswith("missing")]
+    if missing:
+        # "'k3os/vmlinuz' not found" told a new user neither where it was looked for nor
+        # where to put it: the data directory's assets/ is the first of assets.dirs.
+        roots = asset_roots(cfg)
+        print(f"netboot: {len(missing)} profile file{'s' if len(missing) > 1 else ''} "
+              f"missing, looked for under {', '.join(map(str, roots))} (assets.dirs): put "
+              f"them under {roots[0]}, e.g. {roots[0] / missing[0]}", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -922,6 +986,22 @@ def _db_spec(text: str) -> str:
                           fix="give a readable file holding the DSN") from exc
 
 
+def _is_own_inventory(cfg: Config, spec: str) -> bool:
+    """Whether ``spec`` names the inventory the configuration serves: a copy of it (a
+    backup, a move to PostgreSQL) is as current as it is, so its machines' next boots are
+    the server's own, not a restore's: the warning of those was said on every nightly
+    backup (a cron job's mail each night)."""
+    from netboot.config import inventory_dsn
+    from netboot.inventory import transfer
+
+    if transfer.is_dsn(spec):
+        try:
+            return cfg.inventory.backend == "postgresql" and spec == inventory_dsn(cfg)
+        except ConfigError:
+            return False
+    return cfg.inventory.backend == "sqlite" and Path(spec).resolve() == cfg.db_path.resolve()
+
+
 async def _db(args: argparse.Namespace) -> int:
     from netboot.inventory import transfer
 
@@ -943,10 +1023,11 @@ async def _db(args: argparse.Namespace) -> int:
             {"inventory": done.name, "applied": list(done.applied), "version": done.version})
         return 0
     source, target = _db_spec(args.source), _db_spec(args.target)
+    cfg = _config(args)
     # The configured inventory.postgresql (file, NETBOOT_INVENTORY_POSTGRESQL_*): how its
     # connections notice a server gone or silent, as the servers' do.
     copied = await transfer.copy(source, target, force=args.force,
-                                 peer=_config(args).inventory.postgresql)
+                                 peer=cfg.inventory.postgresql)
     if args.json:
         _print_json({"from": transfer.describe(source), "to": transfer.describe(target),
                      "tables": [{"table": c.table, "rows": c.rows, "sha256": c.sha256}
@@ -957,7 +1038,7 @@ async def _db(args: argparse.Namespace) -> int:
             print(f"{c.table:15} {c.rows:8} rows  sha256 {c.sha256}")
         print(f"copied {transfer.describe(source)} to {transfer.describe(target)}: "
               "counts and checksums equal")
-    if copied.installs_on_boot:
+    if copied.installs_on_boot and not _is_own_inventory(cfg, source):
         # A restored backup brings machines back as they were then: one that installed
         # since would install again, its disk wiped (s38-user). Said before the servers
         # start, with what avoids it (README's "Restoring a backup").
@@ -966,12 +1047,26 @@ async def _db(args: argparse.Namespace) -> int:
         print(f"netboot: warning: {count} machine{'s' if count > 1 else ''} in the copy "
               f"install{'' if count > 1 else 's'} at the next network boot ({states}): if "
               "this restores a backup, one that installed after the backup was taken "
-              "installs again. Before starting the servers, report those installed (POST "
-              "/api/v1/machines/REF/events {\"kind\": \"installed\"} with an operator token, "
-              "for booting and installing ones) or keep them from booting from the network "
-              "(README.md: \"Restoring a backup\")", file=sys.stderr)
+              "installs again. Before starting the servers, mark those installed (netboot "
+              "machines mark-installed REF ...; `netboot machines ls --state enrolled` lists "
+              "the enrolled ones) (README.md: \"Backup, restore and upgrades\")",
+              file=sys.stderr)
     return 0
 
+
+# Help of the options several sub-commands share (--help of every option says what it takes).
+MACHINE_FLAGS = (("--hostname", "its name: a DNS label, and its k3s node name"),
+                 ("--cluster", "the cluster it joins (default: its group's)"),
+                 ("--profile", "the profile it installs (default: its group's)"),
+                 ("--serial", "its serial number (the firmware's SMBIOS serial)"),
+                 ("--uuid", "its SMBIOS system UUID"),
+                 ("--asset", "its asset tag"),
+                 ("--fixed-ipv4", "the IPv4 address it keeps (authoritative DHCP gives it "
+                                  "this one)"))
+REF_HELP = "one of its MACs, its id or its hostname"
+ROLE_HELP = "k3s role: server (control plane) or agent (default: its group's)"
+MACHINE_LABEL_HELP = "a label of the machine, which group selectors match (repeat)"
+NODE_LABEL_HELP = "a k3s node label its nodes get (repeat)"
 
 # The sub-commands build_parser adds besides ``lab`` (tests/test_cli.py keeps the two equal).
 COMMANDS = frozenset({"serve", "ca", "check-config", "machines", "profiles", "clusters",
@@ -1026,15 +1121,21 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
 
     s = sub.add_parser("serve", parents=[where, address],
                        help="run proxyDHCP, TFTP, HTTP (and DNS)")
-    s.add_argument("--http-port", type=int)
-    s.add_argument("--https-port", type=int)
-    s.add_argument("--dhcp-port", type=int)
-    s.add_argument("--pxe-port", type=int)
-    s.add_argument("--dhcp-mode", choices=["proxy", "authoritative", "off"])
-    s.add_argument("--tftp-port", type=int)
-    s.add_argument("--dns-port", type=int)
-    s.add_argument("--discovery", choices=["ignore", "hold", "auto"])
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--http-port", type=int, help="iPXE scripts, assets, configs (default 8080)")
+    s.add_argument("--https-port", type=int, help="the API and the dashboard (default 8443)")
+    s.add_argument("--dhcp-port", type=int, help="DHCP (default 67)")
+    s.add_argument("--pxe-port", type=int, help="proxyDHCP's PXE port (default 4011)")
+    s.add_argument("--dhcp-mode", choices=["proxy", "authoritative", "off"],
+                   help="proxy: beside the site's DHCP server (default); authoritative: "
+                        "netboot leases addresses (an isolated VLAN); off")
+    s.add_argument("--tftp-port", type=int, help="TFTP (default 69)")
+    s.add_argument("--dns-port", type=int, help="DNS, when dns is enabled (default 53)")
+    s.add_argument("--discovery", choices=["ignore", "hold", "auto"],
+                   help="unknown machines: ignore (recorded, boot their disk; default), hold "
+                        "(wait for netboot machines approve), auto (discovery.rules enroll "
+                        "them)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="default info")
     s.add_argument("--log-format", choices=["text", "json"], default=None,
                    help="json: one object per line with time, level, logger, message, and "
                         "mac, peer, xid, path, request_id where known (or NETBOOT_LOG_FORMAT)")
@@ -1047,7 +1148,7 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                      help="print the CA certificate (PEM) and its SHA-256 fingerprint")
 
     c = sub.add_parser("check-config", parents=[output], help="validate a config file")
-    c.add_argument("file")
+    c.add_argument("file", help="the YAML config file, as serve --config reads it")
 
     m = sub.add_parser("machines", help="enrolled and discovered machines")
     msub = m.add_subparsers(dest="action", required=True)
@@ -1056,45 +1157,52 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     a.add_argument("mac", nargs="?", help="its (first) MAC")
     a.add_argument("--mac", dest="more_macs", action="append", metavar="MAC",
                    help="a MAC of the machine; repeat for each NIC")
-    for flag in ("--hostname", "--cluster", "--profile", "--serial", "--uuid", "--asset",
-                 "--fixed-ipv4"):
-        a.add_argument(flag)
-    a.add_argument("--role", choices=["server", "agent"])
-    a.add_argument("--label", action="append")
+    for flag, what in MACHINE_FLAGS:
+        a.add_argument(flag, help=what)
+    a.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
+    a.add_argument("--label", action="append", metavar="KEY=VALUE", help=MACHINE_LABEL_HELP)
     a.add_argument("--loader", choices=[c.value for c in LoaderChain], help=LOADER_HELP)
     ms = msub.add_parser("set", parents=[common],
                          help="change a machine: cluster, role, profile, hostname, labels")
-    ms.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
-    ms.add_argument("--hostname")
+    ms.add_argument("mac", metavar="REF", help=REF_HELP)
+    ms.add_argument("--hostname", help=dict(MACHINE_FLAGS)["--hostname"])
     for flag in ("--cluster", "--profile", "--fixed-ipv4"):
-        ms.add_argument(flag, help="'' unsets it")
-    ms.add_argument("--role", choices=["server", "agent"])
+        ms.add_argument(flag, help=dict(MACHINE_FLAGS)[flag] + "; '' unsets it")
+    ms.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
     ms.add_argument("--label", action="append", metavar="KEY=VALUE",
                     help="set a label; the others are kept (repeat)")
-    ms.add_argument("--remove-label", action="append", metavar="KEY")
+    ms.add_argument("--remove-label", action="append", metavar="KEY",
+                    help="remove a label (repeat)")
     ms.add_argument("--add-mac", action="append", metavar="MAC",
                     help="a NIC's MAC more (repeat); one enrolled by serial alone needs it")
     ms.add_argument("--loader", choices=["", *(c.value for c in LoaderChain)],
                     help=LOADER_HELP + "; '' unsets it")
     ls = msub.add_parser("ls", parents=[common], help="list machines (--state, --cluster, "
                                                        "--label narrow it)")
-    ls.add_argument("--state", choices=[s.value for s in MachineState])
-    ls.add_argument("--cluster")
-    ls.add_argument("--label", action="append")
-    ls.add_argument("--limit", type=int, default=1000)
+    ls.add_argument("--state", choices=[s.value for s in MachineState],
+                    help="only machines in this state")
+    ls.add_argument("--cluster", help="only machines of this cluster")
+    ls.add_argument("--label", action="append", metavar="KEY=VALUE",
+                    help="only machines with this label (repeat: all of them)")
+    ls.add_argument("--limit", type=int, default=1000, help="at most N (default 1000)")
     sh = msub.add_parser("show", parents=[common], help="one machine whole, with its events")
-    sh.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
+    sh.add_argument("mac", metavar="REF", help=REF_HELP)
     for action, what in (("rm", "remove machines from the inventory"),
                          ("reinstall", "install again at the next network boot (a new "
                                        "install token)")):
         x = msub.add_parser(action, parents=[common], help=what)
-        x.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
+        x.add_argument("macs", nargs="+", metavar="REF", help=REF_HELP)
+    mi = msub.add_parser("mark-installed", parents=[common],
+                         help="say machines run their installed OS (enrolled, booting or "
+                              "installing): the next network boot goes to the disk, not an "
+                              "install (after restoring a backup)")
+    mi.add_argument("macs", nargs="+", metavar="REF", help=REF_HELP)
     ap = msub.add_parser("approve", parents=[common],
                          help="let held (discovered) machines install: cluster, role, profile")
-    ap.add_argument("macs", nargs="+", metavar="REF", help="one of its MACs, or its id")
-    ap.add_argument("--cluster")
-    ap.add_argument("--role", choices=["server", "agent"])
-    ap.add_argument("--profile")
+    ap.add_argument("macs", nargs="+", metavar="REF", help=REF_HELP)
+    ap.add_argument("--cluster", help=dict(MACHINE_FLAGS)["--cluster"])
+    ap.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
+    ap.add_argument("--profile", help=dict(MACHINE_FLAGS)["--profile"])
     ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
 
     for kind in ("profiles", "clusters", "groups"):
@@ -1108,11 +1216,15 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
         add = ksub.add_parser("add", parents=[common], help=f"create a {one}")
         add.add_argument("name")
         if kind == "profiles":
-            add.add_argument("--kernel", required=True)
-            add.add_argument("--initrd", action="append")
-            add.add_argument("--cmdline")
+            add.add_argument("--kernel", required=True,
+                             help="a path under the assets (k3os/vmlinuz) or an http(s):// URL")
+            add.add_argument("--initrd", action="append",
+                             help="as --kernel (repeat, in the order they load)")
+            add.add_argument("--cmdline", help="the kernel command line, in place of its "
+                                               "config template's (templates/README.md)")
             add.add_argument("--config-template", choices=["k3os", "cloud-init"],
-                             default="k3os")
+                             default="k3os", help="the OS config its machines fetch: k3OS's "
+                                                  "config.yaml (default) or cloud-init's")
             add.add_argument("--loader", choices=[c.value for c in LoaderChain],
                              help=LOADER_HELP)
             # The API's other fields of a profile: without --iso-url a k3OS install booted
@@ -1129,11 +1241,16 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                                   "enroll.token_ttl_seconds)")
             add.add_argument("--ssh-authorized-key", action="append", metavar="KEY",
                              help="a public key for the installed OS (repeat)")
-            add.add_argument("--description")
+            add.add_argument("--description", help="free text, shown in listings")
         elif kind == "clusters":
-            add.add_argument("--server-url", default="managed")
-            add.add_argument("--token")
-            add.add_argument("--label", action="append")
+            add.add_argument("--server-url", default="managed",
+                             help="managed (default): netboot forms the cluster, its first "
+                                  "server inits it; or the https://HOST:6443 of an existing "
+                                  "k3s server, which --token joins")
+            add.add_argument("--token", help="an existing cluster's join token (with an "
+                                             "https:// --server-url); a managed one's is made")
+            add.add_argument("--label", action="append", metavar="KEY=VALUE",
+                             help=NODE_LABEL_HELP)
             endpoint_help = ("where nodes reach a managed cluster's servers (a VIP or DNS "
                              "name): host, host:port or https://host:port; default: the "
                              "first registered server")
@@ -1147,10 +1264,11 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                               "secure token (refused once a node fetched its config)")
         else:
             add.add_argument("--selector", action="append", help="key=value[,value...]")
-            add.add_argument("--profile")
-            add.add_argument("--cluster")
-            add.add_argument("--role", choices=["server", "agent"])
-            add.add_argument("--label", action="append")
+            add.add_argument("--profile", help="the profile its machines install")
+            add.add_argument("--cluster", help="the cluster its machines join")
+            add.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
+            add.add_argument("--label", action="append", metavar="KEY=VALUE",
+                             help=NODE_LABEL_HELP)
             add.add_argument("--loader", choices=[c.value for c in LoaderChain],
                              help=LOADER_HELP)
 
@@ -1178,11 +1296,14 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     i.add_argument("file", help="the file, or - to read standard input (podman exec -i)")
     i.add_argument("--format", choices=["csv", "yaml", "json"],
                    help="default: the file's suffix, else csv")
-    i.add_argument("--dry-run", action="store_true")
+    i.add_argument("--dry-run", action="store_true",
+                   help="check every row and say what would change; write nothing")
 
     r = sub.add_parser("render", parents=[where, address], help="what a device would get")
-    r.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
-    r.add_argument("kind", choices=["ipxe", "pxelinux", "grub", "config", "nocloud"])
+    r.add_argument("mac", metavar="REF", help=REF_HELP)
+    r.add_argument("kind", choices=["ipxe", "pxelinux", "grub", "config", "nocloud"],
+                   help="the boot script of that loader, or the OS config (config: k3OS's or "
+                        "cloud-init's user-data; nocloud: cloud-init's seed)")
     r.add_argument("--arch", choices=[a.value for a in Arch],
                    help="architecture the device reports (default: last seen)")
     sub.add_parser("status", parents=[common],
@@ -1199,7 +1320,7 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ev.add_argument("--token-file", help="file with an API token (default: NETBOOT_TOKEN, "
                                          "else admin.token in the data directory)")
     e = sub.add_parser("explain", parents=[common], help="why a machine boots what it boots")
-    e.add_argument("mac", metavar="REF", help="one of its MACs, or its id")
+    e.add_argument("mac", metavar="REF", help=REF_HELP)
     e.add_argument("--arch", choices=[a.value for a in Arch],
                    help="answer for this architecture (default: last seen)")
 

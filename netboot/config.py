@@ -469,6 +469,11 @@ def _build(cls: Any, raw: Any, path: str, src: _Source) -> Any:
     return cls(**kwargs)
 
 
+_RULE_FIX = ("write a rule as - {selector: {product: X}, cluster: line-3, role: agent}; its "
+             "keys: name, selector, profile, cluster, role (server or agent), labels, taints, "
+             "hostname_template, trust_firmware_strings")
+
+
 def _rules(value: Any, key: str, src: _Source) -> tuple[tuple[Group, ...], tuple[str, ...]]:
     """The auto-enroll rules, and the names of those trusted to install on what they match.
 
@@ -493,7 +498,9 @@ def _rules(value: Any, key: str, src: _Source) -> tuple[tuple[Group, ...], tuple
         try:
             rule = group_from_mapping(fields, default_name=f"rule-{i}")
         except ValidationError as exc:
-            raise src.error(f"{k}.{exc.field}", exc.message) from exc
+            # With the fix the other errors of a config file carry: the rule's keys, whose
+            # list in an "unknown key" message lacks trust_firmware_strings (taken out above).
+            raise src.error(f"{k}.{exc.field}", exc.message, _RULE_FIX) from exc
         if any(r.name == rule.name for r in out):
             # Events and trust name a rule: two of one name would be told apart by neither.
             raise src.error(f"{k}.name", f"a second rule named {rule.name!r}",
@@ -576,6 +583,20 @@ def _dotted(data: Mapping[str, Any], dotted: str) -> Any:
     return data
 
 
+def _utf8(blob: bytes, name: str) -> str:
+    """The config file's text; a file in another encoding (an editor's UTF-16, a Latin-1
+    comment) is a ConfigError naming its line, not a UnicodeDecodeError's traceback."""
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        utf16 = blob[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise ConfigError(
+            "is UTF-16 (its byte-order mark), not UTF-8" if utf16 else
+            f"byte 0x{blob[exc.start]:02x} is not UTF-8", source=name,
+            line=blob.count(b"\n", 0, exc.start) + 1,
+            fix="save the file as UTF-8 (iconv -t UTF-8)") from None
+
+
 def load(
     path: str | Path | None = None,
     *,
@@ -590,11 +611,11 @@ def load(
     if path is not None:
         name = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            blob = Path(path).read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read: {exc.strerror}", source=name,
                               fix="check the path given to --config") from exc
-        raw, lines = _yaml_with_lines(text, name)
+        raw, lines = _yaml_with_lines(_utf8(blob, name), name)
         if raw is not None and not isinstance(raw, Mapping):
             raise ConfigError("expected a mapping at the top level", source=name, line=1,
                               fix="start with sections such as 'http:' or 'dhcp:'")
@@ -760,7 +781,8 @@ def _check(cfg: Config, src: _Source) -> None:
                         at="discovery.policy")
     _check_limits(cfg, src)
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
-        raise src.error("http.public_url", "must start with http:// or https://")
+        raise src.error("http.public_url", "must start with http:// or https://",
+                        "write e.g. http://boot.example:8080, or leave it unset")
     if cfg.https.public_url and not cfg.https.public_url.startswith("https://"):
         raise src.error("https.public_url", "must start with https://",
                         "write e.g. https://boot.example:8443, or leave it unset")

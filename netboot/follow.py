@@ -51,7 +51,9 @@ def event_line(event: dict[str, Any], *, as_json: bool, names: dict[str, str] | 
         return json.dumps(event, ensure_ascii=False, sort_keys=True)
     when = datetime.fromtimestamp(float(event["time"])).astimezone().isoformat(
         timespec="seconds")
-    who = (names or {}).get(event["machine"], event["machine"])
+    # A name is the server's (a hostname checked where it was written), but a line is a
+    # terminal's: written as printable() as the message is (s38-review3).
+    who = printable(str((names or {}).get(event["machine"], event["machine"])))
     # Messages come from devices too: one line each, whatever they contain, and no ESC or
     # other control character left to drive the terminal (s36-attack).
     message = printable(str(event.get("message", "")).replace("\n", "\\n")
@@ -107,12 +109,48 @@ async def follow(base_url: str, token: str, *, machine: str | None = None,
     holding the :func:`machine_name` of each machine an emitted event names (for
     :func:`event_line`): asked of the server the first time a machine is seen and after a
     :data:`RENAMING_KINDS` event, not per event (a storm repeats the same machines).
+
+    The stream is read on by itself while names are asked (up to :data:`NAME_LOOKUPS` at
+    once), and each event is emitted in order once its machine's name is known: a storm of
+    new machines watched from afar (a round trip per name) no longer holds the stream unread
+    until the server's queue for this follower overflows and drops events (s38-review3).
     """
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with _session(ca_file, timeout=timeout) as http:
+        read: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[str] | None] | BaseException]
+        read = asyncio.Queue()
+        namer = _Namer(http, base_url, headers, names) if names is not None else None
+        reader = asyncio.ensure_future(_read(http, base_url, headers, machine, read, namer, err))
+        try:
+            while True:
+                item = await read.get()
+                if isinstance(item, BaseException):
+                    raise item
+                event, name = item
+                if name is not None and names is not None:
+                    names[str(event.get("machine", ""))] = await name
+                emit(event)
+                if stop():
+                    return
+        finally:
+            reader.cancel()
+            if namer is not None:
+                namer.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+async def _read(http: aiohttp.ClientSession, base_url: str, headers: dict[str, str],
+                machine: str | None,
+                out: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[str] | None]
+                                   | BaseException],
+                namer: _Namer | None, err: TextIO) -> None:
+    """The stream's events into ``out`` as they are read, each with the lookup of its
+    machine's name when one is asked (reconnecting when the stream drops); an error that
+    ends the follow (a refused token, a server never reached) is put there too."""
     url = f"{base_url.rstrip('/')}/api/v1/events/stream"
     connected = False
-    async with _session(ca_file, timeout=timeout) as http:
+    try:
         while True:
             try:
                 async with http.get(url, headers=headers) as resp:
@@ -130,11 +168,7 @@ async def follow(base_url: str, token: str, *, machine: str | None = None,
                             continue
                         event = json.loads(data)
                         if machine is None or event.get("machine") == machine:
-                            if names is not None:
-                                await _learn(http, base_url, headers, event, names)
-                            emit(event)
-                            if stop():
-                                return
+                            out.put_nowait((event, namer.ask(event) if namer else None))
             except aiohttp.ClientError as exc:
                 if not connected:
                     # Never reached: a wrong URL or a stopped server, not a dropped stream.
@@ -145,27 +179,63 @@ async def follow(base_url: str, token: str, *, machine: str | None = None,
             else:
                 print(f"netboot: {url}: stream ended; reconnecting", file=err)
             await asyncio.sleep(RECONNECT_SECONDS)
+    except Exception as exc:  # handed to the caller, which raises it
+        out.put_nowait(exc)
 
 
-async def _learn(http: aiohttp.ClientSession, base_url: str, headers: dict[str, str],
-                 event: dict[str, Any], names: dict[str, str]) -> None:
-    """``names`` with the name of ``event``'s machine, asked of the server when not known
-    yet or when the event may have renamed it. A machine the server no longer has (deleted
-    since), or a request that fails, keeps its id: the line is printed all the same."""
+# How many machines' names are asked of the server at once while the stream is read on.
+NAME_LOOKUPS = 8
+
+
+class _Namer:
+    """The name lookups of a follow: one per machine until an event may rename it, at most
+    :data:`NAME_LOOKUPS` at once. ``known``: the names the caller knows already (asked only
+    after a renaming event)."""
+
+    def __init__(self, http: aiohttp.ClientSession, base_url: str, headers: dict[str, str],
+                 known: dict[str, str]) -> None:
+        self._http, self._base, self._auth = http, base_url, headers["Authorization"]
+        self._known = known
+        self._asked: dict[str, asyncio.Future[str]] = {}
+        self._slots = asyncio.Semaphore(NAME_LOOKUPS)
+
+    def ask(self, event: dict[str, Any]) -> asyncio.Future[str] | None:
+        """The lookup whose answer names ``event``'s machine; None where ``known`` has it."""
+        ident = str(event.get("machine", ""))
+        if event.get("kind") not in RENAMING_KINDS:
+            asked = self._asked.get(ident)
+            if asked is not None:
+                return asked
+            if ident in self._known:
+                return None
+        asked = self._asked[ident] = asyncio.ensure_future(self._name(ident))
+        return asked
+
+    async def _name(self, ident: str) -> str:
+        async with self._slots:
+            return await machine_name_of(self._http, self._base, self._auth, ident)
+
+    def cancel(self) -> None:
+        for asked in self._asked.values():
+            asked.cancel()
+
+
+async def machine_name_of(http: aiohttp.ClientSession, base_url: str, authorization: str,
+                          ident: str) -> str:
+    """The :func:`machine_name` of machine ``ident``, asked of the server. A machine the
+    server no longer has (deleted since), or a request that fails, keeps its id: the line is
+    printed all the same."""
     from urllib.parse import quote
 
-    ident = str(event.get("machine", ""))
-    if ident in names and event.get("kind") not in RENAMING_KINDS:
-        return
-    names[ident] = ident
     url = f"{base_url.rstrip('/')}/api/v1/machines/{quote(ident, safe='')}"
     try:
-        async with http.get(url, headers={"Authorization": headers["Authorization"]},
+        async with http.get(url, headers={"Authorization": authorization},
                             timeout=aiohttp.ClientTimeout(total=10)) as resp:
             if resp.status == 200:
-                names[ident] = machine_name(await resp.json(content_type=None))
+                return machine_name(await resp.json(content_type=None))
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
         pass
+    return ident
 
 
 async def machine_id(base_url: str, token: str, ref: str, *,

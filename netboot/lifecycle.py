@@ -22,6 +22,8 @@ The rows below read as the product's rules:
   that reports nothing is proven installed by its registration).
 * The config (it carries the cluster join token) is fetched only during an install: installed
   and registered machines refuse it.
+* enrolled → installed on an operator's word (``netboot machines mark-installed``, or the
+  report with an operator token): one installed since a restored backup, or by other means.
 * installed / registered boot the local disk (one-shot install: nothing sends them back to
   install but an explicit reinstall). A repeated ``installed`` report leaves it where it is;
   a second registration is refused (its token is spent): a reinstall issues a new one.
@@ -75,6 +77,11 @@ TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = Mappin
     (_S.ENROLLED, _T.APPROVE): _S.ENROLLED,  # change cluster, role or profile before it first boots
     (_S.ENROLLED, _T.INSTALL_PLAN): _S.BOOTING,
     (_S.ENROLLED, _T.REINSTALL): _S.REINSTALL,
+    # An operator's word only: an enrolled machine holds no install token, so no installer
+    # can report it. A machine that installed after the backup a restore brought back (its
+    # disk would be wiped at its next network boot), or one installed by other means
+    # (matchbox's and Tinkerbell's allowPXE: false): `netboot machines mark-installed`.
+    (_S.ENROLLED, _T.INSTALLED): _S.INSTALLED,
 
     (_S.BOOTING, _T.INSTALL_AGAIN): _S.BOOTING,
     (_S.BOOTING, _T.CONFIG_FETCHED): _S.INSTALLING,

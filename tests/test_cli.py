@@ -325,14 +325,15 @@ def test_machines_set_moves_a_machine_and_changes_only_what_is_given(
     # A NIC more: a machine enrolled by serial alone (a Raspberry Pi's TFTP carries none).
     assert run(capsys, "machines", "add", "--serial", "0a1b2c3d", "--hostname", "pi-1",
                "--config", cfg)[0] == 0
-    rc, _, err = run(capsys, "machines", "set", "pi-1", "--add-mac", "dc-a6-32-01-36-c2",
-                     "--config", cfg)
-    assert rc == 2 and "nor a machine id" in err  # a hostname is no REF
+    # Named by its hostname (a CLI REF is a MAC, an id or a hostname: s39-user), or its id.
+    rc, out, err = run(capsys, "machines", "set", "pi-1", "--add-mac", "dc-a6-32-01-36-c2",
+                       "--config", cfg)
+    assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2\n"), err
     rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
     pi = next(m for m in json.loads(out) if m["hostname"] == "pi-1")
-    rc, out, _ = run(capsys, "machines", "set", pi["id"], "--add-mac", "dc-a6-32-01-36-c2",
+    rc, out, _ = run(capsys, "machines", "set", pi["id"], "--add-mac", "dc-a6-32-01-36-c3",
                      "--config", cfg)
-    assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2\n")
+    assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2,dc:a6:32:01:36:c3\n")
     rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:99", "--role", "server",
                      "--config", cfg)
     assert rc == 1 and "52:54:00:aa:00:99" in err
@@ -375,10 +376,15 @@ def test_assets_checks_a_profiles_iso_url_on_this_server(
                "--iso-url", iso, "--config", cfg)[0] == 0
     assert run(capsys, "profiles", "add", "q", "--kernel", "vmlinuz",
                "--iso-url", "https://releases.example/k3os.iso", "--config", cfg)[0] == 0
-    rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
+    rc, out, err = run(capsys, "assets", "--json", "--config", cfg)
     rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
     assert rc == 1 and rows[("profile p", "k3os/k3os-x.iso")]["status"].startswith("missing")
     assert not [k for k in rows if k[0] == "profile q" and "iso" in k[1]]
+    # Where they are looked for, and where to put them (a new user knew neither: s39-user).
+    first = tmp_path / "data" / "assets"  # the data directory's, then the config's dirs
+    assert err.strip() == (
+        f"netboot: 1 profile file missing, looked for under {first}, {tmp_path / 'assets'} "
+        f"(assets.dirs): put them under {first}, e.g. {first / 'k3os' / 'k3os-x.iso'}"), err
     (tmp_path / "assets" / "k3os").mkdir()
     (tmp_path / "assets" / "k3os" / "k3os-x.iso").write_bytes(b"ISO")
     rc, out, _ = run(capsys, "assets", "--json", "--config", cfg)
@@ -976,3 +982,75 @@ def test_the_readmes_https_ipxe_templates_keep_the_installers_urls_on_http(
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("**iPXE with netboot's CA**")[1].split("**Secrets at rest.**")[0]
     assert "https_base_url" in section and "set\n`http.public_url` to the HTTPS" not in section
+
+
+def test_the_programs_the_readmes_quickstart_runs_are_installed_by_its_install_line() -> None:
+    """The quickstart's API form runs curl, which a minimal Debian 12 (a container's, a
+    debootstrap's, a netinst without its standard utilities) does not have: the README's
+    install line, run as written in such a system, left `curl: command not found` at the
+    first line after `netboot serve` (s39-user)."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    install = re.search(r"apt-get install -y ([^&]+)&&", readme)
+    assert install is not None
+    packages = set(install.group(1).split())
+    quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    used = {word for block in re.findall(r"```sh\n(.*?)```", quickstart, re.S)
+            for word in re.findall(r"(?:^|[;&|(]\s*|\$\()\s*(curl|wget|jq|dig)\b", block, re.M)}
+    assert used and used <= packages, (used, packages)
+
+
+def test_every_option_of_every_command_says_what_it_takes() -> None:
+    """`--help` of each command and subcommand, read as a new user does: 42 options said
+    nothing (`clusters add --server-url SERVER_URL`, whose "managed" a user could only learn
+    from the README; `serve --discovery {ignore,hold,auto}`; `import --dry-run`; the label
+    options' KEY=VALUE). Each option now has a help; a positional NAME of a profile,
+    cluster, group or token is its own help."""
+    import argparse
+
+    from netboot.cli import build_parser
+
+    silent = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not action.help and not (action.dest == "name" and not action.option_strings):
+                silent.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "netboot")
+    assert silent == [], silent
+    text = build_parser().parse_args(["clusters", "add", "x"])  # the default stays
+    assert text.server_url == "managed"
+
+
+def test_a_machine_is_named_by_its_hostname_where_a_ref_is_asked(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`netboot machines show edge-1`: hostnames are unique in the inventory and are what the
+    dashboard and `events` name machines by, yet a REF was only a MAC or an id ("'edge-1' is
+    neither a MAC address (aa:bb:cc:dd:ee:ff) nor a machine id (m-…)"). A MAC stays a MAC."""
+    assert run(capsys, "machines", "add", "02:00:00:00:0e:01", "--hostname", "Edge-1",
+               "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "02:00:00:00:0e:02", "--hostname", "edge-2",
+               "--config", cfg)[0] == 0
+    rc, out, err = run(capsys, "machines", "show", "edge-1", "--json", "--config", cfg)
+    assert rc == 0, err
+    assert json.loads(out)["macs"] == ["02:00:00:00:0e:01"]
+    rc, out, err = run(capsys, "explain", "EDGE-2", "--arch", "x86_64", "--json",
+                       "--config", cfg)
+    assert rc == 0 and json.loads(out)["mac"] == "02:00:00:00:0e:02", err
+    rc, out, err = run(capsys, "machines", "mark-installed", "edge-1", "edge-2", "--config", cfg)
+    assert rc == 0, err
+    assert out.splitlines()[1].startswith("02:00:00:00:0e:02 is installed"), out
+    rc, out, err = run(capsys, "events", "edge-2", "--config", cfg)
+    assert rc == 0 and "marked installed by the operator" in out, err
+    rc, _, err = run(capsys, "machines", "rm", "edge-9", "--config", cfg)
+    assert rc != 0 and err.strip() == ("netboot: machine edge-9 not found (give one of its "
+                                       "MACs, its id or its hostname)"), err
+    rc, _, err = run(capsys, "machines", "show", "not a name", "--config", cfg)
+    assert rc != 0 and "neither a MAC address" in err, err
+    # `machines add`'s MAC is a new machine's, never looked up as a hostname.
+    assert run(capsys, "machines", "add", "edge-1", "--config", cfg)[0] != 0

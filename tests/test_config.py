@@ -475,3 +475,46 @@ def test_relay_networks_are_ipv4_networks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load(write(tmp_path, "dhcp:\n  relay_networks: [198.51.100.0/33]\n"), env={})
     assert err.value.key == "dhcp.relay_networks" and err.value.line == 2
+
+
+def test_a_file_not_in_utf8_names_its_line_and_the_fix(tmp_path: Path) -> None:
+    # A Latin-1 comment (an editor's default) on line 3, and a file saved as UTF-16: each a
+    # configuration error naming the file, the line and how to fix it, as a YAML error is,
+    # not a UnicodeDecodeError's traceback out of check-config and serve.
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("http:\n  port: 8080\n# caf\u00e9 VLAN\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load(latin1, env={})
+    assert (err.value.source, err.value.line) == (str(latin1), 3)
+    assert str(err.value) == (f"{latin1}:3: byte 0xe9 is not UTF-8 "
+                              "(fix: save the file as UTF-8 (iconv -t UTF-8))")
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes("http:\n  port: 8080\n".encode("utf-16"))
+    with pytest.raises(ConfigError) as err:
+        load(utf16, env={})
+    assert (err.value.line, err.value.message) == (1, "is UTF-16 (its byte-order mark), not UTF-8")
+    # UTF-8 with a byte-order mark is UTF-8.
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("\ufeffhttp:\n  port: 8081\n".encode())
+    assert load(bom, env={}).http.port == 8081
+
+
+@pytest.mark.parametrize(("text", "line", "key"), [
+    ("discovery:\n  policy: hold\n  rules:\n    - select: {arch: x86_64}\n", 4,
+     "discovery.rules[0].select"),
+    ("discovery:\n  rules:\n    - selector: {arch: x86_64}\n      role: master\n", 4,
+     "discovery.rules[0].role"),
+    ("discovery:\n  rules:\n    - selector: [x86_64]\n", 3, "discovery.rules[0].selector"),
+    ("http:\n  public_url: ftp://boot.example/\n", 2, "http.public_url"),
+])
+def test_every_broken_setting_stops_start_up_with_its_line_and_a_fix(
+        tmp_path: Path, text: str, line: int, key: str) -> None:
+    # A discovery rule's mistakes and an http.public_url of another scheme named the line
+    # and the key but no fix, where every other setting's error says what to write.
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert (err.value.source, err.value.line, err.value.key) == (str(path), line, key)
+    assert err.value.fix, str(err.value)
+    if key.startswith("discovery"):
+        assert "trust_firmware_strings" in err.value.fix

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -158,6 +159,10 @@ def test_event_line_keeps_one_line_per_event() -> None:
     line = follow.event_line({"time": 0, "machine": "m-1", "kind": "progress",
                               "message": "ok\x1b]0;title\x07\x1b[2J\u2028x"}, as_json=False)
     assert line.isprintable() and line.endswith("ok\\x1b]0;title\\x07\\x1b[2J\\u2028x")
+    # The machine's name too: a server's answer, printed on the operator's terminal.
+    line = follow.event_line({"time": 0, "machine": "m-1", "kind": "progress", "message": ""},
+                             as_json=False, names={"m-1": "n\x1b[2Jx"})
+    assert line.isprintable() and line.split("  ")[1] == "n\\x1b[2Jx", line
 
 
 async def test_follow_over_https_trusts_netboots_ca(tmp_path: Path) -> None:
@@ -191,3 +196,51 @@ async def test_follow_repeats_the_servers_reason_for_a_refusal(make_env: EnvFact
     with pytest.raises(NetbootError) as info:
         await follow.machine_id(base, env.admin, MAC)
     assert "HTTP 403" in str(info.value) and "plain_api: refuse" in str(info.value)
+
+
+async def test_follow_reads_the_stream_on_while_names_are_asked(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a storm of new machines each first event asked the machine's name before the
+    stream was read further, one round trip at a time: watched from afar, the follower fell
+    behind until the server's queue for it overflowed and dropped events (s38-review3). Now
+    the stream is read on and the names are asked side by side, the lines still in order,
+    each with its machine's name. Played here with a lookup that answers only once several
+    are under way (or after 2 s alone): one at a time, every name took the 2 s."""
+    base = f"http://{env.client.host}:{env.client.port}"
+    want = 6
+    under_way, most = 0, 0
+    enough = asyncio.Event()
+    real = follow.machine_name_of
+
+    async def far(http: aiohttp.ClientSession, base_url: str, authorization: str,
+                  ident: str) -> str:
+        nonlocal under_way, most
+        under_way += 1
+        most = max(most, under_way)
+        if under_way >= 4:
+            enough.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(enough.wait(), 2)
+            return await real(http, base_url, authorization, ident)
+        finally:
+            under_way -= 1
+
+    monkeypatch.setattr(follow, "machine_name_of", far)
+    names: dict[str, str] = {}
+    lines: list[str] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        lines.append(follow.event_line(event, as_json=False, names=names))
+
+    task = asyncio.ensure_future(follow.follow(base, env.admin, emit=emit, names=names,
+                                               stop=lambda: len(lines) >= want))
+    await subscribed(env)
+    rows = "".join(f"52:54:00:ee:01:{i:02x},host-{i}\n" for i in range(want))
+    resp = await env.client.post("/api/v1/machines:import?format=csv",
+                                 data="mac,hostname\n" + rows, headers=env.auth)
+    assert resp.status in (200, 201), await resp.text()
+    await asyncio.wait_for(task, 60)
+    assert sorted(line.split("  ")[1:3] for line in lines) == sorted(
+        [f"host-{i}", "enrolled"] for i in range(want)), lines
+    assert most >= 4, f"the names were asked one at a time ({most} at most under way)"

@@ -320,3 +320,26 @@ def test_a_machine_keeps_the_cluster_and_role_it_joined_until_a_reinstall(
         assert refused.value.field == field
         assert f"netboot machines reinstall {MAC}" in str(refused.value)
     assert {S.BOOTING, S.INSTALLING, S.INSTALLED, S.REGISTERED} == JOINED
+
+
+async def test_an_operator_marks_an_enrolled_machine_installed_and_it_boots_its_disk(
+        env: Env) -> None:
+    """After a restored backup, a machine that installed since is enrolled again: an
+    operator's installed report (its token is OPERATE's) takes it to installed, and its next
+    network boot is the local disk, not an install that wipes it. Nobody else can: an
+    enrolled machine holds no install token, so a stranger's report is refused unread."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    stranger = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/events",
+                          json_body={"kind": "installed"}, admin=False)
+    assert stranger.status in (401, 403), stranger.text
+    assert await state_of(env) == "enrolled"
+    r = await call(env, "POST", f"/api/v1/machines/{HEXHYP}/events",
+                   json_body={"kind": "installed", "message": "installed before the restore"})
+    assert r.status == 201, r.text
+    assert await state_of(env) == "installed"
+    script = await boot(env, MAC)
+    assert "sanboot" in script or "exit" in script, script
+    assert "kernel " not in script and "token=" not in script, script
+    kinds = [e["kind"] for e in await env.get(f"/api/v1/machines/{MAC}/events")]
+    assert "install-plan" not in kinds and kinds[-1] in ("installed", "local-boot"), kinds

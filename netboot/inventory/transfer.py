@@ -178,6 +178,13 @@ async def copy(source: str, target: str, *, force: bool = False,
         raise StoreError(f"{source}: no such inventory file")
     peer = peer or pg_dsn.PeerSettings()
     if not is_dsn(target):
+        folder = Path(target).parent
+        if not folder.is_dir():
+            # Named as the option given, not as the server's inventory (whose message says
+            # to move server.data_dir): a first backup's /backup is made by hand.
+            raise ConfigError(f"the directory {folder} does not exist", source="--to",
+                              fix=f"create it (install -d -m 0700 {folder}), or name a file "
+                                  "in another directory")
         _private_file(Path(target))
     for spec in (source, target):
         await migrate(spec, peer)

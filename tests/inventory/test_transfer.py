@@ -291,7 +291,8 @@ def test_a_copy_warns_of_the_machines_whose_next_boot_installs(
     assert rc == 0 and "counts and checksums equal" in out, err
     assert err.startswith("netboot: warning: 3 machines in the copy install at the next "
                           "network boot (1 booting, 2 enrolled): if this restores a backup"), err
-    assert '{"kind": "installed"}' in err and "Restoring a backup" in err
+    assert "netboot machines mark-installed REF" in err
+    assert '"Backup, restore and upgrades"' in err  # README.md's section, by its title
     rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(target),
                        "--force", "--json")
     assert rc == 0 and json.loads(out)["installs_on_boot"] == {"booting": 1, "enrolled": 2}
@@ -300,3 +301,168 @@ def test_a_copy_warns_of_the_machines_whose_next_boot_installs(
         MachineState.REGISTERED, MachineState.INSTALLED))))
     rc, out, err = run(capsys, "db", "copy", "--from", str(installed), "--to", str(done))
     assert (rc, err) == (0, ""), err
+
+
+def test_machines_that_installed_after_the_backup_are_marked_installed_after_a_restore(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The restore's way out (matchbox's and Tinkerbell's allowPXE: false): an enrolled or
+    booting machine of a restored backup that had installed since is marked installed by the
+    operator, and its next network boot goes to its disk. Before, an enrolled machine had no
+    step to installed: its disk was wiped at its next network boot, or kept off the network."""
+    backup, data = tmp_path / "backup.db", tmp_path / "data"
+    data.mkdir(mode=0o700)
+
+    async def machines(store: Store) -> None:
+        for i, state in enumerate((MachineState.ENROLLED, MachineState.BOOTING,
+                                   MachineState.DISCOVERED, MachineState.ENROLLED)):
+            await store.create_machine(Machine(macs=(MacAddress.parse(f"52:54:00:00:0b:{i:02x}"),),
+                                               hostname=f"r{i}", state=state))
+
+    asyncio.run(opened(SqliteStore(backup), machines))
+    rc, _, err = run(capsys, "db", "copy", "--from", str(backup), "--to",
+                     str(data / "netboot.db"))
+    assert rc == 0 and "3 machines in the copy install" in err, err
+    dd = ("--data-dir", str(data))
+    rc, out, err = run(capsys, "machines", "mark-installed", "52:54:00:00:0b:00",
+                       "52-54-00-00-0b-01", *dd)
+    assert rc == 0, err
+    assert out.splitlines() == [
+        "52:54:00:00:0b:00 is installed: its next network boot goes to its disk (was enrolled)",
+        "52:54:00:00:0b:01 is installed: its next network boot goes to its disk (was booting)"]
+    rc, out, _ = run(capsys, "explain", "52:54:00:00:0b:00", "--arch", "x86_64", "--json", *dd)
+    assert rc == 0 and json.loads(out)["decision"] == "local", out
+    rc, out, _ = run(capsys, "machines", "show", "52:54:00:00:0b:00", "--json", *dd)
+    shown = json.loads(out)
+    assert shown["state"] == "installed"
+    assert [(e["kind"], e["message"]) for e in shown["events"]][-1] == (
+        "installed", "marked installed by the operator (was enrolled)")
+    # A discovered machine was never enrolled: refused, naming its state; nothing written.
+    rc, out, err = run(capsys, "machines", "mark-installed", "52:54:00:00:0b:02", *dd)
+    assert rc == 1 and "52:54:00:00:0b:02 is discovered; 'installed' is not allowed" in err, err
+    # Marked again: a repeated report, still installed.
+    rc, _, err = run(capsys, "machines", "mark-installed", "52:54:00:00:0b:00", *dd)
+    assert rc == 0, err
+    # Who marked them is in the audit log, as for every CLI change.
+    rc, out, _ = run(capsys, "audit", "--json", *dd)
+    assert [e["action"] for e in json.loads(out)].count("machines mark-installed") == 3, out
+    # The next copy (a backup of the restored inventory) counts only the one left enrolled.
+    rc, _, err = run(capsys, "db", "copy", "--from", str(data / "netboot.db"), "--to",
+                     str(tmp_path / "again.db"))
+    assert rc == 0 and "1 machine in the copy installs at the next network boot " \
+        "(1 enrolled)" in err, err
+
+
+def test_a_backup_into_a_directory_not_made_yet_says_to_make_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's first backup goes to /backup, which a fresh host has not: the copy said
+    to "point server.data_dir (--data-dir) or inventory.path elsewhere" (the server's own
+    inventory's message), which is not what `db copy --to` was given."""
+    source = tmp_path / "netboot.db"
+    asyncio.run(opened(SqliteStore(source), fill))
+    target = tmp_path / "backup" / "netboot-2026-12-06.db"
+    rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(target))
+    assert (rc, out) == (2, ""), err
+    assert err.strip() == (
+        f"netboot: configuration error: --to: the directory {target.parent} does not exist "
+        f"(fix: create it (install -d -m 0700 {target.parent}), or name a file in another "
+        "directory)")
+    assert "data_dir" not in err and not target.parent.exists()
+
+
+def test_the_readmes_backup_block_runs_as_it_stands_on_a_fresh_host(tmp_path: Path) -> None:
+    """README "Backup, restore and upgrades": its back-up block, run line after line by bash
+    on a host where no /backup exists yet (a fresh one), with sudo as root has it and the
+    paths moved under tmp_path. It named /backup without making it: the copy and the cp both
+    failed there (s39-user)."""
+    import base64
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import netboot
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Backup, restore and upgrades", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"\*\*Back up\*\*.*?```sh\n(.*?)```", section, re.S)
+    assert block is not None
+    data, backup, bin_dir = tmp_path / "data", tmp_path / "backup", tmp_path / "venv" / "bin"
+    data.mkdir(mode=0o700)
+    asyncio.run(opened(SqliteStore(data / "netboot.db"), fill))
+    (data / "tls").mkdir()
+    for name in ("admin.token", "tls/ca.pem"):
+        (data / name).write_text("x\n")
+    key = base64.b64encode(os.urandom(32)).decode() + "\n"  # as the server writes it
+    (data / "secret.key").write_text(key)
+    (data / "assets" / "k3os").mkdir(parents=True)  # the quickstart's kernel
+    (data / "assets" / "k3os" / "vmlinuz").write_bytes(b"kernel")
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "netboot").write_text(f"#!/bin/sh\nexec {sys.executable} -m netboot \"$@\"\n")
+    (bin_dir / "netboot").chmod(0o755)
+    script = backup_script = (block.group(1).replace("/var/lib/netboot", str(data))
+                              .replace("/backup", str(backup))
+                              .replace(".venv/bin/", f"{bin_dir}/"))
+    # The data directory a command names by default (mark-installed), moved too.
+    env = {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).resolve().parents[1]),
+           "NETBOOT_SERVER_DATA_DIR": str(data)}
+    env.pop("NETBOOT_CONFIG", None)
+    done = subprocess.run(["bash", "-euc", "sudo() { \"$@\"; }\n" + script], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    copies = sorted(p.name for p in backup.glob("netboot-*.db"))
+    assert len(copies) == 1 and {"secret.key", "admin.token", "tls"} <= {
+        p.name for p in backup.iterdir()}, copies
+    assert backup.stat().st_mode & 0o077 == 0  # the backups' directory is root's alone
+    # Its restore block on a new host (no data directory; systemctl played by a no-op, the
+    # README's example date by the backup's, its REF by a machine of the copy): the keys,
+    # the CA and the assets back, and the inventory as it was.
+    restore = re.search(r"\*\*Restore\*\*.*?```sh\n(.*?)```", section, re.S)
+    assert restore is not None
+    shutil.rmtree(data)
+    script = (restore.group(1).replace("/var/lib/netboot", str(data))
+              .replace("/backup", str(backup)).replace(".venv/bin/", f"{bin_dir}/")
+              .replace("netboot-2026-12-06T031500.db", sorted(backup.glob("netboot-*.db"))[-1].name)
+              .replace("REF ...", "02:00:00:00:01:00"))
+    done = subprocess.run(["bash", "-euc", "sudo() { \"$@\"; }\nsystemctl() { :; }\n" + script],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert data.stat().st_mode & 0o077 == 0
+    assert (data / "secret.key").read_text() == key
+    assert (data / "assets" / "k3os" / "vmlinuz").read_bytes() == b"kernel"
+    assert "counts and checksums equal" in done.stdout
+    assert "02:00:00:00:01:00 is installed" in done.stdout
+    # Twice a day (an hourly cron job): each backup its own file, none refused as not empty.
+    again = subprocess.run(["bash", "-euc", "sudo() { \"$@\"; }\nsleep 1\n" + backup_script],
+                           env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    assert len(list(backup.glob("netboot-*.db"))) == 2
+
+
+def test_a_backup_of_the_served_inventory_warns_of_nothing_and_its_restore_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's nightly backup copies the served inventory, as current as the server:
+    its enrolled and booting machines' next boots are the server's own, yet every backup
+    warned that they would "install again" (a cron job's mail each night). The warning is
+    for a copy from elsewhere (a backup restored, another server's inventory)."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+
+    async def machines(store: Store) -> None:
+        for i, state in enumerate((MachineState.ENROLLED, MachineState.BOOTING)):
+            await store.create_machine(Machine(macs=(MacAddress.parse(f"52:54:00:00:0c:{i:02x}"),),
+                                               state=state))
+
+    asyncio.run(opened(SqliteStore(data / "netboot.db"), machines))
+    backup = tmp_path / "backup.db"
+    rc, out, err = run(capsys, "db", "copy", "--from", str(data / "netboot.db"), "--to",
+                       str(backup), "--data-dir", str(data))
+    assert (rc, err) == (0, ""), err
+    assert "counts and checksums equal" in out
+    # The same, named another way (a relative path through the data directory).
+    rc, _, err = run(capsys, "db", "copy", "--from", f"{data}/../data/netboot.db", "--to",
+                     str(tmp_path / "b2.db"), "--data-dir", str(data))
+    assert (rc, err) == (0, ""), err
+    rc, _, err = run(capsys, "db", "copy", "--from", str(backup), "--to",
+                     str(data / "netboot.db"), "--force", "--data-dir", str(data))
+    assert rc == 0 and err.startswith("netboot: warning: 2 machines in the copy install"), err
