@@ -887,6 +887,13 @@ class DhcpServer:
 
         stage_task = self._decide(client, xid) if client.pxe else _none()
         fixed, stage = await asyncio.gather(self._fixed(mac, xid), stage_task)
+        if fixed is not None and (why := pool.fixed_refused(mac, fixed, now)) is not None:
+            # dnsmasq's "not using configured address": a pool address instead.
+            self._limited.log(logging.WARNING, f"fixed {mac}",
+                              "dhcp: %s xid %#010x: not using its fixed_ipv4 %s: %s; offered "
+                              "an address of the pool instead (as dnsmasq does). Give the "
+                              "machine another fixed_ipv4", mac, xid, fixed, why)
+            fixed = None
         hostname = client.request.hostname
         if mt == MessageType.DISCOVER:
             ip = await self._offer(pool, mac, now, requested, fixed, hostname)
