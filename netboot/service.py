@@ -231,7 +231,8 @@ def prepare_tls(config: Config, advertise: str, sealer: Sealer,
     # This host's own names too: the CLI (netboot events --follow) and scripts on the server
     # reach the API at https://127.0.0.1:8443, the only place plain HTTP would also answer.
     if addresses is None:
-        addresses = [address for _, address in reached_at(config, advertise)]
+        addresses = [address for _, address in reached_at(config, advertise)] \
+            or named_addresses(config)
     names = server_names(advertise, config.http.public_url, (
         *([h] if (h := _url_host(https.public_url)) else []), *https.names,
         *LOCAL_NAMES, *addresses))
@@ -493,6 +494,20 @@ def reached_at(config: Config, advertise: str) -> list[tuple[str, str]]:
     return found
 
 
+def named_addresses(config: Config) -> list[str]:
+    """The first IPv4 address of each interface of ``server.interfaces`` that has one now
+    (start-up's read; Service._tls_addresses then follows every address of each)."""
+    from netboot.servers.sockets import interface_ipv4
+
+    found = []
+    for name in config.server.interfaces:
+        try:
+            found.append(interface_ipv4(name))
+        except ConfigError:
+            continue
+    return found
+
+
 def _loopback(address: str) -> bool:
     parsed = parse_ip(address)
     return parsed is not None and parsed.is_loopback
@@ -687,9 +702,13 @@ class Service:
             if cfg.https.port == 0 and not cfg.https.public_url:
                 self.url_holder["https"] = f"https://{self.advertise}:{self.https_port}"
             self.tasks.append(asyncio.ensure_future(self._renew_tls_periodically()))
-            if not cfg.https.cert_file and by_reach(cfg, self.advertise):
-                # The certificate names each interface's address (reached_at): one that
-                # comes later is named too, re-issued by netboot's CA within a second.
+            if not cfg.https.cert_file and (cfg.server.interfaces
+                                            or by_reach(cfg, self.advertise)):
+                # The certificate names each interface's address (reached_at), or each
+                # named interface's (a device that reaches another named interface than the
+                # advertised one's must not fail TLS): one that comes later is named too,
+                # re-issued by netboot's CA within a second; one gone is left out of it
+                # from the next re-issue on.
                 self._tls_changed = changed = asyncio.Event()
                 (await self._watcher()).subscribe(lambda _: changed.set())
                 # Checked once now: build() read the addresses (prepare_tls), and one that
@@ -801,13 +820,25 @@ class Service:
         tls.load_into(self.tls_context)
         self.tls = tls
 
+    def server_addresses(self) -> frozenset[str]:
+        """This server's addresses (the advertised one, each interface's as the watcher has
+        them now) and its DHCP router's: none is a machine's to have (its fixed_ipv4:
+        addresses.check_fixed_ipv4; authoritative DHCP refuses one at offer time too)."""
+        found = {self.advertise}
+        if self.watcher is not None:
+            found.update(entry.address for entry in self.watcher.addresses())
+        dhcp = self.config.dhcp
+        if dhcp.mode == "authoritative" and dhcp.authoritative.router:
+            found.add(dhcp.authoritative.router)
+        return frozenset(found)
+
     def _tls_addresses(self) -> list[str] | None:
         """The interfaces' addresses the certificate names where they are followed (no
-        default route, netboot's own CA: _follow_tls), as the watcher has them now, each
-        one, secondaries too; else None (prepare_tls reads them)."""
+        default route or interfaces named, netboot's own CA: _follow_tls), as the watcher
+        has them now, each one, secondaries too; else None (prepare_tls reads them)."""
         if self._tls_changed is None or self.watcher is None:
             return None
-        return self._dns_addresses(self.watcher.addresses())
+        return self._interface_addresses()
 
     async def _follow_tls(self) -> None:
         """The certificate re-issued when an address comes that it does not name (the CA's
@@ -1292,6 +1323,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
                                                                    sealer, addresses),
                           metrics=metrics, events=events, front=front, app_factory=make_app,
                           clock_skew=skew)
+        core.enroller.server_addresses = service.server_addresses
     except BaseException:
         await store.close()
         raise
