@@ -950,9 +950,10 @@ class Service:
         from netboot.names import ZoneHolder
 
         cfg = self.config
-        if cfg.server.interfaces or by_reach(cfg, self.advertise):
-            # Each interface's address points back at the server's name (PTR), followed.
-            await self._watcher()
+        # Each served interface's address points back at the server's name (PTR), followed:
+        # every interface's where none is named (HTTP and TFTP answer on 0.0.0.0, devices
+        # reach each; followed only with DHCP on, which watches them, before s39-net).
+        await self._watcher()
         self._zone_holder = ZoneHolder(await self._build_zone())
         upstreams = []
         for item in cfg.dns.upstreams:
@@ -1013,10 +1014,10 @@ class Service:
         return self.watcher
 
     def _interface_addresses(self) -> list[str]:
-        """The addresses of the interfaces served, as they are now: each interface's on a
-        host without a default route (by_reach), the named interfaces' where some are named,
-        else none (the advertised address alone). The zone gives each a PTR to the server's
-        name (dnsmasq's --interface-name answers both ways)."""
+        """The addresses of the interfaces served, as they are now: the named interfaces'
+        where some are named, else each interface's (one 0.0.0.0 socket serves them all);
+        none before the watcher runs. The zone gives each a PTR to the server's name
+        (dnsmasq's --interface-name answers both ways)."""
         if self.watcher is None:
             return []
         named = self.config.server.interfaces

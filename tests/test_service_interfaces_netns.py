@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import INITRD, KERNEL
 from tests.netns import until
+from tests.test_service_follow_netns import reverse
 from tests.test_service_reached_netns import (
     MAC_A,
     curl,
@@ -36,15 +37,19 @@ def subnets() -> Iterator[dict[str, str]]:
     yield from namespaces("s39net", ("a", "b"))
 
 
-def config(tmp_path: Path, dhcp: str = "off") -> tuple[str, ...]:
+def config(tmp_path: Path, dhcp: str = "off", *, named: bool = True,
+           dns: bool = False) -> tuple[str, ...]:
+    """``named``: ``server.interfaces: [va, vb]``, else ``server.advertise: 192.0.2.10``
+    and no interface named (one 0.0.0.0 socket each)."""
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
     (assets / "initrd.img").write_bytes(INITRD)
     path = tmp_path / "netboot.yaml"
-    text = (f"server:\n  data_dir: {tmp_path / 'data'}\n  interfaces: [va, vb]\n"
-            "tftp:\n  enabled: false\nhttps:\n  enabled: true\n"
-            f"assets:\n  dirs: [{assets}]\n")
+    text = (f"server:\n  data_dir: {tmp_path / 'data'}\n"
+            + ("  interfaces: [va, vb]\n" if named else "  advertise: 192.0.2.10\n")
+            + "tftp:\n  enabled: false\nhttps:\n  enabled: true\n"
+            f"dns:\n  enabled: {str(dns).lower()}\nassets:\n  dirs: [{assets}]\n")
     if dhcp == "authoritative":
         text += ("dhcp:\n  mode: authoritative\n  authoritative:\n"
                  "    pool_start: 192.0.2.100\n    pool_end: 192.0.2.150\n"
@@ -140,4 +145,28 @@ def test_a_fixed_address_of_the_server_or_its_router_is_refused_by_the_api(
         "198.51.100.10 is an address of this netboot server or its DHCP router: give the "
         "machine an address of its own")}], body
     assert answers["patch own"][0] == 200, answers["patch own"]
+    assert "Traceback" not in log, log
+
+
+def test_with_an_address_advertised_each_interfaces_address_has_a_ptr(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """``server.advertise: 192.0.2.10``, no interface named, DHCP off: HTTP and TFTP listen
+    on 0.0.0.0, so devices reach the server at vb's 198.51.100.10 too, but only the
+    advertised address had a PTR (the addresses were followed only with interfaces named,
+    no default route, or DHCP on). Now each interface's address points back at the
+    server's name, followed: one added later too, one removed no more."""
+    cfg = config(tmp_path, named=False, dns=True)
+    with serving(cfg, subnets, tmp_path):
+        ptrs = {address: reverse(subnets["a"], "192.0.2.10", address)
+                for address in ("192.0.2.10", "198.51.100.10")}
+        ip("-n", subnets["srv"], "addr", "add", "198.51.100.20/24", "dev", "vb")
+        came = until(lambda: reverse(subnets["a"], "192.0.2.10", "198.51.100.20")
+                     == "netboot.netboot.lan.", 10)
+        ip("-n", subnets["srv"], "addr", "del", "198.51.100.20/24", "dev", "vb")
+        went = until(lambda: reverse(subnets["a"], "192.0.2.10", "198.51.100.20")
+                     != "netboot.netboot.lan.", 10)
+    log = (tmp_path / "serve.log").read_text()
+    assert ptrs == {"192.0.2.10": "netboot.netboot.lan.",
+                    "198.51.100.10": "netboot.netboot.lan."}, (ptrs, log)
+    assert came is not None and went is not None, log
     assert "Traceback" not in log, log
