@@ -459,9 +459,18 @@ def dhcp_listeners(config: Config,
     itself. Then DHCP listens on each interface that has an IPv4 address, each answering
     with that address, as dnsmasq answers with the address of the interface a request came
     in on; one that comes up later is served too, one that goes away let go (dnsmasq's
-    --bind-dynamic: servers.interfaces)."""
+    --bind-dynamic: servers.interfaces).
+
+    With an address advertised and no interface named, DHCP listens on each interface that
+    has an IPv4 address too, each answering with the advertised address: one socket on
+    0.0.0.0 sent each broadcast reply where the route to 255.255.255.255 goes (the default
+    route's interface; without one, nowhere), so a PXE device on a second NIC's network
+    (or on the only one of a host without a default route) never got its offer. dnsmasq
+    sends a reply out of the interface its request came in on (IP_PKTINFO)."""
+    if config.server.interfaces:
+        return list(config.server.interfaces), advertise, False
     if not by_reach(config, advertise):
-        return list(config.server.interfaces) or None, advertise, False
+        return None, advertise, True
     found = [name for name, _ in reached_at(config, advertise)]
     log.info("dhcp: no address to advertise: answering on %s, each with its own address, "
              "and on each interface that comes up later", ", ".join(found) or "no interface yet")

@@ -17,14 +17,17 @@ import pytest
 
 from tests.conftest import INITRD, KERNEL
 from tests.netns import until
+from tests.test_service_follow_netns import config as enrolled_config
 from tests.test_service_follow_netns import reverse
 from tests.test_service_reached_netns import (
     MAC_A,
+    MAC_B,
     curl,
     env,
     ip,
     namespaces,
     netboot,
+    pxe_offer,
     serving,
 )
 
@@ -169,4 +172,29 @@ def test_with_an_address_advertised_each_interfaces_address_has_a_ptr(
     assert ptrs == {"192.0.2.10": "netboot.netboot.lan.",
                     "198.51.100.10": "netboot.netboot.lan."}, (ptrs, log)
     assert came is not None and went is not None, log
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("default_route", [True, False])
+def test_with_an_address_advertised_a_dhcp_answer_leaves_the_interface_asked_on(
+        subnets: dict[str, str], tmp_path: Path, default_route: bool) -> None:
+    """``server.advertise: 192.0.2.10``, no interface named, proxyDHCP: DHCP listened on one
+    0.0.0.0 socket, and its broadcast offers went where the route to 255.255.255.255 goes:
+    with a default route via va, a PXE device on vb's network got none; with no default
+    route (an isolated provisioning network), no device got one. dnsmasq answers out of
+    the interface the request came in on (IP_PKTINFO); now DHCP listens on each interface
+    with an IPv4 address, each answering with the advertised address."""
+    cfg = enrolled_config(tmp_path)
+    path = Path(cfg[1])
+    path.write_text(path.read_text().replace("server:\n", "server:\n  advertise: 192.0.2.10\n"))
+    if default_route:
+        ip("-n", subnets["srv"], "route", "add", "default", "via", "192.0.2.60")
+    with serving(cfg, subnets, tmp_path):
+        offers = {side: pxe_offer(subnets[side], mac)
+                  for side, mac in (("a", MAC_A), ("b", MAC_B))}
+    log = (tmp_path / "serve.log").read_text()
+    got = {side: offer and (offer.siaddr, offer.file_name) for side, offer in offers.items()}
+    assert got == {"a": ("192.0.2.10", "undionly.kpxe"),
+                   "b": ("192.0.2.10", "undionly.kpxe")}, (got, log)
+    assert "dhcp: proxy mode listening on 0.0.0.0:67 (vb), advertising 192.0.2.10" in log, log
     assert "Traceback" not in log, log

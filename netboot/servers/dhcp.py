@@ -215,8 +215,8 @@ class DhcpServer:
         self.answered_again = 0  # repeats answered from a kept answer (tests, metrics)
         self._store = leases
         self._interfaces = list(interfaces or [])
-        # Without interfaces named or an address to advertise: each interface that has an
-        # IPv4 address, answering with it (service.dhcp_listeners: no default route).
+        # Without interfaces named: each interface that has an IPv4 address, answering with
+        # the advertised address or, none given, its own (service.dhcp_listeners).
         self._each = each_interface and not self._interfaces
         self._advertise = advertise
         try:
@@ -294,7 +294,7 @@ class DhcpServer:
                         .is_loopback:
                     ip = first_address(addresses, entry.name)
                     if ip is not None:
-                        each[entry.name] = ip
+                        each[entry.name] = self._advertise or ip
             return each
         ip = self._advertise or (self._host if self._host != "0.0.0.0" else None)
         if ip is None:
