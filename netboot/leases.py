@@ -164,10 +164,11 @@ class LeasePool:
     def fixed_refused(self, mac: str, fixed: str, now: float) -> str | None:
         """Why ``fixed`` (the machine's ``fixed_ipv4``) must not be given to ``mac`` now, or
         None. Given anyway, two hosts answer ARP for one address: dnsmasq (rfc2131.c, a
-        ``dhcp-host`` address) refuses one that is the router's or the server's ("not using
-        configured address ... in use by the router or server"), leased to another client
+        ``dhcp-host`` address) refuses one that is the server's ("not using configured
+        address ... because it is in use by the server or relay"), leased to another client
         ("... because it is leased to"), or declined ("... previously declined"), and offers
-        a dynamic one instead; the caller does the same."""
+        a dynamic one instead; the caller does the same, for every address of this host and
+        the configured router's too."""
         try:
             value = int(ipaddress.IPv4Address(fixed))
         except ValueError:
