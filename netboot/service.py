@@ -977,11 +977,15 @@ class Service:
         # which no device can reach, each interface's address too, as DHCP answers on each
         # (dhcp_listeners): one server each, the zone shared, the server's own name holding
         # the address asked (names.ServedAt); the advertised one last, for this host's own
-        # clients. An address that comes later gets one, one that goes away is let go.
-        following = not cfg.dns.listen and by_reach(cfg, self.advertise)
+        # clients. An address that comes later gets one, one that goes away is let go. The
+        # same with interfaces named: each named interface's addresses (the advertised one,
+        # the first's, listened on as before), where a device on the second NIC's network
+        # found no DNS (it listened on the advertised address only).
+        following = not cfg.dns.listen and (by_reach(cfg, self.advertise)
+                                            or bool(cfg.server.interfaces))
         hosts = [cfg.dns.listen or self.advertise]
         if following:
-            hosts[:0] = self._dns_addresses((await self._watcher()).addresses())
+            hosts[:0] = self._followed_dns()
         self.dns_port = cfg.dns.port
         for address in hosts:
             await self._listen_dns(address, upstreams, fixed=address == hosts[-1])
@@ -1057,12 +1061,13 @@ class Service:
             self._dns_by_address[address] = dns
 
     async def _follow_dns(self, upstreams: list[tuple[str, int]]) -> None:
-        """DNS on each address of the host as addresses come and go (by_reach)."""
+        """DNS on each address of the interfaces served as addresses come and go (by_reach,
+        or the named interfaces')."""
         assert self._dns_changed is not None
         while True:
             await self._dns_changed.wait()
             self._dns_changed.clear()
-            wanted = self._dns_addresses(self.watcher.addresses())
+            wanted = self._followed_dns()
             for address, dns in list(self._dns_by_address.items()):
                 if address not in wanted:
                     del self._dns_by_address[address]
@@ -1076,6 +1081,11 @@ class Service:
                     await self._listen_dns(address, upstreams, fixed=False)
                 except (ConfigError, OSError) as exc:
                     log.warning("dns: cannot listen on %s: %s", address, exc)
+
+    def _followed_dns(self) -> list[str]:
+        """The addresses DNS follows (_start_dns): the served interfaces' but the
+        advertised one, which has its listener for good."""
+        return [a for a in self._interface_addresses() if a != self.advertise]
 
     async def _build_zone(self) -> Any:
         from netboot.names import Zone

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import INITRD, KERNEL
 from tests.netns import until
 from tests.test_service_follow_netns import config as enrolled_config
-from tests.test_service_follow_netns import reverse
+from tests.test_service_follow_netns import resolve, reverse
 from tests.test_service_reached_netns import (
     MAC_A,
     MAC_B,
@@ -197,4 +197,23 @@ def test_with_an_address_advertised_a_dhcp_answer_leaves_the_interface_asked_on(
     assert got == {"a": ("192.0.2.10", "undionly.kpxe"),
                    "b": ("192.0.2.10", "undionly.kpxe")}, (got, log)
     assert "dhcp: proxy mode listening on 0.0.0.0:67 (vb), advertising 192.0.2.10" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_with_interfaces_named_dns_answers_on_each_named_interface(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """``server.interfaces: [va, vb]``, DNS on: DNS listened on the advertised address (va's)
+    only, so a device on vb's network (198.51.100.0/24, no route to va's) found no DNS
+    there. Now each named interface's address is listened on, followed as it comes and
+    goes, and the server's own name answers the address asked (as with no default route:
+    dnsmasq's --localise-queries)."""
+    cfg = config(tmp_path, dns=True)
+    with serving(cfg, subnets, tmp_path):
+        got = {side: resolve(subnets[side], address)
+               for side, address in (("a", "192.0.2.10"), ("b", "198.51.100.10"))}
+        ip("-n", subnets["srv"], "addr", "add", "198.51.100.20/24", "dev", "vb")
+        came = until(lambda: resolve(subnets["b"], "198.51.100.20") == "198.51.100.20", 10)
+    log = (tmp_path / "serve.log").read_text()
+    assert got == {"a": "192.0.2.10", "b": "198.51.100.10"}, (got, log)
+    assert came is not None, log
     assert "Traceback" not in log, log
