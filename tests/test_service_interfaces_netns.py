@@ -197,6 +197,8 @@ def test_with_an_address_advertised_a_dhcp_answer_leaves_the_interface_asked_on(
     assert got == {"a": ("192.0.2.10", "undionly.kpxe"),
                    "b": ("192.0.2.10", "undionly.kpxe")}, (got, log)
     assert "dhcp: proxy mode listening on 0.0.0.0:67 (vb), advertising 192.0.2.10" in log, log
+    # Loopback still heard, as the 0.0.0.0 socket heard it (a relay on this host).
+    assert "dhcp: proxy mode listening on 0.0.0.0:67 (lo), advertising 192.0.2.10" in log, log
     assert "Traceback" not in log, log
 
 

@@ -290,8 +290,11 @@ class DhcpServer:
         if self._each:
             each: dict[str | None, str] = {}
             for entry in addresses:
-                if entry.name not in each and not ipaddress.IPv4Address(entry.address) \
-                        .is_loopback:
+                # Loopback too where an address is advertised, as the 0.0.0.0 socket heard
+                # it (a relay on this host); never to answer with 127.0.0.1 itself.
+                if entry.name not in each and (self._advertise is not None or not
+                                               ipaddress.IPv4Address(entry.address)
+                                               .is_loopback):
                     ip = first_address(addresses, entry.name)
                     if ip is not None:
                         each[entry.name] = self._advertise or ip
