@@ -17,8 +17,10 @@ unparsable entries are never stored; each one is named with the reason, for an e
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+
+from netboot.errors import ValidationError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # "This host on this network" (RFC 1122 §3.2.1.3): a source address only, never a destination.
@@ -117,3 +119,15 @@ def _first_v4(items: Sequence[IPAddress]) -> ipaddress.IPv4Address | None:
 
 def _first_v6(items: Sequence[IPAddress]) -> ipaddress.IPv6Address | None:
     return next((a for a in items if isinstance(a, ipaddress.IPv6Address)), None)
+
+
+def check_fixed_ipv4(fixed: str | None, server: Collection[str]) -> None:
+    """A machine's ``fixed_ipv4`` must not be an address of the netboot server itself (any
+    of its interfaces', the advertised one) or the DHCP router's (``server``: what the
+    running server knows; empty where nothing is known, the CLI on its own): a device given
+    it clashes with the server on the wire, and authoritative DHCP refuses it at offer time
+    as dnsmasq does (LeasePool.fixed_refused). A 400 naming the field, not a machine that
+    never gets its address."""
+    if fixed is not None and fixed in server:
+        raise ValidationError("fixed_ipv4", f"{fixed} is an address of this netboot server "
+                              "or its DHCP router: give the machine an address of its own")

@@ -23,6 +23,7 @@ from typing import Any
 from netboot import groups as grouping
 from netboot import identity, lifecycle
 from netboot.access import AUDIT_KEEP, Access
+from netboot.addresses import check_fixed_ipv4
 from netboot.boot import BootService
 from netboot.content import Content
 from netboot.enroll import Enroller, check_hostname, check_hostname_template, enroll_only_refusal
@@ -288,6 +289,7 @@ class Core:
         is a ``discovered`` record of the same device, which it takes over
         (:meth:`Enroller.enroll`)."""
         machine = await self._parse_machine(data)
+        check_fixed_ipv4(machine.fixed_ipv4, self.enroller.server_addresses())
         return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
 
     async def update_machine(self, ref: str, changes: Mapping[str, Any]) -> Machine:
@@ -334,6 +336,8 @@ class Core:
         parsed = await self._parse_machine(merged)
         identity.require(parsed)
         lifecycle.check_move(old, parsed.cluster, parsed.role)
+        if parsed.fixed_ipv4 != old.fixed_ipv4:  # one stored before is the DHCP log's to say
+            check_fixed_ipv4(parsed.fixed_ipv4, self.enroller.server_addresses())
         return replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
                        serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
                        cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,

@@ -21,14 +21,22 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import yaml
 
 from netboot import identity, lifecycle
-from netboot.addresses import AddressChoice, IPAddress
+from netboot.addresses import AddressChoice, IPAddress, check_fixed_ipv4
 from netboot.addresses import choose as choose_address
 from netboot.discovery import TokenBuckets
 from netboot.errors import (
@@ -856,6 +864,9 @@ class Enroller:
         # registrations a hop to the store's thread; the write is a compare-and-set anyway.
         self.find_mac: Callable[[MacAddress], Awaitable[Machine | None]] = (
             lambda mac: self._store.machine_by("mac", str(mac)))
+        # The running server's own addresses and its DHCP router's (set by the wiring): no
+        # machine's fixed_ipv4 may be one (addresses.check_fixed_ipv4).
+        self.server_addresses: Callable[[], Collection[str]] = tuple
 
     async def event(self, machine_id: str, kind: str, message: str = "",
                     data: Mapping[str, Any] | None = None) -> None:
@@ -1855,6 +1866,7 @@ class Enroller:
             except ValueError:
                 raise caused(ValidationError("fixed_ipv4", f"{fixed!r} is not an IPv4 address"),
                              None) from None
+            check_fixed_ipv4(fixed, self.server_addresses())
         if not own:
             raise ValidationError("mac", "required: a mac (or macs), serial, asset or uuid")
         return (macs, hostname, uuid, serial, asset, cluster, role, profile,

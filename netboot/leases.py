@@ -79,6 +79,9 @@ class LeasePool:
         # This host's own addresses inside the pool, as its interfaces have them now
         # (reserve_host): reserved beside the configured ones.
         self._host: frozenset[int] = frozenset()
+        # Every address of this host, in the pool or not (reserve_host): a machine's fixed
+        # address is never one of them (fixed_refused).
+        self._own: frozenset[int] = frozenset()
         self._network = network
         self._leases: dict[str, Lease] = {}  # mac -> lease
         self._by_ip: dict[str, str] = {}  # ip -> mac (leases)
@@ -137,8 +140,8 @@ class LeasePool:
         (a DISCOVER gets another address) and its renewal NAKed ("address not available",
         rfc2131.c), so the client moves off it at its next renewal or boot; returned, for
         the caller to say so."""
-        host = frozenset(value for value in (int(ipaddress.IPv4Address(a)) for a in addresses)
-                         if self._start <= value <= self._end)
+        self._own = frozenset(int(ipaddress.IPv4Address(a)) for a in addresses)
+        host = frozenset(value for value in self._own if self._start <= value <= self._end)
         if host == self._host:
             return []
         came, went = host - self._host, self._host - host
@@ -157,6 +160,30 @@ class LeasePool:
             if holder is not None:
                 held.append(self._leases[holder])
         return held
+
+    def fixed_refused(self, mac: str, fixed: str, now: float) -> str | None:
+        """Why ``fixed`` (the machine's ``fixed_ipv4``) must not be given to ``mac`` now, or
+        None. Given anyway, two hosts answer ARP for one address: dnsmasq (rfc2131.c, a
+        ``dhcp-host`` address) refuses one that is the server's ("not using configured
+        address ... because it is in use by the server or relay"), leased to another client
+        ("... because it is leased to"), or declined ("... previously declined"), and offers
+        a dynamic one instead; the caller does the same, for every address of this host and
+        the configured router's too."""
+        try:
+            value = int(ipaddress.IPv4Address(fixed))
+        except ValueError:
+            return "it is not an IPv4 address"
+        if value in self._own or value in self._configured:
+            return "it is in use by this server (one of its addresses) or the router"
+        holder = self._by_ip.get(fixed)
+        if holder is not None and holder != mac and self._leases[holder].expires > now:
+            return f"it is leased to {holder}"
+        offered = self._offered_ip.get(fixed)
+        if offered is not None and offered != mac and self._offers[offered].expires > now:
+            return f"it is offered to {offered}"
+        if self.declined(fixed, now):
+            return "it was declined (in use on the network?)"
+        return None
 
     def declined(self, ip: str, now: float) -> bool:
         until = self._declined.get(ip)

@@ -231,7 +231,8 @@ def prepare_tls(config: Config, advertise: str, sealer: Sealer,
     # This host's own names too: the CLI (netboot events --follow) and scripts on the server
     # reach the API at https://127.0.0.1:8443, the only place plain HTTP would also answer.
     if addresses is None:
-        addresses = [address for _, address in reached_at(config, advertise)]
+        addresses = [address for _, address in reached_at(config, advertise)] \
+            or named_addresses(config)
     names = server_names(advertise, config.http.public_url, (
         *([h] if (h := _url_host(https.public_url)) else []), *https.names,
         *LOCAL_NAMES, *addresses))
@@ -458,9 +459,18 @@ def dhcp_listeners(config: Config,
     itself. Then DHCP listens on each interface that has an IPv4 address, each answering
     with that address, as dnsmasq answers with the address of the interface a request came
     in on; one that comes up later is served too, one that goes away let go (dnsmasq's
-    --bind-dynamic: servers.interfaces)."""
+    --bind-dynamic: servers.interfaces).
+
+    With an address advertised and no interface named, DHCP listens on each interface that
+    has an IPv4 address too, each answering with the advertised address: one socket on
+    0.0.0.0 sent each broadcast reply where the route to 255.255.255.255 goes (the default
+    route's interface; without one, nowhere), so a PXE device on a second NIC's network
+    (or on the only one of a host without a default route) never got its offer. dnsmasq
+    sends a reply out of the interface its request came in on (IP_PKTINFO)."""
+    if config.server.interfaces:
+        return list(config.server.interfaces), advertise, False
     if not by_reach(config, advertise):
-        return list(config.server.interfaces) or None, advertise, False
+        return None, advertise, True
     found = [name for name, _ in reached_at(config, advertise)]
     log.info("dhcp: no address to advertise: answering on %s, each with its own address, "
              "and on each interface that comes up later", ", ".join(found) or "no interface yet")
@@ -490,6 +500,20 @@ def reached_at(config: Config, advertise: str) -> list[tuple[str, str]]:
             continue
         if not _loopback(address):
             found.append((name, address))
+    return found
+
+
+def named_addresses(config: Config) -> list[str]:
+    """The first IPv4 address of each interface of ``server.interfaces`` that has one now
+    (start-up's read; Service._tls_addresses then follows every address of each)."""
+    from netboot.servers.sockets import interface_ipv4
+
+    found = []
+    for name in config.server.interfaces:
+        try:
+            found.append(interface_ipv4(name))
+        except ConfigError:
+            continue
     return found
 
 
@@ -687,9 +711,13 @@ class Service:
             if cfg.https.port == 0 and not cfg.https.public_url:
                 self.url_holder["https"] = f"https://{self.advertise}:{self.https_port}"
             self.tasks.append(asyncio.ensure_future(self._renew_tls_periodically()))
-            if not cfg.https.cert_file and by_reach(cfg, self.advertise):
-                # The certificate names each interface's address (reached_at): one that
-                # comes later is named too, re-issued by netboot's CA within a second.
+            if not cfg.https.cert_file and (cfg.server.interfaces
+                                            or by_reach(cfg, self.advertise)):
+                # The certificate names each interface's address (reached_at), or each
+                # named interface's (a device that reaches another named interface than the
+                # advertised one's must not fail TLS): one that comes later is named too,
+                # re-issued by netboot's CA within a second; one gone is left out of it
+                # from the next re-issue on.
                 self._tls_changed = changed = asyncio.Event()
                 (await self._watcher()).subscribe(lambda _: changed.set())
                 # Checked once now: build() read the addresses (prepare_tls), and one that
@@ -801,13 +829,25 @@ class Service:
         tls.load_into(self.tls_context)
         self.tls = tls
 
+    def server_addresses(self) -> frozenset[str]:
+        """This server's addresses (the advertised one, each interface's as the watcher has
+        them now) and its DHCP router's: none is a machine's to have (its fixed_ipv4:
+        addresses.check_fixed_ipv4; authoritative DHCP refuses one at offer time too)."""
+        found = {self.advertise}
+        if self.watcher is not None:
+            found.update(entry.address for entry in self.watcher.addresses())
+        dhcp = self.config.dhcp
+        if dhcp.mode == "authoritative" and dhcp.authoritative.router:
+            found.add(dhcp.authoritative.router)
+        return frozenset(found)
+
     def _tls_addresses(self) -> list[str] | None:
         """The interfaces' addresses the certificate names where they are followed (no
-        default route, netboot's own CA: _follow_tls), as the watcher has them now, each
-        one, secondaries too; else None (prepare_tls reads them)."""
+        default route or interfaces named, netboot's own CA: _follow_tls), as the watcher
+        has them now, each one, secondaries too; else None (prepare_tls reads them)."""
         if self._tls_changed is None or self.watcher is None:
             return None
-        return self._dns_addresses(self.watcher.addresses())
+        return self._interface_addresses()
 
     async def _follow_tls(self) -> None:
         """The certificate re-issued when an address comes that it does not name (the CA's
@@ -919,9 +959,10 @@ class Service:
         from netboot.names import ZoneHolder
 
         cfg = self.config
-        if cfg.server.interfaces or by_reach(cfg, self.advertise):
-            # Each interface's address points back at the server's name (PTR), followed.
-            await self._watcher()
+        # Each served interface's address points back at the server's name (PTR), followed:
+        # every interface's where none is named (HTTP and TFTP answer on 0.0.0.0, devices
+        # reach each; followed only with DHCP on, which watches them, before s39-net).
+        await self._watcher()
         self._zone_holder = ZoneHolder(await self._build_zone())
         upstreams = []
         for item in cfg.dns.upstreams:
@@ -936,11 +977,15 @@ class Service:
         # which no device can reach, each interface's address too, as DHCP answers on each
         # (dhcp_listeners): one server each, the zone shared, the server's own name holding
         # the address asked (names.ServedAt); the advertised one last, for this host's own
-        # clients. An address that comes later gets one, one that goes away is let go.
-        following = not cfg.dns.listen and by_reach(cfg, self.advertise)
+        # clients. An address that comes later gets one, one that goes away is let go. The
+        # same with interfaces named: each named interface's addresses (the advertised one,
+        # the first's, listened on as before), where a device on the second NIC's network
+        # found no DNS (it listened on the advertised address only).
+        following = not cfg.dns.listen and (by_reach(cfg, self.advertise)
+                                            or bool(cfg.server.interfaces))
         hosts = [cfg.dns.listen or self.advertise]
         if following:
-            hosts[:0] = self._dns_addresses((await self._watcher()).addresses())
+            hosts[:0] = self._followed_dns()
         self.dns_port = cfg.dns.port
         for address in hosts:
             await self._listen_dns(address, upstreams, fixed=address == hosts[-1])
@@ -982,10 +1027,10 @@ class Service:
         return self.watcher
 
     def _interface_addresses(self) -> list[str]:
-        """The addresses of the interfaces served, as they are now: each interface's on a
-        host without a default route (by_reach), the named interfaces' where some are named,
-        else none (the advertised address alone). The zone gives each a PTR to the server's
-        name (dnsmasq's --interface-name answers both ways)."""
+        """The addresses of the interfaces served, as they are now: the named interfaces'
+        where some are named, else each interface's (one 0.0.0.0 socket serves them all);
+        none before the watcher runs. The zone gives each a PTR to the server's name
+        (dnsmasq's --interface-name answers both ways)."""
         if self.watcher is None:
             return []
         named = self.config.server.interfaces
@@ -1016,12 +1061,13 @@ class Service:
             self._dns_by_address[address] = dns
 
     async def _follow_dns(self, upstreams: list[tuple[str, int]]) -> None:
-        """DNS on each address of the host as addresses come and go (by_reach)."""
+        """DNS on each address of the interfaces served as addresses come and go (by_reach,
+        or the named interfaces')."""
         assert self._dns_changed is not None
         while True:
             await self._dns_changed.wait()
             self._dns_changed.clear()
-            wanted = self._dns_addresses(self.watcher.addresses())
+            wanted = self._followed_dns()
             for address, dns in list(self._dns_by_address.items()):
                 if address not in wanted:
                     del self._dns_by_address[address]
@@ -1035,6 +1081,11 @@ class Service:
                     await self._listen_dns(address, upstreams, fixed=False)
                 except (ConfigError, OSError) as exc:
                     log.warning("dns: cannot listen on %s: %s", address, exc)
+
+    def _followed_dns(self) -> list[str]:
+        """The addresses DNS follows (_start_dns): the served interfaces' but the
+        advertised one, which has its listener for good."""
+        return [a for a in self._interface_addresses() if a != self.advertise]
 
     async def _build_zone(self) -> Any:
         from netboot.names import Zone
@@ -1292,6 +1343,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
                                                                    sealer, addresses),
                           metrics=metrics, events=events, front=front, app_factory=make_app,
                           clock_skew=skew)
+        core.enroller.server_addresses = service.server_addresses
     except BaseException:
         await store.close()
         raise

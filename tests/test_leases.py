@@ -188,6 +188,24 @@ def test_fixed_address_wins_even_outside_pool() -> None:
     assert p.request(B, "192.0.2.100", T0 + 10, fixed="192.0.2.60") is None
 
 
+def test_a_fixed_address_of_the_host_the_router_or_another_client_is_refused() -> None:
+    """dnsmasq's "not using configured address": the server's and the router's addresses
+    (in the pool or not), one leased or offered to another live client, one declined."""
+    p = pool(reserved=["192.0.2.1"])  # the router (dhcp.router) or an advertised address
+    p.reserve_host(["192.0.2.10", "198.51.100.10", "192.0.2.101"])
+    for own in ("192.0.2.1", "192.0.2.10", "198.51.100.10", "192.0.2.101"):
+        assert "in use by this server" in (p.fixed_refused(A, own, T0) or ""), own
+    assert p.fixed_refused(A, "192.0.2.50", T0) is None
+    assert p.offer(A, T0, fixed="192.0.2.50") == "192.0.2.50"
+    assert p.fixed_refused(B, "192.0.2.50", T0) == f"it is offered to {A}"
+    assert p.fixed_refused(A, "192.0.2.50", T0) is None  # its own
+    p.request(A, "192.0.2.50", T0, fixed="192.0.2.50", selecting=True)
+    assert p.fixed_refused(B, "192.0.2.50", T0) == f"it is leased to {A}"
+    assert p.fixed_refused(B, "192.0.2.50", T0 + 3601) is None  # A's lease ran out
+    p.reserve_host(["192.0.2.10"])  # 198.51.100.10 let go of
+    assert p.fixed_refused(A, "198.51.100.10", T0) is None
+
+
 def test_exhaustion() -> None:
     p = pool()
     for i, mac in enumerate((A, B, C)):

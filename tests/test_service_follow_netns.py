@@ -201,7 +201,8 @@ def test_tftp_on_named_interfaces_follows_one_that_comes_up_after_start(
     socket held the old device's index). Now, as DHCP and DNS since S37 (dnsmasq's
     --bind-dynamic), TFTP listens on a named interface while it has an IPv4 address: vb's
     RRQ is answered within about a second of its address; the interface deleted, its
-    sockets go; made again, it is served again."""
+    sockets go; made again, it is served again. The start line named vb as listened on
+    (s39-net): it names va only."""
     subnets = one_subnet
     cfg = config(tmp_path, interfaces=("va", "vb"), tftp=True)
     want = b"UNDI" * 100
@@ -222,6 +223,8 @@ def test_tftp_on_named_interfaces_follows_one_that_comes_up_after_start(
     assert went is not None and went < 3, (went, log)
     assert again is not None and again < 5, (again, log)
     assert "tftp: interface vb has no IPv4 address (yet): served once it has one" in log, log
+    # The start line names what is listened on: va, not vb (not up yet).
+    assert "tftp listening on 0.0.0.0:69 on va (max blksize" in log, log
     assert "tftp listening on 0.0.0.0:69 on vb" in log, log
     assert "tftp: stopped listening on vb (its address went away)" in log, log
     assert "Traceback" not in log, log

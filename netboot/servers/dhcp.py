@@ -215,8 +215,8 @@ class DhcpServer:
         self.answered_again = 0  # repeats answered from a kept answer (tests, metrics)
         self._store = leases
         self._interfaces = list(interfaces or [])
-        # Without interfaces named or an address to advertise: each interface that has an
-        # IPv4 address, answering with it (service.dhcp_listeners: no default route).
+        # Without interfaces named: each interface that has an IPv4 address, answering with
+        # the advertised address or, none given, its own (service.dhcp_listeners).
         self._each = each_interface and not self._interfaces
         self._advertise = advertise
         try:
@@ -290,11 +290,14 @@ class DhcpServer:
         if self._each:
             each: dict[str | None, str] = {}
             for entry in addresses:
-                if entry.name not in each and not ipaddress.IPv4Address(entry.address) \
-                        .is_loopback:
+                # Loopback too where an address is advertised, as the 0.0.0.0 socket heard
+                # it (a relay on this host); never to answer with 127.0.0.1 itself.
+                if entry.name not in each and (self._advertise is not None or not
+                                               ipaddress.IPv4Address(entry.address)
+                                               .is_loopback):
                     ip = first_address(addresses, entry.name)
                     if ip is not None:
-                        each[entry.name] = ip
+                        each[entry.name] = self._advertise or ip
             return each
         ip = self._advertise or (self._host if self._host != "0.0.0.0" else None)
         if ip is None:
@@ -887,6 +890,13 @@ class DhcpServer:
 
         stage_task = self._decide(client, xid) if client.pxe else _none()
         fixed, stage = await asyncio.gather(self._fixed(mac, xid), stage_task)
+        if fixed is not None and (why := pool.fixed_refused(mac, fixed, now)) is not None:
+            # dnsmasq's "not using configured address": a pool address instead.
+            self._limited.log(logging.WARNING, f"fixed {mac}",
+                              "dhcp: %s xid %#010x: not using its fixed_ipv4 %s: %s; offered "
+                              "an address of the pool instead (as dnsmasq does). Give the "
+                              "machine another fixed_ipv4", mac, xid, fixed, why)
+            fixed = None
         hostname = client.request.hostname
         if mt == MessageType.DISCOVER:
             ip = await self._offer(pool, mac, now, requested, fixed, hostname)

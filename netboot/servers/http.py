@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import fcntl
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -2359,6 +2360,38 @@ async def listen(doorway: Doorway, host: str, port: int, *,
     # their TFTP download together opens ~1,000 connections within milliseconds; at nginx's
     # default of 511 a third were dropped and retried a second later (the 1,000-device storm
     # counted 331 listen drops; its nginx stand-in listens with 4096).
-    return await asyncio.get_running_loop().create_server(
-        doorway, host, port, reuse_address=True, backlog=4096, ssl=ssl_context,
-        start_serving=start_serving)
+    loop = asyncio.get_running_loop()
+    if not _every_address(host):
+        return await loop.create_server(doorway, host, port, reuse_address=True, backlog=4096,
+                                        ssl=ssl_context, start_serving=start_serving)
+    # "::" is every address, IPv4's too, as whoever writes it means (nginx's "listen [::]:80
+    # ipv6only=off", Go's net.Listen("tcp", ":80")): asyncio and uvloop set IPV6_V6ONLY on an
+    # IPv6 listener whatever net.ipv6.bindv6only says, so IPv4 devices were refused. Two
+    # sockets on one port, 0.0.0.0 and IPv6-only "::", not one dual-stack socket: an IPv4
+    # peer stays 192.0.2.60, never ::ffff:192.0.2.60, for what compares it as text (the
+    # connection guard's sources, a fixed_ipv4's check, the plain API's loopback test).
+    for attempt in range(3):
+        chosen = port or _free_port()  # port 0: one kernel pick for both families
+        try:
+            return await loop.create_server(doorway, ["0.0.0.0", "::"], chosen,
+                                            reuse_address=True, backlog=4096,
+                                            ssl=ssl_context, start_serving=start_serving)
+        except OSError:
+            if port or attempt == 2:
+                raise
+    raise AssertionError("unreachable: the last attempt raises")
+
+
+def _every_address(host: str) -> bool:
+    """``host`` is IPv6's unspecified address ("::", "[::]", "0::0")."""
+    try:
+        return ipaddress.IPv6Address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def _free_port() -> int:
+    """A TCP port free on IPv4 now (the kernel's pick), for both families' listeners."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("0.0.0.0", 0))
+        return int(probe.getsockname()[1])

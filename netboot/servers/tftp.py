@@ -1213,10 +1213,14 @@ class TftpServer:
             self._changed = asyncio.Event()
             self._watcher.subscribe(self._on_addresses)
             self._follower = asyncio.create_task(self._follow(), name="tftp-interfaces")
+        # The interfaces listened on now: one named but not up yet is not (its warning
+        # above; "tftp listening on ... on vb" once it is).
+        named = [iface for iface in ifaces if iface is not None]
         log.info(
             "tftp listening on %s:%d%s (max blksize %d)",
             self.host, self.port,
-            f" on {', '.join(self.interfaces)}" if self.interfaces else "",
+            f" on {', '.join(named)}" if named else
+            " on no interface yet" if self.interfaces else "",
             self.policy.max_blksize,
         )
 

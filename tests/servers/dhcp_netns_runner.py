@@ -5,13 +5,15 @@ Usage: ``ip netns exec NS python -m tests.servers.dhcp_netns_runner MODE INTERFA
 ``serve`` does on a host without a default route); RELAY_NETWORKS, comma-separated, are
 ``dhcp.relay_networks``. Prints ``READY <advertised ip>`` on stdout once listening (``-`` when
 the interface has no address yet), serves until stdin closes (the test closes it, or dies),
-then shuts down cleanly. Logs go to stderr.
+then shuts down cleanly. Logs go to stderr. ``DHCP_RUNNER_FIXED``, ``mac=ip`` comma-separated,
+gives machines a ``fixed_ipv4``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from netboot.pxe import DhcpSettings
@@ -29,7 +31,9 @@ async def main(mode: str, interface: str, relay_networks: tuple[str, ...] = ()) 
     else:
         settings = DhcpSettings()
     each = interface == "each"
-    server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(),
+    fixed = dict(pair.split("=") for pair in os.environ.get("DHCP_RUNNER_FIXED", "").split(",")
+                 if pair)
+    server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(fixed),
                         interfaces=None if each else [interface], advertise=None,
                         each_interface=each, relay_networks=relay_networks)
     await server.start()

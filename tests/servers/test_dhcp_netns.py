@@ -77,13 +77,13 @@ def link(bare_link: Link) -> Iterator[Link]:
 
 class Server:
     def __init__(self, link: Link, mode: str, interface: str | None = None,
-                 relay_networks: str | None = None) -> None:
+                 relay_networks: str | None = None, fixed: str = "") -> None:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", link.server_ns, sys.executable, "-m",
              "tests.servers.dhcp_netns_runner", mode, interface or link.server_if,
              *([relay_networks] if relay_networks else [])],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), "DHCP_RUNNER_FIXED": fixed},
         )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
@@ -364,6 +364,51 @@ def test_an_address_the_server_takes_later_inside_the_pool_is_not_leased(link: L
     assert offered(freed, 0) == "192.0.2.101", log
     assert ("dhcp: 192.0.2.100 is now an address of this host, and leased to "
             "52:54:00:00:00:a3") in log, log
+    assert "Traceback" not in log, log
+
+
+def test_a_fixed_address_of_the_server_or_another_machines_is_not_offered(link: Link) -> None:
+    """Authoritative mode with two interfaces (the link's 192.0.2.1, which is also
+    dhcp.router, and 198.51.100.1 on a second one): a machine whose fixed_ipv4 is one of the
+    server's addresses was offered it, and one whose fixed_ipv4 another machine holds was
+    offered it too (two hosts answering ARP for one address). dnsmasq refuses both ("not
+    using configured address ... in use by the router or server" / "... leased to") and
+    offers a pool address; so does netboot now, with a line naming the machine and why."""
+    ip("-n", link.server_ns, "link", "add", "nbs1", "type", "veth", "peer", "name", "nbs1p")
+    ip("-n", link.server_ns, "addr", "add", "198.51.100.1/24", "dev", "nbs1")
+    ip("-n", link.server_ns, "link", "set", "nbs1", "up")
+    a, b, c, d = (bytes.fromhex(f"5254000000{x}") for x in ("a4", "b4", "c4", "d4"))
+    server = Server(link, "authoritative", fixed=",".join((
+        "52:54:00:00:00:a4=198.51.100.1", "52:54:00:00:00:b4=192.0.2.1",
+        "52:54:00:00:00:c4=192.0.2.50", "52:54:00:00:00:d4=192.0.2.50")))
+    sid = bytes((192, 0, 2, 1))
+    try:
+        replies = _conversation(link, [
+            (True, _client(MessageType.DISCOVER, a, 0x5EED0601)),
+            # A asks for its fixed address all the same (INIT-REBOOT): not given.
+            (True, _client(MessageType.REQUEST, a, 0x5EED0602,
+                           REQUESTED_IP=bytes((198, 51, 100, 1)))),
+            (True, _client(MessageType.DISCOVER, b, 0x5EED0603)),
+            (True, _client(MessageType.DISCOVER, c, 0x5EED0604)),
+            (True, _client(MessageType.REQUEST, c, 0x5EED0605, SERVER_ID=sid,
+                           REQUESTED_IP=bytes((192, 0, 2, 50)))),
+            (True, _client(MessageType.DISCOVER, d, 0x5EED0606)),
+        ])
+    finally:
+        log = server.stop()
+    got = [dhcp.parse(r) if r else None for r in replies]
+    assert all(g is not None for g in got), (got, log)
+    assert got[0].yiaddr == "192.0.2.100", log  # type: ignore[union-attr]
+    assert got[1].message_type == MessageType.NAK, log  # type: ignore[union-attr]
+    assert got[2].yiaddr == "192.0.2.101", log  # type: ignore[union-attr]
+    assert got[3].yiaddr == "192.0.2.50", log  # type: ignore[union-attr]
+    assert got[4].message_type == MessageType.ACK, log  # type: ignore[union-attr]
+    assert got[5].yiaddr == "192.0.2.102", log  # type: ignore[union-attr]
+    assert ("52:54:00:00:00:a4 xid 0x5eed0601: not using its fixed_ipv4 198.51.100.1: it is "
+            "in use by this server") in log, log
+    assert "not using its fixed_ipv4 192.0.2.1: it is in use by this server" in log, log
+    assert ("not using its fixed_ipv4 192.0.2.50: it is leased to 52:54:00:00:00:c4; "
+            "offered an address of the pool instead") in log, log
     assert "Traceback" not in log, log
 
 

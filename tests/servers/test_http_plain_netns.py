@@ -246,3 +246,36 @@ def test_plain_api_setting(namespace: str, tmp_path: Path, mode: str, local: int
     assert out == {"127.0.0.1": local, SERVER: local, DEVICE: device,
                    "127.0.0.1 boot.ipxe": 200, f"{SERVER} boot.ipxe": 200,
                    f"{DEVICE} boot.ipxe": 200}
+
+
+def test_listen_on_every_ipv6_address_serves_ipv4_devices_too(
+        namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``http.listen: "::"`` was IPv6 only (asyncio sets IPV6_V6ONLY whatever
+    net.ipv6.bindv6only says): a device at 192.0.2.60 was refused. "::" now means every
+    address, as nginx's ``listen [::]:80 ipv6only=off``: IPv4 and IPv6 clients are served
+    on one port, and an IPv4 peer is its IPv4 address (192.0.2.60, not ::ffff:192.0.2.60)."""
+    caplog.set_level(logging.INFO, logger="netboot.access")
+
+    async def scenario() -> dict[str, Any]:
+        service, _ = await started(tmp_path, http='  listen: "::"\n')
+        out: dict[str, Any] = {"bound": sorted(s.getsockname()[0]
+                                               for s in service.listeners[0].sockets)}
+        try:
+            port = service.http_port
+            for source, server in ((DEVICE, SERVER), ("::1", "::1")):
+                connector = aiohttp.TCPConnector(local_addr=(source, 0))
+                async with aiohttp.ClientSession(connector=connector) as http:
+                    url = f"http://{'[::1]' if ':' in server else server}:{port}/healthz"
+                    try:
+                        async with http.get(url) as resp:
+                            out[server] = resp.status
+                    except aiohttp.ClientError as exc:
+                        out[server] = type(exc).__name__
+        finally:
+            await service.close()
+        return out
+
+    got = in_namespace(namespace, scenario)
+    assert got == {"bound": ["0.0.0.0", "::"], SERVER: 200, "::1": 200}, got
+    lines = [r.getMessage() for r in caplog.records if r.name == "netboot.access"]
+    assert any(line.startswith(f"{DEVICE} GET /healthz 200") for line in lines), lines

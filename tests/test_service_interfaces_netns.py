@@ -1,0 +1,221 @@
+"""A site with two NICs named (``server.interfaces: [va, vb]``): the HTTPS certificate and
+the machines' fixed addresses (s39-net).
+
+The namespaces of tests/test_service_reached_netns.py: ``netboot serve`` in one of its own
+with va on 192.0.2.0/24 and vb on 198.51.100.0/24 (veth pairs to a client namespace each).
+With interfaces named, va's address (the first's) is advertised.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import INITRD, KERNEL
+from tests.netns import until
+from tests.test_service_follow_netns import config as enrolled_config
+from tests.test_service_follow_netns import resolve, reverse
+from tests.test_service_reached_netns import (
+    MAC_A,
+    MAC_B,
+    curl,
+    env,
+    ip,
+    namespaces,
+    netboot,
+    pxe_offer,
+    serving,
+)
+
+pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
+              pytest.mark.requires("curl", "curl")]
+
+
+@pytest.fixture
+def subnets() -> Iterator[dict[str, str]]:
+    yield from namespaces("s39net", ("a", "b"))
+
+
+def config(tmp_path: Path, dhcp: str = "off", *, named: bool = True,
+           dns: bool = False) -> tuple[str, ...]:
+    """``named``: ``server.interfaces: [va, vb]``, else ``server.advertise: 192.0.2.10``
+    and no interface named (one 0.0.0.0 socket each)."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "vmlinuz").write_bytes(KERNEL)
+    (assets / "initrd.img").write_bytes(INITRD)
+    path = tmp_path / "netboot.yaml"
+    text = (f"server:\n  data_dir: {tmp_path / 'data'}\n"
+            + ("  interfaces: [va, vb]\n" if named else "  advertise: 192.0.2.10\n")
+            + "tftp:\n  enabled: false\nhttps:\n  enabled: true\n"
+            f"dns:\n  enabled: {str(dns).lower()}\nassets:\n  dirs: [{assets}]\n")
+    if dhcp == "authoritative":
+        text += ("dhcp:\n  mode: authoritative\n  authoritative:\n"
+                 "    pool_start: 192.0.2.100\n    pool_end: 192.0.2.150\n"
+                 "    netmask: 255.255.255.0\n    router: 192.0.2.1\n")
+    else:
+        text += 'dhcp:\n  mode: "off"\n'
+    path.write_text(text)
+    cfg = ("--config", str(path))
+    for args in (("profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img"),
+                 ("machines", "add", MAC_A, "--profile", "p")):
+        subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
+                       capture_output=True, timeout=60)
+    return cfg
+
+
+def names_in_certificate(tmp_path: Path) -> set[str]:
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificate((tmp_path / "data" / "tls" / "server.pem")
+                                          .read_bytes())
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+
+
+def test_the_certificate_names_every_named_interfaces_addresses_as_they_change(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """With interfaces named, the certificate named the advertised address (va's) only: a
+    device on vb's network reaching 198.51.100.10 failed TLS (curl exit 60). Now it names
+    each named interface's addresses, followed: 198.51.100.20 added to vb is named within a
+    second; vb readdressed (.10 removed, which takes its secondary .20 with it, then .30
+    added), the certificate is re-issued naming .30, and .10 and .20, gone from the host,
+    are left out of it (nginx or matchbox serve the operator's files, which name
+    what the operator wrote; dnsmasq has no HTTPS)."""
+    cfg = config(tmp_path)
+    ca = str(tmp_path / "data" / "tls" / "ca.pem")
+    with serving(cfg, subnets, tmp_path):
+        on_b = curl(subnets["b"], "https://198.51.100.10:8443/healthz", "--cacert", ca)[0]
+        on_a = curl(subnets["a"], "https://192.0.2.10:8443/healthz", "--cacert", ca)[0]
+        ip("-n", subnets["srv"], "addr", "add", "198.51.100.20/24", "dev", "vb")
+        came = until(lambda: curl(subnets["b"], "https://198.51.100.20:8443/healthz",
+                                  "--cacert", ca)[0] == 200, 10)
+        ip("-n", subnets["srv"], "addr", "del", "198.51.100.10/24", "dev", "vb")
+        ip("-n", subnets["srv"], "addr", "add", "198.51.100.30/24", "dev", "vb")
+        again = until(lambda: curl(subnets["b"], "https://198.51.100.30:8443/healthz",
+                                   "--cacert", ca)[0] == 200, 10)
+        named = names_in_certificate(tmp_path)
+    log = (tmp_path / "serve.log").read_text()
+    assert (on_a, on_b) == (200, 200), log
+    assert came is not None and again is not None, log
+    assert {"192.0.2.10", "198.51.100.30"} <= named, named
+    assert not {"198.51.100.10", "198.51.100.20"} & named, named
+    assert "Traceback" not in log, log
+
+
+def test_a_fixed_address_of_the_server_or_its_router_is_refused_by_the_api(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """Authoritative DHCP with two named interfaces: a machine's fixed_ipv4 set to vb's
+    address, the advertised one or the router's was stored, and the machine was offered
+    the server's own address (dnsmasq refuses such a ``dhcp-host``). Now PATCH, POST and
+    the bulk import answer 400 naming ``fixed_ipv4``; an address of the machine's own is
+    taken."""
+    cfg = config(tmp_path, dhcp="authoritative")
+    ca = str(tmp_path / "data" / "tls" / "ca.pem")
+    with serving(cfg, subnets, tmp_path):
+        admin = (tmp_path / "data" / "admin.token").read_text().strip()
+
+        def call(method: str, path: str, body: object) -> tuple[int, dict[str, object]]:
+            status, out = curl(subnets["a"], f"https://192.0.2.10:8443/api/v1/{path}",
+                               "--cacert", ca, "-X", method, "-H",
+                               f"Authorization: Bearer {admin}", "-H",
+                               "Content-Type: application/json", "-d", json.dumps(body))
+            return status, json.loads(out or b"{}")
+
+        answers = {
+            "patch vb": call("PATCH", f"machines/{MAC_A}", {"fixed_ipv4": "198.51.100.10"}),
+            "patch advertised": call("PATCH", f"machines/{MAC_A}",
+                                     {"fixed_ipv4": "192.0.2.10"}),
+            "post router": call("POST", "machines", {"mac": "52:54:00:39:00:01",
+                                                     "fixed_ipv4": "192.0.2.1"}),
+            "import vb": call("POST", "machines:bulk", {"machines": [
+                {"mac": "52:54:00:39:00:02", "fixed_ipv4": "198.51.100.10"}]}),
+            "patch own": call("PATCH", f"machines/{MAC_A}", {"fixed_ipv4": "192.0.2.70"}),
+        }
+    log = (tmp_path / "serve.log").read_text()
+    for what in ("patch vb", "patch advertised", "post router"):
+        status, body = answers[what]
+        assert status == 400, (what, body, log)
+        assert "fixed_ipv4" in json.dumps(body), (what, body)
+        assert "an address of this netboot server" in json.dumps(body), (what, body)
+    status, body = answers["import vb"]
+    assert status == 400, (body, log)
+    assert body["errors"] == [{"line": 1, "field": "fixed_ipv4", "message": (
+        "198.51.100.10 is an address of this netboot server or its DHCP router: give the "
+        "machine an address of its own")}], body
+    assert answers["patch own"][0] == 200, answers["patch own"]
+    assert "Traceback" not in log, log
+
+
+def test_with_an_address_advertised_each_interfaces_address_has_a_ptr(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """``server.advertise: 192.0.2.10``, no interface named, DHCP off: HTTP and TFTP listen
+    on 0.0.0.0, so devices reach the server at vb's 198.51.100.10 too, but only the
+    advertised address had a PTR (the addresses were followed only with interfaces named,
+    no default route, or DHCP on). Now each interface's address points back at the
+    server's name, followed: one added later too, one removed no more."""
+    cfg = config(tmp_path, named=False, dns=True)
+    with serving(cfg, subnets, tmp_path):
+        ptrs = {address: reverse(subnets["a"], "192.0.2.10", address)
+                for address in ("192.0.2.10", "198.51.100.10")}
+        ip("-n", subnets["srv"], "addr", "add", "198.51.100.20/24", "dev", "vb")
+        came = until(lambda: reverse(subnets["a"], "192.0.2.10", "198.51.100.20")
+                     == "netboot.netboot.lan.", 10)
+        ip("-n", subnets["srv"], "addr", "del", "198.51.100.20/24", "dev", "vb")
+        went = until(lambda: reverse(subnets["a"], "192.0.2.10", "198.51.100.20")
+                     != "netboot.netboot.lan.", 10)
+    log = (tmp_path / "serve.log").read_text()
+    assert ptrs == {"192.0.2.10": "netboot.netboot.lan.",
+                    "198.51.100.10": "netboot.netboot.lan."}, (ptrs, log)
+    assert came is not None and went is not None, log
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("default_route", [True, False])
+def test_with_an_address_advertised_a_dhcp_answer_leaves_the_interface_asked_on(
+        subnets: dict[str, str], tmp_path: Path, default_route: bool) -> None:
+    """``server.advertise: 192.0.2.10``, no interface named, proxyDHCP: DHCP listened on one
+    0.0.0.0 socket, and its broadcast offers went where the route to 255.255.255.255 goes:
+    with a default route via va, a PXE device on vb's network got none; with no default
+    route (an isolated provisioning network), no device got one. dnsmasq answers out of
+    the interface the request came in on (IP_PKTINFO); now DHCP listens on each interface
+    with an IPv4 address, each answering with the advertised address."""
+    cfg = enrolled_config(tmp_path)
+    path = Path(cfg[1])
+    path.write_text(path.read_text().replace("server:\n", "server:\n  advertise: 192.0.2.10\n"))
+    if default_route:
+        ip("-n", subnets["srv"], "route", "add", "default", "via", "192.0.2.60")
+    with serving(cfg, subnets, tmp_path):
+        offers = {side: pxe_offer(subnets[side], mac)
+                  for side, mac in (("a", MAC_A), ("b", MAC_B))}
+    log = (tmp_path / "serve.log").read_text()
+    got = {side: offer and (offer.siaddr, offer.file_name) for side, offer in offers.items()}
+    assert got == {"a": ("192.0.2.10", "undionly.kpxe"),
+                   "b": ("192.0.2.10", "undionly.kpxe")}, (got, log)
+    assert "dhcp: proxy mode listening on 0.0.0.0:67 (vb), advertising 192.0.2.10" in log, log
+    # Loopback still heard, as the 0.0.0.0 socket heard it (a relay on this host).
+    assert "dhcp: proxy mode listening on 0.0.0.0:67 (lo), advertising 192.0.2.10" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_with_interfaces_named_dns_answers_on_each_named_interface(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """``server.interfaces: [va, vb]``, DNS on: DNS listened on the advertised address (va's)
+    only, so a device on vb's network (198.51.100.0/24, no route to va's) found no DNS
+    there. Now each named interface's address is listened on, followed as it comes and
+    goes, and the server's own name answers the address asked (as with no default route:
+    dnsmasq's --localise-queries)."""
+    cfg = config(tmp_path, dns=True)
+    with serving(cfg, subnets, tmp_path):
+        got = {side: resolve(subnets[side], address)
+               for side, address in (("a", "192.0.2.10"), ("b", "198.51.100.10"))}
+        ip("-n", subnets["srv"], "addr", "add", "198.51.100.20/24", "dev", "vb")
+        came = until(lambda: resolve(subnets["b"], "198.51.100.20") == "198.51.100.20", 10)
+    log = (tmp_path / "serve.log").read_text()
+    assert got == {"a": "192.0.2.10", "b": "198.51.100.10"}, (got, log)
+    assert came is not None, log
+    assert "Traceback" not in log, log
