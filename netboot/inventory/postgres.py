@@ -71,6 +71,7 @@ from netboot.errors import (
     StoreError,
     StoreFull,
     ValidationError,
+    WritesRefused,
 )
 from netboot.identity import claims
 from netboot.inventory import codec
@@ -119,6 +120,14 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.DiskFullError) or (
         isinstance(exc, asyncpg.PostgresError)
         and any(words in str(exc) for words in _DISK_FULL_WORDS))
+
+
+# Why a write refused by a server that takes reads only (SQLSTATE 25006: a hot standby the
+# DSN names, a primary demoted by a failover manager, default_transaction_read_only set by
+# an operator or by a managed service whose storage is nearly full) leaves reads answering.
+_READ_ONLY_FIX = ("the PostgreSQL server takes reads only: a standby, or "
+                  "default_transaction_read_only is on; point inventory.dsn at the primary, "
+                  "or turn it off")
 
 
 # _probe_full's rows: ~1 MiB of commit_marks heap and index (a uuid row ~40 bytes with its
@@ -622,6 +631,11 @@ class PostgresStore:
                                     "on the PostgreSQL server's disk that holds the "
                                     "inventory's tablespace)")
                 raise StoreFull(why) from exc
+            if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+                # The same for a server turned read-only: every write a 503 "unreachable"
+                # while /healthz said ok (s39-multi). Cleared the same way, by the probe.
+                self._full = why = f"inventory {self.name}: {self._reason(exc)} ({_READ_ONLY_FIX})"
+                raise WritesRefused(why) from exc
             raise StoreError(f"inventory {self.name}: {self._reason(exc)}") from exc
 
     async def _probe_full(self) -> None:
@@ -644,7 +658,8 @@ class PostgresStore:
         except StoreError:
             return  # StoreFull: still full (_conn said so again); another: the check's
         if self._full is not None:
-            log.warning("inventory %s: its disk takes writes again", self.name)
+            log.warning("inventory %s: %s takes writes again", self.name,
+                        "the server" if _READ_ONLY_FIX in self._full else "its disk")
         self._full = None
 
     @contextlib.asynccontextmanager
