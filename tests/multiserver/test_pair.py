@@ -147,3 +147,27 @@ async def test_two_first_servers_through_a_and_b_get_one_cluster_init(pair: Pair
     wrong = {name: t for name, t in told.items()
              if len(t) != 1 or not t[0].endswith(": cluster-init")}
     assert not wrong, wrong
+
+
+async def test_one_registration_through_a_and_b_at_once_is_answered_by_both(
+        pair: Pair) -> None:
+    """A device's registration sent again while the first was being written (its retry
+    after a timeout, taken by the other server of the pair): both get a 200 with the same
+    machine token, one registration is recorded. (Before s39-multi: the one that lost the
+    compare-and-set was a 409 "registered now, not booting as read", which the register
+    command retries until its hour is out.) Several machines: the race is really run."""
+    await seed(pair, pair.a)
+    macs = [f"52:54:00:13:03:{i:02x}" for i in range(8)]
+    for mac in macs:
+        await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": mac}, status=201)
+    for mac in macs:
+        body = {"mac": mac, "token": install_token(await pair.boot(pair.a, mac)),
+                "addresses": ["192.0.2.61"], "keeps": "machine_token"}
+        answers = await asyncio.gather(*(
+            pair.call(server, "POST", "/api/v1/register", body=body, admin=False)
+            for server in (pair.a, pair.b)))
+        assert all(isinstance(a, dict) and a.get("state") == "registered"
+                   for a in answers), (mac, answers)
+        assert answers[0]["machine_token"] == answers[1]["machine_token"], answers
+        events = await pair.call(pair.b, "GET", f"/api/v1/machines/{mac}/events", status=200)
+        assert [e["kind"] for e in events].count("registered") == 1, events
