@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from netboot.pki import Authority
+from netboot.sealing import read_key
 from tests.conftest import install_token
-from tests.multiserver.conftest import Pair, Server
+from tests.multiserver.conftest import Inventory, Pair, Server, server_config
 
 MAC = "52:54:00:13:00:01"
 
@@ -171,3 +175,41 @@ async def test_one_registration_through_a_and_b_at_once_is_answered_by_both(
         assert answers[0]["machine_token"] == answers[1]["machine_token"], answers
         events = await pair.call(pair.b, "GET", f"/api/v1/machines/{mac}/events", status=200)
         assert [e["kind"] for e in events].count("registered") == 1, events
+
+
+async def test_the_servers_of_one_inventory_share_one_ca(pair: Pair, tmp_path: Path,
+                                                         inventory: Inventory) -> None:
+    """Each server made a CA of its own, so a device or client trusting one (an iPXE built
+    with it, the installed system its config gave it, an operator's CURL_CA_BUNDLE) did not
+    verify the other behind one name (s39-multi). Now the second takes the first's from the
+    inventory, issues its own certificate with it, and hands it in its configs; a server
+    that had a CA of its own before keeps it and is told so."""
+    from cryptography import x509
+
+    ca_pem = (pair.a.data_dir / "tls" / "ca.pem").read_bytes()
+    assert (pair.b.data_dir / "tls" / "ca.pem").read_bytes() == ca_pem
+    leaf = x509.load_pem_x509_certificates(
+        (pair.b.data_dir / "tls" / "server.pem").read_bytes())[0]
+    leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    await seed(pair, pair.a)
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": MAC}, status=201)
+    script = await pair.boot(pair.b, MAC)
+    config = await pair.call(pair.b, "GET", f"/config/{MAC}?token={install_token(script)}",
+                             admin=False, status=200)
+    assert json.dumps(ca_pem.decode()) in config
+
+    # A third server whose data dir has a CA of its own already (set up before sharing).
+    c = server_config(tmp_path, "c", inventory)
+    c.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copy2(pair.a.data_dir / "secret.key", c.data_dir / "secret.key")
+    sealer = read_key(c.data_dir / "secret.key")
+    assert sealer is not None
+    Authority(c.data_dir / "tls", sealer.derive("ca key passphrase")).load_or_create()
+    own = (c.data_dir / "tls" / "ca.pem").read_bytes()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, c.start)
+    try:
+        assert (c.data_dir / "tls" / "ca.pem").read_bytes() == own
+        assert "is not the one of the other netboot servers sharing the inventory" in c.log()
+    finally:
+        c.stop()
