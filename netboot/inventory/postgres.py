@@ -1237,7 +1237,8 @@ class PostgresStore:
                 return deaf
             if self._notify_lost.is_set() or conn is None or conn.is_closed():
                 return "the LISTEN connection was lost"
-            if await answers(conn, within) and await self._look(conn, within):
+            if await answers(conn, within) and await self._look(conn, within) \
+                    and await self._writable(conn, within):
                 if self._full is not None and (self._full_probe is None
                                                or self._full_probe.done()):
                     # Beside the check, as the heartbeat: a write may wait for a session.
@@ -1418,6 +1419,25 @@ class PostgresStore:
                 return False
             with contextlib.suppress(*_FAILED):
                 ending.result()
+        return True
+
+    async def _writable(self, conn: asyncpg.Connection, within: float) -> bool:
+        """Whether the check may go on (False: the server went silent meanwhile). A server
+        whose sessions are read-only (_READ_ONLY_FIX) is told by stuck_writes from this check
+        on, not from this server's next write only: a server that writes little (answering
+        known machines) said ok meanwhile, its peer degraded (s39-multi). The probe clears
+        it once a write is taken."""
+        if self._full is not None:
+            return True
+        asking = await answered(conn.fetchval("SELECT current_setting('transaction_read_only')"),
+                                within)
+        if asking is None:
+            return False
+        with contextlib.suppress(Exception):  # an error answered, or the connection lost
+            if asking.result() == "on" and self._full is None:
+                self._full = (f"inventory {self.name}: its sessions are read-only "
+                              f"(transaction_read_only is on; {_READ_ONLY_FIX})")
+                log.warning("%s", self._full)
         return True
 
     def stuck_writes(self) -> str | None:
