@@ -17,7 +17,7 @@ import aiohttp
 from netboot.pki import Authority
 from netboot.sealing import read_key
 from tests.conftest import install_token
-from tests.multiserver.conftest import Inventory, Pair, Server, server_config
+from tests.multiserver.conftest import Inventory, Pair, Server, running_pair, server_config
 
 MAC = "52:54:00:13:00:01"
 
@@ -213,3 +213,36 @@ async def test_the_servers_of_one_inventory_share_one_ca(pair: Pair, tmp_path: P
         assert "is not the one of the other netboot servers sharing the inventory" in c.log()
     finally:
         c.stop()
+
+
+AUTO_RULE = """discovery:
+  policy: auto
+  rules:
+    - {selector: {arch: [x86_64]}, cluster: edge, role: agent, profile: k3os,
+       trust_firmware_strings: true}
+"""
+
+
+async def test_a_new_nic_through_a_and_b_at_once_is_auto_enrolled_once(
+        tmp_path: Path, inventory: Inventory) -> None:
+    """Under ``discovery.policy: auto``, a NIC never seen asks both servers at the same
+    moment (a broadcast DHCP both answer, then iPXE's request to either): one machine,
+    enrolled once, and both answers the same install. (Before s39-multi: the server whose
+    discovered record lost to the other's read back a machine the other had enrolled
+    meanwhile, and auto-enrolled it again: 409 "is enrolled; 'auto-enroll' is not allowed"
+    to the device.) Several NICs: the race is really run."""
+    servers = (server_config(tmp_path, "a", inventory, AUTO_RULE),
+               server_config(tmp_path, "b", inventory, AUTO_RULE))
+    async with running_pair(tmp_path, inventory, servers=servers) as pair:
+        await seed(pair, pair.a)
+        macs = [f"52:54:00:13:04:{i:02x}" for i in range(12)]
+        for mac in macs:
+            scripts = await asyncio.gather(pair.boot(pair.a, mac), pair.boot(pair.b, mac))
+            assert all(is_install(s) for s in scripts), (mac, scripts)
+            assert install_token(scripts[0]) == install_token(scripts[1]), scripts
+            events = await pair.call(pair.b, "GET", f"/api/v1/machines/{mac}/events",
+                                     status=200)
+            assert [e["kind"] for e in events].count("enrolled") == 1, events
+        listed = await pair.call(pair.a, "GET", "/api/v1/machines?limit=100&q=52:54:00:13:04",
+                                 status=200)
+        assert sorted(m["mac"] for m in listed["items"]) == macs
