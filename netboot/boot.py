@@ -1115,7 +1115,10 @@ class BootService:
             machine = await self._discover(request, machine, res) if record else machine
             if self.settings.policy == "auto" and record:
                 group = grouping.select(self.settings.rules, request.labels())
-                if group is not None and machine is not None:
+                # Still discovered: another server may have enrolled the one it read back
+                # (two servers discovering one new NIC at once: _discover's Conflict), and
+                # auto-enrolling that was a 409 to the device (s39-multi).
+                if group is not None and machine is not None and machine.state == _DISCOVERED:
                     if group.name not in self.settings.trusted_rules:
                         return await self._untrusted_match(request, machine, group)
                     machine = await self._enroller.auto_enroll(machine, group)

@@ -1241,6 +1241,31 @@ class Enroller:
 
     async def register(self, body: Mapping[str, Any], peer: IPAddress | None, *,
                        audit: Callable[[Machine], AuditEntry] | None = None) -> Machine:
+        """:meth:`_register`; a registration that lost its compare-and-set to the same
+        registration made meanwhile (two requests of one device at once: its retry after a
+        timeout while the first was being written, through the other server of a pair or
+        the same one) is made again once, and answered as the repeat it is (the same machine
+        token), not a 409 that left the device retrying (s39-multi)."""
+        raced: StateChanged | None = None
+        try:
+            return await self._register(body, peer, audit=audit)
+        except StateChanged as exc:
+            raced = exc  # decided outside the handler: see recorder._write_group (mypyc)
+        if not await self._registered_meanwhile(raced, body.get("token")):
+            raise raced
+        return await self._register(body, peer, audit=audit)
+
+    async def _registered_meanwhile(self, refused: StateChanged, token: object) -> bool:
+        """Whether ``refused`` was a registration's compare-and-set on the state, and its
+        machine is now registered with this install token (spent: its hash is kept)."""
+        if refused.field != "state" or refused.holder is None \
+                or not isinstance(token, str) or not token:
+            return False
+        now = await self._store.get_machine(refused.holder)
+        return now is not None and now.state is _REGISTERED and token_is(now, token)
+
+    async def _register(self, body: Mapping[str, Any], peer: IPAddress | None, *,
+                        audit: Callable[[Machine], AuditEntry] | None = None) -> Machine:
         """The installed OS's POST /api/v1/register: its first boot with the install token,
         and every later boot with the machine token that registration answered.
 

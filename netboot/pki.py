@@ -215,6 +215,21 @@ class Authority:
         self.server_private_file = directory / "server.key"
         self.record_path = directory / CHECKED_FILE
 
+    def files(self) -> tuple[bytes, bytes] | None:
+        """The CA's two files as they are on disk (None: not both there)."""
+        try:
+            return self.cert_path.read_bytes(), self.private_file.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def adopt(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """Take another server's CA as this one's (its key encrypted as ``ca.key`` is, with
+        the passphrase every server sharing ``secret.key`` derives alike): the server
+        certificate is then re-issued by it (_why_reissue: not this CA's)."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write(self.private_file, key_pem, 0o600)
+        _write(self.cert_path, cert_pem, 0o644)
+
     def load_or_create(self) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import faulthandler
 import gc
+import json
 import logging
 import os
 import signal
@@ -87,6 +88,9 @@ CLOCK_CHECK_SECONDS = 300.0
 # The id of the key that sealed this inventory's secrets: a different key file is refused at
 # start rather than discovered at the first config request.
 SEAL_KEY_SETTING = "secrets-key-id"
+# netboot's own CA, shared by every server of one inventory: {"cert": PEM, "key": PEM}, the
+# key encrypted as tls/ca.key is (with a passphrase derived from secret.key, which they share).
+CA_SETTING = "tls-ca"
 
 
 def open_store(config: Config, sealer: Sealer | None = None,
@@ -238,6 +242,48 @@ def prepare_tls(config: Config, advertise: str, sealer: Sealer,
         *LOCAL_NAMES, *addresses))
     authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
     return authority.server_certificate(names)
+
+
+async def share_ca(config: Config, store: Store, sealer: Sealer) -> None:
+    """Servers of one inventory have one CA (s39-multi). Each made its own, so a device or
+    client that trusts one server's (an iPXE built with it, an installed system given it by
+    its config, an operator's CURL_CA_BUNDLE) failed to verify another behind the same name
+    (an active-active pair's address). The first server's CA is claimed in the inventory; a
+    server without a CA of its own takes it (its first start: nothing trusts one of its own
+    yet), one that made its own just now and lost the claim to another server starting
+    together too; one that had its own before (a pair set up earlier) is told how to share.
+    Before :func:`prepare_tls`, which issues the server certificate from the CA on disk."""
+    if not config.https.enabled or config.https.cert_file:
+        return
+    authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
+    recorded = await store.get_setting(CA_SETTING)
+    mine = authority.files()
+    made = mine is None
+    if mine is None:
+        if recorded is not None:
+            theirs = json.loads(recorded)
+            authority.adopt(theirs["cert"].encode(), theirs["key"].encode())
+            log.info("took the inventory's certificate authority into %s, as every netboot "
+                     "server sharing it", authority.directory)
+            return
+        authority.load_or_create()
+        mine = authority.files()
+        assert mine is not None
+    if recorded is None:
+        recorded = await store.claim_setting(CA_SETTING, json.dumps(
+            {"cert": mine[0].decode(), "key": mine[1].decode()}))
+    theirs = json.loads(recorded)
+    if theirs["cert"] == mine[0].decode():
+        return
+    if made:
+        authority.adopt(theirs["cert"].encode(), theirs["key"].encode())
+        return
+    log.warning("this server's certificate authority (%s) is not the one of the other netboot "
+                "servers sharing the inventory %s: a device or client that trusts one does "
+                "not verify the other; to share it, stop this server and remove %s (it takes "
+                "the inventory's at its next start; give devices that trust this one the "
+                "other, netboot ca export)", authority.cert_path, config.inventory_name,
+                authority.directory)
 
 
 def _read_or_empty(tls: Tls | None) -> bytes:
@@ -1302,6 +1348,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
     store, sealer = await open_inventory(config, events)
     try:
         advertise = advertised_address(config)
+        await share_ca(config, store, sealer)
         tls = prepare_tls(config, advertise, sealer)
         from netboot import groups as grouping
 

@@ -71,6 +71,7 @@ from netboot.errors import (
     StoreError,
     StoreFull,
     ValidationError,
+    WritesRefused,
 )
 from netboot.identity import claims
 from netboot.inventory import codec
@@ -119,6 +120,14 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.DiskFullError) or (
         isinstance(exc, asyncpg.PostgresError)
         and any(words in str(exc) for words in _DISK_FULL_WORDS))
+
+
+# Why a write refused by a server that takes reads only (SQLSTATE 25006: a hot standby the
+# DSN names, a primary demoted by a failover manager, default_transaction_read_only set by
+# an operator or by a managed service whose storage is nearly full) leaves reads answering.
+_READ_ONLY_FIX = ("the PostgreSQL server takes reads only: a standby, or "
+                  "default_transaction_read_only is on; point inventory.dsn at the primary, "
+                  "or turn it off")
 
 
 # _probe_full's rows: ~1 MiB of commit_marks heap and index (a uuid row ~40 bytes with its
@@ -622,6 +631,11 @@ class PostgresStore:
                                     "on the PostgreSQL server's disk that holds the "
                                     "inventory's tablespace)")
                 raise StoreFull(why) from exc
+            if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+                # The same for a server turned read-only: every write a 503 "unreachable"
+                # while /healthz said ok (s39-multi). Cleared the same way, by the probe.
+                self._full = why = f"inventory {self.name}: {self._reason(exc)} ({_READ_ONLY_FIX})"
+                raise WritesRefused(why) from exc
             raise StoreError(f"inventory {self.name}: {self._reason(exc)}") from exc
 
     async def _probe_full(self) -> None:
@@ -644,7 +658,8 @@ class PostgresStore:
         except StoreError:
             return  # StoreFull: still full (_conn said so again); another: the check's
         if self._full is not None:
-            log.warning("inventory %s: its disk takes writes again", self.name)
+            log.warning("inventory %s: %s takes writes again", self.name,
+                        "the server" if _READ_ONLY_FIX in self._full else "its disk")
         self._full = None
 
     @contextlib.asynccontextmanager
@@ -1222,7 +1237,8 @@ class PostgresStore:
                 return deaf
             if self._notify_lost.is_set() or conn is None or conn.is_closed():
                 return "the LISTEN connection was lost"
-            if await answers(conn, within) and await self._look(conn, within):
+            if await answers(conn, within) and await self._look(conn, within) \
+                    and await self._writable(conn, within):
                 if self._full is not None and (self._full_probe is None
                                                or self._full_probe.done()):
                     # Beside the check, as the heartbeat: a write may wait for a session.
@@ -1403,6 +1419,25 @@ class PostgresStore:
                 return False
             with contextlib.suppress(*_FAILED):
                 ending.result()
+        return True
+
+    async def _writable(self, conn: asyncpg.Connection, within: float) -> bool:
+        """Whether the check may go on (False: the server went silent meanwhile). A server
+        whose sessions are read-only (_READ_ONLY_FIX) is told by stuck_writes from this check
+        on, not from this server's next write only: a server that writes little (answering
+        known machines) said ok meanwhile, its peer degraded (s39-multi). The probe clears
+        it once a write is taken."""
+        if self._full is not None:
+            return True
+        asking = await answered(conn.fetchval("SELECT current_setting('transaction_read_only')"),
+                                within)
+        if asking is None:
+            return False
+        with contextlib.suppress(Exception):  # an error answered, or the connection lost
+            if asking.result() == "on" and self._full is None:
+                self._full = (f"inventory {self.name}: its sessions are read-only "
+                              f"(transaction_read_only is on; {_READ_ONLY_FIX})")
+                log.warning("%s", self._full)
         return True
 
     def stuck_writes(self) -> str | None:

@@ -233,3 +233,65 @@ async def test_database_restart_between_ipxe_and_register_loses_nothing(
     events = await pair.call(pair.b, "GET", f"/api/v1/machines/{NEW}/events", status=200)
     kinds = [e["kind"] for e in events]
     assert "install-plan" in kinds and kinds[-1] == "registered", kinds
+
+
+async def _read_only(dsn: str, on: bool) -> None:
+    """The whole server turned read-only (or back) for every session, open ones too: what a
+    standby, a demoted primary, or a managed service nearly out of storage answers."""
+    import asyncpg
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET default_transaction_read_only = off")
+        await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on" if on
+                           else "ALTER SYSTEM RESET default_transaction_read_only")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+
+
+async def test_postgresql_turned_read_only_is_told_as_refusing_writes(
+        pg_pair: Pair, own_postgres: pg.Cluster) -> None:
+    """PostgreSQL answers reads but refuses every write (SQLSTATE 25006): each server's
+    503 says the inventory refuses writes, its /healthz says so from its next watch, its
+    status names the cause and the fix, known machines boot from memory; once the server
+    takes writes again, both say ok and installs go on. (Before s39-multi: every write a
+    503 "the inventory is unreachable", sending operators to the network, and /healthz
+    200 ok throughout.)"""
+    pair = pg_pair
+    await seed(pair, pair.a)
+    await pair_registered(pair, DONE, pair.b)
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": NEW}, status=201)
+    await pair.call(pair.b, "GET", f"/api/v1/machines/{NEW}/explain", status=200)
+    await _read_only(own_postgres.dsn(), True)
+    try:
+        # Told by each server's check (every check_interval), before either writes.
+        for server in (pair.a, pair.b):
+            await until(lambda s=server: healthy_not(pair, s),  # type: ignore[misc]
+                        f"{server.name} says it refuses writes")
+        async with pair.http.post(pair.a.base + "/api/v1/machines", headers=pair.auth,
+                                  json={"mac": "52:54:00:13:10:05"}) as resp:
+            body = await resp.json()
+            assert resp.status == 503 and "refuses writes" in body["error"], body
+        async with pair.http.get(f"{pair.b.base}/ipxe?mac={NEW}&arch=x86_64") as resp:
+            body = await resp.json()
+            assert resp.status == 503 and "refuses writes" in body["error"], body
+        for server in (pair.a, pair.b):
+            async with pair.http.get(server.base + "/healthz") as resp:
+                text = await resp.text()
+                assert text.startswith("degraded: the inventory answers reads but refuses "
+                                       "writes since "), text
+            status = await pair.call(server, "GET", "/api/v1/status", status=200)
+            detail = status["inventory"]["detail"]
+            assert status["inventory"]["state"] == "degraded", status
+            assert "read-only" in detail and "primary" in detail, detail
+            metrics = await pair.call(server, "GET", "/metrics", admin=False, status=200)
+            assert "netboot_inventory_up 0.0" in metrics
+        assert "exit" in await pair.boot(pair.b, DONE)  # from memory
+    finally:
+        await _read_only(own_postgres.dsn(), False)
+    for server in (pair.a, pair.b):
+        await until(lambda s=server: healthy(pair, s), f"{server.name} is healthy again")  # type: ignore[misc]
+    assert is_install(await pair.boot(pair.b, NEW))
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": "52:54:00:13:10:05"},
+                    status=201)
+    assert "takes writes again" in pair.a.log()

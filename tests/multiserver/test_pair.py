@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from netboot.pki import Authority
+from netboot.sealing import read_key
 from tests.conftest import install_token
-from tests.multiserver.conftest import Pair, Server
+from tests.multiserver.conftest import Inventory, Pair, Server, running_pair, server_config
 
 MAC = "52:54:00:13:00:01"
 
@@ -147,3 +151,98 @@ async def test_two_first_servers_through_a_and_b_get_one_cluster_init(pair: Pair
     wrong = {name: t for name, t in told.items()
              if len(t) != 1 or not t[0].endswith(": cluster-init")}
     assert not wrong, wrong
+
+
+async def test_one_registration_through_a_and_b_at_once_is_answered_by_both(
+        pair: Pair) -> None:
+    """A device's registration sent again while the first was being written (its retry
+    after a timeout, taken by the other server of the pair): both get a 200 with the same
+    machine token, one registration is recorded. (Before s39-multi: the one that lost the
+    compare-and-set was a 409 "registered now, not booting as read", which the register
+    command retries until its hour is out.) Several machines: the race is really run."""
+    await seed(pair, pair.a)
+    macs = [f"52:54:00:13:03:{i:02x}" for i in range(8)]
+    for mac in macs:
+        await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": mac}, status=201)
+    for mac in macs:
+        body = {"mac": mac, "token": install_token(await pair.boot(pair.a, mac)),
+                "addresses": ["192.0.2.61"], "keeps": "machine_token"}
+        answers = await asyncio.gather(*(
+            pair.call(server, "POST", "/api/v1/register", body=body, admin=False)
+            for server in (pair.a, pair.b)))
+        assert all(isinstance(a, dict) and a.get("state") == "registered"
+                   for a in answers), (mac, answers)
+        assert answers[0]["machine_token"] == answers[1]["machine_token"], answers
+        events = await pair.call(pair.b, "GET", f"/api/v1/machines/{mac}/events", status=200)
+        assert [e["kind"] for e in events].count("registered") == 1, events
+
+
+async def test_the_servers_of_one_inventory_share_one_ca(pair: Pair, tmp_path: Path,
+                                                         inventory: Inventory) -> None:
+    """Each server made a CA of its own, so a device or client trusting one (an iPXE built
+    with it, the installed system its config gave it, an operator's CURL_CA_BUNDLE) did not
+    verify the other behind one name (s39-multi). Now the second takes the first's from the
+    inventory, issues its own certificate with it, and hands it in its configs; a server
+    that had a CA of its own before keeps it and is told so."""
+    from cryptography import x509
+
+    ca_pem = (pair.a.data_dir / "tls" / "ca.pem").read_bytes()
+    assert (pair.b.data_dir / "tls" / "ca.pem").read_bytes() == ca_pem
+    leaf = x509.load_pem_x509_certificates(
+        (pair.b.data_dir / "tls" / "server.pem").read_bytes())[0]
+    leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    await seed(pair, pair.a)
+    await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": MAC}, status=201)
+    script = await pair.boot(pair.b, MAC)
+    config = await pair.call(pair.b, "GET", f"/config/{MAC}?token={install_token(script)}",
+                             admin=False, status=200)
+    assert json.dumps(ca_pem.decode()) in config
+
+    # A third server whose data dir has a CA of its own already (set up before sharing).
+    c = server_config(tmp_path, "c", inventory)
+    c.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copy2(pair.a.data_dir / "secret.key", c.data_dir / "secret.key")
+    sealer = read_key(c.data_dir / "secret.key")
+    assert sealer is not None
+    Authority(c.data_dir / "tls", sealer.derive("ca key passphrase")).load_or_create()
+    own = (c.data_dir / "tls" / "ca.pem").read_bytes()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, c.start)
+    try:
+        assert (c.data_dir / "tls" / "ca.pem").read_bytes() == own
+        assert "is not the one of the other netboot servers sharing the inventory" in c.log()
+    finally:
+        c.stop()
+
+
+AUTO_RULE = """discovery:
+  policy: auto
+  rules:
+    - {selector: {arch: [x86_64]}, cluster: edge, role: agent, profile: k3os,
+       trust_firmware_strings: true}
+"""
+
+
+async def test_a_new_nic_through_a_and_b_at_once_is_auto_enrolled_once(
+        tmp_path: Path, inventory: Inventory) -> None:
+    """Under ``discovery.policy: auto``, a NIC never seen asks both servers at the same
+    moment (a broadcast DHCP both answer, then iPXE's request to either): one machine,
+    enrolled once, and both answers the same install. (Before s39-multi: the server whose
+    discovered record lost to the other's read back a machine the other had enrolled
+    meanwhile, and auto-enrolled it again: 409 "is enrolled; 'auto-enroll' is not allowed"
+    to the device.) Several NICs: the race is really run."""
+    servers = (server_config(tmp_path, "a", inventory, AUTO_RULE),
+               server_config(tmp_path, "b", inventory, AUTO_RULE))
+    async with running_pair(tmp_path, inventory, servers=servers) as pair:
+        await seed(pair, pair.a)
+        macs = [f"52:54:00:13:04:{i:02x}" for i in range(12)]
+        for mac in macs:
+            scripts = await asyncio.gather(pair.boot(pair.a, mac), pair.boot(pair.b, mac))
+            assert all(is_install(s) for s in scripts), (mac, scripts)
+            assert install_token(scripts[0]) == install_token(scripts[1]), scripts
+            events = await pair.call(pair.b, "GET", f"/api/v1/machines/{mac}/events",
+                                     status=200)
+            assert [e["kind"] for e in events].count("enrolled") == 1, events
+        listed = await pair.call(pair.a, "GET", "/api/v1/machines?limit=100&q=52:54:00:13:04",
+                                 status=200)
+        assert sorted(m["mac"] for m in listed["items"]) == macs
