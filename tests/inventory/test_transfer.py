@@ -352,6 +352,36 @@ def test_machines_that_installed_after_the_backup_are_marked_installed_after_a_r
         "(1 enrolled)" in err, err
 
 
+def test_a_machine_in_reinstall_at_the_backup_is_marked_installed_after_a_restore(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One in reinstall when the backup was taken, reinstalled since: the restore's warning
+    counts it (its next network boot installs) and says to mark it installed, which was
+    refused ("reinstall; 'installed' is not allowed"): its disk was wiped again (s39-review).
+    A reinstall voids the install token, so only the operator's word gets there."""
+    backup, data = tmp_path / "backup.db", tmp_path / "data"
+    data.mkdir(mode=0o700)
+
+    async def machines(store: Store) -> None:
+        await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:0c:00"),),
+                                           hostname="again", state=MachineState.REINSTALL))
+
+    asyncio.run(opened(SqliteStore(backup), machines))
+    rc, _, err = run(capsys, "db", "copy", "--from", str(backup), "--to",
+                     str(data / "netboot.db"))
+    assert rc == 0 and "1 machine in the copy installs at the next network boot " \
+        "(1 reinstall)" in err and "mark-installed" in err, err
+    dd = ("--data-dir", str(data))
+    rc, out, err = run(capsys, "machines", "mark-installed", "again", *dd)
+    assert rc == 0, err
+    assert out.splitlines() == ["52:54:00:00:0c:00 is installed: its next network boot goes "
+                                "to its disk (was reinstall)"]
+    rc, out, _ = run(capsys, "explain", "again", "--arch", "x86_64", "--json", *dd)
+    assert rc == 0 and json.loads(out)["decision"] == "local", out
+    rc, _, err = run(capsys, "db", "copy", "--from", str(data / "netboot.db"), "--to",
+                     str(tmp_path / "again.db"))
+    assert (rc, err) == (0, ""), err
+
+
 def test_a_backup_into_a_directory_not_made_yet_says_to_make_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The README's first backup goes to /backup, which a fresh host has not: the copy said
