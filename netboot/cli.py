@@ -1312,8 +1312,8 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                    help="which loaders and profile assets are found; checksums")
     ev = sub.add_parser("events", parents=[common],
                         help="a machine's events; --follow streams every event live")
-    ev.add_argument("ref", nargs="?", help="a machine's MAC or id (with --follow: only its "
-                                           "events; default all machines)")
+    ev.add_argument("ref", nargs="?", help="a machine's MAC, id or hostname (with --follow: "
+                                           "only its events; default all machines)")
     ev.add_argument("--follow", "-f", action="store_true",
                     help="stream events from the running server until Ctrl-C")
     ev.add_argument("--server", help="the server's base URL (default: this host, http.port)")
