@@ -695,7 +695,8 @@ async def fleet_status(store: Store, counts: GroupCounts | None = None,
 
     What an operator enrolling a thousand devices watches (``netboot status``,
     ``GET /api/v1/status``). A machine counts in its own cluster, else in the cluster of the
-    group that selects it, as it would boot (a discovered one boots none: in no group's). The counts by cluster and state come from
+    group that selects it, as it would boot (a discovered one boots none: in no group's).
+    The counts by cluster and state come from
     ``counts`` (the server's in-memory view), else from the store's one grouped read (no
     index holds the state: sqlite.py, migration 7); only when a group gives a cluster are
     the machines without one read once, since a selector matches facts that no index holds,
